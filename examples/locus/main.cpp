@@ -1,0 +1,29 @@
+// The `locus` command-line driver: one subcommand per job, each in its own cmd_*.hpp that
+// registers itself here. `locus --help` lists them.
+#include "cmd_demo.hpp"
+#include "cmd_map.hpp"
+
+#include <locus/core/error.hpp>
+
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <string>
+
+int main(int argc, char** argv) {
+  CLI::App app{"locus: locality-aware multi-node Mixture-of-Experts tools"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", std::to_string(LOCUS_VERSION_MAJOR) + "." + std::to_string(LOCUS_VERSION_MINOR) +
+                                        "." + std::to_string(LOCUS_VERSION_PATCH));
+  locus_driver::register_demo(app);
+  locus_driver::register_map(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const locus::error& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,14 @@
+#pragma once
+//! @file
+//! The umbrella header: every host-side part of locus that needs no optional dependency.
+//! Component headers (CUDA, MPI, NCCL, JSON I/O) are included on their own.
+
+#include <locus/core/config.hpp>
+#include <locus/core/error.hpp>
+#include <locus/core/expert_map.hpp>
+#include <locus/core/extents.hpp>
+#include <locus/core/moe_shape.hpp>
+#include <locus/core/policy.hpp>
+#include <locus/core/routing.hpp>
+#include <locus/core/topology.hpp>
+#include <locus/core/version.hpp>

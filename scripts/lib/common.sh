@@ -1,0 +1,37 @@
+# Shared by scripts/demo, scripts/test and scripts/gpu-check: locate the tree, install what the
+# build needs from Debian's packages, pick a compiler cache.
+set -euo pipefail
+LOCUS_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+LOCUS_JOBS=${LOCUS_JOBS:-$(nproc)}
+
+# Debian packages the project builds and tests with.
+LOCUS_DEBIAN_PACKAGES=(cmake g++ make libboost-test-dev libopenmpi-dev openmpi-bin nlohmann-json3-dev libcli11-dev
+  libbenchmark-dev python3 python3-matplotlib clang-14 libclang-rt-14-dev ccache)
+
+locus_install_deps() {
+  local missing=()
+  for p in "${LOCUS_DEBIAN_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "locus: installing Debian packages: ${missing[*]}" >&2
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# The CUDA toolkit is not a Debian package here; use it where it is installed.
+if [ -x /usr/local/cuda/bin/nvcc ]; then
+  export PATH="/usr/local/cuda/bin:$PATH"
+fi
+
+locus_cmake_launcher_args() {
+  if command -v ccache >/dev/null 2>&1; then
+    echo "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"
+  fi
+}
+
+locus_has_gpu() {
+  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1
+}

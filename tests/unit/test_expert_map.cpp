@@ -1,0 +1,137 @@
+#define BOOST_TEST_MODULE expert_map
+#include <boost/test/unit_test.hpp>
+
+#include <locus/core/expert_map.hpp>
+#if defined(LOCUS_HAS_JSON_LIBRARY)
+#include <locus/core/expert_map_json.hpp>
+#endif
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+
+using namespace locus;
+
+namespace {
+std::string message_of(auto&& f) {
+  try {
+    f();
+  } catch (const error& e) {
+    return e.message();
+  }
+  return "<no exception>";
+}
+
+// A random valid map: every expert once, then random replicas into free slots.
+expert_map random_map(std::mt19937& rng, std::size_t experts, std::size_t ranks, std::size_t slots) {
+  std::vector<expert_id> table(ranks * slots, empty_slot);
+  std::vector<std::size_t> order(ranks * slots);
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::shuffle(order.begin(), order.end(), rng);
+  std::size_t next = 0;
+  for (std::size_t e = 0; e < experts; ++e) table[order[next++]] = static_cast<expert_id>(e);
+  std::uniform_int_distribution<std::size_t> pick(0, experts - 1);
+  for (; next < order.size(); ++next) {
+    const std::size_t cell = order[next];
+    const std::size_t e = pick(rng);
+    bool on_rank = false;
+    for (std::size_t s = 0; s < slots; ++s) on_rank |= table[cell / slots * slots + s] == static_cast<expert_id>(e);
+    if (!on_rank && rng() % 2) table[cell] = static_cast<expert_id>(e);
+  }
+  return expert_map(experts, ranks, slots, table);
+}
+} // namespace
+
+BOOST_AUTO_TEST_CASE(index_matches_brute_force_scan) {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 50; ++trial) {
+    const std::size_t ranks = 1 + rng() % 8, slots = 1 + rng() % 6;
+    const std::size_t experts = 1 + rng() % (ranks * slots);
+    const expert_map m = random_map(rng, experts, ranks, slots);
+    std::size_t occupied = 0;
+    for (std::size_t e = 0; e < experts; ++e) {
+      std::vector<slot_ref> expected;
+      for (std::size_t r = 0; r < ranks; ++r)
+        for (std::size_t s = 0; s < slots; ++s)
+          if (m.slot_table()[r * slots + s] == static_cast<expert_id>(e))
+            expected.push_back({static_cast<std::int32_t>(r), static_cast<std::int32_t>(s)});
+      const auto got = m.replicas(e);
+      BOOST_REQUIRE_EQUAL(got.size(), expected.size());
+      BOOST_TEST(std::equal(got.begin(), got.end(), expected.begin()));
+      BOOST_TEST(m.view().replica_count(static_cast<std::int32_t>(e)) == static_cast<std::int32_t>(expected.size()));
+      for (std::size_t r = 0; r < ranks; ++r)
+        BOOST_TEST(m.hosts(r, e) == std::any_of(expected.begin(), expected.end(), [&](const slot_ref& s) {
+                     return s.rank == static_cast<std::int32_t>(r);
+                   }));
+      occupied += expected.size();
+    }
+    BOOST_TEST(m.replica_slots_used() == occupied - experts);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(invalid_maps_name_the_offender) {
+  BOOST_TEST(message_of([] { expert_map(4, 2, 2, {0, 1, 2, 9}); }) ==
+             "slot (rank 1, slot 1) holds expert id 9, out of range [0, 4)");
+  BOOST_TEST(message_of([] { expert_map(4, 2, 2, {0, 1, 2, empty_slot}); }) == "expert 3 is not hosted on any slot");
+  BOOST_TEST(message_of([] { expert_map(3, 2, 2, {0, 0, 1, 2}); }) ==
+             "expert 0 has two replicas on rank 0 (slots 0 and 1)");
+  BOOST_CHECK_THROW(expert_map(4, 2, 2, {0, 1, 2}), config_error);
+  BOOST_CHECK_THROW(expert_map(5, 2, 2, {0, 1, 2, 3}), config_error);
+  BOOST_CHECK_THROW(expert_map(0, 2, 2, {}), config_error);
+  BOOST_TEST(message_of([] { expert_map::from_replicas(2, 2, 1, {{{0, 0}}, {{0, 0}}}); }) ==
+             "slot (rank 0, slot 0) is used twice: by expert 0 and by expert 1");
+  BOOST_TEST(message_of([] { expert_map::from_replicas(2, 2, 1, {{{0, 0}}, {{2, 0}}}); }) ==
+             "expert 1 is given slot (rank 2, slot 0) outside the 2 × 1 slot table");
+  const expert_map ok = expert_map::from_replicas(2, 2, 2, {{{0, 0}, {1, 1}}, {{1, 0}}});
+  BOOST_TEST(ok.replica_count(0) == 2u);
+  BOOST_TEST(ok.expert_at(0, 1) == empty_slot);
+  BOOST_CHECK_THROW(ok.replicas(2), invalid_input_error);
+  BOOST_CHECK_THROW(ok.expert_at(2, 0), invalid_input_error);
+  BOOST_TEST((ok.experts_on(1) == std::vector<expert_id>{1, 0}));
+}
+
+#if defined(LOCUS_HAS_JSON_LIBRARY)
+BOOST_AUTO_TEST_CASE(json_round_trip) {
+  std::mt19937 rng(11);
+  std::vector<expert_map> layers;
+  for (int l = 0; l < 5; ++l) layers.push_back(random_map(rng, 16, 4, 5));
+  const auto path = std::filesystem::temp_directory_path() / "locus_test_expert_map.json";
+  save_expert_maps(path.string(), layers);
+  const auto loaded = load_expert_maps(path.string());
+  BOOST_REQUIRE_EQUAL(loaded.size(), layers.size());
+  for (std::size_t l = 0; l < layers.size(); ++l) BOOST_TEST((loaded[l] == layers[l]));
+  std::filesystem::remove(path);
+}
+
+BOOST_AUTO_TEST_CASE(json_errors_are_precise) {
+  auto doc = expert_maps_to_json({expert_map(2, 2, 1, {0, 1})});
+  BOOST_CHECK_NO_THROW(expert_maps_from_json(doc));
+  auto bad = doc;
+  bad["version"] = 99;
+  BOOST_CHECK_THROW(expert_maps_from_json(bad), format_error);
+  bad = doc;
+  bad["layers"][0][1] = nlohmann::json::array({0, 1});
+  try {
+    expert_maps_from_json(bad);
+    BOOST_FAIL("expected format_error");
+  } catch (const format_error& e) {
+    BOOST_TEST(e.message() == "expert map JSON: layer 0 rank 1 must list 1 slots");
+  }
+  bad = doc;
+  bad["layers"][0][1][0] = 0; // expert 1 now hosted nowhere
+  try {
+    expert_maps_from_json(bad);
+    BOOST_FAIL("expected invalid_input_error");
+  } catch (const invalid_input_error& e) {
+    BOOST_TEST(e.message() == "layer 0: expert 1 is not hosted on any slot");
+  }
+  const auto path = std::filesystem::temp_directory_path() / "locus_test_bad.json";
+  std::ofstream(path) << "{ not json";
+  BOOST_CHECK_THROW(load_expert_maps(path.string()), format_error);
+  std::filesystem::remove(path);
+  BOOST_CHECK_THROW(load_expert_maps("/nonexistent/locus.json"), io_error);
+}
+#endif
