@@ -1,4 +1,4 @@
-#define BOOST_TEST_MODULE replica_selection
+#define BOOST_TEST_MODULE placement
 #include <boost/test/unit_test.hpp>
 
 #include <locus/placement/replica_selection.hpp>

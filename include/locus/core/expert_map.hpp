@@ -52,8 +52,8 @@ public:
   //! Builds a map from its slot table (`ranks × slots_per_rank`, rank-major; `empty_slot` marks an
   //! unused slot).
   //! @throws locus::config_error on zero experts, ranks or slots, or a table of the wrong size
-  //! @throws locus::invalid_input_error naming the slot holding an out-of-range id, the expert hosted
-  //!         nowhere, or the expert placed twice on one rank
+  //! @throws locus::invalid_input_error naming the slot holding an out-of-range id or the expert
+  //!         hosted nowhere
   expert_map(std::size_t experts, std::size_t ranks, std::size_t slots_per_rank, std::vector<expert_id> slot_table)
       : experts_(experts), ranks_(ranks), slots_per_rank_(slots_per_rank), slot_expert_(std::move(slot_table)) {
     LOCUS_REQUIRE(experts > 0 && ranks > 0 && slots_per_rank > 0, config_error,
@@ -166,13 +166,11 @@ private:
     for (std::size_t i = 0; i < slot_expert_.size(); ++i) {
       const expert_id e = slot_expert_[i];
       if (e == empty_slot) continue;
-      const auto rank = static_cast<std::int32_t>(i / slots_per_rank_);
-      const std::int32_t first = offsets_[static_cast<std::size_t>(e)];
+      // Two replicas on one rank are legal (EPLB's packing can produce them) though they add
+      // nothing but compute balance inside that rank.
       std::int32_t& pos = fill[static_cast<std::size_t>(e)];
-      if (pos > first && replicas_[static_cast<std::size_t>(pos - 1)].rank == rank)
-        LOCUS_THROW(invalid_input_error, "expert ", e, " has two replicas on rank ", rank, " (slots ",
-                    replicas_[static_cast<std::size_t>(pos - 1)].slot, " and ", i % slots_per_rank_, ")");
-      replicas_[static_cast<std::size_t>(pos++)] = {rank, static_cast<std::int32_t>(i % slots_per_rank_)};
+      replicas_[static_cast<std::size_t>(pos++)] = {static_cast<std::int32_t>(i / slots_per_rank_),
+                                                    static_cast<std::int32_t>(i % slots_per_rank_)};
     }
   }
 

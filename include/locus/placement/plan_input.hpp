@@ -1,0 +1,52 @@
+#pragma once
+//! @file
+//! What every expert-map planner is given: the deployment, the slot budget and the expected
+//! per-layer expert load (usually counted on a training trace).
+
+#include <locus/core/error.hpp>
+#include <locus/core/expert_map.hpp>
+#include <locus/core/topology.hpp>
+
+#include <cmath>
+#include <cstddef>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
+
+//! Input of a planner. Planners return one expert_map per layer.
+struct plan_input {
+  dynamic_topology topology{1, 1};
+  std::size_t experts = 0;
+  //! Physical slots per rank; `ranks × slots_per_rank - experts` slots are redundant (replicas).
+  std::size_t slots_per_rank = 0;
+  //! `load[layer][expert]`: expected tokens routed to the expert (any non-negative scale).
+  std::vector<std::vector<double>> load;
+
+  std::size_t layers() const noexcept { return load.size(); }
+  std::size_t ranks() const noexcept { return topology.ranks(); }
+  std::size_t slots() const noexcept { return ranks() * slots_per_rank; }
+
+  //! Checks sizes and values; says which layer or expert is wrong.
+  //! @throws locus::config_error, locus::invalid_input_error
+  void validate() const {
+    LOCUS_REQUIRE(experts > 0, config_error, "plan_input: zero experts");
+    LOCUS_REQUIRE(slots_per_rank > 0, config_error, "plan_input: zero slots per rank");
+    LOCUS_REQUIRE(slots() >= experts, config_error, "plan_input: ", ranks(), " ranks × ", slots_per_rank,
+                  " slots cannot host ", experts, " experts");
+    LOCUS_REQUIRE(!load.empty(), config_error, "plan_input: no layers in the load table");
+    for (std::size_t l = 0; l < load.size(); ++l) {
+      LOCUS_REQUIRE(load[l].size() == experts, invalid_input_error, "plan_input: layer ", l, " has ", load[l].size(),
+                    " load values for ", experts, " experts");
+      for (std::size_t e = 0; e < experts; ++e)
+        LOCUS_REQUIRE(std::isfinite(load[l][e]) && load[l][e] >= 0, invalid_input_error, "plan_input: layer ", l,
+                      " expert ", e, " has load ", load[l][e], " (must be finite and non-negative)");
+    }
+  }
+};
+
+//! Slots per rank needed to host `experts` once plus `redundant_per_rank` replicas per rank.
+inline std::size_t slots_for(std::size_t experts, std::size_t ranks, std::size_t redundant_per_rank) {
+  return (experts + ranks - 1) / ranks + redundant_per_rank;
+}
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::placement

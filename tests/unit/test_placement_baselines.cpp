@@ -1,0 +1,85 @@
+#include <boost/test/unit_test.hpp>
+
+#include <locus/placement/eplb.hpp>
+#include <locus/placement/linear.hpp>
+
+#include <algorithm>
+#include <random>
+
+using namespace locus;
+using namespace locus::placement;
+
+BOOST_AUTO_TEST_SUITE(baselines)
+
+// The example published in DeepSeek's EPLB README: two layers, 12 experts, 16 physical slots,
+// 4 groups, 2 nodes, 8 GPUs.
+BOOST_AUTO_TEST_CASE(eplb_reproduces_the_published_example) {
+  plan_input in;
+  in.topology = dynamic_topology(2, 4);
+  in.experts = 12;
+  in.slots_per_rank = 2;
+  in.load = {{90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86},
+             {20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27}};
+  const std::vector<std::vector<expert_id>> expected = {{5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1},
+                                                        {7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1}};
+  const auto maps = eplb{.groups = 4}.plan(in);
+  BOOST_REQUIRE_EQUAL(maps.size(), 2u);
+  for (std::size_t l = 0; l < 2; ++l) BOOST_TEST(maps[l].slot_table() == expected[l], boost::test_tools::per_element());
+}
+
+// Independent check of balance: max/mean GPU load (each replica carrying load / replica count)
+// is never worse than linear's on random skewed loads, and every slot is used.
+BOOST_AUTO_TEST_CASE(eplb_balances_at_least_as_well_as_linear) {
+  std::mt19937 rng(9);
+  for (int trial = 0; trial < 30; ++trial) {
+    plan_input in;
+    const std::size_t nodes = 1 + rng() % 4, gpus = 1 + rng() % 4;
+    in.topology = dynamic_topology(nodes, gpus);
+    in.experts = in.ranks() * (1 + rng() % 4);
+    in.slots_per_rank = in.experts / in.ranks() + rng() % 2;
+    std::lognormal_distribution<double> skew(0.0, 1.5);
+    in.load.assign(2, std::vector<double>(in.experts));
+    for (auto& layer : in.load)
+      for (double& x : layer) x = std::round(100 * skew(rng));
+    const std::size_t groups = in.experts % nodes == 0 ? nodes : 1;
+    const auto balanced = eplb{.groups = groups}.plan(in);
+    const auto lin = linear{}.plan(in);
+    for (std::size_t l = 0; l < 2; ++l) {
+      auto gpu_max_over_mean = [&](const expert_map& m) {
+        std::vector<double> gpu(in.ranks(), 0.0);
+        for (std::size_t e = 0; e < in.experts; ++e)
+          for (const slot_ref& s : m.replicas(e))
+            gpu[static_cast<std::size_t>(s.rank)] += in.load[l][e] / static_cast<double>(m.replica_count(e));
+        double total = 0;
+        for (double g : gpu) total += g;
+        return total == 0 ? 1.0 : *std::max_element(gpu.begin(), gpu.end()) / (total / static_cast<double>(gpu.size()));
+      };
+      BOOST_TEST(std::count(balanced[l].slot_table().begin(), balanced[l].slot_table().end(), empty_slot) == 0);
+      BOOST_TEST(gpu_max_over_mean(balanced[l]) <= gpu_max_over_mean(lin[l]) + 1e-9);
+    }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(linear_and_round_robin_layouts) {
+  plan_input in;
+  in.topology = dynamic_topology(2, 2);
+  in.experts = 8;
+  in.slots_per_rank = 3;
+  in.load = {std::vector<double>(8, 1.0)};
+  const auto lin = linear{}.plan(in).front();
+  const auto rr = round_robin{}.plan(in).front();
+  for (std::size_t e = 0; e < 8; ++e) {
+    BOOST_TEST(lin.replica_count(e) == 1u);
+    BOOST_TEST(static_cast<std::size_t>(lin.replicas(e)[0].rank) == e / 2);
+    BOOST_TEST(static_cast<std::size_t>(rr.replicas(e)[0].rank) == e % 4);
+  }
+  in.slots_per_rank = 1;
+  BOOST_CHECK_THROW(linear{}.plan(in), config_error);
+  in.slots_per_rank = 2;
+  in.load[0][3] = -1;
+  BOOST_CHECK_THROW(linear{}.plan(in), invalid_input_error);
+  in.load[0][3] = 1;
+  BOOST_CHECK_THROW(eplb{.groups = 3}.plan(in), config_error); // 8 experts in 3 groups
+}
+
+BOOST_AUTO_TEST_SUITE_END()
