@@ -1,0 +1,67 @@
+#pragma once
+//! @file
+//! An alpha-beta estimate of one MoE layer's time from its traffic counts. It is a model, not a
+//! measurement: links of different classes run concurrently, a rank's time on a link class is its
+//! larger direction (sent or received bytes) over the class bandwidth plus one latency, the layer
+//! waits for its slowest rank, and expert compute grows with the largest per-rank row count.
+//!
+//! Defaults (documented in docs/design.md): NVLink 160 GB/s effective per GPU, 3 µs latency;
+//! network 50 GB/s per GPU (a 400 Gb/s NIC), 8 µs latency; expert compute 0.22 µs per
+//! (token, expert) row — a DeepSeek-V3 expert (hidden 7168, intermediate 2048, 88 MFLOP per row)
+//! at 400 TFLOP/s effective.
+
+#include <locus/core/topology.hpp>
+#include <locus/cost/traffic.hpp>
+
+#include <algorithm>
+#include <cstddef>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::cost {
+
+//! Bandwidths (GB/s = 1e9 bytes/s), latencies (µs) and compute cost of the model.
+struct link_model {
+  double nvlink_gbps = 160.0;
+  double nvlink_latency_us = 3.0;
+  double network_gbps = 50.0;
+  double network_latency_us = 8.0;
+  double expert_us_per_row = 0.22;
+};
+
+//! Modelled time of one layer, in microseconds.
+struct layer_time {
+  double dispatch_us = 0;
+  double compute_us = 0;
+  double combine_us = 0;
+  double total_us() const noexcept { return dispatch_us + compute_us + combine_us; }
+};
+
+namespace detail {
+inline double exchange_us(const layer_traffic& t, std::size_t bytes_per_copy, const link_model& m) {
+  double slowest = 0;
+  for (std::size_t r = 0; r < t.ranks(); ++r) {
+    double rank_us = 0;
+    const auto link_us = [&](link_class c, double gbps, double latency_us) {
+      const auto ci = static_cast<std::size_t>(c);
+      const std::uint64_t copies = std::max(t.sent[r][ci], t.received[r][ci]);
+      return copies == 0 ? 0.0 : latency_us + static_cast<double>(copies * bytes_per_copy) / (gbps * 1e3);
+    };
+    rank_us = std::max(link_us(link_class::intra_node, m.nvlink_gbps, m.nvlink_latency_us),
+                       link_us(link_class::inter_node, m.network_gbps, m.network_latency_us));
+    slowest = std::max(slowest, rank_us);
+  }
+  return slowest;
+}
+} // namespace detail
+
+//! Estimates the layer time of the traffic `t` (one step) under `m`.
+inline layer_time estimate_layer_time(const layer_traffic& t, const message_sizes& sizes, const link_model& m = {}) {
+  layer_time out;
+  out.dispatch_us = detail::exchange_us(t, sizes.dispatch_bytes, m);
+  out.combine_us = detail::exchange_us(t, sizes.combine_bytes, m);
+  std::uint64_t max_rows = 0;
+  for (std::uint64_t rows : t.expert_rows) max_rows = std::max(max_rows, rows);
+  out.compute_us = static_cast<double>(max_rows) * m.expert_us_per_row;
+  return out;
+}
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::cost

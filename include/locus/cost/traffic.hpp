@@ -1,0 +1,198 @@
+#pragma once
+//! @file
+//! The traffic model: for a batch of tokens (source rank + top-k routing) on one MoE layer, an
+//! expert map, the replica-selection policy and a transport kind, how many token copies and bytes
+//! cross each link class, per rank and in total, and how much expert work each rank gets.
+//!
+//! Transport kinds:
+//! - flat: one copy per distinct destination rank of a token (two experts of a token on one rank
+//!   share a copy, as DeepEP and the MPI/NCCL exchanges of locus send it);
+//! - hierarchical: one copy per distinct destination node crosses the network, to the peer with
+//!   the same local rank on that node (rail-aligned), which forwards it to the token's other
+//!   destination ranks on its node over NVLink; destinations on the source's own node get direct
+//!   intra-node copies.
+//! Combine is the mirror image of dispatch: the same copies travel back, so its copy counts equal
+//! dispatch's and only the message size differs.
+
+#include <locus/core/error.hpp>
+#include <locus/core/expert_map.hpp>
+#include <locus/core/routing.hpp>
+#include <locus/core/topology.hpp>
+#include <locus/placement/replica_selection.hpp>
+
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::cost {
+
+//! How token copies travel between ranks.
+enum class transport_kind : std::uint8_t { flat, hierarchical };
+
+inline const char* to_string(transport_kind k) noexcept { return k == transport_kind::flat ? "flat" : "hierarchical"; }
+
+//! Parses "flat" or "hierarchical". @throws locus::config_error on anything else
+inline transport_kind parse_transport_kind(std::string_view s) {
+  if (s == "flat") return transport_kind::flat;
+  if (s == "hierarchical") return transport_kind::hierarchical;
+  LOCUS_THROW(config_error, "unknown transport kind \"", s, "\" (expected flat or hierarchical)");
+}
+
+//! Bytes of one token copy in each direction.
+struct message_sizes {
+  std::size_t dispatch_bytes = 0;
+  std::size_t combine_bytes = 0;
+
+  //! FP8 hidden vector plus one fp32 scale per 128 values out (DeepSeek-V3 / DeepEP dispatch),
+  //! BF16 back.
+  static constexpr message_sizes fp8_dispatch_bf16_combine(std::size_t hidden) {
+    return {hidden + (hidden + 127) / 128 * 4, 2 * hidden};
+  }
+  //! BF16 both ways.
+  static constexpr message_sizes bf16(std::size_t hidden) { return {2 * hidden, 2 * hidden}; }
+};
+
+using per_class = std::array<std::uint64_t, link_class_count>;
+
+//! Counts for one layer, accumulated over any number of tokens and steps.
+struct layer_traffic {
+  std::uint64_t tokens = 0;   //!< tokens counted
+  per_class copies{};         //!< dispatch copies per link class (combine sends as many back)
+  std::vector<std::uint64_t> expert_rows;  //!< per rank: (token, expert) pairs computed there
+  std::vector<per_class> sent;             //!< per rank: dispatch copies sent per link class
+  std::vector<per_class> received;         //!< per rank: dispatch copies received per link class
+
+  explicit layer_traffic(std::size_t ranks = 0) : expert_rows(ranks, 0), sent(ranks), received(ranks) {}
+
+  std::size_t ranks() const noexcept { return expert_rows.size(); }
+  std::uint64_t dispatch_bytes(link_class c, const message_sizes& m) const {
+    return copies[static_cast<std::size_t>(c)] * m.dispatch_bytes;
+  }
+  std::uint64_t combine_bytes(link_class c, const message_sizes& m) const {
+    return copies[static_cast<std::size_t>(c)] * m.combine_bytes;
+  }
+  //! Copies that leave the node, dispatch or combine: the quantity locus exists to reduce.
+  std::uint64_t inter_node_copies() const { return copies[static_cast<std::size_t>(link_class::inter_node)]; }
+
+  //! Max over mean of per-rank expert rows (1 when nothing was computed).
+  double load_imbalance() const {
+    std::uint64_t total = 0, max = 0;
+    for (std::uint64_t r : expert_rows) {
+      total += r;
+      max = std::max(max, r);
+    }
+    return total == 0 ? 1.0 : static_cast<double>(max) * static_cast<double>(ranks()) / static_cast<double>(total);
+  }
+
+  //! Adds another count of the same rank count.
+  layer_traffic& operator+=(const layer_traffic& o) {
+    LOCUS_REQUIRE(o.ranks() == ranks(), config_error, "layer_traffic: adding ", o.ranks(), " ranks to ", ranks());
+    tokens += o.tokens;
+    for (std::size_t c = 0; c < link_class_count; ++c) copies[c] += o.copies[c];
+    for (std::size_t r = 0; r < ranks(); ++r) {
+      expert_rows[r] += o.expert_rows[r];
+      for (std::size_t c = 0; c < link_class_count; ++c) {
+        sent[r][c] += o.sent[r][c];
+        received[r][c] += o.received[r][c];
+      }
+    }
+    return *this;
+  }
+
+  void clear() {
+    tokens = 0;
+    copies = {};
+    std::fill(expert_rows.begin(), expert_rows.end(), 0);
+    std::fill(sent.begin(), sent.end(), per_class{});
+    std::fill(received.begin(), received.end(), per_class{});
+  }
+};
+
+//! Counts one step of one layer. Tokens come from a routing view, optionally through a list of
+//! token indices (a decode step gathers one token per running request from a trace).
+template <class Topology>
+class traffic_counter {
+  static_assert(any_topology<Topology>, "locus::cost::traffic_counter needs a locus::topology");
+
+public:
+  traffic_counter(const Topology& topo, transport_kind kind) : topo_(topo), kind_(kind) {}
+
+  const Topology& topology() const noexcept { return topo_; }
+  transport_kind kind() const noexcept { return kind_; }
+
+  //! Adds the tokens `tokens[i]` of `r`, token i coming from rank `sources[i]`, to `out`. Replica
+  //! choices use a fresh locality_first selector, i.e. the tokens form one step.
+  //! @param tokens indices into `r`; empty means all tokens of `r` in order
+  //! @throws locus::invalid_input_error naming the token with an out-of-range expert or rank
+  template <class TopK, class Id, class Weight>
+  void count_step(const expert_map& map, const routing_view<TopK, Id, Weight, memory_space::host>& r,
+                  std::span<const std::size_t> tokens, std::span<const std::uint32_t> sources, layer_traffic& out) {
+    const std::size_t n = tokens.empty() ? r.tokens() : tokens.size();
+    LOCUS_REQUIRE(sources.size() == n, invalid_input_error, "traffic model: ", n, " tokens but ", sources.size(),
+                  " source ranks");
+    LOCUS_REQUIRE(out.ranks() == topo_.ranks() && map.ranks() == topo_.ranks(), config_error,
+                  "traffic model: topology, expert map and output disagree on the rank count (", topo_.ranks(), ", ",
+                  map.ranks(), ", ", out.ranks(), ")");
+    placement::locality_first_selector<Topology> selector(map, topo_);
+    const expert_map_view view = map.view();
+    const std::size_t k = r.top_k(), experts = map.experts(), gpus = topo_.gpus_per_node();
+    dest_.resize(k);
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::size_t t = tokens.empty() ? i : tokens[i];
+      LOCUS_REQUIRE(t < r.tokens(), invalid_input_error, "traffic model: token index ", t, " out of range [0, ",
+                    r.tokens(), ")");
+      const std::size_t src = sources[i];
+      LOCUS_REQUIRE(src < topo_.ranks(), invalid_input_error, "traffic model: token ", t, " has source rank ", src,
+                    " out of range [0, ", topo_.ranks(), ")");
+      const Id* ids = r.token_ids(t);
+      for (std::size_t j = 0; j < k; ++j) {
+        const auto e = static_cast<std::size_t>(ids[j]); // a negative id wraps to a huge value
+        LOCUS_REQUIRE(e < experts, invalid_input_error, "traffic model: token ", t, " choice ", j,
+                      ": expert id ", ids[j], " out of range [0, ", experts, ")");
+        const auto rank = static_cast<std::uint32_t>(view.replicas[selector.select_index(src, e)].rank);
+        ++out.expert_rows[rank];
+        dest_[j] = rank;
+      }
+      // Distinct destinations, in first-seen order (k is small: quadratic is fastest).
+      std::size_t distinct = 0;
+      for (std::size_t j = 0; j < k; ++j) {
+        bool seen = false;
+        for (std::size_t d = 0; d < distinct; ++d) seen |= dest_[d] == dest_[j];
+        if (!seen) dest_[distinct++] = dest_[j];
+      }
+      const std::size_t src_node = src / gpus;
+      for (std::size_t d = 0; d < distinct; ++d) {
+        const std::size_t dst = dest_[d], dst_node = dst / gpus;
+        if (kind_ == transport_kind::flat || dst_node == src_node) {
+          add_copy(out, src, dst, topo_.link(src, dst));
+          continue;
+        }
+        // Hierarchical, remote node: one network copy per node, to the rail peer, which forwards.
+        const std::size_t peer = dst_node * gpus + src % gpus;
+        bool node_done = false;
+        for (std::size_t p = 0; p < d; ++p) node_done |= dest_[p] / gpus == dst_node;
+        if (!node_done) add_copy(out, src, peer, link_class::inter_node);
+        if (dst != peer) add_copy(out, peer, dst, link_class::intra_node);
+      }
+      ++out.tokens;
+    }
+  }
+
+private:
+  static void add_copy(layer_traffic& out, std::size_t from, std::size_t to, link_class c) {
+    const auto ci = static_cast<std::size_t>(c);
+    ++out.copies[ci];
+    ++out.sent[from][ci];
+    ++out.received[to][ci];
+  }
+
+  Topology topo_;
+  transport_kind kind_;
+  std::vector<std::uint32_t> dest_;
+};
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::cost
