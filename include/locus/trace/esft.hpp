@@ -1,0 +1,319 @@
+#pragma once
+//! @file
+//! Importer (and writer) for the expert-score TSV layout of deepseek-ai/ESFT
+//! (`results/expert_scores/<domain>/expert_weights_<layer>.txt`): one folder per domain, one file
+//! per MoE layer numbered from 1, one line per sequence. A line holds `k × T` expert ids
+//! (token-major, single tabs), a double tab, then `k × T` weights in the same order. Line i of
+//! every layer file is the same sequence with the same T.
+
+#include <locus/core/error.hpp>
+#include <locus/trace/trace.hpp>
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::trace {
+
+//! Options of import_esft.
+struct esft_options {
+  std::size_t experts = 64; //!< declared routed experts; every id must be below it
+  std::size_t top_k = 6;    //!< experts per token
+  //! Domain folders to read, in this order; empty: every sub-folder of the root that holds
+  //! `expert_weights_1.txt`, sorted by name.
+  std::vector<std::string> domains;
+  //! Number of layer files per domain; 0: as many consecutive `expert_weights_<n>.txt` from n = 1
+  //! as the first domain has.
+  std::size_t layers = 0;
+  //! Called after each file with (files done, files in all); may be empty.
+  std::function<void(std::size_t, std::size_t)> progress;
+};
+
+//! One layer file already in memory (for importing from buffers and fuzzing).
+struct esft_layer_text {
+  std::string name;      //!< used in error messages, e.g. "law/expert_weights_3.txt"
+  std::string_view text; //!< the file's content
+};
+
+//! One domain: its name and its layer files in layer order.
+struct esft_domain_text {
+  std::string name;
+  std::vector<esft_layer_text> layers;
+};
+
+namespace detail::trace {
+
+//! The parsed content of one layer file.
+struct esft_layer {
+  std::vector<std::uint32_t> tokens_per_line;
+  std::vector<trace_expert_id> ids;
+  std::vector<float> weights;
+};
+
+[[noreturn]] inline void esft_fail(const std::string& file, std::size_t line, std::size_t column,
+                                   const std::string& what) {
+  throw format_error(locus::detail::concat(file, ":", line, ":", column, ": ", what), line, __FILE__, __LINE__);
+}
+
+inline std::string esft_excerpt(const char* p, const char* end) {
+  std::string s;
+  for (; p < end && s.size() < 16 && *p != '\n'; ++p) s += (*p == '\t' ? ' ' : *p);
+  if (s.empty()) return "end of line";
+  return "\"" + s + "\"";
+}
+
+//! Parses one layer file. Hand-rolled (no streams, no allocation per value) because 37 MB of
+//! text must import in well under 2 s on one core.
+inline esft_layer parse_esft_layer(std::string_view text, const std::string& file, std::size_t experts,
+                                   std::size_t k) {
+  esft_layer out;
+  out.ids.reserve(text.size() / 6);
+  out.weights.reserve(text.size() / 6);
+  const char* p = text.data();
+  const char* const end = p + text.size();
+  std::size_t line = 0;
+  while (p < end) {
+    ++line;
+    const char* const line_begin = p;
+    const char* line_end = static_cast<const char*>(std::memchr(p, '\n', static_cast<std::size_t>(end - p)));
+    const char* next = line_end ? line_end + 1 : end;
+    if (!line_end) line_end = end;
+    if (line_end > p && line_end[-1] == '\r') --line_end;
+    if (line_end == p) {
+      // A blank line is tolerated only at the end of the file (a trailing newline).
+      const char* q = next;
+      while (q < end && (*q == '\n' || *q == '\r')) ++q;
+      if (q != end) esft_fail(file, line, 1, "blank line; expected a sequence of expert ids");
+      break;
+    }
+    const auto col = [&](const char* at) { return static_cast<std::size_t>(at - line_begin) + 1; };
+    const std::size_t ids_before = out.ids.size();
+    // Expert ids up to the double tab.
+    for (;;) {
+      unsigned v = 0;
+      const auto r = std::from_chars(p, line_end, v);
+      if (r.ec != std::errc{} || r.ptr == p)
+        esft_fail(file, line, col(p), "expected an expert id (a non-negative integer), got " + esft_excerpt(p, line_end));
+      if (v >= experts)
+        esft_fail(file, line, col(p), locus::detail::concat("expert id ", v, " is out of range [0, ", experts, ")"));
+      out.ids.push_back(static_cast<trace_expert_id>(v));
+      p = r.ptr;
+      if (p == line_end)
+        esft_fail(file, line, col(p), "line ends after the expert ids; expected a double tab and then the weights");
+      if (*p != '\t') esft_fail(file, line, col(p), "expected a tab after an expert id, got " + esft_excerpt(p, line_end));
+      ++p;
+      if (p < line_end && *p == '\t') {
+        ++p;
+        break;
+      }
+    }
+    const std::size_t n_ids = out.ids.size() - ids_before;
+    const std::size_t weights_before = out.weights.size();
+    for (;;) {
+      float w = 0;
+      const auto r = std::from_chars(p, line_end, w);
+      if (r.ec != std::errc{} || r.ptr == p)
+        esft_fail(file, line, col(p), "expected a weight (a decimal number), got " + esft_excerpt(p, line_end));
+      if (!std::isfinite(w)) esft_fail(file, line, col(p), "weight is not finite");
+      out.weights.push_back(w);
+      p = r.ptr;
+      if (p == line_end) break;
+      if (*p != '\t') esft_fail(file, line, col(p), "expected a tab after a weight, got " + esft_excerpt(p, line_end));
+      ++p;
+      if (p == line_end) break; // a trailing tab
+    }
+    const std::size_t n_w = out.weights.size() - weights_before;
+    if (n_ids != n_w)
+      esft_fail(file, line, 1, locus::detail::concat(n_ids, " expert ids but ", n_w, " weights; expected equal counts"));
+    if (n_ids % k != 0)
+      esft_fail(file, line, 1,
+                locus::detail::concat(n_ids, " expert ids is not a multiple of top_k ", k, " (", k, " ids per token)"));
+    if (n_ids / k > 0xffffffffu) esft_fail(file, line, 1, "sequence longer than 2^32-1 tokens");
+    for (std::size_t t = ids_before; t < out.ids.size(); t += k)
+      for (std::size_t j = 1; j < k; ++j)
+        for (std::size_t i = 0; i < j; ++i)
+          if (out.ids[t + i] == out.ids[t + j])
+            esft_fail(file, line, 1, locus::detail::concat("token ", (t - ids_before) / k, " chooses expert ",
+                                                           out.ids[t + j], " twice"));
+    out.tokens_per_line.push_back(static_cast<std::uint32_t>(n_ids / k));
+    p = next;
+  }
+  return out;
+}
+
+inline std::string read_text_file(const std::filesystem::path& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f)
+    throw io_error(locus::detail::concat(path.string(), ": cannot open: ", std::strerror(errno)), __FILE__, __LINE__,
+                   errno);
+  std::string s;
+  char buf[1 << 16];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
+  const bool bad = std::ferror(f);
+  std::fclose(f);
+  if (bad) throw io_error(path.string() + ": read failed", __FILE__, __LINE__);
+  return s;
+}
+
+//! Appends one domain's parsed layers to the builder, checking that the layers agree.
+inline void add_esft_domain(trace_builder& b, const std::string& domain, const std::vector<esft_layer>& layers,
+                            const std::vector<std::string>& names, std::uint64_t& next_id) {
+  const auto& first = layers.front();
+  for (std::size_t l = 1; l < layers.size(); ++l) {
+    const auto& cur = layers[l];
+    for (std::size_t i = 0; i < std::min(first.tokens_per_line.size(), cur.tokens_per_line.size()); ++i)
+      if (cur.tokens_per_line[i] != first.tokens_per_line[i])
+        esft_fail(names[l], i + 1, 1,
+                  locus::detail::concat(cur.tokens_per_line[i], " tokens, but ", names[0], " line ", i + 1, " has ",
+                                        first.tokens_per_line[i], "; every layer must hold the same tokens"));
+    if (cur.tokens_per_line.size() != first.tokens_per_line.size())
+      esft_fail(names[l], std::min(cur.tokens_per_line.size(), first.tokens_per_line.size()) + 1, 1,
+                locus::detail::concat(cur.tokens_per_line.size(), " sequences (lines), but ", names[0], " has ",
+                                      first.tokens_per_line.size()));
+  }
+  const std::uint32_t d = b.domain(domain);
+  const std::size_t k = b.top_k();
+  const std::size_t first_token = b.tokens();
+  std::size_t total = 0;
+  for (auto n : first.tokens_per_line) total += n;
+  b.reserve_tokens(total);
+  for (auto n : first.tokens_per_line) b.add_request(next_id++, d, n);
+  for (std::size_t l = 0; l < layers.size(); ++l) {
+    std::copy(layers[l].ids.begin(), layers[l].ids.end(), b.layer_ids(l).begin() + first_token * k);
+    std::copy(layers[l].weights.begin(), layers[l].weights.end(), b.layer_weights(l).begin() + first_token * k);
+  }
+}
+
+} // namespace detail::trace
+
+//! Imports ESFT-layout domains already in memory; every domain must have the same number of
+//! layer files. Request ids run 0, 1, ... in import order.
+//! @throws locus::format_error naming the file, 1-based line (also `offset()`) and column
+inline trace import_esft(std::span<const esft_domain_text> domains, std::size_t experts = 64, std::size_t top_k = 6) {
+  LOCUS_REQUIRE(!domains.empty(), invalid_input_error, "import_esft: no domain given");
+  const std::size_t layers = domains.front().layers.size();
+  LOCUS_REQUIRE(layers > 0, invalid_input_error, "import_esft: domain ", domains.front().name, " has no layer file");
+  trace_builder b(experts, top_k, layers);
+  std::uint64_t next_id = 0;
+  for (const auto& dom : domains) {
+    LOCUS_REQUIRE(dom.layers.size() == layers, invalid_input_error, "import_esft: domain ", dom.name, " has ",
+                  dom.layers.size(), " layer files, domain ", domains.front().name, " has ", layers);
+    std::vector<detail::trace::esft_layer> parsed;
+    std::vector<std::string> names;
+    for (const auto& f : dom.layers) {
+      parsed.push_back(detail::trace::parse_esft_layer(f.text, f.name, experts, top_k));
+      names.push_back(f.name);
+    }
+    if (parsed.front().tokens_per_line.empty())
+      detail::trace::esft_fail(names.front(), 1, 1, "file holds no sequence");
+    detail::trace::add_esft_domain(b, dom.name, parsed, names, next_id);
+  }
+  return b.build();
+}
+
+//! Imports an ESFT expert-score folder (`root_dir/<domain>/expert_weights_<n>.txt`).
+//! @throws locus::format_error on malformed content (file, line, column, what was expected);
+//!         locus::io_error when a file cannot be read; locus::invalid_input_error when the
+//!         folder holds no domain or domains disagree on the layer count
+inline trace import_esft(const std::string& root_dir, const esft_options& opt = {}) {
+  namespace fs = std::filesystem;
+  const fs::path root(root_dir);
+  std::error_code ec;
+  if (!fs::is_directory(root, ec))
+    throw io_error(root_dir + ": not a directory (expected an ESFT expert_scores folder)", __FILE__, __LINE__);
+  std::vector<std::string> domains = opt.domains;
+  if (domains.empty()) {
+    for (const auto& e : fs::directory_iterator(root))
+      if (e.is_directory() && fs::exists(e.path() / "expert_weights_1.txt"))
+        domains.push_back(e.path().filename().string());
+    std::sort(domains.begin(), domains.end());
+  }
+  LOCUS_REQUIRE(!domains.empty(), invalid_input_error, "import_esft: ", root_dir,
+                " holds no domain folder with an expert_weights_1.txt");
+  std::size_t layers = opt.layers;
+  if (layers == 0)
+    while (fs::exists(root / domains.front() / ("expert_weights_" + std::to_string(layers + 1) + ".txt"))) ++layers;
+  LOCUS_REQUIRE(layers > 0, invalid_input_error, "import_esft: ", (root / domains.front()).string(),
+                " has no expert_weights_1.txt");
+  trace_builder b(opt.experts, opt.top_k, layers);
+  std::uint64_t next_id = 0;
+  std::size_t done = 0;
+  for (const auto& dom : domains) {
+    std::vector<detail::trace::esft_layer> parsed;
+    std::vector<std::string> names;
+    for (std::size_t l = 0; l < layers; ++l) {
+      const fs::path file = root / dom / ("expert_weights_" + std::to_string(l + 1) + ".txt");
+      if (!fs::exists(file))
+        throw io_error(file.string() + ": missing (domain " + dom + " must have " + std::to_string(layers) +
+                           " layer files like " + domains.front() + ")",
+                       __FILE__, __LINE__);
+      const std::string text = detail::trace::read_text_file(file);
+      names.push_back(file.string());
+      parsed.push_back(detail::trace::parse_esft_layer(text, names.back(), opt.experts, opt.top_k));
+      if (opt.progress) opt.progress(++done, layers * domains.size());
+    }
+    if (parsed.front().tokens_per_line.empty())
+      detail::trace::esft_fail(names.front(), 1, 1, "file holds no sequence");
+    detail::trace::add_esft_domain(b, dom, parsed, names, next_id);
+  }
+  return b.build();
+}
+
+//! The text of layer `l` of domain `domain` in the ESFT layout (weights printed in their shortest
+//! round-trip form, so import(write(t)) reproduces `t`'s ids and weights exactly).
+inline std::string format_esft_layer(const trace& t, std::uint32_t domain, std::size_t l) {
+  std::string s;
+  const auto v = t.layer(l);
+  const std::size_t k = t.top_k();
+  char buf[32];
+  for (std::size_t r = 0; r < t.requests(); ++r) {
+    const auto& q = t.request(r);
+    if (q.domain != domain) continue;
+    const std::size_t b = q.first_token * k, e = (q.first_token + q.length) * k;
+    for (std::size_t i = b; i < e; ++i) {
+      s += std::to_string(v.ids()[i]);
+      s += '\t';
+    }
+    for (std::size_t i = b; i < e; ++i) {
+      s += '\t';
+      const auto res = std::to_chars(buf, buf + sizeof buf, v.weights()[i]);
+      s.append(buf, res.ptr);
+    }
+    s += '\n';
+  }
+  return s;
+}
+
+//! Writes `t` in the ESFT layout under `root_dir` (one folder per domain that has requests).
+//! @throws locus::io_error when a file cannot be written
+inline void write_esft(const trace& t, const std::string& root_dir) {
+  namespace fs = std::filesystem;
+  for (std::uint32_t d = 0; d < t.domains().size(); ++d) {
+    bool any = false;
+    for (const auto& q : t.request_table()) any = any || q.domain == d;
+    if (!any) continue;
+    const fs::path dir = fs::path(root_dir) / t.domains()[d];
+    fs::create_directories(dir);
+    for (std::size_t l = 0; l < t.layers(); ++l) {
+      const fs::path file = dir / ("expert_weights_" + std::to_string(l + 1) + ".txt");
+      const std::string text = format_esft_layer(t, d, l);
+      std::FILE* f = std::fopen(file.c_str(), "wb");
+      if (!f || std::fwrite(text.data(), 1, text.size(), f) != text.size() || std::fclose(f) != 0)
+        throw io_error(file.string() + ": cannot write", __FILE__, __LINE__);
+    }
+  }
+}
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::trace

@@ -1,0 +1,431 @@
+#pragma once
+//! @file
+//! The expert-activation trace: requests × tokens × MoE layers × top-k (expert id, weight).
+//!
+//! Storage is columnar. Per request: id, domain, length. Per token: phase and decode step. Per
+//! layer: one contiguous `tokens × top_k` block of 16-bit expert ids and one of float weights, so
+//! `layer(l)` is a zero-copy `routing_view`. Tokens are numbered globally; request `r` owns the
+//! contiguous range `[first_token, first_token + length)` in position order, and requests follow
+//! each other without gaps. A token-layer row with top-8 costs 8 × (2 + 4) = 48 bytes, so 10^8
+//! rows take 4.8 GB.
+
+#include <locus/core/config.hpp>
+#include <locus/core/error.hpp>
+#include <locus/core/extents.hpp>
+#include <locus/core/routing.hpp>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::trace {
+
+//! Expert id as stored in a trace: 16 bits are enough for every MoE model (≤ 65,536 experts)
+//! and halve the memory of a 32-bit id on 10^8-row traces.
+using trace_expert_id = std::uint16_t;
+
+//! Largest expert count a trace can hold.
+inline constexpr std::size_t max_trace_experts = 65536;
+//! Largest top-k a trace accepts (no model chooses more; bounds per-token scratch arrays).
+inline constexpr std::size_t max_trace_top_k = 64;
+
+//! Which forward pass produced a token's routing.
+enum class phase : std::uint8_t { prefill = 0, decode = 1, unknown = 2 };
+
+//! Name of a phase as written in files and JSON ("prefill", "decode", "unknown").
+inline const char* to_string(phase p) noexcept {
+  switch (p) {
+  case phase::prefill: return "prefill";
+  case phase::decode: return "decode";
+  case phase::unknown: return "unknown";
+  }
+  return "unknown";
+}
+
+//! One request (sequence) of a trace.
+struct request_info {
+  std::uint64_t id = 0;          //!< the id the source gave it (unique within a trace built by locus importers)
+  std::uint32_t domain = 0;      //!< index into trace::domains()
+  std::uint64_t first_token = 0; //!< global index of its first token
+  std::uint32_t length = 0;      //!< number of tokens
+};
+
+class trace_builder;
+
+//! An expert-activation trace (see the file comment for the layout). Immutable once built; build
+//! one with `trace_builder`, an importer, the binary reader or the synthesizer.
+class trace {
+public:
+  //! The routing of one layer as a read-only view, token-major `tokens() × top_k()`.
+  using layer_view = locus::routing_view<locus::top_k<>, const trace_expert_id, const float>;
+
+  trace() = default;
+
+  std::size_t experts() const noexcept { return experts_; }
+  std::size_t top_k() const noexcept { return top_k_; }
+  std::size_t layers() const noexcept { return layers_; }
+  std::size_t requests() const noexcept { return requests_.size(); }
+  //! All tokens of all requests.
+  std::size_t tokens() const noexcept { return phases_.size(); }
+  //! Domain table; `request_info::domain` indexes it.
+  const std::vector<std::string>& domains() const noexcept { return domains_; }
+
+  //! Request `r`; its tokens are `[first_token, first_token + length)`, in position order.
+  const request_info& request(std::size_t r) const {
+    LOCUS_REQUIRE(r < requests_.size(), invalid_input_error, "trace::request: request ", r, " out of range [0, ",
+                  requests_.size(), ")");
+    return requests_[r];
+  }
+  const std::vector<request_info>& request_table() const noexcept { return requests_; }
+
+  phase token_phase(std::size_t token) const {
+    LOCUS_REQUIRE(token < tokens(), invalid_input_error, "trace::token_phase: token ", token, " out of range [0, ",
+                  tokens(), ")");
+    return phases_[token];
+  }
+  //! Decode step of a token (0 for the first decoded token), -1 when unknown or in prefill.
+  std::int32_t token_step(std::size_t token) const {
+    LOCUS_REQUIRE(token < tokens(), invalid_input_error, "trace::token_step: token ", token, " out of range [0, ",
+                  tokens(), ")");
+    return steps_[token];
+  }
+  const std::vector<phase>& phases() const noexcept { return phases_; }
+  const std::vector<std::int32_t>& steps() const noexcept { return steps_; }
+
+  //! All tokens of layer `l`, token-major `tokens() × top_k()`: ids and weights.
+  layer_view layer(std::size_t l) const {
+    LOCUS_REQUIRE(l < layers_, invalid_input_error, "trace::layer: layer ", l, " out of range [0, ", layers_, ")");
+    return layer_view(ids_[l].data(), weights_[l].data(), tokens(), locus::top_k<>(top_k_));
+  }
+  //! The tokens of request `r` at layer `l`.
+  layer_view request_layer(std::size_t r, std::size_t l) const {
+    const auto& q = request(r);
+    return layer(l).subview(q.first_token, q.length);
+  }
+
+  //! A copy in which the first `p` tokens of every request are prefill and the rest decode, with
+  //! decode steps 0, 1, ... (for traces such as ESFT that come from one teacher-forced pass).
+  trace with_prefill_tokens(std::size_t p) const {
+    trace out = *this;
+    for (const auto& q : requests_) {
+      for (std::size_t i = 0; i < q.length; ++i) {
+        const std::size_t t = q.first_token + i;
+        if (i < p) {
+          out.phases_[t] = phase::prefill;
+          out.steps_[t] = -1;
+        } else {
+          out.phases_[t] = phase::decode;
+          out.steps_[t] = static_cast<std::int32_t>(i - p);
+        }
+      }
+    }
+    return out;
+  }
+
+  //! The requests at `request_indices`, in that order (a request may appear twice). Domains keep
+  //! their indices so that statistics of slices stay comparable.
+  //! @throws locus::invalid_input_error on an index out of range
+  trace select_requests(std::span<const std::size_t> request_indices) const;
+
+  //! The requests of one domain. @throws locus::invalid_input_error when `domain` is out of range
+  trace select_domain(std::uint32_t domain) const {
+    LOCUS_REQUIRE(domain < domains_.size(), invalid_input_error, "trace::select_domain: domain ", domain,
+                  " out of range [0, ", domains_.size(), ")");
+    std::vector<std::size_t> idx;
+    for (std::size_t r = 0; r < requests_.size(); ++r)
+      if (requests_[r].domain == domain) idx.push_back(r);
+    return select_requests(idx);
+  }
+
+  //! Tokens `[first, first + count)` of every request (clipped to its length); requests left
+  //! with no token are dropped. E.g. `select_positions(0, P)` keeps the first P tokens.
+  trace select_positions(std::size_t first, std::size_t count) const;
+
+  //! The layers `[first, first + count)`. @throws locus::invalid_input_error when out of range
+  trace select_layers(std::size_t first, std::size_t count) const {
+    LOCUS_REQUIRE(first + count <= layers_ && count > 0, invalid_input_error, "trace::select_layers: layers [", first,
+                  ", ", first + count, ") not inside [0, ", layers_, ")");
+    trace out = *this;
+    out.layers_ = count;
+    out.ids_.assign(ids_.begin() + static_cast<std::ptrdiff_t>(first),
+                    ids_.begin() + static_cast<std::ptrdiff_t>(first + count));
+    out.weights_.assign(weights_.begin() + static_cast<std::ptrdiff_t>(first),
+                        weights_.begin() + static_cast<std::ptrdiff_t>(first + count));
+    return out;
+  }
+
+  //! Bytes held by the routing arrays and token columns.
+  std::size_t memory_bytes() const noexcept {
+    return layers_ * tokens() * top_k_ * (sizeof(trace_expert_id) + sizeof(float)) +
+           tokens() * (sizeof(phase) + sizeof(std::int32_t)) + requests_.size() * sizeof(request_info);
+  }
+
+  //! Exact equality of shape, tables and every routing entry (weights compared bitwise).
+  friend bool operator==(const trace& a, const trace& b) {
+    if (a.experts_ != b.experts_ || a.top_k_ != b.top_k_ || a.layers_ != b.layers_ || a.domains_ != b.domains_ ||
+        a.phases_ != b.phases_ || a.steps_ != b.steps_ || a.ids_ != b.ids_ || a.requests_.size() != b.requests_.size())
+      return false;
+    for (std::size_t r = 0; r < a.requests_.size(); ++r) {
+      const auto &x = a.requests_[r], &y = b.requests_[r];
+      if (x.id != y.id || x.domain != y.domain || x.first_token != y.first_token || x.length != y.length) return false;
+    }
+    for (std::size_t l = 0; l < a.layers_; ++l)
+      if (a.weights_[l].size() != b.weights_[l].size() ||
+          std::memcmp(a.weights_[l].data(), b.weights_[l].data(), a.weights_[l].size() * sizeof(float)) != 0)
+        return false;
+    return true;
+  }
+
+private:
+  friend class trace_builder;
+
+  std::size_t experts_ = 0;
+  std::size_t top_k_ = 0;
+  std::size_t layers_ = 0;
+  std::vector<std::string> domains_;
+  std::vector<request_info> requests_;
+  std::vector<phase> phases_;
+  std::vector<std::int32_t> steps_;
+  // One block per layer rather than one array for all: a layer is still contiguous (the
+  // zero-copy view needs no more), and appending a request never moves other layers.
+  std::vector<std::vector<trace_expert_id>> ids_;
+  std::vector<std::vector<float>> weights_;
+};
+
+//! Builds a trace request by request; importers, the binary reader, the synthesizer and tests
+//! use it. `build()` validates everything (ids in range, weights finite) before handing the trace
+//! over, so a `trace` always holds valid data.
+class trace_builder {
+public:
+  //! @throws locus::invalid_input_error when a size is zero or too large
+  trace_builder(std::size_t experts, std::size_t top_k, std::size_t layers) {
+    LOCUS_REQUIRE(experts >= 1 && experts <= max_trace_experts, invalid_input_error, "trace: experts is ", experts,
+                  ", expected 1..", max_trace_experts);
+    LOCUS_REQUIRE(top_k >= 1 && top_k <= max_trace_top_k && top_k <= experts, invalid_input_error, "trace: top_k is ",
+                  top_k, ", expected 1..", std::min(max_trace_top_k, experts));
+    LOCUS_REQUIRE(layers >= 1, invalid_input_error, "trace: layers is 0, expected at least 1");
+    t_.experts_ = experts;
+    t_.top_k_ = top_k;
+    t_.layers_ = layers;
+    t_.ids_.resize(layers);
+    t_.weights_.resize(layers);
+  }
+
+  std::size_t experts() const noexcept { return t_.experts_; }
+  std::size_t top_k() const noexcept { return t_.top_k_; }
+  std::size_t layers() const noexcept { return t_.layers_; }
+  std::size_t tokens() const noexcept { return t_.phases_.size(); }
+  std::size_t requests() const noexcept { return t_.requests_.size(); }
+
+  //! Index of domain `name`, adding it to the table when new.
+  std::uint32_t domain(std::string_view name) {
+    for (std::size_t d = 0; d < t_.domains_.size(); ++d)
+      if (t_.domains_[d] == name) return static_cast<std::uint32_t>(d);
+    t_.domains_.emplace_back(name);
+    return static_cast<std::uint32_t>(t_.domains_.size() - 1);
+  }
+  //! Sets the whole domain table (before adding requests that index it).
+  void set_domains(std::vector<std::string> names) { t_.domains_ = std::move(names); }
+
+  //! Pre-allocates for `tokens` more tokens.
+  void reserve_tokens(std::size_t tokens) {
+    const std::size_t n = t_.phases_.size() + tokens;
+    t_.phases_.reserve(n);
+    t_.steps_.reserve(n);
+    for (std::size_t l = 0; l < t_.layers_; ++l) {
+      t_.ids_[l].reserve(n * t_.top_k_);
+      t_.weights_[l].reserve(n * t_.top_k_);
+    }
+  }
+
+  //! Appends a request of `length` tokens (ids 0, weights 0, phase unknown, step -1) and returns
+  //! its index; fill it through `ids`, `weights` and `set_token`.
+  //! @throws locus::invalid_input_error when the domain is not in the table or length is 0
+  std::size_t add_request(std::uint64_t id, std::uint32_t domain, std::size_t length) {
+    LOCUS_REQUIRE(domain < t_.domains_.size(), invalid_input_error, "trace: request ", id, " has domain ", domain,
+                  " but the domain table has ", t_.domains_.size(), " entries");
+    LOCUS_REQUIRE(length >= 1 && length <= 0xffffffffu, invalid_input_error, "trace: request ", id, " has length ",
+                  length, ", expected 1..2^32-1");
+    request_info q;
+    q.id = id;
+    q.domain = domain;
+    q.first_token = t_.phases_.size();
+    q.length = static_cast<std::uint32_t>(length);
+    t_.requests_.push_back(q);
+    const std::size_t n = t_.phases_.size() + length;
+    t_.phases_.resize(n, phase::unknown);
+    t_.steps_.resize(n, -1);
+    for (std::size_t l = 0; l < t_.layers_; ++l) {
+      t_.ids_[l].resize(n * t_.top_k_);
+      t_.weights_[l].resize(n * t_.top_k_);
+    }
+    return t_.requests_.size() - 1;
+  }
+
+  //! The `top_k` ids of global token `token` at layer `l`, writable.
+  std::span<trace_expert_id> ids(std::size_t l, std::size_t token) {
+    check(l, token);
+    return {t_.ids_[l].data() + token * t_.top_k_, t_.top_k_};
+  }
+  //! The `top_k` weights of global token `token` at layer `l`, writable.
+  std::span<float> weights(std::size_t l, std::size_t token) {
+    check(l, token);
+    return {t_.weights_[l].data() + token * t_.top_k_, t_.top_k_};
+  }
+  //! The whole id block of layer `l` (`tokens() × top_k()`), for bulk readers.
+  std::span<trace_expert_id> layer_ids(std::size_t l) { return t_.ids_.at(l); }
+  std::span<float> layer_weights(std::size_t l) { return t_.weights_.at(l); }
+  std::span<phase> token_phases() { return t_.phases_; }
+  std::span<std::int32_t> token_steps() { return t_.steps_; }
+
+  void set_token(std::size_t token, phase p, std::int32_t step) {
+    check(0, token);
+    t_.phases_[token] = p;
+    t_.steps_[token] = step;
+  }
+
+  //! Validates and returns the trace; the builder is left empty.
+  //! @throws locus::invalid_input_error naming the layer, token and choice of the first bad entry
+  trace build() {
+    const std::size_t k = t_.top_k_;
+    for (std::size_t l = 0; l < t_.layers_; ++l) {
+      const auto& ids = t_.ids_[l];
+      const auto& w = t_.weights_[l];
+      if (!ids_in_range(ids.data(), ids.size(), t_.experts_) || !weights_finite(w.data(), w.size())) {
+        for (std::size_t i = 0; i < ids.size(); ++i) {
+          LOCUS_REQUIRE(ids[i] < t_.experts_, invalid_input_error, "trace: layer ", l, " token ", i / k, " choice ",
+                        i % k, ": expert id ", ids[i], " is out of range [0, ", t_.experts_, ")");
+          LOCUS_REQUIRE(std::isfinite(w[i]), invalid_input_error, "trace: layer ", l, " token ", i / k, " choice ",
+                        i % k, " (expert ", ids[i], "): weight ", w[i], " is not finite");
+        }
+      }
+    }
+    for (std::size_t t = 0; t < t_.phases_.size(); ++t)
+      LOCUS_REQUIRE(static_cast<std::uint8_t>(t_.phases_[t]) <= 2, invalid_input_error, "trace: token ", t,
+                    " has phase ", static_cast<int>(t_.phases_[t]), ", expected 0 (prefill), 1 (decode) or 2");
+    trace out = std::move(t_);
+    t_ = trace{};
+    return out;
+  }
+
+  //! True when every id is below `experts`; branch-free so that it vectorises on large blocks.
+  static bool ids_in_range(const trace_expert_id* ids, std::size_t n, std::size_t experts) noexcept {
+    trace_expert_id mx = 0;
+    for (std::size_t i = 0; i < n; ++i) mx = std::max(mx, ids[i]);
+    return n == 0 || mx < experts;
+  }
+  //! True when no weight is NaN or infinite (exponent bits all ones), branch-free.
+  static bool weights_finite(const float* w, std::size_t n) noexcept {
+    std::uint32_t bad = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      std::uint32_t u;
+      std::memcpy(&u, w + i, sizeof u);
+      bad |= static_cast<std::uint32_t>((u & 0x7f800000u) == 0x7f800000u);
+    }
+    return bad == 0;
+  }
+
+private:
+  void check(std::size_t l, std::size_t token) const {
+    LOCUS_REQUIRE(l < t_.layers_ && token < t_.phases_.size(), invalid_input_error, "trace_builder: layer ", l,
+                  " token ", token, " out of range (", t_.layers_, " layers, ", t_.phases_.size(), " tokens)");
+  }
+
+  trace t_;
+};
+
+inline trace trace::select_requests(std::span<const std::size_t> request_indices) const {
+  trace_builder b(experts_, top_k_, layers_);
+  b.set_domains(domains_);
+  std::size_t n = 0;
+  for (auto r : request_indices) n += request(r).length;
+  b.reserve_tokens(n);
+  for (auto r : request_indices) {
+    const auto& q = requests_[r];
+    const std::size_t dst = b.tokens();
+    b.add_request(q.id, q.domain, q.length);
+    std::copy_n(phases_.begin() + static_cast<std::ptrdiff_t>(q.first_token), q.length,
+                b.token_phases().begin() + static_cast<std::ptrdiff_t>(dst));
+    std::copy_n(steps_.begin() + static_cast<std::ptrdiff_t>(q.first_token), q.length,
+                b.token_steps().begin() + static_cast<std::ptrdiff_t>(dst));
+    for (std::size_t l = 0; l < layers_; ++l) {
+      std::copy_n(ids_[l].data() + q.first_token * top_k_, std::size_t{q.length} * top_k_,
+                  b.layer_ids(l).data() + dst * top_k_);
+      std::copy_n(weights_[l].data() + q.first_token * top_k_, std::size_t{q.length} * top_k_,
+                  b.layer_weights(l).data() + dst * top_k_);
+    }
+  }
+  return b.build();
+}
+
+inline trace trace::select_positions(std::size_t first, std::size_t count) const {
+  trace_builder b(experts_, top_k_, layers_);
+  b.set_domains(domains_);
+  for (const auto& q : requests_) {
+    if (first >= q.length) continue;
+    const std::size_t len = std::min<std::size_t>(count, q.length - first);
+    if (len == 0) continue;
+    const std::size_t src = q.first_token + first;
+    const std::size_t dst = b.tokens();
+    b.add_request(q.id, q.domain, len);
+    std::copy_n(phases_.begin() + static_cast<std::ptrdiff_t>(src), len,
+                b.token_phases().begin() + static_cast<std::ptrdiff_t>(dst));
+    std::copy_n(steps_.begin() + static_cast<std::ptrdiff_t>(src), len,
+                b.token_steps().begin() + static_cast<std::ptrdiff_t>(dst));
+    for (std::size_t l = 0; l < layers_; ++l) {
+      std::copy_n(ids_[l].data() + src * top_k_, len * top_k_, b.layer_ids(l).data() + dst * top_k_);
+      std::copy_n(weights_[l].data() + src * top_k_, len * top_k_, b.layer_weights(l).data() + dst * top_k_);
+    }
+  }
+  return b.build();
+}
+
+namespace detail {
+//! splitmix64: a tiny, well-mixed generator so that splits and synthetic traces are identical on
+//! every platform (std:: distributions are not specified bit-for-bit).
+struct splitmix64 {
+  std::uint64_t state;
+  explicit constexpr splitmix64(std::uint64_t seed) noexcept : state(seed) {}
+  constexpr std::uint64_t next() noexcept {
+    std::uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  //! Uniform double in [0, 1).
+  constexpr double uniform() noexcept { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
+  //! Uniform integer in [0, n), 0 < n < 2^53 (the bias of scaling a 53-bit fraction is negligible).
+  constexpr std::uint64_t below(std::uint64_t n) noexcept {
+    const auto v = static_cast<std::uint64_t>(uniform() * static_cast<double>(n));
+    return v < n ? v : n - 1;
+  }
+};
+} // namespace detail
+
+//! Deterministic train/test split by request: each request goes to the test side with
+//! probability `test_fraction`, decided by a hash of (seed, request id, position), so the same
+//! seed gives the same split on every platform. Both sides keep request order.
+//! @return (train, test)
+//! @throws locus::invalid_input_error when `test_fraction` is outside [0, 1]
+inline std::pair<trace, trace> split_by_request(const trace& t, double test_fraction, std::uint64_t seed) {
+  LOCUS_REQUIRE(test_fraction >= 0.0 && test_fraction <= 1.0, invalid_input_error,
+                "split_by_request: test_fraction ", test_fraction, " is outside [0, 1]");
+  std::vector<std::size_t> train, test;
+  for (std::size_t r = 0; r < t.requests(); ++r) {
+    detail::splitmix64 g(seed ^ (t.request(r).id * 0x9e3779b97f4a7c15ull) ^ (r << 1));
+    g.next();
+    (g.uniform() < test_fraction ? test : train).push_back(r);
+  }
+  return {t.select_requests(train), t.select_requests(test)};
+}
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::trace
