@@ -1,0 +1,240 @@
+#pragma once
+//! @file
+//! Trace-driven decode simulation with continuous batching. Requests arrive (all at the start in
+//! trace order, or by a seeded Poisson process), a grouper gives each one a rank with room (at
+//! most `batch_per_rank` running requests per rank; a request the grouper cannot place waits, and
+//! requests behind it wait too, first come first served), and every step each running request
+//! contributes its next decode token to every MoE layer. The traffic model counts each step of
+//! each layer; the result keeps per-step and per-layer figures.
+//!
+//! Metrics (all per decode token unless said otherwise):
+//! - inter_node_bytes_per_token: network bytes of dispatch + combine summed over layers;
+//! - inter_node_copies_per_token: network copies of dispatch summed over layers;
+//! - gpu_imbalance_step_mean: per step, mean over layers of max/mean expert rows per rank; then
+//!   the mean over steps;
+//! - gpu_imbalance_aggregate: per layer, max/mean of expert rows summed over the whole run; then
+//!   the mean over layers;
+//! - layer_time_estimate_us: the modelled layer time (time_model.hpp), mean over steps and layers;
+//! - normalised all-to-all data (the paper's metric, see normalized_all2all): per step, inter-node
+//!   bytes per token divided by a baseline run's at the same step; median and p90 over steps.
+
+#include <locus/core/error.hpp>
+#include <locus/core/expert_map.hpp>
+#include <locus/cost/time_model.hpp>
+#include <locus/cost/traffic.hpp>
+#include <locus/grouper/grouper.hpp>
+#include <locus/trace/trace.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <random>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::cost {
+
+struct simulation_config {
+  dynamic_topology topology{1, 1};
+  transport_kind transport = transport_kind::flat;
+  message_sizes sizes = message_sizes::fp8_dispatch_bf16_combine(7168);
+  link_model links{};
+  std::size_t batch_per_rank = 32; //!< most running requests per rank
+  //! Requests per step of a Poisson arrival process; 0 puts every request in the queue at step 0.
+  double arrival_rate = 0;
+  std::uint64_t seed = 1;
+  std::size_t max_steps = 0; //!< 0: until every request has finished
+};
+
+struct simulation_result {
+  std::size_t steps = 0;
+  std::uint64_t decode_tokens = 0;
+  std::size_t requests_served = 0;
+  std::vector<layer_traffic> layers;         //!< per layer, summed over the run
+  std::vector<std::uint64_t> step_tokens;    //!< decode tokens per step
+  std::vector<double> step_inter_node_bytes; //!< network bytes per step (dispatch + combine, all layers)
+  std::vector<double> step_imbalance;        //!< per step, mean over layers of max/mean rows
+  std::vector<double> step_layer_time_us;    //!< per step, mean modelled layer time
+
+  double inter_node_bytes_per_token = 0;
+  double inter_node_copies_per_token = 0;
+  double gpu_imbalance_step_mean = 1;
+  double gpu_imbalance_aggregate = 1;
+  double layer_time_estimate_us = 0;
+};
+
+//! Quantile `q` of `v` by linear interpolation between order statistics (0 for an empty vector).
+inline double quantile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const double pos = q * static_cast<double>(v.size() - 1);
+  const auto lo = static_cast<std::size_t>(std::floor(pos));
+  const std::size_t hi = std::min(lo + 1, v.size() - 1);
+  return v[lo] + (v[hi] - v[lo]) * (pos - static_cast<double>(lo));
+}
+
+//! Median and p90 over steps of (network bytes per token) / (the baseline's at the same step),
+//! over the steps both runs have with tokens and where the baseline moved any bytes.
+struct normalized_all2all {
+  double median = 1;
+  double p90 = 1;
+};
+inline normalized_all2all normalize_all2all(const simulation_result& run, const simulation_result& baseline) {
+  std::vector<double> ratios;
+  const std::size_t steps = std::min(run.steps, baseline.steps);
+  for (std::size_t s = 0; s < steps; ++s) {
+    if (run.step_tokens[s] == 0 || baseline.step_tokens[s] == 0 || baseline.step_inter_node_bytes[s] == 0) continue;
+    const double mine = run.step_inter_node_bytes[s] / static_cast<double>(run.step_tokens[s]);
+    const double base = baseline.step_inter_node_bytes[s] / static_cast<double>(baseline.step_tokens[s]);
+    ratios.push_back(mine / base);
+  }
+  if (ratios.empty()) return {};
+  return {quantile(ratios, 0.5), quantile(ratios, 0.9)};
+}
+
+//! Runs the decode of every request of `t` (tokens marked decode, in position order) on the
+//! deployment of `cfg` with per-layer expert maps `maps` and grouper `g`.
+//! @throws locus::config_error when maps and trace or topology disagree
+template <grouper::grouper_for Grouper>
+simulation_result simulate_decode(const trace::trace& t, const std::vector<expert_map>& maps, Grouper& g,
+                                  const simulation_config& cfg) {
+  const dynamic_topology& topo = cfg.topology;
+  const std::size_t ranks = topo.ranks(), layers = t.layers();
+  LOCUS_REQUIRE(maps.size() == layers, config_error, "simulate_decode: ", maps.size(), " expert maps for ", layers,
+                " layers");
+  for (std::size_t l = 0; l < layers; ++l)
+    LOCUS_REQUIRE(maps[l].experts() == t.experts() && maps[l].ranks() == ranks, config_error, "simulate_decode: layer ",
+                  l, " map has ", maps[l].experts(), " experts on ", maps[l].ranks(), " ranks; the trace has ",
+                  t.experts(), " experts and the topology ", ranks, " ranks");
+  LOCUS_REQUIRE(cfg.batch_per_rank > 0, config_error, "simulate_decode: batch_per_rank must be positive");
+
+  // Each request's decode tokens are contiguous at its end once prefill is marked; find them.
+  struct pending {
+    std::size_t request, prefill, first_decode, decode_tokens, arrival_step;
+  };
+  std::deque<pending> queue;
+  {
+    std::mt19937_64 rng(cfg.seed);
+    std::exponential_distribution<double> gap(cfg.arrival_rate > 0 ? cfg.arrival_rate : 1.0);
+    double clock = 0;
+    for (std::size_t r = 0; r < t.requests(); ++r) {
+      const auto& q = t.request(r);
+      std::size_t prefill = 0;
+      while (prefill < q.length && t.token_phase(q.first_token + prefill) != trace::phase::decode) ++prefill;
+      if (prefill == q.length) continue; // nothing to decode
+      if (cfg.arrival_rate > 0) clock += gap(rng);
+      queue.push_back({r, prefill, q.first_token + prefill, q.length - prefill, static_cast<std::size_t>(clock)});
+    }
+  }
+
+  struct running {
+    std::size_t request, next_token, remaining, context;
+  };
+  std::vector<std::vector<running>> per_rank(ranks);
+  std::vector<grouper::rank_state> state(ranks);
+  traffic_counter<dynamic_topology> counter(topo, cfg.transport);
+
+  simulation_result out;
+  out.layers.assign(layers, layer_traffic(ranks));
+  std::vector<layer_traffic> step_traffic(layers, layer_traffic(ranks));
+  std::vector<std::size_t> tokens;
+  std::vector<std::uint32_t> sources;
+  const std::size_t network = static_cast<std::size_t>(link_class::inter_node);
+  const std::uint64_t bytes_per_copy = cfg.sizes.dispatch_bytes + cfg.sizes.combine_bytes;
+  std::size_t active = 0;
+
+  for (std::size_t step = 0; !queue.empty() || active > 0; ++step) {
+    if (cfg.max_steps && step >= cfg.max_steps) break;
+    // Admit arrivals in order until the grouper finds no room for the head of the queue.
+    while (!queue.empty() && queue.front().arrival_step <= step) {
+      const pending& p = queue.front();
+      const grouper::cluster_state cluster{topo, state, cfg.batch_per_rank};
+      const std::size_t rank = g.assign(grouper::arrival{&t, p.request, p.prefill}, cluster);
+      if (rank == grouper::no_rank) break;
+      LOCUS_REQUIRE(rank < ranks && state[rank].running_requests < cfg.batch_per_rank, invalid_input_error,
+                    "simulate_decode: the grouper placed request ", p.request, " on rank ", rank,
+                    ", which is out of range or full");
+      per_rank[rank].push_back({p.request, p.first_decode, p.decode_tokens, p.prefill});
+      ++state[rank].running_requests;
+      state[rank].running_tokens += p.prefill;
+      ++active;
+      ++out.requests_served;
+      queue.pop_front();
+    }
+
+    tokens.clear();
+    sources.clear();
+    for (std::size_t r = 0; r < ranks; ++r)
+      for (const running& q : per_rank[r]) {
+        tokens.push_back(q.next_token);
+        sources.push_back(static_cast<std::uint32_t>(r));
+      }
+
+    double step_bytes = 0, step_imbalance = 0, step_time = 0;
+    if (!tokens.empty()) {
+      for (std::size_t l = 0; l < layers; ++l) {
+        layer_traffic& st = step_traffic[l];
+        st.clear();
+        counter.count_step(maps[l], t.layer(l), tokens, sources, st);
+        out.layers[l] += st;
+        step_bytes += static_cast<double>(st.copies[network] * bytes_per_copy);
+        step_imbalance += st.load_imbalance();
+        step_time += estimate_layer_time(st, cfg.sizes, cfg.links).total_us();
+      }
+      step_imbalance /= static_cast<double>(layers);
+      step_time /= static_cast<double>(layers);
+    }
+    out.step_tokens.push_back(tokens.size());
+    out.step_inter_node_bytes.push_back(step_bytes);
+    out.step_imbalance.push_back(tokens.empty() ? 1.0 : step_imbalance);
+    out.step_layer_time_us.push_back(step_time);
+    out.decode_tokens += tokens.size();
+    ++out.steps;
+
+    // Advance: each running request has produced one token.
+    for (std::size_t r = 0; r < ranks; ++r) {
+      auto& list = per_rank[r];
+      for (std::size_t i = 0; i < list.size();) {
+        running& q = list[i];
+        ++q.next_token;
+        --q.remaining;
+        ++state[r].running_tokens;
+        if (q.remaining == 0) {
+          --state[r].running_requests;
+          state[r].running_tokens -= q.context + 1;
+          --active;
+          list[i] = list.back();
+          list.pop_back();
+        } else {
+          ++q.context;
+          ++i;
+        }
+      }
+    }
+  }
+
+  // Summary metrics.
+  double bytes = 0, copies = 0, imbalance_sum = 0, time_sum = 0, aggregate = 0;
+  std::size_t busy_steps = 0;
+  for (std::size_t s = 0; s < out.steps; ++s) {
+    bytes += out.step_inter_node_bytes[s];
+    if (out.step_tokens[s] == 0) continue;
+    imbalance_sum += out.step_imbalance[s];
+    time_sum += out.step_layer_time_us[s];
+    ++busy_steps;
+  }
+  for (const layer_traffic& l : out.layers) {
+    copies += static_cast<double>(l.copies[network]);
+    aggregate += l.load_imbalance();
+  }
+  const double tokens_total = static_cast<double>(std::max<std::uint64_t>(out.decode_tokens, 1));
+  out.inter_node_bytes_per_token = bytes / tokens_total;
+  out.inter_node_copies_per_token = copies / tokens_total;
+  out.gpu_imbalance_step_mean = busy_steps ? imbalance_sum / static_cast<double>(busy_steps) : 1.0;
+  out.gpu_imbalance_aggregate = layers ? aggregate / static_cast<double>(layers) : 1.0;
+  out.layer_time_estimate_us = busy_steps ? time_sum / static_cast<double>(busy_steps) : 0.0;
+  return out;
+}
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::cost

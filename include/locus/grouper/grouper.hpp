@@ -1,0 +1,52 @@
+#pragma once
+//! @file
+//! What a grouper sees and decides. Attention is data-parallel: each arriving request is given to
+//! one rank, which keeps it for its whole decode. A grouper is a policy
+//! (`using policy_concept = locus::grouper_tag;`) with
+//! `std::size_t assign(const arrival&, const cluster_state&)` returning a rank with free capacity,
+//! or `no_rank` to make the request wait.
+
+#include <locus/core/policy.hpp>
+#include <locus/core/topology.hpp>
+#include <locus/trace/trace.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <span>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::grouper {
+
+//! Returned by assign() when no rank can take the request now.
+inline constexpr std::size_t no_rank = std::numeric_limits<std::size_t>::max();
+
+//! Load of one rank at the moment of an assignment.
+struct rank_state {
+  std::uint32_t running_requests = 0; //!< requests decoding on the rank
+  std::uint64_t running_tokens = 0;   //!< their tokens so far (prefill + decoded): the KV footprint
+};
+
+//! The cluster as a grouper sees it.
+struct cluster_state {
+  dynamic_topology topology{1, 1};
+  std::span<const rank_state> ranks;
+  std::size_t capacity = 0; //!< most running requests per rank
+
+  bool has_room(std::size_t rank) const { return ranks[rank].running_requests < capacity; }
+};
+
+//! An arriving request: its prefill tokens (`prefill_tokens` tokens from the request's start) are
+//! known, its decode is not.
+struct arrival {
+  const trace::trace* source = nullptr;
+  std::size_t request = 0;
+  std::size_t prefill_tokens = 0;
+};
+
+//! A type usable as a grouper.
+template <class G>
+concept grouper_for = grouper_policy<G> && requires(G g, const arrival& a, const cluster_state& c) {
+  { g.assign(a, c) } -> std::convertible_to<std::size_t>;
+};
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::grouper

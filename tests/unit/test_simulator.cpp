@@ -1,0 +1,120 @@
+#define BOOST_TEST_MODULE simulator
+#include <boost/test/unit_test.hpp>
+
+#include <locus/cost/decode_simulator.hpp>
+#include <locus/grouper/baselines.hpp>
+#include <locus/placement/linear.hpp>
+
+#include <random>
+
+using namespace locus;
+using namespace locus::cost;
+
+namespace {
+trace::trace random_trace(std::mt19937& rng, std::size_t requests, std::size_t experts, std::size_t k,
+                          std::size_t layers, std::size_t prefill) {
+  trace::trace_builder b(experts, k, layers);
+  b.set_domains({"a", "b"});
+  for (std::size_t r = 0; r < requests; ++r) {
+    const std::size_t len = prefill + 1 + rng() % 20;
+    const std::size_t q = b.add_request(r, static_cast<std::uint32_t>(r % 2), len);
+    (void)q;
+  }
+  for (std::size_t t = 0; t < b.tokens(); ++t)
+    for (std::size_t l = 0; l < layers; ++l) {
+      auto ids = b.ids(l, t);
+      std::vector<trace::trace_expert_id> pool(experts);
+      for (std::size_t e = 0; e < experts; ++e) pool[e] = static_cast<trace::trace_expert_id>(e);
+      for (std::size_t j = 0; j < k; ++j) {
+        std::swap(pool[j], pool[j + rng() % (experts - j)]);
+        ids[j] = pool[j];
+        b.weights(l, t)[j] = 0.1f;
+      }
+    }
+  return b.build().with_prefill_tokens(prefill);
+}
+} // namespace
+
+// With room for everyone and round-robin grouping, request r decodes on rank r mod R from step 0;
+// the reference replays exactly that with the (separately tested) traffic counter.
+BOOST_AUTO_TEST_CASE(batching_matches_a_direct_replay) {
+  std::mt19937 rng(3);
+  const auto t = random_trace(rng, 13, 16, 3, 2, 4);
+  simulation_config cfg;
+  cfg.topology = dynamic_topology(2, 2);
+  cfg.batch_per_rank = 100;
+  const auto maps = placement::linear{}.plan({cfg.topology, 16, 4, std::vector<std::vector<double>>(2, std::vector<double>(16, 1))});
+  grouper::round_robin g;
+  const auto res = simulate_decode(t, maps, g, cfg);
+
+  std::vector<layer_traffic> expected(2, layer_traffic(4));
+  traffic_counter<dynamic_topology> counter(cfg.topology, cfg.transport);
+  std::uint64_t tokens_total = 0;
+  std::size_t max_decode = 0;
+  for (std::size_t r = 0; r < t.requests(); ++r) max_decode = std::max<std::size_t>(max_decode, t.request(r).length - 4);
+  for (std::size_t s = 0; s < max_decode; ++s) {
+    std::vector<std::size_t> tokens;
+    std::vector<std::uint32_t> src;
+    for (std::size_t r = 0; r < t.requests(); ++r)
+      if (t.request(r).length - 4 > s) {
+        tokens.push_back(t.request(r).first_token + 4 + s);
+        src.push_back(static_cast<std::uint32_t>(r % 4));
+      }
+    tokens_total += tokens.size();
+    for (std::size_t l = 0; l < 2; ++l) counter.count_step(maps[l], t.layer(l), tokens, src, expected[l]);
+  }
+  BOOST_TEST(res.steps == max_decode);
+  BOOST_TEST(res.decode_tokens == tokens_total);
+  BOOST_TEST(res.requests_served == t.requests());
+  for (std::size_t l = 0; l < 2; ++l) {
+    BOOST_TEST(res.layers[l].copies == expected[l].copies);
+    BOOST_TEST(res.layers[l].expert_rows == expected[l].expert_rows);
+  }
+  const double bytes = static_cast<double>((expected[0].copies[2] + expected[1].copies[2]) *
+                                           (cfg.sizes.dispatch_bytes + cfg.sizes.combine_bytes));
+  BOOST_TEST(res.inter_node_bytes_per_token == bytes / static_cast<double>(tokens_total),
+             boost::test_tools::tolerance(1e-12));
+  const auto self = normalize_all2all(res, res);
+  BOOST_TEST(self.median == 1.0);
+  BOOST_TEST(self.p90 == 1.0);
+}
+
+BOOST_AUTO_TEST_CASE(capacity_is_respected_and_nothing_is_lost) {
+  std::mt19937 rng(8);
+  const auto t = random_trace(rng, 40, 8, 2, 1, 2);
+  std::uint64_t decode = 0;
+  for (std::size_t r = 0; r < t.requests(); ++r) decode += t.request(r).length - 2;
+  for (std::size_t batch : {1u, 3u}) {
+    simulation_config cfg;
+    cfg.topology = dynamic_topology(2, 2);
+    cfg.batch_per_rank = batch;
+    cfg.arrival_rate = 0.7;
+    cfg.seed = 11;
+    const auto maps = placement::linear{}.plan({cfg.topology, 8, 2, {std::vector<double>(8, 1)}});
+    grouper::least_loaded g;
+    const auto a = simulate_decode(t, maps, g, cfg);
+    const auto b = simulate_decode(t, maps, g, cfg);
+    BOOST_TEST(a.decode_tokens == decode);
+    BOOST_TEST(a.requests_served == t.requests());
+    for (std::uint64_t s : a.step_tokens) BOOST_TEST(s <= 4 * batch);
+    BOOST_TEST(a.step_inter_node_bytes == b.step_inter_node_bytes); // same seed, same run
+  }
+}
+
+BOOST_AUTO_TEST_CASE(groupers_choose_as_documented) {
+  std::vector<grouper::rank_state> st = {{2, 50}, {1, 10}, {0, 0}, {2, 5}};
+  const grouper::cluster_state c{dynamic_topology(2, 2), st, 2};
+  grouper::least_loaded ll;
+  BOOST_TEST(ll.assign({}, c) == 2u);
+  st[2] = {2, 0};
+  BOOST_TEST(ll.assign({}, c) == 1u); // ranks 0, 2, 3 are full
+  grouper::round_robin rr;
+  BOOST_TEST(rr.assign({}, c) == 1u);
+  st[1] = {2, 0};
+  BOOST_TEST(rr.assign({}, c) == grouper::no_rank);
+  simulation_config cfg;
+  std::mt19937 rng(1);
+  const auto t = random_trace(rng, 2, 8, 2, 1, 1);
+  const auto maps = placement::linear{}.plan({dynamic_topology(1, 2), 8, 4, {std::vector<double>(8, 1)}});
+  BOOST_CHECK_THROW(simulate_decode(t, maps, rr, cfg), config_error); // 2-rank maps, 1-rank topology
+}
