@@ -2,6 +2,7 @@
 // registers itself here. `locus --help` lists them.
 #include "cmd_demo.hpp"
 #include "cmd_map.hpp"
+#include "cmd_plan.hpp"
 
 #include <locus/core/error.hpp>
 
@@ -17,6 +18,12 @@ int main(int argc, char** argv) {
                                         "." + std::to_string(LOCUS_VERSION_PATCH));
   locus_driver::register_demo(app);
   locus_driver::register_map(app);
+  locus_driver::register_plan(app);
+  locus_driver::register_simulate(app);
+  // `locus trace <import|stats|synth|report>`: each trace command file adds its subcommands here.
+  CLI::App* trace_cmd = app.add_subcommand("trace", "Import, inspect, synthesise and report expert-activation traces");
+  trace_cmd->require_subcommand(1);
+  (void)trace_cmd;
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

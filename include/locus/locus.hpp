@@ -3,11 +3,13 @@
 //! The umbrella header: every host-side part of locus that needs no optional dependency.
 //! Component headers (CUDA, MPI, NCCL, JSON I/O) are included on their own.
 
+#include <locus/core/bfloat16.hpp>
 #include <locus/core/config.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/core/extents.hpp>
 #include <locus/core/moe_shape.hpp>
+#include <locus/core/parallel_for.hpp>
 #include <locus/core/policy.hpp>
 #include <locus/core/routing.hpp>
 #include <locus/core/topology.hpp>

@@ -5,6 +5,7 @@
 
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -204,6 +205,51 @@ BOOST_AUTO_TEST_CASE(policies_in_any_order_with_defaults) {
   static_assert(std::is_same_v<b::get<transport_tag, void>, my_transport>);
   static_assert(std::is_same_v<b::get<backend_tag, default_backend>, default_backend>);
   BOOST_TEST(true);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_AUTO_TEST_SUITE(host_utilities)
+
+BOOST_AUTO_TEST_CASE(parallel_for_covers_every_index_once_for_any_thread_count) {
+  for (unsigned threads : {1u, 2u, 3u, 7u}) {
+    for (std::size_t n : {std::size_t{0}, std::size_t{1}, std::size_t{5}, std::size_t{1000}}) {
+      std::vector<int> hits(n, 0);
+      parallel_for(n, 3, threads, [&](std::size_t b, std::size_t e, unsigned) {
+        for (std::size_t i = b; i < e; ++i) ++hits[i];
+      });
+      for (std::size_t i = 0; i < n; ++i) BOOST_TEST(hits[i] == 1);
+    }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(parallel_for_rethrows_a_worker_exception) {
+  BOOST_CHECK_THROW(parallel_for(100, 1, 4u,
+                                 [](std::size_t b, std::size_t, unsigned) {
+                                   if (b > 0) throw config_error("chunk failed");
+                                 }),
+                    config_error);
+}
+
+BOOST_AUTO_TEST_CASE(bfloat16_rounds_to_nearest_even_and_keeps_specials) {
+  // Reference: round the float's bit pattern by hand in 64-bit arithmetic.
+  auto reference = [](float f) {
+    std::uint32_t u;
+    std::memcpy(&u, &f, 4);
+    const std::uint64_t low = u & 0xffffu, high = u >> 16;
+    std::uint64_t r = high;
+    if (low > 0x8000u || (low == 0x8000u && (high & 1u))) ++r;
+    return static_cast<std::uint16_t>(r);
+  };
+  for (float f : {0.0f, -0.0f, 1.0f, 1.00390625f, 1.001953125f, 1.005859375f, 3.14159f, -2.5e-3f, 65504.0f, 1e30f,
+                  std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                  std::numeric_limits<float>::denorm_min()}) {
+    BOOST_TEST(bfloat16(f).bits == reference(f), "value " << f);
+    const float back = static_cast<float>(bfloat16(f));
+    BOOST_TEST(bfloat16(back).bits == bfloat16(f).bits); // round trip is exact
+  }
+  BOOST_TEST(std::isnan(static_cast<float>(bfloat16(std::numeric_limits<float>::quiet_NaN()))));
+  BOOST_TEST(static_cast<float>(bfloat16(1.0f)) == 1.0f);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

@@ -1,0 +1,132 @@
+#pragma once
+// `locus plan` (fit an expert map on a trace's training split) and `locus simulate` (run the decode
+// simulator on its test split).
+#include "trace_input.hpp"
+
+#include <locus/core/expert_map_json.hpp>
+#include <locus/cost/simulation_json.hpp>
+#include <locus/grouper/by_name.hpp>
+#include <locus/placement/by_name.hpp>
+#include <locus/placement/trace_load.hpp>
+
+#include <CLI/CLI.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <string>
+
+namespace locus_driver {
+
+//! Options shared by plan and simulate: where the trace comes from and how it is split.
+struct split_options {
+  std::string trace_path;
+  std::size_t nodes = 4, gpus_per_node = 2;
+  std::uint64_t split_seed = 1;
+  double test_fraction = 0.5;
+  std::size_t prefill_tokens = 32;
+
+  void add_to(CLI::App* cmd) {
+    cmd->add_option("--trace", trace_path, "Trace: locus binary file or ESFT folder")->required();
+    cmd->add_option("--nodes", nodes, "Nodes")->check(CLI::PositiveNumber);
+    cmd->add_option("--gpus-per-node", gpus_per_node, "GPUs (ranks) per node")->check(CLI::PositiveNumber);
+    cmd->add_option("--split-seed", split_seed, "Seed of the train/test split by request");
+    cmd->add_option("--test-fraction", test_fraction, "Fraction of requests in the test split")
+        ->check(CLI::Range(0.0, 1.0));
+    cmd->add_option("--prefill-tokens", prefill_tokens, "Tokens at the start of each request that are prefill");
+  }
+
+  //! (train, test), prefill marked.
+  std::pair<locus::trace::trace, locus::trace::trace> load() const {
+    const auto t = load_trace(trace_path).with_prefill_tokens(prefill_tokens);
+    return locus::trace::split_by_request(t, test_fraction, split_seed);
+  }
+  locus::dynamic_topology topology() const { return {nodes, gpus_per_node}; }
+};
+
+struct plan_options {
+  std::string placement = "linear";
+  std::size_t redundant_slots = 0;
+  std::size_t eplb_groups = 1;
+
+  void add_to(CLI::App* cmd) {
+    cmd->add_option("--placement", placement, "Planner: linear, round_robin, eplb");
+    cmd->add_option("--redundant-slots", redundant_slots, "Replica slots per GPU");
+    cmd->add_option("--eplb-groups", eplb_groups, "Expert groups for eplb")->check(CLI::PositiveNumber);
+  }
+  std::vector<locus::expert_map> plan(const locus::trace::trace& train, const locus::dynamic_topology& topo) const {
+    return locus::placement::plan_by_name(placement,
+                                          locus::placement::plan_input_from_trace(train, topo, redundant_slots),
+                                          {eplb_groups});
+  }
+};
+
+inline void register_plan(CLI::App& app) {
+  auto split = std::make_shared<split_options>();
+  auto plan = std::make_shared<plan_options>();
+  auto out = std::make_shared<std::string>("map.json");
+  auto* cmd = app.add_subcommand("plan", "Fit an expert map on a trace's training split and save it as JSON");
+  split->add_to(cmd);
+  plan->add_to(cmd);
+  cmd->add_option("--out", *out, "Output expert map JSON");
+  cmd->callback([split, plan, out] {
+    const auto [train, test] = split->load();
+    const auto maps = plan->plan(train, split->topology());
+    locus::save_expert_maps(*out, maps);
+    std::printf("%s: %s placement, %zu layers, %zu experts on %zu x %zu ranks, %zu slots per rank (fitted on %zu "
+                "requests)\n",
+                out->c_str(), plan->placement.c_str(), maps.size(), maps.front().experts(), split->nodes,
+                split->gpus_per_node, maps.front().slots_per_rank(), train.requests());
+  });
+}
+
+inline void register_simulate(CLI::App& app) {
+  struct options {
+    std::string map_path, grouper = "round_robin", transport = "flat";
+    std::size_t batch_per_rank = 32, hidden = 2048;
+    double arrival_rate = 0;
+    bool json = false;
+  };
+  auto split = std::make_shared<split_options>();
+  auto plan = std::make_shared<plan_options>();
+  auto opt = std::make_shared<options>();
+  auto* cmd = app.add_subcommand("simulate", "Simulate decode on a trace's test split and report traffic");
+  split->add_to(cmd);
+  plan->add_to(cmd);
+  cmd->add_option("--map", opt->map_path, "Expert map JSON (instead of --placement)");
+  cmd->add_option("--grouper", opt->grouper, "Grouper: round_robin, least_loaded");
+  cmd->add_option("--transport", opt->transport, "flat or hierarchical");
+  cmd->add_option("--batch-per-rank", opt->batch_per_rank, "Running requests per rank")->check(CLI::PositiveNumber);
+  cmd->add_option("--hidden", opt->hidden, "Hidden size (message sizes: FP8 dispatch, BF16 combine)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--arrival-rate", opt->arrival_rate, "Poisson arrivals per step (0: all at once)");
+  cmd->add_flag("--json", opt->json, "Print the summary as JSON");
+  cmd->callback([split, plan, opt] {
+    const auto start = std::chrono::steady_clock::now();
+    const auto [train, test] = split->load();
+    const auto topo = split->topology();
+    const auto maps = opt->map_path.empty() ? plan->plan(train, topo) : locus::load_expert_maps(opt->map_path);
+    locus::cost::simulation_config cfg;
+    cfg.topology = topo;
+    cfg.transport = locus::cost::parse_transport_kind(opt->transport);
+    cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(opt->hidden);
+    cfg.batch_per_rank = opt->batch_per_rank;
+    cfg.arrival_rate = opt->arrival_rate;
+    cfg.seed = split->split_seed;
+    auto grouper = locus::grouper::grouper_by_name(opt->grouper);
+    const auto result = locus::cost::simulate_decode(test, maps, grouper, cfg);
+    auto doc = locus::cost::simulation_summary_json(result);
+    doc["placement"] = opt->map_path.empty() ? plan->placement : opt->map_path;
+    doc["grouper"] = opt->grouper;
+    doc["transport"] = opt->transport;
+    doc["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (opt->json) {
+      std::cout << doc.dump(2) << '\n';
+      return;
+    }
+    for (const auto& [key, value] : doc.items()) std::cout << key << ": " << value << '\n';
+  });
+}
+
+} // namespace locus_driver

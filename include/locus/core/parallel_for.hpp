@@ -1,0 +1,70 @@
+#pragma once
+//! @file
+//! A small fork-join loop for the host paths: splits [0, n) into contiguous chunks, one per
+//! worker thread, and runs the body on each. Chunks are contiguous so that each worker
+//! writes a disjoint range (no false sharing between neighbours' outputs) and so that the
+//! result never depends on the thread count.
+
+#include <locus/core/config.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <exception>
+#include <thread>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE {
+
+//! Worker threads the host paths use by default: the hardware concurrency, at least 1.
+inline unsigned default_host_threads() noexcept {
+  const unsigned hc = std::thread::hardware_concurrency();
+  return hc == 0 ? 1u : hc;
+}
+
+//! Calls `body(begin, end, worker)` on contiguous chunks covering [0, n).
+//! @param n       number of items
+//! @param grain   minimum items per chunk; below 2 * grain everything runs on the caller
+//! @param threads upper bound on workers (0 = default_host_threads())
+//! @param body    callable (std::size_t begin, std::size_t end, unsigned worker)
+//! The first exception thrown by any chunk is rethrown on the caller after all workers join.
+template <class Body>
+void parallel_for(std::size_t n, std::size_t grain, unsigned threads, Body&& body) {
+  if (n == 0) return;
+  if (threads == 0) threads = default_host_threads();
+  grain = std::max<std::size_t>(grain, 1);
+  const std::size_t max_chunks = std::max<std::size_t>(n / grain, 1);
+  const auto workers = static_cast<unsigned>(std::min<std::size_t>(threads, max_chunks));
+  if (workers <= 1) {
+    body(std::size_t{0}, n, 0u);
+    return;
+  }
+  std::vector<std::exception_ptr> errors(workers);
+  std::vector<std::thread> pool;
+  pool.reserve(workers - 1);
+  const auto chunk_begin = [&](unsigned w) { return n * w / workers; };
+  for (unsigned w = 1; w < workers; ++w) {
+    pool.emplace_back([&, w] {
+      try {
+        body(chunk_begin(w), chunk_begin(w + 1), w);
+      } catch (...) {
+        errors[w] = std::current_exception();
+      }
+    });
+  }
+  try {
+    body(chunk_begin(0), chunk_begin(1), 0u);
+  } catch (...) {
+    errors[0] = std::current_exception();
+  }
+  for (auto& t : pool) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+//! parallel_for with the default thread count.
+template <class Body>
+void parallel_for(std::size_t n, std::size_t grain, Body&& body) {
+  parallel_for(n, grain, 0u, static_cast<Body&&>(body));
+}
+
+} // namespace locus::LOCUS_ABI_NAMESPACE

@@ -1,0 +1,29 @@
+#pragma once
+// locus-requires: json
+//! @file
+//! The decode simulator's summary as JSON (the `locus simulate --json` document).
+
+#include <locus/cost/decode_simulator.hpp>
+
+#include <nlohmann/json.hpp>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::cost {
+
+//! Summary metrics of `r`; with a baseline, the normalised all-to-all data against it (otherwise
+//! 1, the run being its own baseline).
+inline nlohmann::json simulation_summary_json(const simulation_result& r, const simulation_result* baseline = nullptr) {
+  const normalized_all2all n = baseline ? normalize_all2all(r, *baseline) : normalized_all2all{};
+  return {{"steps", r.steps},
+          {"decode_tokens", r.decode_tokens},
+          {"requests", r.requests_served},
+          {"layers", r.layers.size()},
+          {"inter_node_bytes_per_token", r.inter_node_bytes_per_token},
+          {"inter_node_copies_per_token", r.inter_node_copies_per_token},
+          {"normalized_all2all_median", n.median},
+          {"normalized_all2all_p90", n.p90},
+          {"gpu_imbalance_step_mean", r.gpu_imbalance_step_mean},
+          {"gpu_imbalance_aggregate", r.gpu_imbalance_aggregate},
+          {"layer_time_estimate_us", r.layer_time_estimate_us}};
+}
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::cost

@@ -1,0 +1,42 @@
+#pragma once
+//! @file
+//! Groupers chosen by name at run time: `any_grouper` holds one of the library's groupers and is
+//! itself a grouper, so the simulator runs it like any other.
+
+#include <locus/grouper/baselines.hpp>
+
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::grouper {
+
+class any_grouper {
+public:
+  using policy_concept = grouper_tag;
+
+  template <grouper_for G>
+  explicit any_grouper(G g) : impl_(std::move(g)) {}
+
+  std::size_t assign(const arrival& a, const cluster_state& c) {
+    return std::visit([&](auto& g) -> std::size_t { return g.assign(a, c); }, impl_);
+  }
+
+private:
+  std::variant<round_robin, least_loaded> impl_;
+};
+
+//! Names accepted by grouper_by_name.
+inline std::vector<std::string> grouper_names() { return {"round_robin", "least_loaded"}; }
+
+//! A fresh grouper called `name`. @throws locus::config_error for an unknown name
+inline any_grouper grouper_by_name(std::string_view name) {
+  if (name == "round_robin") return any_grouper(round_robin{});
+  if (name == "least_loaded") return any_grouper(least_loaded{});
+  std::string known;
+  for (const auto& n : grouper_names()) known += (known.empty() ? "" : ", ") + n;
+  LOCUS_THROW(config_error, "unknown grouper \"", name, "\" (known: ", known, ")");
+}
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::grouper

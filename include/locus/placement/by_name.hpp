@@ -1,0 +1,33 @@
+#pragma once
+//! @file
+//! Planners chosen by name at run time, for offline tools (`locus plan`, benchmarks).
+
+#include <locus/placement/eplb.hpp>
+#include <locus/placement/linear.hpp>
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
+
+//! Options of the named planners that take any.
+struct named_plan_options {
+  std::size_t eplb_groups = 1; //!< expert groups for eplb
+};
+
+//! Names accepted by plan_by_name.
+inline std::vector<std::string> planner_names() { return {"linear", "round_robin", "eplb"}; }
+
+//! Runs the planner called `name`. @throws locus::config_error for an unknown name
+inline std::vector<expert_map> plan_by_name(std::string_view name, const plan_input& in,
+                                            const named_plan_options& opt = {}) {
+  if (name == "linear") return linear{}.plan(in);
+  if (name == "round_robin") return round_robin{}.plan(in);
+  if (name == "eplb") return eplb{opt.eplb_groups}.plan(in);
+  std::string known;
+  for (const auto& n : planner_names()) known += (known.empty() ? "" : ", ") + n;
+  LOCUS_THROW(config_error, "unknown placement \"", name, "\" (known: ", known, ")");
+}
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::placement
