@@ -13,6 +13,7 @@
 #include <numeric>
 #include <random>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 namespace locus_test {
@@ -89,7 +90,8 @@ void reference_ffn(const locus::layer::expert_weights<W>& weights, locus::expert
 // `shared` may be empty (no shared experts). Returns y and, in `scale`, the error scale of each value.
 template <class W, class X, class Routing>
 std::vector<double> dense_moe(const std::vector<X>& x, const Routing& r, const locus::layer::expert_weights<W>& routed,
-                              const locus::layer::expert_weights<W>* shared, std::vector<double>* scale = nullptr) {
+                              const std::type_identity_t<locus::layer::expert_weights<W>>* shared,
+                              std::vector<double>* scale = nullptr) {
   const std::size_t H = routed.hidden(), T = r.tokens(), K = r.top_k();
   std::vector<double> y(T * H, 0.0), s(T * H, 0.0), o(H), os(H);
   for (std::size_t t = 0; t < T; ++t) {

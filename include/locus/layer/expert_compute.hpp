@@ -13,6 +13,7 @@
 //! `expert_weights<W>` stores the SwiGLU weights of the experts one rank hosts under an
 //! expert_map (each hosted expert once, however many of the rank's slots hold it).
 
+#include <locus/backend/host.hpp>
 #include <locus/core/bfloat16.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
@@ -231,11 +232,13 @@ namespace locus::inline LOCUS_ABI_NAMESPACE::layer {
 //! is split into (rows × columns) tiles over all blocks, so a decode step with few rows per expert
 //! still uses every worker.
 //! @tparam W weight storage, float or locus::bfloat16
-template <expert_element W = float>
+//! @tparam A the activation type a layer built on this policy uses (either type is accepted here)
+template <expert_element W = float, expert_element A = float>
 class swiglu_host {
 public:
   using policy_concept = expert_compute_tag;
   using weight_type = W;
+  using activation_type = A;
   static constexpr memory_space space = memory_space::host;
 
   //! @param weights the experts this rank computes
@@ -250,8 +253,8 @@ public:
   //! Computes every block.
   //! @throws locus::invalid_input_error on a block of an expert not held here, a hidden-size
   //!         mismatch or malformed offsets
-  template <expert_element A>
-  void operator()(const expert_blocks<A, memory_space::host>& b) {
+  template <expert_element X>
+  void operator()(const expert_blocks<X, memory_space::host>& b) {
     detail::layer::check_blocks("swiglu_host", b, weights_.hidden());
     views_.resize(b.count);
     for (std::size_t i = 0; i < b.count; ++i) views_[i] = weights_.view(b.experts[i]);
@@ -309,8 +312,8 @@ public:
           }
         }
         for (std::size_t r = 0; r < t.rows; ++r) {
-          A* out = b.output + (t.row0 + r) * hidden + t.col0;
-          for (std::size_t j = 0; j < t.cols; ++j) out[j] = static_cast<A>(o[r][j]);
+          X* out = b.output + (t.row0 + r) * hidden + t.col0;
+          for (std::size_t j = 0; j < t.cols; ++j) out[j] = static_cast<X>(o[r][j]);
         }
       }
     });
@@ -353,3 +356,19 @@ private:
 };
 
 } // namespace locus::LOCUS_ABI_NAMESPACE::layer
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
+
+//! The expert compute a backend uses when none is given; backends other than host specialise it
+//! (layer/expert_compute_cuda.hpp does for backend::cuda).
+template <class Backend>
+struct default_expert_compute {
+  static_assert(sizeof(Backend) == 0, "locus::moe_layer: this backend has no default expert compute; give one "
+                                      "(for backend::cuda, include <locus/layer/expert_compute_cuda.hpp>)");
+};
+template <>
+struct default_expert_compute<backend::host> {
+  using type = locus::layer::swiglu_host<float>;
+};
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::detail::layer

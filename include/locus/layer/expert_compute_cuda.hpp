@@ -32,6 +32,7 @@ class swiglu_cuda {
 public:
   using policy_concept = expert_compute_tag;
   using weight_type = W;
+  using activation_type = W;
   static constexpr memory_space space = memory_space::device;
 
   //! Uploads `weights` to the current device.
@@ -126,3 +127,10 @@ private:
 };
 
 } // namespace locus::LOCUS_ABI_NAMESPACE::layer
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
+template <>
+struct default_expert_compute<backend::cuda> {
+  using type = locus::layer::swiglu_cuda<float>;
+};
+} // namespace locus::LOCUS_ABI_NAMESPACE::detail::layer
