@@ -37,6 +37,7 @@
 #include <locus/core/parallel_for.hpp>
 #include <locus/core/routing.hpp>
 #include <locus/core/topology.hpp>
+#include <locus/transport/detail/layout_token.hpp>
 
 #include <algorithm>
 #include <array>
@@ -354,11 +355,9 @@ void layout<TopK>::select_replicas(const expert_map& map, const Topology& topo, 
         for (std::size_t j = 0; j < kext.value(); ++j) {
           const std::size_t c = t * kext.value() + j;
           const auto e = static_cast<std::size_t>(ids[c]);
-          std::int32_t rep = fixed_[e];
-          if (rep < 0) {
-            const std::int32_t m = cand_offsets_[e + 1] - cand_offsets_[e];
-            rep = cands_[static_cast<std::size_t>(cand_offsets_[e] + seen[e]++ % m)];
-          }
+          const std::int32_t rep = detail::layout::choose_replica(fixed_.data(), cand_offsets_.data(), cands_.data(),
+                                                                  static_cast<std::int32_t>(e), seen[e]);
+          if (fixed_[e] < 0) ++seen[e];
           copy_replica_[c] = rep;
           copy_rank_[c] = v.replicas[rep].rank;
           copy_slot_[c] = v.replicas[rep].slot;
@@ -373,7 +372,6 @@ void layout<TopK>::place_rows(std::size_t chunks, const float* weights) {
   const std::size_t n = copies();
   const std::size_t buckets = ranks_ * bucket_width_;
   const std::size_t G = gpus_, S = slots_;
-  const auto src_node = static_cast<std::int32_t>(source_ / G);
   const bool node = kind_ == layout_kind::node;
   const TopK kext = TopK(k_);
   constexpr std::size_t kmax = detail::layout::scratch_k<TopK>();
@@ -387,13 +385,8 @@ void layout<TopK>::place_rows(std::size_t chunks, const float* weights) {
   chunk_links_.assign(chunks, {});
   row_forwards_.clear();
 
-  // The rank a copy's row is sent to: its destination, or for a node layout and a remote node the
-  // rail peer of that node.
-  const auto send_rank = [&](std::int32_t dst) -> std::int32_t {
-    if (!node || dst / static_cast<std::int32_t>(G) == src_node) return dst;
-    return dst / static_cast<std::int32_t>(G) * static_cast<std::int32_t>(G) +
-           static_cast<std::int32_t>(source_ % G);
-  };
+  const detail::layout::token_params params{static_cast<std::int32_t>(source_), static_cast<std::int32_t>(G),
+                                            static_cast<std::int32_t>(S), static_cast<std::int32_t>(bucket_width_), node};
 
   // Pass 1: group each token's copies into rows, key each row by (send rank, lead entry), count.
   parallel_for(chunks, 1, threads_, [&](std::size_t w0, std::size_t w1, unsigned) {
@@ -404,48 +397,21 @@ void layout<TopK>::place_rows(std::size_t chunks, const float* weights) {
       auto& links = chunk_links_[w];
       const std::size_t t1 = detail::layout::chunk_begin(tokens_, chunks, w + 1);
       for (std::size_t t = detail::layout::chunk_begin(tokens_, chunks, w); t < t1; ++t) {
-        std::array<std::int32_t, kmax> row_send{}, row_key{}, row_size{}, row_targets{};
-        std::int32_t rows = 0;
+        std::array<std::int32_t, kmax> row_key{}, row_size{}, row_forwards{};
         const std::size_t c0 = t * kext.value();
-        for (std::size_t j = 0; j < kext.value(); ++j) {
-          const std::int32_t dst = copy_rank_[c0 + j];
-          ++sc[static_cast<std::size_t>(dst) * S + static_cast<std::size_t>(copy_slot_[c0 + j])];
-          const std::int32_t to = send_rank(dst);
-          const std::int32_t sub = node ? (dst % static_cast<std::int32_t>(G)) * static_cast<std::int32_t>(S) + copy_slot_[c0 + j]
-                                        : copy_slot_[c0 + j];
-          std::int32_t i = 0;
-          while (i < rows && row_send[static_cast<std::size_t>(i)] != to) ++i;
-          if (i == rows) {
-            row_send[static_cast<std::size_t>(i)] = to;
-            row_key[static_cast<std::size_t>(i)] = sub;
-            row_size[static_cast<std::size_t>(i)] = 0;
-            row_targets[static_cast<std::size_t>(i)] = 0;
-            ++rows;
-          }
-          const auto ui = static_cast<std::size_t>(i);
-          row_key[ui] = std::min(row_key[ui], sub);
-          ++row_size[ui];
-          // Distinct forwarding targets other than the receiving peer itself (node rows only); an
-          // equal destination implies the same row.
-          if (node && dst != to) {
-            bool fresh = true;
-            for (std::size_t p = 0; p < j; ++p) fresh &= copy_rank_[c0 + p] != dst;
-            if (fresh) ++row_targets[ui];
-          }
-          copy_local_row_[c0 + j] = i;
-        }
+        for (std::size_t j = 0; j < kext.value(); ++j)
+          ++sc[static_cast<std::size_t>(copy_rank_[c0 + j]) * S + static_cast<std::size_t>(copy_slot_[c0 + j])];
+        const std::int32_t rows = detail::layout::group_rows<kmax>(
+            params, copy_rank_.data() + c0, copy_slot_.data() + c0, kext.value(), copy_local_row_.data() + c0,
+            row_key.data(), row_size.data(), row_forwards.data());
         token_rows_[t] = rows;
         for (std::int32_t i = 0; i < rows; ++i) {
           const auto ui = static_cast<std::size_t>(i);
-          const std::int32_t key = row_send[ui] * static_cast<std::int32_t>(bucket_width_) + row_key[ui];
-          token_row_key_[c0 + ui] = key;
-          ++rh[static_cast<std::size_t>(key)];
-          eh[static_cast<std::size_t>(key)] += row_size[ui];
-          ++links[static_cast<std::size_t>(row_send[ui] == static_cast<std::int32_t>(source_) ? link_class::same_gpu
-                                           : row_send[ui] / static_cast<std::int32_t>(G) == src_node
-                                               ? link_class::intra_node
-                                               : link_class::inter_node)];
-          links[static_cast<std::size_t>(link_class::intra_node)] += static_cast<std::uint64_t>(row_targets[ui]);
+          token_row_key_[c0 + ui] = row_key[ui];
+          ++rh[static_cast<std::size_t>(row_key[ui])];
+          eh[static_cast<std::size_t>(row_key[ui])] += row_size[ui];
+          ++links[static_cast<std::size_t>(detail::layout::row_link(params, row_key[ui] / static_cast<std::int32_t>(bucket_width_)))];
+          links[static_cast<std::size_t>(link_class::intra_node)] += static_cast<std::uint64_t>(row_forwards[ui]);
         }
       }
     }
@@ -496,43 +462,25 @@ void layout<TopK>::place_rows(std::size_t chunks, const float* weights) {
           std::int32_t entry = entry_start_[b * chunks + w];
           row_token_[static_cast<std::size_t>(row)] = static_cast<std::int32_t>(t);
           row_entry_offsets_[static_cast<std::size_t>(row)] = entry;
-          // The row's copies ordered by (target rank, slot): insertion sort over at most k.
           std::array<std::int32_t, kmax> members{};
-          std::size_t m = 0;
-          for (std::size_t j = 0; j < kext.value(); ++j) {
-            if (copy_local_row_[c0 + j] != i) continue;
-            const auto c = static_cast<std::int32_t>(c0 + j);
-            const std::int64_t key = std::int64_t{copy_rank_[c0 + j]} * static_cast<std::int64_t>(S) + copy_slot_[c0 + j];
-            std::size_t p = m++;
-            while (p > 0) {
-              const auto q = static_cast<std::size_t>(members[p - 1]);
-              if (std::int64_t{copy_rank_[q]} * static_cast<std::int64_t>(S) + copy_slot_[q] <= key) break;
-              members[p] = members[p - 1];
-              --p;
-            }
-            members[p] = c;
-          }
-          for (std::size_t p = 0; p < m; ++p, ++entry) {
-            const auto c = static_cast<std::size_t>(members[p]);
+          const std::int32_t m = detail::layout::row_members<kmax>(params, copy_rank_.data() + c0, copy_slot_.data() + c0,
+                                                                   copy_local_row_.data() + c0, kext.value(), i, members.data());
+          std::int32_t forwards = 0;
+          const std::int32_t to = static_cast<std::int32_t>(b / bucket_width_);
+          for (std::int32_t q = 0; q < m; ++q, ++entry) {
+            const std::size_t c = c0 + static_cast<std::size_t>(members[static_cast<std::size_t>(q)]);
             const auto e = static_cast<std::size_t>(entry);
             copy_row_[c] = row;
             copy_entry_[c] = entry;
-            entry_copy_[e] = members[p];
+            entry_copy_[e] = static_cast<std::int32_t>(c);
             entry_target_[e] = copy_rank_[c] % static_cast<std::int32_t>(G);
             entry_slot_[e] = copy_slot_[c];
             if (weights) entry_weight_[e] = weights[c];
+            // Entries are ordered by rank, so a new target shows as a change of rank.
+            if (copy_rank_[c] != to && (q == 0 || copy_rank_[c0 + static_cast<std::size_t>(members[static_cast<std::size_t>(q - 1)])] != copy_rank_[c]))
+              ++forwards;
           }
-          if (node) {
-            // Forwards: distinct targets other than the rank the row is sent to.
-            const std::int32_t to = send_rank(copy_rank_[static_cast<std::size_t>(members[0])]);
-            std::int32_t f = 0, prev = -1;
-            for (std::size_t p = 0; p < m; ++p) {
-              const std::int32_t d = copy_rank_[static_cast<std::size_t>(members[p])];
-              if (d != prev && d != to) ++f;
-              prev = d;
-            }
-            row_forwards_[static_cast<std::size_t>(row)] = f;
-          }
+          if (node) row_forwards_[static_cast<std::size_t>(row)] = forwards;
           entry_start_[b * chunks + w] = entry;
         }
       }
