@@ -305,3 +305,36 @@ BOOST_AUTO_TEST_CASE(router_failure_on_one_rank_raises_there_only) {
     BOOST_FAIL("rank 1 raised the wrong error: " << e.what());
   }
 }
+
+// Wrong input or output sizes on one rank: raised there, after the collective steps.
+BOOST_AUTO_TEST_CASE(wrong_sizes_on_one_rank_raise_there_only) {
+  const auto c = locus_test::make_case(21, 1, 3);
+  const auto all = locus_test::model_weights<float>(4, c.experts, c.hidden, 8);
+  transport::local_fabric f(c.topo, false, transport::exchange_options{std::chrono::milliseconds(5000)});
+  for (int which = 0; which < 2; ++which) {
+    std::vector<std::vector<float>> y(3);
+    const auto errors = on_ranks(f, [&](transport::local_transport& ep) {
+      const std::size_t r = ep.rank();
+      dyn_layer<transport::local_flat> layer(dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
+                                             layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, r, all), 1));
+      auto x = c.inputs(r);
+      y[r].resize(x.size());
+      if (r == 2) (which == 0 ? x : y[r]).push_back(0.0f); // one value too many
+      layer.forward(x, c.routings[r].view(), y[r]);
+    });
+    BOOST_TEST(!errors[0]);
+    BOOST_TEST(!errors[1]);
+    BOOST_REQUIRE(errors[2]);
+    try {
+      std::rethrow_exception(errors[2]);
+    } catch (const invalid_input_error&) {
+    } catch (const std::exception& e) {
+      BOOST_FAIL("rank 2 raised the wrong error: " << e.what());
+    }
+    for (std::size_t r = 0; r < 2; ++r) {
+      std::vector<double> scale;
+      const auto ref = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, nullptr, &scale);
+      BOOST_TEST(worst_ratio(y[r], ref, scale, 0.0, 2e-6) <= 1.0);
+    }
+  }
+}

@@ -11,7 +11,7 @@
 //! 5. shared experts (when the shape has them) run on every rank on its own tokens and are added.
 //!
 //! Policies are given in any order after the shape and the topology, with defaults for those left
-//! out (`policy_set`): router `layer::given_routing`, grouper `grouper::least_loaded`, placement
+//! out (`policy_set`): router `router::softmax_topk<K>` (or `layer::given_routing`), grouper `grouper::least_loaded`, placement
 //! `placement::linear`, transport `transport::local_flat`, backend `backend::host`, expert
 //! compute `layer::swiglu_host<float>` on the host backend (`swiglu_cuda<float>` on CUDA). The
 //! grouper and placement act outside the step (which rank serves a request, where experts live);
@@ -194,6 +194,8 @@ public:
     std::exception_ptr local_error;
     try {
       LOCUS_REQUIRE(router_.has_value(), config_error, "moe_layer::forward: no router weights were set (set_router)");
+      LOCUS_REQUIRE(y.size() == x.size(), invalid_input_error, "moe_layer::forward: ", x.size(), " input values but ",
+                    y.size(), " output values");
       route(x);
     } catch (...) {
       local_error = std::current_exception();
@@ -213,6 +215,10 @@ public:
       LOCUS_REQUIRE(r.top_k() == shape_.top_k(), invalid_input_error, "moe_layer::forward: the routing has top_k ",
                     r.top_k(), ", the layer ", shape_.top_k());
       validate_routing(r, shape_.experts());
+      // Sizes are checked here, before any exchange, so that the dispatcher never fails half-way.
+      LOCUS_REQUIRE(x.size() == r.tokens() * shape_.hidden() && y.size() == x.size(), invalid_input_error,
+                    "moe_layer::forward: ", r.tokens(), " tokens of hidden size ", shape_.hidden(), " need ",
+                    r.tokens() * shape_.hidden(), " input and output values, got ", x.size(), " and ", y.size());
       LOCUS_REQUIRE(r.tokens() == 0 || r.has_weights(), invalid_input_error,
                     "moe_layer::forward: the routing carries no weights");
     } catch (...) {
