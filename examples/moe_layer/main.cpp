@@ -132,13 +132,15 @@ result run(const options& o) {
 
 int main(int argc, char** argv) try {
   const options o = parse(argc, argv);
-  std::printf("moe_layer: %zu nodes x %zu GPUs, %zu experts, top-%zu, hidden %zu, ffn %zu, %zu tokens/rank, %zu steps\n",
+  std::printf("moe_layer: %zu nodes x %zu GPUs, %zu experts, top-%zu, hidden %zu, ffn %zu, %zu tokens/rank, "
+              "%zu steps\n",
               o.nodes, o.gpus, o.experts, o.k, o.hidden, o.ffn, o.tokens, o.steps);
   const result flat = run<transport::local_flat>(o);
   const result hier = run<transport::local_hierarchical>(o);
   double diff = 0;
   for (std::size_t r = 0; r < flat.y.size(); ++r)
-    for (std::size_t i = 0; i < flat.y[r].size(); ++i) diff = std::max(diff, double(std::abs(flat.y[r][i] - hier.y[r][i])));
+    for (std::size_t i = 0; i < flat.y[r].size(); ++i)
+      diff = std::max(diff, static_cast<double>(std::abs(flat.y[r][i] - hier.y[r][i])));
   std::printf("\n%-14s %14s %14s %14s %12s\n", "transport", "same_gpu B", "intra_node B", "inter_node B", "ms/step");
   for (const auto& [name, res] : {std::pair{"flat", &flat}, std::pair{"hierarchical", &hier}})
     std::printf("%-14s %14llu %14llu %14llu %12.3f\n", name,

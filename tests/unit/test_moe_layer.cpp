@@ -315,8 +315,8 @@ BOOST_AUTO_TEST_CASE(wrong_sizes_on_one_rank_raise_there_only) {
     std::vector<std::vector<float>> y(3);
     const auto errors = on_ranks(f, [&](transport::local_transport& ep) {
       const std::size_t r = ep.rank();
-      dyn_layer<transport::local_flat> layer(dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
-                                             layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, r, all), 1));
+      layer::swiglu_host<float> compute(expert_weights<float>::for_rank(c.map, r, all), 1);
+      dyn_layer<transport::local_flat> layer(dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map, compute);
       auto x = c.inputs(r);
       y[r].resize(x.size());
       if (r == 2) (which == 0 ? x : y[r]).push_back(0.0f); // one value too many

@@ -136,12 +136,13 @@ public:
   //! The subset of `all` that `rank` hosts under `map` (copied).
   //! @throws locus::invalid_input_error when `all` lacks an expert the rank hosts
   static expert_weights for_rank(const expert_map& map, std::size_t rank, const expert_weights& all) {
-    return for_rank(map, rank, all.hidden(), all.ffn(), [&](expert_id e, std::span<W> g, std::span<W> u, std::span<W> d) {
+    const auto copy = [&](expert_id e, std::span<W> g, std::span<W> u, std::span<W> d) {
       const swiglu_expert_view<W> v = all.view(e);
       std::copy(v.gate, v.gate + g.size(), g.begin());
       std::copy(v.up, v.up + u.size(), u.begin());
       std::copy(v.down, v.down + d.size(), d.begin());
-    });
+    };
+    return for_rank(map, rank, all.hidden(), all.ffn(), copy);
   }
 
   std::size_t hidden() const noexcept { return hidden_; }

@@ -85,7 +85,8 @@ public:
                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     }
     const std::size_t n = rows * F;
-    const unsigned threads = 256, blocks = static_cast<unsigned>(std::min<std::size_t>((n + threads - 1) / threads, 65535));
+    const unsigned threads = 256;
+    const auto blocks = static_cast<unsigned>(std::min<std::size_t>((n + threads - 1) / threads, 65535));
     detail::layer::kernels::silu_mul<W><<<blocks, threads, 0, stream_>>>(gu_.data(), act_.data(), rows, F);
     LOCUS_CUDA_CHECK(cudaGetLastError());
     for (std::size_t i = 0; i < b.count; ++i) {

@@ -11,9 +11,10 @@
 //! 5. shared experts (when the shape has them) run on every rank on its own tokens and are added.
 //!
 //! Policies are given in any order after the shape and the topology, with defaults for those left
-//! out (`policy_set`): router `router::softmax_topk<K>` (or `layer::given_routing`), grouper `grouper::least_loaded`, placement
-//! `placement::linear`, transport `transport::local_flat`, backend `backend::host`, expert
-//! compute `layer::swiglu_host<float>` on the host backend (`swiglu_cuda<float>` on CUDA). The
+//! out (`policy_set`): router `router::softmax_topk<K>` (or `layer::given_routing`), grouper
+//! `grouper::least_loaded`, placement `placement::linear`, transport `transport::local_flat`,
+//! backend `backend::host`, expert compute `layer::swiglu_host<float>` on the host backend
+//! (`swiglu_cuda<float>` on CUDA). The
 //! grouper and placement act outside the step (which rank serves a request, where experts live);
 //! the layer names them so one type describes the whole deployment, and `plan` runs the placement.
 //!
@@ -156,7 +157,8 @@ public:
     LOCUS_REQUIRE(router.top_k() == shape_.top_k(), config_error, "moe_layer::set_router: the router picks ",
                   router.top_k(), " experts per token, the shape ", shape_.top_k());
     LOCUS_REQUIRE(gate.size() == shape_.hidden() * shape_.experts(), config_error,
-                  "moe_layer::set_router: the router weights have ", gate.size(), " values, expected hidden × experts = ",
+                  "moe_layer::set_router: the router weights have ", gate.size(),
+                  " values, expected hidden × experts = ",
                   shape_.hidden(), " × ", shape_.experts());
     router_.emplace(std::move(router));
     gate_ = std::move(gate);
