@@ -10,8 +10,10 @@
 //!
 //! Each exchange is: a header round of point-to-point messages (row width, sequence number, row
 //! count, validity; see exchange.hpp), an optional second round for receiver expectations, then
-//! `MPI_Ialltoallv` of the rows as a contiguous datatype of the row width. Every wait polls with a
-//! deadline, so a peer that never arrives ends in locus::timeout_error instead of a hang.
+//! `MPI_Alltoallv` of the rows as a contiguous datatype of the row width. The header round polls
+//! with a deadline, so a peer that never arrives ends in locus::timeout_error instead of a hang;
+//! with `exchange_options::deadline_on_rows` the rows move by `MPI_Ialltoallv` under the same
+//! deadline.
 
 #include <locus/core/mpi_error.hpp>
 #include <locus/transport/exchange.hpp>
@@ -151,10 +153,15 @@ public:
       recv_displs_[m] = static_cast<int>(out.offsets[m]);
     }
     const MPI_Datatype row = row_type(req.row_bytes);
-    requests_.assign(1, MPI_REQUEST_NULL);
-    LOCUS_MPI_CHECK(MPI_Ialltoallv(req.rows.data(), send_counts_.data(), send_displs_.data(), row, out.rows.data(),
-                                   recv_counts_.data(), recv_displs_.data(), row, comm, &requests_[0]));
-    wait(req.group, deadline, 0, "the row exchange");
+    if (options_.deadline_on_rows) {
+      requests_.assign(1, MPI_REQUEST_NULL);
+      LOCUS_MPI_CHECK(MPI_Ialltoallv(req.rows.data(), send_counts_.data(), send_displs_.data(), row, out.rows.data(),
+                                     recv_counts_.data(), recv_displs_.data(), row, comm, &requests_[0]));
+      wait(req.group, deadline, 0, "the row exchange");
+    } else {
+      LOCUS_MPI_CHECK(MPI_Alltoallv(req.rows.data(), send_counts_.data(), send_displs_.data(), row, out.rows.data(),
+                                    recv_counts_.data(), recv_displs_.data(), row, comm));
+    }
     dx::count_bytes(bytes_, topology(), rank(), req, out,
                     [&](std::size_t m) { return groups_.world_rank_of(req.group, m); });
   }
