@@ -81,8 +81,13 @@ LOCUS_HOST_DEVICE int softmax_topk_token(const softmax_topk_params<TopK>& p, Exp
     top.v[j] = exp(fsub(top.v[j], m));
     if (p.renormalize) sum = fadd(sum, top.v[j]);
   }
-  if (!p.renormalize)
-    for (std::size_t e = 0; e < n; ++e) sum = fadd(sum, exp(fsub(load_logit(row + e), m)));
+  if (!p.renormalize) {
+    // The full softmax denominator is accumulated in double: a warp adds in a different order than
+    // this loop, and in double the order no longer shows after rounding to float.
+    double all = 0.0;
+    for (std::size_t e = 0; e < n; ++e) all += static_cast<double>(exp(fsub(load_logit(row + e), m)));
+    sum = static_cast<float>(all);
+  }
   for (std::size_t j = 0; j < top.size(); ++j) {
     ids[j] = top.id[j];
     weights[j] = fdiv(top.v[j], sum);
