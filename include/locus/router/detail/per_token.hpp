@@ -117,10 +117,11 @@ LOCUS_HOST_DEVICE void sigmoid_scores(const T* LOCUS_RESTRICT row, const float* 
   }
 }
 
-//! Sum of the two largest of `x[0..n)`, n >= 2. Branchy on purpose: after the first few elements
-//! the branches are almost never taken, which beats a branch-free min/max chain whose latency
-//! serialises every element. The result is a value, not a choice, so ties do not matter.
-LOCUS_HOST_DEVICE float top2_sum(const float* x, std::size_t n) {
+//! Sum of the two largest of `x[0..n)`, n >= 2; the second largest goes to `second`. Branchy on
+//! purpose: after the first few elements the branches are almost never taken, which beats a
+//! branch-free min/max chain whose latency serialises every element. The result is a value, not a
+//! choice, so ties do not matter.
+LOCUS_HOST_DEVICE float top2_sum(const float* x, std::size_t n, float& second) {
   float m1 = -std::numeric_limits<float>::infinity(), m2 = m1;
   for (std::size_t i = 0; i < n; ++i) {
     const float v = x[i];
@@ -131,12 +132,18 @@ LOCUS_HOST_DEVICE float top2_sum(const float* x, std::size_t n) {
       m2 = v;
     }
   }
+  second = m2;
   return fadd(m1, m2);
+}
+
+LOCUS_HOST_DEVICE float top2_sum(const float* x, std::size_t n) {
+  float unused;
+  return top2_sum(x, n, unused);
 }
 
 //! Floats of scratch sigmoid_grouped_token needs (sigmoid scores, biased scores, group scores).
 LOCUS_HOST_DEVICE std::size_t grouped_scratch_floats(std::size_t experts, std::size_t groups) {
-  return 2 * experts + groups;
+  return 2 * experts + 2 * groups;
 }
 
 //! DeepSeek-V3 gating: s = sigmoid(logit); b = s + bias (selection only); group score = sum of the
@@ -157,13 +164,23 @@ LOCUS_HOST_DEVICE int sigmoid_grouped_token(const sigmoid_grouped_params<Groups,
 
   const std::size_t groups = p.groups();
   const std::size_t size = n / groups;
-  topk_buffer<TopGroups::static_value> kept(p.top_groups(), fscratch + 2 * n, iscratch);
-  for (std::size_t g = 0; g < groups; ++g) kept.push(top2_sum(b + g * size, size), static_cast<int>(g));
+  float* second = fscratch + 2 * n;
+  topk_buffer<TopGroups::static_value> kept(p.top_groups(), fscratch + 2 * n + groups, iscratch);
+  for (std::size_t g = 0; g < groups; ++g) kept.push(top2_sum(b + g * size, size, second[g]), static_cast<int>(g));
 
+  // A bound that skips most candidates without a top-k insertion: the kept groups' two largest
+  // values are 2 * top_groups distinct experts all >= tau, so when that is at least k, anything
+  // strictly below tau is beaten by k others and cannot be chosen.
+  float tau = -std::numeric_limits<float>::infinity();
+  if (2 * kept.size() >= p.k()) {
+    tau = std::numeric_limits<float>::infinity();
+    for (std::size_t j = 0; j < kept.size(); ++j) tau = second[kept.id[j]] < tau ? second[kept.id[j]] : tau;
+  }
   topk_buffer<TopK::static_value> top(p.k(), weights, ids);
   for (std::size_t j = 0; j < kept.size(); ++j) {
     const std::size_t first = static_cast<std::size_t>(kept.id[j]) * size;
-    for (std::size_t e = first; e < first + size; ++e) top.push(b[e], static_cast<int>(e));
+    for (std::size_t e = first; e < first + size; ++e)
+      if (b[e] >= tau) top.push(b[e], static_cast<int>(e));
   }
   float sum = 0.0f;
   for (std::size_t j = 0; j < top.size(); ++j) sum = fadd(sum, s[top.id[j]]);
