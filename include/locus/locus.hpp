@@ -14,3 +14,4 @@
 #include <locus/core/routing.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/core/version.hpp>
+#include <locus/router/router.hpp>
