@@ -7,6 +7,7 @@
 // Writes DIR/comm_volume.json and DIR/comm_volume.md; bench/plot_comm_volume.py draws the PNG.
 #include <locus/cost/simulation_json.hpp>
 #include <locus/grouper/by_name.hpp>
+#include <locus/placement/activation_plan.hpp>
 #include <locus/placement/by_name.hpp>
 #include <locus/placement/trace_load.hpp>
 #include <locus/trace/binary.hpp>
@@ -15,6 +16,9 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <cstdlib>
+#include <map>
+#include <memory>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -34,6 +38,35 @@ struct topology_case {
   std::size_t nodes, gpus;
 };
 
+struct planned {
+  std::vector<locus::expert_map> maps;
+  std::shared_ptr<const locus::grouper::workload_model> model;
+};
+
+// Majority training domain of each cluster, then the share of test requests whose predicted
+// cluster's domain is their own (classified from the first `prefill` tokens).
+double domain_accuracy(const locus::grouper::workload_model& m, const locus::trace::trace& train,
+                       const locus::trace::trace& test, std::size_t prefill) {
+  const std::size_t domains = train.domains().size();
+  std::vector<std::vector<std::size_t>> votes(m.clusters(), std::vector<std::size_t>(domains, 0));
+  for (std::size_t i = 0; i < m.training_requests().size(); ++i)
+    ++votes[m.training_labels()[i]][train.request(m.training_requests()[i]).domain];
+  std::vector<std::uint32_t> cluster_domain(m.clusters());
+  for (std::size_t c = 0; c < m.clusters(); ++c)
+    cluster_domain[c] = static_cast<std::uint32_t>(std::max_element(votes[c].begin(), votes[c].end()) - votes[c].begin());
+  std::vector<std::uint32_t> scratch;
+  std::size_t right = 0, n = 0;
+  for (std::size_t r = 0; r < test.requests(); ++r) {
+    if (test.request(r).length <= prefill) continue;
+    const auto c = m.classify(test, r, prefill, scratch);
+    if (std::getenv("LOCUS_DEBUG"))
+      std::fprintf(stderr, "sim %.3f thr %.3f dom %u\n", c.similarity, m.min_similarity(), test.request(r).domain);
+    right += cluster_domain[c.cluster] == test.request(r).domain;
+    ++n;
+  }
+  return n ? static_cast<double>(right) / static_cast<double>(n) : 0.0;
+}
+
 std::string arg_value(int argc, char** argv, const std::string& name, const std::string& fallback) {
   for (int i = 1; i + 1 < argc; ++i)
     if (argv[i] == name) return argv[i + 1];
@@ -48,6 +81,7 @@ int main(int argc, char** argv) try {
   const auto seed = std::stoull(arg_value(argc, argv, "--split-seed", "1"));
   const auto prefill = std::stoul(arg_value(argc, argv, "--prefill-tokens", "32"));
   const auto hidden = std::stoul(arg_value(argc, argv, "--hidden", "2048"));
+  const auto clusters = std::stoul(arg_value(argc, argv, "--clusters", "8"));
   if (!std::filesystem::exists(trace_path)) {
     std::printf("comm_volume: trace %s not found; skipped\n", trace_path.c_str());
     return 0;
@@ -56,22 +90,41 @@ int main(int argc, char** argv) try {
   const auto full = (std::filesystem::is_directory(trace_path) ? locus::trace::import_esft(trace_path)
                                                                  : locus::trace::read_trace(trace_path))
                         .with_prefill_tokens(prefill);
-  const auto [train, test] = locus::trace::split_by_request(full, 0.5, seed);
+  auto [train, test] = locus::trace::split_by_request(full, 0.5, seed);
+  if (arg_value(argc, argv, "--fit-on-test", "0") == "1") train = test; // upper-bound experiments only
 
-  const std::vector<topology_case> topologies = {{2, 4}, {4, 2}, {4, 4}, {8, 1}};
+  using locus::cost::transport_kind;
+  std::vector<topology_case> topologies = {{2, 4}, {4, 2}, {4, 4}, {8, 1}};
+  if (const std::string only = arg_value(argc, argv, "--only", ""); !only.empty()) // e.g. --only 4x2
+    topologies = {{std::stoul(only.substr(0, only.find('x'))), std::stoul(only.substr(only.find('x') + 1))}};
+  // (placement, redundant slots per GPU): linear and round_robin never use redundant slots.
+  const std::vector<std::pair<std::string, std::size_t>> placements = {
+      {"linear", 0}, {"round_robin", 0}, {"eplb", 0}, {"eplb", 1}, {"activation_usage", 0}, {"activation_usage", 1},
+      {"locality", 0}, {"locality", 1}};
   std::vector<row_config> rows;
-  for (const char* placement : {"linear", "round_robin", "eplb"})
-    for (const char* grouper : {"round_robin", "least_loaded"})
-      for (auto transport : {locus::cost::transport_kind::flat, locus::cost::transport_kind::hierarchical})
-        rows.push_back({placement, std::string(placement) == "eplb" ? 1u : 0u, grouper, transport});
+  for (const auto& [placement, redundant] : placements)
+    for (const char* grouper : {"round_robin", "least_loaded", "workload_aware"})
+      for (auto transport : {transport_kind::flat, transport_kind::hierarchical})
+        rows.push_back({placement, redundant, grouper, transport});
+
+  locus::placement::activation_plan_options popt;
+  popt.grouping.clusters = clusters;
+  popt.grouping.seed = seed;
+  popt.grouping.prefill_tokens = prefill;
+  popt.joint.token_slack = std::stod(arg_value(argc, argv, "--token-slack", "0.10"));
+  popt.named.locality.balance_slack = std::stod(arg_value(argc, argv, "--balance-slack", "0.05"));
+  popt.named.locality.replica_balance_slack = std::stod(arg_value(argc, argv, "--replica-slack", "0.03"));
 
   nlohmann::json doc = {{"trace", trace_path},       {"split_seed", seed},
                         {"prefill_tokens", prefill}, {"hidden", hidden},
+                        {"clusters", clusters},
                         {"train_requests", train.requests()}, {"test_requests", test.requests()},
                         {"rows", nlohmann::json::array()}};
   std::string md = "| topology | placement | redundant/GPU | grouper | transport | inter-node B/token | vs baseline | "
                    "norm. a2a median | p90 | GPU max/mean (step) | (aggregate) | layer time µs (model) |\n"
                    "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  std::map<std::string, nlohmann::json> by_key; // "4x2 locality 1 workload_aware flat" -> row
+  double accuracy = 0;
   for (const auto& tc : topologies) {
     const locus::dynamic_topology topo(tc.nodes, tc.gpus);
     locus::cost::simulation_config cfg;
@@ -79,15 +132,26 @@ int main(int argc, char** argv) try {
     cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(hidden);
     cfg.batch_per_rank = 16;
     cfg.seed = seed;
+    std::map<std::pair<std::string, std::size_t>, planned> plans;
+    for (const auto& [placement, redundant] : placements) {
+      auto p = locus::placement::plan_activation_aware(train, topo, placement, redundant, popt);
+      if (placement == "locality") std::fprintf(stderr, "joint local fraction %s %zu: %.3f\n", placement.c_str(), redundant, p.local_fraction);
+      plans[{placement, redundant}] = {std::move(p.maps), std::move(p.model)};
+    }
+    if (tc.nodes == 4 && tc.gpus == 2)
+      accuracy = domain_accuracy(*plans.at({"activation_usage", 0}).model, train, test, prefill);
     locus::cost::simulation_result baseline;
     for (std::size_t i = 0; i < rows.size(); ++i) {
       const row_config& row = rows[i];
       cfg.transport = row.transport;
-      const auto maps = locus::placement::plan_by_name(
-          row.placement, locus::placement::plan_input_from_trace(train, topo, row.redundant), {1});
-      auto grouper = locus::grouper::grouper_by_name(row.grouper);
-      const auto res = locus::cost::simulate_decode(test, maps, grouper, cfg);
+      const planned& p = plans.at({row.placement, row.redundant});
+      auto grouper = locus::grouper::grouper_by_name(row.grouper, p.model);
+      const auto res = locus::cost::simulate_decode(test, p.maps, grouper, cfg);
       if (i == 0) baseline = res; // linear / round_robin / flat
+      if (const auto* wa = grouper.get_if<locus::grouper::workload_aware>(); wa && std::getenv("LOCUS_DEBUG"))
+        std::fprintf(stderr, "%s %zu: on node %zu, low-conf %zu, full %zu, imbalance %zu\n", row.placement.c_str(),
+                     row.redundant, wa->stats().placed_on_cluster_node, wa->stats().fallback_low_confidence,
+                     wa->stats().fallback_node_full, wa->stats().fallback_imbalance);
       auto j = locus::cost::simulation_summary_json(res, &baseline);
       const double ratio = res.inter_node_bytes_per_token / baseline.inter_node_bytes_per_token;
       j["topology"] = std::to_string(tc.nodes) + "x" + std::to_string(tc.gpus);
@@ -97,6 +161,8 @@ int main(int argc, char** argv) try {
       j["transport"] = locus::cost::to_string(row.transport);
       j["inter_node_bytes_vs_baseline"] = ratio;
       doc["rows"].push_back(j);
+      by_key[j["topology"].get<std::string>() + " " + row.placement + " " + std::to_string(row.redundant) + " " +
+             row.grouper + " " + locus::cost::to_string(row.transport)] = j;
       char line[512];
       std::snprintf(line, sizeof line, "| %s | %s | %zu | %s | %s | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f | %.1f |\n",
                     j["topology"].get<std::string>().c_str(), row.placement.c_str(), row.redundant,
@@ -106,20 +172,67 @@ int main(int argc, char** argv) try {
       md += line;
     }
   }
+
+  // Issue targets at 4x2, relative to linear / round_robin / flat in the same run.
+  struct target {
+    const char* what;
+    std::string key;
+    double max_ratio, max_balance;
+  };
+  const std::vector<target> targets = {
+      {"paper: activation_usage + workload_aware, no replicas, flat", "4x2 activation_usage 0 workload_aware flat", 0, 0},
+      {"locality + workload_aware, no replicas, flat", "4x2 locality 0 workload_aware flat", 0.75, 1.15},
+      {"locality + workload_aware, 1 redundant slot/GPU, flat", "4x2 locality 1 workload_aware flat", 0.65, 1.10},
+      {"locality + workload_aware, 1 redundant slot/GPU, hierarchical", "4x2 locality 1 workload_aware hierarchical",
+       0.45, 1.10},
+      {"eplb, 1 redundant slot/GPU (balance reference)", "4x2 eplb 1 round_robin flat", 0, 0},
+      {"linear (balance reference)", "4x2 linear 0 round_robin flat", 0, 0}};
+  std::string summary = "| case (4x2, ESFT test split) | inter-node bytes vs linear/rr/flat | reduction | GPU max/mean "
+                        "(aggregate) | target |\n|---|---|---|---|---|\n";
+  doc["targets"] = nlohmann::json::array();
+  for (const auto& t : targets) {
+    if (!by_key.count(t.key)) continue;
+    const auto& j = by_key.at(t.key);
+    const double ratio = j["inter_node_bytes_vs_baseline"].get<double>();
+    const double bal = j["gpu_imbalance_aggregate"].get<double>();
+    std::string verdict = "reported";
+    if (t.max_ratio > 0) {
+      char v[128];
+      std::snprintf(v, sizeof v, "≥ %.0f%% lower, ≤ %.2f: %s", 100 * (1 - t.max_ratio), t.max_balance,
+                    ratio <= t.max_ratio && bal <= t.max_balance ? "met" : "MISSED");
+      verdict = v;
+    }
+    char line[512];
+    std::snprintf(line, sizeof line, "| %s | %.3f | %.1f%% | %.3f | %s |\n", t.what, ratio, 100 * (1 - ratio), bal,
+                  verdict.c_str());
+    summary += line;
+    doc["targets"].push_back({{"case", t.what}, {"ratio", ratio}, {"gpu_imbalance_aggregate", bal}, {"verdict", verdict}});
+  }
+  doc["domain_accuracy_4x2"] = accuracy;
+  char acc[256];
+  std::snprintf(acc, sizeof acc,
+                "\nDomain classification from the first %zu prefill tokens (nearest prefill class mean, %zu clusters, "
+                "cluster → majority training domain), ESFT test split: %.1f%%.\n",
+                static_cast<std::size_t>(prefill), static_cast<std::size_t>(clusters), 100 * accuracy);
+  summary += acc;
+
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   doc["seconds"] = seconds;
   std::filesystem::create_directories(out_dir);
   std::ofstream(out_dir + "/comm_volume.json") << doc.dump(1) << '\n';
   std::ofstream(out_dir + "/comm_volume.md")
-      << "# Communication volume on ESFT (test split)\n\nProduced by `build/test/bench/comm_volume --trace "
-         "../shared/traces/esft --out docs/results` in "
+      << "# Communication volume on ESFT (test split)\n\nProduced by `build/dev/bench/comm_volume --out docs/results` "
+         "(trace ../shared/traces/esft) in "
       << static_cast<int>(seconds + 0.5)
       << " s. Fit on a training split of requests (seed " << seed << "), evaluated on the disjoint test split; prefill = "
       << "first " << prefill << " tokens of each request, decode = the rest; FP8 dispatch / BF16 combine of hidden "
       << hidden << "; 16 running requests per GPU. \"vs baseline\" divides by linear / round_robin / flat in the same "
-         "topology, measured in the same run. Time is the alpha-beta model's, not a measurement.\n\n"
-      << md;
+         "topology, measured in the same run. GPU max/mean (aggregate) is per layer over the whole run, averaged over "
+         "layers. Time is the alpha-beta model's, not a measurement. Plot: `/usr/bin/python3 bench/plot_comm_volume.py "
+         "docs/results`.\n\n## Targets (issue 5)\n\n"
+      << summary << "\n## All rows\n\n" << md;
   std::printf("%s", md.c_str());
+  std::printf("\n%s", summary.c_str());
   std::printf("\n%zu rows in %.1f s; wrote %s/comm_volume.{json,md}\n", doc["rows"].size(), seconds, out_dir.c_str());
   return 0;
 } catch (const std::exception& e) {

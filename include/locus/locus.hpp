@@ -15,3 +15,5 @@
 #include <locus/core/topology.hpp>
 #include <locus/core/version.hpp>
 #include <locus/router/router.hpp>
+#include <locus/layer/expert_compute.hpp>
+#include <locus/layer/moe_layer.hpp>

@@ -21,6 +21,9 @@ struct plan_input {
   std::size_t slots_per_rank = 0;
   //! `load[layer][expert]`: expected tokens routed to the expert (any non-negative scale).
   std::vector<std::vector<double>> load;
+  //! Optional `node_load[layer][node][expert]`: expected tokens routed to the expert from requests
+  //! grouped onto each node (activation-aware planners need it; others ignore it).
+  std::vector<std::vector<std::vector<double>>> node_load;
 
   std::size_t layers() const noexcept { return load.size(); }
   std::size_t ranks() const noexcept { return topology.ranks(); }
@@ -40,6 +43,21 @@ struct plan_input {
       for (std::size_t e = 0; e < experts; ++e)
         LOCUS_REQUIRE(std::isfinite(load[l][e]) && load[l][e] >= 0, invalid_input_error, "plan_input: layer ", l,
                       " expert ", e, " has load ", load[l][e], " (must be finite and non-negative)");
+    }
+    if (node_load.empty()) return;
+    LOCUS_REQUIRE(node_load.size() == load.size(), invalid_input_error, "plan_input: node_load has ", node_load.size(),
+                  " layers, load has ", load.size());
+    for (std::size_t l = 0; l < node_load.size(); ++l) {
+      LOCUS_REQUIRE(node_load[l].size() == topology.nodes(), invalid_input_error, "plan_input: node_load layer ", l,
+                    " has ", node_load[l].size(), " nodes, the topology ", topology.nodes());
+      for (std::size_t n = 0; n < node_load[l].size(); ++n) {
+        LOCUS_REQUIRE(node_load[l][n].size() == experts, invalid_input_error, "plan_input: node_load layer ", l,
+                      " node ", n, " has ", node_load[l][n].size(), " values for ", experts, " experts");
+        for (std::size_t e = 0; e < experts; ++e)
+          LOCUS_REQUIRE(std::isfinite(node_load[l][n][e]) && node_load[l][n][e] >= 0, invalid_input_error,
+                        "plan_input: node_load layer ", l, " node ", n, " expert ", e, " is ", node_load[l][n][e],
+                        " (must be finite and non-negative)");
+      }
     }
   }
 };

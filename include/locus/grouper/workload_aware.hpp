@@ -1,0 +1,384 @@
+#pragma once
+//! @file
+//! `workload_aware`: the grouper of the published activation-aware method. Offline, it clusters
+//! historical requests by their decode activation vectors (tokens sent to each expert of each
+//! layer, L2-normalised) with seeded k-means and maps clusters to nodes balancing decode tokens.
+//! Online, it classifies an arriving request from its prefill activations (nearest class mean in
+//! prefill space: the mean of the training members' normalised prefill vectors, which is the
+//! "small trained classifier" the method allows and matches what is observable at arrival) and
+//! places it on the least-loaded rank with room on its cluster's node. A request whose best
+//! similarity falls below what training requests reach (unseen traffic), or whose node is full or
+//! too far above the least-loaded node, goes to the least-loaded rank instead.
+
+#include <locus/core/error.hpp>
+#include <locus/core/topology.hpp>
+#include <locus/grouper/baselines.hpp>
+#include <locus/grouper/grouper.hpp>
+#include <locus/grouper/kmeans.hpp>
+#include <locus/trace/trace.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <numeric>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::grouper {
+
+//! Options of the workload-aware model and grouper.
+struct workload_aware_options {
+  std::size_t clusters = 8;          //!< k of k-means (clamped to the training requests)
+  std::uint64_t seed = 1;            //!< k-means seed
+  std::size_t restarts = 4;          //!< k-means restarts (lowest inertia wins)
+  std::size_t max_iterations = 100;  //!< Lloyd iterations at most
+  std::size_t prefill_tokens = 32;   //!< prefill tokens used to classify, at most
+  //! A request is classified confidently when its cosine similarity to the best class mean is at
+  //! least this; negative: the `confidence_quantile` quantile of the training requests' own
+  //! similarities (so that traffic unlike anything seen falls back).
+  double min_similarity = -1;
+  double confidence_quantile = 0.0;
+  //! Subtracted from the automatic threshold: fresh requests of a known kind score a little below
+  //! the training ones even out of sample (the class means were fitted to the same population).
+  double confidence_margin = 0.05;
+  //! The cluster's node is used while its running requests exceed the least-loaded node's by less
+  //! than this fraction of a node's capacity (requests per rank × GPUs per node); at 1 (default)
+  //! only a full node sends requests elsewhere, so that bursts of one kind of traffic still land
+  //! where their experts are, while per-rank capacity always holds.
+  double balance_slack = 1.0;
+};
+
+//! A request classification: cluster, cosine similarity to its class mean, and whether that
+//! similarity clears the confidence threshold.
+struct classification {
+  std::uint32_t cluster = 0;
+  float similarity = 0;
+  bool confident = false;
+};
+
+namespace detail::workload {
+
+//! Adds the routing counts of tokens `[first, first + count)` of request `r` at every layer into
+//! `out` (`layers × experts`, layer-major).
+inline void add_counts(const trace::trace& t, std::size_t r, std::size_t first, std::size_t count, float* out) {
+  const auto& q = t.request(r);
+  const std::size_t k = t.top_k(), e = t.experts();
+  count = std::min<std::size_t>(count, q.length > first ? q.length - first : 0);
+  for (std::size_t l = 0; l < t.layers(); ++l) {
+    const auto view = t.layer(l);
+    float* row = out + l * e;
+    for (std::size_t i = 0; i < count; ++i) {
+      const auto* ids = view.token_ids(q.first_token + first + i);
+      for (std::size_t j = 0; j < k; ++j) row[ids[j]] += 1.0f;
+    }
+  }
+}
+
+//! Tokens at the start of request `r` not marked decode.
+inline std::size_t prefill_length(const trace::trace& t, std::size_t r) {
+  const auto& q = t.request(r);
+  std::size_t p = 0;
+  while (p < q.length && t.token_phase(q.first_token + p) != trace::phase::decode) ++p;
+  return p;
+}
+
+inline void normalize(float* v, std::size_t n) {
+  double s = 0;
+  for (std::size_t i = 0; i < n; ++i) s += static_cast<double>(v[i]) * v[i];
+  if (s <= 0) return;
+  const float inv = static_cast<float>(1.0 / std::sqrt(s));
+  for (std::size_t i = 0; i < n; ++i) v[i] *= inv;
+}
+
+} // namespace detail::workload
+
+//! The offline half: clusters, their node, their decode usage and the prefill classifier.
+class workload_model {
+public:
+  workload_model() = default;
+
+  //! Fits on the requests of `train` that have both prefill and decode tokens.
+  //! @throws locus::config_error when no such request exists or `clusters` is 0
+  static workload_model fit(const trace::trace& train, const dynamic_topology& topo,
+                            const workload_aware_options& opt = {}) {
+    LOCUS_REQUIRE(opt.clusters >= 1, config_error, "workload_aware: clusters must be at least 1");
+    LOCUS_REQUIRE(opt.prefill_tokens >= 1, config_error, "workload_aware: prefill_tokens must be at least 1");
+    workload_model m;
+    m.layers_ = train.layers();
+    m.experts_ = train.experts();
+    m.nodes_ = topo.nodes();
+    m.opt_ = opt;
+    const std::size_t dim = m.layers_ * m.experts_;
+    std::vector<std::size_t> reqs;
+    for (std::size_t r = 0; r < train.requests(); ++r) {
+      const std::size_t p = detail::workload::prefill_length(train, r);
+      if (p > 0 && p < train.request(r).length) reqs.push_back(r);
+    }
+    LOCUS_REQUIRE(!reqs.empty(), config_error, "workload_aware: the training trace has no request with both prefill and "
+                  "decode tokens (mark prefill with trace::with_prefill_tokens)");
+    const std::size_t n = reqs.size();
+    std::vector<float> decode(n * dim, 0.0f), prefill(n * dim, 0.0f);
+    std::vector<double> decode_tokens(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::size_t r = reqs[i], p = detail::workload::prefill_length(train, r);
+      detail::workload::add_counts(train, r, p, train.request(r).length - p, decode.data() + i * dim);
+      detail::workload::add_counts(train, r, 0, std::min(p, opt.prefill_tokens), prefill.data() + i * dim);
+      decode_tokens[i] = static_cast<double>(train.request(r).length - p);
+    }
+    // Cluster usage in tokens before normalising the points.
+    const std::size_t k = std::min(opt.clusters, n);
+    m.k_ = k;
+    for (std::size_t i = 0; i < n; ++i) {
+      detail::workload::normalize(decode.data() + i * dim, dim);
+      detail::workload::normalize(prefill.data() + i * dim, dim);
+    }
+    const kmeans_result km = kmeans(decode, dim, {k, opt.seed, opt.max_iterations, opt.restarts});
+    m.labels_ = km.labels;
+    m.training_requests_ = reqs;
+    m.usage_.assign(k, std::vector<double>(dim, 0.0));
+    m.cluster_tokens_.assign(k, 0.0);
+    m.cluster_requests_.assign(k, 0.0);
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::size_t r = reqs[i], p = detail::workload::prefill_length(train, r);
+      std::vector<float> counts(dim, 0.0f);
+      detail::workload::add_counts(train, r, p, train.request(r).length - p, counts.data());
+      auto& u = m.usage_[km.labels[i]];
+      for (std::size_t f = 0; f < dim; ++f) u[f] += counts[f];
+      m.cluster_tokens_[km.labels[i]] += decode_tokens[i];
+      m.cluster_requests_[km.labels[i]] += 1.0;
+    }
+    // Prefill class means, normalised, stored feature-major for the sparse online gather.
+    std::vector<double> means(k * dim, 0.0);
+    for (std::size_t i = 0; i < n; ++i)
+      for (std::size_t f = 0; f < dim; ++f) means[km.labels[i] * dim + f] += prefill[i * dim + f];
+    m.means_t_.assign(dim * k, 0.0f);
+    for (std::size_t c = 0; c < k; ++c) {
+      double s = 0;
+      for (std::size_t f = 0; f < dim; ++f) s += means[c * dim + f] * means[c * dim + f];
+      const double inv = s > 0 ? 1.0 / std::sqrt(s) : 0.0;
+      for (std::size_t f = 0; f < dim; ++f) m.means_t_[f * k + c] = static_cast<float>(means[c * dim + f] * inv);
+    }
+    // Confidence threshold from the training requests' leave-one-out similarities: each member
+    // against its class mean computed without it, which is what an unseen request of the same
+    // population meets (a member's similarity to a mean it is part of is biased upwards).
+    if (opt.min_similarity >= 0) {
+      m.min_similarity_ = static_cast<float>(opt.min_similarity);
+    } else {
+      std::vector<double> sum_norm2(k, 0.0);
+      for (std::size_t c = 0; c < k; ++c)
+        for (std::size_t f = 0; f < dim; ++f) sum_norm2[c] += means[c * dim + f] * means[c * dim + f];
+      std::vector<double> sims;
+      for (std::size_t i = 0; i < n; ++i) {
+        const std::size_t c = km.labels[i];
+        if (km.sizes[c] < 2) continue;
+        double xs = 0, xx = 0;
+        for (std::size_t f = 0; f < dim; ++f) {
+          const double x = prefill[i * dim + f];
+          xs += x * means[c * dim + f];
+          xx += x * x;
+        }
+        const double v2 = sum_norm2[c] - 2 * xs + xx;
+        sims.push_back(v2 > 0 ? (xs - xx) / std::sqrt(v2) : 0.0);
+      }
+      if (sims.empty()) {
+        m.min_similarity_ = 0;
+      } else {
+        std::sort(sims.begin(), sims.end());
+        const double pos = std::clamp(opt.confidence_quantile, 0.0, 1.0) * static_cast<double>(sims.size() - 1);
+        m.min_similarity_ =
+            static_cast<float>(sims[static_cast<std::size_t>(std::floor(pos))] - opt.confidence_margin);
+      }
+    }
+    m.cluster_node_ = balance_clusters(m.cluster_tokens_, m.nodes_);
+    return m;
+  }
+
+  //! Largest-first assignment of clusters to nodes by decode tokens: each cluster, heaviest first
+  //! (lower index on ties), to the node with the fewest tokens so far (lower node on ties).
+  static std::vector<std::uint32_t> balance_clusters(const std::vector<double>& tokens, std::size_t nodes) {
+    std::vector<std::size_t> order(tokens.size());
+    std::iota(order.begin(), order.end(), std::size_t{0});
+    std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return tokens[a] > tokens[b]; });
+    std::vector<double> node_tokens(nodes, 0.0);
+    std::vector<std::uint32_t> out(tokens.size(), 0);
+    for (const std::size_t c : order) {
+      const auto n = static_cast<std::size_t>(std::min_element(node_tokens.begin(), node_tokens.end()) - node_tokens.begin());
+      out[c] = static_cast<std::uint32_t>(n);
+      node_tokens[n] += tokens[c];
+    }
+    return out;
+  }
+
+  std::size_t clusters() const noexcept { return k_; }
+  std::size_t layers() const noexcept { return layers_; }
+  std::size_t experts() const noexcept { return experts_; }
+  std::size_t nodes() const noexcept { return nodes_; }
+  const workload_aware_options& options() const noexcept { return opt_; }
+  float min_similarity() const noexcept { return min_similarity_; }
+
+  //! Node of each cluster.
+  const std::vector<std::uint32_t>& cluster_node() const noexcept { return cluster_node_; }
+  //! Replaces the cluster → node map (a joint planner refines it).
+  //! @throws locus::invalid_input_error on a wrong size or a node out of range
+  void set_cluster_node(std::vector<std::uint32_t> map) {
+    LOCUS_REQUIRE(map.size() == k_, invalid_input_error, "workload_model: ", map.size(), " cluster nodes for ", k_,
+                  " clusters");
+    for (std::size_t c = 0; c < k_; ++c)
+      LOCUS_REQUIRE(map[c] < nodes_, invalid_input_error, "workload_model: cluster ", c, " mapped to node ", map[c],
+                    " of ", nodes_);
+    cluster_node_ = std::move(map);
+  }
+  //! Decode tokens of the training requests of cluster `c`.
+  double cluster_tokens(std::size_t c) const { return cluster_tokens_.at(c); }
+  //! Training requests of cluster `c`.
+  double cluster_requests(std::size_t c) const { return cluster_requests_.at(c); }
+  //! Decode (token, expert) pairs of cluster `c`, `layers × experts` layer-major.
+  const std::vector<double>& cluster_usage(std::size_t c) const { return usage_.at(c); }
+  //! Training requests used (indices into the training trace) and their clusters.
+  const std::vector<std::size_t>& training_requests() const noexcept { return training_requests_; }
+  const std::vector<std::uint32_t>& training_labels() const noexcept { return labels_; }
+
+  //! `[layer][node][expert]`: decode (token, expert) pairs of the clusters mapped to each node —
+  //! the usage U of the published placement.
+  std::vector<std::vector<std::vector<double>>> node_load() const {
+    std::vector<std::vector<std::vector<double>>> out(
+        layers_, std::vector<std::vector<double>>(nodes_, std::vector<double>(experts_, 0.0)));
+    for (std::size_t c = 0; c < k_; ++c)
+      for (std::size_t l = 0; l < layers_; ++l)
+        for (std::size_t e = 0; e < experts_; ++e) out[l][cluster_node_[c]][e] += usage_[c][l * experts_ + e];
+    return out;
+  }
+
+  //! Classifies request `r` of `t` from its first `min(prefill_tokens, options().prefill_tokens)`
+  //! tokens. `scratch` is reused between calls (any content; resized as needed).
+  //! @throws locus::invalid_input_error when the trace's shape differs from the model's
+  classification classify(const trace::trace& t, std::size_t r, std::size_t prefill_tokens,
+                          std::vector<std::uint32_t>& scratch) const {
+    LOCUS_REQUIRE(t.layers() == layers_ && t.experts() == experts_, invalid_input_error,
+                  "workload_aware: the trace has ", t.layers(), " layers × ", t.experts(),
+                  " experts; the model was fitted on ", layers_, " × ", experts_);
+    const auto& q = t.request(r);
+    const std::size_t n = std::min({prefill_tokens, opt_.prefill_tokens, static_cast<std::size_t>(q.length)});
+    const std::size_t k = k_, tk = t.top_k();
+    scratch.resize(layers_ * experts_);
+    float scores[max_clusters_fast] = {};
+    std::vector<float> wide;
+    float* s = scores;
+    if (k > max_clusters_fast) {
+      wide.assign(k, 0.0f);
+      s = wide.data();
+    }
+    std::uint64_t norm2 = 0;
+    // Layer-outer so that each layer's slice of the class means (experts × k floats) stays in L1.
+    for (std::size_t l = 0; l < layers_; ++l) {
+      const auto view = t.layer(l);
+      const std::size_t base = l * experts_;
+      for (std::size_t i = 0; i < n; ++i) {
+        const auto* ids = view.token_ids(q.first_token + i);
+        for (std::size_t j = 0; j < tk; ++j) {
+          const std::size_t f = base + ids[j];
+          const float* m = means_t_.data() + f * k;
+          for (std::size_t c = 0; c < k; ++c) s[c] += m[c];
+          // (x + 1)^2 - x^2 = 2x + 1: the squared norm of the count vector, incrementally.
+          norm2 += 2u * scratch[f] + 1u;
+          ++scratch[f];
+        }
+      }
+      for (std::size_t i = 0; i < n; ++i) {
+        const auto* ids = view.token_ids(q.first_token + i);
+        for (std::size_t j = 0; j < tk; ++j) scratch[base + ids[j]] = 0;
+      }
+    }
+    classification out;
+    std::size_t best = 0;
+    for (std::size_t c = 1; c < k; ++c)
+      if (s[c] > s[best]) best = c;
+    out.cluster = static_cast<std::uint32_t>(best);
+    out.similarity = norm2 ? s[best] / std::sqrt(static_cast<float>(norm2)) : 0.0f;
+    out.confident = norm2 > 0 && out.similarity >= min_similarity_;
+    return out;
+  }
+
+private:
+  static constexpr std::size_t max_clusters_fast = 64;
+
+  std::size_t layers_ = 0, experts_ = 0, nodes_ = 0, k_ = 0;
+  workload_aware_options opt_{};
+  float min_similarity_ = 0;
+  std::vector<std::uint32_t> cluster_node_, labels_;
+  std::vector<std::size_t> training_requests_;
+  std::vector<double> cluster_tokens_, cluster_requests_;
+  std::vector<std::vector<double>> usage_;
+  std::vector<float> means_t_; // feature-major: (layer × experts) × k
+};
+
+//! Counters of the decisions a workload_aware grouper took.
+struct workload_aware_stats {
+  std::size_t placed_on_cluster_node = 0;
+  std::size_t fallback_low_confidence = 0;
+  std::size_t fallback_node_full = 0;
+  std::size_t fallback_imbalance = 0;
+};
+
+//! The online half: see the file comment.
+class workload_aware {
+public:
+  using policy_concept = grouper_tag;
+  static constexpr const char* name = "workload_aware";
+
+  //! @throws locus::config_error when `model` is null
+  explicit workload_aware(std::shared_ptr<const workload_model> model) : model_(std::move(model)) {
+    LOCUS_REQUIRE(model_ != nullptr, config_error, "workload_aware: no model (fit one with workload_model::fit)");
+  }
+
+  std::size_t assign(const arrival& a, const cluster_state& c) {
+    LOCUS_REQUIRE(a.source != nullptr, invalid_input_error, "workload_aware: the arrival has no trace");
+    LOCUS_REQUIRE(c.topology.nodes() == model_->nodes(), config_error, "workload_aware: the model was fitted for ",
+                  model_->nodes(), " nodes; the cluster has ", c.topology.nodes());
+    last_ = model_->classify(*a.source, a.request, a.prefill_tokens, scratch_);
+    if (!last_.confident) {
+      ++stats_.fallback_low_confidence;
+      return fallback_.assign(a, c);
+    }
+    const std::size_t node = model_->cluster_node()[last_.cluster], gpus = c.topology.gpus_per_node();
+    // Node loads in running requests; the least-loaded node is the balance reference.
+    std::uint64_t mine = 0, least = UINT64_MAX;
+    for (std::size_t n = 0; n < c.topology.nodes(); ++n) {
+      std::uint64_t load = 0;
+      for (std::size_t g = 0; g < gpus; ++g) load += c.ranks[n * gpus + g].running_requests;
+      if (n == node) mine = load;
+      least = std::min(least, load);
+    }
+    const double allowance = model_->options().balance_slack * static_cast<double>(c.capacity * gpus);
+    if (static_cast<double>(mine - least) >= allowance && mine > least) {
+      ++stats_.fallback_imbalance;
+      return fallback_.assign(a, c);
+    }
+    std::size_t best = no_rank;
+    for (std::size_t g = 0; g < gpus; ++g) {
+      const std::size_t r = node * gpus + g;
+      if (c.has_room(r) && (best == no_rank || c.ranks[r].running_tokens < c.ranks[best].running_tokens)) best = r;
+    }
+    if (best == no_rank) {
+      ++stats_.fallback_node_full;
+      return fallback_.assign(a, c);
+    }
+    ++stats_.placed_on_cluster_node;
+    return best;
+  }
+
+  const workload_model& model() const noexcept { return *model_; }
+  const workload_aware_stats& stats() const noexcept { return stats_; }
+  //! The classification of the last assigned request.
+  const classification& last_classification() const noexcept { return last_; }
+
+private:
+  std::shared_ptr<const workload_model> model_;
+  least_loaded fallback_;
+  workload_aware_stats stats_;
+  classification last_;
+  std::vector<std::uint32_t> scratch_;
+};
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::grouper

@@ -1,0 +1,336 @@
+#pragma once
+//! @file
+//! `locality`: locus's own placement. Per layer, with the node usage U[node, expert]
+//! (`plan_input::node_load`) it minimises the expected (token, expert) pairs that leave their
+//! node — the quantity both transports' network copies grow with: flat sends one copy per remote
+//! rank and hierarchical one per remote node, and each remote pair costs at most one of either —
+//! under equal slots per GPU and a node load bound, then spends redundant slots on replicas:
+//!   1. balanced greedy: (node, expert) pairs by decreasing usage, the expert to the node while the
+//!      node has a free first-copy slot and its load stays under (1 + balance_slack) × the mean;
+//!      experts left over go, heaviest first, to the least-loaded node with a free slot;
+//!   2. Kernighan–Lin style refinement: sweeps of the best improving swap (or move into a free
+//!      slot) of each expert with an expert on another node, keeping node loads under the bound,
+//!      until a sweep finds nothing (or `max_sweeps`);
+//!   3. replicas: (node, expert) candidates by decreasing remote usage removed per slot, accepted
+//!      while the node has a redundant slot and the loads of the expert's copies stay under the
+//!      replica bound; a replica takes its node's tokens for the expert and a share of the remote
+//!      ones (as the replica selector does);
+//!   4. inside each node, copies packed onto GPUs balancing expected load (largest first, then
+//!      improving moves and swaps).
+//! Deterministic: every order is stable and every tie goes to the lower index.
+//! `refine_grouping` fits the grouping to the placement in turn (the joint fit).
+
+#include <locus/core/error.hpp>
+#include <locus/core/policy.hpp>
+#include <locus/grouper/workload_aware.hpp>
+#include <locus/placement/activation_usage.hpp>
+#include <locus/placement/plan_input.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
+
+//! Options of the locality planner.
+struct locality_options {
+  double balance_slack = 0.05;         //!< node load ≤ (1 + slack) × mean node load, first copies
+  double replica_balance_slack = 0.03; //!< bound on a copy's node load when adding replicas
+  std::size_t max_sweeps = 32;         //!< refinement sweeps at most
+};
+
+namespace detail::locality {
+
+namespace da = detail::activation;
+
+//! Node-level layout of one layer (steps 1-3 of the file comment).
+inline da::node_layout plan_layer(const std::vector<std::vector<double>>& u, const plan_input& in,
+                                  const locality_options& opt) {
+  const std::size_t nodes = in.topology.nodes(), experts = in.experts;
+  const da::node_budget b = da::budget(in);
+  std::vector<double> w(experts, 0.0);
+  double total = 0;
+  for (std::size_t n = 0; n < nodes; ++n)
+    for (std::size_t e = 0; e < experts; ++e) w[e] += u[n][e];
+  for (double x : w) total += x;
+  const double cap = (1.0 + opt.balance_slack) * total / static_cast<double>(nodes);
+
+  // 1. Balanced greedy.
+  std::vector<std::int32_t> host(experts, -1);
+  std::vector<double> load(nodes, 0.0);
+  std::vector<std::size_t> count(nodes, 0);
+  {
+    std::vector<std::pair<std::uint32_t, std::uint32_t>> pairs;
+    pairs.reserve(nodes * experts);
+    for (std::size_t e = 0; e < experts; ++e)
+      for (std::size_t n = 0; n < nodes; ++n) pairs.emplace_back(static_cast<std::uint32_t>(n), static_cast<std::uint32_t>(e));
+    std::stable_sort(pairs.begin(), pairs.end(),
+                     [&](const auto& a, const auto& x) { return u[a.first][a.second] > u[x.first][x.second]; });
+    for (const auto& [n, e] : pairs) {
+      if (host[e] >= 0 || count[n] >= b.primary_per_node || load[n] + w[e] > cap) continue;
+      host[e] = static_cast<std::int32_t>(n);
+      ++count[n];
+      load[n] += w[e];
+    }
+    std::vector<std::size_t> left;
+    for (std::size_t e = 0; e < experts; ++e)
+      if (host[e] < 0) left.push_back(e);
+    std::stable_sort(left.begin(), left.end(), [&](std::size_t a, std::size_t x) { return w[a] > w[x]; });
+    for (const std::size_t e : left) {
+      std::size_t best = nodes;
+      for (std::size_t n = 0; n < nodes; ++n)
+        if (count[n] < b.primary_per_node && (best == nodes || load[n] < load[best])) best = n;
+      host[e] = static_cast<std::int32_t>(best);
+      ++count[best];
+      load[best] += w[e];
+    }
+  }
+
+  // 2. Kernighan–Lin style sweeps. A change is allowed when neither node ends above the larger of
+  //    the bound and the worse of the two loads before it (so an over-full start never worsens).
+  auto allowed = [&](std::size_t a, std::size_t x, double new_a, double new_x) {
+    return std::max(new_a, new_x) <= std::max(cap, std::max(load[a], load[x])) + 1e-9;
+  };
+  for (std::size_t sweep = 0; sweep < opt.max_sweeps; ++sweep) {
+    bool improved = false;
+    for (std::size_t e = 0; e < experts; ++e) {
+      const auto a = static_cast<std::size_t>(host[e]);
+      double best_gain = 1e-9;
+      std::size_t best_f = experts, best_node = nodes;
+      for (std::size_t x = 0; x < nodes; ++x) { // moves into free first-copy slots
+        if (x == a || count[x] >= b.primary_per_node) continue;
+        const double gain = u[x][e] - u[a][e];
+        if (gain > best_gain && allowed(a, x, load[a] - w[e], load[x] + w[e])) {
+          best_gain = gain;
+          best_f = experts;
+          best_node = x;
+        }
+      }
+      for (std::size_t f = 0; f < experts; ++f) {
+        const auto x = static_cast<std::size_t>(host[f]);
+        if (x == a) continue;
+        const double gain = u[x][e] + u[a][f] - u[a][e] - u[x][f];
+        if (gain > best_gain && allowed(a, x, load[a] - w[e] + w[f], load[x] - w[f] + w[e])) {
+          best_gain = gain;
+          best_f = f;
+          best_node = x;
+        }
+      }
+      if (best_node == nodes) continue;
+      improved = true;
+      if (best_f == experts) {
+        load[a] -= w[e];
+        load[best_node] += w[e];
+        --count[a];
+        ++count[best_node];
+        host[e] = static_cast<std::int32_t>(best_node);
+      } else {
+        load[a] += w[best_f] - w[e];
+        load[best_node] += w[e] - w[best_f];
+        host[best_f] = static_cast<std::int32_t>(a);
+        host[e] = static_cast<std::int32_t>(best_node);
+      }
+    }
+    if (!improved) break;
+  }
+
+  da::node_layout layout(nodes, experts);
+  for (std::size_t e = 0; e < experts; ++e) layout.add(static_cast<std::size_t>(host[e]), e);
+  if (b.redundant_per_node == 0) return layout;
+
+  // 3. Replicas. Copy loads per expert: local tokens stay, remote tokens spread over copies.
+  const double rcap = (1.0 + opt.replica_balance_slack) * total / static_cast<double>(nodes);
+  std::vector<std::vector<std::uint32_t>> hosts(experts);
+  for (std::size_t e = 0; e < experts; ++e) hosts[e].push_back(static_cast<std::uint32_t>(host[e]));
+  auto copy_load = [&](std::size_t e, const std::vector<std::uint32_t>& hs, std::vector<double>& per_host) {
+    double remote = w[e];
+    for (auto h : hs) remote -= u[h][e];
+    per_host.resize(hs.size());
+    for (std::size_t i = 0; i < hs.size(); ++i) per_host[i] = u[hs[i]][e] + remote / static_cast<double>(hs.size());
+  };
+  // Node loads including the (so far single) copies.
+  std::fill(load.begin(), load.end(), 0.0);
+  for (std::size_t e = 0; e < experts; ++e) load[static_cast<std::size_t>(host[e])] += w[e];
+  std::vector<std::size_t> used(nodes);
+  for (std::size_t n = 0; n < nodes; ++n) used[n] = layout.hosted[n].size();
+  const std::size_t node_slots = in.slots_per_rank * in.topology.gpus_per_node();
+  std::vector<std::pair<std::uint32_t, std::uint32_t>> cand;
+  for (std::size_t e = 0; e < experts; ++e)
+    for (std::size_t n = 0; n < nodes; ++n)
+      if (static_cast<std::size_t>(host[e]) != n && u[n][e] > 0)
+        cand.emplace_back(static_cast<std::uint32_t>(n), static_cast<std::uint32_t>(e));
+  std::stable_sort(cand.begin(), cand.end(),
+                   [&](const auto& a, const auto& x) { return u[a.first][a.second] > u[x.first][x.second]; });
+  std::vector<double> before, after;
+  for (const auto& [n, e] : cand) {
+    if (used[n] >= node_slots) continue;
+    copy_load(e, hosts[e], before);
+    auto hs = hosts[e];
+    hs.push_back(n);
+    copy_load(e, hs, after);
+    // New node loads of every host of e.
+    double worst_new = 0, worst_old = 0;
+    for (std::size_t i = 0; i < hs.size(); ++i) {
+      const double old_copy = i < before.size() ? before[i] : 0.0;
+      const double nl = load[hs[i]] - old_copy + after[i];
+      worst_new = std::max(worst_new, nl);
+      worst_old = std::max(worst_old, load[hs[i]]);
+    }
+    if (worst_new > std::max(rcap, worst_old) + 1e-9) continue;
+    for (std::size_t i = 0; i < hs.size(); ++i) load[hs[i]] += after[i] - (i < before.size() ? before[i] : 0.0);
+    hosts[e] = std::move(hs);
+    layout.add(n, e);
+    ++used[n];
+  }
+  return layout;
+}
+
+//! Σ over clusters of their usage that lands on a copy on the cluster's node, per cluster and node.
+inline std::vector<std::vector<double>> local_usage(const grouper::workload_model& m,
+                                                    const std::vector<da::node_layout>& layouts) {
+  const std::size_t k = m.clusters(), nodes = m.nodes(), experts = m.experts();
+  std::vector<std::vector<double>> out(k, std::vector<double>(nodes, 0.0));
+  for (std::size_t l = 0; l < layouts.size(); ++l)
+    for (std::size_t n = 0; n < nodes; ++n)
+      for (auto e : layouts[l].hosted[n])
+        for (std::size_t c = 0; c < k; ++c) out[c][n] += m.cluster_usage(c)[l * experts + e];
+  return out;
+}
+
+} // namespace detail::locality
+
+//! The locality planner (see the file comment).
+struct locality {
+  using policy_concept = placement_tag;
+  static constexpr const char* name = "locality";
+
+  locality_options options{};
+
+  //! @throws locus::config_error when `in` has no node_load or the slots cannot host the experts
+  std::vector<expert_map> plan(const plan_input& in) const {
+    in.validate();
+    std::vector<expert_map> out;
+    out.reserve(in.layers());
+    for (std::size_t l = 0; l < in.layers(); ++l) {
+      const auto& u = detail::activation::usage_of(in, l, name);
+      out.push_back(detail::activation::build_map(detail::locality::plan_layer(u, in, options), u, in));
+    }
+    return out;
+  }
+};
+
+//! Options of refine_grouping.
+struct joint_options {
+  std::size_t rounds = 4;        //!< placement ↔ grouping alternations at most
+  double token_slack = 0.10;     //!< a node's clusters' decode tokens ≤ (1 + slack) × the mean
+  double request_slack = 0.25;   //!< a node's clusters' requests ≤ (1 + slack) × the mean (capacity)
+};
+
+//! The joint fit: alternately plans the node layout for the model's grouping and moves or swaps
+//! clusters between nodes to raise the usage that stays local, keeping each node's decode tokens
+//! under the bound; keeps the best grouping seen. Updates `model`'s cluster → node map and
+//! returns the fraction of training decode (token, expert) pairs that stay local with it.
+//! @throws locus::config_error when `in`'s shape differs from the model's
+inline double refine_grouping(grouper::workload_model& model, plan_input in, const locality_options& opt = {},
+                              const joint_options& jopt = {}) {
+  LOCUS_REQUIRE(in.experts == model.experts() && in.topology.nodes() == model.nodes() &&
+                    (in.load.empty() || in.load.size() == model.layers()),
+                config_error, "refine_grouping: the plan input (", in.experts, " experts, ", in.topology.nodes(),
+                " nodes) does not match the model (", model.experts(), " experts, ", model.nodes(), " nodes)");
+  const std::size_t k = model.clusters(), nodes = model.nodes();
+  if (in.load.empty()) in.load.assign(model.layers(), std::vector<double>(model.experts(), 0.0));
+  double total_tokens = 0, total_pairs = 0;
+  for (std::size_t c = 0; c < k; ++c) {
+    total_tokens += model.cluster_tokens(c);
+    for (double x : model.cluster_usage(c)) total_pairs += x;
+  }
+  double total_requests = 0;
+  for (std::size_t c = 0; c < k; ++c) total_requests += model.cluster_requests(c);
+  const double token_cap = (1.0 + jopt.token_slack) * total_tokens / static_cast<double>(nodes);
+  const double request_cap = (1.0 + jopt.request_slack) * total_requests / static_cast<double>(nodes);
+  double best_score = -1;
+  std::vector<std::uint32_t> best_map = model.cluster_node();
+  for (std::size_t round = 0; round < jopt.rounds; ++round) {
+    in.node_load = model.node_load();
+    std::vector<detail::activation::node_layout> layouts;
+    layouts.reserve(in.layers());
+    for (std::size_t l = 0; l < in.layers(); ++l)
+      layouts.push_back(detail::locality::plan_layer(in.node_load[l], in, opt));
+    const auto local = detail::locality::local_usage(model, layouts);
+    auto map = model.cluster_node();
+    double score = 0;
+    for (std::size_t c = 0; c < k; ++c) score += local[c][map[c]];
+    if (score > best_score) {
+      best_score = score;
+      best_map = map;
+    }
+    // Cluster moves and swaps against this layout, best first, under the token bound.
+    std::vector<double> tokens(nodes, 0.0), reqs(nodes, 0.0);
+    for (std::size_t c = 0; c < k; ++c) {
+      tokens[map[c]] += model.cluster_tokens(c);
+      reqs[map[c]] += model.cluster_requests(c);
+    }
+    // A change may not push a node past a bound unless it already was past it and gets no worse.
+    auto fits = [](double now_a, double now_x, double new_a, double new_x, double cap) {
+      return std::max(new_a, new_x) <= std::max(cap, std::max(now_a, now_x)) + 1e-9;
+    };
+    bool changed = false;
+    for (std::size_t pass = 0; pass < 4 * k; ++pass) {
+      double best_gain = 1e-9;
+      std::size_t bc = k, bd = k, bn = nodes;
+      for (std::size_t c = 0; c < k; ++c) {
+        const std::size_t a = map[c];
+        const double tc = model.cluster_tokens(c), rc = model.cluster_requests(c);
+        for (std::size_t n = 0; n < nodes; ++n) {
+          if (n == a) continue;
+          const double gain = local[c][n] - local[c][a];
+          if (gain > best_gain && fits(tokens[a], tokens[n], tokens[a] - tc, tokens[n] + tc, token_cap) &&
+              fits(reqs[a], reqs[n], reqs[a] - rc, reqs[n] + rc, request_cap)) {
+            best_gain = gain;
+            bc = c;
+            bd = k;
+            bn = n;
+          }
+        }
+        for (std::size_t d = c + 1; d < k; ++d) {
+          const std::size_t x = map[d];
+          if (x == a) continue;
+          const double td = model.cluster_tokens(d), rd = model.cluster_requests(d);
+          const double gain = local[c][x] + local[d][a] - local[c][a] - local[d][x];
+          if (gain > best_gain && fits(tokens[a], tokens[x], tokens[a] - tc + td, tokens[x] - td + tc, token_cap) &&
+              fits(reqs[a], reqs[x], reqs[a] - rc + rd, reqs[x] - rd + rc, request_cap)) {
+            best_gain = gain;
+            bc = c;
+            bd = d;
+            bn = x;
+          }
+        }
+      }
+      if (bc == k) break;
+      changed = true;
+      const std::size_t a = map[bc];
+      if (bd == k) {
+        tokens[a] -= model.cluster_tokens(bc);
+        tokens[bn] += model.cluster_tokens(bc);
+        reqs[a] -= model.cluster_requests(bc);
+        reqs[bn] += model.cluster_requests(bc);
+        map[bc] = static_cast<std::uint32_t>(bn);
+      } else {
+        tokens[a] += model.cluster_tokens(bd) - model.cluster_tokens(bc);
+        tokens[bn] += model.cluster_tokens(bc) - model.cluster_tokens(bd);
+        reqs[a] += model.cluster_requests(bd) - model.cluster_requests(bc);
+        reqs[bn] += model.cluster_requests(bc) - model.cluster_requests(bd);
+        map[bd] = static_cast<std::uint32_t>(a);
+        map[bc] = static_cast<std::uint32_t>(bn);
+      }
+    }
+    if (!changed) break;
+    model.set_cluster_node(std::move(map));
+  }
+  model.set_cluster_node(best_map);
+  return total_pairs > 0 ? best_score / total_pairs : 0.0;
+}
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::placement
