@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <cstdio>
@@ -58,6 +59,8 @@ double domain_accuracy(const locus::grouper::workload_model& m, const locus::tra
   for (std::size_t r = 0; r < test.requests(); ++r) {
     if (test.request(r).length <= prefill) continue;
     const auto c = m.classify(test, r, prefill, scratch);
+    if (std::getenv("LOCUS_DEBUG"))
+      std::fprintf(stderr, "sim %.3f thr %.3f dom %u\n", c.similarity, m.min_similarity(), test.request(r).domain);
     right += cluster_domain[c.cluster] == test.request(r).domain;
     ++n;
   }
@@ -87,10 +90,13 @@ int main(int argc, char** argv) try {
   const auto full = (std::filesystem::is_directory(trace_path) ? locus::trace::import_esft(trace_path)
                                                                  : locus::trace::read_trace(trace_path))
                         .with_prefill_tokens(prefill);
-  const auto [train, test] = locus::trace::split_by_request(full, 0.5, seed);
+  auto [train, test] = locus::trace::split_by_request(full, 0.5, seed);
+  if (arg_value(argc, argv, "--fit-on-test", "0") == "1") train = test; // upper-bound experiments only
 
   using locus::cost::transport_kind;
-  const std::vector<topology_case> topologies = {{2, 4}, {4, 2}, {4, 4}, {8, 1}};
+  std::vector<topology_case> topologies = {{2, 4}, {4, 2}, {4, 4}, {8, 1}};
+  if (const std::string only = arg_value(argc, argv, "--only", ""); !only.empty()) // e.g. --only 4x2
+    topologies = {{std::stoul(only.substr(0, only.find('x'))), std::stoul(only.substr(only.find('x') + 1))}};
   // (placement, redundant slots per GPU): linear and round_robin never use redundant slots.
   const std::vector<std::pair<std::string, std::size_t>> placements = {
       {"linear", 0}, {"round_robin", 0}, {"eplb", 0}, {"eplb", 1}, {"activation_usage", 0}, {"activation_usage", 1},
@@ -105,6 +111,9 @@ int main(int argc, char** argv) try {
   popt.grouping.clusters = clusters;
   popt.grouping.seed = seed;
   popt.grouping.prefill_tokens = prefill;
+  popt.joint.token_slack = std::stod(arg_value(argc, argv, "--token-slack", "0.10"));
+  popt.named.locality.balance_slack = std::stod(arg_value(argc, argv, "--balance-slack", "0.05"));
+  popt.named.locality.replica_balance_slack = std::stod(arg_value(argc, argv, "--replica-slack", "0.03"));
 
   nlohmann::json doc = {{"trace", trace_path},       {"split_seed", seed},
                         {"prefill_tokens", prefill}, {"hidden", hidden},
@@ -126,6 +135,7 @@ int main(int argc, char** argv) try {
     std::map<std::pair<std::string, std::size_t>, planned> plans;
     for (const auto& [placement, redundant] : placements) {
       auto p = locus::placement::plan_activation_aware(train, topo, placement, redundant, popt);
+      if (placement == "locality") std::fprintf(stderr, "joint local fraction %s %zu: %.3f\n", placement.c_str(), redundant, p.local_fraction);
       plans[{placement, redundant}] = {std::move(p.maps), std::move(p.model)};
     }
     if (tc.nodes == 4 && tc.gpus == 2)
@@ -138,6 +148,10 @@ int main(int argc, char** argv) try {
       auto grouper = locus::grouper::grouper_by_name(row.grouper, p.model);
       const auto res = locus::cost::simulate_decode(test, p.maps, grouper, cfg);
       if (i == 0) baseline = res; // linear / round_robin / flat
+      if (const auto* wa = grouper.get_if<locus::grouper::workload_aware>(); wa && std::getenv("LOCUS_DEBUG"))
+        std::fprintf(stderr, "%s %zu: on node %zu, low-conf %zu, full %zu, imbalance %zu\n", row.placement.c_str(),
+                     row.redundant, wa->stats().placed_on_cluster_node, wa->stats().fallback_low_confidence,
+                     wa->stats().fallback_node_full, wa->stats().fallback_imbalance);
       auto j = locus::cost::simulation_summary_json(res, &baseline);
       const double ratio = res.inter_node_bytes_per_token / baseline.inter_node_bytes_per_token;
       j["topology"] = std::to_string(tc.nodes) + "x" + std::to_string(tc.gpus);
@@ -177,6 +191,7 @@ int main(int argc, char** argv) try {
                         "(aggregate) | target |\n|---|---|---|---|---|\n";
   doc["targets"] = nlohmann::json::array();
   for (const auto& t : targets) {
+    if (!by_key.count(t.key)) continue;
     const auto& j = by_key.at(t.key);
     const double ratio = j["inter_node_bytes_vs_baseline"].get<double>();
     const double bal = j["gpu_imbalance_aggregate"].get<double>();

@@ -26,6 +26,12 @@ public:
     return std::visit([&](auto& g) -> std::size_t { return g.assign(a, c); }, impl_);
   }
 
+  //! The held grouper when it is a `G`, else null (to read its statistics).
+  template <class G>
+  const G* get_if() const noexcept {
+    return std::get_if<G>(&impl_);
+  }
+
 private:
   std::variant<round_robin, least_loaded, workload_aware> impl_;
 };

@@ -38,10 +38,15 @@ struct workload_aware_options {
   //! least this; negative: the `confidence_quantile` quantile of the training requests' own
   //! similarities (so that traffic unlike anything seen falls back).
   double min_similarity = -1;
-  double confidence_quantile = 0.02;
+  double confidence_quantile = 0.0;
+  //! Subtracted from the automatic threshold: fresh requests of a known kind score a little below
+  //! the training ones even out of sample (the class means were fitted to the same population).
+  double confidence_margin = 0.05;
   //! The cluster's node is used while its running requests exceed the least-loaded node's by less
-  //! than this fraction of a node's capacity (requests per rank × GPUs per node).
-  double balance_slack = 0.5;
+  //! than this fraction of a node's capacity (requests per rank × GPUs per node); at 1 (default)
+  //! only a full node sends requests elsewhere, so that bursts of one kind of traffic still land
+  //! where their experts are, while per-rank capacity always holds.
+  double balance_slack = 1.0;
 };
 
 //! A request classification: cluster, cosine similarity to its class mean, and whether that
@@ -133,6 +138,7 @@ public:
     m.training_requests_ = reqs;
     m.usage_.assign(k, std::vector<double>(dim, 0.0));
     m.cluster_tokens_.assign(k, 0.0);
+    m.cluster_requests_.assign(k, 0.0);
     for (std::size_t i = 0; i < n; ++i) {
       const std::size_t r = reqs[i], p = detail::workload::prefill_length(train, r);
       std::vector<float> counts(dim, 0.0f);
@@ -140,6 +146,7 @@ public:
       auto& u = m.usage_[km.labels[i]];
       for (std::size_t f = 0; f < dim; ++f) u[f] += counts[f];
       m.cluster_tokens_[km.labels[i]] += decode_tokens[i];
+      m.cluster_requests_[km.labels[i]] += 1.0;
     }
     // Prefill class means, normalised, stored feature-major for the sparse online gather.
     std::vector<double> means(k * dim, 0.0);
@@ -152,20 +159,36 @@ public:
       const double inv = s > 0 ? 1.0 / std::sqrt(s) : 0.0;
       for (std::size_t f = 0; f < dim; ++f) m.means_t_[f * k + c] = static_cast<float>(means[c * dim + f] * inv);
     }
-    // Confidence threshold from the training requests' own similarities.
+    // Confidence threshold from the training requests' leave-one-out similarities: each member
+    // against its class mean computed without it, which is what an unseen request of the same
+    // population meets (a member's similarity to a mean it is part of is biased upwards).
     if (opt.min_similarity >= 0) {
       m.min_similarity_ = static_cast<float>(opt.min_similarity);
     } else {
-      std::vector<double> sims(n);
+      std::vector<double> sum_norm2(k, 0.0);
+      for (std::size_t c = 0; c < k; ++c)
+        for (std::size_t f = 0; f < dim; ++f) sum_norm2[c] += means[c * dim + f] * means[c * dim + f];
+      std::vector<double> sims;
       for (std::size_t i = 0; i < n; ++i) {
-        double s = 0;
-        for (std::size_t f = 0; f < dim; ++f)
-          s += static_cast<double>(prefill[i * dim + f]) * m.means_t_[f * k + km.labels[i]];
-        sims[i] = s;
+        const std::size_t c = km.labels[i];
+        if (km.sizes[c] < 2) continue;
+        double xs = 0, xx = 0;
+        for (std::size_t f = 0; f < dim; ++f) {
+          const double x = prefill[i * dim + f];
+          xs += x * means[c * dim + f];
+          xx += x * x;
+        }
+        const double v2 = sum_norm2[c] - 2 * xs + xx;
+        sims.push_back(v2 > 0 ? (xs - xx) / std::sqrt(v2) : 0.0);
       }
-      std::sort(sims.begin(), sims.end());
-      const double pos = std::clamp(opt.confidence_quantile, 0.0, 1.0) * static_cast<double>(n - 1);
-      m.min_similarity_ = static_cast<float>(sims[static_cast<std::size_t>(std::floor(pos))]);
+      if (sims.empty()) {
+        m.min_similarity_ = 0;
+      } else {
+        std::sort(sims.begin(), sims.end());
+        const double pos = std::clamp(opt.confidence_quantile, 0.0, 1.0) * static_cast<double>(sims.size() - 1);
+        m.min_similarity_ =
+            static_cast<float>(sims[static_cast<std::size_t>(std::floor(pos))] - opt.confidence_margin);
+      }
     }
     m.cluster_node_ = balance_clusters(m.cluster_tokens_, m.nodes_);
     return m;
@@ -208,6 +231,8 @@ public:
   }
   //! Decode tokens of the training requests of cluster `c`.
   double cluster_tokens(std::size_t c) const { return cluster_tokens_.at(c); }
+  //! Training requests of cluster `c`.
+  double cluster_requests(std::size_t c) const { return cluster_requests_.at(c); }
   //! Decode (token, expert) pairs of cluster `c`, `layers × experts` layer-major.
   const std::vector<double>& cluster_usage(std::size_t c) const { return usage_.at(c); }
   //! Training requests used (indices into the training trace) and their clusters.
@@ -283,7 +308,7 @@ private:
   float min_similarity_ = 0;
   std::vector<std::uint32_t> cluster_node_, labels_;
   std::vector<std::size_t> training_requests_;
-  std::vector<double> cluster_tokens_;
+  std::vector<double> cluster_tokens_, cluster_requests_;
   std::vector<std::vector<double>> usage_;
   std::vector<float> means_t_; // feature-major: (layer × experts) × k
 };

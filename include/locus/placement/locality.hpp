@@ -225,6 +225,7 @@ struct locality {
 struct joint_options {
   std::size_t rounds = 4;        //!< placement ↔ grouping alternations at most
   double token_slack = 0.10;     //!< a node's clusters' decode tokens ≤ (1 + slack) × the mean
+  double request_slack = 0.25;   //!< a node's clusters' requests ≤ (1 + slack) × the mean (capacity)
 };
 
 //! The joint fit: alternately plans the node layout for the model's grouping and moves or swaps
@@ -245,7 +246,10 @@ inline double refine_grouping(grouper::workload_model& model, plan_input in, con
     total_tokens += model.cluster_tokens(c);
     for (double x : model.cluster_usage(c)) total_pairs += x;
   }
+  double total_requests = 0;
+  for (std::size_t c = 0; c < k; ++c) total_requests += model.cluster_requests(c);
   const double token_cap = (1.0 + jopt.token_slack) * total_tokens / static_cast<double>(nodes);
+  const double request_cap = (1.0 + jopt.request_slack) * total_requests / static_cast<double>(nodes);
   double best_score = -1;
   std::vector<std::uint32_t> best_map = model.cluster_node();
   for (std::size_t round = 0; round < jopt.rounds; ++round) {
@@ -263,19 +267,27 @@ inline double refine_grouping(grouper::workload_model& model, plan_input in, con
       best_map = map;
     }
     // Cluster moves and swaps against this layout, best first, under the token bound.
-    std::vector<double> tokens(nodes, 0.0);
-    for (std::size_t c = 0; c < k; ++c) tokens[map[c]] += model.cluster_tokens(c);
+    std::vector<double> tokens(nodes, 0.0), reqs(nodes, 0.0);
+    for (std::size_t c = 0; c < k; ++c) {
+      tokens[map[c]] += model.cluster_tokens(c);
+      reqs[map[c]] += model.cluster_requests(c);
+    }
+    // A change may not push a node past a bound unless it already was past it and gets no worse.
+    auto fits = [](double now_a, double now_x, double new_a, double new_x, double cap) {
+      return std::max(new_a, new_x) <= std::max(cap, std::max(now_a, now_x)) + 1e-9;
+    };
     bool changed = false;
     for (std::size_t pass = 0; pass < 4 * k; ++pass) {
       double best_gain = 1e-9;
       std::size_t bc = k, bd = k, bn = nodes;
       for (std::size_t c = 0; c < k; ++c) {
         const std::size_t a = map[c];
-        const double tc = model.cluster_tokens(c);
+        const double tc = model.cluster_tokens(c), rc = model.cluster_requests(c);
         for (std::size_t n = 0; n < nodes; ++n) {
           if (n == a) continue;
           const double gain = local[c][n] - local[c][a];
-          if (gain > best_gain && tokens[n] + tc <= std::max(token_cap, tokens[n])) {
+          if (gain > best_gain && fits(tokens[a], tokens[n], tokens[a] - tc, tokens[n] + tc, token_cap) &&
+              fits(reqs[a], reqs[n], reqs[a] - rc, reqs[n] + rc, request_cap)) {
             best_gain = gain;
             bc = c;
             bd = k;
@@ -285,10 +297,10 @@ inline double refine_grouping(grouper::workload_model& model, plan_input in, con
         for (std::size_t d = c + 1; d < k; ++d) {
           const std::size_t x = map[d];
           if (x == a) continue;
-          const double td = model.cluster_tokens(d);
+          const double td = model.cluster_tokens(d), rd = model.cluster_requests(d);
           const double gain = local[c][x] + local[d][a] - local[c][a] - local[d][x];
-          const double na = tokens[a] - tc + td, nx = tokens[x] - td + tc;
-          if (gain > best_gain && std::max(na, nx) <= std::max(token_cap, std::max(tokens[a], tokens[x]))) {
+          if (gain > best_gain && fits(tokens[a], tokens[x], tokens[a] - tc + td, tokens[x] - td + tc, token_cap) &&
+              fits(reqs[a], reqs[x], reqs[a] - rc + rd, reqs[x] - rd + rc, request_cap)) {
             best_gain = gain;
             bc = c;
             bd = d;
@@ -302,10 +314,14 @@ inline double refine_grouping(grouper::workload_model& model, plan_input in, con
       if (bd == k) {
         tokens[a] -= model.cluster_tokens(bc);
         tokens[bn] += model.cluster_tokens(bc);
+        reqs[a] -= model.cluster_requests(bc);
+        reqs[bn] += model.cluster_requests(bc);
         map[bc] = static_cast<std::uint32_t>(bn);
       } else {
         tokens[a] += model.cluster_tokens(bd) - model.cluster_tokens(bc);
         tokens[bn] += model.cluster_tokens(bc) - model.cluster_tokens(bd);
+        reqs[a] += model.cluster_requests(bd) - model.cluster_requests(bc);
+        reqs[bn] += model.cluster_requests(bc) - model.cluster_requests(bd);
         map[bd] = static_cast<std::uint32_t>(a);
         map[bc] = static_cast<std::uint32_t>(bn);
       }
