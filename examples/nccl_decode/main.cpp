@@ -87,11 +87,13 @@ int main(int argc, char** argv) {
     in.load.assign(1, std::vector<double>(experts, 0.0));
     in.node_load.assign(1, std::vector<std::vector<double>>(topo.nodes(), std::vector<double>(experts, 0.0)));
     for (std::size_t s = 0; s < steps; ++s)
-      for (std::size_t r = 0; r < ranks; ++r)
-        for (expert_id e : routing_of(s, r).ids()) {
+      for (std::size_t r = 0; r < ranks; ++r) {
+        const auto rt = routing_of(s, r);
+        for (expert_id e : rt.ids()) {
           in.load[0][static_cast<std::size_t>(e)] += 1;
           in.node_load[0][topo.node_of(r)][static_cast<std::size_t>(e)] += 1;
         }
+      }
     if (me == 0)
       std::printf("nccl_decode: %zu ranks as %zu nodes x %zu GPUs, hidden %zu, %zu steps\n%-9s %-18s %14s %14s %14s "
                   "%10s %10s\n",
@@ -118,12 +120,12 @@ int main(int argc, char** argv) {
               d.expert_output()[v] = d.expert_input()[v] * static_cast<float>(ex[i] + 1);
           d.combine(y);
           times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-          for (std::size_t t = 0; t < requests; ++t) {
+          for (std::size_t tk = 0; tk < requests; ++tk) {
             double f = 0;
-            for (std::size_t j = 0; j < k; ++j) f += r.view().weight(t, j) * (r.view().expert(t, j) + 1.0);
+            for (std::size_t j = 0; j < k; ++j) f += r.view().weight(tk, j) * (r.view().expert(tk, j) + 1.0);
             for (std::size_t h = 0; h < hidden; ++h)
-              worst = std::max(worst, std::abs(f * x[t * hidden + h] - y[t * hidden + h]) /
-                                          std::max(1.0, std::abs(f * x[t * hidden + h])));
+              worst = std::max(worst, std::abs(f * x[tk * hidden + h] - y[tk * hidden + h]) /
+                                          std::max(1.0, std::abs(f * x[tk * hidden + h])));
           }
         }
         std::array<std::uint64_t, 3> bytes{};
