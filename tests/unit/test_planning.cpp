@@ -155,12 +155,13 @@ BOOST_AUTO_TEST_CASE(classifier_matches_dense_reference_and_separates_domains) {
   grouper::workload_aware_options opt;
   opt.clusters = 3;
   opt.prefill_tokens = P;
+  opt.classifier_layers = 2; // layers 0 and 2 of 3
   const auto m = grouper::workload_model::fit(train, dynamic_topology(3, 2), opt);
   const std::size_t dim = L * E;
   auto prefill_vec = [&](const trace::trace& t, std::size_t r) {
     std::vector<double> v(dim, 0.0);
     const auto& q = t.request(r);
-    for (std::size_t l = 0; l < L; ++l)
+    for (std::size_t l = 0; l < L; l += m.classifier_layer_stride())
       for (std::size_t i = 0; i < std::min<std::size_t>(P, q.length); ++i)
         for (std::size_t j = 0; j < K; ++j) v[l * E + t.layer(l).token_ids(q.first_token + i)[j]] += 1;
     double s = 0;
