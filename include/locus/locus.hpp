@@ -14,3 +14,5 @@
 #include <locus/core/routing.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/core/version.hpp>
+#include <locus/layer/expert_compute.hpp>
+#include <locus/layer/moe_layer.hpp>

@@ -43,7 +43,7 @@ BOOST_AUTO_TEST_CASE(batching_matches_a_direct_replay) {
   simulation_config cfg;
   cfg.topology = dynamic_topology(2, 2);
   cfg.batch_per_rank = 100;
-  const auto maps = placement::linear{}.plan({cfg.topology, 16, 4, std::vector<std::vector<double>>(2, std::vector<double>(16, 1))});
+  const auto maps = placement::linear{}.plan({cfg.topology, 16, 4, std::vector<std::vector<double>>(2, std::vector<double>(16, 1)), {}});
   grouper::round_robin g;
   const auto res = simulate_decode(t, maps, g, cfg);
 
@@ -90,7 +90,7 @@ BOOST_AUTO_TEST_CASE(capacity_is_respected_and_nothing_is_lost) {
     cfg.batch_per_rank = batch;
     cfg.arrival_rate = 0.7;
     cfg.seed = 11;
-    const auto maps = placement::linear{}.plan({cfg.topology, 8, 2, {std::vector<double>(8, 1)}});
+    const auto maps = placement::linear{}.plan({cfg.topology, 8, 2, {std::vector<double>(8, 1)}, {}});
     grouper::least_loaded g;
     const auto a = simulate_decode(t, maps, g, cfg);
     const auto b = simulate_decode(t, maps, g, cfg);
@@ -115,6 +115,6 @@ BOOST_AUTO_TEST_CASE(groupers_choose_as_documented) {
   simulation_config cfg;
   std::mt19937 rng(1);
   const auto t = random_trace(rng, 2, 8, 2, 1, 1);
-  const auto maps = placement::linear{}.plan({dynamic_topology(1, 2), 8, 4, {std::vector<double>(8, 1)}});
+  const auto maps = placement::linear{}.plan({dynamic_topology(1, 2), 8, 4, {std::vector<double>(8, 1)}, {}});
   BOOST_CHECK_THROW(simulate_decode(t, maps, rr, cfg), config_error); // 2-rank maps, 1-rank topology
 }

@@ -87,7 +87,7 @@ BOOST_AUTO_TEST_CASE(matches_brute_force_on_random_cases) {
     const std::size_t slots = experts / topo.ranks() + rng() % 3;
     // Random map with replicas in the redundant slots.
     std::vector<expert_id> table(topo.ranks() * slots, empty_slot);
-    const auto lin = placement::linear{}.plan({topo, experts, slots, {std::vector<double>(experts, 1.0)}}).front();
+    const auto lin = placement::linear{}.plan({topo, experts, slots, {std::vector<double>(experts, 1.0)}, {}}).front();
     table = lin.slot_table();
     for (expert_id& cell : table)
       if (cell == empty_slot && rng() % 2) cell = static_cast<expert_id>(rng() % experts);

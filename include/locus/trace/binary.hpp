@@ -51,6 +51,7 @@ public:
   static constexpr std::uint64_t m3 = 0x94d049bb133111ebull;
 
   void update(const void* data, std::size_t n) noexcept {
+    if (n == 0) return; // an empty section may come with a null pointer, which memcpy must not see
     auto p = static_cast<const unsigned char*>(data);
     total_ += n;
     if (fill_ > 0) {
@@ -158,6 +159,7 @@ public:
   const std::string& name() const noexcept { return name_; }
   //! Copies up to n bytes; returns how many were available.
   std::size_t read(void* dst, std::size_t n) {
+    if (n == 0) return 0; // empty sections may pass a null pointer
     const std::size_t take = std::min<std::uint64_t>(n, bytes_.size() - offset_);
     std::memcpy(dst, bytes_.data() + offset_, take);
     offset_ += take;
@@ -190,6 +192,7 @@ public:
   std::uint64_t offset() const noexcept { return offset_; }
   const std::string& name() const noexcept { return name_; }
   std::size_t read(void* dst, std::size_t n) {
+    if (n == 0) return 0; // empty sections may pass a null pointer
     const std::size_t got = std::fread(dst, 1, n, f_);
     if (got < n && std::ferror(f_)) fail("read failed");
     offset_ += got;

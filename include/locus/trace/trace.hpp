@@ -180,7 +180,8 @@ public:
     }
     for (std::size_t l = 0; l < a.layers_; ++l)
       if (a.weights_[l].size() != b.weights_[l].size() ||
-          std::memcmp(a.weights_[l].data(), b.weights_[l].data(), a.weights_[l].size() * sizeof(float)) != 0)
+          (!a.weights_[l].empty() && // memcmp must not see the null data() of an empty vector
+           std::memcmp(a.weights_[l].data(), b.weights_[l].data(), a.weights_[l].size() * sizeof(float)) != 0))
         return false;
     return true;
   }

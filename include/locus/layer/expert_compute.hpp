@@ -1,0 +1,374 @@
+#pragma once
+//! @file
+//! Expert compute: the FFN each expert applies to the token rows dispatched to it.
+//!
+//! After dispatch, a rank holds one contiguous block of rows per local expert (`expert_blocks`).
+//! An expert-compute policy turns each block's input rows into output rows of the same shape:
+//! - `swiglu_host<W>`: the reference SwiGLU FFN, out = (silu(x·W_gate) ⊙ (x·W_up))·W_down, with
+//!   weights stored in `W` (float or bfloat16) and every dot product accumulated in fp32, blocked
+//!   and spread over worker threads (`core/parallel_for.hpp`);
+//! - `expert_callable<F>`: a user callable given each expert's block (expert id, rows in, rows out);
+//! - `swiglu_cuda<W>` (layer/expert_compute_cuda.hpp): the same FFN with cuBLAS GEMMs.
+//!
+//! `expert_weights<W>` stores the SwiGLU weights of the experts one rank hosts under an
+//! expert_map (each hosted expert once, however many of the rank's slots hold it).
+
+#include <locus/backend/host.hpp>
+#include <locus/core/bfloat16.hpp>
+#include <locus/core/error.hpp>
+#include <locus/core/expert_map.hpp>
+#include <locus/core/parallel_for.hpp>
+#include <locus/core/policy.hpp>
+#include <locus/core/routing.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <concepts>
+#include <cstddef>
+#include <span>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::layer {
+
+//! Element types activations and expert weights may be stored in (arithmetic is fp32).
+template <class T>
+concept expert_element = std::same_as<T, float> || std::same_as<T, bfloat16>;
+
+//! Trivially copyable view of the rows dispatched to one rank, blocked by local expert: the rows of
+//! block `i` (expert `experts[i]`) are `[offsets[i], offsets[i + 1])`, each `hidden` values, in
+//! `input`; the policy writes the same rows of `output`. `experts` and `offsets` are host arrays;
+//! `input` and `output` live in `Space`.
+template <class T, memory_space Space = memory_space::host>
+struct expert_blocks {
+  static constexpr memory_space space = Space;
+  const expert_id* experts = nullptr;   //!< `count` expert ids
+  const std::size_t* offsets = nullptr; //!< `count + 1` row offsets, non-decreasing, offsets[0] = 0
+  std::size_t count = 0;
+  const T* input = nullptr; //!< `offsets[count] × hidden`
+  T* output = nullptr;      //!< `offsets[count] × hidden`
+  std::size_t hidden = 0;
+
+  std::size_t rows(std::size_t i) const noexcept { return offsets[i + 1] - offsets[i]; }
+  std::size_t total_rows() const noexcept { return count == 0 ? 0 : offsets[count]; }
+};
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::layer
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
+//! Checks the structure of a block view (offsets start at zero and never decrease, buffers present).
+//! @throws locus::invalid_input_error naming the offending block
+template <class T, memory_space S>
+void check_blocks(const char* who, const locus::layer::expert_blocks<T, S>& b, std::size_t hidden) {
+  LOCUS_REQUIRE(b.hidden == hidden, invalid_input_error, who, ": the blocks have hidden size ", b.hidden,
+                ", the weights ", hidden);
+  if (b.count == 0) return;
+  LOCUS_REQUIRE(b.experts != nullptr && b.offsets != nullptr, invalid_input_error, who,
+                ": expert ids or offsets are missing for ", b.count, " blocks");
+  LOCUS_REQUIRE(b.offsets[0] == 0, invalid_input_error, who, ": the first block starts at row ", b.offsets[0],
+                ", not 0");
+  for (std::size_t i = 0; i < b.count; ++i)
+    LOCUS_REQUIRE(b.offsets[i + 1] >= b.offsets[i], invalid_input_error, who, ": block ", i, " (expert ",
+                  b.experts[i], ") ends at row ", b.offsets[i + 1], " before it starts at row ", b.offsets[i]);
+  LOCUS_REQUIRE(b.total_rows() == 0 || (b.input != nullptr && b.output != nullptr), invalid_input_error, who,
+                ": ", b.total_rows(), " rows but no input or output buffer");
+}
+
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+} // namespace locus::LOCUS_ABI_NAMESPACE::detail::layer
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::layer {
+
+//! Trivially copyable view of one expert's SwiGLU weights, row-major:
+//! `gate` and `up` are `hidden × ffn`, `down` is `ffn × hidden`.
+template <class W>
+struct swiglu_expert_view {
+  const W* gate = nullptr;
+  const W* up = nullptr;
+  const W* down = nullptr;
+  std::size_t hidden = 0;
+  std::size_t ffn = 0;
+};
+
+//! The SwiGLU weights of a set of experts (those one rank hosts, or a whole model), each stored
+//! once, contiguously: gate (`hidden × ffn`), up (`hidden × ffn`), down (`ffn × hidden`).
+//! @tparam W storage element, float or locus::bfloat16
+template <expert_element W>
+class expert_weights {
+public:
+  using value_type = W;
+
+  expert_weights() = default;
+  //! Zero weights for `experts` (distinct ids, any order; kept sorted ascending).
+  //! @throws locus::config_error on a zero hidden or ffn size
+  //! @throws locus::invalid_input_error on a negative or repeated expert id
+  expert_weights(std::size_t hidden, std::size_t ffn, std::vector<expert_id> experts)
+      : hidden_(hidden), ffn_(ffn), experts_(std::move(experts)) {
+    LOCUS_REQUIRE(hidden > 0 && ffn > 0, config_error, "expert_weights: hidden (", hidden, ") and ffn (", ffn,
+                  ") sizes must be positive");
+    std::sort(experts_.begin(), experts_.end());
+    for (std::size_t i = 0; i < experts_.size(); ++i) {
+      LOCUS_REQUIRE(experts_[i] >= 0, invalid_input_error, "expert_weights: negative expert id ", experts_[i]);
+      LOCUS_REQUIRE(i == 0 || experts_[i] != experts_[i - 1], invalid_input_error, "expert_weights: expert ",
+                    experts_[i], " is given twice");
+    }
+    if (!experts_.empty()) index_.assign(static_cast<std::size_t>(experts_.back()) + 1, -1);
+    for (std::size_t i = 0; i < experts_.size(); ++i)
+      index_[static_cast<std::size_t>(experts_[i])] = static_cast<std::int32_t>(i);
+    data_.assign(experts_.size() * per_expert(), W{});
+  }
+
+  //! The weights of every expert `rank` hosts under `map`, filled by
+  //! `fill(expert_id e, std::span<W> gate, std::span<W> up, std::span<W> down)`.
+  //! @throws locus::invalid_input_error when `rank` is outside the map
+  template <class Fill>
+  static expert_weights for_rank(const expert_map& map, std::size_t rank, std::size_t hidden, std::size_t ffn,
+                                 Fill&& fill) {
+    std::vector<expert_id> hosted = map.experts_on(rank);
+    std::sort(hosted.begin(), hosted.end());
+    hosted.erase(std::unique(hosted.begin(), hosted.end()), hosted.end()); // two slots, one copy of the weights
+    expert_weights w(hidden, ffn, std::move(hosted));
+    for (expert_id e : w.experts()) fill(e, w.gate(e), w.up(e), w.down(e));
+    return w;
+  }
+
+  //! The subset of `all` that `rank` hosts under `map` (copied).
+  //! @throws locus::invalid_input_error when `all` lacks an expert the rank hosts
+  static expert_weights for_rank(const expert_map& map, std::size_t rank, const expert_weights& all) {
+    return for_rank(map, rank, all.hidden(), all.ffn(), [&](expert_id e, std::span<W> g, std::span<W> u, std::span<W> d) {
+      const swiglu_expert_view<W> v = all.view(e);
+      std::copy(v.gate, v.gate + g.size(), g.begin());
+      std::copy(v.up, v.up + u.size(), u.begin());
+      std::copy(v.down, v.down + d.size(), d.begin());
+    });
+  }
+
+  std::size_t hidden() const noexcept { return hidden_; }
+  std::size_t ffn() const noexcept { return ffn_; }
+  //! Hosted experts, ascending.
+  std::span<const expert_id> experts() const noexcept { return experts_; }
+  std::size_t size() const noexcept { return experts_.size(); }
+  //! Bytes of weight storage.
+  std::size_t bytes() const noexcept { return data_.size() * sizeof(W); }
+  bool contains(expert_id e) const noexcept {
+    return e >= 0 && static_cast<std::size_t>(e) < index_.size() && index_[static_cast<std::size_t>(e)] >= 0;
+  }
+  //! Position of `e` in experts(). @throws locus::invalid_input_error when `e` is not held here
+  std::size_t index_of(expert_id e) const {
+    LOCUS_REQUIRE(contains(e), invalid_input_error, "expert_weights: expert ", e,
+                  " is not among the experts held here (", experts_.size(), " experts)");
+    return static_cast<std::size_t>(index_[static_cast<std::size_t>(e)]);
+  }
+
+  std::span<W> gate(expert_id e) { return {base(e), hidden_ * ffn_}; }
+  std::span<W> up(expert_id e) { return {base(e) + hidden_ * ffn_, hidden_ * ffn_}; }
+  std::span<W> down(expert_id e) { return {base(e) + 2 * hidden_ * ffn_, hidden_ * ffn_}; }
+  swiglu_expert_view<W> view(expert_id e) const {
+    const W* b = data_.data() + index_of(e) * per_expert();
+    return {b, b + hidden_ * ffn_, b + 2 * hidden_ * ffn_, hidden_, ffn_};
+  }
+
+private:
+  std::size_t per_expert() const noexcept { return 3 * hidden_ * ffn_; }
+  W* base(expert_id e) { return data_.data() + index_of(e) * per_expert(); }
+
+  std::size_t hidden_ = 0;
+  std::size_t ffn_ = 0;
+  std::vector<expert_id> experts_;
+  std::vector<std::int32_t> index_; //!< expert id → position, -1 when not held
+  std::vector<W> data_;
+};
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::layer
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
+
+//! Tile sizes of the host SwiGLU: rows per tile, and output columns per tile. A tile's fp32
+//! accumulators (2 × rows × cols for gate and up) stay in L1.
+struct swiglu_host_tiles {
+  static constexpr std::size_t rows = 8;
+  static constexpr std::size_t cols = 64;
+};
+
+// One work item: a tile of rows of one block × a tile of output columns.
+struct tile {
+  std::uint32_t block;
+  std::uint32_t row0, rows;
+  std::uint32_t col0, cols;
+};
+
+inline void make_tiles(std::vector<tile>& out, std::span<const std::size_t> offsets, std::size_t cols) {
+  using tiles = swiglu_host_tiles;
+  out.clear();
+  for (std::size_t b = 0; b + 1 < offsets.size(); ++b)
+    for (std::size_t r = offsets[b]; r < offsets[b + 1]; r += tiles::rows)
+      for (std::size_t c = 0; c < cols; c += tiles::cols)
+        out.push_back({static_cast<std::uint32_t>(b), static_cast<std::uint32_t>(r),
+                       static_cast<std::uint32_t>(std::min(tiles::rows, offsets[b + 1] - r)),
+                       static_cast<std::uint32_t>(c), static_cast<std::uint32_t>(std::min(tiles::cols, cols - c))});
+}
+
+// Weights row `w[0..n)` as floats (a no-op copy for float, a widening for bfloat16).
+template <class W>
+inline const float* widen(const W* w, std::size_t n, float* buf) {
+  if constexpr (std::is_same_v<W, float>) {
+    (void)n;
+    (void)buf;
+    return w;
+  } else {
+    for (std::size_t j = 0; j < n; ++j) buf[j] = to_float(w[j]);
+    return buf;
+  }
+}
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::detail::layer
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::layer {
+
+//! The reference SwiGLU FFN on the host: out = (silu(x·W_gate) ⊙ (x·W_up))·W_down per expert.
+//! Weights are stored in `W`; inputs and outputs may be float or bfloat16; every product is
+//! accumulated in fp32 in a fixed order, so results do not depend on the thread count. The work
+//! is split into (rows × columns) tiles over all blocks, so a decode step with few rows per expert
+//! still uses every worker.
+//! @tparam W weight storage, float or locus::bfloat16
+//! @tparam A the activation type a layer built on this policy uses (either type is accepted here)
+template <expert_element W = float, expert_element A = float>
+class swiglu_host {
+public:
+  using policy_concept = expert_compute_tag;
+  using weight_type = W;
+  using activation_type = A;
+  static constexpr memory_space space = memory_space::host;
+
+  //! @param weights the experts this rank computes
+  //! @param threads worker threads (0 = all hardware threads)
+  explicit swiglu_host(expert_weights<W> weights, unsigned threads = 0)
+      : weights_(std::move(weights)), threads_(threads) {}
+
+  const expert_weights<W>& weights() const noexcept { return weights_; }
+  unsigned threads() const noexcept { return threads_; }
+  void set_threads(unsigned threads) noexcept { threads_ = threads; }
+
+  //! Computes every block.
+  //! @throws locus::invalid_input_error on a block of an expert not held here, a hidden-size
+  //!         mismatch or malformed offsets
+  template <expert_element X>
+  void operator()(const expert_blocks<X, memory_space::host>& b) {
+    detail::layer::check_blocks("swiglu_host", b, weights_.hidden());
+    views_.resize(b.count);
+    for (std::size_t i = 0; i < b.count; ++i) views_[i] = weights_.view(b.experts[i]);
+    const std::size_t rows = b.total_rows(), hidden = weights_.hidden(), ffn = weights_.ffn();
+    if (rows == 0) return;
+    act_.resize(rows * ffn);
+    const std::span<const std::size_t> offsets(b.offsets, b.count + 1);
+    using tiles = detail::layer::swiglu_host_tiles;
+
+    // Stage 1: act = silu(x·W_gate) ⊙ (x·W_up), tiles over (rows, ffn columns).
+    detail::layer::make_tiles(tiles_, offsets, ffn);
+    parallel_for(tiles_.size(), 1, threads_, [&](std::size_t begin, std::size_t end, unsigned) {
+      float g[tiles::rows][tiles::cols], u[tiles::rows][tiles::cols];
+      float xr[tiles::rows];
+      float wbuf[2][tiles::cols];
+      for (std::size_t it = begin; it < end; ++it) {
+        const detail::layer::tile t = tiles_[it];
+        const swiglu_expert_view<W>& v = views_[t.block];
+        for (std::size_t r = 0; r < t.rows; ++r)
+          for (std::size_t j = 0; j < t.cols; ++j) g[r][j] = u[r][j] = 0.0f;
+        for (std::size_t h = 0; h < hidden; ++h) {
+          const float* wg = detail::layer::widen(v.gate + h * ffn + t.col0, t.cols, wbuf[0]);
+          const float* wu = detail::layer::widen(v.up + h * ffn + t.col0, t.cols, wbuf[1]);
+          for (std::size_t r = 0; r < t.rows; ++r) xr[r] = to_float(b.input[(t.row0 + r) * hidden + h]);
+          for (std::size_t r = 0; r < t.rows; ++r) {
+            const float x = xr[r];
+            for (std::size_t j = 0; j < t.cols; ++j) {
+              g[r][j] += x * wg[j];
+              u[r][j] += x * wu[j];
+            }
+          }
+        }
+        for (std::size_t r = 0; r < t.rows; ++r) {
+          float* a = act_.data() + (t.row0 + r) * ffn + t.col0;
+          for (std::size_t j = 0; j < t.cols; ++j) a[j] = detail::layer::silu(g[r][j]) * u[r][j];
+        }
+      }
+    });
+
+    // Stage 2: out = act·W_down, tiles over (rows, hidden columns).
+    detail::layer::make_tiles(tiles_, offsets, hidden);
+    parallel_for(tiles_.size(), 1, threads_, [&](std::size_t begin, std::size_t end, unsigned) {
+      float o[tiles::rows][tiles::cols];
+      float wbuf[tiles::cols];
+      for (std::size_t it = begin; it < end; ++it) {
+        const detail::layer::tile t = tiles_[it];
+        const swiglu_expert_view<W>& v = views_[t.block];
+        for (std::size_t r = 0; r < t.rows; ++r)
+          for (std::size_t j = 0; j < t.cols; ++j) o[r][j] = 0.0f;
+        for (std::size_t f = 0; f < ffn; ++f) {
+          const float* wd = detail::layer::widen(v.down + f * hidden + t.col0, t.cols, wbuf);
+          for (std::size_t r = 0; r < t.rows; ++r) {
+            const float a = act_[(t.row0 + r) * ffn + f];
+            for (std::size_t j = 0; j < t.cols; ++j) o[r][j] += a * wd[j];
+          }
+        }
+        for (std::size_t r = 0; r < t.rows; ++r) {
+          X* out = b.output + (t.row0 + r) * hidden + t.col0;
+          for (std::size_t j = 0; j < t.cols; ++j) out[j] = static_cast<X>(o[r][j]);
+        }
+      }
+    });
+  }
+
+private:
+  expert_weights<W> weights_;
+  unsigned threads_;
+  std::vector<swiglu_expert_view<W>> views_;
+  std::vector<detail::layer::tile> tiles_;
+  std::vector<float> act_;
+};
+
+//! A user-supplied expert compute: `f(expert_id e, std::span<const T> in, std::span<T> out,
+//! std::size_t rows)` is called once per non-empty block, in block order, with the block's
+//! `rows × hidden` input rows and the output rows it must fill.
+template <class F>
+class expert_callable {
+public:
+  using policy_concept = expert_compute_tag;
+  static constexpr memory_space space = memory_space::host;
+
+  explicit expert_callable(F f) : f_(std::move(f)) {}
+
+  template <class T>
+  void operator()(const expert_blocks<T, memory_space::host>& b) {
+    detail::layer::check_blocks("expert_callable", b, b.hidden);
+    for (std::size_t i = 0; i < b.count; ++i) {
+      const std::size_t rows = b.rows(i);
+      if (rows == 0) continue;
+      const std::size_t first = b.offsets[i] * b.hidden, n = rows * b.hidden;
+      f_(b.experts[i], std::span<const T>(b.input + first, n), std::span<T>(b.output + first, n), rows);
+    }
+  }
+
+  F& function() noexcept { return f_; }
+
+private:
+  F f_;
+};
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::layer
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
+
+//! The expert compute a backend uses when none is given; backends other than host specialise it
+//! (layer/expert_compute_cuda.hpp does for backend::cuda).
+template <class Backend>
+struct default_expert_compute {
+  static_assert(sizeof(Backend) == 0, "locus::moe_layer: this backend has no default expert compute; give one "
+                                      "(for backend::cuda, include <locus/layer/expert_compute_cuda.hpp>)");
+};
+template <>
+struct default_expert_compute<backend::host> {
+  using type = locus::layer::swiglu_host<float>;
+};
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::detail::layer

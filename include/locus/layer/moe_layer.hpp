@@ -1,0 +1,270 @@
+#pragma once
+//! @file
+//! `locus::moe_layer`: one expert-parallel MoE layer on one rank, composed from policies.
+//!
+//! `forward` = route → layout → dispatch → expert compute → combine, plus the shared experts:
+//! 1. route: logits = x·W_router (fp32), then the router policy picks each token's top-k;
+//! 2. layout + dispatch (transport/dispatch.hpp): each token's copies go to the ranks holding its
+//!    experts (replica chosen locality-first), flat or node-hierarchical as the transport says;
+//! 3. expert compute: the policy turns each local expert's contiguous row block into outputs;
+//! 4. combine: outputs return to their source ranks and are summed with the routing weights;
+//! 5. shared experts (when the shape has them) run on every rank on its own tokens and are added.
+//!
+//! Policies are given in any order after the shape and the topology, with defaults for those left
+//! out (`policy_set`): router `layer::given_routing`, grouper `grouper::least_loaded`, placement
+//! `placement::linear`, transport `transport::local_flat`, backend `backend::host`, expert
+//! compute `layer::swiglu_host<float>` on the host backend (`swiglu_cuda<float>` on CUDA). The
+//! grouper and placement act outside the step (which rank serves a request, where experts live);
+//! the layer names them so one type describes the whole deployment, and `plan` runs the placement.
+//!
+//! Every step is collective over the transport: a rank whose own input is bad still takes part in
+//! the exchanges (with no tokens) and raises afterwards, so its peers never wait for it.
+
+#include <locus/backend/host.hpp>
+#include <locus/core/error.hpp>
+#include <locus/core/expert_map.hpp>
+#include <locus/core/moe_shape.hpp>
+#include <locus/core/parallel_for.hpp>
+#include <locus/core/policy.hpp>
+#include <locus/core/routing.hpp>
+#include <locus/core/topology.hpp>
+#include <locus/grouper/baselines.hpp>
+#include <locus/layer/expert_compute.hpp>
+#include <locus/placement/linear.hpp>
+#include <locus/placement/plan_input.hpp>
+#include <locus/transport/dispatch.hpp>
+#include <locus/transport/local.hpp>
+
+#include <concepts>
+#include <exception>
+#include <optional>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::layer {
+
+//! The router policy of a layer whose caller supplies each step's routing (an engine that routes
+//! elsewhere, or a replay of recorded routings): `moe_layer::forward(x, routing, y)` only.
+struct given_routing {
+  using policy_concept = router_tag;
+  static constexpr const char* name = "given_routing";
+};
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::layer
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
+
+template <class C>
+struct activation_of {
+  using type = float;
+};
+template <class C>
+  requires requires { typename C::activation_type; }
+struct activation_of<C> {
+  using type = typename C::activation_type;
+};
+
+//! Router policies that compute a routing from logits (everything except given_routing).
+template <class R, class Logits, class Out>
+concept routes_logits = requires(const R& r, const Logits& l, const Out& o) { r.route(l, o, 0u); };
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::detail::layer
+
+namespace locus::inline LOCUS_ABI_NAMESPACE {
+
+//! One MoE layer of an expert-parallel deployment, as seen by one rank.
+//! @tparam Shape    `locus::moe_shape<...>` (static or dynamic extents)
+//! @tparam Topology `locus::topology<...>`
+//! @tparam Policies router, grouper, placement, transport, backend and expert-compute policies in
+//!                  any order; each kind at most once, defaults for those left out
+template <any_moe_shape Shape, any_topology Topology, class... Policies>
+class moe_layer {
+  using policies = policy_set<Policies...>;
+
+public:
+  using shape_type = Shape;
+  using topology_type = Topology;
+  using router_type = typename require_router<typename policies::template get<router_tag, layer::given_routing>>::type;
+  using grouper_type =
+      typename require_grouper<typename policies::template get<grouper_tag, grouper::least_loaded>>::type;
+  using placement_type =
+      typename require_placement<typename policies::template get<placement_tag, placement::linear>>::type;
+  using transport_type =
+      typename require_transport<typename policies::template get<transport_tag, transport::local_flat>>::type;
+  using backend_type = typename require_backend<typename policies::template get<backend_tag, backend::host>>::type;
+  using expert_compute_type = typename policies::template get<
+      expert_compute_tag, typename detail::layer::default_expert_compute<backend_type>::type>;
+  //! The transport's host object (one per rank): local_transport, mpi_transport...
+  using exchanger_type = typename transport_type::exchanger_type;
+  //! Element type of hidden states, inputs and outputs.
+  using value_type = typename detail::layer::activation_of<expert_compute_type>::type;
+  using top_k_type = typename Shape::top_k_type;
+
+  static_assert(transport::transport<transport_type>,
+                "locus::moe_layer: the transport policy must name its host object (`exchanger_type`) and say whether "
+                "it is `hierarchical`");
+  static_assert(std::invocable<expert_compute_type&, const layer::expert_blocks<value_type, memory_space::host>&>,
+                "locus::moe_layer: the expert compute must accept the host blocks dispatch delivers "
+                "(layer::expert_blocks<value_type>)");
+  static_assert(std::is_same_v<router_type, layer::given_routing> ||
+                    requires { typename router_type::top_k_type; },
+                "locus::moe_layer: the router must declare its `top_k_type`");
+
+  //! @param shape   the layer's shape (experts, top-k, hidden, shared experts)
+  //! @param topo    the deployment; must equal the exchanger's topology
+  //! @param ex      this rank's transport endpoint (outlives the layer)
+  //! @param map     where the routed experts live; its ranks are the topology's
+  //! @param experts the expert compute of the experts this rank hosts under `map`
+  //! @throws locus::config_error on any disagreement between shape, topology, map, transport and
+  //!         compute (which rank count, which expert, which flag)
+  moe_layer(Shape shape, Topology topo, exchanger_type& ex, expert_map map, expert_compute_type experts)
+      : shape_(shape), topo_(topo), ex_(&ex), map_(std::move(map)), compute_(std::move(experts)),
+        dispatcher_(*ex_, map_, shape_.hidden(), shape_.top_k()), routing_(0, top_k_type(shape.top_k())) {
+    LOCUS_REQUIRE(ex.topology().nodes() == topo.nodes() && ex.topology().gpus_per_node() == topo.gpus_per_node(),
+                  config_error, "moe_layer: the layer's topology is ", topo.nodes(), " nodes × ", topo.gpus_per_node(),
+                  " GPUs but the transport's is ", ex.topology().nodes(), " × ", ex.topology().gpus_per_node());
+    LOCUS_REQUIRE(map_.experts() == shape.experts(), config_error, "moe_layer: the expert map places ",
+                  map_.experts(), " experts but the shape has ", shape.experts());
+    LOCUS_REQUIRE(ex.hierarchical() == transport_type::hierarchical, config_error, "moe_layer: the policy ",
+                  transport_type::hierarchical ? "is hierarchical" : "is flat", " but the transport endpoint was made ",
+                  ex.hierarchical() ? "hierarchical" : "flat");
+    check_compute_holds(compute_, dispatcher_.local_experts(), "routed expert");
+  }
+
+  //! Sets the shared experts (every token passes through each, weight 1), held on every rank; the
+  //! compute must hold experts 0 .. shape.shared_experts() - 1.
+  //! @throws locus::config_error when the shape has no shared experts or the compute lacks one
+  void set_shared_experts(expert_compute_type shared) {
+    LOCUS_REQUIRE(shape_.shared_experts() > 0, config_error,
+                  "moe_layer::set_shared_experts: the shape has no shared experts");
+    std::vector<expert_id> ids(shape_.shared_experts());
+    for (std::size_t s = 0; s < ids.size(); ++s) ids[s] = static_cast<expert_id>(s);
+    check_compute_holds(shared, ids, "shared expert");
+    shared_.emplace(std::move(shared));
+  }
+
+  //! Collective: y = MoE(x) with a routing given by the caller (`tokens × top_k` ids and weights).
+  //! @throws locus::invalid_input_error on sizes that disagree, an expert id out of range, an
+  //!         expert chosen twice by one token or a non-finite weight (after the collective steps)
+  template <class K, class Id, class Weight>
+  void forward(std::span<const value_type> x, const routing_view<K, Id, Weight, memory_space::host>& r,
+               std::span<value_type> y) {
+    std::exception_ptr local_error;
+    try {
+      LOCUS_REQUIRE(r.top_k() == shape_.top_k(), invalid_input_error, "moe_layer::forward: the routing has top_k ",
+                    r.top_k(), ", the layer ", shape_.top_k());
+      validate_routing(r, shape_.experts());
+      LOCUS_REQUIRE(r.tokens() == 0 || r.has_weights(), invalid_input_error, "moe_layer::forward: the routing carries no weights");
+    } catch (...) {
+      local_error = std::current_exception();
+    }
+    if (local_error) {
+      routing_ = routing<top_k_type>(0, top_k_extent());
+      run({}, routing_.view(), y, local_error);
+    } else {
+      run(x, routing_view<top_k_type>(r.ids(), r.weights(), r.tokens(), top_k_extent()), y, nullptr);
+    }
+  }
+
+  //! Runs the placement policy on `in` (one expert map per layer of the input).
+  template <class... Args>
+  static std::vector<expert_map> plan(const placement::plan_input& in, Args&&... args) {
+    return placement_type(std::forward<Args>(args)...).plan(in);
+  }
+
+  const Shape& shape() const noexcept { return shape_; }
+  const Topology& topology() const noexcept { return topo_; }
+  const expert_map& map() const noexcept { return map_; }
+  exchanger_type& exchanger() noexcept { return *ex_; }
+  expert_compute_type& experts() noexcept { return compute_; }
+  //! The routing of the last `forward(x, y)`.
+  const routing<top_k_type>& last_routing() const noexcept { return routing_; }
+  //! Rows this rank's experts computed in the last forward (token copies × local choices).
+  std::size_t last_expert_rows() const noexcept { return dispatcher_.expert_offsets().back(); }
+  //! The dispatcher (per-expert blocks, row provenance, message sizes).
+  const transport::moe_dispatcher<exchanger_type, value_type>& dispatcher() const noexcept { return dispatcher_; }
+
+private:
+  top_k_type top_k_extent() const { return top_k_type(shape_.top_k()); }
+
+  template <class Compute>
+  static void check_compute_holds(const Compute& c, std::span<const expert_id> ids, const char* what) {
+    if constexpr (requires { c.weights().contains(expert_id{}); }) {
+      for (expert_id e : ids)
+        LOCUS_REQUIRE(c.weights().contains(e), config_error, "moe_layer: ", what, " ", e,
+                      " is hosted on this rank but the expert compute holds no weights for it");
+    } else if constexpr (requires { c.experts(); }) {
+      for (expert_id e : ids) {
+        bool found = false;
+        for (expert_id h : c.experts()) found |= h == e;
+        LOCUS_REQUIRE(found, config_error, "moe_layer: ", what, " ", e,
+                      " is hosted on this rank but the expert compute holds no weights for it");
+      }
+    }
+  }
+
+  unsigned threads() const noexcept {
+    if constexpr (requires { backend_type{}.threads; })
+      return backend_.threads;
+    else
+      return 0;
+  }
+
+  template <class K, class Id, class Weight>
+  void run(std::span<const value_type> x, const routing_view<K, Id, Weight, memory_space::host>& r,
+           std::span<value_type> y, std::exception_ptr local_error) {
+    dispatcher_.dispatch(x, r);
+    {
+      const auto experts = dispatcher_.local_experts();
+      const auto offsets = dispatcher_.expert_offsets();
+      const layer::expert_blocks<value_type> blocks{experts.data(),           offsets.data(),
+                                                    experts.size(),           dispatcher_.expert_input().data(),
+                                                    dispatcher_.expert_output().data(), shape_.hidden()};
+      try {
+        compute_(blocks);
+      } catch (...) {
+        // The outputs are still returned (zeros where the compute failed) so peers finish combine.
+        if (!local_error) local_error = std::current_exception();
+      }
+    }
+    if (local_error) {
+      std::vector<value_type> sink(r.tokens() * shape_.hidden());
+      dispatcher_.combine(sink);
+      std::rethrow_exception(local_error);
+    }
+    dispatcher_.combine(y);
+    if (shape_.shared_experts() > 0) add_shared(x, y);
+  }
+
+  void add_shared(std::span<const value_type> x, std::span<value_type> y) {
+    LOCUS_REQUIRE(shared_.has_value(), config_error, "moe_layer::forward: the shape has ", shape_.shared_experts(),
+                  " shared experts but none were set (set_shared_experts)");
+    const std::size_t H = shape_.hidden(), T = x.size() / H;
+    shared_out_.resize(x.size());
+    acc_.assign(x.size(), 0.0f);
+    for (std::size_t s = 0; s < shape_.shared_experts(); ++s) {
+      const expert_id id = static_cast<expert_id>(s);
+      const std::size_t offsets[2] = {0, T};
+      (*shared_)(layer::expert_blocks<value_type>{&id, offsets, 1, x.data(), shared_out_.data(), H});
+      for (std::size_t i = 0; i < acc_.size(); ++i) acc_[i] += to_float(shared_out_[i]);
+    }
+    // Routed and shared parts are summed in fp32 and rounded once.
+    for (std::size_t i = 0; i < y.size(); ++i) y[i] = static_cast<value_type>(to_float(y[i]) + acc_[i]);
+  }
+
+  Shape shape_;
+  Topology topo_;
+  exchanger_type* ex_;
+  expert_map map_;
+  expert_compute_type compute_;
+  transport::moe_dispatcher<exchanger_type, value_type> dispatcher_;
+  [[no_unique_address]] backend_type backend_{};
+  std::optional<router_type> router_;
+  std::optional<expert_compute_type> shared_;
+  std::vector<float> gate_, logits_, acc_;
+  std::vector<value_type> shared_out_;
+  routing<top_k_type> routing_;
+};
+
+} // namespace locus::LOCUS_ABI_NAMESPACE

@@ -1,0 +1,106 @@
+#pragma once
+//! @file
+//! The floating-point building blocks every router shares between host and device: rounded
+//! arithmetic that the device compiler may not fuse, an exp / sigmoid built from those operations
+//! only, and the total order used for selection.
+//!
+//! Why not std::exp / expf: the host C library and CUDA's expf differ in the last bit for some
+//! inputs, and DeepSeek-style selection compares sigmoid(x) + bias across experts, so one ulp can
+//! change which expert is chosen. Everything here is a sequence of correctly rounded IEEE
+//! operations (+, -, *, /, exact scaling by a power of two), hence bit-identical on both sides.
+//! On the device the operations are written as __fadd_rn / __fmul_rn / __fdiv_rn so that nvcc
+//! never contracts them into FMAs; on the host they are plain operators, which x86-64 compilers
+//! do not contract unless FMA code generation is enabled (-mfma, -march=haswell or later) — a host
+//! build with FMA contraction stays correct but may pick a different expert on a one-ulp tie.
+
+#include <locus/core/bfloat16.hpp>
+#include <locus/core/config.hpp>
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::detail::router {
+
+LOCUS_HOST_DEVICE float fadd(float a, float b) {
+#if LOCUS_IS_DEVICE_PASS()
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+LOCUS_HOST_DEVICE float fsub(float a, float b) {
+#if LOCUS_IS_DEVICE_PASS()
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+LOCUS_HOST_DEVICE float fmul(float a, float b) {
+#if LOCUS_IS_DEVICE_PASS()
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+LOCUS_HOST_DEVICE float fdiv(float a, float b) {
+#if LOCUS_IS_DEVICE_PASS()
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+//! True for a finite float. Written as a comparison so that it vectorises on the host and needs
+//! no library call on the device.
+LOCUS_HOST_DEVICE bool is_finite(float x) {
+  const float a = x < 0.0f ? -x : x;
+  return a <= std::numeric_limits<float>::max();
+}
+
+LOCUS_HOST_DEVICE float bits_to_float(std::uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+//! exp(x) for finite x, relative error below 3e-7 on [-87, 88]. Inputs are clamped to that range
+//! (so exp never overflows; below it the result is 2^-126-ish instead of a denormal, which no
+//! router can tell from zero). Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a degree-7
+//! Taylor polynomial in Horner form, then an exact scaling by 2^n.
+LOCUS_HOST_DEVICE float exp(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  // round(x / ln2) by the 1.5 * 2^23 trick: exact for |x / ln2| < 2^22, no library call.
+  const float shifter = 12582912.0f;
+  const float n = fsub(fadd(fmul(x, 1.44269504088896341f), shifter), shifter);
+  // ln2 split so that n * ln2_hi is exact for |n| <= 128.
+  const float ln2_hi = 0.693145751953125f;
+  const float ln2_lo = 1.428606765330187045e-06f;
+  float r = fsub(x, fmul(n, ln2_hi));
+  r = fsub(r, fmul(n, ln2_lo));
+  float p = 1.0f / 5040.0f;
+  p = fadd(fmul(p, r), 1.0f / 720.0f);
+  p = fadd(fmul(p, r), 1.0f / 120.0f);
+  p = fadd(fmul(p, r), 1.0f / 24.0f);
+  p = fadd(fmul(p, r), 1.0f / 6.0f);
+  p = fadd(fmul(p, r), 0.5f);
+  p = fadd(fmul(p, r), 1.0f);
+  p = fadd(fmul(p, r), 1.0f);
+  const auto e = static_cast<std::int32_t>(n) + 127;
+  return fmul(p, bits_to_float(static_cast<std::uint32_t>(e) << 23));
+}
+
+//! The logistic function 1 / (1 + exp(-x)) for finite x.
+LOCUS_HOST_DEVICE float sigmoid(float x) { return fdiv(1.0f, fadd(1.0f, exp(-x))); }
+
+//! The selection order of every router: a higher score first, and on equal scores the lower id.
+//! A strict total order on (score, id) pairs, so any reduction order (a sequential scan on the
+//! host, a butterfly across a warp) picks the same winner.
+LOCUS_HOST_DEVICE bool better(float va, int ia, float vb, int ib) { return va > vb || (va == vb && ia < ib); }
+
+//! A router input element as float (fp32 or bfloat16 logits).
+LOCUS_HOST_DEVICE float load_logit(const float* p) { return *p; }
+LOCUS_HOST_DEVICE float load_logit(const bfloat16* p) { return bfloat16::to_float(p->bits); }
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::detail::router

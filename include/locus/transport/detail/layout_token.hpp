@@ -1,0 +1,102 @@
+#pragma once
+//! @file
+//! The per-token and per-row logic of a layout, written once for the host path
+//! (`transport/layout.hpp`) and the CUDA kernels (`transport/detail/kernels/layout.cuh`), so both
+//! produce the same layout by construction.
+
+#include <locus/core/config.hpp>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout {
+
+//! Per-source constants of a layout build.
+struct token_params {
+  std::int32_t source = 0;        //!< source rank
+  std::int32_t gpus = 1;          //!< GPUs per node
+  std::int32_t slots = 1;         //!< slots per rank
+  std::int32_t bucket_width = 1;  //!< bucket keys per rank: slots (flat) or gpus × slots (node)
+  bool node = false;              //!< node-deduplicated rows
+};
+
+//! Replica of the `nth` balanced copy of expert `e` (round robin over its candidates), or its
+//! fixed replica.
+LOCUS_HOST_DEVICE std::int32_t choose_replica(const std::int32_t* fixed, const std::int32_t* cand_offsets,
+                                              const std::int32_t* cands, std::int32_t e, std::int32_t nth) {
+  const std::int32_t f = fixed[e];
+  if (f >= 0) return f;
+  const std::int32_t m = cand_offsets[e + 1] - cand_offsets[e];
+  return cands[cand_offsets[e] + nth % m];
+}
+
+//! The rank a copy bound for `dst` is sent to: `dst`, or for a node layout and a remote node the
+//! rail peer (the rank with the source's local rank on `dst`'s node).
+LOCUS_HOST_DEVICE std::int32_t send_rank(const token_params& p, std::int32_t dst) {
+  if (!p.node || dst / p.gpus == p.source / p.gpus) return dst;
+  return dst / p.gpus * p.gpus + p.source % p.gpus;
+}
+
+//! Groups one token's `k` copies (destination ranks and slots) into rows.
+//! Writes, per copy, the row index within the token (`local_row`), and per row its bucket key
+//! (send rank × bucket width + lead entry), entry count and forwards. Returns the row count.
+template <std::size_t KMax>
+LOCUS_HOST_DEVICE std::int32_t group_rows(const token_params& p, const std::int32_t* rank, const std::int32_t* slot,
+                                          std::size_t k, std::int32_t* local_row, std::int32_t* row_key,
+                                          std::int32_t* row_size, std::int32_t* row_forwards) {
+  std::int32_t send[KMax];
+  std::int32_t rows = 0;
+  for (std::size_t j = 0; j < k; ++j) {
+    const std::int32_t dst = rank[j];
+    const std::int32_t to = send_rank(p, dst);
+    const std::int32_t sub = p.node ? (dst % p.gpus) * p.slots + slot[j] : slot[j];
+    std::int32_t i = 0;
+    while (i < rows && send[i] != to) ++i;
+    if (i == rows) {
+      send[i] = to;
+      row_key[i] = sub;
+      row_size[i] = 0;
+      row_forwards[i] = 0;
+      ++rows;
+    }
+    row_key[i] = sub < row_key[i] ? sub : row_key[i];
+    ++row_size[i];
+    // A forward per distinct destination other than the receiving peer (an equal destination
+    // implies the same row).
+    if (dst != to) {
+      bool fresh = true;
+      for (std::size_t q = 0; q < j; ++q) fresh &= rank[q] != dst;
+      if (fresh) ++row_forwards[i];
+    }
+    local_row[j] = i;
+  }
+  for (std::int32_t i = 0; i < rows; ++i) row_key[i] += send[i] * p.bucket_width;
+  return rows;
+}
+
+//! Link class index (0 same GPU, 1 intra-node, 2 inter-node) of a row sent to `to`.
+LOCUS_HOST_DEVICE std::int32_t row_link(const token_params& p, std::int32_t to) {
+  if (to == p.source) return 0;
+  return to / p.gpus == p.source / p.gpus ? 1 : 2;
+}
+
+//! The copies (indices `c0 + j`) of row `row` of a token, ordered by (rank, slot). Returns how many.
+template <std::size_t KMax>
+LOCUS_HOST_DEVICE std::int32_t row_members(const token_params& p, const std::int32_t* rank, const std::int32_t* slot,
+                                           const std::int32_t* local_row, std::size_t k, std::int32_t row,
+                                           std::int32_t* members) {
+  std::int32_t m = 0;
+  for (std::size_t j = 0; j < k; ++j) {
+    if (local_row[j] != row) continue;
+    const std::int64_t key = std::int64_t{rank[j]} * p.slots + slot[j];
+    std::int32_t q = m++;
+    while (q > 0 && std::int64_t{rank[members[q - 1]]} * p.slots + slot[members[q - 1]] > key) {
+      members[q] = members[q - 1];
+      --q;
+    }
+    members[q] = static_cast<std::int32_t>(j);
+  }
+  return m;
+}
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::transport::detail::layout

@@ -1,0 +1,396 @@
+#pragma once
+//! @file
+//! Dispatch and combine over any exchanger (local, MPI, NCCL host staging).
+//!
+//! Dispatch sends each token's hidden vector once per distinct destination rank (flat) or once per
+//! distinct destination node across the network to the rail peer, which forwards it to the
+//! token's destination ranks on its node (hierarchical), exactly the copies cost/traffic.hpp
+//! counts. Replicas are chosen with placement::locality_first_selector, fresh for each dispatch,
+//! over this rank's tokens in token order. Each row carries a small header (source rank, token, the
+//! token's top-k experts, weights and chosen destination ranks), so a receiver or forwarder needs
+//! no other metadata. The receiver gathers the rows into one contiguous block per local expert.
+//!
+//! Combine is the mirror image: each destination sums its experts' outputs for a copy with the
+//! routing weights and sends one row back along the copy's path; a rail peer adds the partial sums
+//! of its node before the single network copy returns; the source adds the rows per token. The
+//! copies of combine therefore equal those of dispatch per link class, as the traffic model says.
+
+#include <locus/core/expert_map.hpp>
+#include <locus/core/routing.hpp>
+#include <locus/cost/traffic.hpp>
+#include <locus/placement/replica_selection.hpp>
+#include <locus/transport/exchange.hpp>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
+
+//! Trivially copyable view of what dispatch delivered to one rank, for expert kernels: rows of
+//! local expert `i` are `input[offsets[i] * hidden .. offsets[i + 1] * hidden)`, and the expert's
+//! outputs go to the same rows of `output`.
+template <class T>
+struct dispatch_handle {
+  const T* input = nullptr;
+  T* output = nullptr;
+  const std::size_t* offsets = nullptr; //!< local_experts + 1 entries
+  const expert_id* experts = nullptr;   //!< the local experts, ascending
+  std::size_t local_experts = 0;
+  std::size_t hidden = 0;
+};
+
+namespace detail::dispatch {
+struct choice {
+  std::int32_t expert;
+  float weight;
+  std::int32_t dest;
+};
+struct row_header {
+  std::uint32_t source;
+  std::uint32_t token;
+};
+// Where a row of a send buffer came from, so that combine can route the returning row.
+struct origin {
+  std::uint32_t index;   //!< token (own) or stage-1 received row (forwarded)
+  std::uint32_t forward; //!< 1 when forwarded
+};
+} // namespace detail::dispatch
+
+//! Dispatch and combine of one MoE layer on one rank.
+//! @tparam Exchanger a type modelling `transport::exchanger`
+//! @tparam T         element of hidden vectors and expert outputs (float, double, bfloat16...)
+template <class Exchanger, class T>
+class moe_dispatcher {
+  static_assert(exchanger<Exchanger>, "locus::transport::moe_dispatcher needs a transport::exchanger");
+  static_assert(std::is_trivially_copyable_v<T>, "locus::transport::moe_dispatcher: T must be trivially copyable");
+
+public:
+  //! @param ex     this rank's exchanger (outlives the dispatcher)
+  //! @param map    the layer's expert map (outlives the dispatcher); ranks equal the exchanger's
+  //! @param hidden hidden size
+  //! @param top_k  experts per token
+  //! @throws locus::config_error on a rank-count mismatch, zero hidden size or top_k
+  moe_dispatcher(Exchanger& ex, const expert_map& map, std::size_t hidden, std::size_t top_k)
+      : ex_(&ex), map_(&map), hidden_(hidden), k_(top_k) {
+    LOCUS_REQUIRE(map.ranks() == ex.topology().ranks(), config_error, "moe_dispatcher: the expert map has ",
+                  map.ranks(), " ranks but the transport has ", ex.topology().ranks());
+    LOCUS_REQUIRE(hidden > 0 && top_k > 0, config_error, "moe_dispatcher: hidden size (", hidden, ") and top_k (",
+                  top_k, ") must be positive");
+    header_bytes_ = (sizeof(detail::dispatch::row_header) + k_ * sizeof(detail::dispatch::choice) + 15) / 16 * 16;
+    dispatch_row_ = (header_bytes_ + hidden_ * sizeof(T) + 7) / 8 * 8;
+    combine_row_ = hidden_ * sizeof(T);
+    local_index_.assign(map.experts(), -1);
+    for (expert_id e : map.experts_on(ex.rank())) local_index_[static_cast<std::size_t>(e)] = 0;
+    for (std::size_t e = 0; e < map.experts(); ++e) {
+      if (local_index_[e] < 0) continue;
+      local_index_[e] = static_cast<std::int32_t>(local_experts_.size());
+      local_experts_.push_back(static_cast<expert_id>(e));
+    }
+  }
+
+  //! Bytes of one dispatch row (header + hidden vector) and of one combine row: the message sizes
+  //! under which the traffic model's bytes equal the measured ones.
+  cost::message_sizes message_sizes() const noexcept { return {dispatch_row_, combine_row_}; }
+  std::size_t hidden() const noexcept { return hidden_; }
+  std::size_t top_k() const noexcept { return k_; }
+
+  //! Collective: sends this rank's tokens to their experts' ranks.
+  //! @param x tokens × hidden inputs of this rank's tokens, token-major
+  //! @param r this rank's routing (same token count)
+  //! @throws locus::invalid_input_error naming the token with a bad expert id, or on a size mismatch
+  template <class TopK, class Id, class Weight>
+  void dispatch(std::span<const T> x, const routing_view<TopK, Id, Weight, memory_space::host>& r) {
+    const std::size_t tokens = r.tokens();
+    // Every member must take part in the exchanges even when its input is bad, or the others
+    // would wait for it; bad input is sent as an empty request and raised after the exchanges.
+    std::string problem;
+    if (r.top_k() != k_)
+      problem = ::locus::detail::concat("moe_dispatcher::dispatch: the routing has top_k ", r.top_k(), ", the dispatcher ", k_);
+    else if (x.size() != tokens * hidden_)
+      problem = ::locus::detail::concat("moe_dispatcher::dispatch: ", tokens, " tokens need ", tokens * hidden_,
+                               " input values, got ", x.size());
+    if (problem.empty()) {
+      for (std::size_t t = 0; t < tokens && problem.empty(); ++t)
+        for (std::size_t j = 0; j < k_; ++j)
+          if (static_cast<std::size_t>(r.expert(t, j)) >= map_->experts()) {
+            problem = ::locus::detail::concat("moe_dispatcher::dispatch: token ", t, " choice ", j, ": expert id ",
+                                     r.expert(t, j), " out of range [0, ", map_->experts(), ")");
+            break;
+          }
+    }
+    tokens_ = problem.empty() ? tokens : 0;
+    plan_sources(r);
+    if (!ex_->hierarchical()) {
+      pack_own(x, r, exchange_group::world, send_a_, counts_a_, origins_a_);
+      ex_->exchange({exchange_group::world, dispatch_row_, send_a_, counts_a_, {}}, recv_a_);
+      copies_.clear();
+      for (std::size_t i = 0; i < recv_a_.row_count(); ++i) copies_.push_back(recv_a_.row(i));
+    } else {
+      // Stage 1: one row per remote destination node, to the rail peer on that node.
+      pack_own(x, r, exchange_group::rail, send_a_, counts_a_, origins_a_);
+      ex_->exchange({exchange_group::rail, dispatch_row_, send_a_, counts_a_, {}}, recv_a_);
+      // Stage 2: own tokens to own-node destinations, and the fan-out of what arrived.
+      pack_node(x, r);
+      ex_->exchange({exchange_group::node, dispatch_row_, send_b_, counts_b_, {}}, recv_b_);
+      copies_.clear();
+      for (std::size_t i = 0; i < recv_b_.row_count(); ++i) copies_.push_back(recv_b_.row(i));
+      for (std::uint32_t i : self_forward_) copies_.push_back(recv_a_.row(i));
+    }
+    if (!problem.empty()) LOCUS_THROW(invalid_input_error, problem);
+    gather();
+  }
+
+  //! The experts hosted on this rank (ascending), one token block each.
+  std::span<const expert_id> local_experts() const noexcept { return local_experts_; }
+  //! First row of each local expert's block, plus the total (local_experts().size() + 1 entries).
+  std::span<const std::size_t> expert_offsets() const noexcept { return segment_offsets_; }
+  //! Received inputs, `rows × hidden`, blocked by local expert.
+  std::span<const T> expert_input() const noexcept { return expert_in_; }
+  //! Where the expert compute writes its outputs (same shape as expert_input()).
+  std::span<T> expert_output() noexcept { return expert_out_; }
+  //! For each expert row: the source rank and token it came from.
+  std::span<const std::uint32_t> row_sources() const noexcept { return row_source_; }
+  std::span<const std::uint32_t> row_tokens() const noexcept { return row_token_; }
+  //! Token copies this rank received (before expansion to experts).
+  std::size_t received_copies() const noexcept { return copies_.size(); }
+  dispatch_handle<T> handle() noexcept {
+    return {expert_in_.data(), expert_out_.data(), segment_offsets_.data(), local_experts_.data(),
+            local_experts_.size(), hidden_};
+  }
+
+  //! Collective: returns the expert outputs to their sources and writes, for each token of the
+  //! last dispatch, y[t] = Σ_j weight(t, j) · output(expert(t, j), t).
+  //! @param y tokens × hidden, token-major
+  void combine(std::span<T> y) {
+    const bool size_ok = y.size() == tokens_ * hidden_;
+    // Weighted partial sum per received copy.
+    partial_.assign(copies_.size() * hidden_, 0.0f);
+    for (std::size_t row = 0; row < row_copy_.size(); ++row) {
+      float* p = partial_.data() + row_copy_[row] * hidden_;
+      const T* o = expert_out_.data() + row * hidden_;
+      const float w = row_weight_[row];
+      for (std::size_t h = 0; h < hidden_; ++h) p[h] += w * static_cast<float>(o[h]);
+    }
+    acc_.assign(tokens_ * hidden_, 0.0f);
+    if (!ex_->hierarchical()) {
+      to_rows(partial_.data(), recv_a_.row_count(), send_a_);
+      ex_->exchange({exchange_group::world, combine_row_, send_a_, recv_a_.counts, {}}, back_a_);
+      add_back(back_a_, origins_a_, nullptr);
+    } else {
+      const std::size_t node_rows = recv_b_.row_count();
+      to_rows(partial_.data(), node_rows, send_b_);
+      ex_->exchange({exchange_group::node, combine_row_, send_b_, recv_b_.counts, {}}, back_b_);
+      forward_acc_.assign(recv_a_.row_count() * hidden_, 0.0f);
+      add_back(back_b_, origins_b_, forward_acc_.data());
+      for (std::size_t i = 0; i < self_forward_.size(); ++i) {
+        const float* p = partial_.data() + (node_rows + i) * hidden_;
+        float* a = forward_acc_.data() + std::size_t{self_forward_[i]} * hidden_;
+        for (std::size_t h = 0; h < hidden_; ++h) a[h] += p[h];
+      }
+      to_rows(forward_acc_.data(), recv_a_.row_count(), send_a_);
+      ex_->exchange({exchange_group::rail, combine_row_, send_a_, recv_a_.counts, {}}, back_a_);
+      add_back(back_a_, origins_a_, nullptr);
+    }
+    LOCUS_REQUIRE(size_ok, invalid_input_error, "moe_dispatcher::combine: ", tokens_, " tokens need ",
+                  tokens_ * hidden_, " output values, got ", y.size());
+    for (std::size_t i = 0; i < acc_.size(); ++i) y[i] = static_cast<T>(acc_[i]);
+  }
+
+private:
+  // Destination ranks of every copy of this rank's tokens (replica choice as the traffic model).
+  template <class TopK, class Id, class Weight>
+  void plan_sources(const routing_view<TopK, Id, Weight, memory_space::host>& r) {
+    const auto& topo = ex_->topology();
+    placement::locality_first_selector<dynamic_topology> selector(*map_, topo);
+    const expert_map_view view = map_->view();
+    const std::size_t self = ex_->rank();
+    dest_.resize(tokens_ * k_);
+    for (std::size_t t = 0; t < tokens_; ++t)
+      for (std::size_t j = 0; j < k_; ++j)
+        dest_[t * k_ + j] = view.replicas[selector.select_index(self, static_cast<std::size_t>(r.expert(t, j)))].rank;
+  }
+
+  // True when `dest` occurs among the first `j` choices of token t's destinations (mapped by f).
+  template <class F>
+  bool seen_before(std::size_t t, std::size_t j, F&& f) const {
+    const std::size_t key = f(static_cast<std::size_t>(dest_[t * k_ + j]));
+    for (std::size_t p = 0; p < j; ++p)
+      if (f(static_cast<std::size_t>(dest_[t * k_ + p])) == key) return true;
+    return false;
+  }
+
+  void write_row(std::byte* row, std::size_t token, const T* payload, const expert_id* ids, const float* w) const {
+    namespace dd = detail::dispatch;
+    std::memset(row, 0, header_bytes_);
+    const dd::row_header h{static_cast<std::uint32_t>(ex_->rank()), static_cast<std::uint32_t>(token)};
+    std::memcpy(row, &h, sizeof h);
+    for (std::size_t j = 0; j < k_; ++j) {
+      const dd::choice c{ids[j], w ? w[j] : 0.0f, dest_[token * k_ + j]};
+      std::memcpy(row + sizeof h + j * sizeof c, &c, sizeof c);
+    }
+    std::memcpy(row + header_bytes_, payload, hidden_ * sizeof(T));
+  }
+
+  // Own tokens, one row per distinct destination member of `g` (world: rank; rail: remote node).
+  template <class TopK, class Id, class Weight>
+  void pack_own(std::span<const T> x, const routing_view<TopK, Id, Weight, memory_space::host>& r, exchange_group g,
+                std::vector<std::byte>& send, std::vector<std::size_t>& counts,
+                std::vector<detail::dispatch::origin>& origins) {
+    const auto& topo = ex_->topology();
+    const std::size_t members = ex_->group_size(g), gpus = topo.gpus_per_node();
+    const std::size_t my_node = ex_->rank() / gpus;
+    const auto member_of = [&](std::size_t d) { return g == exchange_group::rail ? d / gpus : d; };
+    counts.assign(members, 0);
+    bucket_.assign(members, {});
+    for (std::size_t t = 0; t < tokens_; ++t)
+      for (std::size_t j = 0; j < k_; ++j) {
+        const auto d = static_cast<std::size_t>(dest_[t * k_ + j]);
+        if (g == exchange_group::rail && d / gpus == my_node) continue; // own node: stage 2
+        if (seen_before(t, j, member_of)) continue;
+        bucket_[member_of(d)].push_back(static_cast<std::uint32_t>(t));
+      }
+    std::size_t rows = 0;
+    for (std::size_t m = 0; m < members; ++m) rows += counts[m] = bucket_[m].size();
+    send.resize(rows * dispatch_row_);
+    origins.clear();
+    std::size_t at = 0;
+    for (std::size_t m = 0; m < members; ++m)
+      for (std::uint32_t t : bucket_[m]) {
+        write_row(send.data() + at++ * dispatch_row_, t, x.data() + std::size_t{t} * hidden_, r.token_ids(t),
+                  r.has_weights() ? r.token_weights(t) : nullptr);
+        origins.push_back({t, 0});
+      }
+  }
+
+  // Stage 2 of the hierarchical dispatch: own tokens to own-node ranks, then forwarded rows.
+  template <class TopK, class Id, class Weight>
+  void pack_node(std::span<const T> x, const routing_view<TopK, Id, Weight, memory_space::host>& r) {
+    namespace dd = detail::dispatch;
+    const auto& topo = ex_->topology();
+    const std::size_t gpus = topo.gpus_per_node(), self = ex_->rank(), my_node = self / gpus;
+    own_bucket_.assign(gpus, {});
+    bucket_.assign(gpus, {});
+    for (std::size_t t = 0; t < tokens_; ++t)
+      for (std::size_t j = 0; j < k_; ++j) {
+        const auto d = static_cast<std::size_t>(dest_[t * k_ + j]);
+        if (d / gpus != my_node || seen_before(t, j, [](std::size_t v) { return v; })) continue;
+        own_bucket_[d % gpus].push_back(static_cast<std::uint32_t>(t));
+      }
+    self_forward_.clear();
+    std::vector<dd::choice> cs(k_);
+    for (std::size_t i = 0; i < recv_a_.row_count(); ++i) {
+      std::memcpy(cs.data(), recv_a_.row(i) + sizeof(dd::row_header), k_ * sizeof(dd::choice));
+      for (std::size_t j = 0; j < k_; ++j) {
+        const auto d = static_cast<std::size_t>(cs[j].dest);
+        bool seen = false;
+        for (std::size_t p = 0; p < j; ++p) seen |= cs[p].dest == cs[j].dest;
+        if (seen || d / gpus != my_node) continue;
+        if (d == self)
+          self_forward_.push_back(static_cast<std::uint32_t>(i));
+        else
+          bucket_[d % gpus].push_back(static_cast<std::uint32_t>(i));
+      }
+    }
+    counts_b_.assign(gpus, 0);
+    std::size_t rows = 0;
+    for (std::size_t l = 0; l < gpus; ++l) rows += counts_b_[l] = own_bucket_[l].size() + bucket_[l].size();
+    send_b_.resize(rows * dispatch_row_);
+    origins_b_.clear();
+    std::size_t at = 0;
+    for (std::size_t l = 0; l < gpus; ++l) {
+      for (std::uint32_t t : own_bucket_[l]) {
+        write_row(send_b_.data() + at++ * dispatch_row_, t, x.data() + std::size_t{t} * hidden_, r.token_ids(t),
+                  r.has_weights() ? r.token_weights(t) : nullptr);
+        origins_b_.push_back({t, 0});
+      }
+      for (std::uint32_t i : bucket_[l]) {
+        std::memcpy(send_b_.data() + at++ * dispatch_row_, recv_a_.row(i), dispatch_row_);
+        origins_b_.push_back({i, 1});
+      }
+    }
+  }
+
+  // Expands received copies into per-local-expert blocks.
+  void gather() {
+    namespace dd = detail::dispatch;
+    const std::size_t n_local = local_experts_.size();
+    const auto self = static_cast<std::int32_t>(ex_->rank());
+    segment_offsets_.assign(n_local + 1, 0);
+    std::vector<dd::choice> cs(k_);
+    const auto for_each_local_choice = [&](auto&& f) {
+      for (std::size_t c = 0; c < copies_.size(); ++c) {
+        std::memcpy(cs.data(), copies_[c] + sizeof(dd::row_header), k_ * sizeof(dd::choice));
+        for (std::size_t j = 0; j < k_; ++j) {
+          if (cs[j].dest != self) continue;
+          const auto e = static_cast<std::size_t>(cs[j].expert);
+          LOCUS_REQUIRE(e < local_index_.size() && local_index_[e] >= 0, transport_error, "moe_dispatcher: rank ",
+                        self, " received a copy for expert ", cs[j].expert, " which it does not host");
+          f(c, static_cast<std::size_t>(local_index_[e]), cs[j].weight);
+        }
+      }
+    };
+    for_each_local_choice([&](std::size_t, std::size_t li, float) { ++segment_offsets_[li + 1]; });
+    for (std::size_t i = 0; i < n_local; ++i) segment_offsets_[i + 1] += segment_offsets_[i];
+    const std::size_t rows = segment_offsets_[n_local];
+    expert_in_.resize(rows * hidden_);
+    expert_out_.assign(rows * hidden_, T{});
+    row_copy_.resize(rows);
+    row_weight_.resize(rows);
+    row_source_.resize(rows);
+    row_token_.resize(rows);
+    fill_.assign(segment_offsets_.begin(), segment_offsets_.end() - 1);
+    for_each_local_choice([&](std::size_t c, std::size_t li, float w) {
+      const std::size_t row = fill_[li]++;
+      std::memcpy(expert_in_.data() + row * hidden_, copies_[c] + header_bytes_, hidden_ * sizeof(T));
+      dd::row_header h;
+      std::memcpy(&h, copies_[c], sizeof h);
+      row_copy_[row] = static_cast<std::uint32_t>(c);
+      row_weight_[row] = w;
+      row_source_[row] = h.source;
+      row_token_[row] = h.token;
+    });
+  }
+
+  void to_rows(const float* values, std::size_t rows, std::vector<std::byte>& out) const {
+    out.resize(rows * combine_row_);
+    for (std::size_t i = 0; i < rows * hidden_; ++i) {
+      const T v = static_cast<T>(values[i]);
+      std::memcpy(out.data() + i * sizeof(T), &v, sizeof(T));
+    }
+  }
+
+  // Adds returned rows (in the order of the matching send buffer) to tokens or forwarded rows.
+  void add_back(const exchange_result& back, const std::vector<detail::dispatch::origin>& origins,
+                float* forward_acc) {
+    for (std::size_t s = 0; s < origins.size(); ++s) {
+      float* dst = (origins[s].forward ? forward_acc : acc_.data()) + std::size_t{origins[s].index} * hidden_;
+      const std::byte* src = back.row(s);
+      for (std::size_t h = 0; h < hidden_; ++h) {
+        T v;
+        std::memcpy(&v, src + h * sizeof(T), sizeof(T));
+        dst[h] += static_cast<float>(v);
+      }
+    }
+  }
+
+  Exchanger* ex_;
+  const expert_map* map_;
+  std::size_t hidden_, k_, header_bytes_ = 0, dispatch_row_ = 0, combine_row_ = 0, tokens_ = 0;
+  std::vector<std::int32_t> local_index_;
+  std::vector<expert_id> local_experts_;
+  std::vector<std::int32_t> dest_;
+  std::vector<std::vector<std::uint32_t>> bucket_, own_bucket_;
+  std::vector<std::byte> send_a_, send_b_;
+  std::vector<std::size_t> counts_a_, counts_b_;
+  std::vector<detail::dispatch::origin> origins_a_, origins_b_;
+  exchange_result recv_a_, recv_b_, back_a_, back_b_;
+  std::vector<std::uint32_t> self_forward_;
+  std::vector<const std::byte*> copies_;
+  std::vector<std::size_t> segment_offsets_, fill_;
+  std::vector<T> expert_in_, expert_out_;
+  std::vector<std::uint32_t> row_copy_, row_source_, row_token_;
+  std::vector<float> row_weight_, partial_, acc_, forward_acc_;
+};
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::transport

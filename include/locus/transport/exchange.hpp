@@ -1,0 +1,304 @@
+#pragma once
+//! @file
+//! The exchange layer every transport implements: rows of a fixed byte width go from each rank to
+//! destination ranks, given per-destination row counts; each rank gets back the rows addressed to
+//! it, grouped by source, with per-source counts. Combine is the same call in reverse (the received
+//! counts become the send counts), which returns rows to their senders in their original order.
+//!
+//! An exchange runs over a *group* of ranks: the whole world, the ranks of one node (intra-node
+//! fan-out of a hierarchical transport), or the rail of one local rank (the ranks with the same
+//! local rank on every node, which carry the inter-node stage). Members of a group are numbered
+//! 0..size-1: on a node by local rank, on a rail by node.
+//!
+//! Every exchange begins with a header round in which each member tells each other member its row
+//! width, its exchange sequence number, how many rows it sends and whether its own input was
+//! valid. Every member sees every header, so disagreements (different row widths, an exchange
+//! skipped by one rank, invalid input on one rank) raise locus::transport_error on *every* member
+//! instead of corrupting data; receiver-side expectations (`expected_counts`) add a second round so
+//! that one rank's mismatch is raised by all. A member that does not arrive within the configured
+//! timeout makes the others raise locus::timeout_error; the transport is then unusable (every
+//! later call raises) because the group's messages are no longer in step.
+
+#include <locus/core/error.hpp>
+#include <locus/core/policy.hpp>
+#include <locus/core/topology.hpp>
+
+#include <array>
+#include <chrono>
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
+
+//! The ranks an exchange runs over.
+enum class exchange_group : std::uint8_t {
+  world, //!< every rank; member = rank
+  node,  //!< the ranks of the caller's node; member = local rank
+  rail,  //!< the ranks with the caller's local rank, one per node; member = node
+};
+
+inline const char* to_string(exchange_group g) noexcept {
+  switch (g) {
+  case exchange_group::world: return "world";
+  case exchange_group::node: return "node";
+  case exchange_group::rail: return "rail";
+  }
+  return "unknown";
+}
+
+//! Options shared by every transport.
+struct exchange_options {
+  //! How long a member waits for its peers in one exchange before raising locus::timeout_error.
+  std::chrono::milliseconds timeout{30000};
+  //! Whether the row stage also runs nonblocking under the deadline. The header round already
+  //! proves that every member arrived, so by default the rows move with the blocking collective,
+  //! which MPI implementations tune far better than their nonblocking schedules (Open MPI's
+  //! `MPI_Ialltoallv` measured 2-3× slower in bench/exchange); set this to also bound a peer
+  //! that dies between the two stages.
+  bool deadline_on_rows = false;
+};
+
+//! Bytes and rows a rank actually moved, per link class (same GPU, intra-node, inter-node).
+struct link_counters {
+  std::array<std::uint64_t, link_class_count> bytes_sent{};
+  std::array<std::uint64_t, link_class_count> rows_sent{};
+  std::array<std::uint64_t, link_class_count> bytes_received{};
+  std::array<std::uint64_t, link_class_count> rows_received{};
+
+  std::uint64_t sent(link_class c) const noexcept { return bytes_sent[static_cast<std::size_t>(c)]; }
+  std::uint64_t received(link_class c) const noexcept { return bytes_received[static_cast<std::size_t>(c)]; }
+  void clear() noexcept { *this = link_counters{}; }
+  link_counters& operator+=(const link_counters& o) noexcept {
+    for (std::size_t c = 0; c < link_class_count; ++c) {
+      bytes_sent[c] += o.bytes_sent[c];
+      rows_sent[c] += o.rows_sent[c];
+      bytes_received[c] += o.bytes_received[c];
+      rows_received[c] += o.rows_received[c];
+    }
+    return *this;
+  }
+};
+
+//! One member's input to an exchange.
+struct exchange_request {
+  exchange_group group = exchange_group::world;
+  std::size_t row_bytes = 0;              //!< width of every row, equal on all members
+  std::span<const std::byte> rows;        //!< rows ordered by destination member
+  std::span<const std::size_t> counts;    //!< rows per destination member (size = group size)
+  //! Optional: rows this member expects from each source member (size = group size). A mismatch
+  //! raises locus::transport_error on every member of the group.
+  std::span<const std::size_t> expected_counts;
+
+  //! 1 when this member checks expected counts (everyone then runs the second round).
+  std::uint32_t expectations_flag() const noexcept { return expected_counts.empty() ? 0u : 1u; }
+};
+
+//! What an exchange delivered to one member. Reused between calls to keep its capacity.
+struct exchange_result {
+  std::vector<std::byte> rows;       //!< received rows, grouped by source member in member order
+  std::vector<std::size_t> counts;   //!< rows from each source member
+  std::vector<std::size_t> offsets;  //!< first row of each source member (size = group size + 1)
+  std::size_t row_bytes = 0;
+
+  std::size_t row_count() const noexcept { return offsets.empty() ? 0 : offsets.back(); }
+  const std::byte* row(std::size_t i) const noexcept { return rows.data() + i * row_bytes; }
+  std::byte* row(std::size_t i) noexcept { return rows.data() + i * row_bytes; }
+};
+
+//! Trivially copyable view of a received buffer: what a kernel sees.
+struct exchange_handle {
+  const std::byte* rows = nullptr;
+  const std::size_t* offsets = nullptr; //!< group size + 1 entries
+  std::size_t members = 0;
+  std::size_t row_bytes = 0;
+};
+
+//! The handle of a result (valid while the result is neither modified nor destroyed).
+inline exchange_handle handle_of(const exchange_result& r) noexcept {
+  return {r.rows.data(), r.offsets.data(), r.counts.size(), r.row_bytes};
+}
+
+//! A host object that moves rows between ranks: what dispatch and combine are written against.
+//! `exchange` is collective over the group; `bytes()` accumulates what this rank moved.
+template <class T>
+concept exchanger = requires(T& t, const T& ct, const exchange_request& req, exchange_result& out, exchange_group g,
+                             std::size_t m) {
+  { ct.rank() } -> std::convertible_to<std::size_t>;
+  { ct.topology() } -> std::convertible_to<dynamic_topology>;
+  { ct.group_size(g) } -> std::convertible_to<std::size_t>;
+  { ct.world_rank_of(g, m) } -> std::convertible_to<std::size_t>;
+  { ct.hierarchical() } -> std::convertible_to<bool>;
+  { ct.bytes() } -> std::convertible_to<const link_counters&>;
+  t.reset_bytes();
+  t.exchange(req, out);
+};
+
+//! A transport policy: a tag type naming its host object (`exchanger_type`) and whether dispatch
+//! over it is node-hierarchical.
+template <class P>
+concept transport = transport_policy<P> && requires {
+  typename P::exchanger_type;
+  { P::hierarchical } -> std::convertible_to<bool>;
+};
+
+namespace detail::exchange {
+
+//! The header one member sends to each other member before the rows.
+struct header {
+  std::uint64_t sequence = 0;
+  std::uint64_t row_bytes = 0;
+  std::uint64_t count = 0;
+  std::uint32_t status = 0;       //!< 0: valid input; otherwise a local_problem code
+  std::uint32_t expectations = 0; //!< 1 when the sender checks expected counts (second round)
+};
+
+enum local_problem : std::uint32_t { ok = 0, counts_size = 1, rows_size = 2, zero_width = 3, expected_size = 4 };
+
+inline const char* describe(std::uint32_t p) {
+  switch (p) {
+  case counts_size: return "a per-destination count array whose size is not the group size";
+  case rows_size: return "a send buffer whose size is not the sum of the counts times the row width";
+  case zero_width: return "a row width of zero";
+  case expected_size: return "an expected-count array whose size is not the group size";
+  default: return "an invalid request";
+  }
+}
+
+//! Validates one member's request; returns the problem code and fills `why` with the details.
+inline std::uint32_t check_request(const exchange_request& req, std::size_t members, std::string& why) {
+  if (req.row_bytes == 0) {
+    why = "the row width is zero";
+    return zero_width;
+  }
+  if (req.counts.size() != members) {
+    why = ::locus::detail::concat("counts has ", req.counts.size(), " entries but the ", to_string(req.group), " group has ",
+                 members, " members");
+    return counts_size;
+  }
+  if (!req.expected_counts.empty() && req.expected_counts.size() != members) {
+    why = ::locus::detail::concat("expected_counts has ", req.expected_counts.size(), " entries but the ", to_string(req.group),
+                 " group has ", members, " members");
+    return expected_size;
+  }
+  std::size_t total = 0;
+  for (std::size_t c : req.counts) total += c;
+  if (total * req.row_bytes != req.rows.size()) {
+    why = ::locus::detail::concat("the counts add up to ", total, " rows of ", req.row_bytes, " bytes = ", total * req.row_bytes,
+                 " bytes but the send buffer holds ", req.rows.size(), " bytes");
+    return rows_size;
+  }
+  return ok;
+}
+
+//! The verdict every member reaches from the same set of headers (`received[m]` is the header
+//! member m sent to this member; all members see the same sequence, width and status values).
+//! Returns an empty string when the exchange may proceed.
+inline std::string verdict(std::span<const header> received, std::size_t self_member, exchange_group g,
+                           const std::string& own_problem) {
+  for (std::size_t m = 0; m < received.size(); ++m) {
+    if (received[m].status != ok) {
+      if (m == self_member && !own_problem.empty())
+        return ::locus::detail::concat("exchange over the ", to_string(g), " group: this member's request is invalid: ", own_problem);
+      return ::locus::detail::concat("exchange over the ", to_string(g), " group: member ", m, " passed ",
+                    describe(received[m].status));
+    }
+  }
+  for (std::size_t m = 1; m < received.size(); ++m) {
+    if (received[m].sequence != received[0].sequence)
+      return ::locus::detail::concat("exchange over the ", to_string(g), " group: member 0 is at exchange #", received[0].sequence,
+                    " but member ", m, " is at exchange #", received[m].sequence,
+                    " (a rank skipped or repeated an exchange)");
+    if (received[m].row_bytes != received[0].row_bytes)
+      return ::locus::detail::concat("exchange over the ", to_string(g), " group: member 0 sends rows of ", received[0].row_bytes,
+                    " bytes but member ", m, " sends rows of ", received[m].row_bytes, " bytes");
+  }
+  return {};
+}
+
+//! Receiver-side check of `expected_counts`: the code sent in the second round (0 = agrees,
+//! otherwise 1 + the first source member whose count differs).
+inline std::uint32_t expectation_code(std::span<const header> received, std::span<const std::size_t> expected) {
+  if (expected.empty()) return 0;
+  for (std::size_t m = 0; m < received.size(); ++m)
+    if (received[m].count != expected[m]) return static_cast<std::uint32_t>(m + 1);
+  return 0;
+}
+
+//! Message for a failed second round: the first member (in member order) that reported a mismatch.
+inline std::string expectation_verdict(std::span<const std::uint32_t> codes, exchange_group g,
+                                       std::span<const header> received, std::span<const std::size_t> expected,
+                                       std::size_t self_member) {
+  for (std::size_t m = 0; m < codes.size(); ++m) {
+    if (codes[m] == 0) continue;
+    const std::size_t src = codes[m] - 1;
+    if (m == self_member)
+      return ::locus::detail::concat("exchange over the ", to_string(g), " group: member ", src, " sends ", received[src].count,
+                    " rows to this member (", m, ") but ", expected[src], " were expected");
+    return ::locus::detail::concat("exchange over the ", to_string(g), " group: member ", m, " received a row count from member ",
+                  src, " that differs from the count it expected");
+  }
+  return {};
+}
+
+//! Fills `out`'s counts and offsets from the received headers and sizes its row buffer.
+inline void shape_result(std::span<const header> received, std::size_t row_bytes, exchange_result& out) {
+  out.row_bytes = row_bytes;
+  out.counts.resize(received.size());
+  out.offsets.resize(received.size() + 1);
+  out.offsets[0] = 0;
+  for (std::size_t m = 0; m < received.size(); ++m) {
+    out.counts[m] = static_cast<std::size_t>(received[m].count);
+    out.offsets[m + 1] = out.offsets[m] + out.counts[m];
+  }
+  out.rows.resize(out.offsets.back() * row_bytes);
+}
+
+//! Adds one finished exchange to the counters.
+template <class MemberToRank>
+void count_bytes(link_counters& c, const dynamic_topology& topo, std::size_t self, const exchange_request& req,
+                 const exchange_result& out, MemberToRank&& world_rank_of) {
+  for (std::size_t m = 0; m < req.counts.size(); ++m) {
+    const std::size_t peer = world_rank_of(m);
+    const auto cls = static_cast<std::size_t>(topo.link(self, peer));
+    c.rows_sent[cls] += req.counts[m];
+    c.bytes_sent[cls] += req.counts[m] * req.row_bytes;
+    c.rows_received[cls] += out.counts[m];
+    c.bytes_received[cls] += out.counts[m] * req.row_bytes;
+  }
+}
+
+//! Group membership from the topology: the same numbering for every transport.
+struct group_map {
+  dynamic_topology topo;
+  std::size_t rank;
+
+  std::size_t size(exchange_group g) const noexcept {
+    switch (g) {
+    case exchange_group::node: return topo.gpus_per_node();
+    case exchange_group::rail: return topo.nodes();
+    default: return topo.ranks();
+    }
+  }
+  std::size_t self_member(exchange_group g) const noexcept {
+    switch (g) {
+    case exchange_group::node: return rank % topo.gpus_per_node();
+    case exchange_group::rail: return rank / topo.gpus_per_node();
+    default: return rank;
+    }
+  }
+  std::size_t world_rank_of(exchange_group g, std::size_t m) const noexcept {
+    switch (g) {
+    case exchange_group::node: return (rank / topo.gpus_per_node()) * topo.gpus_per_node() + m;
+    case exchange_group::rail: return m * topo.gpus_per_node() + rank % topo.gpus_per_node();
+    default: return m;
+    }
+  }
+};
+
+} // namespace detail::exchange
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::transport

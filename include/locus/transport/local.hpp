@@ -1,0 +1,211 @@
+#pragma once
+//! @file
+//! The `local` transport: R ranks as threads of one process, exchanging rows through shared
+//! memory. A `local_fabric` owns the shared state; each thread takes its `local_transport`
+//! endpoint (one per rank) and calls the same collective exchanges an MPI rank would, so dispatch
+//! and combine are tested without MPI, and single-process programs can use the same code.
+//! Groups (world, node, rail) follow the fabric's topology exactly as on a real machine.
+
+#include <locus/transport/exchange.hpp>
+
+#include <condition_variable>
+#include <cstring>
+#include <memory>
+#include <mutex>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
+
+namespace detail::local {
+
+//! A barrier that gives up at a deadline. Once one member times out the barrier is broken for
+//! good: the members are no longer in step, so every later arrival raises at once.
+class timed_barrier {
+public:
+  explicit timed_barrier(std::size_t members) : members_(members) {}
+
+  void arrive_and_wait(std::chrono::steady_clock::time_point deadline, std::size_t member, const char* group) {
+    std::unique_lock lock(mutex_);
+    if (broken_)
+      LOCUS_THROW(transport_error, "local transport (", group,
+                  " group): unusable after an earlier exchange timed out on another member");
+    const std::uint64_t generation = generation_;
+    if (++waiting_ == members_) {
+      waiting_ = 0;
+      ++generation_;
+      cv_.notify_all();
+      return;
+    }
+    const bool released = cv_.wait_until(lock, deadline, [&] { return generation_ != generation || broken_; });
+    if (generation_ != generation) return;
+    broken_ = true;
+    cv_.notify_all();
+    if (!released)
+      LOCUS_THROW(timeout_error, "local transport (", group, " group): member ", member, " waited past the timeout; ",
+                  members_ - waiting_, " of ", members_, " members never arrived");
+    LOCUS_THROW(timeout_error, "local transport (", group, " group): another member timed out while member ", member,
+                " was waiting");
+  }
+
+private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::size_t members_;
+  std::size_t waiting_ = 0;
+  std::uint64_t generation_ = 0;
+  bool broken_ = false;
+};
+
+//! Shared state of one group instance (the world, one node, or one rail).
+struct group_board {
+  explicit group_board(std::size_t members)
+      : barrier(members), headers(members * members), send_rows(members, nullptr),
+        send_offsets(members, std::vector<std::size_t>(members + 1, 0)), codes(members, 0) {}
+
+  timed_barrier barrier;
+  std::vector<exchange::header> headers; //!< [sender * members + receiver]
+  std::vector<const std::byte*> send_rows;
+  std::vector<std::vector<std::size_t>> send_offsets; //!< per sender: first row for each receiver
+  std::vector<std::uint32_t> codes;                   //!< second-round expectation codes
+};
+
+} // namespace detail::local
+
+class local_transport;
+
+//! Shared memory of R in-process ranks. Create it once, then hand `endpoint(r)` to the thread
+//! acting as rank r. The fabric must outlive its endpoints.
+class local_fabric {
+public:
+  //! @param topo         nodes × GPUs per node; its rank count is the number of endpoints
+  //! @param hierarchical whether dispatch over these endpoints uses the two-stage exchange
+  local_fabric(const dynamic_topology& topo, bool hierarchical, exchange_options options = {})
+      : topo_(topo), hierarchical_(hierarchical), options_(options) {
+    world_ = std::make_unique<detail::local::group_board>(topo.ranks());
+    for (std::size_t n = 0; n < topo.nodes(); ++n)
+      nodes_.push_back(std::make_unique<detail::local::group_board>(topo.gpus_per_node()));
+    for (std::size_t l = 0; l < topo.gpus_per_node(); ++l)
+      rails_.push_back(std::make_unique<detail::local::group_board>(topo.nodes()));
+  }
+  local_fabric(const local_fabric&) = delete;
+  local_fabric& operator=(const local_fabric&) = delete;
+
+  const dynamic_topology& topology() const noexcept { return topo_; }
+  bool hierarchical() const noexcept { return hierarchical_; }
+  const exchange_options& options() const noexcept { return options_; }
+
+  //! The endpoint of `rank`. @throws locus::invalid_input_error when rank is out of range
+  inline local_transport endpoint(std::size_t rank);
+
+private:
+  friend class local_transport;
+  detail::local::group_board& board(exchange_group g, std::size_t rank) {
+    switch (g) {
+    case exchange_group::node: return *nodes_[topo_.node_of(rank)];
+    case exchange_group::rail: return *rails_[topo_.local_rank_of(rank)];
+    default: return *world_;
+    }
+  }
+
+  dynamic_topology topo_;
+  bool hierarchical_;
+  exchange_options options_;
+  std::unique_ptr<detail::local::group_board> world_;
+  std::vector<std::unique_ptr<detail::local::group_board>> nodes_, rails_;
+};
+
+//! One rank's endpoint of a local_fabric: the exchanger handed to dispatch and combine. Each
+//! endpoint is used by one thread at a time.
+class local_transport {
+public:
+  std::size_t rank() const noexcept { return groups_.rank; }
+  const dynamic_topology& topology() const noexcept { return groups_.topo; }
+  bool hierarchical() const noexcept { return fabric_->hierarchical(); }
+  std::size_t group_size(exchange_group g) const noexcept { return groups_.size(g); }
+  std::size_t world_rank_of(exchange_group g, std::size_t member) const noexcept {
+    return groups_.world_rank_of(g, member);
+  }
+  const link_counters& bytes() const noexcept { return bytes_; }
+  void reset_bytes() noexcept { bytes_.clear(); }
+
+  //! Collective over `req.group`: every member of the group calls it with the same row width.
+  //! @throws locus::transport_error on every member when the members' requests disagree
+  //! @throws locus::timeout_error when a member does not arrive within the fabric's timeout
+  void exchange(const exchange_request& req, exchange_result& out) {
+    namespace dx = detail::exchange;
+    const std::size_t members = groups_.size(req.group), self = groups_.self_member(req.group);
+    auto& board = fabric_->board(req.group, rank());
+    const auto deadline = std::chrono::steady_clock::now() + fabric_->options().timeout;
+    const char* gname = to_string(req.group);
+    std::uint64_t& seq = sequence_[static_cast<std::size_t>(req.group)];
+
+    std::string own_problem;
+    const std::uint32_t status = dx::check_request(req, members, own_problem);
+    auto& offsets = board.send_offsets[self];
+    offsets[0] = 0;
+    for (std::size_t m = 0; m < members; ++m) {
+      const std::uint64_t count = status == dx::ok ? req.counts[m] : 0;
+      board.headers[self * members + m] = {seq, req.row_bytes, count, status, req.expectations_flag()};
+      offsets[m + 1] = offsets[m] + count;
+    }
+    board.send_rows[self] = req.rows.data();
+    board.barrier.arrive_and_wait(deadline, self, gname);
+
+    std::vector<dx::header> received(members);
+    bool expectations = false;
+    for (std::size_t m = 0; m < members; ++m) {
+      received[m] = board.headers[m * members + self];
+      expectations |= received[m].expectations != 0;
+    }
+    ++seq;
+    if (std::string why = dx::verdict(received, self, req.group, own_problem); !why.empty()) {
+      board.barrier.arrive_and_wait(deadline, self, gname); // nobody rewrites the board before all have read it
+      LOCUS_THROW(transport_error, "local transport: ", why);
+    }
+    if (expectations) {
+      board.codes[self] = dx::expectation_code(received, req.expected_counts);
+      board.barrier.arrive_and_wait(deadline, self, gname);
+      std::string why = dx::expectation_verdict(board.codes, req.group, received, req.expected_counts, self);
+      board.barrier.arrive_and_wait(deadline, self, gname);
+      if (!why.empty()) LOCUS_THROW(transport_error, "local transport: ", why);
+    }
+
+    dx::shape_result(received, req.row_bytes, out);
+    for (std::size_t m = 0; m < members; ++m) {
+      if (out.counts[m] == 0) continue;
+      const std::byte* src = board.send_rows[m] + board.send_offsets[m][self] * req.row_bytes;
+      std::memcpy(out.row(out.offsets[m]), src, out.counts[m] * req.row_bytes);
+    }
+    // Senders may reuse their buffers only after every receiver has copied.
+    board.barrier.arrive_and_wait(deadline, self, gname);
+    dx::count_bytes(bytes_, topology(), rank(), req, out,
+                    [&](std::size_t m) { return groups_.world_rank_of(req.group, m); });
+  }
+
+private:
+  friend class local_fabric;
+  local_transport(local_fabric& f, std::size_t rank) : fabric_(&f), groups_{f.topology(), rank} {}
+
+  local_fabric* fabric_;
+  detail::exchange::group_map groups_;
+  link_counters bytes_;
+  std::array<std::uint64_t, 3> sequence_{};
+};
+
+inline local_transport local_fabric::endpoint(std::size_t rank) {
+  topo_.check_rank(rank);
+  return local_transport(*this, rank);
+}
+
+//! Policy tags of the local transport.
+struct local_flat {
+  using policy_concept = transport_tag;
+  using exchanger_type = local_transport;
+  static constexpr bool hierarchical = false;
+};
+struct local_hierarchical {
+  using policy_concept = transport_tag;
+  using exchanger_type = local_transport;
+  static constexpr bool hierarchical = true;
+};
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::transport

@@ -1,0 +1,304 @@
+#pragma once
+// locus-requires: nccl
+//! @file
+//! NCCL transports. `nccl_transport` owns an NCCL communicator per exchange group (the world as
+//! given, plus node and rail communicators made with `ncclCommSplit`), a stream and device
+//! staging buffers. Rows move with `ncclGroupStart` + one `ncclSend`/`ncclRecv` per peer; for the
+//! common group sizes (1, 2, 4, 8, 16, 32, 64) the peer loop is unrolled at compile time.
+//!
+//! Protocol per exchange (see exchange.hpp): a header round (row width, sequence, count, validity)
+//! exchanged over NCCL and copied to the host, an optional expectation round, then the rows. Every
+//! wait polls the stream with a deadline and watches `ncclCommGetAsyncError`; on timeout every
+//! communicator is aborted (`ncclCommAbort`) and locus::timeout_error is raised.
+//!
+//! `exchange_device` moves device rows (the production path). `exchange` satisfies the host
+//! `exchanger` concept by staging host rows through device memory, so `moe_dispatcher` runs on it
+//! unchanged. Policies: `nccl_flat`, `nccl_hierarchical`.
+
+#include <locus/core/cuda_error.hpp>
+#include <locus/core/nccl_error.hpp>
+#include <locus/transport/exchange.hpp>
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include <thread>
+#include <utility>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
+
+namespace detail::nccl {
+
+//! Owning device allocation of raw bytes, grown on demand (contents are not preserved).
+class device_bytes {
+public:
+  device_bytes() = default;
+  device_bytes(const device_bytes&) = delete;
+  device_bytes& operator=(const device_bytes&) = delete;
+  ~device_bytes() {
+    if (ptr_) cudaFree(ptr_);
+  }
+  std::byte* reserve(std::size_t bytes) {
+    if (bytes > capacity_) {
+      if (ptr_) LOCUS_CUDA_CHECK(cudaFree(ptr_));
+      ptr_ = nullptr;
+      capacity_ = 0;
+      void* p = nullptr;
+      LOCUS_CUDA_CHECK(cudaMalloc(&p, bytes));
+      ptr_ = static_cast<std::byte*>(p);
+      capacity_ = bytes;
+    }
+    return ptr_;
+  }
+  std::byte* data() const noexcept { return ptr_; }
+
+private:
+  std::byte* ptr_ = nullptr;
+  std::size_t capacity_ = 0;
+};
+
+//! Posts the sends and receives of one peer inside an NCCL group.
+struct peer_io {
+  const std::byte* send;
+  const std::size_t* send_offsets; //!< bytes, members + 1
+  std::byte* recv;
+  const std::size_t* recv_offsets; //!< bytes, members + 1
+  ncclComm_t comm;
+  cudaStream_t stream;
+
+  void operator()(std::size_t m) const {
+    const std::size_t out = send_offsets[m + 1] - send_offsets[m], in = recv_offsets[m + 1] - recv_offsets[m];
+    if (out) LOCUS_NCCL_CHECK(ncclSend(send + send_offsets[m], out, ncclChar, static_cast<int>(m), comm, stream));
+    if (in) LOCUS_NCCL_CHECK(ncclRecv(recv + recv_offsets[m], in, ncclChar, static_cast<int>(m), comm, stream));
+  }
+};
+
+//! One ncclSend/ncclRecv pair per peer, unrolled for a compile-time peer count.
+template <std::size_t Peers>
+void exchange_unrolled(const peer_io& io) {
+  [&]<std::size_t... M>(std::index_sequence<M...>) { (io(M), ...); }(std::make_index_sequence<Peers>{});
+}
+
+//! Chooses the unrolled form for the common group sizes, a loop otherwise.
+inline void exchange_peers(std::size_t members, const peer_io& io) {
+  LOCUS_NCCL_CHECK(ncclGroupStart());
+  switch (members) {
+  case 1: exchange_unrolled<1>(io); break;
+  case 2: exchange_unrolled<2>(io); break;
+  case 4: exchange_unrolled<4>(io); break;
+  case 8: exchange_unrolled<8>(io); break;
+  case 16: exchange_unrolled<16>(io); break;
+  case 32: exchange_unrolled<32>(io); break;
+  case 64: exchange_unrolled<64>(io); break;
+  default:
+    for (std::size_t m = 0; m < members; ++m) io(m);
+  }
+  LOCUS_NCCL_CHECK(ncclGroupEnd());
+}
+
+} // namespace detail::nccl
+
+//! Device rows received by `nccl_transport::exchange_device` (valid until the next exchange).
+struct device_exchange_result {
+  const std::byte* rows = nullptr;  //!< device memory, grouped by source member
+  std::vector<std::size_t> counts;  //!< rows from each source member
+  std::vector<std::size_t> offsets; //!< first row of each source member (members + 1)
+  std::size_t row_bytes = 0;
+};
+
+//! Host object of the NCCL transports for one rank (one GPU).
+class nccl_transport {
+public:
+  //! Collective over `world` (ncclCommSplit is collective).
+  //! @param world        an initialised communicator over all ranks (not owned)
+  //! @param stream       the stream exchanges run on (not owned)
+  //! @param topo         nodes × GPUs per node; ranks = world size
+  //! @param hierarchical whether dispatch uses the two-stage exchange
+  //! @throws locus::config_error when the communicator size differs from the topology
+  nccl_transport(ncclComm_t world, cudaStream_t stream, const dynamic_topology& topo, bool hierarchical,
+                 exchange_options options = {})
+      : world_(world), stream_(stream), groups_{topo, 0}, hierarchical_(hierarchical), options_(options) {
+    int size = 0, rank = 0;
+    LOCUS_NCCL_CHECK(ncclCommCount(world, &size));
+    LOCUS_NCCL_CHECK(ncclCommUserRank(world, &rank));
+    LOCUS_REQUIRE(static_cast<std::size_t>(size) == topo.ranks(), config_error, "nccl_transport: the communicator has ",
+                  size, " ranks but the topology has ", topo.ranks());
+    groups_.rank = static_cast<std::size_t>(rank);
+    LOCUS_NCCL_CHECK(ncclCommSplit(world, static_cast<int>(topo.node_of(groups_.rank)),
+                                   static_cast<int>(topo.local_rank_of(groups_.rank)), &node_, nullptr));
+    LOCUS_NCCL_CHECK(ncclCommSplit(world, static_cast<int>(topo.local_rank_of(groups_.rank)),
+                                   static_cast<int>(topo.node_of(groups_.rank)), &rail_, nullptr));
+  }
+  nccl_transport(const nccl_transport&) = delete;
+  nccl_transport& operator=(const nccl_transport&) = delete;
+  ~nccl_transport() {
+    for (ncclComm_t c : {node_, rail_})
+      if (c) broken_ ? ncclCommAbort(c) : ncclCommDestroy(c);
+  }
+
+  std::size_t rank() const noexcept { return groups_.rank; }
+  const dynamic_topology& topology() const noexcept { return groups_.topo; }
+  bool hierarchical() const noexcept { return hierarchical_; }
+  std::size_t group_size(exchange_group g) const noexcept { return groups_.size(g); }
+  std::size_t world_rank_of(exchange_group g, std::size_t member) const noexcept {
+    return groups_.world_rank_of(g, member);
+  }
+  const link_counters& bytes() const noexcept { return bytes_; }
+  void reset_bytes() noexcept { bytes_.clear(); }
+  cudaStream_t stream() const noexcept { return stream_; }
+  ncclComm_t communicator(exchange_group g) const noexcept {
+    return g == exchange_group::node ? node_ : g == exchange_group::rail ? rail_ : world_;
+  }
+
+  //! Collective over `group`: `send` holds device rows ordered by destination member.
+  //! @throws locus::transport_error on every member when the requests disagree
+  //! @throws locus::timeout_error when the exchange does not finish within the timeout
+  void exchange_device(exchange_group group, std::size_t row_bytes, const std::byte* send,
+                       std::span<const std::size_t> counts, std::span<const std::size_t> expected,
+                       device_exchange_result& out) {
+    namespace dx = detail::exchange;
+    LOCUS_REQUIRE(!broken_, transport_error, "nccl_transport: unusable after an earlier exchange timed out");
+    const ncclComm_t comm = communicator(group);
+    const std::size_t members = groups_.size(group), self = groups_.self_member(group);
+    const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
+    std::uint64_t& seq = sequence_[static_cast<std::size_t>(group)];
+
+    std::size_t total = 0;
+    for (std::size_t c : counts) total += c;
+    const exchange_request req{group, row_bytes, {send, total * row_bytes}, counts, expected};
+    std::string own_problem;
+    const std::uint32_t status = dx::check_request(req, members, own_problem);
+    host_headers_.resize(2 * members);
+    for (std::size_t m = 0; m < members; ++m)
+      host_headers_[m] = {seq, row_bytes, status == dx::ok ? counts[m] : 0, status, req.expectations_flag()};
+    ++seq;
+    // Header round: one header to and from every member.
+    std::byte* d_headers = headers_.reserve(2 * members * sizeof(dx::header));
+    LOCUS_CUDA_CHECK(cudaMemcpyAsync(d_headers, host_headers_.data(), members * sizeof(dx::header),
+                                     cudaMemcpyHostToDevice, stream_));
+    fixed_offsets(members, sizeof(dx::header));
+    detail::nccl::exchange_peers(members, {d_headers, offsets_a_.data(), d_headers + members * sizeof(dx::header),
+                                           offsets_a_.data(), comm, stream_});
+    LOCUS_CUDA_CHECK(cudaMemcpyAsync(host_headers_.data() + members, d_headers + members * sizeof(dx::header),
+                                     members * sizeof(dx::header), cudaMemcpyDeviceToHost, stream_));
+    wait(deadline, group, "the header round");
+    const std::span<const dx::header> received(host_headers_.data() + members, members);
+    if (std::string why = dx::verdict(received, self, group, own_problem); !why.empty())
+      LOCUS_THROW(transport_error, "nccl_transport: ", why);
+    bool expectations = false;
+    for (const auto& h : received) expectations |= h.expectations != 0;
+    if (expectations) {
+      codes_.assign(2 * members, dx::expectation_code(received, expected));
+      std::byte* d_codes = headers_.reserve(2 * members * sizeof(std::uint32_t));
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(d_codes, codes_.data(), members * sizeof(std::uint32_t),
+                                       cudaMemcpyHostToDevice, stream_));
+      fixed_offsets(members, sizeof(std::uint32_t));
+      detail::nccl::exchange_peers(members, {d_codes, offsets_a_.data(), d_codes + members * sizeof(std::uint32_t),
+                                             offsets_a_.data(), comm, stream_});
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(codes_.data() + members, d_codes + members * sizeof(std::uint32_t),
+                                       members * sizeof(std::uint32_t), cudaMemcpyDeviceToHost, stream_));
+      wait(deadline, group, "the count-agreement round");
+      const std::span<const std::uint32_t> codes(codes_.data() + members, members);
+      if (std::string why = dx::expectation_verdict(codes, group, received, expected, self); !why.empty())
+        LOCUS_THROW(transport_error, "nccl_transport: ", why);
+    }
+    // Rows.
+    out.row_bytes = row_bytes;
+    out.counts.resize(members);
+    out.offsets.assign(members + 1, 0);
+    offsets_a_.assign(members + 1, 0);
+    offsets_b_.assign(members + 1, 0);
+    for (std::size_t m = 0; m < members; ++m) {
+      out.counts[m] = static_cast<std::size_t>(received[m].count);
+      out.offsets[m + 1] = out.offsets[m] + out.counts[m];
+      offsets_a_[m + 1] = offsets_a_[m] + counts[m] * row_bytes;
+      offsets_b_[m + 1] = out.offsets[m + 1] * row_bytes;
+    }
+    std::byte* d_recv = recv_.reserve(std::max<std::size_t>(offsets_b_[members], 1));
+    detail::nccl::exchange_peers(members, {send, offsets_a_.data(), d_recv, offsets_b_.data(), comm, stream_});
+    wait(deadline, group, "the row exchange");
+    out.rows = d_recv;
+    exchange_result shape;
+    shape.counts = out.counts;
+    dx::count_bytes(bytes_, topology(), rank(), req, shape, [&](std::size_t m) { return groups_.world_rank_of(group, m); });
+  }
+
+  //! The host `exchanger` form: stages host rows through device memory (see exchange.hpp).
+  void exchange(const exchange_request& req, exchange_result& out) {
+    std::byte* d_send = send_.reserve(std::max<std::size_t>(req.rows.size(), 1));
+    if (!req.rows.empty())
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(d_send, req.rows.data(), req.rows.size(), cudaMemcpyHostToDevice, stream_));
+    device_exchange_result d;
+    exchange_device(req.group, req.row_bytes, d_send, req.counts, req.expected_counts, d);
+    out.row_bytes = req.row_bytes;
+    out.counts = d.counts;
+    out.offsets = d.offsets;
+    out.rows.resize(out.offsets.back() * req.row_bytes);
+    if (!out.rows.empty()) {
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(out.rows.data(), d.rows, out.rows.size(), cudaMemcpyDeviceToHost, stream_));
+      wait(std::chrono::steady_clock::now() + options_.timeout, req.group, "copying received rows to the host");
+    }
+  }
+
+private:
+  void fixed_offsets(std::size_t members, std::size_t bytes) {
+    offsets_a_.resize(members + 1);
+    for (std::size_t m = 0; m <= members; ++m) offsets_a_[m] = m * bytes;
+  }
+
+  // Polls the stream until its work is done, a communicator reports an error, or the deadline.
+  void wait(std::chrono::steady_clock::time_point deadline, exchange_group g, const char* what) {
+    for (;;) {
+      const cudaError_t s = cudaStreamQuery(stream_);
+      if (s == cudaSuccess) return;
+      if (s != cudaErrorNotReady) LOCUS_CUDA_CHECK(s);
+      for (ncclComm_t c : {world_, node_, rail_}) {
+        ncclResult_t async = ncclSuccess;
+        LOCUS_NCCL_CHECK(ncclCommGetAsyncError(c, &async));
+        if (async != ncclSuccess && async != ncclInProgress) {
+          broken_ = true;
+          LOCUS_NCCL_CHECK(async);
+        }
+      }
+      if (std::chrono::steady_clock::now() > deadline) break;
+      std::this_thread::yield();
+    }
+    broken_ = true;
+    // Aborting unblocks the kernels waiting for the absent peer; the world communicator is the
+    // caller's, so only its error state is left for the caller to see.
+    for (ncclComm_t c : {node_, rail_}) ncclCommAbort(c);
+    node_ = rail_ = nullptr;
+    LOCUS_THROW(timeout_error, "nccl_transport: rank ", rank(), " waited ", options_.timeout.count(), " ms in ", what,
+                " of an exchange over the ", to_string(g), " group; the transport is unusable from now on");
+  }
+
+  ncclComm_t world_;
+  ncclComm_t node_ = nullptr, rail_ = nullptr;
+  cudaStream_t stream_;
+  detail::exchange::group_map groups_;
+  bool hierarchical_;
+  exchange_options options_;
+  bool broken_ = false;
+  link_counters bytes_;
+  std::array<std::uint64_t, 3> sequence_{};
+  detail::nccl::device_bytes headers_, send_, recv_;
+  std::vector<detail::exchange::header> host_headers_;
+  std::vector<std::uint32_t> codes_;
+  std::vector<std::size_t> offsets_a_, offsets_b_;
+};
+
+//! Flat NCCL transport: per-peer send/receive over all ranks.
+struct nccl_flat {
+  using policy_concept = transport_tag;
+  using exchanger_type = nccl_transport;
+  static constexpr bool hierarchical = false;
+};
+
+//! Rail-aligned two-stage NCCL transport: network rails, then NVLink peers.
+struct nccl_hierarchical {
+  using policy_concept = transport_tag;
+  using exchanger_type = nccl_transport;
+  static constexpr bool hierarchical = true;
+};
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::transport

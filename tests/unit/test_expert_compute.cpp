@@ -1,0 +1,148 @@
+#define BOOST_TEST_MODULE expert_compute
+#include <boost/test/unit_test.hpp>
+
+#include "../support/moe_reference.hpp"
+
+#include <locus/layer/expert_compute.hpp>
+
+#include <cstring>
+#include <numeric>
+
+using namespace locus;
+using locus::layer::expert_blocks;
+using locus::layer::expert_weights;
+
+namespace {
+
+// A rank's blocks: for each listed expert, `rows[i]` input rows.
+template <class A>
+struct block_set {
+  std::vector<expert_id> experts;
+  std::vector<std::size_t> offsets{0};
+  std::vector<A> in, out;
+  std::size_t hidden = 0;
+
+  block_set(std::vector<expert_id> e, const std::vector<std::size_t>& rows, std::size_t h, std::uint64_t seed)
+      : experts(std::move(e)), hidden(h) {
+    for (std::size_t r : rows) offsets.push_back(offsets.back() + r);
+    in = locus_test::random_rows<A>(seed, offsets.back(), h);
+    out.assign(in.size(), A{});
+  }
+  expert_blocks<A> view() { return {experts.data(), offsets.data(), experts.size(), in.data(), out.data(), hidden}; }
+};
+
+// Every output row against the double reference: |out - ref| <= rel · |ref| + acc · scale + 1e-6.
+template <class W, class A>
+void check_against_reference(const expert_weights<W>& w, const block_set<A>& b, double rel, double acc) {
+  const std::size_t H = w.hidden();
+  std::vector<double> ref(H), scale(H);
+  double worst = 0;
+  for (std::size_t i = 0; i < b.experts.size(); ++i)
+    for (std::size_t r = b.offsets[i]; r < b.offsets[i + 1]; ++r) {
+      locus_test::reference_ffn(w, b.experts[i], b.in.data() + r * H, ref.data(), scale.data());
+      for (std::size_t c = 0; c < H; ++c) {
+        const double got = locus_test::as_double(b.out[r * H + c]);
+        const double err = std::abs(got - ref[c]), tol = rel * std::abs(ref[c]) + acc * scale[c] + 1e-6;
+        worst = std::max(worst, err / tol);
+        if (err > tol)
+          BOOST_FAIL("expert " << b.experts[i] << " row " << r << " column " << c << ": got " << got << ", reference "
+                               << ref[c] << " (tolerance " << tol << ")");
+      }
+    }
+  BOOST_TEST_MESSAGE("worst error / tolerance = " << worst);
+  BOOST_TEST(worst <= 1.0);
+}
+
+} // namespace
+
+BOOST_AUTO_TEST_CASE(fp32_swiglu_matches_double_reference) {
+  // Sizes that are not multiples of the tiles; uneven blocks including empty ones.
+  constexpr std::size_t hidden = 70, ffn = 100;
+  auto all = locus_test::model_weights<float>(1, 6, hidden, ffn);
+  block_set<float> b({0, 2, 3, 5}, {13, 0, 1, 29}, hidden, 7);
+  layer::swiglu_host<float> compute(all, 3);
+  compute(b.view());
+  check_against_reference(all, b, 0.0, 2e-6);
+}
+
+BOOST_AUTO_TEST_CASE(result_does_not_depend_on_thread_count) {
+  constexpr std::size_t hidden = 48, ffn = 72;
+  auto all = locus_test::model_weights<float>(2, 4, hidden, ffn);
+  block_set<float> one({0, 1, 3}, {17, 5, 40}, hidden, 9), many = one;
+  layer::swiglu_host<float> a(all, 1), b(all, 4);
+  a(one.view());
+  b(many.view());
+  BOOST_TEST(std::memcmp(one.out.data(), many.out.data(), one.out.size() * sizeof(float)) == 0);
+  check_against_reference(all, one, 0.0, 2e-6);
+}
+
+BOOST_AUTO_TEST_CASE(bf16_weights_and_activations) {
+  constexpr std::size_t hidden = 64, ffn = 96;
+  auto all = locus_test::model_weights<bfloat16>(3, 3, hidden, ffn);
+  block_set<bfloat16> b({0, 1, 2}, {9, 16, 3}, hidden, 11);
+  layer::swiglu_host<bfloat16> compute(all, 2);
+  compute(b.view());
+  // The output is rounded to bfloat16 (relative 2^-8); the sums themselves are fp32.
+  check_against_reference(all, b, 1.0 / 256, 2e-6);
+}
+
+BOOST_AUTO_TEST_CASE(bf16_weights_fp32_activations) {
+  constexpr std::size_t hidden = 32, ffn = 40;
+  auto all = locus_test::model_weights<bfloat16>(4, 2, hidden, ffn);
+  block_set<float> b({1}, {21}, hidden, 13);
+  layer::swiglu_host<bfloat16> compute(all);
+  compute(b.view());
+  check_against_reference(all, b, 0.0, 2e-6);
+}
+
+BOOST_AUTO_TEST_CASE(weights_for_a_rank_hold_each_hosted_expert_once) {
+  // 6 experts on 2 ranks × 4 slots; rank 1 holds expert 4 twice and a replica of expert 0.
+  const expert_map map(6, 2, 4, {0, 1, 2, 3, 4, 5, 4, 0});
+  auto all = locus_test::model_weights<float>(5, 6, 8, 12);
+  auto r1 = expert_weights<float>::for_rank(map, 1, all);
+  BOOST_TEST((std::vector<expert_id>(r1.experts().begin(), r1.experts().end()) == std::vector<expert_id>{0, 4, 5}));
+  BOOST_TEST(r1.bytes() == 3 * 3 * 8 * 12 * sizeof(float));
+  for (expert_id e : r1.experts()) {
+    const auto a = all.view(e), b = r1.view(e);
+    BOOST_TEST(std::equal(a.gate, a.gate + 96, b.gate));
+    BOOST_TEST(std::equal(a.up, a.up + 96, b.up));
+    BOOST_TEST(std::equal(a.down, a.down + 96, b.down));
+  }
+  BOOST_TEST(!r1.contains(1));
+  BOOST_CHECK_THROW(r1.view(1), invalid_input_error);
+  BOOST_CHECK_THROW(expert_weights<float>::for_rank(map, 2, all), invalid_input_error);
+  BOOST_CHECK_THROW(expert_weights<float>(8, 8, {1, 3, 1}), invalid_input_error);
+  BOOST_CHECK_THROW(expert_weights<float>(0, 8, {1}), config_error);
+}
+
+BOOST_AUTO_TEST_CASE(bad_blocks_are_rejected) {
+  auto all = locus_test::model_weights<float>(6, 2, 16, 16);
+  layer::swiglu_host<float> compute(expert_weights<float>::for_rank(expert_map(2, 2, 1, {0, 1}), 0, all));
+  block_set<float> foreign({1}, {3}, 16, 1);
+  try {
+    compute(foreign.view());
+    BOOST_FAIL("a block of an expert not held here must be refused");
+  } catch (const invalid_input_error& e) {
+    BOOST_TEST(std::string(e.what()).find("expert 1") != std::string::npos);
+  }
+  block_set<float> wrong_hidden({0}, {3}, 8, 1);
+  BOOST_CHECK_THROW(compute(wrong_hidden.view()), invalid_input_error);
+  block_set<float> ok({0, 0}, {2, 2}, 16, 1);
+  ok.offsets = {0, 3, 2};
+  BOOST_CHECK_THROW(compute(ok.view()), invalid_input_error);
+}
+
+BOOST_AUTO_TEST_CASE(user_callable_sees_each_nonempty_block) {
+  block_set<float> b({2, 5, 7}, {4, 0, 3}, 6, 21);
+  std::vector<std::pair<expert_id, std::size_t>> calls;
+  // Out = (expert id + 1) · in: a function the test can predict without the library.
+  layer::expert_callable f([&](expert_id e, std::span<const float> in, std::span<float> out, std::size_t rows) {
+    calls.emplace_back(e, rows);
+    BOOST_REQUIRE(in.size() == rows * 6 && out.size() == rows * 6);
+    for (std::size_t i = 0; i < in.size(); ++i) out[i] = static_cast<float>(e + 1) * in[i];
+  });
+  f(b.view());
+  BOOST_TEST((calls == std::vector<std::pair<expert_id, std::size_t>>{{2, 4}, {7, 3}}));
+  for (std::size_t i = 0; i < 4 * 6; ++i) BOOST_TEST(b.out[i] == 3.0f * b.in[i]);
+  for (std::size_t i = 4 * 6; i < 7 * 6; ++i) BOOST_TEST(b.out[i] == 8.0f * b.in[i]);
+}

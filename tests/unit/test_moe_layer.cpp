@@ -1,0 +1,240 @@
+#define BOOST_TEST_MODULE moe_layer
+#include <boost/test/unit_test.hpp>
+
+#include "../mpi/dispatch_cases.hpp"
+#include "../support/moe_reference.hpp"
+
+#include <locus/layer/moe_layer.hpp>
+
+#include <functional>
+#include <thread>
+
+using namespace locus;
+using locus::layer::expert_weights;
+
+namespace {
+
+// Runs body(endpoint) on one thread per rank; returns each rank's exception (or null).
+std::vector<std::exception_ptr> on_ranks(transport::local_fabric& f,
+                                         const std::function<void(transport::local_transport&)>& body) {
+  std::vector<std::exception_ptr> errors(f.topology().ranks());
+  std::vector<std::thread> threads;
+  for (std::size_t r = 0; r < errors.size(); ++r)
+    threads.emplace_back([&, r] {
+      auto ep = f.endpoint(r);
+      try {
+        body(ep);
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+    });
+  for (auto& t : threads) t.join();
+  return errors;
+}
+
+void require_no_errors(const std::vector<std::exception_ptr>& errors) {
+  for (std::size_t r = 0; r < errors.size(); ++r)
+    if (errors[r]) try {
+        std::rethrow_exception(errors[r]);
+      } catch (const std::exception& e) {
+        BOOST_FAIL("rank " << r << " raised: " << e.what());
+      }
+}
+
+// |y - ref| <= acc · scale + 1e-6 everywhere; returns the worst ratio.
+template <class T>
+double worst_ratio(const std::vector<T>& y, const std::vector<double>& ref, const std::vector<double>& scale,
+                   double rel, double acc) {
+  BOOST_REQUIRE_EQUAL(y.size(), ref.size());
+  double worst = 0;
+  for (std::size_t i = 0; i < y.size(); ++i)
+    worst = std::max(worst, std::abs(locus_test::as_double(y[i]) - ref[i]) /
+                                (rel * std::abs(ref[i]) + acc * scale[i] + 1e-6));
+  return worst;
+}
+
+using dyn_shape = dynamic_moe_shape;
+template <class Transport>
+using dyn_layer = moe_layer<dyn_shape, dynamic_topology, Transport>;
+
+// One random case (routings with skew, replicas and empty ranks) through the layer on every rank,
+// against the dense reference; with `shared` shared experts.
+template <class Transport>
+double run_case(const locus_test::dispatch_case& c, std::size_t ffn, std::size_t shared, std::uint64_t seed) {
+  const auto all = locus_test::model_weights<float>(seed, c.experts, c.hidden, ffn);
+  const auto shared_w = locus_test::model_weights<float>(seed + 1, shared, c.hidden, ffn);
+  transport::local_fabric f(c.topo, Transport::hierarchical);
+  std::vector<std::vector<float>> y(c.topo.ranks());
+  require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
+    const std::size_t r = ep.rank();
+    dyn_layer<Transport> layer(dyn_shape(c.experts, c.k, c.hidden, shared), c.topo, ep, c.map,
+                               layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, r, all), 1));
+    if (shared > 0) layer.set_shared_experts(layer::swiglu_host<float>(shared_w, 1));
+    const auto x = c.inputs(r);
+    y[r].assign(x.size(), -1.0f);
+    layer.forward(x, c.routings[r].view(), y[r]);
+  }));
+  double worst = 0;
+  for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
+    std::vector<double> scale;
+    const auto ref =
+        locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, shared > 0 ? &shared_w : nullptr, &scale);
+    worst = std::max(worst, worst_ratio(y[r], ref, scale, 0.0, 2e-6));
+  }
+  return worst;
+}
+
+} // namespace
+
+// Many random cases, flat and hierarchical, several topologies: the layer equals the dense MoE.
+BOOST_AUTO_TEST_CASE(random_cases_match_dense_reference) {
+  const std::pair<std::size_t, std::size_t> topos[] = {{2, 2}, {1, 4}, {4, 1}, {2, 3}, {3, 2}};
+  double worst = 0;
+  std::size_t cases = 0;
+  for (std::uint64_t seed = 1; seed <= 40; ++seed) {
+    const auto [nodes, gpus] = topos[seed % 5];
+    const auto c = locus_test::make_case(seed, nodes, gpus);
+    const std::size_t shared = seed % 3 == 0 ? 1 + seed % 2 : 0;
+    const double flat = run_case<transport::local_flat>(c, 6 + seed % 7, shared, seed);
+    const double hier = run_case<transport::local_hierarchical>(c, 6 + seed % 7, shared, seed);
+    BOOST_TEST(flat <= 1.0, "seed " << seed << " flat: error / tolerance " << flat);
+    BOOST_TEST(hier <= 1.0, "seed " << seed << " hierarchical: error / tolerance " << hier);
+    worst = std::max({worst, flat, hier});
+    cases += 2;
+  }
+  BOOST_TEST_MESSAGE(cases << " cases, worst error / tolerance " << worst);
+}
+
+// A static shape and topology, bf16 weights and activations, one shared expert, replicas.
+BOOST_AUTO_TEST_CASE(static_shape_bf16) {
+  using shape = moe_shape<experts<8>, top_k<2>, hidden<32>, shared_experts<1>>;
+  using topo = topology<nodes<2>, gpus_per_node<2>>;
+  using compute = layer::swiglu_host<bfloat16, bfloat16>;
+  using layer_t = moe_layer<shape, topo, transport::local_hierarchical, compute>;
+  static_assert(std::is_same_v<layer_t::value_type, bfloat16>);
+  static_assert(std::is_same_v<layer_t::placement_type, placement::linear>);
+  constexpr std::size_t ffn = 24, tokens = 19;
+  // Experts 0..7 on 4 ranks × 3 slots, hot experts 0 and 5 replicated on the other node.
+  const expert_map map(8, 4, 3, {0, 1, empty_slot, 2, 3, 5, 4, 5, 0, 6, 7, empty_slot});
+  const auto all = locus_test::model_weights<bfloat16>(77, 8, 32, ffn);
+  const auto shared_w = locus_test::model_weights<bfloat16>(78, 1, 32, ffn);
+  std::vector<routing<top_k<2>>> routings;
+  std::vector<std::vector<bfloat16>> xs, ys(4);
+  std::mt19937 rng(5);
+  for (std::size_t r = 0; r < 4; ++r) {
+    routing<top_k<2>> rt(tokens);
+    for (std::size_t t = 0; t < tokens; ++t) {
+      const auto a = static_cast<expert_id>(rng() % 8), b = static_cast<expert_id>((a + 1 + rng() % 7) % 8);
+      rt.view().expert(t, 0) = a;
+      rt.view().expert(t, 1) = b;
+      rt.view().weight(t, 0) = 0.7f;
+      rt.view().weight(t, 1) = 0.3f;
+    }
+    routings.push_back(rt);
+    xs.push_back(locus_test::random_rows<bfloat16>(100 + r, tokens, 32));
+  }
+  transport::local_fabric f(dynamic_topology(2, 2), true);
+  require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
+    const std::size_t r = ep.rank();
+    layer_t layer(shape{}, topo{}, ep, map, compute(expert_weights<bfloat16>::for_rank(map, r, all), 1));
+    layer.set_shared_experts(compute(shared_w, 1));
+    ys[r].resize(tokens * 32);
+    layer.forward(xs[r], routings[r].view(), ys[r]);
+  }));
+  for (std::size_t r = 0; r < 4; ++r) {
+    std::vector<double> scale;
+    const auto ref = locus_test::dense_moe(xs[r], routings[r].view(), all, &shared_w, &scale);
+    // Expert outputs, their weighted sums and the final sum are each rounded to bfloat16.
+    const double w = worst_ratio(ys[r], ref, scale, 0.0, 3.0 / 256);
+    BOOST_TEST(w <= 1.0, "rank " << r << ": error / tolerance " << w);
+  }
+}
+
+// A user callable as the expert compute: y = Σ_j w_j (e_j + 1) x, the transport tests' reference.
+BOOST_AUTO_TEST_CASE(user_callable_expert_compute) {
+  const auto c = locus_test::make_case(4242, 2, 2);
+  auto scale = [](expert_id e, std::span<const float> in, std::span<float> out, std::size_t) {
+    for (std::size_t i = 0; i < in.size(); ++i) out[i] = static_cast<float>(e + 1) * in[i];
+  };
+  using compute = layer::expert_callable<decltype(scale)>;
+  transport::local_fabric f(c.topo, false);
+  std::vector<std::vector<float>> y(4);
+  require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
+    moe_layer<dyn_shape, dynamic_topology, compute> layer(dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
+                                                          compute(scale));
+    const auto x = c.inputs(ep.rank());
+    y[ep.rank()].resize(x.size());
+    layer.forward(x, c.routings[ep.rank()].view(), y[ep.rank()]);
+  }));
+  for (std::size_t r = 0; r < 4; ++r) BOOST_TEST(locus_test::max_error(y[r], c.reference(r)) <= 1e-5);
+}
+
+// A rank with a bad routing raises after the collective steps; its peers finish with correct
+// outputs instead of waiting for it.
+BOOST_AUTO_TEST_CASE(bad_routing_on_one_rank_raises_there_only) {
+  auto c = locus_test::make_case(7, 2, 2);
+  // Every rank gets tokens, so rank 1 has a token to spoil.
+  routing<> good(3, top_k<>(c.k));
+  for (std::size_t t = 0; t < 3; ++t)
+    for (std::size_t j = 0; j < c.k; ++j) {
+      good.view().expert(t, j) = static_cast<expert_id>(j);
+      good.view().weight(t, j) = 0.5f;
+    }
+  for (auto& r : c.routings)
+    if (r.tokens() == 0) r = good;
+  routing<> bad = c.routings[1];
+  bad.view().expert(0, 0) = static_cast<expert_id>(c.experts + 3);
+  const auto all = locus_test::model_weights<float>(3, c.experts, c.hidden, 8);
+  transport::local_fabric f(c.topo, true, transport::exchange_options{std::chrono::milliseconds(5000)});
+  std::vector<std::vector<float>> y(4);
+  const auto errors = on_ranks(f, [&](transport::local_transport& ep) {
+    const std::size_t r = ep.rank();
+    dyn_layer<transport::local_hierarchical> layer(dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
+                                                   layer::swiglu_host<float>(
+                                                       expert_weights<float>::for_rank(c.map, r, all), 1));
+    const auto x = c.inputs(r);
+    y[r].resize(x.size());
+    layer.forward(x, r == 1 ? bad.view() : c.routings[r].view(), y[r]);
+  });
+  try {
+    std::rethrow_exception(errors[1]);
+  } catch (const invalid_input_error& e) {
+    BOOST_TEST(std::string(e.what()).find("out of range") != std::string::npos, e.what());
+  } catch (...) {
+    BOOST_FAIL("rank 1 should raise invalid_input_error");
+  }
+  for (std::size_t r : {0u, 2u, 3u}) {
+    BOOST_TEST(!errors[r]);
+    std::vector<double> scale;
+    const auto ref = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, nullptr, &scale);
+    BOOST_TEST(worst_ratio(y[r], ref, scale, 0.0, 2e-6) <= 1.0);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(inconsistent_composition_is_refused) {
+  const dynamic_topology topo(1, 2);
+  const expert_map map(4, 2, 2, {0, 1, 2, 3});
+  const auto all = locus_test::model_weights<float>(1, 4, 8, 8);
+  transport::local_fabric flat(topo, false);
+  auto ep = flat.endpoint(0);
+  const auto mine = expert_weights<float>::for_rank(map, 0, all);
+  using layer_t = dyn_layer<transport::local_flat>;
+  // Wrong expert count in the shape.
+  BOOST_CHECK_THROW(layer_t(dyn_shape(5, 2, 8, 0), topo, ep, map, layer::swiglu_host<float>(mine)), config_error);
+  // Topology differs from the transport's.
+  BOOST_CHECK_THROW(layer_t(dyn_shape(4, 2, 8, 0), dynamic_topology(2, 1), ep, map, layer::swiglu_host<float>(mine)),
+                    config_error);
+  // The compute lacks expert 1, hosted on rank 0.
+  BOOST_CHECK_THROW(
+      layer_t(dyn_shape(4, 2, 8, 0), topo, ep, map, layer::swiglu_host<float>(expert_weights<float>(8, 8, {0}))),
+      config_error);
+  // A hierarchical policy on a flat endpoint.
+  BOOST_CHECK_THROW(dyn_layer<transport::local_hierarchical>(dyn_shape(4, 2, 8, 0), topo, ep, map,
+                                                             layer::swiglu_host<float>(mine)),
+                    config_error);
+  // Shared experts on a shape without them, and a shared compute lacking expert 1.
+  layer_t ok(dyn_shape(4, 2, 8, 0), topo, ep, map, layer::swiglu_host<float>(mine));
+  BOOST_CHECK_THROW(ok.set_shared_experts(layer::swiglu_host<float>(all)), config_error);
+  layer_t two(dyn_shape(4, 2, 8, 2), topo, ep, map, layer::swiglu_host<float>(mine));
+  BOOST_CHECK_THROW(two.set_shared_experts(layer::swiglu_host<float>(expert_weights<float>(8, 8, {0}))), config_error);
+}

@@ -1,0 +1,252 @@
+#define BOOST_TEST_MODULE transport_local
+#include <boost/test/unit_test.hpp>
+
+#include "../mpi/dispatch_cases.hpp"
+
+#include <locus/transport/dispatch.hpp>
+#include <locus/transport/local.hpp>
+
+#include <atomic>
+#include <cstring>
+#include <functional>
+#include <thread>
+
+using namespace locus;
+using namespace locus::transport;
+
+namespace {
+// Runs body(endpoint) on one thread per rank; returns each rank's exception (or null).
+std::vector<std::exception_ptr> run_ranks(local_fabric& f, const std::function<void(local_transport&)>& body) {
+  const std::size_t ranks = f.topology().ranks();
+  std::vector<std::exception_ptr> errors(ranks);
+  std::vector<std::thread> threads;
+  for (std::size_t r = 0; r < ranks; ++r)
+    threads.emplace_back([&, r] {
+      auto ep = f.endpoint(r);
+      try {
+        body(ep);
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+    });
+  for (auto& t : threads) t.join();
+  return errors;
+}
+
+template <class E>
+bool raised(const std::exception_ptr& p) {
+  if (!p) return false;
+  try {
+    std::rethrow_exception(p);
+  } catch (const E&) {
+    return true;
+  } catch (...) {
+    return false;
+  }
+}
+
+struct row {
+  std::uint32_t src, dst, index;
+};
+} // namespace
+
+// Rows arrive grouped by source in member order, each source's rows in send order; byte counters
+// equal a brute-force count per link class.
+BOOST_AUTO_TEST_CASE(world_exchange_delivers_every_row_once) {
+  const dynamic_topology topo(2, 3);
+  local_fabric f(topo, false);
+  const auto count = [](std::size_t s, std::size_t d) { return (s * 5 + d * 3) % 4; };
+  std::vector<link_counters> counters(topo.ranks());
+  const auto errors = run_ranks(f, [&](local_transport& ep) {
+    const std::size_t me = ep.rank();
+    std::vector<std::size_t> counts(topo.ranks());
+    std::vector<row> rows;
+    for (std::size_t d = 0; d < topo.ranks(); ++d) {
+      counts[d] = count(me, d);
+      for (std::size_t i = 0; i < counts[d]; ++i)
+        rows.push_back({static_cast<std::uint32_t>(me), static_cast<std::uint32_t>(d), static_cast<std::uint32_t>(i)});
+    }
+    exchange_result out;
+    ep.exchange({exchange_group::world, sizeof(row), std::as_bytes(std::span(rows)), counts, {}}, out);
+    std::size_t at = 0;
+    for (std::size_t s = 0; s < topo.ranks(); ++s) {
+      BOOST_TEST(out.counts[s] == count(s, me));
+      for (std::size_t i = 0; i < out.counts[s]; ++i, ++at) {
+        row got;
+        std::memcpy(&got, out.row(at), sizeof got);
+        BOOST_TEST((got.src == s && got.dst == me && got.index == i));
+      }
+    }
+    BOOST_TEST(at == out.row_count());
+    counters[me] = ep.bytes();
+  });
+  for (const auto& e : errors) BOOST_TEST(!e);
+  std::array<std::uint64_t, 3> expect{};
+  for (std::size_t s = 0; s < topo.ranks(); ++s)
+    for (std::size_t d = 0; d < topo.ranks(); ++d)
+      expect[static_cast<std::size_t>(topo.link(s, d))] += count(s, d) * sizeof(row);
+  std::array<std::uint64_t, 3> sent{}, received{};
+  for (const auto& c : counters)
+    for (std::size_t k = 0; k < 3; ++k) {
+      sent[k] += c.bytes_sent[k];
+      received[k] += c.bytes_received[k];
+    }
+  BOOST_TEST(sent == expect, boost::test_tools::per_element());
+  BOOST_TEST(received == expect, boost::test_tools::per_element());
+}
+
+// Node and rail groups number members by local rank and by node.
+BOOST_AUTO_TEST_CASE(node_and_rail_groups_follow_the_topology) {
+  const dynamic_topology topo(3, 2);
+  local_fabric f(topo, true);
+  const auto errors = run_ranks(f, [&](local_transport& ep) {
+    for (exchange_group g : {exchange_group::node, exchange_group::rail}) {
+      const std::size_t n = ep.group_size(g);
+      std::vector<std::uint32_t> rows(n, static_cast<std::uint32_t>(ep.rank()));
+      std::vector<std::size_t> counts(n, 1);
+      exchange_result out;
+      ep.exchange({g, sizeof(std::uint32_t), std::as_bytes(std::span(rows)), counts, {}}, out);
+      for (std::size_t m = 0; m < n; ++m) {
+        std::uint32_t from;
+        std::memcpy(&from, out.row(m), sizeof from);
+        const std::size_t expect = g == exchange_group::node ? topo.rank_of(topo.node_of(ep.rank()), m)
+                                                             : topo.rank_of(m, topo.local_rank_of(ep.rank()));
+        BOOST_TEST(from == expect);
+      }
+    }
+  });
+  for (const auto& e : errors) BOOST_TEST(!e);
+}
+
+// Different row widths, invalid input on one rank, and a count that differs from the receiver's
+// expectation raise transport_error on every rank; the fabric stays usable afterwards.
+BOOST_AUTO_TEST_CASE(disagreements_raise_on_every_rank) {
+  const dynamic_topology topo(2, 2);
+  local_fabric f(topo, false);
+  for (int variant = 0; variant < 3; ++variant) {
+    const auto errors = run_ranks(f, [&](local_transport& ep) {
+      const std::size_t me = ep.rank();
+      std::size_t width = 8;
+      std::vector<std::size_t> counts(4, 1), expected;
+      if (variant == 0 && me == 2) width = 16;
+      if (variant == 1 && me == 1) counts.resize(3);
+      if (variant == 2) {
+        expected.assign(4, 1);
+        if (me == 3) expected[0] = 2;
+      }
+      std::size_t total = 0;
+      for (auto c : counts) total += c;
+      std::vector<std::byte> rows(total * width);
+      exchange_result out;
+      ep.exchange({exchange_group::world, width, rows, counts, expected}, out);
+    });
+    for (const auto& e : errors) BOOST_TEST(raised<transport_error>(e), "variant " << variant);
+  }
+  // Still in step: a valid exchange succeeds.
+  const auto errors = run_ranks(f, [&](local_transport& ep) {
+    std::vector<std::size_t> counts(4, 1);
+    std::vector<std::byte> rows(4 * 8);
+    exchange_result out;
+    ep.exchange({exchange_group::world, 8, rows, counts, {}}, out);
+    BOOST_TEST(out.row_count() == 4u);
+  });
+  for (const auto& e : errors) BOOST_TEST(!e);
+}
+
+// A rank that never arrives makes the others raise timeout_error after the timeout, not hang.
+BOOST_AUTO_TEST_CASE(missing_peer_times_out) {
+  const dynamic_topology topo(2, 2);
+  local_fabric f(topo, false, exchange_options{std::chrono::milliseconds(150)});
+  const auto start = std::chrono::steady_clock::now();
+  const auto errors = run_ranks(f, [&](local_transport& ep) {
+    if (ep.rank() == 1) return;
+    std::vector<std::size_t> counts(4, 0);
+    exchange_result out;
+    ep.exchange({exchange_group::world, 8, {}, counts, {}}, out);
+  });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  BOOST_TEST(!errors[1]);
+  for (std::size_t r : {0u, 2u, 3u}) BOOST_TEST(raised<timeout_error>(errors[r]));
+  BOOST_TEST(seconds < 5.0);
+}
+
+// Random cases through the local transport, flat and hierarchical: outputs equal the dense
+// reference, every (token, expert) pair reaches its expert exactly once, and the bytes moved per
+// link class equal the traffic model's copies times the row sizes, for dispatch and for combine.
+BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
+  const std::pair<std::size_t, std::size_t> shapes[] = {{1, 1}, {1, 3}, {3, 1}, {2, 2}, {4, 2}, {2, 4}};
+  int cases = 0;
+  for (std::uint64_t seed = 1; seed <= 60; ++seed) {
+    const auto [nodes, gpus] = shapes[seed % std::size(shapes)];
+    const auto c = locus_test::make_case(seed, nodes, gpus);
+    for (bool hier : {false, true}) {
+      local_fabric f(c.topo, hier);
+      std::vector<link_counters> dispatch_bytes(c.topo.ranks()), combine_bytes(c.topo.ranks());
+      std::vector<double> errors(c.topo.ranks());
+      std::vector<std::uint64_t> rows_per_expert(c.experts, 0);
+      std::mutex m;
+      cost::message_sizes sizes;
+      const auto failures = run_ranks(f, [&](local_transport& ep) {
+        const std::size_t me = ep.rank();
+        moe_dispatcher<local_transport, float> d(ep, c.map, c.hidden, c.k);
+        const auto x = c.inputs(me);
+        d.dispatch(std::span<const float>(x), c.routings[me].view());
+        dispatch_bytes[me] = ep.bytes();
+        ep.reset_bytes();
+        // Every row is the input of the (source, token) it claims to be.
+        for (std::size_t row = 0; row < d.row_tokens().size(); ++row)
+          for (std::size_t h = 0; h < c.hidden; ++h)
+            if (d.expert_input()[row * c.hidden + h] !=
+                locus_test::dispatch_case::input(d.row_sources()[row], d.row_tokens()[row], h))
+              throw std::runtime_error("row payload does not match its header");
+        locus_test::run_experts(d);
+        std::vector<float> y(x.size());
+        d.combine(y);
+        combine_bytes[me] = ep.bytes();
+        errors[me] = locus_test::max_error(y, c.reference(me));
+        std::lock_guard lock(m);
+        for (std::size_t i = 0; i < d.local_experts().size(); ++i)
+          rows_per_expert[static_cast<std::size_t>(d.local_experts()[i])] +=
+              d.expert_offsets()[i + 1] - d.expert_offsets()[i];
+        sizes = d.message_sizes();
+      });
+      for (const auto& e : failures) {
+        BOOST_TEST_REQUIRE(!e);
+      }
+      for (double e : errors) BOOST_TEST(e < 1e-5, "seed " << seed << " hierarchical " << hier);
+      std::vector<std::uint64_t> expect_rows(c.experts, 0);
+      for (const auto& r : c.routings)
+        for (expert_id e : r.ids()) ++expect_rows[static_cast<std::size_t>(e)];
+      BOOST_TEST(rows_per_expert == expect_rows, boost::test_tools::per_element());
+      const auto model = c.model(hier ? cost::transport_kind::hierarchical : cost::transport_kind::flat);
+      for (std::size_t cls = 0; cls < link_class_count; ++cls) {
+        std::uint64_t db = 0, cb = 0;
+        for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
+          db += dispatch_bytes[r].bytes_sent[cls];
+          cb += combine_bytes[r].bytes_sent[cls];
+        }
+        BOOST_TEST(db == model.copies[cls] * sizes.dispatch_bytes, "seed " << seed << " class " << cls);
+        BOOST_TEST(cb == model.copies[cls] * sizes.combine_bytes, "seed " << seed << " class " << cls);
+      }
+      ++cases;
+    }
+  }
+  BOOST_TEST(cases == 120);
+}
+
+// Invalid input on one rank raises there and does not leave the others waiting.
+BOOST_AUTO_TEST_CASE(bad_expert_id_raises_without_hanging_the_others) {
+  const auto c = locus_test::make_case(7, 2, 2);
+  local_fabric f(c.topo, true, exchange_options{std::chrono::milliseconds(5000)});
+  const auto errors = run_ranks(f, [&](local_transport& ep) {
+    moe_dispatcher<local_transport, float> d(ep, c.map, c.hidden, c.k);
+    routing<> r(2, top_k<>(c.k));
+    for (std::size_t t = 0; t < 2; ++t)
+      for (std::size_t j = 0; j < c.k; ++j) r.view().expert(t, j) = static_cast<expert_id>(j);
+    if (ep.rank() == 3) r.view().expert(1, 0) = static_cast<expert_id>(c.experts);
+    std::vector<float> x(2 * c.hidden, 1.0f);
+    d.dispatch(std::span<const float>(x), r.view());
+  });
+  BOOST_TEST(raised<invalid_input_error>(errors[3]));
+  for (std::size_t r = 0; r < 3; ++r) BOOST_TEST(!errors[r]);
+}
