@@ -27,7 +27,6 @@ int main(int argc, char** argv) {
   trace_cmd->require_subcommand(1);
   locus_driver::register_trace_import(trace_cmd);
   locus_driver::register_trace_analysis(trace_cmd);
-  (void)trace_cmd;
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
