@@ -1,4 +1,4 @@
-// mpi_decode: decode steps of one MoE layer through dispatch → expert compute → combine over MPI,
+// mpi_decode: decode steps of one MoE layer (locus::moe_layer: dispatch → expert compute → combine) over MPI,
 // with the flat and the rail-aligned hierarchical transport, under linear and locality placement.
 //
 //   mpirun -np 8 build/dev/examples/mpi_decode/mpi_decode [--gpus-per-node 2] [--steps 16]
@@ -7,11 +7,13 @@
 // Without --trace a synthetic workload is used: 64 experts, top-8, 32 running requests per rank,
 // each request drawing 70% of its experts from its node's domain. With --trace (a locus binary
 // trace or an ESFT folder) requests are dealt round-robin to ranks and decode step s takes the
-// s-th token of every request on the rank. The expert compute is a small dense map per expert
-// (y = W_e x with a fixed W_e), and every step's output is checked against a dense reference.
+// s-th token of every request on the rank. The layer's expert compute is a user callable
+// (layer::expert_callable) applying a small dense map per expert (y = W_e x with a fixed W_e), and
+// every step's output is checked against a dense reference.
 #include "../locus/trace_input.hpp"
 
 #include <locus/core/mpi_error.hpp>
+#include <locus/layer/moe_layer.hpp>
 #include <locus/locus.hpp>
 #include <locus/placement/by_name.hpp>
 #include <locus/transport/dispatch.hpp>
@@ -21,6 +23,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <optional>
 #include <random>
 #include <string>
 
@@ -170,7 +173,20 @@ int main(int argc, char** argv) {
       const expert_map map = placement::plan_by_name(name, in).at(0);
       for (bool hier : {false, true}) {
         mpi_transport t(MPI_COMM_WORLD, topo, hier);
-        moe_dispatcher<mpi_transport, float> d(t, map, o.hidden, w.k);
+        // The layer with the dense maps as its expert compute; the policy fixes flat or hierarchical.
+        auto maps = [&](expert_id e, std::span<const float> rows_in, std::span<float> rows_out, std::size_t rows) {
+          for (std::size_t row = 0; row < rows; ++row)
+            expert_ffn(static_cast<std::size_t>(e), rows_in.data() + row * o.hidden, rows_out.data() + row * o.hidden,
+                       o.hidden);
+        };
+        using compute = layer::expert_callable<decltype(maps)>;
+        const dynamic_moe_shape shape(w.experts, w.k, o.hidden, 0);
+        std::optional<moe_layer<dynamic_moe_shape, dynamic_topology, mpi_flat, compute>> flat_layer;
+        std::optional<moe_layer<dynamic_moe_shape, dynamic_topology, mpi_hierarchical, compute>> hier_layer;
+        if (hier)
+          hier_layer.emplace(shape, topo, t, map, compute(maps));
+        else
+          flat_layer.emplace(shape, topo, t, map, compute(maps));
         std::vector<double> times;
         double worst = 0;
         t.reset_bytes();
@@ -181,14 +197,10 @@ int main(int argc, char** argv) {
             for (std::size_t h = 0; h < o.hidden; ++h) x[tk * o.hidden + h] = input_of(me, tk, h);
           MPI_Barrier(MPI_COMM_WORLD);
           const auto t0 = std::chrono::steady_clock::now();
-          d.dispatch(std::span<const float>(x), r.view());
-          const auto experts = d.local_experts();
-          const auto offsets = d.expert_offsets();
-          for (std::size_t i = 0; i < experts.size(); ++i)
-            for (std::size_t row = offsets[i]; row < offsets[i + 1]; ++row)
-              expert_ffn(static_cast<std::size_t>(experts[i]), d.expert_input().data() + row * o.hidden,
-                         d.expert_output().data() + row * o.hidden, o.hidden);
-          d.combine(y);
+          if (hier)
+            hier_layer->forward(x, r.view(), y);
+          else
+            flat_layer->forward(x, r.view(), y);
           const double mine = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
           double slowest = 0;
           MPI_Allreduce(&mine, &slowest, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
