@@ -6,20 +6,18 @@
 //
 //   trace_stats [--trace DIR_OR_FILE] [--out DIR] [--md FILE] [--repeats N] [--tokens N]
 // Writes DIR/trace_stats.json and, with --md, the markdown table.
-#include <locus/trace/binary.hpp>
-#include <locus/trace/esft.hpp>
-#include <locus/trace/statistics.hpp>
-#include <locus/trace/synthesizer.hpp>
-
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <locus/trace/binary.hpp>
+#include <locus/trace/esft.hpp>
+#include <locus/trace/statistics.hpp>
+#include <locus/trace/synthesizer.hpp>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <string>
 #include <vector>
@@ -47,10 +45,10 @@ using locus::trace::trace;
 
 //! The baseline: every statistic computed the obvious way, token by token, into std::map.
 struct baseline_result {
-  std::vector<std::map<int, long>> load;                    // per layer
-  std::vector<double> gini;                                 // per layer
-  std::vector<double> corr_mean;                            // per layer
-  std::vector<std::map<std::pair<int, int>, long>> co, tr; // per layer / layer pair
+  std::vector<std::map<int, long>> load;                          // per layer
+  std::vector<double> gini;                                       // per layer
+  std::vector<double> corr_mean;                                  // per layer
+  std::vector<std::map<std::pair<int, int>, long>> co, tr;        // per layer / layer pair
   std::map<std::pair<int, int>, std::map<int, long>> domain_load; // (domain, layer) -> expert -> count
 };
 
@@ -72,19 +70,23 @@ baseline_result baseline(const trace& t) {
           ++b.domain_load[{static_cast<int>(q.domain), static_cast<int>(l)}][e];
           chosen.insert(e);
           if (l + 1 < L)
-            for (std::size_t y = 0; y < t.top_k(); ++y) ++b.tr[l][{e, static_cast<int>(t.layer(l + 1).expert(tok, y))}];
+            for (std::size_t y = 0; y < t.top_k(); ++y)
+              ++b.tr[l][{e, static_cast<int>(t.layer(l + 1).expert(tok, y))}];
         }
         for (int x : chosen)
-          for (int y : chosen) ++b.co[l][{x, y}];
+          for (int y : chosen)
+            ++b.co[l][{x, y}];
       }
     }
   }
   for (std::size_t l = 0; l < L; ++l) {
     std::vector<double> x(E, 0.0);
-    for (auto [e, c] : b.load[l]) x[static_cast<std::size_t>(e)] = static_cast<double>(c);
+    for (auto [e, c] : b.load[l])
+      x[static_cast<std::size_t>(e)] = static_cast<double>(c);
     std::sort(x.begin(), x.end());
     double s = 0, sum = 0;
-    for (std::size_t i = 0; i < E; ++i) s += (2.0 * static_cast<double>(i + 1) - static_cast<double>(E) - 1.0) * x[i], sum += x[i];
+    for (std::size_t i = 0; i < E; ++i)
+      s += (2.0 * static_cast<double>(i + 1) - static_cast<double>(E) - 1.0) * x[i], sum += x[i];
     b.gini.push_back(s / (static_cast<double>(E) * sum));
     double cs = 0;
     std::size_t cn = 0;
@@ -93,10 +95,13 @@ baseline_result baseline(const trace& t) {
       const auto& q = t.request(r);
       for (std::size_t i = 0; i < q.length; ++i)
         for (std::size_t j = 0; j < t.top_k(); ++j)
-          (t.token_phase(q.first_token + i) == locus::trace::phase::prefill ? pre : dec)[t.layer(l).expert(q.first_token + i, j)] += 1;
+          (t.token_phase(q.first_token + i) == locus::trace::phase::prefill
+               ? pre
+               : dec)[t.layer(l).expert(q.first_token + i, j)] += 1;
       if (pre.empty() || dec.empty()) continue;
       double ma = 0, mb = 0;
-      for (std::size_t e = 0; e < E; ++e) ma += pre[static_cast<int>(e)], mb += dec[static_cast<int>(e)];
+      for (std::size_t e = 0; e < E; ++e)
+        ma += pre[static_cast<int>(e)], mb += dec[static_cast<int>(e)];
       ma /= static_cast<double>(E);
       mb /= static_cast<double>(E);
       double sab = 0, saa = 0, sbb = 0;
@@ -121,11 +126,13 @@ std::size_t naive_sample(const locus::trace::synth_model& m, std::size_t tokens,
   const auto& pop = m.domains[0].sampling_weights.empty() ? m.domains[0].popularity : m.domains[0].sampling_weights;
   for (std::size_t t = 0; t < tokens; ++t)
     for (std::size_t l = 0; l < m.layers; ++l) {
-      for (std::size_t e = 0; e < m.experts; ++e) w[e] = pop[l * m.experts + e];
+      for (std::size_t e = 0; e < m.experts; ++e)
+        w[e] = pop[l * m.experts + e];
       std::fill(taken.begin(), taken.end(), 0);
       for (std::size_t j = 0; j < m.top_k; ++j) {
         double total = 0;
-        for (std::size_t e = 0; e < m.experts; ++e) total += taken[e] ? 0.0 : w[e];
+        for (std::size_t e = 0; e < m.experts; ++e)
+          total += taken[e] ? 0.0 : w[e];
         double u = g.uniform() * total;
         std::size_t pick = 0;
         for (std::size_t e = 0; e < m.experts; ++e) {
@@ -154,7 +161,7 @@ int main(int argc, char** argv) try {
     return 0;
   }
   const auto real = (std::filesystem::is_directory(trace_path) ? locus::trace::import_esft(trace_path)
-                                                                 : locus::trace::read_trace(trace_path));
+                                                               : locus::trace::read_trace(trace_path));
   const auto t = real.with_prefill_tokens(32);
 
   // 1. Statistics over the whole trace.
@@ -170,9 +177,11 @@ int main(int argc, char** argv) try {
     }
     mismatches += std::fabs(s.layer_imbalance[l].gini - b.gini[l]) > 1e-9;
     mismatches += std::fabs(s.correlation.mean[l] - b.corr_mean[l]) > 1e-9;
-    for (auto [key, c] : b.co[l]) mismatches += s.coactivations[l].at(key.first, key.second) != static_cast<std::uint64_t>(c);
+    for (auto [key, c] : b.co[l])
+      mismatches += s.coactivations[l].at(key.first, key.second) != static_cast<std::uint64_t>(c);
     if (l + 1 < t.layers())
-      for (auto [key, c] : b.tr[l]) mismatches += s.transitions[l].at(key.first, key.second) != static_cast<std::uint64_t>(c);
+      for (auto [key, c] : b.tr[l])
+        mismatches += s.transitions[l].at(key.first, key.second) != static_cast<std::uint64_t>(c);
   }
   if (mismatches) {
     std::fprintf(stderr, "trace_stats: %zu mismatches between the library and the baseline\n", mismatches);
@@ -187,7 +196,8 @@ int main(int argc, char** argv) try {
   locus::trace::sample_options so;
   so.tokens = v3_tokens;
   std::size_t sampled = 0;
-  const double t_sample = best_of(std::max<std::size_t>(1, repeats / 2), [&] { sampled = locus::trace::sample(v3, so).tokens(); });
+  const double t_sample =
+      best_of(std::max<std::size_t>(1, repeats / 2), [&] { sampled = locus::trace::sample(v3, so).tokens(); });
   const std::size_t naive_tokens = std::max<std::size_t>(1, v3_tokens / 20);
   volatile std::size_t sink = 0;
   const double t_naive = best_of(1, [&] { sink = naive_sample(v3, naive_tokens, 7); });
@@ -235,8 +245,7 @@ int main(int argc, char** argv) try {
        << locus::default_host_threads()
        << " hardware threads; the development machine is shared, so times are upper bounds). The baseline "
           "statistics are checked equal to the library's before timing is reported.\n\n"
-       << table << "\nTarget: statistics over ESFT under 0.5 s ("
-       << (t_stats < 0.5 ? "met" : "NOT met") << ").\n";
+       << table << "\nTarget: statistics over ESFT under 0.5 s (" << (t_stats < 0.5 ? "met" : "NOT met") << ").\n";
   }
   std::printf("\n%s", table);
   return 0;

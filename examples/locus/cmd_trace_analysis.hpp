@@ -4,21 +4,19 @@
 // (CSV files and PNG figures rendered by scripts/trace_report.py).
 #include "trace_input.hpp"
 
-#include <locus/core/error.hpp>
-#include <locus/trace/binary.hpp>
-#include <locus/trace/statistics.hpp>
-#include <locus/trace/synthesizer.hpp>
-
 #include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
-
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <locus/core/error.hpp>
+#include <locus/trace/binary.hpp>
+#include <locus/trace/statistics.hpp>
+#include <locus/trace/synthesizer.hpp>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -110,8 +108,8 @@ inline void print_stats_table(const locus::trace::trace_statistics& s, std::size
                 static_cast<unsigned long long>(s.popularity.requests[d]),
                 static_cast<unsigned long long>(s.popularity.tokens[d]));
   const auto js = s.divergence.mean_per_layer();
-  std::printf("\n%5s %9s %7s %7s %9s %10s %10s   (correlation: first %zu tokens prefill)\n", "layer", "max/mean",
-              "CV", "Gini", "JS(dom)", "corr mean", "corr med", prefill);
+  std::printf("\n%5s %9s %7s %7s %9s %10s %10s   (correlation: first %zu tokens prefill)\n", "layer", "max/mean", "CV",
+              "Gini", "JS(dom)", "corr mean", "corr med", prefill);
   for (std::size_t l = 0; l < s.layers; ++l)
     std::printf("%5zu %9.3f %7.3f %7.3f %9.4f %10.3f %10.3f\n", l, s.layer_imbalance[l].max_over_mean,
                 s.layer_imbalance[l].cv, s.layer_imbalance[l].gini, js[l], s.correlation.mean[l],
@@ -205,8 +203,9 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
   cmd->add_option("--clusters", sh.clusters, "Co-activation clusters per layer (0 = none)");
   cmd->add_option("--cluster-probability", sh.cluster_probability, "Share of tokens drawing from one cluster")
       ->check(CLI::Range(0.0, 1.0));
-  cmd->add_option("--request-sigma", sh.request_sigma, "Per-request log-normal spread (raises prefill/decode "
-                                                       "correlation)")
+  cmd->add_option("--request-sigma", sh.request_sigma,
+                  "Per-request log-normal spread (raises prefill/decode "
+                  "correlation)")
       ->check(CLI::Range(0.0, 10.0));
   cmd->add_option("--segment-sigma", o->segment_sigma, "Per-16-token log-normal spread (lowers it)")
       ->check(CLI::Range(0.0, 10.0));
@@ -308,7 +307,8 @@ inline void register_trace_report(CLI::App& trace_cmd) {
       const bool all = d == s.domain_names.size();
       auto f = trace_analysis::open_csv(dir / ("load_" + (all ? std::string("all") : s.domain_names[d]) + ".csv"));
       f << "layer";
-      for (std::size_t e = 0; e < E; ++e) f << ",e" << e;
+      for (std::size_t e = 0; e < E; ++e)
+        f << ",e" << e;
       f << "\n";
       for (std::size_t l = 0; l < L; ++l) {
         f << l;
@@ -325,14 +325,15 @@ inline void register_trace_report(CLI::App& trace_cmd) {
       f << "layer,max_over_mean,cv,gini,domain_js_mean,correlation_mean,correlation_median\n";
       for (std::size_t l = 0; l < L; ++l)
         f << l << "," << s.layer_imbalance[l].max_over_mean << "," << s.layer_imbalance[l].cv << ","
-          << s.layer_imbalance[l].gini << "," << js[l] << "," << s.correlation.mean[l] << ","
-          << s.correlation.median[l] << "\n";
+          << s.layer_imbalance[l].gini << "," << js[l] << "," << s.correlation.mean[l] << "," << s.correlation.median[l]
+          << "\n";
     }
     {
       auto f = trace_analysis::open_csv(dir / "coactivation.csv");
       f << "# layer " << layer << ": tokens choosing both experts (diagonal: tokens choosing the expert)\n";
       for (std::size_t i = 0; i < E; ++i) {
-        for (std::size_t j = 0; j < E; ++j) f << (j ? "," : "") << co.at(i, j);
+        for (std::size_t j = 0; j < E; ++j)
+          f << (j ? "," : "") << co.at(i, j);
         f << "\n";
       }
     }
@@ -355,7 +356,8 @@ inline void register_trace_report(CLI::App& trace_cmd) {
         const auto v = t.request_layer(r, layer);
         for (std::size_t i = 0; i < q.length; ++i) {
           const bool pre = t.token_phase(q.first_token + i) == locus::trace::phase::prefill;
-          for (std::size_t j = 0; j < t.top_k(); ++j) (pre ? a : b)[v.expert(i, j)] += 1, (pre ? na : nb) += 1;
+          for (std::size_t j = 0; j < t.top_k(); ++j)
+            (pre ? a : b)[v.expert(i, j)] += 1, (pre ? na : nb) += 1;
         }
         if (na == 0 || nb == 0) continue;
         for (std::size_t e = 0; e < E; ++e)
@@ -379,7 +381,8 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     p.start("rendering figures");
     auto quote = [](const std::string& x) {
       std::string r = "'";
-      for (char c : x) r += c == '\'' ? std::string("'\\''") : std::string(1, c);
+      for (char c : x)
+        r += c == '\'' ? std::string("'\\''") : std::string(1, c);
       return r + "'";
     };
     const std::string command = quote(o->python) + " " + quote(o->script) + " " + quote(o->out);

@@ -1,11 +1,9 @@
 #define BOOST_TEST_MODULE trace_statistics
 #include <boost/test/unit_test.hpp>
-
-#include <locus/trace/esft.hpp>
-#include <locus/trace/statistics.hpp>
-
 #include <cmath>
 #include <filesystem>
+#include <locus/trace/esft.hpp>
+#include <locus/trace/statistics.hpp>
 #include <map>
 #include <optional>
 #include <random>
@@ -46,11 +44,13 @@ std::vector<double> brute_load(const trace& t, std::size_t l, std::optional<phas
     const auto v = t.request_layer(r, l);
     for (std::size_t i = 0; i < v.tokens(); ++i) {
       if (only && t.token_phase(t.request(r).first_token + i) != *only) continue;
-      for (std::size_t j = 0; j < v.top_k(); ++j) ++m[static_cast<int>(v.expert(i, j))];
+      for (std::size_t j = 0; j < v.top_k(); ++j)
+        ++m[static_cast<int>(v.expert(i, j))];
     }
   }
   std::vector<double> out(t.experts(), 0.0);
-  for (auto [e, c] : m) out[static_cast<std::size_t>(e)] = static_cast<double>(c);
+  for (auto [e, c] : m)
+    out[static_cast<std::size_t>(e)] = static_cast<double>(c);
   return out;
 }
 
@@ -59,20 +59,23 @@ double brute_gini(const std::vector<double>& x) {
   double s = 0.0, sum = 0.0;
   for (double a : x) {
     sum += a;
-    for (double b : x) s += std::fabs(a - b);
+    for (double b : x)
+      s += std::fabs(a - b);
   }
   const double n = static_cast<double>(x.size());
   return s / (2.0 * n * n * (sum / n));
 }
 double brute_max_over_mean(const std::vector<double>& x) {
   double mx = 0.0, sum = 0.0;
-  for (double a : x) mx = std::max(mx, a), sum += a;
+  for (double a : x)
+    mx = std::max(mx, a), sum += a;
   return mx / (sum / static_cast<double>(x.size()));
 }
 double brute_cv(const std::vector<double>& x) {
   const double n = static_cast<double>(x.size());
   double sum = 0.0, sq = 0.0;
-  for (double a : x) sum += a, sq += a * a;
+  for (double a : x)
+    sum += a, sq += a * a;
   const double mean = sum / n;
   return std::sqrt(sq / n - mean * mean) / mean;
 }
@@ -80,8 +83,10 @@ double brute_cv(const std::vector<double>& x) {
 //! JS divergence through the entropy identity JS = H(m) − (H(p) + H(q))/2, in bits.
 double brute_js(std::vector<double> p, std::vector<double> q) {
   double sp = 0, sq = 0;
-  for (auto v : p) sp += v;
-  for (auto v : q) sq += v;
+  for (auto v : p)
+    sp += v;
+  for (auto v : q)
+    sq += v;
   auto h = [](const std::vector<double>& v) {
     double s = 0;
     for (auto x : v)
@@ -123,11 +128,13 @@ trace random_trace(std::uint32_t seed, std::size_t requests, std::size_t experts
   std::mt19937 rng(seed);
   trace_builder b(experts, k, layers);
   b.set_domains({"a", "b", "c"});
-  for (std::size_t r = 0; r < requests; ++r) b.add_request(r, static_cast<std::uint32_t>(rng() % 3), 1 + rng() % 40);
+  for (std::size_t r = 0; r < requests; ++r)
+    b.add_request(r, static_cast<std::uint32_t>(rng() % 3), 1 + rng() % 40);
   std::vector<trace_expert_id> pool(experts);
   for (std::size_t t = 0; t < b.tokens(); ++t)
     for (std::size_t l = 0; l < layers; ++l) {
-      for (std::size_t e = 0; e < experts; ++e) pool[e] = static_cast<trace_expert_id>(e);
+      for (std::size_t e = 0; e < experts; ++e)
+        pool[e] = static_cast<trace_expert_id>(e);
       for (std::size_t j = 0; j < k; ++j) {
         // Skewed: low ids are likelier, so that loads are unequal.
         const std::size_t pick = j + (rng() % (experts - j)) * (rng() % (experts - j)) / (experts - j);
@@ -178,8 +185,10 @@ BOOST_AUTO_TEST_CASE(js_divergence_of_hand_built_distributions) {
   std::mt19937 rng(5);
   for (int rep = 0; rep < 20; ++rep) {
     std::vector<double> p(17), q(17);
-    for (auto& v : p) v = (rng() % 4 == 0) ? 0.0 : std::uniform_real_distribution<double>(0, 3)(rng);
-    for (auto& v : q) v = (rng() % 4 == 0) ? 0.0 : std::uniform_real_distribution<double>(0, 3)(rng);
+    for (auto& v : p)
+      v = (rng() % 4 == 0) ? 0.0 : std::uniform_real_distribution<double>(0, 3)(rng);
+    for (auto& v : q)
+      v = (rng() % 4 == 0) ? 0.0 : std::uniform_real_distribution<double>(0, 3)(rng);
     p[0] = q[1] = 1.0;
     BOOST_TEST(js_divergence(p, q) == brute_js(p, q), boost::test_tools::tolerance(1e-9));
   }
@@ -188,9 +197,9 @@ BOOST_AUTO_TEST_CASE(js_divergence_of_hand_built_distributions) {
 }
 
 BOOST_AUTO_TEST_CASE(pearson_of_hand_built_vectors) {
-  BOOST_TEST(pearson(std::span<const int>(std::vector<int>{1, 2, 3}), std::span<const int>(std::vector<int>{2, 4, 6})) ==
-                 1.0,
-             boost::test_tools::tolerance(1e-12));
+  BOOST_TEST(
+      pearson(std::span<const int>(std::vector<int>{1, 2, 3}), std::span<const int>(std::vector<int>{2, 4, 6})) == 1.0,
+      boost::test_tools::tolerance(1e-12));
   const std::vector<double> a{1, 2, 3, 4}, b{1, 3, 2, 4};
   // Deviations (−1.5, −.5, .5, 1.5) and (−1.5, .5, −.5, 1.5): Σxy = 4, Σx² = Σy² = 5, r = 0.8.
   BOOST_TEST(pearson(std::span<const double>(a), std::span<const double>(b)) == 0.8,
@@ -236,7 +245,8 @@ BOOST_AUTO_TEST_CASE(loads_popularity_and_divergence_match_brute_force) {
     const auto pre = compute_expert_load(t, token_filter::prefill, threads);
     const auto dec = compute_expert_load(t, token_filter::decode, threads);
     for (std::size_t l = 0; l < t.layers(); ++l) {
-      const auto ref = brute_load(t, l), ref_p = brute_load(t, l, phase::prefill), ref_d = brute_load(t, l, phase::decode);
+      const auto ref = brute_load(t, l), ref_p = brute_load(t, l, phase::prefill),
+                 ref_d = brute_load(t, l, phase::decode);
       for (std::size_t e = 0; e < t.experts(); ++e) {
         BOOST_TEST(static_cast<double>(load.count(l, e)) == ref[e]);
         BOOST_TEST(static_cast<double>(pre.count(l, e)) == ref_p[e]);
@@ -295,12 +305,15 @@ BOOST_AUTO_TEST_CASE(coactivation_and_transitions_match_brute_force) {
     std::map<std::pair<int, int>, long> ref, ref_tr;
     for (std::size_t tok = 0; tok < t.tokens(); ++tok) {
       std::set<int> s;
-      for (std::size_t j = 0; j < t.top_k(); ++j) s.insert(t.layer(l).expert(tok, j));
+      for (std::size_t j = 0; j < t.top_k(); ++j)
+        s.insert(t.layer(l).expert(tok, j));
       for (int a : s)
-        for (int b : s) ++ref[{a, b}];
+        for (int b : s)
+          ++ref[{a, b}];
       if (l + 1 < t.layers())
         for (std::size_t x = 0; x < t.top_k(); ++x)
-          for (std::size_t y = 0; y < t.top_k(); ++y) ++ref_tr[{t.layer(l).expert(tok, x), t.layer(l + 1).expert(tok, y)}];
+          for (std::size_t y = 0; y < t.top_k(); ++y)
+            ++ref_tr[{t.layer(l).expert(tok, x), t.layer(l + 1).expert(tok, y)}];
     }
     for (std::size_t i = 0; i < t.experts(); ++i)
       for (std::size_t j = 0; j < t.experts(); ++j) {
@@ -326,7 +339,8 @@ BOOST_AUTO_TEST_CASE(request_signatures_match_brute_force) {
     for (std::size_t b = 0; b < 2; ++b) {
       const auto c = brute_load(one, opt.layers[b], phase::prefill);
       double norm = 0;
-      for (double v : c) norm += v * v;
+      for (double v : c)
+        norm += v * v;
       norm = std::sqrt(norm);
       for (std::size_t e = 0; e < t.experts(); ++e)
         BOOST_TEST(s.row(r)[b * 10 + e] == (norm > 0 ? c[e] / norm : 0.0), boost::test_tools::tolerance(1e-6));
@@ -359,7 +373,8 @@ BOOST_AUTO_TEST_CASE(esft_counts_and_imbalance_by_brute_force) {
     BOOST_TEST(s.layer_imbalance[l].max_over_mean > 1.2); // real routing is measurably skewed
   }
   // Domains differ: a domain is closer to itself split in halves than to another domain.
-  for (std::size_t l : {0u, 12u, 25u}) BOOST_TEST(s.divergence.at(l, 0, 1) > 0.01);
+  for (std::size_t l : {0u, 12u, 25u})
+    BOOST_TEST(s.divergence.at(l, 0, 1) > 0.01);
   // Prefill predicts decode on real traces (the premise of workload-aware grouping).
   BOOST_TEST(s.correlation.overall_mean() > 0.3);
 }

@@ -1,11 +1,9 @@
 #define BOOST_TEST_MODULE trace_synthesizer
 #include <boost/test/unit_test.hpp>
-
-#include <locus/trace/esft.hpp>
-#include <locus/trace/synthesizer.hpp>
-
 #include <cmath>
 #include <filesystem>
+#include <locus/trace/esft.hpp>
+#include <locus/trace/synthesizer.hpp>
 #include <map>
 #include <optional>
 #include <set>
@@ -35,20 +33,25 @@ std::vector<std::vector<std::vector<double>>> ref_popularity(const trace& t) {
       const auto v = t.request_layer(r, l);
       std::map<int, double> m;
       for (std::size_t i = 0; i < v.tokens(); ++i)
-        for (std::size_t j = 0; j < v.top_k(); ++j) m[v.expert(i, j)] += 1.0;
-      for (auto [e, c] : m) out[d][l][static_cast<std::size_t>(e)] += c;
+        for (std::size_t j = 0; j < v.top_k(); ++j)
+          m[v.expert(i, j)] += 1.0;
+      for (auto [e, c] : m)
+        out[d][l][static_cast<std::size_t>(e)] += c;
     }
   }
   for (std::size_t d = 0; d < out.size(); ++d)
     for (auto& row : out[d])
-      for (auto& v : row) v /= std::max(1.0, tokens[d] * static_cast<double>(t.top_k()));
+      for (auto& v : row)
+        v /= std::max(1.0, tokens[d] * static_cast<double>(t.top_k()));
   return out;
 }
 
 double ref_js(std::vector<double> p, std::vector<double> q) {
   double sp = 0, sq = 0;
-  for (auto v : p) sp += v;
-  for (auto v : q) sq += v;
+  for (auto v : p)
+    sp += v;
+  for (auto v : q)
+    sq += v;
   auto h = [](const std::vector<double>& v) {
     double s = 0;
     for (auto x : v)
@@ -56,7 +59,8 @@ double ref_js(std::vector<double> p, std::vector<double> q) {
     return s;
   };
   std::vector<double> m(p.size());
-  for (std::size_t i = 0; i < p.size(); ++i) p[i] /= sp, q[i] /= sq, m[i] = 0.5 * (p[i] + q[i]);
+  for (std::size_t i = 0; i < p.size(); ++i)
+    p[i] /= sp, q[i] /= sq, m[i] = 0.5 * (p[i] + q[i]);
   return h(m) - 0.5 * (h(p) + h(q));
 }
 
@@ -65,11 +69,13 @@ double ref_mean_gini(const trace& t) {
   double total = 0;
   for (std::size_t l = 0; l < t.layers(); ++l) {
     std::vector<double> x(t.experts(), 0.0);
-    for (std::size_t i = 0; i < t.tokens() * t.top_k(); ++i) x[t.layer(l).ids()[i]] += 1.0;
+    for (std::size_t i = 0; i < t.tokens() * t.top_k(); ++i)
+      x[t.layer(l).ids()[i]] += 1.0;
     double s = 0, sum = 0;
     for (double a : x) {
       sum += a;
-      for (double b : x) s += std::fabs(a - b);
+      for (double b : x)
+        s += std::fabs(a - b);
     }
     const double n = static_cast<double>(x.size());
     total += s / (2.0 * n * n * (sum / n));
@@ -82,9 +88,11 @@ double ref_mean_max_over_mean(const trace& t) {
   double total = 0;
   for (std::size_t l = 0; l < t.layers(); ++l) {
     std::vector<double> x(t.experts(), 0.0);
-    for (std::size_t i = 0; i < t.tokens() * t.top_k(); ++i) x[t.layer(l).ids()[i]] += 1.0;
+    for (std::size_t i = 0; i < t.tokens() * t.top_k(); ++i)
+      x[t.layer(l).ids()[i]] += 1.0;
     double mx = 0, sum = 0;
-    for (double a : x) mx = std::max(mx, a), sum += a;
+    for (double a : x)
+      mx = std::max(mx, a), sum += a;
     total += mx / (sum / static_cast<double>(x.size()));
   }
   return total / static_cast<double>(t.layers());
@@ -101,7 +109,8 @@ double ref_mean_correlation(const trace& t) {
       const auto v = t.request_layer(r, l);
       for (std::size_t i = 0; i < v.tokens(); ++i) {
         auto& c = t.token_phase(t.request(r).first_token + i) == phase::prefill ? a : b;
-        for (std::size_t j = 0; j < v.top_k(); ++j) c[v.expert(i, j)] += 1.0;
+        for (std::size_t j = 0; j < v.top_k(); ++j)
+          c[v.expert(i, j)] += 1.0;
       }
       const double m = static_cast<double>(a.size());
       double sa = 0, sb = 0, sab = 0, saa = 0, sbb = 0;
@@ -121,7 +130,8 @@ double ref_same_cluster_share(const trace& t, const std::vector<std::uint16_t>& 
   for (std::size_t l = 0; l < t.layers(); ++l)
     for (std::size_t tok = 0; tok < t.tokens(); ++tok) {
       std::set<int> s;
-      for (std::size_t j = 0; j < t.top_k(); ++j) s.insert(t.layer(l).expert(tok, j));
+      for (std::size_t j = 0; j < t.top_k(); ++j)
+        s.insert(t.layer(l).expert(tok, j));
       std::vector<int> v(s.begin(), s.end());
       for (std::size_t a = 0; a < v.size(); ++a)
         for (std::size_t b = a + 1; b < v.size(); ++b) {
@@ -138,7 +148,8 @@ double mean_popularity_js(const trace& a, const trace& b) {
   double s = 0;
   std::size_t n = 0;
   for (std::size_t d = 0; d < pa.size(); ++d)
-    for (std::size_t l = 0; l < pa[d].size(); ++l) s += ref_js(pa[d][l], pb[d][l]), ++n;
+    for (std::size_t l = 0; l < pa[d].size(); ++l)
+      s += ref_js(pa[d][l], pb[d][l]), ++n;
   return s / static_cast<double>(n);
 }
 
@@ -148,7 +159,8 @@ double mean_domain_js(const trace& t) {
   std::size_t n = 0;
   for (std::size_t l = 0; l < t.layers(); ++l)
     for (std::size_t a = 0; a < p.size(); ++a)
-      for (std::size_t b = a + 1; b < p.size(); ++b) s += ref_js(p[a][l], p[b][l]), ++n;
+      for (std::size_t b = a + 1; b < p.size(); ++b)
+        s += ref_js(p[a][l], p[b][l]), ++n;
   return s / static_cast<double>(n);
 }
 
@@ -156,7 +168,8 @@ void check_well_formed(const trace& t, std::size_t prefill) {
   for (std::size_t l = 0; l < t.layers(); ++l)
     for (std::size_t tok = 0; tok < t.tokens(); ++tok) {
       std::set<int> s;
-      for (std::size_t j = 0; j < t.top_k(); ++j) s.insert(t.layer(l).expert(tok, j));
+      for (std::size_t j = 0; j < t.top_k(); ++j)
+        s.insert(t.layer(l).expert(tok, j));
       BOOST_REQUIRE_EQUAL(s.size(), t.top_k()); // distinct experts per token
     }
   for (std::size_t r = 0; r < t.requests(); ++r)
@@ -328,8 +341,10 @@ void check_fit(const trace& real, const synth_model& m, std::uint64_t seed) {
   BOOST_TEST(std::fabs(mean_domain_js(real) - mean_domain_js(syn)) < 0.03);
   for (std::uint32_t d = 0; d < real.domains().size(); ++d) {
     double a = 0, b = 0;
-    for (const auto& q : real.request_table()) a += q.domain == d;
-    for (const auto& q : syn.request_table()) b += q.domain == d;
+    for (const auto& q : real.request_table())
+      a += q.domain == d;
+    for (const auto& q : syn.request_table())
+      b += q.domain == d;
     BOOST_TEST(std::fabs(a - b) / static_cast<double>(real.requests()) < 0.15);
   }
 }
@@ -379,7 +394,8 @@ BOOST_AUTO_TEST_CASE(fit_to_esft_and_rescale_to_deepseek_v3_shape) {
   const auto big = sample(v3, so);
   BOOST_TEST(big.experts() == 256u);
   for (std::size_t l = 0; l < big.layers(); l += 19)
-    for (std::size_t i = 0; i < big.tokens() * 8; ++i) BOOST_REQUIRE(big.layer(l).ids()[i] < 256);
+    for (std::size_t i = 0; i < big.tokens() * 8; ++i)
+      BOOST_REQUIRE(big.layer(l).ids()[i] < 256);
   // The rank-frequency shape carries over: Gini within 0.06, domains stay distinct.
   const double g_src = ref_mean_gini(real), g_dst = ref_mean_gini(big);
   const double d_src = mean_domain_js(real), d_dst = mean_domain_js(big);

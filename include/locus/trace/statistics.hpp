@@ -11,15 +11,14 @@
 //! Counting runs one layer per task through `locus::parallel_for`: layers are independent and
 //! each writes only its own rows, so results never depend on the thread count.
 
-#include <locus/core/error.hpp>
-#include <locus/core/parallel_for.hpp>
-#include <locus/trace/trace.hpp>
-
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <locus/core/error.hpp>
+#include <locus/core/parallel_for.hpp>
+#include <locus/trace/trace.hpp>
 #include <numeric>
 #include <span>
 #include <string>
@@ -81,7 +80,8 @@ inline expert_load compute_expert_load(const trace& t, token_filter filter = tok
   out.experts = t.experts();
   out.counts.assign(t.layers() * t.experts(), 0);
   const auto& ph = t.phases();
-  for (auto p : ph) out.tokens += detail::trace_stats::keep(filter, p) ? 1 : 0;
+  for (auto p : ph)
+    out.tokens += detail::trace_stats::keep(filter, p) ? 1 : 0;
   const std::size_t k = t.top_k(), n = t.tokens(), e_count = t.experts();
   parallel_for(t.layers(), detail::trace_stats::layer_grain, threads, [&](std::size_t b, std::size_t e, unsigned) {
     for (std::size_t l = b; l < e; ++l) {
@@ -89,11 +89,13 @@ inline expert_load compute_expert_load(const trace& t, token_filter filter = tok
       std::uint64_t* row = out.counts.data() + l * e_count;
       if (filter == token_filter::all) {
         // The whole layer is one contiguous block: a straight histogram, no per-token branch.
-        for (std::size_t i = 0; i < n * k; ++i) ++row[ids[i]];
+        for (std::size_t i = 0; i < n * k; ++i)
+          ++row[ids[i]];
       } else {
         for (std::size_t tok = 0; tok < n; ++tok)
           if (detail::trace_stats::keep(filter, ph[tok]))
-            for (std::size_t j = 0; j < k; ++j) ++row[ids[tok * k + j]];
+            for (std::size_t j = 0; j < k; ++j)
+              ++row[ids[tok * k + j]];
       }
     }
   });
@@ -131,12 +133,14 @@ imbalance compute_imbalance(std::span<const T> load) {
   if (sum <= 0.0) return out;
   const double mean = sum / static_cast<double>(n);
   double ss = 0.0;
-  for (double v : x) ss += (v - mean) * (v - mean);
+  for (double v : x)
+    ss += (v - mean) * (v - mean);
   out.max_over_mean = mx / mean;
   out.cv = std::sqrt(ss / static_cast<double>(n)) / mean;
   std::sort(x.begin(), x.end());
   double g = 0.0;
-  for (std::size_t i = 0; i < n; ++i) g += (2.0 * static_cast<double>(i + 1) - static_cast<double>(n) - 1.0) * x[i];
+  for (std::size_t i = 0; i < n; ++i)
+    g += (2.0 * static_cast<double>(i + 1) - static_cast<double>(n) - 1.0) * x[i];
   out.gini = g / (static_cast<double>(n) * sum);
   return out;
 }
@@ -148,7 +152,8 @@ imbalance compute_imbalance(const std::vector<T>& load) {
 //! Imbalance of every layer of a load matrix.
 inline std::vector<imbalance> layer_imbalance(const expert_load& load) {
   std::vector<imbalance> out(load.layers);
-  for (std::size_t l = 0; l < load.layers; ++l) out[l] = compute_imbalance(load.layer(l));
+  for (std::size_t l = 0; l < load.layers; ++l)
+    out[l] = compute_imbalance(load.layer(l));
   return out;
 }
 
@@ -161,10 +166,10 @@ inline std::vector<imbalance> layer_imbalance(const expert_load& load) {
 //! A domain with no tokens has an all-zero row.
 struct domain_popularity {
   std::size_t domains = 0, layers = 0, experts = 0;
-  std::vector<std::uint64_t> requests;   //!< requests per domain
-  std::vector<std::uint64_t> tokens;     //!< tokens per domain (after the filter)
-  std::vector<std::uint64_t> counts;     //!< `domains × layers × experts` loads
-  std::vector<double> p;                 //!< same shape, normalised as above
+  std::vector<std::uint64_t> requests; //!< requests per domain
+  std::vector<std::uint64_t> tokens;   //!< tokens per domain (after the filter)
+  std::vector<std::uint64_t> counts;   //!< `domains × layers × experts` loads
+  std::vector<double> p;               //!< same shape, normalised as above
 
   std::span<const double> row(std::size_t d, std::size_t l) const {
     LOCUS_REQUIRE(d < domains && l < layers, invalid_input_error, "domain_popularity::row: (domain ", d, ", layer ", l,
@@ -206,12 +211,14 @@ inline domain_popularity compute_domain_popularity(const trace& t, token_filter 
       for (std::size_t tok = 0; tok < n; ++tok) {
         if (!detail::trace_stats::keep(filter, ph[tok])) continue;
         std::uint64_t* row = out.counts.data() + (token_domain[tok] * L + l) * E;
-        for (std::size_t j = 0; j < k; ++j) ++row[ids[tok * k + j]];
+        for (std::size_t j = 0; j < k; ++j)
+          ++row[ids[tok * k + j]];
       }
       for (std::size_t d = 0; d < out.domains; ++d) {
         if (out.tokens[d] == 0) continue;
         const double norm = 1.0 / (static_cast<double>(out.tokens[d]) * static_cast<double>(k));
-        for (std::size_t x = 0; x < E; ++x) out.p[(d * L + l) * E + x] = static_cast<double>(out.counts[(d * L + l) * E + x]) * norm;
+        for (std::size_t x = 0; x < E; ++x)
+          out.p[(d * L + l) * E + x] = static_cast<double>(out.counts[(d * L + l) * E + x]) * norm;
       }
     }
   });
@@ -291,11 +298,12 @@ inline domain_divergence compute_domain_divergence(const domain_popularity& pop)
 //! @throws locus::invalid_input_error when the sizes differ or are zero
 template <class T>
 double pearson(std::span<const T> a, std::span<const T> b) {
-  LOCUS_REQUIRE(a.size() == b.size() && !a.empty(), invalid_input_error, "pearson: sizes ", a.size(), " and ",
-                b.size(), " differ or are zero");
+  LOCUS_REQUIRE(a.size() == b.size() && !a.empty(), invalid_input_error, "pearson: sizes ", a.size(), " and ", b.size(),
+                " differ or are zero");
   const auto n = static_cast<double>(a.size());
   double ma = 0.0, mb = 0.0;
-  for (std::size_t i = 0; i < a.size(); ++i) ma += static_cast<double>(a[i]), mb += static_cast<double>(b[i]);
+  for (std::size_t i = 0; i < a.size(); ++i)
+    ma += static_cast<double>(a[i]), mb += static_cast<double>(b[i]);
   ma /= n;
   mb /= n;
   double sab = 0.0, saa = 0.0, sbb = 0.0;
@@ -318,9 +326,9 @@ double pearson(std::span<const T> a, std::span<const T> b) {
 //! each request as prefill.
 struct prefill_decode_correlation {
   std::size_t requests = 0, layers = 0;
-  std::vector<double> r;                 //!< request-major `requests × layers`
-  std::vector<double> mean, median;      //!< per layer
-  std::vector<std::size_t> defined;      //!< per layer
+  std::vector<double> r;            //!< request-major `requests × layers`
+  std::vector<double> mean, median; //!< per layer
+  std::vector<std::size_t> defined; //!< per layer
   double at(std::size_t req, std::size_t l) const { return r.at(req * layers + l); }
   //! Mean over layers of the per-layer means (layers with no defined value skipped; NaN if none).
   double overall_mean() const {
@@ -355,11 +363,12 @@ inline prefill_decode_correlation compute_prefill_decode_correlation(const trace
         std::size_t np = 0, nd = 0;
         for (std::size_t i = 0; i < q.length; ++i) {
           const std::size_t tok = q.first_token + i;
-          std::uint32_t* c = ph[tok] == phase::prefill ? (++np, pre.data())
+          std::uint32_t* c = ph[tok] == phase::prefill  ? (++np, pre.data())
                              : ph[tok] == phase::decode ? (++nd, dec.data())
                                                         : nullptr;
           if (!c) continue;
-          for (std::size_t j = 0; j < k; ++j) ++c[ids[tok * k + j]];
+          for (std::size_t j = 0; j < k; ++j)
+            ++c[ids[tok * k + j]];
         }
         if (np == 0 || nd == 0) continue;
         out.r[req * L + l] = pearson(std::span<const std::uint32_t>(pre), std::span<const std::uint32_t>(dec));
@@ -398,7 +407,8 @@ inline std::size_t distinct(const trace_expert_id* ids, std::size_t k, trace_exp
   std::size_t m = 0;
   for (std::size_t j = 0; j < k; ++j) {
     bool seen = false;
-    for (std::size_t x = 0; x < m; ++x) seen |= out[x] == ids[j];
+    for (std::size_t x = 0; x < m; ++x)
+      seen |= out[x] == ids[j];
     if (!seen) out[m++] = ids[j];
   }
   return m;
@@ -420,7 +430,8 @@ inline coactivation compute_coactivation(const trace& t, std::size_t l, token_fi
     const std::size_t m = detail::trace_stats::distinct(view.ids() + tok * k, k, u);
     for (std::size_t a = 0; a < m; ++a) {
       std::uint64_t* row = out.counts.data() + std::size_t{u[a]} * E;
-      for (std::size_t b = 0; b < m; ++b) ++row[u[b]];
+      for (std::size_t b = 0; b < m; ++b)
+        ++row[u[b]];
     }
   }
   return out;
@@ -431,7 +442,8 @@ inline std::vector<coactivation> compute_coactivation_all(const trace& t, token_
                                                           unsigned threads = 0) {
   std::vector<coactivation> out(t.layers());
   parallel_for(t.layers(), detail::trace_stats::layer_grain, threads, [&](std::size_t b, std::size_t e, unsigned) {
-    for (std::size_t l = b; l < e; ++l) out[l] = compute_coactivation(t, l, filter);
+    for (std::size_t l = b; l < e; ++l)
+      out[l] = compute_coactivation(t, l, filter);
   });
   return out;
 }
@@ -441,7 +453,7 @@ inline std::vector<coactivation> compute_coactivation_all(const trace& t, token_
 //! adds k² (each row i sums to k × load of i at l).
 struct layer_transition {
   std::size_t experts = 0;
-  std::size_t from_layer = 0; //!< l; the transition goes to l + 1
+  std::size_t from_layer = 0;        //!< l; the transition goes to l + 1
   std::vector<std::uint64_t> counts; //!< `experts × experts`, row = expert at l
   std::uint64_t at(std::size_t i, std::size_t j) const { return counts.at(i * experts + j); }
 };
@@ -463,7 +475,8 @@ inline layer_transition compute_transition(const trace& t, std::size_t l, token_
     if (!detail::trace_stats::keep(filter, ph[tok])) continue;
     for (std::size_t x = 0; x < k; ++x) {
       std::uint64_t* row = out.counts.data() + std::size_t{a[tok * k + x]} * E;
-      for (std::size_t y = 0; y < k; ++y) ++row[b[tok * k + y]];
+      for (std::size_t y = 0; y < k; ++y)
+        ++row[b[tok * k + y]];
     }
   }
   return out;
@@ -475,7 +488,8 @@ inline std::vector<layer_transition> compute_transitions_all(const trace& t, tok
   if (t.layers() < 2) return {};
   std::vector<layer_transition> out(t.layers() - 1);
   parallel_for(out.size(), detail::trace_stats::layer_grain, threads, [&](std::size_t b, std::size_t e, unsigned) {
-    for (std::size_t l = b; l < e; ++l) out[l] = compute_transition(t, l, filter);
+    for (std::size_t l = b; l < e; ++l)
+      out[l] = compute_transition(t, l, filter);
   });
   return out;
 }
@@ -502,8 +516,8 @@ struct signature_options {
 struct request_signatures {
   std::size_t requests = 0;
   std::size_t experts = 0;
-  std::vector<std::size_t> layers; //!< the layers, in block order
-  std::vector<float> values;       //!< `requests × dimension()`, row-major
+  std::vector<std::size_t> layers;           //!< the layers, in block order
+  std::vector<float> values;                 //!< `requests × dimension()`, row-major
   std::vector<std::uint32_t> counted_tokens; //!< per request, tokens counted
 
   std::size_t dimension() const noexcept { return layers.size() * experts; }
@@ -528,13 +542,15 @@ inline std::vector<std::size_t> checked_layers(const ::locus::trace::trace& t, c
 }
 
 //! Writes request r's signature into `dst` (dimension floats); returns counted tokens.
-inline std::uint32_t signature_into(const ::locus::trace::trace& t, std::size_t r, const std::vector<std::size_t>& layers,
-                                    token_filter filter, float* dst, std::vector<std::uint32_t>& scratch) {
+inline std::uint32_t signature_into(const ::locus::trace::trace& t, std::size_t r,
+                                    const std::vector<std::size_t>& layers, token_filter filter, float* dst,
+                                    std::vector<std::uint32_t>& scratch) {
   const auto& q = t.request(r);
   const std::size_t E = t.experts(), k = t.top_k();
   const auto& ph = t.phases();
   std::uint32_t counted = 0;
-  for (std::size_t i = 0; i < q.length; ++i) counted += keep(filter, ph[q.first_token + i]) ? 1 : 0;
+  for (std::size_t i = 0; i < q.length; ++i)
+    counted += keep(filter, ph[q.first_token + i]) ? 1 : 0;
   scratch.resize(E);
   for (std::size_t b = 0; b < layers.size(); ++b) {
     std::fill(scratch.begin(), scratch.end(), 0u);
@@ -542,12 +558,15 @@ inline std::uint32_t signature_into(const ::locus::trace::trace& t, std::size_t 
     for (std::size_t i = 0; i < q.length; ++i) {
       const std::size_t tok = q.first_token + i;
       if (!keep(filter, ph[tok])) continue;
-      for (std::size_t j = 0; j < k; ++j) ++scratch[ids[tok * k + j]];
+      for (std::size_t j = 0; j < k; ++j)
+        ++scratch[ids[tok * k + j]];
     }
     double ss = 0.0;
-    for (auto c : scratch) ss += static_cast<double>(c) * static_cast<double>(c);
+    for (auto c : scratch)
+      ss += static_cast<double>(c) * static_cast<double>(c);
     const double inv = ss > 0.0 ? 1.0 / std::sqrt(ss) : 0.0;
-    for (std::size_t x = 0; x < E; ++x) dst[b * E + x] = static_cast<float>(static_cast<double>(scratch[x]) * inv);
+    for (std::size_t x = 0; x < E; ++x)
+      dst[b * E + x] = static_cast<float>(static_cast<double>(scratch[x]) * inv);
   }
   return counted;
 }
@@ -596,18 +615,19 @@ struct statistics_options {
 struct trace_statistics {
   std::size_t requests = 0, tokens = 0, layers = 0, experts = 0, top_k = 0;
   std::vector<std::string> domain_names;
-  expert_load load;                         //!< all tokens
-  std::vector<imbalance> layer_imbalance;   //!< of `load`, per layer
-  domain_popularity popularity;             //!< per domain, all tokens
-  domain_divergence divergence;             //!< JS between domains, per layer
-  prefill_decode_correlation correlation;   //!< from the trace's phases
-  std::vector<coactivation> coactivations;  //!< per layer (empty unless asked)
+  expert_load load;                          //!< all tokens
+  std::vector<imbalance> layer_imbalance;    //!< of `load`, per layer
+  domain_popularity popularity;              //!< per domain, all tokens
+  domain_divergence divergence;              //!< JS between domains, per layer
+  prefill_decode_correlation correlation;    //!< from the trace's phases
+  std::vector<coactivation> coactivations;   //!< per layer (empty unless asked)
   std::vector<layer_transition> transitions; //!< per l → l+1 (empty unless asked)
 
   //! Mean over layers of an imbalance member, e.g. `mean_imbalance(&imbalance::gini)`.
   double mean_imbalance(double imbalance::*member) const {
     double s = 0.0;
-    for (const auto& x : layer_imbalance) s += x.*member;
+    for (const auto& x : layer_imbalance)
+      s += x.*member;
     return layer_imbalance.empty() ? 0.0 : s / static_cast<double>(layer_imbalance.size());
   }
 };
@@ -638,4 +658,4 @@ inline trace_statistics compute_statistics(const trace& t, const statistics_opti
   return s;
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::trace
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::trace

@@ -25,20 +25,19 @@
 //! Everything is seeded through splitmix64 keyed by (seed, request, layer), so a sample is the
 //! same on every platform and for every thread count.
 
-#include <locus/core/error.hpp>
-#include <locus/core/parallel_for.hpp>
-#include <locus/trace/statistics.hpp>
-#include <locus/trace/trace.hpp>
-
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <locus/core/error.hpp>
+#include <locus/core/parallel_for.hpp>
+#include <locus/trace/statistics.hpp>
+#include <locus/trace/trace.hpp>
 #include <numeric>
 #include <span>
-#include <type_traits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::trace {
@@ -106,8 +105,8 @@ struct synth_shape {
 
 //! What fit() matches and how hard it tries.
 struct fit_options {
-  std::size_t prefill_tokens = 32; //!< prefill split used to measure the real correlation
-  std::size_t clusters = 8;        //!< co-activation clusters per layer to find (0 = none)
+  std::size_t prefill_tokens = 32;       //!< prefill split used to measure the real correlation
+  std::size_t clusters = 8;              //!< co-activation clusters per layer to find (0 = none)
   std::size_t calibration_tokens = 8192; //!< tokens per domain in each calibration sample
   std::size_t calibration_rounds = 4;
   std::size_t search_steps = 6; //!< bisection steps for σ, δ and the cluster probability
@@ -146,7 +145,8 @@ inline std::uint64_t mix(std::uint64_t a, std::uint64_t b) noexcept {
 //! per request and layer).
 inline double normal(locus::trace::detail::splitmix64& g) noexcept {
   double u = g.uniform();
-  while (u <= 0.0) u = g.uniform();
+  while (u <= 0.0)
+    u = g.uniform();
   const double v = g.uniform();
   return std::sqrt(-2.0 * std::log(u)) * std::cos(6.283185307179586 * v);
 }
@@ -154,9 +154,9 @@ inline double normal(locus::trace::detail::splitmix64& g) noexcept {
 //! Per-layer expert order grouped by cluster, so a cluster is a contiguous range of the
 //! cumulative-weight array and sampling inside it is one binary search.
 struct prepared_model {
-  std::vector<std::uint16_t> order;        //!< layers × experts: expert at each position
-  std::vector<std::uint32_t> cluster_end;  //!< layers × clusters: end position of each cluster
-  std::vector<std::uint16_t> cluster_at;   //!< layers × experts: cluster of each position
+  std::vector<std::uint16_t> order;       //!< layers × experts: expert at each position
+  std::vector<std::uint32_t> cluster_end; //!< layers × clusters: end position of each cluster
+  std::vector<std::uint16_t> cluster_at;  //!< layers × experts: cluster of each position
   std::size_t clusters = 1;
   std::size_t take = 0;
   bool use_clusters = false; //!< clusters exist and the cluster probability is positive
@@ -185,7 +185,8 @@ inline const std::vector<double>& normal_quantiles() {
 
 inline std::vector<double> lognormal_table(double sigma) {
   std::vector<double> t = normal_quantiles();
-  for (auto& v : t) v = std::exp(sigma * v);
+  for (auto& v : t)
+    v = std::exp(sigma * v);
   return t;
 }
 
@@ -208,7 +209,8 @@ inline prepared_model prepare(const synth_model& m) {
   p.cluster_end.assign(L * p.clusters, 0);
   for (std::size_t l = 0; l < L; ++l) {
     auto* ord = p.order.data() + l * E;
-    for (std::size_t e = 0; e < E; ++e) ord[e] = static_cast<std::uint16_t>(e);
+    for (std::size_t e = 0; e < E; ++e)
+      ord[e] = static_cast<std::uint16_t>(e);
     auto cl = [&](std::size_t e) -> std::size_t { return m.cluster_of.empty() ? 0 : m.cluster_of[l * E + e]; };
     std::stable_sort(ord, ord + E, [&](std::uint16_t a, std::uint16_t b) { return cl(a) < cl(b); });
     for (std::size_t i = 0; i < E; ++i) {
@@ -217,7 +219,8 @@ inline prepared_model prepare(const synth_model& m) {
     }
     // Empty clusters end where the previous one ends.
     for (std::size_t c = 1; c < p.clusters; ++c)
-      p.cluster_end[l * p.clusters + c] = std::max(p.cluster_end[l * p.clusters + c], p.cluster_end[l * p.clusters + c - 1]);
+      p.cluster_end[l * p.clusters + c] =
+          std::max(p.cluster_end[l * p.clusters + c], p.cluster_end[l * p.clusters + c - 1]);
   }
   return p;
 }
@@ -232,7 +235,8 @@ struct layer_sampler {
   void build() {
     cum.resize(q.size());
     double acc = 0.0;
-    for (std::size_t i = 0; i < q.size(); ++i) cum[i] = acc += q[i];
+    for (std::size_t i = 0; i < q.size(); ++i)
+      cum[i] = acc += q[i];
   }
   //! A position in [a, b) ∝ q, or b when the range has no weight.
   std::size_t draw(std::size_t a, std::size_t b, locus::trace::detail::splitmix64& g) const {
@@ -277,7 +281,8 @@ inline void draw_token(const synth_model& m, const prepared_model& p, std::size_
   auto add = [&](std::size_t pos) {
     chosen_pos[n] = static_cast<std::uint32_t>(pos);
     std::size_t i = n++;
-    for (; i > 0 && sorted[i - 1] > pos; --i) sorted[i] = sorted[i - 1];
+    for (; i > 0 && sorted[i - 1] > pos; --i)
+      sorted[i] = sorted[i - 1];
     sorted[i] = static_cast<std::uint32_t>(pos);
   };
   // One draw ∝ q over the unchosen positions of [a, b), exactly: u is drawn over the range's mass
@@ -295,15 +300,18 @@ inline void draw_token(const synth_model& m, const prepared_model& p, std::size_
     for (std::size_t i = 0; i < n; ++i) {
       const std::size_t c = sorted[i];
       if (c < a || c >= b) continue;
-      if ((c ? cum[c - 1] : 0.0) <= u) u += q[c];
-      else break;
+      if ((c ? cum[c - 1] : 0.0) <= u)
+        u += q[c];
+      else
+        break;
     }
     std::size_t pos = s.find(a, b, u);
     if (taken(pos) || q[pos] <= 0.0) {
       // Rounding put u on a chosen or empty interval: the nearest valid position instead.
       std::size_t best = b;
       for (std::size_t x = a; x < b; ++x)
-        if (!taken(x) && q[x] > 0.0 && (best == b || (x > pos ? x - pos : pos - x) < (best > pos ? best - pos : pos - best)))
+        if (!taken(x) && q[x] > 0.0 &&
+            (best == b || (x > pos ? x - pos : pos - x) < (best > pos ? best - pos : pos - best)))
           best = x;
       if (best == b) return false;
       pos = best;
@@ -331,7 +339,8 @@ inline void draw_token(const synth_model& m, const prepared_model& p, std::size_
     }
   }
   double sum = 0.0;
-  for (std::size_t i = 0; i < k; ++i) sum += q[chosen_pos[i]];
+  for (std::size_t i = 0; i < k; ++i)
+    sum += q[chosen_pos[i]];
   for (std::size_t i = 0; i < k; ++i) {
     ids[i] = ord[chosen_pos[i]];
     weights[i] = static_cast<float>(sum > 0.0 ? q[chosen_pos[i]] / sum : 1.0 / static_cast<double>(k));
@@ -408,12 +417,14 @@ inline std::vector<std::uint64_t> sample_domain_load(const synth_model& m, const
       }
       generate_request(m, p, d, lengths[r], mix(seed, r + 7), ip.data(), wp.data(), s);
       for (std::size_t l = 0; l < L; ++l)
-        for (auto x : id[l]) ++counts[l * E + x];
+        for (auto x : id[l])
+          ++counts[l * E + x];
     }
   });
   std::vector<std::uint64_t> out(L * E, 0);
   for (const auto& c : part)
-    for (std::size_t i = 0; i < c.size(); ++i) out[i] += c[i];
+    for (std::size_t i = 0; i < c.size(); ++i)
+      out[i] += c[i];
   return out;
 }
 
@@ -450,9 +461,11 @@ inline void cap_popularity(std::span<double> row, std::size_t k) {
 inline void normalise_rows(std::vector<double>& v, std::size_t rows, std::size_t cols) {
   for (std::size_t r = 0; r < rows; ++r) {
     double s = 0.0;
-    for (std::size_t c = 0; c < cols; ++c) s += v[r * cols + c];
+    for (std::size_t c = 0; c < cols; ++c)
+      s += v[r * cols + c];
     if (s > 0.0)
-      for (std::size_t c = 0; c < cols; ++c) v[r * cols + c] /= s;
+      for (std::size_t c = 0; c < cols; ++c)
+        v[r * cols + c] /= s;
   }
 }
 
@@ -465,11 +478,14 @@ inline std::vector<std::uint16_t> cluster_by_lift(const coactivation& co, std::s
   for (std::size_t i = 0; i < E; ++i)
     for (std::size_t j = 0; j < E; ++j) {
       const double ni = static_cast<double>(co.at(i, i)), nj = static_cast<double>(co.at(j, j));
-      lift[i * E + j] = (i != j && ni > 0 && nj > 0) ? static_cast<double>(co.at(i, j)) * static_cast<double>(tokens) / (ni * nj) : 0.0;
+      lift[i * E + j] = (i != j && ni > 0 && nj > 0)
+                            ? static_cast<double>(co.at(i, j)) * static_cast<double>(tokens) / (ni * nj)
+                            : 0.0;
     }
   const std::size_t max_size = std::max<std::size_t>(2, (2 * E + clusters - 1) / clusters);
   std::vector<std::vector<std::size_t>> members(E);
-  for (std::size_t i = 0; i < E; ++i) members[i] = {i};
+  for (std::size_t i = 0; i < E; ++i)
+    members[i] = {i};
   // link(a, b) = Σ lift over members: average linkage divides by |a|·|b|.
   std::vector<double> link = lift;
   std::vector<bool> alive(E, true);
@@ -499,7 +515,8 @@ inline std::vector<std::uint16_t> cluster_by_lift(const coactivation& co, std::s
   std::uint16_t id = 0;
   for (std::size_t a = 0; a < E; ++a) {
     if (!alive[a]) continue;
-    for (auto i : members[a]) out[i] = id;
+    for (auto i : members[a])
+      out[i] = id;
     ++id;
   }
   return out;
@@ -518,11 +535,11 @@ inline void synth_model::validate() const {
   for (std::size_t d = 0; d < domains.size(); ++d) {
     const auto& dom = domains[d];
     LOCUS_REQUIRE(dom.popularity.size() == layers * experts, config_error, "synth_model: domain ", d, " (", dom.name,
-                  ") has ", dom.popularity.size(), " popularity entries, expected layers × experts = ",
-                  layers * experts);
+                  ") has ", dom.popularity.size(),
+                  " popularity entries, expected layers × experts = ", layers * experts);
     LOCUS_REQUIRE(dom.sampling_weights.empty() || dom.sampling_weights.size() == layers * experts, config_error,
-                  "synth_model: domain ", d, " has ", dom.sampling_weights.size(),
-                  " sampling weights, expected 0 or ", layers * experts);
+                  "synth_model: domain ", d, " has ", dom.sampling_weights.size(), " sampling weights, expected 0 or ",
+                  layers * experts);
     LOCUS_REQUIRE(std::isfinite(dom.weight) && dom.weight >= 0.0, config_error, "synth_model: domain ", d,
                   " weight is ", dom.weight);
     total_weight += dom.weight;
@@ -544,8 +561,8 @@ inline void synth_model::validate() const {
                   " length bounds [", dom.min_length, ", ", dom.max_length, "] are empty or start at 0");
     LOCUS_REQUIRE(std::isfinite(dom.length_log_mean) && std::isfinite(dom.length_log_sigma) &&
                       dom.length_log_sigma >= 0.0,
-                  config_error, "synth_model: domain ", d, " log-normal length parameters (", dom.length_log_mean,
-                  ", ", dom.length_log_sigma, ") are invalid");
+                  config_error, "synth_model: domain ", d, " log-normal length parameters (", dom.length_log_mean, ", ",
+                  dom.length_log_sigma, ") are invalid");
     for (auto len : dom.lengths)
       LOCUS_REQUIRE(len >= 1, config_error, "synth_model: domain ", d, " has an empirical length 0");
   }
@@ -579,10 +596,12 @@ inline trace sample(const synth_model& m, const sample_options& opt) {
   const auto p = detail::synth::prepare(m);
   std::vector<double> cum_domain;
   double acc = 0.0;
-  for (const auto& d : m.domains) cum_domain.push_back(acc += d.weight);
+  for (const auto& d : m.domains)
+    cum_domain.push_back(acc += d.weight);
   trace_builder b(m.experts, m.top_k, m.layers);
   std::vector<std::string> names;
-  for (const auto& d : m.domains) names.push_back(d.name);
+  for (const auto& d : m.domains)
+    names.push_back(d.name);
   b.set_domains(names);
   std::vector<std::uint32_t> dom_of;
   std::vector<std::size_t> len_of;
@@ -590,16 +609,16 @@ inline trace sample(const synth_model& m, const sample_options& opt) {
   for (std::size_t r = 0; opt.requests ? r < opt.requests : total < opt.tokens; ++r) {
     locus::trace::detail::splitmix64 g(detail::synth::mix(opt.seed, r));
     const double u = g.uniform() * acc;
-    const auto d = static_cast<std::uint32_t>(
-        std::min<std::size_t>(std::upper_bound(cum_domain.begin(), cum_domain.end(), u) - cum_domain.begin(),
-                              m.domains.size() - 1));
+    const auto d = static_cast<std::uint32_t>(std::min<std::size_t>(
+        std::upper_bound(cum_domain.begin(), cum_domain.end(), u) - cum_domain.begin(), m.domains.size() - 1));
     const std::size_t len = std::max<std::size_t>(1, detail::synth::draw_length(m.domains[d], g));
     dom_of.push_back(d);
     len_of.push_back(len);
     total += len;
   }
   b.reserve_tokens(total);
-  for (std::size_t r = 0; r < dom_of.size(); ++r) b.add_request(r, dom_of[r], len_of[r]);
+  for (std::size_t r = 0; r < dom_of.size(); ++r)
+    b.add_request(r, dom_of[r], len_of[r]);
   std::vector<trace_expert_id*> ids(m.layers);
   std::vector<float*> wts(m.layers);
   for (std::size_t l = 0; l < m.layers; ++l) {
@@ -609,7 +628,8 @@ inline trace sample(const synth_model& m, const sample_options& opt) {
   auto phases = b.token_phases();
   auto steps = b.token_steps();
   std::vector<std::size_t> first(dom_of.size());
-  for (std::size_t r = 0, f = 0; r < dom_of.size(); ++r) first[r] = f, f += len_of[r];
+  for (std::size_t r = 0, f = 0; r < dom_of.size(); ++r)
+    first[r] = f, f += len_of[r];
   parallel_for(dom_of.size(), 4, opt.threads, [&](std::size_t rb, std::size_t re, unsigned) {
     detail::synth::scratch s;
     std::vector<trace_expert_id*> ip(m.layers);
@@ -642,21 +662,26 @@ inline void calibrate(synth_model& m, std::size_t tokens_per_domain = 8192, std:
   const std::size_t E = m.experts, L = m.layers;
   for (std::size_t d = 0; d < m.domains.size(); ++d) {
     auto& dom = m.domains[d];
-    for (std::size_t l = 0; l < L; ++l) detail::synth::cap_popularity({dom.popularity.data() + l * E, E}, m.top_k);
+    for (std::size_t l = 0; l < L; ++l)
+      detail::synth::cap_popularity({dom.popularity.data() + l * E, E}, m.top_k);
     if (dom.sampling_weights.empty()) dom.sampling_weights = dom.popularity;
     for (std::size_t round = 0; round < rounds; ++round) {
-      const auto load =
-          detail::synth::sample_domain_load(m, p, d, tokens_per_domain, detail::synth::mix(seed, d * 131 + round), threads);
+      const auto load = detail::synth::sample_domain_load(m, p, d, tokens_per_domain,
+                                                          detail::synth::mix(seed, d * 131 + round), threads);
       for (std::size_t l = 0; l < L; ++l) {
         double total = 0.0;
-        for (std::size_t e = 0; e < E; ++e) total += static_cast<double>(load[l * E + e]);
+        for (std::size_t e = 0; e < E; ++e)
+          total += static_cast<double>(load[l * E + e]);
         for (std::size_t e = 0; e < E; ++e) {
           const double target = dom.popularity[l * E + e];
           const double got = static_cast<double>(load[l * E + e]) / total;
           double& w = dom.sampling_weights[l * E + e];
-          if (target <= 0.0) w = 0.0;
-          else if (got <= 0.0) w *= 2.0;
-          else w *= std::pow(target / got, 0.8);
+          if (target <= 0.0)
+            w = 0.0;
+          else if (got <= 0.0)
+            w *= 2.0;
+          else
+            w *= std::pow(target / got, 0.8);
         }
       }
       detail::synth::normalise_rows(dom.sampling_weights, L, E);
@@ -688,7 +713,8 @@ inline synth_model make_synth_model(const synth_shape& sh) {
   const std::size_t E = sh.experts, L = sh.layers;
   locus::trace::detail::splitmix64 g(detail::synth::mix(sh.seed, 0xabc));
   std::vector<double> common(L * E);
-  for (auto& v : common) v = detail::synth::normal(g);
+  for (auto& v : common)
+    v = detail::synth::normal(g);
   std::vector<std::size_t> idx(E);
   for (std::size_t d = 0; d < sh.domains; ++d) {
     synth_domain dom;
@@ -713,20 +739,23 @@ inline synth_model make_synth_model(const synth_shape& sh) {
     m.cluster_of.resize(L * E);
     for (std::size_t l = 0; l < L; ++l) {
       std::iota(idx.begin(), idx.end(), std::size_t{0});
-      for (std::size_t i = E; i > 1; --i) std::swap(idx[i - 1], idx[g.below(i)]);
-      for (std::size_t i = 0; i < E; ++i) m.cluster_of[l * E + idx[i]] = static_cast<std::uint16_t>(i * sh.clusters / E);
+      for (std::size_t i = E; i > 1; --i)
+        std::swap(idx[i - 1], idx[g.below(i)]);
+      for (std::size_t i = 0; i < E; ++i)
+        m.cluster_of[l * E + idx[i]] = static_cast<std::uint16_t>(i * sh.clusters / E);
     }
   }
   for (auto& dom : m.domains)
-    for (std::size_t l = 0; l < L; ++l) detail::synth::cap_popularity({dom.popularity.data() + l * E, E}, m.top_k);
+    for (std::size_t l = 0; l < L; ++l)
+      detail::synth::cap_popularity({dom.popularity.data() + l * E, E}, m.top_k);
   m.validate();
   return m;
 }
 
 inline double same_cluster_pair_share(const trace& t, std::span<const std::uint16_t> cluster_of) {
   LOCUS_REQUIRE(cluster_of.size() == t.layers() * t.experts(), invalid_input_error,
-                "same_cluster_pair_share: ", cluster_of.size(), " cluster entries, expected layers × experts = ",
-                t.layers() * t.experts());
+                "same_cluster_pair_share: ", cluster_of.size(),
+                " cluster entries, expected layers × experts = ", t.layers() * t.experts());
   const std::size_t E = t.experts(), k = t.top_k();
   std::uint64_t same = 0, pairs = 0;
   trace_expert_id u[max_trace_top_k];
@@ -736,7 +765,8 @@ inline double same_cluster_pair_share(const trace& t, std::span<const std::uint1
     for (std::size_t tok = 0; tok < t.tokens(); ++tok) {
       const std::size_t m = detail::trace_stats::distinct(ids + tok * k, k, u);
       for (std::size_t a = 0; a < m; ++a)
-        for (std::size_t b = a + 1; b < m; ++b) same += c[u[a]] == c[u[b]] ? 1 : 0;
+        for (std::size_t b = a + 1; b < m; ++b)
+          same += c[u[a]] == c[u[b]] ? 1 : 0;
       pairs += m * (m - 1) / 2;
     }
   }
@@ -758,7 +788,8 @@ inline ::locus::trace::trace probe(const synth_model& m, std::size_t requests, s
 inline std::vector<std::size_t> spread_layers(std::size_t layers, std::size_t count) {
   std::vector<std::size_t> out;
   const std::size_t n = std::min(layers, count);
-  for (std::size_t i = 0; i < n; ++i) out.push_back(i * layers / n);
+  for (std::size_t i = 0; i < n; ++i)
+    out.push_back(i * layers / n);
   return out;
 }
 
@@ -770,8 +801,9 @@ inline synth_model select_layers(const synth_model& m, const std::vector<std::si
   auto pick = [&](const auto& v) {
     std::remove_cvref_t<decltype(v)> r;
     if (v.empty()) return r;
-    for (auto l : layers) r.insert(r.end(), v.begin() + static_cast<std::ptrdiff_t>(l * E),
-                                   v.begin() + static_cast<std::ptrdiff_t>((l + 1) * E));
+    for (auto l : layers)
+      r.insert(r.end(), v.begin() + static_cast<std::ptrdiff_t>(l * E),
+               v.begin() + static_cast<std::ptrdiff_t>((l + 1) * E));
     return r;
   };
   for (std::size_t d = 0; d < m.domains.size(); ++d) {
@@ -809,13 +841,19 @@ double bisect(double lo, double hi, double target, std::size_t steps, bool incre
 //!   their domain);
 //! - sampling weights calibrated to the popularity (calibrate()).
 //! The global parameters are searched on a sample with the real request count over 8 layers
-//! spread across the model. Measured tolerances on ESFT are stated and checked in
-//! tests/unit/test_trace_synthesizer.cpp.
+//! spread across the model.
+//!
+//! Tolerances (checked on ESFT by tests/unit/test_trace_synthesizer.cpp, sample with the real
+//! request count, first 32 tokens prefill): mean JS divergence between real and synthetic
+//! popularity per domain and layer < 0.01 bits (measured 0.002); mean Gini of the layer loads
+//! within 0.03 (0.252 vs 0.240); mean max/mean within 10 % (2.54 vs 2.33); mean prefill↔decode
+//! correlation within 0.08 (0.355 vs 0.382); same-cluster pair share within 0.03 (0.340 vs 0.351);
+//! mean JS between domains within 0.03; each domain's share of requests within 15 % of the trace.
 //! @throws locus::invalid_input_error when the trace is empty or `clusters` exceeds the experts
 inline synth_model fit(const trace& real, const fit_options& opt = {}) {
   LOCUS_REQUIRE(real.requests() > 0 && real.tokens() > 0, invalid_input_error, "synth fit: the trace is empty");
-  LOCUS_REQUIRE(opt.clusters <= real.experts(), invalid_input_error, "synth fit: ", opt.clusters,
-                " clusters for ", real.experts(), " experts");
+  LOCUS_REQUIRE(opt.clusters <= real.experts(), invalid_input_error, "synth fit: ", opt.clusters, " clusters for ",
+                real.experts(), " experts");
   const std::size_t E = real.experts(), L = real.layers();
   synth_model m;
   m.experts = E;
@@ -829,7 +867,8 @@ inline synth_model fit(const trace& real, const fit_options& opt = {}) {
     dom.name = real.domains()[d];
     dom.weight = static_cast<double>(pop.requests[d]);
     dom.popularity.resize(L * E);
-    for (std::size_t i = 0; i < L * E; ++i) dom.popularity[i] = static_cast<double>(pop.counts[d * L * E + i]) + 0.1;
+    for (std::size_t i = 0; i < L * E; ++i)
+      dom.popularity[i] = static_cast<double>(pop.counts[d * L * E + i]) + 0.1;
     detail::synth::normalise_rows(dom.popularity, L, E);
     for (const auto& q : real.request_table())
       if (q.domain == d) dom.lengths.push_back(q.length);
@@ -850,14 +889,14 @@ inline synth_model fit(const trace& real, const fit_options& opt = {}) {
   // probability alone spans weak to strong co-activation.
   m.cluster_take = m.top_k > 1 ? m.top_k - 1 : 1;
   const std::size_t n = real.requests();
-  calibrate(m, opt.calibration_tokens / 2, std::max<std::size_t>(2, opt.calibration_rounds / 2), opt.seed,
-            opt.threads);
+  calibrate(m, opt.calibration_tokens / 2, std::max<std::size_t>(2, opt.calibration_rounds / 2), opt.seed, opt.threads);
   const auto layers = detail::synth::spread_layers(L, 8);
   // The real statistics over the same layers as the probes.
   trace_builder rb(E, real.top_k(), layers.size());
   rb.set_domains(real.domains());
   rb.reserve_tokens(real.tokens());
-  for (const auto& q : real.request_table()) rb.add_request(q.id, q.domain, q.length);
+  for (const auto& q : real.request_table())
+    rb.add_request(q.id, q.domain, q.length);
   for (std::size_t i = 0; i < layers.size(); ++i) {
     std::copy_n(marked.layer(layers[i]).ids(), real.tokens() * real.top_k(), rb.layer_ids(i).data());
     std::copy_n(marked.layer(layers[i]).weights(), real.tokens() * real.top_k(), rb.layer_weights(i).data());
@@ -906,7 +945,8 @@ inline synth_model fit(const trace& real, const fit_options& opt = {}) {
   m.segment_sigma = sub.segment_sigma;
   m.decode_drift = sub.decode_drift;
   // σ, δ and the clusters moved the marginals: calibrate again for the final parameters.
-  for (auto& d : m.domains) d.sampling_weights.clear();
+  for (auto& d : m.domains)
+    d.sampling_weights.clear();
   calibrate(m, opt.calibration_tokens, opt.calibration_rounds, opt.seed + 1, opt.threads);
   return m;
 }
@@ -939,8 +979,8 @@ inline synth_model rescale(const synth_model& src, const rescale_options& opt) {
   m.experts = E;
   m.top_k = opt.top_k;
   m.layers = L;
-  m.cluster_take = src.cluster_take ? std::max<std::size_t>(1, (src.cluster_take * opt.top_k + src.top_k / 2) / src.top_k)
-                                    : 0;
+  m.cluster_take =
+      src.cluster_take ? std::max<std::size_t>(1, (src.cluster_take * opt.top_k + src.top_k / 2) / src.top_k) : 0;
   m.cluster_take = std::min(m.cluster_take, opt.top_k);
   const auto src_layer = [&](std::size_t l) {
     return L == 1 ? std::size_t{0}
@@ -957,8 +997,10 @@ inline synth_model rescale(const synth_model& src, const rescale_options& opt) {
   for (std::size_t l = 0; l < L; ++l) {
     std::iota(perm.begin(), perm.end(), std::size_t{0});
     if (opt.shuffle)
-      for (std::size_t i = E; i > 1; --i) std::swap(perm[i - 1], perm[g.below(i)]);
-    for (auto& j : jit) j = std::exp(opt.jitter * detail::synth::normal(g));
+      for (std::size_t i = E; i > 1; --i)
+        std::swap(perm[i - 1], perm[g.below(i)]);
+    for (auto& j : jit)
+      j = std::exp(opt.jitter * detail::synth::normal(g));
     perms[l] = perm;
     jits[l] = jit;
   }
@@ -977,7 +1019,8 @@ inline synth_model rescale(const synth_model& src, const rescale_options& opt) {
       }
     }
     detail::synth::normalise_rows(p, L, E);
-    for (std::size_t l = 0; l < L; ++l) detail::synth::cap_popularity({p.data() + l * E, E}, opt.top_k);
+    for (std::size_t l = 0; l < L; ++l)
+      detail::synth::cap_popularity({p.data() + l * E, E}, opt.top_k);
     dom.popularity = std::move(p);
     dom.sampling_weights.clear();
   }
@@ -985,8 +1028,9 @@ inline synth_model rescale(const synth_model& src, const rescale_options& opt) {
     m.cluster_of.assign(L * E, 0);
     for (std::size_t l = 0; l < L; ++l)
       for (std::size_t e = 0; e < E; ++e) {
-        const auto mid = std::min<std::size_t>(
-            E0 - 1, static_cast<std::size_t>((static_cast<double>(e) + 0.5) * static_cast<double>(E0) / static_cast<double>(E)));
+        const auto mid =
+            std::min<std::size_t>(E0 - 1, static_cast<std::size_t>((static_cast<double>(e) + 0.5) *
+                                                                   static_cast<double>(E0) / static_cast<double>(E)));
         m.cluster_of[l * E + perms[l][e]] = src.cluster_of[src_layer(l) * E0 + mid];
       }
   }
@@ -994,4 +1038,4 @@ inline synth_model rescale(const synth_model& src, const rescale_options& opt) {
   return m;
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::trace
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::trace
