@@ -158,7 +158,7 @@ int main(int argc, char** argv) {
   int status = 0;
   try {
     options o;
-    std::string command = "mpirun -np " + std::to_string(ranks) + " exchange";
+    std::string command = "mpirun -np " + std::to_string(ranks) + " build/dev/bench/exchange";
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
       command += " " + a;
