@@ -12,19 +12,17 @@
 // the slowest rank's, medians over steps. Routings are synthetic with domain locality: tokens of
 // node n draw their experts from domain n with probability --locality, so a locality placement
 // has something to find; the locality placement is planned from the routings' node usage.
-#include <locus/core/mpi_error.hpp>
-#include <locus/locus.hpp>
-#include <locus/placement/by_name.hpp>
-#include <locus/transport/dispatch.hpp>
-#include <locus/transport/mpi.hpp>
-
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <locus/core/mpi_error.hpp>
+#include <locus/locus.hpp>
+#include <locus/placement/by_name.hpp>
+#include <locus/transport/dispatch.hpp>
+#include <locus/transport/mpi.hpp>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 
@@ -60,8 +58,10 @@ public:
     seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (!recording) return;
     record r{req.group, req.row_bytes, {}, {}};
-    for (std::size_t c : req.counts) r.send_counts.push_back(static_cast<int>(c));
-    for (std::size_t c : out.counts) r.recv_counts.push_back(static_cast<int>(c));
+    for (std::size_t c : req.counts)
+      r.send_counts.push_back(static_cast<int>(c));
+    for (std::size_t c : out.counts)
+      r.recv_counts.push_back(static_cast<int>(c));
     log.push_back(std::move(r));
   }
   bool recording = false;
@@ -115,17 +115,18 @@ routing<> make_routing(const options& o, const dynamic_topology& topo, std::size
   const std::size_t domain = topo.node_of(rank), domains = topo.nodes(), per = o.experts / domains;
   // Domains are a fixed shuffle of the experts, so that linear placement does not match them.
   std::vector<std::size_t> perm(o.experts);
-  for (std::size_t e = 0; e < o.experts; ++e) perm[e] = e;
+  for (std::size_t e = 0; e < o.experts; ++e)
+    perm[e] = e;
   std::shuffle(perm.begin(), perm.end(), std::mt19937_64(42));
   std::uniform_real_distribution<double> u(0, 1);
   routing<> r(o.tokens, top_k<>(o.k));
   for (std::size_t t = 0; t < o.tokens; ++t)
     for (std::size_t j = 0; j < o.k; ++j) {
       for (;;) {
-        const std::size_t e =
-            perm[u(rng) < o.locality && per >= o.k ? domain * per + rng() % per : rng() % o.experts];
+        const std::size_t e = perm[u(rng) < o.locality && per >= o.k ? domain * per + rng() % per : rng() % o.experts];
         bool dup = false;
-        for (std::size_t p = 0; p < j; ++p) dup |= static_cast<std::size_t>(r.view().expert(t, p)) == e;
+        for (std::size_t p = 0; p < j; ++p)
+          dup |= static_cast<std::size_t>(r.view().expert(t, p)) == e;
         if (dup) continue;
         r.view().expert(t, j) = static_cast<expert_id>(e);
         r.view().weight(t, j) = 1.0f / static_cast<float>(o.k);
@@ -158,7 +159,7 @@ int main(int argc, char** argv) {
   int status = 0;
   try {
     options o;
-    std::string command = "mpirun -np " + std::to_string(ranks) + " exchange";
+    std::string command = "mpirun -np " + std::to_string(ranks) + " build/dev/bench/exchange";
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
       command += " " + a;
@@ -167,16 +168,26 @@ int main(int argc, char** argv) {
         command += " " + std::string(argv[i + 1]);
         return argv[++i];
       };
-      if (a == "--gpus-per-node") o.gpus_per_node = std::stoul(next());
-      else if (a == "--tokens") o.tokens = std::stoul(next());
-      else if (a == "--hidden") o.hidden = std::stoul(next());
-      else if (a == "--experts") o.experts = std::stoul(next());
-      else if (a == "--top-k") o.k = std::stoul(next());
-      else if (a == "--steps") o.steps = std::stoul(next());
-      else if (a == "--locality") o.locality = std::stod(next());
-      else if (a == "--json") o.json = next();
-      else if (a == "--markdown") o.markdown = next();
-      else LOCUS_THROW(config_error, "exchange: unknown option ", a);
+      if (a == "--gpus-per-node")
+        o.gpus_per_node = std::stoul(next());
+      else if (a == "--tokens")
+        o.tokens = std::stoul(next());
+      else if (a == "--hidden")
+        o.hidden = std::stoul(next());
+      else if (a == "--experts")
+        o.experts = std::stoul(next());
+      else if (a == "--top-k")
+        o.k = std::stoul(next());
+      else if (a == "--steps")
+        o.steps = std::stoul(next());
+      else if (a == "--locality")
+        o.locality = std::stod(next());
+      else if (a == "--json")
+        o.json = next();
+      else if (a == "--markdown")
+        o.markdown = next();
+      else
+        LOCUS_THROW(config_error, "exchange: unknown option ", a);
     }
     LOCUS_REQUIRE(ranks % o.gpus_per_node == 0, config_error, "exchange: ", ranks, " ranks are not a multiple of ",
                   o.gpus_per_node, " GPUs per node");
@@ -243,7 +254,8 @@ int main(int argc, char** argv) {
           rks.push_back(rk);
           std::array<std::uint64_t, 3> all{};
           MPI_Allreduce(bytes.data(), all.data(), 3, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
-          for (std::size_t c = 0; c < 3; ++c) res.dispatch_bytes[c] += all[c];
+          for (std::size_t c = 0; c < 3; ++c)
+            res.dispatch_bytes[c] += all[c];
         }
         res.dispatch_s = median(ds);
         res.combine_s = median(cs);
@@ -270,7 +282,8 @@ int main(int argc, char** argv) {
       j["locality"] = o.locality;
       std::string table;
       char line[512];
-      std::snprintf(line, sizeof line, "| %-9s | %-16s | %14s | %14s | %9s | %9s | %9s | %9s | %10s | %8s | %12s | %9s | %9s |\n",
+      std::snprintf(line, sizeof line,
+                    "| %-9s | %-16s | %14s | %14s | %9s | %9s | %9s | %9s | %10s | %8s | %12s | %9s | %9s |\n",
                     "placement", "transport", "inter-node MB", "intra-node MB", "disp ms", "raw ms", "comb ms",
                     "raw ms", "in exch ms", "overhead", "vs raw+cnt", "inter/lin", "time/lin");
       table += line;
@@ -283,28 +296,30 @@ int main(int argc, char** argv) {
         const double base_inter = static_cast<double>(base.dispatch_bytes[2]);
         const double base_total = base.dispatch_s + base.combine_s;
         std::snprintf(line, sizeof line,
-                      "| %-9s | %-16s | %14.2f | %14.2f | %9.2f | %9.2f | %9.2f | %9.2f | %10.2f | %7.1f%% | %11.1f%% | %9.3f | %9.3f |\n",
+                      "| %-9s | %-16s | %14.2f | %14.2f | %9.2f | %9.2f | %9.2f | %9.2f | %10.2f | %7.1f%% | %11.1f%% "
+                      "| %9.3f | %9.3f |\n",
                       r.placement.c_str(), r.transport.c_str(), inter, intra, r.dispatch_s * 1e3,
                       r.raw_dispatch_s * 1e3, r.combine_s * 1e3, r.raw_combine_s * 1e3, r.exchange_s * 1e3,
                       (total / raw - 1.0) * 100.0, (total / r.raw_counts_s - 1.0) * 100.0,
-                      base_inter > 0 ? static_cast<double>(r.dispatch_bytes[2]) / base_inter : 0.0,
-                      total / base_total);
+                      base_inter > 0 ? static_cast<double>(r.dispatch_bytes[2]) / base_inter : 0.0, total / base_total);
         table += line;
-        j["results"].push_back({{"placement", r.placement},
-                                {"transport", r.transport},
-                                {"dispatch_bytes_per_step", {{"same_gpu", r.dispatch_bytes[0] / o.steps},
-                                                             {"intra_node", r.dispatch_bytes[1] / o.steps},
-                                                             {"inter_node", r.dispatch_bytes[2] / o.steps}}},
-                                {"dispatch_s", r.dispatch_s},
-                                {"combine_s", r.combine_s},
-                                {"raw_dispatch_s", r.raw_dispatch_s},
-                                {"raw_combine_s", r.raw_combine_s},
-                                {"time_inside_exchanges_s", r.exchange_s},
-                                {"raw_with_count_exchange_s", r.raw_counts_s},
-                                {"overhead_vs_raw_with_counts", total / r.raw_counts_s - 1.0},
-                                {"overhead", total / raw - 1.0},
-                                {"inter_node_bytes_vs_linear_flat", static_cast<double>(r.dispatch_bytes[2]) / std::max(base_inter, 1.0)},
-                                {"time_vs_linear_flat", total / base_total}});
+        j["results"].push_back(
+            {{"placement", r.placement},
+             {"transport", r.transport},
+             {"dispatch_bytes_per_step",
+              {{"same_gpu", r.dispatch_bytes[0] / o.steps},
+               {"intra_node", r.dispatch_bytes[1] / o.steps},
+               {"inter_node", r.dispatch_bytes[2] / o.steps}}},
+             {"dispatch_s", r.dispatch_s},
+             {"combine_s", r.combine_s},
+             {"raw_dispatch_s", r.raw_dispatch_s},
+             {"raw_combine_s", r.raw_combine_s},
+             {"time_inside_exchanges_s", r.exchange_s},
+             {"raw_with_count_exchange_s", r.raw_counts_s},
+             {"overhead_vs_raw_with_counts", total / r.raw_counts_s - 1.0},
+             {"overhead", total / raw - 1.0},
+             {"inter_node_bytes_vs_linear_flat", static_cast<double>(r.dispatch_bytes[2]) / std::max(base_inter, 1.0)},
+             {"time_vs_linear_flat", total / base_total}});
       }
       std::printf("exchange: %zu ranks as %zu nodes x %zu GPUs, %zu tokens/rank, hidden %zu (fp32), %zu experts, "
                   "top-%zu, %zu steps (median; slowest rank)\n",
@@ -326,7 +341,8 @@ int main(int argc, char** argv) {
               "counts and communicators) − 1. `inter/lin` and `time/lin` are relative to linear placement with the "
               "flat transport. `in exch ms` is the time dispatch + combine spent inside the transport's exchanges "
               "(header round + collective); `vs raw+cnt` compares with the raw replay preceded, per exchange, by the "
-              "`MPI_Alltoall` of counts a caller needs when receive counts are not known in advance; the rest of locus's time is the layout and permutations (packing rows, "
+              "`MPI_Alltoall` of counts a caller needs when receive counts are not known in advance; the rest of "
+              "locus's time is the layout and permutations (packing rows, "
               "gathering per-expert blocks, weighted sums).\n\n"
            << table;
       }

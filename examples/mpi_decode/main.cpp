@@ -47,7 +47,8 @@ workload synthetic(const options& o, const dynamic_topology& topo) {
   w.experts = 64;
   w.k = 8;
   std::vector<std::size_t> perm(w.experts);
-  for (std::size_t e = 0; e < w.experts; ++e) perm[e] = e;
+  for (std::size_t e = 0; e < w.experts; ++e)
+    perm[e] = e;
   std::shuffle(perm.begin(), perm.end(), std::mt19937_64(7));
   const std::size_t per = w.experts / topo.nodes();
   for (std::size_t s = 0; s < o.steps; ++s) {
@@ -61,7 +62,8 @@ workload synthetic(const options& o, const dynamic_topology& topo) {
             const bool local = rng() % 10 < 7 && per >= w.k;
             const std::size_t e = perm[local ? topo.node_of(r) * per + rng() % per : rng() % w.experts];
             bool dup = false;
-            for (std::size_t p = 0; p < j; ++p) dup |= static_cast<std::size_t>(rt.view().expert(t, p)) == e;
+            for (std::size_t p = 0; p < j; ++p)
+              dup |= static_cast<std::size_t>(rt.view().expert(t, p)) == e;
             if (dup) continue;
             rt.view().expert(t, j) = static_cast<expert_id>(e);
             rt.view().weight(t, j) = 1.0f / static_cast<float>(w.k);
@@ -110,7 +112,8 @@ float weight_of(std::size_t e, std::size_t i, std::size_t h) {
 void expert_ffn(std::size_t e, const float* x, float* y, std::size_t hidden) {
   for (std::size_t i = 0; i < hidden; ++i) {
     float acc = 0;
-    for (std::size_t h = 0; h < hidden; ++h) acc += weight_of(e, i, h) * x[h];
+    for (std::size_t h = 0; h < hidden; ++h)
+      acc += weight_of(e, i, h) * x[h];
     y[i] = acc;
   }
 }
@@ -136,13 +139,20 @@ int main(int argc, char** argv) {
         LOCUS_REQUIRE(i + 1 < argc, config_error, "mpi_decode: ", a, " needs a value");
         return argv[++i];
       };
-      if (a == "--gpus-per-node") o.gpus_per_node = std::stoul(next());
-      else if (a == "--steps") o.steps = std::stoul(next());
-      else if (a == "--hidden") o.hidden = std::stoul(next());
-      else if (a == "--trace") o.trace = next();
-      else if (a == "--layer") o.layer = std::stoul(next());
-      else if (a == "--requests-per-rank") o.requests_per_rank = std::stoul(next());
-      else LOCUS_THROW(config_error, "mpi_decode: unknown option ", a);
+      if (a == "--gpus-per-node")
+        o.gpus_per_node = std::stoul(next());
+      else if (a == "--steps")
+        o.steps = std::stoul(next());
+      else if (a == "--hidden")
+        o.hidden = std::stoul(next());
+      else if (a == "--trace")
+        o.trace = next();
+      else if (a == "--layer")
+        o.layer = std::stoul(next());
+      else if (a == "--requests-per-rank")
+        o.requests_per_rank = std::stoul(next());
+      else
+        LOCUS_THROW(config_error, "mpi_decode: unknown option ", a);
     }
     LOCUS_REQUIRE(ranks % o.gpus_per_node == 0, config_error, "mpi_decode: ", ranks,
                   " ranks are not a multiple of --gpus-per-node ", o.gpus_per_node);
@@ -194,7 +204,8 @@ int main(int argc, char** argv) {
           const routing<>& r = step[me];
           std::vector<float> x(r.tokens() * o.hidden), y(x.size());
           for (std::size_t tk = 0; tk < r.tokens(); ++tk)
-            for (std::size_t h = 0; h < o.hidden; ++h) x[tk * o.hidden + h] = input_of(me, tk, h);
+            for (std::size_t h = 0; h < o.hidden; ++h)
+              x[tk * o.hidden + h] = input_of(me, tk, h);
           MPI_Barrier(MPI_COMM_WORLD);
           const auto t0 = std::chrono::steady_clock::now();
           if (hier)
@@ -212,7 +223,8 @@ int main(int argc, char** argv) {
             for (std::size_t j = 0; j < w.k; ++j) {
               expert_ffn(static_cast<std::size_t>(r.view().expert(tk, j)), x.data() + tk * o.hidden, ye.data(),
                          o.hidden);
-              for (std::size_t h = 0; h < o.hidden; ++h) ref[h] += r.view().weight(tk, j) * static_cast<double>(ye[h]);
+              for (std::size_t h = 0; h < o.hidden; ++h)
+                ref[h] += r.view().weight(tk, j) * static_cast<double>(ye[h]);
             }
             for (std::size_t h = 0; h < o.hidden; ++h)
               worst = std::max(worst, std::abs(ref[h] - y[tk * o.hidden + h]) / std::max(1.0, std::abs(ref[h])));

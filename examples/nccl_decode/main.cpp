@@ -7,19 +7,17 @@
 // linear and locality placement; prints bytes per link class, the median step time and the
 // largest error against a dense reference. Rows are staged through device memory by
 // nccl_transport::exchange, so the dispatcher is the same one the MPI and local transports use.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
 #include <locus/core/cuda_error.hpp>
 #include <locus/core/mpi_error.hpp>
 #include <locus/locus.hpp>
 #include <locus/placement/by_name.hpp>
 #include <locus/transport/dispatch.hpp>
 #include <locus/transport/nccl.hpp>
-
 #include <mpi.h>
-
-#include <algorithm>
-#include <chrono>
-#include <cmath>
-#include <cstdio>
 #include <random>
 #include <string>
 
@@ -38,10 +36,14 @@ int main(int argc, char** argv) {
     std::size_t gpus_per_node = ranks, steps = 16, hidden = 256, requests = 32;
     for (int i = 1; i + 1 < argc; i += 2) {
       const std::string a = argv[i];
-      if (a == "--gpus-per-node") gpus_per_node = std::stoul(argv[i + 1]);
-      else if (a == "--steps") steps = std::stoul(argv[i + 1]);
-      else if (a == "--hidden") hidden = std::stoul(argv[i + 1]);
-      else LOCUS_THROW(config_error, "nccl_decode: unknown option ", a);
+      if (a == "--gpus-per-node")
+        gpus_per_node = std::stoul(argv[i + 1]);
+      else if (a == "--steps")
+        steps = std::stoul(argv[i + 1]);
+      else if (a == "--hidden")
+        hidden = std::stoul(argv[i + 1]);
+      else
+        LOCUS_THROW(config_error, "nccl_decode: unknown option ", a);
     }
     LOCUS_REQUIRE(ranks % gpus_per_node == 0, config_error, "nccl_decode: ", ranks,
                   " ranks are not a multiple of --gpus-per-node ", gpus_per_node);
@@ -60,7 +62,8 @@ int main(int argc, char** argv) {
 
     constexpr std::size_t experts = 64, k = 8;
     std::vector<std::size_t> perm(experts);
-    for (std::size_t e = 0; e < experts; ++e) perm[e] = e;
+    for (std::size_t e = 0; e < experts; ++e)
+      perm[e] = e;
     std::shuffle(perm.begin(), perm.end(), std::mt19937_64(7));
     const std::size_t per = experts / topo.nodes();
     const auto routing_of = [&](std::size_t step, std::size_t r) {
@@ -69,10 +72,11 @@ int main(int argc, char** argv) {
       for (std::size_t t = 0; t < requests; ++t)
         for (std::size_t j = 0; j < k; ++j)
           for (;;) {
-            const std::size_t e = perm[rng() % 10 < 7 && per >= k ? topo.node_of(r) * per + rng() % per
-                                                                   : rng() % experts];
+            const std::size_t e =
+                perm[rng() % 10 < 7 && per >= k ? topo.node_of(r) * per + rng() % per : rng() % experts];
             bool dup = false;
-            for (std::size_t p = 0; p < j; ++p) dup |= static_cast<std::size_t>(rt.view().expert(t, p)) == e;
+            for (std::size_t p = 0; p < j; ++p)
+              dup |= static_cast<std::size_t>(rt.view().expert(t, p)) == e;
             if (dup) continue;
             rt.view().expert(t, j) = static_cast<expert_id>(e);
             rt.view().weight(t, j) = 1.0f / static_cast<float>(k);
@@ -109,7 +113,8 @@ int main(int argc, char** argv) {
         for (std::size_t s = 0; s < steps; ++s) {
           const auto r = routing_of(s, me);
           std::vector<float> x(requests * hidden), y(x.size());
-          for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(static_cast<int>((me * 31 + i) % 13) - 6);
+          for (std::size_t i = 0; i < x.size(); ++i)
+            x[i] = static_cast<float>(static_cast<int>((me * 31 + i) % 13) - 6);
           MPI_Barrier(MPI_COMM_WORLD);
           const auto t0 = std::chrono::steady_clock::now();
           d.dispatch(std::span<const float>(x), r.view());
@@ -122,7 +127,8 @@ int main(int argc, char** argv) {
           times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
           for (std::size_t tk = 0; tk < requests; ++tk) {
             double f = 0;
-            for (std::size_t j = 0; j < k; ++j) f += r.view().weight(tk, j) * (r.view().expert(tk, j) + 1.0);
+            for (std::size_t j = 0; j < k; ++j)
+              f += r.view().weight(tk, j) * (r.view().expert(tk, j) + 1.0);
             for (std::size_t h = 0; h < hidden; ++h)
               worst = std::max(worst, std::abs(f * x[tk * hidden + h] - y[tk * hidden + h]) /
                                           std::max(1.0, std::abs(f * x[tk * hidden + h])));

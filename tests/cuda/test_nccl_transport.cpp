@@ -1,8 +1,7 @@
 #define BOOST_TEST_MODULE nccl_transport
-#include <boost/test/unit_test.hpp>
-
 #include "../mpi/dispatch_cases.hpp"
 
+#include <boost/test/unit_test.hpp>
 #include <locus/transport/dispatch.hpp>
 #include <locus/transport/nccl.hpp>
 

@@ -2,13 +2,12 @@
 // Random dispatch/combine cases shared by the local-transport unit tests and the MPI tests. A case
 // is a pure function of its seed, so every rank (or thread) builds the same whole case and takes
 // its own part; references are computed independently in double precision from the routing.
+#include <algorithm>
+#include <cmath>
 #include <locus/core/expert_map.hpp>
 #include <locus/core/routing.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/cost/traffic.hpp>
-
-#include <algorithm>
-#include <cmath>
 #include <random>
 #include <vector>
 
@@ -30,7 +29,8 @@ struct dispatch_case {
     const std::size_t n = routings[rank].tokens();
     std::vector<float> x(n * hidden);
     for (std::size_t t = 0; t < n; ++t)
-      for (std::size_t h = 0; h < hidden; ++h) x[t * hidden + h] = input(rank, t, h);
+      for (std::size_t h = 0; h < hidden; ++h)
+        x[t * hidden + h] = input(rank, t, h);
     return x;
   }
   // Dense reference: every token through its top-k experts, expert e multiplying by (e + 1).
@@ -40,7 +40,8 @@ struct dispatch_case {
     for (std::size_t t = 0; t < r.tokens(); ++t)
       for (std::size_t j = 0; j < k; ++j) {
         const double f = static_cast<double>(r.view().weight(t, j)) * (r.view().expert(t, j) + 1.0);
-        for (std::size_t h = 0; h < hidden; ++h) y[t * hidden + h] += f * input(rank, t, h);
+        for (std::size_t h = 0; h < hidden; ++h)
+          y[t * hidden + h] += f * input(rank, t, h);
       }
     return y;
   }
@@ -70,16 +71,19 @@ inline dispatch_case make_case(std::uint64_t seed, std::size_t nodes, std::size_
   // Every expert once, in a random permutation of slots; then replicas of random experts into
   // free slots on ranks that do not hold that expert yet.
   std::vector<std::size_t> free_slots(ranks * slots);
-  for (std::size_t i = 0; i < free_slots.size(); ++i) free_slots[i] = i;
+  for (std::size_t i = 0; i < free_slots.size(); ++i)
+    free_slots[i] = i;
   std::shuffle(free_slots.begin(), free_slots.end(), rng);
   std::vector<locus::expert_id> table(ranks * slots, locus::empty_slot);
-  for (std::size_t e = 0; e < c.experts; ++e) table[free_slots[e]] = static_cast<locus::expert_id>(e);
+  for (std::size_t e = 0; e < c.experts; ++e)
+    table[free_slots[e]] = static_cast<locus::expert_id>(e);
   const std::size_t want = rng() % (free_slots.size() - c.experts + 1);
   for (std::size_t i = c.experts; i < free_slots.size() && c.replicas < want; ++i) {
     const auto e = static_cast<locus::expert_id>(rng() % c.experts);
     const std::size_t rank = free_slots[i] / slots;
     bool held = false;
-    for (std::size_t s = 0; s < slots; ++s) held |= table[rank * slots + s] == e;
+    for (std::size_t s = 0; s < slots; ++s)
+      held |= table[rank * slots + s] == e;
     if (held) continue;
     table[free_slots[i]] = e;
     ++c.replicas;
@@ -88,7 +92,8 @@ inline dispatch_case make_case(std::uint64_t seed, std::size_t nodes, std::size_
   // Popularity: uniform or Zipf-like; a token draws k distinct experts by popularity.
   std::vector<double> pop(c.experts, 1.0);
   if (c.skewed)
-    for (std::size_t e = 0; e < c.experts; ++e) pop[e] = 1.0 / std::pow(static_cast<double>(e + 1), 1.2);
+    for (std::size_t e = 0; e < c.experts; ++e)
+      pop[e] = 1.0 / std::pow(static_cast<double>(e + 1), 1.2);
   std::shuffle(pop.begin(), pop.end(), rng);
   std::uniform_real_distribution<float> weight(0.05f, 1.0f);
   for (std::size_t r = 0; r < ranks; ++r) {

@@ -1,13 +1,11 @@
 #define BOOST_TEST_MODULE mpi_transport
-#include "mpi_fixture.hpp"
-
 #include "dispatch_cases.hpp"
-
-#include <locus/transport/dispatch.hpp>
-#include <locus/transport/mpi.hpp>
+#include "mpi_fixture.hpp"
 
 #include <chrono>
 #include <cstdlib>
+#include <locus/transport/dispatch.hpp>
+#include <locus/transport/mpi.hpp>
 #include <map>
 #include <memory>
 #include <thread>
@@ -92,11 +90,12 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
       mine[c.experts + cls] = dispatch_bytes[cls];
       mine[c.experts + 3 + cls] = combine_bytes[cls];
     }
-    LOCUS_MPI_CHECK(MPI_Allreduce(mine.data(), all.data(), static_cast<int>(mine.size()), MPI_UINT64_T, MPI_SUM,
-                                  MPI_COMM_WORLD));
+    LOCUS_MPI_CHECK(
+        MPI_Allreduce(mine.data(), all.data(), static_cast<int>(mine.size()), MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD));
     const std::vector<std::uint64_t> all_rows(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(c.experts));
     for (const auto& r : c.routings)
-      for (expert_id e : r.ids()) ++expect_rows[static_cast<std::size_t>(e)];
+      for (expert_id e : r.ids())
+        ++expect_rows[static_cast<std::size_t>(e)];
     const auto model = c.model(hier ? cost::transport_kind::hierarchical : cost::transport_kind::flat);
     const auto sizes = d.message_sizes();
     const std::array<std::uint64_t, 3> db{all[c.experts], all[c.experts + 1], all[c.experts + 2]};
@@ -112,8 +111,7 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
   }
   BOOST_TEST(failures == 0u);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  if (me == 0)
-    BOOST_TEST_MESSAGE(n << " iterations on " << ranks << " ranks in " << seconds << " s");
+  if (me == 0) BOOST_TEST_MESSAGE(n << " iterations on " << ranks << " ranks in " << seconds << " s");
 }
 
 // Counts that disagree between ranks raise transport_error on every rank: a row width that
@@ -136,7 +134,8 @@ BOOST_AUTO_TEST_CASE(mismatched_counts_raise_on_every_rank) {
           if (me == ranks / 2) expected[members - 1] = 3;
         }
         std::size_t total = 0;
-        for (auto c : counts) total += c;
+        for (auto c : counts)
+          total += c;
         std::vector<std::byte> rows(total * width);
         exchange_result out;
         t.exchange({g, width, rows, counts, expected}, out);
@@ -199,7 +198,8 @@ BOOST_AUTO_TEST_CASE(missing_peer_times_out_on_every_waiting_rank) {
     }
     std::vector<int> kinds(ranks);
     LOCUS_MPI_CHECK(MPI_Allgather(&kind, 1, MPI_INT, kinds.data(), 1, MPI_INT, MPI_COMM_WORLD));
-    for (std::size_t r = 0; r + 1 < ranks; ++r) BOOST_TEST(kinds[r] == static_cast<int>(error_kind::timeout));
+    for (std::size_t r = 0; r + 1 < ranks; ++r)
+      BOOST_TEST(kinds[r] == static_cast<int>(error_kind::timeout));
     BOOST_TEST(seconds < 20.0);
   }
 }

@@ -1,14 +1,12 @@
 #define BOOST_TEST_MODULE transport_local
-#include <boost/test/unit_test.hpp>
-
 #include "../mpi/dispatch_cases.hpp"
 
-#include <locus/transport/dispatch.hpp>
-#include <locus/transport/local.hpp>
-
 #include <atomic>
+#include <boost/test/unit_test.hpp>
 #include <cstring>
 #include <functional>
+#include <locus/transport/dispatch.hpp>
+#include <locus/transport/local.hpp>
 #include <thread>
 
 using namespace locus;
@@ -29,7 +27,8 @@ std::vector<std::exception_ptr> run_ranks(local_fabric& f, const std::function<v
         errors[r] = std::current_exception();
       }
     });
-  for (auto& t : threads) t.join();
+  for (auto& t : threads)
+    t.join();
   return errors;
 }
 
@@ -80,7 +79,8 @@ BOOST_AUTO_TEST_CASE(world_exchange_delivers_every_row_once) {
     BOOST_TEST(at == out.row_count());
     counters[me] = ep.bytes();
   });
-  for (const auto& e : errors) BOOST_TEST(!e);
+  for (const auto& e : errors)
+    BOOST_TEST(!e);
   std::array<std::uint64_t, 3> expect{};
   for (std::size_t s = 0; s < topo.ranks(); ++s)
     for (std::size_t d = 0; d < topo.ranks(); ++d)
@@ -115,7 +115,8 @@ BOOST_AUTO_TEST_CASE(node_and_rail_groups_follow_the_topology) {
       }
     }
   });
-  for (const auto& e : errors) BOOST_TEST(!e);
+  for (const auto& e : errors)
+    BOOST_TEST(!e);
 }
 
 // Different row widths, invalid input on one rank, and a count that differs from the receiver's
@@ -135,12 +136,14 @@ BOOST_AUTO_TEST_CASE(disagreements_raise_on_every_rank) {
         if (me == 3) expected[0] = 2;
       }
       std::size_t total = 0;
-      for (auto c : counts) total += c;
+      for (auto c : counts)
+        total += c;
       std::vector<std::byte> rows(total * width);
       exchange_result out;
       ep.exchange({exchange_group::world, width, rows, counts, expected}, out);
     });
-    for (const auto& e : errors) BOOST_TEST(raised<transport_error>(e), "variant " << variant);
+    for (const auto& e : errors)
+      BOOST_TEST(raised<transport_error>(e), "variant " << variant);
   }
   // Still in step: a valid exchange succeeds.
   const auto errors = run_ranks(f, [&](local_transport& ep) {
@@ -150,7 +153,8 @@ BOOST_AUTO_TEST_CASE(disagreements_raise_on_every_rank) {
     ep.exchange({exchange_group::world, 8, rows, counts, {}}, out);
     BOOST_TEST(out.row_count() == 4u);
   });
-  for (const auto& e : errors) BOOST_TEST(!e);
+  for (const auto& e : errors)
+    BOOST_TEST(!e);
 }
 
 // A rank that never arrives makes the others raise timeout_error after the timeout, not hang.
@@ -166,7 +170,8 @@ BOOST_AUTO_TEST_CASE(missing_peer_times_out) {
   });
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   BOOST_TEST(!errors[1]);
-  for (std::size_t r : {0u, 2u, 3u}) BOOST_TEST(raised<timeout_error>(errors[r]));
+  for (std::size_t r : {0u, 2u, 3u})
+    BOOST_TEST(raised<timeout_error>(errors[r]));
   BOOST_TEST(seconds < 5.0);
 }
 
@@ -213,10 +218,12 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
       for (const auto& e : failures) {
         BOOST_TEST_REQUIRE(!e);
       }
-      for (double e : errors) BOOST_TEST(e < 1e-5, "seed " << seed << " hierarchical " << hier);
+      for (double e : errors)
+        BOOST_TEST(e < 1e-5, "seed " << seed << " hierarchical " << hier);
       std::vector<std::uint64_t> expect_rows(c.experts, 0);
       for (const auto& r : c.routings)
-        for (expert_id e : r.ids()) ++expect_rows[static_cast<std::size_t>(e)];
+        for (expert_id e : r.ids())
+          ++expect_rows[static_cast<std::size_t>(e)];
       BOOST_TEST(rows_per_expert == expect_rows, boost::test_tools::per_element());
       const auto model = c.model(hier ? cost::transport_kind::hierarchical : cost::transport_kind::flat);
       for (std::size_t cls = 0; cls < link_class_count; ++cls) {
@@ -242,11 +249,13 @@ BOOST_AUTO_TEST_CASE(bad_expert_id_raises_without_hanging_the_others) {
     moe_dispatcher<local_transport, float> d(ep, c.map, c.hidden, c.k);
     routing<> r(2, top_k<>(c.k));
     for (std::size_t t = 0; t < 2; ++t)
-      for (std::size_t j = 0; j < c.k; ++j) r.view().expert(t, j) = static_cast<expert_id>(j);
+      for (std::size_t j = 0; j < c.k; ++j)
+        r.view().expert(t, j) = static_cast<expert_id>(j);
     if (ep.rank() == 3) r.view().expert(1, 0) = static_cast<expert_id>(c.experts);
     std::vector<float> x(2 * c.hidden, 1.0f);
     d.dispatch(std::span<const float>(x), r.view());
   });
   BOOST_TEST(raised<invalid_input_error>(errors[3]));
-  for (std::size_t r = 0; r < 3; ++r) BOOST_TEST(!errors[r]);
+  for (std::size_t r = 0; r < 3; ++r)
+    BOOST_TEST(!errors[r]);
 }

@@ -15,14 +15,13 @@
 //! of its node before the single network copy returns; the source adds the rows per token. The
 //! copies of combine therefore equal those of dispatch per link class, as the traffic model says.
 
+#include <algorithm>
+#include <cstring>
 #include <locus/core/expert_map.hpp>
 #include <locus/core/routing.hpp>
 #include <locus/cost/traffic.hpp>
 #include <locus/transport/exchange.hpp>
 #include <locus/transport/layout.hpp>
-
-#include <algorithm>
-#include <cstring>
 #include <type_traits>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
@@ -81,7 +80,8 @@ public:
     dispatch_row_ = (header_bytes_ + hidden_ * sizeof(T) + 7) / 8 * 8;
     combine_row_ = hidden_ * sizeof(T);
     local_index_.assign(map.experts(), -1);
-    for (expert_id e : map.experts_on(ex.rank())) local_index_[static_cast<std::size_t>(e)] = 0;
+    for (expert_id e : map.experts_on(ex.rank()))
+      local_index_[static_cast<std::size_t>(e)] = 0;
     for (std::size_t e = 0; e < map.experts(); ++e) {
       if (local_index_[e] < 0) continue;
       local_index_[e] = static_cast<std::int32_t>(local_experts_.size());
@@ -106,16 +106,17 @@ public:
     // would wait for it; bad input is sent as an empty request and raised after the exchanges.
     std::string problem;
     if (r.top_k() != k_)
-      problem = ::locus::detail::concat("moe_dispatcher::dispatch: the routing has top_k ", r.top_k(), ", the dispatcher ", k_);
+      problem = ::locus::detail::concat("moe_dispatcher::dispatch: the routing has top_k ", r.top_k(),
+                                        ", the dispatcher ", k_);
     else if (x.size() != tokens * hidden_)
       problem = ::locus::detail::concat("moe_dispatcher::dispatch: ", tokens, " tokens need ", tokens * hidden_,
-                               " input values, got ", x.size());
+                                        " input values, got ", x.size());
     if (problem.empty()) {
       // The destination of every copy comes from the shared layout (transport/layout.hpp): the
       // locality-first replica choice the traffic model counts. It also validates the routing.
       try {
         layout_.assign(routing_view<::locus::top_k<>, Id, Weight, memory_space::host>(r.ids(), r.weights(), tokens,
-                                                                             ::locus::top_k<>(k_)),
+                                                                                      ::locus::top_k<>(k_)),
                        *map_, ex_->topology(), ex_->rank());
       } catch (const locus::error& e) {
         problem = ::locus::detail::concat("moe_dispatcher::dispatch: ", e.message());
@@ -127,7 +128,8 @@ public:
       pack_own(x, r, exchange_group::world, send_a_, counts_a_, origins_a_);
       ex_->exchange({exchange_group::world, dispatch_row_, send_a_, counts_a_, {}}, recv_a_);
       copies_.clear();
-      for (std::size_t i = 0; i < recv_a_.row_count(); ++i) copies_.push_back(recv_a_.row(i));
+      for (std::size_t i = 0; i < recv_a_.row_count(); ++i)
+        copies_.push_back(recv_a_.row(i));
     } else {
       // Stage 1: one row per remote destination node, to the rail peer on that node.
       pack_own(x, r, exchange_group::rail, send_a_, counts_a_, origins_a_);
@@ -136,8 +138,10 @@ public:
       pack_node(x, r);
       ex_->exchange({exchange_group::node, dispatch_row_, send_b_, counts_b_, {}}, recv_b_);
       copies_.clear();
-      for (std::size_t i = 0; i < recv_b_.row_count(); ++i) copies_.push_back(recv_b_.row(i));
-      for (std::uint32_t i : self_forward_) copies_.push_back(recv_a_.row(i));
+      for (std::size_t i = 0; i < recv_b_.row_count(); ++i)
+        copies_.push_back(recv_b_.row(i));
+      for (std::uint32_t i : self_forward_)
+        copies_.push_back(recv_a_.row(i));
     }
     if (!problem.empty()) LOCUS_THROW(invalid_input_error, problem);
     gather();
@@ -157,8 +161,8 @@ public:
   //! Token copies this rank received (before expansion to experts).
   std::size_t received_copies() const noexcept { return copies_.size(); }
   dispatch_handle<T> handle() noexcept {
-    return {expert_in_.data(), expert_out_.data(), segment_offsets_.data(), local_experts_.data(),
-            local_experts_.size(), hidden_};
+    return {expert_in_.data(),     expert_out_.data(),    segment_offsets_.data(),
+            local_experts_.data(), local_experts_.size(), hidden_};
   }
 
   //! Collective: returns the expert outputs to their sources and writes, for each token of the
@@ -172,7 +176,8 @@ public:
       float* p = partial_.data() + row_copy_[row] * hidden_;
       const T* o = expert_out_.data() + row * hidden_;
       const float w = row_weight_[row];
-      for (std::size_t h = 0; h < hidden_; ++h) p[h] += w * static_cast<float>(o[h]);
+      for (std::size_t h = 0; h < hidden_; ++h)
+        p[h] += w * static_cast<float>(o[h]);
     }
     acc_.assign(tokens_ * hidden_, 0.0f);
     if (!ex_->hierarchical()) {
@@ -188,7 +193,8 @@ public:
       for (std::size_t i = 0; i < self_forward_.size(); ++i) {
         const float* p = partial_.data() + (node_rows + i) * hidden_;
         float* a = forward_acc_.data() + std::size_t{self_forward_[i]} * hidden_;
-        for (std::size_t h = 0; h < hidden_; ++h) a[h] += p[h];
+        for (std::size_t h = 0; h < hidden_; ++h)
+          a[h] += p[h];
       }
       to_rows(forward_acc_.data(), recv_a_.row_count(), send_a_);
       ex_->exchange({exchange_group::rail, combine_row_, send_a_, recv_a_.counts, {}}, back_a_);
@@ -196,7 +202,8 @@ public:
     }
     LOCUS_REQUIRE(size_ok, invalid_input_error, "moe_dispatcher::combine: ", tokens_, " tokens need ",
                   tokens_ * hidden_, " output values, got ", y.size());
-    for (std::size_t i = 0; i < acc_.size(); ++i) y[i] = static_cast<T>(acc_[i]);
+    for (std::size_t i = 0; i < acc_.size(); ++i)
+      y[i] = static_cast<T>(acc_[i]);
   }
 
 private:
@@ -240,7 +247,8 @@ private:
         bucket_[member_of(d)].push_back(static_cast<std::uint32_t>(t));
       }
     std::size_t rows = 0;
-    for (std::size_t m = 0; m < members; ++m) rows += counts[m] = bucket_[m].size();
+    for (std::size_t m = 0; m < members; ++m)
+      rows += counts[m] = bucket_[m].size();
     send.resize(rows * dispatch_row_);
     origins.clear();
     std::size_t at = 0;
@@ -273,7 +281,8 @@ private:
       for (std::size_t j = 0; j < k_; ++j) {
         const auto d = static_cast<std::size_t>(cs[j].dest);
         bool seen = false;
-        for (std::size_t p = 0; p < j; ++p) seen |= cs[p].dest == cs[j].dest;
+        for (std::size_t p = 0; p < j; ++p)
+          seen |= cs[p].dest == cs[j].dest;
         if (seen || d / gpus != my_node) continue;
         if (d == self)
           self_forward_.push_back(static_cast<std::uint32_t>(i));
@@ -283,7 +292,8 @@ private:
     }
     counts_b_.assign(gpus, 0);
     std::size_t rows = 0;
-    for (std::size_t l = 0; l < gpus; ++l) rows += counts_b_[l] = own_bucket_[l].size() + bucket_[l].size();
+    for (std::size_t l = 0; l < gpus; ++l)
+      rows += counts_b_[l] = own_bucket_[l].size() + bucket_[l].size();
     send_b_.resize(rows * dispatch_row_);
     origins_b_.clear();
     std::size_t at = 0;
@@ -313,14 +323,15 @@ private:
         for (std::size_t j = 0; j < k_; ++j) {
           if (cs[j].dest != self) continue;
           const auto e = static_cast<std::size_t>(cs[j].expert);
-          LOCUS_REQUIRE(e < local_index_.size() && local_index_[e] >= 0, transport_error, "moe_dispatcher: rank ",
-                        self, " received a copy for expert ", cs[j].expert, " which it does not host");
+          LOCUS_REQUIRE(e < local_index_.size() && local_index_[e] >= 0, transport_error, "moe_dispatcher: rank ", self,
+                        " received a copy for expert ", cs[j].expert, " which it does not host");
           f(c, static_cast<std::size_t>(local_index_[e]), cs[j].weight);
         }
       }
     };
     for_each_local_choice([&](std::size_t, std::size_t li, float) { ++segment_offsets_[li + 1]; });
-    for (std::size_t i = 0; i < n_local; ++i) segment_offsets_[i + 1] += segment_offsets_[i];
+    for (std::size_t i = 0; i < n_local; ++i)
+      segment_offsets_[i + 1] += segment_offsets_[i];
     const std::size_t rows = segment_offsets_[n_local];
     expert_in_.resize(rows * hidden_);
     expert_out_.assign(rows * hidden_, T{});
@@ -350,8 +361,7 @@ private:
   }
 
   // Adds returned rows (in the order of the matching send buffer) to tokens or forwarded rows.
-  void add_back(const exchange_result& back, const std::vector<detail::dispatch::origin>& origins,
-                float* forward_acc) {
+  void add_back(const exchange_result& back, const std::vector<detail::dispatch::origin>& origins, float* forward_acc) {
     for (std::size_t s = 0; s < origins.size(); ++s) {
       float* dst = (origins[s].forward ? forward_acc : acc_.data()) + std::size_t{origins[s].index} * hidden_;
       const std::byte* src = back.row(s);
@@ -383,4 +393,4 @@ private:
   std::vector<float> row_weight_, partial_, acc_, forward_acc_;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::transport
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::transport

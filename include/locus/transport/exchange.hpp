@@ -19,15 +19,14 @@
 //! timeout makes the others raise locus::timeout_error; the transport is then unusable (every
 //! later call raises) because the group's messages are no longer in step.
 
-#include <locus/core/error.hpp>
-#include <locus/core/policy.hpp>
-#include <locus/core/topology.hpp>
-
 #include <array>
 #include <chrono>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <locus/core/error.hpp>
+#include <locus/core/policy.hpp>
+#include <locus/core/topology.hpp>
 #include <span>
 #include <string>
 #include <vector>
@@ -86,9 +85,9 @@ struct link_counters {
 //! One member's input to an exchange.
 struct exchange_request {
   exchange_group group = exchange_group::world;
-  std::size_t row_bytes = 0;              //!< width of every row, equal on all members
-  std::span<const std::byte> rows;        //!< rows ordered by destination member
-  std::span<const std::size_t> counts;    //!< rows per destination member (size = group size)
+  std::size_t row_bytes = 0;           //!< width of every row, equal on all members
+  std::span<const std::byte> rows;     //!< rows ordered by destination member
+  std::span<const std::size_t> counts; //!< rows per destination member (size = group size)
   //! Optional: rows this member expects from each source member (size = group size). A mismatch
   //! raises locus::transport_error on every member of the group.
   std::span<const std::size_t> expected_counts;
@@ -99,9 +98,9 @@ struct exchange_request {
 
 //! What an exchange delivered to one member. Reused between calls to keep its capacity.
 struct exchange_result {
-  std::vector<std::byte> rows;       //!< received rows, grouped by source member in member order
-  std::vector<std::size_t> counts;   //!< rows from each source member
-  std::vector<std::size_t> offsets;  //!< first row of each source member (size = group size + 1)
+  std::vector<std::byte> rows;      //!< received rows, grouped by source member in member order
+  std::vector<std::size_t> counts;  //!< rows from each source member
+  std::vector<std::size_t> offsets; //!< first row of each source member (size = group size + 1)
   std::size_t row_bytes = 0;
 
   std::size_t row_count() const noexcept { return offsets.empty() ? 0 : offsets.back(); }
@@ -175,20 +174,22 @@ inline std::uint32_t check_request(const exchange_request& req, std::size_t memb
     return zero_width;
   }
   if (req.counts.size() != members) {
-    why = ::locus::detail::concat("counts has ", req.counts.size(), " entries but the ", to_string(req.group), " group has ",
-                 members, " members");
+    why = ::locus::detail::concat("counts has ", req.counts.size(), " entries but the ", to_string(req.group),
+                                  " group has ", members, " members");
     return counts_size;
   }
   if (!req.expected_counts.empty() && req.expected_counts.size() != members) {
-    why = ::locus::detail::concat("expected_counts has ", req.expected_counts.size(), " entries but the ", to_string(req.group),
-                 " group has ", members, " members");
+    why = ::locus::detail::concat("expected_counts has ", req.expected_counts.size(), " entries but the ",
+                                  to_string(req.group), " group has ", members, " members");
     return expected_size;
   }
   std::size_t total = 0;
-  for (std::size_t c : req.counts) total += c;
+  for (std::size_t c : req.counts)
+    total += c;
   if (total * req.row_bytes != req.rows.size()) {
-    why = ::locus::detail::concat("the counts add up to ", total, " rows of ", req.row_bytes, " bytes = ", total * req.row_bytes,
-                 " bytes but the send buffer holds ", req.rows.size(), " bytes");
+    why = ::locus::detail::concat("the counts add up to ", total, " rows of ", req.row_bytes,
+                                  " bytes = ", total * req.row_bytes, " bytes but the send buffer holds ",
+                                  req.rows.size(), " bytes");
     return rows_size;
   }
   return ok;
@@ -202,19 +203,21 @@ inline std::string verdict(std::span<const header> received, std::size_t self_me
   for (std::size_t m = 0; m < received.size(); ++m) {
     if (received[m].status != ok) {
       if (m == self_member && !own_problem.empty())
-        return ::locus::detail::concat("exchange over the ", to_string(g), " group: this member's request is invalid: ", own_problem);
+        return ::locus::detail::concat("exchange over the ", to_string(g),
+                                       " group: this member's request is invalid: ", own_problem);
       return ::locus::detail::concat("exchange over the ", to_string(g), " group: member ", m, " passed ",
-                    describe(received[m].status));
+                                     describe(received[m].status));
     }
   }
   for (std::size_t m = 1; m < received.size(); ++m) {
     if (received[m].sequence != received[0].sequence)
-      return ::locus::detail::concat("exchange over the ", to_string(g), " group: member 0 is at exchange #", received[0].sequence,
-                    " but member ", m, " is at exchange #", received[m].sequence,
-                    " (a rank skipped or repeated an exchange)");
+      return ::locus::detail::concat("exchange over the ", to_string(g), " group: member 0 is at exchange #",
+                                     received[0].sequence, " but member ", m, " is at exchange #", received[m].sequence,
+                                     " (a rank skipped or repeated an exchange)");
     if (received[m].row_bytes != received[0].row_bytes)
-      return ::locus::detail::concat("exchange over the ", to_string(g), " group: member 0 sends rows of ", received[0].row_bytes,
-                    " bytes but member ", m, " sends rows of ", received[m].row_bytes, " bytes");
+      return ::locus::detail::concat("exchange over the ", to_string(g), " group: member 0 sends rows of ",
+                                     received[0].row_bytes, " bytes but member ", m, " sends rows of ",
+                                     received[m].row_bytes, " bytes");
   }
   return {};
 }
@@ -236,10 +239,12 @@ inline std::string expectation_verdict(std::span<const std::uint32_t> codes, exc
     if (codes[m] == 0) continue;
     const std::size_t src = codes[m] - 1;
     if (m == self_member)
-      return ::locus::detail::concat("exchange over the ", to_string(g), " group: member ", src, " sends ", received[src].count,
-                    " rows to this member (", m, ") but ", expected[src], " were expected");
-    return ::locus::detail::concat("exchange over the ", to_string(g), " group: member ", m, " received a row count from member ",
-                  src, " that differs from the count it expected");
+      return ::locus::detail::concat("exchange over the ", to_string(g), " group: member ", src, " sends ",
+                                     received[src].count, " rows to this member (", m, ") but ", expected[src],
+                                     " were expected");
+    return ::locus::detail::concat("exchange over the ", to_string(g), " group: member ", m,
+                                   " received a row count from member ", src,
+                                   " that differs from the count it expected");
   }
   return {};
 }
@@ -301,4 +306,4 @@ struct group_map {
 
 } // namespace detail::exchange
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::transport
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::transport

@@ -6,10 +6,9 @@
 //! and combine are tested without MPI, and single-process programs can use the same code.
 //! Groups (world, node, rail) follow the fabric's topology exactly as on a real machine.
 
-#include <locus/transport/exchange.hpp>
-
 #include <condition_variable>
 #include <cstring>
+#include <locus/transport/exchange.hpp>
 #include <memory>
 #include <mutex>
 
@@ -208,4 +207,4 @@ struct local_hierarchical {
   static constexpr bool hierarchical = true;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::transport
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::transport

@@ -15,13 +15,11 @@
 //! with `exchange_options::deadline_on_rows` the rows move by `MPI_Ialltoallv` under the same
 //! deadline.
 
+#include <climits>
 #include <locus/core/mpi_error.hpp>
 #include <locus/transport/exchange.hpp>
-
-#include <mpi.h>
-
-#include <climits>
 #include <map>
+#include <mpi.h>
 #include <thread>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
@@ -111,8 +109,8 @@ public:
     ++seq;
     requests_.assign(2 * members, MPI_REQUEST_NULL);
     for (std::size_t m = 0; m < members; ++m)
-      LOCUS_MPI_CHECK(MPI_Irecv(&recv_headers_[m], sizeof(dx::header), MPI_BYTE, static_cast<int>(m), tag, comm,
-                                &requests_[m]));
+      LOCUS_MPI_CHECK(
+          MPI_Irecv(&recv_headers_[m], sizeof(dx::header), MPI_BYTE, static_cast<int>(m), tag, comm, &requests_[m]));
     for (std::size_t m = 0; m < members; ++m)
       LOCUS_MPI_CHECK(MPI_Isend(&send_headers_[m], sizeof(dx::header), MPI_BYTE, static_cast<int>(m), tag, comm,
                                 &requests_[members + m]));
@@ -121,7 +119,8 @@ public:
       LOCUS_THROW(transport_error, "mpi_transport: ", why);
 
     bool expectations = false;
-    for (const auto& h : recv_headers_) expectations |= h.expectations != 0;
+    for (const auto& h : recv_headers_)
+      expectations |= h.expectations != 0;
     if (expectations) {
       const std::uint32_t mine = dx::expectation_code(recv_headers_, req.expected_counts);
       codes_.assign(members, 0);
@@ -129,8 +128,7 @@ public:
       for (std::size_t m = 0; m < members; ++m)
         LOCUS_MPI_CHECK(MPI_Irecv(&codes_[m], 1, MPI_UINT32_T, static_cast<int>(m), tag + 1, comm, &requests_[m]));
       for (std::size_t m = 0; m < members; ++m)
-        LOCUS_MPI_CHECK(
-            MPI_Isend(&mine, 1, MPI_UINT32_T, static_cast<int>(m), tag + 1, comm, &requests_[members + m]));
+        LOCUS_MPI_CHECK(MPI_Isend(&mine, 1, MPI_UINT32_T, static_cast<int>(m), tag + 1, comm, &requests_[members + m]));
       wait(req.group, deadline, members, "the count-agreement round");
       if (std::string why = dx::expectation_verdict(codes_, req.group, recv_headers_, req.expected_counts, self);
           !why.empty())
@@ -210,7 +208,8 @@ private:
     int finalized = 0;
     MPI_Finalized(&finalized);
     if (finalized) return;
-    for (auto& [bytes, t] : types_) MPI_Type_free(&t);
+    for (auto& [bytes, t] : types_)
+      MPI_Type_free(&t);
     types_.clear();
     for (MPI_Comm* c : {&rail_, &node_, &world_})
       if (*c != MPI_COMM_NULL) MPI_Comm_free(c);
@@ -245,4 +244,4 @@ struct mpi_hierarchical {
   static constexpr bool hierarchical = true;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::transport
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::transport

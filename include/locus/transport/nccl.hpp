@@ -15,13 +15,11 @@
 //! `exchanger` concept by staging host rows through device memory, so `moe_dispatcher` runs on it
 //! unchanged. Policies: `nccl_flat`, `nccl_hierarchical`.
 
+#include <cuda_runtime_api.h>
 #include <locus/core/cuda_error.hpp>
 #include <locus/core/nccl_error.hpp>
 #include <locus/transport/exchange.hpp>
-
-#include <cuda_runtime_api.h>
 #include <nccl.h>
-
 #include <thread>
 #include <utility>
 
@@ -76,7 +74,8 @@ struct peer_io {
 //! One ncclSend/ncclRecv pair per peer, unrolled for a compile-time peer count.
 template <std::size_t Peers>
 void exchange_unrolled(const peer_io& io) {
-  [&]<std::size_t... M>(std::index_sequence<M...>) { (io(M), ...); }(std::make_index_sequence<Peers>{});
+  [&]<std::size_t... M>(std::index_sequence<M...>) { (io(M), ...); }
+  (std::make_index_sequence<Peers>{});
 }
 
 //! Chooses the unrolled form for the common group sizes, a loop otherwise.
@@ -91,7 +90,8 @@ inline void exchange_peers(std::size_t members, const peer_io& io) {
   case 32: exchange_unrolled<32>(io); break;
   case 64: exchange_unrolled<64>(io); break;
   default:
-    for (std::size_t m = 0; m < members; ++m) io(m);
+    for (std::size_t m = 0; m < members; ++m)
+      io(m);
   }
   LOCUS_NCCL_CHECK(ncclGroupEnd());
 }
@@ -164,7 +164,8 @@ public:
     std::uint64_t& seq = sequence_[static_cast<std::size_t>(group)];
 
     std::size_t total = 0;
-    for (std::size_t c : counts) total += c;
+    for (std::size_t c : counts)
+      total += c;
     const exchange_request req{group, row_bytes, {send, total * row_bytes}, counts, expected};
     std::string own_problem;
     const std::uint32_t status = dx::check_request(req, members, own_problem);
@@ -186,12 +187,13 @@ public:
     if (std::string why = dx::verdict(received, self, group, own_problem); !why.empty())
       LOCUS_THROW(transport_error, "nccl_transport: ", why);
     bool expectations = false;
-    for (const auto& h : received) expectations |= h.expectations != 0;
+    for (const auto& h : received)
+      expectations |= h.expectations != 0;
     if (expectations) {
       codes_.assign(2 * members, dx::expectation_code(received, expected));
       std::byte* d_codes = headers_.reserve(2 * members * sizeof(std::uint32_t));
-      LOCUS_CUDA_CHECK(cudaMemcpyAsync(d_codes, codes_.data(), members * sizeof(std::uint32_t),
-                                       cudaMemcpyHostToDevice, stream_));
+      LOCUS_CUDA_CHECK(
+          cudaMemcpyAsync(d_codes, codes_.data(), members * sizeof(std::uint32_t), cudaMemcpyHostToDevice, stream_));
       fixed_offsets(members, sizeof(std::uint32_t));
       detail::nccl::exchange_peers(members, {d_codes, offsets_a_.data(), d_codes + members * sizeof(std::uint32_t),
                                              offsets_a_.data(), comm, stream_});
@@ -220,7 +222,8 @@ public:
     out.rows = d_recv;
     exchange_result shape;
     shape.counts = out.counts;
-    dx::count_bytes(bytes_, topology(), rank(), req, shape, [&](std::size_t m) { return groups_.world_rank_of(group, m); });
+    dx::count_bytes(bytes_, topology(), rank(), req, shape,
+                    [&](std::size_t m) { return groups_.world_rank_of(group, m); });
   }
 
   //! The host `exchanger` form: stages host rows through device memory (see exchange.hpp).
@@ -243,7 +246,8 @@ public:
 private:
   void fixed_offsets(std::size_t members, std::size_t bytes) {
     offsets_a_.resize(members + 1);
-    for (std::size_t m = 0; m <= members; ++m) offsets_a_[m] = m * bytes;
+    for (std::size_t m = 0; m <= members; ++m)
+      offsets_a_[m] = m * bytes;
   }
 
   // Polls the stream until its work is done, a communicator reports an error, or the deadline.
@@ -266,7 +270,8 @@ private:
     broken_ = true;
     // Aborting unblocks the kernels waiting for the absent peer; the world communicator is the
     // caller's, so only its error state is left for the caller to see.
-    for (ncclComm_t c : {node_, rail_}) ncclCommAbort(c);
+    for (ncclComm_t c : {node_, rail_})
+      ncclCommAbort(c);
     node_ = rail_ = nullptr;
     LOCUS_THROW(timeout_error, "nccl_transport: rank ", rank(), " waited ", options_.timeout.count(), " ms in ", what,
                 " of an exchange over the ", to_string(g), " group; the transport is unusable from now on");
@@ -301,4 +306,4 @@ struct nccl_hierarchical {
   static constexpr bool hierarchical = true;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::transport
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::transport
