@@ -3,6 +3,8 @@
 #include "cmd_demo.hpp"
 #include "cmd_map.hpp"
 #include "cmd_plan.hpp"
+#include "cmd_trace_import.hpp"
+#include "cmd_trace_analysis.hpp"
 
 #include <locus/core/error.hpp>
 
@@ -23,7 +25,8 @@ int main(int argc, char** argv) {
   // `locus trace <import|stats|synth|report>`: each trace command file adds its subcommands here.
   CLI::App* trace_cmd = app.add_subcommand("trace", "Import, inspect, synthesise and report expert-activation traces");
   trace_cmd->require_subcommand(1);
-  (void)trace_cmd;
+  locus_driver::register_trace_import(trace_cmd);
+  locus_driver::register_trace_analysis(trace_cmd);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,7 +1,9 @@
 #pragma once
-// Reading a trace named on the command line: a locus binary trace file, or an ESFT folder.
+// Reading a trace named on the command line: a locus binary trace file, an ESFT folder, or a route
+// JSONL file (.jsonl / .ndjson; experts declared by a meta line, see docs/trace-format.md).
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
+#include <locus/trace/jsonl.hpp>
 
 #include <filesystem>
 #include <string>
@@ -10,6 +12,8 @@ namespace locus_driver {
 
 inline locus::trace::trace load_trace(const std::string& path) {
   if (std::filesystem::is_directory(path)) return locus::trace::import_esft(path);
+  const auto ext = std::filesystem::path(path).extension();
+  if (ext == ".jsonl" || ext == ".ndjson") return locus::trace::import_jsonl(path);
   return locus::trace::read_trace(path);
 }
 

@@ -27,6 +27,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace locus::inline LOCUS_ABI_NAMESPACE::trace {
 
 //! Expert id as stored in a trace: 16 bits are enough for every MoE model (≤ 65,536 experts)
@@ -245,6 +249,8 @@ public:
     for (std::size_t l = 0; l < t_.layers_; ++l) {
       t_.ids_[l].reserve(n * t_.top_k_);
       t_.weights_[l].reserve(n * t_.top_k_);
+      advise_huge_pages(t_.ids_[l].data(), t_.ids_[l].capacity() * sizeof(trace_expert_id));
+      advise_huge_pages(t_.weights_[l].data(), t_.weights_[l].capacity() * sizeof(float));
     }
   }
 
@@ -326,16 +332,40 @@ public:
   }
   //! True when no weight is NaN or infinite (exponent bits all ones), branch-free.
   static bool weights_finite(const float* w, std::size_t n) noexcept {
-    std::uint32_t bad = 0;
-    for (std::size_t i = 0; i < n; ++i) {
+    // Two floats per 64-bit word: a lane's exponent is all ones exactly when adding one to it
+    // carries into the lane's sign bit; the carry never crosses into the other lane. Plain
+    // integer ops that the compiler vectorises at -O2, several times faster than a per-float test.
+    constexpr std::uint64_t exponent = 0x7f8000007f800000ull, one = 0x0080000000800000ull,
+                            sign = 0x8000000080000000ull;
+    std::uint64_t bad = 0;
+    std::size_t i = 0;
+    for (; i + 2 <= n; i += 2) {
+      std::uint64_t u;
+      std::memcpy(&u, w + i, sizeof u);
+      bad |= ((u & exponent) + one) & sign;
+    }
+    if (i < n) {
       std::uint32_t u;
       std::memcpy(&u, w + i, sizeof u);
-      bad |= static_cast<std::uint32_t>((u & 0x7f800000u) == 0x7f800000u);
+      bad |= ((u & 0x7f800000u) + 0x00800000u) & 0x80000000u;
     }
     return bad == 0;
   }
 
 private:
+  //! Asks Linux for transparent huge pages on a large, not yet touched block. Faulting in fresh
+  //! 4 KiB pages runs at about 1 GB/s and would by itself cap reading a multi-GB trace there;
+  //! 2 MiB pages cut the faults 512-fold. A hint only: ignored where unsupported.
+  static void advise_huge_pages([[maybe_unused]] void* p, [[maybe_unused]] std::size_t bytes) noexcept {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    constexpr std::uintptr_t page = 4096;
+    if (bytes < (std::size_t{8} << 20)) return;
+    const auto b = (reinterpret_cast<std::uintptr_t>(p) + page - 1) & ~(page - 1);
+    const auto e = (reinterpret_cast<std::uintptr_t>(p) + bytes) & ~(page - 1);
+    if (e > b) (void)::madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+#endif
+  }
+
   void check(std::size_t l, std::size_t token) const {
     LOCUS_REQUIRE(l < t_.layers_ && token < t_.phases_.size(), invalid_input_error, "trace_builder: layer ", l,
                   " token ", token, " out of range (", t_.layers_, " layers, ", t_.phases_.size(), " tokens)");

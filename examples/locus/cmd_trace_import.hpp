@@ -1,0 +1,167 @@
+#pragma once
+// `locus trace import`: an ESFT folder, a route-JSONL file or a locus binary trace → a locus binary
+// trace (docs/trace-format.md).
+#include "trace_input.hpp"
+
+#include <locus/trace/binary.hpp>
+#include <locus/trace/esft.hpp>
+#include <locus/trace/jsonl.hpp>
+
+#include <CLI/CLI.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+namespace locus_driver {
+
+//! A progress line on stderr that appears only once the work has taken more than a second (short
+//! imports stay quiet), is redrawn at most five times a second, and is cleared when done.
+class import_progress {
+public:
+  explicit import_progress(std::string what, bool enabled = true)
+      : what_(std::move(what)), enabled_(enabled), tty_(::isatty(2) != 0), start_(clock::now()), last_(start_) {}
+  ~import_progress() { finish(); }
+
+  //! Reports `done` out of `total` units (`unit` names them, e.g. "files" or "MB").
+  void update(double done, double total, const char* unit) {
+    if (!enabled_) return;
+    const auto now = clock::now();
+    if (now - start_ < std::chrono::seconds(1) || now - last_ < std::chrono::milliseconds(tty_ ? 200 : 2000)) return;
+    last_ = now;
+    const double pct = total > 0 ? 100.0 * done / total : 0.0;
+    std::fprintf(stderr, "%s%s: %.0f%% (%.0f of %.0f %s)%s", tty_ ? "\r" : "", what_.c_str(), pct, done, total, unit,
+                 tty_ ? "" : "\n");
+    std::fflush(stderr);
+    shown_ = true;
+  }
+  void finish() {
+    if (shown_ && tty_) std::fprintf(stderr, "\r%*s\r", 60, "");
+    shown_ = false;
+  }
+
+private:
+  using clock = std::chrono::steady_clock;
+  std::string what_;
+  bool enabled_, tty_;
+  clock::time_point start_, last_;
+  bool shown_ = false;
+};
+
+struct trace_import_options {
+  std::string input, output, format = "auto";
+  std::size_t experts = 0, top_k = 0, layers = 0;
+  std::vector<std::string> domains;
+  bool skip_bad = false, split_on_restart = false, verify = false, quiet = false;
+  std::string default_domain = "default";
+};
+
+//! "esft", "jsonl" or "binary" for `--format auto`, from what the path is.
+inline std::string detect_trace_format(const std::string& path) {
+  namespace fs = std::filesystem;
+  if (fs::is_directory(path)) return "esft";
+  if (!fs::exists(path)) throw locus::io_error(path + ": no such file or folder", __FILE__, __LINE__);
+  const auto ext = fs::path(path).extension().string();
+  if (ext == ".jsonl" || ext == ".ndjson" || ext == ".json") return "jsonl";
+  // Anything else: a binary trace if it starts with the magic, else say what is accepted.
+  char magic[8] = {};
+  if (std::FILE* f = std::fopen(path.c_str(), "rb")) {
+    const std::size_t got = std::fread(magic, 1, 8, f);
+    std::fclose(f);
+    if (got == 8 && std::memcmp(magic, locus::trace::binary_magic.data(), 8) == 0) return "binary";
+  }
+  throw locus::invalid_input_error(path + ": cannot tell its format: expected an ESFT folder, a route-JSONL file "
+                                          "(.jsonl) or a locus binary trace; pass --format",
+                                   __FILE__, __LINE__);
+}
+
+inline void run_trace_import(const trace_import_options& o) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string format = o.format == "auto" ? detect_trace_format(o.input) : o.format;
+  locus::trace::trace t;
+  locus::trace::jsonl_report report;
+  if (format == "esft") {
+    locus::trace::esft_options opt;
+    if (o.experts) opt.experts = o.experts;
+    if (o.top_k) opt.top_k = o.top_k;
+    opt.layers = o.layers;
+    opt.domains = o.domains;
+    import_progress bar("importing " + o.input, !o.quiet);
+    opt.progress = [&](std::size_t done, std::size_t all) { bar.update(double(done), double(all), "files"); };
+    t = locus::trace::import_esft(o.input, opt);
+  } else if (format == "jsonl") {
+    locus::trace::jsonl_options opt;
+    opt.experts = o.experts;
+    opt.top_k = o.top_k;
+    opt.layers = o.layers;
+    opt.skip_bad = o.skip_bad;
+    opt.split_on_restart = o.split_on_restart;
+    opt.default_domain = o.default_domain;
+    import_progress bar("importing " + o.input, !o.quiet);
+    opt.progress = [&](std::uint64_t done, std::uint64_t all) {
+      bar.update(double(done) / 1e6, double(all) / 1e6, "MB");
+    };
+    t = locus::trace::import_jsonl(o.input, opt, &report);
+  } else if (format == "binary") {
+    t = locus::trace::read_trace(o.input);
+  } else {
+    throw locus::invalid_input_error("--format " + format + ": expected auto, esft, jsonl or binary", __FILE__,
+                                     __LINE__);
+  }
+  locus::trace::write_trace(t, o.output);
+  if (o.verify) {
+    const auto back = locus::trace::read_trace(o.output);
+    if (!(back == t))
+      throw locus::format_error(o.output + ": reading the written trace back does not give the imported trace", 0,
+                                __FILE__, __LINE__);
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (format == "jsonl" && (report.bad_records || report.dropped_requests)) {
+    std::fprintf(stderr, "locus: %s: skipped %zu bad records and dropped %zu inconsistent requests; first problems:\n",
+                 o.input.c_str(), report.bad_records, report.dropped_requests);
+    for (const auto& m : report.messages) std::fprintf(stderr, "  %s\n", m.c_str());
+  }
+  if (!o.quiet) {
+    std::string doms;
+    for (const auto& d : t.domains()) doms += (doms.empty() ? "" : ", ") + d;
+    std::printf("%s: %zu requests, %zu tokens, %zu layers, %zu experts, top-%zu, domains [%s]; %ju bytes, %.2f s%s\n",
+                o.output.c_str(), t.requests(), t.tokens(), t.layers(), t.experts(), t.top_k(), doms.c_str(),
+                static_cast<std::uintmax_t>(std::filesystem::file_size(o.output)), secs,
+                o.verify ? " (verified)" : "");
+    if (format == "jsonl")
+      std::printf("  %zu lines: %zu route records, %zu skipped (blank or not route), %zu bad, %zu requests dropped\n",
+                  report.lines, report.route_records, report.skipped_lines, report.bad_records,
+                  report.dropped_requests);
+  }
+}
+
+inline void register_trace_import(CLI::App* trace_cmd) {
+  auto o = std::make_shared<trace_import_options>();
+  auto* cmd = trace_cmd->add_subcommand(
+      "import", "Convert an ESFT expert-score folder, a route-JSONL file or a binary trace into a locus binary trace");
+  cmd->add_option("input", o->input, "ESFT folder (<domain>/expert_weights_<layer>.txt), route JSONL file or binary trace")
+      ->required();
+  cmd->add_option("-o,--out", o->output, "Output binary trace")->required();
+  cmd->add_option("--format", o->format, "Input format: auto (folder = esft, .jsonl = jsonl, magic = binary), esft, "
+                                         "jsonl, binary")
+      ->check(CLI::IsMember({"auto", "esft", "jsonl", "binary"}));
+  cmd->add_option("--experts", o->experts,
+                  "Declared routed experts (esft default 64; jsonl: else a meta line's num_experts)");
+  cmd->add_option("--top-k", o->top_k, "Experts per token (esft default 6; jsonl: else meta or first record)");
+  cmd->add_option("--layers", o->layers, "Expected layers (esft: files per domain; jsonl: distinct layer numbers)");
+  cmd->add_option("--domains", o->domains, "esft: domain folders to read, in this order (default: all, sorted)");
+  cmd->add_flag("--skip-bad", o->skip_bad, "jsonl: skip and count bad records instead of failing on the first");
+  cmd->add_flag("--split-on-restart", o->split_on_restart,
+                "jsonl: start a new request where token_idx restarts (for logs without a usable req_id)");
+  cmd->add_option("--default-domain", o->default_domain, "jsonl: domain of requests whose records carry none");
+  cmd->add_flag("--verify", o->verify, "Read the written file back and check it equals the imported trace");
+  cmd->add_flag("-q,--quiet", o->quiet, "No summary and no progress");
+  cmd->callback([o] { run_trace_import(*o); });
+}
+
+} // namespace locus_driver

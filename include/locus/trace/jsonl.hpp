@@ -1,0 +1,735 @@
+#pragma once
+// locus-requires: json
+//! @file
+//! Importer for route JSONL, the shape vLLM-style routing loggers write: one JSON object per line,
+//! one line per token per MoE layer (schema in docs/trace-format.md):
+//!
+//!     {"req_id": 17, "token_idx": 3, "layer": 5, "topk_ids": [4, 9], "topk_weights": [0.6, 0.4],
+//!      "phase": "decode", "step": 0, "domain": "code"}
+//!
+//! `phase`, `step` and `domain` are optional. A line whose `type` is present and not "route" (for
+//! example `{"type": "meta", "num_experts": 64, "top_k": 6}`) is not a route record: it is skipped,
+//! and a meta line may declare `num_experts` (or `experts`) and `top_k`. Blank lines are skipped.
+//!
+//! Lines are streamed from the file in large chunks and each one is parsed with nlohmann-json's SAX
+//! interface straight into compact columns (no JSON DOM per line). Requests are then assembled:
+//! tokens sorted by `token_idx`, and every layer of a request must hold exactly the same tokens.
+//! Every bad record is reported as "file:line: what"; `jsonl_options::skip_bad` chooses between
+//! failing on the first one and skipping and counting them (requests left inconsistent by a
+//! skipped record are dropped and counted too).
+
+#include <locus/core/error.hpp>
+#include <locus/trace/trace.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::trace {
+
+//! Options of import_jsonl.
+struct jsonl_options {
+  //! Declared routed experts; every id must be below it. 0: taken from a meta line
+  //! (`num_experts` or `experts`) that precedes the first route record.
+  std::size_t experts = 0;
+  //! Experts per token. 0: from a meta line's `top_k`, else the length of the first record's `topk_ids`.
+  std::size_t top_k = 0;
+  //! Expected number of distinct layer numbers (0: any). Layer numbers need not start at 0: the
+  //! distinct values, sorted, become layers 0, 1, ...
+  std::size_t layers = 0;
+  //! false: the first bad record raises locus::format_error. true: bad records are skipped and
+  //! counted in jsonl_report, requests they leave inconsistent are dropped and counted.
+  bool skip_bad = false;
+  //! Reconstruct requests from `token_idx` restarts: within one `req_id` (or among records without
+  //! one), a record whose `token_idx` is not above the previous one at the same layer starts a new
+  //! request. For loggers that write no `req_id`, or a constant one.
+  bool split_on_restart = false;
+  //! Domain of requests whose records carry none.
+  std::string default_domain = "default";
+  //! Called now and then with (bytes read, file size); may be empty.
+  std::function<void(std::uint64_t, std::uint64_t)> progress;
+};
+
+//! What an import saw.
+struct jsonl_report {
+  std::size_t lines = 0;            //!< lines read
+  std::size_t route_records = 0;    //!< route records kept in the trace
+  std::size_t skipped_lines = 0;    //!< blank lines and non-route records (meta, ...)
+  std::size_t bad_records = 0;      //!< bad records skipped (skip_bad only)
+  std::size_t dropped_requests = 0; //!< requests dropped as inconsistent (skip_bad only)
+  //! The first problems, "file:line: what" (at most `max_messages`).
+  std::vector<std::string> messages;
+  static constexpr std::size_t max_messages = 20;
+};
+
+namespace detail::trace {
+
+//! One line's fields as the SAX handler collects them.
+struct jsonl_fields {
+  enum class id_kind : std::uint8_t { none, number, text };
+  id_kind req_kind = id_kind::none;
+  std::uint64_t req_number = 0;
+  std::string req_text;
+  bool has_token = false, has_layer = false, has_ids = false, has_weights = false, has_step = false;
+  bool has_phase = false, has_domain = false, has_type = false;
+  std::uint64_t token_idx = 0, layer = 0;
+  std::int64_t step = -1;
+  locus::trace::phase ph = locus::trace::phase::unknown;
+  std::string domain, type;
+  std::vector<std::uint64_t> ids;
+  std::vector<double> weights;
+  std::uint64_t meta_experts = 0, meta_top_k = 0;
+  std::string error; //!< first problem found while parsing, empty when none
+
+  void clear() {
+    req_kind = id_kind::none;
+    req_text.clear();
+    has_token = has_layer = has_ids = has_weights = has_step = has_phase = has_domain = has_type = false;
+    step = -1;
+    ph = locus::trace::phase::unknown;
+    domain.clear();
+    type.clear();
+    ids.clear();
+    weights.clear();
+    meta_experts = meta_top_k = 0;
+    error.clear();
+  }
+};
+
+//! SAX handler: fills jsonl_fields from one object; unknown keys (of any type) are ignored.
+class jsonl_sax {
+public:
+  using json = nlohmann::json;
+  using number_integer_t = json::number_integer_t;
+  using number_unsigned_t = json::number_unsigned_t;
+  using number_float_t = json::number_float_t;
+  using string_t = json::string_t;
+  using binary_t = json::binary_t;
+
+  explicit jsonl_sax(jsonl_fields& f) : f_(f) {}
+
+  bool null() {
+    // An optional field written as null is absent.
+    if (depth_ == 1 && (field_ == field::req_id || field_ == field::phase || field_ == field::step ||
+                        field_ == field::domain || field_ == field::type))
+      return true;
+    return scalar("null");
+  }
+  bool boolean(bool) { return scalar("a boolean"); }
+  bool number_integer(number_integer_t v) {
+    if (v >= 0) return number_unsigned(static_cast<number_unsigned_t>(v));
+    if (depth_ == 1 && field_ == field::step) {
+      f_.has_step = true;
+      f_.step = v;
+      return true;
+    }
+    if (depth_ == 2 && field_ == field::weights) {
+      f_.weights.push_back(static_cast<double>(v));
+      return true;
+    }
+    return scalar_number("a negative number");
+  }
+  bool number_unsigned(number_unsigned_t v) {
+    if (depth_ == 0) return wrong_type_top("a number");
+    if (depth_ == 1) {
+      switch (field_) {
+      case field::req_id: f_.req_kind = jsonl_fields::id_kind::number; f_.req_number = v; return true;
+      case field::token_idx: f_.has_token = true; f_.token_idx = v; return true;
+      case field::layer: f_.has_layer = true; f_.layer = v; return true;
+      case field::step:
+        f_.has_step = true;
+        f_.step = v > static_cast<number_unsigned_t>(std::numeric_limits<std::int64_t>::max())
+                      ? std::numeric_limits<std::int64_t>::max()
+                      : static_cast<std::int64_t>(v);
+        return true;
+      case field::meta_experts: f_.meta_experts = v; return true;
+      case field::meta_top_k: f_.meta_top_k = v; return true;
+      case field::weights: case field::ids: case field::phase: case field::domain: case field::type:
+        return wrong_type("a number");
+      case field::other: return true;
+      }
+    }
+    if (depth_ == 2 && field_ == field::ids) {
+      f_.ids.push_back(v);
+      return true;
+    }
+    if (depth_ == 2 && field_ == field::weights) {
+      f_.weights.push_back(static_cast<double>(v));
+      return true;
+    }
+    return true;
+  }
+  bool number_float(number_float_t v, const string_t&) {
+    if (depth_ == 2 && field_ == field::weights) {
+      f_.weights.push_back(v);
+      return true;
+    }
+    return scalar_number("a fractional number");
+  }
+  bool string(string_t& s) {
+    if (depth_ == 0) return wrong_type_top("a string");
+    if (depth_ == 1) {
+      switch (field_) {
+      case field::req_id: f_.req_kind = jsonl_fields::id_kind::text; f_.req_text = s; return true;
+      case field::domain: f_.has_domain = true; f_.domain = s; return true;
+      case field::type: f_.has_type = true; f_.type = s; return true;
+      case field::phase:
+        f_.has_phase = true;
+        if (s == "prefill")
+          f_.ph = locus::trace::phase::prefill;
+        else if (s == "decode")
+          f_.ph = locus::trace::phase::decode;
+        else
+          note(locus::detail::concat("\"phase\" is \"", s.substr(0, 32), "\", expected \"prefill\" or \"decode\""));
+        return true;
+      case field::other: return true;
+      default: return wrong_type("a string");
+      }
+    }
+    if (depth_ == 2 && (field_ == field::ids || field_ == field::weights)) return wrong_type("a string");
+    return true;
+  }
+  bool binary(binary_t&) { return true; }
+  bool start_object(std::size_t) {
+    if ((depth_ == 1 || depth_ == 2) && field_ != field::other) wrong_type("an object");
+    ++depth_;
+    if (depth_ == 1) field_ = field::other;
+    return true;
+  }
+  bool end_object() {
+    --depth_;
+    return true;
+  }
+  bool key(string_t& k) {
+    if (depth_ != 1) return true;
+    if (k == "req_id")
+      field_ = field::req_id;
+    else if (k == "token_idx")
+      field_ = field::token_idx;
+    else if (k == "layer")
+      field_ = field::layer;
+    else if (k == "topk_ids")
+      field_ = field::ids;
+    else if (k == "topk_weights")
+      field_ = field::weights;
+    else if (k == "phase")
+      field_ = field::phase;
+    else if (k == "step")
+      field_ = field::step;
+    else if (k == "domain")
+      field_ = field::domain;
+    else if (k == "type")
+      field_ = field::type;
+    else if (k == "num_experts" || k == "experts")
+      field_ = field::meta_experts;
+    else if (k == "top_k")
+      field_ = field::meta_top_k;
+    else
+      field_ = field::other;
+    if (field_ == field::ids) {
+      f_.ids.clear();
+      f_.has_ids = false;
+    }
+    if (field_ == field::weights) {
+      f_.weights.clear();
+      f_.has_weights = false;
+    }
+    return true;
+  }
+  bool start_array(std::size_t) {
+    if (depth_ == 0) return wrong_type_top("an array");
+    if (depth_ == 1) {
+      if (field_ == field::ids)
+        f_.has_ids = true;
+      else if (field_ == field::weights)
+        f_.has_weights = true;
+      else if (field_ != field::other)
+        wrong_type("an array");
+    } else if (depth_ == 2 && (field_ == field::ids || field_ == field::weights)) {
+      wrong_type("a nested array");
+    }
+    ++depth_;
+    return true;
+  }
+  bool end_array() {
+    --depth_;
+    return true;
+  }
+  bool parse_error(std::size_t position, const std::string&, const nlohmann::detail::exception& ex) {
+    std::string what = ex.what();
+    // nlohmann's message starts with "[json.exception.parse_error.101] parse error at line 1, column N: ".
+    const auto colon = what.find(": ", what.find("column"));
+    if (colon != std::string::npos) what = what.substr(colon + 2);
+    note(locus::detail::concat("invalid JSON at column ", position, ": ", what));
+    return false;
+  }
+
+private:
+  enum class field : std::uint8_t { other, req_id, token_idx, layer, ids, weights, phase, step, domain, type, meta_experts,
+                                  meta_top_k };
+
+  void note(std::string what) {
+    if (f_.error.empty()) f_.error = std::move(what);
+  }
+  static const char* name(field k) {
+    switch (k) {
+    case field::req_id: return "req_id";
+    case field::token_idx: return "token_idx";
+    case field::layer: return "layer";
+    case field::ids: return "topk_ids";
+    case field::weights: return "topk_weights";
+    case field::phase: return "phase";
+    case field::step: return "step";
+    case field::domain: return "domain";
+    case field::type: return "type";
+    case field::meta_experts: return "num_experts";
+    case field::meta_top_k: return "top_k";
+    case field::other: break;
+    }
+    return "?";
+  }
+  static const char* expected(field k) {
+    switch (k) {
+    case field::req_id: return "a non-negative integer or a string";
+    case field::token_idx: case field::layer: case field::meta_experts: case field::meta_top_k: return "a non-negative integer";
+    case field::ids: return "an array of non-negative integers";
+    case field::weights: return "an array of numbers";
+    case field::phase: return "\"prefill\" or \"decode\"";
+    case field::step: return "an integer";
+    case field::domain: case field::type: return "a string";
+    case field::other: break;
+    }
+    return "?";
+  }
+  bool wrong_type(const char* got) {
+    note(locus::detail::concat("\"", name(field_), "\" is ", got, ", expected ", expected(field_)));
+    return true; // keep parsing: the line is bad either way, and the first problem is what is reported
+  }
+  bool wrong_type_top(const char* got) {
+    note(locus::detail::concat("the line is ", got, ", expected a JSON object"));
+    return false;
+  }
+  bool scalar(const char* got) {
+    if (depth_ == 0) return wrong_type_top(got);
+    if ((depth_ == 1 && field_ != field::other) || (depth_ == 2 && (field_ == field::ids || field_ == field::weights)))
+      return wrong_type(got);
+    return true;
+  }
+  bool scalar_number(const char* got) {
+    if (depth_ == 0) return wrong_type_top("a number");
+    if (depth_ == 1 && field_ != field::other) return wrong_type(got);
+    if (depth_ == 2 && field_ == field::ids) return wrong_type(got);
+    return true;
+  }
+
+  jsonl_fields& f_;
+  int depth_ = 0;
+  field field_ = field::other;
+};
+
+//! Accumulates records, then assembles the trace.
+class jsonl_importer {
+public:
+  jsonl_importer(std::string name, const jsonl_options& opt, jsonl_report& rep)
+      : name_(std::move(name)), opt_(opt), rep_(rep), experts_(opt.experts), top_k_(opt.top_k) {}
+
+  //! Feeds one line (without its newline); `line_no` is 1-based.
+  void line(std::string_view text, std::uint64_t line_no) {
+    ++rep_.lines;
+    if (text.size() && text.back() == '\r') text.remove_suffix(1);
+    if (text.find_first_not_of(" \t") == std::string_view::npos) {
+      ++rep_.skipped_lines;
+      return;
+    }
+    f_.clear();
+    jsonl_sax sax(f_);
+    const bool ok = nlohmann::json::sax_parse(text.begin(), text.end(), &sax, nlohmann::json::input_format_t::json,
+                                              /*strict=*/true);
+    if (!ok || !f_.error.empty()) {
+      std::string what = f_.error.empty() ? "invalid JSON" : f_.error;
+      if (what.find("invalid JSON") == 0 &&
+          (text.find("NaN") != std::string_view::npos || text.find("Infinity") != std::string_view::npos))
+        what = "a weight is NaN or Infinity (not finite; " + what + ")";
+      bad(line_no, what);
+      return;
+    }
+    if (f_.has_type && f_.type != "route") {
+      if (f_.type == "meta") meta(line_no);
+      ++rep_.skipped_lines;
+      return;
+    }
+    route(line_no);
+  }
+
+  locus::trace::trace finish() {
+    if (records_ == 0 && rep_.bad_records == 0)
+      throw format_error(locus::detail::concat(name_, ": no route record (a route record has req_id, token_idx, "
+                                               "layer, topk_ids and topk_weights)"),
+                         0, __FILE__, __LINE__);
+    if (records_ == 0)
+      throw format_error(locus::detail::concat(name_, ": every route record was bad (", rep_.bad_records,
+                                               " skipped); first: ",
+                                               rep_.messages.empty() ? std::string("?") : rep_.messages.front()),
+                         0, __FILE__, __LINE__);
+    // Dense layer numbers.
+    std::vector<std::uint64_t> layer_values;
+    for (const auto& [v, _] : layer_index_) layer_values.push_back(v);
+    std::sort(layer_values.begin(), layer_values.end());
+    if (opt_.layers != 0 && layer_values.size() != opt_.layers)
+      throw format_error(locus::detail::concat(name_, ": ", layer_values.size(), " distinct layer numbers (",
+                                               layer_values.front(), "..", layer_values.back(), "), expected ",
+                                               opt_.layers),
+                         0, __FILE__, __LINE__);
+    const std::size_t layers = layer_values.size();
+    std::vector<std::uint32_t> dense(layer_values.size());
+    for (std::size_t i = 0; i < layers; ++i) dense[layer_index_.at(layer_values[i])] = static_cast<std::uint32_t>(i);
+
+    // Records sorted by (request, layer, token_idx); the file order breaks ties so that a
+    // duplicate is reported at its second line.
+    std::vector<std::uint32_t> order(records_);
+    std::iota(order.begin(), order.end(), 0u);
+    std::sort(order.begin(), order.end(), [&](std::uint32_t a, std::uint32_t b) {
+      if (req_[a] != req_[b]) return req_[a] < req_[b];
+      if (dense[layer_[a]] != dense[layer_[b]]) return dense[layer_[a]] < dense[layer_[b]];
+      if (token_[a] != token_[b]) return token_[a] < token_[b];
+      return a < b;
+    });
+
+    for (auto& m : request_meta_)
+      if (m.domain == no_domain) m.domain = domain_of(opt_.default_domain);
+    const std::size_t k = top_k_;
+    trace_builder b(experts_, k, layers);
+    b.set_domains(domain_names_);
+    std::size_t i = 0;
+    while (i < order.size()) {
+      const std::uint32_t r = req_[order[i]];
+      std::size_t end = i;
+      while (end < order.size() && req_[order[end]] == r) ++end;
+      if (!add_request(b, r, order, i, end, dense, layers, layer_values)) ++rep_.dropped_requests;
+      i = end;
+    }
+    if (b.requests() == 0)
+      throw format_error(locus::detail::concat(name_, ": every request was dropped as inconsistent; first: ",
+                                               rep_.messages.empty() ? std::string("?") : rep_.messages.front()),
+                         0, __FILE__, __LINE__);
+    return b.build();
+  }
+
+private:
+  void bad(std::uint64_t line_no, const std::string& what) {
+    const std::string msg = locus::detail::concat(name_, ":", line_no, ": ", what);
+    if (!opt_.skip_bad) throw format_error(msg, line_no, __FILE__, __LINE__);
+    ++rep_.bad_records;
+    if (rep_.messages.size() < jsonl_report::max_messages) rep_.messages.push_back(msg);
+  }
+  void inconsistent(std::uint64_t line_no, const std::string& what) {
+    const std::string msg = locus::detail::concat(name_, ":", line_no, ": ", what);
+    if (!opt_.skip_bad) throw format_error(msg, line_no, __FILE__, __LINE__);
+    if (rep_.messages.size() < jsonl_report::max_messages) rep_.messages.push_back(msg + " (request dropped)");
+  }
+
+  void meta(std::uint64_t line_no) {
+    if (f_.meta_experts && experts_ == 0) {
+      if (records_ > 0 || rep_.bad_records > 0)
+        bad(line_no, "a meta line declaring num_experts must precede the first route record");
+      else if (f_.meta_experts > max_trace_experts)
+        bad(line_no, locus::detail::concat("num_experts ", f_.meta_experts, " exceeds ", max_trace_experts));
+      else
+        experts_ = f_.meta_experts;
+    }
+    if (f_.meta_top_k && top_k_ == 0) {
+      if (f_.meta_top_k > max_trace_top_k)
+        bad(line_no, locus::detail::concat("top_k ", f_.meta_top_k, " exceeds ", max_trace_top_k));
+      else
+        top_k_ = f_.meta_top_k;
+    }
+  }
+
+  void route(std::uint64_t line_no) {
+    const char* missing = !f_.has_token ? "token_idx" : !f_.has_layer ? "layer" : !f_.has_ids ? "topk_ids"
+                                                      : !f_.has_weights ? "topk_weights" : nullptr;
+    if (missing) return bad(line_no, locus::detail::concat("route record lacks \"", missing, "\""));
+    if (f_.req_kind == jsonl_fields::id_kind::none && !opt_.split_on_restart)
+      return bad(line_no, "route record lacks \"req_id\" (import with split_on_restart / --split-on-restart to "
+                          "reconstruct requests from token_idx restarts)");
+    if (experts_ == 0)
+      throw invalid_input_error(locus::detail::concat(name_, ":", line_no,
+                                                      ": the number of experts is not declared: pass it (--experts) "
+                                                      "or put a meta line with num_experts before the route records"),
+                                __FILE__, __LINE__);
+    if (top_k_ == 0) {
+      if (f_.ids.empty() || f_.ids.size() > max_trace_top_k || f_.ids.size() > experts_)
+        return bad(line_no, locus::detail::concat("topk_ids has ", f_.ids.size(), " entries, expected 1..",
+                                                  std::min<std::size_t>(max_trace_top_k, experts_)));
+      top_k_ = f_.ids.size();
+    }
+    if (f_.ids.size() != top_k_)
+      return bad(line_no, locus::detail::concat("topk_ids has ", f_.ids.size(), " entries, expected top_k = ", top_k_));
+    if (f_.weights.size() != top_k_)
+      return bad(line_no,
+                 locus::detail::concat("topk_weights has ", f_.weights.size(), " entries, expected top_k = ", top_k_));
+    for (std::size_t j = 0; j < top_k_; ++j) {
+      if (f_.ids[j] >= experts_)
+        return bad(line_no, locus::detail::concat("topk_ids[", j, "] = ", f_.ids[j], " is out of range [0, ", experts_,
+                                                  ")"));
+      for (std::size_t i = 0; i < j; ++i)
+        if (f_.ids[i] == f_.ids[j])
+          return bad(line_no, locus::detail::concat("topk_ids chooses expert ", f_.ids[j], " twice"));
+      const auto w = static_cast<float>(f_.weights[j]);
+      if (!std::isfinite(w))
+        return bad(line_no, locus::detail::concat("topk_weights[", j, "] = ", f_.weights[j], " is not finite (as a float)"));
+    }
+    if (f_.token_idx > 0xfffffffeull)
+      return bad(line_no, locus::detail::concat("token_idx ", f_.token_idx, " exceeds 2^32-2"));
+    if (f_.has_step && (f_.step < -1 || f_.step > std::numeric_limits<std::int32_t>::max()))
+      return bad(line_no, locus::detail::concat("step ", f_.step, " is outside -1..2^31-1"));
+
+    // Request key: the req_id, plus the restart segment when reconstructing.
+    std::string key;
+    switch (f_.req_kind) {
+    case jsonl_fields::id_kind::none: key = "n"; break;
+    case jsonl_fields::id_kind::number: key = "#" + std::to_string(f_.req_number); break;
+    case jsonl_fields::id_kind::text: key = "s" + f_.req_text; break;
+    }
+    auto lit = layer_index_.find(f_.layer);
+    if (lit == layer_index_.end()) {
+      if (layer_index_.size() >= 0xffffu)
+        return bad(line_no, locus::detail::concat("layer ", f_.layer, " would be distinct layer number 65536"));
+      lit = layer_index_.emplace(f_.layer, static_cast<std::uint32_t>(layer_index_.size())).first;
+    }
+    if (opt_.split_on_restart) {
+      auto& s = segments_[key + '\x1f' + std::to_string(f_.layer)];
+      if (s.seen && f_.token_idx <= s.last) ++s.segment;
+      s.seen = true;
+      s.last = f_.token_idx;
+      key += '\x1f' + std::to_string(s.segment);
+    }
+    auto rit = request_index_.find(key);
+    if (rit == request_index_.end()) {
+      request_meta m;
+      m.id = (f_.req_kind == jsonl_fields::id_kind::number && !opt_.split_on_restart) ? f_.req_number
+                                                                                        : request_meta_.size();
+      m.domain = f_.has_domain ? domain_of(f_.domain) : no_domain;
+      m.first_line = line_no;
+      rit = request_index_.emplace(std::move(key), static_cast<std::uint32_t>(request_meta_.size())).first;
+      request_meta_.push_back(m);
+    } else if (f_.has_domain) {
+      auto& m = request_meta_[rit->second];
+      if (m.domain == no_domain)
+        m.domain = domain_of(f_.domain);
+      else if (domain_names_[m.domain] != f_.domain)
+        return bad(line_no, locus::detail::concat("domain \"", f_.domain, "\" but earlier records of this request (line ",
+                                                  m.first_line, ") say \"", domain_names_[m.domain], "\""));
+    }
+    if (records_ == std::numeric_limits<std::uint32_t>::max())
+      throw format_error(locus::detail::concat(name_, ":", line_no, ": more than 2^32-1 route records"), line_no,
+                         __FILE__, __LINE__);
+    req_.push_back(rit->second);
+    layer_.push_back(lit->second);
+    token_.push_back(static_cast<std::uint32_t>(f_.token_idx));
+    phase_.push_back(f_.ph);
+    step_.push_back(f_.has_step ? static_cast<std::int32_t>(f_.step) : -1);
+    line_.push_back(line_no);
+    for (std::size_t j = 0; j < top_k_; ++j) {
+      ids_.push_back(static_cast<trace_expert_id>(f_.ids[j]));
+      weights_.push_back(static_cast<float>(f_.weights[j]));
+    }
+    ++records_;
+    ++rep_.route_records;
+  }
+
+  std::uint32_t domain_of(const std::string& name) {
+    for (std::size_t d = 0; d < domain_names_.size(); ++d)
+      if (domain_names_[d] == name) return static_cast<std::uint32_t>(d);
+    domain_names_.push_back(name);
+    return static_cast<std::uint32_t>(domain_names_.size() - 1);
+  }
+
+  //! Adds request r from records order[begin, end) (sorted by layer, token); false when dropped.
+  bool add_request(trace_builder& b, std::uint32_t r, const std::vector<std::uint32_t>& order, std::size_t begin,
+                   std::size_t end, const std::vector<std::uint32_t>& dense, std::size_t layers,
+                   const std::vector<std::uint64_t>& layer_values) {
+    const auto& m = request_meta_[r];
+    const std::string who = locus::detail::concat("request ", m.id, " (first record at line ", m.first_line, ")");
+    // Split into layers.
+    std::vector<std::size_t> at(layers + 1, end);
+    {
+      std::size_t l = 0;
+      for (std::size_t i = begin; i < end; ++i)
+        while (l <= dense[layer_[order[i]]]) at[l++] = i;
+      for (; l <= layers; ++l) at[l] = end;
+    }
+    const std::size_t n = at[1] - at[0];
+    for (std::size_t l = 0; l < layers; ++l) {
+      if (at[l + 1] == at[l]) {
+        inconsistent(m.first_line, locus::detail::concat(who, " has no record for layer ", layer_values[l],
+                                                         " but has records at other layers; every layer must hold "
+                                                         "the same tokens"));
+        return false;
+      }
+      for (std::size_t i = at[l] + 1; i < at[l + 1]; ++i)
+        if (token_[order[i]] == token_[order[i - 1]]) {
+          inconsistent(line_[order[i]], locus::detail::concat(who, ": token_idx ", token_[order[i]], " at layer ",
+                                                              layer_values[l], " appears twice (also line ",
+                                                              line_[order[i - 1]], ")"));
+          return false;
+        }
+      if (l == 0) continue;
+      const std::size_t nl = at[l + 1] - at[l];
+      for (std::size_t i = 0; i < std::min(n, nl); ++i)
+        if (token_[order[at[l] + i]] != token_[order[at[0] + i]]) {
+          inconsistent(line_[order[at[l] + i]],
+                       locus::detail::concat(who, ": layer ", layer_values[l], " has token_idx ",
+                                             token_[order[at[l] + i]], " where layer ", layer_values[0], " has ",
+                                             token_[order[at[0] + i]], "; every layer must hold the same tokens"));
+          return false;
+        }
+      if (nl != n) {
+        inconsistent(line_[order[at[l] + std::min(n, nl) - (nl > n ? 0 : 1)]],
+                     locus::detail::concat(who, ": layer ", layer_values[l], " has ", nl, " tokens, layer ",
+                                           layer_values[0], " has ", n, "; every layer must hold the same tokens"));
+        return false;
+      }
+    }
+    const std::size_t first = b.tokens();
+    b.add_request(m.id, m.domain, n);
+    const std::size_t k = top_k_;
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::uint32_t rec = order[at[0] + i];
+      b.set_token(first + i, phase_[rec], step_[rec]);
+    }
+    for (std::size_t l = 0; l < layers; ++l) {
+      auto ids = b.layer_ids(l);
+      auto w = b.layer_weights(l);
+      for (std::size_t i = 0; i < n; ++i) {
+        const std::uint32_t rec = order[at[l] + i];
+        std::copy_n(ids_.data() + std::size_t{rec} * k, k, ids.data() + (first + i) * k);
+        std::copy_n(weights_.data() + std::size_t{rec} * k, k, w.data() + (first + i) * k);
+      }
+    }
+    return true;
+  }
+
+  static constexpr std::uint32_t no_domain = 0xffffffffu;
+  struct request_meta {
+    std::uint64_t id = 0;
+    std::uint32_t domain = 0;
+    std::uint64_t first_line = 0;
+  };
+  struct segment_state {
+    bool seen = false;
+    std::uint64_t last = 0;
+    std::uint32_t segment = 0;
+  };
+
+  std::string name_;
+  const jsonl_options& opt_;
+  jsonl_report& rep_;
+  std::size_t experts_, top_k_;
+  jsonl_fields f_;
+  std::uint32_t records_ = 0;
+  // Columns, one entry per record (ids and weights: top_k entries).
+  std::vector<std::uint32_t> req_, layer_, token_;
+  std::vector<locus::trace::phase> phase_;
+  std::vector<std::int32_t> step_;
+  std::vector<std::uint64_t> line_;
+  std::vector<trace_expert_id> ids_;
+  std::vector<float> weights_;
+  std::unordered_map<std::string, std::uint32_t> request_index_;
+  std::vector<request_meta> request_meta_;
+  std::unordered_map<std::uint64_t, std::uint32_t> layer_index_;
+  std::unordered_map<std::string, segment_state> segments_;
+  std::vector<std::string> domain_names_;
+};
+
+} // namespace detail::trace
+
+//! Imports route JSONL held in memory; `name` prefixes error messages.
+//! @throws locus::format_error "name:line: what" (offset() = line) on the first bad record unless
+//!         `opt.skip_bad`, or when nothing usable remains; locus::invalid_input_error when the
+//!         expert count is declared nowhere
+inline trace import_jsonl_text(std::string_view text, const std::string& name = "<memory>",
+                               const jsonl_options& opt = {}, jsonl_report* report = nullptr) {
+  jsonl_report local;
+  jsonl_report& rep = report ? *report : local;
+  rep = jsonl_report{};
+  detail::trace::jsonl_importer imp(name, opt, rep);
+  std::uint64_t line_no = 0;
+  while (!text.empty()) {
+    const auto nl = text.find('\n');
+    imp.line(text.substr(0, nl), ++line_no);
+    if (nl == std::string_view::npos) break;
+    text.remove_prefix(nl + 1);
+  }
+  return imp.finish();
+}
+
+//! Imports a route JSONL file, streaming it line by line.
+//! @throws as import_jsonl_text; locus::io_error when the file cannot be read
+inline trace import_jsonl(const std::string& path, const jsonl_options& opt = {}, jsonl_report* report = nullptr) {
+  jsonl_report local;
+  jsonl_report& rep = report ? *report : local;
+  rep = jsonl_report{};
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) throw io_error(locus::detail::concat(path, ": cannot open: ", std::strerror(errno)), __FILE__, __LINE__, errno);
+  struct closer {
+    std::FILE* f;
+    ~closer() { std::fclose(f); }
+  } close_at_exit{f};
+  std::uint64_t size = 0;
+  if (std::fseek(f, 0, SEEK_END) == 0) {
+    const long s = std::ftell(f);
+    size = s > 0 ? static_cast<std::uint64_t>(s) : 0;
+  }
+  std::rewind(f);
+  detail::trace::jsonl_importer imp(path, opt, rep);
+  std::vector<char> buf(std::size_t{1} << 20);
+  std::string carry; // a line split across two reads
+  std::uint64_t line_no = 0, done = 0, next_report = std::uint64_t{1} << 24;
+  for (;;) {
+    const std::size_t got = std::fread(buf.data(), 1, buf.size(), f);
+    if (got == 0) {
+      if (std::ferror(f)) throw io_error(path + ": read failed", __FILE__, __LINE__);
+      break;
+    }
+    done += got;
+    std::string_view chunk(buf.data(), got);
+    for (;;) {
+      const auto nl = chunk.find('\n');
+      if (nl == std::string_view::npos) {
+        carry.append(chunk);
+        break;
+      }
+      if (carry.empty()) {
+        imp.line(chunk.substr(0, nl), ++line_no);
+      } else {
+        carry.append(chunk.substr(0, nl));
+        imp.line(carry, ++line_no);
+        carry.clear();
+      }
+      chunk.remove_prefix(nl + 1);
+    }
+    if (opt.progress && done >= next_report) {
+      opt.progress(done, size);
+      next_report = done + (std::uint64_t{1} << 24);
+    }
+  }
+  if (!carry.empty()) imp.line(carry, ++line_no);
+  if (opt.progress) opt.progress(done, size);
+  return imp.finish();
+}
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::trace

@@ -1,0 +1,379 @@
+#define BOOST_TEST_MODULE trace_jsonl
+#include <boost/test/unit_test.hpp>
+
+#include <locus/trace/jsonl.hpp>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace locus;
+namespace fs = std::filesystem;
+
+namespace {
+
+//! One route record as the test writes it (independently of the importer).
+struct rec {
+  std::string req; // JSON text of req_id ("" = omitted)
+  std::uint64_t token = 0;
+  std::uint64_t layer = 0;
+  std::vector<int> ids;
+  std::vector<float> w;
+  std::string phase, domain;
+  int step = -2; // -2: omitted
+};
+
+std::string line_of(const rec& r) {
+  std::string s = "{";
+  if (!r.req.empty()) s += "\"req_id\": " + r.req + ", ";
+  s += "\"token_idx\": " + std::to_string(r.token) + ", \"layer\": " + std::to_string(r.layer) + ", \"topk_ids\": [";
+  for (std::size_t j = 0; j < r.ids.size(); ++j) s += (j ? ", " : "") + std::to_string(r.ids[j]);
+  s += "], \"topk_weights\": [";
+  char buf[32];
+  for (std::size_t j = 0; j < r.w.size(); ++j) {
+    std::snprintf(buf, sizeof buf, "%.9g", static_cast<double>(r.w[j])); // 9 digits: exact float round trip
+    s += (j ? ", " : "") + std::string(buf);
+  }
+  s += "]";
+  if (!r.phase.empty()) s += ", \"phase\": \"" + r.phase + "\"";
+  if (r.step != -2) s += ", \"step\": " + std::to_string(r.step);
+  if (!r.domain.empty()) s += ", \"domain\": \"" + r.domain + "\"";
+  s += ", \"extra\": {\"nested\": [1, {\"x\": null}], \"layer\": \"ignored\"}}";
+  return s;
+}
+
+//! A reference request: its records per layer, in token order.
+struct ref_request {
+  std::uint64_t id;
+  std::string domain;
+  std::size_t length;
+  std::vector<std::vector<rec>> layers; // [layer][token]
+};
+
+std::vector<ref_request> random_requests(std::mt19937& rng, std::size_t n, std::size_t experts, std::size_t k,
+                                         std::size_t layers) {
+  const char* domains[] = {"code", "math", "chat"};
+  std::vector<ref_request> out;
+  for (std::size_t r = 0; r < n; ++r) {
+    ref_request q{100 + 3 * r, domains[rng() % 3], 1 + rng() % 9, {}};
+    q.layers.resize(layers);
+    const std::size_t prefill = rng() % (q.length + 1);
+    for (std::size_t l = 0; l < layers; ++l)
+      for (std::size_t t = 0; t < q.length; ++t) {
+        rec x;
+        x.req = std::to_string(q.id);
+        x.token = t;
+        x.layer = l + 1; // layer numbers from 1: the importer renumbers them from 0
+        std::vector<int> pool(experts);
+        for (std::size_t e = 0; e < experts; ++e) pool[e] = static_cast<int>(e);
+        std::shuffle(pool.begin(), pool.end(), rng);
+        x.ids.assign(pool.begin(), pool.begin() + static_cast<std::ptrdiff_t>(k));
+        for (std::size_t j = 0; j < k; ++j) x.w.push_back(std::uniform_real_distribution<float>(0, 1)(rng));
+        x.phase = t < prefill ? "prefill" : "decode";
+        x.step = t < prefill ? -1 : static_cast<int>(t - prefill);
+        if (t == 0) x.domain = q.domain; // the domain only on some records
+        q.layers[l].push_back(x);
+      }
+    out.push_back(std::move(q));
+  }
+  return out;
+}
+
+void check_against(const trace::trace& t, const std::vector<ref_request>& want, std::size_t k) {
+  BOOST_TEST_REQUIRE(t.requests() == want.size());
+  for (std::size_t r = 0; r < want.size(); ++r) {
+    const auto& q = t.request(r);
+    BOOST_TEST(q.id == want[r].id);
+    BOOST_TEST(t.domains()[q.domain] == want[r].domain);
+    BOOST_TEST_REQUIRE(q.length == want[r].length);
+    for (std::size_t l = 0; l < want[r].layers.size(); ++l)
+      for (std::size_t p = 0; p < q.length; ++p) {
+        const auto& x = want[r].layers[l][p];
+        const std::size_t tok = q.first_token + p;
+        if (l == 0) {
+          BOOST_TEST((t.token_phase(tok) == (x.phase == "prefill" ? trace::phase::prefill : trace::phase::decode)));
+          BOOST_TEST(t.token_step(tok) == x.step);
+        }
+        for (std::size_t j = 0; j < k; ++j) {
+          BOOST_TEST(t.layer(l).ids()[tok * k + j] == x.ids[j]);
+          BOOST_TEST(t.layer(l).weights()[tok * k + j] == x.w[j]);
+        }
+      }
+  }
+}
+
+template <class F>
+std::uint64_t expect_format_error(F&& f, const std::vector<std::string>& needles) {
+  try {
+    f();
+  } catch (const format_error& e) {
+    for (const auto& n : needles)
+      BOOST_TEST(e.message().find(n) != std::string::npos, "message \"" << e.message() << "\" lacks \"" << n << "\"");
+    return e.offset();
+  } catch (const std::exception& e) {
+    BOOST_FAIL("expected locus::format_error, got: " << e.what());
+  }
+  BOOST_FAIL("expected locus::format_error, nothing was thrown");
+  return 0;
+}
+
+trace::jsonl_options opts(std::size_t experts = 8) {
+  trace::jsonl_options o;
+  o.experts = experts;
+  return o;
+}
+
+} // namespace
+
+// Records of all requests interleaved in random order, layers from 1, meta lines between them.
+BOOST_AUTO_TEST_CASE(interleaved_records_reassemble_exactly) {
+  std::mt19937 rng(1);
+  const auto want = random_requests(rng, 25, 16, 4, 3);
+  std::vector<std::string> lines;
+  for (const auto& q : want)
+    for (const auto& layer : q.layers)
+      for (const auto& x : layer) lines.push_back(line_of(x));
+  // Shuffle, but keep each request's first line (t = 0 of layer 1) ahead of its others, so that
+  // request order is the order of want; the domain is on t = 0 records only.
+  std::shuffle(lines.begin(), lines.end(), rng);
+  std::string text = "{\"type\": \"meta\", \"num_experts\": 16, \"top_k\": 4, \"model\": \"test\"}\n";
+  for (const auto& q : want) text += line_of(q.layers[0][0]) + "\n";
+  for (std::size_t i = 0; i < lines.size(); ++i) {
+    bool first = false;
+    for (const auto& q : want) first = first || lines[i] == line_of(q.layers[0][0]);
+    if (first) continue;
+    text += lines[i] + (i % 7 == 0 ? "\r\n" : "\n");
+    if (i % 50 == 0) text += "{\"type\": \"stats\", \"gpu_util\": 0.5}\n\n";
+  }
+  trace::jsonl_report rep;
+  trace::jsonl_options o; // experts and top_k from the meta line
+  const auto t = trace::import_jsonl_text(text, "mem.jsonl", o, &rep);
+  BOOST_TEST(t.experts() == 16u);
+  BOOST_TEST(t.top_k() == 4u);
+  BOOST_TEST(t.layers() == 3u);
+  check_against(t, want, 4);
+  std::size_t records = 0;
+  for (const auto& q : want) records += q.length * 3;
+  BOOST_TEST(rep.route_records == records);
+  BOOST_TEST(rep.bad_records == 0u);
+  BOOST_TEST(rep.skipped_lines > 1u);
+  BOOST_TEST(rep.lines == records + rep.skipped_lines);
+}
+
+BOOST_AUTO_TEST_CASE(string_ids_default_domain_and_nulls) {
+  const std::string text =
+      "{\"req_id\": \"a\", \"token_idx\": 5, \"layer\": 0, \"topk_ids\": [1, 2], \"topk_weights\": [0.5, 0.25], "
+      "\"phase\": null, \"domain\": null}\n"
+      "{\"req_id\": \"b\", \"token_idx\": 0, \"layer\": 0, \"topk_ids\": [3, 4], \"topk_weights\": [1, 2]}\n"
+      "{\"req_id\": \"a\", \"token_idx\": 2, \"layer\": 0, \"topk_ids\": [0, 7], \"topk_weights\": [3e-1, 1E2]}\n";
+  const auto t = trace::import_jsonl_text(text, "s.jsonl", opts());
+  BOOST_TEST(t.requests() == 2u);
+  BOOST_TEST(t.request(0).id == 0u); // string ids: numbered in order of appearance
+  BOOST_TEST(t.request(1).id == 1u);
+  BOOST_TEST(t.request(0).length == 2u);
+  BOOST_TEST(t.domains() == std::vector<std::string>{"default"});
+  // Token 2 sorts before token 5.
+  BOOST_TEST(t.layer(0).ids()[0] == 0u);
+  BOOST_TEST(t.layer(0).ids()[1] == 7u);
+  BOOST_TEST(t.layer(0).weights()[1] == 100.0f);
+  BOOST_TEST(t.layer(0).ids()[2] == 1u);
+  BOOST_TEST((t.token_phase(0) == trace::phase::unknown));
+  BOOST_TEST(t.token_step(0) == -1);
+}
+
+// No req_id (or a constant one): requests are cut where token_idx restarts, per layer.
+BOOST_AUTO_TEST_CASE(requests_reconstructed_from_token_restarts) {
+  const std::vector<std::size_t> lengths = {3, 1, 4, 2};
+  for (const std::string& req : {std::string(), std::string("7")}) {
+    std::string text;
+    for (auto len : lengths)
+      for (std::size_t t = 0; t < len; ++t)
+        for (int l = 0; l < 2; ++l) {
+          rec x;
+          x.req = req;
+          x.token = 10 + t; // restarts need not be at 0
+          x.layer = static_cast<std::uint64_t>(l);
+          x.ids = {static_cast<int>(len), static_cast<int>(t)};
+          x.w = {1.0f, 2.0f};
+          text += line_of(x) + "\n";
+        }
+    auto o = opts();
+    if (req.empty())
+      expect_format_error([&] { (void)trace::import_jsonl_text(text, "r.jsonl", o); },
+                          {"r.jsonl:1:", "lacks \"req_id\"", "split_on_restart"});
+    else // a constant req_id without reconstruction: one request whose token_idx repeat
+      expect_format_error([&] { (void)trace::import_jsonl_text(text, "r.jsonl", o); },
+                          {"request 7 (first record at line 1): token_idx 10 at layer 0 appears twice"});
+    o.split_on_restart = true;
+    const auto t = trace::import_jsonl_text(text, "r.jsonl", o);
+    BOOST_TEST_REQUIRE(t.requests() == lengths.size());
+    for (std::size_t r = 0; r < lengths.size(); ++r) {
+      BOOST_TEST(t.request(r).id == r);
+      BOOST_TEST(t.request(r).length == lengths[r]);
+      for (std::size_t p = 0; p < lengths[r]; ++p) {
+        BOOST_TEST(t.layer(1).ids()[(t.request(r).first_token + p) * 2] == lengths[r]);
+        BOOST_TEST(t.layer(1).ids()[(t.request(r).first_token + p) * 2 + 1] == p);
+      }
+    }
+  }
+}
+
+// Each kind of bad record: in fail mode the message names file, line and what is wrong; in skip
+// mode the record is counted and the good request survives.
+BOOST_AUTO_TEST_CASE(bad_records_fail_or_are_skipped_and_counted) {
+  const std::string good = "{\"req_id\": 1, \"token_idx\": 0, \"layer\": 0, \"topk_ids\": [1, 2], "
+                           "\"topk_weights\": [0.5, 0.5]}";
+  auto with = [](const std::string& fields) {
+    return "{\"req_id\": 2, \"token_idx\": 0, \"layer\": 0, " + fields + "}";
+  };
+  const std::string ids = "\"topk_ids\": [1, 2]", ws = "\"topk_weights\": [0.5, 0.5]";
+  struct bad_case {
+    std::string line;
+    std::string needle;
+  };
+  const std::vector<bad_case> cases = {
+      {"{\"req_id\": 2, \"token_idx\": 0", "invalid JSON"},
+      {"not json at all", "invalid JSON"},
+      {"[1, 2, 3]", "expected a JSON object"},
+      {"42", "expected a JSON object"},
+      {with("\"topk_ids\": [1, 2], \"topk_weights\": [NaN, 0.5]"), "NaN or Infinity"},
+      {with("\"topk_ids\": [1, 2], \"topk_weights\": [Infinity, 0.5]"), "NaN or Infinity"},
+      {with(ids + ", \"topk_weights\": [1e300, 0.5]"), "topk_weights[0] = 1e+300 is not finite"},
+      {with("\"topk_ids\": [1, 8], " + ws), "topk_ids[1] = 8 is out of range [0, 8)"},
+      {with("\"topk_ids\": [3, 3], " + ws), "chooses expert 3 twice"},
+      {with("\"topk_ids\": [1, 2, 3], \"topk_weights\": [0.5, 0.5, 0.5]"), "topk_ids has 3 entries, expected top_k = 2"},
+      {with(ids + ", \"topk_weights\": [0.5]"), "topk_weights has 1 entries, expected top_k = 2"},
+      {with("\"topk_ids\": [1, -2], " + ws), "\"topk_ids\" is a negative number"},
+      {with("\"topk_ids\": [1, 2.5], " + ws), "\"topk_ids\" is a fractional number"},
+      {with("\"topk_ids\": [\"1\", 2], " + ws), "\"topk_ids\" is a string"},
+      {with("\"topk_ids\": 1, " + ws), "\"topk_ids\" is a number, expected an array"},
+      {with(ids + ", \"topk_weights\": [[0.5], 0.5]"), "\"topk_weights\" is a nested array"},
+      {with(ids + ", \"topk_weights\": [\"x\", 0.5]"), "\"topk_weights\" is a string"},
+      {with(ids), "lacks \"topk_weights\""},
+      {with(ws), "lacks \"topk_ids\""},
+      {"{\"req_id\": 2, \"layer\": 0, " + ids + ", " + ws + "}", "lacks \"token_idx\""},
+      {"{\"req_id\": 2, \"token_idx\": 0, " + ids + ", " + ws + "}", "lacks \"layer\""},
+      {"{\"req_id\": 2, \"token_idx\": -1, \"layer\": 0, " + ids + ", " + ws + "}", "\"token_idx\" is a negative number"},
+      {"{\"req_id\": 2, \"token_idx\": \"0\", \"layer\": 0, " + ids + ", " + ws + "}", "\"token_idx\" is a string"},
+      {"{\"req_id\": 2, \"token_idx\": 0, \"layer\": {}, " + ids + ", " + ws + "}", "\"layer\" is an object"},
+      {"{\"req_id\": -2, \"token_idx\": 0, \"layer\": 0, " + ids + ", " + ws + "}", "\"req_id\" is a negative number"},
+      {"{\"req_id\": true, \"token_idx\": 0, \"layer\": 0, " + ids + ", " + ws + "}", "\"req_id\" is a boolean"},
+      {with(ids + ", " + ws + ", \"phase\": \"warmup\""), "\"phase\" is \"warmup\", expected \"prefill\" or \"decode\""},
+      {with(ids + ", " + ws + ", \"step\": -3"), "step -3 is outside"},
+      {with(ids + ", " + ws + ", \"step\": 1.5"), "\"step\" is a fractional number"},
+      {with(ids + ", " + ws + ", \"domain\": 3"), "\"domain\" is a number"},
+      {"{\"req_id\": 1, \"token_idx\": 1, \"layer\": 0, " + ids + ", " + ws + ", \"domain\": \"law\"}",
+       "domain \"law\" but earlier records of this request (line 1) say \"x\""},
+  };
+  for (const auto& c : cases) {
+    const std::string text = good.substr(0, good.size() - 1) + ", \"domain\": \"x\"}\n" + c.line + "\n";
+    const auto line = expect_format_error([&] { (void)trace::import_jsonl_text(text, "bad.jsonl", opts()); },
+                                          {"bad.jsonl:2: ", c.needle});
+    BOOST_TEST(line == 2u, c.needle);
+    auto o = opts();
+    o.skip_bad = true;
+    trace::jsonl_report rep;
+    const auto t = trace::import_jsonl_text(text, "bad.jsonl", o, &rep);
+    BOOST_TEST(rep.bad_records == 1u, c.needle);
+    BOOST_TEST(rep.route_records == 1u);
+    BOOST_TEST_REQUIRE(rep.messages.size() == 1u);
+    BOOST_TEST(rep.messages[0].find("bad.jsonl:2: ") == 0u);
+    BOOST_TEST(t.requests() == 1u);
+    BOOST_TEST(t.request(0).id == 1u);
+  }
+}
+
+// Layers that disagree on a request's tokens, and duplicated tokens.
+BOOST_AUTO_TEST_CASE(inconsistent_requests_fail_or_are_dropped) {
+  auto r = [](int req, int tok, int layer) {
+    return "{\"req_id\": " + std::to_string(req) + ", \"token_idx\": " + std::to_string(tok) +
+           ", \"layer\": " + std::to_string(layer) + ", \"topk_ids\": [0, 1], \"topk_weights\": [1, 1]}\n";
+  };
+  const std::string ok = r(9, 0, 0) + r(9, 0, 1);
+  struct bad_case {
+    std::string text;
+    std::string needle;
+    std::uint64_t line;
+  };
+  const std::vector<bad_case> cases = {
+      {ok + r(1, 0, 0) + r(1, 1, 0) + r(1, 0, 1), "request 1 (first record at line 3): layer 1 has 1 tokens, layer 0 has 2", 5},
+      {ok + r(1, 0, 0) + r(1, 0, 1) + r(1, 1, 1), "layer 1 has 2 tokens, layer 0 has 1", 5},
+      {ok + r(1, 0, 0) + r(1, 2, 1), "layer 1 has token_idx 2 where layer 0 has 0", 4},
+      {ok + r(1, 0, 0), "request 1 (first record at line 3) has no record for layer 1", 3},
+      {ok + r(1, 0, 0) + r(1, 0, 1) + r(1, 0, 0), "token_idx 0 at layer 0 appears twice (also line 3)", 5},
+  };
+  for (const auto& c : cases) {
+    const auto line =
+        expect_format_error([&] { (void)trace::import_jsonl_text(c.text, "inc.jsonl", opts()); }, {c.needle});
+    BOOST_TEST(line == c.line, c.needle);
+    auto o = opts();
+    o.skip_bad = true;
+    trace::jsonl_report rep;
+    const auto t = trace::import_jsonl_text(c.text, "inc.jsonl", o, &rep);
+    BOOST_TEST(rep.dropped_requests == 1u);
+    BOOST_TEST_REQUIRE(rep.messages.size() == 1u);
+    BOOST_TEST(rep.messages[0].find("(request dropped)") != std::string::npos);
+    BOOST_TEST(t.requests() == 1u);
+    BOOST_TEST(t.request(0).id == 9u);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(declarations_and_empty_inputs) {
+  const std::string one = "{\"req_id\": 1, \"token_idx\": 0, \"layer\": 4, \"topk_ids\": [1, 2], "
+                          "\"topk_weights\": [0.5, 0.5]}\n";
+  BOOST_CHECK_THROW(trace::import_jsonl_text(one, "x", {}), invalid_input_error); // experts declared nowhere
+  auto o = opts();
+  o.layers = 2;
+  expect_format_error([&] { (void)trace::import_jsonl_text(one, "x", o); }, {"1 distinct layer numbers (4..4), expected 2"});
+  o = opts();
+  o.top_k = 3;
+  expect_format_error([&] { (void)trace::import_jsonl_text(one, "x", o); }, {"x:1:", "expected top_k = 3"});
+  expect_format_error([&] { (void)trace::import_jsonl_text("", "x", opts()); }, {"no route record"});
+  expect_format_error([&] { (void)trace::import_jsonl_text("{\"type\": \"meta\"}\n\n", "x", opts()); },
+                      {"no route record"});
+  o = opts();
+  o.skip_bad = true;
+  expect_format_error([&] { (void)trace::import_jsonl_text("{]\n{}\n", "x", o); }, {"every route record was bad"});
+  // A meta line too late to declare the experts, or declaring too many.
+  const std::string late = one + "{\"type\": \"meta\", \"num_experts\": 16}\n";
+  trace::jsonl_options none;
+  BOOST_CHECK_THROW(trace::import_jsonl_text(late, "x", none), invalid_input_error);
+  expect_format_error(
+      [&] { (void)trace::import_jsonl_text("{\"type\": \"meta\", \"num_experts\": 70000}\n" + one, "x", none); },
+      {"x:1:", "num_experts 70000 exceeds 65536"});
+  const auto t = trace::import_jsonl_text("{\"type\": \"meta\", \"experts\": 3}\n" + one, "x", none);
+  BOOST_TEST(t.experts() == 3u);
+}
+
+// Through a file: lines longer than the read chunk, no final newline, CRLF, progress reports.
+BOOST_AUTO_TEST_CASE(file_import_streams_across_chunks) {
+  std::mt19937 rng(2);
+  const auto want = random_requests(rng, 200, 64, 6, 4);
+  const fs::path p = fs::temp_directory_path() / ("locus_test_trace_jsonl_" + std::to_string(::getpid()) + ".jsonl");
+  std::string text = "{\"type\": \"meta\", \"padding\": \"" + std::string(1500000, 'x') + "\"}\r\n";
+  for (const auto& q : want)
+    for (const auto& layer : q.layers)
+      for (const auto& x : layer) text += line_of(x) + "\n";
+  text.pop_back(); // no final newline
+  std::ofstream(p, std::ios::binary) << text;
+  auto o = opts(64);
+  std::uint64_t last = 0, calls = 0;
+  o.progress = [&](std::uint64_t done, std::uint64_t all) {
+    BOOST_TEST(done <= all);
+    BOOST_TEST(done >= last);
+    last = done;
+    ++calls;
+  };
+  trace::jsonl_report rep;
+  const auto t = trace::import_jsonl(p.string(), o, &rep);
+  fs::remove(p);
+  check_against(t, want, 6);
+  BOOST_TEST(last == text.size());
+  BOOST_TEST(calls >= 1u);
+  BOOST_CHECK_THROW(trace::import_jsonl("/nonexistent/locus.jsonl", o), io_error);
+}
