@@ -12,6 +12,10 @@
 #include <locus/placement/trace_load.hpp>
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
+#if __has_include(<locus/trace/synthesizer.hpp>)
+#include <locus/trace/synthesizer.hpp>
+#define LOCUS_COMM_VOLUME_SYNTH 1
+#endif
 
 #include <nlohmann/json.hpp>
 
@@ -173,6 +177,63 @@ int main(int argc, char** argv) try {
     }
   }
 
+#ifdef LOCUS_COMM_VOLUME_SYNTH
+  // The 256-expert top-8 case on 8 nodes x 8 GPUs (the paper's EP64): the synthesizer fitted to
+  // this ESFT trace, rescaled to 256 experts and top-8 (ESFT's layer count kept so that the run
+  // stays short), sampled, split and measured like the real trace.
+  if (arg_value(argc, argv, "--synthetic", "1") == "1") {
+    const auto fitted = locus::trace::fit(full, {});
+    locus::trace::rescale_options ro;
+    ro.experts = 256;
+    ro.top_k = 8;
+    ro.layers = full.layers();
+    const auto big = locus::trace::rescale(fitted, ro);
+    locus::trace::sample_options so;
+    so.tokens = 40000;
+    so.seed = seed;
+    const auto synth = locus::trace::sample(big, so).with_prefill_tokens(prefill);
+    const auto [strain, stest] = locus::trace::split_by_request(synth, 0.5, seed);
+    const locus::dynamic_topology topo(8, 8);
+    locus::cost::simulation_config cfg;
+    cfg.topology = topo;
+    cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(hidden);
+    cfg.batch_per_rank = 16;
+    cfg.seed = seed;
+    const std::vector<row_config> srows = {
+        {"linear", 0, "round_robin", transport_kind::flat},
+        {"eplb", 1, "round_robin", transport_kind::flat},
+        {"activation_usage", 0, "workload_aware", transport_kind::flat},
+        {"locality", 0, "workload_aware", transport_kind::flat},
+        {"locality", 1, "workload_aware", transport_kind::flat},
+        {"locality", 1, "workload_aware", transport_kind::hierarchical}};
+    locus::cost::simulation_result baseline;
+    for (std::size_t i = 0; i < srows.size(); ++i) {
+      const row_config& row = srows[i];
+      cfg.transport = row.transport;
+      auto p = locus::placement::plan_activation_aware(strain, topo, row.placement, row.redundant, popt);
+      auto grouper = locus::grouper::grouper_by_name(row.grouper, p.model);
+      const auto res = locus::cost::simulate_decode(stest, p.maps, grouper, cfg);
+      if (i == 0) baseline = res;
+      auto j = locus::cost::simulation_summary_json(res, &baseline);
+      const double ratio = res.inter_node_bytes_per_token / baseline.inter_node_bytes_per_token;
+      j["topology"] = "8x8 synthetic 256e top-8";
+      j["placement"] = row.placement;
+      j["redundant_slots_per_gpu"] = row.redundant;
+      j["grouper"] = row.grouper;
+      j["transport"] = locus::cost::to_string(row.transport);
+      j["inter_node_bytes_vs_baseline"] = ratio;
+      doc["rows"].push_back(j);
+      char line[512];
+      std::snprintf(line, sizeof line, "| %s | %s | %zu | %s | %s | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f | %.1f |\n",
+                    "8x8 synth 256e/top-8", row.placement.c_str(), row.redundant, row.grouper.c_str(),
+                    locus::cost::to_string(row.transport), res.inter_node_bytes_per_token, ratio,
+                    j["normalized_all2all_median"].get<double>(), j["normalized_all2all_p90"].get<double>(),
+                    res.gpu_imbalance_step_mean, res.gpu_imbalance_aggregate, res.layer_time_estimate_us);
+      md += line;
+    }
+  }
+#endif
+
   // Issue targets at 4x2, relative to linear / round_robin / flat in the same run.
   struct target {
     const char* what;
@@ -275,7 +336,9 @@ int main(int argc, char** argv) try {
       << "first " << prefill << " tokens of each request, decode = the rest; FP8 dispatch / BF16 combine of hidden "
       << hidden << "; 16 running requests per GPU. \"vs baseline\" divides by linear / round_robin / flat in the same "
          "topology, measured in the same run. GPU max/mean (aggregate) is per layer over the whole run, averaged over "
-         "layers. Time is the alpha-beta model's, not a measurement. Plot: `/usr/bin/python3 bench/plot_comm_volume.py "
+         "layers. Time is the alpha-beta model's, not a measurement. The 8x8 synthetic rows (256 experts, top-8, "
+         "the synthesizer fitted to this trace and rescaled; ESFT's 26 layers kept) appear when "
+         "locus/trace/synthesizer.hpp is present. Plot: `/usr/bin/python3 bench/plot_comm_volume.py "
          "docs/results`.\n\n## Targets (issue 5)\n\n"
       << summary << "\n## All rows\n\n" << md;
   std::printf("%s", md.c_str());

@@ -48,7 +48,8 @@ def main():
         xs = [j + (i - len(configs) / 2 + 0.5) * width for j in range(len(topologies))]
         ax.bar(xs, ys, width, label=label)
     ax.set_xticks(range(len(topologies)))
-    ax.set_xticklabels([t.replace("x", " nodes x ") + " GPUs" for t in topologies])
+    ax.set_xticklabels([t.replace("x", " nodes x ", 1) + " GPUs" if " " not in t else t.replace(" synthetic ", "\nsynthetic ")
+                        for t in topologies], fontsize=8)
     ax.set_ylabel("inter-node bytes / decode token\n(relative to linear, round-robin, flat)")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_title("ESFT test split: network bytes per decode token (bench/comm_volume)")
@@ -57,7 +58,7 @@ def main():
     fig.savefig(os.path.join(out, "comm_volume.png"), dpi=120)
 
     # Trade-off: bytes against balance, every row of 4x2.
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(10.5, 5))
     colors = {"linear": "tab:gray", "round_robin": "tab:brown", "eplb": "tab:orange",
               "activation_usage": "tab:blue", "locality": "tab:green"}
     markers = {"round_robin": "o", "least_loaded": "s", "workload_aware": "*"}
@@ -75,7 +76,7 @@ def main():
     ax.set_xlabel("per-GPU expert load max/mean (aggregate over the run)")
     ax.set_ylabel("inter-node bytes vs linear / rr / flat")
     ax.set_title("4x2 trade-off: filled = flat, hollow = hierarchical; large = 1 redundant slot/GPU")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(os.path.join(out, "comm_volume_tradeoff.png"), dpi=120)
     print(f"wrote {out}/comm_volume.png and {out}/comm_volume_tradeoff.png")

@@ -208,7 +208,7 @@ BOOST_AUTO_TEST_CASE(planners_return_valid_maps_on_random_inputs) {
     const std::size_t nodes = 1 + rng() % 4, gpus = 1 + rng() % 3, ranks = nodes * gpus;
     const std::size_t E = std::max<std::size_t>(ranks, 4 + rng() % 40), K = 1 + rng() % std::min<std::size_t>(4, E);
     const std::size_t L = 1 + rng() % 3, redundant = rng() % 3;
-    const auto t = domain_trace(rng, 12 + rng() % 20, E, K, L, 1 + rng() % 3, 3, 0.3 + 0.6 * (rng() % 2));
+    const auto t = domain_trace(rng, 12 + rng() % 20, E, K, L, 1 + rng() % 3, 3, rng() % 2 ? 0.9 : 0.3);
     const dynamic_topology topo(nodes, gpus);
     for (const char* name : {"activation_usage", "locality"}) {
       const auto p = placement::plan_activation_aware(t, topo, name, redundant);
