@@ -6,6 +6,7 @@
 #include <locus/core/expert_map_json.hpp>
 #include <locus/cost/simulation_json.hpp>
 #include <locus/grouper/by_name.hpp>
+#include <locus/placement/activation_plan.hpp>
 #include <locus/placement/by_name.hpp>
 #include <locus/placement/trace_load.hpp>
 
@@ -49,16 +50,24 @@ struct plan_options {
   std::string placement = "linear";
   std::size_t redundant_slots = 0;
   std::size_t eplb_groups = 1;
+  std::size_t clusters = 8;
 
   void add_to(CLI::App* cmd) {
-    cmd->add_option("--placement", placement, "Planner: linear, round_robin, eplb");
+    cmd->add_option("--placement", placement, "Planner: linear, round_robin, eplb, activation_usage, locality");
     cmd->add_option("--redundant-slots", redundant_slots, "Replica slots per GPU");
     cmd->add_option("--eplb-groups", eplb_groups, "Expert groups for eplb")->check(CLI::PositiveNumber);
+    cmd->add_option("--clusters", clusters, "Request clusters of the workload-aware model")->check(CLI::PositiveNumber);
   }
-  std::vector<locus::expert_map> plan(const locus::trace::trace& train, const locus::dynamic_topology& topo) const {
-    return locus::placement::plan_by_name(placement,
-                                          locus::placement::plan_input_from_trace(train, topo, redundant_slots),
-                                          {eplb_groups});
+  //! Maps and the workload-aware grouping model fitted with them (locality refines the grouping
+  //! jointly with the placement).
+  locus::placement::activation_plan plan(const locus::trace::trace& train, const locus::dynamic_topology& topo,
+                                         std::uint64_t seed, std::size_t prefill) const {
+    locus::placement::activation_plan_options opt;
+    opt.named.eplb_groups = eplb_groups;
+    opt.grouping.clusters = clusters;
+    opt.grouping.seed = seed;
+    opt.grouping.prefill_tokens = prefill;
+    return locus::placement::plan_activation_aware(train, topo, placement, redundant_slots, opt);
   }
 };
 
@@ -72,7 +81,7 @@ inline void register_plan(CLI::App& app) {
   cmd->add_option("--out", *out, "Output expert map JSON");
   cmd->callback([split, plan, out] {
     const auto [train, test] = split->load();
-    const auto maps = plan->plan(train, split->topology());
+    const auto maps = plan->plan(train, split->topology(), split->split_seed, split->prefill_tokens).maps;
     locus::save_expert_maps(*out, maps);
     std::printf("%s: %s placement, %zu layers, %zu experts on %zu x %zu ranks, %zu slots per rank (fitted on %zu "
                 "requests)\n",
@@ -95,7 +104,7 @@ inline void register_simulate(CLI::App& app) {
   split->add_to(cmd);
   plan->add_to(cmd);
   cmd->add_option("--map", opt->map_path, "Expert map JSON (instead of --placement)");
-  cmd->add_option("--grouper", opt->grouper, "Grouper: round_robin, least_loaded");
+  cmd->add_option("--grouper", opt->grouper, "Grouper: round_robin, least_loaded, workload_aware");
   cmd->add_option("--transport", opt->transport, "flat or hierarchical");
   cmd->add_option("--batch-per-rank", opt->batch_per_rank, "Running requests per rank")->check(CLI::PositiveNumber);
   cmd->add_option("--hidden", opt->hidden, "Hidden size (message sizes: FP8 dispatch, BF16 combine)")
@@ -106,7 +115,10 @@ inline void register_simulate(CLI::App& app) {
     const auto start = std::chrono::steady_clock::now();
     const auto [train, test] = split->load();
     const auto topo = split->topology();
-    const auto maps = opt->map_path.empty() ? plan->plan(train, topo) : locus::load_expert_maps(opt->map_path);
+    // The workload-aware model is fitted on the training split in every case (a saved map carries
+    // no grouping); with --placement it is the one fitted together with the maps.
+    auto planned = plan->plan(train, topo, split->split_seed, split->prefill_tokens);
+    const auto maps = opt->map_path.empty() ? std::move(planned.maps) : locus::load_expert_maps(opt->map_path);
     locus::cost::simulation_config cfg;
     cfg.topology = topo;
     cfg.transport = locus::cost::parse_transport_kind(opt->transport);
@@ -114,7 +126,7 @@ inline void register_simulate(CLI::App& app) {
     cfg.batch_per_rank = opt->batch_per_rank;
     cfg.arrival_rate = opt->arrival_rate;
     cfg.seed = split->split_seed;
-    auto grouper = locus::grouper::grouper_by_name(opt->grouper);
+    auto grouper = locus::grouper::grouper_by_name(opt->grouper, planned.model);
     const auto result = locus::cost::simulate_decode(test, maps, grouper, cfg);
     auto doc = locus::cost::simulation_summary_json(result);
     doc["placement"] = opt->map_path.empty() ? plan->placement : opt->map_path;

@@ -4,6 +4,7 @@
 #include "cmd_map.hpp"
 #include "cmd_plan.hpp"
 #include "cmd_trace_import.hpp"
+#include "cmd_trace_analysis.hpp"
 
 #include <locus/core/error.hpp>
 
@@ -25,6 +26,7 @@ int main(int argc, char** argv) {
   CLI::App* trace_cmd = app.add_subcommand("trace", "Import, inspect, synthesise and report expert-activation traces");
   trace_cmd->require_subcommand(1);
   locus_driver::register_trace_import(trace_cmd);
+  locus_driver::register_trace_analysis(trace_cmd);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -53,3 +53,45 @@ void run_case(double rel, double acc) {
 BOOST_AUTO_TEST_CASE(fp32_cublas_swiglu) { run_case<float>(0.0, 2e-6); }
 // bfloat16 activations between the GEMMs and at the output: relative 2^-8 per rounding.
 BOOST_AUTO_TEST_CASE(bf16_cublas_swiglu) { run_case<bfloat16>(2.0 / 256, 1.0 / 128); }
+
+// The layer on the CUDA backend (cuBLAS expert compute, host-staged local transport, 2 × 2 ranks as
+// threads sharing the device) against the dense reference.
+#include "../mpi/dispatch_cases.hpp"
+
+#include <locus/layer/moe_layer.hpp>
+
+#include <thread>
+
+BOOST_AUTO_TEST_CASE(moe_layer_on_cuda_backend) {
+  using layer_t = moe_layer<dynamic_moe_shape, dynamic_topology, transport::local_hierarchical, backend::cuda>;
+  static_assert(std::is_same_v<layer_t::expert_compute_type, layer::swiglu_cuda<float>>);
+  const auto c = locus_test::make_case(11, 2, 2);
+  const auto all = locus_test::model_weights<float>(12, c.experts, c.hidden, 16);
+  transport::local_fabric f(c.topo, true);
+  std::vector<std::vector<float>> y(4);
+  std::vector<std::exception_ptr> errors(4);
+  std::vector<std::thread> threads;
+  for (std::size_t r = 0; r < 4; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        auto ep = f.endpoint(r);
+        layer_t l(dynamic_moe_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
+                  layer::swiglu_cuda<float>(layer::expert_weights<float>::for_rank(c.map, r, all)));
+        const auto x = c.inputs(r);
+        y[r].resize(x.size());
+        l.forward(x, c.routings[r].view(), y[r]);
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (std::size_t r = 0; r < 4; ++r) {
+    BOOST_REQUIRE(!errors[r]);
+    std::vector<double> scale;
+    const auto ref = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, nullptr, &scale);
+    double worst = 0;
+    for (std::size_t i = 0; i < ref.size(); ++i)
+      worst = std::max(worst, std::abs(y[r][i] - ref[i]) / (2e-6 * scale[i] + 1e-6));
+    BOOST_TEST(worst <= 1.0);
+  }
+}

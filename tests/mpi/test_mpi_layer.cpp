@@ -64,3 +64,38 @@ BOOST_AUTO_TEST_CASE(layer_matches_dense_reference_over_mpi) {
     run_cases<transport::mpi_hierarchical>(1, n, 1, 10);
   }
 }
+
+// The whole step with the default router (softmax top-k over x·W_router) and a shared expert, over
+// mpi_hierarchical: the routing equals a double-precision router's and the outputs the dense MoE.
+BOOST_AUTO_TEST_CASE(routed_forward_over_mpi) {
+  const std::size_t n = static_cast<std::size_t>(world_size()), gpus = n % 2 == 0 ? 2 : 1;
+  constexpr std::size_t E = 16, K = 4, H = 24, F = 20;
+  const dynamic_topology topo(n / gpus, gpus);
+  const std::size_t slots = (E + n - 1) / n + 1;
+  placement::plan_input in{topo, E, slots, {std::vector<double>(E, 1.0)}, {}};
+  using layer_t = moe_layer<dyn_shape, dynamic_topology, transport::mpi_hierarchical, placement::round_robin>;
+  const expert_map map = layer_t::plan(in)[0];
+  const auto all = locus_test::model_weights<float>(61, E, H, F);
+  const auto shared_w = locus_test::model_weights<float>(62, 1, H, F);
+  const auto gate = locus_test::random_rows<float>(63, H, E);
+  transport::mpi_transport ex(MPI_COMM_WORLD, topo, true);
+  const std::size_t r = ex.rank();
+  layer_t layer(dyn_shape(E, K, H, 1), topo, ex, map,
+                layer::swiglu_host<float>(expert_weights<float>::for_rank(map, r, all), 1));
+  layer.set_router(gate);
+  layer.set_shared_experts(layer::swiglu_host<float>(shared_w, 1));
+  const auto x = locus_test::random_rows<float>(500 + r, 9 + r, H);
+  std::vector<float> y(x.size());
+  layer.forward(x, y);
+  std::vector<expert_id> ids;
+  std::vector<float> w;
+  locus_test::reference_softmax_topk(x, gate, H, E, K, true, ids, w);
+  int ok = layer.last_routing().ids() == ids ? 1 : 0;
+  routing<> ref_routing(ids, w, top_k<>(K));
+  std::vector<double> scale;
+  const auto ref = locus_test::dense_moe(x, ref_routing.view(), all, &shared_w, &scale);
+  for (std::size_t i = 0; i < y.size(); ++i) ok &= std::abs(y[i] - ref[i]) <= 1e-5 * scale[i] + 1e-6 ? 1 : 0;
+  int all_ok = 0;
+  MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  BOOST_TEST(all_ok == 1);
+}

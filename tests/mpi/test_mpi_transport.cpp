@@ -34,13 +34,6 @@ std::vector<std::pair<std::size_t, std::size_t>> shapes(std::size_t ranks) {
   return out;
 }
 
-// Sum of one counter array over all ranks.
-std::array<std::uint64_t, 3> all_ranks(const std::array<std::uint64_t, 3>& mine) {
-  std::array<std::uint64_t, 3> total{};
-  LOCUS_MPI_CHECK(MPI_Allreduce(mine.data(), total.data(), 3, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD));
-  return total;
-}
-
 // Runs `body` and reports on every rank which locus error kind it raised (-1 for none).
 template <class F>
 int error_kind_of(F&& body) {
@@ -70,8 +63,9 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
     const auto [nodes, gpus] = topologies[shape];
     auto& tp = transports[{shape, hier}];
     if (!tp)
+      // Half the shapes move rows nonblocking under the deadline, half with the blocking collective.
       tp = std::make_unique<mpi_transport>(MPI_COMM_WORLD, dynamic_topology(nodes, gpus), hier,
-                                           exchange_options{std::chrono::milliseconds(60000)});
+                                           exchange_options{std::chrono::milliseconds(60000), shape % 2 == 0});
     const auto c = locus_test::make_case(1000 + it, nodes, gpus);
     moe_dispatcher<mpi_transport, float> d(*tp, c.map, c.hidden, c.k);
     const auto x = c.inputs(me);
@@ -90,16 +84,23 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
     const auto combine_bytes = tp->bytes().bytes_sent;
 
     const double err = locus_test::max_error(y, c.reference(me));
-    std::vector<std::uint64_t> rows(c.experts, 0), all_rows(c.experts, 0), expect_rows(c.experts, 0);
+    // One reduction per iteration: expert rows, then dispatch and combine bytes per link class.
+    std::vector<std::uint64_t> mine(c.experts + 6, 0), all(c.experts + 6, 0), expect_rows(c.experts, 0);
     for (std::size_t i = 0; i < d.local_experts().size(); ++i)
-      rows[static_cast<std::size_t>(d.local_experts()[i])] += d.expert_offsets()[i + 1] - d.expert_offsets()[i];
-    LOCUS_MPI_CHECK(MPI_Allreduce(rows.data(), all_rows.data(), static_cast<int>(c.experts), MPI_UINT64_T, MPI_SUM,
+      mine[static_cast<std::size_t>(d.local_experts()[i])] += d.expert_offsets()[i + 1] - d.expert_offsets()[i];
+    for (std::size_t cls = 0; cls < 3; ++cls) {
+      mine[c.experts + cls] = dispatch_bytes[cls];
+      mine[c.experts + 3 + cls] = combine_bytes[cls];
+    }
+    LOCUS_MPI_CHECK(MPI_Allreduce(mine.data(), all.data(), static_cast<int>(mine.size()), MPI_UINT64_T, MPI_SUM,
                                   MPI_COMM_WORLD));
+    const std::vector<std::uint64_t> all_rows(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(c.experts));
     for (const auto& r : c.routings)
       for (expert_id e : r.ids()) ++expect_rows[static_cast<std::size_t>(e)];
     const auto model = c.model(hier ? cost::transport_kind::hierarchical : cost::transport_kind::flat);
     const auto sizes = d.message_sizes();
-    const auto db = all_ranks(dispatch_bytes), cb = all_ranks(combine_bytes);
+    const std::array<std::uint64_t, 3> db{all[c.experts], all[c.experts + 1], all[c.experts + 2]};
+    const std::array<std::uint64_t, 3> cb{all[c.experts + 3], all[c.experts + 4], all[c.experts + 5]};
     bool ok = payload_ok && err < 1e-5 && all_rows == expect_rows;
     for (std::size_t cls = 0; cls < 3; ++cls)
       ok &= db[cls] == model.copies[cls] * sizes.dispatch_bytes && cb[cls] == model.copies[cls] * sizes.combine_bytes;

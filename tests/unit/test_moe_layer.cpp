@@ -238,3 +238,103 @@ BOOST_AUTO_TEST_CASE(inconsistent_composition_is_refused) {
   layer_t two(dyn_shape(4, 2, 8, 2), topo, ep, map, layer::swiglu_host<float>(mine));
   BOOST_CHECK_THROW(two.set_shared_experts(layer::swiglu_host<float>(expert_weights<float>(8, 8, {0}))), config_error);
 }
+
+// The whole step with the router: logits = x·W_router, softmax top-k, dispatch, SwiGLU, combine,
+// shared expert; against a double-precision router and the dense MoE.
+BOOST_AUTO_TEST_CASE(forward_with_softmax_router_matches_reference) {
+  constexpr std::size_t E = 12, K = 3, H = 20, F = 16, tokens = 23;
+  const dynamic_topology topo(2, 2);
+  const expert_map map = placement::linear{}.plan({topo, E, 4, {std::vector<double>(E, 1.0)}, {}})[0];
+  const auto all = locus_test::model_weights<float>(91, E, H, F);
+  const auto shared_w = locus_test::model_weights<float>(92, 1, H, F);
+  const auto gate = locus_test::random_rows<float>(93, H, E);
+  using layer_t = moe_layer<dyn_shape, dynamic_topology, transport::local_hierarchical>;
+  static_assert(std::is_same_v<layer_t::router_type, router::softmax_topk<top_k<>>>);
+  transport::local_fabric f(topo, true);
+  std::vector<std::vector<float>> xs(4), ys(4);
+  std::vector<std::vector<expert_id>> got_ids(4);
+  for (std::size_t r = 0; r < 4; ++r) xs[r] = locus_test::random_rows<float>(200 + r, tokens + r, H);
+  require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
+    const std::size_t r = ep.rank();
+    layer_t layer(dyn_shape(E, K, H, 1), topo, ep, map,
+                  layer::swiglu_host<float>(expert_weights<float>::for_rank(map, r, all), 1));
+    layer.set_router(gate);
+    layer.set_shared_experts(layer::swiglu_host<float>(shared_w, 1));
+    ys[r].resize(xs[r].size());
+    layer.forward(xs[r], ys[r]);
+    got_ids[r] = layer.last_routing().ids();
+  }));
+  for (std::size_t r = 0; r < 4; ++r) {
+    std::vector<expert_id> ids;
+    std::vector<float> w;
+    locus_test::reference_softmax_topk(xs[r], gate, H, E, K, true, ids, w);
+    BOOST_TEST(got_ids[r] == ids, "rank " << r << ": the router chose other experts than the reference");
+    routing<> ref_routing(ids, w, top_k<>(K));
+    std::vector<double> scale;
+    const auto ref = locus_test::dense_moe(xs[r], ref_routing.view(), all, &shared_w, &scale);
+    // The weights come from fp32 logits and softmax: allow their relative error on top.
+    const double worst = worst_ratio(ys[r], ref, scale, 0.0, 1e-5);
+    BOOST_TEST(worst <= 1.0, "rank " << r << ": error / tolerance " << worst);
+  }
+}
+
+// A router that fails on one rank (a non-finite input gives a non-finite logit) raises there after
+// the collective steps; the other ranks finish.
+BOOST_AUTO_TEST_CASE(router_failure_on_one_rank_raises_there_only) {
+  constexpr std::size_t E = 8, K = 2, H = 8;
+  const dynamic_topology topo(1, 2);
+  const expert_map map(E, 2, 4, {0, 1, 2, 3, 4, 5, 6, 7});
+  const auto all = locus_test::model_weights<float>(5, E, H, 8);
+  transport::local_fabric f(topo, false, transport::exchange_options{std::chrono::milliseconds(5000)});
+  using layer_t = moe_layer<dyn_shape, dynamic_topology, transport::local_flat>;
+  const auto errors = on_ranks(f, [&](transport::local_transport& ep) {
+    layer_t layer(dyn_shape(E, K, H, 0), topo, ep, map,
+                  layer::swiglu_host<float>(expert_weights<float>::for_rank(map, ep.rank(), all), 1));
+    layer.set_router(locus_test::random_rows<float>(1, H, E));
+    auto x = locus_test::random_rows<float>(2, 5, H);
+    if (ep.rank() == 1) x[3] = std::numeric_limits<float>::quiet_NaN();
+    std::vector<float> y(x.size());
+    layer.forward(x, y);
+  });
+  BOOST_TEST(!errors[0]);
+  BOOST_REQUIRE(errors[1]);
+  try {
+    std::rethrow_exception(errors[1]);
+  } catch (const invalid_input_error&) {
+  } catch (const std::exception& e) {
+    BOOST_FAIL("rank 1 raised the wrong error: " << e.what());
+  }
+}
+
+// Wrong input or output sizes on one rank: raised there, after the collective steps.
+BOOST_AUTO_TEST_CASE(wrong_sizes_on_one_rank_raise_there_only) {
+  const auto c = locus_test::make_case(21, 1, 3);
+  const auto all = locus_test::model_weights<float>(4, c.experts, c.hidden, 8);
+  transport::local_fabric f(c.topo, false, transport::exchange_options{std::chrono::milliseconds(5000)});
+  for (int which = 0; which < 2; ++which) {
+    std::vector<std::vector<float>> y(3);
+    const auto errors = on_ranks(f, [&](transport::local_transport& ep) {
+      const std::size_t r = ep.rank();
+      dyn_layer<transport::local_flat> layer(dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
+                                             layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, r, all), 1));
+      auto x = c.inputs(r);
+      y[r].resize(x.size());
+      if (r == 2) (which == 0 ? x : y[r]).push_back(0.0f); // one value too many
+      layer.forward(x, c.routings[r].view(), y[r]);
+    });
+    BOOST_TEST(!errors[0]);
+    BOOST_TEST(!errors[1]);
+    BOOST_REQUIRE(errors[2]);
+    try {
+      std::rethrow_exception(errors[2]);
+    } catch (const invalid_input_error&) {
+    } catch (const std::exception& e) {
+      BOOST_FAIL("rank 2 raised the wrong error: " << e.what());
+    }
+    for (std::size_t r = 0; r < 2; ++r) {
+      std::vector<double> scale;
+      const auto ref = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, nullptr, &scale);
+      BOOST_TEST(worst_ratio(y[r], ref, scale, 0.0, 2e-6) <= 1.0);
+    }
+  }
+}

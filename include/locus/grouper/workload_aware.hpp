@@ -34,6 +34,10 @@ struct workload_aware_options {
   std::size_t restarts = 4;          //!< k-means restarts (lowest inertia wins)
   std::size_t max_iterations = 100;  //!< Lloyd iterations at most
   std::size_t prefill_tokens = 32;   //!< prefill tokens used to classify, at most
+  //! Layers the classifier reads, at most (evenly spaced from layer 0): the domain signal is in
+  //! every layer, and reading 8 of DeepSeek-V3's 58 keeps the class means in a core's L2 cache
+  //! and assign() within its budget.
+  std::size_t classifier_layers = 8;
   //! A request is classified confidently when its cosine similarity to the best class mean is at
   //! least this; negative: the `confidence_quantile` quantile of the training requests' own
   //! similarities (so that traffic unlike anything seen falls back).
@@ -61,11 +65,12 @@ namespace detail::workload {
 
 //! Adds the routing counts of tokens `[first, first + count)` of request `r` at every layer into
 //! `out` (`layers × experts`, layer-major).
-inline void add_counts(const trace::trace& t, std::size_t r, std::size_t first, std::size_t count, float* out) {
+inline void add_counts(const trace::trace& t, std::size_t r, std::size_t first, std::size_t count, float* out,
+                       std::size_t layer_stride = 1) {
   const auto& q = t.request(r);
   const std::size_t k = t.top_k(), e = t.experts();
   count = std::min<std::size_t>(count, q.length > first ? q.length - first : 0);
-  for (std::size_t l = 0; l < t.layers(); ++l) {
+  for (std::size_t l = 0; l < t.layers(); l += layer_stride) {
     const auto view = t.layer(l);
     float* row = out + l * e;
     for (std::size_t i = 0; i < count; ++i) {
@@ -110,6 +115,8 @@ public:
     m.nodes_ = topo.nodes();
     m.opt_ = opt;
     const std::size_t dim = m.layers_ * m.experts_;
+    LOCUS_REQUIRE(opt.classifier_layers >= 1, config_error, "workload_aware: classifier_layers must be at least 1");
+    m.layer_stride_ = (m.layers_ + opt.classifier_layers - 1) / opt.classifier_layers;
     std::vector<std::size_t> reqs;
     for (std::size_t r = 0; r < train.requests(); ++r) {
       const std::size_t p = detail::workload::prefill_length(train, r);
@@ -123,7 +130,8 @@ public:
     for (std::size_t i = 0; i < n; ++i) {
       const std::size_t r = reqs[i], p = detail::workload::prefill_length(train, r);
       detail::workload::add_counts(train, r, p, train.request(r).length - p, decode.data() + i * dim);
-      detail::workload::add_counts(train, r, 0, std::min(p, opt.prefill_tokens), prefill.data() + i * dim);
+      detail::workload::add_counts(train, r, 0, std::min(p, opt.prefill_tokens), prefill.data() + i * dim,
+                                   m.layer_stride_);
       decode_tokens[i] = static_cast<double>(train.request(r).length - p);
     }
     // Cluster usage in tokens before normalising the points.
@@ -152,12 +160,13 @@ public:
     std::vector<double> means(k * dim, 0.0);
     for (std::size_t i = 0; i < n; ++i)
       for (std::size_t f = 0; f < dim; ++f) means[km.labels[i] * dim + f] += prefill[i * dim + f];
-    m.means_t_.assign(dim * k, 0.0f);
+    m.stride_ = (k + 15) / 16 * 16;
+    m.means_t_.assign(dim * m.stride_, 0.0f);
     for (std::size_t c = 0; c < k; ++c) {
       double s = 0;
       for (std::size_t f = 0; f < dim; ++f) s += means[c * dim + f] * means[c * dim + f];
       const double inv = s > 0 ? 1.0 / std::sqrt(s) : 0.0;
-      for (std::size_t f = 0; f < dim; ++f) m.means_t_[f * k + c] = static_cast<float>(means[c * dim + f] * inv);
+      for (std::size_t f = 0; f < dim; ++f) m.means_t_[f * m.stride_ + c] = static_cast<float>(means[c * dim + f] * inv);
     }
     // Confidence threshold from the training requests' leave-one-out similarities: each member
     // against its class mean computed without it, which is what an unseen request of the same
@@ -216,6 +225,8 @@ public:
   std::size_t nodes() const noexcept { return nodes_; }
   const workload_aware_options& options() const noexcept { return opt_; }
   float min_similarity() const noexcept { return min_similarity_; }
+  //! The classifier reads layers 0, stride, 2·stride, ...
+  std::size_t classifier_layer_stride() const noexcept { return layer_stride_; }
 
   //! Node of each cluster.
   const std::vector<std::uint32_t>& cluster_node() const noexcept { return cluster_node_; }
@@ -251,7 +262,8 @@ public:
   }
 
   //! Classifies request `r` of `t` from its first `min(prefill_tokens, options().prefill_tokens)`
-  //! tokens. `scratch` is reused between calls (any content; resized as needed).
+  //! tokens. `scratch` is reused between calls (all zero between calls; resized as needed). Not
+  //! safe to call concurrently on one model (it keeps a small scratch list).
   //! @throws locus::invalid_input_error when the trace's shape differs from the model's
   classification classify(const trace::trace& t, std::size_t r, std::size_t prefill_tokens,
                           std::vector<std::uint32_t>& scratch) const {
@@ -262,32 +274,39 @@ public:
     const std::size_t n = std::min({prefill_tokens, opt_.prefill_tokens, static_cast<std::size_t>(q.length)});
     const std::size_t k = k_, tk = t.top_k();
     scratch.resize(layers_ * experts_);
-    float scores[max_clusters_fast] = {};
+    distinct_.resize(std::max<std::size_t>(distinct_.size(), n * tk));
+    float scores_fixed[max_clusters_fast] = {};
     std::vector<float> wide;
-    float* s = scores;
+    float* s = scores_fixed;
     if (k > max_clusters_fast) {
       wide.assign(k, 0.0f);
       s = wide.data();
     }
     std::uint64_t norm2 = 0;
-    // Layer-outer so that each layer's slice of the class means (experts × k floats) stays in L1.
-    for (std::size_t l = 0; l < layers_; ++l) {
+    for (std::size_t l = 0; l < layers_; l += layer_stride_) {
+      // Histogram of the layer's prefill choices: the score is Σ count × class-mean row, and a
+      // handful of popular experts take most choices, so rows are read once per distinct expert.
       const auto view = t.layer(l);
       const std::size_t base = l * experts_;
+      std::size_t distinct = 0;
       for (std::size_t i = 0; i < n; ++i) {
         const auto* ids = view.token_ids(q.first_token + i);
         for (std::size_t j = 0; j < tk; ++j) {
           const std::size_t f = base + ids[j];
-          const float* m = means_t_.data() + f * k;
-          for (std::size_t c = 0; c < k; ++c) s[c] += m[c];
-          // (x + 1)^2 - x^2 = 2x + 1: the squared norm of the count vector, incrementally.
-          norm2 += 2u * scratch[f] + 1u;
-          ++scratch[f];
+          if (scratch[f]++ == 0) distinct_[distinct++] = static_cast<std::uint32_t>(f);
         }
       }
-      for (std::size_t i = 0; i < n; ++i) {
-        const auto* ids = view.token_ids(q.first_token + i);
-        for (std::size_t j = 0; j < tk; ++j) scratch[base + ids[j]] = 0;
+      // Clusters in blocks of 16 accumulated in a local array (registers, no aliasing with the
+      // means), then added to the scores.
+      for (std::size_t c0 = 0; c0 < k; c0 += 16) {
+        float acc[16] = {};
+        accumulate16(distinct, scratch.data(), c0, acc);
+        for (std::size_t c = 0; c < std::min<std::size_t>(16, k - c0); ++c) s[c0 + c] += acc[c];
+      }
+      for (std::size_t d = 0; d < distinct; ++d) {
+        const std::uint64_t cnt = scratch[distinct_[d]];
+        norm2 += cnt * cnt;
+        scratch[distinct_[d]] = 0;
       }
     }
     classification out;
@@ -303,14 +322,29 @@ public:
 private:
   static constexpr std::size_t max_clusters_fast = 64;
 
-  std::size_t layers_ = 0, experts_ = 0, nodes_ = 0, k_ = 0;
+  // acc[0..16) += count(f) × means_t_[f][c0 .. c0 + 16) over the distinct features of a layer.
+  // Rows are padded to a multiple of 16 clusters so that this fixed-width loop is the only one.
+  void accumulate16(std::size_t distinct, const std::uint32_t* counts, std::size_t c0, float* acc) const {
+    float a[16] = {};
+    for (std::size_t d = 0; d < distinct; ++d) {
+      const std::size_t f = distinct_[d];
+      const float cnt = static_cast<float>(counts[f]);
+      const float* m = means_t_.data() + f * stride_ + c0;
+      for (std::size_t c = 0; c < 16; ++c) a[c] += cnt * m[c];
+    }
+    for (std::size_t c = 0; c < 16; ++c) acc[c] = a[c];
+  }
+
+  std::size_t layers_ = 0, experts_ = 0, nodes_ = 0, k_ = 0, layer_stride_ = 1;
   workload_aware_options opt_{};
   float min_similarity_ = 0;
   std::vector<std::uint32_t> cluster_node_, labels_;
   std::vector<std::size_t> training_requests_;
   std::vector<double> cluster_tokens_, cluster_requests_;
   std::vector<std::vector<double>> usage_;
-  std::vector<float> means_t_; // feature-major: (layer × experts) × k
+  std::size_t stride_ = 16;    // k rounded up to a multiple of 16
+  std::vector<float> means_t_; // feature-major: (layer × experts) × stride_, zero-padded
+  mutable std::vector<std::uint32_t> distinct_; // classify scratch (a model is used by one thread)
 };
 
 //! Counters of the decisions a workload_aware grouper took.

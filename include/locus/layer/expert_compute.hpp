@@ -209,17 +209,17 @@ inline void make_tiles(std::vector<tile>& out, std::span<const std::size_t> offs
                        static_cast<std::uint32_t>(c), static_cast<std::uint32_t>(std::min(tiles::cols, cols - c))});
 }
 
-// Weights row `w[0..n)` as floats (a no-op copy for float, a widening for bfloat16).
+// `n` weights of a row as a full tile of floats: the row itself when it is fp32 and fills the tile,
+// otherwise widened into `buf` with zeros after `n`. Inner loops then always run over the constant
+// tile width, which the compiler vectorises without a remainder loop.
 template <class W>
-inline const float* widen(const W* w, std::size_t n, float* buf) {
-  if constexpr (std::is_same_v<W, float>) {
-    (void)n;
-    (void)buf;
-    return w;
-  } else {
-    for (std::size_t j = 0; j < n; ++j) buf[j] = to_float(w[j]);
-    return buf;
-  }
+inline const float* tile_row(const W* w, std::size_t n, float* buf) {
+  constexpr std::size_t cols = swiglu_host_tiles::cols;
+  if constexpr (std::is_same_v<W, float>)
+    if (n == cols) return w;
+  for (std::size_t j = 0; j < n; ++j) buf[j] = to_float(w[j]);
+  for (std::size_t j = n; j < cols; ++j) buf[j] = 0.0f;
+  return buf;
 }
 
 } // namespace locus::LOCUS_ABI_NAMESPACE::detail::layer
@@ -274,14 +274,14 @@ public:
         const detail::layer::tile t = tiles_[it];
         const swiglu_expert_view<W>& v = views_[t.block];
         for (std::size_t r = 0; r < t.rows; ++r)
-          for (std::size_t j = 0; j < t.cols; ++j) g[r][j] = u[r][j] = 0.0f;
+          for (std::size_t j = 0; j < tiles::cols; ++j) g[r][j] = u[r][j] = 0.0f;
         for (std::size_t h = 0; h < hidden; ++h) {
-          const float* wg = detail::layer::widen(v.gate + h * ffn + t.col0, t.cols, wbuf[0]);
-          const float* wu = detail::layer::widen(v.up + h * ffn + t.col0, t.cols, wbuf[1]);
+          const float* wg = detail::layer::tile_row(v.gate + h * ffn + t.col0, t.cols, wbuf[0]);
+          const float* wu = detail::layer::tile_row(v.up + h * ffn + t.col0, t.cols, wbuf[1]);
           for (std::size_t r = 0; r < t.rows; ++r) xr[r] = to_float(b.input[(t.row0 + r) * hidden + h]);
           for (std::size_t r = 0; r < t.rows; ++r) {
             const float x = xr[r];
-            for (std::size_t j = 0; j < t.cols; ++j) {
+            for (std::size_t j = 0; j < tiles::cols; ++j) {
               g[r][j] += x * wg[j];
               u[r][j] += x * wu[j];
             }
@@ -303,12 +303,12 @@ public:
         const detail::layer::tile t = tiles_[it];
         const swiglu_expert_view<W>& v = views_[t.block];
         for (std::size_t r = 0; r < t.rows; ++r)
-          for (std::size_t j = 0; j < t.cols; ++j) o[r][j] = 0.0f;
+          for (std::size_t j = 0; j < tiles::cols; ++j) o[r][j] = 0.0f;
         for (std::size_t f = 0; f < ffn; ++f) {
-          const float* wd = detail::layer::widen(v.down + f * hidden + t.col0, t.cols, wbuf);
+          const float* wd = detail::layer::tile_row(v.down + f * hidden + t.col0, t.cols, wbuf);
           for (std::size_t r = 0; r < t.rows; ++r) {
             const float a = act_[(t.row0 + r) * ffn + f];
-            for (std::size_t j = 0; j < t.cols; ++j) o[r][j] += a * wd[j];
+            for (std::size_t j = 0; j < tiles::cols; ++j) o[r][j] += a * wd[j];
           }
         }
         for (std::size_t r = 0; r < t.rows; ++r) {

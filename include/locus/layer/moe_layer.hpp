@@ -11,7 +11,7 @@
 //! 5. shared experts (when the shape has them) run on every rank on its own tokens and are added.
 //!
 //! Policies are given in any order after the shape and the topology, with defaults for those left
-//! out (`policy_set`): router `layer::given_routing`, grouper `grouper::least_loaded`, placement
+//! out (`policy_set`): router `router::softmax_topk<K>` (or `layer::given_routing`), grouper `grouper::least_loaded`, placement
 //! `placement::linear`, transport `transport::local_flat`, backend `backend::host`, expert
 //! compute `layer::swiglu_host<float>` on the host backend (`swiglu_cuda<float>` on CUDA). The
 //! grouper and placement act outside the step (which rank serves a request, where experts live);
@@ -32,6 +32,8 @@
 #include <locus/layer/expert_compute.hpp>
 #include <locus/placement/linear.hpp>
 #include <locus/placement/plan_input.hpp>
+#include <locus/router/logits.hpp>
+#include <locus/router/softmax_topk.hpp>
 #include <locus/transport/dispatch.hpp>
 #include <locus/transport/local.hpp>
 
@@ -55,6 +57,16 @@ struct given_routing {
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
 
+template <class R, class K>
+struct router_top_k {
+  using type = K;
+};
+template <class R, class K>
+  requires requires { typename R::top_k_type; }
+struct router_top_k<R, K> {
+  using type = typename R::top_k_type;
+};
+
 template <class C>
 struct activation_of {
   using type = float;
@@ -64,10 +76,6 @@ template <class C>
 struct activation_of<C> {
   using type = typename C::activation_type;
 };
-
-//! Router policies that compute a routing from logits (everything except given_routing).
-template <class R, class Logits, class Out>
-concept routes_logits = requires(const R& r, const Logits& l, const Out& o) { r.route(l, o, 0u); };
 
 } // namespace locus::LOCUS_ABI_NAMESPACE::detail::layer
 
@@ -85,7 +93,8 @@ class moe_layer {
 public:
   using shape_type = Shape;
   using topology_type = Topology;
-  using router_type = typename require_router<typename policies::template get<router_tag, layer::given_routing>>::type;
+  using router_type = typename require_router<
+      typename policies::template get<router_tag, router::softmax_topk<typename Shape::top_k_type>>>::type;
   using grouper_type =
       typename require_grouper<typename policies::template get<grouper_tag, grouper::least_loaded>>::type;
   using placement_type =
@@ -100,6 +109,9 @@ public:
   //! Element type of hidden states, inputs and outputs.
   using value_type = typename detail::layer::activation_of<expert_compute_type>::type;
   using top_k_type = typename Shape::top_k_type;
+  //! The routing the router writes: in the router's top-k type (the shape's for given_routing).
+  using routing_top_k_type = typename detail::layer::router_top_k<router_type, top_k_type>::type;
+  using routing_type = routing<routing_top_k_type>;
 
   static_assert(transport::transport<transport_type>,
                 "locus::moe_layer: the transport policy must name its host object (`exchanger_type`) and say whether "
@@ -110,6 +122,9 @@ public:
   static_assert(std::is_same_v<router_type, layer::given_routing> ||
                     requires { typename router_type::top_k_type; },
                 "locus::moe_layer: the router must declare its `top_k_type`");
+  static_assert(!routing_top_k_type::is_static || !top_k_type::is_static ||
+                    routing_top_k_type::static_value == top_k_type::static_value,
+                "locus::moe_layer: the router's top_k differs from the shape's");
 
   //! @param shape   the layer's shape (experts, top-k, hidden, shared experts)
   //! @param topo    the deployment; must equal the exchanger's topology
@@ -120,7 +135,7 @@ public:
   //!         compute (which rank count, which expert, which flag)
   moe_layer(Shape shape, Topology topo, exchanger_type& ex, expert_map map, expert_compute_type experts)
       : shape_(shape), topo_(topo), ex_(&ex), map_(std::move(map)), compute_(std::move(experts)),
-        dispatcher_(*ex_, map_, shape_.hidden(), shape_.top_k()), routing_(0, top_k_type(shape.top_k())) {
+        dispatcher_(*ex_, map_, shape_.hidden(), shape_.top_k()), routing_(0, routing_k()) {
     LOCUS_REQUIRE(ex.topology().nodes() == topo.nodes() && ex.topology().gpus_per_node() == topo.gpus_per_node(),
                   config_error, "moe_layer: the layer's topology is ", topo.nodes(), " nodes × ", topo.gpus_per_node(),
                   " GPUs but the transport's is ", ex.topology().nodes(), " × ", ex.topology().gpus_per_node());
@@ -130,6 +145,29 @@ public:
                   transport_type::hierarchical ? "is hierarchical" : "is flat", " but the transport endpoint was made ",
                   ex.hierarchical() ? "hierarchical" : "flat");
     check_compute_holds(compute_, dispatcher_.local_experts(), "routed expert");
+  }
+
+  //! Sets the router and its weights (`hidden × experts`, row-major): logits = x·gate.
+  //! @throws locus::config_error when the router's top_k differs from the shape's or the gate has
+  //!         the wrong size
+  void set_router(router_type router, std::vector<float> gate)
+    requires(!std::is_same_v<router_type, layer::given_routing>)
+  {
+    LOCUS_REQUIRE(router.top_k() == shape_.top_k(), config_error, "moe_layer::set_router: the router picks ",
+                  router.top_k(), " experts per token, the shape ", shape_.top_k());
+    LOCUS_REQUIRE(gate.size() == shape_.hidden() * shape_.experts(), config_error,
+                  "moe_layer::set_router: the router weights have ", gate.size(), " values, expected hidden × experts = ",
+                  shape_.hidden(), " × ", shape_.experts());
+    router_.emplace(std::move(router));
+    gate_ = std::move(gate);
+  }
+
+  //! Sets the router weights with the router built from the shape's top_k (softmax_topk and the
+  //! like).
+  void set_router(std::vector<float> gate)
+    requires(!std::is_same_v<router_type, layer::given_routing> && std::constructible_from<router_type, std::size_t>)
+  {
+    set_router(router_type(shape_.top_k()), std::move(gate));
   }
 
   //! Sets the shared experts (every token passes through each, weight 1), held on every rank; the
@@ -144,6 +182,28 @@ public:
     shared_.emplace(std::move(shared));
   }
 
+  //! Collective: y = MoE(x) for this rank's tokens, routed by the router policy.
+  //! @param x `tokens × hidden` inputs, token-major
+  //! @param y `tokens × hidden` outputs
+  //! @throws locus::config_error when no router was set
+  //! @throws locus::invalid_input_error on sizes that disagree or a non-finite logit (after the
+  //!         collective steps, so peers are not left waiting)
+  void forward(std::span<const value_type> x, std::span<value_type> y)
+    requires(!std::is_same_v<router_type, layer::given_routing>)
+  {
+    std::exception_ptr local_error;
+    try {
+      LOCUS_REQUIRE(router_.has_value(), config_error, "moe_layer::forward: no router weights were set (set_router)");
+      LOCUS_REQUIRE(y.size() == x.size(), invalid_input_error, "moe_layer::forward: ", x.size(), " input values but ",
+                    y.size(), " output values");
+      route(x);
+    } catch (...) {
+      local_error = std::current_exception();
+      routing_ = routing_type(0, routing_k());
+    }
+    run(local_error ? std::span<const value_type>{} : x, routing_.view(), y, local_error);
+  }
+
   //! Collective: y = MoE(x) with a routing given by the caller (`tokens × top_k` ids and weights).
   //! @throws locus::invalid_input_error on sizes that disagree, an expert id out of range, an
   //!         expert chosen twice by one token or a non-finite weight (after the collective steps)
@@ -155,12 +215,17 @@ public:
       LOCUS_REQUIRE(r.top_k() == shape_.top_k(), invalid_input_error, "moe_layer::forward: the routing has top_k ",
                     r.top_k(), ", the layer ", shape_.top_k());
       validate_routing(r, shape_.experts());
-      LOCUS_REQUIRE(r.tokens() == 0 || r.has_weights(), invalid_input_error, "moe_layer::forward: the routing carries no weights");
+      // Sizes are checked here, before any exchange, so that the dispatcher never fails half-way.
+      LOCUS_REQUIRE(x.size() == r.tokens() * shape_.hidden() && y.size() == x.size(), invalid_input_error,
+                    "moe_layer::forward: ", r.tokens(), " tokens of hidden size ", shape_.hidden(), " need ",
+                    r.tokens() * shape_.hidden(), " input and output values, got ", x.size(), " and ", y.size());
+      LOCUS_REQUIRE(r.tokens() == 0 || r.has_weights(), invalid_input_error,
+                    "moe_layer::forward: the routing carries no weights");
     } catch (...) {
       local_error = std::current_exception();
     }
     if (local_error) {
-      routing_ = routing<top_k_type>(0, top_k_extent());
+      routing_ = routing_type(0, routing_k());
       run({}, routing_.view(), y, local_error);
     } else {
       run(x, routing_view<top_k_type>(r.ids(), r.weights(), r.tokens(), top_k_extent()), y, nullptr);
@@ -179,7 +244,7 @@ public:
   exchanger_type& exchanger() noexcept { return *ex_; }
   expert_compute_type& experts() noexcept { return compute_; }
   //! The routing of the last `forward(x, y)`.
-  const routing<top_k_type>& last_routing() const noexcept { return routing_; }
+  const routing_type& last_routing() const noexcept { return routing_; }
   //! Rows this rank's experts computed in the last forward (token copies × local choices).
   std::size_t last_expert_rows() const noexcept { return dispatcher_.expert_offsets().back(); }
   //! The dispatcher (per-expert blocks, row provenance, message sizes).
@@ -187,6 +252,7 @@ public:
 
 private:
   top_k_type top_k_extent() const { return top_k_type(shape_.top_k()); }
+  routing_top_k_type routing_k() const { return routing_top_k_type(shape_.top_k()); }
 
   template <class Compute>
   static void check_compute_holds(const Compute& c, std::span<const expert_id> ids, const char* what) {
@@ -202,6 +268,31 @@ private:
                       " is hosted on this rank but the expert compute holds no weights for it");
       }
     }
+  }
+
+  // logits = x·gate in fp32, then the router.
+  void route(std::span<const value_type> x)
+    requires(!std::is_same_v<router_type, layer::given_routing>)
+  {
+    const std::size_t H = shape_.hidden(), E = shape_.experts();
+    LOCUS_REQUIRE(x.size() % H == 0, invalid_input_error, "moe_layer::forward: ", x.size(),
+                  " input values are not a whole number of tokens of hidden size ", H);
+    const std::size_t T = x.size() / H;
+    logits_.assign(T * E, 0.0f);
+    parallel_for(T, 4, threads(), [&](std::size_t begin, std::size_t end, unsigned) {
+      for (std::size_t t = begin; t < end; ++t) {
+        float* l = logits_.data() + t * E;
+        for (std::size_t h = 0; h < H; ++h) {
+          const float xv = to_float(x[t * H + h]);
+          const float* g = gate_.data() + h * E;
+          for (std::size_t e = 0; e < E; ++e) l[e] += xv * g[e];
+        }
+      }
+    });
+    routing_ = routing_type(T, routing_k());
+    using experts_type = typename Shape::experts_type;
+    router_->route(router::logits_view<experts_type, const float>(logits_.data(), T, experts_type(E)),
+                   routing_.view(), threads());
   }
 
   unsigned threads() const noexcept {
@@ -264,7 +355,7 @@ private:
   std::optional<expert_compute_type> shared_;
   std::vector<float> gate_, logits_, acc_;
   std::vector<value_type> shared_out_;
-  routing<top_k_type> routing_;
+  routing_type routing_;
 };
 
 } // namespace locus::LOCUS_ABI_NAMESPACE

@@ -5,8 +5,8 @@
 //! Dispatch sends each token's hidden vector once per distinct destination rank (flat) or once per
 //! distinct destination node across the network to the rail peer, which forwards it to the
 //! token's destination ranks on its node (hierarchical), exactly the copies cost/traffic.hpp
-//! counts. Replicas are chosen with placement::locality_first_selector, fresh for each dispatch,
-//! over this rank's tokens in token order. Each row carries a small header (source rank, token, the
+//! counts. Destinations come from transport/layout.hpp (locality-first replica choice, fresh for
+//! each dispatch, over this rank's tokens in token order). Each row carries a small header (source rank, token, the
 //! token's top-k experts, weights and chosen destination ranks), so a receiver or forwarder needs
 //! no other metadata. The receiver gathers the rows into one contiguous block per local expert.
 //!
@@ -18,8 +18,8 @@
 #include <locus/core/expert_map.hpp>
 #include <locus/core/routing.hpp>
 #include <locus/cost/traffic.hpp>
-#include <locus/placement/replica_selection.hpp>
 #include <locus/transport/exchange.hpp>
+#include <locus/transport/layout.hpp>
 
 #include <algorithm>
 #include <cstring>
@@ -111,16 +111,18 @@ public:
       problem = ::locus::detail::concat("moe_dispatcher::dispatch: ", tokens, " tokens need ", tokens * hidden_,
                                " input values, got ", x.size());
     if (problem.empty()) {
-      for (std::size_t t = 0; t < tokens && problem.empty(); ++t)
-        for (std::size_t j = 0; j < k_; ++j)
-          if (static_cast<std::size_t>(r.expert(t, j)) >= map_->experts()) {
-            problem = ::locus::detail::concat("moe_dispatcher::dispatch: token ", t, " choice ", j, ": expert id ",
-                                     r.expert(t, j), " out of range [0, ", map_->experts(), ")");
-            break;
-          }
+      // The destination of every copy comes from the shared layout (transport/layout.hpp): the
+      // locality-first replica choice the traffic model counts. It also validates the routing.
+      try {
+        layout_.assign(routing_view<::locus::top_k<>, Id, Weight, memory_space::host>(r.ids(), r.weights(), tokens,
+                                                                             ::locus::top_k<>(k_)),
+                       *map_, ex_->topology(), ex_->rank());
+      } catch (const locus::error& e) {
+        problem = ::locus::detail::concat("moe_dispatcher::dispatch: ", e.message());
+      }
     }
     tokens_ = problem.empty() ? tokens : 0;
-    plan_sources(r);
+    dest_.assign(layout_.copy_rank().begin(), layout_.copy_rank().begin() + static_cast<std::ptrdiff_t>(tokens_ * k_));
     if (!ex_->hierarchical()) {
       pack_own(x, r, exchange_group::world, send_a_, counts_a_, origins_a_);
       ex_->exchange({exchange_group::world, dispatch_row_, send_a_, counts_a_, {}}, recv_a_);
@@ -198,19 +200,6 @@ public:
   }
 
 private:
-  // Destination ranks of every copy of this rank's tokens (replica choice as the traffic model).
-  template <class TopK, class Id, class Weight>
-  void plan_sources(const routing_view<TopK, Id, Weight, memory_space::host>& r) {
-    const auto& topo = ex_->topology();
-    placement::locality_first_selector<dynamic_topology> selector(*map_, topo);
-    const expert_map_view view = map_->view();
-    const std::size_t self = ex_->rank();
-    dest_.resize(tokens_ * k_);
-    for (std::size_t t = 0; t < tokens_; ++t)
-      for (std::size_t j = 0; j < k_; ++j)
-        dest_[t * k_ + j] = view.replicas[selector.select_index(self, static_cast<std::size_t>(r.expert(t, j)))].rank;
-  }
-
   // True when `dest` occurs among the first `j` choices of token t's destinations (mapped by f).
   template <class F>
   bool seen_before(std::size_t t, std::size_t j, F&& f) const {
@@ -379,6 +368,7 @@ private:
   std::size_t hidden_, k_, header_bytes_ = 0, dispatch_row_ = 0, combine_row_ = 0, tokens_ = 0;
   std::vector<std::int32_t> local_index_;
   std::vector<expert_id> local_experts_;
+  layout<::locus::top_k<>> layout_;
   std::vector<std::int32_t> dest_;
   std::vector<std::vector<std::uint32_t>> bucket_, own_bucket_;
   std::vector<std::byte> send_a_, send_b_;

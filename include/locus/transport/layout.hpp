@@ -82,6 +82,42 @@ constexpr std::size_t scratch_k() {
   else return max_dynamic_top_k;
 }
 
+//! Per expert, for source `src`: the fixed replica (the only one, or one on `src` itself; -1 if
+//! none) or the candidates the policy balances over (node-local replicas if any, else all), as
+//! indices into the map's CSR replica array.
+template <class Topology>
+void replica_tables(const expert_map& map, const Topology& topo, std::size_t src, std::vector<std::int32_t>& fixed,
+                    std::vector<std::int32_t>& cand_offsets, std::vector<std::int32_t>& cands) {
+  const expert_map_view v = map.view();
+  const std::size_t experts = map.experts();
+  const std::size_t src_node = topo.node_of(src);
+  fixed.assign(experts, -1);
+  cand_offsets.assign(experts + 1, 0);
+  cands.clear();
+  for (std::size_t e = 0; e < experts; ++e) {
+    const std::int32_t first = v.replica_offsets[e], last = v.replica_offsets[e + 1];
+    cand_offsets[e] = static_cast<std::int32_t>(cands.size());
+    if (last - first == 1) {
+      fixed[e] = first;
+      continue;
+    }
+    bool node_local = false;
+    for (std::int32_t i = first; i < last && fixed[e] < 0; ++i) {
+      const auto rank = static_cast<std::size_t>(v.replicas[i].rank);
+      if (rank == src) fixed[e] = i;
+      node_local |= topo.node_of(rank) == src_node;
+    }
+    if (fixed[e] >= 0) continue;
+    for (std::int32_t i = first; i < last; ++i)
+      if (!node_local || topo.node_of(static_cast<std::size_t>(v.replicas[i].rank)) == src_node) cands.push_back(i);
+    if (cands.size() - static_cast<std::size_t>(cand_offsets[e]) == 1) {
+      fixed[e] = cands.back(); // one candidate: no balancing state needed
+      cands.pop_back();
+    }
+  }
+  cand_offsets[experts] = static_cast<std::int32_t>(cands.size());
+}
+
 } // namespace detail::layout
 
 //! The dispatch layout of one source rank (flat or node-deduplicated). Build with assign() (which
@@ -286,35 +322,7 @@ template <class Topology, class Id>
 void layout<TopK>::select_replicas(const expert_map& map, const Topology& topo, const Id* ids, std::size_t chunks) {
   const expert_map_view v = map.view();
   const std::size_t experts = map.experts();
-  const std::size_t src_node = topo.node_of(source_);
-  // Per expert, for this source: the fixed replica (the only one, or one on the source itself) or
-  // the candidate list the policy balances over (node-local replicas if any, else all).
-  fixed_.assign(experts, -1);
-  cand_offsets_.assign(experts + 1, 0);
-  cands_.clear();
-  for (std::size_t e = 0; e < experts; ++e) {
-    const std::int32_t first = v.replica_offsets[e], last = v.replica_offsets[e + 1];
-    cand_offsets_[e] = static_cast<std::int32_t>(cands_.size());
-    if (last - first == 1) {
-      fixed_[e] = first;
-      continue;
-    }
-    bool node_local = false;
-    for (std::int32_t i = first; i < last && fixed_[e] < 0; ++i) {
-      const auto rank = static_cast<std::size_t>(v.replicas[i].rank);
-      if (rank == source_) fixed_[e] = i;
-      node_local |= topo.node_of(rank) == src_node;
-    }
-    if (fixed_[e] >= 0) continue;
-    for (std::int32_t i = first; i < last; ++i)
-      if (!node_local || topo.node_of(static_cast<std::size_t>(v.replicas[i].rank)) == src_node) cands_.push_back(i);
-    if (cands_.size() - static_cast<std::size_t>(cand_offsets_[e]) == 1) {
-      fixed_[e] = cands_.back(); // one candidate: no balancing state needed
-      cands_.pop_back();
-    }
-  }
-  cand_offsets_[experts] = static_cast<std::int32_t>(cands_.size());
-
+  detail::layout::replica_tables(map, topo, source_, fixed_, cand_offsets_, cands_);
   const std::size_t n = copies();
   copy_rank_.resize(n);
   copy_slot_.resize(n);

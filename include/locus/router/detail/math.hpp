@@ -64,13 +64,27 @@ LOCUS_HOST_DEVICE float bits_to_float(std::uint32_t u) {
   return f;
 }
 
+LOCUS_HOST_DEVICE std::uint32_t float_to_bits(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+//! `c ? a : b` through a bit mask. Written without a conditional so that the host compiler
+//! neither turns it into a branch (jump threading would split the exp loop and stop it from
+//! vectorising) nor changes the value (a min/max built from arithmetic would round).
+LOCUS_HOST_DEVICE float select(bool c, float a, float b) {
+  const std::uint32_t mask = 0u - static_cast<std::uint32_t>(c);
+  return bits_to_float((float_to_bits(a) & mask) | (float_to_bits(b) & ~mask));
+}
+
 //! exp(x) for finite x, relative error below 3e-7 on [-87, 88]. Inputs are clamped to that range
 //! (so exp never overflows; below it the result is 2^-126-ish instead of a denormal, which no
 //! router can tell from zero). Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a degree-7
 //! Taylor polynomial in Horner form, then an exact scaling by 2^n.
 LOCUS_HOST_DEVICE float exp(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
+  x = select(x < -87.0f, -87.0f, x);
+  x = select(x > 88.0f, 88.0f, x);
   // round(x / ln2) by the 1.5 * 2^23 trick: exact for |x / ln2| < 2^22, no library call.
   const float shifter = 12582912.0f;
   const float n = fsub(fadd(fmul(x, 1.44269504088896341f), shifter), shifter);

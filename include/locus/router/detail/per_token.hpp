@@ -15,6 +15,7 @@
 #include <locus/router/detail/topk.hpp>
 
 #include <cstddef>
+#include <cstdint>
 #include <limits>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::router {
@@ -57,10 +58,12 @@ LOCUS_HOST_DEVICE int first_non_finite(const T* row, std::size_t experts) {
 
 template <class T>
 LOCUS_HOST_DEVICE bool all_finite(const T* row, std::size_t experts) {
-  // Branch-free accumulation so the host compiler vectorises the common (all finite) case.
-  bool ok = true;
-  for (std::size_t e = 0; e < experts; ++e) ok &= is_finite(load_logit(row + e));
-  return ok;
+  // Branch-free accumulation over the exponent bits, so the host compiler vectorises the common
+  // (all finite) case: a float is not finite exactly when its exponent field is all ones.
+  std::uint32_t bad = 0;
+  for (std::size_t e = 0; e < experts; ++e)
+    bad |= static_cast<std::uint32_t>((float_to_bits(load_logit(row + e)) & 0x7f800000u) == 0x7f800000u);
+  return bad == 0;
 }
 
 //! Softmax over the experts, top-k, weights = the chosen probabilities, optionally renormalised
@@ -78,8 +81,13 @@ LOCUS_HOST_DEVICE int softmax_topk_token(const softmax_topk_params<TopK>& p, Exp
     top.v[j] = exp(fsub(top.v[j], m));
     if (p.renormalize) sum = fadd(sum, top.v[j]);
   }
-  if (!p.renormalize)
-    for (std::size_t e = 0; e < n; ++e) sum = fadd(sum, exp(fsub(load_logit(row + e), m)));
+  if (!p.renormalize) {
+    // The full softmax denominator is accumulated in double: a warp adds in a different order than
+    // this loop, and in double the order no longer shows after rounding to float.
+    double all = 0.0;
+    for (std::size_t e = 0; e < n; ++e) all += static_cast<double>(exp(fsub(load_logit(row + e), m)));
+    sum = static_cast<float>(all);
+  }
   for (std::size_t j = 0; j < top.size(); ++j) {
     ids[j] = top.id[j];
     weights[j] = fdiv(top.v[j], sum);
@@ -87,9 +95,55 @@ LOCUS_HOST_DEVICE int softmax_topk_token(const softmax_topk_params<TopK>& p, Exp
   return -1;
 }
 
+//! s = sigmoid(row), b = s + bias (or s without a bias). The restrict-qualified, branch-free loop
+//! is what lets the host compiler vectorise the exp (the dominant cost of grouped routing).
+template <class T>
+LOCUS_HOST_DEVICE void sigmoid_scores(const T* LOCUS_RESTRICT row, const float* LOCUS_RESTRICT bias,
+                                      float* LOCUS_RESTRICT s, float* LOCUS_RESTRICT b, std::size_t n) {
+  if (bias) {
+#if defined(__GNUC__) && !defined(__clang__) && !LOCUS_HAS_CUDA_COMPILER()
+#pragma GCC ivdep
+#endif
+    for (std::size_t e = 0; e < n; ++e) {
+      const float x = sigmoid(load_logit(row + e));
+      s[e] = x;
+      b[e] = fadd(x, bias[e]);
+    }
+  } else {
+#if defined(__GNUC__) && !defined(__clang__) && !LOCUS_HAS_CUDA_COMPILER()
+#pragma GCC ivdep
+#endif
+    for (std::size_t e = 0; e < n; ++e) s[e] = b[e] = sigmoid(load_logit(row + e));
+  }
+}
+
+//! Sum of the two largest of `x[0..n)`, n >= 2; the second largest goes to `second`. Branchy on
+//! purpose: after the first few elements the branches are almost never taken, which beats a
+//! branch-free min/max chain whose latency serialises every element. The result is a value, not a
+//! choice, so ties do not matter.
+LOCUS_HOST_DEVICE float top2_sum(const float* x, std::size_t n, float& second) {
+  float m1 = -std::numeric_limits<float>::infinity(), m2 = m1;
+  for (std::size_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    if (v > m1) {
+      m2 = m1;
+      m1 = v;
+    } else if (v > m2) {
+      m2 = v;
+    }
+  }
+  second = m2;
+  return fadd(m1, m2);
+}
+
+LOCUS_HOST_DEVICE float top2_sum(const float* x, std::size_t n) {
+  float unused;
+  return top2_sum(x, n, unused);
+}
+
 //! Floats of scratch sigmoid_grouped_token needs (sigmoid scores, biased scores, group scores).
 LOCUS_HOST_DEVICE std::size_t grouped_scratch_floats(std::size_t experts, std::size_t groups) {
-  return 2 * experts + groups;
+  return 2 * experts + 2 * groups;
 }
 
 //! DeepSeek-V3 gating: s = sigmoid(logit); b = s + bias (selection only); group score = sum of the
@@ -106,33 +160,27 @@ LOCUS_HOST_DEVICE int sigmoid_grouped_token(const sigmoid_grouped_params<Groups,
   if (!all_finite(row, n)) return first_non_finite(row, n);
   float* s = fscratch;
   float* b = fscratch + n;
-  for (std::size_t e = 0; e < n; ++e) s[e] = sigmoid(load_logit(row + e));
-  if (p.bias)
-    for (std::size_t e = 0; e < n; ++e) b[e] = fadd(s[e], p.bias[e]);
-  else
-    for (std::size_t e = 0; e < n; ++e) b[e] = s[e];
+  sigmoid_scores(row, p.bias, s, b, n);
 
   const std::size_t groups = p.groups();
   const std::size_t size = n / groups;
-  topk_buffer<TopGroups::static_value> kept(p.top_groups(), fscratch + 2 * n, iscratch);
-  for (std::size_t g = 0; g < groups; ++g) {
-    float m1 = -std::numeric_limits<float>::infinity(), m2 = m1;
-    for (std::size_t i = 0; i < size; ++i) {
-      const float x = b[g * size + i];
-      if (x > m1) {
-        m2 = m1;
-        m1 = x;
-      } else if (x > m2) {
-        m2 = x;
-      }
-    }
-    kept.push(fadd(m1, m2), static_cast<int>(g));
-  }
+  float* second = fscratch + 2 * n;
+  topk_buffer<TopGroups::static_value> kept(p.top_groups(), fscratch + 2 * n + groups, iscratch);
+  for (std::size_t g = 0; g < groups; ++g) kept.push(top2_sum(b + g * size, size, second[g]), static_cast<int>(g));
 
+  // A bound that skips most candidates without a top-k insertion: the kept groups' two largest
+  // values are 2 * top_groups distinct experts all >= tau, so when that is at least k, anything
+  // strictly below tau is beaten by k others and cannot be chosen.
+  float tau = -std::numeric_limits<float>::infinity();
+  if (2 * kept.size() >= p.k()) {
+    tau = std::numeric_limits<float>::infinity();
+    for (std::size_t j = 0; j < kept.size(); ++j) tau = second[kept.id[j]] < tau ? second[kept.id[j]] : tau;
+  }
   topk_buffer<TopK::static_value> top(p.k(), weights, ids);
   for (std::size_t j = 0; j < kept.size(); ++j) {
     const std::size_t first = static_cast<std::size_t>(kept.id[j]) * size;
-    for (std::size_t e = first; e < first + size; ++e) top.push(b[e], static_cast<int>(e));
+    for (std::size_t e = first; e < first + size; ++e)
+      if (b[e] >= tau) top.push(b[e], static_cast<int>(e));
   }
   float sum = 0.0f;
   for (std::size_t j = 0; j < top.size(); ++j) sum = fadd(sum, s[top.id[j]]);

@@ -22,7 +22,7 @@ struct topk_buffer {
 
   //! The storage pointers are ignored; they exist so static and dynamic buffers are built alike.
   LOCUS_HOST_DEVICE explicit topk_buffer(std::size_t, float*, int*) {
-#if LOCUS_HAS_CUDA_COMPILER()
+#if LOCUS_IS_DEVICE_PASS()
 #pragma unroll
 #endif
     for (std::size_t j = 0; j < K; ++j) {
@@ -38,7 +38,7 @@ struct topk_buffer {
   //! constant indices only, so that a register array is never indexed at run time.
   LOCUS_HOST_DEVICE void push(float x, int e) {
     if (!better(x, e, v[K - 1], id[K - 1])) return;
-#if LOCUS_HAS_CUDA_COMPILER()
+#if LOCUS_IS_DEVICE_PASS()
 #pragma unroll
 #endif
     for (std::size_t j = K - 1; j > 0; --j) {

@@ -1,0 +1,400 @@
+#pragma once
+// `locus trace stats` (statistics as a table or JSON), `locus trace synth` (write a synthetic
+// binary trace, from a shape or fitted to a real trace and rescaled) and `locus trace report`
+// (CSV files and PNG figures rendered by scripts/trace_report.py).
+#include "trace_input.hpp"
+
+#include <locus/core/error.hpp>
+#include <locus/trace/binary.hpp>
+#include <locus/trace/statistics.hpp>
+#include <locus/trace/synthesizer.hpp>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#ifndef LOCUS_TRACE_REPORT_SCRIPT
+#define LOCUS_TRACE_REPORT_SCRIPT "scripts/trace_report.py"
+#endif
+
+namespace locus_driver {
+
+namespace trace_analysis {
+
+//! Stage messages on stderr, with the elapsed time of stages that took over a second, so that a
+//! long run shows it is alive without cluttering stdout (which carries the table or JSON).
+class progress {
+public:
+  explicit progress(std::string cmd) : cmd_(std::move(cmd)) {}
+  void start(const std::string& what) {
+    what_ = what;
+    t0_ = std::chrono::steady_clock::now();
+    std::fprintf(stderr, "%s: %s...\n", cmd_.c_str(), what.c_str());
+  }
+  double done() {
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+    if (s > 1.0) std::fprintf(stderr, "%s: %s took %.1f s\n", cmd_.c_str(), what_.c_str(), s);
+    return s;
+  }
+
+private:
+  std::string cmd_, what_;
+  std::chrono::steady_clock::time_point t0_;
+};
+
+inline locus::trace::trace load(const std::string& path, progress& p) {
+  LOCUS_REQUIRE(std::filesystem::exists(path), locus::io_error, "trace \"", path,
+                "\" does not exist (expected a locus binary trace file or an ESFT folder)");
+  p.start("loading " + path);
+  auto t = load_trace(path);
+  p.done();
+  return t;
+}
+
+inline nlohmann::json number_or_null(double v) {
+  if (std::isfinite(v)) return v;
+  return nullptr;
+}
+
+//! The JSON document of `locus trace stats --json`.
+inline nlohmann::json stats_json(const locus::trace::trace_statistics& s, std::size_t prefill) {
+  nlohmann::json j;
+  j["requests"] = s.requests;
+  j["tokens"] = s.tokens;
+  j["layers"] = s.layers;
+  j["experts"] = s.experts;
+  j["top_k"] = s.top_k;
+  j["prefill_tokens"] = prefill;
+  j["domains"] = nlohmann::json::array();
+  for (std::size_t d = 0; d < s.domain_names.size(); ++d)
+    j["domains"].push_back(
+        {{"name", s.domain_names[d]}, {"requests", s.popularity.requests[d]}, {"tokens", s.popularity.tokens[d]}});
+  const auto js = s.divergence.mean_per_layer();
+  j["per_layer"] = nlohmann::json::array();
+  for (std::size_t l = 0; l < s.layers; ++l)
+    j["per_layer"].push_back({{"layer", l},
+                              {"imbalance_max_over_mean", s.layer_imbalance[l].max_over_mean},
+                              {"imbalance_cv", s.layer_imbalance[l].cv},
+                              {"gini", s.layer_imbalance[l].gini},
+                              {"domain_js_mean", number_or_null(js[l])},
+                              {"prefill_decode_correlation_mean", number_or_null(s.correlation.mean[l])},
+                              {"prefill_decode_correlation_median", number_or_null(s.correlation.median[l])},
+                              {"prefill_decode_correlation_defined", s.correlation.defined[l]}});
+  double js_sum = 0;
+  std::size_t js_n = 0;
+  for (double v : js)
+    if (std::isfinite(v)) js_sum += v, ++js_n;
+  j["summary"] = {{"mean_imbalance_max_over_mean", s.mean_imbalance(&locus::trace::imbalance::max_over_mean)},
+                  {"mean_imbalance_cv", s.mean_imbalance(&locus::trace::imbalance::cv)},
+                  {"mean_gini", s.mean_imbalance(&locus::trace::imbalance::gini)},
+                  {"mean_domain_js", number_or_null(js_n ? js_sum / static_cast<double>(js_n) : std::nan(""))},
+                  {"mean_prefill_decode_correlation", number_or_null(s.correlation.overall_mean())}};
+  return j;
+}
+
+inline void print_stats_table(const locus::trace::trace_statistics& s, std::size_t prefill) {
+  std::printf("%zu requests, %zu tokens, %zu layers, %zu experts, top-%zu\n\n", s.requests, s.tokens, s.layers,
+              s.experts, s.top_k);
+  std::printf("%-16s %10s %10s\n", "domain", "requests", "tokens");
+  for (std::size_t d = 0; d < s.domain_names.size(); ++d)
+    std::printf("%-16s %10llu %10llu\n", s.domain_names[d].c_str(),
+                static_cast<unsigned long long>(s.popularity.requests[d]),
+                static_cast<unsigned long long>(s.popularity.tokens[d]));
+  const auto js = s.divergence.mean_per_layer();
+  std::printf("\n%5s %9s %7s %7s %9s %10s %10s   (correlation: first %zu tokens prefill)\n", "layer", "max/mean",
+              "CV", "Gini", "JS(dom)", "corr mean", "corr med", prefill);
+  for (std::size_t l = 0; l < s.layers; ++l)
+    std::printf("%5zu %9.3f %7.3f %7.3f %9.4f %10.3f %10.3f\n", l, s.layer_imbalance[l].max_over_mean,
+                s.layer_imbalance[l].cv, s.layer_imbalance[l].gini, js[l], s.correlation.mean[l],
+                s.correlation.median[l]);
+  double js_sum = 0;
+  std::size_t js_n = 0;
+  for (double v : js)
+    if (std::isfinite(v)) js_sum += v, ++js_n;
+  std::printf("%5s %9.3f %7.3f %7.3f %9.4f %10.3f\n", "mean", s.mean_imbalance(&locus::trace::imbalance::max_over_mean),
+              s.mean_imbalance(&locus::trace::imbalance::cv), s.mean_imbalance(&locus::trace::imbalance::gini),
+              js_n ? js_sum / static_cast<double>(js_n) : std::nan(""), s.correlation.overall_mean());
+}
+
+//! Parses "E:K:L" (experts, top-k, layers) for --rescale.
+inline locus::trace::rescale_options parse_rescale(const std::string& text) {
+  locus::trace::rescale_options o;
+  std::size_t a = 0, b = 0, c = 0;
+  char tail = 0;
+  if (std::sscanf(text.c_str(), "%zu:%zu:%zu%c", &a, &b, &c, &tail) != 3)
+    LOCUS_THROW(locus::config_error, "--rescale \"", text,
+                "\": expected EXPERTS:TOP_K:LAYERS, e.g. 256:8:58 for the DeepSeek-V3 shape");
+  o.experts = a;
+  o.top_k = b;
+  o.layers = c;
+  return o;
+}
+
+inline std::ofstream open_csv(const std::filesystem::path& p) {
+  std::ofstream f(p);
+  LOCUS_REQUIRE(f.good(), locus::io_error, "cannot write ", p.string());
+  return f;
+}
+
+} // namespace trace_analysis
+
+inline void register_trace_stats(CLI::App& trace_cmd) {
+  struct options {
+    std::string path;
+    std::size_t prefill = 32;
+    bool json = false;
+    unsigned threads = 0;
+  };
+  auto o = std::make_shared<options>();
+  auto* cmd = trace_cmd.add_subcommand("stats", "Statistics of a trace: load imbalance, domains, prefill/decode "
+                                                "correlation (table, or JSON with --json)");
+  cmd->add_option("trace", o->path, "Trace: locus binary file or ESFT folder")->required();
+  cmd->add_option("--prefill-tokens", o->prefill, "Leading tokens of each request counted as prefill");
+  cmd->add_flag("--json", o->json, "Print JSON instead of a table");
+  cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)");
+  cmd->callback([o] {
+    trace_analysis::progress p("locus trace stats");
+    const auto t = trace_analysis::load(o->path, p).with_prefill_tokens(o->prefill);
+    p.start("computing statistics");
+    locus::trace::statistics_options so;
+    so.coactivation = so.transitions = false;
+    so.threads = o->threads;
+    const auto s = locus::trace::compute_statistics(t, so);
+    p.done();
+    if (o->json)
+      std::printf("%s\n", trace_analysis::stats_json(s, o->prefill).dump(2).c_str());
+    else
+      trace_analysis::print_stats_table(s, o->prefill);
+  });
+}
+
+inline void register_trace_synth(CLI::App& trace_cmd) {
+  struct options {
+    std::string out, fit_path, rescale;
+    locus::trace::synth_shape shape;
+    double mean_length = 180.0;
+    double segment_sigma = 0.0;
+    std::size_t requests = 0, tokens = 100000;
+    std::uint64_t seed = 1;
+    unsigned threads = 0;
+  };
+  auto o = std::make_shared<options>();
+  auto* cmd = trace_cmd.add_subcommand(
+      "synth", "Write a synthetic binary trace: from a shape, or fitted to a real trace (--fit) and optionally "
+               "rescaled (--rescale 256:8:58)");
+  cmd->add_option("--out", o->out, "Output binary trace file")->required();
+  cmd->add_option("--fit", o->fit_path, "Fit the model to this trace (binary file or ESFT folder)");
+  cmd->add_option("--rescale", o->rescale, "With --fit: rescale to EXPERTS:TOP_K:LAYERS, e.g. 256:8:58");
+  auto& sh = o->shape;
+  cmd->add_option("--experts", sh.experts, "Experts per layer (shape mode)")->check(CLI::Range(1, 65536));
+  cmd->add_option("--top-k", sh.top_k, "Experts per token (shape mode)")->check(CLI::Range(1, 64));
+  cmd->add_option("--layers", sh.layers, "MoE layers (shape mode)")->check(CLI::PositiveNumber);
+  cmd->add_option("--domains", sh.domains, "Domains (shape mode)")->check(CLI::PositiveNumber);
+  cmd->add_option("--zipf", sh.zipf, "Popularity skew: share of rank i ∝ (i+1)^-zipf")->check(CLI::Range(0.0, 8.0));
+  cmd->add_option("--domain-shift", sh.domain_shift, "0: domains alike .. 1: independent rankings")
+      ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--clusters", sh.clusters, "Co-activation clusters per layer (0 = none)");
+  cmd->add_option("--cluster-probability", sh.cluster_probability, "Share of tokens drawing from one cluster")
+      ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--request-sigma", sh.request_sigma, "Per-request log-normal spread (raises prefill/decode "
+                                                       "correlation)")
+      ->check(CLI::Range(0.0, 10.0));
+  cmd->add_option("--segment-sigma", o->segment_sigma, "Per-16-token log-normal spread (lowers it)")
+      ->check(CLI::Range(0.0, 10.0));
+  cmd->add_option("--mean-length", o->mean_length, "Mean request length (log-normal)")->check(CLI::Range(1.0, 1e6));
+  cmd->add_option("--length-sigma", sh.length_log_sigma, "σ of ln(length)")->check(CLI::Range(0.0, 5.0));
+  cmd->add_option("--prefill-tokens", sh.prefill_tokens, "Leading tokens of each request marked prefill");
+  cmd->add_option("--requests", o->requests, "Requests to sample (overrides --tokens)");
+  cmd->add_option("--tokens", o->tokens, "Sample requests until at least this many tokens");
+  cmd->add_option("--seed", o->seed, "Seed (the output is identical for equal seeds)");
+  cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)");
+  cmd->callback([o] {
+    trace_analysis::progress p("locus trace synth");
+    LOCUS_REQUIRE(o->rescale.empty() || !o->fit_path.empty(), locus::config_error,
+                  "--rescale needs --fit TRACE (a shape is given directly with --experts/--top-k/--layers)");
+    LOCUS_REQUIRE(o->requests > 0 || o->tokens > 0, locus::config_error, "--requests and --tokens are both 0");
+    locus::trace::synth_model m;
+    if (!o->fit_path.empty()) {
+      const auto real = trace_analysis::load(o->fit_path, p);
+      p.start("fitting the synthesizer");
+      locus::trace::fit_options fo;
+      fo.prefill_tokens = o->shape.prefill_tokens;
+      fo.seed = o->seed;
+      fo.threads = o->threads;
+      m = locus::trace::fit(real, fo);
+      p.done();
+      std::fprintf(stderr, "locus trace synth: fitted request σ %.3f, segment η %.3f, cluster probability %.3f\n",
+                   m.request_sigma, m.segment_sigma, m.cluster_probability);
+      if (!o->rescale.empty()) {
+        auto ro = trace_analysis::parse_rescale(o->rescale);
+        ro.seed = o->seed;
+        ro.threads = o->threads;
+        p.start("rescaling to " + o->rescale);
+        m = locus::trace::rescale(m, ro);
+        p.done();
+      }
+    } else {
+      auto shape = o->shape;
+      shape.seed = o->seed;
+      LOCUS_REQUIRE(shape.top_k <= shape.experts, locus::config_error, "--top-k ", shape.top_k, " exceeds --experts ",
+                    shape.experts);
+      shape.length_log_mean = std::log(o->mean_length) - 0.5 * shape.length_log_sigma * shape.length_log_sigma;
+      m = locus::trace::make_synth_model(shape);
+      m.segment_sigma = o->segment_sigma;
+    }
+    locus::trace::sample_options so;
+    so.requests = o->requests;
+    so.tokens = o->requests ? 0 : o->tokens;
+    so.seed = o->seed;
+    so.threads = o->threads;
+    p.start("sampling");
+    const auto t = locus::trace::sample(m, so);
+    p.done();
+    locus::trace::write_trace(t, o->out);
+    std::printf("%s: %zu requests, %zu tokens, %zu layers, %zu experts, top-%zu, %zu domains\n", o->out.c_str(),
+                t.requests(), t.tokens(), t.layers(), t.experts(), t.top_k(), t.domains().size());
+  });
+}
+
+inline void register_trace_report(CLI::App& trace_cmd) {
+  struct options {
+    std::string path, out = "trace_report", python = "/usr/bin/python3", script = LOCUS_TRACE_REPORT_SCRIPT;
+    std::size_t prefill = 32;
+    long layer = -1;
+    bool no_render = false;
+    unsigned threads = 0;
+  };
+  auto o = std::make_shared<options>();
+  auto* cmd = trace_cmd.add_subcommand("report", "Write CSV files and PNG figures (expert-load heatmaps per domain, "
+                                                 "imbalance per layer, co-activation, prefill/decode scatter)");
+  cmd->add_option("trace", o->path, "Trace: locus binary file or ESFT folder")->required();
+  cmd->add_option("--out", o->out, "Output folder");
+  cmd->add_option("--prefill-tokens", o->prefill, "Leading tokens of each request counted as prefill");
+  cmd->add_option("--layer", o->layer, "Layer of the co-activation heatmap and the scatter (default: middle)");
+  cmd->add_option("--python", o->python, "Python interpreter with matplotlib");
+  cmd->add_option("--script", o->script, "The rendering script (scripts/trace_report.py)");
+  cmd->add_flag("--no-render", o->no_render, "Write the CSV files only");
+  cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)");
+  cmd->callback([o] {
+    namespace fs = std::filesystem;
+    trace_analysis::progress p("locus trace report");
+    const auto t = trace_analysis::load(o->path, p).with_prefill_tokens(o->prefill);
+    const std::size_t layer = o->layer < 0 ? t.layers() / 2 : static_cast<std::size_t>(o->layer);
+    LOCUS_REQUIRE(layer < t.layers(), locus::config_error, "--layer ", o->layer, " is out of range [0, ", t.layers(),
+                  ")");
+    p.start("computing statistics");
+    locus::trace::statistics_options so;
+    so.coactivation = so.transitions = false;
+    so.threads = o->threads;
+    const auto s = locus::trace::compute_statistics(t, so);
+    const auto co = locus::trace::compute_coactivation(t, layer);
+    p.done();
+    std::error_code ec;
+    fs::create_directories(o->out, ec);
+    LOCUS_REQUIRE(!ec, locus::io_error, "cannot create folder ", o->out, ": ", ec.message());
+    const fs::path dir(o->out);
+    const std::size_t E = t.experts(), L = t.layers();
+    // Expert load share per layer, one file per domain and one for all.
+    for (std::size_t d = 0; d <= s.domain_names.size(); ++d) {
+      const bool all = d == s.domain_names.size();
+      auto f = trace_analysis::open_csv(dir / ("load_" + (all ? std::string("all") : s.domain_names[d]) + ".csv"));
+      f << "layer";
+      for (std::size_t e = 0; e < E; ++e) f << ",e" << e;
+      f << "\n";
+      for (std::size_t l = 0; l < L; ++l) {
+        f << l;
+        const double norm =
+            1.0 / (static_cast<double>(all ? s.tokens : s.popularity.tokens[d]) * static_cast<double>(t.top_k()));
+        for (std::size_t e = 0; e < E; ++e)
+          f << "," << (all ? static_cast<double>(s.load.count(l, e)) * norm : s.popularity.row(d, l)[e]);
+        f << "\n";
+      }
+    }
+    {
+      const auto js = s.divergence.mean_per_layer();
+      auto f = trace_analysis::open_csv(dir / "imbalance.csv");
+      f << "layer,max_over_mean,cv,gini,domain_js_mean,correlation_mean,correlation_median\n";
+      for (std::size_t l = 0; l < L; ++l)
+        f << l << "," << s.layer_imbalance[l].max_over_mean << "," << s.layer_imbalance[l].cv << ","
+          << s.layer_imbalance[l].gini << "," << js[l] << "," << s.correlation.mean[l] << ","
+          << s.correlation.median[l] << "\n";
+    }
+    {
+      auto f = trace_analysis::open_csv(dir / "coactivation.csv");
+      f << "# layer " << layer << ": tokens choosing both experts (diagonal: tokens choosing the expert)\n";
+      for (std::size_t i = 0; i < E; ++i) {
+        for (std::size_t j = 0; j < E; ++j) f << (j ? "," : "") << co.at(i, j);
+        f << "\n";
+      }
+    }
+    {
+      // Per request and expert at the chosen layer: share of its prefill choices vs of its
+      // decode choices (the scatter), and per request and layer the correlation.
+      auto f = trace_analysis::open_csv(dir / "prefill_decode.csv");
+      f << "request,domain,expert,prefill_share,decode_share\n";
+      auto g = trace_analysis::open_csv(dir / "correlation.csv");
+      g << "request,domain,layer,correlation\n";
+      std::vector<double> a(E), b(E);
+      for (std::size_t r = 0; r < t.requests(); ++r) {
+        const auto& q = t.request(r);
+        for (std::size_t l = 0; l < L; ++l)
+          if (std::isfinite(s.correlation.at(r, l)))
+            g << r << "," << s.domain_names[q.domain] << "," << l << "," << s.correlation.at(r, l) << "\n";
+        std::fill(a.begin(), a.end(), 0.0);
+        std::fill(b.begin(), b.end(), 0.0);
+        double na = 0, nb = 0;
+        const auto v = t.request_layer(r, layer);
+        for (std::size_t i = 0; i < q.length; ++i) {
+          const bool pre = t.token_phase(q.first_token + i) == locus::trace::phase::prefill;
+          for (std::size_t j = 0; j < t.top_k(); ++j) (pre ? a : b)[v.expert(i, j)] += 1, (pre ? na : nb) += 1;
+        }
+        if (na == 0 || nb == 0) continue;
+        for (std::size_t e = 0; e < E; ++e)
+          if (a[e] > 0 || b[e] > 0)
+            f << r << "," << s.domain_names[q.domain] << "," << e << "," << a[e] / na << "," << b[e] / nb << "\n";
+      }
+    }
+    {
+      auto f = trace_analysis::open_csv(dir / "summary.json");
+      auto j = trace_analysis::stats_json(s, o->prefill);
+      j["report_layer"] = layer;
+      j["source"] = o->path;
+      f << j.dump(2) << "\n";
+    }
+    std::printf("%s: CSV files written\n", o->out.c_str());
+    if (o->no_render) return;
+    LOCUS_REQUIRE(fs::exists(o->script), locus::io_error, "rendering script ", o->script,
+                  " not found (give it with --script, or use --no-render for CSV only)");
+    LOCUS_REQUIRE(fs::exists(o->python), locus::io_error, "Python interpreter ", o->python,
+                  " not found (install python3-matplotlib, give --python, or use --no-render)");
+    p.start("rendering figures");
+    auto quote = [](const std::string& x) {
+      std::string r = "'";
+      for (char c : x) r += c == '\'' ? std::string("'\\''") : std::string(1, c);
+      return r + "'";
+    };
+    const std::string command = quote(o->python) + " " + quote(o->script) + " " + quote(o->out);
+    const int rc = std::system(command.c_str());
+    p.done();
+    LOCUS_REQUIRE(rc == 0, locus::io_error, "rendering failed (exit status ", rc, "): ", command);
+    std::printf("%s: figures rendered\n", o->out.c_str());
+  });
+}
+
+//! Registers stats, synth and report under `locus trace`.
+inline void register_trace_analysis(CLI::App* trace_cmd) {
+  register_trace_stats(*trace_cmd);
+  register_trace_synth(*trace_cmd);
+  register_trace_report(*trace_cmd);
+}
+
+} // namespace locus_driver

@@ -1,0 +1,151 @@
+#pragma once
+//! @file
+//! CUDA kernels of the device layout (`transport/device_layout.hpp`). K (top-k) is a template
+//! parameter so per-token scratch lives in registers; Experts is a locus::experts extent (static:
+//! the range check is against a constant). The per-token logic is the host's
+//! (`transport/detail/layout_token.hpp`); sorting and scanning are CUB's, so every order is
+//! stable and the result equals the host layout bit for bit.
+
+#include <locus/core/expert_map.hpp>
+#include <locus/transport/detail/layout_token.hpp>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout {
+
+//! Checks ids (range, repeats) and weights (finite); records the smallest offending copy in
+//! `*error`; writes (expert, copy) pairs for the per-expert stable sort.
+template <std::size_t K, class Experts>
+__global__ void validate_kernel(const std::int32_t* ids, const float* weights, std::size_t tokens, Experts experts,
+                                std::int32_t* error, std::int32_t* key, std::int32_t* copy) {
+  const std::size_t t = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (t >= tokens) return;
+  std::int32_t e[K];
+#pragma unroll
+  for (std::size_t j = 0; j < K; ++j) e[j] = ids[t * K + j];
+#pragma unroll
+  for (std::size_t j = 0; j < K; ++j) {
+    const auto c = static_cast<std::int32_t>(t * K + j);
+    bool bad = e[j] < 0 || static_cast<std::size_t>(e[j]) >= experts.value();
+    for (std::size_t i = 0; i < j; ++i) bad |= e[i] == e[j];
+    if (weights && !isfinite(weights[c])) bad = true;
+    if (bad) atomicMin(error, c);
+    key[c] = bad ? 0 : e[j]; // keeps the sort in range; the layout is discarded anyway
+    copy[c] = c;
+  }
+}
+
+//! One thread per copy, in (expert, copy) order: the copy's position within its expert's run is
+//! its round-robin index among the expert's copies.
+__global__ void replica_kernel(const std::int32_t* sorted_expert, const std::int32_t* sorted_copy, std::size_t copies,
+                               const std::int32_t* fixed, const std::int32_t* cand_offsets, const std::int32_t* cands,
+                               const slot_ref* replicas, std::int32_t slots, std::int32_t* copy_rank,
+                               std::int32_t* copy_slot, std::int32_t* copy_replica, std::int32_t* slot_counts) {
+  const std::size_t p = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (p >= copies) return;
+  const std::int32_t e = sorted_expert[p];
+  // First position of e's run (binary search: runs are sorted).
+  std::size_t lo = 0, hi = p;
+  while (lo < hi) {
+    const std::size_t mid = (lo + hi) / 2;
+    if (sorted_expert[mid] < e) lo = mid + 1;
+    else hi = mid;
+  }
+  const std::int32_t rep = choose_replica(fixed, cand_offsets, cands, e, static_cast<std::int32_t>(p - lo));
+  const std::int32_t c = sorted_copy[p];
+  const slot_ref s = replicas[rep];
+  copy_replica[c] = rep;
+  copy_rank[c] = s.rank;
+  copy_slot[c] = s.slot;
+  atomicAdd(&slot_counts[s.rank * slots + s.slot], 1);
+}
+
+//! One thread per token: rows of the token (group_rows), their bucket keys for the stable sort
+//! (unused row places get `sentinel`, which sorts last), counts per send rank and link class.
+template <std::size_t K>
+__global__ void group_kernel(token_params p, const std::int32_t* copy_rank, const std::int32_t* copy_slot,
+                             std::size_t tokens, std::int32_t sentinel, std::int32_t* local_row, std::int32_t* row_key,
+                             std::int32_t* row_index, std::int32_t* row_size, std::int32_t* rank_rows,
+                             unsigned long long* links) {
+  const std::size_t t = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (t >= tokens) return;
+  const std::size_t c0 = t * K;
+  std::int32_t rank[K], slot[K], lrow[K], key[K], size[K], fwd[K];
+#pragma unroll
+  for (std::size_t j = 0; j < K; ++j) {
+    rank[j] = copy_rank[c0 + j];
+    slot[j] = copy_slot[c0 + j];
+  }
+  const std::int32_t rows = group_rows<K>(p, rank, slot, K, lrow, key, size, fwd);
+#pragma unroll
+  for (std::size_t j = 0; j < K; ++j) {
+    local_row[c0 + j] = lrow[j];
+    const bool used = static_cast<std::int32_t>(j) < rows;
+    row_key[c0 + j] = used ? key[j] : sentinel;
+    row_index[c0 + j] = static_cast<std::int32_t>(c0 + j);
+    row_size[c0 + j] = used ? size[j] : 0;
+    if (used) {
+      const std::int32_t to = key[j] / p.bucket_width;
+      atomicAdd(&rank_rows[to], 1);
+      atomicAdd(&links[row_link(p, to)], 1ull);
+      if (fwd[j]) atomicAdd(&links[1], static_cast<unsigned long long>(fwd[j]));
+    }
+  }
+}
+
+//! Entry counts in sorted row order (0 past the last row, and one extra 0 at `places`), for the
+//! scan into row_entry_offsets.
+__global__ void row_sizes_kernel(const std::int32_t* sorted_index, const std::int32_t* row_size, std::size_t places,
+                                 std::int32_t* sorted_size) {
+  const std::size_t q = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (q > places) return;
+  sorted_size[q] = q < places ? row_size[sorted_index[q]] : 0; // unused places have size 0
+}
+
+//! One thread per row: token, entries (row_members order) and forwards.
+template <std::size_t K>
+__global__ void place_kernel(token_params p, const std::int32_t* sorted_key, const std::int32_t* sorted_index,
+                             const std::int32_t* rank_offsets, std::int32_t ranks, const std::int32_t* row_entry_offsets,
+                             const std::int32_t* copy_rank, const std::int32_t* copy_slot, const std::int32_t* local_row,
+                             const float* weights, std::int32_t* row_token, std::int32_t* row_forwards,
+                             std::int32_t* copy_row, std::int32_t* copy_entry, std::int32_t* entry_copy,
+                             std::int32_t* entry_target, std::int32_t* entry_slot, float* entry_weight) {
+  const std::size_t r = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (r >= static_cast<std::size_t>(rank_offsets[ranks])) return;
+  const std::int32_t src = sorted_index[r];
+  const std::int32_t t = src / static_cast<std::int32_t>(K), i = src % static_cast<std::int32_t>(K);
+  const std::size_t c0 = static_cast<std::size_t>(t) * K;
+  std::int32_t rank[K], slot[K], lrow[K], members[K];
+#pragma unroll
+  for (std::size_t j = 0; j < K; ++j) {
+    rank[j] = copy_rank[c0 + j];
+    slot[j] = copy_slot[c0 + j];
+    lrow[j] = local_row[c0 + j];
+  }
+  const std::int32_t m = row_members<K>(p, rank, slot, lrow, K, i, members);
+  const std::int32_t to = sorted_key[r] / p.bucket_width;
+  std::int32_t entry = row_entry_offsets[r], forwards = 0;
+  for (std::int32_t q = 0; q < m; ++q, ++entry) {
+    const std::int32_t j = members[q];
+    const std::int32_t c = static_cast<std::int32_t>(c0) + j;
+    copy_row[c] = static_cast<std::int32_t>(r);
+    copy_entry[c] = entry;
+    entry_copy[entry] = c;
+    entry_target[entry] = rank[j] % p.gpus;
+    entry_slot[entry] = slot[j];
+    if (weights) entry_weight[entry] = weights[c];
+    if (rank[j] != to && (q == 0 || rank[members[q - 1]] != rank[j])) ++forwards;
+  }
+  row_token[r] = t;
+  if (row_forwards) row_forwards[r] = forwards;
+}
+
+//! rank_entry_offsets[d] = row_entry_offsets[rank_offsets[d]].
+__global__ void rank_entry_offsets_kernel(const std::int32_t* rank_offsets, const std::int32_t* row_entry_offsets,
+                                          std::int32_t ranks, std::int32_t* rank_entry_offsets) {
+  const std::int32_t d = static_cast<std::int32_t>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (d <= ranks) rank_entry_offsets[d] = row_entry_offsets[rank_offsets[d]];
+}
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::transport::detail::layout

@@ -1,0 +1,140 @@
+#pragma once
+// locus-requires: cuda
+//! @file
+//! The layout of `transport/layout.hpp` computed on a GPU from a device routing: the same arrays,
+//! equal bit for bit (same per-token code, stable CUB sorts and scans). The routing stays on the
+//! device; the expert map and topology come from the host (a few KiB uploaded per assign).
+//! assign() synchronises the stream once at the end, to check the input and to return the
+//! per-rank row counts to the host, where a transport needs them anyway (message sizes).
+
+#include <locus/core/cuda_error.hpp>
+#include <locus/core/device_buffer.hpp>
+#include <locus/core/expert_map.hpp>
+#include <locus/core/extents.hpp>
+#include <locus/core/routing.hpp>
+#include <locus/core/topology.hpp>
+#include <locus/transport/detail/dispatch_layout.hpp>
+#include <locus/transport/layout.hpp>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
+
+//! Device layout of one source rank.
+//! @tparam TopK    `locus::top_k<K>` - static: the kernels are instantiated for K
+//! @tparam Experts `locus::experts<E>` or `experts<>`
+template <class TopK, class Experts = experts<>>
+class device_layout {
+  static_assert(extent_of<TopK, locus::detail::top_k_tag> && TopK::is_static,
+                "locus::transport::device_layout needs a static locus::top_k<K>: its kernels are specialised for K");
+  static_assert(extent_of<Experts, locus::detail::experts_tag>, "locus::transport::device_layout: the second parameter must be locus::experts<E>");
+  static constexpr std::size_t K = TopK::static_value;
+
+public:
+  //! Same contract as layout::assign, for a device routing.
+  //! @throws locus::config_error when map, topology and Experts disagree
+  //! @throws locus::invalid_input_error naming the first token and choice with an out-of-range or
+  //!         repeated expert id or a non-finite weight (found on the device, named on the host)
+  //! @throws locus::cuda_error on a CUDA failure
+  template <class Topology>
+  void assign(const device_routing_view<TopK>& r, const expert_map& map, const Topology& topo, std::size_t source_rank,
+              layout_kind kind = layout_kind::flat, cudaStream_t stream = nullptr) {
+    static_assert(any_topology<Topology>, "locus::transport::device_layout needs a locus::topology");
+    LOCUS_REQUIRE(map.ranks() == topo.ranks(), config_error, "device_layout: the expert map has ", map.ranks(),
+                  " ranks but the topology has ", topo.ranks());
+    const Experts experts(map.experts());
+    LOCUS_REQUIRE(source_rank < topo.ranks(), invalid_input_error, "device_layout: source rank ", source_rank,
+                  " out of range [0, ", topo.ranks(), ")");
+    LOCUS_REQUIRE(r.tokens() * K <= static_cast<std::size_t>(INT32_MAX) / 2, invalid_input_error, "device_layout: ",
+                  r.tokens(), " tokens × top_k ", K, " copies exceed 32-bit indices");
+    kind_ = kind;
+    tokens_ = r.tokens();
+    ranks_ = topo.ranks();
+    slots_ = map.slots_per_rank();
+    gpus_ = topo.gpus_per_node();
+    const detail::layout::token_params p{static_cast<std::int32_t>(source_rank), static_cast<std::int32_t>(gpus_),
+                                         static_cast<std::int32_t>(slots_),
+                                         static_cast<std::int32_t>(kind == layout_kind::flat ? slots_ : gpus_ * slots_),
+                                         kind == layout_kind::node};
+    detail::layout::replica_tables(map, topo, source_rank, fixed_, cand_offsets_, cands_);
+    b_.fixed.assign(fixed_);
+    b_.cand_offsets.assign(cand_offsets_);
+    b_.cands.resize(cands_.size() + 1); // never empty, so the pointer is valid
+    if (!cands_.empty()) b_.cands.assign(cands_);
+    const expert_map_view v = map.view();
+    replicas_.assign(v.replicas, static_cast<std::size_t>(v.replica_offsets[v.experts]));
+    detail::layout::dispatch_build<K, Experts>(b_, r.ids(), r.weights(), tokens_, experts, replicas_.data(), p, ranks_, stream);
+    std::int32_t error = 0;
+    rank_offsets_host_.resize(ranks_ + 1);
+    LOCUS_CUDA_CHECK(cudaMemcpyAsync(&error, b_.error.data(), sizeof error, cudaMemcpyDeviceToHost, stream));
+    LOCUS_CUDA_CHECK(cudaMemcpyAsync(rank_offsets_host_.data(), b_.rank_offsets.data(), (ranks_ + 1) * sizeof(std::int32_t),
+                                     cudaMemcpyDeviceToHost, stream));
+    LOCUS_CUDA_CHECK(cudaMemcpyAsync(links_host_.data(), b_.links.data(), sizeof links_host_, cudaMemcpyDeviceToHost, stream));
+    LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream));
+    if (error != 0x7f7f7f7f) report(r, error, experts.value());
+  }
+
+  layout_kind kind() const noexcept { return kind_; }
+  std::size_t tokens() const noexcept { return tokens_; }
+  static constexpr std::size_t top_k() noexcept { return K; }
+  std::size_t copies() const noexcept { return tokens_ * K; }
+  std::size_t rows() const noexcept { return rank_offsets_host_.empty() ? 0 : static_cast<std::size_t>(rank_offsets_host_.back()); }
+  std::size_t ranks() const noexcept { return ranks_; }
+  std::size_t slots_per_rank() const noexcept { return slots_; }
+  //! Host copy of the per-rank row offsets (`ranks + 1` values).
+  const std::vector<std::int32_t>& rank_offsets_host() const noexcept { return rank_offsets_host_; }
+  //! Copies moved per link class (as layout::link_copies).
+  std::array<std::uint64_t, link_class_count> link_copies() const noexcept {
+    return {links_host_[0], links_host_[1], links_host_[2]};
+  }
+
+  //! @name Device arrays, with the meaning and length of layout's accessors of the same name
+  //! @{
+  const std::int32_t* copy_rank() const noexcept { return b_.copy_rank.data(); }
+  const std::int32_t* copy_slot() const noexcept { return b_.copy_slot.data(); }
+  const std::int32_t* copy_replica() const noexcept { return b_.copy_replica.data(); }
+  const std::int32_t* copy_row() const noexcept { return b_.copy_row.data(); }
+  const std::int32_t* copy_entry() const noexcept { return b_.copy_entry.data(); }
+  const std::int32_t* row_token() const noexcept { return b_.row_token.data(); }
+  const std::int32_t* rank_offsets() const noexcept { return b_.rank_offsets.data(); }
+  const std::int32_t* row_entry_offsets() const noexcept { return b_.row_entry_offsets.data(); }
+  const std::int32_t* rank_entry_offsets() const noexcept { return b_.rank_entry_offsets.data(); }
+  //! Forwards per row (node layouts only).
+  const std::int32_t* row_forwards() const noexcept { return b_.row_forwards.data(); }
+  const std::int32_t* entry_copy() const noexcept { return b_.entry_copy.data(); }
+  const std::int32_t* entry_target() const noexcept { return b_.entry_target.data(); }
+  const std::int32_t* entry_slot() const noexcept { return b_.entry_slot.data(); }
+  //! Null when the routing had no weights.
+  const float* entry_weight() const noexcept { return b_.entry_weight.empty() ? nullptr : b_.entry_weight.data(); }
+  const std::int32_t* slot_counts() const noexcept { return b_.slot_counts.data(); }
+  //! @}
+
+private:
+  // The device found a bad copy: name it as the host layout would.
+  void report(const device_routing_view<TopK>& r, std::int32_t c, std::size_t experts) const {
+    const std::size_t t = static_cast<std::size_t>(c) / K, j = static_cast<std::size_t>(c) % K;
+    std::array<std::int32_t, K> ids{};
+    LOCUS_CUDA_CHECK(cudaMemcpy(ids.data(), r.ids() + t * K, sizeof ids, cudaMemcpyDeviceToHost));
+    const std::int32_t e = ids[j];
+    if (e < 0 || static_cast<std::size_t>(e) >= experts)
+      LOCUS_THROW(invalid_input_error, "device_layout: token ", t, " choice ", j, ": expert id ", e, " out of range [0, ",
+                  experts, ")");
+    for (std::size_t i = 0; i < j; ++i)
+      if (ids[i] == e) LOCUS_THROW(invalid_input_error, "device_layout: token ", t, ": expert ", e, " is chosen twice");
+    float w = 0;
+    if (r.weights()) LOCUS_CUDA_CHECK(cudaMemcpy(&w, r.weights() + c, sizeof w, cudaMemcpyDeviceToHost));
+    LOCUS_THROW(invalid_input_error, "device_layout: token ", t, " choice ", j, ": weight ", w, " is not finite");
+  }
+
+  layout_kind kind_ = layout_kind::flat;
+  std::size_t tokens_ = 0, ranks_ = 0, slots_ = 0, gpus_ = 1;
+  detail::layout::device_layout_buffers b_;
+  device_buffer<slot_ref> replicas_;
+  std::vector<std::int32_t> fixed_, cand_offsets_, cands_, rank_offsets_host_;
+  std::array<unsigned long long, 3> links_host_{};
+};
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::transport

@@ -1,0 +1,185 @@
+#define BOOST_TEST_MODULE layout_kernels
+#include <boost/test/unit_test.hpp>
+
+// The device layout and permute kernels against the host path (itself tested against brute
+// force in tests/unit/test_layout.cpp): every array equal, every vector equal bit for bit.
+#include <locus/core/device_buffer.hpp>
+#include <locus/transport/device_permute.hpp>
+#include <locus/transport/permute.hpp>
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace locus;
+using namespace locus::transport;
+
+namespace {
+
+expert_map random_map(std::size_t experts, std::size_t ranks, std::size_t slots, std::size_t replicas, std::mt19937& rng) {
+  std::vector<std::size_t> free_slots(ranks * slots);
+  std::iota(free_slots.begin(), free_slots.end(), 0);
+  std::shuffle(free_slots.begin(), free_slots.end(), rng);
+  std::vector<expert_id> table(ranks * slots, empty_slot);
+  std::size_t next = 0;
+  for (std::size_t e = 0; e < experts; ++e) table[free_slots[next++]] = static_cast<expert_id>(e);
+  for (std::size_t i = 0; i < replicas && next < free_slots.size(); ++i)
+    table[free_slots[next++]] = static_cast<expert_id>(i % std::min<std::size_t>(experts, 5));
+  return expert_map(experts, ranks, slots, table);
+}
+
+template <std::size_t K>
+routing<top_k<K>> random_routing(std::size_t tokens, std::size_t experts, std::mt19937& rng) {
+  std::vector<expert_id> ids(tokens * K), all(experts);
+  std::vector<float> w(tokens * K);
+  std::iota(all.begin(), all.end(), 0);
+  std::uniform_real_distribution<float> u(0.01f, 1.0f);
+  for (std::size_t t = 0; t < tokens; ++t) {
+    const std::size_t pool = t % 2 ? experts : std::max<std::size_t>(K, std::min<std::size_t>(experts, 8));
+    std::shuffle(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(pool), rng);
+    for (std::size_t j = 0; j < K; ++j) {
+      ids[t * K + j] = all[j];
+      w[t * K + j] = u(rng);
+    }
+  }
+  return routing<top_k<K>>(std::move(ids), std::move(w));
+}
+
+template <class T>
+std::vector<T> download(const T* p, std::size_t n) {
+  std::vector<T> out(n);
+  if (n) LOCUS_CUDA_CHECK(cudaMemcpy(out.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+  return out;
+}
+
+template <class T>
+void check_equal(const char* what, std::span<const T> host, const T* device) {
+  const auto got = download(device, host.size());
+  BOOST_CHECK_MESSAGE(std::memcmp(got.data(), host.data(), host.size() * sizeof(T)) == 0, what << " differs from the host");
+}
+
+template <class T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+template <class T, std::size_t K, class Experts, class Topology>
+void check_case(std::size_t experts, const Topology& topo, std::size_t slots, std::size_t replicas, std::size_t tokens,
+                std::size_t hidden, layout_kind kind, std::mt19937& rng) {
+  const expert_map map = random_map(experts, topo.ranks(), slots, replicas, rng);
+  const auto r = random_routing<K>(tokens, experts, rng);
+  const std::size_t src = topo.ranks() / 2;
+  layout<top_k<K>> host;
+  host.assign(r.view(), map, topo, src, layout_options{kind, 2, 64});
+
+  device_buffer<expert_id> ids;
+  ids.assign(r.ids());
+  device_buffer<float> weights;
+  weights.assign(r.weights());
+  device_layout<top_k<K>, Experts> dev;
+  dev.assign(device_routing_view<top_k<K>>(ids.data(), weights.data(), tokens), map, topo, src, kind);
+  BOOST_TEST_CONTEXT("E=" << experts << " K=" << K << " ranks " << topo.ranks() << " " << to_string(kind) << " hidden " << hidden) {
+    BOOST_REQUIRE_EQUAL(dev.rows(), host.rows());
+    BOOST_CHECK(dev.link_copies() == host.link_copies());
+    check_equal<std::int32_t>("copy_rank", host.copy_rank(), dev.copy_rank());
+    check_equal<std::int32_t>("copy_slot", host.copy_slot(), dev.copy_slot());
+    check_equal<std::int32_t>("copy_replica", host.copy_replica(), dev.copy_replica());
+    check_equal<std::int32_t>("copy_row", host.copy_row(), dev.copy_row());
+    check_equal<std::int32_t>("copy_entry", host.copy_entry(), dev.copy_entry());
+    check_equal<std::int32_t>("row_token", host.row_token(), dev.row_token());
+    check_equal<std::int32_t>("rank_offsets", host.rank_offsets(), dev.rank_offsets());
+    check_equal<std::int32_t>("rank_entry_offsets", host.rank_entry_offsets(), dev.rank_entry_offsets());
+    check_equal<std::int32_t>("row_entry_offsets", host.row_entry_offsets(), dev.row_entry_offsets());
+    check_equal<std::int32_t>("entry_copy", host.entry_copy(), dev.entry_copy());
+    check_equal<std::int32_t>("entry_target", host.entry_target(), dev.entry_target());
+    check_equal<std::int32_t>("entry_slot", host.entry_slot(), dev.entry_slot());
+    check_equal<float>("entry_weight", host.entry_weight(), dev.entry_weight());
+    check_equal<std::int32_t>("slot_counts", host.slot_counts(), dev.slot_counts());
+    if (kind == layout_kind::node) {
+      std::vector<std::int32_t> fw(host.rows());
+      for (std::size_t i = 0; i < host.rows(); ++i) fw[i] = static_cast<std::int32_t>(host.forwards(i));
+      check_equal<std::int32_t>("row_forwards", std::span<const std::int32_t>(fw), dev.row_forwards());
+    }
+
+    // Data movement, host vs device.
+    std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+    std::vector<T> x(tokens * hidden), entry_out(host.copies() * hidden);
+    for (auto& v : x) v = T(u(rng));
+    for (auto& v : entry_out) v = T(u(rng));
+    device_buffer<T> dx, dsend, dback, dentry, dout;
+    dx.assign(x);
+    dentry.assign(entry_out);
+    dsend.resize(host.rows() * hidden);
+    dback.resize(tokens * hidden);
+    dout.resize(tokens * hidden);
+
+    std::vector<T> send(host.rows() * hidden), back(tokens * hidden), out(tokens * hidden), outw(tokens * hidden);
+    permute<T>(host, x, hidden, send);
+    permute(dev, dx.data(), hidden, dsend.data());
+    BOOST_CHECK(same_bits(dsend.to_host(), send));
+    unpermute(dev, dsend.data(), hidden, dback.data());
+    BOOST_CHECK(same_bits(dback.to_host(), x));
+    // Returned rows: any values; combine sums them.
+    combine<T>(host, send, hidden, out);
+    combine(dev, dsend.data(), hidden, dout.data());
+    BOOST_CHECK(same_bits(dout.to_host(), out));
+    combine_weighted<T>(host, entry_out, hidden, outw);
+    combine_weighted(dev, dentry.data(), hidden, dout.data());
+    BOOST_CHECK(same_bits(dout.to_host(), outw));
+
+    // Receiver side: this source's rows to rank 0 as a receive layout.
+    const auto r0 = static_cast<std::size_t>(host.rank_offsets()[0]), r1 = static_cast<std::size_t>(host.rank_offsets()[1]);
+    std::vector<std::int32_t> counts;
+    for (std::size_t row = r0; row < r1; ++row) counts.push_back(host.row_entry_offsets()[row + 1] - host.row_entry_offsets()[row]);
+    const auto e0 = static_cast<std::size_t>(host.rank_entry_offsets()[0]), e1 = static_cast<std::size_t>(host.rank_entry_offsets()[1]);
+    receive_layout rl;
+    rl.assign(slots, counts, host.entry_slot().subspan(e0, e1 - e0), host.entry_weight().subspan(e0, e1 - e0));
+    device_receive_layout drl(rl);
+    const std::vector<T> recv(send.begin(), send.begin() + static_cast<std::ptrdiff_t>(r1 * hidden));
+    std::vector<T> in(rl.entries() * hidden), red(rl.rows() * hidden);
+    gather_expert_input<T>(rl, recv, hidden, in);
+    reduce_expert_output<T>(rl, in, hidden, red);
+    device_buffer<T> din, dred;
+    din.resize(in.size());
+    dred.resize(red.size());
+    gather_expert_input(drl, dsend.data(), hidden, din.data());
+    BOOST_CHECK(same_bits(din.to_host(), in));
+    reduce_expert_output(drl, din.data(), hidden, dred.data());
+    BOOST_CHECK(same_bits(dred.to_host(), red));
+  }
+}
+
+} // namespace
+
+BOOST_AUTO_TEST_CASE(device_layout_and_kernels_equal_host) {
+  std::mt19937 rng(17);
+  for (layout_kind kind : {layout_kind::flat, layout_kind::node}) {
+    check_case<float, 2, experts<8>>(8, dynamic_topology(2, 2), 3, 4, 777, 64, kind, rng);
+    check_case<bfloat16, 2, experts<>>(8, dynamic_topology(1, 1), 10, 2, 100, 13, kind, rng);
+    check_case<bfloat16, 6, experts<64>>(64, dynamic_topology(2, 4), 9, 6, 3001, 256, kind, rng);
+    check_case<float, 1, experts<128>>(128, dynamic_topology(4, 4), 9, 10, 2000, 7, kind, rng);
+    check_case<bfloat16, 8, experts<256>>(256, topology<nodes<8>, gpus_per_node<8>>{}, 5, 40, 4096, 7168, kind, rng);
+    check_case<float, 8, experts<>>(256, dynamic_topology(4, 8), 9, 20, 513, 100, kind, rng);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(device_layout_names_bad_input) {
+  const expert_map map(8, 4, 2, {0, 1, 2, 3, 4, 5, 6, 7});
+  const dynamic_topology topo(2, 2);
+  const std::vector<expert_id> bad{0, 1, 2, 9};
+  const std::vector<float> w{1, 1, 1, 1};
+  device_buffer<expert_id> ids;
+  ids.assign(bad);
+  device_buffer<float> weights;
+  weights.assign(w);
+  device_layout<top_k<2>, experts<8>> dev;
+  try {
+    dev.assign(device_routing_view<top_k<2>>(ids.data(), weights.data(), 2), map, topo, 0);
+    BOOST_ERROR("no exception for an out-of-range expert id");
+  } catch (const invalid_input_error& e) {
+    BOOST_CHECK(std::string(e.what()).find("token 1 choice 1: expert id 9 out of range") != std::string::npos);
+  }
+}

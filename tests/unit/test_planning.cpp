@@ -1,0 +1,384 @@
+#define BOOST_TEST_MODULE planning
+#include <boost/test/unit_test.hpp>
+
+#include <locus/cost/decode_simulator.hpp>
+#include <locus/grouper/by_name.hpp>
+#include <locus/grouper/kmeans.hpp>
+#include <locus/grouper/micro_batch.hpp>
+#include <locus/grouper/workload_aware.hpp>
+#include <locus/placement/activation_plan.hpp>
+#include <locus/placement/replan.hpp>
+
+#include <cmath>
+#include <random>
+#include <set>
+
+using namespace locus;
+
+namespace {
+
+// Requests of `domains` kinds; kind d routes mostly to its own block of experts (probability
+// `affinity`), otherwise uniformly. Prefill = the first `prefill` tokens.
+trace::trace domain_trace(std::mt19937& rng, std::size_t requests, std::size_t experts, std::size_t k,
+                          std::size_t layers, std::size_t domains, std::size_t prefill, double affinity = 0.8) {
+  trace::trace_builder b(experts, k, layers);
+  std::vector<std::string> names;
+  for (std::size_t d = 0; d < domains; ++d) names.push_back("d" + std::to_string(d));
+  b.set_domains(names);
+  const std::size_t block = std::max<std::size_t>(k, experts / domains);
+  for (std::size_t r = 0; r < requests; ++r) {
+    const std::size_t d = r % domains, len = prefill + 2 + rng() % 24;
+    const std::size_t q = b.add_request(r, static_cast<std::uint32_t>(d), len);
+    const std::size_t first = b.tokens() - len;
+    (void)q;
+    for (std::size_t t = first; t < first + len; ++t)
+      for (std::size_t l = 0; l < layers; ++l) {
+        std::set<std::size_t> chosen;
+        while (chosen.size() < k) {
+          const bool own = std::uniform_real_distribution<double>(0, 1)(rng) < affinity;
+          const std::size_t e = own ? (d * block + (rng() % block) + l) % experts : rng() % experts;
+          chosen.insert(e);
+        }
+        std::size_t j = 0;
+        for (auto e : chosen) {
+          b.ids(l, t)[j] = static_cast<trace::trace_expert_id>(e);
+          b.weights(l, t)[j++] = 1.0f / static_cast<float>(k);
+        }
+      }
+  }
+  return b.build().with_prefill_tokens(prefill);
+}
+
+double inertia_of(const std::vector<float>& pts, std::size_t dim, const std::vector<std::uint32_t>& labels,
+                  std::size_t k) {
+  std::vector<std::vector<double>> mean(k, std::vector<double>(dim, 0.0));
+  std::vector<std::size_t> size(k, 0);
+  for (std::size_t p = 0; p < labels.size(); ++p) {
+    ++size[labels[p]];
+    for (std::size_t i = 0; i < dim; ++i) mean[labels[p]][i] += pts[p * dim + i];
+  }
+  double s = 0;
+  for (std::size_t p = 0; p < labels.size(); ++p)
+    for (std::size_t i = 0; i < dim; ++i) {
+      const double d = pts[p * dim + i] - mean[labels[p]][i] / static_cast<double>(size[labels[p]]);
+      s += d * d;
+    }
+  return s;
+}
+
+// Independent validity checks of a planner's output beyond what expert_map enforces.
+void check_maps(const std::vector<expert_map>& maps, const placement::plan_input& in) {
+  BOOST_REQUIRE_EQUAL(maps.size(), in.layers());
+  const std::size_t gpus = in.topology.gpus_per_node();
+  for (const auto& m : maps) {
+    BOOST_TEST(m.experts() == in.experts);
+    BOOST_TEST(m.ranks() == in.ranks());
+    BOOST_TEST(m.slots_per_rank() == in.slots_per_rank);
+    std::size_t used = 0;
+    for (std::size_t e = 0; e < in.experts; ++e) {
+      BOOST_TEST(m.replica_count(e) >= 1u);
+      std::set<std::size_t> nodes;
+      for (const auto& s : m.replicas(e)) nodes.insert(static_cast<std::size_t>(s.rank) / gpus);
+      BOOST_TEST(nodes.size() == m.replica_count(e)); // never two copies on one node
+      used += m.replica_count(e);
+    }
+    BOOST_TEST(used <= in.slots());
+  }
+}
+
+} // namespace
+
+BOOST_AUTO_TEST_CASE(kmeans_matches_brute_force_optimum_on_tiny_data) {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 20; ++trial) {
+    const std::size_t n = 7, dim = 2, k = 2 + trial % 2;
+    std::vector<float> pts(n * dim);
+    // Three well-separated blobs so that the optimum is unambiguous.
+    for (std::size_t p = 0; p < n; ++p)
+      for (std::size_t i = 0; i < dim; ++i)
+        pts[p * dim + i] = static_cast<float>(10.0 * static_cast<double>((p % k) * (i + 1)) +
+                                              std::uniform_real_distribution<double>(-1, 1)(rng));
+    // Brute force over all k^n labellings with every cluster non-empty.
+    double best = 1e300;
+    std::vector<std::uint32_t> labels(n, 0);
+    std::size_t total = 1;
+    for (std::size_t i = 0; i < n; ++i) total *= k;
+    for (std::size_t code = 0; code < total; ++code) {
+      std::size_t c = code;
+      std::vector<std::size_t> size(k, 0);
+      for (std::size_t p = 0; p < n; ++p) {
+        labels[p] = static_cast<std::uint32_t>(c % k);
+        ++size[c % k];
+        c /= k;
+      }
+      if (std::count(size.begin(), size.end(), 0u) > 0) continue;
+      best = std::min(best, inertia_of(pts, dim, labels, k));
+    }
+    const auto km = grouper::kmeans(pts, dim, {k, 1, 100, 4});
+    BOOST_TEST(std::abs(km.inertia - best) <= 1e-6 * (1 + best));
+    BOOST_TEST(std::abs(inertia_of(pts, dim, km.labels, k) - km.inertia) <= 1e-6 * (1 + best));
+    // Fixed point: every point is labelled with its nearest centroid (checked in double).
+    for (std::size_t p = 0; p < n; ++p) {
+      std::size_t nearest = 0;
+      double nd = 1e300;
+      for (std::size_t c = 0; c < k; ++c) {
+        double d = 0;
+        for (std::size_t i = 0; i < dim; ++i) d += std::pow(pts[p * dim + i] - km.centroid(c)[i], 2.0);
+        if (d < nd) nd = d, nearest = c;
+      }
+      BOOST_TEST(km.labels[p] == nearest);
+    }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(kmeans_is_deterministic_and_rejects_bad_input) {
+  std::mt19937 rng(3);
+  std::vector<float> pts(50 * 4);
+  for (auto& x : pts) x = std::uniform_real_distribution<float>(0, 1)(rng);
+  const auto a = grouper::kmeans(pts, 4, {5, 42, 100, 2});
+  const auto b = grouper::kmeans(pts, 4, {5, 42, 100, 2});
+  BOOST_TEST(a.labels == b.labels);
+  BOOST_TEST(a.centroids == b.centroids);
+  BOOST_CHECK_THROW(grouper::kmeans(pts, 4, {51, 1, 10, 1}), config_error);
+  BOOST_CHECK_THROW(grouper::kmeans(pts, 3, {2, 1, 10, 1}), config_error);
+  pts[17] = std::nanf("");
+  BOOST_CHECK_THROW(grouper::kmeans(pts, 4, {2, 1, 10, 1}), invalid_input_error);
+}
+
+// The sparse online classifier against a dense double-precision reference built from the model's
+// training labels: class mean of normalised prefill count vectors, normalised; cosine argmax.
+BOOST_AUTO_TEST_CASE(classifier_matches_dense_reference_and_separates_domains) {
+  std::mt19937 rng(11);
+  const std::size_t E = 32, K = 4, L = 3, P = 6;
+  const auto train = domain_trace(rng, 60, E, K, L, 3, P);
+  const auto test = domain_trace(rng, 30, E, K, L, 3, P);
+  grouper::workload_aware_options opt;
+  opt.clusters = 3;
+  opt.prefill_tokens = P;
+  opt.classifier_layers = 2; // layers 0 and 2 of 3
+  const auto m = grouper::workload_model::fit(train, dynamic_topology(3, 2), opt);
+  const std::size_t dim = L * E;
+  auto prefill_vec = [&](const trace::trace& t, std::size_t r) {
+    std::vector<double> v(dim, 0.0);
+    const auto& q = t.request(r);
+    for (std::size_t l = 0; l < L; l += m.classifier_layer_stride())
+      for (std::size_t i = 0; i < std::min<std::size_t>(P, q.length); ++i)
+        for (std::size_t j = 0; j < K; ++j) v[l * E + t.layer(l).token_ids(q.first_token + i)[j]] += 1;
+    double s = 0;
+    for (double x : v) s += x * x;
+    for (double& x : v) x /= std::sqrt(s);
+    return v;
+  };
+  std::vector<std::vector<double>> mean(m.clusters(), std::vector<double>(dim, 0.0));
+  for (std::size_t i = 0; i < m.training_requests().size(); ++i) {
+    const auto v = prefill_vec(train, m.training_requests()[i]);
+    for (std::size_t f = 0; f < dim; ++f) mean[m.training_labels()[i]][f] += v[f];
+  }
+  for (auto& c : mean) {
+    double s = 0;
+    for (double x : c) s += x * x;
+    for (double& x : c) x /= std::sqrt(s);
+  }
+  std::vector<std::uint32_t> scratch;
+  std::size_t agree_domain = 0;
+  std::vector<std::int32_t> cluster_domain(m.clusters(), -1);
+  for (std::size_t r = 0; r < test.requests(); ++r) {
+    const auto v = prefill_vec(test, r);
+    std::size_t best = 0;
+    double best_s = -1;
+    for (std::size_t c = 0; c < m.clusters(); ++c) {
+      double s = 0;
+      for (std::size_t f = 0; f < dim; ++f) s += v[f] * mean[c][f];
+      if (s > best_s) best_s = s, best = c;
+    }
+    const auto got = m.classify(test, r, P, scratch);
+    BOOST_TEST(got.cluster == best);
+    BOOST_TEST(std::abs(got.similarity - best_s) < 1e-4);
+    // Clusters should coincide with domains on this well-separated data.
+    if (cluster_domain[got.cluster] < 0) cluster_domain[got.cluster] = static_cast<std::int32_t>(test.request(r).domain);
+    agree_domain += cluster_domain[got.cluster] == static_cast<std::int32_t>(test.request(r).domain);
+  }
+  BOOST_TEST(agree_domain == test.requests());
+}
+
+// Property test: random traces and topologies, both planners, 0..2 redundant slots per GPU.
+BOOST_AUTO_TEST_CASE(planners_return_valid_maps_on_random_inputs) {
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 24; ++trial) {
+    const std::size_t nodes = 1 + rng() % 4, gpus = 1 + rng() % 3, ranks = nodes * gpus;
+    const std::size_t E = std::max<std::size_t>(ranks, 4 + rng() % 40), K = 1 + rng() % std::min<std::size_t>(4, E);
+    const std::size_t L = 1 + rng() % 3, redundant = rng() % 3;
+    const auto t = domain_trace(rng, 12 + rng() % 20, E, K, L, 1 + rng() % 3, 3, 0.3 + 0.6 * (rng() % 2));
+    const dynamic_topology topo(nodes, gpus);
+    for (const char* name : {"activation_usage", "locality"}) {
+      const auto p = placement::plan_activation_aware(t, topo, name, redundant);
+      auto in = placement::plan_input_from_trace(t, topo, redundant);
+      check_maps(p.maps, in);
+      if (std::string(name) == "locality" && redundant == 0)
+        for (const auto& m : p.maps) BOOST_TEST(m.replica_slots_used() == 0u);
+    }
+  }
+}
+
+// On a tiny instance the locality planner's node layout reaches the brute-force optimum of local
+// usage among layouts with equal experts per node and node loads under the bound.
+BOOST_AUTO_TEST_CASE(locality_reaches_brute_force_optimum_on_tiny_instances) {
+  std::mt19937 rng(9);
+  for (int trial = 0; trial < 30; ++trial) {
+    const std::size_t nodes = 2, E = 6;
+    placement::plan_input in;
+    in.topology = dynamic_topology(nodes, 1);
+    in.experts = E;
+    in.slots_per_rank = E / nodes;
+    in.load.assign(1, std::vector<double>(E, 0.0));
+    in.node_load.assign(1, std::vector<std::vector<double>>(nodes, std::vector<double>(E, 0.0)));
+    for (std::size_t n = 0; n < nodes; ++n)
+      for (std::size_t e = 0; e < E; ++e) in.node_load[0][n][e] = static_cast<double>(rng() % 20 + 10);
+    placement::locality_options opt;
+    opt.balance_slack = 0.5;
+    const auto maps = placement::locality{opt}.plan(in);
+    const auto& u = in.node_load[0];
+    double total = 0;
+    std::vector<double> w(E, 0.0);
+    for (std::size_t e = 0; e < E; ++e) w[e] = u[0][e] + u[1][e], total += w[e];
+    const double cap = 1.5 * total / 2;
+    double got = 0;
+    for (std::size_t e = 0; e < E; ++e) got += u[static_cast<std::size_t>(maps[0].replicas(e)[0].rank)][e];
+    double best = -1;
+    for (std::size_t mask = 0; mask < (1u << E); ++mask) {
+      if (std::popcount(mask) != static_cast<int>(E / 2)) continue;
+      double local = 0, load0 = 0;
+      for (std::size_t e = 0; e < E; ++e) {
+        const std::size_t n = (mask >> e) & 1u;
+        local += u[n][e];
+        if (n == 0) load0 += w[e];
+      }
+      if (load0 <= cap && total - load0 <= cap) best = std::max(best, local);
+    }
+    BOOST_TEST(got >= best - 1e-9);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(infeasible_and_malformed_inputs_raise_clear_errors) {
+  std::mt19937 rng(1);
+  const auto t = domain_trace(rng, 10, 16, 2, 2, 2, 3);
+  placement::plan_input in = placement::plan_input_from_trace(t, dynamic_topology(2, 2), 0);
+  BOOST_CHECK_THROW(placement::activation_usage{}.plan(in), config_error); // no node_load
+  BOOST_CHECK_THROW(placement::locality{}.plan(in), config_error);
+  in.node_load.assign(2, std::vector<std::vector<double>>(3, std::vector<double>(16, 1.0))); // 3 nodes, topology 2
+  BOOST_CHECK_THROW(placement::locality{}.plan(in), invalid_input_error);
+  in.node_load.assign(2, std::vector<std::vector<double>>(2, std::vector<double>(16, 1.0)));
+  in.node_load[1][0][3] = -1;
+  BOOST_CHECK_THROW(placement::activation_usage{}.plan(in), invalid_input_error);
+  in.node_load[1][0][3] = 1;
+  in.slots_per_rank = 3; // 12 slots for 16 experts
+  BOOST_CHECK_THROW(placement::locality{}.plan(in), config_error);
+  BOOST_CHECK_THROW(grouper::grouper_by_name("workload_aware"), config_error);
+  BOOST_CHECK_THROW(placement::plan_by_name("nope", in), config_error);
+  // A trace without prefill marks cannot train the classifier.
+  BOOST_CHECK_THROW(grouper::workload_model::fit(t.with_prefill_tokens(0), dynamic_topology(2, 2)), config_error);
+}
+
+BOOST_AUTO_TEST_CASE(same_seed_gives_identical_plans_and_groupings) {
+  std::mt19937 rng(21);
+  const auto t = domain_trace(rng, 40, 32, 4, 3, 3, 4);
+  const dynamic_topology topo(4, 2);
+  for (const char* name : {"activation_usage", "locality"}) {
+    const auto a = placement::plan_activation_aware(t, topo, name, 1);
+    const auto b = placement::plan_activation_aware(t, topo, name, 1);
+    BOOST_TEST((a.maps == b.maps));
+    BOOST_TEST(a.model->cluster_node() == b.model->cluster_node());
+    BOOST_TEST(a.model->training_labels() == b.model->training_labels());
+  }
+}
+
+// The grouper only returns ranks with room (or no_rank when every rank is full), whatever the
+// state; and a whole simulation with tight capacity and Poisson arrivals never overfills a rank
+// (the simulator rejects such a placement).
+BOOST_AUTO_TEST_CASE(workload_aware_never_exceeds_capacity) {
+  std::mt19937 rng(4);
+  const auto train = domain_trace(rng, 60, 32, 4, 2, 3, 4);
+  const auto test = domain_trace(rng, 80, 32, 4, 2, 3, 4);
+  const dynamic_topology topo(3, 2);
+  auto p = placement::plan_activation_aware(train, topo, "locality", 0);
+  grouper::workload_aware g(p.model);
+  for (int trial = 0; trial < 500; ++trial) {
+    const std::size_t cap = 1 + rng() % 4;
+    std::vector<grouper::rank_state> st(topo.ranks());
+    for (auto& s : st) {
+      s.running_requests = static_cast<std::uint32_t>(rng() % (cap + 1));
+      s.running_tokens = rng() % 100;
+    }
+    const grouper::cluster_state cs{topo, st, cap};
+    const std::size_t r = g.assign({&test, static_cast<std::size_t>(rng() % test.requests()), 4}, cs);
+    bool any_room = false;
+    for (std::size_t i = 0; i < topo.ranks(); ++i) any_room |= st[i].running_requests < cap;
+    if (r == grouper::no_rank)
+      BOOST_TEST(!any_room);
+    else
+      BOOST_TEST(st[r].running_requests < cap);
+  }
+  cost::simulation_config cfg;
+  cfg.topology = topo;
+  cfg.batch_per_rank = 2;
+  cfg.arrival_rate = 3;
+  auto g2 = grouper::grouper_by_name("workload_aware", p.model);
+  const auto res = cost::simulate_decode(test, p.maps, g2, cfg);
+  BOOST_TEST(res.requests_served == test.requests());
+}
+
+BOOST_AUTO_TEST_CASE(micro_batch_split_balances_against_brute_force) {
+  std::mt19937 rng(8);
+  for (int trial = 0; trial < 20; ++trial) {
+    const std::size_t n = 6 + rng() % 3, gpus = 3;
+    std::vector<std::vector<double>> load(n, std::vector<double>(gpus));
+    for (auto& r : load)
+      for (auto& x : r) x = static_cast<double>(rng() % 10);
+    const auto s = grouper::split_micro_batches(load, 2);
+    // Sizes differ by at most one; reported loads are the sums.
+    std::size_t c0 = 0;
+    for (auto b : s.batch_of) c0 += b == 0;
+    BOOST_TEST(std::abs(static_cast<long>(c0) - static_cast<long>(n - c0)) <= 1);
+    // Brute force: the best worst-peak over all balanced 2-splits; greedy must be within 1.5x.
+    double best = 1e300;
+    for (std::size_t mask = 0; mask < (1u << n); ++mask) {
+      const long c = std::popcount(mask);
+      if (std::abs(2 * c - static_cast<long>(n)) > 1) continue;
+      std::vector<std::vector<double>> b(2, std::vector<double>(gpus, 0.0));
+      for (std::size_t r = 0; r < n; ++r)
+        for (std::size_t g = 0; g < gpus; ++g) b[(mask >> r) & 1u][g] += load[r][g];
+      best = std::min(best, std::max(*std::max_element(b[0].begin(), b[0].end()),
+                                     *std::max_element(b[1].begin(), b[1].end())));
+    }
+    double got = 0;
+    for (const auto& b : s.load) got = std::max(got, *std::max_element(b.begin(), b.end()));
+    BOOST_TEST(got <= 1.5 * best + 1e-9);
+    BOOST_TEST(s.peak_max_over_mean >= 1.0 - 1e-12);
+  }
+  BOOST_CHECK_THROW(grouper::split_micro_batches(std::vector<std::vector<double>>{{1.0}, {1.0, 2.0}}, 2),
+                    invalid_input_error);
+}
+
+BOOST_AUTO_TEST_CASE(replan_respects_the_migration_budget) {
+  std::mt19937 rng(13);
+  const auto old_window = domain_trace(rng, 40, 32, 4, 2, 2, 4);
+  const dynamic_topology topo(2, 2);
+  const auto p = placement::plan_activation_aware(old_window, topo, "locality", 0);
+  // The new window: the same kinds of traffic, but every request's affinity block shifted.
+  const auto new_window = domain_trace(rng, 40, 32, 4, 2, 2, 4, 0.9);
+  auto m = grouper::workload_model::fit(new_window, topo);
+  auto in = placement::plan_input_from_trace(new_window, topo, 0);
+  in.node_load = m.node_load();
+  for (std::size_t budget : {0u, 2u, 6u, 1000u}) {
+    const auto r = placement::replan_bounded(p.maps, in, budget, 1000);
+    std::size_t changed = 0;
+    for (std::size_t l = 0; l < r.maps.size(); ++l)
+      for (std::size_t s = 0; s < r.maps[l].slot_count(); ++s)
+        changed += r.maps[l].slot_table()[s] != p.maps[l].slot_table()[s];
+    BOOST_TEST(changed == r.experts_moved);
+    BOOST_TEST(r.experts_moved <= budget);
+    BOOST_TEST(r.bytes_moved == 1000u * r.experts_moved);
+    BOOST_TEST(r.local_after >= r.local_before - 1e-9);
+    check_maps(r.maps, in);
+  }
+}
