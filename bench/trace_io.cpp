@@ -269,6 +269,11 @@ int main(int argc, char** argv) try {
   doc["binary_gb"] = size_gb;
   doc["synthetic_tokens"] = tokens;
   doc["synthetic_layers"] = layers;
+  // The 1-minute load average and core count, so that a reader can judge the wall-clock figures.
+  std::string load = "unknown";
+  if (std::ifstream la("/proc/loadavg"); la) la >> load;
+  doc["load_average_1min"] = load;
+  doc["cores"] = ::sysconf(_SC_NPROCESSORS_ONLN);
   fs::create_directories(out_dir);
   std::ofstream(out_dir + "/trace_io.json") << doc.dump(1) << '\n';
   std::ofstream(out_dir + "/trace_io.md")
@@ -280,7 +285,11 @@ int main(int argc, char** argv) try {
          "The locus reader validates every id and weight and verifies the checksum while it reads. The binary "
          "figures are for a synthetic trace of "
       << tokens << " tokens x " << layers << " layers x top-8 (" << size_gb
-      << " GB), read from the page cache right after it was written; the temporary file is removed.\n\n"
+      << " GB), read from the page cache right after it was written; the temporary file is removed. Load average "
+         "at the end of the run: "
+      << load << " on " << ::sysconf(_SC_NPROCESSORS_ONLN)
+      << " cores (with more runnable processes than cores the wall clock measures waiting for a core; the CPU "
+         "columns measure the work).\n\n"
       << md;
   std::printf("\n%s", md.c_str());
   std::printf("\nwrote %s/trace_io.{json,md}\n", out_dir.c_str());

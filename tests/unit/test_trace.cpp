@@ -247,6 +247,38 @@ BOOST_AUTO_TEST_CASE(builder_rejects_bad_shapes_and_data) {
   }
 }
 
+// The branch-free validators against std::isfinite / a plain comparison, with every special value
+// at every position of odd and even lengths (the weight test works on pairs plus a tail).
+BOOST_AUTO_TEST_CASE(validators_match_a_per_value_reference) {
+  const float specials[] = {0.0f,
+                            -0.0f,
+                            1.0f,
+                            -2.5f,
+                            std::numeric_limits<float>::max(),
+                            -std::numeric_limits<float>::max(),
+                            std::numeric_limits<float>::denorm_min(),
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::quiet_NaN(),
+                            -std::numeric_limits<float>::quiet_NaN(),
+                            std::numeric_limits<float>::signaling_NaN()};
+  for (std::size_t n = 0; n <= 5; ++n)
+    for (std::size_t at = 0; at < std::max<std::size_t>(n, 1); ++at)
+      for (float v : specials) {
+        std::vector<float> w(n, 0.5f);
+        if (n) w[at] = v;
+        const bool want = n == 0 || std::isfinite(v);
+        BOOST_TEST(trace::trace_builder::weights_finite(w.data(), n) == want, "n " << n << " at " << at << " " << v);
+      }
+  for (std::size_t n = 1; n <= 5; ++n)
+    for (std::size_t at = 0; at < n; ++at) {
+      std::vector<trace::trace_expert_id> ids(n, 3);
+      ids[at] = 9;
+      BOOST_TEST(trace::trace_builder::ids_in_range(ids.data(), n, 10));
+      BOOST_TEST(!trace::trace_builder::ids_in_range(ids.data(), n, 9));
+    }
+}
+
 BOOST_AUTO_TEST_CASE(accessors_check_their_indices) {
   const auto t = random_trace(1, 4, 8, 2, 2);
   BOOST_CHECK_THROW(t.request(4), invalid_input_error);

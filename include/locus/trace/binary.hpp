@@ -414,8 +414,8 @@ locus::trace::trace read(Source& src) {
   if (pc != f.payload_checksum)
     format_fail(name, 56, locus::detail::concat("payload checksum mismatch: stored ", f.payload_checksum,
                                                 ", computed ", pc, " (the payload is corrupted)"));
-  // Every value was validated on the way in; build() only re-checks what is already known good.
-  return b.build();
+  // Every id, weight, phase and step was validated on the way in (the same checks as build()).
+  return b.build(trace_builder::already_validated_t{});
 }
 
 //! Writes sections, hashing the payload; the header is written last.

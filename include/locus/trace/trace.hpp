@@ -300,6 +300,20 @@ public:
     t_.steps_[token] = step;
   }
 
+  //! Tag for build(): the caller has already checked every id, weight and phase (the binary reader
+  //! does, chunk by chunk while the data is in cache), so build() need not pass over it again.
+  struct already_validated_t {
+    explicit already_validated_t() = default;
+  };
+
+  //! Returns the trace without re-validating it; only for callers that validated every value
+  //! exactly as build() would (see already_validated_t). The builder is left empty.
+  trace build(already_validated_t) {
+    trace out = std::move(t_);
+    t_ = trace{};
+    return out;
+  }
+
   //! Validates and returns the trace; the builder is left empty.
   //! @throws locus::invalid_input_error naming the layer, token and choice of the first bad entry
   trace build() {
