@@ -36,9 +36,12 @@ __global__ void validate_kernel(const std::int32_t* ids, const float* weights, s
   }
 }
 
+// Non-template kernels are `static`: with external linkage, two translation units that include
+// this header would each define them and fail to link.
+
 //! One thread per copy, in (expert, copy) order: the copy's position within its expert's run is
 //! its round-robin index among the expert's copies.
-__global__ void replica_kernel(const std::int32_t* sorted_expert, const std::int32_t* sorted_copy, std::size_t copies,
+static __global__ void replica_kernel(const std::int32_t* sorted_expert, const std::int32_t* sorted_copy, std::size_t copies,
                                const std::int32_t* fixed, const std::int32_t* cand_offsets, const std::int32_t* cands,
                                const slot_ref* replicas, std::int32_t slots, std::int32_t* copy_rank,
                                std::int32_t* copy_slot, std::int32_t* copy_replica, std::int32_t* slot_counts) {
@@ -96,7 +99,7 @@ __global__ void group_kernel(token_params p, const std::int32_t* copy_rank, cons
 
 //! Entry counts in sorted row order (0 past the last row, and one extra 0 at `places`), for the
 //! scan into row_entry_offsets.
-__global__ void row_sizes_kernel(const std::int32_t* sorted_index, const std::int32_t* row_size, std::size_t places,
+static __global__ void row_sizes_kernel(const std::int32_t* sorted_index, const std::int32_t* row_size, std::size_t places,
                                  std::int32_t* sorted_size) {
   const std::size_t q = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (q > places) return;
@@ -142,7 +145,7 @@ __global__ void place_kernel(token_params p, const std::int32_t* sorted_key, con
 }
 
 //! rank_entry_offsets[d] = row_entry_offsets[rank_offsets[d]].
-__global__ void rank_entry_offsets_kernel(const std::int32_t* rank_offsets, const std::int32_t* row_entry_offsets,
+static __global__ void rank_entry_offsets_kernel(const std::int32_t* rank_offsets, const std::int32_t* row_entry_offsets,
                                           std::int32_t ranks, std::int32_t* rank_entry_offsets) {
   const std::int32_t d = static_cast<std::int32_t>(blockIdx.x * blockDim.x + threadIdx.x);
   if (d <= ranks) rank_entry_offsets[d] = row_entry_offsets[rank_offsets[d]];
