@@ -106,12 +106,20 @@ int main(int argc, char** argv) try {
   const double joint_s = seconds_since(t0);
   t0 = cpu_now();
   in.node_load = model->node_load();
-  const auto maps = locus::placement::locality{opt.named.locality}.plan(in);
+  const auto node_maps = locus::placement::locality{opt.named.locality}.plan(in);
   const double place_s = seconds_since(t0);
+  // Token-level stage on a sample of the training decode tokens (as plan_activation_aware runs it).
+  t0 = cpu_now();
+  const auto sample = locus::placement::token_sample_from_model(train, *model, opt.refine_sample_pairs / k);
+  std::vector<locus::placement::token_refine_report> reports;
+  const auto maps = locus::placement::refine_by_tokens(node_maps, sample, topo, opt.refine, &reports);
+  const double token_s = seconds_since(t0);
+  double cost_before = 0, cost_after = 0;
+  for (const auto& r : reports) cost_before += r.cost_before, cost_after += r.cost_after;
   t0 = cpu_now();
   const auto eplb_maps = locus::placement::eplb{1}.plan(in);
   const double eplb_s = seconds_since(t0);
-  const double plan_s = fit_s + joint_s + place_s;
+  const double plan_s = fit_s + joint_s + place_s + token_s;
 
   // assign() per request, on a cluster with room everywhere (the state is reset each request so
   // that every call does the full work: classify + pick a rank).
@@ -171,6 +179,9 @@ int main(int argc, char** argv) try {
                         {"fit_s", fit_s},
                         {"joint_refine_s", joint_s},
                         {"locality_place_s", place_s},
+                        {"token_refine_s", token_s},
+                        {"token_refine_sample_tokens", sample.tokens()},
+                        {"token_refine_cost_ratio", cost_before > 0 ? cost_after / cost_before : 1.0},
                         {"planning_total_s", plan_s},
                         {"eplb_place_s", eplb_s},
                         {"joint_local_fraction", local},
@@ -196,10 +207,12 @@ int main(int argc, char** argv) try {
   std::printf("%-44s %10.2f µs %10.3f µs %8.1f  (target ≤ 20 µs; baseline least_loaded)\n", "assign() per request",
               assign_us, ll_us, assign_us / ll_us);
   std::printf("%-44s %11.3f s %11.3f s %8.1f  (target < 2 s; baseline eplb placement)\n",
-              "planning: fit + joint + locality", plan_s, eplb_s, plan_s / eplb_s);
+              "planning: fit + joint + locality + tokens", plan_s, eplb_s, plan_s / eplb_s);
   std::printf("%-44s %11.3f s\n", "  of which model fit (k-means, classifier)", fit_s);
   std::printf("%-44s %11.3f s\n", "  of which joint grouping refinement", joint_s);
   std::printf("%-44s %11.3f s\n", "  of which locality placement", place_s);
+  std::printf("%-44s %11.3f s  (%zu sampled tokens; sample copy cost x%.3f)\n", "  of which token-level refinement",
+              token_s, sample.tokens(), cost_before > 0 ? cost_after / cost_before : 1.0);
   std::printf("%-44s %12.3f\n", "joint: training pairs kept local", local);
   std::printf("%-44s %11.1f%%\n", "kind classification from 32 prefill tokens", 100 * accuracy);
   std::printf("%-44s %12.3f %12.3f %8.3f  (baseline contiguous halves)\n", "micro-batch busiest-GPU max/mean (M=2)",

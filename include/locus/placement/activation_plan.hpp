@@ -5,10 +5,13 @@
 //! `activation_usage` (the published method) the grouping is the model's own token-balanced one;
 //! for `locality` it is jointly refined with the placement (placement::refine_grouping); the
 //! baselines (linear, round_robin, eplb) are planned as usual beside the same model, so that every
-//! placement can be paired with every grouper.
+//! placement can be paired with every grouper. `locality` maps then get the token-level stage
+//! (placement/token_refine.hpp) on a sample of the training decode tokens, each on the node the
+//! grouping gives its request.
 
 #include <locus/grouper/workload_aware.hpp>
 #include <locus/placement/by_name.hpp>
+#include <locus/placement/token_refine.hpp>
 #include <locus/placement/trace_load.hpp>
 
 #include <memory>
@@ -23,7 +26,50 @@ struct activation_plan_options {
   named_plan_options named{};
   joint_options joint{};
   bool joint_grouping = true; //!< refine the grouping with the placement when it is `locality`
+  bool token_refine = true;   //!< run the token-level stage on `locality` maps
+  token_refine_options refine{};
+  //! (token, expert) pairs the token-level stage samples at most (its time grows with them)
+  std::size_t refine_sample_pairs = 32768;
 };
+
+//! Up to `max_tokens` decode tokens of the model's training requests (evenly strided), each with
+//! the node the model's grouping puts its request on.
+//! @throws locus::config_error when the trace does not match the model
+inline token_sample token_sample_from_model(const trace::trace& train, const grouper::workload_model& m,
+                                            std::size_t max_tokens) {
+  LOCUS_REQUIRE(train.experts() == m.experts() && train.layers() == m.layers(), config_error,
+                "token sample: the trace (", train.experts(), " experts, ", train.layers(),
+                " layers) does not match the grouping model (", m.experts(), " experts, ", m.layers(), " layers)");
+  std::size_t decode = 0;
+  for (const std::size_t r : m.training_requests()) {
+    const auto& q = train.request(r);
+    for (std::size_t i = 0; i < q.length; ++i) decode += train.token_phase(q.first_token + i) == trace::phase::decode;
+  }
+  const std::size_t stride = max_tokens == 0 ? 1 : std::max<std::size_t>(1, (decode + max_tokens - 1) / max_tokens);
+  token_sample s;
+  s.experts = train.experts();
+  s.top_k = train.top_k();
+  std::vector<std::uint64_t> picked;
+  std::size_t seen = 0;
+  for (std::size_t i = 0; i < m.training_requests().size(); ++i) {
+    const auto& q = train.request(m.training_requests()[i]);
+    const std::uint32_t node = m.cluster_node()[m.training_labels()[i]];
+    for (std::size_t p = 0; p < q.length; ++p) {
+      const std::uint64_t tok = q.first_token + p;
+      if (train.token_phase(tok) != trace::phase::decode) continue;
+      if (seen++ % stride != 0) continue;
+      picked.push_back(tok);
+      s.home.push_back(node);
+    }
+  }
+  s.ids.assign(train.layers(), std::vector<std::uint16_t>(picked.size() * s.top_k));
+  for (std::size_t l = 0; l < train.layers(); ++l) {
+    const auto view = train.layer(l);
+    for (std::size_t i = 0; i < picked.size(); ++i)
+      for (std::size_t j = 0; j < s.top_k; ++j) s.ids[l][i * s.top_k + j] = view.expert(picked[i], j);
+  }
+  return s;
+}
 
 //! The result: expert maps and the grouping model the workload_aware grouper runs on.
 struct activation_plan {
@@ -45,6 +91,9 @@ inline activation_plan plan_activation_aware(const trace::trace& train, const dy
     out.local_fraction = refine_grouping(*model, in, opt.named.locality, opt.joint);
   in.node_load = model->node_load();
   out.maps = plan_by_name(placement, in, opt.named);
+  if (placement == "locality" && opt.token_refine)
+    out.maps = refine_by_tokens(out.maps, token_sample_from_model(train, *model, opt.refine_sample_pairs / std::max<std::size_t>(1, train.top_k())), topo,
+                                opt.refine);
   out.model = std::move(model);
   return out;
 }

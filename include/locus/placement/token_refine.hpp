@@ -1,0 +1,438 @@
+#pragma once
+//! @file
+//! `refine_by_tokens`: the token-level stage of the locality planner.
+//!
+//! The node-level planner (placement/locality.hpp) minimises the (token, expert) pairs that leave
+//! their node. The transports pay per token *copy*: flat sends one per distinct remote rank of a
+//! token, hierarchical one per distinct remote node. Two experts that tokens use together cost one
+//! copy when they sit on the same remote rank (node) and two when they do not, which pair counts
+//! cannot see. This stage takes each layer's map and a sample of training tokens, each with the
+//! node its request runs on, and swaps single-copy experts between ranks while the exact copy
+//! cost of the sample falls:
+//!   cost = rank_copy_weight × Σ_tokens (distinct remote ranks) + node_copy_weight × Σ_tokens
+//!          (distinct remote nodes),
+//! keeping every rank's expected load (pairs of the sample) under (1 + balance_slack) × the mean,
+//! or no worse than before where a rank starts above it. For each expert, the gain of moving it
+//! alone to every rank comes from its tokens' copy counts in O(its pairs + ranks); partners are
+//! ranked by the sum of both move gains and the best few evaluated exactly (a token that uses both
+//! keeps its ranks; the others see one move each), so a sweep costs O(sample pairs × candidates +
+//! experts²).
+//! Replicated experts stay where
+//! they are; a token's copy for one of them goes to the copy on its node when there is one, or
+//! else to one of the copies chosen by token index (the replica selector spreads remote copies).
+//! Deterministic: fixed orders, ties to the lower index.
+
+#include <locus/core/error.hpp>
+#include <locus/core/expert_map.hpp>
+#include <locus/core/topology.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <numeric>
+#include <span>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
+
+//! Training tokens for refine_by_tokens: per layer, `tokens × top_k` expert ids, and for every
+//! token the node its request runs on (the same for every layer).
+struct token_sample {
+  std::size_t experts = 0;
+  std::size_t top_k = 0;
+  std::vector<std::uint32_t> home;                //!< per token: node of its request
+  std::vector<std::vector<std::uint16_t>> ids;    //!< per layer: tokens × top_k expert ids
+
+  std::size_t tokens() const noexcept { return home.size(); }
+  std::size_t layers() const noexcept { return ids.size(); }
+
+  //! @throws locus::invalid_input_error naming the layer, token or value that is wrong
+  void validate(std::size_t nodes) const {
+    LOCUS_REQUIRE(experts > 0 && top_k > 0 && top_k <= experts, invalid_input_error, "token_sample: ", experts,
+                  " experts and top-k ", top_k, " are not a valid shape");
+    for (std::size_t t = 0; t < home.size(); ++t)
+      LOCUS_REQUIRE(home[t] < nodes, invalid_input_error, "token_sample: token ", t, " runs on node ", home[t],
+                    " of ", nodes);
+    for (std::size_t l = 0; l < ids.size(); ++l) {
+      LOCUS_REQUIRE(ids[l].size() == home.size() * top_k, invalid_input_error, "token_sample: layer ", l, " has ",
+                    ids[l].size(), " ids for ", home.size(), " tokens × top-k ", top_k);
+      for (std::size_t i = 0; i < ids[l].size(); ++i)
+        LOCUS_REQUIRE(ids[l][i] < experts, invalid_input_error, "token_sample: layer ", l, " token ", i / top_k,
+                      " names expert ", ids[l][i], " of ", experts);
+    }
+  }
+};
+
+//! Options of refine_by_tokens.
+struct token_refine_options {
+  double rank_copy_weight = 1.0; //!< cost of a copy to a distinct remote rank (flat transport)
+  double node_copy_weight = 1.0; //!< cost of a copy to a distinct remote node (hierarchical)
+  double balance_slack = 0.03;   //!< rank load ≤ (1 + slack) × mean rank load (pairs of the sample)
+  std::size_t max_sweeps = 6;    //!< sweeps over the experts at most
+  std::size_t candidates = 3;    //!< swap partners evaluated exactly per expert and sweep
+  double min_sweep_gain = 0.002; //!< stop when a sweep saves less than this share of the cost
+};
+
+//! What one layer's refinement did, in the sample's cost units.
+struct token_refine_report {
+  double cost_before = 0;
+  double cost_after = 0;
+  std::size_t swaps = 0;
+};
+
+namespace detail::token_refine {
+
+//! One layer's state: where each expert's tokens go and each token's copy counts.
+template <class Topology>
+class layer_state {
+public:
+  layer_state(const expert_map& map, std::span<const std::uint16_t> ids, std::span<const std::uint32_t> home,
+              std::size_t top_k, const Topology& topo, const token_refine_options& opt)
+      : topo_(topo), opt_(opt), k_(top_k), tokens_(home.size()), ranks_(map.ranks()), nodes_(topo.nodes()),
+        ids_(ids), home_(home) {
+    const std::size_t experts = map.experts();
+    node_of_.resize(ranks_);
+    for (std::size_t r = 0; r < ranks_; ++r) node_of_[r] = static_cast<std::uint32_t>(topo_.node_of(r));
+    rank_of_.assign(experts, -1);
+    slot_of_.assign(experts, -1);
+    for (std::size_t e = 0; e < experts; ++e) {
+      const auto reps = map.replicas(e);
+      if (reps.size() == 1) {
+        rank_of_[e] = reps[0].rank;
+        slot_of_[e] = reps[0].slot;
+      }
+    }
+    // Per pair: -1 movable expert, -2 a repeat of an earlier choice of the token (ignored), else
+    // the fixed rank that serves a replicated expert.
+    fixed_.assign(tokens_ * k_, -1);
+    tok_of_.assign(experts, {});
+    load_.assign(ranks_, 0.0);
+    for (std::size_t t = 0; t < tokens_; ++t)
+      for (std::size_t j = 0; j < k_; ++j) {
+        const std::size_t e = ids_[t * k_ + j];
+        bool repeat = false;
+        for (std::size_t i = 0; i < j; ++i) repeat |= ids_[t * k_ + i] == e;
+        if (repeat) {
+          fixed_[t * k_ + j] = -2;
+          continue;
+        }
+        if (rank_of_[e] >= 0) {
+          tok_of_[e].push_back(static_cast<std::uint32_t>(t));
+          load_[static_cast<std::size_t>(rank_of_[e])] += 1;
+          continue;
+        }
+        const auto reps = map.replicas(e);
+        std::int32_t r = -1;
+        for (const auto& s : reps)
+          if (node_of_[static_cast<std::size_t>(s.rank)] == home_[t]) {
+            r = s.rank;
+            break;
+          }
+        if (r < 0) r = reps[t % reps.size()].rank;
+        fixed_[t * k_ + j] = r;
+        load_[static_cast<std::size_t>(r)] += 1;
+      }
+    double total = 0;
+    for (double x : load_) total += x;
+    cap_ = (1.0 + opt_.balance_slack) * total / static_cast<double>(ranks_);
+    // The rank serving each pair, token-major (-1: a repeated choice, ignored): k entries per
+    // token keep the working set small, and every per-token question is a scan of them.
+    tr_.assign(tokens_ * k_, -1);
+    for (std::size_t i = 0; i < tokens_ * k_; ++i) tr_[i] = fixed_[i] == -1 ? rank_of_[ids_[i]] : fixed_[i] == -2 ? -1 : fixed_[i];
+    fixed_.clear();
+    mark_.assign(tokens_, 0);
+    rank_stamp_.assign(ranks_, 0);
+    node_stamp_.assign(nodes_, 0);
+  }
+
+  //! The sample's copy cost under the current positions.
+  double total_cost() {
+    double c = 0;
+    for (std::size_t t = 0; t < tokens_; ++t) {
+      const std::size_t h = home_[t];
+      next_stamp();
+      for (std::size_t j = 0; j < k_; ++j) {
+        const std::int32_t ri = tr_[t * k_ + j];
+        if (ri < 0) continue;
+        const auto r = static_cast<std::size_t>(ri);
+        const std::size_t n = node_of_[r];
+        if (n == h) continue;
+        if (rank_stamp_[r] != stamp_) {
+          rank_stamp_[r] = stamp_;
+          c += opt_.rank_copy_weight;
+        }
+        if (node_stamp_[n] != stamp_) {
+          node_stamp_[n] = stamp_;
+          c += opt_.node_copy_weight;
+        }
+      }
+    }
+    return c;
+  }
+
+  //! Sweeps over the movable experts: for each, every other movable expert is scored as a swap
+  //! partner by the sum of the two single-expert move gains (the partner's from the start of the
+  //! sweep), the best `candidates` are evaluated exactly and the best improving swap is applied.
+  std::size_t refine() {
+    const std::size_t experts = rank_of_.size();
+    std::vector<double> gains(experts * ranks_, 0.0);
+    std::vector<std::uint8_t> dirty(experts, 1), computed(experts, 0);
+    std::vector<std::pair<double, std::uint32_t>> cand;
+    const double stop_below = opt_.min_sweep_gain * total_cost();
+    std::size_t swaps = 0;
+    for (std::size_t sweep = 0; sweep < opt_.max_sweeps; ++sweep) {
+      std::size_t made = 0;
+      double saved = 0;
+      for (std::size_t e = 0; e < experts; ++e) {
+        if (rank_of_[e] < 0 || tok_of_[e].empty()) continue;
+        const auto a = static_cast<std::size_t>(rank_of_[e]);
+        // Rows go stale when a swap changes the copy counts of a token the expert is in.
+        if (dirty[e]) {
+          move_gains(e, gains.data() + e * ranks_);
+          dirty[e] = 0;
+          computed[e] = 1;
+        }
+        const double* own = gains.data() + e * ranks_;
+        cand.clear();
+        for (std::size_t f = 0; f < experts; ++f) {
+          if (rank_of_[f] < 0 || static_cast<std::size_t>(rank_of_[f]) == a) continue;
+          if (!computed[f]) { // partners' rows may be stale: the exact check below decides
+            move_gains(f, gains.data() + f * ranks_);
+            dirty[f] = 0;
+            computed[f] = 1;
+          }
+          const double est = own[static_cast<std::size_t>(rank_of_[f])] + gains[f * ranks_ + a];
+          if (est > 1e-9 && balanced(e, f)) cand.emplace_back(est, static_cast<std::uint32_t>(f));
+        }
+        const std::size_t keep = std::min(cand.size(), opt_.candidates);
+        std::partial_sort(cand.begin(), cand.begin() + static_cast<std::ptrdiff_t>(keep), cand.end(),
+                          [](const auto& x, const auto& y) { return x.first > y.first || (x.first == y.first && x.second < y.second); });
+        double best = 1e-9;
+        std::size_t best_f = experts;
+        for (std::size_t i = 0; i < keep; ++i) {
+          const double g = swap_gain(e, cand[i].second);
+          if (g > best) {
+            best = g;
+            best_f = cand[i].second;
+          }
+        }
+        if (best_f == experts) continue;
+        apply_swap(e, best_f, dirty);
+        saved += best;
+        ++made;
+      }
+      swaps += made;
+      if (made == 0 || saved < stop_below) break;
+    }
+    return swaps;
+  }
+
+  //! The slot table with the refined positions.
+  expert_map to_map(const expert_map& original) const {
+    const std::size_t spr = original.slots_per_rank();
+    std::vector<expert_id> table(original.slot_count());
+    for (std::size_t r = 0; r < original.ranks(); ++r)
+      for (std::size_t s = 0; s < spr; ++s) {
+        const expert_id e = original.expert_at(r, s);
+        table[r * spr + s] = e == empty_slot || rank_of_[static_cast<std::size_t>(e)] < 0 ? e : empty_slot;
+      }
+    for (std::size_t e = 0; e < rank_of_.size(); ++e)
+      if (rank_of_[e] >= 0)
+        table[static_cast<std::size_t>(rank_of_[e]) * spr + static_cast<std::size_t>(slot_of_[e])] = static_cast<expert_id>(e);
+    return expert_map(original.experts(), original.ranks(), spr, std::move(table));
+  }
+
+private:
+  //! Cost change of token t when one of its experts moves from rank p to rank q (q ≠ p).
+  double move_delta(std::size_t t, std::size_t p, std::size_t q) const {
+    const std::size_t h = home_[t], np = node_of_[p], nq = node_of_[q];
+    const std::int32_t* tr = tr_.data() + t * k_;
+    int cp = 0, cq = 0, cnp = 0, cnq = 0;
+    for (std::size_t j = 0; j < k_; ++j) {
+      if (tr[j] < 0) continue;
+      const auto r = static_cast<std::size_t>(tr[j]);
+      const std::size_t n = node_of_[r];
+      cp += r == p;
+      cq += r == q;
+      cnp += n == np;
+      cnq += n == nq;
+    }
+    double d = 0;
+    if (cp == 1 && np != h) d -= opt_.rank_copy_weight;
+    if (cq == 0 && nq != h) d += opt_.rank_copy_weight;
+    if (np != nq) {
+      if (cnp == 1 && np != h) d -= opt_.node_copy_weight;
+      if (cnq == 0 && nq != h) d += opt_.node_copy_weight;
+    }
+    return d;
+  }
+
+  //! gain[r]: cost saved on e's tokens by moving e alone to rank r, in O(tokens of e × top-k + ranks):
+  //! a token pays for r unless r is on its node or already holds another of its experts.
+  void move_gains(std::size_t e, double* gain) {
+    const auto a = static_cast<std::size_t>(rank_of_[e]);
+    const std::size_t na = node_of_[a];
+    const double wr = opt_.rank_copy_weight, wn = opt_.node_copy_weight;
+    home_count_.assign(nodes_, 0.0);
+    occ_rank_.assign(ranks_, 0.0);
+    occ_node_.assign(nodes_, 0.0);
+    double leave_rank = 0, leave_node = 0;
+    for (const auto t : tok_of_[e]) {
+      const std::size_t h = home_[t];
+      home_count_[h] += 1;
+      next_stamp();
+      const std::uint32_t stamp = stamp_;
+      const std::int32_t* tr = tr_.data() + t * k_;
+      int on_a = 0, on_na = 0;
+      for (std::size_t j = 0; j < k_; ++j) {
+        const std::int32_t ri = tr[j];
+        if (ri < 0) continue;
+        const auto r = static_cast<std::size_t>(ri);
+        const std::size_t n = node_of_[r];
+        on_a += r == a;
+        on_na += n == na;
+        if (n == h) continue;
+        if (rank_stamp_[r] != stamp) {
+          rank_stamp_[r] = stamp;
+          occ_rank_[r] += 1;
+        }
+        if (node_stamp_[n] != stamp) {
+          node_stamp_[n] = stamp;
+          occ_node_[n] += 1;
+        }
+      }
+      if (na != h) {
+        leave_rank += on_a == 1 ? wr : 0.0;
+        leave_node += on_na == 1 ? wn : 0.0;
+      }
+    }
+    const auto m = static_cast<double>(tok_of_[e].size());
+    for (std::size_t r = 0; r < ranks_; ++r) {
+      const std::size_t n = node_of_[r];
+      double g = leave_rank - wr * (m - home_count_[n] - occ_rank_[r]);
+      if (n != na) g += leave_node - wn * (m - home_count_[n] - occ_node_[n]);
+      gain[r] = g;
+    }
+  }
+
+  bool balanced(std::size_t e, std::size_t f) const {
+    const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
+    const double we = static_cast<double>(tok_of_[e].size()), wf = static_cast<double>(tok_of_[f].size());
+    const double na = load_[a] - we + wf, nb = load_[b] - wf + we;
+    return std::max(na, nb) <= std::max(cap_, std::max(load_[a], load_[b])) + 1e-9;
+  }
+
+  //! Exact cost saved by swapping e and f: tokens with both keep the same ranks, the others see
+  //! one move each.
+  double swap_gain(std::size_t e, std::size_t f) {
+    const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
+    next_stamp();
+    for (const auto t : tok_of_[f]) mark_[t] = stamp_;
+    double g = 0;
+    for (const auto t : tok_of_[e])
+      if (mark_[t] != stamp_) g -= move_delta(t, a, b);
+    next_stamp();
+    for (const auto t : tok_of_[e]) mark_[t] = stamp_;
+    for (const auto t : tok_of_[f])
+      if (mark_[t] != stamp_) g -= move_delta(t, b, a);
+    return g;
+  }
+
+  void next_stamp() {
+    if (++stamp_ != 0) return;
+    std::fill(mark_.begin(), mark_.end(), 0u);
+    std::fill(rank_stamp_.begin(), rank_stamp_.end(), 0u);
+    std::fill(node_stamp_.begin(), node_stamp_.end(), 0u);
+    stamp_ = 1;
+  }
+
+  //! Token t's pairs of expert x now go to rank q.
+  void move_pairs(std::size_t t, std::size_t x, std::int32_t q) {
+    for (std::size_t j = 0; j < k_; ++j)
+      if (ids_[t * k_ + j] == x && tr_[t * k_ + j] >= 0) tr_[t * k_ + j] = q;
+  }
+
+  void apply_swap(std::size_t e, std::size_t f, std::vector<std::uint8_t>& dirty) {
+    const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
+    for (const auto t : tok_of_[e]) move_pairs(t, e, static_cast<std::int32_t>(b));
+    for (const auto t : tok_of_[f]) move_pairs(t, f, static_cast<std::int32_t>(a));
+    for (const auto x : {e, f})
+      for (const auto t : tok_of_[x])
+        for (std::size_t j = 0; j < k_; ++j) dirty[ids_[t * k_ + j]] = 1;
+    const double we = static_cast<double>(tok_of_[e].size()), wf = static_cast<double>(tok_of_[f].size());
+    load_[a] += wf - we;
+    load_[b] += we - wf;
+    std::swap(rank_of_[e], rank_of_[f]);
+    std::swap(slot_of_[e], slot_of_[f]);
+  }
+
+  Topology topo_;
+  token_refine_options opt_;
+  std::size_t k_, tokens_, ranks_, nodes_;
+  std::span<const std::uint16_t> ids_;
+  std::span<const std::uint32_t> home_;
+  std::vector<std::uint32_t> node_of_;
+  std::vector<std::int32_t> rank_of_, slot_of_, fixed_;
+  std::vector<std::vector<std::uint32_t>> tok_of_;
+  std::vector<double> load_;
+  double cap_ = 0;
+  std::vector<std::int32_t> tr_;
+  std::vector<std::uint32_t> mark_, rank_stamp_, node_stamp_;
+  std::uint32_t stamp_ = 0;
+  std::vector<double> home_count_, occ_rank_, occ_node_;
+};
+
+} // namespace detail::token_refine
+
+namespace detail::token_refine {
+template <class Topology>
+expert_map refine_layer(const expert_map& map, const token_sample& sample, std::size_t layer, const Topology& topo,
+                        const token_refine_options& opt, token_refine_report* report) {
+  LOCUS_REQUIRE(map.ranks() == topo.ranks(), config_error, "refine_by_tokens: the map has ", map.ranks(),
+                " ranks, the topology ", topo.ranks());
+  LOCUS_REQUIRE(map.experts() == sample.experts, config_error, "refine_by_tokens: the map has ", map.experts(),
+                " experts, the sample ", sample.experts);
+  LOCUS_REQUIRE(layer < sample.layers(), config_error, "refine_by_tokens: layer ", layer, " but the sample has ",
+                sample.layers());
+  LOCUS_REQUIRE(sample.top_k <= 64, config_error, "refine_by_tokens: top-k ", sample.top_k, " above 64");
+  LOCUS_REQUIRE(opt.balance_slack >= 0 && opt.rank_copy_weight >= 0 && opt.node_copy_weight >= 0, config_error,
+                "refine_by_tokens: negative slack or copy weight");
+  layer_state<Topology> s(map, sample.ids[layer], sample.home, sample.top_k, topo, opt);
+  token_refine_report rep;
+  rep.cost_before = s.total_cost();
+  rep.swaps = s.refine();
+  rep.cost_after = s.total_cost();
+  if (report) *report = rep;
+  return s.to_map(map);
+}
+} // namespace detail::token_refine
+
+//! Refines one layer's map on the sample's layer `layer` (see the file comment).
+//! @throws locus::config_error when the map, the topology and the sample disagree in size
+//! @throws locus::invalid_input_error on a malformed sample
+template <class Topology>
+expert_map refine_layer_by_tokens(const expert_map& map, const token_sample& sample, std::size_t layer,
+                                  const Topology& topo, const token_refine_options& opt = {},
+                                  token_refine_report* report = nullptr) {
+  sample.validate(topo.nodes());
+  return detail::token_refine::refine_layer(map, sample, layer, topo, opt, report);
+}
+
+//! Refines every layer's map (maps[l] with the sample's layer l).
+//! @throws as refine_layer_by_tokens, and config_error when the layer counts differ
+template <class Topology>
+std::vector<expert_map> refine_by_tokens(const std::vector<expert_map>& maps, const token_sample& sample,
+                                         const Topology& topo, const token_refine_options& opt = {},
+                                         std::vector<token_refine_report>* reports = nullptr) {
+  LOCUS_REQUIRE(maps.size() == sample.layers(), config_error, "refine_by_tokens: ", maps.size(),
+                " maps for a sample of ", sample.layers(), " layers");
+  sample.validate(topo.nodes());
+  std::vector<expert_map> out;
+  out.reserve(maps.size());
+  if (reports) reports->assign(maps.size(), {});
+  for (std::size_t l = 0; l < maps.size(); ++l)
+    out.push_back(detail::token_refine::refine_layer(maps[l], sample, l, topo, opt, reports ? &(*reports)[l] : nullptr));
+  return out;
+}
+
+} // namespace locus::LOCUS_ABI_NAMESPACE::placement

@@ -1,0 +1,231 @@
+#define BOOST_TEST_MODULE token_refine
+#include <boost/test/unit_test.hpp>
+
+#include <locus/placement/linear.hpp>
+#include <locus/placement/token_refine.hpp>
+
+#include <algorithm>
+#include <map>
+#include <random>
+#include <set>
+
+using namespace locus;
+
+namespace {
+
+// The sample's copy cost straight from its definition: for each token, the set of ranks serving
+// its distinct experts (a replicated expert: its copy on the token's node if any, else copy
+// t mod copies), then weighted counts of remote ranks and remote nodes.
+double reference_cost(const expert_map& m, const placement::token_sample& s, std::size_t layer,
+                      const dynamic_topology& topo, double wr = 1.0, double wn = 1.0) {
+  double c = 0;
+  for (std::size_t t = 0; t < s.tokens(); ++t) {
+    std::set<std::size_t> ranks, nodes, experts;
+    for (std::size_t j = 0; j < s.top_k; ++j) experts.insert(s.ids[layer][t * s.top_k + j]);
+    for (auto e : experts) {
+      const auto reps = m.replicas(e);
+      std::size_t r = static_cast<std::size_t>(reps[t % reps.size()].rank);
+      for (const auto& x : reps)
+        if (topo.node_of(static_cast<std::size_t>(x.rank)) == s.home[t]) {
+          r = static_cast<std::size_t>(x.rank);
+          break;
+        }
+      if (reps.size() == 1) r = static_cast<std::size_t>(reps[0].rank);
+      if (topo.node_of(r) == s.home[t]) continue;
+      ranks.insert(r);
+      nodes.insert(topo.node_of(r));
+    }
+    c += wr * static_cast<double>(ranks.size()) + wn * static_cast<double>(nodes.size());
+  }
+  return c;
+}
+
+// Pairs each rank serves under the reference rule.
+std::vector<double> reference_loads(const expert_map& m, const placement::token_sample& s, std::size_t layer,
+                                    const dynamic_topology& topo) {
+  std::vector<double> load(m.ranks(), 0.0);
+  for (std::size_t t = 0; t < s.tokens(); ++t) {
+    std::set<std::size_t> experts;
+    for (std::size_t j = 0; j < s.top_k; ++j) experts.insert(s.ids[layer][t * s.top_k + j]);
+    for (auto e : experts) {
+      const auto reps = m.replicas(e);
+      std::size_t r = static_cast<std::size_t>(reps[t % reps.size()].rank);
+      for (const auto& x : reps)
+        if (topo.node_of(static_cast<std::size_t>(x.rank)) == s.home[t]) {
+          r = static_cast<std::size_t>(x.rank);
+          break;
+        }
+      load[r] += 1;
+    }
+  }
+  return load;
+}
+
+// Tokens of a few kinds, each kind drawing mostly from its own random subset of experts; a kind
+// runs on one node.
+placement::token_sample random_sample(std::mt19937& rng, std::size_t tokens, std::size_t experts, std::size_t k,
+                                      std::size_t layers, std::size_t nodes) {
+  placement::token_sample s;
+  s.experts = experts;
+  s.top_k = k;
+  const std::size_t kinds = 1 + rng() % 4;
+  std::vector<std::vector<std::uint16_t>> fav(kinds);
+  for (auto& f : fav)
+    for (std::size_t i = 0; i < std::max<std::size_t>(k + 1, experts / 3); ++i) f.push_back(static_cast<std::uint16_t>(rng() % experts));
+  std::vector<std::size_t> kind(tokens);
+  for (std::size_t t = 0; t < tokens; ++t) {
+    kind[t] = rng() % kinds;
+    s.home.push_back(static_cast<std::uint32_t>(kind[t] % nodes));
+  }
+  s.ids.assign(layers, {});
+  for (auto& layer : s.ids)
+    for (std::size_t t = 0; t < tokens; ++t) {
+      std::set<std::uint16_t> chosen;
+      while (chosen.size() < k) {
+        const auto& f = fav[kind[t]];
+        chosen.insert(rng() % 4 ? f[rng() % f.size()] : static_cast<std::uint16_t>(rng() % experts));
+      }
+      for (auto e : chosen) layer.push_back(e);
+    }
+  return s;
+}
+
+// A map with every expert once (shuffled) and, with `replicas`, extra copies in the spare slots.
+expert_map random_map(std::mt19937& rng, std::size_t experts, std::size_t ranks, std::size_t spr, bool replicas) {
+  std::vector<expert_id> table(ranks * spr, empty_slot);
+  std::vector<std::size_t> slots(ranks * spr);
+  std::iota(slots.begin(), slots.end(), 0u);
+  std::shuffle(slots.begin(), slots.end(), rng);
+  for (std::size_t e = 0; e < experts; ++e) table[slots[e]] = static_cast<expert_id>(e);
+  if (replicas)
+    for (std::size_t i = experts; i < slots.size(); ++i) {
+      const auto e = static_cast<expert_id>(rng() % experts);
+      bool on_rank = false;
+      for (std::size_t s = 0; s < spr; ++s) on_rank |= table[slots[i] / spr * spr + s] == e;
+      if (!on_rank) table[slots[i]] = e;
+    }
+  return expert_map(experts, ranks, spr, std::move(table));
+}
+
+} // namespace
+
+// Random instances, with and without replicas: the reported costs equal the reference cost of the
+// maps before and after, the cost never rises, the map keeps every expert's copy count, replicated
+// experts do not move, each rank keeps its slot count, and no rank's load ends above the bound
+// unless it already was.
+BOOST_AUTO_TEST_CASE(refinement_lowers_the_exact_cost_and_keeps_maps_valid) {
+  std::mt19937 rng(17);
+  std::size_t improved = 0;
+  for (int trial = 0; trial < 40; ++trial) {
+    const std::size_t nodes = 1 + rng() % 4, gpus = 1 + rng() % 3, ranks = nodes * gpus;
+    const std::size_t spr = 1 + rng() % 4 + (trial % 2), experts = std::max<std::size_t>(2, ranks * spr - (trial % 2) * (rng() % (ranks + 1)));
+    const std::size_t k = 1 + rng() % std::min<std::size_t>(4, experts);
+    const dynamic_topology topo(nodes, gpus);
+    const auto sample = random_sample(rng, 50 + rng() % 200, experts, k, 2, nodes);
+    std::vector<expert_map> maps;
+    for (std::size_t l = 0; l < 2; ++l) maps.push_back(random_map(rng, experts, ranks, spr, trial % 2 == 1));
+    placement::token_refine_options opt;
+    opt.balance_slack = 0.1 * static_cast<double>(trial % 4);
+    opt.rank_copy_weight = trial % 3 == 0 ? 0.0 : 1.0;
+    std::vector<placement::token_refine_report> reports;
+    const auto out = placement::refine_by_tokens(maps, sample, topo, opt, &reports);
+    BOOST_REQUIRE_EQUAL(out.size(), maps.size());
+    for (std::size_t l = 0; l < maps.size(); ++l) {
+      const double before = reference_cost(maps[l], sample, l, topo, opt.rank_copy_weight, opt.node_copy_weight);
+      const double after = reference_cost(out[l], sample, l, topo, opt.rank_copy_weight, opt.node_copy_weight);
+      BOOST_TEST(reports[l].cost_before == before, boost::test_tools::tolerance(1e-9));
+      BOOST_TEST(reports[l].cost_after == after, boost::test_tools::tolerance(1e-9));
+      BOOST_TEST(after <= before + 1e-9);
+      improved += after < before;
+      for (std::size_t e = 0; e < experts; ++e) {
+        BOOST_TEST(out[l].replica_count(e) == maps[l].replica_count(e));
+        if (maps[l].replica_count(e) > 1)
+          BOOST_TEST((std::vector<slot_ref>(out[l].replicas(e).begin(), out[l].replicas(e).end()) ==
+                      std::vector<slot_ref>(maps[l].replicas(e).begin(), maps[l].replicas(e).end())));
+      }
+      for (std::size_t r = 0; r < ranks; ++r) BOOST_TEST(out[l].experts_on(r).size() == maps[l].experts_on(r).size());
+      const auto lb = reference_loads(maps[l], sample, l, topo), la = reference_loads(out[l], sample, l, topo);
+      double total = 0;
+      for (double x : lb) total += x;
+      const double cap = (1.0 + opt.balance_slack) * total / static_cast<double>(ranks);
+      const double worst_before = *std::max_element(lb.begin(), lb.end());
+      BOOST_TEST(*std::max_element(la.begin(), la.end()) <= std::max(cap, worst_before) + 1e-9);
+    }
+  }
+  BOOST_TEST(improved > 20u); // the random maps leave room; a refinement that never moves fails here
+}
+
+// Three nodes of one GPU, two experts each: {0,1} {2,3} {4,5}. On node 0, 30 tokens use experts 0
+// and 1 (local) and 20 use 2 and 4, which sit on two different remote GPUs: 40 copies. The best
+// map puts 2 and 4 on one remote GPU (20 copies); pulling them onto node 0 would push 0 and 1
+// out and cost the 30 other tokens a copy each.
+BOOST_AUTO_TEST_CASE(co_used_experts_end_on_one_remote_gpu) {
+  const dynamic_topology topo(3, 1);
+  const expert_map linear(6, 3, 2, {0, 1, 2, 3, 4, 5});
+  placement::token_sample s;
+  s.experts = 6;
+  s.top_k = 2;
+  s.ids.resize(1);
+  for (int t = 0; t < 50; ++t) {
+    s.home.push_back(0);
+    if (t < 30)
+      s.ids[0].insert(s.ids[0].end(), {0, 1});
+    else
+      s.ids[0].insert(s.ids[0].end(), {2, 4});
+  }
+  placement::token_refine_options opt;
+  opt.node_copy_weight = 0;
+  opt.balance_slack = 10; // no balance bound: the point is the copy count
+  placement::token_refine_report rep;
+  const auto out = placement::refine_layer_by_tokens(linear, s, 0, topo, opt, &rep);
+  BOOST_TEST(rep.cost_before == 40.0);
+  BOOST_TEST(rep.cost_after == 20.0);
+  BOOST_TEST(rep.swaps == 1u);
+  BOOST_TEST(out.replicas(2)[0].rank == out.replicas(4)[0].rank);
+  BOOST_TEST(out.replicas(0)[0].rank == 0);
+  BOOST_TEST(out.replicas(1)[0].rank == 0);
+  BOOST_TEST(reference_cost(out, s, 0, topo, 1.0, 0.0) == 20.0);
+  // With the default bound (loads 60/20/20 → at most 35 per GPU) the only improving swaps would
+  // put 40 pairs on one GPU, above the bound and above the worst GPU before: nothing moves.
+  const auto kept = placement::refine_layer_by_tokens(linear, s, 0, topo, {}, &rep);
+  BOOST_TEST(rep.swaps == 0u);
+  BOOST_TEST((kept == linear));
+}
+
+BOOST_AUTO_TEST_CASE(refinement_is_deterministic) {
+  std::mt19937 rng(3);
+  const dynamic_topology topo(4, 2);
+  const auto sample = random_sample(rng, 400, 32, 4, 3, 4);
+  std::vector<expert_map> maps;
+  for (int l = 0; l < 3; ++l) maps.push_back(random_map(rng, 32, 8, 5, true));
+  BOOST_TEST((placement::refine_by_tokens(maps, sample, topo) == placement::refine_by_tokens(maps, sample, topo)));
+}
+
+BOOST_AUTO_TEST_CASE(malformed_inputs_raise_clear_errors) {
+  const dynamic_topology topo(2, 2);
+  const expert_map m(8, 4, 2, {0, 1, 2, 3, 4, 5, 6, 7});
+  placement::token_sample s;
+  s.experts = 8;
+  s.top_k = 2;
+  s.home = {0, 1};
+  s.ids = {{0, 1, 2, 3}};
+  BOOST_CHECK_NO_THROW(placement::refine_layer_by_tokens(m, s, 0, topo));
+  BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, s, 1, topo), config_error);                  // no layer 1
+  BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, s, 0, dynamic_topology(4, 2)), config_error); // 8 ranks
+  BOOST_CHECK_THROW(placement::refine_by_tokens(std::vector<expert_map>{m, m}, s, topo), config_error); // 2 maps, 1 layer
+  auto bad = s;
+  bad.home[1] = 2; // node out of range
+  BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, bad, 0, topo), invalid_input_error);
+  bad = s;
+  bad.ids[0][3] = 8; // expert out of range
+  BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, bad, 0, topo), invalid_input_error);
+  bad = s;
+  bad.ids[0].pop_back(); // wrong size
+  BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, bad, 0, topo), invalid_input_error);
+  bad = s;
+  bad.experts = 9;
+  BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, bad, 0, topo), config_error);
+  placement::token_refine_options neg;
+  neg.balance_slack = -0.1;
+  BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, s, 0, topo, neg), config_error);
+}
