@@ -119,10 +119,11 @@ int main(int argc, char** argv) try {
   popt.named.locality.balance_slack = std::stod(arg_value(argc, argv, "--balance-slack", "0.05"));
   popt.named.locality.replica_balance_slack = std::stod(arg_value(argc, argv, "--replica-slack", "0.03"));
   popt.token_refine = arg_value(argc, argv, "--token-refine", "1") == "1";
+  popt.token_replicas = arg_value(argc, argv, "--token-replicas", "1") == "1";
   popt.refine.balance_slack = std::stod(arg_value(argc, argv, "--refine-slack", "0.03"));
   popt.refine.rank_copy_weight = std::stod(arg_value(argc, argv, "--rank-copy-weight", "1"));
   popt.refine.node_copy_weight = std::stod(arg_value(argc, argv, "--node-copy-weight", "1"));
-  popt.refine_sample_pairs = std::stoul(arg_value(argc, argv, "--refine-pairs", "32768"));
+  popt.refine_sample_pairs = std::stoul(arg_value(argc, argv, "--refine-pairs", "24576"));
   popt.refine.candidates = std::stoul(arg_value(argc, argv, "--refine-candidates", "3"));
   popt.refine.max_sweeps = std::stoul(arg_value(argc, argv, "--refine-sweeps", "6"));
 

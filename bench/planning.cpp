@@ -106,16 +106,24 @@ int main(int argc, char** argv) try {
   const double joint_s = seconds_since(t0);
   t0 = cpu_now();
   in.node_load = model->node_load();
-  const auto node_maps = locus::placement::locality{opt.named.locality}.plan(in);
+  auto node_opt = opt.named.locality;
+  node_opt.replicas = false; // chosen by the token-level stage, as plan_activation_aware does
+  const auto node_maps = locus::placement::locality{node_opt}.plan(in);
   const double place_s = seconds_since(t0);
   // Token-level stage on a sample of the training decode tokens (as plan_activation_aware runs it).
   t0 = cpu_now();
   const auto sample = locus::placement::token_sample_from_model(train, *model, opt.refine_sample_pairs / k);
-  std::vector<locus::placement::token_refine_report> reports;
-  const auto maps = locus::placement::refine_by_tokens(node_maps, sample, topo, opt.refine, &reports);
+  const auto maps = locus::placement::token_level_stage(node_maps, sample, topo, opt);
   const double token_s = seconds_since(t0);
+  // The sample's copy cost before and after the stage (zero sweeps only measure it).
+  auto measure = opt.refine;
+  measure.max_sweeps = 0;
+  std::vector<locus::placement::token_refine_report> before, after;
+  locus::placement::refine_by_tokens(node_maps, sample, topo, measure, &before);
+  locus::placement::refine_by_tokens(maps, sample, topo, measure, &after);
   double cost_before = 0, cost_after = 0;
-  for (const auto& r : reports) cost_before += r.cost_before, cost_after += r.cost_after;
+  for (const auto& r : before) cost_before += r.cost_before;
+  for (const auto& r : after) cost_after += r.cost_before;
   t0 = cpu_now();
   const auto eplb_maps = locus::placement::eplb{1}.plan(in);
   const double eplb_s = seconds_since(t0);

@@ -1,7 +1,6 @@
 #define BOOST_TEST_MODULE token_refine
 #include <boost/test/unit_test.hpp>
 
-#include <locus/placement/linear.hpp>
 #include <locus/placement/token_refine.hpp>
 
 #include <algorithm>
@@ -190,6 +189,68 @@ BOOST_AUTO_TEST_CASE(co_used_experts_end_on_one_remote_gpu) {
   const auto kept = placement::refine_layer_by_tokens(linear, s, 0, topo, {}, &rep);
   BOOST_TEST(rep.swaps == 0u);
   BOOST_TEST((kept == linear));
+}
+
+// Replicas into empty slots: the cost never rises, existing copies stay, no node gets two copies of
+// an expert, only empty slots are used and loads stay under the bound (or no worse).
+BOOST_AUTO_TEST_CASE(token_replicas_lower_the_cost_and_only_fill_empty_slots) {
+  std::mt19937 rng(23);
+  std::size_t improved = 0;
+  for (int trial = 0; trial < 30; ++trial) {
+    const std::size_t nodes = 2 + rng() % 3, gpus = 1 + rng() % 2, ranks = nodes * gpus;
+    const std::size_t spr = 2 + rng() % 3, experts = ranks * spr - ranks; // one spare slot per rank
+    const std::size_t k = 1 + rng() % std::min<std::size_t>(4, experts);
+    const dynamic_topology topo(nodes, gpus);
+    const auto sample = random_sample(rng, 60 + rng() % 200, experts, k, 1, nodes);
+    const std::vector<expert_map> maps{random_map(rng, experts, ranks, spr, false)};
+    placement::token_refine_options opt;
+    opt.balance_slack = 0.05 * static_cast<double>(trial % 5);
+    const auto out = placement::add_replicas_by_tokens(maps, sample, topo, opt);
+    const double before = reference_cost(maps[0], sample, 0, topo), after = reference_cost(out[0], sample, 0, topo);
+    BOOST_TEST(after <= before + 1e-9);
+    improved += after < before;
+    for (std::size_t r = 0; r < ranks; ++r)
+      for (std::size_t s = 0; s < spr; ++s)
+        if (maps[0].expert_at(r, s) != empty_slot) BOOST_TEST(out[0].expert_at(r, s) == maps[0].expert_at(r, s));
+    for (std::size_t e = 0; e < experts; ++e) {
+      std::set<std::size_t> on_nodes;
+      for (const auto& x : out[0].replicas(e)) on_nodes.insert(topo.node_of(static_cast<std::size_t>(x.rank)));
+      BOOST_TEST(on_nodes.size() == out[0].replica_count(e));
+    }
+    const auto lb = reference_loads(maps[0], sample, 0, topo), la = reference_loads(out[0], sample, 0, topo);
+    double total = 0;
+    for (double x : lb) total += x;
+    const double cap = (1.0 + opt.balance_slack) * total / static_cast<double>(ranks);
+    BOOST_TEST(*std::max_element(la.begin(), la.end()) <= std::max(cap, *std::max_element(lb.begin(), lb.end())) + 1e-9);
+  }
+  BOOST_TEST(improved > 10u);
+}
+
+// Two nodes of one GPU, three slots each, one empty per GPU. Tokens on node 0 use experts 0 and
+// 2; expert 2 lives on node 1. A copy of 2 on node 0 makes them all local; node 1's tokens (using
+// 3 and 2) are local already, so nothing else is worth a slot.
+BOOST_AUTO_TEST_CASE(a_replica_goes_where_its_remote_tokens_are) {
+  const dynamic_topology topo(2, 1);
+  const std::vector<expert_map> maps{expert_map(4, 2, 3, {0, 1, empty_slot, 2, 3, empty_slot})};
+  placement::token_sample s;
+  s.experts = 4;
+  s.top_k = 2;
+  s.ids.resize(1);
+  for (int t = 0; t < 10; ++t) {
+    s.home.push_back(0);
+    s.ids[0].insert(s.ids[0].end(), {0, 2});
+    s.home.push_back(1);
+    s.ids[0].insert(s.ids[0].end(), {3, 2});
+  }
+  placement::token_refine_options opt;
+  opt.balance_slack = 10;
+  const auto out = placement::add_replicas_by_tokens(maps, s, topo, opt);
+  BOOST_TEST(out[0].replica_count(2) == 2u);
+  BOOST_TEST(out[0].hosts(0, 2));
+  BOOST_TEST(out[0].expert_at(1, 2) == empty_slot);
+  BOOST_TEST(reference_cost(out[0], s, 0, topo) == 0.0);
+  BOOST_CHECK_THROW(placement::add_replicas_by_tokens(std::vector<expert_map>{maps[0], maps[0]}, s, topo), config_error);
+  BOOST_CHECK_THROW(placement::add_replicas_by_tokens(maps, s, dynamic_topology(1, 2)), invalid_input_error); // home 1 of 1 node
 }
 
 BOOST_AUTO_TEST_CASE(refinement_is_deterministic) {

@@ -27,9 +27,10 @@ struct activation_plan_options {
   joint_options joint{};
   bool joint_grouping = true; //!< refine the grouping with the placement when it is `locality`
   bool token_refine = true;   //!< run the token-level stage on `locality` maps
+  bool token_replicas = true; //!< with it, choose replicas on the exact copy cost too
   token_refine_options refine{};
   //! (token, expert) pairs the token-level stage samples at most (its time grows with them)
-  std::size_t refine_sample_pairs = 32768;
+  std::size_t refine_sample_pairs = 24576;
 };
 
 //! Up to `max_tokens` decode tokens of the model's training requests (evenly strided), each with
@@ -78,6 +79,22 @@ struct activation_plan {
   double local_fraction = 0; //!< training decode pairs kept local by the joint fit (locality only)
 };
 
+//! The token-level stage on node-level `locality` maps: first copies refined, then (with
+//! `token_replicas`) the empty slots filled with replicas on the exact copy cost and the first
+//! copies refined around them.
+inline std::vector<expert_map> token_level_stage(std::vector<expert_map> maps, const token_sample& sample,
+                                                 const dynamic_topology& topo, const activation_plan_options& opt) {
+  maps = refine_by_tokens(maps, sample, topo, opt.refine);
+  if (!opt.token_replicas) return maps;
+  bool empty = false;
+  for (const auto& m : maps) empty |= m.replica_slots_used() + m.experts() < m.slot_count();
+  if (!empty) return maps;
+  maps = add_replicas_by_tokens(maps, sample, topo, opt.refine);
+  auto again = opt.refine; // a warm start: one more sweep catches most of what the replicas opened
+  again.max_sweeps = std::min<std::size_t>(again.max_sweeps, 1);
+  return refine_by_tokens(maps, sample, topo, again);
+}
+
 //! Fits the grouping model on `train` and plans `placement` with `redundant_per_rank` replica
 //! slots per rank on `topo`.
 //! @throws locus::config_error for an unknown placement or an unusable trace
@@ -90,10 +107,15 @@ inline activation_plan plan_activation_aware(const trace::trace& train, const dy
   if (placement == "locality" && opt.joint_grouping)
     out.local_fraction = refine_grouping(*model, in, opt.named.locality, opt.joint);
   in.node_load = model->node_load();
-  out.maps = plan_by_name(placement, in, opt.named);
-  if (placement == "locality" && opt.token_refine)
-    out.maps = refine_by_tokens(out.maps, token_sample_from_model(train, *model, opt.refine_sample_pairs / std::max<std::size_t>(1, train.top_k())), topo,
-                                opt.refine);
+  if (placement == "locality" && opt.token_refine) {
+    auto named = opt.named;
+    if (opt.token_replicas) named.locality.replicas = false; // the token-level stage chooses them
+    const auto sample =
+        token_sample_from_model(train, *model, opt.refine_sample_pairs / std::max<std::size_t>(1, train.top_k()));
+    out.maps = token_level_stage(plan_by_name(placement, in, named), sample, topo, opt);
+  } else {
+    out.maps = plan_by_name(placement, in, opt.named);
+  }
   out.model = std::move(model);
   return out;
 }

@@ -18,6 +18,8 @@
 //!   4. inside each node, copies packed onto GPUs balancing expected load (largest first, then
 //!      improving moves and swaps).
 //! Deterministic: every order is stable and every tie goes to the lower index.
+//! plan_activation_aware then runs the token-level stage (token_refine.hpp) on these maps; there
+//! step 3 is skipped (`replicas = false`) and the replicas are chosen on the exact copy cost.
 //! `refine_grouping` fits the grouping to the placement in turn (the joint fit).
 
 #include <locus/core/error.hpp>
@@ -39,6 +41,7 @@ struct locality_options {
   double balance_slack = 0.05;         //!< node load ≤ (1 + slack) × mean node load, first copies
   double replica_balance_slack = 0.03; //!< bound on a copy's node load when adding replicas
   std::size_t max_sweeps = 32;         //!< refinement sweeps at most
+  bool replicas = true; //!< fill redundant slots (false leaves them empty for add_replicas_by_tokens)
 };
 
 namespace detail::locality {
@@ -138,7 +141,7 @@ inline da::node_layout plan_layer(const std::vector<std::vector<double>>& u, con
 
   da::node_layout layout(nodes, experts);
   for (std::size_t e = 0; e < experts; ++e) layout.add(static_cast<std::size_t>(host[e]), e);
-  if (b.redundant_per_node == 0) return layout;
+  if (b.redundant_per_node == 0 || !opt.replicas) return layout;
 
   // 3. Replicas. Copy loads per expert: local tokens stay, remote tokens spread over copies.
   const double rcap = (1.0 + opt.replica_balance_slack) * total / static_cast<double>(nodes);

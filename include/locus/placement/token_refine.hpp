@@ -1,6 +1,6 @@
 #pragma once
 //! @file
-//! `refine_by_tokens`: the token-level stage of the locality planner.
+//! `refine_by_tokens` and `add_replicas_by_tokens`: the token-level stage of the locality planner.
 //!
 //! The node-level planner (placement/locality.hpp) minimises the (token, expert) pairs that leave
 //! their node. The transports pay per token *copy*: flat sends one per distinct remote rank of a
@@ -20,6 +20,8 @@
 //! Replicated experts stay where
 //! they are; a token's copy for one of them goes to the copy on its node when there is one, or
 //! else to one of the copies chosen by token index (the replica selector spreads remote copies).
+//! `add_replicas_by_tokens` fills empty slots the same way: greedily the replica that saves the
+//! most copies of the sample (lazy re-evaluation), under the same load bound.
 //! Deterministic: fixed orders, ties to the lower index.
 
 #include <locus/core/error.hpp>
@@ -70,7 +72,7 @@ struct token_refine_options {
   double balance_slack = 0.03;   //!< rank load ≤ (1 + slack) × mean rank load (pairs of the sample)
   std::size_t max_sweeps = 6;    //!< sweeps over the experts at most
   std::size_t candidates = 3;    //!< swap partners evaluated exactly per expert and sweep
-  double min_sweep_gain = 0.002; //!< stop when a sweep saves less than this share of the cost
+  double min_sweep_gain = 0.005; //!< stop when a sweep saves less than this share of the cost
 };
 
 //! What one layer's refinement did, in the sample's cost units.
@@ -137,8 +139,11 @@ public:
     cap_ = (1.0 + opt_.balance_slack) * total / static_cast<double>(ranks_);
     // The rank serving each pair, token-major (-1: a repeated choice, ignored): k entries per
     // token keep the working set small, and every per-token question is a scan of them.
-    tr_.assign(tokens_ * k_, -1);
-    for (std::size_t i = 0; i < tokens_ * k_; ++i) tr_[i] = fixed_[i] == -1 ? rank_of_[ids_[i]] : fixed_[i] == -2 ? -1 : fixed_[i];
+    tr_.assign(tokens_ * k_, none);
+    for (std::size_t i = 0; i < tokens_ * k_; ++i) {
+      const std::int32_t r = fixed_[i] == -1 ? rank_of_[ids_[i]] : fixed_[i];
+      if (r >= 0) tr_[i] = pack(static_cast<std::size_t>(r));
+    }
     fixed_.clear();
     mark_.assign(tokens_, 0);
     rank_stamp_.assign(ranks_, 0);
@@ -152,10 +157,9 @@ public:
       const std::size_t h = home_[t];
       next_stamp();
       for (std::size_t j = 0; j < k_; ++j) {
-        const std::int32_t ri = tr_[t * k_ + j];
-        if (ri < 0) continue;
-        const auto r = static_cast<std::size_t>(ri);
-        const std::size_t n = node_of_[r];
+        const std::uint32_t v = tr_[t * k_ + j];
+        if (v == none) continue;
+        const std::size_t r = v & 0xFFFFu, n = v >> 16;
         if (n == h) continue;
         if (rank_stamp_[r] != stamp_) {
           rank_stamp_[r] = stamp_;
@@ -210,7 +214,12 @@ public:
         double best = 1e-9;
         std::size_t best_f = experts;
         for (std::size_t i = 0; i < keep; ++i) {
-          const double g = swap_gain(e, cand[i].second);
+          const std::size_t f = cand[i].second;
+          if (dirty[f]) {
+            move_gains(f, gains.data() + f * ranks_);
+            dirty[f] = 0;
+          }
+          const double g = swap_gain(e, f, gains);
           if (g > best) {
             best = g;
             best_f = cand[i].second;
@@ -246,12 +255,11 @@ private:
   //! Cost change of token t when one of its experts moves from rank p to rank q (q ≠ p).
   double move_delta(std::size_t t, std::size_t p, std::size_t q) const {
     const std::size_t h = home_[t], np = node_of_[p], nq = node_of_[q];
-    const std::int32_t* tr = tr_.data() + t * k_;
+    const std::uint32_t* tr = tr_.data() + t * k_;
+    // Branch-free over the packed (node, rank) pairs; `none` matches no rank and no node.
     int cp = 0, cq = 0, cnp = 0, cnq = 0;
     for (std::size_t j = 0; j < k_; ++j) {
-      if (tr[j] < 0) continue;
-      const auto r = static_cast<std::size_t>(tr[j]);
-      const std::size_t n = node_of_[r];
+      const std::uint32_t r = tr[j] & 0xFFFFu, n = tr[j] >> 16;
       cp += r == p;
       cq += r == q;
       cnp += n == np;
@@ -282,13 +290,11 @@ private:
       home_count_[h] += 1;
       next_stamp();
       const std::uint32_t stamp = stamp_;
-      const std::int32_t* tr = tr_.data() + t * k_;
+      const std::uint32_t* tr = tr_.data() + t * k_;
       int on_a = 0, on_na = 0;
       for (std::size_t j = 0; j < k_; ++j) {
-        const std::int32_t ri = tr[j];
-        if (ri < 0) continue;
-        const auto r = static_cast<std::size_t>(ri);
-        const std::size_t n = node_of_[r];
+        if (tr[j] == none) continue;
+        const std::size_t r = tr[j] & 0xFFFFu, n = tr[j] >> 16;
         on_a += r == a;
         on_na += n == na;
         if (n == h) continue;
@@ -322,19 +328,16 @@ private:
     return std::max(na, nb) <= std::max(cap_, std::max(load_[a], load_[b])) + 1e-9;
   }
 
-  //! Exact cost saved by swapping e and f: tokens with both keep the same ranks, the others see
-  //! one move each.
-  double swap_gain(std::size_t e, std::size_t f) {
+  //! Exact cost saved by swapping e and f, from their fresh move-gain rows: a token that uses only
+  //! one of them sees that one move (the rows count it); a token that uses both keeps its ranks, so
+  //! the rows' two moves are taken back for it.
+  double swap_gain(std::size_t e, std::size_t f, const std::vector<double>& gains) {
     const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
+    double g = gains[e * ranks_ + b] + gains[f * ranks_ + a];
     next_stamp();
     for (const auto t : tok_of_[f]) mark_[t] = stamp_;
-    double g = 0;
     for (const auto t : tok_of_[e])
-      if (mark_[t] != stamp_) g -= move_delta(t, a, b);
-    next_stamp();
-    for (const auto t : tok_of_[e]) mark_[t] = stamp_;
-    for (const auto t : tok_of_[f])
-      if (mark_[t] != stamp_) g -= move_delta(t, b, a);
+      if (mark_[t] == stamp_) g += move_delta(t, a, b) + move_delta(t, b, a);
     return g;
   }
 
@@ -349,7 +352,7 @@ private:
   //! Token t's pairs of expert x now go to rank q.
   void move_pairs(std::size_t t, std::size_t x, std::int32_t q) {
     for (std::size_t j = 0; j < k_; ++j)
-      if (ids_[t * k_ + j] == x && tr_[t * k_ + j] >= 0) tr_[t * k_ + j] = q;
+      if (ids_[t * k_ + j] == x && tr_[t * k_ + j] != none) tr_[t * k_ + j] = pack(static_cast<std::size_t>(q));
   }
 
   void apply_swap(std::size_t e, std::size_t f, std::vector<std::uint8_t>& dirty) {
@@ -376,10 +379,230 @@ private:
   std::vector<std::vector<std::uint32_t>> tok_of_;
   std::vector<double> load_;
   double cap_ = 0;
-  std::vector<std::int32_t> tr_;
+  //! (node << 16) | rank of each pair; `none` for a repeated choice.
+  static constexpr std::uint32_t none = 0xFFFFFFFFu;
+  std::uint32_t pack(std::size_t r) const { return static_cast<std::uint32_t>(node_of_[r] << 16 | r); }
+  std::vector<std::uint32_t> tr_;
   std::vector<std::uint32_t> mark_, rank_stamp_, node_stamp_;
   std::uint32_t stamp_ = 0;
   std::vector<double> home_count_, occ_rank_, occ_node_;
+};
+
+//! Greedy replica placement on the exact copy cost (see add_replicas_by_tokens).
+template <class Topology>
+class replica_state {
+public:
+  replica_state(const expert_map& map, std::span<const std::uint16_t> ids, std::span<const std::uint32_t> home,
+                std::size_t top_k, const Topology& topo, const token_refine_options& opt)
+      : opt_(opt), k_(top_k), tokens_(home.size()), ranks_(map.ranks()), nodes_(topo.nodes()),
+        spr_(map.slots_per_rank()), ids_(ids), home_(home), experts_(map.experts()) {
+    node_of_.resize(ranks_);
+    for (std::size_t r = 0; r < ranks_; ++r) node_of_[r] = static_cast<std::uint32_t>(topo.node_of(r));
+    table_.resize(map.slot_count());
+    for (std::size_t r = 0; r < ranks_; ++r)
+      for (std::size_t s = 0; s < spr_; ++s) table_[r * spr_ + s] = map.expert_at(r, s);
+    copies_.assign(experts_, {});
+    for (std::size_t e = 0; e < experts_; ++e)
+      for (const auto& x : map.replicas(e)) copies_[e].push_back(x.rank); // rank order, as the selector sees them
+    pairs_of_.assign(experts_, {});
+    tr_.assign(tokens_ * k_, -1);
+    for (std::size_t t = 0; t < tokens_; ++t)
+      for (std::size_t j = 0; j < k_; ++j) {
+        const std::size_t e = ids_[t * k_ + j];
+        bool repeat = false;
+        for (std::size_t i = 0; i < j; ++i) repeat |= ids_[t * k_ + i] == e;
+        if (repeat) continue;
+        pairs_of_[e].push_back(static_cast<std::uint32_t>(t * k_ + j));
+        tr_[t * k_ + j] = serving(copies_[e], t);
+      }
+    load_.assign(ranks_, 0.0);
+    for (const auto r : tr_)
+      if (r >= 0) load_[static_cast<std::size_t>(r)] += 1;
+    double total = 0;
+    for (double x : load_) total += x;
+    cap_ = (1.0 + opt_.balance_slack) * total / static_cast<double>(ranks_);
+    rank_stamp_.assign(ranks_, 0);
+    node_stamp_.assign(nodes_, 0);
+  }
+
+  //! Lazy greedy: the (node, expert) copy that saves the most, re-evaluated when popped, while
+  //! slots are free and a copy saves anything. Returns the replicas added.
+  std::size_t fill() {
+    // Candidates: per node, the experts its tokens use most among those it does not host (a
+    // few per free slot: a copy's savings come mostly from the node's own tokens).
+    std::vector<std::pair<double, std::pair<std::uint32_t, std::uint32_t>>> heap;
+    std::vector<std::vector<double>> remote(nodes_, std::vector<double>(experts_, 0.0));
+    for (std::size_t e = 0; e < experts_; ++e)
+      for (const auto p : pairs_of_[e]) remote[home_[p / k_]][e] += 1;
+    std::vector<std::uint32_t> order(experts_);
+    for (std::size_t n = 0; n < nodes_; ++n) {
+      std::size_t free = 0;
+      for (std::size_t r = 0; r < ranks_; ++r)
+        if (node_of_[r] == n)
+          for (std::size_t s = 0; s < spr_; ++s) free += table_[r * spr_ + s] == empty_slot;
+      if (free == 0) continue;
+      const std::size_t r = free_rank(n);
+      std::iota(order.begin(), order.end(), 0u);
+      const std::size_t keep = std::min(experts_, std::max<std::size_t>(32, 8 * free));
+      std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(keep), order.end(),
+                        [&](std::uint32_t x, std::uint32_t y) {
+                          const double a = hosts(x, n) ? -1.0 : remote[n][x], b = hosts(y, n) ? -1.0 : remote[n][y];
+                          return a > b || (a == b && x < y);
+                        });
+      for (std::size_t i = 0; i < keep; ++i) {
+        const std::size_t e = order[i];
+        if (hosts(e, n) || remote[n][e] == 0) continue;
+        const double g = gain(e, r);
+        if (g > 1e-9) heap.push_back({g, {static_cast<std::uint32_t>(n), static_cast<std::uint32_t>(e)}});
+      }
+    }
+    auto less = [](const auto& x, const auto& y) {
+      return x.first < y.first || (x.first == y.first && x.second > y.second);
+    };
+    std::make_heap(heap.begin(), heap.end(), less);
+    std::size_t added = 0;
+    while (!heap.empty()) {
+      std::pop_heap(heap.begin(), heap.end(), less);
+      auto [stale, ne] = heap.back();
+      heap.pop_back();
+      const auto [n, e] = ne;
+      if (hosts(e, n)) continue;
+      const std::size_t r = free_rank(n);
+      if (r == ranks_) continue;
+      const double g = balanced(e, r) ? gain(e, r) : -1.0;
+      if (g <= 1e-9) continue;
+      if (!heap.empty() && g < heap.front().first) { // stale: back in with its current gain
+        heap.push_back({g, ne});
+        std::push_heap(heap.begin(), heap.end(), less);
+        continue;
+      }
+      add(e, r);
+      ++added;
+    }
+    return added;
+  }
+
+  expert_map to_map() const { return expert_map(experts_, ranks_, spr_, table_); }
+
+private:
+  //! The rank a token's copy for an expert with these copies goes to: the copy on the token's
+  //! node if there is one, else copy t mod count (the selector spreads remote copies).
+  std::int32_t serving(const std::vector<std::int32_t>& copies, std::size_t t) const {
+    for (const auto r : copies)
+      if (node_of_[static_cast<std::size_t>(r)] == home_[t]) return r;
+    return copies[t % copies.size()];
+  }
+
+  bool hosts(std::size_t e, std::size_t n) const {
+    for (const auto r : copies_[e])
+      if (node_of_[static_cast<std::size_t>(r)] == n) return true;
+    return false;
+  }
+
+  //! The least-loaded rank of node n with an empty slot, or ranks_.
+  std::size_t free_rank(std::size_t n) const {
+    std::size_t best = ranks_;
+    for (std::size_t r = 0; r < ranks_; ++r) {
+      if (node_of_[r] != n || free_slot(r) == spr_) continue;
+      if (best == ranks_ || load_[r] < load_[best]) best = r;
+    }
+    return best;
+  }
+
+  std::size_t free_slot(std::size_t r) const {
+    for (std::size_t s = 0; s < spr_; ++s)
+      if (table_[r * spr_ + s] == empty_slot) return s;
+    return spr_;
+  }
+
+  double token_cost(std::size_t t, std::size_t jx, std::int32_t rx) {
+    const std::size_t h = home_[t];
+    if (++stamp_ == 0) {
+      std::fill(rank_stamp_.begin(), rank_stamp_.end(), 0u);
+      std::fill(node_stamp_.begin(), node_stamp_.end(), 0u);
+      stamp_ = 1;
+    }
+    double c = 0;
+    for (std::size_t j = 0; j < k_; ++j) {
+      const std::int32_t ri = j == jx ? rx : tr_[t * k_ + j];
+      if (ri < 0) continue;
+      const auto r = static_cast<std::size_t>(ri);
+      const std::size_t n = node_of_[r];
+      if (n == h) continue;
+      if (rank_stamp_[r] != stamp_) {
+        rank_stamp_[r] = stamp_;
+        c += opt_.rank_copy_weight;
+      }
+      if (node_stamp_[n] != stamp_) {
+        node_stamp_[n] = stamp_;
+        c += opt_.node_copy_weight;
+      }
+    }
+    return c;
+  }
+
+  std::vector<std::int32_t> with_copy(std::size_t e, std::size_t r) const {
+    auto c = copies_[e];
+    c.insert(std::upper_bound(c.begin(), c.end(), static_cast<std::int32_t>(r)), static_cast<std::int32_t>(r));
+    return c;
+  }
+
+  //! Exact cost saved on the sample by a copy of e on rank r.
+  double gain(std::size_t e, std::size_t r) {
+    const auto c = with_copy(e, r);
+    double g = 0;
+    for (const auto p : pairs_of_[e]) {
+      const std::size_t t = p / k_, j = p % k_;
+      const std::int32_t now = tr_[p], next = serving(c, t);
+      if (now == next) continue;
+      g += token_cost(t, k_, -1) - token_cost(t, j, next);
+    }
+    return g;
+  }
+
+  bool balanced(std::size_t e, std::size_t r) const {
+    const auto c = with_copy(e, r);
+    std::vector<double> delta(ranks_, 0.0);
+    for (const auto p : pairs_of_[e]) {
+      const std::int32_t now = tr_[p], next = serving(c, p / k_);
+      if (now == next) continue;
+      delta[static_cast<std::size_t>(now)] -= 1;
+      delta[static_cast<std::size_t>(next)] += 1;
+    }
+    double worst_new = 0, worst_old = 0;
+    for (std::size_t x = 0; x < ranks_; ++x)
+      if (delta[x] != 0 || x == r) {
+        worst_new = std::max(worst_new, load_[x] + delta[x]);
+        worst_old = std::max(worst_old, load_[x]);
+      }
+    return worst_new <= std::max(cap_, worst_old) + 1e-9;
+  }
+
+  void add(std::size_t e, std::size_t r) {
+    copies_[e] = with_copy(e, r);
+    for (const auto p : pairs_of_[e]) {
+      const std::int32_t next = serving(copies_[e], p / k_);
+      load_[static_cast<std::size_t>(tr_[p])] -= 1;
+      load_[static_cast<std::size_t>(next)] += 1;
+      tr_[p] = next;
+    }
+    table_[r * spr_ + free_slot(r)] = static_cast<expert_id>(e);
+  }
+
+  token_refine_options opt_;
+  std::size_t k_, tokens_, ranks_, nodes_, spr_;
+  std::span<const std::uint16_t> ids_;
+  std::span<const std::uint32_t> home_;
+  std::size_t experts_;
+  std::vector<std::uint32_t> node_of_;
+  std::vector<expert_id> table_;
+  std::vector<std::vector<std::int32_t>> copies_;
+  std::vector<std::vector<std::uint32_t>> pairs_of_;
+  std::vector<std::int32_t> tr_;
+  std::vector<double> load_;
+  double cap_ = 0;
+  std::vector<std::uint32_t> rank_stamp_, node_stamp_;
+  std::uint32_t stamp_ = 0;
 };
 
 } // namespace detail::token_refine
@@ -395,6 +618,7 @@ expert_map refine_layer(const expert_map& map, const token_sample& sample, std::
   LOCUS_REQUIRE(layer < sample.layers(), config_error, "refine_by_tokens: layer ", layer, " but the sample has ",
                 sample.layers());
   LOCUS_REQUIRE(sample.top_k <= 64, config_error, "refine_by_tokens: top-k ", sample.top_k, " above 64");
+  LOCUS_REQUIRE(map.ranks() < 65535, config_error, "refine_by_tokens: ", map.ranks(), " ranks (at most 65,534)");
   LOCUS_REQUIRE(opt.balance_slack >= 0 && opt.rank_copy_weight >= 0 && opt.node_copy_weight >= 0, config_error,
                 "refine_by_tokens: negative slack or copy weight");
   layer_state<Topology> s(map, sample.ids[layer], sample.home, sample.top_k, topo, opt);
@@ -432,6 +656,34 @@ std::vector<expert_map> refine_by_tokens(const std::vector<expert_map>& maps, co
   if (reports) reports->assign(maps.size(), {});
   for (std::size_t l = 0; l < maps.size(); ++l)
     out.push_back(detail::token_refine::refine_layer(maps[l], sample, l, topo, opt, reports ? &(*reports)[l] : nullptr));
+  return out;
+}
+
+//! Fills each layer's empty slots with replicas chosen on the sample's exact copy cost: greedily
+//! the (node, expert) copy that saves the most copies (a token uses the copy on its node, else one
+//! of the copies by token index, as the replica selector spreads remote copies), placed on the
+//! node's least-loaded GPU with a free slot, while the loads stay under the bound of
+//! token_refine_options::balance_slack (or no worse than before). Leaves a slot empty when no copy
+//! saves anything. Existing copies never move.
+//! @throws as refine_by_tokens
+template <class Topology>
+std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& maps, const token_sample& sample,
+                                               const Topology& topo, const token_refine_options& opt = {}) {
+  LOCUS_REQUIRE(maps.size() == sample.layers(), config_error, "add_replicas_by_tokens: ", maps.size(),
+                " maps for a sample of ", sample.layers(), " layers");
+  sample.validate(topo.nodes());
+  std::vector<expert_map> out;
+  out.reserve(maps.size());
+  for (std::size_t l = 0; l < maps.size(); ++l) {
+    LOCUS_REQUIRE(maps[l].ranks() == topo.ranks() && maps[l].experts() == sample.experts, config_error,
+                  "add_replicas_by_tokens: layer ", l, " map (", maps[l].experts(), " experts, ", maps[l].ranks(),
+                  " ranks) does not match the sample (", sample.experts, ") or the topology (", topo.ranks(), ")");
+    LOCUS_REQUIRE(opt.balance_slack >= 0 && opt.rank_copy_weight >= 0 && opt.node_copy_weight >= 0, config_error,
+                  "add_replicas_by_tokens: negative slack or copy weight");
+    detail::token_refine::replica_state<Topology> s(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt);
+    s.fill();
+    out.push_back(s.to_map());
+  }
   return out;
 }
 
