@@ -13,13 +13,12 @@
 //!          (distinct remote nodes),
 //! keeping every rank's expected load (pairs of the sample) under (1 + balance_slack) × the mean,
 //! or no worse than before where a rank starts above it. For each expert, the gain of moving it
-//! alone to every rank comes from its tokens' copy counts in O(its pairs + ranks); partners are
-//! ranked by the sum of both move gains and the best few evaluated exactly (a token that uses both
-//! keeps its ranks; the others see one move each), so a sweep costs O(sample pairs × candidates +
-//! experts²).
-//! Replicated experts stay where
-//! they are; a token's copy for one of them goes to the copy on its node when there is one, or
-//! else to one of the copies chosen by token index (the replica selector spreads remote copies).
+//! alone to every rank comes from its tokens' rank lists in O(its pairs + ranks); partners are
+//! ranked by the sum of both move gains, and the best few are evaluated exactly from fresh rows (a
+//! token that uses both keeps its ranks, so both moves are taken back for it). A sweep costs
+//! O(sample pairs × candidates + experts²). Replicated experts stay where they are; a token's copy
+//! for one of them goes to the copy on its node when there is one, or else to one of the copies
+//! chosen by token index (the replica selector spreads remote copies).
 //! `add_replicas_by_tokens` fills empty slots the same way: greedily the replica that saves the
 //! most copies of the sample (lazy re-evaluation), under the same load bound.
 //! Deterministic: fixed orders, ties to the lower index.
