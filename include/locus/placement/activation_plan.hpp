@@ -80,15 +80,13 @@ struct activation_plan {
 };
 
 //! The token-level stage on node-level `locality` maps: first copies refined, then (with
-//! `token_replicas`) the empty slots filled with replicas on the exact copy cost and the first
+//! `fill_replicas`) the empty slots filled with replicas on the exact copy cost and the first
 //! copies refined around them.
 inline std::vector<expert_map> token_level_stage(std::vector<expert_map> maps, const token_sample& sample,
-                                                 const dynamic_topology& topo, const activation_plan_options& opt) {
+                                                 const dynamic_topology& topo, const activation_plan_options& opt,
+                                                 bool fill_replicas) {
   maps = refine_by_tokens(maps, sample, topo, opt.refine);
-  if (!opt.token_replicas) return maps;
-  bool empty = false;
-  for (const auto& m : maps) empty |= m.replica_slots_used() + m.experts() < m.slot_count();
-  if (!empty) return maps;
+  if (!fill_replicas) return maps;
   maps = add_replicas_by_tokens(maps, sample, topo, opt.refine);
   auto again = opt.refine; // a warm start: one more sweep catches most of what the replicas opened
   again.max_sweeps = std::min<std::size_t>(again.max_sweeps, 1);
@@ -108,11 +106,13 @@ inline activation_plan plan_activation_aware(const trace::trace& train, const dy
     out.local_fraction = refine_grouping(*model, in, opt.named.locality, opt.joint);
   in.node_load = model->node_load();
   if (placement == "locality" && opt.token_refine) {
+    // With redundant slots and token_replicas the token-level stage chooses the replicas.
+    const bool fill = opt.token_replicas && redundant_per_rank > 0;
     auto named = opt.named;
-    if (opt.token_replicas) named.locality.replicas = false; // the token-level stage chooses them
+    if (fill) named.locality.replicas = false;
     const auto sample =
         token_sample_from_model(train, *model, opt.refine_sample_pairs / std::max<std::size_t>(1, train.top_k()));
-    out.maps = token_level_stage(plan_by_name(placement, in, named), sample, topo, opt);
+    out.maps = token_level_stage(plan_by_name(placement, in, named), sample, topo, opt, fill);
   } else {
     out.maps = plan_by_name(placement, in, opt.named);
   }
