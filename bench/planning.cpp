@@ -112,7 +112,7 @@ int main(int argc, char** argv) try {
   const double place_s = seconds_since(t0);
   // Token-level stage on a sample of the training decode tokens (as plan_activation_aware runs it).
   t0 = cpu_now();
-  const auto sample = locus::placement::token_sample_from_model(train, *model, opt.refine_sample_pairs / k);
+  const auto sample = locus::placement::token_sample_from_model(train, *model, opt.refine_sample_tokens(layers, k));
   const auto maps = locus::placement::token_level_stage(node_maps, sample, topo, opt, true);
   const double token_s = seconds_since(t0);
   // The sample's copy cost before and after the stage (zero sweeps only measure it).

@@ -55,13 +55,26 @@ inline float dot(const float* a, const float* b, std::size_t n) noexcept {
   return (s0 + s1) + (s2 + s3);
 }
 
+//! Squared distance in double with four independent accumulators (as dot: vectorisable, and the
+//! same result on every run).
 inline double squared_distance(const float* a, const float* b, std::size_t n) noexcept {
-  double s = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    const double d = static_cast<double>(a[i]) - static_cast<double>(b[i]);
-    s += d * d;
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  std::size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const double d0 = static_cast<double>(a[i]) - static_cast<double>(b[i]);
+    const double d1 = static_cast<double>(a[i + 1]) - static_cast<double>(b[i + 1]);
+    const double d2 = static_cast<double>(a[i + 2]) - static_cast<double>(b[i + 2]);
+    const double d3 = static_cast<double>(a[i + 3]) - static_cast<double>(b[i + 3]);
+    s0 += d0 * d0;
+    s1 += d1 * d1;
+    s2 += d2 * d2;
+    s3 += d3 * d3;
   }
-  return s;
+  for (; i < n; ++i) {
+    const double d = static_cast<double>(a[i]) - static_cast<double>(b[i]);
+    s0 += d * d;
+  }
+  return (s0 + s1) + (s2 + s3);
 }
 
 // One initialisation + Lloyd run.

@@ -14,6 +14,7 @@
 #include <locus/placement/token_refine.hpp>
 #include <locus/placement/trace_load.hpp>
 
+#include <algorithm>
 #include <memory>
 #include <string_view>
 #include <vector>
@@ -29,8 +30,17 @@ struct activation_plan_options {
   bool token_refine = true;   //!< run the token-level stage on `locality` maps
   bool token_replicas = true; //!< with it, choose replicas on the exact copy cost too
   token_refine_options refine{};
-  //! (token, expert) pairs the token-level stage samples at most (its time grows with them)
+  //! (token, expert) pairs per layer the token-level stage samples at most (its time grows with
+  //! them) ...
   std::size_t refine_sample_pairs = 24576;
+  //! ... and over all layers together (deep models get a smaller sample per layer)
+  std::size_t refine_total_pairs = std::size_t{1} << 20;
+
+  //! Tokens the token-level stage samples for a trace of `layers` layers and top-k `k`.
+  std::size_t refine_sample_tokens(std::size_t layers, std::size_t k) const {
+    const std::size_t per_layer = std::min(refine_sample_pairs, refine_total_pairs / std::max<std::size_t>(1, layers));
+    return std::max<std::size_t>(1, per_layer / std::max<std::size_t>(1, k));
+  }
 };
 
 //! Up to `max_tokens` decode tokens of the model's training requests (evenly strided), each with
@@ -111,7 +121,7 @@ inline activation_plan plan_activation_aware(const trace::trace& train, const dy
     auto named = opt.named;
     if (fill) named.locality.replicas = false;
     const auto sample =
-        token_sample_from_model(train, *model, opt.refine_sample_pairs / std::max<std::size_t>(1, train.top_k()));
+        token_sample_from_model(train, *model, opt.refine_sample_tokens(train.layers(), train.top_k()));
     out.maps = token_level_stage(plan_by_name(placement, in, named), sample, topo, opt, fill);
   } else {
     out.maps = plan_by_name(placement, in, opt.named);

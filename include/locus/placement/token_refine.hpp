@@ -213,12 +213,7 @@ public:
         double best = 1e-9;
         std::size_t best_f = experts;
         for (std::size_t i = 0; i < keep; ++i) {
-          const std::size_t f = cand[i].second;
-          if (dirty[f]) {
-            move_gains(f, gains.data() + f * ranks_);
-            dirty[f] = 0;
-          }
-          const double g = swap_gain(e, f, gains);
+          const double g = swap_gain(e, cand[i].second, gains);
           if (g > best) {
             best = g;
             best_f = cand[i].second;
@@ -327,16 +322,15 @@ private:
     return std::max(na, nb) <= std::max(cap_, std::max(load_[a], load_[b])) + 1e-9;
   }
 
-  //! Exact cost saved by swapping e and f, from their fresh move-gain rows: a token that uses only
-  //! one of them sees that one move (the rows count it); a token that uses both keeps its ranks, so
-  //! the rows' two moves are taken back for it.
+  //! Exact cost saved by swapping e and f, from e's fresh move-gain row: a token that uses only e
+  //! sees e's move (the row counts it); a token that uses only f sees f's move (counted here); a
+  //! token that uses both keeps its ranks, so e's move is taken back for it.
   double swap_gain(std::size_t e, std::size_t f, const std::vector<double>& gains) {
     const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
-    double g = gains[e * ranks_ + b] + gains[f * ranks_ + a];
+    double g = gains[e * ranks_ + b];
     next_stamp();
-    for (const auto t : tok_of_[f]) mark_[t] = stamp_;
-    for (const auto t : tok_of_[e])
-      if (mark_[t] == stamp_) g += move_delta(t, a, b) + move_delta(t, b, a);
+    for (const auto t : tok_of_[e]) mark_[t] = stamp_;
+    for (const auto t : tok_of_[f]) g += mark_[t] == stamp_ ? move_delta(t, a, b) : -move_delta(t, b, a);
     return g;
   }
 
