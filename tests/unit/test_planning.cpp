@@ -339,7 +339,7 @@ BOOST_AUTO_TEST_CASE(micro_batch_split_balances_against_brute_force) {
     std::size_t c0 = 0;
     for (auto b : s.batch_of) c0 += b == 0;
     BOOST_TEST(std::abs(static_cast<long>(c0) - static_cast<long>(n - c0)) <= 1);
-    // Brute force: the best worst-peak over all balanced 2-splits; greedy must be within 1.5x.
+    // Brute force: the best worst-peak over all balanced 2-splits; greedy + swaps must be within 1.2x.
     double best = 1e300;
     for (std::size_t mask = 0; mask < (1u << n); ++mask) {
       const long c = std::popcount(mask);
@@ -352,7 +352,7 @@ BOOST_AUTO_TEST_CASE(micro_batch_split_balances_against_brute_force) {
     }
     double got = 0;
     for (const auto& b : s.load) got = std::max(got, *std::max_element(b.begin(), b.end()));
-    BOOST_TEST(got <= 1.5 * best + 1e-9);
+    BOOST_TEST(got <= 1.2 * best + 1e-9);
     BOOST_TEST(s.peak_max_over_mean >= 1.0 - 1e-12);
   }
   BOOST_CHECK_THROW(grouper::split_micro_batches(std::vector<std::vector<double>>{{1.0}, {1.0, 2.0}}, 2),

@@ -6,7 +6,9 @@
 //! sets the pace. Each request carries a per-GPU expected load (expert rows per step, e.g. from
 //! its prefill routing through the expert maps: request_gpu_load). Greedy: requests by decreasing
 //! total load (lower index on ties), each into the micro-batch with room whose busiest GPU would
-//! end lowest (then the lighter micro-batch, then the lower index).
+//! end lowest (then the lighter micro-batch, then the lower index); then swaps of a request of the
+//! micro-batch with the highest peak against another micro-batch's while that lowers the higher of
+//! the two peaks.
 
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
@@ -110,6 +112,45 @@ inline micro_batch_split split_micro_batches(std::span<const std::vector<double>
     ++count[best];
     sum[best] += total[r];
     for (std::size_t g = 0; g < gpus; ++g) load[best][g] += request_load[r][g];
+  }
+  // Swaps: the greedy fills micro-batches up to their size and the last requests must go wherever
+  // there is room, which can leave one micro-batch's busiest GPU high. Swap a request of the
+  // micro-batch with the highest peak against one of another micro-batch while that lowers the
+  // higher of the two peaks (sizes stay as they are).
+  auto peak_of = [&](const std::vector<double>& l) { return l.empty() ? 0.0 : *std::max_element(l.begin(), l.end()); };
+  for (std::size_t step = 0; step < 4 * n && m > 1; ++step) {
+    std::size_t w = 0;
+    for (std::size_t b = 1; b < m; ++b)
+      if (peak_of(load[b]) > peak_of(load[w])) w = b;
+    const double pw = peak_of(load[w]);
+    double best = pw - 1e-12;
+    std::size_t br = n, bs = n;
+    for (std::size_t r = 0; r < n; ++r) {
+      if (batch_of[r] != w) continue;
+      for (std::size_t q = 0; q < n; ++q) {
+        const std::size_t b = batch_of[q];
+        if (b == w) continue;
+        double hi = 0;
+        for (std::size_t g = 0; g < gpus; ++g) {
+          const double d = request_load[q][g] - request_load[r][g];
+          hi = std::max(hi, std::max(load[w][g] + d, load[b][g] - d));
+        }
+        if (hi < best) {
+          best = hi;
+          br = r;
+          bs = q;
+        }
+      }
+    }
+    if (br == n) break;
+    const std::size_t b = batch_of[bs];
+    for (std::size_t g = 0; g < gpus; ++g) {
+      const double d = request_load[bs][g] - request_load[br][g];
+      load[w][g] += d;
+      load[b][g] -= d;
+    }
+    batch_of[br] = static_cast<std::uint32_t>(b);
+    batch_of[bs] = static_cast<std::uint32_t>(w);
   }
   return evaluate_micro_batches(request_load, std::move(batch_of), m);
 }
