@@ -352,11 +352,17 @@ private:
     });
   }
 
-  void to_rows(const float* values, std::size_t rows, std::vector<std::byte>& out) const {
+  void to_rows(const float* values, std::size_t rows, std::vector<std::byte>& out) {
     out.resize(rows * combine_row_);
-    for (std::size_t i = 0; i < rows * hidden_; ++i) {
-      const T v = static_cast<T>(values[i]);
-      std::memcpy(out.data() + i * sizeof(T), &v, sizeof(T));
+    if constexpr (std::is_same_v<T, float>) {
+      if (rows) std::memcpy(out.data(), values, rows * hidden_ * sizeof(float)); // one block copy
+    } else {
+      // Convert a row at a time into a typed scratch row, then one copy per row.
+      scratch_.resize(hidden_);
+      for (std::size_t r = 0; r < rows; ++r) {
+        for (std::size_t h = 0; h < hidden_; ++h) scratch_[h] = static_cast<T>(values[r * hidden_ + h]);
+        std::memcpy(out.data() + r * combine_row_, scratch_.data(), hidden_ * sizeof(T));
+      }
     }
   }
 
@@ -364,12 +370,11 @@ private:
   void add_back(const exchange_result& back, const std::vector<detail::dispatch::origin>& origins, float* forward_acc) {
     for (std::size_t s = 0; s < origins.size(); ++s) {
       float* dst = (origins[s].forward ? forward_acc : acc_.data()) + std::size_t{origins[s].index} * hidden_;
-      const std::byte* src = back.row(s);
-      for (std::size_t h = 0; h < hidden_; ++h) {
-        T v;
-        std::memcpy(&v, src + h * sizeof(T), sizeof(T));
-        dst[h] += static_cast<float>(v);
-      }
+      // One copy of the row into typed scratch, then a plain (vectorisable) add.
+      scratch_.resize(hidden_);
+      std::memcpy(scratch_.data(), back.row(s), hidden_ * sizeof(T));
+      const T* v = scratch_.data();
+      for (std::size_t h = 0; h < hidden_; ++h) dst[h] += static_cast<float>(v[h]);
     }
   }
 
@@ -388,7 +393,7 @@ private:
   std::vector<std::uint32_t> self_forward_;
   std::vector<const std::byte*> copies_;
   std::vector<std::size_t> segment_offsets_, fill_;
-  std::vector<T> expert_in_, expert_out_;
+  std::vector<T> expert_in_, expert_out_, scratch_;
   std::vector<std::uint32_t> row_copy_, row_source_, row_token_;
   std::vector<float> row_weight_, partial_, acc_, forward_acc_;
 };
