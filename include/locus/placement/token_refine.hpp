@@ -64,7 +64,7 @@ struct token_sample {
   }
 };
 
-//! Options of refine_by_tokens.
+//! Options of refine_by_tokens and add_replicas_by_tokens.
 struct token_refine_options {
   double rank_copy_weight = 1.0; //!< cost of a copy to a distinct remote rank (flat transport)
   double node_copy_weight = 1.0; //!< cost of a copy to a distinct remote node (hierarchical)
@@ -83,7 +83,7 @@ struct token_refine_report {
 
 namespace detail::token_refine {
 
-//! One layer's state: where each expert's tokens go and each token's copy counts.
+//! One layer's state: each movable expert's rank and tokens, and the rank serving each pair.
 template <class Topology>
 class layer_state {
 public:
@@ -174,8 +174,9 @@ public:
   }
 
   //! Sweeps over the movable experts: for each, every other movable expert is scored as a swap
-  //! partner by the sum of the two single-expert move gains (the partner's from the start of the
-  //! sweep), the best `candidates` are evaluated exactly and the best improving swap is applied.
+  //! partner by the sum of the two single-expert move gains (the partner's row as last computed,
+  //! possibly stale), the best `candidates` are evaluated exactly and the best improving swap is
+  //! applied.
   std::size_t refine() {
     const std::size_t experts = rank_of_.size();
     std::vector<double> gains(experts * ranks_, 0.0);
