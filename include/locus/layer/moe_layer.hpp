@@ -38,6 +38,7 @@
 #include <locus/transport/dispatch.hpp>
 #include <locus/transport/local.hpp>
 
+#include <algorithm>
 #include <concepts>
 #include <exception>
 #include <optional>
@@ -317,7 +318,10 @@ private:
       try {
         compute_(blocks);
       } catch (...) {
-        // The outputs are still returned (zeros where the compute failed) so peers finish combine.
+        // The outputs are still returned (zeros: the dispatcher does not clear them between steps)
+        // so peers finish combine.
+        const auto out = dispatcher_.expert_output();
+        std::fill(out.begin(), out.end(), value_type{});
         if (!local_error) local_error = std::current_exception();
       }
     }

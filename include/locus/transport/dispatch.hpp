@@ -153,7 +153,8 @@ public:
   std::span<const std::size_t> expert_offsets() const noexcept { return segment_offsets_; }
   //! Received inputs, `rows × hidden`, blocked by local expert.
   std::span<const T> expert_input() const noexcept { return expert_in_; }
-  //! Where the expert compute writes its outputs (same shape as expert_input()).
+  //! Where the expert compute writes its outputs (same shape as expert_input()). Not cleared
+  //! between steps (that memset cost as much as the gather): the compute must write every row.
   std::span<T> expert_output() noexcept { return expert_out_; }
   //! For each expert row: the source rank and token it came from.
   std::span<const std::uint32_t> row_sources() const noexcept { return row_source_; }
@@ -334,7 +335,7 @@ private:
       segment_offsets_[i + 1] += segment_offsets_[i];
     const std::size_t rows = segment_offsets_[n_local];
     expert_in_.resize(rows * hidden_);
-    expert_out_.assign(rows * hidden_, T{});
+    expert_out_.resize(rows * hidden_);
     row_copy_.resize(rows);
     row_weight_.resize(rows);
     row_source_.resize(rows);
