@@ -12,6 +12,16 @@ using namespace locus;
 
 namespace {
 
+// The rank serving token t's copy for expert e: its copy on the token's node if any, else copy
+// t mod copies (the rule the planner assumes for replicated experts).
+std::size_t serving_rank(const expert_map& m, std::size_t e, std::size_t t, std::size_t home,
+                         const dynamic_topology& topo) {
+  const auto reps = m.replicas(e);
+  for (const auto& x : reps)
+    if (topo.node_of(static_cast<std::size_t>(x.rank)) == home) return static_cast<std::size_t>(x.rank);
+  return static_cast<std::size_t>(reps[t % reps.size()].rank);
+}
+
 // The sample's copy cost straight from its definition: for each token, the set of ranks serving
 // its distinct experts (a replicated expert: its copy on the token's node if any, else copy
 // t mod copies), then weighted counts of remote ranks and remote nodes.
@@ -22,14 +32,7 @@ double reference_cost(const expert_map& m, const placement::token_sample& s, std
     std::set<std::size_t> ranks, nodes, experts;
     for (std::size_t j = 0; j < s.top_k; ++j) experts.insert(s.ids[layer][t * s.top_k + j]);
     for (auto e : experts) {
-      const auto reps = m.replicas(e);
-      std::size_t r = static_cast<std::size_t>(reps[t % reps.size()].rank);
-      for (const auto& x : reps)
-        if (topo.node_of(static_cast<std::size_t>(x.rank)) == s.home[t]) {
-          r = static_cast<std::size_t>(x.rank);
-          break;
-        }
-      if (reps.size() == 1) r = static_cast<std::size_t>(reps[0].rank);
+      const std::size_t r = serving_rank(m, e, t, s.home[t], topo);
       if (topo.node_of(r) == s.home[t]) continue;
       ranks.insert(r);
       nodes.insert(topo.node_of(r));
@@ -46,16 +49,7 @@ std::vector<double> reference_loads(const expert_map& m, const placement::token_
   for (std::size_t t = 0; t < s.tokens(); ++t) {
     std::set<std::size_t> experts;
     for (std::size_t j = 0; j < s.top_k; ++j) experts.insert(s.ids[layer][t * s.top_k + j]);
-    for (auto e : experts) {
-      const auto reps = m.replicas(e);
-      std::size_t r = static_cast<std::size_t>(reps[t % reps.size()].rank);
-      for (const auto& x : reps)
-        if (topo.node_of(static_cast<std::size_t>(x.rank)) == s.home[t]) {
-          r = static_cast<std::size_t>(x.rank);
-          break;
-        }
-      load[r] += 1;
-    }
+    for (auto e : experts) load[serving_rank(m, e, t, s.home[t], topo)] += 1;
   }
   return load;
 }

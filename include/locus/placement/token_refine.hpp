@@ -83,17 +83,62 @@ struct token_refine_report {
 
 namespace detail::token_refine {
 
+//! A set over [0, n) cleared in O(1): members carry the current stamp; next() starts a new set.
+class stamp_set {
+public:
+  void reset(std::size_t n) {
+    mark_.assign(n, 0);
+    stamp_ = 1;
+  }
+  void next() {
+    if (++stamp_ != 0) return;
+    std::fill(mark_.begin(), mark_.end(), 0u); // wrapped: forget every old stamp
+    stamp_ = 1;
+  }
+  //! Adds i; true when it was not in the set yet.
+  bool insert(std::size_t i) {
+    if (mark_[i] == stamp_) return false;
+    mark_[i] = stamp_;
+    return true;
+  }
+  bool contains(std::size_t i) const { return mark_[i] == stamp_; }
+
+private:
+  std::vector<std::uint32_t> mark_;
+  std::uint32_t stamp_ = 1;
+};
+
+//! Copy cost of one token on node `home` whose pairs are served by the ranks `rank_of(j)`
+//! (negative: the pair is ignored): each distinct remote rank and each distinct remote node once.
+template <class RankOf>
+double token_copy_cost(std::size_t home, std::size_t k, RankOf&& rank_of, const std::vector<std::uint32_t>& node_of,
+                       stamp_set& ranks_seen, stamp_set& nodes_seen, const token_refine_options& opt) {
+  ranks_seen.next();
+  nodes_seen.next();
+  double c = 0;
+  for (std::size_t j = 0; j < k; ++j) {
+    const std::int64_t ri = rank_of(j);
+    if (ri < 0) continue;
+    const auto r = static_cast<std::size_t>(ri);
+    const std::size_t n = node_of[r];
+    if (n == home) continue;
+    if (ranks_seen.insert(r)) c += opt.rank_copy_weight;
+    if (nodes_seen.insert(n)) c += opt.node_copy_weight;
+  }
+  return c;
+}
+
 //! One layer's state: each movable expert's rank and tokens, and the rank serving each pair.
 template <class Topology>
 class layer_state {
 public:
   layer_state(const expert_map& map, std::span<const std::uint16_t> ids, std::span<const std::uint32_t> home,
               std::size_t top_k, const Topology& topo, const token_refine_options& opt)
-      : topo_(topo), opt_(opt), k_(top_k), tokens_(home.size()), ranks_(map.ranks()), nodes_(topo.nodes()),
+      : opt_(opt), k_(top_k), tokens_(home.size()), ranks_(map.ranks()), nodes_(topo.nodes()),
         ids_(ids), home_(home) {
     const std::size_t experts = map.experts();
     node_of_.resize(ranks_);
-    for (std::size_t r = 0; r < ranks_; ++r) node_of_[r] = static_cast<std::uint32_t>(topo_.node_of(r));
+    for (std::size_t r = 0; r < ranks_; ++r) node_of_[r] = static_cast<std::uint32_t>(topo.node_of(r));
     rank_of_.assign(experts, -1);
     slot_of_.assign(experts, -1);
     for (std::size_t e = 0; e < experts; ++e) {
@@ -144,31 +189,18 @@ public:
       if (r >= 0) tr_[i] = pack(static_cast<std::size_t>(r));
     }
     fixed_.clear();
-    mark_.assign(tokens_, 0);
-    rank_stamp_.assign(ranks_, 0);
-    node_stamp_.assign(nodes_, 0);
+    tokens_seen_.reset(tokens_);
+    ranks_seen_.reset(ranks_);
+    nodes_seen_.reset(nodes_);
   }
 
   //! The sample's copy cost under the current positions.
   double total_cost() {
     double c = 0;
     for (std::size_t t = 0; t < tokens_; ++t) {
-      const std::size_t h = home_[t];
-      next_stamp();
-      for (std::size_t j = 0; j < k_; ++j) {
-        const std::uint32_t v = tr_[t * k_ + j];
-        if (v == none) continue;
-        const std::size_t r = v & 0xFFFFu, n = v >> 16;
-        if (n == h) continue;
-        if (rank_stamp_[r] != stamp_) {
-          rank_stamp_[r] = stamp_;
-          c += opt_.rank_copy_weight;
-        }
-        if (node_stamp_[n] != stamp_) {
-          node_stamp_[n] = stamp_;
-          c += opt_.node_copy_weight;
-        }
-      }
+      const std::uint32_t* tr = tr_.data() + t * k_;
+      const auto rank_of = [tr](std::size_t j) -> std::int64_t { return tr[j] == none ? -1 : tr[j] & 0xFFFFu; };
+      c += token_copy_cost(home_[t], k_, rank_of, node_of_, ranks_seen_, nodes_seen_, opt_);
     }
     return c;
   }
@@ -283,8 +315,8 @@ private:
     for (const auto t : tok_of_[e]) {
       const std::size_t h = home_[t];
       home_count_[h] += 1;
-      next_stamp();
-      const std::uint32_t stamp = stamp_;
+      ranks_seen_.next();
+      nodes_seen_.next();
       const std::uint32_t* tr = tr_.data() + t * k_;
       int on_a = 0, on_na = 0;
       for (std::size_t j = 0; j < k_; ++j) {
@@ -293,14 +325,8 @@ private:
         on_a += r == a;
         on_na += n == na;
         if (n == h) continue;
-        if (rank_stamp_[r] != stamp) {
-          rank_stamp_[r] = stamp;
-          occ_rank_[r] += 1;
-        }
-        if (node_stamp_[n] != stamp) {
-          node_stamp_[n] = stamp;
-          occ_node_[n] += 1;
-        }
+        if (ranks_seen_.insert(r)) occ_rank_[r] += 1;
+        if (nodes_seen_.insert(n)) occ_node_[n] += 1;
       }
       if (na != h) {
         leave_rank += on_a == 1 ? wr : 0.0;
@@ -329,18 +355,10 @@ private:
   double swap_gain(std::size_t e, std::size_t f, const std::vector<double>& gains) {
     const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
     double g = gains[e * ranks_ + b];
-    next_stamp();
-    for (const auto t : tok_of_[e]) mark_[t] = stamp_;
-    for (const auto t : tok_of_[f]) g += mark_[t] == stamp_ ? move_delta(t, a, b) : -move_delta(t, b, a);
+    tokens_seen_.next();
+    for (const auto t : tok_of_[e]) tokens_seen_.insert(t);
+    for (const auto t : tok_of_[f]) g += tokens_seen_.contains(t) ? move_delta(t, a, b) : -move_delta(t, b, a);
     return g;
-  }
-
-  void next_stamp() {
-    if (++stamp_ != 0) return;
-    std::fill(mark_.begin(), mark_.end(), 0u);
-    std::fill(rank_stamp_.begin(), rank_stamp_.end(), 0u);
-    std::fill(node_stamp_.begin(), node_stamp_.end(), 0u);
-    stamp_ = 1;
   }
 
   //! Token t's pairs of expert x now go to rank q.
@@ -363,7 +381,6 @@ private:
     std::swap(slot_of_[e], slot_of_[f]);
   }
 
-  Topology topo_;
   token_refine_options opt_;
   std::size_t k_, tokens_, ranks_, nodes_;
   std::span<const std::uint16_t> ids_;
@@ -377,8 +394,7 @@ private:
   static constexpr std::uint32_t none = 0xFFFFFFFFu;
   std::uint32_t pack(std::size_t r) const { return static_cast<std::uint32_t>(node_of_[r] << 16 | r); }
   std::vector<std::uint32_t> tr_;
-  std::vector<std::uint32_t> mark_, rank_stamp_, node_stamp_;
-  std::uint32_t stamp_ = 0;
+  stamp_set tokens_seen_, ranks_seen_, nodes_seen_;
   std::vector<double> home_count_, occ_rank_, occ_node_;
 };
 
@@ -415,8 +431,8 @@ public:
     double total = 0;
     for (double x : load_) total += x;
     cap_ = (1.0 + opt_.balance_slack) * total / static_cast<double>(ranks_);
-    rank_stamp_.assign(ranks_, 0);
-    node_stamp_.assign(nodes_, 0);
+    ranks_seen_.reset(ranks_);
+    nodes_seen_.reset(nodes_);
   }
 
   //! Lazy greedy: the (node, expert) copy that saves the most, re-evaluated when popped, while
@@ -509,30 +525,11 @@ private:
     return spr_;
   }
 
+  //! Token t's copy cost with pair jx served by rank rx (jx = k: no pair replaced).
   double token_cost(std::size_t t, std::size_t jx, std::int32_t rx) {
-    const std::size_t h = home_[t];
-    if (++stamp_ == 0) {
-      std::fill(rank_stamp_.begin(), rank_stamp_.end(), 0u);
-      std::fill(node_stamp_.begin(), node_stamp_.end(), 0u);
-      stamp_ = 1;
-    }
-    double c = 0;
-    for (std::size_t j = 0; j < k_; ++j) {
-      const std::int32_t ri = j == jx ? rx : tr_[t * k_ + j];
-      if (ri < 0) continue;
-      const auto r = static_cast<std::size_t>(ri);
-      const std::size_t n = node_of_[r];
-      if (n == h) continue;
-      if (rank_stamp_[r] != stamp_) {
-        rank_stamp_[r] = stamp_;
-        c += opt_.rank_copy_weight;
-      }
-      if (node_stamp_[n] != stamp_) {
-        node_stamp_[n] = stamp_;
-        c += opt_.node_copy_weight;
-      }
-    }
-    return c;
+    const std::int32_t* tr = tr_.data() + t * k_;
+    const auto rank_of = [&](std::size_t j) -> std::int64_t { return j == jx ? rx : tr[j]; };
+    return token_copy_cost(home_[t], k_, rank_of, node_of_, ranks_seen_, nodes_seen_, opt_);
   }
 
   std::vector<std::int32_t> with_copy(std::size_t e, std::size_t r) const {
@@ -595,8 +592,7 @@ private:
   std::vector<std::int32_t> tr_;
   std::vector<double> load_;
   double cap_ = 0;
-  std::vector<std::uint32_t> rank_stamp_, node_stamp_;
-  std::uint32_t stamp_ = 0;
+  stamp_set ranks_seen_, nodes_seen_;
 };
 
 } // namespace detail::token_refine
