@@ -115,15 +115,9 @@ int main(int argc, char** argv) try {
   const auto sample = locus::placement::token_sample_from_model(train, *model, opt.refine_sample_tokens(layers, k));
   const auto maps = locus::placement::token_level_stage(node_maps, sample, topo, opt, true);
   const double token_s = seconds_since(t0);
-  // The sample's copy cost before and after the stage (zero sweeps only measure it).
-  auto measure = opt.refine;
-  measure.max_sweeps = 0;
-  std::vector<locus::placement::token_refine_report> before, after;
-  locus::placement::refine_by_tokens(node_maps, sample, topo, measure, &before);
-  locus::placement::refine_by_tokens(maps, sample, topo, measure, &after);
-  double cost_before = 0, cost_after = 0;
-  for (const auto& r : before) cost_before += r.cost_before;
-  for (const auto& r : after) cost_after += r.cost_before;
+  // The sample's copy cost before and after the stage.
+  const double cost_before = locus::placement::sample_copy_cost(node_maps, sample, topo, opt.refine);
+  const double cost_after = locus::placement::sample_copy_cost(maps, sample, topo, opt.refine);
   t0 = cpu_now();
   const auto eplb_maps = locus::placement::eplb{1}.plan(in);
   const double eplb_s = seconds_since(t0);

@@ -123,6 +123,10 @@ BOOST_AUTO_TEST_CASE(refinement_lowers_the_exact_cost_and_keeps_maps_valid) {
     std::vector<placement::token_refine_report> reports;
     const auto out = placement::refine_by_tokens(maps, sample, topo, opt, &reports);
     BOOST_REQUIRE_EQUAL(out.size(), maps.size());
+    double total_after = 0;
+    for (std::size_t l = 0; l < maps.size(); ++l)
+      total_after += reference_cost(out[l], sample, l, topo, opt.rank_copy_weight, opt.node_copy_weight);
+    BOOST_TEST(placement::sample_copy_cost(out, sample, topo, opt) == total_after, boost::test_tools::tolerance(1e-9));
     for (std::size_t l = 0; l < maps.size(); ++l) {
       const double before = reference_cost(maps[l], sample, l, topo, opt.rank_copy_weight, opt.node_copy_weight);
       const double after = reference_cost(out[l], sample, l, topo, opt.rank_copy_weight, opt.node_copy_weight);

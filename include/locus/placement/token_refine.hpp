@@ -649,6 +649,25 @@ std::vector<expert_map> refine_by_tokens(const std::vector<expert_map>& maps, co
   return out;
 }
 
+//! The sample's copy cost (see the file comment) of each layer's map, summed over layers: the
+//! quantity refine_by_tokens and add_replicas_by_tokens lower.
+//! @throws as refine_by_tokens
+template <class Topology>
+double sample_copy_cost(const std::vector<expert_map>& maps, const token_sample& sample, const Topology& topo,
+                        const token_refine_options& opt = {}) {
+  LOCUS_REQUIRE(maps.size() == sample.layers(), config_error, "sample_copy_cost: ", maps.size(),
+                " maps for a sample of ", sample.layers(), " layers");
+  sample.validate(topo.nodes());
+  double c = 0;
+  for (std::size_t l = 0; l < maps.size(); ++l) {
+    LOCUS_REQUIRE(maps[l].ranks() == topo.ranks() && maps[l].experts() == sample.experts, config_error,
+                  "sample_copy_cost: layer ", l, " map does not match the sample or the topology");
+    c += detail::token_refine::layer_state<Topology>(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt)
+             .total_cost();
+  }
+  return c;
+}
+
 //! Fills each layer's empty slots with replicas chosen on the sample's exact copy cost: greedily
 //! the (node, expert) copy that saves the most copies (a token uses the copy on its node, else one
 //! of the copies by token index, as the replica selector spreads remote copies), placed on the

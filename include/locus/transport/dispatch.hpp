@@ -369,10 +369,10 @@ private:
 
   // Adds returned rows (in the order of the matching send buffer) to tokens or forwarded rows.
   void add_back(const exchange_result& back, const std::vector<detail::dispatch::origin>& origins, float* forward_acc) {
+    scratch_.resize(hidden_);
     for (std::size_t s = 0; s < origins.size(); ++s) {
       float* dst = (origins[s].forward ? forward_acc : acc_.data()) + std::size_t{origins[s].index} * hidden_;
       // One copy of the row into typed scratch, then a plain (vectorisable) add.
-      scratch_.resize(hidden_);
       std::memcpy(scratch_.data(), back.row(s), hidden_ * sizeof(T));
       const T* v = scratch_.data();
       for (std::size_t h = 0; h < hidden_; ++h) dst[h] += static_cast<float>(v[h]);
