@@ -6,7 +6,9 @@
 //
 // For every (placement, transport) pair, each step runs locus's dispatch and combine (layout:
 // replica choice and destination plan, permutation into the send buffer, header round, exchange,
-// gather into per-expert blocks; combine: weighted partial sums, exchanges back, per-token sum),
+// per-expert blocks of rows, either copied out (contiguous) or left in the receive buffers with a
+// pointer per row (what the layer uses with layer::swiglu_host); combine: weighted partial sums,
+// exchanges back, per-token sum),
 // then replays the very same exchanges (same communicators, row widths and per-peer counts) as
 // bare MPI_Alltoallv calls on pre-filled buffers: the raw collective for the same bytes. Times are
 // the slowest rank's, medians over steps. Routings are synthetic with domain locality: tokens of
@@ -142,7 +144,7 @@ double median(std::vector<double> v) {
 }
 
 struct result {
-  std::string placement, transport;
+  std::string placement, transport, input;
   std::array<std::uint64_t, 3> dispatch_bytes{};
   double dispatch_s = 0, combine_s = 0, raw_dispatch_s = 0, raw_combine_s = 0, exchange_s = 0, raw_counts_s = 0;
 };
@@ -214,11 +216,14 @@ int main(int argc, char** argv) {
     std::vector<std::byte> raw_send, raw_recv;
     for (const std::string placement_name : {"linear", "locality"}) {
       const expert_map map = placement::plan_by_name(placement_name, in).at(0);
-      for (bool hier : {false, true}) {
+      for (bool hier : {false, true})
+      for (const auto input : {expert_input_layout::row_pointers, expert_input_layout::contiguous}) {
         mpi_transport t(MPI_COMM_WORLD, topo, hier, exchange_options{std::chrono::seconds(120)});
         recording_exchanger rec(t);
         moe_dispatcher<recording_exchanger, float> d(rec, map, o.hidden, o.k);
-        result res{placement_name, hier ? "mpi_hierarchical" : "mpi_flat"};
+        d.set_expert_input_layout(input);
+        result res{placement_name, hier ? "mpi_hierarchical" : "mpi_flat",
+                   input == expert_input_layout::row_pointers ? "rows" : "copied"};
         std::vector<double> ds, cs, rds, rcs, es, rks;
         for (std::size_t s = 0; s < o.steps + o.warmup; ++s) {
           const auto routing = make_routing(o, topo, me, s);
@@ -283,11 +288,11 @@ int main(int argc, char** argv) {
       std::string table;
       char line[512];
       std::snprintf(line, sizeof line,
-                    "| %-9s | %-16s | %14s | %14s | %9s | %9s | %9s | %9s | %10s | %8s | %12s | %9s | %9s |\n",
-                    "placement", "transport", "inter-node MB", "intra-node MB", "disp ms", "raw ms", "comb ms",
+                    "| %-9s | %-16s | %-6s | %14s | %14s | %9s | %9s | %9s | %9s | %10s | %8s | %12s | %9s | %9s |\n",
+                    "placement", "transport", "input", "inter-node MB", "intra-node MB", "disp ms", "raw ms", "comb ms",
                     "raw ms", "in exch ms", "overhead", "vs raw+cnt", "inter/lin", "time/lin");
       table += line;
-      table += "|-----------|------------------|---------------:|---------------:|----------:|----------:|----------:|"
+      table += "|-----------|------------------|--------|---------------:|---------------:|----------:|----------:|----------:|"
                "----------:|-----------:|---------:|-------------:|----------:|----------:|\n";
       for (const auto& r : results) {
         const double total = r.dispatch_s + r.combine_s, raw = r.raw_dispatch_s + r.raw_combine_s;
@@ -296,9 +301,9 @@ int main(int argc, char** argv) {
         const double base_inter = static_cast<double>(base.dispatch_bytes[2]);
         const double base_total = base.dispatch_s + base.combine_s;
         std::snprintf(line, sizeof line,
-                      "| %-9s | %-16s | %14.2f | %14.2f | %9.2f | %9.2f | %9.2f | %9.2f | %10.2f | %7.1f%% | %11.1f%% "
+                      "| %-9s | %-16s | %-6s | %14.2f | %14.2f | %9.2f | %9.2f | %9.2f | %9.2f | %10.2f | %7.1f%% | %11.1f%% "
                       "| %9.3f | %9.3f |\n",
-                      r.placement.c_str(), r.transport.c_str(), inter, intra, r.dispatch_s * 1e3,
+                      r.placement.c_str(), r.transport.c_str(), r.input.c_str(), inter, intra, r.dispatch_s * 1e3,
                       r.raw_dispatch_s * 1e3, r.combine_s * 1e3, r.raw_combine_s * 1e3, r.exchange_s * 1e3,
                       (total / raw - 1.0) * 100.0, (total / r.raw_counts_s - 1.0) * 100.0,
                       base_inter > 0 ? static_cast<double>(r.dispatch_bytes[2]) / base_inter : 0.0, total / base_total);
@@ -306,6 +311,7 @@ int main(int argc, char** argv) {
         j["results"].push_back(
             {{"placement", r.placement},
              {"transport", r.transport},
+             {"expert_input", r.input},
              {"dispatch_bytes_per_step",
               {{"same_gpu", r.dispatch_bytes[0] / o.steps},
                {"intra_node", r.dispatch_bytes[1] / o.steps},
@@ -343,7 +349,9 @@ int main(int argc, char** argv) {
               "(header round + collective); `vs raw+cnt` compares with the raw replay preceded, per exchange, by the "
               "`MPI_Alltoall` of counts a caller needs when receive counts are not known in advance; the rest of "
               "locus's time is the layout and permutations (packing rows, "
-              "gathering per-expert blocks, weighted sums).\n\n"
+              "ordering rows per expert, weighted sums). `input`: `rows` leaves each expert row in the receive "
+              "buffers and passes a pointer (the layer does this for `layer::swiglu_host`), `copied` copies them into "
+              "contiguous per-expert blocks (for computes that need them, such as a user callable).\n\n"
            << table;
       }
     }

@@ -4,7 +4,9 @@
 //
 //   expert_compute [--hidden 512] [--ffn 256] [--experts 8] [--out DIR]
 // The baseline computes each row with plain dot products over the same weights (one thread). Every
-// variant's output is checked against the baseline's before its time counts. Writes
+// variant's output is checked against the baseline's before its time counts. `by-ptr` runs the same
+// compute on the same rows given by pointer, scattered (the layer's form: the dispatcher leaves rows
+// in its receive buffers); `ptr/contig` near 1 means skipping the dispatcher's copy costs nothing here. Writes
 // DIR/expert_compute.json (default: the current directory).
 #include <locus/layer/expert_compute.hpp>
 
@@ -93,8 +95,8 @@ int main(int argc, char** argv) try {
   nlohmann::json results = nlohmann::json::array();
   std::printf("expert_compute: %zu experts, hidden %zu, ffn %zu, %u hardware threads\n\n", experts, hidden, ffn,
               default_host_threads());
-  std::printf("%-8s %-5s %-9s %12s %12s %10s %10s\n", "rows/exp", "W", "threads", "baseline ms", "locus ms",
-              "speedup", "GFLOP/s");
+  std::printf("%-8s %-5s %-9s %12s %12s %10s %10s %12s %11s\n", "rows/exp", "W", "threads", "baseline ms", "locus ms",
+              "speedup", "GFLOP/s", "by-ptr ms", "ptr/contig");
   for (std::size_t rows_per_expert : {4, 64}) {
     std::vector<expert_id> ids(experts);
     std::vector<std::size_t> offsets(experts + 1, 0);
@@ -107,20 +109,35 @@ int main(int argc, char** argv) try {
     std::mt19937 rng(2);
     std::uniform_real_distribution<float> d(-1.0f, 1.0f);
     for (auto& v : x) v = d(rng);
+    // The same rows scattered in reverse order with a gap between them, given by pointer: how the
+    // layer hands swiglu_host the rows the dispatcher left in its receive buffers.
+    std::vector<float> scattered(rows * (hidden + 40));
+    std::vector<const float*> row_ptr(rows);
+    for (std::size_t r = 0; r < rows; ++r) {
+      float* at = scattered.data() + (rows - 1 - r) * (hidden + 40);
+      std::copy_n(x.data() + r * hidden, hidden, at);
+      row_ptr[r] = at;
+    }
     const double flop = 6.0 * static_cast<double>(rows * hidden * ffn);
     for (int bf16 = 0; bf16 < 2; ++bf16) {
       const layer::expert_blocks<float> ref{ids.data(), offsets.data(), experts, x.data(), y_ref.data(), hidden};
       const layer::expert_blocks<float> blk{ids.data(), offsets.data(), experts, x.data(), y.data(), hidden};
+      std::vector<float> y_ptr(y.size());
+      const layer::expert_blocks<float> by_ptr{ids.data(),   offsets.data(), experts,       nullptr,
+                                               y_ptr.data(), hidden,         row_ptr.data()};
       const double base = bf16 ? best_seconds([&] { naive(w16, ref); }, 2) : best_seconds([&] { naive(w32, ref); }, 2);
       for (unsigned threads : {1u, 0u}) {
-        double t = 0;
+        double t = 0, tp = 0;
         if (bf16) {
           layer::swiglu_host<bfloat16> c(w16, threads);
           t = best_seconds([&] { c(blk); }, 3);
+          tp = best_seconds([&] { c(by_ptr); }, 3);
         } else {
           layer::swiglu_host<float> c(w32, threads);
           t = best_seconds([&] { c(blk); }, 3);
+          tp = best_seconds([&] { c(by_ptr); }, 3);
         }
+        LOCUS_REQUIRE(y_ptr == y, invalid_input_error, "expert_compute: rows by pointer give other outputs");
         double diff = 0, scale = 0;
         for (std::size_t i = 0; i < y.size(); ++i) {
           diff = std::max(diff, double(std::abs(y[i] - y_ref[i])));
@@ -129,11 +146,12 @@ int main(int argc, char** argv) try {
         LOCUS_REQUIRE(diff <= 1e-4 * std::max(scale, 1.0), invalid_input_error,
                       "expert_compute: locus output differs from the baseline by ", diff);
         const unsigned used = threads == 0 ? default_host_threads() : threads;
-        std::printf("%-8zu %-5s %-9u %12.3f %12.3f %9.2fx %10.2f\n", rows_per_expert, bf16 ? "bf16" : "fp32", used,
-                    base * 1e3, t * 1e3, base / t, flop / t / 1e9);
+        std::printf("%-8zu %-5s %-9u %12.3f %12.3f %9.2fx %10.2f %12.3f %11.3f\n", rows_per_expert,
+                    bf16 ? "bf16" : "fp32", used, base * 1e3, t * 1e3, base / t, flop / t / 1e9, tp * 1e3, tp / t);
         results.push_back({{"rows_per_expert", rows_per_expert}, {"weights", bf16 ? "bf16" : "fp32"},
                         {"threads", used}, {"baseline_ms", base * 1e3}, {"locus_ms", t * 1e3},
-                        {"speedup", base / t}, {"gflops", flop / t / 1e9}});
+                        {"speedup", base / t}, {"gflops", flop / t / 1e9}, {"rows_by_pointer_ms", tp * 1e3},
+                        {"by_pointer_over_contiguous", tp / t}});
       }
     }
   }

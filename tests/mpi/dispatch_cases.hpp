@@ -127,13 +127,12 @@ template <class Dispatcher>
 void run_experts(Dispatcher& d) {
   const auto experts = d.local_experts();
   const auto offsets = d.expert_offsets();
-  const auto in = d.expert_input();
   auto out = d.expert_output();
   const std::size_t hidden = d.hidden();
   for (std::size_t i = 0; i < experts.size(); ++i)
     for (std::size_t row = offsets[i]; row < offsets[i + 1]; ++row)
       for (std::size_t h = 0; h < hidden; ++h)
-        out[row * hidden + h] = in[row * hidden + h] * static_cast<float>(experts[i] + 1);
+        out[row * hidden + h] = d.expert_input_row(row)[h] * static_cast<float>(experts[i] + 1);
 }
 
 } // namespace locus_test

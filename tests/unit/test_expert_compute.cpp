@@ -146,3 +146,73 @@ BOOST_AUTO_TEST_CASE(user_callable_sees_each_nonempty_block) {
   for (std::size_t i = 0; i < 4 * 6; ++i) BOOST_TEST(b.out[i] == 3.0f * b.in[i]);
   for (std::size_t i = 4 * 6; i < 7 * 6; ++i) BOOST_TEST(b.out[i] == 8.0f * b.in[i]);
 }
+
+namespace {
+// The rows of `b` scattered in reverse order through a separate buffer, given by pointer (as the
+// dispatcher leaves them in its receive buffers): the view has no contiguous input.
+template <class A>
+struct scattered_rows {
+  std::vector<A> storage;
+  std::vector<const A*> pointers;
+  explicit scattered_rows(const block_set<A>& b) {
+    const std::size_t rows = b.offsets.back(), H = b.hidden;
+    storage.resize(rows * (H + 3)); // a stride that is not the hidden size
+    pointers.resize(rows);
+    for (std::size_t r = 0; r < rows; ++r) {
+      A* at = storage.data() + (rows - 1 - r) * (H + 3);
+      std::copy_n(b.in.data() + r * H, H, at);
+      pointers[r] = at;
+    }
+  }
+  expert_blocks<A> view(block_set<A>& b) const {
+    return {b.experts.data(), b.offsets.data(), b.experts.size(), nullptr, b.out.data(), b.hidden, pointers.data()};
+  }
+};
+} // namespace
+
+BOOST_AUTO_TEST_CASE(rows_given_by_pointer_give_the_same_outputs) {
+  constexpr std::size_t hidden = 70, ffn = 100;
+  auto all = locus_test::model_weights<float>(3, 6, hidden, ffn);
+  block_set<float> contiguous({0, 2, 3, 5}, {13, 0, 1, 29}, hidden, 8), by_pointer = contiguous;
+  const scattered_rows<float> rows(by_pointer);
+  layer::swiglu_host<float> compute(all, 3);
+  static_assert(layer::swiglu_host<float>::reads_input_rows);
+  compute(contiguous.view());
+  compute(rows.view(by_pointer));
+  BOOST_TEST(std::memcmp(contiguous.out.data(), by_pointer.out.data(), contiguous.out.size() * sizeof(float)) == 0);
+  check_against_reference(all, by_pointer, 0.0, 2e-6);
+
+  // bf16 activations by pointer as well.
+  auto w16 = locus_test::model_weights<bfloat16>(3, 6, hidden, ffn);
+  block_set<bfloat16> c16({1, 4}, {9, 17}, hidden, 5), p16 = c16;
+  const scattered_rows<bfloat16> rows16(p16);
+  layer::swiglu_host<bfloat16, bfloat16> compute16(w16, 2);
+  compute16(c16.view());
+  compute16(rows16.view(p16));
+  BOOST_TEST(std::memcmp(c16.out.data(), p16.out.data(), c16.out.size() * sizeof(bfloat16)) == 0);
+}
+
+BOOST_AUTO_TEST_CASE(user_callable_gets_rows_given_by_pointer_gathered) {
+  block_set<float> b({2, 7}, {4, 3}, 6, 22);
+  const scattered_rows<float> rows(b);
+  layer::expert_callable f([&](expert_id e, std::span<const float> in, std::span<float> out, std::size_t) {
+    for (std::size_t i = 0; i < in.size(); ++i) out[i] = static_cast<float>(e + 1) * in[i];
+  });
+  f(rows.view(b));
+  for (std::size_t i = 0; i < 4 * 6; ++i) BOOST_TEST(b.out[i] == 3.0f * b.in[i]);
+  for (std::size_t i = 4 * 6; i < 7 * 6; ++i) BOOST_TEST(b.out[i] == 8.0f * b.in[i]);
+}
+
+BOOST_AUTO_TEST_CASE(blocks_without_any_input_are_rejected) {
+  auto all = locus_test::model_weights<float>(6, 2, 16, 16);
+  layer::swiglu_host<float> compute(all, 1);
+  block_set<float> b({0}, {3}, 16, 1);
+  auto v = b.view();
+  v.input = nullptr; // and no row pointers either
+  try {
+    compute(v);
+    BOOST_FAIL("rows without input must be refused");
+  } catch (const invalid_input_error& e) {
+    BOOST_TEST(std::string(e.what()).find("no input or output buffer") != std::string::npos);
+  }
+}

@@ -2,12 +2,14 @@
 //! @file
 //! Expert compute: the FFN each expert applies to the token rows dispatched to it.
 //!
-//! After dispatch, a rank holds one contiguous block of rows per local expert (`expert_blocks`).
-//! An expert-compute policy turns each block's input rows into output rows of the same shape:
+//! After dispatch, a rank holds one block of rows per local expert (`expert_blocks`): contiguous,
+//! or one pointer per row into the receive buffers (no copy). An expert-compute policy turns each
+//! block's input rows into output rows of the same shape:
 //! - `swiglu_host<W>`: the reference SwiGLU FFN, out = (silu(x·W_gate) ⊙ (x·W_up))·W_down, with
 //!   weights stored in `W` (float or bfloat16) and every dot product accumulated in fp32, blocked
 //!   and spread over worker threads (`core/parallel_for.hpp`);
-//! - `expert_callable<F>`: a user callable given each expert's block (expert id, rows in, rows out);
+//! - `expert_callable<F>`: a user callable given each expert's contiguous block (expert id, rows
+//!   in, rows out); rows given by pointer are gathered into a scratch block first;
 //! - `swiglu_cuda<W>` (layer/expert_compute_cuda.hpp): the same FFN with cuBLAS GEMMs.
 //!
 //! `expert_weights<W>` stores the SwiGLU weights of the experts one rank hosts under an
@@ -39,7 +41,9 @@ concept expert_element = std::same_as<T, float> || std::same_as<T, bfloat16>;
 //! Trivially copyable view of the rows dispatched to one rank, blocked by local expert: the rows of
 //! block `i` (expert `experts[i]`) are `[offsets[i], offsets[i + 1])`, each `hidden` values, in
 //! `input`; the policy writes the same rows of `output`. `experts` and `offsets` are host arrays;
-//! `input` and `output` live in `Space`.
+//! `input` and `output` live in `Space`. On the host, the inputs may instead be given row by row:
+//! when `input_rows` is set, row `i`'s `hidden` inputs are at `input_rows[i]` and `input` is not
+//! read (a policy declaring `reads_input_rows` reads them in place; others gather them first).
 template <class T, memory_space Space = memory_space::host>
 struct expert_blocks {
   static constexpr memory_space space = Space;
@@ -49,8 +53,11 @@ struct expert_blocks {
   const T* input = nullptr; //!< `offsets[count] × hidden`
   T* output = nullptr;      //!< `offsets[count] × hidden`
   std::size_t hidden = 0;
+  const T* const* input_rows = nullptr; //!< optional: `offsets[count]` row pointers (host only)
 
   std::size_t rows(std::size_t i) const noexcept { return offsets[i + 1] - offsets[i]; }
+  //! The `hidden` inputs of row `i`, under either form.
+  const T* input_row(std::size_t i) const noexcept { return input_rows ? input_rows[i] : input + i * hidden; }
   std::size_t total_rows() const noexcept { return count == 0 ? 0 : offsets[count]; }
 };
 
@@ -71,8 +78,21 @@ void check_blocks(const char* who, const locus::layer::expert_blocks<T, S>& b, s
   for (std::size_t i = 0; i < b.count; ++i)
     LOCUS_REQUIRE(b.offsets[i + 1] >= b.offsets[i], invalid_input_error, who, ": block ", i, " (expert ",
                   b.experts[i], ") ends at row ", b.offsets[i + 1], " before it starts at row ", b.offsets[i]);
-  LOCUS_REQUIRE(b.total_rows() == 0 || (b.input != nullptr && b.output != nullptr), invalid_input_error, who,
-                ": ", b.total_rows(), " rows but no input or output buffer");
+  LOCUS_REQUIRE(S == memory_space::host || b.input_rows == nullptr, invalid_input_error, who,
+                ": row pointers are a host-side form; device blocks must be contiguous");
+  LOCUS_REQUIRE(b.total_rows() == 0 || ((b.input != nullptr || b.input_rows != nullptr) && b.output != nullptr),
+                invalid_input_error, who, ": ", b.total_rows(), " rows but no input or output buffer");
+}
+
+//! The inputs of `b` as one contiguous `rows × hidden` array: `b.input` itself, or the rows given
+//! by pointer copied into `scratch`.
+template <class T>
+const T* contiguous_input(const locus::layer::expert_blocks<T, memory_space::host>& b, std::vector<T>& scratch) {
+  if (b.input_rows == nullptr) return b.input;
+  const std::size_t rows = b.total_rows();
+  scratch.resize(rows * b.hidden);
+  for (std::size_t r = 0; r < rows; ++r) std::copy_n(b.input_rows[r], b.hidden, scratch.data() + r * b.hidden);
+  return scratch.data();
 }
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
@@ -241,6 +261,9 @@ public:
   using weight_type = W;
   using activation_type = A;
   static constexpr memory_space space = memory_space::host;
+  //! Reads rows given by pointer in place (expert_blocks::input_rows): the tile loop loads each
+  //! row once per weight column tile anyway, so the dispatcher need not copy them.
+  static constexpr bool reads_input_rows = true;
 
   //! @param weights the experts this rank computes
   //! @param threads worker threads (0 = all hardware threads)
@@ -274,12 +297,15 @@ public:
       for (std::size_t it = begin; it < end; ++it) {
         const detail::layer::tile t = tiles_[it];
         const swiglu_expert_view<W>& v = views_[t.block];
-        for (std::size_t r = 0; r < t.rows; ++r)
+        const X* in[tiles::rows];
+        for (std::size_t r = 0; r < t.rows; ++r) {
+          in[r] = b.input_row(t.row0 + r);
           for (std::size_t j = 0; j < tiles::cols; ++j) g[r][j] = u[r][j] = 0.0f;
+        }
         for (std::size_t h = 0; h < hidden; ++h) {
           const float* wg = detail::layer::tile_row(v.gate + h * ffn + t.col0, t.cols, wbuf[0]);
           const float* wu = detail::layer::tile_row(v.up + h * ffn + t.col0, t.cols, wbuf[1]);
-          for (std::size_t r = 0; r < t.rows; ++r) xr[r] = to_float(b.input[(t.row0 + r) * hidden + h]);
+          for (std::size_t r = 0; r < t.rows; ++r) xr[r] = to_float(in[r][h]);
           for (std::size_t r = 0; r < t.rows; ++r) {
             const float x = xr[r];
             for (std::size_t j = 0; j < tiles::cols; ++j) {
@@ -330,7 +356,8 @@ private:
 
 //! A user-supplied expert compute: `f(expert_id e, std::span<const T> in, std::span<T> out,
 //! std::size_t rows)` is called once per non-empty block, in block order, with the block's
-//! `rows × hidden` input rows and the output rows it must fill.
+//! `rows × hidden` input rows and the output rows it must fill. Rows given by pointer are first
+//! gathered into a contiguous scratch block (the layer hands this policy contiguous rows).
 template <class F>
 class expert_callable {
 public:
@@ -342,11 +369,13 @@ public:
   template <class T>
   void operator()(const expert_blocks<T, memory_space::host>& b) {
     detail::layer::check_blocks("expert_callable", b, b.hidden);
+    std::vector<T> scratch;
+    const T* input = detail::layer::contiguous_input(b, scratch);
     for (std::size_t i = 0; i < b.count; ++i) {
       const std::size_t rows = b.rows(i);
       if (rows == 0) continue;
       const std::size_t first = b.offsets[i] * b.hidden, n = rows * b.hidden;
-      f_(b.experts[i], std::span<const T>(b.input + first, n), std::span<T>(b.output + first, n), rows);
+      f_(b.experts[i], std::span<const T>(input + first, n), std::span<T>(b.output + first, n), rows);
     }
   }
 

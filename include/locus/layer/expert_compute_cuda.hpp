@@ -105,7 +105,7 @@ public:
   void operator()(const expert_blocks<W, memory_space::host>& b) {
     detail::layer::check_blocks("swiglu_cuda", b, hidden_);
     const std::size_t n = b.total_rows() * hidden_;
-    in_.upload(std::span<const W>(b.input, n), stream_);
+    in_.upload(std::span<const W>(detail::layer::contiguous_input(b, staging_), n), stream_);
     out_.resize(n);
     (*this)(expert_blocks<W, memory_space::device>{b.experts, b.offsets, b.count, in_.data(), out_.data(), b.hidden});
     out_.download(std::span<W>(b.output, n), stream_);
@@ -125,6 +125,7 @@ private:
   std::vector<expert_id> experts_;
   backend::device_buffer<W> gate_up_, down_, act_, in_, out_;
   backend::device_buffer<float> gu_;
+  std::vector<W> staging_; // rows given by pointer, gathered for the upload
 };
 
 } // namespace locus::LOCUS_ABI_NAMESPACE::layer

@@ -147,6 +147,9 @@ public:
                   transport_type::hierarchical ? "is hierarchical" : "is flat", " but the transport endpoint was made ",
                   ex.hierarchical() ? "hierarchical" : "flat");
     check_compute_holds(compute_, dispatcher_.local_experts(), "routed expert");
+    // A compute that reads rows in place spares the dispatcher a copy of every (token, expert) row.
+    if constexpr (reads_input_rows)
+      dispatcher_.set_expert_input_layout(transport::expert_input_layout::row_pointers);
   }
 
   //! Sets the router and its weights (`hidden × experts`, row-major): logits = x·gate.
@@ -312,9 +315,14 @@ private:
     {
       const auto experts = dispatcher_.local_experts();
       const auto offsets = dispatcher_.expert_offsets();
-      const layer::expert_blocks<value_type> blocks{experts.data(),           offsets.data(),
-                                                    experts.size(),           dispatcher_.expert_input().data(),
-                                                    dispatcher_.expert_output().data(), shape_.hidden()};
+      const auto row_pointers = dispatcher_.expert_input_rows(); // empty: contiguous rows
+      const layer::expert_blocks<value_type> blocks{experts.data(),
+                                                    offsets.data(),
+                                                    experts.size(),
+                                                    dispatcher_.expert_input().data(),
+                                                    dispatcher_.expert_output().data(),
+                                                    shape_.hidden(),
+                                                    row_pointers.empty() ? nullptr : row_pointers.data()};
       try {
         compute_(blocks);
       } catch (...) {
@@ -349,6 +357,13 @@ private:
     // Routed and shared parts are summed in fp32 and rounded once.
     for (std::size_t i = 0; i < y.size(); ++i) y[i] = static_cast<value_type>(to_float(y[i]) + acc_[i]);
   }
+
+  static constexpr bool reads_input_rows = [] {
+    if constexpr (requires { expert_compute_type::reads_input_rows; })
+      return bool{expert_compute_type::reads_input_rows};
+    else
+      return false;
+  }();
 
   Shape shape_;
   Topology topo_;

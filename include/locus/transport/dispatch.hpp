@@ -8,7 +8,10 @@
 //! counts. Destinations come from transport/layout.hpp (locality-first replica choice, fresh for
 //! each dispatch, over this rank's tokens in token order). Each row carries a small header (source rank, token, the
 //! token's top-k experts, weights and chosen destination ranks), so a receiver or forwarder needs
-//! no other metadata. The receiver gathers the rows into one contiguous block per local expert.
+//! no other metadata. The receiver orders the rows into one block per local expert: by default it
+//! copies them into a contiguous buffer; with `expert_input_layout::row_pointers` it only records
+//! where each row lies in the receive buffers, which saves a copy of every (token, expert) row for
+//! an expert compute that reads rows through pointers (layer::swiglu_host does).
 //!
 //! Combine is the mirror image: each destination sums its experts' outputs for a copy with the
 //! routing weights and sends one row back along the copy's path; a rail peer adds the partial sums
@@ -26,12 +29,20 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
 
+//! How dispatch hands each local expert its input rows.
+enum class expert_input_layout : std::uint8_t {
+  contiguous,  //!< copied into one `rows × hidden` buffer, blocked by local expert
+  row_pointers //!< left in the receive buffers; one pointer per row, blocked by local expert
+};
+
 //! Trivially copyable view of what dispatch delivered to one rank, for expert kernels: rows of
-//! local expert `i` are `input[offsets[i] * hidden .. offsets[i + 1] * hidden)`, and the expert's
-//! outputs go to the same rows of `output`.
+//! local expert `i` are `input[offsets[i] * hidden .. offsets[i + 1] * hidden)` (contiguous
+//! layout) or `input_rows[offsets[i] .. offsets[i + 1])` (row pointers; `input` is then null), and
+//! the expert's outputs go to the same rows of `output`.
 template <class T>
 struct dispatch_handle {
   const T* input = nullptr;
+  const T* const* input_rows = nullptr;
   T* output = nullptr;
   const std::size_t* offsets = nullptr; //!< local_experts + 1 entries
   const expert_id* experts = nullptr;   //!< the local experts, ascending
@@ -95,6 +106,10 @@ public:
   std::size_t hidden() const noexcept { return hidden_; }
   std::size_t top_k() const noexcept { return k_; }
 
+  //! How the next dispatch hands the experts their rows (contiguous by default).
+  void set_expert_input_layout(expert_input_layout l) noexcept { input_layout_ = l; }
+  expert_input_layout input_layout() const noexcept { return input_layout_; }
+
   //! Collective: sends this rank's tokens to their experts' ranks.
   //! @param x tokens × hidden inputs of this rank's tokens, token-major
   //! @param r this rank's routing (same token count)
@@ -151,9 +166,17 @@ public:
   std::span<const expert_id> local_experts() const noexcept { return local_experts_; }
   //! First row of each local expert's block, plus the total (local_experts().size() + 1 entries).
   std::span<const std::size_t> expert_offsets() const noexcept { return segment_offsets_; }
-  //! Received inputs, `rows × hidden`, blocked by local expert.
+  //! Received inputs, `rows × hidden`, blocked by local expert (contiguous layout; empty with
+  //! row pointers).
   std::span<const T> expert_input() const noexcept { return expert_in_; }
-  //! Where the expert compute writes its outputs (same shape as expert_input()). Not cleared
+  //! With the row-pointer layout: where each expert row's `hidden` inputs lie, blocked by local
+  //! expert; valid until the next dispatch or combine (empty with the contiguous layout).
+  std::span<const T* const> expert_input_rows() const noexcept { return row_ptr_; }
+  //! The inputs of expert row `row`, under either layout.
+  const T* expert_input_row(std::size_t row) const noexcept {
+    return input_layout_ == expert_input_layout::row_pointers ? row_ptr_[row] : expert_in_.data() + row * hidden_;
+  }
+  //! Where the expert compute writes its outputs, `rows × hidden`, blocked by local expert. Not cleared
   //! between steps (that memset cost as much as the gather): the compute must write every row.
   std::span<T> expert_output() noexcept { return expert_out_; }
   //! For each expert row: the source rank and token it came from.
@@ -162,8 +185,10 @@ public:
   //! Token copies this rank received (before expansion to experts).
   std::size_t received_copies() const noexcept { return copies_.size(); }
   dispatch_handle<T> handle() noexcept {
-    return {expert_in_.data(),     expert_out_.data(),    segment_offsets_.data(),
-            local_experts_.data(), local_experts_.size(), hidden_};
+    const bool rows = input_layout_ == expert_input_layout::row_pointers;
+    return {rows ? nullptr : expert_in_.data(), rows ? row_ptr_.data() : nullptr, expert_out_.data(),
+            segment_offsets_.data(),            local_experts_.data(),            local_experts_.size(),
+            hidden_};
   }
 
   //! Collective: returns the expert outputs to their sources and writes, for each token of the
@@ -171,28 +196,23 @@ public:
   //! @param y tokens × hidden, token-major
   void combine(std::span<T> y) {
     const bool size_ok = y.size() == tokens_ * hidden_;
-    // Weighted partial sum per received copy.
-    partial_.assign(copies_.size() * hidden_, 0.0f);
-    for (std::size_t row = 0; row < row_copy_.size(); ++row) {
-      float* p = partial_.data() + row_copy_[row] * hidden_;
-      const T* o = expert_out_.data() + row * hidden_;
-      const float w = row_weight_[row];
-      for (std::size_t h = 0; h < hidden_; ++h)
-        p[h] += w * static_cast<float>(o[h]);
-    }
     acc_.assign(tokens_ * hidden_, 0.0f);
     if (!ex_->hierarchical()) {
-      to_rows(partial_.data(), recv_a_.row_count(), send_a_);
+      // The weighted partial sum of every received copy is what goes back.
+      send_partial_sums(0, recv_a_.row_count(), send_a_);
       ex_->exchange({exchange_group::world, combine_row_, send_a_, recv_a_.counts, {}}, back_a_);
       add_back(back_a_, origins_a_, nullptr);
     } else {
       const std::size_t node_rows = recv_b_.row_count();
-      to_rows(partial_.data(), node_rows, send_b_);
+      send_partial_sums(0, node_rows, send_b_);
+      // Copies this rank forwards to itself are summed with what its node peers return.
+      partial_.resize(self_forward_.size() * hidden_);
+      weighted_sums(node_rows, self_forward_.size(), partial_.data());
       ex_->exchange({exchange_group::node, combine_row_, send_b_, recv_b_.counts, {}}, back_b_);
       forward_acc_.assign(recv_a_.row_count() * hidden_, 0.0f);
       add_back(back_b_, origins_b_, forward_acc_.data());
       for (std::size_t i = 0; i < self_forward_.size(); ++i) {
-        const float* p = partial_.data() + (node_rows + i) * hidden_;
+        const float* p = partial_.data() + i * hidden_;
         float* a = forward_acc_.data() + std::size_t{self_forward_[i]} * hidden_;
         for (std::size_t h = 0; h < hidden_; ++h)
           a[h] += p[h];
@@ -317,6 +337,8 @@ private:
     const std::size_t n_local = local_experts_.size();
     const auto self = static_cast<std::int32_t>(ex_->rank());
     segment_offsets_.assign(n_local + 1, 0);
+    // Until the rows are known, no copy has any (a combine after a failed gather reads nothing).
+    copy_row_offsets_.assign(copies_.size() + 1, 0);
     std::vector<dd::choice> cs(k_);
     const auto for_each_local_choice = [&](auto&& f) {
       for (std::size_t c = 0; c < copies_.size(); ++c) {
@@ -334,7 +356,18 @@ private:
     for (std::size_t i = 0; i < n_local; ++i)
       segment_offsets_[i + 1] += segment_offsets_[i];
     const std::size_t rows = segment_offsets_[n_local];
-    expert_in_.resize(rows * hidden_);
+    const bool pointers = input_layout_ == expert_input_layout::row_pointers;
+    // Row pointers name bytes of the receive buffers as T: the rows were written there as T
+    // values (by memcpy or MPI), and the offset of a payload is a multiple of 8 in a buffer the
+    // allocator aligns for any T.
+    static_assert(alignof(T) <= 8, "locus::transport::moe_dispatcher: T must be at most 8-byte aligned");
+    if (pointers) {
+      expert_in_.clear();
+      row_ptr_.resize(rows);
+    } else {
+      row_ptr_.clear();
+      expert_in_.resize(rows * hidden_);
+    }
     expert_out_.resize(rows * hidden_);
     row_copy_.resize(rows);
     row_weight_.resize(rows);
@@ -343,7 +376,10 @@ private:
     fill_.assign(segment_offsets_.begin(), segment_offsets_.end() - 1);
     for_each_local_choice([&](std::size_t c, std::size_t li, float w) {
       const std::size_t row = fill_[li]++;
-      std::memcpy(expert_in_.data() + row * hidden_, copies_[c] + header_bytes_, hidden_ * sizeof(T));
+      if (pointers)
+        row_ptr_[row] = reinterpret_cast<const T*>(copies_[c] + header_bytes_);
+      else
+        std::memcpy(expert_in_.data() + row * hidden_, copies_[c] + header_bytes_, hidden_ * sizeof(T));
       dd::row_header h;
       std::memcpy(&h, copies_[c], sizeof h);
       row_copy_[row] = static_cast<std::uint32_t>(c);
@@ -351,6 +387,44 @@ private:
       row_source_[row] = h.source;
       row_token_[row] = h.token;
     });
+    // Each copy's rows, ascending, for the weighted sums of combine.
+    for (std::size_t row = 0; row < rows; ++row) ++copy_row_offsets_[row_copy_[row] + 1];
+    for (std::size_t c = 0; c < copies_.size(); ++c) copy_row_offsets_[c + 1] += copy_row_offsets_[c];
+    copy_rows_.resize(rows);
+    fill_.assign(copy_row_offsets_.begin(), copy_row_offsets_.end() - 1);
+    for (std::size_t row = 0; row < rows; ++row) copy_rows_[fill_[row_copy_[row]]++] = static_cast<std::uint32_t>(row);
+  }
+
+  // For copies [first, first + count): Σ weight · expert output over the copy's rows on this rank,
+  // in fp32, rows in ascending order. Every received copy has at least one row here, so the first
+  // product initialises the sum (no zero fill).
+  void weighted_sums(std::size_t first, std::size_t count, float* out) const {
+    for (std::size_t c = 0; c < count; ++c) {
+      float* p = out + c * hidden_;
+      const std::uint32_t* rows = copy_rows_.data() + copy_row_offsets_[first + c];
+      const std::size_t n = copy_row_offsets_[first + c + 1] - copy_row_offsets_[first + c];
+      for (std::size_t i = 0; i < n; ++i) {
+        const T* o = expert_out_.data() + std::size_t{rows[i]} * hidden_;
+        const float w = row_weight_[rows[i]];
+        if (i == 0)
+          for (std::size_t h = 0; h < hidden_; ++h) p[h] = w * static_cast<float>(o[h]);
+        else
+          for (std::size_t h = 0; h < hidden_; ++h) p[h] += w * static_cast<float>(o[h]);
+      }
+    }
+  }
+
+  // The partial sums of copies [first, first + count) as combine rows of `out`: written in place
+  // for fp32 rows, through an fp32 buffer otherwise.
+  void send_partial_sums(std::size_t first, std::size_t count, std::vector<std::byte>& out) {
+    if constexpr (std::is_same_v<T, float>) {
+      out.resize(count * combine_row_);
+      weighted_sums(first, count, reinterpret_cast<float*>(out.data()));
+    } else {
+      partial_.resize(count * hidden_);
+      weighted_sums(first, count, partial_.data());
+      to_rows(partial_.data(), count, out);
+    }
   }
 
   void to_rows(const float* values, std::size_t rows, std::vector<std::byte>& out) {
@@ -394,8 +468,11 @@ private:
   std::vector<std::uint32_t> self_forward_;
   std::vector<const std::byte*> copies_;
   std::vector<std::size_t> segment_offsets_, fill_;
+  expert_input_layout input_layout_ = expert_input_layout::contiguous;
   std::vector<T> expert_in_, expert_out_, scratch_;
-  std::vector<std::uint32_t> row_copy_, row_source_, row_token_;
+  std::vector<const T*> row_ptr_;
+  std::vector<std::uint32_t> row_copy_, row_source_, row_token_, copy_rows_;
+  std::vector<std::size_t> copy_row_offsets_;
   std::vector<float> row_weight_, partial_, acc_, forward_acc_;
 };
 
