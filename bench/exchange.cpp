@@ -6,9 +6,10 @@
 //
 // For every (placement, transport) pair, each step runs locus's dispatch and combine (layout:
 // replica choice and destination plan, permutation into the send buffer, header round, exchange,
-// per-expert blocks of rows, either copied out (contiguous) or left in the receive buffers with a
-// pointer per row (what the layer uses with layer::swiglu_host); combine: weighted partial sums,
-// exchanges back, per-token sum),
+// per-expert blocks of rows, either copied out (`copied`) or left in the receive buffers with a
+// pointer per row (`rows`, `fused`); combine: weighted partial sums per received copy, exchanges
+// back, per-token sum; in `fused` the expert compute forms the weighted sums, as the layer does
+// with layer::swiglu_host, so combine only zeroes the sums beforehand and sends them),
 // then replays the very same exchanges (same communicators, row widths and per-peer counts) as
 // bare MPI_Alltoallv calls on pre-filled buffers: the raw collective for the same bytes. Times are
 // the slowest rank's, medians over steps. Routings are synthetic with domain locality: tokens of
@@ -217,13 +218,13 @@ int main(int argc, char** argv) {
     for (const std::string placement_name : {"linear", "locality"}) {
       const expert_map map = placement::plan_by_name(placement_name, in).at(0);
       for (bool hier : {false, true})
-      for (const auto input : {expert_input_layout::row_pointers, expert_input_layout::contiguous}) {
+      for (const std::string input : {"fused", "rows", "copied"}) {
         mpi_transport t(MPI_COMM_WORLD, topo, hier, exchange_options{std::chrono::seconds(120)});
         recording_exchanger rec(t);
         moe_dispatcher<recording_exchanger, float> d(rec, map, o.hidden, o.k);
-        d.set_expert_input_layout(input);
-        result res{placement_name, hier ? "mpi_hierarchical" : "mpi_flat",
-                   input == expert_input_layout::row_pointers ? "rows" : "copied"};
+        d.set_expert_input_layout(input == "copied" ? expert_input_layout::contiguous
+                                                    : expert_input_layout::row_pointers);
+        result res{placement_name, hier ? "mpi_hierarchical" : "mpi_flat", input};
         std::vector<double> ds, cs, rds, rcs, es, rks;
         for (std::size_t s = 0; s < o.steps + o.warmup; ++s) {
           const auto routing = make_routing(o, topo, me, s);
@@ -240,7 +241,12 @@ int main(int argc, char** argv) {
           const auto bytes = t.bytes().bytes_sent;
           MPI_Barrier(MPI_COMM_WORLD);
           const auto t2 = std::chrono::steady_clock::now();
-          d.combine(y);
+          if (input == "fused") {
+            static_cast<void>(d.copy_sums()); // the compute would add its rows into these
+            d.combine_sums(y);
+          } else {
+            d.combine(y);
+          }
           const auto t3 = std::chrono::steady_clock::now();
           rec.recording = false;
           double local[3] = {std::chrono::duration<double>(t1 - t0).count(),
@@ -349,9 +355,12 @@ int main(int argc, char** argv) {
               "(header round + collective); `vs raw+cnt` compares with the raw replay preceded, per exchange, by the "
               "`MPI_Alltoall` of counts a caller needs when receive counts are not known in advance; the rest of "
               "locus's time is the layout and permutations (packing rows, "
-              "ordering rows per expert, weighted sums). `input`: `rows` leaves each expert row in the receive "
-              "buffers and passes a pointer (the layer does this for `layer::swiglu_host`), `copied` copies them into "
-              "contiguous per-expert blocks (for computes that need them, such as a user callable).\n\n"
+              "ordering rows per expert, weighted sums). `input`: `copied` copies each expert row into contiguous "
+              "per-expert blocks (for computes that need them, such as a user callable); `rows` leaves the rows in "
+              "the receive buffers and passes a pointer; `fused` also lets the expert compute add each output row, "
+              "weighted, to its copy's sum (what the layer does with `layer::swiglu_host`), so combine times only "
+              "zeroing and sending the sums: the sums' cost is in the compute, measured by "
+              "`bench/expert_compute`.\n\n"
            << table;
       }
     }

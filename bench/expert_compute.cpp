@@ -6,7 +6,10 @@
 // The baseline computes each row with plain dot products over the same weights (one thread). Every
 // variant's output is checked against the baseline's before its time counts. `by-ptr` runs the same
 // compute on the same rows given by pointer, scattered (the layer's form: the dispatcher leaves rows
-// in its receive buffers); `ptr/contig` near 1 means skipping the dispatcher's copy costs nothing here. Writes
+// in its receive buffers); `ptr/contig` near 1 means skipping the dispatcher's copy costs nothing here.
+// `fused` runs it with combine's weighted sum fused in (each output row added, weighted, to its
+// copy's sum; two rows per copy, scattered), against `+sum`: the plain compute followed by the same
+// sums formed from the output rows, as the dispatcher's combine does for computes that do not fuse. Writes
 // DIR/expert_compute.json (default: the current directory).
 #include <locus/layer/expert_compute.hpp>
 
@@ -95,8 +98,9 @@ int main(int argc, char** argv) try {
   nlohmann::json results = nlohmann::json::array();
   std::printf("expert_compute: %zu experts, hidden %zu, ffn %zu, %u hardware threads\n\n", experts, hidden, ffn,
               default_host_threads());
-  std::printf("%-8s %-5s %-9s %12s %12s %10s %10s %12s %11s\n", "rows/exp", "W", "threads", "baseline ms", "locus ms",
-              "speedup", "GFLOP/s", "by-ptr ms", "ptr/contig");
+  std::printf("%-8s %-5s %-9s %12s %12s %10s %10s %12s %11s %10s %10s %11s\n", "rows/exp", "W", "threads",
+              "baseline ms", "locus ms", "speedup", "GFLOP/s", "by-ptr ms", "ptr/contig", "+sum ms", "fused ms",
+              "fused/+sum");
   for (std::size_t rows_per_expert : {4, 64}) {
     std::vector<expert_id> ids(experts);
     std::vector<std::size_t> offsets(experts + 1, 0);
@@ -118,6 +122,21 @@ int main(int argc, char** argv) try {
       std::copy_n(x.data() + r * hidden, hidden, at);
       row_ptr[r] = at;
     }
+    const std::size_t copies = std::max<std::size_t>(1, rows / 2);
+    std::vector<std::uint32_t> row_copy(rows);
+    std::vector<float> row_weight(rows), sums(copies * hidden), sums_fused(copies * hidden);
+    for (std::size_t r = 0; r < rows; ++r) {
+      row_copy[r] = static_cast<std::uint32_t>((r * 2654435761u) % copies);
+      row_weight[r] = 0.125f * static_cast<float>(1 + r % 3);
+    }
+    const layer::weighted_sum_target target{sums_fused.data(), row_copy.data(), row_weight.data(), copies};
+    const auto sum_outputs = [&](const std::vector<float>& out) { // the combine-side pass
+      std::fill(sums.begin(), sums.end(), 0.0f);
+      for (std::size_t r = 0; r < rows; ++r) {
+        float* dst = sums.data() + std::size_t{row_copy[r]} * hidden;
+        for (std::size_t c = 0; c < hidden; ++c) dst[c] += row_weight[r] * out[r * hidden + c];
+      }
+    };
     const double flop = 6.0 * static_cast<double>(rows * hidden * ffn);
     for (int bf16 = 0; bf16 < 2; ++bf16) {
       const layer::expert_blocks<float> ref{ids.data(), offsets.data(), experts, x.data(), y_ref.data(), hidden};
@@ -127,16 +146,24 @@ int main(int argc, char** argv) try {
                                                y_ptr.data(), hidden,         row_ptr.data()};
       const double base = bf16 ? best_seconds([&] { naive(w16, ref); }, 2) : best_seconds([&] { naive(w32, ref); }, 2);
       for (unsigned threads : {1u, 0u}) {
-        double t = 0, tp = 0;
+        double t = 0, tp = 0, ts = 0, tf = 0;
+        const auto time_all = [&](auto& c) {
+          t = best_seconds([&] { c(blk); }, 3);
+          tp = best_seconds([&] { c(by_ptr); }, 3);
+          ts = best_seconds([&] { c(by_ptr), sum_outputs(y_ptr); }, 3);
+          tf = best_seconds([&] { std::fill(sums_fused.begin(), sums_fused.end(), 0.0f), c(by_ptr, target); }, 3);
+        };
         if (bf16) {
           layer::swiglu_host<bfloat16> c(w16, threads);
-          t = best_seconds([&] { c(blk); }, 3);
-          tp = best_seconds([&] { c(by_ptr); }, 3);
+          time_all(c);
         } else {
           layer::swiglu_host<float> c(w32, threads);
-          t = best_seconds([&] { c(blk); }, 3);
-          tp = best_seconds([&] { c(by_ptr); }, 3);
+          time_all(c);
         }
+        double sum_diff = 0;
+        for (std::size_t i = 0; i < sums.size(); ++i)
+          sum_diff = std::max(sum_diff, double(std::abs(sums[i] - sums_fused[i])) / std::max(1.0, double(std::abs(sums[i]))));
+        LOCUS_REQUIRE(sum_diff <= 1e-5, invalid_input_error, "expert_compute: fused sums differ by ", sum_diff);
         LOCUS_REQUIRE(y_ptr == y, invalid_input_error, "expert_compute: rows by pointer give other outputs");
         double diff = 0, scale = 0;
         for (std::size_t i = 0; i < y.size(); ++i) {
@@ -146,12 +173,14 @@ int main(int argc, char** argv) try {
         LOCUS_REQUIRE(diff <= 1e-4 * std::max(scale, 1.0), invalid_input_error,
                       "expert_compute: locus output differs from the baseline by ", diff);
         const unsigned used = threads == 0 ? default_host_threads() : threads;
-        std::printf("%-8zu %-5s %-9u %12.3f %12.3f %9.2fx %10.2f %12.3f %11.3f\n", rows_per_expert,
-                    bf16 ? "bf16" : "fp32", used, base * 1e3, t * 1e3, base / t, flop / t / 1e9, tp * 1e3, tp / t);
+        std::printf("%-8zu %-5s %-9u %12.3f %12.3f %9.2fx %10.2f %12.3f %11.3f %10.3f %10.3f %11.3f\n",
+                    rows_per_expert, bf16 ? "bf16" : "fp32", used, base * 1e3, t * 1e3, base / t, flop / t / 1e9,
+                    tp * 1e3, tp / t, ts * 1e3, tf * 1e3, tf / ts);
         results.push_back({{"rows_per_expert", rows_per_expert}, {"weights", bf16 ? "bf16" : "fp32"},
                         {"threads", used}, {"baseline_ms", base * 1e3}, {"locus_ms", t * 1e3},
                         {"speedup", base / t}, {"gflops", flop / t / 1e9}, {"rows_by_pointer_ms", tp * 1e3},
-                        {"by_pointer_over_contiguous", tp / t}});
+                        {"by_pointer_over_contiguous", tp / t}, {"plus_sum_ms", ts * 1e3},
+                        {"fused_ms", tf * 1e3}, {"fused_over_plus_sum", tf / ts}});
       }
     }
   }

@@ -135,4 +135,20 @@ void run_experts(Dispatcher& d) {
         out[row * hidden + h] = d.expert_input_row(row)[h] * static_cast<float>(experts[i] + 1);
 }
 
+// The same experts with combine's weighted sum done here, as a fusing compute does: fills
+// copy_sums() (then combine_sums() returns them) and leaves the output rows alone.
+template <class Dispatcher>
+void run_experts_into_sums(Dispatcher& d) {
+  const auto experts = d.local_experts();
+  const auto offsets = d.expert_offsets();
+  const auto copy = d.row_copies();
+  const auto weight = d.row_weights();
+  auto sums = d.copy_sums();
+  const std::size_t hidden = d.hidden();
+  for (std::size_t i = 0; i < experts.size(); ++i)
+    for (std::size_t row = offsets[i]; row < offsets[i + 1]; ++row)
+      for (std::size_t h = 0; h < hidden; ++h)
+        sums[copy[row] * hidden + h] += weight[row] * d.expert_input_row(row)[h] * static_cast<float>(experts[i] + 1);
+}
+
 } // namespace locus_test

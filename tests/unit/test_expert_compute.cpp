@@ -216,3 +216,68 @@ BOOST_AUTO_TEST_CASE(blocks_without_any_input_are_rejected) {
     BOOST_TEST(std::string(e.what()).find("no input or output buffer") != std::string::npos);
   }
 }
+
+// The fused weighted sum equals summing the output rows afterwards: sums[copy] += w · out(row) in
+// ascending row order, with the output rounded to the activation type first.
+template <class W, class A>
+void check_fused_sums(std::uint64_t seed, unsigned threads) {
+  constexpr std::size_t hidden = 150, ffn = 40; // three column tiles, the last one partial
+  auto all = locus_test::model_weights<W>(seed, 6, hidden, ffn);
+  block_set<A> b({0, 1, 3, 5}, {9, 0, 4, 21}, hidden, seed + 1);
+  const std::size_t rows = b.offsets.back(), copies = 11;
+  std::vector<std::uint32_t> row_copy(rows);
+  std::vector<float> row_weight(rows);
+  for (std::size_t r = 0; r < rows; ++r) {
+    row_copy[r] = static_cast<std::uint32_t>((r * 7 + seed) % copies);
+    row_weight[r] = 0.1f + 0.05f * static_cast<float>(r % 9);
+  }
+  layer::swiglu_host<W> compute(all, threads);
+  compute(b.view()); // output rows, the unfused way
+  std::vector<float> expected(copies * hidden, 0.0f);
+  for (std::size_t r = 0; r < rows; ++r)
+    for (std::size_t c = 0; c < hidden; ++c)
+      expected[row_copy[r] * hidden + c] += row_weight[r] * to_float(b.out[r * hidden + c]);
+  std::vector<float> sums(copies * hidden, 0.0f);
+  std::fill(b.out.begin(), b.out.end(), A{});
+  compute(b.view(), layer::weighted_sum_target{sums.data(), row_copy.data(), row_weight.data(), copies});
+  double worst = 0;
+  for (std::size_t i = 0; i < sums.size(); ++i)
+    worst = std::max(worst, std::abs(double(sums[i]) - expected[i]) / std::max(1.0, std::abs(double(expected[i]))));
+  BOOST_TEST(worst <= 1e-6, "fused sums differ from the summed outputs by " << worst);
+  BOOST_TEST(std::all_of(b.out.begin(), b.out.end(), [](A v) { return to_float(v) == 0.0f; }),
+             "the fused compute must not write output rows");
+}
+
+BOOST_AUTO_TEST_CASE(fused_weighted_sums_equal_summed_outputs) {
+  for (unsigned threads : {1u, 3u}) {
+    check_fused_sums<float, float>(31, threads);
+    check_fused_sums<bfloat16, bfloat16>(32, threads);
+    check_fused_sums<bfloat16, float>(33, threads);
+  }
+  // Independent of the thread count, bit for bit.
+  auto all = locus_test::model_weights<float>(40, 3, 130, 30);
+  block_set<float> b({0, 2}, {17, 6}, 130, 41);
+  std::vector<std::uint32_t> row_copy(23);
+  std::vector<float> w(23, 0.5f);
+  for (std::size_t r = 0; r < 23; ++r) row_copy[r] = static_cast<std::uint32_t>(r % 5);
+  std::vector<float> one(5 * 130, 0.0f), many(one);
+  layer::swiglu_host<float>(all, 1)(b.view(), layer::weighted_sum_target{one.data(), row_copy.data(), w.data(), 5});
+  layer::swiglu_host<float>(all, 4)(b.view(), layer::weighted_sum_target{many.data(), row_copy.data(), w.data(), 5});
+  BOOST_TEST(std::memcmp(one.data(), many.data(), one.size() * sizeof(float)) == 0);
+}
+
+BOOST_AUTO_TEST_CASE(fused_target_is_checked) {
+  auto all = locus_test::model_weights<float>(6, 2, 16, 16);
+  layer::swiglu_host<float> compute(all, 1);
+  block_set<float> b({0}, {3}, 16, 1);
+  std::vector<std::uint32_t> row_copy{0, 1, 2};
+  std::vector<float> w(3, 1.0f), sums(2 * 16);
+  try {
+    compute(b.view(), layer::weighted_sum_target{sums.data(), row_copy.data(), w.data(), 2});
+    BOOST_FAIL("a row of copy 2 of 2 must be refused");
+  } catch (const invalid_input_error& e) {
+    BOOST_TEST(std::string(e.what()).find("copy 2 of 2") != std::string::npos);
+  }
+  BOOST_CHECK_THROW(compute(b.view(), layer::weighted_sum_target{nullptr, row_copy.data(), w.data(), 3}),
+                    invalid_input_error);
+}

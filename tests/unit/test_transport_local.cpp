@@ -208,9 +208,15 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
             if (d.expert_input_row(row)[h] !=
                 locus_test::dispatch_case::input(d.row_sources()[row], d.row_tokens()[row], h))
               throw std::runtime_error("row payload does not match its header");
-        locus_test::run_experts(d);
+        // A quarter of the cases form the weighted sums beside the experts (the fused path).
         std::vector<float> y(x.size());
-        d.combine(y);
+        if (seed % 4 >= 2) {
+          locus_test::run_experts_into_sums(d);
+          d.combine_sums(y);
+        } else {
+          locus_test::run_experts(d);
+          d.combine(y);
+        }
         combine_bytes[me] = ep.bytes();
         errors[me] = locus_test::max_error(y, c.reference(me));
         std::lock_guard lock(m);
@@ -261,5 +267,28 @@ BOOST_AUTO_TEST_CASE(bad_expert_id_raises_without_hanging_the_others) {
   });
   BOOST_TEST(raised<invalid_input_error>(errors[3]));
   for (std::size_t r = 0; r < 3; ++r)
+    BOOST_TEST(!errors[r]);
+}
+
+// combine_sums() on a rank that never filled copy_sums() raises there, after the exchanges, so
+// the other ranks still get their rows back and finish.
+BOOST_AUTO_TEST_CASE(combine_sums_without_copy_sums_raises_without_hanging_the_others) {
+  const auto c = locus_test::make_case(9, 2, 2);
+  local_fabric f(c.topo, false, exchange_options{std::chrono::milliseconds(5000)});
+  const auto errors = run_ranks(f, [&](local_transport& ep) {
+    const std::size_t me = ep.rank();
+    moe_dispatcher<local_transport, float> d(ep, c.map, c.hidden, c.k);
+    const auto x = c.inputs(me);
+    d.dispatch(std::span<const float>(x), c.routings[me].view());
+    std::vector<float> y(x.size());
+    if (me == 1) {
+      d.combine_sums(y); // copy_sums() not taken: zeros go back, then it raises
+    } else {
+      locus_test::run_experts(d);
+      d.combine(y); // finishes: rank 1 still returns (zero) rows
+    }
+  });
+  BOOST_TEST(raised<invalid_input_error>(errors[1]));
+  for (std::size_t r : {0u, 2u, 3u})
     BOOST_TEST(!errors[r]);
 }

@@ -7,7 +7,9 @@
 //! block's input rows into output rows of the same shape:
 //! - `swiglu_host<W>`: the reference SwiGLU FFN, out = (silu(x·W_gate) ⊙ (x·W_up))·W_down, with
 //!   weights stored in `W` (float or bfloat16) and every dot product accumulated in fp32, blocked
-//!   and spread over worker threads (`core/parallel_for.hpp`);
+//!   and spread over worker threads (`core/parallel_for.hpp`); it can also add each output row,
+//!   weighted, straight into combine's per-copy sums (`weighted_sum_target`), so that the output
+//!   rows are never written and read back;
 //! - `expert_callable<F>`: a user callable given each expert's contiguous block (expert id, rows
 //!   in, rows out); rows given by pointer are gathered into a scratch block first;
 //! - `swiglu_cuda<W>` (layer/expert_compute_cuda.hpp): the same FFN with cuBLAS GEMMs.
@@ -59,6 +61,19 @@ struct expert_blocks {
   //! The `hidden` inputs of row `i`, under either form.
   const T* input_row(std::size_t i) const noexcept { return input_rows ? input_rows[i] : input + i * hidden; }
   std::size_t total_rows() const noexcept { return count == 0 ? 0 : offsets[count]; }
+};
+
+//! Where a compute that fuses combine's weighted sum leaves its results, instead of output rows:
+//! for every row `r` of the blocks, `sums[row_copy[r] × hidden + c] += row_weight[r] × out(r, c)`,
+//! summed in fp32 in ascending row order per copy, with `out` rounded to the activation type first
+//! (so the sums equal what the dispatcher's combine computes from output rows). `sums` holds
+//! `copies × hidden` values the caller zeroes; the dispatcher provides all three arrays
+//! (moe_dispatcher::copy_sums, row_copies, row_weights).
+struct weighted_sum_target {
+  float* sums = nullptr;
+  const std::uint32_t* row_copy = nullptr; //!< per row: the received copy it belongs to
+  const float* row_weight = nullptr;       //!< per row: its routing weight
+  std::size_t copies = 0;
 };
 
 } // namespace locus::LOCUS_ABI_NAMESPACE::layer
@@ -279,16 +294,66 @@ public:
   //!         mismatch or malformed offsets
   template <expert_element X>
   void operator()(const expert_blocks<X, memory_space::host>& b) {
+    if (!gate_up(b)) return;
+    // Stage 2: out = act·W_down, tiles over (rows, hidden columns).
+    parallel_for(tiles_.size(), 1, threads_, [&](std::size_t begin, std::size_t end, unsigned) {
+      float o[tiles::rows][tiles::cols];
+      for (std::size_t it = begin; it < end; ++it) {
+        const detail::layer::tile t = tiles_[it];
+        down_tile(t, o);
+        for (std::size_t r = 0; r < t.rows; ++r) {
+          X* out = b.output + (t.row0 + r) * weights_.hidden() + t.col0;
+          for (std::size_t j = 0; j < t.cols; ++j) out[j] = static_cast<X>(o[r][j]);
+        }
+      }
+    });
+  }
+
+  //! Computes every block and adds each output row, weighted, to its copy's sum in `s` (combine's
+  //! weighted sum fused into the FFN: the output rows are neither written nor read back).
+  //! @throws locus::invalid_input_error as above, or when `s` lacks an array or names a copy
+  //!         outside `[0, s.copies)`
+  template <expert_element X>
+  void operator()(const expert_blocks<X, memory_space::host>& b, const weighted_sum_target& s) {
+    const std::size_t rows = b.total_rows(), hidden = weights_.hidden();
+    LOCUS_REQUIRE(rows == 0 || (s.sums != nullptr && s.row_copy != nullptr && s.row_weight != nullptr),
+                  invalid_input_error, "swiglu_host: ", rows, " rows but the weighted-sum target lacks an array");
+    for (std::size_t r = 0; r < rows; ++r)
+      LOCUS_REQUIRE(s.row_copy[r] < s.copies, invalid_input_error, "swiglu_host: row ", r, " belongs to copy ",
+                    s.row_copy[r], " of ", s.copies);
+    if (!gate_up(b)) return;
+    // Stage 2 by column tile: one thread owns a tile's columns of every copy's sum and visits the
+    // rows in ascending order, so the sums need no atomics and do not depend on the thread count.
+    const std::size_t col_tiles = (hidden + tiles::cols - 1) / tiles::cols;
+    parallel_for(col_tiles, 1, threads_, [&](std::size_t begin, std::size_t end, unsigned) {
+      float o[tiles::rows][tiles::cols];
+      for (std::size_t ct = begin; ct < end; ++ct)
+        for (std::size_t it = ct; it < tiles_.size(); it += col_tiles) { // tiles_ is column-innermost
+          const detail::layer::tile t = tiles_[it];
+          down_tile(t, o);
+          for (std::size_t r = 0; r < t.rows; ++r) {
+            const float w = s.row_weight[t.row0 + r];
+            float* sum = s.sums + std::size_t{s.row_copy[t.row0 + r]} * hidden + t.col0;
+            for (std::size_t j = 0; j < t.cols; ++j) sum[j] += w * to_float(static_cast<X>(o[r][j]));
+          }
+        }
+    });
+  }
+
+private:
+  using tiles = detail::layer::swiglu_host_tiles;
+
+  // Stage 1: act = silu(x·W_gate) ⊙ (x·W_up), tiles over (rows, ffn columns); then leaves the
+  // stage-2 tiles (rows, hidden columns; columns innermost) in tiles_. False when there are no rows.
+  template <expert_element X>
+  bool gate_up(const expert_blocks<X, memory_space::host>& b) {
     detail::layer::check_blocks("swiglu_host", b, weights_.hidden());
     views_.resize(b.count);
     for (std::size_t i = 0; i < b.count; ++i) views_[i] = weights_.view(b.experts[i]);
     const std::size_t rows = b.total_rows(), hidden = weights_.hidden(), ffn = weights_.ffn();
-    if (rows == 0) return;
+    if (rows == 0) return false;
     act_.resize(rows * ffn);
     const std::span<const std::size_t> offsets(b.offsets, b.count + 1);
-    using tiles = detail::layer::swiglu_host_tiles;
-
-    // Stage 1: act = silu(x·W_gate) ⊙ (x·W_up), tiles over (rows, ffn columns).
     detail::layer::make_tiles(tiles_, offsets, ffn);
     parallel_for(tiles_.size(), 1, threads_, [&](std::size_t begin, std::size_t end, unsigned) {
       float g[tiles::rows][tiles::cols], u[tiles::rows][tiles::cols];
@@ -320,33 +385,26 @@ public:
         }
       }
     });
-
-    // Stage 2: out = act·W_down, tiles over (rows, hidden columns).
     detail::layer::make_tiles(tiles_, offsets, hidden);
-    parallel_for(tiles_.size(), 1, threads_, [&](std::size_t begin, std::size_t end, unsigned) {
-      float o[tiles::rows][tiles::cols];
-      float wbuf[tiles::cols];
-      for (std::size_t it = begin; it < end; ++it) {
-        const detail::layer::tile t = tiles_[it];
-        const swiglu_expert_view<W>& v = views_[t.block];
-        for (std::size_t r = 0; r < t.rows; ++r)
-          for (std::size_t j = 0; j < tiles::cols; ++j) o[r][j] = 0.0f;
-        for (std::size_t f = 0; f < ffn; ++f) {
-          const float* wd = detail::layer::tile_row(v.down + f * hidden + t.col0, t.cols, wbuf);
-          for (std::size_t r = 0; r < t.rows; ++r) {
-            const float a = act_[(t.row0 + r) * ffn + f];
-            for (std::size_t j = 0; j < tiles::cols; ++j) o[r][j] += a * wd[j];
-          }
-        }
-        for (std::size_t r = 0; r < t.rows; ++r) {
-          X* out = b.output + (t.row0 + r) * hidden + t.col0;
-          for (std::size_t j = 0; j < t.cols; ++j) out[j] = static_cast<X>(o[r][j]);
-        }
-      }
-    });
+    return true;
   }
 
-private:
+  // One stage-2 tile: o = act·W_down over the tile's rows and hidden columns.
+  void down_tile(const detail::layer::tile& t, float (&o)[tiles::rows][tiles::cols]) const {
+    const std::size_t hidden = weights_.hidden(), ffn = weights_.ffn();
+    const swiglu_expert_view<W>& v = views_[t.block];
+    float wbuf[tiles::cols];
+    for (std::size_t r = 0; r < t.rows; ++r)
+      for (std::size_t j = 0; j < tiles::cols; ++j) o[r][j] = 0.0f;
+    for (std::size_t f = 0; f < ffn; ++f) {
+      const float* wd = detail::layer::tile_row(v.down + f * hidden + t.col0, t.cols, wbuf);
+      for (std::size_t r = 0; r < t.rows; ++r) {
+        const float a = act_[(t.row0 + r) * ffn + f];
+        for (std::size_t j = 0; j < tiles::cols; ++j) o[r][j] += a * wd[j];
+      }
+    }
+  }
+
   expert_weights<W> weights_;
   unsigned threads_;
   std::vector<swiglu_expert_view<W>> views_;

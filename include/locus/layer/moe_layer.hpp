@@ -6,7 +6,9 @@
 //! 1. route: logits = x·W_router (fp32), then the router policy picks each token's top-k;
 //! 2. layout + dispatch (transport/dispatch.hpp): each token's copies go to the ranks holding its
 //!    experts (replica chosen locality-first), flat or node-hierarchical as the transport says;
-//! 3. expert compute: the policy turns each local expert's contiguous row block into outputs;
+//! 3. expert compute: the policy turns each local expert's row block into outputs (rows stay in
+//!    the receive buffers for a compute that reads them by pointer; one that fuses combine's
+//!    weighted sum, as swiglu_host does, writes per-copy sums instead of output rows);
 //! 4. combine: outputs return to their source ranks and are summed with the routing weights;
 //! 5. shared experts (when the shape has them) run on every rank on its own tokens and are added.
 //!
@@ -324,21 +326,39 @@ private:
                                                     shape_.hidden(),
                                                     row_pointers.empty() ? nullptr : row_pointers.data()};
       try {
-        compute_(blocks);
+        if constexpr (fuses_weighted_sum) {
+          // The compute adds each output row, weighted, to its copy's sum: combine reads no rows.
+          const auto sums = dispatcher_.copy_sums();
+          compute_(blocks, layer::weighted_sum_target{sums.data(), dispatcher_.row_copies().data(),
+                                                      dispatcher_.row_weights().data(),
+                                                      dispatcher_.received_copies()});
+        } else {
+          compute_(blocks);
+        }
       } catch (...) {
-        // The outputs are still returned (zeros: the dispatcher does not clear them between steps)
-        // so peers finish combine.
-        const auto out = dispatcher_.expert_output();
-        std::fill(out.begin(), out.end(), value_type{});
+        // Zeros are still returned so that peers finish combine (the dispatcher does not clear
+        // the outputs between steps; copy_sums() zeroes the sums).
+        if constexpr (fuses_weighted_sum) {
+          static_cast<void>(dispatcher_.copy_sums());
+        } else {
+          const auto out = dispatcher_.expert_output();
+          std::fill(out.begin(), out.end(), value_type{});
+        }
         if (!local_error) local_error = std::current_exception();
       }
     }
+    const auto combine = [&](std::span<value_type> out) {
+      if constexpr (fuses_weighted_sum)
+        dispatcher_.combine_sums(out);
+      else
+        dispatcher_.combine(out);
+    };
     if (local_error) {
       std::vector<value_type> sink(r.tokens() * shape_.hidden());
-      dispatcher_.combine(sink);
+      combine(sink);
       std::rethrow_exception(local_error);
     }
-    dispatcher_.combine(y);
+    combine(y);
     if (shape_.shared_experts() > 0) add_shared(x, y);
   }
 
@@ -364,6 +384,10 @@ private:
     else
       return false;
   }();
+  // A compute with an overload taking a weighted_sum_target forms combine's sums itself.
+  static constexpr bool fuses_weighted_sum =
+      std::invocable<expert_compute_type&, const layer::expert_blocks<value_type, memory_space::host>&,
+                     const layer::weighted_sum_target&>;
 
   Shape shape_;
   Topology topo_;

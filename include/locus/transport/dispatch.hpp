@@ -184,6 +184,17 @@ public:
   std::span<const std::uint32_t> row_tokens() const noexcept { return row_token_; }
   //! Token copies this rank received (before expansion to experts).
   std::size_t received_copies() const noexcept { return copies_.size(); }
+  //! For each expert row: the received copy it belongs to, and its routing weight.
+  std::span<const std::uint32_t> row_copies() const noexcept { return row_copy_; }
+  std::span<const float> row_weights() const noexcept { return row_weight_; }
+  //! Zeroed fp32 sums, `received_copies() × hidden`, for an expert compute that fuses combine's
+  //! weighted sum (adds weight × output of each row to its copy's sum, rows ascending per copy);
+  //! then combine_sums() returns them without reading expert_output().
+  std::span<float> copy_sums() {
+    sums_.assign(copies_.size() * hidden_, 0.0f);
+    sums_taken_ = true;
+    return sums_;
+  }
   dispatch_handle<T> handle() noexcept {
     const bool rows = input_layout_ == expert_input_layout::row_pointers;
     return {rows ? nullptr : expert_in_.data(), rows ? row_ptr_.data() : nullptr, expert_out_.data(),
@@ -194,25 +205,44 @@ public:
   //! Collective: returns the expert outputs to their sources and writes, for each token of the
   //! last dispatch, y[t] = Σ_j weight(t, j) · output(expert(t, j), t).
   //! @param y tokens × hidden, token-major
-  void combine(std::span<T> y) {
+  void combine(std::span<T> y) { combine_from(y, nullptr); }
+
+  //! Collective: combine() for a compute that left each copy's weighted sum in copy_sums().
+  //! @throws locus::invalid_input_error (after the exchanges) when copy_sums() was not taken
+  //!         since the last dispatch
+  void combine_sums(std::span<T> y) {
+    const bool ready = sums_taken_;
+    if (!ready) sums_.assign(copies_.size() * hidden_, 0.0f); // peers still get their rows
+    combine_from(y, sums_.data());
+    LOCUS_REQUIRE(ready, invalid_input_error, "moe_dispatcher::combine_sums: copy_sums() was not filled since the "
+                                              "last dispatch");
+  }
+
+private:
+  // Combine from the expert outputs (`sums` null) or from per-copy sums a fused compute made.
+  void combine_from(std::span<T> y, const float* sums) {
     const bool size_ok = y.size() == tokens_ * hidden_;
     acc_.assign(tokens_ * hidden_, 0.0f);
     if (!ex_->hierarchical()) {
       // The weighted partial sum of every received copy is what goes back.
-      send_partial_sums(0, recv_a_.row_count(), send_a_);
-      ex_->exchange({exchange_group::world, combine_row_, send_a_, recv_a_.counts, {}}, back_a_);
+      const auto rows = partial_rows(0, recv_a_.row_count(), send_a_, sums);
+      ex_->exchange({exchange_group::world, combine_row_, rows, recv_a_.counts, {}}, back_a_);
       add_back(back_a_, origins_a_, nullptr);
     } else {
       const std::size_t node_rows = recv_b_.row_count();
-      send_partial_sums(0, node_rows, send_b_);
+      const auto rows = partial_rows(0, node_rows, send_b_, sums);
       // Copies this rank forwards to itself are summed with what its node peers return.
-      partial_.resize(self_forward_.size() * hidden_);
-      weighted_sums(node_rows, self_forward_.size(), partial_.data());
-      ex_->exchange({exchange_group::node, combine_row_, send_b_, recv_b_.counts, {}}, back_b_);
+      const float* self_sums = sums ? sums + node_rows * hidden_ : nullptr;
+      if (!self_sums) {
+        partial_.resize(self_forward_.size() * hidden_);
+        weighted_sums(node_rows, self_forward_.size(), partial_.data());
+        self_sums = partial_.data();
+      }
+      ex_->exchange({exchange_group::node, combine_row_, rows, recv_b_.counts, {}}, back_b_);
       forward_acc_.assign(recv_a_.row_count() * hidden_, 0.0f);
       add_back(back_b_, origins_b_, forward_acc_.data());
       for (std::size_t i = 0; i < self_forward_.size(); ++i) {
-        const float* p = partial_.data() + i * hidden_;
+        const float* p = self_sums + i * hidden_;
         float* a = forward_acc_.data() + std::size_t{self_forward_[i]} * hidden_;
         for (std::size_t h = 0; h < hidden_; ++h)
           a[h] += p[h];
@@ -227,7 +257,6 @@ public:
       y[i] = static_cast<T>(acc_[i]);
   }
 
-private:
   // True when `dest` occurs among the first `j` choices of token t's destinations (mapped by f).
   template <class F>
   bool seen_before(std::size_t t, std::size_t j, F&& f) const {
@@ -339,6 +368,7 @@ private:
     segment_offsets_.assign(n_local + 1, 0);
     // Until the rows are known, no copy has any (a combine after a failed gather reads nothing).
     copy_row_offsets_.assign(copies_.size() + 1, 0);
+    sums_taken_ = false;
     std::vector<dd::choice> cs(k_);
     const auto for_each_local_choice = [&](auto&& f) {
       for (std::size_t c = 0; c < copies_.size(); ++c) {
@@ -414,17 +444,23 @@ private:
     }
   }
 
-  // The partial sums of copies [first, first + count) as combine rows of `out`: written in place
-  // for fp32 rows, through an fp32 buffer otherwise.
-  void send_partial_sums(std::size_t first, std::size_t count, std::vector<std::byte>& out) {
+  // The partial sums of copies [first, first + count) as combine rows. fp32 rows are the sums a
+  // fused compute made (sent as they are), or are summed straight into `out`; other types are
+  // converted into `out` from fp32 sums.
+  std::span<const std::byte> partial_rows(std::size_t first, std::size_t count, std::vector<std::byte>& out,
+                                          const float* sums) {
     if constexpr (std::is_same_v<T, float>) {
+      if (sums) return {reinterpret_cast<const std::byte*>(sums + first * hidden_), count * combine_row_};
       out.resize(count * combine_row_);
       weighted_sums(first, count, reinterpret_cast<float*>(out.data()));
     } else {
-      partial_.resize(count * hidden_);
-      weighted_sums(first, count, partial_.data());
-      to_rows(partial_.data(), count, out);
+      if (!sums) {
+        partial_.resize(count * hidden_);
+        weighted_sums(first, count, partial_.data());
+      }
+      to_rows(sums ? sums + first * hidden_ : partial_.data(), count, out);
     }
+    return out;
   }
 
   void to_rows(const float* values, std::size_t rows, std::vector<std::byte>& out) {
@@ -469,11 +505,12 @@ private:
   std::vector<const std::byte*> copies_;
   std::vector<std::size_t> segment_offsets_, fill_;
   expert_input_layout input_layout_ = expert_input_layout::contiguous;
+  bool sums_taken_ = false; // copy_sums() was handed out since the last dispatch
   std::vector<T> expert_in_, expert_out_, scratch_;
   std::vector<const T*> row_ptr_;
   std::vector<std::uint32_t> row_copy_, row_source_, row_token_, copy_rows_;
   std::vector<std::size_t> copy_row_offsets_;
-  std::vector<float> row_weight_, partial_, acc_, forward_acc_;
+  std::vector<float> row_weight_, partial_, acc_, forward_acc_, sums_;
 };
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport
