@@ -1,13 +1,18 @@
 // How fast are the trace readers? (issue 3)
 //   1. Importing the three ESFT domains (~37 MB of TSV): locus::trace::import_esft against a
 //      straightforward std::ifstream / operator>> parser written here (target: locus < 2 s).
-//   2. Binary write and read of a ~1 GB synthetic trace from the page cache: locus write_trace /
+//   2. Route JSONL import (one record per token and layer, written here from the ESFT trace, or
+//      from a small synthetic trace without it): locus::trace::import_jsonl (SAX parse into
+//      columns, then request assembly and validation) against std::getline + a full nlohmann-json
+//      DOM parse per line that only pulls the fields out (no assembly, no checks).
+//   3. Binary write and read of a ~1 GB synthetic trace from the page cache: locus write_trace /
 //      read_trace (validating, checksummed) against reading the same file through an
 //      std::ifstream one value at a time per column (target: locus read >= 1 GB/s).
 // Usage: trace_io [--trace DIR] [--gb 1.0] [--tmp DIR] [--out DIR]
 // Writes DIR/trace_io.json and DIR/trace_io.md; the temporary binary file is removed.
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
+#include <locus/trace/jsonl.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -75,6 +80,66 @@ std::size_t baseline_esft(const fs::path& root) {
       }
     }
   return pairs;
+}
+
+//! Writes `t` as route JSONL (docs/trace-format.md): a meta line, then one record per token and
+//! layer, request by request. Returns the number of route records.
+std::size_t write_jsonl(const locus::trace::trace& t, const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  if (!f) throw std::runtime_error("cannot write " + path);
+  std::size_t records = 0;
+  std::fprintf(f, "{\"type\": \"meta\", \"num_experts\": %zu, \"top_k\": %zu}\n", t.experts(), t.top_k());
+  std::string line;
+  char num[32];
+  for (std::size_t r = 0; r < t.requests(); ++r) {
+    const auto& q = t.request(r);
+    for (std::size_t i = 0; i < q.length; ++i) {
+      const std::size_t tok = q.first_token + i;
+      for (std::size_t l = 0; l < t.layers(); ++l) {
+        const auto v = t.layer(l);
+        line = "{\"req_id\": " + std::to_string(q.id) + ", \"token_idx\": " + std::to_string(i) +
+               ", \"layer\": " + std::to_string(l) + ", \"topk_ids\": [";
+        for (std::size_t j = 0; j < t.top_k(); ++j)
+          line += (j ? ", " : "") + std::to_string(v.token_ids(tok)[j]);
+        line += "], \"topk_weights\": [";
+        for (std::size_t j = 0; j < t.top_k(); ++j) {
+          std::snprintf(num, sizeof num, "%s%.6g", j ? ", " : "", static_cast<double>(v.token_weights(tok)[j]));
+          line += num;
+        }
+        line += "], \"phase\": \"";
+        line += t.token_phase(tok) == locus::trace::phase::decode ? "decode" : "prefill";
+        line += "\", \"domain\": \"" + t.domains()[q.domain] + "\"}\n";
+        std::fwrite(line.data(), 1, line.size(), f);
+        ++records;
+      }
+    }
+  }
+  std::fclose(f);
+  return records;
+}
+
+//! The baseline JSONL reader: getline, a full DOM parse per line, the fields pulled into vectors.
+//! Returns the number of route records read.
+std::size_t baseline_jsonl(const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  std::vector<std::uint64_t> req, token, layer;
+  std::vector<int> ids;
+  std::vector<float> weights;
+  std::vector<std::string> phase, domain;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    const auto j = nlohmann::json::parse(line);
+    if (j.contains("type") && j["type"] != "route") continue;
+    req.push_back(j["req_id"].get<std::uint64_t>());
+    token.push_back(j["token_idx"].get<std::uint64_t>());
+    layer.push_back(j["layer"].get<std::uint64_t>());
+    for (const auto& v : j["topk_ids"]) ids.push_back(v.get<int>());
+    for (const auto& v : j["topk_weights"]) weights.push_back(v.get<float>());
+    phase.push_back(j["phase"].get<std::string>());
+    domain.push_back(j["domain"].get<std::string>());
+  }
+  return req.size();
 }
 
 //! A synthetic trace of `tokens` tokens (requests of 512), top-8 of 256 experts, `layers` layers.
@@ -172,8 +237,9 @@ int main(int argc, char** argv) try {
   std::vector<row> rows;
 
   // 1. ESFT import.
+  locus::trace::trace jsonl_source; // for 2.
   if (fs::is_directory(esft)) {
-    locus::trace::trace t;
+    locus::trace::trace& t = jsonl_source;
     std::uintmax_t bytes = 0;
     for (const auto& e : fs::recursive_directory_iterator(esft))
       if (e.is_regular_file() && e.path().extension() == ".txt") bytes += e.file_size();
@@ -192,7 +258,43 @@ int main(int argc, char** argv) try {
     std::printf("trace_io: %s not found; ESFT import skipped\n", esft.c_str());
   }
 
-  // 2. Binary write + read of a ~gb GB synthetic trace.
+  // 2. Route JSONL import.
+  {
+    if (jsonl_source.tokens() == 0) jsonl_source = synthetic(8192, 8);
+    const std::string jpath =
+        (fs::path(tmp_dir) / ("locus_trace_io_" + std::to_string(::getpid()) + ".jsonl")).string();
+    struct remover {
+      std::string p;
+      ~remover() {
+        std::error_code ec;
+        fs::remove(p, ec);
+      }
+    } cleanup{jpath};
+    const std::size_t records = write_jsonl(jsonl_source, jpath);
+    const double jgb = static_cast<double>(fs::file_size(jpath)) / 1e9;
+    locus::trace::trace imported;
+    (void)locus::trace::import_jsonl(jpath); // page cache warm
+    const timing locus_s = best_of(2, [&] { imported = locus::trace::import_jsonl(jpath); });
+    if (imported.tokens() != jsonl_source.tokens() || imported.layers() != jsonl_source.layers() ||
+        imported.requests() != jsonl_source.requests())
+      throw std::runtime_error("JSONL import does not give back the trace it was written from");
+    for (std::size_t l = 0; l < imported.layers(); ++l)
+      if (!std::equal(imported.layer(l).ids(), imported.layer(l).ids() + imported.tokens() * imported.top_k(),
+                      jsonl_source.layer(l).ids()))
+        throw std::runtime_error("JSONL import gives other expert ids at layer " + std::to_string(l));
+    std::size_t base_records = 0;
+    const timing base_s = best_of(1, [&] { base_records = baseline_jsonl(jpath); });
+    if (base_records != records)
+      throw std::runtime_error("baseline JSONL reader read " + std::to_string(base_records) + " records of " +
+                               std::to_string(records));
+    std::fprintf(stderr, "JSONL: %.1f MB, %zu records: locus %.3f s, baseline %.3f s (wall)\n", jgb * 1e3, records,
+                 locus_s.wall, base_s.wall);
+    rows.push_back({"route JSONL import (" + std::to_string(records) + " records, " +
+                        std::to_string(static_cast<std::size_t>(jgb * 1e3)) + " MB)",
+                    "GB/s", locus_s, base_s, jgb, ""});
+  }
+
+  // 3. Binary write + read of a ~gb GB synthetic trace.
   const std::size_t layers = 32;
   const auto tokens = static_cast<std::size_t>(gb * 1e9 / (layers * 8.0 * 6.0));
   std::fprintf(stderr, "building a synthetic trace: %zu tokens x %zu layers x top-8...\n", tokens, layers);
@@ -277,10 +379,12 @@ int main(int argc, char** argv) try {
   fs::create_directories(out_dir);
   std::ofstream(out_dir + "/trace_io.json") << doc.dump(1) << '\n';
   std::ofstream(out_dir + "/trace_io.md")
-      << "# Trace I/O throughput\n\nProduced by `build/dev/bench/trace_io --out docs/results` (RelWithDebInfo, one "
+      << "# Trace I/O throughput\n\nProduced by `build/dev/bench/trace_io --out docs/results` (Release, one "
          "core). The machine is shared and oversubscribed, so both the wall clock and the CPU time (user + system of the "
          "process) are given; each locus figure is the best of 2-3 runs, each baseline one run. Baselines, "
-         "measured in the same run: ESFT — a `std::ifstream` + `getline` + `operator>>` parser; binary — the same file "
+         "measured in the same run: ESFT — a `std::ifstream` + `getline` + `operator>>` parser; route JSONL (written "
+         "from the imported ESFT trace, one record per token and layer) — `getline` + a full nlohmann-json DOM parse "
+         "per line pulling the fields out, without the request assembly and checks locus does; binary — the same file "
          "written and read through `std::fstream` one value at a time per column, with no checksum or validation. "
          "The locus reader validates every id and weight and verifies the checksum while it reads. The binary "
          "figures are for a synthetic trace of "

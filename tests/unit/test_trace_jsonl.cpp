@@ -377,3 +377,68 @@ BOOST_AUTO_TEST_CASE(file_import_streams_across_chunks) {
   BOOST_TEST(calls >= 1u);
   BOOST_CHECK_THROW(trace::import_jsonl("/nonexistent/locus.jsonl", o), io_error);
 }
+
+namespace {
+using locus::trace::detail::trace::jsonl_fields;
+using locus::trace::detail::trace::jsonl_sax;
+
+bool same_fields(const jsonl_fields& a, const jsonl_fields& b) {
+  return a.req_kind == b.req_kind && a.req_number == b.req_number && a.req_text == b.req_text &&
+         a.has_token == b.has_token && a.has_layer == b.has_layer && a.has_ids == b.has_ids &&
+         a.has_weights == b.has_weights && a.has_step == b.has_step && a.has_phase == b.has_phase &&
+         a.has_domain == b.has_domain && a.has_type == b.has_type && a.token_idx == b.token_idx &&
+         a.layer == b.layer && a.step == b.step && a.ph == b.ph && a.domain == b.domain && a.type == b.type &&
+         a.ids == b.ids && a.weights == b.weights && a.meta_experts == b.meta_experts &&
+         a.meta_top_k == b.meta_top_k && a.error == b.error;
+}
+} // namespace
+
+// The fast lexer for flat records and nlohmann-json's SAX parser fill the same fields whenever
+// the lexer takes a line; on the lines route loggers write it must take them. Lines: typical
+// records, records with every odd value the schema allows, and random byte-level mutations.
+BOOST_AUTO_TEST_CASE(fast_lexer_agrees_with_nlohmann_json) {
+  std::vector<std::string> lines = {
+      R"({"req_id": 17, "token_idx": 3, "layer": 5, "topk_ids": [4, 9], "topk_weights": [0.6, 0.4], "phase": "decode", "step": 0, "domain": "code"})",
+      R"({"req_id":"a-b","token_idx":0,"layer":0,"topk_ids":[0,63],"topk_weights":[1e-3,2.5E+2],"phase":"prefill"})",
+      R"( { "type" : "meta" , "num_experts" : 64 , "top_k" : 6 } )",
+      R"({"req_id": null, "token_idx": 1, "layer": 2, "topk_ids": [], "topk_weights": [], "step": -4, "extra": [1, "x", null]})",
+      R"({"req_id": 1, "token_idx": 1, "layer": 1, "topk_ids": [1, 2], "topk_ids": [3], "topk_weights": [-0, -0.0, 0.1234567890123456789]})",
+      R"({"req_id": 1, "token_idx": 18446744073709551615, "layer": 1, "topk_ids": [1.5], "topk_weights": ["x"]})",
+      R"({"phase": "neither", "domain": 5, "layer": "2", "topk_ids": [[1]], "other": {"a": 1}})",
+      R"({})",
+  };
+  std::mt19937_64 rng(11);
+  const std::string alphabet = "{}[]\":,0123456789.-+eE nulltrue\\\t\x80";
+  const std::size_t seeds = lines.size();
+  for (std::size_t i = 0; i < 3000; ++i) {
+    std::string s = lines[rng() % seeds];
+    for (int m = 0, n = 1 + static_cast<int>(rng() % 3); m < n && !s.empty(); ++m) {
+      const std::size_t at = rng() % s.size();
+      switch (rng() % 3) {
+      case 0: s.erase(at, 1); break;
+      case 1: s.insert(at, 1, alphabet[rng() % alphabet.size()]); break;
+      default: s[at] = alphabet[rng() % alphabet.size()]; break;
+      }
+    }
+    lines.push_back(s);
+  }
+  std::size_t taken = 0;
+  for (std::size_t i = 0; i < lines.size(); ++i) {
+    jsonl_fields fast, slow;
+    bool fast_ok = false;
+    {
+      jsonl_sax sax(fast);
+      fast_ok = locus::trace::detail::trace::flat_record_lexer<jsonl_sax>(lines[i], sax).run();
+    }
+    jsonl_sax sax(slow);
+    const bool slow_ok = nlohmann::json::sax_parse(lines[i].begin(), lines[i].end(), &sax,
+                                                   nlohmann::json::input_format_t::json, true);
+    if (i < 5) BOOST_TEST(fast_ok, "the lexer must take line " << i << ": " << lines[i]);
+    if (!fast_ok) continue;
+    ++taken;
+    BOOST_TEST(slow_ok, "nlohmann-json rejects a line the lexer took: " << lines[i]);
+    BOOST_TEST(same_fields(fast, slow), "fields differ for: " << lines[i]);
+  }
+  BOOST_TEST_MESSAGE("lexer took " << taken << " of " << lines.size() << " lines");
+  BOOST_TEST(taken > lines.size() / 10); // the mutations must not make the test vacuous
+}

@@ -11,8 +11,11 @@
 //! example `{"type": "meta", "num_experts": 64, "top_k": 6}`) is not a route record: it is skipped,
 //! and a meta line may declare `num_experts` (or `experts`) and `top_k`. Blank lines are skipped.
 //!
-//! Lines are streamed from the file in large chunks and each one is parsed with nlohmann-json's SAX
-//! interface straight into compact columns (no JSON DOM per line). Requests are then assembled:
+//! Lines are streamed from the file in large chunks and each one is parsed straight into compact
+//! columns (no JSON DOM per line): by a small lexer for the flat objects route loggers write, which
+//! drives the same SAX handler as nlohmann-json does, and by nlohmann-json's SAX parser for any line
+//! that lexer does not take (string escapes, nesting, non-ASCII text, literals other than null,
+//! malformed JSON), so that every line means the same either way and errors read the same. Requests are then assembled:
 //! tokens sorted by `token_idx`, and every layer of a request must hold exactly the same tokens.
 //! Every bad record is reported as "file:line: what"; `jsonl_options::skip_bad` chooses between
 //! failing on the first one and skipping and counting them (requests left inconsistent by a
@@ -25,6 +28,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -215,30 +219,7 @@ public:
   }
   bool key(string_t& k) {
     if (depth_ != 1) return true;
-    if (k == "req_id")
-      field_ = field::req_id;
-    else if (k == "token_idx")
-      field_ = field::token_idx;
-    else if (k == "layer")
-      field_ = field::layer;
-    else if (k == "topk_ids")
-      field_ = field::ids;
-    else if (k == "topk_weights")
-      field_ = field::weights;
-    else if (k == "phase")
-      field_ = field::phase;
-    else if (k == "step")
-      field_ = field::step;
-    else if (k == "domain")
-      field_ = field::domain;
-    else if (k == "type")
-      field_ = field::type;
-    else if (k == "num_experts" || k == "experts")
-      field_ = field::meta_experts;
-    else if (k == "top_k")
-      field_ = field::meta_top_k;
-    else
-      field_ = field::other;
+    field_ = field_of(k);
     if (field_ == field::ids) {
       f_.ids.clear();
       f_.has_ids = false;
@@ -280,6 +261,22 @@ public:
 private:
   enum class field : std::uint8_t { other, req_id, token_idx, layer, ids, weights, phase, step, domain, type, meta_experts,
                                   meta_top_k };
+
+  // The field a top-level key names (by length first: this runs for every key of every line).
+  static field field_of(std::string_view k) {
+    switch (k.size()) {
+    case 4: return k == "step" ? field::step : k == "type" ? field::type : field::other;
+    case 5: return k == "layer" ? field::layer : k == "phase" ? field::phase : k == "top_k" ? field::meta_top_k
+                                                                                             : field::other;
+    case 6: return k == "req_id" ? field::req_id : k == "domain" ? field::domain : field::other;
+    case 7: return k == "experts" ? field::meta_experts : field::other;
+    case 8: return k == "topk_ids" ? field::ids : field::other;
+    case 9: return k == "token_idx" ? field::token_idx : field::other;
+    case 11: return k == "num_experts" ? field::meta_experts : field::other;
+    case 12: return k == "topk_weights" ? field::weights : field::other;
+    default: return field::other;
+    }
+  }
 
   void note(std::string what) {
     if (f_.error.empty()) f_.error = std::move(what);
@@ -340,6 +337,153 @@ private:
   field field_ = field::other;
 };
 
+//! Lexer for the common shape of a route record: one object whose values are numbers, strings
+//! without escapes, null, or arrays of those, with ASCII text. It calls `Sax` exactly as
+//! nlohmann::json::sax_parse would for such a line (numbers are converted the same way: integers
+//! exactly, fractions correctly rounded). It returns false as soon as the line leaves that shape,
+//! is malformed, or a callback declines; the caller then parses the line with nlohmann-json from
+//! scratch (after clearing what the handler collected).
+template <class Sax>
+class flat_record_lexer {
+public:
+  flat_record_lexer(std::string_view text, Sax& sax) : p_(text.data()), end_(text.data() + text.size()), sax_(sax) {}
+
+  bool run() {
+    ws();
+    if (!eat('{') || !sax_.start_object(std::size_t(-1))) return false;
+    ws();
+    if (!eat('}')) {
+      for (;;) {
+        std::string_view k;
+        if (!text(k)) return false;
+        key_.assign(k);
+        if (!sax_.key(key_)) return false;
+        ws();
+        if (!eat(':')) return false;
+        ws();
+        if (!value(true)) return false;
+        ws();
+        if (eat(',')) {
+          ws();
+          continue;
+        }
+        if (!eat('}')) return false;
+        break;
+      }
+    }
+    if (!sax_.end_object()) return false;
+    ws();
+    return p_ == end_;
+  }
+
+private:
+  void ws() {
+    while (p_ != end_ && (*p_ == ' ' || *p_ == '\t' || *p_ == '\n' || *p_ == '\r')) ++p_;
+  }
+  bool eat(char c) {
+    if (p_ == end_ || *p_ != c) return false;
+    ++p_;
+    return true;
+  }
+  // A string of printable ASCII without escapes (anything else goes to nlohmann-json).
+  bool text(std::string_view& out) {
+    if (!eat('"')) return false;
+    const char* begin = p_;
+    while (p_ != end_ && *p_ != '"') {
+      const auto c = static_cast<unsigned char>(*p_);
+      if (c < 0x20 || c >= 0x80 || c == '\\') return false;
+      ++p_;
+    }
+    if (p_ == end_) return false;
+    out = std::string_view(begin, static_cast<std::size_t>(p_ - begin));
+    ++p_;
+    return true;
+  }
+  bool value(bool array_allowed) {
+    if (p_ == end_) return false;
+    switch (*p_) {
+    case '"': {
+      std::string_view v;
+      if (!text(v)) return false;
+      str_.assign(v);
+      return sax_.string(str_);
+    }
+    case '[': {
+      if (!array_allowed) return false;
+      ++p_;
+      if (!sax_.start_array(std::size_t(-1))) return false;
+      ws();
+      if (!eat(']')) {
+        for (;;) {
+          if (!value(false)) return false;
+          ws();
+          if (eat(',')) {
+            ws();
+            continue;
+          }
+          if (!eat(']')) return false;
+          break;
+        }
+      }
+      return sax_.end_array();
+    }
+    case 'n':
+      if (end_ - p_ < 4 || std::string_view(p_, 4) != "null") return false;
+      p_ += 4;
+      return sax_.null();
+    default: return number();
+    }
+  }
+  // JSON number grammar: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
+  bool number() {
+    const char* begin = p_;
+    const bool negative = eat('-');
+    if (p_ == end_ || *p_ < '0' || *p_ > '9') return false;
+    if (*p_ == '0')
+      ++p_;
+    else
+      while (p_ != end_ && *p_ >= '0' && *p_ <= '9') ++p_;
+    bool fraction = false;
+    if (p_ != end_ && *p_ == '.') {
+      ++p_;
+      if (!digits()) return false;
+      fraction = true;
+    }
+    if (p_ != end_ && (*p_ == 'e' || *p_ == 'E')) {
+      ++p_;
+      if (p_ != end_ && (*p_ == '+' || *p_ == '-')) ++p_;
+      if (!digits()) return false;
+      fraction = true;
+    }
+    if (fraction) {
+      double v = 0;
+      const auto r = std::from_chars(begin, p_, v);
+      if (r.ec != std::errc() || r.ptr != p_ || !std::isfinite(v)) return false;
+      return sax_.number_float(v, no_text_);
+    }
+    if (negative) {
+      std::int64_t v = 0;
+      const auto r = std::from_chars(begin, p_, v);
+      if (r.ec != std::errc() || r.ptr != p_) return false;
+      return sax_.number_integer(v);
+    }
+    std::uint64_t v = 0;
+    const auto r = std::from_chars(begin, p_, v);
+    if (r.ec != std::errc() || r.ptr != p_) return false;
+    return sax_.number_unsigned(v);
+  }
+  bool digits() {
+    const char* begin = p_;
+    while (p_ != end_ && *p_ >= '0' && *p_ <= '9') ++p_;
+    return p_ != begin;
+  }
+
+  const char* p_;
+  const char* end_;
+  Sax& sax_;
+  std::string key_, str_, no_text_;
+};
+
 //! Accumulates records, then assembles the trace.
 class jsonl_importer {
 public:
@@ -355,9 +499,17 @@ public:
       return;
     }
     f_.clear();
-    jsonl_sax sax(f_);
-    const bool ok = nlohmann::json::sax_parse(text.begin(), text.end(), &sax, nlohmann::json::input_format_t::json,
-                                              /*strict=*/true);
+    bool ok = false;
+    {
+      jsonl_sax sax(f_);
+      ok = flat_record_lexer<jsonl_sax>(text, sax).run();
+    }
+    if (!ok) { // not the common shape, or not valid: nlohmann-json decides, from a clean slate
+      f_.clear();
+      jsonl_sax sax(f_);
+      ok = nlohmann::json::sax_parse(text.begin(), text.end(), &sax, nlohmann::json::input_format_t::json,
+                                     /*strict=*/true);
+    }
     if (!ok || !f_.error.empty()) {
       std::string what = f_.error.empty() ? "invalid JSON" : f_.error;
       if (what.find("invalid JSON") == 0 &&
