@@ -222,12 +222,21 @@ private:
   // Combine from the expert outputs (`sums` null) or from per-copy sums a fused compute made.
   void combine_from(std::span<T> y, const float* sums) {
     const bool size_ok = y.size() == tokens_ * hidden_;
-    acc_.assign(tokens_ * hidden_, 0.0f);
+    // Returned rows are summed per token in fp32: straight into y when it is fp32.
+    constexpr bool in_place = std::is_same_v<T, float>;
+    float* acc = nullptr;
+    if (in_place && size_ok) {
+      std::fill(y.begin(), y.end(), T{});
+      acc = reinterpret_cast<float*>(y.data());
+    } else {
+      acc_.assign(tokens_ * hidden_, 0.0f);
+      acc = acc_.data();
+    }
     if (!ex_->hierarchical()) {
       // The weighted partial sum of every received copy is what goes back.
       const auto rows = partial_rows(0, recv_a_.row_count(), send_a_, sums);
       ex_->exchange({exchange_group::world, combine_row_, rows, recv_a_.counts, {}}, back_a_);
-      add_back(back_a_, origins_a_, nullptr);
+      add_back(back_a_, origins_a_, acc, nullptr);
     } else {
       const std::size_t node_rows = recv_b_.row_count();
       const auto rows = partial_rows(0, node_rows, send_b_, sums);
@@ -240,7 +249,7 @@ private:
       }
       ex_->exchange({exchange_group::node, combine_row_, rows, recv_b_.counts, {}}, back_b_);
       forward_acc_.assign(recv_a_.row_count() * hidden_, 0.0f);
-      add_back(back_b_, origins_b_, forward_acc_.data());
+      add_back(back_b_, origins_b_, acc, forward_acc_.data());
       for (std::size_t i = 0; i < self_forward_.size(); ++i) {
         const float* p = self_sums + i * hidden_;
         float* a = forward_acc_.data() + std::size_t{self_forward_[i]} * hidden_;
@@ -249,12 +258,12 @@ private:
       }
       to_rows(forward_acc_.data(), recv_a_.row_count(), send_a_);
       ex_->exchange({exchange_group::rail, combine_row_, send_a_, recv_a_.counts, {}}, back_a_);
-      add_back(back_a_, origins_a_, nullptr);
+      add_back(back_a_, origins_a_, acc, nullptr);
     }
     LOCUS_REQUIRE(size_ok, invalid_input_error, "moe_dispatcher::combine: ", tokens_, " tokens need ",
                   tokens_ * hidden_, " output values, got ", y.size());
-    for (std::size_t i = 0; i < acc_.size(); ++i)
-      y[i] = static_cast<T>(acc_[i]);
+    if constexpr (!in_place)
+      for (std::size_t i = 0; i < acc_.size(); ++i) y[i] = static_cast<T>(acc_[i]);
   }
 
   // True when `dest` occurs among the first `j` choices of token t's destinations (mapped by f).
@@ -478,13 +487,13 @@ private:
   }
 
   // Adds returned rows (in the order of the matching send buffer) to tokens or forwarded rows.
-  void add_back(const exchange_result& back, const std::vector<detail::dispatch::origin>& origins, float* forward_acc) {
-    scratch_.resize(hidden_);
+  // Rows are read in place as T (written as T by the exchange; row offsets are multiples of the
+  // row width in a buffer aligned for any T).
+  void add_back(const exchange_result& back, const std::vector<detail::dispatch::origin>& origins, float* acc,
+                float* forward_acc) const {
     for (std::size_t s = 0; s < origins.size(); ++s) {
-      float* dst = (origins[s].forward ? forward_acc : acc_.data()) + std::size_t{origins[s].index} * hidden_;
-      // One copy of the row into typed scratch, then a plain (vectorisable) add.
-      std::memcpy(scratch_.data(), back.row(s), hidden_ * sizeof(T));
-      const T* v = scratch_.data();
+      float* dst = (origins[s].forward ? forward_acc : acc) + std::size_t{origins[s].index} * hidden_;
+      const T* v = reinterpret_cast<const T*>(back.row(s));
       for (std::size_t h = 0; h < hidden_; ++h) dst[h] += static_cast<float>(v[h]);
     }
   }
