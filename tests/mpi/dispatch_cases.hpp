@@ -122,33 +122,35 @@ inline double max_error(const std::vector<float>& y, const std::vector<double>& 
   return worst;
 }
 
-// Applies expert e := multiply by (e + 1) to each block of a dispatcher's received rows.
-template <class Dispatcher>
-void run_experts(Dispatcher& d) {
+// The test's experts: expert e multiplies its input by (e + 1). Calls f(row, h, value) for every
+// value of every expert row a dispatcher received.
+template <class Dispatcher, class F>
+void for_each_expert_value(const Dispatcher& d, F&& f) {
   const auto experts = d.local_experts();
   const auto offsets = d.expert_offsets();
-  auto out = d.expert_output();
-  const std::size_t hidden = d.hidden();
   for (std::size_t i = 0; i < experts.size(); ++i)
     for (std::size_t row = offsets[i]; row < offsets[i + 1]; ++row)
-      for (std::size_t h = 0; h < hidden; ++h)
-        out[row * hidden + h] = d.expert_input_row(row)[h] * static_cast<float>(experts[i] + 1);
+      for (std::size_t h = 0; h < d.hidden(); ++h)
+        f(row, h, d.expert_input_row(row)[h] * static_cast<float>(experts[i] + 1));
+}
+
+// Runs the experts into the dispatcher's output rows.
+template <class Dispatcher>
+void run_experts(Dispatcher& d) {
+  auto out = d.expert_output();
+  for_each_expert_value(d, [&](std::size_t row, std::size_t h, float v) { out[row * d.hidden() + h] = v; });
 }
 
 // The same experts with combine's weighted sum done here, as a fusing compute does: fills
 // copy_sums() (then combine_sums() returns them) and leaves the output rows alone.
 template <class Dispatcher>
 void run_experts_into_sums(Dispatcher& d) {
-  const auto experts = d.local_experts();
-  const auto offsets = d.expert_offsets();
   const auto copy = d.row_copies();
   const auto weight = d.row_weights();
   auto sums = d.copy_sums();
-  const std::size_t hidden = d.hidden();
-  for (std::size_t i = 0; i < experts.size(); ++i)
-    for (std::size_t row = offsets[i]; row < offsets[i + 1]; ++row)
-      for (std::size_t h = 0; h < hidden; ++h)
-        sums[copy[row] * hidden + h] += weight[row] * d.expert_input_row(row)[h] * static_cast<float>(experts[i] + 1);
+  for_each_expert_value(d, [&](std::size_t row, std::size_t h, float v) {
+    sums[copy[row] * d.hidden() + h] += weight[row] * v;
+  });
 }
 
 } // namespace locus_test

@@ -351,27 +351,17 @@ public:
   bool run() {
     ws();
     if (!eat('{') || !sax_.start_object(std::size_t(-1))) return false;
-    ws();
-    if (!eat('}')) {
-      for (;;) {
-        std::string_view k;
-        if (!text(k)) return false;
-        key_.assign(k);
-        if (!sax_.key(key_)) return false;
-        ws();
-        if (!eat(':')) return false;
-        ws();
-        if (!value(true)) return false;
-        ws();
-        if (eat(',')) {
-          ws();
-          continue;
-        }
-        if (!eat('}')) return false;
-        break;
-      }
-    }
-    if (!sax_.end_object()) return false;
+    const bool members = items('}', [&] {
+      std::string_view k;
+      if (!text(k)) return false;
+      key_.assign(k);
+      if (!sax_.key(key_)) return false;
+      ws();
+      if (!eat(':')) return false;
+      ws();
+      return value(true);
+    });
+    if (!members || !sax_.end_object()) return false;
     ws();
     return p_ == end_;
   }
@@ -384,6 +374,18 @@ private:
     if (p_ == end_ || *p_ != c) return false;
     ++p_;
     return true;
+  }
+  // Comma-separated items up to `close` (the opening bracket already read).
+  template <class Item>
+  bool items(char close, Item&& item) {
+    ws();
+    if (eat(close)) return true;
+    for (;;) {
+      if (!item()) return false;
+      ws();
+      if (!eat(',')) return eat(close);
+      ws();
+    }
   }
   // A string of printable ASCII without escapes (anything else goes to nlohmann-json).
   bool text(std::string_view& out) {
@@ -412,20 +414,7 @@ private:
       if (!array_allowed) return false;
       ++p_;
       if (!sax_.start_array(std::size_t(-1))) return false;
-      ws();
-      if (!eat(']')) {
-        for (;;) {
-          if (!value(false)) return false;
-          ws();
-          if (eat(',')) {
-            ws();
-            continue;
-          }
-          if (!eat(']')) return false;
-          break;
-        }
-      }
-      return sax_.end_array();
+      return items(']', [&] { return value(false); }) && sax_.end_array();
     }
     case 'n':
       if (end_ - p_ < 4 || std::string_view(p_, 4) != "null") return false;
