@@ -292,3 +292,40 @@ BOOST_AUTO_TEST_CASE(combine_sums_without_copy_sums_raises_without_hanging_the_o
   for (std::size_t r : {0u, 2u, 3u})
     BOOST_TEST(!errors[r]);
 }
+
+// A rank whose routing is bad raises from dispatch, but still serves what its peers sent: after it
+// computes and combines (with no tokens of its own), every other rank's outputs are exact.
+BOOST_AUTO_TEST_CASE(a_rank_with_bad_input_still_serves_its_peers) {
+  const auto c = locus_test::make_case(13, 2, 2);
+  for (bool hier : {false, true}) {
+    local_fabric f(c.topo, hier, exchange_options{std::chrono::milliseconds(5000)});
+    std::vector<double> errors(c.topo.ranks(), 1.0);
+    const auto raised_by = run_ranks(f, [&](local_transport& ep) {
+      const std::size_t me = ep.rank();
+      moe_dispatcher<local_transport, float> d(ep, c.map, c.hidden, c.k);
+      auto routing = c.routings[me];
+      const auto x = c.inputs(me);
+      std::vector<float> y(x.size());
+      bool failed = false;
+      if (me == 2 && routing.view().tokens() > 0) routing.view().expert(0, 0) = static_cast<expert_id>(c.experts);
+      try {
+        d.dispatch(std::span<const float>(x), routing.view());
+      } catch (const invalid_input_error&) {
+        failed = true;
+      }
+      locus_test::run_experts(d);
+      if (failed) {
+        d.combine(std::span<float>{}); // no tokens of its own this step
+        throw invalid_input_error("rank 2 failed as planned", __FILE__, __LINE__);
+      }
+      d.combine(y);
+      errors[me] = locus_test::max_error(y, c.reference(me));
+    });
+    BOOST_REQUIRE(c.routings[2].view().tokens() > 0);
+    BOOST_TEST(raised<invalid_input_error>(raised_by[2]));
+    for (std::size_t r : {0u, 1u, 3u}) {
+      BOOST_TEST(!raised_by[r]);
+      BOOST_TEST(errors[r] < 1e-5, "rank " << r << " hierarchical " << hier << ": error " << errors[r]);
+    }
+  }
+}

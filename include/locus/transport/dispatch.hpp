@@ -114,6 +114,8 @@ public:
   //! @param x tokens × hidden inputs of this rank's tokens, token-major
   //! @param r this rank's routing (same token count)
   //! @throws locus::invalid_input_error naming the token with a bad expert id, or on a size mismatch
+  //!         (after the exchanges, with what peers sent already ordered: a combine that follows,
+  //!         with no tokens of this rank's own, returns their sums)
   template <class TopK, class Id, class Weight>
   void dispatch(std::span<const T> x, const routing_view<TopK, Id, Weight, memory_space::host>& r) {
     const std::size_t tokens = r.tokens();
@@ -158,8 +160,10 @@ public:
       for (std::uint32_t i : self_forward_)
         copies_.push_back(recv_a_.row(i));
     }
-    if (!problem.empty()) LOCUS_THROW(invalid_input_error, problem);
+    // The rows peers sent are valid whatever this rank's input was: order them, so that a combine
+    // after a failed dispatch still returns the peers' sums.
     gather();
+    if (!problem.empty()) LOCUS_THROW(invalid_input_error, problem);
   }
 
   //! The experts hosted on this rank (ascending), one token block each.
