@@ -2,7 +2,8 @@
 // same bytes, and what do node dedup (hierarchical) and a locality placement save?
 //
 //   mpirun -np 8 build/dev/bench/exchange [--gpus-per-node 2] [--tokens 256] [--hidden 1024]
-//          [--experts 64] [--top-k 8] [--steps 12] [--json exchange.json] [--markdown exchange.md]
+//          [--experts 64] [--top-k 8] [--steps 12] [--input fused,rows,copied] [--json exchange.json]
+//          [--markdown exchange.md]
 //
 // For every (placement, transport) pair, each step runs locus's dispatch and combine (layout:
 // replica choice and destination plan, permutation into the send buffer, header round, exchange,
@@ -37,6 +38,7 @@ struct options {
   std::size_t gpus_per_node = 2, tokens = 256, hidden = 1024, experts = 64, k = 8, steps = 12, warmup = 2;
   double locality = 0.7;
   std::string json = "exchange.json", markdown;
+  std::vector<std::string> inputs{"fused", "rows", "copied"};
 };
 
 // Records every exchange a dispatcher makes, so the raw collective can replay the same counts.
@@ -189,6 +191,17 @@ int main(int argc, char** argv) {
         o.json = next();
       else if (a == "--markdown")
         o.markdown = next();
+      else if (a == "--input") { // e.g. --input fused,copied
+        o.inputs.clear();
+        std::string list = next();
+        for (std::size_t at = 0; at <= list.size();) {
+          const std::size_t comma = std::min(list.find(',', at), list.size());
+          o.inputs.push_back(list.substr(at, comma - at));
+          LOCUS_REQUIRE(o.inputs.back() == "fused" || o.inputs.back() == "rows" || o.inputs.back() == "copied",
+                        config_error, "exchange: --input takes fused, rows and copied, got ", o.inputs.back());
+          at = comma + 1;
+        }
+      }
       else
         LOCUS_THROW(config_error, "exchange: unknown option ", a);
     }
@@ -218,7 +231,7 @@ int main(int argc, char** argv) {
     for (const std::string placement_name : {"linear", "locality"}) {
       const expert_map map = placement::plan_by_name(placement_name, in).at(0);
       for (bool hier : {false, true})
-      for (const std::string input : {"fused", "rows", "copied"}) {
+      for (const std::string& input : o.inputs) {
         mpi_transport t(MPI_COMM_WORLD, topo, hier, exchange_options{std::chrono::seconds(120)});
         recording_exchanger rec(t);
         moe_dispatcher<recording_exchanger, float> d(rec, map, o.hidden, o.k);
