@@ -4,6 +4,7 @@
 // run (linear placement, round-robin grouping, flat transport, same topology).
 //
 //   comm_volume [--trace DIR_OR_FILE] [--out DIR] [--split-seed S] [--prefill-tokens P]
+//               [--anneal N] [--plan-per-transport 0|1] (and the planner knobs read below)
 // Writes DIR/comm_volume.json and DIR/comm_volume.md; bench/plot_comm_volume.py draws the PNG.
 #include <locus/cost/simulation_json.hpp>
 #include <locus/grouper/by_name.hpp>
@@ -27,6 +28,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -126,6 +128,21 @@ int main(int argc, char** argv) try {
   popt.refine_sample_pairs = std::stoul(arg_value(argc, argv, "--refine-pairs", "24576"));
   popt.refine.candidates = std::stoul(arg_value(argc, argv, "--refine-candidates", "3"));
   popt.refine.max_sweeps = std::stoul(arg_value(argc, argv, "--refine-sweeps", "6"));
+  popt.refine.anneal_per_expert = std::stoul(arg_value(argc, argv, "--anneal", "300"));
+  popt.refine.anneal_temperature = std::stod(arg_value(argc, argv, "--anneal-temperature", "0.3"));
+  // The locality planner is told the transport it plans for: its token-level stage then counts
+  // only the copies that transport sends (flat: per remote GPU, hierarchical: per remote node).
+  // With 0, one plan serves both transports and counts both kinds of copies.
+  const bool per_transport = arg_value(argc, argv, "--plan-per-transport", "1") == "1";
+  const auto options_for = [&](const std::string& placement, transport_kind transport) {
+    auto o = popt;
+    if (placement == "locality" && per_transport)
+      (transport == transport_kind::flat ? o.refine.node_copy_weight : o.refine.rank_copy_weight) = 0;
+    return o;
+  };
+  const auto plan_transport = [&](const std::string& placement, transport_kind transport) {
+    return placement == "locality" && per_transport ? static_cast<int>(transport) : -1;
+  };
 
   nlohmann::json doc = {{"trace", trace_path},       {"split_seed", seed},
                         {"prefill_tokens", prefill}, {"hidden", hidden},
@@ -144,19 +161,22 @@ int main(int argc, char** argv) try {
     cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(hidden);
     cfg.batch_per_rank = 16;
     cfg.seed = seed;
-    std::map<std::pair<std::string, std::size_t>, planned> plans;
-    for (const auto& [placement, redundant] : placements) {
-      auto p = locus::placement::plan_activation_aware(train, topo, placement, redundant, popt);
-      if (placement == "locality") std::fprintf(stderr, "joint local fraction %s %zu: %.3f\n", placement.c_str(), redundant, p.local_fraction);
-      plans[{placement, redundant}] = {std::move(p.maps), std::move(p.model)};
-    }
+    std::map<std::tuple<std::string, std::size_t, int>, planned> plans; // (placement, redundant, transport or -1)
+    for (const auto& [placement, redundant] : placements)
+      for (auto transport : {transport_kind::flat, transport_kind::hierarchical}) {
+        const auto key = std::make_tuple(placement, redundant, plan_transport(placement, transport));
+        if (plans.count(key)) continue;
+        auto p = locus::placement::plan_activation_aware(train, topo, placement, redundant,
+                                                         options_for(placement, transport));
+        plans[key] = {std::move(p.maps), std::move(p.model)};
+      }
     if (tc.nodes == 4 && tc.gpus == 2)
-      accuracy = domain_accuracy(*plans.at({"activation_usage", 0}).model, train, test, prefill);
+      accuracy = domain_accuracy(*plans.at({"activation_usage", 0, -1}).model, train, test, prefill);
     locus::cost::simulation_result baseline;
     for (std::size_t i = 0; i < rows.size(); ++i) {
       const row_config& row = rows[i];
       cfg.transport = row.transport;
-      const planned& p = plans.at({row.placement, row.redundant});
+      const planned& p = plans.at({row.placement, row.redundant, plan_transport(row.placement, row.transport)});
       auto grouper = locus::grouper::grouper_by_name(row.grouper, p.model);
       const auto res = locus::cost::simulate_decode(test, p.maps, grouper, cfg);
       if (i == 0) baseline = res; // linear / round_robin / flat
@@ -218,7 +238,8 @@ int main(int argc, char** argv) try {
     for (std::size_t i = 0; i < srows.size(); ++i) {
       const row_config& row = srows[i];
       cfg.transport = row.transport;
-      auto p = locus::placement::plan_activation_aware(strain, topo, row.placement, row.redundant, popt);
+      auto p = locus::placement::plan_activation_aware(strain, topo, row.placement, row.redundant,
+                                                       options_for(row.placement, row.transport));
       auto grouper = locus::grouper::grouper_by_name(row.grouper, p.model);
       const auto res = locus::cost::simulate_decode(stest, p.maps, grouper, cfg);
       if (i == 0) baseline = res;
@@ -344,7 +365,12 @@ int main(int argc, char** argv) try {
       << "first " << prefill << " tokens of each request, decode = the rest; FP8 dispatch / BF16 combine of hidden "
       << hidden << "; 16 running requests per GPU. \"vs baseline\" divides by linear / round_robin / flat in the same "
          "topology, measured in the same run. GPU max/mean (aggregate) is per layer over the whole run, averaged over "
-         "layers. Time is the alpha-beta model's, not a measurement. The 8x8 synthetic rows (256 experts, top-8, "
+         "layers. Time is the alpha-beta model's, not a measurement. "
+      << (per_transport ? "`locality` is planned for the transport of its row (the token-level stage counts the copies "
+                          "that transport sends)"
+                        : "`locality` is planned once for both transports")
+      << ", with " << popt.refine.anneal_per_expert
+      << " annealing proposals per expert after the token-level sweeps. The 8x8 synthetic rows (256 experts, top-8, "
          "the synthesizer fitted to this trace and rescaled; ESFT's 26 layers kept) appear when "
          "locus/trace/synthesizer.hpp is present. Plot: `/usr/bin/python3 bench/plot_comm_volume.py "
          "docs/results`.\n\n## Targets (issue 5)\n\n"

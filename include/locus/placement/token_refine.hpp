@@ -19,15 +19,20 @@
 //! O(sample pairs × candidates + experts²). Replicated experts stay where they are; a token's copy
 //! for one of them goes to the copy on its node when there is one, or else to one of the copies
 //! chosen by token index (the replica selector spreads remote copies).
+//! With token_refine_options::anneal_per_expert, simulated annealing over random swaps (exact cost
+//! change by one merge of the two experts' token lists) then starts from the sweeps' optimum,
+//! keeps the best state it sees, and the sweeps run once more.
 //! `add_replicas_by_tokens` fills empty slots the same way: greedily the replica that saves the
 //! most copies of the sample (lazy re-evaluation), under the same load bound.
 //! Deterministic: fixed orders, ties to the lower index.
 
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
+#include <locus/core/random.hpp>
 #include <locus/core/topology.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <numeric>
@@ -72,6 +77,16 @@ struct token_refine_options {
   std::size_t max_sweeps = 6;    //!< sweeps over the experts at most
   std::size_t candidates = 3;    //!< swap partners evaluated exactly per expert and sweep
   double min_sweep_gain = 0.005; //!< stop when a sweep saves less than this share of the cost
+  //! Simulated-annealing swap proposals per movable expert and layer after the sweeps (0: none).
+  //! The sweeps only take improving swaps and stop in the first local optimum the balance bound
+  //! leaves them; annealing from there also takes some worsening swaps early on, keeps the best
+  //! state it sees (so it never ends worse), and the sweeps run again on its result. Time grows
+  //! linearly with it: each proposal costs O(tokens of both experts × top-k).
+  std::size_t anneal_per_expert = 0;
+  //! Start temperature, as a share of the mean cost rise of a random balanced swap; it falls
+  //! linearly to zero over the proposals.
+  double anneal_temperature = 0.3;
+  std::uint64_t anneal_seed = 1; //!< proposals are drawn from splitmix64(seed, layer)
 };
 
 //! What one layer's refinement did, in the sample's cost units.
@@ -79,6 +94,8 @@ struct token_refine_report {
   double cost_before = 0;
   double cost_after = 0;
   std::size_t swaps = 0;
+  double cost_swept = 0;           //!< cost after the first sweeps, before annealing
+  std::size_t anneal_accepted = 0; //!< annealing swaps taken (before the best state was restored)
 };
 
 namespace detail::token_refine {
@@ -263,6 +280,64 @@ public:
     return swaps;
   }
 
+  //! Simulated annealing over swaps of two movable experts on different ranks under the balance
+  //! bound: `proposals` random pairs, each taken when it lowers the cost, or with probability
+  //! exp(-rise / T) when it does not (so neutral swaps only while T > 0), T falling linearly from
+  //! `temperature` × the mean rise of random swaps to zero. Ends in the best state seen. Returns
+  //! the swaps taken.
+  std::size_t anneal(std::size_t proposals, double temperature, std::uint64_t seed) {
+    std::vector<std::uint32_t> movable;
+    for (std::size_t e = 0; e < rank_of_.size(); ++e)
+      if (rank_of_[e] >= 0) movable.push_back(static_cast<std::uint32_t>(e));
+    if (movable.size() < 2 || proposals == 0) return 0;
+    splitmix64 g(seed);
+    const auto draw = [&](std::size_t& e, std::size_t& f) {
+      e = movable[g.below(movable.size())];
+      f = movable[g.below(movable.size())];
+      return rank_of_[e] != rank_of_[f] && balanced(e, f);
+    };
+    // Temperature scale: the mean rise of random balanced swaps from the starting state.
+    double rise = 0;
+    std::size_t rises = 0;
+    for (std::size_t i = 0, e, f; i < 4 * movable.size(); ++i)
+      if (draw(e, f))
+        if (const double d = swap_delta(e, f); d > 0) {
+          rise += d;
+          ++rises;
+        }
+    // No rise seen (few balanced swaps): a plain descent over random swaps.
+    const double t0 = rises == 0 ? 0.0 : temperature * rise / static_cast<double>(rises);
+    double cost = total_cost(), best = cost;
+    std::vector<std::int32_t> best_rank = rank_of_, best_slot = slot_of_;
+    std::vector<double> best_load = load_;
+    std::vector<std::uint8_t> dirty(rank_of_.size(), 0); // apply_swap's bookkeeping; unused here
+    std::size_t taken = 0;
+    for (std::size_t i = 0, e, f; i < proposals; ++i) {
+      if (!draw(e, f)) continue;
+      const double d = swap_delta(e, f);
+      const double temp = t0 * (1.0 - static_cast<double>(i) / static_cast<double>(proposals));
+      if (d > -1e-9 && (temp <= 0 || g.uniform() >= std::exp(-d / temp))) continue;
+      apply_swap(e, f, dirty);
+      cost += d;
+      ++taken;
+      if (cost < best - 1e-9) {
+        best = cost;
+        best_rank = rank_of_;
+        best_slot = slot_of_;
+        best_load = load_;
+      }
+    }
+    if (best_rank != rank_of_) { // move every expert back to where the best state had it
+      for (std::size_t e = 0; e < rank_of_.size(); ++e)
+        if (rank_of_[e] >= 0 && rank_of_[e] != best_rank[e])
+          for (const auto t : tok_of_[e]) move_pairs(t, e, best_rank[e]);
+      rank_of_ = std::move(best_rank);
+      slot_of_ = std::move(best_slot);
+      load_ = std::move(best_load);
+    }
+    return taken;
+  }
+
   //! The slot table with the refined positions.
   expert_map to_map(const expert_map& original) const {
     const std::size_t spr = original.slots_per_rank();
@@ -298,6 +373,27 @@ private:
     if (np != nq) {
       if (cnp == 1 && np != h) d -= opt_.node_copy_weight;
       if (cnq == 0 && nq != h) d += opt_.node_copy_weight;
+    }
+    return d;
+  }
+
+  //! Exact cost change of swapping e and f (on different ranks): a token that uses one of them
+  //! sees that one move, a token that uses both keeps its ranks. Both token lists ascend, so one
+  //! merge finds the tokens they share.
+  double swap_delta(std::size_t e, std::size_t f) const {
+    const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
+    const auto &te = tok_of_[e], &tf = tok_of_[f];
+    double d = 0;
+    std::size_t i = 0, j = 0;
+    while (i < te.size() || j < tf.size()) {
+      if (j == tf.size() || (i < te.size() && te[i] < tf[j])) {
+        d += move_delta(te[i++], a, b);
+      } else if (i == te.size() || tf[j] < te[i]) {
+        d += move_delta(tf[j++], b, a);
+      } else {
+        ++i;
+        ++j;
+      }
     }
     return d;
   }
@@ -340,6 +436,7 @@ private:
       if (n != na) g += leave_node - wn * (m - home_count_[n] - occ_node_[n]);
       gain[r] = g;
     }
+    gain[a] = 0.0; // staying put changes nothing (the formula above does not hold for r = a)
   }
 
   bool balanced(std::size_t e, std::size_t f) const {
@@ -611,10 +708,18 @@ expert_map refine_layer(const expert_map& map, const token_sample& sample, std::
   LOCUS_REQUIRE(map.ranks() < 65535, config_error, "refine_by_tokens: ", map.ranks(), " ranks (at most 65,534)");
   LOCUS_REQUIRE(opt.balance_slack >= 0 && opt.rank_copy_weight >= 0 && opt.node_copy_weight >= 0, config_error,
                 "refine_by_tokens: negative slack or copy weight");
+  LOCUS_REQUIRE(opt.anneal_temperature >= 0, config_error, "refine_by_tokens: negative anneal temperature ",
+                opt.anneal_temperature);
   layer_state<Topology> s(map, sample.ids[layer], sample.home, sample.top_k, topo, opt);
   token_refine_report rep;
   rep.cost_before = s.total_cost();
   rep.swaps = s.refine();
+  rep.cost_swept = s.total_cost();
+  if (opt.anneal_per_expert > 0) { // from the sweeps' optimum; it ends no worse than it started
+    rep.anneal_accepted = s.anneal(opt.anneal_per_expert * map.experts(), opt.anneal_temperature,
+                                   opt.anneal_seed ^ (0x9e3779b97f4a7c15ull * (layer + 1)));
+    rep.swaps += s.refine();
+  }
   rep.cost_after = s.total_cost();
   if (report) *report = rep;
   return s.to_map(map);

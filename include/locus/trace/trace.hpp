@@ -12,6 +12,7 @@
 #include <locus/core/config.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/extents.hpp>
+#include <locus/core/random.hpp>
 #include <locus/core/routing.hpp>
 
 #include <algorithm>
@@ -435,25 +436,7 @@ inline trace trace::select_positions(std::size_t first, std::size_t count) const
 }
 
 namespace detail {
-//! splitmix64: a tiny, well-mixed generator so that splits and synthetic traces are identical on
-//! every platform (std:: distributions are not specified bit-for-bit).
-struct splitmix64 {
-  std::uint64_t state;
-  explicit constexpr splitmix64(std::uint64_t seed) noexcept : state(seed) {}
-  constexpr std::uint64_t next() noexcept {
-    std::uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  //! Uniform double in [0, 1).
-  constexpr double uniform() noexcept { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
-  //! Uniform integer in [0, n), 0 < n < 2^53 (the bias of scaling a 53-bit fraction is negligible).
-  constexpr std::uint64_t below(std::uint64_t n) noexcept {
-    const auto v = static_cast<std::uint64_t>(uniform() * static_cast<double>(n));
-    return v < n ? v : n - 1;
-  }
-};
+using locus::splitmix64; // the generator lives in core (the planner anneals with it too)
 } // namespace detail
 
 //! Deterministic train/test split by request: each request goes to the test side with
