@@ -130,6 +130,8 @@ int main(int argc, char** argv) try {
   popt.refine.max_sweeps = std::stoul(arg_value(argc, argv, "--refine-sweeps", "6"));
   popt.refine.anneal_per_expert = std::stoul(arg_value(argc, argv, "--anneal", "300"));
   popt.refine.anneal_temperature = std::stod(arg_value(argc, argv, "--anneal-temperature", "0.3"));
+  popt.refine.balance_shift = std::stod(arg_value(argc, argv, "--balance-shift", "0"));
+  popt.refine.shift_slack = std::stod(arg_value(argc, argv, "--shift-slack", "0.10"));
   // The locality planner is told the transport it plans for: its token-level stage then counts
   // only the copies that transport sends (flat: per remote GPU, hierarchical: per remote node).
   // With 0, one plan serves both transports and counts both kinds of copies.

@@ -87,6 +87,14 @@ struct token_refine_options {
   //! linearly to zero over the proposals.
   double anneal_temperature = 0.3;
   std::uint64_t anneal_seed = 1; //!< proposals are drawn from splitmix64(seed, layer)
+  //! Balance under a shifted request mix (0: off). Each node's tokens in turn grow by this share
+  //! (its requests become more common than in the sample); under each such mix every rank's load
+  //! must also stay within (1 + shift_slack) × that mix's mean, or no worse than before. A map
+  //! that starts above one of these bounds is first repaired by the swaps that lower the worst
+  //! excess at the least copy cost. Costs bytes; keeps a plan fitted on one mix balanced on
+  //! another.
+  double balance_shift = 0;
+  double shift_slack = 0.10; //!< the bound under a shifted mix
 };
 
 //! What one layer's refinement did, in the sample's cost units.
@@ -96,6 +104,7 @@ struct token_refine_report {
   std::size_t swaps = 0;
   double cost_swept = 0;           //!< cost after the first sweeps, before annealing
   std::size_t anneal_accepted = 0; //!< annealing swaps taken (before the best state was restored)
+  std::size_t repair_swaps = 0;    //!< swaps made to bring shifted-mix loads within their bounds
 };
 
 namespace detail::token_refine {
@@ -123,6 +132,40 @@ public:
 private:
   std::vector<std::uint32_t> mark_;
   std::uint32_t stamp_ = 1;
+};
+
+//! Rank loads under shifted request mixes (token_refine_options::balance_shift): mix s adds
+//! `shift` × the pairs of the tokens homed on node s to the sample's loads.
+struct shifted_loads {
+  double shift = 0;
+  std::size_t ranks = 0, nodes = 0;
+  std::vector<double> pairs; //!< nodes × ranks: pairs of tokens homed on node s that rank r serves
+  std::vector<double> cap;   //!< per mix s
+
+  bool on() const noexcept { return shift > 0; }
+  void reset(double shift_, std::size_t nodes_, std::size_t ranks_) {
+    shift = shift_;
+    nodes = nodes_;
+    ranks = ranks_;
+    pairs.assign(on() ? nodes * ranks : 0, 0.0);
+  }
+  void count(std::size_t home, std::size_t rank, double w) {
+    if (on()) pairs[home * ranks + rank] += w;
+  }
+  //! Bounds from the sample's loads `load` (call once every pair is counted).
+  void set_caps(const std::vector<double>& load, double slack) {
+    cap.assign(on() ? nodes : 0, 0.0);
+    double total = 0;
+    for (double x : load) total += x;
+    for (std::size_t s = 0; s < cap.size(); ++s) {
+      double extra = 0;
+      for (std::size_t r = 0; r < ranks; ++r) extra += pairs[s * ranks + r];
+      cap[s] = (1.0 + slack) * (total + shift * extra) / static_cast<double>(ranks);
+    }
+  }
+  double at(const std::vector<double>& load, std::size_t s, std::size_t r) const {
+    return load[r] + shift * pairs[s * ranks + r];
+  }
 };
 
 //! Copy cost of one token on node `home` whose pairs are served by the ranks `rank_of(j)`
@@ -206,6 +249,15 @@ public:
       if (r >= 0) tr_[i] = pack(static_cast<std::size_t>(r));
     }
     fixed_.clear();
+    shifted_.reset(opt_.balance_shift, nodes_, ranks_);
+    if (shifted_.on()) {
+      for (std::size_t i = 0; i < tokens_ * k_; ++i)
+        if (tr_[i] != none) shifted_.count(home_[i / k_], tr_[i] & 0xFFFFu, 1.0);
+      shifted_.set_caps(load_, opt_.shift_slack);
+      home_count_of_.assign(experts * nodes_, 0.0);
+      for (std::size_t e = 0; e < experts; ++e)
+        for (const auto t : tok_of_[e]) home_count_of_[e * nodes_ + home_[t]] += 1;
+    }
     tokens_seen_.reset(tokens_);
     ranks_seen_.reset(ranks_);
     nodes_seen_.reset(nodes_);
@@ -309,7 +361,7 @@ public:
     const double t0 = rises == 0 ? 0.0 : temperature * rise / static_cast<double>(rises);
     double cost = total_cost(), best = cost;
     std::vector<std::int32_t> best_rank = rank_of_, best_slot = slot_of_;
-    std::vector<double> best_load = load_;
+    std::vector<double> best_load = load_, best_shifted = shifted_.pairs;
     std::vector<std::uint8_t> dirty(rank_of_.size(), 0); // apply_swap's bookkeeping; unused here
     std::size_t taken = 0;
     for (std::size_t i = 0, e, f; i < proposals; ++i) {
@@ -325,6 +377,7 @@ public:
         best_rank = rank_of_;
         best_slot = slot_of_;
         best_load = load_;
+        best_shifted = shifted_.pairs;
       }
     }
     if (best_rank != rank_of_) { // move every expert back to where the best state had it
@@ -334,8 +387,53 @@ public:
       rank_of_ = std::move(best_rank);
       slot_of_ = std::move(best_slot);
       load_ = std::move(best_load);
+      shifted_.pairs = std::move(best_shifted);
     }
     return taken;
+  }
+
+  //! With token_refine_options::balance_shift: while some rank is above a shifted-mix bound, the
+  //! swap of one of its experts that brings both ranks it touches below the current worst excess
+  //! at the least copy cost. Stops when every bound holds or no swap helps. Returns the swaps.
+  std::size_t repair() {
+    if (!shifted_.on()) return 0;
+    std::size_t made = 0;
+    std::vector<std::uint8_t> dirty(rank_of_.size(), 0);
+    for (std::size_t round = 0; round < 4 * rank_of_.size(); ++round) {
+      double worst = 1.0 + 1e-9;
+      std::size_t over = ranks_;
+      for (std::size_t s = 0; s < nodes_; ++s)
+        for (std::size_t r = 0; r < ranks_; ++r)
+          if (const double x = shifted_.at(load_, s, r) / shifted_.cap[s]; x > worst) {
+            worst = x;
+            over = r;
+          }
+      if (over == ranks_) break;
+      double best = 0;
+      std::size_t be = 0, bf = 0;
+      bool found = false;
+      for (std::size_t e = 0; e < rank_of_.size(); ++e) {
+        if (rank_of_[e] != static_cast<std::int32_t>(over)) continue;
+        for (std::size_t f = 0; f < rank_of_.size(); ++f) {
+          if (rank_of_[f] < 0 || rank_of_[f] == rank_of_[e]) continue;
+          const auto a = over, b = static_cast<std::size_t>(rank_of_[f]);
+          const double wd = static_cast<double>(tok_of_[f].size()) - static_cast<double>(tok_of_[e].size());
+          if (std::max(load_[a] + wd, load_[b] - wd) > std::max(cap_, std::max(load_[a], load_[b])) + 1e-9) continue;
+          if (shifted_excess_after(e, f) >= worst - 1e-9) continue;
+          const double d = swap_delta(e, f);
+          if (!found || d < best) {
+            best = d;
+            be = e;
+            bf = f;
+            found = true;
+          }
+        }
+      }
+      if (!found) break;
+      apply_swap(be, bf, dirty);
+      ++made;
+    }
+    return made;
   }
 
   //! The slot table with the refined positions.
@@ -443,7 +541,26 @@ private:
     const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
     const double we = static_cast<double>(tok_of_[e].size()), wf = static_cast<double>(tok_of_[f].size());
     const double na = load_[a] - we + wf, nb = load_[b] - wf + we;
-    return std::max(na, nb) <= std::max(cap_, std::max(load_[a], load_[b])) + 1e-9;
+    if (std::max(na, nb) > std::max(cap_, std::max(load_[a], load_[b])) + 1e-9) return false;
+    for (std::size_t s = 0; s < shifted_.cap.size(); ++s) {
+      const double oa = shifted_.at(load_, s, a), ob = shifted_.at(load_, s, b);
+      const double d = wf - we + shifted_.shift * (home_count_of_[f * nodes_ + s] - home_count_of_[e * nodes_ + s]);
+      if (std::max(oa + d, ob - d) > std::max(shifted_.cap[s], std::max(oa, ob)) + 1e-9) return false;
+    }
+    return true;
+  }
+
+  //! The worst shifted-mix load over its bound after swapping e and f (ranks of e and f only).
+  double shifted_excess_after(std::size_t e, std::size_t f) const {
+    const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
+    const double wd = static_cast<double>(tok_of_[f].size()) - static_cast<double>(tok_of_[e].size());
+    double worst = 0;
+    for (std::size_t s = 0; s < shifted_.cap.size(); ++s) {
+      const double d = wd + shifted_.shift * (home_count_of_[f * nodes_ + s] - home_count_of_[e * nodes_ + s]);
+      worst = std::max({worst, (shifted_.at(load_, s, a) + d) / shifted_.cap[s],
+                        (shifted_.at(load_, s, b) - d) / shifted_.cap[s]});
+    }
+    return worst;
   }
 
   //! Exact cost saved by swapping e and f, from e's fresh move-gain row: a token that uses only e
@@ -474,6 +591,12 @@ private:
     const double we = static_cast<double>(tok_of_[e].size()), wf = static_cast<double>(tok_of_[f].size());
     load_[a] += wf - we;
     load_[b] += we - wf;
+    if (shifted_.on())
+      for (std::size_t s = 0; s < nodes_; ++s) {
+        const double d = home_count_of_[f * nodes_ + s] - home_count_of_[e * nodes_ + s];
+        shifted_.pairs[s * ranks_ + a] += d;
+        shifted_.pairs[s * ranks_ + b] -= d;
+      }
     std::swap(rank_of_[e], rank_of_[f]);
     std::swap(slot_of_[e], slot_of_[f]);
   }
@@ -487,6 +610,8 @@ private:
   std::vector<std::vector<std::uint32_t>> tok_of_;
   std::vector<double> load_;
   double cap_ = 0;
+  shifted_loads shifted_;
+  std::vector<double> home_count_of_; //!< experts × nodes: tokens of each movable expert per home node
   //! (node << 16) | rank of each pair; `none` for a repeated choice.
   static constexpr std::uint32_t none = 0xFFFFFFFFu;
   std::uint32_t pack(std::size_t r) const { return static_cast<std::uint32_t>(node_of_[r] << 16 | r); }
@@ -528,6 +653,10 @@ public:
     double total = 0;
     for (double x : load_) total += x;
     cap_ = (1.0 + opt_.balance_slack) * total / static_cast<double>(ranks_);
+    shifted_.reset(opt_.balance_shift, nodes_, ranks_);
+    for (std::size_t i = 0; i < tr_.size(); ++i)
+      if (tr_[i] >= 0) shifted_.count(home_[i / k_], static_cast<std::size_t>(tr_[i]), 1.0);
+    shifted_.set_caps(load_, opt_.shift_slack);
     ranks_seen_.reset(ranks_);
     nodes_seen_.reset(nodes_);
   }
@@ -650,12 +779,16 @@ private:
 
   bool balanced(std::size_t e, std::size_t r) const {
     const auto c = with_copy(e, r);
-    std::vector<double> delta(ranks_, 0.0);
+    std::vector<double> delta(ranks_, 0.0), shifted_delta(shifted_.pairs.size(), 0.0);
     for (const auto p : pairs_of_[e]) {
       const std::int32_t now = tr_[p], next = serving(c, p / k_);
       if (now == next) continue;
       delta[static_cast<std::size_t>(now)] -= 1;
       delta[static_cast<std::size_t>(next)] += 1;
+      if (shifted_.on()) {
+        shifted_delta[home_[p / k_] * ranks_ + static_cast<std::size_t>(now)] -= 1;
+        shifted_delta[home_[p / k_] * ranks_ + static_cast<std::size_t>(next)] += 1;
+      }
     }
     double worst_new = 0, worst_old = 0;
     for (std::size_t x = 0; x < ranks_; ++x)
@@ -663,7 +796,18 @@ private:
         worst_new = std::max(worst_new, load_[x] + delta[x]);
         worst_old = std::max(worst_old, load_[x]);
       }
-    return worst_new <= std::max(cap_, worst_old) + 1e-9;
+    if (worst_new > std::max(cap_, worst_old) + 1e-9) return false;
+    for (std::size_t s = 0; s < shifted_.cap.size(); ++s) {
+      worst_new = worst_old = 0;
+      for (std::size_t x = 0; x < ranks_; ++x)
+        if (delta[x] != 0 || x == r) {
+          const double old = shifted_.at(load_, s, x);
+          worst_new = std::max(worst_new, old + delta[x] + shifted_.shift * shifted_delta[s * ranks_ + x]);
+          worst_old = std::max(worst_old, old);
+        }
+      if (worst_new > std::max(shifted_.cap[s], worst_old) + 1e-9) return false;
+    }
+    return true;
   }
 
   void add(std::size_t e, std::size_t r) {
@@ -672,6 +816,8 @@ private:
       const std::int32_t next = serving(copies_[e], p / k_);
       load_[static_cast<std::size_t>(tr_[p])] -= 1;
       load_[static_cast<std::size_t>(next)] += 1;
+      shifted_.count(home_[p / k_], static_cast<std::size_t>(tr_[p]), -1.0);
+      shifted_.count(home_[p / k_], static_cast<std::size_t>(next), 1.0);
       tr_[p] = next;
     }
     table_[r * spr_ + free_slot(r)] = static_cast<expert_id>(e);
@@ -689,6 +835,7 @@ private:
   std::vector<std::int32_t> tr_;
   std::vector<double> load_;
   double cap_ = 0;
+  shifted_loads shifted_;
   stamp_set ranks_seen_, nodes_seen_;
 };
 
@@ -710,9 +857,12 @@ expert_map refine_layer(const expert_map& map, const token_sample& sample, std::
                 "refine_by_tokens: negative slack or copy weight");
   LOCUS_REQUIRE(opt.anneal_temperature >= 0, config_error, "refine_by_tokens: negative anneal temperature ",
                 opt.anneal_temperature);
+  LOCUS_REQUIRE(opt.balance_shift >= 0 && opt.shift_slack >= 0, config_error,
+                "refine_by_tokens: negative balance shift ", opt.balance_shift, " or shift slack ", opt.shift_slack);
   layer_state<Topology> s(map, sample.ids[layer], sample.home, sample.top_k, topo, opt);
   token_refine_report rep;
   rep.cost_before = s.total_cost();
+  rep.repair_swaps = s.repair();
   rep.swaps = s.refine();
   rep.cost_swept = s.total_cost();
   if (opt.anneal_per_expert > 0) { // from the sweeps' optimum; it ends no worse than it started
@@ -794,6 +944,9 @@ std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& ma
                   " ranks) does not match the sample (", sample.experts, ") or the topology (", topo.ranks(), ")");
     LOCUS_REQUIRE(opt.balance_slack >= 0 && opt.rank_copy_weight >= 0 && opt.node_copy_weight >= 0, config_error,
                   "add_replicas_by_tokens: negative slack or copy weight");
+    LOCUS_REQUIRE(opt.balance_shift >= 0 && opt.shift_slack >= 0, config_error,
+                  "add_replicas_by_tokens: negative balance shift ", opt.balance_shift, " or shift slack ",
+                  opt.shift_slack);
     detail::token_refine::replica_state<Topology> s(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt);
     s.fill();
     out.push_back(s.to_map());
