@@ -139,7 +139,8 @@ int main(int argc, char** argv) try {
   const auto options_for = [&](const std::string& placement, transport_kind transport) {
     auto o = popt;
     if (placement == "locality" && per_transport)
-      (transport == transport_kind::flat ? o.refine.node_copy_weight : o.refine.rank_copy_weight) = 0;
+      o.refine.count(transport == transport_kind::flat ? locus::placement::copy_count::flat
+                                                       : locus::placement::copy_count::hierarchical);
     return o;
   };
   const auto plan_transport = [&](const std::string& placement, transport_kind transport) {

@@ -90,7 +90,10 @@ inline int demo(std::size_t requests, std::uint64_t seed) {
               "net B/token", "vs base", "GPU max/mean");
   double base = 0;
   for (const row& r : rows) {
-    const auto plan = locus::placement::plan_activation_aware(train, topo, r.placement, r.redundant, opt);
+    auto row_opt = opt; // locality plans for the transport of its row
+    row_opt.refine.count(r.transport == transport_kind::flat ? locus::placement::copy_count::flat
+                                                             : locus::placement::copy_count::hierarchical);
+    const auto plan = locus::placement::plan_activation_aware(train, topo, r.placement, r.redundant, row_opt);
     auto grouper = locus::grouper::grouper_by_name(r.grouper, plan.model);
     cfg.transport = r.transport;
     const auto res = locus::cost::simulate_decode(test, plan.maps, grouper, cfg);

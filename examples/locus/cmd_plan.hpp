@@ -51,12 +51,22 @@ struct plan_options {
   std::size_t redundant_slots = 0;
   std::size_t eplb_groups = 1;
   std::size_t clusters = 8;
+  std::string copies; //!< empty: both kinds (plan) or the simulated transport's (simulate)
+  std::size_t anneal = 0;
+  double balance_shift = 0;
 
   void add_to(CLI::App* cmd) {
     cmd->add_option("--placement", placement, "Planner: linear, round_robin, eplb, activation_usage, locality");
     cmd->add_option("--redundant-slots", redundant_slots, "Replica slots per GPU");
     cmd->add_option("--eplb-groups", eplb_groups, "Expert groups for eplb")->check(CLI::PositiveNumber);
     cmd->add_option("--clusters", clusters, "Request clusters of the workload-aware model")->check(CLI::PositiveNumber);
+    cmd->add_option("--copies", copies,
+                    "locality: the copies to minimise: flat (per remote GPU), hierarchical (per remote node) or both")
+        ->check(CLI::IsMember({"flat", "hierarchical", "both"}));
+    cmd->add_option("--anneal", anneal, "locality: annealing proposals per expert after the token-level sweeps");
+    cmd->add_option("--balance-shift", balance_shift,
+                    "locality: also balance GPU load when one node's requests grow by this share")
+        ->check(CLI::NonNegativeNumber);
   }
   //! Maps and the workload-aware grouping model fitted with them (locality refines the grouping
   //! jointly with the placement).
@@ -67,6 +77,11 @@ struct plan_options {
     opt.grouping.clusters = clusters;
     opt.grouping.seed = seed;
     opt.grouping.prefill_tokens = prefill;
+    opt.refine.count(copies == "flat"           ? locus::placement::copy_count::flat
+                     : copies == "hierarchical" ? locus::placement::copy_count::hierarchical
+                                                : locus::placement::copy_count::both);
+    opt.refine.anneal_per_expert = anneal;
+    opt.refine.balance_shift = balance_shift;
     return locus::placement::plan_activation_aware(train, topo, placement, redundant_slots, opt);
   }
 };
@@ -117,11 +132,14 @@ inline void register_simulate(CLI::App& app) {
     const auto topo = split->topology();
     // The workload-aware model is fitted on the training split in every case (a saved map carries
     // no grouping); with --placement it is the one fitted together with the maps.
-    auto planned = plan->plan(train, topo, split->split_seed, split->prefill_tokens);
+    const auto transport = locus::cost::parse_transport_kind(opt->transport); // bad names fail before planning
+    auto for_run = *plan;
+    if (for_run.copies.empty()) for_run.copies = locus::cost::to_string(transport); // plan for the transport simulated
+    auto planned = for_run.plan(train, topo, split->split_seed, split->prefill_tokens);
     const auto maps = opt->map_path.empty() ? std::move(planned.maps) : locus::load_expert_maps(opt->map_path);
     locus::cost::simulation_config cfg;
     cfg.topology = topo;
-    cfg.transport = locus::cost::parse_transport_kind(opt->transport);
+    cfg.transport = transport;
     cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(opt->hidden);
     cfg.batch_per_rank = opt->batch_per_rank;
     cfg.arrival_rate = opt->arrival_rate;

@@ -455,6 +455,25 @@ BOOST_AUTO_TEST_CASE(rank_and_node_weights_agree_on_one_gpu_per_node) {
   }
 }
 
+// count() names the copies a plan is for: flat weighs remote GPUs only, hierarchical remote nodes
+// only, both weighs each at 1; on 2 nodes x 2 GPUs a token on node 0 whose two experts sit on
+// the two GPUs of node 1 costs 2, 1 and 3.
+BOOST_AUTO_TEST_CASE(copy_count_sets_the_weights_of_one_transport) {
+  const dynamic_topology topo(2, 2);
+  const std::vector<expert_map> maps{expert_map(4, 4, 1, {0, 1, 2, 3})};
+  placement::token_sample s;
+  s.experts = 4;
+  s.top_k = 2;
+  s.home = {0};
+  s.ids = {{2, 3}};
+  placement::token_refine_options o;
+  BOOST_TEST(placement::sample_copy_cost(maps, s, topo, o.count(placement::copy_count::flat)) == 2.0);
+  BOOST_TEST(o.node_copy_weight == 0.0);
+  BOOST_TEST(placement::sample_copy_cost(maps, s, topo, o.count(placement::copy_count::hierarchical)) == 1.0);
+  BOOST_TEST(o.rank_copy_weight == 0.0);
+  BOOST_TEST(placement::sample_copy_cost(maps, s, topo, o.count(placement::copy_count::both)) == 3.0);
+}
+
 BOOST_AUTO_TEST_CASE(refinement_is_deterministic) {
   std::mt19937 rng(3);
   const dynamic_topology topo(4, 2);

@@ -69,6 +69,10 @@ struct token_sample {
   }
 };
 
+//! The copies a plan is for: those of the flat transport (one per distinct remote GPU of a
+//! token), of the hierarchical one (one per distinct remote node), or both weighed together.
+enum class copy_count : std::uint8_t { flat, hierarchical, both };
+
 //! Options of refine_by_tokens and add_replicas_by_tokens.
 struct token_refine_options {
   double rank_copy_weight = 1.0; //!< cost of a copy to a distinct remote rank (flat transport)
@@ -95,6 +99,13 @@ struct token_refine_options {
   //! another.
   double balance_shift = 0;
   double shift_slack = 0.10; //!< the bound under a shifted mix
+
+  //! Sets the copy weights to count what `c` names (1 for each kind counted, 0 otherwise).
+  token_refine_options& count(copy_count c) noexcept {
+    rank_copy_weight = c == copy_count::hierarchical ? 0.0 : 1.0;
+    node_copy_weight = c == copy_count::flat ? 0.0 : 1.0;
+    return *this;
+  }
 };
 
 //! What one layer's refinement did, in the sample's cost units.
