@@ -22,6 +22,8 @@
 //! With token_refine_options::anneal_per_expert, simulated annealing over random swaps (exact cost
 //! change by one merge of the two experts' token lists) then starts from the sweeps' optimum,
 //! keeps the best state it sees, and the sweeps run once more.
+//! With token_refine_options::balance_shift the load bound also holds under request mixes where one
+//! node's tokens grow by that share; a map above those bounds is first repaired by swaps.
 //! `add_replicas_by_tokens` fills empty slots the same way: greedily the replica that saves the
 //! most copies of the sample (lazy re-evaluation), under the same load bound.
 //! Deterministic: fixed orders, ties to the lower index.
