@@ -197,15 +197,6 @@ BOOST_AUTO_TEST_CASE(annealing_keeps_maps_valid_and_never_ends_worse) {
   }
   BOOST_TEST(accepted > 0u);
   BOOST_TEST(improved > 20u);
-  placement::token_refine_options neg;
-  neg.anneal_temperature = -1;
-  const expert_map m(4, 2, 2, {0, 1, 2, 3});
-  placement::token_sample s;
-  s.experts = 4;
-  s.top_k = 1;
-  s.home = {0};
-  s.ids = {{2}};
-  BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, s, 0, dynamic_topology(2, 1), neg), config_error);
 }
 
 // Where the sweeps stop: 4 nodes x 2 GPUs, 64 experts in linear order, tokens of a few kinds, the
@@ -306,17 +297,6 @@ BOOST_AUTO_TEST_CASE(shifted_mix_bounds_hold_and_repair_lowers_the_excess) {
   BOOST_TEST(started_over > 5u);
   BOOST_TEST(lowered * 10 >= started_over * 8); // a rank holding only fixed copies cannot be repaired
   BOOST_TEST(shifted_over < plain_over);
-  placement::token_refine_options neg;
-  neg.balance_shift = -0.5;
-  const expert_map m(4, 2, 2, {0, 1, 2, 3});
-  placement::token_sample s;
-  s.experts = 4;
-  s.top_k = 1;
-  s.home = {0};
-  s.ids = {{2}};
-  BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, s, 0, dynamic_topology(2, 1), neg), config_error);
-  BOOST_CHECK_THROW(placement::add_replicas_by_tokens(std::vector<expert_map>{m}, s, dynamic_topology(2, 1), neg),
-                    config_error);
 }
 
 // Three nodes of one GPU, two experts each: {0,1} {2,3} {4,5}. On node 0, 30 tokens use experts 0
@@ -510,4 +490,11 @@ BOOST_AUTO_TEST_CASE(malformed_inputs_raise_clear_errors) {
   placement::token_refine_options neg;
   neg.balance_slack = -0.1;
   BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, s, 0, topo, neg), config_error);
+  for (int which = 0; which < 3; ++which) { // the annealing and shifted-mix options
+    placement::token_refine_options wrong;
+    (which == 0 ? wrong.anneal_temperature : which == 1 ? wrong.balance_shift : wrong.shift_slack) = -0.5;
+    BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, s, 0, topo, wrong), config_error);
+    if (which > 0)
+      BOOST_CHECK_THROW(placement::add_replicas_by_tokens(std::vector<expert_map>{m}, s, topo, wrong), config_error);
+  }
 }
