@@ -1,11 +1,12 @@
 // Question: how low can inter-node copies go on this trace at all? An upper-bound experiment for
 // issue 5's byte targets, not a planner: locus's token-level stage (sweeps + annealing) is given
 // the decode tokens it will be scored on, each on a node chosen by its true domain, starting from
-// the linear map, with no replicas, and optionally a looser GPU load bound. The baseline (linear
-// placement, round-robin requests, flat copies) is counted on the same tokens in the same run.
+// the linear map, without and with a replica slot per GPU, and optionally a looser GPU load
+// bound. The baseline (linear placement, round-robin requests, flat copies) is counted on the
+// same tokens in the same run.
 //
 //   placement_oracle [--trace DIR] [--out DIR] [--nodes 4] [--gpus 2] [--split-seed 1]
-//                    [--prefill-tokens 32] [--anneal 1000] [--slacks 0.03,0.10]
+//                    [--prefill-tokens 32] [--anneal 1000] [--slacks 0.03,0.10] [--redundant 0,1]
 // Writes DIR/placement_oracle.{json,md}.
 #include <locus/placement/token_refine.hpp>
 #include <locus/trace/binary.hpp>
@@ -87,12 +88,24 @@ locus::placement::token_sample decode_tokens(const locus::trace::trace& t, const
   return s;
 }
 
-// Mean over layers of the busiest GPU's pairs over the mean (the comm_volume aggregate metric).
-double gpu_max_over_mean(const std::vector<locus::expert_map>& maps, const locus::placement::token_sample& s) {
+// Mean over layers of the busiest GPU's pairs over the mean (the comm_volume aggregate metric); a
+// token's pair for a replicated expert goes to the copy on its node, else to copy t mod copies.
+double gpu_max_over_mean(const std::vector<locus::expert_map>& maps, const locus::placement::token_sample& s,
+                         const locus::dynamic_topology& topo) {
   double sum = 0;
   for (std::size_t l = 0; l < maps.size(); ++l) {
     std::vector<double> load(maps[l].ranks(), 0.0);
-    for (const auto e : s.ids[l]) load[static_cast<std::size_t>(maps[l].replicas(e)[0].rank)] += 1;
+    for (std::size_t i = 0; i < s.ids[l].size(); ++i) {
+      const std::size_t t = i / s.top_k;
+      const auto copies = maps[l].replicas(s.ids[l][i]);
+      auto r = static_cast<std::size_t>(copies[t % copies.size()].rank);
+      for (const auto& c : copies)
+        if (topo.node_of(static_cast<std::size_t>(c.rank)) == s.home[t]) {
+          r = static_cast<std::size_t>(c.rank);
+          break;
+        }
+      load[r] += 1;
+    }
     const double mean = std::accumulate(load.begin(), load.end(), 0.0) / static_cast<double>(load.size());
     sum += *std::max_element(load.begin(), load.end()) / mean;
   }
@@ -110,9 +123,12 @@ int main(int argc, char** argv) try {
   const auto prefill = std::stoul(arg_value(argc, argv, "--prefill-tokens", "32"));
   const auto anneal = std::stoul(arg_value(argc, argv, "--anneal", "1000"));
   std::vector<double> slacks;
+  std::vector<std::size_t> redundants;
   {
     std::stringstream ss(arg_value(argc, argv, "--slacks", "0.03,0.10"));
     for (std::string x; std::getline(ss, x, ',');) slacks.push_back(std::stod(x));
+    std::stringstream rs(arg_value(argc, argv, "--redundant", "0,1"));
+    for (std::string x; std::getline(rs, x, ',');) redundants.push_back(std::stoul(x));
   }
   if (!std::filesystem::exists(trace_path)) {
     std::printf("placement_oracle: trace %s not found; skipped\n", trace_path.c_str());
@@ -134,36 +150,53 @@ int main(int argc, char** argv) try {
   std::vector<locus::expert_id> table(full.experts());
   std::iota(table.begin(), table.end(), locus::expert_id{0});
   const std::vector<locus::expert_map> linear(full.layers(), locus::expert_map(full.experts(), topo.ranks(), spr, table));
+  // The linear map with `spare` empty slots per GPU after its experts.
+  const auto linear_with_spare = [&](std::size_t spare) {
+    std::vector<locus::expert_id> t((spr + spare) * topo.ranks(), locus::empty_slot);
+    for (std::size_t r = 0; r < topo.ranks(); ++r)
+      for (std::size_t i = 0; i < spr; ++i) t[r * (spr + spare) + i] = table[r * spr + i];
+    return std::vector<locus::expert_map>(full.layers(),
+                                          locus::expert_map(full.experts(), topo.ranks(), spr + spare, std::move(t)));
+  };
   locus::placement::token_refine_options flat;
-  flat.node_copy_weight = 0;
+  flat.count(locus::placement::copy_count::flat);
   const double baseline = locus::placement::sample_copy_cost(linear, baseline_tokens, topo, flat);
 
   nlohmann::json doc = {{"trace", trace_path}, {"topology", std::to_string(nodes) + "x" + std::to_string(gpus)},
                         {"split_seed", seed},  {"anneal_per_expert", anneal},
                         {"baseline_flat_copies", baseline}, {"rows", nlohmann::json::array()}};
-  std::string md = "| fitted on | GPU bound | transport | copies vs linear/rr/flat | GPU max/mean on test |\n"
-                   "|---|---|---|---|---|\n";
-  for (const bool on_test : {true, false})
-    for (const double slack : slacks)
-      for (const bool hier : {false, true}) {
-        locus::placement::token_refine_options o;
-        (hier ? o.rank_copy_weight : o.node_copy_weight) = 0;
-        o.balance_slack = slack;
-        o.anneal_per_expert = anneal;
-        o.max_sweeps = 20;
-        const auto maps = locus::placement::refine_by_tokens(linear, on_test ? test_tokens : train_tokens, topo, o);
-        const double ratio = locus::placement::sample_copy_cost(maps, test_tokens, topo, o) / baseline;
-        const double balance = gpu_max_over_mean(maps, test_tokens);
-        doc["rows"].push_back({{"fitted_on", on_test ? "test" : "train"}, {"balance_slack", slack},
-                               {"transport", hier ? "hierarchical" : "flat"}, {"copies_vs_baseline", ratio},
-                               {"gpu_max_over_mean_test", balance}});
-        char line[256];
-        std::snprintf(line, sizeof line, "| %s | %.2f | %s | %.3f | %.3f |\n", on_test ? "test (oracle)" : "train",
-                      slack, hier ? "hierarchical" : "flat", ratio, balance);
-        md += line;
-        std::fputs(line, stdout);
-        std::fflush(stdout);
-      }
+  std::string md = "| fitted on | replicas/GPU | GPU bound | transport | copies vs linear/rr/flat | GPU max/mean on "
+                   "test |\n|---|---|---|---|---|---|\n";
+  for (const std::size_t redundant : redundants)
+    for (const bool on_test : {true, false})
+      for (const double slack : slacks)
+        for (const bool hier : {false, true}) {
+          locus::placement::token_refine_options o;
+          o.count(hier ? locus::placement::copy_count::hierarchical : locus::placement::copy_count::flat);
+          o.balance_slack = slack;
+          o.anneal_per_expert = anneal;
+          o.max_sweeps = 20;
+          const auto& fit = on_test ? test_tokens : train_tokens;
+          // Every expert once from the linear start, then (with spare slots) the replicas that save the
+          // most copies and the first copies refined around them, as the planner's token-level stage.
+          auto maps = locus::placement::refine_by_tokens(linear_with_spare(redundant), fit, topo, o);
+          if (redundant > 0) {
+            maps = locus::placement::add_replicas_by_tokens(maps, fit, topo, o);
+            maps = locus::placement::refine_by_tokens(maps, fit, topo, o);
+          }
+          const double ratio = locus::placement::sample_copy_cost(maps, test_tokens, topo, o) / baseline;
+          const double balance = gpu_max_over_mean(maps, test_tokens, topo);
+          doc["rows"].push_back({{"fitted_on", on_test ? "test" : "train"}, {"redundant_slots_per_gpu", redundant},
+                                 {"balance_slack", slack}, {"transport", hier ? "hierarchical" : "flat"},
+                                 {"copies_vs_baseline", ratio}, {"gpu_max_over_mean_test", balance}});
+          char line[256];
+          std::snprintf(line, sizeof line, "| %s | %zu | %.2f | %s | %.3f | %.3f |\n",
+                        on_test ? "test (oracle)" : "train", redundant, slack, hier ? "hierarchical" : "flat", ratio,
+                        balance);
+          md += line;
+          std::fputs(line, stdout);
+          std::fflush(stdout);
+        }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::filesystem::create_directories(out_dir);
   std::ofstream(out_dir + "/placement_oracle.json") << doc.dump(1) << '\n';
@@ -173,8 +206,8 @@ int main(int argc, char** argv) try {
       << static_cast<int>(secs) << " s on " << nodes << "x" << gpus
       << ", ESFT test split (seed " << seed << "), prefill = first " << prefill
       << " tokens. Not a planner: locus's token-level stage (sweeps, then " << anneal
-      << " annealing proposals per expert) places each layer's experts starting from the linear map, with no "
-         "replicas, for the decode tokens of the split named in the first column, every request on a node chosen "
+      << " annealing proposals per expert) places each layer's experts starting from the linear map (with replicas: "
+         "then fills the spare slots with the copies that save the most, and refines again), for the decode tokens of the split named in the first column, every request on a node chosen "
          "by its true domain (one node each, largest decode volume first; spare nodes to the domain with the most "
          "requests per node). Copies are counted on the test split's decode tokens with those homes, relative to "
          "linear placement with round-robin requests and flat copies on the same tokens. \"test (oracle)\" rows "
