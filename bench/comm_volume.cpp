@@ -153,8 +153,8 @@ int main(int argc, char** argv) try {
                         {"train_requests", train.requests()}, {"test_requests", test.requests()},
                         {"rows", nlohmann::json::array()}};
   std::string md = "| topology | placement | redundant/GPU | grouper | transport | inter-node B/token | vs baseline | "
-                   "norm. a2a median | p90 | GPU max/mean (step) | (aggregate) | layer time µs (model) |\n"
-                   "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+                   "norm. a2a median | p90 | GPU max/mean (step) | (aggregate) | attention max/mean | layer time µs (model) |\n"
+                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   std::map<std::string, nlohmann::json> by_key; // "4x2 locality 1 workload_aware flat" -> row
   double accuracy = 0;
   for (const auto& tc : topologies) {
@@ -199,11 +199,12 @@ int main(int argc, char** argv) try {
       by_key[j["topology"].get<std::string>() + " " + row.placement + " " + std::to_string(row.redundant) + " " +
              row.grouper + " " + locus::cost::to_string(row.transport)] = j;
       char line[512];
-      std::snprintf(line, sizeof line, "| %s | %s | %zu | %s | %s | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f | %.1f |\n",
+      std::snprintf(line, sizeof line, "| %s | %s | %zu | %s | %s | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.1f |\n",
                     j["topology"].get<std::string>().c_str(), row.placement.c_str(), row.redundant,
                     row.grouper.c_str(), locus::cost::to_string(row.transport), res.inter_node_bytes_per_token, ratio,
                     j["normalized_all2all_median"].get<double>(), j["normalized_all2all_p90"].get<double>(),
-                    res.gpu_imbalance_step_mean, res.gpu_imbalance_aggregate, res.layer_time_estimate_us);
+                    res.gpu_imbalance_step_mean, res.gpu_imbalance_aggregate, res.attention_imbalance,
+                    res.layer_time_estimate_us);
       md += line;
     }
   }
@@ -256,11 +257,12 @@ int main(int argc, char** argv) try {
       j["inter_node_bytes_vs_baseline"] = ratio;
       doc["rows"].push_back(j);
       char line[512];
-      std::snprintf(line, sizeof line, "| %s | %s | %zu | %s | %s | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f | %.1f |\n",
+      std::snprintf(line, sizeof line, "| %s | %s | %zu | %s | %s | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.1f |\n",
                     "8x8 synth 256e/top-8", row.placement.c_str(), row.redundant, row.grouper.c_str(),
                     locus::cost::to_string(row.transport), res.inter_node_bytes_per_token, ratio,
                     j["normalized_all2all_median"].get<double>(), j["normalized_all2all_p90"].get<double>(),
-                    res.gpu_imbalance_step_mean, res.gpu_imbalance_aggregate, res.layer_time_estimate_us);
+                    res.gpu_imbalance_step_mean, res.gpu_imbalance_aggregate, res.attention_imbalance,
+                    res.layer_time_estimate_us);
       md += line;
     }
   }
@@ -281,7 +283,7 @@ int main(int argc, char** argv) try {
       {"eplb, 1 redundant slot/GPU (balance reference)", "4x2 eplb 1 round_robin flat", 0, 0},
       {"linear (balance reference)", "4x2 linear 0 round_robin flat", 0, 0}};
   std::string summary = "| case (4x2, ESFT test split) | inter-node bytes vs linear/rr/flat | reduction | GPU max/mean "
-                        "(aggregate) | target |\n|---|---|---|---|---|\n";
+                        "(aggregate) | attention max/mean | target |\n|---|---|---|---|---|---|\n";
   doc["targets"] = nlohmann::json::array();
   for (const auto& t : targets) {
     if (!by_key.count(t.key)) continue;
@@ -296,8 +298,8 @@ int main(int argc, char** argv) try {
       verdict = v;
     }
     char line[512];
-    std::snprintf(line, sizeof line, "| %s | %.3f | %.1f%% | %.3f | %s |\n", t.what, ratio, 100 * (1 - ratio), bal,
-                  verdict.c_str());
+    std::snprintf(line, sizeof line, "| %s | %.3f | %.1f%% | %.3f | %.3f | %s |\n", t.what, ratio, 100 * (1 - ratio),
+                  bal, j["attention_imbalance"].get<double>(), verdict.c_str());
     summary += line;
     doc["targets"].push_back({{"case", t.what}, {"ratio", ratio}, {"gpu_imbalance_aggregate", bal}, {"verdict", verdict}});
   }
@@ -368,7 +370,9 @@ int main(int argc, char** argv) try {
       << "first " << prefill << " tokens of each request, decode = the rest; FP8 dispatch / BF16 combine of hidden "
       << hidden << "; 16 running requests per GPU. \"vs baseline\" divides by linear / round_robin / flat in the same "
          "topology, measured in the same run. GPU max/mean (aggregate) is per layer over the whole run, averaged over "
-         "layers. Time is the alpha-beta model's, not a measurement. "
+         "layers (expert rows); attention max/mean is the busiest GPU's context tokens of its running requests, summed "
+         "over steps, over the mean (attention work and KV memory, which the targets do not bound). Time is the "
+         "alpha-beta model's, not a measurement. "
       << (per_transport ? "`locality` is planned for the transport of its row (the token-level stage counts the copies "
                           "that transport sends)"
                         : "`locality` is planned once for both transports")

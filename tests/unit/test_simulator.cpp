@@ -5,6 +5,7 @@
 #include <locus/grouper/baselines.hpp>
 #include <locus/placement/linear.hpp>
 
+#include <algorithm>
 #include <random>
 
 using namespace locus;
@@ -73,6 +74,16 @@ BOOST_AUTO_TEST_CASE(batching_matches_a_direct_replay) {
   const double bytes = static_cast<double>((expected[0].copies[2] + expected[1].copies[2]) *
                                            (cfg.sizes.dispatch_bytes + cfg.sizes.combine_bytes));
   BOOST_TEST(res.inter_node_bytes_per_token == bytes / static_cast<double>(tokens_total),
+             boost::test_tools::tolerance(1e-12));
+  // Attention work: request r sits on rank r mod 4 from step 0 and, at its decode step s, its
+  // rank holds its prefill and the s tokens decoded before.
+  std::vector<double> attention(4, 0.0);
+  for (std::size_t r = 0; r < t.requests(); ++r)
+    for (std::size_t s = 0; s < t.request(r).length - 4; ++s) attention[r % 4] += static_cast<double>(4 + s);
+  BOOST_TEST(res.rank_attention_tokens == attention, boost::test_tools::per_element());
+  double sum = 0;
+  for (double a : attention) sum += a;
+  BOOST_TEST(res.attention_imbalance == *std::max_element(attention.begin(), attention.end()) * 4 / sum,
              boost::test_tools::tolerance(1e-12));
   const auto self = normalize_all2all(res, res);
   BOOST_TEST(self.median == 1.0);

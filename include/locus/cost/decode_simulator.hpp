@@ -62,6 +62,11 @@ struct simulation_result {
   double gpu_imbalance_step_mean = 1;
   double gpu_imbalance_aggregate = 1;
   double layer_time_estimate_us = 0;
+  //! Per rank, the context tokens its running requests attend over, summed over steps (attention
+  //! work and KV memory over time); and the busiest rank's over the mean. The GPU max/mean above
+  //! counts expert rows only: a grouping that piles long requests onto a few ranks shows here.
+  std::vector<double> rank_attention_tokens;
+  double attention_imbalance = 1;
 };
 
 //! Quantile `q` of `v` by linear interpolation between order statistics (0 for an empty vector).
@@ -137,6 +142,7 @@ simulation_result simulate_decode(const trace::trace& t, const std::vector<exper
 
   simulation_result out;
   out.layers.assign(layers, layer_traffic(ranks));
+  out.rank_attention_tokens.assign(ranks, 0.0);
   std::vector<layer_traffic> step_traffic(layers, layer_traffic(ranks));
   std::vector<std::size_t> tokens;
   std::vector<std::uint32_t> sources;
@@ -165,6 +171,7 @@ simulation_result simulate_decode(const trace::trace& t, const std::vector<exper
 
     tokens.clear();
     sources.clear();
+    for (std::size_t r = 0; r < ranks; ++r) out.rank_attention_tokens[r] += static_cast<double>(state[r].running_tokens);
     for (std::size_t r = 0; r < ranks; ++r)
       for (const running& q : per_rank[r]) {
         tokens.push_back(q.next_token);
@@ -234,6 +241,13 @@ simulation_result simulate_decode(const trace::trace& t, const std::vector<exper
   out.gpu_imbalance_step_mean = busy_steps ? imbalance_sum / static_cast<double>(busy_steps) : 1.0;
   out.gpu_imbalance_aggregate = layers ? aggregate / static_cast<double>(layers) : 1.0;
   out.layer_time_estimate_us = busy_steps ? time_sum / static_cast<double>(busy_steps) : 0.0;
+  double attention_total = 0, attention_max = 0;
+  for (const double a : out.rank_attention_tokens) {
+    attention_total += a;
+    attention_max = std::max(attention_max, a);
+  }
+  out.attention_imbalance =
+      attention_total > 0 ? attention_max * static_cast<double>(ranks) / attention_total : 1.0;
   return out;
 }
 

@@ -23,7 +23,8 @@ inline nlohmann::json simulation_summary_json(const simulation_result& r, const 
           {"normalized_all2all_p90", n.p90},
           {"gpu_imbalance_step_mean", r.gpu_imbalance_step_mean},
           {"gpu_imbalance_aggregate", r.gpu_imbalance_aggregate},
-          {"layer_time_estimate_us", r.layer_time_estimate_us}};
+          {"layer_time_estimate_us", r.layer_time_estimate_us},
+          {"attention_imbalance", r.attention_imbalance}};
 }
 
 } // namespace locus::LOCUS_ABI_NAMESPACE::cost
