@@ -428,10 +428,7 @@ public:
       for (std::size_t e = 0; e < rank_of_.size(); ++e) {
         if (rank_of_[e] != static_cast<std::int32_t>(over)) continue;
         for (std::size_t f = 0; f < rank_of_.size(); ++f) {
-          if (rank_of_[f] < 0 || rank_of_[f] == rank_of_[e]) continue;
-          const auto a = over, b = static_cast<std::size_t>(rank_of_[f]);
-          const double wd = static_cast<double>(tok_of_[f].size()) - static_cast<double>(tok_of_[e].size());
-          if (std::max(load_[a] + wd, load_[b] - wd) > std::max(cap_, std::max(load_[a], load_[b])) + 1e-9) continue;
+          if (rank_of_[f] < 0 || rank_of_[f] == rank_of_[e] || !within_cap(e, f)) continue;
           if (shifted_excess_after(e, f) >= worst - 1e-9) continue;
           const double d = swap_delta(e, f);
           if (!found || d < best) {
@@ -550,14 +547,24 @@ private:
     gain[a] = 0.0; // staying put changes nothing (the formula above does not hold for r = a)
   }
 
-  bool balanced(std::size_t e, std::size_t f) const {
+  //! The sample's load bound alone: after swapping e and f, neither rank above the cap, or no worse.
+  bool within_cap(std::size_t e, std::size_t f) const {
     const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
-    const double we = static_cast<double>(tok_of_[e].size()), wf = static_cast<double>(tok_of_[f].size());
-    const double na = load_[a] - we + wf, nb = load_[b] - wf + we;
-    if (std::max(na, nb) > std::max(cap_, std::max(load_[a], load_[b])) + 1e-9) return false;
+    const double d = static_cast<double>(tok_of_[f].size()) - static_cast<double>(tok_of_[e].size());
+    return std::max(load_[a] + d, load_[b] - d) <= std::max(cap_, std::max(load_[a], load_[b])) + 1e-9;
+  }
+
+  //! What swapping e and f adds to the load of e's rank under shifted mix s (f's rank loses it).
+  double shifted_swap_change(std::size_t e, std::size_t f, std::size_t s) const {
+    return static_cast<double>(tok_of_[f].size()) - static_cast<double>(tok_of_[e].size()) +
+           shifted_.shift * (home_count_of_[f * nodes_ + s] - home_count_of_[e * nodes_ + s]);
+  }
+
+  bool balanced(std::size_t e, std::size_t f) const {
+    if (!within_cap(e, f)) return false;
+    const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
     for (std::size_t s = 0; s < shifted_.cap.size(); ++s) {
-      const double oa = shifted_.at(load_, s, a), ob = shifted_.at(load_, s, b);
-      const double d = wf - we + shifted_.shift * (home_count_of_[f * nodes_ + s] - home_count_of_[e * nodes_ + s]);
+      const double oa = shifted_.at(load_, s, a), ob = shifted_.at(load_, s, b), d = shifted_swap_change(e, f, s);
       if (std::max(oa + d, ob - d) > std::max(shifted_.cap[s], std::max(oa, ob)) + 1e-9) return false;
     }
     return true;
@@ -566,10 +573,9 @@ private:
   //! The worst shifted-mix load over its bound after swapping e and f (ranks of e and f only).
   double shifted_excess_after(std::size_t e, std::size_t f) const {
     const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
-    const double wd = static_cast<double>(tok_of_[f].size()) - static_cast<double>(tok_of_[e].size());
     double worst = 0;
     for (std::size_t s = 0; s < shifted_.cap.size(); ++s) {
-      const double d = wd + shifted_.shift * (home_count_of_[f * nodes_ + s] - home_count_of_[e * nodes_ + s]);
+      const double d = shifted_swap_change(e, f, s);
       worst = std::max({worst, (shifted_.at(load_, s, a) + d) / shifted_.cap[s],
                         (shifted_.at(load_, s, b) - d) / shifted_.cap[s]});
     }
