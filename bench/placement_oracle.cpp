@@ -7,7 +7,11 @@
 //
 //   placement_oracle [--trace DIR] [--out DIR] [--nodes 4] [--gpus 2] [--split-seed 1]
 //                    [--prefill-tokens 32] [--anneal 1000] [--slacks 0.03,0.10] [--redundant 0,1]
-// Writes DIR/placement_oracle.{json,md}.
+//                    [--homes domain|free] [--home-caps -1,0.10] [--rounds 3]
+// Writes DIR/placement_oracle.{json,md}; with --homes free, DIR/placement_oracle_free.{json,md}:
+// test-fit rows only, where the requests' nodes are searched too. Each round fits the maps to
+// the current homes, then moves every request to the node where its tokens cost the fewest
+// copies on those maps, within a bound on each node's decode tokens (--home-caps; -1: none).
 #include <locus/placement/token_refine.hpp>
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
@@ -16,11 +20,13 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <numeric>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -59,9 +65,9 @@ std::vector<std::vector<std::uint32_t>> domain_nodes(const locus::trace::trace& 
 }
 
 // The decode tokens of `t`, each on the node its request runs on: by domain, or round-robin over
-// ranks (request r on rank r mod ranks).
+// ranks (request r on rank r mod ranks). `owner`, when given, receives each token's request.
 locus::placement::token_sample decode_tokens(const locus::trace::trace& t, const locus::dynamic_topology& topo,
-                                             bool by_domain) {
+                                             bool by_domain, std::vector<std::uint32_t>* owner = nullptr) {
   locus::placement::token_sample s;
   s.experts = t.experts();
   s.top_k = t.top_k();
@@ -78,6 +84,7 @@ locus::placement::token_sample decode_tokens(const locus::trace::trace& t, const
       if (t.token_phase(q.first_token + i) == locus::trace::phase::decode) {
         picked.push_back(q.first_token + i);
         s.home.push_back(node);
+        if (owner) owner->push_back(static_cast<std::uint32_t>(r));
       }
   }
   for (std::size_t l = 0; l < t.layers(); ++l) {
@@ -112,6 +119,106 @@ double gpu_max_over_mean(const std::vector<locus::expert_map>& maps, const locus
   return sum / static_cast<double>(maps.size());
 }
 
+// Copies of token t (ids: its top-k experts) if its request ran on node n: each expert served by
+// its copy on n if there is one, else by copy t mod copies (the rule sample_copy_cost counts);
+// flat counts distinct remote GPUs, hierarchical distinct remote nodes. Written apart from the
+// library so that the free-homes search checks sample_copy_cost on every round.
+double token_copies(const locus::expert_map& map, const std::uint16_t* ids, std::size_t k, std::size_t t,
+                    std::size_t n, const locus::dynamic_topology& topo, bool hier) {
+  std::vector<std::size_t> seen;
+  for (std::size_t j = 0; j < k; ++j) {
+    bool repeat = false;
+    for (std::size_t i = 0; i < j; ++i) repeat |= ids[i] == ids[j];
+    if (repeat) continue;
+    const auto copies = map.replicas(ids[j]);
+    auto r = static_cast<std::size_t>(copies[t % copies.size()].rank);
+    for (const auto& c : copies)
+      if (topo.node_of(static_cast<std::size_t>(c.rank)) == n) {
+        r = static_cast<std::size_t>(c.rank);
+        break;
+      }
+    if (topo.node_of(r) == n) continue;
+    const std::size_t key = hier ? topo.node_of(r) : r;
+    if (std::find(seen.begin(), seen.end(), key) == seen.end()) seen.push_back(key);
+  }
+  return static_cast<double>(seen.size());
+}
+
+// Per request, the copies all its tokens would cost on each node (requests × nodes, row-major).
+std::vector<double> request_node_copies(const std::vector<locus::expert_map>& maps,
+                                        const locus::placement::token_sample& s,
+                                        const std::vector<std::uint32_t>& owner, std::size_t requests,
+                                        const locus::dynamic_topology& topo, bool hier) {
+  const std::size_t nodes = topo.nodes();
+  std::vector<double> c(requests * nodes, 0.0);
+  for (std::size_t l = 0; l < maps.size(); ++l)
+    for (std::size_t t = 0; t < s.tokens(); ++t)
+      for (std::size_t n = 0; n < nodes; ++n)
+        c[owner[t] * nodes + n] += token_copies(maps[l], s.ids[l].data() + t * s.top_k, s.top_k, t, n, topo, hier);
+  return c;
+}
+
+// Balanced domain homes: requests in order of their domain's decode volume (largest first), then
+// by index, fill the nodes in turn, each request on the node where the midpoint of its tokens
+// falls in that running order: one or two domains per node, nodes' decode tokens near the mean.
+void balanced_domain_homes(locus::placement::token_sample& s, const std::vector<std::uint32_t>& owner,
+                           const locus::trace::trace& t, std::size_t nodes) {
+  std::vector<double> tokens(t.requests(), 0.0), domain(t.domains().size(), 0.0);
+  for (const auto r : owner) tokens[r] += 1;
+  for (std::size_t r = 0; r < t.requests(); ++r) domain[t.request(r).domain] += tokens[r];
+  std::vector<std::size_t> order(t.requests());
+  std::iota(order.begin(), order.end(), std::size_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](auto a, auto b) {
+    const auto da = t.request(a).domain, db = t.request(b).domain;
+    return domain[da] != domain[db] ? domain[da] > domain[db] : da < db;
+  });
+  const double mean = static_cast<double>(s.tokens()) / static_cast<double>(nodes);
+  std::vector<std::uint32_t> home(t.requests(), 0);
+  double before = 0;
+  for (const std::size_t r : order) {
+    home[r] = static_cast<std::uint32_t>(std::min<double>(static_cast<double>(nodes - 1),
+                                                          std::floor((before + tokens[r] / 2) / mean)));
+    before += tokens[r];
+  }
+  for (std::size_t i = 0; i < s.tokens(); ++i) s.home[i] = home[owner[i]];
+}
+
+// Moves requests to the node where their tokens cost the fewest copies on the current maps, largest
+// saving first, while each node's decode tokens stay within (1 + cap) × the mean (cap < 0: no
+// bound; a request may always stay where it is). Returns the requests moved.
+std::size_t rehome(locus::placement::token_sample& s, const std::vector<std::uint32_t>& owner,
+                   const std::vector<double>& cost, std::size_t requests, std::size_t nodes, double cap) {
+  std::vector<std::uint32_t> home(requests, 0);
+  std::vector<double> tokens(requests, 0.0), node_tokens(nodes, 0.0);
+  for (std::size_t t = 0; t < s.tokens(); ++t) {
+    home[owner[t]] = s.home[t];
+    tokens[owner[t]] += 1;
+    node_tokens[s.home[t]] += 1;
+  }
+  const double limit = cap < 0 ? 1e300 : (1.0 + cap) * static_cast<double>(s.tokens()) / static_cast<double>(nodes);
+  const auto saving = [&](std::size_t r) {
+    double best = cost[r * nodes + home[r]];
+    for (std::size_t n = 0; n < nodes; ++n) best = std::min(best, cost[r * nodes + n]);
+    return cost[r * nodes + home[r]] - best;
+  };
+  std::vector<std::size_t> order(requests);
+  std::iota(order.begin(), order.end(), std::size_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](auto a, auto b) { return saving(a) > saving(b); });
+  std::size_t moved = 0;
+  for (const std::size_t r : order) {
+    std::size_t best = home[r];
+    for (std::size_t n = 0; n < nodes; ++n)
+      if (cost[r * nodes + n] < cost[r * nodes + best] && node_tokens[n] + tokens[r] <= limit) best = n;
+    if (best == home[r]) continue;
+    node_tokens[home[r]] -= tokens[r];
+    node_tokens[best] += tokens[r];
+    home[r] = static_cast<std::uint32_t>(best);
+    ++moved;
+  }
+  for (std::size_t t = 0; t < s.tokens(); ++t) s.home[t] = home[owner[t]];
+  return moved;
+}
+
 } // namespace
 
 int main(int argc, char** argv) try {
@@ -122,6 +229,10 @@ int main(int argc, char** argv) try {
   const auto seed = std::stoull(arg_value(argc, argv, "--split-seed", "1"));
   const auto prefill = std::stoul(arg_value(argc, argv, "--prefill-tokens", "32"));
   const auto anneal = std::stoul(arg_value(argc, argv, "--anneal", "1000"));
+  const std::string homes = arg_value(argc, argv, "--homes", "domain");
+  const auto rounds = std::stoul(arg_value(argc, argv, "--rounds", "3"));
+  LOCUS_REQUIRE(homes == "domain" || homes == "free", locus::config_error, "placement_oracle: --homes ", homes,
+                " is neither domain nor free");
   std::vector<double> slacks;
   std::vector<std::size_t> redundants;
   {
@@ -129,6 +240,11 @@ int main(int argc, char** argv) try {
     for (std::string x; std::getline(ss, x, ',');) slacks.push_back(std::stod(x));
     std::stringstream rs(arg_value(argc, argv, "--redundant", "0,1"));
     for (std::string x; std::getline(rs, x, ',');) redundants.push_back(std::stoul(x));
+  }
+  std::vector<double> caps;
+  {
+    std::stringstream cs(arg_value(argc, argv, "--home-caps", "-1,0.10"));
+    for (std::string x; std::getline(cs, x, ',');) caps.push_back(std::stod(x));
   }
   if (!std::filesystem::exists(trace_path)) {
     std::printf("placement_oracle: trace %s not found; skipped\n", trace_path.c_str());
@@ -145,7 +261,8 @@ int main(int argc, char** argv) try {
   const std::size_t spr = full.experts() / topo.ranks();
 
   const auto baseline_tokens = decode_tokens(test, topo, false);
-  const auto test_tokens = decode_tokens(test, topo, true);
+  std::vector<std::uint32_t> test_owner;
+  const auto test_tokens = decode_tokens(test, topo, true, &test_owner);
   const auto train_tokens = decode_tokens(train, topo, true);
   std::vector<locus::expert_id> table(full.experts());
   std::iota(table.begin(), table.end(), locus::expert_id{0});
@@ -165,25 +282,110 @@ int main(int argc, char** argv) try {
   nlohmann::json doc = {{"trace", trace_path}, {"topology", std::to_string(nodes) + "x" + std::to_string(gpus)},
                         {"split_seed", seed},  {"anneal_per_expert", anneal},
                         {"baseline_flat_copies", baseline}, {"rows", nlohmann::json::array()}};
+  // The command line as run, for the results' first line.
+  std::string command = "build/dev/bench/placement_oracle";
+  for (int i = 1; i < argc; ++i) command += std::string(" ") + argv[i];
+  const auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
+  // DIR/name.json (the rows) and DIR/name.md (`text`).
+  const auto write = [&](const std::string& name, const std::string& text) {
+    std::filesystem::create_directories(out_dir);
+    std::ofstream(out_dir + "/" + name + ".json") << doc.dump(1) << '\n';
+    std::ofstream(out_dir + "/" + name + ".md") << text;
+    std::printf("wrote %s/%s.{json,md} in %.0f s\n", out_dir.c_str(), name.c_str(), elapsed());
+  };
+  // The token-level stage's options for one transport and GPU load bound, with annealing.
+  const auto options_for = [&](bool hier, double slack) {
+    locus::placement::token_refine_options o;
+    o.count(hier ? locus::placement::copy_count::hierarchical : locus::placement::copy_count::flat);
+    o.balance_slack = slack;
+    o.anneal_per_expert = anneal;
+    o.max_sweeps = 20;
+    return o;
+  };
+  const auto fit_maps = [&](const locus::placement::token_sample& fit, std::size_t redundant,
+                            const locus::placement::token_refine_options& o) {
+    // Every expert once from the linear start, then (with spare slots) the replicas that save the
+    // most copies and the first copies refined around them, as the planner's token-level stage.
+    auto maps = locus::placement::refine_by_tokens(linear_with_spare(redundant), fit, topo, o);
+    if (redundant > 0) {
+      maps = locus::placement::add_replicas_by_tokens(maps, fit, topo, o);
+      maps = locus::placement::refine_by_tokens(maps, fit, topo, o);
+    }
+    return maps;
+  };
+  if (homes == "free") {
+    std::string md = "| replicas/GPU | GPU bound | node token bound | transport | round | requests moved | node tokens "
+                     "max/mean | copies vs linear/rr/flat | GPU max/mean |\n|---|---|---|---|---|---|---|---|---|\n";
+    for (const std::size_t redundant : redundants)
+      for (const double slack : slacks)
+        for (const double cap : caps)
+          for (const bool hier : {false, true}) {
+            const auto o = options_for(hier, slack);
+            auto tokens = test_tokens;
+            if (cap >= 0) balanced_domain_homes(tokens, test_owner, test, topo.nodes());
+            std::size_t moved = 0;
+            for (std::size_t round = 0; round < rounds; ++round) {
+              const auto maps = fit_maps(tokens, redundant, o);
+              const double copies = locus::placement::sample_copy_cost(maps, tokens, topo, o);
+              const auto cost = request_node_copies(maps, tokens, test_owner, test.requests(), topo, hier);
+              // The same copies, counted apart: every request's row at its home.
+              std::vector<std::int64_t> home_of(test.requests(), -1);
+              for (std::size_t t = 0; t < tokens.tokens(); ++t) home_of[test_owner[t]] = tokens.home[t];
+              double mine = 0;
+              for (std::size_t r = 0; r < test.requests(); ++r)
+                if (home_of[r] >= 0) mine += cost[r * topo.nodes() + static_cast<std::size_t>(home_of[r])];
+              if (std::abs(mine - copies) > 1e-6 * std::max(1.0, copies))
+                throw std::runtime_error("the independent copy count " + std::to_string(mine) +
+                                         " differs from sample_copy_cost " + std::to_string(copies));
+              std::vector<double> node_tokens(topo.nodes(), 0.0);
+              for (const auto h : tokens.home) node_tokens[h] += 1;
+              const double token_balance = *std::max_element(node_tokens.begin(), node_tokens.end()) *
+                                           static_cast<double>(topo.nodes()) / static_cast<double>(tokens.tokens());
+              const double ratio = copies / baseline;
+              const double balance = gpu_max_over_mean(maps, tokens, topo);
+              doc["rows"].push_back({{"redundant_slots_per_gpu", redundant}, {"balance_slack", slack},
+                                     {"node_token_bound", cap}, {"transport", hier ? "hierarchical" : "flat"},
+                                     {"round", round}, {"requests_moved", moved},
+                                     {"node_tokens_max_over_mean", token_balance}, {"copies_vs_baseline", ratio},
+                                     {"gpu_max_over_mean_test", balance}});
+              char line[256];
+              std::snprintf(line, sizeof line, "| %zu | %.2f | %s | %s | %zu | %zu | %.3f | %.3f | %.3f |\n", redundant,
+                            slack, cap < 0 ? "none" : std::to_string(cap).substr(0, 4).c_str(),
+                            hier ? "hierarchical" : "flat", round, moved, token_balance, ratio, balance);
+              md += line;
+              std::fputs(line, stdout);
+              std::fflush(stdout);
+              moved = rehome(tokens, test_owner, cost, test.requests(), topo.nodes(), cap);
+              if (moved == 0) break;
+            }
+          }
+    const double secs = elapsed();
+    std::ostringstream text;
+    text << "# How low can copies go if requests may sit anywhere? (upper-bound experiment, issue 5)\n\nProduced by `"
+         << command << "` in " << static_cast<int>(secs) << " s on " << nodes << "x" << gpus
+         << ", ESFT test split (seed " << seed << "), prefill = first " << prefill
+         << " tokens. Not a planner: every row fits and scores on the test split's decode tokens. Round 0 puts each "
+           "request on its true domain's node, as placement_oracle.md does (rows without a node token bound), or "
+           "fills the nodes in turn with the requests ordered by domain, largest domain first (rows with one); "
+           "each round fits the maps (locus's token-level stage from the linear map, "
+         << anneal
+         << " annealing proposals per expert, replicas filled on the exact copy cost), then moves each request, "
+           "largest saving first, to the node where its tokens cost the fewest copies on those maps while every "
+           "node's decode tokens stay within (1 + the node token bound) times the mean. Requests moved is the count "
+           "that produced the round's homes. Copies are relative to linear placement with round-robin requests and "
+           "flat copies on the same tokens; every round checks sample_copy_cost against a count written apart.\n\n"
+         << md;
+    write("placement_oracle_free", text.str());
+    return 0;
+  }
   std::string md = "| fitted on | replicas/GPU | GPU bound | transport | copies vs linear/rr/flat | GPU max/mean on "
                    "test |\n|---|---|---|---|---|---|\n";
   for (const std::size_t redundant : redundants)
     for (const bool on_test : {true, false})
       for (const double slack : slacks)
         for (const bool hier : {false, true}) {
-          locus::placement::token_refine_options o;
-          o.count(hier ? locus::placement::copy_count::hierarchical : locus::placement::copy_count::flat);
-          o.balance_slack = slack;
-          o.anneal_per_expert = anneal;
-          o.max_sweeps = 20;
-          const auto& fit = on_test ? test_tokens : train_tokens;
-          // Every expert once from the linear start, then (with spare slots) the replicas that save the
-          // most copies and the first copies refined around them, as the planner's token-level stage.
-          auto maps = locus::placement::refine_by_tokens(linear_with_spare(redundant), fit, topo, o);
-          if (redundant > 0) {
-            maps = locus::placement::add_replicas_by_tokens(maps, fit, topo, o);
-            maps = locus::placement::refine_by_tokens(maps, fit, topo, o);
-          }
+          const auto o = options_for(hier, slack);
+          const auto maps = fit_maps(on_test ? test_tokens : train_tokens, redundant, o);
           const double ratio = locus::placement::sample_copy_cost(maps, test_tokens, topo, o) / baseline;
           const double balance = gpu_max_over_mean(maps, test_tokens, topo);
           doc["rows"].push_back({{"fitted_on", on_test ? "test" : "train"}, {"redundant_slots_per_gpu", redundant},
@@ -197,13 +399,10 @@ int main(int argc, char** argv) try {
           std::fputs(line, stdout);
           std::fflush(stdout);
         }
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::filesystem::create_directories(out_dir);
-  std::ofstream(out_dir + "/placement_oracle.json") << doc.dump(1) << '\n';
-  std::ofstream(out_dir + "/placement_oracle.md")
-      << "# How low can copies go? (upper-bound experiment, issue 5)\n\nProduced by `build/dev/bench/placement_oracle "
-         "--out docs/results` in "
-      << static_cast<int>(secs) << " s on " << nodes << "x" << gpus
+  const double secs = elapsed();
+  std::ostringstream text;
+  text << "# How low can copies go? (upper-bound experiment, issue 5)\n\nProduced by `" << command << "` in "
+       << static_cast<int>(secs) << " s on " << nodes << "x" << gpus
       << ", ESFT test split (seed " << seed << "), prefill = first " << prefill
       << " tokens. Not a planner: locus's token-level stage (sweeps, then " << anneal
       << " annealing proposals per expert) places each layer's experts starting from the linear map (with replicas: "
@@ -213,7 +412,7 @@ int main(int argc, char** argv) try {
          "linear placement with round-robin requests and flat copies on the same tokens. \"test (oracle)\" rows "
          "see the tokens they are scored on; their GPU bound is met on those tokens.\n\n"
       << md;
-  std::printf("wrote %s/placement_oracle.{json,md} in %.0f s\n", out_dir.c_str(), secs);
+  write("placement_oracle", text.str());
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "placement_oracle: %s\n", e.what());
