@@ -11,12 +11,12 @@
 #include <locus/placement/activation_plan.hpp>
 #include <locus/placement/by_name.hpp>
 #include <locus/placement/trace_load.hpp>
-#include <locus/trace/binary.hpp>
-#include <locus/trace/esft.hpp>
 #if __has_include(<locus/trace/synthesizer.hpp>)
 #include <locus/trace/synthesizer.hpp>
 #define LOCUS_COMM_VOLUME_SYNTH 1
 #endif
+
+#include "bench_args.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -73,11 +73,7 @@ double domain_accuracy(const locus::grouper::workload_model& m, const locus::tra
   return n ? static_cast<double>(right) / static_cast<double>(n) : 0.0;
 }
 
-std::string arg_value(int argc, char** argv, const std::string& name, const std::string& fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (argv[i] == name) return argv[i + 1];
-  return fallback;
-}
+using bench_args::arg_value;
 
 } // namespace
 
@@ -93,9 +89,7 @@ int main(int argc, char** argv) try {
     return 0;
   }
   const auto start = std::chrono::steady_clock::now();
-  const auto full = (std::filesystem::is_directory(trace_path) ? locus::trace::import_esft(trace_path)
-                                                                 : locus::trace::read_trace(trace_path))
-                        .with_prefill_tokens(prefill);
+  const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);
   auto [train, test] = locus::trace::split_by_request(full, 0.5, seed);
   if (arg_value(argc, argv, "--fit-on-test", "0") == "1") train = test; // upper-bound experiments only
 

@@ -13,6 +13,8 @@
 #include <locus/placement/linear.hpp>
 #include <locus/placement/trace_load.hpp>
 
+#include "bench_args.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -28,11 +30,7 @@
 
 namespace {
 
-std::string arg_value(int argc, char** argv, const std::string& name, const std::string& fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (argv[i] == name) return argv[i + 1];
-  return fallback;
-}
+using bench_args::arg_value;
 
 // Skewed routing: per domain and layer a Zipf(1.0) popularity over a shuffled expert order;
 // each token draws k distinct experts from it.

@@ -9,6 +9,7 @@
 // destination; permute = per-destination std::vector grown by appending each row, then
 // concatenated. Both produce the same send order as the specialised path (checked).
 // Writes DIR/layout_permute.json and DIR/layout_permute.md; prints the ratio table last.
+#include "bench_args.hpp"
 #include "deepseek_shape.hpp"
 
 #include <locus/placement/replica_selection.hpp>
@@ -37,11 +38,7 @@ using clock_type = std::chrono::steady_clock;
 
 using namespace bench_shape;
 
-std::string arg_value(int argc, char** argv, const std::string& name, const std::string& fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (argv[i] == name) return argv[i + 1];
-  return fallback;
-}
+using bench_args::arg_value;
 
 // ---- the baseline ----------------------------------------------------------------------------
 

@@ -13,8 +13,8 @@
 // the current homes, then moves every request to the node where its tokens cost the fewest
 // copies on those maps, within a bound on each node's decode tokens (--home-caps; -1: none).
 #include <locus/placement/token_refine.hpp>
-#include <locus/trace/binary.hpp>
-#include <locus/trace/esft.hpp>
+
+#include "bench_args.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -32,11 +32,7 @@
 
 namespace {
 
-std::string arg_value(int argc, char** argv, const std::string& name, const std::string& fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (argv[i] == name) return argv[i + 1];
-  return fallback;
-}
+using bench_args::arg_value;
 
 // Nodes for each domain: one each, largest decode volume first; spare nodes go one at a time to
 // the domain with the most requests per node (ESFT 4 nodes: summary, law, intent, intent). With
@@ -233,27 +229,17 @@ int main(int argc, char** argv) try {
   const auto rounds = std::stoul(arg_value(argc, argv, "--rounds", "3"));
   LOCUS_REQUIRE(homes == "domain" || homes == "free", locus::config_error, "placement_oracle: --homes ", homes,
                 " is neither domain nor free");
-  std::vector<double> slacks;
-  std::vector<std::size_t> redundants;
-  {
-    std::stringstream ss(arg_value(argc, argv, "--slacks", "0.03,0.10"));
-    for (std::string x; std::getline(ss, x, ',');) slacks.push_back(std::stod(x));
-    std::stringstream rs(arg_value(argc, argv, "--redundant", "0,1"));
-    for (std::string x; std::getline(rs, x, ',');) redundants.push_back(std::stoul(x));
-  }
-  std::vector<double> caps;
-  {
-    std::stringstream cs(arg_value(argc, argv, "--home-caps", "-1,0.10"));
-    for (std::string x; std::getline(cs, x, ',');) caps.push_back(std::stod(x));
-  }
+  const auto to_double = [](const std::string& x) { return std::stod(x); };
+  const auto to_size = [](const std::string& x) { return static_cast<std::size_t>(std::stoul(x)); };
+  const auto slacks = bench_args::arg_list(argc, argv, "--slacks", "0.03,0.10", to_double);
+  const auto redundants = bench_args::arg_list(argc, argv, "--redundant", "0,1", to_size);
+  const auto caps = bench_args::arg_list(argc, argv, "--home-caps", "-1,0.10", to_double);
   if (!std::filesystem::exists(trace_path)) {
     std::printf("placement_oracle: trace %s not found; skipped\n", trace_path.c_str());
     return 0;
   }
   const auto start = std::chrono::steady_clock::now();
-  const auto full = (std::filesystem::is_directory(trace_path) ? locus::trace::import_esft(trace_path)
-                                                                 : locus::trace::read_trace(trace_path))
-                        .with_prefill_tokens(prefill);
+  const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);
   const auto [train, test] = locus::trace::split_by_request(full, 0.5, seed);
   const locus::dynamic_topology topo(nodes, gpus);
   LOCUS_REQUIRE(full.experts() % topo.ranks() == 0, locus::config_error, "placement_oracle: ", full.experts(),

@@ -16,6 +16,8 @@
 #include <locus/placement/activation_plan.hpp>
 #include <locus/placement/replan.hpp>
 
+#include "bench_args.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <chrono>
@@ -28,11 +30,7 @@
 
 namespace {
 
-std::string arg_value(int argc, char** argv, const std::string& name, const std::string& fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (argv[i] == name) return argv[i + 1];
-  return fallback;
-}
+using bench_args::arg_value;
 
 // CPU time of this thread: the machine these runs on is shared, and "on one core" means the
 // time the core spends, not the wall-clock time other processes stretch it to.

@@ -6,6 +6,8 @@
 // Prints a table of ratios last; writes JSON (and a markdown table with --md).
 #include <locus/router/router.hpp>
 
+#include "bench_args.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -24,11 +26,7 @@ namespace {
 namespace lr = locus::router;
 using locus::bfloat16;
 
-std::string arg_value(int argc, char** argv, const std::string& name, const std::string& fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (argv[i] == name) return argv[i + 1];
-  return fallback;
-}
+using bench_args::arg_value;
 
 float as_float(float x) { return x; }
 float as_float(bfloat16 x) { return static_cast<float>(x); }

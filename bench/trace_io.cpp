@@ -14,6 +14,8 @@
 #include <locus/trace/esft.hpp>
 #include <locus/trace/jsonl.hpp>
 
+#include "bench_args.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -31,11 +33,7 @@ namespace {
 namespace fs = std::filesystem;
 using clock_type = std::chrono::steady_clock;
 
-std::string arg_value(int argc, char** argv, const std::string& name, const std::string& fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (argv[i] == name) return argv[i + 1];
-  return fallback;
-}
+using bench_args::arg_value;
 
 //! Wall-clock and CPU seconds (user + system of this process: on a shared, oversubscribed machine
 //! the wall clock mostly measures waiting for a core, CPU time what the work itself costs).

@@ -12,8 +12,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <locus/trace/binary.hpp>
-#include <locus/trace/esft.hpp>
 #include <locus/trace/statistics.hpp>
 #include <locus/trace/synthesizer.hpp>
 #include <map>
@@ -22,13 +20,11 @@
 #include <string>
 #include <vector>
 
+#include "bench_args.hpp"
+
 namespace {
 
-std::string arg_value(int argc, char** argv, const std::string& name, const std::string& fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (argv[i] == name) return argv[i + 1];
-  return fallback;
-}
+using bench_args::arg_value;
 
 template <class F>
 double best_of(std::size_t repeats, F&& f) {
@@ -160,8 +156,7 @@ int main(int argc, char** argv) try {
     std::printf("trace_stats: trace %s not found; skipped\n", trace_path.c_str());
     return 0;
   }
-  const auto real = (std::filesystem::is_directory(trace_path) ? locus::trace::import_esft(trace_path)
-                                                               : locus::trace::read_trace(trace_path));
+  const auto real = bench_args::load_trace(trace_path);
   const auto t = real.with_prefill_tokens(32);
 
   // 1. Statistics over the whole trace.

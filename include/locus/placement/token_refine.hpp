@@ -673,9 +673,11 @@ public:
     for (double x : load_) total += x;
     cap_ = (1.0 + opt_.balance_slack) * total / static_cast<double>(ranks_);
     shifted_.reset(opt_.balance_shift, nodes_, ranks_);
-    for (std::size_t i = 0; i < tr_.size(); ++i)
-      if (tr_[i] >= 0) shifted_.count(home_[i / k_], static_cast<std::size_t>(tr_[i]), 1.0);
-    shifted_.set_caps(load_, opt_.shift_slack);
+    if (shifted_.on()) {
+      for (std::size_t i = 0; i < tr_.size(); ++i)
+        if (tr_[i] >= 0) shifted_.count(home_[i / k_], static_cast<std::size_t>(tr_[i]), 1.0);
+      shifted_.set_caps(load_, opt_.shift_slack);
+    }
     ranks_seen_.reset(ranks_);
     nodes_seen_.reset(nodes_);
   }

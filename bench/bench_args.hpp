@@ -1,0 +1,35 @@
+#pragma once
+// Command-line and trace loading shared by the benchmarks: `--name value` options with a default,
+// comma lists of them, and a trace given as an ESFT folder or a binary trace file.
+#include <locus/trace/binary.hpp>
+#include <locus/trace/esft.hpp>
+
+#include <filesystem>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace bench_args {
+
+// The value after `name` on the command line, or `fallback`.
+inline std::string arg_value(int argc, char** argv, const std::string& name, const std::string& fallback) {
+  for (int i = 1; i + 1 < argc; ++i)
+    if (argv[i] == name) return argv[i + 1];
+  return fallback;
+}
+
+// The comma-separated values after `name`, each read by `parse` (e.g. std::stod).
+template <class Parse>
+auto arg_list(int argc, char** argv, const std::string& name, const std::string& fallback, Parse parse) {
+  std::vector<decltype(parse(std::string{}))> out;
+  std::stringstream ss(arg_value(argc, argv, name, fallback));
+  for (std::string x; std::getline(ss, x, ',');) out.push_back(parse(x));
+  return out;
+}
+
+// An ESFT folder (imported) or a binary trace file.
+inline locus::trace::trace load_trace(const std::string& path) {
+  return std::filesystem::is_directory(path) ? locus::trace::import_esft(path) : locus::trace::read_trace(path);
+}
+
+} // namespace bench_args
