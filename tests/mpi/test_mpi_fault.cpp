@@ -49,6 +49,12 @@ outcome observe(F&& body) {
 std::vector<outcome> gather(const outcome& mine) {
   std::vector<outcome> all(static_cast<std::size_t>(world_size()));
   LOCUS_MPI_CHECK(MPI_Allgather(&mine, sizeof mine, MPI_BYTE, all.data(), sizeof mine, MPI_BYTE, MPI_COMM_WORLD));
+  if (world_rank() == 0) {
+    std::string times;
+    for (std::size_t r = 0; r < all.size(); ++r)
+      times += " " + std::to_string(r) + ":" + std::to_string(all[r].seconds).substr(0, 5) + "s";
+    BOOST_TEST_MESSAGE(boost::unit_test::framework::current_test_case().p_name.get() << ": ranks ended after" << times);
+  }
   return all;
 }
 
