@@ -207,6 +207,12 @@ private:
       // machine the peers this rank waits for need its core. (Sleeping instead measured slower:
       // the woken rank waits for a scheduler tick behind other processes.)
       if (++spins > 64) std::this_thread::yield();
+      // A peer that gave up will never complete this stage: stop waiting as soon as its notice is here.
+      if (spins % 256 == 0) {
+        int notice = 0;
+        LOCUS_MPI_CHECK(MPI_Iprobe(MPI_ANY_SOURCE, notice_tag, communicator(where.group), &notice, MPI_STATUS_IGNORE));
+        if (notice) break;
+      }
     }
     // MPI_Testall leaves every request in place when one is pending: test the receives one by one
     // to name only the members that really did not arrive.
@@ -274,8 +280,10 @@ private:
       for (std::size_t r : they_missed)
         if (r != rank() && std::find(absent.begin(), absent.end(), r) == absent.end()) absent.push_back(r);
       std::sort(absent.begin(), absent.end());
-      message = missing ? ::locus::detail::concat("mpi_transport: rank ", rank(), " waited ", options_.timeout.count(),
-                                                  " ms in ", stage)
+      const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
+                                                                                (where.deadline - options_.timeout));
+      message = missing ? ::locus::detail::concat("mpi_transport: rank ", rank(), " waited ", waited.count(),
+                                                  " ms (of ", options_.timeout.count(), ") in ", stage)
                         : ::locus::detail::concat("mpi_transport: rank ", rank(), " in ", stage);
       if (!absent.empty()) message += "; " + dx::rank_list(absent) + " did not arrive in time";
       if (!gave_up.empty()) message += "; " + dx::rank_list(gave_up) + " gave up waiting (at " + their_exchange + ")";
