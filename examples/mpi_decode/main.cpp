@@ -188,6 +188,7 @@ int main(int argc, char** argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &size_i);
   const auto me = static_cast<std::size_t>(rank_i), ranks = static_cast<std::size_t>(size_i);
   int status = 0;
+  bool all_parsed = false; // every rank reached the option check: errors from there on are alike on all
   try {
     options o;
     for (int i = 1; i < argc; ++i) {
@@ -215,6 +216,7 @@ int main(int argc, char** argv) {
       else
         LOCUS_THROW(config_error, "mpi_decode: unknown option ", a);
     }
+    all_parsed = true;
     check_same_options(o, ranks);
     LOCUS_REQUIRE(ranks % o.gpus_per_node == 0, config_error, "mpi_decode: ", ranks,
                   " ranks are not a multiple of --gpus-per-node ", o.gpus_per_node);
@@ -316,8 +318,11 @@ int main(int argc, char** argv) {
     if (me == 0)
       std::printf("\nbytes: dispatch + combine over all steps and ranks; step ms: median of the slowest rank\n");
   } catch (const config_error& e) {
-    // Raised alike on every rank (options, topology): all are in step, so all can finalize.
     std::fprintf(stderr, "rank %zu: %s\n", me, e.what());
+    std::fflush(stderr);
+    // Raised alike on every rank (different options, topology): all are in step and can finalize.
+    // A bad option on one rank only ends the job.
+    if (!all_parsed) MPI_Abort(MPI_COMM_WORLD, 1);
     status = 1;
   } catch (const std::exception& e) {
     // A rank that stopped or left would block MPI_Finalize: end the job.
