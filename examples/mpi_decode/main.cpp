@@ -2,7 +2,7 @@
 // with the flat and the rail-aligned hierarchical transport, under linear and locality placement.
 //
 //   mpirun -np 8 build/dev/examples/mpi_decode/mpi_decode [--gpus-per-node 2] [--steps 16]
-//          [--trace PATH --layer L] [--hidden 256]
+//          [--trace PATH --layer L] [--hidden 256] [--timeout-ms 30000] [--stop-rank R]
 //
 // Without --trace a synthetic workload is used: 64 experts, top-8, 32 running requests per rank,
 // each request drawing 70% of its experts from its node's domain. With --trace (a locus binary
@@ -10,31 +10,88 @@
 // s-th token of every request on the rank. The layer's expert compute is a user callable
 // (layer::expert_callable) applying a small dense map per expert (y = W_e x with a fixed W_e), and
 // every step's output is checked against a dense reference.
+//
+// Faults end the run on every rank instead of hanging it: the ranks first check that they were given
+// the same options (a rank told a different --steps would otherwise wait for ever in an exchange its
+// peers never make), every step names its exchanges (mpi_transport::begin_step), and the per-step
+// synchronisation runs under the same deadline as the exchanges (--timeout-ms). After reporting an
+// error a rank calls MPI_Abort, since a rank that stopped or left would block MPI_Finalize.
+// --stop-rank R is a fault drill: rank R stops itself (SIGSTOP) before the second step.
 #include "../locus/trace_input.hpp"
 
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <functional>
 #include <locus/core/mpi_error.hpp>
 #include <locus/layer/moe_layer.hpp>
 #include <locus/locus.hpp>
 #include <locus/placement/by_name.hpp>
 #include <locus/transport/dispatch.hpp>
 #include <locus/transport/mpi.hpp>
-
-#include <algorithm>
-#include <chrono>
-#include <cmath>
-#include <cstdio>
 #include <optional>
 #include <random>
 #include <string>
+#include <thread>
 
 using namespace locus;
 using namespace locus::transport;
 
 namespace {
 struct options {
-  std::size_t gpus_per_node = 2, steps = 16, hidden = 256, layer = 0, requests_per_rank = 32;
+  std::size_t gpus_per_node = 2, steps = 16, hidden = 256, layer = 0, requests_per_rank = 32, timeout_ms = 30000;
+  std::size_t stop_rank = SIZE_MAX;
   std::string trace;
 };
+
+// Waits for a nonblocking collective until the deadline: the blocking form would wait for ever
+// on a rank that stopped or left.
+void finish(MPI_Request& request, const options& o, const char* what) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(o.timeout_ms);
+  for (;;) {
+    int done = 0;
+    LOCUS_MPI_CHECK(MPI_Test(&request, &done, MPI_STATUS_IGNORE));
+    if (done) return;
+    if (std::chrono::steady_clock::now() > deadline)
+      LOCUS_THROW(timeout_error, "mpi_decode: ", what, " did not complete within ", o.timeout_ms,
+                  " ms: a rank stopped, left or runs a different number of steps");
+    std::this_thread::yield();
+  }
+}
+
+// Every rank must run the same configuration. Each rank gathers every rank's options (under the
+// deadline) and, when they differ, all raise the same config_error naming the ranks and values.
+void check_same_options(const options& o, std::size_t ranks) {
+  const std::uint64_t mine[] = {o.gpus_per_node,
+                                o.steps,
+                                o.hidden,
+                                o.layer,
+                                o.requests_per_rank,
+                                o.timeout_ms,
+                                std::hash<std::string>{}(o.trace)};
+  constexpr std::size_t fields = std::size(mine);
+  const char* names[fields] = {"--gpus-per-node",     "--steps",      "--hidden", "--layer",
+                               "--requests-per-rank", "--timeout-ms", "--trace"};
+  std::vector<std::uint64_t> all(fields * ranks);
+  MPI_Request r = MPI_REQUEST_NULL;
+  LOCUS_MPI_CHECK(MPI_Iallgather(mine, static_cast<int>(fields), MPI_UINT64_T, all.data(), static_cast<int>(fields),
+                                 MPI_UINT64_T, MPI_COMM_WORLD, &r));
+  finish(r, o, "the option check");
+  for (std::size_t f = 0; f < fields; ++f)
+    for (std::size_t q = 1; q < ranks; ++q)
+      if (all[q * fields + f] != all[f]) {
+        std::string values;
+        for (std::size_t p = 0; p < ranks; ++p)
+          values +=
+              locus::detail::concat(p ? ", " : "", "rank ", p, ": ",
+                                    f + 1 == fields ? (all[p * fields + f] == all[f] ? "as rank 0" : "another value")
+                                                    : std::to_string(all[p * fields + f]));
+        LOCUS_THROW(config_error, "mpi_decode: the ranks were given different ", names[f], " (", values,
+                    "); every rank must run the same configuration");
+      }
+}
 
 // The workload: per step and rank, a routing (ids int32, weights) of that rank's running tokens.
 struct workload {
@@ -131,6 +188,7 @@ int main(int argc, char** argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &size_i);
   const auto me = static_cast<std::size_t>(rank_i), ranks = static_cast<std::size_t>(size_i);
   int status = 0;
+  bool all_parsed = false; // every rank reached the option check: errors from there on are alike on all
   try {
     options o;
     for (int i = 1; i < argc; ++i) {
@@ -151,9 +209,15 @@ int main(int argc, char** argv) {
         o.layer = std::stoul(next());
       else if (a == "--requests-per-rank")
         o.requests_per_rank = std::stoul(next());
+      else if (a == "--timeout-ms")
+        o.timeout_ms = std::stoul(next());
+      else if (a == "--stop-rank")
+        o.stop_rank = std::stoul(next());
       else
         LOCUS_THROW(config_error, "mpi_decode: unknown option ", a);
     }
+    all_parsed = true;
+    check_same_options(o, ranks);
     LOCUS_REQUIRE(ranks % o.gpus_per_node == 0, config_error, "mpi_decode: ", ranks,
                   " ranks are not a multiple of --gpus-per-node ", o.gpus_per_node);
     const dynamic_topology topo(ranks / o.gpus_per_node, o.gpus_per_node);
@@ -182,7 +246,7 @@ int main(int argc, char** argv) {
     for (const std::string name : {"linear", "locality"}) {
       const expert_map map = placement::plan_by_name(name, in).at(0);
       for (bool hier : {false, true}) {
-        mpi_transport t(MPI_COMM_WORLD, topo, hier);
+        mpi_transport t(MPI_COMM_WORLD, topo, hier, exchange_options{std::chrono::milliseconds(o.timeout_ms)});
         // The layer with the dense maps as its expert compute; the policy fixes flat or hierarchical.
         auto maps = [&](expert_id e, std::span<const float> rows_in, std::span<float> rows_out, std::size_t rows) {
           for (std::size_t row = 0; row < rows; ++row)
@@ -200,13 +264,17 @@ int main(int argc, char** argv) {
         std::vector<double> times;
         double worst = 0;
         t.reset_bytes();
-        for (const auto& step : w.steps) {
-          const routing<>& r = step[me];
+        for (std::size_t s = 0; s < w.steps.size(); ++s) {
+          const routing<>& r = w.steps[s][me];
           std::vector<float> x(r.tokens() * o.hidden), y(x.size());
           for (std::size_t tk = 0; tk < r.tokens(); ++tk)
             for (std::size_t h = 0; h < o.hidden; ++h)
               x[tk * o.hidden + h] = input_of(me, tk, h);
-          MPI_Barrier(MPI_COMM_WORLD);
+          if (s == 1 && me == o.stop_rank) std::raise(SIGSTOP);
+          MPI_Request sync = MPI_REQUEST_NULL;
+          LOCUS_MPI_CHECK(MPI_Ibarrier(MPI_COMM_WORLD, &sync));
+          finish(sync, o, "the per-step barrier");
+          t.begin_step(s);
           const auto t0 = std::chrono::steady_clock::now();
           if (hier)
             hier_layer->forward(x, r.view(), y);
@@ -214,7 +282,8 @@ int main(int argc, char** argv) {
             flat_layer->forward(x, r.view(), y);
           const double mine = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
           double slowest = 0;
-          MPI_Allreduce(&mine, &slowest, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+          LOCUS_MPI_CHECK(MPI_Iallreduce(&mine, &slowest, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD, &sync));
+          finish(sync, o, "the per-step time reduction");
           times.push_back(slowest);
           // Dense reference in double: every token through its top-k experts, weighted.
           std::vector<float> ye(o.hidden);
@@ -231,10 +300,13 @@ int main(int argc, char** argv) {
           }
         }
         std::array<std::uint64_t, 3> bytes{};
-        LOCUS_MPI_CHECK(
-            MPI_Reduce(t.bytes().bytes_sent.data(), bytes.data(), 3, MPI_UINT64_T, MPI_SUM, 0, MPI_COMM_WORLD));
+        MPI_Request sums[2];
+        LOCUS_MPI_CHECK(MPI_Ireduce(t.bytes().bytes_sent.data(), bytes.data(), 3, MPI_UINT64_T, MPI_SUM, 0,
+                                    MPI_COMM_WORLD, &sums[0]));
         double all_worst = 0;
-        MPI_Reduce(&worst, &all_worst, 1, MPI_DOUBLE, MPI_MAX, 0, MPI_COMM_WORLD);
+        LOCUS_MPI_CHECK(MPI_Ireduce(&worst, &all_worst, 1, MPI_DOUBLE, MPI_MAX, 0, MPI_COMM_WORLD, &sums[1]));
+        finish(sums[0], o, "the byte count reduction");
+        finish(sums[1], o, "the error reduction");
         std::sort(times.begin(), times.end());
         if (me == 0)
           std::printf("%-9s %-17s %14.1f %14.1f %14.1f %12.3f %10.1e\n", name.c_str(),
@@ -245,9 +317,17 @@ int main(int argc, char** argv) {
     }
     if (me == 0)
       std::printf("\nbytes: dispatch + combine over all steps and ranks; step ms: median of the slowest rank\n");
-  } catch (const std::exception& e) {
+  } catch (const config_error& e) {
     std::fprintf(stderr, "rank %zu: %s\n", me, e.what());
+    std::fflush(stderr);
+    // Raised alike on every rank (different options, topology): all are in step and can finalize.
+    // A bad option on one rank only ends the job.
+    if (!all_parsed) MPI_Abort(MPI_COMM_WORLD, 1);
     status = 1;
+  } catch (const std::exception& e) {
+    // A rank that stopped or left would block MPI_Finalize: end the job.
+    std::fprintf(stderr, "rank %zu: %s\n", me, e.what());
+    std::fflush(stderr);
     MPI_Abort(MPI_COMM_WORLD, 1);
   }
   MPI_Finalize();

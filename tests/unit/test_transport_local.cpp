@@ -32,6 +32,15 @@ std::vector<std::exception_ptr> run_ranks(local_fabric& f, const std::function<v
   return errors;
 }
 
+std::string message_of(const std::exception_ptr& p) {
+  if (!p) return {};
+  try {
+    std::rethrow_exception(p);
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+}
+
 template <class E>
 bool raised(const std::exception_ptr& p) {
   if (!p) return false;
@@ -170,9 +179,72 @@ BOOST_AUTO_TEST_CASE(missing_peer_times_out) {
   });
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   BOOST_TEST(!errors[1]);
-  for (std::size_t r : {0u, 2u, 3u})
+  for (std::size_t r : {0u, 2u, 3u}) {
     BOOST_TEST(raised<timeout_error>(errors[r]));
+    // Only the rank that really stayed away is named.
+    BOOST_TEST(message_of(errors[r]).find("world group; rank 1 did not arrive;") != std::string::npos,
+               message_of(errors[r]));
+  }
   BOOST_TEST(seconds < 5.0);
+}
+
+// A rank that arrives after the others gave up raises too, saying so, instead of joining an
+// exchange nobody else is in; the others name it alone, in its node group as in the world.
+BOOST_AUTO_TEST_CASE(late_peer_raises_and_is_named) {
+  const dynamic_topology topo(2, 2);
+  for (exchange_group g : {exchange_group::world, exchange_group::node}) {
+    local_fabric f(topo, false, exchange_options{std::chrono::milliseconds(150)});
+    const auto errors = run_ranks(f, [&](local_transport& ep) {
+      if (ep.rank() == 3) std::this_thread::sleep_for(std::chrono::milliseconds(400));
+      const std::size_t members = ep.group_size(g);
+      std::vector<std::size_t> counts(members, 1);
+      std::vector<std::byte> rows(members * 8);
+      exchange_result out;
+      ep.exchange({g, 8, rows, counts, {}}, out);
+    });
+    const std::string others = g == exchange_group::world ? "ranks 0, 1, 2" : "rank 2";
+    for (std::size_t r = 0; r < 4; ++r) {
+      const std::string m = message_of(errors[r]);
+      if (g == exchange_group::node && r < 2) {
+        BOOST_TEST(!errors[r], m);
+      } else if (r == 3) {
+        BOOST_TEST(raised<timeout_error>(errors[r]));
+        BOOST_TEST(m.find("after " + others + " had given up waiting for it: it arrived late") != std::string::npos, m);
+      } else {
+        BOOST_TEST(raised<timeout_error>(errors[r]));
+        BOOST_TEST(m.find("rank 3 did not arrive;") != std::string::npos, m);
+      }
+    }
+  }
+}
+
+// The step in the header catches a rank that skipped a step: every rank raises transport_error
+// naming both sides, and, all having seen the same headers, all can go on.
+BOOST_AUTO_TEST_CASE(skipped_step_is_caught_on_every_rank) {
+  local_fabric f(dynamic_topology(1, 3), false, exchange_options{std::chrono::milliseconds(5000)});
+  std::vector<std::string> first(3);
+  const auto errors = run_ranks(f, [&](local_transport& ep) {
+    std::vector<std::size_t> counts(3, 1);
+    std::vector<std::byte> rows(3 * 8);
+    exchange_result out;
+    try {
+      for (std::uint64_t step = 0; step < 3; ++step) {
+        if (ep.rank() == 1 && step == 1) continue;
+        ep.begin_step(step);
+        ep.exchange({exchange_group::world, 8, rows, counts, {}}, out);
+      }
+    } catch (const transport_error& e) {
+      first[ep.rank()] = e.what();
+    }
+    ep.begin_step(7);
+    ep.exchange({exchange_group::world, 8, rows, counts, {}}, out);
+  });
+  for (std::size_t r = 0; r < 3; ++r) {
+    BOOST_TEST(!errors[r], message_of(errors[r]));
+    BOOST_TEST(first[r].find("ranks 0, 2 are at step 1 exchange #0; rank 1 is at step 2 exchange #0") !=
+                   std::string::npos,
+               first[r]);
+  }
 }
 
 // Random cases through the local transport, flat and hierarchical: outputs equal the dense

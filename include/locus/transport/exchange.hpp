@@ -11,14 +11,19 @@
 //! 0..size-1: on a node by local rank, on a rail by node.
 //!
 //! Every exchange begins with a header round in which each member tells each other member its row
-//! width, its exchange sequence number, how many rows it sends and whether its own input was
-//! valid. Every member sees every header, so disagreements (different row widths, an exchange
-//! skipped by one rank, invalid input on one rank) raise locus::transport_error on *every* member
+//! width, the exchange's name, how many rows it sends and whether its own input was valid. The name
+//! is (step, index, stage): the step the caller last announced with the transport's `begin_step`,
+//! the number of exchanges this member made over the group since then, and the caller's optional
+//! `exchange_request::stage`. Every member sees every header, so disagreements (different row
+//! widths, names that differ because a rank skipped, repeated or added an exchange or a step, invalid
+//! input on one rank) raise locus::transport_error on *every* member, naming the ranks on each side,
 //! instead of corrupting data; receiver-side expectations (`expected_counts`) add a second round so
 //! that one rank's mismatch is raised by all. A member that does not arrive within the configured
-//! timeout makes the others raise locus::timeout_error; the transport is then unusable (every
-//! later call raises) because the group's messages are no longer in step.
+//! timeout makes the others raise locus::timeout_error naming the ranks that did not arrive; the
+//! transport is then unusable (every later call raises) because the group's messages are no longer
+//! in step. The fault model (what each fault yields, within what time) is in docs/design.md.
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <concepts>
@@ -29,6 +34,7 @@
 #include <locus/core/topology.hpp>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
@@ -52,13 +58,8 @@ inline const char* to_string(exchange_group g) noexcept {
 //! Options shared by every transport.
 struct exchange_options {
   //! How long a member waits for its peers in one exchange before raising locus::timeout_error.
+  //! Every stage of an exchange (headers, count agreement, rows) ends by this deadline.
   std::chrono::milliseconds timeout{30000};
-  //! Whether the row stage also runs nonblocking under the deadline. The header round already
-  //! proves that every member arrived, so by default the rows move with the blocking collective,
-  //! which MPI implementations tune far better than their nonblocking schedules (Open MPI's
-  //! `MPI_Ialltoallv` measured 2-3× slower in bench/exchange); set this to also bound a peer
-  //! that dies between the two stages.
-  bool deadline_on_rows = false;
 };
 
 //! Bytes and rows a rank actually moved, per link class (same GPU, intra-node, inter-node).
@@ -91,6 +92,10 @@ struct exchange_request {
   //! Optional: rows this member expects from each source member (size = group size). A mismatch
   //! raises locus::transport_error on every member of the group.
   std::span<const std::size_t> expected_counts;
+  //! Optional name of this exchange within a step (for example dispatch = 1, combine = 2), equal on
+  //! all members. With it a rank that skips one exchange of a step is caught at that very exchange;
+  //! without it, at its next exchange after the step's end (see `begin_step` of the transports).
+  std::uint32_t stage = 0;
 
   //! 1 when this member checks expected counts (everyone then runs the second round).
   std::uint32_t expectations_flag() const noexcept { return expected_counts.empty() ? 0u : 1u; }
@@ -146,13 +151,83 @@ concept transport = transport_policy<P> && requires {
 
 namespace detail::exchange {
 
+//! Group membership from the topology: the same numbering for every transport.
+struct group_map {
+  dynamic_topology topo;
+  std::size_t rank;
+
+  std::size_t size(exchange_group g) const noexcept {
+    switch (g) {
+    case exchange_group::node: return topo.gpus_per_node();
+    case exchange_group::rail: return topo.nodes();
+    default: return topo.ranks();
+    }
+  }
+  std::size_t self_member(exchange_group g) const noexcept {
+    switch (g) {
+    case exchange_group::node: return rank % topo.gpus_per_node();
+    case exchange_group::rail: return rank / topo.gpus_per_node();
+    default: return rank;
+    }
+  }
+  std::size_t world_rank_of(exchange_group g, std::size_t m) const noexcept {
+    switch (g) {
+    case exchange_group::node: return (rank / topo.gpus_per_node()) * topo.gpus_per_node() + m;
+    case exchange_group::rail: return m * topo.gpus_per_node() + rank % topo.gpus_per_node();
+    default: return m;
+    }
+  }
+};
+
 //! The header one member sends to each other member before the rows.
 struct header {
-  std::uint64_t sequence = 0;
+  std::uint64_t step = 0;  //!< the step the sender last announced (begin_step)
+  std::uint64_t index = 0; //!< exchanges the sender made over this group since then
   std::uint64_t row_bytes = 0;
   std::uint64_t count = 0;
+  std::uint32_t stage = 0;        //!< exchange_request::stage
   std::uint32_t status = 0;       //!< 0: valid input; otherwise a local_problem code
   std::uint32_t expectations = 0; //!< 1 when the sender checks expected counts (second round)
+  std::uint32_t reserved = 0;
+};
+
+//! Where one member stands: the name of the exchange it is in.
+struct position {
+  std::uint64_t step = 0, index = 0;
+  std::uint32_t stage = 0;
+  friend bool operator==(const position&, const position&) = default;
+};
+inline position position_of(const header& h) noexcept { return {h.step, h.index, h.stage}; }
+
+inline std::string describe(const position& p) {
+  return ::locus::detail::concat("step ", p.step, " exchange #", p.index, p.stage ? " (stage " : "",
+                                 p.stage ? std::to_string(p.stage) + ")" : std::string());
+}
+
+//! "rank 3" or "ranks 0, 1, 2".
+inline std::string rank_list(std::span<const std::size_t> ranks) {
+  std::string out = ranks.size() == 1 ? "rank " : "ranks ";
+  for (std::size_t i = 0; i < ranks.size(); ++i)
+    out += (i ? ", " : "") + std::to_string(ranks[i]);
+  return out;
+}
+
+//! Per-group counters of one member: the step it announced, exchanges since, and every exchange
+//! it ever made (which transports use to keep the messages of consecutive exchanges apart).
+struct step_counter {
+  std::uint64_t step = 0;
+  std::array<std::uint64_t, 3> index{}, calls{};
+
+  void begin(std::uint64_t s) noexcept {
+    step = s;
+    index = {};
+  }
+  //! The position of the next exchange over `g`; advances the counters.
+  position next(exchange_group g, std::uint32_t stage) noexcept {
+    const auto i = static_cast<std::size_t>(g);
+    ++calls[i];
+    return {step, index[i]++, stage};
+  }
 };
 
 enum local_problem : std::uint32_t { ok = 0, counts_size = 1, rows_size = 2, zero_width = 3, expected_size = 4 };
@@ -196,29 +271,40 @@ inline std::uint32_t check_request(const exchange_request& req, std::size_t memb
 }
 
 //! The verdict every member reaches from the same set of headers (`received[m]` is the header
-//! member m sent to this member; all members see the same sequence, width and status values).
+//! member m sent to this member; all members see the same names, widths and status values).
 //! Returns an empty string when the exchange may proceed.
-inline std::string verdict(std::span<const header> received, std::size_t self_member, exchange_group g,
+inline std::string verdict(std::span<const header> received, const group_map& groups, exchange_group g,
                            const std::string& own_problem) {
+  const std::size_t self = groups.self_member(g);
+  const auto where = [&] { return ::locus::detail::concat("exchange over the ", to_string(g), " group: "); };
   for (std::size_t m = 0; m < received.size(); ++m) {
     if (received[m].status != ok) {
-      if (m == self_member && !own_problem.empty())
-        return ::locus::detail::concat("exchange over the ", to_string(g),
-                                       " group: this member's request is invalid: ", own_problem);
-      return ::locus::detail::concat("exchange over the ", to_string(g), " group: member ", m, " passed ",
+      if (m == self && !own_problem.empty())
+        return ::locus::detail::concat(where(), "this rank's request is invalid: ", own_problem);
+      return ::locus::detail::concat(where(), "rank ", groups.world_rank_of(g, m), " passed ",
                                      describe(received[m].status));
     }
   }
-  for (std::size_t m = 1; m < received.size(); ++m) {
-    if (received[m].sequence != received[0].sequence)
-      return ::locus::detail::concat("exchange over the ", to_string(g), " group: member 0 is at exchange #",
-                                     received[0].sequence, " but member ", m, " is at exchange #", received[m].sequence,
-                                     " (a rank skipped or repeated an exchange)");
-    if (received[m].row_bytes != received[0].row_bytes)
-      return ::locus::detail::concat("exchange over the ", to_string(g), " group: member 0 sends rows of ",
-                                     received[0].row_bytes, " bytes but member ", m, " sends rows of ",
-                                     received[m].row_bytes, " bytes");
+  // Members grouped by the exchange they are in, in member order of first appearance.
+  std::vector<std::pair<position, std::vector<std::size_t>>> at;
+  for (std::size_t m = 0; m < received.size(); ++m) {
+    const position p = position_of(received[m]);
+    auto it = std::find_if(at.begin(), at.end(), [&](const auto& e) { return e.first == p; });
+    if (it == at.end()) it = at.insert(at.end(), {p, {}});
+    it->second.push_back(groups.world_rank_of(g, m));
   }
+  if (at.size() > 1) {
+    std::string why = where();
+    for (std::size_t i = 0; i < at.size(); ++i)
+      why += ::locus::detail::concat(i ? "; " : "", rank_list(at[i].second), at[i].second.size() == 1 ? " is" : " are",
+                                     " at ", describe(at[i].first));
+    return why + " (a rank skipped, repeated or added an exchange or a step)";
+  }
+  for (std::size_t m = 1; m < received.size(); ++m)
+    if (received[m].row_bytes != received[0].row_bytes)
+      return ::locus::detail::concat(where(), "rank ", groups.world_rank_of(g, 0), " sends rows of ",
+                                     received[0].row_bytes, " bytes but rank ", groups.world_rank_of(g, m),
+                                     " sends rows of ", received[m].row_bytes, " bytes");
   return {};
 }
 
@@ -232,18 +318,17 @@ inline std::uint32_t expectation_code(std::span<const header> received, std::spa
 }
 
 //! Message for a failed second round: the first member (in member order) that reported a mismatch.
-inline std::string expectation_verdict(std::span<const std::uint32_t> codes, exchange_group g,
-                                       std::span<const header> received, std::span<const std::size_t> expected,
-                                       std::size_t self_member) {
+inline std::string expectation_verdict(std::span<const std::uint32_t> codes, const group_map& groups, exchange_group g,
+                                       std::span<const header> received, std::span<const std::size_t> expected) {
   for (std::size_t m = 0; m < codes.size(); ++m) {
     if (codes[m] == 0) continue;
     const std::size_t src = codes[m] - 1;
-    if (m == self_member)
-      return ::locus::detail::concat("exchange over the ", to_string(g), " group: member ", src, " sends ",
-                                     received[src].count, " rows to this member (", m, ") but ", expected[src],
-                                     " were expected");
-    return ::locus::detail::concat("exchange over the ", to_string(g), " group: member ", m,
-                                   " received a row count from member ", src,
+    if (m == groups.self_member(g))
+      return ::locus::detail::concat("exchange over the ", to_string(g), " group: rank ", groups.world_rank_of(g, src),
+                                     " sends ", received[src].count, " rows to this rank (", groups.world_rank_of(g, m),
+                                     ") but ", expected[src], " were expected");
+    return ::locus::detail::concat("exchange over the ", to_string(g), " group: rank ", groups.world_rank_of(g, m),
+                                   " received a row count from rank ", groups.world_rank_of(g, src),
                                    " that differs from the count it expected");
   }
   return {};
@@ -275,34 +360,6 @@ void count_bytes(link_counters& c, const dynamic_topology& topo, std::size_t sel
     c.bytes_received[cls] += out.counts[m] * req.row_bytes;
   }
 }
-
-//! Group membership from the topology: the same numbering for every transport.
-struct group_map {
-  dynamic_topology topo;
-  std::size_t rank;
-
-  std::size_t size(exchange_group g) const noexcept {
-    switch (g) {
-    case exchange_group::node: return topo.gpus_per_node();
-    case exchange_group::rail: return topo.nodes();
-    default: return topo.ranks();
-    }
-  }
-  std::size_t self_member(exchange_group g) const noexcept {
-    switch (g) {
-    case exchange_group::node: return rank % topo.gpus_per_node();
-    case exchange_group::rail: return rank / topo.gpus_per_node();
-    default: return rank;
-    }
-  }
-  std::size_t world_rank_of(exchange_group g, std::size_t m) const noexcept {
-    switch (g) {
-    case exchange_group::node: return (rank / topo.gpus_per_node()) * topo.gpus_per_node() + m;
-    case exchange_group::rail: return m * topo.gpus_per_node() + rank % topo.gpus_per_node();
-    default: return m;
-    }
-  }
-};
 
 } // namespace detail::exchange
 

@@ -6,6 +6,7 @@
 //! and combine are tested without MPI, and single-process programs can use the same code.
 //! Groups (world, node, rail) follow the fabric's topology exactly as on a real machine.
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstring>
 #include <locus/transport/exchange.hpp>
@@ -17,48 +18,65 @@ namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
 namespace detail::local {
 
 //! A barrier that gives up at a deadline. Once one member times out the barrier is broken for
-//! good: the members are no longer in step, so every later arrival raises at once.
+//! good: the members are no longer in step, so every later arrival raises at once. It remembers
+//! who had arrived when it broke, so that every waiting member names the ranks that did not
+//! arrive, and a member that arrives late learns that the others gave up waiting for it.
 class timed_barrier {
 public:
-  explicit timed_barrier(std::size_t members) : members_(members) {}
+  //! @param ranks world rank of each member (for messages)
+  explicit timed_barrier(std::vector<std::size_t> ranks) : ranks_(std::move(ranks)), arrived_(ranks_.size(), false) {}
 
-  void arrive_and_wait(std::chrono::steady_clock::time_point deadline, std::size_t member, const char* group) {
+  //! @param where what the member is doing, for messages ("the header round of step 2 exchange #0")
+  void arrive_and_wait(std::chrono::steady_clock::time_point deadline, std::chrono::milliseconds timeout,
+                       std::size_t member, exchange_group group, const std::string& where) {
     std::unique_lock lock(mutex_);
-    if (broken_)
-      LOCUS_THROW(transport_error, "local transport (", group,
-                  " group): unusable after an earlier exchange timed out on another member");
+    if (broken_) {
+      if (std::find(missing_.begin(), missing_.end(), ranks_[member]) != missing_.end())
+        LOCUS_THROW(timeout_error, "local transport: rank ", ranks_[member], " reached ", where, " over the ",
+                    to_string(group), " group after ", exchange::rank_list(waited_),
+                    " had given up waiting for it: it arrived late; the transport is unusable from now on");
+      LOCUS_THROW(transport_error, "local transport: unusable after an earlier exchange over the ", to_string(group),
+                  " group timed out (", exchange::rank_list(missing_), " did not arrive)");
+    }
     const std::uint64_t generation = generation_;
-    if (++waiting_ == members_) {
+    arrived_[member] = true;
+    if (++waiting_ == ranks_.size()) {
       waiting_ = 0;
+      std::fill(arrived_.begin(), arrived_.end(), false);
       ++generation_;
       cv_.notify_all();
       return;
     }
-    const bool released = cv_.wait_until(lock, deadline, [&] { return generation_ != generation || broken_; });
+    cv_.wait_until(lock, deadline, [&] { return generation_ != generation || broken_; });
     if (generation_ != generation) return;
-    broken_ = true;
-    cv_.notify_all();
-    if (!released)
-      LOCUS_THROW(timeout_error, "local transport (", group, " group): member ", member, " waited past the timeout; ",
-                  members_ - waiting_, " of ", members_, " members never arrived");
-    LOCUS_THROW(timeout_error, "local transport (", group, " group): another member timed out while member ", member,
-                " was waiting");
+    if (!broken_) {
+      broken_ = true;
+      for (std::size_t m = 0; m < ranks_.size(); ++m)
+        (arrived_[m] ? waited_ : missing_).push_back(ranks_[m]);
+      cv_.notify_all();
+    }
+    // Every member waiting in this generation saw the same arrivals: all name the same ranks.
+    LOCUS_THROW(timeout_error, "local transport: rank ", ranks_[member], " waited ", timeout.count(), " ms in ", where,
+                " over the ", to_string(group), " group; ", exchange::rank_list(missing_),
+                " did not arrive; the transport is unusable from now on");
   }
 
 private:
   std::mutex mutex_;
   std::condition_variable cv_;
-  std::size_t members_;
+  std::vector<std::size_t> ranks_;
+  std::vector<bool> arrived_;
   std::size_t waiting_ = 0;
   std::uint64_t generation_ = 0;
   bool broken_ = false;
+  std::vector<std::size_t> missing_, waited_; //!< world ranks absent / present when the barrier broke
 };
 
 //! Shared state of one group instance (the world, one node, or one rail).
 struct group_board {
-  explicit group_board(std::size_t members)
-      : barrier(members), headers(members * members), send_rows(members, nullptr),
-        send_offsets(members, std::vector<std::size_t>(members + 1, 0)), codes(members, 0) {}
+  explicit group_board(std::vector<std::size_t> ranks)
+      : barrier(ranks), headers(ranks.size() * ranks.size()), send_rows(ranks.size(), nullptr),
+        send_offsets(ranks.size(), std::vector<std::size_t>(ranks.size() + 1, 0)), codes(ranks.size(), 0) {}
 
   timed_barrier barrier;
   std::vector<exchange::header> headers; //!< [sender * members + receiver]
@@ -79,11 +97,19 @@ public:
   //! @param hierarchical whether dispatch over these endpoints uses the two-stage exchange
   local_fabric(const dynamic_topology& topo, bool hierarchical, exchange_options options = {})
       : topo_(topo), hierarchical_(hierarchical), options_(options) {
-    world_ = std::make_unique<detail::local::group_board>(topo.ranks());
+    const auto ranks_of = [&](exchange_group g, std::size_t some_rank) {
+      const detail::exchange::group_map map{topo, some_rank};
+      std::vector<std::size_t> ranks(map.size(g));
+      for (std::size_t m = 0; m < ranks.size(); ++m)
+        ranks[m] = map.world_rank_of(g, m);
+      return ranks;
+    };
+    world_ = std::make_unique<detail::local::group_board>(ranks_of(exchange_group::world, 0));
     for (std::size_t n = 0; n < topo.nodes(); ++n)
-      nodes_.push_back(std::make_unique<detail::local::group_board>(topo.gpus_per_node()));
+      nodes_.push_back(
+          std::make_unique<detail::local::group_board>(ranks_of(exchange_group::node, n * topo.gpus_per_node())));
     for (std::size_t l = 0; l < topo.gpus_per_node(); ++l)
-      rails_.push_back(std::make_unique<detail::local::group_board>(topo.nodes()));
+      rails_.push_back(std::make_unique<detail::local::group_board>(ranks_of(exchange_group::rail, l)));
   }
   local_fabric(const local_fabric&) = delete;
   local_fabric& operator=(const local_fabric&) = delete;
@@ -126,16 +152,26 @@ public:
   const link_counters& bytes() const noexcept { return bytes_; }
   void reset_bytes() noexcept { bytes_.clear(); }
 
+  //! Names the exchanges that follow (until the next call) as exchanges of step `step` (see
+  //! exchange.hpp): a rank that skipped, repeated or added an exchange or a step is caught on every
+  //! member at its next exchange.
+  void begin_step(std::uint64_t step) noexcept { steps_.begin(step); }
+
   //! Collective over `req.group`: every member of the group calls it with the same row width.
-  //! @throws locus::transport_error on every member when the members' requests disagree
-  //! @throws locus::timeout_error when a member does not arrive within the fabric's timeout
+  //! @throws locus::transport_error on every member when the members' requests or exchange names disagree
+  //! @throws locus::timeout_error when a member does not arrive within the fabric's timeout (naming
+  //!         it), or on the member that arrives after the others gave up
   void exchange(const exchange_request& req, exchange_result& out) {
     namespace dx = detail::exchange;
     const std::size_t members = groups_.size(req.group), self = groups_.self_member(req.group);
     auto& board = fabric_->board(req.group, rank());
-    const auto deadline = std::chrono::steady_clock::now() + fabric_->options().timeout;
-    const char* gname = to_string(req.group);
-    std::uint64_t& seq = sequence_[static_cast<std::size_t>(req.group)];
+    const auto timeout = fabric_->options().timeout;
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    const dx::position at = steps_.next(req.group, req.stage);
+    const auto sync = [&](const char* what) {
+      board.barrier.arrive_and_wait(deadline, timeout, self, req.group,
+                                    ::locus::detail::concat(what, " of ", dx::describe(at)));
+    };
 
     std::string own_problem;
     const std::uint32_t status = dx::check_request(req, members, own_problem);
@@ -143,11 +179,12 @@ public:
     offsets[0] = 0;
     for (std::size_t m = 0; m < members; ++m) {
       const std::uint64_t count = status == dx::ok ? req.counts[m] : 0;
-      board.headers[self * members + m] = {seq, req.row_bytes, count, status, req.expectations_flag()};
+      board.headers[self * members + m] = {at.step,  at.index, req.row_bytes,          count,
+                                           at.stage, status,   req.expectations_flag()};
       offsets[m + 1] = offsets[m] + count;
     }
     board.send_rows[self] = req.rows.data();
-    board.barrier.arrive_and_wait(deadline, self, gname);
+    sync("the header round");
 
     std::vector<dx::header> received(members);
     bool expectations = false;
@@ -155,16 +192,15 @@ public:
       received[m] = board.headers[m * members + self];
       expectations |= received[m].expectations != 0;
     }
-    ++seq;
-    if (std::string why = dx::verdict(received, self, req.group, own_problem); !why.empty()) {
-      board.barrier.arrive_and_wait(deadline, self, gname); // nobody rewrites the board before all have read it
+    if (std::string why = dx::verdict(received, groups_, req.group, own_problem); !why.empty()) {
+      sync("the header round"); // nobody rewrites the board before all have read it
       LOCUS_THROW(transport_error, "local transport: ", why);
     }
     if (expectations) {
       board.codes[self] = dx::expectation_code(received, req.expected_counts);
-      board.barrier.arrive_and_wait(deadline, self, gname);
-      std::string why = dx::expectation_verdict(board.codes, req.group, received, req.expected_counts, self);
-      board.barrier.arrive_and_wait(deadline, self, gname);
+      sync("the count-agreement round");
+      std::string why = dx::expectation_verdict(board.codes, groups_, req.group, received, req.expected_counts);
+      sync("the count-agreement round");
       if (!why.empty()) LOCUS_THROW(transport_error, "local transport: ", why);
     }
 
@@ -175,7 +211,7 @@ public:
       std::memcpy(out.row(out.offsets[m]), src, out.counts[m] * req.row_bytes);
     }
     // Senders may reuse their buffers only after every receiver has copied.
-    board.barrier.arrive_and_wait(deadline, self, gname);
+    sync("the row stage");
     dx::count_bytes(bytes_, topology(), rank(), req, out,
                     [&](std::size_t m) { return groups_.world_rank_of(req.group, m); });
   }
@@ -187,7 +223,7 @@ private:
   local_fabric* fabric_;
   detail::exchange::group_map groups_;
   link_counters bytes_;
-  std::array<std::uint64_t, 3> sequence_{};
+  detail::exchange::step_counter steps_;
 };
 
 inline local_transport local_fabric::endpoint(std::size_t rank) {

@@ -8,14 +8,17 @@
 //! rail-aligned hierarchical exchange). Policies: `mpi_flat` (one `MPI_Alltoallv` over the world)
 //! and `mpi_hierarchical` (rail stage, then node fan-out).
 //!
-//! Each exchange is: a header round of point-to-point messages (row width, sequence number, row
-//! count, validity; see exchange.hpp), an optional second round for receiver expectations, then
-//! `MPI_Alltoallv` of the rows as a contiguous datatype of the row width. The header round polls
-//! with a deadline, so a peer that never arrives ends in locus::timeout_error instead of a hang;
-//! with `exchange_options::deadline_on_rows` the rows move by `MPI_Ialltoallv` under the same
-//! deadline.
+//! Each exchange is: a header round of point-to-point messages (row width, the exchange's name,
+//! row count, validity; see exchange.hpp), an optional second round for receiver expectations, then
+//! the rows, point to point as a contiguous datatype of the row width. Every stage polls against
+//! the deadline, so no fault blocks a rank for longer than the timeout: a peer that never arrives,
+//! stops or dies ends in locus::timeout_error naming the ranks that did not arrive. A rank that
+//! times out tells its peers in every group (a *notice*), so a rank that arrives after its peers
+//! gave up does not pair with their stale headers: it raises too, naming the ranks that gave up.
 
+#include <algorithm>
 #include <climits>
+#include <cstring>
 #include <locus/core/mpi_error.hpp>
 #include <locus/transport/exchange.hpp>
 #include <map>
@@ -86,27 +89,34 @@ public:
     return g == exchange_group::node ? node_ : g == exchange_group::rail ? rail_ : world_;
   }
 
+  //! Names the exchanges that follow (until the next call) as exchanges of step `step`; their
+  //! headers carry (step, index since this call, exchange_request::stage), so a rank that skipped,
+  //! repeated or added an exchange or a step is caught on every member at its next exchange.
+  void begin_step(std::uint64_t step) noexcept { steps_.begin(step); }
+
   //! Collective over `req.group` (see exchange.hpp).
-  //! @throws locus::transport_error on every member when the requests disagree
-  //! @throws locus::timeout_error when a member does not arrive within options().timeout; the
-  //!         transport is unusable afterwards
+  //! @throws locus::transport_error on every member when the requests or the exchange names disagree
+  //! @throws locus::timeout_error when a member does not arrive within options().timeout, or when
+  //!         this rank arrives after a peer gave up waiting for it; the transport is unusable afterwards
   void exchange(const exchange_request& req, exchange_result& out) {
     namespace dx = detail::exchange;
-    LOCUS_REQUIRE(!broken_, transport_error,
-                  "mpi_transport: unusable after an earlier exchange timed out (its ranks are out of step)");
+    LOCUS_REQUIRE(broken_.empty(), transport_error, "mpi_transport: unusable after an earlier exchange failed (",
+                  broken_, ")");
     const MPI_Comm comm = communicator(req.group);
     const std::size_t members = groups_.size(req.group), self = groups_.self_member(req.group);
     const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
-    std::uint64_t& seq = sequence_[static_cast<std::size_t>(req.group)];
-    const int tag = static_cast<int>(seq % 4096) * 4;
+    const dx::position at = steps_.next(req.group, req.stage);
+    const int tag = first_exchange_tag +
+                    static_cast<int>(steps_.calls[static_cast<std::size_t>(req.group)] % tag_cycle) * tags_per_exchange;
+    const stage_info where{req.group, at, deadline};
 
     std::string own_problem;
     const std::uint32_t status = dx::check_request(req, members, own_problem);
     send_headers_.resize(members);
     recv_headers_.resize(members);
     for (std::size_t m = 0; m < members; ++m)
-      send_headers_[m] = {seq, req.row_bytes, status == dx::ok ? req.counts[m] : 0, status, req.expectations_flag()};
-    ++seq;
+      send_headers_[m] = {at.step,  at.index, req.row_bytes,          status == dx::ok ? req.counts[m] : 0,
+                          at.stage, status,   req.expectations_flag()};
     requests_.assign(2 * members, MPI_REQUEST_NULL);
     for (std::size_t m = 0; m < members; ++m)
       LOCUS_MPI_CHECK(
@@ -114,83 +124,198 @@ public:
     for (std::size_t m = 0; m < members; ++m)
       LOCUS_MPI_CHECK(MPI_Isend(&send_headers_[m], sizeof(dx::header), MPI_BYTE, static_cast<int>(m), tag, comm,
                                 &requests_[members + m]));
-    wait(req.group, deadline, members, "the header round");
-    if (std::string why = dx::verdict(recv_headers_, self, req.group, own_problem); !why.empty())
+    wait(where, members, "the header round");
+    check_notices(where, "the header round");
+    if (std::string why = dx::verdict(recv_headers_, groups_, req.group, own_problem); !why.empty())
       LOCUS_THROW(transport_error, "mpi_transport: ", why);
 
     bool expectations = false;
     for (const auto& h : recv_headers_)
       expectations |= h.expectations != 0;
     if (expectations) {
-      const std::uint32_t mine = dx::expectation_code(recv_headers_, req.expected_counts);
+      my_code_ = dx::expectation_code(recv_headers_, req.expected_counts);
       codes_.assign(members, 0);
       requests_.assign(2 * members, MPI_REQUEST_NULL);
       for (std::size_t m = 0; m < members; ++m)
         LOCUS_MPI_CHECK(MPI_Irecv(&codes_[m], 1, MPI_UINT32_T, static_cast<int>(m), tag + 1, comm, &requests_[m]));
       for (std::size_t m = 0; m < members; ++m)
-        LOCUS_MPI_CHECK(MPI_Isend(&mine, 1, MPI_UINT32_T, static_cast<int>(m), tag + 1, comm, &requests_[members + m]));
-      wait(req.group, deadline, members, "the count-agreement round");
-      if (std::string why = dx::expectation_verdict(codes_, req.group, recv_headers_, req.expected_counts, self);
+        LOCUS_MPI_CHECK(
+            MPI_Isend(&my_code_, 1, MPI_UINT32_T, static_cast<int>(m), tag + 1, comm, &requests_[members + m]));
+      wait(where, members, "the count-agreement round");
+      if (std::string why = dx::expectation_verdict(codes_, groups_, req.group, recv_headers_, req.expected_counts);
           !why.empty())
         LOCUS_THROW(transport_error, "mpi_transport: ", why);
     }
 
     dx::shape_result(recv_headers_, req.row_bytes, out);
-    send_counts_.resize(members);
-    send_displs_.resize(members);
-    recv_counts_.resize(members);
-    recv_displs_.resize(members);
-    std::size_t send_at = 0;
-    for (std::size_t m = 0; m < members; ++m) {
-      LOCUS_REQUIRE(req.counts[m] <= INT_MAX && out.offsets[m + 1] <= INT_MAX && send_at + req.counts[m] <= INT_MAX,
-                    invalid_input_error, "mpi_transport: more than INT_MAX rows in one exchange");
-      send_counts_[m] = static_cast<int>(req.counts[m]);
-      send_displs_[m] = static_cast<int>(send_at);
-      send_at += req.counts[m];
-      recv_counts_[m] = static_cast<int>(out.counts[m]);
-      recv_displs_[m] = static_cast<int>(out.offsets[m]);
-    }
     const MPI_Datatype row = row_type(req.row_bytes);
-    if (options_.deadline_on_rows) {
-      requests_.assign(1, MPI_REQUEST_NULL);
-      LOCUS_MPI_CHECK(MPI_Ialltoallv(req.rows.data(), send_counts_.data(), send_displs_.data(), row, out.rows.data(),
-                                     recv_counts_.data(), recv_displs_.data(), row, comm, &requests_[0]));
-      wait(req.group, deadline, 0, "the row exchange");
-    } else {
-      LOCUS_MPI_CHECK(MPI_Alltoallv(req.rows.data(), send_counts_.data(), send_displs_.data(), row, out.rows.data(),
-                                    recv_counts_.data(), recv_displs_.data(), row, comm));
+    // Rows point to point rather than by MPI_Alltoallv: a blocking collective cannot be left at a
+    // deadline, and MPI_Ialltoallv measured 2-3x slower than either in bench/exchange.
+    requests_.assign(2 * members, MPI_REQUEST_NULL);
+    std::size_t send_at = 0;
+    send_displs_.resize(members);
+    for (std::size_t m = 0; m < members; ++m) {
+      LOCUS_REQUIRE(req.counts[m] <= INT_MAX && out.counts[m] <= INT_MAX, invalid_input_error,
+                    "mpi_transport: more than INT_MAX rows between two ranks in one exchange");
+      send_displs_[m] = send_at;
+      send_at += req.counts[m];
     }
+    for (std::size_t i = 1; i < members; ++i) {
+      const std::size_t m = (self + members - i) % members;
+      if (out.counts[m])
+        LOCUS_MPI_CHECK(MPI_Irecv(out.row(out.offsets[m]), static_cast<int>(out.counts[m]), row, static_cast<int>(m),
+                                  tag + 2, comm, &requests_[m]));
+    }
+    for (std::size_t i = 1; i < members; ++i) {
+      const std::size_t m = (self + i) % members;
+      if (req.counts[m])
+        LOCUS_MPI_CHECK(MPI_Isend(req.rows.data() + send_displs_[m] * req.row_bytes, static_cast<int>(req.counts[m]),
+                                  row, static_cast<int>(m), tag + 2, comm, &requests_[members + m]));
+    }
+    if (req.counts[self])
+      std::memcpy(out.row(out.offsets[self]), req.rows.data() + send_displs_[self] * req.row_bytes,
+                  req.counts[self] * req.row_bytes);
+    wait(where, members, "the row stage");
+    check_notices(where, "the row stage");
     dx::count_bytes(bytes_, topology(), rank(), req, out,
                     [&](std::size_t m) { return groups_.world_rank_of(req.group, m); });
   }
 
 private:
+  // Tag 1 carries notices; each exchange uses three tags from first_exchange_tag on, cycling (a
+  // group's messages of one exchange cannot meet those of the exchange tag_cycle calls later).
+  static constexpr int notice_tag = 1, first_exchange_tag = 4, tags_per_exchange = 4, tag_cycle = 4096;
+  // A notice: step, index, stage and group of the exchange given up, then the world ranks missed.
+  static constexpr std::size_t notice_fields = 4;
+
+  struct stage_info {
+    exchange_group group;
+    detail::exchange::position at;
+    std::chrono::steady_clock::time_point deadline;
+  };
+
   // Polls every pending request until all complete or the deadline passes. The first `receives`
   // requests are receives from members 0..receives-1, so a timeout can name who never arrived.
-  void wait(exchange_group g, std::chrono::steady_clock::time_point deadline, std::size_t receives, const char* what) {
+  void wait(const stage_info& where, std::size_t receives, const char* what) {
     std::size_t spins = 0;
     for (;;) {
       int done = 0;
       LOCUS_MPI_CHECK(MPI_Testall(static_cast<int>(requests_.size()), requests_.data(), &done, MPI_STATUSES_IGNORE));
       if (done) return;
-      if (std::chrono::steady_clock::now() > deadline) break;
+      if (std::chrono::steady_clock::now() > where.deadline) break;
       // Spin briefly (the common case on dedicated cores), then yield: on an oversubscribed
       // machine the peers this rank waits for need its core. (Sleeping instead measured slower:
       // the woken rank waits for a scheduler tick behind other processes.)
       if (++spins > 64) std::this_thread::yield();
+      // A peer that gave up will never complete this stage: stop waiting as soon as its notice is here.
+      if (spins % 256 == 0) {
+        int notice = 0;
+        LOCUS_MPI_CHECK(MPI_Iprobe(MPI_ANY_SOURCE, notice_tag, communicator(where.group), &notice, MPI_STATUS_IGNORE));
+        if (notice) break;
+      }
     }
-    broken_ = true;
-    std::string missing;
+    // MPI_Testall leaves every request in place when one is pending: test the receives one by one
+    // to name only the members that really did not arrive.
+    std::vector<std::size_t> missing;
     for (std::size_t m = 0; m < receives; ++m) {
-      if (requests_[m] == MPI_REQUEST_NULL) continue;
-      missing += (missing.empty() ? "" : ", ") + std::to_string(groups_.world_rank_of(g, m));
-      MPI_Cancel(&requests_[m]);
-      MPI_Request_free(&requests_[m]);
+      int arrived = 1;
+      if (requests_[m] != MPI_REQUEST_NULL) MPI_Test(&requests_[m], &arrived, MPI_STATUS_IGNORE);
+      if (!arrived) missing.push_back(groups_.world_rank_of(where.group, m));
     }
-    LOCUS_THROW(timeout_error, "mpi_transport: rank ", rank(), " waited ", options_.timeout.count(), " ms in ", what,
-                " of an exchange over the ", to_string(g), " group",
-                missing.empty() ? std::string() : ", ranks that never arrived: " + missing,
-                "; the transport is unusable from now on");
+    fail(where, what, &missing);
+  }
+
+  // After a stage completed: raises if a peer has given up meanwhile (its stale messages can look
+  // like fresh ones; its notice tells them apart). One probe when there is none.
+  void check_notices(const stage_info& where, const char* what) {
+    int flag = 0;
+    LOCUS_MPI_CHECK(MPI_Iprobe(MPI_ANY_SOURCE, notice_tag, communicator(where.group), &flag, MPI_STATUS_IGNORE));
+    if (flag) fail(where, what, nullptr);
+  }
+
+  // Ends this rank's part in the exchange with timeout_error: reads the peers' notices, says who did
+  // not arrive (members still missing here, or those a peer gave up waiting for) or that this rank
+  // itself arrived late, then gives up and tells the peers. `missing` is null when the stage did
+  // complete (a peer gave up all the same).
+  [[noreturn]] void fail(const stage_info& where, const char* what, const std::vector<std::size_t>* missing) {
+    namespace dx = detail::exchange;
+    std::vector<std::size_t> gave_up, waited_for_me, they_missed;
+    std::string their_exchange;
+    const MPI_Comm comm = communicator(where.group);
+    for (;;) {
+      int flag = 0, bytes = 0;
+      MPI_Status st;
+      LOCUS_MPI_CHECK(MPI_Iprobe(MPI_ANY_SOURCE, notice_tag, comm, &flag, &st));
+      if (!flag) break;
+      LOCUS_MPI_CHECK(MPI_Get_count(&st, MPI_BYTE, &bytes));
+      std::vector<std::uint64_t> n(std::max<std::size_t>(static_cast<std::size_t>(bytes) / 8, notice_fields));
+      LOCUS_MPI_CHECK(MPI_Recv(n.data(), bytes, MPI_BYTE, st.MPI_SOURCE, notice_tag, comm, MPI_STATUS_IGNORE));
+      const std::size_t giver = groups_.world_rank_of(where.group, static_cast<std::size_t>(st.MPI_SOURCE));
+      gave_up.push_back(giver);
+      if (their_exchange.empty())
+        their_exchange = ::locus::detail::concat(dx::describe({n[0], n[1], static_cast<std::uint32_t>(n[2])}),
+                                                 " over the ", to_string(static_cast<exchange_group>(n[3])), " group");
+      for (std::size_t i = notice_fields; i < n.size(); ++i) {
+        if (n[i] == rank())
+          waited_for_me.push_back(giver);
+        else if (std::find(they_missed.begin(), they_missed.end(), n[i]) == they_missed.end())
+          they_missed.push_back(static_cast<std::size_t>(n[i]));
+      }
+    }
+    std::sort(gave_up.begin(), gave_up.end());
+    std::sort(they_missed.begin(), they_missed.end());
+    std::sort(waited_for_me.begin(), waited_for_me.end());
+    const std::string stage =
+        ::locus::detail::concat(what, " of ", dx::describe(where.at), " over the ", to_string(where.group), " group");
+    std::string message;
+    std::vector<std::size_t> absent; // the ranks this rank reports as not arrived, passed on in its notice
+    if (!waited_for_me.empty()) {
+      message = ::locus::detail::concat("mpi_transport: rank ", rank(), " reached ", stage, " after ",
+                                        dx::rank_list(waited_for_me), " had given up waiting for this rank (at ",
+                                        their_exchange, "): it arrived late");
+    } else {
+      if (missing)
+        for (std::size_t r : *missing)
+          if (std::find(gave_up.begin(), gave_up.end(), r) == gave_up.end()) absent.push_back(r);
+      for (std::size_t r : they_missed)
+        if (r != rank() && std::find(absent.begin(), absent.end(), r) == absent.end()) absent.push_back(r);
+      std::sort(absent.begin(), absent.end());
+      const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
+                                                                                (where.deadline - options_.timeout));
+      message = missing ? ::locus::detail::concat("mpi_transport: rank ", rank(), " waited ", waited.count(),
+                                                  " ms (of ", options_.timeout.count(), ") in ", stage)
+                        : ::locus::detail::concat("mpi_transport: rank ", rank(), " in ", stage);
+      if (!absent.empty()) message += "; " + dx::rank_list(absent) + " did not arrive in time";
+      if (!gave_up.empty()) message += "; " + dx::rank_list(gave_up) + " gave up waiting (at " + their_exchange + ")";
+      if (absent.empty() && gave_up.empty()) message += "; its own messages did not complete";
+    }
+    message += "; the transport is unusable from now on";
+    give_up(where, absent);
+    broken_ = message;
+    LOCUS_THROW(timeout_error, message);
+  }
+
+  // Abandons every pending request and tells every peer of every group where this rank gave up and
+  // whom it found missing.
+  void give_up(const stage_info& where, const std::vector<std::size_t>& absent) noexcept {
+    for (MPI_Request& r : requests_) {
+      if (r == MPI_REQUEST_NULL) continue;
+      MPI_Cancel(&r);
+      MPI_Request_free(&r);
+    }
+    notice_.assign({where.at.step, where.at.index, where.at.stage, static_cast<std::uint64_t>(where.group)});
+    notice_.insert(notice_.end(), absent.begin(), absent.end());
+    for (exchange_group g : {exchange_group::world, exchange_group::node, exchange_group::rail}) {
+      const std::size_t self = groups_.self_member(g);
+      for (std::size_t m = 0; m < groups_.size(g); ++m) {
+        if (m == self) continue;
+        // Small enough to go eagerly; the request is freed at once so that nothing waits for it.
+        MPI_Request r = MPI_REQUEST_NULL;
+        if (MPI_Isend(notice_.data(), static_cast<int>(notice_.size() * 8), MPI_BYTE, static_cast<int>(m), notice_tag,
+                      communicator(g), &r) == MPI_SUCCESS)
+          MPI_Request_free(&r);
+      }
+    }
   }
 
   MPI_Datatype row_type(std::size_t row_bytes) {
@@ -219,14 +344,16 @@ private:
   bool hierarchical_;
   exchange_options options_;
   MPI_Comm world_ = MPI_COMM_NULL, node_ = MPI_COMM_NULL, rail_ = MPI_COMM_NULL;
-  bool broken_ = false;
+  std::string broken_; //!< why the transport is unusable; empty while it works
   link_counters bytes_;
-  std::array<std::uint64_t, 3> sequence_{};
+  detail::exchange::step_counter steps_;
+  std::vector<std::uint64_t> notice_; //!< sent when giving up; kept alive for the sends
   std::map<std::size_t, MPI_Datatype> types_;
   std::vector<detail::exchange::header> send_headers_, recv_headers_;
   std::vector<std::uint32_t> codes_;
+  std::uint32_t my_code_ = 0; // a member: a send abandoned at a timeout may still read it
   std::vector<MPI_Request> requests_;
-  std::vector<int> send_counts_, send_displs_, recv_counts_, recv_displs_;
+  std::vector<std::size_t> send_displs_;
 };
 
 //! Flat MPI transport: one `MPI_Alltoallv` over all ranks.

@@ -6,7 +6,7 @@
 //! staging buffers. Rows move with `ncclGroupStart` + one `ncclSend`/`ncclRecv` per peer; for the
 //! common group sizes (1, 2, 4, 8, 16, 32, 64) the peer loop is unrolled at compile time.
 //!
-//! Protocol per exchange (see exchange.hpp): a header round (row width, sequence, count, validity)
+//! Protocol per exchange (see exchange.hpp): a header round (row width, exchange name, count, validity)
 //! exchanged over NCCL and copied to the host, an optional expectation round, then the rows. Every
 //! wait polls the stream with a deadline and watches `ncclCommGetAsyncError`; on timeout every
 //! communicator is aborted (`ncclCommAbort`) and locus::timeout_error is raised.
@@ -150,29 +150,36 @@ public:
     return g == exchange_group::node ? node_ : g == exchange_group::rail ? rail_ : world_;
   }
 
+  //! Names the exchanges that follow (until the next call) as exchanges of step `step` (see
+  //! exchange.hpp): a rank that skipped, repeated or added an exchange or a step is caught on every
+  //! member at its next exchange.
+  void begin_step(std::uint64_t step) noexcept { steps_.begin(step); }
+
   //! Collective over `group`: `send` holds device rows ordered by destination member.
+  //! `stage` names the exchange within the step (exchange_request::stage).
   //! @throws locus::transport_error on every member when the requests disagree
   //! @throws locus::timeout_error when the exchange does not finish within the timeout
   void exchange_device(exchange_group group, std::size_t row_bytes, const std::byte* send,
                        std::span<const std::size_t> counts, std::span<const std::size_t> expected,
-                       device_exchange_result& out) {
+                       device_exchange_result& out, std::uint32_t stage = 0) {
     namespace dx = detail::exchange;
     LOCUS_REQUIRE(!broken_, transport_error, "nccl_transport: unusable after an earlier exchange timed out");
     const ncclComm_t comm = communicator(group);
-    const std::size_t members = groups_.size(group), self = groups_.self_member(group);
+    const std::size_t members = groups_.size(group);
     const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
-    std::uint64_t& seq = sequence_[static_cast<std::size_t>(group)];
+    const dx::position at = steps_.next(group, stage);
 
     std::size_t total = 0;
     for (std::size_t c : counts)
       total += c;
-    const exchange_request req{group, row_bytes, {send, total * row_bytes}, counts, expected};
+    exchange_request req{group, row_bytes, {send, total * row_bytes}, counts, expected};
+    req.stage = stage;
     std::string own_problem;
     const std::uint32_t status = dx::check_request(req, members, own_problem);
     host_headers_.resize(2 * members);
     for (std::size_t m = 0; m < members; ++m)
-      host_headers_[m] = {seq, row_bytes, status == dx::ok ? counts[m] : 0, status, req.expectations_flag()};
-    ++seq;
+      host_headers_[m] = {
+          at.step, at.index, row_bytes, status == dx::ok ? counts[m] : 0, at.stage, status, req.expectations_flag()};
     // Header round: one header to and from every member.
     std::byte* d_headers = headers_.reserve(2 * members * sizeof(dx::header));
     LOCUS_CUDA_CHECK(cudaMemcpyAsync(d_headers, host_headers_.data(), members * sizeof(dx::header),
@@ -182,9 +189,9 @@ public:
                                            offsets_a_.data(), comm, stream_});
     LOCUS_CUDA_CHECK(cudaMemcpyAsync(host_headers_.data() + members, d_headers + members * sizeof(dx::header),
                                      members * sizeof(dx::header), cudaMemcpyDeviceToHost, stream_));
-    wait(deadline, group, "the header round");
+    wait(deadline, group, ::locus::detail::concat("the header round of ", dx::describe(at)));
     const std::span<const dx::header> received(host_headers_.data() + members, members);
-    if (std::string why = dx::verdict(received, self, group, own_problem); !why.empty())
+    if (std::string why = dx::verdict(received, groups_, group, own_problem); !why.empty())
       LOCUS_THROW(transport_error, "nccl_transport: ", why);
     bool expectations = false;
     for (const auto& h : received)
@@ -199,9 +206,9 @@ public:
                                              offsets_a_.data(), comm, stream_});
       LOCUS_CUDA_CHECK(cudaMemcpyAsync(codes_.data() + members, d_codes + members * sizeof(std::uint32_t),
                                        members * sizeof(std::uint32_t), cudaMemcpyDeviceToHost, stream_));
-      wait(deadline, group, "the count-agreement round");
+      wait(deadline, group, ::locus::detail::concat("the count-agreement round of ", dx::describe(at)));
       const std::span<const std::uint32_t> codes(codes_.data() + members, members);
-      if (std::string why = dx::expectation_verdict(codes, group, received, expected, self); !why.empty())
+      if (std::string why = dx::expectation_verdict(codes, groups_, group, received, expected); !why.empty())
         LOCUS_THROW(transport_error, "nccl_transport: ", why);
     }
     // Rows.
@@ -218,7 +225,7 @@ public:
     }
     std::byte* d_recv = recv_.reserve(std::max<std::size_t>(offsets_b_[members], 1));
     detail::nccl::exchange_peers(members, {send, offsets_a_.data(), d_recv, offsets_b_.data(), comm, stream_});
-    wait(deadline, group, "the row exchange");
+    wait(deadline, group, ::locus::detail::concat("the row exchange of ", dx::describe(at)));
     out.rows = d_recv;
     exchange_result shape;
     shape.counts = out.counts;
@@ -232,7 +239,7 @@ public:
     if (!req.rows.empty())
       LOCUS_CUDA_CHECK(cudaMemcpyAsync(d_send, req.rows.data(), req.rows.size(), cudaMemcpyHostToDevice, stream_));
     device_exchange_result d;
-    exchange_device(req.group, req.row_bytes, d_send, req.counts, req.expected_counts, d);
+    exchange_device(req.group, req.row_bytes, d_send, req.counts, req.expected_counts, d, req.stage);
     out.row_bytes = req.row_bytes;
     out.counts = d.counts;
     out.offsets = d.offsets;
@@ -251,7 +258,7 @@ private:
   }
 
   // Polls the stream until its work is done, a communicator reports an error, or the deadline.
-  void wait(std::chrono::steady_clock::time_point deadline, exchange_group g, const char* what) {
+  void wait(std::chrono::steady_clock::time_point deadline, exchange_group g, const std::string& what) {
     for (;;) {
       const cudaError_t s = cudaStreamQuery(stream_);
       if (s == cudaSuccess) return;
@@ -285,7 +292,7 @@ private:
   exchange_options options_;
   bool broken_ = false;
   link_counters bytes_;
-  std::array<std::uint64_t, 3> sequence_{};
+  detail::exchange::step_counter steps_;
   detail::nccl::device_bytes headers_, send_, recv_;
   std::vector<detail::exchange::header> host_headers_;
   std::vector<std::uint32_t> codes_;

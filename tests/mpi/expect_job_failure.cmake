@@ -1,0 +1,13 @@
+# cmake -DCOMMAND="mpiexec;...;prog;arg;..." -DEXPECT="regex;regex;..." -P expect_job_failure.cmake
+# Passes when the command exits non-zero AND its output (stdout + stderr) matches EVERY regex, so a
+# fault test can require a message from each rank, in whatever order the ranks wrote them.
+execute_process(COMMAND ${COMMAND} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(rc EQUAL 0)
+  message(FATAL_ERROR "expected a non-zero exit, got 0; output:\n${out}${err}")
+endif()
+foreach(expect IN LISTS EXPECT)
+  if(NOT "${out}${err}" MATCHES "${expect}")
+    message(FATAL_ERROR "exit ${rc}, but the output does not match \"${expect}\":\n${out}${err}")
+  endif()
+endforeach()
+message(STATUS "exit ${rc} with the expected messages:\n${out}${err}")
