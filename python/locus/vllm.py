@@ -76,3 +76,15 @@ class LocusEplbPolicy(_Base):  # type: ignore[misc, valid-type]
     @classmethod
     def rebalance_experts(cls, weight: Any, num_replicas: int, num_groups: int, num_nodes: int, num_ranks: int):
         return _to_torch(rebalance_experts(_from_torch(weight), num_replicas, num_groups, num_nodes, num_ranks), weight)
+
+
+def register(path: str) -> type:
+    """Makes vLLM's EPLB use the plan in `path`: replaces the "default" entry of vLLM's policy
+    table (vLLM chooses policies from that table by name and loads none from a module path, so
+    this must run in the serving process before the engine starts, e.g. from a vLLM general
+    plugin). Returns the policy class."""
+    from vllm.distributed.eplb import policy as vllm_policy
+
+    cls = plan_policy(path)
+    vllm_policy.EPLB_POLICIES["default"] = cls
+    return cls
