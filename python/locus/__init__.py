@@ -42,6 +42,7 @@ __all__ = [
     "export_text",
     "import_esft",
     "layer_imbalance",
+    "load_grouping",
     "load_routed_experts",
     "plan",
     "read_trace",
@@ -137,6 +138,7 @@ def load_routed_experts(path: str, experts: int, key: Optional[str] = None) -> T
 
 
 read_trace = _core.read_trace
+load_grouping = _core.load_grouping
 write_trace = _core.write_trace
 import_esft = _core.import_esft
 split_by_request = _core.split_by_request

@@ -6,6 +6,7 @@
 #include <locus/cost/decode_simulator.hpp>
 #include <locus/cost/simulation_json.hpp>
 #include <locus/grouper/by_name.hpp>
+#include <locus/grouper/workload_model_json.hpp>
 #include <locus/placement/activation_plan.hpp>
 #include <locus/placement/by_name.hpp>
 #include <locus/placement/engine_export.hpp>
@@ -274,7 +275,36 @@ NB_MODULE(_core, m) {
       },
       "load"_a, "nodes"_a, "gpus_per_node"_a, "slots_per_rank"_a, "placement"_a, "eplb_groups"_a);
 
-  nb::class_<locus::grouper::workload_model>(m, "WorkloadModel");
+  nb::class_<locus::grouper::workload_model>(m, "WorkloadModel")
+      .def_prop_ro("clusters", &locus::grouper::workload_model::clusters)
+      .def_prop_ro("nodes", &locus::grouper::workload_model::nodes)
+      .def_prop_ro("layers", &locus::grouper::workload_model::layers)
+      .def_prop_ro("experts", &locus::grouper::workload_model::experts)
+      .def_prop_ro("cluster_node", &locus::grouper::workload_model::cluster_node)
+      .def(
+          "save",
+          [](const locus::grouper::workload_model& g, const std::string& path) {
+            locus::grouper::save_grouping(path, g);
+          },
+          "path"_a)
+      .def(
+          "classify",
+          [](const locus::grouper::workload_model& g, const locus::trace::trace& t, std::size_t prefill_tokens) {
+            std::vector<std::int64_t> out(t.requests());
+            std::vector<std::uint32_t> scratch;
+            for (std::size_t r = 0; r < t.requests(); ++r) {
+              const auto c = g.classify(t, r, prefill_tokens, scratch);
+              out[r] = c.confident ? static_cast<std::int64_t>(c.cluster) : -1;
+            }
+            return owned(std::move(out), {t.requests()});
+          },
+          "trace"_a, "prefill_tokens"_a);
+  m.def(
+      "load_grouping",
+      [](const std::string& path) {
+        return std::make_shared<locus::grouper::workload_model>(locus::grouper::load_grouping(path));
+      },
+      "path"_a);
   m.def(
       "_plan_from_trace",
       [](const locus::trace::trace& train, std::size_t nodes, std::size_t gpus_per_node, const std::string& placement,

@@ -203,6 +203,23 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
         locus.export_text(plan, "sglang", layer_ids=[1, 2, 9], num_hidden_layers=5)
 
 
+def test_grouping_save_load_gives_identical_assignments(tmp_path):
+    _, t = small_trace(seed=2)
+    train, test = locus.split_by_request(t, 0.5, 2)
+    plan = locus.plan(train, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8)
+    plan.model.save(str(tmp_path / "g.json"))
+    loaded = locus.load_grouping(str(tmp_path / "g.json"))
+    assert json.loads((tmp_path / "g.json").read_text())["format"] == "locus-grouping"
+    assert loaded.cluster_node == plan.model.cluster_node and loaded.clusters == plan.model.clusters
+    assert np.array_equal(loaded.classify(test, 8), plan.model.classify(test, 8))
+    a = locus.simulate(test, plan, grouper="workload_aware")
+    b = locus.simulate(test, plan, grouper="workload_aware", model=loaded)
+    assert a == b
+    (tmp_path / "bad.json").write_text('{"format": "locus-grouping", "version": 9}')
+    with pytest.raises(locus.FormatError, match="version 9 is not supported"):
+        locus.load_grouping(str(tmp_path / "bad.json"))
+
+
 def test_eplb_export_matches_rebalance_experts():
     rng = np.random.default_rng(3)
     load = np.round(rng.lognormal(0, 1, size=(4, 32)) * 50)
