@@ -27,14 +27,28 @@ inline int map_check(const std::string& path) {
 
 struct export_options {
   std::string map_path, to, out, load_trace;
-  std::size_t first_moe_layer = 0, hidden_layers = 0, gpus_per_node = 1;
+  static constexpr std::size_t unset = static_cast<std::size_t>(-1);
+  std::size_t first_moe_layer = unset, hidden_layers = 0, gpus_per_node = 1;
 };
 
 // `locus map export`: the plan in the file an engine takes, empty slots filled first.
 inline int map_export(const export_options& o) {
   const auto format = locus::placement::parse_engine_format(o.to);
-  auto maps = locus::load_expert_maps(o.map_path);
-  const auto layers = locus::placement::model_layers::contiguous(maps.size(), o.first_moe_layer, o.hidden_layers);
+  auto plan = locus::load_expert_plan(o.map_path);
+  auto& maps = plan.maps;
+  // The plan's own layer numbering (from the trace it was made on) unless the options say otherwise.
+  locus::placement::model_layers layers;
+  if (o.first_moe_layer == export_options::unset && !plan.model_layers.empty()) {
+    layers.moe_layer = plan.model_layers;
+    layers.hidden_layers = o.hidden_layers      ? o.hidden_layers
+                           : plan.hidden_layers ? plan.hidden_layers
+                                                : plan.model_layers.back() + 1;
+    layers.validate(maps.size());
+  } else {
+    layers = locus::placement::model_layers::contiguous(
+        maps.size(), o.first_moe_layer == export_options::unset ? 0 : o.first_moe_layer,
+        o.hidden_layers ? o.hidden_layers : plan.hidden_layers);
+  }
   std::vector<std::vector<double>> load;
   if (!o.load_trace.empty()) load = locus::placement::expert_load(load_trace(o.load_trace));
   std::size_t filled = 0;
@@ -72,9 +86,10 @@ inline void register_map(CLI::App& app) {
       ->check(CLI::IsMember({"sglang", "vllm", "trtllm", "eplb"}));
   exp->add_option("--out", o->out, "Output file")->required();
   exp->add_option("--first-moe-layer", o->first_moe_layer,
-                  "Hidden-layer index of the plan's first layer (DeepSeek-V3: 3); layers follow contiguously");
+                  "Hidden-layer index of the plan's first layer (DeepSeek-V3: 3); layers follow contiguously "
+                  "(default: the layer ids saved with the plan, else 0)");
   exp->add_option("--num-hidden-layers", o->hidden_layers,
-                  "The model's hidden-layer count (default: first MoE layer + the plan's layers)");
+                  "The model's hidden-layer count (default: saved with the plan, else the last MoE layer + 1)");
   exp->add_option("--load-trace", o->load_trace, "Trace whose expert loads choose the replicas of empty slots");
   exp->add_option("--gpus-per-node", o->gpus_per_node, "GPUs per node of the plan's ranks")->check(CLI::PositiveNumber);
   exp->callback([o] { map_export(*o); });

@@ -6,6 +6,7 @@
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <locus/core/expert_map_json.hpp>
 #include <locus/cost/simulation_json.hpp>
@@ -130,7 +131,9 @@ inline void register_plan(CLI::App& app) {
       locus::placement::named_plan_options opt;
       opt.eplb_groups = plan->eplb_groups;
       const auto maps = locus::placement::plan_by_name(plan->placement, in, opt);
-      locus::save_expert_maps(*out, maps);
+      // TensorRT-LLM statistics name the model layers; a .npy does not.
+      const bool named_layers = std::filesystem::is_directory(*load);
+      locus::save_expert_maps(*out, maps, named_layers ? imported.layer_ids : std::vector<std::size_t>{});
       std::printf("%s: %s placement, %zu layers (model layers %zu..%zu), %zu experts on %zu x %zu ranks, %zu slots "
                   "per rank (from %s)\n",
                   out->c_str(), plan->placement.c_str(), maps.size(), imported.layer_ids.front(),
@@ -141,7 +144,8 @@ inline void register_plan(CLI::App& app) {
     const auto [train, test] = split->load();
     const auto planned = plan->plan(train, split->topology(), split->split_seed, split->prefill_tokens);
     const auto& maps = planned.maps;
-    locus::save_expert_maps(*out, maps);
+    locus::save_expert_maps(*out, maps, train.has_model_layers() ? train.model_layer_ids() : std::vector<std::size_t>{},
+                            train.hidden_layers());
     const std::string grouping_path = grouping->empty() ? grouping_path_for(*out) : *grouping;
     locus::grouper::save_grouping(grouping_path, *planned.model);
     std::printf("%s: %s placement, %zu layers, %zu experts on %zu x %zu ranks, %zu slots per rank (fitted on %zu "

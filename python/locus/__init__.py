@@ -90,12 +90,16 @@ def trace_from_arrays(
     phases: Any = None,
     domains: Any = None,
     domain_names: Optional[Sequence[str]] = None,
+    layer_ids: Optional[Sequence[int]] = None,
+    hidden_layers: int = 0,
 ) -> Trace:
     """A trace from per-token routing ``topk_ids [tokens, layers, k]`` (what engines return per
     request as routed experts). Optional, one value per token: ``topk_weights [tokens, layers, k]``,
     ``request_ids`` (default: one request), ``phases`` (0/"prefill", 1/"decode", 2/"unknown";
-    default unknown), ``domains`` (indexes into ``domain_names``, or names). A request's tokens are
-    kept in the order given; requests in order of first appearance."""
+    default unknown), ``domains`` (indexes into ``domain_names``, or names). ``layer_ids``: the
+    model's hidden-layer index of each traced layer (engines number dense layers too), and
+    ``hidden_layers`` the model's layer count; exports use them. A request's tokens are kept in the
+    order given; requests in order of first appearance."""
     ids = _array(topk_ids, np.int32, 3, "topk_ids")
     tokens = ids.shape[0]
     weights = np.zeros((0, 0, 0), np.float32) if topk_weights is None else _array(topk_weights, np.float32, 3, "topk_weights")
@@ -121,7 +125,8 @@ def trace_from_arrays(
                     names.append(str(x))
             d = np.array([names.index(str(x)) for x in d], np.uint32)
         dom = _array(d, np.uint32, 1, "domains")
-    return _core._trace_from_arrays(ids, int(experts), weights, req, ph, dom, names)
+    lids = [int(x) for x in layer_ids] if layer_ids is not None else []
+    return _core._trace_from_arrays(ids, int(experts), weights, req, ph, dom, names, lids, int(hidden_layers))
 
 
 def load_routed_experts(path: str, experts: int, key: Optional[str] = None) -> Trace:
@@ -160,6 +165,9 @@ class ExpertPlan:
     nodes: int = 1
     gpus_per_node: int = 1
     model: Optional[WorkloadModel] = None
+    #: Hidden-layer index of each planned layer (None: 0..layers-1) and the model's layer count.
+    layer_ids: Optional[Sequence[int]] = None
+    hidden_layers: int = 0
 
     @property
     def layers(self) -> int:
@@ -182,17 +190,19 @@ class ExpertPlan:
         the fewest replicas), then the lowest id."""
         w = np.zeros((0, 0)) if load is None else _array(load, np.float64, 2, "load")
         maps = _core._fill_empty_slots(self._maps(), self.experts, w, self.gpus_per_node)
-        return ExpertPlan(maps, self.experts, self.nodes, self.gpus_per_node, self.model)
+        return ExpertPlan(maps, self.experts, self.nodes, self.gpus_per_node, self.model, self.layer_ids,
+                          self.hidden_layers)
 
     def save(self, path: str) -> None:
         """Writes the plan as locus expert-map JSON (what ``locus simulate --map`` reads)."""
-        _write_atomically(path, _core._expert_maps_json(self._maps(), self.experts))
+        ids = [int(x) for x in self.layer_ids] if self.layer_ids is not None else []
+        _core._save_expert_maps(path, self._maps(), self.experts, ids, int(self.hidden_layers))
 
     @staticmethod
     def load(path: str, nodes: int = 1, gpus_per_node: Optional[int] = None) -> "ExpertPlan":
-        maps, experts = _core._load_expert_maps(path)
+        maps, experts, ids, hidden = _core._load_expert_maps(path)
         g = gpus_per_node if gpus_per_node is not None else maps.shape[1] // nodes
-        return ExpertPlan(maps, experts, nodes, g)
+        return ExpertPlan(maps, experts, nodes, g, None, ids or None, hidden)
 
 
 def plan(
@@ -217,7 +227,8 @@ def plan(
         maps, model = _core._plan_from_trace(
             source, nodes, gpus_per_node, placement, redundant_slots, eplb_groups, clusters, seed, prefill_tokens
         )
-        return ExpertPlan(maps, source.experts, nodes, gpus_per_node, model)
+        ids = source.model_layer_ids if source.has_model_layers else None
+        return ExpertPlan(maps, source.experts, nodes, gpus_per_node, model, ids, source.hidden_layers)
     load = _array(source, np.float64, 2, "load")
     ranks = nodes * gpus_per_node
     if slots_per_rank is None:
@@ -251,17 +262,25 @@ def simulate(
 def export_text(
     plan: ExpertPlan,
     to: str,
-    first_moe_layer: int = 0,
+    first_moe_layer: Optional[int] = None,
     num_hidden_layers: int = 0,
     layer_ids: Optional[Sequence[int]] = None,
     load: Any = None,
 ) -> str:
     """The plan in the file engine ``to`` takes (sglang, vllm, trtllm, eplb); empty slots are
     filled first (see ExpertPlan.filled). Planned layer i is hidden layer ``layer_ids[i]``, or
-    ``first_moe_layer + i``; ``num_hidden_layers`` 0 means the last MoE layer is the last layer."""
+    ``first_moe_layer + i``, or the plan's own layer ids (from its trace), or i; the model has
+    ``num_hidden_layers`` layers, or the plan's count, or the last MoE layer + 1."""
     full = plan.filled(load)
-    ids = list(layer_ids) if layer_ids is not None else [first_moe_layer + i for i in range(plan.layers)]
-    hidden = num_hidden_layers if num_hidden_layers else (ids[-1] + 1 if ids else 0)
+    if layer_ids is not None:
+        ids = [int(x) for x in layer_ids]
+    elif first_moe_layer is not None:
+        ids = [first_moe_layer + i for i in range(plan.layers)]
+    elif plan.layer_ids is not None:
+        ids = [int(x) for x in plan.layer_ids]
+    else:
+        ids = list(range(plan.layers))
+    hidden = num_hidden_layers or plan.hidden_layers or (ids[-1] + 1 if ids else 0)
     return _core._export_text(full._maps(), plan.experts, to, ids, hidden)
 
 

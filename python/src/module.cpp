@@ -93,7 +93,8 @@ trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb:
                   nb::ndarray<const std::int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> requests,
                   nb::ndarray<const std::uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> phases,
                   nb::ndarray<const std::uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> domains,
-                  std::vector<std::string> domain_names) {
+                  std::vector<std::string> domain_names, std::vector<std::uint32_t> layer_ids,
+                  std::uint32_t hidden_layers) {
   const std::size_t tokens = ids.shape(0), layers = ids.shape(1), k = ids.shape(2);
   LOCUS_REQUIRE(tokens > 0, locus::invalid_input_error, "trace_from_arrays: topk_ids has no tokens");
   const bool has_weights = weights.size() > 0;
@@ -121,6 +122,7 @@ trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb:
   }
   locus::trace::trace_builder b(experts, k, layers);
   b.set_domains(domain_names);
+  b.set_model_layers(std::move(layer_ids), hidden_layers);
   b.reserve_tokens(tokens);
   std::size_t next = 0;
   for (std::size_t r = 0; r < members.size(); ++r) {
@@ -209,6 +211,9 @@ NB_MODULE(_core, m) {
       .def_prop_ro("tokens", &locus::trace::trace::tokens)
       .def_prop_ro("requests", &locus::trace::trace::requests)
       .def_prop_ro("domains", &locus::trace::trace::domains)
+      .def_prop_ro("model_layer_ids", &locus::trace::trace::model_layer_ids)
+      .def_prop_ro("has_model_layers", &locus::trace::trace::has_model_layers)
+      .def_prop_ro("hidden_layers", &locus::trace::trace::hidden_layers)
       .def(
           "layer_ids",
           [](const locus::trace::trace& t, std::size_t l) {
@@ -363,14 +368,15 @@ NB_MODULE(_core, m) {
   m.def(
       "_load_expert_maps",
       [](const std::string& path) {
-        const auto maps = locus::load_expert_maps(path);
-        return std::make_pair(maps_to(maps), maps.front().experts());
+        const auto plan = locus::load_expert_plan(path);
+        return nb::make_tuple(maps_to(plan.maps), plan.maps.front().experts(), plan.model_layers, plan.hidden_layers);
       },
       "path"_a);
   m.def(
-      "_expert_maps_json",
-      [](maps_in maps, std::size_t experts) {
-        return locus::expert_maps_to_json(maps_from(maps, experts)).dump(1) + "\n";
+      "_save_expert_maps",
+      [](const std::string& path, maps_in maps, std::size_t experts, std::vector<std::size_t> layer_ids,
+         std::size_t hidden_layers) {
+        locus::save_expert_maps(path, maps_from(maps, experts), layer_ids, hidden_layers);
       },
-      "maps"_a, "experts"_a);
+      "path"_a, "maps"_a, "experts"_a, "layer_ids"_a, "hidden_layers"_a);
 }

@@ -220,6 +220,27 @@ def test_grouping_save_load_gives_identical_assignments(tmp_path):
         locus.load_grouping(str(tmp_path / "bad.json"))
 
 
+def test_layer_ids_flow_from_the_trace_to_the_exports(tmp_path):
+    ids, _ = small_trace()
+    t = locus.trace_from_arrays(ids, 16, request_ids=np.repeat(np.arange(12), 40), layer_ids=[3, 4, 6],
+                                hidden_layers=8)
+    assert t.model_layer_ids == [3, 4, 6] and t.hidden_layers == 8
+    locus.write_trace(t, str(tmp_path / "t.bin"))
+    back = locus.read_trace(str(tmp_path / "t.bin"))
+    assert back.model_layer_ids == [3, 4, 6] and back.hidden_layers == 8
+    plan = locus.plan(back.with_prefill_tokens(8), 2, 2, "eplb", redundant_slots=1, clusters=2, prefill_tokens=8)
+    rows = json.loads(locus.export_text(plan, "sglang"))["physical_to_logical_map"]
+    assert len(rows) == 8  # every hidden layer; 0-2, 5 and 7 dense
+    assert rows[5] == [p % 16 for p in range(20)] and rows[3] == plan.maps[0].ravel().tolist()
+    doc = yaml.safe_load(locus.export_text(plan, "trtllm"))
+    assert sorted(doc["initial_global_assignments"]) == [3, 4, 6]
+    plan.save(str(tmp_path / "m.json"))
+    again = locus.ExpertPlan.load(str(tmp_path / "m.json"), nodes=2)
+    assert list(again.layer_ids) == [3, 4, 6] and again.hidden_layers == 8
+    with pytest.raises(locus.InvalidInputError, match="model layer ids must ascend"):
+        locus.trace_from_arrays(ids, 16, layer_ids=[3, 3, 6])
+
+
 def test_eplb_export_matches_rebalance_experts():
     rng = np.random.default_rng(3)
     load = np.round(rng.lognormal(0, 1, size=(4, 32)) * 50)

@@ -1,4 +1,5 @@
 #pragma once
+// locus-requires: json
 //! @file
 //! The workload-aware grouping model (class means, classifier threshold, cluster → node map and
 //! cluster usage) saved and loaded as versioned JSON, so that the grouping a plan was made with is

@@ -1,4 +1,5 @@
 #pragma once
+// locus-requires: json
 //! @file
 //! A locus plan (one expert_map per MoE layer) written in the files serving engines take. Formats
 //! and the versions they were read from are in docs/engines.md:

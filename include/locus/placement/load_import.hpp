@@ -1,4 +1,5 @@
 #pragma once
+// locus-requires: json
 //! @file
 //! Expert loads recorded by serving engines, read as the `[layers][experts]` table that the
 //! load-driven planners (linear, round_robin, eplb) take:
