@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <locus/core/expert_map_json.hpp>
+#include <locus/grouper/workload_model_json.hpp>
 #include <locus/placement/engine_export.hpp>
 #include <locus/placement/trace_load.hpp>
 #include <memory>
@@ -26,7 +27,7 @@ inline int map_check(const std::string& path) {
 }
 
 struct export_options {
-  std::string map_path, to, out, load_trace;
+  std::string map_path, to, out, load_trace, grouping;
   static constexpr std::size_t unset = static_cast<std::size_t>(-1);
   std::size_t first_moe_layer = unset, hidden_layers = 0, gpus_per_node = 1;
 };
@@ -54,7 +55,19 @@ inline int map_export(const export_options& o) {
   std::size_t filled = 0;
   for (const auto& m : maps)
     filled += static_cast<std::size_t>(std::count(m.slot_table().begin(), m.slot_table().end(), locus::empty_slot));
-  maps = locus::placement::fill_empty_slots(maps, load, {}, o.gpus_per_node);
+  // The grouping saved with the plan says which node's requests use which experts: ties among
+  // replicas for an empty slot go to the one that saves most copies from the slot's node.
+  std::vector<std::vector<std::vector<double>>> node_load;
+  if (!o.grouping.empty()) {
+    const auto g = locus::grouper::load_grouping(o.grouping);
+    LOCUS_REQUIRE(g.layers() == maps.size() && g.experts() == maps.front().experts() &&
+                      g.nodes() * o.gpus_per_node == maps.front().ranks(),
+                  locus::config_error, "the grouping in ", o.grouping, " is for ", g.layers(), " layers × ",
+                  g.experts(), " experts on ", g.nodes(), " nodes; the plan has ", maps.size(), " × ",
+                  maps.front().experts(), " on ", maps.front().ranks(), " ranks of ", o.gpus_per_node, " per node");
+    node_load = g.node_load();
+  }
+  maps = locus::placement::fill_empty_slots(maps, load, node_load, o.gpus_per_node);
   locus::placement::write_file_atomically(o.out, locus::placement::export_text(format, maps, layers));
   const auto& m = maps.front();
   std::printf("%s: %s format, %zu MoE layers (hidden layers %zu..%zu of %zu), %zu experts in %zu slots on %zu ranks; "
@@ -91,6 +104,9 @@ inline void register_map(CLI::App& app) {
   exp->add_option("--num-hidden-layers", o->hidden_layers,
                   "The model's hidden-layer count (default: saved with the plan, else the last MoE layer + 1)");
   exp->add_option("--load-trace", o->load_trace, "Trace whose expert loads choose the replicas of empty slots");
+  exp->add_option("--grouping", o->grouping,
+                  "Grouping model saved with the plan: ties for empty slots go to the replica saving most copies")
+      ->check(CLI::ExistingFile);
   exp->add_option("--gpus-per-node", o->gpus_per_node, "GPUs per node of the plan's ranks")->check(CLI::PositiveNumber);
   exp->callback([o] { map_export(*o); });
 }
