@@ -1,10 +1,14 @@
 #pragma once
 // `locus map ...`: expert-map tools.
-#include <locus/core/expert_map_json.hpp>
+#include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
-
+#include <algorithm>
 #include <cstdio>
+#include <locus/core/expert_map_json.hpp>
+#include <locus/grouper/workload_model_json.hpp>
+#include <locus/placement/engine_export.hpp>
+#include <locus/placement/trace_load.hpp>
 #include <memory>
 #include <string>
 
@@ -15,9 +19,67 @@ inline int map_check(const std::string& path) {
   const auto layers = locus::load_expert_maps(path);
   const auto& m = layers.front();
   std::size_t replicas = 0;
-  for (const auto& l : layers) replicas += l.replica_slots_used();
+  for (const auto& l : layers)
+    replicas += l.replica_slots_used();
   std::printf("%s: %zu layers, %zu experts, %zu ranks x %zu slots, %zu replica slots in use\n", path.c_str(),
               layers.size(), m.experts(), m.ranks(), m.slots_per_rank(), replicas);
+  return 0;
+}
+
+struct export_options {
+  std::string map_path, to, out, load_trace, grouping;
+  static constexpr std::size_t unset = static_cast<std::size_t>(-1);
+  std::size_t first_moe_layer = unset, hidden_layers = 0, gpus_per_node = 1;
+};
+
+// `locus map export`: the plan in the file an engine takes, empty slots filled first.
+inline int map_export(const export_options& o) {
+  const auto format = locus::placement::parse_engine_format(o.to);
+  auto plan = locus::load_expert_plan(o.map_path);
+  auto& maps = plan.maps;
+  // The plan's own layer numbering (from the trace it was made on) unless the options say otherwise.
+  locus::placement::model_layers layers;
+  if (o.first_moe_layer == export_options::unset && !plan.model_layers.empty()) {
+    layers.moe_layer = plan.model_layers;
+    layers.hidden_layers = o.hidden_layers      ? o.hidden_layers
+                           : plan.hidden_layers ? plan.hidden_layers
+                                                : plan.model_layers.back() + 1;
+    layers.validate(maps.size());
+  } else {
+    layers = locus::placement::model_layers::contiguous(
+        maps.size(), o.first_moe_layer == export_options::unset ? 0 : o.first_moe_layer,
+        o.hidden_layers ? o.hidden_layers : plan.hidden_layers);
+  }
+  std::vector<std::vector<double>> load;
+  if (!o.load_trace.empty()) load = locus::placement::expert_load(load_trace(o.load_trace));
+  std::size_t filled = 0;
+  for (const auto& m : maps)
+    filled += static_cast<std::size_t>(std::count(m.slot_table().begin(), m.slot_table().end(), locus::empty_slot));
+  // The grouping saved with the plan says which node's requests use which experts: ties among
+  // replicas for an empty slot go to the one that saves most copies from the slot's node.
+  std::vector<std::vector<std::vector<double>>> node_load;
+  if (!o.grouping.empty()) {
+    const auto g = locus::grouper::load_grouping(o.grouping);
+    LOCUS_REQUIRE(g.layers() == maps.size() && g.experts() == maps.front().experts() &&
+                      g.nodes() * o.gpus_per_node == maps.front().ranks(),
+                  locus::config_error, "the grouping in ", o.grouping, " is for ", g.layers(), " layers × ",
+                  g.experts(), " experts on ", g.nodes(), " nodes; the plan has ", maps.size(), " × ",
+                  maps.front().experts(), " on ", maps.front().ranks(), " ranks of ", o.gpus_per_node, " per node");
+    node_load = g.node_load();
+  }
+  maps = locus::placement::fill_empty_slots(maps, load, node_load, o.gpus_per_node);
+  locus::placement::write_file_atomically(o.out, locus::placement::export_text(format, maps, layers));
+  const auto& m = maps.front();
+  std::printf("%s: %s format, %zu MoE layers (hidden layers %zu..%zu of %zu), %zu experts in %zu slots on %zu ranks; "
+              "%zu empty slots filled%s\n",
+              o.out.c_str(), o.to.c_str(), maps.size(), layers.moe_layer.front(), layers.moe_layer.back(),
+              layers.hidden_layers, m.experts(), m.slot_count(), m.ranks(), filled,
+              load.empty() && filled > 0 ? " (no --load-trace: by replica count)" : "");
+  if (format == locus::placement::engine_format::sglang)
+    std::printf("pass: --init-expert-location %s --ep-num-redundant-experts %zu --ep-size %zu\n", o.out.c_str(),
+                m.slot_count() - m.experts(), m.ranks());
+  else if (format == locus::placement::engine_format::trtllm)
+    std::printf("pass: moe_load_balancer: %s (in --extra_llm_api_options), --ep %zu\n", o.out.c_str(), m.ranks());
   return 0;
 }
 
@@ -28,6 +90,25 @@ inline void register_map(CLI::App& app) {
   auto path = std::make_shared<std::string>();
   check->add_option("file", *path, "Expert map JSON")->required()->check(CLI::ExistingFile);
   check->callback([path] { map_check(*path); });
+
+  auto o = std::make_shared<export_options>();
+  auto* exp = map_cmd->add_subcommand("export", "Write a saved expert map in the file a serving engine takes");
+  exp->add_option("file", o->map_path, "Expert map JSON")->required()->check(CLI::ExistingFile);
+  exp->add_option("--to", o->to, "Engine format: sglang, vllm, trtllm or eplb")
+      ->required()
+      ->check(CLI::IsMember({"sglang", "vllm", "trtllm", "eplb"}));
+  exp->add_option("--out", o->out, "Output file")->required();
+  exp->add_option("--first-moe-layer", o->first_moe_layer,
+                  "Hidden-layer index of the plan's first layer (DeepSeek-V3: 3); layers follow contiguously "
+                  "(default: the layer ids saved with the plan, else 0)");
+  exp->add_option("--num-hidden-layers", o->hidden_layers,
+                  "The model's hidden-layer count (default: saved with the plan, else the last MoE layer + 1)");
+  exp->add_option("--load-trace", o->load_trace, "Trace whose expert loads choose the replicas of empty slots");
+  exp->add_option("--grouping", o->grouping,
+                  "Grouping model saved with the plan: ties for empty slots go to the replica saving most copies")
+      ->check(CLI::ExistingFile);
+  exp->add_option("--gpus-per-node", o->gpus_per_node, "GPUs per node of the plan's ranks")->check(CLI::PositiveNumber);
+  exp->callback([o] { map_export(*o); });
 }
 
 } // namespace locus_driver

@@ -3,18 +3,19 @@
 // simulator on its test split).
 #include "trace_input.hpp"
 
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
 #include <locus/core/expert_map_json.hpp>
 #include <locus/cost/simulation_json.hpp>
 #include <locus/grouper/by_name.hpp>
+#include <locus/grouper/workload_model_json.hpp>
 #include <locus/placement/activation_plan.hpp>
 #include <locus/placement/by_name.hpp>
+#include <locus/placement/load_import.hpp>
 #include <locus/placement/trace_load.hpp>
-
-#include <CLI/CLI.hpp>
-
-#include <chrono>
-#include <cstdio>
-#include <iostream>
 #include <memory>
 #include <string>
 
@@ -28,14 +29,16 @@ struct split_options {
   double test_fraction = 0.5;
   std::size_t prefill_tokens = 32;
 
-  void add_to(CLI::App* cmd) {
-    cmd->add_option("--trace", trace_path, "Trace: locus binary file or ESFT folder")->required();
+  CLI::Option* add_to(CLI::App* cmd, bool trace_required = true) {
+    auto* trace = cmd->add_option("--trace", trace_path, "Trace: locus binary file or ESFT folder");
+    if (trace_required) trace->required();
     cmd->add_option("--nodes", nodes, "Nodes")->check(CLI::PositiveNumber);
     cmd->add_option("--gpus-per-node", gpus_per_node, "GPUs (ranks) per node")->check(CLI::PositiveNumber);
     cmd->add_option("--split-seed", split_seed, "Seed of the train/test split by request");
     cmd->add_option("--test-fraction", test_fraction, "Fraction of requests in the test split")
         ->check(CLI::Range(0.0, 1.0));
     cmd->add_option("--prefill-tokens", prefill_tokens, "Tokens at the start of each request that are prefill");
+    return trace;
   }
 
   //! (train, test), prefill marked.
@@ -86,28 +89,75 @@ struct plan_options {
   }
 };
 
+//! Where `locus plan` writes the grouping model of map `map_path`: map.json -> map.grouping.json.
+inline std::string grouping_path_for(const std::string& map_path) {
+  const std::string ext = ".json";
+  const bool json =
+      map_path.size() > ext.size() && map_path.compare(map_path.size() - ext.size(), ext.size(), ext) == 0;
+  return (json ? map_path.substr(0, map_path.size() - ext.size()) : map_path) + ".grouping.json";
+}
+
 inline void register_plan(CLI::App& app) {
   auto split = std::make_shared<split_options>();
   auto plan = std::make_shared<plan_options>();
   auto out = std::make_shared<std::string>("map.json");
+  auto load = std::make_shared<std::string>();
+  auto grouping = std::make_shared<std::string>();
+  auto experts = std::make_shared<std::size_t>(0);
   auto* cmd = app.add_subcommand("plan", "Fit an expert map on a trace's training split and save it as JSON");
-  split->add_to(cmd);
+  auto* trace = split->add_to(cmd, false);
   plan->add_to(cmd);
   cmd->add_option("--out", *out, "Output expert map JSON");
-  cmd->callback([split, plan, out] {
+  cmd->add_option("--grouping", *grouping,
+                  "Output grouping model JSON (default: the map's name with .grouping.json), for simulate --grouping");
+  auto* load_opt = cmd->add_option("--load", *load,
+                                   "Plan from engine statistics instead of a trace (linear, round_robin, eplb): a .npy "
+                                   "of [layers, experts] loads or [tokens, layers, k] routed experts, or a "
+                                   "TensorRT-LLM expert-statistics folder");
+  cmd->add_option("--experts", *experts, "Experts of the model, for routed-expert arrays (default: largest id + 1)");
+  trace->excludes(load_opt);
+  cmd->callback([split, plan, out, load, grouping, experts] {
+    if (load->empty() && split->trace_path.empty()) throw CLI::RequiredError("--trace or --load");
+    if (!load->empty()) {
+      const auto imported = locus::placement::import_load(*load, *experts);
+      locus::placement::plan_input in;
+      in.topology = split->topology();
+      in.experts = imported.load.front().size();
+      in.slots_per_rank = locus::placement::slots_for(in.experts, in.ranks(), plan->redundant_slots);
+      in.load = imported.load;
+      LOCUS_REQUIRE(plan->placement == "linear" || plan->placement == "round_robin" || plan->placement == "eplb",
+                    locus::config_error, "--load plans with linear, round_robin or eplb; \"", plan->placement,
+                    "\" needs a trace");
+      locus::placement::named_plan_options opt;
+      opt.eplb_groups = plan->eplb_groups;
+      const auto maps = locus::placement::plan_by_name(plan->placement, in, opt);
+      // TensorRT-LLM statistics name the model layers; a .npy does not.
+      const bool named_layers = std::filesystem::is_directory(*load);
+      locus::save_expert_maps(*out, maps, named_layers ? imported.layer_ids : std::vector<std::size_t>{});
+      std::printf("%s: %s placement, %zu layers (model layers %zu..%zu), %zu experts on %zu x %zu ranks, %zu slots "
+                  "per rank (from %s)\n",
+                  out->c_str(), plan->placement.c_str(), maps.size(), imported.layer_ids.front(),
+                  imported.layer_ids.back(), in.experts, split->nodes, split->gpus_per_node, in.slots_per_rank,
+                  load->c_str());
+      return;
+    }
     const auto [train, test] = split->load();
-    const auto maps = plan->plan(train, split->topology(), split->split_seed, split->prefill_tokens).maps;
-    locus::save_expert_maps(*out, maps);
+    const auto planned = plan->plan(train, split->topology(), split->split_seed, split->prefill_tokens);
+    const auto& maps = planned.maps;
+    locus::save_expert_maps(*out, maps, train.has_model_layers() ? train.model_layer_ids() : std::vector<std::size_t>{},
+                            train.hidden_layers());
+    const std::string grouping_path = grouping->empty() ? grouping_path_for(*out) : *grouping;
+    locus::grouper::save_grouping(grouping_path, *planned.model);
     std::printf("%s: %s placement, %zu layers, %zu experts on %zu x %zu ranks, %zu slots per rank (fitted on %zu "
-                "requests)\n",
+                "requests); grouping model in %s\n",
                 out->c_str(), plan->placement.c_str(), maps.size(), maps.front().experts(), split->nodes,
-                split->gpus_per_node, maps.front().slots_per_rank(), train.requests());
+                split->gpus_per_node, maps.front().slots_per_rank(), train.requests(), grouping_path.c_str());
   });
 }
 
 inline void register_simulate(CLI::App& app) {
   struct options {
-    std::string map_path, grouper = "round_robin", transport = "flat";
+    std::string map_path, grouping_path, grouper = "round_robin", transport = "flat";
     std::size_t batch_per_rank = 32, hidden = 2048;
     double arrival_rate = 0;
     bool json = false;
@@ -119,6 +169,9 @@ inline void register_simulate(CLI::App& app) {
   split->add_to(cmd);
   plan->add_to(cmd);
   cmd->add_option("--map", opt->map_path, "Expert map JSON (instead of --placement)");
+  cmd->add_option("--grouping", opt->grouping_path,
+                  "Grouping model JSON written by plan (with --map: used as saved, nothing is fitted)")
+      ->check(CLI::ExistingFile);
   cmd->add_option("--grouper", opt->grouper, "Grouper: round_robin, least_loaded, workload_aware");
   cmd->add_option("--transport", opt->transport, "flat or hierarchical");
   cmd->add_option("--batch-per-rank", opt->batch_per_rank, "Running requests per rank")->check(CLI::PositiveNumber);
@@ -130,13 +183,26 @@ inline void register_simulate(CLI::App& app) {
     const auto start = std::chrono::steady_clock::now();
     const auto [train, test] = split->load();
     const auto topo = split->topology();
-    // The workload-aware model is fitted on the training split in every case (a saved map carries
-    // no grouping); with --placement it is the one fitted together with the maps.
+    // With --map and --grouping the saved plan and grouping are used as they are. Otherwise the
+    // workload-aware model is fitted on the training split (with --placement, together with the maps).
     const auto transport = locus::cost::parse_transport_kind(opt->transport); // bad names fail before planning
-    auto for_run = *plan;
-    if (for_run.copies.empty()) for_run.copies = locus::cost::to_string(transport); // plan for the transport simulated
-    auto planned = for_run.plan(train, topo, split->split_seed, split->prefill_tokens);
-    const auto maps = opt->map_path.empty() ? std::move(planned.maps) : locus::load_expert_maps(opt->map_path);
+    LOCUS_REQUIRE(opt->grouping_path.empty() || !opt->map_path.empty(), locus::config_error,
+                  "--grouping is used with --map (the grouping a saved plan was made with)");
+    locus::placement::activation_plan planned;
+    if (!opt->map_path.empty() && !opt->grouping_path.empty()) {
+      planned.maps = locus::load_expert_maps(opt->map_path);
+      planned.model =
+          std::make_shared<const locus::grouper::workload_model>(locus::grouper::load_grouping(opt->grouping_path));
+      LOCUS_REQUIRE(planned.model->nodes() == topo.nodes(), locus::config_error, "the grouping in ", opt->grouping_path,
+                    " is for ", planned.model->nodes(), " nodes, the simulation has ", topo.nodes());
+    } else {
+      auto for_run = *plan;
+      if (for_run.copies.empty())
+        for_run.copies = locus::cost::to_string(transport); // plan for the transport simulated
+      planned = for_run.plan(train, topo, split->split_seed, split->prefill_tokens);
+      if (!opt->map_path.empty()) planned.maps = locus::load_expert_maps(opt->map_path);
+    }
+    const auto& maps = planned.maps;
     locus::cost::simulation_config cfg;
     cfg.topology = topo;
     cfg.transport = transport;
@@ -155,7 +221,8 @@ inline void register_simulate(CLI::App& app) {
       std::cout << doc.dump(2) << '\n';
       return;
     }
-    for (const auto& [key, value] : doc.items()) std::cout << key << ": " << value << '\n';
+    for (const auto& [key, value] : doc.items())
+      std::cout << key << ": " << value << '\n';
   });
 }
 

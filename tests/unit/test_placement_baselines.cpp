@@ -1,9 +1,9 @@
+#include <algorithm>
 #include <boost/test/unit_test.hpp>
-
+#include <cmath>
+#include <cstdint>
 #include <locus/placement/eplb.hpp>
 #include <locus/placement/linear.hpp>
-
-#include <algorithm>
 #include <random>
 
 using namespace locus;
@@ -24,7 +24,37 @@ BOOST_AUTO_TEST_CASE(eplb_reproduces_the_published_example) {
                                                         {7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1}};
   const auto maps = eplb{.groups = 4}.plan(in);
   BOOST_REQUIRE_EQUAL(maps.size(), 2u);
-  for (std::size_t l = 0; l < 2; ++l) BOOST_TEST(maps[l].slot_table() == expected[l], boost::test_tools::per_element());
+  for (std::size_t l = 0; l < 2; ++l)
+    BOOST_TEST(maps[l].slot_table() == expected[l], boost::test_tools::per_element());
+}
+
+// The same example through the drop-in entry point: the other two results agree with the first.
+BOOST_AUTO_TEST_CASE(rebalance_experts_returns_consistent_maps) {
+  const std::vector<float> w = {90, 132, 40,  61, 104, 165, 39,  4,   73,  56, 183, 86,
+                                20, 107, 104, 64, 19,  197, 187, 157, 172, 86, 16,  27};
+  const auto r = rebalance_experts(w, 2, 12, 16, 4, 2, 8);
+  const std::vector<std::int64_t> expected = {5, 6,  5, 7, 8, 4,  3, 4, 10, 9, 10, 2, 0, 1, 11, 1,
+                                              7, 10, 6, 8, 6, 11, 8, 9, 2,  4, 5,  1, 5, 0, 3,  1};
+  BOOST_TEST(r.physical_to_logical == expected, boost::test_tools::per_element());
+  BOOST_TEST(r.max_replicas == 2u);
+  for (std::size_t l = 0; l < 2; ++l)
+    for (std::size_t e = 0; e < 12; ++e) {
+      const auto count = static_cast<std::size_t>(
+          std::count(expected.begin() + l * 16, expected.begin() + l * 16 + 16, static_cast<std::int64_t>(e)));
+      BOOST_TEST(r.logical_count[l * 12 + e] == static_cast<std::int64_t>(count));
+      for (std::size_t k = 0; k < 2; ++k) {
+        const auto p = r.logical_to_physical[(l * 12 + e) * 2 + k];
+        if (k < count)
+          BOOST_TEST(expected[l * 16 + static_cast<std::size_t>(p)] == static_cast<std::int64_t>(e));
+        else
+          BOOST_TEST(p == -1);
+      }
+    }
+  BOOST_CHECK_THROW(rebalance_experts(w, 2, 12, 16, 4, 2, 6), config_error); // 16 slots on 6 GPUs
+  BOOST_CHECK_THROW(rebalance_experts(w, 2, 12, 8, 4, 2, 8), config_error);  // 8 slots for 12 experts
+  auto bad = w;
+  bad[13] = std::nanf("");
+  BOOST_CHECK_THROW(rebalance_experts(bad, 2, 12, 16, 4, 2, 8), invalid_input_error);
 }
 
 // Independent check of balance: max/mean GPU load (each replica carrying load / replica count)
@@ -40,7 +70,8 @@ BOOST_AUTO_TEST_CASE(eplb_balances_at_least_as_well_as_linear) {
     std::lognormal_distribution<double> skew(0.0, 1.5);
     in.load.assign(2, std::vector<double>(in.experts));
     for (auto& layer : in.load)
-      for (double& x : layer) x = std::round(100 * skew(rng));
+      for (double& x : layer)
+        x = std::round(100 * skew(rng));
     const std::size_t groups = in.experts % nodes == 0 ? nodes : 1;
     const auto balanced = eplb{.groups = groups}.plan(in);
     const auto lin = linear{}.plan(in);
@@ -51,7 +82,8 @@ BOOST_AUTO_TEST_CASE(eplb_balances_at_least_as_well_as_linear) {
           for (const slot_ref& s : m.replicas(e))
             gpu[static_cast<std::size_t>(s.rank)] += in.load[l][e] / static_cast<double>(m.replica_count(e));
         double total = 0;
-        for (double g : gpu) total += g;
+        for (double g : gpu)
+          total += g;
         return total == 0 ? 1.0 : *std::max_element(gpu.begin(), gpu.end()) / (total / static_cast<double>(gpu.size()));
       };
       BOOST_TEST(std::count(balanced[l].slot_table().begin(), balanced[l].slot_table().end(), empty_slot) == 0);
@@ -79,7 +111,8 @@ BOOST_AUTO_TEST_CASE(linear_and_round_robin_layouts) {
   in.load[0][3] = -1;
   BOOST_CHECK_THROW(linear{}.plan(in), invalid_input_error);
   in.load[0][3] = 1;
-  BOOST_CHECK_THROW(eplb{.groups = 3}.plan(in), config_error); // 8 experts in 3 groups
+  BOOST_CHECK_THROW(eplb{.groups = 6}.plan(in), config_error); // hierarchical (6 groups on 2 nodes), 8 experts
+  BOOST_CHECK_NO_THROW(eplb{.groups = 3}.plan(in));            // 3 groups on 2 nodes: global policy, groups unused
 }
 
 BOOST_AUTO_TEST_SUITE_END()

@@ -572,7 +572,7 @@ BOOST_AUTO_TEST_CASE(resealed_bad_values_are_named) {
       const char* needle;
       std::uint64_t offset;
     };
-    for (const edit e : {edit{8, 4, 2, "unsupported version 2", 8}, edit{12, 4, 64, "header size 64", 12},
+    for (const edit e : {edit{8, 4, 3, "unsupported version 3", 8}, edit{12, 4, 64, "header size 64", 12},
                          edit{16, 4, 0, "experts is 0", 16}, edit{16, 4, 70000, "experts is 70000", 16},
                          edit{20, 4, 0, "top_k is 0", 20}, edit{20, 4, 9, "top_k is 9", 20},
                          edit{24, 4, 0, "layers is 0", 24}, edit{64, 8, 1, "reserved", 64},

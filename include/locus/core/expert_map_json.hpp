@@ -7,12 +7,15 @@
 //! Format (version 1):
 //! {"format": "locus-expert-map", "version": 1, "experts": E, "ranks": R, "slots_per_rank": S,
 //!  "layers": [ [[e, e, ...] per rank] per layer ]}   (-1 marks an empty slot)
+//! and, optional, "model_layers": [hidden-layer index of each layer], "hidden_layers": H (the
+//! model's layer numbering, which engine exports use; see placement/engine_export.hpp).
 
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 
 #include <nlohmann/json.hpp>
 
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -98,17 +101,43 @@ inline std::vector<expert_map> expert_maps_from_json(const nlohmann::json& doc) 
   return out;
 }
 
-//! Writes per-layer maps to a JSON file. @throws locus::io_error when the file cannot be written
-inline void save_expert_maps(const std::string& path, const std::vector<expert_map>& layers) {
-  std::ofstream os(path);
-  if (!os) LOCUS_THROW(io_error, "cannot open ", path, " for writing");
-  os << expert_maps_to_json(layers).dump(1) << '\n';
-  if (!os) LOCUS_THROW(io_error, "writing ", path, " failed");
+//! A saved plan: the maps and, when known, the model's layer numbering.
+struct expert_plan_file {
+  std::vector<expert_map> maps;
+  std::vector<std::size_t> model_layers; //!< hidden-layer index of each map; empty when not saved
+  std::size_t hidden_layers = 0;         //!< the model's hidden layers; 0 when not saved
+};
+
+//! Writes per-layer maps (and the model layer of each, when given) to a JSON file, atomically.
+//! @throws locus::io_error when the file cannot be written
+//! @throws locus::config_error when `model_layers` does not have one ascending id per map
+inline void save_expert_maps(const std::string& path, const std::vector<expert_map>& layers,
+                             const std::vector<std::size_t>& model_layers = {}, std::size_t hidden_layers = 0) {
+  auto doc = expert_maps_to_json(layers);
+  if (!model_layers.empty()) {
+    LOCUS_REQUIRE(model_layers.size() == layers.size(), config_error, "save_expert_maps: ", model_layers.size(),
+                  " model layer ids for ", layers.size(), " maps");
+    for (std::size_t l = 1; l < model_layers.size(); ++l)
+      LOCUS_REQUIRE(model_layers[l] > model_layers[l - 1], config_error,
+                    "save_expert_maps: model layer ids must ascend");
+    doc["model_layers"] = model_layers;
+  }
+  if (hidden_layers > 0) doc["hidden_layers"] = hidden_layers;
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream os(tmp);
+    if (!os) LOCUS_THROW(io_error, "cannot open ", tmp, " for writing");
+    os << doc.dump(1) << '\n';
+    if (!os.flush()) LOCUS_THROW(io_error, "writing ", tmp, " failed");
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) LOCUS_THROW(io_error, "cannot rename ", tmp, " to ", path, ": ", ec.message());
 }
 
-//! Reads per-layer maps from a JSON file.
+//! Reads a saved plan: the maps and the model layer numbering when the file has it.
 //! @throws locus::io_error, locus::format_error (with the file name), locus::invalid_input_error
-inline std::vector<expert_map> load_expert_maps(const std::string& path) {
+inline expert_plan_file load_expert_plan(const std::string& path) {
   std::ifstream is(path);
   if (!is) LOCUS_THROW(io_error, "cannot open ", path);
   nlohmann::json doc;
@@ -117,11 +146,28 @@ inline std::vector<expert_map> load_expert_maps(const std::string& path) {
   } catch (const nlohmann::json::parse_error& e) {
     throw format_error(detail::concat(path, ": not valid JSON: ", e.what()), e.byte);
   }
+  expert_plan_file out;
   try {
-    return expert_maps_from_json(doc);
+    out.maps = expert_maps_from_json(doc);
+    if (doc.contains("model_layers")) {
+      if (!doc["model_layers"].is_array() || doc["model_layers"].size() != out.maps.size())
+        throw format_error("expert map JSON: \"model_layers\" must list one layer id per layer", 0);
+      for (const auto& id : doc["model_layers"]) {
+        if (!id.is_number_unsigned() ||
+            (!out.model_layers.empty() && id.get<std::size_t>() <= out.model_layers.back()))
+          throw format_error("expert map JSON: \"model_layers\" must be ascending non-negative integers", 0);
+        out.model_layers.push_back(id.get<std::size_t>());
+      }
+    }
+    if (doc.contains("hidden_layers")) out.hidden_layers = detail::json_size(doc, "hidden_layers");
   } catch (const format_error& e) {
     throw format_error(detail::concat(path, ": ", e.message()), e.offset());
   }
+  return out;
 }
+
+//! Reads per-layer maps from a JSON file (without the model layer numbering; see load_expert_plan).
+//! @throws locus::io_error, locus::format_error (with the file name), locus::invalid_input_error
+inline std::vector<expert_map> load_expert_maps(const std::string& path) { return load_expert_plan(path).maps; }
 
 } // namespace locus::LOCUS_ABI_NAMESPACE

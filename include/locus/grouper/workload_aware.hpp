@@ -320,6 +320,7 @@ public:
   }
 
 private:
+  friend struct workload_model_io; // saving and loading (grouper/workload_model_json.hpp)
   static constexpr std::size_t max_clusters_fast = 64;
 
   // acc[0..16) += count(f) × means_t_[f][c0 .. c0 + 16) over the distinct features of a layer.

@@ -1,9 +1,11 @@
 #pragma once
 //! @file
-//! The locus binary trace format, version 1 (specified in docs/trace-format.md): an 80-byte
-//! header (magic, version, shape, counts, payload size, payload checksum, header checksum), then
-//! the domain table, request table, token phases, token steps and one (ids, weights) block pair
-//! per layer, every section 8-byte aligned, all integers little-endian.
+//! The locus binary trace format, versions 1 and 2 (specified in docs/trace-format.md): an 80-byte
+//! header (magic, version, shape, counts, payload size, payload checksum, the model's hidden-layer
+//! count in version 2, header checksum), then the domain table, the model layer id of each traced
+//! layer (version 2), request table, token phases, token steps and one (ids, weights) block pair
+//! per layer, every section 8-byte aligned, all integers little-endian. The writer writes version
+//! 1 for a trace without model layer ids, so every file has one encoding.
 //!
 //! The reader streams the file in chunks straight into the trace's arrays, hashing and
 //! validating each chunk while it is in cache. Every inconsistency — truncation, bad magic or
@@ -34,8 +36,8 @@ static_assert(std::endian::native == std::endian::little,
 
 //! Magic bytes at offset 0.
 inline constexpr std::array<char, 8> binary_magic = {'L', 'O', 'C', 'U', 'S', 'T', 'R', 'C'};
-//! The version this code writes and reads.
-inline constexpr std::uint32_t binary_version = 1;
+//! The newest version this code writes and reads (it reads version 1 too).
+inline constexpr std::uint32_t binary_version = 2;
 //! Size of the fixed header.
 inline constexpr std::size_t binary_header_bytes = 80;
 //! Longest domain name the format accepts (bounds allocations driven by a corrupt file).
@@ -133,7 +135,7 @@ T get(const unsigned char* p) noexcept {
 
 //! Size of the payload for the given counts; false on overflow of 64 bits.
 inline bool payload_size(std::uint64_t domain_bytes, std::uint64_t requests, std::uint64_t tokens, std::uint64_t k,
-                         std::uint64_t layers, std::uint64_t& out) noexcept {
+                         std::uint64_t layers, std::uint64_t& out, bool layer_table = false) noexcept {
   std::uint64_t rows = 0, ids = 0, w = 0, per_layer = 0, all_layers = 0, req = 0, steps = 0;
   if (__builtin_mul_overflow(tokens, k, &rows) || __builtin_mul_overflow(rows, 2u, &ids) ||
       __builtin_mul_overflow(rows, 4u, &w) || __builtin_mul_overflow(requests, 16u, &req) ||
@@ -143,6 +145,8 @@ inline bool payload_size(std::uint64_t domain_bytes, std::uint64_t requests, std
   per_layer = align8(ids) + align8(w);
   if (__builtin_mul_overflow(per_layer, layers, &all_layers)) return false;
   std::uint64_t total = align8(domain_bytes);
+  if (layer_table && (layers > (1ull << 32) || __builtin_add_overflow(total, align8(4 * layers), &total)))
+    return false;
   if (__builtin_add_overflow(total, req, &total) || __builtin_add_overflow(total, align8(tokens), &total) ||
       __builtin_add_overflow(total, align8(steps), &total) || __builtin_add_overflow(total, all_layers, &total))
     return false;
@@ -263,9 +267,9 @@ header_fields read_header(Source& src) {
                                                        " bytes, got ", got));
   header_fields f;
   f.version = get<std::uint32_t>(h + 8);
-  if (f.version != binary_version)
-    format_fail(src.name(), 8, locus::detail::concat("unsupported version ", f.version, ", this reader reads version ",
-                                                     binary_version));
+  if (f.version != 1 && f.version != 2)
+    format_fail(src.name(), 8, locus::detail::concat("unsupported version ", f.version,
+                                                     ", this reader reads versions 1 and 2"));
   if (got < binary_header_bytes)
     format_fail(src.name(), got, locus::detail::concat("file ends inside the header: expected ", binary_header_bytes,
                                                        " bytes, got ", got));
@@ -293,7 +297,10 @@ header_fields read_header(Source& src) {
     format_fail(src.name(), 20, locus::detail::concat("top_k is ", f.top_k, ", expected 1..",
                                                       std::min<std::size_t>(max_trace_top_k, f.experts)));
   if (f.layers < 1) format_fail(src.name(), 24, "layers is 0, expected at least 1");
-  if (f.reserved != 0) format_fail(src.name(), 64, "reserved field is not 0");
+  // Version 2 stores the model's hidden-layer count here; version 1 reserves it.
+  if (f.version == 1 && f.reserved != 0) format_fail(src.name(), 64, "reserved field is not 0");
+  if (f.version == 2 && f.reserved > 0xffffffffull)
+    format_fail(src.name(), 64, locus::detail::concat("hidden layer count ", f.reserved, " is too large"));
   if (f.tokens < f.requests)
     format_fail(src.name(), 40, locus::detail::concat(f.tokens, " tokens for ", f.requests,
                                                       " requests: every request has at least one token"));
@@ -329,14 +336,35 @@ locus::trace::trace read(Source& src) {
     domain_bytes += 4 + len;
   }
   in.pad("the domain table");
+  std::vector<std::uint32_t> model_layers;
+  if (f.version == 2) {
+    if (f.layers > f.payload_bytes / 4)
+      format_fail(name, 24, locus::detail::concat(f.layers, " layers cannot fit in a ", f.payload_bytes,
+                                                  "-byte payload"));
+    model_layers.resize(f.layers);
+    const std::uint64_t at = in.offset();
+    in.read(model_layers.data(), 4 * model_layers.size(), "the layer table");
+    for (std::size_t l = 0; l < model_layers.size(); ++l) {
+      if (l > 0 && model_layers[l] <= model_layers[l - 1])
+        format_fail(name, at + 4 * l, locus::detail::concat("layer ", l, " is model layer ", model_layers[l],
+                                                            ", expected more than layer ", l - 1, "'s ",
+                                                            model_layers[l - 1]));
+      if (f.reserved != 0 && model_layers[l] >= f.reserved)
+        format_fail(name, at + 4 * l, locus::detail::concat("layer ", l, " is model layer ", model_layers[l],
+                                                            ", expected < ", f.reserved, " hidden layers"));
+    }
+    in.pad("the layer table");
+  }
   std::uint64_t expected = 0;
-  if (!payload_size(domain_bytes, f.requests, f.tokens, f.top_k, f.layers, expected) || expected != f.payload_bytes)
+  if (!payload_size(domain_bytes, f.requests, f.tokens, f.top_k, f.layers, expected, f.version == 2) ||
+      expected != f.payload_bytes)
     format_fail(name, 48, locus::detail::concat("payload size ", f.payload_bytes, " does not match the counts (",
                                                 f.requests, " requests, ", f.tokens, " tokens, ", f.layers,
                                                 " layers, top_k ", f.top_k, ")"));
 
   trace_builder b(f.experts, f.top_k, f.layers);
   b.set_domains(std::move(domains));
+  if (f.version == 2) b.set_model_layers(std::move(model_layers), static_cast<std::uint32_t>(f.reserved));
   b.reserve_tokens(f.tokens);
   const std::uint64_t requests_at = in.offset();
   std::uint64_t tokens = 0;
@@ -441,6 +469,14 @@ void write(const locus::trace::trace& t, Sink& sink) {
     emit(d.data(), d.size());
   }
   pad();
+  const bool v2 = t.has_model_layers() || t.hidden_layers() > 0;
+  if (v2) {
+    for (std::size_t l = 0; l < t.layers(); ++l) {
+      const auto id = static_cast<std::uint32_t>(t.model_layer(l));
+      emit(&id, 4);
+    }
+    pad();
+  }
   std::vector<unsigned char> table(t.requests() * 16);
   for (std::size_t r = 0; r < t.requests(); ++r) {
     const auto& q = t.request(r);
@@ -462,7 +498,7 @@ void write(const locus::trace::trace& t, Sink& sink) {
   }
   unsigned char h[binary_header_bytes] = {};
   std::memcpy(h, binary_magic.data(), 8);
-  put(h + 8, binary_version);
+  put(h + 8, v2 ? binary_version : std::uint32_t{1});
   put(h + 12, static_cast<std::uint32_t>(binary_header_bytes));
   put(h + 16, static_cast<std::uint32_t>(t.experts()));
   put(h + 20, static_cast<std::uint32_t>(t.top_k()));
@@ -472,6 +508,7 @@ void write(const locus::trace::trace& t, Sink& sink) {
   put(h + 40, static_cast<std::uint64_t>(t.tokens()));
   put(h + 48, written);
   put(h + 56, hash.digest());
+  if (v2) put(h + 64, static_cast<std::uint64_t>(t.hidden_layers()));
   put(h + 72, checksum64::of(h, 72));
   sink.write_header(h, sizeof h);
 }

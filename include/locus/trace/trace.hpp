@@ -84,6 +84,24 @@ public:
   //! Domain table; `request_info::domain` indexes it.
   const std::vector<std::string>& domains() const noexcept { return domains_; }
 
+  //! Model (hidden-layer) index of traced layer `l`. Engines number every hidden layer, dense ones
+  //! included, while a trace holds only the MoE layers; `l` itself when the source did not say.
+  std::size_t model_layer(std::size_t l) const {
+    LOCUS_REQUIRE(l < layers_, invalid_input_error, "trace::model_layer: layer ", l, " out of range [0, ", layers_,
+                  ")");
+    return model_layers_.empty() ? l : model_layers_[l];
+  }
+  //! model_layer(l) of every traced layer, ascending.
+  std::vector<std::size_t> model_layer_ids() const {
+    std::vector<std::size_t> out(layers_);
+    for (std::size_t l = 0; l < layers_; ++l) out[l] = model_layer(l);
+    return out;
+  }
+  //! True when the source gave the model layer ids (otherwise they are 0..layers-1).
+  bool has_model_layers() const noexcept { return !model_layers_.empty(); }
+  //! The model's hidden-layer count, dense layers included; 0 when the source did not say.
+  std::size_t hidden_layers() const noexcept { return hidden_layers_; }
+
   //! Request `r`; its tokens are `[first_token, first_token + length)`, in position order.
   const request_info& request(std::size_t r) const {
     LOCUS_REQUIRE(r < requests_.size(), invalid_input_error, "trace::request: request ", r, " out of range [0, ",
@@ -161,6 +179,9 @@ public:
                   ", ", first + count, ") not inside [0, ", layers_, ")");
     trace out = *this;
     out.layers_ = count;
+    out.model_layers_.resize(count);
+    for (std::size_t l = 0; l < count; ++l)
+      out.model_layers_[l] = static_cast<std::uint32_t>(model_layer(first + l));
     out.ids_.assign(ids_.begin() + static_cast<std::ptrdiff_t>(first),
                     ids_.begin() + static_cast<std::ptrdiff_t>(first + count));
     out.weights_.assign(weights_.begin() + static_cast<std::ptrdiff_t>(first),
@@ -177,7 +198,9 @@ public:
   //! Exact equality of shape, tables and every routing entry (weights compared bitwise).
   friend bool operator==(const trace& a, const trace& b) {
     if (a.experts_ != b.experts_ || a.top_k_ != b.top_k_ || a.layers_ != b.layers_ || a.domains_ != b.domains_ ||
-        a.phases_ != b.phases_ || a.steps_ != b.steps_ || a.ids_ != b.ids_ || a.requests_.size() != b.requests_.size())
+        a.phases_ != b.phases_ || a.steps_ != b.steps_ || a.ids_ != b.ids_ ||
+        a.requests_.size() != b.requests_.size() || a.model_layer_ids() != b.model_layer_ids() ||
+        a.hidden_layers_ != b.hidden_layers_)
       return false;
     for (std::size_t r = 0; r < a.requests_.size(); ++r) {
       const auto &x = a.requests_[r], &y = b.requests_[r];
@@ -205,6 +228,8 @@ private:
   // zero-copy view needs no more), and appending a request never moves other layers.
   std::vector<std::vector<trace_expert_id>> ids_;
   std::vector<std::vector<float>> weights_;
+  std::vector<std::uint32_t> model_layers_; // empty: 0..layers-1
+  std::uint32_t hidden_layers_ = 0;         // 0: unknown
 };
 
 //! Builds a trace request by request; importers, the binary reader, the synthesizer and tests
@@ -238,6 +263,12 @@ public:
       if (t_.domains_[d] == name) return static_cast<std::uint32_t>(d);
     t_.domains_.emplace_back(name);
     return static_cast<std::uint32_t>(t_.domains_.size() - 1);
+  }
+  //! Sets the model (hidden-layer) index of each traced layer and the model's hidden-layer count
+  //! (0: unknown); checked by build().
+  void set_model_layers(std::vector<std::uint32_t> ids, std::uint32_t hidden_layers = 0) {
+    t_.model_layers_ = std::move(ids);
+    t_.hidden_layers_ = hidden_layers;
   }
   //! Sets the whole domain table (before adding requests that index it).
   void set_domains(std::vector<std::string> names) { t_.domains_ = std::move(names); }
@@ -310,6 +341,7 @@ public:
   //! Returns the trace without re-validating it; only for callers that validated every value
   //! exactly as build() would (see already_validated_t). The builder is left empty.
   trace build(already_validated_t) {
+    check_model_layers();
     trace out = std::move(t_);
     t_ = trace{};
     return out;
@@ -318,6 +350,7 @@ public:
   //! Validates and returns the trace; the builder is left empty.
   //! @throws locus::invalid_input_error naming the layer, token and choice of the first bad entry
   trace build() {
+    check_model_layers();
     const std::size_t k = t_.top_k_;
     for (std::size_t l = 0; l < t_.layers_; ++l) {
       const auto& ids = t_.ids_[l];
@@ -381,6 +414,24 @@ private:
 #endif
   }
 
+  // Model layer ids: one per traced layer, ascending, below the hidden-layer count when known.
+  void check_model_layers() const {
+    const auto& ids = t_.model_layers_;
+    if (ids.empty()) {
+      LOCUS_REQUIRE(t_.hidden_layers_ == 0 || t_.layers_ <= t_.hidden_layers_, invalid_input_error, "trace: ",
+                    t_.layers_, " traced layers in a model of ", t_.hidden_layers_, " hidden layers");
+      return;
+    }
+    LOCUS_REQUIRE(ids.size() == t_.layers_, invalid_input_error, "trace: ", ids.size(), " model layer ids for ",
+                  t_.layers_, " layers");
+    for (std::size_t l = 0; l < ids.size(); ++l) {
+      LOCUS_REQUIRE(l == 0 || ids[l] > ids[l - 1], invalid_input_error, "trace: model layer ids must ascend (layer ",
+                    l - 1, " is ", ids[l - 1], ", layer ", l, " is ", ids[l], ")");
+      LOCUS_REQUIRE(t_.hidden_layers_ == 0 || ids[l] < t_.hidden_layers_, invalid_input_error, "trace: layer ", l,
+                    " is model layer ", ids[l], ", but the model has ", t_.hidden_layers_, " hidden layers");
+    }
+  }
+
   void check(std::size_t l, std::size_t token) const {
     LOCUS_REQUIRE(l < t_.layers_ && token < t_.phases_.size(), invalid_input_error, "trace_builder: layer ", l,
                   " token ", token, " out of range (", t_.layers_, " layers, ", t_.phases_.size(), " tokens)");
@@ -392,6 +443,7 @@ private:
 inline trace trace::select_requests(std::span<const std::size_t> request_indices) const {
   trace_builder b(experts_, top_k_, layers_);
   b.set_domains(domains_);
+  b.set_model_layers(model_layers_, hidden_layers_);
   std::size_t n = 0;
   for (auto r : request_indices) n += request(r).length;
   b.reserve_tokens(n);
@@ -416,6 +468,7 @@ inline trace trace::select_requests(std::span<const std::size_t> request_indices
 inline trace trace::select_positions(std::size_t first, std::size_t count) const {
   trace_builder b(experts_, top_k_, layers_);
   b.set_domains(domains_);
+  b.set_model_layers(model_layers_, hidden_layers_);
   for (const auto& q : requests_) {
     if (first >= q.length) continue;
     const std::size_t len = std::min<std::size_t>(count, q.length - first);

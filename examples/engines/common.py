@@ -1,0 +1,44 @@
+"""Shared by the per-engine examples: the trace to plan on (a locus binary trace, an ESFT folder,
+or, with no --trace, a small synthetic one built from NumPy arrays) and the output folder."""
+
+import argparse
+import os
+
+import numpy as np
+
+import locus
+
+
+def arguments(description: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--trace", help="locus binary trace or ESFT folder (default: a synthetic trace)")
+    p.add_argument("--out", default=".", help="folder for the files written")
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--gpus-per-node", type=int, default=4)
+    p.add_argument("--first-moe-layer", type=int, default=1, help="hidden-layer index of the first MoE layer")
+    p.add_argument("--num-hidden-layers", type=int, default=0, help="the model's hidden layers (0: last is MoE)")
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    return a
+
+
+def load_trace(path):
+    """The trace, prefill marked on its first 32 tokens per request when it does not say."""
+    if path is None:
+        return synthetic()
+    t = locus.import_esft(path) if os.path.isdir(path) else locus.read_trace(path)
+    return t.with_prefill_tokens(32)
+
+
+def synthetic(requests=64, length=48, layers=4, experts=32, k=4, seed=0):
+    """Requests of four kinds, each routing mostly into its own block of experts."""
+    rng = np.random.default_rng(seed)
+    ids = np.empty((requests * length, layers, k), np.int32)
+    for r in range(requests):
+        block = np.arange(8) + 8 * (r % 4)
+        for t in range(r * length, (r + 1) * length):
+            for l in range(layers):
+                pool = block if rng.random() < 0.75 else np.arange(experts)
+                ids[t, l] = rng.choice(pool, size=k, replace=False)
+    phases = np.tile(["prefill"] * 16 + ["decode"] * (length - 16), requests)
+    return locus.trace_from_arrays(ids, experts, request_ids=np.repeat(np.arange(requests), length), phases=phases)

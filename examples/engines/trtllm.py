@@ -1,0 +1,16 @@
+"""Plan on a trace and write TensorRT-LLM's moe_load_balancer YAML (num_slots and
+initial_global_assignments keyed by the model's layer index)."""
+
+import os
+
+import locus
+from common import arguments, load_trace
+
+a = arguments(__doc__)
+trace = load_trace(a.trace)
+train, _ = locus.split_by_request(trace, 0.5, 1)
+plan = locus.plan(train, a.nodes, a.gpus_per_node, "locality", redundant_slots=1)
+path = os.path.join(a.out, "moe_load_balancer.yaml")
+locus.export(plan, "trtllm", path, first_moe_layer=a.first_moe_layer, load=locus.expert_load(train))
+print(f"wrote {path}")
+print(f"trtllm: put 'moe_load_balancer: {path}' in the --extra_llm_api_options YAML; run with --ep {plan.ranks}")

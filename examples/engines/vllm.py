@@ -1,0 +1,26 @@
+"""Plan on a trace and write vLLM's EPLB arrays (physical_to_logical_map, logical_to_physical_map,
+logical_replica_count per MoE layer); locus.vllm serves them through vLLM's policy interface."""
+
+import os
+
+import numpy as np
+
+import locus
+from common import arguments, load_trace
+from locus.vllm import plan_policy
+
+a = arguments(__doc__)
+trace = load_trace(a.trace)
+train, _ = locus.split_by_request(trace, 0.5, 1)
+plan = locus.plan(train, a.nodes, a.gpus_per_node, "locality", redundant_slots=1)
+path = os.path.join(a.out, "vllm_eplb_state.json")
+locus.export(plan, "vllm", path, load=locus.expert_load(train))
+# What vLLM receives when it asks the policy to rebalance (torch tensors under vLLM).
+policy = plan_policy(path)
+slots = plan.ranks * plan.slots_per_rank
+phy2log, _, count = policy.rebalance_experts(np.zeros((plan.layers, plan.experts)), slots, 1, a.nodes, plan.ranks)
+assert (count.sum(axis=1) == slots).all()
+print(f"wrote {path}")
+print(f"vllm flags: --enable-expert-parallel --enable-eplb --eplb-config "
+      f"'{{\"num_redundant_experts\": {slots - plan.experts}}}' (data parallel size {plan.ranks}); "
+      f"in the serving process: import locus.vllm; locus.vllm.register('{path}')")

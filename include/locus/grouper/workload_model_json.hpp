@@ -1,0 +1,163 @@
+#pragma once
+// locus-requires: json
+//! @file
+//! The workload-aware grouping model (class means, classifier threshold, cluster → node map and
+//! cluster usage) saved and loaded as versioned JSON, so that the grouping a plan was made with is
+//! deployed with it instead of being fitted again. Needs nlohmann_json.
+//!
+//! Format (version 1): {"format": "locus-grouping", "version": 1, "layers", "experts", "nodes",
+//! "clusters", "classifier_layer_stride", "min_similarity", "options": {...}, "cluster_node": [k],
+//! "cluster_tokens": [k], "cluster_requests": [k], "usage": [k][layers × experts],
+//! "means": [(layers × experts) × stride] (feature-major class means, clusters padded to 16)}.
+//! Floats are written with enough digits to read back bit for bit, so a loaded model assigns every
+//! request exactly as the saved one. The training bookkeeping (which training requests fell in
+//! which cluster) is not saved.
+
+#include <filesystem>
+#include <fstream>
+#include <locus/core/error.hpp>
+#include <locus/grouper/workload_aware.hpp>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::grouper {
+
+namespace detail::grouping_io {
+// format_error carries an offset, so it is raised through these rather than LOCUS_REQUIRE.
+template <class... Args>
+[[noreturn]] void fail(const Args&... args) {
+  throw format_error(::locus::detail::concat(args...), 0);
+}
+template <class... Args>
+void require(bool ok, const Args&... args) {
+  if (!ok) fail(args...);
+}
+} // namespace detail::grouping_io
+
+inline constexpr int grouping_json_version = 1;
+
+struct workload_model_io {
+  static nlohmann::json to_json(const workload_model& m) {
+    const auto& o = m.opt_;
+    return {{"format", "locus-grouping"},
+            {"version", grouping_json_version},
+            {"layers", m.layers_},
+            {"experts", m.experts_},
+            {"nodes", m.nodes_},
+            {"clusters", m.k_},
+            {"classifier_layer_stride", m.layer_stride_},
+            {"min_similarity", m.min_similarity_},
+            {"options",
+             {{"clusters", o.clusters},
+              {"seed", o.seed},
+              {"restarts", o.restarts},
+              {"max_iterations", o.max_iterations},
+              {"prefill_tokens", o.prefill_tokens},
+              {"classifier_layers", o.classifier_layers},
+              {"min_similarity", o.min_similarity},
+              {"confidence_quantile", o.confidence_quantile},
+              {"confidence_margin", o.confidence_margin},
+              {"balance_slack", o.balance_slack}}},
+            {"cluster_node", m.cluster_node_},
+            {"cluster_tokens", m.cluster_tokens_},
+            {"cluster_requests", m.cluster_requests_},
+            {"usage", m.usage_},
+            {"stride", m.stride_},
+            {"means", m.means_t_}};
+  }
+
+  static workload_model from_json(const nlohmann::json& doc) {
+    workload_model m;
+    try {
+      detail::grouping_io::require(doc.is_object() && doc.value("format", "") == "locus-grouping",
+                                   "grouping JSON: \"format\" is not \"locus-grouping\"");
+      const int version = doc.at("version").get<int>();
+      detail::grouping_io::require(version == grouping_json_version, "grouping JSON: version ", version,
+                                   " is not supported (this build reads version ", grouping_json_version, ")");
+      m.layers_ = doc.at("layers").get<std::size_t>();
+      m.experts_ = doc.at("experts").get<std::size_t>();
+      m.nodes_ = doc.at("nodes").get<std::size_t>();
+      m.k_ = doc.at("clusters").get<std::size_t>();
+      m.layer_stride_ = doc.at("classifier_layer_stride").get<std::size_t>();
+      m.min_similarity_ = doc.at("min_similarity").get<float>();
+      const auto& o = doc.at("options");
+      m.opt_.clusters = o.at("clusters").get<std::size_t>();
+      m.opt_.seed = o.at("seed").get<std::uint64_t>();
+      m.opt_.restarts = o.at("restarts").get<std::size_t>();
+      m.opt_.max_iterations = o.at("max_iterations").get<std::size_t>();
+      m.opt_.prefill_tokens = o.at("prefill_tokens").get<std::size_t>();
+      m.opt_.classifier_layers = o.at("classifier_layers").get<std::size_t>();
+      m.opt_.min_similarity = o.at("min_similarity").get<double>();
+      m.opt_.confidence_quantile = o.at("confidence_quantile").get<double>();
+      m.opt_.confidence_margin = o.at("confidence_margin").get<double>();
+      m.opt_.balance_slack = o.at("balance_slack").get<double>();
+      m.cluster_node_ = doc.at("cluster_node").get<std::vector<std::uint32_t>>();
+      m.cluster_tokens_ = doc.at("cluster_tokens").get<std::vector<double>>();
+      m.cluster_requests_ = doc.at("cluster_requests").get<std::vector<double>>();
+      m.usage_ = doc.at("usage").get<std::vector<std::vector<double>>>();
+      m.stride_ = doc.at("stride").get<std::size_t>();
+      m.means_t_ = doc.at("means").get<std::vector<float>>();
+    } catch (const nlohmann::json::exception& e) {
+      detail::grouping_io::fail("grouping JSON: ", e.what());
+    }
+    // Every size the classifier and node_load() index by, checked, so a damaged file cannot make
+    // them read out of bounds.
+    const std::size_t dim = m.layers_ * m.experts_;
+    detail::grouping_io::require(
+        m.layers_ > 0 && m.experts_ > 0 && m.nodes_ > 0 && m.k_ > 0 && m.layer_stride_ > 0,
+        "grouping JSON: layers, experts, nodes, clusters and the layer stride must be positive");
+    detail::grouping_io::require(m.stride_ >= m.k_ && m.stride_ % 16 == 0, "grouping JSON: stride ", m.stride_,
+                                 " is not the cluster count ", m.k_, " rounded up to a multiple of 16");
+    detail::grouping_io::require(m.means_t_.size() == dim * m.stride_, "grouping JSON: ", m.means_t_.size(),
+                                 " class-mean values, expected ", dim * m.stride_);
+    detail::grouping_io::require(m.cluster_node_.size() == m.k_ && m.cluster_tokens_.size() == m.k_ &&
+                                     m.cluster_requests_.size() == m.k_ && m.usage_.size() == m.k_,
+                                 "grouping JSON: the per-cluster arrays must have ", m.k_, " entries");
+    for (std::size_t c = 0; c < m.k_; ++c) {
+      detail::grouping_io::require(m.cluster_node_[c] < m.nodes_, "grouping JSON: cluster ", c, " is on node ",
+                                   m.cluster_node_[c], " of ", m.nodes_);
+      detail::grouping_io::require(m.usage_[c].size() == dim, "grouping JSON: cluster ", c, " usage has ",
+                                   m.usage_[c].size(), " values, expected ", dim);
+    }
+    return m;
+  }
+};
+
+//! The model as a JSON document (see the file comment).
+inline nlohmann::json grouping_to_json(const workload_model& m) { return workload_model_io::to_json(m); }
+//! Parses a document written by grouping_to_json. @throws locus::format_error naming what is wrong
+inline workload_model grouping_from_json(const nlohmann::json& doc) { return workload_model_io::from_json(doc); }
+
+//! Writes the model to `path` atomically. @throws locus::io_error
+inline void save_grouping(const std::string& path, const workload_model& m) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream os(tmp);
+    if (!os) LOCUS_THROW(io_error, "cannot open ", tmp, " for writing");
+    os << grouping_to_json(m).dump() << '\n';
+    if (!os.flush()) LOCUS_THROW(io_error, "writing ", tmp, " failed");
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) LOCUS_THROW(io_error, "cannot rename ", tmp, " to ", path, ": ", ec.message());
+}
+
+//! Reads a model saved by save_grouping. @throws locus::io_error, locus::format_error (with the file name)
+inline workload_model load_grouping(const std::string& path) {
+  std::ifstream is(path);
+  if (!is) LOCUS_THROW(io_error, "cannot open ", path);
+  nlohmann::json doc;
+  try {
+    doc = nlohmann::json::parse(is);
+  } catch (const nlohmann::json::parse_error& e) {
+    throw format_error(::locus::detail::concat(path, ": not valid JSON: ", e.what()), e.byte);
+  }
+  try {
+    return grouping_from_json(doc);
+  } catch (const format_error& e) {
+    throw format_error(::locus::detail::concat(path, ": ", e.message()), e.offset());
+  }
+}
+
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::grouper

@@ -1,0 +1,279 @@
+#pragma once
+// locus-requires: json
+//! @file
+//! Expert loads recorded by serving engines, read as the `[layers][experts]` table that the
+//! load-driven planners (linear, round_robin, eplb) take:
+//!   - a NumPy `.npy` file: `[layers, experts]` loads (any integer or float dtype), or per-token
+//!     routed experts `[tokens, layers, k]` (integers), which are counted;
+//!   - a TensorRT-LLM expert-statistics folder: `meta_info.json` (num_experts) and
+//!     `rank*.safetensors`, each tensor `"{iteration}_{layer}"` a vector of per-expert counts,
+//!     summed over ranks and iterations. The model's layer index of each row is kept.
+//! Only the little-endian dtypes NumPy and safetensors write on the usual machines are read;
+//! anything else is refused with a message naming the file and what is wrong.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <locus/core/error.hpp>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
+
+namespace detail::format {
+// format_error carries an offset, so it is raised through these rather than LOCUS_REQUIRE.
+template <class... Args>
+[[noreturn]] void fail(const Args&... args) {
+  throw format_error(::locus::detail::concat(args...), 0);
+}
+template <class... Args>
+void require(bool ok, const Args&... args) {
+  if (!ok) fail(args...);
+}
+} // namespace detail::format
+
+//! Loads with the model layer index of each row.
+struct imported_load {
+  std::vector<std::size_t> layer_ids;    //!< model layer of each row (0..L-1 when the file does not say)
+  std::vector<std::vector<double>> load; //!< `[layers][experts]`
+};
+
+namespace detail::load_import {
+
+inline std::string read_all(const std::string& path) {
+  std::ifstream is(path, std::ios::binary);
+  if (!is) LOCUS_THROW(io_error, "cannot open ", path);
+  return {std::istreambuf_iterator<char>(is), std::istreambuf_iterator<char>()};
+}
+
+//! One little-endian element of `dtype` (NumPy's "<i4" style, or safetensors' "I32" style,
+//! normalised by the callers to NumPy's) at `p`, as a double.
+inline double element(const std::string& dtype, const char* p) {
+  auto get = [p](auto v) {
+    std::memcpy(&v, p, sizeof v);
+    return static_cast<double>(v);
+  };
+  if (dtype == "<i4") return get(std::int32_t{});
+  if (dtype == "<i8") return get(std::int64_t{});
+  if (dtype == "<u4") return get(std::uint32_t{});
+  if (dtype == "<u8") return get(std::uint64_t{});
+  if (dtype == "<i2") return get(std::int16_t{});
+  if (dtype == "<u2") return get(std::uint16_t{});
+  if (dtype == "|u1" || dtype == "<u1") return get(std::uint8_t{});
+  if (dtype == "|i1" || dtype == "<i1") return get(std::int8_t{});
+  if (dtype == "<f4") return get(float{});
+  if (dtype == "<f8") return get(double{});
+  return std::nan("");
+}
+
+inline std::size_t element_size(const std::string& dtype) {
+  if (dtype.size() < 3) return 0;
+  const char c = dtype[1];
+  if (c != 'i' && c != 'u' && c != 'f') return 0;
+  const int n = std::atoi(dtype.c_str() + 2);
+  return (n == 1 || n == 2 || n == 4 || n == 8) && !(c == 'f' && n < 4) ? static_cast<std::size_t>(n) : 0;
+}
+
+//! An array: shape and values as doubles.
+struct array {
+  std::vector<std::size_t> shape;
+  std::vector<double> values;
+};
+
+//! A `.npy` file (format versions 1-3, C order, little-endian numeric dtypes).
+inline array read_npy(const std::string& path) {
+  const std::string data = read_all(path);
+  detail::format::require(data.size() >= 10 && data.compare(0, 6, "\x93NUMPY") == 0, path, ": not a NumPy .npy file");
+  const int major = static_cast<unsigned char>(data[6]);
+  detail::format::require(major >= 1 && major <= 3, path, ": unsupported .npy version ", major);
+  std::size_t header_len = 0, start = 0;
+  if (major == 1) {
+    header_len =
+        static_cast<unsigned char>(data[8]) | (static_cast<std::size_t>(static_cast<unsigned char>(data[9])) << 8);
+    start = 10;
+  } else {
+    detail::format::require(data.size() >= 12, path, ": truncated .npy header");
+    for (int i = 3; i >= 0; --i)
+      header_len = (header_len << 8) | static_cast<unsigned char>(data[8 + i]);
+    start = 12;
+  }
+  detail::format::require(start + header_len <= data.size(), path, ": .npy header runs past the end of the file");
+  const std::string header = data.substr(start, header_len);
+  // The header is a Python dict literal: {'descr': '<i4', 'fortran_order': False, 'shape': (3, 4), }
+  auto value_after = [&](const std::string& key) {
+    const auto k = header.find("'" + key + "'");
+    detail::format::require(k != std::string::npos, path, ": .npy header has no '", key, "'");
+    const auto colon = header.find(':', k);
+    detail::format::require(colon != std::string::npos, path, ": malformed .npy header");
+    return colon + 1;
+  };
+  std::size_t d = header.find('\'', value_after("descr"));
+  const std::size_t d_end = d == std::string::npos ? d : header.find('\'', d + 1);
+  detail::format::require(d_end != std::string::npos, path, ": malformed descr in the .npy header");
+  const std::string dtype = header.substr(d + 1, d_end - d - 1);
+  const std::size_t esize = element_size(dtype);
+  detail::format::require(esize > 0 && dtype[0] != '>', path, ": dtype ", dtype,
+                          " is not a little-endian integer or float");
+  const std::size_t f = value_after("fortran_order");
+  detail::format::require(header.compare(header.find_first_not_of(' ', f), 5, "False") == 0, path,
+                          ": Fortran-ordered arrays are not read (save with np.ascontiguousarray)");
+  const std::size_t s = header.find('(', value_after("shape"));
+  const std::size_t s_end = s == std::string::npos ? s : header.find(')', s);
+  detail::format::require(s_end != std::string::npos, path, ": malformed shape in the .npy header");
+  array out;
+  std::size_t count = 1;
+  for (std::size_t i = s + 1; i < s_end;) {
+    while (i < s_end && (header[i] == ' ' || header[i] == ','))
+      ++i;
+    if (i >= s_end) break;
+    detail::format::require(header[i] >= '0' && header[i] <= '9', path, ": malformed shape in the .npy header");
+    std::size_t v = 0;
+    while (i < s_end && header[i] >= '0' && header[i] <= '9') {
+      detail::format::require(v < (std::size_t{1} << 40), path, ": an extent in the .npy shape is too large");
+      v = v * 10 + static_cast<std::size_t>(header[i++] - '0');
+    }
+    out.shape.push_back(v);
+    detail::format::require(v == 0 || count <= (std::size_t{1} << 40) / v, path, ": the .npy array is too large");
+    count *= v;
+  }
+  const std::size_t body = start + header_len;
+  detail::format::require(data.size() - body == count * esize, path, ": ", data.size() - body, " data bytes for ",
+                          count, " elements of ", esize, " bytes");
+  out.values.resize(count);
+  for (std::size_t i = 0; i < count; ++i)
+    out.values[i] = element(dtype, data.data() + body + i * esize);
+  return out;
+}
+
+//! Every tensor of a safetensors file (8-byte little-endian header size, JSON header, data).
+inline std::map<std::string, array> read_safetensors(const std::string& path) {
+  const std::string data = read_all(path);
+  detail::format::require(data.size() >= 8, path, ": too short for a safetensors header");
+  std::uint64_t n = 0;
+  for (int i = 7; i >= 0; --i)
+    n = (n << 8) | static_cast<unsigned char>(data[static_cast<std::size_t>(i)]);
+  detail::format::require(n <= data.size() - 8, path, ": header of ", n, " bytes runs past the end of the file");
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(data.begin() + 8, data.begin() + 8 + static_cast<std::ptrdiff_t>(n));
+  } catch (const nlohmann::json::exception& e) {
+    detail::format::fail(path, ": header is not JSON: ", e.what());
+  }
+  detail::format::require(header.is_object(), path, ": header is not a JSON object");
+  const std::size_t body = 8 + n, body_size = data.size() - body;
+  static const std::map<std::string, std::string> dtypes = {
+      {"I8", "|i1"},  {"U8", "|u1"},  {"I16", "<i2"}, {"U16", "<u2"}, {"I32", "<i4"},
+      {"U32", "<u4"}, {"I64", "<i8"}, {"U64", "<u8"}, {"F32", "<f4"}, {"F64", "<f8"}};
+  std::map<std::string, array> out;
+  for (const auto& [name, info] : header.items()) {
+    if (name == "__metadata__") continue;
+    try {
+      const auto dt = dtypes.find(info.at("dtype").get<std::string>());
+      detail::format::require(dt != dtypes.end(), path, ": tensor ", name, " has unsupported dtype ",
+                              info.at("dtype").get<std::string>());
+      array a;
+      a.shape = info.at("shape").get<std::vector<std::size_t>>();
+      const auto offsets = info.at("data_offsets").get<std::vector<std::size_t>>();
+      std::size_t count = 1;
+      for (const std::size_t x : a.shape)
+        count *= x;
+      const std::size_t esize = element_size(dt->second);
+      detail::format::require(offsets.size() == 2 && offsets[0] <= offsets[1] && offsets[1] <= body_size &&
+                                  offsets[1] - offsets[0] == count * esize,
+                              path, ": tensor ", name, " has data offsets that do not fit its shape or the file");
+      a.values.resize(count);
+      for (std::size_t i = 0; i < count; ++i)
+        a.values[i] = element(dt->second, data.data() + body + offsets[0] + i * esize);
+      out.emplace(name, std::move(a));
+    } catch (const nlohmann::json::exception& e) {
+      detail::format::fail(path, ": tensor ", name, ": ", e.what());
+    }
+  }
+  return out;
+}
+
+} // namespace detail::load_import
+
+//! Loads from a `.npy` file or a TensorRT-LLM statistics folder (see the file comment).
+//! `experts`: the expert count for routed-expert arrays (0: the largest id + 1).
+//! @throws locus::io_error, locus::format_error naming the file, locus::invalid_input_error on
+//!         negative or non-finite values or ids out of range
+inline imported_load import_load(const std::string& path, std::size_t experts = 0) {
+  imported_load out;
+  if (std::filesystem::is_directory(path)) {
+    const auto meta_path = (std::filesystem::path(path) / "meta_info.json").string();
+    LOCUS_REQUIRE(std::filesystem::exists(meta_path), invalid_input_error, path,
+                  " is a folder without meta_info.json (not TensorRT-LLM expert statistics)");
+    nlohmann::json meta;
+    try {
+      meta = nlohmann::json::parse(detail::load_import::read_all(meta_path));
+      experts = meta.at("num_experts").get<std::size_t>();
+    } catch (const nlohmann::json::exception& e) {
+      detail::format::fail(meta_path, ": ", e.what());
+    }
+    std::map<std::size_t, std::vector<double>> rows;
+    std::size_t files = 0;
+    for (const auto& entry : std::filesystem::directory_iterator(path)) {
+      const auto name = entry.path().filename().string();
+      if (name.rfind("rank", 0) != 0 || entry.path().extension() != ".safetensors") continue;
+      ++files;
+      for (const auto& [key, a] : detail::load_import::read_safetensors(entry.path().string())) {
+        const auto sep = key.find('_');
+        detail::format::require(sep != std::string::npos && sep > 0 && sep + 1 < key.size() &&
+                                    key.find_first_not_of("0123456789_") == std::string::npos,
+                                entry.path().string(), ": tensor name \"", key, "\" is not ITERATION_LAYER");
+        const std::size_t layer = std::stoul(key.substr(sep + 1));
+        detail::format::require(a.shape.size() == 1 && a.shape[0] == experts, entry.path().string(), ": ", key,
+                                " holds ", a.values.size(), " values, not one per each of ", experts, " experts");
+        auto& row = rows.try_emplace(layer, experts, 0.0).first->second;
+        for (std::size_t e = 0; e < experts; ++e)
+          row[e] += a.values[e];
+      }
+    }
+    LOCUS_REQUIRE(files > 0, invalid_input_error, path, " has no rank*.safetensors files");
+    for (auto& [layer, row] : rows) {
+      out.layer_ids.push_back(layer);
+      out.load.push_back(std::move(row));
+    }
+  } else {
+    const auto a = detail::load_import::read_npy(path);
+    if (a.shape.size() == 2) {
+      out.load.assign(a.shape[0], std::vector<double>(a.shape[1]));
+      for (std::size_t l = 0; l < a.shape[0]; ++l)
+        std::copy_n(a.values.begin() + static_cast<std::ptrdiff_t>(l * a.shape[1]), a.shape[1], out.load[l].begin());
+    } else {
+      LOCUS_REQUIRE(a.shape.size() == 3, invalid_input_error, path, ": expected [layers, experts] loads or [tokens, ",
+                    "layers, k] routed experts, not a ", a.shape.size(), "-dimensional array");
+      double largest = -1;
+      for (const double v : a.values) {
+        LOCUS_REQUIRE(v >= 0 && v == std::floor(v) && v < 65536, invalid_input_error, path, ": routed expert id ", v,
+                      " is not an expert id");
+        largest = std::max(largest, v);
+      }
+      if (experts == 0) experts = static_cast<std::size_t>(largest) + 1;
+      LOCUS_REQUIRE(largest < static_cast<double>(experts), invalid_input_error, path, ": routed expert id ", largest,
+                    " is out of range for ", experts, " experts");
+      const std::size_t tokens = a.shape[0], layers = a.shape[1], k = a.shape[2];
+      out.load.assign(layers, std::vector<double>(experts, 0.0));
+      for (std::size_t t = 0; t < tokens; ++t)
+        for (std::size_t l = 0; l < layers; ++l)
+          for (std::size_t j = 0; j < k; ++j)
+            out.load[l][static_cast<std::size_t>(a.values[(t * layers + l) * k + j])] += 1;
+    }
+    for (std::size_t l = 0; l < out.load.size(); ++l)
+      out.layer_ids.push_back(l);
+  }
+  LOCUS_REQUIRE(!out.load.empty() && !out.load.front().empty(), invalid_input_error, path, ": no loads in the file");
+  for (std::size_t l = 0; l < out.load.size(); ++l)
+    for (std::size_t e = 0; e < out.load[l].size(); ++e)
+      LOCUS_REQUIRE(std::isfinite(out.load[l][e]) && out.load[l][e] >= 0, invalid_input_error, path, ": layer ", l,
+                    " expert ", e, " has load ", out.load[l][e], " (must be finite and non-negative)");
+  return out;
+}
+
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::placement

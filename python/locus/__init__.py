@@ -1,0 +1,302 @@
+"""locus for Python: expert-activation traces from NumPy arrays, their statistics, the expert-map
+planners, the decode simulator, DeepSeek's EPLB (``rebalance_experts``) and the files serving
+engines take (SGLang, vLLM, TensorRT-LLM, EPLB).
+
+Arrays go in as anything NumPy can read (NumPy arrays, lists, objects with ``__array__`` or
+``__dlpack__`` such as CPU torch tensors) and come out as NumPy arrays. Errors raise
+``LocusError`` subclasses carrying the C++ library's message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _core
+from ._core import (
+    ConfigError,
+    FormatError,
+    InvalidInputError,
+    LocusError,
+    LocusIOError,
+    Trace,
+    WorkloadModel,
+)
+
+__all__ = [
+    "ConfigError",
+    "ExpertPlan",
+    "FormatError",
+    "InvalidInputError",
+    "LocusError",
+    "LocusIOError",
+    "Trace",
+    "WorkloadModel",
+    "expert_load",
+    "export",
+    "export_text",
+    "import_esft",
+    "layer_imbalance",
+    "load_grouping",
+    "load_routed_experts",
+    "plan",
+    "read_trace",
+    "rebalance_experts",
+    "simulate",
+    "split_by_request",
+    "trace_from_arrays",
+    "write_trace",
+]
+
+PHASES = {"prefill": 0, "decode": 1, "unknown": 2}
+
+
+def _array(x: Any, dtype: Any, ndim: Optional[int] = None, name: str = "array") -> np.ndarray:
+    """A C-contiguous NumPy array of `dtype` from `x` (no copy when it already is one)."""
+    if not isinstance(x, np.ndarray) and not hasattr(x, "__array__") and hasattr(x, "__dlpack__"):
+        x = np.from_dlpack(x)
+    a = np.asarray(x)
+    if a.dtype.kind in "iu" and np.dtype(dtype).kind in "iu" and a.size:
+        info = np.iinfo(dtype)
+        if a.min() < info.min or a.max() > info.max:
+            raise InvalidInputError(f"locus: invalid input: {name} has values outside the range of {np.dtype(dtype)}")
+    a = np.ascontiguousarray(a, dtype=dtype)
+    if ndim is not None and a.ndim != ndim:
+        raise InvalidInputError(f"locus: invalid input: {name} must have {ndim} dimensions, not {a.ndim} (shape {a.shape})")
+    return a
+
+
+def rebalance_experts(
+    weight: Any, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """DeepSeek's EPLB with its arguments and results: ``weight`` is ``[layers, experts]`` load;
+    returns ``(phy2log [layers, num_replicas], log2phy [layers, experts, X] padded with -1,
+    logcnt [layers, experts])``, all int64. Hierarchical policy when ``num_groups`` is a multiple
+    of ``num_nodes``, global otherwise. Loads are taken as 32-bit floats, as the reference does."""
+    w = _array(weight, np.float32, 2, "weight")
+    return _core.rebalance_experts(w, int(num_replicas), int(num_groups), int(num_nodes), int(num_gpus))
+
+
+def trace_from_arrays(
+    topk_ids: Any,
+    experts: int,
+    topk_weights: Any = None,
+    request_ids: Any = None,
+    phases: Any = None,
+    domains: Any = None,
+    domain_names: Optional[Sequence[str]] = None,
+    layer_ids: Optional[Sequence[int]] = None,
+    hidden_layers: int = 0,
+) -> Trace:
+    """A trace from per-token routing ``topk_ids [tokens, layers, k]`` (what engines return per
+    request as routed experts). Optional, one value per token: ``topk_weights [tokens, layers, k]``,
+    ``request_ids`` (default: one request), ``phases`` (0/"prefill", 1/"decode", 2/"unknown";
+    default unknown), ``domains`` (indexes into ``domain_names``, or names). ``layer_ids``: the
+    model's hidden-layer index of each traced layer (engines number dense layers too), and
+    ``hidden_layers`` the model's layer count; exports use them. A request's tokens are kept in the
+    order given; requests in order of first appearance."""
+    ids = _array(topk_ids, np.int32, 3, "topk_ids")
+    tokens = ids.shape[0]
+    weights = np.zeros((0, 0, 0), np.float32) if topk_weights is None else _array(topk_weights, np.float32, 3, "topk_weights")
+    req = np.zeros(tokens, np.int64) if request_ids is None else _array(request_ids, np.int64, 1, "request_ids")
+    if phases is None:
+        ph = np.full(tokens, 2, np.uint8)
+    else:
+        p = np.asarray(phases)
+        if p.dtype.kind in "US":
+            try:
+                p = np.array([PHASES[str(x)] for x in p], np.uint8)
+            except KeyError as e:
+                raise InvalidInputError(f"locus: invalid input: unknown phase {e} (prefill, decode, unknown)") from None
+        ph = _array(p, np.uint8, 1, "phases")
+    names = list(domain_names or [])
+    if domains is None:
+        dom = np.zeros(tokens, np.uint32)
+    else:
+        d = np.asarray(domains)
+        if d.dtype.kind in "US":
+            for x in d:
+                if str(x) not in names:
+                    names.append(str(x))
+            d = np.array([names.index(str(x)) for x in d], np.uint32)
+        dom = _array(d, np.uint32, 1, "domains")
+    lids = [int(x) for x in layer_ids] if layer_ids is not None else []
+    return _core._trace_from_arrays(ids, int(experts), weights, req, ph, dom, names, lids, int(hidden_layers))
+
+
+def load_routed_experts(path: str, experts: int, key: Optional[str] = None) -> Trace:
+    """A trace from a ``.npy`` or ``.npz`` file of routed experts ``[tokens, layers, k]`` (an
+    ``.npz`` may hold one array per request; each becomes a request)."""
+    data = np.load(path, allow_pickle=False)
+    if isinstance(data, np.ndarray):
+        return trace_from_arrays(data, experts)
+    names = [key] if key is not None else sorted(data.files)
+    parts = [np.asarray(data[n]) for n in names]
+    ids = np.concatenate(parts, axis=0)
+    req = np.concatenate([np.full(len(p), i, np.int64) for i, p in enumerate(parts)])
+    return trace_from_arrays(ids, experts, request_ids=req)
+
+
+read_trace = _core.read_trace
+load_grouping = _core.load_grouping
+write_trace = _core.write_trace
+import_esft = _core.import_esft
+split_by_request = _core.split_by_request
+layer_imbalance = _core.layer_imbalance
+
+
+def expert_load(trace: Trace, decode_only: bool = False) -> np.ndarray:
+    """``[layers, experts]`` routed (token, expert) pairs of the trace."""
+    return _core.expert_load(trace, decode_only)
+
+
+@dataclass
+class ExpertPlan:
+    """One expert map per MoE layer: ``maps[layer, rank, slot]`` is the expert in that slot (-1:
+    empty). ``model`` is the workload-aware grouping fitted with the plan, when planned on a trace."""
+
+    maps: np.ndarray
+    experts: int
+    nodes: int = 1
+    gpus_per_node: int = 1
+    model: Optional[WorkloadModel] = None
+    #: Hidden-layer index of each planned layer (None: 0..layers-1) and the model's layer count.
+    layer_ids: Optional[Sequence[int]] = None
+    hidden_layers: int = 0
+
+    @property
+    def layers(self) -> int:
+        return int(self.maps.shape[0])
+
+    @property
+    def ranks(self) -> int:
+        return int(self.maps.shape[1])
+
+    @property
+    def slots_per_rank(self) -> int:
+        return int(self.maps.shape[2])
+
+    def _maps(self) -> np.ndarray:
+        return _array(self.maps, np.int32, 3, "maps")
+
+    def filled(self, load: Any = None) -> "ExpertPlan":
+        """The plan with every empty slot filled (engines accept none): the expert not yet on the
+        slot's rank with the largest load per replica (`load` ``[layers, experts]``; without it,
+        the fewest replicas), then the lowest id."""
+        w = np.zeros((0, 0)) if load is None else _array(load, np.float64, 2, "load")
+        maps = _core._fill_empty_slots(self._maps(), self.experts, w, self.gpus_per_node)
+        return ExpertPlan(maps, self.experts, self.nodes, self.gpus_per_node, self.model, self.layer_ids,
+                          self.hidden_layers)
+
+    def save(self, path: str) -> None:
+        """Writes the plan as locus expert-map JSON (what ``locus simulate --map`` reads)."""
+        ids = [int(x) for x in self.layer_ids] if self.layer_ids is not None else []
+        _core._save_expert_maps(path, self._maps(), self.experts, ids, int(self.hidden_layers))
+
+    @staticmethod
+    def load(path: str, nodes: int = 1, gpus_per_node: Optional[int] = None) -> "ExpertPlan":
+        maps, experts, ids, hidden = _core._load_expert_maps(path)
+        g = gpus_per_node if gpus_per_node is not None else maps.shape[1] // nodes
+        return ExpertPlan(maps, experts, nodes, g, None, ids or None, hidden)
+
+
+def plan(
+    source: Any,
+    nodes: int,
+    gpus_per_node: int,
+    placement: str = "eplb",
+    redundant_slots: int = 0,
+    slots_per_rank: Optional[int] = None,
+    eplb_groups: int = 1,
+    clusters: int = 8,
+    seed: int = 1,
+    prefill_tokens: int = 32,
+) -> ExpertPlan:
+    """Plans expert maps on ``nodes × gpus_per_node`` ranks. ``source`` is a Trace (every planner:
+    linear, round_robin, eplb, activation_usage, locality; the grouping model is fitted too) or a
+    ``[layers, experts]`` load array (linear, round_robin, eplb). Slots per rank: enough for every
+    expert once plus ``redundant_slots``, unless ``slots_per_rank`` is given (load arrays only)."""
+    if isinstance(source, Trace):
+        if slots_per_rank is not None:
+            raise ConfigError("locus: configuration error: slots_per_rank is for load arrays; a trace plan uses redundant_slots")
+        maps, model = _core._plan_from_trace(
+            source, nodes, gpus_per_node, placement, redundant_slots, eplb_groups, clusters, seed, prefill_tokens
+        )
+        ids = source.model_layer_ids if source.has_model_layers else None
+        return ExpertPlan(maps, source.experts, nodes, gpus_per_node, model, ids, source.hidden_layers)
+    load = _array(source, np.float64, 2, "load")
+    ranks = nodes * gpus_per_node
+    if slots_per_rank is None:
+        slots_per_rank = -(-load.shape[1] // ranks) + redundant_slots
+    maps = _core._plan_from_load(load, nodes, gpus_per_node, slots_per_rank, placement, eplb_groups)
+    return ExpertPlan(maps, int(load.shape[1]), nodes, gpus_per_node)
+
+
+def simulate(
+    test: Trace,
+    plan: ExpertPlan,
+    grouper: str = "round_robin",
+    transport: str = "flat",
+    batch_per_rank: int = 32,
+    hidden: int = 2048,
+    arrival_rate: float = 0.0,
+    seed: int = 1,
+    model: Optional[WorkloadModel] = None,
+) -> dict:
+    """Decode simulation of the trace's decode tokens on the plan; returns the summary (bytes and
+    copies per token, GPU imbalance, modelled layer time). ``workload_aware`` grouping uses
+    ``model`` or the plan's own."""
+    m = model if model is not None else plan.model
+    out = _core._simulate(
+        test, plan._maps(), plan.nodes, plan.gpus_per_node, grouper, m, transport, batch_per_rank, hidden,
+        float(arrival_rate), seed,
+    )
+    return json.loads(out)
+
+
+def export_text(
+    plan: ExpertPlan,
+    to: str,
+    first_moe_layer: Optional[int] = None,
+    num_hidden_layers: int = 0,
+    layer_ids: Optional[Sequence[int]] = None,
+    load: Any = None,
+) -> str:
+    """The plan in the file engine ``to`` takes (sglang, vllm, trtllm, eplb); empty slots are
+    filled first (see ExpertPlan.filled). Planned layer i is hidden layer ``layer_ids[i]``, or
+    ``first_moe_layer + i``, or the plan's own layer ids (from its trace), or i; the model has
+    ``num_hidden_layers`` layers, or the plan's count, or the last MoE layer + 1."""
+    full = plan.filled(load)
+    if layer_ids is not None:
+        ids = [int(x) for x in layer_ids]
+    elif first_moe_layer is not None:
+        ids = [first_moe_layer + i for i in range(plan.layers)]
+    elif plan.layer_ids is not None:
+        ids = [int(x) for x in plan.layer_ids]
+    else:
+        ids = list(range(plan.layers))
+    hidden = num_hidden_layers or plan.hidden_layers or (ids[-1] + 1 if ids else 0)
+    return _core._export_text(full._maps(), plan.experts, to, ids, hidden)
+
+
+def export(plan: ExpertPlan, to: str, path: str, **kwargs: Any) -> None:
+    """Writes ``export_text(plan, to, **kwargs)`` to ``path`` atomically."""
+    _write_atomically(path, export_text(plan, to, **kwargs))
+
+
+def _write_atomically(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".locus-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,382 @@
+// locus._core: the C++ core for Python. Thin: array shapes and dtypes are normalised by the
+// Python layer (python/locus/__init__.py); everything here checks sizes again, because a wrong
+// size must raise, never read out of bounds.
+#include <cstdint>
+#include <locus/core/expert_map_json.hpp>
+#include <locus/cost/decode_simulator.hpp>
+#include <locus/cost/simulation_json.hpp>
+#include <locus/grouper/by_name.hpp>
+#include <locus/grouper/workload_model_json.hpp>
+#include <locus/placement/activation_plan.hpp>
+#include <locus/placement/by_name.hpp>
+#include <locus/placement/engine_export.hpp>
+#include <locus/placement/eplb.hpp>
+#include <locus/placement/trace_load.hpp>
+#include <locus/trace/binary.hpp>
+#include <locus/trace/esft.hpp>
+#include <locus/trace/statistics.hpp>
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+using maps_in = nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb::device::cpu>;
+using load_in = nb::ndarray<const double, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+// Python exception types, created at import (see NB_MODULE).
+PyObject* error_type = nullptr;
+PyObject* config_type = nullptr;
+PyObject* input_type = nullptr;
+PyObject* format_type = nullptr;
+PyObject* io_type = nullptr;
+
+// A NumPy array owning `v` (moved), shape `shape`.
+template <class T>
+nb::ndarray<nb::numpy, T> owned(std::vector<T>&& v, std::initializer_list<std::size_t> shape) {
+  auto* heap = new std::vector<T>(std::move(v));
+  nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
+  return nb::ndarray<nb::numpy, T>(heap->data(), shape, owner);
+}
+
+std::vector<locus::expert_map> maps_from(const maps_in& a, std::size_t experts) {
+  const std::size_t layers = a.shape(0), ranks = a.shape(1), slots = a.shape(2);
+  LOCUS_REQUIRE(layers > 0, locus::config_error, "expert maps: the array has no layers");
+  std::vector<locus::expert_map> out;
+  out.reserve(layers);
+  for (std::size_t l = 0; l < layers; ++l) {
+    const std::int32_t* row = a.data() + l * ranks * slots;
+    try {
+      out.emplace_back(experts, ranks, slots, std::vector<locus::expert_id>(row, row + ranks * slots));
+    } catch (const locus::invalid_input_error& e) {
+      throw locus::invalid_input_error(locus::detail::concat("layer ", l, ": ", e.message()), nullptr, 0);
+    }
+  }
+  return out;
+}
+
+nb::ndarray<nb::numpy, std::int32_t> maps_to(const std::vector<locus::expert_map>& maps) {
+  LOCUS_REQUIRE(!maps.empty(), locus::config_error, "expert maps: no layers");
+  const std::size_t ranks = maps[0].ranks(), slots = maps[0].slots_per_rank();
+  std::vector<std::int32_t> flat;
+  flat.reserve(maps.size() * ranks * slots);
+  for (const auto& m : maps)
+    flat.insert(flat.end(), m.slot_table().begin(), m.slot_table().end());
+  return owned(std::move(flat), {maps.size(), ranks, slots});
+}
+
+std::vector<std::vector<double>> load_from(const load_in& a) {
+  std::vector<std::vector<double>> out(a.shape(0));
+  for (std::size_t l = 0; l < a.shape(0); ++l)
+    out[l].assign(a.data() + l * a.shape(1), a.data() + (l + 1) * a.shape(1));
+  return out;
+}
+
+// A trace from token-major arrays: ids [T, L, k]; weights [T, L, k] or empty; request ids [T]
+// (a request's tokens in order of appearance; requests in order of first appearance); phases [T]
+// (0 prefill, 1 decode, 2 unknown); domains [T] indexing `domain_names` (a request takes its first
+// token's domain).
+locus::trace::trace
+trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb::device::cpu> ids, std::size_t experts,
+                  nb::ndarray<const float, nb::ndim<3>, nb::c_contig, nb::device::cpu> weights,
+                  nb::ndarray<const std::int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> requests,
+                  nb::ndarray<const std::uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> phases,
+                  nb::ndarray<const std::uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> domains,
+                  std::vector<std::string> domain_names, std::vector<std::uint32_t> layer_ids,
+                  std::uint32_t hidden_layers) {
+  const std::size_t tokens = ids.shape(0), layers = ids.shape(1), k = ids.shape(2);
+  LOCUS_REQUIRE(tokens > 0, locus::invalid_input_error, "trace_from_arrays: topk_ids has no tokens");
+  const bool has_weights = weights.size() > 0;
+  LOCUS_REQUIRE(!has_weights || (weights.shape(0) == tokens && weights.shape(1) == layers && weights.shape(2) == k),
+                locus::invalid_input_error, "trace_from_arrays: topk_weights has shape [", weights.shape(0), ", ",
+                weights.shape(1), ", ", weights.shape(2), "], topk_ids [", tokens, ", ", layers, ", ", k, "]");
+  LOCUS_REQUIRE(requests.shape(0) == tokens && phases.shape(0) == tokens && domains.shape(0) == tokens,
+                locus::invalid_input_error, "trace_from_arrays: request_ids, phases and domains need ", tokens,
+                " entries (one per token); got ", requests.shape(0), ", ", phases.shape(0), ", ", domains.shape(0));
+  if (domain_names.empty()) domain_names.push_back("default");
+  std::vector<std::vector<std::size_t>> members;
+  std::vector<std::int64_t> request_id;
+  std::unordered_map<std::int64_t, std::size_t> index;
+  for (std::size_t t = 0; t < tokens; ++t) {
+    const auto [it, fresh] = index.try_emplace(requests.data()[t], members.size());
+    if (fresh) {
+      members.emplace_back();
+      request_id.push_back(requests.data()[t]);
+    }
+    members[it->second].push_back(t);
+    LOCUS_REQUIRE(phases.data()[t] <= 2, locus::invalid_input_error, "trace_from_arrays: token ", t, " has phase ",
+                  int(phases.data()[t]), " (0 prefill, 1 decode, 2 unknown)");
+    LOCUS_REQUIRE(domains.data()[t] < domain_names.size(), locus::invalid_input_error, "trace_from_arrays: token ", t,
+                  " has domain ", domains.data()[t], ", but there are ", domain_names.size(), " domain names");
+  }
+  locus::trace::trace_builder b(experts, k, layers);
+  b.set_domains(domain_names);
+  b.set_model_layers(std::move(layer_ids), hidden_layers);
+  b.reserve_tokens(tokens);
+  std::size_t next = 0;
+  for (std::size_t r = 0; r < members.size(); ++r) {
+    const auto& m = members[r];
+    b.add_request(static_cast<std::uint64_t>(request_id[r]), domains.data()[m.front()], m.size());
+    std::int32_t step = 0;
+    for (const std::size_t t : m) {
+      for (std::size_t l = 0; l < layers; ++l) {
+        const std::int32_t* src = ids.data() + (t * layers + l) * k;
+        auto dst = b.ids(l, next);
+        for (std::size_t j = 0; j < k; ++j) {
+          LOCUS_REQUIRE(src[j] >= 0 && static_cast<std::size_t>(src[j]) < experts, locus::invalid_input_error,
+                        "trace_from_arrays: topk_ids[", t, ", ", l, ", ", j, "] = ", src[j], " is out of range [0, ",
+                        experts, ")");
+          dst[j] = static_cast<locus::trace::trace_expert_id>(src[j]);
+        }
+        if (has_weights) {
+          const float* w = weights.data() + (t * layers + l) * k;
+          std::copy(w, w + k, b.weights(l, next).begin());
+        }
+      }
+      const auto p = static_cast<locus::trace::phase>(phases.data()[t]);
+      b.set_token(next, p, p == locus::trace::phase::decode ? step++ : -1);
+      ++next;
+    }
+  }
+  return b.build();
+}
+
+} // namespace
+
+NB_MODULE(_core, m) {
+  m.doc() = "locus C++ core (see the locus package for the documented API)";
+
+  error_type = PyErr_NewException("locus.LocusError", PyExc_Exception, nullptr);
+  auto derived = [&](const char* name, PyObject* builtin) {
+    PyObject* bases = PyTuple_Pack(2, error_type, builtin);
+    PyObject* t = PyErr_NewException(name, bases, nullptr);
+    Py_DECREF(bases);
+    return t;
+  };
+  config_type = derived("locus.ConfigError", PyExc_ValueError);
+  input_type = derived("locus.InvalidInputError", PyExc_ValueError);
+  format_type = derived("locus.FormatError", PyExc_ValueError);
+  io_type = derived("locus.LocusIOError", PyExc_OSError);
+  m.attr("LocusError") = nb::handle(error_type);
+  m.attr("ConfigError") = nb::handle(config_type);
+  m.attr("InvalidInputError") = nb::handle(input_type);
+  m.attr("FormatError") = nb::handle(format_type);
+  m.attr("LocusIOError") = nb::handle(io_type);
+  // The message a C++ caller reads in what(), without the source location.
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const locus::error& e) {
+      PyObject* type = error_type;
+      switch (e.kind()) {
+      case locus::error_kind::config: type = config_type; break;
+      case locus::error_kind::invalid_input: type = input_type; break;
+      case locus::error_kind::format: type = format_type; break;
+      case locus::error_kind::io: type = io_type; break;
+      default: break;
+      }
+      const std::string msg = std::string("locus: ") + locus::to_string(e.kind()) + ": " + e.message();
+      PyErr_SetString(type, msg.c_str());
+    }
+  });
+
+  m.def(
+      "rebalance_experts",
+      [](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> weight, std::size_t num_replicas,
+         std::size_t num_groups, std::size_t num_nodes, std::size_t num_gpus) {
+        const std::size_t layers = weight.shape(0), experts = weight.shape(1);
+        auto r = locus::placement::rebalance_experts(std::span(weight.data(), layers * experts), layers, experts,
+                                                     num_replicas, num_groups, num_nodes, num_gpus);
+        return nb::make_tuple(owned(std::move(r.physical_to_logical), {layers, num_replicas}),
+                              owned(std::move(r.logical_to_physical), {layers, experts, r.max_replicas}),
+                              owned(std::move(r.logical_count), {layers, experts}));
+      },
+      "weight"_a, "num_replicas"_a, "num_groups"_a, "num_nodes"_a, "num_gpus"_a);
+
+  nb::class_<locus::trace::trace>(m, "Trace")
+      .def_prop_ro("experts", &locus::trace::trace::experts)
+      .def_prop_ro("top_k", &locus::trace::trace::top_k)
+      .def_prop_ro("layers", &locus::trace::trace::layers)
+      .def_prop_ro("tokens", &locus::trace::trace::tokens)
+      .def_prop_ro("requests", &locus::trace::trace::requests)
+      .def_prop_ro("domains", &locus::trace::trace::domains)
+      .def_prop_ro("model_layer_ids", &locus::trace::trace::model_layer_ids)
+      .def_prop_ro("has_model_layers", &locus::trace::trace::has_model_layers)
+      .def_prop_ro("hidden_layers", &locus::trace::trace::hidden_layers)
+      .def(
+          "layer_ids",
+          [](const locus::trace::trace& t, std::size_t l) {
+            const auto v = t.layer(l);
+            return nb::ndarray<nb::numpy, const locus::trace::trace_expert_id>(v.ids(), {t.tokens(), t.top_k()},
+                                                                               nb::handle());
+          },
+          "layer"_a, nb::rv_policy::reference_internal)
+      .def("with_prefill_tokens", &locus::trace::trace::with_prefill_tokens, "tokens"_a)
+      .def("__repr__", [](const locus::trace::trace& t) {
+        return locus::detail::concat("Trace(requests=", t.requests(), ", tokens=", t.tokens(), ", layers=", t.layers(),
+                                     ", experts=", t.experts(), ", top_k=", t.top_k(), ")");
+      });
+  m.def("_trace_from_arrays", &trace_from_arrays);
+  m.def("read_trace", &locus::trace::read_trace, "path"_a);
+  m.def(
+      "write_trace", [](const locus::trace::trace& t, const std::string& path) { locus::trace::write_trace(t, path); },
+      "trace"_a, "path"_a);
+  m.def(
+      "import_esft", [](const std::string& path) { return locus::trace::import_esft(path); }, "path"_a);
+  m.def("split_by_request", &locus::trace::split_by_request, "trace"_a, "test_fraction"_a, "seed"_a);
+
+  m.def(
+      "expert_load",
+      [](const locus::trace::trace& t, bool decode_only) {
+        const auto load = locus::placement::expert_load(t, decode_only);
+        std::vector<double> flat;
+        for (const auto& row : load)
+          flat.insert(flat.end(), row.begin(), row.end());
+        return owned(std::move(flat), {t.layers(), t.experts()});
+      },
+      "trace"_a, "decode_only"_a = false);
+  m.def(
+      "layer_imbalance",
+      [](const locus::trace::trace& t) {
+        const auto imb = locus::trace::layer_imbalance(locus::trace::compute_expert_load(t));
+        nb::list out;
+        for (const auto& i : imb) {
+          nb::dict d;
+          d["max_over_mean"] = i.max_over_mean;
+          d["cv"] = i.cv;
+          d["gini"] = i.gini;
+          out.append(d);
+        }
+        return out;
+      },
+      "trace"_a);
+
+  m.def(
+      "_plan_from_load",
+      [](load_in load, std::size_t nodes, std::size_t gpus_per_node, std::size_t slots_per_rank,
+         const std::string& placement, std::size_t eplb_groups) {
+        LOCUS_REQUIRE(placement == "linear" || placement == "round_robin" || placement == "eplb", locus::config_error,
+                      "planning from loads: placement \"", placement,
+                      "\" needs a trace (from loads: linear, round_robin or eplb)");
+        locus::placement::plan_input in;
+        in.topology = locus::dynamic_topology(nodes, gpus_per_node);
+        in.experts = load.shape(1);
+        in.slots_per_rank = slots_per_rank;
+        in.load = load_from(load);
+        locus::placement::named_plan_options opt;
+        opt.eplb_groups = eplb_groups;
+        return maps_to(locus::placement::plan_by_name(placement, in, opt));
+      },
+      "load"_a, "nodes"_a, "gpus_per_node"_a, "slots_per_rank"_a, "placement"_a, "eplb_groups"_a);
+
+  nb::class_<locus::grouper::workload_model>(m, "WorkloadModel")
+      .def_prop_ro("clusters", &locus::grouper::workload_model::clusters)
+      .def_prop_ro("nodes", &locus::grouper::workload_model::nodes)
+      .def_prop_ro("layers", &locus::grouper::workload_model::layers)
+      .def_prop_ro("experts", &locus::grouper::workload_model::experts)
+      .def_prop_ro("cluster_node", &locus::grouper::workload_model::cluster_node)
+      .def(
+          "save",
+          [](const locus::grouper::workload_model& g, const std::string& path) {
+            locus::grouper::save_grouping(path, g);
+          },
+          "path"_a)
+      .def(
+          "classify",
+          [](const locus::grouper::workload_model& g, const locus::trace::trace& t, std::size_t prefill_tokens) {
+            std::vector<std::int64_t> out(t.requests());
+            std::vector<std::uint32_t> scratch;
+            for (std::size_t r = 0; r < t.requests(); ++r) {
+              const auto c = g.classify(t, r, prefill_tokens, scratch);
+              out[r] = c.confident ? static_cast<std::int64_t>(c.cluster) : -1;
+            }
+            return owned(std::move(out), {t.requests()});
+          },
+          "trace"_a, "prefill_tokens"_a);
+  m.def(
+      "load_grouping",
+      [](const std::string& path) {
+        return std::make_shared<locus::grouper::workload_model>(locus::grouper::load_grouping(path));
+      },
+      "path"_a);
+  m.def(
+      "_plan_from_trace",
+      [](const locus::trace::trace& train, std::size_t nodes, std::size_t gpus_per_node, const std::string& placement,
+         std::size_t redundant_slots, std::size_t eplb_groups, std::size_t clusters, std::uint64_t seed,
+         std::size_t prefill_tokens) {
+        locus::placement::activation_plan_options opt;
+        opt.named.eplb_groups = eplb_groups;
+        opt.grouping.clusters = clusters;
+        opt.grouping.seed = seed;
+        opt.grouping.prefill_tokens = prefill_tokens;
+        auto plan = locus::placement::plan_activation_aware(train, locus::dynamic_topology(nodes, gpus_per_node),
+                                                            placement, redundant_slots, opt);
+        return std::make_pair(maps_to(plan.maps), std::const_pointer_cast<locus::grouper::workload_model>(plan.model));
+      },
+      "train"_a, "nodes"_a, "gpus_per_node"_a, "placement"_a, "redundant_slots"_a, "eplb_groups"_a, "clusters"_a,
+      "seed"_a, "prefill_tokens"_a);
+
+  m.def(
+      "_simulate",
+      [](const locus::trace::trace& test, maps_in maps, std::size_t nodes, std::size_t gpus_per_node,
+         const std::string& grouper, std::shared_ptr<locus::grouper::workload_model> model,
+         const std::string& transport, std::size_t batch_per_rank, std::size_t hidden, double arrival_rate,
+         std::uint64_t seed) {
+        locus::cost::simulation_config cfg;
+        cfg.topology = locus::dynamic_topology(nodes, gpus_per_node);
+        cfg.transport = locus::cost::parse_transport_kind(transport);
+        cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(hidden);
+        cfg.batch_per_rank = batch_per_rank;
+        cfg.arrival_rate = arrival_rate;
+        cfg.seed = seed;
+        auto g = locus::grouper::grouper_by_name(grouper, model);
+        const auto result = locus::cost::simulate_decode(test, maps_from(maps, test.experts()), g, cfg);
+        return locus::cost::simulation_summary_json(result).dump();
+      },
+      "test"_a, "maps"_a, "nodes"_a, "gpus_per_node"_a, "grouper"_a, "model"_a.none(), "transport"_a,
+      "batch_per_rank"_a, "hidden"_a, "arrival_rate"_a, "seed"_a);
+
+  m.def(
+      "_fill_empty_slots",
+      [](maps_in maps, std::size_t experts, load_in load, std::size_t gpus_per_node) {
+        return maps_to(
+            locus::placement::fill_empty_slots(maps_from(maps, experts), load_from(load), {}, gpus_per_node));
+      },
+      "maps"_a, "experts"_a, "load"_a, "gpus_per_node"_a);
+  m.def(
+      "_export_text",
+      [](maps_in maps, std::size_t experts, const std::string& to, std::vector<std::size_t> layer_ids,
+         std::size_t hidden_layers) {
+        const auto plan = maps_from(maps, experts);
+        locus::placement::model_layers layers{std::move(layer_ids), hidden_layers};
+        if (layers.moe_layer.empty())
+          layers = locus::placement::model_layers::contiguous(plan.size(), 0, hidden_layers);
+        return locus::placement::export_text(locus::placement::parse_engine_format(to), plan, layers);
+      },
+      "maps"_a, "experts"_a, "to"_a, "layer_ids"_a, "hidden_layers"_a);
+  m.def(
+      "_load_expert_maps",
+      [](const std::string& path) {
+        const auto plan = locus::load_expert_plan(path);
+        return nb::make_tuple(maps_to(plan.maps), plan.maps.front().experts(), plan.model_layers, plan.hidden_layers);
+      },
+      "path"_a);
+  m.def(
+      "_save_expert_maps",
+      [](const std::string& path, maps_in maps, std::size_t experts, std::vector<std::size_t> layer_ids,
+         std::size_t hidden_layers) {
+        locus::save_expert_maps(path, maps_from(maps, experts), layer_ids, hidden_layers);
+      },
+      "path"_a, "maps"_a, "experts"_a, "layer_ids"_a, "hidden_layers"_a);
+}

@@ -1,0 +1,84 @@
+#include <boost/test/unit_test.hpp>
+#include <cstdint>
+#include <filesystem>
+#include <locus/grouper/workload_model_json.hpp>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+using namespace locus;
+
+namespace {
+
+// Requests of four kinds, each routing mostly into its own block of experts (a splitmix stream,
+// so the test is the same everywhere).
+trace::trace kinds_trace(std::size_t requests) {
+  const std::size_t experts = 32, k = 2, layers = 3, len = 24;
+  trace::trace_builder b(experts, k, layers);
+  b.set_domains({"d"});
+  std::uint64_t state = 7;
+  auto next = [&] {
+    state += 0x9e3779b97f4a7c15ULL;
+    std::uint64_t z = state;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+  };
+  for (std::size_t r = 0; r < requests; ++r) {
+    b.add_request(r, 0, len);
+    for (std::size_t i = 0; i < len; ++i) {
+      const std::size_t t = r * len + i;
+      b.set_token(t, i < 8 ? trace::phase::prefill : trace::phase::decode, i < 8 ? -1 : static_cast<int>(i - 8));
+      for (std::size_t l = 0; l < layers; ++l) {
+        auto ids = b.ids(l, t);
+        const std::size_t first = (r % 4) * 8 + next() % 8;
+        ids[0] = static_cast<trace::trace_expert_id>(first);
+        ids[1] = static_cast<trace::trace_expert_id>(next() % 4 == 0 ? (first + 9) % experts : (first + 1) % experts);
+      }
+    }
+  }
+  return b.build();
+}
+
+} // namespace
+
+BOOST_AUTO_TEST_SUITE(grouping_json)
+
+// A saved and loaded model classifies every request exactly as the fitted one and gives the same
+// node load; damaged documents are refused.
+BOOST_AUTO_TEST_CASE(round_trip_gives_identical_assignments) {
+  const auto t = kinds_trace(40);
+  grouper::workload_aware_options opt;
+  opt.clusters = 4;
+  opt.prefill_tokens = 8;
+  const auto fitted = grouper::workload_model::fit(t, dynamic_topology(2, 2), opt);
+  const auto path = std::filesystem::temp_directory_path() / ("locus_grouping_" + std::to_string(::getpid()) + ".json");
+  grouper::save_grouping(path.string(), fitted);
+  const auto loaded = grouper::load_grouping(path.string());
+  std::filesystem::remove(path);
+  BOOST_TEST(loaded.clusters() == fitted.clusters());
+  BOOST_TEST(loaded.cluster_node() == fitted.cluster_node(), boost::test_tools::per_element());
+  BOOST_TEST(loaded.min_similarity() == fitted.min_similarity());
+  std::vector<std::uint32_t> s1, s2;
+  for (std::size_t r = 0; r < t.requests(); ++r) {
+    const auto a = fitted.classify(t, r, 8, s1), b = loaded.classify(t, r, 8, s2);
+    BOOST_TEST(a.cluster == b.cluster);
+    BOOST_TEST(a.similarity == b.similarity);
+    BOOST_TEST(a.confident == b.confident);
+  }
+  BOOST_TEST(loaded.node_load() == fitted.node_load());
+
+  auto doc = grouper::grouping_to_json(fitted);
+  doc["version"] = 2;
+  BOOST_CHECK_THROW(grouper::grouping_from_json(doc), format_error);
+  doc = grouper::grouping_to_json(fitted);
+  doc["cluster_node"][0] = 7; // node 7 of 2
+  BOOST_CHECK_THROW(grouper::grouping_from_json(doc), format_error);
+  doc = grouper::grouping_to_json(fitted);
+  doc["means"].erase(0);
+  BOOST_CHECK_THROW(grouper::grouping_from_json(doc), format_error);
+  doc.erase("usage");
+  BOOST_CHECK_THROW(grouper::grouping_from_json(doc), format_error);
+}
+
+BOOST_AUTO_TEST_SUITE_END()

@@ -1,0 +1,90 @@
+#include <boost/test/unit_test.hpp>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <locus/placement/load_import.hpp>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+using namespace locus;
+using namespace locus::placement;
+
+namespace {
+
+// A .npy (version 1) file of `values` with NumPy's header for `descr` and `shape`.
+template <class T>
+std::string npy(const std::string& descr, const std::string& shape, const std::vector<T>& values) {
+  std::string header = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': " + shape + ", }";
+  header.append(63 - (10 + header.size()) % 64, ' ');
+  header += '\n';
+  std::string out = "\x93NUMPY";
+  out += '\x01';
+  out += '\x00';
+  out += static_cast<char>(header.size() & 0xff);
+  out += static_cast<char>(header.size() >> 8);
+  out += header;
+  out.append(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(T));
+  return out;
+}
+
+void write(const std::filesystem::path& p, const std::string& bytes) { std::ofstream(p, std::ios::binary) << bytes; }
+
+std::string safetensors(const std::vector<std::pair<std::string, std::vector<std::int32_t>>>& tensors) {
+  std::string header = "{", body;
+  for (const auto& [name, v] : tensors) {
+    if (header.size() > 1) header += ',';
+    header += "\"" + name + "\":{\"dtype\":\"I32\",\"shape\":[" + std::to_string(v.size()) + "],\"data_offsets\":[" +
+              std::to_string(body.size()) + "," + std::to_string(body.size() + 4 * v.size()) + "]}";
+    body.append(reinterpret_cast<const char*>(v.data()), 4 * v.size());
+  }
+  header += "}";
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i)
+    out[static_cast<std::size_t>(i)] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
+  return out + header + body;
+}
+
+struct temp_dir {
+  std::filesystem::path path =
+      std::filesystem::temp_directory_path() / ("locus_load_import_" + std::to_string(::getpid()));
+  temp_dir() { std::filesystem::create_directories(path); }
+  ~temp_dir() { std::filesystem::remove_all(path); }
+};
+
+} // namespace
+
+BOOST_AUTO_TEST_SUITE(load_import)
+
+BOOST_AUTO_TEST_CASE(npy_loads_and_routed_experts) {
+  temp_dir d;
+  write(d.path / "load.npy", npy<double>("<f8", "(2, 3)", {1, 2, 3, 4, 5, 6}));
+  const auto a = import_load((d.path / "load.npy").string());
+  BOOST_TEST(a.load == (std::vector<std::vector<double>>{{1, 2, 3}, {4, 5, 6}}));
+  BOOST_TEST(a.layer_ids == (std::vector<std::size_t>{0, 1}));
+  // Two tokens, two layers, top-2: layer 0 routes to {0,3} and {3,1}; layer 1 to {2,2}... counted.
+  write(d.path / "routed.npy", npy<std::int32_t>("<i4", "(2, 2, 2)", {0, 3, 2, 1, 3, 1, 2, 0}));
+  const auto r = import_load((d.path / "routed.npy").string(), 5);
+  BOOST_TEST(r.load == (std::vector<std::vector<double>>{{1, 1, 0, 2, 0}, {1, 1, 2, 0, 0}}));
+  BOOST_CHECK_THROW(import_load((d.path / "routed.npy").string(), 3), invalid_input_error); // id 3 of 3 experts
+  write(d.path / "big.npy", npy<std::int32_t>(">i4", "(1, 2)", {1, 2}));
+  BOOST_CHECK_THROW(import_load((d.path / "big.npy").string()), format_error);
+  write(d.path / "short.npy", npy<double>("<f8", "(2, 3)", {1, 2, 3}));
+  BOOST_CHECK_THROW(import_load((d.path / "short.npy").string()), format_error);
+  write(d.path / "neg.npy", npy<double>("<f8", "(1, 2)", {1, -2}));
+  BOOST_CHECK_THROW(import_load((d.path / "neg.npy").string()), invalid_input_error);
+}
+
+BOOST_AUTO_TEST_CASE(trtllm_statistics_sum_ranks_and_iterations) {
+  temp_dir d;
+  write(d.path / "meta_info.json", R"({"num_experts": 3, "num_experts_per_token": 2})");
+  write(d.path / "rank0.safetensors", safetensors({{"100_3", {1, 2, 3}}, {"101_3", {1, 0, 0}}, {"100_5", {0, 0, 9}}}));
+  write(d.path / "rank1.safetensors", safetensors({{"100_3", {5, 5, 5}}, {"101_5", {1, 1, 1}}}));
+  const auto s = import_load(d.path.string());
+  BOOST_TEST(s.layer_ids == (std::vector<std::size_t>{3, 5}));
+  BOOST_TEST(s.load == (std::vector<std::vector<double>>{{7, 7, 8}, {1, 1, 10}}));
+  write(d.path / "rank2.safetensors", safetensors({{"100_3", {1, 2}}}));
+  BOOST_CHECK_THROW(import_load(d.path.string()), format_error); // 2 values for 3 experts
+}
+
+BOOST_AUTO_TEST_SUITE_END()
