@@ -10,9 +10,6 @@
 //! version, a checksum mismatch, an id out of range, a NaN weight, counts that disagree — raises
 //! `locus::format_error` whose `offset()` is the byte offset of the offending field.
 
-#include <locus/core/error.hpp>
-#include <locus/trace/trace.hpp>
-
 #include <algorithm>
 #include <array>
 #include <bit>
@@ -22,6 +19,9 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <locus/core/atomic_file.hpp>
+#include <locus/core/error.hpp>
+#include <locus/trace/trace.hpp>
 #include <memory>
 #include <span>
 #include <string>
@@ -241,6 +241,7 @@ public:
                                                                ", expected 0"));
   }
   std::uint64_t offset() const noexcept { return src_.offset(); }
+  std::uint64_t remaining() const noexcept { return src_.size() - src_.offset(); }
   std::uint64_t digest() const noexcept { return hash_.digest(); }
   const std::string& name() const noexcept { return src_.name(); }
 
@@ -292,7 +293,11 @@ header_fields read_header(Source& src) {
   if (f.top_k < 1 || f.top_k > max_trace_top_k || f.top_k > f.experts)
     format_fail(src.name(), 20, locus::detail::concat("top_k is ", f.top_k, ", expected 1..",
                                                       std::min<std::size_t>(max_trace_top_k, f.experts)));
-  if (f.layers < 1) format_fail(src.name(), 24, "layers is 0, expected at least 1");
+  if (f.layers < 1 || f.layers > max_trace_layers)
+    format_fail(src.name(), 24, locus::detail::concat("layers is ", f.layers, ", expected 1..", max_trace_layers));
+  if (f.domains > max_trace_domains)
+    format_fail(src.name(), 28,
+                locus::detail::concat("domains is ", f.domains, ", expected at most ", max_trace_domains));
   if (f.reserved != 0) format_fail(src.name(), 64, "reserved field is not 0");
   if (f.tokens < f.requests)
     format_fail(src.name(), 40, locus::detail::concat(f.tokens, " tokens for ", f.requests,
@@ -323,11 +328,19 @@ locus::trace::trace read(Source& src) {
     if (len > binary_max_domain_name)
       format_fail(name, at, locus::detail::concat("domain ", d, " name length ", len, ", expected at most ",
                                                   binary_max_domain_name));
+    if (len > in.remaining())
+      format_fail(name, at,
+                  locus::detail::concat("domain ", d, " name length ", len, " runs past the end of the file (",
+                                        in.remaining(), " bytes left; the file looks truncated)"));
     std::string s(len, '\0');
     in.read(s.data(), len, "the domain table");
     domains.push_back(std::move(s));
     domain_bytes += 4 + len;
   }
+  if (const std::size_t d = trace_builder::first_repeated_domain(domains); d < domains.size())
+    format_fail(name, 80,
+                locus::detail::concat("domain ", d, " \"", domains[d],
+                                      "\" repeats an earlier domain name (names must be distinct)"));
   in.pad("the domain table");
   std::uint64_t expected = 0;
   if (!payload_size(domain_bytes, f.requests, f.tokens, f.top_k, f.layers, expected) || expected != f.payload_bytes)
@@ -384,8 +397,9 @@ locus::trace::trace read(Source& src) {
   constexpr std::size_t chunk = std::size_t{1} << 18;
   for (std::size_t l = 0; l < f.layers; ++l) {
     auto ids = b.layer_ids(l);
-    for (std::size_t i = 0; i < ids.size(); i += chunk) {
-      const std::size_t n = std::min(chunk, ids.size() - i);
+    const std::size_t id_chunk = chunk / f.top_k * f.top_k; // whole tokens, for the repeated-choice check
+    for (std::size_t i = 0; i < ids.size(); i += id_chunk) {
+      const std::size_t n = std::min(id_chunk, ids.size() - i);
       const std::uint64_t at = in.offset();
       in.read(ids.data() + i, n * 2, "a layer's expert ids");
       if (!trace_builder::ids_in_range(ids.data() + i, n, f.experts))
@@ -394,6 +408,14 @@ locus::trace::trace read(Source& src) {
             format_fail(name, at + 2 * j, locus::detail::concat("layer ", l, " token ", (i + j) / f.top_k, " choice ",
                                                                 (i + j) % f.top_k, ": expert id ", ids[i + j],
                                                                 " is out of range [0, ", f.experts, ")"));
+      const std::size_t k = f.top_k, t0 = i / k, t1 = (i + n) / k;
+      if (const std::size_t t = t0 + first_repeated_choice(ids.data() + t0 * k, t1 - t0, k); t < t1) {
+        const std::size_t j = repeated_choice(ids.data() + t * k, k);
+        format_fail(name, at + 2 * (t * k + j - i),
+                    locus::detail::concat("layer ", l, " token ", t, " choice ", j, ": expert ", ids[t * k + j],
+                                          " is chosen twice (a token's top-k experts "
+                                          "must be distinct)"));
+      }
     }
     in.pad("a layer's expert ids");
     auto w = b.layer_weights(l);
@@ -485,44 +507,28 @@ struct vector_sink {
   void write_header(const void* p, std::size_t n) { std::memcpy(bytes.data(), p, n); }
 };
 
+//! Writes through locus::atomic_file: the header is filled in last, then the file is renamed
+//! into place, so a failed write never leaves a partial trace where a good one was.
 class file_sink {
 public:
-  explicit file_sink(const std::string& path) : path_(path) {
-    f_ = std::fopen(path.c_str(), "wb");
-    if (!f_) fail("cannot create");
+  explicit file_sink(const std::string& path) : f_(path) {
     static constexpr unsigned char zero[binary_header_bytes] = {};
-    write(zero, sizeof zero);
+    f_.write(zero, sizeof zero);
   }
-  file_sink(const file_sink&) = delete;
-  file_sink& operator=(const file_sink&) = delete;
-  ~file_sink() {
-    if (f_) std::fclose(f_);
-  }
-  void write(const void* p, std::size_t n) {
-    if (n && std::fwrite(p, 1, n, f_) != n) fail("write failed");
-  }
+  void write(const void* p, std::size_t n) { f_.write(p, n); }
   void write_header(const void* p, std::size_t n) {
-    if (std::fseek(f_, 0, SEEK_SET) != 0) fail("cannot seek");
-    write(p, n);
-    if (std::fclose(f_) != 0) {
-      f_ = nullptr;
-      fail("cannot close");
-    }
-    f_ = nullptr;
+    f_.write_at(0, p, n);
+    f_.commit();
   }
 
 private:
-  [[noreturn]] void fail(const char* what) {
-    const int e = errno;
-    throw io_error(locus::detail::concat(path_, ": ", what, ": ", std::strerror(e)), __FILE__, __LINE__, e);
-  }
-  std::FILE* f_ = nullptr;
-  std::string path_;
+  atomic_file f_;
 };
 
 } // namespace detail::trace
 
-//! Writes `t` to `path` in the binary format. @throws locus::io_error when the file cannot be written
+//! Writes `t` to `path` in the binary format, atomically (a temporary file renamed into place).
+//! @throws locus::io_error when the file cannot be written (the old file, if any, is kept)
 inline void write_trace(const trace& t, const std::string& path) {
   detail::trace::file_sink sink(path);
   detail::trace::write(t, sink);
