@@ -1,20 +1,20 @@
 #pragma once
 // `locus plan` (fit an expert map on a trace's training split) and `locus simulate` (run the decode
 // simulator on its test split).
+#include "cli_checks.hpp"
 #include "trace_input.hpp"
 
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <iostream>
 #include <locus/core/expert_map_json.hpp>
 #include <locus/cost/simulation_json.hpp>
 #include <locus/grouper/by_name.hpp>
 #include <locus/placement/activation_plan.hpp>
 #include <locus/placement/by_name.hpp>
 #include <locus/placement/trace_load.hpp>
-
-#include <CLI/CLI.hpp>
-
-#include <chrono>
-#include <cstdio>
-#include <iostream>
 #include <memory>
 #include <string>
 
@@ -30,11 +30,11 @@ struct split_options {
 
   void add_to(CLI::App* cmd) {
     cmd->add_option("--trace", trace_path, "Trace: locus binary file or ESFT folder")->required();
-    cmd->add_option("--nodes", nodes, "Nodes")->check(CLI::PositiveNumber);
-    cmd->add_option("--gpus-per-node", gpus_per_node, "GPUs (ranks) per node")->check(CLI::PositiveNumber);
+    cmd->add_option("--nodes", nodes, "Nodes")->check(positive_whole());
+    cmd->add_option("--gpus-per-node", gpus_per_node, "GPUs (ranks) per node")->check(positive_whole());
     cmd->add_option("--split-seed", split_seed, "Seed of the train/test split by request");
     cmd->add_option("--test-fraction", test_fraction, "Fraction of requests in the test split")
-        ->check(CLI::Range(0.0, 1.0));
+        ->check(finite_non_negative() & CLI::Range(0.0, 1.0));
     cmd->add_option("--prefill-tokens", prefill_tokens, "Tokens at the start of each request that are prefill");
   }
 
@@ -57,16 +57,16 @@ struct plan_options {
 
   void add_to(CLI::App* cmd) {
     cmd->add_option("--placement", placement, "Planner: linear, round_robin, eplb, activation_usage, locality");
-    cmd->add_option("--redundant-slots", redundant_slots, "Replica slots per GPU");
-    cmd->add_option("--eplb-groups", eplb_groups, "Expert groups for eplb")->check(CLI::PositiveNumber);
-    cmd->add_option("--clusters", clusters, "Request clusters of the workload-aware model")->check(CLI::PositiveNumber);
+    cmd->add_option("--redundant-slots", redundant_slots, "Replica slots per GPU (at most the number of experts)");
+    cmd->add_option("--eplb-groups", eplb_groups, "Expert groups for eplb")->check(positive_whole());
+    cmd->add_option("--clusters", clusters, "Request clusters of the workload-aware model")->check(positive_whole());
     cmd->add_option("--copies", copies,
                     "locality: the copies to minimise: flat (per remote GPU), hierarchical (per remote node) or both")
         ->check(CLI::IsMember({"flat", "hierarchical", "both"}));
     cmd->add_option("--anneal", anneal, "locality: annealing proposals per expert after the token-level sweeps");
     cmd->add_option("--balance-shift", balance_shift,
                     "locality: also balance GPU load when one node's requests grow by this share")
-        ->check(CLI::NonNegativeNumber);
+        ->check(finite_non_negative());
   }
   //! Maps and the workload-aware grouping model fitted with them (locality refines the grouping
   //! jointly with the placement).
@@ -95,8 +95,9 @@ inline void register_plan(CLI::App& app) {
   plan->add_to(cmd);
   cmd->add_option("--out", *out, "Output expert map JSON");
   cmd->callback([split, plan, out] {
+    const auto topo = split->topology(); // an impossible topology is refused before the trace is read
     const auto [train, test] = split->load();
-    const auto maps = plan->plan(train, split->topology(), split->split_seed, split->prefill_tokens).maps;
+    const auto maps = plan->plan(train, topo, split->split_seed, split->prefill_tokens).maps;
     locus::save_expert_maps(*out, maps);
     std::printf("%s: %s placement, %zu layers, %zu experts on %zu x %zu ranks, %zu slots per rank (fitted on %zu "
                 "requests)\n",
@@ -104,6 +105,10 @@ inline void register_plan(CLI::App& app) {
                 split->gpus_per_node, maps.front().slots_per_rank(), train.requests());
   });
 }
+
+//! Largest --hidden: above every model's hidden size, and small enough that byte counts stay far
+//! from 64-bit overflow.
+inline constexpr std::size_t max_hidden = std::size_t{1} << 24;
 
 inline void register_simulate(CLI::App& app) {
   struct options {
@@ -121,15 +126,16 @@ inline void register_simulate(CLI::App& app) {
   cmd->add_option("--map", opt->map_path, "Expert map JSON (instead of --placement)");
   cmd->add_option("--grouper", opt->grouper, "Grouper: round_robin, least_loaded, workload_aware");
   cmd->add_option("--transport", opt->transport, "flat or hierarchical");
-  cmd->add_option("--batch-per-rank", opt->batch_per_rank, "Running requests per rank")->check(CLI::PositiveNumber);
+  cmd->add_option("--batch-per-rank", opt->batch_per_rank, "Running requests per rank")->check(positive_whole());
   cmd->add_option("--hidden", opt->hidden, "Hidden size (message sizes: FP8 dispatch, BF16 combine)")
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--arrival-rate", opt->arrival_rate, "Poisson arrivals per step (0: all at once)");
+      ->check(CLI::Range(std::size_t{1}, max_hidden));
+  cmd->add_option("--arrival-rate", opt->arrival_rate, "Poisson arrivals per step (0: all at once)")
+      ->check(finite_non_negative());
   cmd->add_flag("--json", opt->json, "Print the summary as JSON");
   cmd->callback([split, plan, opt] {
     const auto start = std::chrono::steady_clock::now();
+    const auto topo = split->topology(); // an impossible topology is refused before the trace is read
     const auto [train, test] = split->load();
-    const auto topo = split->topology();
     // The workload-aware model is fitted on the training split in every case (a saved map carries
     // no grouping); with --placement it is the one fitted together with the maps.
     const auto transport = locus::cost::parse_transport_kind(opt->transport); // bad names fail before planning
