@@ -4,13 +4,24 @@
 // each run stays bounded; traces larger than the cap below are skipped to keep runs fast.
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <locus/cost/decode_simulator.hpp>
 #include <locus/grouper/by_name.hpp>
 #include <locus/placement/activation_plan.hpp>
 #include <locus/trace/binary.hpp>
+#include <vector>
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  const std::span<const std::byte> bytes(reinterpret_cast<const std::byte*>(data), size);
+  // Both checksums are recomputed first, so that mutations reach the reader's value checks and the
+  // planners instead of stopping at a checksum mismatch (fuzz_binary covers the checksums).
+  std::vector<std::byte> bytes(reinterpret_cast<const std::byte*>(data),
+                               reinterpret_cast<const std::byte*>(data) + size);
+  if (size >= locus::trace::binary_header_bytes) {
+    const std::uint64_t payload = locus::trace::checksum64::of(bytes.data() + 80, size - 80);
+    std::memcpy(bytes.data() + 56, &payload, 8);
+    const std::uint64_t header = locus::trace::checksum64::of(bytes.data(), 72);
+    std::memcpy(bytes.data() + 72, &header, 8);
+  }
   locus::trace::trace raw;
   try {
     raw = locus::trace::decode_trace(bytes, "fuzz");

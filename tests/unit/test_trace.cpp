@@ -458,6 +458,11 @@ BOOST_AUTO_TEST_CASE(binary_round_trip_of_an_empty_trace) {
   BOOST_TEST((trace::decode_trace(trace::encode_trace(t)) == t));
 }
 
+// An empty span from a null pointer (found by fuzz_plan under UBSan: memcpy from null).
+BOOST_AUTO_TEST_CASE(an_empty_span_is_a_format_error) {
+  expect_format_error([] { (void)trace::decode_trace(std::span<const std::byte>()); }, {"file ends inside the magic"});
+}
+
 BOOST_AUTO_TEST_CASE(missing_file_is_an_io_error) {
   BOOST_CHECK_THROW(trace::read_trace("/nonexistent/locus/trace.bin"), io_error);
   BOOST_CHECK_THROW(trace::write_trace(random_trace(1, 1, 4, 1, 1), "/nonexistent/locus/trace.bin"), io_error);
@@ -738,6 +743,7 @@ BOOST_AUTO_TEST_CASE(esft_bad_text_names_file_line_and_column) {
       {{"0\t1\t2\t\t0.5\t0.5\t0.5\n"}, {"3 expert ids is not a multiple of top_k 2"}, 1},
       {{"1\t1\t\t0.5\t0.5\n"}, {"token 0 chooses expert 1 twice"}, 1},
       {{"0\t1\n"}, {"line ends after the expert ids"}, 1},
+      {{ok + "0\t1\t\t0.5"}, {":2:1:", "2 expert ids but 1 weights", "the file looks truncated"}, 2},
       {{"0 1\t\t0.5\t0.5\n"}, {":1:2:", "expected a tab after an expert id"}, 1},
       {{"0\t1\t\t0.5 0.5\n"}, {"expected a tab after a weight"}, 1},
       {{ok + "\n" + ok}, {":2:1:", "blank line"}, 2},

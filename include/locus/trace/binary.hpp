@@ -161,6 +161,7 @@ public:
   std::size_t read(void* dst, std::size_t n) {
     if (n == 0) return 0; // empty sections may pass a null pointer
     const std::size_t take = std::min<std::uint64_t>(n, bytes_.size() - offset_);
+    if (take == 0) return 0; // an empty span may have a null data(), which memcpy must not see
     std::memcpy(dst, bytes_.data() + offset_, take);
     offset_ += take;
     return take;
@@ -225,7 +226,7 @@ public:
     if (got != n)
       format_fail(src_.name(), at + got,
                   locus::detail::concat("file ends inside ", what, ": expected ", n, " bytes at offset ", at, ", got ",
-                                        got));
+                                        got, " (the file looks truncated)"));
     hash_.update(dst, n);
   }
   //! Reads the zero padding up to the next multiple of 8.

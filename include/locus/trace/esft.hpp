@@ -85,8 +85,7 @@ inline std::string esft_excerpt(const char* p, const char* end) {
 
 //! Parses one layer file. Hand-rolled (no streams, no allocation per value) because 37 MB of
 //! text must import in well under 2 s on one core.
-inline esft_layer parse_esft_layer(std::string_view text, const std::string& file, std::size_t experts,
-                                   std::size_t k) {
+inline esft_layer parse_esft_lines(std::string_view text, const std::string& file, std::size_t experts, std::size_t k) {
   esft_layer out;
   out.ids.reserve(text.size() / 6);
   out.weights.reserve(text.size() / 6);
@@ -166,6 +165,19 @@ inline esft_layer parse_esft_layer(std::string_view text, const std::string& fil
     p = next;
   }
   return out;
+}
+
+//! parse_esft_lines, naming a problem on an unterminated last line as a likely truncation.
+inline esft_layer parse_esft_layer(std::string_view text, const std::string& file, std::size_t experts, std::size_t k) {
+  try {
+    return parse_esft_lines(text, file, experts, k);
+  } catch (const format_error& e) {
+    if (text.empty() || text.back() == '\n' ||
+        e.offset() != static_cast<std::uint64_t>(std::count(text.begin(), text.end(), '\n')) + 1)
+      throw;
+    throw format_error(e.message() + " (the last line has no newline: the file looks truncated)", e.offset(), __FILE__,
+                       __LINE__);
+  }
 }
 
 inline std::string read_text_file(const std::filesystem::path& path) {

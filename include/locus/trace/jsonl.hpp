@@ -651,15 +651,16 @@ private:
                                 __FILE__, __LINE__);
     if (top_k_ == 0) {
       if (f_.ids.empty() || f_.ids.size() > max_trace_top_k || f_.ids.size() > experts_)
-        return bad(line_no, locus::detail::concat("topk_ids has ", f_.ids.size(), " entries, expected 1..",
+        return bad(line_no, locus::detail::concat("topk_ids has ", entries(f_.ids), " entries, expected 1..",
                                                   std::min<std::size_t>(max_trace_top_k, experts_)));
       top_k_ = f_.ids.size();
     }
     if (f_.ids.size() != top_k_)
-      return bad(line_no, locus::detail::concat("topk_ids has ", f_.ids.size(), " entries, expected top_k = ", top_k_));
-    if (f_.weights.size() != top_k_)
       return bad(line_no,
-                 locus::detail::concat("topk_weights has ", f_.weights.size(), " entries, expected top_k = ", top_k_));
+                 locus::detail::concat("topk_ids has ", entries(f_.ids), " entries, expected top_k = ", top_k_));
+    if (f_.weights.size() != top_k_)
+      return bad(line_no, locus::detail::concat("topk_weights has ", entries(f_.weights),
+                                                " entries, expected top_k = ", top_k_));
     for (std::size_t j = 0; j < top_k_; ++j) {
       if (f_.ids[j] >= experts_)
         return bad(line_no, locus::detail::concat("topk_ids[", j, "] = ", f_.ids[j], " is out of range [0, ", experts_,
@@ -728,6 +729,12 @@ private:
     }
     ++records_;
     ++rep_.route_records;
+  }
+
+  //! An array's length as collected (the SAX handler stops past max_trace_top_k entries).
+  template <class T>
+  static std::string entries(const std::vector<T>& v) {
+    return v.size() > max_trace_top_k ? locus::detail::concat("more than ", max_trace_top_k) : std::to_string(v.size());
   }
 
   std::uint32_t domain_of(const std::string& name) {
