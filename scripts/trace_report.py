@@ -3,7 +3,7 @@
 
     /usr/bin/python3 scripts/trace_report.py REPORT_DIR
 
-Reads load_domain<i>_<name>.csv, load_all.csv, imbalance.csv, coactivation.csv, prefill_decode.csv, correlation.csv and
+Reads load_<domain>.csv (file names from summary.json), load_all.csv, imbalance.csv, coactivation.csv, prefill_decode.csv, correlation.csv and
 summary.json in REPORT_DIR and writes PNG files beside them:
   load_*.png              expert-load share heatmap (layer x expert), one per domain and one for all
   imbalance.png           max/mean, Gini and domain JS divergence per layer

@@ -147,17 +147,23 @@ inline void save(const std::filesystem::path& p, const std::ostringstream& text)
   locus::write_file_atomically(p.string(), text.str());
 }
 
-//! A domain name as part of a file name: the domain's index first (so that no two domains, and
-//! no domain and the aggregate "all", share a file), then the name with anything but
-//! [A-Za-z0-9._-] replaced by '_', at most 64 characters.
+//! A domain's file stem: `load_<name>` when the name is a plain file name ([A-Za-z0-9._-], at
+//! most 64 characters, not "all", not "domain<digit>..."), else `load_domain<index>_<name with
+//! anything else replaced by '_'>`. So no domain leaves the folder, and no two domains, or a domain
+//! and the aggregate "load_all", share a file.
 inline std::string domain_file_stem(std::size_t index, const std::string& name) {
+  auto plain = [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+           c == '-';
+  };
+  bool ok = !name.empty() && name.size() <= 64 && name != "all" && name != "." && name != ".." &&
+            !(name.rfind("domain", 0) == 0 && name.size() > 6 && name[6] >= '0' && name[6] <= '9');
+  for (const char c : name)
+    ok = ok && plain(c);
+  if (ok) return "load_" + name;
   std::string s = "load_domain" + std::to_string(index) + "_";
-  for (std::size_t i = 0; i < name.size() && i < 64; ++i) {
-    const char c = name[i];
-    const bool ok =
-        (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
-    s += ok ? c : '_';
-  }
+  for (std::size_t i = 0; i < name.size() && i < 64; ++i)
+    s += plain(name[i]) ? name[i] : '_';
   return s;
 }
 

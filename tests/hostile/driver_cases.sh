@@ -125,7 +125,7 @@ import json, random, sys
 rng = random.Random(7)
 with open(sys.argv[1], "w") as f:
     f.write(json.dumps({"type": "meta", "num_experts": 8, "top_k": 2}) + "\n")
-    for req, dom in enumerate(["all", "x/../y", "new\nline"]):
+    for req, dom in enumerate(["all", "x/../y", "new\nline", "law"]):
         for tok in range(40):
             for layer in range(2):
                 ids = rng.sample(range(8), 2)
@@ -135,7 +135,7 @@ PY
 n=$((n + 1))
 if "$locus" trace import "$work/odd.jsonl" -o "$work/odd.bin" >/dev/null 2>"$work/err" &&
   "$locus" trace report "$work/odd.bin" --out "$work/odd_report" --no-render --prefill-tokens 8 >/dev/null 2>"$work/err"; then
-  for f in load_all.csv load_domain0_all.csv load_domain1_x_.._y.csv load_domain2_new_line.csv; do
+  for f in load_all.csv load_domain0_all.csv load_domain1_x_.._y.csv load_domain2_new_line.csv load_law.csv; do
     [ -f "$work/odd_report/$f" ] || { echo "FAIL: report lacks $f: $(ls "$work/odd_report")" >&2; fail=1; }
   done
   [ ! -e "$work/y.csv" ] && [ ! -e "$work/odd_report/load_x" ] || { echo "FAIL: report wrote outside its folder" >&2; fail=1; }

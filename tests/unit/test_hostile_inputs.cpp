@@ -7,6 +7,7 @@
 // bad_alloc, which counts as a failure like a crash does. Also here: the atomic file writer.
 #define BOOST_TEST_MODULE hostile_inputs
 #include <boost/test/unit_test.hpp>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -610,4 +611,72 @@ BOOST_AUTO_TEST_CASE(non_regular_targets) {
   int status = 0;
   ::waitpid(reader, &status, 0);
   BOOST_TEST(temporaries_in(dir.path) == 0u);
+}
+
+// ==========================================================================================
+// Sizes a caller gives: refused before anything is sized from them
+// ==========================================================================================
+
+BOOST_AUTO_TEST_CASE(absurd_sizes_are_config_errors) {
+  const auto err = run_capped([] {
+    auto expect_config = [](const char* what, auto&& f, const std::string& needle) {
+      try {
+        f();
+        std::fprintf(stderr, "%s: accepted\n", what);
+        std::_Exit(9);
+      } catch (const config_error& e) {
+        if (e.message().find(needle) == std::string::npos) {
+          std::fprintf(stderr, "%s: %s lacks %s\n", what, e.message().c_str(), needle.c_str());
+          std::_Exit(10);
+        }
+      }
+    };
+    // 10^9 nodes, and 2^63 × 4 ranks, which wraps 64 bits to 0.
+    expect_config(
+        "nodes 1e9", [] { (void)dynamic_topology(1000000000, 1); }, "exceed 65536 ranks");
+    expect_config(
+        "wrapping ranks", [] { (void)dynamic_topology(std::size_t{1} << 63, 4); }, "exceed 65536 ranks");
+    expect_config(
+        "nodes 2^64-1", [] { (void)dynamic_topology(~std::size_t{0}, 1); }, "reserved for locus::dynamic");
+    expect_config(
+        "redundant 1e12", [] { (void)placement::slots_for(64, 8, 1000000000000ull); },
+        "redundant slots per rank is 1000000000000");
+    expect_config(
+        "redundant 2^64-1", [] { (void)placement::slots_for(64, 8, ~std::size_t{0}); },
+        "expected at most the number of experts");
+    const auto t = small_trace(21).with_prefill_tokens(3);
+    expect_config(
+        "per-node tables",
+        [&] {
+          (void)placement::plan_activation_aware(small_trace(21, 24, 1024, 2, 64), dynamic_topology(65536, 1), "linear",
+                                                 0);
+        },
+        "exceed the planner's limit");
+    const auto plan = placement::plan_activation_aware(t, dynamic_topology(2, 2), "linear", 0);
+    auto g = grouper::grouper_by_name("round_robin", plan.model);
+    for (const double rate : {-1.0, std::nan(""), HUGE_VAL}) {
+      cost::simulation_config cfg;
+      cfg.topology = dynamic_topology(2, 2);
+      cfg.arrival_rate = rate;
+      expect_config(
+          "arrival rate", [&] { (void)cost::simulate_decode(t, plan.maps, g, cfg); }, "arrival_rate is");
+    }
+    cost::simulation_config cfg;
+    cfg.topology = dynamic_topology(2, 2);
+    cfg.sizes = cost::message_sizes{~std::uint64_t{0} / 3, 16};
+    expect_config(
+        "byte counters", [&] { (void)cost::simulate_decode(t, plan.maps, g, cfg); },
+        "would overflow the byte counters");
+    placement::token_refine_options o;
+    o.anneal_per_expert = ~std::size_t{0};
+    placement::token_sample s;
+    s.experts = 16;
+    s.top_k = 2;
+    s.home = {0};
+    s.ids = {{0, 1}};
+    expect_config(
+        "anneal", [&] { (void)placement::refine_layer_by_tokens(plan.maps[0], s, 0, dynamic_topology(2, 2), o); },
+        "anneal_per_expert is");
+  });
+  BOOST_TEST(err.empty(), err);
 }

@@ -115,7 +115,7 @@ inline activation_plan plan_activation_aware(const trace::trace& train, const dy
   LOCUS_REQUIRE(train.layers() * train.experts() <= max_node_usage_entries / topo.nodes(), config_error,
                 "plan: ", topo.nodes(), " nodes × ", train.experts(), " experts × ", train.layers(),
                 " layers of per-node usage exceed the planner's limit of ", max_node_usage_entries, " entries");
-  plan_input_from_trace(train, topo, redundant_per_rank); // checks the slot counts before the slow fit
+  (void)slots_for(train.experts(), topo.ranks(), redundant_per_rank); // slot counts checked before the slow fit
   auto model = std::make_shared<grouper::workload_model>(grouper::workload_model::fit(train, topo, opt.grouping));
   plan_input in = plan_input_from_trace(train, topo, redundant_per_rank);
   activation_plan out;
