@@ -305,8 +305,11 @@ header_fields read_header(Source& src) {
                                                       " requests: every request has at least one token"));
   const std::uint64_t available = src.size() - binary_header_bytes;
   if (f.payload_bytes != available)
-    format_fail(src.name(), 48, locus::detail::concat("payload size is ", f.payload_bytes, " bytes but the file holds ",
-                                                      available, " bytes after the header (truncated or extended)"));
+    format_fail(src.name(), 48,
+                locus::detail::concat(
+                    "payload size is ", f.payload_bytes, " bytes but the file holds ", available,
+                    " bytes after the header (",
+                    available < f.payload_bytes ? "the file looks truncated" : "the file has extra bytes", ")"));
   return f;
 }
 
