@@ -6,6 +6,8 @@
 //   comm_volume [--trace DIR_OR_FILE] [--out DIR] [--split-seed S] [--prefill-tokens P]
 //               [--anneal N] [--plan-per-transport 0|1] (and the planner knobs read below)
 // Writes DIR/comm_volume.json and DIR/comm_volume.md; bench/plot_comm_volume.py draws the PNG.
+#include "bench_output.hpp"
+
 #include <locus/cost/simulation_json.hpp>
 #include <locus/grouper/by_name.hpp>
 #include <locus/placement/activation_plan.hpp>
@@ -355,14 +357,15 @@ int main(int argc, char** argv) try {
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   doc["seconds"] = seconds;
   std::filesystem::create_directories(out_dir);
-  std::ofstream(out_dir + "/comm_volume.json") << doc.dump(1) << '\n';
-  std::ofstream(out_dir + "/comm_volume.md")
+  bench_output::file(out_dir + "/comm_volume.json") << doc.dump(1) << '\n';
+  bench_output::file(out_dir + "/comm_volume.md")
       << "# Communication volume on ESFT (test split)\n\nProduced by `build/dev/bench/comm_volume --out docs/results` "
          "(trace ../shared/traces/esft) in "
-      << static_cast<int>(seconds + 0.5)
-      << " s. Fit on a training split of requests (seed " << seed << "), evaluated on the disjoint test split; prefill = "
+      << static_cast<int>(seconds + 0.5) << " s. Fit on a training split of requests (seed " << seed
+      << "), evaluated on the disjoint test split; prefill = "
       << "first " << prefill << " tokens of each request, decode = the rest; FP8 dispatch / BF16 combine of hidden "
-      << hidden << "; 16 running requests per GPU. \"vs baseline\" divides by linear / round_robin / flat in the same "
+      << hidden
+      << "; 16 running requests per GPU. \"vs baseline\" divides by linear / round_robin / flat in the same "
          "topology, measured in the same run. GPU max/mean (aggregate) is per layer over the whole run, averaged over "
          "layers (expert rows); attention max/mean is the busiest GPU's context tokens of its running requests, summed "
          "over steps, over the mean (attention work and KV memory, which the targets do not bound). Time is the "
@@ -375,7 +378,8 @@ int main(int argc, char** argv) try {
          "the synthesizer fitted to this trace and rescaled; ESFT's 26 layers kept) appear when "
          "locus/trace/synthesizer.hpp is present. Plot: `/usr/bin/python3 bench/plot_comm_volume.py "
          "docs/results`.\n\n## Targets (issue 5)\n\n"
-      << summary << "\n## All rows\n\n" << md;
+      << summary << "\n## All rows\n\n"
+      << md;
   std::printf("%s", md.c_str());
   std::printf("\n%s", summary.c_str());
   std::printf("\n%zu rows in %.1f s; wrote %s/comm_volume.{json,md}\n", doc["rows"].size(), seconds, out_dir.c_str());

@@ -8,14 +8,8 @@
 // whole decode, so both must find exactly the same inter-node copies; the program checks that.
 //
 //   decode_simulator [--requests N] [--decode-tokens D] [--out DIR]
-#include <locus/cost/decode_simulator.hpp>
-#include <locus/grouper/baselines.hpp>
-#include <locus/placement/linear.hpp>
-#include <locus/placement/trace_load.hpp>
-
 #include "bench_args.hpp"
-
-#include <nlohmann/json.hpp>
+#include "bench_output.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -23,6 +17,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <locus/cost/decode_simulator.hpp>
+#include <locus/grouper/baselines.hpp>
+#include <locus/placement/linear.hpp>
+#include <locus/placement/trace_load.hpp>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <set>
 #include <string>
@@ -140,7 +139,7 @@ int main(int argc, char** argv) try {
                         {"baseline_inter_node_copies", ref_copies},
                         {"copies_match", match}};
   std::filesystem::create_directories(out_dir);
-  std::ofstream(out_dir + "/decode_simulator.json") << doc.dump(1) << '\n';
+  bench_output::file(out_dir + "/decode_simulator.json") << doc.dump(1) << '\n';
 
   std::printf("DeepSeek-V3 shape: 256 experts, top-8, %zu layers, %zux%zu ranks, %llu decode tokens, %zu steps\n",
               trace.layers(), nodes, gpus, static_cast<unsigned long long>(sim.decode_tokens), sim.steps);

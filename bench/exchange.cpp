@@ -16,6 +16,8 @@
 // the slowest rank's, medians over steps. Routings are synthetic with domain locality: tokens of
 // node n draw their experts from domain n with probability --locality, so a locality placement
 // has something to find; the locality placement is planned from the routings' node usage.
+#include "bench_output.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -352,9 +354,9 @@ int main(int argc, char** argv) {
       std::printf("overhead = (locus dispatch + combine) / (raw MPI_Alltoallv of the same exchanges) - 1; "
                   "bytes per dispatch step (combine moves the same rows back)\n\n%s",
                   table.c_str());
-      std::ofstream(o.json) << j.dump(2) << "\n";
+      bench_output::file(o.json) << j.dump(2) << "\n";
       if (!o.markdown.empty()) {
-        std::ofstream md(o.markdown);
+        bench_output::file md(o.markdown);
         md << "# Exchange benchmark\n\n"
            << "Command: `" << command << "`\n\n"
            << ranks << " MPI ranks on one machine acting as " << topo.nodes() << " nodes × " << topo.gpus_per_node()

@@ -11,15 +11,15 @@
 // copy's sum; two rows per copy, scattered), against `+sum`: the plain compute followed by the same
 // sums formed from the output rows, as the dispatcher's combine does for computes that do not fuse. Writes
 // DIR/expert_compute.json (default: the current directory).
-#include <locus/layer/expert_compute.hpp>
-
-#include <nlohmann/json.hpp>
+#include "bench_output.hpp"
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <locus/layer/expert_compute.hpp>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <vector>
@@ -186,7 +186,7 @@ int main(int argc, char** argv) try {
   }
   const nlohmann::json doc{{"benchmark", "expert_compute"}, {"hidden", hidden}, {"ffn", ffn},
                            {"experts", experts}, {"rows", results}};
-  std::ofstream(out_dir + "/expert_compute.json") << doc.dump(2) << "\n";
+  bench_output::file(out_dir + "/expert_compute.json") << doc.dump(2) << "\n";
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "%s\n", e.what());

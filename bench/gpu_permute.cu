@@ -8,14 +8,14 @@
 // at the device's peak bandwidth (from its memory clock and bus width), and, as a practical
 // reference, at the bandwidth of a device-to-device cudaMemcpy of the send buffer's size.
 // Also times the device layout and combine. Prints the table last; writes JSON.
+#include "bench_output.hpp"
 #include "deepseek_shape.hpp"
-
-#include <locus/core/device_buffer.hpp>
-#include <locus/transport/device_permute.hpp>
 
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <locus/core/device_buffer.hpp>
+#include <locus/transport/device_permute.hpp>
 #include <random>
 #include <string>
 #include <vector>
@@ -125,15 +125,16 @@ int main(int argc, char** argv) try {
   const double of_peak = peak_gbs > 0 ? permute_gbs / peak_gbs : 0.0;
   const double of_memcpy = permute_gbs / memcpy_gbs;
 
-  std::ofstream(json_path) << "{\n  \"device\": \"" << prop.name << "\",\n  \"tokens\": " << tokens
-                           << ",\n  \"hidden\": " << H << ",\n  \"element\": \"bf16\",\n  \"rows\": " << rows
-                           << ",\n  \"floor_bytes\": " << floor_bytes << ",\n  \"peak_gb_per_s\": " << peak_gbs
-                           << ",\n  \"memcpy_gb_per_s\": " << memcpy_gbs << ",\n  \"layout_ms\": " << t_layout
-                           << ",\n  \"permute_ms\": " << t_permute << ",\n  \"permute_gb_per_s\": " << permute_gbs
-                           << ",\n  \"permute_fraction_of_peak\": " << of_peak
-                           << ",\n  \"permute_fraction_of_memcpy\": " << of_memcpy << ",\n  \"naive_permute_ms\": " << t_naive
-                           << ",\n  \"naive_gb_per_s\": " << naive_gbs << ",\n  \"combine_ms\": " << t_combine
-                           << ",\n  \"combine_gb_per_s\": " << combine_gbs << "\n}\n";
+  bench_output::file(json_path) << "{\n  \"device\": \"" << prop.name << "\",\n  \"tokens\": " << tokens
+                                << ",\n  \"hidden\": " << H << ",\n  \"element\": \"bf16\",\n  \"rows\": " << rows
+                                << ",\n  \"floor_bytes\": " << floor_bytes << ",\n  \"peak_gb_per_s\": " << peak_gbs
+                                << ",\n  \"memcpy_gb_per_s\": " << memcpy_gbs << ",\n  \"layout_ms\": " << t_layout
+                                << ",\n  \"permute_ms\": " << t_permute << ",\n  \"permute_gb_per_s\": " << permute_gbs
+                                << ",\n  \"permute_fraction_of_peak\": " << of_peak
+                                << ",\n  \"permute_fraction_of_memcpy\": " << of_memcpy
+                                << ",\n  \"naive_permute_ms\": " << t_naive << ",\n  \"naive_gb_per_s\": " << naive_gbs
+                                << ",\n  \"combine_ms\": " << t_combine << ",\n  \"combine_gb_per_s\": " << combine_gbs
+                                << "\n}\n";
   std::printf("gpu_permute on %s: %zu tokens x %zu bf16, %zu send rows, layout %.3f ms\n", prop.name, tokens, H, rows, t_layout);
   std::printf("| kernel | ms | GB/s (floor bytes) | of peak %.0f GB/s | of D2D memcpy %.0f GB/s |\n", peak_gbs, memcpy_gbs);
   std::printf("| --- | ---: | ---: | ---: | ---: |\n");

@@ -5,10 +5,12 @@
 //
 //   gpu_router [--json FILE]
 // Prints a table last and writes JSON.
-#include <locus/router/cuda.hpp>
+#include "bench_output.hpp"
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <locus/router/cuda.hpp>
 #include <random>
 #include <string>
 #include <vector>
@@ -129,8 +131,11 @@ int main(int argc, char** argv) try {
     rows.push_back(measure<locus::experts<128>, bfloat16>("sigmoid_top1 E=128 bf16", lr::sigmoid_top1(), tokens));
   }
 
-  FILE* f = std::fopen(json_path.c_str(), "w");
-  if (!f) throw std::runtime_error("cannot write " + json_path);
+  // The JSON is built in memory and written atomically at the end (bench_output.hpp).
+  char* json_text = nullptr;
+  std::size_t json_size = 0;
+  FILE* f = ::open_memstream(&json_text, &json_size);
+  if (!f) throw std::runtime_error("cannot build " + json_path);
   std::fprintf(f, "{\n  \"device\": \"%s\",\n  \"copy_bandwidth_GBps\": %.1f,\n  \"rows\": [\n", prop.name, bw / 1e9);
   std::printf("device %s, device-to-device copy bandwidth %.0f GB/s\n\n", prop.name, bw / 1e9);
   std::printf("| router | tokens | bytes | floor us | warp kernel us | GB/s | of floor | thread kernel us | warp speed-up |\n"
@@ -149,6 +154,8 @@ int main(int argc, char** argv) try {
   }
   std::fprintf(f, "  ]\n}\n");
   std::fclose(f);
+  bench_output::file(json_path) << std::string(json_text, json_size);
+  std::free(json_text);
   std::printf("\nJSON in %s\n", json_path.c_str());
   return 0;
 } catch (const std::exception& e) {

@@ -10,20 +10,19 @@
 // concatenated. Both produce the same send order as the specialised path (checked).
 // Writes DIR/layout_permute.json and DIR/layout_permute.md; prints the ratio table last.
 #include "bench_args.hpp"
+#include "bench_output.hpp"
 #include "deepseek_shape.hpp"
-
-#include <locus/placement/replica_selection.hpp>
-#include <locus/transport/layout.hpp>
-#include <locus/transport/permute.hpp>
-
-#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <locus/placement/replica_selection.hpp>
+#include <locus/transport/layout.hpp>
+#include <locus/transport/permute.hpp>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <numeric>
 #include <random>
 #include <set>
@@ -160,7 +159,7 @@ int main(int argc, char** argv) try {
   j["permute"] = {{"specialised_tokens_per_s_per_core", permute_tps}, {"baseline_tokens_per_s", base_permute_tps},
                   {"speedup", permute_tps / base_permute_tps}, {"send_gb_per_s", permute_gbs}};
   std::filesystem::create_directories(out_dir);
-  std::ofstream(std::filesystem::path(out_dir) / "layout_permute.json") << j.dump(2) << "\n";
+  bench_output::file((std::filesystem::path(out_dir) / "layout_permute.json").string()) << j.dump(2) << "\n";
 
   char buf[2048];
   std::snprintf(buf, sizeof buf,
@@ -171,7 +170,7 @@ int main(int argc, char** argv) try {
                 "| permute bf16 x %zu (%zu tokens) | %.3g | %.3g | %.1fx |\n",
                 tokens, layout_tps, base_layout_tps, layout_tps / base_layout_tps, node_tps, base_layout_tps,
                 node_tps / base_layout_tps, hidden_n, ptokens, permute_tps, base_permute_tps, permute_tps / base_permute_tps);
-  std::ofstream md(std::filesystem::path(out_dir) / "layout_permute.md");
+  bench_output::file md((std::filesystem::path(out_dir) / "layout_permute.md").string());
   md << "# Layout and permute throughput (host)\n\n"
      << "DeepSeek-V3 shape: 256 routed experts, top-8, hidden 7168 (bf16), EP64 = 8 nodes x 8 GPUs, 5 slots per rank "
         "(linear placement + 32 replicas of hot experts), grouped-router-like skewed routing, source rank 0, "

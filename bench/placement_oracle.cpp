@@ -12,11 +12,8 @@
 // test-fit rows only, where the requests' nodes are searched too. Each round fits the maps to
 // the current homes, then moves every request to the node where its tokens cost the fewest
 // copies on those maps, within a bound on each node's decode tokens (--home-caps; -1: none).
-#include <locus/placement/token_refine.hpp>
-
 #include "bench_args.hpp"
-
-#include <nlohmann/json.hpp>
+#include "bench_output.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -24,6 +21,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <locus/placement/token_refine.hpp>
+#include <nlohmann/json.hpp>
 #include <numeric>
 #include <sstream>
 #include <stdexcept>
@@ -275,8 +274,8 @@ int main(int argc, char** argv) try {
   // DIR/name.json (the rows) and DIR/name.md (`text`).
   const auto write = [&](const std::string& name, const std::string& text) {
     std::filesystem::create_directories(out_dir);
-    std::ofstream(out_dir + "/" + name + ".json") << doc.dump(1) << '\n';
-    std::ofstream(out_dir + "/" + name + ".md") << text;
+    bench_output::file(out_dir + "/" + name + ".json") << doc.dump(1) << '\n';
+    bench_output::file(out_dir + "/" + name + ".md") << text;
     std::printf("wrote %s/%s.{json,md} in %.0f s\n", out_dir.c_str(), name.c_str(), elapsed());
   };
   // The token-level stage's options for one transport and GPU load bound, with annealing.

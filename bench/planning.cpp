@@ -10,21 +10,20 @@
 //
 //   planning [--out DIR] [--tokens N] [--requests-per-kind R]
 // Writes DIR/planning.json; prints a table of ratios last.
+#include "bench_args.hpp"
+#include "bench_output.hpp"
+
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <filesystem>
+#include <fstream>
 #include <locus/grouper/baselines.hpp>
 #include <locus/grouper/micro_batch.hpp>
 #include <locus/grouper/workload_aware.hpp>
 #include <locus/placement/activation_plan.hpp>
 #include <locus/placement/replan.hpp>
-
-#include "bench_args.hpp"
-
 #include <nlohmann/json.hpp>
-
-#include <chrono>
-#include <ctime>
-#include <cstdio>
-#include <filesystem>
-#include <fstream>
 #include <string>
 #include <vector>
 
@@ -210,7 +209,7 @@ int main(int argc, char** argv) try {
                         {"replan_s", replan_s},
                         {"sink", sink}};
   std::filesystem::create_directories(out_dir);
-  std::ofstream(out_dir + "/planning.json") << doc.dump(1) << '\n';
+  bench_output::file(out_dir + "/planning.json") << doc.dump(1) << '\n';
 
   std::printf("Times are CPU time of one thread.\n");
   std::printf("DeepSeek-V3 shape: %zu experts, top-%zu, %zu layers, %zu clusters, 8x8; training trace %zu tokens "

@@ -4,18 +4,17 @@
 //
 //   router [--tokens N] [--min-seconds S] [--json FILE] [--md FILE]
 // Prints a table of ratios last; writes JSON (and a markdown table with --md).
-#include <locus/router/router.hpp>
-
 #include "bench_args.hpp"
-
-#include <nlohmann/json.hpp>
+#include "bench_output.hpp"
 
 #include <algorithm>
-#include <ctime>
 #include <cmath>
 #include <cstdio>
+#include <ctime>
 #include <fstream>
 #include <functional>
+#include <locus/router/router.hpp>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <utility>
@@ -252,8 +251,8 @@ int main(int argc, char** argv) try {
     md += line;
   }
   doc["min_speedup"] = worst;
-  std::ofstream(json_path) << doc.dump(2) << '\n';
-  if (!md_path.empty()) std::ofstream(md_path) << md;
+  bench_output::file(json_path) << doc.dump(2) << '\n';
+  if (!md_path.empty()) bench_output::file(md_path) << md;
   md += "\n\\* rows the >= 3x target applies to (DeepSeek-V3 shape, softmax top-8 of 128)\n";
   std::printf("%s\nminimum speed-up on the * rows %.1fx (target >= 3x); JSON in %s\n", md.c_str(), worst, json_path.c_str());
   return 0;

@@ -10,20 +10,19 @@
 //      std::ifstream one value at a time per column (target: locus read >= 1 GB/s).
 // Usage: trace_io [--trace DIR] [--gb 1.0] [--tmp DIR] [--out DIR]
 // Writes DIR/trace_io.json and DIR/trace_io.md; the temporary binary file is removed.
-#include <locus/trace/binary.hpp>
-#include <locus/trace/esft.hpp>
-#include <locus/trace/jsonl.hpp>
-
 #include "bench_args.hpp"
-
-#include <nlohmann/json.hpp>
+#include "bench_output.hpp"
 
 #include <algorithm>
 #include <chrono>
-#include <ctime>
 #include <cstdio>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <locus/trace/binary.hpp>
+#include <locus/trace/esft.hpp>
+#include <locus/trace/jsonl.hpp>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <unistd.h>
@@ -83,10 +82,10 @@ std::size_t baseline_esft(const fs::path& root) {
 //! Writes `t` as route JSONL (docs/trace-format.md): a meta line, then one record per token and
 //! layer, request by request. Returns the number of route records.
 std::size_t write_jsonl(const locus::trace::trace& t, const std::string& path) {
-  std::FILE* f = std::fopen(path.c_str(), "wb");
-  if (!f) throw std::runtime_error("cannot write " + path);
+  locus::atomic_file f(path);
   std::size_t records = 0;
-  std::fprintf(f, "{\"type\": \"meta\", \"num_experts\": %zu, \"top_k\": %zu}\n", t.experts(), t.top_k());
+  f.write("{\"type\": \"meta\", \"num_experts\": " + std::to_string(t.experts()) +
+          ", \"top_k\": " + std::to_string(t.top_k()) + "}\n");
   std::string line;
   char num[32];
   for (std::size_t r = 0; r < t.requests(); ++r) {
@@ -107,12 +106,12 @@ std::size_t write_jsonl(const locus::trace::trace& t, const std::string& path) {
         line += "], \"phase\": \"";
         line += t.token_phase(tok) == locus::trace::phase::decode ? "decode" : "prefill";
         line += "\", \"domain\": \"" + t.domains()[q.domain] + "\"}\n";
-        std::fwrite(line.data(), 1, line.size(), f);
+        f.write(line);
         ++records;
       }
     }
   }
-  std::fclose(f);
+  f.commit();
   return records;
 }
 
@@ -375,10 +374,11 @@ int main(int argc, char** argv) try {
   doc["load_average_1min"] = load;
   doc["cores"] = ::sysconf(_SC_NPROCESSORS_ONLN);
   fs::create_directories(out_dir);
-  std::ofstream(out_dir + "/trace_io.json") << doc.dump(1) << '\n';
-  std::ofstream(out_dir + "/trace_io.md")
+  bench_output::file(out_dir + "/trace_io.json") << doc.dump(1) << '\n';
+  bench_output::file(out_dir + "/trace_io.md")
       << "# Trace I/O throughput\n\nProduced by `build/dev/bench/trace_io --out docs/results` (Release, one "
-         "core). The machine is shared and oversubscribed, so both the wall clock and the CPU time (user + system of the "
+         "core). The machine is shared and oversubscribed, so both the wall clock and the CPU time (user + system of "
+         "the "
          "process) are given; each locus figure is the best of 2-3 runs, each baseline one run. Baselines, "
          "measured in the same run: ESFT — a `std::ifstream` + `getline` + `operator>>` parser; route JSONL (written "
          "from the imported ESFT trace, one record per token and layer) — `getline` + a full nlohmann-json DOM parse "

@@ -6,6 +6,9 @@
 //
 //   trace_stats [--trace DIR_OR_FILE] [--out DIR] [--md FILE] [--repeats N] [--tokens N]
 // Writes DIR/trace_stats.json and, with --md, the markdown table.
+#include "bench_args.hpp"
+#include "bench_output.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -19,8 +22,6 @@
 #include <set>
 #include <string>
 #include <vector>
-
-#include "bench_args.hpp"
 
 namespace {
 
@@ -217,7 +218,7 @@ int main(int argc, char** argv) try {
   j["sampler_speedup"] = synth_rate / naive_rate;
   j["threads"] = locus::default_host_threads();
   std::filesystem::create_directories(out_dir);
-  std::ofstream(std::filesystem::path(out_dir) / "trace_stats.json") << j.dump(2) << "\n";
+  bench_output::file((std::filesystem::path(out_dir) / "trace_stats.json").string()) << j.dump(2) << "\n";
 
   char table[2048];
   std::snprintf(table, sizeof table,
@@ -233,7 +234,7 @@ int main(int argc, char** argv) try {
                 t.tokens(), t_stats, t_base, t_base / t_stats, synth_rate, naive_rate, synth_rate / naive_rate, t_fit,
                 t_rescale, sampled, t_sample);
   if (!md_path.empty()) {
-    std::ofstream md(md_path);
+    bench_output::file md(md_path);
     md << "# Trace statistics and synthesizer speed\n\n"
        << "Produced by `build/dev/bench/trace_stats --trace ../shared/traces/esft --out build/dev/bench --md "
           "docs/results/trace_stats.md` (RelWithDebInfo, "

@@ -3,9 +3,9 @@
 
     /usr/bin/python3 scripts/trace_report.py REPORT_DIR
 
-Reads load_<domain>.csv, imbalance.csv, coactivation.csv, prefill_decode.csv, correlation.csv and
+Reads load_<domain>.csv (file names from summary.json), load_all.csv, imbalance.csv, coactivation.csv, prefill_decode.csv, correlation.csv and
 summary.json in REPORT_DIR and writes PNG files beside them:
-  load_<domain>.png       expert-load share heatmap (layer x expert), one per domain
+  load_*.png              expert-load share heatmap (layer x expert), one per domain and one for all
   imbalance.png           max/mean, Gini and domain JS divergence per layer
   coactivation.png        co-activation heatmap of the report layer (experts ordered by load)
   prefill_decode.png      per request and expert: prefill share vs decode share, and the
@@ -40,22 +40,23 @@ def read_matrix(path, skip_header=True):
 
 
 def load_heatmaps(out, summary):
-    domains = [d["name"] for d in summary["domains"]] + ["all"]
-    mats = {d: read_matrix(os.path.join(out, f"load_{d}.csv")) for d in domains}
+    # Domain files are named by the driver (index + sanitised name, summary "file"), so a domain
+    # called "all" or holding "/" can neither clash with the aggregate nor leave the folder.
+    entries = [(d["name"], d.get("file", f"load_{d['name']}"), d["tokens"]) for d in summary["domains"]]
+    entries.append(("all", "load_all", sum(x["tokens"] for x in summary["domains"])))
+    mats = [(name, stem, tokens, read_matrix(os.path.join(out, stem + ".csv"))) for name, stem, tokens in entries]
     experts, layers = summary["experts"], summary["layers"]
     uniform = 1.0 / experts
-    vmax = max(float(np.percentile(m, 99.5)) for m in mats.values()) / uniform
-    for d, m in mats.items():
+    vmax = max(float(np.percentile(m, 99.5)) for _, _, _, m in mats) / uniform
+    for name, stem, tokens, m in mats:
         fig, ax = plt.subplots(figsize=(min(12, 3 + experts * 0.12), 2 + layers * 0.14))
         im = ax.imshow(m / uniform, aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
-        tokens = sum(x["tokens"] for x in summary["domains"]) if d == "all" else \
-            next(x["tokens"] for x in summary["domains"] if x["name"] == d)
-        ax.set_title(f"Expert load, domain '{d}' ({tokens} tokens): share / uniform share")
+        ax.set_title(f"Expert load, domain '{name}' ({tokens} tokens): share / uniform share")
         fig.colorbar(im, ax=ax, label="load relative to uniform (1 = balanced)")
         fig.tight_layout()
-        fig.savefig(os.path.join(out, f"load_{d}.png"), dpi=DPI)
+        fig.savefig(os.path.join(out, stem + ".png"), dpi=DPI)
         plt.close(fig)
 
 

@@ -1,10 +1,12 @@
 #pragma once
 // `locus plan` (fit an expert map on a trace's training split) and `locus simulate` (run the decode
 // simulator on its test split).
+#include "cli_checks.hpp"
 #include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -32,11 +34,11 @@ struct split_options {
   CLI::Option* add_to(CLI::App* cmd, bool trace_required = true) {
     auto* trace = cmd->add_option("--trace", trace_path, "Trace: locus binary file or ESFT folder");
     if (trace_required) trace->required();
-    cmd->add_option("--nodes", nodes, "Nodes")->check(CLI::PositiveNumber);
-    cmd->add_option("--gpus-per-node", gpus_per_node, "GPUs (ranks) per node")->check(CLI::PositiveNumber);
+    cmd->add_option("--nodes", nodes, "Nodes")->check(positive_whole());
+    cmd->add_option("--gpus-per-node", gpus_per_node, "GPUs (ranks) per node")->check(positive_whole());
     cmd->add_option("--split-seed", split_seed, "Seed of the train/test split by request");
     cmd->add_option("--test-fraction", test_fraction, "Fraction of requests in the test split")
-        ->check(CLI::Range(0.0, 1.0));
+        ->check(finite_non_negative() & CLI::Range(0.0, 1.0));
     cmd->add_option("--prefill-tokens", prefill_tokens, "Tokens at the start of each request that are prefill");
     return trace;
   }
@@ -60,16 +62,16 @@ struct plan_options {
 
   void add_to(CLI::App* cmd) {
     cmd->add_option("--placement", placement, "Planner: linear, round_robin, eplb, activation_usage, locality");
-    cmd->add_option("--redundant-slots", redundant_slots, "Replica slots per GPU");
-    cmd->add_option("--eplb-groups", eplb_groups, "Expert groups for eplb")->check(CLI::PositiveNumber);
-    cmd->add_option("--clusters", clusters, "Request clusters of the workload-aware model")->check(CLI::PositiveNumber);
+    cmd->add_option("--redundant-slots", redundant_slots, "Replica slots per GPU (at most the number of experts)");
+    cmd->add_option("--eplb-groups", eplb_groups, "Expert groups for eplb")->check(positive_whole());
+    cmd->add_option("--clusters", clusters, "Request clusters of the workload-aware model")->check(positive_whole());
     cmd->add_option("--copies", copies,
                     "locality: the copies to minimise: flat (per remote GPU), hierarchical (per remote node) or both")
         ->check(CLI::IsMember({"flat", "hierarchical", "both"}));
     cmd->add_option("--anneal", anneal, "locality: annealing proposals per expert after the token-level sweeps");
     cmd->add_option("--balance-shift", balance_shift,
                     "locality: also balance GPU load when one node's requests grow by this share")
-        ->check(CLI::NonNegativeNumber);
+        ->check(finite_non_negative());
   }
   //! Maps and the workload-aware grouping model fitted with them (locality refines the grouping
   //! jointly with the placement).
@@ -141,8 +143,9 @@ inline void register_plan(CLI::App& app) {
                   load->c_str());
       return;
     }
+    const auto topo = split->topology(); // an impossible topology is refused before the trace is read
     const auto [train, test] = split->load();
-    const auto planned = plan->plan(train, split->topology(), split->split_seed, split->prefill_tokens);
+    const auto planned = plan->plan(train, topo, split->split_seed, split->prefill_tokens);
     const auto& maps = planned.maps;
     locus::save_expert_maps(*out, maps, train.has_model_layers() ? train.model_layer_ids() : std::vector<std::size_t>{},
                             train.hidden_layers());
@@ -154,6 +157,10 @@ inline void register_plan(CLI::App& app) {
                 split->gpus_per_node, maps.front().slots_per_rank(), train.requests(), grouping_path.c_str());
   });
 }
+
+//! Largest --hidden: above every model's hidden size, and small enough that byte counts stay far
+//! from 64-bit overflow.
+inline constexpr std::size_t max_hidden = std::size_t{1} << 24;
 
 inline void register_simulate(CLI::App& app) {
   struct options {
@@ -174,15 +181,16 @@ inline void register_simulate(CLI::App& app) {
       ->check(CLI::ExistingFile);
   cmd->add_option("--grouper", opt->grouper, "Grouper: round_robin, least_loaded, workload_aware");
   cmd->add_option("--transport", opt->transport, "flat or hierarchical");
-  cmd->add_option("--batch-per-rank", opt->batch_per_rank, "Running requests per rank")->check(CLI::PositiveNumber);
+  cmd->add_option("--batch-per-rank", opt->batch_per_rank, "Running requests per rank")->check(positive_whole());
   cmd->add_option("--hidden", opt->hidden, "Hidden size (message sizes: FP8 dispatch, BF16 combine)")
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--arrival-rate", opt->arrival_rate, "Poisson arrivals per step (0: all at once)");
+      ->check(CLI::Range(std::size_t{1}, max_hidden));
+  cmd->add_option("--arrival-rate", opt->arrival_rate, "Poisson arrivals per step (0: all at once)")
+      ->check(finite_non_negative());
   cmd->add_flag("--json", opt->json, "Print the summary as JSON");
   cmd->callback([split, plan, opt] {
     const auto start = std::chrono::steady_clock::now();
+    const auto topo = split->topology(); // an impossible topology is refused before the trace is read
     const auto [train, test] = split->load();
-    const auto topo = split->topology();
     // With --map and --grouping the saved plan and grouping are used as they are. Otherwise the
     // workload-aware model is fitted on the training split (with --placement, together with the maps).
     const auto transport = locus::cost::parse_transport_kind(opt->transport); // bad names fail before planning

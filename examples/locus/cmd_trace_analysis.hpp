@@ -2,6 +2,7 @@
 // `locus trace stats` (statistics as a table or JSON), `locus trace synth` (write a synthetic
 // binary trace, from a shape or fitted to a real trace and rescaled) and `locus trace report`
 // (CSV files and PNG figures rendered by scripts/trace_report.py).
+#include "cli_checks.hpp"
 #include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
@@ -10,14 +11,16 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
+#include <locus/core/atomic_file.hpp>
 #include <locus/core/error.hpp>
 #include <locus/trace/binary.hpp>
 #include <locus/trace/statistics.hpp>
 #include <locus/trace/synthesizer.hpp>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
 #ifndef LOCUS_TRACE_REPORT_SCRIPT
@@ -50,7 +53,9 @@ private:
 };
 
 inline locus::trace::trace load(const std::string& path, progress& p) {
-  LOCUS_REQUIRE(std::filesystem::exists(path), locus::io_error, "trace \"", path,
+  std::error_code ec;
+  LOCUS_REQUIRE(std::filesystem::exists(path, ec) || (ec && ec != std::errc::no_such_file_or_directory),
+                locus::io_error, "trace \"", path,
                 "\" does not exist (expected a locus binary trace file or an ESFT folder)");
   p.start("loading " + path);
   auto t = load_trace(path);
@@ -137,10 +142,38 @@ inline locus::trace::rescale_options parse_rescale(const std::string& text) {
   return o;
 }
 
-inline std::ofstream open_csv(const std::filesystem::path& p) {
-  std::ofstream f(p);
-  LOCUS_REQUIRE(f.good(), locus::io_error, "cannot write ", p.string());
-  return f;
+//! Writes a finished text atomically (a failed run never leaves half a file behind).
+inline void save(const std::filesystem::path& p, const std::ostringstream& text) {
+  locus::write_file_atomically(p.string(), text.str());
+}
+
+//! A domain's file stem: `load_<name>` when the name is a plain file name ([A-Za-z0-9._-], at
+//! most 64 characters, not "all", not "domain<digit>..."), else `load_domain<index>_<name with
+//! anything else replaced by '_'>`. So no domain leaves the folder, and no two domains, or a domain
+//! and the aggregate "load_all", share a file.
+inline std::string domain_file_stem(std::size_t index, const std::string& name) {
+  auto plain = [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+           c == '-';
+  };
+  bool ok = !name.empty() && name.size() <= 64 && name != "all" && name != "." && name != ".." &&
+            !(name.rfind("domain", 0) == 0 && name.size() > 6 && name[6] >= '0' && name[6] <= '9');
+  for (const char c : name)
+    ok = ok && plain(c);
+  if (ok) return "load_" + name;
+  std::string s = "load_domain" + std::to_string(index) + "_";
+  for (std::size_t i = 0; i < name.size() && i < 64; ++i)
+    s += plain(name[i]) ? name[i] : '_';
+  return s;
+}
+
+//! A CSV field: quoted, with quotes doubled, so that commas and newlines in domain names stay
+//! inside their field.
+inline std::string csv_quote(const std::string& x) {
+  std::string r = "\"";
+  for (const char c : x)
+    r += c == '"' ? std::string("\"\"") : std::string(1, c);
+  return r + "\"";
 }
 
 } // namespace trace_analysis
@@ -195,8 +228,8 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
   auto& sh = o->shape;
   cmd->add_option("--experts", sh.experts, "Experts per layer (shape mode)")->check(CLI::Range(1, 65536));
   cmd->add_option("--top-k", sh.top_k, "Experts per token (shape mode)")->check(CLI::Range(1, 64));
-  cmd->add_option("--layers", sh.layers, "MoE layers (shape mode)")->check(CLI::PositiveNumber);
-  cmd->add_option("--domains", sh.domains, "Domains (shape mode)")->check(CLI::PositiveNumber);
+  cmd->add_option("--layers", sh.layers, "MoE layers (shape mode)")->check(positive_whole());
+  cmd->add_option("--domains", sh.domains, "Domains (shape mode)")->check(positive_whole());
   cmd->add_option("--zipf", sh.zipf, "Popularity skew: share of rank i ∝ (i+1)^-zipf")->check(CLI::Range(0.0, 8.0));
   cmd->add_option("--domain-shift", sh.domain_shift, "0: domains alike .. 1: independent rankings")
       ->check(CLI::Range(0.0, 1.0));
@@ -249,6 +282,17 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
       shape.length_log_mean = std::log(o->mean_length) - 0.5 * shape.length_log_sigma * shape.length_log_sigma;
       m = locus::trace::make_synth_model(shape);
       m.segment_sigma = o->segment_sigma;
+    }
+    {
+      // The sample is held in memory (6 bytes per token, layer and choice): refuse a size this
+      // machine cannot hold instead of allocating until the kernel kills the process.
+      const double tokens =
+          o->requests ? static_cast<double>(o->requests) * o->mean_length : static_cast<double>(o->tokens);
+      const double bytes = tokens * static_cast<double>(m.layers * m.top_k) * 6.0;
+      const double machine =
+          static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
+      LOCUS_REQUIRE(machine <= 0 || bytes <= machine, locus::config_error, "trace synth: about ", tokens,
+                    " tokens would need ", bytes / 1e9, " GB, this machine has ", machine / 1e9, " GB");
     }
     locus::trace::sample_options so;
     so.requests = o->requests;
@@ -305,7 +349,7 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     // Expert load share per layer, one file per domain and one for all.
     for (std::size_t d = 0; d <= s.domain_names.size(); ++d) {
       const bool all = d == s.domain_names.size();
-      auto f = trace_analysis::open_csv(dir / ("load_" + (all ? std::string("all") : s.domain_names[d]) + ".csv"));
+      std::ostringstream f;
       f << "layer";
       for (std::size_t e = 0; e < E; ++e)
         f << ",e" << e;
@@ -318,38 +362,43 @@ inline void register_trace_report(CLI::App& trace_cmd) {
           f << "," << (all ? static_cast<double>(s.load.count(l, e)) * norm : s.popularity.row(d, l)[e]);
         f << "\n";
       }
+      trace_analysis::save(
+          dir / ((all ? std::string("load_all") : trace_analysis::domain_file_stem(d, s.domain_names[d])) + ".csv"), f);
     }
     {
       const auto js = s.divergence.mean_per_layer();
-      auto f = trace_analysis::open_csv(dir / "imbalance.csv");
+      std::ostringstream f;
       f << "layer,max_over_mean,cv,gini,domain_js_mean,correlation_mean,correlation_median\n";
       for (std::size_t l = 0; l < L; ++l)
         f << l << "," << s.layer_imbalance[l].max_over_mean << "," << s.layer_imbalance[l].cv << ","
           << s.layer_imbalance[l].gini << "," << js[l] << "," << s.correlation.mean[l] << "," << s.correlation.median[l]
           << "\n";
+      trace_analysis::save(dir / "imbalance.csv", f);
     }
     {
-      auto f = trace_analysis::open_csv(dir / "coactivation.csv");
+      std::ostringstream f;
       f << "# layer " << layer << ": tokens choosing both experts (diagonal: tokens choosing the expert)\n";
       for (std::size_t i = 0; i < E; ++i) {
         for (std::size_t j = 0; j < E; ++j)
           f << (j ? "," : "") << co.at(i, j);
         f << "\n";
       }
+      trace_analysis::save(dir / "coactivation.csv", f);
     }
     {
       // Per request and expert at the chosen layer: share of its prefill choices vs of its
       // decode choices (the scatter), and per request and layer the correlation.
-      auto f = trace_analysis::open_csv(dir / "prefill_decode.csv");
+      std::ostringstream f;
       f << "request,domain,expert,prefill_share,decode_share\n";
-      auto g = trace_analysis::open_csv(dir / "correlation.csv");
+      std::ostringstream g;
       g << "request,domain,layer,correlation\n";
       std::vector<double> a(E), b(E);
       for (std::size_t r = 0; r < t.requests(); ++r) {
         const auto& q = t.request(r);
         for (std::size_t l = 0; l < L; ++l)
           if (std::isfinite(s.correlation.at(r, l)))
-            g << r << "," << s.domain_names[q.domain] << "," << l << "," << s.correlation.at(r, l) << "\n";
+            g << r << "," << trace_analysis::csv_quote(s.domain_names[q.domain]) << "," << l << ","
+              << s.correlation.at(r, l) << "\n";
         std::fill(a.begin(), a.end(), 0.0);
         std::fill(b.begin(), b.end(), 0.0);
         double na = 0, nb = 0;
@@ -362,21 +411,27 @@ inline void register_trace_report(CLI::App& trace_cmd) {
         if (na == 0 || nb == 0) continue;
         for (std::size_t e = 0; e < E; ++e)
           if (a[e] > 0 || b[e] > 0)
-            f << r << "," << s.domain_names[q.domain] << "," << e << "," << a[e] / na << "," << b[e] / nb << "\n";
+            f << r << "," << trace_analysis::csv_quote(s.domain_names[q.domain]) << "," << e << "," << a[e] / na << ","
+              << b[e] / nb << "\n";
       }
+      trace_analysis::save(dir / "prefill_decode.csv", f);
+      trace_analysis::save(dir / "correlation.csv", g);
     }
     {
-      auto f = trace_analysis::open_csv(dir / "summary.json");
       auto j = trace_analysis::stats_json(s, o->prefill);
       j["report_layer"] = layer;
       j["source"] = o->path;
-      f << j.dump(2) << "\n";
+      for (std::size_t d = 0; d < s.domain_names.size(); ++d)
+        j["domains"][d]["file"] = trace_analysis::domain_file_stem(d, s.domain_names[d]);
+      std::ostringstream f;
+      f << j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+      trace_analysis::save(dir / "summary.json", f);
     }
     std::printf("%s: CSV files written\n", o->out.c_str());
     if (o->no_render) return;
-    LOCUS_REQUIRE(fs::exists(o->script), locus::io_error, "rendering script ", o->script,
+    LOCUS_REQUIRE(fs::exists(o->script, ec), locus::io_error, "rendering script ", o->script,
                   " not found (give it with --script, or use --no-render for CSV only)");
-    LOCUS_REQUIRE(fs::exists(o->python), locus::io_error, "Python interpreter ", o->python,
+    LOCUS_REQUIRE(fs::exists(o->python, ec), locus::io_error, "Python interpreter ", o->python,
                   " not found (install python3-matplotlib, give --python, or use --no-render)");
     p.start("rendering figures");
     auto quote = [](const std::string& x) {

@@ -64,8 +64,12 @@ struct trace_import_options {
 //! "esft", "jsonl" or "binary" for `--format auto`, from what the path is.
 inline std::string detect_trace_format(const std::string& path) {
   namespace fs = std::filesystem;
-  if (fs::is_directory(path)) return "esft";
-  if (!fs::exists(path)) throw locus::io_error(path + ": no such file or folder", __FILE__, __LINE__);
+  std::error_code ec;
+  const auto st = fs::status(path, ec); // error codes, not exceptions: a symlink loop is an input error
+  if (ec && ec != std::errc::no_such_file_or_directory)
+    throw locus::io_error(path + ": " + ec.message(), __FILE__, __LINE__, ec.value());
+  if (fs::is_directory(st)) return "esft";
+  if (!fs::exists(st)) throw locus::io_error(path + ": no such file or folder", __FILE__, __LINE__);
   const auto ext = fs::path(path).extension().string();
   if (ext == ".jsonl" || ext == ".ndjson" || ext == ".json") return "jsonl";
   // Anything else: a binary trace if it starts with the magic, else say what is accepted.
@@ -113,6 +117,10 @@ inline void run_trace_import(const trace_import_options& o) {
     throw locus::invalid_input_error("--format " + format + ": expected auto, esft, jsonl or binary", __FILE__,
                                      __LINE__);
   }
+  std::error_code ec;
+  const bool regular_output = !std::filesystem::exists(o.output, ec) || std::filesystem::is_regular_file(o.output, ec);
+  LOCUS_REQUIRE(!o.verify || regular_output, locus::config_error, "--verify reads the output back, so ", o.output,
+                " must be a regular file");
   locus::trace::write_trace(t, o.output);
   if (o.verify) {
     const auto back = locus::trace::read_trace(o.output);
@@ -129,10 +137,11 @@ inline void run_trace_import(const trace_import_options& o) {
   if (!o.quiet) {
     std::string doms;
     for (const auto& d : t.domains()) doms += (doms.empty() ? "" : ", ") + d;
-    std::printf("%s: %zu requests, %zu tokens, %zu layers, %zu experts, top-%zu, domains [%s]; %ju bytes, %.2f s%s\n",
+    // A device or FIFO output (-o /dev/null) has no size to report.
+    const auto bytes = std::filesystem::file_size(o.output, ec);
+    std::printf("%s: %zu requests, %zu tokens, %zu layers, %zu experts, top-%zu, domains [%s]; %s bytes, %.2f s%s\n",
                 o.output.c_str(), t.requests(), t.tokens(), t.layers(), t.experts(), t.top_k(), doms.c_str(),
-                static_cast<std::uintmax_t>(std::filesystem::file_size(o.output)), secs,
-                o.verify ? " (verified)" : "");
+                ec ? "?" : std::to_string(bytes).c_str(), secs, o.verify ? " (verified)" : "");
     if (format == "jsonl")
       std::printf("  %zu lines: %zu route records, %zu skipped (blank or not route), %zu bad, %zu requests dropped\n",
                   report.lines, report.route_records, report.skipped_lines, report.bad_records,

@@ -3,21 +3,56 @@
 #include "cmd_demo.hpp"
 #include "cmd_map.hpp"
 #include "cmd_plan.hpp"
-#include "cmd_trace_import.hpp"
 #include "cmd_trace_analysis.hpp"
-
-#include <locus/core/error.hpp>
+#include "cmd_trace_import.hpp"
 
 #include <CLI/CLI.hpp>
-
 #include <cstdio>
+#include <exception>
+#include <locus/core/error.hpp>
+#include <new>
 #include <string>
+
+namespace {
+
+//! One line: control characters (a newline in a domain name, say) are written as escapes.
+std::string one_line(const std::string& s) {
+  std::string out;
+  for (const char c : s) {
+    if (c == '\n')
+      out += "\\n";
+    else if (c == '\r')
+      out += "\\r";
+    else if (static_cast<unsigned char>(c) < 0x20 && c != '\t')
+      out += '?';
+    else
+      out += c;
+  }
+  return out;
+}
+
+// Exit codes: 0 success, 1 the job failed (bad input, a file that cannot be read or written,
+// ...), 2 the command line was wrong (CLI11's own code for parse errors), 3 out of memory,
+// 4 an internal error (an exception that is not locus's: a bug to report).
+int report(const std::string& message, int code) {
+  std::fprintf(stderr, "%s\n", one_line(message).c_str());
+  return code;
+}
+
+} // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"locus: locality-aware multi-node Mixture-of-Experts tools"};
   app.require_subcommand(1);
+  app.fallthrough(); // --verbose may follow the subcommand
   app.set_version_flag("--version", std::to_string(LOCUS_VERSION_MAJOR) + "." + std::to_string(LOCUS_VERSION_MINOR) +
                                         "." + std::to_string(LOCUS_VERSION_PATCH));
+  // Command-line mistakes read like every other failure: one line, "locus: " first.
+  app.failure_message([](const CLI::App*, const CLI::Error& e) {
+    return one_line(std::string("locus: usage error: ") + e.what() + " (see --help)") + "\n";
+  });
+  bool verbose = false;
+  app.add_flag("--verbose", verbose, "On an error, also print where in the source it was raised");
   locus_driver::register_demo(app);
   locus_driver::register_map(app);
   locus_driver::register_plan(app);
@@ -27,13 +62,22 @@ int main(int argc, char** argv) {
   trace_cmd->require_subcommand(1);
   locus_driver::register_trace_import(trace_cmd);
   locus_driver::register_trace_analysis(trace_cmd);
+  // Every exception ends here as one line on stderr and an exit code: nothing aborts.
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    const int rc = app.exit(e); // prints the message (or the help text, with rc 0)
+    return rc == 0 ? 0 : 2;
   } catch (const locus::error& e) {
-    std::fprintf(stderr, "%s\n", e.what());
-    return 1;
+    std::string msg = std::string("locus: ") + locus::to_string(e.kind()) + ": " + e.message();
+    if (verbose && !e.file().empty()) msg += " [" + e.file() + ":" + std::to_string(e.line()) + "]";
+    return report(msg, 1);
+  } catch (const std::bad_alloc&) {
+    return report("locus: out of memory (the input is larger than this machine can hold)", 3);
+  } catch (const std::exception& e) {
+    return report(std::string("locus: internal error: ") + e.what(), 4);
+  } catch (...) {
+    return report("locus: internal error: an unknown exception", 4);
   }
   return 0;
 }

@@ -11,7 +11,11 @@
 namespace locus_driver {
 
 inline locus::trace::trace load_trace(const std::string& path) {
-  if (std::filesystem::is_directory(path)) return locus::trace::import_esft(path);
+  std::error_code ec; // error codes, not exceptions: a symlink loop is an input error like any other
+  const auto st = std::filesystem::status(path, ec);
+  if (ec && ec != std::errc::no_such_file_or_directory)
+    throw locus::io_error(path + ": " + ec.message(), __FILE__, __LINE__, ec.value());
+  if (std::filesystem::is_directory(st)) return locus::trace::import_esft(path);
   const auto ext = std::filesystem::path(path).extension();
   if (ext == ".jsonl" || ext == ".ndjson") return locus::trace::import_jsonl(path);
   return locus::trace::read_trace(path);

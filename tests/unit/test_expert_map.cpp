@@ -134,4 +134,76 @@ BOOST_AUTO_TEST_CASE(json_errors_are_precise) {
   std::filesystem::remove(path);
   BOOST_CHECK_THROW(load_expert_maps("/nonexistent/locus.json"), io_error);
 }
+
+// Documents that used to escape as nlohmann exceptions (an abort in the driver), allocate what
+// the file never paid for, or truncate ids silently to 32 bits.
+BOOST_AUTO_TEST_CASE(hostile_map_documents_are_format_errors) {
+  const auto doc = expert_maps_to_json({expert_map(2, 2, 1, {0, 1})});
+  struct edit {
+    const char* key;
+    nlohmann::json value;
+    const char* needle;
+  };
+  for (const auto& e :
+       {edit{"format", 5, "\"format\" is 5, expected \"locus-expert-map\""},
+        edit{"version", "1", "unsupported version \"1\""}, edit{"version", nullptr, "unsupported version null"},
+        edit{"slots_per_rank", std::uint64_t{1} << 40, "\"slots_per_rank\" is 1099511627776, expected 1..2147483647"},
+        edit{"ranks", -3, "\"ranks\" is -3, expected 1..2147483647"},
+        edit{"experts", 0, "\"experts\" is 0, expected 1..2147483647"}}) {
+    auto bad = doc;
+    bad[e.key] = e.value;
+    try {
+      (void)expert_maps_from_json(bad);
+      BOOST_FAIL("accepted " << e.key << " = " << e.value.dump());
+    } catch (const format_error& x) {
+      BOOST_TEST(x.message().find(e.needle) != std::string::npos, x.message());
+    }
+  }
+  auto no_version = doc;
+  no_version.erase("version");
+  try {
+    (void)expert_maps_from_json(no_version);
+    BOOST_FAIL("accepted a map without a version");
+  } catch (const format_error& x) {
+    BOOST_TEST(x.message() == "expert map JSON: \"version\" is missing");
+  }
+  // Ids of 2^31 and 2^32 (which became expert 0), and -2.
+  for (const nlohmann::json& id : {nlohmann::json(std::uint64_t{1} << 31), nlohmann::json(std::uint64_t{1} << 32),
+                                   nlohmann::json(-2), nlohmann::json(std::uint64_t{18446744073709551615ull})}) {
+    auto bad = doc;
+    bad["layers"][0][0][0] = id;
+    try {
+      (void)expert_maps_from_json(bad);
+      BOOST_FAIL("accepted id " << id.dump());
+    } catch (const format_error& x) {
+      BOOST_TEST(x.message().find("layer 0 rank 0 slot 0 holds expert " + id.dump() +
+                                  ", expected -1 (empty) or 0..1") != std::string::npos,
+                 x.message());
+    }
+  }
+  {
+    auto bad = doc;
+    bad["layers"][0][0][0] = 0.5;
+    BOOST_CHECK_THROW(expert_maps_from_json(bad), format_error);
+    bad = doc;
+    bad["layers"] = "x";
+    BOOST_CHECK_THROW(expert_maps_from_json(bad), format_error);
+    BOOST_CHECK_THROW(expert_maps_from_json(nlohmann::json::array()), format_error);
+  }
+  // A map cut short on disk is named a truncation.
+  const auto path =
+      std::filesystem::temp_directory_path() / ("locus_test_truncated_" + std::to_string(::getpid()) + ".json");
+  const std::string text = doc.dump(1);
+  std::ofstream(path) << text.substr(0, text.size() / 2);
+  try {
+    (void)load_expert_maps(path.string());
+    BOOST_FAIL("accepted a truncated map");
+  } catch (const format_error& x) {
+    BOOST_TEST(x.message().find("the file looks truncated") != std::string::npos, x.message());
+  }
+  std::filesystem::remove(path);
+  // expert_map itself: 3 ranks × 6148914691236517206 slots wraps 64 bits to 2, which matched a
+  // two-entry table.
+  BOOST_CHECK_THROW(expert_map(2, 3, 6148914691236517206ull, {0, 1}), config_error);
+}
 #endif

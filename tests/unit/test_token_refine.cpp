@@ -482,6 +482,24 @@ BOOST_AUTO_TEST_CASE(malformed_inputs_raise_clear_errors) {
   bad.ids[0][3] = 8; // expert out of range
   BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, bad, 0, topo), invalid_input_error);
   bad = s;
+  bad.ids[0][3] = 2; // token 1 chooses expert 2 twice: the cost model's per-token lists read wild addresses
+  for (auto* f : {+[](const expert_map&mm, const placement::token_sample&ss, const dynamic_topology&tt) {
+                    (void)placement::refine_layer_by_tokens(mm, ss, 0, tt);
+                  },
+                  +[](const expert_map&mm, const placement::token_sample&ss, const dynamic_topology&tt) {
+                    (void)placement::add_replicas_by_tokens(std::vector<expert_map>{mm}, ss, tt);
+                  },
+                  +[](const expert_map&mm, const placement::token_sample&ss, const dynamic_topology&tt) {
+                    (void)placement::sample_copy_cost(std::vector<expert_map>{mm}, ss, tt);
+                  }}) {
+    try {
+      f(m, bad, topo);
+      BOOST_FAIL("a repeated expert was accepted");
+    } catch (const invalid_input_error& e) {
+      BOOST_TEST(e.message().find("token 1 chooses expert 2 twice") != std::string::npos, e.message());
+    }
+  }
+  bad = s;
   bad.ids[0].pop_back(); // wrong size
   BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, bad, 0, topo), invalid_input_error);
   bad = s;

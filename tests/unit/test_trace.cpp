@@ -458,6 +458,11 @@ BOOST_AUTO_TEST_CASE(binary_round_trip_of_an_empty_trace) {
   BOOST_TEST((trace::decode_trace(trace::encode_trace(t)) == t));
 }
 
+// An empty span from a null pointer (found by fuzz_plan under UBSan: memcpy from null).
+BOOST_AUTO_TEST_CASE(an_empty_span_is_a_format_error) {
+  expect_format_error([] { (void)trace::decode_trace(std::span<const std::byte>()); }, {"file ends inside the magic"});
+}
+
 BOOST_AUTO_TEST_CASE(missing_file_is_an_io_error) {
   BOOST_CHECK_THROW(trace::read_trace("/nonexistent/locus/trace.bin"), io_error);
   BOOST_CHECK_THROW(trace::write_trace(random_trace(1, 1, 4, 1, 1), "/nonexistent/locus/trace.bin"), io_error);
@@ -469,8 +474,9 @@ BOOST_AUTO_TEST_CASE(truncation_at_every_byte) {
   const auto bytes = trace::encode_trace(random_trace(7, 3, 8, 2, 2, 4));
   for (std::size_t n = 0; n < bytes.size(); ++n) {
     const std::span<const std::byte> cut(bytes.data(), n);
-    const auto off = expect_format_error([&] { (void)trace::decode_trace(cut, "cut.bin"); },
-                                         {"cut.bin: offset ", n < 80 ? "file ends inside the" : "payload size"});
+    const auto off =
+        expect_format_error([&] { (void)trace::decode_trace(cut, "cut.bin"); },
+                            {"cut.bin: offset ", n < 80 ? "file ends inside the" : "(the file looks truncated)"});
     if (n < 80)
       BOOST_TEST(off == n, "cut at " << n);
     else
@@ -572,13 +578,15 @@ BOOST_AUTO_TEST_CASE(resealed_bad_values_are_named) {
       const char* needle;
       std::uint64_t offset;
     };
-    for (const edit e : {edit{8, 4, 3, "unsupported version 3", 8}, edit{12, 4, 64, "header size 64", 12},
-                         edit{16, 4, 0, "experts is 0", 16}, edit{16, 4, 70000, "experts is 70000", 16},
-                         edit{20, 4, 0, "top_k is 0", 20}, edit{20, 4, 9, "top_k is 9", 20},
-                         edit{24, 4, 0, "layers is 0", 24}, edit{64, 8, 1, "reserved", 64},
-                         edit{40, 8, 1, "every request has at least one token", 40},
-                         edit{48, 8, 8, "payload size is 8", 48}, edit{24, 4, 3, "does not match the counts", 48},
-                         edit{28, 4, 1u << 30, "domains cannot fit", 28}}) {
+    for (const edit e :
+         {edit{8, 4, 3, "unsupported version 3", 8}, edit{12, 4, 64, "header size 64", 12},
+          edit{16, 4, 0, "experts is 0", 16}, edit{16, 4, 70000, "experts is 70000", 16},
+          edit{20, 4, 0, "top_k is 0", 20}, edit{20, 4, 9, "top_k is 9", 20}, edit{24, 4, 0, "layers is 0", 24},
+          edit{64, 8, 1, "reserved", 64}, edit{40, 8, 1, "every request has at least one token", 40},
+          edit{48, 8, 8, "payload size is 8", 48}, edit{24, 4, 3, "does not match the counts", 48},
+          edit{28, 4, 60000, "domains cannot fit", 28},
+          edit{28, 4, 1u << 30, "domains is 1073741824, expected at most 65536", 28},
+          edit{24, 4, 0xffffffffu, "layers is 4294967295, expected 1..4096", 24}}) {
       auto b = good;
       put_le(b, e.at, e.value, e.bytes);
       reseal(b);
@@ -604,8 +612,80 @@ BOOST_AUTO_TEST_CASE(resealed_bad_values_are_named) {
     auto b = good;
     b.push_back(std::byte{0});
     reseal(b);
-    expect_format_error([&] { (void)trace::decode_trace(b); }, {"truncated or extended"});
+    expect_format_error([&] { (void)trace::decode_trace(b); }, {"the file has extra bytes"});
   }
+}
+
+// A token that chooses one expert twice breaks every planner (token_refine read a wild address on
+// one): the builder and the binary reader refuse it, as the text importers always did.
+BOOST_AUTO_TEST_CASE(repeated_expert_in_a_token_is_refused_everywhere) {
+  {
+    trace::trace_builder b(8, 3, 2);
+    b.domain("d");
+    b.add_request(0, 0, 2);
+    for (std::size_t l = 0; l < 2; ++l)
+      for (std::size_t t = 0; t < 2; ++t)
+        for (std::size_t j = 0; j < 3; ++j)
+          b.ids(l, t)[j] = static_cast<trace::trace_expert_id>(j + t);
+    b.ids(1, 1)[2] = 1; // token 1 of layer 1 now chooses expert 1 at choices 0 and 2
+    try {
+      (void)b.build();
+      BOOST_FAIL("build accepted a repeated expert");
+    } catch (const invalid_input_error& e) {
+      BOOST_TEST(e.message().find("layer 1 token 1 choice 2: expert 1 is chosen twice") != std::string::npos,
+                 e.message());
+    }
+  }
+  const auto good = trace::encode_trace(random_trace(3, 4, 16, 4, 3, 5));
+  const auto o = layout_of(good);
+  for (std::size_t l = 0; l < 3; ++l) {
+    auto b = good;
+    // Token 2's choice 3 repeats its choice 1.
+    const std::size_t at = o.ids_at[l] + 2 * (2 * 4 + 3);
+    put_le(b, at, le(b, o.ids_at[l] + 2 * (2 * 4 + 1), 2), 2);
+    reseal(b);
+    const auto off = expect_format_error([&] { (void)trace::decode_trace(b); },
+                                         {"layer " + std::to_string(l) + " token 2 choice 3", "chosen twice"});
+    BOOST_TEST(off == at);
+  }
+}
+
+// Counts that the payload does not pay for: with no token, any number of layers matched the payload
+// size, and the reader allocated per-layer tables for 2^32-1 layers (bad_alloc) or 10^8 (4.7 GB).
+BOOST_AUTO_TEST_CASE(binary_counts_are_bounded_before_allocation) {
+  trace::trace_builder eb(4, 2, 2);
+  const auto empty = trace::encode_trace(eb.build());
+  for (const std::uint64_t layers : {std::uint64_t{0xffffffffu}, std::uint64_t{100000000}, std::uint64_t{4097}}) {
+    auto b = empty;
+    put_le(b, 24, layers, 4);
+    reseal(b);
+    const auto off = expect_format_error([&] { (void)trace::decode_trace(b); },
+                                         {"layers is " + std::to_string(layers) + ", expected 1..4096"});
+    BOOST_TEST(off == 24u);
+  }
+  {
+    // 25M empty domain names fit a 100 MB payload but would cost 1 GB of strings.
+    std::vector<std::byte> b(80 + 4 * 70000);
+    std::copy_n(empty.begin(), 80, b.begin());
+    put_le(b, 28, 70000, 4);
+    put_le(b, 48, 4 * 70000, 8);
+    reseal(b);
+    const auto off =
+        expect_format_error([&] { (void)trace::decode_trace(b); }, {"domains is 70000, expected at most 65536"});
+    BOOST_TEST(off == 28u);
+  }
+  {
+    // Two domains of one name: requests could not say which one they belong to.
+    trace::trace_builder tb(4, 1, 1);
+    tb.set_domains({"a", "b"});
+    auto b = trace::encode_trace(tb.build());
+    put_le(b, 80 + 4 + 1 + 4, 'a', 1); // the second name becomes "a"
+    reseal(b);
+    expect_format_error([&] { (void)trace::decode_trace(b); }, {"domain 1 \"a\" repeats an earlier domain name"});
+    trace::trace_builder dup(4, 1, 1);
+    BOOST_CHECK_THROW(dup.set_domains({"x", "y", "x"}), invalid_input_error);
+  }
+  BOOST_CHECK_THROW(trace::trace_builder(4, 1, 4097), invalid_input_error);
 }
 
 // ==========================================================================================
@@ -656,12 +736,15 @@ BOOST_AUTO_TEST_CASE(esft_bad_text_names_file_line_and_column) {
       {{"0\t-1\t\t0.5\t0.5\n"}, {":1:3:", "expected an expert id"}, 1},
       {{"0\t1\t\tnan\t0.5\n"}, {":1:6:", "weight is not finite"}, 1},
       {{"0\t1\t\t0.5\tinf\n"}, {":1:10:", "weight is not finite"}, 1},
-      {{"0\t1\t\t0.5\t1e99\n"}, {":1:10:", "expected a weight"}, 1},
+      {{"0\t1\t\t0.5\t1e99\n"}, {":1:10:", "weight \"1e99\" is outside the range of a float"}, 1},
+      {{"0\t1\t\t0.5\t1e-99\n"}, {":1:10:", "weight \"1e-99\" is outside the range of a float"}, 1},
+      {{"0\t99999999999\t\t0.5\t0.5\n"}, {":1:3:", "expert id \"99999999999\" is out of range [0, 4)"}, 1},
       {{"0\t1\t\t0.5\tzz\n"}, {":1:10:", "expected a weight", "\"zz\""}, 1},
       {{"0\t1\t\t0.5\n"}, {":1:1:", "2 expert ids but 1 weights"}, 1},
       {{"0\t1\t2\t\t0.5\t0.5\t0.5\n"}, {"3 expert ids is not a multiple of top_k 2"}, 1},
       {{"1\t1\t\t0.5\t0.5\n"}, {"token 0 chooses expert 1 twice"}, 1},
       {{"0\t1\n"}, {"line ends after the expert ids"}, 1},
+      {{ok + "0\t1\t\t0.5"}, {":2:1:", "2 expert ids but 1 weights", "the file looks truncated"}, 2},
       {{"0 1\t\t0.5\t0.5\n"}, {":1:2:", "expected a tab after an expert id"}, 1},
       {{"0\t1\t\t0.5 0.5\n"}, {"expected a tab after a weight"}, 1},
       {{ok + "\n" + ok}, {":2:1:", "blank line"}, 2},
@@ -726,6 +809,70 @@ BOOST_AUTO_TEST_CASE(esft_folder_write_and_import_round_trip) {
   BOOST_CHECK_THROW(trace::import_esft((dir.path / "a" / "expert_weights_1.txt").string()), io_error);
   fs::create_directories(dir.path / "empty");
   BOOST_CHECK_THROW(trace::import_esft((dir.path / "empty").string()), invalid_input_error);
+}
+
+// Folder layouts that used to import silently wrong: a gap in the first domain's layer files cut
+// every domain short, a domain without layer 1 was skipped, a domain named twice was imported
+// twice, a domain name could lead outside the root, and a layer file that is a folder "read failed".
+BOOST_AUTO_TEST_CASE(esft_folder_layouts_are_checked) {
+  scratch_dir dir("esft_layouts");
+  const auto t = random_trace(12, 9, 64, 6, 3);
+  const auto root = dir.path.string();
+  trace::write_esft(t, root);
+  auto expect_io = [&](const trace::esft_options& opt, const std::string& needle) {
+    try {
+      (void)trace::import_esft(root, opt);
+      BOOST_FAIL("accepted; expected an error containing " << needle);
+    } catch (const error& e) {
+      BOOST_TEST(e.message().find(needle) != std::string::npos, e.message());
+    }
+  };
+  BOOST_TEST(trace::import_esft(root).layers() == 3u);
+  // A gap in the first domain (sorted: "a").
+  fs::rename(dir.path / "a" / "expert_weights_2.txt", dir.path / "a" / "keep.txt");
+  expect_io({}, "expert_weights_2.txt: missing, but expert_weights_3.txt exists");
+  // No layer 1 at all in a domain: an error, not a skipped domain.
+  fs::rename(dir.path / "a" / "keep.txt", dir.path / "a" / "expert_weights_2.txt");
+  fs::rename(dir.path / "a" / "expert_weights_1.txt", dir.path / "a" / "keep.txt");
+  expect_io({}, "expert_weights_1.txt: missing, but expert_weights_2.txt exists");
+  fs::rename(dir.path / "a" / "keep.txt", dir.path / "a" / "expert_weights_1.txt");
+  trace::esft_options o;
+  o.domains = {"a", "a"};
+  expect_io(o, "domain \"a\" is given twice");
+  for (const char* name : {"../a", "..", ".", "a/../bb", ""}) {
+    o.domains = {name};
+    expect_io(o, "is not a folder name inside the root");
+  }
+  o.domains = {"nope"};
+  expect_io(o, "no such domain folder");
+  // A layer file that is a folder.
+  fs::remove(dir.path / "bb" / "expert_weights_3.txt");
+  fs::create_directories(dir.path / "bb" / "expert_weights_3.txt");
+  expect_io({}, "expert_weights_3.txt: is a folder, expected a layer file");
+}
+
+// ESFT files do not state top-k: top-6 data read as top-3 parsed as twice the tokens.
+BOOST_AUTO_TEST_CASE(esft_top_k_below_the_data_is_refused) {
+  scratch_dir dir("esft_top_k");
+  const auto t = random_trace(13, 40, 64, 6, 3);
+  trace::write_esft(t, dir.path.string());
+  trace::esft_options o;
+  o.top_k = 3;
+  try {
+    (void)trace::import_esft(dir.path.string(), o);
+    BOOST_FAIL("top-6 data imported as top-3");
+  } catch (const invalid_input_error& e) {
+    BOOST_TEST(e.message().find("the data looks like top-6; import it with top_k 6") != std::string::npos, e.message());
+  }
+  o.top_k = 2;
+  BOOST_CHECK_THROW((void)trace::import_esft(dir.path.string(), o), invalid_input_error); // looks like top-4 or top-6
+  o.top_k = 6;
+  BOOST_TEST(trace::import_esft(dir.path.string(), o).tokens() == t.tokens());
+  // Genuine top-3 data of the same size is accepted.
+  scratch_dir dir3("esft_top_3");
+  trace::write_esft(random_trace(14, 40, 64, 3, 3), dir3.path.string());
+  o.top_k = 3;
+  BOOST_CHECK_NO_THROW((void)trace::import_esft(dir3.path.string(), o));
 }
 
 // The real ESFT traces (../shared/traces/esft), checked against the counts in their README and

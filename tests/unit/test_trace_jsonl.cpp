@@ -345,9 +345,71 @@ BOOST_AUTO_TEST_CASE(declarations_and_empty_inputs) {
   BOOST_CHECK_THROW(trace::import_jsonl_text(late, "x", none), invalid_input_error);
   expect_format_error(
       [&] { (void)trace::import_jsonl_text("{\"type\": \"meta\", \"num_experts\": 70000}\n" + one, "x", none); },
-      {"x:1:", "num_experts 70000 exceeds 65536"});
+      {"x:1:", "num_experts is 70000, expected 1..65536"});
   const auto t = trace::import_jsonl_text("{\"type\": \"meta\", \"experts\": 3}\n" + one, "x", none);
   BOOST_TEST(t.experts() == 3u);
+}
+
+// Meta lines that were silently ignored or misreported.
+BOOST_AUTO_TEST_CASE(meta_lines_are_checked) {
+  const std::string one = "{\"req_id\": 1, \"token_idx\": 0, \"layer\": 4, \"topk_ids\": [1, 2], "
+                          "\"topk_weights\": [0.5, 0.5]}\n";
+  const trace::jsonl_options none;
+  // A second meta line that contradicts the first (it used to be ignored).
+  expect_format_error(
+      [&] {
+        (void)trace::import_jsonl_text(
+            "{\"type\": \"meta\", \"num_experts\": 64}\n{\"type\": \"meta\", \"num_experts\": 32}\n" + one, "x", none);
+      },
+      {"x:2:", "num_experts 32 conflicts with num_experts 64 declared at line 1"});
+  expect_format_error(
+      [&] {
+        (void)trace::import_jsonl_text(
+            "{\"type\": \"meta\", \"num_experts\": 64, \"top_k\": 2}\n{\"type\": \"meta\", \"top_k\": 6}\n" + one, "x",
+            none);
+      },
+      {"x:2:", "top_k 6 conflicts with top_k 2 declared at line 1"});
+  // The same declaration twice is fine.
+  BOOST_TEST(
+      trace::import_jsonl_text(
+          "{\"type\": \"meta\", \"num_experts\": 8}\n{\"type\": \"meta\", \"num_experts\": 8}\n" + one, "x", none)
+          .experts() == 8u);
+  // num_experts 0 is a bad declaration, not a missing one.
+  expect_format_error(
+      [&] { (void)trace::import_jsonl_text("{\"type\": \"meta\", \"num_experts\": 0}\n" + one, "x", none); },
+      {"x:1:", "num_experts is 0, expected 1..65536"});
+  // top_k above the number of experts is named as such (it was reported as a count mismatch).
+  expect_format_error(
+      [&] {
+        (void)trace::import_jsonl_text("{\"type\": \"meta\", \"num_experts\": 16, \"top_k\": 17}\n" + one, "x", none);
+      },
+      {"x:1:", "top_k is 17, expected 1..16 (16 experts)"});
+  // Ids beyond 2^64-1 are integers, not fractions.
+  for (const char* id : {"18446744073709551616", "1e30"})
+    expect_format_error(
+        [&] {
+          (void)trace::import_jsonl_text(
+              std::string("{\"type\": \"meta\", \"num_experts\": 8}\n{\"req_id\": 1, \"token_idx\": ") + id +
+                  ", \"layer\": 0, \"topk_ids\": [1, 2], \"topk_weights\": [0.5, 0.5]}\n",
+              "x", none);
+        },
+        {"x:2:", "\"token_idx\" is an integer beyond 2^64-1"});
+}
+
+// A line longer than the limit is refused before it is buffered or parsed; an unterminated last
+// line that does not parse is named as a truncation.
+BOOST_AUTO_TEST_CASE(long_and_truncated_lines) {
+  auto o = opts();
+  o.max_line_bytes = 1000;
+  const std::string big = "{\"type\": \"stats\", \"x\": \"" + std::string(2000, 'y') + "\"}\n";
+  expect_format_error([&] { (void)trace::import_jsonl_text(big, "x", o); }, {"x:1:", "line longer than 1000 bytes"});
+  const fs::path p = fs::temp_directory_path() / ("locus_test_jsonl_long_" + std::to_string(::getpid()) + ".jsonl");
+  std::ofstream(p, std::ios::binary) << big;
+  expect_format_error([&] { (void)trace::import_jsonl(p.string(), o); }, {":1:", "line longer than 1000 bytes"});
+  std::ofstream(p, std::ios::binary) << "{\"req_id\": 1, \"token_idx\": 0, \"layer\": 0, \"topk_ids\": [1, 2], "
+                                        "\"topk_weights\": [0.5, 0.5]}\n{\"req_id\": 1, \"token_idx\": 1, \"lay";
+  expect_format_error([&] { (void)trace::import_jsonl(p.string(), opts()); }, {":2:", "the file looks truncated"});
+  fs::remove(p);
 }
 
 // Through a file: lines longer than the read chunk, no final newline, CRLF, progress reports.

@@ -59,8 +59,11 @@ public:
     LOCUS_REQUIRE(experts > 0 && ranks > 0 && slots_per_rank > 0, config_error,
                   "expert_map needs at least one expert, rank and slot per rank (got ", experts, ", ", ranks, ", ",
                   slots_per_rank, ")");
-    LOCUS_REQUIRE(experts <= static_cast<std::size_t>(INT32_MAX) && ranks * slots_per_rank <= static_cast<std::size_t>(INT32_MAX),
-                  config_error, "expert_map: sizes exceed 32-bit ids");
+    // Divided, not multiplied: a product of two huge sizes wraps to a small number.
+    LOCUS_REQUIRE(experts <= static_cast<std::size_t>(INT32_MAX) &&
+                      slots_per_rank <= static_cast<std::size_t>(INT32_MAX) / ranks,
+                  config_error, "expert_map: ", experts, " experts or ", ranks, " ranks × ", slots_per_rank,
+                  " slots exceed 32-bit ids (at most 2^31-1)");
     LOCUS_REQUIRE(slot_expert_.size() == ranks * slots_per_rank, config_error, "expert_map: slot table has ",
                   slot_expert_.size(), " entries, expected ranks × slots_per_rank = ", ranks * slots_per_rank);
     LOCUS_REQUIRE(ranks * slots_per_rank >= experts, config_error, "expert_map: ", ranks * slots_per_rank,

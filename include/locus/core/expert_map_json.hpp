@@ -10,13 +10,16 @@
 //! and, optional, "model_layers": [hidden-layer index of each layer], "hidden_layers": H (the
 //! model's layer numbering, which engine exports use; see placement/engine_export.hpp).
 
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <locus/core/atomic_file.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
-
 #include <nlohmann/json.hpp>
-
-#include <filesystem>
-#include <fstream>
 #include <string>
 #include <vector>
 
@@ -52,53 +55,97 @@ inline nlohmann::json expert_maps_to_json(const std::vector<expert_map>& layers)
 }
 
 namespace detail {
-inline std::size_t json_size(const nlohmann::json& doc, const char* key) {
-  if (!doc.contains(key) || !doc[key].is_number_unsigned())
-    throw format_error(concat("expert map JSON: \"", key, "\" is missing or not a non-negative integer"), 0);
-  return doc[key].get<std::size_t>();
-}
-} // namespace detail
+//! Largest expert, rank or slot count a map file may declare (expert_map's ids are 32-bit).
+inline constexpr std::uint64_t max_json_map_size = 0x7fffffff;
 
-//! Parses the document written by expert_maps_to_json, validating every map.
-//! @throws locus::format_error naming the key, layer or rank that is malformed (offset() is the layer)
-//! @throws locus::invalid_input_error from expert_map when a layer breaks a placement rule
-inline std::vector<expert_map> expert_maps_from_json(const nlohmann::json& doc) {
-  if (!doc.is_object() || doc.value("format", std::string{}) != "locus-expert-map")
-    throw format_error("expert map JSON: \"format\" must be \"locus-expert-map\"", 0);
-  if (doc.value("version", -1) != expert_map_json_version)
-    throw format_error(detail::concat("expert map JSON: unsupported version ", doc.value("version", -1), " (expected ",
-                                      expert_map_json_version, ")"),
+inline std::size_t json_size(const nlohmann::json& doc, const char* key) {
+  const auto it = doc.find(key);
+  if (it == doc.end()) throw format_error(concat("expert map JSON: \"", key, "\" is missing"), 0);
+  if (!it->is_number_integer())
+    throw format_error(concat("expert map JSON: \"", key, "\" is ", it->type_name(), " ", it->dump().substr(0, 40),
+                              ", expected a positive integer"),
                        0);
-  const std::size_t experts = detail::json_size(doc, "experts");
-  const std::size_t ranks = detail::json_size(doc, "ranks");
-  const std::size_t slots = detail::json_size(doc, "slots_per_rank");
-  if (!doc.contains("layers") || !doc["layers"].is_array() || doc["layers"].empty())
+  const bool negative = !it->is_number_unsigned() && it->get<std::int64_t>() < 0;
+  if (negative || it->get<std::uint64_t>() < 1 || it->get<std::uint64_t>() > max_json_map_size)
+    throw format_error(concat("expert map JSON: \"", key, "\" is ", it->dump(), ", expected 1..", max_json_map_size),
+                       0);
+  return static_cast<std::size_t>(it->get<std::uint64_t>());
+}
+
+inline std::vector<expert_map> expert_maps_from_json_unchecked(const nlohmann::json& doc) {
+  if (!doc.is_object()) throw format_error("expert map JSON: the document is not an object", 0);
+  const auto fmt = doc.find("format");
+  if (fmt == doc.end() || !fmt->is_string() || fmt->get_ref<const std::string&>() != "locus-expert-map")
+    throw format_error(concat("expert map JSON: \"format\" is ",
+                              fmt == doc.end() ? std::string("missing") : fmt->dump().substr(0, 40),
+                              ", expected \"locus-expert-map\""),
+                       0);
+  const auto ver = doc.find("version");
+  if (ver == doc.end()) throw format_error("expert map JSON: \"version\" is missing", 0);
+  if (!ver->is_number_integer() || ver->get<std::int64_t>() != expert_map_json_version)
+    throw format_error(concat("expert map JSON: unsupported version ", ver->dump().substr(0, 40), " (expected ",
+                              expert_map_json_version, ")"),
+                       0);
+  const std::size_t experts = json_size(doc, "experts");
+  const std::size_t ranks = json_size(doc, "ranks");
+  const std::size_t slots = json_size(doc, "slots_per_rank");
+  const auto layers_it = doc.find("layers");
+  if (layers_it == doc.end() || !layers_it->is_array() || layers_it->empty())
     throw format_error("expert map JSON: \"layers\" must be a non-empty array", 0);
   std::vector<expert_map> out;
-  const auto& layers = doc["layers"];
+  const auto& layers = *layers_it;
   for (std::size_t l = 0; l < layers.size(); ++l) {
     const auto& layer = layers[l];
     if (!layer.is_array() || layer.size() != ranks)
-      throw format_error(detail::concat("expert map JSON: layer ", l, " must list ", ranks, " ranks"), l);
+      throw format_error(concat("expert map JSON: layer ", l, " must list ", ranks, " ranks"), l);
+    // Sizes are checked against what the document holds before anything is reserved, so a huge
+    // declared count cannot make an allocation the file did not pay for.
     std::vector<expert_id> table;
-    table.reserve(ranks * slots);
     for (std::size_t r = 0; r < ranks; ++r) {
       const auto& row = layer[r];
       if (!row.is_array() || row.size() != slots)
-        throw format_error(detail::concat("expert map JSON: layer ", l, " rank ", r, " must list ", slots, " slots"), l);
-      for (const auto& cell : row) {
+        throw format_error(concat("expert map JSON: layer ", l, " rank ", r, " must list ", slots, " slots"), l);
+      if (r == 0) table.reserve(ranks * slots); // both now bounded by the document's own size
+      for (std::size_t s = 0; s < slots; ++s) {
+        const auto& cell = row[s];
         if (!cell.is_number_integer())
-          throw format_error(detail::concat("expert map JSON: layer ", l, " rank ", r, " has a non-integer slot"), l);
-        table.push_back(cell.get<expert_id>());
+          throw format_error(concat("expert map JSON: layer ", l, " rank ", r, " slot ", s, " is ", cell.type_name(),
+                                    ", expected an expert id or -1"),
+                             l);
+        // Range-checked as 64-bit: an id of 2^32 must not become expert 0 on the way to 32 bits.
+        const bool negative = cell.is_number_integer() && !cell.is_number_unsigned() && cell.get<std::int64_t>() < 0;
+        const std::int64_t v =
+            negative
+                ? cell.get<std::int64_t>()
+                : static_cast<std::int64_t>(std::min<std::uint64_t>(cell.get<std::uint64_t>(), std::uint64_t{1} << 62));
+        if (v < -1 || v >= static_cast<std::int64_t>(experts))
+          throw format_error(concat("expert map JSON: layer ", l, " rank ", r, " slot ", s, " holds expert ",
+                                    cell.dump(), ", expected -1 (empty) or 0..", experts - 1),
+                             l);
+        table.push_back(static_cast<expert_id>(v));
       }
     }
     try {
       out.emplace_back(experts, ranks, slots, std::move(table));
     } catch (const invalid_input_error& e) {
-      throw invalid_input_error(detail::concat("layer ", l, ": ", e.message()), __FILE__, __LINE__);
+      throw invalid_input_error(concat("layer ", l, ": ", e.message()), __FILE__, __LINE__);
     }
   }
   return out;
+}
+} // namespace detail
+
+//! Parses the document written by expert_maps_to_json, validating every map. No exception of the
+//! JSON library escapes: a value of the wrong type is a format_error like any other.
+//! @throws locus::format_error naming the key, layer or rank that is malformed (offset() is the layer)
+//! @throws locus::invalid_input_error from expert_map when a layer breaks a placement rule
+//! @throws locus::config_error when the sizes cannot form a map
+inline std::vector<expert_map> expert_maps_from_json(const nlohmann::json& doc) {
+  try {
+    return detail::expert_maps_from_json_unchecked(doc);
+  } catch (const nlohmann::json::exception& e) {
+    throw format_error(detail::concat("expert map JSON: ", e.what()), 0, __FILE__, __LINE__);
+  }
 }
 
 //! A saved plan: the maps and, when known, the model's layer numbering.
@@ -123,28 +170,43 @@ inline void save_expert_maps(const std::string& path, const std::vector<expert_m
     doc["model_layers"] = model_layers;
   }
   if (hidden_layers > 0) doc["hidden_layers"] = hidden_layers;
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream os(tmp);
-    if (!os) LOCUS_THROW(io_error, "cannot open ", tmp, " for writing");
-    os << doc.dump(1) << '\n';
-    if (!os.flush()) LOCUS_THROW(io_error, "writing ", tmp, " failed");
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) LOCUS_THROW(io_error, "cannot rename ", tmp, " to ", path, ": ", ec.message());
+  write_file_atomically(path, doc.dump(1) + '\n');
 }
 
 //! Reads a saved plan: the maps and the model layer numbering when the file has it.
 //! @throws locus::io_error, locus::format_error (with the file name), locus::invalid_input_error
 inline expert_plan_file load_expert_plan(const std::string& path) {
-  std::ifstream is(path);
-  if (!is) LOCUS_THROW(io_error, "cannot open ", path);
+  std::ifstream is(path, std::ios::binary);
+  if (!is) {
+    const int e = errno;
+    throw io_error(detail::concat(path, ": cannot open: ", std::strerror(e)), __FILE__, __LINE__, e);
+  }
+  // A parsed JSON array of numbers costs about ten times its text; cap the text so that a file
+  // which is not a map cannot ask for gigabytes (a real map is a few hundred kilobytes).
+  constexpr std::streamoff max_bytes = std::streamoff{64} << 20;
+  is.seekg(0, std::ios::end);
+  const std::streamoff size = is.tellg();
+  if (size > max_bytes)
+    throw format_error(
+        detail::concat(path, ": ", size, " bytes is too large for an expert map (at most ", max_bytes, ")"), 0,
+        __FILE__, __LINE__);
+  is.seekg(0, std::ios::beg);
+  std::string text((std::istreambuf_iterator<char>(is)), std::istreambuf_iterator<char>());
+  if (is.bad()) {
+    const int e = errno;
+    throw io_error(detail::concat(path, ": read failed: ", std::strerror(e)), __FILE__, __LINE__, e);
+  }
   nlohmann::json doc;
   try {
-    doc = nlohmann::json::parse(is);
-  } catch (const nlohmann::json::parse_error& e) {
-    throw format_error(detail::concat(path, ": not valid JSON: ", e.what()), e.byte);
+    doc = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    const auto* pe = dynamic_cast<const nlohmann::json::parse_error*>(&e);
+    const std::size_t at = pe ? pe->byte : 0;
+    // A parse that ran off the end of the text means the file stops early.
+    const bool at_end = pe && at >= text.size() && text.find_first_not_of(" \t\r\n") != std::string::npos;
+    throw format_error(
+        detail::concat(path, ": not valid JSON", at_end ? " (the file looks truncated)" : "", ": ", e.what()), at,
+        __FILE__, __LINE__);
   }
   expert_plan_file out;
   try {
@@ -161,7 +223,7 @@ inline expert_plan_file load_expert_plan(const std::string& path) {
     }
     if (doc.contains("hidden_layers")) out.hidden_layers = detail::json_size(doc, "hidden_layers");
   } catch (const format_error& e) {
-    throw format_error(detail::concat(path, ": ", e.message()), e.offset());
+    throw format_error(detail::concat(path, ": ", e.message()), e.offset(), __FILE__, __LINE__);
   }
   return out;
 }

@@ -87,8 +87,9 @@ public:
 
   //! @throws locus::config_error when `v` is below the quantity's minimum
   constexpr explicit extent(std::size_t v) : value_(v) {
-    if (v < Tag::min || v == dynamic)
-      LOCUS_THROW(config_error, Tag::name, " must be at least ", Tag::min, ", got ", v);
+    if (v < Tag::min) LOCUS_THROW(config_error, Tag::name, " must be at least ", Tag::min, ", got ", v);
+    if (v == dynamic)
+      LOCUS_THROW(config_error, Tag::name, " is ", v, " (2^64-1, the value reserved for locus::dynamic)");
   }
   LOCUS_HOST_DEVICE constexpr std::size_t value() const noexcept { return value_; }
   constexpr operator std::size_t() const noexcept { return value_; }

@@ -2,10 +2,10 @@
 //! @file
 //! The deployment: `nodes × gpus_per_node` ranks, rank = node * gpus_per_node + local rank.
 
-#include <locus/core/extents.hpp>
-
 #include <cstddef>
 #include <cstdint>
+#include <locus/core/error.hpp>
+#include <locus/core/extents.hpp>
 #include <ostream>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE {
@@ -29,6 +29,18 @@ inline const char* to_string(link_class c) noexcept {
 
 inline std::ostream& operator<<(std::ostream& os, link_class c) { return os << to_string(c); }
 
+//! Most ranks a topology may have. Far above any expert-parallel group, and low enough that
+//! per-rank tables sized from a mistyped count (`--nodes 1e9`) are refused instead of allocated.
+inline constexpr std::size_t max_topology_ranks = std::size_t{1} << 16;
+
+namespace detail {
+[[noreturn]] inline void throw_topology_too_large(std::size_t nodes, std::size_t gpus_per_node) {
+  throw config_error(
+      concat("topology: ", nodes, " nodes × ", gpus_per_node, " GPUs per node exceed ", max_topology_ranks, " ranks"),
+      __FILE__, __LINE__);
+}
+} // namespace detail
+
 //! Nodes × GPUs per node. Ranks are numbered node-major.
 //! @tparam Nodes       `locus::nodes<N>` or `nodes<>`
 //! @tparam GpusPerNode `locus::gpus_per_node<G>` or `gpus_per_node<>`
@@ -48,8 +60,12 @@ public:
     requires is_static
   = default;
   //! @throws locus::config_error on zero nodes or GPUs, or a mismatch with a static extent
+  //! @throws locus::config_error when nodes × gpus_per_node exceeds max_topology_ranks (checked by
+  //!         division, so a product that wraps 64 bits is caught too)
   constexpr topology(std::size_t nodes, std::size_t gpus_per_node)
-      : detail::extent_slot<0, Nodes>(Nodes(nodes)), detail::extent_slot<1, GpusPerNode>(GpusPerNode(gpus_per_node)) {}
+      : detail::extent_slot<0, Nodes>(Nodes(nodes)), detail::extent_slot<1, GpusPerNode>(GpusPerNode(gpus_per_node)) {
+    if (nodes > max_topology_ranks / gpus_per_node) detail::throw_topology_too_large(nodes, gpus_per_node);
+  }
 
   LOCUS_HOST_DEVICE constexpr std::size_t nodes() const noexcept { return detail::extent_slot<0, Nodes>::get().value(); }
   LOCUS_HOST_DEVICE constexpr std::size_t gpus_per_node() const noexcept {

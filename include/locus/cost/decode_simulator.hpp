@@ -113,6 +113,17 @@ simulation_result simulate_decode(const trace::trace& t, const std::vector<exper
                   l, " map has ", maps[l].experts(), " experts on ", maps[l].ranks(), " ranks; the trace has ",
                   t.experts(), " experts and the topology ", ranks, " ranks");
   LOCUS_REQUIRE(cfg.batch_per_rank > 0, config_error, "simulate_decode: batch_per_rank must be positive");
+  LOCUS_REQUIRE(std::isfinite(cfg.arrival_rate) && cfg.arrival_rate >= 0, config_error,
+                "simulate_decode: arrival_rate is ", cfg.arrival_rate, ", expected a finite number >= 0");
+  {
+    // Byte counters are 64-bit: every copy of every token at every layer, both ways, must fit.
+    const std::uint64_t copies = std::uint64_t{t.tokens()} * t.top_k() * std::max<std::size_t>(layers, 1) + 1;
+    const std::uint64_t limit = (std::uint64_t{1} << 62) / copies;
+    LOCUS_REQUIRE(cfg.sizes.dispatch_bytes <= limit && cfg.sizes.combine_bytes <= limit, config_error,
+                  "simulate_decode: message sizes of ", cfg.sizes.dispatch_bytes, " + ", cfg.sizes.combine_bytes,
+                  " bytes would overflow the byte counters over ", copies - 1, " copies (at most ", limit,
+                  " bytes each)");
+  }
 
   // Each request's decode tokens are contiguous at its end once prefill is marked; find them.
   struct pending {

@@ -109,6 +109,13 @@ inline std::vector<expert_map> token_level_stage(std::vector<expert_map> maps, c
 inline activation_plan plan_activation_aware(const trace::trace& train, const dynamic_topology& topo,
                                              std::string_view placement, std::size_t redundant_per_rank,
                                              const activation_plan_options& opt = {}) {
+  // The planners keep per-node usage tables (layers × nodes × experts doubles, several copies);
+  // refuse a deployment whose tables alone would not fit before anything is fitted.
+  constexpr std::size_t max_node_usage_entries = std::size_t{1} << 25; // 256 MB of doubles
+  LOCUS_REQUIRE(train.layers() * train.experts() <= max_node_usage_entries / topo.nodes(), config_error,
+                "plan: ", topo.nodes(), " nodes × ", train.experts(), " experts × ", train.layers(),
+                " layers of per-node usage exceed the planner's limit of ", max_node_usage_entries, " entries");
+  (void)slots_for(train.experts(), topo.ranks(), redundant_per_rank); // slot counts checked before the slow fit
   auto model = std::make_shared<grouper::workload_model>(grouper::workload_model::fit(train, topo, opt.grouping));
   plan_input in = plan_input_from_trace(train, topo, redundant_per_rank);
   activation_plan out;

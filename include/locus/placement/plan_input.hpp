@@ -63,7 +63,13 @@ struct plan_input {
 };
 
 //! Slots per rank needed to host `experts` once plus `redundant_per_rank` replicas per rank.
+//! @throws locus::config_error when `redundant_per_rank` exceeds `experts` (a rank with that many
+//!         replica slots could already hold every expert; larger values are typing mistakes that
+//!         would size tables far beyond memory)
 inline std::size_t slots_for(std::size_t experts, std::size_t ranks, std::size_t redundant_per_rank) {
+  LOCUS_REQUIRE(ranks > 0, config_error, "slots_for: zero ranks");
+  LOCUS_REQUIRE(redundant_per_rank <= experts, config_error, "redundant slots per rank is ", redundant_per_rank,
+                ", expected at most the number of experts (", experts, ")");
   return (experts + ranks - 1) / ranks + redundant_per_rank;
 }
 

@@ -28,15 +28,15 @@
 //! most copies of the sample (lazy re-evaluation), under the same load bound.
 //! Deterministic: fixed orders, ties to the lower index.
 
-#include <locus/core/error.hpp>
-#include <locus/core/expert_map.hpp>
-#include <locus/core/random.hpp>
-#include <locus/core/topology.hpp>
-
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <locus/core/error.hpp>
+#include <locus/core/expert_map.hpp>
+#include <locus/core/random.hpp>
+#include <locus/core/topology.hpp>
+#include <locus/trace/trace.hpp>
 #include <numeric>
 #include <span>
 #include <vector>
@@ -67,6 +67,11 @@ struct token_sample {
       for (std::size_t i = 0; i < ids[l].size(); ++i)
         LOCUS_REQUIRE(ids[l][i] < experts, invalid_input_error, "token_sample: layer ", l, " token ", i / top_k,
                       " names expert ", ids[l][i], " of ", experts);
+      // The cost model indexes per-token rank lists by choice; a repeated expert breaks them.
+      const std::size_t t = trace::first_repeated_choice(ids[l].data(), home.size(), top_k);
+      LOCUS_REQUIRE(t == home.size(), invalid_input_error, "token_sample: layer ", l, " token ", t, " chooses expert ",
+                    ids[l][t * top_k + trace::repeated_choice(ids[l].data() + t * top_k, top_k)],
+                    " twice (a token's top-k experts must be distinct)");
     }
   }
 };
@@ -878,6 +883,11 @@ expert_map refine_layer(const expert_map& map, const token_sample& sample, std::
                 "refine_by_tokens: negative slack or copy weight");
   LOCUS_REQUIRE(opt.anneal_temperature >= 0, config_error, "refine_by_tokens: negative anneal temperature ",
                 opt.anneal_temperature);
+  // Proposals are anneal_per_expert × experts per layer: bound the factor so the product neither
+  // wraps nor runs for years.
+  LOCUS_REQUIRE(opt.anneal_per_expert <= (std::size_t{1} << 20), config_error,
+                "refine_by_tokens: anneal_per_expert is ", opt.anneal_per_expert, ", expected at most ",
+                std::size_t{1} << 20);
   LOCUS_REQUIRE(opt.balance_shift >= 0 && opt.shift_slack >= 0, config_error,
                 "refine_by_tokens: negative balance shift ", opt.balance_shift, " or shift slack ", opt.shift_slack);
   layer_state<Topology> s(map, sample.ids[layer], sample.home, sample.top_k, topo, opt);

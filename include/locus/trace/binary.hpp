@@ -12,9 +12,6 @@
 //! version, a checksum mismatch, an id out of range, a NaN weight, counts that disagree — raises
 //! `locus::format_error` whose `offset()` is the byte offset of the offending field.
 
-#include <locus/core/error.hpp>
-#include <locus/trace/trace.hpp>
-
 #include <algorithm>
 #include <array>
 #include <bit>
@@ -24,6 +21,9 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <locus/core/atomic_file.hpp>
+#include <locus/core/error.hpp>
+#include <locus/trace/trace.hpp>
 #include <memory>
 #include <span>
 #include <string>
@@ -165,6 +165,7 @@ public:
   std::size_t read(void* dst, std::size_t n) {
     if (n == 0) return 0; // empty sections may pass a null pointer
     const std::size_t take = std::min<std::uint64_t>(n, bytes_.size() - offset_);
+    if (take == 0) return 0; // an empty span may have a null data(), which memcpy must not see
     std::memcpy(dst, bytes_.data() + offset_, take);
     offset_ += take;
     return take;
@@ -229,7 +230,7 @@ public:
     if (got != n)
       format_fail(src_.name(), at + got,
                   locus::detail::concat("file ends inside ", what, ": expected ", n, " bytes at offset ", at, ", got ",
-                                        got));
+                                        got, " (the file looks truncated)"));
     hash_.update(dst, n);
   }
   //! Reads the zero padding up to the next multiple of 8.
@@ -245,6 +246,7 @@ public:
                                                                ", expected 0"));
   }
   std::uint64_t offset() const noexcept { return src_.offset(); }
+  std::uint64_t remaining() const noexcept { return src_.size() - src_.offset(); }
   std::uint64_t digest() const noexcept { return hash_.digest(); }
   const std::string& name() const noexcept { return src_.name(); }
 
@@ -296,7 +298,11 @@ header_fields read_header(Source& src) {
   if (f.top_k < 1 || f.top_k > max_trace_top_k || f.top_k > f.experts)
     format_fail(src.name(), 20, locus::detail::concat("top_k is ", f.top_k, ", expected 1..",
                                                       std::min<std::size_t>(max_trace_top_k, f.experts)));
-  if (f.layers < 1) format_fail(src.name(), 24, "layers is 0, expected at least 1");
+  if (f.layers < 1 || f.layers > max_trace_layers)
+    format_fail(src.name(), 24, locus::detail::concat("layers is ", f.layers, ", expected 1..", max_trace_layers));
+  if (f.domains > max_trace_domains)
+    format_fail(src.name(), 28,
+                locus::detail::concat("domains is ", f.domains, ", expected at most ", max_trace_domains));
   // Version 2 stores the model's hidden-layer count here; version 1 reserves it.
   if (f.version == 1 && f.reserved != 0) format_fail(src.name(), 64, "reserved field is not 0");
   if (f.version == 2 && f.reserved > 0xffffffffull)
@@ -306,8 +312,11 @@ header_fields read_header(Source& src) {
                                                       " requests: every request has at least one token"));
   const std::uint64_t available = src.size() - binary_header_bytes;
   if (f.payload_bytes != available)
-    format_fail(src.name(), 48, locus::detail::concat("payload size is ", f.payload_bytes, " bytes but the file holds ",
-                                                      available, " bytes after the header (truncated or extended)"));
+    format_fail(src.name(), 48,
+                locus::detail::concat(
+                    "payload size is ", f.payload_bytes, " bytes but the file holds ", available,
+                    " bytes after the header (",
+                    available < f.payload_bytes ? "the file looks truncated" : "the file has extra bytes", ")"));
   return f;
 }
 
@@ -330,11 +339,19 @@ locus::trace::trace read(Source& src) {
     if (len > binary_max_domain_name)
       format_fail(name, at, locus::detail::concat("domain ", d, " name length ", len, ", expected at most ",
                                                   binary_max_domain_name));
+    if (len > in.remaining())
+      format_fail(name, at,
+                  locus::detail::concat("domain ", d, " name length ", len, " runs past the end of the file (",
+                                        in.remaining(), " bytes left; the file looks truncated)"));
     std::string s(len, '\0');
     in.read(s.data(), len, "the domain table");
     domains.push_back(std::move(s));
     domain_bytes += 4 + len;
   }
+  if (const std::size_t d = trace_builder::first_repeated_domain(domains); d < domains.size())
+    format_fail(name, 80,
+                locus::detail::concat("domain ", d, " \"", domains[d],
+                                      "\" repeats an earlier domain name (names must be distinct)"));
   in.pad("the domain table");
   std::vector<std::uint32_t> model_layers;
   if (f.version == 2) {
@@ -412,8 +429,9 @@ locus::trace::trace read(Source& src) {
   constexpr std::size_t chunk = std::size_t{1} << 18;
   for (std::size_t l = 0; l < f.layers; ++l) {
     auto ids = b.layer_ids(l);
-    for (std::size_t i = 0; i < ids.size(); i += chunk) {
-      const std::size_t n = std::min(chunk, ids.size() - i);
+    const std::size_t id_chunk = chunk / f.top_k * f.top_k; // whole tokens, for the repeated-choice check
+    for (std::size_t i = 0; i < ids.size(); i += id_chunk) {
+      const std::size_t n = std::min(id_chunk, ids.size() - i);
       const std::uint64_t at = in.offset();
       in.read(ids.data() + i, n * 2, "a layer's expert ids");
       if (!trace_builder::ids_in_range(ids.data() + i, n, f.experts))
@@ -422,6 +440,14 @@ locus::trace::trace read(Source& src) {
             format_fail(name, at + 2 * j, locus::detail::concat("layer ", l, " token ", (i + j) / f.top_k, " choice ",
                                                                 (i + j) % f.top_k, ": expert id ", ids[i + j],
                                                                 " is out of range [0, ", f.experts, ")"));
+      const std::size_t k = f.top_k, t0 = i / k, t1 = (i + n) / k;
+      if (const std::size_t t = t0 + first_repeated_choice(ids.data() + t0 * k, t1 - t0, k); t < t1) {
+        const std::size_t j = repeated_choice(ids.data() + t * k, k);
+        format_fail(name, at + 2 * (t * k + j - i),
+                    locus::detail::concat("layer ", l, " token ", t, " choice ", j, ": expert ", ids[t * k + j],
+                                          " is chosen twice (a token's top-k experts "
+                                          "must be distinct)"));
+      }
     }
     in.pad("a layer's expert ids");
     auto w = b.layer_weights(l);
@@ -522,44 +548,28 @@ struct vector_sink {
   void write_header(const void* p, std::size_t n) { std::memcpy(bytes.data(), p, n); }
 };
 
+//! Writes through locus::atomic_file: the header is filled in last, then the file is renamed
+//! into place, so a failed write never leaves a partial trace where a good one was.
 class file_sink {
 public:
-  explicit file_sink(const std::string& path) : path_(path) {
-    f_ = std::fopen(path.c_str(), "wb");
-    if (!f_) fail("cannot create");
+  explicit file_sink(const std::string& path) : f_(path) {
     static constexpr unsigned char zero[binary_header_bytes] = {};
-    write(zero, sizeof zero);
+    f_.write(zero, sizeof zero);
   }
-  file_sink(const file_sink&) = delete;
-  file_sink& operator=(const file_sink&) = delete;
-  ~file_sink() {
-    if (f_) std::fclose(f_);
-  }
-  void write(const void* p, std::size_t n) {
-    if (n && std::fwrite(p, 1, n, f_) != n) fail("write failed");
-  }
+  void write(const void* p, std::size_t n) { f_.write(p, n); }
   void write_header(const void* p, std::size_t n) {
-    if (std::fseek(f_, 0, SEEK_SET) != 0) fail("cannot seek");
-    write(p, n);
-    if (std::fclose(f_) != 0) {
-      f_ = nullptr;
-      fail("cannot close");
-    }
-    f_ = nullptr;
+    f_.write_at(0, p, n);
+    f_.commit();
   }
 
 private:
-  [[noreturn]] void fail(const char* what) {
-    const int e = errno;
-    throw io_error(locus::detail::concat(path_, ": ", what, ": ", std::strerror(e)), __FILE__, __LINE__, e);
-  }
-  std::FILE* f_ = nullptr;
-  std::string path_;
+  atomic_file f_;
 };
 
 } // namespace detail::trace
 
-//! Writes `t` to `path` in the binary format. @throws locus::io_error when the file cannot be written
+//! Writes `t` to `path` in the binary format, atomically (a temporary file renamed into place).
+//! @throws locus::io_error when the file cannot be written (the old file, if any, is kept)
 inline void write_trace(const trace& t, const std::string& path) {
   detail::trace::file_sink sink(path);
   detail::trace::write(t, sink);

@@ -6,9 +6,6 @@
 //! (token-major, single tabs), a double tab, then `k × T` weights in the same order. Line i of
 //! every layer file is the same sequence with the same T.
 
-#include <locus/core/error.hpp>
-#include <locus/trace/trace.hpp>
-
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
@@ -18,6 +15,9 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <locus/core/atomic_file.hpp>
+#include <locus/core/error.hpp>
+#include <locus/trace/trace.hpp>
 #include <span>
 #include <string>
 #include <string_view>
@@ -30,15 +30,25 @@ namespace locus::inline LOCUS_ABI_NAMESPACE::trace {
 struct esft_options {
   std::size_t experts = 64; //!< declared routed experts; every id must be below it
   std::size_t top_k = 6;    //!< experts per token
-  //! Domain folders to read, in this order; empty: every sub-folder of the root that holds
-  //! `expert_weights_1.txt`, sorted by name.
+  //! Domain folders to read, in this order (distinct plain folder names); empty: every sub-folder
+  //! of the root that holds `expert_weights_<n>.txt` files, sorted by name.
   std::vector<std::string> domains;
-  //! Number of layer files per domain; 0: as many consecutive `expert_weights_<n>.txt` from n = 1
-  //! as the first domain has.
+  //! Number of layer files read per domain; 0: all of them. Either way every domain must hold
+  //! `expert_weights_1.txt` ... `expert_weights_<L>.txt` without a gap, and with 0 every domain
+  //! the same L.
   std::size_t layers = 0;
   //! Called after each file with (files done, files in all); may be empty.
   std::function<void(std::size_t, std::size_t)> progress;
 };
+
+//! True when `name` can be a domain folder of its own: not empty, not "." or "..", no '/' and no
+//! control character (a domain name must not lead a reader or writer outside the root).
+inline bool esft_domain_name_ok(std::string_view name) noexcept {
+  if (name.empty() || name == "." || name == "..") return false;
+  for (const char c : name)
+    if (c == '/' || static_cast<unsigned char>(c) < 0x20 || c == 0x7f) return false;
+  return true;
+}
 
 //! One layer file already in memory (for importing from buffers and fuzzing).
 struct esft_layer_text {
@@ -75,8 +85,7 @@ inline std::string esft_excerpt(const char* p, const char* end) {
 
 //! Parses one layer file. Hand-rolled (no streams, no allocation per value) because 37 MB of
 //! text must import in well under 2 s on one core.
-inline esft_layer parse_esft_layer(std::string_view text, const std::string& file, std::size_t experts,
-                                   std::size_t k) {
+inline esft_layer parse_esft_lines(std::string_view text, const std::string& file, std::size_t experts, std::size_t k) {
   esft_layer out;
   out.ids.reserve(text.size() / 6);
   out.weights.reserve(text.size() / 6);
@@ -103,6 +112,9 @@ inline esft_layer parse_esft_layer(std::string_view text, const std::string& fil
     for (;;) {
       unsigned v = 0;
       const auto r = std::from_chars(p, line_end, v);
+      if (r.ec == std::errc::result_out_of_range)
+        esft_fail(file, line, col(p),
+                  "expert id " + esft_excerpt(p, r.ptr) + locus::detail::concat(" is out of range [0, ", experts, ")"));
       if (r.ec != std::errc{} || r.ptr == p)
         esft_fail(file, line, col(p), "expected an expert id (a non-negative integer), got " + esft_excerpt(p, line_end));
       if (v >= experts)
@@ -123,6 +135,9 @@ inline esft_layer parse_esft_layer(std::string_view text, const std::string& fil
     for (;;) {
       float w = 0;
       const auto r = std::from_chars(p, line_end, w);
+      if (r.ec == std::errc::result_out_of_range)
+        esft_fail(file, line, col(p),
+                  "weight " + esft_excerpt(p, r.ptr) + " is outside the range of a float (it overflows or underflows)");
       if (r.ec != std::errc{} || r.ptr == p)
         esft_fail(file, line, col(p), "expected a weight (a decimal number), got " + esft_excerpt(p, line_end));
       if (!std::isfinite(w)) esft_fail(file, line, col(p), "weight is not finite");
@@ -152,6 +167,19 @@ inline esft_layer parse_esft_layer(std::string_view text, const std::string& fil
   return out;
 }
 
+//! parse_esft_lines, naming a problem on an unterminated last line as a likely truncation.
+inline esft_layer parse_esft_layer(std::string_view text, const std::string& file, std::size_t experts, std::size_t k) {
+  try {
+    return parse_esft_lines(text, file, experts, k);
+  } catch (const format_error& e) {
+    if (text.empty() || text.back() == '\n' ||
+        e.offset() != static_cast<std::uint64_t>(std::count(text.begin(), text.end(), '\n')) + 1)
+      throw;
+    throw format_error(e.message() + " (the last line has no newline: the file looks truncated)", e.offset(), __FILE__,
+                       __LINE__);
+  }
+}
+
 inline std::string read_text_file(const std::filesystem::path& path) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (!f)
@@ -162,9 +190,34 @@ inline std::string read_text_file(const std::filesystem::path& path) {
   std::size_t n;
   while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
   const bool bad = std::ferror(f);
+  const int e = errno;
   std::fclose(f);
-  if (bad) throw io_error(path.string() + ": read failed", __FILE__, __LINE__);
+  if (bad) throw io_error(path.string() + ": read failed: " + std::strerror(e), __FILE__, __LINE__, e);
   return s;
+}
+
+//! The layer numbers n of the `expert_weights_<n>.txt` entries in `dir`, sorted (empty when the
+//! folder cannot be listed). Numbers are bounded by max_trace_layers; larger ones are ignored.
+inline std::vector<std::size_t> esft_layer_numbers(const std::filesystem::path& dir) {
+  std::vector<std::size_t> out;
+  std::error_code ec;
+  std::filesystem::directory_iterator it(dir, ec), end;
+  for (; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    constexpr std::string_view prefix = "expert_weights_", suffix = ".txt";
+    if (name.size() <= prefix.size() + suffix.size() || name.compare(0, prefix.size(), prefix) != 0 ||
+        name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0)
+      continue;
+    const std::string_view digits(name.data() + prefix.size(), name.size() - prefix.size() - suffix.size());
+    std::size_t n = 0;
+    const auto r = std::from_chars(digits.data(), digits.data() + digits.size(), n);
+    if (r.ec != std::errc{} || r.ptr != digits.data() + digits.size() || n == 0 || n > max_trace_layers ||
+        digits.front() == '0')
+      continue;
+    out.push_back(n);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 //! Appends one domain's parsed layers to the builder, checking that the layers agree.
@@ -196,6 +249,39 @@ inline void add_esft_domain(trace_builder& b, const std::string& domain, const s
   }
 }
 
+//! ESFT files do not state top-k: a line of top-6 data read with top_k 3 parses as twice the
+//! tokens. Such a reading shows itself: every group of m = real k / top_k consecutive tokens
+//! then chooses m·top_k distinct experts, which real top_k data does only by a vanishing chance.
+//! Raises when every layer of `t` looks like that (the groups dividing every request) and the
+//! chance of it under independent routing is below e^-30.
+inline void esft_check_top_k(const locus::trace::trace& t) {
+  const std::size_t k = t.top_k(), e = t.experts();
+  for (std::size_t m = 2; m * k <= std::min<std::size_t>(max_trace_top_k, e); ++m) {
+    bool divides = t.requests() > 0;
+    for (const auto& q : t.request_table())
+      divides = divides && q.length % m == 0;
+    if (!divides) continue;
+    const std::size_t groups = t.tokens() / m;
+    // Chance that m independent uniform top-k draws are disjoint: prod over later draws of
+    // C(e - j·k, k) / C(e, k) ≈ prod (1 - j·k/e)^k.
+    double log_disjoint = 0;
+    for (std::size_t j = 1; j < m; ++j)
+      log_disjoint += static_cast<double>(k) * std::log1p(-static_cast<double>(j * k) / static_cast<double>(e));
+    if (static_cast<double>(groups) * static_cast<double>(t.layers()) * log_disjoint > -30.0) continue;
+    bool all_disjoint = true;
+    std::vector<trace_expert_id> merged;
+    for (std::size_t l = 0; l < t.layers() && all_disjoint; ++l) {
+      const auto v = t.layer(l);
+      for (std::size_t g = 0; g < groups && all_disjoint; ++g)
+        all_disjoint = first_repeated_choice(v.ids() + g * m * k, 1, m * k) == 1;
+    }
+    if (all_disjoint)
+      LOCUS_THROW(invalid_input_error, "import_esft: with top_k ", k, " every ", m, " consecutive tokens choose ",
+                  m * k, " distinct experts in every request and layer (", groups, " groups): the data looks like top-",
+                  m * k, "; import it with top_k ", m * k, " (--top-k)");
+  }
+}
+
 } // namespace detail::trace
 
 //! Imports ESFT-layout domains already in memory; every domain must have the same number of
@@ -207,6 +293,10 @@ inline trace import_esft(std::span<const esft_domain_text> domains, std::size_t 
   LOCUS_REQUIRE(layers > 0, invalid_input_error, "import_esft: domain ", domains.front().name, " has no layer file");
   trace_builder b(experts, top_k, layers);
   std::uint64_t next_id = 0;
+  for (std::size_t d = 0; d < domains.size(); ++d)
+    for (std::size_t e = 0; e < d; ++e)
+      LOCUS_REQUIRE(domains[d].name != domains[e].name, invalid_input_error, "import_esft: domain \"", domains[d].name,
+                    "\" is given twice");
   for (const auto& dom : domains) {
     LOCUS_REQUIRE(dom.layers.size() == layers, invalid_input_error, "import_esft: domain ", dom.name, " has ",
                   dom.layers.size(), " layer files, domain ", domains.front().name, " has ", layers);
@@ -220,7 +310,9 @@ inline trace import_esft(std::span<const esft_domain_text> domains, std::size_t 
       detail::trace::esft_fail(names.front(), 1, 1, "file holds no sequence");
     detail::trace::add_esft_domain(b, dom.name, parsed, names, next_id);
   }
-  return b.build();
+  auto t = b.build();
+  detail::trace::esft_check_top_k(t);
+  return t;
 }
 
 //! Imports an ESFT expert-score folder (`root_dir/<domain>/expert_weights_<n>.txt`).
@@ -235,18 +327,64 @@ inline trace import_esft(const std::string& root_dir, const esft_options& opt = 
     throw io_error(root_dir + ": not a directory (expected an ESFT expert_scores folder)", __FILE__, __LINE__);
   std::vector<std::string> domains = opt.domains;
   if (domains.empty()) {
-    for (const auto& e : fs::directory_iterator(root))
-      if (e.is_directory() && fs::exists(e.path() / "expert_weights_1.txt"))
-        domains.push_back(e.path().filename().string());
+    // Every sub-folder that holds any layer file is a domain; one without layer 1 is an error below,
+    // not a folder silently skipped.
+    fs::directory_iterator it(root, ec), end;
+    for (; !ec && it != end; it.increment(ec)) {
+      std::error_code e2;
+      if (it->is_directory(e2) && !detail::trace::esft_layer_numbers(it->path()).empty())
+        domains.push_back(it->path().filename().string());
+    }
+    if (ec) throw io_error(root_dir + ": cannot list the folder: " + ec.message(), __FILE__, __LINE__, ec.value());
     std::sort(domains.begin(), domains.end());
   }
   LOCUS_REQUIRE(!domains.empty(), invalid_input_error, "import_esft: ", root_dir,
-                " holds no domain folder with an expert_weights_1.txt");
+                " holds no domain folder with expert_weights_<n>.txt files");
+  for (std::size_t d = 0; d < domains.size(); ++d) {
+    LOCUS_REQUIRE(
+        esft_domain_name_ok(domains[d]), invalid_input_error, "import_esft: domain \"", domains[d],
+        "\" is not a folder name inside the root (empty, \".\", \"..\", or holds '/' or a control character)");
+    for (std::size_t e = 0; e < d; ++e)
+      LOCUS_REQUIRE(domains[d] != domains[e], invalid_input_error, "import_esft: domain \"", domains[d],
+                    "\" is given twice");
+  }
+  // Every domain must hold layer files 1..L without a gap, and all domains the same L (a gap in the
+  // first domain used to cut every domain short).
   std::size_t layers = opt.layers;
-  if (layers == 0)
-    while (fs::exists(root / domains.front() / ("expert_weights_" + std::to_string(layers + 1) + ".txt"))) ++layers;
-  LOCUS_REQUIRE(layers > 0, invalid_input_error, "import_esft: ", (root / domains.front()).string(),
-                " has no expert_weights_1.txt");
+  std::string layers_from;
+  for (const auto& dom : domains) {
+    const fs::path dir = root / dom;
+    if (!fs::is_directory(dir, ec))
+      throw io_error(dir.string() + ": no such domain folder", __FILE__, __LINE__, ENOENT);
+    const auto numbers = detail::trace::esft_layer_numbers(dir);
+    if (numbers.empty())
+      throw io_error(dir.string() + ": holds no expert_weights_<n>.txt layer file", __FILE__, __LINE__, ENOENT);
+    for (std::size_t i = 0; i < numbers.size(); ++i)
+      if (numbers[i] != i + 1)
+        throw io_error(locus::detail::concat((dir / ("expert_weights_" + std::to_string(i + 1) + ".txt")).string(),
+                                             ": missing, but expert_weights_", numbers[i],
+                                             ".txt exists (layer files must be numbered 1, 2, ... without a gap)"),
+                       __FILE__, __LINE__, ENOENT);
+    if (opt.layers != 0) {
+      if (numbers.size() < opt.layers)
+        throw io_error(locus::detail::concat(dir.string(), ": has ", numbers.size(), " layer files, ", opt.layers,
+                                             " were asked for"),
+                       __FILE__, __LINE__, ENOENT);
+    } else if (layers == 0) {
+      layers = numbers.size();
+      layers_from = dom;
+    } else if (numbers.size() < layers) {
+      throw io_error(
+          locus::detail::concat((dir / ("expert_weights_" + std::to_string(numbers.size() + 1) + ".txt")).string(),
+                                ": missing (domain ", dom, " has ", numbers.size(), " layer files, domain ",
+                                layers_from, " has ", layers, "; every domain must have the same layers)"),
+          __FILE__, __LINE__, ENOENT);
+    } else if (numbers.size() > layers) {
+      throw io_error(locus::detail::concat(dir.string(), ": has ", numbers.size(), " layer files, domain ", layers_from,
+                                           " has ", layers, " (every domain must have the same layers)"),
+                     __FILE__, __LINE__, ENOENT);
+    }
+  }
   trace_builder b(opt.experts, opt.top_k, layers);
   std::uint64_t next_id = 0;
   std::size_t done = 0;
@@ -255,10 +393,10 @@ inline trace import_esft(const std::string& root_dir, const esft_options& opt = 
     std::vector<std::string> names;
     for (std::size_t l = 0; l < layers; ++l) {
       const fs::path file = root / dom / ("expert_weights_" + std::to_string(l + 1) + ".txt");
-      if (!fs::exists(file))
-        throw io_error(file.string() + ": missing (domain " + dom + " must have " + std::to_string(layers) +
-                           " layer files like " + domains.front() + ")",
-                       __FILE__, __LINE__);
+      if (!fs::is_regular_file(file, ec))
+        throw io_error(file.string() + (fs::is_directory(file, ec) ? ": is a folder, expected a layer file"
+                                                                   : ": not a regular file, expected a layer file"),
+                       __FILE__, __LINE__, EISDIR);
       const std::string text = detail::trace::read_text_file(file);
       names.push_back(file.string());
       parsed.push_back(detail::trace::parse_esft_layer(text, names.back(), opt.experts, opt.top_k));
@@ -268,7 +406,9 @@ inline trace import_esft(const std::string& root_dir, const esft_options& opt = 
       detail::trace::esft_fail(names.front(), 1, 1, "file holds no sequence");
     detail::trace::add_esft_domain(b, dom, parsed, names, next_id);
   }
-  return b.build();
+  auto t = b.build();
+  detail::trace::esft_check_top_k(t);
+  return t;
 }
 
 //! The text of layer `l` of domain `domain` in the ESFT layout (weights printed in their shortest
@@ -304,14 +444,18 @@ inline void write_esft(const trace& t, const std::string& root_dir) {
     bool any = false;
     for (const auto& q : t.request_table()) any = any || q.domain == d;
     if (!any) continue;
-    const fs::path dir = fs::path(root_dir) / t.domains()[d];
-    fs::create_directories(dir);
+    const std::string& name = t.domains()[d];
+    LOCUS_REQUIRE(esft_domain_name_ok(name), invalid_input_error, "write_esft: domain name \"", name,
+                  "\" cannot be a folder name (empty, \".\", \"..\", or holds '/' or a control character)");
+    const fs::path dir = fs::path(root_dir) / name;
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    if (ec)
+      throw io_error(dir.string() + ": cannot create the folder: " + ec.message(), __FILE__, __LINE__, ec.value());
     for (std::size_t l = 0; l < t.layers(); ++l) {
       const fs::path file = dir / ("expert_weights_" + std::to_string(l + 1) + ".txt");
       const std::string text = format_esft_layer(t, d, l);
-      std::FILE* f = std::fopen(file.c_str(), "wb");
-      if (!f || std::fwrite(text.data(), 1, text.size(), f) != text.size() || std::fclose(f) != 0)
-        throw io_error(file.string() + ": cannot write", __FILE__, __LINE__);
+      write_file_atomically(file.string(), text);
     }
   }
 }

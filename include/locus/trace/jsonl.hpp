@@ -63,6 +63,10 @@ struct jsonl_options {
   bool split_on_restart = false;
   //! Domain of requests whose records carry none.
   std::string default_domain = "default";
+  //! Longest line accepted, in bytes (a route record of top-64 takes about 2 KiB; meta lines may
+  //! carry more); a longer line is a format error raised before it is buffered, so memory stays
+  //! bounded whatever the file holds.
+  std::size_t max_line_bytes = std::size_t{16} << 20;
   //! Called now and then with (bytes read, file size); may be empty.
   std::function<void(std::uint64_t, std::uint64_t)> progress;
 };
@@ -96,6 +100,7 @@ struct jsonl_fields {
   std::vector<std::uint64_t> ids;
   std::vector<double> weights;
   std::uint64_t meta_experts = 0, meta_top_k = 0;
+  bool has_meta_experts = false, has_meta_top_k = false;
   std::string error; //!< first problem found while parsing, empty when none
 
   void clear() {
@@ -109,6 +114,7 @@ struct jsonl_fields {
     ids.clear();
     weights.clear();
     meta_experts = meta_top_k = 0;
+    has_meta_experts = has_meta_top_k = false;
     error.clear();
   }
 };
@@ -159,29 +165,36 @@ public:
                       ? std::numeric_limits<std::int64_t>::max()
                       : static_cast<std::int64_t>(v);
         return true;
-      case field::meta_experts: f_.meta_experts = v; return true;
-      case field::meta_top_k: f_.meta_top_k = v; return true;
+      case field::meta_experts:
+        f_.has_meta_experts = true;
+        f_.meta_experts = v;
+        return true;
+      case field::meta_top_k:
+        f_.has_meta_top_k = true;
+        f_.meta_top_k = v;
+        return true;
       case field::weights: case field::ids: case field::phase: case field::domain: case field::type:
         return wrong_type("a number");
       case field::other: return true;
       }
     }
     if (depth_ == 2 && field_ == field::ids) {
-      f_.ids.push_back(v);
+      push(f_.ids, v);
       return true;
     }
     if (depth_ == 2 && field_ == field::weights) {
-      f_.weights.push_back(static_cast<double>(v));
+      push(f_.weights, static_cast<double>(v));
       return true;
     }
     return true;
   }
   bool number_float(number_float_t v, const string_t&) {
     if (depth_ == 2 && field_ == field::weights) {
-      f_.weights.push_back(v);
+      push(f_.weights, v);
       return true;
     }
-    return scalar_number("a fractional number");
+    // nlohmann-json reads an integer beyond 2^64-1 as a float: call it what it is.
+    return scalar_number(std::floor(v) == v ? "an integer beyond 2^64-1" : "a fractional number");
   }
   bool string(string_t& s) {
     if (depth_ == 0) return wrong_type_top("a string");
@@ -330,6 +343,12 @@ private:
     if (depth_ == 1 && field_ != field::other) return wrong_type(got);
     if (depth_ == 2 && field_ == field::ids) return wrong_type(got);
     return true;
+  }
+
+  //! Arrays longer than any top-k are bad anyway; stop collecting them so memory stays bounded.
+  template <class T>
+  void push(std::vector<T>& v, T x) {
+    if (v.size() <= max_trace_top_k) v.push_back(x);
   }
 
   jsonl_fields& f_;
@@ -583,19 +602,34 @@ private:
   }
 
   void meta(std::uint64_t line_no) {
-    if (f_.meta_experts && experts_ == 0) {
-      if (records_ > 0 || rep_.bad_records > 0)
-        bad(line_no, "a meta line declaring num_experts must precede the first route record");
-      else if (f_.meta_experts > max_trace_experts)
-        bad(line_no, locus::detail::concat("num_experts ", f_.meta_experts, " exceeds ", max_trace_experts));
-      else
-        experts_ = f_.meta_experts;
+    // A value the options set wins over meta lines; two meta lines must not disagree.
+    if (f_.has_meta_experts) {
+      if (meta_experts_line_ && f_.meta_experts != meta_experts_)
+        return bad(line_no, locus::detail::concat("num_experts ", f_.meta_experts, " conflicts with num_experts ",
+                                                  meta_experts_, " declared at line ", meta_experts_line_));
+      if (f_.meta_experts < 1 || f_.meta_experts > max_trace_experts)
+        return bad(line_no,
+                   locus::detail::concat("num_experts is ", f_.meta_experts, ", expected 1..", max_trace_experts));
+      if (experts_ == 0 && (records_ > 0 || rep_.bad_records > 0))
+        return bad(line_no, "a meta line declaring num_experts must precede the first route record");
+      meta_experts_ = f_.meta_experts;
+      meta_experts_line_ = line_no;
+      if (opt_.experts == 0) experts_ = f_.meta_experts;
     }
-    if (f_.meta_top_k && top_k_ == 0) {
-      if (f_.meta_top_k > max_trace_top_k)
-        bad(line_no, locus::detail::concat("top_k ", f_.meta_top_k, " exceeds ", max_trace_top_k));
-      else
-        top_k_ = f_.meta_top_k;
+    if (f_.has_meta_top_k) {
+      if (meta_top_k_line_ && f_.meta_top_k != meta_top_k_)
+        return bad(line_no, locus::detail::concat("top_k ", f_.meta_top_k, " conflicts with top_k ", meta_top_k_,
+                                                  " declared at line ", meta_top_k_line_));
+      const std::size_t most = experts_ ? std::min<std::size_t>(max_trace_top_k, experts_) : max_trace_top_k;
+      if (f_.meta_top_k < 1 || f_.meta_top_k > most)
+        return bad(line_no, locus::detail::concat("top_k is ", f_.meta_top_k, ", expected 1..", most,
+                                                  experts_ ? locus::detail::concat(" (", experts_, " experts)") : ""));
+      if (opt_.top_k == 0 && top_k_ != 0 && top_k_ != f_.meta_top_k)
+        return bad(line_no, locus::detail::concat("top_k ", f_.meta_top_k, " conflicts with the ", top_k_,
+                                                  " experts per token of the records before it"));
+      meta_top_k_ = f_.meta_top_k;
+      meta_top_k_line_ = line_no;
+      if (opt_.top_k == 0) top_k_ = f_.meta_top_k;
     }
   }
 
@@ -611,17 +645,22 @@ private:
                                                       ": the number of experts is not declared: pass it (--experts) "
                                                       "or put a meta line with num_experts before the route records"),
                                 __FILE__, __LINE__);
+    if (top_k_ > experts_)
+      throw invalid_input_error(locus::detail::concat(name_, ":", line_no, ": top_k ", top_k_, " exceeds the ",
+                                                      experts_, " declared experts"),
+                                __FILE__, __LINE__);
     if (top_k_ == 0) {
       if (f_.ids.empty() || f_.ids.size() > max_trace_top_k || f_.ids.size() > experts_)
-        return bad(line_no, locus::detail::concat("topk_ids has ", f_.ids.size(), " entries, expected 1..",
+        return bad(line_no, locus::detail::concat("topk_ids has ", entries(f_.ids), " entries, expected 1..",
                                                   std::min<std::size_t>(max_trace_top_k, experts_)));
       top_k_ = f_.ids.size();
     }
     if (f_.ids.size() != top_k_)
-      return bad(line_no, locus::detail::concat("topk_ids has ", f_.ids.size(), " entries, expected top_k = ", top_k_));
-    if (f_.weights.size() != top_k_)
       return bad(line_no,
-                 locus::detail::concat("topk_weights has ", f_.weights.size(), " entries, expected top_k = ", top_k_));
+                 locus::detail::concat("topk_ids has ", entries(f_.ids), " entries, expected top_k = ", top_k_));
+    if (f_.weights.size() != top_k_)
+      return bad(line_no, locus::detail::concat("topk_weights has ", entries(f_.weights),
+                                                " entries, expected top_k = ", top_k_));
     for (std::size_t j = 0; j < top_k_; ++j) {
       if (f_.ids[j] >= experts_)
         return bad(line_no, locus::detail::concat("topk_ids[", j, "] = ", f_.ids[j], " is out of range [0, ", experts_,
@@ -690,6 +729,12 @@ private:
     }
     ++records_;
     ++rep_.route_records;
+  }
+
+  //! An array's length as collected (the SAX handler stops past max_trace_top_k entries).
+  template <class T>
+  static std::string entries(const std::vector<T>& v) {
+    return v.size() > max_trace_top_k ? locus::detail::concat("more than ", max_trace_top_k) : std::to_string(v.size());
   }
 
   std::uint32_t domain_of(const std::string& name) {
@@ -791,11 +836,21 @@ private:
   std::vector<float> weights_;
   std::unordered_map<std::string, std::uint32_t> request_index_;
   std::vector<request_meta> request_meta_;
+  std::uint64_t meta_experts_ = 0, meta_top_k_ = 0;           // the values meta lines declared
+  std::uint64_t meta_experts_line_ = 0, meta_top_k_line_ = 0; // where (0: none yet)
   std::unordered_map<std::uint64_t, std::uint32_t> layer_index_;
   std::unordered_map<std::string, segment_state> segments_;
   std::vector<std::string> domain_names_;
 };
 
+} // namespace detail::trace
+
+namespace detail::trace {
+[[noreturn]] inline void jsonl_long_line(const std::string& name, std::uint64_t line_no, const jsonl_options& opt) {
+  throw format_error(locus::detail::concat(name, ":", line_no, ": line longer than ", opt.max_line_bytes,
+                                           " bytes (jsonl_options::max_line_bytes); not a route record"),
+                     line_no, __FILE__, __LINE__);
+}
 } // namespace detail::trace
 
 //! Imports route JSONL held in memory; `name` prefixes error messages.
@@ -811,7 +866,10 @@ inline trace import_jsonl_text(std::string_view text, const std::string& name = 
   std::uint64_t line_no = 0;
   while (!text.empty()) {
     const auto nl = text.find('\n');
-    imp.line(text.substr(0, nl), ++line_no);
+    const std::string_view line = text.substr(0, nl);
+    ++line_no;
+    if (line.size() > opt.max_line_bytes) detail::trace::jsonl_long_line(name, line_no, opt);
+    imp.line(line, line_no);
     if (nl == std::string_view::npos) break;
     text.remove_prefix(nl + 1);
   }
@@ -850,6 +908,8 @@ inline trace import_jsonl(const std::string& path, const jsonl_options& opt = {}
     std::string_view chunk(buf.data(), got);
     for (;;) {
       const auto nl = chunk.find('\n');
+      const std::size_t part = nl == std::string_view::npos ? chunk.size() : nl;
+      if (carry.size() + part > opt.max_line_bytes) detail::trace::jsonl_long_line(path, line_no + 1, opt);
       if (nl == std::string_view::npos) {
         carry.append(chunk);
         break;
@@ -868,7 +928,15 @@ inline trace import_jsonl(const std::string& path, const jsonl_options& opt = {}
       next_report = done + (std::uint64_t{1} << 24);
     }
   }
-  if (!carry.empty()) imp.line(carry, ++line_no);
+  if (!carry.empty()) {
+    try {
+      imp.line(carry, ++line_no);
+    } catch (const format_error& e) {
+      if (e.offset() != line_no) throw;
+      throw format_error(e.message() + " (the last line has no newline: the file looks truncated)", line_no, __FILE__,
+                         __LINE__);
+    }
+  }
   if (opt.progress) opt.progress(done, size);
   return imp.finish();
 }

@@ -42,6 +42,47 @@ using trace_expert_id = std::uint16_t;
 inline constexpr std::size_t max_trace_experts = 65536;
 //! Largest top-k a trace accepts (no model chooses more; bounds per-token scratch arrays).
 inline constexpr std::size_t max_trace_top_k = 64;
+//! Most MoE layers a trace accepts (models have at most a few hundred; bounds the per-layer
+//! tables a corrupt count would otherwise allocate).
+inline constexpr std::size_t max_trace_layers = 4096;
+//! Most domains a trace's domain table accepts (domains are task families, not request tags).
+inline constexpr std::size_t max_trace_domains = 65536;
+
+//! The index of the first of `tokens` tokens (`k` ids each, token-major) that chooses one expert
+//! twice, or `tokens` when there is none. A token's top-k are distinct experts: every reader,
+//! importer, builder and planner entry enforces this one rule (docs/trace-format.md).
+template <class Id>
+std::size_t first_repeated_choice(const Id* ids, std::size_t tokens, std::size_t k) noexcept {
+  // Branch-free over a block of tokens so that the common, clean case stays cheap.
+  constexpr std::size_t block = 256;
+  for (std::size_t t0 = 0; t0 < tokens; t0 += block) {
+    const std::size_t t1 = std::min(tokens, t0 + block);
+    unsigned bad = 0;
+    for (std::size_t t = t0; t < t1; ++t) {
+      const Id* p = ids + t * k;
+      for (std::size_t j = 1; j < k; ++j)
+        for (std::size_t i = 0; i < j; ++i)
+          bad |= static_cast<unsigned>(p[i] == p[j]);
+    }
+    if (bad == 0) continue;
+    for (std::size_t t = t0; t < t1; ++t) {
+      const Id* p = ids + t * k;
+      for (std::size_t j = 1; j < k; ++j)
+        for (std::size_t i = 0; i < j; ++i)
+          if (p[i] == p[j]) return t;
+    }
+  }
+  return tokens;
+}
+
+//! The choice of a token's `k` ids that repeats an earlier one (k when none does).
+template <class Id>
+std::size_t repeated_choice(const Id* p, std::size_t k) noexcept {
+  for (std::size_t j = 1; j < k; ++j)
+    for (std::size_t i = 0; i < j; ++i)
+      if (p[i] == p[j]) return j;
+  return k;
+}
 
 //! Which forward pass produced a token's routing.
 enum class phase : std::uint8_t { prefill = 0, decode = 1, unknown = 2 };
@@ -243,7 +284,8 @@ public:
                   ", expected 1..", max_trace_experts);
     LOCUS_REQUIRE(top_k >= 1 && top_k <= max_trace_top_k && top_k <= experts, invalid_input_error, "trace: top_k is ",
                   top_k, ", expected 1..", std::min(max_trace_top_k, experts));
-    LOCUS_REQUIRE(layers >= 1, invalid_input_error, "trace: layers is 0, expected at least 1");
+    LOCUS_REQUIRE(layers >= 1 && layers <= max_trace_layers, invalid_input_error, "trace: layers is ", layers,
+                  ", expected 1..", max_trace_layers);
     t_.experts_ = experts;
     t_.top_k_ = top_k;
     t_.layers_ = layers;
@@ -261,6 +303,8 @@ public:
   std::uint32_t domain(std::string_view name) {
     for (std::size_t d = 0; d < t_.domains_.size(); ++d)
       if (t_.domains_[d] == name) return static_cast<std::uint32_t>(d);
+    LOCUS_REQUIRE(t_.domains_.size() < max_trace_domains, invalid_input_error, "trace: more than ", max_trace_domains,
+                  " domains");
     t_.domains_.emplace_back(name);
     return static_cast<std::uint32_t>(t_.domains_.size() - 1);
   }
@@ -271,7 +315,26 @@ public:
     t_.hidden_layers_ = hidden_layers;
   }
   //! Sets the whole domain table (before adding requests that index it).
-  void set_domains(std::vector<std::string> names) { t_.domains_ = std::move(names); }
+  //! @throws locus::invalid_input_error when a name repeats or there are too many
+  void set_domains(std::vector<std::string> names) {
+    LOCUS_REQUIRE(names.size() <= max_trace_domains, invalid_input_error, "trace: ", names.size(),
+                  " domains, expected at most ", max_trace_domains);
+    const std::size_t d = first_repeated_domain(names);
+    LOCUS_REQUIRE(d == names.size(), invalid_input_error, "trace: domain ", d, " \"", names[d % names.size()],
+                  "\" repeats an earlier domain name");
+    t_.domains_ = std::move(names);
+  }
+
+  //! Index of the first name that repeats an earlier one, or `names.size()`.
+  static std::size_t first_repeated_domain(const std::vector<std::string>& names) {
+    std::vector<std::size_t> order(names.size());
+    std::iota(order.begin(), order.end(), std::size_t{0});
+    std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return names[a] < names[b]; });
+    std::size_t first = names.size();
+    for (std::size_t i = 1; i < order.size(); ++i)
+      if (names[order[i]] == names[order[i - 1]]) first = std::min(first, order[i]);
+    return first;
+  }
 
   //! Pre-allocates for `tokens` more tokens.
   void reserve_tokens(std::size_t tokens) {
@@ -362,6 +425,12 @@ public:
           LOCUS_REQUIRE(std::isfinite(w[i]), invalid_input_error, "trace: layer ", l, " token ", i / k, " choice ",
                         i % k, " (expert ", ids[i], "): weight ", w[i], " is not finite");
         }
+      }
+      const std::size_t t = first_repeated_choice(ids.data(), ids.size() / k, k);
+      if (t < ids.size() / k) {
+        const std::size_t j = repeated_choice(ids.data() + t * k, k);
+        LOCUS_THROW(invalid_input_error, "trace: layer ", l, " token ", t, " choice ", j, ": expert ", ids[t * k + j],
+                    " is chosen twice (a token's top-k experts must be distinct)");
       }
     }
     for (std::size_t t = 0; t < t_.phases_.size(); ++t)

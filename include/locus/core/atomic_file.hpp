@@ -1,0 +1,216 @@
+#pragma once
+//! @file
+//! The one way locus writes a file: into a temporary file in the target's folder, then fsync and
+//! rename over the target, so a failed or interrupted write (a full disk, a file-size limit, a
+//! signal, a value rejected half-way) never leaves a truncated file where a good one was. Readers
+//! see either the old file or the complete new one.
+//!
+//! Targets that are not regular files (a character device such as /dev/null or /dev/stdout, a
+//! FIFO) cannot be replaced by a rename; they are written directly, which is what a user who
+//! names one asks for. A directory, or a folder that does not exist, is a `locus::io_error`.
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <fcntl.h>
+#include <limits.h>
+#include <locus/core/error.hpp>
+#include <stdlib.h>
+#include <string>
+#include <string_view>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE {
+
+//! A file being written atomically: `write` as often as needed, then `commit()`. Destroying it
+//! without a commit (an exception on the way) removes the temporary file and leaves the target as
+//! it was.
+class atomic_file {
+public:
+  //! Opens a temporary file next to `path` (or `path` itself when it is a device or FIFO).
+  //! @throws locus::io_error when the folder cannot be written, `path` is a directory, or a
+  //!         symbolic link in it loops
+  explicit atomic_file(std::string path) : target_(std::move(path)) {
+    if (target_.empty()) LOCUS_THROW(io_error, "cannot write a file with an empty name");
+    resolve_target();
+    struct stat st {};
+    const bool exists = ::stat(target_.c_str(), &st) == 0;
+    if (exists && S_ISDIR(st.st_mode)) fail(target_, "cannot write: it is a directory", EISDIR);
+    if (exists && !S_ISREG(st.st_mode)) {
+      // A device or FIFO: rename would replace the node itself, so write straight into it.
+      fd_ = ::open(target_.c_str(), O_WRONLY | O_CLOEXEC);
+      if (fd_ < 0) fail(target_, "cannot open for writing", errno);
+      direct_ = true;
+      return;
+    }
+    const std::string::size_type slash = target_.rfind('/');
+    const std::string dir = slash == std::string::npos ? std::string(".") : target_.substr(0, slash + 1);
+    const std::string base = slash == std::string::npos ? target_ : target_.substr(slash + 1);
+    static std::atomic<unsigned long> counter{0};
+    for (int attempt = 0; attempt < 100; ++attempt) {
+      temp_ = (slash == std::string::npos ? std::string() : dir) + "." + base + ".locus-tmp." +
+              std::to_string(::getpid()) + "." + std::to_string(counter.fetch_add(1));
+      // 0666 minus the umask, as for any new file; an existing target's mode is kept below.
+      fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+      if (fd_ >= 0 || errno != EEXIST) break;
+    }
+    if (fd_ < 0) {
+      const int e = errno;
+      temp_.clear();
+      fail(target_, e == ENOENT ? "cannot write: its folder does not exist" : "cannot create a file in its folder", e);
+    }
+    if (exists) (void)::fchmod(fd_, st.st_mode & 07777);
+  }
+
+  atomic_file(const atomic_file&) = delete;
+  atomic_file& operator=(const atomic_file&) = delete;
+
+  ~atomic_file() { abandon(); }
+
+  //! The path being written (symbolic links resolved).
+  const std::string& path() const noexcept { return target_; }
+
+  //! Appends `n` bytes. @throws locus::io_error (errno as code(), e.g. ENOSPC or EFBIG)
+  void write(const void* data, std::size_t n) {
+    if (n == 0) return;
+    check_open();
+    const auto* p = static_cast<const char*>(data);
+    if (buffer_.size() + n <= buffer_capacity) {
+      buffer_.insert(buffer_.end(), p, p + n);
+      return;
+    }
+    flush();
+    if (n >= buffer_capacity) {
+      write_all(p, n);
+      return;
+    }
+    buffer_.assign(p, p + n);
+  }
+  void write(std::string_view s) { write(s.data(), s.size()); }
+
+  //! Overwrites `n` bytes at byte offset `offset` of what was written so far (the binary trace
+  //! writer fills in its header last). @throws locus::io_error when the target cannot seek (a FIFO)
+  void write_at(std::uint64_t offset, const void* data, std::size_t n) {
+    check_open();
+    flush();
+    const auto* p = static_cast<const char*>(data);
+    while (n > 0) {
+      const ssize_t w = ::pwrite(fd_, p, n, static_cast<off_t>(offset));
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        fail(target_,
+             errno == ESPIPE ? "cannot write: this output cannot seek (write to a regular file)" : "write failed",
+             errno);
+      }
+      p += w;
+      n -= static_cast<std::size_t>(w);
+      offset += static_cast<std::uint64_t>(w);
+    }
+  }
+
+  //! Flushes, syncs and renames the temporary file over the target.
+  //! @throws locus::io_error when any step fails (the target then keeps its old content)
+  void commit() {
+    check_open();
+    flush();
+    if (::fsync(fd_) != 0 && !(direct_ && (errno == EINVAL || errno == EROFS))) fail(target_, "fsync failed", errno);
+    const int fd = fd_;
+    fd_ = -1;
+    if (::close(fd) != 0 && errno != EINTR) fail(target_, "close failed", errno);
+    if (direct_) return;
+    if (::rename(temp_.c_str(), target_.c_str()) != 0) fail(target_, "cannot replace the file", errno);
+    temp_.clear();
+    // Make the rename itself durable; a folder that refuses fsync is no reason to fail the write.
+    const std::string::size_type slash = target_.rfind('/');
+    const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : target_.substr(0, slash));
+    const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+      (void)::fsync(dfd);
+      ::close(dfd);
+    }
+  }
+
+private:
+  static constexpr std::size_t buffer_capacity = std::size_t{1} << 20;
+
+  [[noreturn]] void fail(const std::string& what_path, const char* what, int e) {
+    abandon();
+    throw io_error(detail::concat(what_path, ": ", what, ": ", std::strerror(e)), __FILE__, __LINE__, e);
+  }
+
+  void check_open() const {
+    if (fd_ < 0) LOCUS_THROW(io_error, target_, ": write after the file was committed or abandoned");
+  }
+
+  void abandon() noexcept {
+    if (fd_ >= 0) {
+      ::close(fd_);
+      fd_ = -1;
+    }
+    if (!temp_.empty()) {
+      ::unlink(temp_.c_str());
+      temp_.clear();
+    }
+    buffer_.clear();
+  }
+
+  //! A symbolic link is followed so that the file it names is replaced, not the link.
+  void resolve_target() {
+    struct stat lst {};
+    if (::lstat(target_.c_str(), &lst) != 0 || !S_ISLNK(lst.st_mode)) return;
+    char* real = ::realpath(target_.c_str(), nullptr);
+    if (real) {
+      target_ = real;
+      ::free(real);
+      return;
+    }
+    const int e = errno;
+    if (e == ELOOP) fail(target_, "cannot write: symbolic links loop", e);
+    // A dangling link: create the file it points to, next to the link when the target is relative.
+    std::vector<char> buf(PATH_MAX + 1);
+    const ssize_t n = ::readlink(target_.c_str(), buf.data(), PATH_MAX);
+    if (n <= 0) fail(target_, "cannot read the symbolic link", errno);
+    std::string link(buf.data(), static_cast<std::size_t>(n));
+    const std::string::size_type slash = target_.rfind('/');
+    if (link.front() != '/' && slash != std::string::npos) link = target_.substr(0, slash + 1) + link;
+    target_ = std::move(link);
+  }
+
+  void flush() {
+    if (buffer_.empty()) return;
+    write_all(buffer_.data(), buffer_.size());
+    buffer_.clear();
+  }
+
+  void write_all(const char* p, std::size_t n) {
+    while (n > 0) {
+      const ssize_t w = ::write(fd_, p, std::min<std::size_t>(n, std::size_t{1} << 30));
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        fail(target_, "write failed", errno);
+      }
+      p += w;
+      n -= static_cast<std::size_t>(w);
+    }
+  }
+
+  std::string target_;
+  std::string temp_;
+  int fd_ = -1;
+  bool direct_ = false;
+  std::vector<char> buffer_;
+};
+
+//! Writes `content` to `path` atomically (see atomic_file). @throws locus::io_error
+inline void write_file_atomically(const std::string& path, std::string_view content) {
+  atomic_file f(path);
+  f.write(content);
+  f.commit();
+}
+
+} // namespace locus::inline LOCUS_ABI_NAMESPACE
