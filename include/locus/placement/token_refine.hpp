@@ -471,7 +471,7 @@ public:
   //! Up to `budget` swaps, each the best one available now (for re-planning under a migration
   //! budget, where the sweeps' expert-order greed would spend the budget on small gains): while
   //! some rank is above the load bound, the swap of one of its experts that lowers the larger of
-  //! the two ranks' loads at the least copy cost; then the balanced swap that saves the most
+  //! the two ranks' loads at the least copy cost among those that lower it most; then the balanced swap that saves the most
   //! copies (partners ranked by the sum of the two move gains, the best few checked exactly).
   //! Appends every swap to `done`.
   void best_swaps(std::size_t budget, std::vector<swap_step>& done) {
@@ -483,21 +483,33 @@ public:
     for (std::size_t made = 0; made < budget; ++made) {
       const auto over = static_cast<std::size_t>(std::max_element(load_.begin(), load_.end()) - load_.begin());
       if (load_[over] > cap_ + 1e-9) {
-        double best = 0;
-        std::size_t be = experts, bf = experts;
+        // Swaps that lower the larger of the two loads, ranked by that load; the least copy cost
+        // among the best few (an exact cost for every pair would dominate the time).
+        cand.clear();
         for (std::size_t e = 0; e < experts; ++e) {
           if (rank_of_[e] != static_cast<std::int32_t>(over)) continue;
           for (std::size_t f = 0; f < experts; ++f) {
             if (rank_of_[f] < 0 || rank_of_[f] == rank_of_[e]) continue;
             const auto b = static_cast<std::size_t>(rank_of_[f]);
             const double d = static_cast<double>(tok_of_[f].size()) - static_cast<double>(tok_of_[e].size());
-            if (std::max(load_[over] + d, load_[b] - d) >= load_[over] - 1e-9) continue;
-            const double c = swap_delta(e, f);
-            if (be == experts || c < best) {
-              best = c;
-              be = e;
-              bf = f;
-            }
+            const double worse = std::max(load_[over] + d, load_[b] - d);
+            if (worse < load_[over] - 1e-9) cand.emplace_back(-worse, e * experts + f);
+          }
+        }
+        const std::size_t keep = std::min(cand.size(), check);
+        std::partial_sort(cand.begin(), cand.begin() + static_cast<std::ptrdiff_t>(keep), cand.end(),
+                          [](const auto& x, const auto& y) {
+                            return x.first > y.first || (x.first == y.first && x.second < y.second);
+                          });
+        double best = 0;
+        std::size_t be = experts, bf = experts;
+        for (std::size_t i = 0; i < keep; ++i) {
+          const std::size_t e = cand[i].second / experts, f = cand[i].second % experts;
+          const double c = swap_delta(e, f);
+          if (be == experts || c < best) {
+            best = c;
+            be = e;
+            bf = f;
           }
         }
         if (be != experts) {
