@@ -471,8 +471,8 @@ public:
   //! Up to `budget` swaps, each the best one available now (for re-planning under a migration
   //! budget, where the sweeps' expert-order greed would spend the budget on small gains): while
   //! some rank is above the load bound, the swap of one of its experts that lowers the larger of
-  //! the two ranks' loads at the least copy cost among those that lower it most; then the balanced swap that saves the most
-  //! copies (partners ranked by the sum of the two move gains, the best few checked exactly).
+  //! the two ranks' loads at the least copy cost; then the balanced swap that saves the most copies
+  //! (in both, partners ranked by the sum of the two move gains, the best few checked exactly).
   //! Appends every swap to `done`.
   void best_swaps(std::size_t budget, std::vector<swap_step>& done) {
     const std::size_t experts = rank_of_.size();
@@ -480,11 +480,20 @@ public:
     std::vector<std::uint8_t> dirty(experts, 1);
     std::vector<std::pair<double, std::uint64_t>> cand;
     const std::size_t check = std::max<std::size_t>(8, 4 * opt_.candidates);
+    const auto refresh = [&] {
+      for (std::size_t e = 0; e < experts; ++e)
+        if (rank_of_[e] >= 0 && dirty[e]) {
+          move_gains(e, gains.data() + e * ranks_);
+          dirty[e] = 0;
+        }
+    };
+    refresh();
     for (std::size_t made = 0; made < budget; ++made) {
       const auto over = static_cast<std::size_t>(std::max_element(load_.begin(), load_.end()) - load_.begin());
       if (load_[over] > cap_ + 1e-9) {
-        // Swaps that lower the larger of the two loads, ranked by that load; the least copy cost
-        // among the best few (an exact cost for every pair would dominate the time).
+        // Swaps that lower the larger of the two loads, ranked by the move gains' estimate of the
+        // copies they save (rows as last computed: a repair run does not refresh them), the least
+        // exact cost among the best few (an exact cost for every pair would dominate the time).
         cand.clear();
         for (std::size_t e = 0; e < experts; ++e) {
           if (rank_of_[e] != static_cast<std::int32_t>(over)) continue;
@@ -492,8 +501,8 @@ public:
             if (rank_of_[f] < 0 || rank_of_[f] == rank_of_[e]) continue;
             const auto b = static_cast<std::size_t>(rank_of_[f]);
             const double d = static_cast<double>(tok_of_[f].size()) - static_cast<double>(tok_of_[e].size());
-            const double worse = std::max(load_[over] + d, load_[b] - d);
-            if (worse < load_[over] - 1e-9) cand.emplace_back(-worse, e * experts + f);
+            if (std::max(load_[over] + d, load_[b] - d) >= load_[over] - 1e-9) continue;
+            cand.emplace_back(gains[e * ranks_ + b] + gains[f * ranks_ + over], e * experts + f);
           }
         }
         const std::size_t keep = std::min(cand.size(), check);
@@ -518,11 +527,7 @@ public:
           continue;
         }
       }
-      for (std::size_t e = 0; e < experts; ++e)
-        if (rank_of_[e] >= 0 && dirty[e]) {
-          move_gains(e, gains.data() + e * ranks_);
-          dirty[e] = 0;
-        }
+      refresh();
       cand.clear();
       for (std::size_t e = 0; e < experts; ++e) {
         if (rank_of_[e] < 0) continue;
