@@ -40,7 +40,7 @@ struct policy_run {
   double plan_seconds_max = 0;
 };
 
-// Savings of `run` against `base` over the steps [a, b) of the reported windows.
+// Inter-node bytes of the reported windows that start in steps [a, b) (their tokens in `tokens`).
 double bytes_in(const cost::online_result& r, std::size_t a, std::size_t b, std::uint64_t* tokens) {
   double bytes = 0;
   std::uint64_t n = 0;
