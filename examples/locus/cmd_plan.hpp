@@ -11,12 +11,14 @@
 #include <filesystem>
 #include <iostream>
 #include <locus/core/expert_map_json.hpp>
+#include <locus/cost/online_replan.hpp>
 #include <locus/cost/simulation_json.hpp>
 #include <locus/grouper/by_name.hpp>
 #include <locus/grouper/workload_model_json.hpp>
 #include <locus/placement/activation_plan.hpp>
 #include <locus/placement/by_name.hpp>
 #include <locus/placement/load_import.hpp>
+#include <locus/placement/migration.hpp>
 #include <locus/placement/trace_load.hpp>
 #include <memory>
 #include <string>
@@ -59,6 +61,7 @@ struct plan_options {
   std::string copies; //!< empty: both kinds (plan) or the simulated transport's (simulate)
   std::size_t anneal = 0;
   double balance_shift = 0;
+  std::string shift_by = "node";
 
   void add_to(CLI::App* cmd) {
     cmd->add_option("--placement", placement, "Planner: linear, round_robin, eplb, activation_usage, locality");
@@ -72,6 +75,10 @@ struct plan_options {
     cmd->add_option("--balance-shift", balance_shift,
                     "locality: also balance GPU load when one node's requests grow by this share")
         ->check(finite_non_negative());
+    cmd->add_option("--shift-by", shift_by,
+                    "locality with --balance-shift: what one shifted mix grows: node, class (request cluster) or "
+                    "request")
+        ->check(CLI::IsMember({"node", "class", "request"}));
   }
   //! Maps and the workload-aware grouping model fitted with them (locality refines the grouping
   //! jointly with the placement).
@@ -87,6 +94,9 @@ struct plan_options {
                                                 : locus::placement::copy_count::both);
     opt.refine.anneal_per_expert = anneal;
     opt.refine.balance_shift = balance_shift;
+    opt.shift_by = shift_by == "class"     ? locus::placement::shift_group::request_class
+                   : shift_by == "request" ? locus::placement::shift_group::request
+                                           : locus::placement::shift_group::node;
     return locus::placement::plan_activation_aware(train, topo, placement, redundant_slots, opt);
   }
 };
@@ -168,6 +178,10 @@ inline void register_simulate(CLI::App& app) {
     std::size_t batch_per_rank = 32, hidden = 2048;
     double arrival_rate = 0;
     bool json = false;
+    // On-line re-planning (cost/online_replan.hpp): off unless an interval or a drift period is set.
+    std::size_t replan_every = 0, replan_window = 0, drift_every = 0;
+    double replan_budget = 0.10;
+    std::uint64_t expert_bytes = 3ull * 2048 * 1408 * 2;
   };
   auto split = std::make_shared<split_options>();
   auto plan = std::make_shared<plan_options>();
@@ -187,6 +201,13 @@ inline void register_simulate(CLI::App& app) {
   cmd->add_option("--arrival-rate", opt->arrival_rate, "Poisson arrivals per step (0: all at once)")
       ->check(finite_non_negative());
   cmd->add_flag("--json", opt->json, "Print the summary as JSON");
+  cmd->add_option("--replan-every", opt->replan_every,
+                  "Re-plan the maps every this many steps from recent traffic (0: never)");
+  cmd->add_option("--replan-window", opt->replan_window, "Steps of traffic a re-plan sees (0: the interval)");
+  cmd->add_option("--replan-budget", opt->replan_budget, "Share of the expert slots one re-plan may move")
+      ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--drift-every", opt->drift_every, "Steps between drift checks that re-plan early (0: none)");
+  cmd->add_option("--expert-bytes", opt->expert_bytes, "Weight bytes of one expert (moved bytes)");
   cmd->callback([split, plan, opt] {
     const auto start = std::chrono::steady_clock::now();
     const auto topo = split->topology(); // an impossible topology is refused before the trace is read
@@ -221,6 +242,42 @@ inline void register_simulate(CLI::App& app) {
     auto grouper = locus::grouper::grouper_by_name(opt->grouper, planned.model);
     const auto result = locus::cost::simulate_decode(test, maps, grouper, cfg);
     auto doc = locus::cost::simulation_summary_json(result);
+    if (opt->replan_every > 0 || opt->drift_every > 0) {
+      // The same run replayed under maps re-planned on line: the window's tokens with the training
+      // sample the plan was fitted on, at most replan_budget of the slots moved per re-plan.
+      auto regroup = locus::grouper::grouper_by_name(opt->grouper, planned.model);
+      const auto sched = locus::cost::record_schedule(test, maps, regroup, cfg);
+      locus::placement::activation_plan_options popt;
+      popt.refine.count(transport == locus::cost::transport_kind::flat ? locus::placement::copy_count::flat
+                                                                      : locus::placement::copy_count::hierarchical);
+      const std::size_t tokens = popt.refine_sample_tokens(test.layers(), test.top_k());
+      const auto prior = locus::placement::token_sample_from_model(train, *planned.model, tokens);
+      locus::cost::online_options o;
+      o.interval = opt->replan_every;
+      o.window = opt->replan_window ? opt->replan_window : std::max<std::size_t>(1, opt->replan_every);
+      o.drift_every = opt->drift_every;
+      o.min_gap = o.window;
+      o.expert_bytes = opt->expert_bytes;
+      const auto budget = static_cast<std::size_t>(opt->replan_budget *
+                                                   static_cast<double>(locus::placement::total_slots(maps)));
+      const auto online = locus::cost::run_online(
+          test, sched, maps, cfg, o, [&](const std::vector<locus::expert_map>& cur, std::size_t a, std::size_t b) {
+            auto sample = locus::cost::window_sample(test, sched, a, b, topo, tokens);
+            sample.home.insert(sample.home.end(), prior.home.begin(), prior.home.end());
+            for (std::size_t l = 0; l < sample.layers(); ++l)
+              sample.ids[l].insert(sample.ids[l].end(), prior.ids[l].begin(), prior.ids[l].end());
+            return locus::placement::replan_by_tokens(cur, sample, topo, popt.refine, budget, opt->expert_bytes).maps;
+          });
+      std::size_t drifted = 0;
+      for (const auto& e : online.replans) drifted += e.reason == locus::cost::replan_reason::drift;
+      doc["online"] = {{"inter_node_bytes_per_token", online.inter_node_bytes_per_token},
+                       {"gpu_imbalance_aggregate", online.gpu_imbalance_aggregate},
+                       {"worst_window_imbalance", online.worst_window_imbalance},
+                       {"replans", online.replans.size()},
+                       {"drift_replans", drifted},
+                       {"max_moved_share", online.max_moved_share},
+                       {"bytes_moved", online.bytes_moved}};
+    }
     doc["placement"] = opt->map_path.empty() ? plan->placement : opt->map_path;
     doc["grouper"] = opt->grouper;
     doc["transport"] = opt->transport;

@@ -18,19 +18,19 @@
 //! - normalised all-to-all data (the paper's metric, see normalized_all2all): per step, inter-node
 //!   bytes per token divided by a baseline run's at the same step; median and p90 over steps.
 
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/cost/time_model.hpp>
 #include <locus/cost/traffic.hpp>
 #include <locus/grouper/grouper.hpp>
 #include <locus/trace/trace.hpp>
-
-#include <algorithm>
-#include <cmath>
-#include <cstddef>
-#include <cstdint>
-#include <deque>
 #include <random>
+#include <span>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::cost {
@@ -98,12 +98,25 @@ inline normalized_all2all normalize_all2all(const simulation_result& run, const 
   return {quantile(ratios, 0.5), quantile(ratios, 0.9)};
 }
 
+//! Called once per step with the step's decode tokens (trace positions) and the rank each runs on.
+template <class F>
+concept step_observer = requires(F f, std::size_t step, std::span<const std::size_t> tokens,
+                                 std::span<const std::uint32_t> sources) {
+  f(step, tokens, sources);
+};
+
+//! A step_observer that does nothing.
+struct no_step_observer {
+  void operator()(std::size_t, std::span<const std::size_t>, std::span<const std::uint32_t>) const noexcept {}
+};
+
 //! Runs the decode of every request of `t` (tokens marked decode, in position order) on the
-//! deployment of `cfg` with per-layer expert maps `maps` and grouper `g`.
+//! deployment of `cfg` with per-layer expert maps `maps` and grouper `g`. `on_step` sees every
+//! step's tokens and their ranks (the online re-planning replay records them).
 //! @throws locus::config_error when maps and trace or topology disagree
-template <grouper::grouper_for Grouper>
+template <grouper::grouper_for Grouper, step_observer Observer = no_step_observer>
 simulation_result simulate_decode(const trace::trace& t, const std::vector<expert_map>& maps, Grouper& g,
-                                  const simulation_config& cfg) {
+                                  const simulation_config& cfg, Observer&& on_step = {}) {
   const dynamic_topology& topo = cfg.topology;
   const std::size_t ranks = topo.ranks(), layers = t.layers();
   LOCUS_REQUIRE(maps.size() == layers, config_error, "simulate_decode: ", maps.size(), " expert maps for ", layers,
@@ -189,6 +202,7 @@ simulation_result simulate_decode(const trace::trace& t, const std::vector<exper
         sources.push_back(static_cast<std::uint32_t>(r));
       }
 
+    on_step(step, std::span<const std::size_t>(tokens), std::span<const std::uint32_t>(sources));
     double step_bytes = 0, step_imbalance = 0, step_time = 0;
     if (!tokens.empty()) {
       for (std::size_t l = 0; l < layers; ++l) {

@@ -21,6 +21,12 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
 
+//! What one shifted mix of token_refine_options::balance_shift grows: the tokens of one node, of
+//! one request class (the grouping model's cluster: a task domain's share is what moves when the
+//! mix moves), or of one training request (a resample of the requests: with few long requests
+//! the test mix differs from the training one by which requests it holds).
+enum class shift_group : std::uint8_t { node, request_class, request };
+
 //! Options of plan_activation_aware.
 struct activation_plan_options {
   grouper::workload_aware_options grouping{};
@@ -30,6 +36,8 @@ struct activation_plan_options {
   bool token_refine = true;   //!< run the token-level stage on `locality` maps
   bool token_replicas = true; //!< with it, choose replicas on the exact copy cost too
   token_refine_options refine{};
+  //! With refine.balance_shift: what each shifted mix grows (see shift_group).
+  shift_group shift_by = shift_group::node;
   //! (token, expert) pairs per layer the token-level stage samples at most (its time grows with
   //! them) ...
   std::size_t refine_sample_pairs = 24576;
@@ -46,8 +54,9 @@ struct activation_plan_options {
 //! Up to `max_tokens` decode tokens of the model's training requests (evenly strided), each with
 //! the node the model's grouping puts its request on.
 //! @throws locus::config_error when the trace does not match the model
+//! Each token's token_sample::mix_group is set as `groups` says (none for shift_group::node).
 inline token_sample token_sample_from_model(const trace::trace& train, const grouper::workload_model& m,
-                                            std::size_t max_tokens) {
+                                            std::size_t max_tokens, shift_group groups = shift_group::node) {
   LOCUS_REQUIRE(train.experts() == m.experts() && train.layers() == m.layers(), config_error,
                 "token sample: the trace (", train.experts(), " experts, ", train.layers(),
                 " layers) does not match the grouping model (", m.experts(), " experts, ", m.layers(), " layers)");
@@ -71,6 +80,8 @@ inline token_sample token_sample_from_model(const trace::trace& train, const gro
       if (seen++ % stride != 0) continue;
       picked.push_back(tok);
       s.home.push_back(node);
+      if (groups == shift_group::request_class) s.mix_group.push_back(m.training_labels()[i]);
+      if (groups == shift_group::request) s.mix_group.push_back(static_cast<std::uint32_t>(i));
     }
   }
   s.ids.assign(train.layers(), std::vector<std::uint16_t>(picked.size() * s.top_k));
@@ -128,7 +139,7 @@ inline activation_plan plan_activation_aware(const trace::trace& train, const dy
     auto named = opt.named;
     if (fill) named.locality.replicas = false;
     const auto sample =
-        token_sample_from_model(train, *model, opt.refine_sample_tokens(train.layers(), train.top_k()));
+        token_sample_from_model(train, *model, opt.refine_sample_tokens(train.layers(), train.top_k()), opt.shift_by);
     out.maps = token_level_stage(plan_by_name(placement, in, named), sample, topo, opt, fill);
   } else {
     out.maps = plan_by_name(placement, in, opt.named);

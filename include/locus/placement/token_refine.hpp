@@ -50,6 +50,9 @@ struct token_sample {
   std::size_t top_k = 0;
   std::vector<std::uint32_t> home;                //!< per token: node of its request
   std::vector<std::vector<std::uint16_t>> ids;    //!< per layer: tokens × top_k expert ids
+  //! Optional, per token: the group whose share a shifted mix grows (token_refine_options::
+  //! balance_shift), e.g. the request's class; empty: the token's node.
+  std::vector<std::uint32_t> mix_group;
 
   std::size_t tokens() const noexcept { return home.size(); }
   std::size_t layers() const noexcept { return ids.size(); }
@@ -61,6 +64,10 @@ struct token_sample {
     for (std::size_t t = 0; t < home.size(); ++t)
       LOCUS_REQUIRE(home[t] < nodes, invalid_input_error, "token_sample: token ", t, " runs on node ", home[t],
                     " of ", nodes);
+    LOCUS_REQUIRE(mix_group.empty() || mix_group.size() == home.size(), invalid_input_error,
+                  "token_sample: ", mix_group.size(), " mix groups for ", home.size(), " tokens");
+    for (const auto g : mix_group)
+      LOCUS_REQUIRE(g < 65536, invalid_input_error, "token_sample: mix group ", g, " (at most 65,535)");
     for (std::size_t l = 0; l < ids.size(); ++l) {
       LOCUS_REQUIRE(ids[l].size() == home.size() * top_k, invalid_input_error, "token_sample: layer ", l, " has ",
                     ids[l].size(), " ids for ", home.size(), " tokens × top-k ", top_k);
@@ -206,14 +213,20 @@ double token_copy_cost(std::size_t home, std::size_t k, RankOf&& rank_of, const 
   return c;
 }
 
+//! Groups of shifted mixes: one per node, or one past the largest group id given.
+inline std::size_t mix_groups(std::span<const std::uint32_t> mix, std::size_t nodes) {
+  return mix.empty() ? nodes : static_cast<std::size_t>(*std::max_element(mix.begin(), mix.end())) + 1;
+}
+
 //! One layer's state: each movable expert's rank and tokens, and the rank serving each pair.
 template <class Topology>
 class layer_state {
 public:
   layer_state(const expert_map& map, std::span<const std::uint16_t> ids, std::span<const std::uint32_t> home,
-              std::size_t top_k, const Topology& topo, const token_refine_options& opt)
-      : opt_(opt), k_(top_k), tokens_(home.size()), ranks_(map.ranks()), nodes_(topo.nodes()),
-        ids_(ids), home_(home) {
+              std::size_t top_k, const Topology& topo, const token_refine_options& opt,
+              std::span<const std::uint32_t> mix = {})
+      : opt_(opt), k_(top_k), tokens_(home.size()), ranks_(map.ranks()), nodes_(topo.nodes()), ids_(ids), home_(home),
+        mix_(mix.empty() ? home : mix), mixes_(mix_groups(mix, nodes_)) {
     const std::size_t experts = map.experts();
     node_of_.resize(ranks_);
     for (std::size_t r = 0; r < ranks_; ++r) node_of_[r] = static_cast<std::uint32_t>(topo.node_of(r));
@@ -267,14 +280,15 @@ public:
       if (r >= 0) tr_[i] = pack(static_cast<std::size_t>(r));
     }
     fixed_.clear();
-    shifted_.reset(opt_.balance_shift, nodes_, ranks_);
+    shifted_.reset(opt_.balance_shift, mixes_, ranks_);
     if (shifted_.on()) {
       for (std::size_t i = 0; i < tokens_ * k_; ++i)
-        if (tr_[i] != none) shifted_.count(home_[i / k_], tr_[i] & 0xFFFFu, 1.0);
+        if (tr_[i] != none) shifted_.count(mix_[i / k_], tr_[i] & 0xFFFFu, 1.0);
       shifted_.set_caps(load_, opt_.shift_slack);
-      home_count_of_.assign(experts * nodes_, 0.0);
+      home_count_of_.assign(experts * mixes_, 0.0);
       for (std::size_t e = 0; e < experts; ++e)
-        for (const auto t : tok_of_[e]) home_count_of_[e * nodes_ + home_[t]] += 1;
+        for (const auto t : tok_of_[e])
+          home_count_of_[e * mixes_ + mix_[t]] += 1;
     }
     tokens_seen_.reset(tokens_);
     ranks_seen_.reset(ranks_);
@@ -420,7 +434,7 @@ public:
     for (std::size_t round = 0; round < 4 * rank_of_.size(); ++round) {
       double worst = 1.0 + 1e-9;
       std::size_t over = ranks_;
-      for (std::size_t s = 0; s < nodes_; ++s)
+      for (std::size_t s = 0; s < mixes_; ++s)
         for (std::size_t r = 0; r < ranks_; ++r)
           if (const double x = shifted_.at(load_, s, r) / shifted_.cap[s]; x > worst) {
             worst = x;
@@ -449,6 +463,106 @@ public:
       ++made;
     }
     return made;
+  }
+
+  //! One swap of best_swaps: the two experts and the sample cost it saved (repairs may save less
+  //! than nothing).
+  struct swap_step {
+    std::uint32_t e, f;
+    double gain;
+    bool repair;
+  };
+
+  //! Up to `budget` swaps, each the best one available now (for re-planning under a migration
+  //! budget, where the sweeps' expert-order greed would spend the budget on small gains): while
+  //! some rank is above the load bound, the swap of one of its experts that lowers the larger of
+  //! the two ranks' loads at the least copy cost; then the balanced swap that saves the most copies
+  //! (in both, partners ranked by the sum of the two move gains, the best few checked exactly).
+  //! Appends every swap to `done`.
+  void best_swaps(std::size_t budget, std::vector<swap_step>& done) {
+    const std::size_t experts = rank_of_.size();
+    std::vector<double> gains(experts * ranks_, 0.0);
+    std::vector<std::uint8_t> dirty(experts, 1);
+    std::vector<std::pair<double, std::uint64_t>> cand;
+    const std::size_t check = std::max<std::size_t>(8, 4 * opt_.candidates);
+    const auto refresh = [&] {
+      for (std::size_t e = 0; e < experts; ++e)
+        if (rank_of_[e] >= 0 && dirty[e]) {
+          move_gains(e, gains.data() + e * ranks_);
+          dirty[e] = 0;
+        }
+    };
+    refresh();
+    for (std::size_t made = 0; made < budget; ++made) {
+      const auto over = static_cast<std::size_t>(std::max_element(load_.begin(), load_.end()) - load_.begin());
+      if (load_[over] > cap_ + 1e-9) {
+        // Swaps that lower the larger of the two loads, ranked by the move gains' estimate of the
+        // copies they save (rows as last computed: a repair run does not refresh them), the least
+        // exact cost among the best few (an exact cost for every pair would dominate the time).
+        cand.clear();
+        for (std::size_t e = 0; e < experts; ++e) {
+          if (rank_of_[e] != static_cast<std::int32_t>(over)) continue;
+          for (std::size_t f = 0; f < experts; ++f) {
+            if (rank_of_[f] < 0 || rank_of_[f] == rank_of_[e]) continue;
+            const auto b = static_cast<std::size_t>(rank_of_[f]);
+            const double d = static_cast<double>(tok_of_[f].size()) - static_cast<double>(tok_of_[e].size());
+            if (std::max(load_[over] + d, load_[b] - d) >= load_[over] - 1e-9) continue;
+            cand.emplace_back(gains[e * ranks_ + b] + gains[f * ranks_ + over], e * experts + f);
+          }
+        }
+        const std::size_t keep = std::min(cand.size(), check);
+        std::partial_sort(cand.begin(), cand.begin() + static_cast<std::ptrdiff_t>(keep), cand.end(),
+                          [](const auto& x, const auto& y) {
+                            return x.first > y.first || (x.first == y.first && x.second < y.second);
+                          });
+        double best = 0;
+        std::size_t be = experts, bf = experts;
+        for (std::size_t i = 0; i < keep; ++i) {
+          const std::size_t e = cand[i].second / experts, f = cand[i].second % experts;
+          const double c = swap_delta(e, f);
+          if (be == experts || c < best) {
+            best = c;
+            be = e;
+            bf = f;
+          }
+        }
+        if (be != experts) {
+          apply_swap(be, bf, dirty);
+          done.push_back({static_cast<std::uint32_t>(be), static_cast<std::uint32_t>(bf), -best, true});
+          continue;
+        }
+      }
+      refresh();
+      cand.clear();
+      for (std::size_t e = 0; e < experts; ++e) {
+        if (rank_of_[e] < 0) continue;
+        const auto a = static_cast<std::size_t>(rank_of_[e]);
+        for (std::size_t f = e + 1; f < experts; ++f) {
+          if (rank_of_[f] < 0 || static_cast<std::size_t>(rank_of_[f]) == a) continue;
+          const double est = gains[e * ranks_ + static_cast<std::size_t>(rank_of_[f])] + gains[f * ranks_ + a];
+          if (est > 1e-9) cand.emplace_back(est, e * experts + f);
+        }
+      }
+      const std::size_t keep = std::min(cand.size(), check);
+      std::partial_sort(cand.begin(), cand.begin() + static_cast<std::ptrdiff_t>(keep), cand.end(),
+                        [](const auto& x, const auto& y) {
+                          return x.first > y.first || (x.first == y.first && x.second < y.second);
+                        });
+      double best = 1e-9;
+      std::size_t be = experts, bf = experts;
+      for (std::size_t i = 0; i < keep; ++i) {
+        const std::size_t e = cand[i].second / experts, f = cand[i].second % experts;
+        if (!balanced(e, f)) continue;
+        if (const double g = -swap_delta(e, f); g > best) {
+          best = g;
+          be = e;
+          bf = f;
+        }
+      }
+      if (be == experts) break;
+      apply_swap(be, bf, dirty);
+      done.push_back({static_cast<std::uint32_t>(be), static_cast<std::uint32_t>(bf), best, false});
+    }
   }
 
   //! The slot table with the refined positions.
@@ -562,7 +676,7 @@ private:
   //! What swapping e and f adds to the load of e's rank under shifted mix s (f's rank loses it).
   double shifted_swap_change(std::size_t e, std::size_t f, std::size_t s) const {
     return static_cast<double>(tok_of_[f].size()) - static_cast<double>(tok_of_[e].size()) +
-           shifted_.shift * (home_count_of_[f * nodes_ + s] - home_count_of_[e * nodes_ + s]);
+           shifted_.shift * (home_count_of_[f * mixes_ + s] - home_count_of_[e * mixes_ + s]);
   }
 
   bool balanced(std::size_t e, std::size_t f) const {
@@ -616,8 +730,8 @@ private:
     load_[a] += wf - we;
     load_[b] += we - wf;
     if (shifted_.on())
-      for (std::size_t s = 0; s < nodes_; ++s) {
-        const double d = home_count_of_[f * nodes_ + s] - home_count_of_[e * nodes_ + s];
+      for (std::size_t s = 0; s < mixes_; ++s) {
+        const double d = home_count_of_[f * mixes_ + s] - home_count_of_[e * mixes_ + s];
         shifted_.pairs[s * ranks_ + a] += d;
         shifted_.pairs[s * ranks_ + b] -= d;
       }
@@ -629,13 +743,15 @@ private:
   std::size_t k_, tokens_, ranks_, nodes_;
   std::span<const std::uint16_t> ids_;
   std::span<const std::uint32_t> home_;
+  std::span<const std::uint32_t> mix_; //!< per token: its shifted-mix group (home_ when none given)
+  std::size_t mixes_;
   std::vector<std::uint32_t> node_of_;
   std::vector<std::int32_t> rank_of_, slot_of_, fixed_;
   std::vector<std::vector<std::uint32_t>> tok_of_;
   std::vector<double> load_;
   double cap_ = 0;
   shifted_loads shifted_;
-  std::vector<double> home_count_of_; //!< experts × nodes: tokens of each movable expert per home node
+  std::vector<double> home_count_of_; //!< experts × mixes: tokens of each movable expert per mix group
   //! (node << 16) | rank of each pair; `none` for a repeated choice.
   static constexpr std::uint32_t none = 0xFFFFFFFFu;
   std::uint32_t pack(std::size_t r) const { return static_cast<std::uint32_t>(node_of_[r] << 16 | r); }
@@ -649,9 +765,11 @@ template <class Topology>
 class replica_state {
 public:
   replica_state(const expert_map& map, std::span<const std::uint16_t> ids, std::span<const std::uint32_t> home,
-                std::size_t top_k, const Topology& topo, const token_refine_options& opt)
+                std::size_t top_k, const Topology& topo, const token_refine_options& opt,
+                std::span<const std::uint32_t> mix = {})
       : opt_(opt), k_(top_k), tokens_(home.size()), ranks_(map.ranks()), nodes_(topo.nodes()),
-        spr_(map.slots_per_rank()), ids_(ids), home_(home), experts_(map.experts()) {
+        spr_(map.slots_per_rank()), ids_(ids), home_(home), mix_(mix.empty() ? home : mix),
+        mixes_(mix_groups(mix, nodes_)), experts_(map.experts()) {
     node_of_.resize(ranks_);
     for (std::size_t r = 0; r < ranks_; ++r) node_of_[r] = static_cast<std::uint32_t>(topo.node_of(r));
     table_.resize(map.slot_count());
@@ -677,10 +795,10 @@ public:
     double total = 0;
     for (double x : load_) total += x;
     cap_ = (1.0 + opt_.balance_slack) * total / static_cast<double>(ranks_);
-    shifted_.reset(opt_.balance_shift, nodes_, ranks_);
+    shifted_.reset(opt_.balance_shift, mixes_, ranks_);
     if (shifted_.on()) {
       for (std::size_t i = 0; i < tr_.size(); ++i)
-        if (tr_[i] >= 0) shifted_.count(home_[i / k_], static_cast<std::size_t>(tr_[i]), 1.0);
+        if (tr_[i] >= 0) shifted_.count(mix_[i / k_], static_cast<std::size_t>(tr_[i]), 1.0);
       shifted_.set_caps(load_, opt_.shift_slack);
     }
     ranks_seen_.reset(ranks_);
@@ -812,8 +930,8 @@ private:
       delta[static_cast<std::size_t>(now)] -= 1;
       delta[static_cast<std::size_t>(next)] += 1;
       if (shifted_.on()) {
-        shifted_delta[home_[p / k_] * ranks_ + static_cast<std::size_t>(now)] -= 1;
-        shifted_delta[home_[p / k_] * ranks_ + static_cast<std::size_t>(next)] += 1;
+        shifted_delta[mix_[p / k_] * ranks_ + static_cast<std::size_t>(now)] -= 1;
+        shifted_delta[mix_[p / k_] * ranks_ + static_cast<std::size_t>(next)] += 1;
       }
     }
     double worst_new = 0, worst_old = 0;
@@ -842,8 +960,8 @@ private:
       const std::int32_t next = serving(copies_[e], p / k_);
       load_[static_cast<std::size_t>(tr_[p])] -= 1;
       load_[static_cast<std::size_t>(next)] += 1;
-      shifted_.count(home_[p / k_], static_cast<std::size_t>(tr_[p]), -1.0);
-      shifted_.count(home_[p / k_], static_cast<std::size_t>(next), 1.0);
+      shifted_.count(mix_[p / k_], static_cast<std::size_t>(tr_[p]), -1.0);
+      shifted_.count(mix_[p / k_], static_cast<std::size_t>(next), 1.0);
       tr_[p] = next;
     }
     table_[r * spr_ + free_slot(r)] = static_cast<expert_id>(e);
@@ -853,6 +971,8 @@ private:
   std::size_t k_, tokens_, ranks_, nodes_, spr_;
   std::span<const std::uint16_t> ids_;
   std::span<const std::uint32_t> home_;
+  std::span<const std::uint32_t> mix_; //!< per token: its shifted-mix group (home_ when none given)
+  std::size_t mixes_;
   std::size_t experts_;
   std::vector<std::uint32_t> node_of_;
   std::vector<expert_id> table_;
@@ -890,7 +1010,7 @@ expert_map refine_layer(const expert_map& map, const token_sample& sample, std::
                 std::size_t{1} << 20);
   LOCUS_REQUIRE(opt.balance_shift >= 0 && opt.shift_slack >= 0, config_error,
                 "refine_by_tokens: negative balance shift ", opt.balance_shift, " or shift slack ", opt.shift_slack);
-  layer_state<Topology> s(map, sample.ids[layer], sample.home, sample.top_k, topo, opt);
+  layer_state<Topology> s(map, sample.ids[layer], sample.home, sample.top_k, topo, opt, sample.mix_group);
   token_refine_report rep;
   rep.cost_before = s.total_cost();
   rep.repair_swaps = s.repair();
@@ -978,7 +1098,8 @@ std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& ma
     LOCUS_REQUIRE(opt.balance_shift >= 0 && opt.shift_slack >= 0, config_error,
                   "add_replicas_by_tokens: negative balance shift ", opt.balance_shift, " or shift slack ",
                   opt.shift_slack);
-    detail::token_refine::replica_state<Topology> s(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt);
+    detail::token_refine::replica_state<Topology> s(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt,
+                                                    sample.mix_group);
     s.fill();
     out.push_back(s.to_map());
   }

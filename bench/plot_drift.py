@@ -1,0 +1,45 @@
+"""Draws DIR/drift.png from DIR/drift.json (bench/drift): inter-node bytes per token and GPU
+max/mean per reported window, per policy, with the phase starts and the re-plans marked.
+
+    /usr/bin/python3 bench/plot_drift.py DIR
+"""
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main(out_dir):
+    with open(os.path.join(out_dir, "drift.json")) as f:
+        doc = json.load(f)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    for p in doc["policies"]:
+        steps = [w["first_step"] + w["steps"] / 2 for w in p["windows"]]
+        top.plot(steps, [w["bytes_per_token"] / 1e3 for w in p["windows"]], label=p["name"], linewidth=1.2)
+        bottom.plot(steps, [w["gpu_imbalance"] for w in p["windows"]], label=p["name"], linewidth=1.2)
+        if p["name"] == "locus adaptive":
+            for e in p["events"]:
+                bottom.axvline(e["step"], color="grey", alpha=0.25 if e["reason"] == "scheduled" else 0.6,
+                               linestyle=":" if e["reason"] == "scheduled" else "-", linewidth=0.8)
+    for s, name in zip(doc["phase_start"], doc["phases"]):
+        for ax in (top, bottom):
+            ax.axvline(s, color="black", linewidth=1)
+        top.text(s, top.get_ylim()[1], " " + name, va="top", fontsize=9)
+    bottom.axhline(1.15, color="red", linestyle="--", linewidth=0.8)
+    top.set_ylabel("inter-node kB / decode token")
+    bottom.set_ylabel("GPU max/mean (window)")
+    bottom.set_xlabel("decode step (grey: locus adaptive re-plans; solid: drift-triggered)")
+    top.legend(fontsize=8)
+    top.set_title("ESFT 4x2, %s transport: request mix in phases" % doc["transport"])
+    fig.tight_layout()
+    tmp = os.path.join(out_dir, ".drift.png.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, os.path.join(out_dir, "drift.png"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else ".")

@@ -1,0 +1,361 @@
+#pragma once
+//! @file
+//! Online re-planning in the decode simulator. A decode run is recorded once (the grouper places
+//! requests without looking at the expert maps, so every map schedule sees the same tokens on the
+//! same ranks); `run_online` then replays it step by step under maps that a planner may replace:
+//! every `interval` steps from the last `window` steps of traffic (as engines re-run EPLB), at
+//! steps given in advance (an oracle that knows the phases), or early when the drift trigger
+//! fires. The trigger compares the window's per-(node, expert) load distribution with the one the
+//! maps in service were fitted to (total variation, mean over layers) and fires when it exceeds
+//! both a floor and `drift_ratio` × the window's own noise (the same distance between its even
+//! and its odd steps; halves in time would differ by the drift itself), so that stationary
+//! traffic, whose windows differ only by sampling, keeps it quiet at any window size. Every re-plan reports the slots
+//! whose weights changed and their bytes.
+
+#include <algorithm>
+#include <ctime>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <locus/core/error.hpp>
+#include <locus/core/expert_map.hpp>
+#include <locus/cost/decode_simulator.hpp>
+#include <locus/cost/traffic.hpp>
+#include <locus/placement/migration.hpp>
+#include <locus/placement/plan_input.hpp>
+#include <locus/placement/token_refine.hpp>
+#include <locus/trace/trace.hpp>
+#include <span>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::cost {
+
+//! A recorded decode run: per step, its tokens (trace positions) and the rank each runs on.
+struct decode_schedule {
+  std::vector<std::size_t> step_begin{0}; //!< steps + 1 offsets into tokens and sources
+  std::vector<std::size_t> tokens;
+  std::vector<std::uint32_t> sources;
+
+  std::size_t steps() const noexcept { return step_begin.size() - 1; }
+  std::span<const std::size_t> step_tokens(std::size_t s) const {
+    return {tokens.data() + step_begin[s], step_begin[s + 1] - step_begin[s]};
+  }
+  std::span<const std::uint32_t> step_sources(std::size_t s) const {
+    return {sources.data() + step_begin[s], step_begin[s + 1] - step_begin[s]};
+  }
+};
+
+//! Records the steps of simulate_decode(t, maps, g, cfg).
+//! @throws as simulate_decode
+template <grouper::grouper_for Grouper>
+decode_schedule record_schedule(const trace::trace& t, const std::vector<expert_map>& maps, Grouper& g,
+                                const simulation_config& cfg) {
+  decode_schedule s;
+  simulate_decode(t, maps, g, cfg,
+                  [&s](std::size_t, std::span<const std::size_t> tokens, std::span<const std::uint32_t> sources) {
+                    s.tokens.insert(s.tokens.end(), tokens.begin(), tokens.end());
+                    s.sources.insert(s.sources.end(), sources.begin(), sources.end());
+                    s.step_begin.push_back(s.tokens.size());
+                  });
+  return s;
+}
+
+//! Per layer, the (node, expert) pair counts of a range of steps: the traffic a plan is fitted to.
+struct load_profile {
+  std::size_t nodes = 0, experts = 0;
+  std::vector<std::vector<double>> counts; //!< per layer: nodes × experts
+
+  bool empty() const noexcept { return counts.empty(); }
+
+  //! Steps [first, last) of `s`, every `stride`-th from `first + offset`.
+  //! @throws locus::config_error for a range outside the schedule
+  static load_profile of(const trace::trace& t, const decode_schedule& s, std::size_t first, std::size_t last,
+                         const dynamic_topology& topo, std::size_t stride = 1, std::size_t offset = 0) {
+    LOCUS_REQUIRE(first <= last && last <= s.steps(), config_error, "load_profile: steps [", first, ", ", last,
+                  ") outside a schedule of ", s.steps());
+    load_profile p;
+    p.nodes = topo.nodes();
+    p.experts = t.experts();
+    p.counts.assign(t.layers(), std::vector<double>(p.nodes * p.experts, 0.0));
+    for (std::size_t l = 0; l < t.layers(); ++l) {
+      const auto view = t.layer(l);
+      auto& c = p.counts[l];
+      for (std::size_t st = first + offset; st < last; st += stride)
+        for (std::size_t i = s.step_begin[st]; i < s.step_begin[st + 1]; ++i) {
+          const std::size_t n = topo.node_of(s.sources[i]);
+          for (std::size_t j = 0; j < t.top_k(); ++j)
+            c[n * p.experts + view.expert(s.tokens[i], j)] += 1;
+        }
+    }
+    return p;
+  }
+};
+
+//! Total variation distance between the normalised counts of two profiles, mean over layers (0:
+//! the same distribution, 1: disjoint). A layer with no pairs on either side counts 0.
+//! @throws locus::config_error when the shapes differ
+inline double divergence(const load_profile& a, const load_profile& b) {
+  LOCUS_REQUIRE(a.counts.size() == b.counts.size() && a.nodes == b.nodes && a.experts == b.experts, config_error,
+                "divergence: profiles of different shapes");
+  if (a.counts.empty()) return 0;
+  double sum = 0;
+  for (std::size_t l = 0; l < a.counts.size(); ++l) {
+    double ta = 0, tb = 0;
+    for (double x : a.counts[l])
+      ta += x;
+    for (double x : b.counts[l])
+      tb += x;
+    if (ta == 0 || tb == 0) continue;
+    double d = 0;
+    for (std::size_t i = 0; i < a.counts[l].size(); ++i)
+      d += std::abs(a.counts[l][i] / ta - b.counts[l][i] / tb);
+    sum += d / 2;
+  }
+  return sum / static_cast<double>(a.counts.size());
+}
+
+//! The drift trigger's test on the window [first, last) against the profile the maps were fitted
+//! to: (fires, distance, the window's noise).
+struct drift_check {
+  bool fired = false;
+  double distance = 0;
+  double noise = 0;
+};
+inline drift_check check_drift(const trace::trace& t, const decode_schedule& s, std::size_t first, std::size_t last,
+                               const dynamic_topology& topo, const load_profile& reference, double ratio,
+                               double floor) {
+  drift_check c;
+  c.distance = divergence(load_profile::of(t, s, first, last, topo), reference);
+  c.noise =
+      divergence(load_profile::of(t, s, first, last, topo, 2, 0), load_profile::of(t, s, first, last, topo, 2, 1));
+  c.fired = c.distance > floor && c.distance > ratio * c.noise;
+  return c;
+}
+
+//! Up to `max_tokens` tokens of steps [first, last) (evenly strided), each with its rank's node:
+//! what a planner sees of a window.
+inline placement::token_sample window_sample(const trace::trace& t, const decode_schedule& s, std::size_t first,
+                                             std::size_t last, const dynamic_topology& topo, std::size_t max_tokens) {
+  LOCUS_REQUIRE(first <= last && last <= s.steps(), config_error, "window_sample: steps [", first, ", ", last,
+                ") outside a schedule of ", s.steps());
+  const std::size_t b = s.step_begin[first], e = s.step_begin[last], n = e - b;
+  const std::size_t stride = max_tokens == 0 ? 1 : std::max<std::size_t>(1, (n + max_tokens - 1) / max_tokens);
+  placement::token_sample out;
+  out.experts = t.experts();
+  out.top_k = t.top_k();
+  std::vector<std::size_t> picked;
+  for (std::size_t i = b; i < e; i += stride) {
+    picked.push_back(s.tokens[i]);
+    out.home.push_back(static_cast<std::uint32_t>(topo.node_of(s.sources[i])));
+  }
+  out.ids.assign(t.layers(), std::vector<std::uint16_t>(picked.size() * out.top_k));
+  for (std::size_t l = 0; l < t.layers(); ++l) {
+    const auto view = t.layer(l);
+    for (std::size_t i = 0; i < picked.size(); ++i)
+      for (std::size_t j = 0; j < out.top_k; ++j)
+        out.ids[l][i * out.top_k + j] = view.expert(picked[i], j);
+  }
+  return out;
+}
+
+//! A plan input (load and per-node load) counted on steps [first, last), for the node-level
+//! planners (locality, eplb).
+inline placement::plan_input window_plan_input(const trace::trace& t, const decode_schedule& s, std::size_t first,
+                                               std::size_t last, const dynamic_topology& topo,
+                                               std::size_t slots_per_rank) {
+  const auto p = load_profile::of(t, s, first, last, topo);
+  placement::plan_input in;
+  in.topology = topo;
+  in.experts = t.experts();
+  in.slots_per_rank = slots_per_rank;
+  in.load.assign(t.layers(), std::vector<double>(t.experts(), 0.0));
+  in.node_load.assign(t.layers(), std::vector<std::vector<double>>(topo.nodes(), std::vector<double>(t.experts())));
+  for (std::size_t l = 0; l < t.layers(); ++l)
+    for (std::size_t n = 0; n < topo.nodes(); ++n)
+      for (std::size_t e = 0; e < t.experts(); ++e) {
+        in.node_load[l][n][e] = p.counts[l][n * t.experts() + e];
+        in.load[l][e] += p.counts[l][n * t.experts() + e];
+      }
+  return in;
+}
+
+//! When run_online re-plans.
+struct online_options {
+  std::size_t interval = 0;         //!< re-plan every this many steps after the last re-plan (0: never)
+  std::size_t window = 16;          //!< steps of traffic a re-plan (and the drift check) sees
+  std::size_t drift_every = 0;      //!< steps between drift checks (0: no trigger)
+  double drift_ratio = 2.0;         //!< fire when the distance exceeds this multiple of the window's noise ...
+  double drift_floor = 0.02;        //!< ... and this floor
+  std::size_t min_gap = 0;          //!< steps between two re-plans at least (scheduled ones excepted)
+  std::vector<std::size_t> plan_at; //!< steps where the planner is called regardless (ascending)
+  //! Decode tokens per reported window: a window closes after the step that reaches it (a short
+  //! last one joins the window before it), so that every window's balance counts as many tokens.
+  std::size_t report_tokens = 2048;
+  std::uint64_t expert_bytes = 0; //!< weight bytes of one expert (moved bytes = moved × this)
+};
+
+//! Why a re-plan happened.
+enum class replan_reason : std::uint8_t { scheduled, drift, fixed };
+inline const char* to_string(replan_reason r) noexcept {
+  return r == replan_reason::scheduled ? "scheduled" : r == replan_reason::drift ? "drift" : "fixed";
+}
+
+struct replan_event {
+  std::size_t step = 0;
+  replan_reason reason = replan_reason::scheduled;
+  std::size_t experts_moved = 0; //!< slots whose weights changed
+  double moved_share = 0;        //!< ... over all slots of all layers
+  std::uint64_t bytes_moved = 0;
+  double drift_distance = 0; //!< the drift check's figures at this step (0 when none ran)
+  double drift_noise = 0;
+  double seconds = 0; //!< the planner's CPU time (of the process: planners here run on one thread)
+};
+
+//! One reported window of steps.
+struct online_window {
+  std::size_t first_step = 0, steps = 0;
+  std::uint64_t tokens = 0;
+  double inter_node_bytes = 0;
+  double gpu_imbalance = 1; //!< per layer max/mean of rank rows over the window, mean over layers
+};
+
+struct online_result {
+  std::vector<online_window> windows;
+  std::vector<replan_event> replans;
+  std::uint64_t decode_tokens = 0;
+  double inter_node_bytes_per_token = 0;
+  double gpu_imbalance_aggregate = 1; //!< over the whole run, as simulate_decode's
+  double worst_window_imbalance = 1;
+  double max_moved_share = 0;
+  std::uint64_t bytes_moved = 0;
+  std::size_t drift_checks = 0, drift_fired = 0;
+};
+
+//! Replays `s` (recorded on trace `t`) from maps `maps`. `plan(current, first, last)` returns the
+//! maps to serve from step `last` on, given the traffic of steps [first, last); it is called as
+//! `opt` says (see the file comment).
+//! @throws locus::config_error when the maps do not match the trace or the topology
+template <class Planner>
+online_result run_online(const trace::trace& t, const decode_schedule& s, std::vector<expert_map> maps,
+                         const simulation_config& cfg, const online_options& opt, Planner&& plan) {
+  const dynamic_topology& topo = cfg.topology;
+  const std::size_t layers = t.layers(), ranks = topo.ranks();
+  LOCUS_REQUIRE(maps.size() == layers, config_error, "run_online: ", maps.size(), " maps for ", layers, " layers");
+  for (std::size_t l = 0; l < layers; ++l)
+    LOCUS_REQUIRE(maps[l].experts() == t.experts() && maps[l].ranks() == ranks, config_error, "run_online: layer ", l,
+                  " map does not match the trace (", t.experts(), " experts) or the topology (", ranks, " ranks)");
+  LOCUS_REQUIRE(opt.window > 0 && opt.report_tokens > 0, config_error, "run_online: zero window or report size");
+  const std::size_t slots = placement::total_slots(maps);
+  traffic_counter<dynamic_topology> counter(topo, cfg.transport);
+  const std::size_t network = static_cast<std::size_t>(link_class::inter_node);
+  const double bytes_per_copy = static_cast<double>(cfg.sizes.dispatch_bytes + cfg.sizes.combine_bytes);
+  online_result out;
+  std::vector<layer_traffic> total(layers, layer_traffic(ranks)), win(layers, layer_traffic(ranks));
+  layer_traffic step(ranks);
+  online_window current{};
+  load_profile reference;
+  std::size_t last_plan = 0, next_fixed = 0;
+  bool planned_once = false;
+  double bytes = 0;
+  std::vector<layer_traffic> prev_win(layers, layer_traffic(ranks));
+  const auto imbalance = [&](const std::vector<layer_traffic>& w) {
+    double imb = 0;
+    for (const auto& x : w)
+      imb += x.load_imbalance();
+    return imb / static_cast<double>(layers);
+  };
+  const auto close_window = [&](bool last) {
+    if (last && current.tokens < opt.report_tokens && !out.windows.empty()) { // join the window before
+      auto& p = out.windows.back();
+      p.steps += current.steps;
+      p.tokens += current.tokens;
+      p.inter_node_bytes += current.inter_node_bytes;
+      for (std::size_t l = 0; l < layers; ++l)
+        prev_win[l] += win[l];
+      p.gpu_imbalance = imbalance(prev_win);
+    } else if (current.tokens > 0) {
+      current.gpu_imbalance = imbalance(win);
+      out.windows.push_back(current);
+      std::swap(prev_win, win);
+    }
+    for (auto& w : win)
+      w.clear();
+    current = {};
+  };
+  for (std::size_t st = 0; st < s.steps(); ++st) {
+    // Decide before the step runs, from the steps before it.
+    bool due = false;
+    replan_reason why = replan_reason::scheduled;
+    drift_check dc;
+    while (next_fixed < opt.plan_at.size() && opt.plan_at[next_fixed] < st)
+      ++next_fixed;
+    if (next_fixed < opt.plan_at.size() && opt.plan_at[next_fixed] == st) {
+      due = true;
+      why = replan_reason::fixed;
+    } else if (st >= opt.window) {
+      const std::size_t since = planned_once ? st - last_plan : st;
+      if (opt.interval && since >= opt.interval) {
+        due = true;
+      } else if (opt.drift_every && st % opt.drift_every == 0 && since >= opt.min_gap) {
+        if (reference.empty()) reference = load_profile::of(t, s, st - opt.window, st, topo);
+        dc = check_drift(t, s, st - opt.window, st, topo, reference, opt.drift_ratio, opt.drift_floor);
+        ++out.drift_checks;
+        if (dc.fired) {
+          ++out.drift_fired;
+          due = true;
+          why = replan_reason::drift;
+        }
+      }
+    }
+    if (due) {
+      const std::size_t first = st >= opt.window ? st - opt.window : 0;
+      const std::clock_t t0 = std::clock();
+      auto next = plan(static_cast<const std::vector<expert_map>&>(maps), first, st);
+      replan_event ev;
+      ev.seconds = static_cast<double>(std::clock() - t0) / CLOCKS_PER_SEC;
+      ev.step = st;
+      ev.reason = why;
+      ev.experts_moved = placement::experts_moved(maps, next);
+      ev.moved_share = slots ? static_cast<double>(ev.experts_moved) / static_cast<double>(slots) : 0.0;
+      ev.bytes_moved = static_cast<std::uint64_t>(ev.experts_moved) * opt.expert_bytes;
+      ev.drift_distance = dc.distance;
+      ev.drift_noise = dc.noise;
+      out.replans.push_back(ev);
+      out.max_moved_share = std::max(out.max_moved_share, ev.moved_share);
+      out.bytes_moved += ev.bytes_moved;
+      maps = std::move(next);
+      last_plan = st;
+      planned_once = true;
+      if (opt.drift_every && st > first) reference = load_profile::of(t, s, first, st, topo);
+    }
+    // The step itself.
+    if (current.steps == 0) current.first_step = st;
+    const auto tokens = s.step_tokens(st);
+    const auto sources = s.step_sources(st);
+    ++current.steps;
+    current.tokens += tokens.size();
+    out.decode_tokens += tokens.size();
+    for (std::size_t l = 0; l < layers && !tokens.empty(); ++l) {
+      step.clear();
+      counter.count_step(maps[l], t.layer(l), std::span<const std::size_t>(tokens),
+                         std::span<const std::uint32_t>(sources), step);
+      total[l] += step;
+      win[l] += step;
+      const double b = static_cast<double>(step.copies[network]) * bytes_per_copy;
+      bytes += b;
+      current.inter_node_bytes += b;
+    }
+    if (current.tokens >= opt.report_tokens) close_window(false);
+  }
+  if (current.steps > 0) close_window(true);
+  for (const auto& w : out.windows)
+    out.worst_window_imbalance = std::max(out.worst_window_imbalance, w.gpu_imbalance);
+  double agg = 0;
+  for (const auto& l : total)
+    agg += l.load_imbalance();
+  out.gpu_imbalance_aggregate = layers ? agg / static_cast<double>(layers) : 1.0;
+  out.inter_node_bytes_per_token = bytes / static_cast<double>(std::max<std::uint64_t>(out.decode_tokens, 1));
+  return out;
+}
+
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::cost

@@ -1,0 +1,135 @@
+#pragma once
+//! @file
+//! Re-planning the maps in service on a window of recent traffic under a migration budget: at most
+//! `max_moved_experts` slots (summed over layers) receive another expert's weights. Each layer's
+//! token-level state (placement/token_refine.hpp) proposes its best swaps one at a time (load
+//! repairs first, then the largest copy savings of the window's tokens); the budget goes to the
+//! largest gains over all layers, taking each layer's swaps in the order they were found (a later
+//! swap was scored on the map its predecessors left). Replicas stay where they are. A swap moves
+//! two experts, so the budget holds by construction; the result counts the slots that changed.
+//! Deterministic: fixed orders, ties to the lower layer.
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <locus/core/error.hpp>
+#include <locus/core/expert_map.hpp>
+#include <locus/placement/token_refine.hpp>
+#include <queue>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
+
+//! Result of replan_by_tokens.
+struct migration_result {
+  std::vector<expert_map> maps;
+  std::size_t experts_moved = 0; //!< slots whose expert changed (at most the budget)
+  std::uint64_t bytes_moved = 0; //!< experts_moved × expert_bytes
+  std::size_t swaps = 0;         //!< swaps applied
+  double cost_before = 0;        //!< the sample's copy cost on the maps in service
+  double cost_after = 0;         //!< ... and on the result
+};
+
+//! Slots whose expert differs between two map sets of the same shape (weights a move must load).
+//! @throws locus::config_error when the shapes differ
+inline std::size_t experts_moved(const std::vector<expert_map>& before, const std::vector<expert_map>& after) {
+  LOCUS_REQUIRE(before.size() == after.size(), config_error, "experts_moved: ", before.size(), " layers before, ",
+                after.size(), " after");
+  std::size_t moved = 0;
+  for (std::size_t l = 0; l < before.size(); ++l) {
+    LOCUS_REQUIRE(before[l].slot_count() == after[l].slot_count() && before[l].ranks() == after[l].ranks(),
+                  config_error, "experts_moved: layer ", l, " has ", before[l].slot_count(), " slots before and ",
+                  after[l].slot_count(), " after");
+    const auto a = before[l].slot_table(), b = after[l].slot_table();
+    for (std::size_t s = 0; s < a.size(); ++s)
+      moved += a[s] != b[s];
+  }
+  return moved;
+}
+
+//! Slots of all layers (the denominator of a moved share).
+inline std::size_t total_slots(const std::vector<expert_map>& maps) {
+  std::size_t n = 0;
+  for (const auto& m : maps)
+    n += m.slot_count();
+  return n;
+}
+
+//! See the file comment. `opt` gives the load bound and the copy weights (balance_shift and
+//! annealing do not apply here). `per_layer_cap` bounds the swaps one layer may propose (0: twice
+//! an even share of the budget, plus two: a layer that drifted more may take more than its share,
+//! and the time stays proportional to the budget).
+//! @throws locus::config_error when the maps, the sample and the topology disagree
+template <class Topology>
+migration_result replan_by_tokens(const std::vector<expert_map>& current, const token_sample& sample,
+                                  const Topology& topo, const token_refine_options& opt, std::size_t max_moved_experts,
+                                  std::uint64_t expert_bytes, std::size_t per_layer_cap = 0) {
+  LOCUS_REQUIRE(current.size() == sample.layers(), config_error, "replan_by_tokens: ", current.size(),
+                " maps for a sample of ", sample.layers(), " layers");
+  LOCUS_REQUIRE(opt.balance_slack >= 0 && opt.rank_copy_weight >= 0 && opt.node_copy_weight >= 0, config_error,
+                "replan_by_tokens: negative slack or copy weight");
+  sample.validate(topo.nodes());
+  const std::size_t layers = current.size();
+  const std::size_t swaps_total = max_moved_experts / 2;
+  const std::size_t share = (swaps_total + layers - 1) / std::max<std::size_t>(1, layers);
+  const std::size_t cap = std::min(swaps_total, per_layer_cap ? per_layer_cap : 2 * share + 2);
+  auto plain = opt;
+  plain.balance_shift = 0;
+  // A window is a small sample: widen the load bound to two standard errors of a rank's sampled
+  // load, so that the budget is not spent on repairing sampling noise.
+  const double per_rank = static_cast<double>(sample.tokens() * sample.top_k) / static_cast<double>(topo.ranks());
+  if (per_rank > 0) plain.balance_slack = std::max(plain.balance_slack, 2.0 / std::sqrt(per_rank));
+  std::vector<std::vector<typename detail::token_refine::layer_state<Topology>::swap_step>> found(layers);
+  migration_result out;
+  for (std::size_t l = 0; l < layers; ++l) {
+    LOCUS_REQUIRE(current[l].ranks() == topo.ranks() && current[l].experts() == sample.experts, config_error,
+                  "replan_by_tokens: layer ", l, " map (", current[l].experts(), " experts, ", current[l].ranks(),
+                  " ranks) does not match the sample (", sample.experts, ") or the topology (", topo.ranks(), ")");
+    detail::token_refine::layer_state<Topology> s(current[l], sample.ids[l], sample.home, sample.top_k, topo, plain);
+    out.cost_before += s.total_cost();
+    if (cap > 0) s.best_swaps(cap, found[l]);
+  }
+  // Largest gains first over all layers, each layer's swaps in their own order (repairs first).
+  const auto key = [&](std::size_t l, std::size_t i) {
+    const auto& st = found[l][i];
+    return st.repair ? std::numeric_limits<double>::infinity() : st.gain;
+  };
+  using item = std::pair<double, std::size_t>; // (gain, -layer ordering through the comparator)
+  const auto worse = [](const item& x, const item& y) {
+    return x.first < y.first || (x.first == y.first && x.second > y.second);
+  };
+  std::priority_queue<item, std::vector<item>, decltype(worse)> heap(worse);
+  std::vector<std::size_t> taken(layers, 0);
+  for (std::size_t l = 0; l < layers; ++l)
+    if (!found[l].empty()) heap.push({key(l, 0), l});
+  for (std::size_t used = 0; used < swaps_total && !heap.empty(); ++used) {
+    const std::size_t l = heap.top().second;
+    heap.pop();
+    if (++taken[l] < found[l].size()) heap.push({key(l, taken[l]), l});
+  }
+  out.maps.reserve(layers);
+  for (std::size_t l = 0; l < layers; ++l) {
+    auto table = current[l].slot_table();
+    for (std::size_t i = 0; i < taken[l]; ++i) {
+      const auto e = static_cast<expert_id>(found[l][i].e), f = static_cast<expert_id>(found[l][i].f);
+      std::size_t se = table.size(), sf = table.size();
+      for (std::size_t s = 0; s < table.size(); ++s) {
+        if (table[s] == e) se = s;
+        if (table[s] == f) sf = s;
+      }
+      std::swap(table[se], table[sf]);
+    }
+    out.maps.emplace_back(current[l].experts(), current[l].ranks(), current[l].slots_per_rank(), std::move(table));
+    out.swaps += taken[l];
+    out.cost_after += detail::token_refine::layer_state<Topology>(out.maps.back(), sample.ids[l], sample.home,
+                                                                  sample.top_k, topo, plain)
+                          .total_cost();
+  }
+  out.experts_moved = experts_moved(current, out.maps);
+  out.bytes_moved = static_cast<std::uint64_t>(out.experts_moved) * expert_bytes;
+  return out;
+}
+
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::placement

@@ -1,0 +1,279 @@
+#define BOOST_TEST_MODULE online_replan
+#include <algorithm>
+#include <boost/test/unit_test.hpp>
+#include <functional>
+#include <locus/cost/online_replan.hpp>
+#include <locus/grouper/baselines.hpp>
+#include <locus/placement/linear.hpp>
+#include <locus/placement/migration.hpp>
+#include <map>
+#include <random>
+
+using namespace locus;
+
+namespace {
+
+// A map of `experts` experts on `ranks` ranks, `spr` slots each, in a random order, with
+// `replicas` random extra copies in the spare slots.
+expert_map random_map(std::mt19937& rng, std::size_t experts, std::size_t ranks, std::size_t spr,
+                      std::size_t replicas) {
+  std::vector<expert_id> table(ranks * spr, empty_slot);
+  std::vector<std::size_t> order(ranks * spr);
+  for (std::size_t i = 0; i < order.size(); ++i)
+    order[i] = i;
+  std::shuffle(order.begin(), order.end(), rng);
+  for (std::size_t e = 0; e < experts; ++e)
+    table[order[e]] = static_cast<expert_id>(e);
+  for (std::size_t i = 0; i < replicas && experts + i < order.size(); ++i)
+    table[order[experts + i]] = static_cast<expert_id>(rng() % experts);
+  return expert_map(experts, ranks, spr, table);
+}
+
+// Tokens with a skewed, node-dependent expert preference, so that swaps have something to gain.
+placement::token_sample random_sample(std::mt19937& rng, std::size_t experts, std::size_t k, std::size_t layers,
+                                      std::size_t tokens, std::size_t nodes) {
+  placement::token_sample s;
+  s.experts = experts;
+  s.top_k = k;
+  s.ids.assign(layers, {});
+  for (std::size_t t = 0; t < tokens; ++t)
+    s.home.push_back(static_cast<std::uint32_t>(rng() % nodes));
+  for (std::size_t l = 0; l < layers; ++l)
+    for (std::size_t t = 0; t < tokens; ++t) {
+      std::vector<std::uint16_t> chosen;
+      while (chosen.size() < k) {
+        const std::size_t base = s.home[t] * experts / nodes;
+        const std::size_t e = rng() % 3 == 0 ? rng() % experts : (base + rng() % (experts / nodes)) % experts;
+        if (std::find(chosen.begin(), chosen.end(), e) == chosen.end()) chosen.push_back(static_cast<std::uint16_t>(e));
+      }
+      s.ids[l].insert(s.ids[l].end(), chosen.begin(), chosen.end());
+    }
+  return s;
+}
+
+std::size_t differing_slots(const std::vector<expert_map>& a, const std::vector<expert_map>& b) {
+  std::size_t n = 0;
+  for (std::size_t l = 0; l < a.size(); ++l)
+    for (std::size_t r = 0; r < a[l].ranks(); ++r)
+      for (std::size_t s = 0; s < a[l].slots_per_rank(); ++s)
+        n += a[l].expert_at(r, s) != b[l].expert_at(r, s);
+  return n;
+}
+
+// Per layer, the multiset of experts in the slots: re-planning moves weights, it never drops or adds one.
+std::vector<std::map<expert_id, int>> contents(const std::vector<expert_map>& maps) {
+  std::vector<std::map<expert_id, int>> out;
+  for (const auto& m : maps) {
+    std::map<expert_id, int> c;
+    for (const auto e : m.slot_table())
+      ++c[e];
+    out.push_back(c);
+  }
+  return out;
+}
+
+} // namespace
+
+BOOST_AUTO_TEST_CASE(migration_budget_is_never_exceeded) {
+  std::mt19937 rng(11);
+  for (int instance = 0; instance < 40; ++instance) {
+    const std::size_t nodes = 2 + rng() % 3, gpus = 1 + rng() % 3, ranks = nodes * gpus;
+    const std::size_t experts = ranks * (2 + rng() % 4), layers = 1 + rng() % 4, k = 2 + rng() % 3;
+    const std::size_t redundant = rng() % 2;
+    const dynamic_topology topo(nodes, gpus);
+    std::vector<expert_map> maps;
+    for (std::size_t l = 0; l < layers; ++l)
+      maps.push_back(random_map(rng, experts, ranks, experts / ranks + redundant, redundant * ranks));
+    const auto sample = random_sample(rng, experts, k, layers, 60 + rng() % 200, nodes);
+    placement::token_refine_options opt;
+    opt.balance_slack = 0.03 + 0.1 * static_cast<double>(rng() % 3);
+    for (const std::size_t budget :
+         {std::size_t{0}, std::size_t{1}, std::size_t{2}, std::size_t{5}, std::size_t{13}, experts * layers}) {
+      const auto r = placement::replan_by_tokens(maps, sample, topo, opt, budget, 100);
+      const std::size_t moved = differing_slots(maps, r.maps);
+      BOOST_TEST_CONTEXT("instance " << instance << " budget " << budget) {
+        BOOST_TEST(moved <= budget);
+        BOOST_TEST(r.experts_moved == moved);
+        BOOST_TEST(r.bytes_moved == moved * 100);
+        BOOST_TEST((contents(r.maps) == contents(maps)));
+        if (budget == 0) BOOST_TEST(r.cost_after == r.cost_before);
+      }
+    }
+  }
+}
+
+// Within the bound, every swap taken saves copies of the sample; with the loads already balanced
+// and a budget, the result costs no more than the maps in service (a brute-force count).
+BOOST_AUTO_TEST_CASE(budgeted_swaps_lower_the_sample_cost_when_balanced) {
+  std::mt19937 rng(5);
+  for (int instance = 0; instance < 20; ++instance) {
+    const dynamic_topology topo(2 + rng() % 2, 2);
+    const std::size_t ranks = topo.ranks(), experts = ranks * 4;
+    std::vector<expert_map> maps{random_map(rng, experts, ranks, 4, 0)};
+    const auto sample = random_sample(rng, experts, 3, 1, 300, topo.nodes());
+    placement::token_refine_options opt;
+    opt.balance_slack = 10; // no load bound: only copy savings drive the swaps
+    const auto r = placement::replan_by_tokens(maps, sample, topo, opt, 8, 1);
+    // Independent cost: per token, distinct remote ranks + distinct remote nodes.
+    const auto cost = [&](const expert_map& m) {
+      double c = 0;
+      for (std::size_t t = 0; t < sample.tokens(); ++t) {
+        std::vector<bool> rank_seen(ranks, false), node_seen(topo.nodes(), false);
+        for (std::size_t j = 0; j < 3; ++j) {
+          const auto rank = m.replicas(sample.ids[0][t * 3 + j])[0].rank;
+          const std::size_t node = topo.node_of(static_cast<std::size_t>(rank));
+          if (node == sample.home[t]) continue;
+          if (!rank_seen[static_cast<std::size_t>(rank)]) c += 1;
+          if (!node_seen[node]) c += 1;
+          rank_seen[static_cast<std::size_t>(rank)] = node_seen[node] = true;
+        }
+      }
+      return c;
+    };
+    BOOST_TEST(r.cost_before == cost(maps[0]));
+    BOOST_TEST(r.cost_after == cost(r.maps[0]));
+    BOOST_TEST(r.cost_after <= r.cost_before);
+    if (r.swaps > 0) BOOST_TEST(r.cost_after < r.cost_before);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(replanning_is_deterministic) {
+  std::mt19937 rng(7);
+  const dynamic_topology topo(4, 2);
+  std::vector<expert_map> maps;
+  for (int l = 0; l < 3; ++l)
+    maps.push_back(random_map(rng, 32, 8, 5, 8));
+  const auto sample = random_sample(rng, 32, 4, 3, 400, 4);
+  placement::token_refine_options opt;
+  const auto a = placement::replan_by_tokens(maps, sample, topo, opt, 20, 1);
+  const auto b = placement::replan_by_tokens(maps, sample, topo, opt, 20, 1);
+  BOOST_TEST(a.experts_moved > 0u);
+  for (std::size_t l = 0; l < maps.size(); ++l)
+    BOOST_TEST(a.maps[l].slot_table() == b.maps[l].slot_table());
+}
+
+namespace {
+
+// A trace whose requests of domain 0 favour experts [0, E/2) and of domain 1 experts [E/2, E);
+// `domain_of(r)` gives each request's domain. One token per step per running request.
+trace::trace two_mix_trace(std::mt19937& rng, std::size_t requests, std::size_t experts, std::size_t layers,
+                           const std::function<std::uint32_t(std::size_t)>& domain_of) {
+  trace::trace_builder b(experts, 2, layers);
+  b.set_domains({"a", "b"});
+  for (std::size_t r = 0; r < requests; ++r)
+    b.add_request(r, domain_of(r), 1 + 40);
+  for (std::size_t r = 0; r < requests; ++r)
+    for (std::size_t p = 0; p < 41; ++p) {
+      const std::size_t t = r * 41 + p;
+      const std::size_t half = experts / 2, base = domain_of(r) * half;
+      for (std::size_t l = 0; l < layers; ++l) {
+        auto ids = b.ids(l, t);
+        const std::size_t x = base + rng() % half;
+        std::size_t y = base + rng() % half;
+        while (y == x)
+          y = base + rng() % half;
+        ids[0] = static_cast<trace::trace_expert_id>(x);
+        ids[1] = static_cast<trace::trace_expert_id>(y);
+        b.weights(l, t)[0] = b.weights(l, t)[1] = 0.5f;
+      }
+    }
+  return b.build().with_prefill_tokens(1);
+}
+
+// `shift_step`: the first step that runs a token at or after trace position `shift_token`.
+cost::online_result run_with_trigger(const trace::trace& t, std::size_t* first_fire, std::size_t shift_token = 0,
+                                     std::size_t* shift_step = nullptr) {
+  cost::simulation_config cfg;
+  cfg.topology = dynamic_topology(2, 2);
+  cfg.batch_per_rank = 4;
+  cfg.arrival_rate = 0.5; // in trace order: the mix follows the request order in time
+  const auto maps =
+      placement::linear{}.plan({cfg.topology,
+                                t.experts(),
+                                t.experts() / 4,
+                                std::vector<std::vector<double>>(t.layers(), std::vector<double>(t.experts(), 1)),
+                                {}});
+  grouper::round_robin g;
+  const auto s = cost::record_schedule(t, maps, g, cfg);
+  if (shift_step) {
+    *shift_step = s.steps();
+    for (std::size_t st = 0; st < s.steps() && *shift_step == s.steps(); ++st)
+      for (const auto tok : s.step_tokens(st))
+        if (tok >= shift_token) *shift_step = st;
+  }
+  cost::online_options opt;
+  opt.window = 16;
+  opt.drift_every = 4;
+  opt.min_gap = 16;
+  bool seen = false;
+  auto res = cost::run_online(t, s, maps, cfg, opt,
+                              [&](const std::vector<expert_map>& current, std::size_t, std::size_t last) {
+                                if (!seen && first_fire) *first_fire = last;
+                                seen = true;
+                                return current;
+                              });
+  return res;
+}
+
+} // namespace
+
+BOOST_AUTO_TEST_CASE(drift_trigger_stays_quiet_on_stationary_traffic) {
+  for (std::uint32_t seed = 1; seed <= 5; ++seed) {
+    std::mt19937 rng(seed);
+    const auto t = two_mix_trace(rng, 120, 16, 3, [](std::size_t r) { return static_cast<std::uint32_t>(r % 2); });
+    const auto res = run_with_trigger(t, nullptr);
+    BOOST_TEST_CONTEXT("seed " << seed) {
+      BOOST_TEST(res.drift_checks > 20u);
+      BOOST_TEST(res.drift_fired == 0u);
+      BOOST_TEST(res.replans.empty());
+    }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(drift_trigger_fires_on_a_shift) {
+  for (std::uint32_t seed = 1; seed <= 5; ++seed) {
+    std::mt19937 rng(seed);
+    // The first 60 requests mix both domains, the rest are domain 1 only.
+    const auto t =
+        two_mix_trace(rng, 120, 16, 3, [](std::size_t r) { return static_cast<std::uint32_t>(r < 60 ? r % 2 : 1); });
+    std::size_t fire = 0, shift = 0;
+    const auto res = run_with_trigger(t, &fire, 60 * 41, &shift);
+    // Before the running requests have turned over (40 decode steps each) and one window (16 steps)
+    // has filled with the new mix: the mix changes gradually from the first shifted token.
+    BOOST_TEST_CONTEXT("seed " << seed) {
+      BOOST_TEST(res.drift_fired >= 1u);
+      BOOST_REQUIRE(!res.replans.empty());
+      BOOST_TEST((res.replans.front().reason == cost::replan_reason::drift));
+      BOOST_TEST(fire > shift);
+      BOOST_TEST(fire <= shift + 40 + 16);
+    }
+  }
+}
+
+// Replays are deterministic and a planner that never changes the maps gives simulate_decode's figures.
+BOOST_AUTO_TEST_CASE(replay_matches_the_simulator) {
+  std::mt19937 rng(9);
+  const auto t = two_mix_trace(rng, 50, 16, 2, [](std::size_t r) { return static_cast<std::uint32_t>(r % 2); });
+  cost::simulation_config cfg;
+  cfg.topology = dynamic_topology(2, 2);
+  cfg.batch_per_rank = 3;
+  std::vector<expert_map> maps;
+  for (int l = 0; l < 2; ++l)
+    maps.push_back(random_map(rng, 16, 4, 4, 0));
+  grouper::round_robin g1, g2;
+  const auto direct = cost::simulate_decode(t, maps, g1, cfg);
+  const auto s = cost::record_schedule(t, maps, g2, cfg);
+  cost::online_options opt;
+  opt.interval = 7;
+  opt.window = 5;
+  const auto keep = [](const std::vector<expert_map>& m, std::size_t, std::size_t) { return m; };
+  const auto a = cost::run_online(t, s, maps, cfg, opt, keep);
+  const auto b = cost::run_online(t, s, maps, cfg, opt, keep);
+  BOOST_TEST(a.decode_tokens == direct.decode_tokens);
+  BOOST_TEST(a.inter_node_bytes_per_token == direct.inter_node_bytes_per_token, boost::test_tools::tolerance(1e-12));
+  BOOST_TEST(a.gpu_imbalance_aggregate == direct.gpu_imbalance_aggregate, boost::test_tools::tolerance(1e-12));
+  BOOST_TEST(a.replans.size() == b.replans.size());
+  BOOST_TEST(a.replans.size() > 0u);
+  for (const auto& e : a.replans)
+    BOOST_TEST(e.experts_moved == 0u);
+}
