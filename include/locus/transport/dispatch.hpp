@@ -332,13 +332,11 @@ public:
       acc = acc_.data();
     }
     if (!ex_->hierarchical()) {
-      to_rows(partial, copies, send_);
-      ex_->exchange({exchange_group::world, row_bytes_, send_, h.rows_a_.counts, {}}, back_);
+      ex_->exchange({exchange_group::world, row_bytes_, as_rows(partial, copies), h.rows_a_.counts, {}}, back_);
       add_back(back_, h.origins_a_, acc, nullptr);
     } else {
       const std::size_t node_rows = h.rows_b_.row_count();
-      to_rows(partial, node_rows, send_);
-      ex_->exchange({exchange_group::node, row_bytes_, send_, h.rows_b_.counts, {}}, back_);
+      ex_->exchange({exchange_group::node, row_bytes_, as_rows(partial, node_rows), h.rows_b_.counts, {}}, back_);
       // A rail peer adds its node's partial sums of each stage-1 row, its own included.
       forward_acc_.assign(h.rows_a_.row_count() * hidden_, 0.0f);
       add_back(back_, h.origins_b_, acc, forward_acc_.data());
@@ -348,8 +346,9 @@ public:
         for (std::size_t c = 0; c < hidden_; ++c)
           a[c] += p[c];
       }
-      to_rows(forward_acc_.data(), h.rows_a_.row_count(), send_);
-      ex_->exchange({exchange_group::rail, row_bytes_, send_, h.rows_a_.counts, {}}, back_);
+      ex_->exchange(
+          {exchange_group::rail, row_bytes_, as_rows(forward_acc_.data(), h.rows_a_.row_count()), h.rows_a_.counts, {}},
+          back_);
       add_back(back_, h.origins_a_, acc, nullptr);
     }
     LOCUS_REQUIRE(size_ok, invalid_input_error, "moe_dispatcher::combine: ", h.tokens_, " tokens need ",
@@ -493,17 +492,19 @@ private:
     }
   }
 
-  void to_rows(const float* values, std::size_t rows, std::vector<std::byte>& out) {
-    out.resize(rows * row_bytes_);
+  // fp32 sums as combine rows of T: the sums themselves for fp32, else converted into send_.
+  std::span<const std::byte> as_rows(const float* values, std::size_t rows) {
     if constexpr (std::is_same_v<T, float>) {
-      if (rows) std::memcpy(out.data(), values, rows * row_bytes_);
+      return {reinterpret_cast<const std::byte*>(values), rows * row_bytes_};
     } else {
+      send_.resize(rows * row_bytes_);
       scratch_.resize(hidden_);
       for (std::size_t r = 0; r < rows; ++r) {
         for (std::size_t c = 0; c < hidden_; ++c)
           scratch_[c] = static_cast<T>(values[r * hidden_ + c]);
-        std::memcpy(out.data() + r * row_bytes_, scratch_.data(), row_bytes_);
+        std::memcpy(send_.data() + r * row_bytes_, scratch_.data(), row_bytes_);
       }
+      return send_;
     }
   }
 
