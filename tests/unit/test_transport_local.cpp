@@ -325,7 +325,7 @@ BOOST_AUTO_TEST_CASE(a_layout_of_the_wrong_kind_is_refused) {
     moe_dispatcher<local_transport, float> d(ep, c.map, c.hidden);
     layout<> l;
     if (ep.rank() == 0)
-      l.assign(c.routings[0].view(), c.map, c.topo, 0, layout_options{layout_kind::flat});
+      l.assign(c.routings[0].view(), c.map, c.topo, 0, layout_options{transport_kind::flat});
     else
       d.plan(l, c.routings[ep.rank()].view());
     const auto x = c.inputs(ep.rank());

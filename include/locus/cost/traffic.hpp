@@ -27,6 +27,7 @@
 #include <locus/core/expert_map.hpp>
 #include <locus/core/routing.hpp>
 #include <locus/core/topology.hpp>
+#include <locus/core/transport_kind.hpp>
 #include <locus/placement/replica_selection.hpp>
 #include <span>
 #include <string_view>
@@ -34,17 +35,10 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::cost {
 
-//! How token copies travel between ranks.
-enum class transport_kind : std::uint8_t { flat, hierarchical };
-
-inline const char* to_string(transport_kind k) noexcept { return k == transport_kind::flat ? "flat" : "hierarchical"; }
-
-//! Parses "flat" or "hierarchical". @throws locus::config_error on anything else
-inline transport_kind parse_transport_kind(std::string_view s) {
-  if (s == "flat") return transport_kind::flat;
-  if (s == "hierarchical") return transport_kind::hierarchical;
-  LOCUS_THROW(config_error, "unknown transport kind \"", s, "\" (expected flat or hierarchical)");
-}
+// The transport kind is core's (core/transport_kind.hpp); named here too for the model's callers.
+using ::locus::parse_transport_kind;
+using ::locus::to_string;
+using ::locus::transport_kind;
 
 //! Bytes of one token copy in each direction, and of one fan-out entry (dispatch only).
 struct message_sizes {

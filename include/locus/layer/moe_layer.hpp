@@ -119,8 +119,8 @@ public:
   using routing_type = routing<routing_top_k_type>;
 
   static_assert(transport::transport<transport_type>,
-                "locus::moe_layer: the transport policy must name its host object (`exchanger_type`) and say whether "
-                "it is `hierarchical`");
+                "locus::moe_layer: the transport policy must name its host object (`exchanger_type`) and its "
+                "`kind` (locus::transport_kind)");
   static_assert(std::invocable<expert_compute_type&, const layer::expert_blocks<value_type, memory_space::host>&>,
                 "locus::moe_layer: the expert compute must accept the host blocks dispatch delivers "
                 "(layer::expert_blocks<value_type>)");
@@ -146,9 +146,9 @@ public:
                   " GPUs but the transport's is ", ex.topology().nodes(), " × ", ex.topology().gpus_per_node());
     LOCUS_REQUIRE(map_.experts() == shape.experts(), config_error, "moe_layer: the expert map places ", map_.experts(),
                   " experts but the shape has ", shape.experts());
-    LOCUS_REQUIRE(ex.hierarchical() == transport_type::hierarchical, config_error, "moe_layer: the policy ",
-                  transport_type::hierarchical ? "is hierarchical" : "is flat", " but the transport endpoint was made ",
-                  ex.hierarchical() ? "hierarchical" : "flat");
+    LOCUS_REQUIRE(dispatcher_.kind() == transport_type::kind, config_error, "moe_layer: the policy is ",
+                  to_string(transport_type::kind), " but the transport endpoint was made ",
+                  to_string(dispatcher_.kind()));
     check_compute_holds(compute_, dispatcher_.local_experts(), "routed expert");
   }
 

@@ -211,7 +211,9 @@ public:
   }
 
   //! How rows are deduplicated over this exchanger: per node when it is hierarchical.
-  layout_kind kind() const noexcept { return ex_->hierarchical() ? layout_kind::node : layout_kind::flat; }
+  transport_kind kind() const noexcept {
+    return ex_->hierarchical() ? transport_kind::hierarchical : transport_kind::flat;
+  }
   //! Bytes of one dispatch row, one combine row and one fan-out entry: the message sizes under
   //! which the traffic model's bytes equal the measured ones.
   cost::message_sizes message_sizes() const noexcept {
