@@ -29,6 +29,7 @@
 #include <locus/core/topology.hpp>
 #include <locus/core/transport_kind.hpp>
 #include <locus/placement/replica_selection.hpp>
+#include <locus/transport/detail/layout_token.hpp>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -161,48 +162,35 @@ public:
         const auto rank = static_cast<std::uint32_t>(view.replicas[selector.select_index(src, e)].rank);
         ++out.expert_rows[rank];
         dest_[j] = rank;
-        count_entry(out, src, rank);
       }
-      // Distinct destinations, in first-seen order (k is small: quadratic is fastest).
-      std::size_t distinct = 0;
+      // The hops of the token's copies, by the layout's rule (transport/detail/layout_token.hpp):
+      // a copy's row goes to send_rank (its destination, or the rail peer of a remote node), one
+      // row per distinct send rank; a rail peer forwards once per distinct destination other than
+      // itself. Every (token, expert) pair is an entry on each hop it takes.
+      const transport::detail::layout::token_params p{static_cast<std::int32_t>(src), static_cast<std::int32_t>(gpus),
+                                                      1, 1, kind_ == transport_kind::hierarchical};
       for (std::size_t j = 0; j < k; ++j) {
-        bool seen = false;
-        for (std::size_t d = 0; d < distinct; ++d)
-          seen |= dest_[d] == dest_[j];
-        if (!seen) dest_[distinct++] = dest_[j];
-      }
-      const std::size_t src_node = src / gpus;
-      for (std::size_t d = 0; d < distinct; ++d) {
-        const std::size_t dst = dest_[d], dst_node = dst / gpus;
-        if (kind_ == transport_kind::flat || dst_node == src_node) {
-          add_copy(out, src, dst, topo_.link(src, dst));
-          continue;
+        const auto dst = static_cast<std::int32_t>(dest_[j]);
+        const std::int32_t to = transport::detail::layout::send_rank(p, dst);
+        const auto link = static_cast<link_class>(transport::detail::layout::row_link(p, to));
+        bool new_row = true, new_dest = true;
+        for (std::size_t q = 0; q < j; ++q) {
+          const auto prev = static_cast<std::int32_t>(dest_[q]);
+          new_row &= transport::detail::layout::send_rank(p, prev) != to;
+          new_dest &= prev != dst;
         }
-        // Hierarchical, remote node: one network copy per node, to the rail peer, which forwards.
-        const std::size_t peer = dst_node * gpus + src % gpus;
-        bool node_done = false;
-        for (std::size_t p = 0; p < d; ++p)
-          node_done |= dest_[p] / gpus == dst_node;
-        if (!node_done) add_copy(out, src, peer, link_class::inter_node);
-        if (dst != peer) add_copy(out, peer, dst, link_class::intra_node);
+        if (new_row) add_copy(out, src, static_cast<std::size_t>(to), link);
+        ++out.entries[static_cast<std::size_t>(link)];
+        if (dst == to) continue;
+        if (new_dest)
+          add_copy(out, static_cast<std::size_t>(to), static_cast<std::size_t>(dst), link_class::intra_node);
+        ++out.entries[static_cast<std::size_t>(link_class::intra_node)];
       }
       ++out.tokens;
     }
   }
 
 private:
-  // The entry of one (token, expert) pair: on the row's hop, and again on the forward inside the
-  // destination node when a rail peer passes it on.
-  void count_entry(layer_traffic& out, std::size_t src, std::size_t dst) const {
-    const std::size_t gpus = topo_.gpus_per_node();
-    if (kind_ == transport_kind::flat || dst / gpus == src / gpus) {
-      ++out.entries[static_cast<std::size_t>(topo_.link(src, dst))];
-      return;
-    }
-    ++out.entries[static_cast<std::size_t>(link_class::inter_node)];
-    if (dst != dst / gpus * gpus + src % gpus) ++out.entries[static_cast<std::size_t>(link_class::intra_node)];
-  }
-
   static void add_copy(layer_traffic& out, std::size_t from, std::size_t to, link_class c) {
     const auto ci = static_cast<std::size_t>(c);
     ++out.copies[ci];
