@@ -2,15 +2,15 @@
 // same bytes, and what do node dedup (hierarchical) and a locality placement save?
 //
 //   mpirun -np 8 build/dev/bench/exchange [--gpus-per-node 2] [--tokens 256] [--hidden 1024]
-//          [--experts 64] [--top-k 8] [--steps 12] [--input fused,rows,copied] [--json exchange.json]
+//          [--experts 64] [--top-k 8] [--steps 12] [--input fused,rows] [--json exchange.json]
 //          [--markdown exchange.md]
 //
-// For every (placement, transport) pair, each step runs locus's dispatch and combine (layout:
-// replica choice and destination plan, permutation into the send buffer, header round, exchange,
-// per-expert blocks of rows, either copied out (`copied`) or left in the receive buffers with a
-// pointer per row (`rows`, `fused`); combine: weighted partial sums per received copy, exchanges
-// back, per-token sum; in `fused` the expert compute forms the weighted sums, as the layer does
-// with layer::swiglu_host, so combine only zeroes the sums beforehand and sends them),
+// For every (placement, transport) pair, each step runs the layer's path: layout (replica choice,
+// destination plan, per-rank counts, fan-out entries), dispatch (rows packed once, exchanged with
+// their entries, per-expert blocks of pointers into the receive buffers) and combine (weighted
+// partial sums per received copy, exchanged back, per-token sum; in `fused` the expert compute
+// forms the weighted sums, as the layer does with layer::swiglu_host, so combine only zeroes the
+// sums beforehand and sends them; in `rows` combine forms them from output rows),
 // then replays the very same exchanges (same communicators, row widths and per-peer counts) as
 // bare MPI_Alltoallv calls on pre-filled buffers: the raw collective for the same bytes. Times are
 // the slowest rank's, medians over steps. Routings are synthetic with domain locality: tokens of
@@ -40,7 +40,7 @@ struct options {
   std::size_t gpus_per_node = 2, tokens = 256, hidden = 1024, experts = 64, k = 8, steps = 12, warmup = 2;
   double locality = 0.7;
   std::string json = "exchange.json", markdown;
-  std::vector<std::string> inputs{"fused", "rows", "copied"};
+  std::vector<std::string> inputs{"fused", "rows"};
 };
 
 // Records every exchange a dispatcher makes, so the raw collective can replay the same counts.
@@ -193,18 +193,17 @@ int main(int argc, char** argv) {
         o.json = next();
       else if (a == "--markdown")
         o.markdown = next();
-      else if (a == "--input") { // e.g. --input fused,copied
+      else if (a == "--input") { // e.g. --input fused,rows
         o.inputs.clear();
         std::string list = next();
         for (std::size_t at = 0; at <= list.size();) {
           const std::size_t comma = std::min(list.find(',', at), list.size());
           o.inputs.push_back(list.substr(at, comma - at));
-          LOCUS_REQUIRE(o.inputs.back() == "fused" || o.inputs.back() == "rows" || o.inputs.back() == "copied",
-                        config_error, "exchange: --input takes fused, rows and copied, got ", o.inputs.back());
+          LOCUS_REQUIRE(o.inputs.back() == "fused" || o.inputs.back() == "rows", config_error,
+                        "exchange: --input takes fused and rows, got ", o.inputs.back());
           at = comma + 1;
         }
-      }
-      else
+      } else
         LOCUS_THROW(config_error, "exchange: unknown option ", a);
     }
     LOCUS_REQUIRE(ranks % o.gpus_per_node == 0, config_error, "exchange: ", ranks, " ranks are not a multiple of ",
@@ -233,64 +232,61 @@ int main(int argc, char** argv) {
     for (const std::string placement_name : {"linear", "locality"}) {
       const expert_map map = placement::plan_by_name(placement_name, in).at(0);
       for (bool hier : {false, true})
-      for (const std::string& input : o.inputs) {
-        mpi_transport t(MPI_COMM_WORLD, topo, hier, exchange_options{std::chrono::seconds(120)});
-        recording_exchanger rec(t);
-        moe_dispatcher<recording_exchanger, float> d(rec, map, o.hidden, o.k);
-        d.set_expert_input_layout(input == "copied" ? expert_input_layout::contiguous
-                                                    : expert_input_layout::row_pointers);
-        result res{placement_name, hier ? "mpi_hierarchical" : "mpi_flat", input};
-        std::vector<double> ds, cs, rds, rcs, es, rks;
-        for (std::size_t s = 0; s < o.steps + o.warmup; ++s) {
-          const auto routing = make_routing(o, topo, me, s);
-          std::vector<float> x(o.tokens * o.hidden, 1.0f), y(x.size());
-          rec.log.clear();
-          rec.recording = true;
-          rec.seconds = 0;
-          t.reset_bytes();
-          MPI_Barrier(MPI_COMM_WORLD);
-          const auto t0 = std::chrono::steady_clock::now();
-          d.dispatch(std::span<const float>(x), routing.view());
-          const auto t1 = std::chrono::steady_clock::now();
-          const std::size_t dispatch_exchanges = rec.log.size();
-          const auto bytes = t.bytes().bytes_sent;
-          MPI_Barrier(MPI_COMM_WORLD);
-          const auto t2 = std::chrono::steady_clock::now();
-          if (input == "fused") {
-            static_cast<void>(d.copy_sums()); // the compute would add its rows into these
-            d.combine_sums(y);
-          } else {
-            d.combine(y);
+        for (const std::string& input : o.inputs) {
+          mpi_transport t(MPI_COMM_WORLD, topo, hier, exchange_options{std::chrono::seconds(120)});
+          recording_exchanger rec(t);
+          moe_dispatcher<recording_exchanger, float> d(rec, map, o.hidden);
+          layout<> plan;
+          dispatch_handle<float> h;
+          result res{placement_name, hier ? "mpi_hierarchical" : "mpi_flat", input};
+          std::vector<double> ds, cs, rds, rcs, es, rks;
+          for (std::size_t s = 0; s < o.steps + o.warmup; ++s) {
+            const auto routing = make_routing(o, topo, me, s);
+            std::vector<float> x(o.tokens * o.hidden, 1.0f), y(x.size());
+            rec.log.clear();
+            rec.recording = true;
+            rec.seconds = 0;
+            t.reset_bytes();
+            MPI_Barrier(MPI_COMM_WORLD);
+            const auto t0 = std::chrono::steady_clock::now();
+            d.plan(plan, routing.view());
+            d.dispatch(std::span<const float>(x), plan, h);
+            const auto t1 = std::chrono::steady_clock::now();
+            const std::size_t dispatch_exchanges = rec.log.size();
+            const auto bytes = t.bytes().bytes_sent;
+            MPI_Barrier(MPI_COMM_WORLD);
+            const auto t2 = std::chrono::steady_clock::now();
+            if (input == "fused") static_cast<void>(h.copy_sums()); // the compute would add its rows into these
+            d.combine(y, h);
+            const auto t3 = std::chrono::steady_clock::now();
+            rec.recording = false;
+            double local[3] = {std::chrono::duration<double>(t1 - t0).count(),
+                               std::chrono::duration<double>(t3 - t2).count(), rec.seconds};
+            double slowest[3];
+            MPI_Allreduce(local, slowest, 3, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+            const double rd = replay(t, rec.log, 0, dispatch_exchanges, raw_send, raw_recv);
+            const double rc = replay(t, rec.log, dispatch_exchanges, rec.log.size(), raw_send, raw_recv);
+            const double rk = replay(t, rec.log, 0, rec.log.size(), raw_send, raw_recv, true);
+            if (s < o.warmup) continue;
+            ds.push_back(slowest[0]);
+            es.push_back(slowest[2]);
+            cs.push_back(slowest[1]);
+            rds.push_back(rd);
+            rcs.push_back(rc);
+            rks.push_back(rk);
+            std::array<std::uint64_t, 3> all{};
+            MPI_Allreduce(bytes.data(), all.data(), 3, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
+            for (std::size_t c = 0; c < 3; ++c)
+              res.dispatch_bytes[c] += all[c];
           }
-          const auto t3 = std::chrono::steady_clock::now();
-          rec.recording = false;
-          double local[3] = {std::chrono::duration<double>(t1 - t0).count(),
-                             std::chrono::duration<double>(t3 - t2).count(), rec.seconds};
-          double slowest[3];
-          MPI_Allreduce(local, slowest, 3, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-          const double rd = replay(t, rec.log, 0, dispatch_exchanges, raw_send, raw_recv);
-          const double rc = replay(t, rec.log, dispatch_exchanges, rec.log.size(), raw_send, raw_recv);
-          const double rk = replay(t, rec.log, 0, rec.log.size(), raw_send, raw_recv, true);
-          if (s < o.warmup) continue;
-          ds.push_back(slowest[0]);
-          es.push_back(slowest[2]);
-          cs.push_back(slowest[1]);
-          rds.push_back(rd);
-          rcs.push_back(rc);
-          rks.push_back(rk);
-          std::array<std::uint64_t, 3> all{};
-          MPI_Allreduce(bytes.data(), all.data(), 3, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
-          for (std::size_t c = 0; c < 3; ++c)
-            res.dispatch_bytes[c] += all[c];
+          res.dispatch_s = median(ds);
+          res.combine_s = median(cs);
+          res.raw_dispatch_s = median(rds);
+          res.raw_combine_s = median(rcs);
+          res.exchange_s = median(es);
+          res.raw_counts_s = median(rks);
+          results.push_back(res);
         }
-        res.dispatch_s = median(ds);
-        res.combine_s = median(cs);
-        res.raw_dispatch_s = median(rds);
-        res.raw_combine_s = median(rcs);
-        res.exchange_s = median(es);
-        res.raw_counts_s = median(rks);
-        results.push_back(res);
-      }
     }
 
     if (me == 0) {
@@ -313,7 +309,8 @@ int main(int argc, char** argv) {
                     "placement", "transport", "input", "inter-node MB", "intra-node MB", "disp ms", "raw ms", "comb ms",
                     "raw ms", "in exch ms", "overhead", "vs raw+cnt", "inter/lin", "time/lin");
       table += line;
-      table += "|-----------|------------------|--------|---------------:|---------------:|----------:|----------:|----------:|"
+      table += "|-----------|------------------|--------|---------------:|---------------:|----------:|----------:|----"
+               "------:|"
                "----------:|-----------:|---------:|-------------:|----------:|----------:|\n";
       for (const auto& r : results) {
         const double total = r.dispatch_s + r.combine_s, raw = r.raw_dispatch_s + r.raw_combine_s;
@@ -321,13 +318,14 @@ int main(int argc, char** argv) {
         const double intra = static_cast<double>(r.dispatch_bytes[1]) / 1e6 / static_cast<double>(o.steps);
         const double base_inter = static_cast<double>(base.dispatch_bytes[2]);
         const double base_total = base.dispatch_s + base.combine_s;
-        std::snprintf(line, sizeof line,
-                      "| %-9s | %-16s | %-6s | %14.2f | %14.2f | %9.2f | %9.2f | %9.2f | %9.2f | %10.2f | %7.1f%% | %11.1f%% "
-                      "| %9.3f | %9.3f |\n",
-                      r.placement.c_str(), r.transport.c_str(), r.input.c_str(), inter, intra, r.dispatch_s * 1e3,
-                      r.raw_dispatch_s * 1e3, r.combine_s * 1e3, r.raw_combine_s * 1e3, r.exchange_s * 1e3,
-                      (total / raw - 1.0) * 100.0, (total / r.raw_counts_s - 1.0) * 100.0,
-                      base_inter > 0 ? static_cast<double>(r.dispatch_bytes[2]) / base_inter : 0.0, total / base_total);
+        std::snprintf(
+            line, sizeof line,
+            "| %-9s | %-16s | %-6s | %14.2f | %14.2f | %9.2f | %9.2f | %9.2f | %9.2f | %10.2f | %7.1f%% | %11.1f%% "
+            "| %9.3f | %9.3f |\n",
+            r.placement.c_str(), r.transport.c_str(), r.input.c_str(), inter, intra, r.dispatch_s * 1e3,
+            r.raw_dispatch_s * 1e3, r.combine_s * 1e3, r.raw_combine_s * 1e3, r.exchange_s * 1e3,
+            (total / raw - 1.0) * 100.0, (total / r.raw_counts_s - 1.0) * 100.0,
+            base_inter > 0 ? static_cast<double>(r.dispatch_bytes[2]) / base_inter : 0.0, total / base_total);
         table += line;
         j["results"].push_back(
             {{"placement", r.placement},
@@ -370,9 +368,9 @@ int main(int argc, char** argv) {
               "(header round + collective); `vs raw+cnt` compares with the raw replay preceded, per exchange, by the "
               "`MPI_Alltoall` of counts a caller needs when receive counts are not known in advance; the rest of "
               "locus's time is the layout and permutations (packing rows, "
-              "ordering rows per expert, weighted sums). `input`: `copied` copies each expert row into contiguous "
-              "per-expert blocks (for computes that need them, such as a user callable); `rows` leaves the rows in "
-              "the receive buffers and passes a pointer; `fused` also lets the expert compute add each output row, "
+              "ordering rows per expert, weighted sums). `input`: `rows` hands the compute a pointer per row into "
+              "the receive buffers and combine forms the weighted sums from output rows; `fused` lets the expert "
+              "compute add each output row, "
               "weighted, to its copy's sum (what the layer does with `layer::swiglu_host`), so combine times only "
               "zeroing and sending the sums: the sums' cost is in the compute, measured by "
               "`bench/expert_compute`.\n\n"

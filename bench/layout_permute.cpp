@@ -46,7 +46,8 @@ struct baseline_layout {
   std::vector<std::int32_t> rank_counts;
 };
 
-baseline_layout baseline_build(const routing<top_k<k_n>>& r, const expert_map& map, const topo_type& topo, std::size_t src) {
+baseline_layout baseline_build(const routing<top_k<k_n>>& r, const expert_map& map, const topo_type& topo,
+                               std::size_t src) {
   placement::locality_first_selector<topo_type> sel(map, topo);
   // rank -> (lead slot, token) rows
   std::map<std::int32_t, std::vector<std::pair<std::int32_t, std::int32_t>>> per_rank;
@@ -57,14 +58,16 @@ baseline_layout baseline_build(const routing<top_k<k_n>>& r, const expert_map& m
       auto [it, fresh] = lead.emplace(s.rank, s.slot);
       if (!fresh) it->second = std::min(it->second, s.slot);
     }
-    for (const auto& [rank, slot] : lead) per_rank[rank].emplace_back(slot, static_cast<std::int32_t>(t));
+    for (const auto& [rank, slot] : lead)
+      per_rank[rank].emplace_back(slot, static_cast<std::int32_t>(t));
   }
   baseline_layout out;
   out.rank_counts.assign(topo.ranks(), 0);
   for (auto& [rank, rows] : per_rank) {
     std::stable_sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
     out.rank_counts[static_cast<std::size_t>(rank)] = static_cast<std::int32_t>(rows.size());
-    for (const auto& row : rows) out.row_token.push_back(row.second);
+    for (const auto& row : rows)
+      out.row_token.push_back(row.second);
   }
   return out;
 }
@@ -78,7 +81,8 @@ std::vector<bfloat16> baseline_permute(const baseline_layout& l, const std::vect
       per_rank[d].insert(per_rank[d].end(), src, src + hidden_n); // one push_back of the row
     }
   std::vector<bfloat16> send;
-  for (auto& v : per_rank) send.insert(send.end(), v.begin(), v.end());
+  for (auto& v : per_rank)
+    send.insert(send.end(), v.begin(), v.end());
   return send;
 }
 
@@ -110,11 +114,11 @@ int main(int argc, char** argv) try {
 
   // Layout: specialised (static K and topology, storage reused) vs baseline.
   transport::layout<top_k<k_n>> l;
-  const transport::layout_options opt{transport::layout_kind::flat, threads, 2048};
+  const transport::layout_options opt{transport_kind::flat, threads, 2048};
   l.assign(r.view(), map, topo, src, opt); // warm
   const double t_layout = best_seconds(reps, [&] { l.assign(r.view(), map, topo, src, opt); });
   transport::layout<top_k<k_n>> ln;
-  const transport::layout_options nopt{transport::layout_kind::node, threads, 2048};
+  const transport::layout_options nopt{transport_kind::hierarchical, threads, 2048};
   const double t_node = best_seconds(reps, [&] { ln.assign(r.view(), map, topo, src, nopt); });
   baseline_layout bl;
   const double t_base_layout = best_seconds(reps, [&] { bl = baseline_build(r, map, topo, src); });
@@ -125,17 +129,21 @@ int main(int argc, char** argv) try {
   const routing_view<top_k<k_n>> pr = r.view().subview(0, ptokens);
   transport::layout<top_k<k_n>> pl;
   pl.assign(pr, map, topo, src, opt);
-  const auto pb = baseline_build(routing<top_k<k_n>>(std::vector<expert_id>(r.ids().begin(), r.ids().begin() + static_cast<std::ptrdiff_t>(ptokens * k_n)),
-                                                     std::vector<float>(r.weights().begin(), r.weights().begin() + static_cast<std::ptrdiff_t>(ptokens * k_n))),
-                                 map, topo, src);
+  const auto pb = baseline_build(
+      routing<top_k<k_n>>(
+          std::vector<expert_id>(r.ids().begin(), r.ids().begin() + static_cast<std::ptrdiff_t>(ptokens * k_n)),
+          std::vector<float>(r.weights().begin(), r.weights().begin() + static_cast<std::ptrdiff_t>(ptokens * k_n))),
+      map, topo, src);
   std::vector<bfloat16> x(ptokens * hidden_n);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  for (auto& v : x) v = bfloat16(u(rng));
+  for (auto& v : x)
+    v = bfloat16(u(rng));
   std::vector<bfloat16> send(pl.rows() * hidden_n);
   transport::permute<bfloat16>(pl, x, hidden_n, send, threads); // warm (pages touched)
   const double t_permute = best_seconds(reps, [&] { transport::permute<bfloat16>(pl, x, hidden_n, send, threads); });
   std::vector<bfloat16> bsend;
-  const double t_base_permute = best_seconds(std::min<std::size_t>(reps, 3), [&] { bsend = baseline_permute(pb, x, topo.ranks()); });
+  const double t_base_permute =
+      best_seconds(std::min<std::size_t>(reps, 3), [&] { bsend = baseline_permute(pb, x, topo.ranks()); });
   if (!(bsend == send)) throw std::runtime_error("baseline and specialised send buffers disagree");
 
   const double cores = static_cast<double>(threads);
@@ -147,17 +155,28 @@ int main(int argc, char** argv) try {
   const double permute_gbs = static_cast<double>(send.size() * sizeof(bfloat16)) / t_permute / 1e9;
 
   nlohmann::json j;
-  j["shape"] = {{"experts", experts_n}, {"top_k", k_n}, {"hidden", hidden_n}, {"element", "bf16"}, {"ranks", 64},
-                {"nodes", nodes_n}, {"gpus_per_node", gpus_n}, {"slots_per_rank", slots_n}, {"redundant_experts", 32}};
+  j["shape"] = {{"experts", experts_n},
+                {"top_k", k_n},
+                {"hidden", hidden_n},
+                {"element", "bf16"},
+                {"ranks", 64},
+                {"nodes", nodes_n},
+                {"gpus_per_node", gpus_n},
+                {"slots_per_rank", slots_n},
+                {"redundant_experts", 32}};
   j["tokens"] = tokens;
   j["permute_tokens"] = ptokens;
   j["threads"] = threads;
   j["rows"] = l.rows();
   j["rows_per_token"] = static_cast<double>(l.rows()) / static_cast<double>(tokens);
-  j["layout"] = {{"specialised_tokens_per_s_per_core", layout_tps}, {"node_layout_tokens_per_s_per_core", node_tps},
-                 {"baseline_tokens_per_s", base_layout_tps}, {"speedup", layout_tps / base_layout_tps}};
-  j["permute"] = {{"specialised_tokens_per_s_per_core", permute_tps}, {"baseline_tokens_per_s", base_permute_tps},
-                  {"speedup", permute_tps / base_permute_tps}, {"send_gb_per_s", permute_gbs}};
+  j["layout"] = {{"specialised_tokens_per_s_per_core", layout_tps},
+                 {"node_layout_tokens_per_s_per_core", node_tps},
+                 {"baseline_tokens_per_s", base_layout_tps},
+                 {"speedup", layout_tps / base_layout_tps}};
+  j["permute"] = {{"specialised_tokens_per_s_per_core", permute_tps},
+                  {"baseline_tokens_per_s", base_permute_tps},
+                  {"speedup", permute_tps / base_permute_tps},
+                  {"send_gb_per_s", permute_gbs}};
   std::filesystem::create_directories(out_dir);
   bench_output::file((std::filesystem::path(out_dir) / "layout_permute.json").string()) << j.dump(2) << "\n";
 
@@ -169,16 +188,19 @@ int main(int argc, char** argv) try {
                 "| layout (node-deduplicated) | %.3g | %.3g | %.1fx |\n"
                 "| permute bf16 x %zu (%zu tokens) | %.3g | %.3g | %.1fx |\n",
                 tokens, layout_tps, base_layout_tps, layout_tps / base_layout_tps, node_tps, base_layout_tps,
-                node_tps / base_layout_tps, hidden_n, ptokens, permute_tps, base_permute_tps, permute_tps / base_permute_tps);
+                node_tps / base_layout_tps, hidden_n, ptokens, permute_tps, base_permute_tps,
+                permute_tps / base_permute_tps);
   bench_output::file md((std::filesystem::path(out_dir) / "layout_permute.md").string());
   md << "# Layout and permute throughput (host)\n\n"
      << "DeepSeek-V3 shape: 256 routed experts, top-8, hidden 7168 (bf16), EP64 = 8 nodes x 8 GPUs, 5 slots per rank "
         "(linear placement + 32 replicas of hot experts), grouped-router-like skewed routing, source rank 0, "
      << threads << " thread(s). " << l.rows() << " send rows for " << tokens << " tokens ("
      << static_cast<double>(l.rows()) / static_cast<double>(tokens) << " per token). Best of " << reps << " runs.\n\n"
-     << "Baselines (same run, same output, checked): layout = stateful per-copy replica selection, per-token std::map of "
+     << "Baselines (same run, same output, checked): layout = stateful per-copy replica selection, per-token std::map "
+        "of "
         "destinations, per-destination row lists sorted with std::stable_sort; permute = per-destination std::vector "
-        "grown by appending each row (its cost is mostly reallocation and first-touch page faults), then concatenated.\n\n"
+        "grown by appending each row (its cost is mostly reallocation and first-touch page faults), then "
+        "concatenated.\n\n"
      << buf << "\nSpecialised permute writes " << permute_gbs << " GB/s of send buffer.\n\n"
      << "Command: `build/dev/bench/layout_permute --threads " << threads << " --out docs/results`\n";
   std::printf("layout_permute: %zu tokens, %zu rows, %u thread(s)\n%s", tokens, l.rows(), threads, buf);

@@ -8,14 +8,13 @@
 // ranks holding their experts, runs the SwiGLU experts it hosts and combines the outputs, plus one
 // shared expert. Prints per step time and the bytes each link class carried, and checks that the
 // flat and the hierarchical layer give the same outputs.
-#include <locus/layer/moe_layer.hpp>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <locus/layer/moe_layer.hpp>
 #include <random>
 #include <string>
 #include <thread>
@@ -39,15 +38,24 @@ options parse(int argc, char** argv) {
     }
     if (i + 1 >= argc) LOCUS_THROW(config_error, "moe_layer: option ", a, " needs a value");
     const std::size_t v = std::stoul(argv[++i]);
-    if (a == "--nodes") o.nodes = v;
-    else if (a == "--gpus-per-node") o.gpus = v;
-    else if (a == "--experts") o.experts = v;
-    else if (a == "--top-k") o.k = v;
-    else if (a == "--hidden") o.hidden = v;
-    else if (a == "--ffn") o.ffn = v;
-    else if (a == "--tokens") o.tokens = v;
-    else if (a == "--steps") o.steps = v;
-    else LOCUS_THROW(config_error, "moe_layer: unknown option ", a);
+    if (a == "--nodes")
+      o.nodes = v;
+    else if (a == "--gpus-per-node")
+      o.gpus = v;
+    else if (a == "--experts")
+      o.experts = v;
+    else if (a == "--top-k")
+      o.k = v;
+    else if (a == "--hidden")
+      o.hidden = v;
+    else if (a == "--ffn")
+      o.ffn = v;
+    else if (a == "--tokens")
+      o.tokens = v;
+    else if (a == "--steps")
+      o.steps = v;
+    else
+      LOCUS_THROW(config_error, "moe_layer: unknown option ", a);
   }
   return o;
 }
@@ -55,14 +63,18 @@ options parse(int argc, char** argv) {
 template <class W>
 layer::expert_weights<W> random_weights(std::size_t experts, std::size_t hidden, std::size_t ffn, unsigned seed) {
   std::vector<expert_id> ids(experts);
-  for (std::size_t e = 0; e < experts; ++e) ids[e] = static_cast<expert_id>(e);
+  for (std::size_t e = 0; e < experts; ++e)
+    ids[e] = static_cast<expert_id>(e);
   layer::expert_weights<W> w(hidden, ffn, ids);
   std::mt19937 rng(seed);
   std::normal_distribution<float> in(0.0f, 1.0f / std::sqrt(float(hidden))), out(0.0f, 1.0f / std::sqrt(float(ffn)));
   for (expert_id e : ids) {
-    for (auto& v : w.gate(e)) v = W(in(rng));
-    for (auto& v : w.up(e)) v = W(in(rng));
-    for (auto& v : w.down(e)) v = W(out(rng));
+    for (auto& v : w.gate(e))
+      v = W(in(rng));
+    for (auto& v : w.up(e))
+      v = W(in(rng));
+    for (auto& v : w.down(e))
+      v = W(out(rng));
   }
   return w;
 }
@@ -85,9 +97,10 @@ result run(const options& o) {
   std::mt19937 rng(3);
   std::normal_distribution<float> g(0.0f, 1.0f);
   std::vector<float> gate(o.hidden * o.experts);
-  for (auto& v : gate) v = g(rng);
+  for (auto& v : gate)
+    v = g(rng);
 
-  transport::local_fabric fabric(topo, Transport::hierarchical);
+  transport::local_fabric fabric(topo, Transport::kind == transport_kind::hierarchical);
   result res;
   res.y.resize(ranks);
   std::vector<transport::link_counters> bytes(ranks);
@@ -108,7 +121,8 @@ result run(const options& o) {
         std::normal_distribution<float> xd(0.0f, 1.0f);
         std::vector<float> x(o.tokens * o.hidden), y(x.size());
         for (std::size_t s = 0; s < o.steps; ++s) {
-          for (auto& v : x) v = xd(xr);
+          for (auto& v : x)
+            v = xd(xr);
           const auto t0 = std::chrono::steady_clock::now();
           l.forward(x, y);
           seconds[r] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -119,12 +133,14 @@ result run(const options& o) {
         errors[r] = std::current_exception();
       }
     });
-  for (auto& t : threads) t.join();
+  for (auto& t : threads)
+    t.join();
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
   // A step ends when its slowest rank finishes.
   res.seconds_per_step = *std::max_element(seconds.begin(), seconds.end()) / static_cast<double>(o.steps);
-  for (const auto& b : bytes) res.bytes += b;
+  for (const auto& b : bytes)
+    res.bytes += b;
   return res;
 }
 

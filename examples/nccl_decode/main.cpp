@@ -107,7 +107,9 @@ int main(int argc, char** argv) {
       const expert_map map = placement::plan_by_name(name, in).at(0);
       for (bool hier : {false, true}) {
         nccl_transport t(comm, stream, topo, hier);
-        moe_dispatcher<nccl_transport, float> d(t, map, hidden, k);
+        moe_dispatcher<nccl_transport, float> d(t, map, hidden);
+        transport::layout<> l;
+        transport::dispatch_handle<float> handle;
         std::vector<double> times;
         double worst = 0;
         for (std::size_t s = 0; s < steps; ++s) {
@@ -117,13 +119,16 @@ int main(int argc, char** argv) {
             x[i] = static_cast<float>(static_cast<int>((me * 31 + i) % 13) - 6);
           MPI_Barrier(MPI_COMM_WORLD);
           const auto t0 = std::chrono::steady_clock::now();
-          d.dispatch(std::span<const float>(x), r.view());
-          const auto ex = d.local_experts();
-          const auto off = d.expert_offsets();
+          d.plan(l, r.view());
+          d.dispatch(std::span<const float>(x), l, handle);
+          const auto ex = handle.local_experts();
+          const auto off = handle.expert_offsets();
           for (std::size_t i = 0; i < ex.size(); ++i)
-            for (std::size_t v = off[i] * hidden; v < off[i + 1] * hidden; ++v)
-              d.expert_output()[v] = d.expert_input()[v] * static_cast<float>(ex[i] + 1);
-          d.combine(y);
+            for (std::size_t row = off[i]; row < off[i + 1]; ++row)
+              for (std::size_t h = 0; h < hidden; ++h)
+                handle.expert_output()[row * hidden + h] =
+                    handle.expert_input_row(row)[h] * static_cast<float>(ex[i] + 1);
+          d.combine(y, handle);
           times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
           for (std::size_t tk = 0; tk < requests; ++tk) {
             double f = 0;

@@ -68,7 +68,7 @@ bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
 
 template <class T, std::size_t K, class Experts, class Topology>
 void check_case(std::size_t experts, const Topology& topo, std::size_t slots, std::size_t replicas, std::size_t tokens,
-                std::size_t hidden, layout_kind kind, std::mt19937& rng) {
+                std::size_t hidden, transport_kind kind, std::mt19937& rng) {
   const expert_map map = random_map(experts, topo.ranks(), slots, replicas, rng);
   const auto r = random_routing<K>(tokens, experts, rng);
   const std::size_t src = topo.ranks() / 2;
@@ -98,7 +98,7 @@ void check_case(std::size_t experts, const Topology& topo, std::size_t slots, st
     check_equal<std::int32_t>("entry_slot", host.entry_slot(), dev.entry_slot());
     check_equal<float>("entry_weight", host.entry_weight(), dev.entry_weight());
     check_equal<std::int32_t>("slot_counts", host.slot_counts(), dev.slot_counts());
-    if (kind == layout_kind::node) {
+    if (kind == transport_kind::hierarchical) {
       std::vector<std::int32_t> fw(host.rows());
       for (std::size_t i = 0; i < host.rows(); ++i) fw[i] = static_cast<std::int32_t>(host.forwards(i));
       check_equal<std::int32_t>("row_forwards", std::span<const std::int32_t>(fw), dev.row_forwards());
@@ -156,7 +156,7 @@ void check_case(std::size_t experts, const Topology& topo, std::size_t slots, st
 
 BOOST_AUTO_TEST_CASE(device_layout_and_kernels_equal_host) {
   std::mt19937 rng(17);
-  for (layout_kind kind : {layout_kind::flat, layout_kind::node}) {
+  for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
     check_case<float, 2, experts<8>>(8, dynamic_topology(2, 2), 3, 4, 777, 64, kind, rng);
     check_case<bfloat16, 2, experts<>>(8, dynamic_topology(1, 1), 10, 2, 100, 13, kind, rng);
     check_case<bfloat16, 6, experts<64>>(64, dynamic_topology(2, 4), 9, 6, 3001, 256, kind, rng);

@@ -55,12 +55,14 @@ BOOST_AUTO_TEST_CASE(dispatch_combine_on_one_gpu_matches_reference) {
     nccl_transport t(g.comm, g.stream, dynamic_topology(1, 1), hier);
     for (std::uint64_t seed = 1; seed <= 20; ++seed) {
       const auto c = locus_test::make_case(seed, 1, 1);
-      moe_dispatcher<nccl_transport, float> d(t, c.map, c.hidden, c.k);
+      moe_dispatcher<nccl_transport, float> d(t, c.map, c.hidden);
       const auto x = c.inputs(0);
-      d.dispatch(std::span<const float>(x), c.routings[0].view());
-      locus_test::run_experts(d);
+      layout<> l;
+      d.plan(l, c.routings[0].view());
+      auto h = d.dispatch(std::span<const float>(x), l);
+      locus_test::run_experts(h);
       std::vector<float> y(x.size());
-      d.combine(y);
+      d.combine(y, h);
       BOOST_TEST(locus_test::max_error(y, c.reference(0)) < 1e-5);
     }
   }

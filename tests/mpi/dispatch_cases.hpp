@@ -123,9 +123,9 @@ inline double max_error(const std::vector<float>& y, const std::vector<double>& 
 }
 
 // The test's experts: expert e multiplies its input by (e + 1). Calls f(row, h, value) for every
-// value of every expert row a dispatcher received.
-template <class Dispatcher, class F>
-void for_each_expert_value(const Dispatcher& d, F&& f) {
+// value of every expert row a dispatch handle holds.
+template <class Handle, class F>
+void for_each_expert_value(const Handle& d, F&& f) {
   const auto experts = d.local_experts();
   const auto offsets = d.expert_offsets();
   for (std::size_t i = 0; i < experts.size(); ++i)
@@ -134,23 +134,39 @@ void for_each_expert_value(const Dispatcher& d, F&& f) {
         f(row, h, d.expert_input_row(row)[h] * static_cast<float>(experts[i] + 1));
 }
 
-// Runs the experts into the dispatcher's output rows.
-template <class Dispatcher>
-void run_experts(Dispatcher& d) {
+// Runs the experts into the handle's output rows.
+template <class Handle>
+void run_experts(Handle& d) {
   auto out = d.expert_output();
   for_each_expert_value(d, [&](std::size_t row, std::size_t h, float v) { out[row * d.hidden() + h] = v; });
 }
 
 // The same experts with combine's weighted sum done here, as a fusing compute does: fills
-// copy_sums() (then combine_sums() returns them) and leaves the output rows alone.
-template <class Dispatcher>
-void run_experts_into_sums(Dispatcher& d) {
+// copy_sums() (which combine then sends) and leaves the output rows alone.
+template <class Handle>
+void run_experts_into_sums(Handle& d) {
   const auto copy = d.row_copies();
   const auto weight = d.row_weights();
   auto sums = d.copy_sums();
-  for_each_expert_value(d, [&](std::size_t row, std::size_t h, float v) {
-    sums[copy[row] * d.hidden() + h] += weight[row] * v;
-  });
+  for_each_expert_value(
+      d, [&](std::size_t row, std::size_t h, float v) { sums[copy[row] * d.hidden() + h] += weight[row] * v; });
+}
+
+// Every expert row's payload is the input of some token of some rank: rows arrive unaltered.
+template <class Handle>
+bool payloads_are_inputs(const Handle& d, const dispatch_case& c) {
+  for (std::size_t row = 0; row < d.expert_rows(); ++row) {
+    bool found = false;
+    for (std::size_t s = 0; s < c.routings.size() && !found; ++s)
+      for (std::size_t t = 0; t < c.routings[s].tokens() && !found; ++t) {
+        bool same = true;
+        for (std::size_t h = 0; h < c.hidden && same; ++h)
+          same = d.expert_input_row(row)[h] == dispatch_case::input(s, t, h);
+        found = same;
+      }
+    if (!found) return false;
+  }
+  return true;
 }
 
 } // namespace locus_test

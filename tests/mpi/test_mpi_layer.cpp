@@ -1,8 +1,7 @@
 #define BOOST_TEST_MODULE mpi_layer
-#include "mpi_fixture.hpp"
-
 #include "../support/moe_reference.hpp"
 #include "dispatch_cases.hpp"
+#include "mpi_fixture.hpp"
 
 #include <locus/layer/moe_layer.hpp>
 #include <locus/transport/mpi.hpp>
@@ -21,7 +20,7 @@ template <class Transport>
 void run_cases(std::size_t nodes, std::size_t gpus, std::uint64_t first_seed, std::size_t count) {
   const dynamic_topology topo(nodes, gpus);
   BOOST_REQUIRE_EQUAL(static_cast<std::size_t>(world_size()), topo.ranks());
-  transport::mpi_transport ex(MPI_COMM_WORLD, topo, Transport::hierarchical);
+  transport::mpi_transport ex(MPI_COMM_WORLD, topo, Transport::kind == transport_kind::hierarchical);
   const std::size_t r = ex.rank();
   double worst = 0;
   for (std::uint64_t seed = first_seed; seed < first_seed + count; ++seed) {
@@ -44,7 +43,7 @@ void run_cases(std::size_t nodes, std::size_t gpus, std::uint64_t first_seed, st
   double global = 0;
   MPI_Allreduce(&worst, &global, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   if (r == 0)
-    BOOST_TEST_MESSAGE(nodes << "x" << gpus << (Transport::hierarchical ? " hierarchical" : " flat") << ": " << count
+    BOOST_TEST_MESSAGE(nodes << "x" << gpus << " " << to_string(Transport::kind) << ": " << count
                              << " cases, worst error / tolerance " << global);
   BOOST_TEST(global <= 1.0);
 }
@@ -94,7 +93,8 @@ BOOST_AUTO_TEST_CASE(routed_forward_over_mpi) {
   routing<> ref_routing(ids, w, top_k<>(K));
   std::vector<double> scale;
   const auto ref = locus_test::dense_moe(x, ref_routing.view(), all, &shared_w, &scale);
-  for (std::size_t i = 0; i < y.size(); ++i) ok &= std::abs(y[i] - ref[i]) <= 1e-5 * scale[i] + 1e-6 ? 1 : 0;
+  for (std::size_t i = 0; i < y.size(); ++i)
+    ok &= std::abs(y[i] - ref[i]) <= 1e-5 * scale[i] + 1e-6 ? 1 : 0;
   int all_ok = 0;
   MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
   BOOST_TEST(all_ok == 1);

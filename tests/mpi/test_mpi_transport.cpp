@@ -64,34 +64,28 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
       tp = std::make_unique<mpi_transport>(MPI_COMM_WORLD, dynamic_topology(nodes, gpus), hier,
                                            exchange_options{std::chrono::milliseconds(60000)});
     const auto c = locus_test::make_case(1000 + it, nodes, gpus);
-    moe_dispatcher<mpi_transport, float> d(*tp, c.map, c.hidden, c.k);
-    // Every other round of (shape, flat/hierarchical) leaves the rows where they arrived.
-    if ((it / (2 * topologies.size())) % 2 == 1) d.set_expert_input_layout(expert_input_layout::row_pointers);
+    moe_dispatcher<mpi_transport, float> d(*tp, c.map, c.hidden);
     const auto x = c.inputs(me);
+    layout<> l;
+    d.plan(l, c.routings[me].view());
     tp->reset_bytes();
-    d.dispatch(std::span<const float>(x), c.routings[me].view());
+    auto h = d.dispatch(std::span<const float>(x), l);
     const auto dispatch_bytes = tp->bytes().bytes_sent;
     tp->reset_bytes();
-    bool payload_ok = true;
-    for (std::size_t row = 0; row < d.row_tokens().size(); ++row)
-      for (std::size_t h = 0; h < c.hidden; ++h)
-        payload_ok &= d.expert_input_row(row)[h] ==
-                      locus_test::dispatch_case::input(d.row_sources()[row], d.row_tokens()[row], h);
+    const bool payload_ok = locus_test::payloads_are_inputs(h, c);
     std::vector<float> y(x.size());
-    if (it % 3 == 2) { // the weighted sums formed beside the experts, as a fusing compute does
-      locus_test::run_experts_into_sums(d);
-      d.combine_sums(y);
-    } else {
-      locus_test::run_experts(d);
-      d.combine(y);
-    }
+    if (it % 3 == 2) // the weighted sums formed beside the experts, as a fusing compute does
+      locus_test::run_experts_into_sums(h);
+    else
+      locus_test::run_experts(h);
+    d.combine(y, h);
     const auto combine_bytes = tp->bytes().bytes_sent;
 
     const double err = locus_test::max_error(y, c.reference(me));
     // One reduction per iteration: expert rows, then dispatch and combine bytes per link class.
     std::vector<std::uint64_t> mine(c.experts + 6, 0), all(c.experts + 6, 0), expect_rows(c.experts, 0);
-    for (std::size_t i = 0; i < d.local_experts().size(); ++i)
-      mine[static_cast<std::size_t>(d.local_experts()[i])] += d.expert_offsets()[i + 1] - d.expert_offsets()[i];
+    for (std::size_t i = 0; i < h.local_experts().size(); ++i)
+      mine[static_cast<std::size_t>(h.local_experts()[i])] += h.expert_offsets()[i + 1] - h.expert_offsets()[i];
     for (std::size_t cls = 0; cls < 3; ++cls) {
       mine[c.experts + cls] = dispatch_bytes[cls];
       mine[c.experts + 3 + cls] = combine_bytes[cls];
@@ -108,7 +102,8 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
     const std::array<std::uint64_t, 3> cb{all[c.experts + 3], all[c.experts + 4], all[c.experts + 5]};
     bool ok = payload_ok && err < 1e-5 && all_rows == expect_rows;
     for (std::size_t cls = 0; cls < 3; ++cls)
-      ok &= db[cls] == model.copies[cls] * sizes.dispatch_bytes && cb[cls] == model.copies[cls] * sizes.combine_bytes;
+      ok &= db[cls] == model.dispatch_bytes(static_cast<link_class>(cls), sizes) &&
+            cb[cls] == model.combine_bytes(static_cast<link_class>(cls), sizes);
     if (!ok) {
       ++failures;
       BOOST_TEST_MESSAGE("iteration " << it << " (" << nodes << "x" << gpus << (hier ? " hierarchical" : " flat")

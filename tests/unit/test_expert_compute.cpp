@@ -1,11 +1,9 @@
 #define BOOST_TEST_MODULE expert_compute
-#include <boost/test/unit_test.hpp>
-
 #include "../support/moe_reference.hpp"
 
-#include <locus/layer/expert_compute.hpp>
-
+#include <boost/test/unit_test.hpp>
 #include <cstring>
+#include <locus/layer/expert_compute.hpp>
 #include <numeric>
 
 using namespace locus;
@@ -24,7 +22,8 @@ struct block_set {
 
   block_set(std::vector<expert_id> e, const std::vector<std::size_t>& rows, std::size_t h, std::uint64_t seed)
       : experts(std::move(e)), hidden(h) {
-    for (std::size_t r : rows) offsets.push_back(offsets.back() + r);
+    for (std::size_t r : rows)
+      offsets.push_back(offsets.back() + r);
     in = locus_test::random_rows<A>(seed, offsets.back(), h);
     out.assign(in.size(), A{});
   }
@@ -139,12 +138,15 @@ BOOST_AUTO_TEST_CASE(user_callable_sees_each_nonempty_block) {
   layer::expert_callable f([&](expert_id e, std::span<const float> in, std::span<float> out, std::size_t rows) {
     calls.emplace_back(e, rows);
     BOOST_REQUIRE(in.size() == rows * 6 && out.size() == rows * 6);
-    for (std::size_t i = 0; i < in.size(); ++i) out[i] = static_cast<float>(e + 1) * in[i];
+    for (std::size_t i = 0; i < in.size(); ++i)
+      out[i] = static_cast<float>(e + 1) * in[i];
   });
   f(b.view());
   BOOST_TEST((calls == std::vector<std::pair<expert_id, std::size_t>>{{2, 4}, {7, 3}}));
-  for (std::size_t i = 0; i < 4 * 6; ++i) BOOST_TEST(b.out[i] == 3.0f * b.in[i]);
-  for (std::size_t i = 4 * 6; i < 7 * 6; ++i) BOOST_TEST(b.out[i] == 8.0f * b.in[i]);
+  for (std::size_t i = 0; i < 4 * 6; ++i)
+    BOOST_TEST(b.out[i] == 3.0f * b.in[i]);
+  for (std::size_t i = 4 * 6; i < 7 * 6; ++i)
+    BOOST_TEST(b.out[i] == 8.0f * b.in[i]);
 }
 
 namespace {
@@ -176,7 +178,6 @@ BOOST_AUTO_TEST_CASE(rows_given_by_pointer_give_the_same_outputs) {
   block_set<float> contiguous({0, 2, 3, 5}, {13, 0, 1, 29}, hidden, 8), by_pointer = contiguous;
   const scattered_rows<float> rows(by_pointer);
   layer::swiglu_host<float> compute(all, 3);
-  static_assert(layer::swiglu_host<float>::reads_input_rows);
   compute(contiguous.view());
   compute(rows.view(by_pointer));
   BOOST_TEST(std::memcmp(contiguous.out.data(), by_pointer.out.data(), contiguous.out.size() * sizeof(float)) == 0);
@@ -196,11 +197,14 @@ BOOST_AUTO_TEST_CASE(user_callable_gets_rows_given_by_pointer_gathered) {
   block_set<float> b({2, 7}, {4, 3}, 6, 22);
   const scattered_rows<float> rows(b);
   layer::expert_callable f([&](expert_id e, std::span<const float> in, std::span<float> out, std::size_t) {
-    for (std::size_t i = 0; i < in.size(); ++i) out[i] = static_cast<float>(e + 1) * in[i];
+    for (std::size_t i = 0; i < in.size(); ++i)
+      out[i] = static_cast<float>(e + 1) * in[i];
   });
   f(rows.view(b));
-  for (std::size_t i = 0; i < 4 * 6; ++i) BOOST_TEST(b.out[i] == 3.0f * b.in[i]);
-  for (std::size_t i = 4 * 6; i < 7 * 6; ++i) BOOST_TEST(b.out[i] == 8.0f * b.in[i]);
+  for (std::size_t i = 0; i < 4 * 6; ++i)
+    BOOST_TEST(b.out[i] == 3.0f * b.in[i]);
+  for (std::size_t i = 4 * 6; i < 7 * 6; ++i)
+    BOOST_TEST(b.out[i] == 8.0f * b.in[i]);
 }
 
 BOOST_AUTO_TEST_CASE(blocks_without_any_input_are_rejected) {
@@ -259,7 +263,8 @@ BOOST_AUTO_TEST_CASE(fused_weighted_sums_equal_summed_outputs) {
   block_set<float> b({0, 2}, {17, 6}, 130, 41);
   std::vector<std::uint32_t> row_copy(23);
   std::vector<float> w(23, 0.5f);
-  for (std::size_t r = 0; r < 23; ++r) row_copy[r] = static_cast<std::uint32_t>(r % 5);
+  for (std::size_t r = 0; r < 23; ++r)
+    row_copy[r] = static_cast<std::uint32_t>(r % 5);
   std::vector<float> one(5 * 130, 0.0f), many(one);
   layer::swiglu_host<float>(all, 1)(b.view(), layer::weighted_sum_target{one.data(), row_copy.data(), w.data(), 5});
   layer::swiglu_host<float>(all, 4)(b.view(), layer::weighted_sum_target{many.data(), row_copy.data(), w.data(), 5});

@@ -1,13 +1,11 @@
 #define BOOST_TEST_MODULE layout
+#include <algorithm>
 #include <boost/test/unit_test.hpp>
-
+#include <cmath>
 #include <locus/cost/traffic.hpp>
 #include <locus/placement/replica_selection.hpp>
 #include <locus/transport/layout.hpp>
 #include <locus/transport/permute.hpp>
-
-#include <algorithm>
-#include <cmath>
 #include <map>
 #include <numeric>
 #include <random>
@@ -32,18 +30,22 @@ struct shape_case {
 expert_map random_map(const shape_case& s, std::mt19937& rng) {
   const std::size_t ranks = s.nodes * s.gpus;
   std::vector<std::size_t> usable;
-  for (std::size_t r = s.empty_ranks; r < ranks; ++r) usable.push_back(r);
+  for (std::size_t r = s.empty_ranks; r < ranks; ++r)
+    usable.push_back(r);
   std::shuffle(usable.begin(), usable.end(), rng);
   std::vector<std::size_t> free_slots;
   for (std::size_t r : usable)
-    for (std::size_t sl = 0; sl < s.slots; ++sl) free_slots.push_back(r * s.slots + sl);
+    for (std::size_t sl = 0; sl < s.slots; ++sl)
+      free_slots.push_back(r * s.slots + sl);
   std::shuffle(free_slots.begin(), free_slots.end(), rng);
   BOOST_REQUIRE(free_slots.size() >= s.experts + s.replicas);
   std::vector<expert_id> table(ranks * s.slots, empty_slot);
   std::size_t next = 0;
-  for (std::size_t e = 0; e < s.experts; ++e) table[free_slots[next++]] = static_cast<expert_id>(e);
+  for (std::size_t e = 0; e < s.experts; ++e)
+    table[free_slots[next++]] = static_cast<expert_id>(e);
   std::uniform_int_distribution<std::size_t> pick(0, std::min<std::size_t>(s.experts, 6) - 1); // hot experts
-  for (std::size_t i = 0; i < s.replicas; ++i) table[free_slots[next++]] = static_cast<expert_id>(pick(rng));
+  for (std::size_t i = 0; i < s.replicas; ++i)
+    table[free_slots[next++]] = static_cast<expert_id>(pick(rng));
   return expert_map(s.experts, ranks, s.slots, table);
 }
 
@@ -73,7 +75,9 @@ struct ref_row {
   std::int32_t send_rank, lead, token;
   std::vector<std::int32_t> copies; // ordered by (rank, slot)
   std::int32_t forwards = 0;
-  bool operator<(const ref_row& o) const { return std::tie(send_rank, lead, token) < std::tie(o.send_rank, o.lead, o.token); }
+  bool operator<(const ref_row& o) const {
+    return std::tie(send_rank, lead, token) < std::tie(o.send_rank, o.lead, o.token);
+  }
 };
 
 struct ref_layout {
@@ -83,7 +87,7 @@ struct ref_layout {
 };
 
 ref_layout reference(const routing<top_k<>>& r, const expert_map& map, const dynamic_topology& topo, std::size_t src,
-                     layout_kind kind) {
+                     transport_kind kind) {
   ref_layout out;
   placement::locality_first_selector sel(map, topo);
   const std::size_t k = r.top_k(), G = topo.gpus_per_node(), S = map.slots_per_rank();
@@ -102,8 +106,9 @@ ref_layout reference(const routing<top_k<>>& r, const expert_map& map, const dyn
     for (std::size_t j = 0; j < k; ++j) {
       const std::int32_t c = static_cast<std::int32_t>(t * k + j), dst = out.rank[static_cast<std::size_t>(c)];
       std::int32_t to = dst;
-      if (kind == layout_kind::node && topo.node_of(static_cast<std::size_t>(dst)) != topo.node_of(src))
-        to = static_cast<std::int32_t>(topo.rank_of(topo.node_of(static_cast<std::size_t>(dst)), topo.local_rank_of(src)));
+      if (kind == transport_kind::hierarchical && topo.node_of(static_cast<std::size_t>(dst)) != topo.node_of(src))
+        to = static_cast<std::int32_t>(
+            topo.rank_of(topo.node_of(static_cast<std::size_t>(dst)), topo.local_rank_of(src)));
       by_send[to].push_back(c);
     }
     for (auto& [to, copies] : by_send) {
@@ -115,9 +120,10 @@ ref_layout reference(const routing<top_k<>>& r, const expert_map& map, const dyn
       std::set<std::int32_t> targets;
       for (std::int32_t c : copies) {
         const std::int32_t dst = out.rank[static_cast<std::size_t>(c)];
-        const std::int32_t lead = kind == layout_kind::flat ? out.slot[static_cast<std::size_t>(c)]
-                                                            : (dst % static_cast<std::int32_t>(G)) * static_cast<std::int32_t>(S) +
-                                                                  out.slot[static_cast<std::size_t>(c)];
+        const std::int32_t lead = kind == transport_kind::flat
+                                      ? out.slot[static_cast<std::size_t>(c)]
+                                      : (dst % static_cast<std::int32_t>(G)) * static_cast<std::int32_t>(S) +
+                                            out.slot[static_cast<std::size_t>(c)];
         row.lead = std::min(row.lead, lead);
         if (dst != to) targets.insert(dst);
       }
@@ -146,7 +152,8 @@ void check_against_reference(const layout<TopK>& l, const ref_layout& ref, const
     ++rank_count[static_cast<std::size_t>(row.send_rank)];
     BOOST_REQUIRE_EQUAL(l.row_token()[i], row.token);
     BOOST_REQUIRE_EQUAL(static_cast<std::size_t>(l.row_entry_offsets()[i]), entry);
-    if (l.kind() == layout_kind::node) BOOST_REQUIRE_EQUAL(l.forwards(i), static_cast<std::size_t>(row.forwards));
+    if (l.kind() == transport_kind::hierarchical)
+      BOOST_REQUIRE_EQUAL(l.forwards(i), static_cast<std::size_t>(row.forwards));
     for (std::int32_t c : row.copies) {
       const auto uc = static_cast<std::size_t>(c);
       BOOST_REQUIRE_EQUAL(l.entry_copy()[entry], c);
@@ -166,15 +173,16 @@ void check_against_reference(const layout<TopK>& l, const ref_layout& ref, const
     off += rank_count[d];
   }
   BOOST_REQUIRE_EQUAL(l.rank_offsets()[l.ranks()], off);
-  BOOST_REQUIRE(std::equal(ref.slot_counts.begin(), ref.slot_counts.end(), l.slot_counts().begin(), l.slot_counts().end()));
+  BOOST_REQUIRE(
+      std::equal(ref.slot_counts.begin(), ref.slot_counts.end(), l.slot_counts().begin(), l.slot_counts().end()));
 }
 
 const std::vector<shape_case> shapes = {
     // E, K, nodes, gpus, slots, tokens, empty ranks, replicas
-    {8, 2, 2, 2, 3, 300, 0, 4},      {8, 2, 1, 1, 8, 50, 0, 0},   {8, 2, 1, 1, 10, 97, 0, 2},
-    {64, 6, 2, 4, 11, 513, 1, 6},     {64, 6, 4, 2, 8, 200, 0, 0}, {128, 1, 4, 4, 10, 700, 2, 10},
-    {128, 1, 1, 8, 17, 64, 0, 8},    {256, 8, 8, 8, 5, 400, 0, 40}, {256, 8, 4, 8, 10, 333, 3, 20},
-    {256, 8, 16, 4, 4, 129, 0, 0},   {64, 6, 2, 4, 9, 0, 0, 3},   {16, 4, 3, 3, 2, 257, 0, 2},
+    {8, 2, 2, 2, 3, 300, 0, 4},    {8, 2, 1, 1, 8, 50, 0, 0},     {8, 2, 1, 1, 10, 97, 0, 2},
+    {64, 6, 2, 4, 11, 513, 1, 6},  {64, 6, 4, 2, 8, 200, 0, 0},   {128, 1, 4, 4, 10, 700, 2, 10},
+    {128, 1, 1, 8, 17, 64, 0, 8},  {256, 8, 8, 8, 5, 400, 0, 40}, {256, 8, 4, 8, 10, 333, 3, 20},
+    {256, 8, 16, 4, 4, 129, 0, 0}, {64, 6, 2, 4, 9, 0, 0, 3},     {16, 4, 3, 3, 2, 257, 0, 2},
 };
 
 } // namespace
@@ -186,22 +194,24 @@ BOOST_AUTO_TEST_CASE(layouts_match_brute_force_reference_and_traffic_model) {
     const dynamic_topology topo(s.nodes, s.gpus);
     const auto r = random_routing(s.tokens, s.experts, s.k, rng);
     for (std::size_t src : {std::size_t{0}, topo.ranks() - 1, topo.ranks() / 2}) {
-      for (layout_kind kind : {layout_kind::flat, layout_kind::node}) {
-        BOOST_TEST_CONTEXT("E=" << s.experts << " K=" << s.k << " " << s.nodes << "x" << s.gpus << " src " << src
-                                << " " << to_string(kind)) {
+      for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
+        BOOST_TEST_CONTEXT("E=" << s.experts << " K=" << s.k << " " << s.nodes << "x" << s.gpus << " src " << src << " "
+                                << to_string(kind)) {
           layout<top_k<>> l;
           l.assign(r.view(), map, topo, src, layout_options{kind, 3, 16});
           check_against_reference(l, reference(r, map, topo, src, kind), r);
           // The traffic model's count for the same tokens, all on `src`.
           cost::layer_traffic traffic(topo.ranks());
-          cost::traffic_counter counter(topo, kind == layout_kind::flat ? cost::transport_kind::flat
-                                                                        : cost::transport_kind::hierarchical);
+          cost::traffic_counter counter(topo, kind == transport_kind::flat ? cost::transport_kind::flat
+                                                                           : cost::transport_kind::hierarchical);
           const std::vector<std::uint32_t> sources(s.tokens, static_cast<std::uint32_t>(src));
           counter.count_step(map, r.view(), {}, sources, traffic);
-          for (std::size_t c = 0; c < link_class_count; ++c) BOOST_CHECK_EQUAL(l.link_copies()[c], traffic.copies[c]);
+          for (std::size_t c = 0; c < link_class_count; ++c)
+            BOOST_CHECK_EQUAL(l.link_copies()[c], traffic.copies[c]);
           for (std::size_t d = 0; d < topo.ranks(); ++d) {
             std::uint64_t rows_d = 0;
-            for (std::size_t sl = 0; sl < s.slots; ++sl) rows_d += static_cast<std::uint64_t>(l.slot_counts()[d * s.slots + sl]);
+            for (std::size_t sl = 0; sl < s.slots; ++sl)
+              rows_d += static_cast<std::uint64_t>(l.slot_counts()[d * s.slots + sl]);
             BOOST_CHECK_EQUAL(rows_d, traffic.expert_rows[d]);
           }
         }
@@ -218,7 +228,7 @@ BOOST_AUTO_TEST_CASE(results_do_not_depend_on_threads_or_static_extents) {
   const dynamic_topology dyn_topo(8, 8);
   const topology<nodes<8>, gpus_per_node<8>> static_topo;
   const routing_view<top_k<8>> static_view(r.ids().data(), r.weights().data(), r.tokens());
-  for (layout_kind kind : {layout_kind::flat, layout_kind::node}) {
+  for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
     layout<top_k<>> base;
     base.assign(r.view(), map, dyn_topo, 9, layout_options{kind, 1, 1});
     for (unsigned threads : {2u, 3u, 8u}) {
@@ -260,10 +270,13 @@ BOOST_AUTO_TEST_CASE(node_fanout_covers_exactly_the_flat_copies) {
     // Each receiving peer splits its rows by target local rank, from the metadata alone.
     std::uint64_t forwards = 0;
     for (std::size_t d = 0; d < topo.ranks(); ++d) {
-      const auto r0 = static_cast<std::size_t>(node.rank_offsets()[d]), r1 = static_cast<std::size_t>(node.rank_offsets()[d + 1]);
-      const auto e0 = static_cast<std::size_t>(node.rank_entry_offsets()[d]), e1 = static_cast<std::size_t>(node.rank_entry_offsets()[d + 1]);
+      const auto r0 = static_cast<std::size_t>(node.rank_offsets()[d]),
+                 r1 = static_cast<std::size_t>(node.rank_offsets()[d + 1]);
+      const auto e0 = static_cast<std::size_t>(node.rank_entry_offsets()[d]),
+                 e1 = static_cast<std::size_t>(node.rank_entry_offsets()[d + 1]);
       std::vector<std::int32_t> counts;
-      for (std::size_t row = r0; row < r1; ++row) counts.push_back(node.row_entry_offsets()[row + 1] - node.row_entry_offsets()[row]);
+      for (std::size_t row = r0; row < r1; ++row)
+        counts.push_back(node.row_entry_offsets()[row + 1] - node.row_entry_offsets()[row]);
       const auto f = make_node_fanout(topo.gpus_per_node(), counts, node.entry_target().subspan(e0, e1 - e0),
                                       node.entry_slot().subspan(e0, e1 - e0), node.entry_weight().subspan(e0, e1 - e0));
       std::size_t fe = 0;
@@ -279,7 +292,8 @@ BOOST_AUTO_TEST_CASE(node_fanout_covers_exactly_the_flat_copies) {
     }
     BOOST_CHECK(got == expected);
     std::uint64_t layout_forwards = 0;
-    for (std::size_t row = 0; row < node.rows(); ++row) layout_forwards += node.forwards(row);
+    for (std::size_t row = 0; row < node.rows(); ++row)
+      layout_forwards += node.forwards(row);
     BOOST_CHECK_EQUAL(forwards, layout_forwards);
     BOOST_CHECK_LE(node.link_copies()[2], flat.link_copies()[2]);
   }
@@ -291,12 +305,15 @@ template <class T>
 std::vector<T> random_vectors(std::size_t n, std::mt19937& rng) {
   std::uniform_real_distribution<float> u(-2.0f, 2.0f);
   std::vector<T> v(n);
-  for (auto& x : v) x = T(u(rng));
+  for (auto& x : v)
+    x = T(u(rng));
   return v;
 }
 
 // The "expert": y = a_e * x + b_e elementwise, computed in double then stored as T.
-double expert_fn(std::size_t e, double x) { return (0.5 + 0.01 * static_cast<double>(e)) * x + 0.001 * static_cast<double>(e); }
+double expert_fn(std::size_t e, double x) {
+  return (0.5 + 0.01 * static_cast<double>(e)) * x + 0.001 * static_cast<double>(e);
+}
 
 template <class T>
 void permute_and_combine(std::size_t hidden, double tolerance) {
@@ -311,30 +328,35 @@ void permute_and_combine(std::size_t hidden, double tolerance) {
     std::vector<std::vector<T>> x(R), send(R);
     for (std::size_t src = 0; src < R; ++src) {
       routings.push_back(random_routing(tokens, s.experts, s.k, rng));
-      layouts[src].assign(routings[src].view(), map, topo, src, layout_options{layout_kind::flat, 2, 8});
+      layouts[src].assign(routings[src].view(), map, topo, src, layout_options{transport_kind::flat, 2, 8});
       x[src] = random_vectors<T>(tokens * hidden, rng);
       send[src].resize(layouts[src].rows() * hidden);
       permute<T>(layouts[src], x[src], hidden, send[src], 2);
       for (std::size_t row = 0; row < layouts[src].rows(); ++row)
-        BOOST_REQUIRE(std::equal(send[src].begin() + static_cast<std::ptrdiff_t>(row * hidden),
-                                 send[src].begin() + static_cast<std::ptrdiff_t>((row + 1) * hidden),
-                                 x[src].begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(layouts[src].row_token()[row]) * hidden)));
+        BOOST_REQUIRE(std::equal(
+            send[src].begin() + static_cast<std::ptrdiff_t>(row * hidden),
+            send[src].begin() + static_cast<std::ptrdiff_t>((row + 1) * hidden),
+            x[src].begin() +
+                static_cast<std::ptrdiff_t>(static_cast<std::size_t>(layouts[src].row_token()[row]) * hidden)));
       std::vector<T> back(x[src].size());
       unpermute<T>(layouts[src], send[src], hidden, back, 3);
       BOOST_REQUIRE(back == x[src]);
     }
     std::vector<std::vector<T>> returned(R);
-    for (std::size_t src = 0; src < R; ++src) returned[src].resize(layouts[src].rows() * hidden);
+    for (std::size_t src = 0; src < R; ++src)
+      returned[src].resize(layouts[src].rows() * hidden);
     for (std::size_t d = 0; d < R; ++d) {
       std::vector<T> recv;
       std::vector<std::int32_t> counts, slots;
       std::vector<float> weights;
       for (std::size_t src = 0; src < R; ++src) {
         const auto& l = layouts[src];
-        const auto r0 = static_cast<std::size_t>(l.rank_offsets()[d]), r1 = static_cast<std::size_t>(l.rank_offsets()[d + 1]);
+        const auto r0 = static_cast<std::size_t>(l.rank_offsets()[d]),
+                   r1 = static_cast<std::size_t>(l.rank_offsets()[d + 1]);
         recv.insert(recv.end(), send[src].begin() + static_cast<std::ptrdiff_t>(r0 * hidden),
                     send[src].begin() + static_cast<std::ptrdiff_t>(r1 * hidden));
-        for (std::size_t row = r0; row < r1; ++row) counts.push_back(l.row_entry_offsets()[row + 1] - l.row_entry_offsets()[row]);
+        for (std::size_t row = r0; row < r1; ++row)
+          counts.push_back(l.row_entry_offsets()[row + 1] - l.row_entry_offsets()[row]);
         for (auto e = l.rank_entry_offsets()[d]; e < l.rank_entry_offsets()[d + 1]; ++e) {
           slots.push_back(l.entry_slot()[static_cast<std::size_t>(e)]);
           weights.push_back(l.entry_weight()[static_cast<std::size_t>(e)]);
@@ -346,17 +368,20 @@ void permute_and_combine(std::size_t hidden, double tolerance) {
       gather_expert_input<T>(rl, recv, hidden, in, 2);
       for (std::size_t sl = 0; sl < map.slots_per_rank(); ++sl) {
         const auto e = map.expert_at(d, sl);
-        for (auto i = static_cast<std::size_t>(rl.slot_offsets()[sl]); i < static_cast<std::size_t>(rl.slot_offsets()[sl + 1]); ++i) {
+        for (auto i = static_cast<std::size_t>(rl.slot_offsets()[sl]);
+             i < static_cast<std::size_t>(rl.slot_offsets()[sl + 1]); ++i) {
           BOOST_REQUIRE(e != empty_slot);
           for (std::size_t h = 0; h < hidden; ++h)
-            out[i * hidden + h] = T(static_cast<float>(expert_fn(static_cast<std::size_t>(e), to_float(in[i * hidden + h]))));
+            out[i * hidden + h] =
+                T(static_cast<float>(expert_fn(static_cast<std::size_t>(e), to_float(in[i * hidden + h]))));
         }
       }
       reduce_expert_output<T>(rl, out, hidden, rows_out, 2);
       std::size_t at = 0;
       for (std::size_t src = 0; src < R; ++src) {
         const auto& l = layouts[src];
-        const auto r0 = static_cast<std::size_t>(l.rank_offsets()[d]), r1 = static_cast<std::size_t>(l.rank_offsets()[d + 1]);
+        const auto r0 = static_cast<std::size_t>(l.rank_offsets()[d]),
+                   r1 = static_cast<std::size_t>(l.rank_offsets()[d + 1]);
         std::copy(rows_out.begin() + static_cast<std::ptrdiff_t>(at * hidden),
                   rows_out.begin() + static_cast<std::ptrdiff_t>((at + r1 - r0) * hidden),
                   returned[src].begin() + static_cast<std::ptrdiff_t>(r0 * hidden));
@@ -378,8 +403,9 @@ void permute_and_combine(std::size_t hidden, double tolerance) {
         for (std::size_t h = 0; h < hidden; ++h) {
           double ref = 0, mag = 0;
           for (std::size_t j = 0; j < s.k; ++j) {
-            const double term = static_cast<double>(routings[src].weights()[t * s.k + j]) *
-                                expert_fn(static_cast<std::size_t>(routings[src].ids()[t * s.k + j]), to_float(x[src][t * hidden + h]));
+            const double term =
+                static_cast<double>(routings[src].weights()[t * s.k + j]) *
+                expert_fn(static_cast<std::size_t>(routings[src].ids()[t * s.k + j]), to_float(x[src][t * hidden + h]));
             ref += term;
             mag += std::abs(term);
           }
@@ -396,7 +422,8 @@ void check_throws(F&& f, const std::string& needle) {
     f();
     BOOST_ERROR("no exception; expected one mentioning \"" << needle << "\"");
   } catch (const locus::error& e) {
-    BOOST_CHECK_MESSAGE(std::string(e.what()).find(needle) != std::string::npos, "message \"" << e.what() << "\" lacks \"" << needle << "\"");
+    BOOST_CHECK_MESSAGE(std::string(e.what()).find(needle) != std::string::npos,
+                        "message \"" << e.what() << "\" lacks \"" << needle << "\"");
   }
 }
 
@@ -419,7 +446,8 @@ BOOST_AUTO_TEST_CASE(invalid_inputs_are_named) {
   check_throws([&] { l.assign(nan_weight.view(), map, topo, 0); }, "token 1 choice 1");
   routing<top_k<>> ok({0, 1, 2, 3}, {1, 1, 1, 1}, top_k<>(2));
   check_throws([&] { l.assign(ok.view(), map, topo, 4); }, "source rank 4 out of range");
-  check_throws([&] { l.assign(ok.view(), map, dynamic_topology(1, 2), 0); }, "the expert map has 4 ranks but the topology has 2");
+  check_throws([&] { l.assign(ok.view(), map, dynamic_topology(1, 2), 0); },
+               "the expert map has 4 ranks but the topology has 2");
   l.assign(ok.view(), map, topo, 0);
   std::vector<float> x(2 * 4), send(l.rows() * 4 + 1);
   check_throws([&] { permute<float>(l, x, 4, send); }, "send holds");
@@ -430,7 +458,11 @@ BOOST_AUTO_TEST_CASE(invalid_inputs_are_named) {
   check_throws([&] { rl.assign(2, counts, slots); }, "entry 2 names slot 2");
   const std::vector<std::int32_t> slots2{0, 1};
   check_throws([&] { rl.assign(2, counts, slots2); }, "exceed the 2 entries");
-  check_throws([&] { (void)make_node_fanout(2, counts, std::vector<std::int32_t>{0, 5, 1}, slots, {}); }, "targets local rank 5");
+  check_throws(
+      [&] {
+        (void)make_node_fanout(2, counts, std::vector<std::int32_t>{0, 5, 1}, slots, {});
+      },
+      "targets local rank 5");
   routing<top_k<>> no_weights_r({0, 1, 2, 3}, {1, 1, 1, 1}, top_k<>(2));
   const routing_view<top_k<>> no_weights(no_weights_r.ids().data(), nullptr, 2, top_k<>(2));
   l.assign(no_weights, map, topo, 0);

@@ -1,12 +1,10 @@
 #define BOOST_TEST_MODULE moe_layer
-#include <boost/test/unit_test.hpp>
-
 #include "../mpi/dispatch_cases.hpp"
 #include "../support/moe_reference.hpp"
 
-#include <locus/layer/moe_layer.hpp>
-
+#include <boost/test/unit_test.hpp>
 #include <functional>
+#include <locus/layer/moe_layer.hpp>
 #include <thread>
 
 using namespace locus;
@@ -28,7 +26,8 @@ std::vector<std::exception_ptr> on_ranks(transport::local_fabric& f,
         errors[r] = std::current_exception();
       }
     });
-  for (auto& t : threads) t.join();
+  for (auto& t : threads)
+    t.join();
   return errors;
 }
 
@@ -48,8 +47,8 @@ double worst_ratio(const std::vector<T>& y, const std::vector<double>& ref, cons
   BOOST_REQUIRE_EQUAL(y.size(), ref.size());
   double worst = 0;
   for (std::size_t i = 0; i < y.size(); ++i)
-    worst = std::max(worst, std::abs(locus_test::as_double(y[i]) - ref[i]) /
-                                (rel * std::abs(ref[i]) + acc * scale[i] + 1e-6));
+    worst = std::max(worst,
+                     std::abs(locus_test::as_double(y[i]) - ref[i]) / (rel * std::abs(ref[i]) + acc * scale[i] + 1e-6));
   return worst;
 }
 
@@ -63,7 +62,7 @@ template <class Transport>
 double run_case(const locus_test::dispatch_case& c, std::size_t ffn, std::size_t shared, std::uint64_t seed) {
   const auto all = locus_test::model_weights<float>(seed, c.experts, c.hidden, ffn);
   const auto shared_w = locus_test::model_weights<float>(seed + 1, shared, c.hidden, ffn);
-  transport::local_fabric f(c.topo, Transport::hierarchical);
+  transport::local_fabric f(c.topo, Transport::kind == transport_kind::hierarchical);
   std::vector<std::vector<float>> y(c.topo.ranks());
   require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
     const std::size_t r = ep.rank();
@@ -154,7 +153,8 @@ BOOST_AUTO_TEST_CASE(static_shape_bf16) {
 BOOST_AUTO_TEST_CASE(user_callable_expert_compute) {
   const auto c = locus_test::make_case(4242, 2, 2);
   auto scale = [](expert_id e, std::span<const float> in, std::span<float> out, std::size_t) {
-    for (std::size_t i = 0; i < in.size(); ++i) out[i] = static_cast<float>(e + 1) * in[i];
+    for (std::size_t i = 0; i < in.size(); ++i)
+      out[i] = static_cast<float>(e + 1) * in[i];
   };
   using compute = layer::expert_callable<decltype(scale)>;
   transport::local_fabric f(c.topo, false);
@@ -166,7 +166,8 @@ BOOST_AUTO_TEST_CASE(user_callable_expert_compute) {
     y[ep.rank()].resize(x.size());
     layer.forward(x, c.routings[ep.rank()].view(), y[ep.rank()]);
   }));
-  for (std::size_t r = 0; r < 4; ++r) BOOST_TEST(locus_test::max_error(y[r], c.reference(r)) <= 1e-5);
+  for (std::size_t r = 0; r < 4; ++r)
+    BOOST_TEST(locus_test::max_error(y[r], c.reference(r)) <= 1e-5);
 }
 
 // A rank with a bad routing raises after the collective steps; its peers finish with correct
@@ -189,9 +190,9 @@ BOOST_AUTO_TEST_CASE(bad_routing_on_one_rank_raises_there_only) {
   std::vector<std::vector<float>> y(4);
   const auto errors = on_ranks(f, [&](transport::local_transport& ep) {
     const std::size_t r = ep.rank();
-    dyn_layer<transport::local_hierarchical> layer(dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
-                                                   layer::swiglu_host<float>(
-                                                       expert_weights<float>::for_rank(c.map, r, all), 1));
+    dyn_layer<transport::local_hierarchical> layer(
+        dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
+        layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, r, all), 1));
     const auto x = c.inputs(r);
     y[r].resize(x.size());
     layer.forward(x, r == 1 ? bad.view() : c.routings[r].view(), y[r]);
@@ -229,9 +230,9 @@ BOOST_AUTO_TEST_CASE(inconsistent_composition_is_refused) {
       layer_t(dyn_shape(4, 2, 8, 0), topo, ep, map, layer::swiglu_host<float>(expert_weights<float>(8, 8, {0}))),
       config_error);
   // A hierarchical policy on a flat endpoint.
-  BOOST_CHECK_THROW(dyn_layer<transport::local_hierarchical>(dyn_shape(4, 2, 8, 0), topo, ep, map,
-                                                             layer::swiglu_host<float>(mine)),
-                    config_error);
+  BOOST_CHECK_THROW(
+      dyn_layer<transport::local_hierarchical>(dyn_shape(4, 2, 8, 0), topo, ep, map, layer::swiglu_host<float>(mine)),
+      config_error);
   // Shared experts on a shape without them, and a shared compute lacking expert 1.
   layer_t ok(dyn_shape(4, 2, 8, 0), topo, ep, map, layer::swiglu_host<float>(mine));
   BOOST_CHECK_THROW(ok.set_shared_experts(layer::swiglu_host<float>(all)), config_error);
@@ -253,7 +254,8 @@ BOOST_AUTO_TEST_CASE(forward_with_softmax_router_matches_reference) {
   transport::local_fabric f(topo, true);
   std::vector<std::vector<float>> xs(4), ys(4);
   std::vector<std::vector<expert_id>> got_ids(4);
-  for (std::size_t r = 0; r < 4; ++r) xs[r] = locus_test::random_rows<float>(200 + r, tokens + r, H);
+  for (std::size_t r = 0; r < 4; ++r)
+    xs[r] = locus_test::random_rows<float>(200 + r, tokens + r, H);
   require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
     const std::size_t r = ep.rank();
     layer_t layer(dyn_shape(E, K, H, 1), topo, ep, map,

@@ -1,9 +1,7 @@
 #define BOOST_TEST_MODULE placement
-#include <boost/test/unit_test.hpp>
-
-#include <locus/placement/replica_selection.hpp>
-
 #include <algorithm>
+#include <boost/test/unit_test.hpp>
+#include <locus/placement/replica_selection.hpp>
 #include <map>
 #include <random>
 #include <tuple>
@@ -11,27 +9,34 @@
 using namespace locus;
 
 namespace {
-// Reference: spell the rule out over explicit candidate lists, keyed by (rank, slot).
+// Reference: spell the rule out over explicit candidate lists, counting each source's copies per
+// replica, keyed by (source, rank, slot).
 struct reference_selector {
   const expert_map& map;
   dynamic_topology topo;
-  std::map<std::pair<int, int>, unsigned> copies;
+  std::map<std::tuple<std::size_t, int, int>, unsigned> copies;
 
   slot_ref select(std::size_t src, std::size_t e) {
     std::vector<slot_ref> all(map.replicas(e).begin(), map.replicas(e).end());
     for (const slot_ref& s : all)
       if (static_cast<std::size_t>(s.rank) == src) {
-        ++copies[{s.rank, s.slot}];
+        ++copies[{src, s.rank, s.slot}];
         return s;
       }
     std::vector<slot_ref> local;
     for (const slot_ref& s : all)
       if (topo.node_of(static_cast<std::size_t>(s.rank)) == topo.node_of(src)) local.push_back(s);
     const std::vector<slot_ref>& cand = local.empty() ? all : local;
+    // Ties: the first in rank order counted from candidate src mod m.
+    const std::size_t m = cand.size();
+    const auto order = [&](const slot_ref& s) {
+      const auto i = static_cast<std::size_t>(std::find(cand.begin(), cand.end(), s) - cand.begin());
+      return (i + m - src % m) % m;
+    };
     const slot_ref best = *std::min_element(cand.begin(), cand.end(), [&](const slot_ref& a, const slot_ref& b) {
-      return std::tuple(copies[{a.rank, a.slot}], a.rank) < std::tuple(copies[{b.rank, b.slot}], b.rank);
+      return std::tuple(copies[{src, a.rank, a.slot}], order(a)) < std::tuple(copies[{src, b.rank, b.slot}], order(b));
     });
-    ++copies[{best.rank, best.slot}];
+    ++copies[{src, best.rank, best.slot}];
     return best;
   }
 };
@@ -45,9 +50,11 @@ BOOST_AUTO_TEST_CASE(matches_reference_on_random_maps) {
     // Every expert once, then replicas into random free slots (never two on one rank).
     std::vector<expert_id> table(ranks * slots, empty_slot);
     std::vector<std::size_t> cells(table.size());
-    for (std::size_t i = 0; i < cells.size(); ++i) cells[i] = i;
+    for (std::size_t i = 0; i < cells.size(); ++i)
+      cells[i] = i;
     std::shuffle(cells.begin(), cells.end(), rng);
-    for (std::size_t e = 0; e < experts; ++e) table[cells[e]] = static_cast<expert_id>(e);
+    for (std::size_t e = 0; e < experts; ++e)
+      table[cells[e]] = static_cast<expert_id>(e);
     for (std::size_t i = experts; i < cells.size(); ++i) {
       const auto e = static_cast<expert_id>(rng() % experts);
       const std::size_t r = cells[i] / slots;
@@ -77,9 +84,13 @@ BOOST_AUTO_TEST_CASE(hand_built_preferences) {
   BOOST_TEST(sel.select(0, 0).rank == 0); // same GPU
   BOOST_TEST(sel.select(1, 0).rank == 0); // same node
   BOOST_TEST(sel.select(2, 0).rank == 3); // same node (rank 3 is on node 1)
-  BOOST_TEST(sel.select(0, 1).rank == 2); // remote: both replicas unused, lower rank wins
+  BOOST_TEST(sel.select(0, 1).rank == 2); // remote: both replicas unused, source 0 starts at the first
   BOOST_TEST(sel.select(0, 1).rank == 3); // rank 2 now has one copy
-  BOOST_TEST(sel.select(1, 1).rank == 2); // tie again, lower rank
+  BOOST_TEST(sel.select(1, 1).rank == 3); // source 1 balances its own copies, starting at the second
+  BOOST_TEST(sel.select(1, 1).rank == 2);
+  BOOST_TEST(sel.select(0, 1).rank == 2); // source 0's third copy: round robin
+  sel.reset();
+  BOOST_TEST(sel.select(0, 1).rank == 2); // a new step starts over
   BOOST_CHECK_THROW(sel.select(4, 0), invalid_input_error);
   BOOST_CHECK_THROW(sel.select(0, 2), invalid_input_error);
   BOOST_CHECK_THROW(placement::locality_first_selector(map, dynamic_topology(1, 2)), config_error);

@@ -265,36 +265,27 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
       cost::message_sizes sizes;
       const auto failures = run_ranks(f, [&](local_transport& ep) {
         const std::size_t me = ep.rank();
-        moe_dispatcher<local_transport, float> d(ep, c.map, c.hidden, c.k);
-        // Half the cases leave the rows in the receive buffers (row pointers).
-        if (seed % 2 == 1) d.set_expert_input_layout(expert_input_layout::row_pointers);
+        moe_dispatcher<local_transport, float> d(ep, c.map, c.hidden);
         const auto x = c.inputs(me);
-        d.dispatch(std::span<const float>(x), c.routings[me].view());
-        if (d.expert_offsets().back() > 0 && d.expert_input().empty() != (seed % 2 == 1))
-          throw std::runtime_error("expert input layout not followed");
+        layout<> l;
+        d.plan(l, c.routings[me].view());
+        auto h = d.dispatch(std::span<const float>(x), l);
         dispatch_bytes[me] = ep.bytes();
         ep.reset_bytes();
-        // Every row is the input of the (source, token) it claims to be.
-        for (std::size_t row = 0; row < d.row_tokens().size(); ++row)
-          for (std::size_t h = 0; h < c.hidden; ++h)
-            if (d.expert_input_row(row)[h] !=
-                locus_test::dispatch_case::input(d.row_sources()[row], d.row_tokens()[row], h))
-              throw std::runtime_error("row payload does not match its header");
-        // A quarter of the cases form the weighted sums beside the experts (the fused path).
+        if (!locus_test::payloads_are_inputs(h, c)) throw std::runtime_error("a row's payload is no token's input");
+        // Half the cases form the weighted sums beside the experts (the fused path).
         std::vector<float> y(x.size());
-        if (seed % 4 >= 2) {
-          locus_test::run_experts_into_sums(d);
-          d.combine_sums(y);
-        } else {
-          locus_test::run_experts(d);
-          d.combine(y);
-        }
+        if (seed % 4 >= 2)
+          locus_test::run_experts_into_sums(h);
+        else
+          locus_test::run_experts(h);
+        d.combine(y, h);
         combine_bytes[me] = ep.bytes();
         errors[me] = locus_test::max_error(y, c.reference(me));
         std::lock_guard lock(m);
-        for (std::size_t i = 0; i < d.local_experts().size(); ++i)
-          rows_per_expert[static_cast<std::size_t>(d.local_experts()[i])] +=
-              d.expert_offsets()[i + 1] - d.expert_offsets()[i];
+        for (std::size_t i = 0; i < h.local_experts().size(); ++i)
+          rows_per_expert[static_cast<std::size_t>(h.local_experts()[i])] +=
+              h.expert_offsets()[i + 1] - h.expert_offsets()[i];
         sizes = d.message_sizes();
       });
       for (const auto& e : failures) {
@@ -307,6 +298,8 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
         for (expert_id e : r.ids())
           ++expect_rows[static_cast<std::size_t>(e)];
       BOOST_TEST(rows_per_expert == expect_rows, boost::test_tools::per_element());
+      // Rows carry the hidden vector only; the fan-out entries are the model's too.
+      BOOST_TEST(sizes.dispatch_bytes == c.hidden * sizeof(float));
       const auto model = c.model(hier ? cost::transport_kind::hierarchical : cost::transport_kind::flat);
       for (std::size_t cls = 0; cls < link_class_count; ++cls) {
         std::uint64_t db = 0, cb = 0;
@@ -314,8 +307,9 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
           db += dispatch_bytes[r].bytes_sent[cls];
           cb += combine_bytes[r].bytes_sent[cls];
         }
-        BOOST_TEST(db == model.copies[cls] * sizes.dispatch_bytes, "seed " << seed << " class " << cls);
-        BOOST_TEST(cb == model.copies[cls] * sizes.combine_bytes, "seed " << seed << " class " << cls);
+        BOOST_TEST(db == model.dispatch_bytes(static_cast<link_class>(cls), sizes),
+                   "seed " << seed << " class " << cls);
+        BOOST_TEST(cb == model.combine_bytes(static_cast<link_class>(cls), sizes), "seed " << seed << " class " << cls);
       }
       ++cases;
     }
@@ -323,49 +317,98 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
   BOOST_TEST(cases == 120);
 }
 
+// Two micro-batches in flight on one dispatcher: dispatch A, dispatch B, combine B, combine A.
+// Each handle carries all its combine needs, so both equal the dense reference.
+BOOST_AUTO_TEST_CASE(two_handles_interleave) {
+  for (std::uint64_t seed : {21u, 22u, 23u, 24u}) {
+    const auto a = locus_test::make_case(seed, 2, 2);
+    // Batch B: the same deployment (map, shape) with other routings.
+    auto b = locus_test::make_case(seed + 100, 2, 2);
+    b.map = a.map;
+    b.experts = a.experts;
+    b.hidden = a.hidden;
+    b.k = a.k;
+    for (std::size_t r = 0; r < b.routings.size(); ++r) {
+      locus::routing<> fresh(b.routings[r].tokens() + 3, top_k<>(a.k));
+      for (std::size_t t = 0; t < fresh.tokens(); ++t)
+        for (std::size_t j = 0; j < a.k; ++j) {
+          fresh.view().expert(t, j) = static_cast<expert_id>((t * 5 + r + j) % a.experts);
+          fresh.view().weight(t, j) = 0.25f + static_cast<float>(j) / 8.0f;
+        }
+      b.routings[r] = std::move(fresh);
+    }
+    for (bool hier : {false, true}) {
+      local_fabric f(a.topo, hier);
+      std::vector<double> err_a(a.topo.ranks(), 1.0), err_b(a.topo.ranks(), 1.0);
+      const auto failures = run_ranks(f, [&](local_transport& ep) {
+        const std::size_t me = ep.rank();
+        moe_dispatcher<local_transport, float> d(ep, a.map, a.hidden);
+        const auto xa = a.inputs(me), xb = b.inputs(me);
+        layout<> la, lb;
+        d.plan(la, a.routings[me].view());
+        d.plan(lb, b.routings[me].view());
+        auto ha = d.dispatch(std::span<const float>(xa), la);
+        auto hb = d.dispatch(std::span<const float>(xb), lb);
+        locus_test::run_experts(hb);
+        locus_test::run_experts_into_sums(ha);
+        std::vector<float> ya(xa.size()), yb(xb.size());
+        d.combine(yb, hb);
+        d.combine(ya, ha);
+        err_a[me] = locus_test::max_error(ya, a.reference(me));
+        err_b[me] = locus_test::max_error(yb, b.reference(me));
+      });
+      for (const auto& e : failures)
+        BOOST_TEST_REQUIRE(!e);
+      for (std::size_t r = 0; r < a.topo.ranks(); ++r) {
+        BOOST_TEST(err_a[r] < 1e-5, "seed " << seed << " hierarchical " << hier << " rank " << r);
+        BOOST_TEST(err_b[r] < 1e-5, "seed " << seed << " hierarchical " << hier << " rank " << r);
+      }
+    }
+  }
+}
+
 // Invalid input on one rank raises there and does not leave the others waiting.
-BOOST_AUTO_TEST_CASE(bad_expert_id_raises_without_hanging_the_others) {
+BOOST_AUTO_TEST_CASE(bad_input_raises_without_hanging_the_others) {
   const auto c = locus_test::make_case(7, 2, 2);
   local_fabric f(c.topo, true, exchange_options{std::chrono::milliseconds(5000)});
   const auto errors = run_ranks(f, [&](local_transport& ep) {
-    moe_dispatcher<local_transport, float> d(ep, c.map, c.hidden, c.k);
+    moe_dispatcher<local_transport, float> d(ep, c.map, c.hidden);
     routing<> r(2, top_k<>(c.k));
     for (std::size_t t = 0; t < 2; ++t)
       for (std::size_t j = 0; j < c.k; ++j)
         r.view().expert(t, j) = static_cast<expert_id>(j);
-    if (ep.rank() == 3) r.view().expert(1, 0) = static_cast<expert_id>(c.experts);
-    std::vector<float> x(2 * c.hidden, 1.0f);
-    d.dispatch(std::span<const float>(x), r.view());
+    layout<> l;
+    d.plan(l, r.view());
+    // Rank 3 passes one input value too few.
+    std::vector<float> x(2 * c.hidden - (ep.rank() == 3 ? 1 : 0), 1.0f);
+    auto h = d.dispatch(std::span<const float>(x), l);
   });
   BOOST_TEST(raised<invalid_input_error>(errors[3]));
   for (std::size_t r = 0; r < 3; ++r)
     BOOST_TEST(!errors[r]);
 }
 
-// combine_sums() on a rank that never filled copy_sums() raises there, after the exchanges, so
-// the other ranks still get their rows back and finish.
-BOOST_AUTO_TEST_CASE(combine_sums_without_copy_sums_raises_without_hanging_the_others) {
-  const auto c = locus_test::make_case(9, 2, 2);
-  local_fabric f(c.topo, false, exchange_options{std::chrono::milliseconds(5000)});
+// A layout made for another kind of exchange (flat on a hierarchical transport) is refused on that
+// rank, after the exchanges.
+BOOST_AUTO_TEST_CASE(a_layout_of_the_wrong_kind_is_refused) {
+  const auto c = locus_test::make_case(5, 2, 2);
+  local_fabric f(c.topo, true, exchange_options{std::chrono::milliseconds(5000)});
   const auto errors = run_ranks(f, [&](local_transport& ep) {
-    const std::size_t me = ep.rank();
-    moe_dispatcher<local_transport, float> d(ep, c.map, c.hidden, c.k);
-    const auto x = c.inputs(me);
-    d.dispatch(std::span<const float>(x), c.routings[me].view());
-    std::vector<float> y(x.size());
-    if (me == 1) {
-      d.combine_sums(y); // copy_sums() not taken: zeros go back, then it raises
-    } else {
-      locus_test::run_experts(d);
-      d.combine(y); // finishes: rank 1 still returns (zero) rows
-    }
+    moe_dispatcher<local_transport, float> d(ep, c.map, c.hidden);
+    layout<> l;
+    if (ep.rank() == 0)
+      l.assign(c.routings[0].view(), c.map, c.topo, 0, layout_options{transport_kind::flat});
+    else
+      d.plan(l, c.routings[ep.rank()].view());
+    const auto x = c.inputs(ep.rank());
+    auto h = d.dispatch(std::span<const float>(x), l);
   });
-  BOOST_TEST(raised<invalid_input_error>(errors[1]));
-  for (std::size_t r : {0u, 2u, 3u})
+  BOOST_TEST(raised<invalid_input_error>(errors[0]));
+  for (std::size_t r = 1; r < 4; ++r)
     BOOST_TEST(!errors[r]);
 }
 
-// A rank whose routing is bad raises from dispatch, but still serves what its peers sent: after it
+// A rank whose input is bad raises from dispatch, but still serves what its peers sent: after it
 // computes and combines (with no tokens of its own), every other rank's outputs are exact.
 BOOST_AUTO_TEST_CASE(a_rank_with_bad_input_still_serves_its_peers) {
   const auto c = locus_test::make_case(13, 2, 2);
@@ -374,23 +417,25 @@ BOOST_AUTO_TEST_CASE(a_rank_with_bad_input_still_serves_its_peers) {
     std::vector<double> errors(c.topo.ranks(), 1.0);
     const auto raised_by = run_ranks(f, [&](local_transport& ep) {
       const std::size_t me = ep.rank();
-      moe_dispatcher<local_transport, float> d(ep, c.map, c.hidden, c.k);
-      auto routing = c.routings[me];
-      const auto x = c.inputs(me);
+      moe_dispatcher<local_transport, float> d(ep, c.map, c.hidden);
+      auto x = c.inputs(me);
       std::vector<float> y(x.size());
+      if (me == 2) x.push_back(0.0f);
+      layout<> l;
+      d.plan(l, c.routings[me].view());
+      dispatch_handle<float> h;
       bool failed = false;
-      if (me == 2 && routing.view().tokens() > 0) routing.view().expert(0, 0) = static_cast<expert_id>(c.experts);
       try {
-        d.dispatch(std::span<const float>(x), routing.view());
+        d.dispatch(std::span<const float>(x), l, h);
       } catch (const invalid_input_error&) {
         failed = true;
       }
-      locus_test::run_experts(d);
+      locus_test::run_experts(h);
       if (failed) {
-        d.combine(std::span<float>{}); // no tokens of its own this step
+        d.combine(std::span<float>{}, h); // no tokens of its own this step
         throw invalid_input_error("rank 2 failed as planned", __FILE__, __LINE__);
       }
-      d.combine(y);
+      d.combine(y, h);
       errors[me] = locus_test::max_error(y, c.reference(me));
     });
     BOOST_REQUIRE(c.routings[2].view().tokens() > 0);

@@ -21,30 +21,6 @@
 //! True inside the device compilation pass.
 #define LOCUS_IS_DEVICE_PASS() (LOCUS_DETAIL_DEVICE_PASS)
 
-#if defined(LOCUS_WITH_CUDA) || defined(__CUDACC__)
-#define LOCUS_DETAIL_HAS_CUDA 1
-#else
-#define LOCUS_DETAIL_HAS_CUDA 0
-#endif
-//! True when the CUDA component is available to this translation unit.
-#define LOCUS_HAS_CUDA() (LOCUS_DETAIL_HAS_CUDA)
-
-#if defined(LOCUS_WITH_MPI)
-#define LOCUS_DETAIL_HAS_MPI 1
-#else
-#define LOCUS_DETAIL_HAS_MPI 0
-#endif
-//! True when the MPI component is linked (target locus::mpi).
-#define LOCUS_HAS_MPI() (LOCUS_DETAIL_HAS_MPI)
-
-#if defined(LOCUS_WITH_NCCL)
-#define LOCUS_DETAIL_HAS_NCCL 1
-#else
-#define LOCUS_DETAIL_HAS_NCCL 0
-#endif
-//! True when the NCCL component is linked (target locus::nccl).
-#define LOCUS_HAS_NCCL() (LOCUS_DETAIL_HAS_NCCL)
-
 #if defined(LOCUS_ENABLE_BOUNDS_CHECKS) || !defined(NDEBUG)
 #define LOCUS_DETAIL_BOUNDS_CHECKS 1
 #else
@@ -56,24 +32,17 @@
 #if LOCUS_HAS_CUDA_COMPILER()
 #define LOCUS_HOST_DEVICE __host__ __device__ inline
 #define LOCUS_DEVICE __device__ inline
-#define LOCUS_HOST __host__ inline
-#define LOCUS_FORCEINLINE __forceinline__
 #else
 //! Function usable from host and device code.
 #define LOCUS_HOST_DEVICE inline
 //! Device-only function (plain inline on a host-only compiler).
 #define LOCUS_DEVICE inline
-//! Host-only function.
-#define LOCUS_HOST inline
-#define LOCUS_FORCEINLINE inline __attribute__((always_inline))
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
 #define LOCUS_RESTRICT __restrict__
-#define LOCUS_LIKELY(x) __builtin_expect(!!(x), 1)
 #define LOCUS_UNLIKELY(x) __builtin_expect(!!(x), 0)
 #else
 #define LOCUS_RESTRICT
-#define LOCUS_LIKELY(x) (x)
 #define LOCUS_UNLIKELY(x) (x)
 #endif

@@ -13,39 +13,39 @@
 //!   intra-node copies.
 //! Combine is the mirror image of dispatch: the same copies travel back, so its copy counts equal
 //! dispatch's and only the message size differs.
-
-#include <locus/core/error.hpp>
-#include <locus/core/expert_map.hpp>
-#include <locus/core/routing.hpp>
-#include <locus/core/topology.hpp>
-#include <locus/placement/replica_selection.hpp>
+//!
+//! Dispatch also moves a small fan-out table beside the rows: one *entry* (target slot and routing
+//! weight) per (token, expert) pair on each hop that carries it, so that a receiver knows which of
+//! its experts each row feeds. The model counts those entries per link class too; combine needs
+//! none (rows return in the order they came).
 
 #include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <locus/core/error.hpp>
+#include <locus/core/expert_map.hpp>
+#include <locus/core/routing.hpp>
+#include <locus/core/topology.hpp>
+#include <locus/core/transport_kind.hpp>
+#include <locus/placement/replica_selection.hpp>
+#include <locus/transport/detail/layout_token.hpp>
 #include <span>
 #include <string_view>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::cost {
 
-//! How token copies travel between ranks.
-enum class transport_kind : std::uint8_t { flat, hierarchical };
+// The transport kind is core's (core/transport_kind.hpp); named here too for the model's callers.
+using ::locus::parse_transport_kind;
+using ::locus::to_string;
+using ::locus::transport_kind;
 
-inline const char* to_string(transport_kind k) noexcept { return k == transport_kind::flat ? "flat" : "hierarchical"; }
-
-//! Parses "flat" or "hierarchical". @throws locus::config_error on anything else
-inline transport_kind parse_transport_kind(std::string_view s) {
-  if (s == "flat") return transport_kind::flat;
-  if (s == "hierarchical") return transport_kind::hierarchical;
-  LOCUS_THROW(config_error, "unknown transport kind \"", s, "\" (expected flat or hierarchical)");
-}
-
-//! Bytes of one token copy in each direction.
+//! Bytes of one token copy in each direction, and of one fan-out entry (dispatch only).
 struct message_sizes {
   std::size_t dispatch_bytes = 0;
   std::size_t combine_bytes = 0;
+  std::size_t entry_bytes = 0; //!< per (token, expert) pair and hop; 0 when the table is not counted
 
   //! FP8 hidden vector plus one fp32 scale per 128 values out (DeepSeek-V3 / DeepEP dispatch),
   //! BF16 back.
@@ -60,17 +60,19 @@ using per_class = std::array<std::uint64_t, link_class_count>;
 
 //! Counts for one layer, accumulated over any number of tokens and steps.
 struct layer_traffic {
-  std::uint64_t tokens = 0;   //!< tokens counted
-  per_class copies{};         //!< dispatch copies per link class (combine sends as many back)
-  std::vector<std::uint64_t> expert_rows;  //!< per rank: (token, expert) pairs computed there
-  std::vector<per_class> sent;             //!< per rank: dispatch copies sent per link class
-  std::vector<per_class> received;         //!< per rank: dispatch copies received per link class
+  std::uint64_t tokens = 0;               //!< tokens counted
+  per_class copies{};                     //!< dispatch copies per link class (combine sends as many back)
+  per_class entries{};                    //!< fan-out entries dispatch sends per link class
+  std::vector<std::uint64_t> expert_rows; //!< per rank: (token, expert) pairs computed there
+  std::vector<per_class> sent;            //!< per rank: dispatch copies sent per link class
+  std::vector<per_class> received;        //!< per rank: dispatch copies received per link class
 
   explicit layer_traffic(std::size_t ranks = 0) : expert_rows(ranks, 0), sent(ranks), received(ranks) {}
 
   std::size_t ranks() const noexcept { return expert_rows.size(); }
   std::uint64_t dispatch_bytes(link_class c, const message_sizes& m) const {
-    return copies[static_cast<std::size_t>(c)] * m.dispatch_bytes;
+    const auto i = static_cast<std::size_t>(c);
+    return copies[i] * m.dispatch_bytes + entries[i] * m.entry_bytes;
   }
   std::uint64_t combine_bytes(link_class c, const message_sizes& m) const {
     return copies[static_cast<std::size_t>(c)] * m.combine_bytes;
@@ -92,7 +94,10 @@ struct layer_traffic {
   layer_traffic& operator+=(const layer_traffic& o) {
     LOCUS_REQUIRE(o.ranks() == ranks(), config_error, "layer_traffic: adding ", o.ranks(), " ranks to ", ranks());
     tokens += o.tokens;
-    for (std::size_t c = 0; c < link_class_count; ++c) copies[c] += o.copies[c];
+    for (std::size_t c = 0; c < link_class_count; ++c) {
+      copies[c] += o.copies[c];
+      entries[c] += o.entries[c];
+    }
     for (std::size_t r = 0; r < ranks(); ++r) {
       expert_rows[r] += o.expert_rows[r];
       for (std::size_t c = 0; c < link_class_count; ++c) {
@@ -106,6 +111,7 @@ struct layer_traffic {
   void clear() {
     tokens = 0;
     copies = {};
+    entries = {};
     std::fill(expert_rows.begin(), expert_rows.end(), 0);
     std::fill(sent.begin(), sent.end(), per_class{});
     std::fill(received.begin(), received.end(), per_class{});
@@ -151,32 +157,34 @@ public:
       const Id* ids = r.token_ids(t);
       for (std::size_t j = 0; j < k; ++j) {
         const auto e = static_cast<std::size_t>(ids[j]); // a negative id wraps to a huge value
-        LOCUS_REQUIRE(e < experts, invalid_input_error, "traffic model: token ", t, " choice ", j,
-                      ": expert id ", ids[j], " out of range [0, ", experts, ")");
+        LOCUS_REQUIRE(e < experts, invalid_input_error, "traffic model: token ", t, " choice ", j, ": expert id ",
+                      ids[j], " out of range [0, ", experts, ")");
         const auto rank = static_cast<std::uint32_t>(view.replicas[selector.select_index(src, e)].rank);
         ++out.expert_rows[rank];
         dest_[j] = rank;
       }
-      // Distinct destinations, in first-seen order (k is small: quadratic is fastest).
-      std::size_t distinct = 0;
+      // The hops of the token's copies, by the layout's rule (transport/detail/layout_token.hpp):
+      // a copy's row goes to send_rank (its destination, or the rail peer of a remote node), one
+      // row per distinct send rank; a rail peer forwards once per distinct destination other than
+      // itself. Every (token, expert) pair is an entry on each hop it takes.
+      const transport::detail::layout::token_params p{static_cast<std::int32_t>(src), static_cast<std::int32_t>(gpus),
+                                                      1, 1, kind_ == transport_kind::hierarchical};
       for (std::size_t j = 0; j < k; ++j) {
-        bool seen = false;
-        for (std::size_t d = 0; d < distinct; ++d) seen |= dest_[d] == dest_[j];
-        if (!seen) dest_[distinct++] = dest_[j];
-      }
-      const std::size_t src_node = src / gpus;
-      for (std::size_t d = 0; d < distinct; ++d) {
-        const std::size_t dst = dest_[d], dst_node = dst / gpus;
-        if (kind_ == transport_kind::flat || dst_node == src_node) {
-          add_copy(out, src, dst, topo_.link(src, dst));
-          continue;
+        const auto dst = static_cast<std::int32_t>(dest_[j]);
+        const std::int32_t to = transport::detail::layout::send_rank(p, dst);
+        const auto link = static_cast<link_class>(transport::detail::layout::row_link(p, to));
+        bool new_row = true, new_dest = true;
+        for (std::size_t q = 0; q < j; ++q) {
+          const auto prev = static_cast<std::int32_t>(dest_[q]);
+          new_row &= transport::detail::layout::send_rank(p, prev) != to;
+          new_dest &= prev != dst;
         }
-        // Hierarchical, remote node: one network copy per node, to the rail peer, which forwards.
-        const std::size_t peer = dst_node * gpus + src % gpus;
-        bool node_done = false;
-        for (std::size_t p = 0; p < d; ++p) node_done |= dest_[p] / gpus == dst_node;
-        if (!node_done) add_copy(out, src, peer, link_class::inter_node);
-        if (dst != peer) add_copy(out, peer, dst, link_class::intra_node);
+        if (new_row) add_copy(out, src, static_cast<std::size_t>(to), link);
+        ++out.entries[static_cast<std::size_t>(link)];
+        if (dst == to) continue;
+        if (new_dest)
+          add_copy(out, static_cast<std::size_t>(to), static_cast<std::size_t>(dst), link_class::intra_node);
+        ++out.entries[static_cast<std::size_t>(link_class::intra_node)];
       }
       ++out.tokens;
     }
@@ -195,4 +203,4 @@ private:
   std::vector<std::uint32_t> dest_;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::cost
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::cost

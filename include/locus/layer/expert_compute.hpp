@@ -2,9 +2,9 @@
 //! @file
 //! Expert compute: the FFN each expert applies to the token rows dispatched to it.
 //!
-//! After dispatch, a rank holds one block of rows per local expert (`expert_blocks`): contiguous,
-//! or one pointer per row into the receive buffers (no copy). An expert-compute policy turns each
-//! block's input rows into output rows of the same shape:
+//! After dispatch, a rank holds one block of rows per local expert (`expert_blocks`): one pointer
+//! per row into the receive buffers (no copy), or contiguous (shared experts, tests). An expert-compute policy turns
+//! each block's input rows into output rows of the same shape:
 //! - `swiglu_host<W>`: the reference SwiGLU FFN, out = (silu(x·W_gate) ⊙ (x·W_up))·W_down, with
 //!   weights stored in `W` (float or bfloat16) and every dot product accumulated in fp32, blocked
 //!   and spread over worker threads (`core/parallel_for.hpp`); it can also add each output row,
@@ -17,6 +17,10 @@
 //! `expert_weights<W>` stores the SwiGLU weights of the experts one rank hosts under an
 //! expert_map (each hosted expert once, however many of the rank's slots hold it).
 
+#include <algorithm>
+#include <cmath>
+#include <concepts>
+#include <cstddef>
 #include <locus/backend/host.hpp>
 #include <locus/core/bfloat16.hpp>
 #include <locus/core/error.hpp>
@@ -24,11 +28,6 @@
 #include <locus/core/parallel_for.hpp>
 #include <locus/core/policy.hpp>
 #include <locus/core/routing.hpp>
-
-#include <algorithm>
-#include <cmath>
-#include <concepts>
-#include <cstddef>
 #include <span>
 #include <type_traits>
 #include <utility>
@@ -45,7 +44,7 @@ concept expert_element = std::same_as<T, float> || std::same_as<T, bfloat16>;
 //! `input`; the policy writes the same rows of `output`. `experts` and `offsets` are host arrays;
 //! `input` and `output` live in `Space`. On the host, the inputs may instead be given row by row:
 //! when `input_rows` is set, row `i`'s `hidden` inputs are at `input_rows[i]` and `input` is not
-//! read (a policy declaring `reads_input_rows` reads them in place; others gather them first).
+//! read (swiglu_host reads them in place; others gather them first).
 template <class T, memory_space Space = memory_space::host>
 struct expert_blocks {
   static constexpr memory_space space = Space;
@@ -76,7 +75,7 @@ struct weighted_sum_target {
   std::size_t copies = 0;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::layer
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::layer
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
 //! Checks the structure of a block view (offsets start at zero and never decrease, buffers present).
@@ -91,8 +90,8 @@ void check_blocks(const char* who, const locus::layer::expert_blocks<T, S>& b, s
   LOCUS_REQUIRE(b.offsets[0] == 0, invalid_input_error, who, ": the first block starts at row ", b.offsets[0],
                 ", not 0");
   for (std::size_t i = 0; i < b.count; ++i)
-    LOCUS_REQUIRE(b.offsets[i + 1] >= b.offsets[i], invalid_input_error, who, ": block ", i, " (expert ",
-                  b.experts[i], ") ends at row ", b.offsets[i + 1], " before it starts at row ", b.offsets[i]);
+    LOCUS_REQUIRE(b.offsets[i + 1] >= b.offsets[i], invalid_input_error, who, ": block ", i, " (expert ", b.experts[i],
+                  ") ends at row ", b.offsets[i + 1], " before it starts at row ", b.offsets[i]);
   LOCUS_REQUIRE(S == memory_space::host || b.input_rows == nullptr, invalid_input_error, who,
                 ": row pointers are a host-side form; device blocks must be contiguous");
   LOCUS_REQUIRE(b.total_rows() == 0 || ((b.input != nullptr || b.input_rows != nullptr) && b.output != nullptr),
@@ -106,12 +105,13 @@ const T* contiguous_input(const locus::layer::expert_blocks<T, memory_space::hos
   if (b.input_rows == nullptr) return b.input;
   const std::size_t rows = b.total_rows();
   scratch.resize(rows * b.hidden);
-  for (std::size_t r = 0; r < rows; ++r) std::copy_n(b.input_rows[r], b.hidden, scratch.data() + r * b.hidden);
+  for (std::size_t r = 0; r < rows; ++r)
+    std::copy_n(b.input_rows[r], b.hidden, scratch.data() + r * b.hidden);
   return scratch.data();
 }
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
-} // namespace locus::LOCUS_ABI_NAMESPACE::detail::layer
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::layer {
 
@@ -164,7 +164,8 @@ public:
     std::sort(hosted.begin(), hosted.end());
     hosted.erase(std::unique(hosted.begin(), hosted.end()), hosted.end()); // two slots, one copy of the weights
     expert_weights w(hidden, ffn, std::move(hosted));
-    for (expert_id e : w.experts()) fill(e, w.gate(e), w.up(e), w.down(e));
+    for (expert_id e : w.experts())
+      fill(e, w.gate(e), w.up(e), w.down(e));
     return w;
   }
 
@@ -216,7 +217,7 @@ private:
   std::vector<W> data_;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::layer
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::layer
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
 
@@ -253,12 +254,14 @@ inline const float* tile_row(const W* w, std::size_t n, float* buf) {
   constexpr std::size_t cols = swiglu_host_tiles::cols;
   if constexpr (std::is_same_v<W, float>)
     if (n == cols) return w;
-  for (std::size_t j = 0; j < n; ++j) buf[j] = to_float(w[j]);
-  for (std::size_t j = n; j < cols; ++j) buf[j] = 0.0f;
+  for (std::size_t j = 0; j < n; ++j)
+    buf[j] = to_float(w[j]);
+  for (std::size_t j = n; j < cols; ++j)
+    buf[j] = 0.0f;
   return buf;
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::detail::layer
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::layer {
 
@@ -276,9 +279,6 @@ public:
   using weight_type = W;
   using activation_type = A;
   static constexpr memory_space space = memory_space::host;
-  //! Reads rows given by pointer in place (expert_blocks::input_rows): the tile loop loads each
-  //! row once per weight column tile anyway, so the dispatcher need not copy them.
-  static constexpr bool reads_input_rows = true;
 
   //! @param weights the experts this rank computes
   //! @param threads worker threads (0 = all hardware threads)
@@ -303,7 +303,8 @@ public:
         down_tile(t, o);
         for (std::size_t r = 0; r < t.rows; ++r) {
           X* out = b.output + (t.row0 + r) * weights_.hidden() + t.col0;
-          for (std::size_t j = 0; j < t.cols; ++j) out[j] = static_cast<X>(o[r][j]);
+          for (std::size_t j = 0; j < t.cols; ++j)
+            out[j] = static_cast<X>(o[r][j]);
         }
       }
     });
@@ -334,7 +335,8 @@ public:
           for (std::size_t r = 0; r < t.rows; ++r) {
             const float w = s.row_weight[t.row0 + r];
             float* sum = s.sums + std::size_t{s.row_copy[t.row0 + r]} * hidden + t.col0;
-            for (std::size_t j = 0; j < t.cols; ++j) sum[j] += w * to_float(static_cast<X>(o[r][j]));
+            for (std::size_t j = 0; j < t.cols; ++j)
+              sum[j] += w * to_float(static_cast<X>(o[r][j]));
           }
         }
     });
@@ -349,7 +351,8 @@ private:
   bool gate_up(const expert_blocks<X, memory_space::host>& b) {
     detail::layer::check_blocks("swiglu_host", b, weights_.hidden());
     views_.resize(b.count);
-    for (std::size_t i = 0; i < b.count; ++i) views_[i] = weights_.view(b.experts[i]);
+    for (std::size_t i = 0; i < b.count; ++i)
+      views_[i] = weights_.view(b.experts[i]);
     const std::size_t rows = b.total_rows(), hidden = weights_.hidden(), ffn = weights_.ffn();
     if (rows == 0) return false;
     act_.resize(rows * ffn);
@@ -365,12 +368,14 @@ private:
         const X* in[tiles::rows];
         for (std::size_t r = 0; r < t.rows; ++r) {
           in[r] = b.input_row(t.row0 + r);
-          for (std::size_t j = 0; j < tiles::cols; ++j) g[r][j] = u[r][j] = 0.0f;
+          for (std::size_t j = 0; j < tiles::cols; ++j)
+            g[r][j] = u[r][j] = 0.0f;
         }
         for (std::size_t h = 0; h < hidden; ++h) {
           const float* wg = detail::layer::tile_row(v.gate + h * ffn + t.col0, t.cols, wbuf[0]);
           const float* wu = detail::layer::tile_row(v.up + h * ffn + t.col0, t.cols, wbuf[1]);
-          for (std::size_t r = 0; r < t.rows; ++r) xr[r] = to_float(in[r][h]);
+          for (std::size_t r = 0; r < t.rows; ++r)
+            xr[r] = to_float(in[r][h]);
           for (std::size_t r = 0; r < t.rows; ++r) {
             const float x = xr[r];
             for (std::size_t j = 0; j < tiles::cols; ++j) {
@@ -381,7 +386,8 @@ private:
         }
         for (std::size_t r = 0; r < t.rows; ++r) {
           float* a = act_.data() + (t.row0 + r) * ffn + t.col0;
-          for (std::size_t j = 0; j < t.cols; ++j) a[j] = detail::layer::silu(g[r][j]) * u[r][j];
+          for (std::size_t j = 0; j < t.cols; ++j)
+            a[j] = detail::layer::silu(g[r][j]) * u[r][j];
         }
       }
     });
@@ -395,12 +401,14 @@ private:
     const swiglu_expert_view<W>& v = views_[t.block];
     float wbuf[tiles::cols];
     for (std::size_t r = 0; r < t.rows; ++r)
-      for (std::size_t j = 0; j < tiles::cols; ++j) o[r][j] = 0.0f;
+      for (std::size_t j = 0; j < tiles::cols; ++j)
+        o[r][j] = 0.0f;
     for (std::size_t f = 0; f < ffn; ++f) {
       const float* wd = detail::layer::tile_row(v.down + f * hidden + t.col0, t.cols, wbuf);
       for (std::size_t r = 0; r < t.rows; ++r) {
         const float a = act_[(t.row0 + r) * ffn + f];
-        for (std::size_t j = 0; j < tiles::cols; ++j) o[r][j] += a * wd[j];
+        for (std::size_t j = 0; j < tiles::cols; ++j)
+          o[r][j] += a * wd[j];
       }
     }
   }
@@ -443,7 +451,7 @@ private:
   F f_;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::layer
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::layer
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
 
@@ -459,4 +467,4 @@ struct default_expert_compute<backend::host> {
   using type = locus::layer::swiglu_host<float>;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::detail::layer
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer

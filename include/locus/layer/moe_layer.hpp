@@ -4,13 +4,14 @@
 //!
 //! `forward` = route → layout → dispatch → expert compute → combine, plus the shared experts:
 //! 1. route: logits = x·W_router (fp32), then the router policy picks each token's top-k;
-//! 2. layout + dispatch (transport/dispatch.hpp): each token's copies go to the ranks holding its
-//!    experts (replica chosen locality-first), flat or node-hierarchical as the transport says;
-//! 3. expert compute: the policy turns each local expert's row block into outputs (rows stay in
-//!    the receive buffers for a compute that reads them by pointer; one that fuses combine's
-//!    weighted sum, as swiglu_host does, writes per-copy sums instead of output rows);
-//! 4. combine: outputs return to their source ranks and are summed with the routing weights;
-//! 5. shared experts (when the shape has them) run on every rank on its own tokens and are added.
+//! 2. layout (transport/layout.hpp): each token's destinations, replicas chosen locality-first,
+//!    flat or node-hierarchical as the transport says, computed once for the step;
+//! 3. dispatch (transport/dispatch.hpp): rows packed once and exchanged into a handle;
+//! 4. expert compute: the policy turns each local expert's row block into outputs, reading the
+//!    rows in place in the receive buffers (a compute that fuses combine's weighted sum, as
+//!    swiglu_host does, writes per-copy sums instead of output rows);
+//! 5. combine: outputs return to their source ranks and are summed with the routing weights;
+//! 6. shared experts (when the shape has them) run on every rank on its own tokens and are added.
 //!
 //! Policies are given in any order after the shape and the topology, with defaults for those left
 //! out (`policy_set`): router `router::softmax_topk<K>` (or `layer::given_routing`), grouper
@@ -23,6 +24,9 @@
 //! Every step is collective over the transport: a rank whose own input is bad still takes part in
 //! the exchanges (with no tokens) and raises afterwards, so its peers never wait for it.
 
+#include <algorithm>
+#include <concepts>
+#include <exception>
 #include <locus/backend/host.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
@@ -39,10 +43,6 @@
 #include <locus/router/softmax_topk.hpp>
 #include <locus/transport/dispatch.hpp>
 #include <locus/transport/local.hpp>
-
-#include <algorithm>
-#include <concepts>
-#include <exception>
 #include <optional>
 #include <span>
 #include <type_traits>
@@ -57,7 +57,7 @@ struct given_routing {
   static constexpr const char* name = "given_routing";
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::layer
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::layer
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
 
@@ -66,7 +66,7 @@ struct router_top_k {
   using type = K;
 };
 template <class R, class K>
-  requires requires { typename R::top_k_type; }
+requires requires { typename R::top_k_type; }
 struct router_top_k<R, K> {
   using type = typename R::top_k_type;
 };
@@ -76,12 +76,12 @@ struct activation_of {
   using type = float;
 };
 template <class C>
-  requires requires { typename C::activation_type; }
+requires requires { typename C::activation_type; }
 struct activation_of<C> {
   using type = typename C::activation_type;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::detail::layer
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer
 
 namespace locus::inline LOCUS_ABI_NAMESPACE {
 
@@ -106,8 +106,9 @@ public:
   using transport_type =
       typename require_transport<typename policies::template get<transport_tag, transport::local_flat>>::type;
   using backend_type = typename require_backend<typename policies::template get<backend_tag, backend::host>>::type;
-  using expert_compute_type = typename policies::template get<
-      expert_compute_tag, typename detail::layer::default_expert_compute<backend_type>::type>;
+  using expert_compute_type =
+      typename policies::template get<expert_compute_tag,
+                                      typename detail::layer::default_expert_compute<backend_type>::type>;
   //! The transport's host object (one per rank): local_transport, mpi_transport...
   using exchanger_type = typename transport_type::exchanger_type;
   //! Element type of hidden states, inputs and outputs.
@@ -118,14 +119,14 @@ public:
   using routing_type = routing<routing_top_k_type>;
 
   static_assert(transport::transport<transport_type>,
-                "locus::moe_layer: the transport policy must name its host object (`exchanger_type`) and say whether "
-                "it is `hierarchical`");
+                "locus::moe_layer: the transport policy must name its host object (`exchanger_type`) and its "
+                "`kind` (locus::transport_kind)");
   static_assert(std::invocable<expert_compute_type&, const layer::expert_blocks<value_type, memory_space::host>&>,
                 "locus::moe_layer: the expert compute must accept the host blocks dispatch delivers "
                 "(layer::expert_blocks<value_type>)");
-  static_assert(std::is_same_v<router_type, layer::given_routing> ||
-                    requires { typename router_type::top_k_type; },
-                "locus::moe_layer: the router must declare its `top_k_type`");
+  static_assert(
+      std::is_same_v<router_type, layer::given_routing> || requires { typename router_type::top_k_type; },
+      "locus::moe_layer: the router must declare its `top_k_type`");
   static_assert(!routing_top_k_type::is_static || !top_k_type::is_static ||
                     routing_top_k_type::static_value == top_k_type::static_value,
                 "locus::moe_layer: the router's top_k differs from the shape's");
@@ -139,42 +140,36 @@ public:
   //!         compute (which rank count, which expert, which flag)
   moe_layer(Shape shape, Topology topo, exchanger_type& ex, expert_map map, expert_compute_type experts)
       : shape_(shape), topo_(topo), ex_(&ex), map_(std::move(map)), compute_(std::move(experts)),
-        dispatcher_(*ex_, map_, shape_.hidden(), shape_.top_k()), routing_(0, routing_k()) {
+        dispatcher_(*ex_, map_, shape_.hidden()), routing_(0, routing_k()) {
     LOCUS_REQUIRE(ex.topology().nodes() == topo.nodes() && ex.topology().gpus_per_node() == topo.gpus_per_node(),
                   config_error, "moe_layer: the layer's topology is ", topo.nodes(), " nodes × ", topo.gpus_per_node(),
                   " GPUs but the transport's is ", ex.topology().nodes(), " × ", ex.topology().gpus_per_node());
-    LOCUS_REQUIRE(map_.experts() == shape.experts(), config_error, "moe_layer: the expert map places ",
-                  map_.experts(), " experts but the shape has ", shape.experts());
-    LOCUS_REQUIRE(ex.hierarchical() == transport_type::hierarchical, config_error, "moe_layer: the policy ",
-                  transport_type::hierarchical ? "is hierarchical" : "is flat", " but the transport endpoint was made ",
-                  ex.hierarchical() ? "hierarchical" : "flat");
+    LOCUS_REQUIRE(map_.experts() == shape.experts(), config_error, "moe_layer: the expert map places ", map_.experts(),
+                  " experts but the shape has ", shape.experts());
+    LOCUS_REQUIRE(dispatcher_.kind() == transport_type::kind, config_error, "moe_layer: the policy is ",
+                  to_string(transport_type::kind), " but the transport endpoint was made ",
+                  to_string(dispatcher_.kind()));
     check_compute_holds(compute_, dispatcher_.local_experts(), "routed expert");
-    // A compute that reads rows in place spares the dispatcher a copy of every (token, expert) row.
-    if constexpr (reads_input_rows)
-      dispatcher_.set_expert_input_layout(transport::expert_input_layout::row_pointers);
   }
 
   //! Sets the router and its weights (`hidden × experts`, row-major): logits = x·gate.
   //! @throws locus::config_error when the router's top_k differs from the shape's or the gate has
   //!         the wrong size
-  void set_router(router_type router, std::vector<float> gate)
-    requires(!std::is_same_v<router_type, layer::given_routing>)
-  {
+  void set_router(router_type router,
+                  std::vector<float> gate) requires(!std::is_same_v<router_type, layer::given_routing>) {
     LOCUS_REQUIRE(router.top_k() == shape_.top_k(), config_error, "moe_layer::set_router: the router picks ",
                   router.top_k(), " experts per token, the shape ", shape_.top_k());
     LOCUS_REQUIRE(gate.size() == shape_.hidden() * shape_.experts(), config_error,
                   "moe_layer::set_router: the router weights have ", gate.size(),
-                  " values, expected hidden × experts = ",
-                  shape_.hidden(), " × ", shape_.experts());
+                  " values, expected hidden × experts = ", shape_.hidden(), " × ", shape_.experts());
     router_.emplace(std::move(router));
     gate_ = std::move(gate);
   }
 
   //! Sets the router weights with the router built from the shape's top_k (softmax_topk and the
   //! like).
-  void set_router(std::vector<float> gate)
-    requires(!std::is_same_v<router_type, layer::given_routing> && std::constructible_from<router_type, std::size_t>)
-  {
+  void set_router(std::vector<float> gate) requires(!std::is_same_v<router_type, layer::given_routing> &&
+                                                    std::constructible_from<router_type, std::size_t>) {
     set_router(router_type(shape_.top_k()), std::move(gate));
   }
 
@@ -185,7 +180,8 @@ public:
     LOCUS_REQUIRE(shape_.shared_experts() > 0, config_error,
                   "moe_layer::set_shared_experts: the shape has no shared experts");
     std::vector<expert_id> ids(shape_.shared_experts());
-    for (std::size_t s = 0; s < ids.size(); ++s) ids[s] = static_cast<expert_id>(s);
+    for (std::size_t s = 0; s < ids.size(); ++s)
+      ids[s] = static_cast<expert_id>(s);
     check_compute_holds(shared, ids, "shared expert");
     shared_.emplace(std::move(shared));
   }
@@ -196,9 +192,8 @@ public:
   //! @throws locus::config_error when no router was set
   //! @throws locus::invalid_input_error on sizes that disagree or a non-finite logit (after the
   //!         collective steps, so peers are not left waiting)
-  void forward(std::span<const value_type> x, std::span<value_type> y)
-    requires(!std::is_same_v<router_type, layer::given_routing>)
-  {
+  void forward(std::span<const value_type> x,
+               std::span<value_type> y) requires(!std::is_same_v<router_type, layer::given_routing>) {
     std::exception_ptr local_error;
     try {
       LOCUS_REQUIRE(router_.has_value(), config_error, "moe_layer::forward: no router weights were set (set_router)");
@@ -254,9 +249,11 @@ public:
   //! The routing of the last `forward(x, y)`.
   const routing_type& last_routing() const noexcept { return routing_; }
   //! Rows this rank's experts computed in the last forward (token copies × local choices).
-  std::size_t last_expert_rows() const noexcept { return dispatcher_.expert_offsets().back(); }
-  //! The dispatcher (per-expert blocks, row provenance, message sizes).
+  std::size_t last_expert_rows() const noexcept { return handle_.expert_rows(); }
+  //! The dispatcher (local experts, message sizes).
   const transport::moe_dispatcher<exchanger_type, value_type>& dispatcher() const noexcept { return dispatcher_; }
+  //! The layout of the last forward's tokens.
+  const transport::layout<>& last_layout() const noexcept { return layout_; }
 
 private:
   top_k_type top_k_extent() const { return top_k_type(shape_.top_k()); }
@@ -271,7 +268,8 @@ private:
     } else if constexpr (requires { c.experts(); }) {
       for (expert_id e : ids) {
         bool found = false;
-        for (expert_id h : c.experts()) found |= h == e;
+        for (expert_id h : c.experts())
+          found |= h == e;
         LOCUS_REQUIRE(found, config_error, "moe_layer: ", what, " ", e,
                       " is hosted on this rank but the expert compute holds no weights for it");
       }
@@ -279,9 +277,7 @@ private:
   }
 
   // logits = x·gate in fp32, then the router.
-  void route(std::span<const value_type> x)
-    requires(!std::is_same_v<router_type, layer::given_routing>)
-  {
+  void route(std::span<const value_type> x) requires(!std::is_same_v<router_type, layer::given_routing>) {
     const std::size_t H = shape_.hidden(), E = shape_.experts();
     LOCUS_REQUIRE(x.size() % H == 0, invalid_input_error, "moe_layer::forward: ", x.size(),
                   " input values are not a whole number of tokens of hidden size ", H);
@@ -293,14 +289,15 @@ private:
         for (std::size_t h = 0; h < H; ++h) {
           const float xv = to_float(x[t * H + h]);
           const float* g = gate_.data() + h * E;
-          for (std::size_t e = 0; e < E; ++e) l[e] += xv * g[e];
+          for (std::size_t e = 0; e < E; ++e)
+            l[e] += xv * g[e];
         }
       }
     });
     routing_ = routing_type(T, routing_k());
     using experts_type = typename Shape::experts_type;
-    router_->route(router::logits_view<experts_type, const float>(logits_.data(), T, experts_type(E)),
-                   routing_.view(), threads());
+    router_->route(router::logits_view<experts_type, const float>(logits_.data(), T, experts_type(E)), routing_.view(),
+                   threads());
   }
 
   unsigned threads() const noexcept {
@@ -313,52 +310,48 @@ private:
   template <class K, class Id, class Weight>
   void run(std::span<const value_type> x, const routing_view<K, Id, Weight, memory_space::host>& r,
            std::span<value_type> y, std::exception_ptr local_error) {
-    dispatcher_.dispatch(x, r);
+    try {
+      dispatcher_.plan(layout_, r, threads());
+    } catch (...) {
+      // The routing was validated already; should the layout still refuse it, this rank sends
+      // nothing and raises after the step.
+      if (!local_error) local_error = std::current_exception();
+      dispatcher_.plan(
+          layout_, routing_view<top_k<>, const expert_id, const float>(nullptr, nullptr, 0, top_k<>(shape_.top_k())));
+    }
+    dispatcher_.dispatch(local_error ? std::span<const value_type>{} : x, layout_, handle_);
     {
-      const auto experts = dispatcher_.local_experts();
-      const auto offsets = dispatcher_.expert_offsets();
-      const auto row_pointers = dispatcher_.expert_input_rows(); // empty: contiguous rows
-      const layer::expert_blocks<value_type> blocks{experts.data(),
-                                                    offsets.data(),
-                                                    experts.size(),
-                                                    dispatcher_.expert_input().data(),
-                                                    dispatcher_.expert_output().data(),
-                                                    shape_.hidden(),
-                                                    row_pointers.empty() ? nullptr : row_pointers.data()};
+      const auto experts = handle_.local_experts();
+      const layer::expert_blocks<value_type> blocks{
+          experts.data(),  handle_.expert_offsets().data(),   experts.size(), nullptr, handle_.expert_output().data(),
+          shape_.hidden(), handle_.expert_input_rows().data()};
       try {
         if constexpr (fuses_weighted_sum) {
           // The compute adds each output row, weighted, to its copy's sum: combine reads no rows.
-          const auto sums = dispatcher_.copy_sums();
-          compute_(blocks, layer::weighted_sum_target{sums.data(), dispatcher_.row_copies().data(),
-                                                      dispatcher_.row_weights().data(),
-                                                      dispatcher_.received_copies()});
+          const auto sums = handle_.copy_sums();
+          compute_(blocks, layer::weighted_sum_target{sums.data(), handle_.row_copies().data(),
+                                                      handle_.row_weights().data(), handle_.received_copies()});
         } else {
           compute_(blocks);
         }
       } catch (...) {
-        // Zeros are still returned so that peers finish combine (the dispatcher does not clear
-        // the outputs between steps; copy_sums() zeroes the sums).
+        // Zeros are still returned so that peers finish combine (output rows are not cleared
+        // between steps; copy_sums() zeroes the sums).
         if constexpr (fuses_weighted_sum) {
-          static_cast<void>(dispatcher_.copy_sums());
+          static_cast<void>(handle_.copy_sums());
         } else {
-          const auto out = dispatcher_.expert_output();
+          const auto out = handle_.expert_output();
           std::fill(out.begin(), out.end(), value_type{});
         }
         if (!local_error) local_error = std::current_exception();
       }
     }
-    const auto combine = [&](std::span<value_type> out) {
-      if constexpr (fuses_weighted_sum)
-        dispatcher_.combine_sums(out);
-      else
-        dispatcher_.combine(out);
-    };
     if (local_error) {
-      std::vector<value_type> sink(r.tokens() * shape_.hidden());
-      combine(sink);
+      std::vector<value_type> sink(handle_.tokens() * shape_.hidden());
+      dispatcher_.combine(sink, handle_);
       std::rethrow_exception(local_error);
     }
-    combine(y);
+    dispatcher_.combine(y, handle_);
     if (shape_.shared_experts() > 0) add_shared(x, y);
   }
 
@@ -372,18 +365,14 @@ private:
       const expert_id id = static_cast<expert_id>(s);
       const std::size_t offsets[2] = {0, T};
       (*shared_)(layer::expert_blocks<value_type>{&id, offsets, 1, x.data(), shared_out_.data(), H});
-      for (std::size_t i = 0; i < acc_.size(); ++i) acc_[i] += to_float(shared_out_[i]);
+      for (std::size_t i = 0; i < acc_.size(); ++i)
+        acc_[i] += to_float(shared_out_[i]);
     }
     // Routed and shared parts are summed in fp32 and rounded once.
-    for (std::size_t i = 0; i < y.size(); ++i) y[i] = static_cast<value_type>(to_float(y[i]) + acc_[i]);
+    for (std::size_t i = 0; i < y.size(); ++i)
+      y[i] = static_cast<value_type>(to_float(y[i]) + acc_[i]);
   }
 
-  static constexpr bool reads_input_rows = [] {
-    if constexpr (requires { expert_compute_type::reads_input_rows; })
-      return bool{expert_compute_type::reads_input_rows};
-    else
-      return false;
-  }();
   // A compute with an overload taking a weighted_sum_target forms combine's sums itself.
   static constexpr bool fuses_weighted_sum =
       std::invocable<expert_compute_type&, const layer::expert_blocks<value_type, memory_space::host>&,
@@ -395,6 +384,8 @@ private:
   expert_map map_;
   expert_compute_type compute_;
   transport::moe_dispatcher<exchanger_type, value_type> dispatcher_;
+  transport::layout<> layout_;
+  transport::dispatch_handle<value_type> handle_;
   [[no_unique_address]] backend_type backend_{};
   std::optional<router_type> router_;
   std::optional<expert_compute_type> shared_;
@@ -403,4 +394,4 @@ private:
   routing_type routing_;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE
+} // namespace locus::inline LOCUS_ABI_NAMESPACE

@@ -7,6 +7,9 @@
 //! assign() synchronises the stream once at the end, to check the input and to return the
 //! per-rank row counts to the host, where a transport needs them anyway (message sizes).
 
+#include <array>
+#include <cstddef>
+#include <cstdint>
 #include <locus/core/cuda_error.hpp>
 #include <locus/core/device_buffer.hpp>
 #include <locus/core/expert_map.hpp>
@@ -15,10 +18,6 @@
 #include <locus/core/topology.hpp>
 #include <locus/transport/detail/dispatch_layout.hpp>
 #include <locus/transport/layout.hpp>
-
-#include <array>
-#include <cstddef>
-#include <cstdint>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
@@ -30,7 +29,8 @@ template <class TopK, class Experts = experts<>>
 class device_layout {
   static_assert(extent_of<TopK, locus::detail::top_k_tag> && TopK::is_static,
                 "locus::transport::device_layout needs a static locus::top_k<K>: its kernels are specialised for K");
-  static_assert(extent_of<Experts, locus::detail::experts_tag>, "locus::transport::device_layout: the second parameter must be locus::experts<E>");
+  static_assert(extent_of<Experts, locus::detail::experts_tag>,
+                "locus::transport::device_layout: the second parameter must be locus::experts<E>");
   static constexpr std::size_t K = TopK::static_value;
 
 public:
@@ -41,47 +41,51 @@ public:
   //! @throws locus::cuda_error on a CUDA failure
   template <class Topology>
   void assign(const device_routing_view<TopK>& r, const expert_map& map, const Topology& topo, std::size_t source_rank,
-              layout_kind kind = layout_kind::flat, cudaStream_t stream = nullptr) {
+              transport_kind kind = transport_kind::flat, cudaStream_t stream = nullptr) {
     static_assert(any_topology<Topology>, "locus::transport::device_layout needs a locus::topology");
     LOCUS_REQUIRE(map.ranks() == topo.ranks(), config_error, "device_layout: the expert map has ", map.ranks(),
                   " ranks but the topology has ", topo.ranks());
     const Experts experts(map.experts());
     LOCUS_REQUIRE(source_rank < topo.ranks(), invalid_input_error, "device_layout: source rank ", source_rank,
                   " out of range [0, ", topo.ranks(), ")");
-    LOCUS_REQUIRE(r.tokens() * K <= static_cast<std::size_t>(INT32_MAX) / 2, invalid_input_error, "device_layout: ",
-                  r.tokens(), " tokens × top_k ", K, " copies exceed 32-bit indices");
+    LOCUS_REQUIRE(r.tokens() * K <= static_cast<std::size_t>(INT32_MAX) / 2, invalid_input_error,
+                  "device_layout: ", r.tokens(), " tokens × top_k ", K, " copies exceed 32-bit indices");
     kind_ = kind;
     tokens_ = r.tokens();
     ranks_ = topo.ranks();
     slots_ = map.slots_per_rank();
     gpus_ = topo.gpus_per_node();
-    const detail::layout::token_params p{static_cast<std::int32_t>(source_rank), static_cast<std::int32_t>(gpus_),
-                                         static_cast<std::int32_t>(slots_),
-                                         static_cast<std::int32_t>(kind == layout_kind::flat ? slots_ : gpus_ * slots_),
-                                         kind == layout_kind::node};
-    detail::layout::replica_tables(map, topo, source_rank, fixed_, cand_offsets_, cands_);
+    const detail::layout::token_params p{
+        static_cast<std::int32_t>(source_rank), static_cast<std::int32_t>(gpus_), static_cast<std::int32_t>(slots_),
+        static_cast<std::int32_t>(kind == transport_kind::flat ? slots_ : gpus_ * slots_),
+        kind == transport_kind::hierarchical};
+    placement::replica_candidates(map, topo, source_rank, fixed_, cand_offsets_, cands_);
     b_.fixed.assign(fixed_);
     b_.cand_offsets.assign(cand_offsets_);
     b_.cands.resize(cands_.size() + 1); // never empty, so the pointer is valid
     if (!cands_.empty()) b_.cands.assign(cands_);
     const expert_map_view v = map.view();
     replicas_.assign(v.replicas, static_cast<std::size_t>(v.replica_offsets[v.experts]));
-    detail::layout::dispatch_build<K, Experts>(b_, r.ids(), r.weights(), tokens_, experts, replicas_.data(), p, ranks_, stream);
+    detail::layout::dispatch_build<K, Experts>(b_, r.ids(), r.weights(), tokens_, experts, replicas_.data(), p, ranks_,
+                                               stream);
     std::int32_t error = 0;
     rank_offsets_host_.resize(ranks_ + 1);
     LOCUS_CUDA_CHECK(cudaMemcpyAsync(&error, b_.error.data(), sizeof error, cudaMemcpyDeviceToHost, stream));
-    LOCUS_CUDA_CHECK(cudaMemcpyAsync(rank_offsets_host_.data(), b_.rank_offsets.data(), (ranks_ + 1) * sizeof(std::int32_t),
-                                     cudaMemcpyDeviceToHost, stream));
-    LOCUS_CUDA_CHECK(cudaMemcpyAsync(links_host_.data(), b_.links.data(), sizeof links_host_, cudaMemcpyDeviceToHost, stream));
+    LOCUS_CUDA_CHECK(cudaMemcpyAsync(rank_offsets_host_.data(), b_.rank_offsets.data(),
+                                     (ranks_ + 1) * sizeof(std::int32_t), cudaMemcpyDeviceToHost, stream));
+    LOCUS_CUDA_CHECK(
+        cudaMemcpyAsync(links_host_.data(), b_.links.data(), sizeof links_host_, cudaMemcpyDeviceToHost, stream));
     LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream));
     if (error != 0x7f7f7f7f) report(r, error, experts.value());
   }
 
-  layout_kind kind() const noexcept { return kind_; }
+  transport_kind kind() const noexcept { return kind_; }
   std::size_t tokens() const noexcept { return tokens_; }
   static constexpr std::size_t top_k() noexcept { return K; }
   std::size_t copies() const noexcept { return tokens_ * K; }
-  std::size_t rows() const noexcept { return rank_offsets_host_.empty() ? 0 : static_cast<std::size_t>(rank_offsets_host_.back()); }
+  std::size_t rows() const noexcept {
+    return rank_offsets_host_.empty() ? 0 : static_cast<std::size_t>(rank_offsets_host_.back());
+  }
   std::size_t ranks() const noexcept { return ranks_; }
   std::size_t slots_per_rank() const noexcept { return slots_; }
   //! Host copy of the per-rank row offsets (`ranks + 1` values).
@@ -120,8 +124,8 @@ private:
     LOCUS_CUDA_CHECK(cudaMemcpy(ids.data(), r.ids() + t * K, sizeof ids, cudaMemcpyDeviceToHost));
     const std::int32_t e = ids[j];
     if (e < 0 || static_cast<std::size_t>(e) >= experts)
-      LOCUS_THROW(invalid_input_error, "device_layout: token ", t, " choice ", j, ": expert id ", e, " out of range [0, ",
-                  experts, ")");
+      LOCUS_THROW(invalid_input_error, "device_layout: token ", t, " choice ", j, ": expert id ", e,
+                  " out of range [0, ", experts, ")");
     for (std::size_t i = 0; i < j; ++i)
       if (ids[i] == e) LOCUS_THROW(invalid_input_error, "device_layout: token ", t, ": expert ", e, " is chosen twice");
     float w = 0;
@@ -129,7 +133,7 @@ private:
     LOCUS_THROW(invalid_input_error, "device_layout: token ", t, " choice ", j, ": weight ", w, " is not finite");
   }
 
-  layout_kind kind_ = layout_kind::flat;
+  transport_kind kind_ = transport_kind::flat;
   std::size_t tokens_ = 0, ranks_ = 0, slots_ = 0, gpus_ = 1;
   detail::layout::device_layout_buffers b_;
   device_buffer<slot_ref> replicas_;
@@ -137,4 +141,4 @@ private:
   std::array<unsigned long long, 3> links_host_{};
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::transport
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::transport

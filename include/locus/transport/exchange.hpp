@@ -32,6 +32,7 @@
 #include <locus/core/error.hpp>
 #include <locus/core/policy.hpp>
 #include <locus/core/topology.hpp>
+#include <locus/core/transport_kind.hpp>
 #include <span>
 #include <string>
 #include <utility>
@@ -113,19 +114,6 @@ struct exchange_result {
   std::byte* row(std::size_t i) noexcept { return rows.data() + i * row_bytes; }
 };
 
-//! Trivially copyable view of a received buffer: what a kernel sees.
-struct exchange_handle {
-  const std::byte* rows = nullptr;
-  const std::size_t* offsets = nullptr; //!< group size + 1 entries
-  std::size_t members = 0;
-  std::size_t row_bytes = 0;
-};
-
-//! The handle of a result (valid while the result is neither modified nor destroyed).
-inline exchange_handle handle_of(const exchange_result& r) noexcept {
-  return {r.rows.data(), r.offsets.data(), r.counts.size(), r.row_bytes};
-}
-
 //! A host object that moves rows between ranks: what dispatch and combine are written against.
 //! `exchange` is collective over the group; `bytes()` accumulates what this rank moved.
 template <class T>
@@ -141,12 +129,12 @@ concept exchanger = requires(T& t, const T& ct, const exchange_request& req, exc
   t.exchange(req, out);
 };
 
-//! A transport policy: a tag type naming its host object (`exchanger_type`) and whether dispatch
-//! over it is node-hierarchical.
+//! A transport policy: a tag type naming its host object (`exchanger_type`) and how dispatch over
+//! it moves copies (`kind`: flat or hierarchical).
 template <class P>
 concept transport = transport_policy<P> && requires {
   typename P::exchanger_type;
-  { P::hierarchical } -> std::convertible_to<bool>;
+  { P::kind } -> std::convertible_to<transport_kind>;
 };
 
 namespace detail::exchange {

@@ -12,7 +12,7 @@
 //!   (`cost/traffic.hpp`) predicts;
 //! - a **row** is one token vector in the send buffer. Rows are deduplicated as the traffic model
 //!   counts them: a flat layout sends one row per distinct (token, destination rank) - two experts
-//!   of a token on one rank share it; a node layout (`layout_kind::node`) sends one row per
+//!   of a token on one rank share it; a node layout (`transport_kind::hierarchical`) sends one row per
 //!   distinct (token, destination node) to the rail peer (the rank with the source's local rank
 //!   on that node), which forwards it inside the node, and direct rows to destinations on the
 //!   source's own node;
@@ -26,42 +26,37 @@
 //! are ordered by (target rank, local slot). Everything is a pure function of the inputs: the
 //! result does not depend on the thread count.
 //!
-//! Replica choice for a single source in closed form: with fresh per-replica counters, "least
-//! copied, ties to the lower replica" visits an expert's candidate replicas round robin, so the
-//! n-th copy (in token order) of an expert with m candidates goes to candidate n mod m. That makes
-//! the choice a prefix count per expert, which parallelises (and runs on a GPU) deterministically.
-
-#include <locus/core/config.hpp>
-#include <locus/core/error.hpp>
-#include <locus/core/expert_map.hpp>
-#include <locus/core/parallel_for.hpp>
-#include <locus/core/routing.hpp>
-#include <locus/core/topology.hpp>
-#include <locus/transport/detail/layout_token.hpp>
+//! Replica choice is placement's rule (`replica_candidates` per source, then `choose_replica` with
+//! the copy's rank among the source's balanced copies of its expert): a prefix count per expert,
+//! which parallelises (and runs on a GPU) deterministically.
 
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <locus/core/config.hpp>
+#include <locus/core/error.hpp>
+#include <locus/core/expert_map.hpp>
+#include <locus/core/parallel_for.hpp>
+#include <locus/core/routing.hpp>
+#include <locus/core/topology.hpp>
+#include <locus/placement/replica_selection.hpp>
+#include <locus/core/transport_kind.hpp>
+#include <locus/transport/detail/layout_token.hpp>
 #include <span>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
 
-//! How rows are deduplicated.
-enum class layout_kind : std::uint8_t {
-  flat, //!< one row per distinct (token, destination rank), sent to that rank
-  node, //!< one row per distinct (token, remote destination node), sent to the rail peer; direct rows on the own node
-};
-
-inline const char* to_string(layout_kind k) noexcept { return k == layout_kind::flat ? "flat" : "node"; }
-
 //! Options of a layout build.
 struct layout_options {
-  layout_kind kind = layout_kind::flat;
-  unsigned threads = 0;       //!< worker threads (0 = default_host_threads())
-  std::size_t grain = 2048;   //!< minimum tokens per worker: below this one thread is faster
+  //! flat: one row per distinct (token, destination rank), sent to that rank; hierarchical: one
+  //! row per distinct (token, remote destination node), sent to the rail peer, and direct rows on
+  //! the source's own node
+  transport_kind kind = transport_kind::flat;
+  unsigned threads = 0;     //!< worker threads (0 = default_host_threads())
+  std::size_t grain = 2048; //!< minimum tokens per worker: below this one thread is faster
 };
 
 //! The largest top-k a dynamic `top_k<>` layout accepts (per-token scratch lives on the stack).
@@ -78,44 +73,10 @@ inline std::size_t chunk_begin(std::size_t n, std::size_t chunks, std::size_t w)
 
 template <class TopK>
 constexpr std::size_t scratch_k() {
-  if constexpr (TopK::is_static) return TopK::static_value;
-  else return max_dynamic_top_k;
-}
-
-//! Per expert, for source `src`: the fixed replica (the only one, or one on `src` itself; -1 if
-//! none) or the candidates the policy balances over (node-local replicas if any, else all), as
-//! indices into the map's CSR replica array.
-template <class Topology>
-void replica_tables(const expert_map& map, const Topology& topo, std::size_t src, std::vector<std::int32_t>& fixed,
-                    std::vector<std::int32_t>& cand_offsets, std::vector<std::int32_t>& cands) {
-  const expert_map_view v = map.view();
-  const std::size_t experts = map.experts();
-  const std::size_t src_node = topo.node_of(src);
-  fixed.assign(experts, -1);
-  cand_offsets.assign(experts + 1, 0);
-  cands.clear();
-  for (std::size_t e = 0; e < experts; ++e) {
-    const std::int32_t first = v.replica_offsets[e], last = v.replica_offsets[e + 1];
-    cand_offsets[e] = static_cast<std::int32_t>(cands.size());
-    if (last - first == 1) {
-      fixed[e] = first;
-      continue;
-    }
-    bool node_local = false;
-    for (std::int32_t i = first; i < last && fixed[e] < 0; ++i) {
-      const auto rank = static_cast<std::size_t>(v.replicas[i].rank);
-      if (rank == src) fixed[e] = i;
-      node_local |= topo.node_of(rank) == src_node;
-    }
-    if (fixed[e] >= 0) continue;
-    for (std::int32_t i = first; i < last; ++i)
-      if (!node_local || topo.node_of(static_cast<std::size_t>(v.replicas[i].rank)) == src_node) cands.push_back(i);
-    if (cands.size() - static_cast<std::size_t>(cand_offsets[e]) == 1) {
-      fixed[e] = cands.back(); // one candidate: no balancing state needed
-      cands.pop_back();
-    }
-  }
-  cand_offsets[experts] = static_cast<std::int32_t>(cands.size());
+  if constexpr (TopK::is_static)
+    return TopK::static_value;
+  else
+    return max_dynamic_top_k;
 }
 
 } // namespace detail::layout
@@ -125,7 +86,8 @@ void replica_tables(const expert_map& map, const Topology& topo, std::size_t src
 //! @tparam TopK `locus::top_k<K>` (loops specialised for K) or `top_k<>`
 template <class TopK = top_k<>>
 class layout {
-  static_assert(extent_of<TopK, locus::detail::top_k_tag>, "locus::transport::layout: the parameter must be locus::top_k<K>");
+  static_assert(extent_of<TopK, locus::detail::top_k_tag>,
+                "locus::transport::layout: the parameter must be locus::top_k<K>");
 
 public:
   using top_k_type = TopK;
@@ -142,12 +104,12 @@ public:
   //! @throws locus::invalid_input_error naming the token and choice of an out-of-range or repeated
   //!         expert id, a non-finite weight, or an out-of-range source rank
   template <class Topology, class Id, class Weight>
-  void assign(const routing_view<TopK, Id, Weight, memory_space::host>& r, const expert_map& map,
-              const Topology& topo, std::size_t source_rank, const layout_options& opt = {});
+  void assign(const routing_view<TopK, Id, Weight, memory_space::host>& r, const expert_map& map, const Topology& topo,
+              std::size_t source_rank, const layout_options& opt = {});
 
   //! @name Sizes
   //! @{
-  layout_kind kind() const noexcept { return kind_; }
+  transport_kind kind() const noexcept { return kind_; }
   std::size_t tokens() const noexcept { return tokens_; }
   std::size_t top_k() const noexcept { return k_; }
   std::size_t copies() const noexcept { return tokens_ * k_; }
@@ -224,7 +186,7 @@ private:
   void select_replicas(const expert_map& map, const Topology& topo, const Id* ids, std::size_t chunks);
   void place_rows(std::size_t chunks, const float* weights);
 
-  layout_kind kind_ = layout_kind::flat;
+  transport_kind kind_ = transport_kind::flat;
   std::size_t tokens_ = 0, k_ = 0, ranks_ = 0, gpus_ = 1, slots_ = 0, source_ = 0;
   unsigned threads_ = 0;
 
@@ -236,13 +198,13 @@ private:
   std::array<std::uint64_t, link_class_count> link_copies_{};
 
   // Scratch, kept to avoid reallocation across steps.
-  std::vector<std::int32_t> fixed_, cand_offsets_, cands_;  // per expert: fixed replica or candidates
-  std::vector<std::int32_t> hist_;                           // chunks × buckets
-  std::vector<std::int32_t> copy_local_row_;                 // row of each copy within its token
-  std::vector<std::int32_t> token_rows_;                     // rows per token
-  std::vector<std::int32_t> token_row_key_;                  // tokens × k bucket keys of each token's rows
-  std::vector<std::int32_t> row_start_, entry_start_;        // buckets × chunks starting positions
-  std::vector<std::int32_t> chunk_slot_counts_;              // chunks × slots
+  std::vector<std::int32_t> fixed_, cand_offsets_, cands_; // per expert: fixed replica or candidates
+  std::vector<std::int32_t> hist_;                         // chunks × buckets
+  std::vector<std::int32_t> copy_local_row_;               // row of each copy within its token
+  std::vector<std::int32_t> token_rows_;                   // rows per token
+  std::vector<std::int32_t> token_row_key_;                // tokens × k bucket keys of each token's rows
+  std::vector<std::int32_t> row_start_, entry_start_;      // buckets × chunks starting positions
+  std::vector<std::int32_t> chunk_slot_counts_;            // chunks × slots
   std::vector<std::array<std::uint64_t, link_class_count>> chunk_links_;
   std::size_t bucket_width_ = 0;
 };
@@ -252,7 +214,7 @@ template <class TopK, class Id, class Weight, class Topology>
 layout<TopK> make_layout(const routing_view<TopK, Id, Weight, memory_space::host>& r, const expert_map& map,
                          const Topology& topo, std::size_t source_rank, unsigned threads = 0) {
   layout<TopK> l;
-  l.assign(r, map, topo, source_rank, layout_options{layout_kind::flat, threads});
+  l.assign(r, map, topo, source_rank, layout_options{transport_kind::flat, threads});
   return l;
 }
 
@@ -262,7 +224,7 @@ template <class TopK, class Id, class Weight, class Topology>
 layout<TopK> make_node_layout(const routing_view<TopK, Id, Weight, memory_space::host>& r, const expert_map& map,
                               const Topology& topo, std::size_t source_rank, unsigned threads = 0) {
   layout<TopK> l;
-  l.assign(r, map, topo, source_rank, layout_options{layout_kind::node, threads});
+  l.assign(r, map, topo, source_rank, layout_options{transport_kind::hierarchical, threads});
   return l;
 }
 
@@ -283,8 +245,8 @@ void layout<TopK>::assign(const routing_view<TopK, Id, Weight, memory_space::hos
     LOCUS_REQUIRE(k <= max_dynamic_top_k, config_error, "layout: top_k ", k, " exceeds the supported ",
                   max_dynamic_top_k, " (use a static top_k<K>)");
   LOCUS_REQUIRE(r.tokens() == 0 || r.ids() != nullptr, invalid_input_error, "layout: the routing has no expert ids");
-  LOCUS_REQUIRE(r.tokens() * k <= static_cast<std::size_t>(INT32_MAX) / 2, invalid_input_error, "layout: ",
-                r.tokens(), " tokens × top_k ", k, " copies exceed 32-bit indices");
+  LOCUS_REQUIRE(r.tokens() * k <= static_cast<std::size_t>(INT32_MAX) / 2, invalid_input_error, "layout: ", r.tokens(),
+                " tokens × top_k ", k, " copies exceed 32-bit indices");
   kind_ = opt.kind;
   tokens_ = r.tokens();
   k_ = k;
@@ -295,7 +257,7 @@ void layout<TopK>::assign(const routing_view<TopK, Id, Weight, memory_space::hos
   threads_ = opt.threads == 0 ? default_host_threads() : opt.threads;
   // Bucket = (send rank, lead entry): flat rows lead with a slot of their destination, node rows
   // with (local rank, slot) on the destination node.
-  bucket_width_ = kind_ == layout_kind::flat ? slots_ : gpus_ * slots_;
+  bucket_width_ = kind_ == transport_kind::flat ? slots_ : gpus_ * slots_;
   LOCUS_REQUIRE(ranks_ * bucket_width_ <= static_cast<std::size_t>(INT32_MAX), config_error,
                 "layout: ranks × slots too large");
   const std::size_t chunks = detail::layout::chunk_count(tokens_, opt.grain, threads_);
@@ -322,7 +284,7 @@ template <class Topology, class Id>
 void layout<TopK>::select_replicas(const expert_map& map, const Topology& topo, const Id* ids, std::size_t chunks) {
   const expert_map_view v = map.view();
   const std::size_t experts = map.experts();
-  detail::layout::replica_tables(map, topo, source_, fixed_, cand_offsets_, cands_);
+  placement::replica_candidates(map, topo, source_, fixed_, cand_offsets_, cands_);
   const std::size_t n = copies();
   copy_rank_.resize(n);
   copy_slot_.resize(n);
@@ -352,7 +314,8 @@ void layout<TopK>::select_replicas(const expert_map& map, const Topology& topo, 
   for (std::size_t e = 0; e < experts; ++e) {
     if (fixed_[e] >= 0) continue;
     std::int32_t sum = 0;
-    for (std::size_t w = 0; w < chunks; ++w) std::swap(sum, hist_[w * experts + e]), sum += hist_[w * experts + e];
+    for (std::size_t w = 0; w < chunks; ++w)
+      std::swap(sum, hist_[w * experts + e]), sum += hist_[w * experts + e];
   }
   // Pass 2: choose replicas.
   parallel_for(chunks, 1, threads_, [&](std::size_t w0, std::size_t w1, unsigned) {
@@ -380,7 +343,7 @@ void layout<TopK>::place_rows(std::size_t chunks, const float* weights) {
   const std::size_t n = copies();
   const std::size_t buckets = ranks_ * bucket_width_;
   const std::size_t G = gpus_, S = slots_;
-  const bool node = kind_ == layout_kind::node;
+  const bool node = kind_ == transport_kind::hierarchical;
   const TopK kext = TopK(k_);
   constexpr std::size_t kmax = detail::layout::scratch_k<TopK>();
 
@@ -394,7 +357,8 @@ void layout<TopK>::place_rows(std::size_t chunks, const float* weights) {
   row_forwards_.clear();
 
   const detail::layout::token_params params{static_cast<std::int32_t>(source_), static_cast<std::int32_t>(G),
-                                            static_cast<std::int32_t>(S), static_cast<std::int32_t>(bucket_width_), node};
+                                            static_cast<std::int32_t>(S), static_cast<std::int32_t>(bucket_width_),
+                                            node};
 
   // Pass 1: group each token's copies into rows, key each row by (send rank, lead entry), count.
   parallel_for(chunks, 1, threads_, [&](std::size_t w0, std::size_t w1, unsigned) {
@@ -418,7 +382,8 @@ void layout<TopK>::place_rows(std::size_t chunks, const float* weights) {
           token_row_key_[c0 + ui] = row_key[ui];
           ++rh[static_cast<std::size_t>(row_key[ui])];
           eh[static_cast<std::size_t>(row_key[ui])] += row_size[ui];
-          ++links[static_cast<std::size_t>(detail::layout::row_link(params, row_key[ui] / static_cast<std::int32_t>(bucket_width_)))];
+          ++links[static_cast<std::size_t>(
+              detail::layout::row_link(params, row_key[ui] / static_cast<std::int32_t>(bucket_width_)))];
           links[static_cast<std::size_t>(link_class::intra_node)] += static_cast<std::uint64_t>(row_forwards[ui]);
         }
       }
@@ -471,8 +436,9 @@ void layout<TopK>::place_rows(std::size_t chunks, const float* weights) {
           row_token_[static_cast<std::size_t>(row)] = static_cast<std::int32_t>(t);
           row_entry_offsets_[static_cast<std::size_t>(row)] = entry;
           std::array<std::int32_t, kmax> members{};
-          const std::int32_t m = detail::layout::row_members<kmax>(params, copy_rank_.data() + c0, copy_slot_.data() + c0,
-                                                                   copy_local_row_.data() + c0, kext.value(), i, members.data());
+          const std::int32_t m =
+              detail::layout::row_members<kmax>(params, copy_rank_.data() + c0, copy_slot_.data() + c0,
+                                                copy_local_row_.data() + c0, kext.value(), i, members.data());
           std::int32_t forwards = 0;
           const std::int32_t to = static_cast<std::int32_t>(b / bucket_width_);
           for (std::int32_t q = 0; q < m; ++q, ++entry) {
@@ -485,7 +451,9 @@ void layout<TopK>::place_rows(std::size_t chunks, const float* weights) {
             entry_slot_[e] = copy_slot_[c];
             if (weights) entry_weight_[e] = weights[c];
             // Entries are ordered by rank, so a new target shows as a change of rank.
-            if (copy_rank_[c] != to && (q == 0 || copy_rank_[c0 + static_cast<std::size_t>(members[static_cast<std::size_t>(q - 1)])] != copy_rank_[c]))
+            if (copy_rank_[c] != to &&
+                (q == 0 ||
+                 copy_rank_[c0 + static_cast<std::size_t>(members[static_cast<std::size_t>(q - 1)])] != copy_rank_[c]))
               ++forwards;
           }
           if (node) row_forwards_[static_cast<std::size_t>(row)] = forwards;
@@ -497,10 +465,12 @@ void layout<TopK>::place_rows(std::size_t chunks, const float* weights) {
 
   slot_counts_.assign(ranks_ * S, 0);
   for (std::size_t w = 0; w < chunks; ++w)
-    for (std::size_t s = 0; s < ranks_ * S; ++s) slot_counts_[s] += chunk_slot_counts_[w * ranks_ * S + s];
+    for (std::size_t s = 0; s < ranks_ * S; ++s)
+      slot_counts_[s] += chunk_slot_counts_[w * ranks_ * S + s];
   link_copies_ = {};
   for (const auto& l : chunk_links_)
-    for (std::size_t c = 0; c < link_class_count; ++c) link_copies_[c] += l[c];
+    for (std::size_t c = 0; c < link_class_count; ++c)
+      link_copies_[c] += l[c];
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -540,8 +510,8 @@ public:
       LOCUS_REQUIRE(sum <= static_cast<std::int64_t>(entries), invalid_input_error, "receive_layout: the row counts (",
                     sum, " by row ", r, ") exceed the ", entries, " entries given");
     }
-    LOCUS_REQUIRE(static_cast<std::size_t>(sum) == entries, invalid_input_error, "receive_layout: the row counts add up to ",
-                  sum, " but ", entries, " entries were given");
+    LOCUS_REQUIRE(static_cast<std::size_t>(sum) == entries, invalid_input_error,
+                  "receive_layout: the row counts add up to ", sum, " but ", entries, " entries were given");
     row_entry_offsets_[rows] = static_cast<std::int32_t>(sum);
     slot_offsets_.assign(slots_ + 1, 0);
     for (std::size_t e = 0; e < entries; ++e) {
@@ -550,13 +520,15 @@ public:
                     " names slot ", s, ", out of range [0, ", slots_, ")");
       ++slot_offsets_[static_cast<std::size_t>(s) + 1];
     }
-    for (std::size_t s = 0; s < slots_; ++s) slot_offsets_[s + 1] += slot_offsets_[s];
+    for (std::size_t s = 0; s < slots_; ++s)
+      slot_offsets_[s + 1] += slot_offsets_[s];
     fill_.assign(slot_offsets_.begin(), slot_offsets_.end() - 1);
     expert_row_.resize(entries);
     expert_weight_.resize(entry_weight.empty() ? 0 : entries);
     entry_position_.resize(entries);
     for (std::size_t r = 0; r < rows; ++r) {
-      for (auto e = static_cast<std::size_t>(row_entry_offsets_[r]); e < static_cast<std::size_t>(row_entry_offsets_[r + 1]); ++e) {
+      for (auto e = static_cast<std::size_t>(row_entry_offsets_[r]);
+           e < static_cast<std::size_t>(row_entry_offsets_[r + 1]); ++e) {
         const std::int32_t pos = fill_[static_cast<std::size_t>(entry_slot[e])]++;
         expert_row_[static_cast<std::size_t>(pos)] = static_cast<std::int32_t>(r);
         if (!entry_weight.empty()) expert_weight_[static_cast<std::size_t>(pos)] = entry_weight[e];
@@ -589,12 +561,12 @@ private:
 //! go to which rank of its node (itself included), with the entries for that rank. Targets are
 //! local ranks; a target's rows keep received order, and its entries keep each row's order.
 struct node_fanout {
-  std::vector<std::int32_t> target_row_offsets;   //!< `gpus_per_node + 1`: rows of target g are [g], [g+1]
-  std::vector<std::int32_t> rows;                 //!< received row index, per (target, row)
-  std::vector<std::int32_t> row_entry_counts;     //!< entries for the target, per (target, row)
-  std::vector<std::int32_t> entry_slot;           //!< per entry, grouped as the rows
-  std::vector<float> entry_weight;                //!< per entry (empty when no weights were given)
-  std::vector<std::int32_t> entry_source;         //!< index of the entry among the received entries
+  std::vector<std::int32_t> target_row_offsets; //!< `gpus_per_node + 1`: rows of target g are [g], [g+1]
+  std::vector<std::int32_t> rows;               //!< received row index, per (target, row)
+  std::vector<std::int32_t> row_entry_counts;   //!< entries for the target, per (target, row)
+  std::vector<std::int32_t> entry_slot;         //!< per entry, grouped as the rows
+  std::vector<float> entry_weight;              //!< per entry (empty when no weights were given)
+  std::vector<std::int32_t> entry_source;       //!< index of the entry among the received entries
 
   //! Rows forwarded to local rank `g` (0 when `g` is the peer itself and it computes them).
   std::size_t row_count(std::size_t g) const {
@@ -609,12 +581,14 @@ struct node_fanout {
 //! @throws locus::invalid_input_error naming the row or entry with a bad count or target, or on
 //!         mismatched sizes
 inline node_fanout make_node_fanout(std::size_t gpus_per_node, std::span<const std::int32_t> row_entry_counts,
-                                    std::span<const std::int32_t> entry_target, std::span<const std::int32_t> entry_slot,
+                                    std::span<const std::int32_t> entry_target,
+                                    std::span<const std::int32_t> entry_slot,
                                     std::span<const float> entry_weight = {}) {
   LOCUS_REQUIRE(gpus_per_node > 0, config_error, "node_fanout: zero GPUs per node");
-  LOCUS_REQUIRE(entry_target.size() == entry_slot.size() && (entry_weight.empty() || entry_weight.size() == entry_slot.size()),
-                invalid_input_error, "node_fanout: ", entry_target.size(), " targets, ", entry_slot.size(), " slots and ",
-                entry_weight.size(), " weights");
+  LOCUS_REQUIRE(entry_target.size() == entry_slot.size() &&
+                    (entry_weight.empty() || entry_weight.size() == entry_slot.size()),
+                invalid_input_error, "node_fanout: ", entry_target.size(), " targets, ", entry_slot.size(),
+                " slots and ", entry_weight.size(), " weights");
   const std::size_t G = gpus_per_node, rows = row_entry_counts.size(), entries = entry_slot.size();
   std::vector<std::int32_t> offsets(rows + 1, 0);
   for (std::size_t r = 0; r < rows; ++r) {
@@ -624,8 +598,8 @@ inline node_fanout make_node_fanout(std::size_t gpus_per_node, std::span<const s
     LOCUS_REQUIRE(static_cast<std::size_t>(offsets[r + 1]) <= entries, invalid_input_error,
                   "node_fanout: the row counts exceed the ", entries, " entries given");
   }
-  LOCUS_REQUIRE(static_cast<std::size_t>(offsets[rows]) == entries, invalid_input_error, "node_fanout: the row counts add up to ",
-                offsets[rows], " but ", entries, " entries were given");
+  LOCUS_REQUIRE(static_cast<std::size_t>(offsets[rows]) == entries, invalid_input_error,
+                "node_fanout: the row counts add up to ", offsets[rows], " but ", entries, " entries were given");
   node_fanout f;
   f.target_row_offsets.assign(G + 1, 0);
   for (std::size_t e = 0; e < entries; ++e)
@@ -652,4 +626,4 @@ inline node_fanout make_node_fanout(std::size_t gpus_per_node, std::span<const s
   return f;
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::transport
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::transport

@@ -235,12 +235,12 @@ inline local_transport local_fabric::endpoint(std::size_t rank) {
 struct local_flat {
   using policy_concept = transport_tag;
   using exchanger_type = local_transport;
-  static constexpr bool hierarchical = false;
+  static constexpr transport_kind kind = transport_kind::flat;
 };
 struct local_hierarchical {
   using policy_concept = transport_tag;
   using exchanger_type = local_transport;
-  static constexpr bool hierarchical = true;
+  static constexpr transport_kind kind = transport_kind::hierarchical;
 };
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport

@@ -360,7 +360,7 @@ private:
 struct mpi_flat {
   using policy_concept = transport_tag;
   using exchanger_type = mpi_transport;
-  static constexpr bool hierarchical = false;
+  static constexpr transport_kind kind = transport_kind::flat;
 };
 
 //! Rail-aligned two-stage MPI transport: one copy per destination node across the network, then
@@ -368,7 +368,7 @@ struct mpi_flat {
 struct mpi_hierarchical {
   using policy_concept = transport_tag;
   using exchanger_type = mpi_transport;
-  static constexpr bool hierarchical = true;
+  static constexpr transport_kind kind = transport_kind::hierarchical;
 };
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport

@@ -303,14 +303,14 @@ private:
 struct nccl_flat {
   using policy_concept = transport_tag;
   using exchanger_type = nccl_transport;
-  static constexpr bool hierarchical = false;
+  static constexpr transport_kind kind = transport_kind::flat;
 };
 
 //! Rail-aligned two-stage NCCL transport: network rails, then NVLink peers.
 struct nccl_hierarchical {
   using policy_concept = transport_tag;
   using exchanger_type = nccl_transport;
-  static constexpr bool hierarchical = true;
+  static constexpr transport_kind kind = transport_kind::hierarchical;
 };
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport

@@ -4,31 +4,24 @@
 //! (`transport/layout.hpp`) and the CUDA kernels (`transport/detail/kernels/layout.cuh`), so both
 //! produce the same layout by construction.
 
-#include <locus/core/config.hpp>
-
 #include <cstddef>
 #include <cstdint>
+#include <locus/core/config.hpp>
+#include <locus/placement/replica_selection.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout {
 
 //! Per-source constants of a layout build.
 struct token_params {
-  std::int32_t source = 0;        //!< source rank
-  std::int32_t gpus = 1;          //!< GPUs per node
-  std::int32_t slots = 1;         //!< slots per rank
-  std::int32_t bucket_width = 1;  //!< bucket keys per rank: slots (flat) or gpus × slots (node)
-  bool node = false;              //!< node-deduplicated rows
+  std::int32_t source = 0;       //!< source rank
+  std::int32_t gpus = 1;         //!< GPUs per node
+  std::int32_t slots = 1;        //!< slots per rank
+  std::int32_t bucket_width = 1; //!< bucket keys per rank: slots (flat) or gpus × slots (node)
+  bool node = false;             //!< node-deduplicated rows
 };
 
-//! Replica of the `nth` balanced copy of expert `e` (round robin over its candidates), or its
-//! fixed replica.
-LOCUS_HOST_DEVICE std::int32_t choose_replica(const std::int32_t* fixed, const std::int32_t* cand_offsets,
-                                              const std::int32_t* cands, std::int32_t e, std::int32_t nth) {
-  const std::int32_t f = fixed[e];
-  if (f >= 0) return f;
-  const std::int32_t m = cand_offsets[e + 1] - cand_offsets[e];
-  return cands[cand_offsets[e] + nth % m];
-}
+// The replica rule is placement's (placement/replica_selection.hpp); kernels call it from here.
+using ::locus::placement::choose_replica;
 
 //! The rank a copy bound for `dst` is sent to: `dst`, or for a node layout and a remote node the
 //! rail peer (the rank with the source's local rank on `dst`'s node).
@@ -51,7 +44,8 @@ LOCUS_HOST_DEVICE std::int32_t group_rows(const token_params& p, const std::int3
     const std::int32_t to = send_rank(p, dst);
     const std::int32_t sub = p.node ? (dst % p.gpus) * p.slots + slot[j] : slot[j];
     std::int32_t i = 0;
-    while (i < rows && send[i] != to) ++i;
+    while (i < rows && send[i] != to)
+      ++i;
     if (i == rows) {
       send[i] = to;
       row_key[i] = sub;
@@ -65,12 +59,14 @@ LOCUS_HOST_DEVICE std::int32_t group_rows(const token_params& p, const std::int3
     // implies the same row).
     if (dst != to) {
       bool fresh = true;
-      for (std::size_t q = 0; q < j; ++q) fresh &= rank[q] != dst;
+      for (std::size_t q = 0; q < j; ++q)
+        fresh &= rank[q] != dst;
       if (fresh) ++row_forwards[i];
     }
     local_row[j] = i;
   }
-  for (std::int32_t i = 0; i < rows; ++i) row_key[i] += send[i] * p.bucket_width;
+  for (std::int32_t i = 0; i < rows; ++i)
+    row_key[i] += send[i] * p.bucket_width;
   return rows;
 }
 
@@ -99,4 +95,4 @@ LOCUS_HOST_DEVICE std::int32_t row_members(const token_params& p, const std::int
   return m;
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::transport::detail::layout
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout

@@ -1,0 +1,30 @@
+#pragma once
+//! @file
+//! `locus::transport_kind`: whether token copies travel flat (one per distinct destination rank)
+//! or node-hierarchically (one per distinct remote node, to the rail peer, which forwards inside
+//! its node). The one spelling of that choice: transport policies carry it (`P::kind`), layouts are
+//! built for it and the traffic model counts by it.
+
+#include <cstdint>
+#include <locus/core/config.hpp>
+#include <locus/core/error.hpp>
+#include <string_view>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE {
+
+//! How token copies travel between ranks.
+enum class transport_kind : std::uint8_t {
+  flat,         //!< one copy per distinct destination rank of a token
+  hierarchical, //!< one copy per distinct remote node (to the rail peer), then the fan-out inside it
+};
+
+inline const char* to_string(transport_kind k) noexcept { return k == transport_kind::flat ? "flat" : "hierarchical"; }
+
+//! Parses "flat" or "hierarchical". @throws locus::config_error on anything else
+inline transport_kind parse_transport_kind(std::string_view s) {
+  if (s == "flat") return transport_kind::flat;
+  if (s == "hierarchical") return transport_kind::hierarchical;
+  LOCUS_THROW(config_error, "unknown transport kind \"", s, "\" (expected flat or hierarchical)");
+}
+
+} // namespace locus::inline LOCUS_ABI_NAMESPACE
