@@ -7,7 +7,11 @@
 if(LOCUS_PORTABLE_TESTS)
   set(Boost_USE_STATIC_LIBS ON)
 endif()
-find_package(Boost 1.71 REQUIRED CONFIG COMPONENTS unit_test_framework)
+find_package(Boost 1.71 CONFIG COMPONENTS unit_test_framework)
+if(NOT Boost_FOUND)
+  message(FATAL_ERROR "locus: LOCUS_BUILD_TESTS=ON needs Boost.Test (apt-get install libboost-test-dev), "
+                      "or configure with -DLOCUS_BUILD_TESTS=OFF")
+endif()
 
 function(locus_portable_runtime name)
   if(LOCUS_PORTABLE_TESTS)

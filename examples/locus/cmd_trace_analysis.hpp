@@ -308,9 +308,20 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
   });
 }
 
+//! The rendering script: beside an installed driver (<prefix>/share/locus), else the source tree's.
+inline std::string default_report_script() {
+  std::error_code ec;
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    const auto installed = exe.parent_path().parent_path() / "share" / "locus" / "trace_report.py";
+    if (std::filesystem::is_regular_file(installed, ec)) return installed.string();
+  }
+  return LOCUS_TRACE_REPORT_SCRIPT;
+}
+
 inline void register_trace_report(CLI::App& trace_cmd) {
   struct options {
-    std::string path, out = "trace_report", python = "/usr/bin/python3", script = LOCUS_TRACE_REPORT_SCRIPT;
+    std::string path, out = "trace_report", python = "/usr/bin/python3", script = default_report_script();
     std::size_t prefill = 32;
     long layer = -1;
     bool no_render = false;
