@@ -13,6 +13,7 @@
 //         [--transport flat|hierarchical] [--deepseek 0|1]
 // Writes DIR/drift.json and DIR/drift.md; bench/plot_drift.py draws DIR/drift.png.
 #include "bench_args.hpp"
+#include "bench_output.hpp"
 
 #include <chrono>
 #include <ctime>
@@ -378,9 +379,7 @@ int main(int argc, char** argv) try {
   doc["seconds"] = seconds;
   std::filesystem::create_directories(out_dir);
   const auto write = [&](const std::string& name, const std::string& text) {
-    const auto tmp = out_dir + "/." + name + ".tmp";
-    std::ofstream(tmp) << text;
-    std::filesystem::rename(tmp, out_dir + "/" + name);
+    bench_output::file(out_dir + "/" + name) << text;
   };
   write("drift.json", doc.dump(1) + "\n");
   char head[1024];

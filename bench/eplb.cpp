@@ -7,6 +7,7 @@
 //   eplb [--out DIR] [--repeats N]
 // Writes DIR/eplb.json; prints a table last.
 #include "bench_args.hpp"
+#include "bench_output.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -96,9 +97,8 @@ int main(int argc, char** argv) try {
                               {"eplb_global_max_over_mean", global_b},
                               {"linear_max_over_mean", lin_b}};
   std::filesystem::create_directories(out_dir);
-  const std::string path = out_dir + "/eplb.json", tmp = path + ".tmp";
-  std::ofstream(tmp) << doc.dump(1) << '\n';
-  std::filesystem::rename(tmp, path);
+  const std::string path = out_dir + "/eplb.json";
+  bench_output::file(path) << doc.dump(1) << '\n';
 
   std::printf("Times are the best of %d CPU times of one thread, all %zu layers.\n", repeats, layers);
   std::printf("DeepSeek-V3 shape: %zu layers x %zu experts, %zu slots, %zu groups, %zu nodes x %zu GPUs\n\n", layers,

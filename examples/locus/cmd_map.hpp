@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
+#include <locus/core/atomic_file.hpp>
 #include <locus/core/expert_map_json.hpp>
 #include <locus/grouper/workload_model_json.hpp>
 #include <locus/placement/engine_export.hpp>
@@ -68,7 +69,7 @@ inline int map_export(const export_options& o) {
     node_load = g.node_load();
   }
   maps = locus::placement::fill_empty_slots(maps, load, node_load, o.gpus_per_node);
-  locus::placement::write_file_atomically(o.out, locus::placement::export_text(format, maps, layers));
+  locus::write_file_atomically(o.out, locus::placement::export_text(format, maps, layers));
   const auto& m = maps.front();
   std::printf("%s: %s format, %zu MoE layers (hidden layers %zu..%zu of %zu), %zu experts in %zu slots on %zu ranks; "
               "%zu empty slots filled%s\n",

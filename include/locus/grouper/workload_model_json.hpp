@@ -13,8 +13,8 @@
 //! request exactly as the saved one. The training bookkeeping (which training requests fell in
 //! which cluster) is not saved.
 
-#include <filesystem>
 #include <fstream>
+#include <locus/core/atomic_file.hpp>
 #include <locus/core/error.hpp>
 #include <locus/grouper/workload_aware.hpp>
 #include <nlohmann/json.hpp>
@@ -131,16 +131,7 @@ inline workload_model grouping_from_json(const nlohmann::json& doc) { return wor
 
 //! Writes the model to `path` atomically. @throws locus::io_error
 inline void save_grouping(const std::string& path, const workload_model& m) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream os(tmp);
-    if (!os) LOCUS_THROW(io_error, "cannot open ", tmp, " for writing");
-    os << grouping_to_json(m).dump() << '\n';
-    if (!os.flush()) LOCUS_THROW(io_error, "writing ", tmp, " failed");
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) LOCUS_THROW(io_error, "cannot rename ", tmp, " to ", path, ": ", ec.message());
+  ::locus::write_file_atomically(path, grouping_to_json(m).dump() + '\n');
 }
 
 //! Reads a model saved by save_grouping. @throws locus::io_error, locus::format_error (with the file name)

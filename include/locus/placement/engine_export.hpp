@@ -17,8 +17,6 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <filesystem>
-#include <fstream>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/placement/eplb.hpp>
@@ -269,21 +267,6 @@ inline std::string trtllm_yaml(const std::vector<expert_map>& maps, const model_
     os << "]\n";
   }
   return os.str();
-}
-
-//! Writes `text` to `path` through a temporary file and a rename, so a reader never sees half a file.
-//! @throws locus::io_error when the file cannot be written
-inline void write_file_atomically(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream os(tmp, std::ios::binary);
-    if (!os) LOCUS_THROW(io_error, "cannot open ", tmp, " for writing");
-    os << text;
-    if (!(os.flush())) LOCUS_THROW(io_error, "writing ", tmp, " failed");
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) LOCUS_THROW(io_error, "cannot rename ", tmp, " to ", path, ": ", ec.message());
 }
 
 //! Engines an export can target.
