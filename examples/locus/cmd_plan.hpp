@@ -33,6 +33,7 @@ struct split_options {
   double test_fraction = 0.5;
   std::size_t prefill_tokens = 32;
   std::size_t experts = 0;
+  std::size_t skip_requests = 0;
   CLI::Option* prefill_opt = nullptr;
 
   CLI::Option* add_to(CLI::App* cmd, bool trace_required = true) {
@@ -44,12 +45,21 @@ struct split_options {
     cmd->add_option("--test-fraction", test_fraction, "Fraction of requests in the test split")
         ->check(finite_non_negative() & CLI::Range(0.0, 1.0));
     prefill_opt = cmd->add_option("--prefill-tokens", prefill_tokens, prefill_help);
+    cmd->add_option("--skip-requests", skip_requests,
+                    "Drop the trace's first this many requests (warm-up passes) before the split");
     return trace;
   }
 
   //! (train, test), prefill marked; a split that the job needs and that came out empty is refused.
   std::pair<locus::trace::trace, locus::trace::trace> load(bool need_train, bool need_test) const {
-    const auto t = with_prefill(load_trace(trace_path, experts), prefill_tokens, prefill_opt->count() > 0);
+    auto t = with_prefill(load_trace(trace_path, experts), prefill_tokens, prefill_opt->count() > 0);
+    if (skip_requests > 0) {
+      LOCUS_REQUIRE(skip_requests < t.requests(), locus::config_error, "--skip-requests ", skip_requests,
+                    " drops all ", t.requests(), " requests of ", trace_path);
+      std::vector<std::size_t> kept(t.requests() - skip_requests);
+      for (std::size_t i = 0; i < kept.size(); ++i) kept[i] = skip_requests + i;
+      t = t.select_requests(kept);
+    }
     auto split = locus::trace::split_by_request(t, test_fraction, split_seed);
     LOCUS_REQUIRE(!need_train || split.first.requests() > 0, locus::config_error,
                   "the training split is empty: --test-fraction ", test_fraction, " with --split-seed ", split_seed,
