@@ -32,23 +32,44 @@ struct split_options {
   std::uint64_t split_seed = 1;
   double test_fraction = 0.5;
   std::size_t prefill_tokens = 32;
+  std::size_t experts = 0;
+  std::size_t skip_requests = 0;
+  CLI::Option* prefill_opt = nullptr;
 
   CLI::Option* add_to(CLI::App* cmd, bool trace_required = true) {
-    auto* trace = cmd->add_option("--trace", trace_path, "Trace: locus binary file or ESFT folder");
+    auto* trace = cmd->add_option("--trace", trace_path, trace_help);
     if (trace_required) trace->required();
     cmd->add_option("--nodes", nodes, "Nodes")->check(positive_whole());
     cmd->add_option("--gpus-per-node", gpus_per_node, "GPUs (ranks) per node")->check(positive_whole());
     cmd->add_option("--split-seed", split_seed, "Seed of the train/test split by request");
     cmd->add_option("--test-fraction", test_fraction, "Fraction of requests in the test split")
         ->check(finite_non_negative() & CLI::Range(0.0, 1.0));
-    cmd->add_option("--prefill-tokens", prefill_tokens, "Tokens at the start of each request that are prefill");
+    prefill_opt = cmd->add_option("--prefill-tokens", prefill_tokens, prefill_help);
+    cmd->add_option("--skip-requests", skip_requests,
+                    "Drop the trace's first this many requests (warm-up passes) before the split");
     return trace;
   }
 
-  //! (train, test), prefill marked.
-  std::pair<locus::trace::trace, locus::trace::trace> load() const {
-    const auto t = load_trace(trace_path).with_prefill_tokens(prefill_tokens);
-    return locus::trace::split_by_request(t, test_fraction, split_seed);
+  //! (train, test), prefill marked; a split that the job needs and that came out empty is refused.
+  std::pair<locus::trace::trace, locus::trace::trace> load(bool need_train, bool need_test) const {
+    auto t = with_prefill(load_trace(trace_path, experts), prefill_tokens, prefill_opt->count() > 0);
+    if (skip_requests > 0) {
+      LOCUS_REQUIRE(skip_requests < t.requests(), locus::config_error, "--skip-requests ", skip_requests,
+                    " drops all ", t.requests(), " requests of ", trace_path);
+      std::vector<std::size_t> kept(t.requests() - skip_requests);
+      for (std::size_t i = 0; i < kept.size(); ++i) kept[i] = skip_requests + i;
+      t = t.select_requests(kept);
+    }
+    auto split = locus::trace::split_by_request(t, test_fraction, split_seed);
+    LOCUS_REQUIRE(!need_train || split.first.requests() > 0, locus::config_error,
+                  "the training split is empty: --test-fraction ", test_fraction, " with --split-seed ", split_seed,
+                  " puts all ", t.requests(), " requests of ", trace_path,
+                  " in the test split (lower --test-fraction or change --split-seed)");
+    LOCUS_REQUIRE(!need_test || split.second.requests() > 0, locus::config_error,
+                  "the test split is empty, nothing to simulate: --test-fraction ", test_fraction,
+                  " with --split-seed ", split_seed, " puts all ", t.requests(), " requests of ", trace_path,
+                  " in the training split (raise --test-fraction or change --split-seed)");
+    return split;
   }
   locus::dynamic_topology topology() const { return {nodes, gpus_per_node}; }
 };
@@ -82,13 +103,15 @@ struct plan_options {
   }
   //! Maps and the workload-aware grouping model fitted with them (locality refines the grouping
   //! jointly with the placement).
+  //! `fit_grouping`: fit the grouping model even when the placement does not need it.
   locus::placement::activation_plan plan(const locus::trace::trace& train, const locus::dynamic_topology& topo,
-                                         std::uint64_t seed, std::size_t prefill) const {
+                                         std::uint64_t seed, std::size_t prefill, bool fit_grouping) const {
     locus::placement::activation_plan_options opt;
+    opt.fit_grouping = fit_grouping;
     opt.named.eplb_groups = eplb_groups;
     opt.grouping.clusters = clusters;
     opt.grouping.seed = seed;
-    opt.grouping.prefill_tokens = prefill;
+    opt.grouping.prefill_tokens = std::max<std::size_t>(1, prefill); // a cap; recorded phases may have more
     opt.refine.count(copies == "flat"           ? locus::placement::copy_count::flat
                      : copies == "hierarchical" ? locus::placement::copy_count::hierarchical
                                                 : locus::placement::copy_count::both);
@@ -120,15 +143,19 @@ inline void register_plan(CLI::App& app) {
   auto* trace = split->add_to(cmd, false);
   plan->add_to(cmd);
   cmd->add_option("--out", *out, "Output expert map JSON");
-  cmd->add_option("--grouping", *grouping,
-                  "Output grouping model JSON (default: the map's name with .grouping.json), for simulate --grouping");
+  auto* grouping_opt =
+      cmd->add_option("--grouping", *grouping,
+                      "Output grouping model JSON, for simulate --grouping (activation_usage and locality write it "
+                      "by default, as the map's name with .grouping.json; other placements only when this is given)");
   auto* load_opt = cmd->add_option("--load", *load,
                                    "Plan from engine statistics instead of a trace (linear, round_robin, eplb): a .npy "
                                    "of [layers, experts] loads or [tokens, layers, k] routed experts, or a "
                                    "TensorRT-LLM expert-statistics folder");
-  cmd->add_option("--experts", *experts, "Experts of the model, for routed-expert arrays (default: largest id + 1)");
+  cmd->add_option("--experts", *experts,
+                  "Experts of the model, for routed-expert arrays (default: largest id + 1) and route JSONL traces "
+                  "(default: the meta line's num_experts)");
   trace->excludes(load_opt);
-  cmd->callback([split, plan, out, load, grouping, experts] {
+  cmd->callback([split, plan, out, load, grouping, grouping_opt, experts] {
     if (load->empty() && split->trace_path.empty()) throw CLI::RequiredError("--trace or --load");
     if (!load->empty()) {
       const auto imported = locus::placement::import_load(*load, *experts);
@@ -154,17 +181,19 @@ inline void register_plan(CLI::App& app) {
       return;
     }
     const auto topo = split->topology(); // an impossible topology is refused before the trace is read
-    const auto [train, test] = split->load();
-    const auto planned = plan->plan(train, topo, split->split_seed, split->prefill_tokens);
+    split->experts = *experts;
+    const auto [train, test] = split->load(true, false);
+    const auto planned = plan->plan(train, topo, split->split_seed, split->prefill_tokens, grouping_opt->count() > 0);
     const auto& maps = planned.maps;
     locus::save_expert_maps(*out, maps, train.has_model_layers() ? train.model_layer_ids() : std::vector<std::size_t>{},
                             train.hidden_layers());
     const std::string grouping_path = grouping->empty() ? grouping_path_for(*out) : *grouping;
-    locus::grouper::save_grouping(grouping_path, *planned.model);
+    if (planned.model) locus::grouper::save_grouping(grouping_path, *planned.model);
     std::printf("%s: %s placement, %zu layers, %zu experts on %zu x %zu ranks, %zu slots per rank (fitted on %zu "
-                "requests); grouping model in %s\n",
+                "requests)%s%s\n",
                 out->c_str(), plan->placement.c_str(), maps.size(), maps.front().experts(), split->nodes,
-                split->gpus_per_node, maps.front().slots_per_rank(), train.requests(), grouping_path.c_str());
+                split->gpus_per_node, maps.front().slots_per_rank(), train.requests(),
+                planned.model ? "; grouping model in " : "", planned.model ? grouping_path.c_str() : "");
   });
 }
 
@@ -188,6 +217,7 @@ inline void register_simulate(CLI::App& app) {
   auto opt = std::make_shared<options>();
   auto* cmd = app.add_subcommand("simulate", "Simulate decode on a trace's test split and report traffic");
   split->add_to(cmd);
+  cmd->add_option("--experts", split->experts, experts_help);
   plan->add_to(cmd);
   cmd->add_option("--map", opt->map_path, "Expert map JSON (instead of --placement)");
   cmd->add_option("--grouping", opt->grouping_path,
@@ -211,7 +241,8 @@ inline void register_simulate(CLI::App& app) {
   cmd->callback([split, plan, opt] {
     const auto start = std::chrono::steady_clock::now();
     const auto topo = split->topology(); // an impossible topology is refused before the trace is read
-    const auto [train, test] = split->load();
+    const bool saved = !opt->map_path.empty() && !opt->grouping_path.empty();
+    const auto [train, test] = split->load(!saved, true);
     // With --map and --grouping the saved plan and grouping are used as they are. Otherwise the
     // workload-aware model is fitted on the training split (with --placement, together with the maps).
     const auto transport = locus::cost::parse_transport_kind(opt->transport); // bad names fail before planning
@@ -228,7 +259,7 @@ inline void register_simulate(CLI::App& app) {
       auto for_run = *plan;
       if (for_run.copies.empty())
         for_run.copies = locus::cost::to_string(transport); // plan for the transport simulated
-      planned = for_run.plan(train, topo, split->split_seed, split->prefill_tokens);
+      planned = for_run.plan(train, topo, split->split_seed, split->prefill_tokens, opt->grouper == "workload_aware");
       if (!opt->map_path.empty()) planned.maps = locus::load_expert_maps(opt->map_path);
     }
     const auto& maps = planned.maps;
@@ -251,7 +282,10 @@ inline void register_simulate(CLI::App& app) {
       popt.refine.count(transport == locus::cost::transport_kind::flat ? locus::placement::copy_count::flat
                                                                       : locus::placement::copy_count::hierarchical);
       const std::size_t tokens = popt.refine_sample_tokens(test.layers(), test.top_k());
-      const auto prior = locus::placement::token_sample_from_model(train, *planned.model, tokens);
+      // The training sample needs the grouping (the node of each request); without one the
+      // re-plans see the window alone.
+      const auto prior = planned.model ? locus::placement::token_sample_from_model(train, *planned.model, tokens)
+                                       : locus::placement::token_sample{};
       locus::cost::online_options o;
       o.interval = opt->replan_every;
       o.window = opt->replan_window ? opt->replan_window : std::max<std::size_t>(1, opt->replan_every);
@@ -264,7 +298,7 @@ inline void register_simulate(CLI::App& app) {
           test, sched, maps, cfg, o, [&](const std::vector<locus::expert_map>& cur, std::size_t a, std::size_t b) {
             auto sample = locus::cost::window_sample(test, sched, a, b, topo, tokens);
             sample.home.insert(sample.home.end(), prior.home.begin(), prior.home.end());
-            for (std::size_t l = 0; l < sample.layers(); ++l)
+            for (std::size_t l = 0; l < prior.layers(); ++l)
               sample.ids[l].insert(sample.ids[l].end(), prior.ids[l].begin(), prior.ids[l].end());
             return locus::placement::replan_by_tokens(cur, sample, topo, popt.refine, budget, opt->expert_bytes).maps;
           });

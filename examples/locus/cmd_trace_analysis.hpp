@@ -52,13 +52,13 @@ private:
   std::chrono::steady_clock::time_point t0_;
 };
 
-inline locus::trace::trace load(const std::string& path, progress& p) {
+inline locus::trace::trace load(const std::string& path, progress& p, std::size_t experts = 0) {
   std::error_code ec;
   LOCUS_REQUIRE(std::filesystem::exists(path, ec) || (ec && ec != std::errc::no_such_file_or_directory),
                 locus::io_error, "trace \"", path,
-                "\" does not exist (expected a locus binary trace file or an ESFT folder)");
+                "\" does not exist (expected a locus binary trace file, an ESFT folder or a route JSONL file)");
   p.start("loading " + path);
-  auto t = load_trace(path);
+  auto t = load_trace(path, experts);
   p.done();
   return t;
 }
@@ -69,14 +69,15 @@ inline nlohmann::json number_or_null(double v) {
 }
 
 //! The JSON document of `locus trace stats --json`.
-inline nlohmann::json stats_json(const locus::trace::trace_statistics& s, std::size_t prefill) {
+//! `recorded`: the trace's own phases were used, not `prefill` leading tokens.
+inline nlohmann::json stats_json(const locus::trace::trace_statistics& s, std::size_t prefill, bool recorded = false) {
   nlohmann::json j;
   j["requests"] = s.requests;
   j["tokens"] = s.tokens;
   j["layers"] = s.layers;
   j["experts"] = s.experts;
   j["top_k"] = s.top_k;
-  j["prefill_tokens"] = prefill;
+  j["prefill_tokens"] = recorded ? nlohmann::json("recorded") : nlohmann::json(prefill);
   j["domains"] = nlohmann::json::array();
   for (std::size_t d = 0; d < s.domain_names.size(); ++d)
     j["domains"].push_back(
@@ -104,7 +105,7 @@ inline nlohmann::json stats_json(const locus::trace::trace_statistics& s, std::s
   return j;
 }
 
-inline void print_stats_table(const locus::trace::trace_statistics& s, std::size_t prefill) {
+inline void print_stats_table(const locus::trace::trace_statistics& s, std::size_t prefill, bool recorded = false) {
   std::printf("%zu requests, %zu tokens, %zu layers, %zu experts, top-%zu\n\n", s.requests, s.tokens, s.layers,
               s.experts, s.top_k);
   std::printf("%-16s %10s %10s\n", "domain", "requests", "tokens");
@@ -113,19 +114,32 @@ inline void print_stats_table(const locus::trace::trace_statistics& s, std::size
                 static_cast<unsigned long long>(s.popularity.requests[d]),
                 static_cast<unsigned long long>(s.popularity.tokens[d]));
   const auto js = s.divergence.mean_per_layer();
-  std::printf("\n%5s %9s %7s %7s %9s %10s %10s   (correlation: first %zu tokens prefill)\n", "layer", "max/mean", "CV",
-              "Gini", "JS(dom)", "corr mean", "corr med", prefill);
+  const std::string basis =
+      recorded ? std::string("recorded phases") : "first " + std::to_string(prefill) + " tokens prefill";
+  std::printf("\n%5s %9s %7s %7s %9s %10s %10s   (correlation: %s)\n", "layer", "max/mean", "CV", "Gini", "JS(dom)",
+              "corr mean", "corr med", basis.c_str());
+  // Undefined values print "n/a", as JSON writes null: JS divergence with one domain, the
+  // prefill/decode correlation of a trace without prefill tokens.
+  const auto cell = [](double v, int width, int precision) {
+    char buf[48];
+    if (std::isfinite(v))
+      std::snprintf(buf, sizeof buf, "%*.*f", width, precision, v);
+    else
+      std::snprintf(buf, sizeof buf, "%*s", width, "n/a");
+    return std::string(buf);
+  };
   for (std::size_t l = 0; l < s.layers; ++l)
-    std::printf("%5zu %9.3f %7.3f %7.3f %9.4f %10.3f %10.3f\n", l, s.layer_imbalance[l].max_over_mean,
-                s.layer_imbalance[l].cv, s.layer_imbalance[l].gini, js[l], s.correlation.mean[l],
-                s.correlation.median[l]);
+    std::printf("%5zu %9.3f %7.3f %7.3f %s %s %s\n", l, s.layer_imbalance[l].max_over_mean, s.layer_imbalance[l].cv,
+                s.layer_imbalance[l].gini, cell(js[l], 9, 4).c_str(), cell(s.correlation.mean[l], 10, 3).c_str(),
+                cell(s.correlation.median[l], 10, 3).c_str());
   double js_sum = 0;
   std::size_t js_n = 0;
   for (double v : js)
     if (std::isfinite(v)) js_sum += v, ++js_n;
-  std::printf("%5s %9.3f %7.3f %7.3f %9.4f %10.3f\n", "mean", s.mean_imbalance(&locus::trace::imbalance::max_over_mean),
+  std::printf("%5s %9.3f %7.3f %7.3f %s %s\n", "mean", s.mean_imbalance(&locus::trace::imbalance::max_over_mean),
               s.mean_imbalance(&locus::trace::imbalance::cv), s.mean_imbalance(&locus::trace::imbalance::gini),
-              js_n ? js_sum / static_cast<double>(js_n) : std::nan(""), s.correlation.overall_mean());
+              cell(js_n ? js_sum / static_cast<double>(js_n) : std::nan(""), 9, 4).c_str(),
+              cell(s.correlation.overall_mean(), 10, 3).c_str());
 }
 
 //! Parses "E:K:L" (experts, top-k, layers) for --rescale.
@@ -181,20 +195,23 @@ inline std::string csv_quote(const std::string& x) {
 inline void register_trace_stats(CLI::App& trace_cmd) {
   struct options {
     std::string path;
-    std::size_t prefill = 32;
+    std::size_t prefill = 32, experts = 0;
     bool json = false;
     unsigned threads = 0;
   };
   auto o = std::make_shared<options>();
   auto* cmd = trace_cmd.add_subcommand("stats", "Statistics of a trace: load imbalance, domains, prefill/decode "
                                                 "correlation (table, or JSON with --json)");
-  cmd->add_option("trace", o->path, "Trace: locus binary file or ESFT folder")->required();
-  cmd->add_option("--prefill-tokens", o->prefill, "Leading tokens of each request counted as prefill");
+  cmd->add_option("trace", o->path, trace_help)->required();
+  auto* prefill = cmd->add_option("--prefill-tokens", o->prefill, prefill_help);
+  cmd->add_option("--experts", o->experts, experts_help);
   cmd->add_flag("--json", o->json, "Print JSON instead of a table");
   cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)");
-  cmd->callback([o] {
+  cmd->callback([o, prefill] {
     trace_analysis::progress p("locus trace stats");
-    const auto t = trace_analysis::load(o->path, p).with_prefill_tokens(o->prefill);
+    const auto loaded = trace_analysis::load(o->path, p, o->experts);
+    const bool recorded = keeps_recorded_phases(loaded, prefill->count() > 0);
+    const auto t = with_prefill(loaded, o->prefill, prefill->count() > 0);
     p.start("computing statistics");
     locus::trace::statistics_options so;
     so.coactivation = so.transitions = false;
@@ -202,9 +219,9 @@ inline void register_trace_stats(CLI::App& trace_cmd) {
     const auto s = locus::trace::compute_statistics(t, so);
     p.done();
     if (o->json)
-      std::printf("%s\n", trace_analysis::stats_json(s, o->prefill).dump(2).c_str());
+      std::printf("%s\n", trace_analysis::stats_json(s, o->prefill, recorded).dump(2).c_str());
     else
-      trace_analysis::print_stats_table(s, o->prefill);
+      trace_analysis::print_stats_table(s, o->prefill, recorded);
   });
 }
 

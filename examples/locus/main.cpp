@@ -44,6 +44,8 @@ int report(const std::string& message, int code) {
 int main(int argc, char** argv) {
   CLI::App app{"locus: locality-aware multi-node Mixture-of-Experts tools"};
   app.require_subcommand(1);
+  // Every option's --help shows its default; subcommands inherit this when they are added.
+  app.option_defaults()->always_capture_default();
   app.fallthrough(); // --verbose may follow the subcommand
   app.set_version_flag("--version", std::to_string(LOCUS_VERSION_MAJOR) + "." + std::to_string(LOCUS_VERSION_MINOR) +
                                         "." + std::to_string(LOCUS_VERSION_PATCH));

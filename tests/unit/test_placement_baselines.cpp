@@ -115,4 +115,35 @@ BOOST_AUTO_TEST_CASE(linear_and_round_robin_layouts) {
   BOOST_CHECK_NO_THROW(eplb{.groups = 3}.plan(in));            // 3 groups on 2 nodes: global policy, groups unused
 }
 
+// Experts that do not divide the ranks: blocks differ by at most one, the larger ones first, in
+// expert order (60 on 8 ranks: 8,8,8,8,7,7,7,7, not 8 × 7 and 4 on the last).
+BOOST_AUTO_TEST_CASE(linear_spreads_uneven_counts_evenly) {
+  plan_input in;
+  in.topology = dynamic_topology(2, 4);
+  in.experts = 60;
+  in.slots_per_rank = slots_for(60, 8, 0);
+  in.load = {std::vector<double>(60, 1.0)};
+  const auto m = linear{}.plan(in).front();
+  const std::vector<std::size_t> sizes = {8, 8, 8, 8, 7, 7, 7, 7};
+  std::size_t first = 0;
+  for (std::size_t r = 0; r < 8; ++r) {
+    for (std::size_t e = first; e < first + sizes[r]; ++e) {
+      BOOST_TEST(m.replica_count(e) == 1u);
+      BOOST_TEST(static_cast<std::size_t>(m.replicas(e)[0].rank) == r);
+    }
+    first += sizes[r];
+  }
+  BOOST_TEST(first == 60u);
+}
+
+BOOST_AUTO_TEST_CASE(fewer_experts_than_gpus_is_refused) {
+  BOOST_CHECK_NO_THROW((void)slots_for(8, 8, 0));
+  try {
+    (void)slots_for(6, 8, 0);
+    BOOST_FAIL("6 experts on 8 GPUs was accepted");
+  } catch (const config_error& e) {
+    BOOST_TEST(e.message().find("6 experts cannot give each of 8 GPUs") != std::string::npos, e.message());
+  }
+}
+
 BOOST_AUTO_TEST_SUITE_END()

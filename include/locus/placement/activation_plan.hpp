@@ -32,6 +32,9 @@ struct activation_plan_options {
   grouper::workload_aware_options grouping{};
   named_plan_options named{};
   joint_options joint{};
+  //! Fit the workload-aware grouping model even when the placement does not use it (only
+  //! activation_usage and locality do); without it activation_plan::model stays empty.
+  bool fit_grouping = true;
   bool joint_grouping = true; //!< refine the grouping with the placement when it is `locality`
   bool token_refine = true;   //!< run the token-level stage on `locality` maps
   bool token_replicas = true; //!< with it, choose replicas on the exact copy cost too
@@ -96,7 +99,7 @@ inline token_sample token_sample_from_model(const trace::trace& train, const gro
 //! The result: expert maps and the grouping model the workload_aware grouper runs on.
 struct activation_plan {
   std::vector<expert_map> maps;
-  std::shared_ptr<const grouper::workload_model> model;
+  std::shared_ptr<const grouper::workload_model> model; //!< empty when nothing needed it (fit_grouping)
   double local_fraction = 0; //!< training decode pairs kept local by the joint fit (locality only)
 };
 
@@ -127,9 +130,13 @@ inline activation_plan plan_activation_aware(const trace::trace& train, const dy
                 "plan: ", topo.nodes(), " nodes × ", train.experts(), " experts × ", train.layers(),
                 " layers of per-node usage exceed the planner's limit of ", max_node_usage_entries, " entries");
   (void)slots_for(train.experts(), topo.ranks(), redundant_per_rank); // slot counts checked before the slow fit
-  auto model = std::make_shared<grouper::workload_model>(grouper::workload_model::fit(train, topo, opt.grouping));
   plan_input in = plan_input_from_trace(train, topo, redundant_per_rank);
   activation_plan out;
+  if (!opt.fit_grouping && placement != "activation_usage" && placement != "locality") {
+    out.maps = plan_by_name(placement, in, opt.named);
+    return out;
+  }
+  auto model = std::make_shared<grouper::workload_model>(grouper::workload_model::fit(train, topo, opt.grouping));
   if (placement == "locality" && opt.joint_grouping)
     out.local_fraction = refine_grouping(*model, in, opt.named.locality, opt.joint);
   in.node_load = model->node_load();

@@ -68,6 +68,9 @@ struct plan_input {
 //!         would size tables far beyond memory)
 inline std::size_t slots_for(std::size_t experts, std::size_t ranks, std::size_t redundant_per_rank) {
   LOCUS_REQUIRE(ranks > 0, config_error, "slots_for: zero ranks");
+  // A GPU without an expert would sit idle in every MoE layer: refuse rather than plan it.
+  LOCUS_REQUIRE(experts >= ranks, config_error, experts, " experts cannot give each of ", ranks,
+                " GPUs (nodes × GPUs per node) one: use at most ", experts, " GPUs");
   LOCUS_REQUIRE(redundant_per_rank <= experts, config_error, "redundant slots per rank is ", redundant_per_rank,
                 ", expected at most the number of experts (", experts, ")");
   return (experts + ranks - 1) / ranks + redundant_per_rank;
