@@ -286,7 +286,11 @@ def test_engine_statistics_import(tmp_path):
     plan = locus.plan(sg, 1, 4, "eplb", slots_per_rank=3)
     assert (plan.maps != -1).all()
     # Per-token routed experts, one array per request in an .npz.
-    np.savez(tmp_path / "routed.npz", a=rng.integers(0, 8, size=(5, 2, 2)), b=rng.integers(0, 8, size=(7, 2, 2)))
+    # A token's top-k experts are distinct (a repeated expert is refused as in every reader).
+    def routed(tokens):
+        return np.argsort(rng.random((tokens, 2, 8)), axis=2)[:, :, :2].astype(np.int32)
+
+    np.savez(tmp_path / "routed.npz", a=routed(5), b=routed(7))
     t = locus.load_routed_experts(str(tmp_path / "routed.npz"), 8)
     assert (t.requests, t.tokens, t.layers) == (2, 12, 2)
     bad = tmp_path / "bad.safetensors"
