@@ -1,10 +1,10 @@
 #pragma once
 // Command-line and trace loading shared by the benchmarks: `--name value` options with a default,
 // comma lists of them, and a trace given as an ESFT folder or a binary trace file.
+#include <ctime>
+#include <filesystem>
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
-
-#include <filesystem>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -23,13 +23,22 @@ template <class Parse>
 auto arg_list(int argc, char** argv, const std::string& name, const std::string& fallback, Parse parse) {
   std::vector<decltype(parse(std::string{}))> out;
   std::stringstream ss(arg_value(argc, argv, name, fallback));
-  for (std::string x; std::getline(ss, x, ',');) out.push_back(parse(x));
+  for (std::string x; std::getline(ss, x, ',');)
+    out.push_back(parse(x));
   return out;
 }
 
 // An ESFT folder (imported) or a binary trace file.
 inline locus::trace::trace load_trace(const std::string& path) {
   return std::filesystem::is_directory(path) ? locus::trace::import_esft(path) : locus::trace::read_trace(path);
+}
+
+//! CPU time of the calling thread: the machine is shared, and "on one core" means the time the core
+//! spends, not the wall-clock time other processes stretch it to.
+inline double cpu_now() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
 }
 
 } // namespace bench_args

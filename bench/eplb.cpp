@@ -25,13 +25,7 @@
 namespace {
 
 using bench_args::arg_value;
-
-// CPU time of this thread (the machine is shared; the question is about one core).
-double cpu_now() {
-  timespec ts{};
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
-}
+using bench_args::cpu_now;
 
 // Mean over layers of max/mean GPU load, each replica carrying load / replica count.
 double max_over_mean(const std::vector<locus::expert_map>& maps, const locus::placement::plan_input& in) {

@@ -30,14 +30,8 @@
 namespace {
 
 using bench_args::arg_value;
+using bench_args::cpu_now;
 
-// CPU time of this thread: the machine these runs on is shared, and "on one core" means the
-// time the core spends, not the wall-clock time other processes stretch it to.
-double cpu_now() {
-  timespec ts{};
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
-}
 double seconds_since(double t) { return cpu_now() - t; }
 
 // `tokens` tokens in requests of 100 (32 prefill + 68 decode); kind d = request mod kinds routes
@@ -47,10 +41,12 @@ locus::trace::trace synthetic(std::size_t tokens, std::size_t experts, std::size
   const std::size_t len = 100, requests = tokens / len;
   locus::trace::trace_builder b(experts, k, layers);
   std::vector<std::string> names;
-  for (std::size_t d = 0; d < kinds; ++d) names.push_back("kind" + std::to_string(d));
+  for (std::size_t d = 0; d < kinds; ++d)
+    names.push_back("kind" + std::to_string(d));
   b.set_domains(names);
   b.reserve_tokens(requests * len);
-  for (std::size_t r = 0; r < requests; ++r) b.add_request(r, static_cast<std::uint32_t>(r % kinds), len);
+  for (std::size_t r = 0; r < requests; ++r)
+    b.add_request(r, static_cast<std::uint32_t>(r % kinds), len);
   locus::trace::detail::splitmix64 g(seed);
   const std::size_t block = experts / kinds;
   for (std::size_t l = 0; l < layers; ++l) {
@@ -65,7 +61,8 @@ locus::trace::trace synthetic(std::size_t tokens, std::size_t experts, std::size
           do {
             e = g.uniform() < 0.7 ? (d * block + g.below(block) + 3 * l) % experts : g.below(experts);
             fresh = true;
-            for (std::size_t i = 0; i < j; ++i) fresh &= ids[t * k + i] != e;
+            for (std::size_t i = 0; i < j; ++i)
+              fresh &= ids[t * k + i] != e;
           } while (!fresh);
           ids[t * k + j] = static_cast<locus::trace::trace_expert_id>(e);
           w[t * k + j] = 1.0f / static_cast<float>(k);
@@ -94,8 +91,8 @@ int main(int argc, char** argv) try {
   opt.grouping.clusters = clusters;
   opt.grouping.restarts = 1;
   t0 = cpu_now();
-  auto model = std::make_shared<locus::grouper::workload_model>(
-      locus::grouper::workload_model::fit(train, topo, opt.grouping));
+  auto model =
+      std::make_shared<locus::grouper::workload_model>(locus::grouper::workload_model::fit(train, topo, opt.grouping));
   const double fit_s = seconds_since(t0);
   auto in = locus::placement::plan_input_from_trace(train, topo, 1);
   t0 = cpu_now();
@@ -143,7 +140,8 @@ int main(int argc, char** argv) try {
     sink += wa.assign({&test, i % test.requests(), 32}, cs);
   const double assign_us = seconds_since(t0) * 1e6 / static_cast<double>(reps);
   t0 = cpu_now();
-  for (std::size_t i = 0; i < reps; ++i) sink += ll.assign({&test, i % test.requests(), 32}, cs);
+  for (std::size_t i = 0; i < reps; ++i)
+    sink += ll.assign({&test, i % test.requests(), 32}, cs);
   const double ll_us = seconds_since(t0) * 1e6 / static_cast<double>(reps);
 
   // Classification accuracy on the synthetic kinds (cluster → majority kind).
@@ -161,12 +159,14 @@ int main(int argc, char** argv) try {
 
   // Micro-batch split of one rank's batch of 64 requests into 2, by prefill-estimated loads.
   std::vector<std::size_t> batch(64);
-  for (std::size_t i = 0; i < batch.size(); ++i) batch[i] = i * 7 % test.requests();
+  for (std::size_t i = 0; i < batch.size(); ++i)
+    batch[i] = i * 7 % test.requests();
   const auto est = locus::grouper::request_gpu_load(test, batch, maps, 0, 32);
   const auto actual = locus::grouper::request_gpu_load(test, batch, maps, 32, 68);
   const auto split = locus::grouper::split_micro_batches(est, 2);
   std::vector<std::uint32_t> contiguous(batch.size());
-  for (std::size_t i = 0; i < batch.size(); ++i) contiguous[i] = i < batch.size() / 2 ? 0 : 1;
+  for (std::size_t i = 0; i < batch.size(); ++i)
+    contiguous[i] = i < batch.size() / 2 ? 0 : 1;
   const auto split_actual = locus::grouper::evaluate_micro_batches(actual, split.batch_of, 2);
   const auto contiguous_actual = locus::grouper::evaluate_micro_batches(actual, contiguous, 2);
 

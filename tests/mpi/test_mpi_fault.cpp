@@ -213,27 +213,25 @@ BOOST_AUTO_TEST_CASE(different_step_counts_raise_on_every_rank) {
   }
 }
 
-// Rank 1 stops itself (SIGSTOP) before an exchange over the world. The others time out naming
-// rank 1 alone; then rank 0 continues it (SIGCONT) and it raises at once, naming the ranks that
-// gave up, so every rank can go on to MPI_Finalize.
-BOOST_AUTO_TEST_CASE(stopped_rank_times_out_every_member) {
-  const std::size_t me = static_cast<std::size_t>(world_rank()), victim = 1;
+// The process ids of all ranks (rank 0 continues a stopped victim by its pid).
+std::vector<int> all_pids() {
   std::vector<int> pids(4);
   const int pid = static_cast<int>(getpid());
   LOCUS_MPI_CHECK(MPI_Allgather(&pid, 1, MPI_INT, pids.data(), 1, MPI_INT, MPI_COMM_WORLD));
-  auto t = make_transport();
-  LOCUS_MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));
-  const outcome o = observe([&] {
-    if (me == victim) std::raise(SIGSTOP);
-    exchange_once(t, exchange_group::world);
-  });
-  if (me == 0) {
-    // Continue the victim only once it really is stopped, or it would stop for good afterwards.
-    for (int i = 0; i < 500 && !stopped(pids[victim]); ++i)
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    kill(pids[victim], SIGCONT);
-  }
-  const auto all = gather(o);
+  return pids;
+}
+
+// Rank 0 continues the victim once it really is stopped, or it would stop for good afterwards.
+void continue_when_stopped(std::size_t me, int victim_pid) {
+  if (me != 0) return;
+  for (int i = 0; i < 500 && !stopped(victim_pid); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  kill(victim_pid, SIGCONT);
+}
+
+// Every rank ends in timeout_error: the continued victim learns that its peers gave up, the others
+// name rank 1 alone within the deadline (and, when given, the stage they waited in).
+void check_all_timed_out_on_rank_1(const std::vector<outcome>& all, std::size_t victim, const char* stage = nullptr) {
   for (std::size_t r = 0; r < all.size(); ++r) {
     const auto& a = all[r];
     BOOST_TEST_CONTEXT("rank " << r << ": " << a.message) {
@@ -241,6 +239,7 @@ BOOST_AUTO_TEST_CASE(stopped_rank_times_out_every_member) {
       if (r == victim) {
         BOOST_TEST(contains(a, "had given up waiting for this rank"));
       } else {
+        if (stage) BOOST_TEST(contains(a, stage));
         BOOST_TEST(contains(a, "; rank 1 did not arrive in time;"));
         BOOST_TEST(a.seconds < deadline.count() / 1e3 + margin_s);
       }
@@ -248,14 +247,28 @@ BOOST_AUTO_TEST_CASE(stopped_rank_times_out_every_member) {
   }
 }
 
+// Rank 1 stops itself (SIGSTOP) before an exchange over the world. The others time out naming
+// rank 1 alone; then rank 0 continues it (SIGCONT) and it raises at once, naming the ranks that
+// gave up, so every rank can go on to MPI_Finalize.
+BOOST_AUTO_TEST_CASE(stopped_rank_times_out_every_member) {
+  const std::size_t me = static_cast<std::size_t>(world_rank()), victim = 1;
+  const std::vector<int> pids = all_pids();
+  auto t = make_transport();
+  LOCUS_MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));
+  const outcome o = observe([&] {
+    if (me == victim) std::raise(SIGSTOP);
+    exchange_once(t, exchange_group::world);
+  });
+  continue_when_stopped(me, pids[victim]);
+  check_all_timed_out_on_rank_1(gather(o), victim);
+}
+
 // Rank 1 stops between the header round and the rows: the others, past the header round, must
 // not wait for its rows for ever (the blocking MPI_Alltoallv that used to move them would). They
 // name rank 1 within the deadline; continued, rank 1 learns that they gave up.
 BOOST_AUTO_TEST_CASE(rank_stopped_between_headers_and_rows_times_out_every_member) {
   const std::size_t me = static_cast<std::size_t>(world_rank()), victim = 1;
-  std::vector<int> pids(4);
-  const int pid = static_cast<int>(getpid());
-  LOCUS_MPI_CHECK(MPI_Allgather(&pid, 1, MPI_INT, pids.data(), 1, MPI_INT, MPI_COMM_WORLD));
+  const std::vector<int> pids = all_pids();
   auto t = make_transport();
   // MPI may still read the send buffer of an exchange that timed out (see docs/design.md): it
   // outlives the test.
@@ -267,25 +280,8 @@ BOOST_AUTO_TEST_CASE(rank_stopped_between_headers_and_rows_times_out_every_membe
     exchange_result out;
     t.exchange({exchange_group::world, 1024, rows, counts, {}}, out);
   });
-  if (me == 0) {
-    for (int i = 0; i < 500 && !stopped(pids[victim]); ++i)
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    kill(pids[victim], SIGCONT);
-  }
-  const auto all = gather(o);
-  for (std::size_t r = 0; r < all.size(); ++r) {
-    const auto& a = all[r];
-    BOOST_TEST_CONTEXT("rank " << r << ": " << a.message) {
-      BOOST_TEST(a.kind == static_cast<int>(error_kind::timeout));
-      if (r == victim) {
-        BOOST_TEST(contains(a, "had given up waiting for this rank"));
-      } else {
-        BOOST_TEST(contains(a, "in the row stage of step 0 exchange #0 over the world group"));
-        BOOST_TEST(contains(a, "; rank 1 did not arrive in time;"));
-        BOOST_TEST(a.seconds < deadline.count() / 1e3 + margin_s);
-      }
-    }
-  }
+  continue_when_stopped(me, pids[victim]);
+  check_all_timed_out_on_rank_1(gather(o), victim, "in the row stage of step 0 exchange #0 over the world group");
 }
 
 // Rank 3 dies (SIGKILL) before an exchange. The survivors time out naming it (mpirun may end the
