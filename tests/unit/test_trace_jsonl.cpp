@@ -208,7 +208,8 @@ BOOST_AUTO_TEST_CASE(requests_reconstructed_from_token_restarts) {
                           {"r.jsonl:1:", "lacks \"req_id\"", "split_on_restart"});
     else // a constant req_id without reconstruction: one request whose token_idx repeat
       expect_format_error([&] { (void)trace::import_jsonl_text(text, "r.jsonl", o); },
-                          {"request 7 (first record at line 1): token_idx 10 at layer 0 appears twice"});
+                          {"request 7 (first record at line 1): token_idx 10 at layer 0 appears twice",
+                           "import with --split-on-restart"});
     o.split_on_restart = true;
     const auto t = trace::import_jsonl_text(text, "r.jsonl", o);
     BOOST_TEST_REQUIRE(t.requests() == lengths.size());
@@ -308,10 +309,12 @@ BOOST_AUTO_TEST_CASE(inconsistent_requests_fail_or_are_dropped) {
       {ok + r(1, 0, 0) + r(1, 0, 1) + r(1, 0, 0), "token_idx 0 at layer 0 appears twice (also line 3)", 5},
   };
   for (const auto& c : cases) {
+    auto strict = opts();
+    strict.trim_ragged = false; // the first two cases are ragged tails, kept trimmed by default
     const auto line =
-        expect_format_error([&] { (void)trace::import_jsonl_text(c.text, "inc.jsonl", opts()); }, {c.needle});
+        expect_format_error([&] { (void)trace::import_jsonl_text(c.text, "inc.jsonl", strict); }, {c.needle});
     BOOST_TEST(line == c.line, c.needle);
-    auto o = opts();
+    auto o = strict;
     o.skip_bad = true;
     trace::jsonl_report rep;
     const auto t = trace::import_jsonl_text(c.text, "inc.jsonl", o, &rep);
@@ -503,4 +506,134 @@ BOOST_AUTO_TEST_CASE(fast_lexer_agrees_with_nlohmann_json) {
   }
   BOOST_TEST_MESSAGE("lexer took " << taken << " of " << lines.size() << " lines");
   BOOST_TEST(taken > lines.size() / 10); // the mutations must not make the test vacuous
+}
+
+// Layers that end early (a logger stopped mid-step): the request keeps the tokens every layer holds,
+// and the report says how many were dropped; with trim_ragged false it is inconsistent.
+BOOST_AUTO_TEST_CASE(ragged_tails_are_trimmed_and_counted) {
+  auto r = [](int req, int tok, int layer, int e) {
+    return "{\"req_id\": " + std::to_string(req) + ", \"token_idx\": " + std::to_string(tok) +
+           ", \"layer\": " + std::to_string(layer) + ", \"topk_ids\": [" + std::to_string(e) +
+           ", 7], \"topk_weights\": [1, 1]}\n";
+  };
+  // Request 1: layer 0 holds tokens 0..4, layer 1 tokens 0..2, layer 2 tokens 0..3. Request 2 is whole.
+  std::string text;
+  for (int t = 0; t < 5; ++t) text += r(1, t, 0, t);
+  for (int t = 0; t < 3; ++t) text += r(1, t, 1, t + 1);
+  for (int t = 0; t < 4; ++t) text += r(1, t, 2, t + 2);
+  for (int l = 0; l < 3; ++l) text += r(2, 0, l, l);
+  trace::jsonl_report rep;
+  const auto t = trace::import_jsonl_text(text, "rag.jsonl", opts(), &rep);
+  BOOST_TEST_REQUIRE(t.requests() == 2u);
+  BOOST_TEST(t.request(0).length == 3u);
+  BOOST_TEST(t.request(1).length == 1u);
+  for (std::size_t l = 0; l < 3; ++l)
+    for (std::size_t p = 0; p < 3; ++p) BOOST_TEST(t.layer(l).ids()[p * 2] == p + l);
+  BOOST_TEST(rep.trimmed_requests == 1u);
+  BOOST_TEST(rep.trimmed_tokens == 2u); // token_idx 3 and 4
+  BOOST_TEST(rep.dropped_requests == 0u);
+  BOOST_TEST_REQUIRE(rep.trimmed_examples.size() == 1u);
+  BOOST_TEST(rep.trimmed_examples[0].find("request 1 (first record at line 1): kept the 3 tokens every layer holds, "
+                                          "dropped token_idx 3..4") == 0u);
+  auto strict = opts();
+  strict.trim_ragged = false;
+  expect_format_error([&] { (void)trace::import_jsonl_text(text, "rag.jsonl", strict); },
+                      {"layer 1 has 3 tokens, layer 0 has 5", "--strict-layers"});
+  // A token missing inside a layer (not at its end) is not a ragged tail.
+  expect_format_error([&] { (void)trace::import_jsonl_text(r(1, 0, 0, 0) + r(1, 1, 0, 1) + r(1, 1, 1, 1), "x", opts()); },
+                      {"layer 1 has token_idx 1 where layer 0 has 0"});
+}
+
+// `experts` is the chosen-experts list in a route record and the expert count in a meta line.
+BOOST_AUTO_TEST_CASE(experts_key_means_what_its_line_is) {
+  const std::string meta = "{\"type\": \"meta\", \"experts\": 8, \"top_k\": 2}\n";
+  const std::string with_ids = "{\"req_id\": 1, \"token_idx\": 0, \"layer\": 0, \"topk_ids\": [3, 5], "
+                               "\"topk_weights\": [0.5, 0.25]}\n";
+  const std::string with_experts = "{\"req_id\": 1, \"token_idx\": 0, \"layer\": 0, \"experts\": [3, 5], "
+                                   "\"topk_weights\": [0.5, 0.25]}\n";
+  // The route record's `experts` is read as topk_ids; the meta line's `experts` declares 8 experts.
+  const auto a = trace::import_jsonl_text(meta + with_ids, "a", {});
+  const auto b = trace::import_jsonl_text(meta + with_experts, "b", {});
+  BOOST_TEST(a.experts() == 8u);
+  BOOST_TEST((a == b));
+  BOOST_TEST(b.layer(0).ids()[1] == 5u);
+  // The type may come after the key.
+  const auto c = trace::import_jsonl_text("{\"experts\": 8, \"type\": \"meta\"}\n" + with_experts, "c", {});
+  BOOST_TEST((a == c));
+  expect_format_error(
+      [&] {
+        (void)trace::import_jsonl_text(meta + "{\"req_id\": 1, \"token_idx\": 0, \"layer\": 0, \"experts\": 8, "
+                                              "\"topk_ids\": [3, 5], \"topk_weights\": [0.5, 0.25]}\n",
+                                       "d", {});
+      },
+      {"d:2: \"experts\" in a route record is the list of chosen experts", "num_experts"});
+  expect_format_error(
+      [&] {
+        (void)trace::import_jsonl_text(meta + "{\"req_id\": 1, \"token_idx\": 0, \"layer\": 0, \"experts\": [3, 5], "
+                                              "\"topk_ids\": [3, 5], \"topk_weights\": [0.5, 0.25]}\n",
+                                       "e", {});
+      },
+      {"e:2: both \"topk_ids\" and \"experts\""});
+  expect_format_error([&] { (void)trace::import_jsonl_text("{\"type\": \"meta\", \"experts\": [1]}\n" + with_ids, "f", {}); },
+                      {"f:1: \"experts\" in a meta line is the number of experts"});
+  expect_format_error(
+      [&] { (void)trace::import_jsonl_text("{\"type\": \"meta\", \"experts\": 8, \"num_experts\": 16}\n" + with_ids, "g", {}); },
+      {"g:1: \"experts\" 8 and \"num_experts\" 16 disagree"});
+  expect_format_error(
+      [&] {
+        (void)trace::import_jsonl_text(meta + "{\"req_id\": 1, \"token_idx\": 0, \"layer\": 0, \"experts\": [3, -5], "
+                                              "\"topk_weights\": [0.5, 0.25]}\n",
+                                       "h", {});
+      },
+      {"h:2: \"experts\" is a negative number"});
+}
+
+// Several files (one per layer, or shards) import as the one file that concatenates them; a folder
+// reads its *.jsonl files sorted by name; errors name the file.
+BOOST_AUTO_TEST_CASE(several_files_import_as_one_log) {
+  std::mt19937 rng(3);
+  const auto want = random_requests(rng, 20, 16, 2, 3);
+  const fs::path dir = fs::temp_directory_path() / ("locus_test_jsonl_files_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::vector<std::string> paths;
+  std::string all;
+  for (std::size_t l = 0; l < 3; ++l) {
+    std::string text = "{\"type\": \"meta\", \"num_experts\": 16}\n";
+    for (const auto& q : want)
+      for (const auto& x : q.layers[l]) text += line_of(x) + "\n";
+    paths.push_back((dir / ("layer_" + std::to_string(l) + ".jsonl")).string());
+    std::ofstream(paths.back(), std::ios::binary) << text;
+    all += text;
+  }
+  std::ofstream(dir / "notes.txt") << "not a trace\n";
+  const auto one = trace::import_jsonl_text(all, "all", {});
+  check_against(one, want, 2);
+  BOOST_TEST((trace::import_jsonl(paths) == one));
+  BOOST_TEST((trace::import_jsonl(dir.string()) == one));
+  const auto listed = trace::jsonl_inputs({dir.string()});
+  BOOST_TEST(listed == paths);
+  // Files in another order give the same requests (records are matched, not concatenated).
+  BOOST_TEST((trace::import_jsonl(std::vector<std::string>{paths[2], paths[0], paths[1]}) == one));
+  // A bad record in the second file is reported at that file's own line.
+  {
+    std::ofstream(paths[1], std::ios::app) << "{\"req_id\": 1, \"token_idx\": 0}\n";
+    const std::size_t bad_line = static_cast<std::size_t>(std::count(all.begin(), all.end(), '\n')) / 3 + 1;
+    const auto line = expect_format_error([&] { (void)trace::import_jsonl(paths); },
+                                          {paths[1] + ":" + std::to_string(bad_line) + ": route record lacks"});
+    BOOST_TEST(line == bad_line);
+  }
+  // A request repeated across files names both places.
+  {
+    const std::string dup = line_of(want[0].layers[0][0]) + "\n";
+    std::ofstream(paths[1], std::ios::binary) << dup;
+    std::ofstream(paths[2], std::ios::binary) << dup;
+    expect_format_error([&] { (void)trace::import_jsonl(std::vector<std::string>{paths[1], paths[2]}, opts(16)); },
+                        {paths[2] + ":1: request " + std::to_string(want[0].id) + " (first record at " + paths[1] +
+                             ":1): token_idx 0 at layer 1 appears twice (also " + paths[1] + ":1)"});
+  }
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  BOOST_CHECK_THROW(trace::import_jsonl(dir.string()), io_error); // a folder without .jsonl files
+  fs::remove_all(dir);
 }

@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <functional>
 #include <limits>
 #include <numeric>
@@ -61,6 +62,11 @@ struct jsonl_options {
   //! one), a record whose `token_idx` is not above the previous one at the same layer starts a new
   //! request. For loggers that write no `req_id`, or a constant one.
   bool split_on_restart = false;
+  //! A request whose layers hold different numbers of tokens, the shorter layers holding the first
+  //! tokens of the longer ones (a logger that stopped mid-step), keeps the tokens every layer holds;
+  //! the others are dropped and counted in jsonl_report. false: such a request is inconsistent (an
+  //! error, or dropped whole with skip_bad).
+  bool trim_ragged = true;
   //! Domain of requests whose records carry none.
   std::string default_domain = "default";
   //! Longest line accepted, in bytes (a route record of top-64 takes about 2 KiB; meta lines may
@@ -78,6 +84,11 @@ struct jsonl_report {
   std::size_t skipped_lines = 0;    //!< blank lines and non-route records (meta, ...)
   std::size_t bad_records = 0;      //!< bad records skipped (skip_bad only)
   std::size_t dropped_requests = 0; //!< requests dropped as inconsistent (skip_bad only)
+  //! Requests whose layers end at different tokens (jsonl_options::trim_ragged), and the tokens
+  //! dropped from them because some layer lacks them.
+  std::size_t trimmed_requests = 0, trimmed_tokens = 0;
+  //! The first trimmed requests, what was kept and dropped (at most `max_messages`).
+  std::vector<std::string> trimmed_examples;
   //! The first problems, "file:line: what" (at most `max_messages`).
   std::vector<std::string> messages;
   static constexpr std::size_t max_messages = 20;
@@ -101,6 +112,11 @@ struct jsonl_fields {
   std::vector<double> weights;
   std::uint64_t meta_experts = 0, meta_top_k = 0;
   bool has_meta_experts = false, has_meta_top_k = false;
+  // `experts`: a number (a meta line's alias of num_experts) or a list (a route record's alias of
+  // topk_ids); which one the line means is known only once its `type` has been read.
+  bool has_experts_number = false, has_experts_list = false;
+  std::uint64_t experts_number = 0;
+  std::vector<std::uint64_t> experts_list;
   std::string error; //!< first problem found while parsing, empty when none
 
   void clear() {
@@ -115,6 +131,9 @@ struct jsonl_fields {
     weights.clear();
     meta_experts = meta_top_k = 0;
     has_meta_experts = has_meta_top_k = false;
+    has_experts_number = has_experts_list = false;
+    experts_number = 0;
+    experts_list.clear();
     error.clear();
   }
 };
@@ -173,6 +192,10 @@ public:
         f_.has_meta_top_k = true;
         f_.meta_top_k = v;
         return true;
+      case field::experts:
+        f_.has_experts_number = true;
+        f_.experts_number = v;
+        return true;
       case field::weights: case field::ids: case field::phase: case field::domain: case field::type:
         return wrong_type("a number");
       case field::other: return true;
@@ -180,6 +203,10 @@ public:
     }
     if (depth_ == 2 && field_ == field::ids) {
       push(f_.ids, v);
+      return true;
+    }
+    if (depth_ == 2 && field_ == field::experts) {
+      push(f_.experts_list, v);
       return true;
     }
     if (depth_ == 2 && field_ == field::weights) {
@@ -216,7 +243,7 @@ public:
       default: return wrong_type("a string");
       }
     }
-    if (depth_ == 2 && (field_ == field::ids || field_ == field::weights)) return wrong_type("a string");
+    if (depth_ == 2 && (is_list(field_) || field_ == field::weights)) return wrong_type("a string");
     return true;
   }
   bool binary(binary_t&) { return true; }
@@ -241,6 +268,10 @@ public:
       f_.weights.clear();
       f_.has_weights = false;
     }
+    if (field_ == field::experts) {
+      f_.experts_list.clear();
+      f_.has_experts_list = f_.has_experts_number = false;
+    }
     return true;
   }
   bool start_array(std::size_t) {
@@ -250,9 +281,11 @@ public:
         f_.has_ids = true;
       else if (field_ == field::weights)
         f_.has_weights = true;
+      else if (field_ == field::experts)
+        f_.has_experts_list = true;
       else if (field_ != field::other)
         wrong_type("an array");
-    } else if (depth_ == 2 && (field_ == field::ids || field_ == field::weights)) {
+    } else if (depth_ == 2 && (is_list(field_) || field_ == field::weights)) {
       wrong_type("a nested array");
     }
     ++depth_;
@@ -273,7 +306,9 @@ public:
 
 private:
   enum class field : std::uint8_t { other, req_id, token_idx, layer, ids, weights, phase, step, domain, type, meta_experts,
-                                  meta_top_k };
+                                  meta_top_k, experts };
+  //! A list of expert ids: `topk_ids`, or `experts` written as a list.
+  static bool is_list(field k) { return k == field::ids || k == field::experts; }
 
   // The field a top-level key names (by length first: this runs for every key of every line).
   static field field_of(std::string_view k) {
@@ -282,7 +317,7 @@ private:
     case 5: return k == "layer" ? field::layer : k == "phase" ? field::phase : k == "top_k" ? field::meta_top_k
                                                                                              : field::other;
     case 6: return k == "req_id" ? field::req_id : k == "domain" ? field::domain : field::other;
-    case 7: return k == "experts" ? field::meta_experts : field::other;
+    case 7: return k == "experts" ? field::experts : field::other;
     case 8: return k == "topk_ids" ? field::ids : field::other;
     case 9: return k == "token_idx" ? field::token_idx : field::other;
     case 11: return k == "num_experts" ? field::meta_experts : field::other;
@@ -307,6 +342,7 @@ private:
     case field::type: return "type";
     case field::meta_experts: return "num_experts";
     case field::meta_top_k: return "top_k";
+    case field::experts: return "experts";
     case field::other: break;
     }
     return "?";
@@ -320,6 +356,9 @@ private:
     case field::phase: return "\"prefill\" or \"decode\"";
     case field::step: return "an integer";
     case field::domain: case field::type: return "a string";
+    case field::experts:
+      return "an array of non-negative integers (route record: the chosen experts) or a non-negative integer "
+             "(meta line: the number of experts)";
     case field::other: break;
     }
     return "?";
@@ -334,14 +373,14 @@ private:
   }
   bool scalar(const char* got) {
     if (depth_ == 0) return wrong_type_top(got);
-    if ((depth_ == 1 && field_ != field::other) || (depth_ == 2 && (field_ == field::ids || field_ == field::weights)))
+    if ((depth_ == 1 && field_ != field::other) || (depth_ == 2 && (is_list(field_) || field_ == field::weights)))
       return wrong_type(got);
     return true;
   }
   bool scalar_number(const char* got) {
     if (depth_ == 0) return wrong_type_top("a number");
     if (depth_ == 1 && field_ != field::other) return wrong_type(got);
-    if (depth_ == 2 && field_ == field::ids) return wrong_type(got);
+    if (depth_ == 2 && is_list(field_)) return wrong_type(got);
     return true;
   }
 
@@ -496,7 +535,16 @@ private:
 class jsonl_importer {
 public:
   jsonl_importer(std::string name, const jsonl_options& opt, jsonl_report& rep)
-      : name_(std::move(name)), opt_(opt), rep_(rep), experts_(opt.experts), top_k_(opt.top_k) {}
+      : name_(name), opt_(opt), rep_(rep), experts_(opt.experts), top_k_(opt.top_k) {
+    files_.push_back(std::move(name));
+  }
+
+  //! The lines that follow come from another file, named `name` in messages (they count from 1 again).
+  void next_file(std::string name) {
+    LOCUS_REQUIRE(files_.size() < max_files, invalid_input_error, "more than ", max_files, " route-JSONL files");
+    name_ = name;
+    files_.push_back(std::move(name));
+  }
 
   //! Feeds one line (without its newline); `line_no` is 1-based.
   void line(std::string_view text, std::uint64_t line_no) {
@@ -527,9 +575,32 @@ public:
       return;
     }
     if (f_.has_type && f_.type != "route") {
-      if (f_.type == "meta") meta(line_no);
+      if (f_.type == "meta") {
+        // In a meta line `experts` is the number of experts, an alias of num_experts.
+        if (f_.has_experts_list)
+          return bad(line_no, "\"experts\" in a meta line is the number of experts (an alias of num_experts), got "
+                              "an array");
+        if (f_.has_experts_number) {
+          if (f_.has_meta_experts && f_.meta_experts != f_.experts_number)
+            return bad(line_no, locus::detail::concat("\"experts\" ", f_.experts_number, " and \"num_experts\" ",
+                                                      f_.meta_experts, " disagree"));
+          f_.has_meta_experts = true;
+          f_.meta_experts = f_.experts_number;
+        }
+        meta(line_no);
+      }
       ++rep_.skipped_lines;
       return;
+    }
+    // In a route record `experts` is the list of chosen experts, an alias of topk_ids.
+    if (f_.has_experts_number)
+      return bad(line_no, "\"experts\" in a route record is the list of chosen experts (an alias of topk_ids), got "
+                          "a number; declare the number of experts with a meta line's num_experts (or --experts)");
+    if (f_.has_experts_list) {
+      if (f_.has_ids)
+        return bad(line_no, "both \"topk_ids\" and \"experts\" (its alias) are given; give the chosen experts once");
+      f_.ids.swap(f_.experts_list);
+      f_.has_ids = true;
     }
     route(line_no);
   }
@@ -595,9 +666,10 @@ private:
     ++rep_.bad_records;
     if (rep_.messages.size() < jsonl_report::max_messages) rep_.messages.push_back(msg);
   }
-  void inconsistent(std::uint64_t line_no, const std::string& what) {
-    const std::string msg = locus::detail::concat(name_, ":", line_no, ": ", what);
-    if (!opt_.skip_bad) throw format_error(msg, line_no, __FILE__, __LINE__);
+  //! `where`: a location (loc()).
+  void inconsistent(std::uint64_t where, const std::string& what) {
+    const std::string msg = locus::detail::concat(files_[where >> line_bits], ":", where & line_mask, ": ", what);
+    if (!opt_.skip_bad) throw format_error(msg, where & line_mask, __FILE__, __LINE__);
     if (rep_.messages.size() < jsonl_report::max_messages) rep_.messages.push_back(msg + " (request dropped)");
   }
 
@@ -606,20 +678,20 @@ private:
     if (f_.has_meta_experts) {
       if (meta_experts_line_ && f_.meta_experts != meta_experts_)
         return bad(line_no, locus::detail::concat("num_experts ", f_.meta_experts, " conflicts with num_experts ",
-                                                  meta_experts_, " declared at line ", meta_experts_line_));
+                                                  meta_experts_, " declared at ", place(meta_experts_line_)));
       if (f_.meta_experts < 1 || f_.meta_experts > max_trace_experts)
         return bad(line_no,
                    locus::detail::concat("num_experts is ", f_.meta_experts, ", expected 1..", max_trace_experts));
       if (experts_ == 0 && (records_ > 0 || rep_.bad_records > 0))
         return bad(line_no, "a meta line declaring num_experts must precede the first route record");
       meta_experts_ = f_.meta_experts;
-      meta_experts_line_ = line_no;
+      meta_experts_line_ = loc(line_no);
       if (opt_.experts == 0) experts_ = f_.meta_experts;
     }
     if (f_.has_meta_top_k) {
       if (meta_top_k_line_ && f_.meta_top_k != meta_top_k_)
         return bad(line_no, locus::detail::concat("top_k ", f_.meta_top_k, " conflicts with top_k ", meta_top_k_,
-                                                  " declared at line ", meta_top_k_line_));
+                                                  " declared at ", place(meta_top_k_line_)));
       const std::size_t most = experts_ ? std::min<std::size_t>(max_trace_top_k, experts_) : max_trace_top_k;
       if (f_.meta_top_k < 1 || f_.meta_top_k > most)
         return bad(line_no, locus::detail::concat("top_k is ", f_.meta_top_k, ", expected 1..", most,
@@ -628,7 +700,7 @@ private:
         return bad(line_no, locus::detail::concat("top_k ", f_.meta_top_k, " conflicts with the ", top_k_,
                                                   " experts per token of the records before it"));
       meta_top_k_ = f_.meta_top_k;
-      meta_top_k_line_ = line_no;
+      meta_top_k_line_ = loc(line_no);
       if (opt_.top_k == 0) top_k_ = f_.meta_top_k;
     }
   }
@@ -703,7 +775,7 @@ private:
       m.id = (f_.req_kind == jsonl_fields::id_kind::number && !opt_.split_on_restart) ? f_.req_number
                                                                                         : request_meta_.size();
       m.domain = f_.has_domain ? domain_of(f_.domain) : no_domain;
-      m.first_line = line_no;
+      m.first_line = loc(line_no);
       rit = request_index_.emplace(std::move(key), static_cast<std::uint32_t>(request_meta_.size())).first;
       request_meta_.push_back(m);
     } else if (f_.has_domain) {
@@ -711,8 +783,8 @@ private:
       if (m.domain == no_domain)
         m.domain = domain_of(f_.domain);
       else if (domain_names_[m.domain] != f_.domain)
-        return bad(line_no, locus::detail::concat("domain \"", f_.domain, "\" but earlier records of this request (line ",
-                                                  m.first_line, ") say \"", domain_names_[m.domain], "\""));
+        return bad(line_no, locus::detail::concat("domain \"", f_.domain, "\" but earlier records of this request (",
+                                                  place(m.first_line), ") say \"", domain_names_[m.domain], "\""));
     }
     if (records_ == std::numeric_limits<std::uint32_t>::max())
       throw format_error(locus::detail::concat(name_, ":", line_no, ": more than 2^32-1 route records"), line_no,
@@ -722,7 +794,7 @@ private:
     token_.push_back(static_cast<std::uint32_t>(f_.token_idx));
     phase_.push_back(f_.ph);
     step_.push_back(f_.has_step ? static_cast<std::int32_t>(f_.step) : -1);
-    line_.push_back(line_no);
+    line_.push_back(loc(line_no));
     for (std::size_t j = 0; j < top_k_; ++j) {
       ids_.push_back(static_cast<trace_expert_id>(f_.ids[j]));
       weights_.push_back(static_cast<float>(f_.weights[j]));
@@ -749,7 +821,7 @@ private:
                    std::size_t end, const std::vector<std::uint32_t>& dense, std::size_t layers,
                    const std::vector<std::uint64_t>& layer_values) {
     const auto& m = request_meta_[r];
-    const std::string who = locus::detail::concat("request ", m.id, " (first record at line ", m.first_line, ")");
+    const std::string who = locus::detail::concat("request ", m.id, " (first record at ", place(m.first_line), ")");
     // Split into layers.
     std::vector<std::size_t> at(layers + 1, end);
     {
@@ -758,7 +830,7 @@ private:
         while (l <= dense[layer_[order[i]]]) at[l++] = i;
       for (; l <= layers; ++l) at[l] = end;
     }
-    const std::size_t n = at[1] - at[0];
+    std::size_t n = at[1] - at[0];
     for (std::size_t l = 0; l < layers; ++l) {
       if (at[l + 1] == at[l]) {
         inconsistent(m.first_line, locus::detail::concat(who, " has no record for layer ", layer_values[l],
@@ -768,12 +840,22 @@ private:
       }
       for (std::size_t i = at[l] + 1; i < at[l + 1]; ++i)
         if (token_[order[i]] == token_[order[i - 1]]) {
-          inconsistent(line_[order[i]], locus::detail::concat(who, ": token_idx ", token_[order[i]], " at layer ",
-                                                              layer_values[l], " appears twice (also line ",
-                                                              line_[order[i - 1]], ")"));
+          inconsistent(line_[order[i]],
+                       locus::detail::concat(who, ": token_idx ", token_[order[i]], " at layer ", layer_values[l],
+                                             " appears twice (also ", place(line_[order[i - 1]]), ")",
+                                             opt_.split_on_restart
+                                                 ? ""
+                                                 : "; if the logger reuses req_id for several requests (token_idx "
+                                                   "starting over), import with --split-on-restart "
+                                                   "(jsonl_options::split_on_restart)"));
           return false;
         }
-      if (l == 0) continue;
+    }
+    // Every layer must hold the same tokens; with trim_ragged, layers may end early (a logger
+    // stopped mid-step) and the request keeps the tokens all of them hold.
+    std::size_t shortest = n;
+    for (std::size_t l = 1; l < layers; ++l) shortest = std::min(shortest, at[l + 1] - at[l]);
+    for (std::size_t l = 1; l < layers; ++l) {
       const std::size_t nl = at[l + 1] - at[l];
       for (std::size_t i = 0; i < std::min(n, nl); ++i)
         if (token_[order[at[l] + i]] != token_[order[at[0] + i]]) {
@@ -783,12 +865,30 @@ private:
                                              token_[order[at[0] + i]], "; every layer must hold the same tokens"));
           return false;
         }
-      if (nl != n) {
+      if (nl != n && !opt_.trim_ragged) {
         inconsistent(line_[order[at[l] + std::min(n, nl) - (nl > n ? 0 : 1)]],
                      locus::detail::concat(who, ": layer ", layer_values[l], " has ", nl, " tokens, layer ",
-                                           layer_values[0], " has ", n, "; every layer must hold the same tokens"));
+                                           layer_values[0], " has ", n,
+                                           "; every layer must hold the same tokens (import without "
+                                           "--strict-layers to keep the tokens every layer holds)"));
         return false;
       }
+    }
+    if (opt_.trim_ragged) {
+      std::vector<std::uint32_t> tail; // token_idx held by some layers only
+      for (std::size_t l = 0; l < layers; ++l)
+        for (std::size_t i = at[l] + shortest; i < at[l + 1]; ++i) tail.push_back(token_[order[i]]);
+      if (!tail.empty()) {
+        std::sort(tail.begin(), tail.end());
+        tail.erase(std::unique(tail.begin(), tail.end()), tail.end());
+        rep_.trimmed_tokens += tail.size();
+        ++rep_.trimmed_requests;
+        if (rep_.trimmed_examples.size() < jsonl_report::max_messages)
+          rep_.trimmed_examples.push_back(locus::detail::concat(
+              who, ": kept the ", shortest, " tokens every layer holds, dropped token_idx ", tail.front(),
+              tail.size() > 1 ? locus::detail::concat("..", tail.back()) : std::string()));
+      }
+      n = shortest;
     }
     const std::size_t first = b.tokens();
     b.add_request(m.id, m.domain, n);
@@ -821,7 +921,21 @@ private:
     std::uint32_t segment = 0;
   };
 
-  std::string name_;
+  // A record's location: its file's index in files_ above line_bits, its line below.
+  static constexpr unsigned line_bits = 40;
+  static constexpr std::uint64_t line_mask = (std::uint64_t{1} << line_bits) - 1;
+  static constexpr std::size_t max_files = std::size_t{1} << 20;
+  std::uint64_t loc(std::uint64_t line_no) const {
+    return (std::uint64_t{files_.size() - 1} << line_bits) | (line_no & line_mask);
+  }
+  //! "line N" when one file is read, else "file:N".
+  std::string place(std::uint64_t where) const {
+    if (files_.size() == 1) return locus::detail::concat("line ", where & line_mask);
+    return locus::detail::concat(files_[where >> line_bits], ":", where & line_mask);
+  }
+
+  std::string name_; //!< the file being read
+  std::vector<std::string> files_;
   const jsonl_options& opt_;
   jsonl_report& rep_;
   std::size_t experts_, top_k_;
@@ -876,28 +990,53 @@ inline trace import_jsonl_text(std::string_view text, const std::string& name = 
   return imp.finish();
 }
 
-//! Imports a route JSONL file, streaming it line by line.
-//! @throws as import_jsonl_text; locus::io_error when the file cannot be read
-inline trace import_jsonl(const std::string& path, const jsonl_options& opt = {}, jsonl_report* report = nullptr) {
-  jsonl_report local;
-  jsonl_report& rep = report ? *report : local;
-  rep = jsonl_report{};
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f) throw io_error(locus::detail::concat(path, ": cannot open: ", std::strerror(errno)), __FILE__, __LINE__, errno);
-  struct closer {
-    std::FILE* f;
-    ~closer() { std::fclose(f); }
-  } close_at_exit{f};
-  std::uint64_t size = 0;
-  if (std::fseek(f, 0, SEEK_END) == 0) {
-    const long s = std::ftell(f);
-    size = s > 0 ? static_cast<std::uint64_t>(s) : 0;
+//! True when `path` names a route-JSONL file by its extension (.jsonl or .ndjson).
+inline bool is_jsonl_name(const std::filesystem::path& path) {
+  const auto ext = path.extension();
+  return ext == ".jsonl" || ext == ".ndjson";
+}
+
+//! The files that `inputs` name, in import order: a file as given, "-" (standard input) as given,
+//! a folder as the *.jsonl and *.ndjson files directly in it, sorted by name.
+//! @throws locus::io_error when an input does not exist or a folder holds no such file
+inline std::vector<std::string> jsonl_inputs(const std::vector<std::string>& inputs) {
+  namespace fs = std::filesystem;
+  LOCUS_REQUIRE(!inputs.empty(), invalid_input_error, "no route-JSONL input given");
+  std::vector<std::string> files;
+  for (const auto& in : inputs) {
+    if (in == "-") {
+      files.push_back(in);
+      continue;
+    }
+    std::error_code ec; // error codes, not exceptions: a symlink loop is an input error like any other
+    const auto st = fs::status(in, ec);
+    if (ec && ec != std::errc::no_such_file_or_directory)
+      throw io_error(in + ": " + ec.message(), __FILE__, __LINE__, ec.value());
+    if (!fs::exists(st)) throw io_error(in + ": no such file or folder", __FILE__, __LINE__, ENOENT);
+    if (!fs::is_directory(st)) {
+      files.push_back(in);
+      continue;
+    }
+    std::vector<std::string> found;
+    for (fs::directory_iterator it(in, ec), end; !ec && it != end; it.increment(ec))
+      if (is_jsonl_name(it->path()) && it->is_regular_file(ec)) found.push_back(it->path().string());
+    if (ec) throw io_error(in + ": cannot list the folder: " + ec.message(), __FILE__, __LINE__, ec.value());
+    if (found.empty())
+      throw io_error(in + ": holds no .jsonl or .ndjson file (a folder of route-JSONL files is read whole)", __FILE__,
+                     __LINE__, ENOENT);
+    std::sort(found.begin(), found.end());
+    files.insert(files.end(), found.begin(), found.end());
   }
-  std::rewind(f);
-  detail::trace::jsonl_importer imp(path, opt, rep);
+  return files;
+}
+
+namespace detail::trace {
+//! Streams one file (or standard input) into `imp` line by line.
+inline void jsonl_stream(std::FILE* f, const std::string& path, jsonl_importer& imp, const jsonl_options& opt,
+                         std::uint64_t& done, std::uint64_t total) {
   std::vector<char> buf(std::size_t{1} << 20);
   std::string carry; // a line split across two reads
-  std::uint64_t line_no = 0, done = 0, next_report = std::uint64_t{1} << 24;
+  std::uint64_t line_no = 0, next_report = done + (std::uint64_t{1} << 24);
   for (;;) {
     const std::size_t got = std::fread(buf.data(), 1, buf.size(), f);
     if (got == 0) {
@@ -909,7 +1048,7 @@ inline trace import_jsonl(const std::string& path, const jsonl_options& opt = {}
     for (;;) {
       const auto nl = chunk.find('\n');
       const std::size_t part = nl == std::string_view::npos ? chunk.size() : nl;
-      if (carry.size() + part > opt.max_line_bytes) detail::trace::jsonl_long_line(path, line_no + 1, opt);
+      if (carry.size() + part > opt.max_line_bytes) jsonl_long_line(path, line_no + 1, opt);
       if (nl == std::string_view::npos) {
         carry.append(chunk);
         break;
@@ -924,7 +1063,7 @@ inline trace import_jsonl(const std::string& path, const jsonl_options& opt = {}
       chunk.remove_prefix(nl + 1);
     }
     if (opt.progress && done >= next_report) {
-      opt.progress(done, size);
+      opt.progress(done, total);
       next_report = done + (std::uint64_t{1} << 24);
     }
   }
@@ -937,8 +1076,53 @@ inline trace import_jsonl(const std::string& path, const jsonl_options& opt = {}
                          __LINE__);
     }
   }
-  if (opt.progress) opt.progress(done, size);
+}
+} // namespace detail::trace
+
+//! Imports route JSONL from several files as one log (one file per layer, as some loggers write,
+//! or shards of one run): records are matched across files by `req_id`, `token_idx` and `layer`
+//! exactly as within one file, and errors name the file and line. Each input is a file, "-"
+//! (standard input, named `<stdin>`) or a folder (its *.jsonl and *.ndjson files, sorted by name;
+//! see jsonl_inputs).
+//! @throws as import_jsonl_text; locus::io_error when an input cannot be read
+inline trace import_jsonl(const std::vector<std::string>& inputs, const jsonl_options& opt = {},
+                          jsonl_report* report = nullptr) {
+  jsonl_report local;
+  jsonl_report& rep = report ? *report : local;
+  rep = jsonl_report{};
+  const auto files = jsonl_inputs(inputs);
+  std::uint64_t total = 0, done = 0;
+  for (const auto& p : files) {
+    std::error_code ec;
+    if (p != "-") total += std::filesystem::is_regular_file(p, ec) ? std::filesystem::file_size(p, ec) : 0;
+  }
+  const auto name = [](const std::string& p) { return p == "-" ? std::string("<stdin>") : p; };
+  detail::trace::jsonl_importer imp(name(files.front()), opt, rep);
+  for (std::size_t i = 0; i < files.size(); ++i) {
+    if (i > 0) imp.next_file(name(files[i]));
+    if (files[i] == "-") {
+      detail::trace::jsonl_stream(stdin, name(files[i]), imp, opt, done, total);
+      continue;
+    }
+    std::FILE* f = std::fopen(files[i].c_str(), "rb");
+    if (!f)
+      throw io_error(locus::detail::concat(files[i], ": cannot open: ", std::strerror(errno)), __FILE__, __LINE__,
+                     errno);
+    struct closer {
+      std::FILE* f;
+      ~closer() { std::fclose(f); }
+    } close_at_exit{f};
+    detail::trace::jsonl_stream(f, files[i], imp, opt, done, total);
+  }
+  if (opt.progress) opt.progress(done, total);
   return imp.finish();
+}
+
+//! Imports a route JSONL file (or "-": standard input; or a folder, as import_jsonl of several),
+//! streaming it line by line.
+//! @throws as import_jsonl_text; locus::io_error when the file cannot be read
+inline trace import_jsonl(const std::string& path, const jsonl_options& opt = {}, jsonl_report* report = nullptr) {
+  return import_jsonl(std::vector<std::string>{path}, opt, report);
 }
 
 } // namespace locus::LOCUS_ABI_NAMESPACE::trace
