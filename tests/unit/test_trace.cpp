@@ -851,6 +851,28 @@ BOOST_AUTO_TEST_CASE(esft_folder_layouts_are_checked) {
   expect_io({}, "expert_weights_3.txt: is a folder, expected a layer file");
 }
 
+// A domain folder given instead of its parent reads as that one domain; naming domains inside it
+// is refused with a message that says to give the parent.
+BOOST_AUTO_TEST_CASE(esft_domain_folder_given_directly) {
+  scratch_dir dir("esft_one_domain");
+  trace::write_esft(random_trace(15, 9, 64, 6, 3), dir.path.string());
+  trace::esft_options only_bb;
+  only_bb.domains = {"bb"};
+  const auto want = trace::import_esft(dir.path.string(), only_bb);
+  BOOST_TEST_REQUIRE(want.domains().size() == 1u);
+  BOOST_TEST(want.requests() > 0u);
+  BOOST_TEST((trace::import_esft((dir.path / "bb").string()) == want));
+  BOOST_TEST((trace::import_esft((dir.path / "bb").string() + "/") == want));
+  BOOST_TEST((trace::import_esft((dir.path / "bb" / ".").string()) == want));
+  try {
+    (void)trace::import_esft((dir.path / "bb").string(), only_bb);
+    BOOST_FAIL("domains inside a domain folder accepted");
+  } catch (const invalid_input_error& e) {
+    BOOST_TEST(e.message().find("is one domain folder") != std::string::npos, e.message());
+    BOOST_TEST(e.message().find("give the parent folder") != std::string::npos, e.message());
+  }
+}
+
 // ESFT files do not state top-k: top-6 data read as top-3 parsed as twice the tokens.
 BOOST_AUTO_TEST_CASE(esft_top_k_below_the_data_is_refused) {
   scratch_dir dir("esft_top_k");

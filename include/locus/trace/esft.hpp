@@ -315,7 +315,9 @@ inline trace import_esft(std::span<const esft_domain_text> domains, std::size_t 
   return t;
 }
 
-//! Imports an ESFT expert-score folder (`root_dir/<domain>/expert_weights_<n>.txt`).
+//! Imports an ESFT expert-score folder (`root_dir/<domain>/expert_weights_<n>.txt`). A folder that
+//! holds `expert_weights_<n>.txt` files itself is one domain given directly: it is read as that
+//! domain, named after the folder (with `opt.domains` set, it is refused: give the parent).
 //! @throws locus::format_error on malformed content (file, line, column, what was expected);
 //!         locus::io_error when a file cannot be read; locus::invalid_input_error when the
 //!         folder holds no domain or domains disagree on the layer count
@@ -325,6 +327,21 @@ inline trace import_esft(const std::string& root_dir, const esft_options& opt = 
   std::error_code ec;
   if (!fs::is_directory(root, ec))
     throw io_error(root_dir + ": not a directory (expected an ESFT expert_scores folder)", __FILE__, __LINE__);
+  if (!detail::trace::esft_layer_numbers(root).empty()) {
+    // One domain folder given instead of its parent: read it as that one domain.
+    LOCUS_REQUIRE(opt.domains.empty(), invalid_input_error, "import_esft: ", root_dir,
+                  " is one domain folder (it holds expert_weights_<n>.txt files); domains are chosen among the "
+                  "folders inside the parent: give the parent folder");
+    fs::path dir = fs::absolute(root, ec).lexically_normal();
+    if (ec) throw io_error(root_dir + ": " + ec.message(), __FILE__, __LINE__, ec.value());
+    if (!dir.has_filename()) dir = dir.parent_path(); // "law/" normalises to ".../law/"
+    const std::string name = dir.filename().string();
+    LOCUS_REQUIRE(esft_domain_name_ok(name) && dir.has_parent_path(), invalid_input_error, "import_esft: ", root_dir,
+                  " is one domain folder but its name cannot be a domain: give the parent folder");
+    esft_options one = opt;
+    one.domains = {name};
+    return import_esft(dir.parent_path().string(), one);
+  }
   std::vector<std::string> domains = opt.domains;
   if (domains.empty()) {
     // Every sub-folder that holds any layer file is a domain; one without layer 1 is an error below,
