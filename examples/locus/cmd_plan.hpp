@@ -2,6 +2,7 @@
 // `locus plan` (fit an expert map on a trace's training split) and `locus simulate` (run the decode
 // simulator on its test split).
 #include "cli_checks.hpp"
+#include "split.hpp"
 #include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
@@ -25,51 +26,42 @@
 
 namespace locus_driver {
 
-//! Options shared by plan and simulate: where the trace comes from and how it is split.
-struct split_options {
-  std::string trace_path;
+//! Options shared by plan and simulate: where the trace comes from, how it is read and how it is
+//! split (split_flags, split.hpp).
+struct split_options : split_flags {
+  std::vector<std::string> trace_paths;
   std::size_t nodes = 4, gpus_per_node = 2;
-  std::uint64_t split_seed = 1;
-  double test_fraction = 0.5;
   std::size_t prefill_tokens = 32;
   std::size_t experts = 0;
-  std::size_t skip_requests = 0;
+  bool split_on_restart = false, strict_layers = false;
   CLI::Option* prefill_opt = nullptr;
 
   CLI::Option* add_to(CLI::App* cmd, bool trace_required = true) {
-    auto* trace = cmd->add_option("--trace", trace_path, trace_help);
+    auto* trace = cmd->add_option("--trace", trace_paths, trace_help);
     if (trace_required) trace->required();
     cmd->add_option("--nodes", nodes, "Nodes")->check(positive_whole());
     cmd->add_option("--gpus-per-node", gpus_per_node, "GPUs (ranks) per node")->check(positive_whole());
-    cmd->add_option("--split-seed", split_seed, "Seed of the train/test split by request");
-    cmd->add_option("--test-fraction", test_fraction, "Fraction of requests in the test split")
-        ->check(finite_non_negative() & CLI::Range(0.0, 1.0));
+    add_split_flags(cmd, *this);
     prefill_opt = cmd->add_option("--prefill-tokens", prefill_tokens, prefill_help);
-    cmd->add_option("--skip-requests", skip_requests,
-                    "Drop the trace's first this many requests (warm-up passes) before the split");
+    cmd->add_flag("--split-on-restart", split_on_restart, split_on_restart_help);
+    cmd->add_flag("--strict-layers", strict_layers, strict_layers_help);
     return trace;
+  }
+
+  //! The trace as messages name it.
+  std::string trace_name() const {
+    return trace_paths.size() == 1 ? trace_paths.front() : trace_paths.front() + " (and " +
+                                                               std::to_string(trace_paths.size() - 1) + " more)";
   }
 
   //! (train, test), prefill marked; a split that the job needs and that came out empty is refused.
   std::pair<locus::trace::trace, locus::trace::trace> load(bool need_train, bool need_test) const {
-    auto t = with_prefill(load_trace(trace_path, experts), prefill_tokens, prefill_opt->count() > 0);
-    if (skip_requests > 0) {
-      LOCUS_REQUIRE(skip_requests < t.requests(), locus::config_error, "--skip-requests ", skip_requests,
-                    " drops all ", t.requests(), " requests of ", trace_path);
-      std::vector<std::size_t> kept(t.requests() - skip_requests);
-      for (std::size_t i = 0; i < kept.size(); ++i) kept[i] = skip_requests + i;
-      t = t.select_requests(kept);
-    }
-    auto split = locus::trace::split_by_request(t, test_fraction, split_seed);
-    LOCUS_REQUIRE(!need_train || split.first.requests() > 0, locus::config_error,
-                  "the training split is empty: --test-fraction ", test_fraction, " with --split-seed ", split_seed,
-                  " puts all ", t.requests(), " requests of ", trace_path,
-                  " in the test split (lower --test-fraction or change --split-seed)");
-    LOCUS_REQUIRE(!need_test || split.second.requests() > 0, locus::config_error,
-                  "the test split is empty, nothing to simulate: --test-fraction ", test_fraction,
-                  " with --split-seed ", split_seed, " puts all ", t.requests(), " requests of ", trace_path,
-                  " in the training split (raise --test-fraction or change --split-seed)");
-    return split;
+    jsonl_reading how;
+    how.experts = experts;
+    how.split_on_restart = split_on_restart;
+    how.strict_layers = strict_layers;
+    auto t = with_prefill(load_trace(trace_paths, how), prefill_tokens, prefill_opt->count() > 0);
+    return apply_split(std::move(t), *this, need_train, need_test, trace_name());
   }
   locus::dynamic_topology topology() const { return {nodes, gpus_per_node}; }
 };
@@ -156,7 +148,7 @@ inline void register_plan(CLI::App& app) {
                   "(default: the meta line's num_experts)");
   trace->excludes(load_opt);
   cmd->callback([split, plan, out, load, grouping, grouping_opt, experts] {
-    if (load->empty() && split->trace_path.empty()) throw CLI::RequiredError("--trace or --load");
+    if (load->empty() && split->trace_paths.empty()) throw CLI::RequiredError("--trace or --load");
     if (!load->empty()) {
       const auto imported = locus::placement::import_load(*load, *experts);
       locus::placement::plan_input in;

@@ -54,39 +54,20 @@ private:
 };
 
 struct trace_import_options {
-  std::string input, output, format = "auto";
+  std::vector<std::string> inputs;
+  std::string output, format = "auto";
   std::size_t experts = 0, top_k = 0, layers = 0;
   std::vector<std::string> domains;
-  bool skip_bad = false, split_on_restart = false, verify = false, quiet = false;
+  bool skip_bad = false, split_on_restart = false, strict_layers = false, verify = false, quiet = false;
   std::string default_domain = "default";
 };
 
-//! "esft", "jsonl" or "binary" for `--format auto`, from what the path is.
-inline std::string detect_trace_format(const std::string& path) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  const auto st = fs::status(path, ec); // error codes, not exceptions: a symlink loop is an input error
-  if (ec && ec != std::errc::no_such_file_or_directory)
-    throw locus::io_error(path + ": " + ec.message(), __FILE__, __LINE__, ec.value());
-  if (fs::is_directory(st)) return "esft";
-  if (!fs::exists(st)) throw locus::io_error(path + ": no such file or folder", __FILE__, __LINE__);
-  const auto ext = fs::path(path).extension().string();
-  if (ext == ".jsonl" || ext == ".ndjson" || ext == ".json") return "jsonl";
-  // Anything else: a binary trace if it starts with the magic, else say what is accepted.
-  char magic[8] = {};
-  if (std::FILE* f = std::fopen(path.c_str(), "rb")) {
-    const std::size_t got = std::fread(magic, 1, 8, f);
-    std::fclose(f);
-    if (got == 8 && std::memcmp(magic, locus::trace::binary_magic.data(), 8) == 0) return "binary";
-  }
-  throw locus::invalid_input_error(path + ": cannot tell its format: expected an ESFT folder, a route-JSONL file "
-                                          "(.jsonl) or a locus binary trace; pass --format",
-                                   __FILE__, __LINE__);
-}
-
 inline void run_trace_import(const trace_import_options& o) {
   const auto t0 = std::chrono::steady_clock::now();
-  const std::string format = o.format == "auto" ? detect_trace_format(o.input) : o.format;
+  const std::string format = o.format == "auto" ? detect_trace_format(o.inputs) : o.format;
+  LOCUS_REQUIRE(format == "jsonl" || o.inputs.size() == 1, locus::config_error, "several inputs given: only route "
+                "JSONL is read from several files (--format ", format, " reads one)");
+  const std::string input = o.inputs.size() == 1 ? o.inputs.front() : o.inputs.front() + " ...";
   locus::trace::trace t;
   locus::trace::jsonl_report report;
   if (format == "esft") {
@@ -95,9 +76,9 @@ inline void run_trace_import(const trace_import_options& o) {
     if (o.top_k) opt.top_k = o.top_k;
     opt.layers = o.layers;
     opt.domains = o.domains;
-    import_progress bar("importing " + o.input, !o.quiet);
+    import_progress bar("importing " + input, !o.quiet);
     opt.progress = [&](std::size_t done, std::size_t all) { bar.update(double(done), double(all), "files"); };
-    t = locus::trace::import_esft(o.input, opt);
+    t = locus::trace::import_esft(o.inputs.front(), opt);
   } else if (format == "jsonl") {
     locus::trace::jsonl_options opt;
     opt.experts = o.experts;
@@ -105,14 +86,15 @@ inline void run_trace_import(const trace_import_options& o) {
     opt.layers = o.layers;
     opt.skip_bad = o.skip_bad;
     opt.split_on_restart = o.split_on_restart;
+    opt.trim_ragged = !o.strict_layers;
     opt.default_domain = o.default_domain;
-    import_progress bar("importing " + o.input, !o.quiet);
+    import_progress bar("importing " + input, !o.quiet);
     opt.progress = [&](std::uint64_t done, std::uint64_t all) {
       bar.update(double(done) / 1e6, double(all) / 1e6, "MB");
     };
-    t = locus::trace::import_jsonl(o.input, opt, &report);
+    t = locus::trace::import_jsonl(o.inputs, opt, &report);
   } else if (format == "binary") {
-    t = locus::trace::read_trace(o.input);
+    t = locus::trace::read_trace(o.inputs.front());
   } else {
     throw locus::invalid_input_error("--format " + format + ": expected auto, esft, jsonl or binary", __FILE__,
                                      __LINE__);
@@ -131,8 +113,13 @@ inline void run_trace_import(const trace_import_options& o) {
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (format == "jsonl" && (report.bad_records || report.dropped_requests)) {
     std::fprintf(stderr, "locus: %s: skipped %zu bad records and dropped %zu inconsistent requests; first problems:\n",
-                 o.input.c_str(), report.bad_records, report.dropped_requests);
+                 input.c_str(), report.bad_records, report.dropped_requests);
     for (const auto& m : report.messages) std::fprintf(stderr, "  %s\n", m.c_str());
+  }
+  if (format == "jsonl") {
+    note_trimmed(input, report);
+    for (std::size_t i = 0; i < report.trimmed_examples.size() && i < 5; ++i)
+      std::fprintf(stderr, "  %s\n", report.trimmed_examples[i].c_str());
   }
   if (!o.quiet) {
     std::string doms;
@@ -143,9 +130,10 @@ inline void run_trace_import(const trace_import_options& o) {
                 o.output.c_str(), t.requests(), t.tokens(), t.layers(), t.experts(), t.top_k(), doms.c_str(),
                 ec ? "?" : std::to_string(bytes).c_str(), secs, o.verify ? " (verified)" : "");
     if (format == "jsonl")
-      std::printf("  %zu lines: %zu route records, %zu skipped (blank or not route), %zu bad, %zu requests dropped\n",
+      std::printf("  %zu lines: %zu route records, %zu skipped (blank or not route), %zu bad, %zu requests dropped, "
+                  "%zu tokens dropped from %zu ragged requests\n",
                   report.lines, report.route_records, report.skipped_lines, report.bad_records,
-                  report.dropped_requests);
+                  report.dropped_requests, report.trimmed_tokens, report.trimmed_requests);
   }
 }
 
@@ -153,11 +141,13 @@ inline void register_trace_import(CLI::App* trace_cmd) {
   auto o = std::make_shared<trace_import_options>();
   auto* cmd = trace_cmd->add_subcommand(
       "import", "Convert an ESFT expert-score folder, a route-JSONL file or a binary trace into a locus binary trace");
-  cmd->add_option("input", o->input, "ESFT folder (<domain>/expert_weights_<layer>.txt), route JSONL file or binary trace")
+  cmd->add_option("input", o->inputs,
+                  "ESFT folder (<domain>/expert_weights_<layer>.txt, or one domain folder), binary trace, or route "
+                  "JSONL: one or more files, - for stdin, or a folder of .jsonl files")
       ->required();
   cmd->add_option("-o,--out", o->output, "Output binary trace")->required();
-  cmd->add_option("--format", o->format, "Input format: auto (folder = esft, .jsonl = jsonl, magic = binary), esft, "
-                                         "jsonl, binary")
+  cmd->add_option("--format", o->format, "Input format: auto (folder of .jsonl files or .jsonl = jsonl, other folder "
+                                         "= esft, magic = binary), esft, jsonl, binary")
       ->check(CLI::IsMember({"auto", "esft", "jsonl", "binary"}));
   cmd->add_option("--experts", o->experts,
                   "Declared routed experts (esft default 64; jsonl: else a meta line's num_experts)");
@@ -165,8 +155,8 @@ inline void register_trace_import(CLI::App* trace_cmd) {
   cmd->add_option("--layers", o->layers, "Expected layers (esft: files per domain; jsonl: distinct layer numbers)");
   cmd->add_option("--domains", o->domains, "esft: domain folders to read, in this order (default: all, sorted)");
   cmd->add_flag("--skip-bad", o->skip_bad, "jsonl: skip and count bad records instead of failing on the first");
-  cmd->add_flag("--split-on-restart", o->split_on_restart,
-                "jsonl: start a new request where token_idx restarts (for logs without a usable req_id)");
+  cmd->add_flag("--split-on-restart", o->split_on_restart, split_on_restart_help);
+  cmd->add_flag("--strict-layers", o->strict_layers, strict_layers_help);
   cmd->add_option("--default-domain", o->default_domain, "jsonl: domain of requests whose records carry none");
   cmd->add_flag("--verify", o->verify, "Read the written file back and check it equals the imported trace");
   cmd->add_flag("-q,--quiet", o->quiet, "No summary and no progress");

@@ -1,38 +1,120 @@
 #pragma once
-// Reading a trace named on the command line: a locus binary trace file, an ESFT folder, or a route
-// JSONL file (.jsonl / .ndjson; experts declared by a meta line or --experts, see docs/trace-format.md).
+// Reading a trace named on the command line: a locus binary trace file, an ESFT folder (or one of
+// its domain folders), or route JSONL: one or more files, "-" for standard input, or a folder of
+// .jsonl files (experts declared by a meta line or --experts; see docs/trace-format.md and
+// docs/byo-trace.md).
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
 #include <locus/trace/jsonl.hpp>
 
+#include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 namespace locus_driver {
 
 //! Help text of every option that names a trace to read.
-inline constexpr const char* trace_help = "Trace: locus binary file, ESFT folder or route JSONL";
+inline constexpr const char* trace_help =
+    "Trace: locus binary file, ESFT folder, or route JSONL (a file, - for stdin, or a folder of .jsonl files; "
+    "repeat for several files, e.g. one per layer)";
 //! Help text of --experts where a trace is read.
 inline constexpr const char* experts_help = "Experts of a route JSONL trace (default: its meta line's num_experts)";
 //! Help text of --prefill-tokens where a trace is read.
 inline constexpr const char* prefill_help =
     "Tokens at the start of each request that are prefill; a trace that records phases keeps them unless this "
     "is given";
+//! Help texts of the route-JSONL reading flags.
+inline constexpr const char* split_on_restart_help =
+    "Route JSONL: start a new request where token_idx restarts (for logs without a usable req_id)";
+inline constexpr const char* strict_layers_help =
+    "Route JSONL: refuse a request whose layers end at different tokens instead of keeping the tokens every "
+    "layer holds";
+
+//! "esft", "jsonl" or "binary", from what `path` is: a folder holding .jsonl/.ndjson files is route
+//! JSONL, any other folder ESFT (a root, or one domain folder); "-" (standard input) and .jsonl,
+//! .ndjson and .json files are route JSONL; a file starting with the binary magic is a binary trace.
+//! Any other file is refused, or with `else_binary` taken for a binary trace (whose reader then
+//! says what is wrong with it).
+inline std::string detect_trace_format(const std::string& path, bool else_binary = false) {
+  namespace fs = std::filesystem;
+  if (path == "-") return "jsonl";
+  std::error_code ec;
+  const auto st = fs::status(path, ec); // error codes, not exceptions: a symlink loop is an input error
+  if (ec && ec != std::errc::no_such_file_or_directory)
+    throw locus::io_error(path + ": " + ec.message(), __FILE__, __LINE__, ec.value());
+  if (fs::is_directory(st)) {
+    for (fs::directory_iterator it(path, ec), end; !ec && it != end; it.increment(ec))
+      if (locus::trace::is_jsonl_name(it->path()) && it->is_regular_file(ec)) return "jsonl";
+    return "esft";
+  }
+  if (!fs::exists(st)) throw locus::io_error(path + ": no such file or folder", __FILE__, __LINE__);
+  const auto ext = fs::path(path).extension().string();
+  if (ext == ".jsonl" || ext == ".ndjson" || ext == ".json") return "jsonl";
+  // Anything else: a binary trace if it starts with the magic, else say what is accepted.
+  char magic[8] = {};
+  if (std::FILE* f = std::fopen(path.c_str(), "rb")) {
+    const std::size_t got = std::fread(magic, 1, 8, f);
+    std::fclose(f);
+    if (got == 8 && std::memcmp(magic, locus::trace::binary_magic.data(), 8) == 0) return "binary";
+  }
+  if (else_binary) return "binary";
+  throw locus::invalid_input_error(path + ": cannot tell its format: expected an ESFT folder, a route-JSONL file "
+                                          "(.jsonl) or a locus binary trace; pass --format",
+                                   __FILE__, __LINE__);
+}
+
+//! The format of several inputs read as one trace: only route JSONL can come in several parts.
+inline std::string detect_trace_format(const std::vector<std::string>& paths, bool else_binary = false) {
+  LOCUS_REQUIRE(!paths.empty(), locus::config_error, "no trace given");
+  const std::string first = detect_trace_format(paths.front(), else_binary);
+  if (paths.size() == 1) return first;
+  for (const auto& p : paths) {
+    const std::string f = p == paths.front() ? first : detect_trace_format(p, else_binary);
+    LOCUS_REQUIRE(f == "jsonl", locus::config_error, "several traces given, but ", p, " is ",
+                  f == "esft" ? "an ESFT folder" : "a binary trace",
+                  "; only route JSONL is read from several files (one trace otherwise)");
+  }
+  return "jsonl";
+}
+
+//! How the route-JSONL inputs of a trace are read (other formats ignore it).
+struct jsonl_reading {
+  std::size_t experts = 0; //!< 0: from the meta line
+  bool split_on_restart = false, strict_layers = false;
+};
+
+//! One line on stderr when requests were trimmed to the tokens every layer holds (the user should
+//! know that some tokens were not read).
+inline void note_trimmed(const std::string& what, const locus::trace::jsonl_report& rep) {
+  if (rep.trimmed_requests == 0) return;
+  std::fprintf(stderr,
+               "locus: %s: kept the tokens every layer holds in %zu requests whose layers end at different "
+               "tokens, dropping %zu tokens (--strict-layers refuses such requests)\n",
+               what.c_str(), rep.trimmed_requests, rep.trimmed_tokens);
+}
+
+//! Reads the trace `paths` name (several only for route JSONL).
+inline locus::trace::trace load_trace(const std::vector<std::string>& paths, const jsonl_reading& how = {}) {
+  const std::string format = detect_trace_format(paths, true);
+  if (format == "esft") return locus::trace::import_esft(paths.front());
+  if (format == "binary") return locus::trace::read_trace(paths.front());
+  locus::trace::jsonl_options opt;
+  opt.experts = how.experts;
+  opt.split_on_restart = how.split_on_restart;
+  opt.trim_ragged = !how.strict_layers;
+  locus::trace::jsonl_report rep;
+  auto t = locus::trace::import_jsonl(paths, opt, &rep);
+  note_trimmed(paths.size() == 1 ? paths.front() : paths.front() + " ...", rep);
+  return t;
+}
 
 //! `experts` is the route JSONL trace's expert count (0: from its meta line); other formats ignore it.
 inline locus::trace::trace load_trace(const std::string& path, std::size_t experts = 0) {
-  std::error_code ec; // error codes, not exceptions: a symlink loop is an input error like any other
-  const auto st = std::filesystem::status(path, ec);
-  if (ec && ec != std::errc::no_such_file_or_directory)
-    throw locus::io_error(path + ": " + ec.message(), __FILE__, __LINE__, ec.value());
-  if (std::filesystem::is_directory(st)) return locus::trace::import_esft(path);
-  const auto ext = std::filesystem::path(path).extension();
-  if (ext == ".jsonl" || ext == ".ndjson") {
-    locus::trace::jsonl_options opt;
-    opt.experts = experts;
-    return locus::trace::import_jsonl(path, opt);
-  }
-  return locus::trace::read_trace(path);
+  jsonl_reading how;
+  how.experts = experts;
+  return load_trace(std::vector<std::string>{path}, how);
 }
 
 //! Whether any token of `t` has a recorded phase (route logs may; ESFT folders do not).

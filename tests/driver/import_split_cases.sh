@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Route-JSONL shapes that loggers write, and train/test splits, through the `locus` driver (issue
+# 18): every case runs the driver on small files made here and checks its output or its refusal.
+# Usage: import_split_cases.sh <locus binary> <scratch folder> <tests/data/trace folder>
+set -u
+locus=$1
+work=$2
+data=$3
+rm -rf "$work"
+mkdir -p "$work"
+fail=0
+n=0
+
+# ok <regex> <args...>: the run must succeed and its output (stdout and stderr) match <regex>.
+ok() {
+  local want=$1
+  shift
+  n=$((n + 1))
+  local out
+  if ! out=$("$locus" "$@" 2>&1); then
+    echo "FAIL (exit): locus $*" >&2
+    echo "$out" | tail -5 >&2
+    fail=1
+  elif ! echo "$out" | grep -Eq -- "$want"; then
+    echo "FAIL (output): locus $*" >&2
+    echo "  wanted /$want/, got: $out" >&2
+    fail=1
+  fi
+}
+# refused <regex> <args...>: the run must fail with status 1 or 2 and a message matching <regex>.
+refused() {
+  local want=$1
+  shift
+  n=$((n + 1))
+  local out rc
+  out=$("$locus" "$@" 2>&1 >/dev/null)
+  rc=$?
+  if [ "$rc" -ne 1 ] && [ "$rc" -ne 2 ]; then
+    echo "FAIL ($rc): locus $*" >&2
+    echo "$out" | tail -5 >&2
+    fail=1
+  elif ! echo "$out" | grep -Eq -- "$want"; then
+    echo "FAIL (message): locus $*" >&2
+    echo "  wanted /$want/, got: $out" >&2
+    fail=1
+  fi
+}
+# same <a> <b>: two binary traces must be identical (the same trace, encoded the one way there is).
+same() {
+  n=$((n + 1))
+  if ! cmp -s "$1" "$2"; then
+    echo "FAIL (differ): $1 $2" >&2
+    fail=1
+  fi
+}
+
+whole=$data/decode_only.jsonl # 24 requests (ids 0..23; even ids domain d0, odd d1), 4 tokens, 2 layers
+"$locus" trace import "$whole" -o "$work/whole.bin" -q || { echo "FAIL: import" >&2; exit 1; }
+
+# 1. `experts` in a route record is the chosen experts (topk_ids); in a meta line, the expert count.
+sed -e 's/"topk_ids"/"experts"/' -e 's/"num_experts"/"experts"/' "$whole" >"$work/experts_key.jsonl"
+ok '24 requests, 96 tokens, 2 layers, 16 experts' trace import "$work/experts_key.jsonl" -o "$work/experts_key.bin"
+same "$work/whole.bin" "$work/experts_key.bin"
+sed -e '2s/"topk_ids": \[[0-9, ]*\]/"experts": 16, &/' "$whole" >"$work/experts_number.jsonl"
+refused 'experts_number.jsonl:2: "experts" in a route record is the list of chosen experts' \
+  trace import "$work/experts_number.jsonl" -o "$work/x.bin"
+
+# 2. Ragged layers: the last token of request 5 missing at layer 1 is dropped, the request kept.
+grep -v '"req_id": 5, "token_idx": 3, "layer": 1,' "$whole" >"$work/ragged.jsonl"
+ok '24 requests, 95 tokens' trace import "$work/ragged.jsonl" -o "$work/r.bin"
+ok '1 tokens dropped from 1 ragged requests' trace import "$work/ragged.jsonl" -o "$work/r.bin"
+ok 'kept the tokens every layer holds in 1 requests whose layers end at different tokens, dropping 1 tokens' \
+  trace import "$work/ragged.jsonl" -o "$work/r.bin"
+ok 'request 5 \(first record at line 42\): kept the 3 tokens every layer holds, dropped token_idx 3' \
+  trace import "$work/ragged.jsonl" -o "$work/r.bin"
+ok 'fitted on 24 requests' plan --trace "$work/ragged.jsonl" --test-fraction 0 --nodes 2 --gpus-per-node 2 \
+  --out "$work/m.json"
+refused 'layer 1 has 3 tokens, layer 0 has 4.*--strict-layers' trace import "$work/ragged.jsonl" -o "$work/r.bin" \
+  --strict-layers
+
+# 3. A req_id reused by the next request: the error points at --split-on-restart, which fixes it.
+sed -e 's/"req_id": [0-9]*/"req_id": 7/' "$whole" | sed -e 's/"domain": "d1"/"domain": "d0"/' >"$work/reused.jsonl"
+refused 'token_idx 0 at layer 0 appears twice.*--split-on-restart' trace import "$work/reused.jsonl" -o "$work/x.bin"
+ok '24 requests, 96 tokens' trace import "$work/reused.jsonl" -o "$work/x.bin" --split-on-restart
+ok 'fitted on' plan --trace "$work/reused.jsonl" --split-on-restart --nodes 2 --gpus-per-node 2 --out "$work/m.json"
+
+# 4. One file per layer, given one by one, as a folder, or on stdin: the same trace.
+mkdir -p "$work/per_layer"
+head -1 "$whole" >"$work/per_layer/layer0.jsonl"
+head -1 "$whole" >"$work/per_layer/layer1.jsonl"
+grep '"layer": 0,' "$whole" >>"$work/per_layer/layer0.jsonl"
+grep '"layer": 1,' "$whole" >>"$work/per_layer/layer1.jsonl"
+ok '24 requests, 96 tokens, 2 layers' trace import "$work/per_layer/layer1.jsonl" "$work/per_layer/layer0.jsonl" \
+  -o "$work/files.bin"
+same "$work/whole.bin" "$work/files.bin"
+ok '24 requests, 96 tokens, 2 layers' trace import "$work/per_layer" -o "$work/folder.bin"
+same "$work/whole.bin" "$work/folder.bin"
+n=$((n + 1))
+if ! "$locus" trace import - -o "$work/stdin.bin" -q <"$whole"; then
+  echo "FAIL: trace import - (stdin)" >&2
+  fail=1
+fi
+same "$work/whole.bin" "$work/stdin.bin"
+ok 'fitted on 12 requests' plan --trace "$work/per_layer/layer0.jsonl" --trace "$work/per_layer/layer1.jsonl" \
+  --nodes 2 --gpus-per-node 2 --train-domains d0 --out "$work/m.json"
+ok 'fitted on 24 requests' plan --trace "$work/per_layer" --test-fraction 0 --nodes 2 --gpus-per-node 2 \
+  --out "$work/m.json"
+echo '{"req_id": 1, "token_idx": 0}' >>"$work/per_layer/layer1.jsonl"
+refused 'layer1.jsonl:98: route record lacks "layer"' trace import "$work/per_layer" -o "$work/x.bin"
+refused 'only route JSONL is read from several files' plan --trace "$work/whole.bin" --trace "$whole" \
+  --out "$work/m.json"
+
+# 5. ESFT: a domain folder given directly is that one domain; an empty folder says what it expected.
+mkdir -p "$work/esft/law" "$work/esft/code" "$work/empty"
+for d in law code; do
+  for l in 1 2; do
+    printf '1\t2\t3\t4\t5\t6\t7\t8\t9\t10\t11\t12\t\t.1\t.1\t.1\t.1\t.1\t.1\t.1\t.1\t.1\t.1\t.1\t.1\n' \
+      >"$work/esft/$d/expert_weights_$l.txt"
+    printf '%s\t%s\t3\t4\t5\t6\t\t.2\t.2\t.2\t.2\t.2\t.2\n' "$l" 9 >>"$work/esft/$d/expert_weights_$l.txt"
+  done
+done
+ok '2 requests, 3 tokens, 2 layers, 64 experts, top-6, domains \[law\]' trace import "$work/esft/law" -o "$work/law.bin"
+ok 'domains \[law\]' trace import "$work/esft" --domains law -o "$work/law_from_root.bin"
+same "$work/law.bin" "$work/law_from_root.bin"
+ok '4 requests, 6 tokens, 2 layers, 64 experts, top-6, domains \[code, law\]' trace import "$work/esft/" -o "$work/e.bin"
+refused 'is one domain folder.*give the parent folder' trace import "$work/esft/law" --domains law -o "$work/x.bin"
+refused 'holds no domain folder with expert_weights' trace import "$work/empty" -o "$work/x.bin"
+
+# 6. Splits: by domain, by time, by request-id files; conflicting flags refused; help shows defaults.
+small=(--nodes 2 --gpus-per-node 2)
+ok 'fitted on 12 requests' plan --trace "$whole" --train-domains d0 --test-domains d1 "${small[@]}" --out "$work/m.json"
+ok 'fitted on 12 requests' plan --trace "$whole" --test-domains d1 "${small[@]}" --out "$work/m.json"
+ok '"decode_tokens": 48' simulate --trace "$whole" --train-domains d0 --test-domains d1 "${small[@]}" --json
+ok 'fitted on 24 requests' plan --trace "$whole" --train-domains d0,d1 "${small[@]}" --out "$work/m.json"
+ok 'fitted on 18 requests' plan --trace "$whole" --split time --test-fraction 0.25 "${small[@]}" --out "$work/m.json"
+# The time split tests the last requests: ids 18..23, 6 requests of 4 tokens.
+ok '"decode_tokens": 24' simulate --trace "$whole" --split time --test-fraction 0.25 "${small[@]}" --json
+printf '0 1 2 # the first three\n3,4\n\n' >"$work/train_ids.txt"
+printf '20\n21\n' >"$work/test_ids.txt"
+ok 'fitted on 5 requests' plan --trace "$whole" --train-requests "$work/train_ids.txt" "${small[@]}" --out "$work/m.json"
+ok '"decode_tokens": 8' simulate --trace "$whole" --train-requests "$work/train_ids.txt" \
+  --test-requests "$work/test_ids.txt" "${small[@]}" --json
+ok '"decode_tokens": 76' simulate --trace "$whole" --train-requests "$work/train_ids.txt" "${small[@]}" --json
+refused 'train-domains excludes --test-fraction|test-fraction excludes --train-domains' \
+  plan --trace "$whole" --train-domains d0 --test-fraction 0.3 --out "$work/m.json"
+refused 'excludes' plan --trace "$whole" --train-domains d0 --train-requests "$work/train_ids.txt" --out "$work/m.json"
+refused 'excludes' plan --trace "$whole" --test-requests "$work/test_ids.txt" --split time --out "$work/m.json"
+refused 'split: .*not in \{random,time\}|random,time' plan --trace "$whole" --split sideways --out "$work/m.json"
+refused 'train-domains: the trace has no domain "zz" \(its domains: d0, d1\)' \
+  plan --trace "$whole" --train-domains zz --out "$work/m.json"
+refused 'request 0 \(domain "d0"\) is both in the training and in the test split' \
+  plan --trace "$whole" --train-domains d0 --test-domains d0,d1 --out "$work/m.json"
+printf '1 99 100\n' >"$work/bad_ids.txt"
+refused 'train-requests .*bad_ids.txt: 2 listed request ids are not in the trace \(99, 100\)' \
+  plan --trace "$whole" --train-requests "$work/bad_ids.txt" --out "$work/m.json"
+printf '1 x2\n' >"$work/junk_ids.txt"
+refused 'junk_ids.txt:1: "x2" is not a request id' plan --trace "$whole" --test-requests "$work/junk_ids.txt" \
+  --out "$work/m.json"
+refused 'training split is empty: --split time with --test-fraction 1 puts all 24 requests.*lower --test-fraction' \
+  plan --trace "$whole" --split time --test-fraction 1 --out "$work/m.json"
+refused 'test split is empty, nothing to simulate: --train-domains/--test-domains select no test request' \
+  simulate --trace "$whole" --train-domains d0,d1 "${small[@]}"
+ok '--split TEXT:\{random,time\}=random' plan --help
+ok '--test-fraction FLOAT.*=0\.5' simulate --help
+ok '--skip-requests UINT=0' plan --help
+
+if [ "$fail" -ne 0 ]; then
+  echo "some of $n cases failed"
+  exit 1
+fi
+echo "all passed ($n cases)"
