@@ -9,14 +9,17 @@
 //!
 //! `phase`, `step` and `domain` are optional. A line whose `type` is present and not "route" (for
 //! example `{"type": "meta", "num_experts": 64, "top_k": 6}`) is not a route record: it is skipped,
-//! and a meta line may declare `num_experts` (or `experts`) and `top_k`. Blank lines are skipped.
+//! and a meta line may declare `num_experts` (or `experts`) and `top_k`. In a route record,
+//! `experts` is the list of chosen experts instead (an alias of `topk_ids`). Blank lines are skipped.
 //!
 //! Lines are streamed from the file in large chunks and each one is parsed straight into compact
 //! columns (no JSON DOM per line): by a small lexer for the flat objects route loggers write, which
 //! drives the same SAX handler as nlohmann-json does, and by nlohmann-json's SAX parser for any line
 //! that lexer does not take (string escapes, nesting, non-ASCII text, literals other than null,
 //! malformed JSON), so that every line means the same either way and errors read the same. Requests are then assembled:
-//! tokens sorted by `token_idx`, and every layer of a request must hold exactly the same tokens.
+//! tokens sorted by `token_idx`, and every layer of a request must hold the same tokens, except
+//! that layers may end early (jsonl_options::trim_ragged). Several files (one per layer, or shards)
+//! can be read as one log.
 //! Every bad record is reported as "file:line: what"; `jsonl_options::skip_bad` chooses between
 //! failing on the first one and skipping and counting them (requests left inconsistent by a
 //! skipped record are dropped and counted too).
