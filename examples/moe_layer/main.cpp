@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <locus/layer/moe_layer.hpp>
+#include <locus/placement/linear.hpp>
 #include <random>
 #include <string>
 #include <thread>
@@ -91,7 +92,8 @@ result run(const options& o) {
   const dynamic_topology topo(o.nodes, o.gpus);
   const std::size_t ranks = topo.ranks(), slots = (o.experts + ranks - 1) / ranks;
   placement::plan_input in{topo, o.experts, slots, {std::vector<double>(o.experts, 1.0)}, {}};
-  const expert_map map = layer_t::plan(in)[0]; // the placement policy (linear by default)
+  // Planning happens before the layer: where the experts live is the layer's input.
+  const expert_map map = plan_placement<placement::linear>(in)[0];
   const auto experts = random_weights<float>(o.experts, o.hidden, o.ffn, 1);
   const auto shared = random_weights<float>(1, o.hidden, o.ffn, 2);
   std::mt19937 rng(3);
