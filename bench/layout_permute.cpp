@@ -202,7 +202,7 @@ int main(int argc, char** argv) try {
         "grown by appending each row (its cost is mostly reallocation and first-touch page faults), then "
         "concatenated.\n\n"
      << buf << "\nSpecialised permute writes " << permute_gbs << " GB/s of send buffer.\n\n"
-     << "Command: `build/dev/bench/layout_permute --threads " << threads << " --out docs/results`\n";
+     << "Command: `build/dev/bench/layout_permute --threads " << threads << " --out bench/results`\n";
   std::printf("layout_permute: %zu tokens, %zu rows, %u thread(s)\n%s", tokens, l.rows(), threads, buf);
   return 0;
 } catch (const std::exception& e) {

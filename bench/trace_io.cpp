@@ -376,7 +376,7 @@ int main(int argc, char** argv) try {
   fs::create_directories(out_dir);
   bench_output::file(out_dir + "/trace_io.json") << doc.dump(1) << '\n';
   bench_output::file(out_dir + "/trace_io.md")
-      << "# Trace I/O throughput\n\nProduced by `build/dev/bench/trace_io --out docs/results` (Release, one "
+      << "# Trace I/O throughput\n\nProduced by `build/dev/bench/trace_io --out bench/results` (Release, one "
          "core). The machine is shared and oversubscribed, so both the wall clock and the CPU time (user + system of "
          "the "
          "process) are given; each locus figure is the best of 2-3 runs, each baseline one run. Baselines, "

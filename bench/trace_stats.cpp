@@ -237,7 +237,7 @@ int main(int argc, char** argv) try {
     bench_output::file md(md_path);
     md << "# Trace statistics and synthesizer speed\n\n"
        << "Produced by `build/dev/bench/trace_stats --trace ../shared/traces/esft --out build/dev/bench --md "
-          "docs/results/trace_stats.md` (RelWithDebInfo, "
+          "bench/results/trace_stats.md` (RelWithDebInfo, "
        << locus::default_host_threads()
        << " hardware threads; the development machine is shared, so times are upper bounds). The baseline "
           "statistics are checked equal to the library's before timing is reported.\n\n"
