@@ -29,7 +29,6 @@
 
 namespace {
 
-using bench_args::arg_value;
 using bench_args::cpu_now;
 
 double seconds_since(double t) { return cpu_now() - t; }
@@ -76,8 +75,14 @@ locus::trace::trace synthetic(std::size_t tokens, std::size_t experts, std::size
 } // namespace
 
 int main(int argc, char** argv) try {
-  const std::string out_dir = arg_value(argc, argv, "--out", ".");
-  const std::size_t tokens = std::stoul(arg_value(argc, argv, "--tokens", "100000"));
+  CLI::App app{"Activation-aware planning at DeepSeek-V3 shape: assign per request, full planning"};
+  bench_args::show_defaults(app);
+  std::string out_dir = ".";
+  std::size_t tokens = 100000, anneal = 300;
+  app.add_option("--out", out_dir, "Folder for the results");
+  app.add_option("--tokens", tokens, "Decode tokens of the synthetic trace")->check(CLI::PositiveNumber);
+  app.add_option("--anneal", anneal, "Annealing proposals per expert in the timed annealing run");
+  CLI11_PARSE(app, argc, argv);
   const std::size_t experts = 256, k = 8, layers = 58, clusters = 16, kinds = 8;
   const locus::dynamic_topology topo(8, 8);
 
@@ -114,7 +119,6 @@ int main(int argc, char** argv) try {
   const double cost_after = locus::placement::sample_copy_cost(maps, sample, topo, opt.refine);
   // The same stage with annealing after the sweeps (what bench/comm_volume runs on ESFT): not in
   // the planning total, which is for the defaults; shown for its extra time at this shape.
-  const std::size_t anneal = std::stoul(arg_value(argc, argv, "--anneal", "300"));
   auto aopt = opt;
   aopt.refine.anneal_per_expert = anneal;
   t0 = cpu_now();
