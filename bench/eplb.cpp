@@ -50,7 +50,7 @@ int main(int argc, char** argv) try {
   std::string out_dir = ".";
   int repeats = 5;
   app.add_option("--out", out_dir, "Folder for the results");
-  app.add_option("--repeats", repeats, "Timed runs per planner (best kept)")->check(CLI::PositiveNumber);
+  app.add_option("--repeats", repeats, "Timed runs per planner (best kept)")->check(bench_args::positive);
   CLI11_PARSE(app, argc, argv);
   const std::size_t layers = 58, experts = 256, nodes = 8, gpus = 8, slots_per_rank = 5, groups = 8;
 

@@ -88,9 +88,9 @@ int main(int argc, char** argv) try {
   bench_args::show_defaults(app);
   std::size_t hidden = 512, ffn = 256, experts = 8;
   std::string out_dir = ".";
-  app.add_option("--hidden", hidden, "Hidden size")->check(CLI::PositiveNumber);
-  app.add_option("--ffn", ffn, "Expert FFN size")->check(CLI::PositiveNumber);
-  app.add_option("--experts", experts, "Experts")->check(CLI::PositiveNumber);
+  app.add_option("--hidden", hidden, "Hidden size")->check(bench_args::positive);
+  app.add_option("--ffn", ffn, "Expert FFN size")->check(bench_args::positive);
+  app.add_option("--experts", experts, "Experts")->check(bench_args::positive);
   app.add_option("--out", out_dir, "Folder for the results");
   CLI11_PARSE(app, argc, argv);
   const auto w32 = make_weights<float>(experts, hidden, ffn);

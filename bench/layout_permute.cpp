@@ -104,9 +104,9 @@ int main(int argc, char** argv) try {
   std::size_t tokens = 4096, ptokens = 1024, reps = 5;
   unsigned threads = 1;
   std::string out_dir = ".";
-  app.add_option("--tokens", tokens, "Tokens per layout")->check(CLI::PositiveNumber);
-  app.add_option("--permute-tokens", ptokens, "Tokens per permute")->check(CLI::PositiveNumber);
-  app.add_option("--reps", reps, "Timed runs per row (best kept)")->check(CLI::PositiveNumber);
+  app.add_option("--tokens", tokens, "Tokens per layout")->check(bench_args::positive);
+  app.add_option("--permute-tokens", ptokens, "Tokens per permute")->check(bench_args::positive);
+  app.add_option("--reps", reps, "Timed runs per row (best kept)")->check(bench_args::positive);
   app.add_option("--threads", threads, "Host threads (0: all)");
   app.add_option("--out", out_dir, "Folder for the results");
   CLI11_PARSE(app, argc, argv);

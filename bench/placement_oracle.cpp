@@ -225,14 +225,14 @@ int main(int argc, char** argv) try {
   std::vector<std::size_t> redundants{0, 1};
   app.add_option("--trace", trace_path, "ESFT folder or binary trace");
   app.add_option("--out", out_dir, "Folder for the results");
-  app.add_option("--nodes", nodes, "Nodes")->check(CLI::PositiveNumber);
-  app.add_option("--gpus", gpus, "GPUs per node")->check(CLI::PositiveNumber);
+  app.add_option("--nodes", nodes, "Nodes")->check(bench_args::positive);
+  app.add_option("--gpus", gpus, "GPUs per node")->check(bench_args::positive);
   app.add_option("--split-seed", seed, "Seed of the train/test split of the requests");
   app.add_option("--prefill-tokens", prefill, "Prefill tokens per request");
   app.add_option("--anneal", anneal, "Annealing proposals per expert");
   app.add_option("--homes", homes, "Requests' nodes: by domain, or searched (free)")
       ->check(CLI::IsMember({"domain", "free"}));
-  app.add_option("--rounds", rounds, "Rounds of map fit and request moves (--homes free)")->check(CLI::PositiveNumber);
+  app.add_option("--rounds", rounds, "Rounds of map fit and request moves (--homes free)")->check(bench_args::positive);
   app.add_option("--slacks", slacks, "GPU load bounds over the mean")->delimiter(',');
   app.add_option("--redundant", redundants, "Redundant slots per GPU")->delimiter(',');
   app.add_option("--home-caps", caps, "Node token bounds over the mean (-1: none; --homes free)")->delimiter(',');

@@ -80,7 +80,7 @@ int main(int argc, char** argv) try {
   std::string out_dir = ".";
   std::size_t tokens = 100000, anneal = 300;
   app.add_option("--out", out_dir, "Folder for the results");
-  app.add_option("--tokens", tokens, "Decode tokens of the synthetic trace")->check(CLI::PositiveNumber);
+  app.add_option("--tokens", tokens, "Decode tokens of the synthetic trace")->check(bench_args::positive);
   app.add_option("--anneal", anneal, "Annealing proposals per expert in the timed annealing run");
   CLI11_PARSE(app, argc, argv);
   const std::size_t experts = 256, k = 8, layers = 58, clusters = 16, kinds = 8;

@@ -224,8 +224,8 @@ int main(int argc, char** argv) try {
   std::size_t tokens = 8192;
   double min_seconds = 0.3;
   std::string json_path = "router.json", md_path;
-  app.add_option("--tokens", tokens, "Tokens per routed batch")->check(CLI::PositiveNumber);
-  app.add_option("--min-seconds", min_seconds, "Shortest timed run per row")->check(CLI::PositiveNumber);
+  app.add_option("--tokens", tokens, "Tokens per routed batch")->check(bench_args::positive);
+  app.add_option("--min-seconds", min_seconds, "Shortest timed run per row")->check(bench_args::positive);
   app.add_option("--json", json_path, "JSON results file");
   app.add_option("--md", md_path, "Markdown table file (none when empty)");
   CLI11_PARSE(app, argc, argv);

@@ -154,8 +154,8 @@ int main(int argc, char** argv) try {
   app.add_option("--trace", trace_path, "ESFT folder or binary trace");
   app.add_option("--out", out_dir, "Folder for the results");
   app.add_option("--md", md_path, "Markdown report file (none when empty)");
-  app.add_option("--repeats", repeats, "Timed runs per row (best kept)")->check(CLI::PositiveNumber);
-  app.add_option("--tokens", v3_tokens, "Tokens of the synthetic DeepSeek-V3 trace")->check(CLI::PositiveNumber);
+  app.add_option("--repeats", repeats, "Timed runs per row (best kept)")->check(bench_args::positive);
+  app.add_option("--tokens", v3_tokens, "Tokens of the synthetic DeepSeek-V3 trace")->check(bench_args::positive);
   CLI11_PARSE(app, argc, argv);
   if (!std::filesystem::exists(trace_path)) {
     std::printf("trace_stats: trace %s not found; skipped\n", trace_path.c_str());

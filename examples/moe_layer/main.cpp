@@ -25,6 +25,14 @@ using namespace locus;
 
 namespace {
 
+// A number above zero (CLI11's PositiveNumber reports a range up to DBL_MAX instead).
+const CLI::Validator positive{[](std::string& value) -> std::string {
+                                double x = 0;
+                                if (CLI::detail::lexical_cast(value, x) && x > 0) return {};
+                                return "must be a number above 0, got " + value;
+                              },
+                              "POSITIVE"};
+
 struct options {
   std::size_t nodes = 2, gpus = 2, experts = 16, k = 4, hidden = 128, ffn = 256, tokens = 32, steps = 8;
 };
@@ -120,14 +128,14 @@ int main(int argc, char** argv) try {
   options o;
   CLI::App app{"One MoE layer on in-process ranks (threads), flat against hierarchical transport"};
   app.option_defaults()->always_capture_default();
-  app.add_option("--nodes", o.nodes, "Nodes")->check(CLI::PositiveNumber);
-  app.add_option("--gpus-per-node", o.gpus, "GPUs (ranks) per node")->check(CLI::PositiveNumber);
-  app.add_option("--experts", o.experts, "Routed experts")->check(CLI::PositiveNumber);
-  app.add_option("--top-k", o.k, "Experts per token")->check(CLI::PositiveNumber);
-  app.add_option("--hidden", o.hidden, "Hidden size")->check(CLI::PositiveNumber);
-  app.add_option("--ffn", o.ffn, "Expert FFN size")->check(CLI::PositiveNumber);
+  app.add_option("--nodes", o.nodes, "Nodes")->check(positive);
+  app.add_option("--gpus-per-node", o.gpus, "GPUs (ranks) per node")->check(positive);
+  app.add_option("--experts", o.experts, "Routed experts")->check(positive);
+  app.add_option("--top-k", o.k, "Experts per token")->check(positive);
+  app.add_option("--hidden", o.hidden, "Hidden size")->check(positive);
+  app.add_option("--ffn", o.ffn, "Expert FFN size")->check(positive);
   app.add_option("--tokens", o.tokens, "Tokens per rank per step");
-  app.add_option("--steps", o.steps, "Steps")->check(CLI::PositiveNumber);
+  app.add_option("--steps", o.steps, "Steps")->check(positive);
   CLI11_PARSE(app, argc, argv);
   std::printf("moe_layer: %zu nodes x %zu GPUs, %zu experts, top-%zu, hidden %zu, ffn %zu, %zu tokens/rank, "
               "%zu steps\n",

@@ -41,6 +41,15 @@ using namespace locus;
 using namespace locus::transport;
 
 namespace {
+
+// A number above zero (CLI11's PositiveNumber reports a range up to DBL_MAX instead).
+const CLI::Validator positive{[](std::string& value) -> std::string {
+                                double x = 0;
+                                if (CLI::detail::lexical_cast(value, x) && x > 0) return {};
+                                return "must be a number above 0, got " + value;
+                              },
+                              "POSITIVE"};
+
 struct options {
   std::size_t gpus_per_node = 2, steps = 16, hidden = 256, layer = 0, requests_per_rank = 32, timeout_ms = 30000;
   std::size_t stop_rank = SIZE_MAX;
@@ -194,15 +203,15 @@ int main(int argc, char** argv) {
     options o;
     CLI::App app{"Decode steps of one MoE layer over MPI, flat and hierarchical, linear and locality placement"};
     app.option_defaults()->always_capture_default();
-    app.add_option("--gpus-per-node", o.gpus_per_node, "GPUs (ranks) per node")->check(CLI::PositiveNumber);
+    app.add_option("--gpus-per-node", o.gpus_per_node, "GPUs (ranks) per node")->check(positive);
     app.add_option("--steps", o.steps, "Decode steps");
-    app.add_option("--hidden", o.hidden, "Hidden size")->check(CLI::PositiveNumber);
+    app.add_option("--hidden", o.hidden, "Hidden size")->check(positive);
     app.add_option("--trace", o.trace, "Binary trace or ESFT folder (synthetic workload when empty)");
     app.add_option("--layer", o.layer, "Trace layer to replay");
     app.add_option("--requests-per-rank", o.requests_per_rank, "Running requests per rank")
-        ->check(CLI::PositiveNumber);
+        ->check(positive);
     app.add_option("--timeout-ms", o.timeout_ms, "Deadline of every exchange and per-step synchronisation")
-        ->check(CLI::PositiveNumber);
+        ->check(positive);
     app.add_option("--stop-rank", o.stop_rank, "Fault drill: this rank stops itself before the second step")
         ->default_str("none");
     try {
@@ -316,7 +325,7 @@ int main(int argc, char** argv) {
     if (me == 0)
       std::printf("\nbytes: dispatch + combine over all steps and ranks; step ms: median of the slowest rank\n");
   } catch (const config_error& e) {
-    std::fprintf(stderr, "rank %zu: %s\n", me, e.what());
+    std::fprintf(stderr, "rank %zu: %s\n", me, e.message().c_str());
     std::fflush(stderr);
     // Raised alike on every rank (different options, topology): all are in step and can finalize.
     // A bad option on one rank only ends the job.
