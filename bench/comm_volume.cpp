@@ -383,7 +383,7 @@ int main(int argc, char** argv) try {
   std::filesystem::create_directories(out_dir);
   bench_output::file(out_dir + "/comm_volume.json") << doc.dump(1) << '\n';
   bench_output::file(out_dir + "/comm_volume.md")
-      << "# Communication volume on ESFT (test split)\n\nProduced by `build/dev/bench/comm_volume --out docs/results` "
+      << "# Communication volume on ESFT (test split)\n\nProduced by `build/dev/bench/comm_volume --out bench/results` "
          "(trace ../shared/traces/esft) in "
       << static_cast<int>(seconds + 0.5) << " s. Fit on a training split of requests (seed " << seed
       << "), evaluated on the disjoint test split; prefill = "
@@ -401,7 +401,7 @@ int main(int argc, char** argv) try {
       << " annealing proposals per expert after the token-level sweeps. The 8x8 synthetic rows (256 experts, top-8, "
          "the synthesizer fitted to this trace and rescaled; ESFT's 26 layers kept) appear when "
          "locus/trace/synthesizer.hpp is present. Plot: `/usr/bin/python3 bench/plot_comm_volume.py "
-         "docs/results`.\n\n## Targets (issue 5)\n\n"
+         "bench/results`.\n\n## Targets (issue 5)\n\n"
       << summary << "\n## All rows\n\n"
       << md;
   std::printf("%s", md.c_str());

@@ -29,7 +29,6 @@
 
 namespace {
 
-using bench_args::arg_value;
 
 // Skewed routing: per domain and layer a Zipf(1.0) popularity over a shuffled expert order;
 // each token draws k distinct experts from it.
@@ -80,9 +79,14 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 } // namespace
 
 int main(int argc, char** argv) try {
-  const auto requests = std::stoul(arg_value(argc, argv, "--requests", "400"));
-  const auto decode = std::stoul(arg_value(argc, argv, "--decode-tokens", "250"));
-  const std::string out_dir = arg_value(argc, argv, "--out", ".");
+  CLI::App app{"Decode simulator at DeepSeek-V3 size (8 x 8 GPUs) on one core"};
+  bench_args::show_defaults(app);
+  std::size_t requests = 400, decode = 250;
+  std::string out_dir = ".";
+  app.add_option("--requests", requests, "Requests in the synthetic trace")->check(bench_args::positive);
+  app.add_option("--decode-tokens", decode, "Decode tokens per request")->check(bench_args::positive);
+  app.add_option("--out", out_dir, "Folder for the results");
+  CLI11_PARSE(app, argc, argv);
   constexpr std::size_t prefill = 32, nodes = 8, gpus = 8;
 
   auto t0 = std::chrono::steady_clock::now();

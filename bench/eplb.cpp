@@ -24,7 +24,6 @@
 
 namespace {
 
-using bench_args::arg_value;
 using bench_args::cpu_now;
 
 // Mean over layers of max/mean GPU load, each replica carrying load / replica count.
@@ -46,8 +45,13 @@ double max_over_mean(const std::vector<locus::expert_map>& maps, const locus::pl
 } // namespace
 
 int main(int argc, char** argv) try {
-  const std::string out_dir = arg_value(argc, argv, "--out", ".");
-  const int repeats = std::stoi(arg_value(argc, argv, "--repeats", "5"));
+  CLI::App app{"DeepSeek's EPLB (rebalance_experts) at DeepSeek-V3 shape, beside linear"};
+  bench_args::show_defaults(app);
+  std::string out_dir = ".";
+  int repeats = 5;
+  app.add_option("--out", out_dir, "Folder for the results");
+  app.add_option("--repeats", repeats, "Timed runs per planner (best kept)")->check(bench_args::positive);
+  CLI11_PARSE(app, argc, argv);
   const std::size_t layers = 58, experts = 256, nodes = 8, gpus = 8, slots_per_rank = 5, groups = 8;
 
   locus::placement::plan_input in;

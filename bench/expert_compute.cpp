@@ -11,6 +11,7 @@
 // copy's sum; two rows per copy, scattered), against `+sum`: the plain compute followed by the same
 // sums formed from the output rows, as the dispatcher's combine does for computes that do not fuse. Writes
 // DIR/expert_compute.json (default: the current directory).
+#include "bench_args.hpp"
 #include "bench_output.hpp"
 
 #include <algorithm>
@@ -83,16 +84,15 @@ double best_seconds(F&& f, int reps) {
 } // namespace
 
 int main(int argc, char** argv) try {
+  CLI::App app{"Host SwiGLU expert compute against a per-row baseline, at decode and prefill sizes"};
+  bench_args::show_defaults(app);
   std::size_t hidden = 512, ffn = 256, experts = 8;
   std::string out_dir = ".";
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string a = argv[i];
-    if (a == "--hidden") hidden = std::stoul(argv[i + 1]);
-    else if (a == "--ffn") ffn = std::stoul(argv[i + 1]);
-    else if (a == "--experts") experts = std::stoul(argv[i + 1]);
-    else if (a == "--out") out_dir = argv[i + 1];
-    else LOCUS_THROW(config_error, "expert_compute: unknown option ", a);
-  }
+  app.add_option("--hidden", hidden, "Hidden size")->check(bench_args::positive);
+  app.add_option("--ffn", ffn, "Expert FFN size")->check(bench_args::positive);
+  app.add_option("--experts", experts, "Experts")->check(bench_args::positive);
+  app.add_option("--out", out_dir, "Folder for the results");
+  CLI11_PARSE(app, argc, argv);
   const auto w32 = make_weights<float>(experts, hidden, ffn);
   const auto w16 = make_weights<bfloat16>(experts, hidden, ffn);
   nlohmann::json results = nlohmann::json::array();

@@ -37,7 +37,6 @@ using clock_type = std::chrono::steady_clock;
 
 using namespace bench_shape;
 
-using bench_args::arg_value;
 
 // ---- the baseline ----------------------------------------------------------------------------
 
@@ -100,11 +99,17 @@ double best_seconds(std::size_t reps, F&& f) {
 } // namespace
 
 int main(int argc, char** argv) try {
-  const std::size_t tokens = std::stoul(arg_value(argc, argv, "--tokens", "4096"));
-  const std::size_t ptokens = std::stoul(arg_value(argc, argv, "--permute-tokens", "1024"));
-  const std::size_t reps = std::stoul(arg_value(argc, argv, "--reps", "5"));
-  const unsigned threads = static_cast<unsigned>(std::stoul(arg_value(argc, argv, "--threads", "1")));
-  const std::string out_dir = arg_value(argc, argv, "--out", ".");
+  CLI::App app{"Host layout and permute at DeepSeek-V3 shape, against a straightforward baseline"};
+  bench_args::show_defaults(app);
+  std::size_t tokens = 4096, ptokens = 1024, reps = 5;
+  unsigned threads = 1;
+  std::string out_dir = ".";
+  app.add_option("--tokens", tokens, "Tokens per layout")->check(bench_args::positive);
+  app.add_option("--permute-tokens", ptokens, "Tokens per permute")->check(bench_args::positive);
+  app.add_option("--reps", reps, "Timed runs per row (best kept)")->check(bench_args::positive);
+  app.add_option("--threads", threads, "Host threads (0: all)");
+  app.add_option("--out", out_dir, "Folder for the results");
+  CLI11_PARSE(app, argc, argv);
   const std::size_t src = 0;
 
   std::mt19937 rng(2024);
@@ -202,7 +207,7 @@ int main(int argc, char** argv) try {
         "grown by appending each row (its cost is mostly reallocation and first-touch page faults), then "
         "concatenated.\n\n"
      << buf << "\nSpecialised permute writes " << permute_gbs << " GB/s of send buffer.\n\n"
-     << "Command: `build/dev/bench/layout_permute --threads " << threads << " --out docs/results`\n";
+     << "Command: `build/dev/bench/layout_permute --threads " << threads << " --out bench/results`\n";
   std::printf("layout_permute: %zu tokens, %zu rows, %u thread(s)\n%s", tokens, l.rows(), threads, buf);
   return 0;
 } catch (const std::exception& e) {

@@ -31,7 +31,6 @@
 
 namespace {
 
-using bench_args::arg_value;
 
 // Nodes for each domain: one each, largest decode volume first; spare nodes go one at a time to
 // the domain with the most requests per node (ESFT 4 nodes: summary, law, intent, intent). With
@@ -217,22 +216,27 @@ std::size_t rehome(locus::placement::token_sample& s, const std::vector<std::uin
 } // namespace
 
 int main(int argc, char** argv) try {
-  const std::string trace_path = arg_value(argc, argv, "--trace", LOCUS_DEFAULT_TRACE);
-  const std::string out_dir = arg_value(argc, argv, "--out", ".");
-  const auto nodes = std::stoul(arg_value(argc, argv, "--nodes", "4"));
-  const auto gpus = std::stoul(arg_value(argc, argv, "--gpus", "2"));
-  const auto seed = std::stoull(arg_value(argc, argv, "--split-seed", "1"));
-  const auto prefill = std::stoul(arg_value(argc, argv, "--prefill-tokens", "32"));
-  const auto anneal = std::stoul(arg_value(argc, argv, "--anneal", "1000"));
-  const std::string homes = arg_value(argc, argv, "--homes", "domain");
-  const auto rounds = std::stoul(arg_value(argc, argv, "--rounds", "3"));
-  LOCUS_REQUIRE(homes == "domain" || homes == "free", locus::config_error, "placement_oracle: --homes ", homes,
-                " is neither domain nor free");
-  const auto to_double = [](const std::string& x) { return std::stod(x); };
-  const auto to_size = [](const std::string& x) { return static_cast<std::size_t>(std::stoul(x)); };
-  const auto slacks = bench_args::arg_list(argc, argv, "--slacks", "0.03,0.10", to_double);
-  const auto redundants = bench_args::arg_list(argc, argv, "--redundant", "0,1", to_size);
-  const auto caps = bench_args::arg_list(argc, argv, "--home-caps", "-1,0.10", to_double);
+  CLI::App app{"How low could the copies go: the token-level stage fitted on the tokens it is scored on"};
+  bench_args::show_defaults(app);
+  std::string trace_path = LOCUS_DEFAULT_TRACE, out_dir = ".", homes = "domain";
+  std::size_t nodes = 4, gpus = 2, prefill = 32, anneal = 1000, rounds = 3;
+  unsigned long long seed = 1;
+  std::vector<double> slacks{0.03, 0.10}, caps{-1, 0.10};
+  std::vector<std::size_t> redundants{0, 1};
+  app.add_option("--trace", trace_path, "ESFT folder or binary trace");
+  app.add_option("--out", out_dir, "Folder for the results");
+  app.add_option("--nodes", nodes, "Nodes")->check(bench_args::positive);
+  app.add_option("--gpus", gpus, "GPUs per node")->check(bench_args::positive);
+  app.add_option("--split-seed", seed, "Seed of the train/test split of the requests");
+  app.add_option("--prefill-tokens", prefill, "Prefill tokens per request");
+  app.add_option("--anneal", anneal, "Annealing proposals per expert");
+  app.add_option("--homes", homes, "Requests' nodes: by domain, or searched (free)")
+      ->check(CLI::IsMember({"domain", "free"}));
+  app.add_option("--rounds", rounds, "Rounds of map fit and request moves (--homes free)")->check(bench_args::positive);
+  app.add_option("--slacks", slacks, "GPU load bounds over the mean")->delimiter(',');
+  app.add_option("--redundant", redundants, "Redundant slots per GPU")->delimiter(',');
+  app.add_option("--home-caps", caps, "Node token bounds over the mean (-1: none; --homes free)")->delimiter(',');
+  CLI11_PARSE(app, argc, argv);
   if (!std::filesystem::exists(trace_path)) {
     std::printf("placement_oracle: trace %s not found; skipped\n", trace_path.c_str());
     return 0;

@@ -13,6 +13,7 @@
 #include "bench_args.hpp"
 #include "bench_output.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -23,13 +24,14 @@
 #include <locus/grouper/workload_aware.hpp>
 #include <locus/placement/activation_plan.hpp>
 #include <locus/placement/replan.hpp>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
 
-using bench_args::arg_value;
 using bench_args::cpu_now;
 
 double seconds_since(double t) { return cpu_now() - t; }
@@ -73,91 +75,111 @@ locus::trace::trace synthetic(std::size_t tokens, std::size_t experts, std::size
   return b.build().with_prefill_tokens(32);
 }
 
-} // namespace
+// DeepSeek-V3's MoE shape, the clusters fitted and the synthetic request kinds.
+namespace v3 {
+constexpr std::size_t experts = 256, k = 8, layers = 58, clusters = 16, kinds = 8;
+} // namespace v3
 
-int main(int argc, char** argv) try {
-  const std::string out_dir = arg_value(argc, argv, "--out", ".");
-  const std::size_t tokens = std::stoul(arg_value(argc, argv, "--tokens", "100000"));
-  const std::size_t experts = 256, k = 8, layers = 58, clusters = 16, kinds = 8;
-  const locus::dynamic_topology topo(8, 8);
-
-  auto t0 = cpu_now();
-  const auto train = synthetic(tokens, experts, k, layers, kinds, 1);
-  const auto test = synthetic(20000, experts, k, layers, kinds, 2);
-  const double gen_s = seconds_since(t0);
-
-  // Full planning: fit, joint refinement, locality placement with one redundant slot per GPU.
+// Full planning (fit, joint refinement, locality placement with one redundant slot per GPU, the
+// token-level stage) timed step by step, plus the stage with annealing and EPLB beside it.
+struct planning_run {
+  std::shared_ptr<locus::grouper::workload_model> model;
+  std::vector<locus::expert_map> maps;
   locus::placement::activation_plan_options opt;
-  opt.grouping.clusters = clusters;
+  std::size_t sample_tokens = 0;
+  double fit_s = 0, joint_s = 0, place_s = 0, token_s = 0, anneal_token_s = 0, eplb_s = 0;
+  double local = 0, cost_before = 0, cost_after = 0, cost_annealed = 0;
+  double total_s() const { return fit_s + joint_s + place_s + token_s; }
+};
+
+planning_run time_planning(const locus::trace::trace& train, const locus::dynamic_topology& topo, std::size_t anneal) {
+  planning_run p;
+  auto& opt = p.opt;
+  opt.grouping.clusters = v3::clusters;
   opt.grouping.restarts = 1;
-  t0 = cpu_now();
-  auto model =
+  auto t0 = cpu_now();
+  p.model =
       std::make_shared<locus::grouper::workload_model>(locus::grouper::workload_model::fit(train, topo, opt.grouping));
-  const double fit_s = seconds_since(t0);
+  p.fit_s = seconds_since(t0);
   auto in = locus::placement::plan_input_from_trace(train, topo, 1);
   t0 = cpu_now();
-  const double local = locus::placement::refine_grouping(*model, in, opt.named.locality, opt.joint);
-  const double joint_s = seconds_since(t0);
+  p.local = locus::placement::refine_grouping(*p.model, in, opt.named.locality, opt.joint);
+  p.joint_s = seconds_since(t0);
   t0 = cpu_now();
-  in.node_load = model->node_load();
+  in.node_load = p.model->node_load();
   auto node_opt = opt.named.locality;
   node_opt.replicas = false; // chosen by the token-level stage, as plan_activation_aware does
   const auto node_maps = locus::placement::locality{node_opt}.plan(in);
-  const double place_s = seconds_since(t0);
+  p.place_s = seconds_since(t0);
   // Token-level stage on a sample of the training decode tokens (as plan_activation_aware runs it).
   t0 = cpu_now();
-  const auto sample = locus::placement::token_sample_from_model(train, *model, opt.refine_sample_tokens(layers, k));
-  const auto maps = locus::placement::token_level_stage(node_maps, sample, topo, opt, true);
-  const double token_s = seconds_since(t0);
+  const auto sample = locus::placement::token_sample_from_model(train, *p.model, opt.refine_sample_tokens(v3::layers, v3::k));
+  p.maps = locus::placement::token_level_stage(node_maps, sample, topo, opt, true);
+  p.token_s = seconds_since(t0);
+  p.sample_tokens = sample.tokens();
   // The sample's copy cost before and after the stage.
-  const double cost_before = locus::placement::sample_copy_cost(node_maps, sample, topo, opt.refine);
-  const double cost_after = locus::placement::sample_copy_cost(maps, sample, topo, opt.refine);
+  p.cost_before = locus::placement::sample_copy_cost(node_maps, sample, topo, opt.refine);
+  p.cost_after = locus::placement::sample_copy_cost(p.maps, sample, topo, opt.refine);
   // The same stage with annealing after the sweeps (what bench/comm_volume runs on ESFT): not in
   // the planning total, which is for the defaults; shown for its extra time at this shape.
-  const std::size_t anneal = std::stoul(arg_value(argc, argv, "--anneal", "300"));
   auto aopt = opt;
   aopt.refine.anneal_per_expert = anneal;
   t0 = cpu_now();
   const auto annealed_maps =
-      anneal > 0 ? locus::placement::token_level_stage(node_maps, sample, topo, aopt, true) : maps;
-  const double anneal_token_s = anneal > 0 ? seconds_since(t0) : 0.0;
-  const double cost_annealed = locus::placement::sample_copy_cost(annealed_maps, sample, topo, opt.refine);
+      anneal > 0 ? locus::placement::token_level_stage(node_maps, sample, topo, aopt, true) : p.maps;
+  p.anneal_token_s = anneal > 0 ? seconds_since(t0) : 0.0;
+  p.cost_annealed = locus::placement::sample_copy_cost(annealed_maps, sample, topo, opt.refine);
   t0 = cpu_now();
-  const auto eplb_maps = locus::placement::eplb{1}.plan(in);
-  const double eplb_s = seconds_since(t0);
-  const double plan_s = fit_s + joint_s + place_s + token_s;
+  static_cast<void>(locus::placement::eplb{1}.plan(in));
+  p.eplb_s = seconds_since(t0);
+  return p;
+}
 
-  // assign() per request, on a cluster with room everywhere (the state is reset each request so
-  // that every call does the full work: classify + pick a rank).
+// assign() per request in µs, workload_aware and least_loaded, on a cluster with room everywhere
+// (the state is reset each request so that every call does the full work: classify + pick a rank).
+struct assign_times {
+  double workload_aware_us = 0, least_loaded_us = 0;
+  std::size_t sink = 0;
+};
+
+assign_times time_assign(const locus::trace::trace& test, const locus::dynamic_topology& topo,
+                         const std::shared_ptr<locus::grouper::workload_model>& model) {
   std::vector<locus::grouper::rank_state> st(topo.ranks());
   const locus::grouper::cluster_state cs{topo, st, 1u << 30};
   locus::grouper::workload_aware wa(model);
   locus::grouper::least_loaded ll;
   const std::size_t reps = 20000;
-  std::size_t sink = 0;
+  assign_times a;
+  auto t0 = cpu_now();
+  for (std::size_t i = 0; i < reps; ++i)
+    a.sink += wa.assign({&test, i % test.requests(), 32}, cs);
+  a.workload_aware_us = seconds_since(t0) * 1e6 / static_cast<double>(reps);
   t0 = cpu_now();
   for (std::size_t i = 0; i < reps; ++i)
-    sink += wa.assign({&test, i % test.requests(), 32}, cs);
-  const double assign_us = seconds_since(t0) * 1e6 / static_cast<double>(reps);
-  t0 = cpu_now();
-  for (std::size_t i = 0; i < reps; ++i)
-    sink += ll.assign({&test, i % test.requests(), 32}, cs);
-  const double ll_us = seconds_since(t0) * 1e6 / static_cast<double>(reps);
+    a.sink += ll.assign({&test, i % test.requests(), 32}, cs);
+  a.least_loaded_us = seconds_since(t0) * 1e6 / static_cast<double>(reps);
+  return a;
+}
 
-  // Classification accuracy on the synthetic kinds (cluster → majority kind).
-  std::vector<std::vector<std::size_t>> votes(model->clusters(), std::vector<std::size_t>(kinds, 0));
-  for (std::size_t i = 0; i < model->training_requests().size(); ++i)
-    ++votes[model->training_labels()[i]][train.request(model->training_requests()[i]).domain];
+// Classification accuracy on the synthetic kinds (cluster → majority kind of its training requests).
+double classification_accuracy(const locus::grouper::workload_model& model, const locus::trace::trace& train,
+                               const locus::trace::trace& test) {
+  std::vector<std::vector<std::size_t>> votes(model.clusters(), std::vector<std::size_t>(v3::kinds, 0));
+  for (std::size_t i = 0; i < model.training_requests().size(); ++i)
+    ++votes[model.training_labels()[i]][train.request(model.training_requests()[i]).domain];
   std::vector<std::uint32_t> scratch;
   std::size_t right = 0;
   for (std::size_t r = 0; r < test.requests(); ++r) {
-    const auto c = model->classify(test, r, 32, scratch);
+    const auto c = model.classify(test, r, 32, scratch);
     const auto& v = votes[c.cluster];
     right += static_cast<std::size_t>(std::max_element(v.begin(), v.end()) - v.begin()) == test.request(r).domain;
   }
-  const double accuracy = static_cast<double>(right) / static_cast<double>(test.requests());
+  return static_cast<double>(right) / static_cast<double>(test.requests());
+}
 
-  // Micro-batch split of one rank's batch of 64 requests into 2, by prefill-estimated loads.
+// Busiest-GPU max/mean of one rank's batch of 64 requests split into 2 micro-batches by
+// prefill-estimated loads, and of contiguous halves (the baseline).
+std::pair<double, double> micro_batch_balance(const locus::trace::trace& test, const std::vector<locus::expert_map>& maps) {
   std::vector<std::size_t> batch(64);
   for (std::size_t i = 0; i < batch.size(); ++i)
     batch[i] = i * 7 % test.requests();
@@ -167,47 +189,80 @@ int main(int argc, char** argv) try {
   std::vector<std::uint32_t> contiguous(batch.size());
   for (std::size_t i = 0; i < batch.size(); ++i)
     contiguous[i] = i < batch.size() / 2 ? 0 : 1;
-  const auto split_actual = locus::grouper::evaluate_micro_batches(actual, split.batch_of, 2);
-  const auto contiguous_actual = locus::grouper::evaluate_micro_batches(actual, contiguous, 2);
+  return {locus::grouper::evaluate_micro_batches(actual, split.batch_of, 2).peak_max_over_mean,
+          locus::grouper::evaluate_micro_batches(actual, contiguous, 2).peak_max_over_mean};
+}
 
-  // Re-planning: the new window is the test trace; at most 32 experts move (DeepSeek-V3 expert:
-  // 3 matrices of 7168 × 2048 in FP8 ≈ 44 MB).
+// Re-planning with the test trace as the new window; at most 32 experts move (DeepSeek-V3 expert:
+// 3 matrices of 7168 × 2048 in FP8 ≈ 44 MB). Returns the result and its time.
+std::pair<locus::placement::replan_result, double> time_replan(const locus::trace::trace& test,
+                                                               const locus::dynamic_topology& topo,
+                                                               const planning_run& p) {
   auto in_new = locus::placement::plan_input_from_trace(test, topo, 1);
-  auto m_new = locus::grouper::workload_model::fit(test, topo, opt.grouping);
+  auto m_new = locus::grouper::workload_model::fit(test, topo, p.opt.grouping);
   in_new.node_load = m_new.node_load();
-  t0 = cpu_now();
+  const auto t0 = cpu_now();
   const std::uint64_t expert_bytes = 3ull * 7168 * 2048;
-  const auto re = locus::placement::replan_bounded(maps, in_new, 32, expert_bytes);
-  const double replan_s = seconds_since(t0);
+  auto re = locus::placement::replan_bounded(p.maps, in_new, 32, expert_bytes);
+  return {std::move(re), seconds_since(t0)};
+}
+
+} // namespace
+
+int main(int argc, char** argv) try {
+  CLI::App app{"Activation-aware planning at DeepSeek-V3 shape: assign per request, full planning"};
+  bench_args::show_defaults(app);
+  std::string out_dir = ".";
+  std::size_t tokens = 100000, anneal = 300;
+  app.add_option("--out", out_dir, "Folder for the results");
+  app.add_option("--tokens", tokens, "Decode tokens of the synthetic trace")->check(bench_args::positive);
+  app.add_option("--anneal", anneal, "Annealing proposals per expert in the timed annealing run");
+  CLI11_PARSE(app, argc, argv);
+  constexpr std::size_t experts = v3::experts, k = v3::k, layers = v3::layers, clusters = v3::clusters, kinds = v3::kinds;
+  const locus::dynamic_topology topo(8, 8);
+
+  const auto t0 = cpu_now();
+  const auto train = synthetic(tokens, experts, k, layers, kinds, 1);
+  const auto test = synthetic(20000, experts, k, layers, kinds, 2);
+  const double gen_s = seconds_since(t0);
+
+  const planning_run p = time_planning(train, topo, anneal);
+  const assign_times at = time_assign(test, topo, p.model);
+  const double accuracy = classification_accuracy(*p.model, train, test);
+  const auto [split_peak, contiguous_peak] = micro_batch_balance(test, p.maps);
+  const auto [re, replan_s] = time_replan(test, topo, p);
+  const double plan_s = p.total_s();
+  const double cost_ratio = p.cost_before > 0 ? p.cost_after / p.cost_before : 1.0;
+  const double annealed_ratio = p.cost_before > 0 ? p.cost_annealed / p.cost_before : 1.0;
 
   nlohmann::json doc = {{"shape", {{"experts", experts}, {"top_k", k}, {"layers", layers}, {"clusters", clusters}}},
                         {"topology", "8x8"},
                         {"train_tokens", train.tokens()},
                         {"train_requests", train.requests()},
                         {"generate_s", gen_s},
-                        {"fit_s", fit_s},
-                        {"joint_refine_s", joint_s},
-                        {"locality_place_s", place_s},
-                        {"token_refine_s", token_s},
-                        {"token_refine_sample_tokens", sample.tokens()},
-                        {"token_refine_cost_ratio", cost_before > 0 ? cost_after / cost_before : 1.0},
+                        {"fit_s", p.fit_s},
+                        {"joint_refine_s", p.joint_s},
+                        {"locality_place_s", p.place_s},
+                        {"token_refine_s", p.token_s},
+                        {"token_refine_sample_tokens", p.sample_tokens},
+                        {"token_refine_cost_ratio", cost_ratio},
                         {"anneal_per_expert", anneal},
-                        {"token_refine_annealed_s", anneal_token_s},
-                        {"token_refine_annealed_cost_ratio", cost_before > 0 ? cost_annealed / cost_before : 1.0},
+                        {"token_refine_annealed_s", p.anneal_token_s},
+                        {"token_refine_annealed_cost_ratio", annealed_ratio},
                         {"planning_total_s", plan_s},
-                        {"eplb_place_s", eplb_s},
-                        {"joint_local_fraction", local},
-                        {"assign_us", assign_us},
-                        {"least_loaded_assign_us", ll_us},
+                        {"eplb_place_s", p.eplb_s},
+                        {"joint_local_fraction", p.local},
+                        {"assign_us", at.workload_aware_us},
+                        {"least_loaded_assign_us", at.least_loaded_us},
                         {"classification_accuracy", accuracy},
-                        {"micro_batch_peak_max_over_mean", split_actual.peak_max_over_mean},
-                        {"contiguous_peak_max_over_mean", contiguous_actual.peak_max_over_mean},
+                        {"micro_batch_peak_max_over_mean", split_peak},
+                        {"contiguous_peak_max_over_mean", contiguous_peak},
                         {"replan_experts_moved", re.experts_moved},
                         {"replan_bytes_moved", re.bytes_moved},
                         {"replan_local_before", re.local_before},
                         {"replan_local_after", re.local_after},
                         {"replan_s", replan_s},
-                        {"sink", sink}};
+                        {"sink", at.sink}};
   std::filesystem::create_directories(out_dir);
   bench_output::file(out_dir + "/planning.json") << doc.dump(1) << '\n';
 
@@ -217,24 +272,22 @@ int main(int argc, char** argv) try {
               experts, k, layers, clusters, train.tokens(), train.requests(), gen_s);
   std::printf("%-44s %12s %12s %8s\n", "measure", "value", "baseline", "ratio");
   std::printf("%-44s %10.2f µs %10.3f µs %8.1f  (target ≤ 20 µs; baseline least_loaded)\n", "assign() per request",
-              assign_us, ll_us, assign_us / ll_us);
+              at.workload_aware_us, at.least_loaded_us, at.workload_aware_us / at.least_loaded_us);
   std::printf("%-44s %11.3f s %11.3f s %8.1f  (target < 2 s; baseline eplb placement)\n",
-              "planning: fit + joint + locality + tokens", plan_s, eplb_s, plan_s / eplb_s);
-  std::printf("%-44s %11.3f s\n", "  of which model fit (k-means, classifier)", fit_s);
-  std::printf("%-44s %11.3f s\n", "  of which joint grouping refinement", joint_s);
-  std::printf("%-44s %11.3f s\n", "  of which locality placement", place_s);
+              "planning: fit + joint + locality + tokens", plan_s, p.eplb_s, plan_s / p.eplb_s);
+  std::printf("%-44s %11.3f s\n", "  of which model fit (k-means, classifier)", p.fit_s);
+  std::printf("%-44s %11.3f s\n", "  of which joint grouping refinement", p.joint_s);
+  std::printf("%-44s %11.3f s\n", "  of which locality placement", p.place_s);
   std::printf("%-44s %11.3f s  (%zu sampled tokens; sample copy cost x%.3f)\n", "  of which token-level refinement",
-              token_s, sample.tokens(), cost_before > 0 ? cost_after / cost_before : 1.0);
+              p.token_s, p.sample_tokens, cost_ratio);
   if (anneal > 0)
     std::printf("%-44s %11.3f s  (sample copy cost x%.3f; not in the total: %zu proposals per expert, as "
                 "bench/comm_volume runs)\n",
-                "  token-level refinement with annealing", anneal_token_s,
-                cost_before > 0 ? cost_annealed / cost_before : 1.0, anneal);
-  std::printf("%-44s %12.3f\n", "joint: training pairs kept local", local);
+                "  token-level refinement with annealing", p.anneal_token_s, annealed_ratio, anneal);
+  std::printf("%-44s %12.3f\n", "joint: training pairs kept local", p.local);
   std::printf("%-44s %11.1f%%\n", "kind classification from 32 prefill tokens", 100 * accuracy);
   std::printf("%-44s %12.3f %12.3f %8.3f  (baseline contiguous halves)\n", "micro-batch busiest-GPU max/mean (M=2)",
-              split_actual.peak_max_over_mean, contiguous_actual.peak_max_over_mean,
-              split_actual.peak_max_over_mean / contiguous_actual.peak_max_over_mean);
+              split_peak, contiguous_peak, split_peak / contiguous_peak);
   std::printf("%-44s %12zu (%.2f GB), local pairs %.0f -> %.0f (%+.1f%%) in %.2f s\n",
               "re-plan: experts moved (budget 32)", re.experts_moved, static_cast<double>(re.bytes_moved) / 1e9,
               re.local_before, re.local_after, 100 * (re.local_after / re.local_before - 1), replan_s);

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Plots docs/results/comm_volume.json (written by bench/comm_volume).
+"""Plots bench/results/comm_volume.json (written by bench/comm_volume).
 
   /usr/bin/python3 bench/plot_comm_volume.py [RESULTS_DIR]
 
@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main():
-    out = sys.argv[1] if len(sys.argv) > 1 else "docs/results"
+    out = sys.argv[1] if len(sys.argv) > 1 else "bench/results"
     with open(os.path.join(out, "comm_volume.json")) as f:
         doc = json.load(f)
     rows = doc["rows"]

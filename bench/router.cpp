@@ -25,8 +25,6 @@ namespace {
 namespace lr = locus::router;
 using locus::bfloat16;
 
-using bench_args::arg_value;
-
 float as_float(float x) { return x; }
 float as_float(bfloat16 x) { return static_cast<float>(x); }
 
@@ -221,10 +219,16 @@ std::vector<result> run_all(std::size_t tokens, double min_seconds, const char* 
 } // namespace
 
 int main(int argc, char** argv) try {
-  const std::size_t tokens = std::stoul(arg_value(argc, argv, "--tokens", "8192"));
-  const double min_seconds = std::stod(arg_value(argc, argv, "--min-seconds", "0.3"));
-  const std::string json_path = arg_value(argc, argv, "--json", "router.json");
-  const std::string md_path = arg_value(argc, argv, "--md", "");
+  CLI::App app{"Tokens per second one core routes, specialised routers against a full-sort baseline"};
+  bench_args::show_defaults(app);
+  std::size_t tokens = 8192;
+  double min_seconds = 0.3;
+  std::string json_path = "router.json", md_path;
+  app.add_option("--tokens", tokens, "Tokens per routed batch")->check(bench_args::positive);
+  app.add_option("--min-seconds", min_seconds, "Shortest timed run per row")->check(bench_args::positive);
+  app.add_option("--json", json_path, "JSON results file");
+  app.add_option("--md", md_path, "Markdown table file (none when empty)");
+  CLI11_PARSE(app, argc, argv);
 
   auto results = run_all<float>(tokens, min_seconds, "fp32");
   for (auto& r : run_all<bfloat16>(tokens, min_seconds, "bf16")) results.push_back(r);

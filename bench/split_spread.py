@@ -52,7 +52,7 @@ def main():
     seconds = time.time() - start
     doc = {"seeds": seeds, "comm_volume_options": extra, "seconds": seconds, "rows": {}, "unseen": {}}
     md = ["# Spread over request splits (ESFT, 4x2)", "",
-          "Produced by `/usr/bin/python3 bench/split_spread.py build/dev/bench docs/results --name %s%s` in %.0f s: "
+          "Produced by `/usr/bin/python3 bench/split_spread.py build/dev/bench bench/results --name %s%s` in %.0f s: "
           "`comm_volume --only 4x2 --synthetic 0 --split-seed S%s` for S in %s; every seed planned with the same "
           "options. Each cell: inter-node bytes reduction vs linear / round-robin / flat of the same split, then GPU "
           "max/mean (aggregate)." % (name, (" -- " + " ".join(extra)) if extra else "", seconds,

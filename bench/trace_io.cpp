@@ -32,7 +32,6 @@ namespace {
 namespace fs = std::filesystem;
 using clock_type = std::chrono::steady_clock;
 
-using bench_args::arg_value;
 
 //! Wall-clock and CPU seconds (user + system of this process: on a shared, oversubscribed machine
 //! the wall clock mostly measures waiting for a core, CPU time what the work itself costs).
@@ -220,10 +219,15 @@ std::uint64_t baseline_read(const std::string& path) {
 } // namespace
 
 int main(int argc, char** argv) try {
-  const std::string esft = arg_value(argc, argv, "--trace", LOCUS_DEFAULT_TRACE);
-  const double gb = std::stod(arg_value(argc, argv, "--gb", "1.0"));
-  const std::string tmp_dir = arg_value(argc, argv, "--tmp", fs::temp_directory_path().string());
-  const std::string out_dir = arg_value(argc, argv, "--out", ".");
+  CLI::App app{"Trace readers (ESFT import, binary write/read) against plain iostreams"};
+  bench_args::show_defaults(app);
+  std::string esft = LOCUS_DEFAULT_TRACE, tmp_dir = fs::temp_directory_path().string(), out_dir = ".";
+  double gb = 1.0;
+  app.add_option("--trace", esft, "ESFT folder");
+  app.add_option("--gb", gb, "Size of the synthetic binary trace in GB")->check(bench_args::positive);
+  app.add_option("--tmp", tmp_dir, "Folder for the temporary trace files");
+  app.add_option("--out", out_dir, "Folder for the results");
+  CLI11_PARSE(app, argc, argv);
   nlohmann::json doc = {{"bench", "trace_io"}, {"esft", esft}, {"rows", nlohmann::json::array()}};
   struct row {
     std::string what, unit;
@@ -376,7 +380,7 @@ int main(int argc, char** argv) try {
   fs::create_directories(out_dir);
   bench_output::file(out_dir + "/trace_io.json") << doc.dump(1) << '\n';
   bench_output::file(out_dir + "/trace_io.md")
-      << "# Trace I/O throughput\n\nProduced by `build/dev/bench/trace_io --out docs/results` (Release, one "
+      << "# Trace I/O throughput\n\nProduced by `build/dev/bench/trace_io --out bench/results` (Release, one "
          "core). The machine is shared and oversubscribed, so both the wall clock and the CPU time (user + system of "
          "the "
          "process) are given; each locus figure is the best of 2-3 runs, each baseline one run. Baselines, "

@@ -25,7 +25,6 @@
 
 namespace {
 
-using bench_args::arg_value;
 
 template <class F>
 double best_of(std::size_t repeats, F&& f) {
@@ -148,11 +147,16 @@ std::size_t naive_sample(const locus::trace::synth_model& m, std::size_t tokens,
 } // namespace
 
 int main(int argc, char** argv) try {
-  const std::string trace_path = arg_value(argc, argv, "--trace", LOCUS_DEFAULT_TRACE);
-  const std::string out_dir = arg_value(argc, argv, "--out", ".");
-  const std::string md_path = arg_value(argc, argv, "--md", "");
-  const auto repeats = std::stoul(arg_value(argc, argv, "--repeats", "5"));
-  const auto v3_tokens = std::stoul(arg_value(argc, argv, "--tokens", "100000"));
+  CLI::App app{"Trace statistics (against a std::map baseline) and the synthesizer at DeepSeek-V3 size"};
+  bench_args::show_defaults(app);
+  std::string trace_path = LOCUS_DEFAULT_TRACE, out_dir = ".", md_path;
+  std::size_t repeats = 5, v3_tokens = 100000;
+  app.add_option("--trace", trace_path, "ESFT folder or binary trace");
+  app.add_option("--out", out_dir, "Folder for the results");
+  app.add_option("--md", md_path, "Markdown report file (none when empty)");
+  app.add_option("--repeats", repeats, "Timed runs per row (best kept)")->check(bench_args::positive);
+  app.add_option("--tokens", v3_tokens, "Tokens of the synthetic DeepSeek-V3 trace")->check(bench_args::positive);
+  CLI11_PARSE(app, argc, argv);
   if (!std::filesystem::exists(trace_path)) {
     std::printf("trace_stats: trace %s not found; skipped\n", trace_path.c_str());
     return 0;
@@ -237,7 +241,7 @@ int main(int argc, char** argv) try {
     bench_output::file md(md_path);
     md << "# Trace statistics and synthesizer speed\n\n"
        << "Produced by `build/dev/bench/trace_stats --trace ../shared/traces/esft --out build/dev/bench --md "
-          "docs/results/trace_stats.md` (RelWithDebInfo, "
+          "bench/results/trace_stats.md` (RelWithDebInfo, "
        << locus::default_host_threads()
        << " hardware threads; the development machine is shared, so times are upper bounds). The baseline "
           "statistics are checked equal to the library's before timing is reported.\n\n"

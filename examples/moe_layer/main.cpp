@@ -8,6 +8,7 @@
 // ranks holding their experts, runs the SwiGLU experts it hosts and combines the outputs, plus one
 // shared expert. Prints per step time and the bytes each link class carried, and checks that the
 // flat and the hierarchical layer give the same outputs.
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -15,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <locus/layer/moe_layer.hpp>
+#include <locus/placement/linear.hpp>
 #include <random>
 #include <string>
 #include <thread>
@@ -23,42 +25,17 @@ using namespace locus;
 
 namespace {
 
+// A number above zero (CLI11's PositiveNumber reports a range up to DBL_MAX instead).
+const CLI::Validator positive{[](std::string& value) -> std::string {
+                                double x = 0;
+                                if (CLI::detail::lexical_cast(value, x) && x > 0) return {};
+                                return "must be a number above 0, got " + value;
+                              },
+                              "POSITIVE"};
+
 struct options {
   std::size_t nodes = 2, gpus = 2, experts = 16, k = 4, hidden = 128, ffn = 256, tokens = 32, steps = 8;
 };
-
-options parse(int argc, char** argv) {
-  options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--help") {
-      std::puts("moe_layer [--nodes N] [--gpus-per-node G] [--experts E] [--top-k K] [--hidden H] [--ffn F] "
-                "[--tokens T] [--steps S]");
-      std::exit(0);
-    }
-    if (i + 1 >= argc) LOCUS_THROW(config_error, "moe_layer: option ", a, " needs a value");
-    const std::size_t v = std::stoul(argv[++i]);
-    if (a == "--nodes")
-      o.nodes = v;
-    else if (a == "--gpus-per-node")
-      o.gpus = v;
-    else if (a == "--experts")
-      o.experts = v;
-    else if (a == "--top-k")
-      o.k = v;
-    else if (a == "--hidden")
-      o.hidden = v;
-    else if (a == "--ffn")
-      o.ffn = v;
-    else if (a == "--tokens")
-      o.tokens = v;
-    else if (a == "--steps")
-      o.steps = v;
-    else
-      LOCUS_THROW(config_error, "moe_layer: unknown option ", a);
-  }
-  return o;
-}
 
 template <class W>
 layer::expert_weights<W> random_weights(std::size_t experts, std::size_t hidden, std::size_t ffn, unsigned seed) {
@@ -91,7 +68,8 @@ result run(const options& o) {
   const dynamic_topology topo(o.nodes, o.gpus);
   const std::size_t ranks = topo.ranks(), slots = (o.experts + ranks - 1) / ranks;
   placement::plan_input in{topo, o.experts, slots, {std::vector<double>(o.experts, 1.0)}, {}};
-  const expert_map map = layer_t::plan(in)[0]; // the placement policy (linear by default)
+  // Planning happens before the layer: where the experts live is the layer's input.
+  const expert_map map = plan_placement<placement::linear>(in)[0];
   const auto experts = random_weights<float>(o.experts, o.hidden, o.ffn, 1);
   const auto shared = random_weights<float>(1, o.hidden, o.ffn, 2);
   std::mt19937 rng(3);
@@ -147,7 +125,18 @@ result run(const options& o) {
 } // namespace
 
 int main(int argc, char** argv) try {
-  const options o = parse(argc, argv);
+  options o;
+  CLI::App app{"One MoE layer on in-process ranks (threads), flat against hierarchical transport"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("--nodes", o.nodes, "Nodes")->check(positive);
+  app.add_option("--gpus-per-node", o.gpus, "GPUs (ranks) per node")->check(positive);
+  app.add_option("--experts", o.experts, "Routed experts")->check(positive);
+  app.add_option("--top-k", o.k, "Experts per token")->check(positive);
+  app.add_option("--hidden", o.hidden, "Hidden size")->check(positive);
+  app.add_option("--ffn", o.ffn, "Expert FFN size")->check(positive);
+  app.add_option("--tokens", o.tokens, "Tokens per rank per step");
+  app.add_option("--steps", o.steps, "Steps")->check(positive);
+  CLI11_PARSE(app, argc, argv);
   std::printf("moe_layer: %zu nodes x %zu GPUs, %zu experts, top-%zu, hidden %zu, ffn %zu, %zu tokens/rank, "
               "%zu steps\n",
               o.nodes, o.gpus, o.experts, o.k, o.hidden, o.ffn, o.tokens, o.steps);

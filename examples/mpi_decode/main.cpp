@@ -19,6 +19,7 @@
 // --stop-rank R is a fault drill: rank R stops itself (SIGSTOP) before the second step.
 #include "../locus/trace_input.hpp"
 
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -40,6 +41,15 @@ using namespace locus;
 using namespace locus::transport;
 
 namespace {
+
+// A number above zero (CLI11's PositiveNumber reports a range up to DBL_MAX instead).
+const CLI::Validator positive{[](std::string& value) -> std::string {
+                                double x = 0;
+                                if (CLI::detail::lexical_cast(value, x) && x > 0) return {};
+                                return "must be a number above 0, got " + value;
+                              },
+                              "POSITIVE"};
+
 struct options {
   std::size_t gpus_per_node = 2, steps = 16, hidden = 256, layer = 0, requests_per_rank = 32, timeout_ms = 30000;
   std::size_t stop_rank = SIZE_MAX;
@@ -191,30 +201,27 @@ int main(int argc, char** argv) {
   bool all_parsed = false; // every rank reached the option check: errors from there on are alike on all
   try {
     options o;
-    for (int i = 1; i < argc; ++i) {
-      const std::string a = argv[i];
-      const auto next = [&]() -> std::string {
-        LOCUS_REQUIRE(i + 1 < argc, config_error, "mpi_decode: ", a, " needs a value");
-        return argv[++i];
-      };
-      if (a == "--gpus-per-node")
-        o.gpus_per_node = std::stoul(next());
-      else if (a == "--steps")
-        o.steps = std::stoul(next());
-      else if (a == "--hidden")
-        o.hidden = std::stoul(next());
-      else if (a == "--trace")
-        o.trace = next();
-      else if (a == "--layer")
-        o.layer = std::stoul(next());
-      else if (a == "--requests-per-rank")
-        o.requests_per_rank = std::stoul(next());
-      else if (a == "--timeout-ms")
-        o.timeout_ms = std::stoul(next());
-      else if (a == "--stop-rank")
-        o.stop_rank = std::stoul(next());
-      else
-        LOCUS_THROW(config_error, "mpi_decode: unknown option ", a);
+    CLI::App app{"Decode steps of one MoE layer over MPI, flat and hierarchical, linear and locality placement"};
+    app.option_defaults()->always_capture_default();
+    app.add_option("--gpus-per-node", o.gpus_per_node, "GPUs (ranks) per node")->check(positive);
+    app.add_option("--steps", o.steps, "Decode steps");
+    app.add_option("--hidden", o.hidden, "Hidden size")->check(positive);
+    app.add_option("--trace", o.trace, "Binary trace or ESFT folder (synthetic workload when empty)");
+    app.add_option("--layer", o.layer, "Trace layer to replay");
+    app.add_option("--requests-per-rank", o.requests_per_rank, "Running requests per rank")
+        ->check(positive);
+    app.add_option("--timeout-ms", o.timeout_ms, "Deadline of every exchange and per-step synchronisation")
+        ->check(positive);
+    app.add_option("--stop-rank", o.stop_rank, "Fault drill: this rank stops itself before the second step")
+        ->default_str("none");
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::CallForHelp&) {
+      if (me == 0) std::fputs(app.help().c_str(), stdout);
+      MPI_Finalize();
+      return 0;
+    } catch (const CLI::ParseError& e) {
+      LOCUS_THROW(config_error, "mpi_decode: ", e.what(), " (see --help)");
     }
     all_parsed = true;
     check_same_options(o, ranks);
@@ -318,7 +325,7 @@ int main(int argc, char** argv) {
     if (me == 0)
       std::printf("\nbytes: dispatch + combine over all steps and ranks; step ms: median of the slowest rank\n");
   } catch (const config_error& e) {
-    std::fprintf(stderr, "rank %zu: %s\n", me, e.what());
+    std::fprintf(stderr, "rank %zu: %s\n", me, e.message().c_str());
     std::fflush(stderr);
     // Raised alike on every rank (different options, topology): all are in step and can finalize.
     // A bad option on one rank only ends the job.

@@ -1,7 +1,9 @@
 #pragma once
 //! @file
-//! The umbrella header: every host-side part of locus that needs no optional dependency.
-//! Component headers (CUDA, MPI, NCCL, JSON I/O) are included on their own.
+//! The runtime umbrella: what runs in a step on the host and needs no optional dependency (the
+//! core types, the routers, the expert compute and the MoE layer). Planning (traces, groupers,
+//! placements, cost models) is locus/planning.hpp; component headers (CUDA, MPI, NCCL, JSON I/O)
+//! are included on their own.
 
 #include <locus/core/bfloat16.hpp>
 #include <locus/core/config.hpp>

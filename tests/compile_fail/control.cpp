@@ -1,7 +1,11 @@
 // The correct forms of every misuse tested beside this file.
+#include <locus/backend/host.hpp>
 #include <locus/core/moe_shape.hpp>
 #include <locus/core/policy.hpp>
 #include <locus/core/topology.hpp>
+#include <locus/grouper/baselines.hpp>
+#include <locus/placement/linear.hpp>
+#include <locus/router/softmax_topk.hpp>
 
 struct router_a {
   using policy_concept = locus::router_tag;
@@ -9,7 +13,10 @@ struct router_a {
 struct transport_a {
   using policy_concept = locus::transport_tag;
 };
-template struct locus::require_router<router_a>;
+template struct locus::require_router<locus::router::softmax_topk<>>;
+template struct locus::require_backend<locus::backend::host>;
+template struct locus::require_grouper<locus::grouper::least_loaded>;
+template struct locus::require_placement<locus::placement::linear>;
 template struct locus::require_transport<transport_a>;
 template struct locus::policy_set<router_a, transport_a>;
 template class locus::moe_shape<locus::experts<8>, locus::top_k<8>, locus::hidden<128>>;

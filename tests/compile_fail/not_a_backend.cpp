@@ -1,7 +1,8 @@
-// A type without `using policy_concept = locus::backend_tag;` is refused as a backend.
+// A type with the backend tag but no memory space is refused as a backend.
 #include <locus/core/policy.hpp>
 
-struct looks_like_a_backend {
-  using policy_concept = int;
+struct tagged_without_space {
+  using policy_concept = locus::backend_tag;
+  static constexpr const char* name = "tagged";
 };
-template struct locus::require_backend<looks_like_a_backend>;
+template struct locus::require_backend<tagged_without_space>;

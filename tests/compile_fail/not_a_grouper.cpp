@@ -1,7 +1,7 @@
-// A type without `using policy_concept = locus::grouper_tag;` is refused as a grouper.
-#include <locus/core/policy.hpp>
+// A type with the grouper tag but no `assign` is refused as a grouper.
+#include <locus/grouper/grouper.hpp>
 
-struct looks_like_a_grouper {
-  using policy_concept = int;
+struct tagged_without_assign {
+  using policy_concept = locus::grouper_tag;
 };
-template struct locus::require_grouper<looks_like_a_grouper>;
+template struct locus::require_grouper<tagged_without_assign>;

@@ -4,6 +4,7 @@
 #include "mpi_fixture.hpp"
 
 #include <locus/layer/moe_layer.hpp>
+#include <locus/placement/linear.hpp>
 #include <locus/transport/mpi.hpp>
 
 using namespace locus;
@@ -72,8 +73,8 @@ BOOST_AUTO_TEST_CASE(routed_forward_over_mpi) {
   const dynamic_topology topo(n / gpus, gpus);
   const std::size_t slots = (E + n - 1) / n + 1;
   placement::plan_input in{topo, E, slots, {std::vector<double>(E, 1.0)}, {}};
-  using layer_t = moe_layer<dyn_shape, dynamic_topology, transport::mpi_hierarchical, placement::round_robin>;
-  const expert_map map = layer_t::plan(in)[0];
+  using layer_t = moe_layer<dyn_shape, dynamic_topology, transport::mpi_hierarchical>;
+  const expert_map map = plan_placement<placement::round_robin>(in)[0];
   const auto all = locus_test::model_weights<float>(61, E, H, F);
   const auto shared_w = locus_test::model_weights<float>(62, 1, H, F);
   const auto gate = locus_test::random_rows<float>(63, H, E);

@@ -197,8 +197,14 @@ struct default_backend {
   using policy_concept = backend_tag;
 };
 
+// A backend names its memory space and itself; the tag alone does not make one.
+struct tag_only_backend {
+  using policy_concept = backend_tag;
+};
+static_assert(backend_policy<backend::host> && !backend_policy<tag_only_backend> && !backend_policy<default_router>);
+
 BOOST_AUTO_TEST_CASE(policies_in_any_order_with_defaults) {
-  static_assert(router_policy<my_router> && !router_policy<my_transport> && !router_policy<int>);
+  static_assert(policy_of<my_router, router_tag> && !policy_of<my_transport, router_tag> && !policy_of<int, router_tag>);
   using a = policy_set<my_transport, my_router>;
   using b = policy_set<my_router, my_transport>;
   static_assert(std::is_same_v<a::get<router_tag, default_router>, my_router>);

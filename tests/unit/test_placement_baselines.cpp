@@ -92,6 +92,32 @@ BOOST_AUTO_TEST_CASE(eplb_balances_at_least_as_well_as_linear) {
   }
 }
 
+// A placement is checked for what a planner is asked (plan on a plan_input, giving maps), not only its tag.
+struct tag_only_placement {
+  using policy_concept = placement_tag;
+  static constexpr const char* name = "tag_only";
+};
+struct plans_one_map {
+  using policy_concept = placement_tag;
+  static constexpr const char* name = "one_map";
+  expert_map plan(const plan_input& in) const { return linear{}.plan(in).front(); }
+};
+static_assert(placement_policy<linear> && placement_policy<round_robin> && placement_policy<eplb>);
+static_assert(!placement_policy<tag_only_placement> && !placement_policy<plans_one_map>);
+
+BOOST_AUTO_TEST_CASE(plan_placement_runs_the_named_planner) {
+  const plan_input in{dynamic_topology(2, 2), 10, 3, {std::vector<double>(10, 1.0), std::vector<double>(10, 2.0)}, {}};
+  const auto maps = plan_placement<round_robin>(in);
+  BOOST_TEST_REQUIRE(maps.size() == 2u);
+  for (const auto& m : maps) {
+    BOOST_TEST(m.ranks() == 4u);
+    for (expert_id e = 0; e < 10; ++e) // expert e on rank e mod 4, slot e div 4
+      BOOST_TEST(m.expert_at(e % 4, e / 4) == e);
+  }
+  const auto grouped = plan_placement<eplb>(in, std::size_t{2});
+  BOOST_TEST((grouped == eplb{2}.plan(in)));
+}
+
 BOOST_AUTO_TEST_CASE(linear_and_round_robin_layouts) {
   plan_input in;
   in.topology = dynamic_topology(2, 2);

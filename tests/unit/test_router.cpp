@@ -23,6 +23,25 @@ static_assert(router_policy<lr::sigmoid_grouped<groups<8>, top_groups<4>, top_k<
 static_assert(router_policy<lr::sigmoid_top1>);
 static_assert(std::is_same_v<require_router<lr::sigmoid_top1>::type, lr::sigmoid_top1>);
 
+// The router concept checks what the layer calls, not only the tag.
+struct tag_only_router {
+  using policy_concept = router_tag;
+  using top_k_type = locus::top_k<>;
+  static constexpr const char* name = "tag_only";
+  std::size_t top_k() const { return 2; }
+};
+struct routes_other_top_k {
+  using policy_concept = router_tag;
+  using top_k_type = locus::top_k<2>;
+  static constexpr const char* name = "other";
+  std::size_t top_k() const { return 2; }
+  void route(const lr::logits_view<experts<>, const float>&, const mutable_routing_view<locus::top_k<4>>&, unsigned) const {}
+};
+struct complete_router : tag_only_router {
+  void route(const lr::logits_view<experts<>, const float>&, const mutable_routing_view<locus::top_k<>>&, unsigned) const {}
+};
+static_assert(!router_policy<tag_only_router> && !router_policy<routes_other_top_k> && router_policy<complete_router>);
+
 namespace {
 
 // --- the reference ------------------------------------------------------------------------------

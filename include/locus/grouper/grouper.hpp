@@ -10,6 +10,7 @@
 #include <locus/core/topology.hpp>
 #include <locus/trace/trace.hpp>
 
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -43,10 +44,30 @@ struct arrival {
   std::size_t prefill_tokens = 0;
 };
 
-//! A type usable as a grouper.
+} // namespace locus::LOCUS_ABI_NAMESPACE::grouper
+
+namespace locus::inline LOCUS_ABI_NAMESPACE {
+
+//! A grouper: the tag and `assign(arrival, cluster_state)` returning a rank or `grouper::no_rank`.
 template <class G>
-concept grouper_for = grouper_policy<G> && requires(G g, const arrival& a, const cluster_state& c) {
+concept grouper_policy = policy_of<G, grouper_tag> && requires(G g, const grouper::arrival& a,
+                                                               const grouper::cluster_state& c) {
   { g.assign(a, c) } -> std::convertible_to<std::size_t>;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::grouper
+//! `require_grouper<G>::type` is `G`, or one readable error when `G` is no grouper.
+template <class G>
+struct require_grouper {
+  static_assert(grouper_policy<G>, "locus: this type is not a grouper policy; a grouper declares `using "
+                                   "policy_concept = locus::grouper_tag;` and `std::size_t assign(const "
+                                   "grouper::arrival&, const grouper::cluster_state&)`");
+  using type = G;
+};
+
+namespace grouper {
+//! A type usable as a grouper (the simulator's and the re-planner's constraint).
+template <class G>
+concept grouper_for = grouper_policy<G>;
+} // namespace grouper
+
+} // namespace locus::LOCUS_ABI_NAMESPACE

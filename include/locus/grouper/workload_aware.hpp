@@ -103,102 +103,24 @@ class workload_model {
 public:
   workload_model() = default;
 
-  //! Fits on the requests of `train` that have both prefill and decode tokens.
+  //! Fits on the requests of `train` that have both prefill and decode tokens: their decode
+  //! activations are clustered, each cluster's usage summed, a prefill classifier built from the
+  //! clusters' prefill means with its confidence threshold, and the clusters spread over the nodes.
   //! @throws locus::config_error when no such request exists or `clusters` is 0
   static workload_model fit(const trace::trace& train, const dynamic_topology& topo,
                             const workload_aware_options& opt = {}) {
-    LOCUS_REQUIRE(opt.clusters >= 1, config_error, "workload_aware: clusters must be at least 1");
-    LOCUS_REQUIRE(opt.prefill_tokens >= 1, config_error, "workload_aware: prefill_tokens must be at least 1");
-    workload_model m;
-    m.layers_ = train.layers();
-    m.experts_ = train.experts();
-    m.nodes_ = topo.nodes();
-    m.opt_ = opt;
-    const std::size_t dim = m.layers_ * m.experts_;
-    LOCUS_REQUIRE(opt.classifier_layers >= 1, config_error, "workload_aware: classifier_layers must be at least 1");
-    m.layer_stride_ = (m.layers_ + opt.classifier_layers - 1) / opt.classifier_layers;
-    std::vector<std::size_t> reqs;
-    for (std::size_t r = 0; r < train.requests(); ++r) {
-      const std::size_t p = detail::workload::prefill_length(train, r);
-      if (p > 0 && p < train.request(r).length) reqs.push_back(r);
-    }
-    LOCUS_REQUIRE(!reqs.empty(), config_error, "workload_aware: the training trace has no request with both prefill and "
-                  "decode tokens (mark prefill with trace::with_prefill_tokens)");
-    const std::size_t n = reqs.size();
-    std::vector<float> decode(n * dim, 0.0f), prefill(n * dim, 0.0f);
-    std::vector<double> decode_tokens(n);
-    for (std::size_t i = 0; i < n; ++i) {
-      const std::size_t r = reqs[i], p = detail::workload::prefill_length(train, r);
-      detail::workload::add_counts(train, r, p, train.request(r).length - p, decode.data() + i * dim);
-      detail::workload::add_counts(train, r, 0, std::min(p, opt.prefill_tokens), prefill.data() + i * dim,
-                                   m.layer_stride_);
-      decode_tokens[i] = static_cast<double>(train.request(r).length - p);
-    }
-    // Cluster usage in tokens before normalising the points.
-    const std::size_t k = std::min(opt.clusters, n);
-    m.k_ = k;
-    for (std::size_t i = 0; i < n; ++i) {
-      detail::workload::normalize(decode.data() + i * dim, dim);
-      detail::workload::normalize(prefill.data() + i * dim, dim);
-    }
-    const kmeans_result km = kmeans(decode, dim, {k, opt.seed, opt.max_iterations, opt.restarts});
+    workload_model m = shaped(train, topo, opt);
+    const std::vector<std::size_t> reqs = fit_requests(train);
+    const request_features f = m.features(train, reqs);
+    m.k_ = std::min(opt.clusters, reqs.size());
+    const kmeans_result km = kmeans(f.decode, f.dim, {m.k_, opt.seed, opt.max_iterations, opt.restarts});
     m.labels_ = km.labels;
     m.training_requests_ = reqs;
-    m.usage_.assign(k, std::vector<double>(dim, 0.0));
-    m.cluster_tokens_.assign(k, 0.0);
-    m.cluster_requests_.assign(k, 0.0);
-    for (std::size_t i = 0; i < n; ++i) {
-      const std::size_t r = reqs[i], p = detail::workload::prefill_length(train, r);
-      std::vector<float> counts(dim, 0.0f);
-      detail::workload::add_counts(train, r, p, train.request(r).length - p, counts.data());
-      auto& u = m.usage_[km.labels[i]];
-      for (std::size_t f = 0; f < dim; ++f) u[f] += counts[f];
-      m.cluster_tokens_[km.labels[i]] += decode_tokens[i];
-      m.cluster_requests_[km.labels[i]] += 1.0;
-    }
-    // Prefill class means, normalised, stored feature-major for the sparse online gather.
-    std::vector<double> means(k * dim, 0.0);
-    for (std::size_t i = 0; i < n; ++i)
-      for (std::size_t f = 0; f < dim; ++f) means[km.labels[i] * dim + f] += prefill[i * dim + f];
-    m.stride_ = (k + 15) / 16 * 16;
-    m.means_t_.assign(dim * m.stride_, 0.0f);
-    for (std::size_t c = 0; c < k; ++c) {
-      double s = 0;
-      for (std::size_t f = 0; f < dim; ++f) s += means[c * dim + f] * means[c * dim + f];
-      const double inv = s > 0 ? 1.0 / std::sqrt(s) : 0.0;
-      for (std::size_t f = 0; f < dim; ++f) m.means_t_[f * m.stride_ + c] = static_cast<float>(means[c * dim + f] * inv);
-    }
-    // Confidence threshold from the training requests' leave-one-out similarities: each member
-    // against its class mean computed without it, which is what an unseen request of the same
-    // population meets (a member's similarity to a mean it is part of is biased upwards).
-    if (opt.min_similarity >= 0) {
-      m.min_similarity_ = static_cast<float>(opt.min_similarity);
-    } else {
-      std::vector<double> sum_norm2(k, 0.0);
-      for (std::size_t c = 0; c < k; ++c)
-        for (std::size_t f = 0; f < dim; ++f) sum_norm2[c] += means[c * dim + f] * means[c * dim + f];
-      std::vector<double> sims;
-      for (std::size_t i = 0; i < n; ++i) {
-        const std::size_t c = km.labels[i];
-        if (km.sizes[c] < 2) continue;
-        double xs = 0, xx = 0;
-        for (std::size_t f = 0; f < dim; ++f) {
-          const double x = prefill[i * dim + f];
-          xs += x * means[c * dim + f];
-          xx += x * x;
-        }
-        const double v2 = sum_norm2[c] - 2 * xs + xx;
-        sims.push_back(v2 > 0 ? (xs - xx) / std::sqrt(v2) : 0.0);
-      }
-      if (sims.empty()) {
-        m.min_similarity_ = 0;
-      } else {
-        std::sort(sims.begin(), sims.end());
-        const double pos = std::clamp(opt.confidence_quantile, 0.0, 1.0) * static_cast<double>(sims.size() - 1);
-        m.min_similarity_ =
-            static_cast<float>(sims[static_cast<std::size_t>(std::floor(pos))] - opt.confidence_margin);
-      }
-    }
+    m.sum_cluster_usage(train);
+    const std::vector<double> means = prefill_means(f, km.labels, m.k_);
+    m.set_classifier(means, f.dim);
+    m.min_similarity_ = opt.min_similarity >= 0 ? static_cast<float>(opt.min_similarity)
+                                                : leave_one_out_threshold(f, means, km, opt);
     m.cluster_node_ = balance_clusters(m.cluster_tokens_, m.nodes_);
     return m;
   }
@@ -320,6 +242,128 @@ public:
   }
 
 private:
+  // The fit's named steps, in the order fit() runs them.
+
+  // Normalised activation vectors (`layers × experts` each) of the fitted requests, request-major:
+  // all decode tokens, and the first `prefill_tokens` prefill tokens on the classifier's layers.
+  struct request_features {
+    std::size_t dim = 0;
+    std::vector<float> decode, prefill;
+  };
+
+  // An empty model with the trace's and the topology's shape and the validated options.
+  static workload_model shaped(const trace::trace& train, const dynamic_topology& topo,
+                               const workload_aware_options& opt) {
+    LOCUS_REQUIRE(opt.clusters >= 1, config_error, "workload_aware: clusters must be at least 1");
+    LOCUS_REQUIRE(opt.prefill_tokens >= 1, config_error, "workload_aware: prefill_tokens must be at least 1");
+    workload_model m;
+    m.layers_ = train.layers();
+    m.experts_ = train.experts();
+    m.nodes_ = topo.nodes();
+    m.opt_ = opt;
+    LOCUS_REQUIRE(opt.classifier_layers >= 1, config_error, "workload_aware: classifier_layers must be at least 1");
+    m.layer_stride_ = (m.layers_ + opt.classifier_layers - 1) / opt.classifier_layers;
+    return m;
+  }
+
+  // The requests with both prefill and decode tokens.
+  static std::vector<std::size_t> fit_requests(const trace::trace& train) {
+    std::vector<std::size_t> reqs;
+    for (std::size_t r = 0; r < train.requests(); ++r) {
+      const std::size_t p = detail::workload::prefill_length(train, r);
+      if (p > 0 && p < train.request(r).length) reqs.push_back(r);
+    }
+    LOCUS_REQUIRE(!reqs.empty(), config_error, "workload_aware: the training trace has no request with both prefill and "
+                  "decode tokens (mark prefill with trace::with_prefill_tokens)");
+    return reqs;
+  }
+
+  request_features features(const trace::trace& train, const std::vector<std::size_t>& reqs) const {
+    request_features f;
+    f.dim = layers_ * experts_;
+    const std::size_t n = reqs.size(), dim = f.dim;
+    f.decode.assign(n * dim, 0.0f);
+    f.prefill.assign(n * dim, 0.0f);
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::size_t r = reqs[i], p = detail::workload::prefill_length(train, r);
+      detail::workload::add_counts(train, r, p, train.request(r).length - p, f.decode.data() + i * dim);
+      detail::workload::add_counts(train, r, 0, std::min(p, opt_.prefill_tokens), f.prefill.data() + i * dim,
+                                   layer_stride_);
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      detail::workload::normalize(f.decode.data() + i * dim, dim);
+      detail::workload::normalize(f.prefill.data() + i * dim, dim);
+    }
+    return f;
+  }
+
+  // Each cluster's decode (token, expert) pairs, tokens and requests, in tokens (not normalised).
+  void sum_cluster_usage(const trace::trace& train) {
+    const std::size_t dim = layers_ * experts_;
+    usage_.assign(k_, std::vector<double>(dim, 0.0));
+    cluster_tokens_.assign(k_, 0.0);
+    cluster_requests_.assign(k_, 0.0);
+    std::vector<float> counts(dim);
+    for (std::size_t i = 0; i < training_requests_.size(); ++i) {
+      const std::size_t r = training_requests_[i], p = detail::workload::prefill_length(train, r);
+      std::fill(counts.begin(), counts.end(), 0.0f);
+      detail::workload::add_counts(train, r, p, train.request(r).length - p, counts.data());
+      auto& u = usage_[labels_[i]];
+      for (std::size_t f = 0; f < dim; ++f) u[f] += counts[f];
+      cluster_tokens_[labels_[i]] += static_cast<double>(train.request(r).length - p);
+      cluster_requests_[labels_[i]] += 1.0;
+    }
+  }
+
+  // Sum of the normalised prefill vectors of each cluster's members, `k × dim`.
+  static std::vector<double> prefill_means(const request_features& f, const std::vector<std::uint32_t>& labels,
+                                           std::size_t k) {
+    std::vector<double> means(k * f.dim, 0.0);
+    for (std::size_t i = 0; i < labels.size(); ++i)
+      for (std::size_t d = 0; d < f.dim; ++d) means[labels[i] * f.dim + d] += f.prefill[i * f.dim + d];
+    return means;
+  }
+
+  // The classifier: class means normalised, stored feature-major for the sparse online gather.
+  void set_classifier(const std::vector<double>& means, std::size_t dim) {
+    stride_ = (k_ + 15) / 16 * 16;
+    means_t_.assign(dim * stride_, 0.0f);
+    for (std::size_t c = 0; c < k_; ++c) {
+      double s = 0;
+      for (std::size_t f = 0; f < dim; ++f) s += means[c * dim + f] * means[c * dim + f];
+      const double inv = s > 0 ? 1.0 / std::sqrt(s) : 0.0;
+      for (std::size_t f = 0; f < dim; ++f) means_t_[f * stride_ + c] = static_cast<float>(means[c * dim + f] * inv);
+    }
+  }
+
+  // Confidence threshold from the training requests' leave-one-out similarities: each member
+  // against its class mean computed without it, which is what an unseen request of the same
+  // population meets (a member's similarity to a mean it is part of is biased upwards).
+  static float leave_one_out_threshold(const request_features& f, const std::vector<double>& means,
+                                       const kmeans_result& km, const workload_aware_options& opt) {
+    const std::size_t dim = f.dim, k = means.size() / dim;
+    std::vector<double> sum_norm2(k, 0.0);
+    for (std::size_t c = 0; c < k; ++c)
+      for (std::size_t d = 0; d < dim; ++d) sum_norm2[c] += means[c * dim + d] * means[c * dim + d];
+    std::vector<double> sims;
+    for (std::size_t i = 0; i < km.labels.size(); ++i) {
+      const std::size_t c = km.labels[i];
+      if (km.sizes[c] < 2) continue;
+      double xs = 0, xx = 0;
+      for (std::size_t d = 0; d < dim; ++d) {
+        const double x = f.prefill[i * dim + d];
+        xs += x * means[c * dim + d];
+        xx += x * x;
+      }
+      const double v2 = sum_norm2[c] - 2 * xs + xx;
+      sims.push_back(v2 > 0 ? (xs - xx) / std::sqrt(v2) : 0.0);
+    }
+    if (sims.empty()) return 0;
+    std::sort(sims.begin(), sims.end());
+    const double pos = std::clamp(opt.confidence_quantile, 0.0, 1.0) * static_cast<double>(sims.size() - 1);
+    return static_cast<float>(sims[static_cast<std::size_t>(std::floor(pos))] - opt.confidence_margin);
+  }
+
   friend struct workload_model_io; // saving and loading (grouper/workload_model_json.hpp)
   static constexpr std::size_t max_clusters_fast = 64;
 

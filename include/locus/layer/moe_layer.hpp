@@ -14,12 +14,11 @@
 //! 6. shared experts (when the shape has them) run on every rank on its own tokens and are added.
 //!
 //! Policies are given in any order after the shape and the topology, with defaults for those left
-//! out (`policy_set`): router `router::softmax_topk<K>` (or `layer::given_routing`), grouper
-//! `grouper::least_loaded`, placement `placement::linear`, transport `transport::local_flat`,
-//! backend `backend::host`, expert compute `layer::swiglu_host<float>` on the host backend
-//! (`swiglu_cuda<float>` on CUDA). The
-//! grouper and placement act outside the step (which rank serves a request, where experts live);
-//! the layer names them so one type describes the whole deployment, and `plan` runs the placement.
+//! out (`policy_set`): router `router::softmax_topk<K>` (or `layer::given_routing`), transport
+//! `transport::local_flat`, backend `backend::host`, expert compute `layer::swiglu_host<float>` on
+//! the host backend (`swiglu_cuda<float>` on CUDA). Only what acts in a step is a layer policy:
+//! which rank serves a request (grouper) and where experts live (placement) are decided before the
+//! layer exists, by the planning functions (`locus/planning.hpp`), and reach it as the expert map.
 //!
 //! Every step is collective over the transport: a rank whose own input is bad still takes part in
 //! the exchanges (with no tokens) and raises afterwards, so its peers never wait for it.
@@ -35,10 +34,7 @@
 #include <locus/core/policy.hpp>
 #include <locus/core/routing.hpp>
 #include <locus/core/topology.hpp>
-#include <locus/grouper/baselines.hpp>
 #include <locus/layer/expert_compute.hpp>
-#include <locus/placement/linear.hpp>
-#include <locus/placement/plan_input.hpp>
 #include <locus/router/logits.hpp>
 #include <locus/router/softmax_topk.hpp>
 #include <locus/transport/dispatch.hpp>
@@ -88,21 +84,20 @@ namespace locus::inline LOCUS_ABI_NAMESPACE {
 //! One MoE layer of an expert-parallel deployment, as seen by one rank.
 //! @tparam Shape    `locus::moe_shape<...>` (static or dynamic extents)
 //! @tparam Topology `locus::topology<...>`
-//! @tparam Policies router, grouper, placement, transport, backend and expert-compute policies in
-//!                  any order; each kind at most once, defaults for those left out
+//! @tparam Policies router, transport, backend and expert-compute policies in any order; each kind
+//!                  at most once, defaults for those left out
 template <any_moe_shape Shape, any_topology Topology, class... Policies>
 class moe_layer {
   using policies = policy_set<Policies...>;
+  using router_choice =
+      typename policies::template get<router_tag, router::softmax_topk<typename Shape::top_k_type>>;
 
 public:
   using shape_type = Shape;
   using topology_type = Topology;
-  using router_type = typename require_router<
-      typename policies::template get<router_tag, router::softmax_topk<typename Shape::top_k_type>>>::type;
-  using grouper_type =
-      typename require_grouper<typename policies::template get<grouper_tag, grouper::least_loaded>>::type;
-  using placement_type =
-      typename require_placement<typename policies::template get<placement_tag, placement::linear>>::type;
+  // given_routing routes nothing: it names the layer's mode and is no router to check.
+  using router_type = typename std::conditional_t<std::is_same_v<router_choice, layer::given_routing>,
+                                                  std::type_identity<router_choice>, require_router<router_choice>>::type;
   using transport_type =
       typename require_transport<typename policies::template get<transport_tag, transport::local_flat>>::type;
   using backend_type = typename require_backend<typename policies::template get<backend_tag, backend::host>>::type;
@@ -124,9 +119,6 @@ public:
   static_assert(std::invocable<expert_compute_type&, const layer::expert_blocks<value_type, memory_space::host>&>,
                 "locus::moe_layer: the expert compute must accept the host blocks dispatch delivers "
                 "(layer::expert_blocks<value_type>)");
-  static_assert(
-      std::is_same_v<router_type, layer::given_routing> || requires { typename router_type::top_k_type; },
-      "locus::moe_layer: the router must declare its `top_k_type`");
   static_assert(!routing_top_k_type::is_static || !top_k_type::is_static ||
                     routing_top_k_type::static_value == top_k_type::static_value,
                 "locus::moe_layer: the router's top_k differs from the shape's");
@@ -233,12 +225,6 @@ public:
     } else {
       run(x, routing_view<top_k_type>(r.ids(), r.weights(), r.tokens(), top_k_extent()), y, nullptr);
     }
-  }
-
-  //! Runs the placement policy on `in` (one expert map per layer of the input).
-  template <class... Args>
-  static std::vector<expert_map> plan(const placement::plan_input& in, Args&&... args) {
-    return placement_type(std::forward<Args>(args)...).plan(in);
   }
 
   const Shape& shape() const noexcept { return shape_; }

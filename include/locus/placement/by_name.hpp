@@ -13,6 +13,9 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
 
+static_assert(placement_policy<linear> && placement_policy<round_robin> && placement_policy<eplb> &&
+              placement_policy<activation_usage> && placement_policy<locality>);
+
 //! Options of the named planners that take any.
 struct named_plan_options {
   std::size_t eplb_groups = 1; //!< expert groups for eplb

@@ -5,10 +5,13 @@
 
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
+#include <locus/core/policy.hpp>
 #include <locus/core/topology.hpp>
 
 #include <cmath>
+#include <concepts>
 #include <cstddef>
+#include <utility>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
@@ -77,3 +80,31 @@ inline std::size_t slots_for(std::size_t experts, std::size_t ranks, std::size_t
 }
 
 } // namespace locus::LOCUS_ABI_NAMESPACE::placement
+
+namespace locus::inline LOCUS_ABI_NAMESPACE {
+
+//! An expert-map planner: the tag, a name, and `plan(plan_input)` returning one map per layer.
+template <class P>
+concept placement_policy = policy_of<P, placement_tag> && requires(const P& p, const placement::plan_input& in) {
+  { P::name } -> std::convertible_to<const char*>;
+  { p.plan(in) } -> std::same_as<std::vector<expert_map>>;
+};
+
+//! `require_placement<P>::type` is `P`, or one readable error when `P` is no placement.
+template <class P>
+struct require_placement {
+  static_assert(placement_policy<P>, "locus: this type is not a placement policy; a placement declares `using "
+                                     "policy_concept = locus::placement_tag;`, a `name` and `std::vector<expert_map> "
+                                     "plan(const placement::plan_input&) const`");
+  using type = P;
+};
+
+//! Plans one expert map per layer of `in` with the placement `P` built from `args`: what a
+//! deployment runs before its layers exist (the layers take the maps).
+//! @throws whatever `P`'s plan throws on `in` (locus::config_error, locus::invalid_input_error)
+template <class P, class... Args>
+std::vector<expert_map> plan_placement(const placement::plan_input& in, Args&&... args) {
+  return typename require_placement<P>::type(std::forward<Args>(args)...).plan(in);
+}
+
+} // namespace locus::LOCUS_ABI_NAMESPACE

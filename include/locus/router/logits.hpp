@@ -6,8 +6,10 @@
 #include <locus/core/bfloat16.hpp>
 #include <locus/core/config.hpp>
 #include <locus/core/extents.hpp>
+#include <locus/core/policy.hpp>
 #include <locus/core/routing.hpp>
 
+#include <concepts>
 #include <cstddef>
 #include <type_traits>
 
@@ -65,3 +67,27 @@ template <class TopK = top_k<>>
 using device_mutable_routing_view = routing_view<TopK, expert_id, float, memory_space::device>;
 
 } // namespace locus::LOCUS_ABI_NAMESPACE::router
+
+namespace locus::inline LOCUS_ABI_NAMESPACE {
+
+//! A router: the tag, a name, the top-k extent it writes (`top_k_type`), its k, and a host
+//! `route(logits, out, threads)` from fp32 logits of any expert count into a routing of that
+//! top-k.
+template <class R>
+concept router_policy = policy_of<R, router_tag> && requires(const R& r, const router::logits_view<experts<>, const float>& l,
+                                                             const mutable_routing_view<typename R::top_k_type>& out) {
+  { R::name } -> std::convertible_to<const char*>;
+  { r.top_k() } -> std::convertible_to<std::size_t>;
+  r.route(l, out, 0u);
+};
+
+//! `require_router<R>::type` is `R`, or one readable error when `R` is no router.
+template <class R>
+struct require_router {
+  static_assert(router_policy<R>, "locus: this type is not a router policy; a router declares `using policy_concept = "
+                                  "locus::router_tag;`, a `top_k_type`, a `name`, `top_k()` and a host "
+                                  "`route(logits_view, mutable_routing_view<top_k_type>, threads)`");
+  using type = R;
+};
+
+} // namespace locus::LOCUS_ABI_NAMESPACE
