@@ -51,6 +51,7 @@ struct record {
 };
 class recording_exchanger {
 public:
+  static constexpr bool carries_entries = true;
   explicit recording_exchanger(mpi_transport& t) : t_(&t) {}
   std::size_t rank() const noexcept { return t_->rank(); }
   const dynamic_topology& topology() const noexcept { return t_->topology(); }
@@ -70,6 +71,14 @@ public:
     for (std::size_t c : out.counts)
       r.recv_counts.push_back(static_cast<int>(c));
     log.push_back(std::move(r));
+    if (req.entry_bytes == 0) return;
+    // The raw replay moves the entries in a collective of their own.
+    record e{req.group, req.entry_bytes, {}, {}};
+    for (std::size_t c : req.entry_counts)
+      e.send_counts.push_back(static_cast<int>(c));
+    for (std::size_t c : out.entry_counts)
+      e.recv_counts.push_back(static_cast<int>(c));
+    log.push_back(std::move(e));
   }
   bool recording = false;
   double seconds = 0; //!< wall time inside exchanges (header round + collective)

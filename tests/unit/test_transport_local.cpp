@@ -58,6 +58,104 @@ struct row {
 };
 } // namespace
 
+namespace {
+// The local transport seen as an exchanger that does not carry entries: exchange_with_entries
+// then moves them in an exchange of their own.
+class rows_only {
+public:
+  explicit rows_only(local_transport& t) : t_(&t) {}
+  std::size_t rank() const noexcept { return t_->rank(); }
+  const dynamic_topology& topology() const noexcept { return t_->topology(); }
+  bool hierarchical() const noexcept { return t_->hierarchical(); }
+  std::size_t group_size(exchange_group g) const noexcept { return t_->group_size(g); }
+  std::size_t world_rank_of(exchange_group g, std::size_t m) const noexcept { return t_->world_rank_of(g, m); }
+  const link_counters& bytes() const noexcept { return t_->bytes(); }
+  void reset_bytes() noexcept { t_->reset_bytes(); }
+  void exchange(const exchange_request& req, exchange_result& out) {
+    BOOST_TEST(req.entry_bytes == 0u); // it would drop them
+    t_->exchange(req, out);
+  }
+
+private:
+  local_transport* t_;
+};
+static_assert(carries_entries<local_transport> && !carries_entries<rows_only>);
+
+// Sends count(s, d) rows and entry_count(s, d) entries from s to d in one exchange_with_entries;
+// checks what arrived against the same formulas.
+template <class Exchanger>
+void check_entries_travel(Exchanger& ex, std::size_t ranks) {
+  const auto count = [](std::size_t s, std::size_t d) { return (s * 5 + d * 3) % 4; };
+  const auto entry_count = [](std::size_t s, std::size_t d) { return (s + 2 * d) % 3; };
+  const std::size_t me = ex.rank();
+  std::vector<std::size_t> counts(ranks), entry_counts(ranks);
+  std::vector<row> rows, entries;
+  for (std::size_t d = 0; d < ranks; ++d) {
+    counts[d] = count(me, d);
+    entry_counts[d] = entry_count(me, d);
+    for (std::size_t i = 0; i < counts[d]; ++i)
+      rows.push_back({static_cast<std::uint32_t>(me), static_cast<std::uint32_t>(d), static_cast<std::uint32_t>(i)});
+    for (std::size_t i = 0; i < entry_counts[d]; ++i)
+      entries.push_back(
+          {static_cast<std::uint32_t>(me), static_cast<std::uint32_t>(d), static_cast<std::uint32_t>(100 + i)});
+  }
+  exchange_request req{exchange_group::world, sizeof(row), std::as_bytes(std::span(rows)), counts, {}};
+  req.entry_bytes = sizeof(row);
+  req.entries = std::as_bytes(std::span(entries));
+  req.entry_counts = entry_counts;
+  exchange_result out, scratch;
+  exchange_with_entries(ex, req, out, scratch);
+  BOOST_TEST(out.entry_bytes == sizeof(row));
+  std::size_t at = 0, entry_at = 0;
+  for (std::size_t s = 0; s < ranks; ++s) {
+    BOOST_TEST(out.counts[s] == count(s, me));
+    BOOST_TEST(out.entry_counts[s] == entry_count(s, me));
+    for (std::size_t i = 0; i < out.counts[s]; ++i, ++at) {
+      row got;
+      std::memcpy(&got, out.row(at), sizeof got);
+      BOOST_TEST((got.src == s && got.dst == me && got.index == i));
+    }
+    for (std::size_t i = 0; i < out.entry_counts[s]; ++i, ++entry_at) {
+      row got;
+      std::memcpy(&got, out.entry(entry_at), sizeof got);
+      BOOST_TEST((got.src == s && got.dst == me && got.index == 100 + i));
+    }
+  }
+  BOOST_TEST(at == out.row_count());
+  BOOST_TEST(entry_at == out.entry_count());
+}
+} // namespace
+
+// Entries (a dispatch's fan-out table) arrive with their rows, grouped by source like them, over
+// an exchanger that carries them and, in a second exchange, over one that does not; either way the
+// byte counters include them.
+BOOST_AUTO_TEST_CASE(entries_travel_with_their_rows) {
+  const dynamic_topology topo(2, 2);
+  for (bool carried : {true, false}) {
+    local_fabric f(topo, false);
+    std::vector<std::uint64_t> sent(topo.ranks());
+    const auto errors = run_ranks(f, [&](local_transport& ep) {
+      if (carried) {
+        check_entries_travel(ep, topo.ranks());
+      } else {
+        rows_only r(ep);
+        check_entries_travel(r, topo.ranks());
+      }
+      for (std::size_t k = 0; k < 3; ++k)
+        sent[ep.rank()] += ep.bytes().bytes_sent[k];
+    });
+    for (const auto& e : errors)
+      BOOST_TEST(!e, message_of(e));
+    std::uint64_t expect = 0, total = 0;
+    for (std::size_t s = 0; s < topo.ranks(); ++s)
+      for (std::size_t d = 0; d < topo.ranks(); ++d)
+        expect += ((s * 5 + d * 3) % 4 + (s + 2 * d) % 3) * sizeof(row);
+    for (auto b : sent)
+      total += b;
+    BOOST_TEST(total == expect, (carried ? "carried" : "second exchange"));
+  }
+}
+
 // Rows arrive grouped by source in member order, each source's rows in send order; byte counters
 // equal a brute-force count per link class.
 BOOST_AUTO_TEST_CASE(world_exchange_delivers_every_row_once) {
