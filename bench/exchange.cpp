@@ -240,14 +240,14 @@ int main(int argc, char** argv) {
     std::vector<std::byte> raw_send, raw_recv;
     for (const std::string placement_name : {"linear", "locality"}) {
       const expert_map map = placement::plan_by_name(placement_name, in).at(0);
-      for (bool hier : {false, true})
+      for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical})
         for (const std::string& input : o.inputs) {
-          mpi_transport t(MPI_COMM_WORLD, topo, hier, exchange_options{std::chrono::seconds(120)});
+          mpi_transport t(MPI_COMM_WORLD, topo, kind, exchange_options{std::chrono::seconds(120)});
           recording_exchanger rec(t);
           moe_dispatcher<recording_exchanger, float> d(rec, map, o.hidden);
           layout<> plan;
           dispatch_handle<float> h;
-          result res{placement_name, hier ? "mpi_hierarchical" : "mpi_flat", input};
+          result res{placement_name, std::string("mpi_") + to_string(kind), input};
           std::vector<double> ds, cs, rds, rcs, es, rks;
           for (std::size_t s = 0; s < o.steps + o.warmup; ++s) {
             const auto routing = make_routing(o, topo, me, s);

@@ -97,9 +97,9 @@ class local_transport;
 class local_fabric {
 public:
   //! @param topo         nodes × GPUs per node; its rank count is the number of endpoints
-  //! @param hierarchical whether dispatch over these endpoints uses the two-stage exchange
-  local_fabric(const dynamic_topology& topo, bool hierarchical, exchange_options options = {})
-      : topo_(topo), hierarchical_(hierarchical), options_(options) {
+  //! @param kind how dispatch over these endpoints moves copies: the transport policy's `P::kind`
+  local_fabric(const dynamic_topology& topo, transport_kind kind, exchange_options options = {})
+      : topo_(topo), kind_(kind), options_(options) {
     const auto ranks_of = [&](exchange_group g, std::size_t some_rank) {
       const detail::exchange::group_map map{topo, some_rank};
       std::vector<std::size_t> ranks(map.size(g));
@@ -118,7 +118,8 @@ public:
   local_fabric& operator=(const local_fabric&) = delete;
 
   const dynamic_topology& topology() const noexcept { return topo_; }
-  bool hierarchical() const noexcept { return hierarchical_; }
+  transport_kind kind() const noexcept { return kind_; }
+  bool hierarchical() const noexcept { return kind_ == transport_kind::hierarchical; }
   const exchange_options& options() const noexcept { return options_; }
 
   //! The endpoint of `rank`. @throws locus::invalid_input_error when rank is out of range
@@ -135,7 +136,7 @@ private:
   }
 
   dynamic_topology topo_;
-  bool hierarchical_;
+  transport_kind kind_;
   exchange_options options_;
   std::unique_ptr<detail::local::group_board> world_;
   std::vector<std::unique_ptr<detail::local::group_board>> nodes_, rails_;

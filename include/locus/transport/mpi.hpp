@@ -38,11 +38,11 @@ public:
   //! Collective over `comm`.
   //! @param comm         the ranks of the deployment; its size must equal `topo.ranks()` (duplicated)
   //! @param topo         nodes × GPUs per node (ranks per node is a parameter, not the machine's)
-  //! @param hierarchical whether dispatch over this transport uses the two-stage exchange
+  //! @param kind         how dispatch over this transport moves copies: the transport policy's `P::kind`
   //! @throws locus::config_error on every rank when the communicator size differs from the
   //!         topology or a node's ranks do not share memory
-  mpi_transport(MPI_Comm comm, const dynamic_topology& topo, bool hierarchical, exchange_options options = {})
-      : groups_{topo, 0}, hierarchical_(hierarchical), options_(options) {
+  mpi_transport(MPI_Comm comm, const dynamic_topology& topo, transport_kind kind, exchange_options options = {})
+      : groups_{topo, 0}, kind_(kind), options_(options) {
     int size = 0, rank = 0;
     LOCUS_MPI_CHECK(MPI_Comm_size(comm, &size));
     LOCUS_MPI_CHECK(MPI_Comm_rank(comm, &rank));
@@ -88,7 +88,8 @@ public:
 
   std::size_t rank() const noexcept { return groups_.rank; }
   const dynamic_topology& topology() const noexcept { return groups_.topo; }
-  bool hierarchical() const noexcept { return hierarchical_; }
+  transport_kind kind() const noexcept { return kind_; }
+  bool hierarchical() const noexcept { return kind_ == transport_kind::hierarchical; }
   std::size_t group_size(exchange_group g) const noexcept { return groups_.size(g); }
   std::size_t world_rank_of(exchange_group g, std::size_t member) const noexcept {
     return groups_.world_rank_of(g, member);
@@ -441,7 +442,7 @@ private:
   }
 
   detail::exchange::group_map groups_;
-  bool hierarchical_;
+  transport_kind kind_;
   exchange_options options_;
   MPI_Comm world_ = MPI_COMM_NULL, node_ = MPI_COMM_NULL, rail_ = MPI_COMM_NULL;
   std::string broken_; //!< why the transport is unusable; empty while it works
