@@ -516,3 +516,19 @@ BOOST_AUTO_TEST_CASE(malformed_inputs_raise_clear_errors) {
       BOOST_CHECK_THROW(placement::add_replicas_by_tokens(std::vector<expert_map>{m}, s, topo, wrong), config_error);
   }
 }
+
+// The one load-bound rule of the planners (placement/load_bound.hpp): the bound is (1 + slack) ×
+// the mean, and a change keeps it when its worst load is within the bound or no worse than the
+// worst load it started from.
+BOOST_AUTO_TEST_CASE(load_bound_is_one_rule) {
+  BOOST_TEST(placement::load_bound(120.0, 4, 0.0) == 30.0);
+  BOOST_TEST(placement::load_bound(120.0, 4, 0.1) == 33.0, boost::test_tools::tolerance(1e-12));
+  BOOST_TEST(placement::keeps_load_bound(33.0, 10.0, 33.0));  // at the bound
+  BOOST_TEST(!placement::keeps_load_bound(33.1, 10.0, 33.0)); // past it
+  BOOST_TEST(placement::keeps_load_bound(40.0, 41.0, 33.0));  // above, but better than before
+  BOOST_TEST(placement::keeps_load_bound(41.0, 41.0, 33.0));  // above, no worse
+  BOOST_TEST(!placement::keeps_load_bound(41.5, 41.0, 33.0)); // above and worse
+  BOOST_TEST(placement::keeps_load_bound(33.0 + 1e-10, 0.0, 33.0)); // rounding of sums in another order
+  BOOST_CHECK_THROW(placement::load_bound(1.0, 0, 0.1), config_error);
+  BOOST_CHECK_THROW(placement::load_bound(1.0, 2, -0.1), config_error);
+}

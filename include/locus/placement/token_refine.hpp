@@ -36,6 +36,7 @@
 #include <locus/core/expert_map.hpp>
 #include <locus/core/random.hpp>
 #include <locus/core/topology.hpp>
+#include <locus/placement/load_bound.hpp>
 #include <locus/trace/trace.hpp>
 #include <numeric>
 #include <span>
@@ -185,7 +186,7 @@ struct shifted_loads {
     for (std::size_t s = 0; s < cap.size(); ++s) {
       double extra = 0;
       for (std::size_t r = 0; r < ranks; ++r) extra += pairs[s * ranks + r];
-      cap[s] = (1.0 + slack) * (total + shift * extra) / static_cast<double>(ranks);
+      cap[s] = load_bound(total + shift * extra, ranks, slack);
     }
   }
   double at(const std::vector<double>& load, std::size_t s, std::size_t r) const {
@@ -271,7 +272,7 @@ public:
       }
     double total = 0;
     for (double x : load_) total += x;
-    cap_ = (1.0 + opt_.balance_slack) * total / static_cast<double>(ranks_);
+    cap_ = load_bound(total, ranks_, opt_.balance_slack);
     // The rank serving each pair, token-major (-1: a repeated choice, ignored): k entries per
     // token keep the working set small, and every per-token question is a scan of them.
     tr_.assign(tokens_ * k_, none);
@@ -670,7 +671,7 @@ private:
   bool within_cap(std::size_t e, std::size_t f) const {
     const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
     const double d = static_cast<double>(tok_of_[f].size()) - static_cast<double>(tok_of_[e].size());
-    return std::max(load_[a] + d, load_[b] - d) <= std::max(cap_, std::max(load_[a], load_[b])) + 1e-9;
+    return keeps_load_bound(std::max(load_[a] + d, load_[b] - d), std::max(load_[a], load_[b]), cap_);
   }
 
   //! What swapping e and f adds to the load of e's rank under shifted mix s (f's rank loses it).
@@ -684,7 +685,7 @@ private:
     const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
     for (std::size_t s = 0; s < shifted_.cap.size(); ++s) {
       const double oa = shifted_.at(load_, s, a), ob = shifted_.at(load_, s, b), d = shifted_swap_change(e, f, s);
-      if (std::max(oa + d, ob - d) > std::max(shifted_.cap[s], std::max(oa, ob)) + 1e-9) return false;
+      if (!keeps_load_bound(std::max(oa + d, ob - d), std::max(oa, ob), shifted_.cap[s])) return false;
     }
     return true;
   }
@@ -794,7 +795,7 @@ public:
       if (r >= 0) load_[static_cast<std::size_t>(r)] += 1;
     double total = 0;
     for (double x : load_) total += x;
-    cap_ = (1.0 + opt_.balance_slack) * total / static_cast<double>(ranks_);
+    cap_ = load_bound(total, ranks_, opt_.balance_slack);
     shifted_.reset(opt_.balance_shift, mixes_, ranks_);
     if (shifted_.on()) {
       for (std::size_t i = 0; i < tr_.size(); ++i)
@@ -940,7 +941,7 @@ private:
         worst_new = std::max(worst_new, load_[x] + delta[x]);
         worst_old = std::max(worst_old, load_[x]);
       }
-    if (worst_new > std::max(cap_, worst_old) + 1e-9) return false;
+    if (!keeps_load_bound(worst_new, worst_old, cap_)) return false;
     for (std::size_t s = 0; s < shifted_.cap.size(); ++s) {
       worst_new = worst_old = 0;
       for (std::size_t x = 0; x < ranks_; ++x)
@@ -949,7 +950,7 @@ private:
           worst_new = std::max(worst_new, old + delta[x] + shifted_.shift * shifted_delta[s * ranks_ + x]);
           worst_old = std::max(worst_old, old);
         }
-      if (worst_new > std::max(shifted_.cap[s], worst_old) + 1e-9) return false;
+      if (!keeps_load_bound(worst_new, worst_old, shifted_.cap[s])) return false;
     }
     return true;
   }
