@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <ctime>
 #include <fstream>
 #include <iostream>
 #include <locus/core/mpi_error.hpp>
@@ -31,6 +32,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
+#include <thread>
 
 using namespace locus;
 using namespace locus::transport;
@@ -152,6 +154,29 @@ routing<> make_routing(const options& o, const dynamic_topology& topo, std::size
   return r;
 }
 
+// The machine a result was measured on: CPU model, cores, and the load average (1, 5, 15 min),
+// which on a shared machine says how much the times can be trusted.
+std::string cpu_model() {
+  std::ifstream in("/proc/cpuinfo");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  return "unknown CPU";
+}
+std::string load_average() {
+  std::ifstream in("/proc/loadavg");
+  double a = 0, b = 0, c = 0;
+  in >> a >> b >> c;
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.2f %.2f %.2f", a, b, c);
+  return buf;
+}
+std::string utc_now() {
+  const std::time_t t = std::time(nullptr);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M UTC", std::gmtime(&t));
+  return buf;
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0.0 : v[v.size() / 2];
@@ -236,6 +261,7 @@ int main(int argc, char** argv) {
         }
       }
 
+    const std::string load_before = load_average(), started = utc_now();
     std::vector<result> results;
     std::vector<std::byte> raw_send, raw_recv;
     for (const std::string placement_name : {"linear", "locality"}) {
@@ -301,7 +327,12 @@ int main(int argc, char** argv) {
     if (me == 0) {
       const result& base = results.front(); // linear, flat
       nlohmann::json j;
+      const std::string machine = cpu_model() + ", " + std::to_string(std::thread::hardware_concurrency()) +
+                                  " hardware threads, load average " + load_before + " at the start and " +
+                                  load_average() + " at the end";
       j["command"] = command;
+      j["machine"] = machine;
+      j["date"] = started;
       j["ranks"] = ranks;
       j["nodes"] = topo.nodes();
       j["gpus_per_node"] = topo.gpus_per_node();
@@ -366,6 +397,7 @@ int main(int argc, char** argv) {
         bench_output::file md(o.markdown);
         md << "# Exchange benchmark\n\n"
            << "Command: `" << command << "`\n\n"
+           << "Machine: " << machine << "; " << started << ".\n\n"
            << ranks << " MPI ranks on one machine acting as " << topo.nodes() << " nodes × " << topo.gpus_per_node()
            << " GPUs; " << o.tokens << " tokens per rank, hidden " << o.hidden << " (fp32), " << o.experts
            << " experts, top-" << o.k << ", " << o.steps
