@@ -200,9 +200,13 @@ public:
                       m == self ? req.entries.data() + self_entries_at : envelopes_in_[m].data() + sizeof(dx::header),
                       out.entry_counts[m] * out.entry_bytes);
     }
+    // Drained rows get a region each: pending receives must not share a buffer.
     std::size_t drain = 0;
-    for (std::size_t m = 0; m < members; ++m)
-      drain = std::max<std::size_t>(drain, recv_headers_[m].count * recv_headers_[m].row_bytes);
+    drain_displs_.resize(members);
+    for (std::size_t m = 0; m < members; ++m) {
+      drain_displs_[m] = drain;
+      if (m != self) drain += recv_headers_[m].count * recv_headers_[m].row_bytes;
+    }
     if (!why.empty()) drain_.resize(drain);
     for (std::size_t i = 1; i < members; ++i) {
       const std::size_t m = (self + members - i) % members;
@@ -212,8 +216,8 @@ public:
         LOCUS_MPI_CHECK(MPI_Irecv(out.row(out.offsets[m]), static_cast<int>(h.count), row, static_cast<int>(m),
                                   tag + 2, comm, &requests_[m]));
       else
-        LOCUS_MPI_CHECK(MPI_Irecv(drain_.data(), static_cast<int>(h.count * h.row_bytes), MPI_BYTE, static_cast<int>(m),
-                                  tag + 2, comm, &requests_[m]));
+        LOCUS_MPI_CHECK(MPI_Irecv(drain_.data() + drain_displs_[m], static_cast<int>(h.count * h.row_bytes), MPI_BYTE,
+                                  static_cast<int>(m), tag + 2, comm, &requests_[m]));
     }
     if (why.empty() && out.counts[self])
       std::memcpy(out.row(out.offsets[self]), req.rows.data() + send_displs_[self] * req.row_bytes,
@@ -454,7 +458,7 @@ private:
   std::vector<std::uint32_t> codes_;
   std::uint32_t my_code_ = 0; // a member: a send abandoned at a timeout may still read it
   std::vector<MPI_Request> requests_, second_;
-  std::vector<std::size_t> send_displs_, envelope_displs_, pending_;
+  std::vector<std::size_t> send_displs_, envelope_displs_, drain_displs_, pending_;
   std::vector<std::byte> envelopes_out_, drain_; // members: abandoned sends may still read them
   std::vector<std::vector<std::byte>> envelopes_in_;
   std::size_t spin_limit_ = 64;
