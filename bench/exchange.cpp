@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <ctime>
 #include <fstream>
 #include <iostream>
 #include <locus/core/mpi_error.hpp>
@@ -31,6 +32,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
+#include <thread>
 
 using namespace locus;
 using namespace locus::transport;
@@ -51,6 +53,7 @@ struct record {
 };
 class recording_exchanger {
 public:
+  static constexpr bool carries_entries = true;
   explicit recording_exchanger(mpi_transport& t) : t_(&t) {}
   std::size_t rank() const noexcept { return t_->rank(); }
   const dynamic_topology& topology() const noexcept { return t_->topology(); }
@@ -70,6 +73,14 @@ public:
     for (std::size_t c : out.counts)
       r.recv_counts.push_back(static_cast<int>(c));
     log.push_back(std::move(r));
+    if (req.entry_bytes == 0) return;
+    // The raw replay moves the entries in a collective of their own.
+    record e{req.group, req.entry_bytes, {}, {}};
+    for (std::size_t c : req.entry_counts)
+      e.send_counts.push_back(static_cast<int>(c));
+    for (std::size_t c : out.entry_counts)
+      e.recv_counts.push_back(static_cast<int>(c));
+    log.push_back(std::move(e));
   }
   bool recording = false;
   double seconds = 0; //!< wall time inside exchanges (header round + collective)
@@ -141,6 +152,29 @@ routing<> make_routing(const options& o, const dynamic_topology& topo, std::size
       }
     }
   return r;
+}
+
+// The machine a result was measured on: CPU model, cores, and the load average (1, 5, 15 min),
+// which on a shared machine says how much the times can be trusted.
+std::string cpu_model() {
+  std::ifstream in("/proc/cpuinfo");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  return "unknown CPU";
+}
+std::string load_average() {
+  std::ifstream in("/proc/loadavg");
+  double a = 0, b = 0, c = 0;
+  in >> a >> b >> c;
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.2f %.2f %.2f", a, b, c);
+  return buf;
+}
+std::string utc_now() {
+  const std::time_t t = std::time(nullptr);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M UTC", std::gmtime(&t));
+  return buf;
 }
 
 double median(std::vector<double> v) {
@@ -227,18 +261,19 @@ int main(int argc, char** argv) {
         }
       }
 
+    const std::string load_before = load_average(), started = utc_now();
     std::vector<result> results;
     std::vector<std::byte> raw_send, raw_recv;
     for (const std::string placement_name : {"linear", "locality"}) {
       const expert_map map = placement::plan_by_name(placement_name, in).at(0);
-      for (bool hier : {false, true})
+      for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical})
         for (const std::string& input : o.inputs) {
-          mpi_transport t(MPI_COMM_WORLD, topo, hier, exchange_options{std::chrono::seconds(120)});
+          mpi_transport t(MPI_COMM_WORLD, topo, kind, exchange_options{std::chrono::seconds(120)});
           recording_exchanger rec(t);
           moe_dispatcher<recording_exchanger, float> d(rec, map, o.hidden);
           layout<> plan;
           dispatch_handle<float> h;
-          result res{placement_name, hier ? "mpi_hierarchical" : "mpi_flat", input};
+          result res{placement_name, std::string("mpi_") + to_string(kind), input};
           std::vector<double> ds, cs, rds, rcs, es, rks;
           for (std::size_t s = 0; s < o.steps + o.warmup; ++s) {
             const auto routing = make_routing(o, topo, me, s);
@@ -292,7 +327,12 @@ int main(int argc, char** argv) {
     if (me == 0) {
       const result& base = results.front(); // linear, flat
       nlohmann::json j;
+      const std::string machine = cpu_model() + ", " + std::to_string(std::thread::hardware_concurrency()) +
+                                  " hardware threads, load average " + load_before + " at the start and " +
+                                  load_average() + " at the end";
       j["command"] = command;
+      j["machine"] = machine;
+      j["date"] = started;
       j["ranks"] = ranks;
       j["nodes"] = topo.nodes();
       j["gpus_per_node"] = topo.gpus_per_node();
@@ -357,6 +397,7 @@ int main(int argc, char** argv) {
         bench_output::file md(o.markdown);
         md << "# Exchange benchmark\n\n"
            << "Command: `" << command << "`\n\n"
+           << "Machine: " << machine << "; " << started << ".\n\n"
            << ranks << " MPI ranks on one machine acting as " << topo.nodes() << " nodes × " << topo.gpus_per_node()
            << " GPUs; " << o.tokens << " tokens per rank, hidden " << o.hidden << " (fp32), " << o.experts
            << " experts, top-" << o.k << ", " << o.steps

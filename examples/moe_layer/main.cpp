@@ -78,7 +78,7 @@ result run(const options& o) {
   for (auto& v : gate)
     v = g(rng);
 
-  transport::local_fabric fabric(topo, Transport::kind == transport_kind::hierarchical);
+  transport::local_fabric fabric(topo, Transport::kind);
   result res;
   res.y.resize(ranks);
   std::vector<transport::link_counters> bytes(ranks);

@@ -253,7 +253,8 @@ int main(int argc, char** argv) {
     for (const std::string name : {"linear", "locality"}) {
       const expert_map map = placement::plan_by_name(name, in).at(0);
       for (bool hier : {false, true}) {
-        mpi_transport t(MPI_COMM_WORLD, topo, hier, exchange_options{std::chrono::milliseconds(o.timeout_ms)});
+        mpi_transport t(MPI_COMM_WORLD, topo, hier ? transport_kind::hierarchical : transport_kind::flat,
+                        exchange_options{std::chrono::milliseconds(o.timeout_ms)});
         // The layer with the dense maps as its expert compute; the policy fixes flat or hierarchical.
         auto maps = [&](expert_id e, std::span<const float> rows_in, std::span<float> rows_out, std::size_t rows) {
           for (std::size_t row = 0; row < rows; ++row)

@@ -106,7 +106,7 @@ int main(int argc, char** argv) {
     for (const std::string name : {"linear", "locality"}) {
       const expert_map map = placement::plan_by_name(name, in).at(0);
       for (bool hier : {false, true}) {
-        nccl_transport t(comm, stream, topo, hier);
+        nccl_transport t(comm, stream, topo, hier ? transport_kind::hierarchical : transport_kind::flat);
         moe_dispatcher<nccl_transport, float> d(t, map, hidden);
         transport::layout<> l;
         transport::dispatch_handle<float> handle;

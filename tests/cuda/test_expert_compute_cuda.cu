@@ -67,7 +67,7 @@ BOOST_AUTO_TEST_CASE(moe_layer_on_cuda_backend) {
   static_assert(std::is_same_v<layer_t::expert_compute_type, layer::swiglu_cuda<float>>);
   const auto c = locus_test::make_case(11, 2, 2);
   const auto all = locus_test::model_weights<float>(12, c.experts, c.hidden, 16);
-  transport::local_fabric f(c.topo, true);
+  transport::local_fabric f(c.topo, transport_kind::hierarchical);
   std::vector<std::vector<float>> y(4);
   std::vector<std::exception_ptr> errors(4);
   std::vector<std::thread> threads;

@@ -21,7 +21,7 @@ template <class Transport>
 void run_cases(std::size_t nodes, std::size_t gpus, std::uint64_t first_seed, std::size_t count) {
   const dynamic_topology topo(nodes, gpus);
   BOOST_REQUIRE_EQUAL(static_cast<std::size_t>(world_size()), topo.ranks());
-  transport::mpi_transport ex(MPI_COMM_WORLD, topo, Transport::kind == transport_kind::hierarchical);
+  transport::mpi_transport ex(MPI_COMM_WORLD, topo, Transport::kind);
   const std::size_t r = ex.rank();
   double worst = 0;
   for (std::uint64_t seed = first_seed; seed < first_seed + count; ++seed) {
@@ -78,7 +78,7 @@ BOOST_AUTO_TEST_CASE(routed_forward_over_mpi) {
   const auto all = locus_test::model_weights<float>(61, E, H, F);
   const auto shared_w = locus_test::model_weights<float>(62, 1, H, F);
   const auto gate = locus_test::random_rows<float>(63, H, E);
-  transport::mpi_transport ex(MPI_COMM_WORLD, topo, true);
+  transport::mpi_transport ex(MPI_COMM_WORLD, topo, transport_kind::hierarchical);
   const std::size_t r = ex.rank();
   layer_t layer(dyn_shape(E, K, H, 1), topo, ex, map,
                 layer::swiglu_host<float>(expert_weights<float>::for_rank(map, r, all), 1));

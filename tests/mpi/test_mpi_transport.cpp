@@ -61,7 +61,8 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
     const auto [nodes, gpus] = topologies[shape];
     auto& tp = transports[{shape, hier}];
     if (!tp)
-      tp = std::make_unique<mpi_transport>(MPI_COMM_WORLD, dynamic_topology(nodes, gpus), hier,
+      tp = std::make_unique<mpi_transport>(MPI_COMM_WORLD, dynamic_topology(nodes, gpus),
+                                           hier ? transport_kind::hierarchical : transport_kind::flat,
                                            exchange_options{std::chrono::milliseconds(60000)});
     const auto c = locus_test::make_case(1000 + it, nodes, gpus);
     moe_dispatcher<mpi_transport, float> d(*tp, c.map, c.hidden);
@@ -121,7 +122,7 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
 BOOST_AUTO_TEST_CASE(mismatched_counts_raise_on_every_rank) {
   const std::size_t ranks = static_cast<std::size_t>(world_size()), me = static_cast<std::size_t>(world_rank());
   const auto [nodes, gpus] = shapes(ranks)[shapes(ranks).size() / 2];
-  mpi_transport t(MPI_COMM_WORLD, dynamic_topology(nodes, gpus), true, exchange_options{std::chrono::seconds(60)});
+  mpi_transport t(MPI_COMM_WORLD, dynamic_topology(nodes, gpus), transport_kind::hierarchical, exchange_options{std::chrono::seconds(60)});
   for (exchange_group g : {exchange_group::world, exchange_group::node, exchange_group::rail}) {
     const std::size_t members = t.group_size(g);
     for (int variant = 0; variant < 3; ++variant) {
@@ -171,12 +172,12 @@ BOOST_AUTO_TEST_CASE(mismatched_counts_raise_on_every_rank) {
 // configured timeout; nobody hangs.
 BOOST_AUTO_TEST_CASE(missing_peer_times_out_on_every_waiting_rank) {
   const std::size_t ranks = static_cast<std::size_t>(world_size()), me = static_cast<std::size_t>(world_rank());
-  for (bool hier : {false, true}) {
+  for (transport_kind tk : {transport_kind::flat, transport_kind::hierarchical}) {
     const auto [nodes, gpus] = shapes(ranks)[shapes(ranks).size() / 2];
     int kind = -1;
     double seconds = 0;
     {
-      mpi_transport t(MPI_COMM_WORLD, dynamic_topology(nodes, gpus), hier,
+      mpi_transport t(MPI_COMM_WORLD, dynamic_topology(nodes, gpus), tk,
                       exchange_options{std::chrono::milliseconds(300)});
       const auto start = std::chrono::steady_clock::now();
       if (me != ranks - 1) {

@@ -63,7 +63,7 @@ template <class Transport>
 double run_case(const locus_test::dispatch_case& c, std::size_t ffn, std::size_t shared, std::uint64_t seed) {
   const auto all = locus_test::model_weights<float>(seed, c.experts, c.hidden, ffn);
   const auto shared_w = locus_test::model_weights<float>(seed + 1, shared, c.hidden, ffn);
-  transport::local_fabric f(c.topo, Transport::kind == transport_kind::hierarchical);
+  transport::local_fabric f(c.topo, Transport::kind);
   std::vector<std::vector<float>> y(c.topo.ranks());
   require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
     const std::size_t r = ep.rank();
@@ -132,7 +132,7 @@ BOOST_AUTO_TEST_CASE(static_shape_bf16) {
     routings.push_back(rt);
     xs.push_back(locus_test::random_rows<bfloat16>(100 + r, tokens, 32));
   }
-  transport::local_fabric f(dynamic_topology(2, 2), true);
+  transport::local_fabric f(dynamic_topology(2, 2), transport_kind::hierarchical);
   require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
     const std::size_t r = ep.rank();
     layer_t layer(shape{}, topo{}, ep, map, compute(expert_weights<bfloat16>::for_rank(map, r, all), 1));
@@ -157,7 +157,7 @@ BOOST_AUTO_TEST_CASE(user_callable_expert_compute) {
       out[i] = static_cast<float>(e + 1) * in[i];
   };
   using compute = layer::expert_callable<decltype(scale)>;
-  transport::local_fabric f(c.topo, false);
+  transport::local_fabric f(c.topo, transport_kind::flat);
   std::vector<std::vector<float>> y(4);
   require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
     moe_layer<dyn_shape, dynamic_topology, compute> layer(dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
@@ -186,7 +186,7 @@ BOOST_AUTO_TEST_CASE(bad_routing_on_one_rank_raises_there_only) {
   routing<> bad = c.routings[1];
   bad.view().expert(0, 0) = static_cast<expert_id>(c.experts + 3);
   const auto all = locus_test::model_weights<float>(3, c.experts, c.hidden, 8);
-  transport::local_fabric f(c.topo, true, transport::exchange_options{std::chrono::milliseconds(5000)});
+  transport::local_fabric f(c.topo, transport_kind::hierarchical, transport::exchange_options{std::chrono::milliseconds(5000)});
   std::vector<std::vector<float>> y(4);
   const auto errors = on_ranks(f, [&](transport::local_transport& ep) {
     const std::size_t r = ep.rank();
@@ -216,7 +216,7 @@ BOOST_AUTO_TEST_CASE(inconsistent_composition_is_refused) {
   const dynamic_topology topo(1, 2);
   const expert_map map(4, 2, 2, {0, 1, 2, 3});
   const auto all = locus_test::model_weights<float>(1, 4, 8, 8);
-  transport::local_fabric flat(topo, false);
+  transport::local_fabric flat(topo, transport_kind::flat);
   auto ep = flat.endpoint(0);
   const auto mine = expert_weights<float>::for_rank(map, 0, all);
   using layer_t = dyn_layer<transport::local_flat>;
@@ -251,7 +251,7 @@ BOOST_AUTO_TEST_CASE(forward_with_softmax_router_matches_reference) {
   const auto gate = locus_test::random_rows<float>(93, H, E);
   using layer_t = moe_layer<dyn_shape, dynamic_topology, transport::local_hierarchical>;
   static_assert(std::is_same_v<layer_t::router_type, router::softmax_topk<top_k<>>>);
-  transport::local_fabric f(topo, true);
+  transport::local_fabric f(topo, transport_kind::hierarchical);
   std::vector<std::vector<float>> xs(4), ys(4);
   std::vector<std::vector<expert_id>> got_ids(4);
   for (std::size_t r = 0; r < 4; ++r)
@@ -287,7 +287,7 @@ BOOST_AUTO_TEST_CASE(router_failure_on_one_rank_raises_there_only) {
   const dynamic_topology topo(1, 2);
   const expert_map map(E, 2, 4, {0, 1, 2, 3, 4, 5, 6, 7});
   const auto all = locus_test::model_weights<float>(5, E, H, 8);
-  transport::local_fabric f(topo, false, transport::exchange_options{std::chrono::milliseconds(5000)});
+  transport::local_fabric f(topo, transport_kind::flat, transport::exchange_options{std::chrono::milliseconds(5000)});
   using layer_t = moe_layer<dyn_shape, dynamic_topology, transport::local_flat>;
   const auto errors = on_ranks(f, [&](transport::local_transport& ep) {
     layer_t layer(dyn_shape(E, K, H, 0), topo, ep, map,
@@ -312,7 +312,7 @@ BOOST_AUTO_TEST_CASE(router_failure_on_one_rank_raises_there_only) {
 BOOST_AUTO_TEST_CASE(wrong_sizes_on_one_rank_raise_there_only) {
   const auto c = locus_test::make_case(21, 1, 3);
   const auto all = locus_test::model_weights<float>(4, c.experts, c.hidden, 8);
-  transport::local_fabric f(c.topo, false, transport::exchange_options{std::chrono::milliseconds(5000)});
+  transport::local_fabric f(c.topo, transport_kind::flat, transport::exchange_options{std::chrono::milliseconds(5000)});
   for (int which = 0; which < 2; ++which) {
     std::vector<std::vector<float>> y(3);
     const auto errors = on_ranks(f, [&](transport::local_transport& ep) {

@@ -1,6 +1,8 @@
 #define BOOST_TEST_MODULE token_refine
 #include <boost/test/unit_test.hpp>
 
+#include <locus/cost/traffic.hpp>
+#include <locus/core/routing.hpp>
 #include <locus/placement/token_refine.hpp>
 
 #include <algorithm>
@@ -12,27 +14,31 @@ using namespace locus;
 
 namespace {
 
-// The rank serving token t's copy for expert e: its copy on the token's node if any, else copy
-// t mod copies (the rule the planner assumes for replicated experts).
-std::size_t serving_rank(const expert_map& m, std::size_t e, std::size_t t, std::size_t home,
-                         const dynamic_topology& topo) {
-  const auto reps = m.replicas(e);
-  for (const auto& x : reps)
-    if (topo.node_of(static_cast<std::size_t>(x.rank)) == home) return static_cast<std::size_t>(x.rank);
-  return static_cast<std::size_t>(reps[t % reps.size()].rank);
+// The rank serving each (token, choice) pair of a layer: the transports' replica rule
+// (placement::locality_first_selector) over the sample's tokens in order, as one step, each token
+// from its placement::sample_source_rank.
+std::vector<std::size_t> serving_ranks(const expert_map& m, const placement::token_sample& s, std::size_t layer,
+                                       const dynamic_topology& topo) {
+  placement::locality_first_selector<dynamic_topology> selector(m, topo);
+  std::vector<std::size_t> out(s.ids[layer].size());
+  for (std::size_t t = 0; t < s.tokens(); ++t)
+    for (std::size_t j = 0; j < s.top_k; ++j)
+      out[t * s.top_k + j] = static_cast<std::size_t>(
+          selector.select(placement::sample_source_rank(s.home[t], t, topo.gpus_per_node()), s.ids[layer][t * s.top_k + j])
+              .rank);
+  return out;
 }
 
 // The sample's copy cost straight from its definition: for each token, the set of ranks serving
-// its distinct experts (a replicated expert: its copy on the token's node if any, else copy
-// t mod copies), then weighted counts of remote ranks and remote nodes.
+// its experts, then weighted counts of remote ranks and remote nodes.
 double reference_cost(const expert_map& m, const placement::token_sample& s, std::size_t layer,
                       const dynamic_topology& topo, double wr = 1.0, double wn = 1.0) {
+  const auto serving = serving_ranks(m, s, layer, topo);
   double c = 0;
   for (std::size_t t = 0; t < s.tokens(); ++t) {
-    std::set<std::size_t> ranks, nodes, experts;
-    for (std::size_t j = 0; j < s.top_k; ++j) experts.insert(s.ids[layer][t * s.top_k + j]);
-    for (auto e : experts) {
-      const std::size_t r = serving_rank(m, e, t, s.home[t], topo);
+    std::set<std::size_t> ranks, nodes;
+    for (std::size_t j = 0; j < s.top_k; ++j) {
+      const std::size_t r = serving[t * s.top_k + j];
       if (topo.node_of(r) == s.home[t]) continue;
       ranks.insert(r);
       nodes.insert(topo.node_of(r));
@@ -42,15 +48,30 @@ double reference_cost(const expert_map& m, const placement::token_sample& s, std
   return c;
 }
 
+// add_replicas_by_tokens still plans with its own approximation of the replica rule (a token's
+// copy on its node if any, else copy t mod copies): the loads it bounds.
+std::vector<double> replica_planner_loads(const expert_map& m, const placement::token_sample& s, std::size_t layer,
+                                          const dynamic_topology& topo) {
+  std::vector<double> load(m.ranks(), 0.0);
+  for (std::size_t t = 0; t < s.tokens(); ++t)
+    for (std::size_t j = 0; j < s.top_k; ++j) {
+      const auto reps = m.replicas(s.ids[layer][t * s.top_k + j]);
+      std::size_t r = static_cast<std::size_t>(reps[t % reps.size()].rank);
+      for (const auto& x : reps)
+        if (topo.node_of(static_cast<std::size_t>(x.rank)) == s.home[t]) {
+          r = static_cast<std::size_t>(x.rank);
+          break;
+        }
+      load[r] += 1;
+    }
+  return load;
+}
+
 // Pairs each rank serves under the reference rule.
 std::vector<double> reference_loads(const expert_map& m, const placement::token_sample& s, std::size_t layer,
                                     const dynamic_topology& topo) {
   std::vector<double> load(m.ranks(), 0.0);
-  for (std::size_t t = 0; t < s.tokens(); ++t) {
-    std::set<std::size_t> experts;
-    for (std::size_t j = 0; j < s.top_k; ++j) experts.insert(s.ids[layer][t * s.top_k + j]);
-    for (auto e : experts) load[serving_rank(m, e, t, s.home[t], topo)] += 1;
-  }
+  for (const std::size_t r : serving_ranks(m, s, layer, topo)) load[r] += 1;
   return load;
 }
 
@@ -234,14 +255,13 @@ BOOST_AUTO_TEST_CASE(annealing_escapes_where_the_sweeps_stop) {
 double worst_shifted_excess(const expert_map& m, const placement::token_sample& s, std::size_t layer,
                             const dynamic_topology& topo, double shift, double slack) {
   const auto base = reference_loads(m, s, layer, topo);
+  const auto serving = serving_ranks(m, s, layer, topo);
   double worst = 0;
   for (std::size_t node = 0; node < topo.nodes(); ++node) {
     std::vector<double> load = base;
     for (std::size_t t = 0; t < s.tokens(); ++t) {
       if (s.home[t] != node) continue;
-      std::set<std::size_t> experts;
-      for (std::size_t j = 0; j < s.top_k; ++j) experts.insert(s.ids[layer][t * s.top_k + j]);
-      for (auto e : experts) load[serving_rank(m, e, t, s.home[t], topo)] += shift;
+      for (std::size_t j = 0; j < s.top_k; ++j) load[serving[t * s.top_k + j]] += shift;
     }
     double total = 0;
     for (double x : load) total += x;
@@ -362,7 +382,7 @@ BOOST_AUTO_TEST_CASE(token_replicas_lower_the_cost_and_only_fill_empty_slots) {
       for (const auto& x : out[0].replicas(e)) on_nodes.insert(topo.node_of(static_cast<std::size_t>(x.rank)));
       BOOST_TEST(on_nodes.size() == out[0].replica_count(e));
     }
-    const auto lb = reference_loads(maps[0], sample, 0, topo), la = reference_loads(out[0], sample, 0, topo);
+    const auto lb = replica_planner_loads(maps[0], sample, 0, topo), la = replica_planner_loads(out[0], sample, 0, topo);
     double total = 0;
     for (double x : lb) total += x;
     const double cap = (1.0 + opt.balance_slack) * total / static_cast<double>(ranks);
@@ -514,5 +534,59 @@ BOOST_AUTO_TEST_CASE(malformed_inputs_raise_clear_errors) {
     BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, s, 0, topo, wrong), config_error);
     if (which > 0)
       BOOST_CHECK_THROW(placement::add_replicas_by_tokens(std::vector<expert_map>{m}, s, topo, wrong), config_error);
+  }
+}
+
+// The one load-bound rule of the planners (placement/load_bound.hpp): the bound is (1 + slack) ×
+// the mean, and a change keeps it when its worst load is within the bound or no worse than the
+// worst load it started from.
+BOOST_AUTO_TEST_CASE(load_bound_is_one_rule) {
+  BOOST_TEST(placement::load_bound(120.0, 4, 0.0) == 30.0);
+  BOOST_TEST(placement::load_bound(120.0, 4, 0.1) == 33.0, boost::test_tools::tolerance(1e-12));
+  BOOST_TEST(placement::keeps_load_bound(33.0, 10.0, 33.0));  // at the bound
+  BOOST_TEST(!placement::keeps_load_bound(33.1, 10.0, 33.0)); // past it
+  BOOST_TEST(placement::keeps_load_bound(40.0, 41.0, 33.0));  // above, but better than before
+  BOOST_TEST(placement::keeps_load_bound(41.0, 41.0, 33.0));  // above, no worse
+  BOOST_TEST(!placement::keeps_load_bound(41.5, 41.0, 33.0)); // above and worse
+  BOOST_TEST(placement::keeps_load_bound(33.0 + 1e-10, 0.0, 33.0)); // rounding of sums in another order
+  BOOST_CHECK_THROW(placement::load_bound(1.0, 0, 0.1), config_error);
+  BOOST_CHECK_THROW(placement::load_bound(1.0, 2, -0.1), config_error);
+}
+
+// token_refine's copy cost is the traffic model's: on random tokens and maps with replicas, the
+// flat weights give the model's inter-node copies of the flat transport and the node weights
+// those of the hierarchical one, each sample token coming from its sample_source_rank.
+BOOST_AUTO_TEST_CASE(copy_cost_is_the_traffic_models) {
+  std::mt19937 rng(71);
+  for (int trial = 0; trial < 40; ++trial) {
+    const std::size_t nodes = 1 + rng() % 4, gpus = 1 + rng() % 3, ranks = nodes * gpus;
+    const std::size_t spr = 2 + rng() % 3, experts = ranks * spr - rng() % ranks;
+    const std::size_t k = 1 + rng() % std::min<std::size_t>(4, experts);
+    const dynamic_topology topo(nodes, gpus);
+    const auto sample = random_sample(rng, 50 + rng() % 150, experts, k, 1, nodes);
+    const expert_map map = random_map(rng, experts, ranks, spr, trial % 3 != 0);
+    routing<> r(sample.tokens(), top_k<>(k));
+    std::vector<std::uint32_t> sources(sample.tokens());
+    for (std::size_t t = 0; t < sample.tokens(); ++t) {
+      sources[t] = static_cast<std::uint32_t>(placement::sample_source_rank(sample.home[t], t, gpus));
+      for (std::size_t j = 0; j < k; ++j) {
+        r.view().expert(t, j) = static_cast<expert_id>(sample.ids[0][t * k + j]);
+        r.view().weight(t, j) = 1.0f;
+      }
+    }
+    const std::vector<expert_map> maps{map};
+    placement::token_refine_options opt;
+    for (const auto kind : {transport_kind::flat, transport_kind::hierarchical}) {
+      cost::traffic_counter<dynamic_topology> counter(topo, kind);
+      cost::layer_traffic traffic(ranks);
+      counter.count_step(map, r.view(), {}, sources, traffic);
+      const auto count = kind == transport_kind::flat ? placement::copy_count::flat : placement::copy_count::hierarchical;
+      BOOST_TEST(placement::sample_copy_cost(maps, sample, topo, opt.count(count)) ==
+                     static_cast<double>(traffic.inter_node_copies()),
+                 "trial " << trial << " " << to_string(kind));
+      // The loads the planner bounds are the model's expert rows.
+      const auto loads = reference_loads(map, sample, 0, topo);
+      for (std::size_t q = 0; q < ranks; ++q) BOOST_TEST(loads[q] == static_cast<double>(traffic.expert_rows[q]));
+    }
   }
 }

@@ -58,11 +58,109 @@ struct row {
 };
 } // namespace
 
+namespace {
+// The local transport seen as an exchanger that does not carry entries: exchange_with_entries
+// then moves them in an exchange of their own.
+class rows_only {
+public:
+  explicit rows_only(local_transport& t) : t_(&t) {}
+  std::size_t rank() const noexcept { return t_->rank(); }
+  const dynamic_topology& topology() const noexcept { return t_->topology(); }
+  bool hierarchical() const noexcept { return t_->hierarchical(); }
+  std::size_t group_size(exchange_group g) const noexcept { return t_->group_size(g); }
+  std::size_t world_rank_of(exchange_group g, std::size_t m) const noexcept { return t_->world_rank_of(g, m); }
+  const link_counters& bytes() const noexcept { return t_->bytes(); }
+  void reset_bytes() noexcept { t_->reset_bytes(); }
+  void exchange(const exchange_request& req, exchange_result& out) {
+    BOOST_TEST(req.entry_bytes == 0u); // it would drop them
+    t_->exchange(req, out);
+  }
+
+private:
+  local_transport* t_;
+};
+static_assert(carries_entries<local_transport> && !carries_entries<rows_only>);
+
+// Sends count(s, d) rows and entry_count(s, d) entries from s to d in one exchange_with_entries;
+// checks what arrived against the same formulas.
+template <class Exchanger>
+void check_entries_travel(Exchanger& ex, std::size_t ranks) {
+  const auto count = [](std::size_t s, std::size_t d) { return (s * 5 + d * 3) % 4; };
+  const auto entry_count = [](std::size_t s, std::size_t d) { return (s + 2 * d) % 3; };
+  const std::size_t me = ex.rank();
+  std::vector<std::size_t> counts(ranks), entry_counts(ranks);
+  std::vector<row> rows, entries;
+  for (std::size_t d = 0; d < ranks; ++d) {
+    counts[d] = count(me, d);
+    entry_counts[d] = entry_count(me, d);
+    for (std::size_t i = 0; i < counts[d]; ++i)
+      rows.push_back({static_cast<std::uint32_t>(me), static_cast<std::uint32_t>(d), static_cast<std::uint32_t>(i)});
+    for (std::size_t i = 0; i < entry_counts[d]; ++i)
+      entries.push_back(
+          {static_cast<std::uint32_t>(me), static_cast<std::uint32_t>(d), static_cast<std::uint32_t>(100 + i)});
+  }
+  exchange_request req{exchange_group::world, sizeof(row), std::as_bytes(std::span(rows)), counts, {}};
+  req.entry_bytes = sizeof(row);
+  req.entries = std::as_bytes(std::span(entries));
+  req.entry_counts = entry_counts;
+  exchange_result out, scratch;
+  exchange_with_entries(ex, req, out, scratch);
+  BOOST_TEST(out.entry_bytes == sizeof(row));
+  std::size_t at = 0, entry_at = 0;
+  for (std::size_t s = 0; s < ranks; ++s) {
+    BOOST_TEST(out.counts[s] == count(s, me));
+    BOOST_TEST(out.entry_counts[s] == entry_count(s, me));
+    for (std::size_t i = 0; i < out.counts[s]; ++i, ++at) {
+      row got;
+      std::memcpy(&got, out.row(at), sizeof got);
+      BOOST_TEST((got.src == s && got.dst == me && got.index == i));
+    }
+    for (std::size_t i = 0; i < out.entry_counts[s]; ++i, ++entry_at) {
+      row got;
+      std::memcpy(&got, out.entry(entry_at), sizeof got);
+      BOOST_TEST((got.src == s && got.dst == me && got.index == 100 + i));
+    }
+  }
+  BOOST_TEST(at == out.row_count());
+  BOOST_TEST(entry_at == out.entry_count());
+}
+} // namespace
+
+// Entries (a dispatch's fan-out table) arrive with their rows, grouped by source like them, over
+// an exchanger that carries them and, in a second exchange, over one that does not; either way the
+// byte counters include them.
+BOOST_AUTO_TEST_CASE(entries_travel_with_their_rows) {
+  const dynamic_topology topo(2, 2);
+  for (bool carried : {true, false}) {
+    local_fabric f(topo, transport_kind::flat);
+    std::vector<std::uint64_t> sent(topo.ranks());
+    const auto errors = run_ranks(f, [&](local_transport& ep) {
+      if (carried) {
+        check_entries_travel(ep, topo.ranks());
+      } else {
+        rows_only r(ep);
+        check_entries_travel(r, topo.ranks());
+      }
+      for (std::size_t k = 0; k < 3; ++k)
+        sent[ep.rank()] += ep.bytes().bytes_sent[k];
+    });
+    for (const auto& e : errors)
+      BOOST_TEST(!e, message_of(e));
+    std::uint64_t expect = 0, total = 0;
+    for (std::size_t s = 0; s < topo.ranks(); ++s)
+      for (std::size_t d = 0; d < topo.ranks(); ++d)
+        expect += ((s * 5 + d * 3) % 4 + (s + 2 * d) % 3) * sizeof(row);
+    for (auto b : sent)
+      total += b;
+    BOOST_TEST(total == expect, (carried ? "carried" : "second exchange"));
+  }
+}
+
 // Rows arrive grouped by source in member order, each source's rows in send order; byte counters
 // equal a brute-force count per link class.
 BOOST_AUTO_TEST_CASE(world_exchange_delivers_every_row_once) {
   const dynamic_topology topo(2, 3);
-  local_fabric f(topo, false);
+  local_fabric f(topo, transport_kind::flat);
   const auto count = [](std::size_t s, std::size_t d) { return (s * 5 + d * 3) % 4; };
   std::vector<link_counters> counters(topo.ranks());
   const auto errors = run_ranks(f, [&](local_transport& ep) {
@@ -107,7 +205,7 @@ BOOST_AUTO_TEST_CASE(world_exchange_delivers_every_row_once) {
 // Node and rail groups number members by local rank and by node.
 BOOST_AUTO_TEST_CASE(node_and_rail_groups_follow_the_topology) {
   const dynamic_topology topo(3, 2);
-  local_fabric f(topo, true);
+  local_fabric f(topo, transport_kind::hierarchical);
   const auto errors = run_ranks(f, [&](local_transport& ep) {
     for (exchange_group g : {exchange_group::node, exchange_group::rail}) {
       const std::size_t n = ep.group_size(g);
@@ -132,7 +230,7 @@ BOOST_AUTO_TEST_CASE(node_and_rail_groups_follow_the_topology) {
 // expectation raise transport_error on every rank; the fabric stays usable afterwards.
 BOOST_AUTO_TEST_CASE(disagreements_raise_on_every_rank) {
   const dynamic_topology topo(2, 2);
-  local_fabric f(topo, false);
+  local_fabric f(topo, transport_kind::flat);
   for (int variant = 0; variant < 3; ++variant) {
     const auto errors = run_ranks(f, [&](local_transport& ep) {
       const std::size_t me = ep.rank();
@@ -169,7 +267,7 @@ BOOST_AUTO_TEST_CASE(disagreements_raise_on_every_rank) {
 // A rank that never arrives makes the others raise timeout_error after the timeout, not hang.
 BOOST_AUTO_TEST_CASE(missing_peer_times_out) {
   const dynamic_topology topo(2, 2);
-  local_fabric f(topo, false, exchange_options{std::chrono::milliseconds(150)});
+  local_fabric f(topo, transport_kind::flat, exchange_options{std::chrono::milliseconds(150)});
   const auto start = std::chrono::steady_clock::now();
   const auto errors = run_ranks(f, [&](local_transport& ep) {
     if (ep.rank() == 1) return;
@@ -193,7 +291,7 @@ BOOST_AUTO_TEST_CASE(missing_peer_times_out) {
 BOOST_AUTO_TEST_CASE(late_peer_raises_and_is_named) {
   const dynamic_topology topo(2, 2);
   for (exchange_group g : {exchange_group::world, exchange_group::node}) {
-    local_fabric f(topo, false, exchange_options{std::chrono::milliseconds(150)});
+    local_fabric f(topo, transport_kind::flat, exchange_options{std::chrono::milliseconds(150)});
     const auto errors = run_ranks(f, [&](local_transport& ep) {
       if (ep.rank() == 3) std::this_thread::sleep_for(std::chrono::milliseconds(400));
       const std::size_t members = ep.group_size(g);
@@ -221,7 +319,7 @@ BOOST_AUTO_TEST_CASE(late_peer_raises_and_is_named) {
 // The step in the header catches a rank that skipped a step: every rank raises transport_error
 // naming both sides, and, all having seen the same headers, all can go on.
 BOOST_AUTO_TEST_CASE(skipped_step_is_caught_on_every_rank) {
-  local_fabric f(dynamic_topology(1, 3), false, exchange_options{std::chrono::milliseconds(5000)});
+  local_fabric f(dynamic_topology(1, 3), transport_kind::flat, exchange_options{std::chrono::milliseconds(5000)});
   std::vector<std::string> first(3);
   const auto errors = run_ranks(f, [&](local_transport& ep) {
     std::vector<std::size_t> counts(3, 1);
@@ -256,8 +354,8 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
   for (std::uint64_t seed = 1; seed <= 60; ++seed) {
     const auto [nodes, gpus] = shapes[seed % std::size(shapes)];
     const auto c = locus_test::make_case(seed, nodes, gpus);
-    for (bool hier : {false, true}) {
-      local_fabric f(c.topo, hier);
+    for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
+      local_fabric f(c.topo, kind);
       std::vector<link_counters> dispatch_bytes(c.topo.ranks()), combine_bytes(c.topo.ranks());
       std::vector<double> errors(c.topo.ranks());
       std::vector<std::uint64_t> rows_per_expert(c.experts, 0);
@@ -292,7 +390,7 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
         BOOST_TEST_REQUIRE(!e);
       }
       for (double e : errors)
-        BOOST_TEST(e < 1e-5, "seed " << seed << " hierarchical " << hier);
+        BOOST_TEST(e < 1e-5, "seed " << seed << " " << to_string(kind));
       std::vector<std::uint64_t> expect_rows(c.experts, 0);
       for (const auto& r : c.routings)
         for (expert_id e : r.ids())
@@ -300,7 +398,7 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
       BOOST_TEST(rows_per_expert == expect_rows, boost::test_tools::per_element());
       // Rows carry the hidden vector only; the fan-out entries are the model's too.
       BOOST_TEST(sizes.dispatch_bytes == c.hidden * sizeof(float));
-      const auto model = c.model(hier ? cost::transport_kind::hierarchical : cost::transport_kind::flat);
+      const auto model = c.model(kind);
       for (std::size_t cls = 0; cls < link_class_count; ++cls) {
         std::uint64_t db = 0, cb = 0;
         for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
@@ -337,8 +435,8 @@ BOOST_AUTO_TEST_CASE(two_handles_interleave) {
         }
       b.routings[r] = std::move(fresh);
     }
-    for (bool hier : {false, true}) {
-      local_fabric f(a.topo, hier);
+    for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
+      local_fabric f(a.topo, kind);
       std::vector<double> err_a(a.topo.ranks(), 1.0), err_b(a.topo.ranks(), 1.0);
       const auto failures = run_ranks(f, [&](local_transport& ep) {
         const std::size_t me = ep.rank();
@@ -360,8 +458,8 @@ BOOST_AUTO_TEST_CASE(two_handles_interleave) {
       for (const auto& e : failures)
         BOOST_TEST_REQUIRE(!e);
       for (std::size_t r = 0; r < a.topo.ranks(); ++r) {
-        BOOST_TEST(err_a[r] < 1e-5, "seed " << seed << " hierarchical " << hier << " rank " << r);
-        BOOST_TEST(err_b[r] < 1e-5, "seed " << seed << " hierarchical " << hier << " rank " << r);
+        BOOST_TEST(err_a[r] < 1e-5, "seed " << seed << " " << to_string(kind) << " rank " << r);
+        BOOST_TEST(err_b[r] < 1e-5, "seed " << seed << " " << to_string(kind) << " rank " << r);
       }
     }
   }
@@ -370,7 +468,7 @@ BOOST_AUTO_TEST_CASE(two_handles_interleave) {
 // Invalid input on one rank raises there and does not leave the others waiting.
 BOOST_AUTO_TEST_CASE(bad_input_raises_without_hanging_the_others) {
   const auto c = locus_test::make_case(7, 2, 2);
-  local_fabric f(c.topo, true, exchange_options{std::chrono::milliseconds(5000)});
+  local_fabric f(c.topo, transport_kind::hierarchical, exchange_options{std::chrono::milliseconds(5000)});
   const auto errors = run_ranks(f, [&](local_transport& ep) {
     moe_dispatcher<local_transport, float> d(ep, c.map, c.hidden);
     routing<> r(2, top_k<>(c.k));
@@ -392,7 +490,7 @@ BOOST_AUTO_TEST_CASE(bad_input_raises_without_hanging_the_others) {
 // rank, after the exchanges.
 BOOST_AUTO_TEST_CASE(a_layout_of_the_wrong_kind_is_refused) {
   const auto c = locus_test::make_case(5, 2, 2);
-  local_fabric f(c.topo, true, exchange_options{std::chrono::milliseconds(5000)});
+  local_fabric f(c.topo, transport_kind::hierarchical, exchange_options{std::chrono::milliseconds(5000)});
   const auto errors = run_ranks(f, [&](local_transport& ep) {
     moe_dispatcher<local_transport, float> d(ep, c.map, c.hidden);
     layout<> l;
@@ -412,8 +510,8 @@ BOOST_AUTO_TEST_CASE(a_layout_of_the_wrong_kind_is_refused) {
 // computes and combines (with no tokens of its own), every other rank's outputs are exact.
 BOOST_AUTO_TEST_CASE(a_rank_with_bad_input_still_serves_its_peers) {
   const auto c = locus_test::make_case(13, 2, 2);
-  for (bool hier : {false, true}) {
-    local_fabric f(c.topo, hier, exchange_options{std::chrono::milliseconds(5000)});
+  for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
+    local_fabric f(c.topo, kind, exchange_options{std::chrono::milliseconds(5000)});
     std::vector<double> errors(c.topo.ranks(), 1.0);
     const auto raised_by = run_ranks(f, [&](local_transport& ep) {
       const std::size_t me = ep.rank();
@@ -442,7 +540,7 @@ BOOST_AUTO_TEST_CASE(a_rank_with_bad_input_still_serves_its_peers) {
     BOOST_TEST(raised<invalid_input_error>(raised_by[2]));
     for (std::size_t r : {0u, 1u, 3u}) {
       BOOST_TEST(!raised_by[r]);
-      BOOST_TEST(errors[r] < 1e-5, "rank " << r << " hierarchical " << hier << ": error " << errors[r]);
+      BOOST_TEST(errors[r] < 1e-5, "rank " << r << " " << to_string(kind) << ": error " << errors[r]);
     }
   }
 }

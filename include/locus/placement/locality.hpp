@@ -26,6 +26,7 @@
 #include <locus/core/policy.hpp>
 #include <locus/grouper/workload_aware.hpp>
 #include <locus/placement/activation_usage.hpp>
+#include <locus/placement/load_bound.hpp>
 #include <locus/placement/plan_input.hpp>
 
 #include <algorithm>
@@ -58,7 +59,7 @@ inline da::node_layout plan_layer(const std::vector<std::vector<double>>& u, con
   for (std::size_t n = 0; n < nodes; ++n)
     for (std::size_t e = 0; e < experts; ++e) w[e] += u[n][e];
   for (double x : w) total += x;
-  const double cap = (1.0 + opt.balance_slack) * total / static_cast<double>(nodes);
+  const double cap = load_bound(total, nodes, opt.balance_slack);
 
   // 1. Balanced greedy.
   std::vector<std::int32_t> host(experts, -1);
@@ -94,7 +95,7 @@ inline da::node_layout plan_layer(const std::vector<std::vector<double>>& u, con
   // 2. Kernighan–Lin style sweeps. A change is allowed when neither node ends above the larger of
   //    the bound and the worse of the two loads before it (so an over-full start never worsens).
   auto allowed = [&](std::size_t a, std::size_t x, double new_a, double new_x) {
-    return std::max(new_a, new_x) <= std::max(cap, std::max(load[a], load[x])) + 1e-9;
+    return keeps_load_bound(std::max(new_a, new_x), std::max(load[a], load[x]), cap);
   };
   for (std::size_t sweep = 0; sweep < opt.max_sweeps; ++sweep) {
     bool improved = false;
@@ -144,7 +145,7 @@ inline da::node_layout plan_layer(const std::vector<std::vector<double>>& u, con
   if (b.redundant_per_node == 0 || !opt.replicas) return layout;
 
   // 3. Replicas. Copy loads per expert: local tokens stay, remote tokens spread over copies.
-  const double rcap = (1.0 + opt.replica_balance_slack) * total / static_cast<double>(nodes);
+  const double rcap = load_bound(total, nodes, opt.replica_balance_slack);
   std::vector<std::vector<std::uint32_t>> hosts(experts);
   for (std::size_t e = 0; e < experts; ++e) hosts[e].push_back(static_cast<std::uint32_t>(host[e]));
   auto copy_load = [&](std::size_t e, const std::vector<std::uint32_t>& hs, std::vector<double>& per_host) {
@@ -181,7 +182,7 @@ inline da::node_layout plan_layer(const std::vector<std::vector<double>>& u, con
       worst_new = std::max(worst_new, nl);
       worst_old = std::max(worst_old, load[hs[i]]);
     }
-    if (worst_new > std::max(rcap, worst_old) + 1e-9) continue;
+    if (!keeps_load_bound(worst_new, worst_old, rcap)) continue;
     for (std::size_t i = 0; i < hs.size(); ++i) load[hs[i]] += after[i] - (i < before.size() ? before[i] : 0.0);
     hosts[e] = std::move(hs);
     layout.add(n, e);
@@ -251,8 +252,8 @@ inline double refine_grouping(grouper::workload_model& model, plan_input in, con
   }
   double total_requests = 0;
   for (std::size_t c = 0; c < k; ++c) total_requests += model.cluster_requests(c);
-  const double token_cap = (1.0 + jopt.token_slack) * total_tokens / static_cast<double>(nodes);
-  const double request_cap = (1.0 + jopt.request_slack) * total_requests / static_cast<double>(nodes);
+  const double token_cap = load_bound(total_tokens, nodes, jopt.token_slack);
+  const double request_cap = load_bound(total_requests, nodes, jopt.request_slack);
   double best_score = -1;
   std::vector<std::uint32_t> best_map = model.cluster_node();
   for (std::size_t round = 0; round < jopt.rounds; ++round) {
@@ -277,7 +278,7 @@ inline double refine_grouping(grouper::workload_model& model, plan_input in, con
     }
     // A change may not push a node past a bound unless it already was past it and gets no worse.
     auto fits = [](double now_a, double now_x, double new_a, double new_x, double cap) {
-      return std::max(new_a, new_x) <= std::max(cap, std::max(now_a, now_x)) + 1e-9;
+      return keeps_load_bound(std::max(new_a, new_x), std::max(now_a, now_x), cap);
     };
     bool changed = false;
     for (std::size_t pass = 0; pass < 4 * k; ++pass) {

@@ -10,7 +10,9 @@
 
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
+#include <locus/placement/load_bound.hpp>
 #include <locus/placement/locality.hpp>
+#include <locus/placement/load_bound.hpp>
 #include <locus/placement/plan_input.hpp>
 
 #include <algorithm>
@@ -74,7 +76,7 @@ inline replan_result replan_bounded(const std::vector<expert_map>& current, cons
     for (std::size_t n = 0; n < nodes; ++n)
       for (std::size_t e = 0; e < experts; ++e) w[l][e] += nl[l][n][e];
     for (double x : w[l]) total += x;
-    cap[l] = (1.0 + balance_slack) * total / static_cast<double>(nodes);
+    cap[l] = load_bound(total, nodes, balance_slack);
   }
   while (out.experts_moved + 2 <= max_moved_experts) {
     double best_gain = 1e-9;
@@ -103,7 +105,7 @@ inline replan_result replan_bounded(const std::vector<expert_map>& current, cons
           const double gain = u[x][e] + u[a][f] - u[a][e] - u[x][f];
           if (gain <= best_gain) continue;
           const double na = load[a] - w[l][e] + w[l][f], nx = load[x] - w[l][f] + w[l][e];
-          if (std::max(na, nx) > std::max(cap[l], std::max(load[a], load[x])) + 1e-9) continue;
+          if (!keeps_load_bound(std::max(na, nx), std::max(load[a], load[x]), cap[l])) continue;
           best_gain = gain;
           bl = l;
           bs1 = slot[e];

@@ -17,15 +17,18 @@
 //! ranked by the sum of both move gains, and the best few are evaluated exactly from fresh rows (a
 //! token that uses both keeps its ranks, so both moves are taken back for it). A sweep costs
 //! O(sample pairs × candidates + experts²). Replicated experts stay where they are; a token's copy
-//! for one of them goes to the copy on its node when there is one, or else to one of the copies
-//! chosen by token index (the replica selector spreads remote copies).
+//! for one of them goes where the transports' replica rule sends it (placement::
+//! locality_first_selector over the sample's tokens in order, as one step, each token from its
+//! sample_source_rank), and the copies are counted by the layout's rule (send_rank and row_link of
+//! transport/detail/layout_token.hpp), so the cost equals the traffic model's inter-node copies.
 //! With token_refine_options::anneal_per_expert, simulated annealing over random swaps (exact cost
 //! change by one merge of the two experts' token lists) then starts from the sweeps' optimum,
 //! keeps the best state it sees, and the sweeps run once more.
 //! With token_refine_options::balance_shift the load bound also holds under request mixes where one
 //! node's tokens grow by that share; a map above those bounds is first repaired by swaps.
 //! `add_replicas_by_tokens` fills empty slots the same way: greedily the replica that saves the
-//! most copies of the sample (lazy re-evaluation), under the same load bound.
+//! most copies of the sample (lazy re-evaluation), under the same load bound; it still plans with
+//! an approximation of the replica rule (a token's copy on its node if any, else copy t mod copies).
 //! Deterministic: fixed orders, ties to the lower index.
 
 #include <algorithm>
@@ -36,6 +39,9 @@
 #include <locus/core/expert_map.hpp>
 #include <locus/core/random.hpp>
 #include <locus/core/topology.hpp>
+#include <locus/placement/load_bound.hpp>
+#include <locus/placement/replica_selection.hpp>
+#include <locus/transport/detail/layout_token.hpp>
 #include <locus/trace/trace.hpp>
 #include <numeric>
 #include <span>
@@ -82,6 +88,13 @@ struct token_sample {
     }
   }
 };
+
+//! The rank sample token `t` runs on: the sample names the node of a token's request, and a node's
+//! tokens take its GPUs in turn, in sample order. Copy costs and replica choices are the
+//! transports' for a token from this rank.
+inline std::size_t sample_source_rank(std::size_t home, std::size_t t, std::size_t gpus_per_node) noexcept {
+  return home * gpus_per_node + t % gpus_per_node;
+}
 
 //! The copies a plan is for: those of the flat transport (one per distinct remote GPU of a
 //! token), of the hierarchical one (one per distinct remote node), or both weighed together.
@@ -185,7 +198,7 @@ struct shifted_loads {
     for (std::size_t s = 0; s < cap.size(); ++s) {
       double extra = 0;
       for (std::size_t r = 0; r < ranks; ++r) extra += pairs[s * ranks + r];
-      cap[s] = (1.0 + slack) * (total + shift * extra) / static_cast<double>(ranks);
+      cap[s] = load_bound(total + shift * extra, ranks, slack);
     }
   }
   double at(const std::vector<double>& load, std::size_t s, std::size_t r) const {
@@ -193,22 +206,31 @@ struct shifted_loads {
   }
 };
 
-//! Copy cost of one token on node `home` whose pairs are served by the ranks `rank_of(j)`
-//! (negative: the pair is ignored): each distinct remote rank and each distinct remote node once.
+//! Copy cost of one token from rank `source` whose pairs are served by the ranks `rank_of(j)`
+//! (negative: the pair is ignored): the rows the layout sends across nodes (transport/detail/
+//! layout_token.hpp), one per distinct remote rank for the flat transport and one per distinct
+//! remote node (to its rail peer) for the hierarchical one, weighted.
 template <class RankOf>
-double token_copy_cost(std::size_t home, std::size_t k, RankOf&& rank_of, const std::vector<std::uint32_t>& node_of,
-                       stamp_set& ranks_seen, stamp_set& nodes_seen, const token_refine_options& opt) {
+double token_copy_cost(std::size_t source, std::size_t gpus, std::size_t k, RankOf&& rank_of,
+                       const std::vector<std::uint32_t>& node_of, stamp_set& ranks_seen, stamp_set& nodes_seen,
+                       const token_refine_options& opt) {
+  namespace tl = transport::detail::layout;
+  constexpr auto inter = static_cast<std::int32_t>(link_class::inter_node);
+  const auto src = static_cast<std::int32_t>(source), g = static_cast<std::int32_t>(gpus);
+  const tl::token_params flat{src, g, 1, 1, false}, hier{src, g, 1, 1, true};
   ranks_seen.next();
   nodes_seen.next();
   double c = 0;
   for (std::size_t j = 0; j < k; ++j) {
     const std::int64_t ri = rank_of(j);
     if (ri < 0) continue;
-    const auto r = static_cast<std::size_t>(ri);
-    const std::size_t n = node_of[r];
-    if (n == home) continue;
-    if (ranks_seen.insert(r)) c += opt.rank_copy_weight;
-    if (nodes_seen.insert(n)) c += opt.node_copy_weight;
+    const auto dst = static_cast<std::int32_t>(ri);
+    const std::int32_t to_rank = tl::send_rank(flat, dst), to_node = tl::send_rank(hier, dst);
+    if (tl::row_link(flat, to_rank) == inter && ranks_seen.insert(static_cast<std::size_t>(to_rank)))
+      c += opt.rank_copy_weight;
+    // Distinct rail peers are distinct nodes.
+    if (tl::row_link(hier, to_node) == inter && nodes_seen.insert(node_of[static_cast<std::size_t>(to_node)]))
+      c += opt.node_copy_weight;
   }
   return c;
 }
@@ -225,8 +247,9 @@ public:
   layer_state(const expert_map& map, std::span<const std::uint16_t> ids, std::span<const std::uint32_t> home,
               std::size_t top_k, const Topology& topo, const token_refine_options& opt,
               std::span<const std::uint32_t> mix = {})
-      : opt_(opt), k_(top_k), tokens_(home.size()), ranks_(map.ranks()), nodes_(topo.nodes()), ids_(ids), home_(home),
-        mix_(mix.empty() ? home : mix), mixes_(mix_groups(mix, nodes_)) {
+      : opt_(opt), k_(top_k), tokens_(home.size()), ranks_(map.ranks()), nodes_(topo.nodes()),
+        gpus_(topo.gpus_per_node()), ids_(ids), home_(home), mix_(mix.empty() ? home : mix),
+        mixes_(mix_groups(mix, nodes_)) {
     const std::size_t experts = map.experts();
     node_of_.resize(ranks_);
     for (std::size_t r = 0; r < ranks_; ++r) node_of_[r] = static_cast<std::uint32_t>(topo.node_of(r));
@@ -244,6 +267,9 @@ public:
     fixed_.assign(tokens_ * k_, -1);
     tok_of_.assign(experts, {});
     load_.assign(ranks_, 0.0);
+    // The replica rule of the transports, over the sample's tokens in order as one step.
+    locality_first_selector<Topology> selector(map, topo);
+    const expert_map_view view = map.view();
     for (std::size_t t = 0; t < tokens_; ++t)
       for (std::size_t j = 0; j < k_; ++j) {
         const std::size_t e = ids_[t * k_ + j];
@@ -258,20 +284,13 @@ public:
           load_[static_cast<std::size_t>(rank_of_[e])] += 1;
           continue;
         }
-        const auto reps = map.replicas(e);
-        std::int32_t r = -1;
-        for (const auto& s : reps)
-          if (node_of_[static_cast<std::size_t>(s.rank)] == home_[t]) {
-            r = s.rank;
-            break;
-          }
-        if (r < 0) r = reps[t % reps.size()].rank;
+        const std::int32_t r = view.replicas[selector.select_index(source_of(t), e)].rank;
         fixed_[t * k_ + j] = r;
         load_[static_cast<std::size_t>(r)] += 1;
       }
     double total = 0;
     for (double x : load_) total += x;
-    cap_ = (1.0 + opt_.balance_slack) * total / static_cast<double>(ranks_);
+    cap_ = load_bound(total, ranks_, opt_.balance_slack);
     // The rank serving each pair, token-major (-1: a repeated choice, ignored): k entries per
     // token keep the working set small, and every per-token question is a scan of them.
     tr_.assign(tokens_ * k_, none);
@@ -295,13 +314,16 @@ public:
     nodes_seen_.reset(nodes_);
   }
 
+  //! The rank token t runs on (sample_source_rank).
+  std::size_t source_of(std::size_t t) const noexcept { return sample_source_rank(home_[t], t, gpus_); }
+
   //! The sample's copy cost under the current positions.
   double total_cost() {
     double c = 0;
     for (std::size_t t = 0; t < tokens_; ++t) {
       const std::uint32_t* tr = tr_.data() + t * k_;
       const auto rank_of = [tr](std::size_t j) -> std::int64_t { return tr[j] == none ? -1 : tr[j] & 0xFFFFu; };
-      c += token_copy_cost(home_[t], k_, rank_of, node_of_, ranks_seen_, nodes_seen_, opt_);
+      c += token_copy_cost(source_of(t), gpus_, k_, rank_of, node_of_, ranks_seen_, nodes_seen_, opt_);
     }
     return c;
   }
@@ -670,7 +692,7 @@ private:
   bool within_cap(std::size_t e, std::size_t f) const {
     const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
     const double d = static_cast<double>(tok_of_[f].size()) - static_cast<double>(tok_of_[e].size());
-    return std::max(load_[a] + d, load_[b] - d) <= std::max(cap_, std::max(load_[a], load_[b])) + 1e-9;
+    return keeps_load_bound(std::max(load_[a] + d, load_[b] - d), std::max(load_[a], load_[b]), cap_);
   }
 
   //! What swapping e and f adds to the load of e's rank under shifted mix s (f's rank loses it).
@@ -684,7 +706,7 @@ private:
     const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
     for (std::size_t s = 0; s < shifted_.cap.size(); ++s) {
       const double oa = shifted_.at(load_, s, a), ob = shifted_.at(load_, s, b), d = shifted_swap_change(e, f, s);
-      if (std::max(oa + d, ob - d) > std::max(shifted_.cap[s], std::max(oa, ob)) + 1e-9) return false;
+      if (!keeps_load_bound(std::max(oa + d, ob - d), std::max(oa, ob), shifted_.cap[s])) return false;
     }
     return true;
   }
@@ -740,7 +762,7 @@ private:
   }
 
   token_refine_options opt_;
-  std::size_t k_, tokens_, ranks_, nodes_;
+  std::size_t k_, tokens_, ranks_, nodes_, gpus_;
   std::span<const std::uint16_t> ids_;
   std::span<const std::uint32_t> home_;
   std::span<const std::uint32_t> mix_; //!< per token: its shifted-mix group (home_ when none given)
@@ -768,7 +790,7 @@ public:
                 std::size_t top_k, const Topology& topo, const token_refine_options& opt,
                 std::span<const std::uint32_t> mix = {})
       : opt_(opt), k_(top_k), tokens_(home.size()), ranks_(map.ranks()), nodes_(topo.nodes()),
-        spr_(map.slots_per_rank()), ids_(ids), home_(home), mix_(mix.empty() ? home : mix),
+        gpus_(topo.gpus_per_node()), spr_(map.slots_per_rank()), ids_(ids), home_(home), mix_(mix.empty() ? home : mix),
         mixes_(mix_groups(mix, nodes_)), experts_(map.experts()) {
     node_of_.resize(ranks_);
     for (std::size_t r = 0; r < ranks_; ++r) node_of_[r] = static_cast<std::uint32_t>(topo.node_of(r));
@@ -794,7 +816,7 @@ public:
       if (r >= 0) load_[static_cast<std::size_t>(r)] += 1;
     double total = 0;
     for (double x : load_) total += x;
-    cap_ = (1.0 + opt_.balance_slack) * total / static_cast<double>(ranks_);
+    cap_ = load_bound(total, ranks_, opt_.balance_slack);
     shifted_.reset(opt_.balance_shift, mixes_, ranks_);
     if (shifted_.on()) {
       for (std::size_t i = 0; i < tr_.size(); ++i)
@@ -899,7 +921,8 @@ private:
   double token_cost(std::size_t t, std::size_t jx, std::int32_t rx) {
     const std::int32_t* tr = tr_.data() + t * k_;
     const auto rank_of = [&](std::size_t j) -> std::int64_t { return j == jx ? rx : tr[j]; };
-    return token_copy_cost(home_[t], k_, rank_of, node_of_, ranks_seen_, nodes_seen_, opt_);
+    return token_copy_cost(sample_source_rank(home_[t], t, gpus_), gpus_, k_, rank_of, node_of_, ranks_seen_,
+                           nodes_seen_, opt_);
   }
 
   std::vector<std::int32_t> with_copy(std::size_t e, std::size_t r) const {
@@ -940,7 +963,7 @@ private:
         worst_new = std::max(worst_new, load_[x] + delta[x]);
         worst_old = std::max(worst_old, load_[x]);
       }
-    if (worst_new > std::max(cap_, worst_old) + 1e-9) return false;
+    if (!keeps_load_bound(worst_new, worst_old, cap_)) return false;
     for (std::size_t s = 0; s < shifted_.cap.size(); ++s) {
       worst_new = worst_old = 0;
       for (std::size_t x = 0; x < ranks_; ++x)
@@ -949,7 +972,7 @@ private:
           worst_new = std::max(worst_new, old + delta[x] + shifted_.shift * shifted_delta[s * ranks_ + x]);
           worst_old = std::max(worst_old, old);
         }
-      if (worst_new > std::max(shifted_.cap[s], worst_old) + 1e-9) return false;
+      if (!keeps_load_bound(worst_new, worst_old, shifted_.cap[s])) return false;
     }
     return true;
   }
@@ -968,7 +991,7 @@ private:
   }
 
   token_refine_options opt_;
-  std::size_t k_, tokens_, ranks_, nodes_, spr_;
+  std::size_t k_, tokens_, ranks_, nodes_, gpus_, spr_;
   std::span<const std::uint16_t> ids_;
   std::span<const std::uint32_t> home_;
   std::span<const std::uint32_t> mix_; //!< per token: its shifted-mix group (home_ when none given)

@@ -11,9 +11,9 @@
 //!    hierarchical transport), per-rank counts and offsets, and each row's entries (target local
 //!    rank, slot, weight): the fan-out table a receiver needs.
 //! 2. **Dispatch** packs each row once (`send[r] = x[row_token[r]]`: payload only, no per-row
-//!    header) and moves it with one exchange; the rows' entries travel beside them in a second,
-//!    small exchange (8 bytes per entry, the last entry of each row marked), so a receiver splits
-//!    them per row from the counts alone. Hierarchically, the rail peer on each remote node splits
+//!    header) and moves it with one exchange; the rows' entries (8 bytes per entry, the last entry
+//!    of each row marked) travel in the same exchange (`exchange_request::entries`), so a receiver
+//!    splits them per row from the counts alone. Hierarchically, the rail peer on each remote node splits
 //!    what it received per target rank of its node (`make_node_fanout`) and forwards it with its
 //!    own node's direct rows in a second stage. Every receiver then orders its entries per local
 //!    expert (`receive_layout`) and hands the expert compute a pointer per row *into the receive
@@ -74,18 +74,18 @@ struct received_entries {
 //! Splits the entries that came with `rows` (grouped by source member, as the rows) into rows.
 //! @throws locus::transport_error when a source's entries do not form exactly its rows, or name a
 //!         target or slot out of range
-inline void split_entries(const exchange_result& rows, const exchange_result& meta, std::size_t gpus, std::size_t slots,
-                          received_entries& out) {
+inline void split_entries(const exchange_result& rows, std::size_t gpus, std::size_t slots, received_entries& out) {
   out.clear();
   const std::size_t members = rows.counts.size();
-  LOCUS_REQUIRE(meta.counts.size() == members, transport_error, "dispatch: entries came from ", meta.counts.size(),
-                " members but rows from ", members);
+  LOCUS_REQUIRE(rows.entry_counts.size() == members && (rows.entry_count() == 0 || rows.entry_bytes == sizeof(wire_entry)),
+                transport_error, "dispatch: entries of ", rows.entry_bytes, " bytes came from ",
+                rows.entry_counts.size(), " members but rows from ", members);
   for (std::size_t m = 0; m < members; ++m) {
     std::size_t got = 0;
     std::int32_t in_row = 0;
-    for (std::size_t e = meta.offsets[m]; e < meta.offsets[m + 1]; ++e) {
+    for (std::size_t e = rows.entry_offsets[m]; e < rows.entry_offsets[m + 1]; ++e) {
       wire_entry w;
-      std::memcpy(&w, meta.row(e), sizeof w);
+      std::memcpy(&w, rows.entry(e), sizeof w);
       const std::size_t key = w.code >> 1;
       LOCUS_REQUIRE(key < gpus * slots, transport_error, "dispatch: member ", m, " sent an entry for slot ",
                     key % slots, " of local rank ", key / slots, ", out of range (", gpus, " ranks × ", slots,
@@ -263,18 +263,18 @@ public:
     if (!ex_->hierarchical()) {
       pack(x, l, use, exchange_group::world, h.origins_a_);
       exchange_rows(exchange_group::world, h.rows_a_);
-      detail::dispatch::split_entries(h.rows_a_, meta_in_, topo.gpus_per_node(), map_->slots_per_rank(), in_);
+      detail::dispatch::split_entries(h.rows_a_, topo.gpus_per_node(), map_->slots_per_rank(), in_);
       h.self_forward_.clear();
     } else {
       // Stage 1: one row per remote destination node, to the rail peer on that node.
       pack(x, l, use, exchange_group::rail, h.origins_a_);
       exchange_rows(exchange_group::rail, h.rows_a_);
-      detail::dispatch::split_entries(h.rows_a_, meta_in_, topo.gpus_per_node(), map_->slots_per_rank(), in_);
+      detail::dispatch::split_entries(h.rows_a_, topo.gpus_per_node(), map_->slots_per_rank(), in_);
       fan_ = make_node_fanout(topo.gpus_per_node(), in_.row_counts, in_.target, in_.slot, in_.weight);
       // Stage 2: own tokens to own-node destinations, and the fan-out of what arrived.
       pack_node(x, l, use, h);
       exchange_rows(exchange_group::node, h.rows_b_);
-      detail::dispatch::split_entries(h.rows_b_, meta_in_, topo.gpus_per_node(), map_->slots_per_rank(), in_);
+      detail::dispatch::split_entries(h.rows_b_, topo.gpus_per_node(), map_->slots_per_rank(), in_);
       // The rows this rail peer forwards to itself are computed here, without an exchange.
       const std::size_t self = ex_->rank() % topo.gpus_per_node();
       h.self_forward_.assign(fan_.rows.begin() + fan_.target_row_offsets[self],
@@ -446,12 +446,13 @@ private:
     }
   }
 
-  // The packed rows, then their entries, over group `g`; the rows land in `rows`, the entries in
-  // meta_in_.
+  // The packed rows with their entries, in one exchange over group `g`.
   void exchange_rows(exchange_group g, exchange_result& rows) {
-    ex_->exchange({g, row_bytes_, send_, counts_, {}}, rows);
-    ex_->exchange({g, sizeof(detail::dispatch::wire_entry), std::as_bytes(std::span(entries_)), entry_counts_, {}},
-                  meta_in_);
+    exchange_request req{g, row_bytes_, send_, counts_, {}};
+    req.entry_bytes = sizeof(detail::dispatch::wire_entry);
+    req.entries = std::as_bytes(std::span(entries_));
+    req.entry_counts = entry_counts_;
+    exchange_with_entries(*ex_, req, rows, meta_in_);
   }
 
   // Orders the received entries per local expert and points each expert row at its payload.

@@ -97,6 +97,12 @@ struct exchange_request {
   //! all members. With it a rank that skips one exchange of a step is caught at that very exchange;
   //! without it, at its next exchange after the step's end (see `begin_step` of the transports).
   std::uint32_t stage = 0;
+  //! Optional entries that travel with the rows, in the same message as the exchange's name (a
+  //! dispatch's fan-out table): `entry_counts[m]` items of `entry_bytes` each to member m, ordered by
+  //! destination member like the rows. Zero `entry_bytes`: none.
+  std::size_t entry_bytes = 0;
+  std::span<const std::byte> entries{};
+  std::span<const std::size_t> entry_counts{};
 
   //! 1 when this member checks expected counts (everyone then runs the second round).
   std::uint32_t expectations_flag() const noexcept { return expected_counts.empty() ? 0u : 1u; }
@@ -108,10 +114,18 @@ struct exchange_result {
   std::vector<std::size_t> counts;  //!< rows from each source member
   std::vector<std::size_t> offsets; //!< first row of each source member (size = group size + 1)
   std::size_t row_bytes = 0;
+  //! Received entries (exchange_request::entries), grouped by source member like the rows.
+  std::vector<std::byte> entries;
+  std::vector<std::size_t> entry_counts;  //!< entries from each source member
+  std::vector<std::size_t> entry_offsets; //!< first entry of each source member (size = group size + 1)
+  std::size_t entry_bytes = 0;
 
   std::size_t row_count() const noexcept { return offsets.empty() ? 0 : offsets.back(); }
   const std::byte* row(std::size_t i) const noexcept { return rows.data() + i * row_bytes; }
   std::byte* row(std::size_t i) noexcept { return rows.data() + i * row_bytes; }
+  std::size_t entry_count() const noexcept { return entry_offsets.empty() ? 0 : entry_offsets.back(); }
+  const std::byte* entry(std::size_t i) const noexcept { return entries.data() + i * entry_bytes; }
+  std::byte* entry(std::size_t i) noexcept { return entries.data() + i * entry_bytes; }
 };
 
 //! A host object that moves rows between ranks: what dispatch and combine are written against.
@@ -128,6 +142,32 @@ concept exchanger = requires(T& t, const T& ct, const exchange_request& req, exc
   t.reset_bytes();
   t.exchange(req, out);
 };
+
+//! An exchanger that moves exchange_request::entries with the rows (`T::carries_entries`).
+template <class T>
+concept carries_entries = exchanger<T> && requires {
+  requires T::carries_entries;
+};
+
+//! One exchange of rows with their entries: a single exchange where the exchanger carries entries,
+//! else the rows, then the entries as rows of their own width (through `scratch`).
+template <exchanger E>
+void exchange_with_entries(E& ex, const exchange_request& req, exchange_result& out, exchange_result& scratch) {
+  if constexpr (carries_entries<E>) {
+    ex.exchange(req, out);
+  } else {
+    exchange_request rows = req;
+    rows.entry_bytes = 0;
+    rows.entries = {};
+    rows.entry_counts = {};
+    ex.exchange(rows, out);
+    ex.exchange({req.group, req.entry_bytes, req.entries, req.entry_counts, {}, req.stage}, scratch);
+    std::swap(out.entries, scratch.rows);
+    std::swap(out.entry_counts, scratch.counts);
+    std::swap(out.entry_offsets, scratch.offsets);
+    out.entry_bytes = req.entry_bytes;
+  }
+}
 
 //! A transport policy: a tag type naming its host object (`exchanger_type`) and how dispatch over
 //! it moves copies (`kind`: flat or hierarchical).
@@ -177,6 +217,8 @@ struct header {
   std::uint32_t status = 0;       //!< 0: valid input; otherwise a local_problem code
   std::uint32_t expectations = 0; //!< 1 when the sender checks expected counts (second round)
   std::uint32_t reserved = 0;
+  std::uint64_t entry_bytes = 0; //!< width of the entries that travel with the rows (0: none)
+  std::uint64_t entries = 0;     //!< entries to the receiver
 };
 
 //! Where one member stands: the name of the exchange it is in.
@@ -218,7 +260,16 @@ struct step_counter {
   }
 };
 
-enum local_problem : std::uint32_t { ok = 0, counts_size = 1, rows_size = 2, zero_width = 3, expected_size = 4 };
+enum local_problem : std::uint32_t {
+  ok = 0,
+  counts_size = 1,
+  rows_size = 2,
+  zero_width = 3,
+  expected_size = 4,
+  entry_counts_size = 5,
+  entries_size = 6,
+  malformed = 7, //!< set by a receiver: the message did not hold what its header announced
+};
 
 inline const char* describe(std::uint32_t p) {
   switch (p) {
@@ -226,6 +277,9 @@ inline const char* describe(std::uint32_t p) {
   case rows_size: return "a send buffer whose size is not the sum of the counts times the row width";
   case zero_width: return "a row width of zero";
   case expected_size: return "an expected-count array whose size is not the group size";
+  case entry_counts_size: return "a per-destination entry count array whose size is not the group size";
+  case entries_size: return "an entry buffer whose size is not the sum of the entry counts times the entry width";
+  case malformed: return "a message that does not hold what its header announces";
   default: return "an invalid request";
   }
 }
@@ -254,6 +308,20 @@ inline std::uint32_t check_request(const exchange_request& req, std::size_t memb
                                   " bytes = ", total * req.row_bytes, " bytes but the send buffer holds ",
                                   req.rows.size(), " bytes");
     return rows_size;
+  }
+  if (req.entry_bytes == 0 ? !req.entry_counts.empty() : req.entry_counts.size() != members) {
+    why = ::locus::detail::concat("entry_counts has ", req.entry_counts.size(), " entries but ",
+                                  req.entry_bytes ? "the " : "entries of zero width need none; the ",
+                                  to_string(req.group), " group has ", members, " members");
+    return entry_counts_size;
+  }
+  std::size_t entries = 0;
+  for (std::size_t c : req.entry_counts)
+    entries += c;
+  if (entries * req.entry_bytes != req.entries.size()) {
+    why = ::locus::detail::concat("the entry counts add up to ", entries, " entries of ", req.entry_bytes,
+                                  " bytes but the entry buffer holds ", req.entries.size(), " bytes");
+    return entries_size;
   }
   return ok;
 }
@@ -293,7 +361,27 @@ inline std::string verdict(std::span<const header> received, const group_map& gr
       return ::locus::detail::concat(where(), "rank ", groups.world_rank_of(g, 0), " sends rows of ",
                                      received[0].row_bytes, " bytes but rank ", groups.world_rank_of(g, m),
                                      " sends rows of ", received[m].row_bytes, " bytes");
+  for (std::size_t m = 1; m < received.size(); ++m)
+    if (received[m].entry_bytes != received[0].entry_bytes)
+      return ::locus::detail::concat(where(), "rank ", groups.world_rank_of(g, 0), " sends entries of ",
+                                     received[0].entry_bytes, " bytes but rank ", groups.world_rank_of(g, m),
+                                     " sends entries of ", received[m].entry_bytes, " bytes");
   return {};
+}
+
+//! The header to member `m` of a request whose check gave `status`.
+inline header header_to(const position& at, const exchange_request& req, std::uint32_t status, std::size_t m) {
+  const bool ok_ = status == ok;
+  return {at.step,
+          at.index,
+          req.row_bytes,
+          ok_ ? req.counts[m] : 0,
+          at.stage,
+          status,
+          req.expectations_flag(),
+          0,
+          ok_ ? req.entry_bytes : 0,
+          ok_ && req.entry_bytes ? req.entry_counts[m] : 0};
 }
 
 //! Receiver-side check of `expected_counts`: the code sent in the second round (0 = agrees,
@@ -333,6 +421,15 @@ inline void shape_result(std::span<const header> received, std::size_t row_bytes
     out.offsets[m + 1] = out.offsets[m] + out.counts[m];
   }
   out.rows.resize(out.offsets.back() * row_bytes);
+  out.entry_bytes = received.empty() ? 0 : static_cast<std::size_t>(received[0].entry_bytes);
+  out.entry_counts.resize(received.size());
+  out.entry_offsets.resize(received.size() + 1);
+  out.entry_offsets[0] = 0;
+  for (std::size_t m = 0; m < received.size(); ++m) {
+    out.entry_counts[m] = static_cast<std::size_t>(received[m].entries);
+    out.entry_offsets[m + 1] = out.entry_offsets[m] + out.entry_counts[m];
+  }
+  out.entries.resize(out.entry_offsets.back() * out.entry_bytes);
 }
 
 //! Adds one finished exchange to the counters.
@@ -346,6 +443,8 @@ void count_bytes(link_counters& c, const dynamic_topology& topo, std::size_t sel
     c.bytes_sent[cls] += req.counts[m] * req.row_bytes;
     c.rows_received[cls] += out.counts[m];
     c.bytes_received[cls] += out.counts[m] * req.row_bytes;
+    if (req.entry_bytes) c.bytes_sent[cls] += req.entry_counts[m] * req.entry_bytes;
+    if (out.entry_bytes) c.bytes_received[cls] += out.entry_counts[m] * out.entry_bytes;
   }
 }
 

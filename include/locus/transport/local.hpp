@@ -76,12 +76,15 @@ private:
 struct group_board {
   explicit group_board(std::vector<std::size_t> ranks)
       : barrier(ranks), headers(ranks.size() * ranks.size()), send_rows(ranks.size(), nullptr),
-        send_offsets(ranks.size(), std::vector<std::size_t>(ranks.size() + 1, 0)), codes(ranks.size(), 0) {}
+        send_offsets(ranks.size(), std::vector<std::size_t>(ranks.size() + 1, 0)), send_entries(ranks.size(), nullptr),
+        entry_offsets(ranks.size(), std::vector<std::size_t>(ranks.size() + 1, 0)), codes(ranks.size(), 0) {}
 
   timed_barrier barrier;
   std::vector<exchange::header> headers; //!< [sender * members + receiver]
   std::vector<const std::byte*> send_rows;
   std::vector<std::vector<std::size_t>> send_offsets; //!< per sender: first row for each receiver
+  std::vector<const std::byte*> send_entries;
+  std::vector<std::vector<std::size_t>> entry_offsets; //!< per sender: first entry for each receiver
   std::vector<std::uint32_t> codes;                   //!< second-round expectation codes
 };
 
@@ -94,9 +97,9 @@ class local_transport;
 class local_fabric {
 public:
   //! @param topo         nodes × GPUs per node; its rank count is the number of endpoints
-  //! @param hierarchical whether dispatch over these endpoints uses the two-stage exchange
-  local_fabric(const dynamic_topology& topo, bool hierarchical, exchange_options options = {})
-      : topo_(topo), hierarchical_(hierarchical), options_(options) {
+  //! @param kind how dispatch over these endpoints moves copies: the transport policy's `P::kind`
+  local_fabric(const dynamic_topology& topo, transport_kind kind, exchange_options options = {})
+      : topo_(topo), kind_(kind), options_(options) {
     const auto ranks_of = [&](exchange_group g, std::size_t some_rank) {
       const detail::exchange::group_map map{topo, some_rank};
       std::vector<std::size_t> ranks(map.size(g));
@@ -115,7 +118,8 @@ public:
   local_fabric& operator=(const local_fabric&) = delete;
 
   const dynamic_topology& topology() const noexcept { return topo_; }
-  bool hierarchical() const noexcept { return hierarchical_; }
+  transport_kind kind() const noexcept { return kind_; }
+  bool hierarchical() const noexcept { return kind_ == transport_kind::hierarchical; }
   const exchange_options& options() const noexcept { return options_; }
 
   //! The endpoint of `rank`. @throws locus::invalid_input_error when rank is out of range
@@ -132,7 +136,7 @@ private:
   }
 
   dynamic_topology topo_;
-  bool hierarchical_;
+  transport_kind kind_;
   exchange_options options_;
   std::unique_ptr<detail::local::group_board> world_;
   std::vector<std::unique_ptr<detail::local::group_board>> nodes_, rails_;
@@ -142,6 +146,9 @@ private:
 //! endpoint is used by one thread at a time.
 class local_transport {
 public:
+  //! Entries travel with the rows (exchange_request::entries).
+  static constexpr bool carries_entries = true;
+
   std::size_t rank() const noexcept { return groups_.rank; }
   const dynamic_topology& topology() const noexcept { return groups_.topo; }
   bool hierarchical() const noexcept { return fabric_->hierarchical(); }
@@ -176,14 +183,16 @@ public:
     std::string own_problem;
     const std::uint32_t status = dx::check_request(req, members, own_problem);
     auto& offsets = board.send_offsets[self];
-    offsets[0] = 0;
+    auto& entry_offsets = board.entry_offsets[self];
+    offsets[0] = entry_offsets[0] = 0;
     for (std::size_t m = 0; m < members; ++m) {
-      const std::uint64_t count = status == dx::ok ? req.counts[m] : 0;
-      board.headers[self * members + m] = {at.step,  at.index, req.row_bytes,          count,
-                                           at.stage, status,   req.expectations_flag()};
-      offsets[m + 1] = offsets[m] + count;
+      const dx::header h = dx::header_to(at, req, status, m);
+      board.headers[self * members + m] = h;
+      offsets[m + 1] = offsets[m] + h.count;
+      entry_offsets[m + 1] = entry_offsets[m] + h.entries;
     }
     board.send_rows[self] = req.rows.data();
+    board.send_entries[self] = req.entries.data();
     sync("the header round");
 
     std::vector<dx::header> received(members);
@@ -209,6 +218,11 @@ public:
       if (out.counts[m] == 0) continue;
       const std::byte* src = board.send_rows[m] + board.send_offsets[m][self] * req.row_bytes;
       std::memcpy(out.row(out.offsets[m]), src, out.counts[m] * req.row_bytes);
+    }
+    for (std::size_t m = 0; m < members; ++m) {
+      if (out.entry_counts[m] == 0) continue;
+      const std::byte* src = board.send_entries[m] + board.entry_offsets[m][self] * out.entry_bytes;
+      std::memcpy(out.entry(out.entry_offsets[m]), src, out.entry_counts[m] * out.entry_bytes);
     }
     // Senders may reuse their buffers only after every receiver has copied.
     sync("the row stage");

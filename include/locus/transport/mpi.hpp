@@ -8,9 +8,13 @@
 //! rail-aligned hierarchical exchange). Policies: `mpi_flat` (one `MPI_Alltoallv` over the world)
 //! and `mpi_hierarchical` (rail stage, then node fan-out).
 //!
-//! Each exchange is: a header round of point-to-point messages (row width, the exchange's name,
-//! row count, validity; see exchange.hpp), an optional second round for receiver expectations, then
-//! the rows, point to point as a contiguous datatype of the row width. Every stage polls against
+//! Each exchange sends every peer, at once, an *envelope* (row width, the exchange's name, row and
+//! entry counts, validity, then the entries; see exchange.hpp) and the rows in place, as a
+//! contiguous datatype of the row width. A receiver takes each envelope at whatever size it has
+//! (MPI_Improbe, MPI_Mrecv), reaches the verdict every member reaches, then receives the rows in
+//! place: no round trip before the rows move. An optional second round checks receiver
+//! expectations. When a verdict fails the rows are still drained, so the group's messages stay in
+//! step and the next exchange can run. Every stage polls against
 //! the deadline, so no fault blocks a rank for longer than the timeout: a peer that never arrives,
 //! stops or dies ends in locus::timeout_error naming the ranks that did not arrive. A rank that
 //! times out tells its peers in every group (a *notice*), so a rank that arrives after its peers
@@ -18,6 +22,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <cstring>
 #include <locus/core/mpi_error.hpp>
 #include <locus/transport/exchange.hpp>
@@ -33,11 +38,11 @@ public:
   //! Collective over `comm`.
   //! @param comm         the ranks of the deployment; its size must equal `topo.ranks()` (duplicated)
   //! @param topo         nodes × GPUs per node (ranks per node is a parameter, not the machine's)
-  //! @param hierarchical whether dispatch over this transport uses the two-stage exchange
+  //! @param kind         how dispatch over this transport moves copies: the transport policy's `P::kind`
   //! @throws locus::config_error on every rank when the communicator size differs from the
   //!         topology or a node's ranks do not share memory
-  mpi_transport(MPI_Comm comm, const dynamic_topology& topo, bool hierarchical, exchange_options options = {})
-      : groups_{topo, 0}, hierarchical_(hierarchical), options_(options) {
+  mpi_transport(MPI_Comm comm, const dynamic_topology& topo, transport_kind kind, exchange_options options = {})
+      : groups_{topo, 0}, kind_(kind), options_(options) {
     int size = 0, rank = 0;
     LOCUS_MPI_CHECK(MPI_Comm_size(comm, &size));
     LOCUS_MPI_CHECK(MPI_Comm_rank(comm, &rank));
@@ -52,7 +57,14 @@ public:
     MPI_Comm shared = MPI_COMM_NULL;
     LOCUS_MPI_CHECK(MPI_Comm_split_type(world_, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &shared));
     LOCUS_MPI_CHECK(MPI_Comm_split(shared, node, local, &node_));
+    int on_machine = 0;
+    LOCUS_MPI_CHECK(MPI_Comm_size(shared, &on_machine));
     LOCUS_MPI_CHECK(MPI_Comm_free(&shared));
+    // A waiting rank yields its core only when the machine runs more ranks than it has cores (the
+    // peers it waits for need the core); otherwise it keeps polling, as MPI's own collectives do:
+    // a rank that yields to an unrelated process waits a whole time slice to run again.
+    const unsigned cores = std::thread::hardware_concurrency();
+    if (cores == 0 || static_cast<unsigned>(on_machine) <= cores) spin_limit_ = SIZE_MAX;
     LOCUS_MPI_CHECK(MPI_Comm_split(world_, local, node, &rail_));
     int node_size = 0, node_rank = 0, rail_size = 0, rail_rank = 0;
     LOCUS_MPI_CHECK(MPI_Comm_size(node_, &node_size));
@@ -76,7 +88,8 @@ public:
 
   std::size_t rank() const noexcept { return groups_.rank; }
   const dynamic_topology& topology() const noexcept { return groups_.topo; }
-  bool hierarchical() const noexcept { return hierarchical_; }
+  transport_kind kind() const noexcept { return kind_; }
+  bool hierarchical() const noexcept { return kind_ == transport_kind::hierarchical; }
   std::size_t group_size(exchange_group g) const noexcept { return groups_.size(g); }
   std::size_t world_rank_of(exchange_group g, std::size_t member) const noexcept {
     return groups_.world_rank_of(g, member);
@@ -112,71 +125,106 @@ public:
 
     std::string own_problem;
     const std::uint32_t status = dx::check_request(req, members, own_problem);
-    send_headers_.resize(members);
+    // Everything goes out at once, without waiting for the peers: to each member an envelope (the
+    // exchange's name, counts and validity, then the entries) and, when there are any, the rows in
+    // place. A receiver learns the sizes from the envelope, so there is no separate header round.
     recv_headers_.resize(members);
-    for (std::size_t m = 0; m < members; ++m)
-      send_headers_[m] = {at.step,  at.index, req.row_bytes,          status == dx::ok ? req.counts[m] : 0,
-                          at.stage, status,   req.expectations_flag()};
-    requests_.assign(2 * members, MPI_REQUEST_NULL);
-    for (std::size_t m = 0; m < members; ++m)
-      LOCUS_MPI_CHECK(
-          MPI_Irecv(&recv_headers_[m], sizeof(dx::header), MPI_BYTE, static_cast<int>(m), tag, comm, &requests_[m]));
-    for (std::size_t m = 0; m < members; ++m)
-      LOCUS_MPI_CHECK(MPI_Isend(&send_headers_[m], sizeof(dx::header), MPI_BYTE, static_cast<int>(m), tag, comm,
-                                &requests_[members + m]));
-    wait(where, members, "the header round");
-    check_notices(where, "the header round");
-    if (std::string why = dx::verdict(recv_headers_, groups_, req.group, own_problem); !why.empty())
-      LOCUS_THROW(transport_error, "mpi_transport: ", why);
+    send_displs_.resize(members + 1);
+    envelope_displs_.resize(members + 1);
+    send_displs_[0] = envelope_displs_[0] = 0;
+    std::size_t entry_at = 0, self_entries_at = 0;
+    for (std::size_t m = 0; m < members; ++m) {
+      if (m == self) self_entries_at = entry_at;
+      const dx::header h = dx::header_to(at, req, status, m);
+      LOCUS_REQUIRE(h.count <= INT_MAX && h.count * req.row_bytes <= INT_MAX * std::size_t{1}, invalid_input_error,
+                    "mpi_transport: more than INT_MAX rows or bytes between two ranks in one exchange");
+      const std::size_t entry_bytes = h.entries * h.entry_bytes;
+      envelope_displs_[m + 1] = envelope_displs_[m] + sizeof(dx::header) + entry_bytes;
+      send_displs_[m + 1] = send_displs_[m] + h.count;
+      envelopes_out_.resize(envelope_displs_[m + 1]);
+      std::memcpy(envelopes_out_.data() + envelope_displs_[m], &h, sizeof h);
+      if (entry_bytes)
+        std::memcpy(envelopes_out_.data() + envelope_displs_[m] + sizeof h, req.entries.data() + entry_at, entry_bytes);
+      entry_at += entry_bytes;
+      if (m == self) recv_headers_[m] = h;
+    }
+    const MPI_Datatype row = status == dx::ok ? row_type(req.row_bytes) : MPI_BYTE;
+    // Requests: [0, members) row receives, [members, 2 members) row sends, then envelope sends.
+    requests_.assign(3 * members, MPI_REQUEST_NULL);
+    for (std::size_t i = 1; i < members; ++i) {
+      const std::size_t m = (self + i) % members;
+      const std::size_t bytes = envelope_displs_[m + 1] - envelope_displs_[m];
+      LOCUS_REQUIRE(bytes <= INT_MAX, invalid_input_error, "mpi_transport: more than INT_MAX bytes of entries");
+      LOCUS_MPI_CHECK(MPI_Isend(envelopes_out_.data() + envelope_displs_[m], static_cast<int>(bytes), MPI_BYTE,
+                                static_cast<int>(m), tag, comm, &requests_[2 * members + m]));
+    }
+    // Every envelope before any rows: a member that receives its envelopes has proved its peers present.
+    for (std::size_t i = 1; i < members; ++i) {
+      const std::size_t m = (self + i) % members;
+      if (const std::size_t n = send_displs_[m + 1] - send_displs_[m])
+        LOCUS_MPI_CHECK(MPI_Isend(req.rows.data() + send_displs_[m] * req.row_bytes, static_cast<int>(n), row,
+                                  static_cast<int>(m), tag + 2, comm, &requests_[members + m]));
+    }
+    receive_envelopes(where, comm, tag, members, self);
+    check_notices(where, "the envelope stage");
 
+    std::string why = dx::verdict(recv_headers_, groups_, req.group, own_problem);
     bool expectations = false;
     for (const auto& h : recv_headers_)
       expectations |= h.expectations != 0;
-    if (expectations) {
+    if (why.empty() && expectations) {
       my_code_ = dx::expectation_code(recv_headers_, req.expected_counts);
       codes_.assign(members, 0);
-      requests_.assign(2 * members, MPI_REQUEST_NULL);
-      for (std::size_t m = 0; m < members; ++m)
-        LOCUS_MPI_CHECK(MPI_Irecv(&codes_[m], 1, MPI_UINT32_T, static_cast<int>(m), tag + 1, comm, &requests_[m]));
+      // After the pending sends (which complete only in the row stage), so that a timeout here
+      // abandons them too.
+      const std::size_t base = requests_.size();
+      requests_.resize(base + 2 * members, MPI_REQUEST_NULL);
       for (std::size_t m = 0; m < members; ++m)
         LOCUS_MPI_CHECK(
-            MPI_Isend(&my_code_, 1, MPI_UINT32_T, static_cast<int>(m), tag + 1, comm, &requests_[members + m]));
-      wait(where, members, "the count-agreement round");
-      if (std::string why = dx::expectation_verdict(codes_, groups_, req.group, recv_headers_, req.expected_counts);
-          !why.empty())
-        LOCUS_THROW(transport_error, "mpi_transport: ", why);
+            MPI_Irecv(&codes_[m], 1, MPI_UINT32_T, static_cast<int>(m), tag + 1, comm, &requests_[base + m]));
+      for (std::size_t m = 0; m < members; ++m)
+        LOCUS_MPI_CHECK(MPI_Isend(&my_code_, 1, MPI_UINT32_T, static_cast<int>(m), tag + 1, comm,
+                                  &requests_[base + members + m]));
+      wait(where, base, members, "the count-agreement round");
+      requests_.resize(base);
+      why = dx::expectation_verdict(codes_, groups_, req.group, recv_headers_, req.expected_counts);
     }
 
-    dx::shape_result(recv_headers_, req.row_bytes, out);
-    const MPI_Datatype row = row_type(req.row_bytes);
-    // Rows point to point rather than by MPI_Alltoallv: a blocking collective cannot be left at a
-    // deadline, and MPI_Ialltoallv measured 2-3x slower than either in bench/exchange.
-    requests_.assign(2 * members, MPI_REQUEST_NULL);
-    std::size_t send_at = 0;
-    send_displs_.resize(members);
-    for (std::size_t m = 0; m < members; ++m) {
-      LOCUS_REQUIRE(req.counts[m] <= INT_MAX && out.counts[m] <= INT_MAX, invalid_input_error,
-                    "mpi_transport: more than INT_MAX rows between two ranks in one exchange");
-      send_displs_[m] = send_at;
-      send_at += req.counts[m];
+    // The rows: in place when the exchange is valid; otherwise drained, so that the group's
+    // messages stay in step for the next exchange (every member reaches the same verdict).
+    if (why.empty()) {
+      dx::shape_result(recv_headers_, req.row_bytes, out);
+      for (std::size_t m = 0; m < members; ++m)
+        if (out.entry_counts[m])
+          std::memcpy(out.entry(out.entry_offsets[m]),
+                      m == self ? req.entries.data() + self_entries_at : envelopes_in_[m].data() + sizeof(dx::header),
+                      out.entry_counts[m] * out.entry_bytes);
     }
+    // Drained rows get a region each: pending receives must not share a buffer.
+    std::size_t drain = 0;
+    drain_displs_.resize(members);
+    for (std::size_t m = 0; m < members; ++m) {
+      drain_displs_[m] = drain;
+      if (m != self) drain += recv_headers_[m].count * recv_headers_[m].row_bytes;
+    }
+    if (!why.empty()) drain_.resize(drain);
     for (std::size_t i = 1; i < members; ++i) {
       const std::size_t m = (self + members - i) % members;
-      if (out.counts[m])
-        LOCUS_MPI_CHECK(MPI_Irecv(out.row(out.offsets[m]), static_cast<int>(out.counts[m]), row, static_cast<int>(m),
+      const dx::header& h = recv_headers_[m];
+      if (h.count == 0) continue;
+      if (why.empty())
+        LOCUS_MPI_CHECK(MPI_Irecv(out.row(out.offsets[m]), static_cast<int>(h.count), row, static_cast<int>(m),
                                   tag + 2, comm, &requests_[m]));
+      else
+        LOCUS_MPI_CHECK(MPI_Irecv(drain_.data() + drain_displs_[m], static_cast<int>(h.count * h.row_bytes), MPI_BYTE,
+                                  static_cast<int>(m), tag + 2, comm, &requests_[m]));
     }
-    for (std::size_t i = 1; i < members; ++i) {
-      const std::size_t m = (self + i) % members;
-      if (req.counts[m])
-        LOCUS_MPI_CHECK(MPI_Isend(req.rows.data() + send_displs_[m] * req.row_bytes, static_cast<int>(req.counts[m]),
-                                  row, static_cast<int>(m), tag + 2, comm, &requests_[members + m]));
-    }
-    if (req.counts[self])
+    if (why.empty() && out.counts[self])
       std::memcpy(out.row(out.offsets[self]), req.rows.data() + send_displs_[self] * req.row_bytes,
-                  req.counts[self] * req.row_bytes);
-    wait(where, members, "the row stage");
+                  out.counts[self] * req.row_bytes);
+    wait(where, 0, members, "the row stage");
     check_notices(where, "the row stage");
+    if (!why.empty()) LOCUS_THROW(transport_error, "mpi_transport: ", why);
     dx::count_bytes(bytes_, topology(), rank(), req, out,
                     [&](std::size_t m) { return groups_.world_rank_of(req.group, m); });
   }
@@ -194,19 +242,21 @@ private:
     std::chrono::steady_clock::time_point deadline;
   };
 
-  // Polls every pending request until all complete or the deadline passes. The first `receives`
-  // requests are receives from members 0..receives-1, so a timeout can name who never arrived.
-  void wait(const stage_info& where, std::size_t receives, const char* what) {
+  // Polls the pending requests from `first` on until all complete or the deadline passes. The
+  // `receives` requests from `first` on are receives from members 0..receives-1, so a timeout can
+  // name who never arrived.
+  void wait(const stage_info& where, std::size_t first, std::size_t receives, const char* what) {
     std::size_t spins = 0;
     for (;;) {
       int done = 0;
-      LOCUS_MPI_CHECK(MPI_Testall(static_cast<int>(requests_.size()), requests_.data(), &done, MPI_STATUSES_IGNORE));
+      LOCUS_MPI_CHECK(MPI_Testall(static_cast<int>(requests_.size() - first), requests_.data() + first, &done,
+                                  MPI_STATUSES_IGNORE));
       if (done) return;
       if (std::chrono::steady_clock::now() > where.deadline) break;
       // Spin briefly (the common case on dedicated cores), then yield: on an oversubscribed
       // machine the peers this rank waits for need its core. (Sleeping instead measured slower:
       // the woken rank waits for a scheduler tick behind other processes.)
-      if (++spins > 64) std::this_thread::yield();
+      if (++spins > spin_limit_) std::this_thread::yield();
       // A peer that gave up will never complete this stage: stop waiting as soon as its notice is here.
       if (spins % 256 == 0) {
         int notice = 0;
@@ -219,10 +269,65 @@ private:
     std::vector<std::size_t> missing;
     for (std::size_t m = 0; m < receives; ++m) {
       int arrived = 1;
-      if (requests_[m] != MPI_REQUEST_NULL) MPI_Test(&requests_[m], &arrived, MPI_STATUS_IGNORE);
+      if (requests_[first + m] != MPI_REQUEST_NULL) MPI_Test(&requests_[first + m], &arrived, MPI_STATUS_IGNORE);
       if (!arrived) missing.push_back(groups_.world_rank_of(where.group, m));
     }
     fail(where, what, &missing);
+  }
+
+  // Receives the envelope of every other member (any size: MPI_Improbe, then MPI_Mrecv) into
+  // envelopes_in_ and its header into recv_headers_, polling against the deadline like wait().
+  void receive_envelopes(const stage_info& where, MPI_Comm comm, int tag, std::size_t members, std::size_t self) {
+    namespace dx = detail::exchange;
+    envelopes_in_.resize(members);
+    pending_.clear();
+    for (std::size_t i = 1; i < members; ++i)
+      pending_.push_back((self + members - i) % members);
+    std::size_t spins = 0;
+    while (!pending_.empty()) {
+      bool got = false;
+      for (std::size_t p = 0; p < pending_.size();) {
+        const std::size_t m = pending_[p];
+        int flag = 0;
+        MPI_Message msg = MPI_MESSAGE_NULL;
+        MPI_Status st;
+        LOCUS_MPI_CHECK(MPI_Improbe(static_cast<int>(m), tag, comm, &flag, &msg, &st));
+        if (!flag) {
+          ++p;
+          continue;
+        }
+        int bytes = 0;
+        LOCUS_MPI_CHECK(MPI_Get_count(&st, MPI_BYTE, &bytes));
+        auto& in = envelopes_in_[m];
+        in.resize(static_cast<std::size_t>(bytes));
+        LOCUS_MPI_CHECK(MPI_Mrecv(in.data(), bytes, MPI_BYTE, &msg, MPI_STATUS_IGNORE));
+        dx::header h{};
+        if (in.size() >= sizeof h) std::memcpy(&h, in.data(), sizeof h);
+        // A well-formed envelope holds its header and exactly the entries it announces.
+        if (in.size() < sizeof h || in.size() - sizeof h != h.entries * h.entry_bytes) {
+          h = {};
+          h.status = dx::malformed;
+        }
+        recv_headers_[m] = h;
+        pending_[p] = pending_.back();
+        pending_.pop_back();
+        got = true;
+      }
+      if (pending_.empty() || got) continue;
+      if (std::chrono::steady_clock::now() > where.deadline) break;
+      if (++spins > spin_limit_) std::this_thread::yield();
+      if (spins % 256 == 0) {
+        int notice = 0;
+        LOCUS_MPI_CHECK(MPI_Iprobe(MPI_ANY_SOURCE, notice_tag, comm, &notice, MPI_STATUS_IGNORE));
+        if (notice) break;
+      }
+    }
+    if (pending_.empty()) return;
+    std::vector<std::size_t> missing;
+    for (std::size_t m : pending_)
+      missing.push_back(groups_.world_rank_of(where.group, m));
+    std::sort(missing.begin(), missing.end());
+    fail(where, "the envelope stage", &missing);
   }
 
   // After a stage completed: raises if a peer has given up meanwhile (its stale messages can look
@@ -341,7 +446,7 @@ private:
   }
 
   detail::exchange::group_map groups_;
-  bool hierarchical_;
+  transport_kind kind_;
   exchange_options options_;
   MPI_Comm world_ = MPI_COMM_NULL, node_ = MPI_COMM_NULL, rail_ = MPI_COMM_NULL;
   std::string broken_; //!< why the transport is unusable; empty while it works
@@ -349,11 +454,14 @@ private:
   detail::exchange::step_counter steps_;
   std::vector<std::uint64_t> notice_; //!< sent when giving up; kept alive for the sends
   std::map<std::size_t, MPI_Datatype> types_;
-  std::vector<detail::exchange::header> send_headers_, recv_headers_;
+  std::vector<detail::exchange::header> recv_headers_;
   std::vector<std::uint32_t> codes_;
   std::uint32_t my_code_ = 0; // a member: a send abandoned at a timeout may still read it
-  std::vector<MPI_Request> requests_;
-  std::vector<std::size_t> send_displs_;
+  std::vector<MPI_Request> requests_, second_;
+  std::vector<std::size_t> send_displs_, envelope_displs_, drain_displs_, pending_;
+  std::vector<std::byte> envelopes_out_, drain_; // members: abandoned sends may still read them
+  std::vector<std::vector<std::byte>> envelopes_in_;
+  std::size_t spin_limit_ = 64;
 };
 
 //! Flat MPI transport: one `MPI_Alltoallv` over all ranks.

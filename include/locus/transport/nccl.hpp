@@ -113,11 +113,12 @@ public:
   //! @param world        an initialised communicator over all ranks (not owned)
   //! @param stream       the stream exchanges run on (not owned)
   //! @param topo         nodes × GPUs per node; ranks = world size
-  //! @param hierarchical whether dispatch uses the two-stage exchange
+  //! @param kind         how dispatch over it moves copies: the transport policy's `P::kind`
   //! @throws locus::config_error when the communicator size differs from the topology
-  nccl_transport(ncclComm_t world, cudaStream_t stream, const dynamic_topology& topo, bool hierarchical,
+  nccl_transport(ncclComm_t world, cudaStream_t stream, const dynamic_topology& topo, transport_kind kind,
                  exchange_options options = {})
-      : world_(world), stream_(stream), groups_{topo, 0}, hierarchical_(hierarchical), options_(options) {
+      : world_(world), stream_(stream), groups_{topo, 0}, hierarchical_(kind == transport_kind::hierarchical),
+        options_(options) {
     int size = 0, rank = 0;
     LOCUS_NCCL_CHECK(ncclCommCount(world, &size));
     LOCUS_NCCL_CHECK(ncclCommUserRank(world, &rank));
