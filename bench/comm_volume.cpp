@@ -26,8 +26,7 @@
 
 #include <chrono>
 #include <cstdlib>
-#include <ctime>
-#include <thread>
+
 #include <map>
 #include <memory>
 #include <cstdio>
@@ -81,24 +80,6 @@ double domain_accuracy(const locus::grouper::workload_model& m, const locus::tra
 
 using bench_args::arg_value;
 
-// The machine and the time of the run, for the results file: CPU model, cores, load average, UTC date.
-std::string machine_line() {
-  std::string cpu = "unknown CPU", load = "?";
-  std::ifstream info("/proc/cpuinfo");
-  for (std::string l; std::getline(info, l);)
-    if (l.rfind("model name", 0) == 0) {
-      cpu = l.substr(l.find(':') + 2);
-      break;
-    }
-  std::ifstream avg("/proc/loadavg");
-  std::getline(avg, load);
-  const std::time_t now = std::time(nullptr);
-  char date[64];
-  std::strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", std::gmtime(&now));
-  return cpu + ", " + std::to_string(std::thread::hardware_concurrency()) + " cores, load average " +
-         load.substr(0, load.find(' ', load.find(' ', load.find(' ') + 1) + 1)) + ", " + date;
-}
-
 } // namespace
 
 int main(int argc, char** argv) try {
@@ -117,10 +98,8 @@ int main(int argc, char** argv) try {
     return 0;
   }
   const auto start = std::chrono::steady_clock::now();
-  std::string command = "build/dev/bench/comm_volume";
-  for (int i = 1; i < argc; ++i)
-    command += std::string(" ") + argv[i];
-  const std::string machine = machine_line();
+  const std::string command = bench_args::command_line(argc, argv, "build/dev/bench/comm_volume");
+  const std::string machine = bench_args::machine_line();
   const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);
   auto [train, test] = locus::trace::split_by_request(full, 0.5, seed);
   if (arg_value(argc, argv, "--fit-on-test", "0") == "1") train = test; // upper-bound experiments only
