@@ -4,11 +4,11 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
-#include <thread>
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace bench_args {
@@ -60,7 +60,6 @@ inline std::string machine_line() {
   return cpu + ", " + std::to_string(std::thread::hardware_concurrency()) + " cores, load average " +
          load.substr(0, load.find(' ', load.find(' ', load.find(' ') + 1) + 1)) + ", " + date;
 }
-
 
 //! The command line as run, for the results file.
 inline std::string command_line(int argc, char** argv, const std::string& program) {

@@ -26,7 +26,6 @@
 
 #include <chrono>
 #include <cstdlib>
-
 #include <map>
 #include <memory>
 #include <cstdio>
@@ -90,7 +89,8 @@ int main(int argc, char** argv) try {
   const auto hidden = std::stoul(arg_value(argc, argv, "--hidden", "2048"));
   const auto clusters = std::stoul(arg_value(argc, argv, "--clusters", "8"));
   // The rule of the main rows and the unseen-domain rows; every replica row also gets every rule.
-  const auto main_rule = locus::placement::parse_replica_rule(arg_value(argc, argv, "--replica-rule", "locality_first"));
+  const auto main_rule =
+      locus::placement::parse_replica_rule(arg_value(argc, argv, "--replica-rule", "locality_first"));
   const double replica_slack = std::stod(arg_value(argc, argv, "--replica-slack", "0.05"));
   const auto unseen_redundant = std::stoul(arg_value(argc, argv, "--unseen-redundant", "0"));
   if (!std::filesystem::exists(trace_path)) {
@@ -155,12 +155,16 @@ int main(int argc, char** argv) try {
     return placement == "locality" && per_transport ? static_cast<int>(transport) : -1;
   };
 
-  nlohmann::json doc = {{"trace", trace_path},       {"split_seed", seed},
-                        {"prefill_tokens", prefill}, {"hidden", hidden},
-                        {"replica_rule", locus::placement::to_string(main_rule)}, {"replica_slack", replica_slack},
+  nlohmann::json doc = {{"trace", trace_path},
+                        {"split_seed", seed},
+                        {"prefill_tokens", prefill},
+                        {"hidden", hidden},
+                        {"replica_rule", locus::placement::to_string(main_rule)},
+                        {"replica_slack", replica_slack},
                         {"unseen_redundant_slots_per_gpu", unseen_redundant},
                         {"clusters", clusters},
-                        {"train_requests", train.requests()}, {"test_requests", test.requests()},
+                        {"train_requests", train.requests()},
+                        {"test_requests", test.requests()},
                         {"rows", nlohmann::json::array()}};
   std::string md = "| topology | placement | redundant/GPU | grouper | transport | inter-node B/token | vs baseline | "
                    "norm. a2a median | p90 | GPU max/mean (step) | (aggregate) | attention max/mean | layer time µs (model) |\n"
@@ -344,8 +348,9 @@ int main(int argc, char** argv) try {
   // grouping on the rest; simulate the whole test split, and its held-out requests alone, with the
   // workload-aware grouper and with round-robin grouping on the same maps.
   std::string unseen =
-      "\n## Unseen domain (4x2, locality, " + std::to_string(unseen_redundant) + " redundant slots/GPU, flat, replica rule " +
-      locus::placement::to_string(main_rule) + ")\n\nOne domain is left out of the "
+      "\n## Unseen domain (4x2, locality, " + std::to_string(unseen_redundant) +
+      " redundant slots/GPU, flat, replica rule " + locus::placement::to_string(main_rule) +
+      ")\n\nOne domain is left out of the "
       "training split; the test split is simulated whole and restricted to the held-out domain. "
       "\"wa / rr\" is inter-node bytes with workload_aware over round_robin grouping on the same maps "
       "(issue target ≤ 1.05); capacity holds by construction (the simulator rejects a full rank).\n\n"
@@ -427,8 +432,8 @@ int main(int argc, char** argv) try {
   bench_output::file(out_dir + "/comm_volume.json") << doc.dump(1) << '\n';
   bench_output::file(out_dir + "/comm_volume.md")
       << "# Communication volume on ESFT (test split)\n\nProduced by `" << command << "` (trace " << trace_path
-      << ") in " << static_cast<int>(seconds + 0.5) << " s on " << machine << ". Fit on a training split of requests (seed " << seed
-      << "), evaluated on the disjoint test split; prefill = "
+      << ") in " << static_cast<int>(seconds + 0.5) << " s on " << machine
+      << ". Fit on a training split of requests (seed " << seed << "), evaluated on the disjoint test split; prefill = "
       << "first " << prefill << " tokens of each request, decode = the rest; FP8 dispatch / BF16 combine of hidden "
       << hidden
       << "; 16 running requests per GPU. \"vs baseline\" divides by linear / round_robin / flat in the same "

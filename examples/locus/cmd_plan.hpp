@@ -203,8 +203,7 @@ inline constexpr std::size_t max_hidden = std::size_t{1} << 24;
 
 inline void register_simulate(CLI::App& app) {
   struct options {
-    std::string map_path, grouping_path, grouper = "round_robin", transport = "flat",
-        replica_rule = "locality_first";
+    std::string map_path, grouping_path, grouper = "round_robin", transport = "flat", replica_rule = "locality_first";
     double replica_slack = 0.05;
     std::size_t batch_per_rank = 32, hidden = 2048;
     double arrival_rate = 0;

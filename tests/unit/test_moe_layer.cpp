@@ -73,8 +73,8 @@ double run_case(const locus_test::dispatch_case& c, std::size_t ffn, std::size_t
     if (rule != placement::replica_rule::locality_first) {
       std::vector<std::uint8_t> hot(c.topo.ranks(), 0);
       hot[seed % hot.size()] = 1; // locality_bounded: one rank over its bound
-      layer.set_replica_policy(rule, seed, rule == placement::replica_rule::locality_bounded ? hot
-                                                                                          : std::vector<std::uint8_t>{});
+      layer.set_replica_policy(rule, seed,
+                               rule == placement::replica_rule::locality_bounded ? hot : std::vector<std::uint8_t>{});
     }
     const auto x = c.inputs(r);
     y[r].assign(x.size(), -1.0f);
@@ -127,9 +127,9 @@ BOOST_AUTO_TEST_CASE(every_replica_rule_matches_dense_reference) {
         transport::local_fabric f(c.topo, false);
         const auto errors = on_ranks(f, [&](transport::local_transport& ep) {
           const auto all = locus_test::model_weights<float>(1, c.experts, c.hidden, 4);
-          dyn_layer<transport::local_flat> layer(dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
-                                                 layer::swiglu_host<float>(
-                                                     expert_weights<float>::for_rank(c.map, ep.rank(), all), 1));
+          dyn_layer<transport::local_flat> layer(
+              dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
+              layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, ep.rank(), all), 1));
           layer.set_replica_policy(placement::replica_rule::locality_bounded, 0, std::vector<std::uint8_t>(3, 0));
         });
         for (const auto& e : errors)

@@ -124,8 +124,10 @@ BOOST_AUTO_TEST_CASE(same_gpu_else_random_is_static_and_fair) {
       const int first = sel.select(src, 0).rank;
       for (int again = 0; again < 5; ++again)
         BOOST_REQUIRE_EQUAL(sel.select(src, 0).rank, first); // one fixed replica per source and layer
-      if (src == 1 || src == 4 || src == 6) BOOST_TEST(first == static_cast<int>(src)); // own GPU
-      else ++served[first];
+      if (src == 1 || src == 4 || src == 6)
+        BOOST_TEST(first == static_cast<int>(src)); // own GPU
+      else
+        ++served[first];
       BOOST_TEST(sel.select(src, 1).rank == 2);
     }
     // Five sources without a local replica over three replicas: 2, 2, 1 in some order.
@@ -177,7 +179,7 @@ BOOST_AUTO_TEST_CASE(locality_bounded_avoids_hot_ranks) {
     placement::replica_selector sel(map, topo, {replica_rule::locality_bounded, 0, hot});
     return sel.select(src, 0).rank;
   };
-  BOOST_TEST(rank(none, 0) == 0); // nothing hot: locality first
+  BOOST_TEST(rank(none, 0) == 0);  // nothing hot: locality first
   BOOST_TEST(rank(r0hot, 0) == 1); // own GPU hot: the node's other replica
   BOOST_TEST(rank(r01, 0) == 3);   // the node's replicas hot: the remote one
   BOOST_TEST(rank(all, 0) == 0);   // all hot: locality first again

@@ -59,7 +59,8 @@ class replica_policies {
 public:
   replica_policies(const simulation_config& cfg, std::size_t layers) : rule_(cfg.replica_rule) {
     if (rule_ == placement::replica_rule::locality_bounded)
-      trackers_.assign(layers, placement::hot_rank_tracker(cfg.topology.ranks(), cfg.replica_slack, cfg.replica_window));
+      trackers_.assign(layers,
+                       placement::hot_rank_tracker(cfg.topology.ranks(), cfg.replica_slack, cfg.replica_window));
   }
   //! The policy for layer `l` in the coming step (the layer index seeds the static draws).
   placement::replica_policy operator()(std::size_t l) const {

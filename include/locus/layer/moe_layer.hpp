@@ -159,8 +159,8 @@ public:
   //! @throws locus::config_error when `hot` is neither empty nor one flag per rank
   void set_replica_policy(placement::replica_rule rule, std::uint64_t layer_index = 0,
                           std::vector<std::uint8_t> hot = {}) {
-    LOCUS_REQUIRE(hot.empty() || hot.size() == topo_.ranks(), config_error, "moe_layer::set_replica_policy: ",
-                  hot.size(), " hot-rank flags for ", topo_.ranks(), " ranks");
+    LOCUS_REQUIRE(hot.empty() || hot.size() == topo_.ranks(), config_error,
+                  "moe_layer::set_replica_policy: ", hot.size(), " hot-rank flags for ", topo_.ranks(), " ranks");
     replica_rule_ = rule;
     replica_salt_ = layer_index;
     hot_ranks_ = std::move(hot);

@@ -49,9 +49,9 @@ namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
 //! How a copy bound for a replicated expert picks its replica (see the file comment).
 enum class replica_rule : std::uint8_t { locality_first, same_gpu_else_random, random, locality_bounded };
 
-inline constexpr std::array<replica_rule, 4> all_replica_rules = {
-    replica_rule::locality_first, replica_rule::same_gpu_else_random, replica_rule::random,
-    replica_rule::locality_bounded};
+inline constexpr std::array<replica_rule, 4> all_replica_rules = {replica_rule::locality_first,
+                                                                  replica_rule::same_gpu_else_random,
+                                                                  replica_rule::random, replica_rule::locality_bounded};
 
 //! The rule's name, as `parse_replica_rule` and the command line take it.
 constexpr const char* to_string(replica_rule r) noexcept {
@@ -99,8 +99,8 @@ template <class Topology>
 void replica_candidates(const expert_map& map, const Topology& topo, std::size_t src, std::vector<std::int32_t>& fixed,
                         std::vector<std::int32_t>& cand_offsets, std::vector<std::int32_t>& cands,
                         const replica_policy& policy = {}) {
-  LOCUS_REQUIRE(policy.hot.empty() || policy.hot.size() == topo.ranks(), config_error, "replica selection: ",
-                policy.hot.size(), " hot-rank flags for ", topo.ranks(), " ranks");
+  LOCUS_REQUIRE(policy.hot.empty() || policy.hot.size() == topo.ranks(), config_error,
+                "replica selection: ", policy.hot.size(), " hot-rank flags for ", topo.ranks(), " ranks");
   const expert_map_view v = map.view();
   const std::size_t experts = map.experts();
   const std::size_t src_node = topo.node_of(src);
@@ -239,8 +239,8 @@ public:
       : map_(&map), topo_(topo), rule_(policy.rule), salt_(policy.salt) {
     LOCUS_REQUIRE(map.ranks() == topo.ranks(), config_error, "replica selection: the expert map has ", map.ranks(),
                   " ranks but the topology has ", topo.ranks());
-    LOCUS_REQUIRE(policy.hot.empty() || policy.hot.size() == topo.ranks(), config_error, "replica selection: ",
-                  policy.hot.size(), " hot-rank flags for ", topo.ranks(), " ranks");
+    LOCUS_REQUIRE(policy.hot.empty() || policy.hot.size() == topo.ranks(), config_error,
+                  "replica selection: ", policy.hot.size(), " hot-rank flags for ", topo.ranks(), " ranks");
     hot_.assign(policy.hot.begin(), policy.hot.end());
     view_ = map.view();
     copies_.assign(static_cast<std::size_t>(view_.replica_offsets[view_.experts]), 0);
@@ -287,8 +287,8 @@ private:
       s.nth.assign(map_->experts(), 0);
     }
     const auto ei = static_cast<std::int32_t>(e);
-    const auto best = static_cast<std::size_t>(choose_replica(s.fixed.data(), s.cand_offsets.data(), s.cands.data(),
-                                                              ei, s.nth[e], rule_, s.position++));
+    const auto best = static_cast<std::size_t>(
+        choose_replica(s.fixed.data(), s.cand_offsets.data(), s.cands.data(), ei, s.nth[e], rule_, s.position++));
     if (s.fixed[e] < 0) ++s.nth[e];
     ++copies_[best];
     return best;

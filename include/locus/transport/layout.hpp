@@ -330,10 +330,9 @@ void layout<TopK>::select_replicas(const expert_map& map, const Topology& topo, 
         for (std::size_t j = 0; j < kext.value(); ++j) {
           const std::size_t c = t * kext.value() + j;
           const auto e = static_cast<std::size_t>(ids[c]);
-          const std::int32_t rep =
-              detail::layout::choose_replica(fixed_.data(), cand_offsets_.data(), cands_.data(),
-                                             static_cast<std::int32_t>(e), seen[e], policy.rule,
-                                             static_cast<std::int64_t>(c));
+          const std::int32_t rep = detail::layout::choose_replica(fixed_.data(), cand_offsets_.data(), cands_.data(),
+                                                                  static_cast<std::int32_t>(e), seen[e], policy.rule,
+                                                                  static_cast<std::int64_t>(c));
           if (fixed_[e] < 0) ++seen[e];
           copy_replica_[c] = rep;
           copy_rank_[c] = v.replicas[rep].rank;
