@@ -4,10 +4,12 @@
 #include <CLI/CLI.hpp>
 #include <ctime>
 #include <filesystem>
+#include <fstream>
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace bench_args {
@@ -55,6 +57,32 @@ inline double cpu_now() {
   timespec ts{};
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
   return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+//! The machine and the time of the run, for the results file: CPU model, cores, load average, UTC date.
+inline std::string machine_line() {
+  std::string cpu = "unknown CPU", load = "?";
+  std::ifstream info("/proc/cpuinfo");
+  for (std::string l; std::getline(info, l);)
+    if (l.rfind("model name", 0) == 0) {
+      cpu = l.substr(l.find(':') + 2);
+      break;
+    }
+  std::ifstream avg("/proc/loadavg");
+  std::getline(avg, load);
+  const std::time_t now = std::time(nullptr);
+  char date[64];
+  std::strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", std::gmtime(&now));
+  return cpu + ", " + std::to_string(std::thread::hardware_concurrency()) + " cores, load average " +
+         load.substr(0, load.find(' ', load.find(' ', load.find(' ') + 1) + 1)) + ", " + date;
+}
+
+//! The command line as run, for the results file.
+inline std::string command_line(int argc, char** argv, const std::string& program) {
+  std::string c = program;
+  for (int i = 1; i < argc; ++i)
+    c += std::string(" ") + argv[i];
+  return c;
 }
 
 } // namespace bench_args

@@ -4,7 +4,9 @@
 // run (linear placement, round-robin grouping, flat transport, same topology).
 //
 //   comm_volume [--trace DIR_OR_FILE] [--out DIR] [--split-seed S] [--prefill-tokens P]
-//               [--anneal N] [--plan-per-transport 0|1] (and the planner knobs read below)
+//               [--anneal N] [--plan-per-transport 0|1] [--replica-rule R] [--replica-slack S]
+//               [--unseen-redundant N] (and the planner knobs read below)
+// Rows with redundant slots are also simulated under every engine's replica rule (second table).
 // Writes DIR/comm_volume.json and DIR/comm_volume.md; bench/plot_comm_volume.py draws the PNG.
 #include "bench_output.hpp"
 
@@ -86,11 +88,18 @@ int main(int argc, char** argv) try {
   const auto prefill = std::stoul(arg_value(argc, argv, "--prefill-tokens", "32"));
   const auto hidden = std::stoul(arg_value(argc, argv, "--hidden", "2048"));
   const auto clusters = std::stoul(arg_value(argc, argv, "--clusters", "8"));
+  // The rule of the main rows and the unseen-domain rows; every replica row also gets every rule.
+  const auto main_rule =
+      locus::placement::parse_replica_rule(arg_value(argc, argv, "--replica-rule", "locality_first"));
+  const double replica_slack = std::stod(arg_value(argc, argv, "--replica-slack", "0.05"));
+  const auto unseen_redundant = std::stoul(arg_value(argc, argv, "--unseen-redundant", "0"));
   if (!std::filesystem::exists(trace_path)) {
     std::printf("comm_volume: trace %s not found; skipped\n", trace_path.c_str());
     return 0;
   }
   const auto start = std::chrono::steady_clock::now();
+  const std::string command = bench_args::command_line(argc, argv, "build/dev/bench/comm_volume");
+  const std::string machine = bench_args::machine_line();
   const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);
   auto [train, test] = locus::trace::split_by_request(full, 0.5, seed);
   if (arg_value(argc, argv, "--fit-on-test", "0") == "1") train = test; // upper-bound experiments only
@@ -146,15 +155,24 @@ int main(int argc, char** argv) try {
     return placement == "locality" && per_transport ? static_cast<int>(transport) : -1;
   };
 
-  nlohmann::json doc = {{"trace", trace_path},       {"split_seed", seed},
-                        {"prefill_tokens", prefill}, {"hidden", hidden},
+  nlohmann::json doc = {{"trace", trace_path},
+                        {"split_seed", seed},
+                        {"prefill_tokens", prefill},
+                        {"hidden", hidden},
+                        {"replica_rule", locus::placement::to_string(main_rule)},
+                        {"replica_slack", replica_slack},
+                        {"unseen_redundant_slots_per_gpu", unseen_redundant},
                         {"clusters", clusters},
-                        {"train_requests", train.requests()}, {"test_requests", test.requests()},
+                        {"train_requests", train.requests()},
+                        {"test_requests", test.requests()},
                         {"rows", nlohmann::json::array()}};
   std::string md = "| topology | placement | redundant/GPU | grouper | transport | inter-node B/token | vs baseline | "
                    "norm. a2a median | p90 | GPU max/mean (step) | (aggregate) | attention max/mean | layer time µs (model) |\n"
                    "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   std::map<std::string, nlohmann::json> by_key; // "4x2 locality 1 workload_aware flat" -> row
+  std::string rules_md =
+      "| topology | placement | grouper | transport | locality_first (locus) | same_gpu_else_random (SGLang static) "
+      "| random (vLLM EPLB) | locality_bounded |\n|---|---|---|---|---|---|---|---|\n";
   double accuracy = 0;
   for (const auto& tc : topologies) {
     const locus::dynamic_topology topo(tc.nodes, tc.gpus);
@@ -163,6 +181,8 @@ int main(int argc, char** argv) try {
     cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(hidden);
     cfg.batch_per_rank = 16;
     cfg.seed = seed;
+    cfg.replica_rule = main_rule;
+    cfg.replica_slack = replica_slack;
     std::map<std::tuple<std::string, std::size_t, int>, planned> plans; // (placement, redundant, transport or -1)
     for (const auto& [placement, redundant] : placements)
       for (auto transport : {transport_kind::flat, transport_kind::hierarchical}) {
@@ -194,6 +214,28 @@ int main(int argc, char** argv) try {
       j["grouper"] = row.grouper;
       j["transport"] = locus::cost::to_string(row.transport);
       j["inter_node_bytes_vs_baseline"] = ratio;
+      j["replica_rule"] = locus::placement::to_string(main_rule);
+      if (row.redundant > 0) {
+        // The same maps and requests under each engine's replica rule (the rule only matters with replicas).
+        char cells[640];
+        int at = std::snprintf(cells, sizeof cells, "| %s | %s | %s | %s |", j["topology"].get<std::string>().c_str(),
+                               row.placement.c_str(), row.grouper.c_str(), locus::cost::to_string(row.transport));
+        for (const auto rule : locus::placement::all_replica_rules) {
+          auto rcfg = cfg;
+          rcfg.replica_rule = rule;
+          auto rg = locus::grouper::grouper_by_name(row.grouper, p.model);
+          const auto rr = rule == main_rule ? res : locus::cost::simulate_decode(test, p.maps, rg, rcfg);
+          const double rratio = rr.inter_node_bytes_per_token / baseline.inter_node_bytes_per_token;
+          j["by_replica_rule"][locus::placement::to_string(rule)] = {
+              {"inter_node_bytes_per_token", rr.inter_node_bytes_per_token},
+              {"inter_node_bytes_vs_baseline", rratio},
+              {"gpu_imbalance_aggregate", rr.gpu_imbalance_aggregate},
+              {"gpu_imbalance_step_mean", rr.gpu_imbalance_step_mean}};
+          at += std::snprintf(cells + at, sizeof cells - static_cast<std::size_t>(at), " %.1f%% / %.3f |",
+                              100 * (1 - rratio), rr.gpu_imbalance_aggregate);
+        }
+        rules_md += std::string(cells) + "\n";
+      }
       doc["rows"].push_back(j);
       by_key[j["topology"].get<std::string>() + " " + row.placement + " " + std::to_string(row.redundant) + " " +
              row.grouper + " " + locus::cost::to_string(row.transport)] = j;
@@ -306,7 +348,9 @@ int main(int argc, char** argv) try {
   // grouping on the rest; simulate the whole test split, and its held-out requests alone, with the
   // workload-aware grouper and with round-robin grouping on the same maps.
   std::string unseen =
-      "\n## Unseen domain (4x2, locality, no replicas, flat)\n\nOne domain is left out of the "
+      "\n## Unseen domain (4x2, locality, " + std::to_string(unseen_redundant) +
+      " redundant slots/GPU, flat, replica rule " + locus::placement::to_string(main_rule) +
+      ")\n\nOne domain is left out of the "
       "training split; the test split is simulated whole and restricted to the held-out domain. "
       "\"wa / rr\" is inter-node bytes with workload_aware over round_robin grouping on the same maps "
       "(issue target ≤ 1.05); capacity holds by construction (the simulator rejects a full rank).\n\n"
@@ -324,6 +368,8 @@ int main(int argc, char** argv) try {
     cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(hidden);
     cfg.batch_per_rank = 16;
     cfg.seed = seed;
+    cfg.replica_rule = main_rule;
+    cfg.replica_slack = replica_slack;
     for (std::uint32_t d = 0; d < train.domains().size(); ++d) {
       std::vector<std::size_t> keep;
       for (std::size_t r = 0; r < train.requests(); ++r)
@@ -331,7 +377,7 @@ int main(int argc, char** argv) try {
       const auto partial = train.select_requests(keep);
       const auto held = test.select_domain(d);
       if (held.requests() == 0 || partial.requests() == 0) continue;
-      const auto p = locus::placement::plan_activation_aware(partial, topo, "locality", 0, popt);
+      const auto p = locus::placement::plan_activation_aware(partial, topo, "locality", unseen_redundant, popt);
       const auto lin = locus::placement::plan_activation_aware(partial, topo, "linear", 0, popt).maps;
       double ratio[2] = {0, 0}, balance = 0, vs_linear[2] = {0, 0}, held_balance = 0, linear_balance = 0;
       std::size_t low_conf = 0;
@@ -380,13 +426,14 @@ int main(int argc, char** argv) try {
 
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   doc["seconds"] = seconds;
+  doc["command"] = command;
+  doc["machine"] = machine;
   std::filesystem::create_directories(out_dir);
   bench_output::file(out_dir + "/comm_volume.json") << doc.dump(1) << '\n';
   bench_output::file(out_dir + "/comm_volume.md")
-      << "# Communication volume on ESFT (test split)\n\nProduced by `build/dev/bench/comm_volume --out bench/results` "
-         "(trace ../shared/traces/esft) in "
-      << static_cast<int>(seconds + 0.5) << " s. Fit on a training split of requests (seed " << seed
-      << "), evaluated on the disjoint test split; prefill = "
+      << "# Communication volume on ESFT (test split)\n\nProduced by `" << command << "` (trace " << trace_path
+      << ") in " << static_cast<int>(seconds + 0.5) << " s on " << machine
+      << ". Fit on a training split of requests (seed " << seed << "), evaluated on the disjoint test split; prefill = "
       << "first " << prefill << " tokens of each request, decode = the rest; FP8 dispatch / BF16 combine of hidden "
       << hidden
       << "; 16 running requests per GPU. \"vs baseline\" divides by linear / round_robin / flat in the same "
@@ -402,7 +449,14 @@ int main(int argc, char** argv) try {
          "the synthesizer fitted to this trace and rescaled; ESFT's 26 layers kept) appear when "
          "locus/trace/synthesizer.hpp is present. Plot: `/usr/bin/python3 bench/plot_comm_volume.py "
          "bench/results`.\n\n## Targets (issue 5)\n\n"
-      << summary << "\n## All rows\n\n"
+      << summary
+      << "\n## Under each engine's replica rule\n\nRows with a redundant slot per GPU, simulated on the same maps and "
+         "requests under each rule of placement/replica_selection.hpp (docs/engines.md says which engine does what; "
+         "without replicas every rule gives the same copies). Each cell: inter-node bytes reduction vs linear / "
+         "round-robin / flat, then GPU max/mean (aggregate). locality_bounded avoids a GPU whose rows of the layer "
+         "so far exceed (1 + "
+      << replica_slack << ") × the mean.\n\n"
+      << rules_md << "\n## All rows\n\n"
       << md;
   std::printf("%s", md.c_str());
   std::printf("\n%s", summary.c_str());

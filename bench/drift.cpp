@@ -10,7 +10,8 @@
 //
 //   drift [--trace DIR] [--out DIR] [--split-seed S] [--phases summary,law,intent] [--phase-tokens T]
 //         [--interval N] [--window W] [--budget-share B] [--drift-every D] [--redundant R]
-//         [--transport flat|hierarchical] [--deepseek 0|1]
+//         [--transport flat|hierarchical] [--deepseek 0|1] [--replica-rule R] [--replica-slack S]
+//         [--replica-window W]
 // Writes DIR/drift.json and DIR/drift.md; bench/plot_drift.py draws DIR/drift.png.
 #include "bench_args.hpp"
 #include "bench_output.hpp"
@@ -75,6 +76,12 @@ int main(int argc, char** argv) try {
   const auto expert_bytes =
       std::stoull(arg_value(argc, argv, "--expert-bytes", std::to_string(3ull * 2048 * 1408 * 2)));
   const auto transport = cost::parse_transport_kind(arg_value(argc, argv, "--transport", "flat"));
+  // Every policy's replicas are chosen by one rule (placement/replica_selection.hpp).
+  const auto replica_rule = placement::parse_replica_rule(arg_value(argc, argv, "--replica-rule", "locality_first"));
+  const double replica_slack = std::stod(arg_value(argc, argv, "--replica-slack", "0.05"));
+  const auto replica_window = std::stoul(arg_value(argc, argv, "--replica-window", "0"));
+  const std::string command = bench_args::command_line(argc, argv, "build/dev/bench/drift");
+  const std::string machine = bench_args::machine_line();
   const auto phase_names =
       bench_args::arg_list(argc, argv, "--phases", "summary,law,intent", [](const std::string& s) { return s; });
   if (!std::filesystem::exists(trace_path)) {
@@ -129,6 +136,9 @@ int main(int argc, char** argv) try {
   cfg.sizes = cost::message_sizes::fp8_dispatch_bf16_combine(hidden);
   cfg.batch_per_rank = batch;
   cfg.seed = seed;
+  cfg.replica_rule = replica_rule;
+  cfg.replica_slack = replica_slack;
+  cfg.replica_window = replica_window;
   // Each phase's requests queue at its start and run to the end before the next phase arrives
   // (continuous batching overlaps long summary requests with a whole later phase otherwise); the
   // phases' schedules are concatenated in the timeline's positions.
@@ -252,6 +262,11 @@ int main(int argc, char** argv) try {
                         {"expert_bytes", expert_bytes},
                         {"transport", cost::to_string(transport)},
                         {"redundant", redundant},
+                        {"replica_rule", placement::to_string(replica_rule)},
+                        {"replica_slack", replica_slack},
+                        {"replica_window", replica_window},
+                        {"command", command},
+                        {"machine", machine},
                         {"policies", nlohmann::json::array()}};
   std::string md = "| policy | inter-node B/token | saving vs linear | share of oracle's saving | per-phase saving | "
                    "GPU max/mean (run) | worst window | re-plans (drift) | most moved per re-plan | weights moved | "
@@ -409,6 +424,12 @@ int main(int argc, char** argv) try {
   char tail[256];
   std::snprintf(tail, sizeof tail, "\n%.0f s. Plot: `/usr/bin/python3 bench/plot_drift.py DIR`.\n", seconds);
   text += tail;
+  text += "\nProduced by `" + command + "` on " + machine + "; replicas chosen by " +
+          placement::to_string(replica_rule) +
+          (replica_rule == placement::replica_rule::locality_bounded
+               ? " (slack " + std::to_string(replica_slack) + ", window " + std::to_string(replica_window) + " steps)"
+               : std::string()) +
+          ".\n";
   write("drift.md", text);
   std::printf("%s", text.c_str());
   return 0;

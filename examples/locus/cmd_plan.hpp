@@ -195,7 +195,8 @@ inline constexpr std::size_t max_hidden = std::size_t{1} << 24;
 
 inline void register_simulate(CLI::App& app) {
   struct options {
-    std::string map_path, grouping_path, grouper = "round_robin", transport = "flat";
+    std::string map_path, grouping_path, grouper = "round_robin", transport = "flat", replica_rule = "locality_first";
+    double replica_slack = 0.05;
     std::size_t batch_per_rank = 32, hidden = 2048;
     double arrival_rate = 0;
     bool json = false;
@@ -217,6 +218,13 @@ inline void register_simulate(CLI::App& app) {
       ->check(CLI::ExistingFile);
   cmd->add_option("--grouper", opt->grouper, "Grouper: round_robin, least_loaded, workload_aware");
   cmd->add_option("--transport", opt->transport, "flat or hierarchical");
+  cmd->add_option("--replica-rule", opt->replica_rule,
+                  "How a copy picks among an expert's replicas: locality_first (locus), same_gpu_else_random "
+                  "(SGLang static dispatch), random (vLLM EPLB), locality_bounded (locality first, away from GPUs "
+                  "above the load bound)");
+  cmd->add_option("--replica-slack", opt->replica_slack,
+                  "locality_bounded: a GPU is avoided when its load so far exceeds (1 + slack) x the mean")
+      ->check(finite_non_negative());
   cmd->add_option("--batch-per-rank", opt->batch_per_rank, "Running requests per rank")->check(positive_whole());
   cmd->add_option("--hidden", opt->hidden, "Hidden size (message sizes: FP8 dispatch, BF16 combine)")
       ->check(CLI::Range(std::size_t{1}, max_hidden));
@@ -238,6 +246,7 @@ inline void register_simulate(CLI::App& app) {
     // With --map and --grouping the saved plan and grouping are used as they are. Otherwise the
     // workload-aware model is fitted on the training split (with --placement, together with the maps).
     const auto transport = locus::cost::parse_transport_kind(opt->transport); // bad names fail before planning
+    const auto replica_rule = locus::placement::parse_replica_rule(opt->replica_rule);
     LOCUS_REQUIRE(opt->grouping_path.empty() || !opt->map_path.empty(), locus::config_error,
                   "--grouping is used with --map (the grouping a saved plan was made with)");
     locus::placement::activation_plan planned;
@@ -262,6 +271,8 @@ inline void register_simulate(CLI::App& app) {
     cfg.batch_per_rank = opt->batch_per_rank;
     cfg.arrival_rate = opt->arrival_rate;
     cfg.seed = split->split_seed;
+    cfg.replica_rule = replica_rule;
+    cfg.replica_slack = opt->replica_slack;
     auto grouper = locus::grouper::grouper_by_name(opt->grouper, planned.model);
     const auto result = locus::cost::simulate_decode(test, maps, grouper, cfg);
     auto doc = locus::cost::simulation_summary_json(result);

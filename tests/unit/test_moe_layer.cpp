@@ -60,7 +60,8 @@ using dyn_layer = moe_layer<dyn_shape, dynamic_topology, Transport>;
 // One random case (routings with skew, replicas and empty ranks) through the layer on every rank,
 // against the dense reference; with `shared` shared experts.
 template <class Transport>
-double run_case(const locus_test::dispatch_case& c, std::size_t ffn, std::size_t shared, std::uint64_t seed) {
+double run_case(const locus_test::dispatch_case& c, std::size_t ffn, std::size_t shared, std::uint64_t seed,
+                placement::replica_rule rule = placement::replica_rule::locality_first) {
   const auto all = locus_test::model_weights<float>(seed, c.experts, c.hidden, ffn);
   const auto shared_w = locus_test::model_weights<float>(seed + 1, shared, c.hidden, ffn);
   transport::local_fabric f(c.topo, Transport::kind);
@@ -70,6 +71,12 @@ double run_case(const locus_test::dispatch_case& c, std::size_t ffn, std::size_t
     dyn_layer<Transport> layer(dyn_shape(c.experts, c.k, c.hidden, shared), c.topo, ep, c.map,
                                layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, r, all), 1));
     if (shared > 0) layer.set_shared_experts(layer::swiglu_host<float>(shared_w, 1));
+    if (rule != placement::replica_rule::locality_first) {
+      std::vector<std::uint8_t> hot(c.topo.ranks(), 0);
+      hot[seed % hot.size()] = 1; // locality_bounded: one rank over its bound
+      layer.set_replica_policy(rule, seed,
+                               rule == placement::replica_rule::locality_bounded ? hot : std::vector<std::uint8_t>{});
+    }
     const auto x = c.inputs(r);
     y[r].assign(x.size(), -1.0f);
     layer.forward(x, c.routings[r].view(), y[r]);
@@ -103,6 +110,33 @@ BOOST_AUTO_TEST_CASE(random_cases_match_dense_reference) {
     cases += 2;
   }
   BOOST_TEST_MESSAGE(cases << " cases, worst error / tolerance " << worst);
+}
+
+// Every replica rule sends each copy to a replica of its expert: the result is the dense MoE's.
+BOOST_AUTO_TEST_CASE(every_replica_rule_matches_dense_reference) {
+  for (const auto rule : placement::all_replica_rules)
+    for (std::uint64_t seed = 1; seed <= 6; ++seed) {
+      const auto c = locus_test::make_case(seed, 2, 1 + seed % 3);
+      const double flat = run_case<transport::local_flat>(c, 7, 0, seed, rule);
+      const double hier = run_case<transport::local_hierarchical>(c, 7, 0, seed, rule);
+      BOOST_TEST(flat <= 1.0, placement::to_string(rule) << " seed " << seed << " flat: " << flat);
+      BOOST_TEST(hier <= 1.0, placement::to_string(rule) << " seed " << seed << " hierarchical: " << hier);
+    }
+  BOOST_CHECK_THROW(
+      [] {
+        const auto c = locus_test::make_case(1, 2, 2);
+        transport::local_fabric f(c.topo, false);
+        const auto errors = on_ranks(f, [&](transport::local_transport& ep) {
+          const auto all = locus_test::model_weights<float>(1, c.experts, c.hidden, 4);
+          dyn_layer<transport::local_flat> layer(
+              dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
+              layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, ep.rank(), all), 1));
+          layer.set_replica_policy(placement::replica_rule::locality_bounded, 0, std::vector<std::uint8_t>(3, 0));
+        });
+        for (const auto& e : errors)
+          if (e) std::rethrow_exception(e);
+      }(),
+      config_error);
 }
 
 // A static shape and topology, bf16 weights and activations, one shared expert, replicas.

@@ -1,7 +1,9 @@
 #define BOOST_TEST_MODULE placement
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
+#include <locus/cost/traffic.hpp>
 #include <locus/placement/replica_selection.hpp>
+#include <locus/transport/layout.hpp>
 #include <map>
 #include <random>
 #include <tuple>
@@ -40,7 +42,208 @@ struct reference_selector {
     return best;
   }
 };
+// A random map: every expert once, then replicas into random free slots (never two on one rank).
+expert_map random_map(std::mt19937& rng, std::size_t ranks, std::size_t slots, std::size_t experts) {
+  std::vector<expert_id> table(ranks * slots, empty_slot);
+  std::vector<std::size_t> cells(table.size());
+  for (std::size_t i = 0; i < cells.size(); ++i)
+    cells[i] = i;
+  std::shuffle(cells.begin(), cells.end(), rng);
+  for (std::size_t e = 0; e < experts; ++e)
+    table[cells[e]] = static_cast<expert_id>(e);
+  for (std::size_t i = experts; i < cells.size(); ++i) {
+    const auto e = static_cast<expert_id>(rng() % experts);
+    const std::size_t r = cells[i] / slots;
+    if (std::none_of(table.begin() + r * slots, table.begin() + (r + 1) * slots, [&](expert_id x) { return x == e; }))
+      table[cells[i]] = e;
+  }
+  return expert_map(experts, ranks, slots, table);
+}
+
+// Tokens with k distinct experts each.
+routing<top_k<>> random_routing(std::mt19937& rng, std::size_t tokens, std::size_t experts, std::size_t k) {
+  routing<top_k<>> r(tokens, top_k<>(k));
+  std::vector<expert_id> pool(experts);
+  for (std::size_t t = 0; t < tokens; ++t) {
+    for (std::size_t e = 0; e < experts; ++e)
+      pool[e] = static_cast<expert_id>(e);
+    for (std::size_t j = 0; j < k; ++j) {
+      std::swap(pool[j], pool[j + rng() % (experts - j)]);
+      r.view().expert(t, j) = pool[j];
+    }
+  }
+  return r;
+}
+
+std::vector<std::uint8_t> random_hot(std::mt19937& rng, std::size_t ranks) {
+  std::vector<std::uint8_t> hot(ranks);
+  for (auto& h : hot)
+    h = rng() % 3 == 0;
+  return hot;
+}
 } // namespace
+
+BOOST_AUTO_TEST_CASE(rule_names_round_trip) {
+  for (const auto r : placement::all_replica_rules)
+    BOOST_TEST((placement::parse_replica_rule(placement::to_string(r)) == r));
+  BOOST_CHECK_THROW(placement::parse_replica_rule("nearest"), config_error);
+}
+
+BOOST_AUTO_TEST_CASE(every_rule_picks_a_replica_of_the_expert) {
+  std::mt19937 rng(11);
+  for (int trial = 0; trial < 40; ++trial) {
+    const dynamic_topology topo(1 + rng() % 4, 1 + rng() % 4);
+    const std::size_t ranks = topo.ranks(), slots = 2 + rng() % 3, experts = 1 + rng() % (ranks * slots);
+    const expert_map map = random_map(rng, ranks, slots, experts);
+    const auto hot = random_hot(rng, ranks);
+    for (const auto rule : placement::all_replica_rules) {
+      placement::replica_selector sel(map, topo, {rule, static_cast<std::uint64_t>(trial), hot});
+      for (int c = 0; c < 300; ++c) {
+        const std::size_t src = rng() % ranks, e = rng() % experts;
+        const slot_ref s = sel.select(src, e);
+        BOOST_REQUIRE_EQUAL(map.view().slot_expert[static_cast<std::size_t>(s.rank) * slots + s.slot],
+                            static_cast<expert_id>(e));
+      }
+    }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(same_gpu_else_random_is_static_and_fair) {
+  // 2 nodes x 4 GPUs; expert 0 on ranks 1, 4 and 6; expert 1 on rank 2 only.
+  const dynamic_topology topo(2, 4);
+  std::vector<expert_id> table(8 * 2, empty_slot);
+  table[1 * 2] = 0;
+  table[4 * 2] = 0;
+  table[6 * 2 + 1] = 0;
+  table[2 * 2] = 1;
+  const expert_map map(2, 8, 2, table);
+  for (std::uint64_t layer = 0; layer < 20; ++layer) {
+    placement::replica_selector sel(map, topo, {placement::replica_rule::same_gpu_else_random, layer});
+    std::map<int, int> served; // replica rank -> sources without a local replica sent there
+    for (std::size_t src = 0; src < 8; ++src) {
+      const int first = sel.select(src, 0).rank;
+      for (int again = 0; again < 5; ++again)
+        BOOST_REQUIRE_EQUAL(sel.select(src, 0).rank, first); // one fixed replica per source and layer
+      if (src == 1 || src == 4 || src == 6)
+        BOOST_TEST(first == static_cast<int>(src)); // own GPU
+      else
+        ++served[first];
+      BOOST_TEST(sel.select(src, 1).rank == 2);
+    }
+    // Five sources without a local replica over three replicas: 2, 2, 1 in some order.
+    BOOST_REQUIRE_EQUAL(served.size(), 3u);
+    for (const auto& [rank, n] : served)
+      BOOST_TEST((n == 1 || n == 2));
+  }
+}
+
+BOOST_AUTO_TEST_CASE(random_is_even_and_deterministic) {
+  // One node x 4 GPUs, 16 experts; expert 3 on ranks 0, 1 and 3. Source 0 holds one of them, but
+  // random ignores where the token is.
+  const dynamic_topology topo(1, 4);
+  std::vector<expert_id> table(4 * 5, empty_slot);
+  for (std::size_t e = 0; e < 16; ++e)
+    table[e % 4 * 5 + e / 4] = static_cast<expert_id>(e);
+  table[0 * 5 + 4] = 3;
+  table[1 * 5 + 4] = 3;
+  const expert_map map(16, 4, 5, table);
+  std::mt19937 rng(3);
+  const auto r = random_routing(rng, 3000, 16, 4);
+  placement::replica_selector a(map, topo, {placement::replica_rule::random});
+  placement::replica_selector b(map, topo, {placement::replica_rule::random});
+  std::map<int, double> count;
+  double n = 0;
+  for (std::size_t t = 0; t < r.tokens(); ++t)
+    for (std::size_t j = 0; j < 4; ++j) {
+      const auto e = static_cast<std::size_t>(r.view().expert(t, j));
+      const slot_ref x = a.select(0, e), y = b.select(0, e);
+      BOOST_REQUIRE(x == y);
+      if (e == 3) ++count[x.rank], ++n;
+    }
+  BOOST_REQUIRE_EQUAL(count.size(), 3u);
+  double chi2 = 0;
+  for (const auto& [rank, c] : count)
+    chi2 += (c - n / 3) * (c - n / 3) / (n / 3);
+  BOOST_TEST(chi2 < 13.8); // 2 degrees of freedom, p = 0.001
+}
+
+BOOST_AUTO_TEST_CASE(locality_bounded_avoids_hot_ranks) {
+  // 2 nodes x 2 GPUs. Expert 0 on ranks 0, 1 and 3.
+  const dynamic_topology topo(2, 2);
+  const expert_map map(1, 4, 1, {0, 0, empty_slot, 0});
+  using placement::replica_rule;
+  const std::vector<std::uint8_t> none(4, 0), r0(4, 0), r01 = {1, 1, 0, 0}, all(4, 1);
+  auto r0hot = r0;
+  r0hot[0] = 1;
+  const auto rank = [&](const std::vector<std::uint8_t>& hot, std::size_t src) {
+    placement::replica_selector sel(map, topo, {replica_rule::locality_bounded, 0, hot});
+    return sel.select(src, 0).rank;
+  };
+  BOOST_TEST(rank(none, 0) == 0);  // nothing hot: locality first
+  BOOST_TEST(rank(r0hot, 0) == 1); // own GPU hot: the node's other replica
+  BOOST_TEST(rank(r01, 0) == 3);   // the node's replicas hot: the remote one
+  BOOST_TEST(rank(all, 0) == 0);   // all hot: locality first again
+  BOOST_TEST(rank(r0hot, 2) == 3); // a source on node 1 keeps its node's replica
+  BOOST_CHECK_THROW(placement::replica_selector(map, topo, {replica_rule::locality_bounded, 0, r0hot}).select(0, 1),
+                    invalid_input_error);
+  const std::vector<std::uint8_t> short_hot(3, 0);
+  BOOST_CHECK_THROW(placement::replica_selector(map, topo, {replica_rule::locality_bounded, 0, short_hot}),
+                    config_error);
+}
+
+BOOST_AUTO_TEST_CASE(hot_rank_tracker_bounds) {
+  placement::hot_rank_tracker tr(4, 0.10);
+  const std::vector<std::uint64_t> step = {10, 11, 9, 10};
+  tr.observe(std::span<const std::uint64_t>(step));
+  BOOST_TEST((std::vector<std::uint8_t>(tr.hot().begin(), tr.hot().end()) == std::vector<std::uint8_t>{0, 0, 0, 0}));
+  const std::vector<std::uint64_t> spike = {30, 10, 10, 10};
+  tr.observe(std::span<const std::uint64_t>(spike)); // totals 40, 21, 19, 20: mean 25, bound 27.5
+  BOOST_TEST((std::vector<std::uint8_t>(tr.hot().begin(), tr.hot().end()) == std::vector<std::uint8_t>{1, 0, 0, 0}));
+  BOOST_CHECK_THROW(placement::hot_rank_tracker(4, -0.1), config_error);
+  BOOST_CHECK_THROW(tr.observe(std::span<const std::uint64_t>(step.data(), 3)), config_error);
+}
+
+// The traffic model and the host layout choose the same replica for every copy under every rule
+// (the layout in several chunks, so its prefix counts are exercised), and so count the same rows.
+BOOST_AUTO_TEST_CASE(traffic_model_equals_layout_under_every_rule) {
+  std::mt19937 rng(17);
+  for (int trial = 0; trial < 25; ++trial) {
+    const dynamic_topology topo(1 + rng() % 3, 1 + rng() % 3);
+    const std::size_t ranks = topo.ranks(), slots = 2 + rng() % 3;
+    const std::size_t experts = 1 + rng() % (ranks * slots);
+    const expert_map map = random_map(rng, ranks, slots, experts);
+    const std::size_t k = 1 + rng() % std::min<std::size_t>(3, experts), tokens = 40 + rng() % 60;
+    const auto r = random_routing(rng, tokens * ranks, experts, k);
+    const auto hot = random_hot(rng, ranks);
+    for (const auto rule : placement::all_replica_rules) {
+      const placement::replica_policy policy{rule, static_cast<std::uint64_t>(trial), hot};
+      // The traffic model sees each source's tokens as its batch, in order.
+      std::vector<std::uint32_t> sources(r.tokens());
+      for (std::size_t t = 0; t < r.tokens(); ++t)
+        sources[t] = static_cast<std::uint32_t>(t / tokens);
+      cost::traffic_counter<dynamic_topology> counter(topo, cost::transport_kind::flat);
+      cost::layer_traffic model(ranks);
+      counter.count_step(map, r.view(), {}, sources, model, policy);
+      std::vector<std::uint64_t> rows(ranks, 0);
+      for (std::size_t src = 0; src < ranks; ++src) {
+        const routing_view<top_k<>> part(r.ids().data() + src * tokens * k, nullptr, tokens, top_k<>(k));
+        transport::layout<top_k<>> l;
+        transport::layout_options opt;
+        opt.threads = 3;
+        opt.grain = 7;
+        opt.replicas = policy;
+        l.assign(part, map, topo, src, opt);
+        placement::replica_selector sel(map, topo, policy);
+        for (std::size_t c = 0; c < tokens * k; ++c) {
+          const auto want = sel.select_index(src, static_cast<std::size_t>(part.ids()[c]));
+          BOOST_REQUIRE_EQUAL(l.copy_replica()[c], static_cast<std::int32_t>(want));
+          ++rows[static_cast<std::size_t>(l.copy_rank()[c])];
+        }
+      }
+      BOOST_TEST(rows == model.expert_rows, boost::test_tools::per_element());
+    }
+  }
+}
 
 BOOST_AUTO_TEST_CASE(matches_reference_on_random_maps) {
   std::mt19937 rng(5);

@@ -90,6 +90,64 @@ BOOST_AUTO_TEST_CASE(batching_matches_a_direct_replay) {
   BOOST_TEST(self.p90 == 1.0);
 }
 
+// Under every replica rule the simulator equals a direct replay that chooses replicas with the rule
+// seeded by the layer index and, for locality_bounded, the ranks hot after the steps before (its
+// own load counts); and locality_bounded balances the skewed load better than locality_first.
+BOOST_AUTO_TEST_CASE(replica_rules_match_a_direct_replay) {
+  std::mt19937 rng(9);
+  const auto t = random_trace(rng, 24, 8, 2, 2, 3);
+  simulation_config cfg;
+  cfg.topology = dynamic_topology(2, 2);
+  cfg.batch_per_rank = 100;
+  // Experts 0..7 two per rank; rank r also holds replicas of experts 2r and 2r + 5 (mod 8).
+  std::vector<expert_id> table(4 * 4, empty_slot);
+  for (std::size_t r = 0; r < 4; ++r) {
+    table[r * 4] = static_cast<expert_id>(2 * r);
+    table[r * 4 + 1] = static_cast<expert_id>(2 * r + 1);
+    table[r * 4 + 2] = static_cast<expert_id>((2 * r + 2) % 8);
+    table[r * 4 + 3] = static_cast<expert_id>((2 * r + 5) % 8);
+  }
+  const std::vector<expert_map> maps(2, expert_map(8, 4, 4, table));
+  std::size_t max_decode = 0;
+  for (std::size_t r = 0; r < t.requests(); ++r)
+    max_decode = std::max<std::size_t>(max_decode, t.request(r).length - 3);
+  double first_balance = 0, bounded_balance = 0;
+  for (const auto rule : placement::all_replica_rules) {
+    cfg.replica_rule = rule;
+    cfg.replica_slack = 0.02;
+    grouper::round_robin g;
+    const auto res = simulate_decode(t, maps, g, cfg);
+    std::vector<layer_traffic> expected(2, layer_traffic(4));
+    std::vector<placement::hot_rank_tracker> hot(2, placement::hot_rank_tracker(4, 0.02));
+    traffic_counter<dynamic_topology> counter(cfg.topology, cfg.transport);
+    for (std::size_t s = 0; s < max_decode; ++s) {
+      std::vector<std::size_t> tokens;
+      std::vector<std::uint32_t> src;
+      for (std::size_t r = 0; r < t.requests(); ++r)
+        if (t.request(r).length - 3 > s) {
+          tokens.push_back(t.request(r).first_token + 3 + s);
+          src.push_back(static_cast<std::uint32_t>(r % 4));
+        }
+      for (std::size_t l = 0; l < 2; ++l) {
+        layer_traffic step(4);
+        const bool bounded = rule == placement::replica_rule::locality_bounded;
+        counter.count_step(maps[l], t.layer(l), tokens, src, step,
+                           {rule, l, bounded ? hot[l].hot() : std::span<const std::uint8_t>{}});
+        hot[l].observe(std::span<const std::uint64_t>(step.expert_rows));
+        expected[l] += step;
+      }
+    }
+    for (std::size_t l = 0; l < 2; ++l) {
+      BOOST_TEST(res.layers[l].copies == expected[l].copies);
+      BOOST_TEST(res.layers[l].expert_rows == expected[l].expert_rows, boost::test_tools::per_element());
+    }
+    BOOST_TEST_MESSAGE(placement::to_string(rule) << ": GPU max/mean " << res.gpu_imbalance_aggregate);
+    if (rule == placement::replica_rule::locality_first) first_balance = res.gpu_imbalance_aggregate;
+    if (rule == placement::replica_rule::locality_bounded) bounded_balance = res.gpu_imbalance_aggregate;
+  }
+  BOOST_TEST(bounded_balance < first_balance);
+}
+
 BOOST_AUTO_TEST_CASE(capacity_is_respected_and_nothing_is_lost) {
   std::mt19937 rng(8);
   const auto t = random_trace(rng, 40, 8, 2, 1, 2);

@@ -45,6 +45,35 @@ struct simulation_config {
   double arrival_rate = 0;
   std::uint64_t seed = 1;
   std::size_t max_steps = 0; //!< 0: until every request has finished
+  //! How copies pick among an expert's replicas (the engine's rule; placement/replica_selection.hpp).
+  placement::replica_rule replica_rule = placement::replica_rule::locality_first;
+  //! locality_bounded: a rank is hot for a layer when its recent rows exceed (1 + slack) × the mean.
+  double replica_slack = 0.05;
+  //! locality_bounded: recent = an exponential average over about this many steps; 0 = since the start.
+  std::size_t replica_window = 0;
+};
+
+//! Per layer, the replica policy of the coming step and, for locality_bounded, the loads it
+//! follows: what the simulator and the online replay share.
+class replica_policies {
+public:
+  replica_policies(const simulation_config& cfg, std::size_t layers) : rule_(cfg.replica_rule) {
+    if (rule_ == placement::replica_rule::locality_bounded)
+      trackers_.assign(layers,
+                       placement::hot_rank_tracker(cfg.topology.ranks(), cfg.replica_slack, cfg.replica_window));
+  }
+  //! The policy for layer `l` in the coming step (the layer index seeds the static draws).
+  placement::replica_policy operator()(std::size_t l) const {
+    return {rule_, l, trackers_.empty() ? std::span<const std::uint8_t>{} : trackers_[l].hot()};
+  }
+  //! Records layer `l`'s step once counted.
+  void observe(std::size_t l, const layer_traffic& step) {
+    if (!trackers_.empty()) trackers_[l].observe(std::span<const std::uint64_t>(step.expert_rows));
+  }
+
+private:
+  placement::replica_rule rule_;
+  std::vector<placement::hot_rank_tracker> trackers_;
 };
 
 struct simulation_result {
@@ -163,6 +192,7 @@ simulation_result simulate_decode(const trace::trace& t, const std::vector<exper
   std::vector<std::vector<running>> per_rank(ranks);
   std::vector<grouper::rank_state> state(ranks);
   traffic_counter<dynamic_topology> counter(topo, cfg.transport);
+  replica_policies policies(cfg, layers);
 
   simulation_result out;
   out.layers.assign(layers, layer_traffic(ranks));
@@ -208,7 +238,8 @@ simulation_result simulate_decode(const trace::trace& t, const std::vector<exper
       for (std::size_t l = 0; l < layers; ++l) {
         layer_traffic& st = step_traffic[l];
         st.clear();
-        counter.count_step(maps[l], t.layer(l), tokens, sources, st);
+        counter.count_step(maps[l], t.layer(l), tokens, sources, st, policies(l));
+        policies.observe(l, st);
         out.layers[l] += st;
         step_bytes += static_cast<double>(st.copies[network] * bytes_per_copy);
         step_imbalance += st.load_imbalance();

@@ -247,6 +247,7 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
   LOCUS_REQUIRE(opt.window > 0 && opt.report_tokens > 0, config_error, "run_online: zero window or report size");
   const std::size_t slots = placement::total_slots(maps);
   traffic_counter<dynamic_topology> counter(topo, cfg.transport);
+  replica_policies policies(cfg, layers);
   const std::size_t network = static_cast<std::size_t>(link_class::inter_node);
   const double bytes_per_copy = static_cast<double>(cfg.sizes.dispatch_bytes + cfg.sizes.combine_bytes);
   online_result out;
@@ -338,7 +339,8 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
     for (std::size_t l = 0; l < layers && !tokens.empty(); ++l) {
       step.clear();
       counter.count_step(maps[l], t.layer(l), std::span<const std::size_t>(tokens),
-                         std::span<const std::uint32_t>(sources), step);
+                         std::span<const std::uint32_t>(sources), step, policies(l));
+      policies.observe(l, step);
       total[l] += step;
       win[l] += step;
       const double b = static_cast<double>(step.copies[network]) * bytes_per_copy;

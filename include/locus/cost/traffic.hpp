@@ -131,19 +131,21 @@ public:
   transport_kind kind() const noexcept { return kind_; }
 
   //! Adds the tokens `tokens[i]` of `r`, token i coming from rank `sources[i]`, to `out`. Replica
-  //! choices use a fresh locality_first selector, i.e. the tokens form one step.
+  //! choices use a fresh selector under `policy`, i.e. the tokens form one step (each source's
+  //! batch is its tokens in the order given).
   //! @param tokens indices into `r`; empty means all tokens of `r` in order
   //! @throws locus::invalid_input_error naming the token with an out-of-range expert or rank
   template <class TopK, class Id, class Weight>
   void count_step(const expert_map& map, const routing_view<TopK, Id, Weight, memory_space::host>& r,
-                  std::span<const std::size_t> tokens, std::span<const std::uint32_t> sources, layer_traffic& out) {
+                  std::span<const std::size_t> tokens, std::span<const std::uint32_t> sources, layer_traffic& out,
+                  const placement::replica_policy& policy = {}) {
     const std::size_t n = tokens.empty() ? r.tokens() : tokens.size();
     LOCUS_REQUIRE(sources.size() == n, invalid_input_error, "traffic model: ", n, " tokens but ", sources.size(),
                   " source ranks");
     LOCUS_REQUIRE(out.ranks() == topo_.ranks() && map.ranks() == topo_.ranks(), config_error,
                   "traffic model: topology, expert map and output disagree on the rank count (", topo_.ranks(), ", ",
                   map.ranks(), ", ", out.ranks(), ")");
-    placement::locality_first_selector<Topology> selector(map, topo_);
+    placement::replica_selector<Topology> selector(map, topo_, policy);
     const expert_map_view view = map.view();
     const std::size_t k = r.top_k(), experts = map.experts(), gpus = topo_.gpus_per_node();
     dest_.resize(k);

@@ -144,6 +144,20 @@ public:
     check_compute_holds(compute_, dispatcher_.local_experts(), "routed expert");
   }
 
+  //! How this layer's tokens pick among an expert's replicas: the engine rule the plan was judged
+  //! under (placement/replica_selection.hpp; default locality_first). `layer_index` seeds the
+  //! static draws of same_gpu_else_random; `hot` (locality_bounded: per rank, nonzero above the
+  //! load bound, as the caller's load counters say) may be empty.
+  //! @throws locus::config_error when `hot` is neither empty nor one flag per rank
+  void set_replica_policy(placement::replica_rule rule, std::uint64_t layer_index = 0,
+                          std::vector<std::uint8_t> hot = {}) {
+    LOCUS_REQUIRE(hot.empty() || hot.size() == topo_.ranks(), config_error,
+                  "moe_layer::set_replica_policy: ", hot.size(), " hot-rank flags for ", topo_.ranks(), " ranks");
+    replica_rule_ = rule;
+    replica_salt_ = layer_index;
+    hot_ranks_ = std::move(hot);
+  }
+
   //! Sets the router and its weights (`hidden × experts`, row-major): logits = x·gate.
   //! @throws locus::config_error when the router's top_k differs from the shape's or the gate has
   //!         the wrong size
@@ -297,7 +311,7 @@ private:
   void run(std::span<const value_type> x, const routing_view<K, Id, Weight, memory_space::host>& r,
            std::span<value_type> y, std::exception_ptr local_error) {
     try {
-      dispatcher_.plan(layout_, r, threads());
+      dispatcher_.plan(layout_, r, threads(), placement::replica_policy{replica_rule_, replica_salt_, hot_ranks_});
     } catch (...) {
       // The routing was validated already; should the layout still refuse it, this rank sends
       // nothing and raises after the step.
@@ -370,6 +384,9 @@ private:
   expert_map map_;
   expert_compute_type compute_;
   transport::moe_dispatcher<exchanger_type, value_type> dispatcher_;
+  placement::replica_rule replica_rule_ = placement::replica_rule::locality_first;
+  std::uint64_t replica_salt_ = 0;
+  std::vector<std::uint8_t> hot_ranks_;
   transport::layout<> layout_;
   transport::dispatch_handle<value_type> handle_;
   [[no_unique_address]] backend_type backend_{};

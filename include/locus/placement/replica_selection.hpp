@@ -1,44 +1,112 @@
 #pragma once
 //! @file
 //! Which replica of an expert receives a token's copy: the one definition the traffic model, the
-//! decode simulator, the host and CUDA layouts and the transports use, so that predicted and moved
-//! bytes agree by construction.
+//! decode simulator, the host layout and the transports use, so that predicted and moved bytes
+//! agree by construction. The choice is a policy (`replica_rule`), because what a placement saves
+//! depends on the rule of the engine that serves it (docs/engines.md):
 //!
-//! Rule (`locality_first`), for the copies one source rank `src` sends in one step:
+//! - `locality_first` (locus), for the copies one source rank `src` sends in one step:
 //!   1. a replica on `src` itself, if any (no transfer);
 //!   2. otherwise the replicas on `src`'s node, if any; otherwise all replicas;
 //!   3. among those m candidates (in rank order), the one `src` has sent the fewest copies of this
 //!      expert so far in the step; ties go to the first in rank order counted from candidate
 //!      `src mod m`.
-//! Step 3 is round robin: the n-th balanced copy (in token order) of an expert goes to candidate
-//! (src + n) mod m. Each source balances on its own, as each rank builds its own layout (a prefix
-//! count per expert, which parallelises and runs on a GPU deterministically); starting each source
-//! at its own candidate spreads the first copies of many sources over the replicas, as a decode
-//! step's few tokens per rank need. The split is in two parts: `replica_candidates` (per source,
-//! on the host; lists the candidates already rotated) and `choose_replica` (per copy, host or
-//! device).
+//!   Step 3 is round robin: the n-th balanced copy (in token order) of an expert goes to candidate
+//!   (src + n) mod m. Each source balances on its own, as each rank builds its own layout (a
+//!   prefix count per expert, which parallelises and runs on a GPU deterministically); starting
+//!   each source at its own candidate spreads the first copies of many sources over the replicas,
+//!   as a decode step's few tokens per rank need.
+//! - `same_gpu_else_random` (SGLang's static dispatch): a fixed replica per (source, layer,
+//!   expert): one on `src` itself, else a draw that gives every replica an equal share of the
+//!   sources without a local one (seeded by the layer, so it is the same in every step).
+//! - `random` (vLLM's EPLB dispatch): the replica at index `position mod m` of the expert's
+//!   replicas in rank order, `position` being the copy's index in its source's batch (token × k +
+//!   choice): uniform over replicas, with no notion of where the token is.
+//! - `locality_bounded`: `locality_first` over the replicas not on a *hot* rank (one whose recent
+//!   load of this layer is above the bound the caller sets); all replicas when every one is hot.
+//!   The caller (simulator, layer) decides which ranks are hot from the loads it observed, so a
+//!   placement fitted to yesterday's traffic sheds load at run time instead of at planning time.
+//!
+//! The split is in two parts: `replica_candidates` (per source, on the host; lists the candidates
+//! already rotated, or fixes the replica) and `choose_replica` (per copy, host or device).
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <locus/core/config.hpp>
+#include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/core/policy.hpp>
 #include <locus/core/topology.hpp>
+#include <span>
+#include <string>
+#include <string_view>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
 
-//! Per expert, for source `src`: the fixed replica (the only one, one on `src` itself, or the only
-//! candidate; -1 if none) or the candidates the rule balances over (node-local replicas if any,
-//! else all; in rank order rotated to start at candidate `src mod m`), as indices into the map's
-//! CSR replica array (`expert_map_view::replicas`).
+//! How a copy bound for a replicated expert picks its replica (see the file comment).
+enum class replica_rule : std::uint8_t { locality_first, same_gpu_else_random, random, locality_bounded };
+
+inline constexpr std::array<replica_rule, 4> all_replica_rules = {replica_rule::locality_first,
+                                                                  replica_rule::same_gpu_else_random,
+                                                                  replica_rule::random, replica_rule::locality_bounded};
+
+//! The rule's name, as `parse_replica_rule` and the command line take it.
+constexpr const char* to_string(replica_rule r) noexcept {
+  switch (r) {
+  case replica_rule::locality_first: return "locality_first";
+  case replica_rule::same_gpu_else_random: return "same_gpu_else_random";
+  case replica_rule::random: return "random";
+  case replica_rule::locality_bounded: return "locality_bounded";
+  }
+  return "?";
+}
+
+//! @throws locus::config_error naming the accepted rules when `name` is none of them
+inline replica_rule parse_replica_rule(std::string_view name) {
+  for (const replica_rule r : all_replica_rules)
+    if (name == to_string(r)) return r;
+  LOCUS_THROW(config_error, "unknown replica rule '", std::string(name),
+              "': expected locality_first, same_gpu_else_random, random or locality_bounded");
+}
+
+//! What a rule needs besides the map and the source, for one layer and one step.
+struct replica_policy {
+  replica_rule rule = replica_rule::locality_first;
+  //! Seeds same_gpu_else_random's draw; callers pass the layer index so layers draw independently.
+  std::uint64_t salt = 0;
+  //! locality_bounded: per rank, nonzero when the rank is above its load bound; empty means none.
+  std::span<const std::uint8_t> hot{};
+};
+
+//! A 64-bit mix (splitmix64's finaliser): a deterministic draw from a key, on host and device.
+LOCUS_HOST_DEVICE std::uint64_t replica_mix(std::uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+//! Per expert, for source `src`: the fixed replica (the only one, one on `src` itself, the only
+//! candidate, or the rule's static choice; -1 if none) or the candidates the rule picks from
+//! (locality rules: node-local replicas if any, else all, in rank order rotated to start at
+//! candidate `src mod m`; random: all replicas in rank order), as indices into the map's CSR
+//! replica array (`expert_map_view::replicas`).
+//! @throws locus::config_error when `policy.hot` is neither empty nor one entry per rank
 template <class Topology>
 void replica_candidates(const expert_map& map, const Topology& topo, std::size_t src, std::vector<std::int32_t>& fixed,
-                        std::vector<std::int32_t>& cand_offsets, std::vector<std::int32_t>& cands) {
+                        std::vector<std::int32_t>& cand_offsets, std::vector<std::int32_t>& cands,
+                        const replica_policy& policy = {}) {
+  LOCUS_REQUIRE(policy.hot.empty() || policy.hot.size() == topo.ranks(), config_error,
+                "replica selection: ", policy.hot.size(), " hot-rank flags for ", topo.ranks(), " ranks");
   const expert_map_view v = map.view();
   const std::size_t experts = map.experts();
   const std::size_t src_node = topo.node_of(src);
+  const replica_rule rule = policy.rule;
+  const auto rank_of = [&](std::int32_t i) { return static_cast<std::size_t>(v.replicas[i].rank); };
+  const auto hot = [&](std::int32_t i) { return !policy.hot.empty() && policy.hot[rank_of(i)] != 0; };
   fixed.assign(experts, -1);
   cand_offsets.assign(experts + 1, 0);
   cands.clear();
@@ -49,15 +117,40 @@ void replica_candidates(const expert_map& map, const Topology& topo, std::size_t
       fixed[e] = first;
       continue;
     }
-    bool node_local = false;
-    for (std::int32_t i = first; i < last && fixed[e] < 0; ++i) {
-      const auto rank = static_cast<std::size_t>(v.replicas[i].rank);
-      if (rank == src) fixed[e] = i;
-      node_local |= topo.node_of(rank) == src_node;
+    if (rule == replica_rule::random) {
+      for (std::int32_t i = first; i < last; ++i)
+        cands.push_back(i);
+      continue;
     }
+    // locality_bounded looks past hot ranks' replicas while some replica is not hot.
+    bool skip_hot = false;
+    if (rule == replica_rule::locality_bounded)
+      for (std::int32_t i = first; i < last; ++i)
+        skip_hot |= !hot(i);
+    skip_hot &= rule == replica_rule::locality_bounded;
+    for (std::int32_t i = first; i < last && fixed[e] < 0; ++i)
+      if (rank_of(i) == src && !(skip_hot && hot(i))) fixed[e] = i;
     if (fixed[e] >= 0) continue;
+    if (rule == replica_rule::same_gpu_else_random) {
+      // SGLang's fair draw: the sources without a local replica, in rank order, take the replicas
+      // in turn from a layer- and expert-seeded start, so each replica serves an equal share.
+      std::size_t hosts_below = 0; // distinct ranks below src hosting the expert
+      for (std::int32_t i = first; i < last; ++i) {
+        bool seen = false;
+        for (std::int32_t q = first; q < i; ++q)
+          seen |= rank_of(q) == rank_of(i);
+        hosts_below += !seen && rank_of(i) < src;
+      }
+      const auto m = static_cast<std::uint64_t>(last - first);
+      const std::uint64_t start = replica_mix(policy.salt * 0x100000001b3ull + e) % m;
+      fixed[e] = first + static_cast<std::int32_t>((start + (src - hosts_below)) % m);
+      continue;
+    }
+    bool node_local = false;
     for (std::int32_t i = first; i < last; ++i)
-      if (!node_local || topo.node_of(static_cast<std::size_t>(v.replicas[i].rank)) == src_node) cands.push_back(i);
+      node_local |= topo.node_of(rank_of(i)) == src_node && !(skip_hot && hot(i));
+    for (std::int32_t i = first; i < last; ++i)
+      if (!(skip_hot && hot(i)) && (!node_local || topo.node_of(rank_of(i)) == src_node)) cands.push_back(i);
     const std::size_t m = cands.size() - static_cast<std::size_t>(cand_offsets[e]);
     if (m == 1) {
       fixed[e] = cands.back(); // one candidate: no balancing state needed
@@ -71,7 +164,8 @@ void replica_candidates(const expert_map& map, const Topology& topo, std::size_t
 }
 
 //! Replica of the `nth` balanced copy of expert `e` from one source (round robin over its
-//! candidates), or its fixed replica; the tables come from replica_candidates.
+//! candidates), or its fixed replica; the tables come from replica_candidates. This is the
+//! locality rules' choice; the overload with a rule also serves `random`.
 LOCUS_HOST_DEVICE std::int32_t choose_replica(const std::int32_t* fixed, const std::int32_t* cand_offsets,
                                               const std::int32_t* cands, std::int32_t e, std::int32_t nth) {
   const std::int32_t f = fixed[e];
@@ -80,16 +174,74 @@ LOCUS_HOST_DEVICE std::int32_t choose_replica(const std::int32_t* fixed, const s
   return cands[cand_offsets[e] + nth % m];
 }
 
+//! Replica of a copy under `rule`: `nth` is the copy's index among its source's balanced copies of
+//! `e` (locality rules), `position` its index in the source's batch, token × k + choice (random).
+LOCUS_HOST_DEVICE std::int32_t choose_replica(const std::int32_t* fixed, const std::int32_t* cand_offsets,
+                                              const std::int32_t* cands, std::int32_t e, std::int32_t nth,
+                                              replica_rule rule, std::int64_t position) {
+  if (rule != replica_rule::random || fixed[e] >= 0) return choose_replica(fixed, cand_offsets, cands, e, nth);
+  const std::int64_t m = cand_offsets[e + 1] - cand_offsets[e];
+  return cands[cand_offsets[e] + static_cast<std::int32_t>(position % m)];
+}
+
+//! locality_bounded's run-time state for one layer: each rank's recent load (expert rows, summed
+//! since the start, or an exponential average over about `window` steps) and which ranks are above
+//! (1 + slack) × the mean, i.e. hot. Engines that balance at dispatch time keep such counters; the
+//! simulator keeps one per layer and hands hot() to the selector of the next step.
+class hot_rank_tracker {
+public:
+  //! @throws locus::config_error when `ranks` is 0 or `slack` is negative or not finite
+  hot_rank_tracker(std::size_t ranks, double slack, std::size_t window = 0)
+      : load_(ranks, 0.0), hot_(ranks, 0), slack_(slack),
+        keep_(window == 0 ? 1.0 : 1.0 - 1.0 / static_cast<double>(window)) {
+    LOCUS_REQUIRE(ranks > 0, config_error, "hot_rank_tracker: no ranks");
+    LOCUS_REQUIRE(slack >= 0 && slack < 1e9, config_error, "hot_rank_tracker: slack is ", slack,
+                  ", expected a finite number >= 0");
+  }
+
+  //! Per rank, 1 when it is hot (the selector's `replica_policy::hot`).
+  std::span<const std::uint8_t> hot() const noexcept { return hot_; }
+
+  //! Adds one step's expert rows per rank and decides the hot ranks for the next step.
+  //! @throws locus::config_error when `rows` does not have one entry per rank
+  template <class Count>
+  void observe(std::span<const Count> rows) {
+    LOCUS_REQUIRE(rows.size() == load_.size(), config_error, "hot_rank_tracker: ", rows.size(), " loads for ",
+                  load_.size(), " ranks");
+    double total = 0;
+    for (std::size_t r = 0; r < load_.size(); ++r) {
+      load_[r] = keep_ * load_[r] + static_cast<double>(rows[r]);
+      total += load_[r];
+    }
+    const double bound = (1.0 + slack_) * total / static_cast<double>(load_.size());
+    for (std::size_t r = 0; r < load_.size(); ++r)
+      hot_[r] = total > 0 && load_[r] > bound;
+  }
+
+private:
+  std::vector<double> load_;
+  std::vector<std::uint8_t> hot_;
+  double slack_, keep_;
+};
+
 //! Stateful replica chooser for one layer and one step, copies from any sources in any order
-//! (each source balances its own copies). Call reset() between steps.
+//! (each source balances its own copies). A source's copies must come in batch order, token by
+//! token and choice by choice (the `random` rule counts them as positions). Call reset() between
+//! steps.
 template <class Topology>
-class locality_first_selector {
-  static_assert(any_topology<Topology>, "locus::placement::locality_first_selector needs a locus::topology");
+class replica_selector {
+  static_assert(any_topology<Topology>, "locus::placement::replica_selector needs a locus::topology");
 
 public:
-  locality_first_selector(const expert_map& map, const Topology& topo) : map_(&map), topo_(topo) {
+  //! @throws locus::config_error when map and topology disagree on the rank count, or `policy.hot`
+  //!         has the wrong size
+  replica_selector(const expert_map& map, const Topology& topo, const replica_policy& policy = {})
+      : map_(&map), topo_(topo), rule_(policy.rule), salt_(policy.salt) {
     LOCUS_REQUIRE(map.ranks() == topo.ranks(), config_error, "replica selection: the expert map has ", map.ranks(),
                   " ranks but the topology has ", topo.ranks());
+    LOCUS_REQUIRE(policy.hot.empty() || policy.hot.size() == topo.ranks(), config_error,
+                  "replica selection: ", policy.hot.size(), " hot-rank flags for ", topo.ranks(), " ranks");
+    hot_.assign(policy.hot.begin(), policy.hot.end());
     view_ = map.view();
     copies_.assign(static_cast<std::size_t>(view_.replica_offsets[view_.experts]), 0);
     sources_.resize(topo.ranks());
@@ -98,8 +250,10 @@ public:
   //! Forgets the copies counted so far (a new step or micro-batch).
   void reset() {
     std::fill(copies_.begin(), copies_.end(), 0u);
-    for (auto& s : sources_)
+    for (auto& s : sources_) {
       std::fill(s.nth.begin(), s.nth.end(), 0);
+      s.position = 0;
+    }
   }
 
   //! The slot receiving the copy of a token on rank `src` bound for expert `e`; counts the copy.
@@ -119,20 +273,22 @@ public:
   const std::vector<std::uint32_t>& replica_copies() const noexcept { return copies_; }
 
 private:
-  // A source's candidate tables, built on its first copy, and its balanced copies per expert.
+  // A source's candidate tables, built on its first copy, its balanced copies per expert and its
+  // copies so far.
   struct source {
     std::vector<std::int32_t> fixed, cand_offsets, cands, nth;
+    std::int64_t position = 0;
   };
 
   std::size_t choose(std::size_t src, std::size_t e) {
     source& s = sources_[src];
     if (s.fixed.empty()) {
-      replica_candidates(*map_, topo_, src, s.fixed, s.cand_offsets, s.cands);
+      replica_candidates(*map_, topo_, src, s.fixed, s.cand_offsets, s.cands, replica_policy{rule_, salt_, hot_});
       s.nth.assign(map_->experts(), 0);
     }
     const auto ei = static_cast<std::int32_t>(e);
-    const auto best =
-        static_cast<std::size_t>(choose_replica(s.fixed.data(), s.cand_offsets.data(), s.cands.data(), ei, s.nth[e]));
+    const auto best = static_cast<std::size_t>(
+        choose_replica(s.fixed.data(), s.cand_offsets.data(), s.cands.data(), ei, s.nth[e], rule_, s.position++));
     if (s.fixed[e] < 0) ++s.nth[e];
     ++copies_[best];
     return best;
@@ -140,9 +296,16 @@ private:
 
   const expert_map* map_;
   Topology topo_;
+  replica_rule rule_;
+  std::uint64_t salt_;
+  std::vector<std::uint8_t> hot_;
   expert_map_view view_;
   std::vector<std::uint32_t> copies_;
   std::vector<source> sources_;
 };
+
+//! The selector under its former name (locality_first is the default policy).
+template <class Topology>
+using locality_first_selector = replica_selector<Topology>;
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::placement

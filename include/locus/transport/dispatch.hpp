@@ -223,13 +223,16 @@ public:
   //! The experts hosted on this rank (ascending).
   std::span<const expert_id> local_experts() const noexcept { return local_experts_; }
 
-  //! The layout of this rank's tokens for this dispatcher (what `dispatch` takes).
+  //! The layout of this rank's tokens for this dispatcher (what `dispatch` takes), replicas chosen
+  //! by `replicas` (placement/replica_selection.hpp; default locality_first).
   //! @throws locus::invalid_input_error naming a bad expert id or weight (see layout::assign)
   template <class LayoutK, class TopK, class Id, class Weight>
-  void plan(layout<LayoutK>& l, const routing_view<TopK, Id, Weight, memory_space::host>& r,
-            unsigned threads = 0) const {
+  void plan(layout<LayoutK>& l, const routing_view<TopK, Id, Weight, memory_space::host>& r, unsigned threads = 0,
+            const placement::replica_policy& replicas = {}) const {
     const routing_view<LayoutK, Id, Weight, memory_space::host> v(r.ids(), r.weights(), r.tokens(), LayoutK(r.top_k()));
-    l.assign(v, *map_, ex_->topology(), ex_->rank(), layout_options{kind(), threads});
+    layout_options opt{kind(), threads};
+    opt.replicas = replicas;
+    l.assign(v, *map_, ex_->topology(), ex_->rank(), opt);
   }
 
   //! Collective: sends this rank's tokens to their experts' ranks as `l` says, into `h`.

@@ -6,10 +6,10 @@
 //!
 //! Vocabulary (one source rank, `T` tokens, top-k `K`):
 //! - a **copy** is one (token `t`, choice `j`) pair, indexed `c = t * K + j` (token-major, as the
-//!   routing). Its destination is the replica chosen by the locality-first policy of
-//!   `placement/replica_selection.hpp` (same GPU, then same node, then the least-copied replica of
-//!   this step, ties to the lower rank), so the bytes moved equal those the traffic model
-//!   (`cost/traffic.hpp`) predicts;
+//!   routing). Its destination is the replica chosen by the rule of `layout_options::replicas`
+//!   (`placement/replica_selection.hpp`; by default locality-first: same GPU, then same node, then
+//!   the least-copied replica of this step), so the bytes moved equal those the traffic model
+//!   (`cost/traffic.hpp`) predicts under the same rule;
 //! - a **row** is one token vector in the send buffer. Rows are deduplicated as the traffic model
 //!   counts them: a flat layout sends one row per distinct (token, destination rank) - two experts
 //!   of a token on one rank share it; a node layout (`transport_kind::hierarchical`) sends one row per
@@ -57,6 +57,8 @@ struct layout_options {
   transport_kind kind = transport_kind::flat;
   unsigned threads = 0;     //!< worker threads (0 = default_host_threads())
   std::size_t grain = 2048; //!< minimum tokens per worker: below this one thread is faster
+  //! The replica rule (and, for locality_bounded, the hot ranks; the span must outlive assign()).
+  placement::replica_policy replicas{};
 };
 
 //! The largest top-k a dynamic `top_k<>` layout accepts (per-token scratch lives on the stack).
@@ -183,7 +185,8 @@ public:
 
 private:
   template <class Topology, class Id>
-  void select_replicas(const expert_map& map, const Topology& topo, const Id* ids, std::size_t chunks);
+  void select_replicas(const expert_map& map, const Topology& topo, const Id* ids, std::size_t chunks,
+                       const placement::replica_policy& policy);
   void place_rows(std::size_t chunks, const float* weights);
 
   transport_kind kind_ = transport_kind::flat;
@@ -261,7 +264,7 @@ void layout<TopK>::assign(const routing_view<TopK, Id, Weight, memory_space::hos
   LOCUS_REQUIRE(ranks_ * bucket_width_ <= static_cast<std::size_t>(INT32_MAX), config_error,
                 "layout: ranks × slots too large");
   const std::size_t chunks = detail::layout::chunk_count(tokens_, opt.grain, threads_);
-  select_replicas(map, topo, r.ids(), chunks);
+  select_replicas(map, topo, r.ids(), chunks, opt.replicas);
   if (r.has_weights()) {
     // Weights are checked here (ids were checked while selecting) so a bad weight names its token.
     const Weight* w = r.weights();
@@ -281,10 +284,11 @@ void layout<TopK>::assign(const routing_view<TopK, Id, Weight, memory_space::hos
 
 template <class TopK>
 template <class Topology, class Id>
-void layout<TopK>::select_replicas(const expert_map& map, const Topology& topo, const Id* ids, std::size_t chunks) {
+void layout<TopK>::select_replicas(const expert_map& map, const Topology& topo, const Id* ids, std::size_t chunks,
+                                   const placement::replica_policy& policy) {
   const expert_map_view v = map.view();
   const std::size_t experts = map.experts();
-  placement::replica_candidates(map, topo, source_, fixed_, cand_offsets_, cands_);
+  placement::replica_candidates(map, topo, source_, fixed_, cand_offsets_, cands_, policy);
   const std::size_t n = copies();
   copy_rank_.resize(n);
   copy_slot_.resize(n);
@@ -327,7 +331,8 @@ void layout<TopK>::select_replicas(const expert_map& map, const Topology& topo, 
           const std::size_t c = t * kext.value() + j;
           const auto e = static_cast<std::size_t>(ids[c]);
           const std::int32_t rep = detail::layout::choose_replica(fixed_.data(), cand_offsets_.data(), cands_.data(),
-                                                                  static_cast<std::int32_t>(e), seen[e]);
+                                                                  static_cast<std::int32_t>(e), seen[e], policy.rule,
+                                                                  static_cast<std::int64_t>(c));
           if (fixed_[e] < 0) ++seen[e];
           copy_replica_[c] = rep;
           copy_rank_[c] = v.replicas[rep].rank;
