@@ -1,5 +1,6 @@
 #pragma once
 // `locus map ...`: expert-map tools.
+#include "output.hpp"
 #include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
@@ -16,12 +17,20 @@
 namespace locus_driver {
 
 // `locus map check`: validate a saved plan and summarise it.
-inline int map_check(const std::string& path) {
+inline int map_check(const std::string& path, const std::string& json = {}) {
   const auto layers = locus::load_expert_maps(path);
   const auto& m = layers.front();
   std::size_t replicas = 0;
   for (const auto& l : layers)
     replicas += l.replica_slots_used();
+  write_json(json, "map check",
+             {{"map", path},
+              {"layers", layers.size()},
+              {"experts", m.experts()},
+              {"ranks", m.ranks()},
+              {"slots_per_rank", m.slots_per_rank()},
+              {"replica_slots_used", replicas}});
+  if (json_to_stdout(json)) return 0;
   std::printf("%s: %zu layers, %zu experts, %zu ranks x %zu slots, %zu replica slots in use\n", path.c_str(),
               layers.size(), m.experts(), m.ranks(), m.slots_per_rank(), replicas);
   return 0;
@@ -90,7 +99,9 @@ inline void register_map(CLI::App& app) {
   auto* check = map_cmd->add_subcommand("check", "Validate a saved expert map and summarise it");
   auto path = std::make_shared<std::string>();
   check->add_option("file", *path, "Expert map JSON")->required()->check(CLI::ExistingFile);
-  check->callback([path] { map_check(*path); });
+  auto check_json = std::make_shared<std::string>();
+  add_json_option(check, *check_json);
+  check->callback([path, check_json] { map_check(*path, *check_json); });
 
   auto o = std::make_shared<export_options>();
   auto* exp = map_cmd->add_subcommand("export", "Write a saved expert map in the file a serving engine takes");
