@@ -283,13 +283,15 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
     char buf[320];
     const auto& r = e.result;
     const std::string red = std::to_string(e.row.redundant);
+    // One node sends nothing over the network: no ratio, no reduction ("n/a").
     const double reduction = 100 * (1 - e.vs_baseline);
+    const std::string reduction_text = std::isfinite(reduction) ? cd::fixed(reduction, 1) + "%" : "n/a";
     std::snprintf(buf, sizeof buf,
-                  md ? "| %s | %s | %s | %s | %s | %.0f | %s | %s%% | %.3f | %.3f |\n"
-                     : "%-8s %-16s %4s %-14s %-12s %11.0f %8s %8s%% %9.3f %9.3f\n",
+                  md ? "| %s | %s | %s | %s | %s | %.0f | %s | %s | %.3f | %.3f |\n"
+                     : "%-8s %-16s %4s %-14s %-12s %11.0f %8s %9s %9.3f %9.3f\n",
                   cd::method_of(e.row), e.row.placement.c_str(), red.c_str(), e.row.grouper.c_str(),
                   locus::to_string(e.row.transport), r.inter_node_bytes_per_token, cd::fixed(e.vs_baseline, 3).c_str(),
-                  cd::fixed(reduction, 1).c_str(), r.gpu_imbalance_aggregate, r.attention_imbalance);
+                  reduction_text.c_str(), r.gpu_imbalance_aggregate, r.attention_imbalance);
     return std::string(buf);
   };
   char head[640];

@@ -37,7 +37,7 @@ inline int map_check(const std::string& path, const std::string& json = {}) {
 }
 
 struct export_options {
-  std::string map_path, to, out, load_trace, grouping;
+  std::string map_path, to, out, load_trace, grouping, json;
   static constexpr std::size_t unset = static_cast<std::size_t>(-1);
   std::size_t first_moe_layer = unset, hidden_layers = 0, gpus_per_node = 1;
 };
@@ -80,6 +80,18 @@ inline int map_export(const export_options& o) {
   maps = locus::placement::fill_empty_slots(maps, load, node_load, o.gpus_per_node);
   locus::write_file_atomically(o.out, locus::placement::export_text(format, maps, layers));
   const auto& m = maps.front();
+  write_json(o.json, "map export",
+             {{"out", o.out},
+              {"to", o.to},
+              {"moe_layers", maps.size()},
+              {"hidden_layer_ids", layers.moe_layer},
+              {"hidden_layers", layers.hidden_layers},
+              {"experts", m.experts()},
+              {"slots", m.slot_count()},
+              {"ranks", m.ranks()},
+              {"empty_slots_filled", filled},
+              {"filled_by_load", !load.empty()}});
+  if (json_to_stdout(o.json)) return 0;
   std::printf("%s: %s format, %zu MoE layers (hidden layers %zu..%zu of %zu), %zu experts in %zu slots on %zu ranks; "
               "%zu empty slots filled%s\n",
               o.out.c_str(), o.to.c_str(), maps.size(), layers.moe_layer.front(), layers.moe_layer.back(),
@@ -120,6 +132,7 @@ inline void register_map(CLI::App& app) {
                   "Grouping model saved with the plan: ties for empty slots go to the replica saving most copies")
       ->check(CLI::ExistingFile);
   exp->add_option("--gpus-per-node", o->gpus_per_node, "GPUs per node of the plan's ranks")->check(CLI::PositiveNumber);
+  add_json_option(exp, o->json);
   exp->callback([o] { map_export(*o); });
 }
 

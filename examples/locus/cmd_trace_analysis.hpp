@@ -206,7 +206,7 @@ inline void register_trace_stats(CLI::App& trace_cmd) {
 
 inline void register_trace_synth(CLI::App& trace_cmd) {
   struct options {
-    std::string out, fit_path, rescale;
+    std::string out, fit_path, rescale, json;
     locus::trace::synth_shape shape;
     double mean_length = 180.0;
     double segment_sigma = 0.0;
@@ -245,6 +245,7 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
   cmd->add_option("--tokens", o->tokens, "Sample requests until at least this many tokens");
   cmd->add_option("--seed", o->seed, "Seed (the output is identical for equal seeds)");
   cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)");
+  add_json_option(cmd, o->json);
   cmd->callback([o] {
     progress p("locus trace synth");
     LOCUS_REQUIRE(o->rescale.empty() || !o->fit_path.empty(), locus::config_error,
@@ -299,6 +300,17 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
     const auto t = locus::trace::sample(m, so);
     p.done();
     locus::trace::write_trace(t, o->out);
+    p.clear();
+    write_json(o->json, "trace synth",
+               {{"out", o->out},
+                {"requests", t.requests()},
+                {"tokens", t.tokens()},
+                {"layers", t.layers()},
+                {"experts", t.experts()},
+                {"top_k", t.top_k()},
+                {"domains", t.domains()},
+                {"seed", o->seed}});
+    if (json_to_stdout(o->json)) return;
     std::printf("%s: %zu requests, %zu tokens, %zu layers, %zu experts, top-%zu, %zu domains\n", o->out.c_str(),
                 t.requests(), t.tokens(), t.layers(), t.experts(), t.top_k(), t.domains().size());
   });
