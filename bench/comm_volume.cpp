@@ -10,6 +10,7 @@
 // Writes DIR/comm_volume.json and DIR/comm_volume.md; bench/plot_comm_volume.py draws the PNG.
 #include "bench_output.hpp"
 
+#include <locus/cost/comparison.hpp>
 #include <locus/cost/simulation_json.hpp>
 #include <locus/grouper/by_name.hpp>
 #include <locus/placement/activation_plan.hpp>
@@ -31,26 +32,16 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <ctime>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
 namespace {
 
-struct row_config {
-  std::string placement;
-  std::size_t redundant = 0;
-  std::string grouper;
-  locus::cost::transport_kind transport;
-};
-
 struct topology_case {
   std::size_t nodes, gpus;
-};
-
-struct planned {
-  std::vector<locus::expert_map> maps;
-  std::shared_ptr<const locus::grouper::workload_model> model;
 };
 
 // Majority training domain of each cluster, then the share of test requests whose predicted
@@ -112,13 +103,15 @@ int main(int argc, char** argv) try {
   const std::vector<std::pair<std::string, std::size_t>> placements = {
       {"linear", 0}, {"round_robin", 0}, {"eplb", 0}, {"eplb", 1}, {"activation_usage", 0}, {"activation_usage", 1},
       {"locality", 0}, {"locality", 1}};
-  std::vector<row_config> rows;
+  std::vector<locus::cost::comparison_row> rows;
   for (const auto& [placement, redundant] : placements)
     for (const char* grouper : {"round_robin", "least_loaded", "workload_aware"})
       for (auto transport : {transport_kind::flat, transport_kind::hierarchical})
         rows.push_back({placement, redundant, grouper, transport});
 
-  locus::placement::activation_plan_options popt;
+  // The comparison's defaults are this benchmark's; the flags below override them.
+  locus::cost::comparison_options copt;
+  auto& popt = copt.plan;
   popt.grouping.clusters = clusters;
   popt.grouping.seed = seed;
   popt.grouping.prefill_tokens = prefill;
@@ -143,17 +136,12 @@ int main(int argc, char** argv) try {
   // The locality planner is told the transport it plans for: its token-level stage then counts
   // only the copies that transport sends (flat: per remote GPU, hierarchical: per remote node).
   // With 0, one plan serves both transports and counts both kinds of copies.
-  const bool per_transport = arg_value(argc, argv, "--plan-per-transport", "1") == "1";
-  const auto options_for = [&](const std::string& placement, transport_kind transport) {
-    auto o = popt;
-    if (placement == "locality" && per_transport)
-      o.refine.count(transport == transport_kind::flat ? locus::placement::copy_count::flat
-                                                       : locus::placement::copy_count::hierarchical);
-    return o;
-  };
-  const auto plan_transport = [&](const std::string& placement, transport_kind transport) {
-    return placement == "locality" && per_transport ? static_cast<int>(transport) : -1;
-  };
+  copt.plan_per_transport = arg_value(argc, argv, "--plan-per-transport", "1") == "1";
+  const bool per_transport = copt.plan_per_transport;
+  copt.simulation.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(hidden);
+  copt.simulation.seed = seed;
+  copt.simulation.replica_rule = main_rule;
+  copt.simulation.replica_slack = replica_slack;
 
   nlohmann::json doc = {{"trace", trace_path},
                         {"split_seed", seed},
@@ -175,39 +163,17 @@ int main(int argc, char** argv) try {
       "| random (vLLM EPLB) | locality_bounded |\n|---|---|---|---|---|---|---|---|\n";
   double accuracy = 0;
   for (const auto& tc : topologies) {
-    const locus::dynamic_topology topo(tc.nodes, tc.gpus);
-    locus::cost::simulation_config cfg;
-    cfg.topology = topo;
-    cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(hidden);
-    cfg.batch_per_rank = 16;
-    cfg.seed = seed;
-    cfg.replica_rule = main_rule;
-    cfg.replica_slack = replica_slack;
-    std::map<std::tuple<std::string, std::size_t, int>, planned> plans; // (placement, redundant, transport or -1)
-    for (const auto& [placement, redundant] : placements)
-      for (auto transport : {transport_kind::flat, transport_kind::hierarchical}) {
-        const auto key = std::make_tuple(placement, redundant, plan_transport(placement, transport));
-        if (plans.count(key)) continue;
-        auto p = locus::placement::plan_activation_aware(train, topo, placement, redundant,
-                                                         options_for(placement, transport));
-        plans[key] = {std::move(p.maps), std::move(p.model)};
-      }
+    auto topo_opt = copt;
+    topo_opt.simulation.topology = locus::dynamic_topology(tc.nodes, tc.gpus);
+    const auto cmp = locus::cost::compare(train, test, rows, topo_opt);
     if (tc.nodes == 4 && tc.gpus == 2)
-      accuracy = domain_accuracy(*plans.at({"activation_usage", 0, -1}).model, train, test, prefill);
-    locus::cost::simulation_result baseline;
-    for (std::size_t i = 0; i < rows.size(); ++i) {
-      const row_config& row = rows[i];
-      cfg.transport = row.transport;
-      const planned& p = plans.at({row.placement, row.redundant, plan_transport(row.placement, row.transport)});
-      auto grouper = locus::grouper::grouper_by_name(row.grouper, p.model);
-      const auto res = locus::cost::simulate_decode(test, p.maps, grouper, cfg);
-      if (i == 0) baseline = res; // linear / round_robin / flat
-      if (const auto* wa = grouper.get_if<locus::grouper::workload_aware>(); wa && std::getenv("LOCUS_DEBUG"))
-        std::fprintf(stderr, "%s %zu: on node %zu, low-conf %zu, full %zu, imbalance %zu\n", row.placement.c_str(),
-                     row.redundant, wa->stats().placed_on_cluster_node, wa->stats().fallback_low_confidence,
-                     wa->stats().fallback_node_full, wa->stats().fallback_imbalance);
+      accuracy = domain_accuracy(*cmp.plans.at({"activation_usage", 0, -1}).model, train, test, prefill);
+    const locus::cost::simulation_result& baseline = cmp.rows.front().result; // linear / round_robin / flat
+    for (const auto& entry : cmp.rows) {
+      const auto& row = entry.row;
+      const auto& res = entry.result;
       auto j = locus::cost::simulation_summary_json(res, &baseline);
-      const double ratio = res.inter_node_bytes_per_token / baseline.inter_node_bytes_per_token;
+      const double ratio = entry.vs_baseline;
       j["topology"] = std::to_string(tc.nodes) + "x" + std::to_string(tc.gpus);
       j["placement"] = row.placement;
       j["redundant_slots_per_gpu"] = row.redundant;
@@ -217,11 +183,13 @@ int main(int argc, char** argv) try {
       j["replica_rule"] = locus::placement::to_string(main_rule);
       if (row.redundant > 0) {
         // The same maps and requests under each engine's replica rule (the rule only matters with replicas).
+        const auto& p = cmp.plans.at(locus::cost::detail::plan_key(row, topo_opt));
         char cells[640];
         int at = std::snprintf(cells, sizeof cells, "| %s | %s | %s | %s |", j["topology"].get<std::string>().c_str(),
                                row.placement.c_str(), row.grouper.c_str(), locus::cost::to_string(row.transport));
         for (const auto rule : locus::placement::all_replica_rules) {
-          auto rcfg = cfg;
+          auto rcfg = topo_opt.simulation;
+          rcfg.transport = row.transport;
           rcfg.replica_rule = rule;
           auto rg = locus::grouper::grouper_by_name(row.grouper, p.model);
           const auto rr = rule == main_rule ? res : locus::cost::simulate_decode(test, p.maps, rg, rcfg);
@@ -266,30 +234,21 @@ int main(int argc, char** argv) try {
     so.seed = seed;
     const auto synth = locus::trace::sample(big, so).with_prefill_tokens(prefill);
     const auto [strain, stest] = locus::trace::split_by_request(synth, 0.5, seed);
-    const locus::dynamic_topology topo(8, 8);
-    locus::cost::simulation_config cfg;
-    cfg.topology = topo;
-    cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(hidden);
-    cfg.batch_per_rank = 16;
-    cfg.seed = seed;
-    const std::vector<row_config> srows = {
+    auto synth_opt = copt;
+    synth_opt.simulation.topology = locus::dynamic_topology(8, 8);
+    const std::vector<locus::cost::comparison_row> srows = {
         {"linear", 0, "round_robin", transport_kind::flat},
         {"eplb", 1, "round_robin", transport_kind::flat},
         {"activation_usage", 0, "workload_aware", transport_kind::flat},
         {"locality", 0, "workload_aware", transport_kind::flat},
         {"locality", 1, "workload_aware", transport_kind::flat},
         {"locality", 1, "workload_aware", transport_kind::hierarchical}};
-    locus::cost::simulation_result baseline;
-    for (std::size_t i = 0; i < srows.size(); ++i) {
-      const row_config& row = srows[i];
-      cfg.transport = row.transport;
-      auto p = locus::placement::plan_activation_aware(strain, topo, row.placement, row.redundant,
-                                                       options_for(row.placement, row.transport));
-      auto grouper = locus::grouper::grouper_by_name(row.grouper, p.model);
-      const auto res = locus::cost::simulate_decode(stest, p.maps, grouper, cfg);
-      if (i == 0) baseline = res;
-      auto j = locus::cost::simulation_summary_json(res, &baseline);
-      const double ratio = res.inter_node_bytes_per_token / baseline.inter_node_bytes_per_token;
+    const auto cmp = locus::cost::compare(strain, stest, srows, synth_opt);
+    for (const auto& entry : cmp.rows) {
+      const auto& row = entry.row;
+      const auto& res = entry.result;
+      auto j = locus::cost::simulation_summary_json(res, &cmp.rows.front().result);
+      const double ratio = entry.vs_baseline;
       j["topology"] = "8x8 synthetic 256e top-8";
       j["placement"] = row.placement;
       j["redundant_slots_per_gpu"] = row.redundant;
@@ -363,13 +322,8 @@ int main(int argc, char** argv) try {
   doc["unseen_domain"] = nlohmann::json::array();
   {
     const locus::dynamic_topology topo(4, 2);
-    locus::cost::simulation_config cfg;
+    auto cfg = copt.simulation;
     cfg.topology = topo;
-    cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(hidden);
-    cfg.batch_per_rank = 16;
-    cfg.seed = seed;
-    cfg.replica_rule = main_rule;
-    cfg.replica_slack = replica_slack;
     for (std::uint32_t d = 0; d < train.domains().size(); ++d) {
       std::vector<std::size_t> keep;
       for (std::size_t r = 0; r < train.requests(); ++r)

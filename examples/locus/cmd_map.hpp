@@ -1,5 +1,6 @@
 #pragma once
 // `locus map ...`: expert-map tools.
+#include "output.hpp"
 #include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
@@ -16,19 +17,27 @@
 namespace locus_driver {
 
 // `locus map check`: validate a saved plan and summarise it.
-inline int map_check(const std::string& path) {
+inline int map_check(const std::string& path, const std::string& json = {}) {
   const auto layers = locus::load_expert_maps(path);
   const auto& m = layers.front();
   std::size_t replicas = 0;
   for (const auto& l : layers)
     replicas += l.replica_slots_used();
+  write_json(json, "map check",
+             {{"map", path},
+              {"layers", layers.size()},
+              {"experts", m.experts()},
+              {"ranks", m.ranks()},
+              {"slots_per_rank", m.slots_per_rank()},
+              {"replica_slots_used", replicas}});
+  if (json_to_stdout(json)) return 0;
   std::printf("%s: %zu layers, %zu experts, %zu ranks x %zu slots, %zu replica slots in use\n", path.c_str(),
               layers.size(), m.experts(), m.ranks(), m.slots_per_rank(), replicas);
   return 0;
 }
 
 struct export_options {
-  std::string map_path, to, out, load_trace, grouping;
+  std::string map_path, to, out, load_trace, grouping, json;
   static constexpr std::size_t unset = static_cast<std::size_t>(-1);
   std::size_t first_moe_layer = unset, hidden_layers = 0, gpus_per_node = 1;
 };
@@ -71,6 +80,18 @@ inline int map_export(const export_options& o) {
   maps = locus::placement::fill_empty_slots(maps, load, node_load, o.gpus_per_node);
   locus::write_file_atomically(o.out, locus::placement::export_text(format, maps, layers));
   const auto& m = maps.front();
+  write_json(o.json, "map export",
+             {{"out", o.out},
+              {"to", o.to},
+              {"moe_layers", maps.size()},
+              {"hidden_layer_ids", layers.moe_layer},
+              {"hidden_layers", layers.hidden_layers},
+              {"experts", m.experts()},
+              {"slots", m.slot_count()},
+              {"ranks", m.ranks()},
+              {"empty_slots_filled", filled},
+              {"filled_by_load", !load.empty()}});
+  if (json_to_stdout(o.json)) return 0;
   std::printf("%s: %s format, %zu MoE layers (hidden layers %zu..%zu of %zu), %zu experts in %zu slots on %zu ranks; "
               "%zu empty slots filled%s\n",
               o.out.c_str(), o.to.c_str(), maps.size(), layers.moe_layer.front(), layers.moe_layer.back(),
@@ -90,7 +111,9 @@ inline void register_map(CLI::App& app) {
   auto* check = map_cmd->add_subcommand("check", "Validate a saved expert map and summarise it");
   auto path = std::make_shared<std::string>();
   check->add_option("file", *path, "Expert map JSON")->required()->check(CLI::ExistingFile);
-  check->callback([path] { map_check(*path); });
+  auto check_json = std::make_shared<std::string>();
+  add_json_option(check, *check_json);
+  check->callback([path, check_json] { map_check(*path, *check_json); });
 
   auto o = std::make_shared<export_options>();
   auto* exp = map_cmd->add_subcommand("export", "Write a saved expert map in the file a serving engine takes");
@@ -109,6 +132,7 @@ inline void register_map(CLI::App& app) {
                   "Grouping model saved with the plan: ties for empty slots go to the replica saving most copies")
       ->check(CLI::ExistingFile);
   exp->add_option("--gpus-per-node", o->gpus_per_node, "GPUs per node of the plan's ranks")->check(CLI::PositiveNumber);
+  add_json_option(exp, o->json);
   exp->callback([o] { map_export(*o); });
 }
 

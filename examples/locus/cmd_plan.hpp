@@ -3,6 +3,7 @@
 // simulator on its test split).
 #include "cli_checks.hpp"
 #include "split.hpp"
+#include "output.hpp"
 #include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
@@ -131,6 +132,7 @@ inline void register_plan(CLI::App& app) {
   auto load = std::make_shared<std::string>();
   auto grouping = std::make_shared<std::string>();
   auto experts = std::make_shared<std::size_t>(0);
+  auto json = std::make_shared<std::string>();
   auto* cmd = app.add_subcommand("plan", "Fit an expert map on a trace's training split and save it as JSON");
   auto* trace = split->add_to(cmd, false);
   plan->add_to(cmd);
@@ -147,8 +149,10 @@ inline void register_plan(CLI::App& app) {
                   "Experts of the model, for routed-expert arrays (default: largest id + 1) and route JSONL traces "
                   "(default: the meta line's num_experts)");
   trace->excludes(load_opt);
-  cmd->callback([split, plan, out, load, grouping, grouping_opt, experts] {
+  add_json_option(cmd, *json);
+  cmd->callback([split, plan, out, load, grouping, grouping_opt, experts, json] {
     if (load->empty() && split->trace_paths.empty()) throw CLI::RequiredError("--trace or --load");
+    progress p("locus plan");
     if (!load->empty()) {
       const auto imported = locus::placement::import_load(*load, *experts);
       locus::placement::plan_input in;
@@ -165,6 +169,17 @@ inline void register_plan(CLI::App& app) {
       // TensorRT-LLM statistics name the model layers; a .npy does not.
       const bool named_layers = std::filesystem::is_directory(*load);
       locus::save_expert_maps(*out, maps, named_layers ? imported.layer_ids : std::vector<std::size_t>{});
+      write_json(*json, "plan",
+                 {{"map", *out},
+                  {"placement", plan->placement},
+                  {"layers", maps.size()},
+                  {"model_layers", imported.layer_ids},
+                  {"experts", in.experts},
+                  {"nodes", split->nodes},
+                  {"gpus_per_node", split->gpus_per_node},
+                  {"slots_per_rank", in.slots_per_rank},
+                  {"load", *load}});
+      if (json_to_stdout(*json)) return;
       std::printf("%s: %s placement, %zu layers (model layers %zu..%zu), %zu experts on %zu x %zu ranks, %zu slots "
                   "per rank (from %s)\n",
                   out->c_str(), plan->placement.c_str(), maps.size(), imported.layer_ids.front(),
@@ -174,13 +189,29 @@ inline void register_plan(CLI::App& app) {
     }
     const auto topo = split->topology(); // an impossible topology is refused before the trace is read
     split->experts = *experts;
+    p.start("loading " + split->trace_name());
     const auto [train, test] = split->load(true, false);
+    p.done();
+    p.start("planning " + plan->placement);
     const auto planned = plan->plan(train, topo, split->split_seed, split->prefill_tokens, grouping_opt->count() > 0);
+    p.done();
+    p.clear();
     const auto& maps = planned.maps;
     locus::save_expert_maps(*out, maps, train.has_model_layers() ? train.model_layer_ids() : std::vector<std::size_t>{},
                             train.hidden_layers());
     const std::string grouping_path = grouping->empty() ? grouping_path_for(*out) : *grouping;
     if (planned.model) locus::grouper::save_grouping(grouping_path, *planned.model);
+    write_json(*json, "plan",
+               {{"map", *out},
+                {"placement", plan->placement},
+                {"layers", maps.size()},
+                {"experts", maps.front().experts()},
+                {"nodes", split->nodes},
+                {"gpus_per_node", split->gpus_per_node},
+                {"slots_per_rank", maps.front().slots_per_rank()},
+                {"train_requests", train.requests()},
+                {"grouping", planned.model ? nlohmann::json(grouping_path) : nlohmann::json(nullptr)}});
+    if (json_to_stdout(*json)) return;
     std::printf("%s: %s placement, %zu layers, %zu experts on %zu x %zu ranks, %zu slots per rank (fitted on %zu "
                 "requests)%s%s\n",
                 out->c_str(), plan->placement.c_str(), maps.size(), maps.front().experts(), split->nodes,
@@ -199,7 +230,7 @@ inline void register_simulate(CLI::App& app) {
     double replica_slack = 0.05;
     std::size_t batch_per_rank = 32, hidden = 2048;
     double arrival_rate = 0;
-    bool json = false;
+    std::string json;
     // On-line re-planning (cost/online_replan.hpp): off unless an interval or a drift period is set.
     std::size_t replan_every = 0, replan_window = 0, drift_every = 0;
     double replan_budget = 0.10;
@@ -230,7 +261,7 @@ inline void register_simulate(CLI::App& app) {
       ->check(CLI::Range(std::size_t{1}, max_hidden));
   cmd->add_option("--arrival-rate", opt->arrival_rate, "Poisson arrivals per step (0: all at once)")
       ->check(finite_non_negative());
-  cmd->add_flag("--json", opt->json, "Print the summary as JSON");
+  add_json_option(cmd, opt->json);
   cmd->add_option("--replan-every", opt->replan_every,
                   "Re-plan the maps every this many steps from recent traffic (0: never)");
   cmd->add_option("--replan-window", opt->replan_window, "Steps of traffic a re-plan sees (0: the interval)");
@@ -240,9 +271,12 @@ inline void register_simulate(CLI::App& app) {
   cmd->add_option("--expert-bytes", opt->expert_bytes, "Weight bytes of one expert (moved bytes)");
   cmd->callback([split, plan, opt] {
     const auto start = std::chrono::steady_clock::now();
+    progress p("locus simulate");
     const auto topo = split->topology(); // an impossible topology is refused before the trace is read
     const bool saved = !opt->map_path.empty() && !opt->grouping_path.empty();
+    p.start("loading " + split->trace_name());
     const auto [train, test] = split->load(!saved, true);
+    p.done();
     // With --map and --grouping the saved plan and grouping are used as they are. Otherwise the
     // workload-aware model is fitted on the training split (with --placement, together with the maps).
     const auto transport = locus::cost::parse_transport_kind(opt->transport); // bad names fail before planning
@@ -260,8 +294,10 @@ inline void register_simulate(CLI::App& app) {
       auto for_run = *plan;
       if (for_run.copies.empty())
         for_run.copies = locus::cost::to_string(transport); // plan for the transport simulated
+      p.start("planning " + plan->placement);
       planned = for_run.plan(train, topo, split->split_seed, split->prefill_tokens, opt->grouper == "workload_aware");
       if (!opt->map_path.empty()) planned.maps = locus::load_expert_maps(opt->map_path);
+      p.done();
     }
     const auto& maps = planned.maps;
     locus::cost::simulation_config cfg;
@@ -274,11 +310,14 @@ inline void register_simulate(CLI::App& app) {
     cfg.replica_rule = replica_rule;
     cfg.replica_slack = opt->replica_slack;
     auto grouper = locus::grouper::grouper_by_name(opt->grouper, planned.model);
+    p.start("simulating decode");
     const auto result = locus::cost::simulate_decode(test, maps, grouper, cfg);
+    p.done();
     auto doc = locus::cost::simulation_summary_json(result);
     if (opt->replan_every > 0 || opt->drift_every > 0) {
       // The same run replayed under maps re-planned on line: the window's tokens with the training
       // sample the plan was fitted on, at most replan_budget of the slots moved per re-plan.
+      p.start("replaying with on-line re-planning");
       auto regroup = locus::grouper::grouper_by_name(opt->grouper, planned.model);
       const auto sched = locus::cost::record_schedule(test, maps, regroup, cfg);
       locus::placement::activation_plan_options popt;
@@ -319,12 +358,11 @@ inline void register_simulate(CLI::App& app) {
     doc["grouper"] = opt->grouper;
     doc["transport"] = opt->transport;
     doc["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (opt->json) {
-      std::cout << doc.dump(2) << '\n';
-      return;
-    }
-    for (const auto& [key, value] : doc.items())
-      std::cout << key << ": " << value << '\n';
+    p.clear();
+    if (!json_to_stdout(opt->json))
+      for (const auto& [key, value] : doc.items())
+        std::cout << key << ": " << value << '\n';
+    write_json(opt->json, "simulate", doc);
   });
 }
 

@@ -3,6 +3,7 @@
 // binary trace, from a shape or fitted to a real trace and rescaled) and `locus trace report`
 // (CSV files and PNG figures rendered by scripts/trace_report.py).
 #include "cli_checks.hpp"
+#include "output.hpp"
 #include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
@@ -30,27 +31,6 @@
 namespace locus_driver {
 
 namespace trace_analysis {
-
-//! Stage messages on stderr, with the elapsed time of stages that took over a second, so that a
-//! long run shows it is alive without cluttering stdout (which carries the table or JSON).
-class progress {
-public:
-  explicit progress(std::string cmd) : cmd_(std::move(cmd)) {}
-  void start(const std::string& what) {
-    what_ = what;
-    t0_ = std::chrono::steady_clock::now();
-    std::fprintf(stderr, "%s: %s...\n", cmd_.c_str(), what.c_str());
-  }
-  double done() {
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
-    if (s > 1.0) std::fprintf(stderr, "%s: %s took %.1f s\n", cmd_.c_str(), what_.c_str(), s);
-    return s;
-  }
-
-private:
-  std::string cmd_, what_;
-  std::chrono::steady_clock::time_point t0_;
-};
 
 inline locus::trace::trace load(const std::string& path, progress& p, std::size_t experts = 0) {
   std::error_code ec;
@@ -196,19 +176,19 @@ inline void register_trace_stats(CLI::App& trace_cmd) {
   struct options {
     std::string path;
     std::size_t prefill = 32, experts = 0;
-    bool json = false;
+    std::string json;
     unsigned threads = 0;
   };
   auto o = std::make_shared<options>();
   auto* cmd = trace_cmd.add_subcommand("stats", "Statistics of a trace: load imbalance, domains, prefill/decode "
-                                                "correlation (table, or JSON with --json)");
+                                                "correlation (table, or JSON with --json -)");
   cmd->add_option("trace", o->path, trace_help)->required();
   auto* prefill = cmd->add_option("--prefill-tokens", o->prefill, prefill_help);
   cmd->add_option("--experts", o->experts, experts_help);
-  cmd->add_flag("--json", o->json, "Print JSON instead of a table");
+  add_json_option(cmd, o->json);
   cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)");
   cmd->callback([o, prefill] {
-    trace_analysis::progress p("locus trace stats");
+    progress p("locus trace stats");
     const auto loaded = trace_analysis::load(o->path, p, o->experts);
     const bool recorded = keeps_recorded_phases(loaded, prefill->count() > 0);
     const auto t = with_prefill(loaded, o->prefill, prefill->count() > 0);
@@ -218,16 +198,15 @@ inline void register_trace_stats(CLI::App& trace_cmd) {
     so.threads = o->threads;
     const auto s = locus::trace::compute_statistics(t, so);
     p.done();
-    if (o->json)
-      std::printf("%s\n", trace_analysis::stats_json(s, o->prefill, recorded).dump(2).c_str());
-    else
-      trace_analysis::print_stats_table(s, o->prefill, recorded);
+    p.clear();
+    if (!json_to_stdout(o->json)) trace_analysis::print_stats_table(s, o->prefill, recorded);
+    write_json(o->json, "trace stats", trace_analysis::stats_json(s, o->prefill, recorded));
   });
 }
 
 inline void register_trace_synth(CLI::App& trace_cmd) {
   struct options {
-    std::string out, fit_path, rescale;
+    std::string out, fit_path, rescale, json;
     locus::trace::synth_shape shape;
     double mean_length = 180.0;
     double segment_sigma = 0.0;
@@ -266,8 +245,9 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
   cmd->add_option("--tokens", o->tokens, "Sample requests until at least this many tokens");
   cmd->add_option("--seed", o->seed, "Seed (the output is identical for equal seeds)");
   cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)");
+  add_json_option(cmd, o->json);
   cmd->callback([o] {
-    trace_analysis::progress p("locus trace synth");
+    progress p("locus trace synth");
     LOCUS_REQUIRE(o->rescale.empty() || !o->fit_path.empty(), locus::config_error,
                   "--rescale needs --fit TRACE (a shape is given directly with --experts/--top-k/--layers)");
     LOCUS_REQUIRE(o->requests > 0 || o->tokens > 0, locus::config_error, "--requests and --tokens are both 0");
@@ -320,6 +300,17 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
     const auto t = locus::trace::sample(m, so);
     p.done();
     locus::trace::write_trace(t, o->out);
+    p.clear();
+    write_json(o->json, "trace synth",
+               {{"out", o->out},
+                {"requests", t.requests()},
+                {"tokens", t.tokens()},
+                {"layers", t.layers()},
+                {"experts", t.experts()},
+                {"top_k", t.top_k()},
+                {"domains", t.domains()},
+                {"seed", o->seed}});
+    if (json_to_stdout(o->json)) return;
     std::printf("%s: %zu requests, %zu tokens, %zu layers, %zu experts, top-%zu, %zu domains\n", o->out.c_str(),
                 t.requests(), t.tokens(), t.layers(), t.experts(), t.top_k(), t.domains().size());
   });
@@ -338,7 +329,7 @@ inline std::string default_report_script() {
 
 inline void register_trace_report(CLI::App& trace_cmd) {
   struct options {
-    std::string path, out = "trace_report", python = "/usr/bin/python3", script = default_report_script();
+    std::string path, out = "trace_report", python = "/usr/bin/python3", script = default_report_script(), json;
     std::size_t prefill = 32;
     long layer = -1;
     bool no_render = false;
@@ -354,10 +345,11 @@ inline void register_trace_report(CLI::App& trace_cmd) {
   cmd->add_option("--python", o->python, "Python interpreter with matplotlib");
   cmd->add_option("--script", o->script, "The rendering script (scripts/trace_report.py)");
   cmd->add_flag("--no-render", o->no_render, "Write the CSV files only");
+  add_json_option(cmd, o->json);
   cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)");
   cmd->callback([o] {
     namespace fs = std::filesystem;
-    trace_analysis::progress p("locus trace report");
+    progress p("locus trace report");
     const auto t = trace_analysis::load(o->path, p).with_prefill_tokens(o->prefill);
     const std::size_t layer = o->layer < 0 ? t.layers() / 2 : static_cast<std::size_t>(o->layer);
     LOCUS_REQUIRE(layer < t.layers(), locus::config_error, "--layer ", o->layer, " is out of range [0, ", t.layers(),
@@ -445,6 +437,7 @@ inline void register_trace_report(CLI::App& trace_cmd) {
       trace_analysis::save(dir / "prefill_decode.csv", f);
       trace_analysis::save(dir / "correlation.csv", g);
     }
+    nlohmann::json summary;
     {
       auto j = trace_analysis::stats_json(s, o->prefill);
       j["report_layer"] = layer;
@@ -454,9 +447,14 @@ inline void register_trace_report(CLI::App& trace_cmd) {
       std::ostringstream f;
       f << j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
       trace_analysis::save(dir / "summary.json", f);
+      summary = std::move(j);
     }
-    std::printf("%s: CSV files written\n", o->out.c_str());
-    if (o->no_render) return;
+    const bool quiet_stdout = json_to_stdout(o->json); // stdout carries the JSON alone
+    if (!quiet_stdout) std::printf("%s: CSV files written\n", o->out.c_str());
+    if (o->no_render) {
+      write_json(o->json, "trace report", summary);
+      return;
+    }
     LOCUS_REQUIRE(fs::exists(o->script, ec), locus::io_error, "rendering script ", o->script,
                   " not found (give it with --script, or use --no-render for CSV only)");
     LOCUS_REQUIRE(fs::exists(o->python, ec), locus::io_error, "Python interpreter ", o->python,
@@ -472,7 +470,9 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     const int rc = std::system(command.c_str());
     p.done();
     LOCUS_REQUIRE(rc == 0, locus::io_error, "rendering failed (exit status ", rc, "): ", command);
-    std::printf("%s: figures rendered\n", o->out.c_str());
+    p.clear();
+    if (!quiet_stdout) std::printf("%s: figures rendered\n", o->out.c_str());
+    write_json(o->json, "trace report", summary);
   });
 }
 

@@ -1,10 +1,11 @@
 // The `locus` command-line driver: one subcommand per job, each in its own cmd_*.hpp that
 // registers itself here. `locus --help` lists them.
-#include "cmd_demo.hpp"
+#include "cmd_compare.hpp"
 #include "cmd_map.hpp"
 #include "cmd_plan.hpp"
 #include "cmd_trace_analysis.hpp"
 #include "cmd_trace_import.hpp"
+#include "output.hpp"
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
@@ -55,7 +56,20 @@ int main(int argc, char** argv) {
   });
   bool verbose = false;
   app.add_flag("--verbose", verbose, "On an error, also print where in the source it was raised");
-  locus_driver::register_demo(app);
+  // Progress goes to stderr when it is a terminal; --progress asks for it elsewhere (one line per
+  // step), -q silences it. Declared in this order so that -q wins over --progress.
+  app.add_flag_callback(
+      "--progress",
+      [] {
+        if (locus_driver::progress_setting() != locus_driver::progress_mode::never)
+          locus_driver::progress_setting() = locus_driver::progress_mode::always;
+      },
+      "Print progress on stderr even when it is not a terminal");
+  app.add_flag_callback(
+      "-q,--quiet", [] { locus_driver::progress_setting() = locus_driver::progress_mode::never; },
+      "No progress on stderr");
+  locus_driver::this_run() = locus_driver::run_info::capture(argc, argv);
+  locus_driver::register_compare(app);
   locus_driver::register_map(app);
   locus_driver::register_plan(app);
   locus_driver::register_simulate(app);

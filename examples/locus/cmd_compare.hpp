@@ -1,0 +1,360 @@
+#pragma once
+// `locus compare`: the project's main job on any trace. The maps of the baselines (linear,
+// round_robin, eplb), the published method (activation_usage placement + workload_aware
+// grouping) and locus's locality planner (with and without replicas) are fitted on a training
+// split of the requests; decode is simulated on the disjoint test split for each transport
+// asked for, and the inter-node bytes are compared with linear / round_robin on the first
+// transport. Without --trace it runs on an embedded synthetic trace (what scripts/demo shows).
+// The defaults are bench/comm_volume's, so `locus compare --trace ../shared/traces/esft`
+// reproduces the README's headline rows.
+#include "cmd_plan.hpp"
+#include "output.hpp"
+
+#include <CLI/CLI.hpp>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <locus/core/atomic_file.hpp>
+#include <locus/cost/comparison.hpp>
+#include <locus/cost/simulation_json.hpp>
+#include <locus/locus.hpp>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace locus_driver {
+
+namespace compare_detail {
+
+// The embedded default: requests of 4 kinds with 16 prefill + 16..80 decode tokens; a kind routes
+// with probability 0.6 into its own block of experts (rotating with the layer), otherwise
+// uniformly. Phases are recorded (the first 16 tokens of each request are prefill).
+inline locus::trace::trace synthetic_trace(std::size_t requests, std::uint64_t seed) {
+  const std::size_t experts = 64, k = 6, layers = 8, kinds = 4, prefill = 16;
+  locus::trace::trace_builder b(experts, k, layers);
+  b.set_domains({"kind0", "kind1", "kind2", "kind3"});
+  locus::trace::detail::splitmix64 g(seed);
+  std::vector<std::pair<std::size_t, std::size_t>> spans; // (first token, length)
+  std::vector<std::size_t> kind;
+  for (std::size_t r = 0; r < requests; ++r) {
+    kind.push_back(static_cast<std::size_t>(g.below(kinds)));
+    const std::size_t len = prefill + 16 + static_cast<std::size_t>(g.below(65));
+    spans.emplace_back(b.tokens(), len);
+    b.add_request(r, static_cast<std::uint32_t>(kind.back()), len);
+  }
+  const std::size_t block = experts / kinds;
+  for (std::size_t l = 0; l < layers; ++l)
+    for (std::size_t r = 0; r < requests; ++r)
+      for (std::size_t t = spans[r].first; t < spans[r].first + spans[r].second; ++t) {
+        auto ids = b.ids(l, t);
+        for (std::size_t j = 0; j < k; ++j) {
+          std::size_t e;
+          bool fresh;
+          do {
+            e = g.uniform() < 0.6 ? (kind[r] * block + g.below(block) + 5 * l) % experts : g.below(experts);
+            fresh = true;
+            for (std::size_t i = 0; i < j; ++i)
+              fresh &= ids[i] != e;
+          } while (!fresh);
+          ids[j] = static_cast<locus::trace::trace_expert_id>(e);
+          b.weights(l, t)[j] = 1.0f / static_cast<float>(k);
+        }
+      }
+  return b.build().with_prefill_tokens(prefill);
+}
+
+//! "baseline", "paper" or "locus": who proposed the row's configuration.
+inline const char* method_of(const locus::cost::comparison_row& r) {
+  if (r.placement == "locality") return "locus";
+  if (r.placement == "activation_usage") return "paper";
+  return "baseline";
+}
+
+//! Parses "flat,hierarchical" (each once, in the order given).
+inline std::vector<locus::transport_kind> parse_transports(const std::string& list) {
+  std::vector<locus::transport_kind> out;
+  std::stringstream in(list);
+  for (std::string name; std::getline(in, name, ',');) {
+    const auto k = locus::parse_transport_kind(name);
+    for (const auto seen : out)
+      LOCUS_REQUIRE(seen != k, locus::config_error, "--transport \"", list, "\" names ", name, " twice");
+    out.push_back(k);
+  }
+  LOCUS_REQUIRE(!out.empty(), locus::config_error, "--transport is empty (expected flat, hierarchical or both)");
+  return out;
+}
+
+//! The rows compared for each transport: linear, round_robin and eplb (with `redundant` replica
+//! slots per GPU) under round-robin grouping; activation_usage + workload_aware; locality +
+//! workload_aware without and (when `redundant` > 0) with replicas.
+inline std::vector<locus::cost::comparison_row> rows_for(const std::vector<locus::transport_kind>& transports,
+                                                         std::size_t redundant) {
+  std::vector<locus::cost::comparison_row> rows;
+  for (const auto t : transports) {
+    rows.push_back({"linear", 0, "round_robin", t});
+    rows.push_back({"round_robin", 0, "round_robin", t});
+    rows.push_back({"eplb", redundant, "round_robin", t});
+    rows.push_back({"activation_usage", 0, "workload_aware", t});
+    rows.push_back({"locality", 0, "workload_aware", t});
+    if (redundant > 0) rows.push_back({"locality", redundant, "workload_aware", t});
+  }
+  return rows;
+}
+
+inline nlohmann::json number_or_null(double v) {
+  if (std::isfinite(v)) return v;
+  return nullptr;
+}
+
+inline std::string fixed(double v, int precision) {
+  if (!std::isfinite(v)) return "n/a";
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%.*f", precision, v);
+  return buf;
+}
+
+// Draws the comparison as a bar chart: inter-node bytes over the baseline per row, GPU max/mean
+// below it (rr / ll / wa: the round_robin, least_loaded, workload_aware groupers; +N: replica
+// slots per GPU). Read from stdin by the interpreter: argv[1] the JSON document, argv[2] the PNG.
+inline constexpr const char* plot_script = R"py(import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+doc = json.load(open(sys.argv[1]))
+rows = doc["rows"]
+short = {"round_robin": "rr", "least_loaded": "ll", "workload_aware": "wa", "flat": "flat", "hierarchical": "hier."}
+labels = ["%s%s\n%s\n%s" % (r["placement"], " +%d" % r["redundant_slots_per_gpu"] if r["redundant_slots_per_gpu"] else "", short[r["grouper"]], short[r["transport"]]) for r in rows]
+colors = {"baseline": "#999999", "paper": "#4c72b0", "locus": "#dd8452"}
+fig, (a, b) = plt.subplots(2, 1, figsize=(max(8, 0.9 * len(rows)), 7), sharex=True)
+x = range(len(rows))
+ratio = [r["inter_node_bytes_vs_baseline"] if r["inter_node_bytes_vs_baseline"] is not None else 0 for r in rows]
+a.bar(x, ratio, color=[colors[r["method"]] for r in rows])
+a.axhline(1.0, color="black", linewidth=0.8)
+a.set_ylabel("inter-node bytes\nvs " + doc["baseline"])
+for i, v in enumerate(ratio):
+    a.text(i, v, "%.3f" % v, ha="center", va="bottom", fontsize=8)
+b.bar(x, [r["gpu_imbalance_aggregate"] for r in rows], color=[colors[r["method"]] for r in rows])
+b.axhline(1.0, color="black", linewidth=0.8)
+b.set_ylabel("GPU max/mean\n(aggregate)")
+b.set_xticks(list(x))
+b.set_xticklabels(labels, fontsize=7)
+a.set_title("%s: %d x %d GPUs, fitted on %d requests, simulated on %d" % (doc["trace"], doc["nodes"], doc["gpus_per_node"], doc["train_requests"], doc["test_requests"]), fontsize=9)
+handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+a.legend(handles, list(colors.keys()), fontsize=8, loc="lower left")
+fig.tight_layout()
+fig.savefig(sys.argv[2], dpi=110)
+)py";
+
+inline std::string shell_quote(const std::string& x) {
+  std::string r = "'";
+  for (const char c : x)
+    r += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return r + "'";
+}
+
+//! Refuses --png before any work when the interpreter or matplotlib is missing.
+inline void check_python(const std::string& python) {
+  std::error_code ec;
+  LOCUS_REQUIRE(std::filesystem::exists(python, ec), locus::io_error, "--png needs Python 3 with matplotlib: ", python,
+                " does not exist (install python3-matplotlib, or name an interpreter with --python)");
+  const std::string probe = shell_quote(python) + " -c 'import matplotlib' >/dev/null 2>&1";
+  LOCUS_REQUIRE(std::system(probe.c_str()) == 0, locus::io_error, "--png needs Python 3 with matplotlib: ", python,
+                " cannot import matplotlib (install python3-matplotlib, or name another interpreter with --python)");
+}
+
+//! Renders `doc` to `png` through `python`; the figure appears whole or not at all.
+inline void render_png(const std::string& python, const nlohmann::json& doc, const std::string& png) {
+  namespace fs = std::filesystem;
+  const fs::path target(png);
+  const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  const std::string stem = ".locus-compare-" + std::to_string(::getpid());
+  const fs::path data = dir / (stem + ".json"), image = dir / (stem + ".png");
+  locus::write_file_atomically(data.string(), doc.dump(1, ' ', false, nlohmann::json::error_handler_t::replace));
+  const std::string command =
+      shell_quote(python) + " - " + shell_quote(data.string()) + " " + shell_quote(image.string());
+  FILE* p = ::popen(command.c_str(), "w");
+  int rc = -1;
+  if (p) {
+    std::fputs(plot_script, p);
+    rc = ::pclose(p);
+  }
+  std::error_code ec;
+  fs::remove(data, ec);
+  if (rc != 0 || !fs::exists(image, ec)) {
+    fs::remove(image, ec);
+    LOCUS_THROW(locus::io_error, "drawing ", png, " with ", python, " failed (exit status ", rc, ")");
+  }
+  fs::rename(image, target, ec);
+  if (ec) {
+    fs::remove(image, ec);
+    LOCUS_THROW(locus::io_error, "cannot write ", png, ": ", ec.message());
+  }
+}
+
+} // namespace compare_detail
+
+struct compare_options {
+  std::size_t redundant = 1, batch_per_rank = 16, hidden = 2048, clusters = 8, anneal = 300;
+  std::size_t synthetic_requests = 400;
+  double arrival_rate = 0;
+  std::string transports = "flat,hierarchical";
+  std::string json, markdown, png, python = "/usr/bin/python3";
+};
+
+inline void run_compare(const split_options& split, const compare_options& o, bool synthetic_count_given) {
+  namespace cd = compare_detail;
+  progress p("locus compare");
+  const auto topo = split.topology(); // an impossible topology is refused before the trace is read
+  const auto transports = cd::parse_transports(o.transports);
+  if (!o.png.empty()) cd::check_python(o.python);
+  LOCUS_REQUIRE(!synthetic_count_given || split.trace_paths.empty(), locus::config_error,
+                "--synthetic-requests sizes the embedded trace; it cannot be used with --trace");
+  std::string trace_name;
+  locus::trace::trace train, test;
+  if (split.trace_paths.empty()) {
+    p.start("making the embedded synthetic trace");
+    const auto full = with_prefill(cd::synthetic_trace(o.synthetic_requests, split.split_seed), split.prefill_tokens,
+                                   split.prefill_opt->count() > 0);
+    trace_name = "synthetic (" + std::to_string(full.requests()) + " requests of 4 kinds, 64 experts, top-6, 8 layers)";
+    std::tie(train, test) = apply_split(full, split, true, true, trace_name);
+  } else {
+    p.start("loading " + split.trace_name());
+    std::tie(train, test) = split.load(true, true);
+    trace_name = split.trace_name();
+  }
+  p.done();
+
+  locus::cost::comparison_options opt;
+  opt.plan.grouping.clusters = o.clusters;
+  opt.plan.grouping.seed = split.split_seed;
+  opt.plan.grouping.prefill_tokens =
+      std::max<std::size_t>(1, split.prefill_tokens); // a cap; recorded phases may have more
+  opt.plan.refine.anneal_per_expert = o.anneal;
+  opt.simulation.topology = topo;
+  opt.simulation.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(o.hidden);
+  opt.simulation.batch_per_rank = o.batch_per_rank;
+  opt.simulation.arrival_rate = o.arrival_rate;
+  opt.simulation.seed = split.split_seed;
+  const auto rows = cd::rows_for(transports, o.redundant);
+  const auto start = std::chrono::steady_clock::now();
+  const auto cmp =
+      locus::cost::compare(train, test, rows, opt, [&](std::size_t done, std::size_t total, const std::string& what) {
+        p.step(done, total, what);
+      });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  p.clear();
+
+  const std::string baseline = std::string("linear/round_robin/") + locus::to_string(transports.front());
+  nlohmann::json doc = {{"trace", trace_name},
+                        {"nodes", topo.nodes()},
+                        {"gpus_per_node", topo.gpus_per_node()},
+                        {"train_requests", train.requests()},
+                        {"test_requests", test.requests()},
+                        {"split_seed", split.split_seed},
+                        {"test_fraction", split.test_fraction},
+                        {"prefill_tokens", split.prefill_tokens},
+                        {"batch_per_rank", o.batch_per_rank},
+                        {"hidden", o.hidden},
+                        {"clusters", o.clusters},
+                        {"anneal_per_expert", o.anneal},
+                        {"arrival_rate", o.arrival_rate},
+                        {"baseline", baseline},
+                        {"seconds", seconds},
+                        {"run", this_run().to_json()},
+                        {"rows", nlohmann::json::array()}};
+  for (const auto& e : cmp.rows) {
+    auto j = locus::cost::simulation_summary_json(e.result, &cmp.rows.front().result);
+    j["method"] = cd::method_of(e.row);
+    j["placement"] = e.row.placement;
+    j["redundant_slots_per_gpu"] = e.row.redundant;
+    j["grouper"] = e.row.grouper;
+    j["transport"] = locus::to_string(e.row.transport);
+    j["inter_node_bytes_vs_baseline"] = cd::number_or_null(e.vs_baseline);
+    doc["rows"].push_back(j);
+  }
+
+  // The table: the headline figures of bench/comm_volume's "Targets" table, at its precision.
+  const auto line = [&](const locus::cost::comparison_entry& e, bool md) {
+    char buf[320];
+    const auto& r = e.result;
+    const std::string red = std::to_string(e.row.redundant);
+    // One node sends nothing over the network: no ratio, no reduction ("n/a").
+    const double reduction = 100 * (1 - e.vs_baseline);
+    const std::string reduction_text = std::isfinite(reduction) ? cd::fixed(reduction, 1) + "%" : "n/a";
+    std::snprintf(buf, sizeof buf,
+                  md ? "| %s | %s | %s | %s | %s | %.0f | %s | %s | %.3f | %.3f |\n"
+                     : "%-8s %-16s %4s %-14s %-12s %11.0f %8s %9s %9.3f %9.3f\n",
+                  cd::method_of(e.row), e.row.placement.c_str(), red.c_str(), e.row.grouper.c_str(),
+                  locus::to_string(e.row.transport), r.inter_node_bytes_per_token, cd::fixed(e.vs_baseline, 3).c_str(),
+                  reduction_text.c_str(), r.gpu_imbalance_aggregate, r.attention_imbalance);
+    return std::string(buf);
+  };
+  char head[640];
+  std::snprintf(head, sizeof head,
+                "%s: fitted on %zu requests, simulated on the other %zu; %zu nodes x %zu GPUs, %zu running requests "
+                "per GPU, FP8 dispatch / BF16 combine of hidden %zu; locality anneals %zu proposals per expert",
+                trace_name.c_str(), train.requests(), test.requests(), topo.nodes(), topo.gpus_per_node(),
+                o.batch_per_rank, o.hidden, o.anneal);
+  const std::string legend =
+      "net B/token: network bytes per decode token over all layers; vs base: over " + baseline +
+      "; GPU max/mean: expert rows of the busiest GPU over the mean, per layer over the run (aggregate); "
+      "attn max/mean: the busiest GPU's attended context tokens over the mean.";
+  if (!json_to_stdout(o.json)) {
+    std::printf("%s\n\n%-8s %-16s %4s %-14s %-12s %11s %8s %9s %9s %9s\n", head, "method", "placement", "red.",
+                "grouper", "transport", "net B/token", "vs base", "reduction", "GPU m/m", "attn m/m");
+    for (const auto& e : cmp.rows)
+      std::printf("%s", line(e, false).c_str());
+    std::printf("\n%s\n%zu rows in %.1f s\n", legend.c_str(), cmp.rows.size(), seconds);
+  }
+  write_json(o.json, "compare", doc);
+  if (!o.markdown.empty()) {
+    const auto& run = this_run();
+    std::string md = "# locus compare\n\n" + std::string(head) + ".\n\nProduced by `" + run.command + "` on " +
+                     run.date + " (" + run.machine() + ") in " + cd::fixed(seconds, 1) + " s.\n\n" + legend +
+                     "\n\n| method | placement | redundant/GPU | grouper | transport | inter-node B/token | vs " +
+                     baseline +
+                     " | reduction | GPU max/mean (aggregate) | attention max/mean |\n"
+                     "|---|---|---|---|---|---|---|---|---|---|\n";
+    for (const auto& e : cmp.rows)
+      md += line(e, true);
+    locus::write_file_atomically(o.markdown, md);
+  }
+  if (!o.png.empty()) {
+    p.start("drawing " + o.png);
+    cd::render_png(o.python, doc, o.png);
+    p.done();
+    p.clear();
+  }
+}
+
+inline void register_compare(CLI::App& app) {
+  auto split = std::make_shared<split_options>();
+  auto o = std::make_shared<compare_options>();
+  auto* cmd = app.add_subcommand(
+      "compare", "Compare the baselines, the published method and locality (with and without replicas, flat and "
+                 "hierarchical) on a trace: fit on its training split, simulate decode on its test split");
+  split->add_to(cmd, false)->description(std::string(trace_help) + " (default: an embedded synthetic trace)");
+  cmd->add_option("--experts", split->experts, experts_help);
+  cmd->add_option("--redundant", o->redundant,
+                  "Replica slots per GPU of the eplb and locality-with-replicas rows (0: no replica rows)");
+  cmd->add_option("--transport", o->transports, "Transports compared, comma-separated: flat, hierarchical");
+  cmd->add_option("--batch-per-rank", o->batch_per_rank, "Running requests per GPU")->check(positive_whole());
+  cmd->add_option("--hidden", o->hidden, "Hidden size (message sizes: FP8 dispatch, BF16 combine)")
+      ->check(CLI::Range(std::size_t{1}, max_hidden));
+  cmd->add_option("--clusters", o->clusters, "Request clusters of the workload-aware model")->check(positive_whole());
+  cmd->add_option("--anneal", o->anneal, "locality: annealing proposals per expert after the token-level sweeps");
+  cmd->add_option("--arrival-rate", o->arrival_rate, "Poisson arrivals per step (0: all at once)")
+      ->check(finite_non_negative());
+  auto* synthetic = cmd->add_option("--synthetic-requests", o->synthetic_requests,
+                                    "Without --trace: requests in the embedded synthetic trace")
+                        ->check(CLI::Range(8, 100000));
+  add_json_option(cmd, o->json);
+  cmd->add_option("--markdown", o->markdown, "Also write the table as Markdown to this file");
+  cmd->add_option("--png", o->png, "Also draw the comparison as a PNG (needs Python 3 with matplotlib)");
+  cmd->add_option("--python", o->python, "Python interpreter with matplotlib, for --png");
+  cmd->callback([split, o, synthetic] { run_compare(*split, *o, synthetic->count() > 0); });
+}
+
+} // namespace locus_driver

@@ -1,0 +1,171 @@
+#pragma once
+// What every subcommand shares for its output: progress on stderr, and `--json FILE` documents
+// that name their format and version.
+//
+// Progress is for a person watching a terminal: it is shown when stderr is a terminal, rewriting
+// one line in place, and never otherwise (a log or a pipe gets no progress lines) unless
+// `--progress` asks for it, when each step is a line of its own. `-q` / `--quiet` silences it
+// everywhere. Results always go to stdout or to the files named, never to the progress stream.
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
+#include <fstream>
+#include <iostream>
+#include <locus/core/atomic_file.hpp>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+#include <unistd.h>
+
+namespace locus_driver {
+
+//! When progress is printed (the global `-q` and `--progress` flags set it).
+enum class progress_mode { automatic, always, never };
+
+inline progress_mode& progress_setting() {
+  static progress_mode mode = progress_mode::automatic;
+  return mode;
+}
+
+//! Progress of one command on stderr: stages (start/done) and counted steps (step).
+class progress {
+public:
+  explicit progress(std::string cmd) : cmd_(std::move(cmd)) {
+    tty_ = ::isatty(STDERR_FILENO) == 1;
+    const auto mode = progress_setting();
+    on_ = mode == progress_mode::always || (mode == progress_mode::automatic && tty_);
+    begin_ = std::chrono::steady_clock::now();
+  }
+  progress(const progress&) = delete;
+  progress& operator=(const progress&) = delete;
+  ~progress() { clear(); }
+
+  //! A stage begins.
+  void start(const std::string& what) {
+    what_ = what;
+    t0_ = std::chrono::steady_clock::now();
+    show(what + "...");
+  }
+  //! The stage ends; its seconds (a stage over a second says how long it took).
+  double done() {
+    const double s = seconds_since(t0_);
+    if (s > 1.0 && on_ && !tty_) std::fprintf(stderr, "%s: %s took %.1f s\n", cmd_.c_str(), what_.c_str(), s);
+    return s;
+  }
+  //! Step `done` of `total` begins; `what` says what it is.
+  void step(std::size_t done, std::size_t total, const std::string& what) {
+    char head[64];
+    std::snprintf(head, sizeof head, "[%zu/%zu, %.0f s] ", done, total, seconds_since(begin_));
+    show(head + what);
+  }
+  //! Removes the progress line from a terminal (before a result is printed below it).
+  void clear() {
+    if (on_ && tty_ && shown_) std::fprintf(stderr, "\r\033[K");
+    shown_ = false;
+  }
+
+private:
+  static double seconds_since(std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+  }
+  void show(const std::string& line) {
+    if (!on_) return;
+    if (tty_) {
+      std::fprintf(stderr, "\r\033[K%s: %s", cmd_.c_str(), line.c_str());
+      shown_ = true;
+    } else {
+      std::fprintf(stderr, "%s: %s\n", cmd_.c_str(), line.c_str());
+    }
+    std::fflush(stderr);
+  }
+
+  std::string cmd_, what_;
+  bool tty_ = false, on_ = false, shown_ = false;
+  std::chrono::steady_clock::time_point begin_, t0_;
+};
+
+//! Adds `--json [FILE]` to `cmd`: the command's figures as a JSON document; `-` or no value is
+//! stdout, which then carries the JSON instead of the table.
+inline CLI::Option* add_json_option(CLI::App* cmd, std::string& path) {
+  return cmd
+      ->add_option("--json", path,
+                   "Also write the figures as JSON to this file (written whole or not at all); - or no value: "
+                   "stdout, instead of the table")
+      ->expected(0, 1)
+      ->default_str("-");
+}
+
+//! Whether `--json` sends the document to stdout (the table is then not printed).
+inline bool json_to_stdout(const std::string& path) { return path == "-"; }
+
+//! Writes `doc` as the `locus <command>` document: "format": "locus.<command>" (spaces as
+//! dots: "locus.trace.stats") and "version": 1 are added; `path` "-" is stdout, any other path
+//! is written atomically. An empty path writes nothing.
+inline void write_json(const std::string& path, const std::string& command, nlohmann::json doc) {
+  if (path.empty()) return;
+  std::string format = "locus." + command;
+  for (char& c : format)
+    if (c == ' ') c = '.';
+  doc["format"] = format;
+  doc["version"] = 1;
+  // Names and paths from the input may hold bytes that are not UTF-8: replaced, never a throw
+  // after the work is done.
+  const std::string text = doc.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+  if (json_to_stdout(path)) {
+    std::fwrite(text.data(), 1, text.size(), stdout);
+    std::fflush(stdout);
+    return;
+  }
+  locus::write_file_atomically(path, text);
+}
+
+//! Where and when a result was made: the command line, the UTC date, the CPU model, its cores and
+//! the load average (results files record them).
+struct run_info {
+  std::string command, date, cpu;
+  unsigned cores = 0;
+  double load[3] = {0, 0, 0};
+
+  static run_info capture(int argc, char** argv) {
+    run_info r;
+    for (int i = 0; i < argc; ++i)
+      r.command += (i ? " " : "") + std::string(i == 0 ? "locus" : argv[i]);
+    char buf[32];
+    const std::time_t now = std::time(nullptr);
+    std::tm tm{};
+    gmtime_r(&now, &tm);
+    std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%S UTC", &tm);
+    r.date = buf;
+    std::ifstream cpuinfo("/proc/cpuinfo");
+    for (std::string line; std::getline(cpuinfo, line);)
+      if (line.rfind("model name", 0) == 0 && line.find(':') != std::string::npos) {
+        r.cpu = line.substr(line.find(':') + 2);
+        break;
+      }
+    r.cores = std::thread::hardware_concurrency();
+    if (::getloadavg(r.load, 3) != 3) r.load[0] = r.load[1] = r.load[2] = 0;
+    return r;
+  }
+  nlohmann::json to_json() const {
+    return {{"command", command},
+            {"date", date},
+            {"cpu", cpu},
+            {"cores", cores},
+            {"load_average", {load[0], load[1], load[2]}}};
+  }
+  std::string machine() const {
+    char buf[96];
+    std::snprintf(buf, sizeof buf, ", %u cores, load average %.2f %.2f %.2f", cores, load[0], load[1], load[2]);
+    return (cpu.empty() ? std::string("unknown CPU") : cpu) + buf;
+  }
+};
+
+//! The command line of this run (set by main before parsing).
+inline run_info& this_run() {
+  static run_info r;
+  return r;
+}
+
+} // namespace locus_driver
