@@ -60,12 +60,12 @@ public:
         static_cast<std::int32_t>(kind == transport_kind::flat ? slots_ : gpus_ * slots_),
         kind == transport_kind::hierarchical};
     placement::replica_candidates(map, topo, source_rank, fixed_, cand_offsets_, cands_);
-    b_.fixed.assign(fixed_);
-    b_.cand_offsets.assign(cand_offsets_);
+    b_.fixed.upload(fixed_, stream);
+    b_.cand_offsets.upload(cand_offsets_, stream);
     b_.cands.resize(cands_.size() + 1); // never empty, so the pointer is valid
-    if (!cands_.empty()) b_.cands.assign(cands_);
+    if (!cands_.empty()) b_.cands.upload(cands_, stream);
     const expert_map_view v = map.view();
-    replicas_.assign(v.replicas, static_cast<std::size_t>(v.replica_offsets[v.experts]));
+    replicas_.upload(std::span<const slot_ref>(v.replicas, static_cast<std::size_t>(v.replica_offsets[v.experts])), stream);
     detail::layout::dispatch_build<K, Experts>(b_, r.ids(), r.weights(), tokens_, experts, replicas_.data(), p, ranks_,
                                                stream);
     std::int32_t error = 0;

@@ -32,10 +32,10 @@ public:
   void assign(const receive_layout& rl) {
     rows_ = rl.rows();
     entries_ = rl.entries();
-    row_entry_offsets_.assign(rl.row_entry_offsets().data(), rl.row_entry_offsets().size());
-    expert_row_.assign(rl.expert_row().data(), rl.expert_row().size());
-    entry_position_.assign(rl.entry_position().data(), rl.entry_position().size());
-    expert_weight_.assign(rl.expert_weight().data(), rl.expert_weight().size());
+    row_entry_offsets_.upload(rl.row_entry_offsets());
+    expert_row_.upload(rl.expert_row());
+    entry_position_.upload(rl.entry_position());
+    expert_weight_.upload(rl.expert_weight());
   }
   std::size_t rows() const noexcept { return rows_; }
   std::size_t entries() const noexcept { return entries_; }
