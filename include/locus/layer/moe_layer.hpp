@@ -136,11 +136,14 @@ public:
   //! @param ex      this rank's transport endpoint (outlives the layer)
   //! @param map     where the routed experts live; its ranks are the topology's
   //! @param experts the expert compute of the experts this rank hosts under `map`
+  //! @param backend where the step runs: `backend::host{threads}` (worker threads) or
+  //!                `backend::cuda{stream}` (the stream every kernel and copy is issued on)
   //! @throws locus::config_error on any disagreement between shape, topology, map, transport and
   //!         compute (which rank count, which expert, which flag)
-  moe_layer(Shape shape, Topology topo, exchanger_type& ex, expert_map map, expert_compute_type experts)
+  moe_layer(Shape shape, Topology topo, exchanger_type& ex, expert_map map, expert_compute_type experts,
+            backend_type backend = {})
       : shape_(shape), topo_(topo), ex_(&ex), map_(std::move(map)), compute_(std::move(experts)),
-        dispatcher_(*ex_, map_, shape_.hidden()), routing_(0, routing_k()) {
+        dispatcher_(*ex_, map_, shape_.hidden()), backend_(backend), routing_(0, routing_k()) {
     LOCUS_REQUIRE(ex.topology().nodes() == topo.nodes() && ex.topology().gpus_per_node() == topo.gpus_per_node(),
                   config_error, "moe_layer: the layer's topology is ", topo.nodes(), " nodes × ", topo.gpus_per_node(),
                   " GPUs but the transport's is ", ex.topology().nodes(), " × ", ex.topology().gpus_per_node());
@@ -245,6 +248,8 @@ public:
   const Topology& topology() const noexcept { return topo_; }
   const expert_map& map() const noexcept { return map_; }
   exchanger_type& exchanger() noexcept { return *ex_; }
+  //! The backend the layer was built with.
+  const backend_type& backend() const noexcept { return backend_; }
   expert_compute_type& experts() noexcept { return compute_; }
   //! The routing of the last `forward(x, y)`.
   const routing_type& last_routing() const noexcept { return routing_; }
@@ -386,7 +391,7 @@ private:
   transport::moe_dispatcher<exchanger_type, value_type> dispatcher_;
   transport::layout<> layout_;
   transport::dispatch_handle<value_type> handle_;
-  [[no_unique_address]] backend_type backend_{};
+  [[no_unique_address]] backend_type backend_;
   std::optional<router_type> router_;
   std::optional<expert_compute_type> shared_;
   std::vector<float> gate_, logits_, acc_;
