@@ -199,3 +199,16 @@ BOOST_AUTO_TEST_CASE(exclusive_scan_matches_std) {
     BOOST_TEST(out == expected);
   }
 }
+
+BOOST_AUTO_TEST_CASE(adjacent_difference_inverts_the_scan) {
+  std::mt19937 rng(6);
+  std::uniform_int_distribution<std::int32_t> u(0, 9);
+  for (std::size_t n : {0, 1, 5, 300}) {
+    std::vector<std::int32_t> in(n), offsets(n + 1), out(n, -1);
+    for (auto& v : in)
+      v = u(rng);
+    st::run_grid(1, 1, [&](st::grid_index g) { st::exclusive_scan(g, in.data(), n, offsets.data()); });
+    st::run_grid(3, 7, [&](st::grid_index g) { st::adjacent_difference(g, offsets.data(), n, out.data()); });
+    BOOST_TEST(out == in);
+  }
+}

@@ -27,15 +27,15 @@ inline constexpr bool device_element = std::is_same_v<T, float> || std::is_same_
 class device_receive_layout {
 public:
   device_receive_layout() = default;
-  //! Uploads `rl` (synchronous).
-  explicit device_receive_layout(const receive_layout& rl) { assign(rl); }
-  void assign(const receive_layout& rl) {
+  //! Uploads `rl` on `stream` (the host arrays may change once this returns).
+  explicit device_receive_layout(const receive_layout& rl, cudaStream_t stream = nullptr) { assign(rl, stream); }
+  void assign(const receive_layout& rl, cudaStream_t stream = nullptr) {
     rows_ = rl.rows();
     entries_ = rl.entries();
-    row_entry_offsets_.upload(rl.row_entry_offsets());
-    expert_row_.upload(rl.expert_row());
-    entry_position_.upload(rl.entry_position());
-    expert_weight_.upload(rl.expert_weight());
+    row_entry_offsets_.upload(rl.row_entry_offsets(), stream);
+    expert_row_.upload(rl.expert_row(), stream);
+    entry_position_.upload(rl.entry_position(), stream);
+    expert_weight_.upload(rl.expert_weight(), stream);
   }
   std::size_t rows() const noexcept { return rows_; }
   std::size_t entries() const noexcept { return entries_; }

@@ -267,6 +267,14 @@ combine_weighted(grid_index g, K k, const T* LOCUS_RESTRICT y, const std::int32_
   }
 }
 
+//! `out[i] = offsets[i + 1] - offsets[i]` for i < n: per-row counts from exclusive offsets (the
+//! entry counts a receiver needs with each row).
+LOCUS_HOST_DEVICE void adjacent_difference(grid_index g, const std::int32_t* LOCUS_RESTRICT offsets, std::size_t n,
+                                           std::int32_t* LOCUS_RESTRICT out) {
+  for (std::size_t i = g.block * g.threads + g.thread; i < n; i += g.blocks * g.threads)
+    out[i] = offsets[i + 1] - offsets[i];
+}
+
 //! `out[i] = in[0] + ... + in[i - 1]` for i ≤ n (n + 1 values; `out[0] = 0`). One thread: for the
 //! short per-rank and per-slot offset arrays, where a launch of a parallel scan costs more.
 LOCUS_HOST_DEVICE void exclusive_scan(grid_index g, const std::int32_t* LOCUS_RESTRICT in, std::size_t n,
