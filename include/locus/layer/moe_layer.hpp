@@ -43,6 +43,7 @@
 #include <locus/router/softmax_topk.hpp>
 #include <locus/transport/dispatch.hpp>
 #include <locus/transport/local.hpp>
+#include <memory>
 #include <optional>
 #include <span>
 #include <type_traits>
@@ -69,6 +70,14 @@ template <class R, class K>
 requires requires { typename R::top_k_type; }
 struct router_top_k<R, K> {
   using type = typename R::top_k_type;
+};
+
+//! The device-resident step of a moe_layer on a device backend; defined by
+//! <locus/layer/moe_layer_cuda.hpp>.
+template <class Layer>
+struct device_step {
+  static_assert(sizeof(Layer) == 0, "locus::moe_layer: the device-resident forward needs "
+                                    "#include <locus/layer/moe_layer_cuda.hpp> (and a CUDA compiler)");
 };
 
 template <class C>
@@ -238,6 +247,17 @@ public:
     }
   }
 
+  //! Collective, device-resident (`backend::cuda` and a transport with a device exchange:
+  //! device_local_*, nccl_flat): y = MoE(x) with every token row in device memory from `x` to `y`
+  //! (`tokens × hidden` each, device), routed by a device routing. Work is issued on the backend's
+  //! stream; returns once it is queued. Needs <locus/layer/moe_layer_cuda.hpp>.
+  //! @throws locus::config_error on a layer with shared experts or a hierarchical transport
+  //! @throws locus::invalid_input_error on a bad routing (raised on this rank before any exchange)
+  void forward(const value_type* x, const device_routing_view<top_k_type>& r,
+               value_type* y) requires(backend_type::space == memory_space::device) {
+    detail::layer::device_step<moe_layer>::run(*this, device_state_, x, r, y);
+  }
+
   //! Runs the placement policy on `in` (one expert map per layer of the input).
   template <class... Args>
   static std::vector<expert_map> plan(const placement::plan_input& in, Args&&... args) {
@@ -397,6 +417,7 @@ private:
   std::vector<float> gate_, logits_, acc_;
   std::vector<value_type> shared_out_;
   routing_type routing_;
+  std::shared_ptr<void> device_state_; // the device step's buffers (moe_layer_cuda.hpp), made on first use
 };
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE
