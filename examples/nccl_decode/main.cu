@@ -3,12 +3,12 @@
 //   mpirun -np <GPUs> build/dev/examples/nccl_decode/nccl_decode [--gpus-per-node G] [--steps 16]
 //
 // Synthetic decode steps (64 experts, top-8, 32 requests per rank) go through the device-resident
-// path - device layout → permute → NCCL exchange → expert compute on the device (expert e
-// multiplies by e + 1) → weighted reduction → NCCL exchange back → combine - with nccl_flat under
-// linear and locality placement; prints bytes per link class, the median step time and the
-// largest error against a dense reference. Token rows stay in device memory from input to output
-// (transport/device_dispatch.hpp); the inputs are uploaded and the outputs downloaded only to
-// check them, outside the timed step.
+// moe_layer (backend::cuda, nccl_flat): device layout → permute → NCCL exchange → expert compute
+// on the device (expert e multiplies by e + 1) → weighted reduction → NCCL exchange back →
+// combine, under linear and locality placement; prints bytes per link class, the median step time
+// and the largest error against a dense reference. Token rows stay in device memory from input to
+// output; the inputs are uploaded and the outputs downloaded only to check them, outside the
+// timed step.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -18,7 +18,7 @@
 #include <locus/locus.hpp>
 #include <locus/placement/by_name.hpp>
 #include <locus/core/device_buffer.hpp>
-#include <locus/transport/device_dispatch.hpp>
+#include <locus/layer/moe_layer_cuda.hpp>
 #include <locus/transport/nccl.hpp>
 #include <mpi.h>
 #include <random>
@@ -28,12 +28,32 @@ using namespace locus;
 using namespace locus::transport;
 
 namespace {
-// The example's experts: rows of expert e are multiplied by e + 1.
 __global__ void scale_rows(const float* in, float* out, std::size_t n, float factor) {
   for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
     out[i] = in[i] * factor;
 }
+
+// The example's expert compute policy: rows of expert e are multiplied by e + 1, on the device.
+struct scale_by_expert {
+  using policy_concept = expert_compute_tag;
+  using activation_type = float;
+  cudaStream_t stream = nullptr;
+
+  void operator()(const layer::expert_blocks<float, memory_space::device>& b) const {
+    for (std::size_t i = 0; i < b.count; ++i) {
+      const std::size_t n = b.rows(i) * b.hidden;
+      if (n == 0) continue;
+      scale_rows<<<static_cast<unsigned>(std::min<std::size_t>((n + 255) / 256, 1024)), 256, 0, stream>>>(
+          b.input + b.offsets[i] * b.hidden, b.output + b.offsets[i] * b.hidden, n, static_cast<float>(b.experts[i] + 1));
+      LOCUS_CUDA_CHECK(cudaGetLastError());
+    }
+  }
+  // The layer's host step is not used here.
+  void operator()(const layer::expert_blocks<float, memory_space::host>&) const {
+    LOCUS_THROW(config_error, "nccl_decode: the expert compute runs on device rows only");
+  }
+};
 } // namespace
 
 int main(int argc, char** argv) {
@@ -121,7 +141,9 @@ int main(int argc, char** argv) {
         // The device path moves flat layouts; the hierarchical exchange stays on the host path
         // (examples/mpi_decode).
         nccl_transport t(comm, stream, topo, false);
-        device_dispatcher<nccl_transport, float, top_k<k>> d(t, map, hidden, stream);
+        using shape = moe_shape<locus::experts<experts>, locus::top_k<k>, locus::hidden<>, locus::shared_experts<0>>;
+        moe_layer<shape, dynamic_topology, nccl_flat, backend::cuda, layer::given_routing, scale_by_expert> moe(
+            shape(experts, k, hidden, 0), topo, t, map, scale_by_expert{stream}, backend::cuda{stream});
         device_buffer<float> dx, dy, w;
         device_buffer<expert_id> ids;
         std::vector<double> times;
@@ -138,17 +160,8 @@ int main(int argc, char** argv) {
           LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream));
           MPI_Barrier(MPI_COMM_WORLD);
           const auto t0 = std::chrono::steady_clock::now();
-          d.dispatch(dx.data(), device_routing_view<top_k<k>>(ids.data(), w.data(), requests));
-          const auto b = d.blocks();
-          for (std::size_t i = 0; i < b.count; ++i) {
-            const std::size_t n = b.rows(i) * hidden;
-            if (n == 0) continue;
-            scale_rows<<<static_cast<unsigned>(std::min<std::size_t>((n + 255) / 256, 1024)), 256, 0, stream>>>(
-                b.input + b.offsets[i] * hidden, b.output + b.offsets[i] * hidden, n,
-                static_cast<float>(b.experts[i] + 1));
-            LOCUS_CUDA_CHECK(cudaGetLastError());
-          }
-          d.combine(dy.data());
+          t.begin_step(s);
+          moe.forward(dx.data(), device_routing_view<top_k<k>>(ids.data(), w.data(), requests), dy.data());
           LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream));
           times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
           dy.download(y, stream);
