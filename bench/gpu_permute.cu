@@ -84,9 +84,9 @@ int main(int argc, char** argv) try {
   const topo_type topo;
   const auto r = deepseek_routing(tokens, rng);
   device_buffer<expert_id> ids;
-  ids.assign(r.ids());
+  ids.upload(r.ids());
   device_buffer<float> weights;
-  weights.assign(r.weights());
+  weights.upload(r.weights());
   const device_routing_view<top_k<k_n>> view(ids.data(), weights.data(), tokens);
   transport::device_layout<top_k<k_n>, experts<experts_n>> l;
   l.assign(view, map, topo, 0);
@@ -96,7 +96,7 @@ int main(int argc, char** argv) try {
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   for (auto& v : x) v = bfloat16(u(rng));
   device_buffer<bfloat16> dx, send, send2, out;
-  dx.assign(x);
+  dx.upload(x);
   send.resize(rows * H);
   send2.resize(rows * H);
   out.resize(tokens * H);

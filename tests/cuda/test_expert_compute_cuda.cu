@@ -34,7 +34,7 @@ void run_case(double rel, double acc) {
   BOOST_TEST(worst <= 1.0);
 
   // Device-resident blocks give the same bits as the staged path.
-  backend::device_buffer<W> din, dout(in.size());
+  device_buffer<W> din, dout(in.size());
   din.upload(in);
   compute(layer::expert_blocks<W, memory_space::device>{experts.data(), offsets.data(), experts.size(), din.data(),
                                                           dout.data(), hidden});

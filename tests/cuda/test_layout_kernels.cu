@@ -76,9 +76,9 @@ void check_case(std::size_t experts, const Topology& topo, std::size_t slots, st
   host.assign(r.view(), map, topo, src, layout_options{kind, 2, 64});
 
   device_buffer<expert_id> ids;
-  ids.assign(r.ids());
+  ids.upload(r.ids());
   device_buffer<float> weights;
-  weights.assign(r.weights());
+  weights.upload(r.weights());
   device_layout<top_k<K>, Experts> dev;
   dev.assign(device_routing_view<top_k<K>>(ids.data(), weights.data(), tokens), map, topo, src, kind);
   BOOST_TEST_CONTEXT("E=" << experts << " K=" << K << " ranks " << topo.ranks() << " " << to_string(kind) << " hidden " << hidden) {
@@ -110,8 +110,8 @@ void check_case(std::size_t experts, const Topology& topo, std::size_t slots, st
     for (auto& v : x) v = T(u(rng));
     for (auto& v : entry_out) v = T(u(rng));
     device_buffer<T> dx, dsend, dback, dentry, dout;
-    dx.assign(x);
-    dentry.assign(entry_out);
+    dx.upload(x);
+    dentry.upload(entry_out);
     dsend.resize(host.rows() * hidden);
     dback.resize(tokens * hidden);
     dout.resize(tokens * hidden);
@@ -172,9 +172,9 @@ BOOST_AUTO_TEST_CASE(device_layout_names_bad_input) {
   const std::vector<expert_id> bad{0, 1, 2, 9};
   const std::vector<float> w{1, 1, 1, 1};
   device_buffer<expert_id> ids;
-  ids.assign(bad);
+  ids.upload(bad);
   device_buffer<float> weights;
-  weights.assign(w);
+  weights.upload(w);
   device_layout<top_k<2>, experts<8>> dev;
   try {
     dev.assign(device_routing_view<top_k<2>>(ids.data(), weights.data(), 2), map, topo, 0);

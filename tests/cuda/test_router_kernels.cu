@@ -4,6 +4,7 @@
 #define BOOST_TEST_MODULE router_kernels
 #include <boost/test/unit_test.hpp>
 
+#include <locus/core/device_buffer.hpp>
 #include <locus/router/cuda.hpp>
 
 #include <cmath>
@@ -17,26 +18,6 @@ using namespace locus;
 namespace lr = locus::router;
 
 namespace {
-
-template <class T>
-struct device_buffer {
-  T* p = nullptr;
-  std::size_t n = 0;
-  explicit device_buffer(std::size_t count) : n(count) {
-    LOCUS_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p), (count ? count : 1) * sizeof(T)));
-  }
-  device_buffer(const device_buffer&) = delete;
-  device_buffer& operator=(const device_buffer&) = delete;
-  ~device_buffer() { cudaFree(p); }
-  void upload(const std::vector<T>& v) {
-    LOCUS_CUDA_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  std::vector<T> download() const {
-    std::vector<T> v(n);
-    LOCUS_CUDA_CHECK(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return v;
-  }
-};
 
 template <class T>
 std::vector<T> random_logits(std::size_t n, unsigned seed) {
@@ -78,11 +59,11 @@ void compare(const Router& router, std::size_t tokens, std::size_t experts, unsi
   device_buffer<expert_id> d_ids(tokens * k);
   device_buffer<float> d_weights(tokens * k);
   lr::cuda_router<Router> device(router);
-  device.route(lr::device_logits_view<Experts, const T>(d_logits.p, tokens, Experts(experts)),
-               lr::device_mutable_routing_view<K>(d_ids.p, d_weights.p, tokens, K(k)), nullptr, kernel);
+  device.route(lr::device_logits_view<Experts, const T>(d_logits.data(), tokens, Experts(experts)),
+               lr::device_mutable_routing_view<K>(d_ids.data(), d_weights.data(), tokens, K(k)), nullptr, kernel);
   device.check();
-  const auto ids = d_ids.download();
-  const auto weights = d_weights.download();
+  const auto ids = d_ids.to_host();
+  const auto weights = d_weights.to_host();
 
   const std::string label = what + " (" + kernel_name(kernel) + ")";
   std::size_t id_errors = 0, weight_errors = 0;
@@ -163,8 +144,8 @@ BOOST_AUTO_TEST_CASE(dynamic_extents_match_host) {
   device_buffer<expert_id> ids(2);
   device_buffer<float> w(2);
   lr::cuda_router<lr::softmax_topk<>> router(lr::softmax_topk<>(2));
-  BOOST_CHECK_THROW(router.route(lr::device_logits_view<>(d.p, 1, experts<>(64)),
-                                 lr::device_mutable_routing_view<>(ids.p, w.p, 1, top_k<>(2)), nullptr,
+  BOOST_CHECK_THROW(router.route(lr::device_logits_view<>(d.data(), 1, experts<>(64)),
+                                 lr::device_mutable_routing_view<>(ids.data(), w.data(), 1, top_k<>(2)), nullptr,
                                  lr::cuda_kernel::warp_per_token),
                     config_error);
 }
@@ -177,13 +158,13 @@ BOOST_AUTO_TEST_CASE(misaligned_logits_fall_back_to_the_thread_kernel) {
   device_buffer<expert_id> ids(tokens * 6);
   device_buffer<float> w(tokens * 6);
   lr::cuda_router<lr::softmax_topk<top_k<6>>> router{lr::softmax_topk<top_k<6>>()};
-  const lr::device_logits_view<experts<64>> shifted(d.p + 1, tokens);
-  const lr::device_mutable_routing_view<top_k<6>> out(ids.p, w.p, tokens);
+  const lr::device_logits_view<experts<64>> shifted(d.data() + 1, tokens);
+  const lr::device_mutable_routing_view<top_k<6>> out(ids.data(), w.data(), tokens);
   BOOST_CHECK_THROW(router.route(shifted, out, nullptr, lr::cuda_kernel::warp_per_token), config_error);
   router.route(shifted, out);
   router.check();
   const auto host = lr::softmax_topk<top_k<6>>().route(lr::logits_view<experts<64>>(logits.data() + 1, tokens));
-  BOOST_TEST(ids.download() == host.ids());
+  BOOST_TEST(ids.to_host() == host.ids());
 }
 
 BOOST_AUTO_TEST_CASE(non_finite_logits_are_flagged) {
@@ -199,14 +180,14 @@ BOOST_AUTO_TEST_CASE(non_finite_logits_are_flagged) {
   for (const auto kernel : {lr::cuda_kernel::warp_per_token, lr::cuda_kernel::thread_per_token}) {
     lr::cuda_router<lr::sigmoid_grouped<groups<8>, top_groups<4>, top_k<8>>> router{
         lr::sigmoid_grouped<groups<8>, top_groups<4>, top_k<8>>()};
-    router.route(lr::device_logits_view<experts<E>>(d.p, tokens), lr::device_mutable_routing_view<top_k<8>>(ids.p, w.p, tokens),
+    router.route(lr::device_logits_view<experts<E>>(d.data(), tokens), lr::device_mutable_routing_view<top_k<8>>(ids.data(), w.data(), tokens),
                  nullptr, kernel);
     const auto s = router.status();
     BOOST_TEST(s.flagged_tokens == 2u);
     BOOST_TEST(s.first_token == 123u);
     BOOST_TEST(s.first_expert == 77u);
     BOOST_CHECK_THROW(router.check(), invalid_input_error);
-    const auto got = ids.download();
+    const auto got = ids.to_host();
     for (std::size_t j = 0; j < 8; ++j) BOOST_TEST(got[700 * 8 + j] == -1);
     BOOST_TEST(got[0] >= 0);
     router.reset();

@@ -140,6 +140,30 @@ BOOST_AUTO_TEST_CASE(every_replica_rule_matches_dense_reference) {
 }
 
 // A static shape and topology, bf16 weights and activations, one shared expert, replicas.
+// The backend is an object the layer is built with: a host backend's thread count reaches the
+// step, and the result does not depend on it.
+BOOST_AUTO_TEST_CASE(backend_object_is_taken_by_the_layer) {
+  const auto c = locus_test::make_case(5, 1, 2);
+  const auto all = locus_test::model_weights<float>(9, c.experts, c.hidden, 12);
+  std::vector<std::vector<float>> y[2];
+  for (unsigned threads : {1u, 3u}) {
+    transport::local_fabric f(c.topo, false);
+    auto& out = y[threads == 1 ? 0 : 1];
+    out.resize(c.topo.ranks());
+    require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
+      const std::size_t r = ep.rank();
+      dyn_layer<transport::local_flat> layer(dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
+                                             layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, r, all), 1),
+                                             backend::host{threads});
+      if (layer.backend().threads != threads) throw std::runtime_error("the layer dropped its backend");
+      const auto x = c.inputs(r);
+      out[r].assign(x.size(), -1.0f);
+      layer.forward(x, c.routings[r].view(), out[r]);
+    }));
+  }
+  for (std::size_t r = 0; r < c.topo.ranks(); ++r) BOOST_TEST(y[0][r] == y[1][r]);
+}
+
 BOOST_AUTO_TEST_CASE(static_shape_bf16) {
   using shape = moe_shape<experts<8>, top_k<2>, hidden<32>, shared_experts<1>>;
   using topo = topology<nodes<2>, gpus_per_node<2>>;

@@ -39,6 +39,13 @@
 #define LOCUS_DEVICE inline
 #endif
 
+#if LOCUS_IS_DEVICE_PASS()
+#define LOCUS_UNROLL _Pragma("unroll")
+#else
+//! Asks the device compiler to unroll the loop that follows (host compilers decide for themselves).
+#define LOCUS_UNROLL
+#endif
+
 #if defined(__GNUC__) || defined(__clang__)
 #define LOCUS_RESTRICT __restrict__
 #define LOCUS_UNLIKELY(x) __builtin_expect(!!(x), 0)

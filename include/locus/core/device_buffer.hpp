@@ -1,21 +1,25 @@
 #pragma once
 // locus-requires: cuda
 //! @file
-//! `locus::device_buffer<T>`: a small owning array in device memory (RAII over cudaMalloc /
+//! `locus::device_buffer<T>`: the one owning array in device memory (RAII over cudaMalloc /
 //! cudaFree). Growing keeps no contents: it is scratch and output storage for kernels, reused
-//! across steps so that the steady state allocates nothing.
+//! across steps so that the steady state allocates nothing. Copies to and from the host are
+//! issued on a stream.
 
 #include <locus/core/cuda_error.hpp>
+#include <locus/core/error.hpp>
 
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
+#include <span>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE {
 
+//! An owning, move-only array of trivially copyable `T` in device memory.
 template <class T>
 class device_buffer {
   static_assert(std::is_trivially_copyable_v<T>, "locus::device_buffer holds trivially copyable elements only");
@@ -57,16 +61,28 @@ public:
   std::size_t size() const noexcept { return size_; }
   bool empty() const noexcept { return size_ == 0; }
 
-  //! Copies host data in (resizing to fit); synchronous.
-  void assign(const T* host, std::size_t n) {
-    resize(n);
-    if (n) LOCUS_CUDA_CHECK(cudaMemcpy(data_, host, n * sizeof(T), cudaMemcpyHostToDevice));
+  //! Copies `host` in (resizing to fit) on `stream`. The host memory may be reused on return:
+  //! a copy from pageable memory is staged before cudaMemcpyAsync returns, and a caller passing
+  //! pinned memory keeps it alive until the stream has run.
+  //! @throws locus::cuda_error when the allocation or the copy fails
+  void upload(std::span<const T> host, cudaStream_t stream = nullptr) {
+    resize(host.size());
+    if (!host.empty())
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(data_, host.data(), host.size_bytes(), cudaMemcpyHostToDevice, stream));
   }
-  void assign(const std::vector<T>& host) { assign(host.data(), host.size()); }
-  //! Copies the contents to a new host vector; synchronous.
-  std::vector<T> to_host() const {
+  //! Copies the first `host.size()` elements out on `stream` and waits for the stream.
+  //! @throws locus::invalid_input_error when more elements are asked for than the buffer holds
+  void download(std::span<T> host, cudaStream_t stream = nullptr) const {
+    LOCUS_REQUIRE(host.size() <= size_, invalid_input_error, "device_buffer::download: ", host.size(),
+                  " elements requested from a buffer of ", size_);
+    if (!host.empty())
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(host.data(), data_, host.size_bytes(), cudaMemcpyDeviceToHost, stream));
+    LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  //! The contents as a new host vector (waits for `stream`).
+  std::vector<T> to_host(cudaStream_t stream = nullptr) const {
     std::vector<T> out(size_);
-    if (size_) LOCUS_CUDA_CHECK(cudaMemcpy(out.data(), data_, size_ * sizeof(T), cudaMemcpyDeviceToHost));
+    download(out, stream);
     return out;
   }
 

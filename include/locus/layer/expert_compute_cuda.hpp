@@ -123,8 +123,8 @@ private:
   cudaStream_t stream_;
   backend::cublas_handle blas_;
   std::vector<expert_id> experts_;
-  backend::device_buffer<W> gate_up_, down_, act_, in_, out_;
-  backend::device_buffer<float> gu_;
+  device_buffer<W> gate_up_, down_, act_, in_, out_;
+  device_buffer<float> gu_;
   std::vector<W> staging_; // rows given by pointer, gathered for the upload
 };
 

@@ -39,6 +39,7 @@
 #include <locus/router/softmax_topk.hpp>
 #include <locus/transport/dispatch.hpp>
 #include <locus/transport/local.hpp>
+#include <memory>
 #include <optional>
 #include <span>
 #include <type_traits>
@@ -65,6 +66,14 @@ template <class R, class K>
 requires requires { typename R::top_k_type; }
 struct router_top_k<R, K> {
   using type = typename R::top_k_type;
+};
+
+//! The device-resident step of a moe_layer on a device backend; defined by
+//! <locus/layer/moe_layer_cuda.hpp>.
+template <class Layer>
+struct device_step {
+  static_assert(sizeof(Layer) == 0, "locus::moe_layer: the device-resident forward needs "
+                                    "#include <locus/layer/moe_layer_cuda.hpp> (and a CUDA compiler)");
 };
 
 template <class C>
@@ -128,11 +137,14 @@ public:
   //! @param ex      this rank's transport endpoint (outlives the layer)
   //! @param map     where the routed experts live; its ranks are the topology's
   //! @param experts the expert compute of the experts this rank hosts under `map`
+  //! @param backend where the step runs: `backend::host{threads}` (worker threads) or
+  //!                `backend::cuda{stream}` (the stream every kernel and copy is issued on)
   //! @throws locus::config_error on any disagreement between shape, topology, map, transport and
   //!         compute (which rank count, which expert, which flag)
-  moe_layer(Shape shape, Topology topo, exchanger_type& ex, expert_map map, expert_compute_type experts)
+  moe_layer(Shape shape, Topology topo, exchanger_type& ex, expert_map map, expert_compute_type experts,
+            backend_type backend = {})
       : shape_(shape), topo_(topo), ex_(&ex), map_(std::move(map)), compute_(std::move(experts)),
-        dispatcher_(*ex_, map_, shape_.hidden()), routing_(0, routing_k()) {
+        dispatcher_(*ex_, map_, shape_.hidden()), backend_(backend), routing_(0, routing_k()) {
     LOCUS_REQUIRE(ex.topology().nodes() == topo.nodes() && ex.topology().gpus_per_node() == topo.gpus_per_node(),
                   config_error, "moe_layer: the layer's topology is ", topo.nodes(), " nodes × ", topo.gpus_per_node(),
                   " GPUs but the transport's is ", ex.topology().nodes(), " × ", ex.topology().gpus_per_node());
@@ -241,10 +253,23 @@ public:
     }
   }
 
+  //! Collective, device-resident (`backend::cuda` and a transport with a device exchange:
+  //! device_local_*, nccl_flat): y = MoE(x) with every token row in device memory from `x` to `y`
+  //! (`tokens × hidden` each, device), routed by a device routing. Work is issued on the backend's
+  //! stream; returns once it is queued. Needs <locus/layer/moe_layer_cuda.hpp>.
+  //! @throws locus::config_error on a layer with shared experts or a hierarchical transport
+  //! @throws locus::invalid_input_error on a bad routing (raised on this rank before any exchange)
+  void forward(const value_type* x, const device_routing_view<top_k_type>& r,
+               value_type* y) requires(backend_type::space == memory_space::device) {
+    detail::layer::device_step<moe_layer>::run(*this, device_state_, x, r, y);
+  }
+
   const Shape& shape() const noexcept { return shape_; }
   const Topology& topology() const noexcept { return topo_; }
   const expert_map& map() const noexcept { return map_; }
   exchanger_type& exchanger() noexcept { return *ex_; }
+  //! The backend the layer was built with.
+  const backend_type& backend() const noexcept { return backend_; }
   expert_compute_type& experts() noexcept { return compute_; }
   //! The routing of the last `forward(x, y)`.
   const routing_type& last_routing() const noexcept { return routing_; }
@@ -389,12 +414,13 @@ private:
   std::vector<std::uint8_t> hot_ranks_;
   transport::layout<> layout_;
   transport::dispatch_handle<value_type> handle_;
-  [[no_unique_address]] backend_type backend_{};
+  [[no_unique_address]] backend_type backend_;
   std::optional<router_type> router_;
   std::optional<expert_compute_type> shared_;
   std::vector<float> gate_, logits_, acc_;
   std::vector<value_type> shared_out_;
   routing_type routing_;
+  std::shared_ptr<void> device_state_; // the device step's buffers (moe_layer_cuda.hpp), made on first use
 };
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE

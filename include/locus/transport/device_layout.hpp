@@ -5,7 +5,7 @@
 //! equal bit for bit (same per-token code, stable CUB sorts and scans). The routing stays on the
 //! device; the expert map and topology come from the host (a few KiB uploaded per assign).
 //! assign() synchronises the stream once at the end, to check the input and to return the
-//! per-rank row counts to the host, where a transport needs them anyway (message sizes).
+//! per-rank row and entry counts to the host, where a transport needs them anyway (message sizes).
 
 #include <array>
 #include <cstddef>
@@ -60,18 +60,21 @@ public:
         static_cast<std::int32_t>(kind == transport_kind::flat ? slots_ : gpus_ * slots_),
         kind == transport_kind::hierarchical};
     placement::replica_candidates(map, topo, source_rank, fixed_, cand_offsets_, cands_);
-    b_.fixed.assign(fixed_);
-    b_.cand_offsets.assign(cand_offsets_);
+    b_.fixed.upload(fixed_, stream);
+    b_.cand_offsets.upload(cand_offsets_, stream);
     b_.cands.resize(cands_.size() + 1); // never empty, so the pointer is valid
-    if (!cands_.empty()) b_.cands.assign(cands_);
+    if (!cands_.empty()) b_.cands.upload(cands_, stream);
     const expert_map_view v = map.view();
-    replicas_.assign(v.replicas, static_cast<std::size_t>(v.replica_offsets[v.experts]));
+    replicas_.upload(std::span<const slot_ref>(v.replicas, static_cast<std::size_t>(v.replica_offsets[v.experts])), stream);
     detail::layout::dispatch_build<K, Experts>(b_, r.ids(), r.weights(), tokens_, experts, replicas_.data(), p, ranks_,
                                                stream);
     std::int32_t error = 0;
     rank_offsets_host_.resize(ranks_ + 1);
     LOCUS_CUDA_CHECK(cudaMemcpyAsync(&error, b_.error.data(), sizeof error, cudaMemcpyDeviceToHost, stream));
     LOCUS_CUDA_CHECK(cudaMemcpyAsync(rank_offsets_host_.data(), b_.rank_offsets.data(),
+                                     (ranks_ + 1) * sizeof(std::int32_t), cudaMemcpyDeviceToHost, stream));
+    rank_entry_offsets_host_.resize(ranks_ + 1);
+    LOCUS_CUDA_CHECK(cudaMemcpyAsync(rank_entry_offsets_host_.data(), b_.rank_entry_offsets.data(),
                                      (ranks_ + 1) * sizeof(std::int32_t), cudaMemcpyDeviceToHost, stream));
     LOCUS_CUDA_CHECK(
         cudaMemcpyAsync(links_host_.data(), b_.links.data(), sizeof links_host_, cudaMemcpyDeviceToHost, stream));
@@ -90,6 +93,8 @@ public:
   std::size_t slots_per_rank() const noexcept { return slots_; }
   //! Host copy of the per-rank row offsets (`ranks + 1` values).
   const std::vector<std::int32_t>& rank_offsets_host() const noexcept { return rank_offsets_host_; }
+  //! Host copy of the per-rank entry offsets (`ranks + 1` values).
+  const std::vector<std::int32_t>& rank_entry_offsets_host() const noexcept { return rank_entry_offsets_host_; }
   //! Copies moved per link class (as layout::link_copies).
   std::array<std::uint64_t, link_class_count> link_copies() const noexcept {
     return {links_host_[0], links_host_[1], links_host_[2]};
@@ -137,7 +142,7 @@ private:
   std::size_t tokens_ = 0, ranks_ = 0, slots_ = 0, gpus_ = 1;
   detail::layout::device_layout_buffers b_;
   device_buffer<slot_ref> replicas_;
-  std::vector<std::int32_t> fixed_, cand_offsets_, cands_, rank_offsets_host_;
+  std::vector<std::int32_t> fixed_, cand_offsets_, cands_, rank_offsets_host_, rank_entry_offsets_host_;
   std::array<unsigned long long, 3> links_host_{};
 };
 

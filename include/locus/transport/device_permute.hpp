@@ -27,15 +27,15 @@ inline constexpr bool device_element = std::is_same_v<T, float> || std::is_same_
 class device_receive_layout {
 public:
   device_receive_layout() = default;
-  //! Uploads `rl` (synchronous).
-  explicit device_receive_layout(const receive_layout& rl) { assign(rl); }
-  void assign(const receive_layout& rl) {
+  //! Uploads `rl` on `stream` (the host arrays may change once this returns).
+  explicit device_receive_layout(const receive_layout& rl, cudaStream_t stream = nullptr) { assign(rl, stream); }
+  void assign(const receive_layout& rl, cudaStream_t stream = nullptr) {
     rows_ = rl.rows();
     entries_ = rl.entries();
-    row_entry_offsets_.assign(rl.row_entry_offsets().data(), rl.row_entry_offsets().size());
-    expert_row_.assign(rl.expert_row().data(), rl.expert_row().size());
-    entry_position_.assign(rl.entry_position().data(), rl.entry_position().size());
-    expert_weight_.assign(rl.expert_weight().data(), rl.expert_weight().size());
+    row_entry_offsets_.upload(rl.row_entry_offsets(), stream);
+    expert_row_.upload(rl.expert_row(), stream);
+    entry_position_.upload(rl.entry_position(), stream);
+    expert_weight_.upload(rl.expert_weight(), stream);
   }
   std::size_t rows() const noexcept { return rows_; }
   std::size_t entries() const noexcept { return entries_; }
@@ -55,14 +55,14 @@ private:
 template <class T, class TopK, class Experts>
 void permute(const device_layout<TopK, Experts>& l, const T* tokens, std::size_t hidden, T* send, cudaStream_t stream = nullptr) {
   static_assert(detail::permute::device_element<T>, "locus::transport::permute: elements must be float or bfloat16");
-  detail::permute::dispatch_gather<T>(tokens, l.row_token(), 1, l.rows(), nullptr, hidden, send, stream);
+  detail::permute::dispatch_gather<T>(tokens, l.row_token(), 1, l.rows(), hidden, send, stream);
 }
 
 //! `tokens[t] = send[copy_row[t * K]]`: the inverse of permute.
 template <class T, class TopK, class Experts>
 void unpermute(const device_layout<TopK, Experts>& l, const T* send, std::size_t hidden, T* tokens, cudaStream_t stream = nullptr) {
   static_assert(detail::permute::device_element<T>, "locus::transport::unpermute: elements must be float or bfloat16");
-  detail::permute::dispatch_gather<T>(send, l.copy_row(), TopK::static_value, l.tokens(), nullptr, hidden, tokens, stream);
+  detail::permute::dispatch_gather<T>(send, l.copy_row(), TopK::static_value, l.tokens(), hidden, tokens, stream);
 }
 
 //! `expert_in[i] = received[expert_row[i]]`.
@@ -70,7 +70,7 @@ template <class T>
 void gather_expert_input(const device_receive_layout& rl, const T* received, std::size_t hidden, T* expert_in,
                          cudaStream_t stream = nullptr) {
   static_assert(detail::permute::device_element<T>, "locus::transport::gather_expert_input: elements must be float or bfloat16");
-  detail::permute::dispatch_gather<T>(received, rl.expert_row(), 1, rl.entries(), nullptr, hidden, expert_in, stream);
+  detail::permute::dispatch_gather<T>(received, rl.expert_row(), 1, rl.entries(), hidden, expert_in, stream);
 }
 
 //! `rows_out[r] = sum over r's entries of weight × expert_out` (as the host function).
@@ -89,7 +89,7 @@ void reduce_expert_output(const device_receive_layout& rl, const T* expert_out, 
 template <class T, class TopK, class Experts>
 void combine(const device_layout<TopK, Experts>& l, const T* returned, std::size_t hidden, T* out, cudaStream_t stream = nullptr) {
   static_assert(detail::permute::device_element<T>, "locus::transport::combine: elements must be float or bfloat16");
-  detail::permute::dispatch_combine<T, TopK::static_value>(returned, l.copy_row(), l.tokens(), hidden, out, stream);
+  detail::permute::dispatch_combine<T>(TopK{}, returned, l.copy_row(), l.tokens(), hidden, out, stream);
 }
 
 //! `out[t] = sum over j of weight × entry_out[copy_entry[t * K + j]]` (as the host function).
@@ -100,7 +100,7 @@ void combine_weighted(const device_layout<TopK, Experts>& l, const T* entry_out,
   static_assert(detail::permute::device_element<T>, "locus::transport::combine_weighted: elements must be float or bfloat16");
   LOCUS_REQUIRE(l.copies() == 0 || l.entry_weight(), invalid_input_error,
                 "combine_weighted: the layout was built from a routing without weights");
-  detail::permute::dispatch_combine_weighted<T, TopK::static_value>(entry_out, l.copy_entry(), l.entry_weight(), l.tokens(),
+  detail::permute::dispatch_combine_weighted<T>(TopK{}, entry_out, l.copy_entry(), l.entry_weight(), l.tokens(),
                                                                     hidden, out, stream);
 }
 

@@ -18,6 +18,7 @@
 #include <cuda_runtime_api.h>
 #include <locus/core/cuda_error.hpp>
 #include <locus/core/nccl_error.hpp>
+#include <locus/transport/device_exchange.hpp>
 #include <locus/transport/exchange.hpp>
 #include <nccl.h>
 #include <thread>
@@ -97,14 +98,6 @@ inline void exchange_peers(std::size_t members, const peer_io& io) {
 }
 
 } // namespace detail::nccl
-
-//! Device rows received by `nccl_transport::exchange_device` (valid until the next exchange).
-struct device_exchange_result {
-  const std::byte* rows = nullptr;  //!< device memory, grouped by source member
-  std::vector<std::size_t> counts;  //!< rows from each source member
-  std::vector<std::size_t> offsets; //!< first row of each source member (members + 1)
-  std::size_t row_bytes = 0;
-};
 
 //! Host object of the NCCL transports for one rank (one GPU).
 class nccl_transport {

@@ -10,15 +10,15 @@
 //! sum of a token's returned rows. `combine_weighted` is the alternative when one output per entry
 //! comes back (weights applied at the source). `unpermute` is the inverse of `permute`.
 //!
-//! Sums accumulate in float in a fixed order (a row's entries in entry order; a token's rows in
-//! order of their first choice j), so results do not depend on the thread count, and the CUDA
-//! kernels (`transport/detail/kernels/permute.cuh`) reproduce them bit for bit: they multiply and
-//! add with separate round-to-nearest operations, as the host does when it is built without
-//! floating-point contraction (the default on x86-64 without -mfma).
+//! Every function runs a stage body of `transport/detail/stage.hpp` over contiguous chunks of
+//! rows; the CUDA kernels (`transport/detail/kernels/permute.cuh`) run the same bodies, so the two
+//! paths agree bit for bit. Sums accumulate in float in a fixed order, so results do not depend on
+//! the thread count.
 
 #include <locus/core/bfloat16.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/parallel_for.hpp>
+#include <locus/transport/detail/stage.hpp>
 #include <locus/transport/layout.hpp>
 
 #include <cstddef>
@@ -45,27 +45,23 @@ inline std::size_t grain_rows(std::size_t hidden, std::size_t bytes) {
   return std::max<std::size_t>(1, (std::size_t{256} << 10) / std::max<std::size_t>(hidden * bytes, 1));
 }
 
-template <class T>
-inline T from_float(float f) {
-  if constexpr (std::is_same_v<T, float>) return f;
-  else return T(f);
+// Runs a stage body over rows [0, n) on up to `threads` workers. `body(r0, r1, vec)` handles rows
+// [r0, r1) as one grid block; `vec` says whether the 16-byte vector path applies.
+template <class T, class Body>
+void run_rows(std::size_t n, std::size_t hidden, unsigned threads, bool vec, Body&& body) {
+  parallel_for(n, grain_rows(hidden, sizeof(T)), threads, [&](std::size_t r0, std::size_t r1, unsigned) {
+    if (vec) body(r0, r1, std::true_type{});
+    else body(r0, r1, std::false_type{});
+  });
 }
 
-// acc[h] += w * y[h], rounded after the multiply and after the add.
 template <class T>
-inline void accumulate(float* LOCUS_RESTRICT acc, const T* LOCUS_RESTRICT y, float w, std::size_t hidden) {
-  for (std::size_t h = 0; h < hidden; ++h) {
-    const float p = w * to_float(y[h]);
-    acc[h] = acc[h] + p;
-  }
-}
-template <class T>
-inline void accumulate(float* LOCUS_RESTRICT acc, const T* LOCUS_RESTRICT y, std::size_t hidden) {
-  for (std::size_t h = 0; h < hidden; ++h) acc[h] = acc[h] + to_float(y[h]);
-}
-template <class T>
-inline void store(T* LOCUS_RESTRICT out, const float* LOCUS_RESTRICT acc, std::size_t hidden) {
-  for (std::size_t h = 0; h < hidden; ++h) out[h] = from_float<T>(acc[h]);
+void gather(const T* src, const std::int32_t* index, std::size_t stride, std::size_t rows, std::size_t hidden, T* dst,
+            unsigned threads) {
+  run_rows<T>(rows, hidden, threads, stage::vectorisable<T>(hidden, src, dst), [&](std::size_t r0, std::size_t r1, auto vec) {
+    stage::gather_rows<T, decltype(vec)::value>(stage::grid_index{}, src, index + r0 * stride, stride, r1 - r0, hidden,
+                                                dst + r0 * hidden);
+  });
 }
 
 } // namespace detail::permute
@@ -80,11 +76,7 @@ void permute(const layout<TopK>& l, std::span<const T> tokens, std::size_t hidde
   static_assert(detail::permute::element_type<T>, "locus::transport::permute: elements must be float or bfloat16");
   detail::permute::check_size("permute", "tokens", tokens.size(), l.tokens(), hidden);
   detail::permute::check_size("permute", "send", send.size(), l.rows(), hidden);
-  const auto rt = l.row_token();
-  parallel_for(l.rows(), detail::permute::grain_rows(hidden, sizeof(T)), threads, [&](std::size_t r0, std::size_t r1, unsigned) {
-    for (std::size_t r = r0; r < r1; ++r)
-      std::memcpy(send.data() + r * hidden, tokens.data() + static_cast<std::size_t>(rt[r]) * hidden, hidden * sizeof(T));
-  });
+  detail::permute::gather(tokens.data(), l.row_token().data(), 1, l.rows(), hidden, send.data(), threads);
 }
 
 //! The inverse of permute: `tokens[t] = send[row of choice 0 of t]`.
@@ -95,12 +87,7 @@ void unpermute(const layout<TopK>& l, std::span<const T> send, std::size_t hidde
   static_assert(detail::permute::element_type<T>, "locus::transport::unpermute: elements must be float or bfloat16");
   detail::permute::check_size("unpermute", "send", send.size(), l.rows(), hidden);
   detail::permute::check_size("unpermute", "tokens", tokens.size(), l.tokens(), hidden);
-  const auto cr = l.copy_row();
-  const std::size_t k = l.top_k();
-  parallel_for(l.tokens(), detail::permute::grain_rows(hidden, sizeof(T)), threads, [&](std::size_t t0, std::size_t t1, unsigned) {
-    for (std::size_t t = t0; t < t1; ++t)
-      std::memcpy(tokens.data() + t * hidden, send.data() + static_cast<std::size_t>(cr[t * k]) * hidden, hidden * sizeof(T));
-  });
+  detail::permute::gather(send.data(), l.copy_row().data(), l.top_k(), l.tokens(), hidden, tokens.data(), threads);
 }
 
 //! Expert input on a receiving rank: `expert_in[i] = received[expert_row[i]]` (per-slot segments
@@ -112,11 +99,7 @@ void gather_expert_input(const receive_layout& rl, std::span<const T> received, 
   static_assert(detail::permute::element_type<T>, "locus::transport::gather_expert_input: elements must be float or bfloat16");
   detail::permute::check_size("gather_expert_input", "received", received.size(), rl.rows(), hidden);
   detail::permute::check_size("gather_expert_input", "expert_in", expert_in.size(), rl.entries(), hidden);
-  const auto er = rl.expert_row();
-  parallel_for(rl.entries(), detail::permute::grain_rows(hidden, sizeof(T)), threads, [&](std::size_t i0, std::size_t i1, unsigned) {
-    for (std::size_t i = i0; i < i1; ++i)
-      std::memcpy(expert_in.data() + i * hidden, received.data() + static_cast<std::size_t>(er[i]) * hidden, hidden * sizeof(T));
-  });
+  detail::permute::gather(received.data(), rl.expert_row().data(), 1, rl.entries(), hidden, expert_in.data(), threads);
 }
 
 //! Rows to send back from a receiving rank: `rows_out[r] = sum over r's entries e (in order) of
@@ -130,19 +113,12 @@ void reduce_expert_output(const receive_layout& rl, std::span<const T> expert_ou
   detail::permute::check_size("reduce_expert_output", "rows_out", rows_out.size(), rl.rows(), hidden);
   LOCUS_REQUIRE(rl.entries() == 0 || !rl.expert_weight().empty(), invalid_input_error,
                 "reduce_expert_output: the receive layout was built without weights");
-  const auto off = rl.row_entry_offsets();
-  const auto pos = rl.entry_position();
-  const auto wt = rl.expert_weight();
-  parallel_for(rl.rows(), detail::permute::grain_rows(hidden, sizeof(T)), threads, [&](std::size_t r0, std::size_t r1, unsigned) {
-    std::vector<float> acc(hidden);
-    for (std::size_t r = r0; r < r1; ++r) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (auto e = static_cast<std::size_t>(off[r]); e < static_cast<std::size_t>(off[r + 1]); ++e) {
-        const auto p = static_cast<std::size_t>(pos[e]);
-        detail::permute::accumulate(acc.data(), expert_out.data() + p * hidden, wt[p], hidden);
-      }
-      detail::permute::store(rows_out.data() + r * hidden, acc.data(), hidden);
-    }
+  const std::int32_t* off = rl.row_entry_offsets().data();
+  const bool vec = detail::stage::vectorisable<T>(hidden, expert_out.data(), rows_out.data());
+  detail::permute::run_rows<T>(rl.rows(), hidden, threads, vec, [&](std::size_t r0, std::size_t r1, auto v) {
+    detail::stage::reduce_rows<T, decltype(v)::value>(detail::stage::grid_index{}, expert_out.data(), off + r0,
+                                                      rl.entry_position().data(), rl.expert_weight().data(), r1 - r0,
+                                                      hidden, rows_out.data() + r0 * hidden);
   });
 }
 
@@ -156,20 +132,12 @@ void combine(const layout<TopK>& l, std::span<const T> returned, std::size_t hid
   static_assert(detail::permute::element_type<T>, "locus::transport::combine: elements must be float or bfloat16");
   detail::permute::check_size("combine", "returned", returned.size(), l.rows(), hidden);
   detail::permute::check_size("combine", "out", out.size(), l.tokens(), hidden);
-  const auto cr = l.copy_row();
-  const TopK kext = TopK(l.top_k());
-  parallel_for(l.tokens(), detail::permute::grain_rows(hidden, sizeof(T)), threads, [&](std::size_t t0, std::size_t t1, unsigned) {
-    std::vector<float> acc(hidden);
-    for (std::size_t t = t0; t < t1; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      const std::size_t c0 = t * kext.value();
-      for (std::size_t j = 0; j < kext.value(); ++j) {
-        bool first = true; // a row shared by several choices counts once
-        for (std::size_t i = 0; i < j; ++i) first &= cr[c0 + i] != cr[c0 + j];
-        if (first) detail::permute::accumulate(acc.data(), returned.data() + static_cast<std::size_t>(cr[c0 + j]) * hidden, hidden);
-      }
-      detail::permute::store(out.data() + t * hidden, acc.data(), hidden);
-    }
+  const TopK k = TopK(l.top_k());
+  const bool vec = detail::stage::vectorisable<T>(hidden, returned.data(), out.data());
+  detail::permute::run_rows<T>(l.tokens(), hidden, threads, vec, [&](std::size_t t0, std::size_t t1, auto v) {
+    detail::stage::combine<T, decltype(v)::value>(detail::stage::grid_index{}, k, returned.data(),
+                                                  l.copy_row().data() + t0 * k.value(), t1 - t0, hidden,
+                                                  out.data() + t0 * hidden);
   });
 }
 
@@ -185,19 +153,13 @@ void combine_weighted(const layout<TopK>& l, std::span<const T> entry_out, std::
   detail::permute::check_size("combine_weighted", "out", out.size(), l.tokens(), hidden);
   LOCUS_REQUIRE(l.copies() == 0 || !l.entry_weight().empty(), invalid_input_error,
                 "combine_weighted: the layout was built from a routing without weights");
-  const auto ce = l.copy_entry();
-  const auto w = l.entry_weight();
-  const TopK kext = TopK(l.top_k());
-  parallel_for(l.tokens(), detail::permute::grain_rows(hidden, sizeof(T)), threads, [&](std::size_t t0, std::size_t t1, unsigned) {
-    std::vector<float> acc(hidden);
-    for (std::size_t t = t0; t < t1; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (std::size_t j = 0; j < kext.value(); ++j) {
-        const auto e = static_cast<std::size_t>(ce[t * kext.value() + j]);
-        detail::permute::accumulate(acc.data(), entry_out.data() + e * hidden, w[e], hidden);
-      }
-      detail::permute::store(out.data() + t * hidden, acc.data(), hidden);
-    }
+  const TopK k = TopK(l.top_k());
+  const bool vec = detail::stage::vectorisable<T>(hidden, entry_out.data(), out.data());
+  detail::permute::run_rows<T>(l.tokens(), hidden, threads, vec, [&](std::size_t t0, std::size_t t1, auto v) {
+    detail::stage::combine_weighted<T, decltype(v)::value>(detail::stage::grid_index{}, k, entry_out.data(),
+                                                           l.copy_entry().data() + t0 * k.value(),
+                                                           l.entry_weight().data(), t1 - t0, hidden,
+                                                           out.data() + t0 * hidden);
   });
 }
 

@@ -15,26 +15,19 @@ namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::permute {
 inline constexpr unsigned block_threads = 128;
 inline constexpr std::size_t max_blocks = std::size_t{1} << 20; // rows beyond are strided
 
-inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
-template <class T>
-bool vectorisable(std::size_t hidden, const void* a, const void* b) {
-  return (hidden * sizeof(T)) % 16 == 0 && aligned16(a) && aligned16(b);
-}
-
 inline unsigned grid_for(std::size_t rows) {
   return static_cast<unsigned>(rows == 0 ? 1 : (rows < max_blocks ? rows : max_blocks));
 }
 
-//! dst[r] = src[index[r * stride]]; `rows_ptr` (device) overrides `rows` when given.
+//! dst[r] = src[index[r * stride]] for r < rows.
 template <class T>
-void dispatch_gather(const T* src, const std::int32_t* index, std::size_t stride, std::size_t rows,
-                     const std::int32_t* rows_ptr, std::size_t hidden, T* dst, cudaStream_t stream) {
+void dispatch_gather(const T* src, const std::int32_t* index, std::size_t stride, std::size_t rows, std::size_t hidden,
+                     T* dst, cudaStream_t stream) {
   if (rows == 0 || hidden == 0) return;
-  if (vectorisable<T>(hidden, src, dst))
-    gather_rows_kernel<T, true><<<grid_for(rows), block_threads, 0, stream>>>(src, index, stride, rows, rows_ptr, hidden, dst);
+  if (stage::vectorisable<T>(hidden, src, dst))
+    gather_rows_kernel<T, true><<<grid_for(rows), block_threads, 0, stream>>>(src, index, stride, rows, hidden, dst);
   else
-    gather_rows_kernel<T, false><<<grid_for(rows), block_threads, 0, stream>>>(src, index, stride, rows, rows_ptr, hidden, dst);
+    gather_rows_kernel<T, false><<<grid_for(rows), block_threads, 0, stream>>>(src, index, stride, rows, hidden, dst);
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -42,32 +35,37 @@ template <class T>
 void dispatch_reduce(const T* y, const std::int32_t* row_entry_offsets, const std::int32_t* entry_position,
                      const float* weight, std::size_t rows, std::size_t hidden, T* out, cudaStream_t stream) {
   if (rows == 0 || hidden == 0) return;
-  if (vectorisable<T>(hidden, y, out))
-    reduce_rows_kernel<T, true><<<grid_for(rows), block_threads, 0, stream>>>(y, row_entry_offsets, entry_position, weight, rows, hidden, out);
+  if (stage::vectorisable<T>(hidden, y, out))
+    reduce_rows_kernel<T, true>
+        <<<grid_for(rows), block_threads, 0, stream>>>(y, row_entry_offsets, entry_position, weight, rows, hidden, out);
   else
-    reduce_rows_kernel<T, false><<<grid_for(rows), block_threads, 0, stream>>>(y, row_entry_offsets, entry_position, weight, rows, hidden, out);
+    reduce_rows_kernel<T, false>
+        <<<grid_for(rows), block_threads, 0, stream>>>(y, row_entry_offsets, entry_position, weight, rows, hidden, out);
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }
 
-template <class T, std::size_t K>
-void dispatch_combine(const T* rows_in, const std::int32_t* copy_row, std::size_t tokens, std::size_t hidden, T* out,
+//! `K`: a locus::top_k extent (static: the kernel is instantiated for it).
+template <class T, class K>
+void dispatch_combine(K k, const T* rows_in, const std::int32_t* copy_row, std::size_t tokens, std::size_t hidden, T* out,
                       cudaStream_t stream) {
   if (tokens == 0 || hidden == 0) return;
-  if (vectorisable<T>(hidden, rows_in, out))
-    combine_kernel<T, true, K><<<grid_for(tokens), block_threads, 0, stream>>>(rows_in, copy_row, tokens, hidden, out);
+  if (stage::vectorisable<T>(hidden, rows_in, out))
+    combine_kernel<T, true, K><<<grid_for(tokens), block_threads, 0, stream>>>(k, rows_in, copy_row, tokens, hidden, out);
   else
-    combine_kernel<T, false, K><<<grid_for(tokens), block_threads, 0, stream>>>(rows_in, copy_row, tokens, hidden, out);
+    combine_kernel<T, false, K><<<grid_for(tokens), block_threads, 0, stream>>>(k, rows_in, copy_row, tokens, hidden, out);
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }
 
-template <class T, std::size_t K>
-void dispatch_combine_weighted(const T* y, const std::int32_t* copy_entry, const float* weight, std::size_t tokens,
+template <class T, class K>
+void dispatch_combine_weighted(K k, const T* y, const std::int32_t* copy_entry, const float* weight, std::size_t tokens,
                                std::size_t hidden, T* out, cudaStream_t stream) {
   if (tokens == 0 || hidden == 0) return;
-  if (vectorisable<T>(hidden, y, out))
-    combine_weighted_kernel<T, true, K><<<grid_for(tokens), block_threads, 0, stream>>>(y, copy_entry, weight, tokens, hidden, out);
+  if (stage::vectorisable<T>(hidden, y, out))
+    combine_weighted_kernel<T, true, K>
+        <<<grid_for(tokens), block_threads, 0, stream>>>(k, y, copy_entry, weight, tokens, hidden, out);
   else
-    combine_weighted_kernel<T, false, K><<<grid_for(tokens), block_threads, 0, stream>>>(y, copy_entry, weight, tokens, hidden, out);
+    combine_weighted_kernel<T, false, K>
+        <<<grid_for(tokens), block_threads, 0, stream>>>(k, y, copy_entry, weight, tokens, hidden, out);
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }
 

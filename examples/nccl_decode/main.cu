@@ -2,11 +2,13 @@
 //
 //   mpirun -np <GPUs> build/dev/examples/nccl_decode/nccl_decode [--gpus-per-node G] [--steps 16]
 //
-// Synthetic decode steps (64 experts, top-8, 32 requests per rank) go through dispatch → expert
-// compute (expert e multiplies by e + 1) → combine with nccl_flat and nccl_hierarchical, under
-// linear and locality placement; prints bytes per link class, the median step time and the
-// largest error against a dense reference. Rows are staged through device memory by
-// nccl_transport::exchange, so the dispatcher is the same one the MPI and local transports use.
+// Synthetic decode steps (64 experts, top-8, 32 requests per rank) go through the device-resident
+// moe_layer (backend::cuda, nccl_flat): device layout → permute → NCCL exchange → expert compute
+// on the device (expert e multiplies by e + 1) → weighted reduction → NCCL exchange back →
+// combine, under linear and locality placement; prints bytes per link class, the median step time
+// and the largest error against a dense reference. Token rows stay in device memory from input to
+// output; the inputs are uploaded and the outputs downloaded only to check them, outside the
+// timed step.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -15,7 +17,8 @@
 #include <locus/core/mpi_error.hpp>
 #include <locus/locus.hpp>
 #include <locus/placement/by_name.hpp>
-#include <locus/transport/dispatch.hpp>
+#include <locus/core/device_buffer.hpp>
+#include <locus/layer/moe_layer_cuda.hpp>
 #include <locus/transport/nccl.hpp>
 #include <mpi.h>
 #include <random>
@@ -23,6 +26,35 @@
 
 using namespace locus;
 using namespace locus::transport;
+
+namespace {
+__global__ void scale_rows(const float* in, float* out, std::size_t n, float factor) {
+  for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
+    out[i] = in[i] * factor;
+}
+
+// The example's expert compute policy: rows of expert e are multiplied by e + 1, on the device.
+struct scale_by_expert {
+  using policy_concept = expert_compute_tag;
+  using activation_type = float;
+  cudaStream_t stream = nullptr;
+
+  void operator()(const layer::expert_blocks<float, memory_space::device>& b) const {
+    for (std::size_t i = 0; i < b.count; ++i) {
+      const std::size_t n = b.rows(i) * b.hidden;
+      if (n == 0) continue;
+      scale_rows<<<static_cast<unsigned>(std::min<std::size_t>((n + 255) / 256, 1024)), 256, 0, stream>>>(
+          b.input + b.offsets[i] * b.hidden, b.output + b.offsets[i] * b.hidden, n, static_cast<float>(b.experts[i] + 1));
+      LOCUS_CUDA_CHECK(cudaGetLastError());
+    }
+  }
+  // The layer's host step is not used here.
+  void operator()(const layer::expert_blocks<float, memory_space::host>&) const {
+    LOCUS_THROW(config_error, "nccl_decode: the expert compute runs on device rows only");
+  }
+};
+} // namespace
 
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
@@ -105,11 +137,15 @@ int main(int argc, char** argv) {
                   "intra-node KB", "inter-node KB", "step ms", "max error");
     for (const std::string name : {"linear", "locality"}) {
       const expert_map map = placement::plan_by_name(name, in).at(0);
-      for (bool hier : {false, true}) {
-        nccl_transport t(comm, stream, topo, hier ? transport_kind::hierarchical : transport_kind::flat);
-        moe_dispatcher<nccl_transport, float> d(t, map, hidden);
-        transport::layout<> l;
-        transport::dispatch_handle<float> handle;
+      {
+        // The device path moves flat layouts; the hierarchical exchange stays on the host path
+        // (examples/mpi_decode).
+        nccl_transport t(comm, stream, topo, transport_kind::flat);
+        using shape = moe_shape<locus::experts<experts>, locus::top_k<k>, locus::hidden<>, locus::shared_experts<0>>;
+        moe_layer<shape, dynamic_topology, nccl_flat, backend::cuda, layer::given_routing, scale_by_expert> moe(
+            shape(experts, k, hidden, 0), topo, t, map, scale_by_expert{stream}, backend::cuda{stream});
+        device_buffer<float> dx, dy, w;
+        device_buffer<expert_id> ids;
         std::vector<double> times;
         double worst = 0;
         for (std::size_t s = 0; s < steps; ++s) {
@@ -117,19 +153,18 @@ int main(int argc, char** argv) {
           std::vector<float> x(requests * hidden), y(x.size());
           for (std::size_t i = 0; i < x.size(); ++i)
             x[i] = static_cast<float>(static_cast<int>((me * 31 + i) % 13) - 6);
+          dx.upload(x, stream);
+          ids.upload(r.ids(), stream);
+          w.upload(r.weights(), stream);
+          dy.resize(x.size());
+          LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream));
           MPI_Barrier(MPI_COMM_WORLD);
           const auto t0 = std::chrono::steady_clock::now();
-          d.plan(l, r.view());
-          d.dispatch(std::span<const float>(x), l, handle);
-          const auto ex = handle.local_experts();
-          const auto off = handle.expert_offsets();
-          for (std::size_t i = 0; i < ex.size(); ++i)
-            for (std::size_t row = off[i]; row < off[i + 1]; ++row)
-              for (std::size_t h = 0; h < hidden; ++h)
-                handle.expert_output()[row * hidden + h] =
-                    handle.expert_input_row(row)[h] * static_cast<float>(ex[i] + 1);
-          d.combine(y, handle);
+          t.begin_step(s);
+          moe.forward(dx.data(), device_routing_view<top_k<k>>(ids.data(), w.data(), requests), dy.data());
+          LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream));
           times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+          dy.download(y, stream);
           for (std::size_t tk = 0; tk < requests; ++tk) {
             double f = 0;
             for (std::size_t j = 0; j < k; ++j)
@@ -143,10 +178,9 @@ int main(int argc, char** argv) {
         MPI_Reduce(t.bytes().bytes_sent.data(), bytes.data(), 3, MPI_UINT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
         std::sort(times.begin(), times.end());
         if (me == 0)
-          std::printf("%-9s %-18s %14.1f %14.1f %14.1f %10.3f %10.1e\n", name.c_str(),
-                      hier ? "nccl_hierarchical" : "nccl_flat", static_cast<double>(bytes[0]) / 1e3,
-                      static_cast<double>(bytes[1]) / 1e3, static_cast<double>(bytes[2]) / 1e3,
-                      times[times.size() / 2] * 1e3, worst);
+          std::printf("%-9s %-18s %14.1f %14.1f %14.1f %10.3f %10.1e\n", name.c_str(), "nccl_flat (device)",
+                      static_cast<double>(bytes[0]) / 1e3, static_cast<double>(bytes[1]) / 1e3,
+                      static_cast<double>(bytes[2]) / 1e3, times[times.size() / 2] * 1e3, worst);
       }
     }
     LOCUS_CUDA_CHECK(cudaStreamDestroy(stream));

@@ -1,0 +1,291 @@
+#pragma once
+//! @file
+//! The stage bodies of the token-row movement, written once for the host path
+//! (`transport/permute.hpp`) and the CUDA kernels (`transport/detail/kernels/permute.cuh`): row
+//! gather (permute, unpermute, expert input), weighted row reduction, combine, weighted combine and
+//! an exclusive scan of offsets. Each body is the work of one thread of a grid: `grid_index` names
+//! the thread, the body strides over rows by `blocks` and over a row's elements by `threads`. A
+//! kernel passes blockIdx / threadIdx; the host runs the same body over every index
+//! (`run_grid`), so the CPU tests exercise the code the GPU runs.
+//!
+//! Sums accumulate in float in a fixed order (a row's entries in entry order; a token's rows in
+//! order of their first choice j) with separate round-to-nearest multiply and add, so the host and
+//! the device give the same bits (the host is built without floating-point contraction, the
+//! default on x86-64 without -mfma).
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <locus/core/bfloat16.hpp>
+#include <locus/core/config.hpp>
+#include <type_traits>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::stage {
+
+//! One thread of a one-dimensional grid of blocks.
+struct grid_index {
+  std::size_t block = 0, blocks = 1, thread = 0, threads = 1;
+};
+
+//! Runs `body(grid_index)` for every thread of a `blocks × threads` grid, in order (the host
+//! executor of a kernel body; bodies must not depend on the order of threads).
+template <class Body>
+void run_grid(std::size_t blocks, std::size_t threads, Body&& body) {
+  for (std::size_t b = 0; b < blocks; ++b)
+    for (std::size_t t = 0; t < threads; ++t)
+      body(grid_index{b, blocks, t, threads});
+}
+
+//! Elements of T per 16-byte vector.
+template <class T>
+inline constexpr std::size_t per_vec = 16 / sizeof(T);
+
+//! A 16-byte vector of raw bits.
+struct alignas(16) vec16 {
+  std::uint32_t w[4];
+};
+
+LOCUS_HOST_DEVICE vec16 load_vec(const void* p) {
+#if LOCUS_IS_DEVICE_PASS()
+  const uint4 v = __ldg(static_cast<const uint4*>(p));
+  return vec16{{v.x, v.y, v.z, v.w}};
+#else
+  vec16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+#endif
+}
+
+LOCUS_HOST_DEVICE void store_vec(void* p, const vec16& v) {
+#if LOCUS_IS_DEVICE_PASS()
+  *static_cast<uint4*>(p) = make_uint4(v.w[0], v.w[1], v.w[2], v.w[3]);
+#else
+  std::memcpy(p, &v, sizeof v);
+#endif
+}
+
+LOCUS_HOST_DEVICE float mul_rn(float a, float b) {
+#if LOCUS_IS_DEVICE_PASS()
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+LOCUS_HOST_DEVICE float add_rn(float a, float b) {
+#if LOCUS_IS_DEVICE_PASS()
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+template <class T>
+LOCUS_HOST_DEVICE float load_float(T v) {
+  if constexpr (std::is_same_v<T, float>)
+    return v;
+  else
+    return bfloat16::to_float(v.bits);
+}
+
+template <class T>
+LOCUS_HOST_DEVICE T store_float(float f) {
+  if constexpr (std::is_same_v<T, float>)
+    return f;
+  else
+    return bfloat16::from_bits(bfloat16::from_float(f));
+}
+
+//! Elements a thread handles at once: one 16-byte vector (`Vec`) or one element.
+template <class T, bool Vec>
+inline constexpr std::size_t chunk = Vec ? per_vec<T> : 1;
+
+//! Whether rows of `hidden` elements at `a` and `b` can move in 16-byte vectors.
+template <class T>
+bool vectorisable(std::size_t hidden, const void* a, const void* b) {
+  return (hidden * sizeof(T)) % 16 == 0 && reinterpret_cast<std::uintptr_t>(a) % 16 == 0 &&
+         reinterpret_cast<std::uintptr_t>(b) % 16 == 0;
+}
+
+// acc += w * y (Weighted) or y, for the chunk<T, Vec> elements at `y`.
+template <class T, bool Vec, bool Weighted>
+LOCUS_HOST_DEVICE void accumulate(float* acc, const T* y, float w) {
+  constexpr std::size_t n = chunk<T, Vec>;
+  T v[n];
+  if constexpr (Vec) {
+    const vec16 bits = load_vec(y);
+    std::memcpy(static_cast<void*>(v), &bits, sizeof bits);
+  } else {
+    v[0] = y[0];
+  }
+  LOCUS_UNROLL
+  for (std::size_t i = 0; i < n; ++i) {
+    const float x = load_float(v[i]);
+    acc[i] = add_rn(acc[i], Weighted ? mul_rn(w, x) : x);
+  }
+}
+
+template <class T, bool Vec>
+LOCUS_HOST_DEVICE void store(T* out, const float* acc) {
+  constexpr std::size_t n = chunk<T, Vec>;
+  T v[n];
+  LOCUS_UNROLL
+  for (std::size_t i = 0; i < n; ++i)
+    v[i] = store_float<T>(acc[i]);
+  if constexpr (Vec) {
+    vec16 bits;
+    std::memcpy(&bits, static_cast<const void*>(v), sizeof bits);
+    store_vec(out, bits);
+  } else {
+    out[0] = v[0];
+  }
+}
+
+//! `dst[r] = src[index[r * stride]]` for r < rows.
+template <class T, bool Vec>
+LOCUS_HOST_DEVICE void gather_rows(grid_index g, const T* LOCUS_RESTRICT src, const std::int32_t* LOCUS_RESTRICT index,
+                                   std::size_t stride, std::size_t rows, std::size_t hidden, T* LOCUS_RESTRICT dst) {
+  for (std::size_t r = g.block; r < rows; r += g.blocks) {
+    const auto from = static_cast<std::size_t>(index[r * stride]);
+    if constexpr (Vec) {
+      const std::size_t vecs = hidden / per_vec<T>;
+      const T* s = src + from * hidden;
+      T* d = dst + r * hidden;
+      for (std::size_t i = g.thread; i < vecs; i += g.threads)
+        store_vec(d + i * per_vec<T>, load_vec(s + i * per_vec<T>));
+    } else {
+      for (std::size_t i = g.thread; i < hidden; i += g.threads)
+        dst[r * hidden + i] = src[from * hidden + i];
+    }
+  }
+}
+
+//! `out[r] = sum over r's entries e (in order) of weight[p] * y[p]`, p = entry_position[e].
+template <class T, bool Vec>
+LOCUS_HOST_DEVICE void
+reduce_rows(grid_index g, const T* LOCUS_RESTRICT y, const std::int32_t* LOCUS_RESTRICT row_entry_offsets,
+            const std::int32_t* LOCUS_RESTRICT entry_position, const float* LOCUS_RESTRICT weight, std::size_t rows,
+            std::size_t hidden, T* LOCUS_RESTRICT out) {
+  constexpr std::size_t n = chunk<T, Vec>;
+  for (std::size_t r = g.block; r < rows; r += g.blocks) {
+    const std::int32_t e0 = row_entry_offsets[r], e1 = row_entry_offsets[r + 1];
+    for (std::size_t h = g.thread * n; h < hidden; h += g.threads * n) {
+      float acc[n] = {};
+      for (std::int32_t e = e0; e < e1; ++e) {
+        const auto p = static_cast<std::size_t>(entry_position[e]);
+        accumulate<T, Vec, true>(acc, y + p * hidden + h, weight[p]);
+      }
+      store<T, Vec>(out + r * hidden + h, acc);
+    }
+  }
+}
+
+//! `out[t] = sum of t's distinct rows (first choice first)`, unweighted. `k` is a
+//! `locus::top_k` extent: a static one keeps the token's rows in registers and unrolls the loops.
+template <class T, bool Vec, class K>
+LOCUS_HOST_DEVICE void combine(grid_index g, K k, const T* LOCUS_RESTRICT rows_in,
+                               const std::int32_t* LOCUS_RESTRICT copy_row, std::size_t tokens, std::size_t hidden,
+                               T* LOCUS_RESTRICT out) {
+  constexpr std::size_t n = chunk<T, Vec>;
+  constexpr std::size_t cached = K::is_static ? K::static_value : 1;
+  const std::size_t kv = k.value();
+  for (std::size_t t = g.block; t < tokens; t += g.blocks) {
+    const std::int32_t* cr = copy_row + t * kv;
+    // A row shared by several choices counts once: choice j adds its row when no earlier choice
+    // has the same row.
+    const auto first = [&](std::size_t j) {
+      bool f = true;
+      for (std::size_t i = 0; i < j; ++i)
+        f &= cr[i] != cr[j];
+      return f;
+    };
+    std::int32_t row[cached] = {};
+    bool fresh[cached] = {};
+    if constexpr (K::is_static) {
+      LOCUS_UNROLL
+      for (std::size_t j = 0; j < cached; ++j) {
+        row[j] = cr[j];
+        fresh[j] = first(j);
+      }
+    }
+    for (std::size_t h = g.thread * n; h < hidden; h += g.threads * n) {
+      float acc[n] = {};
+      LOCUS_UNROLL
+      for (std::size_t j = 0; j < kv; ++j) {
+        std::int32_t r;
+        bool use;
+        if constexpr (K::is_static) {
+          r = row[j];
+          use = fresh[j];
+        } else {
+          r = cr[j];
+          use = first(j);
+        }
+        if (use) accumulate<T, Vec, false>(acc, rows_in + static_cast<std::size_t>(r) * hidden + h, 0.0f);
+      }
+      store<T, Vec>(out + t * hidden + h, acc);
+    }
+  }
+}
+
+//! `out[t] = sum over j of weight[e] * y[e]`, e = copy_entry[t * k + j], j ascending.
+template <class T, bool Vec, class K>
+LOCUS_HOST_DEVICE void
+combine_weighted(grid_index g, K k, const T* LOCUS_RESTRICT y, const std::int32_t* LOCUS_RESTRICT copy_entry,
+                 const float* LOCUS_RESTRICT weight, std::size_t tokens, std::size_t hidden, T* LOCUS_RESTRICT out) {
+  constexpr std::size_t n = chunk<T, Vec>;
+  constexpr std::size_t cached = K::is_static ? K::static_value : 1;
+  const std::size_t kv = k.value();
+  for (std::size_t t = g.block; t < tokens; t += g.blocks) {
+    const std::int32_t* ce = copy_entry + t * kv;
+    std::int32_t entry[cached] = {};
+    float w[cached] = {};
+    if constexpr (K::is_static) {
+      LOCUS_UNROLL
+      for (std::size_t j = 0; j < cached; ++j) {
+        entry[j] = ce[j];
+        w[j] = weight[ce[j]];
+      }
+    }
+    for (std::size_t h = g.thread * n; h < hidden; h += g.threads * n) {
+      float acc[n] = {};
+      LOCUS_UNROLL
+      for (std::size_t j = 0; j < kv; ++j) {
+        std::int32_t e;
+        float we;
+        if constexpr (K::is_static) {
+          e = entry[j];
+          we = w[j];
+        } else {
+          e = ce[j];
+          we = weight[e];
+        }
+        accumulate<T, Vec, true>(acc, y + static_cast<std::size_t>(e) * hidden + h, we);
+      }
+      store<T, Vec>(out + t * hidden + h, acc);
+    }
+  }
+}
+
+//! `out[i] = offsets[i + 1] - offsets[i]` for i < n: per-row counts from exclusive offsets (the
+//! entry counts a receiver needs with each row).
+LOCUS_HOST_DEVICE void adjacent_difference(grid_index g, const std::int32_t* LOCUS_RESTRICT offsets, std::size_t n,
+                                           std::int32_t* LOCUS_RESTRICT out) {
+  for (std::size_t i = g.block * g.threads + g.thread; i < n; i += g.blocks * g.threads)
+    out[i] = offsets[i + 1] - offsets[i];
+}
+
+//! `out[i] = in[0] + ... + in[i - 1]` for i ≤ n (n + 1 values; `out[0] = 0`). One thread: for the
+//! short per-rank and per-slot offset arrays, where a launch of a parallel scan costs more.
+LOCUS_HOST_DEVICE void exclusive_scan(grid_index g, const std::int32_t* LOCUS_RESTRICT in, std::size_t n,
+                                      std::int32_t* LOCUS_RESTRICT out) {
+  if (g.block != 0 || g.thread != 0) return;
+  std::int32_t sum = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    out[i] = sum;
+    sum += in[i];
+  }
+  out[n] = sum;
+}
+
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::stage

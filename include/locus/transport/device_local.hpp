@@ -1,0 +1,304 @@
+#pragma once
+// locus-requires: cuda
+//! @file
+//! The one-GPU multi-rank device transport: R ranks as threads of one process sharing one GPU,
+//! each with its own stream, exchanging device rows with device-to-device copies. It has the
+//! device interface of `nccl_transport` (`exchange_device`, `device_exchange_result`), so the
+//! whole multi-rank device path runs and is tested on one GPU, where NCCL cannot put two ranks on
+//! one device.
+//!
+//! Per exchange: the headers (counts, exchange names) meet on the host behind a barrier, the only
+//! host synchronisation. Rows never pass through the host: each sender records an event on its
+//! stream once its send rows are queued; each receiver makes its stream wait for the senders'
+//! events and copies its rows out of the senders' buffers on its own stream; each sender's stream
+//! then waits for the receivers' copies (their events), so a sender can rewrite its send buffer
+//! with work queued afterwards, without the host waiting for any copy.
+
+#include <cuda_runtime_api.h>
+#include <locus/core/cuda_error.hpp>
+#include <locus/transport/device_exchange.hpp>
+#include <locus/transport/exchange.hpp>
+#include <locus/transport/local.hpp>
+#include <memory>
+#include <utility>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
+
+namespace detail::device_local {
+
+//! An owned CUDA event without timing (cheap to record and wait on).
+class event {
+public:
+  event() { LOCUS_CUDA_CHECK(cudaEventCreateWithFlags(&e_, cudaEventDisableTiming)); }
+  event(const event&) = delete;
+  event& operator=(const event&) = delete;
+  ~event() {
+    if (e_) cudaEventDestroy(e_); // a failing destroy in a destructor has nowhere to report to
+  }
+  cudaEvent_t get() const noexcept { return e_; }
+
+private:
+  cudaEvent_t e_ = nullptr;
+};
+
+//! Owning device bytes, grown on demand (contents are not kept).
+class device_bytes {
+public:
+  device_bytes() = default;
+  device_bytes(const device_bytes&) = delete;
+  device_bytes& operator=(const device_bytes&) = delete;
+  ~device_bytes() {
+    if (ptr_) cudaFree(ptr_);
+  }
+  std::byte* reserve(std::size_t bytes) {
+    if (bytes > capacity_) {
+      if (ptr_) LOCUS_CUDA_CHECK(cudaFree(ptr_));
+      ptr_ = nullptr;
+      capacity_ = 0;
+      void* p = nullptr;
+      LOCUS_CUDA_CHECK(cudaMalloc(&p, bytes));
+      ptr_ = static_cast<std::byte*>(p);
+      capacity_ = bytes;
+    }
+    return ptr_;
+  }
+
+private:
+  std::byte* ptr_ = nullptr;
+  std::size_t capacity_ = 0;
+};
+
+//! Shared state of one group instance (the world, one node, or one rail).
+struct board {
+  explicit board(std::vector<std::size_t> ranks)
+      : barrier(ranks), headers(ranks.size() * ranks.size()), send_rows(ranks.size(), nullptr),
+        send_offsets(ranks.size(), std::vector<std::size_t>(ranks.size() + 1, 0)), codes(ranks.size(), 0),
+        ready(ranks.size()), done(ranks.size()) {}
+
+  local::timed_barrier barrier;
+  std::vector<exchange::header> headers; //!< [sender * members + receiver]
+  std::vector<const std::byte*> send_rows;
+  std::vector<std::vector<std::size_t>> send_offsets; //!< per sender: first row for each receiver
+  std::vector<std::uint32_t> codes;                   //!< second-round expectation codes
+  std::vector<cudaEvent_t> ready;                     //!< per sender: its send rows are written
+  std::vector<cudaEvent_t> done;                      //!< per receiver: its copies are finished
+};
+
+} // namespace detail::device_local
+
+class device_local_transport;
+
+//! Shared state of R ranks on one GPU. Create it once, then hand `endpoint(r, stream)` to the
+//! thread acting as rank r. The fabric must outlive its endpoints.
+class device_local_fabric {
+public:
+  //! @param topo         nodes × GPUs per node; its rank count is the number of endpoints
+  //! @param hierarchical whether dispatch over these endpoints uses the two-stage exchange
+  device_local_fabric(const dynamic_topology& topo, bool hierarchical, exchange_options options = {})
+      : topo_(topo), hierarchical_(hierarchical), options_(options) {
+    const auto ranks_of = [&](exchange_group g, std::size_t some_rank) {
+      const detail::exchange::group_map map{topo, some_rank};
+      std::vector<std::size_t> ranks(map.size(g));
+      for (std::size_t m = 0; m < ranks.size(); ++m)
+        ranks[m] = map.world_rank_of(g, m);
+      return ranks;
+    };
+    world_ = std::make_unique<detail::device_local::board>(ranks_of(exchange_group::world, 0));
+    for (std::size_t n = 0; n < topo.nodes(); ++n)
+      nodes_.push_back(
+          std::make_unique<detail::device_local::board>(ranks_of(exchange_group::node, n * topo.gpus_per_node())));
+    for (std::size_t l = 0; l < topo.gpus_per_node(); ++l)
+      rails_.push_back(std::make_unique<detail::device_local::board>(ranks_of(exchange_group::rail, l)));
+  }
+  device_local_fabric(const device_local_fabric&) = delete;
+  device_local_fabric& operator=(const device_local_fabric&) = delete;
+
+  const dynamic_topology& topology() const noexcept { return topo_; }
+  bool hierarchical() const noexcept { return hierarchical_; }
+  const exchange_options& options() const noexcept { return options_; }
+
+  //! The endpoint of `rank`, issuing its copies on `stream` (not owned; give each rank its own).
+  //! @throws locus::invalid_input_error when rank is out of range
+  //! @throws locus::cuda_error when the endpoint's events cannot be created
+  inline device_local_transport endpoint(std::size_t rank, cudaStream_t stream);
+
+private:
+  friend class device_local_transport;
+  detail::device_local::board& board(exchange_group g, std::size_t rank) {
+    switch (g) {
+    case exchange_group::node: return *nodes_[topo_.node_of(rank)];
+    case exchange_group::rail: return *rails_[topo_.local_rank_of(rank)];
+    default: return *world_;
+    }
+  }
+
+  dynamic_topology topo_;
+  bool hierarchical_;
+  exchange_options options_;
+  std::unique_ptr<detail::device_local::board> world_;
+  std::vector<std::unique_ptr<detail::device_local::board>> nodes_, rails_;
+};
+
+//! One rank's endpoint of a device_local_fabric. Each endpoint is used by one thread at a time.
+class device_local_transport {
+public:
+  device_local_transport(device_local_transport&&) noexcept = default;
+
+  std::size_t rank() const noexcept { return groups_.rank; }
+  const dynamic_topology& topology() const noexcept { return groups_.topo; }
+  bool hierarchical() const noexcept { return fabric_->hierarchical(); }
+  std::size_t group_size(exchange_group g) const noexcept { return groups_.size(g); }
+  std::size_t world_rank_of(exchange_group g, std::size_t member) const noexcept {
+    return groups_.world_rank_of(g, member);
+  }
+  const link_counters& bytes() const noexcept { return bytes_; }
+  void reset_bytes() noexcept { bytes_.clear(); }
+  cudaStream_t stream() const noexcept { return stream_; }
+
+  //! Names the exchanges that follow as exchanges of step `step` (see exchange.hpp).
+  void begin_step(std::uint64_t step) noexcept { steps_.begin(step); }
+
+  //! Collective over `group`: `send` holds device rows ordered by destination member, written by
+  //! work already queued on this endpoint's stream. Returns once the copies are queued; the rows
+  //! in `out` are ready for work queued afterwards on the same stream and stay valid until the
+  //! second exchange after this one (receive buffers alternate), so a rank may send rows it
+  //! received straight on.
+  //! @throws locus::transport_error on every member when the requests disagree
+  //! @throws locus::timeout_error when a member does not arrive within the fabric's timeout
+  void exchange_device(exchange_group group, std::size_t row_bytes, const std::byte* send,
+                       std::span<const std::size_t> counts, std::span<const std::size_t> expected,
+                       device_exchange_result& out, std::uint32_t stage = 0) {
+    namespace dx = detail::exchange;
+    const std::size_t members = groups_.size(group), self = groups_.self_member(group);
+    auto& b = fabric_->board(group, rank());
+    const auto timeout = fabric_->options().timeout;
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    const dx::position at = steps_.next(group, stage);
+    const auto sync = [&](const char* what) {
+      b.barrier.arrive_and_wait(deadline, timeout, self, group,
+                                ::locus::detail::concat(what, " of ", dx::describe(at)));
+    };
+
+    std::size_t total = 0;
+    for (std::size_t c : counts)
+      total += c;
+    exchange_request req{group, row_bytes, {send, total * row_bytes}, counts, expected};
+    req.stage = stage;
+    std::string own_problem;
+    const std::uint32_t status = dx::check_request(req, members, own_problem);
+    auto& offsets = b.send_offsets[self];
+    offsets[0] = 0;
+    for (std::size_t m = 0; m < members; ++m) {
+      const std::uint64_t count = status == dx::ok ? counts[m] : 0;
+      b.headers[self * members + m] = {at.step, at.index, row_bytes, count, at.stage, status, req.expectations_flag()};
+      offsets[m + 1] = offsets[m] + count;
+    }
+    b.send_rows[self] = send;
+    LOCUS_CUDA_CHECK(cudaEventRecord(ready_->get(), stream_));
+    b.ready[self] = ready_->get();
+    b.done[self] = done_->get();
+    sync("the header round");
+
+    received_.resize(members);
+    bool expectations = false;
+    for (std::size_t m = 0; m < members; ++m) {
+      received_[m] = b.headers[m * members + self];
+      expectations |= received_[m].expectations != 0;
+    }
+    if (std::string why = dx::verdict(received_, groups_, group, own_problem); !why.empty()) {
+      sync("the header round"); // nobody rewrites the board before all have read it
+      LOCUS_THROW(transport_error, "device local transport: ", why);
+    }
+    if (expectations) {
+      b.codes[self] = dx::expectation_code(received_, expected);
+      sync("the count-agreement round");
+      std::string why = dx::expectation_verdict(b.codes, groups_, group, received_, expected);
+      sync("the count-agreement round");
+      if (!why.empty()) LOCUS_THROW(transport_error, "device local transport: ", why);
+    }
+
+    out.row_bytes = row_bytes;
+    out.counts.resize(members);
+    out.offsets.assign(members + 1, 0);
+    for (std::size_t m = 0; m < members; ++m) {
+      out.counts[m] = static_cast<std::size_t>(received_[m].count);
+      out.offsets[m + 1] = out.offsets[m] + out.counts[m];
+    }
+    parity_ ^= 1u;
+    std::byte* recv = recv_[parity_]->reserve(std::max<std::size_t>(out.offsets[members] * row_bytes, 1));
+    for (std::size_t m = 0; m < members; ++m) {
+      if (out.counts[m] == 0) continue;
+      LOCUS_CUDA_CHECK(cudaStreamWaitEvent(stream_, b.ready[m], 0));
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(recv + out.offsets[m] * row_bytes,
+                                       b.send_rows[m] + b.send_offsets[m][self] * row_bytes, out.counts[m] * row_bytes,
+                                       cudaMemcpyDeviceToDevice, stream_));
+    }
+    LOCUS_CUDA_CHECK(cudaEventRecord(done_->get(), stream_));
+    out.rows = recv;
+    // Every receiver has queued its copies (and recorded `done`) before anyone passes this barrier.
+    sync("the row stage");
+    for (std::size_t m = 0; m < members; ++m)
+      if (status == dx::ok && counts[m] != 0) LOCUS_CUDA_CHECK(cudaStreamWaitEvent(stream_, b.done[m], 0));
+    exchange_result shape;
+    shape.counts = out.counts;
+    dx::count_bytes(bytes_, topology(), rank(), req, shape,
+                    [&](std::size_t m) { return groups_.world_rank_of(group, m); });
+  }
+
+  //! The host `exchanger` form: stages host rows through device memory, so host dispatch runs on
+  //! this transport unchanged (see exchange.hpp).
+  void exchange(const exchange_request& req, exchange_result& out) {
+    std::byte* d_send = send_->reserve(std::max<std::size_t>(req.rows.size(), 1));
+    if (!req.rows.empty())
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(d_send, req.rows.data(), req.rows.size(), cudaMemcpyHostToDevice, stream_));
+    device_exchange_result d;
+    exchange_device(req.group, req.row_bytes, d_send, req.counts, req.expected_counts, d, req.stage);
+    out.row_bytes = req.row_bytes;
+    out.counts = d.counts;
+    out.offsets = d.offsets;
+    out.rows.resize(out.offsets.back() * req.row_bytes);
+    if (!out.rows.empty())
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(out.rows.data(), d.rows, out.rows.size(), cudaMemcpyDeviceToHost, stream_));
+    LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+private:
+  friend class device_local_fabric;
+  device_local_transport(device_local_fabric& f, std::size_t rank, cudaStream_t stream)
+      : fabric_(&f), groups_{f.topology(), rank}, stream_(stream),
+        ready_(std::make_unique<detail::device_local::event>()),
+        done_(std::make_unique<detail::device_local::event>()) {}
+
+  device_local_fabric* fabric_;
+  detail::exchange::group_map groups_;
+  cudaStream_t stream_;
+  // Behind pointers so that the endpoint can move (events and device memory cannot).
+  std::unique_ptr<detail::device_local::event> ready_, done_;
+  std::unique_ptr<detail::device_local::device_bytes> send_ = std::make_unique<detail::device_local::device_bytes>();
+  std::unique_ptr<detail::device_local::device_bytes> recv_[2] = {
+      std::make_unique<detail::device_local::device_bytes>(), std::make_unique<detail::device_local::device_bytes>()};
+  unsigned parity_ = 0;
+  link_counters bytes_;
+  detail::exchange::step_counter steps_;
+  std::vector<detail::exchange::header> received_;
+};
+
+inline device_local_transport device_local_fabric::endpoint(std::size_t rank, cudaStream_t stream) {
+  topo_.check_rank(rank);
+  return device_local_transport(*this, rank, stream);
+}
+
+//! Policy tags of the one-GPU multi-rank device transport.
+struct device_local_flat {
+  using policy_concept = transport_tag;
+  using exchanger_type = device_local_transport;
+  static constexpr transport_kind kind = transport_kind::flat;
+};
+struct device_local_hierarchical {
+  using policy_concept = transport_tag;
+  using exchanger_type = device_local_transport;
+  static constexpr transport_kind kind = transport_kind::hierarchical;
+};
+
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::transport

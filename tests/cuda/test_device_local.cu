@@ -1,0 +1,150 @@
+// The one-GPU multi-rank device transport: ranks as threads, each with its own stream, rows moved
+// device to device. Received rows are checked against what each sender wrote (rows carry their
+// sender, receiver and index), and host dispatch + combine over it against the dense reference.
+#define BOOST_TEST_MODULE device_local
+#include "../mpi/dispatch_cases.hpp"
+
+#include <boost/test/unit_test.hpp>
+#include <exception>
+#include <locus/core/device_buffer.hpp>
+#include <locus/transport/device_local.hpp>
+#include <locus/transport/dispatch.hpp>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+using namespace locus;
+using namespace locus::transport;
+
+namespace {
+
+struct stream_owner {
+  cudaStream_t s = nullptr;
+  stream_owner() { LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
+  ~stream_owner() { cudaStreamDestroy(s); }
+};
+
+// Runs f(rank) on one thread per rank; rethrows the first failure.
+template <class F>
+void on_ranks(std::size_t ranks, F&& f) {
+  std::vector<std::exception_ptr> errors(ranks);
+  std::vector<std::thread> threads;
+  for (std::size_t r = 0; r < ranks; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        f(r);
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+    });
+  for (auto& t : threads)
+    t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+// Boost.Test is not thread-safe: rank threads report a failed check by throwing, and on_ranks
+// rethrows it on the test's thread.
+void expect(bool ok, const std::string& what) {
+  if (!ok) throw std::runtime_error(what);
+}
+
+std::uint64_t row_value(std::size_t from, std::size_t to, std::size_t i, std::size_t step) {
+  return (step << 48) | (from << 32) | (to << 16) | i;
+}
+
+} // namespace
+
+BOOST_AUTO_TEST_CASE(rows_arrive_from_every_member_of_every_group) {
+  // Passing means no rank threw.
+  const dynamic_topology topo(2, 2);
+  device_local_fabric fabric(topo, true);
+  on_ranks(topo.ranks(), [&](std::size_t r) {
+    stream_owner st;
+    auto ep = fabric.endpoint(r, st.s);
+    device_buffer<std::uint64_t> send;
+    device_exchange_result out;
+    for (std::size_t step = 0; step < 3; ++step)
+      for (exchange_group g : {exchange_group::world, exchange_group::node, exchange_group::rail}) {
+        ep.begin_step(step);
+        const std::size_t members = ep.group_size(g);
+        const std::size_t self = [&] {
+          for (std::size_t m = 0; m < members; ++m)
+            if (ep.world_rank_of(g, m) == r) return m;
+          return members;
+        }();
+        // Counts vary with sender, receiver and step, zero included.
+        std::vector<std::size_t> counts(members), expected(members);
+        std::vector<std::uint64_t> rows;
+        for (std::size_t m = 0; m < members; ++m) {
+          counts[m] = (self * 3 + m + step) % 4;
+          expected[m] = (m * 3 + self + step) % 4;
+          for (std::size_t i = 0; i < counts[m]; ++i)
+            rows.push_back(row_value(r, ep.world_rank_of(g, m), i, step));
+        }
+        send.upload(rows, ep.stream());
+        ep.exchange_device(g, sizeof(std::uint64_t), reinterpret_cast<const std::byte*>(send.data()), counts, expected,
+                           out, 1);
+        const std::string at = "rank " + std::to_string(r) + " step " + std::to_string(step) + " group " + to_string(g);
+        expect(out.offsets.back() == std::accumulate(expected.begin(), expected.end(), std::size_t{0}),
+               at + ": row total");
+        std::vector<std::uint64_t> got(out.offsets.back());
+        if (!got.empty())
+          LOCUS_CUDA_CHECK(cudaMemcpyAsync(got.data(), out.rows, got.size() * sizeof(std::uint64_t),
+                                           cudaMemcpyDeviceToHost, ep.stream()));
+        LOCUS_CUDA_CHECK(cudaStreamSynchronize(ep.stream()));
+        for (std::size_t m = 0; m < members; ++m) {
+          expect(out.counts[m] == expected[m], at + ": count from member " + std::to_string(m));
+          for (std::size_t i = 0; i < out.counts[m]; ++i)
+            expect(got[out.offsets[m] + i] == row_value(ep.world_rank_of(g, m), r, i, step),
+                   at + ": row " + std::to_string(i) + " from member " + std::to_string(m));
+        }
+      }
+  });
+}
+
+BOOST_AUTO_TEST_CASE(disagreeing_counts_raise_on_every_member) {
+  const dynamic_topology topo(1, 3);
+  device_local_fabric fabric(topo, false);
+  std::vector<int> raised(3, 0);
+  on_ranks(3, [&](std::size_t r) {
+    stream_owner st;
+    auto ep = fabric.endpoint(r, st.s);
+    device_buffer<std::uint64_t> send(3);
+    device_exchange_result out;
+    std::vector<std::size_t> counts{1, 1, 1}, expected{1, 1, r == 2 ? 2u : 1u};
+    try {
+      ep.exchange_device(exchange_group::world, 8, reinterpret_cast<const std::byte*>(send.data()), counts, expected,
+                         out);
+    } catch (const transport_error&) {
+      raised[r] = 1;
+    }
+  });
+  BOOST_TEST(raised == std::vector<int>({1, 1, 1}), boost::test_tools::per_element());
+}
+
+BOOST_AUTO_TEST_CASE(host_dispatch_and_combine_over_the_device_transport_match_reference) {
+  for (bool hier : {false, true}) {
+    const auto c = locus_test::make_case(7, 2, 2);
+    device_local_fabric fabric(c.topo, hier);
+    std::vector<double> error(c.topo.ranks(), 1.0);
+    on_ranks(c.topo.ranks(), [&](std::size_t r) {
+      stream_owner st;
+      auto ep = fabric.endpoint(r, st.s);
+      moe_dispatcher<device_local_transport, float> d(ep, c.map, c.hidden);
+      const auto x = c.inputs(r);
+      layout<> l;
+      d.plan(l, c.routings[r].view());
+      auto h = d.dispatch(std::span<const float>(x), l);
+      locus_test::run_experts(h);
+      std::vector<float> y(x.size());
+      d.combine(y, h);
+      error[r] = locus_test::max_error(y, c.reference(r));
+    });
+    for (double e : error)
+      BOOST_TEST(e < 1e-5);
+  }
+}
