@@ -23,16 +23,15 @@
 
 #include "bench_args.hpp"
 
-#include <nlohmann/json.hpp>
-
 #include <chrono>
-#include <cstdlib>
-#include <map>
-#include <memory>
 #include <cstdio>
+#include <cstdlib>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
-#include <ctime>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -54,7 +53,8 @@ double domain_accuracy(const locus::grouper::workload_model& m, const locus::tra
     ++votes[m.training_labels()[i]][train.request(m.training_requests()[i]).domain];
   std::vector<std::uint32_t> cluster_domain(m.clusters());
   for (std::size_t c = 0; c < m.clusters(); ++c)
-    cluster_domain[c] = static_cast<std::uint32_t>(std::max_element(votes[c].begin(), votes[c].end()) - votes[c].begin());
+    cluster_domain[c] =
+        static_cast<std::uint32_t>(std::max_element(votes[c].begin(), votes[c].end()) - votes[c].begin());
   std::vector<std::uint32_t> scratch;
   std::size_t right = 0, n = 0;
   for (std::size_t r = 0; r < test.requests(); ++r) {
@@ -101,8 +101,8 @@ int main(int argc, char** argv) try {
     topologies = {{std::stoul(only.substr(0, only.find('x'))), std::stoul(only.substr(only.find('x') + 1))}};
   // (placement, redundant slots per GPU): linear and round_robin never use redundant slots.
   const std::vector<std::pair<std::string, std::size_t>> placements = {
-      {"linear", 0}, {"round_robin", 0}, {"eplb", 0}, {"eplb", 1}, {"activation_usage", 0}, {"activation_usage", 1},
-      {"locality", 0}, {"locality", 1}};
+      {"linear", 0},           {"round_robin", 0},      {"eplb", 0},     {"eplb", 1},
+      {"activation_usage", 0}, {"activation_usage", 1}, {"locality", 0}, {"locality", 1}};
   std::vector<locus::cost::comparison_row> rows;
   for (const auto& [placement, redundant] : placements)
     for (const char* grouper : {"round_robin", "least_loaded", "workload_aware"})
@@ -154,9 +154,10 @@ int main(int argc, char** argv) try {
                         {"train_requests", train.requests()},
                         {"test_requests", test.requests()},
                         {"rows", nlohmann::json::array()}};
-  std::string md = "| topology | placement | redundant/GPU | grouper | transport | inter-node B/token | vs baseline | "
-                   "norm. a2a median | p90 | GPU max/mean (step) | (aggregate) | attention max/mean | layer time µs (model) |\n"
-                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  std::string md =
+      "| topology | placement | redundant/GPU | grouper | transport | inter-node B/token | vs baseline | "
+      "norm. a2a median | p90 | GPU max/mean (step) | (aggregate) | attention max/mean | layer time µs (model) |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   std::map<std::string, nlohmann::json> by_key; // "4x2 locality 1 workload_aware flat" -> row
   std::string rules_md =
       "| topology | placement | grouper | transport | locality_first (locus) | same_gpu_else_random (SGLang static) "
@@ -208,9 +209,10 @@ int main(int argc, char** argv) try {
       by_key[j["topology"].get<std::string>() + " " + row.placement + " " + std::to_string(row.redundant) + " " +
              row.grouper + " " + locus::cost::to_string(row.transport)] = j;
       char line[512];
-      std::snprintf(line, sizeof line, "| %s | %s | %zu | %s | %s | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.1f |\n",
-                    j["topology"].get<std::string>().c_str(), row.placement.c_str(), row.redundant,
-                    row.grouper.c_str(), locus::cost::to_string(row.transport), res.inter_node_bytes_per_token, ratio,
+      std::snprintf(line, sizeof line,
+                    "| %s | %s | %zu | %s | %s | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.1f |\n",
+                    j["topology"].get<std::string>().c_str(), row.placement.c_str(), row.redundant, row.grouper.c_str(),
+                    locus::cost::to_string(row.transport), res.inter_node_bytes_per_token, ratio,
                     j["normalized_all2all_median"].get<double>(), j["normalized_all2all_p90"].get<double>(),
                     res.gpu_imbalance_step_mean, res.gpu_imbalance_aggregate, res.attention_imbalance,
                     res.layer_time_estimate_us);
@@ -257,7 +259,8 @@ int main(int argc, char** argv) try {
       j["inter_node_bytes_vs_baseline"] = ratio;
       doc["rows"].push_back(j);
       char line[512];
-      std::snprintf(line, sizeof line, "| %s | %s | %zu | %s | %s | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.1f |\n",
+      std::snprintf(line, sizeof line,
+                    "| %s | %s | %zu | %s | %s | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.1f |\n",
                     "8x8 synth 256e/top-8", row.placement.c_str(), row.redundant, row.grouper.c_str(),
                     locus::cost::to_string(row.transport), res.inter_node_bytes_per_token, ratio,
                     j["normalized_all2all_median"].get<double>(), j["normalized_all2all_p90"].get<double>(),
@@ -275,7 +278,8 @@ int main(int argc, char** argv) try {
     double max_ratio, max_balance;
   };
   const std::vector<target> targets = {
-      {"paper: activation_usage + workload_aware, no replicas, flat", "4x2 activation_usage 0 workload_aware flat", 0, 0},
+      {"paper: activation_usage + workload_aware, no replicas, flat", "4x2 activation_usage 0 workload_aware flat", 0,
+       0},
       {"locality + workload_aware, no replicas, flat", "4x2 locality 0 workload_aware flat", 0.75, 1.15},
       {"locality + workload_aware, 1 redundant slot/GPU, flat", "4x2 locality 1 workload_aware flat", 0.65, 1.10},
       {"locality + workload_aware, 1 redundant slot/GPU, hierarchical", "4x2 locality 1 workload_aware hierarchical",
@@ -301,7 +305,8 @@ int main(int argc, char** argv) try {
     std::snprintf(line, sizeof line, "| %s | %.3f | %.1f%% | %.3f | %.3f | %s |\n", t.what, ratio, 100 * (1 - ratio),
                   bal, j["attention_imbalance"].get<double>(), verdict.c_str());
     summary += line;
-    doc["targets"].push_back({{"case", t.what}, {"ratio", ratio}, {"gpu_imbalance_aggregate", bal}, {"verdict", verdict}});
+    doc["targets"].push_back(
+        {{"case", t.what}, {"ratio", ratio}, {"gpu_imbalance_aggregate", bal}, {"verdict", verdict}});
   }
   // Unseen traffic (4x2): hold one domain out of training; plan locality (no replicas) and the
   // grouping on the rest; simulate the whole test split, and its held-out requests alone, with the
@@ -345,7 +350,8 @@ int main(int argc, char** argv) try {
         locus::grouper::round_robin rr_lin;
         const auto base = locus::cost::simulate_decode(t, lin, rr_lin, cfg);
         vs_linear[which] = a.inter_node_bytes_per_token / base.inter_node_bytes_per_token;
-        if (which == 0) balance = a.gpu_imbalance_aggregate;
+        if (which == 0)
+          balance = a.gpu_imbalance_aggregate;
         else {
           low_conf = wa.stats().fallback_low_confidence;
           held_balance = a.gpu_imbalance_aggregate;

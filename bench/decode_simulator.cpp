@@ -29,7 +29,6 @@
 
 namespace {
 
-
 // Skewed routing: per domain and layer a Zipf(1.0) popularity over a shuffled expert order;
 // each token draws k distinct experts from it.
 locus::trace::trace make_trace(std::size_t requests, std::size_t prefill, std::size_t decode) {
@@ -39,7 +38,8 @@ locus::trace::trace make_trace(std::size_t requests, std::size_t prefill, std::s
   for (std::size_t d = 0; d < domains; ++d)
     for (std::size_t l = 0; l < layers; ++l) {
       std::vector<double> w(experts);
-      for (std::size_t e = 0; e < experts; ++e) w[e] = 1.0 / static_cast<double>(e + 1);
+      for (std::size_t e = 0; e < experts; ++e)
+        w[e] = 1.0 / static_cast<double>(e + 1);
       std::shuffle(w.begin(), w.end(), rng);
       popularity[d].emplace_back(w.begin(), w.end());
     }
@@ -60,7 +60,8 @@ locus::trace::trace make_trace(std::size_t requests, std::size_t prefill, std::s
         auto weights = b.weights(l, first + t);
         for (std::size_t j = 0; j < k; ++j) {
           int e;
-          do e = popularity[d][l](rng);
+          do
+            e = popularity[d][l](rng);
           while (std::find(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(j), e) !=
                  ids.begin() + static_cast<std::ptrdiff_t>(j));
           ids[j] = static_cast<locus::trace::trace_expert_id>(e);
@@ -106,7 +107,8 @@ int main(int argc, char** argv) try {
   const auto sim = locus::cost::simulate_decode(trace, maps, grouper, cfg);
   const double sim_s = seconds_since(t0);
   std::uint64_t sim_copies = 0;
-  for (const auto& l : sim.layers) sim_copies += l.copies[static_cast<std::size_t>(locus::link_class::inter_node)];
+  for (const auto& l : sim.layers)
+    sim_copies += l.copies[static_cast<std::size_t>(locus::link_class::inter_node)];
 
   // Baseline: per token and layer, a std::set of destination ranks.
   t0 = std::chrono::steady_clock::now();
@@ -119,8 +121,10 @@ int main(int argc, char** argv) try {
       for (std::size_t l = 0; l < trace.layers(); ++l) {
         const auto* ids = trace.layer(l).token_ids(tok);
         std::set<std::size_t> dest;
-        for (std::size_t j = 0; j < trace.top_k(); ++j) dest.insert(maps[l].replicas(ids[j])[0].rank);
-        for (std::size_t d : dest) ref_copies += topo.node_of(d) != src_node;
+        for (std::size_t j = 0; j < trace.top_k(); ++j)
+          dest.insert(maps[l].replicas(ids[j])[0].rank);
+        for (std::size_t d : dest)
+          ref_copies += topo.node_of(d) != src_node;
       }
     }
   }

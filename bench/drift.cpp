@@ -17,8 +17,8 @@
 #include "bench_output.hpp"
 
 #include <chrono>
-#include <ctime>
 #include <cstdio>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <locus/cost/online_replan.hpp>

@@ -32,14 +32,18 @@ namespace {
 template <class W>
 layer::expert_weights<W> make_weights(std::size_t experts, std::size_t hidden, std::size_t ffn) {
   std::vector<expert_id> ids(experts);
-  for (std::size_t e = 0; e < experts; ++e) ids[e] = static_cast<expert_id>(e);
+  for (std::size_t e = 0; e < experts; ++e)
+    ids[e] = static_cast<expert_id>(e);
   layer::expert_weights<W> w(hidden, ffn, ids);
   std::mt19937 rng(1);
   std::uniform_real_distribution<float> d(-0.05f, 0.05f);
   for (expert_id e : ids) {
-    for (auto& v : w.gate(e)) v = W(d(rng));
-    for (auto& v : w.up(e)) v = W(d(rng));
-    for (auto& v : w.down(e)) v = W(d(rng));
+    for (auto& v : w.gate(e))
+      v = W(d(rng));
+    for (auto& v : w.up(e))
+      v = W(d(rng));
+    for (auto& v : w.down(e))
+      v = W(d(rng));
   }
   return w;
 }
@@ -63,7 +67,8 @@ void naive(const layer::expert_weights<W>& w, const layer::expert_blocks<float>&
       }
       for (std::size_t c = 0; c < H; ++c) {
         float o = 0;
-        for (std::size_t f = 0; f < F; ++f) o += act[f] * to_float(v.down[f * H + c]);
+        for (std::size_t f = 0; f < F; ++f)
+          o += act[f] * to_float(v.down[f * H + c]);
         b.output[r * H + c] = o;
       }
     }
@@ -112,7 +117,8 @@ int main(int argc, char** argv) try {
     std::vector<float> x(rows * hidden), y_ref(x.size()), y(x.size());
     std::mt19937 rng(2);
     std::uniform_real_distribution<float> d(-1.0f, 1.0f);
-    for (auto& v : x) v = d(rng);
+    for (auto& v : x)
+      v = d(rng);
     // The same rows scattered in reverse order with a gap between them, given by pointer: how the
     // layer hands swiglu_host the rows the dispatcher left in its receive buffers.
     std::vector<float> scattered(rows * (hidden + 40));
@@ -134,7 +140,8 @@ int main(int argc, char** argv) try {
       std::fill(sums.begin(), sums.end(), 0.0f);
       for (std::size_t r = 0; r < rows; ++r) {
         float* dst = sums.data() + std::size_t{row_copy[r]} * hidden;
-        for (std::size_t c = 0; c < hidden; ++c) dst[c] += row_weight[r] * out[r * hidden + c];
+        for (std::size_t c = 0; c < hidden; ++c)
+          dst[c] += row_weight[r] * out[r * hidden + c];
       }
     };
     const double flop = 6.0 * static_cast<double>(rows * hidden * ffn);
@@ -162,7 +169,8 @@ int main(int argc, char** argv) try {
         }
         double sum_diff = 0;
         for (std::size_t i = 0; i < sums.size(); ++i)
-          sum_diff = std::max(sum_diff, double(std::abs(sums[i] - sums_fused[i])) / std::max(1.0, double(std::abs(sums[i]))));
+          sum_diff =
+              std::max(sum_diff, double(std::abs(sums[i] - sums_fused[i])) / std::max(1.0, double(std::abs(sums[i]))));
         LOCUS_REQUIRE(sum_diff <= 1e-5, invalid_input_error, "expert_compute: fused sums differ by ", sum_diff);
         LOCUS_REQUIRE(y_ptr == y, invalid_input_error, "expert_compute: rows by pointer give other outputs");
         double diff = 0, scale = 0;
@@ -173,19 +181,26 @@ int main(int argc, char** argv) try {
         LOCUS_REQUIRE(diff <= 1e-4 * std::max(scale, 1.0), invalid_input_error,
                       "expert_compute: locus output differs from the baseline by ", diff);
         const unsigned used = threads == 0 ? default_host_threads() : threads;
-        std::printf("%-8zu %-5s %-9u %12.3f %12.3f %9.2fx %10.2f %12.3f %11.3f %10.3f %10.3f %11.3f\n",
-                    rows_per_expert, bf16 ? "bf16" : "fp32", used, base * 1e3, t * 1e3, base / t, flop / t / 1e9,
-                    tp * 1e3, tp / t, ts * 1e3, tf * 1e3, tf / ts);
-        results.push_back({{"rows_per_expert", rows_per_expert}, {"weights", bf16 ? "bf16" : "fp32"},
-                        {"threads", used}, {"baseline_ms", base * 1e3}, {"locus_ms", t * 1e3},
-                        {"speedup", base / t}, {"gflops", flop / t / 1e9}, {"rows_by_pointer_ms", tp * 1e3},
-                        {"by_pointer_over_contiguous", tp / t}, {"plus_sum_ms", ts * 1e3},
-                        {"fused_ms", tf * 1e3}, {"fused_over_plus_sum", tf / ts}});
+        std::printf("%-8zu %-5s %-9u %12.3f %12.3f %9.2fx %10.2f %12.3f %11.3f %10.3f %10.3f %11.3f\n", rows_per_expert,
+                    bf16 ? "bf16" : "fp32", used, base * 1e3, t * 1e3, base / t, flop / t / 1e9, tp * 1e3, tp / t,
+                    ts * 1e3, tf * 1e3, tf / ts);
+        results.push_back({{"rows_per_expert", rows_per_expert},
+                           {"weights", bf16 ? "bf16" : "fp32"},
+                           {"threads", used},
+                           {"baseline_ms", base * 1e3},
+                           {"locus_ms", t * 1e3},
+                           {"speedup", base / t},
+                           {"gflops", flop / t / 1e9},
+                           {"rows_by_pointer_ms", tp * 1e3},
+                           {"by_pointer_over_contiguous", tp / t},
+                           {"plus_sum_ms", ts * 1e3},
+                           {"fused_ms", tf * 1e3},
+                           {"fused_over_plus_sum", tf / ts}});
       }
     }
   }
-  const nlohmann::json doc{{"benchmark", "expert_compute"}, {"hidden", hidden}, {"ffn", ffn},
-                           {"experts", experts}, {"rows", results}};
+  const nlohmann::json doc{
+      {"benchmark", "expert_compute"}, {"hidden", hidden}, {"ffn", ffn}, {"experts", experts}, {"rows", results}};
   bench_output::file(out_dir + "/expert_compute.json") << doc.dump(2) << "\n";
   return 0;
 } catch (const std::exception& e) {

@@ -94,7 +94,8 @@ int main(int argc, char** argv) try {
 
   std::vector<bfloat16> x(tokens * H);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  for (auto& v : x) v = bfloat16(u(rng));
+  for (auto& v : x)
+    v = bfloat16(u(rng));
   device_buffer<bfloat16> dx, send, send2, out;
   dx.upload(x);
   send.resize(rows * H);
@@ -106,21 +107,23 @@ int main(int argc, char** argv) try {
   const float t_layout = time_ms(reps, [&] { l.assign(view, map, topo, 0); });
   const float t_permute = time_ms(reps, [&] { transport::permute(l, dx.data(), H, send.data()); });
   const float t_naive = time_ms(reps, [&] {
-    naive_permute<<<static_cast<unsigned>((rows * H + 255) / 256), 256>>>(dx.data(), l.row_token(), rows, H, send2.data());
+    naive_permute<<<static_cast<unsigned>((rows * H + 255) / 256), 256>>>(dx.data(), l.row_token(), rows, H,
+                                                                          send2.data());
   });
   const float t_memcpy = time_ms(reps, [&] {
     LOCUS_CUDA_CHECK(cudaMemcpyAsync(send2.data(), send.data(), rows * H * sizeof(bfloat16), cudaMemcpyDeviceToDevice));
   });
   const float t_combine = time_ms(reps, [&] { transport::combine(l, send.data(), H, out.data()); });
   if (!(send.to_host() == [&] {
-        naive_permute<<<static_cast<unsigned>((rows * H + 255) / 256), 256>>>(dx.data(), l.row_token(), rows, H, send2.data());
+        naive_permute<<<static_cast<unsigned>((rows * H + 255) / 256), 256>>>(dx.data(), l.row_token(), rows, H,
+                                                                              send2.data());
         return send2.to_host();
       }()))
     throw std::runtime_error("permute and the naive baseline disagree");
 
   const double permute_gbs = floor_bytes / (t_permute * 1e-3) / 1e9;
   const double naive_gbs = floor_bytes / (t_naive * 1e-3) / 1e9;
-  const double memcpy_gbs = 2.0 * send_bytes / (t_memcpy * 1e-3) / 1e9;         // read + write
+  const double memcpy_gbs = 2.0 * send_bytes / (t_memcpy * 1e-3) / 1e9; // read + write
   const double combine_gbs = (send_bytes + static_cast<double>(tokens * H * 2)) / (t_combine * 1e-3) / 1e9;
   const double of_peak = peak_gbs > 0 ? permute_gbs / peak_gbs : 0.0;
   const double of_memcpy = permute_gbs / memcpy_gbs;
@@ -135,10 +138,13 @@ int main(int argc, char** argv) try {
                                 << ",\n  \"naive_permute_ms\": " << t_naive << ",\n  \"naive_gb_per_s\": " << naive_gbs
                                 << ",\n  \"combine_ms\": " << t_combine << ",\n  \"combine_gb_per_s\": " << combine_gbs
                                 << "\n}\n";
-  std::printf("gpu_permute on %s: %zu tokens x %zu bf16, %zu send rows, layout %.3f ms\n", prop.name, tokens, H, rows, t_layout);
-  std::printf("| kernel | ms | GB/s (floor bytes) | of peak %.0f GB/s | of D2D memcpy %.0f GB/s |\n", peak_gbs, memcpy_gbs);
+  std::printf("gpu_permute on %s: %zu tokens x %zu bf16, %zu send rows, layout %.3f ms\n", prop.name, tokens, H, rows,
+              t_layout);
+  std::printf("| kernel | ms | GB/s (floor bytes) | of peak %.0f GB/s | of D2D memcpy %.0f GB/s |\n", peak_gbs,
+              memcpy_gbs);
   std::printf("| --- | ---: | ---: | ---: | ---: |\n");
-  std::printf("| permute (16-byte vectors) | %.3f | %.0f | %.0f%% | %.0f%% |\n", t_permute, permute_gbs, 100 * of_peak, 100 * of_memcpy);
+  std::printf("| permute (16-byte vectors) | %.3f | %.0f | %.0f%% | %.0f%% |\n", t_permute, permute_gbs, 100 * of_peak,
+              100 * of_memcpy);
   std::printf("| naive permute (baseline) | %.3f | %.0f | %.0f%% | %.0f%% |\n", t_naive, naive_gbs,
               peak_gbs > 0 ? 100 * naive_gbs / peak_gbs : 0.0, 100 * naive_gbs / memcpy_gbs);
   std::printf("| combine | %.3f | %.0f | %.0f%% | %.0f%% |\n", t_combine, combine_gbs,

@@ -65,7 +65,8 @@ double time_us(Launch&& launch) {
   float best = 1e30f;
   for (int rep = 0; rep < 5; ++rep) {
     LOCUS_CUDA_CHECK(cudaEventRecord(e0));
-    for (int i = 0; i < iters; ++i) launch();
+    for (int i = 0; i < iters; ++i)
+      launch();
     LOCUS_CUDA_CHECK(cudaEventRecord(e1));
     LOCUS_CUDA_CHECK(cudaEventSynchronize(e1));
     float ms = 0;
@@ -85,7 +86,8 @@ row measure(const std::string& name, const Router& router, std::size_t tokens) {
   std::vector<T> logits(tokens * E);
   std::mt19937_64 rng(1);
   std::normal_distribution<float> d(0.0f, 2.0f);
-  for (auto& x : logits) x = T(d(rng));
+  for (auto& x : logits)
+    x = T(d(rng));
   T* d_logits = nullptr;
   expert_id* d_ids = nullptr;
   float* d_w = nullptr;
@@ -96,8 +98,8 @@ row measure(const std::string& name, const Router& router, std::size_t tokens) {
   lr::cuda_router<Router> device(router);
   const lr::device_logits_view<Experts, const T> in(d_logits, tokens);
   const lr::device_mutable_routing_view<K> out(d_ids, d_w, tokens, K(k));
-  row r{name, tokens, static_cast<double>(tokens * E * sizeof(T) + tokens * k * (sizeof(expert_id) + sizeof(float))),
-        0, 0};
+  row r{name, tokens, static_cast<double>(tokens * E * sizeof(T) + tokens * k * (sizeof(expert_id) + sizeof(float))), 0,
+        0};
   r.warp_us = time_us([&] { device.route(in, out, nullptr, lr::cuda_kernel::warp_per_token); });
   r.thread_us = time_us([&] { device.route(in, out, nullptr, lr::cuda_kernel::thread_per_token); });
   device.check();
@@ -121,11 +123,14 @@ int main(int argc, char** argv) try {
   std::vector<float> bias(256);
   std::mt19937_64 rng(2);
   std::uniform_real_distribution<float> u(-0.05f, 0.05f);
-  for (auto& x : bias) x = u(rng);
+  for (auto& x : bias)
+    x = u(rng);
   using ds_router = lr::sigmoid_grouped<locus::groups<8>, locus::top_groups<4>, locus::top_k<8>>;
   for (const std::size_t tokens : {std::size_t{4096}, std::size_t{65536}}) {
-    rows.push_back(measure<locus::experts<256>, float>("sigmoid_grouped E=256 K=8 8/4 fp32", ds_router(bias, 2.5f), tokens));
-    rows.push_back(measure<locus::experts<256>, bfloat16>("sigmoid_grouped E=256 K=8 8/4 bf16", ds_router(bias, 2.5f), tokens));
+    rows.push_back(
+        measure<locus::experts<256>, float>("sigmoid_grouped E=256 K=8 8/4 fp32", ds_router(bias, 2.5f), tokens));
+    rows.push_back(
+        measure<locus::experts<256>, bfloat16>("sigmoid_grouped E=256 K=8 8/4 bf16", ds_router(bias, 2.5f), tokens));
     rows.push_back(measure<locus::experts<128>, bfloat16>("softmax_topk E=128 K=8 bf16",
                                                           lr::softmax_topk<locus::top_k<8>>(), tokens));
     rows.push_back(measure<locus::experts<128>, bfloat16>("sigmoid_top1 E=128 bf16", lr::sigmoid_top1(), tokens));
@@ -138,8 +143,9 @@ int main(int argc, char** argv) try {
   if (!f) throw std::runtime_error("cannot build " + json_path);
   std::fprintf(f, "{\n  \"device\": \"%s\",\n  \"copy_bandwidth_GBps\": %.1f,\n  \"rows\": [\n", prop.name, bw / 1e9);
   std::printf("device %s, device-to-device copy bandwidth %.0f GB/s\n\n", prop.name, bw / 1e9);
-  std::printf("| router | tokens | bytes | floor us | warp kernel us | GB/s | of floor | thread kernel us | warp speed-up |\n"
-              "|---|---|---|---|---|---|---|---|---|\n");
+  std::printf(
+      "| router | tokens | bytes | floor us | warp kernel us | GB/s | of floor | thread kernel us | warp speed-up |\n"
+      "|---|---|---|---|---|---|---|---|---|\n");
   for (std::size_t i = 0; i < rows.size(); ++i) {
     const auto& r = rows[i];
     const double floor_us = r.bytes / bw * 1e6;

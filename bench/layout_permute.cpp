@@ -37,7 +37,6 @@ using clock_type = std::chrono::steady_clock;
 
 using namespace bench_shape;
 
-
 // ---- the baseline ----------------------------------------------------------------------------
 
 struct baseline_layout {

@@ -31,7 +31,6 @@
 
 namespace {
 
-
 // Nodes for each domain: one each, largest decode volume first; spare nodes go one at a time to
 // the domain with the most requests per node (ESFT 4 nodes: summary, law, intent, intent). With
 // fewer nodes than domains, domain i takes node i mod nodes.
@@ -48,11 +47,13 @@ std::vector<std::vector<std::uint32_t>> domain_nodes(const locus::trace::trace& 
   std::iota(order.begin(), order.end(), 0u);
   std::stable_sort(order.begin(), order.end(), [&](auto a, auto b) { return decode[a] > decode[b]; });
   std::vector<std::vector<std::uint32_t>> out(d);
-  for (std::size_t i = 0; i < d; ++i) out[order[i]].push_back(static_cast<std::uint32_t>(i % nodes));
+  for (std::size_t i = 0; i < d; ++i)
+    out[order[i]].push_back(static_cast<std::uint32_t>(i % nodes));
   for (auto next = static_cast<std::uint32_t>(std::min(d, nodes)); next < nodes; ++next) {
     std::size_t best = 0;
     for (std::size_t x = 1; x < d; ++x)
-      if (requests[x] / static_cast<double>(out[x].size()) > requests[best] / static_cast<double>(out[best].size())) best = x;
+      if (requests[x] / static_cast<double>(out[x].size()) > requests[best] / static_cast<double>(out[best].size()))
+        best = x;
     out[best].push_back(next);
   }
   return out;
@@ -72,8 +73,8 @@ locus::placement::token_sample decode_tokens(const locus::trace::trace& t, const
   for (std::size_t r = 0; r < t.requests(); ++r) {
     const auto& q = t.request(r);
     const auto& mine = nodes_of[q.domain];
-    const auto node = by_domain ? mine[seen[q.domain]++ % mine.size()]
-                                : static_cast<std::uint32_t>(topo.node_of(r % topo.ranks()));
+    const auto node =
+        by_domain ? mine[seen[q.domain]++ % mine.size()] : static_cast<std::uint32_t>(topo.node_of(r % topo.ranks()));
     for (std::size_t i = 0; i < q.length; ++i)
       if (t.token_phase(q.first_token + i) == locus::trace::phase::decode) {
         picked.push_back(q.first_token + i);
@@ -84,7 +85,8 @@ locus::placement::token_sample decode_tokens(const locus::trace::trace& t, const
   for (std::size_t l = 0; l < t.layers(); ++l) {
     const auto view = t.layer(l);
     for (const auto tok : picked)
-      for (std::size_t j = 0; j < s.top_k; ++j) s.ids[l].push_back(static_cast<std::uint16_t>(view.expert(tok, j)));
+      for (std::size_t j = 0; j < s.top_k; ++j)
+        s.ids[l].push_back(static_cast<std::uint16_t>(view.expert(tok, j)));
   }
   return s;
 }
@@ -117,12 +119,13 @@ double gpu_max_over_mean(const std::vector<locus::expert_map>& maps, const locus
 // its copy on n if there is one, else by copy t mod copies (the rule sample_copy_cost counts);
 // flat counts distinct remote GPUs, hierarchical distinct remote nodes. Written apart from the
 // library so that the free-homes search checks sample_copy_cost on every round.
-double token_copies(const locus::expert_map& map, const std::uint16_t* ids, std::size_t k, std::size_t t,
-                    std::size_t n, const locus::dynamic_topology& topo, bool hier) {
+double token_copies(const locus::expert_map& map, const std::uint16_t* ids, std::size_t k, std::size_t t, std::size_t n,
+                    const locus::dynamic_topology& topo, bool hier) {
   std::vector<std::size_t> seen;
   for (std::size_t j = 0; j < k; ++j) {
     bool repeat = false;
-    for (std::size_t i = 0; i < j; ++i) repeat |= ids[i] == ids[j];
+    for (std::size_t i = 0; i < j; ++i)
+      repeat |= ids[i] == ids[j];
     if (repeat) continue;
     const auto copies = map.replicas(ids[j]);
     auto r = static_cast<std::size_t>(copies[t % copies.size()].rank);
@@ -158,8 +161,10 @@ std::vector<double> request_node_copies(const std::vector<locus::expert_map>& ma
 void balanced_domain_homes(locus::placement::token_sample& s, const std::vector<std::uint32_t>& owner,
                            const locus::trace::trace& t, std::size_t nodes) {
   std::vector<double> tokens(t.requests(), 0.0), domain(t.domains().size(), 0.0);
-  for (const auto r : owner) tokens[r] += 1;
-  for (std::size_t r = 0; r < t.requests(); ++r) domain[t.request(r).domain] += tokens[r];
+  for (const auto r : owner)
+    tokens[r] += 1;
+  for (std::size_t r = 0; r < t.requests(); ++r)
+    domain[t.request(r).domain] += tokens[r];
   std::vector<std::size_t> order(t.requests());
   std::iota(order.begin(), order.end(), std::size_t{0});
   std::stable_sort(order.begin(), order.end(), [&](auto a, auto b) {
@@ -170,11 +175,12 @@ void balanced_domain_homes(locus::placement::token_sample& s, const std::vector<
   std::vector<std::uint32_t> home(t.requests(), 0);
   double before = 0;
   for (const std::size_t r : order) {
-    home[r] = static_cast<std::uint32_t>(std::min<double>(static_cast<double>(nodes - 1),
-                                                          std::floor((before + tokens[r] / 2) / mean)));
+    home[r] = static_cast<std::uint32_t>(
+        std::min<double>(static_cast<double>(nodes - 1), std::floor((before + tokens[r] / 2) / mean)));
     before += tokens[r];
   }
-  for (std::size_t i = 0; i < s.tokens(); ++i) s.home[i] = home[owner[i]];
+  for (std::size_t i = 0; i < s.tokens(); ++i)
+    s.home[i] = home[owner[i]];
 }
 
 // Moves requests to the node where their tokens cost the fewest copies on the current maps, largest
@@ -192,7 +198,8 @@ std::size_t rehome(locus::placement::token_sample& s, const std::vector<std::uin
   const double limit = cap < 0 ? 1e300 : (1.0 + cap) * static_cast<double>(s.tokens()) / static_cast<double>(nodes);
   const auto saving = [&](std::size_t r) {
     double best = cost[r * nodes + home[r]];
-    for (std::size_t n = 0; n < nodes; ++n) best = std::min(best, cost[r * nodes + n]);
+    for (std::size_t n = 0; n < nodes; ++n)
+      best = std::min(best, cost[r * nodes + n]);
     return cost[r * nodes + home[r]] - best;
   };
   std::vector<std::size_t> order(requests);
@@ -209,7 +216,8 @@ std::size_t rehome(locus::placement::token_sample& s, const std::vector<std::uin
     home[r] = static_cast<std::uint32_t>(best);
     ++moved;
   }
-  for (std::size_t t = 0; t < s.tokens(); ++t) s.home[t] = home[owner[t]];
+  for (std::size_t t = 0; t < s.tokens(); ++t)
+    s.home[t] = home[owner[t]];
   return moved;
 }
 
@@ -255,12 +263,14 @@ int main(int argc, char** argv) try {
   const auto train_tokens = decode_tokens(train, topo, true);
   std::vector<locus::expert_id> table(full.experts());
   std::iota(table.begin(), table.end(), locus::expert_id{0});
-  const std::vector<locus::expert_map> linear(full.layers(), locus::expert_map(full.experts(), topo.ranks(), spr, table));
+  const std::vector<locus::expert_map> linear(full.layers(),
+                                              locus::expert_map(full.experts(), topo.ranks(), spr, table));
   // The linear map with `spare` empty slots per GPU after its experts.
   const auto linear_with_spare = [&](std::size_t spare) {
     std::vector<locus::expert_id> t((spr + spare) * topo.ranks(), locus::empty_slot);
     for (std::size_t r = 0; r < topo.ranks(); ++r)
-      for (std::size_t i = 0; i < spr; ++i) t[r * (spr + spare) + i] = table[r * spr + i];
+      for (std::size_t i = 0; i < spr; ++i)
+        t[r * (spr + spare) + i] = table[r * spr + i];
     return std::vector<locus::expert_map>(full.layers(),
                                           locus::expert_map(full.experts(), topo.ranks(), spr + spare, std::move(t)));
   };
@@ -268,12 +278,16 @@ int main(int argc, char** argv) try {
   flat.count(locus::placement::copy_count::flat);
   const double baseline = locus::placement::sample_copy_cost(linear, baseline_tokens, topo, flat);
 
-  nlohmann::json doc = {{"trace", trace_path}, {"topology", std::to_string(nodes) + "x" + std::to_string(gpus)},
-                        {"split_seed", seed},  {"anneal_per_expert", anneal},
-                        {"baseline_flat_copies", baseline}, {"rows", nlohmann::json::array()}};
+  nlohmann::json doc = {{"trace", trace_path},
+                        {"topology", std::to_string(nodes) + "x" + std::to_string(gpus)},
+                        {"split_seed", seed},
+                        {"anneal_per_expert", anneal},
+                        {"baseline_flat_copies", baseline},
+                        {"rows", nlohmann::json::array()}};
   // The command line as run, for the results' first line.
   std::string command = "build/dev/bench/placement_oracle";
-  for (int i = 1; i < argc; ++i) command += std::string(" ") + argv[i];
+  for (int i = 1; i < argc; ++i)
+    command += std::string(" ") + argv[i];
   const auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
   // DIR/name.json (the rows) and DIR/name.md (`text`).
   const auto write = [&](const std::string& name, const std::string& text) {
@@ -319,7 +333,8 @@ int main(int argc, char** argv) try {
               const auto cost = request_node_copies(maps, tokens, test_owner, test.requests(), topo, hier);
               // The same copies, counted apart: every request's row at its home.
               std::vector<std::int64_t> home_of(test.requests(), -1);
-              for (std::size_t t = 0; t < tokens.tokens(); ++t) home_of[test_owner[t]] = tokens.home[t];
+              for (std::size_t t = 0; t < tokens.tokens(); ++t)
+                home_of[test_owner[t]] = tokens.home[t];
               double mine = 0;
               for (std::size_t r = 0; r < test.requests(); ++r)
                 if (home_of[r] >= 0) mine += cost[r * topo.nodes() + static_cast<std::size_t>(home_of[r])];
@@ -327,15 +342,20 @@ int main(int argc, char** argv) try {
                 throw std::runtime_error("the independent copy count " + std::to_string(mine) +
                                          " differs from sample_copy_cost " + std::to_string(copies));
               std::vector<double> node_tokens(topo.nodes(), 0.0);
-              for (const auto h : tokens.home) node_tokens[h] += 1;
+              for (const auto h : tokens.home)
+                node_tokens[h] += 1;
               const double token_balance = *std::max_element(node_tokens.begin(), node_tokens.end()) *
                                            static_cast<double>(topo.nodes()) / static_cast<double>(tokens.tokens());
               const double ratio = copies / baseline;
               const double balance = gpu_max_over_mean(maps, tokens, topo);
-              doc["rows"].push_back({{"redundant_slots_per_gpu", redundant}, {"balance_slack", slack},
-                                     {"node_token_bound", cap}, {"transport", hier ? "hierarchical" : "flat"},
-                                     {"round", round}, {"requests_moved", moved},
-                                     {"node_tokens_max_over_mean", token_balance}, {"copies_vs_baseline", ratio},
+              doc["rows"].push_back({{"redundant_slots_per_gpu", redundant},
+                                     {"balance_slack", slack},
+                                     {"node_token_bound", cap},
+                                     {"transport", hier ? "hierarchical" : "flat"},
+                                     {"round", round},
+                                     {"requests_moved", moved},
+                                     {"node_tokens_max_over_mean", token_balance},
+                                     {"copies_vs_baseline", ratio},
                                      {"gpu_max_over_mean_test", balance}});
               char line[256];
               std::snprintf(line, sizeof line, "| %zu | %.2f | %s | %s | %zu | %zu | %.3f | %.3f | %.3f |\n", redundant,
@@ -354,15 +374,15 @@ int main(int argc, char** argv) try {
          << command << "` in " << static_cast<int>(secs) << " s on " << nodes << "x" << gpus
          << ", ESFT test split (seed " << seed << "), prefill = first " << prefill
          << " tokens. Not a planner: every row fits and scores on the test split's decode tokens. Round 0 puts each "
-           "request on its true domain's node, as placement_oracle.md does (rows without a node token bound), or "
-           "fills the nodes in turn with the requests ordered by domain, largest domain first (rows with one); "
-           "each round fits the maps (locus's token-level stage from the linear map, "
+            "request on its true domain's node, as placement_oracle.md does (rows without a node token bound), or "
+            "fills the nodes in turn with the requests ordered by domain, largest domain first (rows with one); "
+            "each round fits the maps (locus's token-level stage from the linear map, "
          << anneal
          << " annealing proposals per expert, replicas filled on the exact copy cost), then moves each request, "
-           "largest saving first, to the node where its tokens cost the fewest copies on those maps while every "
-           "node's decode tokens stay within (1 + the node token bound) times the mean. Requests moved is the count "
-           "that produced the round's homes. Copies are relative to linear placement with round-robin requests and "
-           "flat copies on the same tokens; every round checks sample_copy_cost against a count written apart.\n\n"
+            "largest saving first, to the node where its tokens cost the fewest copies on those maps while every "
+            "node's decode tokens stay within (1 + the node token bound) times the mean. Requests moved is the count "
+            "that produced the round's homes. Copies are relative to linear placement with round-robin requests and "
+            "flat copies on the same tokens; every round checks sample_copy_cost against a count written apart.\n\n"
          << md;
     write("placement_oracle_free", text.str());
     return 0;
@@ -377,9 +397,12 @@ int main(int argc, char** argv) try {
           const auto maps = fit_maps(on_test ? test_tokens : train_tokens, redundant, o);
           const double ratio = locus::placement::sample_copy_cost(maps, test_tokens, topo, o) / baseline;
           const double balance = gpu_max_over_mean(maps, test_tokens, topo);
-          doc["rows"].push_back({{"fitted_on", on_test ? "test" : "train"}, {"redundant_slots_per_gpu", redundant},
-                                 {"balance_slack", slack}, {"transport", hier ? "hierarchical" : "flat"},
-                                 {"copies_vs_baseline", ratio}, {"gpu_max_over_mean_test", balance}});
+          doc["rows"].push_back({{"fitted_on", on_test ? "test" : "train"},
+                                 {"redundant_slots_per_gpu", redundant},
+                                 {"balance_slack", slack},
+                                 {"transport", hier ? "hierarchical" : "flat"},
+                                 {"copies_vs_baseline", ratio},
+                                 {"gpu_max_over_mean_test", balance}});
           char line[256];
           std::snprintf(line, sizeof line, "| %s | %zu | %.2f | %s | %.3f | %.3f |\n",
                         on_test ? "test (oracle)" : "train", redundant, slack, hier ? "hierarchical" : "flat", ratio,
@@ -391,16 +414,17 @@ int main(int argc, char** argv) try {
   const double secs = elapsed();
   std::ostringstream text;
   text << "# How low can copies go? (upper-bound experiment, issue 5)\n\nProduced by `" << command << "` in "
-       << static_cast<int>(secs) << " s on " << nodes << "x" << gpus
-      << ", ESFT test split (seed " << seed << "), prefill = first " << prefill
-      << " tokens. Not a planner: locus's token-level stage (sweeps, then " << anneal
-      << " annealing proposals per expert) places each layer's experts starting from the linear map (with replicas: "
-         "then fills the spare slots with the copies that save the most, and refines again), for the decode tokens of the split named in the first column, every request on a node chosen "
-         "by its true domain (one node each, largest decode volume first; spare nodes to the domain with the most "
-         "requests per node). Copies are counted on the test split's decode tokens with those homes, relative to "
-         "linear placement with round-robin requests and flat copies on the same tokens. \"test (oracle)\" rows "
-         "see the tokens they are scored on; their GPU bound is met on those tokens.\n\n"
-      << md;
+       << static_cast<int>(secs) << " s on " << nodes << "x" << gpus << ", ESFT test split (seed " << seed
+       << "), prefill = first " << prefill << " tokens. Not a planner: locus's token-level stage (sweeps, then "
+       << anneal
+       << " annealing proposals per expert) places each layer's experts starting from the linear map (with replicas: "
+          "then fills the spare slots with the copies that save the most, and refines again), for the decode tokens of "
+          "the split named in the first column, every request on a node chosen "
+          "by its true domain (one node each, largest decode volume first; spare nodes to the domain with the most "
+          "requests per node). Copies are counted on the test split's decode tokens with those homes, relative to "
+          "linear placement with round-robin requests and flat copies on the same tokens. \"test (oracle)\" rows "
+          "see the tokens they are scored on; their GPU bound is met on those tokens.\n\n"
+       << md;
   write("placement_oracle", text.str());
   return 0;
 } catch (const std::exception& e) {

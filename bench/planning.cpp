@@ -113,7 +113,8 @@ planning_run time_planning(const locus::trace::trace& train, const locus::dynami
   p.place_s = seconds_since(t0);
   // Token-level stage on a sample of the training decode tokens (as plan_activation_aware runs it).
   t0 = cpu_now();
-  const auto sample = locus::placement::token_sample_from_model(train, *p.model, opt.refine_sample_tokens(v3::layers, v3::k));
+  const auto sample =
+      locus::placement::token_sample_from_model(train, *p.model, opt.refine_sample_tokens(v3::layers, v3::k));
   p.maps = locus::placement::token_level_stage(node_maps, sample, topo, opt, true);
   p.token_s = seconds_since(t0);
   p.sample_tokens = sample.tokens();
@@ -179,7 +180,8 @@ double classification_accuracy(const locus::grouper::workload_model& model, cons
 
 // Busiest-GPU max/mean of one rank's batch of 64 requests split into 2 micro-batches by
 // prefill-estimated loads, and of contiguous halves (the baseline).
-std::pair<double, double> micro_batch_balance(const locus::trace::trace& test, const std::vector<locus::expert_map>& maps) {
+std::pair<double, double> micro_batch_balance(const locus::trace::trace& test,
+                                              const std::vector<locus::expert_map>& maps) {
   std::vector<std::size_t> batch(64);
   for (std::size_t i = 0; i < batch.size(); ++i)
     batch[i] = i * 7 % test.requests();
@@ -195,9 +197,8 @@ std::pair<double, double> micro_batch_balance(const locus::trace::trace& test, c
 
 // Re-planning with the test trace as the new window; at most 32 experts move (DeepSeek-V3 expert:
 // 3 matrices of 7168 × 2048 in FP8 ≈ 44 MB). Returns the result and its time.
-std::pair<locus::placement::replan_result, double> time_replan(const locus::trace::trace& test,
-                                                               const locus::dynamic_topology& topo,
-                                                               const planning_run& p) {
+std::pair<locus::placement::replan_result, double>
+time_replan(const locus::trace::trace& test, const locus::dynamic_topology& topo, const planning_run& p) {
   auto in_new = locus::placement::plan_input_from_trace(test, topo, 1);
   auto m_new = locus::grouper::workload_model::fit(test, topo, p.opt.grouping);
   in_new.node_load = m_new.node_load();
@@ -218,7 +219,8 @@ int main(int argc, char** argv) try {
   app.add_option("--tokens", tokens, "Decode tokens of the synthetic trace")->check(bench_args::positive);
   app.add_option("--anneal", anneal, "Annealing proposals per expert in the timed annealing run");
   CLI11_PARSE(app, argc, argv);
-  constexpr std::size_t experts = v3::experts, k = v3::k, layers = v3::layers, clusters = v3::clusters, kinds = v3::kinds;
+  constexpr std::size_t experts = v3::experts, k = v3::k, layers = v3::layers, clusters = v3::clusters,
+                        kinds = v3::kinds;
   const locus::dynamic_topology topo(8, 8);
 
   const auto t0 = cpu_now();

@@ -43,7 +43,8 @@ void baseline_softmax(const T* logits, std::size_t tokens, std::size_t experts, 
   for (std::size_t t = 0; t < tokens; ++t) {
     const T* row = logits + t * experts;
     float m = as_float(row[0]);
-    for (std::size_t e = 1; e < experts; ++e) m = std::max(m, as_float(row[e]));
+    for (std::size_t e = 1; e < experts; ++e)
+      m = std::max(m, as_float(row[e]));
     float sum = 0;
     for (std::size_t e = 0; e < experts; ++e) {
       p[e] = {std::exp(as_float(row[e]) - m), static_cast<int>(e)};
@@ -51,7 +52,8 @@ void baseline_softmax(const T* logits, std::size_t tokens, std::size_t experts, 
     }
     std::sort(p.begin(), p.end(), by_score);
     float chosen = 0;
-    for (std::size_t j = 0; j < k; ++j) chosen += p[j].first;
+    for (std::size_t j = 0; j < k; ++j)
+      chosen += p[j].first;
     for (std::size_t j = 0; j < k; ++j) {
       ids[t * k + j] = p[j].second;
       weights[t * k + j] = p[j].first / (renormalize ? chosen : sum);
@@ -80,10 +82,12 @@ void baseline_grouped(const T* logits, std::size_t tokens, std::size_t experts, 
     std::sort(gscore.begin(), gscore.end(), by_score);
     cand.clear();
     for (std::size_t j = 0; j < top_groups; ++j)
-      for (std::size_t e = gscore[j].second * size; e < (gscore[j].second + 1) * size; ++e) cand.push_back(b[e]);
+      for (std::size_t e = gscore[j].second * size; e < (gscore[j].second + 1) * size; ++e)
+        cand.push_back(b[e]);
     std::sort(cand.begin(), cand.end(), by_score);
     float sum = 0;
-    for (std::size_t j = 0; j < k; ++j) sum += s[cand[j].second];
+    for (std::size_t j = 0; j < k; ++j)
+      sum += s[cand[j].second];
     for (std::size_t j = 0; j < k; ++j) {
       ids[t * k + j] = cand[j].second;
       weights[t * k + j] = s[cand[j].second] / (sum + 1e-20f) * scale;
@@ -96,7 +100,8 @@ void baseline_top1(const T* logits, std::size_t tokens, std::size_t experts, loc
   pair_list p(experts);
   for (std::size_t t = 0; t < tokens; ++t) {
     const T* row = logits + t * experts;
-    for (std::size_t e = 0; e < experts; ++e) p[e] = {as_float(row[e]), static_cast<int>(e)};
+    for (std::size_t e = 0; e < experts; ++e)
+      p[e] = {as_float(row[e]), static_cast<int>(e)};
     std::sort(p.begin(), p.end(), by_score);
     ids[t] = p[0].second;
     weights[t] = 1.0f / (1.0f + std::exp(-p[0].first));
@@ -145,7 +150,8 @@ std::vector<T> random_logits(std::size_t n, unsigned seed) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> d(0.0f, 2.0f);
   std::vector<T> v(n);
-  for (auto& x : v) x = T(d(rng));
+  for (auto& x : v)
+    x = T(d(rng));
   return v;
 }
 
@@ -157,7 +163,8 @@ result measure(const std::string& name, std::size_t tokens, std::size_t k, doubl
   const auto [tf, tb] = seconds_per_call([&] { fast(ids_fast.data(), w_fast.data()); },
                                          [&] { base(ids_base.data(), w_base.data()); }, min_seconds);
   std::size_t same = 0;
-  for (std::size_t i = 0; i < ids_fast.size(); ++i) same += ids_fast[i] == ids_base[i];
+  for (std::size_t i = 0; i < ids_fast.size(); ++i)
+    same += ids_fast[i] == ids_base[i];
   return {name, static_cast<double>(tokens) / tf, static_cast<double>(tokens) / tb,
           static_cast<double>(same) / static_cast<double>(ids_fast.size())};
 }
@@ -173,13 +180,18 @@ std::vector<result> run_all(std::size_t tokens, double min_seconds, const char* 
     std::vector<float> bias(E);
     std::mt19937_64 rng(2);
     std::uniform_real_distribution<float> d(-0.05f, 0.05f);
-    for (auto& x : bias) x = d(rng);
+    for (auto& x : bias)
+      x = d(rng);
     const lr::sigmoid_grouped<locus::groups<G>, locus::top_groups<TG>, locus::top_k<K>> router(bias, 2.5f);
     const lr::logits_view<locus::experts<E>, const T> view(logits.data(), tokens);
     out.push_back(measure(
         "sigmoid_grouped E=256 K=8 G=8/4" + suffix, tokens, K, min_seconds,
-        [&](locus::expert_id* ids, float* w) { router.route(view, {ids, w, tokens}, 1); },
-        [&](locus::expert_id* ids, float* w) { baseline_grouped(logits.data(), tokens, E, G, TG, K, bias, 2.5f, ids, w); }));
+        [&](locus::expert_id* ids, float* w) {
+          router.route(view, {ids, w, tokens}, 1);
+        },
+        [&](locus::expert_id* ids, float* w) {
+          baseline_grouped(logits.data(), tokens, E, G, TG, K, bias, 2.5f, ids, w);
+        }));
   }
   {
     // Qwen3-235B-style softmax top-8 of 128.
@@ -189,7 +201,9 @@ std::vector<result> run_all(std::size_t tokens, double min_seconds, const char* 
     const lr::logits_view<locus::experts<E>, const T> view(logits.data(), tokens);
     out.push_back(measure(
         "softmax_topk E=128 K=8" + suffix, tokens, K, min_seconds,
-        [&](locus::expert_id* ids, float* w) { router.route(view, {ids, w, tokens}, 1); },
+        [&](locus::expert_id* ids, float* w) {
+          router.route(view, {ids, w, tokens}, 1);
+        },
         [&](locus::expert_id* ids, float* w) { baseline_softmax(logits.data(), tokens, E, K, true, ids, w); }));
   }
   {
@@ -200,7 +214,9 @@ std::vector<result> run_all(std::size_t tokens, double min_seconds, const char* 
     const lr::logits_view<locus::experts<E>, const T> view(logits.data(), tokens);
     out.push_back(measure(
         "softmax_topk E=8 K=2" + suffix, tokens, K, min_seconds,
-        [&](locus::expert_id* ids, float* w) { router.route(view, {ids, w, tokens}, 1); },
+        [&](locus::expert_id* ids, float* w) {
+          router.route(view, {ids, w, tokens}, 1);
+        },
         [&](locus::expert_id* ids, float* w) { baseline_softmax(logits.data(), tokens, E, K, true, ids, w); }));
   }
   {
@@ -210,7 +226,9 @@ std::vector<result> run_all(std::size_t tokens, double min_seconds, const char* 
     const lr::logits_view<locus::experts<E>, const T> view(logits.data(), tokens);
     out.push_back(measure(
         "sigmoid_top1 E=128" + suffix, tokens, 1, min_seconds,
-        [&](locus::expert_id* ids, float* w) { lr::sigmoid_top1().route(view, {ids, w, tokens}, 1); },
+        [&](locus::expert_id* ids, float* w) {
+          lr::sigmoid_top1().route(view, {ids, w, tokens}, 1);
+        },
         [&](locus::expert_id* ids, float* w) { baseline_top1(logits.data(), tokens, E, ids, w); }));
   }
   return out;
@@ -231,11 +249,14 @@ int main(int argc, char** argv) try {
   CLI11_PARSE(app, argc, argv);
 
   auto results = run_all<float>(tokens, min_seconds, "fp32");
-  for (auto& r : run_all<bfloat16>(tokens, min_seconds, "bf16")) results.push_back(r);
+  for (auto& r : run_all<bfloat16>(tokens, min_seconds, "bf16"))
+    results.push_back(r);
 
-  nlohmann::json doc = {{"tokens", tokens}, {"threads", 1}, {"min_seconds", min_seconds}, {"rows", nlohmann::json::array()}};
-  std::string md = "| router (one core, CPU time) | specialised tokens/s | baseline (full sort) tokens/s | speed-up | same ids |\n"
-                   "|---|---|---|---|---|\n";
+  nlohmann::json doc = {
+      {"tokens", tokens}, {"threads", 1}, {"min_seconds", min_seconds}, {"rows", nlohmann::json::array()}};
+  std::string md =
+      "| router (one core, CPU time) | specialised tokens/s | baseline (full sort) tokens/s | speed-up | same ids |\n"
+      "|---|---|---|---|---|\n";
   // The target (>= 3x) is for the DeepSeek-V3 shape and softmax top-8 of 128; the other
   // rows are reported for context (top-2 of 8 has little to sort, so little to gain).
   double worst = 1e30;
@@ -250,15 +271,16 @@ int main(int argc, char** argv) try {
                            {"id_agreement", r.id_agreement},
                            {"target_row", target}});
     char line[256];
-    std::snprintf(line, sizeof line, "| %s%s | %.3g | %.3g | %.1fx | %.4f |\n", r.name.c_str(), target ? " *" : "", r.fast_tps, r.base_tps,
-                  ratio, r.id_agreement);
+    std::snprintf(line, sizeof line, "| %s%s | %.3g | %.3g | %.1fx | %.4f |\n", r.name.c_str(), target ? " *" : "",
+                  r.fast_tps, r.base_tps, ratio, r.id_agreement);
     md += line;
   }
   doc["min_speedup"] = worst;
   bench_output::file(json_path) << doc.dump(2) << '\n';
   if (!md_path.empty()) bench_output::file(md_path) << md;
   md += "\n\\* rows the >= 3x target applies to (DeepSeek-V3 shape, softmax top-8 of 128)\n";
-  std::printf("%s\nminimum speed-up on the * rows %.1fx (target >= 3x); JSON in %s\n", md.c_str(), worst, json_path.c_str());
+  std::printf("%s\nminimum speed-up on the * rows %.1fx (target >= 3x); JSON in %s\n", md.c_str(), worst,
+              json_path.c_str());
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "router: %s\n", e.what());

@@ -32,7 +32,6 @@ namespace {
 namespace fs = std::filesystem;
 using clock_type = std::chrono::steady_clock;
 
-
 //! Wall-clock and CPU seconds (user + system of this process: on a shared, oversubscribed machine
 //! the wall clock mostly measures waiting for a core, CPU time what the work itself costs).
 struct timing {
@@ -70,8 +69,10 @@ std::size_t baseline_esft(const fs::path& root) {
         weights.clear();
         int id;
         float w;
-        while (a >> id) ids.push_back(id);
-        while (b >> w) weights.push_back(w);
+        while (a >> id)
+          ids.push_back(id);
+        while (b >> w)
+          weights.push_back(w);
         pairs += std::min(ids.size(), weights.size());
       }
     }
@@ -130,8 +131,10 @@ std::size_t baseline_jsonl(const std::string& path) {
     req.push_back(j["req_id"].get<std::uint64_t>());
     token.push_back(j["token_idx"].get<std::uint64_t>());
     layer.push_back(j["layer"].get<std::uint64_t>());
-    for (const auto& v : j["topk_ids"]) ids.push_back(v.get<int>());
-    for (const auto& v : j["topk_weights"]) weights.push_back(v.get<float>());
+    for (const auto& v : j["topk_ids"])
+      ids.push_back(v.get<int>());
+    for (const auto& v : j["topk_weights"])
+      weights.push_back(v.get<float>());
     phase.push_back(j["phase"].get<std::string>());
     domain.push_back(j["domain"].get<std::string>());
   }
@@ -143,7 +146,8 @@ locus::trace::trace synthetic(std::size_t tokens, std::size_t layers) {
   locus::trace::trace_builder b(256, 8, layers);
   b.set_domains({"synthetic"});
   b.reserve_tokens(tokens);
-  for (std::size_t t = 0, r = 0; t < tokens; t += 512, ++r) b.add_request(r, 0, std::min<std::size_t>(512, tokens - t));
+  for (std::size_t t = 0, r = 0; t < tokens; t += 512, ++r)
+    b.add_request(r, 0, std::min<std::size_t>(512, tokens - t));
   locus::trace::detail::splitmix64 g(7);
   for (std::size_t l = 0; l < layers; ++l) {
     auto ids = b.layer_ids(l);
@@ -190,24 +194,29 @@ std::uint64_t baseline_read(const std::string& path) {
   skip_pad();
   std::vector<std::uint64_t> ids_r(requests);
   std::vector<std::uint32_t> dom(requests), len(requests);
-  for (std::uint64_t r = 0; r < requests; ++r) get(ids_r[r]), get(dom[r]), get(len[r]);
+  for (std::uint64_t r = 0; r < requests; ++r)
+    get(ids_r[r]), get(dom[r]), get(len[r]);
   pos += 16 * requests;
   std::vector<std::uint8_t> phases(tokens);
-  for (auto& p : phases) get(p);
+  for (auto& p : phases)
+    get(p);
   pos += tokens;
   skip_pad();
   std::vector<std::int32_t> steps(tokens);
-  for (auto& s : steps) get(s);
+  for (auto& s : steps)
+    get(s);
   pos += 4 * tokens;
   skip_pad();
   std::uint64_t sum = 0;
   std::vector<std::uint16_t> ids(tokens * k);
   std::vector<float> w(tokens * k);
   for (std::uint32_t l = 0; l < layers; ++l) {
-    for (auto& v : ids) get(v);
+    for (auto& v : ids)
+      get(v);
     pos += 2 * ids.size();
     skip_pad();
-    for (auto& v : w) get(v);
+    for (auto& v : w)
+      get(v);
     pos += 4 * w.size();
     skip_pad();
     sum += ids.back() + static_cast<std::uint64_t>(w.back());
@@ -253,8 +262,8 @@ int main(int argc, char** argv) try {
                                std::to_string(t.tokens() * t.top_k() * t.layers()));
     std::fprintf(stderr, "ESFT: %.1f MB, %zu requests, %zu tokens: locus %.3f s, baseline %.3f s (wall)\n",
                  static_cast<double>(bytes) / 1e6, t.requests(), t.tokens(), locus_s.wall, base_s.wall);
-    rows.push_back({"ESFT import (3 domains, " + std::to_string(bytes / 1000000) + " MB)", "s", locus_s, base_s, 0.0,
-                    "< 2 s"});
+    rows.push_back(
+        {"ESFT import (3 domains, " + std::to_string(bytes / 1000000) + " MB)", "s", locus_s, base_s, 0.0, "< 2 s"});
   } else {
     std::printf("trace_io: %s not found; ESFT import skipped\n", esft.c_str());
   }
@@ -324,8 +333,10 @@ int main(int argc, char** argv) try {
     out.write(header, 80);
     for (std::size_t l = 0; l < layers; ++l) {
       const auto v = t.layer(l);
-      for (std::size_t i = 0; i < v.tokens() * 8; ++i) out.write(reinterpret_cast<const char*>(v.ids() + i), 2);
-      for (std::size_t i = 0; i < v.tokens() * 8; ++i) out.write(reinterpret_cast<const char*>(v.weights() + i), 4);
+      for (std::size_t i = 0; i < v.tokens() * 8; ++i)
+        out.write(reinterpret_cast<const char*>(v.ids() + i), 2);
+      for (std::size_t i = 0; i < v.tokens() * 8; ++i)
+        out.write(reinterpret_cast<const char*>(v.weights() + i), 4);
     }
   });
   fs::remove(path + ".baseline");
@@ -350,13 +361,13 @@ int main(int argc, char** argv) try {
       return true;
     };
     char line[768];
-    std::snprintf(line, sizeof line, "| %s | %s | %.3f | %.3f | %.3f | %.3f | %.1fx faster | %s | %s |\n",
-                  r.what.c_str(), r.unit.c_str(), value(r.locus.wall), value(r.baseline.wall), value(r.locus.cpu),
-                  value(r.baseline.cpu), speedup, r.target.empty() ? "-" : r.target.c_str(),
-                  r.target.empty() ? "-"
-                                   : (std::string(met(r.locus.wall) ? "yes" : "NO") + " / " +
-                                      (met(r.locus.cpu) ? "yes" : "NO"))
-                                         .c_str());
+    std::snprintf(
+        line, sizeof line, "| %s | %s | %.3f | %.3f | %.3f | %.3f | %.1fx faster | %s | %s |\n", r.what.c_str(),
+        r.unit.c_str(), value(r.locus.wall), value(r.baseline.wall), value(r.locus.cpu), value(r.baseline.cpu), speedup,
+        r.target.empty() ? "-" : r.target.c_str(),
+        r.target.empty()
+            ? "-"
+            : (std::string(met(r.locus.wall) ? "yes" : "NO") + " / " + (met(r.locus.cpu) ? "yes" : "NO")).c_str());
     md += line;
     doc["rows"].push_back({{"what", r.what},
                            {"unit", r.unit},

@@ -25,7 +25,6 @@
 
 namespace {
 
-
 template <class F>
 double best_of(std::size_t repeats, F&& f) {
   double best = 1e30;

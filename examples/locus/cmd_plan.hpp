@@ -2,8 +2,8 @@
 // `locus plan` (fit an expert map on a trace's training split) and `locus simulate` (run the decode
 // simulator on its test split).
 #include "cli_checks.hpp"
-#include "split.hpp"
 #include "output.hpp"
+#include "split.hpp"
 #include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
@@ -51,8 +51,8 @@ struct split_options : split_flags {
 
   //! The trace as messages name it.
   std::string trace_name() const {
-    return trace_paths.size() == 1 ? trace_paths.front() : trace_paths.front() + " (and " +
-                                                               std::to_string(trace_paths.size() - 1) + " more)";
+    return trace_paths.size() == 1 ? trace_paths.front()
+                                   : trace_paths.front() + " (and " + std::to_string(trace_paths.size() - 1) + " more)";
   }
 
   //! (train, test), prefill marked; a split that the job needs and that came out empty is refused.
@@ -322,7 +322,7 @@ inline void register_simulate(CLI::App& app) {
       const auto sched = locus::cost::record_schedule(test, maps, regroup, cfg);
       locus::placement::activation_plan_options popt;
       popt.refine.count(transport == locus::cost::transport_kind::flat ? locus::placement::copy_count::flat
-                                                                      : locus::placement::copy_count::hierarchical);
+                                                                       : locus::placement::copy_count::hierarchical);
       const std::size_t tokens = popt.refine_sample_tokens(test.layers(), test.top_k());
       // The training sample needs the grouping (the node of each request); without one the
       // re-plans see the window alone.
@@ -334,8 +334,8 @@ inline void register_simulate(CLI::App& app) {
       o.drift_every = opt->drift_every;
       o.min_gap = o.window;
       o.expert_bytes = opt->expert_bytes;
-      const auto budget = static_cast<std::size_t>(opt->replan_budget *
-                                                   static_cast<double>(locus::placement::total_slots(maps)));
+      const auto budget =
+          static_cast<std::size_t>(opt->replan_budget * static_cast<double>(locus::placement::total_slots(maps)));
       const auto online = locus::cost::run_online(
           test, sched, maps, cfg, o, [&](const std::vector<locus::expert_map>& cur, std::size_t a, std::size_t b) {
             auto sample = locus::cost::window_sample(test, sched, a, b, topo, tokens);
@@ -345,7 +345,8 @@ inline void register_simulate(CLI::App& app) {
             return locus::placement::replan_by_tokens(cur, sample, topo, popt.refine, budget, opt->expert_bytes).maps;
           });
       std::size_t drifted = 0;
-      for (const auto& e : online.replans) drifted += e.reason == locus::cost::replan_reason::drift;
+      for (const auto& e : online.replans)
+        drifted += e.reason == locus::cost::replan_reason::drift;
       doc["online"] = {{"inter_node_bytes_per_token", online.inter_node_bytes_per_token},
                        {"gpu_imbalance_aggregate", online.gpu_imbalance_aggregate},
                        {"worst_window_imbalance", online.worst_window_imbalance},

@@ -3,16 +3,14 @@
 // trace (docs/trace-format.md).
 #include "trace_input.hpp"
 
-#include <locus/trace/binary.hpp>
-#include <locus/trace/esft.hpp>
-#include <locus/trace/jsonl.hpp>
-
 #include <CLI/CLI.hpp>
-
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <locus/trace/binary.hpp>
+#include <locus/trace/esft.hpp>
+#include <locus/trace/jsonl.hpp>
 #include <memory>
 #include <string>
 #include <unistd.h>
@@ -65,8 +63,10 @@ struct trace_import_options {
 inline void run_trace_import(const trace_import_options& o) {
   const auto t0 = std::chrono::steady_clock::now();
   const std::string format = o.format == "auto" ? detect_trace_format(o.inputs) : o.format;
-  LOCUS_REQUIRE(format == "jsonl" || o.inputs.size() == 1, locus::config_error, "several inputs given: only route "
-                "JSONL is read from several files (--format ", format, " reads one)");
+  LOCUS_REQUIRE(format == "jsonl" || o.inputs.size() == 1, locus::config_error,
+                "several inputs given: only route "
+                "JSONL is read from several files (--format ",
+                format, " reads one)");
   const std::string input = o.inputs.size() == 1 ? o.inputs.front() : o.inputs.front() + " ...";
   locus::trace::trace t;
   locus::trace::jsonl_report report;
@@ -114,7 +114,8 @@ inline void run_trace_import(const trace_import_options& o) {
   if (format == "jsonl" && (report.bad_records || report.dropped_requests)) {
     std::fprintf(stderr, "locus: %s: skipped %zu bad records and dropped %zu inconsistent requests; first problems:\n",
                  input.c_str(), report.bad_records, report.dropped_requests);
-    for (const auto& m : report.messages) std::fprintf(stderr, "  %s\n", m.c_str());
+    for (const auto& m : report.messages)
+      std::fprintf(stderr, "  %s\n", m.c_str());
   }
   if (format == "jsonl") {
     note_trimmed(input, report);
@@ -123,7 +124,8 @@ inline void run_trace_import(const trace_import_options& o) {
   }
   if (!o.quiet) {
     std::string doms;
-    for (const auto& d : t.domains()) doms += (doms.empty() ? "" : ", ") + d;
+    for (const auto& d : t.domains())
+      doms += (doms.empty() ? "" : ", ") + d;
     // A device or FIFO output (-o /dev/null) has no size to report.
     const auto bytes = std::filesystem::file_size(o.output, ec);
     std::printf("%s: %zu requests, %zu tokens, %zu layers, %zu experts, top-%zu, domains [%s]; %s bytes, %.2f s%s\n",
@@ -132,8 +134,8 @@ inline void run_trace_import(const trace_import_options& o) {
     if (format == "jsonl")
       std::printf("  %zu lines: %zu route records, %zu skipped (blank or not route), %zu bad, %zu requests dropped, "
                   "%zu tokens dropped from %zu ragged requests\n",
-                  report.lines, report.route_records, report.skipped_lines, report.bad_records,
-                  report.dropped_requests, report.trimmed_tokens, report.trimmed_requests);
+                  report.lines, report.route_records, report.skipped_lines, report.bad_records, report.dropped_requests,
+                  report.trimmed_tokens, report.trimmed_requests);
   }
 }
 
@@ -146,8 +148,9 @@ inline void register_trace_import(CLI::App* trace_cmd) {
                   "JSONL: one or more files, - for stdin, or a folder of .jsonl files")
       ->required();
   cmd->add_option("-o,--out", o->output, "Output binary trace")->required();
-  cmd->add_option("--format", o->format, "Input format: auto (folder of .jsonl files or .jsonl = jsonl, other folder "
-                                         "= esft, magic = binary), esft, jsonl, binary")
+  cmd->add_option("--format", o->format,
+                  "Input format: auto (folder of .jsonl files or .jsonl = jsonl, other folder "
+                  "= esft, magic = binary), esft, jsonl, binary")
       ->check(CLI::IsMember({"auto", "esft", "jsonl", "binary"}));
   cmd->add_option("--experts", o->experts,
                   "Declared routed experts (esft default 64; jsonl: else a meta line's num_experts)");

@@ -3,13 +3,12 @@
 // its domain folders), or route JSONL: one or more files, "-" for standard input, or a folder of
 // .jsonl files (experts declared by a meta line or --experts; see docs/trace-format.md and
 // docs/byo-trace.md).
-#include <locus/trace/binary.hpp>
-#include <locus/trace/esft.hpp>
-#include <locus/trace/jsonl.hpp>
-
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <locus/trace/binary.hpp>
+#include <locus/trace/esft.hpp>
+#include <locus/trace/jsonl.hpp>
 #include <string>
 #include <vector>
 

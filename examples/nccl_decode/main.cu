@@ -14,11 +14,11 @@
 #include <cmath>
 #include <cstdio>
 #include <locus/core/cuda_error.hpp>
+#include <locus/core/device_buffer.hpp>
 #include <locus/core/mpi_error.hpp>
+#include <locus/layer/moe_layer_cuda.hpp>
 #include <locus/locus.hpp>
 #include <locus/placement/by_name.hpp>
-#include <locus/core/device_buffer.hpp>
-#include <locus/layer/moe_layer_cuda.hpp>
 #include <locus/transport/nccl.hpp>
 #include <mpi.h>
 #include <random>
@@ -45,7 +45,8 @@ struct scale_by_expert {
       const std::size_t n = b.rows(i) * b.hidden;
       if (n == 0) continue;
       scale_rows<<<static_cast<unsigned>(std::min<std::size_t>((n + 255) / 256, 1024)), 256, 0, stream>>>(
-          b.input + b.offsets[i] * b.hidden, b.output + b.offsets[i] * b.hidden, n, static_cast<float>(b.experts[i] + 1));
+          b.input + b.offsets[i] * b.hidden, b.output + b.offsets[i] * b.hidden, n,
+          static_cast<float>(b.experts[i] + 1));
       LOCUS_CUDA_CHECK(cudaGetLastError());
     }
   }

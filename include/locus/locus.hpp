@@ -16,6 +16,6 @@
 #include <locus/core/routing.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/core/version.hpp>
-#include <locus/router/router.hpp>
 #include <locus/layer/expert_compute.hpp>
 #include <locus/layer/moe_layer.hpp>
+#include <locus/router/router.hpp>

@@ -6,7 +6,7 @@ LOCUS_JOBS=${LOCUS_JOBS:-$(nproc)}
 
 # Debian packages the project builds and tests with.
 LOCUS_DEBIAN_PACKAGES=(cmake g++ make libboost-test-dev libopenmpi-dev openmpi-bin nlohmann-json3-dev libcli11-dev
-  libbenchmark-dev python3 python3-dev python3-venv python3-matplotlib clang-14 libclang-rt-14-dev ccache)
+  libbenchmark-dev python3 python3-dev python3-venv python3-matplotlib clang-14 libclang-rt-14-dev clang-format-14 ccache)
 
 locus_install_deps() {
   local missing=()

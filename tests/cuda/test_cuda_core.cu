@@ -1,9 +1,7 @@
 #define BOOST_TEST_MODULE cuda_core
 #include <boost/test/unit_test.hpp>
-
 #include <locus/core/cuda_error.hpp>
 #include <locus/locus.hpp>
-
 #include <random>
 #include <vector>
 
@@ -32,7 +30,8 @@ BOOST_AUTO_TEST_CASE(device_load_matches_host) {
   std::mt19937 rng(3);
   routing<top_k<k>> r(tokens);
   for (int t = 0; t < tokens; ++t)
-    for (int j = 0; j < k; ++j) r.view().expert(t, j) = static_cast<expert_id>((t * 7 + j * 5 + rng() % 3) % experts);
+    for (int j = 0; j < k; ++j)
+      r.view().expert(t, j) = static_cast<expert_id>((t * 7 + j * 5 + rng() % 3) % experts);
   std::vector<int> host_load(experts, 0);
   int host_remote = 0;
   const topology<nodes<2>, gpus_per_node<2>> topo;
@@ -53,7 +52,8 @@ BOOST_AUTO_TEST_CASE(device_load_matches_host) {
   LOCUS_CUDA_CHECK(cudaMemcpy(device_load.data(), d_load, device_load.size() * sizeof(int), cudaMemcpyDeviceToHost));
   LOCUS_CUDA_CHECK(cudaFree(d_ids));
   LOCUS_CUDA_CHECK(cudaFree(d_load));
-  for (int e = 0; e < experts; ++e) BOOST_TEST(device_load[e] == host_load[e]);
+  for (int e = 0; e < experts; ++e)
+    BOOST_TEST(device_load[e] == host_load[e]);
   BOOST_TEST(device_load[experts] == host_remote);
 }
 

@@ -1,8 +1,7 @@
 #define BOOST_TEST_MODULE expert_compute_cuda
-#include <boost/test/unit_test.hpp>
-
 #include "../support/moe_reference.hpp"
 
+#include <boost/test/unit_test.hpp>
 #include <locus/layer/expert_compute_cuda.hpp>
 
 using namespace locus;
@@ -37,7 +36,7 @@ void run_case(double rel, double acc) {
   device_buffer<W> din, dout(in.size());
   din.upload(in);
   compute(layer::expert_blocks<W, memory_space::device>{experts.data(), offsets.data(), experts.size(), din.data(),
-                                                          dout.data(), hidden});
+                                                        dout.data(), hidden});
   std::vector<W> out2(in.size());
   dout.download(out2);
   BOOST_TEST(std::memcmp(out.data(), out2.data(), out.size() * sizeof(W)) == 0);
@@ -59,7 +58,6 @@ BOOST_AUTO_TEST_CASE(bf16_cublas_swiglu) { run_case<bfloat16>(2.0 / 256, 1.0 / 1
 #include "../mpi/dispatch_cases.hpp"
 
 #include <locus/layer/moe_layer.hpp>
-
 #include <thread>
 
 BOOST_AUTO_TEST_CASE(moe_layer_on_cuda_backend) {
@@ -84,7 +82,8 @@ BOOST_AUTO_TEST_CASE(moe_layer_on_cuda_backend) {
         errors[r] = std::current_exception();
       }
     });
-  for (auto& t : threads) t.join();
+  for (auto& t : threads)
+    t.join();
   for (std::size_t r = 0; r < 4; ++r) {
     BOOST_REQUIRE(!errors[r]);
     std::vector<double> scale;

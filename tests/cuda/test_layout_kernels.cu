@@ -3,12 +3,11 @@
 
 // The device layout and permute kernels against the host path (itself tested against brute
 // force in tests/unit/test_layout.cpp): every array equal, every vector equal bit for bit.
+#include <algorithm>
+#include <cstring>
 #include <locus/core/device_buffer.hpp>
 #include <locus/transport/device_permute.hpp>
 #include <locus/transport/permute.hpp>
-
-#include <algorithm>
-#include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
@@ -19,13 +18,15 @@ using namespace locus::transport;
 
 namespace {
 
-expert_map random_map(std::size_t experts, std::size_t ranks, std::size_t slots, std::size_t replicas, std::mt19937& rng) {
+expert_map random_map(std::size_t experts, std::size_t ranks, std::size_t slots, std::size_t replicas,
+                      std::mt19937& rng) {
   std::vector<std::size_t> free_slots(ranks * slots);
   std::iota(free_slots.begin(), free_slots.end(), 0);
   std::shuffle(free_slots.begin(), free_slots.end(), rng);
   std::vector<expert_id> table(ranks * slots, empty_slot);
   std::size_t next = 0;
-  for (std::size_t e = 0; e < experts; ++e) table[free_slots[next++]] = static_cast<expert_id>(e);
+  for (std::size_t e = 0; e < experts; ++e)
+    table[free_slots[next++]] = static_cast<expert_id>(e);
   for (std::size_t i = 0; i < replicas && next < free_slots.size(); ++i)
     table[free_slots[next++]] = static_cast<expert_id>(i % std::min<std::size_t>(experts, 5));
   return expert_map(experts, ranks, slots, table);
@@ -58,7 +59,8 @@ std::vector<T> download(const T* p, std::size_t n) {
 template <class T>
 void check_equal(const char* what, std::span<const T> host, const T* device) {
   const auto got = download(device, host.size());
-  BOOST_CHECK_MESSAGE(std::memcmp(got.data(), host.data(), host.size() * sizeof(T)) == 0, what << " differs from the host");
+  BOOST_CHECK_MESSAGE(std::memcmp(got.data(), host.data(), host.size() * sizeof(T)) == 0,
+                      what << " differs from the host");
 }
 
 template <class T>
@@ -81,7 +83,8 @@ void check_case(std::size_t experts, const Topology& topo, std::size_t slots, st
   weights.upload(r.weights());
   device_layout<top_k<K>, Experts> dev;
   dev.assign(device_routing_view<top_k<K>>(ids.data(), weights.data(), tokens), map, topo, src, kind);
-  BOOST_TEST_CONTEXT("E=" << experts << " K=" << K << " ranks " << topo.ranks() << " " << to_string(kind) << " hidden " << hidden) {
+  BOOST_TEST_CONTEXT("E=" << experts << " K=" << K << " ranks " << topo.ranks() << " " << to_string(kind) << " hidden "
+                          << hidden) {
     BOOST_REQUIRE_EQUAL(dev.rows(), host.rows());
     BOOST_CHECK(dev.link_copies() == host.link_copies());
     check_equal<std::int32_t>("copy_rank", host.copy_rank(), dev.copy_rank());
@@ -100,15 +103,18 @@ void check_case(std::size_t experts, const Topology& topo, std::size_t slots, st
     check_equal<std::int32_t>("slot_counts", host.slot_counts(), dev.slot_counts());
     if (kind == transport_kind::hierarchical) {
       std::vector<std::int32_t> fw(host.rows());
-      for (std::size_t i = 0; i < host.rows(); ++i) fw[i] = static_cast<std::int32_t>(host.forwards(i));
+      for (std::size_t i = 0; i < host.rows(); ++i)
+        fw[i] = static_cast<std::int32_t>(host.forwards(i));
       check_equal<std::int32_t>("row_forwards", std::span<const std::int32_t>(fw), dev.row_forwards());
     }
 
     // Data movement, host vs device.
     std::uniform_real_distribution<float> u(-2.0f, 2.0f);
     std::vector<T> x(tokens * hidden), entry_out(host.copies() * hidden);
-    for (auto& v : x) v = T(u(rng));
-    for (auto& v : entry_out) v = T(u(rng));
+    for (auto& v : x)
+      v = T(u(rng));
+    for (auto& v : entry_out)
+      v = T(u(rng));
     device_buffer<T> dx, dsend, dback, dentry, dout;
     dx.upload(x);
     dentry.upload(entry_out);
@@ -131,10 +137,13 @@ void check_case(std::size_t experts, const Topology& topo, std::size_t slots, st
     BOOST_CHECK(same_bits(dout.to_host(), outw));
 
     // Receiver side: this source's rows to rank 0 as a receive layout.
-    const auto r0 = static_cast<std::size_t>(host.rank_offsets()[0]), r1 = static_cast<std::size_t>(host.rank_offsets()[1]);
+    const auto r0 = static_cast<std::size_t>(host.rank_offsets()[0]),
+               r1 = static_cast<std::size_t>(host.rank_offsets()[1]);
     std::vector<std::int32_t> counts;
-    for (std::size_t row = r0; row < r1; ++row) counts.push_back(host.row_entry_offsets()[row + 1] - host.row_entry_offsets()[row]);
-    const auto e0 = static_cast<std::size_t>(host.rank_entry_offsets()[0]), e1 = static_cast<std::size_t>(host.rank_entry_offsets()[1]);
+    for (std::size_t row = r0; row < r1; ++row)
+      counts.push_back(host.row_entry_offsets()[row + 1] - host.row_entry_offsets()[row]);
+    const auto e0 = static_cast<std::size_t>(host.rank_entry_offsets()[0]),
+               e1 = static_cast<std::size_t>(host.rank_entry_offsets()[1]);
     receive_layout rl;
     rl.assign(slots, counts, host.entry_slot().subspan(e0, e1 - e0), host.entry_weight().subspan(e0, e1 - e0));
     device_receive_layout drl(rl);

@@ -52,7 +52,8 @@ BOOST_AUTO_TEST_CASE(self_exchange_and_byte_counts) {
 BOOST_AUTO_TEST_CASE(dispatch_combine_on_one_gpu_matches_reference) {
   one_gpu g;
   for (bool hier : {false, true}) {
-    nccl_transport t(g.comm, g.stream, dynamic_topology(1, 1), hier ? transport_kind::hierarchical : transport_kind::flat);
+    nccl_transport t(g.comm, g.stream, dynamic_topology(1, 1),
+                     hier ? transport_kind::hierarchical : transport_kind::flat);
     for (std::uint64_t seed = 1; seed <= 20; ++seed) {
       const auto c = locus_test::make_case(seed, 1, 1);
       moe_dispatcher<nccl_transport, float> d(t, c.map, c.hidden);

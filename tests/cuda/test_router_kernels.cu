@@ -3,13 +3,11 @@
 // (tests/unit/test_router.cpp), so agreement here carries that check over to the device.
 #define BOOST_TEST_MODULE router_kernels
 #include <boost/test/unit_test.hpp>
-
-#include <locus/core/device_buffer.hpp>
-#include <locus/router/cuda.hpp>
-
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <locus/core/device_buffer.hpp>
+#include <locus/router/cuda.hpp>
 #include <random>
 #include <string>
 #include <vector>
@@ -24,7 +22,8 @@ std::vector<T> random_logits(std::size_t n, unsigned seed) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> d(0.0f, 2.0f);
   std::vector<T> v(n);
-  for (auto& x : v) x = T(d(rng));
+  for (auto& x : v)
+    x = T(d(rng));
   return v;
 }
 
@@ -32,7 +31,8 @@ std::vector<float> random_bias(std::size_t experts, unsigned seed) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<float> d(-0.05f, 0.05f);
   std::vector<float> v(experts);
-  for (auto& x : v) x = d(rng);
+  for (auto& x : v)
+    x = d(rng);
   return v;
 }
 
@@ -91,9 +91,10 @@ const std::vector<lr::cuda_kernel> thread_only = {lr::cuda_kernel::thread_per_to
 template <std::size_t E, std::size_t K, class T>
 void softmax_case(std::size_t tokens, unsigned seed, bool renormalize, const std::vector<lr::cuda_kernel>& kernels) {
   const lr::softmax_topk<top_k<K>> router(K, renormalize);
-  const std::string what = "softmax E=" + std::to_string(E) + " K=" + std::to_string(K) + (renormalize ? " renorm" : "") +
-                           (sizeof(T) == 2 ? " bf16" : " fp32");
-  for (const auto kernel : kernels) compare<experts<E>, T>(router, tokens, E, seed, kernel, what);
+  const std::string what = "softmax E=" + std::to_string(E) + " K=" + std::to_string(K) +
+                           (renormalize ? " renorm" : "") + (sizeof(T) == 2 ? " bf16" : " fp32");
+  for (const auto kernel : kernels)
+    compare<experts<E>, T>(router, tokens, E, seed, kernel, what);
 }
 
 template <std::size_t E, std::size_t G, std::size_t TG, std::size_t K, class T>
@@ -101,7 +102,8 @@ void grouped_case(std::size_t tokens, unsigned seed, const std::vector<lr::cuda_
   const lr::sigmoid_grouped<groups<G>, top_groups<TG>, top_k<K>> router(random_bias(E, seed + 1), 2.5f);
   const std::string what = "grouped E=" + std::to_string(E) + " G=" + std::to_string(G) + "/" + std::to_string(TG) +
                            " K=" + std::to_string(K) + (sizeof(T) == 2 ? " bf16" : " fp32");
-  for (const auto kernel : kernels) compare<experts<E>, T>(router, tokens, E, seed, kernel, what);
+  for (const auto kernel : kernels)
+    compare<experts<E>, T>(router, tokens, E, seed, kernel, what);
 }
 
 } // namespace
@@ -131,7 +133,8 @@ BOOST_AUTO_TEST_CASE(sigmoid_top1_kernels_match_host) {
     compare<experts<128>, float>(lr::sigmoid_top1(), 5000, 128, 21, kernel, "top1 E=128 fp32");
     compare<experts<128>, bfloat16>(lr::sigmoid_top1(), 5000, 128, 22, kernel, "top1 E=128 bf16");
   }
-  for (const auto kernel : thread_only) compare<experts<16>, float>(lr::sigmoid_top1(), 5000, 16, 23, kernel, "top1 E=16");
+  for (const auto kernel : thread_only)
+    compare<experts<16>, float>(lr::sigmoid_top1(), 5000, 16, 23, kernel, "top1 E=16");
 }
 
 BOOST_AUTO_TEST_CASE(dynamic_extents_match_host) {
@@ -180,15 +183,16 @@ BOOST_AUTO_TEST_CASE(non_finite_logits_are_flagged) {
   for (const auto kernel : {lr::cuda_kernel::warp_per_token, lr::cuda_kernel::thread_per_token}) {
     lr::cuda_router<lr::sigmoid_grouped<groups<8>, top_groups<4>, top_k<8>>> router{
         lr::sigmoid_grouped<groups<8>, top_groups<4>, top_k<8>>()};
-    router.route(lr::device_logits_view<experts<E>>(d.data(), tokens), lr::device_mutable_routing_view<top_k<8>>(ids.data(), w.data(), tokens),
-                 nullptr, kernel);
+    router.route(lr::device_logits_view<experts<E>>(d.data(), tokens),
+                 lr::device_mutable_routing_view<top_k<8>>(ids.data(), w.data(), tokens), nullptr, kernel);
     const auto s = router.status();
     BOOST_TEST(s.flagged_tokens == 2u);
     BOOST_TEST(s.first_token == 123u);
     BOOST_TEST(s.first_expert == 77u);
     BOOST_CHECK_THROW(router.check(), invalid_input_error);
     const auto got = ids.to_host();
-    for (std::size_t j = 0; j < 8; ++j) BOOST_TEST(got[700 * 8 + j] == -1);
+    for (std::size_t j = 0; j < 8; ++j)
+      BOOST_TEST(got[700 * 8 + j] == -1);
     BOOST_TEST(got[0] >= 0);
     router.reset();
     BOOST_TEST(router.status().flagged_tokens == 0u);

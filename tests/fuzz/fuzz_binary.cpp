@@ -2,12 +2,11 @@
 // an input that decodes must re-encode to the very same bytes (the format has one encoding per
 // trace: zero padding and the reserved field are checked), which catches a reader that accepts
 // more than the writer can produce.
-#include <locus/trace/binary.hpp>
-
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <locus/trace/binary.hpp>
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const std::span<const std::byte> bytes(reinterpret_cast<const std::byte*>(data), size);

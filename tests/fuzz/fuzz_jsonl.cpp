@@ -1,11 +1,10 @@
 // libFuzzer target: the route-JSONL importer. Byte 0 picks the options (fail or skip-and-count,
 // request reconstruction, experts declared or taken from a meta line, ragged layers trimmed or
 // refused); the rest is the file.
-#include <locus/trace/jsonl.hpp>
-
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <locus/trace/jsonl.hpp>
 #include <string_view>
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
@@ -21,7 +20,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   try {
     const auto t = locus::trace::import_jsonl_text(text, "fuzz", o, &rep);
     std::size_t tokens = 0;
-    for (const auto& q : t.request_table()) tokens += q.length;
+    for (const auto& q : t.request_table())
+      tokens += q.length;
     if (tokens != t.tokens() || rep.route_records < t.tokens() * t.layers() || rep.lines == 0) std::abort();
     if (!o.skip_bad && (rep.bad_records != 0 || rep.dropped_requests != 0)) std::abort();
     if (!o.trim_ragged && rep.trimmed_requests != 0) std::abort();

@@ -1,11 +1,10 @@
 // Writes the fuzz seed corpus (tests/fuzz/corpus/{binary,esft,jsonl}/) from tiny synthetic traces:
 //   c++ -std=c++20 -I include tests/fuzz/make_seeds.cpp -o make_seeds && ./make_seeds tests/fuzz/corpus
 // The seeds are committed; rerun this only when the formats change.
-#include <locus/trace/binary.hpp>
-#include <locus/trace/esft.hpp>
-
 #include <cstdio>
 #include <filesystem>
+#include <locus/trace/binary.hpp>
+#include <locus/trace/esft.hpp>
 #include <string>
 #include <vector>
 
@@ -17,13 +16,15 @@ locus::trace::trace tiny(std::uint64_t seed, std::size_t experts, std::size_t k,
   locus::trace::detail::splitmix64 g(seed);
   locus::trace::trace_builder b(experts, k, layers);
   b.set_domains({"code", "math"});
-  for (std::size_t r = 0; r < requests; ++r) b.add_request(r, static_cast<std::uint32_t>(r % 2), 1 + g.below(3));
+  for (std::size_t r = 0; r < requests; ++r)
+    b.add_request(r, static_cast<std::uint32_t>(r % 2), 1 + g.below(3));
   for (std::size_t t = 0; t < b.tokens(); ++t) {
     b.set_token(t, g.below(2) ? locus::trace::phase::prefill : locus::trace::phase::decode,
                 static_cast<std::int32_t>(g.below(4)) - 1);
     for (std::size_t l = 0; l < layers; ++l) {
       std::vector<locus::trace::trace_expert_id> pool(experts);
-      for (std::size_t e = 0; e < experts; ++e) pool[e] = static_cast<locus::trace::trace_expert_id>(e);
+      for (std::size_t e = 0; e < experts; ++e)
+        pool[e] = static_cast<locus::trace::trace_expert_id>(e);
       for (std::size_t j = 0; j < k; ++j) {
         std::swap(pool[j], pool[j + g.below(experts - j)]);
         b.ids(l, t)[j] = pool[j];
@@ -47,7 +48,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   const fs::path root = argv[1];
-  for (const char* d : {"binary", "esft", "jsonl"}) fs::create_directories(root / d);
+  for (const char* d : {"binary", "esft", "jsonl"})
+    fs::create_directories(root / d);
   struct shape {
     std::size_t experts, k, layers, requests;
   };
@@ -84,8 +86,9 @@ int main(int argc, char** argv) {
           }
           jsonl += "{\"req_id\": " + std::to_string(q.id) + ", \"token_idx\": " + std::to_string(p) +
                    ", \"layer\": " + std::to_string(l) + ", \"topk_ids\": [" + ids + "], \"topk_weights\": [" + ws +
-                   "], \"phase\": \"" + locus::trace::to_string(t.token_phase(tok)) + "\", \"step\": " +
-                   std::to_string(t.token_step(tok)) + ", \"domain\": \"" + t.domains()[q.domain] + "\"}\n";
+                   "], \"phase\": \"" + locus::trace::to_string(t.token_phase(tok)) +
+                   "\", \"step\": " + std::to_string(t.token_step(tok)) + ", \"domain\": \"" + t.domains()[q.domain] +
+                   "\"}\n";
         }
     }
     put(root / "jsonl" / ("seed" + std::to_string(n) + ".jsonl"), jsonl);

@@ -2,7 +2,6 @@
 // Boost.Test global fixture for MPI tests: every rank runs the same test tree between
 // MPI_Init and MPI_Finalize. Errors are returned, not fatal, so LOCUS_MPI_CHECK can report them.
 #include <boost/test/unit_test.hpp>
-
 #include <mpi.h>
 
 struct mpi_session {

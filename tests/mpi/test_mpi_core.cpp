@@ -3,7 +3,6 @@
 
 #include <locus/core/mpi_error.hpp>
 #include <locus/locus.hpp>
-
 #include <random>
 #include <vector>
 
@@ -16,7 +15,8 @@ routing<top_k<4>> routing_of(int rank, std::size_t tokens, std::size_t experts) 
   routing<top_k<4>> r(tokens);
   for (std::size_t t = 0; t < tokens; ++t) {
     std::vector<expert_id> pool(experts);
-    for (std::size_t e = 0; e < experts; ++e) pool[e] = static_cast<expert_id>(e);
+    for (std::size_t e = 0; e < experts; ++e)
+      pool[e] = static_cast<expert_id>(e);
     for (std::size_t j = 0; j < 4; ++j) {
       std::swap(pool[j], pool[j + rng() % (experts - j)]);
       r.view().expert(t, j) = pool[j];
@@ -36,13 +36,15 @@ BOOST_AUTO_TEST_CASE(allreduced_expert_load_matches_reference) {
   validate_routing(mine.view(), experts);
   std::vector<long long> local(experts, 0), global(experts, 0);
   for (std::size_t t = 0; t < mine.tokens(); ++t)
-    for (std::size_t j = 0; j < 4; ++j) ++local[static_cast<std::size_t>(mine.view().expert(t, j))];
-  LOCUS_MPI_CHECK(MPI_Allreduce(local.data(), global.data(), static_cast<int>(experts), MPI_LONG_LONG, MPI_SUM,
-                                MPI_COMM_WORLD));
+    for (std::size_t j = 0; j < 4; ++j)
+      ++local[static_cast<std::size_t>(mine.view().expert(t, j))];
+  LOCUS_MPI_CHECK(
+      MPI_Allreduce(local.data(), global.data(), static_cast<int>(experts), MPI_LONG_LONG, MPI_SUM, MPI_COMM_WORLD));
   std::vector<long long> expected(experts, 0);
   for (int r = 0; r < size; ++r) {
     const auto other = routing_of(r, tokens + static_cast<std::size_t>(r), experts);
-    for (expert_id e : other.ids()) ++expected[static_cast<std::size_t>(e)];
+    for (expert_id e : other.ids())
+      ++expected[static_cast<std::size_t>(e)];
   }
   BOOST_TEST(global == expected, boost::test_tools::per_element());
 }
@@ -54,8 +56,8 @@ BOOST_AUTO_TEST_CASE(topology_split_matches_node_of) {
   const std::size_t gpus = size % 2 == 0 ? 2 : 1;
   const dynamic_topology topo(static_cast<std::size_t>(size) / gpus, gpus);
   MPI_Comm node_comm;
-  LOCUS_MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, static_cast<int>(topo.node_of(static_cast<std::size_t>(rank))),
-                                 rank, &node_comm));
+  LOCUS_MPI_CHECK(
+      MPI_Comm_split(MPI_COMM_WORLD, static_cast<int>(topo.node_of(static_cast<std::size_t>(rank))), rank, &node_comm));
   int node_rank = -1, node_size = 0;
   MPI_Comm_rank(node_comm, &node_rank);
   MPI_Comm_size(node_comm, &node_size);

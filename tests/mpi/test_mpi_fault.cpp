@@ -74,7 +74,8 @@ void exchange_once(mpi_transport& t, exchange_group g, std::size_t rows_per_peer
 }
 
 mpi_transport make_transport() {
-  return mpi_transport(MPI_COMM_WORLD, dynamic_topology(2, 2), transport_kind::hierarchical, exchange_options{deadline});
+  return mpi_transport(MPI_COMM_WORLD, dynamic_topology(2, 2), transport_kind::hierarchical,
+                       exchange_options{deadline});
 }
 
 // World ranks of the group `g` of `rank`.

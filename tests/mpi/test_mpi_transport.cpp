@@ -122,7 +122,8 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
 BOOST_AUTO_TEST_CASE(mismatched_counts_raise_on_every_rank) {
   const std::size_t ranks = static_cast<std::size_t>(world_size()), me = static_cast<std::size_t>(world_rank());
   const auto [nodes, gpus] = shapes(ranks)[shapes(ranks).size() / 2];
-  mpi_transport t(MPI_COMM_WORLD, dynamic_topology(nodes, gpus), transport_kind::hierarchical, exchange_options{std::chrono::seconds(60)});
+  mpi_transport t(MPI_COMM_WORLD, dynamic_topology(nodes, gpus), transport_kind::hierarchical,
+                  exchange_options{std::chrono::seconds(60)});
   for (exchange_group g : {exchange_group::world, exchange_group::node, exchange_group::rail}) {
     const std::size_t members = t.group_size(g);
     for (int variant = 0; variant < 3; ++variant) {

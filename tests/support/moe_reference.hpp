@@ -5,11 +5,10 @@
 // experts). The reference reads weights through plain index arithmetic on the stored values and
 // shares no code with the library's compute paths.
 
-#include <locus/layer/expert_compute.hpp>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <locus/layer/expert_compute.hpp>
 #include <numeric>
 #include <random>
 #include <span>
@@ -30,9 +29,12 @@ void fill_expert(std::uint64_t seed, locus::expert_id e, std::size_t hidden, std
   std::mt19937_64 rng(seed * 1000003u + static_cast<std::uint64_t>(e) * 7919u + 17u);
   std::uniform_real_distribution<float> in_dist(-1.0f / std::sqrt(float(hidden)), 1.0f / std::sqrt(float(hidden)));
   std::uniform_real_distribution<float> out_dist(-1.0f / std::sqrt(float(ffn)), 1.0f / std::sqrt(float(ffn)));
-  for (auto& w : gate) w = static_cast<W>(3.0f * in_dist(rng)); // wider gate: silu sees both signs well
-  for (auto& w : up) w = static_cast<W>(in_dist(rng));
-  for (auto& w : down) w = static_cast<W>(out_dist(rng));
+  for (auto& w : gate)
+    w = static_cast<W>(3.0f * in_dist(rng)); // wider gate: silu sees both signs well
+  for (auto& w : up)
+    w = static_cast<W>(in_dist(rng));
+  for (auto& w : down)
+    w = static_cast<W>(out_dist(rng));
 }
 
 // Weights of experts [0, n) seeded `seed`.
@@ -41,7 +43,8 @@ locus::layer::expert_weights<W> model_weights(std::uint64_t seed, std::size_t n,
   std::vector<locus::expert_id> ids(n);
   std::iota(ids.begin(), ids.end(), 0);
   locus::layer::expert_weights<W> w(hidden, ffn, ids);
-  for (locus::expert_id e : ids) fill_expert<W>(seed, e, hidden, ffn, w.gate(e), w.up(e), w.down(e));
+  for (locus::expert_id e : ids)
+    fill_expert<W>(seed, e, hidden, ffn, w.gate(e), w.up(e), w.down(e));
   return w;
 }
 
@@ -50,7 +53,8 @@ std::vector<T> random_rows(std::uint64_t seed, std::size_t rows, std::size_t hid
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<float> d(-1.0f, 1.0f);
   std::vector<T> x(rows * hidden);
-  for (auto& v : x) v = static_cast<T>(d(rng));
+  for (auto& v : x)
+    v = static_cast<T>(d(rng));
   return x;
 }
 
@@ -130,15 +134,18 @@ void reference_softmax_topk(const std::vector<X>& x, const std::vector<float>& g
   for (std::size_t t = 0; t < T; ++t) {
     for (std::size_t e = 0; e < experts; ++e) {
       double v = 0;
-      for (std::size_t h = 0; h < hidden; ++h) v += as_double(x[t * hidden + h]) * gate[h * experts + e];
+      for (std::size_t h = 0; h < hidden; ++h)
+        v += as_double(x[t * hidden + h]) * gate[h * experts + e];
       l[e] = v;
     }
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](locus::expert_id a, locus::expert_id b) { return l[a] > l[b]; });
     const double mx = l[order[0]];
     double all = 0, top = 0;
-    for (std::size_t e = 0; e < experts; ++e) all += std::exp(l[e] - mx);
-    for (std::size_t j = 0; j < k; ++j) top += std::exp(l[order[j]] - mx);
+    for (std::size_t e = 0; e < experts; ++e)
+      all += std::exp(l[e] - mx);
+    for (std::size_t j = 0; j < k; ++j)
+      top += std::exp(l[order[j]] - mx);
     for (std::size_t j = 0; j < k; ++j) {
       ids[t * k + j] = order[j];
       weights[t * k + j] = static_cast<float>(std::exp(l[order[j]] - mx) / (renormalize ? top : all));

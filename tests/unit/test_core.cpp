@@ -1,12 +1,10 @@
 #define BOOST_TEST_MODULE core
-#include <boost/test/unit_test.hpp>
-
-#include <locus/locus.hpp>
-
 #include <array>
+#include <boost/test/unit_test.hpp>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <locus/locus.hpp>
 #include <type_traits>
 #include <vector>
 
@@ -126,7 +124,8 @@ BOOST_AUTO_TEST_CASE(views_index_token_major) {
   // Static and dynamic top_k read the same elements.
   routing_view<top_k<>> dv(ids.data(), w.data(), 3, top_k<>(2));
   for (std::size_t t = 0; t < 3; ++t)
-    for (std::size_t j = 0; j < 2; ++j) BOOST_TEST(dv.expert(t, j) == cv.expert(t, j));
+    for (std::size_t j = 0; j < 2; ++j)
+      BOOST_TEST(dv.expert(t, j) == cv.expert(t, j));
   static_assert(std::is_trivially_copyable_v<routing_view<top_k<8>>>);
   static_assert(std::is_trivially_copyable_v<device_routing_view<top_k<>>>);
 }
@@ -204,7 +203,8 @@ struct tag_only_backend {
 static_assert(backend_policy<backend::host> && !backend_policy<tag_only_backend> && !backend_policy<default_router>);
 
 BOOST_AUTO_TEST_CASE(policies_in_any_order_with_defaults) {
-  static_assert(policy_of<my_router, router_tag> && !policy_of<my_transport, router_tag> && !policy_of<int, router_tag>);
+  static_assert(policy_of<my_router, router_tag> && !policy_of<my_transport, router_tag> &&
+                !policy_of<int, router_tag>);
   using a = policy_set<my_transport, my_router>;
   using b = policy_set<my_router, my_transport>;
   static_assert(std::is_same_v<a::get<router_tag, default_router>, my_router>);
@@ -222,9 +222,11 @@ BOOST_AUTO_TEST_CASE(parallel_for_covers_every_index_once_for_any_thread_count) 
     for (std::size_t n : {std::size_t{0}, std::size_t{1}, std::size_t{5}, std::size_t{1000}}) {
       std::vector<int> hits(n, 0);
       parallel_for(n, 3, threads, [&](std::size_t b, std::size_t e, unsigned) {
-        for (std::size_t i = b; i < e; ++i) ++hits[i];
+        for (std::size_t i = b; i < e; ++i)
+          ++hits[i];
       });
-      for (std::size_t i = 0; i < n; ++i) BOOST_TEST(hits[i] == 1);
+      for (std::size_t i = 0; i < n; ++i)
+        BOOST_TEST(hits[i] == 1);
     }
   }
 }

@@ -1,6 +1,5 @@
 #define BOOST_TEST_MODULE expert_map
 #include <boost/test/unit_test.hpp>
-
 #include <locus/core/expert_map.hpp>
 #if defined(LOCUS_HAS_JSON_LIBRARY)
 #include <locus/core/expert_map_json.hpp>
@@ -29,16 +28,19 @@ std::string message_of(auto&& f) {
 expert_map random_map(std::mt19937& rng, std::size_t experts, std::size_t ranks, std::size_t slots) {
   std::vector<expert_id> table(ranks * slots, empty_slot);
   std::vector<std::size_t> order(ranks * slots);
-  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  for (std::size_t i = 0; i < order.size(); ++i)
+    order[i] = i;
   std::shuffle(order.begin(), order.end(), rng);
   std::size_t next = 0;
-  for (std::size_t e = 0; e < experts; ++e) table[order[next++]] = static_cast<expert_id>(e);
+  for (std::size_t e = 0; e < experts; ++e)
+    table[order[next++]] = static_cast<expert_id>(e);
   std::uniform_int_distribution<std::size_t> pick(0, experts - 1);
   for (; next < order.size(); ++next) {
     const std::size_t cell = order[next];
     const std::size_t e = pick(rng);
     bool on_rank = false;
-    for (std::size_t s = 0; s < slots; ++s) on_rank |= table[cell / slots * slots + s] == static_cast<expert_id>(e);
+    for (std::size_t s = 0; s < slots; ++s)
+      on_rank |= table[cell / slots * slots + s] == static_cast<expert_id>(e);
     if (!on_rank && rng() % 2) table[cell] = static_cast<expert_id>(e);
   }
   return expert_map(experts, ranks, slots, table);
@@ -73,18 +75,21 @@ BOOST_AUTO_TEST_CASE(index_matches_brute_force_scan) {
 }
 
 BOOST_AUTO_TEST_CASE(invalid_maps_name_the_offender) {
-  BOOST_TEST(message_of([] { expert_map(4, 2, 2, {0, 1, 2, 9}); }) ==
-             "slot (rank 1, slot 1) holds expert id 9, out of range [0, 4)");
+  BOOST_TEST(message_of([] {
+               expert_map(4, 2, 2, {0, 1, 2, 9});
+             }) == "slot (rank 1, slot 1) holds expert id 9, out of range [0, 4)");
   BOOST_TEST(message_of([] { expert_map(4, 2, 2, {0, 1, 2, empty_slot}); }) == "expert 3 is not hosted on any slot");
   // Two replicas on one rank are allowed and both listed.
   BOOST_TEST(expert_map(3, 2, 2, {0, 0, 1, 2}).replica_count(0) == 2u);
   BOOST_CHECK_THROW(expert_map(4, 2, 2, {0, 1, 2}), config_error);
   BOOST_CHECK_THROW(expert_map(5, 2, 2, {0, 1, 2, 3}), config_error);
   BOOST_CHECK_THROW(expert_map(0, 2, 2, {}), config_error);
-  BOOST_TEST(message_of([] { expert_map::from_replicas(2, 2, 1, {{{0, 0}}, {{0, 0}}}); }) ==
-             "slot (rank 0, slot 0) is used twice: by expert 0 and by expert 1");
-  BOOST_TEST(message_of([] { expert_map::from_replicas(2, 2, 1, {{{0, 0}}, {{2, 0}}}); }) ==
-             "expert 1 is given slot (rank 2, slot 0) outside the 2 × 1 slot table");
+  BOOST_TEST(message_of([] {
+               expert_map::from_replicas(2, 2, 1, {{{0, 0}}, {{0, 0}}});
+             }) == "slot (rank 0, slot 0) is used twice: by expert 0 and by expert 1");
+  BOOST_TEST(message_of([] {
+               expert_map::from_replicas(2, 2, 1, {{{0, 0}}, {{2, 0}}});
+             }) == "expert 1 is given slot (rank 2, slot 0) outside the 2 × 1 slot table");
   const expert_map ok = expert_map::from_replicas(2, 2, 2, {{{0, 0}, {1, 1}}, {{1, 0}}});
   BOOST_TEST(ok.replica_count(0) == 2u);
   BOOST_TEST(ok.expert_at(0, 1) == empty_slot);
@@ -97,12 +102,14 @@ BOOST_AUTO_TEST_CASE(invalid_maps_name_the_offender) {
 BOOST_AUTO_TEST_CASE(json_round_trip) {
   std::mt19937 rng(11);
   std::vector<expert_map> layers;
-  for (int l = 0; l < 5; ++l) layers.push_back(random_map(rng, 16, 4, 5));
+  for (int l = 0; l < 5; ++l)
+    layers.push_back(random_map(rng, 16, 4, 5));
   const auto path = std::filesystem::temp_directory_path() / "locus_test_expert_map.json";
   save_expert_maps(path.string(), layers);
   const auto loaded = load_expert_maps(path.string());
   BOOST_REQUIRE_EQUAL(loaded.size(), layers.size());
-  for (std::size_t l = 0; l < layers.size(); ++l) BOOST_TEST((loaded[l] == layers[l]));
+  for (std::size_t l = 0; l < layers.size(); ++l)
+    BOOST_TEST((loaded[l] == layers[l]));
   std::filesystem::remove(path);
 }
 

@@ -152,16 +152,17 @@ BOOST_AUTO_TEST_CASE(backend_object_is_taken_by_the_layer) {
     out.resize(c.topo.ranks());
     require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
       const std::size_t r = ep.rank();
-      dyn_layer<transport::local_flat> layer(dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
-                                             layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, r, all), 1),
-                                             backend::host{threads});
+      dyn_layer<transport::local_flat> layer(
+          dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
+          layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, r, all), 1), backend::host{threads});
       if (layer.backend().threads != threads) throw std::runtime_error("the layer dropped its backend");
       const auto x = c.inputs(r);
       out[r].assign(x.size(), -1.0f);
       layer.forward(x, c.routings[r].view(), out[r]);
     }));
   }
-  for (std::size_t r = 0; r < c.topo.ranks(); ++r) BOOST_TEST(y[0][r] == y[1][r]);
+  for (std::size_t r = 0; r < c.topo.ranks(); ++r)
+    BOOST_TEST(y[0][r] == y[1][r]);
 }
 
 BOOST_AUTO_TEST_CASE(static_shape_bf16) {
@@ -244,7 +245,8 @@ BOOST_AUTO_TEST_CASE(bad_routing_on_one_rank_raises_there_only) {
   routing<> bad = c.routings[1];
   bad.view().expert(0, 0) = static_cast<expert_id>(c.experts + 3);
   const auto all = locus_test::model_weights<float>(3, c.experts, c.hidden, 8);
-  transport::local_fabric f(c.topo, transport_kind::hierarchical, transport::exchange_options{std::chrono::milliseconds(5000)});
+  transport::local_fabric f(c.topo, transport_kind::hierarchical,
+                            transport::exchange_options{std::chrono::milliseconds(5000)});
   std::vector<std::vector<float>> y(4);
   const auto errors = on_ranks(f, [&](transport::local_transport& ep) {
     const std::size_t r = ep.rank();

@@ -1,6 +1,6 @@
 #define BOOST_TEST_MODULE planning
 #include <boost/test/unit_test.hpp>
-
+#include <cmath>
 #include <locus/cost/decode_simulator.hpp>
 #include <locus/grouper/by_name.hpp>
 #include <locus/grouper/kmeans.hpp>
@@ -8,8 +8,6 @@
 #include <locus/grouper/workload_aware.hpp>
 #include <locus/placement/activation_plan.hpp>
 #include <locus/placement/replan.hpp>
-
-#include <cmath>
 #include <random>
 #include <set>
 
@@ -23,7 +21,8 @@ trace::trace domain_trace(std::mt19937& rng, std::size_t requests, std::size_t e
                           std::size_t layers, std::size_t domains, std::size_t prefill, double affinity = 0.8) {
   trace::trace_builder b(experts, k, layers);
   std::vector<std::string> names;
-  for (std::size_t d = 0; d < domains; ++d) names.push_back("d" + std::to_string(d));
+  for (std::size_t d = 0; d < domains; ++d)
+    names.push_back("d" + std::to_string(d));
   b.set_domains(names);
   const std::size_t block = std::max<std::size_t>(k, experts / domains);
   for (std::size_t r = 0; r < requests; ++r) {
@@ -55,7 +54,8 @@ double inertia_of(const std::vector<float>& pts, std::size_t dim, const std::vec
   std::vector<std::size_t> size(k, 0);
   for (std::size_t p = 0; p < labels.size(); ++p) {
     ++size[labels[p]];
-    for (std::size_t i = 0; i < dim; ++i) mean[labels[p]][i] += pts[p * dim + i];
+    for (std::size_t i = 0; i < dim; ++i)
+      mean[labels[p]][i] += pts[p * dim + i];
   }
   double s = 0;
   for (std::size_t p = 0; p < labels.size(); ++p)
@@ -78,7 +78,8 @@ void check_maps(const std::vector<expert_map>& maps, const placement::plan_input
     for (std::size_t e = 0; e < in.experts; ++e) {
       BOOST_TEST(m.replica_count(e) >= 1u);
       std::set<std::size_t> nodes;
-      for (const auto& s : m.replicas(e)) nodes.insert(static_cast<std::size_t>(s.rank) / gpus);
+      for (const auto& s : m.replicas(e))
+        nodes.insert(static_cast<std::size_t>(s.rank) / gpus);
       BOOST_TEST(nodes.size() == m.replica_count(e)); // never two copies on one node
       used += m.replica_count(e);
     }
@@ -102,7 +103,8 @@ BOOST_AUTO_TEST_CASE(kmeans_matches_brute_force_optimum_on_tiny_data) {
     double best = 1e300;
     std::vector<std::uint32_t> labels(n, 0);
     std::size_t total = 1;
-    for (std::size_t i = 0; i < n; ++i) total *= k;
+    for (std::size_t i = 0; i < n; ++i)
+      total *= k;
     for (std::size_t code = 0; code < total; ++code) {
       std::size_t c = code;
       std::vector<std::size_t> size(k, 0);
@@ -123,7 +125,8 @@ BOOST_AUTO_TEST_CASE(kmeans_matches_brute_force_optimum_on_tiny_data) {
       double nd = 1e300;
       for (std::size_t c = 0; c < k; ++c) {
         double d = 0;
-        for (std::size_t i = 0; i < dim; ++i) d += std::pow(pts[p * dim + i] - km.centroid(c)[i], 2.0);
+        for (std::size_t i = 0; i < dim; ++i)
+          d += std::pow(pts[p * dim + i] - km.centroid(c)[i], 2.0);
         if (d < nd) nd = d, nearest = c;
       }
       BOOST_TEST(km.labels[p] == nearest);
@@ -134,7 +137,8 @@ BOOST_AUTO_TEST_CASE(kmeans_matches_brute_force_optimum_on_tiny_data) {
 BOOST_AUTO_TEST_CASE(kmeans_is_deterministic_and_rejects_bad_input) {
   std::mt19937 rng(3);
   std::vector<float> pts(50 * 4);
-  for (auto& x : pts) x = std::uniform_real_distribution<float>(0, 1)(rng);
+  for (auto& x : pts)
+    x = std::uniform_real_distribution<float>(0, 1)(rng);
   const auto a = grouper::kmeans(pts, 4, {5, 42, 100, 2});
   const auto b = grouper::kmeans(pts, 4, {5, 42, 100, 2});
   BOOST_TEST(a.labels == b.labels);
@@ -163,21 +167,27 @@ BOOST_AUTO_TEST_CASE(classifier_matches_dense_reference_and_separates_domains) {
     const auto& q = t.request(r);
     for (std::size_t l = 0; l < L; l += m.classifier_layer_stride())
       for (std::size_t i = 0; i < std::min<std::size_t>(P, q.length); ++i)
-        for (std::size_t j = 0; j < K; ++j) v[l * E + t.layer(l).token_ids(q.first_token + i)[j]] += 1;
+        for (std::size_t j = 0; j < K; ++j)
+          v[l * E + t.layer(l).token_ids(q.first_token + i)[j]] += 1;
     double s = 0;
-    for (double x : v) s += x * x;
-    for (double& x : v) x /= std::sqrt(s);
+    for (double x : v)
+      s += x * x;
+    for (double& x : v)
+      x /= std::sqrt(s);
     return v;
   };
   std::vector<std::vector<double>> mean(m.clusters(), std::vector<double>(dim, 0.0));
   for (std::size_t i = 0; i < m.training_requests().size(); ++i) {
     const auto v = prefill_vec(train, m.training_requests()[i]);
-    for (std::size_t f = 0; f < dim; ++f) mean[m.training_labels()[i]][f] += v[f];
+    for (std::size_t f = 0; f < dim; ++f)
+      mean[m.training_labels()[i]][f] += v[f];
   }
   for (auto& c : mean) {
     double s = 0;
-    for (double x : c) s += x * x;
-    for (double& x : c) x /= std::sqrt(s);
+    for (double x : c)
+      s += x * x;
+    for (double& x : c)
+      x /= std::sqrt(s);
   }
   std::vector<std::uint32_t> scratch;
   std::size_t agree_domain = 0;
@@ -188,14 +198,16 @@ BOOST_AUTO_TEST_CASE(classifier_matches_dense_reference_and_separates_domains) {
     double best_s = -1;
     for (std::size_t c = 0; c < m.clusters(); ++c) {
       double s = 0;
-      for (std::size_t f = 0; f < dim; ++f) s += v[f] * mean[c][f];
+      for (std::size_t f = 0; f < dim; ++f)
+        s += v[f] * mean[c][f];
       if (s > best_s) best_s = s, best = c;
     }
     const auto got = m.classify(test, r, P, scratch);
     BOOST_TEST(got.cluster == best);
     BOOST_TEST(std::abs(got.similarity - best_s) < 1e-4);
     // Clusters should coincide with domains on this well-separated data.
-    if (cluster_domain[got.cluster] < 0) cluster_domain[got.cluster] = static_cast<std::int32_t>(test.request(r).domain);
+    if (cluster_domain[got.cluster] < 0)
+      cluster_domain[got.cluster] = static_cast<std::int32_t>(test.request(r).domain);
     agree_domain += cluster_domain[got.cluster] == static_cast<std::int32_t>(test.request(r).domain);
   }
   BOOST_TEST(agree_domain == test.requests());
@@ -215,7 +227,8 @@ BOOST_AUTO_TEST_CASE(planners_return_valid_maps_on_random_inputs) {
       auto in = placement::plan_input_from_trace(t, topo, redundant);
       check_maps(p.maps, in);
       if (std::string(name) == "locality" && redundant == 0)
-        for (const auto& m : p.maps) BOOST_TEST(m.replica_slots_used() == 0u);
+        for (const auto& m : p.maps)
+          BOOST_TEST(m.replica_slots_used() == 0u);
     }
   }
 }
@@ -233,17 +246,20 @@ BOOST_AUTO_TEST_CASE(locality_reaches_brute_force_optimum_on_tiny_instances) {
     in.load.assign(1, std::vector<double>(E, 0.0));
     in.node_load.assign(1, std::vector<std::vector<double>>(nodes, std::vector<double>(E, 0.0)));
     for (std::size_t n = 0; n < nodes; ++n)
-      for (std::size_t e = 0; e < E; ++e) in.node_load[0][n][e] = static_cast<double>(rng() % 20 + 10);
+      for (std::size_t e = 0; e < E; ++e)
+        in.node_load[0][n][e] = static_cast<double>(rng() % 20 + 10);
     placement::locality_options opt;
     opt.balance_slack = 0.5;
     const auto maps = placement::locality{opt}.plan(in);
     const auto& u = in.node_load[0];
     double total = 0;
     std::vector<double> w(E, 0.0);
-    for (std::size_t e = 0; e < E; ++e) w[e] = u[0][e] + u[1][e], total += w[e];
+    for (std::size_t e = 0; e < E; ++e)
+      w[e] = u[0][e] + u[1][e], total += w[e];
     const double cap = 1.5 * total / 2;
     double got = 0;
-    for (std::size_t e = 0; e < E; ++e) got += u[static_cast<std::size_t>(maps[0].replicas(e)[0].rank)][e];
+    for (std::size_t e = 0; e < E; ++e)
+      got += u[static_cast<std::size_t>(maps[0].replicas(e)[0].rank)][e];
     double best = -1;
     for (std::size_t mask = 0; mask < (1u << E); ++mask) {
       if (std::popcount(mask) != static_cast<int>(E / 2)) continue;
@@ -312,7 +328,8 @@ BOOST_AUTO_TEST_CASE(workload_aware_never_exceeds_capacity) {
     const grouper::cluster_state cs{topo, st, cap};
     const std::size_t r = g.assign({&test, static_cast<std::size_t>(rng() % test.requests()), 4}, cs);
     bool any_room = false;
-    for (std::size_t i = 0; i < topo.ranks(); ++i) any_room |= st[i].running_requests < cap;
+    for (std::size_t i = 0; i < topo.ranks(); ++i)
+      any_room |= st[i].running_requests < cap;
     if (r == grouper::no_rank)
       BOOST_TEST(!any_room);
     else
@@ -333,11 +350,13 @@ BOOST_AUTO_TEST_CASE(micro_batch_split_balances_against_brute_force) {
     const std::size_t n = 6 + rng() % 3, gpus = 3;
     std::vector<std::vector<double>> load(n, std::vector<double>(gpus));
     for (auto& r : load)
-      for (auto& x : r) x = static_cast<double>(rng() % 10);
+      for (auto& x : r)
+        x = static_cast<double>(rng() % 10);
     const auto s = grouper::split_micro_batches(load, 2);
     // Sizes differ by at most one; reported loads are the sums.
     std::size_t c0 = 0;
-    for (auto b : s.batch_of) c0 += b == 0;
+    for (auto b : s.batch_of)
+      c0 += b == 0;
     BOOST_TEST(std::abs(static_cast<long>(c0) - static_cast<long>(n - c0)) <= 1);
     // Brute force: the best worst-peak over all balanced 2-splits; greedy + swaps must be within 1.2x.
     double best = 1e300;
@@ -346,12 +365,14 @@ BOOST_AUTO_TEST_CASE(micro_batch_split_balances_against_brute_force) {
       if (std::abs(2 * c - static_cast<long>(n)) > 1) continue;
       std::vector<std::vector<double>> b(2, std::vector<double>(gpus, 0.0));
       for (std::size_t r = 0; r < n; ++r)
-        for (std::size_t g = 0; g < gpus; ++g) b[(mask >> r) & 1u][g] += load[r][g];
-      best = std::min(best, std::max(*std::max_element(b[0].begin(), b[0].end()),
-                                     *std::max_element(b[1].begin(), b[1].end())));
+        for (std::size_t g = 0; g < gpus; ++g)
+          b[(mask >> r) & 1u][g] += load[r][g];
+      best = std::min(
+          best, std::max(*std::max_element(b[0].begin(), b[0].end()), *std::max_element(b[1].begin(), b[1].end())));
     }
     double got = 0;
-    for (const auto& b : s.load) got = std::max(got, *std::max_element(b.begin(), b.end()));
+    for (const auto& b : s.load)
+      got = std::max(got, *std::max_element(b.begin(), b.end()));
     BOOST_TEST(got <= 1.2 * best + 1e-9);
     BOOST_TEST(s.peak_max_over_mean >= 1.0 - 1e-12);
   }

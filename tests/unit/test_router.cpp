@@ -1,15 +1,13 @@
 // Routers against an independent brute-force reference: every probability and score computed in
 // double precision with std::exp, every selection made by a full sort.
 #define BOOST_TEST_MODULE router
-#include <boost/test/unit_test.hpp>
-
-#include <locus/router/router.hpp>
-
 #include <algorithm>
+#include <boost/test/unit_test.hpp>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <locus/router/router.hpp>
 #include <numeric>
 #include <random>
 #include <string>
@@ -35,10 +33,12 @@ struct routes_other_top_k {
   using top_k_type = locus::top_k<2>;
   static constexpr const char* name = "other";
   std::size_t top_k() const { return 2; }
-  void route(const lr::logits_view<experts<>, const float>&, const mutable_routing_view<locus::top_k<4>>&, unsigned) const {}
+  void route(const lr::logits_view<experts<>, const float>&, const mutable_routing_view<locus::top_k<4>>&,
+             unsigned) const {}
 };
 struct complete_router : tag_only_router {
-  void route(const lr::logits_view<experts<>, const float>&, const mutable_routing_view<locus::top_k<>>&, unsigned) const {}
+  void route(const lr::logits_view<experts<>, const float>&, const mutable_routing_view<locus::top_k<>>&,
+             unsigned) const {}
 };
 static_assert(!router_policy<tag_only_router> && !router_policy<routes_other_top_k> && router_policy<complete_router>);
 
@@ -66,23 +66,28 @@ double value_of(bfloat16 x) { return bf16_bits_to_float(x.bits); }
 std::vector<int> order_by(const std::vector<double>& score) {
   std::vector<int> idx(score.size());
   std::iota(idx.begin(), idx.end(), 0);
-  std::sort(idx.begin(), idx.end(), [&](int a, int b) { return score[a] > score[b] || (score[a] == score[b] && a < b); });
+  std::sort(idx.begin(), idx.end(),
+            [&](int a, int b) { return score[a] > score[b] || (score[a] == score[b] && a < b); });
   return idx;
 }
 
 template <class T>
 reference_token ref_softmax(const T* row, std::size_t experts, std::size_t k, bool renormalize) {
   std::vector<double> l(experts), p(experts);
-  for (std::size_t e = 0; e < experts; ++e) l[e] = value_of(row[e]);
+  for (std::size_t e = 0; e < experts; ++e)
+    l[e] = value_of(row[e]);
   const double m = *std::max_element(l.begin(), l.end());
   double sum = 0;
-  for (std::size_t e = 0; e < experts; ++e) sum += p[e] = std::exp(l[e] - m);
-  for (auto& x : p) x /= sum;
+  for (std::size_t e = 0; e < experts; ++e)
+    sum += p[e] = std::exp(l[e] - m);
+  for (auto& x : p)
+    x /= sum;
   // Selection on the logits themselves: equal logits are exact ties, distinct ones never are.
   const auto order = order_by(l);
   reference_token r;
   double chosen = 0;
-  for (std::size_t j = 0; j < k; ++j) chosen += p[order[j]];
+  for (std::size_t j = 0; j < k; ++j)
+    chosen += p[order[j]];
   for (std::size_t j = 0; j < k; ++j) {
     r.ids.push_back(order[j]);
     r.weights.push_back(renormalize ? p[order[j]] / chosen : p[order[j]]);
@@ -114,14 +119,16 @@ reference_token ref_grouped(const T* row, std::size_t experts, std::size_t group
   }
   std::vector<double> cand(experts, -std::numeric_limits<double>::infinity());
   for (std::size_t j = 0; j < top_groups; ++j)
-    for (std::size_t e = gorder[j] * size; e < (gorder[j] + 1) * size; ++e) cand[e] = b[e];
+    for (std::size_t e = gorder[j] * size; e < (gorder[j] + 1) * size; ++e)
+      cand[e] = b[e];
   const auto order = order_by(cand);
   if (k < top_groups * size) {
     const double gap = cand[order[k - 1]] - cand[order[k]];
     r.ambiguous |= gap > 0 && gap < margin;
   }
   double sum = 0;
-  for (std::size_t j = 0; j < k; ++j) sum += s[order[j]];
+  for (std::size_t j = 0; j < k; ++j)
+    sum += s[order[j]];
   for (std::size_t j = 0; j < k; ++j) {
     r.ids.push_back(order[j]);
     r.weights.push_back((normalize ? s[order[j]] / sum : s[order[j]]) * scale);
@@ -169,7 +176,8 @@ std::vector<T> random_logits(std::size_t tokens, std::size_t experts, unsigned s
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> d(0.0f, static_cast<float>(spread));
   std::vector<T> v(tokens * experts);
-  for (auto& x : v) x = T(d(rng));
+  for (auto& x : v)
+    x = T(d(rng));
   return v;
 }
 
@@ -177,7 +185,8 @@ std::vector<float> random_bias(std::size_t experts, unsigned seed) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<float> d(-0.05f, 0.05f);
   std::vector<float> v(experts);
-  for (auto& x : v) x = d(rng);
+  for (auto& x : v)
+    x = d(rng);
   return v;
 }
 
@@ -190,8 +199,8 @@ void check_softmax(std::size_t tokens, unsigned seed, bool renormalize) {
   const auto r = router.route(lr::logits_view<experts<E>, const T>(logits.data(), tokens), 3);
   const std::string what = "softmax E=" + std::to_string(E) + " K=" + std::to_string(K) +
                            (renormalize ? " renorm" : "") + (sizeof(T) == 2 ? " bf16" : " fp32");
-  expect_matches(r.view(), tokens, K, [&](std::size_t t) { return ref_softmax(&logits[t * E], E, K, renormalize); },
-                 what);
+  expect_matches(
+      r.view(), tokens, K, [&](std::size_t t) { return ref_softmax(&logits[t * E], E, K, renormalize); }, what);
   validate_routing(r.view(), E);
 }
 
@@ -242,9 +251,9 @@ void check_grouped(std::size_t tokens, unsigned seed, bool with_bias, float scal
   const auto r = router.route(lr::logits_view<experts<E>, const T>(logits.data(), tokens), 3);
   const std::string what = "grouped E=" + std::to_string(E) + " G=" + std::to_string(G) + "/" + std::to_string(TG) +
                            " K=" + std::to_string(K) + (sizeof(T) == 2 ? " bf16" : " fp32");
-  expect_matches(r.view(), tokens, K,
-                 [&](std::size_t t) { return ref_grouped(&logits[t * E], E, G, TG, K, bias, scale, normalize); },
-                 what);
+  expect_matches(
+      r.view(), tokens, K,
+      [&](std::size_t t) { return ref_grouped(&logits[t * E], E, G, TG, K, bias, scale, normalize); }, what);
   validate_routing(r.view(), E);
 }
 
@@ -255,9 +264,9 @@ BOOST_AUTO_TEST_CASE(sigmoid_grouped_matches_reference) {
   check_grouped<64, 8, 3, 6, float>(1000, 24, true, 1.0f, true);
   check_grouped<160, 8, 3, 6, float>(500, 25, true, 16.0f, true); // DeepSeek-V2 shape
   check_grouped<8, 4, 2, 2, float>(1000, 26, true, 1.0f, true);
-  check_grouped<128, 1, 1, 8, float>(500, 27, true, 1.0f, true); // one group: plain sigmoid top-k
+  check_grouped<128, 1, 1, 8, float>(500, 27, true, 1.0f, true);  // one group: plain sigmoid top-k
   check_grouped<64, 32, 32, 4, float>(500, 28, true, 1.0f, true); // every group kept
-  check_grouped<16, 4, 1, 2, float>(500, 29, true, 1.0f, true); // k = group size
+  check_grouped<16, 4, 1, 2, float>(500, 29, true, 1.0f, true);   // k = group size
 }
 
 BOOST_AUTO_TEST_CASE(sigmoid_grouped_bf16_matches_reference) {
@@ -274,7 +283,8 @@ BOOST_AUTO_TEST_CASE(sigmoid_grouped_ties_choose_the_lower_group_and_expert) {
   BOOST_TEST(r.view().expert(0, 0) == 0);
   BOOST_TEST(r.view().expert(0, 1) == 1);
   BOOST_TEST(r.view().expert(0, 2) == 2);
-  for (int j = 0; j < 3; ++j) BOOST_TEST(std::abs(r.view().weight(0, j) - 1.0 / 3) < 1e-6);
+  for (int j = 0; j < 3; ++j)
+    BOOST_TEST(std::abs(r.view().weight(0, j) - 1.0 / 3) < 1e-6);
   // Groups 1 and 3 tie for the best score and group 2 scores lower, so {1, 3} are kept; inside
   // them experts 5 and 13 tie (5 first), then 6 and 14 tie (6 wins the third place).
   logits.assign(16, -5.0f);
@@ -291,8 +301,8 @@ BOOST_AUTO_TEST_CASE(sigmoid_grouped_bias_affects_selection_only) {
   // Expert 1 has the lower logit but a bias that lifts it above expert 0: it is chosen, and its
   // weight comes from its unbiased score.
   const std::vector<float> logits = {1.0f, 0.5f, -3.0f, -3.0f};
-  const lr::sigmoid_grouped<groups<1>, top_groups<1>, top_k<1>> router(std::vector<float>{0.0f, 0.5f, 0.0f, 0.0f},
-                                                                       2.0f, false);
+  const lr::sigmoid_grouped<groups<1>, top_groups<1>, top_k<1>> router(std::vector<float>{0.0f, 0.5f, 0.0f, 0.0f}, 2.0f,
+                                                                       false);
   const auto r = router.route(lr::logits_view<experts<4>>(logits.data(), 1));
   BOOST_TEST(r.view().expert(0, 0) == 1);
   BOOST_TEST(std::abs(r.view().weight(0, 0) - 2.0 / (1.0 + std::exp(-0.5))) < 1e-6);
@@ -308,7 +318,8 @@ void check_top1(std::size_t tokens, unsigned seed) {
       r.view(), tokens, 1,
       [&](std::size_t t) {
         std::vector<double> l(E);
-        for (std::size_t e = 0; e < E; ++e) l[e] = value_of(logits[t * E + e]);
+        for (std::size_t e = 0; e < E; ++e)
+          l[e] = value_of(logits[t * E + e]);
         const int best = order_by(l)[0];
         return reference_token{{best}, {1.0 / (1.0 + std::exp(-l[best]))}};
       },
@@ -402,9 +413,9 @@ BOOST_AUTO_TEST_CASE(invalid_configurations_are_rejected) {
   BOOST_CHECK_THROW(lr::softmax_topk<>(2).route(view, wrong.view()), invalid_input_error);
   routing<top_k<>> wrong_k(10, top_k<>(3));
   BOOST_CHECK_THROW(lr::softmax_topk<>(2).route(view, wrong_k.view()), invalid_input_error);
-  BOOST_CHECK_THROW((void)lr::sigmoid_grouped<>(3, 1, 2).route(view), config_error);        // 8 experts / 3 groups
-  BOOST_CHECK_THROW((void)lr::sigmoid_grouped<>(8, 2, 2).route(view), config_error);        // groups of 1
-  BOOST_CHECK_THROW((void)lr::sigmoid_grouped<>(4, 1, 3).route(view), config_error);        // k > kept experts
+  BOOST_CHECK_THROW((void)lr::sigmoid_grouped<>(3, 1, 2).route(view), config_error);         // 8 experts / 3 groups
+  BOOST_CHECK_THROW((void)lr::sigmoid_grouped<>(8, 2, 2).route(view), config_error);         // groups of 1
+  BOOST_CHECK_THROW((void)lr::sigmoid_grouped<>(4, 1, 3).route(view), config_error);         // k > kept experts
   BOOST_CHECK_THROW((void)lr::sigmoid_grouped<>(2, 1, 2, {1, 2}).route(view), config_error); // bias size
   BOOST_CHECK_THROW(lr::sigmoid_grouped<>(2, 3, 2), config_error);
   BOOST_CHECK_THROW(lr::sigmoid_grouped<>(2, 1, 2, {0, std::nanf(""), 0, 0}), config_error);

@@ -1,11 +1,9 @@
 #define BOOST_TEST_MODULE simulator
+#include <algorithm>
 #include <boost/test/unit_test.hpp>
-
 #include <locus/cost/decode_simulator.hpp>
 #include <locus/grouper/baselines.hpp>
 #include <locus/placement/linear.hpp>
-
-#include <algorithm>
 #include <random>
 
 using namespace locus;
@@ -25,7 +23,8 @@ trace::trace random_trace(std::mt19937& rng, std::size_t requests, std::size_t e
     for (std::size_t l = 0; l < layers; ++l) {
       auto ids = b.ids(l, t);
       std::vector<trace::trace_expert_id> pool(experts);
-      for (std::size_t e = 0; e < experts; ++e) pool[e] = static_cast<trace::trace_expert_id>(e);
+      for (std::size_t e = 0; e < experts; ++e)
+        pool[e] = static_cast<trace::trace_expert_id>(e);
       for (std::size_t j = 0; j < k; ++j) {
         std::swap(pool[j], pool[j + rng() % (experts - j)]);
         ids[j] = pool[j];
@@ -44,7 +43,8 @@ BOOST_AUTO_TEST_CASE(batching_matches_a_direct_replay) {
   simulation_config cfg;
   cfg.topology = dynamic_topology(2, 2);
   cfg.batch_per_rank = 100;
-  const auto maps = placement::linear{}.plan({cfg.topology, 16, 4, std::vector<std::vector<double>>(2, std::vector<double>(16, 1)), {}});
+  const auto maps = placement::linear{}.plan(
+      {cfg.topology, 16, 4, std::vector<std::vector<double>>(2, std::vector<double>(16, 1)), {}});
   grouper::round_robin g;
   const auto res = simulate_decode(t, maps, g, cfg);
 
@@ -52,7 +52,8 @@ BOOST_AUTO_TEST_CASE(batching_matches_a_direct_replay) {
   traffic_counter<dynamic_topology> counter(cfg.topology, cfg.transport);
   std::uint64_t tokens_total = 0;
   std::size_t max_decode = 0;
-  for (std::size_t r = 0; r < t.requests(); ++r) max_decode = std::max<std::size_t>(max_decode, t.request(r).length - 4);
+  for (std::size_t r = 0; r < t.requests(); ++r)
+    max_decode = std::max<std::size_t>(max_decode, t.request(r).length - 4);
   for (std::size_t s = 0; s < max_decode; ++s) {
     std::vector<std::size_t> tokens;
     std::vector<std::uint32_t> src;
@@ -62,7 +63,8 @@ BOOST_AUTO_TEST_CASE(batching_matches_a_direct_replay) {
         src.push_back(static_cast<std::uint32_t>(r % 4));
       }
     tokens_total += tokens.size();
-    for (std::size_t l = 0; l < 2; ++l) counter.count_step(maps[l], t.layer(l), tokens, src, expected[l]);
+    for (std::size_t l = 0; l < 2; ++l)
+      counter.count_step(maps[l], t.layer(l), tokens, src, expected[l]);
   }
   BOOST_TEST(res.steps == max_decode);
   BOOST_TEST(res.decode_tokens == tokens_total);
@@ -79,10 +81,12 @@ BOOST_AUTO_TEST_CASE(batching_matches_a_direct_replay) {
   // rank holds its prefill and the s tokens decoded before.
   std::vector<double> attention(4, 0.0);
   for (std::size_t r = 0; r < t.requests(); ++r)
-    for (std::size_t s = 0; s < t.request(r).length - 4; ++s) attention[r % 4] += static_cast<double>(4 + s);
+    for (std::size_t s = 0; s < t.request(r).length - 4; ++s)
+      attention[r % 4] += static_cast<double>(4 + s);
   BOOST_TEST(res.rank_attention_tokens == attention, boost::test_tools::per_element());
   double sum = 0;
-  for (double a : attention) sum += a;
+  for (double a : attention)
+    sum += a;
   BOOST_TEST(res.attention_imbalance == *std::max_element(attention.begin(), attention.end()) * 4 / sum,
              boost::test_tools::tolerance(1e-12));
   const auto self = normalize_all2all(res, res);
@@ -152,7 +156,8 @@ BOOST_AUTO_TEST_CASE(capacity_is_respected_and_nothing_is_lost) {
   std::mt19937 rng(8);
   const auto t = random_trace(rng, 40, 8, 2, 1, 2);
   std::uint64_t decode = 0;
-  for (std::size_t r = 0; r < t.requests(); ++r) decode += t.request(r).length - 2;
+  for (std::size_t r = 0; r < t.requests(); ++r)
+    decode += t.request(r).length - 2;
   for (std::size_t batch : {1u, 3u}) {
     simulation_config cfg;
     cfg.topology = dynamic_topology(2, 2);
@@ -165,7 +170,8 @@ BOOST_AUTO_TEST_CASE(capacity_is_respected_and_nothing_is_lost) {
     const auto b = simulate_decode(t, maps, g, cfg);
     BOOST_TEST(a.decode_tokens == decode);
     BOOST_TEST(a.requests_served == t.requests());
-    for (std::uint64_t s : a.step_tokens) BOOST_TEST(s <= 4 * batch);
+    for (std::uint64_t s : a.step_tokens)
+      BOOST_TEST(s <= 4 * batch);
     BOOST_TEST(a.step_inter_node_bytes == b.step_inter_node_bytes); // same seed, same run
   }
 }

@@ -1,11 +1,9 @@
 #define BOOST_TEST_MODULE token_refine
-#include <boost/test/unit_test.hpp>
-
-#include <locus/cost/traffic.hpp>
-#include <locus/core/routing.hpp>
-#include <locus/placement/token_refine.hpp>
-
 #include <algorithm>
+#include <boost/test/unit_test.hpp>
+#include <locus/core/routing.hpp>
+#include <locus/cost/traffic.hpp>
+#include <locus/placement/token_refine.hpp>
 #include <map>
 #include <random>
 #include <set>
@@ -24,7 +22,8 @@ std::vector<std::size_t> serving_ranks(const expert_map& m, const placement::tok
   for (std::size_t t = 0; t < s.tokens(); ++t)
     for (std::size_t j = 0; j < s.top_k; ++j)
       out[t * s.top_k + j] = static_cast<std::size_t>(
-          selector.select(placement::sample_source_rank(s.home[t], t, topo.gpus_per_node()), s.ids[layer][t * s.top_k + j])
+          selector
+              .select(placement::sample_source_rank(s.home[t], t, topo.gpus_per_node()), s.ids[layer][t * s.top_k + j])
               .rank);
   return out;
 }
@@ -71,7 +70,8 @@ std::vector<double> replica_planner_loads(const expert_map& m, const placement::
 std::vector<double> reference_loads(const expert_map& m, const placement::token_sample& s, std::size_t layer,
                                     const dynamic_topology& topo) {
   std::vector<double> load(m.ranks(), 0.0);
-  for (const std::size_t r : serving_ranks(m, s, layer, topo)) load[r] += 1;
+  for (const std::size_t r : serving_ranks(m, s, layer, topo))
+    load[r] += 1;
   return load;
 }
 
@@ -85,7 +85,8 @@ placement::token_sample random_sample(std::mt19937& rng, std::size_t tokens, std
   const std::size_t kinds = 1 + rng() % 4;
   std::vector<std::vector<std::uint16_t>> fav(kinds);
   for (auto& f : fav)
-    for (std::size_t i = 0; i < std::max<std::size_t>(k + 1, experts / 3); ++i) f.push_back(static_cast<std::uint16_t>(rng() % experts));
+    for (std::size_t i = 0; i < std::max<std::size_t>(k + 1, experts / 3); ++i)
+      f.push_back(static_cast<std::uint16_t>(rng() % experts));
   std::vector<std::size_t> kind(tokens);
   for (std::size_t t = 0; t < tokens; ++t) {
     kind[t] = rng() % kinds;
@@ -99,7 +100,8 @@ placement::token_sample random_sample(std::mt19937& rng, std::size_t tokens, std
         const auto& f = fav[kind[t]];
         chosen.insert(rng() % 4 ? f[rng() % f.size()] : static_cast<std::uint16_t>(rng() % experts));
       }
-      for (auto e : chosen) layer.push_back(e);
+      for (auto e : chosen)
+        layer.push_back(e);
     }
   return s;
 }
@@ -110,12 +112,14 @@ expert_map random_map(std::mt19937& rng, std::size_t experts, std::size_t ranks,
   std::vector<std::size_t> slots(ranks * spr);
   std::iota(slots.begin(), slots.end(), 0u);
   std::shuffle(slots.begin(), slots.end(), rng);
-  for (std::size_t e = 0; e < experts; ++e) table[slots[e]] = static_cast<expert_id>(e);
+  for (std::size_t e = 0; e < experts; ++e)
+    table[slots[e]] = static_cast<expert_id>(e);
   if (replicas)
     for (std::size_t i = experts; i < slots.size(); ++i) {
       const auto e = static_cast<expert_id>(rng() % experts);
       bool on_rank = false;
-      for (std::size_t s = 0; s < spr; ++s) on_rank |= table[slots[i] / spr * spr + s] == e;
+      for (std::size_t s = 0; s < spr; ++s)
+        on_rank |= table[slots[i] / spr * spr + s] == e;
       if (!on_rank) table[slots[i]] = e;
     }
   return expert_map(experts, ranks, spr, std::move(table));
@@ -132,12 +136,14 @@ BOOST_AUTO_TEST_CASE(refinement_lowers_the_exact_cost_and_keeps_maps_valid) {
   std::size_t improved = 0;
   for (int trial = 0; trial < 40; ++trial) {
     const std::size_t nodes = 1 + rng() % 4, gpus = 1 + rng() % 3, ranks = nodes * gpus;
-    const std::size_t spr = 1 + rng() % 4 + (trial % 2), experts = std::max<std::size_t>(2, ranks * spr - (trial % 2) * (rng() % (ranks + 1)));
+    const std::size_t spr = 1 + rng() % 4 + (trial % 2),
+                      experts = std::max<std::size_t>(2, ranks * spr - (trial % 2) * (rng() % (ranks + 1)));
     const std::size_t k = 1 + rng() % std::min<std::size_t>(4, experts);
     const dynamic_topology topo(nodes, gpus);
     const auto sample = random_sample(rng, 50 + rng() % 200, experts, k, 2, nodes);
     std::vector<expert_map> maps;
-    for (std::size_t l = 0; l < 2; ++l) maps.push_back(random_map(rng, experts, ranks, spr, trial % 2 == 1));
+    for (std::size_t l = 0; l < 2; ++l)
+      maps.push_back(random_map(rng, experts, ranks, spr, trial % 2 == 1));
     placement::token_refine_options opt;
     opt.balance_slack = 0.1 * static_cast<double>(trial % 4);
     opt.rank_copy_weight = trial % 3 == 0 ? 0.0 : 1.0;
@@ -161,10 +167,12 @@ BOOST_AUTO_TEST_CASE(refinement_lowers_the_exact_cost_and_keeps_maps_valid) {
           BOOST_TEST((std::vector<slot_ref>(out[l].replicas(e).begin(), out[l].replicas(e).end()) ==
                       std::vector<slot_ref>(maps[l].replicas(e).begin(), maps[l].replicas(e).end())));
       }
-      for (std::size_t r = 0; r < ranks; ++r) BOOST_TEST(out[l].experts_on(r).size() == maps[l].experts_on(r).size());
+      for (std::size_t r = 0; r < ranks; ++r)
+        BOOST_TEST(out[l].experts_on(r).size() == maps[l].experts_on(r).size());
       const auto lb = reference_loads(maps[l], sample, l, topo), la = reference_loads(out[l], sample, l, topo);
       double total = 0;
-      for (double x : lb) total += x;
+      for (double x : lb)
+        total += x;
       const double cap = (1.0 + opt.balance_slack) * total / static_cast<double>(ranks);
       const double worst_before = *std::max_element(lb.begin(), lb.end());
       BOOST_TEST(*std::max_element(la.begin(), la.end()) <= std::max(cap, worst_before) + 1e-9);
@@ -208,12 +216,15 @@ BOOST_AUTO_TEST_CASE(annealing_keeps_maps_valid_and_never_ends_worse) {
         BOOST_TEST((std::vector<slot_ref>(out[0].replicas(e).begin(), out[0].replicas(e).end()) ==
                     std::vector<slot_ref>(maps[0].replicas(e).begin(), maps[0].replicas(e).end())));
     }
-    for (std::size_t r = 0; r < ranks; ++r) BOOST_TEST(out[0].experts_on(r).size() == maps[0].experts_on(r).size());
+    for (std::size_t r = 0; r < ranks; ++r)
+      BOOST_TEST(out[0].experts_on(r).size() == maps[0].experts_on(r).size());
     const auto lb = reference_loads(maps[0], sample, 0, topo), la = reference_loads(out[0], sample, 0, topo);
     double total = 0;
-    for (double x : lb) total += x;
+    for (double x : lb)
+      total += x;
     const double cap = (1.0 + opt.balance_slack) * total / static_cast<double>(ranks);
-    BOOST_TEST(*std::max_element(la.begin(), la.end()) <= std::max(cap, *std::max_element(lb.begin(), lb.end())) + 1e-9);
+    BOOST_TEST(*std::max_element(la.begin(), la.end()) <=
+               std::max(cap, *std::max_element(lb.begin(), lb.end())) + 1e-9);
     BOOST_TEST((out == placement::refine_by_tokens(maps, sample, topo, opt))); // same seed, same map
   }
   BOOST_TEST(accepted > 0u);
@@ -240,8 +251,10 @@ BOOST_AUTO_TEST_CASE(annealing_escapes_where_the_sweeps_stop) {
     opt.anneal_per_expert = 300;
     opt.anneal_seed = static_cast<std::uint64_t>(trial + 1);
     std::vector<placement::token_refine_report> rep;
-    const double s = placement::sample_copy_cost(placement::refine_by_tokens(maps, sample, topo, plain), sample, topo, plain);
-    const double a = placement::sample_copy_cost(placement::refine_by_tokens(maps, sample, topo, opt, &rep), sample, topo, opt);
+    const double s =
+        placement::sample_copy_cost(placement::refine_by_tokens(maps, sample, topo, plain), sample, topo, plain);
+    const double a =
+        placement::sample_copy_cost(placement::refine_by_tokens(maps, sample, topo, opt, &rep), sample, topo, opt);
     BOOST_TEST(rep[0].cost_swept == s, boost::test_tools::tolerance(1e-9)); // the same sweeps come first
     BOOST_TEST(a <= s + 1e-9);
     swept += s;
@@ -261,12 +274,15 @@ double worst_shifted_excess(const expert_map& m, const placement::token_sample& 
     std::vector<double> load = base;
     for (std::size_t t = 0; t < s.tokens(); ++t) {
       if (s.home[t] != node) continue;
-      for (std::size_t j = 0; j < s.top_k; ++j) load[serving[t * s.top_k + j]] += shift;
+      for (std::size_t j = 0; j < s.top_k; ++j)
+        load[serving[t * s.top_k + j]] += shift;
     }
     double total = 0;
-    for (double x : load) total += x;
+    for (double x : load)
+      total += x;
     const double cap = (1.0 + slack) * total / static_cast<double>(load.size());
-    for (double x : load) worst = std::max(worst, x / cap);
+    for (double x : load)
+      worst = std::max(worst, x / cap);
   }
   return worst;
 }
@@ -296,7 +312,8 @@ BOOST_AUTO_TEST_CASE(shifted_mix_bounds_hold_and_repair_lowers_the_excess) {
     const double after = worst_shifted_excess(out[0], sample, 0, topo, opt.balance_shift, opt.shift_slack);
     BOOST_TEST(after <= std::max(1.0, before) + 1e-9);
     BOOST_TEST(rep[0].cost_after == reference_cost(out[0], sample, 0, topo), boost::test_tools::tolerance(1e-9));
-    for (std::size_t r = 0; r < ranks; ++r) BOOST_TEST(out[0].experts_on(r).size() == maps[0].experts_on(r).size());
+    for (std::size_t r = 0; r < ranks; ++r)
+      BOOST_TEST(out[0].experts_on(r).size() == maps[0].experts_on(r).size());
     if (before > 1.0 + 1e-9) {
       ++started_over;
       lowered += after < before - 1e-9 && rep[0].repair_swaps > 0;
@@ -379,14 +396,18 @@ BOOST_AUTO_TEST_CASE(token_replicas_lower_the_cost_and_only_fill_empty_slots) {
         if (maps[0].expert_at(r, s) != empty_slot) BOOST_TEST(out[0].expert_at(r, s) == maps[0].expert_at(r, s));
     for (std::size_t e = 0; e < experts; ++e) {
       std::set<std::size_t> on_nodes;
-      for (const auto& x : out[0].replicas(e)) on_nodes.insert(topo.node_of(static_cast<std::size_t>(x.rank)));
+      for (const auto& x : out[0].replicas(e))
+        on_nodes.insert(topo.node_of(static_cast<std::size_t>(x.rank)));
       BOOST_TEST(on_nodes.size() == out[0].replica_count(e));
     }
-    const auto lb = replica_planner_loads(maps[0], sample, 0, topo), la = replica_planner_loads(out[0], sample, 0, topo);
+    const auto lb = replica_planner_loads(maps[0], sample, 0, topo),
+               la = replica_planner_loads(out[0], sample, 0, topo);
     double total = 0;
-    for (double x : lb) total += x;
+    for (double x : lb)
+      total += x;
     const double cap = (1.0 + opt.balance_slack) * total / static_cast<double>(ranks);
-    BOOST_TEST(*std::max_element(la.begin(), la.end()) <= std::max(cap, *std::max_element(lb.begin(), lb.end())) + 1e-9);
+    BOOST_TEST(*std::max_element(la.begin(), la.end()) <=
+               std::max(cap, *std::max_element(lb.begin(), lb.end())) + 1e-9);
   }
   BOOST_TEST(improved > 10u);
 }
@@ -414,8 +435,10 @@ BOOST_AUTO_TEST_CASE(a_replica_goes_where_its_remote_tokens_are) {
   BOOST_TEST(out[0].hosts(0, 2));
   BOOST_TEST(out[0].expert_at(1, 2) == empty_slot);
   BOOST_TEST(reference_cost(out[0], s, 0, topo) == 0.0);
-  BOOST_CHECK_THROW(placement::add_replicas_by_tokens(std::vector<expert_map>{maps[0], maps[0]}, s, topo), config_error);
-  BOOST_CHECK_THROW(placement::add_replicas_by_tokens(maps, s, dynamic_topology(1, 2)), invalid_input_error); // home 1 of 1 node
+  BOOST_CHECK_THROW(placement::add_replicas_by_tokens(std::vector<expert_map>{maps[0], maps[0]}, s, topo),
+                    config_error);
+  BOOST_CHECK_THROW(placement::add_replicas_by_tokens(maps, s, dynamic_topology(1, 2)),
+                    invalid_input_error); // home 1 of 1 node
 }
 
 // With one GPU per node a remote rank is a remote node, so counting rank copies and counting node
@@ -479,7 +502,8 @@ BOOST_AUTO_TEST_CASE(refinement_is_deterministic) {
   const dynamic_topology topo(4, 2);
   const auto sample = random_sample(rng, 400, 32, 4, 3, 4);
   std::vector<expert_map> maps;
-  for (int l = 0; l < 3; ++l) maps.push_back(random_map(rng, 32, 8, 5, true));
+  for (int l = 0; l < 3; ++l)
+    maps.push_back(random_map(rng, 32, 8, 5, true));
   BOOST_TEST((placement::refine_by_tokens(maps, sample, topo) == placement::refine_by_tokens(maps, sample, topo)));
 }
 
@@ -492,9 +516,10 @@ BOOST_AUTO_TEST_CASE(malformed_inputs_raise_clear_errors) {
   s.home = {0, 1};
   s.ids = {{0, 1, 2, 3}};
   BOOST_CHECK_NO_THROW(placement::refine_layer_by_tokens(m, s, 0, topo));
-  BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, s, 1, topo), config_error);                  // no layer 1
+  BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, s, 1, topo), config_error);                   // no layer 1
   BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, s, 0, dynamic_topology(4, 2)), config_error); // 8 ranks
-  BOOST_CHECK_THROW(placement::refine_by_tokens(std::vector<expert_map>{m, m}, s, topo), config_error); // 2 maps, 1 layer
+  BOOST_CHECK_THROW(placement::refine_by_tokens(std::vector<expert_map>{m, m}, s, topo),
+                    config_error); // 2 maps, 1 layer
   auto bad = s;
   bad.home[1] = 2; // node out of range
   BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, bad, 0, topo), invalid_input_error);
@@ -543,11 +568,11 @@ BOOST_AUTO_TEST_CASE(malformed_inputs_raise_clear_errors) {
 BOOST_AUTO_TEST_CASE(load_bound_is_one_rule) {
   BOOST_TEST(placement::load_bound(120.0, 4, 0.0) == 30.0);
   BOOST_TEST(placement::load_bound(120.0, 4, 0.1) == 33.0, boost::test_tools::tolerance(1e-12));
-  BOOST_TEST(placement::keeps_load_bound(33.0, 10.0, 33.0));  // at the bound
-  BOOST_TEST(!placement::keeps_load_bound(33.1, 10.0, 33.0)); // past it
-  BOOST_TEST(placement::keeps_load_bound(40.0, 41.0, 33.0));  // above, but better than before
-  BOOST_TEST(placement::keeps_load_bound(41.0, 41.0, 33.0));  // above, no worse
-  BOOST_TEST(!placement::keeps_load_bound(41.5, 41.0, 33.0)); // above and worse
+  BOOST_TEST(placement::keeps_load_bound(33.0, 10.0, 33.0));        // at the bound
+  BOOST_TEST(!placement::keeps_load_bound(33.1, 10.0, 33.0));       // past it
+  BOOST_TEST(placement::keeps_load_bound(40.0, 41.0, 33.0));        // above, but better than before
+  BOOST_TEST(placement::keeps_load_bound(41.0, 41.0, 33.0));        // above, no worse
+  BOOST_TEST(!placement::keeps_load_bound(41.5, 41.0, 33.0));       // above and worse
   BOOST_TEST(placement::keeps_load_bound(33.0 + 1e-10, 0.0, 33.0)); // rounding of sums in another order
   BOOST_CHECK_THROW(placement::load_bound(1.0, 0, 0.1), config_error);
   BOOST_CHECK_THROW(placement::load_bound(1.0, 2, -0.1), config_error);
@@ -580,13 +605,15 @@ BOOST_AUTO_TEST_CASE(copy_cost_is_the_traffic_models) {
       cost::traffic_counter<dynamic_topology> counter(topo, kind);
       cost::layer_traffic traffic(ranks);
       counter.count_step(map, r.view(), {}, sources, traffic);
-      const auto count = kind == transport_kind::flat ? placement::copy_count::flat : placement::copy_count::hierarchical;
+      const auto count =
+          kind == transport_kind::flat ? placement::copy_count::flat : placement::copy_count::hierarchical;
       BOOST_TEST(placement::sample_copy_cost(maps, sample, topo, opt.count(count)) ==
                      static_cast<double>(traffic.inter_node_copies()),
                  "trial " << trial << " " << to_string(kind));
       // The loads the planner bounds are the model's expert rows.
       const auto loads = reference_loads(map, sample, 0, topo);
-      for (std::size_t q = 0; q < ranks; ++q) BOOST_TEST(loads[q] == static_cast<double>(traffic.expert_rows[q]));
+      for (std::size_t q = 0; q < ranks; ++q)
+        BOOST_TEST(loads[q] == static_cast<double>(traffic.expert_rows[q]));
     }
   }
 }

@@ -1,16 +1,14 @@
 #define BOOST_TEST_MODULE trace
 #include <boost/test/unit_test.hpp>
-
-#include <locus/trace/binary.hpp>
-#include <locus/trace/esft.hpp>
-#include <locus/trace/trace.hpp>
-
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <locus/trace/binary.hpp>
+#include <locus/trace/esft.hpp>
+#include <locus/trace/trace.hpp>
 #include <map>
 #include <random>
 #include <set>
@@ -40,7 +38,8 @@ trace::trace random_trace(std::uint32_t seed, std::size_t requests, std::size_t 
   for (std::size_t t = 0; t < b.tokens(); ++t) {
     b.set_token(t, rng() % 2 ? trace::phase::prefill : trace::phase::decode, static_cast<std::int32_t>(rng() % 5) - 1);
     for (std::size_t l = 0; l < layers; ++l) {
-      for (std::size_t e = 0; e < experts; ++e) pool[e] = static_cast<trace::trace_expert_id>(e);
+      for (std::size_t e = 0; e < experts; ++e)
+        pool[e] = static_cast<trace::trace_expert_id>(e);
       for (std::size_t j = 0; j < k; ++j) {
         std::swap(pool[j], pool[j + rng() % (experts - j)]);
         b.ids(l, t)[j] = pool[j];
@@ -91,11 +90,13 @@ std::uint64_t expect_format_error(F&& f, const std::vector<std::string>& needles
 
 std::uint64_t le(const std::vector<std::byte>& b, std::size_t at, int bytes) {
   std::uint64_t v = 0;
-  for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | static_cast<std::uint8_t>(b[at + i]);
+  for (int i = bytes - 1; i >= 0; --i)
+    v = (v << 8) | static_cast<std::uint8_t>(b[at + i]);
   return v;
 }
 void put_le(std::vector<std::byte>& b, std::size_t at, std::uint64_t v, int bytes) {
-  for (int i = 0; i < bytes; ++i) b[at + i] = static_cast<std::byte>((v >> (8 * i)) & 0xff);
+  for (int i = 0; i < bytes; ++i)
+    b[at + i] = static_cast<std::byte>((v >> (8 * i)) & 0xff);
 }
 
 std::uint64_t rotl(std::uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
@@ -137,7 +138,8 @@ layout layout_of(const std::vector<std::byte>& b) {
   const auto domains = le(b, 28, 4), requests = le(b, 32, 8), tokens = le(b, 40, 8), k = le(b, 20, 4),
              layers = le(b, 24, 4);
   std::size_t at = 80;
-  for (std::uint64_t d = 0; d < domains; ++d) at += 4 + le(b, at, 4);
+  for (std::uint64_t d = 0; d < domains; ++d)
+    at += 4 + le(b, at, 4);
   layout o;
   o.requests_at = a8(at);
   o.phases_at = o.requests_at + 16 * requests;
@@ -173,7 +175,8 @@ BOOST_AUTO_TEST_CASE(builder_lays_out_requests_contiguously) {
     for (std::size_t l = 0; l < 3; ++l)
       for (std::size_t j = 0; j < 2; ++j) {
         b.ids(l, t)[j] = static_cast<trace::trace_expert_id>((t + l + 3 * j) % 8);
-        b.weights(l, t)[j] = static_cast<float>(static_cast<double>(t) + static_cast<double>(l) / 10.0 + static_cast<double>(j) / 100.0);
+        b.weights(l, t)[j] =
+            static_cast<float>(static_cast<double>(t) + static_cast<double>(l) / 10.0 + static_cast<double>(j) / 100.0);
       }
   b.set_token(4, trace::phase::decode, 3);
   const auto t = b.build();
@@ -197,7 +200,9 @@ BOOST_AUTO_TEST_CASE(builder_lays_out_requests_contiguously) {
     for (std::size_t tok = 0; tok < 5; ++tok)
       for (std::size_t j = 0; j < 2; ++j) {
         BOOST_TEST(v.ids()[tok * 2 + j] == (tok + l + 3 * j) % 8);
-        BOOST_TEST(v.weights()[tok * 2 + j] == static_cast<float>(static_cast<double>(tok) + static_cast<double>(l) / 10.0 + static_cast<double>(j) / 100.0));
+        BOOST_TEST(v.weights()[tok * 2 + j] ==
+                   static_cast<float>(static_cast<double>(tok) + static_cast<double>(l) / 10.0 +
+                                      static_cast<double>(j) / 100.0));
       }
     const auto q = t.request_layer(1, l);
     BOOST_TEST(q.tokens() == 2u);
@@ -295,7 +300,8 @@ BOOST_AUTO_TEST_CASE(accessors_check_their_indices) {
 // Every slice is checked entry by entry against the source, indexed by (request, position).
 BOOST_AUTO_TEST_CASE(slicing_by_requests_domain_positions_layers) {
   const auto t = random_trace(2, 30, 16, 4, 3);
-  auto same_token = [&](const trace::trace& s, std::size_t st, std::size_t tt, std::size_t s_layer, std::size_t t_layer) {
+  auto same_token = [&](const trace::trace& s, std::size_t st, std::size_t tt, std::size_t s_layer,
+                        std::size_t t_layer) {
     BOOST_TEST((s.token_phase(st) == t.token_phase(tt)));
     BOOST_TEST(s.token_step(st) == t.token_step(tt));
     for (std::size_t j = 0; j < 4; ++j) {
@@ -317,7 +323,8 @@ BOOST_AUTO_TEST_CASE(slicing_by_requests_domain_positions_layers) {
       BOOST_TEST(a.first_token == next);
       next += a.length;
       for (std::size_t p = 0; p < a.length; ++p)
-        for (std::size_t l = 0; l < 3; ++l) same_token(s, a.first_token + p, b.first_token + p, l, l);
+        for (std::size_t l = 0; l < 3; ++l)
+          same_token(s, a.first_token + p, b.first_token + p, l, l);
     }
     BOOST_TEST(s.tokens() == next);
   }
@@ -341,7 +348,8 @@ BOOST_AUTO_TEST_CASE(slicing_by_requests_domain_positions_layers) {
       BOOST_TEST(a.id == q.id);
       BOOST_TEST(a.length == std::min<std::size_t>(5, q.length - 2));
       for (std::size_t p = 0; p < a.length; ++p)
-        for (std::size_t l = 0; l < 3; ++l) same_token(s, a.first_token + p, q.first_token + 2 + p, l, l);
+        for (std::size_t l = 0; l < 3; ++l)
+          same_token(s, a.first_token + p, q.first_token + 2 + p, l, l);
     }
     BOOST_TEST(s.requests() == i);
   }
@@ -350,7 +358,8 @@ BOOST_AUTO_TEST_CASE(slicing_by_requests_domain_positions_layers) {
     BOOST_TEST(s.layers() == 2u);
     BOOST_TEST(s.tokens() == t.tokens());
     for (std::size_t tok = 0; tok < t.tokens(); ++tok)
-      for (std::size_t l = 0; l < 2; ++l) same_token(s, tok, tok, l, l + 1);
+      for (std::size_t l = 0; l < 2; ++l)
+        same_token(s, tok, tok, l, l + 1);
   }
   {
     const auto s = t.with_prefill_tokens(3);
@@ -371,7 +380,8 @@ BOOST_AUTO_TEST_CASE(split_by_request_is_deterministic_and_partitions) {
   BOOST_TEST((test == test2));
   // A partition of the requests, each side in source order.
   std::multiset<std::uint64_t> all, got;
-  for (const auto& q : t.request_table()) all.insert(q.id);
+  for (const auto& q : t.request_table())
+    all.insert(q.id);
   for (const auto* s : {&train, &test}) {
     for (std::size_t r = 0; r < s->requests(); ++r) {
       got.insert(s->request(r).id);
@@ -398,7 +408,8 @@ BOOST_AUTO_TEST_CASE(split_by_request_is_deterministic_and_partitions) {
 BOOST_AUTO_TEST_CASE(checksum_matches_the_spec_at_every_length) {
   std::mt19937 rng(5);
   std::vector<std::byte> b(300);
-  for (auto& x : b) x = static_cast<std::byte>(rng());
+  for (auto& x : b)
+    x = static_cast<std::byte>(rng());
   for (std::size_t n = 0; n <= 300; ++n) {
     BOOST_TEST(trace::checksum64::of(b.data(), n) == reference_checksum(b, 0, n), "length " << n);
     // Fed in uneven pieces, the incremental checksum is the same.
@@ -783,7 +794,8 @@ BOOST_AUTO_TEST_CASE(esft_folder_write_and_import_round_trip) {
   BOOST_TEST(u.requests() == t.requests());
   // Import orders domains by name and renumbers requests; compare request by request.
   std::map<std::string, std::vector<std::size_t>> by_domain;
-  for (std::size_t r = 0; r < t.requests(); ++r) by_domain[t.domains()[t.request(r).domain]].push_back(r);
+  for (std::size_t r = 0; r < t.requests(); ++r)
+    by_domain[t.domains()[t.request(r).domain]].push_back(r);
   std::size_t r = 0;
   for (const auto& [name, rs] : by_domain)
     for (auto src : rs) {

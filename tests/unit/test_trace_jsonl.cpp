@@ -1,12 +1,10 @@
 #define BOOST_TEST_MODULE trace_jsonl
-#include <boost/test/unit_test.hpp>
-
-#include <locus/trace/jsonl.hpp>
-
 #include <algorithm>
+#include <boost/test/unit_test.hpp>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <locus/trace/jsonl.hpp>
 #include <map>
 #include <random>
 #include <string>
@@ -32,7 +30,8 @@ std::string line_of(const rec& r) {
   std::string s = "{";
   if (!r.req.empty()) s += "\"req_id\": " + r.req + ", ";
   s += "\"token_idx\": " + std::to_string(r.token) + ", \"layer\": " + std::to_string(r.layer) + ", \"topk_ids\": [";
-  for (std::size_t j = 0; j < r.ids.size(); ++j) s += (j ? ", " : "") + std::to_string(r.ids[j]);
+  for (std::size_t j = 0; j < r.ids.size(); ++j)
+    s += (j ? ", " : "") + std::to_string(r.ids[j]);
   s += "], \"topk_weights\": [";
   char buf[32];
   for (std::size_t j = 0; j < r.w.size(); ++j) {
@@ -70,10 +69,12 @@ std::vector<ref_request> random_requests(std::mt19937& rng, std::size_t n, std::
         x.token = t;
         x.layer = l + 1; // layer numbers from 1: the importer renumbers them from 0
         std::vector<int> pool(experts);
-        for (std::size_t e = 0; e < experts; ++e) pool[e] = static_cast<int>(e);
+        for (std::size_t e = 0; e < experts; ++e)
+          pool[e] = static_cast<int>(e);
         std::shuffle(pool.begin(), pool.end(), rng);
         x.ids.assign(pool.begin(), pool.begin() + static_cast<std::ptrdiff_t>(k));
-        for (std::size_t j = 0; j < k; ++j) x.w.push_back(std::uniform_real_distribution<float>(0, 1)(rng));
+        for (std::size_t j = 0; j < k; ++j)
+          x.w.push_back(std::uniform_real_distribution<float>(0, 1)(rng));
         x.phase = t < prefill ? "prefill" : "decode";
         x.step = t < prefill ? -1 : static_cast<int>(t - prefill);
         if (t == 0) x.domain = q.domain; // the domain only on some records
@@ -137,15 +138,18 @@ BOOST_AUTO_TEST_CASE(interleaved_records_reassemble_exactly) {
   std::vector<std::string> lines;
   for (const auto& q : want)
     for (const auto& layer : q.layers)
-      for (const auto& x : layer) lines.push_back(line_of(x));
+      for (const auto& x : layer)
+        lines.push_back(line_of(x));
   // Shuffle, but keep each request's first line (t = 0 of layer 1) ahead of its others, so that
   // request order is the order of want; the domain is on t = 0 records only.
   std::shuffle(lines.begin(), lines.end(), rng);
   std::string text = "{\"type\": \"meta\", \"num_experts\": 16, \"top_k\": 4, \"model\": \"test\"}\n";
-  for (const auto& q : want) text += line_of(q.layers[0][0]) + "\n";
+  for (const auto& q : want)
+    text += line_of(q.layers[0][0]) + "\n";
   for (std::size_t i = 0; i < lines.size(); ++i) {
     bool first = false;
-    for (const auto& q : want) first = first || lines[i] == line_of(q.layers[0][0]);
+    for (const auto& q : want)
+      first = first || lines[i] == line_of(q.layers[0][0]);
     if (first) continue;
     text += lines[i] + (i % 7 == 0 ? "\r\n" : "\n");
     if (i % 50 == 0) text += "{\"type\": \"stats\", \"gpu_util\": 0.5}\n\n";
@@ -158,7 +162,8 @@ BOOST_AUTO_TEST_CASE(interleaved_records_reassemble_exactly) {
   BOOST_TEST(t.layers() == 3u);
   check_against(t, want, 4);
   std::size_t records = 0;
-  for (const auto& q : want) records += q.length * 3;
+  for (const auto& q : want)
+    records += q.length * 3;
   BOOST_TEST(rep.route_records == records);
   BOOST_TEST(rep.bad_records == 0u);
   BOOST_TEST(rep.skipped_lines > 1u);
@@ -247,7 +252,8 @@ BOOST_AUTO_TEST_CASE(bad_records_fail_or_are_skipped_and_counted) {
       {with(ids + ", \"topk_weights\": [1e300, 0.5]"), "topk_weights[0] = 1e+300 is not finite"},
       {with("\"topk_ids\": [1, 8], " + ws), "topk_ids[1] = 8 is out of range [0, 8)"},
       {with("\"topk_ids\": [3, 3], " + ws), "chooses expert 3 twice"},
-      {with("\"topk_ids\": [1, 2, 3], \"topk_weights\": [0.5, 0.5, 0.5]"), "topk_ids has 3 entries, expected top_k = 2"},
+      {with("\"topk_ids\": [1, 2, 3], \"topk_weights\": [0.5, 0.5, 0.5]"),
+       "topk_ids has 3 entries, expected top_k = 2"},
       {with(ids + ", \"topk_weights\": [0.5]"), "topk_weights has 1 entries, expected top_k = 2"},
       {with("\"topk_ids\": [1, -2], " + ws), "\"topk_ids\" is a negative number"},
       {with("\"topk_ids\": [1, 2.5], " + ws), "\"topk_ids\" is a fractional number"},
@@ -259,12 +265,14 @@ BOOST_AUTO_TEST_CASE(bad_records_fail_or_are_skipped_and_counted) {
       {with(ws), "lacks \"topk_ids\""},
       {"{\"req_id\": 2, \"layer\": 0, " + ids + ", " + ws + "}", "lacks \"token_idx\""},
       {"{\"req_id\": 2, \"token_idx\": 0, " + ids + ", " + ws + "}", "lacks \"layer\""},
-      {"{\"req_id\": 2, \"token_idx\": -1, \"layer\": 0, " + ids + ", " + ws + "}", "\"token_idx\" is a negative number"},
+      {"{\"req_id\": 2, \"token_idx\": -1, \"layer\": 0, " + ids + ", " + ws + "}",
+       "\"token_idx\" is a negative number"},
       {"{\"req_id\": 2, \"token_idx\": \"0\", \"layer\": 0, " + ids + ", " + ws + "}", "\"token_idx\" is a string"},
       {"{\"req_id\": 2, \"token_idx\": 0, \"layer\": {}, " + ids + ", " + ws + "}", "\"layer\" is an object"},
       {"{\"req_id\": -2, \"token_idx\": 0, \"layer\": 0, " + ids + ", " + ws + "}", "\"req_id\" is a negative number"},
       {"{\"req_id\": true, \"token_idx\": 0, \"layer\": 0, " + ids + ", " + ws + "}", "\"req_id\" is a boolean"},
-      {with(ids + ", " + ws + ", \"phase\": \"warmup\""), "\"phase\" is \"warmup\", expected \"prefill\" or \"decode\""},
+      {with(ids + ", " + ws + ", \"phase\": \"warmup\""),
+       "\"phase\" is \"warmup\", expected \"prefill\" or \"decode\""},
       {with(ids + ", " + ws + ", \"step\": -3"), "step -3 is outside"},
       {with(ids + ", " + ws + ", \"step\": 1.5"), "\"step\" is a fractional number"},
       {with(ids + ", " + ws + ", \"domain\": 3"), "\"domain\" is a number"},
@@ -302,7 +310,8 @@ BOOST_AUTO_TEST_CASE(inconsistent_requests_fail_or_are_dropped) {
     std::uint64_t line;
   };
   const std::vector<bad_case> cases = {
-      {ok + r(1, 0, 0) + r(1, 1, 0) + r(1, 0, 1), "request 1 (first record at line 3): layer 1 has 1 tokens, layer 0 has 2", 5},
+      {ok + r(1, 0, 0) + r(1, 1, 0) + r(1, 0, 1),
+       "request 1 (first record at line 3): layer 1 has 1 tokens, layer 0 has 2", 5},
       {ok + r(1, 0, 0) + r(1, 0, 1) + r(1, 1, 1), "layer 1 has 2 tokens, layer 0 has 1", 5},
       {ok + r(1, 0, 0) + r(1, 2, 1), "layer 1 has token_idx 2 where layer 0 has 0", 4},
       {ok + r(1, 0, 0), "request 1 (first record at line 3) has no record for layer 1", 3},
@@ -332,7 +341,8 @@ BOOST_AUTO_TEST_CASE(declarations_and_empty_inputs) {
   BOOST_CHECK_THROW(trace::import_jsonl_text(one, "x", {}), invalid_input_error); // experts declared nowhere
   auto o = opts();
   o.layers = 2;
-  expect_format_error([&] { (void)trace::import_jsonl_text(one, "x", o); }, {"1 distinct layer numbers (4..4), expected 2"});
+  expect_format_error([&] { (void)trace::import_jsonl_text(one, "x", o); },
+                      {"1 distinct layer numbers (4..4), expected 2"});
   o = opts();
   o.top_k = 3;
   expect_format_error([&] { (void)trace::import_jsonl_text(one, "x", o); }, {"x:1:", "expected top_k = 3"});
@@ -423,7 +433,8 @@ BOOST_AUTO_TEST_CASE(file_import_streams_across_chunks) {
   std::string text = "{\"type\": \"meta\", \"padding\": \"" + std::string(1500000, 'x') + "\"}\r\n";
   for (const auto& q : want)
     for (const auto& layer : q.layers)
-      for (const auto& x : layer) text += line_of(x) + "\n";
+      for (const auto& x : layer)
+        text += line_of(x) + "\n";
   text.pop_back(); // no final newline
   std::ofstream(p, std::ios::binary) << text;
   auto o = opts(64);
@@ -451,10 +462,10 @@ bool same_fields(const jsonl_fields& a, const jsonl_fields& b) {
   return a.req_kind == b.req_kind && a.req_number == b.req_number && a.req_text == b.req_text &&
          a.has_token == b.has_token && a.has_layer == b.has_layer && a.has_ids == b.has_ids &&
          a.has_weights == b.has_weights && a.has_step == b.has_step && a.has_phase == b.has_phase &&
-         a.has_domain == b.has_domain && a.has_type == b.has_type && a.token_idx == b.token_idx &&
-         a.layer == b.layer && a.step == b.step && a.ph == b.ph && a.domain == b.domain && a.type == b.type &&
-         a.ids == b.ids && a.weights == b.weights && a.meta_experts == b.meta_experts &&
-         a.meta_top_k == b.meta_top_k && a.error == b.error;
+         a.has_domain == b.has_domain && a.has_type == b.has_type && a.token_idx == b.token_idx && a.layer == b.layer &&
+         a.step == b.step && a.ph == b.ph && a.domain == b.domain && a.type == b.type && a.ids == b.ids &&
+         a.weights == b.weights && a.meta_experts == b.meta_experts && a.meta_top_k == b.meta_top_k &&
+         a.error == b.error;
 }
 } // namespace
 
@@ -496,8 +507,8 @@ BOOST_AUTO_TEST_CASE(fast_lexer_agrees_with_nlohmann_json) {
       fast_ok = locus::trace::detail::trace::flat_record_lexer<jsonl_sax>(lines[i], sax).run();
     }
     jsonl_sax sax(slow);
-    const bool slow_ok = nlohmann::json::sax_parse(lines[i].begin(), lines[i].end(), &sax,
-                                                   nlohmann::json::input_format_t::json, true);
+    const bool slow_ok =
+        nlohmann::json::sax_parse(lines[i].begin(), lines[i].end(), &sax, nlohmann::json::input_format_t::json, true);
     if (i < 5) BOOST_TEST(fast_ok, "the lexer must take line " << i << ": " << lines[i]);
     if (!fast_ok) continue;
     ++taken;
@@ -518,17 +529,22 @@ BOOST_AUTO_TEST_CASE(ragged_tails_are_trimmed_and_counted) {
   };
   // Request 1: layer 0 holds tokens 0..4, layer 1 tokens 0..2, layer 2 tokens 0..3. Request 2 is whole.
   std::string text;
-  for (int t = 0; t < 5; ++t) text += r(1, t, 0, t);
-  for (int t = 0; t < 3; ++t) text += r(1, t, 1, t + 1);
-  for (int t = 0; t < 4; ++t) text += r(1, t, 2, t + 2);
-  for (int l = 0; l < 3; ++l) text += r(2, 0, l, l);
+  for (int t = 0; t < 5; ++t)
+    text += r(1, t, 0, t);
+  for (int t = 0; t < 3; ++t)
+    text += r(1, t, 1, t + 1);
+  for (int t = 0; t < 4; ++t)
+    text += r(1, t, 2, t + 2);
+  for (int l = 0; l < 3; ++l)
+    text += r(2, 0, l, l);
   trace::jsonl_report rep;
   const auto t = trace::import_jsonl_text(text, "rag.jsonl", opts(), &rep);
   BOOST_TEST_REQUIRE(t.requests() == 2u);
   BOOST_TEST(t.request(0).length == 3u);
   BOOST_TEST(t.request(1).length == 1u);
   for (std::size_t l = 0; l < 3; ++l)
-    for (std::size_t p = 0; p < 3; ++p) BOOST_TEST(t.layer(l).ids()[p * 2] == p + l);
+    for (std::size_t p = 0; p < 3; ++p)
+      BOOST_TEST(t.layer(l).ids()[p * 2] == p + l);
   BOOST_TEST(rep.trimmed_requests == 1u);
   BOOST_TEST(rep.trimmed_tokens == 2u); // token_idx 3 and 4
   BOOST_TEST(rep.dropped_requests == 0u);
@@ -540,8 +556,9 @@ BOOST_AUTO_TEST_CASE(ragged_tails_are_trimmed_and_counted) {
   expect_format_error([&] { (void)trace::import_jsonl_text(text, "rag.jsonl", strict); },
                       {"layer 1 has 3 tokens, layer 0 has 5", "--strict-layers"});
   // A token missing inside a layer (not at its end) is not a ragged tail.
-  expect_format_error([&] { (void)trace::import_jsonl_text(r(1, 0, 0, 0) + r(1, 1, 0, 1) + r(1, 1, 1, 1), "x", opts()); },
-                      {"layer 1 has token_idx 1 where layer 0 has 0"});
+  expect_format_error(
+      [&] { (void)trace::import_jsonl_text(r(1, 0, 0, 0) + r(1, 1, 0, 1) + r(1, 1, 1, 1), "x", opts()); },
+      {"layer 1 has token_idx 1 where layer 0 has 0"});
 }
 
 // `experts` is the chosen-experts list in a route record and the expert count in a meta line.
@@ -574,10 +591,14 @@ BOOST_AUTO_TEST_CASE(experts_key_means_what_its_line_is) {
                                        "e", {});
       },
       {"e:2: both \"topk_ids\" and \"experts\""});
-  expect_format_error([&] { (void)trace::import_jsonl_text("{\"type\": \"meta\", \"experts\": [1]}\n" + with_ids, "f", {}); },
-                      {"f:1: \"experts\" in a meta line is the number of experts"});
   expect_format_error(
-      [&] { (void)trace::import_jsonl_text("{\"type\": \"meta\", \"experts\": 8, \"num_experts\": 16}\n" + with_ids, "g", {}); },
+      [&] { (void)trace::import_jsonl_text("{\"type\": \"meta\", \"experts\": [1]}\n" + with_ids, "f", {}); },
+      {"f:1: \"experts\" in a meta line is the number of experts"});
+  expect_format_error(
+      [&] {
+        (void)trace::import_jsonl_text("{\"type\": \"meta\", \"experts\": 8, \"num_experts\": 16}\n" + with_ids, "g",
+                                       {});
+      },
       {"g:1: \"experts\" 8 and \"num_experts\" 16 disagree"});
   expect_format_error(
       [&] {
@@ -601,7 +622,8 @@ BOOST_AUTO_TEST_CASE(several_files_import_as_one_log) {
   for (std::size_t l = 0; l < 3; ++l) {
     std::string text = "{\"type\": \"meta\", \"num_experts\": 16}\n";
     for (const auto& q : want)
-      for (const auto& x : q.layers[l]) text += line_of(x) + "\n";
+      for (const auto& x : q.layers[l])
+        text += line_of(x) + "\n";
     paths.push_back((dir / ("layer_" + std::to_string(l) + ".jsonl")).string());
     std::ofstream(paths.back(), std::ios::binary) << text;
     all += text;
@@ -628,9 +650,12 @@ BOOST_AUTO_TEST_CASE(several_files_import_as_one_log) {
     const std::string dup = line_of(want[0].layers[0][0]) + "\n";
     std::ofstream(paths[1], std::ios::binary) << dup;
     std::ofstream(paths[2], std::ios::binary) << dup;
-    expect_format_error([&] { (void)trace::import_jsonl(std::vector<std::string>{paths[1], paths[2]}, opts(16)); },
-                        {paths[2] + ":1: request " + std::to_string(want[0].id) + " (first record at " + paths[1] +
-                             ":1): token_idx 0 at layer 1 appears twice (also " + paths[1] + ":1)"});
+    expect_format_error(
+        [&] {
+          (void)trace::import_jsonl(std::vector<std::string>{paths[1], paths[2]}, opts(16));
+        },
+        {paths[2] + ":1: request " + std::to_string(want[0].id) + " (first record at " + paths[1] +
+         ":1): token_idx 0 at layer 1 appears twice (also " + paths[1] + ":1)"});
   }
   fs::remove_all(dir);
   fs::create_directories(dir);

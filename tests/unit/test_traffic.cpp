@@ -1,11 +1,9 @@
 #define BOOST_TEST_MODULE traffic
 #include <boost/test/unit_test.hpp>
-
 #include <locus/cost/bounds.hpp>
 #include <locus/cost/time_model.hpp>
 #include <locus/cost/traffic.hpp>
 #include <locus/placement/linear.hpp>
-
 #include <map>
 #include <random>
 #include <set>
@@ -29,15 +27,18 @@ layer_traffic reference(const dynamic_topology& topo, const expert_map& map, con
   for (std::size_t t = 0; t < r.tokens(); ++t) {
     std::set<std::size_t> dests;
     for (std::size_t j = 0; j < r.top_k(); ++j) {
-      const auto rank = static_cast<std::size_t>(sel.select(src[t], static_cast<std::size_t>(r.view().expert(t, j))).rank);
+      const auto rank =
+          static_cast<std::size_t>(sel.select(src[t], static_cast<std::size_t>(r.view().expert(t, j))).rank);
       ++out.expert_rows[rank];
       dests.insert(rank);
     }
     std::map<std::size_t, std::set<std::size_t>> by_node;
-    for (std::size_t d : dests) by_node[topo.node_of(d)].insert(d);
+    for (std::size_t d : dests)
+      by_node[topo.node_of(d)].insert(d);
     for (const auto& [node, ranks] : by_node) {
       if (kind == transport_kind::flat || node == topo.node_of(src[t])) {
-        for (std::size_t d : ranks) copy(src[t], d, d == src[t] ? link_class::same_gpu : topo.link(src[t], d));
+        for (std::size_t d : ranks)
+          copy(src[t], d, d == src[t] ? link_class::same_gpu : topo.link(src[t], d));
       } else {
         const std::size_t peer = topo.rank_of(node, topo.local_rank_of(src[t]));
         copy(src[t], peer, link_class::inter_node);
@@ -52,7 +53,8 @@ layer_traffic reference(const dynamic_topology& topo, const expert_map& map, con
 
 void require_equal(const layer_traffic& a, const layer_traffic& b) {
   BOOST_REQUIRE_EQUAL(a.tokens, b.tokens);
-  for (std::size_t c = 0; c < link_class_count; ++c) BOOST_REQUIRE_EQUAL(a.copies[c], b.copies[c]);
+  for (std::size_t c = 0; c < link_class_count; ++c)
+    BOOST_REQUIRE_EQUAL(a.copies[c], b.copies[c]);
   for (std::size_t r = 0; r < a.ranks(); ++r) {
     BOOST_REQUIRE_EQUAL(a.expert_rows[r], b.expert_rows[r]);
     for (std::size_t c = 0; c < link_class_count; ++c) {
@@ -66,7 +68,8 @@ routing<top_k<>> random_routing(std::mt19937& rng, std::size_t tokens, std::size
   routing<top_k<>> r(tokens, top_k<>(k));
   std::vector<expert_id> pool(experts);
   for (std::size_t t = 0; t < tokens; ++t) {
-    for (std::size_t e = 0; e < experts; ++e) pool[e] = static_cast<expert_id>(e);
+    for (std::size_t e = 0; e < experts; ++e)
+      pool[e] = static_cast<expert_id>(e);
     for (std::size_t j = 0; j < k; ++j) {
       // Skewed: low ids are popular.
       const std::size_t pick = j + std::min<std::size_t>(rng() % (experts - j), rng() % (experts - j));
@@ -94,7 +97,8 @@ BOOST_AUTO_TEST_CASE(matches_brute_force_on_random_cases) {
     const expert_map map(experts, topo.ranks(), slots, table);
     const auto r = random_routing(rng, 200, experts, k);
     std::vector<std::uint32_t> src(r.tokens());
-    for (auto& s : src) s = static_cast<std::uint32_t>(rng() % topo.ranks());
+    for (auto& s : src)
+      s = static_cast<std::uint32_t>(rng() % topo.ranks());
     for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
       traffic_counter counter(topo, kind);
       layer_traffic got(topo.ranks());
@@ -153,9 +157,9 @@ BOOST_AUTO_TEST_CASE(bad_inputs_raise) {
 
 BOOST_AUTO_TEST_CASE(time_model_by_hand) {
   layer_traffic t(2);
-  t.sent[0][2] = 10;   // rank 0 sends 10 network copies
+  t.sent[0][2] = 10; // rank 0 sends 10 network copies
   t.received[1][2] = 10;
-  t.sent[1][1] = 4;    // and 4 NVLink copies from rank 1
+  t.sent[1][1] = 4; // and 4 NVLink copies from rank 1
   t.expert_rows = {7, 3};
   const link_model m;
   const message_sizes s{1000, 2000};
@@ -173,9 +177,11 @@ BOOST_AUTO_TEST_CASE(lower_bound_never_exceeds_any_placement) {
     const std::size_t experts = topo.ranks() * 2, k = 2, slots = 2 + rng() % 2;
     std::vector<expert_id> table(topo.ranks() * slots, empty_slot);
     std::vector<std::size_t> cells(table.size());
-    for (std::size_t i = 0; i < cells.size(); ++i) cells[i] = i;
+    for (std::size_t i = 0; i < cells.size(); ++i)
+      cells[i] = i;
     std::shuffle(cells.begin(), cells.end(), rng);
-    for (std::size_t e = 0; e < experts; ++e) table[cells[e]] = static_cast<expert_id>(e);
+    for (std::size_t e = 0; e < experts; ++e)
+      table[cells[e]] = static_cast<expert_id>(e);
     const expert_map map(experts, topo.ranks(), slots, table);
     const auto r = random_routing(rng, 300, experts, k);
     std::vector<std::uint32_t> src(r.tokens());

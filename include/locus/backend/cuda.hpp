@@ -5,14 +5,12 @@
 //! memory is `locus::device_buffer`, core/device_buffer.hpp). Each owner is a host object; kernels receive
 //! raw pointers or trivially copyable views.
 
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
 #include <locus/core/cuda_error.hpp>
 #include <locus/core/device_buffer.hpp>
 #include <locus/core/policy.hpp>
 #include <locus/core/routing.hpp>
-
-#include <cublas_v2.h>
-#include <cuda_runtime_api.h>
-
 #include <utility>
 
 #ifndef LOCUS_CUBLAS_CHECK
@@ -69,4 +67,4 @@ private:
   cublasHandle_t handle_ = nullptr;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::backend
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::backend

@@ -19,4 +19,4 @@ struct host {
   unsigned threads = 0;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::backend
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::backend

@@ -4,10 +4,9 @@
 //! `__nv_bfloat16`, usable on host and device. Arithmetic is done in float; conversion from
 //! float rounds to nearest even and keeps NaN a (quiet) NaN, as the hardware does.
 
-#include <locus/core/config.hpp>
-
 #include <cstdint>
 #include <cstring>
+#include <locus/core/config.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE {
 
@@ -59,4 +58,4 @@ static_assert(sizeof(bfloat16) == 2, "bfloat16 must be two bytes");
 LOCUS_HOST_DEVICE float to_float(float f) { return f; }
 LOCUS_HOST_DEVICE float to_float(bfloat16 b) { return static_cast<float>(b); }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE
+} // namespace locus::inline LOCUS_ABI_NAMESPACE

@@ -3,9 +3,8 @@
 //! @file
 //! LOCUS_CUDA_CHECK: turns a failing CUDA runtime call into locus::cuda_error.
 
-#include <locus/core/error.hpp>
-
 #include <cuda_runtime_api.h>
+#include <locus/core/error.hpp>
 
 #ifndef LOCUS_CUDA_CHECK
 //! Evaluates a CUDA runtime call once; on failure throws locus::cuda_error whose code() is the
@@ -14,7 +13,7 @@
   do {                                                                                                                 \
     const cudaError_t locus_cuda_status = (call);                                                                      \
     if (LOCUS_UNLIKELY(locus_cuda_status != cudaSuccess)) {                                                            \
-      throw ::locus::cuda_error(::locus::detail::concat(#call, " failed: ", cudaGetErrorName(locus_cuda_status), " (",  \
+      throw ::locus::cuda_error(::locus::detail::concat(#call, " failed: ", cudaGetErrorName(locus_cuda_status), " (", \
                                                         cudaGetErrorString(locus_cuda_status), ")"),                   \
                                 __FILE__, __LINE__, static_cast<int>(locus_cuda_status));                              \
     }                                                                                                                  \

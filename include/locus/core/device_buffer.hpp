@@ -6,12 +6,10 @@
 //! across steps so that the steady state allocates nothing. Copies to and from the host are
 //! issued on a stream.
 
+#include <cstddef>
+#include <cuda_runtime_api.h>
 #include <locus/core/cuda_error.hpp>
 #include <locus/core/error.hpp>
-
-#include <cuda_runtime_api.h>
-
-#include <cstddef>
 #include <span>
 #include <type_traits>
 #include <utility>
@@ -31,7 +29,8 @@ public:
   device_buffer(const device_buffer&) = delete;
   device_buffer& operator=(const device_buffer&) = delete;
   device_buffer(device_buffer&& o) noexcept
-      : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)), capacity_(std::exchange(o.capacity_, 0)) {}
+      : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)),
+        capacity_(std::exchange(o.capacity_, 0)) {}
   device_buffer& operator=(device_buffer&& o) noexcept {
     if (this != &o) {
       release();
@@ -98,4 +97,4 @@ private:
   std::size_t capacity_ = 0;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE
+} // namespace locus::inline LOCUS_ABI_NAMESPACE

@@ -3,10 +3,9 @@
 //! The exception hierarchy rooted at locus::error, and the macros that raise it with the source
 //! location and a precise message.
 
-#include <locus/core/config.hpp>
-
 #include <cstdint>
 #include <cstdio>
+#include <locus/core/config.hpp>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -16,16 +15,16 @@ namespace locus::inline LOCUS_ABI_NAMESPACE {
 
 //! Which subsystem produced an error; `error::code()` carries that subsystem's own code.
 enum class error_kind {
-  config,         //!< an invalid shape, topology, option or combination of them
-  invalid_input,  //!< data handed to a public entry is wrong (expert id out of range, NaN weight...)
-  format,         //!< a file or record does not follow its format
-  bounds,         //!< an index outside a view (bounds-checked builds)
-  transport,      //!< ranks disagree (counts, sizes) or a peer misbehaved
-  timeout,        //!< a peer did not arrive in time
-  cuda,           //!< a CUDA runtime or driver call failed; code() is the cudaError_t
-  nccl,           //!< an NCCL call failed; code() is the ncclResult_t
-  mpi,            //!< an MPI call failed; code() is the MPI error code
-  io,             //!< the operating system refused a file operation; code() is errno
+  config,        //!< an invalid shape, topology, option or combination of them
+  invalid_input, //!< data handed to a public entry is wrong (expert id out of range, NaN weight...)
+  format,        //!< a file or record does not follow its format
+  bounds,        //!< an index outside a view (bounds-checked builds)
+  transport,     //!< ranks disagree (counts, sizes) or a peer misbehaved
+  timeout,       //!< a peer did not arrive in time
+  cuda,          //!< a CUDA runtime or driver call failed; code() is the cudaError_t
+  nccl,          //!< an NCCL call failed; code() is the ncclResult_t
+  mpi,           //!< an MPI call failed; code() is the MPI error code
+  io,            //!< the operating system refused a file operation; code() is errno
 };
 
 //! Name of an error kind, as printed in messages.
@@ -132,7 +131,7 @@ std::string concat(Args&&... args) {
 }
 } // namespace detail
 
-} // namespace locus::LOCUS_ABI_NAMESPACE
+} // namespace locus::inline LOCUS_ABI_NAMESPACE
 
 //! Throws `error_type(message, __FILE__, __LINE__)`; the message is every further argument
 //! streamed together: `LOCUS_THROW(locus::config_error, "top_k ", k, " exceeds ", e, " experts")`.

@@ -4,12 +4,11 @@
 //! a fixed number of slots per rank; an expert may occupy several slots (replicas). An
 //! `expert_map` is always valid: its constructors check every rule and say precisely what broke.
 
+#include <cstddef>
+#include <cstdint>
 #include <locus/core/config.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/routing.hpp>
-
-#include <cstddef>
-#include <cstdint>
 #include <span>
 #include <vector>
 
@@ -29,9 +28,9 @@ inline constexpr expert_id empty_slot = -1;
 //! replicas of expert `e` are `replicas[replica_offsets[e] .. replica_offsets[e + 1])`, ordered by
 //! rank then slot.
 struct expert_map_view {
-  const expert_id* slot_expert = nullptr;         //!< `ranks × slots_per_rank`, empty_slot where unused
-  const std::int32_t* replica_offsets = nullptr;  //!< `experts + 1`
-  const slot_ref* replicas = nullptr;             //!< one entry per occupied slot
+  const expert_id* slot_expert = nullptr;        //!< `ranks × slots_per_rank`, empty_slot where unused
+  const std::int32_t* replica_offsets = nullptr; //!< `experts + 1`
+  const slot_ref* replicas = nullptr;            //!< one entry per occupied slot
   std::int32_t experts = 0;
   std::int32_t ranks = 0;
   std::int32_t slots_per_rank = 0;
@@ -125,7 +124,8 @@ public:
   }
   //! Experts held by `rank`, one per occupied slot in slot order.
   std::vector<expert_id> experts_on(std::size_t rank) const {
-    LOCUS_REQUIRE(rank < ranks_, invalid_input_error, "expert_map::experts_on: rank ", rank, " out of range [0, ", ranks_, ")");
+    LOCUS_REQUIRE(rank < ranks_, invalid_input_error, "expert_map::experts_on: rank ", rank, " out of range [0, ",
+                  ranks_, ")");
     std::vector<expert_id> out;
     for (std::size_t s = 0; s < slots_per_rank_; ++s)
       if (const expert_id e = slot_expert_[rank * slots_per_rank_ + s]; e != empty_slot) out.push_back(e);
@@ -135,8 +135,12 @@ public:
   const std::vector<expert_id>& slot_table() const noexcept { return slot_expert_; }
   //! A trivially copyable view over this map's host arrays (valid while the map lives).
   expert_map_view view() const noexcept {
-    return {slot_expert_.data(), offsets_.data(), replicas_.data(), static_cast<std::int32_t>(experts_),
-            static_cast<std::int32_t>(ranks_), static_cast<std::int32_t>(slots_per_rank_)};
+    return {slot_expert_.data(),
+            offsets_.data(),
+            replicas_.data(),
+            static_cast<std::int32_t>(experts_),
+            static_cast<std::int32_t>(ranks_),
+            static_cast<std::int32_t>(slots_per_rank_)};
   }
 
   friend bool operator==(const expert_map& a, const expert_map& b) {
@@ -185,4 +189,4 @@ private:
   std::vector<slot_ref> replicas_;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE
+} // namespace locus::inline LOCUS_ABI_NAMESPACE

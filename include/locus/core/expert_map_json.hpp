@@ -45,7 +45,8 @@ inline nlohmann::json expert_maps_to_json(const std::vector<expert_map>& layers)
     nlohmann::json ranks = nlohmann::json::array();
     for (std::size_t r = 0; r < m.ranks(); ++r) {
       nlohmann::json slots = nlohmann::json::array();
-      for (std::size_t s = 0; s < m.slots_per_rank(); ++s) slots.push_back(m.expert_at(r, s));
+      for (std::size_t s = 0; s < m.slots_per_rank(); ++s)
+        slots.push_back(m.expert_at(r, s));
       ranks.push_back(std::move(slots));
     }
     out_layers.push_back(std::move(ranks));
@@ -215,8 +216,7 @@ inline expert_plan_file load_expert_plan(const std::string& path) {
       if (!doc["model_layers"].is_array() || doc["model_layers"].size() != out.maps.size())
         throw format_error("expert map JSON: \"model_layers\" must list one layer id per layer", 0);
       for (const auto& id : doc["model_layers"]) {
-        if (!id.is_number_unsigned() ||
-            (!out.model_layers.empty() && id.get<std::size_t>() <= out.model_layers.back()))
+        if (!id.is_number_unsigned() || (!out.model_layers.empty() && id.get<std::size_t>() <= out.model_layers.back()))
           throw format_error("expert map JSON: \"model_layers\" must be ascending non-negative integers", 0);
         out.model_layers.push_back(id.get<std::size_t>());
       }
@@ -232,4 +232,4 @@ inline expert_plan_file load_expert_plan(const std::string& path) {
 //! @throws locus::io_error, locus::format_error (with the file name), locus::invalid_input_error
 inline std::vector<expert_map> load_expert_maps(const std::string& path) { return load_expert_plan(path).maps; }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE
+} // namespace locus::inline LOCUS_ABI_NAMESPACE

@@ -5,12 +5,11 @@
 //! serves static and dynamic shapes (as CuTe's `Int<N>` and mdspan's extents do). A static
 //! extent stores nothing and its value folds into the generated code.
 
-#include <locus/core/config.hpp>
-#include <locus/core/error.hpp>
-
 #include <concepts>
 #include <cstddef>
 #include <limits>
+#include <locus/core/config.hpp>
+#include <locus/core/error.hpp>
 #include <type_traits>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE {
@@ -70,8 +69,7 @@ public:
   //! Accepts the value it already has, so generic code may construct any extent from a number.
   //! @throws locus::config_error when `v != N`
   constexpr explicit extent(std::size_t v) {
-    if (v != N)
-      LOCUS_THROW(config_error, Tag::name, " is ", N, " at compile time but ", v, " was given at run time");
+    if (v != N) LOCUS_THROW(config_error, Tag::name, " is ", N, " at compile time but ", v, " was given at run time");
   }
   LOCUS_HOST_DEVICE static constexpr std::size_t value() noexcept { return N; }
   constexpr operator std::size_t() const noexcept { return N; }
@@ -156,4 +154,4 @@ constexpr E make_extent(std::size_t v) {
   return E(v);
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE
+} // namespace locus::inline LOCUS_ABI_NAMESPACE

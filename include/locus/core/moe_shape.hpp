@@ -2,9 +2,8 @@
 //! @file
 //! The shape of one MoE layer: routed experts, experts per token, hidden size, shared experts.
 
-#include <locus/core/extents.hpp>
-
 #include <cstddef>
+#include <locus/core/extents.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE {
 
@@ -40,9 +39,7 @@ public:
   static constexpr bool is_static = Experts::is_static && TopK::is_static && Hidden::is_static && Shared::is_static;
 
   //! Fully static shapes need no arguments.
-  constexpr moe_shape() noexcept
-    requires is_static
-  = default;
+  constexpr moe_shape() noexcept requires is_static = default;
 
   //! Run-time construction; static extents must agree with the values given.
   //! @throws locus::config_error on a zero extent, a mismatch with a static extent, or top_k > experts
@@ -79,4 +76,4 @@ struct is_moe_shape<moe_shape<E, K, H, S>> : std::true_type {};
 template <class T>
 concept any_moe_shape = detail::is_moe_shape<T>::value;
 
-} // namespace locus::LOCUS_ABI_NAMESPACE
+} // namespace locus::inline LOCUS_ABI_NAMESPACE

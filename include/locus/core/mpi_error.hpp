@@ -4,9 +4,7 @@
 //! LOCUS_MPI_CHECK: turns a failing MPI call into locus::mpi_error.
 
 #include <locus/core/error.hpp>
-
 #include <mpi.h>
-
 #include <string>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail {
@@ -17,7 +15,7 @@ inline std::string mpi_error_string(int code) {
   if (MPI_Error_string(code, text, &length) != MPI_SUCCESS) return "unknown MPI error " + std::to_string(code);
   return std::string(text, static_cast<std::size_t>(length));
 }
-} // namespace locus::LOCUS_ABI_NAMESPACE::detail
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::detail
 
 #ifndef LOCUS_MPI_CHECK
 //! Evaluates an MPI call once; on failure throws locus::mpi_error whose code() is the MPI error

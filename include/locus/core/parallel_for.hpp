@@ -5,11 +5,10 @@
 //! writes a disjoint range (no false sharing between neighbours' outputs) and so that the
 //! result never depends on the thread count.
 
-#include <locus/core/config.hpp>
-
 #include <algorithm>
 #include <cstddef>
 #include <exception>
+#include <locus/core/config.hpp>
 #include <thread>
 #include <vector>
 
@@ -56,7 +55,8 @@ void parallel_for(std::size_t n, std::size_t grain, unsigned threads, Body&& bod
   } catch (...) {
     errors[0] = std::current_exception();
   }
-  for (auto& t : pool) t.join();
+  for (auto& t : pool)
+    t.join();
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
 }
@@ -67,4 +67,4 @@ void parallel_for(std::size_t n, std::size_t grain, Body&& body) {
   parallel_for(n, grain, 0u, static_cast<Body&&>(body));
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE
+} // namespace locus::inline LOCUS_ABI_NAMESPACE

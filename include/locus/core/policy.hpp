@@ -6,10 +6,9 @@
 //! and `policy_set` picks a layer's policies given in any order, with defaults and a duplicate
 //! check.
 
+#include <concepts>
 #include <locus/core/config.hpp>
 #include <locus/core/routing.hpp>
-
-#include <concepts>
 #include <type_traits>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE {
@@ -32,7 +31,10 @@ struct expert_compute_tag {};
 //! router/logits.hpp, `placement_policy` in placement/plan_input.hpp, `grouper_policy` in
 //! grouper/grouper.hpp, `transport::transport` in transport/exchange.hpp, `backend_policy` here).
 template <class P, class Tag>
-concept policy_of = requires { typename P::policy_concept; } && std::same_as<typename P::policy_concept, Tag>;
+concept policy_of = requires {
+  typename P::policy_concept;
+}
+&&std::same_as<typename P::policy_concept, Tag>;
 
 //! An execution backend: the tag, the memory space its buffers live in and a name.
 template <class P>
@@ -83,7 +85,7 @@ inline constexpr bool has_any_tag = (policy_of<P, Tags> || ...);
 //! no policy of a layer's step at all, is a compile error that says so.
 template <class... Ps>
 struct policy_set {
-  static_assert(((!policy_of<Ps, grouper_tag> && !policy_of<Ps, placement_tag>) && ...),
+  static_assert(((!policy_of<Ps, grouper_tag> && !policy_of<Ps, placement_tag>)&&...),
                 "locus: groupers and placements are no layer policies; they plan before the layer exists "
                 "(locus::plan_placement, placement::by_name) and the layer takes the resulting expert map");
   static_assert((detail::has_any_tag<Ps, router_tag, transport_tag, backend_tag, expert_compute_tag, grouper_tag,
@@ -101,4 +103,4 @@ struct policy_set {
   using get = typename detail::find_policy<Tag, Default, Ps...>::type;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE
+} // namespace locus::inline LOCUS_ABI_NAMESPACE

@@ -3,9 +3,8 @@
 //! splitmix64: a tiny, well-mixed generator so that splits, synthetic traces and the planner's
 //! annealing are identical on every platform (std:: distributions are not specified bit-for-bit).
 
-#include <locus/core/config.hpp>
-
 #include <cstdint>
+#include <locus/core/config.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE {
 
@@ -27,4 +26,4 @@ struct splitmix64 {
   }
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE
+} // namespace locus::inline LOCUS_ABI_NAMESPACE

@@ -4,13 +4,12 @@
 //! `tokens × k` arrays. `routing_view` is a non-owning, trivially copyable view usable in
 //! kernels; `routing` owns host storage.
 
-#include <locus/core/config.hpp>
-#include <locus/core/error.hpp>
-#include <locus/core/extents.hpp>
-
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <locus/core/config.hpp>
+#include <locus/core/error.hpp>
+#include <locus/core/extents.hpp>
 #include <type_traits>
 #include <vector>
 
@@ -49,8 +48,8 @@ public:
 
   //! Views of non-const elements convert to views of const ones.
   template <class OtherId, class OtherWeight>
-    requires(std::is_convertible_v<OtherId*, Id*> && std::is_convertible_v<OtherWeight*, Weight*>)
-  LOCUS_HOST_DEVICE constexpr routing_view(const routing_view<TopK, OtherId, OtherWeight, Space>& other)
+  requires(std::is_convertible_v<OtherId*, Id*>&& std::is_convertible_v<OtherWeight*, Weight*>) LOCUS_HOST_DEVICE
+      constexpr routing_view(const routing_view<TopK, OtherId, OtherWeight, Space>& other)
       : ids_(other.ids()), weights_(other.weights()), tokens_(other.tokens()), k_(other.k_extent()) {}
 
   LOCUS_HOST_DEVICE constexpr std::size_t tokens() const noexcept { return tokens_; }
@@ -156,4 +155,4 @@ void validate_routing(const routing_view<TopK, Id, Weight, memory_space::host>& 
   }
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE
+} // namespace locus::inline LOCUS_ABI_NAMESPACE

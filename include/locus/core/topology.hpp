@@ -56,9 +56,7 @@ public:
   using gpus_per_node_type = GpusPerNode;
   static constexpr bool is_static = Nodes::is_static && GpusPerNode::is_static;
 
-  constexpr topology() noexcept
-    requires is_static
-  = default;
+  constexpr topology() noexcept requires is_static = default;
   //! @throws locus::config_error on zero nodes or GPUs, or a mismatch with a static extent
   //! @throws locus::config_error when nodes × gpus_per_node exceeds max_topology_ranks (checked by
   //!         division, so a product that wraps 64 bits is caught too)
@@ -67,7 +65,9 @@ public:
     if (nodes > max_topology_ranks / gpus_per_node) detail::throw_topology_too_large(nodes, gpus_per_node);
   }
 
-  LOCUS_HOST_DEVICE constexpr std::size_t nodes() const noexcept { return detail::extent_slot<0, Nodes>::get().value(); }
+  LOCUS_HOST_DEVICE constexpr std::size_t nodes() const noexcept {
+    return detail::extent_slot<0, Nodes>::get().value();
+  }
   LOCUS_HOST_DEVICE constexpr std::size_t gpus_per_node() const noexcept {
     return detail::extent_slot<1, GpusPerNode>::get().value();
   }
@@ -97,7 +97,8 @@ public:
   //! Host-side validation of a rank taken from user input.
   //! @throws locus::invalid_input_error naming the rank and the rank count
   void check_rank(std::size_t rank) const {
-    if (rank >= ranks()) LOCUS_THROW(invalid_input_error, "rank ", rank, " out of range: the topology has ", ranks(), " ranks");
+    if (rank >= ranks())
+      LOCUS_THROW(invalid_input_error, "rank ", rank, " out of range: the topology has ", ranks(), " ranks");
   }
 };
 
@@ -115,4 +116,4 @@ struct is_topology<topology<N, G>> : std::true_type {};
 template <class T>
 concept any_topology = detail::is_topology<T>::value;
 
-} // namespace locus::LOCUS_ABI_NAMESPACE
+} // namespace locus::inline LOCUS_ABI_NAMESPACE

@@ -12,12 +12,11 @@
 //! pair, and one copy serves at most k pairs, so network copies ≥ pairs / k; a flat transport's
 //! copy serves at most min(k, slots per rank) pairs, so copies ≥ pairs / min(k, slots per rank).
 
-#include <locus/core/error.hpp>
-
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <locus/core/error.hpp>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::cost {
@@ -30,7 +29,8 @@ inline std::uint64_t remote_pairs_lower_bound(const std::vector<std::vector<std:
   for (const auto& usage : node_usage) {
     std::vector<std::uint64_t> sorted = usage;
     std::sort(sorted.begin(), sorted.end(), std::greater<>());
-    for (std::size_t i = std::min(node_capacity, sorted.size()); i < sorted.size(); ++i) bound += sorted[i];
+    for (std::size_t i = std::min(node_capacity, sorted.size()); i < sorted.size(); ++i)
+      bound += sorted[i];
   }
   return bound;
 }
@@ -43,4 +43,4 @@ inline double inter_node_copies_lower_bound(std::uint64_t remote_pairs, std::siz
   return static_cast<double>(remote_pairs) / static_cast<double>(per_copy);
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::cost
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::cost

@@ -179,7 +179,8 @@ simulation_result simulate_decode(const trace::trace& t, const std::vector<exper
     for (std::size_t r = 0; r < t.requests(); ++r) {
       const auto& q = t.request(r);
       std::size_t prefill = 0;
-      while (prefill < q.length && t.token_phase(q.first_token + prefill) != trace::phase::decode) ++prefill;
+      while (prefill < q.length && t.token_phase(q.first_token + prefill) != trace::phase::decode)
+        ++prefill;
       if (prefill == q.length) continue; // nothing to decode
       if (cfg.arrival_rate > 0) clock += gap(rng);
       queue.push_back({r, prefill, q.first_token + prefill, q.length - prefill, static_cast<std::size_t>(clock)});
@@ -225,7 +226,8 @@ simulation_result simulate_decode(const trace::trace& t, const std::vector<exper
 
     tokens.clear();
     sources.clear();
-    for (std::size_t r = 0; r < ranks; ++r) out.rank_attention_tokens[r] += static_cast<double>(state[r].running_tokens);
+    for (std::size_t r = 0; r < ranks; ++r)
+      out.rank_attention_tokens[r] += static_cast<double>(state[r].running_tokens);
     for (std::size_t r = 0; r < ranks; ++r)
       for (const running& q : per_rank[r]) {
         tokens.push_back(q.next_token);
@@ -302,9 +304,8 @@ simulation_result simulate_decode(const trace::trace& t, const std::vector<exper
     attention_total += a;
     attention_max = std::max(attention_max, a);
   }
-  out.attention_imbalance =
-      attention_total > 0 ? attention_max * static_cast<double>(ranks) / attention_total : 1.0;
+  out.attention_imbalance = attention_total > 0 ? attention_max * static_cast<double>(ranks) / attention_total : 1.0;
   return out;
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::cost
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::cost

@@ -13,10 +13,10 @@
 //! whose weights changed and their bytes.
 
 #include <algorithm>
-#include <ctime>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <ctime>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/cost/decode_simulator.hpp>

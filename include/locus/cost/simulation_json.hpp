@@ -4,7 +4,6 @@
 //! The decode simulator's summary as JSON (the `locus simulate --json` document).
 
 #include <locus/cost/decode_simulator.hpp>
-
 #include <nlohmann/json.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::cost {
@@ -30,4 +29,4 @@ inline nlohmann::json simulation_summary_json(const simulation_result& r, const 
   return j;
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::cost
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::cost

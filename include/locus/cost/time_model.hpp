@@ -10,11 +10,10 @@
 //! (token, expert) row — a DeepSeek-V3 expert (hidden 7168, intermediate 2048, 88 MFLOP per row)
 //! at 400 TFLOP/s effective.
 
-#include <locus/core/topology.hpp>
-#include <locus/cost/traffic.hpp>
-
 #include <algorithm>
 #include <cstddef>
+#include <locus/core/topology.hpp>
+#include <locus/cost/traffic.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::cost {
 
@@ -59,9 +58,10 @@ inline layer_time estimate_layer_time(const layer_traffic& t, const message_size
   out.dispatch_us = detail::exchange_us(t, sizes.dispatch_bytes, m);
   out.combine_us = detail::exchange_us(t, sizes.combine_bytes, m);
   std::uint64_t max_rows = 0;
-  for (std::uint64_t rows : t.expert_rows) max_rows = std::max(max_rows, rows);
+  for (std::uint64_t rows : t.expert_rows)
+    max_rows = std::max(max_rows, rows);
   out.compute_us = static_cast<double>(max_rows) * m.expert_us_per_row;
   return out;
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::cost
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::cost

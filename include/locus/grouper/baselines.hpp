@@ -43,4 +43,4 @@ public:
   }
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::grouper
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::grouper

@@ -5,9 +5,7 @@
 
 #include <locus/grouper/baselines.hpp>
 #include <locus/grouper/workload_aware.hpp>
-
 #include <memory>
-
 #include <string>
 #include <string_view>
 #include <variant>
@@ -51,8 +49,9 @@ inline any_grouper grouper_by_name(std::string_view name, std::shared_ptr<const 
     return any_grouper(workload_aware(std::move(model)));
   }
   std::string known;
-  for (const auto& n : grouper_names()) known += (known.empty() ? "" : ", ") + n;
+  for (const auto& n : grouper_names())
+    known += (known.empty() ? "" : ", ") + n;
   LOCUS_THROW(config_error, "unknown grouper \"", name, "\" (known: ", known, ")");
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::grouper
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::grouper

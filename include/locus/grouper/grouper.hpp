@@ -6,14 +6,13 @@
 //! `std::size_t assign(const arrival&, const cluster_state&)` returning a rank with free capacity,
 //! or `no_rank` to make the request wait.
 
-#include <locus/core/policy.hpp>
-#include <locus/core/topology.hpp>
-#include <locus/trace/trace.hpp>
-
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <locus/core/policy.hpp>
+#include <locus/core/topology.hpp>
+#include <locus/trace/trace.hpp>
 #include <span>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::grouper {
@@ -44,14 +43,14 @@ struct arrival {
   std::size_t prefill_tokens = 0;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::grouper
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::grouper
 
 namespace locus::inline LOCUS_ABI_NAMESPACE {
 
 //! A grouper: the tag and `assign(arrival, cluster_state)` returning a rank or `grouper::no_rank`.
 template <class G>
-concept grouper_policy = policy_of<G, grouper_tag> && requires(G g, const grouper::arrival& a,
-                                                               const grouper::cluster_state& c) {
+concept grouper_policy = policy_of<G, grouper_tag> &&
+    requires(G g, const grouper::arrival& a, const grouper::cluster_state& c) {
   { g.assign(a, c) } -> std::convertible_to<std::size_t>;
 };
 
@@ -70,4 +69,4 @@ template <class G>
 concept grouper_for = grouper_policy<G>;
 } // namespace grouper
 
-} // namespace locus::LOCUS_ABI_NAMESPACE
+} // namespace locus::inline LOCUS_ABI_NAMESPACE

@@ -5,14 +5,13 @@
 //! platform-independent generator (splitmix64), every tie goes to the lower index, and sums run
 //! in point order, so the same input and seed give bit-identical results everywhere.
 
-#include <locus/core/error.hpp>
-#include <locus/trace/trace.hpp>
-
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <locus/core/error.hpp>
+#include <locus/trace/trace.hpp>
 #include <span>
 #include <vector>
 
@@ -20,20 +19,20 @@ namespace locus::inline LOCUS_ABI_NAMESPACE::grouper {
 
 //! Options of kmeans().
 struct kmeans_options {
-  std::size_t k = 8;                 //!< clusters (at most the number of points)
-  std::uint64_t seed = 1;            //!< drives the k-means++ draws
-  std::size_t max_iterations = 100;  //!< Lloyd iterations at most (stops earlier once labels settle)
-  std::size_t restarts = 1;          //!< independent initialisations; the lowest inertia wins
+  std::size_t k = 8;                //!< clusters (at most the number of points)
+  std::uint64_t seed = 1;           //!< drives the k-means++ draws
+  std::size_t max_iterations = 100; //!< Lloyd iterations at most (stops earlier once labels settle)
+  std::size_t restarts = 1;         //!< independent initialisations; the lowest inertia wins
 };
 
 //! Result of kmeans().
 struct kmeans_result {
   std::size_t k = 0, dim = 0;
-  std::vector<float> centroids;       //!< `k × dim`, row-major: the mean of each cluster's points
-  std::vector<std::uint32_t> labels;  //!< per point: its cluster
-  std::vector<std::size_t> sizes;     //!< per cluster: its points
-  double inertia = 0;                 //!< sum of squared distances of points to their centroid
-  std::size_t iterations = 0;         //!< Lloyd iterations of the winning restart
+  std::vector<float> centroids;      //!< `k × dim`, row-major: the mean of each cluster's points
+  std::vector<std::uint32_t> labels; //!< per point: its cluster
+  std::vector<std::size_t> sizes;    //!< per cluster: its points
+  double inertia = 0;                //!< sum of squared distances of points to their centroid
+  std::size_t iterations = 0;        //!< Lloyd iterations of the winning restart
 
   std::span<const float> centroid(std::size_t c) const { return {centroids.data() + c * dim, dim}; }
 };
@@ -51,7 +50,8 @@ inline float dot(const float* a, const float* b, std::size_t n) noexcept {
     s2 += a[i + 2] * b[i + 2];
     s3 += a[i + 3] * b[i + 3];
   }
-  for (; i < n; ++i) s0 += a[i] * b[i];
+  for (; i < n; ++i)
+    s0 += a[i] * b[i];
   return (s0 + s1) + (s2 + s3);
 }
 
@@ -111,7 +111,8 @@ inline kmeans_result run(const float* points, std::size_t n, std::size_t dim, st
         u -= nearest[p];
       }
       // Rounding can leave u past the last positive weight: take the last point not yet a centre.
-      while (nearest[pick] == 0 && pick > 0) --pick;
+      while (nearest[pick] == 0 && pick > 0)
+        --pick;
     } else {
       pick = static_cast<std::size_t>(rng.below(n)); // every point coincides with a centre
     }
@@ -148,7 +149,8 @@ inline kmeans_result run(const float* points, std::size_t n, std::size_t dim, st
     for (std::size_t p = 0; p < n; ++p) {
       double* s = sums.data() + out.labels[p] * dim;
       const float* x = points + p * dim;
-      for (std::size_t i = 0; i < dim; ++i) s[i] += x[i];
+      for (std::size_t i = 0; i < dim; ++i)
+        s[i] += x[i];
       ++out.sizes[out.labels[p]];
     }
     for (std::size_t c = 0; c < k; ++c) {
@@ -169,7 +171,8 @@ inline kmeans_result run(const float* points, std::size_t n, std::size_t dim, st
         continue;
       }
       const double inv = 1.0 / static_cast<double>(out.sizes[c]);
-      for (std::size_t i = 0; i < dim; ++i) out.centroids[c * dim + i] = static_cast<float>(sums[c * dim + i] * inv);
+      for (std::size_t i = 0; i < dim; ++i)
+        out.centroids[c * dim + i] = static_cast<float>(sums[c * dim + i] * inv);
     }
   }
   out.iterations = it;
@@ -211,11 +214,11 @@ inline kmeans_result kmeans(std::span<const float> points, std::size_t dim, cons
                   " is ", points[i]);
   kmeans_result best;
   for (std::size_t r = 0; r < opt.restarts; ++r) {
-    kmeans_result cur = detail::kmeans::run(points.data(), n, dim, opt.k, opt.max_iterations,
-                                            opt.seed + 0x9e3779b97f4a7c15ull * r);
+    kmeans_result cur =
+        detail::kmeans::run(points.data(), n, dim, opt.k, opt.max_iterations, opt.seed + 0x9e3779b97f4a7c15ull * r);
     if (r == 0 || cur.inertia < best.inertia) best = std::move(cur);
   }
   return best;
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::grouper
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::grouper

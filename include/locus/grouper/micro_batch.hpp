@@ -10,15 +10,14 @@
 //! micro-batch with the highest peak against another micro-batch's while that lowers the higher of
 //! the two peaks.
 
-#include <locus/core/error.hpp>
-#include <locus/core/expert_map.hpp>
-#include <locus/trace/trace.hpp>
-
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <locus/core/error.hpp>
+#include <locus/core/expert_map.hpp>
+#include <locus/trace/trace.hpp>
 #include <numeric>
 #include <span>
 #include <vector>
@@ -27,7 +26,7 @@ namespace locus::inline LOCUS_ABI_NAMESPACE::grouper {
 
 //! A split of a batch into micro-batches.
 struct micro_batch_split {
-  std::vector<std::uint32_t> batch_of;  //!< per request: its micro-batch
+  std::vector<std::uint32_t> batch_of;   //!< per request: its micro-batch
   std::vector<std::vector<double>> load; //!< per micro-batch, per GPU: expected expert rows
   //! Busiest GPU of each micro-batch (its expert time), max over mean across micro-batches.
   double peak_max_over_mean = 1;
@@ -66,7 +65,8 @@ inline micro_batch_split evaluate_micro_batches(std::span<const std::vector<doub
                   batch_of[r], " of ", m);
     LOCUS_REQUIRE(request_load[r].size() == gpus, invalid_input_error, "micro-batch split: request ", r, " has ",
                   request_load[r].size(), " GPU loads, request 0 has ", gpus);
-    for (std::size_t g = 0; g < gpus; ++g) s.load[batch_of[r]][g] += request_load[r][g];
+    for (std::size_t g = 0; g < gpus; ++g)
+      s.load[batch_of[r]][g] += request_load[r][g];
   }
   s.batch_of = std::move(batch_of);
   detail::micro_batch::summarize(s);
@@ -102,7 +102,8 @@ inline micro_batch_split split_micro_batches(std::span<const std::vector<double>
     for (std::size_t b = 0; b < m; ++b) {
       if (count[b] >= cap) continue;
       double peak = 0;
-      for (std::size_t g = 0; g < gpus; ++g) peak = std::max(peak, load[b][g] + request_load[r][g]);
+      for (std::size_t g = 0; g < gpus; ++g)
+        peak = std::max(peak, load[b][g] + request_load[r][g]);
       if (peak < best_peak - 1e-12 || (std::abs(peak - best_peak) <= 1e-12 && best < m && sum[b] < sum[best])) {
         best = b;
         best_peak = peak;
@@ -111,7 +112,8 @@ inline micro_batch_split split_micro_batches(std::span<const std::vector<double>
     batch_of[r] = static_cast<std::uint32_t>(best);
     ++count[best];
     sum[best] += total[r];
-    for (std::size_t g = 0; g < gpus; ++g) load[best][g] += request_load[r][g];
+    for (std::size_t g = 0; g < gpus; ++g)
+      load[best][g] += request_load[r][g];
   }
   // Swaps: the greedy fills micro-batches up to their size and the last requests must go wherever
   // there is room, which can leave one micro-batch's busiest GPU high. Swap a request of the
@@ -185,4 +187,4 @@ inline std::vector<std::vector<double>> request_gpu_load(const trace::trace& t, 
   return out;
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::grouper
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::grouper

@@ -10,17 +10,16 @@
 //! similarity falls below what training requests reach (unseen traffic), or whose node is full or
 //! too far above the least-loaded node, goes to the least-loaded rank instead.
 
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
 #include <locus/core/error.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/grouper/baselines.hpp>
 #include <locus/grouper/grouper.hpp>
 #include <locus/grouper/kmeans.hpp>
 #include <locus/trace/trace.hpp>
-
-#include <algorithm>
-#include <cmath>
-#include <cstddef>
-#include <cstdint>
 #include <memory>
 #include <numeric>
 #include <vector>
@@ -29,11 +28,11 @@ namespace locus::inline LOCUS_ABI_NAMESPACE::grouper {
 
 //! Options of the workload-aware model and grouper.
 struct workload_aware_options {
-  std::size_t clusters = 8;          //!< k of k-means (clamped to the training requests)
-  std::uint64_t seed = 1;            //!< k-means seed
-  std::size_t restarts = 4;          //!< k-means restarts (lowest inertia wins)
-  std::size_t max_iterations = 100;  //!< Lloyd iterations at most
-  std::size_t prefill_tokens = 32;   //!< prefill tokens used to classify, at most
+  std::size_t clusters = 8;         //!< k of k-means (clamped to the training requests)
+  std::uint64_t seed = 1;           //!< k-means seed
+  std::size_t restarts = 4;         //!< k-means restarts (lowest inertia wins)
+  std::size_t max_iterations = 100; //!< Lloyd iterations at most
+  std::size_t prefill_tokens = 32;  //!< prefill tokens used to classify, at most
   //! Layers the classifier reads, at most (evenly spaced from layer 0): the domain signal is in
   //! every layer, and reading 8 of DeepSeek-V3's 58 keeps the class means in a core's L2 cache
   //! and assign() within its budget.
@@ -75,7 +74,8 @@ inline void add_counts(const trace::trace& t, std::size_t r, std::size_t first, 
     float* row = out + l * e;
     for (std::size_t i = 0; i < count; ++i) {
       const auto* ids = view.token_ids(q.first_token + first + i);
-      for (std::size_t j = 0; j < k; ++j) row[ids[j]] += 1.0f;
+      for (std::size_t j = 0; j < k; ++j)
+        row[ids[j]] += 1.0f;
     }
   }
 }
@@ -84,16 +84,19 @@ inline void add_counts(const trace::trace& t, std::size_t r, std::size_t first, 
 inline std::size_t prefill_length(const trace::trace& t, std::size_t r) {
   const auto& q = t.request(r);
   std::size_t p = 0;
-  while (p < q.length && t.token_phase(q.first_token + p) != trace::phase::decode) ++p;
+  while (p < q.length && t.token_phase(q.first_token + p) != trace::phase::decode)
+    ++p;
   return p;
 }
 
 inline void normalize(float* v, std::size_t n) {
   double s = 0;
-  for (std::size_t i = 0; i < n; ++i) s += static_cast<double>(v[i]) * v[i];
+  for (std::size_t i = 0; i < n; ++i)
+    s += static_cast<double>(v[i]) * v[i];
   if (s <= 0) return;
   const float inv = static_cast<float>(1.0 / std::sqrt(s));
-  for (std::size_t i = 0; i < n; ++i) v[i] *= inv;
+  for (std::size_t i = 0; i < n; ++i)
+    v[i] *= inv;
 }
 
 } // namespace detail::workload
@@ -119,8 +122,8 @@ public:
     m.sum_cluster_usage(train);
     const std::vector<double> means = prefill_means(f, km.labels, m.k_);
     m.set_classifier(means, f.dim);
-    m.min_similarity_ = opt.min_similarity >= 0 ? static_cast<float>(opt.min_similarity)
-                                                : leave_one_out_threshold(f, means, km, opt);
+    m.min_similarity_ =
+        opt.min_similarity >= 0 ? static_cast<float>(opt.min_similarity) : leave_one_out_threshold(f, means, km, opt);
     m.cluster_node_ = balance_clusters(m.cluster_tokens_, m.nodes_);
     return m;
   }
@@ -134,7 +137,8 @@ public:
     std::vector<double> node_tokens(nodes, 0.0);
     std::vector<std::uint32_t> out(tokens.size(), 0);
     for (const std::size_t c : order) {
-      const auto n = static_cast<std::size_t>(std::min_element(node_tokens.begin(), node_tokens.end()) - node_tokens.begin());
+      const auto n =
+          static_cast<std::size_t>(std::min_element(node_tokens.begin(), node_tokens.end()) - node_tokens.begin());
       out[c] = static_cast<std::uint32_t>(n);
       node_tokens[n] += tokens[c];
     }
@@ -179,7 +183,8 @@ public:
         layers_, std::vector<std::vector<double>>(nodes_, std::vector<double>(experts_, 0.0)));
     for (std::size_t c = 0; c < k_; ++c)
       for (std::size_t l = 0; l < layers_; ++l)
-        for (std::size_t e = 0; e < experts_; ++e) out[l][cluster_node_[c]][e] += usage_[c][l * experts_ + e];
+        for (std::size_t e = 0; e < experts_; ++e)
+          out[l][cluster_node_[c]][e] += usage_[c][l * experts_ + e];
     return out;
   }
 
@@ -223,7 +228,8 @@ public:
       for (std::size_t c0 = 0; c0 < k; c0 += 16) {
         float acc[16] = {};
         accumulate16(distinct, scratch.data(), c0, acc);
-        for (std::size_t c = 0; c < std::min<std::size_t>(16, k - c0); ++c) s[c0 + c] += acc[c];
+        for (std::size_t c = 0; c < std::min<std::size_t>(16, k - c0); ++c)
+          s[c0 + c] += acc[c];
       }
       for (std::size_t d = 0; d < distinct; ++d) {
         const std::uint64_t cnt = scratch[distinct_[d]];
@@ -273,7 +279,8 @@ private:
       const std::size_t p = detail::workload::prefill_length(train, r);
       if (p > 0 && p < train.request(r).length) reqs.push_back(r);
     }
-    LOCUS_REQUIRE(!reqs.empty(), config_error, "workload_aware: the training trace has no request with both prefill and "
+    LOCUS_REQUIRE(!reqs.empty(), config_error,
+                  "workload_aware: the training trace has no request with both prefill and "
                   "decode tokens (mark prefill with trace::with_prefill_tokens)");
     return reqs;
   }
@@ -309,7 +316,8 @@ private:
       std::fill(counts.begin(), counts.end(), 0.0f);
       detail::workload::add_counts(train, r, p, train.request(r).length - p, counts.data());
       auto& u = usage_[labels_[i]];
-      for (std::size_t f = 0; f < dim; ++f) u[f] += counts[f];
+      for (std::size_t f = 0; f < dim; ++f)
+        u[f] += counts[f];
       cluster_tokens_[labels_[i]] += static_cast<double>(train.request(r).length - p);
       cluster_requests_[labels_[i]] += 1.0;
     }
@@ -320,7 +328,8 @@ private:
                                            std::size_t k) {
     std::vector<double> means(k * f.dim, 0.0);
     for (std::size_t i = 0; i < labels.size(); ++i)
-      for (std::size_t d = 0; d < f.dim; ++d) means[labels[i] * f.dim + d] += f.prefill[i * f.dim + d];
+      for (std::size_t d = 0; d < f.dim; ++d)
+        means[labels[i] * f.dim + d] += f.prefill[i * f.dim + d];
     return means;
   }
 
@@ -330,9 +339,11 @@ private:
     means_t_.assign(dim * stride_, 0.0f);
     for (std::size_t c = 0; c < k_; ++c) {
       double s = 0;
-      for (std::size_t f = 0; f < dim; ++f) s += means[c * dim + f] * means[c * dim + f];
+      for (std::size_t f = 0; f < dim; ++f)
+        s += means[c * dim + f] * means[c * dim + f];
       const double inv = s > 0 ? 1.0 / std::sqrt(s) : 0.0;
-      for (std::size_t f = 0; f < dim; ++f) means_t_[f * stride_ + c] = static_cast<float>(means[c * dim + f] * inv);
+      for (std::size_t f = 0; f < dim; ++f)
+        means_t_[f * stride_ + c] = static_cast<float>(means[c * dim + f] * inv);
     }
   }
 
@@ -344,7 +355,8 @@ private:
     const std::size_t dim = f.dim, k = means.size() / dim;
     std::vector<double> sum_norm2(k, 0.0);
     for (std::size_t c = 0; c < k; ++c)
-      for (std::size_t d = 0; d < dim; ++d) sum_norm2[c] += means[c * dim + d] * means[c * dim + d];
+      for (std::size_t d = 0; d < dim; ++d)
+        sum_norm2[c] += means[c * dim + d] * means[c * dim + d];
     std::vector<double> sims;
     for (std::size_t i = 0; i < km.labels.size(); ++i) {
       const std::size_t c = km.labels[i];
@@ -375,9 +387,11 @@ private:
       const std::size_t f = distinct_[d];
       const float cnt = static_cast<float>(counts[f]);
       const float* m = means_t_.data() + f * stride_ + c0;
-      for (std::size_t c = 0; c < 16; ++c) a[c] += cnt * m[c];
+      for (std::size_t c = 0; c < 16; ++c)
+        a[c] += cnt * m[c];
     }
-    for (std::size_t c = 0; c < 16; ++c) acc[c] = a[c];
+    for (std::size_t c = 0; c < 16; ++c)
+      acc[c] = a[c];
   }
 
   std::size_t layers_ = 0, experts_ = 0, nodes_ = 0, k_ = 0, layer_stride_ = 1;
@@ -387,8 +401,8 @@ private:
   std::vector<std::size_t> training_requests_;
   std::vector<double> cluster_tokens_, cluster_requests_;
   std::vector<std::vector<double>> usage_;
-  std::size_t stride_ = 16;    // k rounded up to a multiple of 16
-  std::vector<float> means_t_; // feature-major: (layer × experts) × stride_, zero-padded
+  std::size_t stride_ = 16;                     // k rounded up to a multiple of 16
+  std::vector<float> means_t_;                  // feature-major: (layer × experts) × stride_, zero-padded
   mutable std::vector<std::uint32_t> distinct_; // classify scratch (a model is used by one thread)
 };
 
@@ -425,7 +439,8 @@ public:
     std::uint64_t mine = 0, least = UINT64_MAX;
     for (std::size_t n = 0; n < c.topology.nodes(); ++n) {
       std::uint64_t load = 0;
-      for (std::size_t g = 0; g < gpus; ++g) load += c.ranks[n * gpus + g].running_requests;
+      for (std::size_t g = 0; g < gpus; ++g)
+        load += c.ranks[n * gpus + g].running_requests;
       if (n == node) mine = load;
       least = std::min(least, load);
     }
@@ -460,4 +475,4 @@ private:
   std::vector<std::uint32_t> scratch_;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::grouper
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::grouper

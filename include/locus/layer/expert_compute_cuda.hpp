@@ -8,19 +8,17 @@
 //! GEMM per expert instead of two. Blocks are issued in order on one stream; an empty block
 //! issues nothing.
 
+#include <algorithm>
+#include <library_types.h>
 #include <locus/backend/cuda.hpp>
 #include <locus/layer/detail/kernels/silu_mul.cuh>
 #include <locus/layer/expert_compute.hpp>
-
-#include <library_types.h>
-
-#include <algorithm>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
 template <class T>
 inline constexpr cudaDataType_t cuda_type = std::is_same_v<T, float> ? CUDA_R_32F : CUDA_R_16BF;
-} // namespace locus::LOCUS_ABI_NAMESPACE::detail::layer
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::layer {
 
@@ -68,7 +66,8 @@ public:
     detail::layer::check_blocks("swiglu_cuda", b, hidden_);
     const std::size_t rows = b.total_rows(), H = hidden_, F = ffn_;
     std::vector<std::size_t> pos(b.count);
-    for (std::size_t i = 0; i < b.count; ++i) pos[i] = position(b.experts[i]);
+    for (std::size_t i = 0; i < b.count; ++i)
+      pos[i] = position(b.experts[i]);
     if (rows == 0) return;
     gu_.resize(rows * 2 * F);
     act_.resize(rows * F);
@@ -93,10 +92,10 @@ public:
       const int R = static_cast<int>(b.rows(i));
       if (R == 0) continue;
       LOCUS_CUBLAS_CHECK(cublasGemmEx(blas_.get(), CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(H), R,
-                                      static_cast<int>(F), &one, down_.data() + pos[i] * F * H, wt,
-                                      static_cast<int>(H), act_.data() + b.offsets[i] * F, wt, static_cast<int>(F),
-                                      &zero, b.output + b.offsets[i] * H, wt, static_cast<int>(H),
-                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                      static_cast<int>(F), &one, down_.data() + pos[i] * F * H, wt, static_cast<int>(H),
+                                      act_.data() + b.offsets[i] * F, wt, static_cast<int>(F), &zero,
+                                      b.output + b.offsets[i] * H, wt, static_cast<int>(H), CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT));
     }
   }
 
@@ -128,11 +127,11 @@ private:
   std::vector<W> staging_; // rows given by pointer, gathered for the upload
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::layer
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::layer
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
 template <>
 struct default_expert_compute<backend::cuda> {
   using type = locus::layer::swiglu_cuda<float>;
 };
-} // namespace locus::LOCUS_ABI_NAMESPACE::detail::layer
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer

@@ -98,15 +98,15 @@ namespace locus::inline LOCUS_ABI_NAMESPACE {
 template <any_moe_shape Shape, any_topology Topology, class... Policies>
 class moe_layer {
   using policies = policy_set<Policies...>;
-  using router_choice =
-      typename policies::template get<router_tag, router::softmax_topk<typename Shape::top_k_type>>;
+  using router_choice = typename policies::template get<router_tag, router::softmax_topk<typename Shape::top_k_type>>;
 
 public:
   using shape_type = Shape;
   using topology_type = Topology;
   // given_routing routes nothing: it names the layer's mode and is no router to check.
-  using router_type = typename std::conditional_t<std::is_same_v<router_choice, layer::given_routing>,
-                                                  std::type_identity<router_choice>, require_router<router_choice>>::type;
+  using router_type =
+      typename std::conditional_t<std::is_same_v<router_choice, layer::given_routing>,
+                                  std::type_identity<router_choice>, require_router<router_choice>>::type;
   using transport_type =
       typename require_transport<typename policies::template get<transport_tag, transport::local_flat>>::type;
   using backend_type = typename require_backend<typename policies::template get<backend_tag, backend::host>>::type;

@@ -9,12 +9,11 @@
 //! (placement/token_refine.hpp) on a sample of the training decode tokens, each on the node the
 //! grouping gives its request.
 
+#include <algorithm>
 #include <locus/grouper/workload_aware.hpp>
 #include <locus/placement/by_name.hpp>
 #include <locus/placement/token_refine.hpp>
 #include <locus/placement/trace_load.hpp>
-
-#include <algorithm>
 #include <memory>
 #include <string_view>
 #include <vector>
@@ -66,7 +65,8 @@ inline token_sample token_sample_from_model(const trace::trace& train, const gro
   std::size_t decode = 0;
   for (const std::size_t r : m.training_requests()) {
     const auto& q = train.request(r);
-    for (std::size_t i = 0; i < q.length; ++i) decode += train.token_phase(q.first_token + i) == trace::phase::decode;
+    for (std::size_t i = 0; i < q.length; ++i)
+      decode += train.token_phase(q.first_token + i) == trace::phase::decode;
   }
   const std::size_t stride = max_tokens == 0 ? 1 : std::max<std::size_t>(1, (decode + max_tokens - 1) / max_tokens);
   token_sample s;
@@ -91,7 +91,8 @@ inline token_sample token_sample_from_model(const trace::trace& train, const gro
   for (std::size_t l = 0; l < train.layers(); ++l) {
     const auto view = train.layer(l);
     for (std::size_t i = 0; i < picked.size(); ++i)
-      for (std::size_t j = 0; j < s.top_k; ++j) s.ids[l][i * s.top_k + j] = view.expert(picked[i], j);
+      for (std::size_t j = 0; j < s.top_k; ++j)
+        s.ids[l][i * s.top_k + j] = view.expert(picked[i], j);
   }
   return s;
 }
@@ -155,4 +156,4 @@ inline activation_plan plan_activation_aware(const trace::trace& train, const dy
   return out;
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::placement
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::placement

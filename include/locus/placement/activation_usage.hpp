@@ -11,14 +11,13 @@
 //! The helpers in detail::activation (expected replica loads, balanced packing onto a node's GPUs,
 //! building the slot table) are shared with the locality planner.
 
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/core/policy.hpp>
 #include <locus/placement/plan_input.hpp>
-
-#include <algorithm>
-#include <cstddef>
-#include <cstdint>
 #include <numeric>
 #include <vector>
 
@@ -52,7 +51,8 @@ inline std::vector<std::vector<double>> copy_loads(const node_layout& layout, co
   const std::size_t nodes = layout.hosted.size();
   std::vector<std::vector<std::uint32_t>> hosts(experts);
   for (std::size_t n = 0; n < nodes; ++n)
-    for (auto e : layout.hosted[n]) hosts[e].push_back(static_cast<std::uint32_t>(n));
+    for (auto e : layout.hosted[n])
+      hosts[e].push_back(static_cast<std::uint32_t>(n));
   // remote[e]: tokens of e from nodes without a copy, shared by every copy.
   std::vector<double> share(experts, 0.0);
   for (std::size_t e = 0; e < experts; ++e) {
@@ -65,7 +65,8 @@ inline std::vector<std::vector<double>> copy_loads(const node_layout& layout, co
   std::vector<std::vector<double>> out(nodes);
   for (std::size_t n = 0; n < nodes; ++n) {
     out[n].reserve(layout.hosted[n].size());
-    for (auto e : layout.hosted[n]) out[n].push_back(u[n][e] + share[e]);
+    for (auto e : layout.hosted[n])
+      out[n].push_back(u[n][e] + share[e]);
   }
   return out;
 }
@@ -185,7 +186,8 @@ inline void add_usage_replicas(node_layout& layout, const std::vector<std::vecto
     for (std::size_t e = 0; e < experts; ++e)
       if (!layout.hosts(n, e)) cand.push_back(e);
     std::stable_sort(cand.begin(), cand.end(), [&](std::size_t a, std::size_t b) { return u[n][a] > u[n][b]; });
-    for (std::size_t i = 0; i < std::min(redundant_per_node, cand.size()); ++i) layout.add(n, cand[i]);
+    for (std::size_t i = 0; i < std::min(redundant_per_node, cand.size()); ++i)
+      layout.add(n, cand[i]);
   }
 }
 
@@ -210,7 +212,8 @@ struct activation_usage {
       std::vector<std::pair<std::size_t, std::size_t>> pairs; // (node, expert)
       pairs.reserve(nodes * experts);
       for (std::size_t e = 0; e < experts; ++e)
-        for (std::size_t n = 0; n < nodes; ++n) pairs.emplace_back(n, e);
+        for (std::size_t n = 0; n < nodes; ++n)
+          pairs.emplace_back(n, e);
       std::stable_sort(pairs.begin(), pairs.end(),
                        [&](const auto& a, const auto& x) { return u[a.first][a.second] > u[x.first][x.second]; });
       for (const auto& [n, e] : pairs)
@@ -224,4 +227,4 @@ struct activation_usage {
   }
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::placement
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::placement

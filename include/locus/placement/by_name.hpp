@@ -6,7 +6,6 @@
 #include <locus/placement/eplb.hpp>
 #include <locus/placement/linear.hpp>
 #include <locus/placement/locality.hpp>
-
 #include <string>
 #include <string_view>
 #include <vector>
@@ -23,7 +22,9 @@ struct named_plan_options {
 };
 
 //! Names accepted by plan_by_name.
-inline std::vector<std::string> planner_names() { return {"linear", "round_robin", "eplb", "activation_usage", "locality"}; }
+inline std::vector<std::string> planner_names() {
+  return {"linear", "round_robin", "eplb", "activation_usage", "locality"};
+}
 
 //! Runs the planner called `name`. @throws locus::config_error for an unknown name
 inline std::vector<expert_map> plan_by_name(std::string_view name, const plan_input& in,
@@ -35,8 +36,9 @@ inline std::vector<expert_map> plan_by_name(std::string_view name, const plan_in
   if (name == "activation_usage") return activation_usage{}.plan(in);
   if (name == "locality") return locality{opt.locality}.plan(in);
   std::string known;
-  for (const auto& n : planner_names()) known += (known.empty() ? "" : ", ") + n;
+  for (const auto& n : planner_names())
+    known += (known.empty() ? "" : ", ") + n;
   LOCUS_THROW(config_error, "unknown placement \"", name, "\" (known: ", known, ")");
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::placement
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::placement

@@ -41,4 +41,4 @@ struct round_robin {
   }
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::placement
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::placement

@@ -22,16 +22,15 @@
 //! step 3 is skipped (`replicas = false`) and the replicas are chosen on the exact copy cost.
 //! `refine_grouping` fits the grouping to the placement in turn (the joint fit).
 
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
 #include <locus/core/error.hpp>
 #include <locus/core/policy.hpp>
 #include <locus/grouper/workload_aware.hpp>
 #include <locus/placement/activation_usage.hpp>
 #include <locus/placement/load_bound.hpp>
 #include <locus/placement/plan_input.hpp>
-
-#include <algorithm>
-#include <cstddef>
-#include <cstdint>
 #include <numeric>
 #include <vector>
 
@@ -42,7 +41,7 @@ struct locality_options {
   double balance_slack = 0.05;         //!< node load ≤ (1 + slack) × mean node load, first copies
   double replica_balance_slack = 0.03; //!< bound on a copy's node load when adding replicas
   std::size_t max_sweeps = 32;         //!< refinement sweeps at most
-  bool replicas = true; //!< fill redundant slots (false leaves them empty for add_replicas_by_tokens)
+  bool replicas = true;                //!< fill redundant slots (false leaves them empty for add_replicas_by_tokens)
 };
 
 namespace detail::locality {
@@ -57,8 +56,10 @@ inline da::node_layout plan_layer(const std::vector<std::vector<double>>& u, con
   std::vector<double> w(experts, 0.0);
   double total = 0;
   for (std::size_t n = 0; n < nodes; ++n)
-    for (std::size_t e = 0; e < experts; ++e) w[e] += u[n][e];
-  for (double x : w) total += x;
+    for (std::size_t e = 0; e < experts; ++e)
+      w[e] += u[n][e];
+  for (double x : w)
+    total += x;
   const double cap = load_bound(total, nodes, opt.balance_slack);
 
   // 1. Balanced greedy.
@@ -69,7 +70,8 @@ inline da::node_layout plan_layer(const std::vector<std::vector<double>>& u, con
     std::vector<std::pair<std::uint32_t, std::uint32_t>> pairs;
     pairs.reserve(nodes * experts);
     for (std::size_t e = 0; e < experts; ++e)
-      for (std::size_t n = 0; n < nodes; ++n) pairs.emplace_back(static_cast<std::uint32_t>(n), static_cast<std::uint32_t>(e));
+      for (std::size_t n = 0; n < nodes; ++n)
+        pairs.emplace_back(static_cast<std::uint32_t>(n), static_cast<std::uint32_t>(e));
     std::stable_sort(pairs.begin(), pairs.end(),
                      [&](const auto& a, const auto& x) { return u[a.first][a.second] > u[x.first][x.second]; });
     for (const auto& [n, e] : pairs) {
@@ -141,24 +143,30 @@ inline da::node_layout plan_layer(const std::vector<std::vector<double>>& u, con
   }
 
   da::node_layout layout(nodes, experts);
-  for (std::size_t e = 0; e < experts; ++e) layout.add(static_cast<std::size_t>(host[e]), e);
+  for (std::size_t e = 0; e < experts; ++e)
+    layout.add(static_cast<std::size_t>(host[e]), e);
   if (b.redundant_per_node == 0 || !opt.replicas) return layout;
 
   // 3. Replicas. Copy loads per expert: local tokens stay, remote tokens spread over copies.
   const double rcap = load_bound(total, nodes, opt.replica_balance_slack);
   std::vector<std::vector<std::uint32_t>> hosts(experts);
-  for (std::size_t e = 0; e < experts; ++e) hosts[e].push_back(static_cast<std::uint32_t>(host[e]));
+  for (std::size_t e = 0; e < experts; ++e)
+    hosts[e].push_back(static_cast<std::uint32_t>(host[e]));
   auto copy_load = [&](std::size_t e, const std::vector<std::uint32_t>& hs, std::vector<double>& per_host) {
     double remote = w[e];
-    for (auto h : hs) remote -= u[h][e];
+    for (auto h : hs)
+      remote -= u[h][e];
     per_host.resize(hs.size());
-    for (std::size_t i = 0; i < hs.size(); ++i) per_host[i] = u[hs[i]][e] + remote / static_cast<double>(hs.size());
+    for (std::size_t i = 0; i < hs.size(); ++i)
+      per_host[i] = u[hs[i]][e] + remote / static_cast<double>(hs.size());
   };
   // Node loads including the (so far single) copies.
   std::fill(load.begin(), load.end(), 0.0);
-  for (std::size_t e = 0; e < experts; ++e) load[static_cast<std::size_t>(host[e])] += w[e];
+  for (std::size_t e = 0; e < experts; ++e)
+    load[static_cast<std::size_t>(host[e])] += w[e];
   std::vector<std::size_t> used(nodes);
-  for (std::size_t n = 0; n < nodes; ++n) used[n] = layout.hosted[n].size();
+  for (std::size_t n = 0; n < nodes; ++n)
+    used[n] = layout.hosted[n].size();
   const std::size_t node_slots = in.slots_per_rank * in.topology.gpus_per_node();
   std::vector<std::pair<std::uint32_t, std::uint32_t>> cand;
   for (std::size_t e = 0; e < experts; ++e)
@@ -183,7 +191,8 @@ inline da::node_layout plan_layer(const std::vector<std::vector<double>>& u, con
       worst_old = std::max(worst_old, load[hs[i]]);
     }
     if (!keeps_load_bound(worst_new, worst_old, rcap)) continue;
-    for (std::size_t i = 0; i < hs.size(); ++i) load[hs[i]] += after[i] - (i < before.size() ? before[i] : 0.0);
+    for (std::size_t i = 0; i < hs.size(); ++i)
+      load[hs[i]] += after[i] - (i < before.size() ? before[i] : 0.0);
     hosts[e] = std::move(hs);
     layout.add(n, e);
     ++used[n];
@@ -199,7 +208,8 @@ inline std::vector<std::vector<double>> local_usage(const grouper::workload_mode
   for (std::size_t l = 0; l < layouts.size(); ++l)
     for (std::size_t n = 0; n < nodes; ++n)
       for (auto e : layouts[l].hosted[n])
-        for (std::size_t c = 0; c < k; ++c) out[c][n] += m.cluster_usage(c)[l * experts + e];
+        for (std::size_t c = 0; c < k; ++c)
+          out[c][n] += m.cluster_usage(c)[l * experts + e];
   return out;
 }
 
@@ -227,9 +237,9 @@ struct locality {
 
 //! Options of refine_grouping.
 struct joint_options {
-  std::size_t rounds = 4;        //!< placement ↔ grouping alternations at most
-  double token_slack = 0.10;     //!< a node's clusters' decode tokens ≤ (1 + slack) × the mean
-  double request_slack = 0.25;   //!< a node's clusters' requests ≤ (1 + slack) × the mean (capacity)
+  std::size_t rounds = 4;      //!< placement ↔ grouping alternations at most
+  double token_slack = 0.10;   //!< a node's clusters' decode tokens ≤ (1 + slack) × the mean
+  double request_slack = 0.25; //!< a node's clusters' requests ≤ (1 + slack) × the mean (capacity)
 };
 
 //! The joint fit: alternately plans the node layout for the model's grouping and moves or swaps
@@ -248,10 +258,12 @@ inline double refine_grouping(grouper::workload_model& model, plan_input in, con
   double total_tokens = 0, total_pairs = 0;
   for (std::size_t c = 0; c < k; ++c) {
     total_tokens += model.cluster_tokens(c);
-    for (double x : model.cluster_usage(c)) total_pairs += x;
+    for (double x : model.cluster_usage(c))
+      total_pairs += x;
   }
   double total_requests = 0;
-  for (std::size_t c = 0; c < k; ++c) total_requests += model.cluster_requests(c);
+  for (std::size_t c = 0; c < k; ++c)
+    total_requests += model.cluster_requests(c);
   const double token_cap = load_bound(total_tokens, nodes, jopt.token_slack);
   const double request_cap = load_bound(total_requests, nodes, jopt.request_slack);
   double best_score = -1;
@@ -265,7 +277,8 @@ inline double refine_grouping(grouper::workload_model& model, plan_input in, con
     const auto local = detail::locality::local_usage(model, layouts);
     auto map = model.cluster_node();
     double score = 0;
-    for (std::size_t c = 0; c < k; ++c) score += local[c][map[c]];
+    for (std::size_t c = 0; c < k; ++c)
+      score += local[c][map[c]];
     if (score > best_score) {
       best_score = score;
       best_map = map;
@@ -337,4 +350,4 @@ inline double refine_grouping(grouper::workload_model& model, plan_input in, con
   return total_pairs > 0 ? best_score / total_pairs : 0.0;
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::placement
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::placement

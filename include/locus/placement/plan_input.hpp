@@ -3,14 +3,13 @@
 //! What every expert-map planner is given: the deployment, the slot budget and the expected
 //! per-layer expert load (usually counted on a training trace).
 
+#include <cmath>
+#include <concepts>
+#include <cstddef>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/core/policy.hpp>
 #include <locus/core/topology.hpp>
-
-#include <cmath>
-#include <concepts>
-#include <cstddef>
 #include <utility>
 #include <vector>
 
@@ -79,7 +78,7 @@ inline std::size_t slots_for(std::size_t experts, std::size_t ranks, std::size_t
   return (experts + ranks - 1) / ranks + redundant_per_rank;
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::placement
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::placement
 
 namespace locus::inline LOCUS_ABI_NAMESPACE {
 
@@ -107,4 +106,4 @@ std::vector<expert_map> plan_placement(const placement::plan_input& in, Args&&..
   return typename require_placement<P>::type(std::forward<Args>(args)...).plan(in);
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE
+} // namespace locus::inline LOCUS_ABI_NAMESPACE

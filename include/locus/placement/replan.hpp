@@ -8,16 +8,14 @@
 //! all layers, while the two nodes' loads stay under (1 + balance_slack) × the mean or no worse
 //! than before. Every other slot keeps its expert, so only swapped slots need new weights.
 
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/placement/load_bound.hpp>
 #include <locus/placement/locality.hpp>
-#include <locus/placement/load_bound.hpp>
 #include <locus/placement/plan_input.hpp>
-
-#include <algorithm>
-#include <cstddef>
-#include <cstdint>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
@@ -25,10 +23,10 @@ namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
 //! Result of replan_bounded.
 struct replan_result {
   std::vector<expert_map> maps;
-  std::size_t experts_moved = 0;   //!< slots whose expert changed
-  std::uint64_t bytes_moved = 0;   //!< experts_moved × expert_bytes
-  double local_before = 0;         //!< new-window (token, expert) pairs on their node's copy, before
-  double local_after = 0;          //!< the same, after
+  std::size_t experts_moved = 0; //!< slots whose expert changed
+  std::uint64_t bytes_moved = 0; //!< experts_moved × expert_bytes
+  double local_before = 0;       //!< new-window (token, expert) pairs on their node's copy, before
+  double local_after = 0;        //!< the same, after
 };
 
 namespace detail::replan {
@@ -38,7 +36,8 @@ inline double local_usage(const expert_map& m, const std::vector<std::vector<dou
   const std::size_t nodes = u.size();
   for (std::size_t e = 0; e < m.experts(); ++e) {
     std::vector<bool> on(nodes, false);
-    for (const slot_ref& r : m.replicas(e)) on[static_cast<std::size_t>(r.rank) / gpus] = true;
+    for (const slot_ref& r : m.replicas(e))
+      on[static_cast<std::size_t>(r.rank) / gpus] = true;
     for (std::size_t n = 0; n < nodes; ++n)
       if (on[n]) s += u[n][e];
   }
@@ -74,8 +73,10 @@ inline replan_result replan_bounded(const std::vector<expert_map>& current, cons
   for (std::size_t l = 0; l < in.layers(); ++l) {
     double total = 0;
     for (std::size_t n = 0; n < nodes; ++n)
-      for (std::size_t e = 0; e < experts; ++e) w[l][e] += nl[l][n][e];
-    for (double x : w[l]) total += x;
+      for (std::size_t e = 0; e < experts; ++e)
+        w[l][e] += nl[l][n][e];
+    for (double x : w[l])
+      total += x;
     cap[l] = load_bound(total, nodes, balance_slack);
   }
   while (out.experts_moved + 2 <= max_moved_experts) {
@@ -126,4 +127,4 @@ inline replan_result replan_bounded(const std::vector<expert_map>& current, cons
   return out;
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::placement
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::placement

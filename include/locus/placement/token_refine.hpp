@@ -41,8 +41,8 @@
 #include <locus/core/topology.hpp>
 #include <locus/placement/load_bound.hpp>
 #include <locus/placement/replica_selection.hpp>
-#include <locus/transport/detail/layout_token.hpp>
 #include <locus/trace/trace.hpp>
+#include <locus/transport/detail/layout_token.hpp>
 #include <numeric>
 #include <span>
 #include <vector>
@@ -54,8 +54,8 @@ namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
 struct token_sample {
   std::size_t experts = 0;
   std::size_t top_k = 0;
-  std::vector<std::uint32_t> home;                //!< per token: node of its request
-  std::vector<std::vector<std::uint16_t>> ids;    //!< per layer: tokens × top_k expert ids
+  std::vector<std::uint32_t> home;             //!< per token: node of its request
+  std::vector<std::vector<std::uint16_t>> ids; //!< per layer: tokens × top_k expert ids
   //! Optional, per token: the group whose share a shifted mix grows (token_refine_options::
   //! balance_shift), e.g. the request's class; empty: the token's node.
   std::vector<std::uint32_t> mix_group;
@@ -68,8 +68,8 @@ struct token_sample {
     LOCUS_REQUIRE(experts > 0 && top_k > 0 && top_k <= experts, invalid_input_error, "token_sample: ", experts,
                   " experts and top-k ", top_k, " are not a valid shape");
     for (std::size_t t = 0; t < home.size(); ++t)
-      LOCUS_REQUIRE(home[t] < nodes, invalid_input_error, "token_sample: token ", t, " runs on node ", home[t],
-                    " of ", nodes);
+      LOCUS_REQUIRE(home[t] < nodes, invalid_input_error, "token_sample: token ", t, " runs on node ", home[t], " of ",
+                    nodes);
     LOCUS_REQUIRE(mix_group.empty() || mix_group.size() == home.size(), invalid_input_error,
                   "token_sample: ", mix_group.size(), " mix groups for ", home.size(), " tokens");
     for (const auto g : mix_group)
@@ -194,10 +194,12 @@ struct shifted_loads {
   void set_caps(const std::vector<double>& load, double slack) {
     cap.assign(on() ? nodes : 0, 0.0);
     double total = 0;
-    for (double x : load) total += x;
+    for (double x : load)
+      total += x;
     for (std::size_t s = 0; s < cap.size(); ++s) {
       double extra = 0;
-      for (std::size_t r = 0; r < ranks; ++r) extra += pairs[s * ranks + r];
+      for (std::size_t r = 0; r < ranks; ++r)
+        extra += pairs[s * ranks + r];
       cap[s] = load_bound(total + shift * extra, ranks, slack);
     }
   }
@@ -252,7 +254,8 @@ public:
         mixes_(mix_groups(mix, nodes_)) {
     const std::size_t experts = map.experts();
     node_of_.resize(ranks_);
-    for (std::size_t r = 0; r < ranks_; ++r) node_of_[r] = static_cast<std::uint32_t>(topo.node_of(r));
+    for (std::size_t r = 0; r < ranks_; ++r)
+      node_of_[r] = static_cast<std::uint32_t>(topo.node_of(r));
     rank_of_.assign(experts, -1);
     slot_of_.assign(experts, -1);
     for (std::size_t e = 0; e < experts; ++e) {
@@ -274,7 +277,8 @@ public:
       for (std::size_t j = 0; j < k_; ++j) {
         const std::size_t e = ids_[t * k_ + j];
         bool repeat = false;
-        for (std::size_t i = 0; i < j; ++i) repeat |= ids_[t * k_ + i] == e;
+        for (std::size_t i = 0; i < j; ++i)
+          repeat |= ids_[t * k_ + i] == e;
         if (repeat) {
           fixed_[t * k_ + j] = -2;
           continue;
@@ -289,7 +293,8 @@ public:
         load_[static_cast<std::size_t>(r)] += 1;
       }
     double total = 0;
-    for (double x : load_) total += x;
+    for (double x : load_)
+      total += x;
     cap_ = load_bound(total, ranks_, opt_.balance_slack);
     // The rank serving each pair, token-major (-1: a repeated choice, ignored): k entries per
     // token keep the working set small, and every per-token question is a scan of them.
@@ -365,7 +370,9 @@ public:
         }
         const std::size_t keep = std::min(cand.size(), opt_.candidates);
         std::partial_sort(cand.begin(), cand.begin() + static_cast<std::ptrdiff_t>(keep), cand.end(),
-                          [](const auto& x, const auto& y) { return x.first > y.first || (x.first == y.first && x.second < y.second); });
+                          [](const auto& x, const auto& y) {
+                            return x.first > y.first || (x.first == y.first && x.second < y.second);
+                          });
         double best = 1e-9;
         std::size_t best_f = experts;
         for (std::size_t i = 0; i < keep; ++i) {
@@ -437,7 +444,8 @@ public:
     if (best_rank != rank_of_) { // move every expert back to where the best state had it
       for (std::size_t e = 0; e < rank_of_.size(); ++e)
         if (rank_of_[e] >= 0 && rank_of_[e] != best_rank[e])
-          for (const auto t : tok_of_[e]) move_pairs(t, e, best_rank[e]);
+          for (const auto t : tok_of_[e])
+            move_pairs(t, e, best_rank[e]);
       rank_of_ = std::move(best_rank);
       slot_of_ = std::move(best_slot);
       load_ = std::move(best_load);
@@ -598,7 +606,8 @@ public:
       }
     for (std::size_t e = 0; e < rank_of_.size(); ++e)
       if (rank_of_[e] >= 0)
-        table[static_cast<std::size_t>(rank_of_[e]) * spr + static_cast<std::size_t>(slot_of_[e])] = static_cast<expert_id>(e);
+        table[static_cast<std::size_t>(rank_of_[e]) * spr + static_cast<std::size_t>(slot_of_[e])] =
+            static_cast<expert_id>(e);
     return expert_map(original.experts(), original.ranks(), spr, std::move(table));
   }
 
@@ -717,8 +726,8 @@ private:
     double worst = 0;
     for (std::size_t s = 0; s < shifted_.cap.size(); ++s) {
       const double d = shifted_swap_change(e, f, s);
-      worst = std::max({worst, (shifted_.at(load_, s, a) + d) / shifted_.cap[s],
-                        (shifted_.at(load_, s, b) - d) / shifted_.cap[s]});
+      worst = std::max(
+          {worst, (shifted_.at(load_, s, a) + d) / shifted_.cap[s], (shifted_.at(load_, s, b) - d) / shifted_.cap[s]});
     }
     return worst;
   }
@@ -730,8 +739,10 @@ private:
     const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
     double g = gains[e * ranks_ + b];
     tokens_seen_.next();
-    for (const auto t : tok_of_[e]) tokens_seen_.insert(t);
-    for (const auto t : tok_of_[f]) g += tokens_seen_.contains(t) ? move_delta(t, a, b) : -move_delta(t, b, a);
+    for (const auto t : tok_of_[e])
+      tokens_seen_.insert(t);
+    for (const auto t : tok_of_[f])
+      g += tokens_seen_.contains(t) ? move_delta(t, a, b) : -move_delta(t, b, a);
     return g;
   }
 
@@ -743,11 +754,14 @@ private:
 
   void apply_swap(std::size_t e, std::size_t f, std::vector<std::uint8_t>& dirty) {
     const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
-    for (const auto t : tok_of_[e]) move_pairs(t, e, static_cast<std::int32_t>(b));
-    for (const auto t : tok_of_[f]) move_pairs(t, f, static_cast<std::int32_t>(a));
+    for (const auto t : tok_of_[e])
+      move_pairs(t, e, static_cast<std::int32_t>(b));
+    for (const auto t : tok_of_[f])
+      move_pairs(t, f, static_cast<std::int32_t>(a));
     for (const auto x : {e, f})
       for (const auto t : tok_of_[x])
-        for (std::size_t j = 0; j < k_; ++j) dirty[ids_[t * k_ + j]] = 1;
+        for (std::size_t j = 0; j < k_; ++j)
+          dirty[ids_[t * k_ + j]] = 1;
     const double we = static_cast<double>(tok_of_[e].size()), wf = static_cast<double>(tok_of_[f].size());
     load_[a] += wf - we;
     load_[b] += we - wf;
@@ -793,20 +807,24 @@ public:
         gpus_(topo.gpus_per_node()), spr_(map.slots_per_rank()), ids_(ids), home_(home), mix_(mix.empty() ? home : mix),
         mixes_(mix_groups(mix, nodes_)), experts_(map.experts()) {
     node_of_.resize(ranks_);
-    for (std::size_t r = 0; r < ranks_; ++r) node_of_[r] = static_cast<std::uint32_t>(topo.node_of(r));
+    for (std::size_t r = 0; r < ranks_; ++r)
+      node_of_[r] = static_cast<std::uint32_t>(topo.node_of(r));
     table_.resize(map.slot_count());
     for (std::size_t r = 0; r < ranks_; ++r)
-      for (std::size_t s = 0; s < spr_; ++s) table_[r * spr_ + s] = map.expert_at(r, s);
+      for (std::size_t s = 0; s < spr_; ++s)
+        table_[r * spr_ + s] = map.expert_at(r, s);
     copies_.assign(experts_, {});
     for (std::size_t e = 0; e < experts_; ++e)
-      for (const auto& x : map.replicas(e)) copies_[e].push_back(x.rank); // rank order, as the selector sees them
+      for (const auto& x : map.replicas(e))
+        copies_[e].push_back(x.rank); // rank order, as the selector sees them
     pairs_of_.assign(experts_, {});
     tr_.assign(tokens_ * k_, -1);
     for (std::size_t t = 0; t < tokens_; ++t)
       for (std::size_t j = 0; j < k_; ++j) {
         const std::size_t e = ids_[t * k_ + j];
         bool repeat = false;
-        for (std::size_t i = 0; i < j; ++i) repeat |= ids_[t * k_ + i] == e;
+        for (std::size_t i = 0; i < j; ++i)
+          repeat |= ids_[t * k_ + i] == e;
         if (repeat) continue;
         pairs_of_[e].push_back(static_cast<std::uint32_t>(t * k_ + j));
         tr_[t * k_ + j] = serving(copies_[e], t);
@@ -815,7 +833,8 @@ public:
     for (const auto r : tr_)
       if (r >= 0) load_[static_cast<std::size_t>(r)] += 1;
     double total = 0;
-    for (double x : load_) total += x;
+    for (double x : load_)
+      total += x;
     cap_ = load_bound(total, ranks_, opt_.balance_slack);
     shifted_.reset(opt_.balance_shift, mixes_, ranks_);
     if (shifted_.on()) {
@@ -835,13 +854,15 @@ public:
     std::vector<std::pair<double, std::pair<std::uint32_t, std::uint32_t>>> heap;
     std::vector<std::vector<double>> remote(nodes_, std::vector<double>(experts_, 0.0));
     for (std::size_t e = 0; e < experts_; ++e)
-      for (const auto p : pairs_of_[e]) remote[home_[p / k_]][e] += 1;
+      for (const auto p : pairs_of_[e])
+        remote[home_[p / k_]][e] += 1;
     std::vector<std::uint32_t> order(experts_);
     for (std::size_t n = 0; n < nodes_; ++n) {
       std::size_t free = 0;
       for (std::size_t r = 0; r < ranks_; ++r)
         if (node_of_[r] == n)
-          for (std::size_t s = 0; s < spr_; ++s) free += table_[r * spr_ + s] == empty_slot;
+          for (std::size_t s = 0; s < spr_; ++s)
+            free += table_[r * spr_ + s] == empty_slot;
       if (free == 0) continue;
       const std::size_t r = free_rank(n);
       std::iota(order.begin(), order.end(), 0u);
@@ -1074,7 +1095,8 @@ std::vector<expert_map> refine_by_tokens(const std::vector<expert_map>& maps, co
   out.reserve(maps.size());
   if (reports) reports->assign(maps.size(), {});
   for (std::size_t l = 0; l < maps.size(); ++l)
-    out.push_back(detail::token_refine::refine_layer(maps[l], sample, l, topo, opt, reports ? &(*reports)[l] : nullptr));
+    out.push_back(
+        detail::token_refine::refine_layer(maps[l], sample, l, topo, opt, reports ? &(*reports)[l] : nullptr));
   return out;
 }
 
@@ -1129,4 +1151,4 @@ std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& ma
   return out;
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::placement
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::placement

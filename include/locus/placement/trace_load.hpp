@@ -4,7 +4,6 @@
 
 #include <locus/placement/plan_input.hpp>
 #include <locus/trace/trace.hpp>
-
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
@@ -20,7 +19,8 @@ inline std::vector<std::vector<double>> expert_load(const trace::trace& t, bool 
     for (std::size_t tok = 0; tok < t.tokens(); ++tok) {
       if (decode_only && t.token_phase(tok) != trace::phase::decode) continue;
       const auto* ids = view.token_ids(tok);
-      for (std::size_t j = 0; j < k; ++j) out[ids[j]] += 1.0;
+      for (std::size_t j = 0; j < k; ++j)
+        out[ids[j]] += 1.0;
     }
   }
   return load;
@@ -37,4 +37,4 @@ inline plan_input plan_input_from_trace(const trace::trace& t, const dynamic_top
   return in;
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::placement
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::placement

@@ -10,6 +10,8 @@
 //! A token with a non-finite logit gets ids -1 and weights 0 and is counted; `check()` raises
 //! locus::invalid_input_error naming the first such token and expert.
 
+#include <cstddef>
+#include <cuda_runtime_api.h>
 #include <locus/core/cuda_error.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/policy.hpp>
@@ -17,10 +19,6 @@
 #include <locus/router/detail/dispatch_host.hpp>
 #include <locus/router/logits.hpp>
 #include <locus/router/router.hpp>
-
-#include <cuda_runtime_api.h>
-
-#include <cstddef>
 #include <utility>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::router {
@@ -121,4 +119,4 @@ private:
   unsigned long long* status_ = nullptr;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::router
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::router

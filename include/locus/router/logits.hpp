@@ -3,14 +3,13 @@
 //! `logits_view`: the router's input, a non-owning token-major `tokens × experts` array of fp32
 //! or bfloat16 logits, host or device, with the expert count as a static or dynamic extent.
 
+#include <concepts>
+#include <cstddef>
 #include <locus/core/bfloat16.hpp>
 #include <locus/core/config.hpp>
 #include <locus/core/extents.hpp>
 #include <locus/core/policy.hpp>
 #include <locus/core/routing.hpp>
-
-#include <concepts>
-#include <cstddef>
 #include <type_traits>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::router {
@@ -66,7 +65,7 @@ using device_logits_view = logits_view<Experts, T, memory_space::device>;
 template <class TopK = top_k<>>
 using device_mutable_routing_view = routing_view<TopK, expert_id, float, memory_space::device>;
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::router
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::router
 
 namespace locus::inline LOCUS_ABI_NAMESPACE {
 
@@ -74,8 +73,9 @@ namespace locus::inline LOCUS_ABI_NAMESPACE {
 //! `route(logits, out, threads)` from fp32 logits of any expert count into a routing of that
 //! top-k.
 template <class R>
-concept router_policy = policy_of<R, router_tag> && requires(const R& r, const router::logits_view<experts<>, const float>& l,
-                                                             const mutable_routing_view<typename R::top_k_type>& out) {
+concept router_policy = policy_of<R, router_tag> &&
+    requires(const R& r, const router::logits_view<experts<>, const float>& l,
+             const mutable_routing_view<typename R::top_k_type>& out) {
   { R::name } -> std::convertible_to<const char*>;
   { r.top_k() } -> std::convertible_to<std::size_t>;
   r.route(l, out, 0u);
@@ -90,4 +90,4 @@ struct require_router {
   using type = R;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE
+} // namespace locus::inline LOCUS_ABI_NAMESPACE

@@ -10,4 +10,4 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::router {
 static_assert(router_policy<softmax_topk<top_k<2>>> && router_policy<sigmoid_grouped<>> && router_policy<sigmoid_top1>);
-} // namespace locus::LOCUS_ABI_NAMESPACE::router
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::router

@@ -4,14 +4,13 @@
 //! per-expert correction bias used for selection only, group-limited top-k, weights from the
 //! unbiased scores normalised over the chosen experts and multiplied by a routed scaling factor.
 
+#include <cmath>
 #include <locus/core/error.hpp>
 #include <locus/core/policy.hpp>
 #include <locus/core/routing.hpp>
 #include <locus/router/detail/dispatch_host.hpp>
 #include <locus/router/detail/per_token.hpp>
 #include <locus/router/logits.hpp>
-
-#include <cmath>
 #include <utility>
 #include <vector>
 
@@ -52,8 +51,8 @@ public:
   //! @param bias                  per-expert selection correction (empty: none)
   //! @param routed_scaling_factor multiplies every weight (DeepSeek-V3: 2.5)
   //! @param normalize             whether the chosen sigmoid scores are normalised to sum to 1
-  explicit sigmoid_grouped(std::vector<float> bias = {}, float routed_scaling_factor = 1.0f, bool normalize = true)
-    requires is_static
+  explicit sigmoid_grouped(std::vector<float> bias = {}, float routed_scaling_factor = 1.0f,
+                           bool normalize = true) requires is_static
       : sigmoid_grouped(Groups::static_value, TopGroups::static_value, TopK::static_value, std::move(bias),
                         routed_scaling_factor, normalize) {}
 
@@ -62,8 +61,8 @@ public:
   //!         non-finite bias or scaling factor
   sigmoid_grouped(std::size_t groups, std::size_t top_groups, std::size_t k, std::vector<float> bias = {},
                   float routed_scaling_factor = 1.0f, bool normalize = true)
-      : bias_(std::move(bias)), params_(Groups(groups), TopGroups(top_groups), TopK(k), nullptr,
-                                        routed_scaling_factor, normalize) {
+      : bias_(std::move(bias)),
+        params_(Groups(groups), TopGroups(top_groups), TopK(k), nullptr, routed_scaling_factor, normalize) {
     LOCUS_REQUIRE(top_groups <= groups, config_error, "router::sigmoid_grouped: top_groups ", top_groups,
                   " exceeds groups ", groups);
     LOCUS_REQUIRE(std::isfinite(routed_scaling_factor), config_error,
@@ -112,8 +111,7 @@ public:
   //! @throws locus::config_error when the expert count does not suit the groups (validate_experts)
   //! @throws locus::invalid_input_error on mismatched sizes or a non-finite logit
   template <class Experts, class T>
-  void route(const logits_view<Experts, T>& logits, const mutable_routing_view<TopK>& out,
-             unsigned threads = 0) const {
+  void route(const logits_view<Experts, T>& logits, const mutable_routing_view<TopK>& out, unsigned threads = 0) const {
     detail::router::validate_route_arguments(name, logits, out, top_k());
     validate_experts(logits.experts());
     const Experts e = logits.experts_extent();
@@ -139,4 +137,4 @@ private:
   params_type params_;
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::router
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::router

@@ -42,4 +42,4 @@ public:
   }
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::router
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::router

@@ -31,9 +31,7 @@ public:
   static constexpr const char* name = "softmax_topk";
 
   //! Static k, renormalised weights.
-  softmax_topk()
-    requires TopK::is_static
-  = default;
+  softmax_topk() requires TopK::is_static = default;
   //! @param k           experts per token (must equal K when static)
   //! @param renormalize whether the k weights are renormalised to sum to 1
   //! @throws locus::config_error on k = 0 or a mismatch with a static K
@@ -48,14 +46,14 @@ public:
   //! @throws locus::config_error when k exceeds the expert count
   //! @throws locus::invalid_input_error on mismatched sizes or a non-finite logit
   template <class Experts, class T>
-  void route(const logits_view<Experts, T>& logits, const mutable_routing_view<TopK>& out,
-             unsigned threads = 0) const {
+  void route(const logits_view<Experts, T>& logits, const mutable_routing_view<TopK>& out, unsigned threads = 0) const {
     detail::router::validate_route_arguments(name, logits, out, top_k());
     const Experts e = logits.experts_extent();
     const params_type p = params_;
-    detail::router::route_host(name, logits, out, threads, 0, 0, [&](const auto* row, expert_id* ids, float* w, float*, int*) {
-      return detail::router::softmax_topk_token(p, e, row, ids, w);
-    });
+    detail::router::route_host(name, logits, out, threads, 0, 0,
+                               [&](const auto* row, expert_id* ids, float* w, float*, int*) {
+                                 return detail::router::softmax_topk_token(p, e, row, ids, w);
+                               });
   }
   //! Routes `logits` into a new routing.
   template <class Experts, class T>
@@ -69,4 +67,4 @@ private:
   params_type params_{TopK{}, true};
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::router
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::router

@@ -66,7 +66,8 @@ public:
       block(buf_);
       fill_ = 0;
     }
-    for (; n >= 32; n -= 32, p += 32) block(p);
+    for (; n >= 32; n -= 32, p += 32)
+      block(p);
     std::memcpy(buf_, p, n);
     fill_ = n;
   }
@@ -77,7 +78,8 @@ public:
     if (fill_ > 0) {
       unsigned char last[32] = {};
       std::memcpy(last, buf_, fill_);
-      for (int i = 0; i < 4; ++i) l[i] = round(l[i], load(last + 8 * i));
+      for (int i = 0; i < 4; ++i)
+        l[i] = round(l[i], load(last + 8 * i));
     }
     std::uint64_t h = std::rotl(l[0], 1) + std::rotl(l[1], 7) + std::rotl(l[2], 12) + std::rotl(l[3], 18);
     h ^= total_ * m1;
@@ -103,7 +105,8 @@ private:
     return std::rotl(lane ^ (w * m2), 29) * m1;
   }
   void block(const unsigned char* p) noexcept {
-    for (int i = 0; i < 4; ++i) lane_[i] = round(lane_[i], load(p + 8 * i));
+    for (int i = 0; i < 4; ++i)
+      lane_[i] = round(lane_[i], load(p + 8 * i));
   }
 
   std::uint64_t lane_[4] = {m1, m2, m3, m1 ^ m2};
@@ -145,8 +148,7 @@ inline bool payload_size(std::uint64_t domain_bytes, std::uint64_t requests, std
   per_layer = align8(ids) + align8(w);
   if (__builtin_mul_overflow(per_layer, layers, &all_layers)) return false;
   std::uint64_t total = align8(domain_bytes);
-  if (layer_table && (layers > (1ull << 32) || __builtin_add_overflow(total, align8(4 * layers), &total)))
-    return false;
+  if (layer_table && (layers > (1ull << 32) || __builtin_add_overflow(total, align8(4 * layers), &total))) return false;
   if (__builtin_add_overflow(total, req, &total) || __builtin_add_overflow(total, align8(tokens), &total) ||
       __builtin_add_overflow(total, align8(steps), &total) || __builtin_add_overflow(total, all_layers, &total))
     return false;
@@ -182,7 +184,8 @@ class file_source {
 public:
   explicit file_source(const std::string& path) : name_(path) {
     f_ = std::fopen(path.c_str(), "rb");
-    if (!f_) throw io_error(locus::detail::concat(path, ": cannot open: ", std::strerror(errno)), __FILE__, __LINE__, errno);
+    if (!f_)
+      throw io_error(locus::detail::concat(path, ": cannot open: ", std::strerror(errno)), __FILE__, __LINE__, errno);
     std::setvbuf(f_, nullptr, _IONBF, 0); // reads are large; stdio's buffer would only add a copy
     if (std::fseek(f_, 0, SEEK_END) != 0) fail("cannot seek");
     const long s = std::ftell(f_);
@@ -242,8 +245,8 @@ public:
     read(z, n, what);
     for (std::size_t i = 0; i < n; ++i)
       if (z[i] != 0)
-        format_fail(src_.name(), at + i, locus::detail::concat("padding byte after ", what, " is ", int(z[i]),
-                                                               ", expected 0"));
+        format_fail(src_.name(), at + i,
+                    locus::detail::concat("padding byte after ", what, " is ", int(z[i]), ", expected 0"));
   }
   std::uint64_t offset() const noexcept { return src_.offset(); }
   std::uint64_t remaining() const noexcept { return src_.size() - src_.offset(); }
@@ -260,21 +263,24 @@ header_fields read_header(Source& src) {
   unsigned char h[binary_header_bytes];
   const std::size_t got = src.read(h, sizeof h);
   if (got < 8)
-    format_fail(src.name(), got, locus::detail::concat("file ends inside the magic: expected ", binary_header_bytes,
-                                                       "-byte header starting with \"LOCUSTRC\", got ", got, " bytes"));
+    format_fail(src.name(), got,
+                locus::detail::concat("file ends inside the magic: expected ", binary_header_bytes,
+                                      "-byte header starting with \"LOCUSTRC\", got ", got, " bytes"));
   if (std::memcmp(h, binary_magic.data(), 8) != 0)
     format_fail(src.name(), 0, "bad magic: expected \"LOCUSTRC\" (not a locus binary trace)");
   if (got < 12)
-    format_fail(src.name(), got, locus::detail::concat("file ends inside the header: expected ", binary_header_bytes,
-                                                       " bytes, got ", got));
+    format_fail(
+        src.name(), got,
+        locus::detail::concat("file ends inside the header: expected ", binary_header_bytes, " bytes, got ", got));
   header_fields f;
   f.version = get<std::uint32_t>(h + 8);
   if (f.version != 1 && f.version != 2)
-    format_fail(src.name(), 8, locus::detail::concat("unsupported version ", f.version,
-                                                     ", this reader reads versions 1 and 2"));
+    format_fail(src.name(), 8,
+                locus::detail::concat("unsupported version ", f.version, ", this reader reads versions 1 and 2"));
   if (got < binary_header_bytes)
-    format_fail(src.name(), got, locus::detail::concat("file ends inside the header: expected ", binary_header_bytes,
-                                                       " bytes, got ", got));
+    format_fail(
+        src.name(), got,
+        locus::detail::concat("file ends inside the header: expected ", binary_header_bytes, " bytes, got ", got));
   f.header_bytes = get<std::uint32_t>(h + 12);
   f.experts = get<std::uint32_t>(h + 16);
   f.top_k = get<std::uint32_t>(h + 20);
@@ -288,16 +294,18 @@ header_fields read_header(Source& src) {
   f.header_checksum = get<std::uint64_t>(h + 72);
   const std::uint64_t hc = checksum64::of(h, 72);
   if (hc != f.header_checksum)
-    format_fail(src.name(), 72, locus::detail::concat("header checksum mismatch: stored ", f.header_checksum,
-                                                      ", computed ", hc, " (the header is corrupted)"));
+    format_fail(src.name(), 72,
+                locus::detail::concat("header checksum mismatch: stored ", f.header_checksum, ", computed ", hc,
+                                      " (the header is corrupted)"));
   if (f.header_bytes != binary_header_bytes)
-    format_fail(src.name(), 12, locus::detail::concat("header size ", f.header_bytes, ", expected ",
-                                                      binary_header_bytes));
+    format_fail(src.name(), 12,
+                locus::detail::concat("header size ", f.header_bytes, ", expected ", binary_header_bytes));
   if (f.experts < 1 || f.experts > max_trace_experts)
     format_fail(src.name(), 16, locus::detail::concat("experts is ", f.experts, ", expected 1..", max_trace_experts));
   if (f.top_k < 1 || f.top_k > max_trace_top_k || f.top_k > f.experts)
-    format_fail(src.name(), 20, locus::detail::concat("top_k is ", f.top_k, ", expected 1..",
-                                                      std::min<std::size_t>(max_trace_top_k, f.experts)));
+    format_fail(src.name(), 20,
+                locus::detail::concat("top_k is ", f.top_k, ", expected 1..",
+                                      std::min<std::size_t>(max_trace_top_k, f.experts)));
   if (f.layers < 1 || f.layers > max_trace_layers)
     format_fail(src.name(), 24, locus::detail::concat("layers is ", f.layers, ", expected 1..", max_trace_layers));
   if (f.domains > max_trace_domains)
@@ -308,8 +316,9 @@ header_fields read_header(Source& src) {
   if (f.version == 2 && f.reserved > 0xffffffffull)
     format_fail(src.name(), 64, locus::detail::concat("hidden layer count ", f.reserved, " is too large"));
   if (f.tokens < f.requests)
-    format_fail(src.name(), 40, locus::detail::concat(f.tokens, " tokens for ", f.requests,
-                                                      " requests: every request has at least one token"));
+    format_fail(
+        src.name(), 40,
+        locus::detail::concat(f.tokens, " tokens for ", f.requests, " requests: every request has at least one token"));
   const std::uint64_t available = src.size() - binary_header_bytes;
   if (f.payload_bytes != available)
     format_fail(src.name(), 48,
@@ -330,15 +339,16 @@ locus::trace::trace read(Source& src) {
   std::vector<std::string> domains;
   std::uint64_t domain_bytes = 0;
   if (f.domains > f.payload_bytes / 4)
-    format_fail(name, 28, locus::detail::concat(f.domains, " domains cannot fit in a ", f.payload_bytes,
-                                                "-byte payload"));
+    format_fail(name, 28,
+                locus::detail::concat(f.domains, " domains cannot fit in a ", f.payload_bytes, "-byte payload"));
   for (std::uint32_t d = 0; d < f.domains; ++d) {
     const std::uint64_t at = in.offset();
     std::uint32_t len = 0;
     in.read(&len, 4, "the domain table");
     if (len > binary_max_domain_name)
-      format_fail(name, at, locus::detail::concat("domain ", d, " name length ", len, ", expected at most ",
-                                                  binary_max_domain_name));
+      format_fail(
+          name, at,
+          locus::detail::concat("domain ", d, " name length ", len, ", expected at most ", binary_max_domain_name));
     if (len > in.remaining())
       format_fail(name, at,
                   locus::detail::concat("domain ", d, " name length ", len, " runs past the end of the file (",
@@ -356,28 +366,29 @@ locus::trace::trace read(Source& src) {
   std::vector<std::uint32_t> model_layers;
   if (f.version == 2) {
     if (f.layers > f.payload_bytes / 4)
-      format_fail(name, 24, locus::detail::concat(f.layers, " layers cannot fit in a ", f.payload_bytes,
-                                                  "-byte payload"));
+      format_fail(name, 24,
+                  locus::detail::concat(f.layers, " layers cannot fit in a ", f.payload_bytes, "-byte payload"));
     model_layers.resize(f.layers);
     const std::uint64_t at = in.offset();
     in.read(model_layers.data(), 4 * model_layers.size(), "the layer table");
     for (std::size_t l = 0; l < model_layers.size(); ++l) {
       if (l > 0 && model_layers[l] <= model_layers[l - 1])
-        format_fail(name, at + 4 * l, locus::detail::concat("layer ", l, " is model layer ", model_layers[l],
-                                                            ", expected more than layer ", l - 1, "'s ",
-                                                            model_layers[l - 1]));
+        format_fail(name, at + 4 * l,
+                    locus::detail::concat("layer ", l, " is model layer ", model_layers[l],
+                                          ", expected more than layer ", l - 1, "'s ", model_layers[l - 1]));
       if (f.reserved != 0 && model_layers[l] >= f.reserved)
-        format_fail(name, at + 4 * l, locus::detail::concat("layer ", l, " is model layer ", model_layers[l],
-                                                            ", expected < ", f.reserved, " hidden layers"));
+        format_fail(name, at + 4 * l,
+                    locus::detail::concat("layer ", l, " is model layer ", model_layers[l], ", expected < ", f.reserved,
+                                          " hidden layers"));
     }
     in.pad("the layer table");
   }
   std::uint64_t expected = 0;
   if (!payload_size(domain_bytes, f.requests, f.tokens, f.top_k, f.layers, expected, f.version == 2) ||
       expected != f.payload_bytes)
-    format_fail(name, 48, locus::detail::concat("payload size ", f.payload_bytes, " does not match the counts (",
-                                                f.requests, " requests, ", f.tokens, " tokens, ", f.layers,
-                                                " layers, top_k ", f.top_k, ")"));
+    format_fail(name, 48,
+                locus::detail::concat("payload size ", f.payload_bytes, " does not match the counts (", f.requests,
+                                      " requests, ", f.tokens, " tokens, ", f.layers, " layers, top_k ", f.top_k, ")"));
 
   trace_builder b(f.experts, f.top_k, f.layers);
   b.set_domains(std::move(domains));
@@ -395,34 +406,36 @@ locus::trace::trace read(Source& src) {
       const auto len = get<std::uint32_t>(e + 12);
       const std::uint64_t at = requests_at + 16 * r;
       if (dom >= f.domains)
-        format_fail(name, at + 8, locus::detail::concat("request ", r, " has domain ", dom, ", expected < ",
-                                                        f.domains));
+        format_fail(name, at + 8,
+                    locus::detail::concat("request ", r, " has domain ", dom, ", expected < ", f.domains));
       if (len == 0 || tokens + len > f.tokens)
-        format_fail(name, at + 12, locus::detail::concat("request ", r, " has length ", len, "; the header declares ",
-                                                         f.tokens, " tokens and earlier requests hold ", tokens));
+        format_fail(name, at + 12,
+                    locus::detail::concat("request ", r, " has length ", len, "; the header declares ", f.tokens,
+                                          " tokens and earlier requests hold ", tokens));
       tokens += len;
       b.add_request(id, dom, len);
     }
   }
   if (tokens != f.tokens)
-    format_fail(name, 40, locus::detail::concat("the requests hold ", tokens, " tokens, the header declares ",
-                                                f.tokens));
+    format_fail(name, 40,
+                locus::detail::concat("the requests hold ", tokens, " tokens, the header declares ", f.tokens));
 
   const std::uint64_t phases_at = in.offset();
   auto ph = b.token_phases();
   in.read(ph.data(), ph.size(), "the token phases");
   for (std::size_t t = 0; t < ph.size(); ++t)
     if (static_cast<std::uint8_t>(ph[t]) > 2)
-      format_fail(name, phases_at + t, locus::detail::concat("token ", t, " has phase ", int(ph[t]),
-                                                             ", expected 0 (prefill), 1 (decode) or 2 (unknown)"));
+      format_fail(name, phases_at + t,
+                  locus::detail::concat("token ", t, " has phase ", int(ph[t]),
+                                        ", expected 0 (prefill), 1 (decode) or 2 (unknown)"));
   in.pad("the token phases");
   const std::uint64_t steps_at = in.offset();
   auto st = b.token_steps();
   in.read(st.data(), st.size() * 4, "the token steps");
   for (std::size_t t = 0; t < st.size(); ++t)
     if (st[t] < -1)
-      format_fail(name, steps_at + 4 * t, locus::detail::concat("token ", t, " has decode step ", st[t],
-                                                                ", expected -1 (unknown) or more"));
+      format_fail(name, steps_at + 4 * t,
+                  locus::detail::concat("token ", t, " has decode step ", st[t], ", expected -1 (unknown) or more"));
   in.pad("the token steps");
 
   // Layer blocks in chunks that stay in L2 while they are hashed and validated.
@@ -437,9 +450,9 @@ locus::trace::trace read(Source& src) {
       if (!trace_builder::ids_in_range(ids.data() + i, n, f.experts))
         for (std::size_t j = 0; j < n; ++j)
           if (ids[i + j] >= f.experts)
-            format_fail(name, at + 2 * j, locus::detail::concat("layer ", l, " token ", (i + j) / f.top_k, " choice ",
-                                                                (i + j) % f.top_k, ": expert id ", ids[i + j],
-                                                                " is out of range [0, ", f.experts, ")"));
+            format_fail(name, at + 2 * j,
+                        locus::detail::concat("layer ", l, " token ", (i + j) / f.top_k, " choice ", (i + j) % f.top_k,
+                                              ": expert id ", ids[i + j], " is out of range [0, ", f.experts, ")"));
       const std::size_t k = f.top_k, t0 = i / k, t1 = (i + n) / k;
       if (const std::size_t t = t0 + first_repeated_choice(ids.data() + t0 * k, t1 - t0, k); t < t1) {
         const std::size_t j = repeated_choice(ids.data() + t * k, k);
@@ -458,16 +471,17 @@ locus::trace::trace read(Source& src) {
       if (!trace_builder::weights_finite(w.data() + i, n))
         for (std::size_t j = 0; j < n; ++j)
           if (!std::isfinite(w[i + j]))
-            format_fail(name, at + 4 * j, locus::detail::concat("layer ", l, " token ", (i + j) / f.top_k, " choice ",
-                                                                (i + j) % f.top_k, ": weight ", w[i + j],
-                                                                " is not finite"));
+            format_fail(name, at + 4 * j,
+                        locus::detail::concat("layer ", l, " token ", (i + j) / f.top_k, " choice ", (i + j) % f.top_k,
+                                              ": weight ", w[i + j], " is not finite"));
     }
     in.pad("a layer's weights");
   }
   const std::uint64_t pc = in.digest();
   if (pc != f.payload_checksum)
-    format_fail(name, 56, locus::detail::concat("payload checksum mismatch: stored ", f.payload_checksum,
-                                                ", computed ", pc, " (the payload is corrupted)"));
+    format_fail(name, 56,
+                locus::detail::concat("payload checksum mismatch: stored ", f.payload_checksum, ", computed ", pc,
+                                      " (the payload is corrupted)"));
   // Every id, weight, phase and step was validated on the way in (the same checks as build()).
   return b.build(trace_builder::already_validated_t{});
 }
@@ -597,4 +611,4 @@ inline trace decode_trace(std::span<const std::byte> bytes, const std::string& n
   return detail::trace::read(src);
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::trace
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::trace

@@ -78,7 +78,8 @@ struct esft_layer {
 
 inline std::string esft_excerpt(const char* p, const char* end) {
   std::string s;
-  for (; p < end && s.size() < 16 && *p != '\n'; ++p) s += (*p == '\t' ? ' ' : *p);
+  for (; p < end && s.size() < 16 && *p != '\n'; ++p)
+    s += (*p == '\t' ? ' ' : *p);
   if (s.empty()) return "end of line";
   return "\"" + s + "\"";
 }
@@ -102,7 +103,8 @@ inline esft_layer parse_esft_lines(std::string_view text, const std::string& fil
     if (line_end == p) {
       // A blank line is tolerated only at the end of the file (a trailing newline).
       const char* q = next;
-      while (q < end && (*q == '\n' || *q == '\r')) ++q;
+      while (q < end && (*q == '\n' || *q == '\r'))
+        ++q;
       if (q != end) esft_fail(file, line, 1, "blank line; expected a sequence of expert ids");
       break;
     }
@@ -116,14 +118,16 @@ inline esft_layer parse_esft_lines(std::string_view text, const std::string& fil
         esft_fail(file, line, col(p),
                   "expert id " + esft_excerpt(p, r.ptr) + locus::detail::concat(" is out of range [0, ", experts, ")"));
       if (r.ec != std::errc{} || r.ptr == p)
-        esft_fail(file, line, col(p), "expected an expert id (a non-negative integer), got " + esft_excerpt(p, line_end));
+        esft_fail(file, line, col(p),
+                  "expected an expert id (a non-negative integer), got " + esft_excerpt(p, line_end));
       if (v >= experts)
         esft_fail(file, line, col(p), locus::detail::concat("expert id ", v, " is out of range [0, ", experts, ")"));
       out.ids.push_back(static_cast<trace_expert_id>(v));
       p = r.ptr;
       if (p == line_end)
         esft_fail(file, line, col(p), "line ends after the expert ids; expected a double tab and then the weights");
-      if (*p != '\t') esft_fail(file, line, col(p), "expected a tab after an expert id, got " + esft_excerpt(p, line_end));
+      if (*p != '\t')
+        esft_fail(file, line, col(p), "expected a tab after an expert id, got " + esft_excerpt(p, line_end));
       ++p;
       if (p < line_end && *p == '\t') {
         ++p;
@@ -150,7 +154,8 @@ inline esft_layer parse_esft_lines(std::string_view text, const std::string& fil
     }
     const std::size_t n_w = out.weights.size() - weights_before;
     if (n_ids != n_w)
-      esft_fail(file, line, 1, locus::detail::concat(n_ids, " expert ids but ", n_w, " weights; expected equal counts"));
+      esft_fail(file, line, 1,
+                locus::detail::concat(n_ids, " expert ids but ", n_w, " weights; expected equal counts"));
     if (n_ids % k != 0)
       esft_fail(file, line, 1,
                 locus::detail::concat(n_ids, " expert ids is not a multiple of top_k ", k, " (", k, " ids per token)"));
@@ -159,8 +164,9 @@ inline esft_layer parse_esft_lines(std::string_view text, const std::string& fil
       for (std::size_t j = 1; j < k; ++j)
         for (std::size_t i = 0; i < j; ++i)
           if (out.ids[t + i] == out.ids[t + j])
-            esft_fail(file, line, 1, locus::detail::concat("token ", (t - ids_before) / k, " chooses expert ",
-                                                           out.ids[t + j], " twice"));
+            esft_fail(
+                file, line, 1,
+                locus::detail::concat("token ", (t - ids_before) / k, " chooses expert ", out.ids[t + j], " twice"));
     out.tokens_per_line.push_back(static_cast<std::uint32_t>(n_ids / k));
     p = next;
   }
@@ -188,7 +194,8 @@ inline std::string read_text_file(const std::filesystem::path& path) {
   std::string s;
   char buf[1 << 16];
   std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0)
+    s.append(buf, n);
   const bool bad = std::ferror(f);
   const int e = errno;
   std::fclose(f);
@@ -240,9 +247,11 @@ inline void add_esft_domain(trace_builder& b, const std::string& domain, const s
   const std::size_t k = b.top_k();
   const std::size_t first_token = b.tokens();
   std::size_t total = 0;
-  for (auto n : first.tokens_per_line) total += n;
+  for (auto n : first.tokens_per_line)
+    total += n;
   b.reserve_tokens(total);
-  for (auto n : first.tokens_per_line) b.add_request(next_id++, d, n);
+  for (auto n : first.tokens_per_line)
+    b.add_request(next_id++, d, n);
   for (std::size_t l = 0; l < layers.size(); ++l) {
     std::copy(layers[l].ids.begin(), layers[l].ids.end(), b.layer_ids(l).begin() + first_token * k);
     std::copy(layers[l].weights.begin(), layers[l].weights.end(), b.layer_weights(l).begin() + first_token * k);
@@ -306,8 +315,7 @@ inline trace import_esft(std::span<const esft_domain_text> domains, std::size_t 
       parsed.push_back(detail::trace::parse_esft_layer(f.text, f.name, experts, top_k));
       names.push_back(f.name);
     }
-    if (parsed.front().tokens_per_line.empty())
-      detail::trace::esft_fail(names.front(), 1, 1, "file holds no sequence");
+    if (parsed.front().tokens_per_line.empty()) detail::trace::esft_fail(names.front(), 1, 1, "file holds no sequence");
     detail::trace::add_esft_domain(b, dom.name, parsed, names, next_id);
   }
   auto t = b.build();
@@ -419,8 +427,7 @@ inline trace import_esft(const std::string& root_dir, const esft_options& opt = 
       parsed.push_back(detail::trace::parse_esft_layer(text, names.back(), opt.experts, opt.top_k));
       if (opt.progress) opt.progress(++done, layers * domains.size());
     }
-    if (parsed.front().tokens_per_line.empty())
-      detail::trace::esft_fail(names.front(), 1, 1, "file holds no sequence");
+    if (parsed.front().tokens_per_line.empty()) detail::trace::esft_fail(names.front(), 1, 1, "file holds no sequence");
     detail::trace::add_esft_domain(b, dom, parsed, names, next_id);
   }
   auto t = b.build();
@@ -459,7 +466,8 @@ inline void write_esft(const trace& t, const std::string& root_dir) {
   namespace fs = std::filesystem;
   for (std::uint32_t d = 0; d < t.domains().size(); ++d) {
     bool any = false;
-    for (const auto& q : t.request_table()) any = any || q.domain == d;
+    for (const auto& q : t.request_table())
+      any = any || q.domain == d;
     if (!any) continue;
     const std::string& name = t.domains()[d];
     LOCUS_REQUIRE(esft_domain_name_ok(name), invalid_input_error, "write_esft: domain name \"", name,
@@ -477,4 +485,4 @@ inline void write_esft(const trace& t, const std::string& root_dir) {
   }
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::trace
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::trace

@@ -24,11 +24,6 @@
 //! failing on the first one and skipping and counting them (requests left inconsistent by a
 //! skipped record are dropped and counted too).
 
-#include <locus/core/error.hpp>
-#include <locus/trace/trace.hpp>
-
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
@@ -39,6 +34,9 @@
 #include <filesystem>
 #include <functional>
 #include <limits>
+#include <locus/core/error.hpp>
+#include <locus/trace/trace.hpp>
+#include <nlohmann/json.hpp>
 #include <numeric>
 #include <string>
 #include <string_view>
@@ -178,9 +176,18 @@ public:
     if (depth_ == 0) return wrong_type_top("a number");
     if (depth_ == 1) {
       switch (field_) {
-      case field::req_id: f_.req_kind = jsonl_fields::id_kind::number; f_.req_number = v; return true;
-      case field::token_idx: f_.has_token = true; f_.token_idx = v; return true;
-      case field::layer: f_.has_layer = true; f_.layer = v; return true;
+      case field::req_id:
+        f_.req_kind = jsonl_fields::id_kind::number;
+        f_.req_number = v;
+        return true;
+      case field::token_idx:
+        f_.has_token = true;
+        f_.token_idx = v;
+        return true;
+      case field::layer:
+        f_.has_layer = true;
+        f_.layer = v;
+        return true;
       case field::step:
         f_.has_step = true;
         f_.step = v > static_cast<number_unsigned_t>(std::numeric_limits<std::int64_t>::max())
@@ -199,8 +206,11 @@ public:
         f_.has_experts_number = true;
         f_.experts_number = v;
         return true;
-      case field::weights: case field::ids: case field::phase: case field::domain: case field::type:
-        return wrong_type("a number");
+      case field::weights:
+      case field::ids:
+      case field::phase:
+      case field::domain:
+      case field::type: return wrong_type("a number");
       case field::other: return true;
       }
     }
@@ -230,9 +240,18 @@ public:
     if (depth_ == 0) return wrong_type_top("a string");
     if (depth_ == 1) {
       switch (field_) {
-      case field::req_id: f_.req_kind = jsonl_fields::id_kind::text; f_.req_text = s; return true;
-      case field::domain: f_.has_domain = true; f_.domain = s; return true;
-      case field::type: f_.has_type = true; f_.type = s; return true;
+      case field::req_id:
+        f_.req_kind = jsonl_fields::id_kind::text;
+        f_.req_text = s;
+        return true;
+      case field::domain:
+        f_.has_domain = true;
+        f_.domain = s;
+        return true;
+      case field::type:
+        f_.has_type = true;
+        f_.type = s;
+        return true;
       case field::phase:
         f_.has_phase = true;
         if (s == "prefill")
@@ -308,8 +327,21 @@ public:
   }
 
 private:
-  enum class field : std::uint8_t { other, req_id, token_idx, layer, ids, weights, phase, step, domain, type, meta_experts,
-                                  meta_top_k, experts };
+  enum class field : std::uint8_t {
+    other,
+    req_id,
+    token_idx,
+    layer,
+    ids,
+    weights,
+    phase,
+    step,
+    domain,
+    type,
+    meta_experts,
+    meta_top_k,
+    experts
+  };
   //! A list of expert ids: `topk_ids`, or `experts` written as a list.
   static bool is_list(field k) { return k == field::ids || k == field::experts; }
 
@@ -317,8 +349,11 @@ private:
   static field field_of(std::string_view k) {
     switch (k.size()) {
     case 4: return k == "step" ? field::step : k == "type" ? field::type : field::other;
-    case 5: return k == "layer" ? field::layer : k == "phase" ? field::phase : k == "top_k" ? field::meta_top_k
-                                                                                             : field::other;
+    case 5:
+      return k == "layer"   ? field::layer
+             : k == "phase" ? field::phase
+             : k == "top_k" ? field::meta_top_k
+                            : field::other;
     case 6: return k == "req_id" ? field::req_id : k == "domain" ? field::domain : field::other;
     case 7: return k == "experts" ? field::experts : field::other;
     case 8: return k == "topk_ids" ? field::ids : field::other;
@@ -353,12 +388,16 @@ private:
   static const char* expected(field k) {
     switch (k) {
     case field::req_id: return "a non-negative integer or a string";
-    case field::token_idx: case field::layer: case field::meta_experts: case field::meta_top_k: return "a non-negative integer";
+    case field::token_idx:
+    case field::layer:
+    case field::meta_experts:
+    case field::meta_top_k: return "a non-negative integer";
     case field::ids: return "an array of non-negative integers";
     case field::weights: return "an array of numbers";
     case field::phase: return "\"prefill\" or \"decode\"";
     case field::step: return "an integer";
-    case field::domain: case field::type: return "a string";
+    case field::domain:
+    case field::type: return "a string";
     case field::experts:
       return "an array of non-negative integers (route record: the chosen experts) or a non-negative integer "
              "(meta line: the number of experts)";
@@ -429,7 +468,8 @@ public:
 
 private:
   void ws() {
-    while (p_ != end_ && (*p_ == ' ' || *p_ == '\t' || *p_ == '\n' || *p_ == '\r')) ++p_;
+    while (p_ != end_ && (*p_ == ' ' || *p_ == '\t' || *p_ == '\n' || *p_ == '\r'))
+      ++p_;
   }
   bool eat(char c) {
     if (p_ == end_ || *p_ != c) return false;
@@ -492,7 +532,8 @@ private:
     if (*p_ == '0')
       ++p_;
     else
-      while (p_ != end_ && *p_ >= '0' && *p_ <= '9') ++p_;
+      while (p_ != end_ && *p_ >= '0' && *p_ <= '9')
+        ++p_;
     bool fraction = false;
     if (p_ != end_ && *p_ == '.') {
       ++p_;
@@ -524,7 +565,8 @@ private:
   }
   bool digits() {
     const char* begin = p_;
-    while (p_ != end_ && *p_ >= '0' && *p_ <= '9') ++p_;
+    while (p_ != end_ && *p_ >= '0' && *p_ <= '9')
+      ++p_;
     return p_ != begin;
   }
 
@@ -611,16 +653,17 @@ public:
   locus::trace::trace finish() {
     if (records_ == 0 && rep_.bad_records == 0)
       throw format_error(locus::detail::concat(name_, ": no route record (a route record has req_id, token_idx, "
-                                               "layer, topk_ids and topk_weights)"),
+                                                      "layer, topk_ids and topk_weights)"),
                          0, __FILE__, __LINE__);
     if (records_ == 0)
-      throw format_error(locus::detail::concat(name_, ": every route record was bad (", rep_.bad_records,
-                                               " skipped); first: ",
-                                               rep_.messages.empty() ? std::string("?") : rep_.messages.front()),
-                         0, __FILE__, __LINE__);
+      throw format_error(
+          locus::detail::concat(name_, ": every route record was bad (", rep_.bad_records,
+                                " skipped); first: ", rep_.messages.empty() ? std::string("?") : rep_.messages.front()),
+          0, __FILE__, __LINE__);
     // Dense layer numbers.
     std::vector<std::uint64_t> layer_values;
-    for (const auto& [v, _] : layer_index_) layer_values.push_back(v);
+    for (const auto& [v, _] : layer_index_)
+      layer_values.push_back(v);
     std::sort(layer_values.begin(), layer_values.end());
     if (opt_.layers != 0 && layer_values.size() != opt_.layers)
       throw format_error(locus::detail::concat(name_, ": ", layer_values.size(), " distinct layer numbers (",
@@ -629,7 +672,8 @@ public:
                          0, __FILE__, __LINE__);
     const std::size_t layers = layer_values.size();
     std::vector<std::uint32_t> dense(layer_values.size());
-    for (std::size_t i = 0; i < layers; ++i) dense[layer_index_.at(layer_values[i])] = static_cast<std::uint32_t>(i);
+    for (std::size_t i = 0; i < layers; ++i)
+      dense[layer_index_.at(layer_values[i])] = static_cast<std::uint32_t>(i);
 
     // Records sorted by (request, layer, token_idx); the file order breaks ties so that a
     // duplicate is reported at its second line.
@@ -651,7 +695,8 @@ public:
     while (i < order.size()) {
       const std::uint32_t r = req_[order[i]];
       std::size_t end = i;
-      while (end < order.size() && req_[order[end]] == r) ++end;
+      while (end < order.size() && req_[order[end]] == r)
+        ++end;
       if (!add_request(b, r, order, i, end, dense, layers, layer_values)) ++rep_.dropped_requests;
       i = end;
     }
@@ -709,8 +754,11 @@ private:
   }
 
   void route(std::uint64_t line_no) {
-    const char* missing = !f_.has_token ? "token_idx" : !f_.has_layer ? "layer" : !f_.has_ids ? "topk_ids"
-                                                      : !f_.has_weights ? "topk_weights" : nullptr;
+    const char* missing = !f_.has_token     ? "token_idx"
+                          : !f_.has_layer   ? "layer"
+                          : !f_.has_ids     ? "topk_ids"
+                          : !f_.has_weights ? "topk_weights"
+                                            : nullptr;
     if (missing) return bad(line_no, locus::detail::concat("route record lacks \"", missing, "\""));
     if (f_.req_kind == jsonl_fields::id_kind::none && !opt_.split_on_restart)
       return bad(line_no, "route record lacks \"req_id\" (import with split_on_restart / --split-on-restart to "
@@ -738,14 +786,15 @@ private:
                                                 " entries, expected top_k = ", top_k_));
     for (std::size_t j = 0; j < top_k_; ++j) {
       if (f_.ids[j] >= experts_)
-        return bad(line_no, locus::detail::concat("topk_ids[", j, "] = ", f_.ids[j], " is out of range [0, ", experts_,
-                                                  ")"));
+        return bad(line_no,
+                   locus::detail::concat("topk_ids[", j, "] = ", f_.ids[j], " is out of range [0, ", experts_, ")"));
       for (std::size_t i = 0; i < j; ++i)
         if (f_.ids[i] == f_.ids[j])
           return bad(line_no, locus::detail::concat("topk_ids chooses expert ", f_.ids[j], " twice"));
       const auto w = static_cast<float>(f_.weights[j]);
       if (!std::isfinite(w))
-        return bad(line_no, locus::detail::concat("topk_weights[", j, "] = ", f_.weights[j], " is not finite (as a float)"));
+        return bad(line_no,
+                   locus::detail::concat("topk_weights[", j, "] = ", f_.weights[j], " is not finite (as a float)"));
     }
     if (f_.token_idx > 0xfffffffeull)
       return bad(line_no, locus::detail::concat("token_idx ", f_.token_idx, " exceeds 2^32-2"));
@@ -776,7 +825,7 @@ private:
     if (rit == request_index_.end()) {
       request_meta m;
       m.id = (f_.req_kind == jsonl_fields::id_kind::number && !opt_.split_on_restart) ? f_.req_number
-                                                                                        : request_meta_.size();
+                                                                                      : request_meta_.size();
       m.domain = f_.has_domain ? domain_of(f_.domain) : no_domain;
       m.first_line = loc(line_no);
       rit = request_index_.emplace(std::move(key), static_cast<std::uint32_t>(request_meta_.size())).first;
@@ -830,8 +879,10 @@ private:
     {
       std::size_t l = 0;
       for (std::size_t i = begin; i < end; ++i)
-        while (l <= dense[layer_[order[i]]]) at[l++] = i;
-      for (; l <= layers; ++l) at[l] = end;
+        while (l <= dense[layer_[order[i]]])
+          at[l++] = i;
+      for (; l <= layers; ++l)
+        at[l] = end;
     }
     std::size_t n = at[1] - at[0];
     for (std::size_t l = 0; l < layers; ++l) {
@@ -857,7 +908,8 @@ private:
     // Every layer must hold the same tokens; with trim_ragged, layers may end early (a logger
     // stopped mid-step) and the request keeps the tokens all of them hold.
     std::size_t shortest = n;
-    for (std::size_t l = 1; l < layers; ++l) shortest = std::min(shortest, at[l + 1] - at[l]);
+    for (std::size_t l = 1; l < layers; ++l)
+      shortest = std::min(shortest, at[l + 1] - at[l]);
     for (std::size_t l = 1; l < layers; ++l) {
       const std::size_t nl = at[l + 1] - at[l];
       for (std::size_t i = 0; i < std::min(n, nl); ++i)
@@ -880,7 +932,8 @@ private:
     if (opt_.trim_ragged) {
       std::vector<std::uint32_t> tail; // token_idx held by some layers only
       for (std::size_t l = 0; l < layers; ++l)
-        for (std::size_t i = at[l] + shortest; i < at[l + 1]; ++i) tail.push_back(token_[order[i]]);
+        for (std::size_t i = at[l] + shortest; i < at[l + 1]; ++i)
+          tail.push_back(token_[order[i]]);
       if (!tail.empty()) {
         std::sort(tail.begin(), tail.end());
         tail.erase(std::unique(tail.begin(), tail.end()), tail.end());
@@ -1128,4 +1181,4 @@ inline trace import_jsonl(const std::string& path, const jsonl_options& opt = {}
   return import_jsonl(std::vector<std::string>{path}, opt, report);
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::trace
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::trace

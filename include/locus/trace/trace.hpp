@@ -9,18 +9,17 @@
 //! each other without gaps. A token-layer row with top-8 costs 8 × (2 + 4) = 48 bytes, so 10^8
 //! rows take 4.8 GB.
 
-#include <locus/core/config.hpp>
-#include <locus/core/error.hpp>
-#include <locus/core/extents.hpp>
-#include <locus/core/random.hpp>
-#include <locus/core/routing.hpp>
-
 #include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <locus/core/config.hpp>
+#include <locus/core/error.hpp>
+#include <locus/core/extents.hpp>
+#include <locus/core/random.hpp>
+#include <locus/core/routing.hpp>
 #include <numeric>
 #include <span>
 #include <string>
@@ -135,7 +134,8 @@ public:
   //! model_layer(l) of every traced layer, ascending.
   std::vector<std::size_t> model_layer_ids() const {
     std::vector<std::size_t> out(layers_);
-    for (std::size_t l = 0; l < layers_; ++l) out[l] = model_layer(l);
+    for (std::size_t l = 0; l < layers_; ++l)
+      out[l] = model_layer(l);
     return out;
   }
   //! True when the source gave the model layer ids (otherwise they are 0..layers-1).
@@ -444,7 +444,8 @@ public:
   //! True when every id is below `experts`; branch-free so that it vectorises on large blocks.
   static bool ids_in_range(const trace_expert_id* ids, std::size_t n, std::size_t experts) noexcept {
     trace_expert_id mx = 0;
-    for (std::size_t i = 0; i < n; ++i) mx = std::max(mx, ids[i]);
+    for (std::size_t i = 0; i < n; ++i)
+      mx = std::max(mx, ids[i]);
     return n == 0 || mx < experts;
   }
   //! True when no weight is NaN or infinite (exponent bits all ones), branch-free.
@@ -452,8 +453,7 @@ public:
     // Two floats per 64-bit word: a lane's exponent is all ones exactly when adding one to it
     // carries into the lane's sign bit; the carry never crosses into the other lane. Plain
     // integer ops that the compiler vectorises at -O2, several times faster than a per-float test.
-    constexpr std::uint64_t exponent = 0x7f8000007f800000ull, one = 0x0080000000800000ull,
-                            sign = 0x8000000080000000ull;
+    constexpr std::uint64_t exponent = 0x7f8000007f800000ull, one = 0x0080000000800000ull, sign = 0x8000000080000000ull;
     std::uint64_t bad = 0;
     std::size_t i = 0;
     for (; i + 2 <= n; i += 2) {
@@ -487,8 +487,8 @@ private:
   void check_model_layers() const {
     const auto& ids = t_.model_layers_;
     if (ids.empty()) {
-      LOCUS_REQUIRE(t_.hidden_layers_ == 0 || t_.layers_ <= t_.hidden_layers_, invalid_input_error, "trace: ",
-                    t_.layers_, " traced layers in a model of ", t_.hidden_layers_, " hidden layers");
+      LOCUS_REQUIRE(t_.hidden_layers_ == 0 || t_.layers_ <= t_.hidden_layers_, invalid_input_error,
+                    "trace: ", t_.layers_, " traced layers in a model of ", t_.hidden_layers_, " hidden layers");
       return;
     }
     LOCUS_REQUIRE(ids.size() == t_.layers_, invalid_input_error, "trace: ", ids.size(), " model layer ids for ",
@@ -514,7 +514,8 @@ inline trace trace::select_requests(std::span<const std::size_t> request_indices
   b.set_domains(domains_);
   b.set_model_layers(model_layers_, hidden_layers_);
   std::size_t n = 0;
-  for (auto r : request_indices) n += request(r).length;
+  for (auto r : request_indices)
+    n += request(r).length;
   b.reserve_tokens(n);
   for (auto r : request_indices) {
     const auto& q = requests_[r];
@@ -567,8 +568,8 @@ using locus::splitmix64; // the generator lives in core (the planner anneals wit
 //! @return (train, test)
 //! @throws locus::invalid_input_error when `test_fraction` is outside [0, 1]
 inline std::pair<trace, trace> split_by_request(const trace& t, double test_fraction, std::uint64_t seed) {
-  LOCUS_REQUIRE(test_fraction >= 0.0 && test_fraction <= 1.0, invalid_input_error,
-                "split_by_request: test_fraction ", test_fraction, " is outside [0, 1]");
+  LOCUS_REQUIRE(test_fraction >= 0.0 && test_fraction <= 1.0, invalid_input_error, "split_by_request: test_fraction ",
+                test_fraction, " is outside [0, 1]");
   std::vector<std::size_t> train, test;
   for (std::size_t r = 0; r < t.requests(); ++r) {
     detail::splitmix64 g(seed ^ (t.request(r).id * 0x9e3779b97f4a7c15ull) ^ (r << 1));
@@ -578,4 +579,4 @@ inline std::pair<trace, trace> split_by_request(const trace& t, double test_frac
   return {t.select_requests(train), t.select_requests(test)};
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::trace
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::trace

@@ -65,7 +65,8 @@ public:
     b_.cands.resize(cands_.size() + 1); // never empty, so the pointer is valid
     if (!cands_.empty()) b_.cands.upload(cands_, stream);
     const expert_map_view v = map.view();
-    replicas_.upload(std::span<const slot_ref>(v.replicas, static_cast<std::size_t>(v.replica_offsets[v.experts])), stream);
+    replicas_.upload(std::span<const slot_ref>(v.replicas, static_cast<std::size_t>(v.replica_offsets[v.experts])),
+                     stream);
     detail::layout::dispatch_build<K, Experts>(b_, r.ids(), r.weights(), tokens_, experts, replicas_.data(), p, ranks_,
                                                stream);
     std::int32_t error = 0;

@@ -6,14 +6,13 @@
 //! Results equal the host functions bit for bit. All pointers are device pointers; every call is
 //! asynchronous on `stream`.
 
+#include <cstddef>
+#include <cstdint>
 #include <locus/core/bfloat16.hpp>
 #include <locus/core/device_buffer.hpp>
 #include <locus/transport/detail/dispatch_permute.hpp>
 #include <locus/transport/device_layout.hpp>
 #include <locus/transport/layout.hpp>
-
-#include <cstddef>
-#include <cstdint>
 #include <type_traits>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
@@ -53,14 +52,16 @@ private:
 
 //! `send[r] = tokens[row_token[r]]` for the `l.rows()` rows.
 template <class T, class TopK, class Experts>
-void permute(const device_layout<TopK, Experts>& l, const T* tokens, std::size_t hidden, T* send, cudaStream_t stream = nullptr) {
+void permute(const device_layout<TopK, Experts>& l, const T* tokens, std::size_t hidden, T* send,
+             cudaStream_t stream = nullptr) {
   static_assert(detail::permute::device_element<T>, "locus::transport::permute: elements must be float or bfloat16");
   detail::permute::dispatch_gather<T>(tokens, l.row_token(), 1, l.rows(), hidden, send, stream);
 }
 
 //! `tokens[t] = send[copy_row[t * K]]`: the inverse of permute.
 template <class T, class TopK, class Experts>
-void unpermute(const device_layout<TopK, Experts>& l, const T* send, std::size_t hidden, T* tokens, cudaStream_t stream = nullptr) {
+void unpermute(const device_layout<TopK, Experts>& l, const T* send, std::size_t hidden, T* tokens,
+               cudaStream_t stream = nullptr) {
   static_assert(detail::permute::device_element<T>, "locus::transport::unpermute: elements must be float or bfloat16");
   detail::permute::dispatch_gather<T>(send, l.copy_row(), TopK::static_value, l.tokens(), hidden, tokens, stream);
 }
@@ -69,7 +70,8 @@ void unpermute(const device_layout<TopK, Experts>& l, const T* send, std::size_t
 template <class T>
 void gather_expert_input(const device_receive_layout& rl, const T* received, std::size_t hidden, T* expert_in,
                          cudaStream_t stream = nullptr) {
-  static_assert(detail::permute::device_element<T>, "locus::transport::gather_expert_input: elements must be float or bfloat16");
+  static_assert(detail::permute::device_element<T>,
+                "locus::transport::gather_expert_input: elements must be float or bfloat16");
   detail::permute::dispatch_gather<T>(received, rl.expert_row(), 1, rl.entries(), hidden, expert_in, stream);
 }
 
@@ -78,16 +80,18 @@ void gather_expert_input(const device_receive_layout& rl, const T* received, std
 template <class T>
 void reduce_expert_output(const device_receive_layout& rl, const T* expert_out, std::size_t hidden, T* rows_out,
                           cudaStream_t stream = nullptr) {
-  static_assert(detail::permute::device_element<T>, "locus::transport::reduce_expert_output: elements must be float or bfloat16");
+  static_assert(detail::permute::device_element<T>,
+                "locus::transport::reduce_expert_output: elements must be float or bfloat16");
   LOCUS_REQUIRE(rl.entries() == 0 || rl.expert_weight(), invalid_input_error,
                 "reduce_expert_output: the receive layout was built without weights");
-  detail::permute::dispatch_reduce<T>(expert_out, rl.row_entry_offsets(), rl.entry_position(), rl.expert_weight(), rl.rows(),
-                                      hidden, rows_out, stream);
+  detail::permute::dispatch_reduce<T>(expert_out, rl.row_entry_offsets(), rl.entry_position(), rl.expert_weight(),
+                                      rl.rows(), hidden, rows_out, stream);
 }
 
 //! `out[t] = sum of t's returned rows` (as the host function).
 template <class T, class TopK, class Experts>
-void combine(const device_layout<TopK, Experts>& l, const T* returned, std::size_t hidden, T* out, cudaStream_t stream = nullptr) {
+void combine(const device_layout<TopK, Experts>& l, const T* returned, std::size_t hidden, T* out,
+             cudaStream_t stream = nullptr) {
   static_assert(detail::permute::device_element<T>, "locus::transport::combine: elements must be float or bfloat16");
   detail::permute::dispatch_combine<T>(TopK{}, returned, l.copy_row(), l.tokens(), hidden, out, stream);
 }
@@ -97,11 +101,12 @@ void combine(const device_layout<TopK, Experts>& l, const T* returned, std::size
 template <class T, class TopK, class Experts>
 void combine_weighted(const device_layout<TopK, Experts>& l, const T* entry_out, std::size_t hidden, T* out,
                       cudaStream_t stream = nullptr) {
-  static_assert(detail::permute::device_element<T>, "locus::transport::combine_weighted: elements must be float or bfloat16");
+  static_assert(detail::permute::device_element<T>,
+                "locus::transport::combine_weighted: elements must be float or bfloat16");
   LOCUS_REQUIRE(l.copies() == 0 || l.entry_weight(), invalid_input_error,
                 "combine_weighted: the layout was built from a routing without weights");
-  detail::permute::dispatch_combine_weighted<T>(TopK{}, entry_out, l.copy_entry(), l.entry_weight(), l.tokens(),
-                                                                    hidden, out, stream);
+  detail::permute::dispatch_combine_weighted<T>(TopK{}, entry_out, l.copy_entry(), l.entry_weight(), l.tokens(), hidden,
+                                                out, stream);
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::transport
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::transport

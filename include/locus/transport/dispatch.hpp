@@ -77,7 +77,8 @@ struct received_entries {
 inline void split_entries(const exchange_result& rows, std::size_t gpus, std::size_t slots, received_entries& out) {
   out.clear();
   const std::size_t members = rows.counts.size();
-  LOCUS_REQUIRE(rows.entry_counts.size() == members && (rows.entry_count() == 0 || rows.entry_bytes == sizeof(wire_entry)),
+  LOCUS_REQUIRE(rows.entry_counts.size() == members &&
+                    (rows.entry_count() == 0 || rows.entry_bytes == sizeof(wire_entry)),
                 transport_error, "dispatch: entries of ", rows.entry_bytes, " bytes came from ",
                 rows.entry_counts.size(), " members but rows from ", members);
   for (std::size_t m = 0; m < members; ++m) {

@@ -41,8 +41,8 @@
 #include <locus/core/parallel_for.hpp>
 #include <locus/core/routing.hpp>
 #include <locus/core/topology.hpp>
-#include <locus/placement/replica_selection.hpp>
 #include <locus/core/transport_kind.hpp>
+#include <locus/placement/replica_selection.hpp>
 #include <locus/transport/detail/layout_token.hpp>
 #include <span>
 #include <vector>

@@ -85,7 +85,7 @@ struct group_board {
   std::vector<std::vector<std::size_t>> send_offsets; //!< per sender: first row for each receiver
   std::vector<const std::byte*> send_entries;
   std::vector<std::vector<std::size_t>> entry_offsets; //!< per sender: first entry for each receiver
-  std::vector<std::uint32_t> codes;                   //!< second-round expectation codes
+  std::vector<std::uint32_t> codes;                    //!< second-round expectation codes
 };
 
 } // namespace detail::local

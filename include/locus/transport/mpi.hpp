@@ -183,8 +183,8 @@ public:
         LOCUS_MPI_CHECK(
             MPI_Irecv(&codes_[m], 1, MPI_UINT32_T, static_cast<int>(m), tag + 1, comm, &requests_[base + m]));
       for (std::size_t m = 0; m < members; ++m)
-        LOCUS_MPI_CHECK(MPI_Isend(&my_code_, 1, MPI_UINT32_T, static_cast<int>(m), tag + 1, comm,
-                                  &requests_[base + members + m]));
+        LOCUS_MPI_CHECK(
+            MPI_Isend(&my_code_, 1, MPI_UINT32_T, static_cast<int>(m), tag + 1, comm, &requests_[base + members + m]));
       wait(where, base, members, "the count-agreement round");
       requests_.resize(base);
       why = dx::expectation_verdict(codes_, groups_, req.group, recv_headers_, req.expected_counts);
@@ -213,8 +213,8 @@ public:
       const dx::header& h = recv_headers_[m];
       if (h.count == 0) continue;
       if (why.empty())
-        LOCUS_MPI_CHECK(MPI_Irecv(out.row(out.offsets[m]), static_cast<int>(h.count), row, static_cast<int>(m),
-                                  tag + 2, comm, &requests_[m]));
+        LOCUS_MPI_CHECK(MPI_Irecv(out.row(out.offsets[m]), static_cast<int>(h.count), row, static_cast<int>(m), tag + 2,
+                                  comm, &requests_[m]));
       else
         LOCUS_MPI_CHECK(MPI_Irecv(drain_.data() + drain_displs_[m], static_cast<int>(h.count * h.row_bytes), MPI_BYTE,
                                   static_cast<int>(m), tag + 2, comm, &requests_[m]));

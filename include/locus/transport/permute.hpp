@@ -15,15 +15,14 @@
 //! paths agree bit for bit. Sums accumulate in float in a fixed order, so results do not depend on
 //! the thread count.
 
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
 #include <locus/core/bfloat16.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/parallel_for.hpp>
 #include <locus/transport/detail/stage.hpp>
 #include <locus/transport/layout.hpp>
-
-#include <cstddef>
-#include <cstdint>
-#include <cstring>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -50,18 +49,21 @@ inline std::size_t grain_rows(std::size_t hidden, std::size_t bytes) {
 template <class T, class Body>
 void run_rows(std::size_t n, std::size_t hidden, unsigned threads, bool vec, Body&& body) {
   parallel_for(n, grain_rows(hidden, sizeof(T)), threads, [&](std::size_t r0, std::size_t r1, unsigned) {
-    if (vec) body(r0, r1, std::true_type{});
-    else body(r0, r1, std::false_type{});
+    if (vec)
+      body(r0, r1, std::true_type{});
+    else
+      body(r0, r1, std::false_type{});
   });
 }
 
 template <class T>
 void gather(const T* src, const std::int32_t* index, std::size_t stride, std::size_t rows, std::size_t hidden, T* dst,
             unsigned threads) {
-  run_rows<T>(rows, hidden, threads, stage::vectorisable<T>(hidden, src, dst), [&](std::size_t r0, std::size_t r1, auto vec) {
-    stage::gather_rows<T, decltype(vec)::value>(stage::grid_index{}, src, index + r0 * stride, stride, r1 - r0, hidden,
-                                                dst + r0 * hidden);
-  });
+  run_rows<T>(rows, hidden, threads, stage::vectorisable<T>(hidden, src, dst),
+              [&](std::size_t r0, std::size_t r1, auto vec) {
+                stage::gather_rows<T, decltype(vec)::value>(stage::grid_index{}, src, index + r0 * stride, stride,
+                                                            r1 - r0, hidden, dst + r0 * hidden);
+              });
 }
 
 } // namespace detail::permute
@@ -96,7 +98,8 @@ void unpermute(const layout<TopK>& l, std::span<const T> send, std::size_t hidde
 template <class T>
 void gather_expert_input(const receive_layout& rl, std::span<const T> received, std::size_t hidden,
                          std::span<T> expert_in, unsigned threads = 0) {
-  static_assert(detail::permute::element_type<T>, "locus::transport::gather_expert_input: elements must be float or bfloat16");
+  static_assert(detail::permute::element_type<T>,
+                "locus::transport::gather_expert_input: elements must be float or bfloat16");
   detail::permute::check_size("gather_expert_input", "received", received.size(), rl.rows(), hidden);
   detail::permute::check_size("gather_expert_input", "expert_in", expert_in.size(), rl.entries(), hidden);
   detail::permute::gather(received.data(), rl.expert_row().data(), 1, rl.entries(), hidden, expert_in.data(), threads);
@@ -108,7 +111,8 @@ void gather_expert_input(const receive_layout& rl, std::span<const T> received, 
 template <class T>
 void reduce_expert_output(const receive_layout& rl, std::span<const T> expert_out, std::size_t hidden,
                           std::span<T> rows_out, unsigned threads = 0) {
-  static_assert(detail::permute::element_type<T>, "locus::transport::reduce_expert_output: elements must be float or bfloat16");
+  static_assert(detail::permute::element_type<T>,
+                "locus::transport::reduce_expert_output: elements must be float or bfloat16");
   detail::permute::check_size("reduce_expert_output", "expert_out", expert_out.size(), rl.entries(), hidden);
   detail::permute::check_size("reduce_expert_output", "rows_out", rows_out.size(), rl.rows(), hidden);
   LOCUS_REQUIRE(rl.entries() == 0 || !rl.expert_weight().empty(), invalid_input_error,
@@ -148,7 +152,8 @@ void combine(const layout<TopK>& l, std::span<const T> returned, std::size_t hid
 template <class T, class TopK>
 void combine_weighted(const layout<TopK>& l, std::span<const T> entry_out, std::size_t hidden, std::span<T> out,
                       unsigned threads = 0) {
-  static_assert(detail::permute::element_type<T>, "locus::transport::combine_weighted: elements must be float or bfloat16");
+  static_assert(detail::permute::element_type<T>,
+                "locus::transport::combine_weighted: elements must be float or bfloat16");
   detail::permute::check_size("combine_weighted", "entry_out", entry_out.size(), l.copies(), hidden);
   detail::permute::check_size("combine_weighted", "out", out.size(), l.tokens(), hidden);
   LOCUS_REQUIRE(l.copies() == 0 || !l.entry_weight().empty(), invalid_input_error,
@@ -156,11 +161,10 @@ void combine_weighted(const layout<TopK>& l, std::span<const T> entry_out, std::
   const TopK k = TopK(l.top_k());
   const bool vec = detail::stage::vectorisable<T>(hidden, entry_out.data(), out.data());
   detail::permute::run_rows<T>(l.tokens(), hidden, threads, vec, [&](std::size_t t0, std::size_t t1, auto v) {
-    detail::stage::combine_weighted<T, decltype(v)::value>(detail::stage::grid_index{}, k, entry_out.data(),
-                                                           l.copy_entry().data() + t0 * k.value(),
-                                                           l.entry_weight().data(), t1 - t0, hidden,
-                                                           out.data() + t0 * hidden);
+    detail::stage::combine_weighted<T, decltype(v)::value>(
+        detail::stage::grid_index{}, k, entry_out.data(), l.copy_entry().data() + t0 * k.value(),
+        l.entry_weight().data(), t1 - t0, hidden, out.data() + t0 * hidden);
   });
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::transport
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::transport

@@ -6,16 +6,14 @@
 //! compile-time values, E is a multiple of 32 and the logits are aligned for vector loads;
 //! thread per token otherwise (any shape, dynamic extents included).
 
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime_api.h>
 #include <locus/core/cuda_error.hpp>
 #include <locus/core/error.hpp>
 #include <locus/router/detail/kernels/router_kernels.cuh>
 #include <locus/router/detail/per_token.hpp>
 #include <locus/router/logits.hpp>
-
-#include <cuda_runtime_api.h>
-
-#include <cstddef>
-#include <cstdint>
 #include <type_traits>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE {
@@ -159,4 +157,4 @@ void launch_sigmoid_top1(const locus::router::device_logits_view<Experts, T>& in
 }
 
 } // namespace detail::router
-} // namespace locus::LOCUS_ABI_NAMESPACE
+} // namespace locus::inline LOCUS_ABI_NAMESPACE

@@ -3,13 +3,12 @@
 //! Host dispatch of the routers: input validation shared by all of them and the multithreaded
 //! loop over tokens (contiguous chunks per worker, scratch allocated once per chunk).
 
+#include <cstddef>
 #include <locus/core/error.hpp>
 #include <locus/core/parallel_for.hpp>
 #include <locus/core/routing.hpp>
 #include <locus/router/detail/math.hpp>
 #include <locus/router/logits.hpp>
-
-#include <cstddef>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::router {
@@ -55,4 +54,4 @@ void route_host(const char* router, const locus::router::logits_view<Experts, T,
   });
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::detail::router
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::router

@@ -13,12 +13,11 @@
 //! do not contract unless FMA code generation is enabled (-mfma, -march=haswell or later) — a host
 //! build with FMA contraction stays correct but may pick a different expert on a one-ulp tie.
 
-#include <locus/core/bfloat16.hpp>
-#include <locus/core/config.hpp>
-
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <locus/core/bfloat16.hpp>
+#include <locus/core/config.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::router {
 
@@ -117,4 +116,4 @@ LOCUS_HOST_DEVICE bool better(float va, int ia, float vb, int ib) { return va > 
 LOCUS_HOST_DEVICE float load_logit(const float* p) { return *p; }
 LOCUS_HOST_DEVICE float load_logit(const bfloat16* p) { return bfloat16::to_float(p->bits); }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::detail::router
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::router

@@ -8,15 +8,14 @@
 //! Each function returns -1, or the first expert whose logit is not finite (the token's outputs
 //! are then unspecified; host callers raise, kernels flag).
 
+#include <cstddef>
+#include <cstdint>
+#include <limits>
 #include <locus/core/config.hpp>
 #include <locus/core/extents.hpp>
 #include <locus/core/routing.hpp>
 #include <locus/router/detail/math.hpp>
 #include <locus/router/detail/topk.hpp>
-
-#include <cstddef>
-#include <cstdint>
-#include <limits>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::router {
 
@@ -74,7 +73,8 @@ LOCUS_HOST_DEVICE int softmax_topk_token(const softmax_topk_params<TopK>& p, Exp
   const std::size_t n = experts.value();
   if (!all_finite(row, n)) return first_non_finite(row, n);
   topk_buffer<TopK::static_value> top(p.k(), weights, ids);
-  for (std::size_t e = 0; e < n; ++e) top.push(load_logit(row + e), static_cast<int>(e));
+  for (std::size_t e = 0; e < n; ++e)
+    top.push(load_logit(row + e), static_cast<int>(e));
   const float m = top.v[0]; // the largest logit: exp never overflows
   float sum = 0.0f;
   for (std::size_t j = 0; j < top.size(); ++j) {
@@ -85,7 +85,8 @@ LOCUS_HOST_DEVICE int softmax_topk_token(const softmax_topk_params<TopK>& p, Exp
     // The full softmax denominator is accumulated in double: a warp adds in a different order than
     // this loop, and in double the order no longer shows after rounding to float.
     double all = 0.0;
-    for (std::size_t e = 0; e < n; ++e) all += static_cast<double>(exp(fsub(load_logit(row + e), m)));
+    for (std::size_t e = 0; e < n; ++e)
+      all += static_cast<double>(exp(fsub(load_logit(row + e), m)));
     sum = static_cast<float>(all);
   }
   for (std::size_t j = 0; j < top.size(); ++j) {
@@ -113,7 +114,8 @@ LOCUS_HOST_DEVICE void sigmoid_scores(const T* LOCUS_RESTRICT row, const float* 
 #if defined(__GNUC__) && !defined(__clang__) && !LOCUS_HAS_CUDA_COMPILER()
 #pragma GCC ivdep
 #endif
-    for (std::size_t e = 0; e < n; ++e) s[e] = b[e] = sigmoid(load_logit(row + e));
+    for (std::size_t e = 0; e < n; ++e)
+      s[e] = b[e] = sigmoid(load_logit(row + e));
   }
 }
 
@@ -166,7 +168,8 @@ LOCUS_HOST_DEVICE int sigmoid_grouped_token(const sigmoid_grouped_params<Groups,
   const std::size_t size = n / groups;
   float* second = fscratch + 2 * n;
   topk_buffer<TopGroups::static_value> kept(p.top_groups(), fscratch + 2 * n + groups, iscratch);
-  for (std::size_t g = 0; g < groups; ++g) kept.push(top2_sum(b + g * size, size, second[g]), static_cast<int>(g));
+  for (std::size_t g = 0; g < groups; ++g)
+    kept.push(top2_sum(b + g * size, size, second[g]), static_cast<int>(g));
 
   // A bound that skips most candidates without a top-k insertion: the kept groups' two largest
   // values are 2 * top_groups distinct experts all >= tau, so when that is at least k, anything
@@ -174,7 +177,8 @@ LOCUS_HOST_DEVICE int sigmoid_grouped_token(const sigmoid_grouped_params<Groups,
   float tau = -std::numeric_limits<float>::infinity();
   if (2 * kept.size() >= p.k()) {
     tau = std::numeric_limits<float>::infinity();
-    for (std::size_t j = 0; j < kept.size(); ++j) tau = second[kept.id[j]] < tau ? second[kept.id[j]] : tau;
+    for (std::size_t j = 0; j < kept.size(); ++j)
+      tau = second[kept.id[j]] < tau ? second[kept.id[j]] : tau;
   }
   topk_buffer<TopK::static_value> top(p.k(), weights, ids);
   for (std::size_t j = 0; j < kept.size(); ++j) {
@@ -183,7 +187,8 @@ LOCUS_HOST_DEVICE int sigmoid_grouped_token(const sigmoid_grouped_params<Groups,
       if (b[e] >= tau) top.push(b[e], static_cast<int>(e));
   }
   float sum = 0.0f;
-  for (std::size_t j = 0; j < top.size(); ++j) sum = fadd(sum, s[top.id[j]]);
+  for (std::size_t j = 0; j < top.size(); ++j)
+    sum = fadd(sum, s[top.id[j]]);
   const float denominator = fadd(sum, grouped_denominator_epsilon);
   for (std::size_t j = 0; j < top.size(); ++j) {
     const int e = top.id[j];
@@ -212,4 +217,4 @@ LOCUS_HOST_DEVICE int sigmoid_top1_token(Experts experts, const T* row, expert_i
   return -1;
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::detail::router
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::router

@@ -4,13 +4,12 @@
 //! order of detail::router::better. With a compile-time k it lives in registers (every index is a
 //! constant after unrolling); with a run-time k it lives in caller-provided arrays.
 
-#include <locus/core/config.hpp>
-#include <locus/core/extents.hpp>
-#include <locus/router/detail/math.hpp>
-
 #include <climits>
 #include <cstddef>
 #include <limits>
+#include <locus/core/config.hpp>
+#include <locus/core/extents.hpp>
+#include <locus/router/detail/math.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::router {
 
@@ -85,4 +84,4 @@ struct topk_buffer<dynamic> {
   }
 };
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::detail::router
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::router

@@ -11,15 +11,13 @@
 //!   6. rank offsets; per-row entry counts; entry offsets      cub::DeviceScan::ExclusiveSum (×2)
 //!   7. rows' tokens and entries                               place_kernel<K>
 
+#include <cstddef>
+#include <cstdint>
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
 #include <locus/core/cuda_error.hpp>
 #include <locus/core/device_buffer.hpp>
 #include <locus/transport/detail/kernels/layout.cuh>
-
-#include <cub/device/device_radix_sort.cuh>
-#include <cub/device/device_scan.cuh>
-
-#include <cstddef>
-#include <cstdint>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout {
 
@@ -39,11 +37,14 @@ struct device_layout_buffers {
 
 inline int key_bits(std::size_t max_key) {
   int b = 1;
-  while (b < 31 && (std::size_t{1} << b) <= max_key) ++b;
+  while (b < 31 && (std::size_t{1} << b) <= max_key)
+    ++b;
   return b;
 }
 
-inline unsigned blocks_for(std::size_t n, unsigned threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
+inline unsigned blocks_for(std::size_t n, unsigned threads) {
+  return static_cast<unsigned>((n + threads - 1) / threads);
+}
 
 //! Runs steps 1-7 on `stream`. Host tables (fixed / candidates) must already be in `b`.
 template <std::size_t K, class Experts>
@@ -94,9 +95,11 @@ void dispatch_build(device_layout_buffers& b, const std::int32_t* ids, const flo
   // CUB temporary storage: the largest of the three calls.
   std::size_t t_sort1 = 0, t_sort2 = 0, t_scan = 0;
   LOCUS_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, t_sort1, b.key_in.data(), b.key_out.data(), b.val_in.data(),
-                                                   b.val_out.data(), static_cast<int>(n), 0, key_bits(experts.value()), stream));
+                                                   b.val_out.data(), static_cast<int>(n), 0, key_bits(experts.value()),
+                                                   stream));
   LOCUS_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, t_sort2, b.key_in.data(), b.key_out.data(), b.val_in.data(),
-                                                   b.val_out.data(), static_cast<int>(n), 0, key_bits(buckets), stream));
+                                                   b.val_out.data(), static_cast<int>(n), 0, key_bits(buckets),
+                                                   stream));
   LOCUS_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, t_scan, b.sorted_size.data(), b.row_entry_offsets.data(),
                                                  static_cast<int>(n + 1), stream));
   std::size_t t_scan2 = 0;
@@ -107,11 +110,12 @@ void dispatch_build(device_layout_buffers& b, const std::int32_t* ids, const flo
   temp = temp > t_scan2 ? temp : t_scan2;
   b.temp.resize(temp);
 
-  validate_kernel<K, Experts><<<blocks_for(tokens, threads), threads, 0, stream>>>(ids, weights, tokens, experts, b.error.data(),
-                                                                                    b.key_in.data(), b.val_in.data());
+  validate_kernel<K, Experts><<<blocks_for(tokens, threads), threads, 0, stream>>>(
+      ids, weights, tokens, experts, b.error.data(), b.key_in.data(), b.val_in.data());
   LOCUS_CUDA_CHECK(cudaGetLastError());
-  LOCUS_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(b.temp.data(), temp, b.key_in.data(), b.key_out.data(), b.val_in.data(),
-                                                   b.val_out.data(), static_cast<int>(n), 0, key_bits(experts.value()), stream));
+  LOCUS_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(b.temp.data(), temp, b.key_in.data(), b.key_out.data(),
+                                                   b.val_in.data(), b.val_out.data(), static_cast<int>(n), 0,
+                                                   key_bits(experts.value()), stream));
   replica_kernel<<<blocks_for(n, threads), threads, 0, stream>>>(
       b.key_out.data(), b.val_out.data(), n, b.fixed.data(), b.cand_offsets.data(), b.cands.data(), replicas, p.slots,
       b.copy_rank.data(), b.copy_slot.data(), b.copy_replica.data(), b.slot_counts.data());
@@ -120,8 +124,9 @@ void dispatch_build(device_layout_buffers& b, const std::int32_t* ids, const flo
       p, b.copy_rank.data(), b.copy_slot.data(), tokens, static_cast<std::int32_t>(buckets), b.local_row.data(),
       b.key_in.data(), b.val_in.data(), b.row_size.data(), b.rank_rows.data(), b.links.data());
   LOCUS_CUDA_CHECK(cudaGetLastError());
-  LOCUS_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(b.temp.data(), temp, b.key_in.data(), b.key_out.data(), b.val_in.data(),
-                                                   b.val_out.data(), static_cast<int>(n), 0, key_bits(buckets), stream));
+  LOCUS_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(b.temp.data(), temp, b.key_in.data(), b.key_out.data(),
+                                                   b.val_in.data(), b.val_out.data(), static_cast<int>(n), 0,
+                                                   key_bits(buckets), stream));
   LOCUS_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(b.temp.data(), temp, b.rank_rows.data(), b.rank_offsets.data(),
                                                  static_cast<int>(ranks + 1), stream));
   row_sizes_kernel<<<blocks_for(n + 1, threads), threads, 0, stream>>>(b.val_out.data(), b.row_size.data(), n,
@@ -140,4 +145,4 @@ void dispatch_build(device_layout_buffers& b, const std::int32_t* ids, const flo
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::transport::detail::layout
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout

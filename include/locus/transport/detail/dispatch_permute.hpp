@@ -4,11 +4,10 @@
 //! Host dispatch of the permute kernels: picks the 16-byte vector path when the row size and the
 //! base pointers allow it, and a launch shape of one block per row.
 
-#include <locus/core/cuda_error.hpp>
-#include <locus/transport/detail/kernels/permute.cuh>
-
 #include <cstddef>
 #include <cstdint>
+#include <locus/core/cuda_error.hpp>
+#include <locus/transport/detail/kernels/permute.cuh>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::permute {
 
@@ -46,13 +45,15 @@ void dispatch_reduce(const T* y, const std::int32_t* row_entry_offsets, const st
 
 //! `K`: a locus::top_k extent (static: the kernel is instantiated for it).
 template <class T, class K>
-void dispatch_combine(K k, const T* rows_in, const std::int32_t* copy_row, std::size_t tokens, std::size_t hidden, T* out,
-                      cudaStream_t stream) {
+void dispatch_combine(K k, const T* rows_in, const std::int32_t* copy_row, std::size_t tokens, std::size_t hidden,
+                      T* out, cudaStream_t stream) {
   if (tokens == 0 || hidden == 0) return;
   if (stage::vectorisable<T>(hidden, rows_in, out))
-    combine_kernel<T, true, K><<<grid_for(tokens), block_threads, 0, stream>>>(k, rows_in, copy_row, tokens, hidden, out);
+    combine_kernel<T, true, K>
+        <<<grid_for(tokens), block_threads, 0, stream>>>(k, rows_in, copy_row, tokens, hidden, out);
   else
-    combine_kernel<T, false, K><<<grid_for(tokens), block_threads, 0, stream>>>(k, rows_in, copy_row, tokens, hidden, out);
+    combine_kernel<T, false, K>
+        <<<grid_for(tokens), block_threads, 0, stream>>>(k, rows_in, copy_row, tokens, hidden, out);
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -69,4 +70,4 @@ void dispatch_combine_weighted(K k, const T* y, const std::int32_t* copy_entry, 
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::transport::detail::permute
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::permute

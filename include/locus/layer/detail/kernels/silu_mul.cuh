@@ -4,10 +4,9 @@
 //! The fused SiLU-multiply of the CUDA SwiGLU: act[r, j] = silu(gu[r, j]) · gu[r, ffn + j], reading
 //! the fp32 output of the gate|up GEMM once and writing the activation in the weights' type.
 
+#include <cstddef>
 #include <locus/core/bfloat16.hpp>
 #include <locus/core/config.hpp>
-
-#include <cstddef>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer::kernels {
 
@@ -32,4 +31,4 @@ __global__ void silu_mul(const float* __restrict__ gu, T* __restrict__ act, std:
   }
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::detail::layer::kernels
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer::kernels

@@ -12,15 +12,14 @@
 //! Every kernel flags a token with a non-finite logit: it counts it in `status.count`, keeps the
 //! smallest (token << 20 | expert) in `status.first`, and writes ids -1 and weights 0 for it.
 
-#include <locus/core/config.hpp>
-#include <locus/core/routing.hpp>
-#include <locus/router/detail/math.hpp>
-#include <locus/router/detail/per_token.hpp>
-
 #include <climits>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <locus/core/config.hpp>
+#include <locus/core/routing.hpp>
+#include <locus/router/detail/math.hpp>
+#include <locus/router/detail/per_token.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::router {
 
@@ -35,8 +34,8 @@ inline constexpr unsigned status_expert_bits = 20;
 
 LOCUS_DEVICE void flag_token(const device_status& st, std::size_t token, int expert) {
   atomicAdd(st.count, 1ull);
-  atomicMin(st.first, (static_cast<unsigned long long>(token) << status_expert_bits) |
-                          static_cast<unsigned long long>(expert));
+  atomicMin(st.first,
+            (static_cast<unsigned long long>(token) << status_expert_bits) | static_cast<unsigned long long>(expert));
 }
 
 LOCUS_DEVICE void write_flagged(expert_id* ids, float* weights, std::size_t k, unsigned lane, unsigned stride) {
@@ -112,7 +111,8 @@ inline constexpr int warp_size = 32;
 template <int E, class T>
 constexpr int vector_width() {
   int v = static_cast<int>(16 / sizeof(T));
-  while (v > 1 && (E / warp_size) % v != 0) v /= 2;
+  while (v > 1 && (E / warp_size) % v != 0)
+    v /= 2;
   return v;
 }
 
@@ -138,7 +138,8 @@ LOCUS_DEVICE void load_row(const T* row, int lane, float (&x)[E / warp_size]) {
   for (int c = 0; c < per_lane / V; ++c) {
     const auto pack = *reinterpret_cast<const vector_pack<T, V>*>(row + (c * warp_size + lane) * V);
 #pragma unroll
-    for (int v = 0; v < V; ++v) x[c * V + v] = load_logit(&pack.v[v]);
+    for (int v = 0; v < V; ++v)
+      x[c * V + v] = load_logit(&pack.v[v]);
   }
 }
 
@@ -160,13 +161,15 @@ LOCUS_DEVICE void warp_best(float& v, int& id, float& payload) {
 
 LOCUS_DEVICE int warp_min(int v) {
 #pragma unroll
-  for (int offset = warp_size / 2; offset > 0; offset /= 2) v = min(v, __shfl_xor_sync(full_mask, v, offset));
+  for (int offset = warp_size / 2; offset > 0; offset /= 2)
+    v = min(v, __shfl_xor_sync(full_mask, v, offset));
   return v;
 }
 
 LOCUS_DEVICE double warp_sum(double v) {
 #pragma unroll
-  for (int offset = warp_size / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(full_mask, v, offset);
+  for (int offset = warp_size / 2; offset > 0; offset /= 2)
+    v += __shfl_xor_sync(full_mask, v, offset);
   return v;
 }
 
@@ -250,7 +253,8 @@ __global__ void __launch_bounds__(warp_kernel_block)
   int sel_e[K];
   float all[N];
 #pragma unroll
-  for (int i = 0; i < N; ++i) all[i] = x[i];
+  for (int i = 0; i < N; ++i)
+    all[i] = x[i];
   warp_top_k<N, V, K>(x, ignored, lane, sel_v, sel_e, sel_p);
   const float m = sel_v[0]; // the largest logit
   float ex[K], w[K], sum = 0.0f;
@@ -262,11 +266,13 @@ __global__ void __launch_bounds__(warp_kernel_block)
   if (!renormalize) {
     double partial = 0.0;
 #pragma unroll
-    for (int i = 0; i < N; ++i) partial += static_cast<double>(exp(fsub(all[i], m)));
+    for (int i = 0; i < N; ++i)
+      partial += static_cast<double>(exp(fsub(all[i], m)));
     sum = static_cast<float>(warp_sum(partial));
   }
 #pragma unroll
-  for (int j = 0; j < K; ++j) w[j] = fdiv(ex[j], sum);
+  for (int j = 0; j < K; ++j)
+    w[j] = fdiv(ex[j], sum);
   write_choices<K>(sel_e, w, lane, ids, weights);
 }
 
@@ -300,7 +306,8 @@ __global__ void __launch_bounds__(warp_kernel_block)
   const float score = lane < G ? top2_sum(row_scores + lane * size, size) : -std::numeric_limits<float>::infinity();
   int rank = 0;
 #pragma unroll
-  for (int h = 0; h < G; ++h) rank += better(__shfl_sync(full_mask, score, h), h, score, lane) ? 1 : 0;
+  for (int h = 0; h < G; ++h)
+    rank += better(__shfl_sync(full_mask, score, h), h, score, lane) ? 1 : 0;
   const unsigned kept = __ballot_sync(full_mask, lane < G && rank < TG);
 #pragma unroll
   for (int i = 0; i < N; ++i)
@@ -311,10 +318,12 @@ __global__ void __launch_bounds__(warp_kernel_block)
   warp_top_k<N, V, K>(x, s, lane, sel_v, sel_e, sel_s);
   float sum = 0.0f;
 #pragma unroll
-  for (int j = 0; j < K; ++j) sum = fadd(sum, sel_s[j]);
+  for (int j = 0; j < K; ++j)
+    sum = fadd(sum, sel_s[j]);
   const float denominator = fadd(sum, grouped_denominator_epsilon);
 #pragma unroll
-  for (int j = 0; j < K; ++j) w[j] = normalize ? fmul(fdiv(sel_s[j], denominator), scale) : fmul(sel_s[j], scale);
+  for (int j = 0; j < K; ++j)
+    w[j] = normalize ? fmul(fdiv(sel_s[j], denominator), scale) : fmul(sel_s[j], scale);
   write_choices<K>(sel_e, w, lane, ids, weights);
 }
 
@@ -345,4 +354,4 @@ __global__ void __launch_bounds__(warp_kernel_block)
   }
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::detail::router
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::router

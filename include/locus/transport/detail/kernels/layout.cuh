@@ -6,11 +6,10 @@
 //! (`transport/detail/layout_token.hpp`); sorting and scanning are CUB's, so every order is
 //! stable and the result equals the host layout bit for bit.
 
-#include <locus/core/expert_map.hpp>
-#include <locus/transport/detail/layout_token.hpp>
-
 #include <cstddef>
 #include <cstdint>
+#include <locus/core/expert_map.hpp>
+#include <locus/transport/detail/layout_token.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout {
 
@@ -23,12 +22,14 @@ __global__ void validate_kernel(const std::int32_t* ids, const float* weights, s
   if (t >= tokens) return;
   std::int32_t e[K];
 #pragma unroll
-  for (std::size_t j = 0; j < K; ++j) e[j] = ids[t * K + j];
+  for (std::size_t j = 0; j < K; ++j)
+    e[j] = ids[t * K + j];
 #pragma unroll
   for (std::size_t j = 0; j < K; ++j) {
     const auto c = static_cast<std::int32_t>(t * K + j);
     bool bad = e[j] < 0 || static_cast<std::size_t>(e[j]) >= experts.value();
-    for (std::size_t i = 0; i < j; ++i) bad |= e[i] == e[j];
+    for (std::size_t i = 0; i < j; ++i)
+      bad |= e[i] == e[j];
     if (weights && !isfinite(weights[c])) bad = true;
     if (bad) atomicMin(error, c);
     key[c] = bad ? 0 : e[j]; // keeps the sort in range; the layout is discarded anyway
@@ -41,10 +42,11 @@ __global__ void validate_kernel(const std::int32_t* ids, const float* weights, s
 
 //! One thread per copy, in (expert, copy) order: the copy's position within its expert's run is
 //! its round-robin index among the expert's copies.
-static __global__ void replica_kernel(const std::int32_t* sorted_expert, const std::int32_t* sorted_copy, std::size_t copies,
-                               const std::int32_t* fixed, const std::int32_t* cand_offsets, const std::int32_t* cands,
-                               const slot_ref* replicas, std::int32_t slots, std::int32_t* copy_rank,
-                               std::int32_t* copy_slot, std::int32_t* copy_replica, std::int32_t* slot_counts) {
+static __global__ void replica_kernel(const std::int32_t* sorted_expert, const std::int32_t* sorted_copy,
+                                      std::size_t copies, const std::int32_t* fixed, const std::int32_t* cand_offsets,
+                                      const std::int32_t* cands, const slot_ref* replicas, std::int32_t slots,
+                                      std::int32_t* copy_rank, std::int32_t* copy_slot, std::int32_t* copy_replica,
+                                      std::int32_t* slot_counts) {
   const std::size_t p = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (p >= copies) return;
   const std::int32_t e = sorted_expert[p];
@@ -52,8 +54,10 @@ static __global__ void replica_kernel(const std::int32_t* sorted_expert, const s
   std::size_t lo = 0, hi = p;
   while (lo < hi) {
     const std::size_t mid = (lo + hi) / 2;
-    if (sorted_expert[mid] < e) lo = mid + 1;
-    else hi = mid;
+    if (sorted_expert[mid] < e)
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   const std::int32_t rep = choose_replica(fixed, cand_offsets, cands, e, static_cast<std::int32_t>(p - lo));
   const std::int32_t c = sorted_copy[p];
@@ -99,8 +103,8 @@ __global__ void group_kernel(token_params p, const std::int32_t* copy_rank, cons
 
 //! Entry counts in sorted row order (0 past the last row, and one extra 0 at `places`), for the
 //! scan into row_entry_offsets.
-static __global__ void row_sizes_kernel(const std::int32_t* sorted_index, const std::int32_t* row_size, std::size_t places,
-                                 std::int32_t* sorted_size) {
+static __global__ void row_sizes_kernel(const std::int32_t* sorted_index, const std::int32_t* row_size,
+                                        std::size_t places, std::int32_t* sorted_size) {
   const std::size_t q = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (q > places) return;
   sorted_size[q] = q < places ? row_size[sorted_index[q]] : 0; // unused places have size 0
@@ -109,11 +113,12 @@ static __global__ void row_sizes_kernel(const std::int32_t* sorted_index, const 
 //! One thread per row: token, entries (row_members order) and forwards.
 template <std::size_t K>
 __global__ void place_kernel(token_params p, const std::int32_t* sorted_key, const std::int32_t* sorted_index,
-                             const std::int32_t* rank_offsets, std::int32_t ranks, const std::int32_t* row_entry_offsets,
-                             const std::int32_t* copy_rank, const std::int32_t* copy_slot, const std::int32_t* local_row,
-                             const float* weights, std::int32_t* row_token, std::int32_t* row_forwards,
-                             std::int32_t* copy_row, std::int32_t* copy_entry, std::int32_t* entry_copy,
-                             std::int32_t* entry_target, std::int32_t* entry_slot, float* entry_weight) {
+                             const std::int32_t* rank_offsets, std::int32_t ranks,
+                             const std::int32_t* row_entry_offsets, const std::int32_t* copy_rank,
+                             const std::int32_t* copy_slot, const std::int32_t* local_row, const float* weights,
+                             std::int32_t* row_token, std::int32_t* row_forwards, std::int32_t* copy_row,
+                             std::int32_t* copy_entry, std::int32_t* entry_copy, std::int32_t* entry_target,
+                             std::int32_t* entry_slot, float* entry_weight) {
   const std::size_t r = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (r >= static_cast<std::size_t>(rank_offsets[ranks])) return;
   const std::int32_t src = sorted_index[r];
@@ -145,10 +150,11 @@ __global__ void place_kernel(token_params p, const std::int32_t* sorted_key, con
 }
 
 //! rank_entry_offsets[d] = row_entry_offsets[rank_offsets[d]].
-static __global__ void rank_entry_offsets_kernel(const std::int32_t* rank_offsets, const std::int32_t* row_entry_offsets,
-                                          std::int32_t ranks, std::int32_t* rank_entry_offsets) {
+static __global__ void rank_entry_offsets_kernel(const std::int32_t* rank_offsets,
+                                                 const std::int32_t* row_entry_offsets, std::int32_t ranks,
+                                                 std::int32_t* rank_entry_offsets) {
   const std::int32_t d = static_cast<std::int32_t>(blockIdx.x * blockDim.x + threadIdx.x);
   if (d <= ranks) rank_entry_offsets[d] = row_entry_offsets[rank_offsets[d]];
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::transport::detail::layout
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout

@@ -6,10 +6,9 @@
 //! 16-byte vectors (`Vec = true`, when the row size and base pointers allow it) or single elements.
 //! The host path runs the same bodies, so the results are equal bit for bit.
 
-#include <locus/transport/detail/stage.hpp>
-
 #include <cstddef>
 #include <cstdint>
+#include <locus/transport/detail/stage.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::permute {
 
@@ -18,8 +17,8 @@ __device__ __forceinline__ stage::grid_index this_thread() {
 }
 
 template <class T, bool Vec>
-__global__ void gather_rows_kernel(const T* __restrict__ src, const std::int32_t* __restrict__ index, std::size_t stride,
-                                   std::size_t rows, std::size_t hidden, T* __restrict__ dst) {
+__global__ void gather_rows_kernel(const T* __restrict__ src, const std::int32_t* __restrict__ index,
+                                   std::size_t stride, std::size_t rows, std::size_t hidden, T* __restrict__ dst) {
   stage::gather_rows<T, Vec>(this_thread(), src, index, stride, rows, hidden, dst);
 }
 
@@ -43,4 +42,4 @@ __global__ void combine_weighted_kernel(K k, const T* __restrict__ y, const std:
   stage::combine_weighted<T, Vec>(this_thread(), k, y, copy_entry, weight, tokens, hidden, out);
 }
 
-} // namespace locus::LOCUS_ABI_NAMESPACE::transport::detail::permute
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::permute
