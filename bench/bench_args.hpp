@@ -7,10 +7,8 @@
 #include <fstream>
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
-#include <sstream>
 #include <string>
 #include <thread>
-#include <vector>
 
 namespace bench_args {
 
@@ -26,25 +24,6 @@ inline const CLI::Validator positive{[](std::string& value) -> std::string {
                                        return "must be a number above 0, got " + value;
                                      },
                                      "POSITIVE"};
-
-// Deprecated: the hand-rolled parser kept only for the benchmarks not yet on CLI11 (exchange,
-// comm_volume, drift); it ignores unknown flags. Delete once they have moved.
-// The value after `name` on the command line, or `fallback`.
-inline std::string arg_value(int argc, char** argv, const std::string& name, const std::string& fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (argv[i] == name) return argv[i + 1];
-  return fallback;
-}
-
-// The comma-separated values after `name`, each read by `parse` (e.g. std::stod).
-template <class Parse>
-auto arg_list(int argc, char** argv, const std::string& name, const std::string& fallback, Parse parse) {
-  std::vector<decltype(parse(std::string{}))> out;
-  std::stringstream ss(arg_value(argc, argv, name, fallback));
-  for (std::string x; std::getline(ss, x, ',');)
-    out.push_back(parse(x));
-  return out;
-}
 
 // An ESFT folder (imported) or a binary trace file.
 inline locus::trace::trace load_trace(const std::string& path) {

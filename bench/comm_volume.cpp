@@ -5,7 +5,7 @@
 //
 //   comm_volume [--trace DIR_OR_FILE] [--out DIR] [--split-seed S] [--prefill-tokens P]
 //               [--anneal N] [--plan-per-transport 0|1] [--replica-rule R] [--replica-slack S]
-//               [--unseen-redundant N] (and the planner knobs read below)
+//               [--unseen-redundant N] (--help lists every option and its default)
 // Rows with redundant slots are also simulated under every engine's replica rule (second table).
 // Writes DIR/comm_volume.json and DIR/comm_volume.md; bench/plot_comm_volume.py draws the PNG.
 #include "bench_output.hpp"
@@ -32,6 +32,7 @@
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -68,22 +69,109 @@ double domain_accuracy(const locus::grouper::workload_model& m, const locus::tra
   return n ? static_cast<double>(right) / static_cast<double>(n) : 0.0;
 }
 
-using bench_args::arg_value;
-
 } // namespace
 
 int main(int argc, char** argv) try {
-  const std::string trace_path = arg_value(argc, argv, "--trace", LOCUS_DEFAULT_TRACE);
-  const std::string out_dir = arg_value(argc, argv, "--out", ".");
-  const auto seed = std::stoull(arg_value(argc, argv, "--split-seed", "1"));
-  const auto prefill = std::stoul(arg_value(argc, argv, "--prefill-tokens", "32"));
-  const auto hidden = std::stoul(arg_value(argc, argv, "--hidden", "2048"));
-  const auto clusters = std::stoul(arg_value(argc, argv, "--clusters", "8"));
+  CLI::App app{"Inter-node bytes per decode token for each placement x grouper x transport on a real trace, fitted on "
+               "a training split and measured on the test split"};
+  bench_args::show_defaults(app);
+  std::string trace_path = LOCUS_DEFAULT_TRACE, out_dir = ".", only, replica_rule_name = "locality_first",
+              shift_by = "node";
+  unsigned long long seed = 1;
+  std::size_t prefill = 32, hidden = 2048, clusters = 8, unseen_redundant = 0;
+  // --replica-slack sets two bounds whose defaults differ: the replica rule's (locality_bounded)
+  // and the locality planner's replica balance.
+  std::optional<double> replica_slack_opt;
+  int fit_on_test = 0, synthetic = 1, token_refine = 1, token_replicas = 1, plan_per_transport = 1;
+  // The comparison's defaults are this benchmark's; the options below override them.
+  locus::cost::comparison_options copt;
+  auto& popt = copt.plan;
+  popt.joint.token_slack = 0.10;
+  popt.named.locality.balance_slack = 0.05;
+  popt.refine.balance_slack = 0.03;
+  popt.refine.rank_copy_weight = 1;
+  popt.refine.node_copy_weight = 1;
+  popt.refine_sample_pairs = 24576;
+  popt.refine.candidates = 3;
+  popt.refine.max_sweeps = 6;
+  popt.refine.anneal_per_expert = 300;
+  popt.refine.anneal_temperature = 0.3;
+  popt.refine.balance_shift = 0;
+  popt.refine.shift_slack = 0.10;
+  std::vector<std::string> rule_names;
+  for (const auto rule : locus::placement::all_replica_rules)
+    rule_names.emplace_back(locus::placement::to_string(rule));
+  const CLI::Validator topology_shape{
+      [](std::string& value) -> std::string {
+        const auto x = value.find('x');
+        std::size_t nodes = 0, gpus = 0;
+        if (x != std::string::npos && CLI::detail::lexical_cast(value.substr(0, x), nodes) &&
+            CLI::detail::lexical_cast(value.substr(x + 1), gpus) && nodes > 0 && gpus > 0)
+          return {};
+        return "must be NODESxGPUS (e.g. 4x2), got " + value;
+      },
+      "NODESxGPUS"};
+  app.add_option("--trace", trace_path, "ESFT folder or binary trace");
+  app.add_option("--out", out_dir, "Folder for the results");
+  app.add_option("--split-seed", seed, "Seed of the train/test split of the requests (and of the grouping)");
+  app.add_option("--prefill-tokens", prefill, "Prefill tokens per request");
+  app.add_option("--hidden", hidden, "Hidden size (message sizes)")->check(bench_args::positive);
+  app.add_option("--clusters", clusters, "Request clusters of the workload model")->check(bench_args::positive);
+  app.add_option("--only", only, "One topology instead of 2x4, 4x2, 4x4 and 8x1")->check(topology_shape);
+  app.add_option("--synthetic", synthetic, "Also the 8x8 synthetic 256-expert rows (0|1)")->check(CLI::Range(0, 1));
+  app.add_option("--fit-on-test", fit_on_test, "Fit on the test split: upper-bound experiments only (0|1)")
+      ->check(CLI::Range(0, 1));
+  app.add_option("--replica-rule", replica_rule_name, "Replica rule of the main rows and the unseen-domain rows")
+      ->check(CLI::IsMember(rule_names));
+  app.add_option("--replica-slack", replica_slack_opt,
+                 "locality_bounded: a GPU is hot above (1 + this) x the mean; and the locality planner's node-load "
+                 "bound when adding replicas")
+      ->default_str("0.05 and 0.03");
+  app.add_option("--unseen-redundant", unseen_redundant, "Redundant slots per GPU of the unseen-domain rows");
+  app.add_option("--plan-per-transport", plan_per_transport, "Plan locality for the transport of each row (0|1)")
+      ->check(CLI::Range(0, 1));
+  app.add_option("--token-slack", popt.joint.token_slack,
+                 "Grouping: a node's decode tokens at most (1 + this) x the mean");
+  app.add_option("--balance-slack", popt.named.locality.balance_slack,
+                 "Locality planner: node load at most (1 + this) x the mean (first copies)");
+  app.add_option("--token-refine", token_refine, "Run the token-level stage on locality maps (0|1)")
+      ->check(CLI::Range(0, 1));
+  app.add_option("--token-replicas", token_replicas,
+                 "Token-level stage also chooses replicas on the exact copy cost (0|1)")
+      ->check(CLI::Range(0, 1));
+  app.add_option("--refine-slack", popt.refine.balance_slack,
+                 "Token-level stage: GPU load at most (1 + this) x the mean");
+  app.add_option("--rank-copy-weight", popt.refine.rank_copy_weight, "Token-level stage: weight of a GPU copy");
+  app.add_option("--node-copy-weight", popt.refine.node_copy_weight, "Token-level stage: weight of a node copy");
+  app.add_option("--refine-pairs", popt.refine_sample_pairs, "Token-level stage: sampled (token, layer) pairs")
+      ->check(bench_args::positive);
+  app.add_option("--refine-candidates", popt.refine.candidates,
+                 "Token-level stage: swap partners evaluated per expert and sweep")
+      ->check(bench_args::positive);
+  app.add_option("--refine-sweeps", popt.refine.max_sweeps, "Token-level stage: sweeps over the experts at most");
+  app.add_option("--anneal", popt.refine.anneal_per_expert,
+                 "Annealing swap proposals per expert and layer after the sweeps");
+  app.add_option("--anneal-temperature", popt.refine.anneal_temperature,
+                 "Annealing start temperature (share of a random swap's mean cost rise)");
+  app.add_option("--balance-shift", popt.refine.balance_shift,
+                 "Token-level stage: keep balance when a group's tokens grow by this share (0: off)");
+  app.add_option("--shift-slack", popt.refine.shift_slack, "Token-level stage: GPU load bound under a shifted mix");
+  app.add_option("--shift-by", shift_by, "Token-level stage: what a shifted mix grows (node, request class, request)")
+      ->check(CLI::IsMember({"node", "class", "request"}));
+  CLI11_PARSE(app, argc, argv);
   // The rule of the main rows and the unseen-domain rows; every replica row also gets every rule.
-  const auto main_rule =
-      locus::placement::parse_replica_rule(arg_value(argc, argv, "--replica-rule", "locality_first"));
-  const double replica_slack = std::stod(arg_value(argc, argv, "--replica-slack", "0.05"));
-  const auto unseen_redundant = std::stoul(arg_value(argc, argv, "--unseen-redundant", "0"));
+  const auto main_rule = locus::placement::parse_replica_rule(replica_rule_name);
+  const double replica_slack = replica_slack_opt.value_or(0.05);
+  popt.named.locality.replica_balance_slack = replica_slack_opt.value_or(0.03);
+  popt.token_refine = token_refine == 1;
+  popt.token_replicas = token_replicas == 1;
+  if (shift_by != "node")
+    popt.shift_by =
+        shift_by == "class" ? locus::placement::shift_group::request_class : locus::placement::shift_group::request;
+  // The locality planner is told the transport it plans for: its token-level stage then counts
+  // only the copies that transport sends (flat: per remote GPU, hierarchical: per remote node).
+  // With 0, one plan serves both transports and counts both kinds of copies.
+  copt.plan_per_transport = plan_per_transport == 1;
   if (!std::filesystem::exists(trace_path)) {
     std::printf("comm_volume: trace %s not found; skipped\n", trace_path.c_str());
     return 0;
@@ -93,11 +181,11 @@ int main(int argc, char** argv) try {
   const std::string machine = bench_args::machine_line();
   const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);
   auto [train, test] = locus::trace::split_by_request(full, 0.5, seed);
-  if (arg_value(argc, argv, "--fit-on-test", "0") == "1") train = test; // upper-bound experiments only
+  if (fit_on_test == 1) train = test; // upper-bound experiments only
 
   using locus::cost::transport_kind;
   std::vector<topology_case> topologies = {{2, 4}, {4, 2}, {4, 4}, {8, 1}};
-  if (const std::string only = arg_value(argc, argv, "--only", ""); !only.empty()) // e.g. --only 4x2
+  if (!only.empty()) // e.g. --only 4x2
     topologies = {{std::stoul(only.substr(0, only.find('x'))), std::stoul(only.substr(only.find('x') + 1))}};
   // (placement, redundant slots per GPU): linear and round_robin never use redundant slots.
   const std::vector<std::pair<std::string, std::size_t>> placements = {
@@ -109,34 +197,9 @@ int main(int argc, char** argv) try {
       for (auto transport : {transport_kind::flat, transport_kind::hierarchical})
         rows.push_back({placement, redundant, grouper, transport});
 
-  // The comparison's defaults are this benchmark's; the flags below override them.
-  locus::cost::comparison_options copt;
-  auto& popt = copt.plan;
   popt.grouping.clusters = clusters;
   popt.grouping.seed = seed;
   popt.grouping.prefill_tokens = prefill;
-  popt.joint.token_slack = std::stod(arg_value(argc, argv, "--token-slack", "0.10"));
-  popt.named.locality.balance_slack = std::stod(arg_value(argc, argv, "--balance-slack", "0.05"));
-  popt.named.locality.replica_balance_slack = std::stod(arg_value(argc, argv, "--replica-slack", "0.03"));
-  popt.token_refine = arg_value(argc, argv, "--token-refine", "1") == "1";
-  popt.token_replicas = arg_value(argc, argv, "--token-replicas", "1") == "1";
-  popt.refine.balance_slack = std::stod(arg_value(argc, argv, "--refine-slack", "0.03"));
-  popt.refine.rank_copy_weight = std::stod(arg_value(argc, argv, "--rank-copy-weight", "1"));
-  popt.refine.node_copy_weight = std::stod(arg_value(argc, argv, "--node-copy-weight", "1"));
-  popt.refine_sample_pairs = std::stoul(arg_value(argc, argv, "--refine-pairs", "24576"));
-  popt.refine.candidates = std::stoul(arg_value(argc, argv, "--refine-candidates", "3"));
-  popt.refine.max_sweeps = std::stoul(arg_value(argc, argv, "--refine-sweeps", "6"));
-  popt.refine.anneal_per_expert = std::stoul(arg_value(argc, argv, "--anneal", "300"));
-  popt.refine.anneal_temperature = std::stod(arg_value(argc, argv, "--anneal-temperature", "0.3"));
-  popt.refine.balance_shift = std::stod(arg_value(argc, argv, "--balance-shift", "0"));
-  popt.refine.shift_slack = std::stod(arg_value(argc, argv, "--shift-slack", "0.10"));
-  if (const auto g = arg_value(argc, argv, "--shift-by", "node"); g != "node")
-    popt.shift_by =
-        g == "class" ? locus::placement::shift_group::request_class : locus::placement::shift_group::request;
-  // The locality planner is told the transport it plans for: its token-level stage then counts
-  // only the copies that transport sends (flat: per remote GPU, hierarchical: per remote node).
-  // With 0, one plan serves both transports and counts both kinds of copies.
-  copt.plan_per_transport = arg_value(argc, argv, "--plan-per-transport", "1") == "1";
   const bool per_transport = copt.plan_per_transport;
   copt.simulation.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(hidden);
   copt.simulation.seed = seed;
@@ -224,7 +287,7 @@ int main(int argc, char** argv) try {
   // The 256-expert top-8 case on 8 nodes x 8 GPUs (the paper's EP64): the synthesizer fitted to
   // this ESFT trace, rescaled to 256 experts and top-8 (ESFT's layer count kept so that the run
   // stays short), sampled, split and measured like the real trace.
-  if (arg_value(argc, argv, "--synthetic", "1") == "1") {
+  if (synthetic == 1) {
     const auto fitted = locus::trace::fit(full, {});
     locus::trace::rescale_options ro;
     ro.experts = 256;

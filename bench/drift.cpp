@@ -28,12 +28,12 @@
 #include <locus/trace/synthesizer.hpp>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
 namespace {
 
-using bench_args::arg_value;
 using namespace locus;
 
 struct policy_run {
@@ -58,32 +58,58 @@ double bytes_in(const cost::online_result& r, std::size_t a, std::size_t b, std:
 } // namespace
 
 int main(int argc, char** argv) try {
-  const std::string trace_path = arg_value(argc, argv, "--trace", LOCUS_DEFAULT_TRACE);
-  const std::string out_dir = arg_value(argc, argv, "--out", ".");
-  const auto seed = std::stoull(arg_value(argc, argv, "--split-seed", "1"));
-  const auto prefill = std::stoul(arg_value(argc, argv, "--prefill-tokens", "32"));
-  const auto phase_tokens = std::stoul(arg_value(argc, argv, "--phase-tokens", "150000"));
-  const auto redundant = std::stoul(arg_value(argc, argv, "--redundant", "0"));
-  const auto interval = std::stoul(arg_value(argc, argv, "--interval", "300"));
-  const auto window = std::stoul(arg_value(argc, argv, "--window", "100"));
-  const auto drift_every = std::stoul(arg_value(argc, argv, "--drift-every", "10"));
-  const double budget_share = std::stod(arg_value(argc, argv, "--budget-share", "0.10"));
-  const double phase_share = std::stod(arg_value(argc, argv, "--phase-share", "0.8"));
-  const auto adaptive_window = std::stoul(arg_value(argc, argv, "--adaptive-window", std::to_string(interval)));
-  const auto batch = std::stoul(arg_value(argc, argv, "--batch", "16"));
-  const auto hidden = std::stoul(arg_value(argc, argv, "--hidden", "2048"));
+  CLI::App app{"How much of an activation-aware plan's byte saving on-line re-planning keeps when the request mix "
+               "moves"};
+  bench_args::show_defaults(app);
+  std::string trace_path = LOCUS_DEFAULT_TRACE, out_dir = ".", transport_name = "flat",
+              replica_rule_name = "locality_first";
+  unsigned long long seed = 1;
   // One ESFT (DeepSeek-V2-Lite) routed expert: gate, up and down projections, 2048 × 1408, BF16.
-  const auto expert_bytes =
-      std::stoull(arg_value(argc, argv, "--expert-bytes", std::to_string(3ull * 2048 * 1408 * 2)));
-  const auto transport = cost::parse_transport_kind(arg_value(argc, argv, "--transport", "flat"));
+  unsigned long long expert_bytes = 3ull * 2048 * 1408 * 2;
+  std::size_t prefill = 32, phase_tokens = 150000, redundant = 0, interval = 300, window = 100, drift_every = 10,
+              batch = 16, hidden = 2048, replica_window = 0, report_tokens = 8192;
+  std::optional<std::size_t> adaptive_window_opt;
+  double budget_share = 0.10, phase_share = 0.8, replica_slack = 0.05;
+  int deepseek = 1;
+  std::vector<std::string> phase_names{"summary", "law", "intent"};
+  std::vector<std::string> rule_names;
+  for (const auto rule : placement::all_replica_rules)
+    rule_names.emplace_back(placement::to_string(rule));
+  app.add_option("--trace", trace_path, "ESFT folder or binary trace");
+  app.add_option("--out", out_dir, "Folder for the results");
+  app.add_option("--split-seed", seed, "Seed of the train/test split of the requests (and of the schedule)");
+  app.add_option("--prefill-tokens", prefill, "Prefill tokens per request");
+  app.add_option("--phases", phase_names, "Task domains of the phases, in order")->delimiter(',');
+  app.add_option("--phase-tokens", phase_tokens, "Decode tokens per phase")->check(bench_args::positive);
+  app.add_option("--phase-share", phase_share, "Share of a phase's requests drawn from its own domain")
+      ->check(CLI::Range(0.0, 1.0));
+  app.add_option("--batch", batch, "Running requests per GPU")->check(bench_args::positive);
+  app.add_option("--hidden", hidden, "Hidden size (message sizes)")->check(bench_args::positive);
+  app.add_option("--redundant", redundant, "Redundant slots per GPU");
+  app.add_option("--interval", interval, "Steps between scheduled re-plans (0: none)");
+  app.add_option("--window", window, "Steps of traffic an EPLB re-plan sees")->check(bench_args::positive);
+  app.add_option("--adaptive-window", adaptive_window_opt, "Steps of traffic an adaptive re-plan sees")
+      ->check(bench_args::positive)
+      ->default_str("--interval");
+  app.add_option("--drift-every", drift_every, "Steps between drift checks (0: none)");
+  app.add_option("--budget-share", budget_share, "Share of the slots an adaptive re-plan may move")
+      ->check(bench_args::positive);
+  app.add_option("--report-tokens", report_tokens, "Decode tokens per reported window")->check(bench_args::positive);
+  app.add_option("--expert-bytes", expert_bytes, "Weight bytes of one expert")->check(bench_args::positive);
+  app.add_option("--transport", transport_name, "Transport of the run")->check(CLI::IsMember({"flat", "hierarchical"}));
+  app.add_option("--replica-rule", replica_rule_name, "Rule that picks a token's replica, for every policy")
+      ->check(CLI::IsMember(rule_names));
+  app.add_option("--replica-slack", replica_slack, "locality_bounded: a GPU is hot above (1 + this) x the mean load");
+  app.add_option("--replica-window", replica_window,
+                 "locality_bounded: steps of the load average (0: since the start)");
+  app.add_option("--deepseek", deepseek, "Time one re-plan at DeepSeek-V3 shape (0|1)")->check(CLI::Range(0, 1));
+  CLI11_PARSE(app, argc, argv);
+  const std::size_t adaptive_window = adaptive_window_opt.value_or(interval);
+  const auto transport = cost::parse_transport_kind(transport_name);
   // Every policy's replicas are chosen by one rule (placement/replica_selection.hpp).
-  const auto replica_rule = placement::parse_replica_rule(arg_value(argc, argv, "--replica-rule", "locality_first"));
-  const double replica_slack = std::stod(arg_value(argc, argv, "--replica-slack", "0.05"));
-  const auto replica_window = std::stoul(arg_value(argc, argv, "--replica-window", "0"));
+  const auto replica_rule = placement::parse_replica_rule(replica_rule_name);
   const std::string command = bench_args::command_line(argc, argv, "build/dev/bench/drift");
   const std::string machine = bench_args::machine_line();
-  const auto phase_names =
-      bench_args::arg_list(argc, argv, "--phases", "summary,law,intent", [](const std::string& s) { return s; });
   if (!std::filesystem::exists(trace_path)) {
     std::printf("drift: trace %s not found; skipped\n", trace_path.c_str());
     return 0;
@@ -188,7 +214,7 @@ int main(int argc, char** argv) try {
 
   cost::online_options base;
   base.window = window;
-  base.report_tokens = std::stoul(arg_value(argc, argv, "--report-tokens", "8192"));
+  base.report_tokens = report_tokens;
   base.expert_bytes = expert_bytes;
   std::vector<policy_run> runs;
   const auto keep = [](const std::vector<expert_map>& m, std::size_t, std::size_t) { return m; };
@@ -343,7 +369,7 @@ int main(int argc, char** argv) try {
   // One re-plan at DeepSeek-V3 shape: 256 experts, top-8, 58 layers, 8 × 8 ranks, a 100k-token
   // window (the synthesizer's, requests homed by domain), 10% of the weights as the budget.
   std::string ds;
-  if (arg_value(argc, argv, "--deepseek", "1") == "1") {
+  if (deepseek == 1) {
     trace::synth_shape sh;
     sh.experts = 256;
     sh.top_k = 8;

@@ -16,6 +16,7 @@
 // the slowest rank's, medians over steps. Routings are synthetic with domain locality: tokens of
 // node n draw their experts from domain n with probability --locality, so a locality placement
 // has something to find; the locality placement is planned from the routings' node usage.
+#include "bench_args.hpp"
 #include "bench_output.hpp"
 
 #include <algorithm>
@@ -200,46 +201,36 @@ int main(int argc, char** argv) {
   int status = 0;
   try {
     options o;
-    std::string command = "mpirun -np " + std::to_string(ranks) + " build/dev/bench/exchange";
-    for (int i = 1; i < argc; ++i) {
-      const std::string a = argv[i];
-      command += " " + a;
-      const auto next = [&]() -> std::string {
-        LOCUS_REQUIRE(i + 1 < argc, config_error, "exchange: ", a, " needs a value");
-        command += " " + std::string(argv[i + 1]);
-        return argv[++i];
-      };
-      if (a == "--gpus-per-node")
-        o.gpus_per_node = std::stoul(next());
-      else if (a == "--tokens")
-        o.tokens = std::stoul(next());
-      else if (a == "--hidden")
-        o.hidden = std::stoul(next());
-      else if (a == "--experts")
-        o.experts = std::stoul(next());
-      else if (a == "--top-k")
-        o.k = std::stoul(next());
-      else if (a == "--steps")
-        o.steps = std::stoul(next());
-      else if (a == "--locality")
-        o.locality = std::stod(next());
-      else if (a == "--json")
-        o.json = next();
-      else if (a == "--markdown")
-        o.markdown = next();
-      else if (a == "--input") { // e.g. --input fused,rows
-        o.inputs.clear();
-        std::string list = next();
-        for (std::size_t at = 0; at <= list.size();) {
-          const std::size_t comma = std::min(list.find(',', at), list.size());
-          o.inputs.push_back(list.substr(at, comma - at));
-          LOCUS_REQUIRE(o.inputs.back() == "fused" || o.inputs.back() == "rows", config_error,
-                        "exchange: --input takes fused and rows, got ", o.inputs.back());
-          at = comma + 1;
-        }
-      } else
-        LOCUS_THROW(config_error, "exchange: unknown option ", a);
+    CLI::App app{"What locus's dispatch + combine cost over the raw MPI collective moving the same bytes, and what "
+                 "node dedup and a locality placement save"};
+    bench_args::show_defaults(app);
+    app.add_option("--gpus-per-node", o.gpus_per_node, "GPUs (ranks) per node")->check(bench_args::positive);
+    app.add_option("--tokens", o.tokens, "Tokens per rank and step")->check(bench_args::positive);
+    app.add_option("--hidden", o.hidden, "Hidden size (fp32)")->check(bench_args::positive);
+    app.add_option("--experts", o.experts, "Experts")->check(bench_args::positive);
+    app.add_option("--top-k", o.k, "Experts per token")->check(bench_args::positive);
+    app.add_option("--steps", o.steps, "Timed steps (medians reported)")->check(bench_args::positive);
+    app.add_option("--locality", o.locality, "Chance that a token draws its experts from its node's domain")
+        ->check(CLI::Range(0.0, 1.0));
+    app.add_option("--input", o.inputs, "Compute inputs to measure: fused, rows")
+        ->delimiter(',')
+        ->check(CLI::IsMember({"fused", "rows"}));
+    app.add_option("--json", o.json, "JSON results file");
+    app.add_option("--markdown", o.markdown, "Markdown results file (none when empty)");
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::CallForHelp&) {
+      if (me == 0) std::fputs(app.help().c_str(), stdout);
+      MPI_Finalize();
+      return 0;
+    } catch (const CLI::ParseError& e) {
+      // Every rank parses the same command line, so every rank fails alike; rank 0 says why.
+      if (me == 0) std::fprintf(stderr, "exchange: %s (see --help)\n", e.what());
+      MPI_Finalize();
+      return 1;
     }
+    const std::string command =
+        bench_args::command_line(argc, argv, "mpirun -np " + std::to_string(ranks) + " build/dev/bench/exchange");
     LOCUS_REQUIRE(ranks % o.gpus_per_node == 0, config_error, "exchange: ", ranks, " ranks are not a multiple of ",
                   o.gpus_per_node, " GPUs per node");
     const dynamic_topology topo(ranks / o.gpus_per_node, o.gpus_per_node);
