@@ -69,23 +69,31 @@ double domain_accuracy(const locus::grouper::workload_model& m, const locus::tra
   return n ? static_cast<double>(right) / static_cast<double>(n) : 0.0;
 }
 
-} // namespace
+// What the command line asks for.
+struct run_options {
+  std::string trace_path = LOCUS_DEFAULT_TRACE, out_dir = ".", only;
+  unsigned long long seed = 1;
+  std::size_t prefill = 32, hidden = 2048, clusters = 8, unseen_redundant = 0;
+  bool fit_on_test = false, synthetic = true;
+  // The rule of the main rows and the unseen-domain rows; every replica row also gets every rule.
+  locus::placement::replica_rule main_rule = locus::placement::replica_rule::locality_first;
+  double replica_slack = 0.05;
+  locus::cost::comparison_options copt; // the planner's and the simulation's settings
+};
 
-int main(int argc, char** argv) try {
+// Fills `o` from the command line. Returns the exit code when the program should end here (help
+// asked for, or an option refused: CLI11 has printed why), else nothing.
+std::optional<int> parse_options(int argc, char** argv, run_options& o) {
   CLI::App app{"Inter-node bytes per decode token for each placement x grouper x transport on a real trace, fitted on "
                "a training split and measured on the test split"};
   bench_args::show_defaults(app);
-  std::string trace_path = LOCUS_DEFAULT_TRACE, out_dir = ".", only, replica_rule_name = "locality_first",
-              shift_by = "node";
-  unsigned long long seed = 1;
-  std::size_t prefill = 32, hidden = 2048, clusters = 8, unseen_redundant = 0;
+  std::string replica_rule_name = "locality_first", shift_by = "node";
   // --replica-slack sets two bounds whose defaults differ: the replica rule's (locality_bounded)
   // and the locality planner's replica balance.
   std::optional<double> replica_slack_opt;
   int fit_on_test = 0, synthetic = 1, token_refine = 1, token_replicas = 1, plan_per_transport = 1;
   // The comparison's defaults are this benchmark's; the options below override them.
-  locus::cost::comparison_options copt;
-  auto& popt = copt.plan;
+  auto& popt = o.copt.plan;
   popt.joint.token_slack = 0.10;
   popt.named.locality.balance_slack = 0.05;
   popt.refine.balance_slack = 0.03;
@@ -111,13 +119,13 @@ int main(int argc, char** argv) try {
         return "must be NODESxGPUS (e.g. 4x2), got " + value;
       },
       "NODESxGPUS"};
-  app.add_option("--trace", trace_path, "ESFT folder or binary trace");
-  app.add_option("--out", out_dir, "Folder for the results");
-  app.add_option("--split-seed", seed, "Seed of the train/test split of the requests (and of the grouping)");
-  app.add_option("--prefill-tokens", prefill, "Prefill tokens per request");
-  app.add_option("--hidden", hidden, "Hidden size (message sizes)")->check(bench_args::positive);
-  app.add_option("--clusters", clusters, "Request clusters of the workload model")->check(bench_args::positive);
-  app.add_option("--only", only, "One topology instead of 2x4, 4x2, 4x4 and 8x1")->check(topology_shape);
+  app.add_option("--trace", o.trace_path, "ESFT folder or binary trace");
+  app.add_option("--out", o.out_dir, "Folder for the results");
+  app.add_option("--split-seed", o.seed, "Seed of the train/test split of the requests (and of the grouping)");
+  app.add_option("--prefill-tokens", o.prefill, "Prefill tokens per request");
+  app.add_option("--hidden", o.hidden, "Hidden size (message sizes)")->check(bench_args::positive);
+  app.add_option("--clusters", o.clusters, "Request clusters of the workload model")->check(bench_args::positive);
+  app.add_option("--only", o.only, "One topology instead of 2x4, 4x2, 4x4 and 8x1")->check(topology_shape);
   app.add_option("--synthetic", synthetic, "Also the 8x8 synthetic 256-expert rows (0|1)")->check(CLI::Range(0, 1));
   app.add_option("--fit-on-test", fit_on_test, "Fit on the test split: upper-bound experiments only (0|1)")
       ->check(CLI::Range(0, 1));
@@ -127,7 +135,7 @@ int main(int argc, char** argv) try {
                  "locality_bounded: a GPU is hot above (1 + this) x the mean; and the locality planner's node-load "
                  "bound when adding replicas")
       ->default_str("0.05 and 0.03");
-  app.add_option("--unseen-redundant", unseen_redundant, "Redundant slots per GPU of the unseen-domain rows");
+  app.add_option("--unseen-redundant", o.unseen_redundant, "Redundant slots per GPU of the unseen-domain rows");
   app.add_option("--plan-per-transport", plan_per_transport, "Plan locality for the transport of each row (0|1)")
       ->check(CLI::Range(0, 1));
   app.add_option("--token-slack", popt.joint.token_slack,
@@ -158,10 +166,15 @@ int main(int argc, char** argv) try {
   app.add_option("--shift-slack", popt.refine.shift_slack, "Token-level stage: GPU load bound under a shifted mix");
   app.add_option("--shift-by", shift_by, "Token-level stage: what a shifted mix grows (node, request class, request)")
       ->check(CLI::IsMember({"node", "class", "request"}));
-  CLI11_PARSE(app, argc, argv);
-  // The rule of the main rows and the unseen-domain rows; every replica row also gets every rule.
-  const auto main_rule = locus::placement::parse_replica_rule(replica_rule_name);
-  const double replica_slack = replica_slack_opt.value_or(0.05);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  o.fit_on_test = fit_on_test == 1;
+  o.synthetic = synthetic == 1;
+  o.main_rule = locus::placement::parse_replica_rule(replica_rule_name);
+  o.replica_slack = replica_slack_opt.value_or(0.05);
   popt.named.locality.replica_balance_slack = replica_slack_opt.value_or(0.03);
   popt.token_refine = token_refine == 1;
   popt.token_replicas = token_replicas == 1;
@@ -171,22 +184,25 @@ int main(int argc, char** argv) try {
   // The locality planner is told the transport it plans for: its token-level stage then counts
   // only the copies that transport sends (flat: per remote GPU, hierarchical: per remote node).
   // With 0, one plan serves both transports and counts both kinds of copies.
-  copt.plan_per_transport = plan_per_transport == 1;
-  if (!std::filesystem::exists(trace_path)) {
-    std::printf("comm_volume: trace %s not found; skipped\n", trace_path.c_str());
-    return 0;
-  }
-  const auto start = std::chrono::steady_clock::now();
-  const std::string command = bench_args::command_line(argc, argv, "build/dev/bench/comm_volume");
-  const std::string machine = bench_args::machine_line();
-  const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);
-  auto [train, test] = locus::trace::split_by_request(full, 0.5, seed);
-  if (fit_on_test == 1) train = test; // upper-bound experiments only
+  o.copt.plan_per_transport = plan_per_transport == 1;
+  popt.grouping.clusters = o.clusters;
+  popt.grouping.seed = o.seed;
+  popt.grouping.prefill_tokens = o.prefill;
+  o.copt.simulation.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(o.hidden);
+  o.copt.simulation.seed = o.seed;
+  o.copt.simulation.replica_rule = o.main_rule;
+  o.copt.simulation.replica_slack = o.replica_slack;
+  return std::nullopt;
+}
 
-  using locus::cost::transport_kind;
-  std::vector<topology_case> topologies = {{2, 4}, {4, 2}, {4, 4}, {8, 1}};
-  if (!only.empty()) // e.g. --only 4x2
-    topologies = {{std::stoul(only.substr(0, only.find('x'))), std::stoul(only.substr(only.find('x') + 1))}};
+// The topologies measured: --only's, or the four that split 8 GPUs.
+std::vector<topology_case> topologies(const std::string& only) {
+  if (only.empty()) return {{2, 4}, {4, 2}, {4, 4}, {8, 1}};
+  return {{std::stoul(only.substr(0, only.find('x'))), std::stoul(only.substr(only.find('x') + 1))}};
+}
+
+// Every placement x grouper x transport row of the real-trace tables.
+std::vector<locus::cost::comparison_row> comparison_rows() {
   // (placement, redundant slots per GPU): linear and round_robin never use redundant slots.
   const std::vector<std::pair<std::string, std::size_t>> placements = {
       {"linear", 0},           {"round_robin", 0},      {"eplb", 0},     {"eplb", 1},
@@ -194,147 +210,135 @@ int main(int argc, char** argv) try {
   std::vector<locus::cost::comparison_row> rows;
   for (const auto& [placement, redundant] : placements)
     for (const char* grouper : {"round_robin", "least_loaded", "workload_aware"})
-      for (auto transport : {transport_kind::flat, transport_kind::hierarchical})
+      for (auto transport : {locus::cost::transport_kind::flat, locus::cost::transport_kind::hierarchical})
         rows.push_back({placement, redundant, grouper, transport});
+  return rows;
+}
 
-  popt.grouping.clusters = clusters;
-  popt.grouping.seed = seed;
-  popt.grouping.prefill_tokens = prefill;
-  const bool per_transport = copt.plan_per_transport;
-  copt.simulation.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(hidden);
-  copt.simulation.seed = seed;
-  copt.simulation.replica_rule = main_rule;
-  copt.simulation.replica_slack = replica_slack;
-
-  nlohmann::json doc = {{"trace", trace_path},
-                        {"split_seed", seed},
-                        {"prefill_tokens", prefill},
-                        {"hidden", hidden},
-                        {"replica_rule", locus::placement::to_string(main_rule)},
-                        {"replica_slack", replica_slack},
-                        {"unseen_redundant_slots_per_gpu", unseen_redundant},
-                        {"clusters", clusters},
-                        {"train_requests", train.requests()},
-                        {"test_requests", test.requests()},
-                        {"rows", nlohmann::json::array()}};
+// What the run collects: the JSON document and the Markdown tables the output is made of.
+struct results {
+  nlohmann::json doc;
   std::string md =
       "| topology | placement | redundant/GPU | grouper | transport | inter-node B/token | vs baseline | "
       "norm. a2a median | p90 | GPU max/mean (step) | (aggregate) | attention max/mean | layer time µs (model) |\n"
       "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
-  std::map<std::string, nlohmann::json> by_key; // "4x2 locality 1 workload_aware flat" -> row
   std::string rules_md =
       "| topology | placement | grouper | transport | locality_first (locus) | same_gpu_else_random (SGLang static) "
       "| random (vLLM EPLB) | locality_bounded |\n|---|---|---|---|---|---|---|---|\n";
+  std::map<std::string, nlohmann::json> by_key; // "4x2 locality 1 workload_aware flat" -> row
   double accuracy = 0;
-  for (const auto& tc : topologies) {
-    auto topo_opt = copt;
-    topo_opt.simulation.topology = locus::dynamic_topology(tc.nodes, tc.gpus);
-    const auto cmp = locus::cost::compare(train, test, rows, topo_opt);
-    if (tc.nodes == 4 && tc.gpus == 2)
-      accuracy = domain_accuracy(*cmp.plans.at({"activation_usage", 0, -1}).model, train, test, prefill);
-    const locus::cost::simulation_result& baseline = cmp.rows.front().result; // linear / round_robin / flat
-    for (const auto& entry : cmp.rows) {
-      const auto& row = entry.row;
-      const auto& res = entry.result;
-      auto j = locus::cost::simulation_summary_json(res, &baseline);
-      const double ratio = entry.vs_baseline;
-      j["topology"] = std::to_string(tc.nodes) + "x" + std::to_string(tc.gpus);
-      j["placement"] = row.placement;
-      j["redundant_slots_per_gpu"] = row.redundant;
-      j["grouper"] = row.grouper;
-      j["transport"] = locus::cost::to_string(row.transport);
-      j["inter_node_bytes_vs_baseline"] = ratio;
-      j["replica_rule"] = locus::placement::to_string(main_rule);
-      if (row.redundant > 0) {
-        // The same maps and requests under each engine's replica rule (the rule only matters with replicas).
-        const auto& p = cmp.plans.at(locus::cost::detail::plan_key(row, topo_opt));
-        char cells[640];
-        int at = std::snprintf(cells, sizeof cells, "| %s | %s | %s | %s |", j["topology"].get<std::string>().c_str(),
-                               row.placement.c_str(), row.grouper.c_str(), locus::cost::to_string(row.transport));
-        for (const auto rule : locus::placement::all_replica_rules) {
-          auto rcfg = topo_opt.simulation;
-          rcfg.transport = row.transport;
-          rcfg.replica_rule = rule;
-          auto rg = locus::grouper::grouper_by_name(row.grouper, p.model);
-          const auto rr = rule == main_rule ? res : locus::cost::simulate_decode(test, p.maps, rg, rcfg);
-          const double rratio = rr.inter_node_bytes_per_token / baseline.inter_node_bytes_per_token;
-          j["by_replica_rule"][locus::placement::to_string(rule)] = {
-              {"inter_node_bytes_per_token", rr.inter_node_bytes_per_token},
-              {"inter_node_bytes_vs_baseline", rratio},
-              {"gpu_imbalance_aggregate", rr.gpu_imbalance_aggregate},
-              {"gpu_imbalance_step_mean", rr.gpu_imbalance_step_mean}};
-          at += std::snprintf(cells + at, sizeof cells - static_cast<std::size_t>(at), " %.1f%% / %.3f |",
-                              100 * (1 - rratio), rr.gpu_imbalance_aggregate);
-        }
-        rules_md += std::string(cells) + "\n";
+};
+
+// One line of the "All rows" table.
+std::string all_rows_line(const std::string& topology, const locus::cost::comparison_row& row,
+                          const locus::cost::simulation_result& res, const nlohmann::json& j, double ratio) {
+  char line[512];
+  std::snprintf(
+      line, sizeof line, "| %s | %s | %zu | %s | %s | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.1f |\n",
+      topology.c_str(), row.placement.c_str(), row.redundant, row.grouper.c_str(),
+      locus::cost::to_string(row.transport), res.inter_node_bytes_per_token, ratio,
+      j["normalized_all2all_median"].get<double>(), j["normalized_all2all_p90"].get<double>(),
+      res.gpu_imbalance_step_mean, res.gpu_imbalance_aggregate, res.attention_imbalance, res.layer_time_estimate_us);
+  return line;
+}
+
+// Every row on one topology, and the rows with replicas again under each engine's replica rule.
+void topology_table(const topology_case& tc, const locus::trace::trace& train, const locus::trace::trace& test,
+                    const std::vector<locus::cost::comparison_row>& rows, const run_options& o, results& out) {
+  auto topo_opt = o.copt;
+  topo_opt.simulation.topology = locus::dynamic_topology(tc.nodes, tc.gpus);
+  const auto cmp = locus::cost::compare(train, test, rows, topo_opt);
+  if (tc.nodes == 4 && tc.gpus == 2)
+    out.accuracy = domain_accuracy(*cmp.plans.at({"activation_usage", 0, -1}).model, train, test, o.prefill);
+  const locus::cost::simulation_result& baseline = cmp.rows.front().result; // linear / round_robin / flat
+  for (const auto& entry : cmp.rows) {
+    const auto& row = entry.row;
+    const auto& res = entry.result;
+    auto j = locus::cost::simulation_summary_json(res, &baseline);
+    const double ratio = entry.vs_baseline;
+    j["topology"] = std::to_string(tc.nodes) + "x" + std::to_string(tc.gpus);
+    j["placement"] = row.placement;
+    j["redundant_slots_per_gpu"] = row.redundant;
+    j["grouper"] = row.grouper;
+    j["transport"] = locus::cost::to_string(row.transport);
+    j["inter_node_bytes_vs_baseline"] = ratio;
+    j["replica_rule"] = locus::placement::to_string(o.main_rule);
+    if (row.redundant > 0) {
+      // The same maps and requests under each engine's replica rule (the rule only matters with replicas).
+      const auto& p = cmp.plans.at(locus::cost::detail::plan_key(row, topo_opt));
+      char cells[640];
+      int at = std::snprintf(cells, sizeof cells, "| %s | %s | %s | %s |", j["topology"].get<std::string>().c_str(),
+                             row.placement.c_str(), row.grouper.c_str(), locus::cost::to_string(row.transport));
+      for (const auto rule : locus::placement::all_replica_rules) {
+        auto rcfg = topo_opt.simulation;
+        rcfg.transport = row.transport;
+        rcfg.replica_rule = rule;
+        auto rg = locus::grouper::grouper_by_name(row.grouper, p.model);
+        const auto rr = rule == o.main_rule ? res : locus::cost::simulate_decode(test, p.maps, rg, rcfg);
+        const double rratio = rr.inter_node_bytes_per_token / baseline.inter_node_bytes_per_token;
+        j["by_replica_rule"][locus::placement::to_string(rule)] = {
+            {"inter_node_bytes_per_token", rr.inter_node_bytes_per_token},
+            {"inter_node_bytes_vs_baseline", rratio},
+            {"gpu_imbalance_aggregate", rr.gpu_imbalance_aggregate},
+            {"gpu_imbalance_step_mean", rr.gpu_imbalance_step_mean}};
+        at += std::snprintf(cells + at, sizeof cells - static_cast<std::size_t>(at), " %.1f%% / %.3f |",
+                            100 * (1 - rratio), rr.gpu_imbalance_aggregate);
       }
-      doc["rows"].push_back(j);
-      by_key[j["topology"].get<std::string>() + " " + row.placement + " " + std::to_string(row.redundant) + " " +
-             row.grouper + " " + locus::cost::to_string(row.transport)] = j;
-      char line[512];
-      std::snprintf(line, sizeof line,
-                    "| %s | %s | %zu | %s | %s | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.1f |\n",
-                    j["topology"].get<std::string>().c_str(), row.placement.c_str(), row.redundant, row.grouper.c_str(),
-                    locus::cost::to_string(row.transport), res.inter_node_bytes_per_token, ratio,
-                    j["normalized_all2all_median"].get<double>(), j["normalized_all2all_p90"].get<double>(),
-                    res.gpu_imbalance_step_mean, res.gpu_imbalance_aggregate, res.attention_imbalance,
-                    res.layer_time_estimate_us);
-      md += line;
+      out.rules_md += std::string(cells) + "\n";
     }
+    out.doc["rows"].push_back(j);
+    out.by_key[j["topology"].get<std::string>() + " " + row.placement + " " + std::to_string(row.redundant) + " " +
+               row.grouper + " " + locus::cost::to_string(row.transport)] = j;
+    out.md += all_rows_line(j["topology"].get<std::string>(), row, res, j, ratio);
   }
+}
 
 #ifdef LOCUS_COMM_VOLUME_SYNTH
-  // The 256-expert top-8 case on 8 nodes x 8 GPUs (the paper's EP64): the synthesizer fitted to
-  // this ESFT trace, rescaled to 256 experts and top-8 (ESFT's layer count kept so that the run
-  // stays short), sampled, split and measured like the real trace.
-  if (synthetic == 1) {
-    const auto fitted = locus::trace::fit(full, {});
-    locus::trace::rescale_options ro;
-    ro.experts = 256;
-    ro.top_k = 8;
-    ro.layers = full.layers();
-    const auto big = locus::trace::rescale(fitted, ro);
-    locus::trace::sample_options so;
-    so.tokens = 40000;
-    so.seed = seed;
-    const auto synth = locus::trace::sample(big, so).with_prefill_tokens(prefill);
-    const auto [strain, stest] = locus::trace::split_by_request(synth, 0.5, seed);
-    auto synth_opt = copt;
-    synth_opt.simulation.topology = locus::dynamic_topology(8, 8);
-    const std::vector<locus::cost::comparison_row> srows = {
-        {"linear", 0, "round_robin", transport_kind::flat},
-        {"eplb", 1, "round_robin", transport_kind::flat},
-        {"activation_usage", 0, "workload_aware", transport_kind::flat},
-        {"locality", 0, "workload_aware", transport_kind::flat},
-        {"locality", 1, "workload_aware", transport_kind::flat},
-        {"locality", 1, "workload_aware", transport_kind::hierarchical}};
-    const auto cmp = locus::cost::compare(strain, stest, srows, synth_opt);
-    for (const auto& entry : cmp.rows) {
-      const auto& row = entry.row;
-      const auto& res = entry.result;
-      auto j = locus::cost::simulation_summary_json(res, &cmp.rows.front().result);
-      const double ratio = entry.vs_baseline;
-      j["topology"] = "8x8 synthetic 256e top-8";
-      j["placement"] = row.placement;
-      j["redundant_slots_per_gpu"] = row.redundant;
-      j["grouper"] = row.grouper;
-      j["transport"] = locus::cost::to_string(row.transport);
-      j["inter_node_bytes_vs_baseline"] = ratio;
-      doc["rows"].push_back(j);
-      char line[512];
-      std::snprintf(line, sizeof line,
-                    "| %s | %s | %zu | %s | %s | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.1f |\n",
-                    "8x8 synth 256e/top-8", row.placement.c_str(), row.redundant, row.grouper.c_str(),
-                    locus::cost::to_string(row.transport), res.inter_node_bytes_per_token, ratio,
-                    j["normalized_all2all_median"].get<double>(), j["normalized_all2all_p90"].get<double>(),
-                    res.gpu_imbalance_step_mean, res.gpu_imbalance_aggregate, res.attention_imbalance,
-                    res.layer_time_estimate_us);
-      md += line;
-    }
+// The 256-expert top-8 case on 8 nodes x 8 GPUs (the paper's EP64): the synthesizer fitted to
+// this ESFT trace, rescaled to 256 experts and top-8 (ESFT's layer count kept so that the run
+// stays short), sampled, split and measured like the real trace.
+void synthetic_rows(const locus::trace::trace& full, const run_options& o, results& out) {
+  using locus::cost::transport_kind;
+  const auto fitted = locus::trace::fit(full, {});
+  locus::trace::rescale_options ro;
+  ro.experts = 256;
+  ro.top_k = 8;
+  ro.layers = full.layers();
+  const auto big = locus::trace::rescale(fitted, ro);
+  locus::trace::sample_options so;
+  so.tokens = 40000;
+  so.seed = o.seed;
+  const auto synth = locus::trace::sample(big, so).with_prefill_tokens(o.prefill);
+  const auto [strain, stest] = locus::trace::split_by_request(synth, 0.5, o.seed);
+  auto synth_opt = o.copt;
+  synth_opt.simulation.topology = locus::dynamic_topology(8, 8);
+  const std::vector<locus::cost::comparison_row> srows = {
+      {"linear", 0, "round_robin", transport_kind::flat},
+      {"eplb", 1, "round_robin", transport_kind::flat},
+      {"activation_usage", 0, "workload_aware", transport_kind::flat},
+      {"locality", 0, "workload_aware", transport_kind::flat},
+      {"locality", 1, "workload_aware", transport_kind::flat},
+      {"locality", 1, "workload_aware", transport_kind::hierarchical}};
+  const auto cmp = locus::cost::compare(strain, stest, srows, synth_opt);
+  for (const auto& entry : cmp.rows) {
+    const auto& row = entry.row;
+    const auto& res = entry.result;
+    auto j = locus::cost::simulation_summary_json(res, &cmp.rows.front().result);
+    const double ratio = entry.vs_baseline;
+    j["topology"] = "8x8 synthetic 256e top-8";
+    j["placement"] = row.placement;
+    j["redundant_slots_per_gpu"] = row.redundant;
+    j["grouper"] = row.grouper;
+    j["transport"] = locus::cost::to_string(row.transport);
+    j["inter_node_bytes_vs_baseline"] = ratio;
+    out.doc["rows"].push_back(j);
+    out.md += all_rows_line("8x8 synth 256e/top-8", row, res, j, ratio);
   }
+}
 #endif
 
-  // Issue targets at 4x2, relative to linear / round_robin / flat in the same run.
+// Issue targets at 4x2, relative to linear / round_robin / flat in the same run.
+std::string targets_table(results& out) {
   struct target {
     const char* what;
     std::string key;
@@ -351,10 +355,10 @@ int main(int argc, char** argv) try {
       {"linear (balance reference)", "4x2 linear 0 round_robin flat", 0, 0}};
   std::string summary = "| case (4x2, ESFT test split) | inter-node bytes vs linear/rr/flat | reduction | GPU max/mean "
                         "(aggregate) | attention max/mean | target |\n|---|---|---|---|---|---|\n";
-  doc["targets"] = nlohmann::json::array();
+  out.doc["targets"] = nlohmann::json::array();
   for (const auto& t : targets) {
-    if (!by_key.count(t.key)) continue;
-    const auto& j = by_key.at(t.key);
+    if (!out.by_key.count(t.key)) continue;
+    const auto& j = out.by_key.at(t.key);
     const double ratio = j["inter_node_bytes_vs_baseline"].get<double>();
     const double bal = j["gpu_imbalance_aggregate"].get<double>();
     std::string verdict = "reported";
@@ -368,15 +372,21 @@ int main(int argc, char** argv) try {
     std::snprintf(line, sizeof line, "| %s | %.3f | %.1f%% | %.3f | %.3f | %s |\n", t.what, ratio, 100 * (1 - ratio),
                   bal, j["attention_imbalance"].get<double>(), verdict.c_str());
     summary += line;
-    doc["targets"].push_back(
+    out.doc["targets"].push_back(
         {{"case", t.what}, {"ratio", ratio}, {"gpu_imbalance_aggregate", bal}, {"verdict", verdict}});
   }
-  // Unseen traffic (4x2): hold one domain out of training; plan locality (no replicas) and the
-  // grouping on the rest; simulate the whole test split, and its held-out requests alone, with the
-  // workload-aware grouper and with round-robin grouping on the same maps.
+  return summary;
+}
+
+// Unseen traffic (4x2): hold one domain out of training; plan locality and the grouping on the
+// rest; simulate the whole test split, and its held-out requests alone, with the workload-aware
+// grouper and with round-robin grouping on the same maps.
+std::string unseen_domain_table(const locus::trace::trace& train, const locus::trace::trace& test, const run_options& o,
+                                nlohmann::json& doc) {
+  const auto& popt = o.copt.plan;
   std::string unseen =
-      "\n## Unseen domain (4x2, locality, " + std::to_string(unseen_redundant) +
-      " redundant slots/GPU, flat, replica rule " + locus::placement::to_string(main_rule) +
+      "\n## Unseen domain (4x2, locality, " + std::to_string(o.unseen_redundant) +
+      " redundant slots/GPU, flat, replica rule " + locus::placement::to_string(o.main_rule) +
       ")\n\nOne domain is left out of the "
       "training split; the test split is simulated whole and restricted to the held-out domain. "
       "\"wa / rr\" is inter-node bytes with workload_aware over round_robin grouping on the same maps "
@@ -388,85 +398,82 @@ int main(int argc, char** argv) try {
       "| low-confidence fallbacks | vs linear (all) | vs linear (held-out) | GPU max/mean wa (held-out) "
       "| linear max/mean (held-out) |\n|---|---|---|---|---|---|---|---|---|---|\n";
   doc["unseen_domain"] = nlohmann::json::array();
-  {
-    const locus::dynamic_topology topo(4, 2);
-    auto cfg = copt.simulation;
-    cfg.topology = topo;
-    for (std::uint32_t d = 0; d < train.domains().size(); ++d) {
-      std::vector<std::size_t> keep;
-      for (std::size_t r = 0; r < train.requests(); ++r)
-        if (train.request(r).domain != d) keep.push_back(r);
-      const auto partial = train.select_requests(keep);
-      const auto held = test.select_domain(d);
-      if (held.requests() == 0 || partial.requests() == 0) continue;
-      const auto p = locus::placement::plan_activation_aware(partial, topo, "locality", unseen_redundant, popt);
-      const auto lin = locus::placement::plan_activation_aware(partial, topo, "linear", 0, popt).maps;
-      double ratio[2] = {0, 0}, balance = 0, vs_linear[2] = {0, 0}, held_balance = 0, linear_balance = 0;
-      std::size_t low_conf = 0;
-      for (int which = 0; which < 2; ++which) {
-        const auto& t = which == 0 ? test : held;
-        locus::grouper::workload_aware wa(p.model);
-        locus::grouper::round_robin rr;
-        const auto a = locus::cost::simulate_decode(t, p.maps, wa, cfg);
-        const auto b = locus::cost::simulate_decode(t, p.maps, rr, cfg);
-        ratio[which] = a.inter_node_bytes_per_token / b.inter_node_bytes_per_token;
-        locus::grouper::round_robin rr_lin;
-        const auto base = locus::cost::simulate_decode(t, lin, rr_lin, cfg);
-        vs_linear[which] = a.inter_node_bytes_per_token / base.inter_node_bytes_per_token;
-        if (which == 0)
-          balance = a.gpu_imbalance_aggregate;
-        else {
-          low_conf = wa.stats().fallback_low_confidence;
-          held_balance = a.gpu_imbalance_aggregate;
-          linear_balance = base.gpu_imbalance_aggregate;
-        }
+  const locus::dynamic_topology topo(4, 2);
+  auto cfg = o.copt.simulation;
+  cfg.topology = topo;
+  for (std::uint32_t d = 0; d < train.domains().size(); ++d) {
+    std::vector<std::size_t> keep;
+    for (std::size_t r = 0; r < train.requests(); ++r)
+      if (train.request(r).domain != d) keep.push_back(r);
+    const auto partial = train.select_requests(keep);
+    const auto held = test.select_domain(d);
+    if (held.requests() == 0 || partial.requests() == 0) continue;
+    const auto p = locus::placement::plan_activation_aware(partial, topo, "locality", o.unseen_redundant, popt);
+    const auto lin = locus::placement::plan_activation_aware(partial, topo, "linear", 0, popt).maps;
+    double ratio[2] = {0, 0}, balance = 0, vs_linear[2] = {0, 0}, held_balance = 0, linear_balance = 0;
+    std::size_t low_conf = 0;
+    for (int which = 0; which < 2; ++which) {
+      const auto& t = which == 0 ? test : held;
+      locus::grouper::workload_aware wa(p.model);
+      locus::grouper::round_robin rr;
+      const auto a = locus::cost::simulate_decode(t, p.maps, wa, cfg);
+      const auto b = locus::cost::simulate_decode(t, p.maps, rr, cfg);
+      ratio[which] = a.inter_node_bytes_per_token / b.inter_node_bytes_per_token;
+      locus::grouper::round_robin rr_lin;
+      const auto base = locus::cost::simulate_decode(t, lin, rr_lin, cfg);
+      vs_linear[which] = a.inter_node_bytes_per_token / base.inter_node_bytes_per_token;
+      if (which == 0)
+        balance = a.gpu_imbalance_aggregate;
+      else {
+        low_conf = wa.stats().fallback_low_confidence;
+        held_balance = a.gpu_imbalance_aggregate;
+        linear_balance = base.gpu_imbalance_aggregate;
       }
-      char line[384];
-      std::snprintf(line, sizeof line, "| %s | %zu | %.3f | %.3f | %.3f | %zu of %zu | %.3f | %.3f | %.3f | %.3f |\n",
-                    train.domains()[d].c_str(), held.requests(), ratio[0], ratio[1], balance, low_conf, held.requests(),
-                    vs_linear[0], vs_linear[1], held_balance, linear_balance);
-      unseen += line;
-      doc["unseen_domain"].push_back({{"held_out", train.domains()[d]},
-                                      {"wa_over_rr_all", ratio[0]},
-                                      {"wa_over_rr_held_out", ratio[1]},
-                                      {"gpu_imbalance_aggregate", balance},
-                                      {"low_confidence_fallbacks", low_conf},
-                                      {"held_out_requests", held.requests()},
-                                      {"vs_linear_all", vs_linear[0]},
-                                      {"vs_linear_held_out", vs_linear[1]},
-                                      {"gpu_imbalance_held_out", held_balance},
-                                      {"linear_gpu_imbalance_held_out", linear_balance}});
     }
+    char line[384];
+    std::snprintf(line, sizeof line, "| %s | %zu | %.3f | %.3f | %.3f | %zu of %zu | %.3f | %.3f | %.3f | %.3f |\n",
+                  train.domains()[d].c_str(), held.requests(), ratio[0], ratio[1], balance, low_conf, held.requests(),
+                  vs_linear[0], vs_linear[1], held_balance, linear_balance);
+    unseen += line;
+    doc["unseen_domain"].push_back({{"held_out", train.domains()[d]},
+                                    {"wa_over_rr_all", ratio[0]},
+                                    {"wa_over_rr_held_out", ratio[1]},
+                                    {"gpu_imbalance_aggregate", balance},
+                                    {"low_confidence_fallbacks", low_conf},
+                                    {"held_out_requests", held.requests()},
+                                    {"vs_linear_all", vs_linear[0]},
+                                    {"vs_linear_held_out", vs_linear[1]},
+                                    {"gpu_imbalance_held_out", held_balance},
+                                    {"linear_gpu_imbalance_held_out", linear_balance}});
   }
-  summary += unseen;
-  doc["domain_accuracy_4x2"] = accuracy;
-  char acc[256];
-  std::snprintf(acc, sizeof acc,
-                "\nDomain classification from the first %zu prefill tokens (nearest prefill class mean, %zu clusters, "
-                "cluster → majority training domain), ESFT test split: %.1f%%.\n",
-                static_cast<std::size_t>(prefill), static_cast<std::size_t>(clusters), 100 * accuracy);
-  summary += acc;
+  return unseen;
+}
 
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  doc["seconds"] = seconds;
-  doc["command"] = command;
-  doc["machine"] = machine;
-  std::filesystem::create_directories(out_dir);
-  bench_output::file(out_dir + "/comm_volume.json") << doc.dump(1) << '\n';
-  bench_output::file(out_dir + "/comm_volume.md")
-      << "# Communication volume on ESFT (test split)\n\nProduced by `" << command << "` (trace " << trace_path
+// DIR/comm_volume.json and DIR/comm_volume.md, and the tables on standard output.
+void write_outputs(const run_options& o, results& out, const std::string& summary, double seconds,
+                   const std::string& command, const std::string& machine) {
+  const auto& popt = o.copt.plan;
+  out.doc["seconds"] = seconds;
+  out.doc["command"] = command;
+  out.doc["machine"] = machine;
+  std::filesystem::create_directories(o.out_dir);
+  bench_output::file(o.out_dir + "/comm_volume.json") << out.doc.dump(1) << '\n';
+  bench_output::file(o.out_dir + "/comm_volume.md")
+      << "# Communication volume on ESFT (test split)\n\nProduced by `" << command << "` (trace " << o.trace_path
       << ") in " << static_cast<int>(seconds + 0.5) << " s on " << machine
-      << ". Fit on a training split of requests (seed " << seed << "), evaluated on the disjoint test split; prefill = "
-      << "first " << prefill << " tokens of each request, decode = the rest; FP8 dispatch / BF16 combine of hidden "
-      << hidden
+      << ". Fit on a training split of requests (seed " << o.seed
+      << "), evaluated on the disjoint test split; prefill = "
+      << "first " << o.prefill << " tokens of each request, decode = the rest; FP8 dispatch / BF16 combine of hidden "
+      << o.hidden
       << "; 16 running requests per GPU. \"vs baseline\" divides by linear / round_robin / flat in the same "
          "topology, measured in the same run. GPU max/mean (aggregate) is per layer over the whole run, averaged over "
          "layers (expert rows); attention max/mean is the busiest GPU's context tokens of its running requests, summed "
          "over steps, over the mean (attention work and KV memory, which the targets do not bound). Time is the "
          "alpha-beta model's, not a measurement. "
-      << (per_transport ? "`locality` is planned for the transport of its row (the token-level stage counts the copies "
-                          "that transport sends)"
-                        : "`locality` is planned once for both transports")
+      << (o.copt.plan_per_transport
+              ? "`locality` is planned for the transport of its row (the token-level stage counts the copies "
+                "that transport sends)"
+              : "`locality` is planned once for both transports")
       << ", with " << popt.refine.anneal_per_expert
       << " annealing proposals per expert after the token-level sweeps. The 8x8 synthetic rows (256 experts, top-8, "
          "the synthesizer fitted to this trace and rescaled; ESFT's 26 layers kept) appear when "
@@ -478,12 +485,60 @@ int main(int argc, char** argv) try {
          "without replicas every rule gives the same copies). Each cell: inter-node bytes reduction vs linear / "
          "round-robin / flat, then GPU max/mean (aggregate). locality_bounded avoids a GPU whose rows of the layer "
          "so far exceed (1 + "
-      << replica_slack << ") × the mean.\n\n"
-      << rules_md << "\n## All rows\n\n"
-      << md;
-  std::printf("%s", md.c_str());
+      << o.replica_slack << ") × the mean.\n\n"
+      << out.rules_md << "\n## All rows\n\n"
+      << out.md;
+  std::printf("%s", out.md.c_str());
   std::printf("\n%s", summary.c_str());
-  std::printf("\n%zu rows in %.1f s; wrote %s/comm_volume.{json,md}\n", doc["rows"].size(), seconds, out_dir.c_str());
+  std::printf("\n%zu rows in %.1f s; wrote %s/comm_volume.{json,md}\n", out.doc["rows"].size(), seconds,
+              o.out_dir.c_str());
+}
+
+} // namespace
+
+int main(int argc, char** argv) try {
+  run_options o;
+  if (const auto code = parse_options(argc, argv, o)) return *code;
+  if (!std::filesystem::exists(o.trace_path)) {
+    std::printf("comm_volume: trace %s not found; skipped\n", o.trace_path.c_str());
+    return 0;
+  }
+  const auto start = std::chrono::steady_clock::now();
+  const std::string command = bench_args::command_line(argc, argv, "build/dev/bench/comm_volume");
+  const std::string machine = bench_args::machine_line();
+  const auto full = bench_args::load_trace(o.trace_path).with_prefill_tokens(o.prefill);
+  auto [train, test] = locus::trace::split_by_request(full, 0.5, o.seed);
+  if (o.fit_on_test) train = test; // upper-bound experiments only
+
+  results out;
+  out.doc = {{"trace", o.trace_path},
+             {"split_seed", o.seed},
+             {"prefill_tokens", o.prefill},
+             {"hidden", o.hidden},
+             {"replica_rule", locus::placement::to_string(o.main_rule)},
+             {"replica_slack", o.replica_slack},
+             {"unseen_redundant_slots_per_gpu", o.unseen_redundant},
+             {"clusters", o.clusters},
+             {"train_requests", train.requests()},
+             {"test_requests", test.requests()},
+             {"rows", nlohmann::json::array()}};
+  const auto rows = comparison_rows();
+  for (const auto& tc : topologies(o.only))
+    topology_table(tc, train, test, rows, o, out);
+#ifdef LOCUS_COMM_VOLUME_SYNTH
+  if (o.synthetic) synthetic_rows(full, o, out);
+#endif
+  std::string summary = targets_table(out);
+  summary += unseen_domain_table(train, test, o, out.doc);
+  out.doc["domain_accuracy_4x2"] = out.accuracy;
+  char acc[256];
+  std::snprintf(acc, sizeof acc,
+                "\nDomain classification from the first %zu prefill tokens (nearest prefill class mean, %zu clusters, "
+                "cluster → majority training domain), ESFT test split: %.1f%%.\n",
+                static_cast<std::size_t>(o.prefill), static_cast<std::size_t>(o.clusters), 100 * out.accuracy);
+  summary += acc;
+  write_outputs(o, out, summary, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
+                command, machine);
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "comm_volume: %s\n", e.what());
