@@ -199,7 +199,7 @@ struct compare_options {
   std::size_t redundant = 1, batch_per_rank = 16, hidden = 2048, clusters = 8, anneal = 300;
   std::size_t synthetic_requests = 400;
   double arrival_rate = 0;
-  std::string transports = "flat,hierarchical";
+  std::string transports = "flat,hierarchical", replica_rule = "locality_first";
   std::string json, markdown, png, python = "/usr/bin/python3";
 };
 
@@ -208,6 +208,7 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
   progress p("locus compare");
   const auto topo = split.topology(); // an impossible topology is refused before the trace is read
   const auto transports = cd::parse_transports(o.transports);
+  const auto replica_rule = locus::placement::parse_replica_rule(o.replica_rule);
   if (!o.png.empty()) cd::check_python(o.python);
   LOCUS_REQUIRE(!synthetic_count_given || split.trace_paths.empty(), locus::config_error,
                 "--synthetic-requests sizes the embedded trace; it cannot be used with --trace");
@@ -237,6 +238,7 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
   opt.simulation.batch_per_rank = o.batch_per_rank;
   opt.simulation.arrival_rate = o.arrival_rate;
   opt.simulation.seed = split.split_seed;
+  opt.simulation.replica_rule = replica_rule;
   const auto rows = cd::rows_for(transports, o.redundant);
   const auto start = std::chrono::steady_clock::now();
   const auto cmp =
@@ -260,6 +262,7 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
                         {"clusters", o.clusters},
                         {"anneal_per_expert", o.anneal},
                         {"arrival_rate", o.arrival_rate},
+                        {"replica_rule", locus::placement::to_string(replica_rule)},
                         {"baseline", baseline},
                         {"seconds", seconds},
                         {"run", this_run().to_json()},
@@ -340,6 +343,10 @@ inline void register_compare(CLI::App& app) {
   cmd->add_option("--redundant", o->redundant,
                   "Replica slots per GPU of the eplb and locality-with-replicas rows (0: no replica rows)");
   cmd->add_option("--transport", o->transports, "Transports compared, comma-separated: flat, hierarchical");
+  cmd->add_option("--replica-rule", o->replica_rule,
+                  "How a copy picks among an expert's replicas, in planning and simulation: locality_first (locus), "
+                  "same_gpu_else_random (SGLang static dispatch), random (vLLM EPLB), locality_bounded (locality "
+                  "first, away from GPUs above the load bound)");
   cmd->add_option("--batch-per-rank", o->batch_per_rank, "Running requests per GPU")->check(positive_whole());
   cmd->add_option("--hidden", o->hidden, "Hidden size (message sizes: FP8 dispatch, BF16 combine)")
       ->check(CLI::Range(std::size_t{1}, max_hidden));

@@ -70,21 +70,22 @@ bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
 
 template <class T, std::size_t K, class Experts, class Topology>
 void check_case(std::size_t experts, const Topology& topo, std::size_t slots, std::size_t replicas, std::size_t tokens,
-                std::size_t hidden, transport_kind kind, std::mt19937& rng) {
+                std::size_t hidden, transport_kind kind, std::mt19937& rng,
+                const placement::replica_policy& policy = {}) {
   const expert_map map = random_map(experts, topo.ranks(), slots, replicas, rng);
   const auto r = random_routing<K>(tokens, experts, rng);
   const std::size_t src = topo.ranks() / 2;
   layout<top_k<K>> host;
-  host.assign(r.view(), map, topo, src, layout_options{kind, 2, 64});
+  host.assign(r.view(), map, topo, src, layout_options{kind, 2, 64, policy});
 
   device_buffer<expert_id> ids;
   ids.upload(r.ids());
   device_buffer<float> weights;
   weights.upload(r.weights());
   device_layout<top_k<K>, Experts> dev;
-  dev.assign(device_routing_view<top_k<K>>(ids.data(), weights.data(), tokens), map, topo, src, kind);
+  dev.assign(device_routing_view<top_k<K>>(ids.data(), weights.data(), tokens), map, topo, src, kind, nullptr, policy);
   BOOST_TEST_CONTEXT("E=" << experts << " K=" << K << " ranks " << topo.ranks() << " " << to_string(kind) << " hidden "
-                          << hidden) {
+                          << hidden << " " << placement::to_string(policy.rule)) {
     BOOST_REQUIRE_EQUAL(dev.rows(), host.rows());
     BOOST_CHECK(dev.link_copies() == host.link_copies());
     check_equal<std::int32_t>("copy_rank", host.copy_rank(), dev.copy_rank());
@@ -173,6 +174,21 @@ BOOST_AUTO_TEST_CASE(device_layout_and_kernels_equal_host) {
     check_case<bfloat16, 8, experts<256>>(256, topology<nodes<8>, gpus_per_node<8>>{}, 5, 40, 4096, 7168, kind, rng);
     check_case<float, 8, experts<>>(256, dynamic_topology(4, 8), 9, 20, 513, 100, kind, rng);
   }
+}
+
+// Every replica rule: the kernel's choices (7-argument choose_replica, the copy index as the batch
+// position) are the host layout's.
+BOOST_AUTO_TEST_CASE(device_layout_follows_every_replica_rule) {
+  std::mt19937 rng(29);
+  std::vector<std::uint8_t> hot8(8, 0), hot32(32, 0);
+  hot8[1] = hot8[6] = 1;
+  for (std::size_t r = 0; r < hot32.size(); r += 3)
+    hot32[r] = 1;
+  for (const auto rule : placement::all_replica_rules)
+    for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
+      check_case<float, 6, experts<64>>(64, dynamic_topology(2, 4), 9, 20, 3001, 16, kind, rng, {rule, 3, hot8});
+      check_case<float, 8, experts<>>(256, dynamic_topology(4, 8), 9, 40, 513, 8, kind, rng, {rule, 7, hot32});
+    }
 }
 
 BOOST_AUTO_TEST_CASE(device_layout_names_bad_input) {

@@ -12,12 +12,12 @@ using namespace locus;
 
 namespace {
 
-// The rank serving each (token, choice) pair of a layer: the transports' replica rule
-// (placement::locality_first_selector) over the sample's tokens in order, as one step, each token
-// from its placement::sample_source_rank.
+// The rank serving each (token, choice) pair of a layer: the engine's replica rule
+// (placement::replica_selector under `policy`) over the sample's tokens in order, as one step, each
+// token from its placement::sample_source_rank.
 std::vector<std::size_t> serving_ranks(const expert_map& m, const placement::token_sample& s, std::size_t layer,
-                                       const dynamic_topology& topo) {
-  placement::locality_first_selector<dynamic_topology> selector(m, topo);
+                                       const dynamic_topology& topo, const placement::replica_policy& policy = {}) {
+  placement::replica_selector<dynamic_topology> selector(m, topo, policy);
   std::vector<std::size_t> out(s.ids[layer].size());
   for (std::size_t t = 0; t < s.tokens(); ++t)
     for (std::size_t j = 0; j < s.top_k; ++j)
@@ -31,8 +31,9 @@ std::vector<std::size_t> serving_ranks(const expert_map& m, const placement::tok
 // The sample's copy cost straight from its definition: for each token, the set of ranks serving
 // its experts, then weighted counts of remote ranks and remote nodes.
 double reference_cost(const expert_map& m, const placement::token_sample& s, std::size_t layer,
-                      const dynamic_topology& topo, double wr = 1.0, double wn = 1.0) {
-  const auto serving = serving_ranks(m, s, layer, topo);
+                      const dynamic_topology& topo, double wr = 1.0, double wn = 1.0,
+                      const placement::replica_policy& policy = {}) {
+  const auto serving = serving_ranks(m, s, layer, topo, policy);
   double c = 0;
   for (std::size_t t = 0; t < s.tokens(); ++t) {
     std::set<std::size_t> ranks, nodes;
@@ -47,30 +48,11 @@ double reference_cost(const expert_map& m, const placement::token_sample& s, std
   return c;
 }
 
-// add_replicas_by_tokens still plans with its own approximation of the replica rule (a token's
-// copy on its node if any, else copy t mod copies): the loads it bounds.
-std::vector<double> replica_planner_loads(const expert_map& m, const placement::token_sample& s, std::size_t layer,
-                                          const dynamic_topology& topo) {
-  std::vector<double> load(m.ranks(), 0.0);
-  for (std::size_t t = 0; t < s.tokens(); ++t)
-    for (std::size_t j = 0; j < s.top_k; ++j) {
-      const auto reps = m.replicas(s.ids[layer][t * s.top_k + j]);
-      std::size_t r = static_cast<std::size_t>(reps[t % reps.size()].rank);
-      for (const auto& x : reps)
-        if (topo.node_of(static_cast<std::size_t>(x.rank)) == s.home[t]) {
-          r = static_cast<std::size_t>(x.rank);
-          break;
-        }
-      load[r] += 1;
-    }
-  return load;
-}
-
 // Pairs each rank serves under the reference rule.
 std::vector<double> reference_loads(const expert_map& m, const placement::token_sample& s, std::size_t layer,
-                                    const dynamic_topology& topo) {
+                                    const dynamic_topology& topo, const placement::replica_policy& policy = {}) {
   std::vector<double> load(m.ranks(), 0.0);
-  for (const std::size_t r : serving_ranks(m, s, layer, topo))
+  for (const std::size_t r : serving_ranks(m, s, layer, topo, policy))
     load[r] += 1;
   return load;
 }
@@ -387,8 +369,15 @@ BOOST_AUTO_TEST_CASE(token_replicas_lower_the_cost_and_only_fill_empty_slots) {
     const std::vector<expert_map> maps{random_map(rng, experts, ranks, spr, false)};
     placement::token_refine_options opt;
     opt.balance_slack = 0.05 * static_cast<double>(trial % 5);
+    // Under each replica rule in turn: the planner's copy cost and loads are the rule's.
+    std::vector<std::uint8_t> hot(ranks);
+    for (auto& h : hot)
+      h = rng() % 3 == 0;
+    opt.replicas = {placement::all_replica_rules[static_cast<std::size_t>(trial) % placement::all_replica_rules.size()],
+                    static_cast<std::uint64_t>(trial), hot};
     const auto out = placement::add_replicas_by_tokens(maps, sample, topo, opt);
-    const double before = reference_cost(maps[0], sample, 0, topo), after = reference_cost(out[0], sample, 0, topo);
+    const double before = reference_cost(maps[0], sample, 0, topo, 1.0, 1.0, opt.replicas),
+                 after = reference_cost(out[0], sample, 0, topo, 1.0, 1.0, opt.replicas);
     BOOST_TEST(after <= before + 1e-9);
     improved += after < before;
     for (std::size_t r = 0; r < ranks; ++r)
@@ -400,8 +389,8 @@ BOOST_AUTO_TEST_CASE(token_replicas_lower_the_cost_and_only_fill_empty_slots) {
         on_nodes.insert(topo.node_of(static_cast<std::size_t>(x.rank)));
       BOOST_TEST(on_nodes.size() == out[0].replica_count(e));
     }
-    const auto lb = replica_planner_loads(maps[0], sample, 0, topo),
-               la = replica_planner_loads(out[0], sample, 0, topo);
+    const auto lb = reference_loads(maps[0], sample, 0, topo, opt.replicas),
+               la = reference_loads(out[0], sample, 0, topo, opt.replicas);
     double total = 0;
     for (double x : lb)
       total += x;
@@ -600,20 +589,28 @@ BOOST_AUTO_TEST_CASE(copy_cost_is_the_traffic_models) {
       }
     }
     const std::vector<expert_map> maps{map};
-    placement::token_refine_options opt;
-    for (const auto kind : {transport_kind::flat, transport_kind::hierarchical}) {
-      cost::traffic_counter<dynamic_topology> counter(topo, kind);
-      cost::layer_traffic traffic(ranks);
-      counter.count_step(map, r.view(), {}, sources, traffic);
-      const auto count =
-          kind == transport_kind::flat ? placement::copy_count::flat : placement::copy_count::hierarchical;
-      BOOST_TEST(placement::sample_copy_cost(maps, sample, topo, opt.count(count)) ==
-                     static_cast<double>(traffic.inter_node_copies()),
-                 "trial " << trial << " " << to_string(kind));
-      // The loads the planner bounds are the model's expert rows.
-      const auto loads = reference_loads(map, sample, 0, topo);
-      for (std::size_t q = 0; q < ranks; ++q)
-        BOOST_TEST(loads[q] == static_cast<double>(traffic.expert_rows[q]));
-    }
+    std::vector<std::uint8_t> hot(ranks);
+    for (auto& h : hot)
+      h = rng() % 3 == 0;
+    // Under every replica rule: the planner's cost is the model's for an engine with that rule
+    // (layer 0 of the sample draws as the simulator's layer 0, salt 0).
+    for (const auto rule : placement::all_replica_rules)
+      for (const auto kind : {transport_kind::flat, transport_kind::hierarchical}) {
+        const placement::replica_policy policy{rule, 0, hot};
+        placement::token_refine_options opt;
+        opt.replicas = policy;
+        cost::traffic_counter<dynamic_topology> counter(topo, kind);
+        cost::layer_traffic traffic(ranks);
+        counter.count_step(map, r.view(), {}, sources, traffic, policy);
+        const auto count =
+            kind == transport_kind::flat ? placement::copy_count::flat : placement::copy_count::hierarchical;
+        BOOST_TEST(placement::sample_copy_cost(maps, sample, topo, opt.count(count)) ==
+                       static_cast<double>(traffic.inter_node_copies()),
+                   "trial " << trial << " " << to_string(kind) << " " << to_string(rule));
+        // The loads the planner bounds are the model's expert rows.
+        const auto loads = reference_loads(map, sample, 0, topo, policy);
+        for (std::size_t q = 0; q < ranks; ++q)
+          BOOST_TEST(loads[q] == static_cast<double>(traffic.expert_rows[q]));
+      }
   }
 }

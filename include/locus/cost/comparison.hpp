@@ -101,6 +101,8 @@ inline comparison compare(const trace::trace& train, const trace::trace& test, c
                "planning " + r.placement + (r.redundant ? " (" + std::to_string(r.redundant) + " replica/GPU)" : "") +
                    (std::get<2>(detail::plan_key(r, opt)) >= 0 ? std::string(" for ") + to_string(r.transport) : ""));
     auto o = opt.plan;
+    // Planned for the replica rule it is simulated under: what a replica saves depends on it.
+    o.refine.replicas.rule = opt.simulation.replica_rule;
     if (std::get<2>(detail::plan_key(r, opt)) >= 0)
       o.refine.count(r.transport == transport_kind::flat ? placement::copy_count::flat
                                                          : placement::copy_count::hierarchical);

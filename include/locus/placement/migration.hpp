@@ -87,7 +87,7 @@ migration_result replan_by_tokens(const std::vector<expert_map>& current, const 
     LOCUS_REQUIRE(current[l].ranks() == topo.ranks() && current[l].experts() == sample.experts, config_error,
                   "replan_by_tokens: layer ", l, " map (", current[l].experts(), " experts, ", current[l].ranks(),
                   " ranks) does not match the sample (", sample.experts, ") or the topology (", topo.ranks(), ")");
-    detail::token_refine::layer_state<Topology> s(current[l], sample.ids[l], sample.home, sample.top_k, topo, plain);
+    detail::token_refine::layer_state<Topology> s(current[l], sample.ids[l], sample.home, sample.top_k, topo, plain, l);
     out.cost_before += s.total_cost();
     if (cap > 0) s.best_swaps(cap, found[l]);
   }
@@ -124,7 +124,7 @@ migration_result replan_by_tokens(const std::vector<expert_map>& current, const 
     out.maps.emplace_back(current[l].experts(), current[l].ranks(), current[l].slots_per_rank(), std::move(table));
     out.swaps += taken[l];
     out.cost_after += detail::token_refine::layer_state<Topology>(out.maps.back(), sample.ids[l], sample.home,
-                                                                  sample.top_k, topo, plain)
+                                                                  sample.top_k, topo, plain, l)
                           .total_cost();
   }
   out.experts_moved = experts_moved(current, out.maps);

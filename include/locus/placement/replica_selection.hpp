@@ -89,6 +89,64 @@ LOCUS_HOST_DEVICE std::uint64_t replica_mix(std::uint64_t x) {
   return x ^ (x >> 31);
 }
 
+//! One expert's part of replica_candidates, for any set of replicas (a planner asks it about
+//! replicas it has not placed yet): the expert's `m` replicas are `first`, ..., `first + m - 1`,
+//! in rank order, replica `first + i` on rank `rank_of(i)`. Appends the candidates (rotated) to
+//! `cands` and returns the fixed replica, or -1 when the copies balance over the candidates.
+//! `policy.hot`, when not empty, has one entry per rank (replica_candidates checks it).
+template <class Topology, class RankOf>
+std::int32_t expert_replica_candidates(std::size_t e, std::int32_t first, std::int32_t m, RankOf&& rank_of,
+                                       const Topology& topo, std::size_t src, const replica_policy& policy,
+                                       std::vector<std::int32_t>& cands) {
+  const std::int32_t last = first + m;
+  const std::size_t src_node = topo.node_of(src);
+  const replica_rule rule = policy.rule;
+  const auto rank = [&](std::int32_t i) { return static_cast<std::size_t>(rank_of(i - first)); };
+  const auto hot = [&](std::int32_t i) { return !policy.hot.empty() && policy.hot[rank(i)] != 0; };
+  if (m <= 1) return m == 1 ? first : -1; // no replica: nothing to choose
+  if (rule == replica_rule::random) {
+    for (std::int32_t i = first; i < last; ++i)
+      cands.push_back(i);
+    return -1;
+  }
+  // locality_bounded looks past hot ranks' replicas while some replica is not hot.
+  bool skip_hot = false;
+  if (rule == replica_rule::locality_bounded)
+    for (std::int32_t i = first; i < last; ++i)
+      skip_hot |= !hot(i);
+  for (std::int32_t i = first; i < last; ++i)
+    if (rank(i) == src && !(skip_hot && hot(i))) return i;
+  if (rule == replica_rule::same_gpu_else_random) {
+    // SGLang's fair draw: the sources without a local replica, in rank order, take the replicas
+    // in turn from a layer- and expert-seeded start, so each replica serves an equal share.
+    std::size_t hosts_below = 0; // distinct ranks below src hosting the expert
+    for (std::int32_t i = first; i < last; ++i) {
+      bool seen = false;
+      for (std::int32_t q = first; q < i; ++q)
+        seen |= rank(q) == rank(i);
+      hosts_below += !seen && rank(i) < src;
+    }
+    const auto mm = static_cast<std::uint64_t>(m);
+    const std::uint64_t start = replica_mix(policy.salt * 0x100000001b3ull + e) % mm;
+    return first + static_cast<std::int32_t>((start + (src - hosts_below)) % mm);
+  }
+  const std::size_t begin = cands.size();
+  bool node_local = false;
+  for (std::int32_t i = first; i < last; ++i)
+    node_local |= topo.node_of(rank(i)) == src_node && !(skip_hot && hot(i));
+  for (std::int32_t i = first; i < last; ++i)
+    if (!(skip_hot && hot(i)) && (!node_local || topo.node_of(rank(i)) == src_node)) cands.push_back(i);
+  const std::size_t n = cands.size() - begin;
+  if (n == 1) { // one candidate: no balancing state needed
+    const std::int32_t f = cands.back();
+    cands.pop_back();
+    return f;
+  }
+  const auto b = cands.begin() + static_cast<std::ptrdiff_t>(begin);
+  std::rotate(b, b + static_cast<std::ptrdiff_t>(src % n), cands.end());
+  return -1;
+}
+
 //! Per expert, for source `src`: the fixed replica (the only one, one on `src` itself, the only
 //! candidate, or the rule's static choice; -1 if none) or the candidates the rule picks from
 //! (locality rules: node-local replicas if any, else all, in rank order rotated to start at
@@ -103,62 +161,15 @@ void replica_candidates(const expert_map& map, const Topology& topo, std::size_t
                 "replica selection: ", policy.hot.size(), " hot-rank flags for ", topo.ranks(), " ranks");
   const expert_map_view v = map.view();
   const std::size_t experts = map.experts();
-  const std::size_t src_node = topo.node_of(src);
-  const replica_rule rule = policy.rule;
-  const auto rank_of = [&](std::int32_t i) { return static_cast<std::size_t>(v.replicas[i].rank); };
-  const auto hot = [&](std::int32_t i) { return !policy.hot.empty() && policy.hot[rank_of(i)] != 0; };
   fixed.assign(experts, -1);
   cand_offsets.assign(experts + 1, 0);
   cands.clear();
   for (std::size_t e = 0; e < experts; ++e) {
-    const std::int32_t first = v.replica_offsets[e], last = v.replica_offsets[e + 1];
+    const std::int32_t first = v.replica_offsets[e];
     cand_offsets[e] = static_cast<std::int32_t>(cands.size());
-    if (last - first == 1) {
-      fixed[e] = first;
-      continue;
-    }
-    if (rule == replica_rule::random) {
-      for (std::int32_t i = first; i < last; ++i)
-        cands.push_back(i);
-      continue;
-    }
-    // locality_bounded looks past hot ranks' replicas while some replica is not hot.
-    bool skip_hot = false;
-    if (rule == replica_rule::locality_bounded)
-      for (std::int32_t i = first; i < last; ++i)
-        skip_hot |= !hot(i);
-    skip_hot &= rule == replica_rule::locality_bounded;
-    for (std::int32_t i = first; i < last && fixed[e] < 0; ++i)
-      if (rank_of(i) == src && !(skip_hot && hot(i))) fixed[e] = i;
-    if (fixed[e] >= 0) continue;
-    if (rule == replica_rule::same_gpu_else_random) {
-      // SGLang's fair draw: the sources without a local replica, in rank order, take the replicas
-      // in turn from a layer- and expert-seeded start, so each replica serves an equal share.
-      std::size_t hosts_below = 0; // distinct ranks below src hosting the expert
-      for (std::int32_t i = first; i < last; ++i) {
-        bool seen = false;
-        for (std::int32_t q = first; q < i; ++q)
-          seen |= rank_of(q) == rank_of(i);
-        hosts_below += !seen && rank_of(i) < src;
-      }
-      const auto m = static_cast<std::uint64_t>(last - first);
-      const std::uint64_t start = replica_mix(policy.salt * 0x100000001b3ull + e) % m;
-      fixed[e] = first + static_cast<std::int32_t>((start + (src - hosts_below)) % m);
-      continue;
-    }
-    bool node_local = false;
-    for (std::int32_t i = first; i < last; ++i)
-      node_local |= topo.node_of(rank_of(i)) == src_node && !(skip_hot && hot(i));
-    for (std::int32_t i = first; i < last; ++i)
-      if (!(skip_hot && hot(i)) && (!node_local || topo.node_of(rank_of(i)) == src_node)) cands.push_back(i);
-    const std::size_t m = cands.size() - static_cast<std::size_t>(cand_offsets[e]);
-    if (m == 1) {
-      fixed[e] = cands.back(); // one candidate: no balancing state needed
-      cands.pop_back();
-      continue;
-    }
-    const auto begin = cands.begin() + cand_offsets[e];
-    std::rotate(begin, begin + static_cast<std::ptrdiff_t>(src % m), cands.end());
+    fixed[e] = expert_replica_candidates(
+        e, first, v.replica_offsets[e + 1] - first, [&](std::int32_t i) { return v.replicas[first + i].rank; }, topo,
+        src, policy, cands);
   }
   cand_offsets[experts] = static_cast<std::int32_t>(cands.size());
 }

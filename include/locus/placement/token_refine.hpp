@@ -17,9 +17,9 @@
 //! ranked by the sum of both move gains, and the best few are evaluated exactly from fresh rows (a
 //! token that uses both keeps its ranks, so both moves are taken back for it). A sweep costs
 //! O(sample pairs × candidates + experts²). Replicated experts stay where they are; a token's copy
-//! for one of them goes where the transports' replica rule sends it (placement::
-//! locality_first_selector over the sample's tokens in order, as one step, each token from its
-//! sample_source_rank), and the copies are counted by the layout's rule (send_rank and row_link of
+//! for one of them goes where the engine's replica rule sends it (placement::replica_selector
+//! under token_refine_options::replicas, over the sample's tokens in order, as one step, each token
+//! from its sample_source_rank), and the copies are counted by the layout's rule (send_rank and row_link of
 //! transport/detail/layout_token.hpp), so the cost equals the traffic model's inter-node copies.
 //! With token_refine_options::anneal_per_expert, simulated annealing over random swaps (exact cost
 //! change by one merge of the two experts' token lists) then starts from the sweeps' optimum,
@@ -27,8 +27,8 @@
 //! With token_refine_options::balance_shift the load bound also holds under request mixes where one
 //! node's tokens grow by that share; a map above those bounds is first repaired by swaps.
 //! `add_replicas_by_tokens` fills empty slots the same way: greedily the replica that saves the
-//! most copies of the sample (lazy re-evaluation), under the same load bound; it still plans with
-//! an approximation of the replica rule (a token's copy on its node if any, else copy t mod copies).
+//! most copies of the sample (lazy re-evaluation), under the same load bound, with the tokens'
+//! copies going where the same replica rule sends them.
 //! Deterministic: fixed orders, ties to the lower index.
 
 #include <algorithm>
@@ -126,6 +126,11 @@ struct token_refine_options {
   //! another.
   double balance_shift = 0;
   double shift_slack = 0.10; //!< the bound under a shifted mix
+  //! The replica rule of the engine the plan is for (placement/replica_selection.hpp): where a
+  //! token's copy for a replicated expert goes, in the cost and the loads. Layer l's draws are
+  //! seeded by salt + l, as the decode simulator seeds them by the layer index; `hot` applies to
+  //! every layer.
+  replica_policy replicas{};
 
   //! Sets the copy weights to count what `c` names (1 for each kind counted, 0 otherwise).
   token_refine_options& count(copy_count c) noexcept {
@@ -237,6 +242,11 @@ double token_copy_cost(std::size_t source, std::size_t gpus, std::size_t k, Rank
   return c;
 }
 
+//! Layer l's replica policy under the options (token_refine_options::replicas).
+inline replica_policy layer_replica_policy(const token_refine_options& opt, std::size_t layer) noexcept {
+  return {opt.replicas.rule, opt.replicas.salt + layer, opt.replicas.hot};
+}
+
 //! Groups of shifted mixes: one per node, or one past the largest group id given.
 inline std::size_t mix_groups(std::span<const std::uint32_t> mix, std::size_t nodes) {
   return mix.empty() ? nodes : static_cast<std::size_t>(*std::max_element(mix.begin(), mix.end())) + 1;
@@ -247,7 +257,7 @@ template <class Topology>
 class layer_state {
 public:
   layer_state(const expert_map& map, std::span<const std::uint16_t> ids, std::span<const std::uint32_t> home,
-              std::size_t top_k, const Topology& topo, const token_refine_options& opt,
+              std::size_t top_k, const Topology& topo, const token_refine_options& opt, std::size_t layer,
               std::span<const std::uint32_t> mix = {})
       : opt_(opt), k_(top_k), tokens_(home.size()), ranks_(map.ranks()), nodes_(topo.nodes()),
         gpus_(topo.gpus_per_node()), ids_(ids), home_(home), mix_(mix.empty() ? home : mix),
@@ -270,12 +280,15 @@ public:
     fixed_.assign(tokens_ * k_, -1);
     tok_of_.assign(experts, {});
     load_.assign(ranks_, 0.0);
-    // The replica rule of the transports, over the sample's tokens in order as one step.
-    locality_first_selector<Topology> selector(map, topo);
+    // The engine's replica rule, over the sample's tokens in order as one step. Every pair is
+    // selected, as the traffic model does, so that position-based rules count the same copies.
+    // Moving single-copy experts changes no replicated expert's choices: they are fixed here.
+    replica_selector<Topology> selector(map, topo, layer_replica_policy(opt, layer));
     const expert_map_view view = map.view();
     for (std::size_t t = 0; t < tokens_; ++t)
       for (std::size_t j = 0; j < k_; ++j) {
         const std::size_t e = ids_[t * k_ + j];
+        const std::int32_t r = view.replicas[selector.select_index(source_of(t), e)].rank;
         bool repeat = false;
         for (std::size_t i = 0; i < j; ++i)
           repeat |= ids_[t * k_ + i] == e;
@@ -288,7 +301,6 @@ public:
           load_[static_cast<std::size_t>(rank_of_[e])] += 1;
           continue;
         }
-        const std::int32_t r = view.replicas[selector.select_index(source_of(t), e)].rank;
         fixed_[t * k_ + j] = r;
         load_[static_cast<std::size_t>(r)] += 1;
       }
@@ -801,11 +813,13 @@ template <class Topology>
 class replica_state {
 public:
   replica_state(const expert_map& map, std::span<const std::uint16_t> ids, std::span<const std::uint32_t> home,
-                std::size_t top_k, const Topology& topo, const token_refine_options& opt,
+                std::size_t top_k, const Topology& topo, const token_refine_options& opt, std::size_t layer,
                 std::span<const std::uint32_t> mix = {})
-      : opt_(opt), k_(top_k), tokens_(home.size()), ranks_(map.ranks()), nodes_(topo.nodes()),
-        gpus_(topo.gpus_per_node()), spr_(map.slots_per_rank()), ids_(ids), home_(home), mix_(mix.empty() ? home : mix),
-        mixes_(mix_groups(mix, nodes_)), experts_(map.experts()) {
+      : opt_(opt), policy_(layer_replica_policy(opt, layer)), topo_(topo), k_(top_k), tokens_(home.size()),
+        ranks_(map.ranks()), nodes_(topo.nodes()), gpus_(topo.gpus_per_node()), spr_(map.slots_per_rank()), ids_(ids),
+        home_(home), mix_(mix.empty() ? home : mix), mixes_(mix_groups(mix, nodes_)), experts_(map.experts()) {
+    LOCUS_REQUIRE(policy_.hot.empty() || policy_.hot.size() == ranks_, config_error,
+                  "add_replicas_by_tokens: ", policy_.hot.size(), " hot-rank flags for ", ranks_, " ranks");
     node_of_.resize(ranks_);
     for (std::size_t r = 0; r < ranks_; ++r)
       node_of_[r] = static_cast<std::uint32_t>(topo.node_of(r));
@@ -819,16 +833,28 @@ public:
         copies_[e].push_back(x.rank); // rank order, as the selector sees them
     pairs_of_.assign(experts_, {});
     tr_.assign(tokens_ * k_, -1);
+    // A token's index in its source's batch (the sources' batches are the sample in order).
+    batch_index_.resize(tokens_);
+    std::vector<std::uint32_t> batch(ranks_, 0);
+    for (std::size_t t = 0; t < tokens_; ++t) {
+      src_of_.push_back(static_cast<std::uint32_t>(sample_source_rank(home_[t], t, gpus_)));
+      batch_index_[t] = batch[src_of_[t]]++;
+    }
     for (std::size_t t = 0; t < tokens_; ++t)
       for (std::size_t j = 0; j < k_; ++j) {
         const std::size_t e = ids_[t * k_ + j];
         bool repeat = false;
         for (std::size_t i = 0; i < j; ++i)
           repeat |= ids_[t * k_ + i] == e;
-        if (repeat) continue;
-        pairs_of_[e].push_back(static_cast<std::uint32_t>(t * k_ + j));
-        tr_[t * k_ + j] = serving(copies_[e], t);
+        if (!repeat) pairs_of_[e].push_back(static_cast<std::uint32_t>(t * k_ + j));
       }
+    for (std::size_t e = 0; e < experts_; ++e) {
+      LOCUS_REQUIRE(!copies_[e].empty() || pairs_of_[e].empty(), invalid_input_error,
+                    "add_replicas_by_tokens: the sample uses expert ", e, ", which the map does not place");
+      const auto& next = serving(e, copies_[e]);
+      for (std::size_t i = 0; i < pairs_of_[e].size(); ++i)
+        tr_[pairs_of_[e][i]] = next[i];
+    }
     load_.assign(ranks_, 0.0);
     for (const auto r : tr_)
       if (r >= 0) load_[static_cast<std::size_t>(r)] += 1;
@@ -908,12 +934,32 @@ public:
   expert_map to_map() const { return expert_map(experts_, ranks_, spr_, table_); }
 
 private:
-  //! The rank a token's copy for an expert with these copies goes to: the copy on the token's
-  //! node if there is one, else copy t mod count (the selector spreads remote copies).
-  std::int32_t serving(const std::vector<std::int32_t>& copies, std::size_t t) const {
-    for (const auto r : copies)
-      if (node_of_[static_cast<std::size_t>(r)] == home_[t]) return r;
-    return copies[t % copies.size()];
+  //! The ranks serving expert e's pairs (pairs_of_[e], in order) were its copies on `copies` (in
+  //! rank order): the replica rule of the selector (placement::expert_replica_candidates and
+  //! choose_replica), over the sample in order as one step. A pair's choice depends only on the
+  //! expert's copies, its source and its place in the source's batch, so one expert is enough.
+  const std::vector<std::int32_t>& serving(std::size_t e, const std::vector<std::int32_t>& copies) {
+    served_.resize(pairs_of_[e].size());
+    src_fixed_.assign(ranks_, unset);
+    src_nth_.assign(ranks_, 0);
+    src_cands_.resize(ranks_);
+    const auto m = static_cast<std::int32_t>(copies.size());
+    const auto rank_of = [&](std::int32_t i) { return copies[static_cast<std::size_t>(i)]; };
+    for (std::size_t i = 0; i < pairs_of_[e].size(); ++i) {
+      const std::size_t p = pairs_of_[e][i], t = p / k_, src = src_of_[t];
+      auto& cands = src_cands_[src];
+      if (src_fixed_[src] == unset) {
+        cands.clear();
+        src_fixed_[src] = expert_replica_candidates(e, 0, m, rank_of, topo_, src, policy_, cands);
+      }
+      const std::int32_t offsets[2] = {0, static_cast<std::int32_t>(cands.size())};
+      const auto position = static_cast<std::int64_t>(batch_index_[t] * k_ + p % k_);
+      const std::int32_t x =
+          choose_replica(&src_fixed_[src], offsets, cands.data(), 0, src_nth_[src], policy_.rule, position);
+      if (src_fixed_[src] < 0) ++src_nth_[src];
+      served_[i] = copies[static_cast<std::size_t>(x)];
+    }
+    return served_;
   }
 
   bool hosts(std::size_t e, std::size_t n) const {
@@ -954,22 +1000,23 @@ private:
 
   //! Exact cost saved on the sample by a copy of e on rank r.
   double gain(std::size_t e, std::size_t r) {
-    const auto c = with_copy(e, r);
+    const auto& served = serving(e, with_copy(e, r));
     double g = 0;
-    for (const auto p : pairs_of_[e]) {
-      const std::size_t t = p / k_, j = p % k_;
-      const std::int32_t now = tr_[p], next = serving(c, t);
+    for (std::size_t i = 0; i < pairs_of_[e].size(); ++i) {
+      const std::size_t p = pairs_of_[e][i], t = p / k_, j = p % k_;
+      const std::int32_t now = tr_[p], next = served[i];
       if (now == next) continue;
       g += token_cost(t, k_, -1) - token_cost(t, j, next);
     }
     return g;
   }
 
-  bool balanced(std::size_t e, std::size_t r) const {
-    const auto c = with_copy(e, r);
+  bool balanced(std::size_t e, std::size_t r) {
+    const auto& served = serving(e, with_copy(e, r));
     std::vector<double> delta(ranks_, 0.0), shifted_delta(shifted_.pairs.size(), 0.0);
-    for (const auto p : pairs_of_[e]) {
-      const std::int32_t now = tr_[p], next = serving(c, p / k_);
+    for (std::size_t i = 0; i < pairs_of_[e].size(); ++i) {
+      const std::size_t p = pairs_of_[e][i];
+      const std::int32_t now = tr_[p], next = served[i];
       if (now == next) continue;
       delta[static_cast<std::size_t>(now)] -= 1;
       delta[static_cast<std::size_t>(next)] += 1;
@@ -1000,8 +1047,10 @@ private:
 
   void add(std::size_t e, std::size_t r) {
     copies_[e] = with_copy(e, r);
-    for (const auto p : pairs_of_[e]) {
-      const std::int32_t next = serving(copies_[e], p / k_);
+    const auto& served = serving(e, copies_[e]);
+    for (std::size_t i = 0; i < pairs_of_[e].size(); ++i) {
+      const std::size_t p = pairs_of_[e][i];
+      const std::int32_t next = served[i];
       load_[static_cast<std::size_t>(tr_[p])] -= 1;
       load_[static_cast<std::size_t>(next)] += 1;
       shifted_.count(mix_[p / k_], static_cast<std::size_t>(tr_[p]), -1.0);
@@ -1011,7 +1060,11 @@ private:
     table_[r * spr_ + free_slot(r)] = static_cast<expert_id>(e);
   }
 
+  static constexpr std::int32_t unset = -2; //!< src_fixed_: the source's candidates not built yet
+
   token_refine_options opt_;
+  replica_policy policy_;
+  Topology topo_;
   std::size_t k_, tokens_, ranks_, nodes_, gpus_, spr_;
   std::span<const std::uint16_t> ids_;
   std::span<const std::uint32_t> home_;
@@ -1023,6 +1076,9 @@ private:
   std::vector<std::vector<std::int32_t>> copies_;
   std::vector<std::vector<std::uint32_t>> pairs_of_;
   std::vector<std::int32_t> tr_;
+  std::vector<std::uint32_t> src_of_, batch_index_; //!< per token: source rank, index in its batch
+  std::vector<std::int32_t> served_, src_fixed_, src_nth_;
+  std::vector<std::vector<std::int32_t>> src_cands_;
   std::vector<double> load_;
   double cap_ = 0;
   shifted_loads shifted_;
@@ -1054,7 +1110,7 @@ expert_map refine_layer(const expert_map& map, const token_sample& sample, std::
                 std::size_t{1} << 20);
   LOCUS_REQUIRE(opt.balance_shift >= 0 && opt.shift_slack >= 0, config_error,
                 "refine_by_tokens: negative balance shift ", opt.balance_shift, " or shift slack ", opt.shift_slack);
-  layer_state<Topology> s(map, sample.ids[layer], sample.home, sample.top_k, topo, opt, sample.mix_group);
+  layer_state<Topology> s(map, sample.ids[layer], sample.home, sample.top_k, topo, opt, layer, sample.mix_group);
   token_refine_report rep;
   rep.cost_before = s.total_cost();
   rep.repair_swaps = s.repair();
@@ -1113,15 +1169,15 @@ double sample_copy_cost(const std::vector<expert_map>& maps, const token_sample&
   for (std::size_t l = 0; l < maps.size(); ++l) {
     LOCUS_REQUIRE(maps[l].ranks() == topo.ranks() && maps[l].experts() == sample.experts, config_error,
                   "sample_copy_cost: layer ", l, " map does not match the sample or the topology");
-    c += detail::token_refine::layer_state<Topology>(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt)
+    c += detail::token_refine::layer_state<Topology>(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt, l)
              .total_cost();
   }
   return c;
 }
 
 //! Fills each layer's empty slots with replicas chosen on the sample's exact copy cost: greedily
-//! the (node, expert) copy that saves the most copies (a token uses the copy on its node, else one
-//! of the copies by token index, as the replica selector spreads remote copies), placed on the
+//! the (node, expert) copy that saves the most copies (a token's copy goes where the replica rule
+//! of token_refine_options::replicas sends it, as in refine_by_tokens), placed on the
 //! node's least-loaded GPU with a free slot, while the loads stay under the bound of
 //! token_refine_options::balance_slack (or no worse than before). Leaves a slot empty when no copy
 //! saves anything. Existing copies never move.
@@ -1143,7 +1199,7 @@ std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& ma
     LOCUS_REQUIRE(opt.balance_shift >= 0 && opt.shift_slack >= 0, config_error,
                   "add_replicas_by_tokens: negative balance shift ", opt.balance_shift, " or shift slack ",
                   opt.shift_slack);
-    detail::token_refine::replica_state<Topology> s(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt,
+    detail::token_refine::replica_state<Topology> s(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt, l,
                                                     sample.mix_group);
     s.fill();
     out.push_back(s.to_map());

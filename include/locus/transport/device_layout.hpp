@@ -34,14 +34,17 @@ class device_layout {
   static constexpr std::size_t K = TopK::static_value;
 
 public:
-  //! Same contract as layout::assign, for a device routing.
-  //! @throws locus::config_error when map, topology and Experts disagree
+  //! Same contract as layout::assign, for a device routing; `replicas` is layout_options::replicas
+  //! (the replica rule, and for locality_bounded the hot ranks).
+  //! @throws locus::config_error when map, topology and Experts disagree, or `replicas.hot` has
+  //!         neither no entry nor one per rank
   //! @throws locus::invalid_input_error naming the first token and choice with an out-of-range or
   //!         repeated expert id or a non-finite weight (found on the device, named on the host)
   //! @throws locus::cuda_error on a CUDA failure
   template <class Topology>
   void assign(const device_routing_view<TopK>& r, const expert_map& map, const Topology& topo, std::size_t source_rank,
-              transport_kind kind = transport_kind::flat, cudaStream_t stream = nullptr) {
+              transport_kind kind = transport_kind::flat, cudaStream_t stream = nullptr,
+              const placement::replica_policy& replicas = {}) {
     static_assert(any_topology<Topology>, "locus::transport::device_layout needs a locus::topology");
     LOCUS_REQUIRE(map.ranks() == topo.ranks(), config_error, "device_layout: the expert map has ", map.ranks(),
                   " ranks but the topology has ", topo.ranks());
@@ -59,7 +62,7 @@ public:
         static_cast<std::int32_t>(source_rank), static_cast<std::int32_t>(gpus_), static_cast<std::int32_t>(slots_),
         static_cast<std::int32_t>(kind == transport_kind::flat ? slots_ : gpus_ * slots_),
         kind == transport_kind::hierarchical};
-    placement::replica_candidates(map, topo, source_rank, fixed_, cand_offsets_, cands_);
+    placement::replica_candidates(map, topo, source_rank, fixed_, cand_offsets_, cands_, replicas);
     b_.fixed.upload(fixed_, stream);
     b_.cand_offsets.upload(cand_offsets_, stream);
     b_.cands.resize(cands_.size() + 1); // never empty, so the pointer is valid
@@ -68,7 +71,7 @@ public:
     replicas_.upload(std::span<const slot_ref>(v.replicas, static_cast<std::size_t>(v.replica_offsets[v.experts])),
                      stream);
     detail::layout::dispatch_build<K, Experts>(b_, r.ids(), r.weights(), tokens_, experts, replicas_.data(), p, ranks_,
-                                               stream);
+                                               replicas.rule, stream);
     std::int32_t error = 0;
     rank_offsets_host_.resize(ranks_ + 1);
     LOCUS_CUDA_CHECK(cudaMemcpyAsync(&error, b_.error.data(), sizeof error, cudaMemcpyDeviceToHost, stream));

@@ -5,7 +5,8 @@
 //! `transport::device_layout::assign`. Sequence (all on one stream, every order stable):
 //!   1. validate ids / weights; (expert, copy) pairs          validate_kernel<K, Experts>
 //!   2. stable sort by expert                                  cub::DeviceRadixSort::SortPairs
-//!   3. replica per copy (round robin index = run position)    replica_kernel
+//!   3. replica per copy (the replica rule; round robin index  replica_kernel
+//!      = run position, batch position = copy index)
 //!   4. rows per token, bucket keys, per-rank and link counts  group_kernel<K>
 //!   5. stable sort of rows by bucket key                      cub::DeviceRadixSort::SortPairs
 //!   6. rank offsets; per-row entry counts; entry offsets      cub::DeviceScan::ExclusiveSum (×2)
@@ -50,7 +51,7 @@ inline unsigned blocks_for(std::size_t n, unsigned threads) {
 template <std::size_t K, class Experts>
 void dispatch_build(device_layout_buffers& b, const std::int32_t* ids, const float* weights, std::size_t tokens,
                     Experts experts, const slot_ref* replicas, const token_params& p, std::size_t ranks,
-                    cudaStream_t stream) {
+                    placement::replica_rule rule, cudaStream_t stream) {
   const std::size_t n = tokens * K;
   const auto S = static_cast<std::size_t>(p.slots);
   const std::size_t buckets = ranks * static_cast<std::size_t>(p.bucket_width);
@@ -117,8 +118,8 @@ void dispatch_build(device_layout_buffers& b, const std::int32_t* ids, const flo
                                                    b.val_in.data(), b.val_out.data(), static_cast<int>(n), 0,
                                                    key_bits(experts.value()), stream));
   replica_kernel<<<blocks_for(n, threads), threads, 0, stream>>>(
-      b.key_out.data(), b.val_out.data(), n, b.fixed.data(), b.cand_offsets.data(), b.cands.data(), replicas, p.slots,
-      b.copy_rank.data(), b.copy_slot.data(), b.copy_replica.data(), b.slot_counts.data());
+      b.key_out.data(), b.val_out.data(), n, b.fixed.data(), b.cand_offsets.data(), b.cands.data(), rule, replicas,
+      p.slots, b.copy_rank.data(), b.copy_slot.data(), b.copy_replica.data(), b.slot_counts.data());
   LOCUS_CUDA_CHECK(cudaGetLastError());
   group_kernel<K><<<blocks_for(tokens, threads), threads, 0, stream>>>(
       p, b.copy_rank.data(), b.copy_slot.data(), tokens, static_cast<std::int32_t>(buckets), b.local_row.data(),

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <locus/core/expert_map.hpp>
+#include <locus/placement/replica_selection.hpp>
 #include <locus/transport/detail/layout_token.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout {
@@ -41,12 +42,13 @@ __global__ void validate_kernel(const std::int32_t* ids, const float* weights, s
 // this header would each define them and fail to link.
 
 //! One thread per copy, in (expert, copy) order: the copy's position within its expert's run is
-//! its round-robin index among the expert's copies.
+//! its round-robin index among the expert's copies, its copy index (token × k + choice) its
+//! position in the batch (the `random` rule).
 static __global__ void replica_kernel(const std::int32_t* sorted_expert, const std::int32_t* sorted_copy,
                                       std::size_t copies, const std::int32_t* fixed, const std::int32_t* cand_offsets,
-                                      const std::int32_t* cands, const slot_ref* replicas, std::int32_t slots,
-                                      std::int32_t* copy_rank, std::int32_t* copy_slot, std::int32_t* copy_replica,
-                                      std::int32_t* slot_counts) {
+                                      const std::int32_t* cands, placement::replica_rule rule, const slot_ref* replicas,
+                                      std::int32_t slots, std::int32_t* copy_rank, std::int32_t* copy_slot,
+                                      std::int32_t* copy_replica, std::int32_t* slot_counts) {
   const std::size_t p = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (p >= copies) return;
   const std::int32_t e = sorted_expert[p];
@@ -59,8 +61,9 @@ static __global__ void replica_kernel(const std::int32_t* sorted_expert, const s
     else
       hi = mid;
   }
-  const std::int32_t rep = choose_replica(fixed, cand_offsets, cands, e, static_cast<std::int32_t>(p - lo));
   const std::int32_t c = sorted_copy[p];
+  const std::int32_t rep =
+      placement::choose_replica(fixed, cand_offsets, cands, e, static_cast<std::int32_t>(p - lo), rule, c);
   const slot_ref s = replicas[rep];
   copy_replica[c] = rep;
   copy_rank[c] = s.rank;
