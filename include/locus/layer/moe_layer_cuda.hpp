@@ -4,7 +4,8 @@
 //! The device-resident step of `moe_layer` on `backend::cuda`, all on the backend's stream:
 //! [route: logits = x·W_router in fp32 (cuBLAS) → the router policy's kernel (router::cuda_router)]
 //! → device layout → permute → device exchange → expert compute on the device blocks, rows read in
-//! place → weighted reduction → exchange back → combine, through `transport::device_dispatcher`
+//! place → weighted reduction → exchange back → combine, through `transport::device_dispatcher`,
+//! then the shared experts (when the shape has them) on this rank's own tokens, added
 //! (where the host waits, and why, is documented there). Routing on the device adds one wait: the
 //! router's non-finite-logit counters are read before the layout, so that a rank whose logits are
 //! bad sends no tokens. The layer keeps the dispatcher, the router and their buffers between steps.
@@ -34,6 +35,22 @@ __global__ void to_f32_kernel(const T* in, std::size_t n, float* out) {
   for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
        i += std::size_t{gridDim.x} * blockDim.x)
     out[i] = to_float(in[i]);
+}
+
+// sum = (first ? 0 : sum) + part, in fp32.
+template <class T>
+__global__ void accumulate_kernel(const T* part, std::size_t n, bool first, float* sum) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x)
+    sum[i] = (first ? 0.0f : sum[i]) + to_float(part[i]);
+}
+
+// y = round(y + sum): the routed and shared parts summed in fp32, rounded once.
+template <class T>
+__global__ void add_sum_kernel(const float* sum, std::size_t n, T* y) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x)
+    y[i] = static_cast<T>(to_float(y[i]) + sum[i]);
 }
 
 //! What a routed device step keeps between steps: the router on the device, its weights and the
@@ -71,6 +88,8 @@ struct device_step<moe_layer<Shape, Topology, Policies...>> {
     explicit state(layer_type& l) : dispatch(l.exchanger(), l.map(), l.shape().hidden(), l.backend().stream) {}
     dispatcher_type dispatch;
     std::shared_ptr<void> route; // device_route_state<router_type>, made by the first routed step
+    device_buffer<value_type> shared_out;
+    device_buffer<float> shared_sum;
   };
 
   //! The step with the caller's device routing.
@@ -105,9 +124,6 @@ struct device_step<moe_layer<Shape, Topology, Policies...>> {
 
 private:
   static state& state_of(layer_type& l, std::shared_ptr<void>& st) {
-    LOCUS_REQUIRE(l.shape().shared_experts() == 0, config_error,
-                  "moe_layer::forward: the device-resident step has no shared experts yet; the shape has ",
-                  l.shape().shared_experts());
     if (!st) st = std::make_shared<state>(l);
     return *static_cast<state*>(st.get());
   }
@@ -178,6 +194,30 @@ private:
       std::rethrow_exception(compute_error);
     }
     d.combine(y);
+    if (l.shape().shared_experts() > 0) add_shared(l, s, x, y);
+  }
+
+  // The shared experts on this rank's own tokens, summed in fp32 with the routed part and rounded
+  // once, as on the host. Every exchange is done: an error here concerns this rank only.
+  static void add_shared(layer_type& l, state& s, const value_type* x, value_type* y) {
+    LOCUS_REQUIRE(l.shared_.has_value(), config_error, "moe_layer::forward: the shape has ", l.shape().shared_experts(),
+                  " shared experts but none were set (set_shared_experts)");
+    const std::size_t T = s.dispatch.last_layout().tokens(), H = l.shape().hidden(), n = T * H;
+    if (n == 0) return;
+    const cudaStream_t stream = l.backend().stream;
+    s.shared_out.resize(n);
+    s.shared_sum.resize(n);
+    const auto blocks = static_cast<unsigned>(std::min<std::size_t>((n + 255) / 256, 65535));
+    for (std::size_t e = 0; e < l.shape().shared_experts(); ++e) {
+      const expert_id id = static_cast<expert_id>(e);
+      const std::size_t offsets[2] = {0, T};
+      (*l.shared_)(
+          locus::layer::expert_blocks<value_type, memory_space::device>{&id, offsets, 1, x, s.shared_out.data(), H});
+      accumulate_kernel<<<blocks, 256, 0, stream>>>(s.shared_out.data(), n, e == 0, s.shared_sum.data());
+      LOCUS_CUDA_CHECK(cudaGetLastError());
+    }
+    add_sum_kernel<<<blocks, 256, 0, stream>>>(s.shared_sum.data(), n, y);
+    LOCUS_CUDA_CHECK(cudaGetLastError());
   }
 };
 
