@@ -98,7 +98,12 @@ std::vector<std::vector<float>> run_layer(const locus_test::dispatch_case& c, co
         w.upload(routing.weights(), stream);
         for (int step = 0; step < 2; ++step) {
           ep.begin_step(static_cast<std::uint64_t>(step));
-          l.forward(dx.data(), device_routing_view<top_k<K>>(ids.data(), w.data(), routing.tokens()), dy.data());
+          // A rank that raises has still taken part in the step: it goes on to the next with its peers.
+          try {
+            l.forward(dx.data(), device_routing_view<top_k<K>>(ids.data(), w.data(), routing.tokens()), dy.data());
+          } catch (const invalid_input_error&) {
+            if (!errors[r]) errors[r] = std::current_exception();
+          }
         }
         y[r].resize(x.size());
         dy.download(y[r], stream);
@@ -180,7 +185,11 @@ std::vector<routed_rank> run_routed(const locus_test::dispatch_case& c, const la
         dx.upload(o.x, stream);
         for (int step = 0; step < 2; ++step) {
           ep.begin_step(static_cast<std::uint64_t>(step));
-          l.forward(dx.data(), T, dy.data());
+          try {
+            l.forward(dx.data(), T, dy.data());
+          } catch (const invalid_input_error&) {
+            if (!o.error) o.error = std::current_exception();
+          }
         }
         o.y.resize(o.x.size());
         dy.download(o.y, stream);
