@@ -6,10 +6,13 @@
 #include "../support/moe_reference.hpp"
 
 #include <boost/test/unit_test.hpp>
+#include <cmath>
 #include <exception>
+#include <limits>
 #include <locus/core/device_buffer.hpp>
 #include <locus/layer/expert_compute_cuda.hpp>
 #include <locus/layer/moe_layer_cuda.hpp>
+#include <locus/router/softmax_topk.hpp>
 #include <locus/transport/device_dispatch.hpp>
 #include <locus/transport/device_local.hpp>
 #include <thread>
@@ -17,6 +20,7 @@
 
 using namespace locus;
 using namespace locus::transport;
+using experts_t = locus::experts<>;
 
 namespace {
 
@@ -67,7 +71,8 @@ std::vector<std::vector<float>> run_device(const locus_test::dispatch_case& c,
 
 // The same step through moe_layer<..., device_local_flat, backend::cuda>::forward on device rows.
 template <std::size_t K>
-std::vector<std::vector<float>> run_layer(const locus_test::dispatch_case& c, const layer::expert_weights<float>& all) {
+std::vector<std::vector<float>> run_layer(const locus_test::dispatch_case& c, const layer::expert_weights<float>& all,
+                                          std::vector<std::exception_ptr>* errors_out = nullptr) {
   using shape = moe_shape<experts<>, top_k<K>, hidden<>, shared_experts<>>;
   using layer_t = moe_layer<shape, dynamic_topology, device_local_flat, backend::cuda, layer::given_routing>;
   device_local_fabric fabric(c.topo, false);
@@ -93,7 +98,12 @@ std::vector<std::vector<float>> run_layer(const locus_test::dispatch_case& c, co
         w.upload(routing.weights(), stream);
         for (int step = 0; step < 2; ++step) {
           ep.begin_step(static_cast<std::uint64_t>(step));
-          l.forward(dx.data(), device_routing_view<top_k<K>>(ids.data(), w.data(), routing.tokens()), dy.data());
+          // A rank that raises has still taken part in the step: it goes on to the next with its peers.
+          try {
+            l.forward(dx.data(), device_routing_view<top_k<K>>(ids.data(), w.data(), routing.tokens()), dy.data());
+          } catch (const invalid_input_error&) {
+            if (!errors[r]) errors[r] = std::current_exception();
+          }
         }
         y[r].resize(x.size());
         dy.download(y[r], stream);
@@ -104,20 +114,137 @@ std::vector<std::vector<float>> run_layer(const locus_test::dispatch_case& c, co
     });
   for (auto& t : threads)
     t.join();
+  if (errors_out) {
+    *errors_out = errors;
+    return y;
+  }
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
   return y;
 }
 
-std::vector<std::vector<float>> run_layer_k(const locus_test::dispatch_case& c,
-                                            const layer::expert_weights<float>& all) {
+// Router weights, multiples of 1/64: with the inputs' multiples of 1/16 every logit is exact in
+// fp32, so neither side's summation order can change a routing.
+std::vector<float> router_gate(std::uint64_t seed, std::size_t hidden, std::size_t experts) {
+  std::vector<float> g(hidden * experts);
+  for (std::size_t i = 0; i < g.size(); ++i)
+    g[i] = static_cast<float>(static_cast<int>((i * 37 + seed * 101) % 29) - 14) / 64.0f;
+  return g;
+}
+
+// The host routing of x: fp32 logits, then the host softmax_topk.
+routing<> host_routing(const std::vector<float>& x, const std::vector<float>& gate, std::size_t hidden,
+                       std::size_t experts, std::size_t k) {
+  const std::size_t T = x.size() / hidden;
+  std::vector<float> logits(T * experts, 0.0f);
+  for (std::size_t t = 0; t < T; ++t)
+    for (std::size_t h = 0; h < hidden; ++h)
+      for (std::size_t e = 0; e < experts; ++e)
+        logits[t * experts + e] += x[t * hidden + h] * gate[h * experts + e];
+  routing<> r(T, top_k<>(k));
+  router::softmax_topk<top_k<>>(k).route(
+      router::logits_view<experts_t, const float>(logits.data(), T, experts_t(experts)), r.view());
+  return r;
+}
+
+// What one rank of a device-routed run saw.
+struct routed_rank {
+  std::vector<float> x, y, weights;
+  std::vector<expert_id> ids;
+  std::exception_ptr error;
+};
+
+// moe_layer<..., device_local_flat, backend::cuda> with its softmax_topk router, routed on the
+// device: forward(x, tokens, y). `poison` ranks get a NaN in their first token's input.
+template <std::size_t K>
+std::vector<routed_rank> run_routed(const locus_test::dispatch_case& c, const layer::expert_weights<float>& all,
+                                    const std::vector<float>& gate, const std::vector<bool>& poison,
+                                    const layer::expert_weights<float>* shared = nullptr) {
+  using shape = moe_shape<experts<>, top_k<K>, hidden<>, shared_experts<>>;
+  using layer_t = moe_layer<shape, dynamic_topology, device_local_flat, backend::cuda>;
+  device_local_fabric fabric(c.topo, false);
+  const std::size_t R = c.topo.ranks();
+  std::vector<routed_rank> out(R);
+  std::vector<std::thread> threads;
+  for (std::size_t r = 0; r < R; ++r)
+    threads.emplace_back([&, r] {
+      cudaStream_t stream = nullptr;
+      auto& o = out[r];
+      try {
+        LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+        auto ep = fabric.endpoint(r, stream);
+        layer_t l(shape(c.experts, K, c.hidden, shared ? 1 : 0), c.topo, ep, c.map,
+                  layer::swiglu_cuda<float>(layer::expert_weights<float>::for_rank(c.map, r, all), stream),
+                  backend::cuda{stream});
+        l.set_router(gate);
+        if (shared) l.set_shared_experts(layer::swiglu_cuda<float>(*shared, stream));
+        o.x = c.inputs(r);
+        const std::size_t T = o.x.size() / c.hidden;
+        if (poison[r] && T > 0) o.x[0] = std::numeric_limits<float>::quiet_NaN();
+        device_buffer<float> dx, dy(std::max<std::size_t>(o.x.size(), 1));
+        dx.upload(o.x, stream);
+        for (int step = 0; step < 2; ++step) {
+          ep.begin_step(static_cast<std::uint64_t>(step));
+          try {
+            l.forward(dx.data(), T, dy.data());
+          } catch (const invalid_input_error&) {
+            if (!o.error) o.error = std::current_exception();
+          }
+        }
+        o.y.resize(o.x.size());
+        dy.download(o.y, stream);
+        const auto dr = l.last_device_routing();
+        o.ids.resize(dr.tokens() * K);
+        o.weights.resize(dr.tokens() * K);
+        if (!o.ids.empty()) {
+          LOCUS_CUDA_CHECK(
+              cudaMemcpy(o.ids.data(), dr.ids(), o.ids.size() * sizeof(expert_id), cudaMemcpyDeviceToHost));
+          LOCUS_CUDA_CHECK(
+              cudaMemcpy(o.weights.data(), dr.weights(), o.weights.size() * sizeof(float), cudaMemcpyDeviceToHost));
+        }
+      } catch (...) {
+        o.error = std::current_exception();
+      }
+      if (stream) cudaStreamDestroy(stream);
+    });
+  for (auto& t : threads)
+    t.join();
+  return out;
+}
+
+std::vector<routed_rank> run_routed_k(const locus_test::dispatch_case& c, const layer::expert_weights<float>& all,
+                                      const std::vector<float>& gate, const std::vector<bool>& poison,
+                                      const layer::expert_weights<float>* shared = nullptr) {
   switch (c.k) {
-  case 1: return run_layer<1>(c, all);
-  case 2: return run_layer<2>(c, all);
-  case 3: return run_layer<3>(c, all);
-  case 4: return run_layer<4>(c, all);
-  case 5: return run_layer<5>(c, all);
-  default: return run_layer<6>(c, all);
+  case 1: return run_routed<1>(c, all, gate, poison, shared);
+  case 2: return run_routed<2>(c, all, gate, poison, shared);
+  case 3: return run_routed<3>(c, all, gate, poison, shared);
+  case 4: return run_routed<4>(c, all, gate, poison, shared);
+  case 5: return run_routed<5>(c, all, gate, poison, shared);
+  default: return run_routed<6>(c, all, gate, poison, shared);
+  }
+}
+
+// Worst error of y against the dense reference under routing r, in units of the tolerance.
+double worst_error(const std::vector<float>& x, const std::vector<float>& y, const routing<>& r,
+                   const layer::expert_weights<float>& all, const layer::expert_weights<float>* shared = nullptr) {
+  std::vector<double> scale;
+  const auto ref = locus_test::dense_moe(x, r.view(), all, shared, &scale);
+  double worst = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i)
+    worst = std::max(worst, std::abs(y[i] - ref[i]) / (2e-6 * scale[i] + 1e-6));
+  return worst;
+}
+
+std::vector<std::vector<float>> run_layer_k(const locus_test::dispatch_case& c, const layer::expert_weights<float>& all,
+                                            std::vector<std::exception_ptr>* errors = nullptr) {
+  switch (c.k) {
+  case 1: return run_layer<1>(c, all, errors);
+  case 2: return run_layer<2>(c, all, errors);
+  case 3: return run_layer<3>(c, all, errors);
+  case 4: return run_layer<4>(c, all, errors);
+  case 5: return run_layer<5>(c, all, errors);
+  default: return run_layer<6>(c, all, errors);
   }
 }
 
@@ -153,6 +280,99 @@ BOOST_AUTO_TEST_CASE(device_step_matches_dense_reference) {
           for (std::size_t i = 0; i < ref.size(); ++i)
             worst = std::max(worst, std::abs(y[r][i] - ref[i]) / (2e-6 * scale[i] + 1e-6));
           BOOST_TEST(worst <= 1.0);
+        }
+      }
+    }
+}
+
+// The layer routes on the device (cuBLAS logits, the softmax_topk kernel): the same routing as the
+// host router, and y equal to the dense reference under it.
+BOOST_AUTO_TEST_CASE(device_routed_layer_matches_dense_reference) {
+  for (std::uint64_t seed = 1; seed <= 8; ++seed)
+    for (auto [nodes, gpus] : {std::pair<std::size_t, std::size_t>{1, 4}, {2, 2}, {1, 1}}) {
+      const auto c = locus_test::make_case(seed, nodes, gpus);
+      BOOST_TEST_CONTEXT("seed " << seed << ", " << nodes << " x " << gpus << ", k " << c.k) {
+        BOOST_TEST_REQUIRE(c.k <= 6u);
+        const auto all = locus_test::model_weights<float>(seed + 100, c.experts, c.hidden, 16);
+        const auto gate = router_gate(seed, c.hidden, c.experts);
+        const auto out = run_routed_k(c, all, gate, std::vector<bool>(c.topo.ranks(), false));
+        for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
+          if (out[r].error) std::rethrow_exception(out[r].error);
+          const auto ref = host_routing(out[r].x, gate, c.hidden, c.experts, c.k);
+          BOOST_TEST((out[r].ids == std::vector<expert_id>(ref.ids().begin(), ref.ids().end())));
+          for (std::size_t i = 0; i < out[r].weights.size(); ++i)
+            BOOST_TEST(std::abs(out[r].weights[i] - ref.weights()[i]) <= 1e-6f * std::abs(ref.weights()[i]) + 1e-7f);
+          BOOST_TEST(worst_error(out[r].x, out[r].y, ref, all) <= 1.0);
+        }
+      }
+    }
+}
+
+// A rank with a non-finite logit raises, after taking part in the step with no tokens: its peers
+// finish and still equal the reference (their tokens' experts may live on the bad rank).
+BOOST_AUTO_TEST_CASE(non_finite_logits_on_one_rank_release_the_peers) {
+  for (std::uint64_t seed = 1; seed <= 4; ++seed) {
+    const auto c = locus_test::make_case(seed, 1, 4);
+    const auto all = locus_test::model_weights<float>(seed + 100, c.experts, c.hidden, 16);
+    const auto gate = router_gate(seed, c.hidden, c.experts);
+    std::vector<bool> poison(c.topo.ranks(), false);
+    poison[1] = true;
+    const auto out = run_routed_k(c, all, gate, poison);
+    BOOST_TEST_CONTEXT("seed " << seed << ", k " << c.k) {
+      for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
+        if (poison[r] && !out[r].x.empty()) {
+          BOOST_CHECK_THROW(std::rethrow_exception(out[r].error), invalid_input_error);
+          continue;
+        }
+        if (out[r].error) std::rethrow_exception(out[r].error);
+        BOOST_TEST(worst_error(out[r].x, out[r].y, host_routing(out[r].x, gate, c.hidden, c.experts, c.k), all) <= 1.0);
+      }
+    }
+  }
+}
+
+// A bad device routing on one rank (an expert id out of range): that rank raises after taking part
+// in the step with no tokens; its peers finish and equal the reference.
+BOOST_AUTO_TEST_CASE(bad_device_routing_on_one_rank_releases_the_peers) {
+  for (std::uint64_t seed = 1; seed <= 4; ++seed) {
+    auto c = locus_test::make_case(seed, 1, 4);
+    BOOST_TEST_CONTEXT("seed " << seed << ", k " << c.k) {
+      const auto all = locus_test::model_weights<float>(seed + 100, c.experts, c.hidden, 16);
+      const bool bad = c.routings[1].tokens() > 0;
+      if (bad) c.routings[1].ids()[0] = static_cast<expert_id>(c.experts);
+      std::vector<std::exception_ptr> errors;
+      const auto y = run_layer_k(c, all, &errors);
+      for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
+        if (r == 1 && bad) {
+          BOOST_CHECK_THROW(std::rethrow_exception(errors[r]), invalid_input_error);
+          continue;
+        }
+        if (errors[r]) std::rethrow_exception(errors[r]);
+        std::vector<double> scale;
+        const auto ref = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, nullptr, &scale);
+        double worst = 0;
+        for (std::size_t i = 0; i < ref.size(); ++i)
+          worst = std::max(worst, std::abs(y[r][i] - ref[i]) / (2e-6 * scale[i] + 1e-6));
+        BOOST_TEST(worst <= 1.0);
+      }
+    }
+  }
+}
+
+// Shared experts on the device path: every rank runs them on its own tokens and adds them.
+BOOST_AUTO_TEST_CASE(device_layer_adds_shared_experts) {
+  for (std::uint64_t seed = 1; seed <= 4; ++seed)
+    for (auto [nodes, gpus] : {std::pair<std::size_t, std::size_t>{1, 4}, {2, 2}}) {
+      const auto c = locus_test::make_case(seed, nodes, gpus);
+      BOOST_TEST_CONTEXT("seed " << seed << ", " << nodes << " x " << gpus << ", k " << c.k) {
+        const auto all = locus_test::model_weights<float>(seed + 100, c.experts, c.hidden, 16);
+        const auto shared = locus_test::model_weights<float>(seed + 200, 1, c.hidden, 16);
+        const auto gate = router_gate(seed, c.hidden, c.experts);
+        const auto out = run_routed_k(c, all, gate, std::vector<bool>(c.topo.ranks(), false), &shared);
+        for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
+          if (out[r].error) std::rethrow_exception(out[r].error);
+          const auto ref = host_routing(out[r].x, gate, c.hidden, c.experts, c.k);
+          BOOST_TEST(worst_error(out[r].x, out[r].y, ref, all, &shared) <= 1.0);
         }
       }
     }

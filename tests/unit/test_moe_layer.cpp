@@ -125,7 +125,7 @@ BOOST_AUTO_TEST_CASE(every_replica_rule_matches_dense_reference) {
   BOOST_CHECK_THROW(
       [] {
         const auto c = locus_test::make_case(1, 2, 2);
-        transport::local_fabric f(c.topo, false);
+        transport::local_fabric f(c.topo, transport_kind::flat);
         const auto errors = on_ranks(f, [&](transport::local_transport& ep) {
           const auto all = locus_test::model_weights<float>(1, c.experts, c.hidden, 4);
           dyn_layer<transport::local_flat> layer(
@@ -147,7 +147,7 @@ BOOST_AUTO_TEST_CASE(backend_object_is_taken_by_the_layer) {
   const auto all = locus_test::model_weights<float>(9, c.experts, c.hidden, 12);
   std::vector<std::vector<float>> y[2];
   for (unsigned threads : {1u, 3u}) {
-    transport::local_fabric f(c.topo, false);
+    transport::local_fabric f(c.topo, transport_kind::flat);
     auto& out = y[threads == 1 ? 0 : 1];
     out.resize(c.topo.ranks());
     require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {

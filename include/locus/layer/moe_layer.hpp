@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <concepts>
+#include <cstdint>
 #include <exception>
 #include <locus/backend/host.hpp>
 #include <locus/core/error.hpp>
@@ -182,6 +183,7 @@ public:
                   " values, expected hidden × experts = ", shape_.hidden(), " × ", shape_.experts());
     router_.emplace(std::move(router));
     gate_ = std::move(gate);
+    ++router_version_; // the device step uploads the router again
   }
 
   //! Sets the router weights with the router built from the shape's top_k (softmax_topk and the
@@ -255,13 +257,32 @@ public:
 
   //! Collective, device-resident (`backend::cuda` and a transport with a device exchange:
   //! device_local_*, nccl_flat): y = MoE(x) with every token row in device memory from `x` to `y`
-  //! (`tokens × hidden` each, device), routed by a device routing. Work is issued on the backend's
-  //! stream; returns once it is queued. Needs <locus/layer/moe_layer_cuda.hpp>.
-  //! @throws locus::config_error on a layer with shared experts or a hierarchical transport
-  //! @throws locus::invalid_input_error on a bad routing (raised on this rank before any exchange)
+  //! (`tokens × hidden` each, device), routed on the device: logits = x·W_router in fp32 (cuBLAS),
+  //! then the router policy's CUDA kernel (router::cuda_router); the routing never leaves the
+  //! device. Work is issued on the backend's stream; returns once it is queued. Needs
+  //! <locus/layer/moe_layer_cuda.hpp>.
+  //! @throws locus::config_error on a hierarchical transport, or shared experts in the shape but not set
+  //! @throws locus::invalid_input_error on a non-finite logit (after the collective steps, so
+  //!         peers are not left waiting)
+  void forward(const value_type* x, std::size_t tokens,
+               value_type* y) requires(backend_type::space == memory_space::device &&
+                                       !std::is_same_v<router_type, layer::given_routing>) {
+    detail::layer::device_step<moe_layer>::route_and_run(*this, device_state_, x, tokens, y);
+  }
+
+  //! Collective, device-resident, as above but routed by the caller's device routing.
+  //! @throws locus::config_error on a hierarchical transport, or shared experts in the shape but not set
+  //! @throws locus::invalid_input_error on a bad routing (after the collective steps)
   void forward(const value_type* x, const device_routing_view<top_k_type>& r,
                value_type* y) requires(backend_type::space == memory_space::device) {
     detail::layer::device_step<moe_layer>::run(*this, device_state_, x, r, y);
+  }
+
+  //! The routing of the last device-routed `forward(x, tokens, y)`, in device memory (valid until
+  //! the next forward); no tokens before the first.
+  device_routing_view<top_k_type> last_device_routing() const
+      requires(backend_type::space == memory_space::device && !std::is_same_v<router_type, layer::given_routing>) {
+    return detail::layer::device_step<moe_layer>::last_routing(*this, device_state_);
   }
 
   const Shape& shape() const noexcept { return shape_; }
@@ -281,6 +302,8 @@ public:
   const transport::layout<>& last_layout() const noexcept { return layout_; }
 
 private:
+  friend struct detail::layer::device_step<moe_layer>;
+
   top_k_type top_k_extent() const { return top_k_type(shape_.top_k()); }
   routing_top_k_type routing_k() const { return routing_top_k_type(shape_.top_k()); }
 
@@ -420,6 +443,7 @@ private:
   std::vector<float> gate_, logits_, acc_;
   std::vector<value_type> shared_out_;
   routing_type routing_;
+  std::uint64_t router_version_ = 0;
   std::shared_ptr<void> device_state_; // the device step's buffers (moe_layer_cuda.hpp), made on first use
 };
 

@@ -1,19 +1,73 @@
 #pragma once
 // locus-requires: cuda
 //! @file
-//! The device-resident step of `moe_layer` on `backend::cuda`: `forward(x, device routing, y)`
-//! runs device layout → permute → device exchange → expert compute on the device blocks, rows read
-//! in place → weighted reduction → exchange back → combine, all on the backend's stream, through
-//! `transport::device_dispatcher` (where the host waits, and why, is documented there). The layer
-//! keeps the dispatcher (and its buffers) between steps.
+//! The device-resident step of `moe_layer` on `backend::cuda`, all on the backend's stream:
+//! [route: logits = x·W_router in fp32 (cuBLAS) → the router policy's kernel (router::cuda_router)]
+//! → device layout → permute → device exchange → expert compute on the device blocks, rows read in
+//! place → weighted reduction → exchange back → combine, through `transport::device_dispatcher`,
+//! then the shared experts (when the shape has them) on this rank's own tokens, added
+//! (where the host waits, and why, is documented there). Routing on the device adds one wait: the
+//! router's non-finite-logit counters are read before the layout, so that a rank whose logits are
+//! bad sends no tokens. The layer keeps the dispatcher, the router and their buffers between steps.
+//!
+//! As on the host, a rank whose own step fails (bad routing, non-finite logits, an expert compute
+//! that refuses its blocks) still takes part in every exchange, with no tokens of its own and zero
+//! expert outputs, and raises after the step, so its peers never wait for it.
 
+#include <algorithm>
+#include <cstdint>
+#include <cuda_runtime_api.h>
+#include <exception>
 #include <locus/backend/cuda.hpp>
+#include <locus/core/device_buffer.hpp>
 #include <locus/layer/expert_compute_cuda.hpp>
 #include <locus/layer/moe_layer.hpp>
+#include <locus/router/cuda.hpp>
 #include <locus/transport/device_dispatch.hpp>
 #include <memory>
+#include <type_traits>
+#include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
+
+template <class T>
+__global__ void to_f32_kernel(const T* in, std::size_t n, float* out) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x)
+    out[i] = to_float(in[i]);
+}
+
+// sum = (first ? 0 : sum) + part, in fp32.
+template <class T>
+__global__ void accumulate_kernel(const T* part, std::size_t n, bool first, float* sum) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x)
+    sum[i] = (first ? 0.0f : sum[i]) + to_float(part[i]);
+}
+
+// y = round(y + sum): the routed and shared parts summed in fp32, rounded once.
+template <class T>
+__global__ void add_sum_kernel(const float* sum, std::size_t n, T* y) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x)
+    y[i] = static_cast<T>(to_float(y[i]) + sum[i]);
+}
+
+//! What a routed device step keeps between steps: the router on the device, its weights and the
+//! step's logits and routing.
+template <class Router>
+struct device_route_state {
+  device_route_state(const Router& r, const std::vector<float>& gate, std::uint64_t v, cudaStream_t stream)
+      : kernel(r), blas(stream), version(v) {
+    gate_d.upload(gate, stream);
+  }
+  locus::router::cuda_router<Router> kernel;
+  backend::cublas_handle blas;
+  std::uint64_t version;
+  device_buffer<float> gate_d, x_f32, logits, weights;
+  device_buffer<expert_id> ids;
+  std::size_t tokens = 0;
+};
 
 template <class Shape, class Topology, class... Policies>
 struct device_step<moe_layer<Shape, Topology, Policies...>> {
@@ -30,17 +84,140 @@ struct device_step<moe_layer<Shape, Topology, Policies...>> {
                 "locus::moe_layer: the device-resident forward needs an expert compute that takes device blocks "
                 "(layer::swiglu_cuda)");
 
-  static void run(layer_type& l, std::shared_ptr<void>& state, const value_type* x,
+  struct state {
+    explicit state(layer_type& l) : dispatch(l.exchanger(), l.map(), l.shape().hidden(), l.backend().stream) {}
+    dispatcher_type dispatch;
+    std::shared_ptr<void> route; // device_route_state<router_type>, made by the first routed step
+    device_buffer<value_type> shared_out;
+    device_buffer<float> shared_sum;
+  };
+
+  //! The step with the caller's device routing.
+  static void run(layer_type& l, std::shared_ptr<void>& st, const value_type* x,
                   const device_routing_view<top_k_type>& r, value_type* y) {
-    LOCUS_REQUIRE(l.shape().shared_experts() == 0, config_error,
-                  "moe_layer::forward: the device-resident step has no shared experts yet; the shape has ",
-                  l.shape().shared_experts());
-    if (!state)
-      state = std::make_shared<dispatcher_type>(l.exchanger(), l.map(), l.shape().hidden(), l.backend().stream);
-    auto& d = *static_cast<dispatcher_type*>(state.get());
-    d.dispatch(x, r);
-    l.experts()(d.blocks());
+    step(l, state_of(l, st), x, r, nullptr, y);
+  }
+
+  //! The step routed on the device by the layer's router.
+  static void route_and_run(layer_type& l, std::shared_ptr<void>& st, const value_type* x, std::size_t tokens,
+                            value_type* y) {
+    auto& s = state_of(l, st);
+    std::exception_ptr fail;
+    device_routing_view<top_k_type> r(nullptr, nullptr, 0, top_k_type{});
+    try {
+      r = route(l, s, x, tokens);
+    } catch (...) {
+      fail = std::current_exception();
+    }
+    step(l, s, x, r, fail, y);
+  }
+
+  static device_routing_view<top_k_type> last_routing(const layer_type& l, const std::shared_ptr<void>& st) {
+    using rs_type = device_route_state<typename layer_type::router_type>;
+    if (!st) return {nullptr, nullptr, 0, top_k_type{}};
+    const auto* s = static_cast<const state*>(st.get());
+    if (!s->route) return {nullptr, nullptr, 0, top_k_type{}};
+    const auto& rs = *static_cast<const rs_type*>(s->route.get());
+    static_cast<void>(l);
+    return {rs.ids.data(), rs.weights.data(), rs.tokens, top_k_type{}};
+  }
+
+private:
+  static state& state_of(layer_type& l, std::shared_ptr<void>& st) {
+    if (!st) st = std::make_shared<state>(l);
+    return *static_cast<state*>(st.get());
+  }
+
+  // logits = x·gate (fp32, cuBLAS), then the router kernel; waits for the router's counters.
+  static device_routing_view<top_k_type> route(layer_type& l, state& s, const value_type* x, std::size_t tokens) {
+    using router_type = typename layer_type::router_type;
+    using rs_type = device_route_state<router_type>;
+    using experts_type = typename Shape::experts_type;
+    LOCUS_REQUIRE(l.router_.has_value(), config_error, "moe_layer::forward: no router weights were set (set_router)");
+    const cudaStream_t stream = l.backend().stream;
+    if (!s.route || static_cast<rs_type*>(s.route.get())->version != l.router_version_)
+      s.route = std::make_shared<rs_type>(*l.router_, l.gate_, l.router_version_, stream);
+    auto& rs = *static_cast<rs_type*>(s.route.get());
+    const std::size_t H = l.shape().hidden(), E = l.shape().experts(), K = l.shape().top_k();
+    LOCUS_REQUIRE(tokens <= static_cast<std::size_t>(INT32_MAX) / (H > E ? H : E), invalid_input_error,
+                  "moe_layer::forward: ", tokens, " tokens exceed the 32-bit sizes of the router GEMM");
+    rs.tokens = 0;
+    rs.logits.resize(std::max<std::size_t>(tokens * E, 1));
+    rs.ids.resize(std::max<std::size_t>(tokens * K, 1));
+    rs.weights.resize(std::max<std::size_t>(tokens * K, 1));
+    rs.kernel.reset(stream);
+    if (tokens > 0) {
+      const float* xf = nullptr;
+      if constexpr (std::is_same_v<value_type, float>) {
+        xf = x;
+      } else {
+        rs.x_f32.resize(tokens * H);
+        const std::size_t n = tokens * H;
+        const auto blocks = static_cast<unsigned>(std::min<std::size_t>((n + 255) / 256, 65535));
+        to_f32_kernel<<<blocks, 256, 0, stream>>>(x, n, rs.x_f32.data());
+        LOCUS_CUDA_CHECK(cudaGetLastError());
+        xf = rs.x_f32.data();
+      }
+      // Row-major logits (T × E) = x (T × H) · gate (H × E) is column-major logitsᵀ = gateᵀ · xᵀ.
+      const float one = 1.0f, zero = 0.0f;
+      LOCUS_CUBLAS_CHECK(cublasSgemm(rs.blas.get(), CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(E),
+                                     static_cast<int>(tokens), static_cast<int>(H), &one, rs.gate_d.data(),
+                                     static_cast<int>(E), xf, static_cast<int>(H), &zero, rs.logits.data(),
+                                     static_cast<int>(E)));
+      using rk = typename router_type::top_k_type;
+      rs.kernel.route(
+          locus::router::device_logits_view<experts_type, const float>(rs.logits.data(), tokens, experts_type(E)),
+          locus::router::device_mutable_routing_view<rk>(rs.ids.data(), rs.weights.data(), tokens, rk(K)), stream);
+    }
+    // The one wait the device router adds: a rank with non-finite logits must know before the
+    // layout, to send no tokens.
+    rs.kernel.check(stream);
+    rs.tokens = tokens;
+    return {rs.ids.data(), rs.weights.data(), tokens, top_k_type{}};
+  }
+
+  // dispatch → compute → combine; a routing error (`fail`, or the dispatcher's own) is raised by
+  // combine once the exchanges are done.
+  static void step(layer_type& l, state& s, const value_type* x, const device_routing_view<top_k_type>& r,
+                   std::exception_ptr fail, value_type* y) {
+    auto& d = s.dispatch;
+    d.dispatch(x, r, fail);
+    const auto b = d.blocks();
+    try {
+      l.experts()(b);
+    } catch (...) {
+      // Zeros still go back, so that the peers finish combine; the error is raised after it.
+      const std::size_t n = b.count == 0 ? 0 : b.offsets[b.count] * b.hidden;
+      if (n > 0) LOCUS_CUDA_CHECK(cudaMemsetAsync(b.output, 0, n * sizeof(value_type), l.backend().stream));
+      const auto compute_error = std::current_exception();
+      d.combine(nullptr); // raises this rank's routing error, the first cause, if it had one
+      std::rethrow_exception(compute_error);
+    }
     d.combine(y);
+    if (l.shape().shared_experts() > 0) add_shared(l, s, x, y);
+  }
+
+  // The shared experts on this rank's own tokens, summed in fp32 with the routed part and rounded
+  // once, as on the host. Every exchange is done: an error here concerns this rank only.
+  static void add_shared(layer_type& l, state& s, const value_type* x, value_type* y) {
+    LOCUS_REQUIRE(l.shared_.has_value(), config_error, "moe_layer::forward: the shape has ", l.shape().shared_experts(),
+                  " shared experts but none were set (set_shared_experts)");
+    const std::size_t T = s.dispatch.last_layout().tokens(), H = l.shape().hidden(), n = T * H;
+    if (n == 0) return;
+    const cudaStream_t stream = l.backend().stream;
+    s.shared_out.resize(n);
+    s.shared_sum.resize(n);
+    const auto blocks = static_cast<unsigned>(std::min<std::size_t>((n + 255) / 256, 65535));
+    for (std::size_t e = 0; e < l.shape().shared_experts(); ++e) {
+      const expert_id id = static_cast<expert_id>(e);
+      const std::size_t offsets[2] = {0, T};
+      (*l.shared_)(
+          locus::layer::expert_blocks<value_type, memory_space::device>{&id, offsets, 1, x, s.shared_out.data(), H});
+      accumulate_kernel<<<blocks, 256, 0, stream>>>(s.shared_out.data(), n, e == 0, s.shared_sum.data());
+      LOCUS_CUDA_CHECK(cudaGetLastError());
+    }
+    add_sum_kernel<<<blocks, 256, 0, stream>>>(s.shared_sum.data(), n, y);
+    LOCUS_CUDA_CHECK(cudaGetLastError());
   }
 };
 

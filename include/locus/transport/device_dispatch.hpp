@@ -19,6 +19,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <locus/core/device_buffer.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
@@ -30,6 +31,7 @@
 #include <locus/transport/device_permute.hpp>
 #include <locus/transport/exchange.hpp>
 #include <locus/transport/layout.hpp>
+#include <utility>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
@@ -81,13 +83,29 @@ public:
 
   //! Collective: dispatches the rows of `x` (`r.tokens() × hidden`, device) routed by `r` (device).
   //! Afterwards blocks() describes the local experts' input and output rows.
-  //! @throws locus::invalid_input_error on a bad routing (see device_layout::assign), before any
-  //!         exchange: unlike moe_layer's host step, the peers are not released and time out
-  void dispatch(const T* x, const device_routing_view<TopK>& r) {
+  //!
+  //! A bad routing (no weights, or what device_layout::assign refuses) does not raise here: this
+  //! rank then sends no tokens but still receives, computes and returns its peers' rows, and
+  //! combine() raises the error once the step's exchanges are done, so no peer waits for it.
+  //! `fail` does the same for an error the caller found before dispatch (a router's).
+  void dispatch(const T* x, const device_routing_view<TopK>& r, std::exception_ptr fail = nullptr) {
     const std::size_t R = map_.ranks(), row_bytes = hidden_ * sizeof(T);
-    LOCUS_REQUIRE(r.tokens() == 0 || r.weights(), invalid_input_error,
-                  "device_dispatcher: the routing carries no weights");
-    layout_.assign(r, map_, ex_->topology(), ex_->rank(), transport_kind::flat, stream_);
+    pending_ = fail;
+    if (!pending_) {
+      try {
+        LOCUS_REQUIRE(r.tokens() == 0 || r.weights(), invalid_input_error,
+                      "device_dispatcher: the routing carries no weights");
+        layout_.assign(r, map_, ex_->topology(), ex_->rank(), transport_kind::flat, stream_);
+      } catch (const invalid_input_error&) {
+        pending_ = std::current_exception();
+      }
+    }
+    if (pending_) {
+      // The layout kernels stopped at the bad copy; a layout of no tokens replaces it.
+      layout_.assign(device_routing_view<TopK>(nullptr, nullptr, 0), map_, ex_->topology(), ex_->rank(),
+                     transport_kind::flat, stream_);
+      x = nullptr;
+    }
     const auto& ro = layout_.rank_offsets_host();
     const auto& eo = layout_.rank_entry_offsets_host();
     send_counts_.resize(R);
@@ -150,13 +168,17 @@ public:
 
   //! Collective: returns the weighted expert outputs to their sources and sums each token's rows
   //! into `y` (`tokens × hidden`, device).
+  //! `y` null: the exchange only, nothing written (a rank that is going to raise).
+  //! @throws locus::invalid_input_error the last dispatch's routing error, after the exchange
+  //!         (`y` is then left as it was)
   void combine(T* y) {
     const std::size_t row_bytes = hidden_ * sizeof(T);
     back_.resize(std::max<std::size_t>(rl_.rows(), 1) * hidden_);
     reduce_expert_output(drl_, expert_out_.data(), hidden_, back_.data(), stream_);
     ex_->exchange_device(exchange_group::world, row_bytes, reinterpret_cast<const std::byte*>(back_.data()),
                          rows_.counts, send_counts_, returned_, 15);
-    transport::combine(layout_, reinterpret_cast<const T*>(returned_.rows), hidden_, y, stream_);
+    if (pending_) std::rethrow_exception(std::exchange(pending_, nullptr));
+    if (y) transport::combine(layout_, reinterpret_cast<const T*>(returned_.rows), hidden_, y, stream_);
   }
 
   const device_layout<TopK, Experts>& last_layout() const noexcept { return layout_; }
@@ -178,6 +200,7 @@ private:
   device_exchange_result meta_, rows_, returned_;
   std::vector<std::int32_t> recv_row_entries_, recv_slots_;
   std::vector<float> recv_weights_;
+  std::exception_ptr pending_; // this rank's routing error, raised by combine
 };
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport
