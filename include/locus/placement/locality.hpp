@@ -48,65 +48,85 @@ namespace detail::locality {
 
 namespace da = detail::activation;
 
-//! Node-level layout of one layer (steps 1-3 of the file comment).
-inline da::node_layout plan_layer(const std::vector<std::vector<double>>& u, const plan_input& in,
-                                  const locality_options& opt) {
-  const std::size_t nodes = in.topology.nodes(), experts = in.experts;
-  const da::node_budget b = da::budget(in);
+using usage_table = std::vector<std::vector<double>>;
+
+//! First copies of one layer's experts: each expert's node, and per node the usage and experts it
+//! hosts, kept together because every step that moves an expert updates all three.
+struct first_copies {
+  std::vector<std::int32_t> host;
+  std::vector<double> load;
+  std::vector<std::size_t> count;
+};
+
+//! Per expert, its usage summed over nodes: the load the expert brings to whichever node hosts it.
+inline std::vector<double> expert_usage(const usage_table& u, std::size_t nodes, std::size_t experts) {
   std::vector<double> w(experts, 0.0);
-  double total = 0;
   for (std::size_t n = 0; n < nodes; ++n)
     for (std::size_t e = 0; e < experts; ++e)
       w[e] += u[n][e];
-  for (double x : w)
-    total += x;
-  const double cap = load_bound(total, nodes, opt.balance_slack);
+  return w;
+}
 
-  // 1. Balanced greedy.
-  std::vector<std::int32_t> host(experts, -1);
-  std::vector<double> load(nodes, 0.0);
-  std::vector<std::size_t> count(nodes, 0);
-  {
-    std::vector<std::pair<std::uint32_t, std::uint32_t>> pairs;
-    pairs.reserve(nodes * experts);
-    for (std::size_t e = 0; e < experts; ++e)
-      for (std::size_t n = 0; n < nodes; ++n)
-        pairs.emplace_back(static_cast<std::uint32_t>(n), static_cast<std::uint32_t>(e));
-    std::stable_sort(pairs.begin(), pairs.end(),
-                     [&](const auto& a, const auto& x) { return u[a.first][a.second] > u[x.first][x.second]; });
-    for (const auto& [n, e] : pairs) {
-      if (host[e] >= 0 || count[n] >= b.primary_per_node || load[n] + w[e] > cap) continue;
-      host[e] = static_cast<std::int32_t>(n);
-      ++count[n];
-      load[n] += w[e];
-    }
-    std::vector<std::size_t> left;
-    for (std::size_t e = 0; e < experts; ++e)
-      if (host[e] < 0) left.push_back(e);
-    std::stable_sort(left.begin(), left.end(), [&](std::size_t a, std::size_t x) { return w[a] > w[x]; });
-    for (const std::size_t e : left) {
-      std::size_t best = nodes;
-      for (std::size_t n = 0; n < nodes; ++n)
-        if (count[n] < b.primary_per_node && (best == nodes || load[n] < load[best])) best = n;
-      host[e] = static_cast<std::int32_t>(best);
-      ++count[best];
-      load[best] += w[e];
-    }
+//! Step 1, balanced greedy: (node, expert) pairs by decreasing usage place each expert where most
+//! of its tokens come from while the node has a slot and stays under `cap`; the experts left over
+//! go, heaviest first, to the least-loaded node with a slot, so every expert gets one copy.
+inline first_copies greedy_first_copies(const usage_table& u, const std::vector<double>& w, std::size_t nodes,
+                                        std::size_t slots_per_node, double cap) {
+  const std::size_t experts = w.size();
+  first_copies fc{std::vector<std::int32_t>(experts, -1), std::vector<double>(nodes, 0.0),
+                  std::vector<std::size_t>(nodes, 0)};
+  std::vector<std::int32_t>& host = fc.host;
+  std::vector<double>& load = fc.load;
+  std::vector<std::size_t>& count = fc.count;
+  std::vector<std::pair<std::uint32_t, std::uint32_t>> pairs;
+  pairs.reserve(nodes * experts);
+  for (std::size_t e = 0; e < experts; ++e)
+    for (std::size_t n = 0; n < nodes; ++n)
+      pairs.emplace_back(static_cast<std::uint32_t>(n), static_cast<std::uint32_t>(e));
+  std::stable_sort(pairs.begin(), pairs.end(),
+                   [&](const auto& a, const auto& x) { return u[a.first][a.second] > u[x.first][x.second]; });
+  for (const auto& [n, e] : pairs) {
+    if (host[e] >= 0 || count[n] >= slots_per_node || load[n] + w[e] > cap) continue;
+    host[e] = static_cast<std::int32_t>(n);
+    ++count[n];
+    load[n] += w[e];
   }
+  std::vector<std::size_t> left;
+  for (std::size_t e = 0; e < experts; ++e)
+    if (host[e] < 0) left.push_back(e);
+  std::stable_sort(left.begin(), left.end(), [&](std::size_t a, std::size_t x) { return w[a] > w[x]; });
+  for (const std::size_t e : left) {
+    std::size_t best = nodes;
+    for (std::size_t n = 0; n < nodes; ++n)
+      if (count[n] < slots_per_node && (best == nodes || load[n] < load[best])) best = n;
+    host[e] = static_cast<std::int32_t>(best);
+    ++count[best];
+    load[best] += w[e];
+  }
+  return fc;
+}
 
-  // 2. Kernighan–Lin style sweeps. A change is allowed when neither node ends above the larger of
-  //    the bound and the worse of the two loads before it (so an over-full start never worsens).
+//! Step 2, Kernighan–Lin style sweeps: each expert takes the best improving move into a free slot
+//! or swap with an expert on another node, until a sweep finds nothing or `max_sweeps`. A change
+//! is allowed when neither node ends above the larger of `cap` and the worse of the two loads
+//! before it, so an over-full start never worsens.
+inline void refine_first_copies(const usage_table& u, const std::vector<double>& w, std::size_t slots_per_node,
+                                double cap, std::size_t max_sweeps, first_copies& fc) {
+  const std::size_t nodes = fc.load.size(), experts = w.size();
+  std::vector<std::int32_t>& host = fc.host;
+  std::vector<double>& load = fc.load;
+  std::vector<std::size_t>& count = fc.count;
   auto allowed = [&](std::size_t a, std::size_t x, double new_a, double new_x) {
     return keeps_load_bound(std::max(new_a, new_x), std::max(load[a], load[x]), cap);
   };
-  for (std::size_t sweep = 0; sweep < opt.max_sweeps; ++sweep) {
+  for (std::size_t sweep = 0; sweep < max_sweeps; ++sweep) {
     bool improved = false;
     for (std::size_t e = 0; e < experts; ++e) {
       const auto a = static_cast<std::size_t>(host[e]);
       double best_gain = 1e-9;
       std::size_t best_f = experts, best_node = nodes;
       for (std::size_t x = 0; x < nodes; ++x) { // moves into free first-copy slots
-        if (x == a || count[x] >= b.primary_per_node) continue;
+        if (x == a || count[x] >= slots_per_node) continue;
         const double gain = u[x][e] - u[a][e];
         if (gain > best_gain && allowed(a, x, load[a] - w[e], load[x] + w[e])) {
           best_gain = gain;
@@ -141,14 +161,15 @@ inline da::node_layout plan_layer(const std::vector<std::vector<double>>& u, con
     }
     if (!improved) break;
   }
+}
 
-  da::node_layout layout(nodes, experts);
-  for (std::size_t e = 0; e < experts; ++e)
-    layout.add(static_cast<std::size_t>(host[e]), e);
-  if (b.redundant_per_node == 0 || !opt.replicas) return layout;
-
-  // 3. Replicas. Copy loads per expert: local tokens stay, remote tokens spread over copies.
-  const double rcap = load_bound(total, nodes, opt.replica_balance_slack);
+//! Step 3, replicas: (node, expert) candidates by decreasing usage on the node, accepted while the
+//! node has a free slot of its `node_slots` and the loads of the expert's copies stay under
+//! `rcap`. A copy's load is its node's tokens for the expert plus an equal share of the remote
+//! ones, as the replica selector spreads them.
+inline void add_replicas(const usage_table& u, const std::vector<double>& w, const std::vector<std::int32_t>& host,
+                         std::size_t node_slots, double rcap, da::node_layout& layout) {
+  const std::size_t nodes = layout.hosted.size(), experts = w.size();
   std::vector<std::vector<std::uint32_t>> hosts(experts);
   for (std::size_t e = 0; e < experts; ++e)
     hosts[e].push_back(static_cast<std::uint32_t>(host[e]));
@@ -161,13 +182,12 @@ inline da::node_layout plan_layer(const std::vector<std::vector<double>>& u, con
       per_host[i] = u[hs[i]][e] + remote / static_cast<double>(hs.size());
   };
   // Node loads including the (so far single) copies.
-  std::fill(load.begin(), load.end(), 0.0);
+  std::vector<double> load(nodes, 0.0);
   for (std::size_t e = 0; e < experts; ++e)
     load[static_cast<std::size_t>(host[e])] += w[e];
   std::vector<std::size_t> used(nodes);
   for (std::size_t n = 0; n < nodes; ++n)
     used[n] = layout.hosted[n].size();
-  const std::size_t node_slots = in.slots_per_rank * in.topology.gpus_per_node();
   std::vector<std::pair<std::uint32_t, std::uint32_t>> cand;
   for (std::size_t e = 0; e < experts; ++e)
     for (std::size_t n = 0; n < nodes; ++n)
@@ -197,6 +217,27 @@ inline da::node_layout plan_layer(const std::vector<std::vector<double>>& u, con
     layout.add(n, e);
     ++used[n];
   }
+}
+
+//! Node-level layout of one layer (steps 1-3 of the file comment).
+inline da::node_layout plan_layer(const usage_table& u, const plan_input& in, const locality_options& opt) {
+  const std::size_t nodes = in.topology.nodes(), experts = in.experts;
+  const da::node_budget b = da::budget(in);
+  const std::vector<double> w = expert_usage(u, nodes, experts);
+  double total = 0;
+  for (double x : w)
+    total += x;
+  const double cap = load_bound(total, nodes, opt.balance_slack);
+
+  first_copies fc = greedy_first_copies(u, w, nodes, b.primary_per_node, cap);
+  refine_first_copies(u, w, b.primary_per_node, cap, opt.max_sweeps, fc);
+
+  da::node_layout layout(nodes, experts);
+  for (std::size_t e = 0; e < experts; ++e)
+    layout.add(static_cast<std::size_t>(fc.host[e]), e);
+  if (b.redundant_per_node == 0 || !opt.replicas) return layout;
+  add_replicas(u, w, fc.host, in.slots_per_rank * in.topology.gpus_per_node(),
+               load_bound(total, nodes, opt.replica_balance_slack), layout);
   return layout;
 }
 
