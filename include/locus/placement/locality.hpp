@@ -283,6 +283,145 @@ struct joint_options {
   double request_slack = 0.25; //!< a node's clusters' requests ≤ (1 + slack) × the mean (capacity)
 };
 
+namespace detail::locality {
+
+//! What the joint fit holds fixed across rounds: the training (token, expert) pairs its score is a
+//! fraction of, and the per-node bounds on decode tokens and on requests (capacity).
+struct grouping_bounds {
+  double pairs = 0, token_cap = 0, request_cap = 0;
+};
+
+//! The bounds of `model`'s clusters under `jopt`'s slacks.
+inline grouping_bounds bounds_of(const grouper::workload_model& model, const joint_options& jopt) {
+  const std::size_t k = model.clusters(), nodes = model.nodes();
+  double total_tokens = 0, total_pairs = 0;
+  for (std::size_t c = 0; c < k; ++c) {
+    total_tokens += model.cluster_tokens(c);
+    for (double x : model.cluster_usage(c))
+      total_pairs += x;
+  }
+  double total_requests = 0;
+  for (std::size_t c = 0; c < k; ++c)
+    total_requests += model.cluster_requests(c);
+  return {total_pairs, load_bound(total_tokens, nodes, jopt.token_slack),
+          load_bound(total_requests, nodes, jopt.request_slack)};
+}
+
+//! The node layout of every layer for `in.node_load` (the placement half of a round).
+inline std::vector<da::node_layout> plan_layers(const plan_input& in, const locality_options& opt) {
+  std::vector<da::node_layout> layouts;
+  layouts.reserve(in.layers());
+  for (std::size_t l = 0; l < in.layers(); ++l)
+    layouts.push_back(plan_layer(in.node_load[l], in, opt));
+  return layouts;
+}
+
+//! The usage that stays local when cluster c runs on node `map[c]`: the quantity the fit raises.
+inline double local_score(const std::vector<std::vector<double>>& local, const std::vector<std::uint32_t>& map) {
+  double score = 0;
+  for (std::size_t c = 0; c < map.size(); ++c)
+    score += local[c][map[c]];
+  return score;
+}
+
+//! A cluster change: cluster `c` moves to `node`, or, when `d` is a cluster (< k), swaps nodes
+//! with `d`, which is on `node`. `c == k` means no change.
+struct cluster_change {
+  std::size_t c, d, node;
+};
+
+//! Decode tokens and requests of the clusters on each node under `map`: what the bounds limit.
+struct node_totals {
+  std::vector<double> tokens, reqs;
+};
+
+//! The cluster move or swap that raises the local usage most while keeping both bounds. A change
+//! may not push a node past a bound unless it already was past it and gets no worse; ties go to
+//! the first found.
+inline cluster_change best_cluster_change(const grouper::workload_model& model,
+                                          const std::vector<std::vector<double>>& local,
+                                          const std::vector<std::uint32_t>& map, const node_totals& at,
+                                          const grouping_bounds& bounds) {
+  const std::size_t k = model.clusters(), nodes = model.nodes();
+  const std::vector<double>& tokens = at.tokens;
+  const std::vector<double>& reqs = at.reqs;
+  auto fits = [](double now_a, double now_x, double new_a, double new_x, double cap) {
+    return keeps_load_bound(std::max(new_a, new_x), std::max(now_a, now_x), cap);
+  };
+  double best_gain = 1e-9;
+  cluster_change best{k, k, nodes};
+  for (std::size_t c = 0; c < k; ++c) {
+    const std::size_t a = map[c];
+    const double tc = model.cluster_tokens(c), rc = model.cluster_requests(c);
+    for (std::size_t n = 0; n < nodes; ++n) {
+      if (n == a) continue;
+      const double gain = local[c][n] - local[c][a];
+      if (gain > best_gain && fits(tokens[a], tokens[n], tokens[a] - tc, tokens[n] + tc, bounds.token_cap) &&
+          fits(reqs[a], reqs[n], reqs[a] - rc, reqs[n] + rc, bounds.request_cap)) {
+        best_gain = gain;
+        best = {c, k, n};
+      }
+    }
+    for (std::size_t d = c + 1; d < k; ++d) {
+      const std::size_t x = map[d];
+      if (x == a) continue;
+      const double td = model.cluster_tokens(d), rd = model.cluster_requests(d);
+      const double gain = local[c][x] + local[d][a] - local[c][a] - local[d][x];
+      if (gain > best_gain && fits(tokens[a], tokens[x], tokens[a] - tc + td, tokens[x] - td + tc, bounds.token_cap) &&
+          fits(reqs[a], reqs[x], reqs[a] - rc + rd, reqs[x] - rd + rc, bounds.request_cap)) {
+        best_gain = gain;
+        best = {c, d, x};
+      }
+    }
+  }
+  return best;
+}
+
+//! Applies `ch` to `map` and moves the clusters' tokens and requests with them.
+inline void apply_cluster_change(const grouper::workload_model& model, const cluster_change& ch,
+                                 std::vector<std::uint32_t>& map, node_totals& at) {
+  const std::size_t k = model.clusters();
+  std::vector<double>& tokens = at.tokens;
+  std::vector<double>& reqs = at.reqs;
+  const std::size_t a = map[ch.c];
+  if (ch.d == k) {
+    tokens[a] -= model.cluster_tokens(ch.c);
+    tokens[ch.node] += model.cluster_tokens(ch.c);
+    reqs[a] -= model.cluster_requests(ch.c);
+    reqs[ch.node] += model.cluster_requests(ch.c);
+    map[ch.c] = static_cast<std::uint32_t>(ch.node);
+  } else {
+    tokens[a] += model.cluster_tokens(ch.d) - model.cluster_tokens(ch.c);
+    tokens[ch.node] += model.cluster_tokens(ch.c) - model.cluster_tokens(ch.d);
+    reqs[a] += model.cluster_requests(ch.d) - model.cluster_requests(ch.c);
+    reqs[ch.node] += model.cluster_requests(ch.c) - model.cluster_requests(ch.d);
+    map[ch.d] = static_cast<std::uint32_t>(a);
+    map[ch.c] = static_cast<std::uint32_t>(ch.node);
+  }
+}
+
+//! The grouping half of a round: best-first cluster moves and swaps against one layout (its
+//! `local` usage), at most 4k of them so the round ends. Returns whether `map` changed.
+inline bool improve_grouping(const grouper::workload_model& model, const std::vector<std::vector<double>>& local,
+                             const grouping_bounds& bounds, std::vector<std::uint32_t>& map) {
+  const std::size_t k = model.clusters(), nodes = model.nodes();
+  node_totals at{std::vector<double>(nodes, 0.0), std::vector<double>(nodes, 0.0)};
+  for (std::size_t c = 0; c < k; ++c) {
+    at.tokens[map[c]] += model.cluster_tokens(c);
+    at.reqs[map[c]] += model.cluster_requests(c);
+  }
+  bool changed = false;
+  for (std::size_t pass = 0; pass < 4 * k; ++pass) {
+    const cluster_change ch = best_cluster_change(model, local, map, at, bounds);
+    if (ch.c == k) break;
+    changed = true;
+    apply_cluster_change(model, ch, map, at);
+  }
+  return changed;
+}
+
+} // namespace detail::locality
+
 //! The joint fit: alternately plans the node layout for the model's grouping and moves or swaps
 //! clusters between nodes to raise the usage that stays local, keeping each node's decode tokens
 //! under the bound; keeps the best grouping seen. Updates `model`'s cluster → node map and
@@ -294,101 +433,24 @@ inline double refine_grouping(grouper::workload_model& model, plan_input in, con
                     (in.load.empty() || in.load.size() == model.layers()),
                 config_error, "refine_grouping: the plan input (", in.experts, " experts, ", in.topology.nodes(),
                 " nodes) does not match the model (", model.experts(), " experts, ", model.nodes(), " nodes)");
-  const std::size_t k = model.clusters(), nodes = model.nodes();
   if (in.load.empty()) in.load.assign(model.layers(), std::vector<double>(model.experts(), 0.0));
-  double total_tokens = 0, total_pairs = 0;
-  for (std::size_t c = 0; c < k; ++c) {
-    total_tokens += model.cluster_tokens(c);
-    for (double x : model.cluster_usage(c))
-      total_pairs += x;
-  }
-  double total_requests = 0;
-  for (std::size_t c = 0; c < k; ++c)
-    total_requests += model.cluster_requests(c);
-  const double token_cap = load_bound(total_tokens, nodes, jopt.token_slack);
-  const double request_cap = load_bound(total_requests, nodes, jopt.request_slack);
+  const detail::locality::grouping_bounds bounds = detail::locality::bounds_of(model, jopt);
   double best_score = -1;
   std::vector<std::uint32_t> best_map = model.cluster_node();
   for (std::size_t round = 0; round < jopt.rounds; ++round) {
     in.node_load = model.node_load();
-    std::vector<detail::activation::node_layout> layouts;
-    layouts.reserve(in.layers());
-    for (std::size_t l = 0; l < in.layers(); ++l)
-      layouts.push_back(detail::locality::plan_layer(in.node_load[l], in, opt));
-    const auto local = detail::locality::local_usage(model, layouts);
+    const auto local = detail::locality::local_usage(model, detail::locality::plan_layers(in, opt));
     auto map = model.cluster_node();
-    double score = 0;
-    for (std::size_t c = 0; c < k; ++c)
-      score += local[c][map[c]];
+    const double score = detail::locality::local_score(local, map);
     if (score > best_score) {
       best_score = score;
       best_map = map;
     }
-    // Cluster moves and swaps against this layout, best first, under the token bound.
-    std::vector<double> tokens(nodes, 0.0), reqs(nodes, 0.0);
-    for (std::size_t c = 0; c < k; ++c) {
-      tokens[map[c]] += model.cluster_tokens(c);
-      reqs[map[c]] += model.cluster_requests(c);
-    }
-    // A change may not push a node past a bound unless it already was past it and gets no worse.
-    auto fits = [](double now_a, double now_x, double new_a, double new_x, double cap) {
-      return keeps_load_bound(std::max(new_a, new_x), std::max(now_a, now_x), cap);
-    };
-    bool changed = false;
-    for (std::size_t pass = 0; pass < 4 * k; ++pass) {
-      double best_gain = 1e-9;
-      std::size_t bc = k, bd = k, bn = nodes;
-      for (std::size_t c = 0; c < k; ++c) {
-        const std::size_t a = map[c];
-        const double tc = model.cluster_tokens(c), rc = model.cluster_requests(c);
-        for (std::size_t n = 0; n < nodes; ++n) {
-          if (n == a) continue;
-          const double gain = local[c][n] - local[c][a];
-          if (gain > best_gain && fits(tokens[a], tokens[n], tokens[a] - tc, tokens[n] + tc, token_cap) &&
-              fits(reqs[a], reqs[n], reqs[a] - rc, reqs[n] + rc, request_cap)) {
-            best_gain = gain;
-            bc = c;
-            bd = k;
-            bn = n;
-          }
-        }
-        for (std::size_t d = c + 1; d < k; ++d) {
-          const std::size_t x = map[d];
-          if (x == a) continue;
-          const double td = model.cluster_tokens(d), rd = model.cluster_requests(d);
-          const double gain = local[c][x] + local[d][a] - local[c][a] - local[d][x];
-          if (gain > best_gain && fits(tokens[a], tokens[x], tokens[a] - tc + td, tokens[x] - td + tc, token_cap) &&
-              fits(reqs[a], reqs[x], reqs[a] - rc + rd, reqs[x] - rd + rc, request_cap)) {
-            best_gain = gain;
-            bc = c;
-            bd = d;
-            bn = x;
-          }
-        }
-      }
-      if (bc == k) break;
-      changed = true;
-      const std::size_t a = map[bc];
-      if (bd == k) {
-        tokens[a] -= model.cluster_tokens(bc);
-        tokens[bn] += model.cluster_tokens(bc);
-        reqs[a] -= model.cluster_requests(bc);
-        reqs[bn] += model.cluster_requests(bc);
-        map[bc] = static_cast<std::uint32_t>(bn);
-      } else {
-        tokens[a] += model.cluster_tokens(bd) - model.cluster_tokens(bc);
-        tokens[bn] += model.cluster_tokens(bc) - model.cluster_tokens(bd);
-        reqs[a] += model.cluster_requests(bd) - model.cluster_requests(bc);
-        reqs[bn] += model.cluster_requests(bc) - model.cluster_requests(bd);
-        map[bd] = static_cast<std::uint32_t>(a);
-        map[bc] = static_cast<std::uint32_t>(bn);
-      }
-    }
-    if (!changed) break;
+    if (!detail::locality::improve_grouping(model, local, bounds, map)) break;
     model.set_cluster_node(std::move(map));
   }
   model.set_cluster_node(best_map);
-  return total_pairs > 0 ? best_score / total_pairs : 0.0;
+  return bounds.pairs > 0 ? best_score / bounds.pairs : 0.0;
 }
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::placement
