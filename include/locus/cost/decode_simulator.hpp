@@ -246,6 +246,7 @@ public:
       }
   }
 
+  //! The step's gathered tokens (trace positions) and their ranks, as the observer sees them.
   std::span<const std::size_t> tokens() const noexcept { return tokens_; }
   std::span<const std::uint32_t> sources() const noexcept { return sources_; }
 
