@@ -31,6 +31,7 @@
 #include <locus/trace/trace.hpp>
 #include <random>
 #include <span>
+#include <utility>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::cost {
@@ -139,15 +140,23 @@ struct no_step_observer {
   void operator()(std::size_t, std::span<const std::size_t>, std::span<const std::uint32_t>) const noexcept {}
 };
 
-//! Runs the decode of every request of `t` (tokens marked decode, in position order) on the
-//! deployment of `cfg` with per-layer expert maps `maps` and grouper `g`. `on_step` sees every
-//! step's tokens and their ranks (the online re-planning replay records them).
-//! @throws locus::config_error when maps and trace or topology disagree
-template <grouper::grouper_for Grouper, step_observer Observer = no_step_observer>
-simulation_result simulate_decode(const trace::trace& t, const std::vector<expert_map>& maps, Grouper& g,
-                                  const simulation_config& cfg, Observer&& on_step = {}) {
-  const dynamic_topology& topo = cfg.topology;
-  const std::size_t ranks = topo.ranks(), layers = t.layers();
+namespace detail::simulation {
+
+//! A request waiting for a rank: its decode tokens are contiguous at its end once prefill is marked.
+struct pending {
+  std::size_t request, prefill, first_decode, decode_tokens, arrival_step;
+};
+
+//! A request decoding on a rank: the trace position of its next token, the tokens it has left and
+//! the context it attends over.
+struct running {
+  std::size_t request, next_token, remaining, context;
+};
+
+//! Rejects maps, sizes and rates the run cannot honour, before any state is built, so a bad
+//! deployment fails with what is wrong instead of a wrong count.
+inline void validate(const trace::trace& t, const std::vector<expert_map>& maps, const simulation_config& cfg) {
+  const std::size_t ranks = cfg.topology.ranks(), layers = t.layers();
   LOCUS_REQUIRE(maps.size() == layers, config_error, "simulate_decode: ", maps.size(), " expert maps for ", layers,
                 " layers");
   for (std::size_t l = 0; l < layers; ++l)
@@ -157,118 +166,130 @@ simulation_result simulate_decode(const trace::trace& t, const std::vector<exper
   LOCUS_REQUIRE(cfg.batch_per_rank > 0, config_error, "simulate_decode: batch_per_rank must be positive");
   LOCUS_REQUIRE(std::isfinite(cfg.arrival_rate) && cfg.arrival_rate >= 0, config_error,
                 "simulate_decode: arrival_rate is ", cfg.arrival_rate, ", expected a finite number >= 0");
-  {
-    // Byte counters are 64-bit: every copy of every token at every layer, both ways, must fit.
-    const std::uint64_t copies = std::uint64_t{t.tokens()} * t.top_k() * std::max<std::size_t>(layers, 1) + 1;
-    const std::uint64_t limit = (std::uint64_t{1} << 62) / copies;
-    LOCUS_REQUIRE(cfg.sizes.dispatch_bytes <= limit && cfg.sizes.combine_bytes <= limit, config_error,
-                  "simulate_decode: message sizes of ", cfg.sizes.dispatch_bytes, " + ", cfg.sizes.combine_bytes,
-                  " bytes would overflow the byte counters over ", copies - 1, " copies (at most ", limit,
-                  " bytes each)");
-  }
+  // Byte counters are 64-bit: every copy of every token at every layer, both ways, must fit.
+  const std::uint64_t copies = std::uint64_t{t.tokens()} * t.top_k() * std::max<std::size_t>(layers, 1) + 1;
+  const std::uint64_t limit = (std::uint64_t{1} << 62) / copies;
+  LOCUS_REQUIRE(cfg.sizes.dispatch_bytes <= limit && cfg.sizes.combine_bytes <= limit, config_error,
+                "simulate_decode: message sizes of ", cfg.sizes.dispatch_bytes, " + ", cfg.sizes.combine_bytes,
+                " bytes would overflow the byte counters over ", copies - 1, " copies (at most ", limit,
+                " bytes each)");
+}
 
-  // Each request's decode tokens are contiguous at its end once prefill is marked; find them.
-  struct pending {
-    std::size_t request, prefill, first_decode, decode_tokens, arrival_step;
-  };
+//! The queue of requests with decode tokens, in trace order, each with its arrival step (0, or
+//! drawn from the seeded Poisson process), so every run of one config sees the same arrivals.
+inline std::deque<pending> arrival_queue(const trace::trace& t, const simulation_config& cfg) {
   std::deque<pending> queue;
-  {
-    std::mt19937_64 rng(cfg.seed);
-    std::exponential_distribution<double> gap(cfg.arrival_rate > 0 ? cfg.arrival_rate : 1.0);
-    double clock = 0;
-    for (std::size_t r = 0; r < t.requests(); ++r) {
-      const auto& q = t.request(r);
-      std::size_t prefill = 0;
-      while (prefill < q.length && t.token_phase(q.first_token + prefill) != trace::phase::decode)
-        ++prefill;
-      if (prefill == q.length) continue; // nothing to decode
-      if (cfg.arrival_rate > 0) clock += gap(rng);
-      queue.push_back({r, prefill, q.first_token + prefill, q.length - prefill, static_cast<std::size_t>(clock)});
-    }
+  std::mt19937_64 rng(cfg.seed);
+  std::exponential_distribution<double> gap(cfg.arrival_rate > 0 ? cfg.arrival_rate : 1.0);
+  double clock = 0;
+  for (std::size_t r = 0; r < t.requests(); ++r) {
+    const auto& q = t.request(r);
+    std::size_t prefill = 0;
+    while (prefill < q.length && t.token_phase(q.first_token + prefill) != trace::phase::decode)
+      ++prefill;
+    if (prefill == q.length) continue; // nothing to decode
+    if (cfg.arrival_rate > 0) clock += gap(rng);
+    queue.push_back({r, prefill, q.first_token + prefill, q.length - prefill, static_cast<std::size_t>(clock)});
+  }
+  return queue;
+}
+
+//! One simulation in progress: the queue, what runs on each rank and the figures so far. One
+//! method per phase of a step, so simulate_decode reads as the step it models.
+class decode_run {
+public:
+  decode_run(const trace::trace& t, const std::vector<expert_map>& maps, const simulation_config& cfg)
+      : t_(t), maps_(maps), cfg_(cfg), ranks_(cfg.topology.ranks()), layers_(t.layers()), queue_(arrival_queue(t, cfg)),
+        per_rank_(ranks_), state_(ranks_), counter_(cfg.topology, cfg.transport), policies_(cfg, layers_),
+        step_traffic_(layers_, layer_traffic(ranks_)),
+        bytes_per_copy_(cfg.sizes.dispatch_bytes + cfg.sizes.combine_bytes) {
+    out_.layers.assign(layers_, layer_traffic(ranks_));
+    out_.rank_attention_tokens.assign(ranks_, 0.0);
   }
 
-  struct running {
-    std::size_t request, next_token, remaining, context;
-  };
-  std::vector<std::vector<running>> per_rank(ranks);
-  std::vector<grouper::rank_state> state(ranks);
-  traffic_counter<dynamic_topology> counter(topo, cfg.transport);
-  replica_policies policies(cfg, layers);
+  //! True once no request waits or runs.
+  bool finished() const noexcept { return queue_.empty() && active_ == 0; }
 
-  simulation_result out;
-  out.layers.assign(layers, layer_traffic(ranks));
-  out.rank_attention_tokens.assign(ranks, 0.0);
-  std::vector<layer_traffic> step_traffic(layers, layer_traffic(ranks));
-  std::vector<std::size_t> tokens;
-  std::vector<std::uint32_t> sources;
-  const std::size_t network = static_cast<std::size_t>(link_class::inter_node);
-  const std::uint64_t bytes_per_copy = cfg.sizes.dispatch_bytes + cfg.sizes.combine_bytes;
-  std::size_t active = 0;
-
-  for (std::size_t step = 0; !queue.empty() || active > 0; ++step) {
-    if (cfg.max_steps && step >= cfg.max_steps) break;
-    // Admit arrivals in order until the grouper finds no room for the head of the queue.
-    while (!queue.empty() && queue.front().arrival_step <= step) {
-      const pending& p = queue.front();
-      const grouper::cluster_state cluster{topo, state, cfg.batch_per_rank};
-      const std::size_t rank = g.assign(grouper::arrival{&t, p.request, p.prefill}, cluster);
+  //! Admits arrivals in order until the grouper finds no room for the head of the queue (first
+  //! come first served: requests behind a waiting one wait too).
+  //! @throws locus::invalid_input_error when the grouper picks a rank out of range or full
+  template <class Grouper>
+  void admit(std::size_t step, Grouper& g) {
+    while (!queue_.empty() && queue_.front().arrival_step <= step) {
+      const pending& p = queue_.front();
+      const grouper::cluster_state cluster{cfg_.topology, state_, cfg_.batch_per_rank};
+      const std::size_t rank = g.assign(grouper::arrival{&t_, p.request, p.prefill}, cluster);
       if (rank == grouper::no_rank) break;
-      LOCUS_REQUIRE(rank < ranks && state[rank].running_requests < cfg.batch_per_rank, invalid_input_error,
+      LOCUS_REQUIRE(rank < ranks_ && state_[rank].running_requests < cfg_.batch_per_rank, invalid_input_error,
                     "simulate_decode: the grouper placed request ", p.request, " on rank ", rank,
                     ", which is out of range or full");
-      per_rank[rank].push_back({p.request, p.first_decode, p.decode_tokens, p.prefill});
-      ++state[rank].running_requests;
-      state[rank].running_tokens += p.prefill;
-      ++active;
-      ++out.requests_served;
-      queue.pop_front();
+      per_rank_[rank].push_back({p.request, p.first_decode, p.decode_tokens, p.prefill});
+      ++state_[rank].running_requests;
+      state_[rank].running_tokens += p.prefill;
+      ++active_;
+      ++out_.requests_served;
+      queue_.pop_front();
     }
+  }
 
-    tokens.clear();
-    sources.clear();
-    for (std::size_t r = 0; r < ranks; ++r)
-      out.rank_attention_tokens[r] += static_cast<double>(state[r].running_tokens);
-    for (std::size_t r = 0; r < ranks; ++r)
-      for (const running& q : per_rank[r]) {
-        tokens.push_back(q.next_token);
-        sources.push_back(static_cast<std::uint32_t>(r));
+  //! Adds each rank's attended context to its total and lists the step's decode tokens with the
+  //! rank each runs on, rank by rank (the order the traffic counter and the observer see).
+  void gather() {
+    tokens_.clear();
+    sources_.clear();
+    for (std::size_t r = 0; r < ranks_; ++r)
+      out_.rank_attention_tokens[r] += static_cast<double>(state_[r].running_tokens);
+    for (std::size_t r = 0; r < ranks_; ++r)
+      for (const running& q : per_rank_[r]) {
+        tokens_.push_back(q.next_token);
+        sources_.push_back(static_cast<std::uint32_t>(r));
       }
+  }
 
-    on_step(step, std::span<const std::size_t>(tokens), std::span<const std::uint32_t>(sources));
+  //! The step's gathered tokens (trace positions) and their ranks, as the observer sees them.
+  std::span<const std::size_t> tokens() const noexcept { return tokens_; }
+  std::span<const std::uint32_t> sources() const noexcept { return sources_; }
+
+  //! Counts the gathered tokens at every layer and records the step's bytes, imbalance and
+  //! modelled time; the replica policies see each layer's step before the next step uses them.
+  void count() {
     double step_bytes = 0, step_imbalance = 0, step_time = 0;
-    if (!tokens.empty()) {
-      for (std::size_t l = 0; l < layers; ++l) {
-        layer_traffic& st = step_traffic[l];
+    if (!tokens_.empty()) {
+      for (std::size_t l = 0; l < layers_; ++l) {
+        layer_traffic& st = step_traffic_[l];
         st.clear();
-        counter.count_step(maps[l], t.layer(l), tokens, sources, st, policies(l));
-        policies.observe(l, st);
-        out.layers[l] += st;
-        step_bytes += static_cast<double>(st.copies[network] * bytes_per_copy);
+        counter_.count_step(maps_[l], t_.layer(l), tokens_, sources_, st, policies_(l));
+        policies_.observe(l, st);
+        out_.layers[l] += st;
+        step_bytes += static_cast<double>(st.copies[network] * bytes_per_copy_);
         step_imbalance += st.load_imbalance();
-        step_time += estimate_layer_time(st, cfg.sizes, cfg.links).total_us();
+        step_time += estimate_layer_time(st, cfg_.sizes, cfg_.links).total_us();
       }
-      step_imbalance /= static_cast<double>(layers);
-      step_time /= static_cast<double>(layers);
+      step_imbalance /= static_cast<double>(layers_);
+      step_time /= static_cast<double>(layers_);
     }
-    out.step_tokens.push_back(tokens.size());
-    out.step_inter_node_bytes.push_back(step_bytes);
-    out.step_imbalance.push_back(tokens.empty() ? 1.0 : step_imbalance);
-    out.step_layer_time_us.push_back(step_time);
-    out.decode_tokens += tokens.size();
-    ++out.steps;
+    out_.step_tokens.push_back(tokens_.size());
+    out_.step_inter_node_bytes.push_back(step_bytes);
+    out_.step_imbalance.push_back(tokens_.empty() ? 1.0 : step_imbalance);
+    out_.step_layer_time_us.push_back(step_time);
+    out_.decode_tokens += tokens_.size();
+    ++out_.steps;
+  }
 
-    // Advance: each running request has produced one token.
-    for (std::size_t r = 0; r < ranks; ++r) {
-      auto& list = per_rank[r];
+  //! Each running request has produced one token: its context grows, and a request with no
+  //! tokens left frees its slot and its context on the rank.
+  void advance() {
+    for (std::size_t r = 0; r < ranks_; ++r) {
+      auto& list = per_rank_[r];
       for (std::size_t i = 0; i < list.size();) {
         running& q = list[i];
         ++q.next_token;
         --q.remaining;
-        ++state[r].running_tokens;
+        ++state_[r].running_tokens;
         if (q.remaining == 0) {
-          --state[r].running_requests;
-          state[r].running_tokens -= q.context + 1;
-          --active;
+          --state_[r].running_requests;
+          state_[r].running_tokens -= q.context + 1;
+          --active_;
           list[i] = list.back();
           list.pop_back();
         } else {
@@ -279,33 +300,77 @@ simulation_result simulate_decode(const trace::trace& t, const std::vector<exper
     }
   }
 
-  // Summary metrics.
-  double bytes = 0, copies = 0, imbalance_sum = 0, time_sum = 0, aggregate = 0;
-  std::size_t busy_steps = 0;
-  for (std::size_t s = 0; s < out.steps; ++s) {
-    bytes += out.step_inter_node_bytes[s];
-    if (out.step_tokens[s] == 0) continue;
-    imbalance_sum += out.step_imbalance[s];
-    time_sum += out.step_layer_time_us[s];
-    ++busy_steps;
+  //! The result with its summary metrics (file comment) computed from the per-step figures.
+  simulation_result finish() && {
+    simulation_result& out = out_;
+    double bytes = 0, copies = 0, imbalance_sum = 0, time_sum = 0, aggregate = 0;
+    std::size_t busy_steps = 0;
+    for (std::size_t s = 0; s < out.steps; ++s) {
+      bytes += out.step_inter_node_bytes[s];
+      if (out.step_tokens[s] == 0) continue;
+      imbalance_sum += out.step_imbalance[s];
+      time_sum += out.step_layer_time_us[s];
+      ++busy_steps;
+    }
+    for (const layer_traffic& l : out.layers) {
+      copies += static_cast<double>(l.copies[network]);
+      aggregate += l.load_imbalance();
+    }
+    const double tokens_total = static_cast<double>(std::max<std::uint64_t>(out.decode_tokens, 1));
+    out.inter_node_bytes_per_token = bytes / tokens_total;
+    out.inter_node_copies_per_token = copies / tokens_total;
+    out.gpu_imbalance_step_mean = busy_steps ? imbalance_sum / static_cast<double>(busy_steps) : 1.0;
+    out.gpu_imbalance_aggregate = layers_ ? aggregate / static_cast<double>(layers_) : 1.0;
+    out.layer_time_estimate_us = busy_steps ? time_sum / static_cast<double>(busy_steps) : 0.0;
+    double attention_total = 0, attention_max = 0;
+    for (const double a : out.rank_attention_tokens) {
+      attention_total += a;
+      attention_max = std::max(attention_max, a);
+    }
+    out.attention_imbalance = attention_total > 0 ? attention_max * static_cast<double>(ranks_) / attention_total : 1.0;
+    return std::move(out_);
   }
-  for (const layer_traffic& l : out.layers) {
-    copies += static_cast<double>(l.copies[network]);
-    aggregate += l.load_imbalance();
+
+private:
+  static constexpr std::size_t network = static_cast<std::size_t>(link_class::inter_node);
+
+  const trace::trace& t_;
+  const std::vector<expert_map>& maps_;
+  const simulation_config& cfg_;
+  std::size_t ranks_, layers_;
+  std::deque<pending> queue_;
+  std::vector<std::vector<running>> per_rank_;
+  std::vector<grouper::rank_state> state_;
+  traffic_counter<dynamic_topology> counter_;
+  replica_policies policies_;
+  std::vector<layer_traffic> step_traffic_;
+  std::uint64_t bytes_per_copy_;
+  std::size_t active_ = 0;
+  std::vector<std::size_t> tokens_;
+  std::vector<std::uint32_t> sources_;
+  simulation_result out_;
+};
+
+} // namespace detail::simulation
+
+//! Runs the decode of every request of `t` (tokens marked decode, in position order) on the
+//! deployment of `cfg` with per-layer expert maps `maps` and grouper `g`. `on_step` sees every
+//! step's tokens and their ranks (the online re-planning replay records them).
+//! @throws locus::config_error when maps and trace or topology disagree
+template <grouper::grouper_for Grouper, step_observer Observer = no_step_observer>
+simulation_result simulate_decode(const trace::trace& t, const std::vector<expert_map>& maps, Grouper& g,
+                                  const simulation_config& cfg, Observer&& on_step = {}) {
+  detail::simulation::validate(t, maps, cfg);
+  detail::simulation::decode_run run(t, maps, cfg);
+  for (std::size_t step = 0; !run.finished(); ++step) {
+    if (cfg.max_steps && step >= cfg.max_steps) break;
+    run.admit(step, g);
+    run.gather();
+    on_step(step, run.tokens(), run.sources());
+    run.count();
+    run.advance();
   }
-  const double tokens_total = static_cast<double>(std::max<std::uint64_t>(out.decode_tokens, 1));
-  out.inter_node_bytes_per_token = bytes / tokens_total;
-  out.inter_node_copies_per_token = copies / tokens_total;
-  out.gpu_imbalance_step_mean = busy_steps ? imbalance_sum / static_cast<double>(busy_steps) : 1.0;
-  out.gpu_imbalance_aggregate = layers ? aggregate / static_cast<double>(layers) : 1.0;
-  out.layer_time_estimate_us = busy_steps ? time_sum / static_cast<double>(busy_steps) : 0.0;
-  double attention_total = 0, attention_max = 0;
-  for (const double a : out.rank_attention_tokens) {
-    attention_total += a;
-    attention_max = std::max(attention_max, a);
-  }
-  out.attention_imbalance = attention_total > 0 ? attention_max * static_cast<double>(ranks) / attention_total : 1.0;
-  return out;
+  return std::move(run).finish();
 }
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::cost

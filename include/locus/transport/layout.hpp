@@ -187,7 +187,20 @@ private:
   template <class Topology, class Id>
   void select_replicas(const expert_map& map, const Topology& topo, const Id* ids, std::size_t chunks,
                        const placement::replica_policy& policy);
+  //! Groups the chosen copies into rows and lays rows and entries out by destination, in chunks
+  //! that run in parallel: count, scan, place, sum.
   void place_rows(std::size_t chunks, const float* weights);
+  //! Pass 1 of place_rows: groups each token's copies into rows and counts rows, entries, slot
+  //! copies and link copies per chunk, so pass 2 can write without contention.
+  void count_rows(std::size_t chunks, const detail::layout::token_params& params);
+  //! Turns the per-chunk counts into each (bucket, chunk)'s first row and entry, bucket-major so
+  //! rows come out ordered by destination and then by token, and sizes the row and entry tables.
+  void scan_rows(std::size_t chunks, const float* weights);
+  //! Pass 2 of place_rows: writes every row, its entries and, for a node layout, its forwards at
+  //! the positions the scan reserved.
+  void place_entries(std::size_t chunks, const float* weights, const detail::layout::token_params& params);
+  //! Sums the per-chunk slot and link counts into the layout's totals.
+  void sum_chunk_counts(std::size_t chunks);
 
   transport_kind kind_ = transport_kind::flat;
   std::size_t tokens_ = 0, k_ = 0, ranks_ = 0, gpus_ = 1, slots_ = 0, source_ = 0;
@@ -345,10 +358,20 @@ void layout<TopK>::select_replicas(const expert_map& map, const Topology& topo, 
 
 template <class TopK>
 void layout<TopK>::place_rows(std::size_t chunks, const float* weights) {
+  const detail::layout::token_params params{static_cast<std::int32_t>(source_), static_cast<std::int32_t>(gpus_),
+                                            static_cast<std::int32_t>(slots_), static_cast<std::int32_t>(bucket_width_),
+                                            kind_ == transport_kind::hierarchical};
+  count_rows(chunks, params);
+  scan_rows(chunks, weights);
+  place_entries(chunks, weights, params);
+  sum_chunk_counts(chunks);
+}
+
+template <class TopK>
+void layout<TopK>::count_rows(std::size_t chunks, const detail::layout::token_params& params) {
   const std::size_t n = copies();
   const std::size_t buckets = ranks_ * bucket_width_;
-  const std::size_t G = gpus_, S = slots_;
-  const bool node = kind_ == transport_kind::hierarchical;
+  const std::size_t S = slots_;
   const TopK kext = TopK(k_);
   constexpr std::size_t kmax = detail::layout::scratch_k<TopK>();
 
@@ -361,11 +384,7 @@ void layout<TopK>::place_rows(std::size_t chunks, const float* weights) {
   chunk_links_.assign(chunks, {});
   row_forwards_.clear();
 
-  const detail::layout::token_params params{static_cast<std::int32_t>(source_), static_cast<std::int32_t>(G),
-                                            static_cast<std::int32_t>(S), static_cast<std::int32_t>(bucket_width_),
-                                            node};
-
-  // Pass 1: group each token's copies into rows, key each row by (send rank, lead entry), count.
+  // Each row is keyed by (send rank, lead entry).
   parallel_for(chunks, 1, threads_, [&](std::size_t w0, std::size_t w1, unsigned) {
     for (std::size_t w = w0; w < w1; ++w) {
       std::int32_t* rh = row_hist.data() + w * buckets * 2;
@@ -394,6 +413,14 @@ void layout<TopK>::place_rows(std::size_t chunks, const float* weights) {
       }
     }
   });
+}
+
+template <class TopK>
+void layout<TopK>::scan_rows(std::size_t chunks, const float* weights) {
+  const std::size_t n = copies();
+  const std::size_t buckets = ranks_ * bucket_width_;
+  const bool node = kind_ == transport_kind::hierarchical;
+  const std::vector<std::int32_t>& row_hist = hist_;
 
   // Scan: bucket-major, chunk-minor, so rows are ordered by bucket and, inside a bucket, by chunk
   // then token - i.e. by token.
@@ -427,8 +454,15 @@ void layout<TopK>::place_rows(std::size_t chunks, const float* weights) {
   entry_target_.resize(n);
   entry_slot_.resize(n);
   entry_weight_.resize(weights ? n : 0);
+}
 
-  // Pass 2: place rows and their entries.
+template <class TopK>
+void layout<TopK>::place_entries(std::size_t chunks, const float* weights, const detail::layout::token_params& params) {
+  const std::size_t G = gpus_;
+  const bool node = kind_ == transport_kind::hierarchical;
+  const TopK kext = TopK(k_);
+  constexpr std::size_t kmax = detail::layout::scratch_k<TopK>();
+
   parallel_for(chunks, 1, threads_, [&](std::size_t w0, std::size_t w1, unsigned) {
     for (std::size_t w = w0; w < w1; ++w) {
       const std::size_t t1 = detail::layout::chunk_begin(tokens_, chunks, w + 1);
@@ -467,7 +501,11 @@ void layout<TopK>::place_rows(std::size_t chunks, const float* weights) {
       }
     }
   });
+}
 
+template <class TopK>
+void layout<TopK>::sum_chunk_counts(std::size_t chunks) {
+  const std::size_t S = slots_;
   slot_counts_.assign(ranks_ * S, 0);
   for (std::size_t w = 0; w < chunks; ++w)
     for (std::size_t s = 0; s < ranks_ * S; ++s)
