@@ -7,6 +7,7 @@
 #include <functional>
 #include <locus/transport/dispatch.hpp>
 #include <locus/transport/local.hpp>
+#include <mutex>
 #include <thread>
 
 using namespace locus;
@@ -56,7 +57,16 @@ bool raised(const std::exception_ptr& p) {
 struct row {
   std::uint32_t src, dst, index;
 };
+
+// Boost.Test's assertions are not thread-safe: checks made inside a rank's thread take this lock,
+// so that concurrent ranks never touch the framework's state at once.
+std::mutex rank_test_mutex;
 } // namespace
+#define RANK_TEST(...)                                                                                                 \
+  do {                                                                                                                 \
+    std::lock_guard rank_test_lock_(rank_test_mutex);                                                                  \
+    BOOST_TEST(__VA_ARGS__);                                                                                           \
+  } while (false)
 
 namespace {
 // The local transport seen as an exchanger that does not carry entries: exchange_with_entries
@@ -72,7 +82,7 @@ public:
   const link_counters& bytes() const noexcept { return t_->bytes(); }
   void reset_bytes() noexcept { t_->reset_bytes(); }
   void exchange(const exchange_request& req, exchange_result& out) {
-    BOOST_TEST(req.entry_bytes == 0u); // it would drop them
+    RANK_TEST(req.entry_bytes == 0u); // it would drop them
     t_->exchange(req, out);
   }
 
@@ -105,24 +115,24 @@ void check_entries_travel(Exchanger& ex, std::size_t ranks) {
   req.entry_counts = entry_counts;
   exchange_result out, scratch;
   exchange_with_entries(ex, req, out, scratch);
-  BOOST_TEST(out.entry_bytes == sizeof(row));
+  RANK_TEST(out.entry_bytes == sizeof(row));
   std::size_t at = 0, entry_at = 0;
   for (std::size_t s = 0; s < ranks; ++s) {
-    BOOST_TEST(out.counts[s] == count(s, me));
-    BOOST_TEST(out.entry_counts[s] == entry_count(s, me));
+    RANK_TEST(out.counts[s] == count(s, me));
+    RANK_TEST(out.entry_counts[s] == entry_count(s, me));
     for (std::size_t i = 0; i < out.counts[s]; ++i, ++at) {
       row got;
       std::memcpy(&got, out.row(at), sizeof got);
-      BOOST_TEST((got.src == s && got.dst == me && got.index == i));
+      RANK_TEST((got.src == s && got.dst == me && got.index == i));
     }
     for (std::size_t i = 0; i < out.entry_counts[s]; ++i, ++entry_at) {
       row got;
       std::memcpy(&got, out.entry(entry_at), sizeof got);
-      BOOST_TEST((got.src == s && got.dst == me && got.index == 100 + i));
+      RANK_TEST((got.src == s && got.dst == me && got.index == 100 + i));
     }
   }
-  BOOST_TEST(at == out.row_count());
-  BOOST_TEST(entry_at == out.entry_count());
+  RANK_TEST(at == out.row_count());
+  RANK_TEST(entry_at == out.entry_count());
 }
 } // namespace
 
@@ -176,14 +186,14 @@ BOOST_AUTO_TEST_CASE(world_exchange_delivers_every_row_once) {
     ep.exchange({exchange_group::world, sizeof(row), std::as_bytes(std::span(rows)), counts, {}}, out);
     std::size_t at = 0;
     for (std::size_t s = 0; s < topo.ranks(); ++s) {
-      BOOST_TEST(out.counts[s] == count(s, me));
+      RANK_TEST(out.counts[s] == count(s, me));
       for (std::size_t i = 0; i < out.counts[s]; ++i, ++at) {
         row got;
         std::memcpy(&got, out.row(at), sizeof got);
-        BOOST_TEST((got.src == s && got.dst == me && got.index == i));
+        RANK_TEST((got.src == s && got.dst == me && got.index == i));
       }
     }
-    BOOST_TEST(at == out.row_count());
+    RANK_TEST(at == out.row_count());
     counters[me] = ep.bytes();
   });
   for (const auto& e : errors)
@@ -218,7 +228,7 @@ BOOST_AUTO_TEST_CASE(node_and_rail_groups_follow_the_topology) {
         std::memcpy(&from, out.row(m), sizeof from);
         const std::size_t expect = g == exchange_group::node ? topo.rank_of(topo.node_of(ep.rank()), m)
                                                              : topo.rank_of(m, topo.local_rank_of(ep.rank()));
-        BOOST_TEST(from == expect);
+        RANK_TEST(from == expect);
       }
     }
   });
@@ -258,7 +268,7 @@ BOOST_AUTO_TEST_CASE(disagreements_raise_on_every_rank) {
     std::vector<std::byte> rows(4 * 8);
     exchange_result out;
     ep.exchange({exchange_group::world, 8, rows, counts, {}}, out);
-    BOOST_TEST(out.row_count() == 4u);
+    RANK_TEST(out.row_count() == 4u);
   });
   for (const auto& e : errors)
     BOOST_TEST(!e);
