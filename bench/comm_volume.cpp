@@ -481,7 +481,7 @@ void write_outputs(const run_options& o, results& out, const std::string& summar
          "bench/results`.\n\n## Targets (issue 5)\n\n"
       << summary
       << "\n## Under each engine's replica rule\n\nRows with a redundant slot per GPU, simulated on the same maps and "
-         "requests under each rule of placement/replica_selection.hpp (docs/engines.md says which engine does what; "
+         "requests under each rule of transport/replica_selection.hpp (docs/engines.md says which engine does what; "
          "without replicas every rule gives the same copies). Each cell: inter-node bytes reduction vs linear / "
          "round-robin / flat, then GPU max/mean (aggregate). locality_bounded avoids a GPU whose rows of the layer "
          "so far exceed (1 + "

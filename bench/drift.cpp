@@ -106,7 +106,7 @@ int main(int argc, char** argv) try {
   CLI11_PARSE(app, argc, argv);
   const std::size_t adaptive_window = adaptive_window_opt.value_or(interval);
   const auto transport = cost::parse_transport_kind(transport_name);
-  // Every policy's replicas are chosen by one rule (placement/replica_selection.hpp).
+  // Every policy's replicas are chosen by one rule (transport/replica_selection.hpp).
   const auto replica_rule = placement::parse_replica_rule(replica_rule_name);
   const std::string command = bench_args::command_line(argc, argv, "build/dev/bench/drift");
   const std::string machine = bench_args::machine_line();

@@ -158,7 +158,7 @@ public:
   }
 
   //! How this layer's tokens pick among an expert's replicas: the engine rule the plan was judged
-  //! under (placement/replica_selection.hpp; default locality_first). `layer_index` seeds the
+  //! under (transport/replica_selection.hpp; default locality_first). `layer_index` seeds the
   //! static draws of same_gpu_else_random; `hot` (locality_bounded: per rank, nonzero above the
   //! load bound, as the caller's load counters say) may be empty.
   //! @throws locus::config_error when `hot` is neither empty nor one flag per rank

@@ -40,9 +40,9 @@
 #include <locus/core/random.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/placement/load_bound.hpp>
-#include <locus/placement/replica_selection.hpp>
 #include <locus/trace/trace.hpp>
 #include <locus/transport/detail/layout_token.hpp>
+#include <locus/transport/replica_selection.hpp>
 #include <numeric>
 #include <span>
 #include <vector>
@@ -126,7 +126,7 @@ struct token_refine_options {
   //! another.
   double balance_shift = 0;
   double shift_slack = 0.10; //!< the bound under a shifted mix
-  //! The replica rule of the engine the plan is for (placement/replica_selection.hpp): where a
+  //! The replica rule of the engine the plan is for (transport/replica_selection.hpp): where a
   //! token's copy for a replicated expert goes, in the cost and the loads. Layer l's draws are
   //! seeded by salt + l, as the decode simulator seeds them by the layer index; `hot` applies to
   //! every layer.

@@ -7,7 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <locus/core/config.hpp>
-#include <locus/placement/replica_selection.hpp>
+#include <locus/transport/replica_selection.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout {
 
@@ -20,8 +20,8 @@ struct token_params {
   bool node = false;             //!< node-deduplicated rows
 };
 
-// The replica rule is placement's (placement/replica_selection.hpp); kernels call it from here.
-using ::locus::placement::choose_replica;
+// The replica rule (transport/replica_selection.hpp), named here for the kernels.
+using ::locus::transport::choose_replica;
 
 //! The rank a copy bound for `dst` is sent to: `dst`, or for a node layout and a remote node the
 //! rail peer (the rank with the source's local rank on `dst`'s node).

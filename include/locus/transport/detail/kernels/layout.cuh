@@ -9,8 +9,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <locus/core/expert_map.hpp>
-#include <locus/placement/replica_selection.hpp>
 #include <locus/transport/detail/layout_token.hpp>
+#include <locus/transport/replica_selection.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout {
 
