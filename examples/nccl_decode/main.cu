@@ -1,6 +1,6 @@
 // nccl_decode: the mpi_decode program over NCCL, one rank per GPU (MPI only bootstraps NCCL).
 //
-//   mpirun -np <GPUs> build/dev/examples/nccl_decode/nccl_decode [--gpus-per-node G] [--steps 16]
+//   mpirun -np <GPUs> nccl_decode [--gpus-per-node G] [--steps 16] [--hidden 256] (--help lists the defaults)
 //
 // Synthetic decode steps (64 experts, top-8, 32 requests per rank) go through the device-resident
 // moe_layer (backend::cuda, nccl_flat): device layout → permute → NCCL exchange → expert compute
@@ -9,6 +9,8 @@
 // and the largest error against a dense reference. Token rows stay in device memory from input to
 // output; the inputs are uploaded and the outputs downloaded only to check them, outside the
 // timed step.
+#include "../example_cli.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -67,16 +69,21 @@ int main(int argc, char** argv) {
   int status = 0;
   try {
     std::size_t gpus_per_node = ranks, steps = 16, hidden = 256, requests = 32;
-    for (int i = 1; i + 1 < argc; i += 2) {
-      const std::string a = argv[i];
-      if (a == "--gpus-per-node")
-        gpus_per_node = std::stoul(argv[i + 1]);
-      else if (a == "--steps")
-        steps = std::stoul(argv[i + 1]);
-      else if (a == "--hidden")
-        hidden = std::stoul(argv[i + 1]);
-      else
-        LOCUS_THROW(config_error, "nccl_decode: unknown option ", a);
+    CLI::App app{"Decode steps of one MoE layer over NCCL, one rank per GPU, linear and locality placement"};
+    app.option_defaults()->always_capture_default();
+    app.add_option("--gpus-per-node", gpus_per_node, "GPUs (ranks) per node")
+        ->check(example_cli::positive)
+        ->default_str("all ranks (one node)");
+    app.add_option("--steps", steps, "Decode steps")->check(example_cli::positive);
+    app.add_option("--hidden", hidden, "Hidden size")->check(example_cli::positive);
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::CallForHelp&) {
+      if (me == 0) std::fputs(app.help().c_str(), stdout);
+      MPI_Finalize();
+      return 0;
+    } catch (const CLI::ParseError& e) {
+      LOCUS_THROW(config_error, "nccl_decode: ", e.what(), " (see --help)");
     }
     LOCUS_REQUIRE(ranks % gpus_per_node == 0, config_error, "nccl_decode: ", ranks,
                   " ranks are not a multiple of --gpus-per-node ", gpus_per_node);
