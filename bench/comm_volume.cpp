@@ -5,7 +5,7 @@
 //
 //   comm_volume [--trace DIR_OR_FILE] [--out DIR] [--split-seed S] [--prefill-tokens P]
 //               [--anneal N] [--plan-per-transport 0|1] [--replica-rule R] [--replica-slack S]
-//               [--unseen-redundant N] (--help lists every option and its default)
+//               [--unseen-redundant N] [--hedge-replicas H] (--help lists every option and its default)
 // Rows with redundant slots are also simulated under every engine's replica rule (second table).
 // Writes DIR/comm_volume.json and DIR/comm_volume.md; bench/plot_comm_volume.py draws the PNG.
 #include "bench_output.hpp"
@@ -163,6 +163,11 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
                  "Annealing start temperature (share of a random swap's mean cost rise)");
   app.add_option("--balance-shift", popt.refine.balance_shift,
                  "Token-level stage: keep balance when a group's tokens grow by this share (0: off)");
+  app.add_option("--hedge-replicas", popt.refine.hedge_replicas,
+                 "Token-level stage: replica slots per layer first spent on GPUs whose load varies most over "
+                 "resampled training requests (0: off)");
+  app.add_option("--hedge-z", popt.refine.hedge_z, "Hedge replicas: a GPU's risk is its mean share + this many sd");
+  app.add_option("--hedge-excess", popt.refine.hedge_excess, "Hedge replicas: hedge GPUs whose risk exceeds 1 + this");
   app.add_option("--shift-slack", popt.refine.shift_slack, "Token-level stage: GPU load bound under a shifted mix");
   app.add_option("--shift-by", shift_by, "Token-level stage: what a shifted mix grows (node, request class, request)")
       ->check(CLI::IsMember({"node", "class", "request"}));
