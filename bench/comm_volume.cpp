@@ -5,7 +5,7 @@
 //
 //   comm_volume [--trace DIR_OR_FILE] [--out DIR] [--split-seed S] [--prefill-tokens P]
 //               [--anneal N] [--plan-per-transport 0|1] [--replica-rule R] [--replica-slack S]
-//               [--unseen-redundant N] [--hedge-replicas H] (--help lists every option and its default)
+//               [--unseen-redundant N] (--help lists every option and its default)
 // Rows with redundant slots are also simulated under every engine's replica rule (second table).
 // Writes DIR/comm_volume.json and DIR/comm_volume.md; bench/plot_comm_volume.py draws the PNG.
 #include "bench_output.hpp"
