@@ -160,6 +160,11 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
                  "Annealing start temperature (share of a random swap's mean cost rise)");
   app.add_option("--balance-shift", popt.refine.balance_shift,
                  "Token-level stage: keep balance when a group's tokens grow by this share (0: off)");
+  app.add_option("--hedge-replicas", popt.refine.hedge_replicas,
+                 "Token-level stage: replica slots per layer first spent on GPUs whose load varies most over "
+                 "resampled training requests (0: off)");
+  app.add_option("--hedge-z", popt.refine.hedge_z, "Hedge replicas: a GPU's risk is its mean share + this many sd");
+  app.add_option("--hedge-excess", popt.refine.hedge_excess, "Hedge replicas: hedge GPUs whose risk exceeds 1 + this");
   app.add_option("--shift-slack", popt.refine.shift_slack, "Token-level stage: GPU load bound under a shifted mix");
   app.add_option("--shift-by", shift_by, "Token-level stage: what a shifted mix grows (node, request class, request)")
       ->check(CLI::IsMember({"node", "class", "request"}));
