@@ -28,7 +28,7 @@ namespace {
 template <std::size_t K>
 std::vector<std::vector<float>> run_device(const locus_test::dispatch_case& c,
                                            const layer::expert_weights<float>& all) {
-  device_local_fabric fabric(c.topo, false);
+  device_local_fabric fabric(c.topo, transport_kind::flat);
   const std::size_t R = c.topo.ranks();
   std::vector<std::vector<float>> y(R);
   std::vector<std::exception_ptr> errors(R);
@@ -75,7 +75,7 @@ std::vector<std::vector<float>> run_layer(const locus_test::dispatch_case& c, co
                                           std::vector<std::exception_ptr>* errors_out = nullptr) {
   using shape = moe_shape<experts<>, top_k<K>, hidden<>, shared_experts<>>;
   using layer_t = moe_layer<shape, dynamic_topology, device_local_flat, backend::cuda, layer::given_routing>;
-  device_local_fabric fabric(c.topo, false);
+  device_local_fabric fabric(c.topo, transport_kind::flat);
   const std::size_t R = c.topo.ranks();
   std::vector<std::vector<float>> y(R);
   std::vector<std::exception_ptr> errors(R);
@@ -162,7 +162,7 @@ std::vector<routed_rank> run_routed(const locus_test::dispatch_case& c, const la
                                     const layer::expert_weights<float>* shared = nullptr) {
   using shape = moe_shape<experts<>, top_k<K>, hidden<>, shared_experts<>>;
   using layer_t = moe_layer<shape, dynamic_topology, device_local_flat, backend::cuda>;
-  device_local_fabric fabric(c.topo, false);
+  device_local_fabric fabric(c.topo, transport_kind::flat);
   const std::size_t R = c.topo.ranks();
   std::vector<routed_rank> out(R);
   std::vector<std::thread> threads;
@@ -380,7 +380,7 @@ BOOST_AUTO_TEST_CASE(device_layer_adds_shared_experts) {
 
 BOOST_AUTO_TEST_CASE(hierarchical_endpoints_are_refused) {
   const auto c = locus_test::make_case(3, 2, 2);
-  device_local_fabric fabric(c.topo, true);
+  device_local_fabric fabric(c.topo, transport_kind::hierarchical);
   auto ep = fabric.endpoint(0, nullptr);
   using dispatcher = device_dispatcher<device_local_transport, float, top_k<2>>;
   BOOST_CHECK_THROW(dispatcher(ep, c.map, c.hidden, nullptr), config_error);
