@@ -181,7 +181,7 @@ private:
   static void step(layer_type& l, state& s, const value_type* x, const device_routing_view<top_k_type>& r,
                    std::exception_ptr fail, value_type* y) {
     auto& d = s.dispatch;
-    d.dispatch(x, r, fail);
+    d.dispatch(x, r, placement::replica_policy{l.replica_rule_, l.replica_salt_, l.hot_ranks_}, fail);
     const auto b = d.blocks();
     try {
       l.experts()(b);

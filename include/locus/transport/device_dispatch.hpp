@@ -25,6 +25,7 @@
 #include <locus/core/expert_map.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/layer/expert_compute.hpp>
+#include <locus/placement/replica_selection.hpp>
 #include <locus/transport/detail/stage.hpp>
 #include <locus/transport/device_exchange.hpp>
 #include <locus/transport/device_layout.hpp>
@@ -81,22 +82,28 @@ public:
       slot_expert_.push_back(map_.expert_at(ex.rank(), s));
   }
 
-  //! Collective: dispatches the rows of `x` (`r.tokens() × hidden`, device) routed by `r` (device).
-  //! Afterwards blocks() describes the local experts' input and output rows.
+  //! Collective: dispatches the rows of `x` (`r.tokens() × hidden`, device) routed by `r` (device),
+  //! each copy to the replica `replicas` picks (placement/replica_selection.hpp: the rule the host
+  //! dispatcher's plan() takes, so both choose the same replicas). Afterwards blocks() describes
+  //! the local experts' input and output rows.
   //!
-  //! A bad routing (no weights, or what device_layout::assign refuses) does not raise here: this
-  //! rank then sends no tokens but still receives, computes and returns its peers' rows, and
-  //! combine() raises the error once the step's exchanges are done, so no peer waits for it.
-  //! `fail` does the same for an error the caller found before dispatch (a router's).
-  void dispatch(const T* x, const device_routing_view<TopK>& r, std::exception_ptr fail = nullptr) {
+  //! A bad routing (no weights, or what device_layout::assign refuses, a `replicas.hot` of the
+  //! wrong size included) does not raise here: this rank then sends no tokens but still receives,
+  //! computes and returns its peers' rows, and combine() raises the error once the step's exchanges
+  //! are done, so no peer waits for it. `fail` does the same for an error the caller found before
+  //! dispatch (a router's).
+  void dispatch(const T* x, const device_routing_view<TopK>& r, const placement::replica_policy& replicas = {},
+                std::exception_ptr fail = nullptr) {
     const std::size_t R = map_.ranks(), row_bytes = hidden_ * sizeof(T);
     pending_ = fail;
     if (!pending_) {
       try {
         LOCUS_REQUIRE(r.tokens() == 0 || r.weights(), invalid_input_error,
                       "device_dispatcher: the routing carries no weights");
-        layout_.assign(r, map_, ex_->topology(), ex_->rank(), transport_kind::flat, stream_);
+        layout_.assign(r, map_, ex_->topology(), ex_->rank(), transport_kind::flat, stream_, replicas);
       } catch (const invalid_input_error&) {
+        pending_ = std::current_exception();
+      } catch (const config_error&) {
         pending_ = std::current_exception();
       }
     }

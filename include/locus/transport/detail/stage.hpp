@@ -288,4 +288,62 @@ LOCUS_HOST_DEVICE void exclusive_scan(grid_index g, const std::int32_t* LOCUS_RE
   out[n] = sum;
 }
 
+//! @name The intra-node fan-out of a hierarchical dispatch, as a rail peer computes it: which of
+//! the rows it received in the rail stage go to which rank of its node, with the entries for that
+//! rank (transport::node_fanout, the host's make_node_fanout: target-major, rows in received
+//! order, a row's entries in their order). Three steps: fanout_count, then exclusive_scan of both
+//! of its outputs, then fanout_place.
+//! @{
+
+//! Per received row r and local rank g < gpus: `count[g * rows + r]` = r's entries targeting g,
+//! `present[g * rows + r]` = 1 when there is one. `row_entry_offsets` has rows + 1 values.
+LOCUS_HOST_DEVICE void fanout_count(grid_index g, const std::int32_t* LOCUS_RESTRICT row_entry_offsets,
+                                    const std::int32_t* LOCUS_RESTRICT entry_target, std::size_t rows, std::size_t gpus,
+                                    std::int32_t* LOCUS_RESTRICT count, std::int32_t* LOCUS_RESTRICT present) {
+  for (std::size_t r = g.block * g.threads + g.thread; r < rows; r += g.blocks * g.threads)
+    for (std::size_t t = 0; t < gpus; ++t) {
+      std::int32_t n = 0;
+      for (std::int32_t e = row_entry_offsets[r]; e < row_entry_offsets[r + 1]; ++e)
+        n += static_cast<std::size_t>(entry_target[e]) == t;
+      count[t * rows + r] = n;
+      present[t * rows + r] = n > 0;
+    }
+}
+
+//! Writes the fan-out from the exclusive scans of fanout_count's outputs (`row_at` of `present`,
+//! `entry_at` of `count`, gpus × rows + 1 values each): per fan-out row its received row and entry
+//! count, per fan-out entry its slot, weight (when `weight` is not null) and received entry index.
+LOCUS_HOST_DEVICE void fanout_place(grid_index g, const std::int32_t* LOCUS_RESTRICT row_entry_offsets,
+                                    const std::int32_t* LOCUS_RESTRICT entry_target,
+                                    const std::int32_t* LOCUS_RESTRICT entry_slot, const float* LOCUS_RESTRICT weight,
+                                    std::size_t rows, std::size_t gpus, const std::int32_t* LOCUS_RESTRICT row_at,
+                                    const std::int32_t* LOCUS_RESTRICT entry_at, std::int32_t* LOCUS_RESTRICT out_row,
+                                    std::int32_t* LOCUS_RESTRICT out_row_entries, std::int32_t* LOCUS_RESTRICT out_slot,
+                                    float* LOCUS_RESTRICT out_weight, std::int32_t* LOCUS_RESTRICT out_source) {
+  for (std::size_t r = g.block * g.threads + g.thread; r < rows; r += g.blocks * g.threads)
+    for (std::size_t t = 0; t < gpus; ++t) {
+      const std::size_t i = t * rows + r;
+      if (row_at[i + 1] == row_at[i]) continue; // no entry of r targets t
+      out_row[row_at[i]] = static_cast<std::int32_t>(r);
+      out_row_entries[row_at[i]] = entry_at[i + 1] - entry_at[i];
+      std::int32_t q = entry_at[i];
+      for (std::int32_t e = row_entry_offsets[r]; e < row_entry_offsets[r + 1]; ++e) {
+        if (static_cast<std::size_t>(entry_target[e]) != t) continue;
+        out_slot[q] = entry_slot[e];
+        if (weight) out_weight[q] = weight[e];
+        out_source[q] = e;
+        ++q;
+      }
+    }
+}
+
+//! `target_row_offsets[t] = row_at[t * rows]` for t ≤ gpus: where each local rank's fan-out rows
+//! begin (node_fanout::target_row_offsets).
+LOCUS_HOST_DEVICE void fanout_targets(grid_index g, const std::int32_t* LOCUS_RESTRICT row_at, std::size_t rows,
+                                      std::size_t gpus, std::int32_t* LOCUS_RESTRICT target_row_offsets) {
+  for (std::size_t t = g.block * g.threads + g.thread; t <= gpus; t += g.blocks * g.threads)
+    target_row_offsets[t] = row_at[t * rows];
+}
+//! @}
+
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::stage
