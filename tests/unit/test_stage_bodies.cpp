@@ -61,8 +61,10 @@ void for_each_grid(const std::vector<T>& expected, std::size_t hidden, const cha
     }
 }
 
-template <class T, class K>
+// `H`: the row width the bodies get, a number or a locus::hidden extent of the value `hidden`.
+template <class T, class K, class H = std::size_t>
 void check_bodies(std::size_t hidden, K k) {
+  const H hx(hidden);
   std::mt19937 rng(static_cast<unsigned>(hidden * 31 + k.value()));
   // A layout over 2 nodes × 2 GPUs, 16 experts (two replicated), so tokens share rows.
   const dynamic_topology topo(2, 2);
@@ -104,7 +106,7 @@ void check_bodies(std::size_t hidden, K k) {
   permute<T>(l, x, hidden, host, 2);
   BOOST_TEST(same_bits(host, send));
   for_each_grid(send, hidden, "permute", [&](st::grid_index g, auto vec, T* out) {
-    st::gather_rows<T, decltype(vec)::value>(g, x.data(), l.row_token().data(), 1, rows, hidden, out);
+    st::gather_rows<T, decltype(vec)::value>(g, x.data(), l.row_token().data(), 1, rows, hx, out);
   });
 
   // combine: out[t] = sum of t's distinct rows, in order of first choice.
@@ -125,7 +127,7 @@ void check_bodies(std::size_t hidden, K k) {
   combine<T>(l, returned, hidden, host_comb, 3);
   BOOST_TEST(same_bits(host_comb, comb));
   for_each_grid(comb, hidden, "combine", [&](st::grid_index g, auto vec, T* out) {
-    st::combine<T, decltype(vec)::value>(g, k, returned.data(), l.copy_row().data(), tokens, hidden, out);
+    st::combine<T, decltype(vec)::value>(g, k, returned.data(), l.copy_row().data(), tokens, hx, out);
   });
 
   // combine_weighted: out[t] = sum over j of weight[e] * entry_out[e], e = copy_entry[t, j].
@@ -145,7 +147,7 @@ void check_bodies(std::size_t hidden, K k) {
   BOOST_TEST(same_bits(host_combw, combw));
   for_each_grid(combw, hidden, "combine_weighted", [&](st::grid_index g, auto vec, T* out) {
     st::combine_weighted<T, decltype(vec)::value>(g, k, entry_out.data(), l.copy_entry().data(),
-                                                  l.entry_weight().data(), tokens, hidden, out);
+                                                  l.entry_weight().data(), tokens, hx, out);
   });
 
   // reduce_rows over the layout's own rows and entries (a rank receiving everything this source sent).
@@ -165,7 +167,7 @@ void check_bodies(std::size_t hidden, K k) {
     }
   for_each_grid(red, hidden, "reduce_rows", [&](st::grid_index g, auto vec, T* out) {
     st::reduce_rows<T, decltype(vec)::value>(g, entry_out.data(), l.row_entry_offsets().data(), position.data(),
-                                             l.entry_weight().data(), rows, hidden, out);
+                                             l.entry_weight().data(), rows, hx, out);
   });
 }
 
@@ -184,6 +186,16 @@ BOOST_AUTO_TEST_CASE(bf16_rows_static_and_dynamic_top_k) {
     check_bodies<bfloat16>(hidden, top_k<8>{});
     check_bodies<bfloat16>(hidden, top_k<>(3));
   }
+}
+
+// A static hidden extent (what the kernels are instantiated for) runs the same bodies: the same
+// bits as the formulas, on the element and the vector path.
+BOOST_AUTO_TEST_CASE(static_hidden_extents_give_the_same_bits) {
+  check_bodies<float, top_k<4>, hidden<16>>(16, top_k<4>{});
+  check_bodies<float, top_k<>, hidden<13>>(13, top_k<>(6));
+  check_bodies<bfloat16, top_k<8>, hidden<24>>(24, top_k<8>{});
+  check_bodies<bfloat16, top_k<>, hidden<3>>(3, top_k<>(3));
+  BOOST_CHECK_THROW((check_bodies<float, top_k<4>, hidden<16>>(8, top_k<4>{})), config_error);
 }
 
 BOOST_AUTO_TEST_CASE(exclusive_scan_matches_std) {

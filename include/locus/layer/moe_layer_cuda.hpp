@@ -75,7 +75,7 @@ struct device_step<moe_layer<Shape, Topology, Policies...>> {
   using value_type = typename layer_type::value_type;
   using top_k_type = typename layer_type::top_k_type;
   using dispatcher_type = transport::device_dispatcher<typename layer_type::exchanger_type, value_type, top_k_type,
-                                                       typename Shape::experts_type>;
+                                                       typename Shape::experts_type, typename Shape::hidden_type>;
   static_assert(top_k_type::is_static,
                 "locus::moe_layer: the device-resident forward needs a static top_k in the shape (its kernels are "
                 "instantiated for it)");

@@ -72,7 +72,9 @@ inline void download(const device_exchange_result& in, std::vector<std::int32_t>
 //! @tparam T         row element: float or bfloat16
 //! @tparam TopK      `locus::top_k<K>`, static (the kernels are instantiated for K)
 //! @tparam Experts   `locus::experts<E>` or `experts<>`
-template <class Exchanger, class T, class TopK, class Experts = experts<>>
+//! @tparam Hidden    `locus::hidden<H>` (the row copy and reduction kernels are instantiated for H)
+//!                   or `hidden<>`
+template <class Exchanger, class T, class TopK, class Experts = experts<>, class Hidden = hidden<>>
 class device_dispatcher {
   static_assert(detail::permute::device_element<T>, "locus::transport::device_dispatcher: rows are float or bfloat16");
 
@@ -81,9 +83,10 @@ public:
   //! @param map    where the experts live; its ranks are the transport's
   //! @param hidden row width in elements
   //! @param stream the stream every kernel and copy is issued on: the endpoint's
-  //! @throws locus::config_error when the map and the transport disagree
+  //! @throws locus::config_error when the map and the transport disagree, or `hidden` is zero or
+  //!         differs from a static Hidden
   device_dispatcher(Exchanger& ex, expert_map map, std::size_t hidden, cudaStream_t stream)
-      : ex_(&ex), map_(std::move(map)), hidden_(hidden), stream_(stream),
+      : ex_(&ex), map_(std::move(map)), hidden_(hidden), hx_(hidden), stream_(stream),
         kind_(ex.hierarchical() ? transport_kind::hierarchical : transport_kind::flat) {
     LOCUS_REQUIRE(map_.ranks() == ex.topology().ranks(), config_error, "device_dispatcher: the expert map has ",
                   map_.ranks(), " ranks but the transport has ", ex.topology().ranks());
@@ -152,10 +155,10 @@ public:
   //!         (`y` is then left as it was)
   void combine(T* y) {
     back_.resize(std::max<std::size_t>(rl_.rows(), 1) * hidden_);
-    reduce_expert_output(drl_, expert_out_.data(), hidden_, back_.data(), stream_);
+    reduce_expert_output(drl_, expert_out_.data(), hx_, back_.data(), stream_);
     const T* returned = kind_ == transport_kind::hierarchical ? combine_node() : combine_flat();
     if (pending_) std::rethrow_exception(std::exchange(pending_, nullptr));
-    if (y) transport::combine(layout_, returned, hidden_, y, stream_);
+    if (y) transport::combine(layout_, returned, hx_, y, stream_);
   }
 
   const device_layout<TopK, Experts>& last_layout() const noexcept { return layout_; }
@@ -179,7 +182,7 @@ private:
     const std::size_t rows = layout_.rows();
     send_.resize(std::max<std::size_t>(rows, 1) * hidden_);
     row_entries_.resize(std::max<std::size_t>(rows, 1));
-    permute(layout_, x, hidden_, send_.data(), stream_);
+    permute(layout_, x, hx_, send_.data(), stream_);
     if (rows > 0) {
       detail::device_dispatch::adjacent_difference_kernel<>
           <<<static_cast<unsigned>((rows + 255) / 256), 256, 0, stream_>>>(layout_.row_entry_offsets(), rows,
@@ -208,7 +211,7 @@ private:
     const std::size_t n = rl_.entries();
     expert_in_.resize(std::max<std::size_t>(n, 1) * hidden_);
     expert_out_.resize(std::max<std::size_t>(n, 1) * hidden_);
-    gather_expert_input(drl_, reinterpret_cast<const T*>(rows_.rows), hidden_, expert_in_.data(), stream_);
+    gather_expert_input(drl_, reinterpret_cast<const T*>(rows_.rows), hx_, expert_in_.data(), stream_);
   }
 
   // Flat combine: the rows back over the world group, in layout order.
@@ -264,7 +267,7 @@ private:
     const std::size_t rail_in = meta_a_.row_count();
     // Source rows: the layout's rows, then the rail rows received.
     src_.resize(std::max<std::size_t>(L + rail_in, 1) * hidden_);
-    permute(layout_, x, hidden_, src_.data(), stream_);
+    permute(layout_, x, hx_, src_.data(), stream_);
     gather(src_.data(), plan_.rail_index, index_a_, stage_send_);
     ex_->exchange_device(exchange_group::rail, row_bytes, bytes_of(stage_send_.data()), plan_.rail_counts, {}, rows_,
                          23);
@@ -303,7 +306,7 @@ private:
           cudaMemcpyAsync(recv_.data(), rows_.rows, node_in * row_bytes, cudaMemcpyDeviceToDevice, stream_));
     if (self_n > 0) {
       index_b_.upload(plan_.self_index, stream_);
-      detail::permute::dispatch_gather<T>(src_.data(), index_b_.data(), 1, self_n, hidden_,
+      detail::permute::dispatch_gather<T>(src_.data(), index_b_.data(), 1, self_n, hx_,
                                           recv_.data() + node_in * hidden_, stream_);
     }
     rl_.assign(map_.slots_per_rank(), plan_.recv_row_entries, plan_.recv_slot, plan_.recv_weight);
@@ -311,7 +314,7 @@ private:
     const std::size_t n = rl_.entries();
     expert_in_.resize(std::max<std::size_t>(n, 1) * hidden_);
     expert_out_.resize(std::max<std::size_t>(n, 1) * hidden_);
-    gather_expert_input(drl_, recv_.data(), hidden_, expert_in_.data(), stream_);
+    gather_expert_input(drl_, recv_.data(), hx_, expert_in_.data(), stream_);
   }
 
   // Hierarchical combine: node stage back; each rail peer sums, per rail row, what its node
@@ -336,8 +339,8 @@ private:
       index_a_.upload(plan_.forward_offsets, stream_);
       index_b_.upload(plan_.forward_position, stream_);
       ones_.upload(plan_.forward_weight, stream_);
-      detail::permute::dispatch_reduce<T>(pool_.data(), index_a_.data(), index_b_.data(), ones_.data(), rail_in,
-                                          hidden_, stage_send_.data(), stream_);
+      detail::permute::dispatch_reduce<T>(pool_.data(), index_a_.data(), index_b_.data(), ones_.data(), rail_in, hx_,
+                                          stage_send_.data(), stream_);
     }
     ex_->exchange_device(exchange_group::rail, row_bytes, bytes_of(stage_send_.data()), rail_recv_counts_,
                          plan_.rail_counts, returned_, 28);
@@ -354,7 +357,7 @@ private:
     dst.resize(std::max<std::size_t>(index.size(), 1) * hidden_);
     if (index.empty()) return;
     dev.upload(index, stream_);
-    detail::permute::dispatch_gather<T>(src, dev.data(), 1, index.size(), hidden_, dst.data(), stream_);
+    detail::permute::dispatch_gather<T>(src, dev.data(), 1, index.size(), hx_, dst.data(), stream_);
   }
 
   // The received rows of a host exchange as values of U.
@@ -366,6 +369,7 @@ private:
   Exchanger* ex_;
   expert_map map_;
   std::size_t hidden_;
+  Hidden hx_; // the row width the kernels are instantiated for (static: a constant)
   cudaStream_t stream_;
   transport_kind kind_;
   std::vector<expert_id> slot_expert_, block_experts_;

@@ -100,6 +100,16 @@ LOCUS_HOST_DEVICE T store_float(float f) {
 template <class T, bool Vec>
 inline constexpr std::size_t chunk = Vec ? per_vec<T> : 1;
 
+//! A row width: a std::size_t, or a `locus::hidden` extent - a static one makes it a compile-time
+//! constant, so the row loops below are bounded by constants (the same body serves both).
+template <class H>
+LOCUS_HOST_DEVICE constexpr std::size_t width(H h) noexcept {
+  if constexpr (std::is_integral_v<H>)
+    return static_cast<std::size_t>(h);
+  else
+    return h.value();
+}
+
 //! Whether rows of `hidden` elements at `a` and `b` can move in 16-byte vectors.
 template <class T>
 bool vectorisable(std::size_t hidden, const void* a, const void* b) {
@@ -141,10 +151,11 @@ LOCUS_HOST_DEVICE void store(T* out, const float* acc) {
   }
 }
 
-//! `dst[r] = src[index[r * stride]]` for r < rows.
-template <class T, bool Vec>
+//! `dst[r] = src[index[r * stride]]` for r < rows. `hidden` (here and below): see width().
+template <class T, bool Vec, class H>
 LOCUS_HOST_DEVICE void gather_rows(grid_index g, const T* LOCUS_RESTRICT src, const std::int32_t* LOCUS_RESTRICT index,
-                                   std::size_t stride, std::size_t rows, std::size_t hidden, T* LOCUS_RESTRICT dst) {
+                                   std::size_t stride, std::size_t rows, H hidden_extent, T* LOCUS_RESTRICT dst) {
+  const std::size_t hidden = width(hidden_extent);
   for (std::size_t r = g.block; r < rows; r += g.blocks) {
     const auto from = static_cast<std::size_t>(index[r * stride]);
     if constexpr (Vec) {
@@ -161,11 +172,12 @@ LOCUS_HOST_DEVICE void gather_rows(grid_index g, const T* LOCUS_RESTRICT src, co
 }
 
 //! `out[r] = sum over r's entries e (in order) of weight[p] * y[p]`, p = entry_position[e].
-template <class T, bool Vec>
+template <class T, bool Vec, class H>
 LOCUS_HOST_DEVICE void
 reduce_rows(grid_index g, const T* LOCUS_RESTRICT y, const std::int32_t* LOCUS_RESTRICT row_entry_offsets,
             const std::int32_t* LOCUS_RESTRICT entry_position, const float* LOCUS_RESTRICT weight, std::size_t rows,
-            std::size_t hidden, T* LOCUS_RESTRICT out) {
+            H hidden_extent, T* LOCUS_RESTRICT out) {
+  const std::size_t hidden = width(hidden_extent);
   constexpr std::size_t n = chunk<T, Vec>;
   for (std::size_t r = g.block; r < rows; r += g.blocks) {
     const std::int32_t e0 = row_entry_offsets[r], e1 = row_entry_offsets[r + 1];
@@ -182,10 +194,11 @@ reduce_rows(grid_index g, const T* LOCUS_RESTRICT y, const std::int32_t* LOCUS_R
 
 //! `out[t] = sum of t's distinct rows (first choice first)`, unweighted. `k` is a
 //! `locus::top_k` extent: a static one keeps the token's rows in registers and unrolls the loops.
-template <class T, bool Vec, class K>
+template <class T, bool Vec, class K, class H>
 LOCUS_HOST_DEVICE void combine(grid_index g, K k, const T* LOCUS_RESTRICT rows_in,
-                               const std::int32_t* LOCUS_RESTRICT copy_row, std::size_t tokens, std::size_t hidden,
+                               const std::int32_t* LOCUS_RESTRICT copy_row, std::size_t tokens, H hidden_extent,
                                T* LOCUS_RESTRICT out) {
+  const std::size_t hidden = width(hidden_extent);
   constexpr std::size_t n = chunk<T, Vec>;
   constexpr std::size_t cached = K::is_static ? K::static_value : 1;
   const std::size_t kv = k.value();
@@ -229,10 +242,11 @@ LOCUS_HOST_DEVICE void combine(grid_index g, K k, const T* LOCUS_RESTRICT rows_i
 }
 
 //! `out[t] = sum over j of weight[e] * y[e]`, e = copy_entry[t * k + j], j ascending.
-template <class T, bool Vec, class K>
+template <class T, bool Vec, class K, class H>
 LOCUS_HOST_DEVICE void
 combine_weighted(grid_index g, K k, const T* LOCUS_RESTRICT y, const std::int32_t* LOCUS_RESTRICT copy_entry,
-                 const float* LOCUS_RESTRICT weight, std::size_t tokens, std::size_t hidden, T* LOCUS_RESTRICT out) {
+                 const float* LOCUS_RESTRICT weight, std::size_t tokens, H hidden_extent, T* LOCUS_RESTRICT out) {
+  const std::size_t hidden = width(hidden_extent);
   constexpr std::size_t n = chunk<T, Vec>;
   constexpr std::size_t cached = K::is_static ? K::static_value : 1;
   const std::size_t kv = k.value();
