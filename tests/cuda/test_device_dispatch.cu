@@ -263,6 +263,11 @@ std::vector<std::vector<float>> run_device_k(const locus_test::dispatch_case& c,
 
 } // namespace
 
+// Every member compiled for the DeepSeek-V3 decode shape with static extents (the kernels are then
+// instantiated for top-8, 256 experts and hidden 7168).
+template class locus::transport::device_dispatcher<device_local_transport, bfloat16, top_k<8>, experts<256>,
+                                                   hidden<7168>>;
+
 // Dispatcher and layer (moe_layer::forward on device rows) against the dense reference, flat and
 // hierarchical (rail stage, then the fan-out inside each node).
 BOOST_AUTO_TEST_CASE(device_step_matches_dense_reference) {
