@@ -37,7 +37,6 @@
 #include <locus/core/expert_map.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/layer/expert_compute.hpp>
-#include <locus/placement/replica_selection.hpp>
 #include <locus/transport/detail/node_plan.hpp>
 #include <locus/transport/detail/stage.hpp>
 #include <locus/transport/device_exchange.hpp>
