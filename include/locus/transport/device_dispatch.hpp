@@ -96,9 +96,9 @@ public:
   }
 
   //! Collective: dispatches the rows of `x` (`r.tokens() × hidden`, device) routed by `r` (device),
-  //! each copy to the replica `replicas` picks (placement/replica_selection.hpp: the rule the host
-  //! dispatcher's plan() takes, so both choose the same replicas). Afterwards blocks() describes
-  //! the local experts' input and output rows.
+  //! each copy to the replica `replicas` picks (the policy the host dispatcher's plan() takes, so
+  //! both choose the same replicas). Afterwards blocks() describes the local experts' input and
+  //! output rows.
   //!
   //! A bad routing (no weights, or what device_layout::assign refuses, a `replicas.hot` of the
   //! wrong size included) does not raise here: this rank then sends no tokens but still receives,
