@@ -104,7 +104,7 @@ int main(int argc, char** argv) try {
 
   // Every rank thread runs `step` once per repetition between two barriers; the time of a
   // repetition is from the first barrier to the last stream's completion (the second barrier).
-  transport::device_local_fabric fabric(dtopo, false);
+  transport::device_local_fabric fabric(dtopo, transport_kind::flat);
   std::vector<double> best_us(2, 1e30);
   std::vector<std::exception_ptr> errors(R);
   std::barrier sync(static_cast<std::ptrdiff_t>(R));
