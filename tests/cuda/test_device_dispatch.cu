@@ -15,6 +15,7 @@
 #include <locus/router/softmax_topk.hpp>
 #include <locus/transport/device_dispatch.hpp>
 #include <locus/transport/device_local.hpp>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -333,7 +334,11 @@ BOOST_AUTO_TEST_CASE(non_finite_logits_on_one_rank_release_the_peers) {
     BOOST_TEST_CONTEXT("seed " << seed << ", k " << c.k) {
       for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
         if (poison[r] && !out[r].x.empty()) {
-          BOOST_CHECK_THROW(std::rethrow_exception(out[r].error), invalid_input_error);
+          // The router's error, not the layout's complaint about the ids it wrote for the token.
+          BOOST_CHECK_EXCEPTION(std::rethrow_exception(out[r].error), invalid_input_error,
+                                [](const invalid_input_error& e) {
+                                  return std::string(e.what()).find("non-finite logits") != std::string::npos;
+                                });
           continue;
         }
         if (out[r].error) std::rethrow_exception(out[r].error);

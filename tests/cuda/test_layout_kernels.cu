@@ -4,6 +4,7 @@
 // The device layout and permute kernels against the host path (itself tested against brute
 // force in tests/unit/test_layout.cpp): every array equal, every vector equal bit for bit.
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <locus/core/device_buffer.hpp>
 #include <locus/transport/device_permute.hpp>
@@ -219,5 +220,48 @@ BOOST_AUTO_TEST_CASE(device_layout_names_bad_input) {
     BOOST_ERROR("no exception for an out-of-range expert id");
   } catch (const invalid_input_error& e) {
     BOOST_CHECK(std::string(e.what()).find("token 1 choice 1: expert id 9 out of range") != std::string::npos);
+  }
+}
+
+// The "plan nothing" flag (the router's non-finite-logit counter): clear, the layout is the one
+// built without it; set, it has no rows, tokens or link copies, leaves the routing's own errors
+// unreported (the flag's owner raises its own), and hands the flag's words back from the same wait.
+BOOST_AUTO_TEST_CASE(plan_nothing_flag_empties_the_layout_only_when_set) {
+  std::mt19937 rng(37);
+  const dynamic_topology topo(2, 4);
+  const auto map = random_map(32, 8, 6, 8, rng);
+  const auto r = random_routing<4>(300, 32, rng);
+  device_buffer<expert_id> ids, bad_ids;
+  ids.upload(r.ids());
+  std::vector<expert_id> bad(r.ids().begin(), r.ids().end());
+  bad[5] = -1; // what the router writes for a flagged token
+  bad_ids.upload(bad);
+  device_buffer<float> weights;
+  weights.upload(r.weights());
+  for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
+    BOOST_TEST_CONTEXT((kind == transport_kind::flat ? "flat" : "hierarchical")) {
+      device_layout<top_k<4>, experts<>> plain, clear, set;
+      plain.assign(device_routing_view<top_k<4>>(ids.data(), weights.data(), 300), map, topo, 3, kind);
+      BOOST_TEST_REQUIRE(plain.rows() > 0);
+      device_buffer<unsigned long long> flag;
+      flag.upload(std::vector<unsigned long long>{0, ~0ull});
+      clear.assign(device_routing_view<top_k<4>>(ids.data(), weights.data(), 300), map, topo, 3, kind, nullptr, {},
+                   flag.data());
+      BOOST_TEST(!clear.planned_nothing());
+      BOOST_TEST(clear.tokens() == 300u);
+      BOOST_TEST(clear.rank_offsets_host() == plain.rank_offsets_host());
+      BOOST_TEST(clear.rank_entry_offsets_host() == plain.rank_entry_offsets_host());
+      BOOST_TEST(clear.link_copies() == plain.link_copies());
+      flag.upload(std::vector<unsigned long long>{3, 42});
+      set.assign(device_routing_view<top_k<4>>(bad_ids.data(), weights.data(), 300), map, topo, 3, kind, nullptr, {},
+                 flag.data());
+      BOOST_TEST(set.planned_nothing());
+      BOOST_TEST((set.flag_words() == std::array<unsigned long long, 2>{3, 42}));
+      BOOST_TEST(set.rows() == 0u);
+      BOOST_TEST(set.tokens() == 0u);
+      BOOST_TEST(set.rank_offsets_host() == std::vector<std::int32_t>(9, 0));
+      BOOST_TEST(set.rank_entry_offsets_host() == std::vector<std::int32_t>(9, 0));
+      BOOST_TEST((set.link_copies() == std::array<std::uint64_t, link_class_count>{}));
+    }
   }
 }

@@ -3,6 +3,7 @@
 // against the host functions of transport/permute.hpp on a real layout. The reference loops sum in
 // the documented order, so every comparison is bit for bit.
 #define BOOST_TEST_MODULE stage_bodies
+#include <algorithm>
 #include <boost/test/unit_test.hpp>
 #include <cstring>
 #include <locus/transport/detail/stage.hpp>
@@ -394,4 +395,54 @@ BOOST_AUTO_TEST_CASE(fanout_bodies_equal_make_node_fanout_on_host_node_layouts) 
     }
   }
   BOOST_TEST(forwarded > 0); // rows do fan out past the rail peer
+}
+
+// The layout's "plan nothing" stage (a rank whose router flagged non-finite logits): with the flag
+// clear the counts the host reads are the host layout's own, with it set they say no rows, no
+// entries and no link copies - for topologies of one rank (fewer offsets than link classes) and of
+// many, and every grid shape.
+BOOST_AUTO_TEST_CASE(plan_nothing_zeroes_the_layout_counts_only_when_flagged) {
+  std::mt19937 rng(31);
+  for (const auto& [nodes, gpus] : {std::pair<std::size_t, std::size_t>{1, 1}, {2, 2}, {3, 4}}) {
+    const dynamic_topology topo(nodes, gpus);
+    const std::size_t R = topo.ranks(), E = 2 * R + 1;
+    std::vector<expert_id> table(R * 3, empty_slot);
+    for (std::size_t e = 0; e < E; ++e)
+      table[(e % R) * 3 + e / R] = static_cast<expert_id>(e);
+    const expert_map map(E, R, 3, table);
+    const std::size_t tokens = 40, k = 2;
+    std::vector<expert_id> ids(tokens * k), all(E);
+    std::iota(all.begin(), all.end(), 0);
+    for (std::size_t t = 0; t < tokens; ++t) {
+      std::shuffle(all.begin(), all.end(), rng);
+      ids[t * k] = all[0];
+      ids[t * k + 1] = all[1];
+    }
+    const routing<top_k<2>> r(std::move(ids), std::vector<float>(tokens * k, 0.5f), top_k<2>{});
+    layout<top_k<2>> l;
+    l.assign(r.view(), map, topo, R - 1, layout_options{transport_kind::flat, 1});
+    const std::vector<std::int32_t> ro(l.rank_offsets().begin(), l.rank_offsets().end()),
+        reo(l.rank_entry_offsets().begin(), l.rank_entry_offsets().end());
+    const std::vector<unsigned long long> links(l.link_copies().begin(), l.link_copies().end());
+    BOOST_TEST_REQUIRE(ro.back() > 0); // the layout does send rows, so zeroing them is visible
+    for (const auto& g : grids)
+      for (const unsigned long long flag : {0ull, 1ull, 7ull}) {
+        auto ro2 = ro, reo2 = reo;
+        auto links2 = links;
+        st::run_grid(g[0], g[1], [&](st::grid_index i) {
+          st::plan_nothing_if(i, &flag, R, ro2.data(), reo2.data(), links2.data());
+        });
+        BOOST_TEST_CONTEXT(R << " ranks, grid " << g[0] << " x " << g[1] << ", flag " << flag) {
+          if (flag == 0) {
+            BOOST_TEST(ro2 == ro);
+            BOOST_TEST(reo2 == reo);
+            BOOST_TEST(links2 == links);
+          } else {
+            BOOST_TEST(ro2 == std::vector<std::int32_t>(R + 1, 0));
+            BOOST_TEST(reo2 == std::vector<std::int32_t>(R + 1, 0));
+            BOOST_TEST(links2 == std::vector<unsigned long long>(3, 0));
+          }
+        }
+      }
+  }
 }

@@ -6,9 +6,10 @@
 //! → device layout → permute → device exchange → expert compute on the device blocks, rows read in
 //! place → weighted reduction → exchange back → combine, through `transport::device_dispatcher`,
 //! then the shared experts (when the shape has them) on this rank's own tokens, added
-//! (where the host waits, and why, is documented there). Routing on the device adds one wait: the
-//! router's non-finite-logit counters are read before the layout, so that a rank whose logits are
-//! bad sends no tokens. The layer keeps the dispatcher, the router and their buffers between steps.
+//! (where the host waits, and why, is documented there). Routing on the device adds no wait: the
+//! router's non-finite-logit counter is the layout's "plan nothing" flag (transport::device_abort),
+//! applied on the device and read with the layout's counts, so a rank whose logits are bad sends no
+//! tokens. The layer keeps the dispatcher, the router and their buffers between steps.
 //!
 //! As on the host, a rank whose own step fails (bad routing, non-finite logits, an expert compute
 //! that refuses its blocks) still takes part in every exchange, with no tokens of its own and zero
@@ -101,15 +102,19 @@ struct device_step<moe_layer<Shape, Topology, Policies...>> {
   //! The step routed on the device by the layer's router.
   static void route_and_run(layer_type& l, std::shared_ptr<void>& st, const value_type* x, std::size_t tokens,
                             value_type* y) {
+    using rs_type = device_route_state<typename layer_type::router_type>;
     auto& s = state_of(l, st);
     std::exception_ptr fail;
     device_routing_view<top_k_type> r(nullptr, nullptr, 0, top_k_type{});
+    transport::device_abort abort;
     try {
       r = route(l, s, x, tokens);
+      abort = {static_cast<rs_type*>(s.route.get())->kernel.status_words(),
+               &locus::router::cuda_router<typename layer_type::router_type>::error_of};
     } catch (...) {
       fail = std::current_exception();
     }
-    step(l, s, x, r, fail, y);
+    step(l, s, x, r, fail, y, abort);
   }
 
   static device_routing_view<top_k_type> last_routing(const layer_type& l, const std::shared_ptr<void>& st) {
@@ -128,7 +133,8 @@ private:
     return *static_cast<state*>(st.get());
   }
 
-  // logits = x·gate (fp32, cuBLAS), then the router kernel; waits for the router's counters.
+  // logits = x·gate (fp32, cuBLAS), then the router kernel; asynchronous (the layout reads the
+  // router's counters).
   static device_routing_view<top_k_type> route(layer_type& l, state& s, const value_type* x, std::size_t tokens) {
     using router_type = typename layer_type::router_type;
     using rs_type = device_route_state<router_type>;
@@ -169,19 +175,16 @@ private:
           locus::router::device_logits_view<experts_type, const float>(rs.logits.data(), tokens, experts_type(E)),
           locus::router::device_mutable_routing_view<rk>(rs.ids.data(), rs.weights.data(), tokens, rk(K)), stream);
     }
-    // The one wait the device router adds: a rank with non-finite logits must know before the
-    // layout, to send no tokens.
-    rs.kernel.check(stream);
     rs.tokens = tokens;
     return {rs.ids.data(), rs.weights.data(), tokens, top_k_type{}};
   }
 
-  // dispatch → compute → combine; a routing error (`fail`, or the dispatcher's own) is raised by
-  // combine once the exchanges are done.
+  // dispatch → compute → combine; a routing error (`fail`, the router's flag `abort`, or the
+  // dispatcher's own) is raised by combine once the exchanges are done.
   static void step(layer_type& l, state& s, const value_type* x, const device_routing_view<top_k_type>& r,
-                   std::exception_ptr fail, value_type* y) {
+                   std::exception_ptr fail, value_type* y, transport::device_abort abort = {}) {
     auto& d = s.dispatch;
-    d.dispatch(x, r, placement::replica_policy{l.replica_rule_, l.replica_salt_, l.hot_ranks_}, fail);
+    d.dispatch(x, r, placement::replica_policy{l.replica_rule_, l.replica_salt_, l.hot_ranks_}, fail, abort);
     const auto b = d.blocks();
     try {
       l.experts()(b);

@@ -16,8 +16,10 @@
 //! full-softmax denominator). A token with a non-finite logit gets ids -1 and weights 0 and is
 //! counted; `check()` raises locus::invalid_input_error naming the first such token and expert.
 
+#include <array>
 #include <cstddef>
 #include <cuda_runtime_api.h>
+#include <exception>
 #include <locus/core/cuda_error.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/policy.hpp>
@@ -104,10 +106,21 @@ public:
   }
 
   //! Waits for `stream` and reads the counters.
-  cuda_route_status status(cudaStream_t stream = nullptr) const {
-    unsigned long long h[2];
-    LOCUS_CUDA_CHECK(cudaMemcpyAsync(h, status_, sizeof h, cudaMemcpyDeviceToHost, stream));
-    LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream));
+  cuda_route_status status(cudaStream_t stream = nullptr) const { return decode(read_words(stream)); }
+
+  //! Waits for `stream`; raises when a token had a non-finite logit.
+  //! @throws locus::invalid_input_error naming the count, the first token and expert
+  void check(cudaStream_t stream = nullptr) const {
+    if (const auto e = error_of(read_words(stream))) std::rethrow_exception(e);
+  }
+
+  //! The counters on the device: two words, the first the number of flagged tokens (non-zero: the
+  //! step must send no tokens), for a consumer that reads them in a wait it has anyway
+  //! (transport::device_layout's `plan_nothing`); error_of() turns their host copy into the error.
+  const unsigned long long* status_words() const noexcept { return status_; }
+
+  //! The counters from a host copy of status_words().
+  static cuda_route_status decode(const std::array<unsigned long long, 2>& h) noexcept {
     cuda_route_status s;
     s.flagged_tokens = h[0];
     if (h[0] > 0) {
@@ -117,14 +130,17 @@ public:
     return s;
   }
 
-  //! Waits for `stream`; raises when a token had a non-finite logit.
-  //! @throws locus::invalid_input_error naming the count, the first token and expert
-  void check(cudaStream_t stream = nullptr) const {
-    const auto s = status(stream);
-    if (s.flagged_tokens > 0)
+  //! The error check() raises for a host copy of status_words(); null when no token was flagged.
+  static std::exception_ptr error_of(const std::array<unsigned long long, 2>& h) {
+    const auto s = decode(h);
+    if (s.flagged_tokens == 0) return nullptr;
+    try {
       LOCUS_THROW(invalid_input_error, "router::", Router::name, ": ", s.flagged_tokens,
                   " token(s) with non-finite logits on the device; the first is token ", s.first_token, ", expert ",
                   s.first_expert);
+    } catch (...) {
+      return std::current_exception();
+    }
   }
 
   //! Clears the counters (asynchronously on `stream`).
@@ -134,6 +150,13 @@ public:
   }
 
 private:
+  std::array<unsigned long long, 2> read_words(cudaStream_t stream) const {
+    std::array<unsigned long long, 2> h;
+    LOCUS_CUDA_CHECK(cudaMemcpyAsync(h.data(), status_, sizeof h, cudaMemcpyDeviceToHost, stream));
+    LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream));
+    return h;
+  }
+
   static state_type make_state(const Router& r) {
     if constexpr (std::is_same_v<state_type, no_device_state>)
       return {};

@@ -18,7 +18,9 @@
 //!                   returns of each rail row before the rail stage back (detail/node_plan.hpp).
 //!
 //! Host synchronisation per step, and why:
-//! - the layout returns its per-rank row and entry counts (the message sizes);
+//! - the layout returns its per-rank row and entry counts (the message sizes), and with them the
+//!   caller's "plan nothing" flag (device_abort: the router's non-finite-logit counter), which the
+//!   layout applies on the device, so the flag adds no wait;
 //! - each exchange agrees on counts behind the transport's header round;
 //! - flat: the received entry metadata (4 + 4 + 4 bytes per entry, never a token row) comes to the
 //!   host once, because the receive layout is built there and the expert compute issues one GEMM
@@ -29,6 +31,7 @@
 //!   each rank before that exchange).
 //! No token row is copied to or from the host.
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -65,6 +68,14 @@ inline void download(const device_exchange_result& in, std::vector<std::int32_t>
 }
 
 } // namespace detail::device_dispatch
+
+//! A device flag that makes this rank's dispatch plan no tokens (device_layout::assign's
+//! `plan_nothing`: two device words, the first non-zero to abort), and the error the rank then
+//! raises after the step's exchanges, made on the host from the words the layout read.
+struct device_abort {
+  const unsigned long long* flag = nullptr; //!< null: no flag
+  std::exception_ptr (*error)(const std::array<unsigned long long, 2>& words) = nullptr;
+};
 
 //! Device dispatch and combine of one rank (flat or hierarchical, as the endpoint's hierarchical()).
 //! @tparam Exchanger a transport endpoint with `exchange_device` (device_local_transport, nccl_transport)
@@ -104,26 +115,35 @@ public:
   //! wrong size included) does not raise here: this rank then sends no tokens but still receives,
   //! computes and returns its peers' rows, and combine() raises the error once the step's exchanges
   //! are done, so no peer waits for it. `fail` does the same for an error the caller found before
-  //! dispatch (a router's).
+  //! dispatch (a router's), and `abort` for one the device found (a router's non-finite logits):
+  //! the layout reads its flag with the counts it returns anyway, so it costs no wait.
   void dispatch(const T* x, const device_routing_view<TopK>& r, const placement::replica_policy& replicas = {},
-                std::exception_ptr fail = nullptr) {
+                std::exception_ptr fail = nullptr, device_abort abort = {}) {
     pending_ = fail;
+    bool planned_nothing = false;
     if (!pending_) {
       try {
+        LOCUS_REQUIRE(!abort.flag || abort.error, config_error, "device_dispatcher: an abort flag without its error");
         LOCUS_REQUIRE(r.tokens() == 0 || r.weights(), invalid_input_error,
                       "device_dispatcher: the routing carries no weights");
-        layout_.assign(r, map_, ex_->topology(), ex_->rank(), kind_, stream_, replicas);
+        layout_.assign(r, map_, ex_->topology(), ex_->rank(), kind_, stream_, replicas, abort.flag);
+        if (layout_.planned_nothing()) {
+          planned_nothing = true; // the layout is already one of no rows
+          pending_ = abort.error(layout_.flag_words());
+          LOCUS_REQUIRE(pending_, config_error, "device_dispatcher: the abort flag was set but its error function ",
+                        "gave no error");
+        }
       } catch (const invalid_input_error&) {
         pending_ = std::current_exception();
       } catch (const config_error&) {
         pending_ = std::current_exception();
       }
     }
-    if (pending_) {
+    if (pending_) x = nullptr;
+    if (pending_ && !planned_nothing) {
       // The layout kernels stopped at the bad copy; a layout of no tokens replaces it.
       layout_.assign(device_routing_view<TopK>(nullptr, nullptr, 0), map_, ex_->topology(), ex_->rank(), kind_,
                      stream_);
-      x = nullptr;
     }
     if (kind_ == transport_kind::hierarchical)
       dispatch_node(x);

@@ -6,6 +6,8 @@
 //! device; the expert map and topology come from the host (a few KiB uploaded per assign).
 //! assign() synchronises the stream once at the end, to check the input and to return the
 //! per-rank row and entry counts to the host, where a transport needs them anyway (message sizes).
+//! A device flag may tell it to plan nothing (the router's non-finite-logit counter): the counts
+//! are then zeroed on the device and the flag comes back in the same wait.
 
 #include <array>
 #include <cstddef>
@@ -35,7 +37,11 @@ class device_layout {
 
 public:
   //! Same contract as layout::assign, for a device routing; `replicas` is layout_options::replicas
-  //! (the replica rule, and for locality_bounded the hot ranks).
+  //! (the replica rule, and for locality_bounded the hot ranks). `plan_nothing`, when not null,
+  //! points to two device words written before this call on `stream` (router::cuda_router's
+  //! status_words()): a non-zero first word makes the layout one of no rows and no tokens, the
+  //! routing's own errors unreported (the flag's owner raises its own), and both words come to the
+  //! host with the counts (flag_words()), so the flag costs no wait of its own.
   //! @throws locus::config_error when map, topology and Experts disagree, or `replicas.hot` has
   //!         neither no entry nor one per rank
   //! @throws locus::invalid_input_error naming the first token and choice with an out-of-range or
@@ -44,8 +50,9 @@ public:
   template <class Topology>
   void assign(const device_routing_view<TopK>& r, const expert_map& map, const Topology& topo, std::size_t source_rank,
               transport_kind kind = transport_kind::flat, cudaStream_t stream = nullptr,
-              const placement::replica_policy& replicas = {}) {
+              const placement::replica_policy& replicas = {}, const unsigned long long* plan_nothing = nullptr) {
     static_assert(any_topology<Topology>, "locus::transport::device_layout needs a locus::topology");
+    flag_host_ = {};
     LOCUS_REQUIRE(map.ranks() == topo.ranks(), config_error, "device_layout: the expert map has ", map.ranks(),
                   " ranks but the topology has ", topo.ranks());
     const Experts experts(map.experts());
@@ -72,6 +79,13 @@ public:
                      stream);
     detail::layout::dispatch_build<K, Experts>(b_, r.ids(), r.weights(), tokens_, experts, replicas_.data(), p, ranks_,
                                                replicas.rule, stream);
+    if (plan_nothing) {
+      detail::layout::plan_nothing_kernel<<<1, 128, 0, stream>>>(plan_nothing, ranks_, b_.rank_offsets.data(),
+                                                                 b_.rank_entry_offsets.data(), b_.links.data());
+      LOCUS_CUDA_CHECK(cudaGetLastError());
+      LOCUS_CUDA_CHECK(
+          cudaMemcpyAsync(flag_host_.data(), plan_nothing, sizeof flag_host_, cudaMemcpyDeviceToHost, stream));
+    }
     std::int32_t error = 0;
     rank_offsets_host_.resize(ranks_ + 1);
     LOCUS_CUDA_CHECK(cudaMemcpyAsync(&error, b_.error.data(), sizeof error, cudaMemcpyDeviceToHost, stream));
@@ -83,8 +97,17 @@ public:
     LOCUS_CUDA_CHECK(
         cudaMemcpyAsync(links_host_.data(), b_.links.data(), sizeof links_host_, cudaMemcpyDeviceToHost, stream));
     LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream));
+    if (planned_nothing()) {
+      tokens_ = 0;
+      return;
+    }
     if (error != 0x7f7f7f7f) report(r, error, experts.value());
   }
+
+  //! Whether the last assign was told by its flag to plan nothing.
+  bool planned_nothing() const noexcept { return flag_host_[0] != 0; }
+  //! Host copy of the last assign's flag words (zeros when it had none).
+  const std::array<unsigned long long, 2>& flag_words() const noexcept { return flag_host_; }
 
   transport_kind kind() const noexcept { return kind_; }
   std::size_t tokens() const noexcept { return tokens_; }
@@ -148,6 +171,7 @@ private:
   device_buffer<slot_ref> replicas_;
   std::vector<std::int32_t> fixed_, cand_offsets_, cands_, rank_offsets_host_, rank_entry_offsets_host_;
   std::array<unsigned long long, 3> links_host_{};
+  std::array<unsigned long long, 2> flag_host_{};
 };
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport

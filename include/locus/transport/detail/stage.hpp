@@ -302,6 +302,27 @@ LOCUS_HOST_DEVICE void exclusive_scan(grid_index g, const std::int32_t* LOCUS_RE
   out[n] = sum;
 }
 
+//! A layout told to plan nothing: when `*flag` is not zero (a rank whose routing must send no
+//! tokens, e.g. the router's non-finite-logit counter), its per-rank row and entry offsets
+//! (`ranks + 1` values each) and its per-link copy counts (3) become zero, so the counts the host
+//! reads with them say "no rows"; otherwise they are left as the layout built them. The flag is
+//! read on the device, after the router and the layout, so the host learns it in the same wait
+//! as the counts instead of one of its own.
+LOCUS_HOST_DEVICE void plan_nothing_if(grid_index g, const unsigned long long* LOCUS_RESTRICT flag, std::size_t ranks,
+                                       std::int32_t* LOCUS_RESTRICT rank_offsets,
+                                       std::int32_t* LOCUS_RESTRICT rank_entry_offsets,
+                                       unsigned long long* LOCUS_RESTRICT links) {
+  if (*flag == 0) return;
+  const std::size_t n = ranks + 1 > 3 ? ranks + 1 : 3;
+  for (std::size_t i = g.block * g.threads + g.thread; i < n; i += g.blocks * g.threads) {
+    if (i <= ranks) {
+      rank_offsets[i] = 0;
+      rank_entry_offsets[i] = 0;
+    }
+    if (i < 3) links[i] = 0;
+  }
+}
+
 //! @name The intra-node fan-out of a hierarchical dispatch, as a rail peer computes it: which of
 //! the rows it received in the rail stage go to which rank of its node, with the entries for that
 //! rank (transport::node_fanout, the host's make_node_fanout: target-major, rows in received

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <locus/core/expert_map.hpp>
 #include <locus/transport/detail/layout_token.hpp>
+#include <locus/transport/detail/stage.hpp>
 #include <locus/transport/replica_selection.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout {
@@ -146,6 +147,14 @@ static __global__ void rank_entry_offsets_kernel(const std::int32_t* rank_offset
                                                  std::int32_t* rank_entry_offsets) {
   const std::int32_t d = static_cast<std::int32_t>(blockIdx.x * blockDim.x + threadIdx.x);
   if (d <= ranks) rank_entry_offsets[d] = row_entry_offsets[rank_offsets[d]];
+}
+
+//! stage::plan_nothing_if: zero counts when `*flag` is set.
+static __global__ void plan_nothing_kernel(const unsigned long long* flag, std::size_t ranks,
+                                           std::int32_t* rank_offsets, std::int32_t* rank_entry_offsets,
+                                           unsigned long long* links) {
+  stage::plan_nothing_if(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, flag, ranks, rank_offsets,
+                         rank_entry_offsets, links);
 }
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout
