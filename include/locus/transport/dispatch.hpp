@@ -10,18 +10,20 @@
 //!    the send rows (one per distinct destination rank, or per distinct remote node for a
 //!    hierarchical transport), per-rank counts and offsets, and each row's entries (target local
 //!    rank, slot, weight): the fan-out table a receiver needs.
-//! 2. **Dispatch** packs each row once (`send[r] = x[row_token[r]]`: payload only, no per-row
-//!    header) and moves it with one exchange; the rows' entries (8 bytes per entry, the last entry
+//! 2. **Dispatch** packs each row for another rank once (`send[r] = x[row_token[r]]`: payload
+//!    only, no per-row header) and moves it with one exchange; the rank's own rows are neither
+//!    packed nor moved: the compute reads them in place from `x`; the rows' entries (8 bytes per entry, the last entry
 //!    of each row marked) travel in the same exchange (`exchange_request::entries`), so a receiver
 //!    splits them per row from the counts alone. Hierarchically, the rail peer on each remote node splits
 //!    what it received per target rank of its node (`make_node_fanout`) and forwards it with its
 //!    own node's direct rows in a second stage. Every receiver then orders its entries per local
 //!    expert (`receive_layout`) and hands the expert compute a pointer per row *into the receive
-//!    buffers*: rows are never copied again.
+//!    buffers* (or into `x` for its own rows): rows are never copied again.
 //! 3. **Expert compute** reads the handle's blocks in place and writes either output rows or, when
 //!    it fuses combine's weighted sum (layer::swiglu_host), one fp32 sum per received copy.
 //! 4. **Combine** returns one row per received copy along the way it came (a rail peer adds the
-//!    partial sums of its node first), and the source adds each token's rows once.
+//!    partial sums of its node first), and the source adds each token's rows once, starting from
+//!    the sum of its own row, which never left.
 //!
 //! The dispatcher keeps nothing between a dispatch and its combine: everything combine needs (the
 //! receive buffers, the expert blocks, where each returning row goes) lives in the
@@ -127,7 +129,8 @@ public:
   std::span<const std::size_t> expert_offsets() const noexcept { return expert_offsets_; }
   //! Expert rows in all.
   std::size_t expert_rows() const noexcept { return expert_offsets_.empty() ? 0 : expert_offsets_.back(); }
-  //! Where each expert row's `hidden` inputs lie (in the receive buffers), blocked by local expert.
+  //! Where each expert row's `hidden` inputs lie (in the receive buffers, or in the dispatch's `x`
+  //! for this rank's own tokens: `x` must outlive the expert compute), blocked by local expert.
   std::span<const T* const> expert_input_rows() const noexcept { return row_ptr_; }
   const T* expert_input_row(std::size_t row) const noexcept { return row_ptr_[row]; }
   //! Where an expert compute writes its outputs, `rows × hidden`, blocked by local expert. Not
@@ -165,6 +168,7 @@ private:
   exchange_result rows_a_, rows_b_;           // received payload: world or rail stage, node stage
   std::vector<origin> origins_a_, origins_b_; // per sent row, in send order
   std::vector<std::uint32_t> self_forward_;   // stage-1 rows this rail peer computes itself
+  std::vector<std::uint32_t> own_tokens_;     // token of each own row (kept in x, never sent)
   receive_layout recv_;                       // entries ordered per local expert
   std::vector<std::size_t> expert_offsets_;
   std::vector<const T*> row_ptr_;
@@ -237,7 +241,8 @@ public:
   }
 
   //! Collective: sends this rank's tokens to their experts' ranks as `l` says, into `h`.
-  //! @param x tokens × hidden inputs of this rank's tokens, token-major
+  //! @param x tokens × hidden inputs of this rank's tokens, token-major; the rows this rank computes
+  //!          itself are read from here in place, so `x` must outlive the expert compute on `h`
   //! @param l this rank's layout (plan()), for this dispatcher's map and kind
   //! @throws locus::invalid_input_error on a size or layout mismatch (after the exchanges, with
   //!         what peers sent already ordered: a combine that follows, with no tokens of this
@@ -266,9 +271,10 @@ public:
     h.sums_taken_ = false;
     if (!ex_->hierarchical()) {
       pack(x, l, use, exchange_group::world, h.origins_a_);
-      exchange_rows(exchange_group::world, h.rows_a_);
+      exchange_rows(exchange_group::world, h.rows_a_, own_counts(l, use));
       detail::dispatch::split_entries(h.rows_a_, topo.gpus_per_node(), map_->slots_per_rank(), in_);
       h.self_forward_.clear();
+      keep_own(l, use, h);
     } else {
       // Stage 1: one row per remote destination node, to the rail peer on that node.
       pack(x, l, use, exchange_group::rail, h.origins_a_);
@@ -277,7 +283,7 @@ public:
       fan_ = make_node_fanout(topo.gpus_per_node(), in_.row_counts, in_.target, in_.slot, in_.weight);
       // Stage 2: own tokens to own-node destinations, and the fan-out of what arrived.
       pack_node(x, l, use, h);
-      exchange_rows(exchange_group::node, h.rows_b_);
+      exchange_rows(exchange_group::node, h.rows_b_, own_counts(l, use));
       detail::dispatch::split_entries(h.rows_b_, topo.gpus_per_node(), map_->slots_per_rank(), in_);
       // The rows this rail peer forwards to itself are computed here, without an exchange.
       const std::size_t self = ex_->rank() % topo.gpus_per_node();
@@ -296,10 +302,11 @@ public:
           in_.weight.push_back(fan_.entry_weight[e]);
         }
       }
+      keep_own(l, use, h);
     }
     // The rows peers sent are valid whatever this rank's input was: order them, so that a combine
     // after a failed dispatch still returns the peers' sums.
-    order_rows(h);
+    order_rows(h, use ? x.data() : nullptr);
     if (!problem.empty()) LOCUS_THROW(invalid_input_error, problem);
   }
 
@@ -327,22 +334,28 @@ public:
       partial = partial_.data();
     }
     h.sums_taken_ = false;
-    // Returned rows are summed per token in fp32: straight into y when it is fp32.
+    // Returned rows are summed per token in fp32: straight into y when it is fp32. Each token
+    // starts from the sum of its own row (the last received copies), or from zero without one.
     constexpr bool in_place = std::is_same_v<T, float>;
     float* acc = nullptr;
     if (in_place && size_ok) {
-      std::fill(y.begin(), y.end(), T{});
       acc = reinterpret_cast<float*>(y.data());
     } else {
-      acc_.assign(h.tokens_ * hidden_, 0.0f);
+      acc_.resize(h.tokens_ * hidden_);
       acc = acc_.data();
     }
+    const std::size_t own = h.own_tokens_.size();
+    start_sums(h, partial + (copies - own) * hidden_, acc);
     if (!ex_->hierarchical()) {
-      ex_->exchange({exchange_group::world, row_bytes_, as_rows(partial, copies), h.rows_a_.counts, {}}, back_);
+      exchange_request back{exchange_group::world, row_bytes_, as_rows(partial, copies - own), h.rows_a_.counts, {}};
+      back.kept_rows = own;
+      ex_->exchange(back, back_);
       add_back(back_, h.origins_a_, acc, nullptr);
     } else {
       const std::size_t node_rows = h.rows_b_.row_count();
-      ex_->exchange({exchange_group::node, row_bytes_, as_rows(partial, node_rows), h.rows_b_.counts, {}}, back_);
+      exchange_request back{exchange_group::node, row_bytes_, as_rows(partial, node_rows), h.rows_b_.counts, {}};
+      back.kept_rows = own;
+      ex_->exchange(back, back_);
       // A rail peer adds its node's partial sums of each stage-1 row, its own included.
       forward_acc_.assign(h.rows_a_.row_count() * hidden_, 0.0f);
       add_back(back_, h.origins_b_, acc, forward_acc_.data());
@@ -365,6 +378,11 @@ public:
   }
 
 private:
+  // Rows and entries of the layout for this rank itself.
+  struct layout_counts {
+    std::size_t rows = 0, entries = 0;
+  };
+
   // Appends layout rows [r0, r1) to the send buffer, their entries to the entry buffer, and their
   // tokens to `origins`.
   template <class TopK>
@@ -405,6 +423,7 @@ private:
     for (std::size_t m = 0; m < members; ++m) {
       if (g == exchange_group::rail && m == my_node) continue; // own node: stage 2
       const std::size_t d = ex_->world_rank_of(g, m);
+      if (d == ex_->rank()) continue; // own rows: keep_own
       counts_[m] = l.rank_count(d);
       entry_counts_[m] = static_cast<std::size_t>(reo[d + 1] - reo[d]);
       append_rows(x, l, ro[d], ro[d + 1], origins);
@@ -426,7 +445,7 @@ private:
     std::size_t e = 0; // fan-out entries of targets before g
     for (std::size_t g = 0; g < gpus; ++g) {
       const std::size_t d = node0 + g, entries_before = entries_.size();
-      if (use) {
+      if (use && g != self) { // own rows: keep_own
         counts_[g] = l.rank_count(d);
         append_rows(x, l, ro[d], ro[d + 1], h.origins_b_);
       }
@@ -450,17 +469,53 @@ private:
     }
   }
 
-  // The packed rows with their entries, in one exchange over group `g`.
-  void exchange_rows(exchange_group g, exchange_result& rows) {
+  // The packed rows with their entries, in one exchange over group `g` (the one that reaches this
+  // rank's own destination counts its own rows as kept).
+  void exchange_rows(exchange_group g, exchange_result& rows, const layout_counts& own = {}) {
     exchange_request req{g, row_bytes_, send_, counts_, {}};
     req.entry_bytes = sizeof(detail::dispatch::wire_entry);
     req.entries = std::as_bytes(std::span(entries_));
     req.entry_counts = entry_counts_;
+    req.kept_rows = own.rows;
+    req.kept_entries = own.entries;
     exchange_with_entries(*ex_, req, rows, meta_in_);
   }
 
-  // Orders the received entries per local expert and points each expert row at its payload.
-  void order_rows(handle_type& h) {
+  template <class TopK>
+  layout_counts own_counts(const layout<TopK>& l, bool use) const {
+    if (!use) return {};
+    const std::size_t me = ex_->rank();
+    const auto reo = l.rank_entry_offsets();
+    return {l.rank_count(me), static_cast<std::size_t>(reo[me + 1] - reo[me])};
+  }
+
+  // This rank's rows for itself: their entries join the received ones (after them) straight from
+  // the layout, their payload stays in x.
+  template <class TopK>
+  void keep_own(const layout<TopK>& l, bool use, handle_type& h) {
+    h.own_tokens_.clear();
+    if (!use) return;
+    const std::size_t me = ex_->rank();
+    const auto ro = l.rank_offsets();
+    const auto row_token = l.row_token();
+    const auto reo = l.row_entry_offsets();
+    const auto target = l.entry_target();
+    const auto slot = l.entry_slot();
+    const auto weight = l.entry_weight();
+    for (auto r = static_cast<std::size_t>(ro[me]); r < static_cast<std::size_t>(ro[me + 1]); ++r) {
+      h.own_tokens_.push_back(static_cast<std::uint32_t>(row_token[r]));
+      in_.row_counts.push_back(reo[r + 1] - reo[r]);
+      for (auto e = static_cast<std::size_t>(reo[r]); e < static_cast<std::size_t>(reo[r + 1]); ++e) {
+        in_.target.push_back(target[e]);
+        in_.slot.push_back(slot[e]);
+        in_.weight.push_back(weight[e]);
+      }
+    }
+  }
+
+  // Orders the received entries per local expert and points each expert row at its payload:
+  // received rows, then stage-1 rows this rail peer computes itself, then own rows in x.
+  void order_rows(handle_type& h, const T* x) {
     const std::size_t me = ex_->rank() % ex_->topology().gpus_per_node();
     for (std::size_t i = 0; i < in_.slot.size(); ++i) {
       const std::int32_t s = in_.slot[i];
@@ -475,12 +530,16 @@ private:
     h.expert_offsets_.assign(offsets.begin(), offsets.begin() + static_cast<std::ptrdiff_t>(blocks + 1));
     const auto expert_row = h.recv_.expert_row();
     const exchange_result& direct = ex_->hierarchical() ? h.rows_b_ : h.rows_a_;
-    const std::size_t direct_rows = direct.row_count();
+    const std::size_t direct_rows = direct.row_count(), forwarded = direct_rows + h.self_forward_.size();
     h.row_ptr_.resize(expert_row.size());
     for (std::size_t i = 0; i < expert_row.size(); ++i) {
       const auto c = static_cast<std::size_t>(expert_row[i]);
-      const std::byte* row = c < direct_rows ? direct.row(c) : h.rows_a_.row(h.self_forward_[c - direct_rows]);
-      h.row_ptr_[i] = reinterpret_cast<const T*>(row);
+      if (c < direct_rows)
+        h.row_ptr_[i] = reinterpret_cast<const T*>(direct.row(c));
+      else if (c < forwarded)
+        h.row_ptr_[i] = reinterpret_cast<const T*>(h.rows_a_.row(h.self_forward_[c - direct_rows]));
+      else
+        h.row_ptr_[i] = x + std::size_t{h.own_tokens_[c - forwarded]} * hidden_;
     }
     h.expert_out_.resize(expert_row.size() * hidden_);
   }
@@ -515,6 +574,21 @@ private:
     }
   }
 
+  // Starts each token's sum: the fp32 sum of its own row (a token has at most one: rows go one per
+  // destination rank), zero for a token without one.
+  void start_sums(const handle_type& h, const float* own, float* acc) {
+    const std::size_t tokens = h.tokens_;
+    covered_.assign(tokens, 0);
+    for (std::size_t i = 0; i < h.own_tokens_.size(); ++i) {
+      const std::size_t t = h.own_tokens_[i];
+      if (t >= tokens) continue; // a failed dispatch keeps no own rows; belt and braces
+      covered_[t] = 1;
+      std::memcpy(acc + t * hidden_, own + i * hidden_, hidden_ * sizeof(float));
+    }
+    for (std::size_t t = 0; t < tokens; ++t)
+      if (!covered_[t]) std::fill(acc + t * hidden_, acc + (t + 1) * hidden_, 0.0f);
+  }
+
   // Adds returned rows (in the order of the matching send buffer) to tokens or forwarded rows.
   void add_back(const exchange_result& back, const std::vector<typename handle_type::origin>& origins, float* acc,
                 float* forward_acc) const {
@@ -539,6 +613,7 @@ private:
   detail::dispatch::received_entries in_;
   node_fanout fan_;
   std::vector<float> partial_, acc_, forward_acc_;
+  std::vector<std::uint8_t> covered_;
   std::vector<T> scratch_;
 };
 
