@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <locus/core/config.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/core/routing.hpp>
 #include <locus/cost/traffic.hpp>
@@ -57,6 +58,20 @@ inline wire_entry encode(std::int32_t target, std::int32_t slot, std::size_t slo
   const auto key =
       static_cast<std::uint32_t>(static_cast<std::size_t>(target) * slots + static_cast<std::size_t>(slot));
   return {(key << 1) | (last ? 1u : 0u), weight};
+}
+
+//! dst[c] += w · src[c] for c < n, in fp32. Blocks of 8 with a fixed trip count, so that the
+//! compiler vectorises the loop at -O2 too (its cheapest cost model vectorises no loop of unknown
+//! trip count); without the weight when `weighted` is false.
+template <bool weighted, class T>
+inline void add_row(float* LOCUS_RESTRICT dst, const T* LOCUS_RESTRICT src, float w, std::size_t n) {
+  const auto term = [w](T v) { return weighted ? w * static_cast<float>(v) : static_cast<float>(v); };
+  std::size_t c = 0;
+  for (; c + 8 <= n; c += 8)
+    for (std::size_t i = 0; i < 8; ++i)
+      dst[c + i] += term(src[c + i]);
+  for (; c < n; ++c)
+    dst[c] += term(src[c]);
 }
 
 //! The entries of received rows, split per row.
@@ -269,6 +284,8 @@ public:
     h.hidden_ = hidden_;
     h.experts_ = local_experts_;
     h.sums_taken_ = false;
+    h.own_tokens_.clear(); // nothing of an earlier dispatch survives a failed exchange
+    h.self_forward_.clear();
     if (!ex_->hierarchical()) {
       pack(x, l, use, exchange_group::world, h.origins_a_);
       exchange_rows(exchange_group::world, h.rows_a_, own_counts(l, use));
@@ -345,7 +362,7 @@ public:
       acc = acc_.data();
     }
     const std::size_t own = h.own_tokens_.size();
-    start_sums(h, partial + (copies - own) * hidden_, acc);
+    start_sums(acc, h.tokens_, h.own_tokens_, partial + (copies - own) * hidden_);
     if (!ex_->hierarchical()) {
       exchange_request back{exchange_group::world, row_bytes_, as_rows(partial, copies - own), h.rows_a_.counts, {}};
       back.kept_rows = own;
@@ -356,15 +373,10 @@ public:
       exchange_request back{exchange_group::node, row_bytes_, as_rows(partial, node_rows), h.rows_b_.counts, {}};
       back.kept_rows = own;
       ex_->exchange(back, back_);
-      // A rail peer adds its node's partial sums of each stage-1 row, its own included.
-      forward_acc_.assign(h.rows_a_.row_count() * hidden_, 0.0f);
+      // A rail peer sums its node's partial sums of each stage-1 row, starting from its own.
+      forward_acc_.resize(h.rows_a_.row_count() * hidden_);
+      start_sums(forward_acc_.data(), h.rows_a_.row_count(), h.self_forward_, partial + node_rows * hidden_);
       add_back(back_, h.origins_b_, acc, forward_acc_.data());
-      for (std::size_t i = 0; i < h.self_forward_.size(); ++i) {
-        const float* p = partial + (node_rows + i) * hidden_;
-        float* a = forward_acc_.data() + std::size_t{h.self_forward_[i]} * hidden_;
-        for (std::size_t c = 0; c < hidden_; ++c)
-          a[c] += p[c];
-      }
       ex_->exchange(
           {exchange_group::rail, row_bytes_, as_rows(forward_acc_.data(), h.rows_a_.row_count()), h.rows_a_.counts, {}},
           back_);
@@ -394,11 +406,10 @@ private:
     const auto target = l.entry_target();
     const auto slot = l.entry_slot();
     const auto weight = l.entry_weight();
-    std::size_t at = send_.size();
-    send_.resize(at + static_cast<std::size_t>(r1 - r0) * row_bytes_);
+    std::byte* at = send_rows(static_cast<std::size_t>(r1 - r0));
     for (auto r = static_cast<std::size_t>(r0); r < static_cast<std::size_t>(r1); ++r, at += row_bytes_) {
       const auto t = static_cast<std::size_t>(row_token[r]);
-      std::memcpy(send_.data() + at, x.data() + t * hidden_, row_bytes_);
+      std::memcpy(at, x.data() + t * hidden_, row_bytes_);
       origins.push_back({static_cast<std::uint32_t>(t), 0});
       for (auto e = static_cast<std::size_t>(reo[r]); e < static_cast<std::size_t>(reo[r + 1]); ++e)
         entries_.push_back(detail::dispatch::encode(target[e], slot[e], slots,
@@ -412,7 +423,7 @@ private:
             std::vector<typename handle_type::origin>& origins) {
     const std::size_t members = ex_->group_size(g);
     const std::size_t my_node = ex_->rank() / ex_->topology().gpus_per_node();
-    send_.clear();
+    sent_ = 0;
     entries_.clear();
     origins.clear();
     counts_.assign(members, 0);
@@ -436,7 +447,7 @@ private:
   void pack_node(std::span<const T> x, const layout<TopK>& l, bool use, handle_type& h) {
     const std::size_t gpus = ex_->topology().gpus_per_node(), self = ex_->rank() % gpus;
     const std::size_t node0 = ex_->rank() - self, slots = map_->slots_per_rank();
-    send_.clear();
+    sent_ = 0;
     entries_.clear();
     h.origins_b_.clear();
     counts_.assign(gpus, 0);
@@ -454,9 +465,7 @@ private:
         const auto n = static_cast<std::size_t>(fan_.row_entry_counts[i]);
         if (g != self) {
           const auto row = static_cast<std::size_t>(fan_.rows[i]);
-          const std::size_t at = send_.size();
-          send_.resize(at + row_bytes_);
-          std::memcpy(send_.data() + at, h.rows_a_.row(row), row_bytes_);
+          std::memcpy(send_rows(1), h.rows_a_.row(row), row_bytes_);
           h.origins_b_.push_back({static_cast<std::uint32_t>(row), 1});
           ++counts_[g];
           for (std::size_t q = 0; q < n; ++q)
@@ -472,7 +481,7 @@ private:
   // The packed rows with their entries, in one exchange over group `g` (the one that reaches this
   // rank's own destination counts its own rows as kept).
   void exchange_rows(exchange_group g, exchange_result& rows, const layout_counts& own = {}) {
-    exchange_request req{g, row_bytes_, send_, counts_, {}};
+    exchange_request req{g, row_bytes_, {send_.data(), sent_}, counts_, {}};
     req.entry_bytes = sizeof(detail::dispatch::wire_entry);
     req.entries = std::as_bytes(std::span(entries_));
     req.entry_counts = entry_counts_;
@@ -551,10 +560,7 @@ private:
     const auto weight = h.recv_.expert_weight();
     for (std::size_t r = 0; r < copy.size(); ++r) {
       float* p = out + static_cast<std::size_t>(copy[r]) * hidden_;
-      const T* o = h.expert_out_.data() + r * hidden_;
-      const float w = weight[r];
-      for (std::size_t c = 0; c < hidden_; ++c)
-        p[c] += w * static_cast<float>(o[c]);
+      detail::dispatch::add_row<true>(p, h.expert_out_.data() + r * hidden_, weight[r], hidden_);
     }
   }
 
@@ -563,30 +569,40 @@ private:
     if constexpr (std::is_same_v<T, float>) {
       return {reinterpret_cast<const std::byte*>(values), rows * row_bytes_};
     } else {
-      send_.resize(rows * row_bytes_);
+      sent_ = 0;
+      send_rows(rows);
       scratch_.resize(hidden_);
       for (std::size_t r = 0; r < rows; ++r) {
         for (std::size_t c = 0; c < hidden_; ++c)
           scratch_[c] = static_cast<T>(values[r * hidden_ + c]);
         std::memcpy(send_.data() + r * row_bytes_, scratch_.data(), row_bytes_);
       }
-      return send_;
+      return {send_.data(), sent_};
     }
   }
 
-  // Starts each token's sum: the fp32 sum of its own row (a token has at most one: rows go one per
-  // destination rank), zero for a token without one.
-  void start_sums(const handle_type& h, const float* own, float* acc) {
-    const std::size_t tokens = h.tokens_;
-    covered_.assign(tokens, 0);
-    for (std::size_t i = 0; i < h.own_tokens_.size(); ++i) {
-      const std::size_t t = h.own_tokens_[i];
-      if (t >= tokens) continue; // a failed dispatch keeps no own rows; belt and braces
-      covered_[t] = 1;
-      std::memcpy(acc + t * hidden_, own + i * hidden_, hidden_ * sizeof(float));
+  // Starts `rows` sums: sum `index[i]` from `first` row i (each index at most once: a token has
+  // one own row, a stage-1 row one copy for this rank), the others from zero. Cheaper than zeroing
+  // all and adding the first rows.
+  void start_sums(float* acc, std::size_t rows, std::span<const std::uint32_t> index, const float* first) {
+    covered_.assign(rows, 0);
+    for (std::size_t i = 0; i < index.size(); ++i) {
+      const std::size_t r = index[i];
+      covered_[r] = 1;
+      std::memcpy(acc + r * hidden_, first + i * hidden_, hidden_ * sizeof(float));
     }
-    for (std::size_t t = 0; t < tokens; ++t)
-      if (!covered_[t]) std::fill(acc + t * hidden_, acc + (t + 1) * hidden_, 0.0f);
+    for (std::size_t r = 0; r < rows; ++r)
+      if (!covered_[r]) std::fill(acc + r * hidden_, acc + (r + 1) * hidden_, 0.0f);
+  }
+
+  // Room for `rows` more rows at the end of the send buffer, which only grows (a vector resized
+  // after clear() would zero every byte before the rows overwrite them).
+  std::byte* send_rows(std::size_t rows) {
+    const std::size_t need = sent_ + rows * row_bytes_;
+    if (send_.size() < need) send_.resize(std::max(need, 2 * send_.size()));
+    std::byte* at = send_.data() + sent_;
+    sent_ = need;
+    return at;
   }
 
   // Adds returned rows (in the order of the matching send buffer) to tokens or forwarded rows.
@@ -594,9 +610,7 @@ private:
                 float* forward_acc) const {
     for (std::size_t s = 0; s < origins.size(); ++s) {
       float* dst = (origins[s].forward ? forward_acc : acc) + std::size_t{origins[s].index} * hidden_;
-      const T* v = reinterpret_cast<const T*>(back.row(s));
-      for (std::size_t c = 0; c < hidden_; ++c)
-        dst[c] += static_cast<float>(v[c]);
+      detail::dispatch::add_row<false>(dst, reinterpret_cast<const T*>(back.row(s)), 1.0f, hidden_);
     }
   }
 
@@ -607,6 +621,7 @@ private:
   std::vector<std::int32_t> slot_block_; // local slot → block (local expert index), -1 for empty
   // Scratch of one call; nothing here outlives it.
   std::vector<std::byte> send_;
+  std::size_t sent_ = 0; // bytes of send_ in use
   std::vector<detail::dispatch::wire_entry> entries_;
   std::vector<std::size_t> counts_, entry_counts_;
   exchange_result meta_in_, back_;
