@@ -290,7 +290,6 @@ public:
       pack(x, l, use, exchange_group::world, h.origins_a_);
       exchange_rows(exchange_group::world, h.rows_a_, own_counts(l, use));
       detail::dispatch::split_entries(h.rows_a_, topo.gpus_per_node(), map_->slots_per_rank(), in_);
-      h.self_forward_.clear();
       keep_own(l, use, h);
     } else {
       // Stage 1: one row per remote destination node, to the rail peer on that node.
