@@ -1,7 +1,9 @@
 #pragma once
-// Command-line and trace loading shared by the benchmarks: options parsed by CLI11 (unknown flags
-// refused, defaults shown in --help), and a trace given as an ESFT folder or a binary trace file.
-#include <CLI/CLI.hpp>
+// Command-line and trace loading shared by the host benchmarks: the CLI11 conventions of
+// bench_cli.hpp, a trace given as an ESFT folder or a binary trace file, and the machine line of a
+// results file.
+#include "bench_cli.hpp"
+
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -11,19 +13,6 @@
 #include <thread>
 
 namespace bench_args {
-
-// Every option of `app` shows its default in --help. CLI11 already refuses unknown options and
-// values that do not parse (CLI11_PARSE prints why and ends the program with a non-zero code).
-inline void show_defaults(CLI::App& app) { app.option_defaults()->always_capture_default(); }
-
-// A number above zero. CLI11's PositiveNumber would answer "0" with a range up to DBL_MAX and a
-// word with the same range; this says what it wants.
-inline const CLI::Validator positive{[](std::string& value) -> std::string {
-                                       double x = 0;
-                                       if (CLI::detail::lexical_cast(value, x) && x > 0) return {};
-                                       return "must be a number above 0, got " + value;
-                                     },
-                                     "POSITIVE"};
 
 // An ESFT folder (imported) or a binary trace file.
 inline locus::trace::trace load_trace(const std::string& path) {

@@ -5,7 +5,7 @@
 //
 //   comm_volume [--trace DIR_OR_FILE] [--out DIR] [--split-seed S] [--prefill-tokens P]
 //               [--anneal N] [--plan-per-transport 0|1] [--replica-rule R] [--replica-slack S]
-//               [--unseen-redundant N] (--help lists every option and its default)
+//               [--replica-balance-slack S] [--unseen-redundant N] (--help lists every option and its default)
 // Rows with redundant slots are also simulated under every engine's replica rule (second table).
 // Writes DIR/comm_volume.json and DIR/comm_volume.md; bench/plot_comm_volume.py draws the PNG.
 #include "bench_output.hpp"
@@ -88,14 +88,12 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
                "a training split and measured on the test split"};
   bench_args::show_defaults(app);
   std::string replica_rule_name = "locality_first", shift_by = "node";
-  // --replica-slack sets two bounds whose defaults differ: the replica rule's (locality_bounded)
-  // and the locality planner's replica balance.
-  std::optional<double> replica_slack_opt;
   int fit_on_test = 0, synthetic = 1, token_refine = 1, token_replicas = 1, plan_per_transport = 1;
   // The comparison's defaults are this benchmark's; the options below override them.
   auto& popt = o.copt.plan;
   popt.joint.token_slack = 0.10;
   popt.named.locality.balance_slack = 0.05;
+  popt.named.locality.replica_balance_slack = 0.03;
   popt.refine.balance_slack = 0.03;
   popt.refine.rank_copy_weight = 1;
   popt.refine.node_copy_weight = 1;
@@ -131,10 +129,9 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
       ->check(CLI::Range(0, 1));
   app.add_option("--replica-rule", replica_rule_name, "Replica rule of the main rows and the unseen-domain rows")
       ->check(CLI::IsMember(rule_names));
-  app.add_option("--replica-slack", replica_slack_opt,
-                 "locality_bounded: a GPU is hot above (1 + this) x the mean; and the locality planner's node-load "
-                 "bound when adding replicas")
-      ->default_str("0.05 and 0.03");
+  app.add_option("--replica-slack", o.replica_slack, "locality_bounded: a GPU is hot above (1 + this) x the mean load");
+  app.add_option("--replica-balance-slack", popt.named.locality.replica_balance_slack,
+                 "Locality planner: node load at most (1 + this) x the mean when adding replicas");
   app.add_option("--unseen-redundant", o.unseen_redundant, "Redundant slots per GPU of the unseen-domain rows");
   app.add_option("--plan-per-transport", plan_per_transport, "Plan locality for the transport of each row (0|1)")
       ->check(CLI::Range(0, 1));
@@ -163,6 +160,11 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
                  "Annealing start temperature (share of a random swap's mean cost rise)");
   app.add_option("--balance-shift", popt.refine.balance_shift,
                  "Token-level stage: keep balance when a group's tokens grow by this share (0: off)");
+  app.add_option("--hedge-replicas", popt.refine.hedge_replicas,
+                 "Token-level stage: replica slots per layer first spent on GPUs whose load varies most over "
+                 "resampled training requests (0: off)");
+  app.add_option("--hedge-z", popt.refine.hedge_z, "Hedge replicas: a GPU's risk is its mean share + this many sd");
+  app.add_option("--hedge-excess", popt.refine.hedge_excess, "Hedge replicas: hedge GPUs whose risk exceeds 1 + this");
   app.add_option("--shift-slack", popt.refine.shift_slack, "Token-level stage: GPU load bound under a shifted mix");
   app.add_option("--shift-by", shift_by, "Token-level stage: what a shifted mix grows (node, request class, request)")
       ->check(CLI::IsMember({"node", "class", "request"}));
@@ -174,8 +176,6 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
   o.fit_on_test = fit_on_test == 1;
   o.synthetic = synthetic == 1;
   o.main_rule = locus::placement::parse_replica_rule(replica_rule_name);
-  o.replica_slack = replica_slack_opt.value_or(0.05);
-  popt.named.locality.replica_balance_slack = replica_slack_opt.value_or(0.03);
   popt.token_refine = token_refine == 1;
   popt.token_replicas = token_replicas == 1;
   if (shift_by != "node")
@@ -481,7 +481,7 @@ void write_outputs(const run_options& o, results& out, const std::string& summar
          "bench/results`.\n\n## Targets (issue 5)\n\n"
       << summary
       << "\n## Under each engine's replica rule\n\nRows with a redundant slot per GPU, simulated on the same maps and "
-         "requests under each rule of placement/replica_selection.hpp (docs/engines.md says which engine does what; "
+         "requests under each rule of transport/replica_selection.hpp (docs/engines.md says which engine does what; "
          "without replicas every rule gives the same copies). Each cell: inter-node bytes reduction vs linear / "
          "round-robin / flat, then GPU max/mean (aggregate). locality_bounded avoids a GPU whose rows of the layer "
          "so far exceed (1 + "
@@ -517,6 +517,7 @@ int main(int argc, char** argv) try {
              {"hidden", o.hidden},
              {"replica_rule", locus::placement::to_string(o.main_rule)},
              {"replica_slack", o.replica_slack},
+             {"replica_balance_slack", o.copt.plan.named.locality.replica_balance_slack},
              {"unseen_redundant_slots_per_gpu", o.unseen_redundant},
              {"clusters", o.clusters},
              {"train_requests", train.requests()},

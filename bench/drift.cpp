@@ -11,7 +11,7 @@
 //   drift [--trace DIR] [--out DIR] [--split-seed S] [--phases summary,law,intent] [--phase-tokens T]
 //         [--interval N] [--window W] [--budget-share B] [--drift-every D] [--redundant R]
 //         [--transport flat|hierarchical] [--deepseek 0|1] [--replica-rule R] [--replica-slack S]
-//         [--replica-window W]
+//         [--replica-window W] [--hedge-replicas H]
 // Writes DIR/drift.json and DIR/drift.md; bench/plot_drift.py draws DIR/drift.png.
 #include "bench_args.hpp"
 #include "bench_output.hpp"
@@ -67,7 +67,7 @@ int main(int argc, char** argv) try {
   // One ESFT (DeepSeek-V2-Lite) routed expert: gate, up and down projections, 2048 × 1408, BF16.
   unsigned long long expert_bytes = 3ull * 2048 * 1408 * 2;
   std::size_t prefill = 32, phase_tokens = 150000, redundant = 0, interval = 300, window = 100, drift_every = 10,
-              batch = 16, hidden = 2048, replica_window = 0, report_tokens = 8192;
+              batch = 16, hidden = 2048, replica_window = 0, report_tokens = 8192, hedge_replicas = 0;
   std::optional<std::size_t> adaptive_window_opt;
   double budget_share = 0.10, phase_share = 0.8, replica_slack = 0.05;
   int deepseek = 1;
@@ -102,11 +102,14 @@ int main(int argc, char** argv) try {
   app.add_option("--replica-slack", replica_slack, "locality_bounded: a GPU is hot above (1 + this) x the mean load");
   app.add_option("--replica-window", replica_window,
                  "locality_bounded: steps of the load average (0: since the start)");
+  app.add_option("--hedge-replicas", hedge_replicas,
+                 "Locality plans: replica slots per layer first spent on GPUs whose load varies most over resampled "
+                 "training requests (0: off)");
   app.add_option("--deepseek", deepseek, "Time one re-plan at DeepSeek-V3 shape (0|1)")->check(CLI::Range(0, 1));
   CLI11_PARSE(app, argc, argv);
   const std::size_t adaptive_window = adaptive_window_opt.value_or(interval);
   const auto transport = cost::parse_transport_kind(transport_name);
-  // Every policy's replicas are chosen by one rule (placement/replica_selection.hpp).
+  // Every policy's replicas are chosen by one rule (transport/replica_selection.hpp).
   const auto replica_rule = placement::parse_replica_rule(replica_rule_name);
   const std::string command = bench_args::command_line(argc, argv, "build/dev/bench/drift");
   const std::string machine = bench_args::machine_line();
@@ -125,6 +128,7 @@ int main(int argc, char** argv) try {
   popt.grouping.seed = seed;
   popt.grouping.prefill_tokens = prefill;
   popt.refine.anneal_per_expert = 300;
+  popt.refine.hedge_replicas = hedge_replicas;
   popt.refine.count(transport == cost::transport_kind::flat ? placement::copy_count::flat
                                                             : placement::copy_count::hierarchical);
   const auto stat = placement::plan_activation_aware(train, topo, "locality", redundant, popt);
@@ -291,6 +295,7 @@ int main(int argc, char** argv) try {
                         {"replica_rule", placement::to_string(replica_rule)},
                         {"replica_slack", replica_slack},
                         {"replica_window", replica_window},
+                        {"hedge_replicas", hedge_replicas},
                         {"command", command},
                         {"machine", machine},
                         {"policies", nlohmann::json::array()}};

@@ -14,13 +14,13 @@
 // a similar time for combine at 128 tokens per rank over RDMA.
 #include "bench_output.hpp"
 #include "deepseek_shape.hpp"
+#include "gpu_bench.hpp"
 
 #include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <exception>
 #include <locus/core/device_buffer.hpp>
 #include <locus/transport/device_local.hpp>
@@ -34,37 +34,9 @@ namespace {
 
 using namespace locus;
 using namespace bench_shape;
+using bench_gpu::time_ms;
 using clock_type = std::chrono::steady_clock;
 using layout_type = transport::device_layout<top_k<k_n>, experts<experts_n>>;
-
-std::string arg_value(int argc, char** argv, const std::string& name, const std::string& fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (argv[i] == name) return argv[i + 1];
-  return fallback;
-}
-
-// Best of `reps` timings of f() on the default stream, by events.
-template <class F>
-float time_ms(std::size_t reps, F&& f) {
-  cudaEvent_t a, b;
-  LOCUS_CUDA_CHECK(cudaEventCreate(&a));
-  LOCUS_CUDA_CHECK(cudaEventCreate(&b));
-  f(); // warm
-  LOCUS_CUDA_CHECK(cudaDeviceSynchronize());
-  float best = 1e30f;
-  for (std::size_t i = 0; i < reps; ++i) {
-    LOCUS_CUDA_CHECK(cudaEventRecord(a));
-    f();
-    LOCUS_CUDA_CHECK(cudaEventRecord(b));
-    LOCUS_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    LOCUS_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    best = std::min(best, ms);
-  }
-  LOCUS_CUDA_CHECK(cudaEventDestroy(a));
-  LOCUS_CUDA_CHECK(cudaEventDestroy(b));
-  return best;
-}
 
 // One rank: its stream, routing, layout and buffers.
 struct rank_state {
@@ -79,9 +51,15 @@ struct rank_state {
 } // namespace
 
 int main(int argc, char** argv) try {
-  const std::size_t tokens = std::stoul(arg_value(argc, argv, "--tokens", "128"));
-  const std::size_t reps = std::stoul(arg_value(argc, argv, "--reps", "20"));
-  const std::string json_path = arg_value(argc, argv, "--json", "gpu_dispatch.json");
+  std::size_t tokens = 128, reps = 20;
+  std::string json_path = "gpu_dispatch.json";
+  CLI::App app{"Device dispatch + combine over the one-GPU multi-rank transport at DeepSeek-V3 decode shape, against "
+               "raw device copies of the same bytes, and the permute and combine kernels against HBM bandwidth"};
+  bench_args::show_defaults(app);
+  app.add_option("--tokens", tokens, "Tokens per rank")->check(bench_args::positive);
+  app.add_option("--reps", reps, "Timed repetitions per measure (best kept)")->check(bench_args::positive);
+  app.add_option("--json", json_path, "JSON results file");
+  CLI11_PARSE(app, argc, argv);
   int device = 0;
   LOCUS_CUDA_CHECK(cudaGetDevice(&device));
   cudaDeviceProp prop{};
@@ -126,7 +104,7 @@ int main(int argc, char** argv) try {
 
   // Every rank thread runs `step` once per repetition between two barriers; the time of a
   // repetition is from the first barrier to the last stream's completion (the second barrier).
-  transport::device_local_fabric fabric(dtopo, false);
+  transport::device_local_fabric fabric(dtopo, transport_kind::flat);
   std::vector<double> best_us(2, 1e30);
   std::vector<std::exception_ptr> errors(R);
   std::barrier sync(static_cast<std::ptrdiff_t>(R));

@@ -10,6 +10,7 @@
 // Also times the device layout and combine. Prints the table last; writes JSON.
 #include "bench_output.hpp"
 #include "deepseek_shape.hpp"
+#include "gpu_bench.hpp"
 
 #include <algorithm>
 #include <cstdio>
@@ -24,12 +25,7 @@ namespace {
 
 using namespace locus;
 using namespace bench_shape;
-
-std::string arg_value(int argc, char** argv, const std::string& name, const std::string& fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (argv[i] == name) return argv[i + 1];
-  return fallback;
-}
+using bench_gpu::time_ms;
 
 // The baseline: one thread per element, 2-byte loads and stores.
 __global__ void naive_permute(const bfloat16* x, const std::int32_t* row_token, std::size_t rows, std::size_t hidden,
@@ -40,34 +36,18 @@ __global__ void naive_permute(const bfloat16* x, const std::int32_t* row_token, 
   send[i] = x[static_cast<std::size_t>(row_token[r]) * hidden + h];
 }
 
-template <class F>
-float time_ms(std::size_t reps, F&& f) {
-  cudaEvent_t a, b;
-  LOCUS_CUDA_CHECK(cudaEventCreate(&a));
-  LOCUS_CUDA_CHECK(cudaEventCreate(&b));
-  f(); // warm
-  LOCUS_CUDA_CHECK(cudaDeviceSynchronize());
-  float best = 1e30f;
-  for (std::size_t i = 0; i < reps; ++i) {
-    LOCUS_CUDA_CHECK(cudaEventRecord(a));
-    f();
-    LOCUS_CUDA_CHECK(cudaEventRecord(b));
-    LOCUS_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    LOCUS_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    best = std::min(best, ms);
-  }
-  LOCUS_CUDA_CHECK(cudaEventDestroy(a));
-  LOCUS_CUDA_CHECK(cudaEventDestroy(b));
-  return best;
-}
-
 } // namespace
 
 int main(int argc, char** argv) try {
-  const std::size_t tokens = std::stoul(arg_value(argc, argv, "--tokens", "4096"));
-  const std::size_t reps = std::stoul(arg_value(argc, argv, "--reps", "20"));
-  const std::string json_path = arg_value(argc, argv, "--json", "gpu_permute.json");
+  std::size_t tokens = 4096, reps = 20;
+  std::string json_path = "gpu_permute.json";
+  CLI::App app{"Device permute at DeepSeek-V3 dispatch shape against the memory-bandwidth floor and a "
+               "one-thread-per-element gather"};
+  bench_args::show_defaults(app);
+  app.add_option("--tokens", tokens, "Tokens to permute")->check(bench_args::positive);
+  app.add_option("--reps", reps, "Timed repetitions per kernel (best kept)")->check(bench_args::positive);
+  app.add_option("--json", json_path, "JSON results file");
+  CLI11_PARSE(app, argc, argv);
   int device = 0;
   LOCUS_CUDA_CHECK(cudaGetDevice(&device));
   cudaDeviceProp prop{};

@@ -5,11 +5,11 @@
 //
 //   gpu_router [--json FILE]
 // Prints a table last and writes JSON.
+#include "bench_cli.hpp"
 #include "bench_output.hpp"
 
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <locus/router/cuda.hpp>
 #include <random>
 #include <string>
@@ -113,8 +113,10 @@ row measure(const std::string& name, const Router& router, std::size_t tokens) {
 
 int main(int argc, char** argv) try {
   std::string json_path = "gpu_router.json";
-  for (int i = 1; i + 1 < argc; ++i)
-    if (std::strcmp(argv[i], "--json") == 0) json_path = argv[i + 1];
+  CLI::App app{"Router kernels against the memory-bandwidth floor, warp per token beside thread per token"};
+  bench_args::show_defaults(app);
+  app.add_option("--json", json_path, "JSON results file");
+  CLI11_PARSE(app, argc, argv);
   cudaDeviceProp prop{};
   LOCUS_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   const double bw = copy_bandwidth();

@@ -18,9 +18,9 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <locus/placement/replica_selection.hpp>
 #include <locus/transport/layout.hpp>
 #include <locus/transport/permute.hpp>
+#include <locus/transport/replica_selection.hpp>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <numeric>

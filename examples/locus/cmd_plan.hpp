@@ -76,6 +76,7 @@ struct plan_options {
   std::size_t anneal = 0;
   double balance_shift = 0;
   std::string shift_by = "node";
+  std::size_t hedge_replicas = 0;
 
   void add_to(CLI::App* cmd) {
     cmd->add_option("--placement", placement, "Planner: linear, round_robin, eplb, activation_usage, locality");
@@ -93,6 +94,9 @@ struct plan_options {
                     "locality with --balance-shift: what one shifted mix grows: node, class (request cluster) or "
                     "request")
         ->check(CLI::IsMember({"node", "class", "request"}));
+    cmd->add_option("--hedge-replicas", hedge_replicas,
+                    "locality with --redundant-slots: replica slots per layer first spent on the GPUs whose load "
+                    "varies most over resampled training requests (0: off)");
   }
   //! Maps and the workload-aware grouping model fitted with them (locality refines the grouping
   //! jointly with the placement).
@@ -110,6 +114,7 @@ struct plan_options {
                                                 : locus::placement::copy_count::both);
     opt.refine.anneal_per_expert = anneal;
     opt.refine.balance_shift = balance_shift;
+    opt.refine.hedge_replicas = hedge_replicas;
     opt.shift_by = shift_by == "class"     ? locus::placement::shift_group::request_class
                    : shift_by == "request" ? locus::placement::shift_group::request
                                            : locus::placement::shift_group::node;

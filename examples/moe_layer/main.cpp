@@ -8,7 +8,8 @@
 // ranks holding their experts, runs the SwiGLU experts it hosts and combines the outputs, plus one
 // shared expert. Prints per step time and the bytes each link class carried, and checks that the
 // flat and the hierarchical layer give the same outputs.
-#include <CLI/CLI.hpp>
+#include "../example_cli.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -25,13 +26,7 @@ using namespace locus;
 
 namespace {
 
-// A number above zero (CLI11's PositiveNumber reports a range up to DBL_MAX instead).
-const CLI::Validator positive{[](std::string& value) -> std::string {
-                                double x = 0;
-                                if (CLI::detail::lexical_cast(value, x) && x > 0) return {};
-                                return "must be a number above 0, got " + value;
-                              },
-                              "POSITIVE"};
+using example_cli::positive;
 
 struct options {
   std::size_t nodes = 2, gpus = 2, experts = 16, k = 4, hidden = 128, ffn = 256, tokens = 32, steps = 8;

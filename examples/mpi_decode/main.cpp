@@ -17,9 +17,9 @@
 // synchronisation runs under the same deadline as the exchanges (--timeout-ms). After reporting an
 // error a rank calls MPI_Abort, since a rank that stopped or left would block MPI_Finalize.
 // --stop-rank R is a fault drill: rank R stops itself (SIGSTOP) before the second step.
+#include "../example_cli.hpp"
 #include "../locus/trace_input.hpp"
 
-#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -42,13 +42,7 @@ using namespace locus::transport;
 
 namespace {
 
-// A number above zero (CLI11's PositiveNumber reports a range up to DBL_MAX instead).
-const CLI::Validator positive{[](std::string& value) -> std::string {
-                                double x = 0;
-                                if (CLI::detail::lexical_cast(value, x) && x > 0) return {};
-                                return "must be a number above 0, got " + value;
-                              },
-                              "POSITIVE"};
+using example_cli::positive;
 
 struct options {
   std::size_t gpus_per_node = 2, steps = 16, hidden = 256, layer = 0, requests_per_rank = 32, timeout_ms = 30000;

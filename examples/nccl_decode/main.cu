@@ -1,14 +1,16 @@
 // nccl_decode: the mpi_decode program over NCCL, one rank per GPU (MPI only bootstraps NCCL).
 //
-//   mpirun -np <GPUs> build/dev/examples/nccl_decode/nccl_decode [--gpus-per-node G] [--steps 16]
+//   mpirun -np <GPUs> nccl_decode [--gpus-per-node G] [--steps 16] [--hidden 256] (--help lists the defaults)
 //
 // Synthetic decode steps (64 experts, top-8, 32 requests per rank) go through the device-resident
-// moe_layer (backend::cuda, nccl_flat): device layout → permute → NCCL exchange → expert compute
+// moe_layer (backend::cuda, nccl_flat and nccl_hierarchical): device layout → permute → NCCL exchange → expert compute
 // on the device (expert e multiplies by e + 1) → weighted reduction → NCCL exchange back →
 // combine, under linear and locality placement; prints bytes per link class, the median step time
 // and the largest error against a dense reference. Token rows stay in device memory from input to
 // output; the inputs are uploaded and the outputs downloaded only to check them, outside the
 // timed step.
+#include "../example_cli.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -67,16 +69,21 @@ int main(int argc, char** argv) {
   int status = 0;
   try {
     std::size_t gpus_per_node = ranks, steps = 16, hidden = 256, requests = 32;
-    for (int i = 1; i + 1 < argc; i += 2) {
-      const std::string a = argv[i];
-      if (a == "--gpus-per-node")
-        gpus_per_node = std::stoul(argv[i + 1]);
-      else if (a == "--steps")
-        steps = std::stoul(argv[i + 1]);
-      else if (a == "--hidden")
-        hidden = std::stoul(argv[i + 1]);
-      else
-        LOCUS_THROW(config_error, "nccl_decode: unknown option ", a);
+    CLI::App app{"Decode steps of one MoE layer over NCCL, one rank per GPU, linear and locality placement"};
+    app.option_defaults()->always_capture_default();
+    app.add_option("--gpus-per-node", gpus_per_node, "GPUs (ranks) per node")
+        ->check(example_cli::positive)
+        ->default_str("all ranks (one node)");
+    app.add_option("--steps", steps, "Decode steps")->check(example_cli::positive);
+    app.add_option("--hidden", hidden, "Hidden size")->check(example_cli::positive);
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::CallForHelp&) {
+      if (me == 0) std::fputs(app.help().c_str(), stdout);
+      MPI_Finalize();
+      return 0;
+    } catch (const CLI::ParseError& e) {
+      LOCUS_THROW(config_error, "nccl_decode: ", e.what(), " (see --help)");
     }
     LOCUS_REQUIRE(ranks % gpus_per_node == 0, config_error, "nccl_decode: ", ranks,
                   " ranks are not a multiple of --gpus-per-node ", gpus_per_node);
@@ -138,12 +145,11 @@ int main(int argc, char** argv) {
                   "intra-node KB", "inter-node KB", "step ms", "max error");
     for (const std::string name : {"linear", "locality"}) {
       const expert_map map = placement::plan_by_name(name, in).at(0);
-      {
-        // The device path moves flat layouts; the hierarchical exchange stays on the host path
-        // (examples/mpi_decode).
-        nccl_transport t(comm, stream, topo, transport_kind::flat);
+      // Flat, then hierarchical (node stage first, one copy per remote node fanned out inside it).
+      const auto run = [&]<class Policy>(Policy, const char* label) {
+        nccl_transport t(comm, stream, topo, Policy::kind);
         using shape = moe_shape<locus::experts<experts>, locus::top_k<k>, locus::hidden<>, locus::shared_experts<0>>;
-        moe_layer<shape, dynamic_topology, nccl_flat, backend::cuda, layer::given_routing, scale_by_expert> moe(
+        moe_layer<shape, dynamic_topology, Policy, backend::cuda, layer::given_routing, scale_by_expert> moe(
             shape(experts, k, hidden, 0), topo, t, map, scale_by_expert{stream}, backend::cuda{stream});
         device_buffer<float> dx, dy, w;
         device_buffer<expert_id> ids;
@@ -179,10 +185,12 @@ int main(int argc, char** argv) {
         MPI_Reduce(t.bytes().bytes_sent.data(), bytes.data(), 3, MPI_UINT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
         std::sort(times.begin(), times.end());
         if (me == 0)
-          std::printf("%-9s %-18s %14.1f %14.1f %14.1f %10.3f %10.1e\n", name.c_str(), "nccl_flat (device)",
+          std::printf("%-9s %-18s %14.1f %14.1f %14.1f %10.3f %10.1e\n", name.c_str(), label,
                       static_cast<double>(bytes[0]) / 1e3, static_cast<double>(bytes[1]) / 1e3,
                       static_cast<double>(bytes[2]) / 1e3, times[times.size() / 2] * 1e3, worst);
-      }
+      };
+      run(nccl_flat{}, "nccl_flat");
+      run(nccl_hierarchical{}, "nccl_hierarchical");
     }
     LOCUS_CUDA_CHECK(cudaStreamDestroy(stream));
     ncclCommDestroy(comm);

@@ -26,9 +26,9 @@ namespace {
 
 // One case with a static top-k K (the kernels are instantiated for it); y[r] per rank.
 template <std::size_t K>
-std::vector<std::vector<float>> run_device(const locus_test::dispatch_case& c,
-                                           const layer::expert_weights<float>& all) {
-  device_local_fabric fabric(c.topo, false);
+std::vector<std::vector<float>> run_device(const locus_test::dispatch_case& c, const layer::expert_weights<float>& all,
+                                           transport_kind kind) {
+  device_local_fabric fabric(c.topo, kind);
   const std::size_t R = c.topo.ranks();
   std::vector<std::vector<float>> y(R);
   std::vector<std::exception_ptr> errors(R);
@@ -69,13 +69,13 @@ std::vector<std::vector<float>> run_device(const locus_test::dispatch_case& c,
   return y;
 }
 
-// The same step through moe_layer<..., device_local_flat, backend::cuda>::forward on device rows.
-template <std::size_t K>
+// The same step through moe_layer<..., Transport, backend::cuda>::forward on device rows.
+template <std::size_t K, class Transport = device_local_flat>
 std::vector<std::vector<float>> run_layer(const locus_test::dispatch_case& c, const layer::expert_weights<float>& all,
                                           std::vector<std::exception_ptr>* errors_out = nullptr) {
   using shape = moe_shape<experts<>, top_k<K>, hidden<>, shared_experts<>>;
-  using layer_t = moe_layer<shape, dynamic_topology, device_local_flat, backend::cuda, layer::given_routing>;
-  device_local_fabric fabric(c.topo, false);
+  using layer_t = moe_layer<shape, dynamic_topology, Transport, backend::cuda, layer::given_routing>;
+  device_local_fabric fabric(c.topo, Transport::kind);
   const std::size_t R = c.topo.ranks();
   std::vector<std::vector<float>> y(R);
   std::vector<std::exception_ptr> errors(R);
@@ -162,7 +162,7 @@ std::vector<routed_rank> run_routed(const locus_test::dispatch_case& c, const la
                                     const layer::expert_weights<float>* shared = nullptr) {
   using shape = moe_shape<experts<>, top_k<K>, hidden<>, shared_experts<>>;
   using layer_t = moe_layer<shape, dynamic_topology, device_local_flat, backend::cuda>;
-  device_local_fabric fabric(c.topo, false);
+  device_local_fabric fabric(c.topo, transport_kind::flat);
   const std::size_t R = c.topo.ranks();
   std::vector<routed_rank> out(R);
   std::vector<std::thread> threads;
@@ -236,53 +236,65 @@ double worst_error(const std::vector<float>& x, const std::vector<float>& y, con
   return worst;
 }
 
+template <class Transport = device_local_flat>
 std::vector<std::vector<float>> run_layer_k(const locus_test::dispatch_case& c, const layer::expert_weights<float>& all,
                                             std::vector<std::exception_ptr>* errors = nullptr) {
   switch (c.k) {
-  case 1: return run_layer<1>(c, all, errors);
-  case 2: return run_layer<2>(c, all, errors);
-  case 3: return run_layer<3>(c, all, errors);
-  case 4: return run_layer<4>(c, all, errors);
-  case 5: return run_layer<5>(c, all, errors);
-  default: return run_layer<6>(c, all, errors);
+  case 1: return run_layer<1, Transport>(c, all, errors);
+  case 2: return run_layer<2, Transport>(c, all, errors);
+  case 3: return run_layer<3, Transport>(c, all, errors);
+  case 4: return run_layer<4, Transport>(c, all, errors);
+  case 5: return run_layer<5, Transport>(c, all, errors);
+  default: return run_layer<6, Transport>(c, all, errors);
   }
 }
 
 std::vector<std::vector<float>> run_device_k(const locus_test::dispatch_case& c,
-                                             const layer::expert_weights<float>& all) {
+                                             const layer::expert_weights<float>& all, transport_kind kind) {
   switch (c.k) {
-  case 1: return run_device<1>(c, all);
-  case 2: return run_device<2>(c, all);
-  case 3: return run_device<3>(c, all);
-  case 4: return run_device<4>(c, all);
-  case 5: return run_device<5>(c, all);
-  default: return run_device<6>(c, all);
+  case 1: return run_device<1>(c, all, kind);
+  case 2: return run_device<2>(c, all, kind);
+  case 3: return run_device<3>(c, all, kind);
+  case 4: return run_device<4>(c, all, kind);
+  case 5: return run_device<5>(c, all, kind);
+  default: return run_device<6>(c, all, kind);
   }
 }
 
 } // namespace
 
-// Dispatcher and layer (moe_layer::forward on device rows) against the dense reference.
+// Every member compiled for the DeepSeek-V3 decode shape with static extents (the kernels are then
+// instantiated for top-8, 256 experts and hidden 7168).
+template class locus::transport::device_dispatcher<device_local_transport, bfloat16, top_k<8>, experts<256>,
+                                                   hidden<7168>>;
+
+// Dispatcher and layer (moe_layer::forward on device rows) against the dense reference, flat and
+// hierarchical (rail stage, then the fan-out inside each node).
 BOOST_AUTO_TEST_CASE(device_step_matches_dense_reference) {
   for (std::uint64_t seed = 1; seed <= 12; ++seed)
-    for (auto [nodes, gpus] : {std::pair<std::size_t, std::size_t>{1, 4}, {2, 2}, {1, 1}}) {
-      const auto c = locus_test::make_case(seed, nodes, gpus);
-      BOOST_TEST_CONTEXT("seed " << seed << ", " << nodes << " x " << gpus << ", k " << c.k) {
-        BOOST_TEST_REQUIRE(c.k <= 6u);
-        const auto all = locus_test::model_weights<float>(seed + 100, c.experts, c.hidden, 16);
-        const auto y = run_device_k(c, all);
-        // The layer runs the same step: the same bits.
-        BOOST_TEST((run_layer_k(c, all) == y));
-        for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
-          std::vector<double> scale;
-          const auto ref = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, nullptr, &scale);
-          double worst = 0;
-          for (std::size_t i = 0; i < ref.size(); ++i)
-            worst = std::max(worst, std::abs(y[r][i] - ref[i]) / (2e-6 * scale[i] + 1e-6));
-          BOOST_TEST(worst <= 1.0);
+    for (auto [nodes, gpus] : {std::pair<std::size_t, std::size_t>{1, 4}, {2, 2}, {1, 1}, {3, 2}, {2, 1}})
+      for (const transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
+        const auto c = locus_test::make_case(seed, nodes, gpus);
+        BOOST_TEST_CONTEXT("seed " << seed << ", " << nodes << " x " << gpus << ", k " << c.k << ", "
+                                   << to_string(kind)) {
+          BOOST_TEST_REQUIRE(c.k <= 6u);
+          const auto all = locus_test::model_weights<float>(seed + 100, c.experts, c.hidden, 16);
+          const auto y = run_device_k(c, all, kind);
+          // The layer runs the same step: the same bits.
+          if (kind == transport_kind::flat)
+            BOOST_TEST((run_layer_k<device_local_flat>(c, all) == y));
+          else
+            BOOST_TEST((run_layer_k<device_local_hierarchical>(c, all) == y));
+          for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
+            std::vector<double> scale;
+            const auto ref = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, nullptr, &scale);
+            double worst = 0;
+            for (std::size_t i = 0; i < ref.size(); ++i)
+              worst = std::max(worst, std::abs(y[r][i] - ref[i]) / (2e-6 * scale[i] + 1e-6));
+            BOOST_TEST(worst <= 1.0);
+          }
         }
       }
-    }
 }
 
 // The layer routes on the device (cuBLAS logits, the softmax_topk kernel): the same routing as the
@@ -376,12 +388,4 @@ BOOST_AUTO_TEST_CASE(device_layer_adds_shared_experts) {
         }
       }
     }
-}
-
-BOOST_AUTO_TEST_CASE(hierarchical_endpoints_are_refused) {
-  const auto c = locus_test::make_case(3, 2, 2);
-  device_local_fabric fabric(c.topo, true);
-  auto ep = fabric.endpoint(0, nullptr);
-  using dispatcher = device_dispatcher<device_local_transport, float, top_k<2>>;
-  BOOST_CHECK_THROW(dispatcher(ep, c.map, c.hidden, nullptr), config_error);
 }

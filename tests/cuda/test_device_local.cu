@@ -61,7 +61,7 @@ std::uint64_t row_value(std::size_t from, std::size_t to, std::size_t i, std::si
 BOOST_AUTO_TEST_CASE(rows_arrive_from_every_member_of_every_group) {
   // Passing means no rank threw.
   const dynamic_topology topo(2, 2);
-  device_local_fabric fabric(topo, true);
+  device_local_fabric fabric(topo, transport_kind::hierarchical);
   on_ranks(topo.ranks(), [&](std::size_t r) {
     stream_owner st;
     auto ep = fabric.endpoint(r, st.s);
@@ -108,7 +108,7 @@ BOOST_AUTO_TEST_CASE(rows_arrive_from_every_member_of_every_group) {
 
 BOOST_AUTO_TEST_CASE(disagreeing_counts_raise_on_every_member) {
   const dynamic_topology topo(1, 3);
-  device_local_fabric fabric(topo, false);
+  device_local_fabric fabric(topo, transport_kind::flat);
   std::vector<int> raised(3, 0);
   on_ranks(3, [&](std::size_t r) {
     stream_owner st;
@@ -127,9 +127,9 @@ BOOST_AUTO_TEST_CASE(disagreeing_counts_raise_on_every_member) {
 }
 
 BOOST_AUTO_TEST_CASE(host_dispatch_and_combine_over_the_device_transport_match_reference) {
-  for (bool hier : {false, true}) {
+  for (const transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
     const auto c = locus_test::make_case(7, 2, 2);
-    device_local_fabric fabric(c.topo, hier);
+    device_local_fabric fabric(c.topo, kind);
     std::vector<double> error(c.topo.ranks(), 1.0);
     on_ranks(c.topo.ranks(), [&](std::size_t r) {
       stream_owner st;

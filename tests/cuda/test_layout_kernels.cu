@@ -68,10 +68,13 @@ bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
 }
 
-template <class T, std::size_t K, class Experts, class Topology>
+// `H`: the row width the device kernels get (a number, or a static locus::hidden they are
+// instantiated for).
+template <class T, std::size_t K, class Experts, class H = std::size_t, class Topology>
 void check_case(std::size_t experts, const Topology& topo, std::size_t slots, std::size_t replicas, std::size_t tokens,
                 std::size_t hidden, transport_kind kind, std::mt19937& rng,
                 const placement::replica_policy& policy = {}) {
+  const H hx(hidden);
   const expert_map map = random_map(experts, topo.ranks(), slots, replicas, rng);
   const auto r = random_routing<K>(tokens, experts, rng);
   const std::size_t src = topo.ranks() / 2;
@@ -125,16 +128,16 @@ void check_case(std::size_t experts, const Topology& topo, std::size_t slots, st
 
     std::vector<T> send(host.rows() * hidden), back(tokens * hidden), out(tokens * hidden), outw(tokens * hidden);
     permute<T>(host, x, hidden, send);
-    permute(dev, dx.data(), hidden, dsend.data());
+    permute(dev, dx.data(), hx, dsend.data());
     BOOST_CHECK(same_bits(dsend.to_host(), send));
-    unpermute(dev, dsend.data(), hidden, dback.data());
+    unpermute(dev, dsend.data(), hx, dback.data());
     BOOST_CHECK(same_bits(dback.to_host(), x));
     // Returned rows: any values; combine sums them.
     combine<T>(host, send, hidden, out);
-    combine(dev, dsend.data(), hidden, dout.data());
+    combine(dev, dsend.data(), hx, dout.data());
     BOOST_CHECK(same_bits(dout.to_host(), out));
     combine_weighted<T>(host, entry_out, hidden, outw);
-    combine_weighted(dev, dentry.data(), hidden, dout.data());
+    combine_weighted(dev, dentry.data(), hx, dout.data());
     BOOST_CHECK(same_bits(dout.to_host(), outw));
 
     // Receiver side: this source's rows to rank 0 as a receive layout.
@@ -155,9 +158,9 @@ void check_case(std::size_t experts, const Topology& topo, std::size_t slots, st
     device_buffer<T> din, dred;
     din.resize(in.size());
     dred.resize(red.size());
-    gather_expert_input(drl, dsend.data(), hidden, din.data());
+    gather_expert_input(drl, dsend.data(), hx, din.data());
     BOOST_CHECK(same_bits(din.to_host(), in));
-    reduce_expert_output(drl, din.data(), hidden, dred.data());
+    reduce_expert_output(drl, din.data(), hx, dred.data());
     BOOST_CHECK(same_bits(dred.to_host(), red));
   }
 }
@@ -173,6 +176,16 @@ BOOST_AUTO_TEST_CASE(device_layout_and_kernels_equal_host) {
     check_case<float, 1, experts<128>>(128, dynamic_topology(4, 4), 9, 10, 2000, 7, kind, rng);
     check_case<bfloat16, 8, experts<256>>(256, topology<nodes<8>, gpus_per_node<8>>{}, 5, 40, 4096, 7168, kind, rng);
     check_case<float, 8, experts<>>(256, dynamic_topology(4, 8), 9, 20, 513, 100, kind, rng);
+  }
+}
+
+// Kernels instantiated for a static hidden size (constant row loops) give the host's bits too.
+BOOST_AUTO_TEST_CASE(static_hidden_kernels_equal_host) {
+  std::mt19937 rng(23);
+  for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
+    check_case<float, 2, experts<8>, hidden<64>>(8, dynamic_topology(2, 2), 3, 4, 777, 64, kind, rng);
+    check_case<bfloat16, 2, experts<>, hidden<13>>(8, dynamic_topology(1, 1), 10, 2, 100, 13, kind, rng);
+    check_case<bfloat16, 8, experts<256>, hidden<7168>>(256, dynamic_topology(8, 8), 5, 40, 1024, 7168, kind, rng);
   }
 }
 

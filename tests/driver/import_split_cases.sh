@@ -3,56 +3,9 @@
 # 18): every case runs the driver on small files made here and checks its output or its refusal.
 # Usage: import_split_cases.sh <locus binary> <scratch folder> <tests/data/trace folder>
 set -u
-locus=$1
-work=$2
+source "$(dirname "$0")/../support/case_runner.sh"
+cases_begin "$1" "$2"
 data=$3
-rm -rf "$work"
-mkdir -p "$work"
-fail=0
-n=0
-
-# ok <regex> <args...>: the run must succeed and its output (stdout and stderr) match <regex>.
-ok() {
-  local want=$1
-  shift
-  n=$((n + 1))
-  local out
-  if ! out=$("$locus" "$@" 2>&1); then
-    echo "FAIL (exit): locus $*" >&2
-    echo "$out" | tail -5 >&2
-    fail=1
-  elif ! echo "$out" | grep -Eq -- "$want"; then
-    echo "FAIL (output): locus $*" >&2
-    echo "  wanted /$want/, got: $out" >&2
-    fail=1
-  fi
-}
-# refused <regex> <args...>: the run must fail with status 1 or 2 and a message matching <regex>.
-refused() {
-  local want=$1
-  shift
-  n=$((n + 1))
-  local out rc
-  out=$("$locus" "$@" 2>&1 >/dev/null)
-  rc=$?
-  if [ "$rc" -ne 1 ] && [ "$rc" -ne 2 ]; then
-    echo "FAIL ($rc): locus $*" >&2
-    echo "$out" | tail -5 >&2
-    fail=1
-  elif ! echo "$out" | grep -Eq -- "$want"; then
-    echo "FAIL (message): locus $*" >&2
-    echo "  wanted /$want/, got: $out" >&2
-    fail=1
-  fi
-}
-# same <a> <b>: two binary traces must be identical (the same trace, encoded the one way there is).
-same() {
-  n=$((n + 1))
-  if ! cmp -s "$1" "$2"; then
-    echo "FAIL (differ): $1 $2" >&2
-    fail=1
-  fi
-}
 
 whole=$data/decode_only.jsonl # 24 requests (ids 0..23; even ids domain d0, odd d1), 4 tokens, 2 layers
 "$locus" trace import "$whole" -o "$work/whole.bin" -q || { echo "FAIL: import" >&2; exit 1; }
@@ -95,11 +48,7 @@ ok '24 requests, 96 tokens, 2 layers' trace import "$work/per_layer/layer1.jsonl
 same "$work/whole.bin" "$work/files.bin"
 ok '24 requests, 96 tokens, 2 layers' trace import "$work/per_layer" -o "$work/folder.bin"
 same "$work/whole.bin" "$work/folder.bin"
-n=$((n + 1))
-if ! "$locus" trace import - -o "$work/stdin.bin" -q <"$whole"; then
-  echo "FAIL: trace import - (stdin)" >&2
-  fail=1
-fi
+succeeds trace import - -o "$work/stdin.bin" -q <"$whole"
 same "$work/whole.bin" "$work/stdin.bin"
 ok 'fitted on 12 requests' plan --trace "$work/per_layer/layer0.jsonl" --trace "$work/per_layer/layer1.jsonl" \
   --nodes 2 --gpus-per-node 2 --train-domains d0 --out "$work/m.json"
@@ -164,8 +113,4 @@ ok '--split TEXT:\{random,time\}=random' plan --help
 ok '--test-fraction FLOAT.*=0\.5' simulate --help
 ok '--skip-requests UINT=0' plan --help
 
-if [ "$fail" -ne 0 ]; then
-  echo "some of $n cases failed"
-  exit 1
-fi
-echo "all passed ($n cases)"
+cases_end

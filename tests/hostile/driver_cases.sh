@@ -4,85 +4,54 @@
 # out-of-memory exit or a stack trace), under a 1 GiB address-space limit, within seconds.
 # Usage: driver_cases.sh <locus binary> <scratch folder>
 set -u
-locus=$1
-work=$2
-rm -rf "$work"
-mkdir -p "$work"
+source "$(dirname "$0")/../support/case_runner.sh"
+cases_begin "$1" "$2"
 ulimit -v 1048576 # KiB: 1 GiB of address space for every case
-fail=0
-n=0
-
-# expect <regex> <args...>: the run must fail with status 1 or 2 and stderr matching <regex> on
-# its last line, which must be the only line that starts with "locus:".
-expect() {
-  local want=$1
-  shift
-  n=$((n + 1))
-  local out rc
-  out=$(timeout 60 "$locus" "$@" 2>&1 >/dev/null)
-  rc=$?
-  if [ "$rc" -ne 1 ] && [ "$rc" -ne 2 ]; then
-    echo "FAIL ($rc): locus $*" >&2
-    echo "$out" | tail -5 >&2
-    fail=1
-  elif ! echo "$out" | grep -Eq -- "$want"; then
-    echo "FAIL (message): locus $*" >&2
-    echo "  wanted /$want/, got: $out" >&2
-    fail=1
-  elif echo "$out" | grep -q '\[.*\.hpp:[0-9]*\]'; then
-    echo "FAIL (source location without --verbose): locus $*: $out" >&2
-    fail=1
-  fi
-}
 
 # A small top-6 ESFT folder and a binary trace made from it.
 "$locus" trace synth --experts 16 --top-k 6 --layers 2 --domains 2 --tokens 4000 --seed 3 --out "$work/t.bin" \
   >/dev/null 2>&1 || { echo "FAIL: synth" >&2; exit 1; }
 
 # Absurd topologies and sizes: refused before anything is allocated.
-expect 'topology: 1000000000 nodes' plan --trace "$work/t.bin" --nodes 1000000000 --out "$work/m.json"
-expect 'nodes is 18446744073709551615' plan --trace "$work/t.bin" --nodes 18446744073709551615 --gpus-per-node 2 --out "$work/m.json"
-expect 'redundant slots per rank is 1000000000000' plan --trace "$work/t.bin" --redundant-slots 1000000000000 --out "$work/m.json"
-expect 'redundant slots per rank is 18446744073709551615' plan --trace "$work/t.bin" --redundant-slots 18446744073709551615 --out "$work/m.json"
+refused 'topology: 1000000000 nodes' plan --trace "$work/t.bin" --nodes 1000000000 --out "$work/m.json"
+refused 'nodes is 18446744073709551615' plan --trace "$work/t.bin" --nodes 18446744073709551615 --gpus-per-node 2 --out "$work/m.json"
+refused 'redundant slots per rank is 1000000000000' plan --trace "$work/t.bin" --redundant-slots 1000000000000 --out "$work/m.json"
+refused 'redundant slots per rank is 18446744073709551615' plan --trace "$work/t.bin" --redundant-slots 18446744073709551615 --out "$work/m.json"
 "$locus" trace synth --experts 256 --top-k 8 --layers 8 --domains 2 --tokens 500 --seed 3 --out "$work/wide.bin" \
   >/dev/null 2>&1 || { echo "FAIL: synth" >&2; exit 1; }
-expect 'plan: 65536 nodes' plan --trace "$work/wide.bin" --nodes 65536 --gpus-per-node 1 --out "$work/m.json"
-expect 'topology: 65536 nodes × 2 GPUs per node exceed 65536 ranks' plan --trace "$work/t.bin" --nodes 65536 --gpus-per-node 2 --out "$work/m.json"
-expect 'hidden' simulate --trace "$work/t.bin" --hidden 18446744073709551615
-expect 'not a whole number' plan --trace "$work/t.bin" --nodes 1e9 --out "$work/m.json"
-expect '0 is not allowed' plan --trace "$work/t.bin" --clusters 0 --out "$work/m.json"
-expect 'anneal_per_expert is 18446744073709551615' plan --trace "$work/t.bin" --placement locality --anneal 18446744073709551615 --out "$work/m.json"
-expect 'trace synth: about .* GB, this machine has' trace synth --experts 16 --top-k 2 --layers 2 --tokens 18446744073709551615 --out "$work/s.bin"
+refused 'plan: 65536 nodes' plan --trace "$work/wide.bin" --nodes 65536 --gpus-per-node 1 --out "$work/m.json"
+refused 'topology: 65536 nodes × 2 GPUs per node exceed 65536 ranks' plan --trace "$work/t.bin" --nodes 65536 --gpus-per-node 2 --out "$work/m.json"
+refused 'hidden' simulate --trace "$work/t.bin" --hidden 18446744073709551615
+refused 'not a whole number' plan --trace "$work/t.bin" --nodes 1e9 --out "$work/m.json"
+refused '0 is not allowed' plan --trace "$work/t.bin" --clusters 0 --out "$work/m.json"
+refused 'anneal_per_expert is 18446744073709551615' plan --trace "$work/t.bin" --placement locality --anneal 18446744073709551615 --out "$work/m.json"
+refused 'trace synth: about .* GB, this machine has' trace synth --experts 16 --top-k 2 --layers 2 --tokens 18446744073709551615 --out "$work/s.bin"
 # Non-finite or negative reals: named as what they are.
 for v in -1 nan inf -inf; do
-  expect "arrival-rate.*not a finite number >= 0" simulate --trace "$work/t.bin" --arrival-rate "$v"
-  expect "balance-shift.*not a finite number >= 0" plan --trace "$work/t.bin" --balance-shift "$v" --out "$work/m.json"
+  refused "arrival-rate.*not a finite number >= 0" simulate --trace "$work/t.bin" --arrival-rate "$v"
+  refused "balance-shift.*not a finite number >= 0" plan --trace "$work/t.bin" --balance-shift "$v" --out "$work/m.json"
 done
-expect "test-fraction" plan --trace "$work/t.bin" --test-fraction nan --out "$work/m.json"
+refused "test-fraction" plan --trace "$work/t.bin" --test-fraction nan --out "$work/m.json"
 # Maps that used to abort on a JSON type error, or truncate ids.
 printf '{"format": 5}' >"$work/format5.json"
-expect '"format" is 5' map check "$work/format5.json"
+refused '"format" is 5' map check "$work/format5.json"
 printf '{"format": "locus-expert-map", "version": "1"}' >"$work/version1.json"
-expect 'unsupported version "1"' map check "$work/version1.json"
+refused 'unsupported version "1"' map check "$work/version1.json"
 printf '{"format": "locus-expert-map", "version": 1, "experts": 2, "ranks": 1, "slots_per_rank": 2, "layers": [[[0, 4294967297]]]}' >"$work/bigid.json"
-expect 'holds expert 4294967297' map check "$work/bigid.json"
+refused 'holds expert 4294967297' map check "$work/bigid.json"
 printf '{"format": "locus-expert-map", "version": 1, "experts": 2, "ranks": 1, "slots_per_rank": 1099511627776, "layers": [[[0, 1]]]}' >"$work/slots.json"
-expect 'slots_per_rank' map check "$work/slots.json"
+refused 'slots_per_rank' map check "$work/slots.json"
 printf '{"format": "locus-expert-map", "version": 1, "exp' >"$work/cut.json"
-expect 'looks truncated' map check "$work/cut.json"
+refused 'looks truncated' map check "$work/cut.json"
 # Symbolic-link loops and odd outputs.
 ln -s "$work/loop" "$work/loop"
-expect 'loop|Too many levels' trace import "$work/loop" -o "$work/x.bin"
-expect 'loop|Too many levels' plan --trace "$work/loop" --out "$work/m.json"
-expect 'loop' trace import "$work/t.bin" -o "$work/loop"
-expect 'it is a directory' trace import "$work/t.bin" -o "$work"
-expect 'folder does not exist' trace import "$work/t.bin" -o "$work/none/x.bin"
-expect 'must be a regular file' trace import "$work/t.bin" -o /dev/null --verify
-n=$((n + 1))
-if ! "$locus" trace import "$work/t.bin" -o /dev/null >/dev/null 2>"$work/err"; then
-  echo "FAIL: trace import -o /dev/null: $(cat "$work/err")" >&2
-  fail=1
-fi
+refused 'loop|Too many levels' trace import "$work/loop" -o "$work/x.bin"
+refused 'loop|Too many levels' plan --trace "$work/loop" --out "$work/m.json"
+refused 'loop' trace import "$work/t.bin" -o "$work/loop"
+refused 'it is a directory' trace import "$work/t.bin" -o "$work"
+refused 'folder does not exist' trace import "$work/t.bin" -o "$work/none/x.bin"
+refused 'must be a regular file' trace import "$work/t.bin" -o /dev/null --verify
+succeeds trace import "$work/t.bin" -o /dev/null
 # Domains: repeated, outside the root, and top-k below the data's.
 "$locus" trace import "$work/t.bin" -o "$work/t2.bin" >/dev/null
 mkdir -p "$work/esft"
@@ -103,23 +72,24 @@ for dom in ("law", "math"):
                     ws += [round(rng.random(), 4) for _ in range(6)]
                 f.write("\t".join(map(str, ids)) + "\t\t" + "\t".join(map(str, ws)) + "\n")
 PY
-expect 'domain "law" is given twice' trace import "$work/esft" -o "$work/x.bin" --domains law law
-expect 'not a folder name inside the root' trace import "$work/esft" -o "$work/x.bin" --domains ../esft
-expect 'looks like top-6' trace import "$work/esft" -o "$work/x.bin" --top-k 3
-n=$((n + 1))
-"$locus" trace import "$work/esft" -o "$work/x.bin" >/dev/null 2>&1 || { echo "FAIL: a valid ESFT import" >&2; fail=1; }
+refused 'domain "law" is given twice' trace import "$work/esft" -o "$work/x.bin" --domains law law
+refused 'not a folder name inside the root' trace import "$work/esft" -o "$work/x.bin" --domains ../esft
+refused 'looks like top-6' trace import "$work/esft" -o "$work/x.bin" --top-k 3
+succeeds trace import "$work/esft" -o "$work/x.bin"
 # --verbose adds the source location, and only then.
-out=$("$locus" map check "$work/format5.json" --verbose 2>&1 >/dev/null)
-n=$((n + 1))
-echo "$out" | grep -q '\.hpp:[0-9]*\]' || { echo "FAIL: --verbose gives no source location: $out" >&2; fail=1; }
+verbose_names_location() {
+  "$locus" map check "$work/format5.json" --verbose 2>&1 >/dev/null | grep -q '\.hpp:[0-9]*\]'
+}
+check "--verbose gives no source location" verbose_names_location
 # trace report: domain names that are not file names, and one called "all".
-n=$((n + 1))
-if "$locus" trace report "$work/t.bin" --out "$work/report" --no-render >/dev/null 2>"$work/err"; then
-  ls "$work/report" | grep -q '^load_all.csv$' || { echo "FAIL: report has no load_all.csv" >&2; fail=1; }
-else
-  echo "FAIL: trace report: $(cat "$work/err")" >&2
-  fail=1
-fi
+report_has_aggregate() {
+  if ! "$locus" trace report "$work/t.bin" --out "$work/report" --no-render >/dev/null 2>"$work/err"; then
+    echo "trace report: $(cat "$work/err")" >&2
+    return 1
+  fi
+  ls "$work/report" | grep -q '^load_all.csv$' || { echo "report has no load_all.csv" >&2; return 1; }
+}
+check "trace report" report_has_aggregate
 python3 - "$work/odd.jsonl" <<'PY'
 import json, random, sys
 rng = random.Random(7)
@@ -132,19 +102,22 @@ with open(sys.argv[1], "w") as f:
                 f.write(json.dumps({"req_id": req, "token_idx": tok, "layer": layer, "topk_ids": ids,
                                     "topk_weights": [0.6, 0.4], "domain": dom}) + "\n")
 PY
-n=$((n + 1))
-if "$locus" trace import "$work/odd.jsonl" -o "$work/odd.bin" >/dev/null 2>"$work/err" &&
-  "$locus" trace report "$work/odd.bin" --out "$work/odd_report" --no-render --prefill-tokens 8 >/dev/null 2>"$work/err"; then
+odd_names_report() {
+  local bad=0
+  if ! "$locus" trace import "$work/odd.jsonl" -o "$work/odd.bin" >/dev/null 2>"$work/err" ||
+    ! "$locus" trace report "$work/odd.bin" --out "$work/odd_report" --no-render --prefill-tokens 8 >/dev/null \
+      2>"$work/err"; then
+    echo "report of odd domain names: $(cat "$work/err")" >&2
+    return 1
+  fi
   for f in load_all.csv load_domain0_all.csv load_domain1_x_.._y.csv load_domain2_new_line.csv load_law.csv; do
-    [ -f "$work/odd_report/$f" ] || { echo "FAIL: report lacks $f: $(ls "$work/odd_report")" >&2; fail=1; }
+    [ -f "$work/odd_report/$f" ] || { echo "report lacks $f: $(ls "$work/odd_report")" >&2; bad=1; }
   done
-  [ ! -e "$work/y.csv" ] && [ ! -e "$work/odd_report/load_x" ] || { echo "FAIL: report wrote outside its folder" >&2; fail=1; }
+  [ ! -e "$work/y.csv" ] && [ ! -e "$work/odd_report/load_x" ] || { echo "report wrote outside its folder" >&2; bad=1; }
   # The aggregate holds all three domains: its first row is not domain 0's.
   cmp -s "$work/odd_report/load_all.csv" "$work/odd_report/load_domain0_all.csv" &&
-    { echo "FAIL: domain \"all\" overwrote the aggregate" >&2; fail=1; }
-else
-  echo "FAIL: report of odd domain names: $(cat "$work/err")" >&2
-  fail=1
-fi
-echo "driver_cases: $n cases, $([ $fail = 0 ] && echo all passed || echo FAILURES)"
-exit $fail
+    { echo "domain \"all\" overwrote the aggregate" >&2; bad=1; }
+  return $bad
+}
+check "trace report of odd domain names" odd_names_report
+cases_end

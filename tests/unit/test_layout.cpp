@@ -3,9 +3,9 @@
 #include <boost/test/unit_test.hpp>
 #include <cmath>
 #include <locus/cost/traffic.hpp>
-#include <locus/placement/replica_selection.hpp>
 #include <locus/transport/layout.hpp>
 #include <locus/transport/permute.hpp>
+#include <locus/transport/replica_selection.hpp>
 #include <map>
 #include <numeric>
 #include <random>

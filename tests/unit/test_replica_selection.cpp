@@ -2,8 +2,8 @@
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
 #include <locus/cost/traffic.hpp>
-#include <locus/placement/replica_selection.hpp>
 #include <locus/transport/layout.hpp>
+#include <locus/transport/replica_selection.hpp>
 #include <map>
 #include <random>
 #include <tuple>

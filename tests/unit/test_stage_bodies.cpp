@@ -61,8 +61,10 @@ void for_each_grid(const std::vector<T>& expected, std::size_t hidden, const cha
     }
 }
 
-template <class T, class K>
+// `H`: the row width the bodies get, a number or a locus::hidden extent of the value `hidden`.
+template <class T, class K, class H = std::size_t>
 void check_bodies(std::size_t hidden, K k) {
+  const H hx(hidden);
   std::mt19937 rng(static_cast<unsigned>(hidden * 31 + k.value()));
   // A layout over 2 nodes × 2 GPUs, 16 experts (two replicated), so tokens share rows.
   const dynamic_topology topo(2, 2);
@@ -104,7 +106,7 @@ void check_bodies(std::size_t hidden, K k) {
   permute<T>(l, x, hidden, host, 2);
   BOOST_TEST(same_bits(host, send));
   for_each_grid(send, hidden, "permute", [&](st::grid_index g, auto vec, T* out) {
-    st::gather_rows<T, decltype(vec)::value>(g, x.data(), l.row_token().data(), 1, rows, hidden, out);
+    st::gather_rows<T, decltype(vec)::value>(g, x.data(), l.row_token().data(), 1, rows, hx, out);
   });
 
   // combine: out[t] = sum of t's distinct rows, in order of first choice.
@@ -125,7 +127,7 @@ void check_bodies(std::size_t hidden, K k) {
   combine<T>(l, returned, hidden, host_comb, 3);
   BOOST_TEST(same_bits(host_comb, comb));
   for_each_grid(comb, hidden, "combine", [&](st::grid_index g, auto vec, T* out) {
-    st::combine<T, decltype(vec)::value>(g, k, returned.data(), l.copy_row().data(), tokens, hidden, out);
+    st::combine<T, decltype(vec)::value>(g, k, returned.data(), l.copy_row().data(), tokens, hx, out);
   });
 
   // combine_weighted: out[t] = sum over j of weight[e] * entry_out[e], e = copy_entry[t, j].
@@ -145,7 +147,7 @@ void check_bodies(std::size_t hidden, K k) {
   BOOST_TEST(same_bits(host_combw, combw));
   for_each_grid(combw, hidden, "combine_weighted", [&](st::grid_index g, auto vec, T* out) {
     st::combine_weighted<T, decltype(vec)::value>(g, k, entry_out.data(), l.copy_entry().data(),
-                                                  l.entry_weight().data(), tokens, hidden, out);
+                                                  l.entry_weight().data(), tokens, hx, out);
   });
 
   // reduce_rows over the layout's own rows and entries (a rank receiving everything this source sent).
@@ -165,7 +167,7 @@ void check_bodies(std::size_t hidden, K k) {
     }
   for_each_grid(red, hidden, "reduce_rows", [&](st::grid_index g, auto vec, T* out) {
     st::reduce_rows<T, decltype(vec)::value>(g, entry_out.data(), l.row_entry_offsets().data(), position.data(),
-                                             l.entry_weight().data(), rows, hidden, out);
+                                             l.entry_weight().data(), rows, hx, out);
   });
 }
 
@@ -184,6 +186,16 @@ BOOST_AUTO_TEST_CASE(bf16_rows_static_and_dynamic_top_k) {
     check_bodies<bfloat16>(hidden, top_k<8>{});
     check_bodies<bfloat16>(hidden, top_k<>(3));
   }
+}
+
+// A static hidden extent (what the kernels are instantiated for) runs the same bodies: the same
+// bits as the formulas, on the element and the vector path.
+BOOST_AUTO_TEST_CASE(static_hidden_extents_give_the_same_bits) {
+  check_bodies<float, top_k<4>, hidden<16>>(16, top_k<4>{});
+  check_bodies<float, top_k<>, hidden<13>>(13, top_k<>(6));
+  check_bodies<bfloat16, top_k<8>, hidden<24>>(24, top_k<8>{});
+  check_bodies<bfloat16, top_k<>, hidden<3>>(3, top_k<>(3));
+  BOOST_CHECK_THROW((check_bodies<float, top_k<4>, hidden<16>>(8, top_k<4>{})), config_error);
 }
 
 BOOST_AUTO_TEST_CASE(exclusive_scan_matches_std) {
@@ -211,4 +223,175 @@ BOOST_AUTO_TEST_CASE(adjacent_difference_inverts_the_scan) {
     st::run_grid(3, 7, [&](st::grid_index g) { st::adjacent_difference(g, offsets.data(), n, out.data()); });
     BOOST_TEST(out == in);
   }
+}
+
+// The device layout's replica stage (sorted_copy_replica, one thread per copy in expert order)
+// picks the host layout's replica for every copy, under every rule the layer can be given: the
+// device dispatcher passes the layer's rule to the same tables (replica_candidates).
+BOOST_AUTO_TEST_CASE(device_replica_stage_picks_the_host_layouts_replicas_for_every_rule) {
+  // 2 nodes × 2 GPUs, 8 experts on 3 slots per rank; expert 1 on ranks 0, 1 and 2 (both nodes),
+  // experts 0 and 4 on two ranks of node 0.
+  const dynamic_topology topo(2, 2);
+  std::vector<expert_id> table(4 * 3, empty_slot);
+  for (std::size_t e = 0; e < 8; ++e)
+    table[(e % 4) * 3 + e / 4] = static_cast<expert_id>(e);
+  table[0 * 3 + 2] = 1;
+  table[1 * 3 + 2] = 0;
+  table[2 * 3 + 2] = 1;
+  table[3 * 3 + 2] = 4;
+  const expert_map map(8, 4, 3, table);
+  const std::size_t tokens = 53, k = 3;
+  std::mt19937 rng(11);
+  std::vector<expert_id> ids(tokens * k), all(8);
+  std::iota(all.begin(), all.end(), 0);
+  for (std::size_t t = 0; t < tokens; ++t) {
+    std::shuffle(all.begin(), all.end(), rng);
+    std::copy_n(all.begin(), k, ids.begin() + static_cast<std::ptrdiff_t>(t * k));
+  }
+  const routing<top_k<>> r(ids, std::vector<float>(tokens * k, 0.5f), top_k<>(k));
+  // Copies in (expert, copy) order, as the device layout's stable sort leaves them.
+  std::vector<std::int32_t> sorted_copy(tokens * k), sorted_expert(tokens * k);
+  std::iota(sorted_copy.begin(), sorted_copy.end(), 0);
+  std::stable_sort(sorted_copy.begin(), sorted_copy.end(), [&](std::int32_t a, std::int32_t b) {
+    return ids[static_cast<std::size_t>(a)] < ids[static_cast<std::size_t>(b)];
+  });
+  for (std::size_t p = 0; p < sorted_copy.size(); ++p)
+    sorted_expert[p] = ids[static_cast<std::size_t>(sorted_copy[p])];
+
+  const std::vector<std::uint8_t> hot = {1, 0, 0, 1};
+  std::vector<std::vector<std::int32_t>> by_rule;
+  for (const placement::replica_rule rule : placement::all_replica_rules)
+    for (std::size_t src = 0; src < topo.ranks(); ++src) {
+      BOOST_TEST_CONTEXT("rule " << to_string(rule) << ", source rank " << src) {
+        placement::replica_policy policy{rule, 7, {}};
+        if (rule == placement::replica_rule::locality_bounded) policy.hot = hot;
+        layout<top_k<>> host;
+        layout_options opt{transport_kind::flat, 2, 8}; // several chunks: the host's chunked count
+        opt.replicas = policy;
+        host.assign(r.view(), map, topo, src, opt);
+        std::vector<std::int32_t> fixed, cand_offsets, cands;
+        placement::replica_candidates(map, topo, src, fixed, cand_offsets, cands, policy);
+        cands.push_back(-1); // never empty, as on the device
+        std::vector<std::int32_t> device(tokens * k, -1);
+        for (std::size_t p = 0; p < sorted_copy.size(); ++p)
+          device[static_cast<std::size_t>(sorted_copy[p])] = locus::transport::detail::layout::sorted_copy_replica(
+              sorted_expert.data(), sorted_copy.data(), p, fixed.data(), cand_offsets.data(), cands.data(), rule);
+        const auto expected = host.copy_replica();
+        BOOST_TEST(device == std::vector<std::int32_t>(expected.begin(), expected.end()),
+                   boost::test_tools::per_element());
+        if (src == 0) by_rule.push_back(device);
+      }
+    }
+  // The rules do choose differently here, so the comparison above tells them apart.
+  BOOST_TEST(by_rule.size() == placement::all_replica_rules.size());
+  BOOST_TEST(by_rule[0] != by_rule[2]); // random spreads over every replica
+  BOOST_TEST(by_rule[0] != by_rule[3]); // locality_bounded looks past hot rank 0
+}
+
+namespace {
+
+// The fan-out stage bodies over received rows (entries per row, target local rank, slot, weight),
+// run by the host executor on `grid`, against the host's make_node_fanout.
+void check_fanout(std::size_t gpus, const std::vector<std::int32_t>& row_entries,
+                  const std::vector<std::int32_t>& target, const std::vector<std::int32_t>& slot,
+                  const std::vector<float>& weight, const std::size_t (&grid)[2]) {
+  const std::size_t rows = row_entries.size(), n = gpus * rows;
+  std::vector<std::int32_t> reo(rows + 1, 0);
+  std::inclusive_scan(row_entries.begin(), row_entries.end(), reo.begin() + 1);
+  std::vector<std::int32_t> count(n, -1), present(n, -1), row_at(n + 1, -1), entry_at(n + 1, -1);
+  st::run_grid(grid[0], grid[1], [&](st::grid_index g) {
+    st::fanout_count(g, reo.data(), target.data(), rows, gpus, count.data(), present.data());
+  });
+  st::run_grid(1, 1, [&](st::grid_index g) { st::exclusive_scan(g, present.data(), n, row_at.data()); });
+  st::run_grid(1, 1, [&](st::grid_index g) { st::exclusive_scan(g, count.data(), n, entry_at.data()); });
+  const auto fan_rows = static_cast<std::size_t>(row_at[n]), fan_entries = static_cast<std::size_t>(entry_at[n]);
+  std::vector<std::int32_t> out_row(fan_rows, -1), out_row_entries(fan_rows, -1), out_slot(fan_entries, -1),
+      out_source(fan_entries, -1), targets(gpus + 1, -1);
+  std::vector<float> out_weight(fan_entries, -1.0f);
+  st::run_grid(grid[0], grid[1], [&](st::grid_index g) {
+    st::fanout_place(g, reo.data(), target.data(), slot.data(), weight.data(), rows, gpus, row_at.data(),
+                     entry_at.data(), out_row.data(), out_row_entries.data(), out_slot.data(), out_weight.data(),
+                     out_source.data());
+    st::fanout_targets(g, row_at.data(), rows, gpus, targets.data());
+  });
+  const node_fanout f = make_node_fanout(gpus, row_entries, target, slot, weight);
+  BOOST_TEST(targets == f.target_row_offsets, boost::test_tools::per_element());
+  BOOST_TEST(out_row == f.rows, boost::test_tools::per_element());
+  BOOST_TEST(out_row_entries == f.row_entry_counts, boost::test_tools::per_element());
+  BOOST_TEST(out_slot == f.entry_slot, boost::test_tools::per_element());
+  BOOST_TEST(out_weight == f.entry_weight, boost::test_tools::per_element());
+  BOOST_TEST(out_source == f.entry_source, boost::test_tools::per_element());
+}
+
+} // namespace
+
+BOOST_AUTO_TEST_CASE(fanout_bodies_equal_make_node_fanout_on_random_rows) {
+  std::mt19937 rng(21);
+  for (std::size_t gpus : {1, 2, 3, 8})
+    for (std::size_t rows : {0, 1, 2, 41})
+      for (const auto& grid : grids) {
+        BOOST_TEST_CONTEXT(gpus << " GPUs, " << rows << " rows, grid " << grid[0] << " x " << grid[1]) {
+          std::uniform_int_distribution<std::int32_t> entries(1, 5), tgt(0, static_cast<std::int32_t>(gpus) - 1),
+              sl(0, 6);
+          std::vector<std::int32_t> row_entries(rows), target, slot;
+          std::vector<float> weight;
+          for (auto& c : row_entries) {
+            c = entries(rng);
+            for (std::int32_t q = 0; q < c; ++q) {
+              target.push_back(tgt(rng));
+              slot.push_back(sl(rng));
+              weight.push_back(static_cast<float>(target.size()) * 0.25f);
+            }
+          }
+          check_fanout(gpus, row_entries, target, slot, weight, grid);
+        }
+      }
+}
+
+// What a rail peer receives from node layouts: the rows a hierarchical host layout sends to it.
+BOOST_AUTO_TEST_CASE(fanout_bodies_equal_make_node_fanout_on_host_node_layouts) {
+  const dynamic_topology topo(3, 4);
+  std::vector<expert_id> table(12 * 2, empty_slot);
+  for (std::size_t e = 0; e < 24; ++e)
+    table[(e % 12) * 2 + e / 12] = static_cast<expert_id>(e);
+  const expert_map map(24, 12, 2, table);
+  const std::size_t tokens = 61, k = 6;
+  std::mt19937 rng(23);
+  std::vector<expert_id> ids(tokens * k), all(24);
+  std::vector<float> w(tokens * k);
+  std::iota(all.begin(), all.end(), 0);
+  std::uniform_real_distribution<float> uw(0.01f, 1.0f);
+  for (std::size_t t = 0; t < tokens; ++t) {
+    std::shuffle(all.begin(), all.end(), rng);
+    for (std::size_t j = 0; j < k; ++j) {
+      ids[t * k + j] = all[j];
+      w[t * k + j] = uw(rng);
+    }
+  }
+  const routing<top_k<6>> r(std::move(ids), std::move(w), top_k<6>{});
+  std::size_t forwarded = 0;
+  for (std::size_t src = 0; src < topo.ranks(); ++src) {
+    layout<top_k<6>> l;
+    l.assign(r.view(), map, topo, src, layout_options{transport_kind::hierarchical, 1});
+    for (std::size_t d = 0; d < topo.ranks(); ++d) {
+      if (topo.node_of(d) == topo.node_of(src)) continue; // rail stage: rows to remote rail peers only
+      const auto ro = l.rank_offsets(), reo = l.row_entry_offsets();
+      std::vector<std::int32_t> row_entries, target, slot;
+      std::vector<float> weight;
+      for (auto row = ro[d]; row < ro[d + 1]; ++row) {
+        row_entries.push_back(reo[static_cast<std::size_t>(row) + 1] - reo[static_cast<std::size_t>(row)]);
+        for (auto e = static_cast<std::size_t>(reo[static_cast<std::size_t>(row)]);
+             e < static_cast<std::size_t>(reo[static_cast<std::size_t>(row) + 1]); ++e) {
+          target.push_back(l.entry_target()[e]);
+          slot.push_back(l.entry_slot()[e]);
+          weight.push_back(l.entry_weight()[e]);
+          forwarded += static_cast<std::size_t>(l.entry_target()[e]) != topo.local_rank_of(d);
+        }
+      }
+      BOOST_TEST_CONTEXT("source " << src << ", rail peer " << d) {
+        check_fanout(4, row_entries, target, slot, weight, {3, 2});
+      }
+    }
+  }
+  BOOST_TEST(forwarded > 0); // rows do fan out past the rail peer
 }

@@ -5,6 +5,7 @@
 #include <locus/cost/traffic.hpp>
 #include <locus/placement/token_refine.hpp>
 #include <map>
+#include <numeric>
 #include <random>
 #include <set>
 
@@ -399,6 +400,118 @@ BOOST_AUTO_TEST_CASE(token_replicas_lower_the_cost_and_only_fill_empty_slots) {
                std::max(cap, *std::max_element(lb.begin(), lb.end())) + 1e-9);
   }
   BOOST_TEST(improved > 10u);
+}
+
+// Hedge replicas go to the GPU whose load the requests move most. Three nodes of one GPU, experts
+// {0,1} {2,3} {4,5}, one empty slot each, every token local (so no copy saves anything and the
+// copy-saving fill adds none). GPU 0's 200 pairs come from two long requests, GPU 1's and GPU 2's
+// from fifty short ones each: resampling the requests moves GPU 0's share by far the most, so the
+// one hedge copy is of expert 0, on another node; and it serves nothing at planning time (its
+// tokens stay local), so the loads and the cost do not change.
+BOOST_AUTO_TEST_CASE(a_hedge_replica_goes_to_the_gpu_whose_load_varies_most) {
+  const dynamic_topology topo(3, 1);
+  const std::vector<expert_map> maps{expert_map(6, 3, 3, {0, 1, empty_slot, 2, 3, empty_slot, 4, 5, empty_slot})};
+  placement::token_sample s;
+  s.experts = 6;
+  s.top_k = 1;
+  s.ids.resize(1);
+  std::uint32_t request = 0;
+  const auto add = [&](std::uint32_t node, std::uint16_t expert, int length) {
+    for (int t = 0; t < length; ++t) {
+      s.home.push_back(node);
+      s.request.push_back(request);
+      s.ids[0].push_back(expert);
+    }
+    ++request;
+  };
+  add(0, 0, 120);
+  add(0, 0, 80);
+  for (int i = 0; i < 50; ++i) {
+    add(1, 2, 4);
+    add(2, 4, 4);
+  }
+  placement::token_refine_options opt;
+  const auto plain = placement::add_replicas_by_tokens(maps, s, topo, opt);
+  BOOST_TEST((plain[0] == maps[0]));
+  opt.hedge_replicas = 1;
+  opt.hedge_excess = 0.3; // GPU 0's risk is about 1 (two requests); token-level noise about 0.14
+  const auto hedged = placement::add_replicas_by_tokens(maps, s, topo, opt);
+  std::size_t added = 0;
+  for (std::size_t e = 0; e < 6; ++e)
+    added += hedged[0].replica_count(e) - 1;
+  BOOST_TEST(added == 1u);
+  BOOST_TEST(hedged[0].replica_count(0) == 2u);
+  BOOST_TEST((reference_loads(hedged[0], s, 0, topo) == reference_loads(maps[0], s, 0, topo)));
+  // Without request ids every token is its own request: the shares move little, nothing is hedged.
+  s.request.clear();
+  BOOST_TEST((placement::add_replicas_by_tokens(maps, s, topo, opt)[0] == maps[0]));
+  s.request.assign(s.home.size() - 1, 0);
+  BOOST_CHECK_THROW(placement::add_replicas_by_tokens(maps, s, topo, opt), invalid_input_error);
+  s.request.clear();
+  opt.hedge_z = -1;
+  BOOST_CHECK_THROW(placement::add_replicas_by_tokens(maps, s, topo, opt), config_error);
+}
+
+// Hedge copies: at most hedge_replicas per layer and one per GPU, only in empty slots, never a
+// second copy on a node, existing copies kept, the load bound kept (or no worse), and the same
+// maps from the same inputs.
+BOOST_AUTO_TEST_CASE(hedge_replicas_keep_their_budget_and_are_deterministic) {
+  std::mt19937 rng(41);
+  std::size_t hedged_some = 0;
+  for (int trial = 0; trial < 40; ++trial) {
+    const std::size_t nodes = 2 + rng() % 3, gpus = 1 + rng() % 2, ranks = nodes * gpus;
+    const std::size_t spare = 1 + rng() % 2, spr = 2 + spare + rng() % 2, experts = ranks * (spr - spare);
+    const std::size_t k = 1 + rng() % std::min<std::size_t>(4, experts);
+    const dynamic_topology topo(nodes, gpus);
+    auto sample = random_sample(rng, 60 + rng() % 200, experts, k, 1, nodes);
+    for (std::size_t t = 0, r = 0; t < sample.tokens(); ++r) // requests of 1 to 40 tokens
+      for (std::size_t n = 1 + rng() % 40; n > 0 && t < sample.tokens(); --n, ++t)
+        sample.request.push_back(static_cast<std::uint32_t>(r));
+    std::vector<expert_id> table(ranks * spr, empty_slot);
+    std::vector<expert_id> order(experts);
+    std::iota(order.begin(), order.end(), expert_id{0});
+    std::shuffle(order.begin(), order.end(), rng);
+    for (std::size_t i = 0; i < experts; ++i)
+      table[(i % ranks) * spr + i / ranks] = order[i];
+    const std::vector<expert_map> maps{expert_map(experts, ranks, spr, table)};
+    placement::token_refine_options opt;
+    opt.balance_slack = 0.05 * static_cast<double>(trial % 5);
+    opt.hedge_replicas = rng() % 6;
+    opt.hedge_excess = 0.02 * static_cast<double>(trial % 3);
+    opt.hedge_seed = static_cast<std::uint64_t>(trial);
+    placement::detail::token_refine::replica_state<dynamic_topology> state(
+        maps[0], sample.ids[0], sample.home, sample.top_k, topo, opt, 0, {}, sample.request);
+    const std::size_t hedges = state.hedge();
+    const expert_map after_hedge = state.to_map();
+    std::size_t copies = 0;
+    for (std::size_t e = 0; e < experts; ++e)
+      copies += after_hedge.replica_count(e) - 1;
+    BOOST_TEST(copies == hedges);
+    BOOST_TEST(hedges <= std::min(opt.hedge_replicas, ranks));
+    hedged_some += hedges > 0;
+    const auto out = placement::add_replicas_by_tokens(maps, sample, topo, opt);
+    BOOST_TEST((out[0] == placement::add_replicas_by_tokens(maps, sample, topo, opt)[0]));
+    for (std::size_t r = 0; r < ranks; ++r)
+      for (std::size_t sl = 0; sl < spr; ++sl) {
+        if (maps[0].expert_at(r, sl) != empty_slot) BOOST_TEST(out[0].expert_at(r, sl) == maps[0].expert_at(r, sl));
+        if (after_hedge.expert_at(r, sl) != empty_slot)
+          BOOST_TEST(out[0].expert_at(r, sl) == after_hedge.expert_at(r, sl));
+      }
+    for (std::size_t e = 0; e < experts; ++e) {
+      std::set<std::size_t> on_nodes;
+      for (const auto& x : out[0].replicas(e))
+        on_nodes.insert(topo.node_of(static_cast<std::size_t>(x.rank)));
+      BOOST_TEST(on_nodes.size() == out[0].replica_count(e));
+    }
+    const auto lb = reference_loads(maps[0], sample, 0, topo), la = reference_loads(out[0], sample, 0, topo);
+    double total = 0;
+    for (double x : lb)
+      total += x;
+    const double cap = (1.0 + opt.balance_slack) * total / static_cast<double>(ranks);
+    BOOST_TEST(*std::max_element(la.begin(), la.end()) <=
+               std::max(cap, *std::max_element(lb.begin(), lb.end())) + 1e-9);
+  }
+  BOOST_TEST(hedged_some > 10u);
 }
 
 // Two nodes of one GPU, three slots each, one empty per GPU. Tokens on node 0 use experts 0 and

@@ -126,6 +126,19 @@ std::string concat(Args&&... args) {
   return os.str();
 }
 
+//! A format_error with offset 0 whose message is `args` streamed together: for readers of whole
+//! documents (JSON, NumPy headers) where no byte offset is known. format_error carries an offset,
+//! so such readers raise it through these rather than LOCUS_REQUIRE.
+template <class... Args>
+[[noreturn]] void format_fail(const Args&... args) {
+  throw format_error(concat(args...), 0);
+}
+//! format_fail(args...) unless `ok`.
+template <class... Args>
+void format_require(bool ok, const Args&... args) {
+  if (!ok) format_fail(args...);
+}
+
 [[noreturn]] inline void throw_bounds(const char* what, const char* file, int line) {
   throw bounds_error(what, file, line);
 }

@@ -46,7 +46,7 @@ struct simulation_config {
   double arrival_rate = 0;
   std::uint64_t seed = 1;
   std::size_t max_steps = 0; //!< 0: until every request has finished
-  //! How copies pick among an expert's replicas (the engine's rule; placement/replica_selection.hpp).
+  //! How copies pick among an expert's replicas (the engine's rule; transport/replica_selection.hpp).
   placement::replica_rule replica_rule = placement::replica_rule::locality_first;
   //! locality_bounded: a rank is hot for a layer when its recent rows exceed (1 + slack) × the mean.
   double replica_slack = 0.05;

@@ -28,8 +28,9 @@
 #include <locus/core/routing.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/core/transport_kind.hpp>
-#include <locus/placement/replica_selection.hpp>
 #include <locus/transport/detail/layout_token.hpp>
+#include <locus/transport/message_sizes.hpp>
+#include <locus/transport/replica_selection.hpp>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -41,20 +42,8 @@ using ::locus::parse_transport_kind;
 using ::locus::to_string;
 using ::locus::transport_kind;
 
-//! Bytes of one token copy in each direction, and of one fan-out entry (dispatch only).
-struct message_sizes {
-  std::size_t dispatch_bytes = 0;
-  std::size_t combine_bytes = 0;
-  std::size_t entry_bytes = 0; //!< per (token, expert) pair and hop; 0 when the table is not counted
-
-  //! FP8 hidden vector plus one fp32 scale per 128 values out (DeepSeek-V3 / DeepEP dispatch),
-  //! BF16 back.
-  static constexpr message_sizes fp8_dispatch_bf16_combine(std::size_t hidden) {
-    return {hidden + (hidden + 127) / 128 * 4, 2 * hidden};
-  }
-  //! BF16 both ways.
-  static constexpr message_sizes bf16(std::size_t hidden) { return {2 * hidden, 2 * hidden}; }
-};
+// The wire sizes are the transport's (transport/message_sizes.hpp); the model multiplies by them.
+using transport::message_sizes;
 
 using per_class = std::array<std::uint64_t, link_class_count>;
 

@@ -23,18 +23,6 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::grouper {
 
-namespace detail::grouping_io {
-// format_error carries an offset, so it is raised through these rather than LOCUS_REQUIRE.
-template <class... Args>
-[[noreturn]] void fail(const Args&... args) {
-  throw format_error(::locus::detail::concat(args...), 0);
-}
-template <class... Args>
-void require(bool ok, const Args&... args) {
-  if (!ok) fail(args...);
-}
-} // namespace detail::grouping_io
-
 inline constexpr int grouping_json_version = 1;
 
 struct workload_model_io {
@@ -70,11 +58,11 @@ struct workload_model_io {
   static workload_model from_json(const nlohmann::json& doc) {
     workload_model m;
     try {
-      detail::grouping_io::require(doc.is_object() && doc.value("format", "") == "locus-grouping",
-                                   "grouping JSON: \"format\" is not \"locus-grouping\"");
+      ::locus::detail::format_require(doc.is_object() && doc.value("format", "") == "locus-grouping",
+                                      "grouping JSON: \"format\" is not \"locus-grouping\"");
       const int version = doc.at("version").get<int>();
-      detail::grouping_io::require(version == grouping_json_version, "grouping JSON: version ", version,
-                                   " is not supported (this build reads version ", grouping_json_version, ")");
+      ::locus::detail::format_require(version == grouping_json_version, "grouping JSON: version ", version,
+                                      " is not supported (this build reads version ", grouping_json_version, ")");
       m.layers_ = doc.at("layers").get<std::size_t>();
       m.experts_ = doc.at("experts").get<std::size_t>();
       m.nodes_ = doc.at("nodes").get<std::size_t>();
@@ -99,26 +87,26 @@ struct workload_model_io {
       m.stride_ = doc.at("stride").get<std::size_t>();
       m.means_t_ = doc.at("means").get<std::vector<float>>();
     } catch (const nlohmann::json::exception& e) {
-      detail::grouping_io::fail("grouping JSON: ", e.what());
+      ::locus::detail::format_fail("grouping JSON: ", e.what());
     }
     // Every size the classifier and node_load() index by, checked, so a damaged file cannot make
     // them read out of bounds.
     const std::size_t dim = m.layers_ * m.experts_;
-    detail::grouping_io::require(
+    ::locus::detail::format_require(
         m.layers_ > 0 && m.experts_ > 0 && m.nodes_ > 0 && m.k_ > 0 && m.layer_stride_ > 0,
         "grouping JSON: layers, experts, nodes, clusters and the layer stride must be positive");
-    detail::grouping_io::require(m.stride_ >= m.k_ && m.stride_ % 16 == 0, "grouping JSON: stride ", m.stride_,
-                                 " is not the cluster count ", m.k_, " rounded up to a multiple of 16");
-    detail::grouping_io::require(m.means_t_.size() == dim * m.stride_, "grouping JSON: ", m.means_t_.size(),
-                                 " class-mean values, expected ", dim * m.stride_);
-    detail::grouping_io::require(m.cluster_node_.size() == m.k_ && m.cluster_tokens_.size() == m.k_ &&
-                                     m.cluster_requests_.size() == m.k_ && m.usage_.size() == m.k_,
-                                 "grouping JSON: the per-cluster arrays must have ", m.k_, " entries");
+    ::locus::detail::format_require(m.stride_ >= m.k_ && m.stride_ % 16 == 0, "grouping JSON: stride ", m.stride_,
+                                    " is not the cluster count ", m.k_, " rounded up to a multiple of 16");
+    ::locus::detail::format_require(m.means_t_.size() == dim * m.stride_, "grouping JSON: ", m.means_t_.size(),
+                                    " class-mean values, expected ", dim * m.stride_);
+    ::locus::detail::format_require(m.cluster_node_.size() == m.k_ && m.cluster_tokens_.size() == m.k_ &&
+                                        m.cluster_requests_.size() == m.k_ && m.usage_.size() == m.k_,
+                                    "grouping JSON: the per-cluster arrays must have ", m.k_, " entries");
     for (std::size_t c = 0; c < m.k_; ++c) {
-      detail::grouping_io::require(m.cluster_node_[c] < m.nodes_, "grouping JSON: cluster ", c, " is on node ",
-                                   m.cluster_node_[c], " of ", m.nodes_);
-      detail::grouping_io::require(m.usage_[c].size() == dim, "grouping JSON: cluster ", c, " usage has ",
-                                   m.usage_[c].size(), " values, expected ", dim);
+      ::locus::detail::format_require(m.cluster_node_[c] < m.nodes_, "grouping JSON: cluster ", c, " is on node ",
+                                      m.cluster_node_[c], " of ", m.nodes_);
+      ::locus::detail::format_require(m.usage_[c].size() == dim, "grouping JSON: cluster ", c, " usage has ",
+                                      m.usage_[c].size(), " values, expected ", dim);
     }
     return m;
   }

@@ -158,7 +158,7 @@ public:
   }
 
   //! How this layer's tokens pick among an expert's replicas: the engine rule the plan was judged
-  //! under (placement/replica_selection.hpp; default locality_first). `layer_index` seeds the
+  //! under (transport/replica_selection.hpp; default locality_first). `layer_index` seeds the
   //! static draws of same_gpu_else_random; `hot` (locality_bounded: per rank, nonzero above the
   //! load bound, as the caller's load counters say) may be empty.
   //! @throws locus::config_error when `hot` is neither empty nor one flag per rank
@@ -256,12 +256,12 @@ public:
   }
 
   //! Collective, device-resident (`backend::cuda` and a transport with a device exchange:
-  //! device_local_*, nccl_flat): y = MoE(x) with every token row in device memory from `x` to `y`
+  //! device_local_*, nccl_*): y = MoE(x) with every token row in device memory from `x` to `y`
   //! (`tokens × hidden` each, device), routed on the device: logits = x·W_router in fp32 (cuBLAS),
   //! then the router policy's CUDA kernel (router::cuda_router); the routing never leaves the
   //! device. Work is issued on the backend's stream; returns once it is queued. Needs
   //! <locus/layer/moe_layer_cuda.hpp>.
-  //! @throws locus::config_error on a hierarchical transport, or shared experts in the shape but not set
+  //! @throws locus::config_error on shared experts in the shape but not set
   //! @throws locus::invalid_input_error on a non-finite logit (after the collective steps, so
   //!         peers are not left waiting)
   void forward(const value_type* x, std::size_t tokens,
@@ -271,7 +271,7 @@ public:
   }
 
   //! Collective, device-resident, as above but routed by the caller's device routing.
-  //! @throws locus::config_error on a hierarchical transport, or shared experts in the shape but not set
+  //! @throws locus::config_error on shared experts in the shape but not set
   //! @throws locus::invalid_input_error on a bad routing (after the collective steps)
   void forward(const value_type* x, const device_routing_view<top_k_type>& r,
                value_type* y) requires(backend_type::space == memory_space::device) {

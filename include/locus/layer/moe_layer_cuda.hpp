@@ -75,7 +75,7 @@ struct device_step<moe_layer<Shape, Topology, Policies...>> {
   using value_type = typename layer_type::value_type;
   using top_k_type = typename layer_type::top_k_type;
   using dispatcher_type = transport::device_dispatcher<typename layer_type::exchanger_type, value_type, top_k_type,
-                                                       typename Shape::experts_type>;
+                                                       typename Shape::experts_type, typename Shape::hidden_type>;
   static_assert(top_k_type::is_static,
                 "locus::moe_layer: the device-resident forward needs a static top_k in the shape (its kernels are "
                 "instantiated for it)");
@@ -181,7 +181,7 @@ private:
   static void step(layer_type& l, state& s, const value_type* x, const device_routing_view<top_k_type>& r,
                    std::exception_ptr fail, value_type* y) {
     auto& d = s.dispatch;
-    d.dispatch(x, r, fail);
+    d.dispatch(x, r, placement::replica_policy{l.replica_rule_, l.replica_salt_, l.hot_ranks_}, fail);
     const auto b = d.blocks();
     try {
       l.experts()(b);

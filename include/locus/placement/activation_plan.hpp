@@ -83,6 +83,7 @@ inline token_sample token_sample_from_model(const trace::trace& train, const gro
       if (seen++ % stride != 0) continue;
       picked.push_back(tok);
       s.home.push_back(node);
+      s.request.push_back(static_cast<std::uint32_t>(i));
       if (groups == shift_group::request_class) s.mix_group.push_back(m.training_labels()[i]);
       if (groups == shift_group::request) s.mix_group.push_back(static_cast<std::uint32_t>(i));
     }

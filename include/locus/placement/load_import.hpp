@@ -25,18 +25,6 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
 
-namespace detail::format {
-// format_error carries an offset, so it is raised through these rather than LOCUS_REQUIRE.
-template <class... Args>
-[[noreturn]] void fail(const Args&... args) {
-  throw format_error(::locus::detail::concat(args...), 0);
-}
-template <class... Args>
-void require(bool ok, const Args&... args) {
-  if (!ok) fail(args...);
-}
-} // namespace detail::format
-
 //! Loads with the model layer index of each row.
 struct imported_load {
   std::vector<std::size_t> layer_ids;    //!< model layer of each row (0..L-1 when the file does not say)
@@ -88,62 +76,65 @@ struct array {
 //! A `.npy` file (format versions 1-3, C order, little-endian numeric dtypes).
 inline array read_npy(const std::string& path) {
   const std::string data = read_all(path);
-  detail::format::require(data.size() >= 10 && data.compare(0, 6, "\x93NUMPY") == 0, path, ": not a NumPy .npy file");
+  ::locus::detail::format_require(data.size() >= 10 && data.compare(0, 6, "\x93NUMPY") == 0, path,
+                                  ": not a NumPy .npy file");
   const int major = static_cast<unsigned char>(data[6]);
-  detail::format::require(major >= 1 && major <= 3, path, ": unsupported .npy version ", major);
+  ::locus::detail::format_require(major >= 1 && major <= 3, path, ": unsupported .npy version ", major);
   std::size_t header_len = 0, start = 0;
   if (major == 1) {
     header_len =
         static_cast<unsigned char>(data[8]) | (static_cast<std::size_t>(static_cast<unsigned char>(data[9])) << 8);
     start = 10;
   } else {
-    detail::format::require(data.size() >= 12, path, ": truncated .npy header");
+    ::locus::detail::format_require(data.size() >= 12, path, ": truncated .npy header");
     for (int i = 3; i >= 0; --i)
       header_len = (header_len << 8) | static_cast<unsigned char>(data[8 + i]);
     start = 12;
   }
-  detail::format::require(start + header_len <= data.size(), path, ": .npy header runs past the end of the file");
+  ::locus::detail::format_require(start + header_len <= data.size(), path,
+                                  ": .npy header runs past the end of the file");
   const std::string header = data.substr(start, header_len);
   // The header is a Python dict literal: {'descr': '<i4', 'fortran_order': False, 'shape': (3, 4), }
   auto value_after = [&](const std::string& key) {
     const auto k = header.find("'" + key + "'");
-    detail::format::require(k != std::string::npos, path, ": .npy header has no '", key, "'");
+    ::locus::detail::format_require(k != std::string::npos, path, ": .npy header has no '", key, "'");
     const auto colon = header.find(':', k);
-    detail::format::require(colon != std::string::npos, path, ": malformed .npy header");
+    ::locus::detail::format_require(colon != std::string::npos, path, ": malformed .npy header");
     return colon + 1;
   };
   std::size_t d = header.find('\'', value_after("descr"));
   const std::size_t d_end = d == std::string::npos ? d : header.find('\'', d + 1);
-  detail::format::require(d_end != std::string::npos, path, ": malformed descr in the .npy header");
+  ::locus::detail::format_require(d_end != std::string::npos, path, ": malformed descr in the .npy header");
   const std::string dtype = header.substr(d + 1, d_end - d - 1);
   const std::size_t esize = element_size(dtype);
-  detail::format::require(esize > 0 && dtype[0] != '>', path, ": dtype ", dtype,
-                          " is not a little-endian integer or float");
+  ::locus::detail::format_require(esize > 0 && dtype[0] != '>', path, ": dtype ", dtype,
+                                  " is not a little-endian integer or float");
   const std::size_t f = value_after("fortran_order");
-  detail::format::require(header.compare(header.find_first_not_of(' ', f), 5, "False") == 0, path,
-                          ": Fortran-ordered arrays are not read (save with np.ascontiguousarray)");
+  ::locus::detail::format_require(header.compare(header.find_first_not_of(' ', f), 5, "False") == 0, path,
+                                  ": Fortran-ordered arrays are not read (save with np.ascontiguousarray)");
   const std::size_t s = header.find('(', value_after("shape"));
   const std::size_t s_end = s == std::string::npos ? s : header.find(')', s);
-  detail::format::require(s_end != std::string::npos, path, ": malformed shape in the .npy header");
+  ::locus::detail::format_require(s_end != std::string::npos, path, ": malformed shape in the .npy header");
   array out;
   std::size_t count = 1;
   for (std::size_t i = s + 1; i < s_end;) {
     while (i < s_end && (header[i] == ' ' || header[i] == ','))
       ++i;
     if (i >= s_end) break;
-    detail::format::require(header[i] >= '0' && header[i] <= '9', path, ": malformed shape in the .npy header");
+    ::locus::detail::format_require(header[i] >= '0' && header[i] <= '9', path, ": malformed shape in the .npy header");
     std::size_t v = 0;
     while (i < s_end && header[i] >= '0' && header[i] <= '9') {
-      detail::format::require(v < (std::size_t{1} << 40), path, ": an extent in the .npy shape is too large");
+      ::locus::detail::format_require(v < (std::size_t{1} << 40), path, ": an extent in the .npy shape is too large");
       v = v * 10 + static_cast<std::size_t>(header[i++] - '0');
     }
     out.shape.push_back(v);
-    detail::format::require(v == 0 || count <= (std::size_t{1} << 40) / v, path, ": the .npy array is too large");
+    ::locus::detail::format_require(v == 0 || count <= (std::size_t{1} << 40) / v, path,
+                                    ": the .npy array is too large");
     count *= v;
   }
   const std::size_t body = start + header_len;
-  detail::format::require(data.size() - body == count * esize, path, ": ", data.size() - body, " data bytes for ",
-                          count, " elements of ", esize, " bytes");
+  ::locus::detail::format_require(data.size() - body == count * esize, path, ": ", data.size() - body,
+                                  " data bytes for ", count, " elements of ", esize, " bytes");
   out.values.resize(count);
   for (std::size_t i = 0; i < count; ++i)
     out.values[i] = element(dtype, data.data() + body + i * esize);
@@ -153,18 +144,19 @@ inline array read_npy(const std::string& path) {
 //! Every tensor of a safetensors file (8-byte little-endian header size, JSON header, data).
 inline std::map<std::string, array> read_safetensors(const std::string& path) {
   const std::string data = read_all(path);
-  detail::format::require(data.size() >= 8, path, ": too short for a safetensors header");
+  ::locus::detail::format_require(data.size() >= 8, path, ": too short for a safetensors header");
   std::uint64_t n = 0;
   for (int i = 7; i >= 0; --i)
     n = (n << 8) | static_cast<unsigned char>(data[static_cast<std::size_t>(i)]);
-  detail::format::require(n <= data.size() - 8, path, ": header of ", n, " bytes runs past the end of the file");
+  ::locus::detail::format_require(n <= data.size() - 8, path, ": header of ", n,
+                                  " bytes runs past the end of the file");
   nlohmann::json header;
   try {
     header = nlohmann::json::parse(data.begin() + 8, data.begin() + 8 + static_cast<std::ptrdiff_t>(n));
   } catch (const nlohmann::json::exception& e) {
-    detail::format::fail(path, ": header is not JSON: ", e.what());
+    ::locus::detail::format_fail(path, ": header is not JSON: ", e.what());
   }
-  detail::format::require(header.is_object(), path, ": header is not a JSON object");
+  ::locus::detail::format_require(header.is_object(), path, ": header is not a JSON object");
   const std::size_t body = 8 + n, body_size = data.size() - body;
   static const std::map<std::string, std::string> dtypes = {
       {"I8", "|i1"},  {"U8", "|u1"},  {"I16", "<i2"}, {"U16", "<u2"}, {"I32", "<i4"},
@@ -174,8 +166,8 @@ inline std::map<std::string, array> read_safetensors(const std::string& path) {
     if (name == "__metadata__") continue;
     try {
       const auto dt = dtypes.find(info.at("dtype").get<std::string>());
-      detail::format::require(dt != dtypes.end(), path, ": tensor ", name, " has unsupported dtype ",
-                              info.at("dtype").get<std::string>());
+      ::locus::detail::format_require(dt != dtypes.end(), path, ": tensor ", name, " has unsupported dtype ",
+                                      info.at("dtype").get<std::string>());
       array a;
       a.shape = info.at("shape").get<std::vector<std::size_t>>();
       const auto offsets = info.at("data_offsets").get<std::vector<std::size_t>>();
@@ -183,15 +175,16 @@ inline std::map<std::string, array> read_safetensors(const std::string& path) {
       for (const std::size_t x : a.shape)
         count *= x;
       const std::size_t esize = element_size(dt->second);
-      detail::format::require(offsets.size() == 2 && offsets[0] <= offsets[1] && offsets[1] <= body_size &&
-                                  offsets[1] - offsets[0] == count * esize,
-                              path, ": tensor ", name, " has data offsets that do not fit its shape or the file");
+      ::locus::detail::format_require(offsets.size() == 2 && offsets[0] <= offsets[1] && offsets[1] <= body_size &&
+                                          offsets[1] - offsets[0] == count * esize,
+                                      path, ": tensor ", name,
+                                      " has data offsets that do not fit its shape or the file");
       a.values.resize(count);
       for (std::size_t i = 0; i < count; ++i)
         a.values[i] = element(dt->second, data.data() + body + offsets[0] + i * esize);
       out.emplace(name, std::move(a));
     } catch (const nlohmann::json::exception& e) {
-      detail::format::fail(path, ": tensor ", name, ": ", e.what());
+      ::locus::detail::format_fail(path, ": tensor ", name, ": ", e.what());
     }
   }
   return out;
@@ -214,7 +207,7 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
       meta = nlohmann::json::parse(detail::load_import::read_all(meta_path));
       experts = meta.at("num_experts").get<std::size_t>();
     } catch (const nlohmann::json::exception& e) {
-      detail::format::fail(meta_path, ": ", e.what());
+      ::locus::detail::format_fail(meta_path, ": ", e.what());
     }
     std::map<std::size_t, std::vector<double>> rows;
     std::size_t files = 0;
@@ -224,12 +217,13 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
       ++files;
       for (const auto& [key, a] : detail::load_import::read_safetensors(entry.path().string())) {
         const auto sep = key.find('_');
-        detail::format::require(sep != std::string::npos && sep > 0 && sep + 1 < key.size() &&
-                                    key.find_first_not_of("0123456789_") == std::string::npos,
-                                entry.path().string(), ": tensor name \"", key, "\" is not ITERATION_LAYER");
+        ::locus::detail::format_require(sep != std::string::npos && sep > 0 && sep + 1 < key.size() &&
+                                            key.find_first_not_of("0123456789_") == std::string::npos,
+                                        entry.path().string(), ": tensor name \"", key, "\" is not ITERATION_LAYER");
         const std::size_t layer = std::stoul(key.substr(sep + 1));
-        detail::format::require(a.shape.size() == 1 && a.shape[0] == experts, entry.path().string(), ": ", key,
-                                " holds ", a.values.size(), " values, not one per each of ", experts, " experts");
+        ::locus::detail::format_require(a.shape.size() == 1 && a.shape[0] == experts, entry.path().string(), ": ", key,
+                                        " holds ", a.values.size(), " values, not one per each of ", experts,
+                                        " experts");
         auto& row = rows.try_emplace(layer, experts, 0.0).first->second;
         for (std::size_t e = 0; e < experts; ++e)
           row[e] += a.values[e];

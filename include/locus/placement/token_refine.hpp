@@ -40,9 +40,9 @@
 #include <locus/core/random.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/placement/load_bound.hpp>
-#include <locus/placement/replica_selection.hpp>
 #include <locus/trace/trace.hpp>
 #include <locus/transport/detail/layout_token.hpp>
+#include <locus/transport/replica_selection.hpp>
 #include <numeric>
 #include <span>
 #include <vector>
@@ -59,6 +59,9 @@ struct token_sample {
   //! Optional, per token: the group whose share a shifted mix grows (token_refine_options::
   //! balance_shift), e.g. the request's class; empty: the token's node.
   std::vector<std::uint32_t> mix_group;
+  //! Optional, per token: the request it comes from. Hedge replicas (token_refine_options::
+  //! hedge_replicas) resample the requests; empty: every token is its own request.
+  std::vector<std::uint32_t> request;
 
   std::size_t tokens() const noexcept { return home.size(); }
   std::size_t layers() const noexcept { return ids.size(); }
@@ -72,6 +75,8 @@ struct token_sample {
                     nodes);
     LOCUS_REQUIRE(mix_group.empty() || mix_group.size() == home.size(), invalid_input_error,
                   "token_sample: ", mix_group.size(), " mix groups for ", home.size(), " tokens");
+    LOCUS_REQUIRE(request.empty() || request.size() == home.size(), invalid_input_error,
+                  "token_sample: ", request.size(), " request ids for ", home.size(), " tokens");
     for (const auto g : mix_group)
       LOCUS_REQUIRE(g < 65536, invalid_input_error, "token_sample: mix group ", g, " (at most 65,535)");
     for (std::size_t l = 0; l < ids.size(); ++l) {
@@ -126,11 +131,26 @@ struct token_refine_options {
   //! another.
   double balance_shift = 0;
   double shift_slack = 0.10; //!< the bound under a shifted mix
-  //! The replica rule of the engine the plan is for (placement/replica_selection.hpp): where a
+  //! The replica rule of the engine the plan is for (transport/replica_selection.hpp): where a
   //! token's copy for a replicated expert goes, in the cost and the loads. Layer l's draws are
   //! seeded by salt + l, as the decode simulator seeds them by the layer index; `hot` applies to
   //! every layer.
   replica_policy replicas{};
+  //! Hedge replicas per layer at most (0: off). A run-time replica rule that sheds a hot GPU's load
+  //! (locality_bounded) can only move the load of experts that have a second copy; a plan that
+  //! spends every replica on copies saved leaves the GPUs whose load varies most between request
+  //! mixes with nothing to shed. With this, add_replicas_by_tokens first resamples the sample's
+  //! requests (hedge_resamples bootstrap draws), takes each GPU's load at the mean plus hedge_z
+  //! standard deviations of its share over the draws, and for each GPU above (1 + hedge_excess) ×
+  //! the mean in turn (riskiest first) copies one of its experts to another node: the copy that
+  //! lets it shed that excess at run time onto a GPU that can take it, saving the most copies;
+  //! the remaining slots are then filled for bytes alone. Costs the bytes those slots would
+  //! have saved.
+  std::size_t hedge_replicas = 0;
+  std::size_t hedge_resamples = 64; //!< bootstrap draws of the requests
+  double hedge_z = 2.0;             //!< a GPU's risk: its mean share plus this many standard deviations
+  double hedge_excess = 0.05;       //!< GPUs whose risk exceeds (1 + this) × the mean are hedged
+  std::uint64_t hedge_seed = 1;     //!< layer l's draws come from splitmix64(seed, l)
 
   //! Sets the copy weights to count what `c` names (1 for each kind counted, 0 otherwise).
   token_refine_options& count(copy_count c) noexcept {
@@ -814,10 +834,11 @@ class replica_state {
 public:
   replica_state(const expert_map& map, std::span<const std::uint16_t> ids, std::span<const std::uint32_t> home,
                 std::size_t top_k, const Topology& topo, const token_refine_options& opt, std::size_t layer,
-                std::span<const std::uint32_t> mix = {})
+                std::span<const std::uint32_t> mix = {}, std::span<const std::uint32_t> request = {})
       : opt_(opt), policy_(layer_replica_policy(opt, layer)), topo_(topo), k_(top_k), tokens_(home.size()),
         ranks_(map.ranks()), nodes_(topo.nodes()), gpus_(topo.gpus_per_node()), spr_(map.slots_per_rank()), ids_(ids),
-        home_(home), mix_(mix.empty() ? home : mix), mixes_(mix_groups(mix, nodes_)), experts_(map.experts()) {
+        home_(home), mix_(mix.empty() ? home : mix), mixes_(mix_groups(mix, nodes_)), experts_(map.experts()),
+        request_(request), layer_(layer) {
     LOCUS_REQUIRE(policy_.hot.empty() || policy_.hot.size() == ranks_, config_error,
                   "add_replicas_by_tokens: ", policy_.hot.size(), " hot-rank flags for ", ranks_, " ranks");
     node_of_.resize(ranks_);
@@ -926,6 +947,109 @@ public:
         continue;
       }
       add(e, r);
+      ++added;
+    }
+    return added;
+  }
+
+  //! Hedge replicas (token_refine_options::hedge_replicas), before fill(). Returns those added.
+  std::size_t hedge() {
+    if (opt_.hedge_replicas == 0 || opt_.hedge_resamples == 0 || tokens_ == 0) return 0;
+    // Requests as dense indices, in order of first appearance.
+    std::vector<std::uint32_t> req(tokens_);
+    std::size_t requests = 0;
+    if (request_.empty()) {
+      std::iota(req.begin(), req.end(), 0u);
+      requests = tokens_;
+    } else {
+      std::vector<std::uint32_t> ids(request_.begin(), request_.end());
+      std::sort(ids.begin(), ids.end());
+      ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+      for (std::size_t t = 0; t < tokens_; ++t)
+        req[t] = static_cast<std::uint32_t>(std::lower_bound(ids.begin(), ids.end(), request_[t]) - ids.begin());
+      requests = ids.size();
+    }
+    // Draws: how often each request is picked when the requests are drawn again with replacement.
+    const std::size_t draws = opt_.hedge_resamples;
+    std::vector<double> weight(draws * requests, 0.0);
+    splitmix64 rng(opt_.hedge_seed ^ (0x9e3779b97f4a7c15ull * (layer_ + 1)));
+    for (std::size_t b = 0; b < draws; ++b)
+      for (std::size_t i = 0; i < requests; ++i)
+        weight[b * requests + rng.below(requests)] += 1;
+    std::vector<std::uint8_t> done(ranks_, 0);
+    std::vector<double> per_request(requests * ranks_), risk(ranks_);
+    std::size_t added = 0;
+    while (added < opt_.hedge_replicas) {
+      // Each rank's load share under every draw, from where the pairs go now.
+      std::fill(per_request.begin(), per_request.end(), 0.0);
+      for (std::size_t p = 0; p < tr_.size(); ++p)
+        if (tr_[p] >= 0) per_request[req[p / k_] * ranks_ + static_cast<std::size_t>(tr_[p])] += 1;
+      std::vector<double> sum(ranks_, 0.0), sq(ranks_, 0.0), load(ranks_);
+      for (std::size_t b = 0; b < draws; ++b) {
+        std::fill(load.begin(), load.end(), 0.0);
+        for (std::size_t i = 0; i < requests; ++i)
+          if (const double w = weight[b * requests + i]; w > 0)
+            for (std::size_t r = 0; r < ranks_; ++r)
+              load[r] += w * per_request[i * ranks_ + r];
+        double total = 0;
+        for (const double x : load)
+          total += x;
+        if (total <= 0) continue;
+        for (std::size_t r = 0; r < ranks_; ++r) {
+          const double share = load[r] * static_cast<double>(ranks_) / total;
+          sum[r] += share;
+          sq[r] += share * share;
+        }
+      }
+      double total = 0;
+      for (const double x : load_)
+        total += x;
+      if (total <= 0) break;
+      const double mean = total / static_cast<double>(ranks_);
+      std::size_t hot = ranks_;
+      for (std::size_t r = 0; r < ranks_; ++r) {
+        const double m = sum[r] / static_cast<double>(draws);
+        const double sd = std::sqrt(std::max(0.0, sq[r] / static_cast<double>(draws) - m * m));
+        risk[r] = load_[r] / mean + opt_.hedge_z * sd - 1.0; // the rank's excess at risk, as a share of the mean
+        if (!done[r] && risk[r] > opt_.hedge_excess && (hot == ranks_ || risk[r] > risk[hot])) hot = r;
+      }
+      if (hot == ranks_) break;
+      done[hot] = 1;
+      const double need = risk[hot] * mean;
+      // Load the rank can already shed: its pairs of experts with a copy elsewhere.
+      double sheddable = 0;
+      for (std::size_t e = 0; e < experts_; ++e)
+        if (copies_[e].size() > 1)
+          for (const auto p : pairs_of_[e])
+            sheddable += tr_[p] == static_cast<std::int32_t>(hot);
+      if (sheddable >= need) continue;
+      // The best copy: one that covers the excess onto a rank with room for it, then the most
+      // copies saved; failing that, the most load covered.
+      struct choice {
+        bool fits = false;
+        double covered = -1, gain = 0;
+        std::size_t e = 0, r = 0;
+      } best;
+      for (std::size_t e = 0; e < experts_; ++e) {
+        if (copies_[e].size() != 1 || copies_[e][0] != static_cast<std::int32_t>(hot)) continue;
+        double cover = 0;
+        for (const auto p : pairs_of_[e])
+          cover += tr_[p] == static_cast<std::int32_t>(hot);
+        if (cover <= 0) continue;
+        for (std::size_t r = 0; r < ranks_; ++r) {
+          if (node_of_[r] == node_of_[hot] || free_slot(r) == spr_ || !balanced(e, r)) continue;
+          const double covered = std::min(cover, need - sheddable);
+          const bool fits = cover + sheddable >= need && risk[r] + cover / mean <= risk[hot];
+          const double g = gain(e, r);
+          const bool better =
+              fits != best.fits ? fits
+              : fits            ? g > best.gain + 1e-9 || (g >= best.gain - 1e-9 && covered > best.covered)
+                     : covered > best.covered + 1e-9 || (covered >= best.covered - 1e-9 && g > best.gain + 1e-9);
+          if (best.covered < 0 || better) best = {fits, covered, g, e, r};
+        }
+      }
+      if (best.covered < 0) continue;
+      add(best.e, best.r);
       ++added;
     }
     return added;
@@ -1071,6 +1195,8 @@ private:
   std::span<const std::uint32_t> mix_; //!< per token: its shifted-mix group (home_ when none given)
   std::size_t mixes_;
   std::size_t experts_;
+  std::span<const std::uint32_t> request_; //!< per token: its request (empty: its own)
+  std::size_t layer_;
   std::vector<std::uint32_t> node_of_;
   std::vector<expert_id> table_;
   std::vector<std::vector<std::int32_t>> copies_;
@@ -1180,7 +1306,8 @@ double sample_copy_cost(const std::vector<expert_map>& maps, const token_sample&
 //! of token_refine_options::replicas sends it, as in refine_by_tokens), placed on the
 //! node's least-loaded GPU with a free slot, while the loads stay under the bound of
 //! token_refine_options::balance_slack (or no worse than before). Leaves a slot empty when no copy
-//! saves anything. Existing copies never move.
+//! saves anything. Existing copies never move. With token_refine_options::hedge_replicas, slots
+//! first go to hedge copies (see that option) under the same bound.
 //! @throws as refine_by_tokens
 template <class Topology>
 std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& maps, const token_sample& sample,
@@ -1199,8 +1326,14 @@ std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& ma
     LOCUS_REQUIRE(opt.balance_shift >= 0 && opt.shift_slack >= 0, config_error,
                   "add_replicas_by_tokens: negative balance shift ", opt.balance_shift, " or shift slack ",
                   opt.shift_slack);
+    LOCUS_REQUIRE(opt.hedge_z >= 0 && opt.hedge_excess >= 0, config_error, "add_replicas_by_tokens: negative hedge z ",
+                  opt.hedge_z, " or hedge excess ", opt.hedge_excess);
+    // The draws cost O(resamples × requests × ranks) per hedge copy: bound the factor.
+    LOCUS_REQUIRE(opt.hedge_resamples <= 4096, config_error, "add_replicas_by_tokens: ", opt.hedge_resamples,
+                  " hedge resamples (at most 4,096)");
     detail::token_refine::replica_state<Topology> s(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt, l,
-                                                    sample.mix_group);
+                                                    sample.mix_group, sample.request);
+    s.hedge();
     s.fill();
     out.push_back(s.to_map());
   }

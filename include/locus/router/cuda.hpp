@@ -1,14 +1,20 @@
 #pragma once
 // locus-requires: cuda
 //! @file
-//! `router::cuda_router<R>`: runs a router on the GPU. It owns what the kernels need beyond the
-//! router's parameters — a device copy of the correction bias, and the status counters through
-//! which kernels report non-finite logits — and hands everything to the kernels by value.
+//! `router::cuda_router<R>`: runs a router on the GPU. It owns what every router's kernels share —
+//! the status counters through which kernels report non-finite logits — and the router's own
+//! device state, and calls the router's CUDA part. A router's CUDA part lives beside its host part
+//! (`softmax_topk_cuda.hpp` beside `softmax_topk.hpp`) and is found by argument-dependent lookup,
+//! so a router defined outside the library runs here without a change to this file:
 //!
-//! Results: the same expert ids as the host path (same selection order, same tie rule: the lower
-//! expert id), weights within 1e-6 relative (bit-identical except the full-softmax denominator).
-//! A token with a non-finite logit gets ids -1 and weights 0 and is counted; `check()` raises
-//! locus::invalid_input_error naming the first such token and expert.
+//!     void route_on_device(const R&, const State&, const device_logits_view<E, T>&,
+//!                          const device_mutable_routing_view<R::top_k_type>&, const device_route_context&);
+//!     State make_device_state(const R&); // optional; without it State is no_device_state
+//!
+//! Results of the built-in routers: the same expert ids as the host path (same selection order,
+//! same tie rule: the lower expert id), weights within 1e-6 relative (bit-identical except the
+//! full-softmax denominator). A token with a non-finite logit gets ids -1 and weights 0 and is
+//! counted; `check()` raises locus::invalid_input_error naming the first such token and expert.
 
 #include <cstddef>
 #include <cuda_runtime_api.h>
@@ -19,6 +25,10 @@
 #include <locus/router/detail/dispatch_host.hpp>
 #include <locus/router/logits.hpp>
 #include <locus/router/router.hpp>
+#include <locus/router/sigmoid_grouped_cuda.hpp>
+#include <locus/router/sigmoid_top1_cuda.hpp>
+#include <locus/router/softmax_topk_cuda.hpp>
+#include <type_traits>
 #include <utility>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::router {
@@ -30,33 +40,53 @@ struct cuda_route_status {
   std::size_t first_expert = 0;          //!< its lowest non-finite expert
 };
 
+//! The device state `cuda_router<R>` keeps for R: what `make_device_state(r)` returns, found by
+//! argument-dependent lookup, or no_device_state when R declares none.
+template <class R>
+struct device_state_of {
+  using type = no_device_state;
+};
+template <class R>
+requires requires(const R& r) { make_device_state(r); }
+struct device_state_of<R> {
+  using type = decltype(make_device_state(std::declval<const R&>()));
+};
+
+//! A router with a CUDA part: `route_on_device(r, state, logits, out, context)` is found for fp32
+//! logits of any expert count.
+template <class R>
+concept device_router = router_policy<R> &&
+    requires(const R& r, const typename device_state_of<R>::type& state,
+             const device_logits_view<experts<>, const float>& l,
+             const device_mutable_routing_view<typename R::top_k_type>& out, const device_route_context& c) {
+  route_on_device(r, state, l, out, c);
+};
+
 //! A router bound to the device.
-//! @tparam Router softmax_topk<K>, sigmoid_grouped<G, TG, K> or sigmoid_top1
+//! @tparam Router a router policy with a CUDA part (`device_router`; the built-in ones are
+//!         softmax_topk<K>, sigmoid_grouped<G, TG, K> and sigmoid_top1)
 template <class Router>
 class cuda_router {
   static_assert(router_policy<Router>, "locus::router::cuda_router: the parameter must be a router policy");
+  static_assert(device_router<Router>,
+                "locus::router::cuda_router: the router has no CUDA part; declare `route_on_device(router, state, "
+                "device_logits_view, device_mutable_routing_view, device_route_context)` in the router's namespace "
+                "(see router/cuda.hpp) and include it");
 
 public:
   using router_type = Router;
   using top_k_type = typename Router::top_k_type;
+  using state_type = typename device_state_of<Router>::type;
 
-  //! Copies the router's bias (if any) to the device and allocates the status counters.
+  //! Builds the router's device state (e.g. a device copy of its bias) and the status counters.
   //! @throws locus::cuda_error when an allocation or copy fails
-  explicit cuda_router(Router r) : router_(std::move(r)) {
+  explicit cuda_router(Router r) : router_(std::move(r)), state_(make_state(router_)) {
     LOCUS_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&status_), 2 * sizeof(unsigned long long)));
-    if constexpr (requires { router_.bias(); }) {
-      const auto& bias = router_.bias();
-      if (!bias.empty()) {
-        LOCUS_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&bias_), bias.size() * sizeof(float)));
-        LOCUS_CUDA_CHECK(cudaMemcpy(bias_, bias.data(), bias.size() * sizeof(float), cudaMemcpyHostToDevice));
-      }
-    }
     reset();
     LOCUS_CUDA_CHECK(cudaStreamSynchronize(nullptr));
   }
   ~cuda_router() {
     cudaFree(status_); // errors cannot be reported from a destructor; the memory is gone either way
-    cudaFree(bias_);
   }
   cuda_router(const cuda_router&) = delete;
   cuda_router& operator=(const cuda_router&) = delete;
@@ -70,17 +100,7 @@ public:
   void route(const device_logits_view<Experts, T>& logits, const device_mutable_routing_view<top_k_type>& out,
              cudaStream_t stream = nullptr, cuda_kernel kernel = cuda_kernel::automatic) const {
     detail::router::validate_route_arguments(Router::name, logits, out, router_.top_k());
-    const detail::router::device_status st{status_, status_ + 1};
-    if constexpr (requires { router_.bias(); }) {
-      router_.validate_experts(logits.experts());
-      auto p = router_.params();
-      p.bias = bias_;
-      detail::router::launch_sigmoid_grouped(p, logits, out.ids(), out.weights(), st, stream, kernel);
-    } else if constexpr (requires { router_.renormalize(); }) {
-      detail::router::launch_softmax_topk(router_.params(), logits, out.ids(), out.weights(), st, stream, kernel);
-    } else {
-      detail::router::launch_sigmoid_top1(logits, out.ids(), out.weights(), st, stream, kernel);
-    }
+    route_on_device(router_, state_, logits, out, device_route_context{{status_, status_ + 1}, stream, kernel});
   }
 
   //! Waits for `stream` and reads the counters.
@@ -114,8 +134,15 @@ public:
   }
 
 private:
+  static state_type make_state(const Router& r) {
+    if constexpr (std::is_same_v<state_type, no_device_state>)
+      return {};
+    else
+      return make_device_state(r);
+  }
+
   Router router_;
-  float* bias_ = nullptr;
+  state_type state_;
   unsigned long long* status_ = nullptr;
 };
 

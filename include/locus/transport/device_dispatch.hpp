@@ -2,20 +2,32 @@
 // locus-requires: cuda
 //! @file
 //! `device_dispatcher`: dispatch and combine of one rank with every token row in device memory,
-//! over a transport with a device exchange (`device_local_transport`, `nccl_transport`); flat
-//! layouts.
+//! over a transport with a device exchange (`device_local_transport`, `nccl_transport`), flat or
+//! hierarchical as the endpoint says.
 //!
-//!   dispatch: device layout → permute into the send buffer → exchange the rows' entry metadata
-//!             (entries per row, local slot, weight) → receive layout → exchange the rows →
-//!             gather each local expert's input rows
-//!   combine:  weighted reduction of the expert outputs per received row → exchange back →
-//!             combine on the source (a row shared by several choices counts once)
+//!   flat dispatch:  device layout → permute into the send buffer → exchange the rows' entry
+//!                   metadata (entries per row, local slot, weight) → receive layout → exchange the
+//!                   rows → gather each local expert's input rows
+//!   flat combine:   weighted reduction of the expert outputs per received row → exchange back →
+//!                   combine on the source (a row shared by several choices counts once)
+//!   hierarchical:   node layout (one row per remote node, to the rail peer there) → rail stage
+//!                   (metadata, then rows) → the rail peer fans the rows out inside its node
+//!                   (the stage bodies' fan-out) and sends them with its own rows for its node in
+//!                   the node stage → receive layout over the node rows and the rows it forwards to
+//!                   itself; combine goes back the same way, the rail peer summing its node's
+//!                   returns of each rail row before the rail stage back (detail/node_plan.hpp).
 //!
-//! Host synchronisation per step: the layout returns its per-rank row and entry counts (the
-//! message sizes), each exchange agrees on counts behind the transport's header round, and the
-//! received entry metadata (4 + 4 + 4 bytes per entry, never a token row) comes to the host once,
-//! because the expert compute issues one GEMM per expert and needs each expert's row count on the
-//! host. No token row is copied to or from the host.
+//! Host synchronisation per step, and why:
+//! - the layout returns its per-rank row and entry counts (the message sizes);
+//! - each exchange agrees on counts behind the transport's header round;
+//! - flat: the received entry metadata (4 + 4 + 4 bytes per entry, never a token row) comes to the
+//!   host once, because the receive layout is built there and the expert compute issues one GEMM
+//!   per expert with each expert's row count on the host;
+//! - hierarchical: the layout's entry metadata comes to the host (the plan's index lists are built
+//!   there), and each stage's metadata is exchanged through the host before its rows, because the
+//!   rail stage's metadata sizes the node stage (a rail peer must know how many rows it forwards to
+//!   each rank before that exchange).
+//! No token row is copied to or from the host.
 
 #include <cstddef>
 #include <cstdint>
@@ -25,6 +37,7 @@
 #include <locus/core/expert_map.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/layer/expert_compute.hpp>
+#include <locus/transport/detail/node_plan.hpp>
 #include <locus/transport/detail/stage.hpp>
 #include <locus/transport/device_exchange.hpp>
 #include <locus/transport/device_layout.hpp>
@@ -53,12 +66,14 @@ inline void download(const device_exchange_result& in, std::vector<std::int32_t>
 
 } // namespace detail::device_dispatch
 
-//! Device dispatch and combine of one rank (flat layouts).
+//! Device dispatch and combine of one rank (flat or hierarchical, as the endpoint's hierarchical()).
 //! @tparam Exchanger a transport endpoint with `exchange_device` (device_local_transport, nccl_transport)
 //! @tparam T         row element: float or bfloat16
 //! @tparam TopK      `locus::top_k<K>`, static (the kernels are instantiated for K)
 //! @tparam Experts   `locus::experts<E>` or `experts<>`
-template <class Exchanger, class T, class TopK, class Experts = experts<>>
+//! @tparam Hidden    `locus::hidden<H>` (the row copy and reduction kernels are instantiated for H)
+//!                   or `hidden<>`
+template <class Exchanger, class T, class TopK, class Experts = experts<>, class Hidden = hidden<>>
 class device_dispatcher {
   static_assert(detail::permute::device_element<T>, "locus::transport::device_dispatcher: rows are float or bfloat16");
 
@@ -67,87 +82,53 @@ public:
   //! @param map    where the experts live; its ranks are the transport's
   //! @param hidden row width in elements
   //! @param stream the stream every kernel and copy is issued on: the endpoint's
-  //! @throws locus::config_error when the map and the transport disagree, or the endpoint is
-  //!         hierarchical (the device path moves flat layouts)
+  //! @throws locus::config_error when the map and the transport disagree, or `hidden` is zero or
+  //!         differs from a static Hidden
   device_dispatcher(Exchanger& ex, expert_map map, std::size_t hidden, cudaStream_t stream)
-      : ex_(&ex), map_(std::move(map)), hidden_(hidden), stream_(stream) {
+      : ex_(&ex), map_(std::move(map)), hidden_(hidden), hx_(hidden), stream_(stream),
+        kind_(ex.hierarchical() ? transport_kind::hierarchical : transport_kind::flat) {
     LOCUS_REQUIRE(map_.ranks() == ex.topology().ranks(), config_error, "device_dispatcher: the expert map has ",
                   map_.ranks(), " ranks but the transport has ", ex.topology().ranks());
-    LOCUS_REQUIRE(!ex.hierarchical(), config_error,
-                  "device_dispatcher: the device path moves flat layouts; the transport endpoint is hierarchical");
     LOCUS_REQUIRE(hidden > 0, config_error, "device_dispatcher: zero hidden size");
     const std::size_t S = map_.slots_per_rank();
     for (std::size_t s = 0; s < S; ++s)
       slot_expert_.push_back(map_.expert_at(ex.rank(), s));
   }
 
-  //! Collective: dispatches the rows of `x` (`r.tokens() × hidden`, device) routed by `r` (device).
-  //! Afterwards blocks() describes the local experts' input and output rows.
+  //! Collective: dispatches the rows of `x` (`r.tokens() × hidden`, device) routed by `r` (device),
+  //! each copy to the replica `replicas` picks (the policy the host dispatcher's plan() takes, so
+  //! both choose the same replicas). Afterwards blocks() describes the local experts' input and
+  //! output rows.
   //!
-  //! A bad routing (no weights, or what device_layout::assign refuses) does not raise here: this
-  //! rank then sends no tokens but still receives, computes and returns its peers' rows, and
-  //! combine() raises the error once the step's exchanges are done, so no peer waits for it.
-  //! `fail` does the same for an error the caller found before dispatch (a router's).
-  void dispatch(const T* x, const device_routing_view<TopK>& r, std::exception_ptr fail = nullptr) {
-    const std::size_t R = map_.ranks(), row_bytes = hidden_ * sizeof(T);
+  //! A bad routing (no weights, or what device_layout::assign refuses, a `replicas.hot` of the
+  //! wrong size included) does not raise here: this rank then sends no tokens but still receives,
+  //! computes and returns its peers' rows, and combine() raises the error once the step's exchanges
+  //! are done, so no peer waits for it. `fail` does the same for an error the caller found before
+  //! dispatch (a router's).
+  void dispatch(const T* x, const device_routing_view<TopK>& r, const placement::replica_policy& replicas = {},
+                std::exception_ptr fail = nullptr) {
     pending_ = fail;
     if (!pending_) {
       try {
         LOCUS_REQUIRE(r.tokens() == 0 || r.weights(), invalid_input_error,
                       "device_dispatcher: the routing carries no weights");
-        layout_.assign(r, map_, ex_->topology(), ex_->rank(), transport_kind::flat, stream_);
+        layout_.assign(r, map_, ex_->topology(), ex_->rank(), kind_, stream_, replicas);
       } catch (const invalid_input_error&) {
+        pending_ = std::current_exception();
+      } catch (const config_error&) {
         pending_ = std::current_exception();
       }
     }
     if (pending_) {
       // The layout kernels stopped at the bad copy; a layout of no tokens replaces it.
-      layout_.assign(device_routing_view<TopK>(nullptr, nullptr, 0), map_, ex_->topology(), ex_->rank(),
-                     transport_kind::flat, stream_);
+      layout_.assign(device_routing_view<TopK>(nullptr, nullptr, 0), map_, ex_->topology(), ex_->rank(), kind_,
+                     stream_);
       x = nullptr;
     }
-    const auto& ro = layout_.rank_offsets_host();
-    const auto& eo = layout_.rank_entry_offsets_host();
-    send_counts_.resize(R);
-    entry_counts_.resize(R);
-    for (std::size_t d = 0; d < R; ++d) {
-      send_counts_[d] = static_cast<std::size_t>(ro[d + 1] - ro[d]);
-      entry_counts_[d] = static_cast<std::size_t>(eo[d + 1] - eo[d]);
-    }
-    const std::size_t rows = layout_.rows();
-    send_.resize(std::max<std::size_t>(rows, 1) * hidden_);
-    row_entries_.resize(std::max<std::size_t>(rows, 1));
-    permute(layout_, x, hidden_, send_.data(), stream_);
-    if (rows > 0) {
-      detail::device_dispatch::adjacent_difference_kernel<>
-          <<<static_cast<unsigned>((rows + 255) / 256), 256, 0, stream_>>>(layout_.row_entry_offsets(), rows,
-                                                                           row_entries_.data());
-      LOCUS_CUDA_CHECK(cudaGetLastError());
-    }
-    // Entry metadata first: every result comes to the host before the rows are exchanged, whose
-    // result then stays in the transport's buffer until combine.
-    const auto bytes_of = [](const auto* p) { return reinterpret_cast<const std::byte*>(p); };
-    ex_->exchange_device(exchange_group::world, sizeof(std::int32_t), bytes_of(row_entries_.data()), send_counts_, {},
-                         meta_, 11);
-    detail::device_dispatch::download(meta_, recv_row_entries_, stream_);
-    ex_->exchange_device(exchange_group::world, sizeof(std::int32_t), bytes_of(layout_.entry_slot()), entry_counts_, {},
-                         meta_, 12);
-    detail::device_dispatch::download(meta_, recv_slots_, stream_);
-    ex_->exchange_device(exchange_group::world, sizeof(float), bytes_of(layout_.entry_weight()), entry_counts_, {},
-                         meta_, 13);
-    recv_weights_.resize(meta_.offsets.back());
-    if (!recv_weights_.empty())
-      LOCUS_CUDA_CHECK(cudaMemcpyAsync(recv_weights_.data(), meta_.rows, recv_weights_.size() * sizeof(float),
-                                       cudaMemcpyDeviceToHost, stream_));
-    LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    rl_.assign(map_.slots_per_rank(), recv_row_entries_, recv_slots_, recv_weights_);
-    drl_.assign(rl_, stream_);
-
-    ex_->exchange_device(exchange_group::world, row_bytes, bytes_of(send_.data()), send_counts_, {}, rows_, 14);
-    const std::size_t n = rl_.entries();
-    expert_in_.resize(std::max<std::size_t>(n, 1) * hidden_);
-    expert_out_.resize(std::max<std::size_t>(n, 1) * hidden_);
-    gather_expert_input(drl_, reinterpret_cast<const T*>(rows_.rows), hidden_, expert_in_.data(), stream_);
+    if (kind_ == transport_kind::hierarchical)
+      dispatch_node(x);
+    else
+      dispatch_flat(x);
     // Blocks of the occupied slots; an empty slot has no entries, so the segments stay contiguous.
     block_experts_.clear();
     block_offsets_.assign(1, 0);
@@ -172,13 +153,11 @@ public:
   //! @throws locus::invalid_input_error the last dispatch's routing error, after the exchange
   //!         (`y` is then left as it was)
   void combine(T* y) {
-    const std::size_t row_bytes = hidden_ * sizeof(T);
     back_.resize(std::max<std::size_t>(rl_.rows(), 1) * hidden_);
-    reduce_expert_output(drl_, expert_out_.data(), hidden_, back_.data(), stream_);
-    ex_->exchange_device(exchange_group::world, row_bytes, reinterpret_cast<const std::byte*>(back_.data()),
-                         rows_.counts, send_counts_, returned_, 15);
+    reduce_expert_output(drl_, expert_out_.data(), hx_, back_.data(), stream_);
+    const T* returned = kind_ == transport_kind::hierarchical ? combine_node() : combine_flat();
     if (pending_) std::rethrow_exception(std::exchange(pending_, nullptr));
-    if (y) transport::combine(layout_, reinterpret_cast<const T*>(returned_.rows), hidden_, y, stream_);
+    if (y) transport::combine(layout_, returned, hx_, y, stream_);
   }
 
   const device_layout<TopK, Experts>& last_layout() const noexcept { return layout_; }
@@ -186,10 +165,212 @@ public:
   cudaStream_t stream() const noexcept { return stream_; }
 
 private:
+  static const std::byte* bytes_of(const void* p) noexcept { return static_cast<const std::byte*>(p); }
+
+  // Flat: every row straight to its destination rank over the world group.
+  void dispatch_flat(const T* x) {
+    const std::size_t R = map_.ranks(), row_bytes = hidden_ * sizeof(T);
+    const auto& ro = layout_.rank_offsets_host();
+    const auto& eo = layout_.rank_entry_offsets_host();
+    send_counts_.resize(R);
+    entry_counts_.resize(R);
+    for (std::size_t d = 0; d < R; ++d) {
+      send_counts_[d] = static_cast<std::size_t>(ro[d + 1] - ro[d]);
+      entry_counts_[d] = static_cast<std::size_t>(eo[d + 1] - eo[d]);
+    }
+    const std::size_t rows = layout_.rows();
+    send_.resize(std::max<std::size_t>(rows, 1) * hidden_);
+    row_entries_.resize(std::max<std::size_t>(rows, 1));
+    permute(layout_, x, hx_, send_.data(), stream_);
+    if (rows > 0) {
+      detail::device_dispatch::adjacent_difference_kernel<>
+          <<<static_cast<unsigned>((rows + 255) / 256), 256, 0, stream_>>>(layout_.row_entry_offsets(), rows,
+                                                                           row_entries_.data());
+      LOCUS_CUDA_CHECK(cudaGetLastError());
+    }
+    // Entry metadata first: every result comes to the host before the rows are exchanged, whose
+    // result then stays in the transport's buffer until combine.
+    ex_->exchange_device(exchange_group::world, sizeof(std::int32_t), bytes_of(row_entries_.data()), send_counts_, {},
+                         meta_, 11);
+    detail::device_dispatch::download(meta_, recv_row_entries_, stream_);
+    ex_->exchange_device(exchange_group::world, sizeof(std::int32_t), bytes_of(layout_.entry_slot()), entry_counts_, {},
+                         meta_, 12);
+    detail::device_dispatch::download(meta_, recv_slots_, stream_);
+    ex_->exchange_device(exchange_group::world, sizeof(float), bytes_of(layout_.entry_weight()), entry_counts_, {},
+                         meta_, 13);
+    recv_weights_.resize(meta_.offsets.back());
+    if (!recv_weights_.empty())
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(recv_weights_.data(), meta_.rows, recv_weights_.size() * sizeof(float),
+                                       cudaMemcpyDeviceToHost, stream_));
+    LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    rl_.assign(map_.slots_per_rank(), recv_row_entries_, recv_slots_, recv_weights_);
+    drl_.assign(rl_, stream_);
+
+    ex_->exchange_device(exchange_group::world, row_bytes, bytes_of(send_.data()), send_counts_, {}, rows_, 14);
+    const std::size_t n = rl_.entries();
+    expert_in_.resize(std::max<std::size_t>(n, 1) * hidden_);
+    expert_out_.resize(std::max<std::size_t>(n, 1) * hidden_);
+    gather_expert_input(drl_, reinterpret_cast<const T*>(rows_.rows), hx_, expert_in_.data(), stream_);
+  }
+
+  // Flat combine: the rows back over the world group, in layout order.
+  const T* combine_flat() {
+    ex_->exchange_device(exchange_group::world, hidden_ * sizeof(T), bytes_of(back_.data()), rows_.counts, send_counts_,
+                         returned_, 15);
+    return reinterpret_cast<const T*>(returned_.rows);
+  }
+
+  // Hierarchical (node layouts): the rail stage sends one row per remote node to the rail peer
+  // there, which fans it out inside its node with the node stage, together with its own rows for
+  // its node (detail/node_plan.hpp says which row goes where). Each stage's entry metadata goes
+  // first, through the host (its counts size the next exchange); rows only move device to device,
+  // gathered by the plan's index lists.
+  void dispatch_node(const T* x) {
+    namespace dd = detail::device_dispatch;
+    const auto& topo = ex_->topology();
+    const std::size_t G = topo.gpus_per_node(), L = layout_.rows(), row_bytes = hidden_ * sizeof(T);
+    const std::size_t E = static_cast<std::size_t>(layout_.rank_entry_offsets_host().back());
+    // The layout's entry metadata on the host (the plan reads it).
+    h_reo_.assign(L + 1, 0);
+    h_target_.resize(E);
+    h_slot_.resize(E);
+    h_weight_.resize(E);
+    if (L > 0) {
+      const auto down = [&](auto& host, const auto* dev) {
+        LOCUS_CUDA_CHECK(
+            cudaMemcpyAsync(host.data(), dev, host.size() * sizeof(host[0]), cudaMemcpyDeviceToHost, stream_));
+      };
+      down(h_reo_, layout_.row_entry_offsets());
+      down(h_target_, layout_.entry_target());
+      down(h_slot_, layout_.entry_slot());
+      down(h_weight_, layout_.entry_weight());
+      LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    }
+    const dd::layout_rows lr{layout_.rank_offsets_host(), h_reo_, h_target_, h_slot_, h_weight_};
+    plan_.plan_rail(G, topo.nodes(), ex_->rank(), lr);
+    // Rail stage: metadata, then rows.
+    ex_->exchange({exchange_group::rail,
+                   sizeof(std::int32_t),
+                   std::as_bytes(std::span(plan_.rail_row_entries)),
+                   plan_.rail_counts,
+                   {},
+                   21},
+                  meta_a_);
+    ex_->exchange({exchange_group::rail,
+                   sizeof(dd::node_entry),
+                   std::as_bytes(std::span(plan_.rail_entries)),
+                   plan_.rail_entry_counts,
+                   {},
+                   22},
+                  meta_b_);
+    const std::size_t rail_in = meta_a_.row_count();
+    // Source rows: the layout's rows, then the rail rows received.
+    src_.resize(std::max<std::size_t>(L + rail_in, 1) * hidden_);
+    permute(layout_, x, hx_, src_.data(), stream_);
+    gather(src_.data(), plan_.rail_index, index_a_, stage_send_);
+    ex_->exchange_device(exchange_group::rail, row_bytes, bytes_of(stage_send_.data()), plan_.rail_counts, {}, rows_,
+                         23);
+    rail_recv_counts_ = rows_.counts;
+    LOCUS_REQUIRE(rows_.offsets.back() == rail_in, transport_error, "device_dispatcher: rank ", ex_->rank(),
+                  " received ", rows_.offsets.back(), " rail rows but metadata for ", rail_in);
+    if (rail_in > 0)
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(src_.data() + L * hidden_, rows_.rows, rail_in * row_bytes,
+                                       cudaMemcpyDeviceToDevice, stream_));
+    // Node stage: own rows for each local rank, then the rail rows forwarded to it.
+    plan_.plan_node(lr, as_span<std::int32_t>(meta_a_), as_span<dd::node_entry>(meta_b_));
+    ex_->exchange({exchange_group::node,
+                   sizeof(std::int32_t),
+                   std::as_bytes(std::span(plan_.node_row_entries)),
+                   plan_.node_counts,
+                   {},
+                   24},
+                  meta_a_);
+    ex_->exchange({exchange_group::node,
+                   sizeof(dd::node_entry),
+                   std::as_bytes(std::span(plan_.node_entries)),
+                   plan_.node_entry_counts,
+                   {},
+                   25},
+                  meta_b_);
+    plan_.plan_receive(as_span<std::int32_t>(meta_a_), as_span<dd::node_entry>(meta_b_));
+    gather(src_.data(), plan_.node_index, index_a_, stage_send_);
+    ex_->exchange_device(exchange_group::node, row_bytes, bytes_of(stage_send_.data()), plan_.node_counts, {}, rows_,
+                         26);
+    node_recv_counts_ = rows_.counts;
+    // Received rows: the node stage's, then the self-forwarded rail rows.
+    const std::size_t node_in = rows_.offsets.back(), self_n = plan_.self_index.size();
+    recv_.resize(std::max<std::size_t>(node_in + self_n, 1) * hidden_);
+    if (node_in > 0)
+      LOCUS_CUDA_CHECK(
+          cudaMemcpyAsync(recv_.data(), rows_.rows, node_in * row_bytes, cudaMemcpyDeviceToDevice, stream_));
+    if (self_n > 0) {
+      index_b_.upload(plan_.self_index, stream_);
+      detail::permute::dispatch_gather<T>(src_.data(), index_b_.data(), 1, self_n, hx_,
+                                          recv_.data() + node_in * hidden_, stream_);
+    }
+    rl_.assign(map_.slots_per_rank(), plan_.recv_row_entries, plan_.recv_slot, plan_.recv_weight);
+    drl_.assign(rl_, stream_);
+    const std::size_t n = rl_.entries();
+    expert_in_.resize(std::max<std::size_t>(n, 1) * hidden_);
+    expert_out_.resize(std::max<std::size_t>(n, 1) * hidden_);
+    gather_expert_input(drl_, recv_.data(), hx_, expert_in_.data(), stream_);
+  }
+
+  // Hierarchical combine: node stage back; each rail peer sums, per rail row, what its node
+  // returned for it (and its own partial); rail stage back; the layout's rows gathered from the
+  // pool in layout order.
+  const T* combine_node() {
+    const std::size_t row_bytes = hidden_ * sizeof(T);
+    const std::size_t node_out = plan_.node_index.size(), self_n = plan_.self_index.size();
+    const std::size_t rail_out = plan_.rail_index.size(), rail_in = plan_.forward_offsets.size() - 1;
+    const std::size_t node_in = rl_.rows() - self_n;
+    pool_.resize(std::max<std::size_t>(node_out + self_n + rail_out, 1) * hidden_);
+    ex_->exchange_device(exchange_group::node, row_bytes, bytes_of(back_.data()), node_recv_counts_, plan_.node_counts,
+                         returned_, 27);
+    if (node_out > 0)
+      LOCUS_CUDA_CHECK(
+          cudaMemcpyAsync(pool_.data(), returned_.rows, node_out * row_bytes, cudaMemcpyDeviceToDevice, stream_));
+    if (self_n > 0)
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(pool_.data() + node_out * hidden_, back_.data() + node_in * hidden_,
+                                       self_n * row_bytes, cudaMemcpyDeviceToDevice, stream_));
+    stage_send_.resize(std::max<std::size_t>(rail_in, 1) * hidden_);
+    if (rail_in > 0) {
+      index_a_.upload(plan_.forward_offsets, stream_);
+      index_b_.upload(plan_.forward_position, stream_);
+      ones_.upload(plan_.forward_weight, stream_);
+      detail::permute::dispatch_reduce<T>(pool_.data(), index_a_.data(), index_b_.data(), ones_.data(), rail_in, hx_,
+                                          stage_send_.data(), stream_);
+    }
+    ex_->exchange_device(exchange_group::rail, row_bytes, bytes_of(stage_send_.data()), rail_recv_counts_,
+                         plan_.rail_counts, returned_, 28);
+    if (rail_out > 0)
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(pool_.data() + (node_out + self_n) * hidden_, returned_.rows,
+                                       rail_out * row_bytes, cudaMemcpyDeviceToDevice, stream_));
+    gather(pool_.data(), plan_.return_index, index_a_, ret_);
+    return ret_.data();
+  }
+
+  // dst[i] = src[index[i]] for the rows of `index` (uploaded through `dev`).
+  void gather(const T* src, const std::vector<std::int32_t>& index, device_buffer<std::int32_t>& dev,
+              device_buffer<T>& dst) {
+    dst.resize(std::max<std::size_t>(index.size(), 1) * hidden_);
+    if (index.empty()) return;
+    dev.upload(index, stream_);
+    detail::permute::dispatch_gather<T>(src, dev.data(), 1, index.size(), hx_, dst.data(), stream_);
+  }
+
+  // The received rows of a host exchange as values of U.
+  template <class U>
+  static std::span<const U> as_span(const exchange_result& r) {
+    return {reinterpret_cast<const U*>(r.rows.data()), r.rows.size() / sizeof(U)};
+  }
+
   Exchanger* ex_;
   expert_map map_;
   std::size_t hidden_;
+  Hidden hx_; // the row width the kernels are instantiated for (static: a constant)
   cudaStream_t stream_;
+  transport_kind kind_;
   std::vector<expert_id> slot_expert_, block_experts_;
   std::vector<std::size_t> block_offsets_, send_counts_, entry_counts_;
   device_layout<TopK, Experts> layout_;
@@ -201,6 +382,15 @@ private:
   std::vector<std::int32_t> recv_row_entries_, recv_slots_;
   std::vector<float> recv_weights_;
   std::exception_ptr pending_; // this rank's routing error, raised by combine
+  // Hierarchical only.
+  detail::device_dispatch::node_plan plan_;
+  std::vector<std::int32_t> h_reo_, h_target_, h_slot_;
+  std::vector<float> h_weight_;
+  exchange_result meta_a_, meta_b_;
+  std::vector<std::size_t> rail_recv_counts_, node_recv_counts_;
+  device_buffer<T> src_, stage_send_, recv_, pool_, ret_;
+  device_buffer<std::int32_t> index_a_, index_b_;
+  device_buffer<float> ones_;
 };
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport

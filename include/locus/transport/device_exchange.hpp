@@ -2,9 +2,14 @@
 //! @file
 //! `device_exchange_result`: the rows a device exchange received, shared by the NCCL transport
 //! (`transport/nccl.hpp`) and the one-GPU multi-rank transport (`transport/device_local.hpp`), so
-//! device code is written once for both.
+//! device code is written once for both; and the checks both make of a device exchange's request
+//! and of the headers that come back (`detail::exchange::device_request`).
 
 #include <cstddef>
+#include <cstdint>
+#include <locus/transport/exchange.hpp>
+#include <span>
+#include <string>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
@@ -16,5 +21,69 @@ struct device_exchange_result {
   std::vector<std::size_t> offsets; //!< first row of each source member (members + 1)
   std::size_t row_bytes = 0;
 };
+
+namespace detail::exchange {
+
+//! One member's side of a device exchange, before and after its header round: the request over
+//! device rows (`send` is not read on the host), checked against the group, the header it sends to
+//! each member, the verdict on the headers it received and, once the rows are in, the result's
+//! shape and the byte counters.
+class device_request {
+public:
+  device_request(exchange_group group, std::size_t members, std::size_t row_bytes, const std::byte* send,
+                 std::span<const std::size_t> counts, std::span<const std::size_t> expected, std::uint32_t stage)
+      : members_(members) {
+    std::size_t total = 0;
+    for (std::size_t c : counts)
+      total += c;
+    req_ = {group, row_bytes, {send, total * row_bytes}, counts, expected};
+    req_.stage = stage;
+    status_ = check_request(req_, members, problem_);
+  }
+
+  const exchange_request& request() const noexcept { return req_; }
+  //! Whether this member's own request is valid (else it sends no rows and every member raises).
+  bool valid() const noexcept { return status_ == ok; }
+  //! Rows this member sends to member `m` (none when its request is invalid).
+  std::size_t count(std::size_t m) const noexcept { return valid() ? req_.counts[m] : 0; }
+  //! The header to member `m` of the exchange at `at`.
+  header header_for(const position& at, std::size_t m) const { return header_to(at, req_, status_, m); }
+
+  //! The verdict on the headers received (`received[m]` from member m): empty when the rows may
+  //! move; `expectations` tells whether a count-agreement round follows.
+  std::string verdict(std::span<const header> received, const group_map& groups, bool& expectations) const {
+    expectations = false;
+    for (const header& h : received)
+      expectations |= h.expectations != 0;
+    return exchange::verdict(received, groups, req_.group, problem_);
+  }
+
+  //! The received counts and offsets, from the headers (after a clean verdict).
+  void shape(std::span<const header> received, device_exchange_result& out) const {
+    out.row_bytes = req_.row_bytes;
+    out.counts.resize(members_);
+    out.offsets.assign(members_ + 1, 0);
+    for (std::size_t m = 0; m < members_; ++m) {
+      out.counts[m] = static_cast<std::size_t>(received[m].count);
+      out.offsets[m + 1] = out.offsets[m] + out.counts[m];
+    }
+  }
+
+  //! Adds the finished exchange to `bytes`.
+  void add_bytes(link_counters& bytes, const group_map& groups, const device_exchange_result& out) const {
+    exchange_result shape;
+    shape.counts = out.counts;
+    count_bytes(bytes, groups.topo, groups.rank, req_, shape,
+                [&](std::size_t m) { return groups.world_rank_of(req_.group, m); });
+  }
+
+private:
+  std::size_t members_;
+  exchange_request req_;
+  std::uint32_t status_ = ok;
+  std::string problem_;
+};
+
+} // namespace detail::exchange
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport

@@ -93,29 +93,24 @@ class device_local_transport;
 //! thread acting as rank r. The fabric must outlive its endpoints.
 class device_local_fabric {
 public:
-  //! @param topo         nodes × GPUs per node; its rank count is the number of endpoints
-  //! @param hierarchical whether dispatch over these endpoints uses the two-stage exchange
-  device_local_fabric(const dynamic_topology& topo, bool hierarchical, exchange_options options = {})
-      : topo_(topo), hierarchical_(hierarchical), options_(options) {
-    const auto ranks_of = [&](exchange_group g, std::size_t some_rank) {
-      const detail::exchange::group_map map{topo, some_rank};
-      std::vector<std::size_t> ranks(map.size(g));
-      for (std::size_t m = 0; m < ranks.size(); ++m)
-        ranks[m] = map.world_rank_of(g, m);
-      return ranks;
-    };
-    world_ = std::make_unique<detail::device_local::board>(ranks_of(exchange_group::world, 0));
+  //! @param topo nodes × GPUs per node; its rank count is the number of endpoints
+  //! @param kind how dispatch over these endpoints moves copies: the transport policy's `P::kind`
+  device_local_fabric(const dynamic_topology& topo, transport_kind kind, exchange_options options = {})
+      : topo_(topo), kind_(kind), options_(options) {
+    using detail::exchange::group_ranks;
+    world_ = std::make_unique<detail::device_local::board>(group_ranks(topo, exchange_group::world, 0));
     for (std::size_t n = 0; n < topo.nodes(); ++n)
-      nodes_.push_back(
-          std::make_unique<detail::device_local::board>(ranks_of(exchange_group::node, n * topo.gpus_per_node())));
+      nodes_.push_back(std::make_unique<detail::device_local::board>(
+          group_ranks(topo, exchange_group::node, n * topo.gpus_per_node())));
     for (std::size_t l = 0; l < topo.gpus_per_node(); ++l)
-      rails_.push_back(std::make_unique<detail::device_local::board>(ranks_of(exchange_group::rail, l)));
+      rails_.push_back(std::make_unique<detail::device_local::board>(group_ranks(topo, exchange_group::rail, l)));
   }
   device_local_fabric(const device_local_fabric&) = delete;
   device_local_fabric& operator=(const device_local_fabric&) = delete;
 
   const dynamic_topology& topology() const noexcept { return topo_; }
-  bool hierarchical() const noexcept { return hierarchical_; }
+  transport_kind kind() const noexcept { return kind_; }
+  bool hierarchical() const noexcept { return kind_ == transport_kind::hierarchical; }
   const exchange_options& options() const noexcept { return options_; }
 
   //! The endpoint of `rank`, issuing its copies on `stream` (not owned; give each rank its own).
@@ -134,7 +129,7 @@ private:
   }
 
   dynamic_topology topo_;
-  bool hierarchical_;
+  transport_kind kind_;
   exchange_options options_;
   std::unique_ptr<detail::device_local::board> world_;
   std::vector<std::unique_ptr<detail::device_local::board>> nodes_, rails_;
@@ -180,19 +175,12 @@ public:
                                 ::locus::detail::concat(what, " of ", dx::describe(at)));
     };
 
-    std::size_t total = 0;
-    for (std::size_t c : counts)
-      total += c;
-    exchange_request req{group, row_bytes, {send, total * row_bytes}, counts, expected};
-    req.stage = stage;
-    std::string own_problem;
-    const std::uint32_t status = dx::check_request(req, members, own_problem);
+    const dx::device_request req(group, members, row_bytes, send, counts, expected, stage);
     auto& offsets = b.send_offsets[self];
     offsets[0] = 0;
     for (std::size_t m = 0; m < members; ++m) {
-      const std::uint64_t count = status == dx::ok ? counts[m] : 0;
-      b.headers[self * members + m] = {at.step, at.index, row_bytes, count, at.stage, status, req.expectations_flag()};
-      offsets[m + 1] = offsets[m] + count;
+      b.headers[self * members + m] = req.header_for(at, m);
+      offsets[m + 1] = offsets[m] + req.count(m);
     }
     b.send_rows[self] = send;
     LOCUS_CUDA_CHECK(cudaEventRecord(ready_->get(), stream_));
@@ -201,12 +189,10 @@ public:
     sync("the header round");
 
     received_.resize(members);
-    bool expectations = false;
-    for (std::size_t m = 0; m < members; ++m) {
+    for (std::size_t m = 0; m < members; ++m)
       received_[m] = b.headers[m * members + self];
-      expectations |= received_[m].expectations != 0;
-    }
-    if (std::string why = dx::verdict(received_, groups_, group, own_problem); !why.empty()) {
+    bool expectations = false;
+    if (std::string why = req.verdict(received_, groups_, expectations); !why.empty()) {
       sync("the header round"); // nobody rewrites the board before all have read it
       LOCUS_THROW(transport_error, "device local transport: ", why);
     }
@@ -218,13 +204,7 @@ public:
       if (!why.empty()) LOCUS_THROW(transport_error, "device local transport: ", why);
     }
 
-    out.row_bytes = row_bytes;
-    out.counts.resize(members);
-    out.offsets.assign(members + 1, 0);
-    for (std::size_t m = 0; m < members; ++m) {
-      out.counts[m] = static_cast<std::size_t>(received_[m].count);
-      out.offsets[m + 1] = out.offsets[m] + out.counts[m];
-    }
+    req.shape(received_, out);
     parity_ ^= 1u;
     std::byte* recv = recv_[parity_]->reserve(std::max<std::size_t>(out.offsets[members] * row_bytes, 1));
     for (std::size_t m = 0; m < members; ++m) {
@@ -239,11 +219,8 @@ public:
     // Every receiver has queued its copies (and recorded `done`) before anyone passes this barrier.
     sync("the row stage");
     for (std::size_t m = 0; m < members; ++m)
-      if (status == dx::ok && counts[m] != 0) LOCUS_CUDA_CHECK(cudaStreamWaitEvent(stream_, b.done[m], 0));
-    exchange_result shape;
-    shape.counts = out.counts;
-    dx::count_bytes(bytes_, topology(), rank(), req, shape,
-                    [&](std::size_t m) { return groups_.world_rank_of(group, m); });
+      if (req.count(m) != 0) LOCUS_CUDA_CHECK(cudaStreamWaitEvent(stream_, b.done[m], 0));
+    req.add_bytes(bytes_, groups_, out);
   }
 
   //! The host `exchanger` form: stages host rows through device memory, so host dispatch runs on

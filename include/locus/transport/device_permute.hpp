@@ -4,7 +4,8 @@
 //! The data movement of `transport/permute.hpp` on a GPU (float or bfloat16, any hidden size;
 //! 16-byte vectorised when the row size is a multiple of 16 bytes and the pointers are aligned).
 //! Results equal the host functions bit for bit. All pointers are device pointers; every call is
-//! asynchronous on `stream`.
+//! asynchronous on `stream`. `hidden` is a std::size_t or a static `locus::hidden<N>`, for which
+//! the kernels are instantiated (constant row loops; the same stage bodies).
 
 #include <cstddef>
 #include <cstdint>
@@ -51,24 +52,23 @@ private:
 };
 
 //! `send[r] = tokens[row_token[r]]` for the `l.rows()` rows.
-template <class T, class TopK, class Experts>
-void permute(const device_layout<TopK, Experts>& l, const T* tokens, std::size_t hidden, T* send,
-             cudaStream_t stream = nullptr) {
+template <class T, class TopK, class Experts, class H = std::size_t>
+void permute(const device_layout<TopK, Experts>& l, const T* tokens, H hidden, T* send, cudaStream_t stream = nullptr) {
   static_assert(detail::permute::device_element<T>, "locus::transport::permute: elements must be float or bfloat16");
   detail::permute::dispatch_gather<T>(tokens, l.row_token(), 1, l.rows(), hidden, send, stream);
 }
 
 //! `tokens[t] = send[copy_row[t * K]]`: the inverse of permute.
-template <class T, class TopK, class Experts>
-void unpermute(const device_layout<TopK, Experts>& l, const T* send, std::size_t hidden, T* tokens,
+template <class T, class TopK, class Experts, class H = std::size_t>
+void unpermute(const device_layout<TopK, Experts>& l, const T* send, H hidden, T* tokens,
                cudaStream_t stream = nullptr) {
   static_assert(detail::permute::device_element<T>, "locus::transport::unpermute: elements must be float or bfloat16");
   detail::permute::dispatch_gather<T>(send, l.copy_row(), TopK::static_value, l.tokens(), hidden, tokens, stream);
 }
 
 //! `expert_in[i] = received[expert_row[i]]`.
-template <class T>
-void gather_expert_input(const device_receive_layout& rl, const T* received, std::size_t hidden, T* expert_in,
+template <class T, class H = std::size_t>
+void gather_expert_input(const device_receive_layout& rl, const T* received, H hidden, T* expert_in,
                          cudaStream_t stream = nullptr) {
   static_assert(detail::permute::device_element<T>,
                 "locus::transport::gather_expert_input: elements must be float or bfloat16");
@@ -77,8 +77,8 @@ void gather_expert_input(const device_receive_layout& rl, const T* received, std
 
 //! `rows_out[r] = sum over r's entries of weight × expert_out` (as the host function).
 //! @throws locus::invalid_input_error when the receive layout has no weights
-template <class T>
-void reduce_expert_output(const device_receive_layout& rl, const T* expert_out, std::size_t hidden, T* rows_out,
+template <class T, class H = std::size_t>
+void reduce_expert_output(const device_receive_layout& rl, const T* expert_out, H hidden, T* rows_out,
                           cudaStream_t stream = nullptr) {
   static_assert(detail::permute::device_element<T>,
                 "locus::transport::reduce_expert_output: elements must be float or bfloat16");
@@ -89,8 +89,8 @@ void reduce_expert_output(const device_receive_layout& rl, const T* expert_out, 
 }
 
 //! `out[t] = sum of t's returned rows` (as the host function).
-template <class T, class TopK, class Experts>
-void combine(const device_layout<TopK, Experts>& l, const T* returned, std::size_t hidden, T* out,
+template <class T, class TopK, class Experts, class H = std::size_t>
+void combine(const device_layout<TopK, Experts>& l, const T* returned, H hidden, T* out,
              cudaStream_t stream = nullptr) {
   static_assert(detail::permute::device_element<T>, "locus::transport::combine: elements must be float or bfloat16");
   detail::permute::dispatch_combine<T>(TopK{}, returned, l.copy_row(), l.tokens(), hidden, out, stream);
@@ -98,8 +98,8 @@ void combine(const device_layout<TopK, Experts>& l, const T* returned, std::size
 
 //! `out[t] = sum over j of weight × entry_out[copy_entry[t * K + j]]` (as the host function).
 //! @throws locus::invalid_input_error when the layout was built without weights
-template <class T, class TopK, class Experts>
-void combine_weighted(const device_layout<TopK, Experts>& l, const T* entry_out, std::size_t hidden, T* out,
+template <class T, class TopK, class Experts, class H = std::size_t>
+void combine_weighted(const device_layout<TopK, Experts>& l, const T* entry_out, H hidden, T* out,
                       cudaStream_t stream = nullptr) {
   static_assert(detail::permute::device_element<T>,
                 "locus::transport::combine_weighted: elements must be float or bfloat16");

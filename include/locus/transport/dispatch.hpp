@@ -35,9 +35,9 @@
 #include <locus/core/config.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/core/routing.hpp>
-#include <locus/cost/traffic.hpp>
 #include <locus/transport/exchange.hpp>
 #include <locus/transport/layout.hpp>
+#include <locus/transport/message_sizes.hpp>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -236,7 +236,7 @@ public:
   }
   //! Bytes of one dispatch row, one combine row and one fan-out entry: the message sizes under
   //! which the traffic model's bytes equal the measured ones.
-  cost::message_sizes message_sizes() const noexcept {
+  transport::message_sizes message_sizes() const noexcept {
     return {row_bytes_, row_bytes_, sizeof(detail::dispatch::wire_entry)};
   }
   std::size_t hidden() const noexcept { return hidden_; }
@@ -244,7 +244,7 @@ public:
   std::span<const expert_id> local_experts() const noexcept { return local_experts_; }
 
   //! The layout of this rank's tokens for this dispatcher (what `dispatch` takes), replicas chosen
-  //! by `replicas` (placement/replica_selection.hpp; default locality_first).
+  //! by `replicas` (transport/replica_selection.hpp; default locality_first).
   //! @throws locus::invalid_input_error naming a bad expert id or weight (see layout::assign)
   template <class LayoutK, class TopK, class Id, class Weight>
   void plan(layout<LayoutK>& l, const routing_view<TopK, Id, Weight, memory_space::host>& r, unsigned threads = 0,

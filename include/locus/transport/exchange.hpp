@@ -215,6 +215,16 @@ struct group_map {
   }
 };
 
+//! World ranks of the members of `rank`'s instance of group `g`, in member order: what a transport
+//! that shares one board per group instance (the local transports) builds its boards from.
+inline std::vector<std::size_t> group_ranks(const dynamic_topology& topo, exchange_group g, std::size_t rank) {
+  const group_map map{topo, rank};
+  std::vector<std::size_t> ranks(map.size(g));
+  for (std::size_t m = 0; m < ranks.size(); ++m)
+    ranks[m] = map.world_rank_of(g, m);
+  return ranks;
+}
+
 //! The header one member sends to each other member before the rows.
 struct header {
   std::uint64_t step = 0;  //!< the step the sender last announced (begin_step)

@@ -7,7 +7,7 @@
 //! Vocabulary (one source rank, `T` tokens, top-k `K`):
 //! - a **copy** is one (token `t`, choice `j`) pair, indexed `c = t * K + j` (token-major, as the
 //!   routing). Its destination is the replica chosen by the rule of `layout_options::replicas`
-//!   (`placement/replica_selection.hpp`; by default locality-first: same GPU, then same node, then
+//!   (`transport/replica_selection.hpp`; by default locality-first: same GPU, then same node, then
 //!   the least-copied replica of this step), so the bytes moved equal those the traffic model
 //!   (`cost/traffic.hpp`) predicts under the same rule;
 //! - a **row** is one token vector in the send buffer. Rows are deduplicated as the traffic model
@@ -42,8 +42,8 @@
 #include <locus/core/routing.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/core/transport_kind.hpp>
-#include <locus/placement/replica_selection.hpp>
 #include <locus/transport/detail/layout_token.hpp>
+#include <locus/transport/replica_selection.hpp>
 #include <span>
 #include <vector>
 

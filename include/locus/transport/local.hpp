@@ -100,19 +100,13 @@ public:
   //! @param kind how dispatch over these endpoints moves copies: the transport policy's `P::kind`
   local_fabric(const dynamic_topology& topo, transport_kind kind, exchange_options options = {})
       : topo_(topo), kind_(kind), options_(options) {
-    const auto ranks_of = [&](exchange_group g, std::size_t some_rank) {
-      const detail::exchange::group_map map{topo, some_rank};
-      std::vector<std::size_t> ranks(map.size(g));
-      for (std::size_t m = 0; m < ranks.size(); ++m)
-        ranks[m] = map.world_rank_of(g, m);
-      return ranks;
-    };
-    world_ = std::make_unique<detail::local::group_board>(ranks_of(exchange_group::world, 0));
+    using detail::exchange::group_ranks;
+    world_ = std::make_unique<detail::local::group_board>(group_ranks(topo, exchange_group::world, 0));
     for (std::size_t n = 0; n < topo.nodes(); ++n)
-      nodes_.push_back(
-          std::make_unique<detail::local::group_board>(ranks_of(exchange_group::node, n * topo.gpus_per_node())));
+      nodes_.push_back(std::make_unique<detail::local::group_board>(
+          group_ranks(topo, exchange_group::node, n * topo.gpus_per_node())));
     for (std::size_t l = 0; l < topo.gpus_per_node(); ++l)
-      rails_.push_back(std::make_unique<detail::local::group_board>(ranks_of(exchange_group::rail, l)));
+      rails_.push_back(std::make_unique<detail::local::group_board>(group_ranks(topo, exchange_group::rail, l)));
   }
   local_fabric(const local_fabric&) = delete;
   local_fabric& operator=(const local_fabric&) = delete;

@@ -163,17 +163,10 @@ public:
     const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
     const dx::position at = steps_.next(group, stage);
 
-    std::size_t total = 0;
-    for (std::size_t c : counts)
-      total += c;
-    exchange_request req{group, row_bytes, {send, total * row_bytes}, counts, expected};
-    req.stage = stage;
-    std::string own_problem;
-    const std::uint32_t status = dx::check_request(req, members, own_problem);
+    const dx::device_request req(group, members, row_bytes, send, counts, expected, stage);
     host_headers_.resize(2 * members);
     for (std::size_t m = 0; m < members; ++m)
-      host_headers_[m] = {
-          at.step, at.index, row_bytes, status == dx::ok ? counts[m] : 0, at.stage, status, req.expectations_flag()};
+      host_headers_[m] = req.header_for(at, m);
     // Header round: one header to and from every member.
     std::byte* d_headers = headers_.reserve(2 * members * sizeof(dx::header));
     LOCUS_CUDA_CHECK(cudaMemcpyAsync(d_headers, host_headers_.data(), members * sizeof(dx::header),
@@ -185,11 +178,9 @@ public:
                                      members * sizeof(dx::header), cudaMemcpyDeviceToHost, stream_));
     wait(deadline, group, ::locus::detail::concat("the header round of ", dx::describe(at)));
     const std::span<const dx::header> received(host_headers_.data() + members, members);
-    if (std::string why = dx::verdict(received, groups_, group, own_problem); !why.empty())
-      LOCUS_THROW(transport_error, "nccl_transport: ", why);
     bool expectations = false;
-    for (const auto& h : received)
-      expectations |= h.expectations != 0;
+    if (std::string why = req.verdict(received, groups_, expectations); !why.empty())
+      LOCUS_THROW(transport_error, "nccl_transport: ", why);
     if (expectations) {
       codes_.assign(2 * members, dx::expectation_code(received, expected));
       std::byte* d_codes = headers_.reserve(2 * members * sizeof(std::uint32_t));
@@ -206,25 +197,18 @@ public:
         LOCUS_THROW(transport_error, "nccl_transport: ", why);
     }
     // Rows.
-    out.row_bytes = row_bytes;
-    out.counts.resize(members);
-    out.offsets.assign(members + 1, 0);
+    req.shape(received, out);
     offsets_a_.assign(members + 1, 0);
     offsets_b_.assign(members + 1, 0);
     for (std::size_t m = 0; m < members; ++m) {
-      out.counts[m] = static_cast<std::size_t>(received[m].count);
-      out.offsets[m + 1] = out.offsets[m] + out.counts[m];
-      offsets_a_[m + 1] = offsets_a_[m] + counts[m] * row_bytes;
+      offsets_a_[m + 1] = offsets_a_[m] + req.count(m) * row_bytes;
       offsets_b_[m + 1] = out.offsets[m + 1] * row_bytes;
     }
     std::byte* d_recv = recv_.reserve(std::max<std::size_t>(offsets_b_[members], 1));
     detail::nccl::exchange_peers(members, {send, offsets_a_.data(), d_recv, offsets_b_.data(), comm, stream_});
     wait(deadline, group, ::locus::detail::concat("the row exchange of ", dx::describe(at)));
     out.rows = d_recv;
-    exchange_result shape;
-    shape.counts = out.counts;
-    dx::count_bytes(bytes_, topology(), rank(), req, shape,
-                    [&](std::size_t m) { return groups_.world_rank_of(group, m); });
+    req.add_bytes(bytes_, groups_, out);
   }
 
   //! The host `exchanger` form: stages host rows through device memory (see exchange.hpp).

@@ -19,53 +19,54 @@ inline unsigned grid_for(std::size_t rows) {
 }
 
 //! dst[r] = src[index[r * stride]] for r < rows.
-template <class T>
-void dispatch_gather(const T* src, const std::int32_t* index, std::size_t stride, std::size_t rows, std::size_t hidden,
-                     T* dst, cudaStream_t stream) {
-  if (rows == 0 || hidden == 0) return;
-  if (stage::vectorisable<T>(hidden, src, dst))
-    gather_rows_kernel<T, true><<<grid_for(rows), block_threads, 0, stream>>>(src, index, stride, rows, hidden, dst);
+template <class T, class H>
+void dispatch_gather(const T* src, const std::int32_t* index, std::size_t stride, std::size_t rows, H hidden, T* dst,
+                     cudaStream_t stream) {
+  if (rows == 0 || stage::width(hidden) == 0) return;
+  if (stage::vectorisable<T>(stage::width(hidden), src, dst))
+    gather_rows_kernel<T, true, H><<<grid_for(rows), block_threads, 0, stream>>>(src, index, stride, rows, hidden, dst);
   else
-    gather_rows_kernel<T, false><<<grid_for(rows), block_threads, 0, stream>>>(src, index, stride, rows, hidden, dst);
+    gather_rows_kernel<T, false, H>
+        <<<grid_for(rows), block_threads, 0, stream>>>(src, index, stride, rows, hidden, dst);
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }
 
-template <class T>
+template <class T, class H>
 void dispatch_reduce(const T* y, const std::int32_t* row_entry_offsets, const std::int32_t* entry_position,
-                     const float* weight, std::size_t rows, std::size_t hidden, T* out, cudaStream_t stream) {
-  if (rows == 0 || hidden == 0) return;
-  if (stage::vectorisable<T>(hidden, y, out))
-    reduce_rows_kernel<T, true>
+                     const float* weight, std::size_t rows, H hidden, T* out, cudaStream_t stream) {
+  if (rows == 0 || stage::width(hidden) == 0) return;
+  if (stage::vectorisable<T>(stage::width(hidden), y, out))
+    reduce_rows_kernel<T, true, H>
         <<<grid_for(rows), block_threads, 0, stream>>>(y, row_entry_offsets, entry_position, weight, rows, hidden, out);
   else
-    reduce_rows_kernel<T, false>
+    reduce_rows_kernel<T, false, H>
         <<<grid_for(rows), block_threads, 0, stream>>>(y, row_entry_offsets, entry_position, weight, rows, hidden, out);
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }
 
 //! `K`: a locus::top_k extent (static: the kernel is instantiated for it).
-template <class T, class K>
-void dispatch_combine(K k, const T* rows_in, const std::int32_t* copy_row, std::size_t tokens, std::size_t hidden,
-                      T* out, cudaStream_t stream) {
-  if (tokens == 0 || hidden == 0) return;
-  if (stage::vectorisable<T>(hidden, rows_in, out))
-    combine_kernel<T, true, K>
+template <class T, class K, class H>
+void dispatch_combine(K k, const T* rows_in, const std::int32_t* copy_row, std::size_t tokens, H hidden, T* out,
+                      cudaStream_t stream) {
+  if (tokens == 0 || stage::width(hidden) == 0) return;
+  if (stage::vectorisable<T>(stage::width(hidden), rows_in, out))
+    combine_kernel<T, true, K, H>
         <<<grid_for(tokens), block_threads, 0, stream>>>(k, rows_in, copy_row, tokens, hidden, out);
   else
-    combine_kernel<T, false, K>
+    combine_kernel<T, false, K, H>
         <<<grid_for(tokens), block_threads, 0, stream>>>(k, rows_in, copy_row, tokens, hidden, out);
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }
 
-template <class T, class K>
+template <class T, class K, class H>
 void dispatch_combine_weighted(K k, const T* y, const std::int32_t* copy_entry, const float* weight, std::size_t tokens,
-                               std::size_t hidden, T* out, cudaStream_t stream) {
-  if (tokens == 0 || hidden == 0) return;
-  if (stage::vectorisable<T>(hidden, y, out))
-    combine_weighted_kernel<T, true, K>
+                               H hidden, T* out, cudaStream_t stream) {
+  if (tokens == 0 || stage::width(hidden) == 0) return;
+  if (stage::vectorisable<T>(stage::width(hidden), y, out))
+    combine_weighted_kernel<T, true, K, H>
         <<<grid_for(tokens), block_threads, 0, stream>>>(k, y, copy_entry, weight, tokens, hidden, out);
   else
-    combine_weighted_kernel<T, false, K>
+    combine_weighted_kernel<T, false, K, H>
         <<<grid_for(tokens), block_threads, 0, stream>>>(k, y, copy_entry, weight, tokens, hidden, out);
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }

@@ -7,7 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <locus/core/config.hpp>
-#include <locus/placement/replica_selection.hpp>
+#include <locus/transport/replica_selection.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout {
 
@@ -20,8 +20,8 @@ struct token_params {
   bool node = false;             //!< node-deduplicated rows
 };
 
-// The replica rule is placement's (placement/replica_selection.hpp); kernels call it from here.
-using ::locus::placement::choose_replica;
+// The replica rule (transport/replica_selection.hpp), named here for the kernels.
+using ::locus::transport::choose_replica;
 
 //! The rank a copy bound for `dst` is sent to: `dst`, or for a node layout and a remote node the
 //! rail peer (the rank with the source's local rank on `dst`'s node).
@@ -93,6 +93,28 @@ LOCUS_HOST_DEVICE std::int32_t row_members(const token_params& p, const std::int
     members[q] = static_cast<std::int32_t>(j);
   }
   return m;
+}
+
+//! The replica of the copy at position `p` of one source's copies sorted stably by expert (the
+//! device layout's replica stage, one thread per position): the copy's index within its expert's
+//! run is its round-robin index among the expert's copies (the locality rules), its copy index
+//! (token × k + choice) its position in the batch (random). Equal to the host layout's pass, which
+//! counts each expert's copies in copy order.
+LOCUS_HOST_DEVICE std::int32_t sorted_copy_replica(const std::int32_t* sorted_expert, const std::int32_t* sorted_copy,
+                                                   std::size_t p, const std::int32_t* fixed,
+                                                   const std::int32_t* cand_offsets, const std::int32_t* cands,
+                                                   placement::replica_rule rule) {
+  const std::int32_t e = sorted_expert[p];
+  // First position of e's run (binary search: runs are sorted).
+  std::size_t lo = 0, hi = p;
+  while (lo < hi) {
+    const std::size_t mid = (lo + hi) / 2;
+    if (sorted_expert[mid] < e)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return choose_replica(fixed, cand_offsets, cands, e, static_cast<std::int32_t>(p - lo), rule, sorted_copy[p]);
 }
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout

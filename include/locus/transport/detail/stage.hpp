@@ -100,6 +100,16 @@ LOCUS_HOST_DEVICE T store_float(float f) {
 template <class T, bool Vec>
 inline constexpr std::size_t chunk = Vec ? per_vec<T> : 1;
 
+//! A row width: a std::size_t, or a `locus::hidden` extent - a static one makes it a compile-time
+//! constant, so the row loops below are bounded by constants (the same body serves both).
+template <class H>
+LOCUS_HOST_DEVICE constexpr std::size_t width(H h) noexcept {
+  if constexpr (std::is_integral_v<H>)
+    return static_cast<std::size_t>(h);
+  else
+    return h.value();
+}
+
 //! Whether rows of `hidden` elements at `a` and `b` can move in 16-byte vectors.
 template <class T>
 bool vectorisable(std::size_t hidden, const void* a, const void* b) {
@@ -141,10 +151,11 @@ LOCUS_HOST_DEVICE void store(T* out, const float* acc) {
   }
 }
 
-//! `dst[r] = src[index[r * stride]]` for r < rows.
-template <class T, bool Vec>
+//! `dst[r] = src[index[r * stride]]` for r < rows. `hidden` (here and below): see width().
+template <class T, bool Vec, class H>
 LOCUS_HOST_DEVICE void gather_rows(grid_index g, const T* LOCUS_RESTRICT src, const std::int32_t* LOCUS_RESTRICT index,
-                                   std::size_t stride, std::size_t rows, std::size_t hidden, T* LOCUS_RESTRICT dst) {
+                                   std::size_t stride, std::size_t rows, H hidden_extent, T* LOCUS_RESTRICT dst) {
+  const std::size_t hidden = width(hidden_extent);
   for (std::size_t r = g.block; r < rows; r += g.blocks) {
     const auto from = static_cast<std::size_t>(index[r * stride]);
     if constexpr (Vec) {
@@ -161,11 +172,12 @@ LOCUS_HOST_DEVICE void gather_rows(grid_index g, const T* LOCUS_RESTRICT src, co
 }
 
 //! `out[r] = sum over r's entries e (in order) of weight[p] * y[p]`, p = entry_position[e].
-template <class T, bool Vec>
+template <class T, bool Vec, class H>
 LOCUS_HOST_DEVICE void
 reduce_rows(grid_index g, const T* LOCUS_RESTRICT y, const std::int32_t* LOCUS_RESTRICT row_entry_offsets,
             const std::int32_t* LOCUS_RESTRICT entry_position, const float* LOCUS_RESTRICT weight, std::size_t rows,
-            std::size_t hidden, T* LOCUS_RESTRICT out) {
+            H hidden_extent, T* LOCUS_RESTRICT out) {
+  const std::size_t hidden = width(hidden_extent);
   constexpr std::size_t n = chunk<T, Vec>;
   for (std::size_t r = g.block; r < rows; r += g.blocks) {
     const std::int32_t e0 = row_entry_offsets[r], e1 = row_entry_offsets[r + 1];
@@ -182,10 +194,11 @@ reduce_rows(grid_index g, const T* LOCUS_RESTRICT y, const std::int32_t* LOCUS_R
 
 //! `out[t] = sum of t's distinct rows (first choice first)`, unweighted. `k` is a
 //! `locus::top_k` extent: a static one keeps the token's rows in registers and unrolls the loops.
-template <class T, bool Vec, class K>
+template <class T, bool Vec, class K, class H>
 LOCUS_HOST_DEVICE void combine(grid_index g, K k, const T* LOCUS_RESTRICT rows_in,
-                               const std::int32_t* LOCUS_RESTRICT copy_row, std::size_t tokens, std::size_t hidden,
+                               const std::int32_t* LOCUS_RESTRICT copy_row, std::size_t tokens, H hidden_extent,
                                T* LOCUS_RESTRICT out) {
+  const std::size_t hidden = width(hidden_extent);
   constexpr std::size_t n = chunk<T, Vec>;
   constexpr std::size_t cached = K::is_static ? K::static_value : 1;
   const std::size_t kv = k.value();
@@ -229,10 +242,11 @@ LOCUS_HOST_DEVICE void combine(grid_index g, K k, const T* LOCUS_RESTRICT rows_i
 }
 
 //! `out[t] = sum over j of weight[e] * y[e]`, e = copy_entry[t * k + j], j ascending.
-template <class T, bool Vec, class K>
+template <class T, bool Vec, class K, class H>
 LOCUS_HOST_DEVICE void
 combine_weighted(grid_index g, K k, const T* LOCUS_RESTRICT y, const std::int32_t* LOCUS_RESTRICT copy_entry,
-                 const float* LOCUS_RESTRICT weight, std::size_t tokens, std::size_t hidden, T* LOCUS_RESTRICT out) {
+                 const float* LOCUS_RESTRICT weight, std::size_t tokens, H hidden_extent, T* LOCUS_RESTRICT out) {
+  const std::size_t hidden = width(hidden_extent);
   constexpr std::size_t n = chunk<T, Vec>;
   constexpr std::size_t cached = K::is_static ? K::static_value : 1;
   const std::size_t kv = k.value();
@@ -287,5 +301,63 @@ LOCUS_HOST_DEVICE void exclusive_scan(grid_index g, const std::int32_t* LOCUS_RE
   }
   out[n] = sum;
 }
+
+//! @name The intra-node fan-out of a hierarchical dispatch, as a rail peer computes it: which of
+//! the rows it received in the rail stage go to which rank of its node, with the entries for that
+//! rank (transport::node_fanout, the host's make_node_fanout: target-major, rows in received
+//! order, a row's entries in their order). Three steps: fanout_count, then exclusive_scan of both
+//! of its outputs, then fanout_place.
+//! @{
+
+//! Per received row r and local rank g < gpus: `count[g * rows + r]` = r's entries targeting g,
+//! `present[g * rows + r]` = 1 when there is one. `row_entry_offsets` has rows + 1 values.
+LOCUS_HOST_DEVICE void fanout_count(grid_index g, const std::int32_t* LOCUS_RESTRICT row_entry_offsets,
+                                    const std::int32_t* LOCUS_RESTRICT entry_target, std::size_t rows, std::size_t gpus,
+                                    std::int32_t* LOCUS_RESTRICT count, std::int32_t* LOCUS_RESTRICT present) {
+  for (std::size_t r = g.block * g.threads + g.thread; r < rows; r += g.blocks * g.threads)
+    for (std::size_t t = 0; t < gpus; ++t) {
+      std::int32_t n = 0;
+      for (std::int32_t e = row_entry_offsets[r]; e < row_entry_offsets[r + 1]; ++e)
+        n += static_cast<std::size_t>(entry_target[e]) == t;
+      count[t * rows + r] = n;
+      present[t * rows + r] = n > 0;
+    }
+}
+
+//! Writes the fan-out from the exclusive scans of fanout_count's outputs (`row_at` of `present`,
+//! `entry_at` of `count`, gpus × rows + 1 values each): per fan-out row its received row and entry
+//! count, per fan-out entry its slot, weight (when `weight` is not null) and received entry index.
+LOCUS_HOST_DEVICE void fanout_place(grid_index g, const std::int32_t* LOCUS_RESTRICT row_entry_offsets,
+                                    const std::int32_t* LOCUS_RESTRICT entry_target,
+                                    const std::int32_t* LOCUS_RESTRICT entry_slot, const float* LOCUS_RESTRICT weight,
+                                    std::size_t rows, std::size_t gpus, const std::int32_t* LOCUS_RESTRICT row_at,
+                                    const std::int32_t* LOCUS_RESTRICT entry_at, std::int32_t* LOCUS_RESTRICT out_row,
+                                    std::int32_t* LOCUS_RESTRICT out_row_entries, std::int32_t* LOCUS_RESTRICT out_slot,
+                                    float* LOCUS_RESTRICT out_weight, std::int32_t* LOCUS_RESTRICT out_source) {
+  for (std::size_t r = g.block * g.threads + g.thread; r < rows; r += g.blocks * g.threads)
+    for (std::size_t t = 0; t < gpus; ++t) {
+      const std::size_t i = t * rows + r;
+      if (row_at[i + 1] == row_at[i]) continue; // no entry of r targets t
+      out_row[row_at[i]] = static_cast<std::int32_t>(r);
+      out_row_entries[row_at[i]] = entry_at[i + 1] - entry_at[i];
+      std::int32_t q = entry_at[i];
+      for (std::int32_t e = row_entry_offsets[r]; e < row_entry_offsets[r + 1]; ++e) {
+        if (static_cast<std::size_t>(entry_target[e]) != t) continue;
+        out_slot[q] = entry_slot[e];
+        if (weight) out_weight[q] = weight[e];
+        out_source[q] = e;
+        ++q;
+      }
+    }
+}
+
+//! `target_row_offsets[t] = row_at[t * rows]` for t ≤ gpus: where each local rank's fan-out rows
+//! begin (node_fanout::target_row_offsets).
+LOCUS_HOST_DEVICE void fanout_targets(grid_index g, const std::int32_t* LOCUS_RESTRICT row_at, std::size_t rows,
+                                      std::size_t gpus, std::int32_t* LOCUS_RESTRICT target_row_offsets) {
+  for (std::size_t t = g.block * g.threads + g.thread; t <= gpus; t += g.blocks * g.threads)
+    target_row_offsets[t] = row_at[t * rows];
+}
+//! @}
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::stage

@@ -9,8 +9,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <locus/core/expert_map.hpp>
-#include <locus/placement/replica_selection.hpp>
 #include <locus/transport/detail/layout_token.hpp>
+#include <locus/transport/replica_selection.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout {
 
@@ -41,9 +41,8 @@ __global__ void validate_kernel(const std::int32_t* ids, const float* weights, s
 // Non-template kernels are `static`: with external linkage, two translation units that include
 // this header would each define them and fail to link.
 
-//! One thread per copy, in (expert, copy) order: the copy's position within its expert's run is
-//! its round-robin index among the expert's copies, its copy index (token × k + choice) its
-//! position in the batch (the `random` rule).
+//! One thread per copy, in (expert, copy) order: the replica (sorted_copy_replica), its rank and
+//! slot, and the slot's count.
 static __global__ void replica_kernel(const std::int32_t* sorted_expert, const std::int32_t* sorted_copy,
                                       std::size_t copies, const std::int32_t* fixed, const std::int32_t* cand_offsets,
                                       const std::int32_t* cands, placement::replica_rule rule, const slot_ref* replicas,
@@ -51,19 +50,8 @@ static __global__ void replica_kernel(const std::int32_t* sorted_expert, const s
                                       std::int32_t* copy_replica, std::int32_t* slot_counts) {
   const std::size_t p = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (p >= copies) return;
-  const std::int32_t e = sorted_expert[p];
-  // First position of e's run (binary search: runs are sorted).
-  std::size_t lo = 0, hi = p;
-  while (lo < hi) {
-    const std::size_t mid = (lo + hi) / 2;
-    if (sorted_expert[mid] < e)
-      lo = mid + 1;
-    else
-      hi = mid;
-  }
   const std::int32_t c = sorted_copy[p];
-  const std::int32_t rep =
-      placement::choose_replica(fixed, cand_offsets, cands, e, static_cast<std::int32_t>(p - lo), rule, c);
+  const std::int32_t rep = sorted_copy_replica(sorted_expert, sorted_copy, p, fixed, cand_offsets, cands, rule);
   const slot_ref s = replicas[rep];
   copy_replica[c] = rep;
   copy_rank[c] = s.rank;

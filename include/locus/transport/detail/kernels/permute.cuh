@@ -4,7 +4,8 @@
 //! input), weighted row reduction and combine. Each kernel is a stage body of
 //! `transport/detail/stage.hpp` run on one block per output row; threads stride over the row in
 //! 16-byte vectors (`Vec = true`, when the row size and base pointers allow it) or single elements.
-//! The host path runs the same bodies, so the results are equal bit for bit.
+//! The host path runs the same bodies, so the results are equal bit for bit. `H` is the row width:
+//! a std::size_t or a static `locus::hidden<N>`, for which the kernel is instantiated.
 
 #include <cstddef>
 #include <cstdint>
@@ -16,28 +17,28 @@ __device__ __forceinline__ stage::grid_index this_thread() {
   return stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x};
 }
 
-template <class T, bool Vec>
+template <class T, bool Vec, class H>
 __global__ void gather_rows_kernel(const T* __restrict__ src, const std::int32_t* __restrict__ index,
-                                   std::size_t stride, std::size_t rows, std::size_t hidden, T* __restrict__ dst) {
+                                   std::size_t stride, std::size_t rows, H hidden, T* __restrict__ dst) {
   stage::gather_rows<T, Vec>(this_thread(), src, index, stride, rows, hidden, dst);
 }
 
-template <class T, bool Vec>
+template <class T, bool Vec, class H>
 __global__ void reduce_rows_kernel(const T* __restrict__ y, const std::int32_t* __restrict__ row_entry_offsets,
                                    const std::int32_t* __restrict__ entry_position, const float* __restrict__ weight,
-                                   std::size_t rows, std::size_t hidden, T* __restrict__ out) {
+                                   std::size_t rows, H hidden, T* __restrict__ out) {
   stage::reduce_rows<T, Vec>(this_thread(), y, row_entry_offsets, entry_position, weight, rows, hidden, out);
 }
 
-template <class T, bool Vec, class K>
+template <class T, bool Vec, class K, class H>
 __global__ void combine_kernel(K k, const T* __restrict__ rows_in, const std::int32_t* __restrict__ copy_row,
-                               std::size_t tokens, std::size_t hidden, T* __restrict__ out) {
+                               std::size_t tokens, H hidden, T* __restrict__ out) {
   stage::combine<T, Vec>(this_thread(), k, rows_in, copy_row, tokens, hidden, out);
 }
 
-template <class T, bool Vec, class K>
+template <class T, bool Vec, class K, class H>
 __global__ void combine_weighted_kernel(K k, const T* __restrict__ y, const std::int32_t* __restrict__ copy_entry,
-                                        const float* __restrict__ weight, std::size_t tokens, std::size_t hidden,
+                                        const float* __restrict__ weight, std::size_t tokens, H hidden,
                                         T* __restrict__ out) {
   stage::combine_weighted<T, Vec>(this_thread(), k, y, copy_entry, weight, tokens, hidden, out);
 }

@@ -44,7 +44,7 @@
 #include <string_view>
 #include <vector>
 
-namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
+namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
 
 //! How a copy bound for a replicated expert picks its replica (see the file comment).
 enum class replica_rule : std::uint8_t { locality_first, same_gpu_else_random, random, locality_bounded };
@@ -241,7 +241,7 @@ private:
 //! steps.
 template <class Topology>
 class replica_selector {
-  static_assert(any_topology<Topology>, "locus::placement::replica_selector needs a locus::topology");
+  static_assert(any_topology<Topology>, "locus::transport::replica_selector needs a locus::topology");
 
 public:
   //! @throws locus::config_error when map and topology disagree on the rank count, or `policy.hot`
@@ -319,4 +319,20 @@ private:
 template <class Topology>
 using locality_first_selector = replica_selector<Topology>;
 
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::transport
+
+// The planners choose replicas for the same rule they are scored under, so they name it too.
+namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
+using transport::all_replica_rules;
+using transport::choose_replica;
+using transport::expert_replica_candidates;
+using transport::hot_rank_tracker;
+using transport::locality_first_selector;
+using transport::parse_replica_rule;
+using transport::replica_candidates;
+using transport::replica_mix;
+using transport::replica_policy;
+using transport::replica_rule;
+using transport::replica_selector;
+using transport::to_string;
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::placement
