@@ -450,6 +450,17 @@ inline void shape_result(std::span<const header> received, std::size_t row_bytes
   out.entries.resize(out.entry_offsets.back() * out.entry_bytes);
 }
 
+//! Adds the rows and entries a rank kept for itself (read in place, never moved) to its same-GPU
+//! counters, so that measured bytes equal the traffic model's.
+inline void count_kept(link_counters& c, const exchange_request& req) {
+  const auto same = static_cast<std::size_t>(link_class::same_gpu);
+  const std::uint64_t kept = req.kept_rows * req.row_bytes + req.kept_entries * req.entry_bytes;
+  c.rows_sent[same] += req.kept_rows;
+  c.rows_received[same] += req.kept_rows;
+  c.bytes_sent[same] += kept;
+  c.bytes_received[same] += kept;
+}
+
 //! Adds one finished exchange to the counters.
 template <class MemberToRank>
 void count_bytes(link_counters& c, const dynamic_topology& topo, std::size_t self, const exchange_request& req,
@@ -464,12 +475,7 @@ void count_bytes(link_counters& c, const dynamic_topology& topo, std::size_t sel
     if (req.entry_bytes) c.bytes_sent[cls] += req.entry_counts[m] * req.entry_bytes;
     if (out.entry_bytes) c.bytes_received[cls] += out.entry_counts[m] * out.entry_bytes;
   }
-  const auto same = static_cast<std::size_t>(link_class::same_gpu);
-  const std::uint64_t kept = req.kept_rows * req.row_bytes + req.kept_entries * req.entry_bytes;
-  c.rows_sent[same] += req.kept_rows;
-  c.rows_received[same] += req.kept_rows;
-  c.bytes_sent[same] += kept;
-  c.bytes_received[same] += kept;
+  count_kept(c, req);
 }
 
 } // namespace detail::exchange
