@@ -476,6 +476,45 @@ BOOST_AUTO_TEST_CASE(two_handles_interleave) {
 }
 
 // Invalid input on one rank raises there and does not leave the others waiting.
+// A rank's own copies are neither packed nor moved: their expert rows point into x itself, one per
+// copy the layout sends to this rank, and every other row lies outside x.
+BOOST_AUTO_TEST_CASE(own_rows_are_read_in_place_from_x) {
+  for (std::uint64_t seed : {31u, 32u}) {
+    const auto c = locus_test::make_case(seed, 2, 2);
+    for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
+      local_fabric f(c.topo, kind);
+      std::vector<std::size_t> in_x(c.topo.ranks()), own(c.topo.ranks()), misplaced(c.topo.ranks());
+      const auto failures = run_ranks(f, [&](local_transport& ep) {
+        const std::size_t me = ep.rank();
+        moe_dispatcher<local_transport, float> d(ep, c.map, c.hidden);
+        const auto x = c.inputs(me);
+        layout<> l;
+        d.plan(l, c.routings[me].view());
+        const auto h = d.dispatch(std::span<const float>(x), l);
+        for (std::int32_t r : l.copy_rank())
+          own[me] += static_cast<std::size_t>(r) == me;
+        const auto begin = reinterpret_cast<std::uintptr_t>(x.data());
+        const auto end = reinterpret_cast<std::uintptr_t>(x.data() + x.size());
+        for (const float* row : h.expert_input_rows()) {
+          const auto at = reinterpret_cast<std::uintptr_t>(row);
+          if (at < begin || at >= end) continue;
+          ++in_x[me];
+          misplaced[me] += (at - begin) % (c.hidden * sizeof(float)) != 0;
+        }
+      });
+      for (const auto& e : failures) {
+        BOOST_TEST_REQUIRE(!e);
+      }
+      BOOST_TEST(in_x == own, boost::test_tools::per_element());
+      BOOST_TEST(misplaced == std::vector<std::size_t>(c.topo.ranks(), 0), boost::test_tools::per_element());
+      std::size_t total = 0;
+      for (std::size_t n : own)
+        total += n;
+      BOOST_TEST(total > 0u); // the case has own copies to find
+    }
+  }
+}
+
 BOOST_AUTO_TEST_CASE(bad_input_raises_without_hanging_the_others) {
   const auto c = locus_test::make_case(7, 2, 2);
   local_fabric f(c.topo, transport_kind::hierarchical, exchange_options{std::chrono::milliseconds(5000)});

@@ -14,10 +14,14 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE {
 
-//! Worker threads the host paths use by default: the hardware concurrency, at least 1.
+//! Worker threads the host paths use by default: the hardware concurrency, at least 1. Asked
+//! once: glibc reads it from /sys on every call (tens of microseconds, once per layout).
 inline unsigned default_host_threads() noexcept {
-  const unsigned hc = std::thread::hardware_concurrency();
-  return hc == 0 ? 1u : hc;
+  static const unsigned threads = [] {
+    const unsigned hc = std::thread::hardware_concurrency();
+    return hc == 0 ? 1u : hc;
+  }();
+  return threads;
 }
 
 //! Calls `body(begin, end, worker)` on contiguous chunks covering [0, n).

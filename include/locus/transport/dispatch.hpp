@@ -10,18 +10,20 @@
 //!    the send rows (one per distinct destination rank, or per distinct remote node for a
 //!    hierarchical transport), per-rank counts and offsets, and each row's entries (target local
 //!    rank, slot, weight): the fan-out table a receiver needs.
-//! 2. **Dispatch** packs each row once (`send[r] = x[row_token[r]]`: payload only, no per-row
-//!    header) and moves it with one exchange; the rows' entries (8 bytes per entry, the last entry
+//! 2. **Dispatch** packs each row for another rank once (`send[r] = x[row_token[r]]`: payload
+//!    only, no per-row header) and moves it with one exchange; the rank's own rows are neither
+//!    packed nor moved: the compute reads them in place from `x`; the rows' entries (8 bytes per entry, the last entry
 //!    of each row marked) travel in the same exchange (`exchange_request::entries`), so a receiver
 //!    splits them per row from the counts alone. Hierarchically, the rail peer on each remote node splits
 //!    what it received per target rank of its node (`make_node_fanout`) and forwards it with its
 //!    own node's direct rows in a second stage. Every receiver then orders its entries per local
 //!    expert (`receive_layout`) and hands the expert compute a pointer per row *into the receive
-//!    buffers*: rows are never copied again.
+//!    buffers* (or into `x` for its own rows): rows are never copied again.
 //! 3. **Expert compute** reads the handle's blocks in place and writes either output rows or, when
 //!    it fuses combine's weighted sum (layer::swiglu_host), one fp32 sum per received copy.
 //! 4. **Combine** returns one row per received copy along the way it came (a rail peer adds the
-//!    partial sums of its node first), and the source adds each token's rows once.
+//!    partial sums of its node first), and the source adds each token's rows once, starting from
+//!    the sum of its own row, which never left.
 //!
 //! The dispatcher keeps nothing between a dispatch and its combine: everything combine needs (the
 //! receive buffers, the expert blocks, where each returning row goes) lives in the
@@ -30,6 +32,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <locus/core/config.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/core/routing.hpp>
 #include <locus/transport/exchange.hpp>
@@ -55,6 +58,20 @@ inline wire_entry encode(std::int32_t target, std::int32_t slot, std::size_t slo
   const auto key =
       static_cast<std::uint32_t>(static_cast<std::size_t>(target) * slots + static_cast<std::size_t>(slot));
   return {(key << 1) | (last ? 1u : 0u), weight};
+}
+
+//! dst[c] += w · src[c] for c < n, in fp32. Blocks of 8 with a fixed trip count, so that the
+//! compiler vectorises the loop at -O2 too (its cheapest cost model vectorises no loop of unknown
+//! trip count); without the weight when `weighted` is false.
+template <bool weighted, class T>
+inline void add_row(float* LOCUS_RESTRICT dst, const T* LOCUS_RESTRICT src, float w, std::size_t n) {
+  const auto term = [w](T v) { return weighted ? w * static_cast<float>(v) : static_cast<float>(v); };
+  std::size_t c = 0;
+  for (; c + 8 <= n; c += 8)
+    for (std::size_t i = 0; i < 8; ++i)
+      dst[c + i] += term(src[c + i]);
+  for (; c < n; ++c)
+    dst[c] += term(src[c]);
 }
 
 //! The entries of received rows, split per row.
@@ -127,7 +144,8 @@ public:
   std::span<const std::size_t> expert_offsets() const noexcept { return expert_offsets_; }
   //! Expert rows in all.
   std::size_t expert_rows() const noexcept { return expert_offsets_.empty() ? 0 : expert_offsets_.back(); }
-  //! Where each expert row's `hidden` inputs lie (in the receive buffers), blocked by local expert.
+  //! Where each expert row's `hidden` inputs lie (in the receive buffers, or in the dispatch's `x`
+  //! for this rank's own tokens: `x` must outlive the expert compute), blocked by local expert.
   std::span<const T* const> expert_input_rows() const noexcept { return row_ptr_; }
   const T* expert_input_row(std::size_t row) const noexcept { return row_ptr_[row]; }
   //! Where an expert compute writes its outputs, `rows × hidden`, blocked by local expert. Not
@@ -165,6 +183,7 @@ private:
   exchange_result rows_a_, rows_b_;           // received payload: world or rail stage, node stage
   std::vector<origin> origins_a_, origins_b_; // per sent row, in send order
   std::vector<std::uint32_t> self_forward_;   // stage-1 rows this rail peer computes itself
+  std::vector<std::uint32_t> own_tokens_;     // token of each own row (kept in x, never sent)
   receive_layout recv_;                       // entries ordered per local expert
   std::vector<std::size_t> expert_offsets_;
   std::vector<const T*> row_ptr_;
@@ -237,7 +256,8 @@ public:
   }
 
   //! Collective: sends this rank's tokens to their experts' ranks as `l` says, into `h`.
-  //! @param x tokens × hidden inputs of this rank's tokens, token-major
+  //! @param x tokens × hidden inputs of this rank's tokens, token-major; the rows this rank computes
+  //!          itself are read from here in place, so `x` must outlive the expert compute on `h`
   //! @param l this rank's layout (plan()), for this dispatcher's map and kind
   //! @throws locus::invalid_input_error on a size or layout mismatch (after the exchanges, with
   //!         what peers sent already ordered: a combine that follows, with no tokens of this
@@ -264,11 +284,13 @@ public:
     h.hidden_ = hidden_;
     h.experts_ = local_experts_;
     h.sums_taken_ = false;
+    h.own_tokens_.clear(); // nothing of an earlier dispatch survives a failed exchange
+    h.self_forward_.clear();
     if (!ex_->hierarchical()) {
       pack(x, l, use, exchange_group::world, h.origins_a_);
-      exchange_rows(exchange_group::world, h.rows_a_);
+      exchange_rows(exchange_group::world, h.rows_a_, own_counts(l, use));
       detail::dispatch::split_entries(h.rows_a_, topo.gpus_per_node(), map_->slots_per_rank(), in_);
-      h.self_forward_.clear();
+      keep_own(l, use, h);
     } else {
       // Stage 1: one row per remote destination node, to the rail peer on that node.
       pack(x, l, use, exchange_group::rail, h.origins_a_);
@@ -277,7 +299,7 @@ public:
       fan_ = make_node_fanout(topo.gpus_per_node(), in_.row_counts, in_.target, in_.slot, in_.weight);
       // Stage 2: own tokens to own-node destinations, and the fan-out of what arrived.
       pack_node(x, l, use, h);
-      exchange_rows(exchange_group::node, h.rows_b_);
+      exchange_rows(exchange_group::node, h.rows_b_, own_counts(l, use));
       detail::dispatch::split_entries(h.rows_b_, topo.gpus_per_node(), map_->slots_per_rank(), in_);
       // The rows this rail peer forwards to itself are computed here, without an exchange.
       const std::size_t self = ex_->rank() % topo.gpus_per_node();
@@ -296,10 +318,11 @@ public:
           in_.weight.push_back(fan_.entry_weight[e]);
         }
       }
+      keep_own(l, use, h);
     }
     // The rows peers sent are valid whatever this rank's input was: order them, so that a combine
     // after a failed dispatch still returns the peers' sums.
-    order_rows(h);
+    order_rows(h, use ? x.data() : nullptr);
     if (!problem.empty()) LOCUS_THROW(invalid_input_error, problem);
   }
 
@@ -327,31 +350,32 @@ public:
       partial = partial_.data();
     }
     h.sums_taken_ = false;
-    // Returned rows are summed per token in fp32: straight into y when it is fp32.
+    // Returned rows are summed per token in fp32: straight into y when it is fp32. Each token
+    // starts from the sum of its own row (the last received copies), or from zero without one.
     constexpr bool in_place = std::is_same_v<T, float>;
     float* acc = nullptr;
     if (in_place && size_ok) {
-      std::fill(y.begin(), y.end(), T{});
       acc = reinterpret_cast<float*>(y.data());
     } else {
-      acc_.assign(h.tokens_ * hidden_, 0.0f);
+      acc_.resize(h.tokens_ * hidden_);
       acc = acc_.data();
     }
+    const std::size_t own = h.own_tokens_.size();
+    start_sums(acc, h.tokens_, h.own_tokens_, partial + (copies - own) * hidden_);
     if (!ex_->hierarchical()) {
-      ex_->exchange({exchange_group::world, row_bytes_, as_rows(partial, copies), h.rows_a_.counts, {}}, back_);
+      exchange_request back{exchange_group::world, row_bytes_, as_rows(partial, copies - own), h.rows_a_.counts, {}};
+      back.kept_rows = own;
+      ex_->exchange(back, back_);
       add_back(back_, h.origins_a_, acc, nullptr);
     } else {
       const std::size_t node_rows = h.rows_b_.row_count();
-      ex_->exchange({exchange_group::node, row_bytes_, as_rows(partial, node_rows), h.rows_b_.counts, {}}, back_);
-      // A rail peer adds its node's partial sums of each stage-1 row, its own included.
-      forward_acc_.assign(h.rows_a_.row_count() * hidden_, 0.0f);
+      exchange_request back{exchange_group::node, row_bytes_, as_rows(partial, node_rows), h.rows_b_.counts, {}};
+      back.kept_rows = own;
+      ex_->exchange(back, back_);
+      // A rail peer sums its node's partial sums of each stage-1 row, starting from its own.
+      forward_acc_.resize(h.rows_a_.row_count() * hidden_);
+      start_sums(forward_acc_.data(), h.rows_a_.row_count(), h.self_forward_, partial + node_rows * hidden_);
       add_back(back_, h.origins_b_, acc, forward_acc_.data());
-      for (std::size_t i = 0; i < h.self_forward_.size(); ++i) {
-        const float* p = partial + (node_rows + i) * hidden_;
-        float* a = forward_acc_.data() + std::size_t{h.self_forward_[i]} * hidden_;
-        for (std::size_t c = 0; c < hidden_; ++c)
-          a[c] += p[c];
-      }
       ex_->exchange(
           {exchange_group::rail, row_bytes_, as_rows(forward_acc_.data(), h.rows_a_.row_count()), h.rows_a_.counts, {}},
           back_);
@@ -365,6 +389,11 @@ public:
   }
 
 private:
+  // Rows and entries of the layout for this rank itself.
+  struct layout_counts {
+    std::size_t rows = 0, entries = 0;
+  };
+
   // Appends layout rows [r0, r1) to the send buffer, their entries to the entry buffer, and their
   // tokens to `origins`.
   template <class TopK>
@@ -376,11 +405,10 @@ private:
     const auto target = l.entry_target();
     const auto slot = l.entry_slot();
     const auto weight = l.entry_weight();
-    std::size_t at = send_.size();
-    send_.resize(at + static_cast<std::size_t>(r1 - r0) * row_bytes_);
+    std::byte* at = send_rows(static_cast<std::size_t>(r1 - r0));
     for (auto r = static_cast<std::size_t>(r0); r < static_cast<std::size_t>(r1); ++r, at += row_bytes_) {
       const auto t = static_cast<std::size_t>(row_token[r]);
-      std::memcpy(send_.data() + at, x.data() + t * hidden_, row_bytes_);
+      std::memcpy(at, x.data() + t * hidden_, row_bytes_);
       origins.push_back({static_cast<std::uint32_t>(t), 0});
       for (auto e = static_cast<std::size_t>(reo[r]); e < static_cast<std::size_t>(reo[r + 1]); ++e)
         entries_.push_back(detail::dispatch::encode(target[e], slot[e], slots,
@@ -394,7 +422,7 @@ private:
             std::vector<typename handle_type::origin>& origins) {
     const std::size_t members = ex_->group_size(g);
     const std::size_t my_node = ex_->rank() / ex_->topology().gpus_per_node();
-    send_.clear();
+    sent_ = 0;
     entries_.clear();
     origins.clear();
     counts_.assign(members, 0);
@@ -405,6 +433,7 @@ private:
     for (std::size_t m = 0; m < members; ++m) {
       if (g == exchange_group::rail && m == my_node) continue; // own node: stage 2
       const std::size_t d = ex_->world_rank_of(g, m);
+      if (d == ex_->rank()) continue; // own rows: keep_own
       counts_[m] = l.rank_count(d);
       entry_counts_[m] = static_cast<std::size_t>(reo[d + 1] - reo[d]);
       append_rows(x, l, ro[d], ro[d + 1], origins);
@@ -417,7 +446,7 @@ private:
   void pack_node(std::span<const T> x, const layout<TopK>& l, bool use, handle_type& h) {
     const std::size_t gpus = ex_->topology().gpus_per_node(), self = ex_->rank() % gpus;
     const std::size_t node0 = ex_->rank() - self, slots = map_->slots_per_rank();
-    send_.clear();
+    sent_ = 0;
     entries_.clear();
     h.origins_b_.clear();
     counts_.assign(gpus, 0);
@@ -426,7 +455,7 @@ private:
     std::size_t e = 0; // fan-out entries of targets before g
     for (std::size_t g = 0; g < gpus; ++g) {
       const std::size_t d = node0 + g, entries_before = entries_.size();
-      if (use) {
+      if (use && g != self) { // own rows: keep_own
         counts_[g] = l.rank_count(d);
         append_rows(x, l, ro[d], ro[d + 1], h.origins_b_);
       }
@@ -435,9 +464,7 @@ private:
         const auto n = static_cast<std::size_t>(fan_.row_entry_counts[i]);
         if (g != self) {
           const auto row = static_cast<std::size_t>(fan_.rows[i]);
-          const std::size_t at = send_.size();
-          send_.resize(at + row_bytes_);
-          std::memcpy(send_.data() + at, h.rows_a_.row(row), row_bytes_);
+          std::memcpy(send_rows(1), h.rows_a_.row(row), row_bytes_);
           h.origins_b_.push_back({static_cast<std::uint32_t>(row), 1});
           ++counts_[g];
           for (std::size_t q = 0; q < n; ++q)
@@ -450,17 +477,53 @@ private:
     }
   }
 
-  // The packed rows with their entries, in one exchange over group `g`.
-  void exchange_rows(exchange_group g, exchange_result& rows) {
-    exchange_request req{g, row_bytes_, send_, counts_, {}};
+  // The packed rows with their entries, in one exchange over group `g` (the one that reaches this
+  // rank's own destination counts its own rows as kept).
+  void exchange_rows(exchange_group g, exchange_result& rows, const layout_counts& own = {}) {
+    exchange_request req{g, row_bytes_, {send_.data(), sent_}, counts_, {}};
     req.entry_bytes = sizeof(detail::dispatch::wire_entry);
     req.entries = std::as_bytes(std::span(entries_));
     req.entry_counts = entry_counts_;
+    req.kept_rows = own.rows;
+    req.kept_entries = own.entries;
     exchange_with_entries(*ex_, req, rows, meta_in_);
   }
 
-  // Orders the received entries per local expert and points each expert row at its payload.
-  void order_rows(handle_type& h) {
+  template <class TopK>
+  layout_counts own_counts(const layout<TopK>& l, bool use) const {
+    if (!use) return {};
+    const std::size_t me = ex_->rank();
+    const auto reo = l.rank_entry_offsets();
+    return {l.rank_count(me), static_cast<std::size_t>(reo[me + 1] - reo[me])};
+  }
+
+  // This rank's rows for itself: their entries join the received ones (after them) straight from
+  // the layout, their payload stays in x.
+  template <class TopK>
+  void keep_own(const layout<TopK>& l, bool use, handle_type& h) {
+    h.own_tokens_.clear();
+    if (!use) return;
+    const std::size_t me = ex_->rank();
+    const auto ro = l.rank_offsets();
+    const auto row_token = l.row_token();
+    const auto reo = l.row_entry_offsets();
+    const auto target = l.entry_target();
+    const auto slot = l.entry_slot();
+    const auto weight = l.entry_weight();
+    for (auto r = static_cast<std::size_t>(ro[me]); r < static_cast<std::size_t>(ro[me + 1]); ++r) {
+      h.own_tokens_.push_back(static_cast<std::uint32_t>(row_token[r]));
+      in_.row_counts.push_back(reo[r + 1] - reo[r]);
+      for (auto e = static_cast<std::size_t>(reo[r]); e < static_cast<std::size_t>(reo[r + 1]); ++e) {
+        in_.target.push_back(target[e]);
+        in_.slot.push_back(slot[e]);
+        in_.weight.push_back(weight[e]);
+      }
+    }
+  }
+
+  // Orders the received entries per local expert and points each expert row at its payload:
+  // received rows, then stage-1 rows this rail peer computes itself, then own rows in x.
+  void order_rows(handle_type& h, const T* x) {
     const std::size_t me = ex_->rank() % ex_->topology().gpus_per_node();
     for (std::size_t i = 0; i < in_.slot.size(); ++i) {
       const std::int32_t s = in_.slot[i];
@@ -475,12 +538,16 @@ private:
     h.expert_offsets_.assign(offsets.begin(), offsets.begin() + static_cast<std::ptrdiff_t>(blocks + 1));
     const auto expert_row = h.recv_.expert_row();
     const exchange_result& direct = ex_->hierarchical() ? h.rows_b_ : h.rows_a_;
-    const std::size_t direct_rows = direct.row_count();
+    const std::size_t direct_rows = direct.row_count(), forwarded = direct_rows + h.self_forward_.size();
     h.row_ptr_.resize(expert_row.size());
     for (std::size_t i = 0; i < expert_row.size(); ++i) {
       const auto c = static_cast<std::size_t>(expert_row[i]);
-      const std::byte* row = c < direct_rows ? direct.row(c) : h.rows_a_.row(h.self_forward_[c - direct_rows]);
-      h.row_ptr_[i] = reinterpret_cast<const T*>(row);
+      if (c < direct_rows)
+        h.row_ptr_[i] = reinterpret_cast<const T*>(direct.row(c));
+      else if (c < forwarded)
+        h.row_ptr_[i] = reinterpret_cast<const T*>(h.rows_a_.row(h.self_forward_[c - direct_rows]));
+      else
+        h.row_ptr_[i] = x + std::size_t{h.own_tokens_[c - forwarded]} * hidden_;
     }
     h.expert_out_.resize(expert_row.size() * hidden_);
   }
@@ -492,10 +559,7 @@ private:
     const auto weight = h.recv_.expert_weight();
     for (std::size_t r = 0; r < copy.size(); ++r) {
       float* p = out + static_cast<std::size_t>(copy[r]) * hidden_;
-      const T* o = h.expert_out_.data() + r * hidden_;
-      const float w = weight[r];
-      for (std::size_t c = 0; c < hidden_; ++c)
-        p[c] += w * static_cast<float>(o[c]);
+      detail::dispatch::add_row<true>(p, h.expert_out_.data() + r * hidden_, weight[r], hidden_);
     }
   }
 
@@ -504,15 +568,40 @@ private:
     if constexpr (std::is_same_v<T, float>) {
       return {reinterpret_cast<const std::byte*>(values), rows * row_bytes_};
     } else {
-      send_.resize(rows * row_bytes_);
+      sent_ = 0;
+      send_rows(rows);
       scratch_.resize(hidden_);
       for (std::size_t r = 0; r < rows; ++r) {
         for (std::size_t c = 0; c < hidden_; ++c)
           scratch_[c] = static_cast<T>(values[r * hidden_ + c]);
         std::memcpy(send_.data() + r * row_bytes_, scratch_.data(), row_bytes_);
       }
-      return send_;
+      return {send_.data(), sent_};
     }
+  }
+
+  // Starts `rows` sums: sum `index[i]` from `first` row i (each index at most once: a token has
+  // one own row, a stage-1 row one copy for this rank), the others from zero. Cheaper than zeroing
+  // all and adding the first rows.
+  void start_sums(float* acc, std::size_t rows, std::span<const std::uint32_t> index, const float* first) {
+    covered_.assign(rows, 0);
+    for (std::size_t i = 0; i < index.size(); ++i) {
+      const std::size_t r = index[i];
+      covered_[r] = 1;
+      std::memcpy(acc + r * hidden_, first + i * hidden_, hidden_ * sizeof(float));
+    }
+    for (std::size_t r = 0; r < rows; ++r)
+      if (!covered_[r]) std::fill(acc + r * hidden_, acc + (r + 1) * hidden_, 0.0f);
+  }
+
+  // Room for `rows` more rows at the end of the send buffer, which only grows (a vector resized
+  // after clear() would zero every byte before the rows overwrite them).
+  std::byte* send_rows(std::size_t rows) {
+    const std::size_t need = sent_ + rows * row_bytes_;
+    if (send_.size() < need) send_.resize(std::max(need, 2 * send_.size()));
+    std::byte* at = send_.data() + sent_;
+    sent_ = need;
+    return at;
   }
 
   // Adds returned rows (in the order of the matching send buffer) to tokens or forwarded rows.
@@ -520,9 +609,7 @@ private:
                 float* forward_acc) const {
     for (std::size_t s = 0; s < origins.size(); ++s) {
       float* dst = (origins[s].forward ? forward_acc : acc) + std::size_t{origins[s].index} * hidden_;
-      const T* v = reinterpret_cast<const T*>(back.row(s));
-      for (std::size_t c = 0; c < hidden_; ++c)
-        dst[c] += static_cast<float>(v[c]);
+      detail::dispatch::add_row<false>(dst, reinterpret_cast<const T*>(back.row(s)), 1.0f, hidden_);
     }
   }
 
@@ -533,12 +620,14 @@ private:
   std::vector<std::int32_t> slot_block_; // local slot → block (local expert index), -1 for empty
   // Scratch of one call; nothing here outlives it.
   std::vector<std::byte> send_;
+  std::size_t sent_ = 0; // bytes of send_ in use
   std::vector<detail::dispatch::wire_entry> entries_;
   std::vector<std::size_t> counts_, entry_counts_;
   exchange_result meta_in_, back_;
   detail::dispatch::received_entries in_;
   node_fanout fan_;
   std::vector<float> partial_, acc_, forward_acc_;
+  std::vector<std::uint8_t> covered_;
   std::vector<T> scratch_;
 };
 

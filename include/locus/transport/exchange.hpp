@@ -103,6 +103,11 @@ struct exchange_request {
   std::size_t entry_bytes = 0;
   std::span<const std::byte> entries{};
   std::span<const std::size_t> entry_counts{};
+  //! Rows (and entries) this member sends itself but keeps where they are, read in place by the
+  //! caller instead of being copied: not part of `rows`, `counts` or `entries`, but counted in
+  //! bytes() as moved over the same-GPU link, as the traffic model counts a copy that stays on its
+  //! GPU.
+  std::size_t kept_rows = 0, kept_entries = 0;
 
   //! 1 when this member checks expected counts (everyone then runs the second round).
   std::uint32_t expectations_flag() const noexcept { return expected_counts.empty() ? 0u : 1u; }
@@ -160,8 +165,11 @@ void exchange_with_entries(E& ex, const exchange_request& req, exchange_result& 
     rows.entry_bytes = 0;
     rows.entries = {};
     rows.entry_counts = {};
+    rows.kept_entries = 0;
     ex.exchange(rows, out);
-    ex.exchange({req.group, req.entry_bytes, req.entries, req.entry_counts, {}, req.stage}, scratch);
+    exchange_request entries{req.group, req.entry_bytes, req.entries, req.entry_counts, {}, req.stage};
+    entries.kept_rows = req.kept_entries;
+    ex.exchange(entries, scratch);
     std::swap(out.entries, scratch.rows);
     std::swap(out.entry_counts, scratch.counts);
     std::swap(out.entry_offsets, scratch.offsets);
@@ -442,6 +450,17 @@ inline void shape_result(std::span<const header> received, std::size_t row_bytes
   out.entries.resize(out.entry_offsets.back() * out.entry_bytes);
 }
 
+//! Adds the rows and entries a rank kept for itself (read in place, never moved) to its same-GPU
+//! counters, so that measured bytes equal the traffic model's.
+inline void count_kept(link_counters& c, const exchange_request& req) {
+  const auto same = static_cast<std::size_t>(link_class::same_gpu);
+  const std::uint64_t kept = req.kept_rows * req.row_bytes + req.kept_entries * req.entry_bytes;
+  c.rows_sent[same] += req.kept_rows;
+  c.rows_received[same] += req.kept_rows;
+  c.bytes_sent[same] += kept;
+  c.bytes_received[same] += kept;
+}
+
 //! Adds one finished exchange to the counters.
 template <class MemberToRank>
 void count_bytes(link_counters& c, const dynamic_topology& topo, std::size_t self, const exchange_request& req,
@@ -456,6 +475,7 @@ void count_bytes(link_counters& c, const dynamic_topology& topo, std::size_t sel
     if (req.entry_bytes) c.bytes_sent[cls] += req.entry_counts[m] * req.entry_bytes;
     if (out.entry_bytes) c.bytes_received[cls] += out.entry_counts[m] * out.entry_bytes;
   }
+  count_kept(c, req);
 }
 
 } // namespace detail::exchange

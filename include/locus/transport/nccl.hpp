@@ -218,6 +218,7 @@ public:
       LOCUS_CUDA_CHECK(cudaMemcpyAsync(d_send, req.rows.data(), req.rows.size(), cudaMemcpyHostToDevice, stream_));
     device_exchange_result d;
     exchange_device(req.group, req.row_bytes, d_send, req.counts, req.expected_counts, d, req.stage);
+    detail::exchange::count_kept(bytes_, req);
     out.row_bytes = req.row_bytes;
     out.counts = d.counts;
     out.offsets = d.offsets;
