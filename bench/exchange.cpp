@@ -9,8 +9,9 @@
 // destination plan, per-rank counts, fan-out entries), dispatch (rows packed once, exchanged with
 // their entries, per-expert blocks of pointers into the receive buffers) and combine (weighted
 // partial sums per received copy, exchanged back, per-token sum; in `fused` the expert compute
-// forms the weighted sums, as the layer does with layer::swiglu_host, so combine only zeroes the
-// sums beforehand and sends them; in `rows` combine forms them from output rows),
+// forms the weighted sums, as the layer does with layer::swiglu_host (each copy's first row writes
+// its sum, so nothing is zeroed), and combine sends them; in `rows` combine forms them from output
+// rows),
 // then replays the very same exchanges (same communicators, row widths and per-peer counts) as
 // bare MPI_Alltoallv calls on pre-filled buffers: the raw collective for the same bytes. Times are
 // the slowest rank's, medians over steps (or, with --statistic min, the fastest step). Routings are synthetic with
@@ -299,7 +300,8 @@ int main(int argc, char** argv) {
             const auto bytes = t.bytes().bytes_sent;
             MPI_Barrier(MPI_COMM_WORLD);
             const auto t2 = std::chrono::steady_clock::now();
-            if (input == "fused") static_cast<void>(h.copy_sums()); // the compute would add its rows into these
+            // The layer's fused compute (swiglu_host) writes each copy's first row: unzeroed sums.
+            if (input == "fused") static_cast<void>(h.copy_sums_to_write());
             d.combine(y, h);
             const auto t3 = std::chrono::steady_clock::now();
             rec.recording = false;

@@ -1,4 +1,6 @@
 #pragma once
+
+#include <limits>
 // Random dispatch/combine cases shared by the local-transport unit tests and the MPI tests. A case
 // is a pure function of its seed, so every rank (or thread) builds the same whole case and takes
 // its own part; references are computed independently in double precision from the routing.
@@ -142,14 +144,24 @@ void run_experts(Handle& d) {
 }
 
 // The same experts with combine's weighted sum done here, as a fusing compute does: fills
-// copy_sums() (which combine then sends) and leaves the output rows alone.
+// copy_sums() (which combine then sends) and leaves the output rows alone. With `write_first`,
+// as a compute declaring writes_first_rows does: the sums come unzeroed (copy_sums_to_write) and
+// each copy's first row writes its sum.
 template <class Handle>
-void run_experts_into_sums(Handle& d) {
+void run_experts_into_sums(Handle& d, bool write_first = false) {
   const auto copy = d.row_copies();
   const auto weight = d.row_weights();
-  auto sums = d.copy_sums();
-  for_each_expert_value(
-      d, [&](std::size_t row, std::size_t h, float v) { sums[copy[row] * d.hidden() + h] += weight[row] * v; });
+  auto sums = write_first ? d.copy_sums_to_write() : d.copy_sums();
+  const auto first = d.row_first();
+  if (write_first) // what an earlier step may have left: every copy's first row must overwrite it
+    for (std::size_t row = 0; row < copy.size(); ++row)
+      if (first[row])
+        std::fill_n(sums.begin() + static_cast<std::ptrdiff_t>(copy[row] * d.hidden()), d.hidden(),
+                    std::numeric_limits<float>::quiet_NaN());
+  for_each_expert_value(d, [&](std::size_t row, std::size_t h, float v) {
+    float& sum = sums[copy[row] * d.hidden() + h];
+    sum = (write_first && first[row] ? 0.0f : sum) + weight[row] * v;
+  });
 }
 
 // Every expert row's payload is the input of some token of some rank: rows arrive unaltered.

@@ -3,6 +3,7 @@
 
 #include <boost/test/unit_test.hpp>
 #include <cstring>
+#include <limits>
 #include <locus/layer/expert_compute.hpp>
 #include <numeric>
 
@@ -250,6 +251,21 @@ void check_fused_sums(std::uint64_t seed, unsigned threads) {
   BOOST_TEST(worst <= 1e-6, "fused sums differ from the summed outputs by " << worst);
   BOOST_TEST(std::all_of(b.out.begin(), b.out.end(), [](A v) { return to_float(v) == 0.0f; }),
              "the fused compute must not write output rows");
+  // Writing each copy's first row (row_first) instead of adding it: sums left unzeroed (here NaN)
+  // end equal to the zeroed ones, bit for bit.
+  std::vector<std::uint8_t> first(rows, 0), seen(copies, 0);
+  for (std::size_t r = 0; r < rows; ++r) {
+    first[r] = !seen[row_copy[r]];
+    seen[row_copy[r]] = 1;
+  }
+  std::vector<float> written(copies * hidden, std::numeric_limits<float>::quiet_NaN());
+  for (std::size_t c = 0; c < copies; ++c)
+    if (!seen[c]) std::fill_n(written.begin() + static_cast<std::ptrdiff_t>(c * hidden), hidden, 0.0f);
+  static_assert(layer::swiglu_host<W>::writes_first_rows);
+  compute(b.view(),
+          layer::weighted_sum_target{written.data(), row_copy.data(), row_weight.data(), copies, first.data()});
+  BOOST_TEST(std::memcmp(written.data(), sums.data(), sums.size() * sizeof(float)) == 0,
+             "sums written from each copy's first row differ from the zeroed-and-added ones");
 }
 
 BOOST_AUTO_TEST_CASE(fused_weighted_sums_equal_summed_outputs) {

@@ -67,12 +67,15 @@ struct expert_blocks {
 //! summed in fp32 in ascending row order per copy, with `out` rounded to the activation type first
 //! (so the sums equal what the dispatcher's combine computes from output rows). `sums` holds
 //! `copies × hidden` values the caller zeroes; the dispatcher provides all three arrays
-//! (moe_dispatcher::copy_sums, row_copies, row_weights).
+//! (dispatch_handle::copy_sums, row_copies, row_weights). With `row_first` (a compute that
+//! declares `writes_first_rows`; dispatch_handle::copy_sums_to_write and row_first), the first
+//! row of each copy writes its sum instead of adding to it, and the caller need not zero them.
 struct weighted_sum_target {
   float* sums = nullptr;
   const std::uint32_t* row_copy = nullptr; //!< per row: the received copy it belongs to
   const float* row_weight = nullptr;       //!< per row: its routing weight
   std::size_t copies = 0;
+  const std::uint8_t* row_first = nullptr; //!< optional, per row: 1 for its copy's first row
 };
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::layer
@@ -279,6 +282,8 @@ public:
   using weight_type = W;
   using activation_type = A;
   static constexpr memory_space space = memory_space::host;
+  //! Honours weighted_sum_target::row_first (the layer then skips zeroing the sums).
+  static constexpr bool writes_first_rows = true;
 
   //! @param weights the experts this rank computes
   //! @param threads worker threads (0 = all hardware threads)
@@ -335,8 +340,12 @@ public:
           for (std::size_t r = 0; r < t.rows; ++r) {
             const float w = s.row_weight[t.row0 + r];
             float* sum = s.sums + std::size_t{s.row_copy[t.row0 + r]} * hidden + t.col0;
-            for (std::size_t j = 0; j < t.cols; ++j)
-              sum[j] += w * to_float(static_cast<X>(o[r][j]));
+            if (s.row_first && s.row_first[t.row0 + r])
+              for (std::size_t j = 0; j < t.cols; ++j)
+                sum[j] = w * to_float(static_cast<X>(o[r][j]));
+            else
+              for (std::size_t j = 0; j < t.cols; ++j)
+                sum[j] += w * to_float(static_cast<X>(o[r][j]));
           }
         }
     });

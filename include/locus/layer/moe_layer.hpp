@@ -376,9 +376,17 @@ private:
       try {
         if constexpr (fuses_weighted_sum) {
           // The compute adds each output row, weighted, to its copy's sum: combine reads no rows.
-          const auto sums = handle_.copy_sums();
-          compute_(blocks, layer::weighted_sum_target{sums.data(), handle_.row_copies().data(),
-                                                      handle_.row_weights().data(), handle_.received_copies()});
+          // One that writes each copy's first row needs no zeroed sums.
+          if constexpr (writes_first_rows) {
+            const auto sums = handle_.copy_sums_to_write();
+            compute_(blocks,
+                     layer::weighted_sum_target{sums.data(), handle_.row_copies().data(), handle_.row_weights().data(),
+                                                handle_.received_copies(), handle_.row_first().data()});
+          } else {
+            const auto sums = handle_.copy_sums();
+            compute_(blocks, layer::weighted_sum_target{sums.data(), handle_.row_copies().data(),
+                                                        handle_.row_weights().data(), handle_.received_copies()});
+          }
         } else {
           compute_(blocks);
         }
@@ -425,6 +433,13 @@ private:
   static constexpr bool fuses_weighted_sum =
       std::invocable<expert_compute_type&, const layer::expert_blocks<value_type, memory_space::host>&,
                      const layer::weighted_sum_target&>;
+  // ... and, declaring writes_first_rows, writes each copy's first row instead of adding it.
+  static constexpr bool writes_first_rows = [] {
+    if constexpr (requires { expert_compute_type::writes_first_rows; })
+      return static_cast<bool>(expert_compute_type::writes_first_rows);
+    else
+      return false;
+  }();
 
   Shape shape_;
   Topology topo_;

@@ -167,6 +167,27 @@ public:
     sums_taken_ = true;
     return sums_;
   }
+  //! The same sums for a compute that writes each copy's first row instead of adding it
+  //! (layer::weighted_sum_target::row_first, given by row_first()): not zeroed, which saves a pass
+  //! over `received_copies() × hidden` values per step; a copy no row belongs to is zeroed here.
+  std::span<float> copy_sums_to_write() {
+    const std::size_t copies = received_copies();
+    const auto copy = row_copies();
+    sums_.resize(copies * hidden_);
+    first_.resize(copy.size());
+    seen_.assign(copies, 0);
+    for (std::size_t r = 0; r < copy.size(); ++r) {
+      const bool valid = copy[r] < copies; // an invalid index is the compute's to report
+      first_[r] = valid && !seen_[copy[r]];
+      if (valid) seen_[copy[r]] = 1;
+    }
+    for (std::size_t c = 0; c < copies; ++c)
+      if (!seen_[c]) std::fill_n(sums_.data() + c * hidden_, hidden_, 0.0f);
+    sums_taken_ = true;
+    return sums_;
+  }
+  //! Per expert row: 1 when it is the first row (ascending) of its copy; set by copy_sums_to_write().
+  std::span<const std::uint8_t> row_first() const noexcept { return first_; }
 
 private:
   template <class, class>
@@ -189,6 +210,7 @@ private:
   std::vector<const T*> row_ptr_;
   std::vector<T> expert_out_;
   std::vector<float> sums_;
+  std::vector<std::uint8_t> first_, seen_; // copy_sums_to_write()'s marks
   bool sums_taken_ = false;
 };
 
