@@ -158,15 +158,17 @@ public:
       LOCUS_MPI_CHECK(MPI_Isend(envelopes_out_.data() + envelope_displs_[m], static_cast<int>(bytes), MPI_BYTE,
                                 static_cast<int>(m), tag, comm, &requests_[2 * members + m]));
     }
-    // Every envelope before any rows: a member that receives its envelopes has proved its peers present.
+    receive_envelopes(where, comm, tag, members, self);
+    check_notices(where, "the envelope stage");
+    // Rows only once every envelope arrived (every peer proved present): a rank that gives up
+    // waiting for an envelope leaves no send pending on the caller's rows, which the caller frees
+    // as the error unwinds (a queued send read them after they were freed).
     for (std::size_t i = 1; i < members; ++i) {
       const std::size_t m = (self + i) % members;
       if (const std::size_t n = send_displs_[m + 1] - send_displs_[m])
         LOCUS_MPI_CHECK(MPI_Isend(req.rows.data() + send_displs_[m] * req.row_bytes, static_cast<int>(n), row,
                                   static_cast<int>(m), tag + 2, comm, &requests_[members + m]));
     }
-    receive_envelopes(where, comm, tag, members, self);
-    check_notices(where, "the envelope stage");
 
     std::string why = dx::verdict(recv_headers_, groups_, req.group, own_problem);
     bool expectations = false;
