@@ -9,16 +9,17 @@
 //! and `mpi_hierarchical` (rail stage, then node fan-out).
 //!
 //! Each exchange sends every peer, at once, an *envelope* (row width, the exchange's name, row and
-//! entry counts, validity, then the entries; see exchange.hpp) and the rows in place, as a
-//! contiguous datatype of the row width. A receiver takes each envelope at whatever size it has
-//! (MPI_Improbe, MPI_Mrecv), reaches the verdict every member reaches, then receives the rows in
-//! place: no round trip before the rows move. An optional second round checks receiver
-//! expectations. When a verdict fails the rows are still drained, so the group's messages stay in
-//! step and the next exchange can run. Every stage polls against
-//! the deadline, so no fault blocks a rank for longer than the timeout: a peer that never arrives,
-//! stops or dies ends in locus::timeout_error naming the ranks that did not arrive. A rank that
-//! times out tells its peers in every group (a *notice*), so a rank that arrives after its peers
-//! gave up does not pair with their stale headers: it raises too, naming the ranks that gave up.
+//! entry counts, validity, then the entries; see exchange.hpp), then, once every peer's envelope
+//! arrived, the rows in place, as a contiguous datatype of the row width. A receiver takes each
+//! envelope at whatever size it has (MPI_Improbe, MPI_Mrecv), reaches the verdict every member
+//! reaches, then receives the rows in place: no round trip before the rows move. An optional second round checks
+//! receiver expectations. When a verdict fails the rows are still drained, so the group's messages stay in step and the
+//! next exchange can run. Every stage polls against the deadline, so no fault blocks a rank for longer than the
+//! timeout: a peer that never arrives, stops or dies ends in locus::timeout_error naming the ranks that did not arrive.
+//! A rank that times out tells its peers in every group (a *notice*), so a rank that arrives after its peers gave up
+//! does not pair with their stale headers: it raises too, naming the ranks that gave up. A timeout while the rows move
+//! (a peer stopped after its envelope) cannot withdraw a send MPI has started: after such a timeout_error, keep the
+//! request's rows alive until MPI_Finalize.
 
 #include <algorithm>
 #include <climits>
