@@ -7,6 +7,7 @@
 // Prints a table last and writes JSON.
 #include "bench_cli.hpp"
 #include "bench_output.hpp"
+#include "gpu_bench.hpp"
 
 #include <cstdio>
 #include <cstdlib>
@@ -53,28 +54,14 @@ double copy_bandwidth() {
   return 2.0 * static_cast<double>(bytes) / (best * 1e-3); // read + write
 }
 
-// Median-free best-of timing of `iters` back-to-back launches, in microseconds per launch.
+// Best of 5 timings of 50 back-to-back launches (bench_gpu::time_ms), in microseconds per launch.
 template <class Launch>
 double time_us(Launch&& launch) {
-  cudaEvent_t e0, e1;
-  LOCUS_CUDA_CHECK(cudaEventCreate(&e0));
-  LOCUS_CUDA_CHECK(cudaEventCreate(&e1));
-  launch();
-  LOCUS_CUDA_CHECK(cudaDeviceSynchronize());
   constexpr int iters = 50;
-  float best = 1e30f;
-  for (int rep = 0; rep < 5; ++rep) {
-    LOCUS_CUDA_CHECK(cudaEventRecord(e0));
+  const float best = bench_gpu::time_ms(5, [&] {
     for (int i = 0; i < iters; ++i)
       launch();
-    LOCUS_CUDA_CHECK(cudaEventRecord(e1));
-    LOCUS_CUDA_CHECK(cudaEventSynchronize(e1));
-    float ms = 0;
-    LOCUS_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    best = std::min(best, ms);
-  }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
+  });
   return best * 1e3 / iters;
 }
 
