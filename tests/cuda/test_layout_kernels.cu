@@ -309,8 +309,8 @@ BOOST_AUTO_TEST_CASE(device_built_receive_layout_equals_host) {
                               host.slot_offsets().end()));
         BOOST_TEST(
             std::equal(expert_row.begin(), expert_row.end(), host.expert_row().begin(), host.expert_row().end()));
-        BOOST_TEST(std::equal(position.begin(), position.end(), host.entry_position().begin(),
-                              host.entry_position().end()));
+        BOOST_TEST(
+            std::equal(position.begin(), position.end(), host.entry_position().begin(), host.entry_position().end()));
         BOOST_TEST(std::memcmp(expert_weight.data(), host.expert_weight().data(), entries * sizeof(float)) == 0);
       }
     }

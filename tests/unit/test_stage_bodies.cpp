@@ -477,7 +477,8 @@ BOOST_AUTO_TEST_CASE(receive_layout_bodies_equal_the_host_receive_layout) {
               at(slots * chunks + 1), slot_offsets(slots + 1), expert_row(entries, -1), position(entries, -1);
           std::vector<float> expert_weight(entries, -1.f);
           st::run_grid(1, 1, [&](st::grid_index i) { st::exclusive_scan(i, counts.data(), rows, offsets.data()); });
-          st::run_grid(g[0], g[1], [&](st::grid_index i) { st::entry_rows(i, offsets.data(), rows, entry_row.data()); });
+          st::run_grid(g[0], g[1],
+                       [&](st::grid_index i) { st::entry_rows(i, offsets.data(), rows, entry_row.data()); });
           st::run_grid(g[0], g[1], [&](st::grid_index i) {
             st::slot_chunk_count(i, slot_of.data(), entries, slots, chunk, count.data());
           });

@@ -94,12 +94,13 @@ public:
     at_.resize(slots * chunks + 1);
     slot_offsets_.resize(slots + 1);
     dp::scan_kernel<><<<1, 1, 0, stream>>>(row_entry_counts, rows, row_entry_offsets_.data());
-    dp::entry_rows_kernel<><<<dp::blocks_for(rows), 256, 0, stream>>>(row_entry_offsets_.data(), rows, entry_row_.data());
-    dp::slot_chunk_count_kernel<><<<dp::blocks_for(chunks), 256, 0, stream>>>(entry_slot, entries, slots, chunk,
-                                                                               count_.data());
+    dp::entry_rows_kernel<>
+        <<<dp::blocks_for(rows), 256, 0, stream>>>(row_entry_offsets_.data(), rows, entry_row_.data());
+    dp::slot_chunk_count_kernel<>
+        <<<dp::blocks_for(chunks), 256, 0, stream>>>(entry_slot, entries, slots, chunk, count_.data());
     dp::scan_kernel<><<<1, 1, 0, stream>>>(count_.data(), slots * chunks, at_.data());
-    dp::slot_offsets_kernel<><<<dp::blocks_for(slots + 1), 256, 0, stream>>>(at_.data(), entries, slots, chunk,
-                                                                              slot_offsets_.data());
+    dp::slot_offsets_kernel<>
+        <<<dp::blocks_for(slots + 1), 256, 0, stream>>>(at_.data(), entries, slots, chunk, slot_offsets_.data());
     dp::slot_chunk_place_kernel<><<<dp::blocks_for(chunks), 256, 0, stream>>>(
         entry_slot, entry_weight, entry_row_.data(), entries, chunk, at_.data(), expert_row_.data(),
         entry_weight ? expert_weight_.data() : nullptr, entry_position_.data());

@@ -420,7 +420,8 @@ LOCUS_HOST_DEVICE void slot_chunk_count(grid_index g, const std::int32_t* LOCUS_
 
 //! `slot_offsets[s] = at[s * chunks]` for s ≤ slots (`at`: the exclusive scan of slot_chunk_count).
 LOCUS_HOST_DEVICE void slot_offsets_of(grid_index g, const std::int32_t* LOCUS_RESTRICT at, std::size_t entries,
-                                       std::size_t slots, std::size_t chunk, std::int32_t* LOCUS_RESTRICT slot_offsets) {
+                                       std::size_t slots, std::size_t chunk,
+                                       std::int32_t* LOCUS_RESTRICT slot_offsets) {
   const std::size_t chunks = slot_chunks(entries, chunk);
   for (std::size_t s = g.block * g.threads + g.thread; s <= slots; s += g.blocks * g.threads)
     slot_offsets[s] = at[s * chunks];
