@@ -78,13 +78,12 @@ void require_equal(const device_buffer<T>& a, const device_buffer<T>& b, std::si
 
 // The row kernels at the decode shape, instantiated for top_k<8> and hidden<7168> and for run-time
 // values of both, on the same layout (source rank 0) and inputs.
-std::vector<static_dynamic> static_vs_dynamic(std::size_t tokens, std::size_t reps, std::mt19937& rng,
-                                              std::size_t& rows_out) {
+std::vector<static_dynamic> static_vs_dynamic(const expert_map& map, std::size_t tokens, std::size_t reps,
+                                              std::mt19937& rng, std::size_t& rows_out) {
   namespace dp = transport::detail::permute;
   using K = top_k<k_n>;
   using H = hidden<hidden_n>;
   const std::size_t Hn = hidden_n;
-  const expert_map map = deepseek_map();
   const topo_type topo;
   const auto r = deepseek_routing(tokens, rng);
   device_buffer<expert_id> ids;
@@ -222,7 +221,7 @@ int main(int argc, char** argv) try {
     throw std::runtime_error("permute and the naive baseline disagree");
 
   std::size_t decode_rows = 0;
-  const auto sd = static_vs_dynamic(decode_tokens, reps, rng, decode_rows);
+  const auto sd = static_vs_dynamic(map, decode_tokens, reps, rng, decode_rows);
   double sum_s = 0, sum_d = 0;
   std::string sd_json;
   for (const auto& k : sd) {

@@ -11,6 +11,7 @@
 #include <locus/transport/permute.hpp>
 #include <numeric>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -264,4 +265,53 @@ BOOST_AUTO_TEST_CASE(plan_nothing_flag_empties_the_layout_only_when_set) {
       BOOST_TEST((set.link_copies() == std::array<std::uint64_t, link_class_count>{}));
     }
   }
+}
+
+// device_receive_layout::build (the receive-layout stage bodies on the device) equals the host
+// receive_layout bit for bit, weights included, and reads back the same slot offsets.
+BOOST_AUTO_TEST_CASE(device_built_receive_layout_equals_host) {
+  std::mt19937 rng(16);
+  for (const std::size_t slots : {1u, 32u})
+    for (const std::size_t rows : {0u, 5u, 1000u}) {
+      std::vector<std::int32_t> counts(rows);
+      for (auto& c : counts)
+        c = std::uniform_int_distribution<std::int32_t>(1, 8)(rng);
+      const auto entries = static_cast<std::size_t>(std::accumulate(counts.begin(), counts.end(), 0));
+      std::vector<std::int32_t> slot(entries);
+      std::vector<float> w(entries);
+      for (std::size_t e = 0; e < entries; ++e) {
+        slot[e] = std::uniform_int_distribution<std::int32_t>(0, static_cast<std::int32_t>(slots) - 1)(rng);
+        w[e] = std::uniform_real_distribution<float>(0.f, 1.f)(rng);
+      }
+      receive_layout host;
+      host.assign(slots, counts, slot, w);
+      device_buffer<std::int32_t> dc, ds;
+      device_buffer<float> dw;
+      dc.upload(std::span<const std::int32_t>(counts));
+      ds.upload(std::span<const std::int32_t>(slot));
+      dw.upload(std::span<const float>(w));
+      device_receive_layout d;
+      d.build(slots, dc.data(), rows, ds.data(), dw.data(), entries);
+      LOCUS_CUDA_CHECK(cudaDeviceSynchronize());
+      std::vector<std::int32_t> offsets(rows + 1), expert_row(entries), position(entries);
+      std::vector<float> expert_weight(entries);
+      LOCUS_CUDA_CHECK(cudaMemcpy(offsets.data(), d.row_entry_offsets(), offsets.size() * 4, cudaMemcpyDeviceToHost));
+      if (entries > 0) {
+        LOCUS_CUDA_CHECK(cudaMemcpy(expert_row.data(), d.expert_row(), entries * 4, cudaMemcpyDeviceToHost));
+        LOCUS_CUDA_CHECK(cudaMemcpy(position.data(), d.entry_position(), entries * 4, cudaMemcpyDeviceToHost));
+        LOCUS_CUDA_CHECK(cudaMemcpy(expert_weight.data(), d.expert_weight(), entries * 4, cudaMemcpyDeviceToHost));
+      }
+      BOOST_TEST_CONTEXT(slots << " slots, " << rows << " rows") {
+        BOOST_TEST(d.entries() == entries);
+        BOOST_TEST(std::equal(offsets.begin(), offsets.end(), host.row_entry_offsets().begin(),
+                              host.row_entry_offsets().end()));
+        BOOST_TEST(std::equal(d.slot_offsets_host().begin(), d.slot_offsets_host().end(), host.slot_offsets().begin(),
+                              host.slot_offsets().end()));
+        BOOST_TEST(
+            std::equal(expert_row.begin(), expert_row.end(), host.expert_row().begin(), host.expert_row().end()));
+        BOOST_TEST(
+            std::equal(position.begin(), position.end(), host.entry_position().begin(), host.entry_position().end()));
+        BOOST_TEST(std::memcmp(expert_weight.data(), host.expert_weight().data(), entries * sizeof(float)) == 0);
+      }
+    }
 }

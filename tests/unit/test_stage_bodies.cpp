@@ -4,6 +4,7 @@
 // the documented order, so every comparison is bit for bit.
 #define BOOST_TEST_MODULE stage_bodies
 #include <algorithm>
+#include <array>
 #include <boost/test/unit_test.hpp>
 #include <cstring>
 #include <locus/transport/detail/stage.hpp>
@@ -445,4 +446,62 @@ BOOST_AUTO_TEST_CASE(plan_nothing_zeroes_the_layout_counts_only_when_flagged) {
         }
       }
   }
+}
+
+// The device receive layout (entry_rows → slot_chunk_count → exclusive_scan → slot_offsets_of →
+// slot_chunk_place) equals the host receive_layout: same offsets, same order, same weights.
+BOOST_AUTO_TEST_CASE(receive_layout_bodies_equal_the_host_receive_layout) {
+  std::mt19937 rng(16);
+  const std::array<std::array<std::size_t, 2>, 3> grids{{{1, 1}, {2, 3}, {5, 32}}};
+  for (const std::size_t slots : {1u, 3u, 32u})
+    for (const std::size_t rows : {0u, 1u, 7u, 300u}) {
+      std::uniform_int_distribution<std::int32_t> per_row(1, 8);
+      std::uniform_int_distribution<std::int32_t> slot(0, static_cast<std::int32_t>(slots) - 1);
+      std::uniform_real_distribution<float> weight(0.f, 1.f);
+      std::vector<std::int32_t> counts(rows);
+      for (auto& c : counts)
+        c = per_row(rng);
+      const auto entries = static_cast<std::size_t>(std::accumulate(counts.begin(), counts.end(), 0));
+      std::vector<std::int32_t> slot_of(entries);
+      std::vector<float> w(entries);
+      for (std::size_t e = 0; e < entries; ++e) {
+        slot_of[e] = slot(rng);
+        w[e] = weight(rng);
+      }
+      receive_layout host;
+      host.assign(slots, counts, slot_of, w);
+      for (const std::size_t chunk : {1u, 4u, 32u})
+        for (const auto& g : grids) {
+          const std::size_t chunks = st::slot_chunks(entries, chunk);
+          std::vector<std::int32_t> offsets(rows + 1), entry_row(entries, -1), count(slots * chunks, -1),
+              at(slots * chunks + 1), slot_offsets(slots + 1), expert_row(entries, -1), position(entries, -1);
+          std::vector<float> expert_weight(entries, -1.f);
+          st::run_grid(1, 1, [&](st::grid_index i) { st::exclusive_scan(i, counts.data(), rows, offsets.data()); });
+          st::run_grid(g[0], g[1],
+                       [&](st::grid_index i) { st::entry_rows(i, offsets.data(), rows, entry_row.data()); });
+          st::run_grid(g[0], g[1], [&](st::grid_index i) {
+            st::slot_chunk_count(i, slot_of.data(), entries, slots, chunk, count.data());
+          });
+          st::run_grid(1, 1, [&](st::grid_index i) { st::exclusive_scan(i, count.data(), count.size(), at.data()); });
+          st::run_grid(g[0], g[1], [&](st::grid_index i) {
+            st::slot_offsets_of(i, at.data(), entries, slots, chunk, slot_offsets.data());
+          });
+          st::run_grid(g[0], g[1], [&](st::grid_index i) {
+            st::slot_chunk_place(i, slot_of.data(), w.data(), entry_row.data(), entries, chunk, at.data(),
+                                 expert_row.data(), expert_weight.data(), position.data());
+          });
+          BOOST_TEST_CONTEXT(slots << " slots, " << rows << " rows, chunk " << chunk << ", grid " << g[0] << " x "
+                                   << g[1]) {
+            BOOST_TEST(std::equal(offsets.begin(), offsets.end(), host.row_entry_offsets().begin(),
+                                  host.row_entry_offsets().end()));
+            BOOST_TEST(std::equal(slot_offsets.begin(), slot_offsets.end(), host.slot_offsets().begin(),
+                                  host.slot_offsets().end()));
+            BOOST_TEST(
+                std::equal(expert_row.begin(), expert_row.end(), host.expert_row().begin(), host.expert_row().end()));
+            BOOST_TEST(std::memcmp(expert_weight.data(), host.expert_weight().data(), entries * sizeof(float)) == 0);
+            BOOST_TEST(std::equal(position.begin(), position.end(), host.entry_position().begin(),
+                                  host.entry_position().end()));
+          }
+        }
+    }
 }

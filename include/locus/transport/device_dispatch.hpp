@@ -22,9 +22,9 @@
 //!   caller's "plan nothing" flag (device_abort: the router's non-finite-logit counter), which the
 //!   layout applies on the device, so the flag adds no wait;
 //! - each exchange agrees on counts behind the transport's header round;
-//! - flat: the received entry metadata (4 + 4 + 4 bytes per entry, never a token row) comes to the
-//!   host once, because the receive layout is built there and the expert compute issues one GEMM
-//!   per expert with each expert's row count on the host;
+//! - flat: the receive layout is built on the device from the received entry metadata (the
+//!   receive-layout stage bodies); only its slot offsets (slots + 1 values) come to the host, one
+//!   wait, because the expert compute issues one GEMM per expert with its row count on the host;
 //! - hierarchical: the layout's entry metadata comes to the host (the plan's index lists are built
 //!   there), and each stage's metadata is exchanged through the host before its rows, because the
 //!   rail stage's metadata sizes the node stage (a rail peer must know how many rows it forwards to
@@ -59,12 +59,13 @@ __global__ void adjacent_difference_kernel(const std::int32_t* offsets, std::siz
   stage::adjacent_difference(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, offsets, n, out);
 }
 
-// Received entry metadata: the result of an exchange copied to the host (the caller synchronises).
-inline void download(const device_exchange_result& in, std::vector<std::int32_t>& host, cudaStream_t stream) {
-  host.resize(in.offsets.back());
-  if (!host.empty())
-    LOCUS_CUDA_CHECK(
-        cudaMemcpyAsync(host.data(), in.rows, host.size() * sizeof(std::int32_t), cudaMemcpyDeviceToHost, stream));
+// Received entry metadata: the result of an exchange copied, device to device, to `out` (the
+// transport's buffer is reused by its next exchange).
+template <class U>
+void keep(const device_exchange_result& in, device_buffer<U>& out, cudaStream_t stream) {
+  const std::size_t n = in.offsets.back();
+  out.resize(std::max<std::size_t>(n, 1));
+  if (n > 0) LOCUS_CUDA_CHECK(cudaMemcpyAsync(out.data(), in.rows, n * sizeof(U), cudaMemcpyDeviceToDevice, stream));
 }
 
 } // namespace detail::device_dispatch
@@ -152,7 +153,7 @@ public:
     // Blocks of the occupied slots; an empty slot has no entries, so the segments stay contiguous.
     block_experts_.clear();
     block_offsets_.assign(1, 0);
-    const auto so = rl_.slot_offsets();
+    const auto so = drl_.slot_offsets_host();
     for (std::size_t s = 0; s < slot_expert_.size(); ++s) {
       if (slot_expert_[s] == empty_slot) continue;
       block_experts_.push_back(slot_expert_[s]);
@@ -173,7 +174,7 @@ public:
   //! @throws locus::invalid_input_error the last dispatch's routing error, after the exchange
   //!         (`y` is then left as it was)
   void combine(T* y) {
-    back_.resize(std::max<std::size_t>(rl_.rows(), 1) * hidden_);
+    back_.resize(std::max<std::size_t>(drl_.rows(), 1) * hidden_);
     reduce_expert_output(drl_, expert_out_.data(), hx_, back_.data(), stream_);
     const T* returned = kind_ == transport_kind::hierarchical ? combine_node() : combine_flat();
     if (pending_) std::rethrow_exception(std::exchange(pending_, nullptr));
@@ -181,7 +182,6 @@ public:
   }
 
   const device_layout<TopK, Experts>& last_layout() const noexcept { return layout_; }
-  const receive_layout& last_receive_layout() const noexcept { return rl_; }
   cudaStream_t stream() const noexcept { return stream_; }
 
 private:
@@ -208,26 +208,25 @@ private:
                                                                            row_entries_.data());
       LOCUS_CUDA_CHECK(cudaGetLastError());
     }
-    // Entry metadata first: every result comes to the host before the rows are exchanged, whose
-    // result then stays in the transport's buffer until combine.
+    // Entry metadata first, each result copied on the device (the next exchange reuses the
+    // transport's buffer); the receive layout is built there and only its slot offsets come back.
     ex_->exchange_device(exchange_group::world, sizeof(std::int32_t), bytes_of(row_entries_.data()), send_counts_, {},
                          meta_, 11);
-    detail::device_dispatch::download(meta_, recv_row_entries_, stream_);
+    const std::size_t recv_rows = meta_.offsets.back();
+    detail::device_dispatch::keep(meta_, recv_row_entries_, stream_);
     ex_->exchange_device(exchange_group::world, sizeof(std::int32_t), bytes_of(layout_.entry_slot()), entry_counts_, {},
                          meta_, 12);
-    detail::device_dispatch::download(meta_, recv_slots_, stream_);
+    const std::size_t recv_entries = meta_.offsets.back();
+    detail::device_dispatch::keep(meta_, recv_slots_, stream_);
     ex_->exchange_device(exchange_group::world, sizeof(float), bytes_of(layout_.entry_weight()), entry_counts_, {},
                          meta_, 13);
-    recv_weights_.resize(meta_.offsets.back());
-    if (!recv_weights_.empty())
-      LOCUS_CUDA_CHECK(cudaMemcpyAsync(recv_weights_.data(), meta_.rows, recv_weights_.size() * sizeof(float),
-                                       cudaMemcpyDeviceToHost, stream_));
-    LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    rl_.assign(map_.slots_per_rank(), recv_row_entries_, recv_slots_, recv_weights_);
-    drl_.assign(rl_, stream_);
+    detail::device_dispatch::keep(meta_, recv_weights_, stream_);
+    drl_.build(map_.slots_per_rank(), recv_row_entries_.data(), recv_rows, recv_slots_.data(), recv_weights_.data(),
+               recv_entries, stream_);
+    LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream_)); // the slot offsets size the expert compute
 
     ex_->exchange_device(exchange_group::world, row_bytes, bytes_of(send_.data()), send_counts_, {}, rows_, 14);
-    const std::size_t n = rl_.entries();
+    const std::size_t n = drl_.entries();
     expert_in_.resize(std::max<std::size_t>(n, 1) * hidden_);
     expert_out_.resize(std::max<std::size_t>(n, 1) * hidden_);
     gather_expert_input(drl_, reinterpret_cast<const T*>(rows_.rows), hx_, expert_in_.data(), stream_);
@@ -394,13 +393,13 @@ private:
   std::vector<expert_id> slot_expert_, block_experts_;
   std::vector<std::size_t> block_offsets_, send_counts_, entry_counts_;
   device_layout<TopK, Experts> layout_;
-  receive_layout rl_;
+  receive_layout rl_; // hierarchical: built on the host from the plan
   device_receive_layout drl_;
   device_buffer<T> send_, expert_in_, expert_out_, back_;
   device_buffer<std::int32_t> row_entries_;
   device_exchange_result meta_, rows_, returned_;
-  std::vector<std::int32_t> recv_row_entries_, recv_slots_;
-  std::vector<float> recv_weights_;
+  device_buffer<std::int32_t> recv_row_entries_, recv_slots_; // flat: the received entry metadata
+  device_buffer<float> recv_weights_;
   std::exception_ptr pending_; // this rank's routing error, raised by combine
   // Hierarchical only.
   detail::device_dispatch::node_plan plan_;

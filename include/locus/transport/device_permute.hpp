@@ -7,23 +7,59 @@
 //! asynchronous on `stream`. `hidden` is a std::size_t or a static `locus::hidden<N>`, for which
 //! the kernels are instantiated (constant row loops; the same stage bodies).
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <locus/core/bfloat16.hpp>
 #include <locus/core/device_buffer.hpp>
 #include <locus/transport/detail/dispatch_permute.hpp>
+#include <locus/transport/detail/stage.hpp>
 #include <locus/transport/device_layout.hpp>
 #include <locus/transport/layout.hpp>
+#include <span>
 #include <type_traits>
+#include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
 
 namespace detail::permute {
 template <class T>
 inline constexpr bool device_element = std::is_same_v<T, float> || std::is_same_v<T, bfloat16>;
+
+// The receive-layout stage bodies as kernels (detail/stage.hpp).
+template <class = void>
+__global__ void entry_rows_kernel(const std::int32_t* offsets, std::size_t rows, std::int32_t* entry_row) {
+  stage::entry_rows(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, offsets, rows, entry_row);
+}
+template <class = void>
+__global__ void slot_chunk_count_kernel(const std::int32_t* slot, std::size_t entries, std::size_t slots,
+                                        std::size_t chunk, std::int32_t* count) {
+  stage::slot_chunk_count(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, slot, entries, slots,
+                          chunk, count);
+}
+template <class = void>
+__global__ void slot_offsets_kernel(const std::int32_t* at, std::size_t entries, std::size_t slots, std::size_t chunk,
+                                    std::int32_t* slot_offsets) {
+  stage::slot_offsets_of(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, at, entries, slots, chunk,
+                         slot_offsets);
+}
+template <class = void>
+__global__ void slot_chunk_place_kernel(const std::int32_t* slot, const float* weight, const std::int32_t* entry_row,
+                                        std::size_t entries, std::size_t chunk, const std::int32_t* at,
+                                        std::int32_t* expert_row, float* expert_weight, std::int32_t* position) {
+  stage::slot_chunk_place(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, slot, weight, entry_row,
+                          entries, chunk, at, expert_row, expert_weight, position);
+}
+template <class = void>
+__global__ void scan_kernel(const std::int32_t* in, std::size_t n, std::int32_t* out) {
+  stage::exclusive_scan(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, in, n, out);
+}
+inline unsigned blocks_for(std::size_t n) { return static_cast<unsigned>(std::max<std::size_t>((n + 255) / 256, 1)); }
 } // namespace detail::permute
 
-//! A receive_layout uploaded to the device (built on the host from the received metadata).
+//! A receive_layout on the device: uploaded (`assign`, built on the host) or built where the
+//! received metadata lies (`build`, the receive-layout stage bodies). Either way the slot offsets
+//! (slots + 1 values) also come to the host, where the expert compute sizes its GEMMs.
 class device_receive_layout {
 public:
   device_receive_layout() = default;
@@ -36,7 +72,44 @@ public:
     expert_row_.upload(rl.expert_row(), stream);
     entry_position_.upload(rl.entry_position(), stream);
     expert_weight_.upload(rl.expert_weight(), stream);
+    slot_offsets_host_.assign(rl.slot_offsets().begin(), rl.slot_offsets().end());
   }
+
+  //! Builds the layout on `stream` from received metadata in device memory: `rows` row entry
+  //! counts, `entries` slots in [0, slots) and weights (or null). Same order as receive_layout.
+  //! Only the slot offsets are read back: valid in slot_offsets_host() once `stream` synchronised.
+  void build(std::size_t slots, const std::int32_t* row_entry_counts, std::size_t rows, const std::int32_t* entry_slot,
+             const float* entry_weight, std::size_t entries, cudaStream_t stream = nullptr) {
+    namespace dp = detail::permute;
+    constexpr std::size_t chunk = 32; // entries per counting thread: short, its placement recounts
+    rows_ = rows;
+    entries_ = entries;
+    const std::size_t chunks = detail::stage::slot_chunks(entries, chunk);
+    row_entry_offsets_.resize(rows + 1);
+    expert_row_.resize(std::max<std::size_t>(entries, 1));
+    entry_position_.resize(std::max<std::size_t>(entries, 1));
+    expert_weight_.resize(entry_weight ? std::max<std::size_t>(entries, 1) : 0);
+    entry_row_.resize(std::max<std::size_t>(entries, 1));
+    count_.resize(std::max<std::size_t>(slots * chunks, 1));
+    at_.resize(slots * chunks + 1);
+    slot_offsets_.resize(slots + 1);
+    dp::scan_kernel<><<<1, 1, 0, stream>>>(row_entry_counts, rows, row_entry_offsets_.data());
+    dp::entry_rows_kernel<>
+        <<<dp::blocks_for(rows), 256, 0, stream>>>(row_entry_offsets_.data(), rows, entry_row_.data());
+    dp::slot_chunk_count_kernel<>
+        <<<dp::blocks_for(chunks), 256, 0, stream>>>(entry_slot, entries, slots, chunk, count_.data());
+    dp::scan_kernel<><<<1, 1, 0, stream>>>(count_.data(), slots * chunks, at_.data());
+    dp::slot_offsets_kernel<>
+        <<<dp::blocks_for(slots + 1), 256, 0, stream>>>(at_.data(), entries, slots, chunk, slot_offsets_.data());
+    dp::slot_chunk_place_kernel<><<<dp::blocks_for(chunks), 256, 0, stream>>>(
+        entry_slot, entry_weight, entry_row_.data(), entries, chunk, at_.data(), expert_row_.data(),
+        entry_weight ? expert_weight_.data() : nullptr, entry_position_.data());
+    LOCUS_CUDA_CHECK(cudaGetLastError());
+    slot_offsets_host_.resize(slots + 1);
+    slot_offsets_.download(std::span<std::int32_t>(slot_offsets_host_), stream);
+  }
+  //! Expert-input segment of each local slot (slots + 1 values, host).
+  std::span<const std::int32_t> slot_offsets_host() const noexcept { return slot_offsets_host_; }
   std::size_t rows() const noexcept { return rows_; }
   std::size_t entries() const noexcept { return entries_; }
   const std::int32_t* row_entry_offsets() const noexcept { return row_entry_offsets_.data(); }
@@ -49,6 +122,8 @@ private:
   std::size_t rows_ = 0, entries_ = 0;
   device_buffer<std::int32_t> row_entry_offsets_, expert_row_, entry_position_;
   device_buffer<float> expert_weight_;
+  device_buffer<std::int32_t> entry_row_, count_, at_, slot_offsets_; // build's scratch
+  std::vector<std::int32_t> slot_offsets_host_;
 };
 
 //! `send[r] = tokens[row_token[r]]` for the `l.rows()` rows.

@@ -381,4 +381,77 @@ LOCUS_HOST_DEVICE void fanout_targets(grid_index g, const std::int32_t* LOCUS_RE
 }
 //! @}
 
+//! @name Receive layout
+//! The receive layout (`receive_layout`) built where the received metadata lies: entries ordered
+//! by local slot, then by received row (stably, i.e. in entry order). Entries are cut into chunks
+//! of `chunk` consecutive entries; each chunk counts its entries per slot, an exclusive scan of
+//! those counts (slot-major: `count[s * chunks + c]`) gives each (slot, chunk) its first position,
+//! and each chunk places its entries from there. Steps: entry_rows, slot_chunk_count,
+//! exclusive_scan of the counts (`slots * chunks` values), slot_offsets_of, slot_chunk_place.
+//! Slots must lie in [0, slots) (the source layouts wrote them from the expert map).
+//! @{
+
+//! Chunks of `chunk` entries covering `entries`.
+LOCUS_HOST_DEVICE std::size_t slot_chunks(std::size_t entries, std::size_t chunk) {
+  return (entries + chunk - 1) / chunk;
+}
+
+//! `entry_row[e]` = the received row whose entries include e (`row_entry_offsets`: rows + 1).
+LOCUS_HOST_DEVICE void entry_rows(grid_index g, const std::int32_t* LOCUS_RESTRICT row_entry_offsets, std::size_t rows,
+                                  std::int32_t* LOCUS_RESTRICT entry_row) {
+  for (std::size_t r = g.block * g.threads + g.thread; r < rows; r += g.blocks * g.threads)
+    for (std::int32_t e = row_entry_offsets[r]; e < row_entry_offsets[r + 1]; ++e)
+      entry_row[e] = static_cast<std::int32_t>(r);
+}
+
+//! `count[s * chunks + c]` = entries of chunk c with local slot s, for every slot s < slots.
+LOCUS_HOST_DEVICE void slot_chunk_count(grid_index g, const std::int32_t* LOCUS_RESTRICT entry_slot,
+                                        std::size_t entries, std::size_t slots, std::size_t chunk,
+                                        std::int32_t* LOCUS_RESTRICT count) {
+  const std::size_t chunks = slot_chunks(entries, chunk);
+  for (std::size_t c = g.block * g.threads + g.thread; c < chunks; c += g.blocks * g.threads) {
+    for (std::size_t s = 0; s < slots; ++s)
+      count[s * chunks + c] = 0;
+    const std::size_t end = c * chunk + chunk < entries ? c * chunk + chunk : entries;
+    for (std::size_t e = c * chunk; e < end; ++e)
+      ++count[static_cast<std::size_t>(entry_slot[e]) * chunks + c];
+  }
+}
+
+//! `slot_offsets[s] = at[s * chunks]` for s ≤ slots (`at`: the exclusive scan of slot_chunk_count).
+LOCUS_HOST_DEVICE void slot_offsets_of(grid_index g, const std::int32_t* LOCUS_RESTRICT at, std::size_t entries,
+                                       std::size_t slots, std::size_t chunk,
+                                       std::int32_t* LOCUS_RESTRICT slot_offsets) {
+  const std::size_t chunks = slot_chunks(entries, chunk);
+  for (std::size_t s = g.block * g.threads + g.thread; s <= slots; s += g.blocks * g.threads)
+    slot_offsets[s] = at[s * chunks];
+}
+
+//! Places each entry of each chunk at `at[slot * chunks + c]` plus the entries of that chunk and
+//! slot before it: `expert_row`, `expert_weight` (when `weight` is not null) and `entry_position`
+//! as receive_layout has them. The count of earlier same-slot entries is recounted per entry (a
+//! chunk is short), so no body writes another's counters.
+LOCUS_HOST_DEVICE void slot_chunk_place(grid_index g, const std::int32_t* LOCUS_RESTRICT entry_slot,
+                                        const float* LOCUS_RESTRICT weight,
+                                        const std::int32_t* LOCUS_RESTRICT entry_row, std::size_t entries,
+                                        std::size_t chunk, const std::int32_t* LOCUS_RESTRICT at,
+                                        std::int32_t* LOCUS_RESTRICT expert_row, float* LOCUS_RESTRICT expert_weight,
+                                        std::int32_t* LOCUS_RESTRICT entry_position) {
+  const std::size_t chunks = slot_chunks(entries, chunk);
+  for (std::size_t c = g.block * g.threads + g.thread; c < chunks; c += g.blocks * g.threads) {
+    const std::size_t begin = c * chunk, end = begin + chunk < entries ? begin + chunk : entries;
+    for (std::size_t e = begin; e < end; ++e) {
+      const std::int32_t s = entry_slot[e];
+      std::int32_t before = 0;
+      for (std::size_t f = begin; f < e; ++f)
+        before += entry_slot[f] == s;
+      const std::int32_t pos = at[static_cast<std::size_t>(s) * chunks + c] + before;
+      expert_row[pos] = entry_row[e];
+      if (weight) expert_weight[pos] = weight[e];
+      entry_position[e] = pos;
+    }
+  }
+}
+//! @}
+
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::stage
