@@ -8,18 +8,28 @@ round_robin / flat, per topology, for the flat-transport rows with each placemen
 and for the chosen hierarchical rows) and RESULTS_DIR/comm_volume_tradeoff.png (bytes against
 per-GPU aggregate max/mean for every row at 4x2).
 """
+import argparse
 import json
 import os
-import sys
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def save(fig, path):
+    # Atomically: a reader never sees half a PNG.
+    tmp = os.path.join(os.path.dirname(path) or ".", "." + os.path.basename(path) + ".tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    os.replace(tmp, path)
 
 
 def main():
-    out = sys.argv[1] if len(sys.argv) > 1 else "bench/results"
+    parser = argparse.ArgumentParser(description="Plot RESULTS_DIR/comm_volume.json (written by bench/comm_volume).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("results_dir", nargs="?", default="bench/results", help="folder holding comm_volume.json")
+    out = parser.parse_args().results_dir
+    import matplotlib  # after the options: --help works without matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     with open(os.path.join(out, "comm_volume.json")) as f:
         doc = json.load(f)
     rows = doc["rows"]
@@ -55,7 +65,7 @@ def main():
     ax.set_title("ESFT test split: network bytes per decode token (bench/comm_volume)")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "comm_volume.png"), dpi=120)
+    save(fig, os.path.join(out, "comm_volume.png"))
 
     # Trade-off: bytes against balance, every row of 4x2.
     fig, ax = plt.subplots(figsize=(10.5, 5))
@@ -78,7 +88,7 @@ def main():
     ax.set_title("4x2 trade-off: filled = flat, hollow = hierarchical; large = 1 redundant slot/GPU")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "comm_volume_tradeoff.png"), dpi=120)
+    save(fig, os.path.join(out, "comm_volume_tradeoff.png"))
     print(f"wrote {out}/comm_volume.png and {out}/comm_volume_tradeoff.png")
 
 

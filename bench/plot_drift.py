@@ -3,17 +3,17 @@ max/mean per reported window, per policy, with the phase starts and the re-plans
 
     /usr/bin/python3 bench/plot_drift.py DIR
 """
+import argparse
 import json
 import os
-import sys
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main(out_dir):
+    import matplotlib  # after the options: --help works without matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     with open(os.path.join(out_dir, "drift.json")) as f:
         doc = json.load(f)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
@@ -42,4 +42,7 @@ def main(out_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else ".")
+    parser = argparse.ArgumentParser(description="Draw DIR/drift.png from DIR/drift.json (written by bench/drift).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("dir", nargs="?", default=".", help="folder holding drift.json")
+    main(parser.parse_args().dir)

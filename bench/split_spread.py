@@ -6,6 +6,7 @@ references and the unseen-domain rows, and writes DIR/split_spread{.json,.md}.
     /usr/bin/python3 bench/split_spread.py BUILD_BENCH_DIR OUT_DIR [--seeds 1,2,3,4,5] [--name NAME]
                      [-- extra comm_volume options]
 """
+import argparse
 import json
 import os
 import subprocess
@@ -27,18 +28,27 @@ def key(r):
 
 
 def main():
-    args = sys.argv[1:]
+    argv = sys.argv[1:]
     extra = []
-    if "--" in args:
-        extra = args[args.index("--") + 1:]
-        args = args[: args.index("--")]
-    bench_dir, out_dir = args[0], args[1]
-    seeds = [1, 2, 3, 4, 5]
-    name = "split_spread"
-    if "--seeds" in args:
-        seeds = [int(s) for s in args[args.index("--seeds") + 1].split(",")]
-    if "--name" in args:
-        name = args[args.index("--name") + 1]
+    if "--" in argv:
+        extra = argv[argv.index("--") + 1:]
+        argv = argv[: argv.index("--")]
+    parser = argparse.ArgumentParser(
+        description="Run comm_volume's 4x2 ESFT rows once per split seed and tabulate their spread; options "
+        "after -- go to every comm_volume run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("bench_dir", help="the build's bench folder (holds comm_volume)")
+    parser.add_argument("out_dir", help="where NAME.json and NAME.md are written")
+    parser.add_argument("--seeds", default="1,2,3,4,5", help="comma-separated split seeds")
+    parser.add_argument("--name", default="split_spread", help="base name of the output files")
+    opts = parser.parse_args(argv)
+    bench_dir, out_dir, name = opts.bench_dir, opts.out_dir, opts.name
+    try:
+        seeds = [int(s) for s in opts.seeds.split(",")]
+    except ValueError:
+        parser.error("--seeds takes comma-separated integers, got %r" % opts.seeds)
+    if not os.access(os.path.join(bench_dir, "comm_volume"), os.X_OK):
+        parser.error("%s holds no comm_volume program (give the build's bench folder)" % bench_dir)
     start = time.time()
     per_seed = {}
     with tempfile.TemporaryDirectory() as tmp:

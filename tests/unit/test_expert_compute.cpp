@@ -261,12 +261,24 @@ void check_fused_sums(std::uint64_t seed, unsigned threads) {
   std::vector<float> written(copies * hidden, std::numeric_limits<float>::quiet_NaN());
   for (std::size_t c = 0; c < copies; ++c)
     if (!seen[c]) std::fill_n(written.begin() + static_cast<std::ptrdiff_t>(c * hidden), hidden, 0.0f);
-  static_assert(layer::swiglu_host<W>::writes_first_rows);
+  static_assert(layer::first_row_writer<layer::swiglu_host<W>>);
   compute(b.view(),
           layer::weighted_sum_target{written.data(), row_copy.data(), row_weight.data(), copies, first.data()});
   BOOST_TEST(std::memcmp(written.data(), sums.data(), sums.size() * sizeof(float)) == 0,
              "sums written from each copy's first row differ from the zeroed-and-added ones");
 }
+
+// What the layer reads to skip zeroing: only a declared, true writes_first_rows counts.
+struct silent_compute {};
+struct declines_first_rows {
+  static constexpr bool writes_first_rows = false;
+};
+struct non_constant_first_rows {
+  static inline bool writes_first_rows = true; // not a constant: cannot be relied on at compile time
+};
+static_assert(!layer::first_row_writer<silent_compute>);
+static_assert(!layer::first_row_writer<declines_first_rows>);
+static_assert(!layer::first_row_writer<non_constant_first_rows>);
 
 BOOST_AUTO_TEST_CASE(fused_weighted_sums_equal_summed_outputs) {
   for (unsigned threads : {1u, 3u}) {

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fcntl.h>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -530,8 +531,9 @@ BOOST_AUTO_TEST_CASE(a_failed_write_keeps_the_old_file) {
     BOOST_TEST(temporaries_in(dir.path) == 0u);
     BOOST_TEST((trace::read_trace(path) == good));
   }
-  // Killed in the middle of writing (SIGKILL): the old file is intact.
-  {
+  // Killed in the middle of writing (SIGKILL): the old file is intact, and no temporary is left
+  // where the folder takes unnamed files (O_TMPFILE); the named fallback leaves exactly one.
+  const auto killed_while_writing = [&] {
     const pid_t pid = ::fork();
     if (pid == 0) {
       locus::atomic_file f(path);
@@ -542,11 +544,23 @@ BOOST_AUTO_TEST_CASE(a_failed_write_keeps_the_old_file) {
     ::waitpid(pid, &status, 0);
     BOOST_TEST(WIFSIGNALED(status));
     BOOST_TEST(read_text(path) == before);
-    // Only the temporary is left behind, beside the intact file; clear it for the checks below.
-    BOOST_TEST(temporaries_in(dir.path) == 1u);
-    for (const auto& e : fs::directory_iterator(dir.path))
-      if (e.path().filename().string().find(".locus-tmp.") != std::string::npos) fs::remove(e.path());
-  }
+  };
+  const int probe = ::open(dir.path.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+  const bool unnamed_files = probe >= 0;
+  if (probe >= 0) ::close(probe);
+  killed_while_writing();
+  BOOST_TEST(temporaries_in(dir.path) == (unnamed_files ? 0u : 1u));
+  locus::detail::atomic_file_named_temporary = true;
+  killed_while_writing();
+  BOOST_TEST(temporaries_in(dir.path) == (unnamed_files ? 1u : 2u));
+  // The named path writes and replaces like the unnamed one.
+  trace::write_trace(small_trace(7), path);
+  BOOST_TEST((trace::read_trace(path) == small_trace(7)));
+  trace::write_trace(good, path);
+  locus::detail::atomic_file_named_temporary = false;
+  // Clear what the kills left for the checks below.
+  for (const auto& e : fs::directory_iterator(dir.path))
+    if (e.path().filename().string().find(".locus-tmp.") != std::string::npos) fs::remove(e.path());
   // Maps and ESFT folders go through the same writer.
   const auto map_path = (dir.path / "map.json").string();
   save_expert_maps(map_path, {expert_map(2, 2, 1, {0, 1})});

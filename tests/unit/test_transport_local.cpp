@@ -425,6 +425,59 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
   BOOST_TEST(cases == 120);
 }
 
+// Rows of double: combine converts the fp32 sums into rows of T to send and back into y, on the
+// flat and hierarchical paths (one GPU per node included, where a rail peer returns its own sums
+// in place). y equals the dense reference.
+BOOST_AUTO_TEST_CASE(double_rows_combine_matches_reference) {
+  const std::pair<std::size_t, std::size_t> shapes[] = {{2, 1}, {3, 1}, {2, 2}};
+  for (std::uint64_t seed = 31; seed <= 36; ++seed) {
+    const auto [nodes, gpus] = shapes[seed % std::size(shapes)];
+    const auto c = locus_test::make_case(seed, nodes, gpus);
+    for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
+      local_fabric f(c.topo, kind);
+      std::vector<double> errors(c.topo.ranks(), 1.0);
+      const auto failures = run_ranks(f, [&](local_transport& ep) {
+        const std::size_t me = ep.rank();
+        moe_dispatcher<local_transport, double> d(ep, c.map, c.hidden);
+        const auto xf = c.inputs(me);
+        const std::vector<double> x(xf.begin(), xf.end());
+        layout<> l;
+        d.plan(l, c.routings[me].view());
+        auto h = d.dispatch(std::span<const double>(x), l);
+        // The test's experts (expert e multiplies by e + 1), half the seeds fused into the sums.
+        const auto experts = h.local_experts();
+        const auto offsets = h.expert_offsets();
+        const bool fused = seed % 2 == 0;
+        auto out = h.expert_output();
+        const auto copy = h.row_copies();
+        const auto weight = h.row_weights();
+        std::span<float> sums;
+        if (fused) sums = h.copy_sums();
+        for (std::size_t i = 0; i < experts.size(); ++i)
+          for (std::size_t row = offsets[i]; row < offsets[i + 1]; ++row)
+            for (std::size_t k = 0; k < c.hidden; ++k) {
+              const double v = h.expert_input_row(row)[k] * static_cast<double>(experts[i] + 1);
+              if (fused)
+                sums[copy[row] * c.hidden + k] += weight[row] * static_cast<float>(v);
+              else
+                out[row * c.hidden + k] = v;
+            }
+        std::vector<double> y(x.size());
+        d.combine(y, h);
+        const auto ref = c.reference(me);
+        double worst = y.size() == ref.size() ? 0.0 : 1e30;
+        for (std::size_t i = 0; i < std::min(y.size(), ref.size()); ++i)
+          worst = std::max(worst, std::abs(y[i] - ref[i]) / std::max(1.0, std::abs(ref[i])));
+        errors[me] = worst;
+      });
+      for (const auto& e : failures)
+        BOOST_TEST_REQUIRE(!e);
+      for (std::size_t r = 0; r < c.topo.ranks(); ++r)
+        BOOST_TEST(errors[r] < 1e-5, "seed " << seed << " " << to_string(kind) << " rank " << r);
+    }
+  }
+}
+
 // Two micro-batches in flight on one dispatcher: dispatch A, dispatch B, combine B, combine A.
 // Each handle carries all its combine needs, so both equal the dense reference.
 BOOST_AUTO_TEST_CASE(two_handles_interleave) {

@@ -1,9 +1,12 @@
 #pragma once
 //! @file
-//! The one way locus writes a file: into a temporary file in the target's folder, then fsync and
-//! rename over the target, so a failed or interrupted write (a full disk, a file-size limit, a
-//! signal, a value rejected half-way) never leaves a truncated file where a good one was. Readers
-//! see either the old file or the complete new one.
+//! The one way locus writes a file: into an unnamed file in the target's folder (`O_TMPFILE`), then
+//! fsync, give it a name and rename that over the target, so a failed or interrupted write (a full
+//! disk, a file-size limit, a signal, a value rejected half-way) never leaves a truncated file where
+//! a good one was. Readers see either the old file or the complete new one. Because the file has no
+//! name until it is complete, a process killed while writing (SIGKILL, the OOM killer) leaves
+//! nothing behind either. Where the filesystem has no `O_TMPFILE` (some network filesystems), a
+//! named temporary `.<name>.locus-tmp.<pid>.<n>` is written instead; only a kill can leave one.
 //!
 //! Targets that are not regular files (a character device such as /dev/null or /dev/stdout, a
 //! FIFO) cannot be replaced by a rename; they are written directly, which is what a user who
@@ -26,6 +29,12 @@
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE {
+
+namespace detail {
+//! Set to make atomic_file write a named temporary even where `O_TMPFILE` works: the path taken on
+//! filesystems without it, so that it can be tested on any machine.
+inline std::atomic<bool> atomic_file_named_temporary{false};
+} // namespace detail
 
 //! A file being written atomically: `write` as often as needed, then `commit()`. Destroying it
 //! without a commit (an exception on the way) removes the temporary file and leaves the target as
@@ -50,19 +59,21 @@ public:
     }
     const std::string::size_type slash = target_.rfind('/');
     const std::string dir = slash == std::string::npos ? std::string(".") : target_.substr(0, slash + 1);
-    const std::string base = slash == std::string::npos ? target_ : target_.substr(slash + 1);
-    static std::atomic<unsigned long> counter{0};
-    for (int attempt = 0; attempt < 100; ++attempt) {
-      temp_ = (slash == std::string::npos ? std::string() : dir) + "." + base + ".locus-tmp." +
-              std::to_string(::getpid()) + "." + std::to_string(counter.fetch_add(1));
-      // 0666 minus the umask, as for any new file; an existing target's mode is kept below.
-      fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-      if (fd_ >= 0 || errno != EEXIST) break;
+    // 0666 minus the umask, as for any new file; an existing target's mode is kept below.
+    if (!detail::atomic_file_named_temporary.load()) {
+      fd_ = ::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0666);
+      unnamed_ = fd_ >= 0;
     }
     if (fd_ < 0) {
-      const int e = errno;
-      temp_.clear();
-      fail(target_, e == ENOENT ? "cannot write: its folder does not exist" : "cannot create a file in its folder", e);
+      // No O_TMPFILE here (or a folder that refuses it): a named temporary, whose errors also say
+      // why the folder cannot be written.
+      temp_ = create_named_temporary(O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, -1);
+      if (fd_ < 0) {
+        const int e = errno;
+        temp_.clear();
+        fail(target_, e == ENOENT ? "cannot write: its folder does not exist" : "cannot create a file in its folder",
+             e);
+      }
     }
     if (exists) (void)::fchmod(fd_, st.st_mode & 07777);
   }
@@ -113,12 +124,18 @@ public:
     }
   }
 
-  //! Flushes, syncs and renames the temporary file over the target.
+  //! Flushes, syncs, names the file and renames it over the target.
   //! @throws locus::io_error when any step fails (the target then keeps its old content)
   void commit() {
     check_open();
     flush();
     if (::fsync(fd_) != 0 && !(direct_ && (errno == EINVAL || errno == EROFS))) fail(target_, "fsync failed", errno);
+    if (unnamed_) {
+      // The complete file gets a name beside the target (linkat cannot replace a file), which the
+      // rename below moves over it: the only moment a temporary name exists.
+      temp_ = create_named_temporary(0, fd_);
+      if (temp_.empty()) fail(target_, "cannot name the written file in its folder", errno);
+    }
     const int fd = fd_;
     fd_ = -1;
     if (::close(fd) != 0 && errno != EINTR) fail(target_, "close failed", errno);
@@ -141,6 +158,32 @@ private:
   [[noreturn]] void fail(const std::string& what_path, const char* what, int e) {
     abandon();
     throw io_error(detail::concat(what_path, ": ", what, ": ", std::strerror(e)), __FILE__, __LINE__, e);
+  }
+
+  //! A fresh `.<name>.locus-tmp.<pid>.<n>` beside the target: created with `open(flags)` into fd_
+  //! when `linked_fd` is -1, else linked to the unnamed file `linked_fd`. Empty when none could be
+  //! made (errno says why).
+  std::string create_named_temporary(int flags, int linked_fd) {
+    const std::string::size_type slash = target_.rfind('/');
+    const std::string dir = slash == std::string::npos ? std::string() : target_.substr(0, slash + 1);
+    const std::string base = slash == std::string::npos ? target_ : target_.substr(slash + 1);
+    static std::atomic<unsigned long> counter{0};
+    for (int attempt = 0; attempt < 100; ++attempt) {
+      std::string name =
+          dir + "." + base + ".locus-tmp." + std::to_string(::getpid()) + "." + std::to_string(counter.fetch_add(1));
+      if (linked_fd < 0) {
+        fd_ = ::open(name.c_str(), flags, 0666);
+        if (fd_ >= 0) return name;
+      } else {
+        // Through /proc (any user may link its own open file there); AT_EMPTY_PATH where /proc is
+        // not mounted (that one needs CAP_DAC_READ_SEARCH).
+        const std::string proc = "/proc/self/fd/" + std::to_string(linked_fd);
+        if (::linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, name.c_str(), AT_SYMLINK_FOLLOW) == 0) return name;
+        if (errno == ENOENT && ::linkat(linked_fd, "", AT_FDCWD, name.c_str(), AT_EMPTY_PATH) == 0) return name;
+      }
+      if (errno != EEXIST) break;
+    }
+    return {};
   }
 
   void check_open() const {
@@ -203,6 +246,7 @@ private:
   std::string temp_;
   int fd_ = -1;
   bool direct_ = false;
+  bool unnamed_ = false; // written through O_TMPFILE: no name until commit()
   std::vector<char> buffer_;
 };
 

@@ -78,6 +78,12 @@ struct weighted_sum_target {
   const std::uint8_t* row_first = nullptr; //!< optional, per row: 1 for its copy's first row
 };
 
+//! A compute that fuses combine's weighted sum and honours weighted_sum_target::row_first: it
+//! declares `static constexpr bool writes_first_rows = true`, and the layer then hands it unzeroed
+//! sums (one pass over them fewer per step).
+template <class C>
+concept first_row_writer = std::same_as<decltype(C::writes_first_rows), const bool> && C::writes_first_rows;
+
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::layer
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {

@@ -434,12 +434,7 @@ private:
       std::invocable<expert_compute_type&, const layer::expert_blocks<value_type, memory_space::host>&,
                      const layer::weighted_sum_target&>;
   // ... and, declaring writes_first_rows, writes each copy's first row instead of adding it.
-  static constexpr bool writes_first_rows = [] {
-    if constexpr (requires { expert_compute_type::writes_first_rows; })
-      return static_cast<bool>(expert_compute_type::writes_first_rows);
-    else
-      return false;
-  }();
+  static constexpr bool writes_first_rows = layer::first_row_writer<expert_compute_type>;
 
   Shape shape_;
   Topology topo_;

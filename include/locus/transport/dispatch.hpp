@@ -365,7 +365,7 @@ public:
     const bool size_ok = y.size() == h.tokens_ * hidden_;
     const std::size_t copies = h.received_copies();
     // Each received copy's weighted partial sum, in fp32.
-    const float* partial = h.sums_.data();
+    float* partial = h.sums_.data();
     if (!h.sums_taken_) {
       partial_.assign(copies * hidden_, 0.0f);
       weighted_sums(h, partial_.data());
@@ -394,13 +394,19 @@ public:
       exchange_request back{exchange_group::node, row_bytes_, as_rows(partial, node_rows), h.rows_b_.counts, {}};
       back.kept_rows = own;
       ex_->exchange(back, back_);
-      // A rail peer sums its node's partial sums of each stage-1 row, starting from its own.
-      forward_acc_.resize(h.rows_a_.row_count() * hidden_);
-      start_sums(forward_acc_.data(), h.rows_a_.row_count(), h.self_forward_, partial + node_rows * hidden_);
-      add_back(back_, h.origins_b_, acc, forward_acc_.data());
-      ex_->exchange(
-          {exchange_group::rail, row_bytes_, as_rows(forward_acc_.data(), h.rows_a_.row_count()), h.rows_a_.counts, {}},
-          back_);
+      // A rail peer sums its node's partial sums of each stage-1 row, starting from its own. When
+      // it computed every stage-1 row itself, in order (always so with one GPU per node), its own
+      // partial sums are those rows' sums already: the node's returns add to them in place, and
+      // they go back without a copy (the copy cost as much as the rail exchange).
+      const std::size_t stage1 = h.rows_a_.row_count();
+      float* forward = partial + node_rows * hidden_;
+      if (!self_forwards_all(h)) {
+        forward_acc_.resize(stage1 * hidden_);
+        start_sums(forward_acc_.data(), stage1, h.self_forward_, forward);
+        forward = forward_acc_.data();
+      }
+      add_back(back_, h.origins_b_, acc, forward);
+      ex_->exchange({exchange_group::rail, row_bytes_, as_rows(forward, stage1), h.rows_a_.counts, {}}, back_);
       add_back(back_, h.origins_a_, acc, nullptr);
     }
     LOCUS_REQUIRE(size_ok, invalid_input_error, "moe_dispatcher::combine: ", h.tokens_, " tokens need ",
@@ -583,6 +589,15 @@ private:
       float* p = out + static_cast<std::size_t>(copy[r]) * hidden_;
       detail::dispatch::add_row<true>(p, h.expert_out_.data() + r * hidden_, weight[r], hidden_);
     }
+  }
+
+  // Whether this rail peer computes a copy of every stage-1 row, in stage-1 order.
+  static bool self_forwards_all(const handle_type& h) {
+    const auto& f = h.self_forward_;
+    if (f.size() != h.rows_a_.row_count()) return false;
+    for (std::size_t i = 0; i < f.size(); ++i)
+      if (f[i] != i) return false;
+    return true;
   }
 
   // fp32 sums as combine rows of T: the sums themselves for fp32, else converted into send_.
