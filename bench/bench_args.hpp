@@ -1,8 +1,8 @@
 #pragma once
 // Command-line and trace loading shared by the host benchmarks: the CLI11 conventions of
-// bench_cli.hpp, a trace given as an ESFT folder or a binary trace file, and the machine line of a
+// tool_cli.hpp, a trace given as an ESFT folder or a binary trace file, and the machine line of a
 // results file.
-#include "bench_cli.hpp"
+#include "tool_cli.hpp"
 
 #include <ctime>
 #include <filesystem>

@@ -86,7 +86,7 @@ struct run_options {
 std::optional<int> parse_options(int argc, char** argv, run_options& o) {
   CLI::App app{"Inter-node bytes per decode token for each placement x grouper x transport on a real trace, fitted on "
                "a training split and measured on the test split"};
-  bench_args::show_defaults(app);
+  tool_cli::show_defaults(app);
   std::string replica_rule_name = "locality_first", shift_by = "node";
   int fit_on_test = 0, synthetic = 1, token_refine = 1, token_replicas = 1, plan_per_transport = 1;
   // The comparison's defaults are this benchmark's; the options below override them.
@@ -121,8 +121,8 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
   app.add_option("--out", o.out_dir, "Folder for the results");
   app.add_option("--split-seed", o.seed, "Seed of the train/test split of the requests (and of the grouping)");
   app.add_option("--prefill-tokens", o.prefill, "Prefill tokens per request");
-  app.add_option("--hidden", o.hidden, "Hidden size (message sizes)")->check(bench_args::positive);
-  app.add_option("--clusters", o.clusters, "Request clusters of the workload model")->check(bench_args::positive);
+  app.add_option("--hidden", o.hidden, "Hidden size (message sizes)")->check(tool_cli::positive);
+  app.add_option("--clusters", o.clusters, "Request clusters of the workload model")->check(tool_cli::positive);
   app.add_option("--only", o.only, "One topology instead of 2x4, 4x2, 4x4 and 8x1")->check(topology_shape);
   app.add_option("--synthetic", synthetic, "Also the 8x8 synthetic 256-expert rows (0|1)")->check(CLI::Range(0, 1));
   app.add_option("--fit-on-test", fit_on_test, "Fit on the test split: upper-bound experiments only (0|1)")
@@ -149,10 +149,10 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
   app.add_option("--rank-copy-weight", popt.refine.rank_copy_weight, "Token-level stage: weight of a GPU copy");
   app.add_option("--node-copy-weight", popt.refine.node_copy_weight, "Token-level stage: weight of a node copy");
   app.add_option("--refine-pairs", popt.refine_sample_pairs, "Token-level stage: sampled (token, layer) pairs")
-      ->check(bench_args::positive);
+      ->check(tool_cli::positive);
   app.add_option("--refine-candidates", popt.refine.candidates,
                  "Token-level stage: swap partners evaluated per expert and sweep")
-      ->check(bench_args::positive);
+      ->check(tool_cli::positive);
   app.add_option("--refine-sweeps", popt.refine.max_sweeps, "Token-level stage: sweeps over the experts at most");
   app.add_option("--anneal", popt.refine.anneal_per_expert,
                  "Annealing swap proposals per expert and layer after the sweeps");

@@ -81,11 +81,11 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 int main(int argc, char** argv) try {
   CLI::App app{"Decode simulator at DeepSeek-V3 size (8 x 8 GPUs) on one core"};
-  bench_args::show_defaults(app);
+  tool_cli::show_defaults(app);
   std::size_t requests = 400, decode = 250;
   std::string out_dir = ".";
-  app.add_option("--requests", requests, "Requests in the synthetic trace")->check(bench_args::positive);
-  app.add_option("--decode-tokens", decode, "Decode tokens per request")->check(bench_args::positive);
+  app.add_option("--requests", requests, "Requests in the synthetic trace")->check(tool_cli::positive);
+  app.add_option("--decode-tokens", decode, "Decode tokens per request")->check(tool_cli::positive);
   app.add_option("--out", out_dir, "Folder for the results");
   CLI11_PARSE(app, argc, argv);
   constexpr std::size_t prefill = 32, nodes = 8, gpus = 8;

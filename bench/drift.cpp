@@ -60,7 +60,7 @@ double bytes_in(const cost::online_result& r, std::size_t a, std::size_t b, std:
 int main(int argc, char** argv) try {
   CLI::App app{"How much of an activation-aware plan's byte saving on-line re-planning keeps when the request mix "
                "moves"};
-  bench_args::show_defaults(app);
+  tool_cli::show_defaults(app);
   std::string trace_path = LOCUS_DEFAULT_TRACE, out_dir = ".", transport_name = "flat",
               replica_rule_name = "locality_first";
   unsigned long long seed = 1;
@@ -80,22 +80,22 @@ int main(int argc, char** argv) try {
   app.add_option("--split-seed", seed, "Seed of the train/test split of the requests (and of the schedule)");
   app.add_option("--prefill-tokens", prefill, "Prefill tokens per request");
   app.add_option("--phases", phase_names, "Task domains of the phases, in order")->delimiter(',');
-  app.add_option("--phase-tokens", phase_tokens, "Decode tokens per phase")->check(bench_args::positive);
+  app.add_option("--phase-tokens", phase_tokens, "Decode tokens per phase")->check(tool_cli::positive);
   app.add_option("--phase-share", phase_share, "Share of a phase's requests drawn from its own domain")
       ->check(CLI::Range(0.0, 1.0));
-  app.add_option("--batch", batch, "Running requests per GPU")->check(bench_args::positive);
-  app.add_option("--hidden", hidden, "Hidden size (message sizes)")->check(bench_args::positive);
+  app.add_option("--batch", batch, "Running requests per GPU")->check(tool_cli::positive);
+  app.add_option("--hidden", hidden, "Hidden size (message sizes)")->check(tool_cli::positive);
   app.add_option("--redundant", redundant, "Redundant slots per GPU");
   app.add_option("--interval", interval, "Steps between scheduled re-plans (0: none)");
-  app.add_option("--window", window, "Steps of traffic an EPLB re-plan sees")->check(bench_args::positive);
+  app.add_option("--window", window, "Steps of traffic an EPLB re-plan sees")->check(tool_cli::positive);
   app.add_option("--adaptive-window", adaptive_window_opt, "Steps of traffic an adaptive re-plan sees")
-      ->check(bench_args::positive)
+      ->check(tool_cli::positive)
       ->default_str("--interval");
   app.add_option("--drift-every", drift_every, "Steps between drift checks (0: none)");
   app.add_option("--budget-share", budget_share, "Share of the slots an adaptive re-plan may move")
-      ->check(bench_args::positive);
-  app.add_option("--report-tokens", report_tokens, "Decode tokens per reported window")->check(bench_args::positive);
-  app.add_option("--expert-bytes", expert_bytes, "Weight bytes of one expert")->check(bench_args::positive);
+      ->check(tool_cli::positive);
+  app.add_option("--report-tokens", report_tokens, "Decode tokens per reported window")->check(tool_cli::positive);
+  app.add_option("--expert-bytes", expert_bytes, "Weight bytes of one expert")->check(tool_cli::positive);
   app.add_option("--transport", transport_name, "Transport of the run")->check(CLI::IsMember({"flat", "hierarchical"}));
   app.add_option("--replica-rule", replica_rule_name, "Rule that picks a token's replica, for every policy")
       ->check(CLI::IsMember(rule_names));

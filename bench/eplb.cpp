@@ -46,11 +46,11 @@ double max_over_mean(const std::vector<locus::expert_map>& maps, const locus::pl
 
 int main(int argc, char** argv) try {
   CLI::App app{"DeepSeek's EPLB (rebalance_experts) at DeepSeek-V3 shape, beside linear"};
-  bench_args::show_defaults(app);
+  tool_cli::show_defaults(app);
   std::string out_dir = ".";
   int repeats = 5;
   app.add_option("--out", out_dir, "Folder for the results");
-  app.add_option("--repeats", repeats, "Timed runs per planner (best kept)")->check(bench_args::positive);
+  app.add_option("--repeats", repeats, "Timed runs per planner (best kept)")->check(tool_cli::positive);
   CLI11_PARSE(app, argc, argv);
   const std::size_t layers = 58, experts = 256, nodes = 8, gpus = 8, slots_per_rank = 5, groups = 8;
 

@@ -19,6 +19,7 @@
 // placement has something to find; the locality placement is planned from the routings' node usage.
 #include "bench_args.hpp"
 #include "bench_output.hpp"
+#include "tool_cli_mpi.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -217,13 +218,13 @@ int main(int argc, char** argv) {
     options o;
     CLI::App app{"What locus's dispatch + combine cost over the raw MPI collective moving the same bytes, and what "
                  "node dedup and a locality placement save"};
-    bench_args::show_defaults(app);
-    app.add_option("--gpus-per-node", o.gpus_per_node, "GPUs (ranks) per node")->check(bench_args::positive);
-    app.add_option("--tokens", o.tokens, "Tokens per rank and step")->check(bench_args::positive);
-    app.add_option("--hidden", o.hidden, "Hidden size (fp32)")->check(bench_args::positive);
-    app.add_option("--experts", o.experts, "Experts")->check(bench_args::positive);
-    app.add_option("--top-k", o.k, "Experts per token")->check(bench_args::positive);
-    app.add_option("--steps", o.steps, "Timed steps")->check(bench_args::positive);
+    tool_cli::show_defaults(app);
+    app.add_option("--gpus-per-node", o.gpus_per_node, "GPUs (ranks) per node")->check(tool_cli::positive);
+    app.add_option("--tokens", o.tokens, "Tokens per rank and step")->check(tool_cli::positive);
+    app.add_option("--hidden", o.hidden, "Hidden size (fp32)")->check(tool_cli::positive);
+    app.add_option("--experts", o.experts, "Experts")->check(tool_cli::positive);
+    app.add_option("--top-k", o.k, "Experts per token")->check(tool_cli::positive);
+    app.add_option("--steps", o.steps, "Timed steps")->check(tool_cli::positive);
     app.add_option("--locality", o.locality, "Chance that a token draws its experts from its node's domain")
         ->check(CLI::Range(0.0, 1.0));
     app.add_option("--input", o.inputs, "Compute inputs to measure: fused, rows")
@@ -235,18 +236,7 @@ int main(int argc, char** argv) {
         ->check(CLI::IsMember({"median", "min"}));
     app.add_option("--json", o.json, "JSON results file");
     app.add_option("--markdown", o.markdown, "Markdown results file (none when empty)");
-    try {
-      app.parse(argc, argv);
-    } catch (const CLI::CallForHelp&) {
-      if (me == 0) std::fputs(app.help().c_str(), stdout);
-      MPI_Finalize();
-      return 0;
-    } catch (const CLI::ParseError& e) {
-      // Every rank parses the same command line, so every rank fails alike; rank 0 says why.
-      if (me == 0) std::fprintf(stderr, "exchange: %s (see --help)\n", e.what());
-      MPI_Finalize();
-      return 1;
-    }
+    if (const auto code = tool_cli::parse_or_finish(app, argc, argv, MPI_COMM_WORLD, "exchange")) return *code;
     const std::string command =
         bench_args::command_line(argc, argv, "mpirun -np " + std::to_string(ranks) + " build/dev/bench/exchange");
     LOCUS_REQUIRE(ranks % o.gpus_per_node == 0, config_error, "exchange: ", ranks, " ranks are not a multiple of ",

@@ -90,12 +90,12 @@ double best_seconds(F&& f, int reps) {
 
 int main(int argc, char** argv) try {
   CLI::App app{"Host SwiGLU expert compute against a per-row baseline, at decode and prefill sizes"};
-  bench_args::show_defaults(app);
+  tool_cli::show_defaults(app);
   std::size_t hidden = 512, ffn = 256, experts = 8;
   std::string out_dir = ".";
-  app.add_option("--hidden", hidden, "Hidden size")->check(bench_args::positive);
-  app.add_option("--ffn", ffn, "Expert FFN size")->check(bench_args::positive);
-  app.add_option("--experts", experts, "Experts")->check(bench_args::positive);
+  app.add_option("--hidden", hidden, "Hidden size")->check(tool_cli::positive);
+  app.add_option("--ffn", ffn, "Expert FFN size")->check(tool_cli::positive);
+  app.add_option("--experts", experts, "Experts")->check(tool_cli::positive);
   app.add_option("--out", out_dir, "Folder for the results");
   CLI11_PARSE(app, argc, argv);
   const auto w32 = make_weights<float>(experts, hidden, ffn);

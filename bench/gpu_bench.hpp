@@ -1,7 +1,7 @@
 #pragma once
 // What the CUDA benchmarks share: the command-line conventions of the host benchmarks and the
 // event timing of a kernel sequence on the default stream.
-#include "bench_cli.hpp"
+#include "tool_cli.hpp"
 
 #include <algorithm>
 #include <cstddef>

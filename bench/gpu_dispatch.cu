@@ -55,9 +55,9 @@ int main(int argc, char** argv) try {
   std::string json_path = "gpu_dispatch.json";
   CLI::App app{"Device dispatch + combine over the one-GPU multi-rank transport at DeepSeek-V3 decode shape, against "
                "raw device copies of the same bytes, and the permute and combine kernels against HBM bandwidth"};
-  bench_args::show_defaults(app);
-  app.add_option("--tokens", tokens, "Tokens per rank")->check(bench_args::positive);
-  app.add_option("--reps", reps, "Timed repetitions per measure (best kept)")->check(bench_args::positive);
+  tool_cli::show_defaults(app);
+  app.add_option("--tokens", tokens, "Tokens per rank")->check(tool_cli::positive);
+  app.add_option("--reps", reps, "Timed repetitions per measure (best kept)")->check(tool_cli::positive);
   app.add_option("--json", json_path, "JSON results file");
   CLI11_PARSE(app, argc, argv);
   int device = 0;

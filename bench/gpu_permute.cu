@@ -160,11 +160,11 @@ int main(int argc, char** argv) try {
   std::string json_path = "gpu_permute.json";
   CLI::App app{"Device permute at DeepSeek-V3 dispatch shape against the memory-bandwidth floor and a "
                "one-thread-per-element gather"};
-  bench_args::show_defaults(app);
-  app.add_option("--tokens", tokens, "Tokens to permute")->check(bench_args::positive);
+  tool_cli::show_defaults(app);
+  app.add_option("--tokens", tokens, "Tokens to permute")->check(tool_cli::positive);
   app.add_option("--decode-tokens", decode_tokens, "Tokens of the static-versus-dynamic comparison (decode)")
-      ->check(bench_args::positive);
-  app.add_option("--reps", reps, "Timed repetitions per kernel (best kept)")->check(bench_args::positive);
+      ->check(tool_cli::positive);
+  app.add_option("--reps", reps, "Timed repetitions per kernel (best kept)")->check(tool_cli::positive);
   app.add_option("--json", json_path, "JSON results file");
   CLI11_PARSE(app, argc, argv);
   int device = 0;

@@ -5,9 +5,9 @@
 //
 //   gpu_router [--json FILE]
 // Prints a table last and writes JSON.
-#include "bench_cli.hpp"
 #include "bench_output.hpp"
 #include "gpu_bench.hpp"
+#include "tool_cli.hpp"
 
 #include <cstdio>
 #include <cstdlib>
@@ -101,7 +101,7 @@ row measure(const std::string& name, const Router& router, std::size_t tokens) {
 int main(int argc, char** argv) try {
   std::string json_path = "gpu_router.json";
   CLI::App app{"Router kernels against the memory-bandwidth floor, warp per token beside thread per token"};
-  bench_args::show_defaults(app);
+  tool_cli::show_defaults(app);
   app.add_option("--json", json_path, "JSON results file");
   CLI11_PARSE(app, argc, argv);
   cudaDeviceProp prop{};

@@ -99,13 +99,13 @@ double best_seconds(std::size_t reps, F&& f) {
 
 int main(int argc, char** argv) try {
   CLI::App app{"Host layout and permute at DeepSeek-V3 shape, against a straightforward baseline"};
-  bench_args::show_defaults(app);
+  tool_cli::show_defaults(app);
   std::size_t tokens = 4096, ptokens = 1024, reps = 5;
   unsigned threads = 1;
   std::string out_dir = ".";
-  app.add_option("--tokens", tokens, "Tokens per layout")->check(bench_args::positive);
-  app.add_option("--permute-tokens", ptokens, "Tokens per permute")->check(bench_args::positive);
-  app.add_option("--reps", reps, "Timed runs per row (best kept)")->check(bench_args::positive);
+  app.add_option("--tokens", tokens, "Tokens per layout")->check(tool_cli::positive);
+  app.add_option("--permute-tokens", ptokens, "Tokens per permute")->check(tool_cli::positive);
+  app.add_option("--reps", reps, "Timed runs per row (best kept)")->check(tool_cli::positive);
   app.add_option("--threads", threads, "Host threads (0: all)");
   app.add_option("--out", out_dir, "Folder for the results");
   CLI11_PARSE(app, argc, argv);

@@ -225,7 +225,7 @@ std::size_t rehome(locus::placement::token_sample& s, const std::vector<std::uin
 
 int main(int argc, char** argv) try {
   CLI::App app{"How low could the copies go: the token-level stage fitted on the tokens it is scored on"};
-  bench_args::show_defaults(app);
+  tool_cli::show_defaults(app);
   std::string trace_path = LOCUS_DEFAULT_TRACE, out_dir = ".", homes = "domain";
   std::size_t nodes = 4, gpus = 2, prefill = 32, anneal = 1000, rounds = 3;
   unsigned long long seed = 1;
@@ -233,14 +233,14 @@ int main(int argc, char** argv) try {
   std::vector<std::size_t> redundants{0, 1};
   app.add_option("--trace", trace_path, "ESFT folder or binary trace");
   app.add_option("--out", out_dir, "Folder for the results");
-  app.add_option("--nodes", nodes, "Nodes")->check(bench_args::positive);
-  app.add_option("--gpus", gpus, "GPUs per node")->check(bench_args::positive);
+  app.add_option("--nodes", nodes, "Nodes")->check(tool_cli::positive);
+  app.add_option("--gpus", gpus, "GPUs per node")->check(tool_cli::positive);
   app.add_option("--split-seed", seed, "Seed of the train/test split of the requests");
   app.add_option("--prefill-tokens", prefill, "Prefill tokens per request");
   app.add_option("--anneal", anneal, "Annealing proposals per expert");
   app.add_option("--homes", homes, "Requests' nodes: by domain, or searched (free)")
       ->check(CLI::IsMember({"domain", "free"}));
-  app.add_option("--rounds", rounds, "Rounds of map fit and request moves (--homes free)")->check(bench_args::positive);
+  app.add_option("--rounds", rounds, "Rounds of map fit and request moves (--homes free)")->check(tool_cli::positive);
   app.add_option("--slacks", slacks, "GPU load bounds over the mean")->delimiter(',');
   app.add_option("--redundant", redundants, "Redundant slots per GPU")->delimiter(',');
   app.add_option("--home-caps", caps, "Node token bounds over the mean (-1: none; --homes free)")->delimiter(',');

@@ -212,11 +212,11 @@ time_replan(const locus::trace::trace& test, const locus::dynamic_topology& topo
 
 int main(int argc, char** argv) try {
   CLI::App app{"Activation-aware planning at DeepSeek-V3 shape: assign per request, full planning"};
-  bench_args::show_defaults(app);
+  tool_cli::show_defaults(app);
   std::string out_dir = ".";
   std::size_t tokens = 100000, anneal = 300;
   app.add_option("--out", out_dir, "Folder for the results");
-  app.add_option("--tokens", tokens, "Decode tokens of the synthetic trace")->check(bench_args::positive);
+  app.add_option("--tokens", tokens, "Decode tokens of the synthetic trace")->check(tool_cli::positive);
   app.add_option("--anneal", anneal, "Annealing proposals per expert in the timed annealing run");
   CLI11_PARSE(app, argc, argv);
   constexpr std::size_t experts = v3::experts, k = v3::k, layers = v3::layers, clusters = v3::clusters,

@@ -238,12 +238,12 @@ std::vector<result> run_all(std::size_t tokens, double min_seconds, const char* 
 
 int main(int argc, char** argv) try {
   CLI::App app{"Tokens per second one core routes, specialised routers against a full-sort baseline"};
-  bench_args::show_defaults(app);
+  tool_cli::show_defaults(app);
   std::size_t tokens = 8192;
   double min_seconds = 0.3;
   std::string json_path = "router.json", md_path;
-  app.add_option("--tokens", tokens, "Tokens per routed batch")->check(bench_args::positive);
-  app.add_option("--min-seconds", min_seconds, "Shortest timed run per row")->check(bench_args::positive);
+  app.add_option("--tokens", tokens, "Tokens per routed batch")->check(tool_cli::positive);
+  app.add_option("--min-seconds", min_seconds, "Shortest timed run per row")->check(tool_cli::positive);
   app.add_option("--json", json_path, "JSON results file");
   app.add_option("--md", md_path, "Markdown table file (none when empty)");
   CLI11_PARSE(app, argc, argv);

@@ -229,11 +229,11 @@ std::uint64_t baseline_read(const std::string& path) {
 
 int main(int argc, char** argv) try {
   CLI::App app{"Trace readers (ESFT import, binary write/read) against plain iostreams"};
-  bench_args::show_defaults(app);
+  tool_cli::show_defaults(app);
   std::string esft = LOCUS_DEFAULT_TRACE, tmp_dir = fs::temp_directory_path().string(), out_dir = ".";
   double gb = 1.0;
   app.add_option("--trace", esft, "ESFT folder");
-  app.add_option("--gb", gb, "Size of the synthetic binary trace in GB")->check(bench_args::positive);
+  app.add_option("--gb", gb, "Size of the synthetic binary trace in GB")->check(tool_cli::positive);
   app.add_option("--tmp", tmp_dir, "Folder for the temporary trace files");
   app.add_option("--out", out_dir, "Folder for the results");
   CLI11_PARSE(app, argc, argv);

@@ -347,13 +347,14 @@ inline void register_compare(CLI::App& app) {
                   "How a copy picks among an expert's replicas, in planning and simulation: locality_first (locus), "
                   "same_gpu_else_random (SGLang static dispatch), random (vLLM EPLB), locality_bounded (locality "
                   "first, away from GPUs above the load bound)");
-  cmd->add_option("--batch-per-rank", o->batch_per_rank, "Running requests per GPU")->check(positive_whole());
+  cmd->add_option("--batch-per-rank", o->batch_per_rank, "Running requests per GPU")->check(tool_cli::positive_whole);
   cmd->add_option("--hidden", o->hidden, "Hidden size (message sizes: FP8 dispatch, BF16 combine)")
       ->check(CLI::Range(std::size_t{1}, max_hidden));
-  cmd->add_option("--clusters", o->clusters, "Request clusters of the workload-aware model")->check(positive_whole());
+  cmd->add_option("--clusters", o->clusters, "Request clusters of the workload-aware model")
+      ->check(tool_cli::positive_whole);
   cmd->add_option("--anneal", o->anneal, "locality: annealing proposals per expert after the token-level sweeps");
   cmd->add_option("--arrival-rate", o->arrival_rate, "Poisson arrivals per step (0: all at once)")
-      ->check(finite_non_negative());
+      ->check(tool_cli::finite_non_negative);
   auto* synthetic = cmd->add_option("--synthetic-requests", o->synthetic_requests,
                                     "Without --trace: requests in the embedded synthetic trace")
                         ->check(CLI::Range(8, 100000));

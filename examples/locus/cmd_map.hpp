@@ -1,6 +1,7 @@
 #pragma once
 // `locus map ...`: expert-map tools.
 #include "output.hpp"
+#include "tool_cli.hpp"
 #include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
@@ -122,16 +123,18 @@ inline void register_map(CLI::App& app) {
       ->required()
       ->check(CLI::IsMember({"sglang", "vllm", "trtllm", "eplb"}));
   exp->add_option("--out", o->out, "Output file")->required();
+  // These two default to what the plan saved: --help names that, not the sentinel the code holds.
   exp->add_option("--first-moe-layer", o->first_moe_layer,
-                  "Hidden-layer index of the plan's first layer (DeepSeek-V3: 3); layers follow contiguously "
-                  "(default: the layer ids saved with the plan, else 0)");
-  exp->add_option("--num-hidden-layers", o->hidden_layers,
-                  "The model's hidden-layer count (default: saved with the plan, else the last MoE layer + 1)");
+                  "Hidden-layer index of the plan's first layer (DeepSeek-V3: 3); layers follow contiguously")
+      ->default_str("the layer ids saved with the plan, else 0");
+  exp->add_option("--num-hidden-layers", o->hidden_layers, "The model's hidden-layer count")
+      ->default_str("saved with the plan, else the last MoE layer + 1");
   exp->add_option("--load-trace", o->load_trace, "Trace whose expert loads choose the replicas of empty slots");
   exp->add_option("--grouping", o->grouping,
                   "Grouping model saved with the plan: ties for empty slots go to the replica saving most copies")
       ->check(CLI::ExistingFile);
-  exp->add_option("--gpus-per-node", o->gpus_per_node, "GPUs per node of the plan's ranks")->check(CLI::PositiveNumber);
+  exp->add_option("--gpus-per-node", o->gpus_per_node, "GPUs per node of the plan's ranks")
+      ->check(tool_cli::positive_whole);
   add_json_option(exp, o->json);
   exp->callback([o] { map_export(*o); });
 }

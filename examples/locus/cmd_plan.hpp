@@ -1,9 +1,9 @@
 #pragma once
 // `locus plan` (fit an expert map on a trace's training split) and `locus simulate` (run the decode
 // simulator on its test split).
-#include "cli_checks.hpp"
 #include "output.hpp"
 #include "split.hpp"
+#include "tool_cli.hpp"
 #include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
@@ -40,8 +40,8 @@ struct split_options : split_flags {
   CLI::Option* add_to(CLI::App* cmd, bool trace_required = true) {
     auto* trace = cmd->add_option("--trace", trace_paths, trace_help);
     if (trace_required) trace->required();
-    cmd->add_option("--nodes", nodes, "Nodes")->check(positive_whole());
-    cmd->add_option("--gpus-per-node", gpus_per_node, "GPUs (ranks) per node")->check(positive_whole());
+    cmd->add_option("--nodes", nodes, "Nodes")->check(tool_cli::positive_whole);
+    cmd->add_option("--gpus-per-node", gpus_per_node, "GPUs (ranks) per node")->check(tool_cli::positive_whole);
     add_split_flags(cmd, *this);
     prefill_opt = cmd->add_option("--prefill-tokens", prefill_tokens, prefill_help);
     cmd->add_flag("--split-on-restart", split_on_restart, split_on_restart_help);
@@ -81,15 +81,16 @@ struct plan_options {
   void add_to(CLI::App* cmd) {
     cmd->add_option("--placement", placement, "Planner: linear, round_robin, eplb, activation_usage, locality");
     cmd->add_option("--redundant-slots", redundant_slots, "Replica slots per GPU (at most the number of experts)");
-    cmd->add_option("--eplb-groups", eplb_groups, "Expert groups for eplb")->check(positive_whole());
-    cmd->add_option("--clusters", clusters, "Request clusters of the workload-aware model")->check(positive_whole());
+    cmd->add_option("--eplb-groups", eplb_groups, "Expert groups for eplb")->check(tool_cli::positive_whole);
+    cmd->add_option("--clusters", clusters, "Request clusters of the workload-aware model")
+        ->check(tool_cli::positive_whole);
     cmd->add_option("--copies", copies,
                     "locality: the copies to minimise: flat (per remote GPU), hierarchical (per remote node) or both")
         ->check(CLI::IsMember({"flat", "hierarchical", "both"}));
     cmd->add_option("--anneal", anneal, "locality: annealing proposals per expert after the token-level sweeps");
     cmd->add_option("--balance-shift", balance_shift,
                     "locality: also balance GPU load when one node's requests grow by this share")
-        ->check(finite_non_negative());
+        ->check(tool_cli::finite_non_negative);
     cmd->add_option("--shift-by", shift_by,
                     "locality with --balance-shift: what one shifted mix grows: node, class (request cluster) or "
                     "request")
@@ -260,12 +261,13 @@ inline void register_simulate(CLI::App& app) {
                   "above the load bound)");
   cmd->add_option("--replica-slack", opt->replica_slack,
                   "locality_bounded: a GPU is avoided when its load so far exceeds (1 + slack) x the mean")
-      ->check(finite_non_negative());
-  cmd->add_option("--batch-per-rank", opt->batch_per_rank, "Running requests per rank")->check(positive_whole());
+      ->check(tool_cli::finite_non_negative);
+  cmd->add_option("--batch-per-rank", opt->batch_per_rank, "Running requests per rank")
+      ->check(tool_cli::positive_whole);
   cmd->add_option("--hidden", opt->hidden, "Hidden size (message sizes: FP8 dispatch, BF16 combine)")
       ->check(CLI::Range(std::size_t{1}, max_hidden));
   cmd->add_option("--arrival-rate", opt->arrival_rate, "Poisson arrivals per step (0: all at once)")
-      ->check(finite_non_negative());
+      ->check(tool_cli::finite_non_negative);
   add_json_option(cmd, opt->json);
   cmd->add_option("--replan-every", opt->replan_every,
                   "Re-plan the maps every this many steps from recent traffic (0: never)");

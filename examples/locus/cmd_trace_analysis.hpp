@@ -2,8 +2,8 @@
 // `locus trace stats` (statistics as a table or JSON), `locus trace synth` (write a synthetic
 // binary trace, from a shape or fitted to a real trace and rescaled) and `locus trace report`
 // (CSV files and PNG figures rendered by scripts/trace_report.py).
-#include "cli_checks.hpp"
 #include "output.hpp"
+#include "tool_cli.hpp"
 #include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
@@ -224,8 +224,8 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
   auto& sh = o->shape;
   cmd->add_option("--experts", sh.experts, "Experts per layer (shape mode)")->check(CLI::Range(1, 65536));
   cmd->add_option("--top-k", sh.top_k, "Experts per token (shape mode)")->check(CLI::Range(1, 64));
-  cmd->add_option("--layers", sh.layers, "MoE layers (shape mode)")->check(positive_whole());
-  cmd->add_option("--domains", sh.domains, "Domains (shape mode)")->check(positive_whole());
+  cmd->add_option("--layers", sh.layers, "MoE layers (shape mode)")->check(tool_cli::positive_whole);
+  cmd->add_option("--domains", sh.domains, "Domains (shape mode)")->check(tool_cli::positive_whole);
   cmd->add_option("--zipf", sh.zipf, "Popularity skew: share of rank i ∝ (i+1)^-zipf")->check(CLI::Range(0.0, 8.0));
   cmd->add_option("--domain-shift", sh.domain_shift, "0: domains alike .. 1: independent rankings")
       ->check(CLI::Range(0.0, 1.0));

@@ -6,6 +6,7 @@
 #include "cmd_trace_analysis.hpp"
 #include "cmd_trace_import.hpp"
 #include "output.hpp"
+#include "tool_cli.hpp"
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
@@ -46,7 +47,7 @@ int main(int argc, char** argv) {
   CLI::App app{"locus: locality-aware multi-node Mixture-of-Experts tools"};
   app.require_subcommand(1);
   // Every option's --help shows its default; subcommands inherit this when they are added.
-  app.option_defaults()->always_capture_default();
+  tool_cli::show_defaults(app);
   app.fallthrough(); // --verbose may follow the subcommand
   app.set_version_flag("--version", std::to_string(LOCUS_VERSION_MAJOR) + "." + std::to_string(LOCUS_VERSION_MINOR) +
                                         "." + std::to_string(LOCUS_VERSION_PATCH));

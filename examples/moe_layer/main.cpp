@@ -8,7 +8,7 @@
 // ranks holding their experts, runs the SwiGLU experts it hosts and combines the outputs, plus one
 // shared expert. Prints per step time and the bytes each link class carried, and checks that the
 // flat and the hierarchical layer give the same outputs.
-#include "../example_cli.hpp"
+#include "tool_cli.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -26,7 +26,7 @@ using namespace locus;
 
 namespace {
 
-using example_cli::positive;
+using tool_cli::positive;
 
 struct options {
   std::size_t nodes = 2, gpus = 2, experts = 16, k = 4, hidden = 128, ffn = 256, tokens = 32, steps = 8;
@@ -122,7 +122,7 @@ result run(const options& o) {
 int main(int argc, char** argv) try {
   options o;
   CLI::App app{"One MoE layer on in-process ranks (threads), flat against hierarchical transport"};
-  app.option_defaults()->always_capture_default();
+  tool_cli::show_defaults(app);
   app.add_option("--nodes", o.nodes, "Nodes")->check(positive);
   app.add_option("--gpus-per-node", o.gpus, "GPUs (ranks) per node")->check(positive);
   app.add_option("--experts", o.experts, "Routed experts")->check(positive);

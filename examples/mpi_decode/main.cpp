@@ -11,14 +11,15 @@
 // (layer::expert_callable) applying a small dense map per expert (y = W_e x with a fixed W_e), and
 // every step's output is checked against a dense reference.
 //
-// Faults end the run on every rank instead of hanging it: the ranks first check that they were given
-// the same options (a rank told a different --steps would otherwise wait for ever in an exchange its
-// peers never make), every step names its exchanges (mpi_transport::begin_step), and the per-step
+// Faults end the run on every rank instead of hanging it: the ranks agree whether every one of them
+// could parse its options (tool_cli::parse_or_finish), then check that they were given the same
+// options (a rank told a different --steps would otherwise wait for ever in an exchange its peers
+// never make), every step names its exchanges (mpi_transport::begin_step), and the per-step
 // synchronisation runs under the same deadline as the exchanges (--timeout-ms). After reporting an
 // error a rank calls MPI_Abort, since a rank that stopped or left would block MPI_Finalize.
 // --stop-rank R is a fault drill: rank R stops itself (SIGSTOP) before the second step.
-#include "../example_cli.hpp"
 #include "../locus/trace_input.hpp"
+#include "tool_cli_mpi.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -42,7 +43,7 @@ using namespace locus::transport;
 
 namespace {
 
-using example_cli::positive;
+using tool_cli::positive;
 
 struct options {
   std::size_t gpus_per_node = 2, steps = 16, hidden = 256, layer = 0, requests_per_rank = 32, timeout_ms = 30000;
@@ -192,13 +193,12 @@ int main(int argc, char** argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &size_i);
   const auto me = static_cast<std::size_t>(rank_i), ranks = static_cast<std::size_t>(size_i);
   int status = 0;
-  bool all_parsed = false; // every rank reached the option check: errors from there on are alike on all
   try {
     options o;
     CLI::App app{"Decode steps of one MoE layer over MPI, flat and hierarchical, linear and locality placement"};
-    app.option_defaults()->always_capture_default();
+    tool_cli::show_defaults(app);
     app.add_option("--gpus-per-node", o.gpus_per_node, "GPUs (ranks) per node")->check(positive);
-    app.add_option("--steps", o.steps, "Decode steps");
+    app.add_option("--steps", o.steps, "Decode steps")->check(positive);
     app.add_option("--hidden", o.hidden, "Hidden size")->check(positive);
     app.add_option("--trace", o.trace, "Binary trace or ESFT folder (synthetic workload when empty)");
     app.add_option("--layer", o.layer, "Trace layer to replay");
@@ -207,16 +207,7 @@ int main(int argc, char** argv) {
         ->check(positive);
     app.add_option("--stop-rank", o.stop_rank, "Fault drill: this rank stops itself before the second step")
         ->default_str("none");
-    try {
-      app.parse(argc, argv);
-    } catch (const CLI::CallForHelp&) {
-      if (me == 0) std::fputs(app.help().c_str(), stdout);
-      MPI_Finalize();
-      return 0;
-    } catch (const CLI::ParseError& e) {
-      LOCUS_THROW(config_error, "mpi_decode: ", e.what(), " (see --help)");
-    }
-    all_parsed = true;
+    if (const auto code = tool_cli::parse_or_finish(app, argc, argv, MPI_COMM_WORLD, "mpi_decode")) return *code;
     check_same_options(o, ranks);
     LOCUS_REQUIRE(ranks % o.gpus_per_node == 0, config_error, "mpi_decode: ", ranks,
                   " ranks are not a multiple of --gpus-per-node ", o.gpus_per_node);
@@ -322,8 +313,6 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "rank %zu: %s\n", me, e.message().c_str());
     std::fflush(stderr);
     // Raised alike on every rank (different options, topology): all are in step and can finalize.
-    // A bad option on one rank only ends the job.
-    if (!all_parsed) MPI_Abort(MPI_COMM_WORLD, 1);
     status = 1;
   } catch (const std::exception& e) {
     // A rank that stopped or left would block MPI_Finalize: end the job.

@@ -9,7 +9,7 @@
 // and the largest error against a dense reference. Token rows stay in device memory from input to
 // output; the inputs are uploaded and the outputs downloaded only to check them, outside the
 // timed step.
-#include "../example_cli.hpp"
+#include "tool_cli_mpi.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -70,21 +70,13 @@ int main(int argc, char** argv) {
   try {
     std::size_t gpus_per_node = ranks, steps = 16, hidden = 256, requests = 32;
     CLI::App app{"Decode steps of one MoE layer over NCCL, one rank per GPU, linear and locality placement"};
-    app.option_defaults()->always_capture_default();
+    tool_cli::show_defaults(app);
     app.add_option("--gpus-per-node", gpus_per_node, "GPUs (ranks) per node")
-        ->check(example_cli::positive)
+        ->check(tool_cli::positive)
         ->default_str("all ranks (one node)");
-    app.add_option("--steps", steps, "Decode steps")->check(example_cli::positive);
-    app.add_option("--hidden", hidden, "Hidden size")->check(example_cli::positive);
-    try {
-      app.parse(argc, argv);
-    } catch (const CLI::CallForHelp&) {
-      if (me == 0) std::fputs(app.help().c_str(), stdout);
-      MPI_Finalize();
-      return 0;
-    } catch (const CLI::ParseError& e) {
-      LOCUS_THROW(config_error, "nccl_decode: ", e.what(), " (see --help)");
-    }
+    app.add_option("--steps", steps, "Decode steps")->check(tool_cli::positive);
+    app.add_option("--hidden", hidden, "Hidden size")->check(tool_cli::positive);
+    if (const auto code = tool_cli::parse_or_finish(app, argc, argv, MPI_COMM_WORLD, "nccl_decode")) return *code;
     LOCUS_REQUIRE(ranks % gpus_per_node == 0, config_error, "nccl_decode: ", ranks,
                   " ranks are not a multiple of --gpus-per-node ", gpus_per_node);
     const dynamic_topology topo(ranks / gpus_per_node, gpus_per_node);
