@@ -12,8 +12,7 @@ using namespace locus;
 namespace {
 
 // `experts` experts on `ranks` × `spr` slots in random order, `extra` random replicas in spare slots.
-expert_map random_map(std::mt19937& rng, std::size_t experts, std::size_t ranks, std::size_t spr,
-                      std::size_t extra) {
+expert_map random_map(std::mt19937& rng, std::size_t experts, std::size_t ranks, std::size_t spr, std::size_t extra) {
   std::vector<expert_id> table(ranks * spr, empty_slot);
   std::vector<std::size_t> order(ranks * spr);
   for (std::size_t i = 0; i < order.size(); ++i)
@@ -97,16 +96,14 @@ BOOST_AUTO_TEST_CASE(floor_matches_brute_force_on_small_maps) {
 
 BOOST_AUTO_TEST_CASE(single_copy_hot_expert_sets_the_floor) {
   // 3 ranks × 2 slots: expert 0 (9 rows) only on rank 0; experts 1, 2 (3 rows each) replicated everywhere else.
-  const expert_map map = expert_map::from_replicas(
-      3, 3, 2, {{{0, 0}}, {{0, 1}, {1, 0}, {2, 0}}, {{1, 1}, {2, 1}}});
+  const expert_map map = expert_map::from_replicas(3, 3, 2, {{{0, 0}}, {{0, 1}, {1, 0}, {2, 0}}, {{1, 1}, {2, 1}}});
   const std::vector<double> rows{9, 3, 3};
   const placement::split_floor f = placement::min_max_split(map, rows);
   BOOST_TEST(f.max_load == 9, boost::test_tools::tolerance(1e-12));
   BOOST_TEST(f.max_over_mean == 9.0 / 5.0, boost::test_tools::tolerance(1e-12));
   BOOST_TEST(f.binding_ranks == std::vector<std::size_t>{0});
   // A replica of expert 0 on rank 1 lets the split spread it: the floor falls to the mean.
-  const expert_map fixed = expert_map::from_replicas(
-      3, 3, 2, {{{0, 0}, {1, 0}}, {{0, 1}, {2, 0}}, {{1, 1}, {2, 1}}});
+  const expert_map fixed = expert_map::from_replicas(3, 3, 2, {{{0, 0}, {1, 0}}, {{0, 1}, {2, 0}}, {{1, 1}, {2, 1}}});
   BOOST_TEST(placement::min_max_split(fixed, rows).max_over_mean == 1.0, boost::test_tools::tolerance(1e-12));
 }
 

@@ -23,8 +23,8 @@ namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
 
 //! The floor of one map under one traffic.
 struct split_floor {
-  double max_load = 0;     //!< lowest reachable load of the most loaded rank (rows)
-  double mean_load = 0;    //!< total rows / ranks
+  double max_load = 0;      //!< lowest reachable load of the most loaded rank (rows)
+  double mean_load = 0;     //!< total rows / ranks
   double max_over_mean = 1; //!< max_load / mean_load
   //! The ranks that bind: the experts hosted only on them carry max_load × size rows, so no split
   //! can bring all of them lower. Ascending.
