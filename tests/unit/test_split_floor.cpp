@@ -114,3 +114,22 @@ BOOST_AUTO_TEST_CASE(bad_traffic_is_refused) {
   BOOST_CHECK_THROW(placement::min_max_split(map, std::vector<double>{0, 0}), invalid_input_error);
   BOOST_CHECK_THROW(placement::min_max_split(map, std::vector<double>{1, NAN}), invalid_input_error);
 }
+
+BOOST_AUTO_TEST_CASE(segments_split_on_their_own_maps) {
+  // Expert 0 (4 rows) lives on rank 0 for the first segment and on rank 1 for the second.
+  const expert_map a = expert_map::from_replicas(2, 2, 1, {{{0, 0}}, {{1, 0}}});
+  const expert_map b = expert_map::from_replicas(2, 2, 1, {{{1, 0}}, {{0, 0}}});
+  const std::vector<std::vector<double>> rows{{4, 0}, {4, 0}};
+  const std::vector<const expert_map*> ab{&a, &b}, aa{&a, &a};
+  BOOST_TEST(placement::min_max_split(ab, rows).max_over_mean == 1.0, boost::test_tools::tolerance(1e-12));
+  BOOST_TEST(placement::min_max_split(aa, rows).max_over_mean == 2.0, boost::test_tools::tolerance(1e-12));
+  // The same map twice is the one map with the rows summed.
+  std::mt19937 rng(5);
+  const expert_map m = random_map(rng, 6, 3, 3, 3);
+  const std::vector<std::vector<double>> two{{1, 2, 3, 0, 5, 1}, {4, 0, 1, 2, 2, 7}};
+  const std::vector<const expert_map*> mm{&m, &m};
+  BOOST_TEST(placement::min_max_split(mm, two).max_load ==
+                 placement::min_max_split(m, std::vector<double>{5, 2, 4, 2, 7, 8}).max_load,
+             boost::test_tools::tolerance(1e-9));
+  BOOST_CHECK_THROW(placement::min_max_split(ab, std::vector<std::vector<double>>{{4, 0}}), invalid_input_error);
+}

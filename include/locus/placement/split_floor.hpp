@@ -185,4 +185,39 @@ inline split_floor min_max_split(const expert_map& map, std::span<const double> 
   return out;
 }
 
+//! The floor of traffic served in segments, segment i by `maps[i]` with `rows[i]` (one count per
+//! expert): a window that spans a re-plan. Each segment's rows split only among its own map's
+//! replicas, and the ranks' loads add up over the segments: the same flow on a map whose experts
+//! are (segment, expert) pairs.
+//! @throws locus::invalid_input_error when the maps differ in experts or ranks, the counts do not
+//!         match the maps, or there is no segment
+inline split_floor min_max_split(std::span<const expert_map* const> maps, std::span<const std::vector<double>> rows) {
+  LOCUS_REQUIRE(!maps.empty() && maps.size() == rows.size(), invalid_input_error, "balance floor: ", maps.size(),
+                " maps for ", rows.size(), " row segments");
+  if (maps.size() == 1) return min_max_split(*maps[0], rows[0]);
+  const std::size_t experts = maps[0]->experts(), ranks = maps[0]->ranks();
+  std::size_t spr = 0;
+  for (const expert_map* m : maps) {
+    LOCUS_REQUIRE(m->experts() == experts && m->ranks() == ranks, invalid_input_error,
+                  "balance floor: segments' maps differ in experts or ranks");
+    spr += m->slots_per_rank();
+  }
+  std::vector<expert_id> table(ranks * spr, empty_slot);
+  std::vector<double> all;
+  all.reserve(experts * maps.size());
+  for (std::size_t r = 0; r < ranks; ++r) {
+    std::size_t at = r * spr;
+    for (std::size_t i = 0; i < maps.size(); ++i)
+      for (std::size_t sl = 0; sl < maps[i]->slots_per_rank(); ++sl, ++at)
+        if (const expert_id e = maps[i]->expert_at(r, sl); e != empty_slot)
+          table[at] = static_cast<expert_id>(i * experts + static_cast<std::size_t>(e));
+  }
+  for (std::size_t i = 0; i < maps.size(); ++i) {
+    LOCUS_REQUIRE(rows[i].size() == experts, invalid_input_error, "balance floor: segment ", i, " has ", rows[i].size(),
+                  " row counts for ", experts, " experts");
+    all.insert(all.end(), rows[i].begin(), rows[i].end());
+  }
+  return min_max_split(expert_map(experts * maps.size(), ranks, spr, std::move(table)), all);
+}
+
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::placement
