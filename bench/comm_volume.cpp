@@ -15,6 +15,7 @@
 #include <locus/grouper/by_name.hpp>
 #include <locus/placement/activation_plan.hpp>
 #include <locus/placement/by_name.hpp>
+#include <locus/placement/split_floor.hpp>
 #include <locus/placement/trace_load.hpp>
 #if __has_include(<locus/trace/synthesizer.hpp>)
 #include <locus/trace/synthesizer.hpp>
@@ -75,6 +76,7 @@ struct run_options {
   unsigned long long seed = 1;
   std::size_t prefill = 32, hidden = 2048, clusters = 8, unseen_redundant = 0;
   bool fit_on_test = false, synthetic = true;
+  bool balance_floor = false; // print each row's balance floor (placement/split_floor.hpp)
   // The rule of the main rows and the unseen-domain rows; every replica row also gets every rule.
   locus::placement::replica_rule main_rule = locus::placement::replica_rule::locality_first;
   double replica_slack = 0.05;
@@ -88,6 +90,7 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
                "a training split and measured on the test split"};
   tool_cli::show_defaults(app);
   std::string replica_rule_name = "locality_first", shift_by = "node";
+  int balance_floor = 0;
   int fit_on_test = 0, synthetic = 1, token_refine = 1, token_replicas = 1, plan_per_transport = 1;
   // The comparison's defaults are this benchmark's; the options below override them.
   auto& popt = o.copt.plan;
@@ -125,6 +128,10 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
   app.add_option("--clusters", o.clusters, "Request clusters of the workload model")->check(tool_cli::positive);
   app.add_option("--only", o.only, "One topology instead of 2x4, 4x2, 4x4 and 8x1")->check(topology_shape);
   app.add_option("--synthetic", synthetic, "Also the 8x8 synthetic 256-expert rows (0|1)")->check(CLI::Range(0, 1));
+  app.add_option("--balance-floor", balance_floor,
+                 "Also each row's balance floor: the lowest GPU max/mean (aggregate) any split of the test decode "
+                 "rows among the map's replicas reaches (0|1)")
+      ->check(CLI::Range(0, 1));
   app.add_option("--fit-on-test", fit_on_test, "Fit on the test split: upper-bound experiments only (0|1)")
       ->check(CLI::Range(0, 1));
   app.add_option("--replica-rule", replica_rule_name, "Replica rule of the main rows and the unseen-domain rows")
@@ -174,6 +181,7 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
     return app.exit(e);
   }
   o.fit_on_test = fit_on_test == 1;
+  o.balance_floor = balance_floor == 1;
   o.synthetic = synthetic == 1;
   o.main_rule = locus::placement::parse_replica_rule(replica_rule_name);
   popt.token_refine = token_refine == 1;
@@ -225,6 +233,8 @@ struct results {
   std::string rules_md =
       "| topology | placement | grouper | transport | locality_first (locus) | same_gpu_else_random (SGLang static) "
       "| random (vLLM EPLB) | locality_bounded |\n|---|---|---|---|---|---|---|---|\n";
+  std::string floor_md = "| topology | placement | redundant/GPU | grouper | transport | GPU max/mean (aggregate) | "
+                         "floor | above floor |\n|---|---|---|---|---|---|---|---|\n";
   std::map<std::string, nlohmann::json> by_key; // "4x2 locality 1 workload_aware flat" -> row
   double accuracy = 0;
 };
@@ -251,6 +261,8 @@ void topology_table(const topology_case& tc, const locus::trace::trace& train, c
   if (tc.nodes == 4 && tc.gpus == 2)
     out.accuracy = domain_accuracy(*cmp.plans.at({"activation_usage", 0, -1}).model, train, test, o.prefill);
   const locus::cost::simulation_result& baseline = cmp.rows.front().result; // linear / round_robin / flat
+  const auto test_rows =
+      o.balance_floor ? locus::placement::expert_load(test, true) : std::vector<std::vector<double>>{};
   for (const auto& entry : cmp.rows) {
     const auto& row = entry.row;
     const auto& res = entry.result;
@@ -285,6 +297,21 @@ void topology_table(const topology_case& tc, const locus::trace::trace& train, c
                             100 * (1 - rratio), rr.gpu_imbalance_aggregate);
       }
       out.rules_md += std::string(cells) + "\n";
+    }
+    if (o.balance_floor) {
+      // Mean over layers, like gpu_imbalance_aggregate; a row near its floor is plan-limited.
+      const auto& maps = cmp.plans.at(locus::cost::detail::plan_key(row, topo_opt)).maps;
+      double floor = 0;
+      for (std::size_t l = 0; l < maps.size(); ++l)
+        floor += locus::placement::min_max_split(maps[l], test_rows[l]).max_over_mean;
+      floor /= static_cast<double>(maps.size());
+      j["gpu_balance_floor"] = floor;
+      char cells[320];
+      std::snprintf(cells, sizeof cells, "| %s | %s | %zu | %s | %s | %.3f | %.3f | %+.3f |\n",
+                    j["topology"].get<std::string>().c_str(), row.placement.c_str(), row.redundant, row.grouper.c_str(),
+                    locus::cost::to_string(row.transport), res.gpu_imbalance_aggregate, floor,
+                    res.gpu_imbalance_aggregate - floor);
+      out.floor_md += cells;
     }
     out.doc["rows"].push_back(j);
     out.by_key[j["topology"].get<std::string>() + " " + row.placement + " " + std::to_string(row.redundant) + " " +
@@ -458,36 +485,41 @@ void write_outputs(const run_options& o, results& out, const std::string& summar
   out.doc["machine"] = machine;
   std::filesystem::create_directories(o.out_dir);
   bench_output::file(o.out_dir + "/comm_volume.json") << out.doc.dump(1) << '\n';
-  bench_output::file(o.out_dir + "/comm_volume.md")
-      << "# Communication volume on ESFT (test split)\n\nProduced by `" << command << "` (trace " << o.trace_path
-      << ") in " << static_cast<int>(seconds + 0.5) << " s on " << machine
-      << ". Fit on a training split of requests (seed " << o.seed
-      << "), evaluated on the disjoint test split; prefill = "
-      << "first " << o.prefill << " tokens of each request, decode = the rest; FP8 dispatch / BF16 combine of hidden "
-      << o.hidden
-      << "; 16 running requests per GPU. \"vs baseline\" divides by linear / round_robin / flat in the same "
-         "topology, measured in the same run. GPU max/mean (aggregate) is per layer over the whole run, averaged over "
-         "layers (expert rows); attention max/mean is the busiest GPU's context tokens of its running requests, summed "
-         "over steps, over the mean (attention work and KV memory, which the targets do not bound). Time is the "
-         "alpha-beta model's, not a measurement. "
-      << (o.copt.plan_per_transport
-              ? "`locality` is planned for the transport of its row (the token-level stage counts the copies "
-                "that transport sends)"
-              : "`locality` is planned once for both transports")
-      << ", with " << popt.refine.anneal_per_expert
-      << " annealing proposals per expert after the token-level sweeps. The 8x8 synthetic rows (256 experts, top-8, "
-         "the synthesizer fitted to this trace and rescaled; ESFT's 26 layers kept) appear when "
-         "locus/trace/synthesizer.hpp is present. Plot: `/usr/bin/python3 bench/plot_comm_volume.py "
-         "bench/results`.\n\n## Targets (issue 5)\n\n"
-      << summary
-      << "\n## Under each engine's replica rule\n\nRows with a redundant slot per GPU, simulated on the same maps and "
-         "requests under each rule of transport/replica_selection.hpp (docs/engines.md says which engine does what; "
-         "without replicas every rule gives the same copies). Each cell: inter-node bytes reduction vs linear / "
-         "round-robin / flat, then GPU max/mean (aggregate). locality_bounded avoids a GPU whose rows of the layer "
-         "so far exceed (1 + "
-      << o.replica_slack << ") × the mean.\n\n"
-      << out.rules_md << "\n## All rows\n\n"
-      << out.md;
+  bench_output::file md(o.out_dir + "/comm_volume.md");
+  md << "# Communication volume on ESFT (test split)\n\nProduced by `" << command << "` (trace " << o.trace_path
+     << ") in " << static_cast<int>(seconds + 0.5) << " s on " << machine
+     << ". Fit on a training split of requests (seed " << o.seed
+     << "), evaluated on the disjoint test split; prefill = "
+     << "first " << o.prefill << " tokens of each request, decode = the rest; FP8 dispatch / BF16 combine of hidden "
+     << o.hidden
+     << "; 16 running requests per GPU. \"vs baseline\" divides by linear / round_robin / flat in the same "
+        "topology, measured in the same run. GPU max/mean (aggregate) is per layer over the whole run, averaged over "
+        "layers (expert rows); attention max/mean is the busiest GPU's context tokens of its running requests, summed "
+        "over steps, over the mean (attention work and KV memory, which the targets do not bound). Time is the "
+        "alpha-beta model's, not a measurement. "
+     << (o.copt.plan_per_transport
+             ? "`locality` is planned for the transport of its row (the token-level stage counts the copies "
+               "that transport sends)"
+             : "`locality` is planned once for both transports")
+     << ", with " << popt.refine.anneal_per_expert
+     << " annealing proposals per expert after the token-level sweeps. The 8x8 synthetic rows (256 experts, top-8, "
+        "the synthesizer fitted to this trace and rescaled; ESFT's 26 layers kept) appear when "
+        "locus/trace/synthesizer.hpp is present. Plot: `/usr/bin/python3 bench/plot_comm_volume.py "
+        "bench/results`.\n\n## Targets (issue 5)\n\n"
+     << summary
+     << "\n## Under each engine's replica rule\n\nRows with a redundant slot per GPU, simulated on the same maps and "
+        "requests under each rule of transport/replica_selection.hpp (docs/engines.md says which engine does what; "
+        "without replicas every rule gives the same copies). Each cell: inter-node bytes reduction vs linear / "
+        "round-robin / flat, then GPU max/mean (aggregate). locality_bounded avoids a GPU whose rows of the layer "
+        "so far exceed (1 + "
+     << o.replica_slack << ") × the mean.\n\n"
+     << out.rules_md << "\n## All rows\n\n"
+     << out.md;
+  if (o.balance_floor)
+    md << "\n## Balance floor\n\nThe lowest GPU max/mean (aggregate) any split of the test split's decode rows "
+          "among each map's replicas reaches (placement::min_max_split, mean over layers). A row near its floor is "
+          "plan-limited: only a different map lowers it.\n\n"
+       << out.floor_md;
   std::printf("%s", out.md.c_str());
   std::printf("\n%s", summary.c_str());
   std::printf("\n%zu rows in %.1f s; wrote %s/comm_volume.{json,md}\n", out.doc["rows"].size(), seconds,

@@ -117,6 +117,18 @@ def main():
                 100 * min(reds), 100 * max(reds), max(bals), sum(b <= 1.10 for b in bals), len(bals))
                          if reds else "—")
         md.append("| %s | %s |" % (label, " | ".join(cells)))
+    # With `-- --balance-floor 1`: each row's floor (placement::min_max_split) beside its measured balance.
+    if any("gpu_balance_floor" in r for r in per_seed[seeds[0]]["rows"]):
+        md += ["", "## Balance floor", "",
+               "Per seed: measured GPU max/mean (aggregate) / the lowest any split among the map's replicas reaches. "
+               "A floor above the target is plan-limited: only a different map meets it.", "",
+               "| row | " + " | ".join("seed %d" % s for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+        doc["floors"] = {}
+        for label, k, _, _ in ROWS:
+            rows = [next((r for r in per_seed[s]["rows"] if key(r) == k), None) for s in seeds]
+            doc["floors"][label] = [r["gpu_balance_floor"] if r else None for r in rows]
+            md.append("| %s | %s |" % (label, " | ".join(
+                "%.3f / %.3f" % (r["gpu_imbalance_aggregate"], r["gpu_balance_floor"]) if r else "—" for r in rows)))
     first = per_seed[seeds[0]]
     md += ["", "## Leave one domain out (locality, %d redundant slots/GPU, flat, replica rule %s)" % (
         first.get("unseen_redundant_slots_per_gpu", 0), first.get("replica_rule", "locality_first")), "",

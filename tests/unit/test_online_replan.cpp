@@ -277,3 +277,47 @@ BOOST_AUTO_TEST_CASE(replay_matches_the_simulator) {
   for (const auto& e : a.replans)
     BOOST_TEST(e.experts_moved == 0u);
 }
+
+BOOST_AUTO_TEST_CASE(window_floor_equals_the_balance_of_single_copy_maps) {
+  // Without replicas every row has one destination: each window's floor is its measured balance,
+  // also across re-plans that move experts mid-window (each segment split on its own maps).
+  std::mt19937 rng(11);
+  const auto t = two_mix_trace(rng, 50, 16, 2, [](std::size_t r) { return static_cast<std::uint32_t>(r % 2); });
+  cost::simulation_config cfg;
+  cfg.topology = dynamic_topology(2, 2);
+  cfg.batch_per_rank = 3;
+  std::vector<expert_map> maps;
+  for (int l = 0; l < 2; ++l)
+    maps.push_back(random_map(rng, 16, 4, 4, 0));
+  grouper::round_robin g;
+  const auto s = cost::record_schedule(t, maps, g, cfg);
+  cost::online_options opt;
+  opt.interval = 7;
+  opt.window = 5;
+  opt.report_tokens = 40;
+  opt.balance_floor = true;
+  std::size_t moved = 0;
+  const auto reshuffle = [&](const std::vector<expert_map>&, std::size_t, std::size_t) {
+    std::vector<expert_map> next;
+    for (int l = 0; l < 2; ++l)
+      next.push_back(random_map(rng, 16, 4, 4, 0));
+    return next;
+  };
+  const auto res = cost::run_online(t, s, maps, cfg, opt, reshuffle);
+  for (const auto& e : res.replans)
+    moved += e.experts_moved;
+  BOOST_TEST(moved > 0u);
+  BOOST_TEST(res.windows.size() > 1u);
+  for (const auto& w : res.windows)
+    BOOST_TEST(w.balance_floor == w.gpu_imbalance, boost::test_tools::tolerance(1e-9));
+  // With replicas the floor is a lower bound of the measured balance.
+  std::vector<expert_map> replicated;
+  for (int l = 0; l < 2; ++l)
+    replicated.push_back(random_map(rng, 16, 4, 6, 8));
+  const auto s2 = cost::record_schedule(t, replicated, g, cfg);
+  const auto keep = [](const std::vector<expert_map>& m, std::size_t, std::size_t) { return m; };
+  for (const auto& w : cost::run_online(t, s2, replicated, cfg, opt, keep).windows) {
+    BOOST_TEST(w.balance_floor >= 1 - 1e-12);
+    BOOST_TEST(w.balance_floor <= w.gpu_imbalance + 1e-9);
+  }
+}

@@ -23,6 +23,7 @@
 #include <locus/cost/traffic.hpp>
 #include <locus/placement/migration.hpp>
 #include <locus/placement/plan_input.hpp>
+#include <locus/placement/split_floor.hpp>
 #include <locus/placement/token_refine.hpp>
 #include <locus/trace/trace.hpp>
 #include <span>
@@ -192,6 +193,8 @@ struct online_options {
   //! last one joins the window before it), so that every window's balance counts as many tokens.
   std::size_t report_tokens = 2048;
   std::uint64_t expert_bytes = 0; //!< weight bytes of one expert (moved bytes = moved × this)
+  //! Also each window's balance floor (placement::min_max_split over the maps in service).
+  bool balance_floor = false;
 };
 
 //! Why a re-plan happened.
@@ -217,6 +220,9 @@ struct online_window {
   std::uint64_t tokens = 0;
   double inter_node_bytes = 0;
   double gpu_imbalance = 1; //!< per layer max/mean of rank rows over the window, mean over layers
+  //! With online_options::balance_floor: the lowest gpu_imbalance any split of the window's rows
+  //! among the replicas of the maps in service reaches (0 when not asked).
+  double balance_floor = 0;
 };
 
 struct online_result {
@@ -265,6 +271,28 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
       imb += x.load_imbalance();
     return imb / static_cast<double>(layers);
   };
+  // With opt.balance_floor: the window's segments between re-plans, each its maps and its rows
+  // per layer and expert (a window that spans a re-plan splits each segment on its own maps).
+  struct floor_segment {
+    std::vector<expert_map> maps;
+    std::vector<std::vector<double>> rows;
+  };
+  std::vector<floor_segment> segs, prev_segs;
+  bool new_segment = true;
+  const auto window_floor = [&](const std::vector<floor_segment>& sg) {
+    double f = 0;
+    for (std::size_t l = 0; l < layers; ++l) {
+      std::vector<const expert_map*> m;
+      std::vector<std::vector<double>> r;
+      for (const auto& x : sg) {
+        m.push_back(&x.maps[l]);
+        r.push_back(x.rows[l]);
+      }
+      f += placement::min_max_split(std::span<const expert_map* const>(m), std::span<const std::vector<double>>(r))
+               .max_over_mean;
+    }
+    return f / static_cast<double>(layers);
+  };
   const auto close_window = [&](bool last) {
     if (last && current.tokens < opt.report_tokens && !out.windows.empty()) { // join the window before
       auto& p = out.windows.back();
@@ -274,11 +302,19 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
       for (std::size_t l = 0; l < layers; ++l)
         prev_win[l] += win[l];
       p.gpu_imbalance = imbalance(prev_win);
+      if (opt.balance_floor) {
+        prev_segs.insert(prev_segs.end(), segs.begin(), segs.end());
+        p.balance_floor = window_floor(prev_segs);
+      }
     } else if (current.tokens > 0) {
       current.gpu_imbalance = imbalance(win);
+      if (opt.balance_floor) current.balance_floor = window_floor(segs);
       out.windows.push_back(current);
       std::swap(prev_win, win);
+      std::swap(prev_segs, segs);
     }
+    segs.clear();
+    new_segment = true;
     for (auto& w : win)
       w.clear();
     current = {};
@@ -325,6 +361,7 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
       out.max_moved_share = std::max(out.max_moved_share, ev.moved_share);
       out.bytes_moved += ev.bytes_moved;
       maps = std::move(next);
+      new_segment = true;
       last_plan = st;
       planned_once = true;
       if (opt.drift_every && st > first) reference = load_profile::of(t, s, first, st, topo);
@@ -336,6 +373,20 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
     ++current.steps;
     current.tokens += tokens.size();
     out.decode_tokens += tokens.size();
+    if (opt.balance_floor && !tokens.empty()) {
+      if (new_segment)
+        segs.push_back({maps, std::vector<std::vector<double>>(layers, std::vector<double>(t.experts(), 0.0))});
+      new_segment = false;
+      for (std::size_t l = 0; l < layers; ++l) {
+        const auto view = t.layer(l);
+        auto& r = segs.back().rows[l];
+        for (const std::size_t tok : tokens) {
+          const auto* ids = view.token_ids(tok);
+          for (std::size_t j = 0; j < t.top_k(); ++j)
+            r[static_cast<std::size_t>(ids[j])] += 1.0;
+        }
+      }
+    }
     for (std::size_t l = 0; l < layers && !tokens.empty(); ++l) {
       step.clear();
       counter.count_step(maps[l], t.layer(l), std::span<const std::size_t>(tokens),

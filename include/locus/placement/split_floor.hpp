@@ -1,0 +1,223 @@
+#pragma once
+//! @file
+//! The balance floor of a placement: the lowest GPU max/mean that any split of each expert's rows
+//! among its replicas can reach for a given map and traffic. A measured max/mean near the floor
+//! is plan-limited (only a different map helps); one far above it is split-limited (replica
+//! selection can still help). Exact: the optimum max load is max over rank sets S of W(S) / |S|,
+//! W(S) the rows of the experts whose every replica lies in S (Hall's condition for the flow
+//! source → expert (its rows) → hosting ranks → sink (cap L)); a Dinkelbach iteration on L finds
+//! the maximising S, each step a max-flow whose min cut names a set denser than the current L.
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <locus/core/config.hpp>
+#include <locus/core/error.hpp>
+#include <locus/core/expert_map.hpp>
+#include <span>
+#include <vector>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
+
+//! The floor of one map under one traffic.
+struct split_floor {
+  double max_load = 0;      //!< lowest reachable load of the most loaded rank (rows)
+  double mean_load = 0;     //!< total rows / ranks
+  double max_over_mean = 1; //!< max_load / mean_load
+  //! The ranks that bind: the experts hosted only on them carry max_load × size rows, so no split
+  //! can bring all of them lower. Ascending.
+  std::vector<std::size_t> binding_ranks;
+};
+
+namespace detail {
+
+// Dinic's max-flow on doubles; small graphs (experts + ranks + 2 nodes).
+class split_flow {
+public:
+  explicit split_flow(std::size_t nodes) : head_(nodes, -1), level_(nodes), it_(nodes) {}
+  void add_edge(std::size_t u, std::size_t v, double cap) {
+    edges_.push_back({v, head_[u], cap});
+    head_[u] = static_cast<std::int64_t>(edges_.size() - 1);
+    edges_.push_back({u, head_[v], 0});
+    head_[v] = static_cast<std::int64_t>(edges_.size() - 1);
+  }
+  double max_flow(std::size_t s, std::size_t t, double eps) {
+    double flow = 0;
+    while (bfs(s, t, eps)) {
+      for (std::size_t i = 0; i < head_.size(); ++i)
+        it_[i] = head_[i];
+      while (const double f = dfs(s, t, std::numeric_limits<double>::infinity(), eps))
+        flow += f;
+    }
+    return flow;
+  }
+  // Nodes reachable from `s` in the residual graph of the last max_flow (the min cut's source side).
+  std::vector<bool> reachable(std::size_t s, double eps) const {
+    std::vector<bool> seen(head_.size(), false);
+    std::vector<std::size_t> stack{s};
+    seen[s] = true;
+    while (!stack.empty()) {
+      const std::size_t u = stack.back();
+      stack.pop_back();
+      for (std::int64_t e = head_[u]; e >= 0; e = edges_[static_cast<std::size_t>(e)].next) {
+        const edge& ed = edges_[static_cast<std::size_t>(e)];
+        if (ed.cap > eps && !seen[ed.to]) {
+          seen[ed.to] = true;
+          stack.push_back(ed.to);
+        }
+      }
+    }
+    return seen;
+  }
+
+private:
+  struct edge {
+    std::size_t to;
+    std::int64_t next;
+    double cap;
+  };
+  bool bfs(std::size_t s, std::size_t t, double eps) {
+    std::fill(level_.begin(), level_.end(), -1);
+    std::vector<std::size_t> queue{s};
+    level_[s] = 0;
+    for (std::size_t q = 0; q < queue.size(); ++q) {
+      const std::size_t u = queue[q];
+      for (std::int64_t e = head_[u]; e >= 0; e = edges_[static_cast<std::size_t>(e)].next) {
+        const edge& ed = edges_[static_cast<std::size_t>(e)];
+        if (ed.cap > eps && level_[ed.to] < 0) {
+          level_[ed.to] = level_[u] + 1;
+          queue.push_back(ed.to);
+        }
+      }
+    }
+    return level_[t] >= 0;
+  }
+  double dfs(std::size_t u, std::size_t t, double limit, double eps) {
+    if (u == t) return limit;
+    for (; it_[u] >= 0; it_[u] = edges_[static_cast<std::size_t>(it_[u])].next) {
+      const auto e = static_cast<std::size_t>(it_[u]);
+      const std::size_t v = edges_[e].to;
+      if (edges_[e].cap > eps && level_[v] == level_[u] + 1) {
+        if (const double f = dfs(v, t, std::min(limit, edges_[e].cap), eps); f > eps) {
+          edges_[e].cap -= f;
+          edges_[e ^ 1].cap += f;
+          return f;
+        }
+      }
+    }
+    return 0;
+  }
+  std::vector<edge> edges_;
+  std::vector<std::int64_t> head_;
+  std::vector<int> level_;
+  std::vector<std::int64_t> it_;
+};
+
+} // namespace detail
+
+//! The lowest GPU max/mean any split of each expert's `rows` among its replicas in `map` reaches
+//! (rows may split fractionally; an integral split reaches ceil(max_load) for integral rows).
+//! @throws locus::invalid_input_error when `rows` is not one finite, non-negative count per expert
+//!         of the map or sums to zero (no load, no max/mean)
+inline split_floor min_max_split(const expert_map& map, std::span<const double> rows) {
+  const std::size_t experts = map.experts(), ranks = map.ranks();
+  LOCUS_REQUIRE(rows.size() == experts, invalid_input_error, "balance floor: ", rows.size(), " row counts for ",
+                experts, " experts");
+  double total = 0;
+  for (std::size_t e = 0; e < experts; ++e) {
+    LOCUS_REQUIRE(std::isfinite(rows[e]) && rows[e] >= 0, invalid_input_error, "balance floor: expert ", e,
+                  " has row count ", rows[e], " (must be finite and >= 0)");
+    total += rows[e];
+  }
+  LOCUS_REQUIRE(total > 0, invalid_input_error, "balance floor: the traffic has no rows");
+
+  // W(S) / |S| for a set of ranks: the rows of experts hosted only inside S.
+  const auto density = [&](const std::vector<bool>& in_set, std::size_t size) {
+    double w = 0;
+    for (std::size_t e = 0; e < experts; ++e) {
+      bool inside = true;
+      for (const slot_ref& s : map.replicas(e))
+        inside = inside && in_set[static_cast<std::size_t>(s.rank)];
+      if (inside) w += rows[e];
+    }
+    return w / static_cast<double>(size);
+  };
+
+  const std::size_t source = experts + ranks, sink = source + 1;
+  split_floor out;
+  out.mean_load = total / static_cast<double>(ranks);
+  double level = out.mean_load; // S = every rank: a lower bound, and the start
+  out.binding_ranks.resize(ranks);
+  for (std::size_t r = 0; r < ranks; ++r)
+    out.binding_ranks[r] = r;
+  const double eps = 1e-12 * total;
+  // Each pass either proves `level` reachable or finds a strictly denser set; at most 2^ranks
+  // sets exist, in practice a handful of passes.
+  for (;;) {
+    detail::split_flow g(sink + 1);
+    for (std::size_t e = 0; e < experts; ++e) {
+      g.add_edge(source, e, rows[e]);
+      for (const slot_ref& s : map.replicas(e))
+        g.add_edge(e, experts + static_cast<std::size_t>(s.rank), total);
+    }
+    for (std::size_t r = 0; r < ranks; ++r)
+      g.add_edge(experts + r, sink, level);
+    const double flow = g.max_flow(source, sink, eps);
+    if (flow >= total - 1e-9 * total) break;
+    const std::vector<bool> side = g.reachable(source, eps);
+    std::vector<bool> in_set(ranks, false);
+    std::vector<std::size_t> set;
+    for (std::size_t r = 0; r < ranks; ++r)
+      if (side[experts + r]) {
+        in_set[r] = true;
+        set.push_back(r);
+      }
+    if (set.empty()) break; // rounding only: no denser set exists
+    const double d = density(in_set, set.size());
+    if (d <= level * (1 + 1e-12)) break; // rounding only
+    level = d;
+    out.binding_ranks = std::move(set);
+  }
+  out.max_load = level;
+  out.max_over_mean = level / out.mean_load;
+  return out;
+}
+
+//! The floor of traffic served in segments, segment i by `maps[i]` with `rows[i]` (one count per
+//! expert): a window that spans a re-plan. Each segment's rows split only among its own map's
+//! replicas, and the ranks' loads add up over the segments: the same flow on a map whose experts
+//! are (segment, expert) pairs.
+//! @throws locus::invalid_input_error when the maps differ in experts or ranks, the counts do not
+//!         match the maps, or there is no segment
+inline split_floor min_max_split(std::span<const expert_map* const> maps, std::span<const std::vector<double>> rows) {
+  LOCUS_REQUIRE(!maps.empty() && maps.size() == rows.size(), invalid_input_error, "balance floor: ", maps.size(),
+                " maps for ", rows.size(), " row segments");
+  if (maps.size() == 1) return min_max_split(*maps[0], rows[0]);
+  const std::size_t experts = maps[0]->experts(), ranks = maps[0]->ranks();
+  std::size_t spr = 0;
+  for (const expert_map* m : maps) {
+    LOCUS_REQUIRE(m->experts() == experts && m->ranks() == ranks, invalid_input_error,
+                  "balance floor: segments' maps differ in experts or ranks");
+    spr += m->slots_per_rank();
+  }
+  std::vector<expert_id> table(ranks * spr, empty_slot);
+  std::vector<double> all;
+  all.reserve(experts * maps.size());
+  for (std::size_t r = 0; r < ranks; ++r) {
+    std::size_t at = r * spr;
+    for (std::size_t i = 0; i < maps.size(); ++i)
+      for (std::size_t sl = 0; sl < maps[i]->slots_per_rank(); ++sl, ++at)
+        if (const expert_id e = maps[i]->expert_at(r, sl); e != empty_slot)
+          table[at] = static_cast<expert_id>(i * experts + static_cast<std::size_t>(e));
+  }
+  for (std::size_t i = 0; i < maps.size(); ++i) {
+    LOCUS_REQUIRE(rows[i].size() == experts, invalid_input_error, "balance floor: segment ", i, " has ", rows[i].size(),
+                  " row counts for ", experts, " experts");
+    all.insert(all.end(), rows[i].begin(), rows[i].end());
+  }
+  return min_max_split(expert_map(experts * maps.size(), ranks, spr, std::move(table)), all);
+}
+
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::placement
