@@ -1,4 +1,6 @@
 #define BOOST_TEST_MODULE online_replan
+#include "../support/random_map.hpp"
+
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
 #include <functional>
@@ -13,21 +15,7 @@ using namespace locus;
 
 namespace {
 
-// A map of `experts` experts on `ranks` ranks, `spr` slots each, in a random order, with
-// `replicas` random extra copies in the spare slots.
-expert_map random_map(std::mt19937& rng, std::size_t experts, std::size_t ranks, std::size_t spr,
-                      std::size_t replicas) {
-  std::vector<expert_id> table(ranks * spr, empty_slot);
-  std::vector<std::size_t> order(ranks * spr);
-  for (std::size_t i = 0; i < order.size(); ++i)
-    order[i] = i;
-  std::shuffle(order.begin(), order.end(), rng);
-  for (std::size_t e = 0; e < experts; ++e)
-    table[order[e]] = static_cast<expert_id>(e);
-  for (std::size_t i = 0; i < replicas && experts + i < order.size(); ++i)
-    table[order[experts + i]] = static_cast<expert_id>(rng() % experts);
-  return expert_map(experts, ranks, spr, table);
-}
+using locus_test::random_map;
 
 // Tokens with a skewed, node-dependent expert preference, so that swaps have something to gain.
 placement::token_sample random_sample(std::mt19937& rng, std::size_t experts, std::size_t k, std::size_t layers,
@@ -250,16 +238,28 @@ BOOST_AUTO_TEST_CASE(drift_trigger_fires_on_a_shift) {
   }
 }
 
+// A small replay: 50 requests of two mixes over 16 experts and 2 layers, 2 nodes × 2 GPUs, and
+// single-copy random maps.
+struct small_replay {
+  explicit small_replay(unsigned seed) : rng(seed) {
+    t = two_mix_trace(rng, 50, 16, 2, [](std::size_t r) { return static_cast<std::uint32_t>(r % 2); });
+    cfg.topology = dynamic_topology(2, 2);
+    cfg.batch_per_rank = 3;
+    for (int l = 0; l < 2; ++l)
+      maps.push_back(random_map(rng, 16, 4, 4, 0));
+  }
+  std::mt19937 rng;
+  trace::trace t;
+  cost::simulation_config cfg;
+  std::vector<expert_map> maps;
+};
+
 // Replays are deterministic and a planner that never changes the maps gives simulate_decode's figures.
 BOOST_AUTO_TEST_CASE(replay_matches_the_simulator) {
-  std::mt19937 rng(9);
-  const auto t = two_mix_trace(rng, 50, 16, 2, [](std::size_t r) { return static_cast<std::uint32_t>(r % 2); });
-  cost::simulation_config cfg;
-  cfg.topology = dynamic_topology(2, 2);
-  cfg.batch_per_rank = 3;
-  std::vector<expert_map> maps;
-  for (int l = 0; l < 2; ++l)
-    maps.push_back(random_map(rng, 16, 4, 4, 0));
+  small_replay sr(9);
+  const auto& t = sr.t;
+  const auto& cfg = sr.cfg;
+  const auto& maps = sr.maps;
   grouper::round_robin g1, g2;
   const auto direct = cost::simulate_decode(t, maps, g1, cfg);
   const auto s = cost::record_schedule(t, maps, g2, cfg);
@@ -281,14 +281,11 @@ BOOST_AUTO_TEST_CASE(replay_matches_the_simulator) {
 BOOST_AUTO_TEST_CASE(window_floor_equals_the_balance_of_single_copy_maps) {
   // Without replicas every row has one destination: each window's floor is its measured balance,
   // also across re-plans that move experts mid-window (each segment split on its own maps).
-  std::mt19937 rng(11);
-  const auto t = two_mix_trace(rng, 50, 16, 2, [](std::size_t r) { return static_cast<std::uint32_t>(r % 2); });
-  cost::simulation_config cfg;
-  cfg.topology = dynamic_topology(2, 2);
-  cfg.batch_per_rank = 3;
-  std::vector<expert_map> maps;
-  for (int l = 0; l < 2; ++l)
-    maps.push_back(random_map(rng, 16, 4, 4, 0));
+  small_replay sr(11);
+  auto& rng = sr.rng;
+  const auto& t = sr.t;
+  const auto& cfg = sr.cfg;
+  const auto& maps = sr.maps;
   grouper::round_robin g;
   const auto s = cost::record_schedule(t, maps, g, cfg);
   cost::online_options opt;

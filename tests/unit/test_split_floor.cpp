@@ -1,4 +1,6 @@
 #define BOOST_TEST_MODULE split_floor
+#include "../support/random_map.hpp"
+
 #include <algorithm>
 #include <bit>
 #include <boost/test/unit_test.hpp>
@@ -11,19 +13,7 @@ using namespace locus;
 
 namespace {
 
-// `experts` experts on `ranks` × `spr` slots in random order, `extra` random replicas in spare slots.
-expert_map random_map(std::mt19937& rng, std::size_t experts, std::size_t ranks, std::size_t spr, std::size_t extra) {
-  std::vector<expert_id> table(ranks * spr, empty_slot);
-  std::vector<std::size_t> order(ranks * spr);
-  for (std::size_t i = 0; i < order.size(); ++i)
-    order[i] = i;
-  std::shuffle(order.begin(), order.end(), rng);
-  for (std::size_t e = 0; e < experts; ++e)
-    table[order[e]] = static_cast<expert_id>(e);
-  for (std::size_t i = 0; i < extra && experts + i < order.size(); ++i)
-    table[order[experts + i]] = static_cast<expert_id>(rng() % experts);
-  return expert_map(experts, ranks, spr, table);
-}
+using locus_test::random_map;
 
 // Brute force over every rank set: max W(S) / |S|.
 double densest_set(const expert_map& map, const std::vector<double>& rows) {
