@@ -121,6 +121,7 @@ public:
   void dispatch(const T* x, const device_routing_view<TopK>& r, const placement::replica_policy& replicas = {},
                 std::exception_ptr fail = nullptr, device_abort abort = {}) {
     pending_ = fail;
+    recv_bad_ = false;
     bool planned_nothing = false;
     if (!pending_) {
       try {
@@ -173,9 +174,18 @@ public:
   //! `y` null: the exchange only, nothing written (a rank that is going to raise).
   //! @throws locus::invalid_input_error the last dispatch's routing error, after the exchange
   //!         (`y` is then left as it was)
+  //! @throws locus::transport_error when the last flat dispatch received entry metadata its
+  //!         receive layout refused, after the exchange (its rows went back as zeros)
   void combine(T* y) {
-    back_.resize(std::max<std::size_t>(drl_.rows(), 1) * hidden_);
-    reduce_expert_output(drl_, expert_out_.data(), hx_, back_.data(), stream_);
+    if (recv_bad_) {
+      // Bad received metadata (this rank raises below): every received row goes back as zeros.
+      const std::size_t n = rows_.offsets.back();
+      back_.resize(std::max<std::size_t>(n, 1) * hidden_);
+      if (n > 0) LOCUS_CUDA_CHECK(cudaMemsetAsync(back_.data(), 0, n * hidden_ * sizeof(T), stream_));
+    } else {
+      back_.resize(std::max<std::size_t>(drl_.rows(), 1) * hidden_);
+      reduce_expert_output(drl_, expert_out_.data(), hx_, back_.data(), stream_);
+    }
     const T* returned = kind_ == transport_kind::hierarchical ? combine_node() : combine_flat();
     if (pending_) std::rethrow_exception(std::exchange(pending_, nullptr));
     if (y) transport::combine(layout_, returned, hx_, y, stream_);
@@ -224,6 +234,12 @@ private:
     drl_.build(map_.slots_per_rank(), recv_row_entries_.data(), recv_rows, recv_slots_.data(), recv_weights_.data(),
                recv_entries, stream_);
     LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream_)); // the slot offsets size the expert compute
+    // Metadata the build refused: this rank still receives and returns its rows (as zeros), so no
+    // peer waits, and raises after combine's exchange.
+    if (std::exception_ptr bad = drl_.built_error()) {
+      recv_bad_ = true;
+      if (!pending_) pending_ = bad;
+    }
 
     ex_->exchange_device(exchange_group::world, row_bytes, bytes_of(send_.data()), send_counts_, {}, rows_, 14);
     const std::size_t n = drl_.entries();
@@ -401,6 +417,7 @@ private:
   device_buffer<std::int32_t> recv_row_entries_, recv_slots_; // flat: the received entry metadata
   device_buffer<float> recv_weights_;
   std::exception_ptr pending_; // this rank's routing error, raised by combine
+  bool recv_bad_ = false;       // flat: the received entry metadata was refused (device_receive_layout)
   // Hierarchical only.
   detail::device_dispatch::node_plan plan_;
   std::vector<std::int32_t> h_reo_, h_target_, h_slot_;
