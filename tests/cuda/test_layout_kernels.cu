@@ -344,7 +344,8 @@ BOOST_AUTO_TEST_CASE(device_receive_layout_refuses_bad_metadata) {
       BOOST_CHECK_THROW(std::rethrow_exception(e), transport_error);
       BOOST_TEST(d.entries() == 0u);
       BOOST_TEST(d.slot_offsets_host().size() == slots + 1);
-      BOOST_TEST(std::all_of(d.slot_offsets_host().begin(), d.slot_offsets_host().end(), [](auto v) { return v == 0; }));
+      BOOST_TEST(
+          std::all_of(d.slot_offsets_host().begin(), d.slot_offsets_host().end(), [](auto v) { return v == 0; }));
     }
   }
   const std::vector<std::int32_t> counts{1, 2}, slot{3, 0, 3};

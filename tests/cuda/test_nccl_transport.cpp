@@ -89,8 +89,8 @@ BOOST_AUTO_TEST_CASE(count_round_then_known_count_exchange_on_one_gpu) {
                           c.rows, out);
   std::vector<std::uint64_t> got(out.offsets.back());
   BOOST_TEST_REQUIRE(got.size() == rows.size());
-  LOCUS_CUDA_CHECK(cudaMemcpyAsync(got.data(), out.rows, got.size() * sizeof(std::uint64_t), cudaMemcpyDeviceToHost,
-                                   g.stream));
+  LOCUS_CUDA_CHECK(
+      cudaMemcpyAsync(got.data(), out.rows, got.size() * sizeof(std::uint64_t), cudaMemcpyDeviceToHost, g.stream));
   t.synchronize("the test's read");
   BOOST_TEST(got == rows, boost::test_tools::per_element());
   const std::vector<std::size_t> wrong{1, 2};

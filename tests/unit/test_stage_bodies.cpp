@@ -539,8 +539,10 @@ BOOST_AUTO_TEST_CASE(receive_metadata_check_flags_bad_metadata) {
   for (const auto& c : cases) {
     BOOST_TEST_CONTEXT(c.what) {
       receive_layout host;
-      if (c.bits == 0) BOOST_CHECK_NO_THROW(host.assign(slots, c.counts, c.slot, {}));
-      else BOOST_CHECK_THROW(host.assign(slots, c.counts, c.slot, {}), locus::error);
+      if (c.bits == 0)
+        BOOST_CHECK_NO_THROW(host.assign(slots, c.counts, c.slot, {}));
+      else
+        BOOST_CHECK_THROW(host.assign(slots, c.counts, c.slot, {}), locus::error);
     }
   }
 }

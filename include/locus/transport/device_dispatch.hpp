@@ -241,8 +241,8 @@ private:
     }
     // Entry metadata, each result copied on the device (the next exchange reuses the transport's
     // buffer); the receive layout is built there and only its slot offsets come back.
-    ex_->exchange_device_known(exchange_group::world, sizeof(std::int32_t), bytes_of(row_entries_.data()),
-                               send_counts_, counts_.rows, meta_);
+    ex_->exchange_device_known(exchange_group::world, sizeof(std::int32_t), bytes_of(row_entries_.data()), send_counts_,
+                               counts_.rows, meta_);
     detail::device_dispatch::keep(meta_, recv_row_entries_, stream_);
     ex_->exchange_device_known(exchange_group::world, sizeof(std::int32_t), bytes_of(layout_.entry_slot()),
                                entry_counts_, counts_.entries, meta_);
@@ -433,11 +433,11 @@ private:
   device_buffer<T> send_, expert_in_, expert_out_, back_;
   device_buffer<std::int32_t> row_entries_;
   device_exchange_result meta_, rows_, returned_;
-  device_counts counts_; // flat: the step's count round
+  device_counts counts_;                                      // flat: the step's count round
   device_buffer<std::int32_t> recv_row_entries_, recv_slots_; // flat: the received entry metadata
   device_buffer<float> recv_weights_;
   std::exception_ptr pending_; // this rank's routing error, raised by combine
-  bool recv_bad_ = false;       // flat: the received entry metadata was refused (device_receive_layout)
+  bool recv_bad_ = false;      // flat: the received entry metadata was refused (device_receive_layout)
   // Hierarchical only.
   detail::device_dispatch::node_plan plan_;
   std::vector<std::int32_t> h_reo_, h_target_, h_slot_;

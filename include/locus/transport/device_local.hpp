@@ -14,12 +14,12 @@
 //! then waits for the receivers' copies (their events), so a sender can rewrite its send buffer
 //! with work queued afterwards, without the host waiting for any copy.
 
+#include <chrono>
 #include <cuda_runtime_api.h>
 #include <locus/core/cuda_error.hpp>
 #include <locus/transport/device_exchange.hpp>
 #include <locus/transport/exchange.hpp>
 #include <locus/transport/local.hpp>
-#include <chrono>
 #include <memory>
 #include <string>
 #include <utility>
@@ -243,8 +243,7 @@ private:
   struct rendezvous {
     rendezvous(device_local_transport& t, exchange_group g, std::uint32_t stage)
         : group(g), members(t.groups_.size(g)), self(t.groups_.self_member(g)), b(t.fabric_->board(g, t.rank())),
-          timeout(t.fabric_->options().timeout), deadline(std::chrono::steady_clock::now() + timeout),
-          stage(stage) {}
+          timeout(t.fabric_->options().timeout), deadline(std::chrono::steady_clock::now() + timeout), stage(stage) {}
     void sync(const std::string& what) { b.barrier.arrive_and_wait(deadline, timeout, self, group, what); }
     exchange_group group;
     std::size_t members, self;
@@ -268,8 +267,7 @@ private:
 
   // The header round (and count-agreement round when `expected` is given) of `req`, which also
   // publishes the send buffer: afterwards received_ holds the received headers.
-  void header_round(rendezvous& r, const detail::exchange::device_request& req,
-                    std::span<const std::size_t> expected) {
+  void header_round(rendezvous& r, const detail::exchange::device_request& req, std::span<const std::size_t> expected) {
     namespace dx = detail::exchange;
     const dx::position at = steps_.next(r.group, r.stage);
     const std::string where = ::locus::detail::concat("the header round of ", dx::describe(at));

@@ -11,9 +11,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <exception>
-#include <locus/core/error.hpp>
 #include <locus/core/bfloat16.hpp>
 #include <locus/core/device_buffer.hpp>
+#include <locus/core/error.hpp>
 #include <locus/transport/detail/dispatch_permute.hpp>
 #include <locus/transport/detail/stage.hpp>
 #include <locus/transport/device_layout.hpp>
@@ -117,16 +117,16 @@ public:
     slot_offsets_.resize(slots + 2);
     std::int32_t* const flag = slot_offsets_.data() + slots + 1;
     LOCUS_CUDA_CHECK(cudaMemsetAsync(flag, 0, sizeof(std::int32_t), stream));
-    dp::receive_check_kernel<><<<dp::blocks_for(entries), 256, 0, stream>>>(row_entry_counts, rows, entry_slot,
-                                                                             entries, slots, flag);
+    dp::receive_check_kernel<>
+        <<<dp::blocks_for(entries), 256, 0, stream>>>(row_entry_counts, rows, entry_slot, entries, slots, flag);
     dp::scan_kernel<><<<1, 1, 0, stream>>>(flag, row_entry_counts, rows, row_entry_offsets_.data());
     dp::entry_rows_kernel<>
         <<<dp::blocks_for(rows), 256, 0, stream>>>(flag, row_entry_offsets_.data(), rows, entry_row_.data());
     dp::slot_chunk_count_kernel<>
         <<<dp::blocks_for(chunks), 256, 0, stream>>>(flag, entry_slot, entries, slots, chunk, count_.data());
     dp::scan_kernel<><<<1, 1, 0, stream>>>(flag, count_.data(), slots * chunks, at_.data());
-    dp::slot_offsets_kernel<><<<dp::blocks_for(slots + 1), 256, 0, stream>>>(flag, at_.data(), entries, slots, chunk,
-                                                                              slot_offsets_.data());
+    dp::slot_offsets_kernel<>
+        <<<dp::blocks_for(slots + 1), 256, 0, stream>>>(flag, at_.data(), entries, slots, chunk, slot_offsets_.data());
     dp::slot_chunk_place_kernel<><<<dp::blocks_for(chunks), 256, 0, stream>>>(
         flag, entry_slot, entry_weight, entry_row_.data(), entries, chunk, at_.data(), expert_row_.data(),
         entry_weight ? expert_weight_.data() : nullptr, entry_position_.data());
@@ -148,12 +148,11 @@ public:
     rows_ = entries_ = 0;
     std::fill(slot_offsets_host_.begin(), slot_offsets_host_.end(), 0);
     namespace st = detail::stage;
-    return std::make_exception_ptr(
-        transport_error(std::string("device_receive_layout: bad received entry metadata:") +
-                        (bits & st::bad_row_entries ? " a row without entries;" : "") +
-                        (bits & st::bad_entry_total ? " row entry counts that do not add up to the entries received;"
-                                                    : "") +
-                        (bits & st::bad_slot ? " an entry's slot outside this rank's slots;" : "")));
+    return std::make_exception_ptr(transport_error(
+        std::string("device_receive_layout: bad received entry metadata:") +
+        (bits & st::bad_row_entries ? " a row without entries;" : "") +
+        (bits & st::bad_entry_total ? " row entry counts that do not add up to the entries received;" : "") +
+        (bits & st::bad_slot ? " an entry's slot outside this rank's slots;" : "")));
   }
 
   //! Expert-input segment of each local slot (slots + 1 values, host).
@@ -173,8 +172,8 @@ private:
   device_buffer<std::int32_t> row_entry_offsets_, expert_row_, entry_position_;
   device_buffer<float> expert_weight_;
   device_buffer<std::int32_t> entry_row_, count_, at_, slot_offsets_; // build's scratch
-  std::vector<std::int32_t> slot_offsets_host_; // build: + the check's word until built_error()
-  bool checked_ = false;                         // build's check word still at the end of slot_offsets_host_
+  std::vector<std::int32_t> slot_offsets_host_;                       // build: + the check's word until built_error()
+  bool checked_ = false; // build's check word still at the end of slot_offsets_host_
 };
 
 //! `send[r] = tokens[row_token[r]]` for the `l.rows()` rows.

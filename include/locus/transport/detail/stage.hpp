@@ -484,8 +484,10 @@ LOCUS_HOST_DEVICE void receive_metadata_check(grid_index g, const std::int32_t* 
     long long total = 0;
     std::int32_t bits = 0;
     for (std::size_t r = 0; r < rows; ++r) {
-      if (row_entry_counts[r] < 1) bits |= bad_row_entries;
-      else total += row_entry_counts[r];
+      if (row_entry_counts[r] < 1)
+        bits |= bad_row_entries;
+      else
+        total += row_entry_counts[r];
     }
     if (total != static_cast<long long>(entries)) bits |= bad_entry_total;
     if (bits) flag_set(flag, bits);
