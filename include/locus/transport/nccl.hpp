@@ -11,7 +11,11 @@
 //! wait polls the stream with a deadline and watches `ncclCommGetAsyncError`; on timeout every
 //! communicator is aborted (`ncclCommAbort`) and locus::timeout_error is raised.
 //!
-//! `exchange_device` moves device rows (the production path). `exchange` satisfies the host
+//! `exchange_device_counts` is a header round alone (rows and entries per peer) and
+//! `exchange_device_known` moves rows whose counts both sides know, with no header round and no
+//! wait (a lost peer surfaces at the next timed wait: a header round or `synchronize()`); the
+//! device dispatcher's flat step uses one count round, then known-count exchanges only.
+//! `exchange_device` moves device rows with their own header round. `exchange` satisfies the host
 //! `exchanger` concept by staging host rows through device memory, so `moe_dispatcher` runs on it
 //! unchanged. Policies: `nccl_flat`, `nccl_hierarchical`.
 
