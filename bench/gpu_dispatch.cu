@@ -8,7 +8,7 @@
 //   gpu_dispatch [--tokens N] [--reps R] [--json FILE]
 //
 // Dispatch = layout-ordered permute into the send buffer + the device exchange; combine = the
-// exchange back (experts are the identity, so each received row returns unchanged) + the combine
+// known-count exchange back (experts are the identity, so each received row returns unchanged) + the combine
 // kernel. The layout is computed once before timing (it is timed on its own). Context, not a claim
 // about multi-node speed: DeepEP's published low-latency kernels take 77-192 us for dispatch and
 // a similar time for combine at 128 tokens per rank over RDMA.
@@ -120,7 +120,8 @@ int main(int argc, char** argv) try {
           transport::permute(s.layout, s.x.data(), H, s.send.data(), s.stream);
           ep.exchange_device(transport::exchange_group::world, row_bytes,
                              reinterpret_cast<const std::byte*>(s.send.data()), s.counts, {}, recv, 1);
-          ep.exchange_device(transport::exchange_group::world, row_bytes, recv.rows, recv.counts, {}, ret, 2);
+          // The return knows its counts (dispatch's, reversed): no header round, as in the dispatcher.
+          ep.exchange_device_known(transport::exchange_group::world, row_bytes, recv.rows, recv.counts, s.counts, ret);
           transport::combine(s.layout, reinterpret_cast<const bfloat16*>(ret.rows), H, s.y.data(), s.stream);
         };
         const auto raw_copies = [&] {

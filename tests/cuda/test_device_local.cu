@@ -148,3 +148,69 @@ BOOST_AUTO_TEST_CASE(host_dispatch_and_combine_over_the_device_transport_match_r
       BOOST_TEST(e < 1e-5);
   }
 }
+
+// The count round then known-count exchanges (the device dispatcher's flat step): every member
+// learns each sender's row and entry counts in one round, and rows sized by them arrive in order;
+// a receive count that disagrees with its sender's raises on that receiver; a count round whose
+// members name different exchanges raises on every member.
+BOOST_AUTO_TEST_CASE(count_round_then_known_count_exchanges) {
+  const dynamic_topology topo(2, 2);
+  device_local_fabric fabric(topo, transport_kind::flat);
+  on_ranks(topo.ranks(), [&](std::size_t r) {
+    stream_owner st;
+    auto ep = fabric.endpoint(r, st.s);
+    const std::size_t R = topo.ranks();
+    device_buffer<std::uint64_t> send;
+    device_exchange_result out;
+    device_counts counts;
+    for (std::size_t step = 0; step < 3; ++step) {
+      ep.begin_step(step);
+      std::vector<std::size_t> rows(R), entries(R);
+      std::vector<std::uint64_t> payload;
+      for (std::size_t m = 0; m < R; ++m) {
+        rows[m] = (r * 3 + m + step) % 4;
+        entries[m] = rows[m] * 2 + m;
+        for (std::size_t i = 0; i < rows[m]; ++i)
+          payload.push_back(row_value(r, m, i, step));
+      }
+      ep.exchange_device_counts(exchange_group::world, 8, rows, 4, entries, counts, 3);
+      const std::string at = "rank " + std::to_string(r) + " step " + std::to_string(step);
+      for (std::size_t m = 0; m < R; ++m) {
+        expect(counts.rows[m] == (m * 3 + r + step) % 4, at + ": row count from " + std::to_string(m));
+        expect(counts.entries[m] == counts.rows[m] * 2 + r, at + ": entry count from " + std::to_string(m));
+      }
+      send.upload(payload, ep.stream());
+      ep.exchange_device_known(exchange_group::world, 8, reinterpret_cast<const std::byte*>(send.data()), rows,
+                               counts.rows, out);
+      std::vector<std::uint64_t> got(out.offsets.back());
+      if (!got.empty())
+        LOCUS_CUDA_CHECK(cudaMemcpyAsync(got.data(), out.rows, got.size() * sizeof(std::uint64_t),
+                                         cudaMemcpyDeviceToHost, ep.stream()));
+      ep.synchronize("the test's read");
+      for (std::size_t m = 0; m < R; ++m)
+        for (std::size_t i = 0; i < out.counts[m]; ++i)
+          expect(got[out.offsets[m] + i] == row_value(m, r, i, step),
+                 at + ": row " + std::to_string(i) + " from " + std::to_string(m));
+    }
+    // A wrong receive count: rank 1 expects one row too many from rank 0.
+    std::vector<std::size_t> ones(R, 1), recv(R, 1);
+    if (r == 1) recv[0] = 2;
+    send.resize(R);
+    bool raised = false;
+    try {
+      ep.exchange_device_known(exchange_group::world, 8, reinterpret_cast<const std::byte*>(send.data()), ones, recv,
+                               out);
+    } catch (const transport_error&) {
+      raised = true;
+    }
+    expect(raised == (r == 1), "rank " + std::to_string(r) + ": a wrong known count raises on its receiver only");
+    // Count rounds that name different exchanges raise everywhere.
+    raised = false;
+    try {
+      ep.exchange_device_counts(exchange_group::world, 8, ones, 4, ones, counts, r == 2 ? 5 : 4);
+    } catch (const transport_error&) {
+      raised = true;
+    }
+    expect(raised, "rank " + std::to_string(r) + ": disagreeing count rounds raise");
+  });
+}

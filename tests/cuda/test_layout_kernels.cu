@@ -302,6 +302,7 @@ BOOST_AUTO_TEST_CASE(device_built_receive_layout_equals_host) {
         LOCUS_CUDA_CHECK(cudaMemcpy(expert_weight.data(), d.expert_weight(), entries * 4, cudaMemcpyDeviceToHost));
       }
       BOOST_TEST_CONTEXT(slots << " slots, " << rows << " rows") {
+        BOOST_TEST(!d.built_error());
         BOOST_TEST(d.entries() == entries);
         BOOST_TEST(std::equal(offsets.begin(), offsets.end(), host.row_entry_offsets().begin(),
                               host.row_entry_offsets().end()));
@@ -314,4 +315,46 @@ BOOST_AUTO_TEST_CASE(device_built_receive_layout_equals_host) {
         BOOST_TEST(std::memcmp(expert_weight.data(), host.expert_weight().data(), entries * sizeof(float)) == 0);
       }
     }
+}
+
+// Bad received metadata: the device build writes nothing out of bounds (its bodies skip) and
+// reports the violation with the slot offsets it reads back, as a transport_error; a good build
+// after it on the same object is clean again.
+BOOST_AUTO_TEST_CASE(device_receive_layout_refuses_bad_metadata) {
+  const std::size_t slots = 4;
+  struct bad_case {
+    const char* what;
+    std::vector<std::int32_t> counts, slot;
+  };
+  const std::vector<bad_case> cases{{"row without entries", {2, 0, 1}, {0, 1, 2}},
+                                    {"counts exceed entries", {2, 1000000, 1}, {0, 1, 2}},
+                                    {"counts short of entries", {1, 1}, {0, 1, 2}},
+                                    {"negative slot", {1, 2}, {0, -1, 2}},
+                                    {"slot past the end", {1, 2}, {0, 4, 2}}};
+  device_receive_layout d;
+  for (const auto& c : cases) {
+    device_buffer<std::int32_t> dc, ds;
+    dc.upload(std::span<const std::int32_t>(c.counts));
+    ds.upload(std::span<const std::int32_t>(c.slot));
+    d.build(slots, dc.data(), c.counts.size(), ds.data(), nullptr, c.slot.size());
+    LOCUS_CUDA_CHECK(cudaDeviceSynchronize());
+    BOOST_TEST_CONTEXT(c.what) {
+      const std::exception_ptr e = d.built_error();
+      BOOST_TEST(static_cast<bool>(e));
+      BOOST_CHECK_THROW(std::rethrow_exception(e), transport_error);
+      BOOST_TEST(d.entries() == 0u);
+      BOOST_TEST(d.slot_offsets_host().size() == slots + 1);
+      BOOST_TEST(
+          std::all_of(d.slot_offsets_host().begin(), d.slot_offsets_host().end(), [](auto v) { return v == 0; }));
+    }
+  }
+  const std::vector<std::int32_t> counts{1, 2}, slot{3, 0, 3};
+  device_buffer<std::int32_t> dc, ds;
+  dc.upload(std::span<const std::int32_t>(counts));
+  ds.upload(std::span<const std::int32_t>(slot));
+  d.build(slots, dc.data(), counts.size(), ds.data(), nullptr, slot.size());
+  LOCUS_CUDA_CHECK(cudaDeviceSynchronize());
+  BOOST_TEST(!d.built_error());
+  const std::vector<std::int32_t> want{0, 1, 1, 1, 3};
+  BOOST_TEST(std::equal(d.slot_offsets_host().begin(), d.slot_offsets_host().end(), want.begin(), want.end()));
 }

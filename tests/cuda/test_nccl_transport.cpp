@@ -68,3 +68,36 @@ BOOST_AUTO_TEST_CASE(dispatch_combine_on_one_gpu_matches_reference) {
     }
   }
 }
+
+// The count round and a known-count exchange on one rank: the round returns the row and entry
+// counts sent, the rows arrive without a header round, and a count array of the wrong size raises
+// before anything is posted, leaving the transport usable.
+BOOST_AUTO_TEST_CASE(count_round_then_known_count_exchange_on_one_gpu) {
+  one_gpu g;
+  nccl_transport t(g.comm, g.stream, dynamic_topology(1, 1), transport_kind::flat);
+  const std::vector<std::uint64_t> rows{7, 8, 9};
+  const std::vector<std::size_t> counts{rows.size()}, entries{5};
+  device_counts c;
+  t.exchange_device_counts(exchange_group::world, sizeof(std::uint64_t), counts, 8, entries, c, 11);
+  BOOST_TEST(c.rows == counts, boost::test_tools::per_element());
+  BOOST_TEST(c.entries == entries, boost::test_tools::per_element());
+  void* d = nullptr;
+  LOCUS_CUDA_CHECK(cudaMalloc(&d, rows.size() * sizeof(std::uint64_t)));
+  LOCUS_CUDA_CHECK(cudaMemcpy(d, rows.data(), rows.size() * sizeof(std::uint64_t), cudaMemcpyHostToDevice));
+  device_exchange_result out;
+  t.exchange_device_known(exchange_group::world, sizeof(std::uint64_t), static_cast<const std::byte*>(d), counts,
+                          c.rows, out);
+  std::vector<std::uint64_t> got(out.offsets.back());
+  BOOST_TEST_REQUIRE(got.size() == rows.size());
+  LOCUS_CUDA_CHECK(
+      cudaMemcpyAsync(got.data(), out.rows, got.size() * sizeof(std::uint64_t), cudaMemcpyDeviceToHost, g.stream));
+  t.synchronize("the test's read");
+  BOOST_TEST(got == rows, boost::test_tools::per_element());
+  const std::vector<std::size_t> wrong{1, 2};
+  BOOST_CHECK_THROW(t.exchange_device_known(exchange_group::world, sizeof(std::uint64_t),
+                                            static_cast<const std::byte*>(d), wrong, c.rows, out),
+                    invalid_input_error);
+  t.exchange_device_counts(exchange_group::world, sizeof(std::uint64_t), counts, 8, entries, c, 11);
+  BOOST_TEST(c.rows == counts, boost::test_tools::per_element());
+  cudaFree(d);
+}

@@ -505,3 +505,44 @@ BOOST_AUTO_TEST_CASE(receive_layout_bodies_equal_the_host_receive_layout) {
         }
     }
 }
+
+// The receive-metadata check sets exactly the bits of what is wrong (a row without entries, entry
+// counts that do not add up, a slot out of range), over several grids, and nothing on good
+// metadata; the host receive_layout refuses the same inputs.
+BOOST_AUTO_TEST_CASE(receive_metadata_check_flags_bad_metadata) {
+  struct check_case {
+    const char* what;
+    std::vector<std::int32_t> counts, slot;
+    std::int32_t bits;
+  };
+  const std::size_t slots = 4;
+  const std::vector<check_case> cases{
+      {"good", {2, 1, 3}, {0, 3, 1, 2, 2, 0}, 0},
+      {"no rows, no entries", {}, {}, 0},
+      {"row without entries", {2, 0, 1}, {0, 1, 2}, st::bad_row_entries},
+      {"negative entry count", {2, -1, 2}, {0, 1, 2}, st::bad_row_entries | st::bad_entry_total},
+      {"counts exceed entries", {2, 2, 1}, {0, 1, 2}, st::bad_entry_total},
+      {"counts short of entries", {1, 1}, {0, 1, 2}, st::bad_entry_total},
+      {"counts that wrap 32 bits", {2147483647, 2147483647, 4}, {0, 1, 2, 3}, st::bad_entry_total},
+      {"entries with no rows", {}, {0}, st::bad_entry_total},
+      {"negative slot", {1, 2}, {0, -1, 2}, st::bad_slot},
+      {"slot past the end", {1, 2}, {0, 4, 2}, st::bad_slot},
+      {"everything", {0, 5}, {7, 1}, st::bad_row_entries | st::bad_entry_total | st::bad_slot}};
+  for (const auto& c : cases)
+    for (const auto& g : grids) {
+      std::int32_t flag = 0;
+      st::run_grid(g[0], g[1], [&](st::grid_index i) {
+        st::receive_metadata_check(i, c.counts.data(), c.counts.size(), c.slot.data(), c.slot.size(), slots, &flag);
+      });
+      BOOST_TEST_CONTEXT(c.what << ", grid " << g[0] << " x " << g[1]) { BOOST_TEST(flag == c.bits); }
+    }
+  for (const auto& c : cases) {
+    BOOST_TEST_CONTEXT(c.what) {
+      receive_layout host;
+      if (c.bits == 0)
+        BOOST_CHECK_NO_THROW(host.assign(slots, c.counts, c.slot, {}));
+      else
+        BOOST_CHECK_THROW(host.assign(slots, c.counts, c.slot, {}), locus::error);
+    }
+  }
+}

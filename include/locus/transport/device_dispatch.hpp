@@ -5,11 +5,14 @@
 //! over a transport with a device exchange (`device_local_transport`, `nccl_transport`), flat or
 //! hierarchical as the endpoint says.
 //!
-//!   flat dispatch:  device layout → permute into the send buffer → exchange the rows' entry
-//!                   metadata (entries per row, local slot, weight) → receive layout → exchange the
-//!                   rows → gather each local expert's input rows
-//!   flat combine:   weighted reduction of the expert outputs per received row → exchange back →
-//!                   combine on the source (a row shared by several choices counts once)
+//!   flat dispatch:  device layout → permute into the send buffer → one count round (rows and
+//!                   entries per destination) → known-count exchanges of the rows' entry metadata
+//!                   (entries per row, local slot, weight) → receive layout, checked and built on
+//!                   the device → known-count exchange of the rows → gather each local expert's
+//!                   input rows
+//!   flat combine:   weighted reduction of the expert outputs per received row → known-count
+//!                   exchange back → combine on the source (a row shared by several choices
+//!                   counts once)
 //!   hierarchical:   node layout (one row per remote node, to the rail peer there) → rail stage
 //!                   (metadata, then rows) → the rail peer fans the rows out inside its node
 //!                   (the stage bodies' fan-out) and sends them with its own rows for its node in
@@ -17,18 +20,25 @@
 //!                   itself; combine goes back the same way, the rail peer summing its node's
 //!                   returns of each rail row before the rail stage back (detail/node_plan.hpp).
 //!
-//! Host synchronisation per step, and why:
-//! - the layout returns its per-rank row and entry counts (the message sizes), and with them the
-//!   caller's "plan nothing" flag (device_abort: the router's non-finite-logit counter), which the
-//!   layout applies on the device, so the flag adds no wait;
-//! - each exchange agrees on counts behind the transport's header round;
-//! - flat: the receive layout is built on the device from the received entry metadata (the
-//!   receive-layout stage bodies); only its slot offsets (slots + 1 values) come to the host, one
-//!   wait, because the expert compute issues one GEMM per expert with its row count on the host;
-//! - hierarchical: the layout's entry metadata comes to the host (the plan's index lists are built
-//!   there), and each stage's metadata is exchanged through the host before its rows, because the
-//!   rail stage's metadata sizes the node stage (a rail peer must know how many rows it forwards to
-//!   each rank before that exchange).
+//! Host waits per flat step (three), and why:
+//! 1. the layout's count read: its per-rank row and entry counts (the message sizes) come to the
+//!    host, and with them the caller's "plan nothing" flag (device_abort: the router's
+//!    non-finite-logit counter), which the layout applies on the device, so the flag adds no wait;
+//! 2. the count round (`exchange_device_counts`, one header round for the whole step): each rank
+//!    learns how many rows and entries every peer sends it, which sizes every exchange after it;
+//!    those are known-count exchanges (`exchange_device_known`: no header round, no wait);
+//! 3. the receive layout's slot offsets (slots + 1 values, with its metadata check's flag in the
+//!    same copy), because the expert compute issues one GEMM per expert with its row count on
+//!    the host. Through the transport's synchronize(), so the NCCL transport keeps its timeout:
+//!    it also covers the known-count exchanges queued before it.
+//! Combine adds no wait (its counts are dispatch's reversed); a peer lost in it is caught by the
+//! next step's first wait.
+//! Hierarchical step: the layout's count read; its entry metadata comes to the host (the plan's
+//! index lists are built there); the four metadata exchanges (rail and node stage, rows' entry
+//! counts and entries) go through the host with a header round and the host copies each, because
+//! the rail stage's metadata sizes the node stage (a rail peer must know how many rows it
+//! forwards to each rank before that exchange). Their row counts make the four row exchanges
+//! (rail and node, dispatch and combine) known-count ones, with no wait of their own.
 //! No token row is copied to or from the host.
 
 #include <array>
@@ -121,6 +131,7 @@ public:
   void dispatch(const T* x, const device_routing_view<TopK>& r, const placement::replica_policy& replicas = {},
                 std::exception_ptr fail = nullptr, device_abort abort = {}) {
     pending_ = fail;
+    recv_bad_ = false;
     bool planned_nothing = false;
     if (!pending_) {
       try {
@@ -173,9 +184,18 @@ public:
   //! `y` null: the exchange only, nothing written (a rank that is going to raise).
   //! @throws locus::invalid_input_error the last dispatch's routing error, after the exchange
   //!         (`y` is then left as it was)
+  //! @throws locus::transport_error when the last flat dispatch received entry metadata its
+  //!         receive layout refused, after the exchange (its rows went back as zeros)
   void combine(T* y) {
-    back_.resize(std::max<std::size_t>(drl_.rows(), 1) * hidden_);
-    reduce_expert_output(drl_, expert_out_.data(), hx_, back_.data(), stream_);
+    if (recv_bad_) {
+      // Bad received metadata (this rank raises below): every received row goes back as zeros.
+      const std::size_t n = rows_.offsets.back();
+      back_.resize(std::max<std::size_t>(n, 1) * hidden_);
+      if (n > 0) LOCUS_CUDA_CHECK(cudaMemsetAsync(back_.data(), 0, n * hidden_ * sizeof(T), stream_));
+    } else {
+      back_.resize(std::max<std::size_t>(drl_.rows(), 1) * hidden_);
+      reduce_expert_output(drl_, expert_out_.data(), hx_, back_.data(), stream_);
+    }
     const T* returned = kind_ == transport_kind::hierarchical ? combine_node() : combine_flat();
     if (pending_) std::rethrow_exception(std::exchange(pending_, nullptr));
     if (y) transport::combine(layout_, returned, hx_, y, stream_);
@@ -189,7 +209,9 @@ private:
 
   // Flat: every row straight to its destination rank over the world group.
   void dispatch_flat(const T* x) {
-    const std::size_t R = map_.ranks(), row_bytes = hidden_ * sizeof(T);
+    // An entry travels as its local slot and its weight.
+    const std::size_t R = map_.ranks(), row_bytes = hidden_ * sizeof(T),
+                      entry_bytes = sizeof(std::int32_t) + sizeof(float);
     const auto& ro = layout_.rank_offsets_host();
     const auto& eo = layout_.rank_entry_offsets_host();
     send_counts_.resize(R);
@@ -208,24 +230,38 @@ private:
                                                                            row_entries_.data());
       LOCUS_CUDA_CHECK(cudaGetLastError());
     }
-    // Entry metadata first, each result copied on the device (the next exchange reuses the
-    // transport's buffer); the receive layout is built there and only its slot offsets come back.
-    ex_->exchange_device(exchange_group::world, sizeof(std::int32_t), bytes_of(row_entries_.data()), send_counts_, {},
-                         meta_, 11);
-    const std::size_t recv_rows = meta_.offsets.back();
+    // One count round for the step: rows and entries per destination, from the layout's counts
+    // (already on the host). Every exchange after it knows its counts: no more header rounds.
+    ex_->exchange_device_counts(exchange_group::world, row_bytes, send_counts_, entry_bytes, entry_counts_, counts_,
+                                11);
+    std::size_t recv_rows = 0, recv_entries = 0;
+    for (std::size_t s = 0; s < R; ++s) {
+      recv_rows += counts_.rows[s];
+      recv_entries += counts_.entries[s];
+    }
+    // Entry metadata, each result copied on the device (the next exchange reuses the transport's
+    // buffer); the receive layout is built there and only its slot offsets come back.
+    ex_->exchange_device_known(exchange_group::world, sizeof(std::int32_t), bytes_of(row_entries_.data()), send_counts_,
+                               counts_.rows, meta_);
     detail::device_dispatch::keep(meta_, recv_row_entries_, stream_);
-    ex_->exchange_device(exchange_group::world, sizeof(std::int32_t), bytes_of(layout_.entry_slot()), entry_counts_, {},
-                         meta_, 12);
-    const std::size_t recv_entries = meta_.offsets.back();
+    ex_->exchange_device_known(exchange_group::world, sizeof(std::int32_t), bytes_of(layout_.entry_slot()),
+                               entry_counts_, counts_.entries, meta_);
     detail::device_dispatch::keep(meta_, recv_slots_, stream_);
-    ex_->exchange_device(exchange_group::world, sizeof(float), bytes_of(layout_.entry_weight()), entry_counts_, {},
-                         meta_, 13);
+    ex_->exchange_device_known(exchange_group::world, sizeof(float), bytes_of(layout_.entry_weight()), entry_counts_,
+                               counts_.entries, meta_);
     detail::device_dispatch::keep(meta_, recv_weights_, stream_);
     drl_.build(map_.slots_per_rank(), recv_row_entries_.data(), recv_rows, recv_slots_.data(), recv_weights_.data(),
                recv_entries, stream_);
-    LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream_)); // the slot offsets size the expert compute
+    ex_->synchronize("reading the receive layout's slot offsets"); // they size the expert compute
+    // Metadata the build refused: this rank still receives and returns its rows (as zeros), so no
+    // peer waits, and raises after combine's exchange.
+    if (std::exception_ptr bad = drl_.built_error()) {
+      recv_bad_ = true;
+      if (!pending_) pending_ = bad;
+    }
 
-    ex_->exchange_device(exchange_group::world, row_bytes, bytes_of(send_.data()), send_counts_, {}, rows_, 14);
+    ex_->exchange_device_known(exchange_group::world, row_bytes, bytes_of(send_.data()), send_counts_, counts_.rows,
+                               rows_);
     const std::size_t n = drl_.entries();
     expert_in_.resize(std::max<std::size_t>(n, 1) * hidden_);
     expert_out_.resize(std::max<std::size_t>(n, 1) * hidden_);
@@ -234,8 +270,8 @@ private:
 
   // Flat combine: the rows back over the world group, in layout order.
   const T* combine_flat() {
-    ex_->exchange_device(exchange_group::world, hidden_ * sizeof(T), bytes_of(back_.data()), rows_.counts, send_counts_,
-                         returned_, 15);
+    ex_->exchange_device_known(exchange_group::world, hidden_ * sizeof(T), bytes_of(back_.data()), rows_.counts,
+                               send_counts_, returned_);
     return reinterpret_cast<const T*>(returned_.rows);
   }
 
@@ -263,7 +299,7 @@ private:
       down(h_target_, layout_.entry_target());
       down(h_slot_, layout_.entry_slot());
       down(h_weight_, layout_.entry_weight());
-      LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      ex_->synchronize("reading the layout's entry metadata");
     }
     const dd::layout_rows lr{layout_.rank_offsets_host(), h_reo_, h_target_, h_slot_, h_weight_};
     plan_.plan_rail(G, topo.nodes(), ex_->rank(), lr);
@@ -287,11 +323,10 @@ private:
     src_.resize(std::max<std::size_t>(L + rail_in, 1) * hidden_);
     permute(layout_, x, hx_, src_.data(), stream_);
     gather(src_.data(), plan_.rail_index, index_a_, stage_send_);
-    ex_->exchange_device(exchange_group::rail, row_bytes, bytes_of(stage_send_.data()), plan_.rail_counts, {}, rows_,
-                         23);
-    rail_recv_counts_ = rows_.counts;
-    LOCUS_REQUIRE(rows_.offsets.back() == rail_in, transport_error, "device_dispatcher: rank ", ex_->rank(),
-                  " received ", rows_.offsets.back(), " rail rows but metadata for ", rail_in);
+    // The rail rows' counts came with their metadata: no header round for them.
+    rail_recv_counts_ = meta_a_.counts;
+    ex_->exchange_device_known(exchange_group::rail, row_bytes, bytes_of(stage_send_.data()), plan_.rail_counts,
+                               rail_recv_counts_, rows_);
     if (rail_in > 0)
       LOCUS_CUDA_CHECK(cudaMemcpyAsync(src_.data() + L * hidden_, rows_.rows, rail_in * row_bytes,
                                        cudaMemcpyDeviceToDevice, stream_));
@@ -312,10 +347,10 @@ private:
                    25},
                   meta_b_);
     plan_.plan_receive(as_span<std::int32_t>(meta_a_), as_span<dd::node_entry>(meta_b_));
+    node_recv_counts_ = meta_a_.counts; // as the rail rows': known from the metadata
     gather(src_.data(), plan_.node_index, index_a_, stage_send_);
-    ex_->exchange_device(exchange_group::node, row_bytes, bytes_of(stage_send_.data()), plan_.node_counts, {}, rows_,
-                         26);
-    node_recv_counts_ = rows_.counts;
+    ex_->exchange_device_known(exchange_group::node, row_bytes, bytes_of(stage_send_.data()), plan_.node_counts,
+                               node_recv_counts_, rows_);
     // Received rows: the node stage's, then the self-forwarded rail rows.
     const std::size_t node_in = rows_.offsets.back(), self_n = plan_.self_index.size();
     recv_.resize(std::max<std::size_t>(node_in + self_n, 1) * hidden_);
@@ -344,8 +379,8 @@ private:
     const std::size_t rail_out = plan_.rail_index.size(), rail_in = plan_.forward_offsets.size() - 1;
     const std::size_t node_in = rl_.rows() - self_n;
     pool_.resize(std::max<std::size_t>(node_out + self_n + rail_out, 1) * hidden_);
-    ex_->exchange_device(exchange_group::node, row_bytes, bytes_of(back_.data()), node_recv_counts_, plan_.node_counts,
-                         returned_, 27);
+    ex_->exchange_device_known(exchange_group::node, row_bytes, bytes_of(back_.data()), node_recv_counts_,
+                               plan_.node_counts, returned_);
     if (node_out > 0)
       LOCUS_CUDA_CHECK(
           cudaMemcpyAsync(pool_.data(), returned_.rows, node_out * row_bytes, cudaMemcpyDeviceToDevice, stream_));
@@ -360,8 +395,8 @@ private:
       detail::permute::dispatch_reduce<T>(pool_.data(), index_a_.data(), index_b_.data(), ones_.data(), rail_in, hx_,
                                           stage_send_.data(), stream_);
     }
-    ex_->exchange_device(exchange_group::rail, row_bytes, bytes_of(stage_send_.data()), rail_recv_counts_,
-                         plan_.rail_counts, returned_, 28);
+    ex_->exchange_device_known(exchange_group::rail, row_bytes, bytes_of(stage_send_.data()), rail_recv_counts_,
+                               plan_.rail_counts, returned_);
     if (rail_out > 0)
       LOCUS_CUDA_CHECK(cudaMemcpyAsync(pool_.data() + (node_out + self_n) * hidden_, returned_.rows,
                                        rail_out * row_bytes, cudaMemcpyDeviceToDevice, stream_));
@@ -398,9 +433,11 @@ private:
   device_buffer<T> send_, expert_in_, expert_out_, back_;
   device_buffer<std::int32_t> row_entries_;
   device_exchange_result meta_, rows_, returned_;
+  device_counts counts_;                                      // flat: the step's count round
   device_buffer<std::int32_t> recv_row_entries_, recv_slots_; // flat: the received entry metadata
   device_buffer<float> recv_weights_;
   std::exception_ptr pending_; // this rank's routing error, raised by combine
+  bool recv_bad_ = false;      // flat: the received entry metadata was refused (device_receive_layout)
   // Hierarchical only.
   detail::device_dispatch::node_plan plan_;
   std::vector<std::int32_t> h_reo_, h_target_, h_slot_;

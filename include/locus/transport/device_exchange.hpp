@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <locus/core/error.hpp>
 #include <locus/transport/exchange.hpp>
 #include <span>
 #include <string>
@@ -22,6 +23,13 @@ struct device_exchange_result {
   std::size_t row_bytes = 0;
 };
 
+//! What a count round (`exchange_device_counts`) delivered: per source member, the rows and the
+//! entries it is going to send this member in the known-count exchanges that follow.
+struct device_counts {
+  std::vector<std::size_t> rows;    //!< rows from each source member
+  std::vector<std::size_t> entries; //!< entries from each source member
+};
+
 namespace detail::exchange {
 
 //! One member's side of a device exchange, before and after its header round: the request over
@@ -33,11 +41,20 @@ public:
   device_request(exchange_group group, std::size_t members, std::size_t row_bytes, const std::byte* send,
                  std::span<const std::size_t> counts, std::span<const std::size_t> expected, std::uint32_t stage)
       : members_(members) {
-    std::size_t total = 0;
-    for (std::size_t c : counts)
-      total += c;
-    req_ = {group, row_bytes, {send, total * row_bytes}, counts, expected};
+    req_ = {group, row_bytes, {send, sum(counts) * row_bytes}, counts, expected};
     req_.stage = stage;
+    status_ = check_request(req_, members, problem_);
+  }
+  //! A count round's request: no rows move, the headers carry `counts` rows of `row_bytes` and
+  //! `entry_counts` entries of `entry_bytes` to each member.
+  device_request(exchange_group group, std::size_t members, std::size_t row_bytes, std::span<const std::size_t> counts,
+                 std::size_t entry_bytes, std::span<const std::size_t> entry_counts, std::uint32_t stage)
+      : members_(members) {
+    req_ = {group, row_bytes, {static_cast<const std::byte*>(nullptr), sum(counts) * row_bytes}, counts, {}};
+    req_.stage = stage;
+    req_.entry_bytes = entry_bytes;
+    req_.entries = {static_cast<const std::byte*>(nullptr), sum(entry_counts) * entry_bytes};
+    req_.entry_counts = entry_counts;
     status_ = check_request(req_, members, problem_);
   }
 
@@ -69,6 +86,16 @@ public:
     }
   }
 
+  //! The count round's result, from the headers (after a clean verdict).
+  void counts(std::span<const header> received, device_counts& out) const {
+    out.rows.resize(members_);
+    out.entries.resize(members_);
+    for (std::size_t m = 0; m < members_; ++m) {
+      out.rows[m] = static_cast<std::size_t>(received[m].count);
+      out.entries[m] = static_cast<std::size_t>(received[m].entries);
+    }
+  }
+
   //! Adds the finished exchange to `bytes`.
   void add_bytes(link_counters& bytes, const group_map& groups, const device_exchange_result& out) const {
     exchange_result shape;
@@ -78,11 +105,37 @@ public:
   }
 
 private:
+  static std::size_t sum(std::span<const std::size_t> v) {
+    std::size_t total = 0;
+    for (std::size_t c : v)
+      total += c;
+    return total;
+  }
   std::size_t members_;
   exchange_request req_;
   std::uint32_t status_ = ok;
   std::string problem_;
 };
+
+//! The checks of a known-count exchange (no header round, so nothing to agree on): both count
+//! arrays have one value per member. The counts come from a count round every member made, so a
+//! failure here is a caller's error, raised before anything is posted.
+inline void check_known(const char* who, exchange_group group, std::size_t members, std::size_t row_bytes,
+                        std::span<const std::size_t> send_counts, std::span<const std::size_t> recv_counts) {
+  LOCUS_REQUIRE(row_bytes > 0, invalid_input_error, who, ": a known-count exchange with rows of zero bytes");
+  LOCUS_REQUIRE(send_counts.size() == members && recv_counts.size() == members, invalid_input_error, who,
+                ": a known-count exchange over the ", to_string(group), " group of ", members, " members got ",
+                send_counts.size(), " send counts and ", recv_counts.size(), " receive counts");
+}
+
+//! The shape of a known-count exchange's result.
+inline void known_shape(std::span<const std::size_t> recv_counts, std::size_t row_bytes, device_exchange_result& out) {
+  out.row_bytes = row_bytes;
+  out.counts.assign(recv_counts.begin(), recv_counts.end());
+  out.offsets.assign(recv_counts.size() + 1, 0);
+  for (std::size_t m = 0; m < recv_counts.size(); ++m)
+    out.offsets[m + 1] = out.offsets[m] + recv_counts[m];
+}
 
 } // namespace detail::exchange
 

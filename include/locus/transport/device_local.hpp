@@ -14,12 +14,14 @@
 //! then waits for the receivers' copies (their events), so a sender can rewrite its send buffer
 //! with work queued afterwards, without the host waiting for any copy.
 
+#include <chrono>
 #include <cuda_runtime_api.h>
 #include <locus/core/cuda_error.hpp>
 #include <locus/transport/device_exchange.hpp>
 #include <locus/transport/exchange.hpp>
 #include <locus/transport/local.hpp>
 #include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -165,63 +167,56 @@ public:
                        std::span<const std::size_t> counts, std::span<const std::size_t> expected,
                        device_exchange_result& out, std::uint32_t stage = 0) {
     namespace dx = detail::exchange;
-    const std::size_t members = groups_.size(group), self = groups_.self_member(group);
-    auto& b = fabric_->board(group, rank());
-    const auto timeout = fabric_->options().timeout;
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    const dx::position at = steps_.next(group, stage);
-    const auto sync = [&](const char* what) {
-      b.barrier.arrive_and_wait(deadline, timeout, self, group,
-                                ::locus::detail::concat(what, " of ", dx::describe(at)));
-    };
-
-    const dx::device_request req(group, members, row_bytes, send, counts, expected, stage);
-    auto& offsets = b.send_offsets[self];
-    offsets[0] = 0;
-    for (std::size_t m = 0; m < members; ++m) {
-      b.headers[self * members + m] = req.header_for(at, m);
-      offsets[m + 1] = offsets[m] + req.count(m);
-    }
-    b.send_rows[self] = send;
-    LOCUS_CUDA_CHECK(cudaEventRecord(ready_->get(), stream_));
-    b.ready[self] = ready_->get();
-    b.done[self] = done_->get();
-    sync("the header round");
-
-    received_.resize(members);
-    for (std::size_t m = 0; m < members; ++m)
-      received_[m] = b.headers[m * members + self];
-    bool expectations = false;
-    if (std::string why = req.verdict(received_, groups_, expectations); !why.empty()) {
-      sync("the header round"); // nobody rewrites the board before all have read it
-      LOCUS_THROW(transport_error, "device local transport: ", why);
-    }
-    if (expectations) {
-      b.codes[self] = dx::expectation_code(received_, expected);
-      sync("the count-agreement round");
-      std::string why = dx::expectation_verdict(b.codes, groups_, group, received_, expected);
-      sync("the count-agreement round");
-      if (!why.empty()) LOCUS_THROW(transport_error, "device local transport: ", why);
-    }
-
+    const dx::device_request req(group, groups_.size(group), row_bytes, send, counts, expected, stage);
+    rendezvous r(*this, group, stage);
+    header_round(r, req, expected);
     req.shape(received_, out);
-    parity_ ^= 1u;
-    std::byte* recv = recv_[parity_]->reserve(std::max<std::size_t>(out.offsets[members] * row_bytes, 1));
-    for (std::size_t m = 0; m < members; ++m) {
-      if (out.counts[m] == 0) continue;
-      LOCUS_CUDA_CHECK(cudaStreamWaitEvent(stream_, b.ready[m], 0));
-      LOCUS_CUDA_CHECK(cudaMemcpyAsync(recv + out.offsets[m] * row_bytes,
-                                       b.send_rows[m] + b.send_offsets[m][self] * row_bytes, out.counts[m] * row_bytes,
-                                       cudaMemcpyDeviceToDevice, stream_));
-    }
-    LOCUS_CUDA_CHECK(cudaEventRecord(done_->get(), stream_));
-    out.rows = recv;
-    // Every receiver has queued its copies (and recorded `done`) before anyone passes this barrier.
-    sync("the row stage");
-    for (std::size_t m = 0; m < members; ++m)
-      if (req.count(m) != 0) LOCUS_CUDA_CHECK(cudaStreamWaitEvent(stream_, b.done[m], 0));
+    move_rows(r, row_bytes, out);
     req.add_bytes(bytes_, groups_, out);
   }
+
+  //! Collective over `group`: a count round alone. Each member tells each member how many rows of
+  //! `row_bytes` and entries of `entry_bytes` it is going to send it in the known-count exchanges
+  //! that follow (`exchange_device_known`), with the checks of a header round, so a step needs one
+  //! round for all of them.
+  //! @throws locus::transport_error on every member when the requests disagree
+  //! @throws locus::timeout_error when a member does not arrive within the fabric's timeout
+  void exchange_device_counts(exchange_group group, std::size_t row_bytes, std::span<const std::size_t> counts,
+                              std::size_t entry_bytes, std::span<const std::size_t> entry_counts, device_counts& out,
+                              std::uint32_t stage = 0) {
+    namespace dx = detail::exchange;
+    const dx::device_request req(group, groups_.size(group), row_bytes, counts, entry_bytes, entry_counts, stage);
+    rendezvous r(*this, group, stage);
+    header_round(r, req, {});
+    req.counts(received_, out);
+  }
+
+  //! Collective over `group`: rows whose counts every member already knows (a count round's, or
+  //! the reverse of an exchange it made), `send_counts` to and `recv_counts` from each member. No
+  //! header round: the members meet only to find each other's send buffers, and no stream is
+  //! waited for. A count that disagrees with its sender's raises on the receiver (both arrays sit
+  //! on the shared board, so the check is free here).
+  //! @throws locus::invalid_input_error when a count array's size is not the group size
+  //! @throws locus::transport_error when a receive count differs from what its sender sends
+  //! @throws locus::timeout_error when a member does not arrive within the fabric's timeout
+  void exchange_device_known(exchange_group group, std::size_t row_bytes, const std::byte* send,
+                             std::span<const std::size_t> send_counts, std::span<const std::size_t> recv_counts,
+                             device_exchange_result& out) {
+    namespace dx = detail::exchange;
+    const std::size_t members = groups_.size(group);
+    dx::check_known("device local transport", group, members, row_bytes, send_counts, recv_counts);
+    dx::known_shape(recv_counts, row_bytes, out);
+    rendezvous r(*this, group, 0);
+    publish(r, send, send_counts);
+    r.sync("the rows of a known-count exchange");
+    move_rows(r, row_bytes, out, send_counts);
+    const dx::device_request req(group, members, row_bytes, send, send_counts, {}, 0);
+    req.add_bytes(bytes_, groups_, out);
+  }
+
+  //! Waits for the work queued on this endpoint's stream (the host wait a caller makes before
+  //! reading device results; the NCCL transport's form adds a timeout).
+  void synchronize(const char*) { LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
   //! The host `exchanger` form: stages host rows through device memory, so host dispatch runs on
   //! this transport unchanged (see exchange.hpp).
@@ -243,6 +238,100 @@ public:
 
 private:
   friend class device_local_fabric;
+
+  // One exchange's meeting of the members on the group's board, with its deadline.
+  struct rendezvous {
+    rendezvous(device_local_transport& t, exchange_group g, std::uint32_t stage)
+        : group(g), members(t.groups_.size(g)), self(t.groups_.self_member(g)), b(t.fabric_->board(g, t.rank())),
+          timeout(t.fabric_->options().timeout), deadline(std::chrono::steady_clock::now() + timeout), stage(stage) {}
+    void sync(const std::string& what) { b.barrier.arrive_and_wait(deadline, timeout, self, group, what); }
+    exchange_group group;
+    std::size_t members, self;
+    detail::device_local::board& b;
+    std::chrono::milliseconds timeout;
+    std::chrono::steady_clock::time_point deadline;
+    std::uint32_t stage;
+  };
+
+  // This member's send buffer, per-receiver offsets and events on the board.
+  void publish(rendezvous& r, const std::byte* send, std::span<const std::size_t> counts) {
+    auto& offsets = r.b.send_offsets[r.self];
+    offsets[0] = 0;
+    for (std::size_t m = 0; m < r.members; ++m)
+      offsets[m + 1] = offsets[m] + counts[m];
+    r.b.send_rows[r.self] = send;
+    LOCUS_CUDA_CHECK(cudaEventRecord(ready_->get(), stream_));
+    r.b.ready[r.self] = ready_->get();
+    r.b.done[r.self] = done_->get();
+  }
+
+  // The header round (and count-agreement round when `expected` is given) of `req`, which also
+  // publishes the send buffer: afterwards received_ holds the received headers.
+  void header_round(rendezvous& r, const detail::exchange::device_request& req, std::span<const std::size_t> expected) {
+    namespace dx = detail::exchange;
+    const dx::position at = steps_.next(r.group, r.stage);
+    const std::string where = ::locus::detail::concat("the header round of ", dx::describe(at));
+    for (std::size_t m = 0; m < r.members; ++m)
+      r.b.headers[r.self * r.members + m] = req.header_for(at, m);
+    count_buf_.resize(r.members);
+    for (std::size_t m = 0; m < r.members; ++m)
+      count_buf_[m] = req.count(m);
+    publish(r, req.request().rows.data(), count_buf_);
+    r.sync(where);
+    received_.resize(r.members);
+    for (std::size_t m = 0; m < r.members; ++m)
+      received_[m] = r.b.headers[m * r.members + r.self];
+    bool expectations = false;
+    if (std::string why = req.verdict(received_, groups_, expectations); !why.empty()) {
+      r.sync(where); // nobody rewrites the board before all have read it
+      LOCUS_THROW(transport_error, "device local transport: ", why);
+    }
+    if (expectations) {
+      const std::string round = ::locus::detail::concat("the count-agreement round of ", dx::describe(at));
+      r.b.codes[r.self] = dx::expectation_code(received_, expected);
+      r.sync(round);
+      std::string why = dx::expectation_verdict(r.b.codes, groups_, r.group, received_, expected);
+      r.sync(round);
+      if (!why.empty()) LOCUS_THROW(transport_error, "device local transport: ", why);
+    }
+  }
+
+  // Copies `out`'s rows out of the senders' published buffers on this stream, then makes this
+  // stream wait for the receivers of this member's rows (`sent`: its send counts; empty: the
+  // published offsets). With `sent` given the receive counts are first checked against the
+  // senders' offsets, every member meeting once more before any raises.
+  void move_rows(rendezvous& r, std::size_t row_bytes, device_exchange_result& out,
+                 std::span<const std::size_t> sent = {}) {
+    auto& b = r.b;
+    std::size_t bad = r.members, bad_sends = 0;
+    if (!sent.empty())
+      for (std::size_t m = 0; m < r.members && bad == r.members; ++m)
+        if (const std::size_t n = b.send_offsets[m][r.self + 1] - b.send_offsets[m][r.self]; n != out.counts[m]) {
+          bad = m;
+          bad_sends = n; // read now: the board is rewritten once everyone passed the next barrier
+        }
+    parity_ ^= 1u;
+    std::byte* recv = recv_[parity_]->reserve(std::max<std::size_t>(out.offsets[r.members] * row_bytes, 1));
+    if (bad == r.members)
+      for (std::size_t m = 0; m < r.members; ++m) {
+        if (out.counts[m] == 0) continue;
+        LOCUS_CUDA_CHECK(cudaStreamWaitEvent(stream_, b.ready[m], 0));
+        LOCUS_CUDA_CHECK(cudaMemcpyAsync(recv + out.offsets[m] * row_bytes,
+                                         b.send_rows[m] + b.send_offsets[m][r.self] * row_bytes,
+                                         out.counts[m] * row_bytes, cudaMemcpyDeviceToDevice, stream_));
+      }
+    LOCUS_CUDA_CHECK(cudaEventRecord(done_->get(), stream_));
+    out.rows = recv;
+    // Every receiver has queued its copies (and recorded `done`) before anyone passes this barrier.
+    r.sync("the row stage");
+    for (std::size_t m = 0; m < r.members; ++m)
+      if (b.send_offsets[r.self][m + 1] != b.send_offsets[r.self][m])
+        LOCUS_CUDA_CHECK(cudaStreamWaitEvent(stream_, b.done[m], 0));
+    LOCUS_REQUIRE(bad == r.members, transport_error, "device local transport: rank ", rank(), " expected ",
+                  out.counts[bad], " rows from rank ", groups_.world_rank_of(r.group, bad), " in a known-count ",
+                  "exchange over the ", to_string(r.group), " group, which sends it ", bad_sends);
+  }
+
   device_local_transport(device_local_fabric& f, std::size_t rank, cudaStream_t stream)
       : fabric_(&f), groups_{f.topology(), rank}, stream_(stream),
         ready_(std::make_unique<detail::device_local::event>()),
@@ -260,6 +349,7 @@ private:
   link_counters bytes_;
   detail::exchange::step_counter steps_;
   std::vector<detail::exchange::header> received_;
+  std::vector<std::size_t> count_buf_;
 };
 
 inline device_local_transport device_local_fabric::endpoint(std::size_t rank, cudaStream_t stream) {

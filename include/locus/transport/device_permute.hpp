@@ -10,13 +10,16 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <locus/core/bfloat16.hpp>
 #include <locus/core/device_buffer.hpp>
+#include <locus/core/error.hpp>
 #include <locus/transport/detail/dispatch_permute.hpp>
 #include <locus/transport/detail/stage.hpp>
 #include <locus/transport/device_layout.hpp>
 #include <locus/transport/layout.hpp>
 #include <span>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -26,32 +29,47 @@ namespace detail::permute {
 template <class T>
 inline constexpr bool device_element = std::is_same_v<T, float> || std::is_same_v<T, bfloat16>;
 
-// The receive-layout stage bodies as kernels (detail/stage.hpp).
+// The receive-metadata check and the receive-layout stage bodies as kernels (detail/stage.hpp);
+// each body after the check does nothing once the check's word (`skip`) is set, so bad metadata
+// writes nothing out of bounds.
 template <class = void>
-__global__ void entry_rows_kernel(const std::int32_t* offsets, std::size_t rows, std::int32_t* entry_row) {
+__global__ void receive_check_kernel(const std::int32_t* row_entry_counts, std::size_t rows, const std::int32_t* slot,
+                                     std::size_t entries, std::size_t slots, std::int32_t* flag) {
+  stage::receive_metadata_check(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, row_entry_counts,
+                                rows, slot, entries, slots, flag);
+}
+template <class = void>
+__global__ void entry_rows_kernel(const std::int32_t* skip, const std::int32_t* offsets, std::size_t rows,
+                                  std::int32_t* entry_row) {
+  if (*skip) return;
   stage::entry_rows(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, offsets, rows, entry_row);
 }
 template <class = void>
-__global__ void slot_chunk_count_kernel(const std::int32_t* slot, std::size_t entries, std::size_t slots,
-                                        std::size_t chunk, std::int32_t* count) {
+__global__ void slot_chunk_count_kernel(const std::int32_t* skip, const std::int32_t* slot, std::size_t entries,
+                                        std::size_t slots, std::size_t chunk, std::int32_t* count) {
+  if (*skip) return;
   stage::slot_chunk_count(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, slot, entries, slots,
                           chunk, count);
 }
 template <class = void>
-__global__ void slot_offsets_kernel(const std::int32_t* at, std::size_t entries, std::size_t slots, std::size_t chunk,
-                                    std::int32_t* slot_offsets) {
+__global__ void slot_offsets_kernel(const std::int32_t* skip, const std::int32_t* at, std::size_t entries,
+                                    std::size_t slots, std::size_t chunk, std::int32_t* slot_offsets) {
+  if (*skip) return;
   stage::slot_offsets_of(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, at, entries, slots, chunk,
                          slot_offsets);
 }
 template <class = void>
-__global__ void slot_chunk_place_kernel(const std::int32_t* slot, const float* weight, const std::int32_t* entry_row,
-                                        std::size_t entries, std::size_t chunk, const std::int32_t* at,
-                                        std::int32_t* expert_row, float* expert_weight, std::int32_t* position) {
+__global__ void slot_chunk_place_kernel(const std::int32_t* skip, const std::int32_t* slot, const float* weight,
+                                        const std::int32_t* entry_row, std::size_t entries, std::size_t chunk,
+                                        const std::int32_t* at, std::int32_t* expert_row, float* expert_weight,
+                                        std::int32_t* position) {
+  if (*skip) return;
   stage::slot_chunk_place(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, slot, weight, entry_row,
                           entries, chunk, at, expert_row, expert_weight, position);
 }
 template <class = void>
-__global__ void scan_kernel(const std::int32_t* in, std::size_t n, std::int32_t* out) {
+__global__ void scan_kernel(const std::int32_t* skip, const std::int32_t* in, std::size_t n, std::int32_t* out) {
+  if (*skip) return;
   stage::exclusive_scan(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, in, n, out);
 }
 inline unsigned blocks_for(std::size_t n) { return static_cast<unsigned>(std::max<std::size_t>((n + 255) / 256, 1)); }
@@ -73,11 +91,14 @@ public:
     entry_position_.upload(rl.entry_position(), stream);
     expert_weight_.upload(rl.expert_weight(), stream);
     slot_offsets_host_.assign(rl.slot_offsets().begin(), rl.slot_offsets().end());
+    checked_ = false;
   }
 
   //! Builds the layout on `stream` from received metadata in device memory: `rows` row entry
   //! counts, `entries` slots in [0, slots) and weights (or null). Same order as receive_layout.
-  //! Only the slot offsets are read back: valid in slot_offsets_host() once `stream` synchronised.
+  //! The metadata is checked first on the device (stage::receive_metadata_check); the verdict
+  //! comes back with the slot offsets, the only values read back, so it costs no wait of its own.
+  //! Once `stream` synchronised: call built_error(), then slot_offsets_host() is valid.
   void build(std::size_t slots, const std::int32_t* row_entry_counts, std::size_t rows, const std::int32_t* entry_slot,
              const float* entry_weight, std::size_t entries, cudaStream_t stream = nullptr) {
     namespace dp = detail::permute;
@@ -92,24 +113,52 @@ public:
     entry_row_.resize(std::max<std::size_t>(entries, 1));
     count_.resize(std::max<std::size_t>(slots * chunks, 1));
     at_.resize(slots * chunks + 1);
-    slot_offsets_.resize(slots + 1);
-    dp::scan_kernel<><<<1, 1, 0, stream>>>(row_entry_counts, rows, row_entry_offsets_.data());
+    // The slot offsets, then the check's word: one copy back brings both.
+    slot_offsets_.resize(slots + 2);
+    std::int32_t* const flag = slot_offsets_.data() + slots + 1;
+    LOCUS_CUDA_CHECK(cudaMemsetAsync(flag, 0, sizeof(std::int32_t), stream));
+    dp::receive_check_kernel<>
+        <<<dp::blocks_for(entries), 256, 0, stream>>>(row_entry_counts, rows, entry_slot, entries, slots, flag);
+    dp::scan_kernel<><<<1, 1, 0, stream>>>(flag, row_entry_counts, rows, row_entry_offsets_.data());
     dp::entry_rows_kernel<>
-        <<<dp::blocks_for(rows), 256, 0, stream>>>(row_entry_offsets_.data(), rows, entry_row_.data());
+        <<<dp::blocks_for(rows), 256, 0, stream>>>(flag, row_entry_offsets_.data(), rows, entry_row_.data());
     dp::slot_chunk_count_kernel<>
-        <<<dp::blocks_for(chunks), 256, 0, stream>>>(entry_slot, entries, slots, chunk, count_.data());
-    dp::scan_kernel<><<<1, 1, 0, stream>>>(count_.data(), slots * chunks, at_.data());
+        <<<dp::blocks_for(chunks), 256, 0, stream>>>(flag, entry_slot, entries, slots, chunk, count_.data());
+    dp::scan_kernel<><<<1, 1, 0, stream>>>(flag, count_.data(), slots * chunks, at_.data());
     dp::slot_offsets_kernel<>
-        <<<dp::blocks_for(slots + 1), 256, 0, stream>>>(at_.data(), entries, slots, chunk, slot_offsets_.data());
+        <<<dp::blocks_for(slots + 1), 256, 0, stream>>>(flag, at_.data(), entries, slots, chunk, slot_offsets_.data());
     dp::slot_chunk_place_kernel<><<<dp::blocks_for(chunks), 256, 0, stream>>>(
-        entry_slot, entry_weight, entry_row_.data(), entries, chunk, at_.data(), expert_row_.data(),
+        flag, entry_slot, entry_weight, entry_row_.data(), entries, chunk, at_.data(), expert_row_.data(),
         entry_weight ? expert_weight_.data() : nullptr, entry_position_.data());
     LOCUS_CUDA_CHECK(cudaGetLastError());
-    slot_offsets_host_.resize(slots + 1);
+    slot_offsets_host_.resize(slots + 2);
     slot_offsets_.download(std::span<std::int32_t>(slot_offsets_host_), stream);
+    checked_ = true;
   }
+
+  //! After a build's stream synchronised: null when the received metadata was good, else a
+  //! locus::transport_error saying what was wrong; the layout is then one of no rows and no
+  //! entries (its slot offsets all zero), so nothing reads what the build skipped.
+  std::exception_ptr built_error() {
+    if (!checked_) return nullptr;
+    checked_ = false;
+    const std::int32_t bits = slot_offsets_host_.back();
+    slot_offsets_host_.pop_back();
+    if (bits == 0) return nullptr;
+    rows_ = entries_ = 0;
+    std::fill(slot_offsets_host_.begin(), slot_offsets_host_.end(), 0);
+    namespace st = detail::stage;
+    return std::make_exception_ptr(transport_error(
+        std::string("device_receive_layout: bad received entry metadata:") +
+        (bits & st::bad_row_entries ? " a row without entries;" : "") +
+        (bits & st::bad_entry_total ? " row entry counts that do not add up to the entries received;" : "") +
+        (bits & st::bad_slot ? " an entry's slot outside this rank's slots;" : "")));
+  }
+
   //! Expert-input segment of each local slot (slots + 1 values, host).
-  std::span<const std::int32_t> slot_offsets_host() const noexcept { return slot_offsets_host_; }
+  std::span<const std::int32_t> slot_offsets_host() const noexcept {
+    return std::span<const std::int32_t>(slot_offsets_host_).first(slot_offsets_host_.size() - (checked_ ? 1 : 0));
+  }
   std::size_t rows() const noexcept { return rows_; }
   std::size_t entries() const noexcept { return entries_; }
   const std::int32_t* row_entry_offsets() const noexcept { return row_entry_offsets_.data(); }
@@ -123,7 +172,8 @@ private:
   device_buffer<std::int32_t> row_entry_offsets_, expert_row_, entry_position_;
   device_buffer<float> expert_weight_;
   device_buffer<std::int32_t> entry_row_, count_, at_, slot_offsets_; // build's scratch
-  std::vector<std::int32_t> slot_offsets_host_;
+  std::vector<std::int32_t> slot_offsets_host_;                       // build: + the check's word until built_error()
+  bool checked_ = false; // build's check word still at the end of slot_offsets_host_
 };
 
 //! `send[r] = tokens[row_token[r]]` for the `l.rows()` rows.

@@ -11,7 +11,11 @@
 //! wait polls the stream with a deadline and watches `ncclCommGetAsyncError`; on timeout every
 //! communicator is aborted (`ncclCommAbort`) and locus::timeout_error is raised.
 //!
-//! `exchange_device` moves device rows (the production path). `exchange` satisfies the host
+//! `exchange_device_counts` is a header round alone (rows and entries per peer) and
+//! `exchange_device_known` moves rows whose counts both sides know, with no header round and no
+//! wait (a lost peer surfaces at the next timed wait: a header round or `synchronize()`); the
+//! device dispatcher's flat step uses one count round, then known-count exchanges only.
+//! `exchange_device` moves device rows with their own header round. `exchange` satisfies the host
 //! `exchanger` concept by staging host rows through device memory, so `moe_dispatcher` runs on it
 //! unchanged. Policies: `nccl_flat`, `nccl_hierarchical`.
 
@@ -150,24 +154,98 @@ public:
   void begin_step(std::uint64_t step) noexcept { steps_.begin(step); }
 
   //! Collective over `group`: `send` holds device rows ordered by destination member.
-  //! `stage` names the exchange within the step (exchange_request::stage).
+  //! `stage` names the exchange within the step (exchange_request::stage). Two waits: the header
+  //! round (counts) and the rows.
   //! @throws locus::transport_error on every member when the requests disagree
   //! @throws locus::timeout_error when the exchange does not finish within the timeout
   void exchange_device(exchange_group group, std::size_t row_bytes, const std::byte* send,
                        std::span<const std::size_t> counts, std::span<const std::size_t> expected,
                        device_exchange_result& out, std::uint32_t stage = 0) {
     namespace dx = detail::exchange;
+    const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
+    const dx::device_request req(group, groups_.size(group), row_bytes, send, counts, expected, stage);
+    const dx::position at = header_round(group, req, expected, deadline);
+    req.shape(std::span<const dx::header>(host_headers_.data() + groups_.size(group), groups_.size(group)), out);
+    post_rows(group, row_bytes, send, counts, out);
+    wait(deadline, group, ::locus::detail::concat("the row exchange of ", dx::describe(at)));
+    req.add_bytes(bytes_, groups_, out);
+  }
+
+  //! Collective over `group`: a count round alone (one wait). Each member tells each member how
+  //! many rows of `row_bytes` and entries of `entry_bytes` it is going to send it in the
+  //! known-count exchanges that follow (`exchange_device_known`), with the checks of a header
+  //! round (the exchange's name, widths, array sizes), so a step needs one round for all of them.
+  //! @throws locus::transport_error on every member when the requests disagree
+  //! @throws locus::timeout_error when the round does not finish within the timeout
+  void exchange_device_counts(exchange_group group, std::size_t row_bytes, std::span<const std::size_t> counts,
+                              std::size_t entry_bytes, std::span<const std::size_t> entry_counts, device_counts& out,
+                              std::uint32_t stage = 0) {
+    namespace dx = detail::exchange;
+    const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
+    const dx::device_request req(group, groups_.size(group), row_bytes, counts, entry_bytes, entry_counts, stage);
+    header_round(group, req, {}, deadline);
+    req.counts(std::span<const dx::header>(host_headers_.data() + groups_.size(group), groups_.size(group)), out);
+  }
+
+  //! Collective over `group`: rows whose counts every member already knows (a count round's, or
+  //! the reverse of an exchange it made), `send_counts` to and `recv_counts` from each member. No
+  //! header round and no wait: the rows are posted on the stream and ready for work queued
+  //! afterwards; a peer that never posts is caught, with the timeout, by the next wait on the
+  //! stream (the next count round or synchronize()).
+  //! @throws locus::invalid_input_error when a count array's size is not the group size
+  void exchange_device_known(exchange_group group, std::size_t row_bytes, const std::byte* send,
+                             std::span<const std::size_t> send_counts, std::span<const std::size_t> recv_counts,
+                             device_exchange_result& out) {
+    namespace dx = detail::exchange;
+    LOCUS_REQUIRE(!broken_, transport_error, "nccl_transport: unusable after an earlier exchange timed out");
+    const std::size_t members = groups_.size(group);
+    dx::check_known("nccl_transport", group, members, row_bytes, send_counts, recv_counts);
+    dx::known_shape(recv_counts, row_bytes, out);
+    post_rows(group, row_bytes, send, send_counts, out);
+    const dx::device_request req(group, members, row_bytes, send, send_counts, {}, 0);
+    req.add_bytes(bytes_, groups_, out);
+  }
+
+  //! Waits for the work queued on the stream, with the transport's timeout and error watch (the
+  //! host wait a caller makes before reading device results, e.g. a layout's offsets).
+  //! @throws locus::timeout_error when the stream does not finish within the timeout
+  void synchronize(const char* what) {
+    LOCUS_REQUIRE(!broken_, transport_error, "nccl_transport: unusable after an earlier exchange timed out");
+    wait(std::chrono::steady_clock::now() + options_.timeout, exchange_group::world, what);
+  }
+
+  //! The host `exchanger` form: stages host rows through device memory (see exchange.hpp).
+  void exchange(const exchange_request& req, exchange_result& out) {
+    std::byte* d_send = send_.reserve(std::max<std::size_t>(req.rows.size(), 1));
+    if (!req.rows.empty())
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(d_send, req.rows.data(), req.rows.size(), cudaMemcpyHostToDevice, stream_));
+    device_exchange_result d;
+    exchange_device(req.group, req.row_bytes, d_send, req.counts, req.expected_counts, d, req.stage);
+    detail::exchange::count_kept(bytes_, req);
+    out.row_bytes = req.row_bytes;
+    out.counts = d.counts;
+    out.offsets = d.offsets;
+    out.rows.resize(out.offsets.back() * req.row_bytes);
+    if (!out.rows.empty()) {
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(out.rows.data(), d.rows, out.rows.size(), cudaMemcpyDeviceToHost, stream_));
+      wait(std::chrono::steady_clock::now() + options_.timeout, req.group, "copying received rows to the host");
+    }
+  }
+
+private:
+  // The header round (and count-agreement round when `expected` is given) of `req`: afterwards
+  // host_headers_[members, 2 * members) hold the received headers. Returns the exchange's name.
+  detail::exchange::position header_round(exchange_group group, const detail::exchange::device_request& req,
+                                          std::span<const std::size_t> expected,
+                                          std::chrono::steady_clock::time_point deadline) {
+    namespace dx = detail::exchange;
     LOCUS_REQUIRE(!broken_, transport_error, "nccl_transport: unusable after an earlier exchange timed out");
     const ncclComm_t comm = communicator(group);
     const std::size_t members = groups_.size(group);
-    const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
-    const dx::position at = steps_.next(group, stage);
-
-    const dx::device_request req(group, members, row_bytes, send, counts, expected, stage);
+    const dx::position at = steps_.next(group, req.request().stage);
     host_headers_.resize(2 * members);
     for (std::size_t m = 0; m < members; ++m)
       host_headers_[m] = req.header_for(at, m);
-    // Header round: one header to and from every member.
     std::byte* d_headers = headers_.reserve(2 * members * sizeof(dx::header));
     LOCUS_CUDA_CHECK(cudaMemcpyAsync(d_headers, host_headers_.data(), members * sizeof(dx::header),
                                      cudaMemcpyHostToDevice, stream_));
@@ -196,40 +274,26 @@ public:
       if (std::string why = dx::expectation_verdict(codes, groups_, group, received, expected); !why.empty())
         LOCUS_THROW(transport_error, "nccl_transport: ", why);
     }
-    // Rows.
-    req.shape(received, out);
+    return at;
+  }
+
+  // Posts the rows: `send_counts` rows to each member from `send`, `out`'s counts from each member
+  // into the receive buffer (out.rows).
+  void post_rows(exchange_group group, std::size_t row_bytes, const std::byte* send,
+                 std::span<const std::size_t> send_counts, device_exchange_result& out) {
+    const std::size_t members = groups_.size(group);
     offsets_a_.assign(members + 1, 0);
     offsets_b_.assign(members + 1, 0);
     for (std::size_t m = 0; m < members; ++m) {
-      offsets_a_[m + 1] = offsets_a_[m] + req.count(m) * row_bytes;
+      offsets_a_[m + 1] = offsets_a_[m] + send_counts[m] * row_bytes;
       offsets_b_[m + 1] = out.offsets[m + 1] * row_bytes;
     }
     std::byte* d_recv = recv_.reserve(std::max<std::size_t>(offsets_b_[members], 1));
-    detail::nccl::exchange_peers(members, {send, offsets_a_.data(), d_recv, offsets_b_.data(), comm, stream_});
-    wait(deadline, group, ::locus::detail::concat("the row exchange of ", dx::describe(at)));
+    detail::nccl::exchange_peers(members,
+                                 {send, offsets_a_.data(), d_recv, offsets_b_.data(), communicator(group), stream_});
     out.rows = d_recv;
-    req.add_bytes(bytes_, groups_, out);
   }
 
-  //! The host `exchanger` form: stages host rows through device memory (see exchange.hpp).
-  void exchange(const exchange_request& req, exchange_result& out) {
-    std::byte* d_send = send_.reserve(std::max<std::size_t>(req.rows.size(), 1));
-    if (!req.rows.empty())
-      LOCUS_CUDA_CHECK(cudaMemcpyAsync(d_send, req.rows.data(), req.rows.size(), cudaMemcpyHostToDevice, stream_));
-    device_exchange_result d;
-    exchange_device(req.group, req.row_bytes, d_send, req.counts, req.expected_counts, d, req.stage);
-    detail::exchange::count_kept(bytes_, req);
-    out.row_bytes = req.row_bytes;
-    out.counts = d.counts;
-    out.offsets = d.offsets;
-    out.rows.resize(out.offsets.back() * req.row_bytes);
-    if (!out.rows.empty()) {
-      LOCUS_CUDA_CHECK(cudaMemcpyAsync(out.rows.data(), d.rows, out.rows.size(), cudaMemcpyDeviceToHost, stream_));
-      wait(std::chrono::steady_clock::now() + options_.timeout, req.group, "copying received rows to the host");
-    }
-  }
-
-private:
   void fixed_offsets(std::size_t members, std::size_t bytes) {
     offsets_a_.resize(members + 1);
     for (std::size_t m = 0; m <= members; ++m)

@@ -454,4 +454,50 @@ LOCUS_HOST_DEVICE void slot_chunk_place(grid_index g, const std::int32_t* LOCUS_
 }
 //! @}
 
+//! @name Receive-metadata check
+//! What the receive-layout bodies assume of received metadata, checked where it lies before they
+//! run (the host receive_layout refuses the same): every row has at least one entry, the rows'
+//! entry counts add up to `entries`, and every entry's slot lies in [0, slots). A violation sets
+//! its bit in `*flag` (zeroed beforehand), so the device build can read the verdict with the slot
+//! offsets it copies back anyway, and skip its other bodies instead of writing out of bounds.
+//! @{
+inline constexpr std::int32_t bad_row_entries = 1; //!< a row with no (or a negative count of) entries
+inline constexpr std::int32_t bad_entry_total = 2; //!< the rows' entry counts do not add up to `entries`
+inline constexpr std::int32_t bad_slot = 4;        //!< an entry's slot outside [0, slots)
+
+//! Sets `bits` in `*flag` (atomically on the device: many threads may find violations).
+LOCUS_HOST_DEVICE void flag_set(std::int32_t* flag, std::int32_t bits) {
+#if LOCUS_IS_DEVICE_PASS()
+  atomicOr(flag, bits);
+#else
+  *flag |= bits;
+#endif
+}
+
+//! Thread 0 checks the `rows` entry counts (summed in 64 bits, so no count can wrap the total);
+//! every thread checks a stride of the `entries` slots.
+LOCUS_HOST_DEVICE void receive_metadata_check(grid_index g, const std::int32_t* LOCUS_RESTRICT row_entry_counts,
+                                              std::size_t rows, const std::int32_t* LOCUS_RESTRICT entry_slot,
+                                              std::size_t entries, std::size_t slots, std::int32_t* flag) {
+  const std::size_t first = g.block * g.threads + g.thread, stride = g.blocks * g.threads;
+  if (first == 0) {
+    long long total = 0;
+    std::int32_t bits = 0;
+    for (std::size_t r = 0; r < rows; ++r) {
+      if (row_entry_counts[r] < 1)
+        bits |= bad_row_entries;
+      else
+        total += row_entry_counts[r];
+    }
+    if (total != static_cast<long long>(entries)) bits |= bad_entry_total;
+    if (bits) flag_set(flag, bits);
+  }
+  for (std::size_t e = first; e < entries; e += stride)
+    if (entry_slot[e] < 0 || static_cast<std::size_t>(entry_slot[e]) >= slots) {
+      flag_set(flag, bad_slot);
+      return; // one is enough for this thread
+    }
+}
+//! @}
+
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::stage
