@@ -31,8 +31,8 @@ std::vector<double> expert_rows(const placement::token_sample& s, std::size_t la
 // so no copy saves anything and the copy-saving fill adds none.
 struct single_copy_binds {
   dynamic_topology topo{4, 1};
-  std::vector<expert_map> maps{expert_map(8, 4, 3,
-                                          {0, 1, empty_slot, 2, 3, empty_slot, 4, 5, empty_slot, 6, 7, empty_slot})};
+  std::vector<expert_map> maps{
+      expert_map(8, 4, 3, {0, 1, empty_slot, 2, 3, empty_slot, 4, 5, empty_slot, 6, 7, empty_slot})};
   placement::token_sample s;
   single_copy_binds() {
     s.experts = 8;
@@ -139,7 +139,7 @@ BOOST_AUTO_TEST_CASE(floor_hedges_keep_their_budget_and_are_deterministic) {
     opt.hedge_resamples = 8 + rng() % 24;
     opt.hedge_seed = static_cast<std::uint64_t>(trial);
     placement::detail::token_refine::replica_state<dynamic_topology> state(maps[0], s.ids[0], s.home, s.top_k, topo,
-                                                                          opt, 0, {}, s.request);
+                                                                           opt, 0, {}, s.request);
     const std::size_t hedges = state.hedge();
     const expert_map after = state.to_map();
     std::size_t copies = 0;

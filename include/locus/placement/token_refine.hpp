@@ -38,9 +38,9 @@
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/core/random.hpp>
-#include <locus/placement/split_floor.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/placement/load_bound.hpp>
+#include <locus/placement/split_floor.hpp>
 #include <locus/trace/trace.hpp>
 #include <locus/transport/detail/layout_token.hpp>
 #include <locus/transport/replica_selection.hpp>
@@ -1128,10 +1128,10 @@ public:
           if (in_set[r] || free_slot(r) == spr_ || !balanced(e, r)) continue;
           const bool fits = x >= need;
           const double g = gain(e, r);
-          const bool better = best.rows < 0 || (fits != best.fits ? fits
-                                                : fits            ? g > best.gain + 1e-9
-                                                                  : x > best.rows + 1e-9 ||
-                                                                     (x >= best.rows - 1e-9 && g > best.gain + 1e-9));
+          const bool better =
+              best.rows < 0 || (fits != best.fits ? fits
+                                : fits            ? g > best.gain + 1e-9
+                                       : x > best.rows + 1e-9 || (x >= best.rows - 1e-9 && g > best.gain + 1e-9));
           if (better) best = {fits, x, g, e, r};
         }
       }
