@@ -100,11 +100,11 @@ BOOST_AUTO_TEST_CASE(a_binding_single_copy_expert_gets_a_copy_and_the_floor_drop
 }
 
 // Random maps and samples: never more hedge copies than the budget, each in an empty slot with the
-// existing copies kept, the sample's floor never higher than before (a copy only adds choices),
-// and the same map from the same inputs.
+// existing copies kept, the sample's copy cost within the byte bound when one is set, the sample's floor never higher
+// than before (a copy only adds choices), and the same map from the same inputs.
 BOOST_AUTO_TEST_CASE(floor_hedges_keep_their_budget_and_are_deterministic) {
   std::mt19937 rng(7);
-  std::size_t hedged_some = 0;
+  std::size_t hedged_some = 0, over = 0, cut = 0;
   for (int trial = 0; trial < 40; ++trial) {
     const std::size_t nodes = 2 + rng() % 3, gpus = 1 + rng() % 2, ranks = nodes * gpus;
     const std::size_t spare = 1 + rng() % 2, spr = 2 + spare, experts = ranks * (spr - spare);
@@ -156,6 +156,24 @@ BOOST_AUTO_TEST_CASE(floor_hedges_keep_their_budget_and_are_deterministic) {
                placement::min_max_split(maps[0], rows).max_over_mean + 1e-9);
     const auto out = placement::add_replicas_by_tokens(maps, s, topo, opt);
     BOOST_TEST((out[0] == placement::add_replicas_by_tokens(maps, s, topo, opt)[0]));
+    // The byte bound: the sample's copy cost at most (1 + budget) × the plain fill's.
+    const auto cost_of = [&](const expert_map& m) {
+      return placement::detail::token_refine::replica_state<dynamic_topology>(m, s.ids[0], s.home, s.top_k, topo, opt,
+                                                                              0, {}, s.request)
+          .cost();
+    };
+    placement::token_refine_options plain = opt, bounded = opt;
+    plain.hedge_replicas = 0;
+    bounded.hedge_cost_budget = 0.01 * static_cast<double>(trial % 3);
+    const double plain_cost = cost_of(placement::add_replicas_by_tokens(maps, s, topo, plain)[0]);
+    const auto within = placement::add_replicas_by_tokens(maps, s, topo, bounded);
+    if (bounded.hedge_cost_budget > 0) {
+      BOOST_TEST(cost_of(within[0]) <= plain_cost * (1 + bounded.hedge_cost_budget) + 1e-6);
+      cut += !(within[0] == out[0]);
+    }
+    over += cost_of(out[0]) > plain_cost * 1.02 + 1e-6;
   }
   BOOST_TEST(hedged_some > 10u);
+  BOOST_TEST(over > 0u); // unbounded hedges do cost bytes here, so the bound is tested where it binds
+  BOOST_TEST(cut > 0u);
 }

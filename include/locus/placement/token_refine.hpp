@@ -160,6 +160,10 @@ struct token_refine_options {
   //! the target, else the heaviest. At most hedge_replicas copies per layer (the budget). A map
   //! whose floor is above the target is plan-limited: no replica rule at run time can fix it.
   double hedge_floor = 0;
+  //! Byte bound of the floor hedge (0: none): with it, a layer's hedge copies are cut back, last
+  //! first, until the sample's copy cost after the fill is at most (1 + this) × the cost the fill
+  //! reaches without hedge copies.
+  double hedge_cost_budget = 0;
 
   //! Sets the copy weights to count what `c` names (1 for each kind counted, 0 otherwise).
   token_refine_options& count(copy_count c) noexcept {
@@ -1144,6 +1148,14 @@ public:
 
   expert_map to_map() const { return expert_map(experts_, ranks_, spr_, table_); }
 
+  //! The sample's copy cost with the copies as they are.
+  double cost() {
+    double c = 0;
+    for (std::size_t t = 0; t < tokens_; ++t)
+      c += token_cost(t, k_, -1);
+    return c;
+  }
+
 private:
   //! The ranks serving expert e's pairs (pairs_of_[e], in order) were its copies on `copies` (in
   //! rank order): the replica rule of the selector (placement::expert_replica_candidates and
@@ -1420,11 +1432,28 @@ std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& ma
     // The draws cost O(resamples × requests × ranks) per hedge copy: bound the factor.
     LOCUS_REQUIRE(opt.hedge_resamples <= 4096, config_error, "add_replicas_by_tokens: ", opt.hedge_resamples,
                   " hedge resamples (at most 4,096)");
-    detail::token_refine::replica_state<Topology> s(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt, l,
-                                                    sample.mix_group, sample.request);
-    s.hedge();
-    s.fill();
-    out.push_back(s.to_map());
+    LOCUS_REQUIRE(opt.hedge_cost_budget >= 0, config_error, "add_replicas_by_tokens: negative hedge cost budget ",
+                  opt.hedge_cost_budget);
+    // The layer's map and its sample cost with at most `hedges` hedge copies.
+    const auto run = [&](std::size_t hedges, std::size_t* made) {
+      token_refine_options o = opt;
+      o.hedge_replicas = hedges;
+      detail::token_refine::replica_state<Topology> s(maps[l], sample.ids[l], sample.home, sample.top_k, topo, o, l,
+                                                      sample.mix_group, sample.request);
+      const std::size_t n = s.hedge();
+      if (made != nullptr) *made = n;
+      s.fill();
+      const double c = opt.hedge_cost_budget > 0 ? s.cost() : 0.0;
+      return std::pair<expert_map, double>(s.to_map(), c);
+    };
+    std::size_t made = 0;
+    auto best = run(opt.hedge_replicas, &made);
+    if (made > 0 && opt.hedge_floor > 0 && opt.hedge_cost_budget > 0) {
+      const double bound = run(0, nullptr).second * (1 + opt.hedge_cost_budget) + 1e-9;
+      for (std::size_t n = made; n-- > 0 && best.second > bound;)
+        best = run(n, nullptr); // n = 0 is the plain fill: within the bound
+    }
+    out.push_back(std::move(best.first));
   }
   return out;
 }
