@@ -172,6 +172,12 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
                  "resampled training requests (0: off)");
   app.add_option("--hedge-z", popt.refine.hedge_z, "Hedge replicas: a GPU's risk is its mean share + this many sd");
   app.add_option("--hedge-excess", popt.refine.hedge_excess, "Hedge replicas: hedge GPUs whose risk exceeds 1 + this");
+  app.add_option("--hedge-floor", popt.refine.hedge_floor,
+                 "Hedge replicas: instead of the risk rule, copy experts out of the binding GPU set until the worst "
+                 "balance floor over the resamples is at most this (0: off)");
+  app.add_option("--hedge-cost-budget", popt.refine.hedge_cost_budget,
+                 "Floor hedge: at most this share more sampled copy cost than without hedge copies (0: no bound)");
+  app.add_option("--hedge-resamples", popt.refine.hedge_resamples, "Hedge replicas: bootstrap draws of the requests");
   app.add_option("--shift-slack", popt.refine.shift_slack, "Token-level stage: GPU load bound under a shifted mix");
   app.add_option("--shift-by", shift_by, "Token-level stage: what a shifted mix grows (node, request class, request)")
       ->check(CLI::IsMember({"node", "class", "request"}));

@@ -40,6 +40,7 @@
 #include <locus/core/random.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/placement/load_bound.hpp>
+#include <locus/placement/split_floor.hpp>
 #include <locus/trace/trace.hpp>
 #include <locus/transport/detail/layout_token.hpp>
 #include <locus/transport/replica_selection.hpp>
@@ -151,6 +152,18 @@ struct token_refine_options {
   double hedge_z = 2.0;             //!< a GPU's risk: its mean share plus this many standard deviations
   double hedge_excess = 0.05;       //!< GPUs whose risk exceeds (1 + this) × the mean are hedged
   std::uint64_t hedge_seed = 1;     //!< layer l's draws come from splitmix64(seed, l)
+  //! Floor-targeted hedging (0: off; else the target, e.g. 1.10). Replaces the risk rule above:
+  //! while the worst balance floor (split_floor.hpp: the lowest GPU max/mean any split of each
+  //! expert's rows among its copies reaches) over the hedge_resamples draws of the requests is
+  //! above this, the draw's binding rank set S gets one copy, outside S, of an expert hosted only
+  //! on S: the one that saves the most copies among those heavy enough to bring S's density to
+  //! the target, else the heaviest. At most hedge_replicas copies per layer (the budget). A map
+  //! whose floor is above the target is plan-limited: no replica rule at run time can fix it.
+  double hedge_floor = 0;
+  //! Byte bound of the floor hedge (0: none): with it, a layer's hedge copies are cut back, last
+  //! first, until the sample's copy cost after the fill is at most (1 + this) × the cost the fill
+  //! reaches without hedge copies.
+  double hedge_cost_budget = 0;
 
   //! Sets the copy weights to count what `c` names (1 for each kind counted, 0 otherwise).
   token_refine_options& count(copy_count c) noexcept {
@@ -952,30 +965,40 @@ public:
     return added;
   }
 
-  //! Hedge replicas (token_refine_options::hedge_replicas), before fill(). Returns those added.
-  std::size_t hedge() {
-    if (opt_.hedge_replicas == 0 || opt_.hedge_resamples == 0 || tokens_ == 0) return 0;
-    // Requests as dense indices, in order of first appearance.
+  //! Each token's request as a dense index (ascending request id), and how many requests.
+  std::pair<std::vector<std::uint32_t>, std::size_t> request_indices() const {
     std::vector<std::uint32_t> req(tokens_);
-    std::size_t requests = 0;
     if (request_.empty()) {
       std::iota(req.begin(), req.end(), 0u);
-      requests = tokens_;
-    } else {
-      std::vector<std::uint32_t> ids(request_.begin(), request_.end());
-      std::sort(ids.begin(), ids.end());
-      ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-      for (std::size_t t = 0; t < tokens_; ++t)
-        req[t] = static_cast<std::uint32_t>(std::lower_bound(ids.begin(), ids.end(), request_[t]) - ids.begin());
-      requests = ids.size();
+      return {std::move(req), tokens_};
     }
-    // Draws: how often each request is picked when the requests are drawn again with replacement.
+    std::vector<std::uint32_t> ids(request_.begin(), request_.end());
+    std::sort(ids.begin(), ids.end());
+    ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+    for (std::size_t t = 0; t < tokens_; ++t)
+      req[t] = static_cast<std::uint32_t>(std::lower_bound(ids.begin(), ids.end(), request_[t]) - ids.begin());
+    return {std::move(req), ids.size()};
+  }
+
+  //! Bootstrap draws: how often each request is picked when the requests are drawn again with
+  //! replacement, draw-major (hedge_resamples × requests).
+  std::vector<double> draw_weights(std::size_t requests) const {
     const std::size_t draws = opt_.hedge_resamples;
     std::vector<double> weight(draws * requests, 0.0);
     splitmix64 rng(opt_.hedge_seed ^ (0x9e3779b97f4a7c15ull * (layer_ + 1)));
     for (std::size_t b = 0; b < draws; ++b)
       for (std::size_t i = 0; i < requests; ++i)
         weight[b * requests + rng.below(requests)] += 1;
+    return weight;
+  }
+
+  //! Hedge replicas (token_refine_options::hedge_replicas), before fill(). Returns those added.
+  std::size_t hedge() {
+    if (opt_.hedge_replicas == 0 || opt_.hedge_resamples == 0 || tokens_ == 0) return 0;
+    if (opt_.hedge_floor > 0) return hedge_floor();
+    const auto [req, requests] = request_indices();
+    const std::size_t draws = opt_.hedge_resamples;
+    const std::vector<double> weight = draw_weights(requests);
     std::vector<std::uint8_t> done(ranks_, 0);
     std::vector<double> per_request(requests * ranks_), risk(ranks_);
     std::size_t added = 0;
@@ -1055,7 +1078,83 @@ public:
     return added;
   }
 
+  //! Floor-targeted hedge copies (token_refine_options::hedge_floor). Returns those added.
+  std::size_t hedge_floor() {
+    const auto [req, requests] = request_indices();
+    const std::size_t draws = opt_.hedge_resamples;
+    const std::vector<double> weight = draw_weights(requests);
+    // Rows of each expert per request: a draw's rows are these weighted by the draw.
+    std::vector<double> per_request(requests * experts_, 0.0);
+    for (std::size_t e = 0; e < experts_; ++e)
+      for (const auto p : pairs_of_[e])
+        per_request[req[p / k_] * experts_ + e] += 1;
+    std::vector<std::vector<double>> rows(draws, std::vector<double>(experts_, 0.0));
+    for (std::size_t b = 0; b < draws; ++b)
+      for (std::size_t i = 0; i < requests; ++i)
+        if (const double w = weight[b * requests + i]; w > 0)
+          for (std::size_t e = 0; e < experts_; ++e)
+            rows[b][e] += w * per_request[i * experts_ + e];
+    std::size_t added = 0;
+    while (added < opt_.hedge_replicas) {
+      const expert_map map = to_map();
+      split_floor worst;
+      std::size_t wb = draws;
+      for (std::size_t b = 0; b < draws; ++b) {
+        double total = 0;
+        for (const double x : rows[b])
+          total += x;
+        if (total <= 0) continue;
+        split_floor f = min_max_split(map, rows[b]);
+        if (wb == draws || f.max_over_mean > worst.max_over_mean) {
+          worst = std::move(f);
+          wb = b;
+        }
+      }
+      if (wb == draws || worst.max_over_mean <= opt_.hedge_floor) break;
+      std::vector<std::uint8_t> in_set(ranks_, 0);
+      for (const std::size_t r : worst.binding_ranks)
+        in_set[r] = 1;
+      // Rows S must lose for its density to reach the target.
+      const double need =
+          (worst.max_load - opt_.hedge_floor * worst.mean_load) * static_cast<double>(worst.binding_ranks.size());
+      struct choice {
+        bool fits = false;
+        double rows = -1, gain = 0;
+        std::size_t e = 0, r = 0;
+      } best;
+      for (std::size_t e = 0; e < experts_; ++e) {
+        bool inside = !copies_[e].empty();
+        for (const auto c : copies_[e])
+          inside = inside && in_set[static_cast<std::size_t>(c)];
+        const double x = rows[wb][e];
+        if (!inside || x <= 0) continue;
+        for (std::size_t r = 0; r < ranks_; ++r) {
+          if (in_set[r] || free_slot(r) == spr_ || !balanced(e, r)) continue;
+          const bool fits = x >= need;
+          const double g = gain(e, r);
+          const bool better =
+              best.rows < 0 || (fits != best.fits ? fits
+                                : fits            ? g > best.gain + 1e-9
+                                       : x > best.rows + 1e-9 || (x >= best.rows - 1e-9 && g > best.gain + 1e-9));
+          if (better) best = {fits, x, g, e, r};
+        }
+      }
+      if (best.rows < 0) break; // no copy can leave S: the floor stays
+      add(best.e, best.r);
+      ++added;
+    }
+    return added;
+  }
+
   expert_map to_map() const { return expert_map(experts_, ranks_, spr_, table_); }
+
+  //! The sample's copy cost with the copies as they are.
+  double cost() {
+    double c = 0;
+    for (std::size_t t = 0; t < tokens_; ++t)
+      c += token_cost(t, k_, -1);
+    return c;
+  }
 
 private:
   //! The ranks serving expert e's pairs (pairs_of_[e], in order) were its copies on `copies` (in
@@ -1328,14 +1427,33 @@ std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& ma
                   opt.shift_slack);
     LOCUS_REQUIRE(opt.hedge_z >= 0 && opt.hedge_excess >= 0, config_error, "add_replicas_by_tokens: negative hedge z ",
                   opt.hedge_z, " or hedge excess ", opt.hedge_excess);
+    LOCUS_REQUIRE(opt.hedge_floor == 0 || opt.hedge_floor >= 1, config_error, "add_replicas_by_tokens: hedge floor ",
+                  opt.hedge_floor, " (0: off, else a GPU max/mean target >= 1)");
     // The draws cost O(resamples × requests × ranks) per hedge copy: bound the factor.
     LOCUS_REQUIRE(opt.hedge_resamples <= 4096, config_error, "add_replicas_by_tokens: ", opt.hedge_resamples,
                   " hedge resamples (at most 4,096)");
-    detail::token_refine::replica_state<Topology> s(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt, l,
-                                                    sample.mix_group, sample.request);
-    s.hedge();
-    s.fill();
-    out.push_back(s.to_map());
+    LOCUS_REQUIRE(opt.hedge_cost_budget >= 0, config_error, "add_replicas_by_tokens: negative hedge cost budget ",
+                  opt.hedge_cost_budget);
+    // The layer's map and its sample cost with at most `hedges` hedge copies.
+    const auto run = [&](std::size_t hedges, std::size_t* made) {
+      token_refine_options o = opt;
+      o.hedge_replicas = hedges;
+      detail::token_refine::replica_state<Topology> s(maps[l], sample.ids[l], sample.home, sample.top_k, topo, o, l,
+                                                      sample.mix_group, sample.request);
+      const std::size_t n = s.hedge();
+      if (made != nullptr) *made = n;
+      s.fill();
+      const double c = opt.hedge_cost_budget > 0 ? s.cost() : 0.0;
+      return std::pair<expert_map, double>(s.to_map(), c);
+    };
+    std::size_t made = 0;
+    auto best = run(opt.hedge_replicas, &made);
+    if (made > 0 && opt.hedge_floor > 0 && opt.hedge_cost_budget > 0) {
+      const double bound = run(0, nullptr).second * (1 + opt.hedge_cost_budget) + 1e-9;
+      for (std::size_t n = made; n-- > 0 && best.second > bound;)
+        best = run(n, nullptr); // n = 0 is the plain fill: within the bound
+    }
+    out.push_back(std::move(best.first));
   }
   return out;
 }

@@ -1,0 +1,179 @@
+#define BOOST_TEST_MODULE floor_hedge
+#include <algorithm>
+#include <boost/test/unit_test.hpp>
+#include <locus/core/routing.hpp>
+#include <locus/placement/split_floor.hpp>
+#include <locus/placement/token_refine.hpp>
+#include <numeric>
+#include <random>
+#include <vector>
+
+// Floor-targeted hedge copies (token_refine_options::hedge_floor): the planner lever for maps whose
+// balance floor (split_floor.hpp) on resampled training traffic is above the target.
+
+using namespace locus;
+
+namespace {
+
+// Rows of each expert in a sample's layer.
+std::vector<double> expert_rows(const placement::token_sample& s, std::size_t layer) {
+  std::vector<double> rows(s.experts, 0.0);
+  for (const auto e : s.ids[layer])
+    rows[e] += 1;
+  return rows;
+}
+
+// Four nodes of one GPU, three slots each (one empty). GPU 0 hosts experts 0 and 1, GPU r the
+// experts 2r and 2r+1. Expert 0's 200 tokens come from two long requests, every other expert's
+// from many short ones, and each GPU serves 300 rows: the sample's own floor is 1.0, but a
+// resample of the requests that draws one of expert 0's requests twice puts GPU 0 far above the
+// mean, and only a copy of expert 0 off GPU 0 lets a split move that load. Every token is local,
+// so no copy saves anything and the copy-saving fill adds none.
+struct single_copy_binds {
+  dynamic_topology topo{4, 1};
+  std::vector<expert_map> maps{
+      expert_map(8, 4, 3, {0, 1, empty_slot, 2, 3, empty_slot, 4, 5, empty_slot, 6, 7, empty_slot})};
+  placement::token_sample s;
+  single_copy_binds() {
+    s.experts = 8;
+    s.top_k = 1;
+    s.ids.resize(1);
+    std::uint32_t request = 0;
+    const auto add = [&](std::uint32_t node, std::uint16_t expert, int length) {
+      for (int t = 0; t < length; ++t) {
+        s.home.push_back(node);
+        s.request.push_back(request);
+        s.ids[0].push_back(expert);
+      }
+      ++request;
+    };
+    add(0, 0, 120);
+    add(0, 0, 80);
+    for (int i = 0; i < 50; ++i)
+      add(0, 1, 2);
+    for (std::uint16_t r = 1; r < 4; ++r)
+      for (int i = 0; i < 75; ++i) {
+        add(r, static_cast<std::uint16_t>(2 * r), 2);
+        add(r, static_cast<std::uint16_t>(2 * r + 1), 2);
+      }
+  }
+};
+
+} // namespace
+
+BOOST_AUTO_TEST_CASE(a_binding_single_copy_expert_gets_a_copy_and_the_floor_drops) {
+  const single_copy_binds c;
+  placement::token_refine_options opt;
+  BOOST_TEST((placement::add_replicas_by_tokens(c.maps, c.s, c.topo, opt)[0] == c.maps[0]));
+  opt.hedge_replicas = 3;
+  opt.hedge_floor = 1.10;
+  const auto hedged = placement::add_replicas_by_tokens(c.maps, c.s, c.topo, opt);
+  BOOST_TEST(hedged[0].replica_count(0) >= 2u); // the first hedge copy is of expert 0
+  std::size_t added = 0;
+  for (std::size_t e = 0; e < 8; ++e)
+    added += hedged[0].replica_count(e) - 1;
+  BOOST_TEST(added >= 1u);
+  BOOST_TEST(added <= opt.hedge_replicas);
+  // A shifted test mix: expert 0's requests twice as common. Its floor drops from GPU 0 carrying
+  // 500 of 1,400 rows (1.43) to within the target.
+  auto rows = expert_rows(c.s, 0);
+  rows[0] *= 2;
+  const double before = placement::min_max_split(c.maps[0], rows).max_over_mean;
+  const double after = placement::min_max_split(hedged[0], rows).max_over_mean;
+  BOOST_TEST(before == 500.0 / 350.0, boost::test_tools::tolerance(1e-9));
+  BOOST_TEST(after <= 1.10);
+  // Same inputs, same map.
+  BOOST_TEST((placement::add_replicas_by_tokens(c.maps, c.s, c.topo, opt)[0] == hedged[0]));
+  // The budget binds: one copy at most.
+  opt.hedge_replicas = 1;
+  const auto one = placement::add_replicas_by_tokens(c.maps, c.s, c.topo, opt);
+  std::size_t one_added = 0;
+  for (std::size_t e = 0; e < 8; ++e)
+    one_added += one[0].replica_count(e) - 1;
+  BOOST_TEST(one_added == 1u);
+  BOOST_TEST(one[0].replica_count(0) == 2u);
+  // A target every draw already meets adds nothing; a target below 1 is refused.
+  opt.hedge_floor = 50;
+  BOOST_TEST((placement::add_replicas_by_tokens(c.maps, c.s, c.topo, opt)[0] == c.maps[0]));
+  opt.hedge_floor = 0.5;
+  BOOST_CHECK_THROW(placement::add_replicas_by_tokens(c.maps, c.s, c.topo, opt), config_error);
+}
+
+// Random maps and samples: never more hedge copies than the budget, each in an empty slot with the
+// existing copies kept, the sample's copy cost within the byte bound when one is set, the sample's floor never higher
+// than before (a copy only adds choices), and the same map from the same inputs.
+BOOST_AUTO_TEST_CASE(floor_hedges_keep_their_budget_and_are_deterministic) {
+  std::mt19937 rng(7);
+  std::size_t hedged_some = 0, over = 0, cut = 0;
+  for (int trial = 0; trial < 40; ++trial) {
+    const std::size_t nodes = 2 + rng() % 3, gpus = 1 + rng() % 2, ranks = nodes * gpus;
+    const std::size_t spare = 1 + rng() % 2, spr = 2 + spare, experts = ranks * (spr - spare);
+    const dynamic_topology topo(nodes, gpus);
+    placement::token_sample s;
+    s.experts = experts;
+    s.top_k = 1;
+    s.ids.resize(1);
+    std::uint32_t request = 0;
+    const std::size_t tokens = 100 + rng() % 200;
+    for (std::size_t t = 0; t < tokens;) { // requests of 1 to 40 tokens, each on one expert
+      const auto e = static_cast<std::uint16_t>(rng() % (rng() % 3 ? experts : 2)); // experts 0, 1 hot
+      const auto home = static_cast<std::uint32_t>(rng() % nodes);
+      for (std::size_t n = 1 + rng() % 40; n > 0; --n, ++t) {
+        s.home.push_back(home);
+        s.request.push_back(request);
+        s.ids[0].push_back(e);
+      }
+      ++request;
+    }
+    std::vector<expert_id> table(ranks * spr, empty_slot);
+    std::vector<expert_id> order(experts);
+    std::iota(order.begin(), order.end(), expert_id{0});
+    std::shuffle(order.begin(), order.end(), rng);
+    for (std::size_t i = 0; i < experts; ++i)
+      table[(i % ranks) * spr + i / ranks] = order[i];
+    const std::vector<expert_map> maps{expert_map(experts, ranks, spr, table)};
+    placement::token_refine_options opt;
+    opt.balance_slack = 0.1 * static_cast<double>(trial % 4);
+    opt.hedge_replicas = rng() % 5;
+    opt.hedge_floor = 1.0 + 0.05 * static_cast<double>(trial % 4);
+    opt.hedge_resamples = 8 + rng() % 24;
+    opt.hedge_seed = static_cast<std::uint64_t>(trial);
+    placement::detail::token_refine::replica_state<dynamic_topology> state(maps[0], s.ids[0], s.home, s.top_k, topo,
+                                                                           opt, 0, {}, s.request);
+    const std::size_t hedges = state.hedge();
+    const expert_map after = state.to_map();
+    std::size_t copies = 0;
+    for (std::size_t e = 0; e < experts; ++e)
+      copies += after.replica_count(e) - 1;
+    BOOST_TEST(copies == hedges);
+    BOOST_TEST(hedges <= opt.hedge_replicas);
+    hedged_some += hedges > 0;
+    for (std::size_t r = 0; r < ranks; ++r)
+      for (std::size_t sl = 0; sl < spr; ++sl)
+        if (maps[0].expert_at(r, sl) != empty_slot) BOOST_TEST(after.expert_at(r, sl) == maps[0].expert_at(r, sl));
+    const auto rows = expert_rows(s, 0);
+    BOOST_TEST(placement::min_max_split(after, rows).max_over_mean <=
+               placement::min_max_split(maps[0], rows).max_over_mean + 1e-9);
+    const auto out = placement::add_replicas_by_tokens(maps, s, topo, opt);
+    BOOST_TEST((out[0] == placement::add_replicas_by_tokens(maps, s, topo, opt)[0]));
+    // The byte bound: the sample's copy cost at most (1 + budget) × the plain fill's.
+    const auto cost_of = [&](const expert_map& m) {
+      return placement::detail::token_refine::replica_state<dynamic_topology>(m, s.ids[0], s.home, s.top_k, topo, opt,
+                                                                              0, {}, s.request)
+          .cost();
+    };
+    placement::token_refine_options plain = opt, bounded = opt;
+    plain.hedge_replicas = 0;
+    bounded.hedge_cost_budget = 0.01 * static_cast<double>(trial % 3);
+    const double plain_cost = cost_of(placement::add_replicas_by_tokens(maps, s, topo, plain)[0]);
+    const auto within = placement::add_replicas_by_tokens(maps, s, topo, bounded);
+    if (bounded.hedge_cost_budget > 0) {
+      BOOST_TEST(cost_of(within[0]) <= plain_cost * (1 + bounded.hedge_cost_budget) + 1e-6);
+      cut += !(within[0] == out[0]);
+    }
+    over += cost_of(out[0]) > plain_cost * 1.02 + 1e-6;
+  }
+  BOOST_TEST(hedged_some > 10u);
+  BOOST_TEST(over > 0u); // unbounded hedges do cost bytes here, so the bound is tested where it binds
+  BOOST_TEST(cut > 0u);
+}
