@@ -55,6 +55,13 @@ public:
     size_ = n;
   }
 
+  //! resize(n), then data(): room for `n` elements, for scratch whose size changes every call.
+  //! @throws locus::cuda_error when the allocation fails
+  T* room_for(std::size_t n) {
+    resize(n);
+    return data_;
+  }
+
   T* data() noexcept { return data_; }
   const T* data() const noexcept { return data_; }
   std::size_t size() const noexcept { return size_; }

@@ -17,6 +17,8 @@
 #include <chrono>
 #include <cuda_runtime_api.h>
 #include <locus/core/cuda_error.hpp>
+#include <locus/core/device_buffer.hpp>
+#include <locus/transport/detail/host_staging.hpp>
 #include <locus/transport/device_exchange.hpp>
 #include <locus/transport/exchange.hpp>
 #include <locus/transport/local.hpp>
@@ -42,33 +44,6 @@ public:
 
 private:
   cudaEvent_t e_ = nullptr;
-};
-
-//! Owning device bytes, grown on demand (contents are not kept).
-class device_bytes {
-public:
-  device_bytes() = default;
-  device_bytes(const device_bytes&) = delete;
-  device_bytes& operator=(const device_bytes&) = delete;
-  ~device_bytes() {
-    if (ptr_) cudaFree(ptr_);
-  }
-  std::byte* reserve(std::size_t bytes) {
-    if (bytes > capacity_) {
-      if (ptr_) LOCUS_CUDA_CHECK(cudaFree(ptr_));
-      ptr_ = nullptr;
-      capacity_ = 0;
-      void* p = nullptr;
-      LOCUS_CUDA_CHECK(cudaMalloc(&p, bytes));
-      ptr_ = static_cast<std::byte*>(p);
-      capacity_ = bytes;
-    }
-    return ptr_;
-  }
-
-private:
-  std::byte* ptr_ = nullptr;
-  std::size_t capacity_ = 0;
 };
 
 //! Shared state of one group instance (the world, one node, or one rail).
@@ -221,18 +196,7 @@ public:
   //! The host `exchanger` form: stages host rows through device memory, so host dispatch runs on
   //! this transport unchanged (see exchange.hpp).
   void exchange(const exchange_request& req, exchange_result& out) {
-    std::byte* d_send = send_->reserve(std::max<std::size_t>(req.rows.size(), 1));
-    if (!req.rows.empty())
-      LOCUS_CUDA_CHECK(cudaMemcpyAsync(d_send, req.rows.data(), req.rows.size(), cudaMemcpyHostToDevice, stream_));
-    device_exchange_result d;
-    exchange_device(req.group, req.row_bytes, d_send, req.counts, req.expected_counts, d, req.stage);
-    detail::exchange::count_kept(bytes_, req);
-    out.row_bytes = req.row_bytes;
-    out.counts = d.counts;
-    out.offsets = d.offsets;
-    out.rows.resize(out.offsets.back() * req.row_bytes);
-    if (!out.rows.empty())
-      LOCUS_CUDA_CHECK(cudaMemcpyAsync(out.rows.data(), d.rows, out.rows.size(), cudaMemcpyDeviceToHost, stream_));
+    detail::exchange::stage_host_exchange(*this, *send_, stream_, bytes_, req, out);
     LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
@@ -311,7 +275,7 @@ private:
           bad_sends = n; // read now: the board is rewritten once everyone passed the next barrier
         }
     parity_ ^= 1u;
-    std::byte* recv = recv_[parity_]->reserve(std::max<std::size_t>(out.offsets[r.members] * row_bytes, 1));
+    std::byte* recv = recv_[parity_]->room_for(std::max<std::size_t>(out.offsets[r.members] * row_bytes, 1));
     if (bad == r.members)
       for (std::size_t m = 0; m < r.members; ++m) {
         if (out.counts[m] == 0) continue;
@@ -342,9 +306,9 @@ private:
   cudaStream_t stream_;
   // Behind pointers so that the endpoint can move (events and device memory cannot).
   std::unique_ptr<detail::device_local::event> ready_, done_;
-  std::unique_ptr<detail::device_local::device_bytes> send_ = std::make_unique<detail::device_local::device_bytes>();
-  std::unique_ptr<detail::device_local::device_bytes> recv_[2] = {
-      std::make_unique<detail::device_local::device_bytes>(), std::make_unique<detail::device_local::device_bytes>()};
+  std::unique_ptr<device_buffer<std::byte>> send_ = std::make_unique<device_buffer<std::byte>>();
+  std::unique_ptr<device_buffer<std::byte>> recv_[2] = {std::make_unique<device_buffer<std::byte>>(),
+                                                        std::make_unique<device_buffer<std::byte>>()};
   unsigned parity_ = 0;
   link_counters bytes_;
   detail::exchange::step_counter steps_;

@@ -21,7 +21,9 @@
 
 #include <cuda_runtime_api.h>
 #include <locus/core/cuda_error.hpp>
+#include <locus/core/device_buffer.hpp>
 #include <locus/core/nccl_error.hpp>
+#include <locus/transport/detail/host_staging.hpp>
 #include <locus/transport/device_exchange.hpp>
 #include <locus/transport/exchange.hpp>
 #include <nccl.h>
@@ -31,34 +33,6 @@
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
 
 namespace detail::nccl {
-
-//! Owning device allocation of raw bytes, grown on demand (contents are not preserved).
-class device_bytes {
-public:
-  device_bytes() = default;
-  device_bytes(const device_bytes&) = delete;
-  device_bytes& operator=(const device_bytes&) = delete;
-  ~device_bytes() {
-    if (ptr_) cudaFree(ptr_);
-  }
-  std::byte* reserve(std::size_t bytes) {
-    if (bytes > capacity_) {
-      if (ptr_) LOCUS_CUDA_CHECK(cudaFree(ptr_));
-      ptr_ = nullptr;
-      capacity_ = 0;
-      void* p = nullptr;
-      LOCUS_CUDA_CHECK(cudaMalloc(&p, bytes));
-      ptr_ = static_cast<std::byte*>(p);
-      capacity_ = bytes;
-    }
-    return ptr_;
-  }
-  std::byte* data() const noexcept { return ptr_; }
-
-private:
-  std::byte* ptr_ = nullptr;
-  std::size_t capacity_ = 0;
-};
 
 //! Posts the sends and receives of one peer inside an NCCL group.
 struct peer_io {
@@ -216,20 +190,8 @@ public:
 
   //! The host `exchanger` form: stages host rows through device memory (see exchange.hpp).
   void exchange(const exchange_request& req, exchange_result& out) {
-    std::byte* d_send = send_.reserve(std::max<std::size_t>(req.rows.size(), 1));
-    if (!req.rows.empty())
-      LOCUS_CUDA_CHECK(cudaMemcpyAsync(d_send, req.rows.data(), req.rows.size(), cudaMemcpyHostToDevice, stream_));
-    device_exchange_result d;
-    exchange_device(req.group, req.row_bytes, d_send, req.counts, req.expected_counts, d, req.stage);
-    detail::exchange::count_kept(bytes_, req);
-    out.row_bytes = req.row_bytes;
-    out.counts = d.counts;
-    out.offsets = d.offsets;
-    out.rows.resize(out.offsets.back() * req.row_bytes);
-    if (!out.rows.empty()) {
-      LOCUS_CUDA_CHECK(cudaMemcpyAsync(out.rows.data(), d.rows, out.rows.size(), cudaMemcpyDeviceToHost, stream_));
+    if (detail::exchange::stage_host_exchange(*this, send_, stream_, bytes_, req, out))
       wait(std::chrono::steady_clock::now() + options_.timeout, req.group, "copying received rows to the host");
-    }
   }
 
 private:
@@ -246,7 +208,7 @@ private:
     host_headers_.resize(2 * members);
     for (std::size_t m = 0; m < members; ++m)
       host_headers_[m] = req.header_for(at, m);
-    std::byte* d_headers = headers_.reserve(2 * members * sizeof(dx::header));
+    std::byte* d_headers = headers_.room_for(2 * members * sizeof(dx::header));
     LOCUS_CUDA_CHECK(cudaMemcpyAsync(d_headers, host_headers_.data(), members * sizeof(dx::header),
                                      cudaMemcpyHostToDevice, stream_));
     fixed_offsets(members, sizeof(dx::header));
@@ -261,7 +223,7 @@ private:
       LOCUS_THROW(transport_error, "nccl_transport: ", why);
     if (expectations) {
       codes_.assign(2 * members, dx::expectation_code(received, expected));
-      std::byte* d_codes = headers_.reserve(2 * members * sizeof(std::uint32_t));
+      std::byte* d_codes = headers_.room_for(2 * members * sizeof(std::uint32_t));
       LOCUS_CUDA_CHECK(
           cudaMemcpyAsync(d_codes, codes_.data(), members * sizeof(std::uint32_t), cudaMemcpyHostToDevice, stream_));
       fixed_offsets(members, sizeof(std::uint32_t));
@@ -288,7 +250,7 @@ private:
       offsets_a_[m + 1] = offsets_a_[m] + send_counts[m] * row_bytes;
       offsets_b_[m + 1] = out.offsets[m + 1] * row_bytes;
     }
-    std::byte* d_recv = recv_.reserve(std::max<std::size_t>(offsets_b_[members], 1));
+    std::byte* d_recv = recv_.room_for(std::max<std::size_t>(offsets_b_[members], 1));
     detail::nccl::exchange_peers(members,
                                  {send, offsets_a_.data(), d_recv, offsets_b_.data(), communicator(group), stream_});
     out.rows = d_recv;
@@ -336,7 +298,7 @@ private:
   bool broken_ = false;
   link_counters bytes_;
   detail::exchange::step_counter steps_;
-  detail::nccl::device_bytes headers_, send_, recv_;
+  device_buffer<std::byte> headers_, send_, recv_;
   std::vector<detail::exchange::header> host_headers_;
   std::vector<std::uint32_t> codes_;
   std::vector<std::size_t> offsets_a_, offsets_b_;
