@@ -1,4 +1,6 @@
 #define BOOST_TEST_MODULE floor_hedge
+#include "../support/token_sample_builder.hpp"
+
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
 #include <locus/core/routing.hpp>
@@ -33,30 +35,19 @@ struct single_copy_binds {
   dynamic_topology topo{4, 1};
   std::vector<expert_map> maps{
       expert_map(8, 4, 3, {0, 1, empty_slot, 2, 3, empty_slot, 4, 5, empty_slot, 6, 7, empty_slot})};
-  placement::token_sample s;
-  single_copy_binds() {
-    s.experts = 8;
-    s.top_k = 1;
-    s.ids.resize(1);
-    std::uint32_t request = 0;
-    const auto add = [&](std::uint32_t node, std::uint16_t expert, int length) {
-      for (int t = 0; t < length; ++t) {
-        s.home.push_back(node);
-        s.request.push_back(request);
-        s.ids[0].push_back(expert);
-      }
-      ++request;
-    };
-    add(0, 0, 120);
-    add(0, 0, 80);
+  placement::token_sample s = [] {
+    locus_test::token_sample_builder b(8);
+    b.add(0, 0, 120);
+    b.add(0, 0, 80);
     for (int i = 0; i < 50; ++i)
-      add(0, 1, 2);
+      b.add(0, 1, 2);
     for (std::uint16_t r = 1; r < 4; ++r)
       for (int i = 0; i < 75; ++i) {
-        add(r, static_cast<std::uint16_t>(2 * r), 2);
-        add(r, static_cast<std::uint16_t>(2 * r + 1), 2);
+        b.add(r, static_cast<std::uint16_t>(2 * r), 2);
+        b.add(r, static_cast<std::uint16_t>(2 * r + 1), 2);
       }
-  }
+    return b.s;
+  }();
 };
 
 } // namespace

@@ -1,4 +1,6 @@
 #define BOOST_TEST_MODULE token_refine
+#include "../support/token_sample_builder.hpp"
+
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
 #include <locus/core/routing.hpp>
@@ -411,25 +413,14 @@ BOOST_AUTO_TEST_CASE(token_replicas_lower_the_cost_and_only_fill_empty_slots) {
 BOOST_AUTO_TEST_CASE(a_hedge_replica_goes_to_the_gpu_whose_load_varies_most) {
   const dynamic_topology topo(3, 1);
   const std::vector<expert_map> maps{expert_map(6, 3, 3, {0, 1, empty_slot, 2, 3, empty_slot, 4, 5, empty_slot})};
-  placement::token_sample s;
-  s.experts = 6;
-  s.top_k = 1;
-  s.ids.resize(1);
-  std::uint32_t request = 0;
-  const auto add = [&](std::uint32_t node, std::uint16_t expert, int length) {
-    for (int t = 0; t < length; ++t) {
-      s.home.push_back(node);
-      s.request.push_back(request);
-      s.ids[0].push_back(expert);
-    }
-    ++request;
-  };
-  add(0, 0, 120);
-  add(0, 0, 80);
+  locus_test::token_sample_builder b(6);
+  b.add(0, 0, 120);
+  b.add(0, 0, 80);
   for (int i = 0; i < 50; ++i) {
-    add(1, 2, 4);
-    add(2, 4, 4);
+    b.add(1, 2, 4);
+    b.add(2, 4, 4);
   }
+  placement::token_sample& s = b.s;
   placement::token_refine_options opt;
   const auto plain = placement::add_replicas_by_tokens(maps, s, topo, opt);
   BOOST_TEST((plain[0] == maps[0]));
