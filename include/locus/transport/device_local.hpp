@@ -291,6 +291,10 @@ private:
     for (std::size_t m = 0; m < r.members; ++m)
       if (b.send_offsets[r.self][m + 1] != b.send_offsets[r.self][m])
         LOCUS_CUDA_CHECK(cudaStreamWaitEvent(stream_, b.done[m], 0));
+    // Nobody returns before every member has queued its waits on the others' `done` events: a
+    // member that returned could end its step and destroy its endpoint, events included, while a
+    // peer still waits on them (seen on an H200: "context is destroyed", or a fault, 2 runs in 5).
+    r.sync("the end of the row stage");
     LOCUS_REQUIRE(bad == r.members, transport_error, "device local transport: rank ", rank(), " expected ",
                   out.counts[bad], " rows from rank ", groups_.world_rank_of(r.group, bad), " in a known-count ",
                   "exchange over the ", to_string(r.group), " group, which sends it ", bad_sends);
