@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <locus/core/expert_map.hpp>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -21,6 +22,19 @@ inline locus::expert_map random_map(std::mt19937& rng, std::size_t experts, std:
     table[order[e]] = static_cast<locus::expert_id>(e);
   for (std::size_t i = 0; i < replicas && experts + i < order.size(); ++i)
     table[order[experts + i]] = static_cast<locus::expert_id>(rng() % experts);
+  return locus::expert_map(experts, ranks, spr, table);
+}
+
+//! `experts` experts in a random order dealt round-robin over `ranks` ranks of `spr` slots (one
+//! copy each; the spare slots empty).
+inline locus::expert_map shuffled_round_robin_map(std::mt19937& rng, std::size_t experts, std::size_t ranks,
+                                                  std::size_t spr) {
+  std::vector<locus::expert_id> table(ranks * spr, locus::empty_slot);
+  std::vector<locus::expert_id> order(experts);
+  std::iota(order.begin(), order.end(), locus::expert_id{0});
+  std::shuffle(order.begin(), order.end(), rng);
+  for (std::size_t i = 0; i < experts; ++i)
+    table[(i % ranks) * spr + i / ranks] = order[i];
   return locus::expert_map(experts, ranks, spr, table);
 }
 

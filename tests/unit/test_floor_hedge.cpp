@@ -1,4 +1,5 @@
 #define BOOST_TEST_MODULE floor_hedge
+#include "../support/random_map.hpp"
 #include "../support/token_sample_builder.hpp"
 
 #include <algorithm>
@@ -116,13 +117,7 @@ BOOST_AUTO_TEST_CASE(floor_hedges_keep_their_budget_and_are_deterministic) {
       }
       ++request;
     }
-    std::vector<expert_id> table(ranks * spr, empty_slot);
-    std::vector<expert_id> order(experts);
-    std::iota(order.begin(), order.end(), expert_id{0});
-    std::shuffle(order.begin(), order.end(), rng);
-    for (std::size_t i = 0; i < experts; ++i)
-      table[(i % ranks) * spr + i / ranks] = order[i];
-    const std::vector<expert_map> maps{expert_map(experts, ranks, spr, table)};
+    const std::vector<expert_map> maps{locus_test::shuffled_round_robin_map(rng, experts, ranks, spr)};
     placement::token_refine_options opt;
     opt.balance_slack = 0.1 * static_cast<double>(trial % 4);
     opt.hedge_replicas = rng() % 5;
