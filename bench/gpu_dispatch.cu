@@ -9,7 +9,8 @@
 //
 // Dispatch = layout-ordered permute into the send buffer + the device exchange; combine = the
 // known-count exchange back (experts are the identity, so each received row returns unchanged) + the combine
-// kernel. The layout is computed once before timing (it is timed on its own). Context, not a claim
+// kernel; the two exchanges are also timed alone. The layout is computed once before timing (it
+// is timed on its own). Context, not a claim
 // about multi-node speed: DeepEP's published low-latency kernels take 77-192 us for dispatch and
 // a similar time for combine at 128 tokens per rank over RDMA.
 #include "bench_output.hpp"
@@ -105,7 +106,8 @@ int main(int argc, char** argv) try {
   // Every rank thread runs `step` once per repetition between two barriers; the time of a
   // repetition is from the first barrier to the last stream's completion (the second barrier).
   transport::device_local_fabric fabric(dtopo, transport_kind::flat);
-  std::vector<double> best_us(2, 1e30);
+  // 0: dispatch + combine; 1: raw copies; 2: the two exchanges alone (no permute, no combine).
+  std::vector<double> best_us(3, 1e30);
   std::vector<std::exception_ptr> errors(R);
   std::barrier sync(static_cast<std::ptrdiff_t>(R));
   std::atomic<bool> round_trip_ok = true;
@@ -116,12 +118,15 @@ int main(int argc, char** argv) try {
       try {
         auto ep = fabric.endpoint(r, s.stream);
         transport::device_exchange_result recv, ret;
-        const auto dispatch_combine = [&] {
-          transport::permute(s.layout, s.x.data(), H, s.send.data(), s.stream);
+        const auto exchanges = [&] {
           ep.exchange_device(transport::exchange_group::world, row_bytes,
                              reinterpret_cast<const std::byte*>(s.send.data()), s.counts, {}, recv, 1);
           // The return knows its counts (dispatch's, reversed): no header round, as in the dispatcher.
           ep.exchange_device_known(transport::exchange_group::world, row_bytes, recv.rows, recv.counts, s.counts, ret);
+        };
+        const auto dispatch_combine = [&] {
+          transport::permute(s.layout, s.x.data(), H, s.send.data(), s.stream);
+          exchanges();
           transport::combine(s.layout, reinterpret_cast<const bfloat16*>(ret.rows), H, s.y.data(), s.stream);
         };
         const auto raw_copies = [&] {
@@ -130,14 +135,16 @@ int main(int argc, char** argv) try {
           LOCUS_CUDA_CHECK(cudaMemcpyAsync(s.raw.data(), s.send.data(), bytes, cudaMemcpyDeviceToDevice, s.stream));
           LOCUS_CUDA_CHECK(cudaMemcpyAsync(s.back.data(), s.raw.data(), bytes, cudaMemcpyDeviceToDevice, s.stream));
         };
-        for (int which = 0; which < 2; ++which)
+        for (int which = 0; which < 3; ++which)
           for (std::size_t i = 0; i <= reps; ++i) { // the first repetition warms up
             sync.arrive_and_wait();
             const auto t0 = clock_type::now();
             if (which == 0)
               dispatch_combine();
-            else
+            else if (which == 1)
               raw_copies();
+            else
+              exchanges();
             LOCUS_CUDA_CHECK(cudaStreamSynchronize(s.stream));
             sync.arrive_and_wait();
             const double us = std::chrono::duration<double, std::micro>(clock_type::now() - t0).count();
@@ -196,6 +203,7 @@ int main(int argc, char** argv) try {
                                 << ",\n  \"element\": \"bf16\",\n  \"rows_all_ranks\": " << total_rows
                                 << ",\n  \"layout_ms\": " << t_layout << ",\n  \"dispatch_combine_us\": " << best_us[0]
                                 << ",\n  \"raw_copies_us\": " << best_us[1] << ",\n  \"ratio_to_raw\": " << ratio
+                                << ",\n  \"exchanges_alone_us\": " << best_us[2]
                                 << ",\n  \"hbm_gb_per_s\": " << hbm_gbs << ",\n  \"permute_ms\": " << t_permute
                                 << ",\n  \"permute_gb_per_s\": " << permute_gbs
                                 << ",\n  \"permute_fraction_of_hbm\": " << permute_gbs / hbm_gbs
@@ -209,6 +217,7 @@ int main(int argc, char** argv) try {
   std::printf("| dispatch + combine, all ranks (us) | %.1f |\n", best_us[0]);
   std::printf("| raw D2D copies of the same bytes (us) | %.1f |\n", best_us[1]);
   std::printf("| ratio (target <= 1.5) | %.2f |\n", ratio);
+  std::printf("| the two exchanges alone, no permute or combine (us) | %.1f |\n", best_us[2]);
   std::printf("| measured HBM (GB/s, 1 GiB D2D copy) | %.0f |\n", hbm_gbs);
   std::printf("| permute, rank 0 (GB/s, of HBM; target >= 70%%) | %.0f (%.0f%%) |\n", permute_gbs,
               100 * permute_gbs / hbm_gbs);

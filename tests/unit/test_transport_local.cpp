@@ -1,6 +1,7 @@
 #define BOOST_TEST_MODULE transport_local
 #include "../mpi/dispatch_cases.hpp"
 
+#include <array>
 #include <atomic>
 #include <boost/test/unit_test.hpp>
 #include <cstring>
@@ -8,6 +9,7 @@
 #include <locus/transport/dispatch.hpp>
 #include <locus/transport/local.hpp>
 #include <mutex>
+#include <stdexcept>
 #include <thread>
 
 using namespace locus;
@@ -294,6 +296,45 @@ BOOST_AUTO_TEST_CASE(missing_peer_times_out) {
                message_of(errors[r]));
   }
   BOOST_TEST(seconds < 5.0);
+}
+
+// The barrier's work for the last arrival (the one-GPU transport joins CUDA events there) runs
+// once per meeting, before anyone leaves; when it throws, every member of that meeting raises
+// transport_error naming where, and every later arrival raises at once.
+BOOST_AUTO_TEST_CASE(barrier_work_of_the_last_arrival_runs_once_and_its_failure_reaches_all) {
+  constexpr std::size_t members = 5;
+  locus::transport::detail::local::timed_barrier barrier({0, 1, 2, 3, 4});
+  std::atomic<int> runs = 0, passed = 0;
+  std::array<std::exception_ptr, members> errors{};
+  std::vector<std::thread> threads;
+  for (std::size_t m = 0; m < members; ++m)
+    threads.emplace_back([&, m] {
+      try {
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+        for (int meeting = 0; meeting < 3; ++meeting) {
+          barrier.arrive_and_wait(deadline, std::chrono::seconds(10), m, exchange_group::world, "meeting", [&] {
+            // Everyone else has arrived and nobody has left: `passed` counts whole meetings.
+            if (passed.load() != meeting * static_cast<int>(members)) throw std::logic_error("left early");
+            ++runs;
+            if (meeting == 1) throw std::runtime_error("join failed");
+          });
+          ++passed;
+        }
+      } catch (...) {
+        errors[m] = std::current_exception();
+      }
+    });
+  for (auto& t : threads)
+    t.join();
+  BOOST_TEST(runs.load() == 2);
+  BOOST_TEST(passed.load() == static_cast<int>(members)); // only the first meeting passed
+  for (const auto& e : errors) {
+    BOOST_TEST(raised<transport_error>(e));
+    BOOST_TEST(message_of(e).find("meeting: join failed") != std::string::npos, message_of(e));
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+  BOOST_CHECK_THROW(barrier.arrive_and_wait(deadline, std::chrono::seconds(1), 0, exchange_group::world, "later"),
+                    transport_error);
 }
 
 // A rank that arrives after the others gave up raises too, saying so, instead of joining an

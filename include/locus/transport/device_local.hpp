@@ -7,18 +7,25 @@
 //! whole multi-rank device path runs and is tested on one GPU, where NCCL cannot put two ranks on
 //! one device.
 //!
-//! Per exchange: the headers (counts, exchange names) meet on the host behind a barrier, the only
-//! host synchronisation. Rows never pass through the host: each sender records an event on its
-//! stream once its send rows are queued; each receiver makes its stream wait for the senders'
-//! events and copies its rows out of the senders' buffers on its own stream; each sender's stream
-//! then waits for the receivers' copies (their events), so a sender can rewrite its send buffer
-//! with work queued afterwards, without the host waiting for any copy.
+//! Per exchange the members meet twice on the host, the only host synchronisation:
+//! 1. Each sender records an event on its stream once its send rows are queued and publishes its
+//!    buffer (with the headers - counts, exchange names - when the exchange has a header round).
+//!    The last member to arrive joins every sender's event on the group's own stream and records
+//!    one "all ready" event there.
+//! 2. Each receiver makes its stream wait for that one event and gathers its rows out of the
+//!    senders' buffers with ONE kernel (a segment per sender), then records its "done" event; the
+//!    last to arrive joins those into one "all done" event, which every sender's stream waits for
+//!    before work queued afterwards may rewrite its send buffer.
+//! So a group of R members issues O(R) stream operations per exchange, not O(R^2) copies and
+//! event waits, and rows never pass through the host.
 
+#include <algorithm>
 #include <chrono>
 #include <cuda_runtime_api.h>
 #include <locus/core/cuda_error.hpp>
 #include <locus/core/device_buffer.hpp>
 #include <locus/transport/detail/host_staging.hpp>
+#include <locus/transport/detail/stage.hpp>
 #include <locus/transport/device_exchange.hpp>
 #include <locus/transport/exchange.hpp>
 #include <locus/transport/local.hpp>
@@ -46,12 +53,35 @@ private:
   cudaEvent_t e_ = nullptr;
 };
 
+//! An owned non-blocking CUDA stream.
+class stream {
+public:
+  stream() { LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
+  stream(const stream&) = delete;
+  stream& operator=(const stream&) = delete;
+  ~stream() {
+    if (s_) cudaStreamDestroy(s_);
+  }
+  cudaStream_t get() const noexcept { return s_; }
+
+private:
+  cudaStream_t s_ = nullptr;
+};
+
 //! Shared state of one group instance (the world, one node, or one rail).
 struct board {
   explicit board(std::vector<std::size_t> ranks)
       : barrier(ranks), headers(ranks.size() * ranks.size()), send_rows(ranks.size(), nullptr),
         send_offsets(ranks.size(), std::vector<std::size_t>(ranks.size() + 1, 0)), codes(ranks.size(), 0),
         ready(ranks.size()), done(ranks.size()) {}
+
+  //! Makes the group's stream wait for `events` (one per member) and records `joined` there:
+  //! run by the last member to arrive, so one wait on `joined` stands for the whole group's.
+  void join(const std::vector<cudaEvent_t>& events, const event& joined) const {
+    for (cudaEvent_t e : events)
+      LOCUS_CUDA_CHECK(cudaStreamWaitEvent(joiner.get(), e, 0));
+    LOCUS_CUDA_CHECK(cudaEventRecord(joined.get(), joiner.get()));
+  }
 
   local::timed_barrier barrier;
   std::vector<exchange::header> headers; //!< [sender * members + receiver]
@@ -60,7 +90,49 @@ struct board {
   std::vector<std::uint32_t> codes;                   //!< second-round expectation codes
   std::vector<cudaEvent_t> ready;                     //!< per sender: its send rows are written
   std::vector<cudaEvent_t> done;                      //!< per receiver: its copies are finished
+  stream joiner;                                      //!< where the members' events are joined
+  event all_ready, all_done;                          //!< the joins of `ready` and of `done`
 };
+
+//! At most this many segments per gather kernel (its parameters carry them by value).
+inline constexpr std::size_t segments_per_launch = 64;
+
+//! The segments one gather kernel copies: `bytes[s]` bytes from `src[s]` to `dst[s]`.
+struct segment_batch {
+  std::uint32_t count = 0;
+  const std::byte* src[segments_per_launch];
+  std::byte* dst[segments_per_launch];
+  std::size_t bytes[segments_per_launch];
+};
+
+// One grid row (blockIdx.y) per segment; the blocks of a row share its bytes (stage::copy_bytes).
+template <bool Vec>
+__global__ void gather_segments_kernel(const segment_batch batch) {
+  const unsigned s = blockIdx.y;
+  stage::copy_bytes<Vec>(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, batch.src[s],
+                         batch.dst[s], batch.bytes[s]);
+}
+
+//! Queues the copies of `batch` on `stream` as one kernel: 16-byte vectors when every segment
+//! allows them, enough blocks per segment for its largest one to take 32 KiB per block.
+inline void gather_segments(const segment_batch& batch, cudaStream_t stream) {
+  if (batch.count == 0) return;
+  constexpr unsigned threads = 512;
+  constexpr std::size_t block_bytes = threads * 16 * 4;
+  bool vec = true;
+  std::size_t largest = 0;
+  for (std::uint32_t i = 0; i < batch.count; ++i) {
+    vec = vec && stage::vectorisable_bytes(batch.bytes[i], batch.src[i], batch.dst[i]);
+    largest = std::max(largest, batch.bytes[i]);
+  }
+  const dim3 grid(static_cast<unsigned>(std::clamp<std::size_t>((largest + block_bytes - 1) / block_bytes, 1, 64)),
+                  batch.count);
+  if (vec)
+    gather_segments_kernel<true><<<grid, threads, 0, stream>>>(batch);
+  else
+    gather_segments_kernel<false><<<grid, threads, 0, stream>>>(batch);
+  LOCUS_CUDA_CHECK(cudaGetLastError());
+}
 
 } // namespace detail::device_local
 
@@ -183,7 +255,7 @@ public:
     dx::known_shape(recv_counts, row_bytes, out);
     rendezvous r(*this, group, 0);
     publish(r, send, send_counts);
-    r.sync("the rows of a known-count exchange");
+    r.sync_joining_ready("the rows of a known-count exchange");
     move_rows(r, row_bytes, out, send_counts);
     const dx::device_request req(group, members, row_bytes, send, send_counts, {}, 0);
     req.add_bytes(bytes_, groups_, out);
@@ -209,6 +281,13 @@ private:
         : group(g), members(t.groups_.size(g)), self(t.groups_.self_member(g)), b(t.fabric_->board(g, t.rank())),
           timeout(t.fabric_->options().timeout), deadline(std::chrono::steady_clock::now() + timeout), stage(stage) {}
     void sync(const std::string& what) { b.barrier.arrive_and_wait(deadline, timeout, self, group, what); }
+    // A meeting whose last arrival joins the members' `ready` (or `done`) events into one.
+    void sync_joining_ready(const std::string& what) {
+      b.barrier.arrive_and_wait(deadline, timeout, self, group, what, [this] { b.join(b.ready, b.all_ready); });
+    }
+    void sync_joining_done(const std::string& what) {
+      b.barrier.arrive_and_wait(deadline, timeout, self, group, what, [this] { b.join(b.done, b.all_done); });
+    }
     exchange_group group;
     std::size_t members, self;
     detail::device_local::board& b;
@@ -241,7 +320,7 @@ private:
     for (std::size_t m = 0; m < r.members; ++m)
       count_buf_[m] = req.count(m);
     publish(r, req.request().rows.data(), count_buf_);
-    r.sync(where);
+    r.sync_joining_ready(where);
     received_.resize(r.members);
     for (std::size_t m = 0; m < r.members; ++m)
       received_[m] = r.b.headers[m * r.members + r.self];
@@ -260,12 +339,14 @@ private:
     }
   }
 
-  // Copies `out`'s rows out of the senders' published buffers on this stream, then makes this
-  // stream wait for the receivers of this member's rows (`sent`: its send counts; empty: the
+  // Gathers `out`'s rows out of the senders' published buffers on this stream (one kernel, after
+  // the group's "all ready" join), then makes this stream wait for the group's "all done" join, so
+  // the caller may rewrite its send buffer afterwards (`sent`: its send counts; empty: the
   // published offsets). With `sent` given the receive counts are first checked against the
   // senders' offsets, every member meeting once more before any raises.
   void move_rows(rendezvous& r, std::size_t row_bytes, device_exchange_result& out,
                  std::span<const std::size_t> sent = {}) {
+    namespace dl = detail::device_local;
     auto& b = r.b;
     std::size_t bad = r.members, bad_sends = 0;
     if (!sent.empty())
@@ -276,25 +357,28 @@ private:
         }
     parity_ ^= 1u;
     std::byte* recv = recv_[parity_]->room_for(std::max<std::size_t>(out.offsets[r.members] * row_bytes, 1));
-    if (bad == r.members)
+    if (bad == r.members && out.offsets[r.members] > 0) {
+      LOCUS_CUDA_CHECK(cudaStreamWaitEvent(stream_, b.all_ready.get(), 0));
+      dl::segment_batch batch;
       for (std::size_t m = 0; m < r.members; ++m) {
         if (out.counts[m] == 0) continue;
-        LOCUS_CUDA_CHECK(cudaStreamWaitEvent(stream_, b.ready[m], 0));
-        LOCUS_CUDA_CHECK(cudaMemcpyAsync(recv + out.offsets[m] * row_bytes,
-                                         b.send_rows[m] + b.send_offsets[m][r.self] * row_bytes,
-                                         out.counts[m] * row_bytes, cudaMemcpyDeviceToDevice, stream_));
+        batch.src[batch.count] = b.send_rows[m] + b.send_offsets[m][r.self] * row_bytes;
+        batch.dst[batch.count] = recv + out.offsets[m] * row_bytes;
+        batch.bytes[batch.count] = out.counts[m] * row_bytes;
+        if (++batch.count == dl::segments_per_launch) {
+          dl::gather_segments(batch, stream_);
+          batch.count = 0;
+        }
       }
+      dl::gather_segments(batch, stream_);
+    }
     LOCUS_CUDA_CHECK(cudaEventRecord(done_->get(), stream_));
     out.rows = recv;
-    // Every receiver has queued its copies (and recorded `done`) before anyone passes this barrier.
-    r.sync("the row stage");
-    for (std::size_t m = 0; m < r.members; ++m)
-      if (b.send_offsets[r.self][m + 1] != b.send_offsets[r.self][m])
-        LOCUS_CUDA_CHECK(cudaStreamWaitEvent(stream_, b.done[m], 0));
-    // Nobody returns before every member has queued its waits on the others' `done` events: a
-    // member that returned could end its step and destroy its endpoint, events included, while a
-    // peer still waits on them (seen on an H200: "context is destroyed", or a fault, 2 runs in 5).
-    r.sync("the end of the row stage");
+    // Every receiver has queued its copies (and recorded `done`) before the last to arrive joins
+    // them; the endpoints' events are waited for only inside that join, so none is destroyed while
+    // a wait on it is being queued.
+    r.sync_joining_done("the row stage");
+    LOCUS_CUDA_CHECK(cudaStreamWaitEvent(stream_, b.all_done.get(), 0));
     LOCUS_REQUIRE(bad == r.members, transport_error, "device local transport: rank ", rank(), " expected ",
                   out.counts[bad], " rows from rank ", groups_.world_rank_of(r.group, bad), " in a known-count ",
                   "exchange over the ", to_string(r.group), " group, which sends it ", bad_sends);

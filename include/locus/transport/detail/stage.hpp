@@ -2,9 +2,10 @@
 //! @file
 //! The stage bodies of the token-row movement, written once for the host path
 //! (`transport/permute.hpp`) and the CUDA kernels (`transport/detail/kernels/permute.cuh`): row
-//! gather (permute, unpermute, expert input), weighted row reduction, combine, weighted combine and
-//! an exclusive scan of offsets. Each body is the work of one thread of a grid: `grid_index` names
-//! the thread, the body strides over rows by `blocks` and over a row's elements by `threads`. A
+//! gather (permute, unpermute, expert input), weighted row reduction, combine, weighted combine, a
+//! segment copy and an exclusive scan of offsets. Each body is the work of one thread of a grid:
+//! `grid_index` names the thread, the body strides over rows by `blocks` and over a row's elements
+//! by `threads`. A
 //! kernel passes blockIdx / threadIdx; the host runs the same body over every index
 //! (`run_grid`), so the CPU tests exercise the code the GPU runs.
 //!
@@ -169,6 +170,40 @@ LOCUS_HOST_DEVICE void gather_rows(grid_index g, const T* LOCUS_RESTRICT src, co
         dst[r * hidden + i] = src[from * hidden + i];
     }
   }
+}
+
+//! Copies `bytes` bytes from `src` to `dst`: one segment of a gather of segments, shared by the
+//! blocks of one grid row (the one-GPU transport's receive copies). `Vec`: 16-byte vectors, four
+//! in flight per thread (both pointers and `bytes` must be multiples of 16: `vectorisable_bytes`).
+template <bool Vec>
+LOCUS_HOST_DEVICE void copy_bytes(grid_index g, const std::byte* LOCUS_RESTRICT src, std::byte* LOCUS_RESTRICT dst,
+                                  std::size_t bytes) {
+  const std::size_t step = g.blocks * g.threads;
+  std::size_t i = g.block * g.threads + g.thread;
+  if constexpr (Vec) {
+    constexpr std::size_t unroll = 4;
+    const std::size_t vecs = bytes / 16;
+    for (; i + (unroll - 1) * step < vecs; i += unroll * step) {
+      vec16 v[unroll];
+      LOCUS_UNROLL
+      for (std::size_t u = 0; u < unroll; ++u)
+        v[u] = load_vec(src + (i + u * step) * 16);
+      LOCUS_UNROLL
+      for (std::size_t u = 0; u < unroll; ++u)
+        store_vec(dst + (i + u * step) * 16, v[u]);
+    }
+    for (; i < vecs; i += step)
+      store_vec(dst + i * 16, load_vec(src + i * 16));
+  } else {
+    for (; i < bytes; i += step)
+      dst[i] = src[i];
+  }
+}
+
+//! Whether `bytes` bytes from `src` to `dst` can move in 16-byte vectors.
+inline bool vectorisable_bytes(std::size_t bytes, const void* src, const void* dst) {
+  return bytes % 16 == 0 && reinterpret_cast<std::uintptr_t>(src) % 16 == 0 &&
+         reinterpret_cast<std::uintptr_t>(dst) % 16 == 0;
 }
 
 //! `out[r] = sum over r's entries e (in order) of weight[p] * y[p]`, p = entry_position[e].
