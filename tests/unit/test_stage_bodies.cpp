@@ -239,8 +239,8 @@ BOOST_AUTO_TEST_CASE(copy_bytes_moves_exactly_the_segment) {
           else
             st::copy_bytes<false>(g, s, d, bytes);
         });
-        BOOST_TEST(std::memcmp(d, s, bytes) == 0, bytes << " bytes, shift " << shift << ", grid " << grid[0] << "x"
-                                                        << grid[1]);
+        BOOST_TEST(std::memcmp(d, s, bytes) == 0,
+                   bytes << " bytes, shift " << shift << ", grid " << grid[0] << "x" << grid[1]);
         const auto outside = std::count_if(dst.begin(), dst.end(), [&](const std::byte& b) {
           return (&b < d || &b >= d + bytes) && b != std::byte{0xAB};
         });

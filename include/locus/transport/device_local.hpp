@@ -109,8 +109,8 @@ struct segment_batch {
 template <bool Vec>
 __global__ void gather_segments_kernel(const segment_batch batch) {
   const unsigned s = blockIdx.y;
-  stage::copy_bytes<Vec>(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, batch.src[s],
-                         batch.dst[s], batch.bytes[s]);
+  stage::copy_bytes<Vec>(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, batch.src[s], batch.dst[s],
+                         batch.bytes[s]);
 }
 
 //! Queues the copies of `batch` on `stream` as one kernel: 16-byte vectors when every segment
