@@ -303,7 +303,7 @@ BOOST_AUTO_TEST_CASE(missing_peer_times_out) {
 // transport_error naming where, and every later arrival raises at once.
 BOOST_AUTO_TEST_CASE(barrier_work_of_the_last_arrival_runs_once_and_its_failure_reaches_all) {
   constexpr std::size_t members = 5;
-  locus::transport::detail::local::timed_barrier barrier({0, 1, 2, 3, 4});
+  locus::transport::detail::timed_barrier barrier({0, 1, 2, 3, 4});
   std::atomic<int> runs = 0, passed = 0;
   std::array<std::exception_ptr, members> errors{};
   std::vector<std::thread> threads;

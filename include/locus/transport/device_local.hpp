@@ -8,13 +8,13 @@
 //! one device.
 //!
 //! Per exchange the members meet twice on the host, the only host synchronisation:
-//! 1. Each sender records an event on its stream once its send rows are queued and publishes its
-//!    buffer (with the headers - counts, exchange names - when the exchange has a header round).
-//!    The last member to arrive joins every sender's event on the group's own stream and records
-//!    one "all ready" event there.
+//! 1. Each sender records an event on its stream once its send rows are queued, makes the group's
+//!    own stream wait for it, and publishes its buffer (with the headers - counts, exchange names -
+//!    when the exchange has a header round). The last member to arrive records one "all ready"
+//!    event on the group's stream: the join of every sender's.
 //! 2. Each receiver makes its stream wait for that one event and gathers its rows out of the
-//!    senders' buffers with ONE kernel (a segment per sender), then records its "done" event; the
-//!    last to arrive joins those into one "all done" event, which every sender's stream waits for
+//!    senders' buffers with ONE kernel (a segment per sender), then records its "done" event and
+//!    joins it the same way into one "all done" event, which every sender's stream waits for
 //!    before work queued afterwards may rewrite its send buffer.
 //! So a group of R members issues O(R) stream operations per exchange, not O(R^2) copies and
 //! event waits, and rows never pass through the host.
@@ -72,24 +72,20 @@ private:
 struct board {
   explicit board(std::vector<std::size_t> ranks)
       : barrier(ranks), headers(ranks.size() * ranks.size()), send_rows(ranks.size(), nullptr),
-        send_offsets(ranks.size(), std::vector<std::size_t>(ranks.size() + 1, 0)), codes(ranks.size(), 0),
-        ready(ranks.size()), done(ranks.size()) {}
+        send_offsets(ranks.size(), std::vector<std::size_t>(ranks.size() + 1, 0)), codes(ranks.size(), 0) {}
 
-  //! Makes the group's stream wait for `events` (one per member) and records `joined` there:
-  //! run by the last member to arrive, so one wait on `joined` stands for the whole group's.
-  void join(const std::vector<cudaEvent_t>& events, const event& joined) const {
-    for (cudaEvent_t e : events)
-      LOCUS_CUDA_CHECK(cudaStreamWaitEvent(joiner.get(), e, 0));
-    LOCUS_CUDA_CHECK(cudaEventRecord(joined.get(), joiner.get()));
-  }
+  //! A member's part of a join: the group's stream waits for `e`, recorded on the member's stream
+  //! (each member queues its own wait before it arrives, so the waits are queued in parallel).
+  void join(cudaEvent_t e) const { LOCUS_CUDA_CHECK(cudaStreamWaitEvent(joiner.get(), e, 0)); }
+  //! Run by the last member to arrive, once every member queued its `join`: one wait on `joined`
+  //! then stands for the whole group's events.
+  void record(const event& joined) const { LOCUS_CUDA_CHECK(cudaEventRecord(joined.get(), joiner.get())); }
 
-  local::timed_barrier barrier;
+  timed_barrier barrier;
   std::vector<exchange::header> headers; //!< [sender * members + receiver]
   std::vector<const std::byte*> send_rows;
   std::vector<std::vector<std::size_t>> send_offsets; //!< per sender: first row for each receiver
   std::vector<std::uint32_t> codes;                   //!< second-round expectation codes
-  std::vector<cudaEvent_t> ready;                     //!< per sender: its send rows are written
-  std::vector<cudaEvent_t> done;                      //!< per receiver: its copies are finished
   stream joiner;                                      //!< where the members' events are joined
   event all_ready, all_done;                          //!< the joins of `ready` and of `done`
 };
@@ -281,12 +277,13 @@ private:
         : group(g), members(t.groups_.size(g)), self(t.groups_.self_member(g)), b(t.fabric_->board(g, t.rank())),
           timeout(t.fabric_->options().timeout), deadline(std::chrono::steady_clock::now() + timeout), stage(stage) {}
     void sync(const std::string& what) { b.barrier.arrive_and_wait(deadline, timeout, self, group, what); }
-    // A meeting whose last arrival joins the members' `ready` (or `done`) events into one.
+    // A meeting of members that each joined their `ready` (or `done`) event: its last arrival
+    // records the join.
     void sync_joining_ready(const std::string& what) {
-      b.barrier.arrive_and_wait(deadline, timeout, self, group, what, [this] { b.join(b.ready, b.all_ready); });
+      b.barrier.arrive_and_wait(deadline, timeout, self, group, what, [this] { b.record(b.all_ready); });
     }
     void sync_joining_done(const std::string& what) {
-      b.barrier.arrive_and_wait(deadline, timeout, self, group, what, [this] { b.join(b.done, b.all_done); });
+      b.barrier.arrive_and_wait(deadline, timeout, self, group, what, [this] { b.record(b.all_done); });
     }
     exchange_group group;
     std::size_t members, self;
@@ -304,8 +301,7 @@ private:
       offsets[m + 1] = offsets[m] + counts[m];
     r.b.send_rows[r.self] = send;
     LOCUS_CUDA_CHECK(cudaEventRecord(ready_->get(), stream_));
-    r.b.ready[r.self] = ready_->get();
-    r.b.done[r.self] = done_->get();
+    r.b.join(ready_->get());
   }
 
   // The header round (and count-agreement round when `expected` is given) of `req`, which also
@@ -373,10 +369,11 @@ private:
       dl::gather_segments(batch, stream_);
     }
     LOCUS_CUDA_CHECK(cudaEventRecord(done_->get(), stream_));
+    r.b.join(done_->get());
     out.rows = recv;
-    // Every receiver has queued its copies (and recorded `done`) before the last to arrive joins
-    // them; the endpoints' events are waited for only inside that join, so none is destroyed while
-    // a wait on it is being queued.
+    // Every receiver has queued its copies and joined its `done` before the last to arrive records
+    // the join; only the group's stream waits for an endpoint's events, and each endpoint queues
+    // that wait itself, so none is destroyed while a wait on it is being queued.
     r.sync_joining_done("the row stage");
     LOCUS_CUDA_CHECK(cudaStreamWaitEvent(stream_, b.all_done.get(), 0));
     LOCUS_REQUIRE(bad == r.members, transport_error, "device local transport: rank ", rank(), " expected ",

@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <exception>
+#include <locus/transport/detail/timed_barrier.hpp>
 #include <locus/transport/exchange.hpp>
 #include <memory>
 #include <mutex>
@@ -18,87 +19,6 @@
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
 
 namespace detail::local {
-
-//! A barrier that gives up at a deadline. Once one member times out the barrier is broken for
-//! good: the members are no longer in step, so every later arrival raises at once. It remembers
-//! who had arrived when it broke, so that every waiting member names the ranks that did not
-//! arrive, and a member that arrives late learns that the others gave up waiting for it.
-class timed_barrier {
-public:
-  struct no_work {
-    void operator()() const noexcept {}
-  };
-
-  //! @param ranks world rank of each member (for messages)
-  explicit timed_barrier(std::vector<std::size_t> ranks) : ranks_(std::move(ranks)), arrived_(ranks_.size(), false) {}
-
-  //! @param where what the member is doing, for messages ("the header round of step 2 exchange #0")
-  //! @param last work the last member to arrive runs before it releases the others (the one-GPU
-  //!        transport joins the members' CUDA events there); when it throws, every member of this
-  //!        meeting throws transport_error and the barrier is unusable from then on
-  template <class Last = no_work>
-  void arrive_and_wait(std::chrono::steady_clock::time_point deadline, std::chrono::milliseconds timeout,
-                       std::size_t member, exchange_group group, const std::string& where, Last&& last = Last{}) {
-    std::unique_lock lock(mutex_);
-    if (!failure_.empty())
-      LOCUS_THROW(transport_error, "local transport: unusable after the ", to_string(group), " group failed in ",
-                  failure_);
-    if (broken_) {
-      if (std::find(missing_.begin(), missing_.end(), ranks_[member]) != missing_.end())
-        LOCUS_THROW(timeout_error, "local transport: rank ", ranks_[member], " reached ", where, " over the ",
-                    to_string(group), " group after ", exchange::rank_list(waited_),
-                    " had given up waiting for it: it arrived late; the transport is unusable from now on");
-      LOCUS_THROW(transport_error, "local transport: unusable after an earlier exchange over the ", to_string(group),
-                  " group timed out (", exchange::rank_list(missing_), " did not arrive)");
-    }
-    const std::uint64_t generation = generation_;
-    arrived_[member] = true;
-    if (++waiting_ == ranks_.size()) {
-      waiting_ = 0;
-      std::fill(arrived_.begin(), arrived_.end(), false);
-      try {
-        last();
-      } catch (const std::exception& e) {
-        failure_ = ::locus::detail::concat(where, ": ", e.what());
-      }
-      ++generation_;
-      cv_.notify_all();
-      throw_if_failed(group);
-      return;
-    }
-    cv_.wait_until(lock, deadline, [&] { return generation_ != generation || broken_; });
-    if (generation_ != generation) {
-      throw_if_failed(group);
-      return;
-    }
-    if (!broken_) {
-      broken_ = true;
-      for (std::size_t m = 0; m < ranks_.size(); ++m)
-        (arrived_[m] ? waited_ : missing_).push_back(ranks_[m]);
-      cv_.notify_all();
-    }
-    // Every member waiting in this generation saw the same arrivals: all name the same ranks.
-    LOCUS_THROW(timeout_error, "local transport: rank ", ranks_[member], " waited ", timeout.count(), " ms in ", where,
-                " over the ", to_string(group), " group; ", exchange::rank_list(missing_),
-                " did not arrive; the transport is unusable from now on");
-  }
-
-private:
-  void throw_if_failed(exchange_group group) const {
-    if (!failure_.empty())
-      LOCUS_THROW(transport_error, "local transport: the ", to_string(group), " group failed in ", failure_);
-  }
-
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  std::string failure_; //!< what the last member's work threw, with where
-  std::vector<std::size_t> ranks_;
-  std::vector<bool> arrived_;
-  std::size_t waiting_ = 0;
-  std::uint64_t generation_ = 0;
-  bool broken_ = false;
-  std::vector<std::size_t> missing_, waited_; //!< world ranks absent / present when the barrier broke
-};
 
 //! Shared state of one group instance (the world, one node, or one rail).
 struct group_board {
