@@ -207,8 +207,9 @@ int main(int argc, char** argv) try {
                                 << ",\n  \"layout_ms\": " << t_layout << ",\n  \"dispatch_combine_us\": " << best_us[0]
                                 << ",\n  \"raw_copies_us\": " << best_us[1] << ",\n  \"ratio_to_raw\": " << ratio
                                 << ",\n  \"exchanges_alone_us\": " << best_us[2]
-                                << ",\n  \"exchanges_host_queue_us\": " << best_queue_us << ",\n  \"hbm_gb_per_s\": " << hbm_gbs
-                                << ",\n  \"permute_ms\": " << t_permute << ",\n  \"permute_gb_per_s\": " << permute_gbs
+                                << ",\n  \"exchanges_host_queue_us\": " << best_queue_us
+                                << ",\n  \"hbm_gb_per_s\": " << hbm_gbs << ",\n  \"permute_ms\": " << t_permute
+                                << ",\n  \"permute_gb_per_s\": " << permute_gbs
                                 << ",\n  \"permute_fraction_of_hbm\": " << permute_gbs / hbm_gbs
                                 << ",\n  \"combine_static_ms\": " << t_combine_static
                                 << ",\n  \"combine_dynamic_ms\": " << t_combine_dynamic

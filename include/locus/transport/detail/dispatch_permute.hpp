@@ -2,8 +2,11 @@
 // locus-requires: cuda
 //! @file
 //! Host dispatch of the permute kernels: picks the 16-byte vector path when the row size and the
-//! base pointers allow it, and a launch shape of one block per row.
+//! base pointers allow it, and a launch shape of `parts_for` blocks per row (gridDim.y): one when
+//! rows are many, more when they are few (a decode step's 128 tokens on one block each left most
+//! of an H200 idle: the combine ran at 20% of its bandwidth).
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <locus/core/cuda_error.hpp>
@@ -18,16 +21,32 @@ inline unsigned grid_for(std::size_t rows) {
   return static_cast<unsigned>(rows == 0 ? 1 : (rows < max_blocks ? rows : max_blocks));
 }
 
+//! Blocks sharing one row: enough for about `fill_blocks` blocks in all, never more than the
+//! row's `row_chunks` (16-byte vectors, or elements) give a block of threads work.
+inline unsigned parts_for(std::size_t rows, std::size_t row_chunks) {
+  constexpr std::size_t fill_blocks = 1024;
+  const std::size_t most = std::max<std::size_t>((row_chunks + block_threads - 1) / block_threads, 1);
+  const std::size_t want = rows >= fill_blocks ? 1 : (fill_blocks + rows - 1) / std::max<std::size_t>(rows, 1);
+  return static_cast<unsigned>(std::min(want, most));
+}
+
+//! The launch grid of `rows` rows of `hidden` elements of T.
+template <class T, bool Vec>
+dim3 shape_for(std::size_t rows, std::size_t hidden) {
+  return dim3(grid_for(rows), parts_for(rows, Vec ? hidden / stage::per_vec<T> : hidden));
+}
+
 //! dst[r] = src[index[r * stride]] for r < rows.
 template <class T, class H>
 void dispatch_gather(const T* src, const std::int32_t* index, std::size_t stride, std::size_t rows, H hidden, T* dst,
                      cudaStream_t stream) {
   if (rows == 0 || stage::width(hidden) == 0) return;
   if (stage::vectorisable<T>(stage::width(hidden), src, dst))
-    gather_rows_kernel<T, true, H><<<grid_for(rows), block_threads, 0, stream>>>(src, index, stride, rows, hidden, dst);
+    gather_rows_kernel<T, true, H><<<shape_for<T, true>(rows, stage::width(hidden)), block_threads, 0, stream>>>(
+        src, index, stride, rows, hidden, dst);
   else
-    gather_rows_kernel<T, false, H>
-        <<<grid_for(rows), block_threads, 0, stream>>>(src, index, stride, rows, hidden, dst);
+    gather_rows_kernel<T, false, H><<<shape_for<T, false>(rows, stage::width(hidden)), block_threads, 0, stream>>>(
+        src, index, stride, rows, hidden, dst);
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -36,11 +55,11 @@ void dispatch_reduce(const T* y, const std::int32_t* row_entry_offsets, const st
                      const float* weight, std::size_t rows, H hidden, T* out, cudaStream_t stream) {
   if (rows == 0 || stage::width(hidden) == 0) return;
   if (stage::vectorisable<T>(stage::width(hidden), y, out))
-    reduce_rows_kernel<T, true, H>
-        <<<grid_for(rows), block_threads, 0, stream>>>(y, row_entry_offsets, entry_position, weight, rows, hidden, out);
+    reduce_rows_kernel<T, true, H><<<shape_for<T, true>(rows, stage::width(hidden)), block_threads, 0, stream>>>(
+        y, row_entry_offsets, entry_position, weight, rows, hidden, out);
   else
-    reduce_rows_kernel<T, false, H>
-        <<<grid_for(rows), block_threads, 0, stream>>>(y, row_entry_offsets, entry_position, weight, rows, hidden, out);
+    reduce_rows_kernel<T, false, H><<<shape_for<T, false>(rows, stage::width(hidden)), block_threads, 0, stream>>>(
+        y, row_entry_offsets, entry_position, weight, rows, hidden, out);
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -50,11 +69,11 @@ void dispatch_combine(K k, const T* rows_in, const std::int32_t* copy_row, std::
                       cudaStream_t stream) {
   if (tokens == 0 || stage::width(hidden) == 0) return;
   if (stage::vectorisable<T>(stage::width(hidden), rows_in, out))
-    combine_kernel<T, true, K, H>
-        <<<grid_for(tokens), block_threads, 0, stream>>>(k, rows_in, copy_row, tokens, hidden, out);
+    combine_kernel<T, true, K, H><<<shape_for<T, true>(tokens, stage::width(hidden)), block_threads, 0, stream>>>(
+        k, rows_in, copy_row, tokens, hidden, out);
   else
-    combine_kernel<T, false, K, H>
-        <<<grid_for(tokens), block_threads, 0, stream>>>(k, rows_in, copy_row, tokens, hidden, out);
+    combine_kernel<T, false, K, H><<<shape_for<T, false>(tokens, stage::width(hidden)), block_threads, 0, stream>>>(
+        k, rows_in, copy_row, tokens, hidden, out);
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -64,10 +83,12 @@ void dispatch_combine_weighted(K k, const T* y, const std::int32_t* copy_entry, 
   if (tokens == 0 || stage::width(hidden) == 0) return;
   if (stage::vectorisable<T>(stage::width(hidden), y, out))
     combine_weighted_kernel<T, true, K, H>
-        <<<grid_for(tokens), block_threads, 0, stream>>>(k, y, copy_entry, weight, tokens, hidden, out);
+        <<<shape_for<T, true>(tokens, stage::width(hidden)), block_threads, 0, stream>>>(k, y, copy_entry, weight,
+                                                                                         tokens, hidden, out);
   else
     combine_weighted_kernel<T, false, K, H>
-        <<<grid_for(tokens), block_threads, 0, stream>>>(k, y, copy_entry, weight, tokens, hidden, out);
+        <<<shape_for<T, false>(tokens, stage::width(hidden)), block_threads, 0, stream>>>(k, y, copy_entry, weight,
+                                                                                          tokens, hidden, out);
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }
 

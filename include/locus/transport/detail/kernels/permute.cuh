@@ -2,8 +2,9 @@
 //! @file
 //! CUDA kernels moving token vectors through a layout: row gather (permute, unpermute, expert
 //! input), weighted row reduction and combine. Each kernel is a stage body of
-//! `transport/detail/stage.hpp` run on one block per output row; threads stride over the row in
-//! 16-byte vectors (`Vec = true`, when the row size and base pointers allow it) or single elements.
+//! `transport/detail/stage.hpp` run on gridDim.y blocks per output row; threads stride over the
+//! row in 16-byte vectors (`Vec = true`, when the row size and base pointers allow it) or single
+//! elements.
 //! The host path runs the same bodies, so the results are equal bit for bit. `H` is the row width:
 //! a std::size_t or a static `locus::hidden<N>`, for which the kernel is instantiated.
 
@@ -13,8 +14,10 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::permute {
 
+// The gridDim.y blocks of one blockIdx.x act as one block of gridDim.y * blockDim.x threads: a
+// row's elements are shared by several blocks when rows are few (dispatch_permute.hpp).
 __device__ __forceinline__ stage::grid_index this_thread() {
-  return stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x};
+  return stage::grid_index{blockIdx.x, gridDim.x, blockIdx.y * blockDim.x + threadIdx.x, gridDim.y * blockDim.x};
 }
 
 template <class T, bool Vec, class H>
