@@ -113,12 +113,23 @@ std::vector<static_dynamic> static_vs_dynamic(const expert_map& map, std::size_t
   const top_k<> kd(k_n);
   std::vector<static_dynamic> out;
 
-  const auto gather_s = [&] {
-    dp::dispatch_gather<bfloat16>(x.data(), l.row_token(), 1, rows, H{}, a.data(), nullptr);
+  const auto scatter_s = [&] {
+    dp::dispatch_scatter<bfloat16>(top_k<k_n>{}, x.data(), l.copy_row(), tokens, H{}, a.data(), nullptr);
   };
-  const auto gather_d = [&] { dp::dispatch_gather<bfloat16>(x.data(), l.row_token(), 1, rows, Hn, b.data(), nullptr); };
-  out.push_back(time_both("permute (gather_rows)", reps, gather_s, gather_d));
+  const auto scatter_d = [&] {
+    dp::dispatch_scatter<bfloat16>(kd, x.data(), l.copy_row(), tokens, Hn, b.data(), nullptr);
+  };
+  out.push_back(time_both("permute (scatter_rows)", reps, scatter_s, scatter_d));
   require_equal(a, b, rows * Hn, "permute");
+
+  const auto gather_s = [&] {
+    dp::dispatch_gather<bfloat16>(rows_in.data(), l.copy_row(), k_n, tokens, H{}, a.data(), nullptr);
+  };
+  const auto gather_d = [&] {
+    dp::dispatch_gather<bfloat16>(rows_in.data(), l.copy_row(), k_n, tokens, Hn, b.data(), nullptr);
+  };
+  out.push_back(time_both("unpermute (gather_rows)", reps, gather_s, gather_d));
+  require_equal(a, b, tokens * Hn, "unpermute");
 
   const auto reduce_s = [&] {
     dp::dispatch_reduce<bfloat16>(per_copy.data(), l.row_entry_offsets(), l.entry_copy(), weights.data(), rows, H{},
@@ -271,7 +282,7 @@ int main(int argc, char** argv) try {
   std::printf("| kernel | static us | dynamic us | static / dynamic |\n| --- | ---: | ---: | ---: |\n");
   for (const auto& k : sd)
     std::printf("| %s | %.2f | %.2f | %.3f |\n", k.kernel, k.static_us, k.dynamic_us, k.static_us / k.dynamic_us);
-  std::printf("| all four | %.2f | %.2f | %.3f |\n", sum_s, sum_d, sum_s / sum_d);
+  std::printf("| all five | %.2f | %.2f | %.3f |\n", sum_s, sum_d, sum_s / sum_d);
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "gpu_permute: %s\n", e.what());

@@ -109,6 +109,9 @@ void check_bodies(std::size_t hidden, K k) {
   permute<T>(l, x, hidden, host, 2);
   BOOST_TEST(same_bits(host, send));
   for_each_grid(send, hidden, "permute", [&](st::grid_index g, auto vec, T* out) {
+    st::scatter_rows<T, decltype(vec)::value>(g, k, x.data(), l.copy_row().data(), tokens, hx, out);
+  });
+  for_each_grid(send, hidden, "gather over row_token", [&](st::grid_index g, auto vec, T* out) {
     st::gather_rows<T, decltype(vec)::value>(g, x.data(), l.row_token().data(), 1, rows, hx, out);
   });
 

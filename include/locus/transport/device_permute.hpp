@@ -176,11 +176,12 @@ private:
   bool checked_ = false; // build's check word still at the end of slot_offsets_host_
 };
 
-//! `send[r] = tokens[row_token[r]]` for the `l.rows()` rows.
+//! `send[r] = tokens[row_token[r]]` for the `l.rows()` rows, read token-major: each token is read
+//! once and written to each of its rows (stage::scatter_rows).
 template <class T, class TopK, class Experts, class H = std::size_t>
 void permute(const device_layout<TopK, Experts>& l, const T* tokens, H hidden, T* send, cudaStream_t stream = nullptr) {
   static_assert(detail::permute::device_element<T>, "locus::transport::permute: elements must be float or bfloat16");
-  detail::permute::dispatch_gather<T>(tokens, l.row_token(), 1, l.rows(), hidden, send, stream);
+  detail::permute::dispatch_scatter<T>(TopK{}, tokens, l.copy_row(), l.tokens(), hidden, send, stream);
 }
 
 //! `tokens[t] = send[copy_row[t * K]]`: the inverse of permute.

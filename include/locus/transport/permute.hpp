@@ -68,7 +68,8 @@ void gather(const T* src, const std::int32_t* index, std::size_t stride, std::si
 
 } // namespace detail::permute
 
-//! Fills the send buffer: `send[r] = tokens[row_token[r]]`.
+//! Fills the send buffer: `send[r] = tokens[row_token[r]]`, read token-major (each token is read
+//! once and written to each of its rows: stage::scatter_rows).
 //! @param tokens `tokens × hidden`, token-major
 //! @param send   `rows × hidden`
 //! @throws locus::invalid_input_error on a size mismatch
@@ -78,7 +79,13 @@ void permute(const layout<TopK>& l, std::span<const T> tokens, std::size_t hidde
   static_assert(detail::permute::element_type<T>, "locus::transport::permute: elements must be float or bfloat16");
   detail::permute::check_size("permute", "tokens", tokens.size(), l.tokens(), hidden);
   detail::permute::check_size("permute", "send", send.size(), l.rows(), hidden);
-  detail::permute::gather(tokens.data(), l.row_token().data(), 1, l.rows(), hidden, send.data(), threads);
+  const TopK k = TopK(l.top_k());
+  const bool vec = detail::stage::vectorisable<T>(hidden, tokens.data(), send.data());
+  detail::permute::run_rows<T>(l.tokens(), hidden, threads, vec, [&](std::size_t t0, std::size_t t1, auto v) {
+    detail::stage::scatter_rows<T, decltype(v)::value>(detail::stage::grid_index{}, k, tokens.data() + t0 * hidden,
+                                                       l.copy_row().data() + t0 * k.value(), t1 - t0, hidden,
+                                                       send.data());
+  });
 }
 
 //! The inverse of permute: `tokens[t] = send[row of choice 0 of t]`.

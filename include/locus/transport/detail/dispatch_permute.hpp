@@ -50,6 +50,21 @@ void dispatch_gather(const T* src, const std::int32_t* index, std::size_t stride
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }
 
+//! dst[copy_row[t * k + j]] = src[t] for t < tokens (each row once). `K`: a locus::top_k extent.
+template <class T, class K, class H>
+void dispatch_scatter(K k, const T* src, const std::int32_t* copy_row, std::size_t tokens, H hidden, T* dst,
+                      cudaStream_t stream) {
+  if (tokens == 0 || stage::width(hidden) == 0) return;
+  if (stage::vectorisable<T>(stage::width(hidden), src, dst))
+    scatter_rows_kernel<T, true, K, H><<<shape_for<T, true>(tokens, stage::width(hidden)), block_threads, 0, stream>>>(
+        k, src, copy_row, tokens, hidden, dst);
+  else
+    scatter_rows_kernel<T, false, K, H>
+        <<<shape_for<T, false>(tokens, stage::width(hidden)), block_threads, 0, stream>>>(k, src, copy_row, tokens,
+                                                                                          hidden, dst);
+  LOCUS_CUDA_CHECK(cudaGetLastError());
+}
+
 template <class T, class H>
 void dispatch_reduce(const T* y, const std::int32_t* row_entry_offsets, const std::int32_t* entry_position,
                      const float* weight, std::size_t rows, H hidden, T* out, cudaStream_t stream) {

@@ -2,12 +2,11 @@
 //! @file
 //! The stage bodies of the token-row movement, written once for the host path
 //! (`transport/permute.hpp`) and the CUDA kernels (`transport/detail/kernels/permute.cuh`): row
-//! gather (permute, unpermute, expert input), weighted row reduction, combine, weighted combine, a
-//! segment copy and an exclusive scan of offsets. Each body is the work of one thread of a grid:
-//! `grid_index` names the thread, the body strides over rows by `blocks` and over a row's elements
-//! by `threads`. A
-//! kernel passes blockIdx / threadIdx; the host runs the same body over every index
-//! (`run_grid`), so the CPU tests exercise the code the GPU runs.
+//! scatter (permute), row gather (unpermute, expert input), weighted row reduction, combine,
+//! weighted combine, a segment copy and an exclusive scan of offsets. Each body is the work of one
+//! thread of a grid: `grid_index` names the thread, the body strides over rows by `blocks` and
+//! over a row's elements by `threads`. A kernel passes blockIdx / threadIdx; the host runs the same
+//! body over every index (`run_grid`), so the CPU tests exercise the code the GPU runs.
 //!
 //! Sums accumulate in float in a fixed order (a row's entries in entry order; a token's rows in
 //! order of their first choice j) with separate round-to-nearest multiply and add, so the host and
@@ -152,6 +151,15 @@ LOCUS_HOST_DEVICE void store(T* out, const float* acc) {
   }
 }
 
+//! Whether choice j of a token (its rows `cr[0..k)`) is the first to name its row: a row shared
+//! by several choices is written or summed once.
+LOCUS_HOST_DEVICE bool first_choice_of_row(const std::int32_t* cr, std::size_t j) {
+  bool f = true;
+  for (std::size_t i = 0; i < j; ++i)
+    f &= cr[i] != cr[j];
+  return f;
+}
+
 //! `dst[r] = src[index[r * stride]]` for r < rows. `hidden` (here and below): see width().
 template <class T, bool Vec, class H>
 LOCUS_HOST_DEVICE void gather_rows(grid_index g, const T* LOCUS_RESTRICT src, const std::int32_t* LOCUS_RESTRICT index,
@@ -168,6 +176,59 @@ LOCUS_HOST_DEVICE void gather_rows(grid_index g, const T* LOCUS_RESTRICT src, co
     } else {
       for (std::size_t i = g.thread; i < hidden; i += g.threads)
         dst[r * hidden + i] = src[from * hidden + i];
+    }
+  }
+}
+
+//! `dst[copy_row[t * k + j]] = src[t]` for every token t < tokens and choice j (a row shared by
+//! several choices is written once): the permute, read token-major, so each token is read once
+//! however many rows it fills (gather_rows over row_token reads it once per row). Every row of a
+//! layout is some choice's row, so every row is written.
+template <class T, bool Vec, class K, class H>
+LOCUS_HOST_DEVICE void scatter_rows(grid_index g, K k, const T* LOCUS_RESTRICT src,
+                                    const std::int32_t* LOCUS_RESTRICT copy_row, std::size_t tokens, H hidden_extent,
+                                    T* LOCUS_RESTRICT dst) {
+  const std::size_t hidden = width(hidden_extent);
+  constexpr std::size_t n = chunk<T, Vec>;
+  constexpr std::size_t cached = K::is_static ? K::static_value : 1;
+  const std::size_t kv = k.value();
+  for (std::size_t t = g.block; t < tokens; t += g.blocks) {
+    const std::int32_t* cr = copy_row + t * kv;
+    std::int32_t row[cached] = {};
+    bool fresh[cached] = {};
+    if constexpr (K::is_static) {
+      LOCUS_UNROLL
+      for (std::size_t j = 0; j < cached; ++j) {
+        row[j] = cr[j];
+        fresh[j] = first_choice_of_row(cr, j);
+      }
+    }
+    // Element h of choice j's row, or nullptr when an earlier choice has the same row.
+    const auto target = [&](std::size_t j, std::size_t h) -> T* {
+      std::int32_t r;
+      bool use;
+      if constexpr (K::is_static) {
+        r = row[j];
+        use = fresh[j];
+      } else {
+        r = cr[j];
+        use = first_choice_of_row(cr, j);
+      }
+      return use ? dst + static_cast<std::size_t>(r) * hidden + h : nullptr;
+    };
+    const T* s = src + t * hidden;
+    for (std::size_t h = g.thread * n; h < hidden; h += g.threads * n) {
+      if constexpr (Vec) {
+        const vec16 v = load_vec(s + h);
+        LOCUS_UNROLL
+        for (std::size_t j = 0; j < kv; ++j)
+          if (T* d = target(j, h)) store_vec(d, v);
+      } else {
+        const T v = s[h];
+        LOCUS_UNROLL
+        for (std::size_t j = 0; j < kv; ++j)
+          if (T* d = target(j, h)) *d = v;
+      }
     }
   }
 }
@@ -238,22 +299,16 @@ LOCUS_HOST_DEVICE void combine(grid_index g, K k, const T* LOCUS_RESTRICT rows_i
   constexpr std::size_t cached = K::is_static ? K::static_value : 1;
   const std::size_t kv = k.value();
   for (std::size_t t = g.block; t < tokens; t += g.blocks) {
-    const std::int32_t* cr = copy_row + t * kv;
     // A row shared by several choices counts once: choice j adds its row when no earlier choice
     // has the same row.
-    const auto first = [&](std::size_t j) {
-      bool f = true;
-      for (std::size_t i = 0; i < j; ++i)
-        f &= cr[i] != cr[j];
-      return f;
-    };
+    const std::int32_t* cr = copy_row + t * kv;
     std::int32_t row[cached] = {};
     bool fresh[cached] = {};
     if constexpr (K::is_static) {
       LOCUS_UNROLL
       for (std::size_t j = 0; j < cached; ++j) {
         row[j] = cr[j];
-        fresh[j] = first(j);
+        fresh[j] = first_choice_of_row(cr, j);
       }
     }
     for (std::size_t h = g.thread * n; h < hidden; h += g.threads * n) {
@@ -267,7 +322,7 @@ LOCUS_HOST_DEVICE void combine(grid_index g, K k, const T* LOCUS_RESTRICT rows_i
           use = fresh[j];
         } else {
           r = cr[j];
-          use = first(j);
+          use = first_choice_of_row(cr, j);
         }
         if (use) accumulate<T, Vec, false>(acc, rows_in + static_cast<std::size_t>(r) * hidden + h, 0.0f);
       }

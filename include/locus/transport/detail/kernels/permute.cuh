@@ -1,7 +1,7 @@
 #pragma once
 //! @file
-//! CUDA kernels moving token vectors through a layout: row gather (permute, unpermute, expert
-//! input), weighted row reduction and combine. Each kernel is a stage body of
+//! CUDA kernels moving token vectors through a layout: row scatter (permute), row gather
+//! (unpermute, expert input), weighted row reduction and combine. Each kernel is a stage body of
 //! `transport/detail/stage.hpp` run on gridDim.y blocks per output row; threads stride over the
 //! row in 16-byte vectors (`Vec = true`, when the row size and base pointers allow it) or single
 //! elements.
@@ -24,6 +24,12 @@ template <class T, bool Vec, class H>
 __global__ void gather_rows_kernel(const T* __restrict__ src, const std::int32_t* __restrict__ index,
                                    std::size_t stride, std::size_t rows, H hidden, T* __restrict__ dst) {
   stage::gather_rows<T, Vec>(this_thread(), src, index, stride, rows, hidden, dst);
+}
+
+template <class T, bool Vec, class K, class H>
+__global__ void scatter_rows_kernel(K k, const T* __restrict__ src, const std::int32_t* __restrict__ copy_row,
+                                    std::size_t tokens, H hidden, T* __restrict__ dst) {
+  stage::scatter_rows<T, Vec>(this_thread(), k, src, copy_row, tokens, hidden, dst);
 }
 
 template <class T, bool Vec, class H>
