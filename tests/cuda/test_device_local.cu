@@ -214,3 +214,37 @@ BOOST_AUTO_TEST_CASE(count_round_then_known_count_exchanges) {
     expect(raised, "rank " + std::to_string(r) + ": disagreeing count rounds raise");
   });
 }
+
+// A world of 65 ranks spans two tiles of the group's copies (detail/group_gather.hpp: 64 senders
+// × 64 receivers per launch): every row still arrives once, in sender order.
+BOOST_AUTO_TEST_CASE(a_group_of_several_tiles_delivers_every_row) {
+  const dynamic_topology topo(5, 13);
+  device_local_fabric fabric(topo, transport_kind::flat);
+  on_ranks(topo.ranks(), [&](std::size_t r) {
+    stream_owner st;
+    auto ep = fabric.endpoint(r, st.s);
+    const std::size_t R = topo.ranks();
+    std::vector<std::size_t> rows(R), recv(R);
+    std::vector<std::uint64_t> payload;
+    for (std::size_t m = 0; m < R; ++m) {
+      rows[m] = (r + 2 * m) % 3;
+      recv[m] = (m + 2 * r) % 3;
+      for (std::size_t i = 0; i < rows[m]; ++i)
+        payload.push_back(row_value(r, m, i, 0));
+    }
+    device_buffer<std::uint64_t> send;
+    send.upload(payload, ep.stream());
+    device_exchange_result out;
+    ep.exchange_device_known(exchange_group::world, 8, reinterpret_cast<const std::byte*>(send.data()), rows, recv,
+                             out);
+    std::vector<std::uint64_t> got(out.offsets.back());
+    if (!got.empty())
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(got.data(), out.rows, got.size() * sizeof(std::uint64_t), cudaMemcpyDeviceToHost,
+                                       ep.stream()));
+    ep.synchronize("the test's read");
+    for (std::size_t m = 0; m < R; ++m)
+      for (std::size_t i = 0; i < out.counts[m]; ++i)
+        expect(got[out.offsets[m] + i] == row_value(m, r, i, 0),
+               "rank " + std::to_string(r) + ": row " + std::to_string(i) + " from " + std::to_string(m));
+  });
+}

@@ -233,9 +233,9 @@ LOCUS_HOST_DEVICE void scatter_rows(grid_index g, K k, const T* LOCUS_RESTRICT s
   }
 }
 
-//! Copies `bytes` bytes from `src` to `dst`: one segment of a gather of segments, shared by the
-//! blocks of one grid row (the one-GPU transport's receive copies). `Vec`: 16-byte vectors, four
-//! in flight per thread (both pointers and `bytes` must be multiples of 16: `vectorisable_bytes`).
+//! Copies `bytes` bytes from `src` to `dst`: one pair of the one-GPU transport's copies
+//! (detail/group_gather.hpp), shared by the blocks of one grid row. `Vec`: 16-byte vectors, four
+//! in flight per thread (both pointers and `bytes` must be multiples of 16).
 template <bool Vec>
 LOCUS_HOST_DEVICE void copy_bytes(grid_index g, const std::byte* LOCUS_RESTRICT src, std::byte* LOCUS_RESTRICT dst,
                                   std::size_t bytes) {
@@ -259,12 +259,6 @@ LOCUS_HOST_DEVICE void copy_bytes(grid_index g, const std::byte* LOCUS_RESTRICT 
     for (; i < bytes; i += step)
       dst[i] = src[i];
   }
-}
-
-//! Whether `bytes` bytes from `src` to `dst` can move in 16-byte vectors.
-inline bool vectorisable_bytes(std::size_t bytes, const void* src, const void* dst) {
-  return bytes % 16 == 0 && reinterpret_cast<std::uintptr_t>(src) % 16 == 0 &&
-         reinterpret_cast<std::uintptr_t>(dst) % 16 == 0;
 }
 
 //! `out[r] = sum over r's entries e (in order) of weight[p] * y[p]`, p = entry_position[e].
