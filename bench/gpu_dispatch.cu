@@ -172,8 +172,20 @@ int main(int argc, char** argv) try {
     });
   for (auto& t : threads)
     t.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  // A rank that fails makes the others time out waiting for it: report the failures that are
+  // not timeouts first (the cause), then the first error of all.
+  std::exception_ptr first;
+  for (std::size_t r = 0; r < R; ++r) {
+    if (!errors[r]) continue;
+    if (!first) first = errors[r];
+    try {
+      std::rethrow_exception(errors[r]);
+    } catch (const timeout_error&) {
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "gpu_dispatch: rank %zu: %s\n", r, e.what());
+    }
+  }
+  if (first) std::rethrow_exception(first);
   if (!round_trip_ok) throw std::runtime_error("rows returned by the identity experts differ from the rows sent");
 
   // Kernel bandwidth against the HBM bandwidth of a large device-to-device copy.

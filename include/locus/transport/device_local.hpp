@@ -74,7 +74,7 @@ private:
 // the sender, the blocks along x share the pair's bytes.
 template <bool Vec>
 __global__ void __launch_bounds__(group_gather::threads_per_block)
-    group_gather_kernel(const group_gather::tile_params p) {
+    group_gather_kernel(const __grid_constant__ group_gather::tile_params p) {
   group_gather::copy_pair<Vec>(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, p, blockIdx.z,
                                blockIdx.y);
 }
@@ -84,7 +84,7 @@ struct board {
   explicit board(std::vector<std::size_t> ranks)
       : barrier(ranks), headers(ranks.size() * ranks.size()), send_rows(ranks.size(), nullptr),
         send_offsets(ranks.size(), std::vector<std::size_t>(ranks.size() + 1, 0)), recv_rows(ranks.size(), nullptr),
-        expected(ranks.size(), std::vector<std::size_t>(ranks.size(), 0)), checked(ranks.size(), false),
+        expected(ranks.size(), std::vector<std::size_t>(ranks.size(), 0)), checked(ranks.size(), 0),
         bad_sender(ranks.size(), ranks.size()), bad_count(ranks.size(), 0), codes(ranks.size(), 0),
         tile(std::make_unique<group_gather::tile_params>()) {}
 
@@ -131,7 +131,10 @@ struct board {
   std::vector<std::vector<std::size_t>> send_offsets; //!< per sender: first row for each receiver
   std::vector<std::byte*> recv_rows;                  //!< per receiver: its receive buffer
   std::vector<std::vector<std::size_t>> expected;     //!< per receiver: rows it expects from each sender
-  std::vector<bool> checked;                          //!< per receiver: whether `expected` is checked
+  //! Per receiver: whether `expected` is checked. Bytes, not std::vector<bool>: members write
+  //! their own entries concurrently, and vector<bool> packs them into shared words (seen on an
+  //! H200: a lost write made an unchecked exchange compare stale expectations).
+  std::vector<std::uint8_t> checked;
   std::vector<std::size_t> bad_sender, bad_count;     //!< per receiver: first sender that disagrees (or R)
   std::vector<std::uint32_t> codes;                   //!< second-round expectation codes
   stream joiner;                                      //!< where the members' events are joined
@@ -350,7 +353,7 @@ private:
     parity_ ^= 1u;
     std::byte* recv = recv_[parity_]->room_for(std::max<std::size_t>(out.offsets[r.members] * row_bytes, 1));
     b.recv_rows[r.self] = recv;
-    b.checked[r.self] = check;
+    b.checked[r.self] = check ? 1 : 0;
     if (check) std::copy(out.counts.begin(), out.counts.end(), b.expected[r.self].begin());
     r.sync_copying(row_bytes);
     LOCUS_CUDA_CHECK(cudaStreamWaitEvent(stream_, b.all_done.get(), 0));
