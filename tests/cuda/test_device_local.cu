@@ -215,7 +215,7 @@ BOOST_AUTO_TEST_CASE(count_round_then_known_count_exchanges) {
   });
 }
 
-// A world of 65 ranks spans two tiles of the group's copies (detail/group_gather.hpp: 64 senders
+// A world of 65 ranks spans six tiles of the group's copies (detail/group_gather.hpp: 32 senders
 // × 64 receivers per launch): every row still arrives once, in sender order.
 BOOST_AUTO_TEST_CASE(a_group_of_several_tiles_delivers_every_row) {
   const dynamic_topology topo(5, 13);

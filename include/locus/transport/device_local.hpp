@@ -13,7 +13,7 @@
 //!   own stream wait for it, and publishes its send buffer; each receiver publishes its receive
 //!   buffer (sized by the counts it knows, or by the header round);
 //! - the last member to arrive queues every copy of the exchange on the group's stream, as a few
-//!   kernels (`detail/group_gather.hpp`: one for a group of up to 64), and records "all done";
+//!   kernels (`detail/group_gather.hpp`: two for a group of 64), and records "all done";
 //! - every member's stream waits for "all done": its rows have arrived and its send buffer may be
 //!   rewritten by work queued afterwards.
 //! So a member issues three stream operations per exchange and the group one launch, instead of
@@ -135,11 +135,11 @@ struct board {
   //! their own entries concurrently, and vector<bool> packs them into shared words (seen on an
   //! H200: a lost write made an unchecked exchange compare stale expectations).
   std::vector<std::uint8_t> checked;
-  std::vector<std::size_t> bad_sender, bad_count;     //!< per receiver: first sender that disagrees (or R)
-  std::vector<std::uint32_t> codes;                   //!< second-round expectation codes
-  stream joiner;                                      //!< where the members' events are joined
-  event all_done;                                     //!< after the copies of the last row stage
-  std::unique_ptr<group_gather::tile_params> tile;    //!< the launch parameters, reused (17 KiB)
+  std::vector<std::size_t> bad_sender, bad_count;  //!< per receiver: first sender that disagrees (or R)
+  std::vector<std::uint32_t> codes;                //!< second-round expectation codes
+  stream joiner;                                   //!< where the members' events are joined
+  event all_done;                                  //!< after the copies of the last row stage
+  std::unique_ptr<group_gather::tile_params> tile; //!< the launch parameters, reused (17 KiB)
 };
 
 } // namespace detail::device_local
