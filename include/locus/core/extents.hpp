@@ -85,7 +85,8 @@ public:
 
   //! @throws locus::config_error when `v` is below the quantity's minimum
   constexpr explicit extent(std::size_t v) : value_(v) {
-    if (v < Tag::min) LOCUS_THROW(config_error, Tag::name, " must be at least ", Tag::min, ", got ", v);
+    if constexpr (Tag::min > 0) // a minimum of 0 needs no check (and nvcc warns on the comparison)
+      if (v < Tag::min) LOCUS_THROW(config_error, Tag::name, " must be at least ", Tag::min, ", got ", v);
     if (v == dynamic)
       LOCUS_THROW(config_error, Tag::name, " is ", v, " (2^64-1, the value reserved for locus::dynamic)");
   }
