@@ -160,6 +160,32 @@ LOCUS_HOST_DEVICE bool first_choice_of_row(const std::int32_t* cr, std::size_t j
   return f;
 }
 
+//! A token's rows (`cr[0..k)`, one per choice) as the scatter and the combine walk them: choice
+//! j's row when it is the first to name it, else -1. A static top-k (`K`) keeps the rows and
+//! their freshness in registers, computed once per token; a dynamic one reads them per use.
+template <class K>
+class token_rows {
+public:
+  LOCUS_HOST_DEVICE explicit token_rows(const std::int32_t* cr) : cr_(cr) {
+    if constexpr (K::is_static) {
+      LOCUS_UNROLL
+      for (std::size_t j = 0; j < cached; ++j)
+        row_[j] = first_choice_of_row(cr, j) ? cr[j] : -1;
+    }
+  }
+  LOCUS_HOST_DEVICE std::int32_t first_row(std::size_t j) const {
+    if constexpr (K::is_static)
+      return row_[j];
+    else
+      return first_choice_of_row(cr_, j) ? cr_[j] : -1;
+  }
+
+private:
+  static constexpr std::size_t cached = K::is_static ? K::static_value : 1;
+  const std::int32_t* cr_;
+  std::int32_t row_[cached] = {};
+};
+
 //! `dst[r] = src[index[r * stride]]` for r < rows. `hidden` (here and below): see width().
 template <class T, bool Vec, class H>
 LOCUS_HOST_DEVICE void gather_rows(grid_index g, const T* LOCUS_RESTRICT src, const std::int32_t* LOCUS_RESTRICT index,
@@ -190,31 +216,13 @@ LOCUS_HOST_DEVICE void scatter_rows(grid_index g, K k, const T* LOCUS_RESTRICT s
                                     T* LOCUS_RESTRICT dst) {
   const std::size_t hidden = width(hidden_extent);
   constexpr std::size_t n = chunk<T, Vec>;
-  constexpr std::size_t cached = K::is_static ? K::static_value : 1;
   const std::size_t kv = k.value();
   for (std::size_t t = g.block; t < tokens; t += g.blocks) {
-    const std::int32_t* cr = copy_row + t * kv;
-    std::int32_t row[cached] = {};
-    bool fresh[cached] = {};
-    if constexpr (K::is_static) {
-      LOCUS_UNROLL
-      for (std::size_t j = 0; j < cached; ++j) {
-        row[j] = cr[j];
-        fresh[j] = first_choice_of_row(cr, j);
-      }
-    }
+    const token_rows<K> rows(copy_row + t * kv);
     // Element h of choice j's row, or nullptr when an earlier choice has the same row.
     const auto target = [&](std::size_t j, std::size_t h) -> T* {
-      std::int32_t r;
-      bool use;
-      if constexpr (K::is_static) {
-        r = row[j];
-        use = fresh[j];
-      } else {
-        r = cr[j];
-        use = first_choice_of_row(cr, j);
-      }
-      return use ? dst + static_cast<std::size_t>(r) * hidden + h : nullptr;
+      const std::int32_t r = rows.first_row(j);
+      return r >= 0 ? dst + static_cast<std::size_t>(r) * hidden + h : nullptr;
     };
     const T* s = src + t * hidden;
     for (std::size_t h = g.thread * n; h < hidden; h += g.threads * n) {
@@ -290,36 +298,17 @@ LOCUS_HOST_DEVICE void combine(grid_index g, K k, const T* LOCUS_RESTRICT rows_i
                                T* LOCUS_RESTRICT out) {
   const std::size_t hidden = width(hidden_extent);
   constexpr std::size_t n = chunk<T, Vec>;
-  constexpr std::size_t cached = K::is_static ? K::static_value : 1;
   const std::size_t kv = k.value();
   for (std::size_t t = g.block; t < tokens; t += g.blocks) {
     // A row shared by several choices counts once: choice j adds its row when no earlier choice
     // has the same row.
-    const std::int32_t* cr = copy_row + t * kv;
-    std::int32_t row[cached] = {};
-    bool fresh[cached] = {};
-    if constexpr (K::is_static) {
-      LOCUS_UNROLL
-      for (std::size_t j = 0; j < cached; ++j) {
-        row[j] = cr[j];
-        fresh[j] = first_choice_of_row(cr, j);
-      }
-    }
+    const token_rows<K> rows(copy_row + t * kv);
     for (std::size_t h = g.thread * n; h < hidden; h += g.threads * n) {
       float acc[n] = {};
       LOCUS_UNROLL
-      for (std::size_t j = 0; j < kv; ++j) {
-        std::int32_t r;
-        bool use;
-        if constexpr (K::is_static) {
-          r = row[j];
-          use = fresh[j];
-        } else {
-          r = cr[j];
-          use = first_choice_of_row(cr, j);
-        }
-        if (use) accumulate<T, Vec, false>(acc, rows_in + static_cast<std::size_t>(r) * hidden + h, 0.0f);
-      }
+      for (std::size_t j = 0; j < kv; ++j)
+        if (const std::int32_t r = rows.first_row(j); r >= 0)
+          accumulate<T, Vec, false>(acc, rows_in + static_cast<std::size_t>(r) * hidden + h, 0.0f);
       store<T, Vec>(out + t * hidden + h, acc);
     }
   }
