@@ -5,8 +5,9 @@
 //! the world, the node (an `MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)` communicator split further
 //! by the topology's node index, so that 8 processes on one machine can act as 4 nodes × 2 GPUs or
 //! 2 × 4), and the rail (ranks of one local rank across nodes: the network stage of the
-//! rail-aligned hierarchical exchange). Policies: `mpi_flat` (one `MPI_Alltoallv` over the world)
-//! and `mpi_hierarchical` (rail stage, then node fan-out).
+//! rail-aligned hierarchical exchange). Policies: `mpi_flat` (one exchange over the world: point to
+//! point sends of envelopes, then rows, as below) and `mpi_hierarchical` (rail stage, then node
+//! fan-out).
 //!
 //! Each exchange sends every peer, at once, an *envelope* (row width, the exchange's name, row and
 //! entry counts, validity, then the entries; see exchange.hpp), then, once every peer's envelope
@@ -467,7 +468,7 @@ private:
   std::size_t spin_limit_ = 64;
 };
 
-//! Flat MPI transport: one `MPI_Alltoallv` over all ranks.
+//! Flat MPI transport: one exchange over all ranks (envelopes, then rows, point to point).
 struct mpi_flat {
   using policy_concept = transport_tag;
   using exchanger_type = mpi_transport;
