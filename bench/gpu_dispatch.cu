@@ -8,9 +8,9 @@
 //   gpu_dispatch [--tokens N] [--reps R] [--json FILE]
 //
 // Dispatch = layout-ordered permute into the send buffer + the device exchange; combine = the
-// known-count exchange back (experts are the identity, so each received row returns unchanged) + the combine
-// kernel; the two exchanges are also timed alone. The layout is computed once before timing (it
-// is timed on its own). Context, not a claim
+// known-count exchange back (experts are the identity, so each received row returns unchanged) +
+// the combine kernel; the two exchanges are also timed alone, with rank 0's host time to queue
+// them. The layout is computed once before timing (it is timed on its own). Context, not a claim
 // about multi-node speed: DeepEP's published low-latency kernels take 77-192 us for dispatch and
 // a similar time for combine at 128 tokens per rank over RDMA.
 #include "bench_output.hpp"
