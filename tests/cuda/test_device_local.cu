@@ -56,6 +56,16 @@ std::uint64_t row_value(std::size_t from, std::size_t to, std::size_t i, std::si
   return (step << 48) | (from << 32) | (to << 16) | i;
 }
 
+// The received rows of `out` on the host (waits for the endpoint's stream).
+std::vector<std::uint64_t> read_rows(device_local_transport& ep, const device_exchange_result& out) {
+  std::vector<std::uint64_t> got(out.offsets.back());
+  if (!got.empty())
+    LOCUS_CUDA_CHECK(
+        cudaMemcpyAsync(got.data(), out.rows, got.size() * sizeof(std::uint64_t), cudaMemcpyDeviceToHost, ep.stream()));
+  ep.synchronize("the test's read");
+  return got;
+}
+
 } // namespace
 
 BOOST_AUTO_TEST_CASE(rows_arrive_from_every_member_of_every_group) {
@@ -91,11 +101,7 @@ BOOST_AUTO_TEST_CASE(rows_arrive_from_every_member_of_every_group) {
         const std::string at = "rank " + std::to_string(r) + " step " + std::to_string(step) + " group " + to_string(g);
         expect(out.offsets.back() == std::accumulate(expected.begin(), expected.end(), std::size_t{0}),
                at + ": row total");
-        std::vector<std::uint64_t> got(out.offsets.back());
-        if (!got.empty())
-          LOCUS_CUDA_CHECK(cudaMemcpyAsync(got.data(), out.rows, got.size() * sizeof(std::uint64_t),
-                                           cudaMemcpyDeviceToHost, ep.stream()));
-        LOCUS_CUDA_CHECK(cudaStreamSynchronize(ep.stream()));
+        const std::vector<std::uint64_t> got = read_rows(ep, out);
         for (std::size_t m = 0; m < members; ++m) {
           expect(out.counts[m] == expected[m], at + ": count from member " + std::to_string(m));
           for (std::size_t i = 0; i < out.counts[m]; ++i)
@@ -182,11 +188,7 @@ BOOST_AUTO_TEST_CASE(count_round_then_known_count_exchanges) {
       send.upload(payload, ep.stream());
       ep.exchange_device_known(exchange_group::world, 8, reinterpret_cast<const std::byte*>(send.data()), rows,
                                counts.rows, out);
-      std::vector<std::uint64_t> got(out.offsets.back());
-      if (!got.empty())
-        LOCUS_CUDA_CHECK(cudaMemcpyAsync(got.data(), out.rows, got.size() * sizeof(std::uint64_t),
-                                         cudaMemcpyDeviceToHost, ep.stream()));
-      ep.synchronize("the test's read");
+      const std::vector<std::uint64_t> got = read_rows(ep, out);
       for (std::size_t m = 0; m < R; ++m)
         for (std::size_t i = 0; i < out.counts[m]; ++i)
           expect(got[out.offsets[m] + i] == row_value(m, r, i, step),
@@ -237,11 +239,7 @@ BOOST_AUTO_TEST_CASE(a_group_of_several_tiles_delivers_every_row) {
     device_exchange_result out;
     ep.exchange_device_known(exchange_group::world, 8, reinterpret_cast<const std::byte*>(send.data()), rows, recv,
                              out);
-    std::vector<std::uint64_t> got(out.offsets.back());
-    if (!got.empty())
-      LOCUS_CUDA_CHECK(cudaMemcpyAsync(got.data(), out.rows, got.size() * sizeof(std::uint64_t), cudaMemcpyDeviceToHost,
-                                       ep.stream()));
-    ep.synchronize("the test's read");
+    const std::vector<std::uint64_t> got = read_rows(ep, out);
     for (std::size_t m = 0; m < R; ++m)
       for (std::size_t i = 0; i < out.counts[m]; ++i)
         expect(got[out.offsets[m] + i] == row_value(m, r, i, 0),

@@ -225,9 +225,8 @@ private:
     row_entries_.resize(std::max<std::size_t>(rows, 1));
     permute(layout_, x, hx_, send_.data(), stream_);
     if (rows > 0) {
-      detail::device_dispatch::adjacent_difference_kernel<>
-          <<<static_cast<unsigned>((rows + 255) / 256), 256, 0, stream_>>>(layout_.row_entry_offsets(), rows,
-                                                                           row_entries_.data());
+      detail::device_dispatch::adjacent_difference_kernel<><<<detail::layout::blocks_for(rows), 256, 0, stream_>>>(
+          layout_.row_entry_offsets(), rows, row_entries_.data());
       LOCUS_CUDA_CHECK(cudaGetLastError());
     }
     // One count round for the step: rows and entries per destination, from the layout's counts

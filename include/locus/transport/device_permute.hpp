@@ -72,7 +72,6 @@ __global__ void scan_kernel(const std::int32_t* skip, const std::int32_t* in, st
   if (*skip) return;
   stage::exclusive_scan(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, in, n, out);
 }
-inline unsigned blocks_for(std::size_t n) { return static_cast<unsigned>(std::max<std::size_t>((n + 255) / 256, 1)); }
 } // namespace detail::permute
 
 //! A receive_layout on the device: uploaded (`assign`, built on the host) or built where the
@@ -117,17 +116,17 @@ public:
     slot_offsets_.resize(slots + 2);
     std::int32_t* const flag = slot_offsets_.data() + slots + 1;
     LOCUS_CUDA_CHECK(cudaMemsetAsync(flag, 0, sizeof(std::int32_t), stream));
-    dp::receive_check_kernel<>
-        <<<dp::blocks_for(entries), 256, 0, stream>>>(row_entry_counts, rows, entry_slot, entries, slots, flag);
+    dp::receive_check_kernel<><<<detail::layout::blocks_for(entries), 256, 0, stream>>>(
+        row_entry_counts, rows, entry_slot, entries, slots, flag);
     dp::scan_kernel<><<<1, 1, 0, stream>>>(flag, row_entry_counts, rows, row_entry_offsets_.data());
-    dp::entry_rows_kernel<>
-        <<<dp::blocks_for(rows), 256, 0, stream>>>(flag, row_entry_offsets_.data(), rows, entry_row_.data());
-    dp::slot_chunk_count_kernel<>
-        <<<dp::blocks_for(chunks), 256, 0, stream>>>(flag, entry_slot, entries, slots, chunk, count_.data());
+    dp::entry_rows_kernel<><<<detail::layout::blocks_for(rows), 256, 0, stream>>>(flag, row_entry_offsets_.data(), rows,
+                                                                                  entry_row_.data());
+    dp::slot_chunk_count_kernel<><<<detail::layout::blocks_for(chunks), 256, 0, stream>>>(flag, entry_slot, entries,
+                                                                                          slots, chunk, count_.data());
     dp::scan_kernel<><<<1, 1, 0, stream>>>(flag, count_.data(), slots * chunks, at_.data());
-    dp::slot_offsets_kernel<>
-        <<<dp::blocks_for(slots + 1), 256, 0, stream>>>(flag, at_.data(), entries, slots, chunk, slot_offsets_.data());
-    dp::slot_chunk_place_kernel<><<<dp::blocks_for(chunks), 256, 0, stream>>>(
+    dp::slot_offsets_kernel<><<<detail::layout::blocks_for(slots + 1), 256, 0, stream>>>(
+        flag, at_.data(), entries, slots, chunk, slot_offsets_.data());
+    dp::slot_chunk_place_kernel<><<<detail::layout::blocks_for(chunks), 256, 0, stream>>>(
         flag, entry_slot, entry_weight, entry_row_.data(), entries, chunk, at_.data(), expert_row_.data(),
         entry_weight ? expert_weight_.data() : nullptr, entry_position_.data());
     LOCUS_CUDA_CHECK(cudaGetLastError());

@@ -12,6 +12,7 @@
 //!   6. rank offsets; per-row entry counts; entry offsets      cub::DeviceScan::ExclusiveSum (×2)
 //!   7. rows' tokens and entries                               place_kernel<K>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cub/device/device_radix_sort.cuh>
@@ -43,8 +44,10 @@ inline int key_bits(std::size_t max_key) {
   return b;
 }
 
-inline unsigned blocks_for(std::size_t n, unsigned threads) {
-  return static_cast<unsigned>((n + threads - 1) / threads);
+//! Blocks of `threads` threads covering n items, at least one (a launch of no blocks is an error;
+//! the stage bodies stride over n, so one block with nothing to do does nothing).
+inline unsigned blocks_for(std::size_t n, unsigned threads = 256) {
+  return static_cast<unsigned>(std::max<std::size_t>((n + threads - 1) / threads, 1));
 }
 
 //! Runs steps 1-7 on `stream`. Host tables (fixed / candidates) must already be in `b`.
