@@ -34,4 +34,16 @@ float time_ms(std::size_t reps, F&& f) {
   return best;
 }
 
+// Milliseconds per call of f() when `calls` calls are queued back to back (best of `reps`): the
+// launch latency of each call is hidden behind the previous one's work, as in a queued step.
+template <class F>
+float time_ms_per_call(std::size_t reps, int calls, F&& f) {
+  return time_ms(reps,
+                 [&] {
+                   for (int i = 0; i < calls; ++i)
+                     f();
+                 }) /
+         static_cast<float>(calls);
+}
+
 } // namespace bench_gpu

@@ -54,15 +54,10 @@ double copy_bandwidth() {
   return 2.0 * static_cast<double>(bytes) / (best * 1e-3); // read + write
 }
 
-// Best of 5 timings of 50 back-to-back launches (bench_gpu::time_ms), in microseconds per launch.
+// Microseconds per launch, 50 launches queued back to back (best of 5).
 template <class Launch>
 double time_us(Launch&& launch) {
-  constexpr int iters = 50;
-  const float best = bench_gpu::time_ms(5, [&] {
-    for (int i = 0; i < iters; ++i)
-      launch();
-  });
-  return best * 1e3 / iters;
+  return bench_gpu::time_ms_per_call(5, 50, launch) * 1e3;
 }
 
 template <class Experts, class T, class Router>

@@ -2,6 +2,7 @@
 // The host path is itself tested against a double-precision brute-force reference
 // (tests/unit/test_router.cpp), so agreement here carries that check over to the device.
 #define BOOST_TEST_MODULE router_kernels
+#include <algorithm>
 #include <boost/test/unit_test.hpp>
 #include <cmath>
 #include <cstring>
@@ -27,6 +28,19 @@ std::vector<T> random_logits(std::size_t n, unsigned seed) {
   return v;
 }
 
+// Logits from five values, -0 and +0 among them: most tokens tie on their k-th choice (and often on
+// the first), so the lowest-id rule decides, and -0 must tie with +0 as the host's comparison says.
+template <class T>
+std::vector<T> tied_logits(std::size_t n, unsigned seed) {
+  const float values[] = {-1.0f, -0.0f, 0.0f, 0.5f, 1.0f};
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> d(0, 4);
+  std::vector<T> v(n);
+  for (auto& x : v)
+    x = T(values[d(rng)]);
+  return v;
+}
+
 std::vector<float> random_bias(std::size_t experts, unsigned seed) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<float> d(-0.05f, 0.05f);
@@ -48,10 +62,10 @@ const char* kernel_name(lr::cuda_kernel k) {
 // Routes the same logits on the host and with `kernel` on the device and compares.
 template <class Experts, class T, class Router>
 void compare(const Router& router, std::size_t tokens, std::size_t experts, unsigned seed, lr::cuda_kernel kernel,
-             const std::string& what) {
+             const std::string& what, bool tied = false) {
   using K = typename Router::top_k_type;
   const std::size_t k = router.top_k();
-  const auto logits = random_logits<T>(tokens * experts, seed);
+  const auto logits = tied ? tied_logits<T>(tokens * experts, seed) : random_logits<T>(tokens * experts, seed);
   const auto host = router.route(lr::logits_view<Experts, const T>(logits.data(), tokens, Experts(experts)));
 
   device_buffer<T> d_logits(logits.size());
@@ -137,6 +151,21 @@ BOOST_AUTO_TEST_CASE(sigmoid_top1_kernels_match_host) {
     compare<experts<16>, float>(lr::sigmoid_top1(), 5000, 16, 23, kernel, "top1 E=16");
 }
 
+BOOST_AUTO_TEST_CASE(tied_logits_match_host) {
+  for (const auto kernel : both) {
+    compare<experts<128>, float>(lr::softmax_topk<top_k<8>>(8, true), 3000, 128, 61, kernel, "tied softmax fp32", true);
+    compare<experts<256>, bfloat16>(lr::softmax_topk<top_k<8>>(8, false), 3000, 256, 62, kernel, "tied softmax bf16",
+                                    true);
+    using grouped = lr::sigmoid_grouped<groups<8>, top_groups<4>, top_k<8>>;
+    compare<experts<256>, float>(grouped(), 3000, 256, 63, kernel, "tied grouped fp32", true);
+    compare<experts<256>, bfloat16>(grouped(), 3000, 256, 64, kernel, "tied grouped bf16", true);
+    compare<experts<64>, float>(lr::sigmoid_grouped<groups<8>, top_groups<3>, top_k<6>>(), 3000, 64, 65, kernel,
+                                "tied grouped E=64", true);
+    compare<experts<128>, bfloat16>(lr::sigmoid_top1(), 3001, 128, 66, kernel, "tied top1 bf16", true);
+    compare<experts<256>, float>(lr::sigmoid_top1(), 3001, 256, 67, kernel, "tied top1 E=256", true);
+  }
+}
+
 BOOST_AUTO_TEST_CASE(dynamic_extents_match_host) {
   compare<experts<>, float>(lr::softmax_topk<>(6, false), 3000, 64, 31, lr::cuda_kernel::automatic, "softmax dynamic");
   compare<experts<>, float>(lr::sigmoid_grouped<>(8, 4, 8, random_bias(256, 32), 2.5f), 3000, 256, 33,
@@ -196,5 +225,38 @@ BOOST_AUTO_TEST_CASE(non_finite_logits_are_flagged) {
     BOOST_TEST(got[0] >= 0);
     router.reset();
     BOOST_TEST(router.status().flagged_tokens == 0u);
+  }
+}
+
+// The top-1 kernel routes several tokens per warp: a flagged token among them leaves its
+// neighbours routed, and a last, partial warp routes only the tokens that exist.
+BOOST_AUTO_TEST_CASE(top1_flags_one_token_of_a_warp) {
+  const std::size_t tokens = 37, E = 128;
+  auto logits = random_logits<float>(tokens * E, 71);
+  logits[5 * E + 3] = std::numeric_limits<float>::quiet_NaN();
+  logits[34 * E + 127] = -std::numeric_limits<float>::infinity();
+  device_buffer<float> d(logits.size());
+  d.upload(logits);
+  device_buffer<expert_id> ids(tokens + 1);
+  device_buffer<float> w(tokens + 1);
+  const std::vector<expert_id> sentinel(tokens + 1, 12345);
+  ids.upload(sentinel);
+  lr::cuda_router<lr::sigmoid_top1> router{lr::sigmoid_top1()};
+  router.route(lr::device_logits_view<experts<E>>(d.data(), tokens),
+               lr::device_mutable_routing_view<lr::sigmoid_top1::top_k_type>(ids.data(), w.data(), tokens), nullptr,
+               lr::cuda_kernel::warp_per_token);
+  BOOST_TEST(router.status().flagged_tokens == 2u);
+  BOOST_TEST(router.status().first_token == 5u);
+  BOOST_TEST(router.status().first_expert == 3u);
+  const auto got = ids.to_host();
+  BOOST_TEST(got[tokens] == 12345); // nothing written past the last token
+  for (std::size_t t = 0; t < tokens; ++t) {
+    if (t == 5 || t == 34) {
+      BOOST_TEST(got[t] == -1);
+      continue;
+    }
+    const float* row = logits.data() + t * E;
+    const auto best = static_cast<expert_id>(std::max_element(row, row + E) - row);
+    BOOST_TEST(got[t] == best, "token " << t);
   }
 }

@@ -425,4 +425,74 @@ BOOST_AUTO_TEST_CASE(invalid_configurations_are_rejected) {
   BOOST_TEST(lr::sigmoid_top1().route(lr::logits_view<>(nullptr, 0, experts<>(8))).tokens() == 0u);
 }
 
+// The warp kernels' selection (tests/cuda/test_router_kernels.cu runs them) reduces order_key
+// words instead of (value, id) pairs: the key must order every non-NaN float as `better` orders
+// values, and give it back.
+BOOST_AUTO_TEST_CASE(order_keys_order_floats_as_the_selection_does) {
+  namespace dr = detail::router;
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> v = {-inf,
+                          -std::numeric_limits<float>::max(),
+                          -1.5f,
+                          -std::numeric_limits<float>::min(),
+                          -std::numeric_limits<float>::denorm_min(),
+                          -0.0f,
+                          0.0f,
+                          std::numeric_limits<float>::denorm_min(),
+                          std::numeric_limits<float>::min(),
+                          1.0f,
+                          1.0f + std::numeric_limits<float>::epsilon(),
+                          std::numeric_limits<float>::max(),
+                          inf};
+  std::mt19937 rng(5);
+  while (v.size() < 3000) {
+    const float x = dr::bits_to_float(static_cast<std::uint32_t>(rng()));
+    if (!std::isnan(x)) v.push_back(x);
+  }
+  std::size_t wrong = 0;
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    const auto ki = dr::order_key(v[i]);
+    if (ki == 0) ++wrong; // 0 is reserved for "not a candidate"
+    const float back = dr::key_value(ki);
+    if (dr::float_to_bits(back) != dr::float_to_bits(v[i] == 0.0f ? 0.0f : v[i])) ++wrong;
+    for (std::size_t j = 0; j < v.size(); j += 7) {
+      const auto kj = dr::order_key(v[j]);
+      if ((v[i] > v[j]) != (ki > kj) || (v[i] == v[j]) != (ki == kj)) ++wrong;
+    }
+  }
+  BOOST_TEST(wrong == 0u);
+}
+
+// The warp kernel's group score: each lane pushes its values into a top-2 pair, then the group's
+// lanes merge pairs in a butterfly. Every lane must end with the two values the host's top2_sum
+// adds, duplicates counted, whatever the split.
+BOOST_AUTO_TEST_CASE(top2_pairs_merged_in_a_butterfly_give_the_hosts_group_score) {
+  namespace dr = detail::router;
+  std::mt19937 rng(9);
+  std::uniform_int_distribution<int> pick(-3, 3); // few distinct values: many ties
+  std::size_t wrong = 0, cases = 0;
+  for (const std::size_t size : {2u, 4u, 8u, 32u, 64u})
+    for (std::size_t lanes = 1; lanes <= size && lanes <= 32; lanes *= 2)
+      for (int trial = 0; trial < 50; ++trial, ++cases) {
+        std::vector<float> group(size);
+        for (auto& x : group)
+          x = trial % 2 ? static_cast<float>(pick(rng)) : std::ldexp(static_cast<float>(rng() % 1000), -7);
+        const float expected = dr::top2_sum(group.data(), size);
+        const std::size_t per_lane = size / lanes;
+        std::vector<float> m1(lanes, -std::numeric_limits<float>::infinity()), m2 = m1;
+        for (std::size_t l = 0; l < lanes; ++l)
+          for (std::size_t v = 0; v < per_lane; ++v)
+            dr::top2_push(m1[l], m2[l], group[l * per_lane + v]);
+        for (std::size_t offset = 1; offset < lanes; offset *= 2) {
+          const auto o1 = m1, o2 = m2; // every lane reads its partner's pair before any writes
+          for (std::size_t l = 0; l < lanes; ++l)
+            dr::top2_merge(m1[l], m2[l], o1[l ^ offset], o2[l ^ offset]);
+        }
+        for (std::size_t l = 0; l < lanes; ++l)
+          if (dr::fadd(m1[l], m2[l]) != expected) ++wrong;
+      }
+  BOOST_TEST(cases > 0u);
+  BOOST_TEST(wrong == 0u);
+}
+
 } // namespace

@@ -16,6 +16,11 @@
 namespace locus::inline LOCUS_ABI_NAMESPACE {
 namespace detail::router {
 
+//! Warps that route `tokens`, `per_warp` each.
+inline std::size_t top1_warps(std::size_t tokens, int per_warp) {
+  return (tokens + static_cast<std::size_t>(per_warp) - 1) / static_cast<std::size_t>(per_warp);
+}
+
 template <class Experts, class T>
 void launch_sigmoid_top1(const locus::router::device_logits_view<Experts, T>& in, expert_id* ids, float* weights,
                          const device_status& st, cudaStream_t stream, locus::router::cuda_kernel choice) {
@@ -28,8 +33,8 @@ void launch_sigmoid_top1(const locus::router::device_logits_view<Experts, T>& in
     const char* why = warp_kernel_refusal<true, E, V>(in.data());
     if (choice != locus::router::cuda_kernel::thread_per_token && why == nullptr) {
       sigmoid_top1_warp_kernel<static_cast<int>(E), value, V>
-          <<<grid_for(tokens * warp_size, warp_kernel_block), warp_kernel_block, 0, stream>>>(in.data(), tokens, ids,
-                                                                                              weights, st);
+          <<<grid_for(top1_warps(tokens, top1_tokens_per_warp<static_cast<int>(E)>()) * warp_size, warp_kernel_block),
+             warp_kernel_block, 0, stream>>>(in.data(), tokens, ids, weights, st);
       LOCUS_CUDA_CHECK(cudaGetLastError());
       return;
     }

@@ -112,6 +112,36 @@ LOCUS_HOST_DEVICE float sigmoid(float x) { return fdiv(1.0f, fadd(1.0f, exp(-x))
 //! host, a butterfly across a warp) picks the same winner.
 LOCUS_HOST_DEVICE bool better(float va, int ia, float vb, int ib) { return va > vb || (va == vb && ia < ib); }
 
+//! The value part of `better` as an unsigned key, for selections that reduce one 32-bit word
+//! (a warp's max reduction): key(a) > key(b) exactly when a > b for non-NaN floats, and -0 and +0
+//! share a key (they compare equal). Every float, -inf included, keys above 0, which is left free
+//! to mark "not a candidate".
+LOCUS_HOST_DEVICE std::uint32_t order_key(float v) {
+  const std::uint32_t u = float_to_bits(fadd(v, 0.0f)); // -0 + 0 = +0
+  return (u & 0x80000000u) != 0 ? ~u : (u | 0x80000000u);
+}
+
+//! The float whose order_key is `k` (+0 for the key of ±0).
+LOCUS_HOST_DEVICE float key_value(std::uint32_t k) {
+  return bits_to_float((k & 0x80000000u) != 0 ? (k & 0x7fffffffu) : ~k);
+}
+
+//! Adds `x` to the two largest values seen so far (m1 >= m2, counted with multiplicity, as the
+//! host's top2_sum counts them). For values that are not NaN.
+LOCUS_HOST_DEVICE void top2_push(float& m1, float& m2, float x) {
+  const float low = x < m1 ? x : m1;
+  m2 = low > m2 ? low : m2;
+  m1 = x > m1 ? x : m1;
+}
+
+//! The two largest of (m1, m2) and (o1, o2), each a top2_push result: how a group's lanes combine
+//! their pairs.
+LOCUS_HOST_DEVICE void top2_merge(float& m1, float& m2, float o1, float o2) {
+  const float low = o1 < m1 ? o1 : m1, rest = o2 > m2 ? o2 : m2;
+  m2 = low > rest ? low : rest;
+  m1 = o1 > m1 ? o1 : m1;
+}
+
 //! A router input element as float (fp32 or bfloat16 logits).
 LOCUS_HOST_DEVICE float load_logit(const float* p) { return *p; }
 LOCUS_HOST_DEVICE float load_logit(const bfloat16* p) { return bfloat16::to_float(p->bits); }

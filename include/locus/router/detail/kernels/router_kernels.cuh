@@ -5,9 +5,12 @@
 //! - Thread per token: one thread runs the shared per-token function (detail/per_token.hpp) on
 //!   its row. Any expert count and k, static or dynamic; the fallback and the small-E path.
 //! - Warp per token: the row is spread over a warp's registers (E / 32 values per lane, read with
-//!   16-byte vector loads), and the top-k is k rounds of a warp-wide arg-max (a shuffle butterfly
-//!   under detail::router::better, a total order, so every lane agrees on the winner and the
-//!   result equals the host's sequential scan). E, k (and the groups) are template parameters.
+//!   16-byte vector loads), and the top-k is k rounds of a warp-wide arg-max under
+//!   detail::router::better (a total order, so the result equals the host's sequential scan): a
+//!   reduction of order-preserving unsigned keys, then one of the experts holding the best key. The
+//!   selection is instruction-bound, so the per-choice arithmetic (exp, weights) runs one choice
+//!   per lane, and the top-1 router routes several tokens per warp so that its lanes share the
+//!   sigmoids. E, k (and the groups) are template parameters.
 //!
 //! Every kernel flags a token with a non-finite logit: it counts it in `status.count`, keeps the
 //! smallest (token << 20 | expert) in `status.first`, and writes ids -1 and weights 0 for it.
@@ -143,27 +146,26 @@ LOCUS_DEVICE void load_row(const T* row, int lane, float (&x)[E / warp_size]) {
   }
 }
 
-//! Warp arg-max under `better`: every lane returns the same (value, id) and, with it, the payload
-//! of the winner.
-LOCUS_DEVICE void warp_best(float& v, int& id, float& payload) {
-#pragma unroll
-  for (int offset = warp_size / 2; offset > 0; offset /= 2) {
-    const float ov = __shfl_xor_sync(full_mask, v, offset);
-    const int oid = __shfl_xor_sync(full_mask, id, offset);
-    const float op = __shfl_xor_sync(full_mask, payload, offset);
-    if (better(ov, oid, v, id)) {
-      v = ov;
-      id = oid;
-      payload = op;
-    }
-  }
-}
-
 LOCUS_DEVICE int warp_min(int v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_min_sync(full_mask, v);
+#else
 #pragma unroll
   for (int offset = warp_size / 2; offset > 0; offset /= 2)
     v = min(v, __shfl_xor_sync(full_mask, v, offset));
   return v;
+#endif
+}
+
+LOCUS_DEVICE unsigned warp_max(unsigned v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(full_mask, v);
+#else
+#pragma unroll
+  for (int offset = warp_size / 2; offset > 0; offset /= 2)
+    v = max(v, __shfl_xor_sync(full_mask, v, offset));
+  return v;
+#endif
 }
 
 LOCUS_DEVICE double warp_sum(double v) {
@@ -189,48 +191,82 @@ LOCUS_DEVICE bool warp_flag_non_finite(const float (&x)[N], int lane, std::size_
   return true;
 }
 
-//! k rounds of warp arg-max over x (taken values become -inf); `payload` travels with each value.
-template <int N, int V, int K>
-LOCUS_DEVICE void warp_top_k(float (&x)[N], const float (&payload)[N], int lane, float (&sel_v)[K], int (&sel_e)[K],
-                             float (&sel_p)[K]) {
+//! The warp's best candidate under `better` (the highest key, the lowest expert on equal keys):
+//! two warp reductions (max of the lanes' best keys, then min of the experts holding it) instead of
+//! a shuffle butterfly carrying (value, id) pairs. Returns the expert; `best` gets its key.
+template <int N, int V>
+LOCUS_DEVICE int warp_arg_best(const unsigned (&key)[N], int lane, unsigned& best) {
+  unsigned local = 0;
 #pragma unroll
-  for (int j = 0; j < K; ++j) {
-    float bv = -std::numeric_limits<float>::infinity(), bp = 0.0f;
-    int be = INT_MAX;
+  for (int i = 0; i < N; ++i)
+    local = max(local, key[i]);
+  best = warp_max(local);
+  int mine = INT_MAX; // a lane's experts rise with i: the first match is its lowest
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const int e = expert_of<V>(i, lane);
-      if (better(x[i], e, bv, be)) {
-        bv = x[i];
-        be = e;
-        bp = payload[i];
-      }
-    }
-    warp_best(bv, be, bp);
-    sel_v[j] = bv;
-    sel_e[j] = be;
-    sel_p[j] = bp;
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-      if (expert_of<V>(i, lane) == be) x[i] = -std::numeric_limits<float>::infinity();
-  }
+  for (int i = N - 1; i >= 0; --i)
+    if (key[i] == best) mine = expert_of<V>(i, lane);
+  return warp_min(mine);
 }
 
-template <int K>
-LOCUS_DEVICE void write_choices(const int (&e)[K], const float (&w)[K], int lane, expert_id* ids, float* weights) {
-#pragma unroll
-  for (int j = 0; j < K; ++j)
-    if (j % warp_size == lane) {
-      ids[j] = e[j];
-      weights[j] = w[j];
-    }
+//! Lane holding expert `e`.
+template <int V>
+LOCUS_DEVICE int lane_of(int e) {
+  return (e / V) % warp_size;
 }
+
+//! k rounds of warp_arg_best over `key` (each winner's key becomes 0). Choice j's expert and
+//! payload (the winner's entry of `pay`) go to lane j % 32, slot j / 32, so that the weights are
+//! computed one choice per lane; `payload_sum` adds the payloads in choice order, as the host does
+//! (every lane alike).
+template <int N, int V, int K>
+struct warp_choices {
+  static constexpr int slots = (K + warp_size - 1) / warp_size;
+  int expert[slots];
+  float payload[slots];
+  float first_payload = 0.0f; //!< choice 0's payload, every lane
+  float payload_sum = 0.0f;
+
+  LOCUS_DEVICE warp_choices(unsigned (&key)[N], const float (&pay)[N], int lane) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      unsigned best;
+      const int e = warp_arg_best<N, V>(key, lane, best);
+      float held = 0.0f;
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        if (expert_of<V>(i, lane) == e) {
+          key[i] = 0;
+          held = pay[i];
+        }
+      const float p = __shfl_sync(full_mask, held, lane_of<V>(e));
+      if (j == 0) first_payload = p;
+      payload_sum = fadd(payload_sum, p);
+      if (j % warp_size == lane) {
+        expert[j / warp_size] = e;
+        payload[j / warp_size] = p;
+      }
+    }
+  }
+
+  //! Writes choice j (ids[j], weight(payload, slot)) from lane j % 32, slot j / 32.
+  template <class Weight>
+  LOCUS_DEVICE void write(int lane, expert_id* ids, float* weights, Weight&& weight) const {
+#pragma unroll
+    for (int s = 0; s < slots; ++s) {
+      const int j = s * warp_size + lane;
+      if (j < K) {
+        ids[j] = expert[s];
+        weights[j] = weight(payload[s], s);
+      }
+    }
+  }
+};
 
 // --- warp per token: the routers ----------------------------------------------------------------
 
-inline constexpr int warp_kernel_block = 128; //!< 4 tokens per block
+inline constexpr int warp_kernel_block = 128; //!< 4 warps per block
 
-LOCUS_DEVICE std::size_t warp_token() {
+LOCUS_DEVICE std::size_t warp_index() {
   return (static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x) / warp_size;
 }
 
@@ -239,7 +275,7 @@ __global__ void __launch_bounds__(warp_kernel_block)
     softmax_topk_warp_kernel(const T* logits, std::size_t tokens, bool renormalize, expert_id* ids, float* weights,
                              device_status st) {
   constexpr int N = E / warp_size;
-  const std::size_t t = warp_token();
+  const std::size_t t = warp_index();
   if (t >= tokens) return; // uniform per warp
   const int lane = static_cast<int>(threadIdx.x % warp_size);
   ids += t * K;
@@ -248,32 +284,90 @@ __global__ void __launch_bounds__(warp_kernel_block)
   load_row<E, T, V>(logits + t * E, lane, x);
   if (warp_flag_non_finite<N, V>(x, lane, t, st, ids, weights, K)) return;
 
-  float ignored[N] = {};
-  float sel_v[K], sel_p[K];
-  int sel_e[K];
-  float all[N];
+  unsigned key[N];
 #pragma unroll
   for (int i = 0; i < N; ++i)
-    all[i] = x[i];
-  warp_top_k<N, V, K>(x, ignored, lane, sel_v, sel_e, sel_p);
-  const float m = sel_v[0]; // the largest logit
-  float ex[K], w[K], sum = 0.0f;
+    key[i] = order_key(x[i]);
+  using choices = warp_choices<N, V, K>;
+  const choices top(key, x, lane);
+  const float m = top.first_payload; // the largest logit: exp never overflows
+  // Choice j's exp in lane j; the sum in choice order, as the host adds it.
+  float ex[choices::slots];
 #pragma unroll
-  for (int j = 0; j < K; ++j) {
-    ex[j] = exp(fsub(sel_v[j], m));
-    sum = fadd(sum, ex[j]);
-  }
-  if (!renormalize) {
+  for (int s = 0; s < choices::slots; ++s)
+    ex[s] = s * warp_size + lane < K ? exp(fsub(top.payload[s], m)) : 0.0f;
+  float sum = 0.0f;
+  if (renormalize) {
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+      sum = fadd(sum, __shfl_sync(full_mask, ex[j / warp_size], j % warp_size));
+  } else {
     double partial = 0.0;
 #pragma unroll
     for (int i = 0; i < N; ++i)
-      partial += static_cast<double>(exp(fsub(all[i], m)));
+      partial += static_cast<double>(exp(fsub(x[i], m)));
     sum = static_cast<float>(warp_sum(partial));
   }
+  top.write(lane, ids, weights, [&](float, int slot) { return fdiv(ex[slot], sum); });
+}
+
+//! Whether the group scores can be reduced in registers: a lane's vector of V experts lies in one
+//! group, and a group's vectors sit in a power-of-two run of lanes within one chunk.
+template <int E, int G, int V>
+constexpr bool groups_in_registers() {
+  constexpr int size = E / G, lanes = size / V;
+  return size % V == 0 && lanes <= warp_size && (lanes & (lanes - 1)) == 0;
+}
+
+//! Bit g set for each of the TG best groups by score (the sum of a group's two largest b); the
+//! scores reduced in registers (groups_in_registers).
+template <int E, int G, int TG, int V>
+LOCUS_DEVICE unsigned kept_groups_in_registers(const float (&b)[E / warp_size], int lane) {
+  constexpr int N = E / warp_size, chunks = N / V, size = E / G, lanes = size / V;
+  float score[chunks];
 #pragma unroll
-  for (int j = 0; j < K; ++j)
-    w[j] = fdiv(ex[j], sum);
-  write_choices<K>(sel_e, w, lane, ids, weights);
+  for (int c = 0; c < chunks; ++c) {
+    // The two largest of the chunk's V values (with multiplicity), then of the group's lanes.
+    float m1 = -std::numeric_limits<float>::infinity(), m2 = m1;
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+      top2_push(m1, m2, b[c * V + v]);
+#pragma unroll
+    for (int offset = 1; offset < lanes; offset *= 2)
+      top2_merge(m1, m2, __shfl_xor_sync(full_mask, m1, offset), __shfl_xor_sync(full_mask, m2, offset));
+    score[c] = fadd(m1, m2); // the host's top2_sum: a sum of the same two values
+  }
+  // Lane g (< G) gathers group g's score and counts the groups that beat it.
+  float mine = -std::numeric_limits<float>::infinity();
+  float all[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const int first = g * size; // the group's first expert: its chunk and lane
+    all[g] = __shfl_sync(full_mask, score[first / (warp_size * V)], (first / V) % warp_size);
+    if (lane == g) mine = all[g];
+  }
+  int rank = 0;
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+    rank += better(all[g], g, mine, lane) ? 1 : 0;
+  return __ballot_sync(full_mask, lane < G && rank < TG);
+}
+
+//! The same through shared memory, for group shapes the register reduction does not cover: lane g
+//! runs the host's top2_sum over group g.
+template <int E, int G, int TG, int V>
+LOCUS_DEVICE unsigned kept_groups_in_shared(const float (&b)[E / warp_size], int lane, float* row_scores) {
+  constexpr int N = E / warp_size, size = E / G;
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    row_scores[expert_of<V>(i, lane)] = b[i];
+  __syncwarp();
+  const float score = lane < G ? top2_sum(row_scores + lane * size, size) : -std::numeric_limits<float>::infinity();
+  int rank = 0;
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+    rank += better(__shfl_sync(full_mask, score, g), g, score, lane) ? 1 : 0;
+  return __ballot_sync(full_mask, lane < G && rank < TG);
 }
 
 template <int E, int G, int TG, int K, class T, int V>
@@ -282,75 +376,84 @@ __global__ void __launch_bounds__(warp_kernel_block)
                                 expert_id* ids, float* weights, device_status st) {
   static_assert(G <= warp_size, "locus: the warp-per-token grouped router holds one group score per lane");
   constexpr int N = E / warp_size, size = E / G;
-  __shared__ float biased[warp_kernel_block / warp_size][E];
-  const std::size_t t = warp_token();
+  constexpr bool in_registers = groups_in_registers<E, G, V>();
+  __shared__ float biased[in_registers ? 1 : warp_kernel_block / warp_size][in_registers ? 1 : E];
+  const std::size_t t = warp_index();
   if (t >= tokens) return;
   const int lane = static_cast<int>(threadIdx.x % warp_size);
-  float* row_scores = biased[threadIdx.x / warp_size];
   ids += t * K;
   weights += t * K;
   float x[N];
   load_row<E, T, V>(logits + t * E, lane, x);
   if (warp_flag_non_finite<N, V>(x, lane, t, st, ids, weights, K)) return;
 
-  float s[N];
+  float s[N], b[N];
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    const int e = expert_of<V>(i, lane);
     s[i] = sigmoid(x[i]);
-    x[i] = bias ? fadd(s[i], __ldg(bias + e)) : s[i];
-    row_scores[e] = x[i];
+    b[i] = bias ? fadd(s[i], __ldg(bias + expert_of<V>(i, lane))) : s[i];
   }
-  __syncwarp();
-  // One group per lane: the same top2_sum as the host, over the same values, so the same score.
-  const float score = lane < G ? top2_sum(row_scores + lane * size, size) : -std::numeric_limits<float>::infinity();
-  int rank = 0;
-#pragma unroll
-  for (int h = 0; h < G; ++h)
-    rank += better(__shfl_sync(full_mask, score, h), h, score, lane) ? 1 : 0;
-  const unsigned kept = __ballot_sync(full_mask, lane < G && rank < TG);
+  unsigned kept;
+  if constexpr (in_registers)
+    kept = kept_groups_in_registers<E, G, TG, V>(b, lane);
+  else
+    kept = kept_groups_in_shared<E, G, TG, V>(b, lane, biased[threadIdx.x / warp_size]);
+  unsigned key[N];
 #pragma unroll
   for (int i = 0; i < N; ++i)
-    if (!((kept >> (expert_of<V>(i, lane) / size)) & 1u)) x[i] = -std::numeric_limits<float>::infinity();
+    key[i] = ((kept >> (expert_of<V>(i, lane) / size)) & 1u) != 0 ? order_key(b[i]) : 0u;
 
-  float sel_v[K], sel_s[K], w[K];
-  int sel_e[K];
-  warp_top_k<N, V, K>(x, s, lane, sel_v, sel_e, sel_s);
-  float sum = 0.0f;
-#pragma unroll
-  for (int j = 0; j < K; ++j)
-    sum = fadd(sum, sel_s[j]);
-  const float denominator = fadd(sum, grouped_denominator_epsilon);
-#pragma unroll
-  for (int j = 0; j < K; ++j)
-    w[j] = normalize ? fmul(fdiv(sel_s[j], denominator), scale) : fmul(sel_s[j], scale);
-  write_choices<K>(sel_e, w, lane, ids, weights);
+  const warp_choices<N, V, K> top(key, s, lane);
+  const float denominator = fadd(top.payload_sum, grouped_denominator_epsilon);
+  top.write(lane, ids, weights, [&](float chosen, int) {
+    return normalize ? fmul(fdiv(chosen, denominator), scale) : fmul(chosen, scale);
+  });
+}
+
+//! Tokens a top-1 warp routes: enough that the lanes share the sigmoids, few enough that every
+//! row is loaded before the first reduction (N values per token and lane in registers).
+template <int E>
+constexpr int top1_tokens_per_warp() {
+  constexpr int n = E / warp_size;
+  return n >= 16 ? 1 : 16 / n;
 }
 
 template <int E, class T, int V>
 __global__ void __launch_bounds__(warp_kernel_block)
     sigmoid_top1_warp_kernel(const T* logits, std::size_t tokens, expert_id* ids, float* weights, device_status st) {
-  constexpr int N = E / warp_size;
-  const std::size_t t = warp_token();
-  if (t >= tokens) return;
+  constexpr int N = E / warp_size, P = top1_tokens_per_warp<E>();
+  const std::size_t first = warp_index() * P;
+  if (first >= tokens) return; // uniform per warp
   const int lane = static_cast<int>(threadIdx.x % warp_size);
-  float x[N];
-  load_row<E, T, V>(logits + t * E, lane, x);
-  if (warp_flag_non_finite<N, V>(x, lane, t, st, ids + t, weights + t, 1)) return;
-  float bv = -std::numeric_limits<float>::infinity(), unused = 0.0f;
-  int be = INT_MAX;
+  const int count = static_cast<int>(tokens - first < P ? tokens - first : P);
+  float x[P][N];
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    const int e = expert_of<V>(i, lane);
-    if (better(x[i], e, bv, be)) {
-      bv = x[i];
-      be = e;
+  for (int p = 0; p < P; ++p)
+    if (p < count) load_row<E, T, V>(logits + (first + p) * E, lane, x[p]);
+  // Token p's choice ends in lane p, which then computes its weight.
+  int chosen = -1;
+  unsigned chosen_key = 0;
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    if (p >= count) break;
+    if (warp_flag_non_finite<N, V>(x[p], lane, first + p, st, ids + first + p, weights + first + p, 1)) {
+      if (lane == p) chosen = -2;
+      continue;
+    }
+    unsigned key[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      key[i] = order_key(x[p][i]);
+    unsigned best;
+    const int e = warp_arg_best<N, V>(key, lane, best);
+    if (lane == p) {
+      chosen = e;
+      chosen_key = best;
     }
   }
-  warp_best(bv, be, unused);
-  if (lane == 0) {
-    ids[t] = be;
-    weights[t] = sigmoid(bv);
+  if (chosen >= 0) {
+    ids[first + lane] = chosen;
+    weights[first + lane] = sigmoid(key_value(chosen_key));
   }
 }
 
