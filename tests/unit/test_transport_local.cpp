@@ -467,8 +467,8 @@ BOOST_AUTO_TEST_CASE(random_dispatch_combine_matches_reference_and_model) {
 }
 
 // Rows of double: combine converts the fp32 sums into rows of T to send and back into y, on the
-// flat and hierarchical paths (one GPU per node included, where a rail peer returns its own sums
-// in place). y equals the dense reference.
+// flat and hierarchical paths (one GPU per node included, where the hierarchical exchanger takes
+// the one-exchange path). y equals the dense reference.
 BOOST_AUTO_TEST_CASE(double_rows_combine_matches_reference) {
   const std::pair<std::size_t, std::size_t> shapes[] = {{2, 1}, {3, 1}, {2, 2}};
   for (std::uint64_t seed = 31; seed <= 36; ++seed) {
@@ -515,6 +515,78 @@ BOOST_AUTO_TEST_CASE(double_rows_combine_matches_reference) {
         BOOST_TEST_REQUIRE(!e);
       for (std::size_t r = 0; r < c.topo.ranks(); ++r)
         BOOST_TEST(errors[r] < 1e-5, "seed " << seed << " " << to_string(kind) << " rank " << r);
+    }
+  }
+}
+
+namespace {
+// The local transport with a log of the groups its exchanges ran over.
+class group_log {
+public:
+  static constexpr bool carries_entries = true;
+  explicit group_log(local_transport& t) : t_(&t) {}
+  std::size_t rank() const noexcept { return t_->rank(); }
+  const dynamic_topology& topology() const noexcept { return t_->topology(); }
+  bool hierarchical() const noexcept { return t_->hierarchical(); }
+  std::size_t group_size(exchange_group g) const noexcept { return t_->group_size(g); }
+  std::size_t world_rank_of(exchange_group g, std::size_t m) const noexcept { return t_->world_rank_of(g, m); }
+  const link_counters& bytes() const noexcept { return t_->bytes(); }
+  void reset_bytes() noexcept { t_->reset_bytes(); }
+  void exchange(const exchange_request& req, exchange_result& out) {
+    groups.push_back(req.group);
+    t_->exchange(req, out);
+  }
+  std::vector<exchange_group> groups;
+
+private:
+  local_transport* t_;
+};
+} // namespace
+
+// With one GPU per node a hierarchical exchanger has no node stage: dispatch and combine take the
+// one-exchange path (one world exchange each, as flat), with the same outputs, bit for bit, and
+// the same bytes. With two GPUs per node they take the two stages (rail, node; node, rail).
+BOOST_AUTO_TEST_CASE(hierarchical_with_one_gpu_per_node_takes_the_one_exchange_path) {
+  for (const auto& [nodes, gpus] : {std::pair<std::size_t, std::size_t>{3, 1}, {2, 2}}) {
+    const auto c = locus_test::make_case(41, nodes, gpus);
+    const std::size_t ranks = c.topo.ranks();
+    std::vector<std::vector<float>> y_of[2];
+    std::vector<std::vector<exchange_group>> groups_of[2];
+    std::vector<link_counters> bytes_of[2];
+    std::vector<int> staged(ranks, -1);
+    for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
+      const auto k = static_cast<std::size_t>(kind == transport_kind::hierarchical);
+      y_of[k].resize(ranks);
+      groups_of[k].resize(ranks);
+      bytes_of[k].resize(ranks);
+      local_fabric f(c.topo, kind);
+      const auto failures = run_ranks(f, [&](local_transport& ep) {
+        const std::size_t me = ep.rank();
+        group_log ex(ep);
+        moe_dispatcher<group_log, float> d(ex, c.map, c.hidden);
+        if (k == 1) staged[me] = d.staged();
+        const auto x = c.inputs(me);
+        layout<> l;
+        d.plan(l, c.routings[me].view());
+        auto h = d.dispatch(std::span<const float>(x), l);
+        locus_test::run_experts(h);
+        y_of[k][me].resize(x.size());
+        d.combine(y_of[k][me], h);
+        groups_of[k][me] = ex.groups;
+        bytes_of[k][me] = ep.bytes();
+      });
+      for (const auto& e : failures)
+        BOOST_TEST_REQUIRE(!e);
+    }
+    using g = exchange_group;
+    const std::vector<exchange_group> one{g::world, g::world}, two{g::rail, g::node, g::node, g::rail};
+    for (std::size_t r = 0; r < ranks; ++r) {
+      BOOST_TEST((groups_of[0][r] == one));
+      BOOST_TEST(staged[r] == (gpus > 1 ? 1 : 0));
+      BOOST_TEST((groups_of[1][r] == (gpus > 1 ? two : one)), "rank " << r << " of " << nodes << " x " << gpus);
+      if (gpus > 1) continue;
+      BOOST_TEST(std::memcmp(y_of[0][r].data(), y_of[1][r].data(), y_of[0][r].size() * sizeof(float)) == 0);
+      BOOST_TEST(bytes_of[0][r].bytes_sent == bytes_of[1][r].bytes_sent, boost::test_tools::per_element());
     }
   }
 }

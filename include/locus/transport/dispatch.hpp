@@ -31,6 +31,7 @@
 //! combine B, combine A), as long as every rank issues the calls in the same order.
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <locus/core/config.hpp>
 #include <locus/core/expert_map.hpp>
@@ -72,6 +73,28 @@ inline void add_row(float* LOCUS_RESTRICT dst, const T* LOCUS_RESTRICT src, floa
       dst[c + i] += term(src[c + i]);
   for (; c < n; ++c)
     dst[c] += term(src[c]);
+}
+
+//! dst[c] = first[c] + src[c] (or 0 + src[c] without `first`) for c < n, in fp32: the value of
+//! starting dst from `first` (or zero) and adding `src` with add_row, in one pass over dst.
+template <class T>
+inline void start_row(float* LOCUS_RESTRICT dst, const float* LOCUS_RESTRICT first, const T* LOCUS_RESTRICT src,
+                      std::size_t n) {
+  std::size_t c = 0;
+  if (first) {
+    for (; c + 8 <= n; c += 8)
+      for (std::size_t i = 0; i < 8; ++i)
+        dst[c + i] = first[c + i] + static_cast<float>(src[c + i]);
+    for (; c < n; ++c)
+      dst[c] = first[c] + static_cast<float>(src[c]);
+  } else {
+    // 0 + v, not v: a -0 row sums to +0, as when added to a zeroed sum.
+    for (; c + 8 <= n; c += 8)
+      for (std::size_t i = 0; i < 8; ++i)
+        dst[c + i] = 0.0f + static_cast<float>(src[c + i]);
+    for (; c < n; ++c)
+      dst[c] = 0.0f + static_cast<float>(src[c]);
+  }
 }
 
 //! The entries of received rows, split per row.
@@ -256,6 +279,10 @@ public:
   transport_kind kind() const noexcept {
     return ex_->hierarchical() ? transport_kind::hierarchical : transport_kind::flat;
   }
+  //! Whether copies move in two stages (rail, then node). A hierarchical exchanger with one GPU per
+  //! node has no node stage: its rail peers are all the ranks and its node layout is the flat one,
+  //! so dispatch and combine take the one-exchange path there.
+  bool staged() const noexcept { return ex_->hierarchical() && ex_->topology().gpus_per_node() > 1; }
   //! Bytes of one dispatch row, one combine row and one fan-out entry: the message sizes under
   //! which the traffic model's bytes equal the measured ones.
   transport::message_sizes message_sizes() const noexcept {
@@ -308,7 +335,7 @@ public:
     h.sums_taken_ = false;
     h.own_tokens_.clear(); // nothing of an earlier dispatch survives a failed exchange
     h.self_forward_.clear();
-    if (!ex_->hierarchical()) {
+    if (!staged()) {
       pack(x, l, use, exchange_group::world, h.origins_a_);
       exchange_rows(exchange_group::world, h.rows_a_, own_counts(l, use));
       detail::dispatch::split_entries(h.rows_a_, topo.gpus_per_node(), map_->slots_per_rank(), in_);
@@ -383,29 +410,23 @@ public:
       acc = acc_.data();
     }
     const std::size_t own = h.own_tokens_.size();
-    start_sums(acc, h.tokens_, h.own_tokens_, partial + (copies - own) * hidden_);
-    if (!ex_->hierarchical()) {
+    const float* own_sums = partial + (copies - own) * hidden_;
+    if (!staged()) {
       exchange_request back{exchange_group::world, row_bytes_, as_rows(partial, copies - own), h.rows_a_.counts, {}};
       back.kept_rows = own;
       ex_->exchange(back, back_);
-      add_back(back_, h.origins_a_, acc, nullptr);
+      start_and_add_back(back_, h.origins_a_, acc, nullptr, h, own_sums);
     } else {
       const std::size_t node_rows = h.rows_b_.row_count();
       exchange_request back{exchange_group::node, row_bytes_, as_rows(partial, node_rows), h.rows_b_.counts, {}};
       back.kept_rows = own;
-      ex_->exchange(back, back_);
-      // A rail peer sums its node's partial sums of each stage-1 row, starting from its own. When
-      // it computed every stage-1 row itself, in order (always so with one GPU per node), its own
-      // partial sums are those rows' sums already: the node's returns add to them in place, and
-      // they go back without a copy (the copy cost as much as the rail exchange).
+      ex_->exchange(back, node_back_);
+      // A rail peer sums its node's partial sums of each stage-1 row, starting from its own.
       const std::size_t stage1 = h.rows_a_.row_count();
-      float* forward = partial + node_rows * hidden_;
-      if (!self_forwards_all(h)) {
-        forward_acc_.resize(stage1 * hidden_);
-        start_sums(forward_acc_.data(), stage1, h.self_forward_, forward);
-        forward = forward_acc_.data();
-      }
-      add_back(back_, h.origins_b_, acc, forward);
+      forward_acc_.resize(stage1 * hidden_);
+      float* forward = forward_acc_.data();
+      start_sums(forward, stage1, h.self_forward_, partial + node_rows * hidden_);
+      start_and_add_back(node_back_, h.origins_b_, acc, forward, h, own_sums);
       ex_->exchange({exchange_group::rail, row_bytes_, as_rows(forward, stage1), h.rows_a_.counts, {}}, back_);
       add_back(back_, h.origins_a_, acc, nullptr);
     }
@@ -565,7 +586,7 @@ private:
     const auto offsets = h.recv_.slot_offsets();
     h.expert_offsets_.assign(offsets.begin(), offsets.begin() + static_cast<std::ptrdiff_t>(blocks + 1));
     const auto expert_row = h.recv_.expert_row();
-    const exchange_result& direct = ex_->hierarchical() ? h.rows_b_ : h.rows_a_;
+    const exchange_result& direct = staged() ? h.rows_b_ : h.rows_a_;
     const std::size_t direct_rows = direct.row_count(), forwarded = direct_rows + h.self_forward_.size();
     h.row_ptr_.resize(expert_row.size());
     for (std::size_t i = 0; i < expert_row.size(); ++i) {
@@ -591,15 +612,6 @@ private:
     }
   }
 
-  // Whether this rail peer computes a copy of every stage-1 row, in stage-1 order.
-  static bool self_forwards_all(const handle_type& h) {
-    const auto& f = h.self_forward_;
-    if (f.size() != h.rows_a_.row_count()) return false;
-    for (std::size_t i = 0; i < f.size(); ++i)
-      if (f[i] != i) return false;
-    return true;
-  }
-
   // fp32 sums as combine rows of T: the sums themselves for fp32, else converted into send_.
   std::span<const std::byte> as_rows(const float* values, std::size_t rows) {
     if constexpr (std::is_same_v<T, float>) {
@@ -617,9 +629,9 @@ private:
     }
   }
 
-  // Starts `rows` sums: sum `index[i]` from `first` row i (each index at most once: a token has
-  // one own row, a stage-1 row one copy for this rank), the others from zero. Cheaper than zeroing
-  // all and adding the first rows.
+  // Starts `rows` sums: sum `index[i]` from `first` row i (each index at most once: a stage-1 row
+  // has one copy for this rank), the others from zero. Cheaper than zeroing all and adding the
+  // first rows.
   void start_sums(float* acc, std::size_t rows, std::span<const std::uint32_t> index, const float* first) {
     covered_.assign(rows, 0);
     for (std::size_t i = 0; i < index.size(); ++i) {
@@ -641,6 +653,42 @@ private:
     return at;
   }
 
+  // The first add of a combine: adds returned rows (in the order of the matching send buffer) to
+  // forwarded rows, and to tokens whose sums it starts: a token's first returned row is added to
+  // the sum of its own row (`own_sums`, in h.own_tokens_ order) or to zero as it is written, and a
+  // token no row returned to takes its own row's sum or zero. One pass over the sums instead of a
+  // copy of the own rows' sums followed by the adds; the same values, added in the same order.
+  void start_and_add_back(const exchange_result& back, const std::vector<typename handle_type::origin>& origins,
+                          float* acc, float* forward_acc, const handle_type& h, const float* own_sums) {
+    constexpr std::uint32_t none = UINT32_MAX;
+    own_row_.assign(h.tokens_, none);
+    for (std::size_t i = 0; i < h.own_tokens_.size(); ++i)
+      own_row_[h.own_tokens_[i]] = static_cast<std::uint32_t>(i);
+    covered_.assign(h.tokens_, 0);
+    for (std::size_t s = 0; s < origins.size(); ++s) {
+      const auto* src = reinterpret_cast<const T*>(back.row(s));
+      const std::size_t t = origins[s].index;
+      if (origins[s].forward) {
+        detail::dispatch::add_row<false>(forward_acc + t * hidden_, src, 1.0f, hidden_);
+      } else if (covered_[t]) {
+        detail::dispatch::add_row<false>(acc + t * hidden_, src, 1.0f, hidden_);
+      } else {
+        const std::uint32_t o = own_row_[t];
+        detail::dispatch::start_row(acc + t * hidden_, o == none ? nullptr : own_sums + std::size_t{o} * hidden_, src,
+                                    hidden_);
+        covered_[t] = 1;
+      }
+    }
+    for (std::size_t t = 0; t < h.tokens_; ++t) {
+      if (covered_[t]) continue;
+      float* dst = acc + t * hidden_;
+      if (const std::uint32_t o = own_row_[t]; o != none)
+        std::memcpy(dst, own_sums + std::size_t{o} * hidden_, hidden_ * sizeof(float));
+      else
+        std::fill(dst, dst + hidden_, 0.0f);
+    }
+  }
+
   // Adds returned rows (in the order of the matching send buffer) to tokens or forwarded rows.
   void add_back(const exchange_result& back, const std::vector<typename handle_type::origin>& origins, float* acc,
                 float* forward_acc) const {
@@ -660,11 +708,12 @@ private:
   std::size_t sent_ = 0; // bytes of send_ in use
   std::vector<detail::dispatch::wire_entry> entries_;
   std::vector<std::size_t> counts_, entry_counts_;
-  exchange_result meta_in_, back_;
+  exchange_result meta_in_, back_, node_back_; // two returns: each keeps its size across steps
   detail::dispatch::received_entries in_;
   node_fanout fan_;
   std::vector<float> partial_, acc_, forward_acc_;
   std::vector<std::uint8_t> covered_;
+  std::vector<std::uint32_t> own_row_; // token → its own row, or UINT32_MAX
   std::vector<T> scratch_;
 };
 
