@@ -482,13 +482,16 @@ void layout<TopK>::place_entries(std::size_t chunks, const float* weights, const
                                                 copy_local_row_.data() + c0, kext.value(), i, members.data());
           std::int32_t forwards = 0;
           const std::int32_t to = static_cast<std::int32_t>(b / bucket_width_);
+          // Every entry of a row targets a rank on the node of `to`: its local rank is its offset
+          // from the node's first rank (one division per row, not one per entry).
+          const std::int32_t node0 = to - to % static_cast<std::int32_t>(G);
           for (std::int32_t q = 0; q < m; ++q, ++entry) {
             const std::size_t c = c0 + static_cast<std::size_t>(members[static_cast<std::size_t>(q)]);
             const auto e = static_cast<std::size_t>(entry);
             copy_row_[c] = row;
             copy_entry_[c] = entry;
             entry_copy_[e] = static_cast<std::int32_t>(c);
-            entry_target_[e] = copy_rank_[c] % static_cast<std::int32_t>(G);
+            entry_target_[e] = copy_rank_[c] - node0;
             entry_slot_[e] = copy_slot_[c];
             if (weights) entry_weight_[e] = weights[c];
             // Entries are ordered by rank, so a new target shows as a change of rank.
