@@ -88,7 +88,8 @@ struct device_abort {
   std::exception_ptr (*error)(const std::array<unsigned long long, 2>& words) = nullptr;
 };
 
-//! Device dispatch and combine of one rank (flat or hierarchical, as the endpoint's hierarchical()).
+//! Device dispatch and combine of one rank (flat or hierarchical, as the endpoint's hierarchical(); flat
+//! with one GPU per node).
 //! @tparam Exchanger a transport endpoint with `exchange_device` (device_local_transport, nccl_transport)
 //! @tparam T         row element: float or bfloat16
 //! @tparam TopK      `locus::top_k<K>`, static (the kernels are instantiated for K)
@@ -108,7 +109,10 @@ public:
   //!         differs from a static Hidden
   device_dispatcher(Exchanger& ex, expert_map map, std::size_t hidden, cudaStream_t stream)
       : ex_(&ex), map_(std::move(map)), hidden_(hidden), hx_(hidden), stream_(stream),
-        kind_(ex.hierarchical() ? transport_kind::hierarchical : transport_kind::flat) {
+        // With one GPU per node there is no node stage: a hierarchical endpoint takes the flat
+        // path (as moe_dispatcher::staged() says for the host).
+        kind_(ex.hierarchical() && ex.topology().gpus_per_node() > 1 ? transport_kind::hierarchical
+                                                                     : transport_kind::flat) {
     LOCUS_REQUIRE(map_.ranks() == ex.topology().ranks(), config_error, "device_dispatcher: the expert map has ",
                   map_.ranks(), " ranks but the transport has ", ex.topology().ranks());
     LOCUS_REQUIRE(hidden > 0, config_error, "device_dispatcher: zero hidden size");
