@@ -92,9 +92,12 @@ inline CLI::Option* add_json_option(CLI::App* cmd, std::string& path) {
   return cmd
       ->add_option("--json", path,
                    "Also write the figures as JSON to this file (written whole or not at all); - or no value: "
-                   "stdout, instead of the table")
+                   "stdout, instead of the table. Default: no JSON")
       ->expected(0, 1)
-      ->default_str("-");
+      // The value taken when --json comes without one; the help shows [PATH] instead of "=-",
+      // which would read as the default when the option is absent.
+      ->default_str("-")
+      ->option_text("[PATH]");
 }
 
 //! Whether `--json` sends the document to stdout (the table is then not printed).

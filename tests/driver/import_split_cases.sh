@@ -112,5 +112,6 @@ refused 'test split is empty, nothing to simulate: --train-domains/--test-domain
 ok '--split TEXT:\{random,time\}=random' plan --help
 ok '--test-fraction FLOAT.*=0\.5' simulate --help
 ok '--skip-requests UINT=0' plan --help
+ok '--json \[PATH\] ' simulate --help
 
 cases_end
