@@ -270,7 +270,8 @@ template class locus::transport::device_dispatcher<device_local_transport, bfloa
                                                    hidden<7168>>;
 
 // Dispatcher and layer (moe_layer::forward on device rows) against the dense reference, flat and
-// hierarchical (rail stage, then the fan-out inside each node).
+// hierarchical (rail stage, then the fan-out inside each node; with one GPU per node, 1 x 1 and
+// 2 x 1, the hierarchical endpoint takes the flat path).
 BOOST_AUTO_TEST_CASE(device_step_matches_dense_reference) {
   for (std::uint64_t seed = 1; seed <= 12; ++seed)
     for (auto [nodes, gpus] : {std::pair<std::size_t, std::size_t>{1, 4}, {2, 2}, {1, 1}, {3, 2}, {2, 1}})

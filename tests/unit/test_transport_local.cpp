@@ -4,11 +4,14 @@
 #include <array>
 #include <atomic>
 #include <boost/test/unit_test.hpp>
+#include <cmath>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <locus/transport/dispatch.hpp>
 #include <locus/transport/local.hpp>
 #include <mutex>
+#include <random>
 #include <stdexcept>
 #include <thread>
 
@@ -589,6 +592,56 @@ BOOST_AUTO_TEST_CASE(hierarchical_with_one_gpu_per_node_takes_the_one_exchange_p
       BOOST_TEST(bytes_of[0][r].bytes_sent == bytes_of[1][r].bytes_sent, boost::test_tools::per_element());
     }
   }
+}
+
+// Combine's one-pass start of a token's sum (detail::dispatch::start_row: own row's sum, or zero,
+// plus the first returned row) equals starting from that sum and adding the row (add_row), bit
+// for bit: signed zeros, denormals, infinities and NaN included, for rows of float and double.
+template <class T>
+void check_start_row(std::mt19937& rng) {
+  const float specials[] = {0.0f,
+                            -0.0f,
+                            1e-40f,
+                            -1e-40f,
+                            1e30f,
+                            -1e30f,
+                            3.4e38f,
+                            -3.4e38f,
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::quiet_NaN(),
+                            1.0f,
+                            -1.5f};
+  const auto value = [&] {
+    if (rng() % 2) return specials[rng() % std::size(specials)];
+    return std::ldexp(static_cast<float>(rng() % 20001) - 10000.0f, static_cast<int>(rng() % 40) - 20);
+  };
+  std::size_t differ = 0, cases = 0;
+  for (std::size_t n : {1u, 7u, 8u, 13u, 64u})
+    for (int trial = 0; trial < 200; ++trial) {
+      std::vector<float> first(n), old_sum(n), new_sum(n);
+      std::vector<T> src(n);
+      for (std::size_t c = 0; c < n; ++c) {
+        first[c] = value();
+        src[c] = static_cast<T>(value());
+      }
+      const bool own = trial % 2 == 0;
+      if (own)
+        old_sum = first;
+      else
+        std::fill(old_sum.begin(), old_sum.end(), 0.0f);
+      transport::detail::dispatch::add_row<false>(old_sum.data(), src.data(), 1.0f, n);
+      transport::detail::dispatch::start_row(new_sum.data(), own ? first.data() : nullptr, src.data(), n);
+      differ += std::memcmp(old_sum.data(), new_sum.data(), n * sizeof(float)) != 0;
+      ++cases;
+    }
+  BOOST_TEST(differ == 0u, differ << " of " << cases << " rows differ");
+}
+
+BOOST_AUTO_TEST_CASE(one_pass_start_equals_copy_then_add) {
+  std::mt19937 rng(7);
+  check_start_row<float>(rng);
+  check_start_row<double>(rng);
 }
 
 // Two micro-batches in flight on one dispatcher: dispatch A, dispatch B, combine B, combine A.

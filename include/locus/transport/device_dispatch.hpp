@@ -3,7 +3,7 @@
 //! @file
 //! `device_dispatcher`: dispatch and combine of one rank with every token row in device memory,
 //! over a transport with a device exchange (`device_local_transport`, `nccl_transport`), flat or
-//! hierarchical as the endpoint says.
+//! hierarchical as the endpoint says (flat with one GPU per node, where there is no node stage).
 //!
 //!   flat dispatch:  device layout → permute into the send buffer → one count round (rows and
 //!                   entries per destination) → known-count exchanges of the rows' entry metadata

@@ -12,11 +12,13 @@
 //!    rank, slot, weight): the fan-out table a receiver needs.
 //! 2. **Dispatch** packs each row for another rank once (`send[r] = x[row_token[r]]`: payload
 //!    only, no per-row header) and moves it with one exchange; the rank's own rows are neither
-//!    packed nor moved: the compute reads them in place from `x`; the rows' entries (8 bytes per entry, the last entry
-//!    of each row marked) travel in the same exchange (`exchange_request::entries`), so a receiver
-//!    splits them per row from the counts alone. Hierarchically, the rail peer on each remote node splits
-//!    what it received per target rank of its node (`make_node_fanout`) and forwards it with its
-//!    own node's direct rows in a second stage. Every receiver then orders its entries per local
+//!    packed nor moved: the compute reads them in place from `x`; the rows' entries (8 bytes per
+//!    entry, the last entry of each row marked) travel in the same exchange
+//!    (`exchange_request::entries`), so a receiver splits them per row from the counts alone.
+//!    Hierarchically (with more than one GPU per node; with one there is no node stage and the
+//!    flat path runs: `staged()`), the rail peer on each remote node splits what it received per
+//!    target rank of its node (`make_node_fanout`) and forwards it with its own node's direct
+//!    rows in a second stage. Every receiver then orders its entries per local
 //!    expert (`receive_layout`) and hands the expert compute a pointer per row *into the receive
 //!    buffers* (or into `x` for its own rows): rows are never copied again.
 //! 3. **Expert compute** reads the handle's blocks in place and writes either output rows or, when
