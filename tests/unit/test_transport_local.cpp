@@ -14,6 +14,7 @@
 #include <random>
 #include <stdexcept>
 #include <thread>
+#include <utility>
 
 using namespace locus;
 using namespace locus::transport;
@@ -74,11 +75,13 @@ std::mutex rank_test_mutex;
   } while (false)
 
 namespace {
-// The local transport seen as an exchanger that does not carry entries: exchange_with_entries
-// then moves them in an exchange of their own.
-class rows_only {
+// The local transport behind a hook that sees each exchange request first; `Entries` says whether
+// it carries entries (exchange_with_entries otherwise moves them in an exchange of their own).
+template <bool Entries>
+class observed {
 public:
-  explicit rows_only(local_transport& t) : t_(&t) {}
+  static constexpr bool carries_entries = Entries;
+  observed(local_transport& t, std::function<void(const exchange_request&)> see) : t_(&t), see_(std::move(see)) {}
   std::size_t rank() const noexcept { return t_->rank(); }
   const dynamic_topology& topology() const noexcept { return t_->topology(); }
   bool hierarchical() const noexcept { return t_->hierarchical(); }
@@ -87,13 +90,19 @@ public:
   const link_counters& bytes() const noexcept { return t_->bytes(); }
   void reset_bytes() noexcept { t_->reset_bytes(); }
   void exchange(const exchange_request& req, exchange_result& out) {
-    RANK_TEST(req.entry_bytes == 0u); // it would drop them
+    see_(req);
     t_->exchange(req, out);
   }
 
 private:
   local_transport* t_;
+  std::function<void(const exchange_request&)> see_;
 };
+// The local transport as an exchanger that does not carry entries (and checks it is given none).
+using rows_only = observed<false>;
+rows_only make_rows_only(local_transport& t) {
+  return rows_only(t, [](const exchange_request& req) { RANK_TEST(req.entry_bytes == 0u); }); // it would drop them
+}
 static_assert(carries_entries<local_transport> && !carries_entries<rows_only>);
 
 // Sends count(s, d) rows and entry_count(s, d) entries from s to d in one exchange_with_entries;
@@ -153,7 +162,7 @@ BOOST_AUTO_TEST_CASE(entries_travel_with_their_rows) {
       if (carried) {
         check_entries_travel(ep, topo.ranks());
       } else {
-        rows_only r(ep);
+        rows_only r = make_rows_only(ep);
         check_entries_travel(r, topo.ranks());
       }
       for (std::size_t k = 0; k < 3; ++k)
@@ -522,30 +531,6 @@ BOOST_AUTO_TEST_CASE(double_rows_combine_matches_reference) {
   }
 }
 
-namespace {
-// The local transport with a log of the groups its exchanges ran over.
-class group_log {
-public:
-  static constexpr bool carries_entries = true;
-  explicit group_log(local_transport& t) : t_(&t) {}
-  std::size_t rank() const noexcept { return t_->rank(); }
-  const dynamic_topology& topology() const noexcept { return t_->topology(); }
-  bool hierarchical() const noexcept { return t_->hierarchical(); }
-  std::size_t group_size(exchange_group g) const noexcept { return t_->group_size(g); }
-  std::size_t world_rank_of(exchange_group g, std::size_t m) const noexcept { return t_->world_rank_of(g, m); }
-  const link_counters& bytes() const noexcept { return t_->bytes(); }
-  void reset_bytes() noexcept { t_->reset_bytes(); }
-  void exchange(const exchange_request& req, exchange_result& out) {
-    groups.push_back(req.group);
-    t_->exchange(req, out);
-  }
-  std::vector<exchange_group> groups;
-
-private:
-  local_transport* t_;
-};
-} // namespace
-
 // With one GPU per node a hierarchical exchanger has no node stage: dispatch and combine take the
 // one-exchange path (one world exchange each, as flat), with the same outputs, bit for bit, and
 // the same bytes. With two GPUs per node they take the two stages (rail, node; node, rail).
@@ -565,8 +550,9 @@ BOOST_AUTO_TEST_CASE(hierarchical_with_one_gpu_per_node_takes_the_one_exchange_p
       local_fabric f(c.topo, kind);
       const auto failures = run_ranks(f, [&](local_transport& ep) {
         const std::size_t me = ep.rank();
-        group_log ex(ep);
-        moe_dispatcher<group_log, float> d(ex, c.map, c.hidden);
+        std::vector<exchange_group> groups;
+        observed<true> ex(ep, [&](const exchange_request& req) { groups.push_back(req.group); });
+        moe_dispatcher<observed<true>, float> d(ex, c.map, c.hidden);
         if (k == 1) staged[me] = d.staged();
         const auto x = c.inputs(me);
         layout<> l;
@@ -575,7 +561,7 @@ BOOST_AUTO_TEST_CASE(hierarchical_with_one_gpu_per_node_takes_the_one_exchange_p
         locus_test::run_experts(h);
         y_of[k][me].resize(x.size());
         d.combine(y_of[k][me], h);
-        groups_of[k][me] = ex.groups;
+        groups_of[k][me] = groups;
         bytes_of[k][me] = ep.bytes();
       });
       for (const auto& e : failures)
