@@ -62,8 +62,6 @@ double domain_accuracy(const locus::grouper::workload_model& m, const locus::tra
   for (std::size_t r = 0; r < test.requests(); ++r) {
     if (test.request(r).length <= prefill) continue;
     const auto c = m.classify(test, r, prefill, scratch);
-    if (std::getenv("LOCUS_DEBUG"))
-      std::fprintf(stderr, "sim %.3f thr %.3f dom %u\n", c.similarity, m.min_similarity(), test.request(r).domain);
     right += cluster_domain[c.cluster] == test.request(r).domain;
     ++n;
   }

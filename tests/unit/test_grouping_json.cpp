@@ -59,6 +59,8 @@ BOOST_AUTO_TEST_CASE(round_trip_gives_identical_assignments) {
   BOOST_TEST(loaded.clusters() == fitted.clusters());
   BOOST_TEST(loaded.cluster_node() == fitted.cluster_node(), boost::test_tools::per_element());
   BOOST_TEST(loaded.min_similarity() == fitted.min_similarity());
+  for (std::size_t c = 0; c < fitted.clusters(); ++c)
+    BOOST_TEST(loaded.class_min_similarity(c) == fitted.class_min_similarity(c));
   std::vector<std::uint32_t> s1, s2;
   for (std::size_t r = 0; r < t.requests(); ++r) {
     const auto a = fitted.classify(t, r, 8, s1), b = loaded.classify(t, r, 8, s2);
@@ -79,6 +81,15 @@ BOOST_AUTO_TEST_CASE(round_trip_gives_identical_assignments) {
   BOOST_CHECK_THROW(grouper::grouping_from_json(doc), format_error);
   doc.erase("usage");
   BOOST_CHECK_THROW(grouper::grouping_from_json(doc), format_error);
+  doc = grouper::grouping_to_json(fitted);
+  doc["class_min_similarity"].erase(0); // one threshold short
+  BOOST_CHECK_THROW(grouper::grouping_from_json(doc), format_error);
+  // A file from before the thresholds were per class: every class takes the pooled threshold.
+  doc = grouper::grouping_to_json(fitted);
+  doc.erase("class_min_similarity");
+  const auto old = grouper::grouping_from_json(doc);
+  for (std::size_t c = 0; c < old.clusters(); ++c)
+    BOOST_TEST(old.class_min_similarity(c) == fitted.min_similarity());
 }
 
 BOOST_AUTO_TEST_SUITE_END()

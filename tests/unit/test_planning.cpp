@@ -213,6 +213,107 @@ BOOST_AUTO_TEST_CASE(classifier_matches_dense_reference_and_separates_domains) {
   BOOST_TEST(agree_domain == test.requests());
 }
 
+// Confidence thresholds are per class. Training: a tight kind (every token on experts 0-7) and a
+// loose kind (each request on its own 4 of experts 16-31). A request of an unseen kind on experts
+// 4-11 is nearest the tight class and clears the pooled threshold the loose class sets, but not
+// the tight class's own: it falls back. Fresh tight requests stay confident. The thresholds equal
+// a dense leave-one-out reference (each member against its class mean without it, the lowest
+// minus the margin), and `confident` is exactly "similarity ≥ the class's threshold".
+BOOST_AUTO_TEST_CASE(confidence_thresholds_are_per_class) {
+  const std::size_t E = 32, K = 4, P = 6;
+  std::mt19937 rng(5);
+  const auto draw = [&](std::size_t lo, std::size_t n) {
+    std::set<std::size_t> s;
+    while (s.size() < K)
+      s.insert(lo + rng() % n);
+    return s;
+  };
+  // kind 0 tight, 1 loose, 2 unseen
+  const auto make = [&](const std::vector<std::uint32_t>& kinds) {
+    trace::trace_builder b(E, K, 1);
+    b.set_domains({"tight", "loose", "unseen"});
+    for (std::size_t r = 0; r < kinds.size(); ++r) {
+      const std::size_t len = P + 4;
+      b.add_request(r, kinds[r], len);
+      const std::set<std::size_t> own = draw(16, 16);
+      for (std::size_t t = b.tokens() - len; t < b.tokens(); ++t) {
+        const std::set<std::size_t> chosen = kinds[r] == 0 ? draw(0, 8) : kinds[r] == 1 ? own : draw(4, 8);
+        std::size_t j = 0;
+        for (auto e : chosen) {
+          b.ids(0, t)[j] = static_cast<trace::trace_expert_id>(e);
+          b.weights(0, t)[j++] = 1.0f / K;
+        }
+      }
+    }
+    return b.build().with_prefill_tokens(P);
+  };
+  std::vector<std::uint32_t> train_kinds, test_kinds;
+  for (std::size_t i = 0; i < 24; ++i)
+    train_kinds.push_back(static_cast<std::uint32_t>(i % 2));
+  for (std::size_t i = 0; i < 20; ++i)
+    test_kinds.push_back(i % 2 == 0 ? 0u : 2u);
+  const auto train = make(train_kinds), test = make(test_kinds);
+  grouper::workload_aware_options opt;
+  opt.clusters = 2;
+  opt.prefill_tokens = P;
+  const auto m = grouper::workload_model::fit(train, dynamic_topology(2, 1), opt);
+
+  // Dense reference of the thresholds from the model's own labels.
+  const auto prefill_vec = [&](const trace::trace& t, std::size_t r) {
+    std::vector<double> v(E, 0.0);
+    const auto& q = t.request(r);
+    for (std::size_t i = 0; i < P; ++i)
+      for (std::size_t j = 0; j < K; ++j)
+        v[t.layer(0).token_ids(q.first_token + i)[j]] += 1;
+    double n = 0;
+    for (double x : v)
+      n += x * x;
+    for (double& x : v)
+      x /= std::sqrt(n);
+    return v;
+  };
+  const std::size_t n = m.training_requests().size();
+  std::vector<double> lowest(m.clusters(), 2.0);
+  for (std::size_t i = 0; i < n; ++i) {
+    const auto c = m.training_labels()[i];
+    std::vector<double> mean(E, 0.0);
+    for (std::size_t o = 0; o < n; ++o)
+      if (o != i && m.training_labels()[o] == c) {
+        const auto v = prefill_vec(train, m.training_requests()[o]);
+        for (std::size_t e = 0; e < E; ++e)
+          mean[e] += v[e];
+      }
+    const auto v = prefill_vec(train, m.training_requests()[i]);
+    double dot = 0, norm = 0;
+    for (std::size_t e = 0; e < E; ++e)
+      dot += v[e] * mean[e], norm += mean[e] * mean[e];
+    lowest[c] = std::min(lowest[c], norm > 0 ? dot / std::sqrt(norm) : 0.0);
+  }
+  std::size_t tight = 0;
+  for (std::size_t c = 0; c < m.clusters(); ++c) {
+    BOOST_TEST(std::abs(m.class_min_similarity(c) - (lowest[c] - opt.confidence_margin)) < 1e-4);
+    if (m.class_min_similarity(c) > m.class_min_similarity(tight)) tight = c;
+  }
+  BOOST_TEST(m.min_similarity() == std::min(m.class_min_similarity(0), m.class_min_similarity(1)));
+
+  std::vector<std::uint32_t> scratch;
+  std::size_t unseen = 0, unseen_over_pooled = 0;
+  for (std::size_t r = 0; r < test.requests(); ++r) {
+    const auto got = m.classify(test, r, P, scratch);
+    BOOST_TEST(got.confident == (got.similarity >= m.class_min_similarity(got.cluster)));
+    if (test.request(r).domain == 0) {
+      BOOST_TEST(got.cluster == tight);
+      BOOST_TEST(got.confident, "a fresh request of the tight kind, similarity " << got.similarity);
+    } else {
+      ++unseen;
+      unseen_over_pooled += got.cluster == tight && got.similarity >= m.min_similarity();
+      BOOST_TEST(!got.confident, "an unseen request, similarity " << got.similarity << " to cluster " << got.cluster);
+    }
+  }
+  // The case is one a pooled threshold gets wrong.
+  BOOST_TEST(unseen_over_pooled == unseen);
+}
+
 // Property test: random traces and topologies, both planners, 0..2 redundant slots per GPU.
 BOOST_AUTO_TEST_CASE(planners_return_valid_maps_on_random_inputs) {
   std::mt19937 rng(5);

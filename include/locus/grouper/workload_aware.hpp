@@ -7,8 +7,10 @@
 //! prefill space: the mean of the training members' normalised prefill vectors, which is the
 //! "small trained classifier" the method allows and matches what is observable at arrival) and
 //! places it on the least-loaded rank with room on its cluster's node. A request whose best
-//! similarity falls below what training requests reach (unseen traffic), or whose node is full or
-//! too far above the least-loaded node, goes to the least-loaded rank instead.
+//! similarity falls below what that class's own training requests reach (unseen traffic: a request
+//! of a new kind may sit nearer a tight class than a loose class's members sit to theirs), or
+//! whose node is full or too far above the least-loaded node, goes to the least-loaded rank
+//! instead.
 
 #include <algorithm>
 #include <cmath>
@@ -38,8 +40,9 @@ struct workload_aware_options {
   //! and assign() within its budget.
   std::size_t classifier_layers = 8;
   //! A request is classified confidently when its cosine similarity to the best class mean is at
-  //! least this; negative: the `confidence_quantile` quantile of the training requests' own
-  //! similarities (so that traffic unlike anything seen falls back).
+  //! least this; negative: per class, the `confidence_quantile` quantile of that class's training
+  //! requests' own (leave-one-out) similarities, so that traffic unlike anything seen falls back
+  //! (a class of one request takes the quantile over all training requests).
   double min_similarity = -1;
   double confidence_quantile = 0.0;
   //! Subtracted from the automatic threshold: fresh requests of a known kind score a little below
@@ -122,8 +125,7 @@ public:
     m.sum_cluster_usage(train);
     const std::vector<double> means = prefill_means(f, km.labels, m.k_);
     m.set_classifier(means, f.dim);
-    m.min_similarity_ =
-        opt.min_similarity >= 0 ? static_cast<float>(opt.min_similarity) : leave_one_out_threshold(f, means, km, opt);
+    m.set_thresholds(f, means, km, opt);
     m.cluster_node_ = balance_clusters(m.cluster_tokens_, m.nodes_);
     return m;
   }
@@ -150,7 +152,11 @@ public:
   std::size_t experts() const noexcept { return experts_; }
   std::size_t nodes() const noexcept { return nodes_; }
   const workload_aware_options& options() const noexcept { return opt_; }
+  //! The confidence threshold over all training requests (what a class of one request uses).
   float min_similarity() const noexcept { return min_similarity_; }
+  //! The confidence threshold of cluster `c`: a request classified into `c` is confident when its
+  //! similarity reaches it.
+  float class_min_similarity(std::size_t c) const noexcept { return class_min_similarity_[c]; }
   //! The classifier reads layers 0, stride, 2·stride, ...
   std::size_t classifier_layer_stride() const noexcept { return layer_stride_; }
 
@@ -243,7 +249,7 @@ public:
       if (s[c] > s[best]) best = c;
     out.cluster = static_cast<std::uint32_t>(best);
     out.similarity = norm2 ? s[best] / std::sqrt(static_cast<float>(norm2)) : 0.0f;
-    out.confident = norm2 > 0 && out.similarity >= min_similarity_;
+    out.confident = norm2 > 0 && out.similarity >= class_min_similarity_[best];
     return out;
   }
 
@@ -347,17 +353,25 @@ private:
     }
   }
 
-  // Confidence threshold from the training requests' leave-one-out similarities: each member
+  // Confidence thresholds from the training requests' leave-one-out similarities: each member
   // against its class mean computed without it, which is what an unseen request of the same
-  // population meets (a member's similarity to a mean it is part of is biased upwards).
-  static float leave_one_out_threshold(const request_features& f, const std::vector<double>& means,
-                                       const kmeans_result& km, const workload_aware_options& opt) {
+  // population meets (a member's similarity to a mean it is part of is biased upwards). Per class:
+  // a loose class's members sit far from their mean, and a pooled threshold set by them would let
+  // a request of an unseen kind pass as a member of a tight class it merely resembles.
+  void set_thresholds(const request_features& f, const std::vector<double>& means, const kmeans_result& km,
+                      const workload_aware_options& opt) {
     const std::size_t dim = f.dim, k = means.size() / dim;
+    if (opt.min_similarity >= 0) {
+      min_similarity_ = static_cast<float>(opt.min_similarity);
+      class_min_similarity_.assign(k, min_similarity_);
+      return;
+    }
     std::vector<double> sum_norm2(k, 0.0);
     for (std::size_t c = 0; c < k; ++c)
       for (std::size_t d = 0; d < dim; ++d)
         sum_norm2[c] += means[c * dim + d] * means[c * dim + d];
-    std::vector<double> sims;
+    std::vector<std::vector<double>> sims(k);
+    std::vector<double> all;
     for (std::size_t i = 0; i < km.labels.size(); ++i) {
       const std::size_t c = km.labels[i];
       if (km.sizes[c] < 2) continue;
@@ -368,12 +382,18 @@ private:
         xx += x * x;
       }
       const double v2 = sum_norm2[c] - 2 * xs + xx;
-      sims.push_back(v2 > 0 ? (xs - xx) / std::sqrt(v2) : 0.0);
+      sims[c].push_back(v2 > 0 ? (xs - xx) / std::sqrt(v2) : 0.0);
+      all.push_back(sims[c].back());
     }
-    if (sims.empty()) return 0;
-    std::sort(sims.begin(), sims.end());
-    const double pos = std::clamp(opt.confidence_quantile, 0.0, 1.0) * static_cast<double>(sims.size() - 1);
-    return static_cast<float>(sims[static_cast<std::size_t>(std::floor(pos))] - opt.confidence_margin);
+    const auto quantile = [&](std::vector<double>& v) {
+      std::sort(v.begin(), v.end());
+      const double pos = std::clamp(opt.confidence_quantile, 0.0, 1.0) * static_cast<double>(v.size() - 1);
+      return static_cast<float>(v[static_cast<std::size_t>(std::floor(pos))] - opt.confidence_margin);
+    };
+    min_similarity_ = all.empty() ? 0.0f : quantile(all);
+    class_min_similarity_.assign(k, min_similarity_);
+    for (std::size_t c = 0; c < k; ++c)
+      if (!sims[c].empty()) class_min_similarity_[c] = quantile(sims[c]);
   }
 
   friend struct workload_model_io; // saving and loading (grouper/workload_model_json.hpp)
@@ -397,6 +417,7 @@ private:
   std::size_t layers_ = 0, experts_ = 0, nodes_ = 0, k_ = 0, layer_stride_ = 1;
   workload_aware_options opt_{};
   float min_similarity_ = 0;
+  std::vector<float> class_min_similarity_; // per cluster
   std::vector<std::uint32_t> cluster_node_, labels_;
   std::vector<std::size_t> training_requests_;
   std::vector<double> cluster_tokens_, cluster_requests_;

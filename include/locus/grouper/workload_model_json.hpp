@@ -6,7 +6,9 @@
 //! deployed with it instead of being fitted again. Needs nlohmann_json.
 //!
 //! Format (version 1): {"format": "locus-grouping", "version": 1, "layers", "experts", "nodes",
-//! "clusters", "classifier_layer_stride", "min_similarity", "options": {...}, "cluster_node": [k],
+//! "clusters", "classifier_layer_stride", "min_similarity", "class_min_similarity": [k] (each
+//! class's confidence threshold; a file without it, written before thresholds were per class,
+//! loads with "min_similarity" for every class), "options": {...}, "cluster_node": [k],
 //! "cluster_tokens": [k], "cluster_requests": [k], "usage": [k][layers × experts],
 //! "means": [(layers × experts) × stride] (feature-major class means, clusters padded to 16)}.
 //! Floats are written with enough digits to read back bit for bit, so a loaded model assigns every
@@ -36,6 +38,7 @@ struct workload_model_io {
             {"clusters", m.k_},
             {"classifier_layer_stride", m.layer_stride_},
             {"min_similarity", m.min_similarity_},
+            {"class_min_similarity", m.class_min_similarity_},
             {"options",
              {{"clusters", o.clusters},
               {"seed", o.seed},
@@ -69,6 +72,10 @@ struct workload_model_io {
       m.k_ = doc.at("clusters").get<std::size_t>();
       m.layer_stride_ = doc.at("classifier_layer_stride").get<std::size_t>();
       m.min_similarity_ = doc.at("min_similarity").get<float>();
+      if (doc.contains("class_min_similarity"))
+        m.class_min_similarity_ = doc.at("class_min_similarity").get<std::vector<float>>();
+      else
+        m.class_min_similarity_.assign(m.k_, m.min_similarity_);
       const auto& o = doc.at("options");
       m.opt_.clusters = o.at("clusters").get<std::size_t>();
       m.opt_.seed = o.at("seed").get<std::uint64_t>();
@@ -100,7 +107,8 @@ struct workload_model_io {
     ::locus::detail::format_require(m.means_t_.size() == dim * m.stride_, "grouping JSON: ", m.means_t_.size(),
                                     " class-mean values, expected ", dim * m.stride_);
     ::locus::detail::format_require(m.cluster_node_.size() == m.k_ && m.cluster_tokens_.size() == m.k_ &&
-                                        m.cluster_requests_.size() == m.k_ && m.usage_.size() == m.k_,
+                                        m.cluster_requests_.size() == m.k_ && m.usage_.size() == m.k_ &&
+                                        m.class_min_similarity_.size() == m.k_,
                                     "grouping JSON: the per-cluster arrays must have ", m.k_, " entries");
     for (std::size_t c = 0; c < m.k_; ++c) {
       ::locus::detail::format_require(m.cluster_node_[c] < m.nodes_, "grouping JSON: cluster ", c, " is on node ",
