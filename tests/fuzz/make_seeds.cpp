@@ -1,8 +1,10 @@
-// Writes the fuzz seed corpus (tests/fuzz/corpus/{binary,esft,jsonl}/) from tiny synthetic traces:
+// Writes the fuzz seed corpus (tests/fuzz/corpus/{binary,esft,jsonl,grouping}/) from tiny synthetic
+// traces (grouping: workload-aware models fitted on them):
 //   c++ -std=c++20 -I include tests/fuzz/make_seeds.cpp -o make_seeds && ./make_seeds tests/fuzz/corpus
 // The seeds are committed; rerun this only when the formats change.
 #include <cstdio>
 #include <filesystem>
+#include <locus/grouper/workload_model_json.hpp>
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
 #include <string>
@@ -93,6 +95,16 @@ int main(int argc, char** argv) {
     }
     put(root / "jsonl" / ("seed" + std::to_string(n) + ".jsonl"), jsonl);
     ++n;
+  }
+  // Grouping models, fitted with the first token of each request as its prefill.
+  fs::create_directories(root / "grouping");
+  for (std::size_t g = 0; g < 2; ++g) {
+    const auto t = tiny(100 + g, 8, 2, 2, 8).with_prefill_tokens(1);
+    locus::grouper::workload_aware_options o;
+    o.clusters = 2 + g;
+    o.prefill_tokens = 1;
+    const auto m = locus::grouper::workload_model::fit(t, locus::dynamic_topology(2, 1), o);
+    put(root / "grouping" / ("seed" + std::to_string(g) + ".json"), locus::grouper::grouping_to_json(m).dump());
   }
   std::printf("wrote %d seeds per target under %s\n", n, root.c_str());
   return 0;

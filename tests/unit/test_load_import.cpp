@@ -87,4 +87,40 @@ BOOST_AUTO_TEST_CASE(trtllm_statistics_sum_ranks_and_iterations) {
   BOOST_CHECK_THROW(import_load(d.path.string()), format_error); // 2 values for 3 experts
 }
 
+// Counts and sizes in a statistics folder must be integers the file pays for: a float, a negative
+// number or a shape whose element count overflows is a format error, never a cast (undefined for a
+// float out of range) or an allocation of the overflowed count.
+BOOST_AUTO_TEST_CASE(trtllm_hostile_numbers_are_format_errors) {
+  const auto with_header = [](const std::string& info) {
+    const std::string header = "{\"100_3\":" + info + "}", body(12, '\0');
+    std::string out(8, '\0');
+    for (int i = 0; i < 8; ++i)
+      out[static_cast<std::size_t>(i)] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
+    return out + header + body;
+  };
+  const std::string shapes[] = {R"({"dtype":"I32","shape":[-1],"data_offsets":[0,12]})",
+                                R"({"dtype":"I32","shape":[3.0],"data_offsets":[0,12]})",
+                                R"({"dtype":"I32","shape":[1e30],"data_offsets":[0,12]})",
+                                R"({"dtype":"I32","shape":[4294967296,4294967296,4],"data_offsets":[0,0]})",
+                                R"({"dtype":"I32","shape":[3],"data_offsets":[0.0,12]})",
+                                R"({"dtype":"I32","shape":[3],"data_offsets":[0,-12]})",
+                                R"({"dtype":"I32","shape":"3","data_offsets":[0,12]})"};
+  for (const auto& info : shapes) {
+    temp_dir d;
+    write(d.path / "meta_info.json", R"({"num_experts": 3})");
+    write(d.path / "rank0.safetensors", with_header(info));
+    BOOST_CHECK_THROW(import_load(d.path.string()), format_error);
+  }
+  for (const char* meta : {R"({"num_experts": -1.5})", R"({"num_experts": 3.0})", R"({"num_experts": -3})"}) {
+    temp_dir d;
+    write(d.path / "meta_info.json", meta);
+    write(d.path / "rank0.safetensors", safetensors({{"100_3", {1, 2, 3}}}));
+    BOOST_CHECK_THROW(import_load(d.path.string()), format_error);
+  }
+  temp_dir d; // the same file with integers loads
+  write(d.path / "meta_info.json", R"({"num_experts": 3})");
+  write(d.path / "rank0.safetensors", with_header(R"({"dtype":"I32","shape":[3],"data_offsets":[0,12]})"));
+  BOOST_TEST(import_load(d.path.string()).load == (std::vector<std::vector<double>>{{0, 0, 0}}));
+}
+
 BOOST_AUTO_TEST_SUITE_END()

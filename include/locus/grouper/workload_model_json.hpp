@@ -15,9 +15,11 @@
 //! request exactly as the saved one. The training bookkeeping (which training requests fell in
 //! which cluster) is not saved.
 
+#include <cstdint>
 #include <fstream>
 #include <locus/core/atomic_file.hpp>
 #include <locus/core/error.hpp>
+#include <locus/core/json_integer.hpp>
 #include <locus/grouper/workload_aware.hpp>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -26,8 +28,22 @@
 namespace locus::inline LOCUS_ABI_NAMESPACE::grouper {
 
 inline constexpr int grouping_json_version = 1;
+//! The most nodes a grouping file may name (32,768 GPUs at 8 per node).
+inline constexpr std::size_t max_grouping_nodes = 4096;
 
 struct workload_model_io {
+  // A non-negative integer of the file, at most `max` (core/json_integer.hpp); anything else is a
+  // format error.
+  static std::uint64_t integer(const nlohmann::json& v, const char* what, std::uint64_t max = SIZE_MAX) {
+    const auto x = ::locus::detail::json_unsigned(v, max);
+    if (!x)
+      ::locus::detail::format_fail("grouping JSON: ", what, " is ", v.dump().substr(0, 40),
+                                   max == SIZE_MAX
+                                       ? ", expected a non-negative integer"
+                                       : ::locus::detail::concat(", expected an integer in [0, ", max, "]"));
+    return *x;
+  }
+
   static nlohmann::json to_json(const workload_model& m) {
     const auto& o = m.opt_;
     return {{"format", "locus-grouping"},
@@ -63,35 +79,40 @@ struct workload_model_io {
     try {
       ::locus::detail::format_require(doc.is_object() && doc.value("format", "") == "locus-grouping",
                                       "grouping JSON: \"format\" is not \"locus-grouping\"");
-      const int version = doc.at("version").get<int>();
-      ::locus::detail::format_require(version == grouping_json_version, "grouping JSON: version ", version,
+      const auto version = integer(doc.at("version"), "\"version\"");
+      ::locus::detail::format_require(version == static_cast<std::uint64_t>(grouping_json_version),
+                                      "grouping JSON: version ", version,
                                       " is not supported (this build reads version ", grouping_json_version, ")");
-      m.layers_ = doc.at("layers").get<std::size_t>();
-      m.experts_ = doc.at("experts").get<std::size_t>();
-      m.nodes_ = doc.at("nodes").get<std::size_t>();
-      m.k_ = doc.at("clusters").get<std::size_t>();
-      m.layer_stride_ = doc.at("classifier_layer_stride").get<std::size_t>();
+      m.layers_ = integer(doc.at("layers"), "\"layers\"");
+      m.experts_ = integer(doc.at("experts"), "\"experts\"");
+      m.nodes_ = integer(doc.at("nodes"), "\"nodes\"");
+      m.k_ = integer(doc.at("clusters"), "\"clusters\"");
+      m.layer_stride_ = integer(doc.at("classifier_layer_stride"), "\"classifier_layer_stride\"");
       m.min_similarity_ = doc.at("min_similarity").get<float>();
       if (doc.contains("class_min_similarity"))
         m.class_min_similarity_ = doc.at("class_min_similarity").get<std::vector<float>>();
       else
         m.class_min_similarity_.assign(m.k_, m.min_similarity_);
       const auto& o = doc.at("options");
-      m.opt_.clusters = o.at("clusters").get<std::size_t>();
-      m.opt_.seed = o.at("seed").get<std::uint64_t>();
-      m.opt_.restarts = o.at("restarts").get<std::size_t>();
-      m.opt_.max_iterations = o.at("max_iterations").get<std::size_t>();
-      m.opt_.prefill_tokens = o.at("prefill_tokens").get<std::size_t>();
-      m.opt_.classifier_layers = o.at("classifier_layers").get<std::size_t>();
+      m.opt_.clusters = integer(o.at("clusters"), "options \"clusters\"");
+      m.opt_.seed = integer(o.at("seed"), "options \"seed\"");
+      m.opt_.restarts = integer(o.at("restarts"), "options \"restarts\"");
+      m.opt_.max_iterations = integer(o.at("max_iterations"), "options \"max_iterations\"");
+      m.opt_.prefill_tokens = integer(o.at("prefill_tokens"), "options \"prefill_tokens\"");
+      m.opt_.classifier_layers = integer(o.at("classifier_layers"), "options \"classifier_layers\"");
       m.opt_.min_similarity = o.at("min_similarity").get<double>();
       m.opt_.confidence_quantile = o.at("confidence_quantile").get<double>();
       m.opt_.confidence_margin = o.at("confidence_margin").get<double>();
       m.opt_.balance_slack = o.at("balance_slack").get<double>();
-      m.cluster_node_ = doc.at("cluster_node").get<std::vector<std::uint32_t>>();
+      const auto& nodes = doc.at("cluster_node");
+      ::locus::detail::format_require(nodes.is_array(), "grouping JSON: \"cluster_node\" is not an array");
+      m.cluster_node_.clear();
+      for (const auto& n : nodes)
+        m.cluster_node_.push_back(static_cast<std::uint32_t>(integer(n, "a cluster's node", UINT32_MAX)));
       m.cluster_tokens_ = doc.at("cluster_tokens").get<std::vector<double>>();
       m.cluster_requests_ = doc.at("cluster_requests").get<std::vector<double>>();
       m.usage_ = doc.at("usage").get<std::vector<std::vector<double>>>();
-      m.stride_ = doc.at("stride").get<std::size_t>();
+      m.stride_ = integer(doc.at("stride"), "\"stride\"");
       m.means_t_ = doc.at("means").get<std::vector<float>>();
     } catch (const nlohmann::json::exception& e) {
       ::locus::detail::format_fail("grouping JSON: ", e.what());
@@ -102,6 +123,10 @@ struct workload_model_io {
     ::locus::detail::format_require(
         m.layers_ > 0 && m.experts_ > 0 && m.nodes_ > 0 && m.k_ > 0 && m.layer_stride_ > 0,
         "grouping JSON: layers, experts, nodes, clusters and the layer stride must be positive");
+    // node_load() allocates layers × nodes × experts values, and no array of the file pays for the
+    // nodes: a count beyond any deployment is a damaged file, not a plan to act on.
+    ::locus::detail::format_require(m.nodes_ <= max_grouping_nodes, "grouping JSON: ", m.nodes_, " nodes; at most ",
+                                    max_grouping_nodes, " are read");
     ::locus::detail::format_require(m.stride_ >= m.k_ && m.stride_ % 16 == 0, "grouping JSON: stride ", m.stride_,
                                     " is not the cluster count ", m.k_, " rounded up to a multiple of 16");
     ::locus::detail::format_require(m.means_t_.size() == dim * m.stride_, "grouping JSON: ", m.means_t_.size(),

@@ -18,6 +18,7 @@
 #include <filesystem>
 #include <fstream>
 #include <locus/core/error.hpp>
+#include <locus/core/json_integer.hpp>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -169,12 +170,29 @@ inline std::map<std::string, array> read_safetensors(const std::string& path) {
       ::locus::detail::format_require(dt != dtypes.end(), path, ": tensor ", name, " has unsupported dtype ",
                                       info.at("dtype").get<std::string>());
       array a;
-      a.shape = info.at("shape").get<std::vector<std::size_t>>();
-      const auto offsets = info.at("data_offsets").get<std::vector<std::size_t>>();
-      std::size_t count = 1;
-      for (const std::size_t x : a.shape)
-        count *= x;
       const std::size_t esize = element_size(dt->second);
+      // Integers only (a float or negative one is refused, not cast), and a shape whose element
+      // count the file's bytes cannot hold is refused before it is multiplied out.
+      const auto integers = [&](const char* key, std::size_t max) {
+        const auto& list = info.at(key);
+        ::locus::detail::format_require(list.is_array(), path, ": tensor ", name, ": \"", key, "\" is not a list");
+        std::vector<std::size_t> v;
+        for (const auto& x : list) {
+          const auto value = ::locus::detail::json_unsigned(x, max);
+          ::locus::detail::format_require(value.has_value(), path, ": tensor ", name, ": \"", key, "\" holds ",
+                                          x.dump().substr(0, 40), ", not an integer in [0, ", max, "]");
+          v.push_back(static_cast<std::size_t>(*value));
+        }
+        return v;
+      };
+      a.shape = integers("shape", SIZE_MAX);
+      const auto offsets = integers("data_offsets", body_size);
+      std::size_t count = 1;
+      for (const std::size_t x : a.shape) {
+        ::locus::detail::format_require(x == 0 || count <= body_size / esize / x, path, ": tensor ", name,
+                                        " has a shape larger than the file");
+        count *= x;
+      }
       ::locus::detail::format_require(offsets.size() == 2 && offsets[0] <= offsets[1] && offsets[1] <= body_size &&
                                           offsets[1] - offsets[0] == count * esize,
                                       path, ": tensor ", name,
@@ -205,7 +223,11 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
     nlohmann::json meta;
     try {
       meta = nlohmann::json::parse(detail::load_import::read_all(meta_path));
-      experts = meta.at("num_experts").get<std::size_t>();
+      const auto& n = meta.at("num_experts");
+      const auto e = ::locus::detail::json_unsigned(n);
+      ::locus::detail::format_require(e.has_value(), meta_path, ": \"num_experts\" is ", n.dump().substr(0, 40),
+                                      ", not a non-negative integer");
+      experts = static_cast<std::size_t>(*e);
     } catch (const nlohmann::json::exception& e) {
       ::locus::detail::format_fail(meta_path, ": ", e.what());
     }
