@@ -14,8 +14,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   try {
     const auto m = locus::grouper::grouping_from_json(doc);
     const auto again = locus::grouper::grouping_from_json(locus::grouper::grouping_to_json(m));
-    if (again.clusters() != m.clusters() || again.cluster_node() != m.cluster_node() ||
-        again.layers() != m.layers() || again.experts() != m.experts())
+    if (again.clusters() != m.clusters() || again.cluster_node() != m.cluster_node() || again.layers() != m.layers() ||
+        again.experts() != m.experts())
       std::abort();
     // One request of the model's shape: two tokens, each on expert (token + layer) mod experts.
     locus::trace::trace_builder b(m.experts(), 1, m.layers());

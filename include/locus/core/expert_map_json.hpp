@@ -19,6 +19,7 @@
 #include <locus/core/atomic_file.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
+#include <locus/core/json_integer.hpp>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -66,11 +67,11 @@ inline std::size_t json_size(const nlohmann::json& doc, const char* key) {
     throw format_error(concat("expert map JSON: \"", key, "\" is ", it->type_name(), " ", it->dump().substr(0, 40),
                               ", expected a positive integer"),
                        0);
-  const bool negative = !it->is_number_unsigned() && it->get<std::int64_t>() < 0;
-  if (negative || it->get<std::uint64_t>() < 1 || it->get<std::uint64_t>() > max_json_map_size)
+  const auto n = json_unsigned(*it, max_json_map_size);
+  if (!n || *n < 1)
     throw format_error(concat("expert map JSON: \"", key, "\" is ", it->dump(), ", expected 1..", max_json_map_size),
                        0);
-  return static_cast<std::size_t>(it->get<std::uint64_t>());
+  return static_cast<std::size_t>(*n);
 }
 
 inline std::vector<expert_map> expert_maps_from_json_unchecked(const nlohmann::json& doc) {
