@@ -66,6 +66,24 @@ double inertia_of(const std::vector<float>& pts, std::size_t dim, const std::vec
   return s;
 }
 
+// A request's prefill vector as the classifier sees it, in double precision: counts of the first
+// `prefill` tokens' choices on layers 0, stride, 2·stride, ... (layers × experts), normalised.
+std::vector<double> dense_prefill(const trace::trace& t, std::size_t r, std::size_t prefill, std::size_t stride) {
+  const std::size_t E = t.experts();
+  std::vector<double> v(t.layers() * E, 0.0);
+  const auto& q = t.request(r);
+  for (std::size_t l = 0; l < t.layers(); l += stride)
+    for (std::size_t i = 0; i < std::min<std::size_t>(prefill, q.length); ++i)
+      for (std::size_t j = 0; j < t.top_k(); ++j)
+        v[l * E + t.layer(l).token_ids(q.first_token + i)[j]] += 1;
+  double s = 0;
+  for (double x : v)
+    s += x * x;
+  for (double& x : v)
+    x /= std::sqrt(s);
+  return v;
+}
+
 // Independent validity checks of a planner's output beyond what expert_map enforces.
 void check_maps(const std::vector<expert_map>& maps, const placement::plan_input& in) {
   BOOST_REQUIRE_EQUAL(maps.size(), in.layers());
@@ -162,19 +180,8 @@ BOOST_AUTO_TEST_CASE(classifier_matches_dense_reference_and_separates_domains) {
   opt.classifier_layers = 2; // layers 0 and 2 of 3
   const auto m = grouper::workload_model::fit(train, dynamic_topology(3, 2), opt);
   const std::size_t dim = L * E;
-  auto prefill_vec = [&](const trace::trace& t, std::size_t r) {
-    std::vector<double> v(dim, 0.0);
-    const auto& q = t.request(r);
-    for (std::size_t l = 0; l < L; l += m.classifier_layer_stride())
-      for (std::size_t i = 0; i < std::min<std::size_t>(P, q.length); ++i)
-        for (std::size_t j = 0; j < K; ++j)
-          v[l * E + t.layer(l).token_ids(q.first_token + i)[j]] += 1;
-    double s = 0;
-    for (double x : v)
-      s += x * x;
-    for (double& x : v)
-      x /= std::sqrt(s);
-    return v;
+  const auto prefill_vec = [&](const trace::trace& t, std::size_t r) {
+    return dense_prefill(t, r, P, m.classifier_layer_stride());
   };
   std::vector<std::vector<double>> mean(m.clusters(), std::vector<double>(dim, 0.0));
   for (std::size_t i = 0; i < m.training_requests().size(); ++i) {
@@ -259,19 +266,7 @@ BOOST_AUTO_TEST_CASE(confidence_thresholds_are_per_class) {
   const auto m = grouper::workload_model::fit(train, dynamic_topology(2, 1), opt);
 
   // Dense reference of the thresholds from the model's own labels.
-  const auto prefill_vec = [&](const trace::trace& t, std::size_t r) {
-    std::vector<double> v(E, 0.0);
-    const auto& q = t.request(r);
-    for (std::size_t i = 0; i < P; ++i)
-      for (std::size_t j = 0; j < K; ++j)
-        v[t.layer(0).token_ids(q.first_token + i)[j]] += 1;
-    double n = 0;
-    for (double x : v)
-      n += x * x;
-    for (double& x : v)
-      x /= std::sqrt(n);
-    return v;
-  };
+  const auto prefill_vec = [&](const trace::trace& t, std::size_t r) { return dense_prefill(t, r, P, 1); };
   const std::size_t n = m.training_requests().size();
   std::vector<double> lowest(m.clusters(), 2.0);
   for (std::size_t i = 0; i < n; ++i) {
