@@ -82,6 +82,13 @@ BOOST_AUTO_TEST_CASE(round_trip_gives_identical_assignments) {
   doc.erase("usage");
   BOOST_CHECK_THROW(grouper::grouping_from_json(doc), format_error);
   doc = grouper::grouping_to_json(fitted);
+  doc["stride"] = std::uint64_t{1} << 60; // layers × experts × stride wraps to 0 class-mean values
+  doc["means"] = nlohmann::json::array();
+  BOOST_CHECK_THROW(grouper::grouping_from_json(doc), format_error);
+  doc = grouper::grouping_to_json(fitted);
+  doc["layers"] = std::uint64_t{1} << 40; // more layers than any trace
+  BOOST_CHECK_THROW(grouper::grouping_from_json(doc), format_error);
+  doc = grouper::grouping_to_json(fitted);
   doc["nodes"] = 100000000; // node_load() would allocate gigabytes
   BOOST_CHECK_THROW(grouper::grouping_from_json(doc), format_error);
   doc = grouper::grouping_to_json(fitted);

@@ -117,24 +117,29 @@ struct workload_model_io {
     } catch (const nlohmann::json::exception& e) {
       ::locus::detail::format_fail("grouping JSON: ", e.what());
     }
-    // Every size the classifier and node_load() index by, checked, so a damaged file cannot make
-    // them read out of bounds.
-    const std::size_t dim = m.layers_ * m.experts_;
+    // Every size the classifier and node_load() index by, checked before any product of them is
+    // formed (so none wraps), so a damaged file cannot make them read out of bounds or allocate
+    // what it does not pay for.
     ::locus::detail::format_require(
         m.layers_ > 0 && m.experts_ > 0 && m.nodes_ > 0 && m.k_ > 0 && m.layer_stride_ > 0,
         "grouping JSON: layers, experts, nodes, clusters and the layer stride must be positive");
+    ::locus::detail::format_require(m.layers_ <= trace::max_trace_layers && m.experts_ <= trace::max_trace_experts,
+                                    "grouping JSON: ", m.layers_, " layers × ", m.experts_,
+                                    " experts; a trace has at most ", trace::max_trace_layers, " × ",
+                                    trace::max_trace_experts);
     // node_load() allocates layers × nodes × experts values, and no array of the file pays for the
     // nodes: a count beyond any deployment is a damaged file, not a plan to act on.
     ::locus::detail::format_require(m.nodes_ <= max_grouping_nodes, "grouping JSON: ", m.nodes_, " nodes; at most ",
                                     max_grouping_nodes, " are read");
-    ::locus::detail::format_require(m.stride_ >= m.k_ && m.stride_ % 16 == 0, "grouping JSON: stride ", m.stride_,
-                                    " is not the cluster count ", m.k_, " rounded up to a multiple of 16");
-    ::locus::detail::format_require(m.means_t_.size() == dim * m.stride_, "grouping JSON: ", m.means_t_.size(),
-                                    " class-mean values, expected ", dim * m.stride_);
     ::locus::detail::format_require(m.cluster_node_.size() == m.k_ && m.cluster_tokens_.size() == m.k_ &&
                                         m.cluster_requests_.size() == m.k_ && m.usage_.size() == m.k_ &&
                                         m.class_min_similarity_.size() == m.k_,
                                     "grouping JSON: the per-cluster arrays must have ", m.k_, " entries");
+    ::locus::detail::format_require(m.stride_ == (m.k_ + 15) / 16 * 16, "grouping JSON: stride ", m.stride_,
+                                    " is not the cluster count ", m.k_, " rounded up to a multiple of 16");
+    const std::size_t dim = m.layers_ * m.experts_; // at most 2^28, and the stride at most k + 15
+    ::locus::detail::format_require(m.means_t_.size() == dim * m.stride_, "grouping JSON: ", m.means_t_.size(),
+                                    " class-mean values, expected ", dim * m.stride_);
     for (std::size_t c = 0; c < m.k_; ++c) {
       ::locus::detail::format_require(m.cluster_node_[c] < m.nodes_, "grouping JSON: cluster ", c, " is on node ",
                                       m.cluster_node_[c], " of ", m.nodes_);
