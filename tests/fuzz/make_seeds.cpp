@@ -1,5 +1,5 @@
-// Writes the fuzz seed corpus (tests/fuzz/corpus/{binary,esft,jsonl,grouping}/) from tiny synthetic
-// traces (grouping: workload-aware models fitted on them):
+// Writes the fuzz seed corpus (tests/fuzz/corpus/{binary,esft,jsonl,grouping,npy}/) from tiny
+// synthetic traces (grouping: workload-aware models fitted on them; npy: load and routing arrays):
 //   c++ -std=c++20 -I include tests/fuzz/make_seeds.cpp -o make_seeds && ./make_seeds tests/fuzz/corpus
 // The seeds are committed; rerun this only when the formats change.
 #include <cstdio>
@@ -106,6 +106,25 @@ int main(int argc, char** argv) {
     const auto m = locus::grouper::workload_model::fit(t, locus::dynamic_topology(2, 1), o);
     put(root / "grouping" / ("seed" + std::to_string(g) + ".json"), locus::grouper::grouping_to_json(m).dump());
   }
+  // .npy target layout: [expert count the caller passes] then a version-1 .npy file.
+  fs::create_directories(root / "npy");
+  const auto npy = [](const std::string& descr, const std::string& shape, const void* values, std::size_t bytes) {
+    std::string header = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': " + shape + ", }";
+    header.append(63 - (10 + header.size()) % 64, ' ');
+    header += '\n';
+    std::string out = "\x93NUMPY";
+    out += '\x01';
+    out += '\x00';
+    out += static_cast<char>(header.size() & 0xff);
+    out += static_cast<char>(header.size() >> 8);
+    return out + header + std::string(static_cast<const char*>(values), bytes);
+  };
+  const double loads[] = {1, 2, 3, 4, 5, 6};
+  const std::int32_t routed[] = {0, 3, 2, 1, 3, 1, 2, 0};
+  const std::uint16_t counts[] = {7, 0, 9};
+  put(root / "npy" / "seed0.bin", std::string(1, '\0') + npy("<f8", "(2, 3)", loads, sizeof loads));
+  put(root / "npy" / "seed1.bin", std::string(1, '\5') + npy("<i4", "(2, 2, 2)", routed, sizeof routed));
+  put(root / "npy" / "seed2.bin", std::string(1, '\0') + npy("<u2", "(3,)", counts, sizeof counts));
   std::printf("wrote %d seeds per target under %s\n", n, root.c_str());
   return 0;
 }

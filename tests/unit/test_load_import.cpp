@@ -75,6 +75,25 @@ BOOST_AUTO_TEST_CASE(npy_loads_and_routed_experts) {
   BOOST_CHECK_THROW(import_load((d.path / "neg.npy").string()), invalid_input_error);
 }
 
+// Found by fuzz_npy: a header whose fortran_order has no value (std::out_of_range escaped), and an
+// empty routed array (its largest id -1 cast to an expert count; an empty array's other extents
+// sized the loads with no byte of the file behind them). Both are locus errors now.
+BOOST_AUTO_TEST_CASE(npy_fuzz_finds_are_locus_errors) {
+  temp_dir d;
+  std::string cut = npy<double>("<f8", "(1, 2)", {1, 2});
+  const auto colon = cut.find(':', cut.find("'fortran_order'"));
+  cut = cut.substr(0, 8) + std::string(2, '\0') + cut.substr(10, colon - 9);
+  const auto len = colon + 1 - 10;
+  cut[8] = static_cast<char>(len & 0xff);
+  cut[9] = static_cast<char>(len >> 8);
+  write(d.path / "cut.npy", cut);
+  BOOST_CHECK_THROW(import_load((d.path / "cut.npy").string()), format_error);
+  write(d.path / "empty_routed.npy", npy<std::int32_t>("<i4", "(0, 2, 2)", {}));
+  BOOST_CHECK_THROW(import_load((d.path / "empty_routed.npy").string()), invalid_input_error);
+  write(d.path / "empty_wide.npy", npy<double>("<f8", "(1099511627775, 0)", {}));
+  BOOST_CHECK_THROW(import_load((d.path / "empty_wide.npy").string()), invalid_input_error);
+}
+
 BOOST_AUTO_TEST_CASE(trtllm_statistics_sum_ranks_and_iterations) {
   temp_dir d;
   write(d.path / "meta_info.json", R"({"num_experts": 3, "num_experts_per_token": 2})");

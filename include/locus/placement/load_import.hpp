@@ -110,8 +110,10 @@ inline array read_npy(const std::string& path) {
   const std::size_t esize = element_size(dtype);
   ::locus::detail::format_require(esize > 0 && dtype[0] != '>', path, ": dtype ", dtype,
                                   " is not a little-endian integer or float");
-  const std::size_t f = value_after("fortran_order");
-  ::locus::detail::format_require(header.compare(header.find_first_not_of(' ', f), 5, "False") == 0, path,
+  // (A header that ends after the colon has no value: find_first_not_of gives npos, which compare
+  // would throw std::out_of_range for.)
+  const std::size_t f = header.find_first_not_of(' ', value_after("fortran_order"));
+  ::locus::detail::format_require(f != std::string::npos && header.compare(f, 5, "False") == 0, path,
                                   ": Fortran-ordered arrays are not read (save with np.ascontiguousarray)");
   const std::size_t s = header.find('(', value_after("shape"));
   const std::size_t s_end = s == std::string::npos ? s : header.find(')', s);
@@ -173,13 +175,17 @@ inline std::map<std::string, array> read_safetensors(const std::string& path) {
       const std::size_t esize = element_size(dt->second);
       // Integers only (a float or negative one is refused, not cast), and a shape whose element
       // count the file's bytes cannot hold is refused before it is multiplied out.
+      // (Named copies: clang before 16 cannot capture structured bindings.)
+      const nlohmann::json& tensor = info;
+      const std::string& tensor_name = name;
       const auto integers = [&](const char* key, std::size_t max) {
-        const auto& list = info.at(key);
-        ::locus::detail::format_require(list.is_array(), path, ": tensor ", name, ": \"", key, "\" is not a list");
+        const auto& list = tensor.at(key);
+        ::locus::detail::format_require(list.is_array(), path, ": tensor ", tensor_name, ": \"", key,
+                                        "\" is not a list");
         std::vector<std::size_t> v;
         for (const auto& x : list) {
           const auto value = ::locus::detail::json_unsigned(x, max);
-          ::locus::detail::format_require(value.has_value(), path, ": tensor ", name, ": \"", key, "\" holds ",
+          ::locus::detail::format_require(value.has_value(), path, ": tensor ", tensor_name, ": \"", key, "\" holds ",
                                           x.dump().substr(0, 40), ", not an integer in [0, ", max, "]");
           v.push_back(static_cast<std::size_t>(*value));
         }
@@ -258,6 +264,9 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
     }
   } else {
     const auto a = detail::load_import::read_npy(path);
+    // An empty array has no loads, and its other extents (up to 2^40 each) are paid for by no byte
+    // of the file: refused before they size anything.
+    LOCUS_REQUIRE(!a.values.empty(), invalid_input_error, path, ": no loads in the file (an empty array)");
     if (a.shape.size() == 2) {
       out.load.assign(a.shape[0], std::vector<double>(a.shape[1]));
       for (std::size_t l = 0; l < a.shape[0]; ++l)
