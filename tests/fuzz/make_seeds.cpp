@@ -2,6 +2,8 @@
 // synthetic traces (grouping: workload-aware models fitted on them; npy: load and routing arrays):
 //   c++ -std=c++20 -I include tests/fuzz/make_seeds.cpp -o make_seeds && ./make_seeds tests/fuzz/corpus
 // The seeds are committed; rerun this only when the formats change.
+#include "../support/npy_file.hpp"
+
 #include <cstdio>
 #include <filesystem>
 #include <locus/grouper/workload_model_json.hpp>
@@ -108,17 +110,7 @@ int main(int argc, char** argv) {
   }
   // .npy target layout: [expert count the caller passes] then a version-1 .npy file.
   fs::create_directories(root / "npy");
-  const auto npy = [](const std::string& descr, const std::string& shape, const void* values, std::size_t bytes) {
-    std::string header = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': " + shape + ", }";
-    header.append(63 - (10 + header.size()) % 64, ' ');
-    header += '\n';
-    std::string out = "\x93NUMPY";
-    out += '\x01';
-    out += '\x00';
-    out += static_cast<char>(header.size() & 0xff);
-    out += static_cast<char>(header.size() >> 8);
-    return out + header + std::string(static_cast<const char*>(values), bytes);
-  };
+  const auto npy = locus_test::npy_file;
   const double loads[] = {1, 2, 3, 4, 5, 6};
   const std::int32_t routed[] = {0, 3, 2, 1, 3, 1, 2, 0};
   const std::uint16_t counts[] = {7, 0, 9};

@@ -1,3 +1,5 @@
+#include "../support/npy_file.hpp"
+
 #include <boost/test/unit_test.hpp>
 #include <cstdint>
 #include <filesystem>
@@ -15,17 +17,7 @@ namespace {
 // A .npy (version 1) file of `values` with NumPy's header for `descr` and `shape`.
 template <class T>
 std::string npy(const std::string& descr, const std::string& shape, const std::vector<T>& values) {
-  std::string header = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': " + shape + ", }";
-  header.append(63 - (10 + header.size()) % 64, ' ');
-  header += '\n';
-  std::string out = "\x93NUMPY";
-  out += '\x01';
-  out += '\x00';
-  out += static_cast<char>(header.size() & 0xff);
-  out += static_cast<char>(header.size() >> 8);
-  out += header;
-  out.append(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(T));
-  return out;
+  return locus_test::npy_file(descr, shape, values.data(), values.size() * sizeof(T));
 }
 
 void write(const std::filesystem::path& p, const std::string& bytes) { std::ofstream(p, std::ios::binary) << bytes; }
