@@ -109,10 +109,9 @@ public:
   //!         differs from a static Hidden
   device_dispatcher(Exchanger& ex, expert_map map, std::size_t hidden, cudaStream_t stream)
       : ex_(&ex), map_(std::move(map)), hidden_(hidden), hx_(hidden), stream_(stream),
-        // With one GPU per node there is no node stage: a hierarchical endpoint takes the flat
-        // path (as moe_dispatcher::staged() says for the host).
-        kind_(ex.hierarchical() && ex.topology().gpus_per_node() > 1 ? transport_kind::hierarchical
-                                                                     : transport_kind::flat) {
+        // With one GPU per node there is no node stage: a hierarchical endpoint takes the flat path.
+        kind_(exchange_path(ex.hierarchical() ? transport_kind::hierarchical : transport_kind::flat,
+                            ex.topology().gpus_per_node())) {
     LOCUS_REQUIRE(map_.ranks() == ex.topology().ranks(), config_error, "device_dispatcher: the expert map has ",
                   map_.ranks(), " ranks but the transport has ", ex.topology().ranks());
     LOCUS_REQUIRE(hidden > 0, config_error, "device_dispatcher: zero hidden size");

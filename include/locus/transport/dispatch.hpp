@@ -281,10 +281,11 @@ public:
   transport_kind kind() const noexcept {
     return ex_->hierarchical() ? transport_kind::hierarchical : transport_kind::flat;
   }
-  //! Whether copies move in two stages (rail, then node). A hierarchical exchanger with one GPU per
-  //! node has no node stage: its rail peers are all the ranks and its node layout is the flat one,
-  //! so dispatch and combine take the one-exchange path there.
-  bool staged() const noexcept { return ex_->hierarchical() && ex_->topology().gpus_per_node() > 1; }
+  //! Whether copies move in two stages (rail, then node): not over a hierarchical exchanger with one
+  //! GPU per node, which takes the one-exchange path (`exchange_path`, core/transport_kind.hpp).
+  bool staged() const noexcept {
+    return exchange_path(kind(), ex_->topology().gpus_per_node()) == transport_kind::hierarchical;
+  }
   //! Bytes of one dispatch row, one combine row and one fan-out entry: the message sizes under
   //! which the traffic model's bytes equal the measured ones.
   transport::message_sizes message_sizes() const noexcept {
