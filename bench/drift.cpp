@@ -6,12 +6,14 @@
 // every N steps on a sliding window (vLLM's 3000-step interval / 1000-step window, scaled to the
 // trace), locus adaptive (every N steps and early on drift, a bounded number of experts moved),
 // and an oracle planned per phase on that phase's own traffic (it moves freely at phase starts).
-// Then it times one re-plan at DeepSeek-V3 shape.
+// Two look-ahead bounds say what knowing the future would buy: locus re-planned every W steps on
+// the next W steps' own traffic under the same migration budget, and EPLB the same way with no
+// budget (the balance the traffic itself admits). Then it times one re-plan at DeepSeek-V3 shape.
 //
 //   drift [--trace DIR] [--out DIR] [--split-seed S] [--phases summary,law,intent] [--phase-tokens T]
 //         [--interval N] [--window W] [--budget-share B] [--drift-every D] [--redundant R]
 //         [--transport flat|hierarchical] [--deepseek 0|1] [--replica-rule R] [--replica-slack S]
-//         [--replica-window W] [--hedge-replicas H]
+//         [--replica-window W] [--hedge-replicas H] [--lookahead 0|1]
 // Writes DIR/drift.json and DIR/drift.md; bench/plot_drift.py draws DIR/drift.png.
 #include "bench_args.hpp"
 #include "bench_output.hpp"
@@ -71,7 +73,7 @@ int main(int argc, char** argv) try {
               batch = 16, hidden = 2048, replica_window = 0, report_tokens = 8192, hedge_replicas = 0;
   std::optional<std::size_t> adaptive_window_opt;
   double budget_share = 0.10, phase_share = 0.8, replica_slack = 0.05;
-  int deepseek = 1, balance_floor = 0;
+  int deepseek = 1, balance_floor = 0, lookahead = 1;
   std::vector<std::string> phase_names{"summary", "law", "intent"};
   std::vector<std::string> rule_names;
   for (const auto rule : placement::all_replica_rules)
@@ -110,6 +112,10 @@ int main(int argc, char** argv) try {
   app.add_option("--hedge-replicas", hedge_replicas,
                  "Locality plans: replica slots per layer first spent on GPUs whose load varies most over resampled "
                  "training requests (0: off)");
+  app.add_option("--lookahead", lookahead,
+                 "Also the look-ahead bounds: locus every --window steps on the next --window steps under the same "
+                 "budget, and EPLB the same way with no budget (0|1)")
+      ->check(CLI::Range(0, 1));
   app.add_option("--deepseek", deepseek, "Time one re-plan at DeepSeek-V3 shape (0|1)")->check(CLI::Range(0, 1));
   CLI11_PARSE(app, argc, argv);
   const std::size_t adaptive_window = adaptive_window_opt.value_or(interval);
@@ -264,6 +270,29 @@ int main(int argc, char** argv) try {
                return placement::replan_by_tokens(cur, sample, topo, popt.refine, budget, expert_bytes).maps;
              })});
   }
+  // The look-ahead bounds: plans fitted on the traffic about to run (what a perfect predictor of
+  // the next `window` steps would see), from step 0 on. Not policies: no engine knows the future.
+  if (lookahead == 1) {
+    auto o = base;
+    o.interval = window;
+    o.window = 1;
+    o.plan_at = {0};
+    const auto next = [&](std::size_t b) { return std::min(sched.steps(), b + window); };
+    runs.push_back(
+        {"look-ahead bound, same budget",
+         cost::run_online(
+             timeline, sched, stat.maps, cfg, o, [&](const std::vector<expert_map>& cur, std::size_t, std::size_t b) {
+               const auto sample = cost::window_sample(timeline, sched, b, next(b), topo, sample_tokens);
+               return placement::replan_by_tokens(cur, sample, topo, popt.refine, budget, expert_bytes).maps;
+             })});
+    runs.push_back({"look-ahead eplb bound, no budget",
+                    cost::run_online(timeline, sched, eplb0, cfg, o,
+                                     [&](const std::vector<expert_map>&, std::size_t, std::size_t b) {
+                                       return placement::plan_by_name(
+                                           "eplb", cost::window_plan_input(timeline, sched, b, next(b), topo, spr),
+                                           popt.named);
+                                     })});
+  }
   {
     std::vector<std::vector<expert_map>> per_phase;
     for (std::size_t p = 0; p < phase_names.size(); ++p)
@@ -302,6 +331,7 @@ int main(int argc, char** argv) try {
                         {"replica_slack", replica_slack},
                         {"replica_window", replica_window},
                         {"hedge_replicas", hedge_replicas},
+                        {"lookahead", lookahead == 1},
                         {"command", command},
                         {"machine", machine},
                         {"policies", nlohmann::json::array()}};
@@ -476,11 +506,16 @@ int main(int argc, char** argv) try {
                 "adaptive at the same interval from the last %zu, also early when the drift check (every %zu steps) "
                 "fires, moving at most %zu of %zu expert "
                 "slots (%.0f%%) per re-plan; the oracle re-plans at each phase start from that phase's own traffic. "
-                "Reported windows of %zu decode tokens. An expert is %.1f MB.\n\n",
+                "Reported windows of %zu decode tokens. An expert is %.1f MB.",
                 static_cast<std::size_t>(interval), static_cast<std::size_t>(window),
                 static_cast<std::size_t>(adaptive_window), static_cast<std::size_t>(drift_every), budget, slots,
                 100 * budget_share, base.report_tokens, static_cast<double>(expert_bytes) / 1e6);
-  text += mid + md + ds;
+  text += mid;
+  if (lookahead == 1)
+    text += " The look-ahead rows are bounds, not policies: from step 0 and every " + std::to_string(window) +
+            " steps they re-plan on the traffic of the next " + std::to_string(window) +
+            " steps (what a perfect predictor would see): locus under the same budget, EPLB with none.";
+  text += "\n\n" + md + ds;
   char tail[256];
   std::snprintf(tail, sizeof tail, "\n%.0f s. Plot: `/usr/bin/python3 bench/plot_drift.py DIR`.\n", seconds);
   text += tail;
