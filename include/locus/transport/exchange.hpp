@@ -33,6 +33,7 @@
 #include <locus/core/policy.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/core/transport_kind.hpp>
+#include <memory>
 #include <span>
 #include <string>
 #include <utility>
@@ -224,6 +225,35 @@ inline std::vector<std::size_t> group_ranks(const dynamic_topology& topo, exchan
     ranks[m] = map.world_rank_of(g, m);
   return ranks;
 }
+
+//! One Board per instance of every exchange group of a topology (the world, each node, each rail),
+//! built from the instance's world ranks: the shared state of an in-process fabric, whose ranks
+//! meet on their group instance's board.
+template <class Board>
+class group_boards {
+public:
+  explicit group_boards(const dynamic_topology& topo) : topo_(topo) {
+    world_ = std::make_unique<Board>(group_ranks(topo, exchange_group::world, 0));
+    for (std::size_t n = 0; n < topo.nodes(); ++n)
+      nodes_.push_back(std::make_unique<Board>(group_ranks(topo, exchange_group::node, n * topo.gpus_per_node())));
+    for (std::size_t l = 0; l < topo.gpus_per_node(); ++l)
+      rails_.push_back(std::make_unique<Board>(group_ranks(topo, exchange_group::rail, l)));
+  }
+
+  //! The board of `rank`'s instance of group `g`.
+  Board& of(exchange_group g, std::size_t rank) {
+    switch (g) {
+    case exchange_group::node: return *nodes_[topo_.node_of(rank)];
+    case exchange_group::rail: return *rails_[topo_.local_rank_of(rank)];
+    default: return *world_;
+    }
+  }
+
+private:
+  dynamic_topology topo_;
+  std::unique_ptr<Board> world_; // boards hold mutexes and atomics: they stay where they were built
+  std::vector<std::unique_ptr<Board>> nodes_, rails_;
+};
 
 //! The header one member sends to each other member before the rows.
 struct header {

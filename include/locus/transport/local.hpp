@@ -47,15 +47,7 @@ public:
   //! @param topo         nodes × GPUs per node; its rank count is the number of endpoints
   //! @param kind how dispatch over these endpoints moves copies: the transport policy's `P::kind`
   local_fabric(const dynamic_topology& topo, transport_kind kind, exchange_options options = {})
-      : topo_(topo), kind_(kind), options_(options) {
-    using detail::exchange::group_ranks;
-    world_ = std::make_unique<detail::local::group_board>(group_ranks(topo, exchange_group::world, 0));
-    for (std::size_t n = 0; n < topo.nodes(); ++n)
-      nodes_.push_back(std::make_unique<detail::local::group_board>(
-          group_ranks(topo, exchange_group::node, n * topo.gpus_per_node())));
-    for (std::size_t l = 0; l < topo.gpus_per_node(); ++l)
-      rails_.push_back(std::make_unique<detail::local::group_board>(group_ranks(topo, exchange_group::rail, l)));
-  }
+      : topo_(topo), kind_(kind), options_(options), boards_(topo) {}
   local_fabric(const local_fabric&) = delete;
   local_fabric& operator=(const local_fabric&) = delete;
 
@@ -69,19 +61,12 @@ public:
 
 private:
   friend class local_transport;
-  detail::local::group_board& board(exchange_group g, std::size_t rank) {
-    switch (g) {
-    case exchange_group::node: return *nodes_[topo_.node_of(rank)];
-    case exchange_group::rail: return *rails_[topo_.local_rank_of(rank)];
-    default: return *world_;
-    }
-  }
+  detail::local::group_board& board(exchange_group g, std::size_t rank) { return boards_.of(g, rank); }
 
   dynamic_topology topo_;
   transport_kind kind_;
   exchange_options options_;
-  std::unique_ptr<detail::local::group_board> world_;
-  std::vector<std::unique_ptr<detail::local::group_board>> nodes_, rails_;
+  detail::exchange::group_boards<detail::local::group_board> boards_;
 };
 
 //! One rank's endpoint of a local_fabric: the exchanger handed to dispatch and combine. Each
