@@ -18,37 +18,15 @@
 #include <limits>
 #include <locus/core/bfloat16.hpp>
 #include <locus/core/config.hpp>
+#include <locus/core/rounded_float.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::router {
 
-LOCUS_HOST_DEVICE float fadd(float a, float b) {
-#if LOCUS_IS_DEVICE_PASS()
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-LOCUS_HOST_DEVICE float fsub(float a, float b) {
-#if LOCUS_IS_DEVICE_PASS()
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-LOCUS_HOST_DEVICE float fmul(float a, float b) {
-#if LOCUS_IS_DEVICE_PASS()
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-LOCUS_HOST_DEVICE float fdiv(float a, float b) {
-#if LOCUS_IS_DEVICE_PASS()
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
+// Correctly rounded operations, never contracted into FMAs (core/rounded_float.hpp).
+using locus::detail::fadd;
+using locus::detail::fdiv;
+using locus::detail::fmul;
+using locus::detail::fsub;
 
 //! True for a finite float. Written as a comparison so that it vectorises on the host and needs
 //! no library call on the device.

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <locus/core/bfloat16.hpp>
 #include <locus/core/config.hpp>
+#include <locus/core/rounded_float.hpp>
 #include <type_traits>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::stage {
@@ -61,22 +62,6 @@ LOCUS_HOST_DEVICE void store_vec(void* p, const vec16& v) {
   *static_cast<uint4*>(p) = make_uint4(v.w[0], v.w[1], v.w[2], v.w[3]);
 #else
   std::memcpy(p, &v, sizeof v);
-#endif
-}
-
-LOCUS_HOST_DEVICE float mul_rn(float a, float b) {
-#if LOCUS_IS_DEVICE_PASS()
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-LOCUS_HOST_DEVICE float add_rn(float a, float b) {
-#if LOCUS_IS_DEVICE_PASS()
-  return __fadd_rn(a, b);
-#else
-  return a + b;
 #endif
 }
 
@@ -131,7 +116,7 @@ LOCUS_HOST_DEVICE void accumulate(float* acc, const T* y, float w) {
   LOCUS_UNROLL
   for (std::size_t i = 0; i < n; ++i) {
     const float x = load_float(v[i]);
-    acc[i] = add_rn(acc[i], Weighted ? mul_rn(w, x) : x);
+    acc[i] = locus::detail::fadd(acc[i], Weighted ? locus::detail::fmul(w, x) : x);
   }
 }
 
