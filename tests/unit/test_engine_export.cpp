@@ -53,4 +53,18 @@ BOOST_AUTO_TEST_CASE(sglang_has_a_row_per_hidden_layer_and_trtllm_keys_model_lay
   BOOST_CHECK_THROW(parse_engine_format("onnx"), config_error);
 }
 
+// Engine files list every hidden layer: an absurd layer index or count is refused before anything
+// is built (one such number used to fill the machine's memory).
+BOOST_AUTO_TEST_CASE(absurd_layer_numbers_are_refused) {
+  BOOST_CHECK_THROW(model_layers::contiguous(26, 4294967295u), config_error);
+  BOOST_CHECK_THROW(model_layers::contiguous(26, static_cast<std::size_t>(-1)), config_error);
+  BOOST_CHECK_THROW(model_layers::contiguous(26, 1, 100000000), config_error);
+  BOOST_CHECK_THROW(model_layers::contiguous(max_hidden_layers, 1), config_error);
+  BOOST_CHECK_NO_THROW(model_layers::contiguous(max_hidden_layers - 1, 1));
+  model_layers big;
+  big.moe_layer = {1, 2};
+  big.hidden_layers = max_hidden_layers + 1;
+  BOOST_CHECK_THROW(big.validate(2), config_error);
+}
+
 BOOST_AUTO_TEST_SUITE_END()

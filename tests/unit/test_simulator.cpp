@@ -176,6 +176,32 @@ BOOST_AUTO_TEST_CASE(capacity_is_respected_and_nothing_is_lost) {
   }
 }
 
+// Arrival gaps with nothing running are skipped, not simulated step by step: a very low arrival
+// rate (here one request per 10^9 steps) costs neither time nor memory, and every request still
+// runs (alone: each finishes long before the next arrives).
+BOOST_AUTO_TEST_CASE(arrival_gaps_are_skipped) {
+  std::mt19937 rng(3);
+  const auto t = random_trace(rng, 6, 8, 2, 1, 2);
+  std::uint64_t decode = 0;
+  for (std::size_t r = 0; r < t.requests(); ++r)
+    decode += t.request(r).length - 2;
+  simulation_config cfg;
+  cfg.topology = dynamic_topology(2, 2);
+  cfg.arrival_rate = 1e-9;
+  const auto maps = placement::linear{}.plan({cfg.topology, 8, 2, {std::vector<double>(8, 1)}, {}});
+  grouper::least_loaded g;
+  const auto sparse = simulate_decode(t, maps, g, cfg);
+  BOOST_TEST(sparse.decode_tokens == decode);
+  BOOST_TEST(sparse.steps == decode); // one request at a time: one token per busy step
+  BOOST_TEST(sparse.step_tokens.size() == sparse.steps);
+  BOOST_TEST(sparse.idle_steps > 1000000000u); // the first arrival alone is ~10^9 steps away
+  for (const auto n : sparse.step_tokens)
+    BOOST_TEST(n == 1u);
+  // A rate that would put an arrival beyond 10^18 steps is refused, not cast out of range.
+  cfg.arrival_rate = 1e-300;
+  BOOST_CHECK_THROW(simulate_decode(t, maps, g, cfg), config_error);
+}
+
 BOOST_AUTO_TEST_CASE(groupers_choose_as_documented) {
   std::vector<grouper::rank_state> st = {{2, 50}, {1, 10}, {0, 0}, {2, 5}};
   const grouper::cluster_state c{dynamic_topology(2, 2), st, 2};

@@ -5,7 +5,9 @@
 //! most `batch_per_rank` running requests per rank; a request the grouper cannot place waits, and
 //! requests behind it wait too, first come first served), and every step each running request
 //! contributes its next decode token to every MoE layer. The traffic model counts each step of
-//! each layer; the result keeps per-step and per-layer figures.
+//! each layer; the result keeps per-step and per-layer figures. A gap in the arrivals with nothing
+//! running is skipped, not simulated step by step (it moves nothing): a low arrival rate costs no
+//! time or memory for the empty steps.
 //!
 //! Metrics (all per decode token unless said otherwise):
 //! - inter_node_bytes_per_token: network bytes of dispatch + combine summed over layers;
@@ -78,7 +80,8 @@ private:
 };
 
 struct simulation_result {
-  std::size_t steps = 0;
+  std::size_t steps = 0;      //!< steps simulated (the per-step vectors' length)
+  std::size_t idle_steps = 0; //!< steps of arrival gaps skipped: nothing ran and nothing arrived
   std::uint64_t decode_tokens = 0;
   std::size_t requests_served = 0;
   std::vector<layer_traffic> layers;         //!< per layer, summed over the run
@@ -189,6 +192,9 @@ inline std::deque<pending> arrival_queue(const trace::trace& t, const simulation
       ++prefill;
     if (prefill == q.length) continue; // nothing to decode
     if (cfg.arrival_rate > 0) clock += gap(rng);
+    // Arrival steps are whole numbers of steps: the conversion must stay in range.
+    LOCUS_REQUIRE(clock < 1e18, config_error, "simulate_decode: an arrival rate of ", cfg.arrival_rate,
+                  " requests per step puts request ", r, " after step 10^18");
     queue.push_back({r, prefill, q.first_token + prefill, q.length - prefill, static_cast<std::size_t>(clock)});
   }
   return queue;
@@ -209,6 +215,14 @@ public:
 
   //! True once no request waits or runs.
   bool finished() const noexcept { return queue_.empty() && active_ == 0; }
+
+  //! `step`, or with nothing running, the step of the next arrival (the empty steps before it are
+  //! counted as idle, not simulated).
+  std::size_t skip_idle(std::size_t step) noexcept {
+    if (active_ != 0 || queue_.empty() || queue_.front().arrival_step <= step) return step;
+    out_.idle_steps += queue_.front().arrival_step - step;
+    return queue_.front().arrival_step;
+  }
 
   //! Admits arrivals in order until the grouper finds no room for the head of the queue (first
   //! come first served: requests behind a waiting one wait too).
@@ -363,6 +377,7 @@ simulation_result simulate_decode(const trace::trace& t, const std::vector<exper
   detail::simulation::validate(t, maps, cfg);
   detail::simulation::decode_run run(t, maps, cfg);
   for (std::size_t step = 0; !run.finished(); ++step) {
+    step = run.skip_idle(step);
     if (cfg.max_steps && step >= cfg.max_steps) break;
     run.admit(step, g);
     run.gather();

@@ -12,6 +12,7 @@ namespace locus::inline LOCUS_ABI_NAMESPACE::cost {
 //! one the keys are absent: a run normalised by itself would read 1 and say nothing).
 inline nlohmann::json simulation_summary_json(const simulation_result& r, const simulation_result* baseline = nullptr) {
   nlohmann::json j = {{"steps", r.steps},
+                      {"idle_steps", r.idle_steps},
                       {"decode_tokens", r.decode_tokens},
                       {"requests", r.requests_served},
                       {"layers", r.layers.size()},

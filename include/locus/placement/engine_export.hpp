@@ -27,6 +27,10 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
 
+//! Hidden layers of a model at most (the largest today have about a hundred). Engine files list
+//! every hidden layer, so the bound also bounds what an export writes.
+inline constexpr std::size_t max_hidden_layers = 4096;
+
 //! Where the planned (MoE) layers sit among the model's hidden layers. Engines index every hidden
 //! layer, dense ones included; a plan numbers its layers 0..L-1.
 struct model_layers {
@@ -37,7 +41,11 @@ struct model_layers {
 
   //! Planned layer i is hidden layer `first_moe_layer + i`; `hidden_layers` 0 means
   //! `first_moe_layer + layers` (no dense layer after the MoE layers).
+  //! @throws locus::config_error beyond max_hidden_layers or when the table is not valid
   static model_layers contiguous(std::size_t layers, std::size_t first_moe_layer, std::size_t hidden_layers = 0) {
+    LOCUS_REQUIRE(first_moe_layer < max_hidden_layers && layers <= max_hidden_layers - first_moe_layer, config_error,
+                  "model layers: the plan's ", layers, " layers from hidden layer ", first_moe_layer,
+                  " pass the limit of ", max_hidden_layers, " hidden layers");
     model_layers m;
     for (std::size_t i = 0; i < layers; ++i)
       m.moe_layer.push_back(first_moe_layer + i);
@@ -48,6 +56,8 @@ struct model_layers {
 
   //! @throws locus::config_error when the table does not describe `layers` planned layers
   void validate(std::size_t layers) const {
+    LOCUS_REQUIRE(hidden_layers <= max_hidden_layers, config_error, "model layers: ", hidden_layers,
+                  " hidden layers (at most ", max_hidden_layers, ")");
     LOCUS_REQUIRE(moe_layer.size() == layers, config_error, "model layers: ", moe_layer.size(),
                   " layer ids for a plan of ", layers, " layers");
     for (std::size_t i = 0; i < moe_layer.size(); ++i) {
