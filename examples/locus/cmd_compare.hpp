@@ -171,7 +171,11 @@ inline void render_png(const std::string& python, const nlohmann::json& doc, con
   const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
   const std::string stem = ".locus-compare-" + std::to_string(::getpid());
   const fs::path data = dir / (stem + ".json"), image = dir / (stem + ".png");
-  locus::write_file_atomically(data.string(), doc.dump(1, ' ', false, nlohmann::json::error_handler_t::replace));
+  try {
+    locus::write_file_atomically(data.string(), doc.dump(1, ' ', false, nlohmann::json::error_handler_t::replace));
+  } catch (const locus::io_error&) {
+    LOCUS_THROW(locus::io_error, "cannot draw ", png, ": no file can be written in its folder");
+  }
   const std::string command =
       shell_quote(python) + " - " + shell_quote(data.string()) + " " + shell_quote(image.string());
   FILE* p = ::popen(command.c_str(), "w");
@@ -184,7 +188,7 @@ inline void render_png(const std::string& python, const nlohmann::json& doc, con
   fs::remove(data, ec);
   if (rc != 0 || !fs::exists(image, ec)) {
     fs::remove(image, ec);
-    LOCUS_THROW(locus::io_error, "drawing ", png, " with ", python, " failed (exit status ", rc, ")");
+    LOCUS_THROW(locus::io_error, "drawing ", png, " with ", python, " failed (exit status ", exit_status(rc), ")");
   }
   fs::rename(image, target, ec);
   if (ec) {
@@ -210,6 +214,7 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
   const auto transports = cd::parse_transports(o.transports);
   const auto replica_rule = locus::placement::parse_replica_rule(o.replica_rule);
   if (!o.png.empty()) cd::check_python(o.python);
+  check_outputs({{"--json", o.json}, {"--markdown", o.markdown}, {"--png", o.png}}, split.trace_paths);
   LOCUS_REQUIRE(!synthetic_count_given || split.trace_paths.empty(), locus::config_error,
                 "--synthetic-requests sizes the embedded trace; it cannot be used with --trace");
   std::string trace_name;

@@ -19,6 +19,7 @@ namespace locus_driver {
 
 // `locus map check`: validate a saved plan and summarise it.
 inline int map_check(const std::string& path, const std::string& json = {}) {
+  check_outputs({{"--json", json}}, {path});
   const auto layers = locus::load_expert_maps(path);
   const auto& m = layers.front();
   std::size_t replicas = 0;
@@ -46,6 +47,7 @@ struct export_options {
 // `locus map export`: the plan in the file an engine takes, empty slots filled first.
 inline int map_export(const export_options& o) {
   const auto format = locus::placement::parse_engine_format(o.to);
+  check_outputs({{"--out", o.out}, {"--json", o.json}}, {o.map_path, o.grouping, o.load_trace});
   auto plan = locus::load_expert_plan(o.map_path);
   auto& maps = plan.maps;
   // The plan's own layer numbering (from the trace it was made on) unless the options say otherwise.

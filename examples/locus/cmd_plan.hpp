@@ -78,15 +78,17 @@ struct plan_options {
   std::string shift_by = "node";
   std::size_t hedge_replicas = 0;
 
-  void add_to(CLI::App* cmd) {
-    cmd->add_option("--placement", placement, "Planner: linear, round_robin, eplb, activation_usage, locality");
+  void add_to(CLI::App* cmd, const char* copies_default) {
+    cmd->add_option("--placement", placement, "Planner: linear, round_robin, eplb, activation_usage, locality")
+        ->check(CLI::IsMember(locus::placement::planner_names()));
     cmd->add_option("--redundant-slots", redundant_slots, "Replica slots per GPU (at most the number of experts)");
     cmd->add_option("--eplb-groups", eplb_groups, "Expert groups for eplb")->check(tool_cli::positive_whole);
     cmd->add_option("--clusters", clusters, "Request clusters of the workload-aware model")
         ->check(tool_cli::positive_whole);
     cmd->add_option("--copies", copies,
                     "locality: the copies to minimise: flat (per remote GPU), hierarchical (per remote node) or both")
-        ->check(CLI::IsMember({"flat", "hierarchical", "both"}));
+        ->check(CLI::IsMember({"flat", "hierarchical", "both"}))
+        ->default_str(copies_default);
     cmd->add_option("--anneal", anneal, "locality: annealing proposals per expert after the token-level sweeps");
     cmd->add_option("--balance-shift", balance_shift,
                     "locality: also balance GPU load when one node's requests grow by this share")
@@ -98,6 +100,19 @@ struct plan_options {
     cmd->add_option("--hedge-replicas", hedge_replicas,
                     "locality with --redundant-slots: replica slots per layer first spent on the GPUs whose load "
                     "varies most over resampled training requests (0: off)");
+  }
+  //! Refuses the options of one planner given with another (they would be ignored without a word).
+  //! @throws locus::config_error naming the option
+  void check_applies(const CLI::App* cmd) const {
+    for (const char* name : {"--copies", "--anneal", "--balance-shift", "--shift-by", "--hedge-replicas"})
+      LOCUS_REQUIRE(cmd->count(name) == 0 || placement == "locality", locus::config_error, name,
+                    " applies to --placement locality, not ", placement);
+    LOCUS_REQUIRE(cmd->count("--eplb-groups") == 0 || placement == "eplb", locus::config_error,
+                  "--eplb-groups applies to --placement eplb, not ", placement);
+    LOCUS_REQUIRE(cmd->count("--shift-by") == 0 || balance_shift > 0, locus::config_error,
+                  "--shift-by applies with --balance-shift");
+    LOCUS_REQUIRE(hedge_replicas == 0 || redundant_slots > 0, locus::config_error,
+                  "--hedge-replicas spends replica slots: it needs --redundant-slots");
   }
   //! Maps and the workload-aware grouping model fitted with them (locality refines the grouping
   //! jointly with the placement).
@@ -141,7 +156,7 @@ inline void register_plan(CLI::App& app) {
   auto json = std::make_shared<std::string>();
   auto* cmd = app.add_subcommand("plan", "Fit an expert map on a trace's training split and save it as JSON");
   auto* trace = split->add_to(cmd, false);
-  plan->add_to(cmd);
+  plan->add_to(cmd, "both");
   cmd->add_option("--out", *out, "Output expert map JSON");
   auto* grouping_opt =
       cmd->add_option("--grouping", *grouping,
@@ -156,8 +171,21 @@ inline void register_plan(CLI::App& app) {
                   "(default: the meta line's num_experts)");
   trace->excludes(load_opt);
   add_json_option(cmd, *json);
-  cmd->callback([split, plan, out, load, grouping, grouping_opt, experts, json] {
+  cmd->callback([cmd, split, plan, out, load, grouping, grouping_opt, experts, json] {
     if (load->empty() && split->trace_paths.empty()) throw CLI::RequiredError("--trace or --load");
+    plan->check_applies(cmd);
+    LOCUS_REQUIRE(grouping->empty() || load->empty(), locus::config_error,
+                  "--grouping needs --trace: a plan from --load has no grouping model");
+    // activation_usage and locality write their grouping model beside the map unless told where.
+    const bool grouped =
+        grouping_opt->count() > 0 || plan->placement == "activation_usage" || plan->placement == "locality";
+    const std::string grouping_path = !load->empty()       ? std::string()
+                                      : !grouping->empty() ? *grouping
+                                      : grouped            ? grouping_path_for(*out)
+                                                           : std::string();
+    std::vector<std::string> inputs = split->trace_paths;
+    inputs.push_back(*load);
+    check_outputs({{"--out", *out}, {"--grouping", grouping_path}, {"--json", *json}}, inputs);
     progress p("locus plan");
     if (!load->empty()) {
       const auto imported = locus::placement::import_load(*load, *experts);
@@ -205,7 +233,6 @@ inline void register_plan(CLI::App& app) {
     const auto& maps = planned.maps;
     locus::save_expert_maps(*out, maps, train.has_model_layers() ? train.model_layer_ids() : std::vector<std::size_t>{},
                             train.hidden_layers());
-    const std::string grouping_path = grouping->empty() ? grouping_path_for(*out) : *grouping;
     if (planned.model) locus::grouper::save_grouping(grouping_path, *planned.model);
     write_json(*json, "plan",
                {{"map", *out},
@@ -248,13 +275,15 @@ inline void register_simulate(CLI::App& app) {
   auto* cmd = app.add_subcommand("simulate", "Simulate decode on a trace's test split and report traffic");
   split->add_to(cmd);
   cmd->add_option("--experts", split->experts, experts_help);
-  plan->add_to(cmd);
+  plan->add_to(cmd, "the simulated --transport's");
   cmd->add_option("--map", opt->map_path, "Expert map JSON (instead of --placement)");
   cmd->add_option("--grouping", opt->grouping_path,
                   "Grouping model JSON written by plan (with --map: used as saved, nothing is fitted)")
       ->check(CLI::ExistingFile);
-  cmd->add_option("--grouper", opt->grouper, "Grouper: round_robin, least_loaded, workload_aware");
-  cmd->add_option("--transport", opt->transport, "flat or hierarchical");
+  cmd->add_option("--grouper", opt->grouper, "Grouper: round_robin, least_loaded, workload_aware")
+      ->check(CLI::IsMember(locus::grouper::grouper_names()));
+  cmd->add_option("--transport", opt->transport, "flat or hierarchical")
+      ->check(CLI::IsMember({"flat", "hierarchical"}));
   cmd->add_option("--replica-rule", opt->replica_rule,
                   "How a copy picks among an expert's replicas: locality_first (locus), same_gpu_else_random "
                   "(SGLang static dispatch), random (vLLM EPLB), locality_bounded (locality first, away from GPUs "
@@ -270,17 +299,37 @@ inline void register_simulate(CLI::App& app) {
       ->check(tool_cli::finite_non_negative);
   add_json_option(cmd, opt->json);
   cmd->add_option("--replan-every", opt->replan_every,
-                  "Re-plan the maps every this many steps from recent traffic (0: never)");
+                  "Re-plan the maps every this many steps from recent traffic (0: never); adds an `online` block, the "
+                  "same run replayed with the re-plans (the other figures are the run without them)");
   cmd->add_option("--replan-window", opt->replan_window, "Steps of traffic a re-plan sees (0: the interval)");
   cmd->add_option("--replan-budget", opt->replan_budget, "Share of the expert slots one re-plan may move")
       ->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--drift-every", opt->drift_every, "Steps between drift checks that re-plan early (0: none)");
-  cmd->add_option("--expert-bytes", opt->expert_bytes, "Weight bytes of one expert (moved bytes)");
-  cmd->callback([split, plan, opt] {
+  cmd->add_option("--expert-bytes", opt->expert_bytes, "Weight bytes of one expert (moved bytes)")
+      ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 40));
+  cmd->callback([cmd, split, plan, opt] {
     const auto start = std::chrono::steady_clock::now();
-    progress p("locus simulate");
     const auto topo = split->topology(); // an impossible topology is refused before the trace is read
     const bool saved = !opt->map_path.empty() && !opt->grouping_path.empty();
+    if (saved)
+      for (const char* name : {"--placement", "--redundant-slots", "--eplb-groups", "--clusters", "--copies",
+                               "--anneal", "--balance-shift", "--shift-by", "--hedge-replicas"})
+        LOCUS_REQUIRE(cmd->count(name) == 0, locus::config_error, name,
+                      " does not apply: --map with --grouping simulates the saved plan as it is");
+    else
+      plan->check_applies(cmd);
+    LOCUS_REQUIRE(opt->grouping_path.empty() || opt->grouper == "workload_aware", locus::config_error,
+                  "--grouping is the workload_aware grouper's model; --grouper ", opt->grouper, " does not use it");
+    LOCUS_REQUIRE(opt->replan_every > 0 || opt->drift_every > 0 ||
+                      (cmd->count("--replan-window") == 0 && cmd->count("--replan-budget") == 0 &&
+                       cmd->count("--expert-bytes") == 0),
+                  locus::config_error,
+                  "--replan-window, --replan-budget and --expert-bytes apply with --replan-every or --drift-every");
+    std::vector<std::string> inputs = split->trace_paths;
+    inputs.push_back(opt->map_path);
+    inputs.push_back(opt->grouping_path);
+    check_outputs({{"--json", opt->json}}, inputs);
+    progress p("locus simulate");
     p.start("loading " + split->trace_name());
     const auto [train, test] = split->load(!saved, true);
     p.done();
@@ -307,6 +356,19 @@ inline void register_simulate(CLI::App& app) {
       p.done();
     }
     const auto& maps = planned.maps;
+    // A saved map of another model is named as the file, not as the simulator's arguments.
+    LOCUS_REQUIRE(opt->map_path.empty() || (maps.size() == test.layers() && maps.front().experts() == test.experts() &&
+                                            maps.front().ranks() == topo.ranks()),
+                  locus::config_error, "the map in ", opt->map_path, " has ", maps.size(), " layers of ",
+                  maps.front().experts(), " experts on ", maps.front().ranks(), " ranks; the trace has ", test.layers(),
+                  " layers of ", test.experts(), " experts and the topology ", topo.ranks(), " ranks");
+    std::uint64_t decode_tokens = 0;
+    for (std::size_t r = 0; r < test.requests(); ++r)
+      for (std::size_t i = 0; i < test.request(r).length; ++i)
+        decode_tokens += test.token_phase(test.request(r).first_token + i) == locus::trace::phase::decode;
+    LOCUS_REQUIRE(decode_tokens > 0, locus::config_error, "the test split of ", split->trace_name(),
+                  " has no decode tokens to simulate (--prefill-tokens ", split->prefill_tokens,
+                  " covers every request)");
     locus::cost::simulation_config cfg;
     cfg.topology = topo;
     cfg.transport = transport;
@@ -327,6 +389,11 @@ inline void register_simulate(CLI::App& app) {
       p.start("replaying with on-line re-planning");
       auto regroup = locus::grouper::grouper_by_name(opt->grouper, planned.model);
       const auto sched = locus::cost::record_schedule(test, maps, regroup, cfg);
+      const std::size_t window = opt->replan_window ? opt->replan_window : std::max<std::size_t>(1, opt->replan_every);
+      LOCUS_REQUIRE(window < sched.steps() && opt->replan_every < sched.steps() && opt->drift_every < sched.steps(),
+                    locus::config_error, "the run has ", sched.steps(), " steps: --replan-every ", opt->replan_every,
+                    ", --drift-every ", opt->drift_every, " and a window of ", window,
+                    " steps must be shorter, or it never re-plans");
       locus::placement::activation_plan_options popt;
       popt.refine.count(transport == locus::cost::transport_kind::flat ? locus::placement::copy_count::flat
                                                                        : locus::placement::copy_count::hierarchical);
@@ -337,7 +404,7 @@ inline void register_simulate(CLI::App& app) {
                                        : locus::placement::token_sample{};
       locus::cost::online_options o;
       o.interval = opt->replan_every;
-      o.window = opt->replan_window ? opt->replan_window : std::max<std::size_t>(1, opt->replan_every);
+      o.window = window;
       o.drift_every = opt->drift_every;
       o.min_gap = o.window;
       o.expert_bytes = opt->expert_bytes;

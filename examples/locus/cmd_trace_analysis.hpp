@@ -188,6 +188,7 @@ inline void register_trace_stats(CLI::App& trace_cmd) {
   add_json_option(cmd, o->json);
   cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)");
   cmd->callback([o, prefill] {
+    check_outputs({{"--json", o->json}}, {o->path});
     progress p("locus trace stats");
     const auto loaded = trace_analysis::load(o->path, p, o->experts);
     const bool recorded = keeps_recorded_phases(loaded, prefill->count() > 0);
@@ -251,6 +252,13 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
     LOCUS_REQUIRE(o->rescale.empty() || !o->fit_path.empty(), locus::config_error,
                   "--rescale needs --fit TRACE (a shape is given directly with --experts/--top-k/--layers)");
     LOCUS_REQUIRE(o->requests > 0 || o->tokens > 0, locus::config_error, "--requests and --tokens are both 0");
+    check_outputs({{"--out", o->out}, {"--json", o->json}}, {o->fit_path});
+    // The target shape is checked before the trace is read and fitted (seconds of work).
+    locus::trace::rescale_options ro;
+    if (!o->rescale.empty()) {
+      ro = trace_analysis::parse_rescale(o->rescale);
+      locus::trace::check_synth_shape("--rescale", ro.experts, ro.top_k, ro.layers, 1);
+    }
     locus::trace::synth_model m;
     if (!o->fit_path.empty()) {
       const auto real = trace_analysis::load(o->fit_path, p);
@@ -264,7 +272,6 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
       std::fprintf(stderr, "locus trace synth: fitted request σ %.3f, segment η %.3f, cluster probability %.3f\n",
                    m.request_sigma, m.segment_sigma, m.cluster_probability);
       if (!o->rescale.empty()) {
-        auto ro = trace_analysis::parse_rescale(o->rescale);
         ro.seed = o->seed;
         ro.threads = o->threads;
         p.start("rescaling to " + o->rescale);
@@ -349,6 +356,17 @@ inline void register_trace_report(CLI::App& trace_cmd) {
   cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)");
   cmd->callback([o] {
     namespace fs = std::filesystem;
+    LOCUS_REQUIRE(o->layer >= -1, locus::config_error, "--layer ", o->layer,
+                  " is not a layer (0, 1, ...; the default -1: the middle one)");
+    // What rendering needs is checked before the statistics are computed.
+    std::error_code ec;
+    if (!o->no_render) {
+      LOCUS_REQUIRE(fs::exists(o->script, ec), locus::io_error, "rendering script ", o->script,
+                    " not found (give it with --script, or use --no-render for CSV only)");
+      LOCUS_REQUIRE(fs::exists(o->python, ec), locus::io_error, "Python interpreter ", o->python,
+                    " not found (install python3-matplotlib, give --python, or use --no-render)");
+    }
+    check_outputs({{"--json", o->json}}, {o->path});
     progress p("locus trace report");
     const auto t = trace_analysis::load(o->path, p).with_prefill_tokens(o->prefill);
     const std::size_t layer = o->layer < 0 ? t.layers() / 2 : static_cast<std::size_t>(o->layer);
@@ -361,7 +379,6 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     const auto s = locus::trace::compute_statistics(t, so);
     const auto co = locus::trace::compute_coactivation(t, layer);
     p.done();
-    std::error_code ec;
     fs::create_directories(o->out, ec);
     LOCUS_REQUIRE(!ec, locus::io_error, "cannot create folder ", o->out, ": ", ec.message());
     const fs::path dir(o->out);
@@ -440,6 +457,8 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     nlohmann::json summary;
     {
       auto j = trace_analysis::stats_json(s, o->prefill);
+      j["format"] = "locus.trace.report.summary";
+      j["version"] = 1;
       j["report_layer"] = layer;
       j["source"] = o->path;
       for (std::size_t d = 0; d < s.domain_names.size(); ++d)
@@ -455,10 +474,6 @@ inline void register_trace_report(CLI::App& trace_cmd) {
       write_json(o->json, "trace report", summary);
       return;
     }
-    LOCUS_REQUIRE(fs::exists(o->script, ec), locus::io_error, "rendering script ", o->script,
-                  " not found (give it with --script, or use --no-render for CSV only)");
-    LOCUS_REQUIRE(fs::exists(o->python, ec), locus::io_error, "Python interpreter ", o->python,
-                  " not found (install python3-matplotlib, give --python, or use --no-render)");
     p.start("rendering figures");
     auto quote = [](const std::string& x) {
       std::string r = "'";
@@ -469,7 +484,7 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     const std::string command = quote(o->python) + " " + quote(o->script) + " " + quote(o->out);
     const int rc = std::system(command.c_str());
     p.done();
-    LOCUS_REQUIRE(rc == 0, locus::io_error, "rendering failed (exit status ", rc, "): ", command);
+    LOCUS_REQUIRE(rc == 0, locus::io_error, "rendering failed (exit status ", exit_status(rc), "): ", command);
     p.clear();
     if (!quiet_stdout) std::printf("%s: figures rendered\n", o->out.c_str());
     write_json(o->json, "trace report", summary);

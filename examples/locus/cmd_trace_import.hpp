@@ -1,6 +1,7 @@
 #pragma once
 // `locus trace import`: an ESFT folder, a route-JSONL file or a locus binary trace → a locus binary
 // trace (docs/trace-format.md).
+#include "output.hpp"
 #include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
@@ -62,6 +63,9 @@ struct trace_import_options {
 
 inline void run_trace_import(const trace_import_options& o) {
   const auto t0 = std::chrono::steady_clock::now();
+  // Importing a trace onto itself is fine (it is read whole, then replaced atomically): only
+  // whether the output can be written is checked before the work.
+  check_outputs({{"--out", o.output}});
   const std::string format = o.format == "auto" ? detect_trace_format(o.inputs) : o.format;
   LOCUS_REQUIRE(format == "jsonl" || o.inputs.size() == 1, locus::config_error,
                 "several inputs given: only route "

@@ -11,13 +11,17 @@
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <locus/core/atomic_file.hpp>
+#include <locus/core/error.hpp>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
+#include <vector>
 
 namespace locus_driver {
 
@@ -122,6 +126,46 @@ inline void write_json(const std::string& path, const std::string& command, nloh
     return;
   }
   locus::write_file_atomically(path, text);
+}
+
+//! The exit status a shell would show for a child's wait status (std::system, pclose): its exit
+//! code, 128 + the signal that killed it, or -1 when it could not run.
+inline int exit_status(int wait_status) {
+  if (wait_status == -1) return -1;
+  if (WIFEXITED(wait_status)) return WEXITSTATUS(wait_status);
+  if (WIFSIGNALED(wait_status)) return 128 + WTERMSIG(wait_status);
+  return wait_status;
+}
+
+//! An output a command will write: the option that names it, and its path ("" or "-": none).
+struct output_file {
+  const char* option;
+  std::string path;
+};
+
+//! Checks a command's outputs before it does any work: each can be written (its folder exists and
+//! takes files, no directory is in the way), no two are one file, and none is one of `inputs`. A
+//! run then neither fails after its work nor replaces what it reads, or one of its results with
+//! another. @throws locus::io_error or locus::config_error naming the option
+inline void check_outputs(const std::vector<output_file>& outputs, const std::vector<std::string>& inputs = {}) {
+  namespace fs = std::filesystem;
+  const auto same = [](const std::string& a, const std::string& b) {
+    std::error_code ea, eb;
+    const fs::path x = fs::weakly_canonical(a, ea), y = fs::weakly_canonical(b, eb);
+    return !ea && !eb && x == y;
+  };
+  for (std::size_t i = 0; i < outputs.size(); ++i) {
+    const auto& o = outputs[i];
+    if (o.path.empty() || json_to_stdout(o.path)) continue;
+    for (std::size_t j = 0; j < i; ++j)
+      LOCUS_REQUIRE(outputs[j].path.empty() || json_to_stdout(outputs[j].path) || !same(o.path, outputs[j].path),
+                    locus::config_error, outputs[j].option, " and ", o.option, " name the same file, ", o.path,
+                    ": one result would replace the other");
+    for (const auto& in : inputs)
+      LOCUS_REQUIRE(in.empty() || !same(o.path, in), locus::config_error, o.option, " ", o.path,
+                    " is also an input of this command: writing it would replace what it reads");
+    locus::check_writable(o.path);
+  }
 }
 
 //! Where and when a result was made: the command line, the UTC date, the CPU model, its cores and

@@ -120,4 +120,33 @@ odd_names_report() {
   return $bad
 }
 check "trace report of odd domain names" odd_names_report
+
+# A new user's session (2026-12-05): numbers that used to fill the machine's memory or hang, and
+# outputs that used to replace an input or each other, or fail only after the work.
+"$locus" plan --trace "$work/t.bin" --placement linear --out "$work/lin.json" >/dev/null
+refused 'limit of 4096 hidden layers' map export "$work/lin.json" --to sglang --first-moe-layer 4294967295 --out "$work/q.json"
+refused '100000000 hidden layers' map export "$work/lin.json" --to sglang --num-hidden-layers 100000000 --out "$work/q.json"
+refused 'after step 10\^18' simulate --trace "$work/t.bin" --arrival-rate 1e-300
+ok '^steps: ' simulate --trace "$work/t.bin" --arrival-rate 1e-9
+refused 'no decode tokens' simulate --trace "$work/t.bin" --prefill-tokens 100000
+refused 'never re-plans' simulate --trace "$work/t.bin" --replan-every 10 --replan-window 18446744073709551615
+refused 'apply with --replan-every' simulate --trace "$work/t.bin" --replan-window 5
+refused 'layers is 100000, expected' trace synth --experts 16 --top-k 2 --layers 100000 --out "$work/s.bin"
+refused 'domains is 100000, expected' trace synth --experts 16 --top-k 2 --layers 2 --domains 100000 --out "$work/s.bin"
+refused '--rescale: layers is 100000' trace synth --fit "$work/t.bin" --rescale 256:8:100000 --out "$work/s.bin"
+refused '--layer -2 is not a layer' trace report "$work/t.bin" --layer -2 --out "$work/r2" --no-render
+refused '--anneal applies to --placement locality' plan --trace "$work/t.bin" --placement linear --anneal 3 --out "$work/m.json"
+refused '--grouping is the workload_aware' simulate --trace "$work/t.bin" --map "$work/lin.json" --grouping "$work/lin.json"
+refused 'name the same file' plan --trace "$work/t.bin" --placement locality --out "$work/same.json" --grouping "$work/same.json"
+refused 'also an input' map export "$work/lin.json" --to eplb --out "$work/lin.json"
+refused 'also an input' plan --trace "$work/t.bin" --placement linear --out "$work/t.bin"
+refused 'cannot create a file in its folder' plan --trace "$work/t.bin" --placement linear --out /proc/m.json
+no_partial_outputs() {
+  rm -f "$work/x.json" "$work/c.json"
+  "$locus" plan --trace "$work/t.bin" --placement locality --out "$work/x.json" --grouping "$work/none/g.json" \
+    2>/dev/null && return 1
+  "$locus" compare --synthetic-requests 40 --json "$work/c.json" --markdown "$work/none/c.md" 2>/dev/null && return 1
+  [ ! -e "$work/x.json" ] && [ ! -e "$work/c.json" ] || { echo "a refused run left an output behind" >&2; return 1; }
+}
+check "outputs are checked before the work" no_partial_outputs
 cases_end

@@ -241,6 +241,37 @@ BOOST_AUTO_TEST_CASE(invalid_models_are_rejected) {
   BOOST_CHECK_THROW(fit(trace{}), invalid_input_error);
 }
 
+// Absurd shapes are refused before any table is built (they used to run for seconds to minutes,
+// growing gigabytes, before a later check or the trace builder refused them).
+BOOST_AUTO_TEST_CASE(absurd_shapes_are_refused_at_once) {
+  const auto refuses = [](auto f, const std::string& says) {
+    try {
+      f();
+    } catch (const config_error& e) {
+      BOOST_TEST(std::string(e.what()).find(says) != std::string::npos, e.what());
+      return;
+    }
+    BOOST_ERROR("accepted: " << says);
+  };
+  auto sh = small_shape();
+  sh.layers = 100000;
+  refuses([&] { (void)make_synth_model(sh); }, "layers is 100000");
+  sh = small_shape();
+  sh.domains = 100000;
+  refuses([&] { (void)make_synth_model(sh); }, "domains is 100000");
+  sh = small_shape();
+  sh.experts = 65536;
+  sh.layers = 4096;
+  sh.domains = 2;
+  refuses([&] { (void)make_synth_model(sh); }, "table entries");
+  rescale_options ro;
+  ro.experts = 256;
+  ro.top_k = 8;
+  ro.layers = 100000;
+  refuses([&] { (void)rescale(make_synth_model(small_shape()), ro); }, "layers is 100000");
+  BOOST_CHECK_NO_THROW(check_synth_shape("x", 256, 8, 58, 3));
+}
+
 BOOST_AUTO_TEST_CASE(structure_is_controllable) {
   auto sh = small_shape();
   // Domains: with shift 0 every domain ranks experts alike, with 1 independently.

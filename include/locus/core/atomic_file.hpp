@@ -71,7 +71,11 @@ public:
       if (fd_ < 0) {
         const int e = errno;
         temp_.clear();
-        fail(target_, e == ENOENT ? "cannot write: its folder does not exist" : "cannot create a file in its folder",
+        // ENOENT also comes from folders that exist but take no new files (/proc).
+        struct stat ds {};
+        const bool folder = ::stat(dir.c_str(), &ds) == 0 && S_ISDIR(ds.st_mode);
+        fail(target_,
+             e == ENOENT && !folder ? "cannot write: its folder does not exist" : "cannot create a file in its folder",
              e);
       }
     }
@@ -249,6 +253,16 @@ private:
   bool unnamed_ = false; // written through O_TMPFILE: no name until commit()
   std::vector<char> buffer_;
 };
+
+//! Throws what writing `path` would throw on opening (a folder that does not exist or takes no
+//! files, a directory in the way), without writing anything: for a program that checks its
+//! outputs before hours of work. An existing device or FIFO is not opened (a FIFO would wait for
+//! a reader). @throws locus::io_error
+inline void check_writable(const std::string& path) {
+  struct stat st {};
+  if (!path.empty() && ::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) return;
+  atomic_file probe(path); // never committed: its unnamed (or temporary) file goes away
+}
 
 //! Writes `content` to `path` atomically (see atomic_file). @throws locus::io_error
 inline void write_file_atomically(const std::string& path, std::string_view content) {

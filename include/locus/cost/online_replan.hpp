@@ -252,6 +252,11 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
                   " map does not match the trace (", t.experts(), " experts) or the topology (", ranks, " ranks)");
   LOCUS_REQUIRE(opt.window > 0 && opt.report_tokens > 0, config_error, "run_online: zero window or report size");
   const std::size_t slots = placement::total_slots(maps);
+  // Moved bytes are 64-bit: every slot moved at every step must fit.
+  LOCUS_REQUIRE(opt.expert_bytes == 0 || static_cast<double>(slots) * static_cast<double>(s.steps() + 1) <=
+                                             static_cast<double>(~std::uint64_t{0} / opt.expert_bytes),
+                config_error, "run_online: ", opt.expert_bytes, " bytes per expert would overflow the moved-bytes ",
+                "count over ", slots, " slots and ", s.steps(), " steps");
   traffic_counter<dynamic_topology> counter(topo, cfg.transport);
   replica_policies policies(cfg, layers);
   const std::size_t network = static_cast<std::size_t>(link_class::inter_node);

@@ -524,13 +524,28 @@ inline std::vector<std::uint16_t> cluster_by_lift(const coactivation& co, std::s
 
 } // namespace detail::synth
 
-inline void synth_model::validate() const {
-  LOCUS_REQUIRE(experts >= 1 && experts <= max_trace_experts, config_error, "synth_model: experts is ", experts,
+//! A model's shape within a trace's limits, and its tables (domains × layers × experts entries,
+//! a few of them) within what a machine holds: checked before any table is built, so that an
+//! absurd shape is refused at once instead of after minutes of work or an exhausted memory.
+//! @throws locus::config_error naming `what` and the first value out of range
+inline void check_synth_shape(const char* what, std::size_t experts, std::size_t top_k, std::size_t layers,
+                              std::size_t domains) {
+  LOCUS_REQUIRE(experts >= 1 && experts <= max_trace_experts, config_error, what, ": experts is ", experts,
                 ", expected 1..", max_trace_experts);
-  LOCUS_REQUIRE(top_k >= 1 && top_k <= std::min(experts, max_trace_top_k), config_error, "synth_model: top_k is ",
-                top_k, ", expected 1..", std::min(experts, max_trace_top_k));
-  LOCUS_REQUIRE(layers >= 1, config_error, "synth_model: layers is 0");
+  LOCUS_REQUIRE(top_k >= 1 && top_k <= std::min(experts, max_trace_top_k), config_error, what, ": top_k is ", top_k,
+                ", expected 1..", std::min(experts, max_trace_top_k));
+  LOCUS_REQUIRE(layers >= 1 && layers <= max_trace_layers, config_error, what, ": layers is ", layers, ", expected 1..",
+                max_trace_layers);
+  LOCUS_REQUIRE(domains >= 1 && domains <= max_trace_domains, config_error, what, ": domains is ", domains,
+                ", expected 1..", max_trace_domains);
+  constexpr std::size_t max_entries = std::size_t{1} << 28; // 2 GiB per table of doubles
+  LOCUS_REQUIRE(domains * layers <= max_entries / experts, config_error, what, ": ", domains, " domains × ", layers,
+                " layers × ", experts, " experts is more than ", max_entries, " table entries");
+}
+
+inline void synth_model::validate() const {
   LOCUS_REQUIRE(!domains.empty(), config_error, "synth_model: no domain");
+  check_synth_shape("synth_model", experts, top_k, layers, domains.size());
   double total_weight = 0.0;
   for (std::size_t d = 0; d < domains.size(); ++d) {
     const auto& dom = domains[d];
@@ -696,7 +711,7 @@ inline void calibrate(synth_model& m, std::size_t tokens_per_domain = 8192, std:
 //! partitions per layer; lengths log-normal.
 //! @throws locus::config_error on an invalid shape
 inline synth_model make_synth_model(const synth_shape& sh) {
-  LOCUS_REQUIRE(sh.domains >= 1, config_error, "synth shape: domains is 0");
+  check_synth_shape("synth shape", sh.experts, sh.top_k, sh.layers, sh.domains);
   LOCUS_REQUIRE(sh.zipf >= 0.0 && sh.zipf <= 8.0, config_error, "synth shape: zipf ", sh.zipf, " is outside [0, 8]");
   LOCUS_REQUIRE(sh.domain_shift >= 0.0 && sh.domain_shift <= 1.0, config_error, "synth shape: domain_shift ",
                 sh.domain_shift, " is outside [0, 1]");
@@ -967,11 +982,7 @@ inline synth_model fit(const trace& real, const fit_options& opt = {}) {
 //! @throws locus::config_error on an invalid target shape
 inline synth_model rescale(const synth_model& src, const rescale_options& opt) {
   src.validate();
-  LOCUS_REQUIRE(opt.experts >= 1 && opt.experts <= max_trace_experts, config_error, "synth rescale: experts ",
-                opt.experts, " outside 1..", max_trace_experts);
-  LOCUS_REQUIRE(opt.top_k >= 1 && opt.top_k <= std::min(opt.experts, max_trace_top_k), config_error,
-                "synth rescale: top_k ", opt.top_k, " outside 1..", std::min(opt.experts, max_trace_top_k));
-  LOCUS_REQUIRE(opt.layers >= 1, config_error, "synth rescale: layers is 0");
+  check_synth_shape("synth rescale", opt.experts, opt.top_k, opt.layers, src.domains.size());
   LOCUS_REQUIRE(std::isfinite(opt.jitter) && opt.jitter >= 0.0 && opt.jitter <= 5.0, config_error,
                 "synth rescale: jitter ", opt.jitter, " outside [0, 5]");
   const std::size_t E0 = src.experts, L0 = src.layers, E = opt.experts, L = opt.layers;
