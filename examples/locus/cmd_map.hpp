@@ -20,7 +20,8 @@ namespace locus_driver {
 // `locus map check`: validate a saved plan and summarise it.
 inline int map_check(const std::string& path, const std::string& json = {}) {
   check_outputs({{"--json", json}}, {path});
-  const auto layers = locus::load_expert_maps(path);
+  const auto plan = locus::load_expert_plan(path);
+  const auto& layers = plan.maps;
   const auto& m = layers.front();
   std::size_t replicas = 0;
   for (const auto& l : layers)
@@ -31,17 +32,21 @@ inline int map_check(const std::string& path, const std::string& json = {}) {
               {"experts", m.experts()},
               {"ranks", m.ranks()},
               {"slots_per_rank", m.slots_per_rank()},
-              {"replica_slots_used", replicas}});
+              {"replica_slots_used", replicas},
+              {"gpus_per_node", plan.gpus_per_node ? nlohmann::json(plan.gpus_per_node) : nlohmann::json(nullptr)}});
   if (json_to_stdout(json)) return 0;
-  std::printf("%s: %zu layers, %zu experts, %zu ranks x %zu slots, %zu replica slots in use\n", path.c_str(),
-              layers.size(), m.experts(), m.ranks(), m.slots_per_rank(), replicas);
+  const std::string topology = plan.gpus_per_node ? " (" + std::to_string(m.ranks() / plan.gpus_per_node) +
+                                                        " nodes x " + std::to_string(plan.gpus_per_node) + " GPUs)"
+                                                  : std::string();
+  std::printf("%s: %zu layers, %zu experts, %zu ranks%s x %zu slots, %zu replica slots in use\n", path.c_str(),
+              layers.size(), m.experts(), m.ranks(), topology.c_str(), m.slots_per_rank(), replicas);
   return 0;
 }
 
 struct export_options {
   std::string map_path, to, out, load_trace, grouping, json;
   static constexpr std::size_t unset = static_cast<std::size_t>(-1);
-  std::size_t first_moe_layer = unset, hidden_layers = 0, gpus_per_node = 1;
+  std::size_t first_moe_layer = unset, hidden_layers = 0, gpus_per_node = 0; // 0: the plan's, else 1
 };
 
 // `locus map export`: the plan in the file an engine takes, empty slots filled first.
@@ -50,6 +55,10 @@ inline int map_export(const export_options& o) {
   check_outputs({{"--out", o.out}, {"--json", o.json}}, {o.map_path, o.grouping, o.load_trace});
   auto plan = locus::load_expert_plan(o.map_path);
   auto& maps = plan.maps;
+  LOCUS_REQUIRE(o.gpus_per_node == 0 || plan.gpus_per_node == 0 || o.gpus_per_node == plan.gpus_per_node,
+                locus::config_error, "--gpus-per-node ", o.gpus_per_node, ": the plan in ", o.map_path,
+                " was made for ", plan.gpus_per_node, " GPUs per node");
+  const std::size_t gpus_per_node = o.gpus_per_node ? o.gpus_per_node : plan.gpus_per_node ? plan.gpus_per_node : 1;
   // The plan's own layer numbering (from the trace it was made on) unless the options say otherwise.
   locus::placement::model_layers layers;
   if (o.first_moe_layer == export_options::unset && !plan.model_layers.empty()) {
@@ -74,13 +83,13 @@ inline int map_export(const export_options& o) {
   if (!o.grouping.empty()) {
     const auto g = locus::grouper::load_grouping(o.grouping);
     LOCUS_REQUIRE(g.layers() == maps.size() && g.experts() == maps.front().experts() &&
-                      g.nodes() * o.gpus_per_node == maps.front().ranks(),
+                      g.nodes() * gpus_per_node == maps.front().ranks(),
                   locus::config_error, "the grouping in ", o.grouping, " is for ", g.layers(), " layers × ",
                   g.experts(), " experts on ", g.nodes(), " nodes; the plan has ", maps.size(), " × ",
-                  maps.front().experts(), " on ", maps.front().ranks(), " ranks of ", o.gpus_per_node, " per node");
+                  maps.front().experts(), " on ", maps.front().ranks(), " ranks of ", gpus_per_node, " per node");
     node_load = g.node_load();
   }
-  maps = locus::placement::fill_empty_slots(maps, load, node_load, o.gpus_per_node);
+  maps = locus::placement::fill_empty_slots(maps, load, node_load, gpus_per_node);
   locus::write_file_atomically(o.out, locus::placement::export_text(format, maps, layers));
   const auto& m = maps.front();
   write_json(o.json, "map export",
@@ -136,7 +145,8 @@ inline void register_map(CLI::App& app) {
                   "Grouping model saved with the plan: ties for empty slots go to the replica saving most copies")
       ->check(CLI::ExistingFile);
   exp->add_option("--gpus-per-node", o->gpus_per_node, "GPUs per node of the plan's ranks")
-      ->check(tool_cli::positive_whole);
+      ->check(tool_cli::positive_whole)
+      ->default_str("saved with the plan, else 1");
   add_json_option(exp, o->json);
   exp->callback([o] { map_export(*o); });
 }

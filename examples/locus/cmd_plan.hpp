@@ -202,7 +202,8 @@ inline void register_plan(CLI::App& app) {
       const auto maps = locus::placement::plan_by_name(plan->placement, in, opt);
       // TensorRT-LLM statistics name the model layers; a .npy does not.
       const bool named_layers = std::filesystem::is_directory(*load);
-      locus::save_expert_maps(*out, maps, named_layers ? imported.layer_ids : std::vector<std::size_t>{});
+      locus::save_expert_plan(
+          *out, {maps, named_layers ? imported.layer_ids : std::vector<std::size_t>{}, 0, split->gpus_per_node});
       write_json(*json, "plan",
                  {{"map", *out},
                   {"placement", plan->placement},
@@ -231,8 +232,9 @@ inline void register_plan(CLI::App& app) {
     p.done();
     p.clear();
     const auto& maps = planned.maps;
-    locus::save_expert_maps(*out, maps, train.has_model_layers() ? train.model_layer_ids() : std::vector<std::size_t>{},
-                            train.hidden_layers());
+    locus::save_expert_plan(*out,
+                            {maps, train.has_model_layers() ? train.model_layer_ids() : std::vector<std::size_t>{},
+                             train.hidden_layers(), split->gpus_per_node});
     if (planned.model) locus::grouper::save_grouping(grouping_path, *planned.model);
     write_json(*json, "plan",
                {{"map", *out},
@@ -340,8 +342,19 @@ inline void register_simulate(CLI::App& app) {
     LOCUS_REQUIRE(opt->grouping_path.empty() || !opt->map_path.empty(), locus::config_error,
                   "--grouping is used with --map (the grouping a saved plan was made with)");
     locus::placement::activation_plan planned;
+    // A saved plan names the topology it was made for: a locality plan is wrong on another.
+    const auto load_map = [&] {
+      auto file = locus::load_expert_plan(opt->map_path);
+      LOCUS_REQUIRE(file.gpus_per_node == 0 ||
+                        (file.gpus_per_node == topo.gpus_per_node() && file.maps.front().ranks() == topo.ranks()),
+                    locus::config_error, "the map in ", opt->map_path, " was planned for ",
+                    file.maps.front().ranks() / std::max<std::size_t>(file.gpus_per_node, 1), " nodes x ",
+                    file.gpus_per_node, " GPUs; this run has ", topo.nodes(), " x ", topo.gpus_per_node(),
+                    " (--nodes, --gpus-per-node)");
+      return std::move(file.maps);
+    };
     if (!opt->map_path.empty() && !opt->grouping_path.empty()) {
-      planned.maps = locus::load_expert_maps(opt->map_path);
+      planned.maps = load_map();
       planned.model =
           std::make_shared<const locus::grouper::workload_model>(locus::grouper::load_grouping(opt->grouping_path));
       LOCUS_REQUIRE(planned.model->nodes() == topo.nodes(), locus::config_error, "the grouping in ", opt->grouping_path,
@@ -352,7 +365,7 @@ inline void register_simulate(CLI::App& app) {
         for_run.copies = locus::cost::to_string(transport); // plan for the transport simulated
       p.start("planning " + plan->placement);
       planned = for_run.plan(train, topo, split->split_seed, split->prefill_tokens, opt->grouper == "workload_aware");
-      if (!opt->map_path.empty()) planned.maps = locus::load_expert_maps(opt->map_path);
+      if (!opt->map_path.empty()) planned.maps = load_map();
       p.done();
     }
     const auto& maps = planned.maps;

@@ -140,6 +140,8 @@ refused '--grouping is the workload_aware' simulate --trace "$work/t.bin" --map 
 refused 'name the same file' plan --trace "$work/t.bin" --placement locality --out "$work/same.json" --grouping "$work/same.json"
 refused 'also an input' map export "$work/lin.json" --to eplb --out "$work/lin.json"
 refused 'also an input' plan --trace "$work/t.bin" --placement linear --out "$work/t.bin"
+refused 'planned for 4 nodes x 2 GPUs; this run has 8 x 1' simulate --trace "$work/t.bin" --map "$work/lin.json" --nodes 8 --gpus-per-node 1
+refused 'was made for 2 GPUs per node' map export "$work/lin.json" --to eplb --gpus-per-node 1 --out "$work/e.json"
 refused 'cannot create a file in its folder' plan --trace "$work/t.bin" --placement linear --out /proc/m.json
 no_partial_outputs() {
   rm -f "$work/x.json" "$work/c.json"

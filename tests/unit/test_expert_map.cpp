@@ -113,6 +113,34 @@ BOOST_AUTO_TEST_CASE(json_round_trip) {
   std::filesystem::remove(path);
 }
 
+// A plan saved with its topology reads it back; a file whose GPUs per node do not divide its
+// ranks is refused, and a map that breaks an invariant is named with its file.
+BOOST_AUTO_TEST_CASE(json_plan_keeps_its_topology) {
+  const auto path = (std::filesystem::temp_directory_path() / "locus_test_expert_plan.json").string();
+  std::vector<expert_map> layers = {expert_map(4, 4, 1, {0, 1, 2, 3}), expert_map(4, 4, 1, {3, 2, 1, 0})};
+  save_expert_plan(path, {layers, {1, 2}, 3, 2});
+  const auto back = load_expert_plan(path);
+  BOOST_TEST(back.gpus_per_node == 2u);
+  BOOST_TEST(back.hidden_layers == 3u);
+  BOOST_TEST((back.model_layers == std::vector<std::size_t>{1, 2}));
+  BOOST_TEST(load_expert_plan((save_expert_maps(path, layers), path)).gpus_per_node == 0u); // not saved: unknown
+  BOOST_CHECK_THROW(save_expert_plan(path, {layers, {}, 0, 3}), config_error);
+  auto doc = expert_maps_to_json(layers);
+  doc["gpus_per_node"] = 3;
+  write_file_atomically(path, doc.dump());
+  BOOST_CHECK_THROW(load_expert_plan(path), format_error);
+  doc["gpus_per_node"] = 2;
+  doc["layers"][0][1] = nlohmann::json::array({0}); // expert 0 twice, expert 1 nowhere
+  write_file_atomically(path, doc.dump());
+  try {
+    (void)load_expert_plan(path);
+    BOOST_ERROR("a map hosting no copy of expert 1 loaded");
+  } catch (const invalid_input_error& e) {
+    BOOST_TEST(std::string(e.what()).find(path) != std::string::npos, e.what());
+  }
+  std::filesystem::remove(path);
+}
+
 BOOST_AUTO_TEST_CASE(json_errors_are_precise) {
   auto doc = expert_maps_to_json({expert_map(2, 2, 1, {0, 1})});
   BOOST_CHECK_NO_THROW(expert_maps_from_json(doc));

@@ -8,7 +8,9 @@
 //! {"format": "locus-expert-map", "version": 1, "experts": E, "ranks": R, "slots_per_rank": S,
 //!  "layers": [ [[e, e, ...] per rank] per layer ]}   (-1 marks an empty slot)
 //! and, optional, "model_layers": [hidden-layer index of each layer], "hidden_layers": H (the
-//! model's layer numbering, which engine exports use; see placement/engine_export.hpp).
+//! model's layer numbering, which engine exports use; see placement/engine_export.hpp), and
+//! "gpus_per_node": G (the topology the plan was made for: ranks / G nodes of G GPUs; a locality
+//! plan is only right on that topology).
 
 #include <algorithm>
 #include <cerrno>
@@ -155,24 +157,38 @@ struct expert_plan_file {
   std::vector<expert_map> maps;
   std::vector<std::size_t> model_layers; //!< hidden-layer index of each map; empty when not saved
   std::size_t hidden_layers = 0;         //!< the model's hidden layers; 0 when not saved
+  std::size_t gpus_per_node = 0;         //!< GPUs per node of the plan's topology; 0 when not saved
 };
 
-//! Writes per-layer maps (and the model layer of each, when given) to a JSON file, atomically.
+//! Writes a plan (its maps, and what else it knows) to a JSON file, atomically.
 //! @throws locus::io_error when the file cannot be written
-//! @throws locus::config_error when `model_layers` does not have one ascending id per map
+//! @throws locus::config_error when `model_layers` does not have one ascending id per map, or
+//!         gpus_per_node does not divide the ranks
+inline void save_expert_plan(const std::string& path, const expert_plan_file& plan) {
+  auto doc = expert_maps_to_json(plan.maps);
+  const auto& ids = plan.model_layers;
+  if (!ids.empty()) {
+    LOCUS_REQUIRE(ids.size() == plan.maps.size(), config_error, "save_expert_maps: ", ids.size(),
+                  " model layer ids for ", plan.maps.size(), " maps");
+    for (std::size_t l = 1; l < ids.size(); ++l)
+      LOCUS_REQUIRE(ids[l] > ids[l - 1], config_error, "save_expert_maps: model layer ids must ascend");
+    doc["model_layers"] = ids;
+  }
+  if (plan.hidden_layers > 0) doc["hidden_layers"] = plan.hidden_layers;
+  if (plan.gpus_per_node > 0) {
+    LOCUS_REQUIRE(plan.maps.front().ranks() % plan.gpus_per_node == 0, config_error,
+                  "save_expert_maps: ", plan.gpus_per_node, " GPUs per node do not divide ", plan.maps.front().ranks(),
+                  " ranks");
+    doc["gpus_per_node"] = plan.gpus_per_node;
+  }
+  write_file_atomically(path, doc.dump(1) + '\n');
+}
+
+//! Writes per-layer maps (and the model layer of each, when given) to a JSON file, atomically.
+//! @throws as save_expert_plan
 inline void save_expert_maps(const std::string& path, const std::vector<expert_map>& layers,
                              const std::vector<std::size_t>& model_layers = {}, std::size_t hidden_layers = 0) {
-  auto doc = expert_maps_to_json(layers);
-  if (!model_layers.empty()) {
-    LOCUS_REQUIRE(model_layers.size() == layers.size(), config_error, "save_expert_maps: ", model_layers.size(),
-                  " model layer ids for ", layers.size(), " maps");
-    for (std::size_t l = 1; l < model_layers.size(); ++l)
-      LOCUS_REQUIRE(model_layers[l] > model_layers[l - 1], config_error,
-                    "save_expert_maps: model layer ids must ascend");
-    doc["model_layers"] = model_layers;
-  }
-  if (hidden_layers > 0) doc["hidden_layers"] = hidden_layers;
-  write_file_atomically(path, doc.dump(1) + '\n');
+  save_expert_plan(path, {layers, model_layers, hidden_layers, 0});
 }
 
 //! Reads a saved plan: the maps and the model layer numbering when the file has it.
@@ -223,8 +239,17 @@ inline expert_plan_file load_expert_plan(const std::string& path) {
       }
     }
     if (doc.contains("hidden_layers")) out.hidden_layers = detail::json_size(doc, "hidden_layers");
+    if (doc.contains("gpus_per_node")) {
+      out.gpus_per_node = detail::json_size(doc, "gpus_per_node");
+      if (out.gpus_per_node == 0 || out.maps.front().ranks() % out.gpus_per_node != 0)
+        throw format_error(detail::concat("expert map JSON: \"gpus_per_node\" ", out.gpus_per_node,
+                                          " does not divide the ", out.maps.front().ranks(), " ranks"),
+                           0);
+    }
   } catch (const format_error& e) {
     throw format_error(detail::concat(path, ": ", e.message()), e.offset(), __FILE__, __LINE__);
+  } catch (const invalid_input_error& e) { // a map that breaks an invariant: named with its file
+    throw invalid_input_error(detail::concat(path, ": ", e.message()), __FILE__, __LINE__);
   }
   return out;
 }
