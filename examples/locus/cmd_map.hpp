@@ -104,11 +104,12 @@ inline int map_export(const export_options& o) {
               {"empty_slots_filled", filled},
               {"filled_by_load", !load.empty()}});
   if (json_to_stdout(o.json)) return 0;
-  std::printf("%s: %s format, %zu MoE layers (hidden layers %zu..%zu of %zu), %zu experts in %zu slots per layer on %zu "
-              "ranks; %zu empty slots of %zu (all layers) filled%s\n",
-              o.out.c_str(), o.to.c_str(), maps.size(), layers.moe_layer.front(), layers.moe_layer.back(),
-              layers.hidden_layers, m.experts(), m.slot_count(), m.ranks(), filled, m.slot_count() * maps.size(),
-              load.empty() && filled > 0 ? " (no --load-trace: by replica count)" : "");
+  std::printf(
+      "%s: %s format, %zu MoE layers (hidden layers %zu..%zu of %zu), %zu experts in %zu slots per layer on %zu "
+      "ranks; %zu empty slots of %zu (all layers) filled%s\n",
+      o.out.c_str(), o.to.c_str(), maps.size(), layers.moe_layer.front(), layers.moe_layer.back(), layers.hidden_layers,
+      m.experts(), m.slot_count(), m.ranks(), filled, m.slot_count() * maps.size(),
+      load.empty() && filled > 0 ? " (no --load-trace: by replica count)" : "");
   if (format == locus::placement::engine_format::sglang)
     std::printf("pass: --init-expert-location %s --ep-num-redundant-experts %zu --ep-size %zu\n", o.out.c_str(),
                 m.slot_count() - m.experts(), m.ranks());

@@ -32,11 +32,16 @@ namespace locus_driver {
 
 namespace trace_analysis {
 
-inline locus::trace::trace load(const std::string& path, progress& p, std::size_t experts = 0) {
+//! Refuses a trace path that names nothing ("-" is standard input).
+inline void require_exists(const std::string& path) {
   std::error_code ec;
-  LOCUS_REQUIRE(std::filesystem::exists(path, ec) || (ec && ec != std::errc::no_such_file_or_directory),
+  LOCUS_REQUIRE(path == "-" || std::filesystem::exists(path, ec) || (ec && ec != std::errc::no_such_file_or_directory),
                 locus::io_error, "trace \"", path,
                 "\" does not exist (expected a locus binary trace file, an ESFT folder or a route JSONL file)");
+}
+
+inline locus::trace::trace load(const std::string& path, progress& p, std::size_t experts = 0) {
+  require_exists(path);
   p.start("loading " + path);
   auto t = load_trace(path, experts);
   p.done();
@@ -174,23 +179,30 @@ inline std::string csv_quote(const std::string& x) {
 
 inline void register_trace_stats(CLI::App& trace_cmd) {
   struct options {
-    std::string path;
-    std::size_t prefill = 32, experts = 0;
+    std::vector<std::string> paths;
+    std::size_t prefill = 32;
+    jsonl_reading how;
     std::string json;
     unsigned threads = 0;
   };
   auto o = std::make_shared<options>();
   auto* cmd = trace_cmd.add_subcommand("stats", "Statistics of a trace: load imbalance, domains, prefill/decode "
                                                 "correlation (table, or JSON with --json -)");
-  cmd->add_option("trace", o->path, trace_help)->required();
+  cmd->add_option("trace", o->paths, trace_help)->required()->expected(1, -1);
   auto* prefill = cmd->add_option("--prefill-tokens", o->prefill, prefill_help);
-  cmd->add_option("--experts", o->experts, experts_help);
+  cmd->add_option("--experts", o->how.experts, experts_help);
+  cmd->add_flag("--split-on-restart", o->how.split_on_restart, split_on_restart_help);
+  cmd->add_flag("--strict-layers", o->how.strict_layers, strict_layers_help);
   add_json_option(cmd, o->json);
   cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)");
   cmd->callback([o, prefill] {
-    check_outputs({{"--json", o->json}}, {o->path});
+    check_outputs({{"--json", o->json}}, o->paths);
     progress p("locus trace stats");
-    const auto loaded = trace_analysis::load(o->path, p, o->experts);
+    for (const auto& path : o->paths)
+      trace_analysis::require_exists(path);
+    p.start("loading " + o->paths.front() + (o->paths.size() > 1 ? " ..." : ""));
+    const auto loaded = load_trace(o->paths, o->how);
+    p.done();
     const bool recorded = keeps_recorded_phases(loaded, prefill->count() > 0);
     const auto t = with_prefill(loaded, o->prefill, prefill->count() > 0);
     p.start("computing statistics");
@@ -223,7 +235,9 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
   cmd->add_option("--fit", o->fit_path, "Fit the model to this trace (binary file or ESFT folder)");
   cmd->add_option("--rescale", o->rescale, "With --fit: rescale to EXPERTS:TOP_K:LAYERS, e.g. 256:8:58");
   auto& sh = o->shape;
-  cmd->add_option("--experts", sh.experts, "Experts per layer (shape mode)")->check(CLI::Range(1, 65536));
+  auto* experts = cmd->add_option("--experts", sh.experts,
+                                  "Experts per layer (shape mode; with --fit: a route JSONL trace's expert count)")
+                      ->check(CLI::Range(1, 65536));
   cmd->add_option("--top-k", sh.top_k, "Experts per token (shape mode)")->check(CLI::Range(1, 64));
   cmd->add_option("--layers", sh.layers, "MoE layers (shape mode)")->check(tool_cli::positive_whole);
   cmd->add_option("--domains", sh.domains, "Domains (shape mode)")->check(tool_cli::positive_whole);
@@ -247,7 +261,7 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
   cmd->add_option("--seed", o->seed, "Seed (the output is identical for equal seeds)");
   cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)");
   add_json_option(cmd, o->json);
-  cmd->callback([o] {
+  cmd->callback([o, experts] {
     progress p("locus trace synth");
     LOCUS_REQUIRE(o->rescale.empty() || !o->fit_path.empty(), locus::config_error,
                   "--rescale needs --fit TRACE (a shape is given directly with --experts/--top-k/--layers)");
@@ -261,7 +275,7 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
     }
     locus::trace::synth_model m;
     if (!o->fit_path.empty()) {
-      const auto real = trace_analysis::load(o->fit_path, p);
+      const auto real = trace_analysis::load(o->fit_path, p, experts->count() ? o->shape.experts : 0);
       p.start("fitting the synthesizer");
       locus::trace::fit_options fo;
       fo.prefill_tokens = o->shape.prefill_tokens;

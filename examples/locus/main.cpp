@@ -41,6 +41,29 @@ int report(const std::string& message, int code) {
   return code;
 }
 
+//! The name of the unknown command word where one is given, with the known ones, else empty.
+//! CLI11 would answer "A subcommand is required" to `locus frobnicate`, naming nothing.
+std::string unknown_command(const CLI::App& app, int argc, char** argv) {
+  const CLI::App* at = &app;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.empty() || arg[0] == '-') return {}; // options (and everything after them) are CLI11's
+    const auto subs = at->get_subcommands([](const CLI::App*) { return true; });
+    if (subs.empty()) return {};
+    const CLI::App* next = nullptr;
+    std::string names;
+    for (const CLI::App* sub : subs) {
+      if (sub->get_name() == arg) next = sub;
+      names += (names.empty() ? "" : ", ") + sub->get_name();
+    }
+    if (!next)
+      return "locus: usage error: unknown command \"" + arg + "\" (" +
+             (at == &app ? std::string("commands") : "commands of " + at->get_name()) + ": " + names + "; see --help)";
+    at = next;
+  }
+  return {};
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -79,6 +102,7 @@ int main(int argc, char** argv) {
   trace_cmd->require_subcommand(1);
   locus_driver::register_trace_import(trace_cmd);
   locus_driver::register_trace_analysis(trace_cmd);
+  if (const std::string unknown = unknown_command(app, argc, argv); !unknown.empty()) return report(unknown, 2);
   // Every exception ends here as one line on stderr and an exit code: nothing aborts.
   try {
     app.parse(argc, argv);

@@ -143,6 +143,17 @@ refused 'also an input' plan --trace "$work/t.bin" --placement linear --out "$wo
 refused 'planned for 4 nodes x 2 GPUs; this run has 8 x 1' simulate --trace "$work/t.bin" --map "$work/lin.json" --nodes 8 --gpus-per-node 1
 refused 'was made for 2 GPUs per node' map export "$work/lin.json" --to eplb --gpus-per-node 1 --out "$work/e.json"
 refused 'cannot create a file in its folder' plan --trace "$work/t.bin" --placement linear --out /proc/m.json
+refused 'unknown command "frobnicate" \(commands: compare, map, plan, simulate, trace' frobnicate
+refused 'unknown command "frob" \(commands of trace: import' trace frob
+stats_of_two_files_and_stdin() {
+  # A route log split by layer into two files, and the whole log on standard input.
+  grep -v '"layer": 1' "$work/odd.jsonl" >"$work/odd_l0.jsonl"
+  { head -1 "$work/odd.jsonl"; grep '"layer": 1' "$work/odd.jsonl"; } >"$work/odd_l1.jsonl"
+  "$locus" trace stats "$work/odd_l0.jsonl" "$work/odd_l1.jsonl" --json - >"$work/s2.json" || return 1
+  "$locus" trace stats - --json - <"$work/odd.jsonl" >"$work/s1.json" || return 1
+  grep -q '"layers": 2' "$work/s2.json" && grep -q '"layers": 2' "$work/s1.json"
+}
+check "trace stats reads what its help says" stats_of_two_files_and_stdin
 no_partial_outputs() {
   rm -f "$work/x.json" "$work/c.json"
   "$locus" plan --trace "$work/t.bin" --placement locality --out "$work/x.json" --grouping "$work/none/g.json" \

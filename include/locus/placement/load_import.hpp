@@ -109,7 +109,8 @@ inline array read_npy(const std::string& path) {
   const std::string dtype = header.substr(d + 1, d_end - d - 1);
   const std::size_t esize = element_size(dtype);
   ::locus::detail::format_require(esize > 0 && dtype[0] != '>', path, ": dtype ", dtype,
-                                  " is not a little-endian integer or float");
+                                  " is not one locus reads: little-endian integers (<i1 .. <i8, <u1 .. <u8) or "
+                                  "floats (<f4, <f8)");
   // (A header that ends after the colon has no value: find_first_not_of gives npos, which compare
   // would throw std::out_of_range for.)
   const std::size_t f = header.find_first_not_of(' ', value_after("fortran_order"));
@@ -294,10 +295,17 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
       out.layer_ids.push_back(l);
   }
   LOCUS_REQUIRE(!out.load.empty() && !out.load.front().empty(), invalid_input_error, path, ": no loads in the file");
-  for (std::size_t l = 0; l < out.load.size(); ++l)
-    for (std::size_t e = 0; e < out.load[l].size(); ++e)
+  for (std::size_t l = 0; l < out.load.size(); ++l) {
+    double total = 0;
+    for (std::size_t e = 0; e < out.load[l].size(); ++e) {
       LOCUS_REQUIRE(std::isfinite(out.load[l][e]) && out.load[l][e] >= 0, invalid_input_error, path, ": layer ", l,
                     " expert ", e, " has load ", out.load[l][e], " (must be finite and non-negative)");
+      total += out.load[l][e];
+    }
+    // Planners add loads up: a layer whose sum is not a number would reach them as "load inf".
+    LOCUS_REQUIRE(std::isfinite(total), invalid_input_error, path, ": the loads of layer ", l,
+                  " add up past the largest double; scale them down");
+  }
   return out;
 }
 
