@@ -657,7 +657,10 @@ BOOST_AUTO_TEST_CASE(absurd_sizes_are_config_errors) {
         "redundant slots per rank is 1000000000000");
     expect_config(
         "redundant 2^64-1", [] { (void)placement::slots_for(64, 8, ~std::size_t{0}); },
-        "expected at most the number of experts");
+        "expected at most 56 (a GPU holds each of the 64 experts at most once");
+    BOOST_CHECK_NO_THROW((void)placement::slots_for(64, 8, 56));
+    expect_config(
+        "redundant 57", [] { (void)placement::slots_for(64, 8, 57); }, "expected at most 56");
     const auto t = small_trace(21).with_prefill_tokens(3);
     expect_config(
         "per-node tables",

@@ -73,9 +73,13 @@ inline std::size_t slots_for(std::size_t experts, std::size_t ranks, std::size_t
   // A GPU without an expert would sit idle in every MoE layer: refuse rather than plan it.
   LOCUS_REQUIRE(experts >= ranks, config_error, experts, " experts cannot give each of ", ranks,
                 " GPUs (nodes × GPUs per node) one: use at most ", experts, " GPUs");
-  LOCUS_REQUIRE(redundant_per_rank <= experts, config_error, "redundant slots per rank is ", redundant_per_rank,
-                ", expected at most the number of experts (", experts, ")");
-  return (experts + ranks - 1) / ranks + redundant_per_rank;
+  // A GPU holds each expert at most once (a second copy on the same GPU serves nothing the first
+  // does not): its slots are at most the experts.
+  const std::size_t first = (experts + ranks - 1) / ranks;
+  LOCUS_REQUIRE(redundant_per_rank <= experts - first, config_error, "redundant slots per rank is ",
+                redundant_per_rank, ", expected at most ", experts - first, " (a GPU holds each of the ", experts,
+                " experts at most once, and ", first, " slots hold its first copies)");
+  return first + redundant_per_rank;
 }
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::placement
