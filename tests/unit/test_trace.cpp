@@ -791,6 +791,9 @@ BOOST_AUTO_TEST_CASE(esft_folder_write_and_import_round_trip) {
   const auto u = trace::import_esft(dir.path.string(), opt);
   BOOST_TEST(calls == 3u * u.domains().size());
   BOOST_TEST(u.layers() == 3u);
+  // expert_weights_<n> is model layer n: the trace keeps that numbering for engine exports.
+  BOOST_TEST(u.has_model_layers());
+  BOOST_TEST(u.model_layer_ids() == (std::vector<std::size_t>{1, 2, 3}), boost::test_tools::per_element());
   BOOST_TEST(u.requests() == t.requests());
   // Import orders domains by name and renumbers requests; compare request by request.
   std::map<std::string, std::vector<std::size_t>> by_domain;

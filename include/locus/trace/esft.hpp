@@ -430,6 +430,12 @@ inline trace import_esft(const std::string& root_dir, const esft_options& opt = 
     if (parsed.front().tokens_per_line.empty()) detail::trace::esft_fail(names.front(), 1, 1, "file holds no sequence");
     detail::trace::add_esft_domain(b, dom, parsed, names, next_id);
   }
+  // expert_weights_<n> is the model's hidden layer n (ESFT's layer 0 is dense and not logged):
+  // the trace keeps that numbering, so an engine export lines the layers up without being told.
+  std::vector<std::uint32_t> model_layers(layers);
+  for (std::size_t l = 0; l < layers; ++l)
+    model_layers[l] = static_cast<std::uint32_t>(l + 1);
+  b.set_model_layers(std::move(model_layers));
   auto t = b.build();
   detail::trace::esft_check_top_k(t);
   return t;
