@@ -81,7 +81,8 @@ struct plan_options {
   void add_to(CLI::App* cmd, const char* copies_default) {
     cmd->add_option("--placement", placement, "Planner: linear, round_robin, eplb, activation_usage, locality")
         ->check(CLI::IsMember(locus::placement::planner_names()));
-    cmd->add_option("--redundant-slots", redundant_slots, "Replica slots per GPU (a GPU holds each expert at most once: at most experts - experts / GPUs)");
+    cmd->add_option("--redundant-slots", redundant_slots,
+                    "Replica slots per GPU (a GPU holds each expert at most once: at most experts - experts / GPUs)");
     cmd->add_option("--eplb-groups", eplb_groups, "Expert groups for eplb")->check(tool_cli::positive_whole);
     cmd->add_option("--clusters", clusters, "Request clusters of the workload-aware model")
         ->check(tool_cli::positive_whole);

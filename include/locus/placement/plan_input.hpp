@@ -76,8 +76,8 @@ inline std::size_t slots_for(std::size_t experts, std::size_t ranks, std::size_t
   // A GPU holds each expert at most once (a second copy on the same GPU serves nothing the first
   // does not): its slots are at most the experts.
   const std::size_t first = (experts + ranks - 1) / ranks;
-  LOCUS_REQUIRE(redundant_per_rank <= experts - first, config_error, "redundant slots per rank is ",
-                redundant_per_rank, ", expected at most ", experts - first, " (a GPU holds each of the ", experts,
+  LOCUS_REQUIRE(redundant_per_rank <= experts - first, config_error, "redundant slots per rank is ", redundant_per_rank,
+                ", expected at most ", experts - first, " (a GPU holds each of the ", experts,
                 " experts at most once, and ", first, " slots hold its first copies)");
   return first + redundant_per_rank;
 }
