@@ -145,6 +145,8 @@ refused 'was made for 2 GPUs per node' map export "$work/lin.json" --to eplb --g
 refused 'cannot create a file in its folder' plan --trace "$work/t.bin" --placement linear --out /proc/m.json
 refused 'unknown command "frobnicate" \(commands: compare, map, plan, simulate, trace' frobnicate
 refused 'unknown command "frob" \(commands of trace: import' trace frob
+printf 'n\377\376 garbage' >"$work/garbage.json"
+refused "not valid JSON: parse error at line 1, column 2: .*last read: 'n\\\\xFF'$" map check "$work/garbage.json"
 stats_of_two_files_and_stdin() {
   # A route log split by layer into two files, and the whole log on standard input.
   grep -v '"layer": 1' "$work/odd.jsonl" >"$work/odd_l0.jsonl"
