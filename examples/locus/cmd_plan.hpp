@@ -314,11 +314,14 @@ inline void register_simulate(CLI::App& app) {
     const auto start = std::chrono::steady_clock::now();
     const auto topo = split->topology(); // an impossible topology is refused before the trace is read
     const bool saved = !opt->map_path.empty() && !opt->grouping_path.empty();
-    if (saved)
+    // With --map nothing is planned, unless the workload-aware grouper needs a model and no saved
+    // one is given: then the planner options fit it (locality refines it with its own maps).
+    const bool map_only = !opt->map_path.empty() && (saved || opt->grouper != "workload_aware");
+    if (map_only)
       for (const char* name : {"--placement", "--redundant-slots", "--eplb-groups", "--clusters", "--copies",
                                "--anneal", "--balance-shift", "--shift-by", "--hedge-replicas"})
-        LOCUS_REQUIRE(cmd->count(name) == 0, locus::config_error, name,
-                      " does not apply: --map with --grouping simulates the saved plan as it is");
+        LOCUS_REQUIRE(cmd->count(name) == 0, locus::config_error, name, " does not apply: --map simulates the saved ",
+                      "plan as it is (", saved ? "with its saved grouping" : "--grouper " + opt->grouper, ")");
     else
       plan->check_applies(cmd);
     LOCUS_REQUIRE(opt->grouping_path.empty() || opt->grouper == "workload_aware", locus::config_error,
@@ -334,7 +337,7 @@ inline void register_simulate(CLI::App& app) {
     check_outputs({{"--json", opt->json}}, inputs);
     progress p("locus simulate");
     p.start("loading " + split->trace_name());
-    const auto [train, test] = split->load(!saved, true);
+    const auto [train, test] = split->load(!map_only, true);
     p.done();
     // With --map and --grouping the saved plan and grouping are used as they are. Otherwise the
     // workload-aware model is fitted on the training split (with --placement, together with the maps).
@@ -354,13 +357,13 @@ inline void register_simulate(CLI::App& app) {
                     " (--nodes, --gpus-per-node)");
       return std::move(file.maps);
     };
-    if (!opt->map_path.empty() && !opt->grouping_path.empty()) {
-      planned.maps = load_map();
+    if (map_only) planned.maps = load_map();
+    if (saved) {
       planned.model =
           std::make_shared<const locus::grouper::workload_model>(locus::grouper::load_grouping(opt->grouping_path));
       LOCUS_REQUIRE(planned.model->nodes() == topo.nodes(), locus::config_error, "the grouping in ", opt->grouping_path,
                     " is for ", planned.model->nodes(), " nodes, the simulation has ", topo.nodes());
-    } else {
+    } else if (!map_only) {
       auto for_run = *plan;
       if (for_run.copies.empty())
         for_run.copies = locus::cost::to_string(transport); // plan for the transport simulated

@@ -137,6 +137,7 @@ refused '--rescale: layers is 100000' trace synth --fit "$work/t.bin" --rescale 
 refused '--layer -2 is not a layer' trace report "$work/t.bin" --layer -2 --out "$work/r2" --no-render
 refused '--anneal applies to --placement locality' plan --trace "$work/t.bin" --placement linear --anneal 3 --out "$work/m.json"
 refused '--grouping is the workload_aware' simulate --trace "$work/t.bin" --map "$work/lin.json" --grouping "$work/lin.json"
+refused 'does not apply: --map simulates the saved plan as it is \(--grouper round_robin\)' simulate --trace "$work/t.bin" --map "$work/lin.json" --placement eplb
 refused 'name the same file' plan --trace "$work/t.bin" --placement locality --out "$work/same.json" --grouping "$work/same.json"
 refused 'also an input' map export "$work/lin.json" --to eplb --out "$work/lin.json"
 refused 'also an input' plan --trace "$work/t.bin" --placement linear --out "$work/t.bin"
