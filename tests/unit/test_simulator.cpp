@@ -33,6 +33,14 @@ trace::trace random_trace(std::mt19937& rng, std::size_t requests, std::size_t e
     }
   return b.build().with_prefill_tokens(prefill);
 }
+
+// Decode tokens of `t` when every request's first `prefill` tokens are prefill.
+std::uint64_t decode_tokens(const trace::trace& t, std::size_t prefill) {
+  std::uint64_t n = 0;
+  for (std::size_t r = 0; r < t.requests(); ++r)
+    n += t.request(r).length - prefill;
+  return n;
+}
 } // namespace
 
 // With room for everyone and round-robin grouping, request r decodes on rank r mod R from step 0;
@@ -155,9 +163,7 @@ BOOST_AUTO_TEST_CASE(replica_rules_match_a_direct_replay) {
 BOOST_AUTO_TEST_CASE(capacity_is_respected_and_nothing_is_lost) {
   std::mt19937 rng(8);
   const auto t = random_trace(rng, 40, 8, 2, 1, 2);
-  std::uint64_t decode = 0;
-  for (std::size_t r = 0; r < t.requests(); ++r)
-    decode += t.request(r).length - 2;
+  const std::uint64_t decode = decode_tokens(t, 2);
   for (std::size_t batch : {1u, 3u}) {
     simulation_config cfg;
     cfg.topology = dynamic_topology(2, 2);
@@ -182,9 +188,7 @@ BOOST_AUTO_TEST_CASE(capacity_is_respected_and_nothing_is_lost) {
 BOOST_AUTO_TEST_CASE(arrival_gaps_are_skipped) {
   std::mt19937 rng(3);
   const auto t = random_trace(rng, 6, 8, 2, 1, 2);
-  std::uint64_t decode = 0;
-  for (std::size_t r = 0; r < t.requests(); ++r)
-    decode += t.request(r).length - 2;
+  const std::uint64_t decode = decode_tokens(t, 2);
   simulation_config cfg;
   cfg.topology = dynamic_topology(2, 2);
   cfg.arrival_rate = 1e-9;
