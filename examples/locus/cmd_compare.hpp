@@ -231,6 +231,7 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
     trace_name = split.trace_name();
   }
   p.done();
+  require_decode_tokens(test, trace_name, split.prefill_tokens);
 
   locus::cost::comparison_options opt;
   opt.plan.grouping.clusters = o.clusters;

@@ -379,13 +379,7 @@ inline void register_simulate(CLI::App& app) {
                   locus::config_error, "the map in ", opt->map_path, " has ", maps.size(), " layers of ",
                   maps.front().experts(), " experts on ", maps.front().ranks(), " ranks; the trace has ", test.layers(),
                   " layers of ", test.experts(), " experts and the topology ", topo.ranks(), " ranks");
-    std::uint64_t decode_tokens = 0;
-    for (std::size_t r = 0; r < test.requests(); ++r)
-      for (std::size_t i = 0; i < test.request(r).length; ++i)
-        decode_tokens += test.token_phase(test.request(r).first_token + i) == locus::trace::phase::decode;
-    LOCUS_REQUIRE(decode_tokens > 0, locus::config_error, "the test split of ", split->trace_name(),
-                  " has no decode tokens to simulate (--prefill-tokens ", split->prefill_tokens,
-                  " covers every request)");
+    require_decode_tokens(test, split->trace_name(), split->prefill_tokens);
     locus::cost::simulation_config cfg;
     cfg.topology = topo;
     cfg.transport = transport;

@@ -134,4 +134,15 @@ inline locus::trace::trace with_prefill(const locus::trace::trace& t, std::size_
   return keeps_recorded_phases(t, explicit_count) ? t : t.with_prefill_tokens(prefill);
 }
 
+//! Refuses a test split with nothing to decode (every request within its prefill): a simulation
+//! of it would report zeros as if they were results.
+inline void require_decode_tokens(const locus::trace::trace& test, const std::string& trace_name,
+                                  std::size_t prefill_tokens) {
+  for (std::size_t r = 0; r < test.requests(); ++r)
+    for (std::size_t i = 0; i < test.request(r).length; ++i)
+      if (test.token_phase(test.request(r).first_token + i) == locus::trace::phase::decode) return;
+  LOCUS_THROW(locus::config_error, "the test split of ", trace_name,
+              " has no decode tokens to simulate (--prefill-tokens ", prefill_tokens, " covers every request)");
+}
+
 } // namespace locus_driver

@@ -129,6 +129,7 @@ refused '100000000 hidden layers' map export "$work/lin.json" --to sglang --num-
 refused 'after step 10\^18' simulate --trace "$work/t.bin" --arrival-rate 1e-300
 ok '^steps: ' simulate --trace "$work/t.bin" --arrival-rate 1e-9
 refused 'no decode tokens' simulate --trace "$work/t.bin" --prefill-tokens 100000
+refused 'no decode tokens' compare --trace "$work/t.bin" --prefill-tokens 100000
 refused 'never re-plans' simulate --trace "$work/t.bin" --replan-every 10 --replan-window 18446744073709551615
 refused 'apply with --replan-every' simulate --trace "$work/t.bin" --replan-window 5
 refused 'layers is 100000, expected' trace synth --experts 16 --top-k 2 --layers 100000 --out "$work/s.bin"

@@ -287,7 +287,8 @@ private:
     }
     LOCUS_REQUIRE(!reqs.empty(), config_error,
                   "workload_aware: the training trace has no request with both prefill and "
-                  "decode tokens (mark prefill with trace::with_prefill_tokens)");
+                  "decode tokens (mark each request's prefill: trace::with_prefill_tokens; --prefill-tokens in the "
+                  "locus tool)");
     return reqs;
   }
 
