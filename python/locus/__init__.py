@@ -194,15 +194,26 @@ class ExpertPlan:
                           self.hidden_layers)
 
     def save(self, path: str) -> None:
-        """Writes the plan as locus expert-map JSON (what ``locus simulate --map`` reads)."""
+        """Writes the plan as locus expert-map JSON (what ``locus simulate --map`` reads), with the
+        topology it was made for."""
         ids = [int(x) for x in self.layer_ids] if self.layer_ids is not None else []
-        _core._save_expert_maps(path, self._maps(), self.experts, ids, int(self.hidden_layers))
+        _core._save_expert_maps(path, self._maps(), self.experts, ids, int(self.hidden_layers), int(self.gpus_per_node))
 
     @staticmethod
-    def load(path: str, nodes: int = 1, gpus_per_node: Optional[int] = None) -> "ExpertPlan":
-        maps, experts, ids, hidden = _core._load_expert_maps(path)
-        g = gpus_per_node if gpus_per_node is not None else maps.shape[1] // nodes
-        return ExpertPlan(maps, experts, nodes, g, None, ids or None, hidden)
+    def load(path: str, nodes: Optional[int] = None, gpus_per_node: Optional[int] = None) -> "ExpertPlan":
+        """Reads a saved plan. Its topology is the one saved with it; a file without one is taken as
+        ``nodes`` (default 1) nodes of equal size."""
+        maps, experts, ids, hidden, saved = _core._load_expert_maps(path)
+        ranks = int(maps.shape[1])
+        g = gpus_per_node if gpus_per_node is not None else saved if saved else ranks // (nodes or 1)
+        n = nodes if nodes is not None else ranks // g if g else 0
+        if saved and g != saved:
+            raise ConfigError(f"locus: configuration error: the plan in {path} was made for {saved} GPUs per node, "
+                              f"not {g}")
+        if g <= 0 or n * g != ranks:
+            raise ConfigError(f"locus: configuration error: {nodes} nodes x {g} GPUs do not make the plan's "
+                              f"{ranks} ranks")
+        return ExpertPlan(maps, experts, n, g, None, ids or None, hidden)
 
 
 def plan(

@@ -369,14 +369,15 @@ NB_MODULE(_core, m) {
       "_load_expert_maps",
       [](const std::string& path) {
         const auto plan = locus::load_expert_plan(path);
-        return nb::make_tuple(maps_to(plan.maps), plan.maps.front().experts(), plan.model_layers, plan.hidden_layers);
+        return nb::make_tuple(maps_to(plan.maps), plan.maps.front().experts(), plan.model_layers, plan.hidden_layers,
+                              plan.gpus_per_node);
       },
       "path"_a);
   m.def(
       "_save_expert_maps",
       [](const std::string& path, maps_in maps, std::size_t experts, std::vector<std::size_t> layer_ids,
-         std::size_t hidden_layers) {
-        locus::save_expert_maps(path, maps_from(maps, experts), layer_ids, hidden_layers);
+         std::size_t hidden_layers, std::size_t gpus_per_node) {
+        locus::save_expert_plan(path, {maps_from(maps, experts), std::move(layer_ids), hidden_layers, gpus_per_node});
       },
-      "path"_a, "maps"_a, "experts"_a, "layer_ids"_a, "hidden_layers"_a);
+      "path"_a, "maps"_a, "experts"_a, "layer_ids"_a, "hidden_layers"_a, "gpus_per_node"_a);
 }

@@ -199,6 +199,10 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
     plan.save(str(tmp_path / "m.json"))
     back = locus.ExpertPlan.load(str(tmp_path / "m.json"), nodes=2)
     assert np.array_equal(back.maps, plan.maps) and back.experts == 16 and back.gpus_per_node == 2
+    saved = locus.ExpertPlan.load(str(tmp_path / "m.json"))  # the topology saved with the plan
+    assert (saved.nodes, saved.gpus_per_node) == (plan.nodes, plan.gpus_per_node)
+    with pytest.raises(locus.ConfigError, match="made for 2 GPUs per node, not 4"):
+        locus.ExpertPlan.load(str(tmp_path / "m.json"), gpus_per_node=4)
     with pytest.raises(locus.ConfigError, match="hidden layer 9, but the model has 5"):
         locus.export_text(plan, "sglang", layer_ids=[1, 2, 9], num_hidden_layers=5)
 
