@@ -54,8 +54,10 @@ inline nlohmann::json number_or_null(double v) {
 }
 
 //! The JSON document of `locus trace stats --json`.
-//! `recorded`: the trace's own phases were used, not `prefill` leading tokens.
-inline nlohmann::json stats_json(const locus::trace::trace_statistics& s, std::size_t prefill, bool recorded = false) {
+//! `recorded`: the trace's own phases were used, not `prefill` leading tokens. `model_layers`:
+//! the model's layer index of each traced layer, when the trace knows it (empty otherwise).
+inline nlohmann::json stats_json(const locus::trace::trace_statistics& s, std::size_t prefill, bool recorded = false,
+                                 const std::vector<std::size_t>& model_layers = {}) {
   nlohmann::json j;
   j["requests"] = s.requests;
   j["tokens"] = s.tokens;
@@ -69,7 +71,7 @@ inline nlohmann::json stats_json(const locus::trace::trace_statistics& s, std::s
         {{"name", s.domain_names[d]}, {"requests", s.popularity.requests[d]}, {"tokens", s.popularity.tokens[d]}});
   const auto js = s.divergence.mean_per_layer();
   j["per_layer"] = nlohmann::json::array();
-  for (std::size_t l = 0; l < s.layers; ++l)
+  for (std::size_t l = 0; l < s.layers; ++l) {
     j["per_layer"].push_back({{"layer", l},
                               {"imbalance_max_over_mean", s.layer_imbalance[l].max_over_mean},
                               {"imbalance_cv", s.layer_imbalance[l].cv},
@@ -78,6 +80,8 @@ inline nlohmann::json stats_json(const locus::trace::trace_statistics& s, std::s
                               {"prefill_decode_correlation_mean", number_or_null(s.correlation.mean[l])},
                               {"prefill_decode_correlation_median", number_or_null(s.correlation.median[l])},
                               {"prefill_decode_correlation_defined", s.correlation.defined[l]}});
+    if (l < model_layers.size()) j["per_layer"].back()["model_layer"] = model_layers[l];
+  }
   double js_sum = 0;
   std::size_t js_n = 0;
   for (double v : js)
@@ -90,7 +94,8 @@ inline nlohmann::json stats_json(const locus::trace::trace_statistics& s, std::s
   return j;
 }
 
-inline void print_stats_table(const locus::trace::trace_statistics& s, std::size_t prefill, bool recorded = false) {
+inline void print_stats_table(const locus::trace::trace_statistics& s, std::size_t prefill, bool recorded = false,
+                              const std::vector<std::size_t>& model_layers = {}) {
   std::printf("%zu requests, %zu tokens, %zu layers, %zu experts, top-%zu\n\n", s.requests, s.tokens, s.layers,
               s.experts, s.top_k);
   std::printf("%-16s %10s %10s\n", "domain", "requests", "tokens");
@@ -101,8 +106,10 @@ inline void print_stats_table(const locus::trace::trace_statistics& s, std::size
   const auto js = s.divergence.mean_per_layer();
   const std::string basis =
       recorded ? std::string("recorded phases") : "first " + std::to_string(prefill) + " tokens prefill";
-  std::printf("\n%5s %9s %7s %7s %9s %10s %10s   (correlation: %s)\n", "layer", "max/mean", "CV", "Gini", "JS(dom)",
-              "corr mean", "corr med", basis.c_str());
+  // Traced layers count from 0; where the trace knows the model's numbering, a column shows it.
+  const bool named = model_layers.size() == s.layers;
+  std::printf("\n%5s%s %9s %7s %7s %9s %10s %10s   (correlation: %s)\n", "layer", named ? " model" : "", "max/mean",
+              "CV", "Gini", "JS(dom)", "corr mean", "corr med", basis.c_str());
   // Undefined values print "n/a", as JSON writes null: JS divergence with one domain, the
   // prefill/decode correlation of a trace without prefill tokens.
   const auto cell = [](double v, int width, int precision) {
@@ -113,16 +120,20 @@ inline void print_stats_table(const locus::trace::trace_statistics& s, std::size
       std::snprintf(buf, sizeof buf, "%*s", width, "n/a");
     return std::string(buf);
   };
-  for (std::size_t l = 0; l < s.layers; ++l)
-    std::printf("%5zu %9.3f %7.3f %7.3f %s %s %s\n", l, s.layer_imbalance[l].max_over_mean, s.layer_imbalance[l].cv,
-                s.layer_imbalance[l].gini, cell(js[l], 9, 4).c_str(), cell(s.correlation.mean[l], 10, 3).c_str(),
-                cell(s.correlation.median[l], 10, 3).c_str());
+  for (std::size_t l = 0; l < s.layers; ++l) {
+    char model[24] = "";
+    if (named) std::snprintf(model, sizeof model, " %5zu", model_layers[l]);
+    std::printf("%5zu%s %9.3f %7.3f %7.3f %s %s %s\n", l, model, s.layer_imbalance[l].max_over_mean,
+                s.layer_imbalance[l].cv, s.layer_imbalance[l].gini, cell(js[l], 9, 4).c_str(),
+                cell(s.correlation.mean[l], 10, 3).c_str(), cell(s.correlation.median[l], 10, 3).c_str());
+  }
   double js_sum = 0;
   std::size_t js_n = 0;
   for (double v : js)
     if (std::isfinite(v)) js_sum += v, ++js_n;
-  std::printf("%5s %9.3f %7.3f %7.3f %s %s\n", "mean", s.mean_imbalance(&locus::trace::imbalance::max_over_mean),
-              s.mean_imbalance(&locus::trace::imbalance::cv), s.mean_imbalance(&locus::trace::imbalance::gini),
+  std::printf("%5s%s %9.3f %7.3f %7.3f %s %s\n", "mean", named ? "      " : "",
+              s.mean_imbalance(&locus::trace::imbalance::max_over_mean), s.mean_imbalance(&locus::trace::imbalance::cv),
+              s.mean_imbalance(&locus::trace::imbalance::gini),
               cell(js_n ? js_sum / static_cast<double>(js_n) : std::nan(""), 9, 4).c_str(),
               cell(s.correlation.overall_mean(), 10, 3).c_str());
 }
@@ -212,8 +223,9 @@ inline void register_trace_stats(CLI::App& trace_cmd) {
     const auto s = locus::trace::compute_statistics(t, so);
     p.done();
     p.clear();
-    if (!json_to_stdout(o->json)) trace_analysis::print_stats_table(s, o->prefill, recorded);
-    write_json(o->json, "trace stats", trace_analysis::stats_json(s, o->prefill, recorded));
+    const auto ids = t.has_model_layers() ? t.model_layer_ids() : std::vector<std::size_t>{};
+    if (!json_to_stdout(o->json)) trace_analysis::print_stats_table(s, o->prefill, recorded, ids);
+    write_json(o->json, "trace stats", trace_analysis::stats_json(s, o->prefill, recorded, ids));
   });
 }
 
@@ -470,7 +482,8 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     }
     nlohmann::json summary;
     {
-      auto j = trace_analysis::stats_json(s, o->prefill);
+      auto j = trace_analysis::stats_json(s, o->prefill, false,
+                                          t.has_model_layers() ? t.model_layer_ids() : std::vector<std::size_t>{});
       j["format"] = "locus.trace.report.summary";
       j["version"] = 1;
       j["report_layer"] = layer;
