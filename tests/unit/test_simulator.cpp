@@ -201,6 +201,22 @@ BOOST_AUTO_TEST_CASE(arrival_gaps_are_skipped) {
   BOOST_TEST(sparse.idle_steps > 1000000000u); // the first arrival alone is ~10^9 steps away
   for (const auto n : sparse.step_tokens)
     BOOST_TEST(n == 1u);
+  BOOST_TEST(sparse.step_number.size() == sparse.steps);
+  BOOST_TEST(sparse.step_number.back() > sparse.idle_steps); // numbers keep the skipped gaps
+  // Runs are compared step by step by step number: a run that skipped steps 2-4 pairs its step 5
+  // with the baseline's step 5, not its 3rd.
+  simulation_result a, b;
+  a.steps = 3;
+  a.step_number = {0, 1, 5};
+  a.step_tokens = {1, 1, 1};
+  a.step_inter_node_bytes = {2, 2, 8};
+  b.steps = 6;
+  b.step_number = {0, 1, 2, 3, 4, 5};
+  b.step_tokens = {1, 1, 1, 1, 1, 1};
+  b.step_inter_node_bytes = {2, 2, 100, 100, 100, 4};
+  const auto n = normalize_all2all(a, b);
+  BOOST_TEST(n.median == 1.0);
+  BOOST_TEST(n.p90 == 1.8, boost::test_tools::tolerance(1e-12)); // ratios 1, 1, 2
   // A rate that would put an arrival beyond 10^18 steps is refused, not cast out of range.
   cfg.arrival_rate = 1e-300;
   BOOST_CHECK_THROW(simulate_decode(t, maps, g, cfg), config_error);

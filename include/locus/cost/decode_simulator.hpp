@@ -84,7 +84,10 @@ struct simulation_result {
   std::size_t idle_steps = 0; //!< steps of arrival gaps skipped: nothing ran and nothing arrived
   std::uint64_t decode_tokens = 0;
   std::size_t requests_served = 0;
-  std::vector<layer_traffic> layers;         //!< per layer, summed over the run
+  std::vector<layer_traffic> layers; //!< per layer, summed over the run
+  //! Per simulated step, its number in the run (ascending; it passes its position where an arrival
+  //! gap was skipped): what two runs' steps are paired by.
+  std::vector<std::size_t> step_number;
   std::vector<std::uint64_t> step_tokens;    //!< decode tokens per step
   std::vector<double> step_inter_node_bytes; //!< network bytes per step (dispatch + combine, all layers)
   std::vector<double> step_imbalance;        //!< per step, mean over layers of max/mean rows
@@ -120,12 +123,24 @@ struct normalized_all2all {
 };
 inline normalized_all2all normalize_all2all(const simulation_result& run, const simulation_result& baseline) {
   std::vector<double> ratios;
-  const std::size_t steps = std::min(run.steps, baseline.steps);
-  for (std::size_t s = 0; s < steps; ++s) {
-    if (run.step_tokens[s] == 0 || baseline.step_tokens[s] == 0 || baseline.step_inter_node_bytes[s] == 0) continue;
-    const double mine = run.step_inter_node_bytes[s] / static_cast<double>(run.step_tokens[s]);
-    const double base = baseline.step_inter_node_bytes[s] / static_cast<double>(baseline.step_tokens[s]);
-    ratios.push_back(mine / base);
+  // Steps are paired by their number in the run (a run may have skipped an arrival gap the other
+  // spent running).
+  for (std::size_t s = 0, b = 0; s < run.steps && b < baseline.steps;) {
+    if (run.step_number[s] < baseline.step_number[b]) {
+      ++s;
+      continue;
+    }
+    if (baseline.step_number[b] < run.step_number[s]) {
+      ++b;
+      continue;
+    }
+    if (run.step_tokens[s] > 0 && baseline.step_tokens[b] > 0 && baseline.step_inter_node_bytes[b] > 0) {
+      const double mine = run.step_inter_node_bytes[s] / static_cast<double>(run.step_tokens[s]);
+      const double base = baseline.step_inter_node_bytes[b] / static_cast<double>(baseline.step_tokens[b]);
+      ratios.push_back(mine / base);
+    }
+    ++s;
+    ++b;
   }
   if (ratios.empty()) return {};
   return {quantile(ratios, 0.5), quantile(ratios, 0.9)};
@@ -266,7 +281,7 @@ public:
 
   //! Counts the gathered tokens at every layer and records the step's bytes, imbalance and
   //! modelled time; the replica policies see each layer's step before the next step uses them.
-  void count() {
+  void count(std::size_t step) {
     double step_bytes = 0, step_imbalance = 0, step_time = 0;
     if (!tokens_.empty()) {
       for (std::size_t l = 0; l < layers_; ++l) {
@@ -282,6 +297,7 @@ public:
       step_imbalance /= static_cast<double>(layers_);
       step_time /= static_cast<double>(layers_);
     }
+    out_.step_number.push_back(step);
     out_.step_tokens.push_back(tokens_.size());
     out_.step_inter_node_bytes.push_back(step_bytes);
     out_.step_imbalance.push_back(tokens_.empty() ? 1.0 : step_imbalance);
@@ -382,7 +398,7 @@ simulation_result simulate_decode(const trace::trace& t, const std::vector<exper
     run.admit(step, g);
     run.gather();
     on_step(step, run.tokens(), run.sources());
-    run.count();
+    run.count(step);
     run.advance();
   }
   return std::move(run).finish();
