@@ -15,7 +15,8 @@ def arguments(description: str) -> argparse.Namespace:
     p.add_argument("--out", default=".", help="folder for the files written")
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--gpus-per-node", type=int, default=4)
-    p.add_argument("--first-moe-layer", type=int, default=1, help="hidden-layer index of the first MoE layer")
+    p.add_argument("--first-moe-layer", type=int, default=None,
+                   help="hidden-layer index of the first MoE layer (default: the trace's own layer numbers, else 0)")
     p.add_argument("--num-hidden-layers", type=int, default=0, help="the model's hidden layers (0: last is MoE)")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <limits>
 #include <locus/core/expert_map_json.hpp>
 #include <locus/cost/online_replan.hpp>
 #include <locus/cost/simulation_json.hpp>
@@ -303,7 +304,8 @@ inline void register_simulate(CLI::App& app) {
   add_json_option(cmd, opt->json);
   cmd->add_option("--replan-every", opt->replan_every,
                   "Re-plan the maps every this many steps from recent traffic (0: never); adds an `online` block, the "
-                  "same run replayed with the re-plans (the other figures are the run without them)");
+                  "same run replayed with the re-plans (the other figures are the run without them). Steps are the "
+                  "simulated ones: an arrival gap with nothing running is skipped");
   cmd->add_option("--replan-window", opt->replan_window, "Steps of traffic a re-plan sees (0: the interval)");
   cmd->add_option("--replan-budget", opt->replan_budget, "Share of the expert slots one re-plan may move")
       ->check(CLI::Range(0.0, 1.0));
@@ -339,6 +341,7 @@ inline void register_simulate(CLI::App& app) {
     p.start("loading " + split->trace_name());
     const auto [train, test] = split->load(!map_only, true);
     p.done();
+    require_decode_tokens(test, split->trace_name(), split->prefill_tokens);
     // With --map and --grouping the saved plan and grouping are used as they are. Otherwise the
     // workload-aware model is fitted on the training split (with --placement, together with the maps).
     const auto transport = locus::cost::parse_transport_kind(opt->transport); // bad names fail before planning
@@ -379,7 +382,6 @@ inline void register_simulate(CLI::App& app) {
                   locus::config_error, "the map in ", opt->map_path, " has ", maps.size(), " layers of ",
                   maps.front().experts(), " experts on ", maps.front().ranks(), " ranks; the trace has ", test.layers(),
                   " layers of ", test.experts(), " experts and the topology ", topo.ranks(), " ranks");
-    require_decode_tokens(test, split->trace_name(), split->prefill_tokens);
     locus::cost::simulation_config cfg;
     cfg.topology = topo;
     cfg.transport = transport;
@@ -401,10 +403,16 @@ inline void register_simulate(CLI::App& app) {
       auto regroup = locus::grouper::grouper_by_name(opt->grouper, planned.model);
       const auto sched = locus::cost::record_schedule(test, maps, regroup, cfg);
       const std::size_t window = opt->replan_window ? opt->replan_window : std::max<std::size_t>(1, opt->replan_every);
-      LOCUS_REQUIRE(window < sched.steps() && opt->replan_every < sched.steps() && opt->drift_every < sched.steps(),
-                    locus::config_error, "the run has ", sched.steps(), " steps: --replan-every ", opt->replan_every,
-                    ", --drift-every ", opt->drift_every, " and a window of ", window,
-                    " steps must be shorter, or it never re-plans");
+      // The first step each mechanism can act (run_online: a full window first; a drift check on a
+      // multiple of --drift-every): a run shorter than both would report no re-plan as a result.
+      const std::size_t never = std::numeric_limits<std::size_t>::max();
+      const std::size_t first_scheduled = opt->replan_every ? std::max(window, opt->replan_every) : never;
+      const std::size_t first_check = opt->drift_every && window <= never - opt->drift_every
+                                          ? (window + opt->drift_every - 1) / opt->drift_every * opt->drift_every
+                                          : never;
+      LOCUS_REQUIRE(std::min(first_scheduled, first_check) < sched.steps(), locus::config_error, "the run has ",
+                    sched.steps(), " steps, and with a window of ", window, " steps neither --replan-every ",
+                    opt->replan_every, " nor --drift-every ", opt->drift_every, " acts before its end");
       locus::placement::activation_plan_options popt;
       popt.refine.count(transport == locus::cost::transport_kind::flat ? locus::placement::copy_count::flat
                                                                        : locus::placement::copy_count::hierarchical);

@@ -392,6 +392,9 @@ inline void register_trace_report(CLI::App& trace_cmd) {
       LOCUS_REQUIRE(fs::exists(o->python, ec), locus::io_error, "Python interpreter ", o->python,
                     " not found (install python3-matplotlib, give --python, or use --no-render)");
     }
+    // The report's folder first: --json may name a file inside it.
+    fs::create_directories(o->out, ec);
+    LOCUS_REQUIRE(!ec, locus::io_error, "cannot create folder ", o->out, ": ", ec.message());
     check_outputs({{"--json", o->json}}, {o->path});
     progress p("locus trace report");
     const auto t = trace_analysis::load(o->path, p).with_prefill_tokens(o->prefill);
@@ -405,8 +408,6 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     const auto s = locus::trace::compute_statistics(t, so);
     const auto co = locus::trace::compute_coactivation(t, layer);
     p.done();
-    fs::create_directories(o->out, ec);
-    LOCUS_REQUIRE(!ec, locus::io_error, "cannot create folder ", o->out, ": ", ec.message());
     const fs::path dir(o->out);
     const std::size_t E = t.experts(), L = t.layers();
     // Expert load share per layer, one file per domain and one for all.

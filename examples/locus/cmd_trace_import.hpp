@@ -63,10 +63,10 @@ struct trace_import_options {
 
 inline void run_trace_import(const trace_import_options& o) {
   const auto t0 = std::chrono::steady_clock::now();
-  // Importing a trace onto itself is fine (it is read whole, then replaced atomically): only
-  // whether the output can be written is checked before the work.
-  check_outputs({{"--out", o.output}});
   const std::string format = o.format == "auto" ? detect_trace_format(o.inputs) : o.format;
+  // A binary trace imported onto itself is fine (read whole, then replaced atomically); an ESFT or
+  // route-JSONL input would be replaced by its conversion, so it must not be the output.
+  check_outputs({{"--out", o.output}}, format == "binary" ? std::vector<std::string>{} : o.inputs);
   LOCUS_REQUIRE(format == "jsonl" || o.inputs.size() == 1, locus::config_error,
                 "several inputs given: only route "
                 "JSONL is read from several files (--format ",

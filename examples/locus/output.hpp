@@ -149,8 +149,14 @@ struct output_file {
 //! another. @throws locus::io_error or locus::config_error naming the option
 inline void check_outputs(const std::vector<output_file>& outputs, const std::vector<std::string>& inputs = {}) {
   namespace fs = std::filesystem;
+  // Only files are compared: outputs written into a device (/dev/null, /dev/stdout) share it.
   const auto same = [](const std::string& a, const std::string& b) {
     std::error_code ea, eb;
+    const auto type = fs::status(a, ea).type();
+    if (type == fs::file_type::character || type == fs::file_type::block || type == fs::file_type::fifo ||
+        type == fs::file_type::socket)
+      return false;
+    ea.clear();
     const fs::path x = fs::weakly_canonical(a, ea), y = fs::weakly_canonical(b, eb);
     return !ea && !eb && x == y;
   };

@@ -142,7 +142,8 @@ inline void require_decode_tokens(const locus::trace::trace& test, const std::st
     for (std::size_t i = 0; i < test.request(r).length; ++i)
       if (test.token_phase(test.request(r).first_token + i) == locus::trace::phase::decode) return;
   LOCUS_THROW(locus::config_error, "the test split of ", trace_name,
-              " has no decode tokens to simulate (--prefill-tokens ", prefill_tokens, " covers every request)");
+              " has no decode tokens to simulate: every token is prefill (--prefill-tokens ", prefill_tokens,
+              " covers each request, or the trace's recorded phases mark none as decode)");
 }
 
 } // namespace locus_driver

@@ -197,7 +197,9 @@ class ExpertPlan:
         """Writes the plan as locus expert-map JSON (what ``locus simulate --map`` reads), with the
         topology it was made for."""
         ids = [int(x) for x in self.layer_ids] if self.layer_ids is not None else []
-        _core._save_expert_maps(path, self._maps(), self.experts, ids, int(self.hidden_layers), int(self.gpus_per_node))
+        # The topology is saved only when it describes the maps (a hand-made plan keeps the defaults).
+        g = int(self.gpus_per_node) if int(self.nodes) * int(self.gpus_per_node) == self.ranks else 0
+        _core._save_expert_maps(path, self._maps(), self.experts, ids, int(self.hidden_layers), g)
 
     @staticmethod
     def load(path: str, nodes: Optional[int] = None, gpus_per_node: Optional[int] = None) -> "ExpertPlan":
@@ -211,7 +213,7 @@ class ExpertPlan:
             raise ConfigError(f"locus: configuration error: the plan in {path} was made for {saved} GPUs per node, "
                               f"not {g}")
         if g <= 0 or n * g != ranks:
-            raise ConfigError(f"locus: configuration error: {nodes} nodes x {g} GPUs do not make the plan's "
+            raise ConfigError(f"locus: configuration error: {n} nodes x {g} GPUs do not make the plan's "
                               f"{ranks} ranks")
         return ExpertPlan(maps, experts, n, g, None, ids or None, hidden)
 

@@ -168,16 +168,16 @@ inline void save_expert_plan(const std::string& path, const expert_plan_file& pl
   auto doc = expert_maps_to_json(plan.maps);
   const auto& ids = plan.model_layers;
   if (!ids.empty()) {
-    LOCUS_REQUIRE(ids.size() == plan.maps.size(), config_error, "save_expert_maps: ", ids.size(),
+    LOCUS_REQUIRE(ids.size() == plan.maps.size(), config_error, "save_expert_plan: ", ids.size(),
                   " model layer ids for ", plan.maps.size(), " maps");
     for (std::size_t l = 1; l < ids.size(); ++l)
-      LOCUS_REQUIRE(ids[l] > ids[l - 1], config_error, "save_expert_maps: model layer ids must ascend");
+      LOCUS_REQUIRE(ids[l] > ids[l - 1], config_error, "save_expert_plan: model layer ids must ascend");
     doc["model_layers"] = ids;
   }
   if (plan.hidden_layers > 0) doc["hidden_layers"] = plan.hidden_layers;
   if (plan.gpus_per_node > 0) {
     LOCUS_REQUIRE(plan.maps.front().ranks() % plan.gpus_per_node == 0, config_error,
-                  "save_expert_maps: ", plan.gpus_per_node, " GPUs per node do not divide ", plan.maps.front().ranks(),
+                  "save_expert_plan: ", plan.gpus_per_node, " GPUs per node do not divide ", plan.maps.front().ranks(),
                   " ranks");
     doc["gpus_per_node"] = plan.gpus_per_node;
   }

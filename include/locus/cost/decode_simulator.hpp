@@ -146,7 +146,9 @@ inline normalized_all2all normalize_all2all(const simulation_result& run, const 
   return {quantile(ratios, 0.5), quantile(ratios, 0.9)};
 }
 
-//! Called once per step with the step's decode tokens (trace positions) and the rank each runs on.
+//! Called once per simulated step with its number in the run (simulation_result::step_number: the
+//! steps of a skipped arrival gap are never seen), its decode tokens (trace positions) and the rank
+//! each runs on.
 template <class F>
 concept step_observer = requires(F f, std::size_t step, std::span<const std::size_t> tokens,
                                  std::span<const std::uint32_t> sources) {
@@ -231,12 +233,14 @@ public:
   //! True once no request waits or runs.
   bool finished() const noexcept { return queue_.empty() && active_ == 0; }
 
-  //! `step`, or with nothing running, the step of the next arrival (the empty steps before it are
-  //! counted as idle, not simulated).
-  std::size_t skip_idle(std::size_t step) noexcept {
+  //! `step`, or with nothing running, the step of the next arrival, at most `max_steps` when that
+  //! is set (the empty steps before it are counted as idle, not simulated).
+  std::size_t skip_idle(std::size_t step, std::size_t max_steps) noexcept {
     if (active_ != 0 || queue_.empty() || queue_.front().arrival_step <= step) return step;
-    out_.idle_steps += queue_.front().arrival_step - step;
-    return queue_.front().arrival_step;
+    const std::size_t next =
+        max_steps ? std::min(queue_.front().arrival_step, std::max(step, max_steps)) : queue_.front().arrival_step;
+    out_.idle_steps += next - step;
+    return next;
   }
 
   //! Admits arrivals in order until the grouper finds no room for the head of the queue (first
@@ -393,7 +397,7 @@ simulation_result simulate_decode(const trace::trace& t, const std::vector<exper
   detail::simulation::validate(t, maps, cfg);
   detail::simulation::decode_run run(t, maps, cfg);
   for (std::size_t step = 0; !run.finished(); ++step) {
-    step = run.skip_idle(step);
+    step = run.skip_idle(step, cfg.max_steps);
     if (cfg.max_steps && step >= cfg.max_steps) break;
     run.admit(step, g);
     run.gather();

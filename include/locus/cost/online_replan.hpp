@@ -31,7 +31,9 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::cost {
 
-//! A recorded decode run: per step, its tokens (trace positions) and the rank each runs on.
+//! A recorded decode run: per simulated step, its tokens (trace positions) and the rank each runs
+//! on. Arrival gaps the simulator skipped (nothing running) are not in it: every step index below
+//! (intervals, windows, re-plan steps) counts simulated steps.
 struct decode_schedule {
   std::vector<std::size_t> step_begin{0}; //!< steps + 1 offsets into tokens and sources
   std::vector<std::size_t> tokens;

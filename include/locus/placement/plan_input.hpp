@@ -38,6 +38,8 @@ struct plan_input {
     LOCUS_REQUIRE(slots_per_rank > 0, config_error, "plan_input: zero slots per rank");
     LOCUS_REQUIRE(slots() >= experts, config_error, "plan_input: ", ranks(), " ranks × ", slots_per_rank,
                   " slots cannot host ", experts, " experts");
+    LOCUS_REQUIRE(slots_per_rank <= experts, config_error, "plan_input: ", slots_per_rank, " slots per rank for ",
+                  experts, " experts (a GPU holds each expert at most once)");
     LOCUS_REQUIRE(!load.empty(), config_error, "plan_input: no layers in the load table");
     for (std::size_t l = 0; l < load.size(); ++l) {
       LOCUS_REQUIRE(load[l].size() == experts, invalid_input_error, "plan_input: layer ", l, " has ", load[l].size(),
