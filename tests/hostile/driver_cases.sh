@@ -130,7 +130,7 @@ refused 'after step 10\^18' simulate --trace "$work/t.bin" --arrival-rate 1e-300
 ok '^steps: ' simulate --trace "$work/t.bin" --arrival-rate 1e-9
 refused 'no decode tokens' simulate --trace "$work/t.bin" --prefill-tokens 100000
 refused 'no decode tokens' compare --trace "$work/t.bin" --prefill-tokens 100000
-refused 'never re-plans' simulate --trace "$work/t.bin" --replan-every 10 --replan-window 18446744073709551615
+refused 'acts before its end' simulate --trace "$work/t.bin" --replan-every 10 --replan-window 18446744073709551615
 refused 'apply with --replan-every' simulate --trace "$work/t.bin" --replan-window 5
 refused 'layers is 100000, expected' trace synth --experts 16 --top-k 2 --layers 100000 --out "$work/s.bin"
 refused 'domains is 100000, expected' trace synth --experts 16 --top-k 2 --layers 2 --domains 100000 --out "$work/s.bin"
@@ -144,6 +144,13 @@ refused 'also an input' map export "$work/lin.json" --to eplb --out "$work/lin.j
 refused 'also an input' plan --trace "$work/t.bin" --placement linear --out "$work/t.bin"
 refused 'planned for 4 nodes x 2 GPUs; this run has 8 x 1' simulate --trace "$work/t.bin" --map "$work/lin.json" --nodes 8 --gpus-per-node 1
 refused 'was made for 2 GPUs per node' map export "$work/lin.json" --to eplb --gpus-per-node 1 --out "$work/e.json"
+succeeds map export "$work/lin.json" --to eplb --out /dev/null --json /dev/null
+succeeds trace report "$work/t.bin" --out "$work/rep_new" --json "$work/rep_new/r.json" --no-render
+check "trace report writes a --json inside its new folder" grep -q '"format": "locus.trace.report"' "$work/rep_new/r.json"
+refused 'acts before its end' simulate --trace "$work/t.bin" --drift-every 1000 --replan-window 1100
+ok '"replans": ?[1-9]' simulate --trace "$work/t.bin" --replan-every 100 --drift-every 5000 --json -
+cp "$work/odd.jsonl" "$work/self.jsonl"
+refused 'also an input' trace import "$work/self.jsonl" -o "$work/self.jsonl"
 refused 'cannot create a file in its folder' plan --trace "$work/t.bin" --placement linear --out /proc/m.json
 refused 'unknown command "frobnicate" \(commands: compare, map, plan, simulate, trace' frobnicate
 refused 'unknown command "frob" \(commands of trace: import' trace frob
