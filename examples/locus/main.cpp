@@ -92,6 +92,19 @@ std::string unknown_command(const CLI::App& app, int argc, char** argv) {
   return {};
 }
 
+//! The first argument written as a whole number above 2^64 - 1, if any: CLI11 would clamp it to
+//! 2^64 - 1 without a word (every count and size here is at most 64 bits).
+std::string too_large_number(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    std::string v = argv[i];
+    if (const auto eq = v.find('='); v.rfind("--", 0) == 0 && eq != std::string::npos) v = v.substr(eq + 1);
+    if (v.empty() || v.find_first_not_of("0123456789") != std::string::npos) continue;
+    const std::string digits = v.substr(std::min(v.find_first_not_of('0'), v.size()));
+    if (digits.size() > 20 || (digits.size() == 20 && digits > "18446744073709551615")) return v;
+  }
+  return {};
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -131,6 +144,8 @@ int main(int argc, char** argv) {
   locus_driver::register_trace_import(trace_cmd);
   locus_driver::register_trace_analysis(trace_cmd);
   if (const std::string unknown = unknown_command(app, argc, argv); !unknown.empty()) return report(unknown, 2);
+  if (const std::string big = too_large_number(argc, argv); !big.empty())
+    return report("locus: usage error: " + big + " is larger than any count or size locus takes (2^64 - 1)", 2);
   // Every exception ends here as one line on stderr and an exit code: nothing aborts.
   try {
     app.parse(argc, argv);
