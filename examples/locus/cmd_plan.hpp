@@ -79,6 +79,11 @@ struct plan_options {
   std::string shift_by = "node";
   std::size_t hedge_replicas = 0;
 
+  //! Every option add_to registers (what a command that plans nothing refuses).
+  static constexpr const char* option_names[] = {"--placement",     "--redundant-slots", "--eplb-groups",
+                                                 "--clusters",      "--copies",          "--anneal",
+                                                 "--balance-shift", "--shift-by",        "--hedge-replicas"};
+
   void add_to(CLI::App* cmd, const char* copies_default) {
     cmd->add_option("--placement", placement, "Planner: linear, round_robin, eplb, activation_usage, locality")
         ->check(CLI::IsMember(locus::placement::planner_names()));
@@ -320,8 +325,7 @@ inline void register_simulate(CLI::App& app) {
     // one is given: then the planner options fit it (locality refines it with its own maps).
     const bool map_only = !opt->map_path.empty() && (saved || opt->grouper != "workload_aware");
     if (map_only)
-      for (const char* name : {"--placement", "--redundant-slots", "--eplb-groups", "--clusters", "--copies",
-                               "--anneal", "--balance-shift", "--shift-by", "--hedge-replicas"})
+      for (const char* name : plan_options::option_names)
         LOCUS_REQUIRE(cmd->count(name) == 0, locus::config_error, name, " does not apply: --map simulates the saved ",
                       "plan as it is (", saved ? "with its saved grouping" : "--grouper " + opt->grouper, ")");
     else

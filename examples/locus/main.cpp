@@ -57,14 +57,7 @@ std::string one_line(const std::string& s) {
 // Exit codes: 0 success, 1 the job failed (bad input, a file that cannot be read or written,
 // ...), 2 the command line was wrong (CLI11's own code for parse errors), 3 out of memory,
 // 4 an internal error (an exception that is not locus's: a bug to report).
-int report(std::string message, int code) {
-  // A JSON parser's message keeps its own words ("parse error at line 1, column 2 ..."), not its
-  // exception's tag ("[json.exception.parse_error.101] "), which names nothing a user can act on.
-  for (std::size_t at; (at = message.find("[json.exception.")) != std::string::npos;) {
-    const std::size_t end = message.find("] ", at);
-    if (end == std::string::npos) break;
-    message.erase(at, end + 2 - at);
-  }
+int report(const std::string& message, int code) {
   std::fprintf(stderr, "%s\n", one_line(message).c_str());
   return code;
 }
@@ -88,19 +81,6 @@ std::string unknown_command(const CLI::App& app, int argc, char** argv) {
       return "locus: usage error: unknown command \"" + arg + "\" (" +
              (at == &app ? std::string("commands") : "commands of " + at->get_name()) + ": " + names + "; see --help)";
     at = next;
-  }
-  return {};
-}
-
-//! The first argument written as a whole number above 2^64 - 1, if any: CLI11 would clamp it to
-//! 2^64 - 1 without a word (every count and size here is at most 64 bits).
-std::string too_large_number(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i) {
-    std::string v = argv[i];
-    if (const auto eq = v.find('='); v.rfind("--", 0) == 0 && eq != std::string::npos) v = v.substr(eq + 1);
-    if (v.empty() || v.find_first_not_of("0123456789") != std::string::npos) continue;
-    const std::string digits = v.substr(std::min(v.find_first_not_of('0'), v.size()));
-    if (digits.size() > 20 || (digits.size() == 20 && digits > "18446744073709551615")) return v;
   }
   return {};
 }
@@ -144,7 +124,7 @@ int main(int argc, char** argv) {
   locus_driver::register_trace_import(trace_cmd);
   locus_driver::register_trace_analysis(trace_cmd);
   if (const std::string unknown = unknown_command(app, argc, argv); !unknown.empty()) return report(unknown, 2);
-  if (const std::string big = too_large_number(argc, argv); !big.empty())
+  if (const std::string big = tool_cli::number_beyond_64_bits(argc, argv); !big.empty())
     return report("locus: usage error: " + big + " is larger than any count or size locus takes (2^64 - 1)", 2);
   // Every exception ends here as one line on stderr and an exit code: nothing aborts.
   try {

@@ -21,6 +21,7 @@
 #include <locus/core/atomic_file.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
+#include <locus/core/json_error.hpp>
 #include <locus/core/json_integer.hpp>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -148,7 +149,7 @@ inline std::vector<expert_map> expert_maps_from_json(const nlohmann::json& doc) 
   try {
     return detail::expert_maps_from_json_unchecked(doc);
   } catch (const nlohmann::json::exception& e) {
-    throw format_error(detail::concat("expert map JSON: ", e.what()), 0, __FILE__, __LINE__);
+    throw format_error(detail::concat("expert map JSON: ", detail::json_error_text(e)), 0, __FILE__, __LINE__);
   }
 }
 
@@ -222,9 +223,9 @@ inline expert_plan_file load_expert_plan(const std::string& path) {
     const std::size_t at = pe ? pe->byte : 0;
     // A parse that ran off the end of the text means the file stops early.
     const bool at_end = pe && at >= text.size() && text.find_first_not_of(" \t\r\n") != std::string::npos;
-    throw format_error(
-        detail::concat(path, ": not valid JSON", at_end ? " (the file looks truncated)" : "", ": ", e.what()), at,
-        __FILE__, __LINE__);
+    throw format_error(detail::concat(path, ": not valid JSON", at_end ? " (the file looks truncated)" : "", ": ",
+                                      detail::json_error_text(e)),
+                       at, __FILE__, __LINE__);
   }
   expert_plan_file out;
   try {

@@ -19,6 +19,7 @@
 #include <fstream>
 #include <locus/core/atomic_file.hpp>
 #include <locus/core/error.hpp>
+#include <locus/core/json_error.hpp>
 #include <locus/core/json_integer.hpp>
 #include <locus/grouper/workload_aware.hpp>
 #include <nlohmann/json.hpp>
@@ -115,7 +116,7 @@ struct workload_model_io {
       m.stride_ = integer(doc.at("stride"), "\"stride\"");
       m.means_t_ = doc.at("means").get<std::vector<float>>();
     } catch (const nlohmann::json::exception& e) {
-      ::locus::detail::format_fail("grouping JSON: ", e.what());
+      ::locus::detail::format_fail("grouping JSON: ", ::locus::detail::json_error_text(e));
     }
     // Every size the classifier and node_load() index by, checked before any product of them is
     // formed (so none wraps), so a damaged file cannot make them read out of bounds or allocate
@@ -168,7 +169,8 @@ inline workload_model load_grouping(const std::string& path) {
   try {
     doc = nlohmann::json::parse(is);
   } catch (const nlohmann::json::parse_error& e) {
-    throw format_error(::locus::detail::concat(path, ": not valid JSON: ", e.what()), e.byte);
+    throw format_error(::locus::detail::concat(path, ": not valid JSON: ", ::locus::detail::json_error_text(e)),
+                       e.byte);
   }
   try {
     return grouping_from_json(doc);

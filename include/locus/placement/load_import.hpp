@@ -18,6 +18,7 @@
 #include <filesystem>
 #include <fstream>
 #include <locus/core/error.hpp>
+#include <locus/core/json_error.hpp>
 #include <locus/core/json_integer.hpp>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -158,7 +159,7 @@ inline std::map<std::string, array> read_safetensors(const std::string& path) {
   try {
     header = nlohmann::json::parse(data.begin() + 8, data.begin() + 8 + static_cast<std::ptrdiff_t>(n));
   } catch (const nlohmann::json::exception& e) {
-    ::locus::detail::format_fail(path, ": header is not JSON: ", e.what());
+    ::locus::detail::format_fail(path, ": header is not JSON: ", ::locus::detail::json_error_text(e));
   }
   ::locus::detail::format_require(header.is_object(), path, ": header is not a JSON object");
   const std::size_t body = 8 + n, body_size = data.size() - body;
@@ -209,7 +210,7 @@ inline std::map<std::string, array> read_safetensors(const std::string& path) {
         a.values[i] = element(dt->second, data.data() + body + offsets[0] + i * esize);
       out.emplace(name, std::move(a));
     } catch (const nlohmann::json::exception& e) {
-      ::locus::detail::format_fail(path, ": tensor ", name, ": ", e.what());
+      ::locus::detail::format_fail(path, ": tensor ", name, ": ", ::locus::detail::json_error_text(e));
     }
   }
   return out;
@@ -236,7 +237,7 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
                                       ", not a non-negative integer");
       experts = static_cast<std::size_t>(*e);
     } catch (const nlohmann::json::exception& e) {
-      ::locus::detail::format_fail(meta_path, ": ", e.what());
+      ::locus::detail::format_fail(meta_path, ": ", ::locus::detail::json_error_text(e));
     }
     std::map<std::size_t, std::vector<double>> rows;
     std::size_t files = 0;
