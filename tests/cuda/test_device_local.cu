@@ -11,6 +11,7 @@
 #include <locus/transport/dispatch.hpp>
 #include <numeric>
 #include <random>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -195,11 +196,21 @@ BOOST_AUTO_TEST_CASE(count_round_then_known_count_exchanges) {
         rows[m] = (r * 3 + m + step) % 4;
         entries[m] = rows[m] * 2 + m;
       }
-      ep.exchange_device_counts(exchange_group::world, 8, rows, 4, entries, counts, 3);
+      // A tail of two counts per receiver (as the dispatcher's entries per slot): from r to m,
+      // (r + m + step, 10 r + m).
+      std::vector<std::uint32_t> tail(2 * R);
+      for (std::size_t m = 0; m < R; ++m) {
+        tail[2 * m] = static_cast<std::uint32_t>(r + m + step);
+        tail[2 * m + 1] = static_cast<std::uint32_t>(10 * r + m);
+      }
+      ep.exchange_device_counts(exchange_group::world, 8, rows, 4, entries, counts, 3, tail, 2);
       const std::string at = "rank " + std::to_string(r) + " step " + std::to_string(step);
+      expect(counts.tail_width == 2 && counts.tail.size() == 2 * R, at + ": the tail's shape");
       for (std::size_t m = 0; m < R; ++m) {
         expect(counts.rows[m] == (m * 3 + r + step) % 4, at + ": row count from " + std::to_string(m));
         expect(counts.entries[m] == counts.rows[m] * 2 + r, at + ": entry count from " + std::to_string(m));
+        expect(counts.tail[2 * m] == m + r + step && counts.tail[2 * m + 1] == 10 * m + r,
+               at + ": tail from " + std::to_string(m));
       }
       send.upload(world_rows(r, rows, step), ep.stream());
       ep.exchange_device_known(exchange_group::world, 8, reinterpret_cast<const std::byte*>(send.data()), rows,
@@ -226,6 +237,17 @@ BOOST_AUTO_TEST_CASE(count_round_then_known_count_exchanges) {
       raised = true;
     }
     expect(raised, "rank " + std::to_string(r) + ": disagreeing count rounds raise");
+    // Tails of different widths raise everywhere too.
+    raised = false;
+    const std::vector<std::uint32_t> wide(3 * R, 1);
+    try {
+      const std::uint32_t width = r == 0 ? 2 : 3;
+      ep.exchange_device_counts(exchange_group::world, 8, ones, 4, ones, counts, 6,
+                                std::span<const std::uint32_t>(wide).first(width * R), width);
+    } catch (const transport_error&) {
+      raised = true;
+    }
+    expect(raised, "rank " + std::to_string(r) + ": count rounds with tails of different widths raise");
   });
 }
 

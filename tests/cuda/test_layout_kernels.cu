@@ -169,6 +169,13 @@ void check_case(std::size_t experts, const Topology& topo, std::size_t slots, st
 
 } // namespace
 
+// The receive layout's check word, read after the stream was waited for.
+static std::int32_t check_word(const locus::transport::device_receive_layout& d) {
+  std::int32_t w = -1;
+  LOCUS_CUDA_CHECK(cudaMemcpy(&w, d.flag(), sizeof w, cudaMemcpyDeviceToHost));
+  return w;
+}
+
 BOOST_AUTO_TEST_CASE(device_layout_and_kernels_equal_host) {
   std::mt19937 rng(17);
   for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
@@ -291,7 +298,7 @@ BOOST_AUTO_TEST_CASE(device_built_receive_layout_equals_host) {
       ds.upload(std::span<const std::int32_t>(slot));
       dw.upload(std::span<const float>(w));
       device_receive_layout d;
-      d.build(slots, dc.data(), rows, ds.data(), dw.data(), entries);
+      d.build(host.slot_offsets(), dc.data(), rows, ds.data(), dw.data(), entries);
       LOCUS_CUDA_CHECK(cudaDeviceSynchronize());
       std::vector<std::int32_t> offsets(rows + 1), expert_row(entries), position(entries);
       std::vector<float> expert_weight(entries);
@@ -302,7 +309,7 @@ BOOST_AUTO_TEST_CASE(device_built_receive_layout_equals_host) {
         LOCUS_CUDA_CHECK(cudaMemcpy(expert_weight.data(), d.expert_weight(), entries * 4, cudaMemcpyDeviceToHost));
       }
       BOOST_TEST_CONTEXT(slots << " slots, " << rows << " rows") {
-        BOOST_TEST(!d.built_error());
+        BOOST_TEST(check_word(d) == 0);
         BOOST_TEST(d.entries() == entries);
         BOOST_TEST(std::equal(offsets.begin(), offsets.end(), host.row_entry_offsets().begin(),
                               host.row_entry_offsets().end()));
@@ -317,44 +324,64 @@ BOOST_AUTO_TEST_CASE(device_built_receive_layout_equals_host) {
     }
 }
 
-// Bad received metadata: the device build writes nothing out of bounds (its bodies skip) and
-// reports the violation with the slot offsets it reads back, as a transport_error; a good build
-// after it on the same object is clean again.
+// Bad received metadata: the device build writes nothing out of bounds (its bodies skip), sets
+// its check word on the device (read here after a wait, as the dispatcher reads it with its next
+// count read), the reduction over it writes zero rows and the gather nothing; a good build after
+// it on the same object is clean again. `announced` are the slot offsets the count round gave.
 BOOST_AUTO_TEST_CASE(device_receive_layout_refuses_bad_metadata) {
-  const std::size_t slots = 4;
+  namespace st = locus::transport::detail::stage;
+  const std::size_t slots = 4, hidden = 8;
   struct bad_case {
     const char* what;
-    std::vector<std::int32_t> counts, slot;
+    std::vector<std::int32_t> counts, slot, announced;
+    std::int32_t bit;
   };
-  const std::vector<bad_case> cases{{"row without entries", {2, 0, 1}, {0, 1, 2}},
-                                    {"counts exceed entries", {2, 1000000, 1}, {0, 1, 2}},
-                                    {"counts short of entries", {1, 1}, {0, 1, 2}},
-                                    {"negative slot", {1, 2}, {0, -1, 2}},
-                                    {"slot past the end", {1, 2}, {0, 4, 2}}};
+  const std::vector<bad_case> cases{
+      {"row without entries", {2, 0, 1}, {0, 1, 2}, {0, 1, 2, 3, 3}, st::bad_row_entries},
+      {"counts exceed entries", {2, 1000000, 1}, {0, 1, 2}, {0, 1, 2, 3, 3}, st::bad_entry_total},
+      {"counts short of entries", {1, 1}, {0, 1, 2}, {0, 1, 2, 3, 3}, st::bad_entry_total},
+      {"negative slot", {1, 2}, {0, -1, 2}, {0, 1, 2, 3, 3}, st::bad_slot},
+      {"slot past the end", {1, 2}, {0, 4, 2}, {0, 1, 2, 3, 3}, st::bad_slot},
+      {"other slots than announced", {1, 2}, {0, 1, 1}, {0, 1, 2, 3, 3}, st::bad_slot_counts}};
   device_receive_layout d;
   for (const auto& c : cases) {
     device_buffer<std::int32_t> dc, ds;
     dc.upload(std::span<const std::int32_t>(c.counts));
     ds.upload(std::span<const std::int32_t>(c.slot));
-    d.build(slots, dc.data(), c.counts.size(), ds.data(), nullptr, c.slot.size());
+    const std::vector<float> w(c.slot.size(), 1.0f);
+    device_buffer<float> dw;
+    dw.upload(std::span<const float>(w));
+    d.build(c.announced, dc.data(), c.counts.size(), ds.data(), dw.data(), c.slot.size());
+    // The reduction writes zeros over rows that held ones; the gather leaves its output as it was.
+    const std::vector<float> ones(c.counts.size() * hidden, 1.0f), sevens(c.slot.size() * hidden, 7.0f);
+    device_buffer<float> out, expert_out, in, expert_in;
+    out.upload(std::span<const float>(ones));
+    expert_out.upload(std::span<const float>(sevens));
+    in.upload(std::span<const float>(sevens));
+    expert_in.upload(std::span<const float>(sevens));
+    reduce_expert_output(d, expert_out.data(), hidden, out.data());
+    gather_expert_input(d, in.data(), hidden, expert_in.data());
     LOCUS_CUDA_CHECK(cudaDeviceSynchronize());
     BOOST_TEST_CONTEXT(c.what) {
-      const std::exception_ptr e = d.built_error();
-      BOOST_TEST(static_cast<bool>(e));
-      BOOST_CHECK_THROW(std::rethrow_exception(e), transport_error);
-      BOOST_TEST(d.entries() == 0u);
+      const std::int32_t bits = check_word(d);
+      BOOST_TEST((bits & c.bit) != 0);
+      BOOST_CHECK_THROW(std::rethrow_exception(device_receive_layout::error_of(bits)), transport_error);
       BOOST_TEST(d.slot_offsets_host().size() == slots + 1);
-      BOOST_TEST(
-          std::all_of(d.slot_offsets_host().begin(), d.slot_offsets_host().end(), [](auto v) { return v == 0; }));
+      const auto zeros = out.to_host(), gathered = expert_in.to_host();
+      BOOST_TEST(std::all_of(zeros.begin(), zeros.end(), [](float v) { return v == 0.0f; }));
+      BOOST_TEST(std::all_of(gathered.begin(), gathered.end(), [](float v) { return v == 7.0f; }));
     }
   }
-  const std::vector<std::int32_t> counts{1, 2}, slot{3, 0, 3};
+  const std::vector<std::int32_t> counts{1, 2}, slot{3, 0, 3}, want{0, 1, 1, 1, 3};
   device_buffer<std::int32_t> dc, ds;
   dc.upload(std::span<const std::int32_t>(counts));
   ds.upload(std::span<const std::int32_t>(slot));
-  d.build(slots, dc.data(), counts.size(), ds.data(), nullptr, slot.size());
+  d.build(want, dc.data(), counts.size(), ds.data(), nullptr, slot.size());
   LOCUS_CUDA_CHECK(cudaDeviceSynchronize());
-  BOOST_TEST(!d.built_error());
-  const std::vector<std::int32_t> want{0, 1, 1, 1, 3};
+  BOOST_TEST(check_word(d) == 0);
+  BOOST_TEST(!device_receive_layout::error_of(0));
   BOOST_TEST(std::equal(d.slot_offsets_host().begin(), d.slot_offsets_host().end(), want.begin(), want.end()));
+  // Announced offsets that do not end at the entries received are the caller's error.
+  const std::vector<std::int32_t> short_of{0, 1, 1, 1, 2};
+  BOOST_CHECK_THROW(d.build(short_of, dc.data(), counts.size(), ds.data(), nullptr, slot.size()), invalid_input_error);
 }

@@ -78,9 +78,13 @@ BOOST_AUTO_TEST_CASE(count_round_then_known_count_exchange_on_one_gpu) {
   const std::vector<std::uint64_t> rows{7, 8, 9};
   const std::vector<std::size_t> counts{rows.size()}, entries{5};
   device_counts c;
-  t.exchange_device_counts(exchange_group::world, sizeof(std::uint64_t), counts, 8, entries, c, 11);
+  // The tail travels with the header: three counts to the one member (itself).
+  const std::vector<std::uint32_t> tail{2, 0, 3};
+  t.exchange_device_counts(exchange_group::world, sizeof(std::uint64_t), counts, 8, entries, c, 11, tail, 3);
   BOOST_TEST(c.rows == counts, boost::test_tools::per_element());
   BOOST_TEST(c.entries == entries, boost::test_tools::per_element());
+  BOOST_TEST(c.tail_width == 3u);
+  BOOST_TEST(c.tail == tail, boost::test_tools::per_element());
   void* d = nullptr;
   LOCUS_CUDA_CHECK(cudaMalloc(&d, rows.size() * sizeof(std::uint64_t)));
   LOCUS_CUDA_CHECK(cudaMemcpy(d, rows.data(), rows.size() * sizeof(std::uint64_t), cudaMemcpyHostToDevice));

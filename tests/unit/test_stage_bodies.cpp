@@ -461,24 +461,28 @@ BOOST_AUTO_TEST_CASE(plan_nothing_zeroes_the_layout_counts_only_when_flagged) {
     layout<top_k<2>> l;
     l.assign(r.view(), map, topo, R - 1, layout_options{transport_kind::flat, 1});
     const std::vector<std::int32_t> ro(l.rank_offsets().begin(), l.rank_offsets().end()),
-        reo(l.rank_entry_offsets().begin(), l.rank_entry_offsets().end());
+        reo(l.rank_entry_offsets().begin(), l.rank_entry_offsets().end()),
+        sc(l.slot_counts().begin(), l.slot_counts().end());
     const std::vector<unsigned long long> links(l.link_copies().begin(), l.link_copies().end());
     BOOST_TEST_REQUIRE(ro.back() > 0); // the layout does send rows, so zeroing them is visible
+    BOOST_TEST_REQUIRE(sc.size() == R * 3);
     for (const auto& g : grids)
       for (const unsigned long long flag : {0ull, 1ull, 7ull}) {
-        auto ro2 = ro, reo2 = reo;
+        auto ro2 = ro, reo2 = reo, sc2 = sc;
         auto links2 = links;
         st::run_grid(g[0], g[1], [&](st::grid_index i) {
-          st::plan_nothing_if(i, &flag, R, ro2.data(), reo2.data(), links2.data());
+          st::plan_nothing_if(i, &flag, R, ro2.data(), reo2.data(), sc2.data(), sc2.size(), links2.data());
         });
         BOOST_TEST_CONTEXT(R << " ranks, grid " << g[0] << " x " << g[1] << ", flag " << flag) {
           if (flag == 0) {
             BOOST_TEST(ro2 == ro);
             BOOST_TEST(reo2 == reo);
+            BOOST_TEST(sc2 == sc);
             BOOST_TEST(links2 == links);
           } else {
             BOOST_TEST(ro2 == std::vector<std::int32_t>(R + 1, 0));
             BOOST_TEST(reo2 == std::vector<std::int32_t>(R + 1, 0));
+            BOOST_TEST(sc2 == std::vector<std::int32_t>(R * 3, 0));
             BOOST_TEST(links2 == std::vector<unsigned long long>(3, 0));
           }
         }
@@ -585,4 +589,43 @@ BOOST_AUTO_TEST_CASE(receive_metadata_check_flags_bad_metadata) {
         BOOST_CHECK_THROW(host.assign(slots, c.counts, c.slot, {}), locus::error);
     }
   }
+}
+
+// The count round's announced segments against what the receive layout counted: equal offsets
+// leave the word alone, any difference sets bad_slot_counts, and a word already set (the build
+// skipped) is left as it was, over several grids.
+BOOST_AUTO_TEST_CASE(slot_offsets_check_compares_with_the_announced_segments) {
+  const std::vector<std::int32_t> built{0, 2, 2, 5, 9};
+  struct check_case {
+    const char* what;
+    std::vector<std::int32_t> expected;
+    std::int32_t before, after;
+  };
+  const std::vector<check_case> cases{{"equal", built, 0, 0},
+                                      {"first slot differs", {0, 1, 2, 5, 9}, 0, st::bad_slot_counts},
+                                      {"only the end differs", {0, 2, 2, 5, 8}, 0, st::bad_slot_counts},
+                                      {"already refused", {0, 1, 2, 5, 9}, st::bad_slot, st::bad_slot}};
+  for (const auto& c : cases)
+    for (const auto& g : grids) {
+      std::int32_t flag = c.before;
+      st::run_grid(g[0], g[1], [&](st::grid_index i) {
+        st::slot_offsets_check(i, built.data(), c.expected.data(), built.size() - 1, &flag);
+      });
+      BOOST_TEST_CONTEXT(c.what << ", grid " << g[0] << " x " << g[1]) { BOOST_TEST(flag == c.after); }
+    }
+}
+
+// zero_rows writes every element of every row, and nothing past them, over several grids.
+BOOST_AUTO_TEST_CASE(zero_rows_clears_exactly_the_rows) {
+  for (const std::size_t rows : {0u, 1u, 9u})
+    for (const std::size_t hidden : {1u, 8u, 13u})
+      for (const auto& g : grids) {
+        std::vector<float> out(rows * hidden + 3, 5.0f);
+        st::run_grid(g[0], g[1], [&](st::grid_index i) { st::zero_rows(i, rows, hidden, out.data()); });
+        BOOST_TEST_CONTEXT(rows << " rows of " << hidden << ", grid " << g[0] << " x " << g[1]) {
+          BOOST_TEST(std::all_of(out.begin(), out.begin() + static_cast<std::ptrdiff_t>(rows * hidden),
+                                 [](float v) { return v == 0.0f; }));
+          BOOST_TEST(std::all_of(out.end() - 3, out.end(), [](float v) { return v == 5.0f; }));
+        }
+      }
 }

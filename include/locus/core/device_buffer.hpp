@@ -4,7 +4,8 @@
 //! `locus::device_buffer<T>`: the one owning array in device memory (RAII over cudaMalloc /
 //! cudaFree). Growing keeps no contents: it is scratch and output storage for kernels, reused
 //! across steps so that the steady state allocates nothing. Copies to and from the host are
-//! issued on a stream.
+//! issued on a stream. `locus::pinned_buffer<T>`: its page-locked host counterpart, where values
+//! the host reads from the device land (see there why).
 
 #include <cstddef>
 #include <cuda_runtime_api.h>
@@ -95,6 +96,66 @@ public:
 private:
   void release() noexcept {
     if (data_) cudaFree(data_); // a failing free in a destructor has nowhere to report to
+    data_ = nullptr;
+    size_ = capacity_ = 0;
+  }
+
+  T* data_ = nullptr;
+  std::size_t size_ = 0;
+  std::size_t capacity_ = 0;
+};
+
+//! An owning, move-only array of trivially copyable `T` in page-locked host memory
+//! (cudaMallocHost). A device-to-host copy into pageable memory returns only once it is done, so
+//! it waits for everything queued before it on its stream, untimed; into this one it is queued
+//! like any other work, and the caller chooses how to wait (e.g. a transport's timed
+//! synchronize(), which notices a lost peer). Growing keeps no contents.
+template <class T>
+class pinned_buffer {
+  static_assert(std::is_trivially_copyable_v<T>, "locus::pinned_buffer holds trivially copyable elements only");
+
+public:
+  pinned_buffer() = default;
+  //! @throws locus::cuda_error when the allocation fails
+  explicit pinned_buffer(std::size_t n) { resize(n); }
+  pinned_buffer(const pinned_buffer&) = delete;
+  pinned_buffer& operator=(const pinned_buffer&) = delete;
+  pinned_buffer(pinned_buffer&& o) noexcept
+      : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)),
+        capacity_(std::exchange(o.capacity_, 0)) {}
+  pinned_buffer& operator=(pinned_buffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      data_ = std::exchange(o.data_, nullptr);
+      size_ = std::exchange(o.size_, 0);
+      capacity_ = std::exchange(o.capacity_, 0);
+    }
+    return *this;
+  }
+  ~pinned_buffer() { release(); }
+
+  //! Makes room for `n` elements; contents are unspecified afterwards when the buffer grew.
+  //! @throws locus::cuda_error when the allocation fails
+  void resize(std::size_t n) {
+    if (n > capacity_) {
+      release();
+      void* p = nullptr;
+      LOCUS_CUDA_CHECK(cudaMallocHost(&p, n * sizeof(T)));
+      data_ = static_cast<T*>(p);
+      capacity_ = n;
+    }
+    size_ = n;
+  }
+
+  T* data() noexcept { return data_; }
+  const T* data() const noexcept { return data_; }
+  std::size_t size() const noexcept { return size_; }
+  T& operator[](std::size_t i) noexcept { return data_[i]; }
+  const T& operator[](std::size_t i) const noexcept { return data_[i]; }
+
+private:
+  void release() noexcept {
+    if (data_) cudaFreeHost(data_); // a failing free in a destructor has nowhere to report to
     data_ = nullptr;
     size_ = capacity_ = 0;
   }

@@ -278,6 +278,15 @@ public:
     detail::layer::device_step<moe_layer>::run(*this, device_state_, x, r, y);
   }
 
+  //! Device-resident: waits for this rank's last step (through the transport's synchronize(), so
+  //! the NCCL transport's timeout and error watch cover it) and raises what the device found wrong
+  //! in the entry metadata it received then, which the next forward would otherwise raise after
+  //! its exchanges (transport::device_dispatcher::finish). Call it after a run's last step.
+  //! @throws locus::transport_error when the received metadata was refused
+  void finish() requires(backend_type::space == memory_space::device) {
+    detail::layer::device_step<moe_layer>::finish(device_state_);
+  }
+
   //! The routing of the last device-routed `forward(x, tokens, y)`, in device memory (valid until
   //! the next forward); no tokens before the first.
   device_routing_view<top_k_type> last_device_routing() const

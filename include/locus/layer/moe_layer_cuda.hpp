@@ -117,6 +117,11 @@ struct device_step<moe_layer<Shape, Topology, Policies...>> {
     step(l, s, x, r, fail, y, abort);
   }
 
+  //! dispatcher::finish() after the last step; nothing before the first.
+  static void finish(std::shared_ptr<void>& st) {
+    if (st) static_cast<state*>(st.get())->dispatch.finish();
+  }
+
   static device_routing_view<top_k_type> last_routing(const layer_type& l, const std::shared_ptr<void>& st) {
     using rs_type = device_route_state<typename layer_type::router_type>;
     if (!st) return {nullptr, nullptr, 0, top_k_type{}};

@@ -20,17 +20,23 @@
 //!                   itself; combine goes back the same way, the rail peer summing its node's
 //!                   returns of each rail row before the rail stage back (detail/node_plan.hpp).
 //!
-//! Host waits per flat step (three), and why:
-//! 1. the layout's count read: its per-rank row and entry counts (the message sizes) come to the
-//!    host, and with them the caller's "plan nothing" flag (device_abort: the router's
-//!    non-finite-logit counter), which the layout applies on the device, so the flag adds no wait;
+//! Host waits per flat step (one, and the count round), and why:
+//! 1. the layout's count read: its per-rank row and entry counts (the message sizes) and its
+//!    entries per (destination, slot) come to the host, and with them the caller's "plan nothing"
+//!    flag (device_abort: the router's non-finite-logit counter), which the layout applies on the
+//!    device, so the flag adds no wait. It waits through the transport's synchronize(), so the
+//!    NCCL transport's timeout and error watch cover it and everything queued before it (the last
+//!    step's exchanges included);
 //! 2. the count round (`exchange_device_counts`, one header round for the whole step): each rank
-//!    learns how many rows and entries every peer sends it, which sizes every exchange after it;
-//!    those are known-count exchanges (`exchange_device_known`: no header round, no wait);
-//! 3. the receive layout's slot offsets (slots + 1 values, with its metadata check's flag in the
-//!    same copy), because the expert compute issues one GEMM per expert with its row count on
-//!    the host. Through the transport's synchronize(), so the NCCL transport keeps its timeout:
-//!    it also covers the known-count exchanges queued before it.
+//!    learns how many rows and entries every peer sends it and, in the round's tail, how many of
+//!    those entries go to each of its local slots: the expert compute's segment sizes, so the
+//!    receive layout built on the device reads nothing back. Every exchange after the round knows
+//!    its counts (`exchange_device_known`: no header round, no wait).
+//! The receive layout's check (stage::receive_metadata_check and stage::slot_offsets_check: the
+//! received metadata against what the count round announced) stays on the device: a violation
+//! makes the expert input gather skip and the weighted reduction return zeros, and its word comes
+//! back with the next step's count read (or finish()), which raises it after that step's
+//! exchanges.
 //! Combine adds no wait (its counts are dispatch's reversed); a peer lost in it is caught by the
 //! next step's first wait.
 //! Hierarchical step: the layout's count read; its entry metadata comes to the host (the plan's
@@ -136,12 +142,15 @@ public:
     pending_ = fail;
     recv_bad_ = false;
     bool planned_nothing = false;
+    // The last build's check word comes back with this step's count read: queued before it.
+    const bool check_queued = queue_check_read();
+    const auto wait = [this] { ex_->synchronize("reading the device layout's counts"); };
     if (!pending_) {
       try {
         LOCUS_REQUIRE(!abort.flag || abort.error, config_error, "device_dispatcher: an abort flag without its error");
         LOCUS_REQUIRE(r.tokens() == 0 || r.weights(), invalid_input_error,
                       "device_dispatcher: the routing carries no weights");
-        layout_.assign(r, map_, ex_->topology(), ex_->rank(), kind_, stream_, replicas, abort.flag);
+        layout_.assign(r, map_, ex_->topology(), ex_->rank(), kind_, stream_, replicas, abort.flag, wait);
         if (layout_.planned_nothing()) {
           planned_nothing = true; // the layout is already one of no rows
           pending_ = abort.error(layout_.flag_words());
@@ -157,18 +166,20 @@ public:
     if (pending_) x = nullptr;
     if (pending_ && !planned_nothing) {
       // The layout kernels stopped at the bad copy; a layout of no tokens replaces it.
-      layout_.assign(device_routing_view<TopK>(nullptr, nullptr, 0), map_, ex_->topology(), ex_->rank(), kind_,
-                     stream_);
+      layout_.assign(device_routing_view<TopK>(nullptr, nullptr, 0), map_, ex_->topology(), ex_->rank(), kind_, stream_,
+                     {}, nullptr, wait);
     }
+    if (check_queued) take_check(); // every path above waited once
     if (kind_ == transport_kind::hierarchical)
       dispatch_node(x);
     else
       dispatch_flat(x);
     // Blocks of the occupied slots; an empty slot has no entries, so the segments stay contiguous.
+    // Refused counts (recv_bad_) leave no blocks: nothing was gathered.
     block_experts_.clear();
     block_offsets_.assign(1, 0);
     const auto so = drl_.slot_offsets_host();
-    for (std::size_t s = 0; s < slot_expert_.size(); ++s) {
+    for (std::size_t s = 0; s < slot_expert_.size() && !recv_bad_; ++s) {
       if (slot_expert_[s] == empty_slot) continue;
       block_experts_.push_back(slot_expert_[s]);
       block_offsets_.push_back(static_cast<std::size_t>(so[s + 1]));
@@ -187,8 +198,11 @@ public:
   //! `y` null: the exchange only, nothing written (a rank that is going to raise).
   //! @throws locus::invalid_input_error the last dispatch's routing error, after the exchange
   //!         (`y` is then left as it was)
-  //! @throws locus::transport_error when the last flat dispatch received entry metadata its
-  //!         receive layout refused, after the exchange (its rows went back as zeros)
+  //! @throws locus::transport_error when the last flat dispatch received counts that disagree
+  //!         (each peer's entries per slot against its entries), after the exchange (its rows went
+  //!         back as zeros); or when the dispatch before it received entry metadata its receive
+  //!         layout's device check refused (found on the device, so learnt at this step's count
+  //!         read; those rows went back as zeros then)
   void combine(T* y) {
     if (recv_bad_) {
       // Bad received metadata (this rank raises below): every received row goes back as zeros.
@@ -201,7 +215,20 @@ public:
     }
     const T* returned = kind_ == transport_kind::hierarchical ? combine_node() : combine_flat();
     if (pending_) std::rethrow_exception(std::exchange(pending_, nullptr));
+    if (deferred_) std::rethrow_exception(std::exchange(deferred_, nullptr));
     if (y) transport::combine(layout_, returned, hx_, y, stream_);
+  }
+
+  //! Waits for this rank's queued work (through the transport's synchronize(), so the NCCL
+  //! transport's timeout and error watch cover it) and raises what the device check found in the
+  //! last dispatch's received metadata, which the next dispatch would otherwise learn at its count
+  //! read and raise after its exchanges: call it after a run's last step.
+  //! @throws locus::transport_error when that check refused the metadata
+  void finish() {
+    const bool queued = queue_check_read();
+    ex_->synchronize("finishing the step");
+    if (queued) take_check();
+    if (deferred_) std::rethrow_exception(std::exchange(deferred_, nullptr));
   }
 
   const device_layout<TopK, Experts>& last_layout() const noexcept { return layout_; }
@@ -209,6 +236,20 @@ public:
 
 private:
   static const std::byte* bytes_of(const void* p) noexcept { return static_cast<const std::byte*>(p); }
+
+  // Queues the copy of the last build's check word to the host, once per build; true when queued.
+  bool queue_check_read() {
+    if (!check_unread_) return false;
+    check_unread_ = false;
+    LOCUS_CUDA_CHECK(
+        cudaMemcpyAsync(check_word_.data(), drl_.flag(), sizeof(std::int32_t), cudaMemcpyDeviceToHost, stream_));
+    return true;
+  }
+  // After a wait: the check word's error, kept until a combine or finish() raises it (an earlier
+  // one not yet raised stays first).
+  void take_check() {
+    if (std::exception_ptr e = device_receive_layout::error_of(check_word_[0]); e && !deferred_) deferred_ = e;
+  }
 
   // Flat: every row straight to its destination rank over the world group.
   void dispatch_flat(const T* x) {
@@ -232,17 +273,30 @@ private:
           layout_.row_entry_offsets(), rows, row_entries_.data());
       LOCUS_CUDA_CHECK(cudaGetLastError());
     }
-    // One count round for the step: rows and entries per destination, from the layout's counts
-    // (already on the host). Every exchange after it knows its counts: no more header rounds.
-    ex_->exchange_device_counts(exchange_group::world, row_bytes, send_counts_, entry_bytes, entry_counts_, counts_,
-                                11);
+    // One count round for the step: rows and entries per destination, and in its tail the entries
+    // for each slot of the destination, from the layout's counts (already on the host). Every
+    // exchange after it knows its counts: no more header rounds, and no wait.
+    const std::size_t S = map_.slots_per_rank();
+    const auto& sc = layout_.slot_counts_host();
+    slot_tail_.assign(sc.begin(), sc.end());
+    ex_->exchange_device_counts(exchange_group::world, row_bytes, send_counts_, entry_bytes, entry_counts_, counts_, 11,
+                                slot_tail_, static_cast<std::uint32_t>(S));
     std::size_t recv_rows = 0, recv_entries = 0;
     for (std::size_t s = 0; s < R; ++s) {
       recv_rows += counts_.rows[s];
       recv_entries += counts_.entries[s];
     }
+    // The expert compute's segments: each local slot's entries summed over the senders. A sender
+    // whose per-slot counts do not add up to its entries sent counts this rank cannot use: it
+    // still receives and returns its rows (as zeros), so no peer waits, and raises after combine.
+    if (std::string why = detail::exchange::slot_offsets_from(counts_, S, expected_offsets_); !why.empty()) {
+      recv_bad_ = true;
+      if (!pending_)
+        pending_ = std::make_exception_ptr(
+            transport_error(::locus::detail::concat("device_dispatcher: rank ", ex_->rank(), " ", why)));
+    }
     // Entry metadata, each result copied on the device (the next exchange reuses the transport's
-    // buffer); the receive layout is built there and only its slot offsets come back.
+    // buffer); the receive layout is built and checked there against the announced segments.
     ex_->exchange_device_known(exchange_group::world, sizeof(std::int32_t), bytes_of(row_entries_.data()), send_counts_,
                                counts_.rows, meta_);
     detail::device_dispatch::keep(meta_, recv_row_entries_, stream_);
@@ -252,22 +306,18 @@ private:
     ex_->exchange_device_known(exchange_group::world, sizeof(float), bytes_of(layout_.entry_weight()), entry_counts_,
                                counts_.entries, meta_);
     detail::device_dispatch::keep(meta_, recv_weights_, stream_);
-    drl_.build(map_.slots_per_rank(), recv_row_entries_.data(), recv_rows, recv_slots_.data(), recv_weights_.data(),
-               recv_entries, stream_);
-    ex_->synchronize("reading the receive layout's slot offsets"); // they size the expert compute
-    // Metadata the build refused: this rank still receives and returns its rows (as zeros), so no
-    // peer waits, and raises after combine's exchange.
-    if (std::exception_ptr bad = drl_.built_error()) {
-      recv_bad_ = true;
-      if (!pending_) pending_ = bad;
+    if (!recv_bad_) {
+      drl_.build(expected_offsets_, recv_row_entries_.data(), recv_rows, recv_slots_.data(), recv_weights_.data(),
+                 recv_entries, stream_);
+      check_unread_ = true;
     }
 
     ex_->exchange_device_known(exchange_group::world, row_bytes, bytes_of(send_.data()), send_counts_, counts_.rows,
                                rows_);
-    const std::size_t n = drl_.entries();
+    const std::size_t n = recv_bad_ ? 0 : drl_.entries();
     expert_in_.resize(std::max<std::size_t>(n, 1) * hidden_);
     expert_out_.resize(std::max<std::size_t>(n, 1) * hidden_);
-    gather_expert_input(drl_, reinterpret_cast<const T*>(rows_.rows), hx_, expert_in_.data(), stream_);
+    if (!recv_bad_) gather_expert_input(drl_, reinterpret_cast<const T*>(rows_.rows), hx_, expert_in_.data(), stream_);
   }
 
   // Flat combine: the rows back over the world group, in layout order.
@@ -438,8 +488,14 @@ private:
   device_counts counts_;                                      // flat: the step's count round
   device_buffer<std::int32_t> recv_row_entries_, recv_slots_; // flat: the received entry metadata
   device_buffer<float> recv_weights_;
-  std::exception_ptr pending_; // this rank's routing error, raised by combine
-  bool recv_bad_ = false;      // flat: the received entry metadata was refused (device_receive_layout)
+  std::exception_ptr pending_;                 // this rank's routing error, raised by combine
+  bool recv_bad_ = false;                      // flat: the count round's per-slot counts were refused (host check)
+  std::vector<std::uint32_t> slot_tail_;       // flat: entries per (destination, slot), the count round's tail
+  std::vector<std::int32_t> expected_offsets_; // flat: the local slots' segments the count round announced
+  // The device check of the last flat build: its word lands in pinned memory with the next wait.
+  pinned_buffer<std::int32_t> check_word_{1};
+  bool check_unread_ = false;
+  std::exception_ptr deferred_; // the check's error, raised by the next combine or finish()
   // Hierarchical only.
   detail::device_dispatch::node_plan plan_;
   std::vector<std::int32_t> h_reo_, h_target_, h_slot_;

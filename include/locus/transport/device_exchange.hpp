@@ -28,6 +28,10 @@ struct device_exchange_result {
 struct device_counts {
   std::vector<std::size_t> rows;    //!< rows from each source member
   std::vector<std::size_t> entries; //!< entries from each source member
+  //! The round's tail: `tail_width` counts from each source member (source-major), whatever the
+  //! caller counts beyond rows and entries (the device dispatcher: entries per local slot).
+  std::vector<std::uint32_t> tail;
+  std::size_t tail_width = 0;
 };
 
 namespace detail::exchange {
@@ -46,16 +50,24 @@ public:
     status_ = check_request(req_, members, problem_);
   }
   //! A count round's request: no rows move, the headers carry `counts` rows of `row_bytes` and
-  //! `entry_counts` entries of `entry_bytes` to each member.
+  //! `entry_counts` entries of `entry_bytes` to each member, and `tail_width` more counts to each
+  //! (`tail`, destination-major: members × tail_width values).
   device_request(exchange_group group, std::size_t members, std::size_t row_bytes, std::span<const std::size_t> counts,
-                 std::size_t entry_bytes, std::span<const std::size_t> entry_counts, std::uint32_t stage)
-      : members_(members) {
+                 std::size_t entry_bytes, std::span<const std::size_t> entry_counts, std::uint32_t stage,
+                 std::span<const std::uint32_t> tail = {}, std::uint32_t tail_width = 0)
+      : members_(members), tail_(tail), tail_width_(tail_width) {
     req_ = {group, row_bytes, {static_cast<const std::byte*>(nullptr), sum(counts) * row_bytes}, counts, {}};
     req_.stage = stage;
     req_.entry_bytes = entry_bytes;
     req_.entries = {static_cast<const std::byte*>(nullptr), sum(entry_counts) * entry_bytes};
     req_.entry_counts = entry_counts;
     status_ = check_request(req_, members, problem_);
+    if (status_ == ok && tail.size() != members * tail_width) {
+      status_ = tail_size;
+      problem_ =
+          ::locus::detail::concat("the tail has ", tail.size(), " counts but the ", to_string(group), " group of ",
+                                  members, " members at ", tail_width, " per member needs ", members * tail_width);
+    }
   }
 
   const exchange_request& request() const noexcept { return req_; }
@@ -64,7 +76,13 @@ public:
   //! Rows this member sends to member `m` (none when its request is invalid).
   std::size_t count(std::size_t m) const noexcept { return valid() ? req_.counts[m] : 0; }
   //! The header to member `m` of the exchange at `at`.
-  header header_for(const position& at, std::size_t m) const { return header_to(at, req_, status_, m); }
+  header header_for(const position& at, std::size_t m) const { return header_to(at, req_, status_, m, tail_width_); }
+  //! The tail counts to member `m` (a count round's; zeros when this member's request is invalid,
+  //! so a receiver never reads past what the headers announce).
+  std::uint32_t tail_to(std::size_t m, std::size_t i) const noexcept {
+    return valid() ? tail_[m * tail_width_ + i] : 0;
+  }
+  std::uint32_t tail_width() const noexcept { return tail_width_; }
 
   //! The verdict on the headers received (`received[m]` from member m): empty when the rows may
   //! move; `expectations` tells whether a count-agreement round follows.
@@ -86,14 +104,18 @@ public:
     }
   }
 
-  //! The count round's result, from the headers (after a clean verdict).
-  void counts(std::span<const header> received, device_counts& out) const {
+  //! The count round's result, from the headers and the received tails (`tail`: tail_width()
+  //! counts from each member, source-major), after a clean verdict (which checked that every
+  //! member's tail has this member's width).
+  void counts(std::span<const header> received, std::span<const std::uint32_t> tail, device_counts& out) const {
     out.rows.resize(members_);
     out.entries.resize(members_);
     for (std::size_t m = 0; m < members_; ++m) {
       out.rows[m] = static_cast<std::size_t>(received[m].count);
       out.entries[m] = static_cast<std::size_t>(received[m].entries);
     }
+    out.tail_width = tail_width_;
+    out.tail.assign(tail.begin(), tail.begin() + static_cast<std::ptrdiff_t>(members_ * tail_width_));
   }
 
   //! Adds the finished exchange to `bytes`.
@@ -112,10 +134,44 @@ private:
     return total;
   }
   std::size_t members_;
+  std::span<const std::uint32_t> tail_;
+  std::uint32_t tail_width_ = 0;
   exchange_request req_;
   std::uint32_t status_ = ok;
   std::string problem_;
 };
+
+//! The segments of a receiver's `slots` local slots from a count round whose tail carries each
+//! sender's entries per slot (`in.tail_width == slots`): `offsets[s]` = the entries of slots
+//! before s, summed over the senders (slots + 1 values). Returns an empty string, or why the counts
+//! cannot be used (a sender whose per-slot counts do not add up to its entries, a tail of
+//! another width, a total past 32-bit offsets); `offsets` is then all zeros.
+inline std::string slot_offsets_from(const device_counts& in, std::size_t slots, std::vector<std::int32_t>& offsets) {
+  offsets.assign(slots + 1, 0);
+  const std::size_t senders = in.entries.size();
+  if (in.tail_width != slots || in.tail.size() != senders * slots)
+    return ::locus::detail::concat("received a count round's tail of ", in.tail.size(), " counts (", in.tail_width,
+                                   " per sender) for ", slots, " local slots and ", senders, " senders");
+  for (std::size_t m = 0; m < senders; ++m) {
+    std::uint64_t sum = 0;
+    for (std::size_t s = 0; s < slots; ++s)
+      sum += in.tail[m * slots + s];
+    if (sum != in.entries[m])
+      return ::locus::detail::concat("was announced ", in.entries[m], " entries by member ", m,
+                                     " of the count round, whose entries per slot add up to ", sum);
+  }
+  std::uint64_t at = 0;
+  for (std::size_t s = 0; s < slots; ++s) {
+    for (std::size_t m = 0; m < senders; ++m)
+      at += in.tail[m * slots + s];
+    if (at > static_cast<std::uint64_t>(INT32_MAX)) {
+      offsets.assign(slots + 1, 0);
+      return ::locus::detail::concat("was announced more than ", INT32_MAX, " entries (past 32-bit offsets)");
+    }
+    offsets[s + 1] = static_cast<std::int32_t>(at);
+  }
+  return {};
+}
 
 //! The checks of a known-count exchange (no header round, so nothing to agree on): both count
 //! arrays have one value per member. The counts come from a count round every member made, so a

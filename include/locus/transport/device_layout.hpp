@@ -5,13 +5,15 @@
 //! equal bit for bit (same per-token code, stable CUB sorts and scans). The routing stays on the
 //! device; the expert map and topology come from the host (a few KiB uploaded per assign).
 //! assign() synchronises the stream once at the end, to check the input and to return the
-//! per-rank row and entry counts to the host, where a transport needs them anyway (message sizes).
+//! per-rank row and entry counts and the per-(rank, slot) entry counts to the host, where a
+//! transport needs them anyway (message sizes; the receivers' expert compute sizes).
 //! A device flag may tell it to plan nothing (the router's non-finite-logit counter): the counts
 //! are then zeroed on the device and the flag comes back in the same wait.
 
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <locus/core/cuda_error.hpp>
 #include <locus/core/device_buffer.hpp>
 #include <locus/core/expert_map.hpp>
@@ -47,10 +49,14 @@ public:
   //! @throws locus::invalid_input_error naming the first token and choice with an out-of-range or
   //!         repeated expert id or a non-finite weight (found on the device, named on the host)
   //! @throws locus::cuda_error on a CUDA failure
+  //! `wait`, when given, is how the one wait is made (a transport's timed synchronize(), so that a
+  //! peer lost in work queued earlier on the stream is reported instead of waited for); by
+  //! default cudaStreamSynchronize.
   template <class Topology>
   void assign(const device_routing_view<TopK>& r, const expert_map& map, const Topology& topo, std::size_t source_rank,
               transport_kind kind = transport_kind::flat, cudaStream_t stream = nullptr,
-              const placement::replica_policy& replicas = {}, const unsigned long long* plan_nothing = nullptr) {
+              const placement::replica_policy& replicas = {}, const unsigned long long* plan_nothing = nullptr,
+              const std::function<void()>& wait = {}) {
     static_assert(any_topology<Topology>, "locus::transport::device_layout needs a locus::topology");
     flag_host_ = {};
     LOCUS_REQUIRE(map.ranks() == topo.ranks(), config_error, "device_layout: the expert map has ", map.ranks(),
@@ -81,22 +87,36 @@ public:
                                                replicas.rule, stream);
     if (plan_nothing) {
       detail::layout::plan_nothing_kernel<<<1, 128, 0, stream>>>(plan_nothing, ranks_, b_.rank_offsets.data(),
-                                                                 b_.rank_entry_offsets.data(), b_.links.data());
+                                                                 b_.rank_entry_offsets.data(), b_.slot_counts.data(),
+                                                                 ranks_ * slots_, b_.links.data());
       LOCUS_CUDA_CHECK(cudaGetLastError());
-      LOCUS_CUDA_CHECK(
-          cudaMemcpyAsync(flag_host_.data(), plan_nothing, sizeof flag_host_, cudaMemcpyDeviceToHost, stream));
     }
-    std::int32_t error = 0;
-    rank_offsets_host_.resize(ranks_ + 1);
-    LOCUS_CUDA_CHECK(cudaMemcpyAsync(&error, b_.error.data(), sizeof error, cudaMemcpyDeviceToHost, stream));
-    LOCUS_CUDA_CHECK(cudaMemcpyAsync(rank_offsets_host_.data(), b_.rank_offsets.data(),
-                                     (ranks_ + 1) * sizeof(std::int32_t), cudaMemcpyDeviceToHost, stream));
-    rank_entry_offsets_host_.resize(ranks_ + 1);
-    LOCUS_CUDA_CHECK(cudaMemcpyAsync(rank_entry_offsets_host_.data(), b_.rank_entry_offsets.data(),
-                                     (ranks_ + 1) * sizeof(std::int32_t), cudaMemcpyDeviceToHost, stream));
-    LOCUS_CUDA_CHECK(
-        cudaMemcpyAsync(links_host_.data(), b_.links.data(), sizeof links_host_, cudaMemcpyDeviceToHost, stream));
-    LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream));
+    // Everything the host reads lands in pinned memory, so no copy waits on its own: the one wait
+    // is `wait`'s. Words: the error, rank offsets, rank entry offsets, slot counts; then the links
+    // and the flag's two words.
+    const std::size_t R1 = ranks_ + 1, SC = ranks_ * slots_;
+    words_.resize(1 + 2 * R1 + SC);
+    wide_.resize(3 + 2);
+    const auto down = [&](auto* host, const auto* dev, std::size_t n) {
+      if (n > 0) LOCUS_CUDA_CHECK(cudaMemcpyAsync(host, dev, n * sizeof(*host), cudaMemcpyDeviceToHost, stream));
+    };
+    down(words_.data(), b_.error.data(), 1);
+    down(words_.data() + 1, b_.rank_offsets.data(), R1);
+    down(words_.data() + 1 + R1, b_.rank_entry_offsets.data(), R1);
+    down(words_.data() + 1 + 2 * R1, b_.slot_counts.data(), SC);
+    down(wide_.data(), b_.links.data(), 3);
+    wide_[3] = wide_[4] = 0;
+    if (plan_nothing) down(wide_.data() + 3, plan_nothing, 2);
+    if (wait)
+      wait();
+    else
+      LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const std::int32_t error = words_[0];
+    rank_offsets_host_.assign(words_.data() + 1, words_.data() + 1 + R1);
+    rank_entry_offsets_host_.assign(words_.data() + 1 + R1, words_.data() + 1 + 2 * R1);
+    slot_counts_host_.assign(words_.data() + 1 + 2 * R1, words_.data() + 1 + 2 * R1 + SC);
+    links_host_ = {wide_[0], wide_[1], wide_[2]};
+    flag_host_ = {wide_[3], wide_[4]};
     if (planned_nothing()) {
       tokens_ = 0;
       return;
@@ -122,6 +142,9 @@ public:
   const std::vector<std::int32_t>& rank_offsets_host() const noexcept { return rank_offsets_host_; }
   //! Host copy of the per-rank entry offsets (`ranks + 1` values).
   const std::vector<std::int32_t>& rank_entry_offsets_host() const noexcept { return rank_entry_offsets_host_; }
+  //! Host copy of the copies per (rank, slot) of their replicas (`ranks × slots_per_rank` values,
+  //! layout::slot_counts): in a flat layout the entries this rank sends each slot of each rank.
+  const std::vector<std::int32_t>& slot_counts_host() const noexcept { return slot_counts_host_; }
   //! Copies moved per link class (as layout::link_copies).
   std::array<std::uint64_t, link_class_count> link_copies() const noexcept {
     return {links_host_[0], links_host_[1], links_host_[2]};
@@ -169,9 +192,12 @@ private:
   std::size_t tokens_ = 0, ranks_ = 0, slots_ = 0, gpus_ = 1;
   detail::layout::device_layout_buffers b_;
   device_buffer<slot_ref> replicas_;
-  std::vector<std::int32_t> fixed_, cand_offsets_, cands_, rank_offsets_host_, rank_entry_offsets_host_;
+  std::vector<std::int32_t> fixed_, cand_offsets_, cands_, rank_offsets_host_, rank_entry_offsets_host_,
+      slot_counts_host_;
   std::array<unsigned long long, 3> links_host_{};
   std::array<unsigned long long, 2> flag_host_{};
+  pinned_buffer<std::int32_t> words_;      // the count read's landing place (see assign)
+  pinned_buffer<unsigned long long> wide_; // links, then the flag's words
 };
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport

@@ -85,7 +85,7 @@ struct board {
       : barrier(ranks), headers(ranks.size() * ranks.size()), send_rows(ranks.size(), nullptr),
         send_offsets(ranks.size(), std::vector<std::size_t>(ranks.size() + 1, 0)), recv_rows(ranks.size(), nullptr),
         expected(ranks.size(), std::vector<std::size_t>(ranks.size(), 0)), checked(ranks.size(), 0),
-        bad_sender(ranks.size(), ranks.size()), bad_count(ranks.size(), 0), codes(ranks.size(), 0),
+        bad_sender(ranks.size(), ranks.size()), bad_count(ranks.size(), 0), codes(ranks.size(), 0), tails(ranks.size()),
         tile(std::make_unique<group_gather::tile_params>()) {}
 
   std::size_t members() const noexcept { return send_rows.size(); }
@@ -137,6 +137,7 @@ struct board {
   std::vector<std::uint8_t> checked;
   std::vector<std::size_t> bad_sender, bad_count;  //!< per receiver: first sender that disagrees (or R)
   std::vector<std::uint32_t> codes;                //!< second-round expectation codes
+  std::vector<std::vector<std::uint32_t>> tails;   //!< per sender: its count round's tail, receiver-major
   stream joiner;                                   //!< where the members' events are joined
   event all_done;                                  //!< after the copies of the last row stage
   std::unique_ptr<group_gather::tile_params> tile; //!< the launch parameters, reused (17 KiB)
@@ -217,18 +218,27 @@ public:
 
   //! Collective over `group`: a count round alone. Each member tells each member how many rows of
   //! `row_bytes` and entries of `entry_bytes` it is going to send it in the known-count exchanges
-  //! that follow (`exchange_device_known`), with the checks of a header round, so a step needs one
+  //! that follow (`exchange_device_known`), and `tail_width` more counts (`tail`, destination-major:
+  //! the device dispatcher's entries per local slot of the receiver), which every member must give
+  //! the same width; with the checks of a header round, so a step needs one
   //! round for all of them.
   //! @throws locus::transport_error on every member when the requests disagree
   //! @throws locus::timeout_error when a member does not arrive within the fabric's timeout
   void exchange_device_counts(exchange_group group, std::size_t row_bytes, std::span<const std::size_t> counts,
                               std::size_t entry_bytes, std::span<const std::size_t> entry_counts, device_counts& out,
-                              std::uint32_t stage = 0) {
+                              std::uint32_t stage = 0, std::span<const std::uint32_t> tail = {},
+                              std::uint32_t tail_width = 0) {
     namespace dx = detail::exchange;
-    const dx::device_request req(group, groups_.size(group), row_bytes, counts, entry_bytes, entry_counts, stage);
+    const dx::device_request req(group, groups_.size(group), row_bytes, counts, entry_bytes, entry_counts, stage, tail,
+                                 tail_width);
     rendezvous r(*this, group, stage);
     header_round(r, req, {});
-    req.counts(received_, out);
+    // Every member's tail has this width (the verdict checked it); read before the next meeting.
+    recv_tail_.resize(r.members * tail_width);
+    for (std::size_t m = 0; m < r.members; ++m)
+      std::copy_n(r.b.tails[m].begin() + static_cast<std::ptrdiff_t>(r.self * tail_width), tail_width,
+                  recv_tail_.begin() + static_cast<std::ptrdiff_t>(m * tail_width));
+    req.counts(received_, recv_tail_, out);
   }
 
   //! Collective over `group`: rows whose counts every member already knows (a count round's, or
@@ -305,6 +315,11 @@ private:
     const std::string where = ::locus::detail::concat("the header round of ", dx::describe(at));
     for (std::size_t m = 0; m < r.members; ++m)
       r.b.headers[r.self * r.members + m] = req.header_for(at, m);
+    auto& tail = r.b.tails[r.self];
+    tail.resize(r.members * req.tail_width());
+    for (std::size_t m = 0; m < r.members; ++m)
+      for (std::size_t i = 0; i < req.tail_width(); ++i)
+        tail[m * req.tail_width() + i] = req.tail_to(m, i);
     count_buf_.resize(r.members);
     for (std::size_t m = 0; m < r.members; ++m)
       count_buf_[m] = req.count(m);
@@ -367,6 +382,7 @@ private:
   detail::exchange::step_counter steps_;
   std::vector<detail::exchange::header> received_;
   std::vector<std::size_t> count_buf_;
+  std::vector<std::uint32_t> recv_tail_;
 };
 
 inline device_local_transport device_local_fabric::endpoint(std::size_t rank, cudaStream_t stream) {

@@ -59,6 +59,12 @@ __global__ void slot_offsets_kernel(const std::int32_t* skip, const std::int32_t
                          slot_offsets);
 }
 template <class = void>
+__global__ void slot_offsets_check_kernel(const std::int32_t* slot_offsets, const std::int32_t* expected,
+                                          std::size_t slots, std::int32_t* flag) {
+  stage::slot_offsets_check(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, slot_offsets, expected,
+                            slots, flag);
+}
+template <class = void>
 __global__ void slot_chunk_place_kernel(const std::int32_t* skip, const std::int32_t* slot, const float* weight,
                                         const std::int32_t* entry_row, std::size_t entries, std::size_t chunk,
                                         const std::int32_t* at, std::int32_t* expert_row, float* expert_weight,
@@ -75,8 +81,9 @@ __global__ void scan_kernel(const std::int32_t* skip, const std::int32_t* in, st
 } // namespace detail::permute
 
 //! A receive_layout on the device: uploaded (`assign`, built on the host) or built where the
-//! received metadata lies (`build`, the receive-layout stage bodies). Either way the slot offsets
-//! (slots + 1 values) also come to the host, where the expert compute sizes its GEMMs.
+//! received metadata lies (`build`, the receive-layout stage bodies). The slot offsets (slots + 1
+//! values) are also on the host, where the expert compute sizes its GEMMs: the host layout's, or
+//! for a build the ones the senders announced in the count round, which the build checks.
 class device_receive_layout {
 public:
   device_receive_layout() = default;
@@ -90,18 +97,31 @@ public:
     entry_position_.upload(rl.entry_position(), stream);
     expert_weight_.upload(rl.expert_weight(), stream);
     slot_offsets_host_.assign(rl.slot_offsets().begin(), rl.slot_offsets().end());
-    checked_ = false;
+    clear_flag(stream); // checked on the host
   }
 
   //! Builds the layout on `stream` from received metadata in device memory: `rows` row entry
-  //! counts, `entries` slots in [0, slots) and weights (or null). Same order as receive_layout.
-  //! The metadata is checked first on the device (stage::receive_metadata_check); the verdict
-  //! comes back with the slot offsets, the only values read back, so it costs no wait of its own.
-  //! Once `stream` synchronised: call built_error(), then slot_offsets_host() is valid.
-  void build(std::size_t slots, const std::int32_t* row_entry_counts, std::size_t rows, const std::int32_t* entry_slot,
-             const float* entry_weight, std::size_t entries, cudaStream_t stream = nullptr) {
+  //! counts, `entries` slots and weights (or null), in receive_layout's order.
+  //! `expected_slot_offsets` (host, slots + 1 values) are the offsets the senders announced in the
+  //! count round (`device_counts::tail`), which the caller sizes its expert compute by: the build
+  //! reads nothing back. On the device it first checks the metadata
+  //! (stage::receive_metadata_check: rows with entries, counts adding up, slots in range), then the
+  //! offsets it counts against the expected ones (stage::slot_offsets_check). A violation sets its
+  //! bit in the word at flag() and every body after it does nothing, so bad metadata writes nothing
+  //! out of bounds; the expert-input gather then skips and the weighted reduction writes zeros.
+  //! The word stays on the device until the caller next waits for the stream (read it then;
+  //! error_of() words it).
+  void build(std::span<const std::int32_t> expected_slot_offsets, const std::int32_t* row_entry_counts,
+             std::size_t rows, const std::int32_t* entry_slot, const float* entry_weight, std::size_t entries,
+             cudaStream_t stream = nullptr) {
     namespace dp = detail::permute;
+    LOCUS_REQUIRE(!expected_slot_offsets.empty(), invalid_input_error,
+                  "device_receive_layout::build: no slot offsets (slots + 1 values)");
+    LOCUS_REQUIRE(static_cast<std::size_t>(expected_slot_offsets.back()) == entries, invalid_input_error,
+                  "device_receive_layout::build: the expected slot offsets end at ", expected_slot_offsets.back(),
+                  " but ", entries, " entries were received");
     constexpr std::size_t chunk = 32; // entries per counting thread: short, its placement recounts
+    const std::size_t slots = expected_slot_offsets.size() - 1;
     rows_ = rows;
     entries_ = entries;
     const std::size_t chunks = detail::stage::slot_chunks(entries, chunk);
@@ -112,10 +132,11 @@ public:
     entry_row_.resize(std::max<std::size_t>(entries, 1));
     count_.resize(std::max<std::size_t>(slots * chunks, 1));
     at_.resize(slots * chunks + 1);
-    // The slot offsets, then the check's word: one copy back brings both.
-    slot_offsets_.resize(slots + 2);
-    std::int32_t* const flag = slot_offsets_.data() + slots + 1;
-    LOCUS_CUDA_CHECK(cudaMemsetAsync(flag, 0, sizeof(std::int32_t), stream));
+    slot_offsets_.resize(slots + 1);
+    slot_offsets_host_.assign(expected_slot_offsets.begin(), expected_slot_offsets.end());
+    expected_.upload(std::span<const std::int32_t>(slot_offsets_host_), stream);
+    clear_flag(stream);
+    std::int32_t* const flag = flag_.data();
     dp::receive_check_kernel<><<<detail::layout::blocks_for(entries), 256, 0, stream>>>(
         row_entry_counts, rows, entry_slot, entries, slots, flag);
     dp::scan_kernel<><<<1, 1, 0, stream>>>(flag, row_entry_counts, rows, row_entry_offsets_.data());
@@ -126,38 +147,32 @@ public:
     dp::scan_kernel<><<<1, 1, 0, stream>>>(flag, count_.data(), slots * chunks, at_.data());
     dp::slot_offsets_kernel<><<<detail::layout::blocks_for(slots + 1), 256, 0, stream>>>(
         flag, at_.data(), entries, slots, chunk, slot_offsets_.data());
+    dp::slot_offsets_check_kernel<><<<detail::layout::blocks_for(slots + 1), 256, 0, stream>>>(
+        slot_offsets_.data(), expected_.data(), slots, flag);
     dp::slot_chunk_place_kernel<><<<detail::layout::blocks_for(chunks), 256, 0, stream>>>(
         flag, entry_slot, entry_weight, entry_row_.data(), entries, chunk, at_.data(), expert_row_.data(),
         entry_weight ? expert_weight_.data() : nullptr, entry_position_.data());
     LOCUS_CUDA_CHECK(cudaGetLastError());
-    slot_offsets_host_.resize(slots + 2);
-    slot_offsets_.download(std::span<std::int32_t>(slot_offsets_host_), stream);
-    checked_ = true;
   }
 
-  //! After a build's stream synchronised: null when the received metadata was good, else a
-  //! locus::transport_error saying what was wrong; the layout is then one of no rows and no
-  //! entries (its slot offsets all zero), so nothing reads what the build skipped.
-  std::exception_ptr built_error() {
-    if (!checked_) return nullptr;
-    checked_ = false;
-    const std::int32_t bits = slot_offsets_host_.back();
-    slot_offsets_host_.pop_back();
+  //! The check word of the last build (zero after assign), on the device: zero when the received
+  //! metadata was good, else stage::bad_* bits; error_of() words it.
+  const std::int32_t* flag() const noexcept { return flag_.data(); }
+
+  //! Null for a zero check word, else the locus::transport_error saying what the metadata broke.
+  static std::exception_ptr error_of(std::int32_t bits) {
     if (bits == 0) return nullptr;
-    rows_ = entries_ = 0;
-    std::fill(slot_offsets_host_.begin(), slot_offsets_host_.end(), 0);
     namespace st = detail::stage;
     return std::make_exception_ptr(transport_error(
         std::string("device_receive_layout: bad received entry metadata:") +
         (bits & st::bad_row_entries ? " a row without entries;" : "") +
         (bits & st::bad_entry_total ? " row entry counts that do not add up to the entries received;" : "") +
-        (bits & st::bad_slot ? " an entry's slot outside this rank's slots;" : "")));
+        (bits & st::bad_slot ? " an entry's slot outside this rank's slots;" : "") +
+        (bits & st::bad_slot_counts ? " entries per slot other than the senders announced;" : "")));
   }
 
   //! Expert-input segment of each local slot (slots + 1 values, host).
-  std::span<const std::int32_t> slot_offsets_host() const noexcept {
-    return std::span<const std::int32_t>(slot_offsets_host_).first(slot_offsets_host_.size() - (checked_ ? 1 : 0));
-  }
+  std::span<const std::int32_t> slot_offsets_host() const noexcept { return slot_offsets_host_; }
   std::size_t rows() const noexcept { return rows_; }
   std::size_t entries() const noexcept { return entries_; }
   const std::int32_t* row_entry_offsets() const noexcept { return row_entry_offsets_.data(); }
@@ -167,12 +182,17 @@ public:
   const float* expert_weight() const noexcept { return expert_weight_.empty() ? nullptr : expert_weight_.data(); }
 
 private:
+  void clear_flag(cudaStream_t stream) {
+    flag_.resize(1);
+    LOCUS_CUDA_CHECK(cudaMemsetAsync(flag_.data(), 0, sizeof(std::int32_t), stream));
+  }
+
   std::size_t rows_ = 0, entries_ = 0;
   device_buffer<std::int32_t> row_entry_offsets_, expert_row_, entry_position_;
   device_buffer<float> expert_weight_;
-  device_buffer<std::int32_t> entry_row_, count_, at_, slot_offsets_; // build's scratch
-  std::vector<std::int32_t> slot_offsets_host_;                       // build: + the check's word until built_error()
-  bool checked_ = false; // build's check word still at the end of slot_offsets_host_
+  device_buffer<std::int32_t> entry_row_, count_, at_, slot_offsets_, expected_; // build's scratch
+  device_buffer<std::int32_t> flag_;                                             // the check word
+  std::vector<std::int32_t> slot_offsets_host_;
 };
 
 //! `send[r] = tokens[row_token[r]]` for the `l.rows()` rows, read token-major: each token is read
@@ -191,16 +211,17 @@ void unpermute(const device_layout<TopK, Experts>& l, const T* send, H hidden, T
   detail::permute::dispatch_gather<T>(send, l.copy_row(), TopK::static_value, l.tokens(), hidden, tokens, stream);
 }
 
-//! `expert_in[i] = received[expert_row[i]]`.
+//! `expert_in[i] = received[expert_row[i]]`; nothing when the layout's check word is set.
 template <class T, class H = std::size_t>
 void gather_expert_input(const device_receive_layout& rl, const T* received, H hidden, T* expert_in,
                          cudaStream_t stream = nullptr) {
   static_assert(detail::permute::device_element<T>,
                 "locus::transport::gather_expert_input: elements must be float or bfloat16");
-  detail::permute::dispatch_gather<T>(received, rl.expert_row(), 1, rl.entries(), hidden, expert_in, stream);
+  detail::permute::dispatch_gather<T>(received, rl.expert_row(), 1, rl.entries(), hidden, expert_in, stream, rl.flag());
 }
 
-//! `rows_out[r] = sum over r's entries of weight × expert_out` (as the host function).
+//! `rows_out[r] = sum over r's entries of weight × expert_out` (as the host function); zeros when
+//! the layout's check word is set (its metadata was refused: its indices were never built).
 //! @throws locus::invalid_input_error when the receive layout has no weights
 template <class T, class H = std::size_t>
 void reduce_expert_output(const device_receive_layout& rl, const T* expert_out, H hidden, T* rows_out,
@@ -210,7 +231,7 @@ void reduce_expert_output(const device_receive_layout& rl, const T* expert_out, 
   LOCUS_REQUIRE(rl.entries() == 0 || rl.expert_weight(), invalid_input_error,
                 "reduce_expert_output: the receive layout was built without weights");
   detail::permute::dispatch_reduce<T>(expert_out, rl.row_entry_offsets(), rl.entry_position(), rl.expert_weight(),
-                                      rl.rows(), hidden, rows_out, stream);
+                                      rl.rows(), hidden, rows_out, stream, rl.flag());
 }
 
 //! `out[t] = sum of t's returned rows` (as the host function).

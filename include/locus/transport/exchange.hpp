@@ -264,9 +264,9 @@ struct header {
   std::uint32_t stage = 0;        //!< exchange_request::stage
   std::uint32_t status = 0;       //!< 0: valid input; otherwise a local_problem code
   std::uint32_t expectations = 0; //!< 1 when the sender checks expected counts (second round)
-  std::uint32_t reserved = 0;
-  std::uint64_t entry_bytes = 0; //!< width of the entries that travel with the rows (0: none)
-  std::uint64_t entries = 0;     //!< entries to the receiver
+  std::uint32_t tail = 0;         //!< a device count round's counts per member beyond rows and entries
+  std::uint64_t entry_bytes = 0;  //!< width of the entries that travel with the rows (0: none)
+  std::uint64_t entries = 0;      //!< entries to the receiver
 };
 
 //! Where one member stands: the name of the exchange it is in.
@@ -317,6 +317,7 @@ enum local_problem : std::uint32_t {
   entry_counts_size = 5,
   entries_size = 6,
   malformed = 7, //!< set by a receiver: the message did not hold what its header announced
+  tail_size = 8, //!< a count round's tail that is not `tail` counts per member
 };
 
 inline const char* describe(std::uint32_t p) {
@@ -328,6 +329,7 @@ inline const char* describe(std::uint32_t p) {
   case entry_counts_size: return "a per-destination entry count array whose size is not the group size";
   case entries_size: return "an entry buffer whose size is not the sum of the entry counts times the entry width";
   case malformed: return "a message that does not hold what its header announces";
+  case tail_size: return "a count round's tail whose size is not the group size times its width";
   default: return "an invalid request";
   }
 }
@@ -414,11 +416,18 @@ inline std::string verdict(std::span<const header> received, const group_map& gr
       return ::locus::detail::concat(where(), "rank ", groups.world_rank_of(g, 0), " sends entries of ",
                                      received[0].entry_bytes, " bytes but rank ", groups.world_rank_of(g, m),
                                      " sends entries of ", received[m].entry_bytes, " bytes");
+  for (std::size_t m = 1; m < received.size(); ++m)
+    if (received[m].tail != received[0].tail)
+      return ::locus::detail::concat(where(), "rank ", groups.world_rank_of(g, 0), " sends ", received[0].tail,
+                                     " tail counts per member but rank ", groups.world_rank_of(g, m), " sends ",
+                                     received[m].tail);
   return {};
 }
 
 //! The header to member `m` of a request whose check gave `status`.
-inline header header_to(const position& at, const exchange_request& req, std::uint32_t status, std::size_t m) {
+//! `tail`: the counts per member a device count round carries beyond rows and entries.
+inline header header_to(const position& at, const exchange_request& req, std::uint32_t status, std::size_t m,
+                        std::uint32_t tail = 0) {
   const bool ok_ = status == ok;
   return {at.step,
           at.index,
@@ -427,7 +436,7 @@ inline header header_to(const position& at, const exchange_request& req, std::ui
           at.stage,
           status,
           req.expectations_flag(),
-          0,
+          tail,
           ok_ ? req.entry_bytes : 0,
           ok_ && req.entry_bytes ? req.entry_counts[m] : 0};
 }

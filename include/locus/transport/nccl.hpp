@@ -19,6 +19,8 @@
 //! `exchanger` concept by staging host rows through device memory, so `moe_dispatcher` runs on it
 //! unchanged. Policies: `nccl_flat`, `nccl_hierarchical`.
 
+#include <algorithm>
+#include <cstring>
 #include <cuda_runtime_api.h>
 #include <locus/core/cuda_error.hpp>
 #include <locus/core/device_buffer.hpp>
@@ -147,18 +149,26 @@ public:
 
   //! Collective over `group`: a count round alone (one wait). Each member tells each member how
   //! many rows of `row_bytes` and entries of `entry_bytes` it is going to send it in the
-  //! known-count exchanges that follow (`exchange_device_known`), with the checks of a header
-  //! round (the exchange's name, widths, array sizes), so a step needs one round for all of them.
+  //! known-count exchanges that follow (`exchange_device_known`), and `tail_width` more counts
+  //! (`tail`, destination-major: the device dispatcher's entries per local slot of the receiver),
+  //! with the checks of a header round (the exchange's name, widths, array sizes), so a step needs
+  //! one round for all of them. Every member must give the same tail width: the tails travel with
+  //! the headers, sized by the receiver's width, so a member whose width is larger than a peer's
+  //! waits for bytes that never come and the round times out (a smaller one is refused by the
+  //! headers' check on every member).
   //! @throws locus::transport_error on every member when the requests disagree
   //! @throws locus::timeout_error when the round does not finish within the timeout
   void exchange_device_counts(exchange_group group, std::size_t row_bytes, std::span<const std::size_t> counts,
                               std::size_t entry_bytes, std::span<const std::size_t> entry_counts, device_counts& out,
-                              std::uint32_t stage = 0) {
+                              std::uint32_t stage = 0, std::span<const std::uint32_t> tail = {},
+                              std::uint32_t tail_width = 0) {
     namespace dx = detail::exchange;
     const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
-    const dx::device_request req(group, groups_.size(group), row_bytes, counts, entry_bytes, entry_counts, stage);
+    const dx::device_request req(group, groups_.size(group), row_bytes, counts, entry_bytes, entry_counts, stage, tail,
+                                 tail_width);
     header_round(group, req, {}, deadline);
-    req.counts(std::span<const dx::header>(host_headers_.data() + groups_.size(group), groups_.size(group)), out);
+    req.counts(std::span<const dx::header>(host_headers_.data() + groups_.size(group), groups_.size(group)), recv_tail_,
+               out);
   }
 
   //! Collective over `group`: rows whose counts every member already knows (a count round's, or
@@ -205,24 +215,40 @@ private:
     const ncclComm_t comm = communicator(group);
     const std::size_t members = groups_.size(group);
     const dx::position at = steps_.next(group, req.request().stage);
-    host_headers_.resize(2 * members);
-    for (std::size_t m = 0; m < members; ++m)
-      host_headers_[m] = req.header_for(at, m);
-    std::byte* d_headers = headers_.room_for(2 * members * sizeof(dx::header));
-    LOCUS_CUDA_CHECK(cudaMemcpyAsync(d_headers, host_headers_.data(), members * sizeof(dx::header),
-                                     cudaMemcpyHostToDevice, stream_));
-    fixed_offsets(members, sizeof(dx::header));
-    detail::nccl::exchange_peers(members, {d_headers, offsets_a_.data(), d_headers + members * sizeof(dx::header),
-                                           offsets_a_.data(), comm, stream_});
-    LOCUS_CUDA_CHECK(cudaMemcpyAsync(host_headers_.data() + members, d_headers + members * sizeof(dx::header),
-                                     members * sizeof(dx::header), cudaMemcpyDeviceToHost, stream_));
+    // One message per member: its header, then a count round's tail (tail_width() counts).
+    const std::size_t W = req.tail_width(), message = sizeof(dx::header) + W * sizeof(std::uint32_t);
+    host_messages_.resize(2 * members * message);
+    for (std::size_t m = 0; m < members; ++m) {
+      const dx::header h = req.header_for(at, m);
+      std::memcpy(host_messages_.data() + m * message, &h, sizeof h);
+      for (std::size_t i = 0; i < W; ++i) {
+        const std::uint32_t c = req.tail_to(m, i);
+        std::memcpy(host_messages_.data() + m * message + sizeof h + i * sizeof c, &c, sizeof c);
+      }
+    }
+    std::byte* d_messages = headers_.room_for(2 * members * message);
+    LOCUS_CUDA_CHECK(
+        cudaMemcpyAsync(d_messages, host_messages_.data(), members * message, cudaMemcpyHostToDevice, stream_));
+    fixed_offsets(members, message);
+    detail::nccl::exchange_peers(
+        members, {d_messages, offsets_a_.data(), d_messages + members * message, offsets_a_.data(), comm, stream_});
+    LOCUS_CUDA_CHECK(cudaMemcpyAsync(host_messages_.data() + members * message, d_messages + members * message,
+                                     members * message, cudaMemcpyDeviceToHost, stream_));
     wait(deadline, group, ::locus::detail::concat("the header round of ", dx::describe(at)));
+    host_headers_.resize(2 * members);
+    recv_tail_.resize(members * W);
+    for (std::size_t m = 0; m < members; ++m) {
+      const std::byte* in = host_messages_.data() + (members + m) * message;
+      std::memcpy(&host_headers_[members + m], in, sizeof(dx::header));
+      if (W) std::memcpy(recv_tail_.data() + m * W, in + sizeof(dx::header), W * sizeof(std::uint32_t));
+    }
     const std::span<const dx::header> received(host_headers_.data() + members, members);
     bool expectations = false;
     if (std::string why = req.verdict(received, groups_, expectations); !why.empty())
       LOCUS_THROW(transport_error, "nccl_transport: ", why);
     if (expectations) {
-      codes_.assign(2 * members, dx::expectation_code(received, expected));
+      codes_.resize(2 * members);
+      std::fill_n(codes_.data(), 2 * members, dx::expectation_code(received, expected));
       std::byte* d_codes = headers_.room_for(2 * members * sizeof(std::uint32_t));
       LOCUS_CUDA_CHECK(
           cudaMemcpyAsync(d_codes, codes_.data(), members * sizeof(std::uint32_t), cudaMemcpyHostToDevice, stream_));
@@ -299,8 +325,12 @@ private:
   link_counters bytes_;
   detail::exchange::step_counter steps_;
   device_buffer<std::byte> headers_, send_, recv_;
-  std::vector<detail::exchange::header> host_headers_;
-  std::vector<std::uint32_t> codes_;
+  std::vector<detail::exchange::header> host_headers_; // [members, 2 * members): the received ones
+  // A header round's messages, sent then received; pinned, so that their copies queue instead of
+  // waiting untimed for the exchange (wait() is the round's one, timed, wait).
+  pinned_buffer<std::byte> host_messages_;
+  std::vector<std::uint32_t> recv_tail_; // a count round's received tails, source-major
+  pinned_buffer<std::uint32_t> codes_;   // the count-agreement round's codes (pinned: as host_messages_)
   std::vector<std::size_t> offsets_a_, offsets_b_;
 };
 

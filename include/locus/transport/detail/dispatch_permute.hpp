@@ -36,17 +36,18 @@ dim3 shape_for(std::size_t rows, std::size_t hidden) {
   return dim3(grid_for(rows), parts_for(rows, Vec ? hidden / stage::per_vec<T> : hidden));
 }
 
-//! dst[r] = src[index[r * stride]] for r < rows.
+//! dst[r] = src[index[r * stride]] for r < rows; nothing when `skip` points to a non-zero word
+//! (a receive layout whose metadata was refused: its indices were never built).
 template <class T, class H>
 void dispatch_gather(const T* src, const std::int32_t* index, std::size_t stride, std::size_t rows, H hidden, T* dst,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, const std::int32_t* skip = nullptr) {
   if (rows == 0 || stage::width(hidden) == 0) return;
   if (stage::vectorisable<T>(stage::width(hidden), src, dst))
     gather_rows_kernel<T, true, H><<<shape_for<T, true>(rows, stage::width(hidden)), block_threads, 0, stream>>>(
-        src, index, stride, rows, hidden, dst);
+        src, index, stride, rows, hidden, dst, skip);
   else
     gather_rows_kernel<T, false, H><<<shape_for<T, false>(rows, stage::width(hidden)), block_threads, 0, stream>>>(
-        src, index, stride, rows, hidden, dst);
+        src, index, stride, rows, hidden, dst, skip);
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -67,14 +68,15 @@ void dispatch_scatter(K k, const T* src, const std::int32_t* copy_row, std::size
 
 template <class T, class H>
 void dispatch_reduce(const T* y, const std::int32_t* row_entry_offsets, const std::int32_t* entry_position,
-                     const float* weight, std::size_t rows, H hidden, T* out, cudaStream_t stream) {
+                     const float* weight, std::size_t rows, H hidden, T* out, cudaStream_t stream,
+                     const std::int32_t* zero = nullptr) {
   if (rows == 0 || stage::width(hidden) == 0) return;
   if (stage::vectorisable<T>(stage::width(hidden), y, out))
     reduce_rows_kernel<T, true, H><<<shape_for<T, true>(rows, stage::width(hidden)), block_threads, 0, stream>>>(
-        y, row_entry_offsets, entry_position, weight, rows, hidden, out);
+        y, row_entry_offsets, entry_position, weight, rows, hidden, out, zero);
   else
     reduce_rows_kernel<T, false, H><<<shape_for<T, false>(rows, stage::width(hidden)), block_threads, 0, stream>>>(
-        y, row_entry_offsets, entry_position, weight, rows, hidden, out);
+        y, row_entry_offsets, entry_position, weight, rows, hidden, out, zero);
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -362,23 +362,38 @@ LOCUS_HOST_DEVICE void exclusive_scan(grid_index g, const std::int32_t* LOCUS_RE
 
 //! A layout told to plan nothing: when `*flag` is not zero (a rank whose routing must send no
 //! tokens, e.g. the router's non-finite-logit counter), its per-rank row and entry offsets
-//! (`ranks + 1` values each) and its per-link copy counts (3) become zero, so the counts the host
-//! reads with them say "no rows"; otherwise they are left as the layout built them. The flag is
-//! read on the device, after the router and the layout, so the host learns it in the same wait
-//! as the counts instead of one of its own.
+//! (`ranks + 1` values each), its per-(rank, slot) copy counts (`slot_counts` values) and its
+//! per-link copy counts (3) become zero, so the counts the host reads with them say "no rows";
+//! otherwise they are left as the layout built them. The flag is read on the device, after the
+//! router and the layout, so the host learns it in the same wait as the counts instead of one of
+//! its own.
 LOCUS_HOST_DEVICE void plan_nothing_if(grid_index g, const unsigned long long* LOCUS_RESTRICT flag, std::size_t ranks,
                                        std::int32_t* LOCUS_RESTRICT rank_offsets,
                                        std::int32_t* LOCUS_RESTRICT rank_entry_offsets,
+                                       std::int32_t* LOCUS_RESTRICT slot_counts, std::size_t slot_count,
                                        unsigned long long* LOCUS_RESTRICT links) {
   if (*flag == 0) return;
-  const std::size_t n = ranks + 1 > 3 ? ranks + 1 : 3;
+  std::size_t n = ranks + 1 > 3 ? ranks + 1 : 3;
+  n = n > slot_count ? n : slot_count;
   for (std::size_t i = g.block * g.threads + g.thread; i < n; i += g.blocks * g.threads) {
     if (i <= ranks) {
       rank_offsets[i] = 0;
       rank_entry_offsets[i] = 0;
     }
+    if (i < slot_count) slot_counts[i] = 0;
     if (i < 3) links[i] = 0;
   }
+}
+
+//! `out[r] = 0` for r < rows: what a row stage writes instead of its result when its input was
+//! refused (the weighted reduction of a receive layout whose metadata failed its check), striding
+//! as the row bodies do.
+template <class T, class H>
+LOCUS_HOST_DEVICE void zero_rows(grid_index g, std::size_t rows, H hidden_extent, T* LOCUS_RESTRICT out) {
+  const std::size_t hidden = width(hidden_extent);
+  for (std::size_t r = g.block; r < rows; r += g.blocks)
+    for (std::size_t i = g.thread; i < hidden; i += g.threads)
+      out[r * hidden + i] = T{};
 }
 
 //! @name The intra-node fan-out of a hierarchical dispatch, as a rail peer computes it: which of
@@ -522,6 +537,8 @@ LOCUS_HOST_DEVICE void slot_chunk_place(grid_index g, const std::int32_t* LOCUS_
 inline constexpr std::int32_t bad_row_entries = 1; //!< a row with no (or a negative count of) entries
 inline constexpr std::int32_t bad_entry_total = 2; //!< the rows' entry counts do not add up to `entries`
 inline constexpr std::int32_t bad_slot = 4;        //!< an entry's slot outside [0, slots)
+//! the entries per slot differ from what the senders announced in the count round
+inline constexpr std::int32_t bad_slot_counts = 8;
 
 //! Sets `bits` in `*flag` (atomically on the device: many threads may find violations).
 LOCUS_HOST_DEVICE void flag_set(std::int32_t* flag, std::int32_t bits) {
@@ -554,6 +571,21 @@ LOCUS_HOST_DEVICE void receive_metadata_check(grid_index g, const std::int32_t* 
     if (entry_slot[e] < 0 || static_cast<std::size_t>(entry_slot[e]) >= slots) {
       flag_set(flag, bad_slot);
       return; // one is enough for this thread
+    }
+}
+
+//! After the build counted the received entries per slot: `slot_offsets` (slots + 1 values) must
+//! equal `expected`, the offsets the host sized the expert compute by (from the count round), or
+//! the build's placement would put rows under the wrong expert. Does nothing once `*flag` is set
+//! (the offsets were not built).
+LOCUS_HOST_DEVICE void slot_offsets_check(grid_index g, const std::int32_t* LOCUS_RESTRICT slot_offsets,
+                                          const std::int32_t* LOCUS_RESTRICT expected, std::size_t slots,
+                                          std::int32_t* flag) {
+  if (*flag) return;
+  for (std::size_t s = g.block * g.threads + g.thread; s <= slots; s += g.blocks * g.threads)
+    if (slot_offsets[s] != expected[s]) {
+      flag_set(flag, bad_slot_counts);
+      return;
     }
 }
 //! @}

@@ -152,9 +152,10 @@ static __global__ void rank_entry_offsets_kernel(const std::int32_t* rank_offset
 //! stage::plan_nothing_if: zero counts when `*flag` is set.
 static __global__ void plan_nothing_kernel(const unsigned long long* flag, std::size_t ranks,
                                            std::int32_t* rank_offsets, std::int32_t* rank_entry_offsets,
+                                           std::int32_t* slot_counts, std::size_t slot_count,
                                            unsigned long long* links) {
   stage::plan_nothing_if(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, flag, ranks, rank_offsets,
-                         rank_entry_offsets, links);
+                         rank_entry_offsets, slot_counts, slot_count, links);
 }
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout

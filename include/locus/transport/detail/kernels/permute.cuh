@@ -20,9 +20,13 @@ __device__ __forceinline__ stage::grid_index this_thread() {
   return stage::grid_index{blockIdx.x, gridDim.x, blockIdx.y * blockDim.x + threadIdx.x, gridDim.y * blockDim.x};
 }
 
+// `skip` (may be null): a word that, when non-zero, makes the kernel do nothing (a refused
+// receive layout's check word).
 template <class T, bool Vec, class H>
 __global__ void gather_rows_kernel(const T* __restrict__ src, const std::int32_t* __restrict__ index,
-                                   std::size_t stride, std::size_t rows, H hidden, T* __restrict__ dst) {
+                                   std::size_t stride, std::size_t rows, H hidden, T* __restrict__ dst,
+                                   const std::int32_t* skip) {
+  if (skip && *skip) return;
   stage::gather_rows<T, Vec>(this_thread(), src, index, stride, rows, hidden, dst);
 }
 
@@ -32,11 +36,16 @@ __global__ void scatter_rows_kernel(K k, const T* __restrict__ src, const std::i
   stage::scatter_rows<T, Vec>(this_thread(), k, src, copy_row, tokens, hidden, dst);
 }
 
+// `zero` (may be null): a word that, when non-zero, makes the kernel write zero rows instead (a
+// refused receive layout's check word: its offsets and positions were never built).
 template <class T, bool Vec, class H>
 __global__ void reduce_rows_kernel(const T* __restrict__ y, const std::int32_t* __restrict__ row_entry_offsets,
                                    const std::int32_t* __restrict__ entry_position, const float* __restrict__ weight,
-                                   std::size_t rows, H hidden, T* __restrict__ out) {
-  stage::reduce_rows<T, Vec>(this_thread(), y, row_entry_offsets, entry_position, weight, rows, hidden, out);
+                                   std::size_t rows, H hidden, T* __restrict__ out, const std::int32_t* zero) {
+  if (zero && *zero)
+    stage::zero_rows(this_thread(), rows, hidden, out);
+  else
+    stage::reduce_rows<T, Vec>(this_thread(), y, row_entry_offsets, entry_position, weight, rows, hidden, out);
 }
 
 template <class T, bool Vec, class K, class H>
