@@ -3,22 +3,51 @@ or, with no --trace, a small synthetic one built from NumPy arrays) and the outp
 
 import argparse
 import os
+import sys
 
 import numpy as np
 
 import locus
 
 
-def arguments(description: str) -> argparse.Namespace:
+def whole(minimum):
+    """An argparse type: a whole number >= minimum (argparse's int takes -1 and 1e30-sized values)."""
+
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{v} is below {minimum}")
+        return v
+
+    return parse
+
+
+def arguments(description: str, layer_flags: bool = True) -> argparse.Namespace:
+    """The examples' flags; `layer_flags` only where the engine's file numbers hidden layers."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--trace", help="locus binary trace or ESFT folder (default: a synthetic trace)")
     p.add_argument("--out", default=".", help="folder for the files written")
-    p.add_argument("--nodes", type=int, default=2)
-    p.add_argument("--gpus-per-node", type=int, default=4)
-    p.add_argument("--first-moe-layer", type=int, default=None,
-                   help="hidden-layer index of the first MoE layer (default: the trace's own layer numbers, else 0)")
-    p.add_argument("--num-hidden-layers", type=int, default=0, help="the model's hidden layers (0: last is MoE)")
+    p.add_argument("--nodes", type=whole(1), default=2)
+    p.add_argument("--gpus-per-node", type=whole(1), default=4)
+    if layer_flags:
+        p.add_argument("--first-moe-layer", type=whole(0), default=None,
+                       help="hidden-layer index of the first MoE layer (default: the trace's own layer numbers, else 0)")
+        p.add_argument("--num-hidden-layers", type=whole(0), default=0,
+                       help="the model's hidden layers (0: last is MoE)")
     a = p.parse_args()
+    # A wrong input or output is a one-line message, not a traceback through the example.
+    default_hook = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, (locus.LocusError, OSError)):
+            print(f"{os.path.basename(sys.argv[0])}: {value}", file=sys.stderr)
+        else:
+            default_hook(kind, value, tb)
+
+    sys.excepthook = hook
     os.makedirs(a.out, exist_ok=True)
     return a
 

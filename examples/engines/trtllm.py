@@ -11,6 +11,7 @@ trace = load_trace(a.trace)
 train, _ = locus.split_by_request(trace, 0.5, 1)
 plan = locus.plan(train, a.nodes, a.gpus_per_node, "locality", redundant_slots=1)
 path = os.path.join(a.out, "moe_load_balancer.yaml")
-locus.export(plan, "trtllm", path, first_moe_layer=a.first_moe_layer, load=locus.expert_load(train))
+locus.export(plan, "trtllm", path, first_moe_layer=a.first_moe_layer, num_hidden_layers=a.num_hidden_layers,
+             load=locus.expert_load(train))
 print(f"wrote {path}")
 print(f"trtllm: put 'moe_load_balancer: {path}' in the --extra_llm_api_options YAML; run with --ep {plan.ranks}")

@@ -9,7 +9,7 @@ import locus
 from common import arguments, load_trace
 from locus.vllm import plan_policy
 
-a = arguments(__doc__)
+a = arguments(__doc__, layer_flags=False)  # vLLM's arrays have one row per MoE layer
 trace = load_trace(a.trace)
 train, _ = locus.split_by_request(trace, 0.5, 1)
 plan = locus.plan(train, a.nodes, a.gpus_per_node, "locality", redundant_slots=1)

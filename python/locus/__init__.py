@@ -10,8 +10,8 @@ Arrays go in as anything NumPy can read (NumPy arrays, lists, objects with ``__a
 from __future__ import annotations
 
 import json
+import operator
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple
 
@@ -57,18 +57,30 @@ PHASES = {"prefill": 0, "decode": 1, "unknown": 2}
 
 
 def _array(x: Any, dtype: Any, ndim: Optional[int] = None, name: str = "array") -> np.ndarray:
-    """A C-contiguous NumPy array of `dtype` from `x` (no copy when it already is one)."""
+    """A C-contiguous NumPy array of `dtype` from `x` (no copy when it already is one). Values
+    that the conversion would change (an id of 2.5, of NaN, of 2^40 into int32; a complex load)
+    are refused, not rounded or wrapped."""
     if not isinstance(x, np.ndarray) and not hasattr(x, "__array__") and hasattr(x, "__dlpack__"):
         x = np.from_dlpack(x)
-    a = np.asarray(x)
-    if a.dtype.kind in "iu" and np.dtype(dtype).kind in "iu" and a.size:
-        info = np.iinfo(dtype)
-        if a.min() < info.min or a.max() > info.max:
-            raise InvalidInputError(f"locus: invalid input: {name} has values outside the range of {np.dtype(dtype)}")
-    a = np.ascontiguousarray(a, dtype=dtype)
+    try:
+        a = np.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(f"locus: invalid input: {name} is not an array of numbers ({e})") from None
     if ndim is not None and a.ndim != ndim:
         raise InvalidInputError(f"locus: invalid input: {name} must have {ndim} dimensions, not {a.ndim} (shape {a.shape})")
-    return a
+    to = np.dtype(dtype)
+    if a.dtype.kind not in "biuf":
+        raise InvalidInputError(f"locus: invalid input: {name} holds {a.dtype} values, expected numbers")
+    if to.kind in "iu" and a.size:
+        if a.dtype.kind == "f":
+            bad = ~np.isfinite(a) | (a != np.trunc(a))
+            if bad.any():
+                at = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise InvalidInputError(f"locus: invalid input: {name}{list(at)} is {a[at]}, expected a whole number")
+        info = np.iinfo(to)
+        if a.min() < info.min or a.max() > info.max:
+            raise InvalidInputError(f"locus: invalid input: {name} has values outside the range of {to}")
+    return np.ascontiguousarray(a, dtype=to)
 
 
 def rebalance_experts(
@@ -79,7 +91,7 @@ def rebalance_experts(
     logcnt [layers, experts])``, all int64. Hierarchical policy when ``num_groups`` is a multiple
     of ``num_nodes``, global otherwise. Loads are taken as 32-bit floats, as the reference does."""
     w = _array(weight, np.float32, 2, "weight")
-    return _core.rebalance_experts(w, int(num_replicas), int(num_groups), int(num_nodes), int(num_gpus))
+    return _core.rebalance_experts(w, num_replicas, num_groups, num_nodes, num_gpus)
 
 
 def trace_from_arrays(
@@ -108,7 +120,7 @@ def trace_from_arrays(
         ph = np.full(tokens, 2, np.uint8)
     else:
         p = np.asarray(phases)
-        if p.dtype.kind in "US":
+        if p.dtype.kind in "US" and p.ndim == 1:
             try:
                 p = np.array([PHASES[str(x)] for x in p], np.uint8)
             except KeyError as e:
@@ -119,24 +131,38 @@ def trace_from_arrays(
         dom = np.zeros(tokens, np.uint32)
     else:
         d = np.asarray(domains)
-        if d.dtype.kind in "US":
+        if d.dtype.kind in "US" and d.ndim == 1:
             for x in d:
                 if str(x) not in names:
                     names.append(str(x))
             d = np.array([names.index(str(x)) for x in d], np.uint32)
         dom = _array(d, np.uint32, 1, "domains")
-    lids = [int(x) for x in layer_ids] if layer_ids is not None else []
-    return _core._trace_from_arrays(ids, int(experts), weights, req, ph, dom, names, lids, int(hidden_layers))
+    lids = list(layer_ids) if layer_ids is not None else []
+    return _core._trace_from_arrays(ids, experts, weights, req, ph, dom, names, lids, hidden_layers)
 
 
 def load_routed_experts(path: str, experts: int, key: Optional[str] = None) -> Trace:
     """A trace from a ``.npy`` or ``.npz`` file of routed experts ``[tokens, layers, k]`` (an
     ``.npz`` may hold one array per request; each becomes a request)."""
-    data = np.load(path, allow_pickle=False)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except ValueError as e:  # NumPy's words for a file that is no .npy or .npz (OSError passes)
+        raise FormatError(f"locus: format error: {os.fspath(path)}: not a .npy or .npz array file ({e})") from None
     if isinstance(data, np.ndarray):
         return trace_from_arrays(data, experts)
     names = [key] if key is not None else sorted(data.files)
-    parts = [np.asarray(data[n]) for n in names]
+    missing = [n for n in names if n not in data.files]
+    if not names or missing:
+        raise InvalidInputError(f"locus: invalid input: {os.fspath(path)} has no array {missing or ''} "
+                                f"(arrays: {sorted(data.files)})")
+    try:
+        parts = [np.asarray(data[n]) for n in names]
+    except ValueError as e:
+        raise FormatError(f"locus: format error: {os.fspath(path)}: {e}") from None
+    for n, p in zip(names, parts):
+        if p.ndim != 3 or p.shape[1:] != parts[0].shape[1:]:
+            raise InvalidInputError(f"locus: invalid input: {os.fspath(path)}: array {n} has shape {p.shape}; "
+                                    f"expected [tokens, {parts[0].shape[1:] if parts[0].ndim == 3 else 'layers, k'}]")
     ids = np.concatenate(parts, axis=0)
     req = np.concatenate([np.full(len(p), i, np.int64) for i, p in enumerate(parts)])
     return trace_from_arrays(ids, experts, request_ids=req)
@@ -196,10 +222,10 @@ class ExpertPlan:
     def save(self, path: str) -> None:
         """Writes the plan as locus expert-map JSON (what ``locus simulate --map`` reads), with the
         topology it was made for."""
-        ids = [int(x) for x in self.layer_ids] if self.layer_ids is not None else []
+        ids = list(self.layer_ids) if self.layer_ids is not None else []
         # The topology is saved only when it describes the maps (a hand-made plan keeps the defaults).
-        g = int(self.gpus_per_node) if int(self.nodes) * int(self.gpus_per_node) == self.ranks else 0
-        _core._save_expert_maps(path, self._maps(), self.experts, ids, int(self.hidden_layers), g)
+        g = self.gpus_per_node if self.nodes * self.gpus_per_node == self.ranks else 0
+        _core._save_expert_maps(path, self._maps(), self.experts, ids, self.hidden_layers, g)
 
     @staticmethod
     def load(path: str, nodes: Optional[int] = None, gpus_per_node: Optional[int] = None) -> "ExpertPlan":
@@ -207,6 +233,8 @@ class ExpertPlan:
         ``nodes`` (default 1) nodes of equal size."""
         maps, experts, ids, hidden, saved = _core._load_expert_maps(path)
         ranks = int(maps.shape[1])
+        nodes = None if nodes is None else operator.index(nodes)
+        gpus_per_node = None if gpus_per_node is None else operator.index(gpus_per_node)
         g = gpus_per_node if gpus_per_node is not None else saved if saved else ranks // (nodes or 1)
         n = nodes if nodes is not None else ranks // g if g else 0
         if saved and g != saved:
@@ -242,11 +270,13 @@ def plan(
         )
         ids = source.model_layer_ids if source.has_model_layers else None
         return ExpertPlan(maps, source.experts, nodes, gpus_per_node, model, ids, source.hidden_layers)
+    if isinstance(source, (str, bytes, os.PathLike)):
+        raise ConfigError("locus: configuration error: plan takes a Trace (locus.read_trace(path)) or a load array, "
+                          "not a path")
     load = _array(source, np.float64, 2, "load")
-    ranks = nodes * gpus_per_node
-    if slots_per_rank is None:
-        slots_per_rank = -(-load.shape[1] // ranks) + redundant_slots
-    maps = _core._plan_from_load(load, nodes, gpus_per_node, slots_per_rank, placement, eplb_groups)
+    if slots_per_rank is not None and redundant_slots:
+        raise ConfigError("locus: configuration error: give slots_per_rank or redundant_slots, not both")
+    maps = _core._plan_from_load(load, nodes, gpus_per_node, slots_per_rank, redundant_slots, placement, eplb_groups)
     return ExpertPlan(maps, int(load.shape[1]), nodes, gpus_per_node)
 
 
@@ -267,7 +297,7 @@ def simulate(
     m = model if model is not None else plan.model
     out = _core._simulate(
         test, plan._maps(), plan.nodes, plan.gpus_per_node, grouper, m, transport, batch_per_rank, hidden,
-        float(arrival_rate), seed,
+        arrival_rate, seed,
     )
     return json.loads(out)
 
@@ -286,30 +316,22 @@ def export_text(
     ``num_hidden_layers`` layers, or the plan's count, or the last MoE layer + 1."""
     full = plan.filled(load)
     if layer_ids is not None:
-        ids = [int(x) for x in layer_ids]
+        ids = list(layer_ids)
     elif first_moe_layer is not None:
-        ids = [first_moe_layer + i for i in range(plan.layers)]
+        first = operator.index(first_moe_layer)
+        if first < 0:
+            raise ConfigError(f"locus: configuration error: first_moe_layer is {first}, expected a whole number from 0")
+        ids = [first + i for i in range(plan.layers)]
     elif plan.layer_ids is not None:
-        ids = [int(x) for x in plan.layer_ids]
+        ids = list(plan.layer_ids)
     else:
         ids = list(range(plan.layers))
-    hidden = num_hidden_layers or plan.hidden_layers or (ids[-1] + 1 if ids else 0)
+    # The largest id, not the last: ids out of order are then reported as such.
+    hidden = num_hidden_layers or plan.hidden_layers or (max(ids) + 1 if ids else 0)
     return _core._export_text(full._maps(), plan.experts, to, ids, hidden)
 
 
 def export(plan: ExpertPlan, to: str, path: str, **kwargs: Any) -> None:
-    """Writes ``export_text(plan, to, **kwargs)`` to ``path`` atomically."""
-    _write_atomically(path, export_text(plan, to, **kwargs))
-
-
-def _write_atomically(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".locus-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Writes ``export_text(plan, to, **kwargs)`` to ``path`` atomically (as every locus file: an
+    existing file keeps its mode, a symbolic link its target)."""
+    _core._write_text(path, export_text(plan, to, **kwargs))

@@ -15,7 +15,7 @@ from typing import Any, Tuple
 
 import numpy as np
 
-from . import InvalidInputError, rebalance_experts
+from . import FormatError, InvalidInputError, rebalance_experts
 
 try:  # vLLM's abstract base, when vLLM is installed
     from vllm.distributed.eplb.policy.abstract import AbstractEplbPolicy as _Base
@@ -40,15 +40,29 @@ def _from_torch(weight: Any) -> np.ndarray:
 
 def read_vllm_arrays(path: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The three arrays of a ``locus map export --to vllm`` file, as int64 NumPy arrays."""
-    with open(path) as f:
-        doc = json.load(f)
     try:
-        return tuple(
-            np.asarray(doc[k], np.int64)
-            for k in ("physical_to_logical_map", "logical_to_physical_map", "logical_replica_count")
-        )
-    except KeyError as e:
-        raise InvalidInputError(f"locus: invalid input: {path} has no {e} array (not a vLLM export)") from None
+        with open(path) as f:
+            doc = json.load(f)
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"locus: format error: {path}: not JSON ({e})") from None
+    keys = ("physical_to_logical_map", "logical_to_physical_map", "logical_replica_count")
+    missing = [k for k in keys if not isinstance(doc, dict) or k not in doc]
+    if missing:
+        raise InvalidInputError(f"locus: invalid input: {path} has no {missing[0]!r} array (not a vLLM export)")
+    arrays = []
+    for k, ndim in zip(keys, (2, 3, 2)):
+        try:
+            a = np.asarray(doc[k], np.int64)
+        except (TypeError, ValueError, OverflowError):
+            a = None
+        if a is None or a.ndim != ndim:
+            raise FormatError(f"locus: format error: {path}: {k} is not a {ndim}-dimensional array of integers")
+        arrays.append(a)
+    phy2log, log2phy, count = arrays
+    layers = count.shape[0]
+    if phy2log.shape[0] != layers or log2phy.shape[:2] != count.shape:
+        raise FormatError(f"locus: format error: {path}: the three arrays disagree on layers and experts")
+    return phy2log, log2phy, count
 
 
 def plan_policy(path: str) -> type:
@@ -58,8 +72,9 @@ def plan_policy(path: str) -> type:
     class LocusPlanPolicy(_Base):  # type: ignore[misc, valid-type]
         @classmethod
         def rebalance_experts(cls, weight: Any, num_replicas: int, num_groups: int, num_nodes: int, num_ranks: int):
-            layers, experts = tuple(weight.shape)
-            if (layers, experts) != count.shape or num_replicas != phy2log.shape[1] or num_replicas % num_ranks:
+            shape = tuple(np.shape(weight))
+            if shape != count.shape or num_replicas != phy2log.shape[1] or num_ranks <= 0 or num_replicas % num_ranks:
+                layers, experts = (shape + (0, 0))[:2]
                 raise InvalidInputError(
                     f"locus: invalid input: the plan in {path} is {count.shape[0]} layers × {count.shape[1]} experts "
                     f"in {phy2log.shape[1]} slots; vLLM asks for {layers} × {experts} in {num_replicas} slots on "

@@ -1,7 +1,11 @@
 // locus._core: the C++ core for Python. Thin: array shapes and dtypes are normalised by the
 // Python layer (python/locus/__init__.py); everything here checks sizes again, because a wrong
 // size must raise, never read out of bounds.
+#include <climits>
 #include <cstdint>
+#include <cstring>
+#include <limits>
+#include <locus/core/atomic_file.hpp>
 #include <locus/core/expert_map_json.hpp>
 #include <locus/cost/decode_simulator.hpp>
 #include <locus/cost/simulation_json.hpp>
@@ -41,6 +45,49 @@ PyObject* config_type = nullptr;
 PyObject* input_type = nullptr;
 PyObject* format_type = nullptr;
 PyObject* io_type = nullptr;
+
+// A count or index argument (anything with __index__): a negative or too large value is a
+// ConfigError naming the argument, not the TypeError nanobind gives when an unsigned cast fails.
+std::uint64_t count_arg(nb::handle v, const char* name, std::uint64_t max = UINT64_MAX) {
+  nb::object i = nb::steal(PyNumber_Index(v.ptr()));
+  if (!i.is_valid()) throw nb::python_error(); // a float or a string: Python's own TypeError
+  const unsigned long long n = PyLong_AsUnsignedLongLong(i.ptr());
+  const bool bad = n == static_cast<unsigned long long>(-1) && PyErr_Occurred();
+  if (bad) PyErr_Clear();
+  if (bad || n > max)
+    throw locus::config_error(
+        locus::detail::concat(name, " is ", nb::str(i).c_str(), ", expected a whole number from 0 to ", max), nullptr,
+        0);
+  return n;
+}
+std::size_t size_arg(nb::handle v, const char* name) { return static_cast<std::size_t>(count_arg(v, name)); }
+
+// A list of counts (layer ids), each checked as by count_arg.
+template <class T = std::size_t>
+std::vector<T> counts_arg(nb::handle seq, const char* name) {
+  std::vector<T> out;
+  std::size_t i = 0;
+  for (nb::handle v : seq) {
+    const std::string what = locus::detail::concat(name, "[", i++, "]");
+    out.push_back(static_cast<T>(count_arg(v, what.c_str(), std::numeric_limits<T>::max())));
+  }
+  return out;
+}
+
+// A file path (str, bytes or os.PathLike). An embedded NUL would cut the name short at the C
+// library and open another file; it is refused.
+std::string path_arg(nb::handle p) {
+  nb::object fs = nb::steal(PyOS_FSPath(p.ptr()));
+  if (!fs.is_valid()) throw nb::python_error();
+  nb::object bytes = PyBytes_Check(fs.ptr()) ? fs : nb::steal(PyUnicode_EncodeFSDefault(fs.ptr()));
+  if (!bytes.is_valid()) throw nb::python_error();
+  std::string out(PyBytes_AS_STRING(bytes.ptr()), static_cast<std::size_t>(PyBytes_GET_SIZE(bytes.ptr())));
+  if (out.find('\0') != std::string::npos)
+    throw locus::invalid_input_error(
+        locus::detail::concat("the path \"", out.substr(0, out.find('\0')), "\\0...\" contains a NUL character"),
+        nullptr, 0);
+  return out;
+}
 
 // A NumPy array owning `v` (moved), shape `shape`.
 template <class T>
@@ -88,13 +135,15 @@ std::vector<std::vector<double>> load_from(const load_in& a) {
 // (0 prefill, 1 decode, 2 unknown); domains [T] indexing `domain_names` (a request takes its first
 // token's domain).
 locus::trace::trace
-trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb::device::cpu> ids, std::size_t experts,
-                  nb::ndarray<const float, nb::ndim<3>, nb::c_contig, nb::device::cpu> weights,
+trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb::device::cpu> ids,
+                  nb::handle experts_arg, nb::ndarray<const float, nb::ndim<3>, nb::c_contig, nb::device::cpu> weights,
                   nb::ndarray<const std::int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> requests,
                   nb::ndarray<const std::uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> phases,
                   nb::ndarray<const std::uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> domains,
-                  std::vector<std::string> domain_names, std::vector<std::uint32_t> layer_ids,
-                  std::uint32_t hidden_layers) {
+                  std::vector<std::string> domain_names, nb::handle layer_ids_arg, nb::handle hidden_arg) {
+  const std::size_t experts = size_arg(experts_arg, "experts");
+  auto layer_ids = counts_arg<std::uint32_t>(layer_ids_arg, "layer_ids");
+  const auto hidden_layers = static_cast<std::uint32_t>(count_arg(hidden_arg, "hidden_layers", UINT32_MAX));
   const std::size_t tokens = ids.shape(0), layers = ids.shape(1), k = ids.shape(2);
   LOCUS_REQUIRE(tokens > 0, locus::invalid_input_error, "trace_from_arrays: topk_ids has no tokens");
   const bool has_weights = weights.size() > 0;
@@ -193,9 +242,12 @@ NB_MODULE(_core, m) {
 
   m.def(
       "rebalance_experts",
-      [](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> weight, std::size_t num_replicas,
-         std::size_t num_groups, std::size_t num_nodes, std::size_t num_gpus) {
+      [](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> weight, nb::handle replicas_arg,
+         nb::handle groups_arg, nb::handle nodes_arg, nb::handle gpus_arg) {
         const std::size_t layers = weight.shape(0), experts = weight.shape(1);
+        const std::size_t num_replicas = size_arg(replicas_arg, "num_replicas");
+        const std::size_t num_groups = size_arg(groups_arg, "num_groups"), num_nodes = size_arg(nodes_arg, "num_nodes");
+        const std::size_t num_gpus = size_arg(gpus_arg, "num_gpus");
         auto r = locus::placement::rebalance_experts(std::span(weight.data(), layers * experts), layers, experts,
                                                      num_replicas, num_groups, num_nodes, num_gpus);
         return nb::make_tuple(owned(std::move(r.physical_to_logical), {layers, num_replicas}),
@@ -216,25 +268,41 @@ NB_MODULE(_core, m) {
       .def_prop_ro("hidden_layers", &locus::trace::trace::hidden_layers)
       .def(
           "layer_ids",
-          [](const locus::trace::trace& t, std::size_t l) {
-            const auto v = t.layer(l);
+          [](const locus::trace::trace& t, nb::handle layer) {
+            const auto v = t.layer(size_arg(layer, "layer"));
             return nb::ndarray<nb::numpy, const locus::trace::trace_expert_id>(v.ids(), {t.tokens(), t.top_k()},
                                                                                nb::handle());
           },
           "layer"_a, nb::rv_policy::reference_internal)
-      .def("with_prefill_tokens", &locus::trace::trace::with_prefill_tokens, "tokens"_a)
+      .def(
+          "with_prefill_tokens",
+          [](const locus::trace::trace& t, nb::handle tokens) {
+            return t.with_prefill_tokens(size_arg(tokens, "tokens"));
+          },
+          "tokens"_a)
       .def("__repr__", [](const locus::trace::trace& t) {
         return locus::detail::concat("Trace(requests=", t.requests(), ", tokens=", t.tokens(), ", layers=", t.layers(),
                                      ", experts=", t.experts(), ", top_k=", t.top_k(), ")");
       });
   m.def("_trace_from_arrays", &trace_from_arrays);
-  m.def("read_trace", &locus::trace::read_trace, "path"_a);
   m.def(
-      "write_trace", [](const locus::trace::trace& t, const std::string& path) { locus::trace::write_trace(t, path); },
-      "trace"_a, "path"_a);
+      "read_trace", [](nb::handle path) { return locus::trace::read_trace(path_arg(path)); }, "path"_a);
   m.def(
-      "import_esft", [](const std::string& path) { return locus::trace::import_esft(path); }, "path"_a);
-  m.def("split_by_request", &locus::trace::split_by_request, "trace"_a, "test_fraction"_a, "seed"_a);
+      "write_trace",
+      [](const locus::trace::trace& t, nb::handle path) { locus::trace::write_trace(t, path_arg(path)); }, "trace"_a,
+      "path"_a);
+  m.def(
+      "import_esft", [](nb::handle path) { return locus::trace::import_esft(path_arg(path)); }, "path"_a);
+  m.def(
+      "split_by_request",
+      [](const locus::trace::trace& t, double test_fraction, nb::handle seed) {
+        return locus::trace::split_by_request(t, test_fraction, count_arg(seed, "seed"));
+      },
+      "trace"_a, "test_fraction"_a, "seed"_a);
+  m.def(
+      "_write_text",
+      [](nb::handle path, const std::string& text) { locus::write_file_atomically(path_arg(path), text); }, "path"_a,
+      "text"_a);
 
   m.def(
       "expert_load",
@@ -264,21 +332,26 @@ NB_MODULE(_core, m) {
 
   m.def(
       "_plan_from_load",
-      [](load_in load, std::size_t nodes, std::size_t gpus_per_node, std::size_t slots_per_rank,
-         const std::string& placement, std::size_t eplb_groups) {
+      [](load_in load, nb::handle nodes, nb::handle gpus_per_node, nb::handle slots_per_rank,
+         nb::handle redundant_slots, const std::string& placement, nb::handle eplb_groups) {
         LOCUS_REQUIRE(placement == "linear" || placement == "round_robin" || placement == "eplb", locus::config_error,
                       "planning from loads: placement \"", placement,
                       "\" needs a trace (from loads: linear, round_robin or eplb)");
         locus::placement::plan_input in;
-        in.topology = locus::dynamic_topology(nodes, gpus_per_node);
+        in.topology = locus::dynamic_topology(size_arg(nodes, "nodes"), size_arg(gpus_per_node, "gpus_per_node"));
         in.experts = load.shape(1);
-        in.slots_per_rank = slots_per_rank;
+        // Without slots_per_rank, the rule a trace plan follows (every GPU serves an expert).
+        in.slots_per_rank = slots_per_rank.is_none()
+                                ? locus::placement::slots_for(in.experts, in.topology.ranks(),
+                                                              size_arg(redundant_slots, "redundant_slots"))
+                                : size_arg(slots_per_rank, "slots_per_rank");
         in.load = load_from(load);
         locus::placement::named_plan_options opt;
-        opt.eplb_groups = eplb_groups;
+        opt.eplb_groups = size_arg(eplb_groups, "eplb_groups");
         return maps_to(locus::placement::plan_by_name(placement, in, opt));
       },
-      "load"_a, "nodes"_a, "gpus_per_node"_a, "slots_per_rank"_a, "placement"_a, "eplb_groups"_a);
+      "load"_a, "nodes"_a, "gpus_per_node"_a, "slots_per_rank"_a.none(), "redundant_slots"_a, "placement"_a,
+      "eplb_groups"_a);
 
   nb::class_<locus::grouper::workload_model>(m, "WorkloadModel")
       .def_prop_ro("clusters", &locus::grouper::workload_model::clusters)
@@ -288,13 +361,14 @@ NB_MODULE(_core, m) {
       .def_prop_ro("cluster_node", &locus::grouper::workload_model::cluster_node)
       .def(
           "save",
-          [](const locus::grouper::workload_model& g, const std::string& path) {
-            locus::grouper::save_grouping(path, g);
+          [](const locus::grouper::workload_model& g, nb::handle path) {
+            locus::grouper::save_grouping(path_arg(path), g);
           },
           "path"_a)
       .def(
           "classify",
-          [](const locus::grouper::workload_model& g, const locus::trace::trace& t, std::size_t prefill_tokens) {
+          [](const locus::grouper::workload_model& g, const locus::trace::trace& t, nb::handle prefill_arg) {
+            const std::size_t prefill_tokens = size_arg(prefill_arg, "prefill_tokens");
             std::vector<std::int64_t> out(t.requests());
             std::vector<std::uint32_t> scratch;
             for (std::size_t r = 0; r < t.requests(); ++r) {
@@ -306,22 +380,23 @@ NB_MODULE(_core, m) {
           "trace"_a, "prefill_tokens"_a);
   m.def(
       "load_grouping",
-      [](const std::string& path) {
-        return std::make_shared<locus::grouper::workload_model>(locus::grouper::load_grouping(path));
+      [](nb::handle path) {
+        return std::make_shared<locus::grouper::workload_model>(locus::grouper::load_grouping(path_arg(path)));
       },
       "path"_a);
   m.def(
       "_plan_from_trace",
-      [](const locus::trace::trace& train, std::size_t nodes, std::size_t gpus_per_node, const std::string& placement,
-         std::size_t redundant_slots, std::size_t eplb_groups, std::size_t clusters, std::uint64_t seed,
-         std::size_t prefill_tokens) {
+      [](const locus::trace::trace& train, nb::handle nodes, nb::handle gpus_per_node, const std::string& placement,
+         nb::handle redundant_slots, nb::handle eplb_groups, nb::handle clusters, nb::handle seed,
+         nb::handle prefill_tokens) {
         locus::placement::activation_plan_options opt;
-        opt.named.eplb_groups = eplb_groups;
-        opt.grouping.clusters = clusters;
-        opt.grouping.seed = seed;
-        opt.grouping.prefill_tokens = prefill_tokens;
-        auto plan = locus::placement::plan_activation_aware(train, locus::dynamic_topology(nodes, gpus_per_node),
-                                                            placement, redundant_slots, opt);
+        opt.named.eplb_groups = size_arg(eplb_groups, "eplb_groups");
+        opt.grouping.clusters = size_arg(clusters, "clusters");
+        opt.grouping.seed = count_arg(seed, "seed");
+        opt.grouping.prefill_tokens = size_arg(prefill_tokens, "prefill_tokens");
+        const auto topo = locus::dynamic_topology(size_arg(nodes, "nodes"), size_arg(gpus_per_node, "gpus_per_node"));
+        auto plan = locus::placement::plan_activation_aware(train, topo, placement,
+                                                            size_arg(redundant_slots, "redundant_slots"), opt);
         return std::make_pair(maps_to(plan.maps), std::const_pointer_cast<locus::grouper::workload_model>(plan.model));
       },
       "train"_a, "nodes"_a, "gpus_per_node"_a, "placement"_a, "redundant_slots"_a, "eplb_groups"_a, "clusters"_a,
@@ -329,17 +404,17 @@ NB_MODULE(_core, m) {
 
   m.def(
       "_simulate",
-      [](const locus::trace::trace& test, maps_in maps, std::size_t nodes, std::size_t gpus_per_node,
+      [](const locus::trace::trace& test, maps_in maps, nb::handle nodes, nb::handle gpus_per_node,
          const std::string& grouper, std::shared_ptr<locus::grouper::workload_model> model,
-         const std::string& transport, std::size_t batch_per_rank, std::size_t hidden, double arrival_rate,
-         std::uint64_t seed) {
+         const std::string& transport, nb::handle batch_per_rank, nb::handle hidden, double arrival_rate,
+         nb::handle seed) {
         locus::cost::simulation_config cfg;
-        cfg.topology = locus::dynamic_topology(nodes, gpus_per_node);
+        cfg.topology = locus::dynamic_topology(size_arg(nodes, "nodes"), size_arg(gpus_per_node, "gpus_per_node"));
         cfg.transport = locus::cost::parse_transport_kind(transport);
-        cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(hidden);
-        cfg.batch_per_rank = batch_per_rank;
+        cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(size_arg(hidden, "hidden"));
+        cfg.batch_per_rank = size_arg(batch_per_rank, "batch_per_rank");
         cfg.arrival_rate = arrival_rate;
-        cfg.seed = seed;
+        cfg.seed = count_arg(seed, "seed");
         auto g = locus::grouper::grouper_by_name(grouper, model);
         const auto result = locus::cost::simulate_decode(test, maps_from(maps, test.experts()), g, cfg);
         return locus::cost::simulation_summary_json(result).dump();
@@ -349,35 +424,37 @@ NB_MODULE(_core, m) {
 
   m.def(
       "_fill_empty_slots",
-      [](maps_in maps, std::size_t experts, load_in load, std::size_t gpus_per_node) {
-        return maps_to(
-            locus::placement::fill_empty_slots(maps_from(maps, experts), load_from(load), {}, gpus_per_node));
+      [](maps_in maps, nb::handle experts, load_in load, nb::handle gpus_per_node) {
+        return maps_to(locus::placement::fill_empty_slots(maps_from(maps, size_arg(experts, "experts")),
+                                                          load_from(load), {},
+                                                          size_arg(gpus_per_node, "gpus_per_node")));
       },
       "maps"_a, "experts"_a, "load"_a, "gpus_per_node"_a);
   m.def(
       "_export_text",
-      [](maps_in maps, std::size_t experts, const std::string& to, std::vector<std::size_t> layer_ids,
-         std::size_t hidden_layers) {
-        const auto plan = maps_from(maps, experts);
-        locus::placement::model_layers layers{std::move(layer_ids), hidden_layers};
-        if (layers.moe_layer.empty())
-          layers = locus::placement::model_layers::contiguous(plan.size(), 0, hidden_layers);
+      [](maps_in maps, nb::handle experts, const std::string& to, nb::handle layer_ids, nb::handle hidden_layers) {
+        const auto plan = maps_from(maps, size_arg(experts, "experts"));
+        // The ids are always given (the Python layer numbers the layers); an empty list is wrong.
+        const locus::placement::model_layers layers{counts_arg(layer_ids, "layer_ids"),
+                                                    size_arg(hidden_layers, "num_hidden_layers")};
         return locus::placement::export_text(locus::placement::parse_engine_format(to), plan, layers);
       },
       "maps"_a, "experts"_a, "to"_a, "layer_ids"_a, "hidden_layers"_a);
   m.def(
       "_load_expert_maps",
-      [](const std::string& path) {
-        const auto plan = locus::load_expert_plan(path);
+      [](nb::handle path) {
+        const auto plan = locus::load_expert_plan(path_arg(path));
         return nb::make_tuple(maps_to(plan.maps), plan.maps.front().experts(), plan.model_layers, plan.hidden_layers,
                               plan.gpus_per_node);
       },
       "path"_a);
   m.def(
       "_save_expert_maps",
-      [](const std::string& path, maps_in maps, std::size_t experts, std::vector<std::size_t> layer_ids,
-         std::size_t hidden_layers, std::size_t gpus_per_node) {
-        locus::save_expert_plan(path, {maps_from(maps, experts), std::move(layer_ids), hidden_layers, gpus_per_node});
+      [](nb::handle path, maps_in maps, nb::handle experts, nb::handle layer_ids, nb::handle hidden_layers,
+         nb::handle gpus_per_node) {
+        locus::save_expert_plan(path_arg(path),
+                                {maps_from(maps, size_arg(experts, "experts")), counts_arg(layer_ids, "layer_ids"),
+                                 size_arg(hidden_layers, "hidden_layers"), size_arg(gpus_per_node, "gpus_per_node")});
       },
       "path"_a, "maps"_a, "experts"_a, "layer_ids"_a, "hidden_layers"_a, "gpus_per_node"_a);
 }

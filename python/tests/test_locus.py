@@ -301,3 +301,186 @@ def test_engine_statistics_import(tmp_path):
     bad.write_bytes(struct.pack("<Q", 1000) + b"{}")
     with pytest.raises(locus.FormatError, match="runs past the end"):
         engines.read_safetensors(str(bad))
+
+
+def test_counts_out_of_range_are_config_errors_naming_the_argument():
+    # Negative or >= 2^64 counts used to surface as nanobind's "incompatible function arguments";
+    # Python's int() silently rounded 16.5 to 16.
+    w = np.array(EXAMPLE_WEIGHT)
+    with pytest.raises(locus.ConfigError, match="num_replicas is -16, expected a whole number"):
+        locus.rebalance_experts(w, -16, 4, 2, 8)
+    with pytest.raises(locus.ConfigError, match="num_gpus is 18446744073709551616"):
+        locus.rebalance_experts(w, 16, 4, 2, 2**64)
+    with pytest.raises(TypeError, match="'float' object cannot be interpreted as an integer"):
+        locus.rebalance_experts(w, 16.5, 4, 2, 8)
+    ids, t = small_trace()
+    with pytest.raises(locus.ConfigError, match="seed is -1"):
+        locus.split_by_request(t, 0.5, -1)
+    with pytest.raises(locus.ConfigError, match="tokens is -1"):
+        t.with_prefill_tokens(-1)
+    with pytest.raises(locus.ConfigError, match="layer is -1"):
+        t.layer_ids(-1)
+    with pytest.raises(locus.ConfigError, match=r"layer_ids\[1\] is 1099511627776"):
+        locus.trace_from_arrays(ids, 16, layer_ids=[0, 2**40, 2**40 + 1])
+    with pytest.raises(locus.ConfigError, match="nodes is -1"):
+        locus.plan(t, -1, 2, "locality")
+    with pytest.raises(locus.ConfigError, match="first_moe_layer is -1"):
+        locus.export_text(locus.plan(w, 2, 4), "sglang", first_moe_layer=-1)
+
+
+def test_huge_replica_counts_are_refused_before_allocating():
+    # 2^63 replicas was a std::length_error ("vector::_M_default_append"), 2^40 a bad_alloc.
+    w = np.array(EXAMPLE_WEIGHT)
+    for replicas in (2**63, 2**40):
+        with pytest.raises(locus.ConfigError, match="more than 65536 copies of each of the 12 experts"):
+            locus.rebalance_experts(w, replicas, 4, 2, 8)
+    with pytest.raises(locus.ConfigError, match="GPUs exceed 65536"):
+        locus.rebalance_experts(w, 2**33, 4, 2, 2**32)
+
+
+def test_arrays_are_not_rounded_or_wrapped_on_conversion():
+    ids, t = small_trace()
+    with pytest.raises(locus.InvalidInputError, match=r"topk_ids\[0, 0, 0\] is .*, expected a whole number"):
+        locus.trace_from_arrays(ids + 0.5, 16)
+    with pytest.raises(locus.InvalidInputError, match=r"request_ids\[1\] is 0.5"):
+        locus.trace_from_arrays(ids, 16, request_ids=np.arange(len(ids)) / 2)
+    with pytest.raises(locus.InvalidInputError, match="weight holds complex128 values"):
+        locus.rebalance_experts(np.array(EXAMPLE_WEIGHT) + 1j, 16, 4, 2, 8)
+    with pytest.raises(locus.InvalidInputError, match="weight holds object values"):
+        locus.rebalance_experts([[1, None]], 16, 4, 2, 8)
+    with pytest.raises(locus.InvalidInputError, match=r"phases must have 1 dimensions, not 0"):
+        locus.trace_from_arrays(ids, 16, phases="decode")
+    plan = locus.plan(locus.expert_load(t), 2, 2)
+    plan.maps = plan.maps + 0.5
+    with pytest.raises(locus.InvalidInputError, match=r"maps\[0, 0, 0\] is"):
+        plan.save("unused.json")
+
+
+def test_plans_from_loads_follow_the_trace_rules():
+    # nodes=0 was a ZeroDivisionError; 3 experts on 4 GPUs planned a GPU with no expert of its own.
+    with pytest.raises(locus.ConfigError, match="nodes must be at least 1"):
+        locus.plan(np.ones((1, 8)), 0, 2)
+    with pytest.raises(locus.ConfigError, match="3 experts cannot give each of 4 GPUs"):
+        locus.plan(np.ones((1, 3)), 2, 2)
+    with pytest.raises(locus.ConfigError, match="redundant slots per rank is 100"):
+        locus.plan(np.ones((1, 8)), 2, 2, redundant_slots=100)
+    with pytest.raises(locus.ConfigError, match="not both"):
+        locus.plan(np.ones((1, 8)), 2, 2, redundant_slots=1, slots_per_rank=3)
+    with pytest.raises(locus.ConfigError, match="not a path"):
+        locus.plan("trace.bin", 2, 2)
+    assert locus.plan(np.ones((1, 8)), 2, 2, redundant_slots=1).maps.shape == (1, 4, 3)
+
+
+def test_export_layer_ids_are_checked_as_given():
+    plan = locus.plan(np.ones((2, 8)), 2, 2)
+    with pytest.raises(locus.ConfigError, match="0 layer ids for a plan of 2 layers"):
+        locus.export_text(plan, "trtllm", layer_ids=[])  # was: silently numbered 0, 1
+    with pytest.raises(locus.ConfigError, match=r"layer ids must ascend \(3 then 2\)"):
+        locus.export_text(plan, "trtllm", layer_ids=[3, 2])
+
+
+def test_paths_take_pathlike_and_refuse_nul(tmp_path):
+    _, t = small_trace()
+    locus.write_trace(t, tmp_path / "t.bin")
+    assert locus.read_trace(tmp_path / "t.bin").tokens == t.tokens
+    plan = locus.plan(t, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8)
+    plan.save(tmp_path / "m.json")
+    assert locus.ExpertPlan.load(tmp_path / "m.json").maps.shape == plan.maps.shape
+    plan.model.save(tmp_path / "g.json")
+    assert locus.load_grouping(tmp_path / "g.json").clusters == plan.model.clusters
+    # A NUL cut the name short in C and read or wrote another file (here t.bin).
+    with pytest.raises(locus.InvalidInputError, match="contains a NUL character"):
+        locus.read_trace(str(tmp_path / "t.bin") + "\0.other")
+    with pytest.raises(locus.InvalidInputError, match="contains a NUL character"):
+        locus.write_trace(t, str(tmp_path / "t.bin") + "\0.other")
+    with pytest.raises(TypeError):
+        locus.read_trace(None)
+
+
+def test_reading_a_directory_says_so(tmp_path):
+    # load_grouping raised RuntimeError("basic_filebuf::underflow ..."); ExpertPlan.load said the
+    # folder held 9223372036854775807 bytes.
+    with pytest.raises(locus.LocusIOError, match="cannot read: it is a directory"):
+        locus.load_grouping(tmp_path)
+    with pytest.raises(locus.LocusIOError, match="cannot read: it is a directory"):
+        locus.ExpertPlan.load(tmp_path)
+
+
+def test_export_writes_as_every_locus_file(tmp_path):
+    plan = locus.plan(np.ones((2, 8)), 2, 2)
+    # An existing file keeps its mode (mkstemp made it 0600), a symbolic link keeps pointing at
+    # the file it names, and errors are LocusIOErrors naming the target, not a temporary name.
+    (tmp_path / "e.json").write_text("old")
+    (tmp_path / "e.json").chmod(0o644)
+    (tmp_path / "link.json").symlink_to(tmp_path / "e.json")
+    locus.export(plan, "sglang", tmp_path / "link.json")
+    assert (tmp_path / "link.json").is_symlink()
+    assert "physical_to_logical_map" in (tmp_path / "e.json").read_text()
+    assert (tmp_path / "e.json").stat().st_mode & 0o777 == 0o644
+    with pytest.raises(locus.LocusIOError, match="it is a directory"):
+        locus.export(plan, "sglang", tmp_path)
+    with pytest.raises(locus.LocusIOError, match="its folder does not exist"):
+        locus.export(plan, "sglang", tmp_path / "none" / "e.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "link.json"]
+
+
+def test_engine_statistics_refuse_malformed_files(tmp_path):
+    def st(path, header, body=b""):
+        h = json.dumps(header).encode()
+        path.write_bytes(struct.pack("<Q", len(h)) + h + body)
+
+    # Each raised AttributeError, KeyError, TypeError, ValueError or RecursionError before.
+    for header in ([1, 2], {"x": 5}, {"x": {"dtype": "I32", "shape": [1]}},
+                   {"x": {"dtype": "I32", "shape": [1], "data_offsets": ["a", "b"]}},
+                   {"x": {"dtype": "I32", "shape": [-1, -1], "data_offsets": [0, 4]}},
+                   {"x": {"dtype": "I32", "shape": [2**32, 2**32, 1], "data_offsets": [0, 0]}},
+                   {"x": {"dtype": ["I32"], "shape": [1], "data_offsets": [0, 4]}}):
+        st(tmp_path / "a.safetensors", header, b"1234")
+        with pytest.raises(locus.FormatError):
+            engines.read_safetensors(str(tmp_path / "a.safetensors"))
+    deep = b"[" * 100000 + b"]" * 100000
+    (tmp_path / "d.safetensors").write_bytes(struct.pack("<Q", len(deep)) + deep)
+    with pytest.raises(locus.FormatError, match="header is not JSON"):
+        engines.read_safetensors(str(tmp_path / "d.safetensors"))
+    # TensorRT-LLM folder: meta_info.json and tensor names, counts checked.
+    stats = tmp_path / "stats"
+    stats.mkdir()
+    for meta in ("x", "[1]", "{}", '{"num_experts": -4}', '{"num_experts": 4.7}'):
+        (stats / "meta_info.json").write_text(meta)
+        with pytest.raises(locus.FormatError, match="meta_info.json"):
+            engines.load_trtllm_statistics(str(stats))
+    (stats / "meta_info.json").write_text('{"num_experts": 2}')
+    for name, values in (("-1_-2", [1, 1]), (" 1_ 2", [1, 1]), ("1_2", [-5, 1])):
+        write_safetensors(stats / "rank0.safetensors", {name: np.array(values)})
+        with pytest.raises(locus.FormatError):
+            engines.load_trtllm_statistics(str(stats))
+    # SGLang: a NaN or negative count made its layer vanish as if dense; -1 took the last layer.
+    with pytest.raises(locus.InvalidInputError, match="negative or non-finite"):
+        engines.load_sglang_logical_count({"logical_count": [[1, float("nan")]]})
+    with pytest.raises(locus.InvalidInputError, match=r"moe_layers \[-1\]"):
+        engines.load_sglang_logical_count({"logical_count": np.ones((2, 3))}, moe_layers=[-1])
+    (tmp_path / "l.json").write_text("[[1, 2], [3, 4]]")
+    assert engines.load_sglang_logical_count(tmp_path / "l.json")[0] == [0, 1]
+
+
+def test_routed_experts_and_vllm_files_refuse_malformed_input(tmp_path):
+    np.savez(tmp_path / "e.npz")
+    with pytest.raises(locus.InvalidInputError, match="has no array"):
+        locus.load_routed_experts(str(tmp_path / "e.npz"), 8)
+    np.savez(tmp_path / "k.npz", a=np.zeros((2, 1, 1), np.int32), b=np.zeros((2, 2, 1), np.int32))
+    with pytest.raises(locus.InvalidInputError, match="has no array"):
+        locus.load_routed_experts(str(tmp_path / "k.npz"), 8, key="c")
+    with pytest.raises(locus.InvalidInputError, match=r"array b has shape \(2, 2, 1\)"):
+        locus.load_routed_experts(str(tmp_path / "k.npz"), 8)
+    (tmp_path / "t.npy").write_text("hello")
+    with pytest.raises(locus.FormatError, match="not a .npy or .npz"):
+        locus.load_routed_experts(str(tmp_path / "t.npy"), 8)
+    for doc in ("hello", "[1]", json.dumps({"physical_to_logical_map": [[1], [1, 2]], "logical_to_physical_map": [],
+                                            "logical_replica_count": []})):
+        (tmp_path / "v.json").write_text(doc)
+        with pytest.raises(locus.LocusError):
+            read_vllm_arrays(str(tmp_path / "v.json"))
+    plan = locus.plan(np.ones((2, 8)), 2, 2)
+    locus.export(plan, "vllm", tmp_path / "v.json")
+    with pytest.raises(locus.InvalidInputError, match="on 0 ranks"):
+        plan_policy(str(tmp_path / "v.json")).rebalance_experts(np.zeros((2, 8)), 8, 1, 1, 0)

@@ -20,7 +20,9 @@
 #include <locus/core/expert_map_json.hpp>
 #include <locus/cost/decode_simulator.hpp>
 #include <locus/grouper/by_name.hpp>
+#include <locus/grouper/workload_model_json.hpp>
 #include <locus/placement/activation_plan.hpp>
+#include <locus/placement/load_import.hpp>
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
 #include <locus/trace/jsonl.hpp>
@@ -586,6 +588,25 @@ BOOST_AUTO_TEST_CASE(a_failed_write_keeps_the_old_file) {
     BOOST_TEST(e.message().find("truncated") != std::string::npos, e.message());
   }
   BOOST_TEST(temporaries_in(dir.path) == 0u);
+}
+
+// A folder where a file is read: an io_error saying so. The stream readers threw the standard
+// library's ios_base::failure ("basic_filebuf::underflow") or took the folder's size for the file's.
+BOOST_AUTO_TEST_CASE(readers_refuse_directories) {
+  scratch dir("read_dirs");
+  auto expect_dir = [](const std::function<void()>& read) {
+    try {
+      read();
+      BOOST_FAIL("read a directory");
+    } catch (const io_error& e) {
+      BOOST_TEST(e.message().find("cannot read: it is a directory") != std::string::npos, e.message());
+    }
+  };
+  const std::string d = dir.path.string();
+  expect_dir([&] { (void)load_expert_plan(d); });
+  expect_dir([&] { (void)grouper::load_grouping(d); });
+  fs::create_directories(dir.path / "stats" / "meta_info.json");
+  expect_dir([&] { (void)placement::import_load((dir.path / "stats").string()); });
 }
 
 BOOST_AUTO_TEST_CASE(non_regular_targets) {

@@ -13,16 +13,13 @@
 //! plan is only right on that topology).
 
 #include <algorithm>
-#include <cerrno>
 #include <cstdint>
-#include <cstring>
-#include <fstream>
-#include <iterator>
 #include <locus/core/atomic_file.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/core/json_error.hpp>
 #include <locus/core/json_integer.hpp>
+#include <locus/core/read_file.hpp>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -195,26 +192,9 @@ inline void save_expert_maps(const std::string& path, const std::vector<expert_m
 //! Reads a saved plan: the maps and the model layer numbering when the file has it.
 //! @throws locus::io_error, locus::format_error (with the file name), locus::invalid_input_error
 inline expert_plan_file load_expert_plan(const std::string& path) {
-  std::ifstream is(path, std::ios::binary);
-  if (!is) {
-    const int e = errno;
-    throw io_error(detail::concat(path, ": cannot open: ", std::strerror(e)), __FILE__, __LINE__, e);
-  }
   // A parsed JSON array of numbers costs about ten times its text; cap the text so that a file
   // which is not a map cannot ask for gigabytes (a real map is a few hundred kilobytes).
-  constexpr std::streamoff max_bytes = std::streamoff{64} << 20;
-  is.seekg(0, std::ios::end);
-  const std::streamoff size = is.tellg();
-  if (size > max_bytes)
-    throw format_error(
-        detail::concat(path, ": ", size, " bytes is too large for an expert map (at most ", max_bytes, ")"), 0,
-        __FILE__, __LINE__);
-  is.seekg(0, std::ios::beg);
-  std::string text((std::istreambuf_iterator<char>(is)), std::istreambuf_iterator<char>());
-  if (is.bad()) {
-    const int e = errno;
-    throw io_error(detail::concat(path, ": read failed: ", std::strerror(e)), __FILE__, __LINE__, e);
-  }
+  const std::string text = detail::read_whole_file(path, std::size_t{64} << 20, "an expert map");
   nlohmann::json doc;
   try {
     doc = nlohmann::json::parse(text);

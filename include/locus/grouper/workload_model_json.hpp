@@ -16,11 +16,11 @@
 //! which cluster) is not saved.
 
 #include <cstdint>
-#include <fstream>
 #include <locus/core/atomic_file.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/json_error.hpp>
 #include <locus/core/json_integer.hpp>
+#include <locus/core/read_file.hpp>
 #include <locus/grouper/workload_aware.hpp>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -163,11 +163,12 @@ inline void save_grouping(const std::string& path, const workload_model& m) {
 
 //! Reads a model saved by save_grouping. @throws locus::io_error, locus::format_error (with the file name)
 inline workload_model load_grouping(const std::string& path) {
-  std::ifstream is(path);
-  if (!is) LOCUS_THROW(io_error, "cannot open ", path);
+  // A model is a few megabytes (usage per cluster, layer and expert); the cap keeps a device or a
+  // wrong file from growing the text without bound.
+  const std::string text = ::locus::detail::read_whole_file(path, std::size_t{256} << 20, "a grouping model");
   nlohmann::json doc;
   try {
-    doc = nlohmann::json::parse(is);
+    doc = nlohmann::json::parse(text);
   } catch (const nlohmann::json::parse_error& e) {
     throw format_error(::locus::detail::concat(path, ": not valid JSON: ", ::locus::detail::json_error_text(e)),
                        e.byte);

@@ -184,6 +184,12 @@ inline eplb_result rebalance_experts(std::span<const float> weight, std::size_t 
                 " physical experts do not split evenly over ", num_gpus, " GPUs");
   LOCUS_REQUIRE(num_replicas >= experts, config_error, "rebalance_experts: ", num_replicas,
                 " physical experts cannot host ", experts, " logical experts");
+  // Bounds before the tables are sized from them: a mistyped count must be refused, not allocated.
+  // (The reference accepts several copies of an expert on one GPU, so the bound is per expert.)
+  LOCUS_REQUIRE(num_gpus <= max_topology_ranks, config_error, "rebalance_experts: ", num_gpus, " GPUs exceed ",
+                max_topology_ranks);
+  LOCUS_REQUIRE(num_replicas / experts <= max_topology_ranks, config_error, "rebalance_experts: ", num_replicas,
+                " physical experts are more than ", max_topology_ranks, " copies of each of the ", experts, " experts");
   for (std::size_t i = 0; i < weight.size(); ++i)
     LOCUS_REQUIRE(std::isfinite(weight[i]) && weight[i] >= 0, invalid_input_error, "rebalance_experts: layer ",
                   i / experts, " expert ", i % experts, " has load ", weight[i], " (must be finite and non-negative)");

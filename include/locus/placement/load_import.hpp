@@ -16,10 +16,10 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <locus/core/error.hpp>
 #include <locus/core/json_error.hpp>
 #include <locus/core/json_integer.hpp>
+#include <locus/core/read_file.hpp>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -36,9 +36,8 @@ struct imported_load {
 namespace detail::load_import {
 
 inline std::string read_all(const std::string& path) {
-  std::ifstream is(path, std::ios::binary);
-  if (!is) LOCUS_THROW(io_error, "cannot open ", path);
-  return {std::istreambuf_iterator<char>(is), std::istreambuf_iterator<char>()};
+  // Engine statistics can be large (steps × layers × experts); the cap only stops a device.
+  return ::locus::detail::read_whole_file(path, std::size_t{1} << 34, "a load table");
 }
 
 //! One little-endian element of `dtype` (NumPy's "<i4" style, or safetensors' "I32" style,
