@@ -3,11 +3,17 @@
 // the headers' agreement on its width, and the segments a receiver makes of it
 // (slot_offsets_from), which size its expert compute without a wait. The transports that move
 // these messages are CUDA code; this is the logic they share, run on the CPU.
+#include <algorithm>
 #include <boost/test/unit_test.hpp>
-
 #include <cstdint>
 #include <locus/core/error.hpp>
+#include <locus/core/expert_map.hpp>
+#include <locus/core/routing.hpp>
+#include <locus/core/topology.hpp>
 #include <locus/transport/device_exchange.hpp>
+#include <locus/transport/layout.hpp>
+#include <numeric>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -104,6 +110,70 @@ BOOST_AUTO_TEST_CASE(slot_offsets_from_sums_the_senders) {
   why = dx::slot_offsets_from(huge, 1, offsets);
   BOOST_TEST(why.find("32-bit") != std::string::npos, why);
   BOOST_TEST(offsets == (std::vector<std::int32_t>{0, 0}));
+}
+
+// What the device flat step relies on, on the CPU: a flat layout's copies per (rank, slot) — the
+// tail each rank sends in the count round — summed over the senders are the segments of the
+// receive layout each receiver builds from the entry metadata it actually receives (the layout is
+// equal bit for bit on the device). Were they not, every step's device check would refuse its
+// metadata. Random routings over maps with replicas, under every replica rule, several topologies.
+BOOST_AUTO_TEST_CASE(announced_segments_are_the_received_layout_segments) {
+  std::mt19937 rng(2026);
+  for (const auto& [nodes, gpus] : {std::pair<std::size_t, std::size_t>{1, 2}, {2, 2}, {3, 2}, {4, 1}}) {
+    const dynamic_topology topo(nodes, gpus);
+    const std::size_t R = topo.ranks(), S = 3, E = 2 * R;
+    // Rank r holds experts 2r and 2r + 1, and in its third slot a replica of an expert of the next rank.
+    std::vector<expert_id> table(R * S);
+    for (std::size_t r = 0; r < R; ++r) {
+      table[r * S] = static_cast<expert_id>(2 * r);
+      table[r * S + 1] = static_cast<expert_id>(2 * r + 1);
+      table[r * S + 2] = static_cast<expert_id>((2 * r + 2 + r % 2) % E);
+    }
+    const expert_map map(E, R, S, table);
+    for (const auto rule : all_replica_rules) {
+      const std::size_t k = std::min<std::size_t>(3, E);
+      std::vector<layout<top_k<>>> layouts(R);
+      for (std::size_t src = 0; src < R; ++src) {
+        const std::size_t tokens = 1 + rng() % 40;
+        std::vector<expert_id> ids(tokens * k), all(E);
+        std::iota(all.begin(), all.end(), 0);
+        for (std::size_t t = 0; t < tokens; ++t) {
+          std::shuffle(all.begin(), all.end(), rng);
+          std::copy_n(all.begin(), k, ids.begin() + static_cast<std::ptrdiff_t>(t * k));
+        }
+        const routing<top_k<>> r(std::move(ids), std::vector<float>(tokens * k, 0.25f), top_k<>(k));
+        layout_options opt{transport_kind::flat, 1};
+        opt.replicas.rule = rule;
+        layouts[src].assign(r.view(), map, topo, src, opt);
+      }
+      for (std::size_t d = 0; d < R; ++d) {
+        // What rank d receives: the count round's counts and tails, and the entry metadata itself.
+        device_counts in;
+        in.tail_width = S;
+        std::vector<std::int32_t> row_entries, slots;
+        for (std::size_t src = 0; src < R; ++src) {
+          const auto& l = layouts[src];
+          const auto ro = l.rank_offsets(), reo = l.rank_entry_offsets(), rows = l.row_entry_offsets();
+          in.rows.push_back(static_cast<std::size_t>(ro[d + 1] - ro[d]));
+          in.entries.push_back(static_cast<std::size_t>(reo[d + 1] - reo[d]));
+          for (std::size_t s = 0; s < S; ++s)
+            in.tail.push_back(static_cast<std::uint32_t>(l.slot_counts()[d * S + s]));
+          for (std::int32_t row = ro[d]; row < ro[d + 1]; ++row)
+            row_entries.push_back(rows[static_cast<std::size_t>(row) + 1] - rows[static_cast<std::size_t>(row)]);
+          slots.insert(slots.end(), l.entry_slot().begin() + reo[d], l.entry_slot().begin() + reo[d + 1]);
+        }
+        std::vector<std::int32_t> announced;
+        BOOST_TEST_CONTEXT(nodes << " x " << gpus << ", rule " << to_string(rule) << ", receiver " << d) {
+          BOOST_TEST(dx::slot_offsets_from(in, S, announced).empty());
+          receive_layout received;
+          received.assign(S, row_entries, slots);
+          BOOST_TEST(announced ==
+                         std::vector<std::int32_t>(received.slot_offsets().begin(), received.slot_offsets().end()),
+                     boost::test_tools::per_element());
+        }
+      }
+    }
+  }
 }
 
 BOOST_AUTO_TEST_SUITE_END()
