@@ -56,6 +56,7 @@ std::vector<std::vector<float>> run_device(const locus_test::dispatch_case& c, c
           compute(d.blocks());
           d.combine(dy.data());
         }
+        d.finish(); // the last step's device check
         y[r].resize(x.size());
         dy.download(y[r], stream);
       } catch (...) {
@@ -106,6 +107,7 @@ std::vector<std::vector<float>> run_layer(const locus_test::dispatch_case& c, co
             if (!errors[r]) errors[r] = std::current_exception();
           }
         }
+        l.finish(); // the last step's device check
         y[r].resize(x.size());
         dy.download(y[r], stream);
       } catch (...) {
@@ -192,6 +194,7 @@ std::vector<routed_rank> run_routed(const locus_test::dispatch_case& c, const la
             if (!o.error) o.error = std::current_exception();
           }
         }
+        l.finish(); // the last step's device check
         o.y.resize(o.x.size());
         dy.download(o.y, stream);
         const auto dr = l.last_device_routing();
@@ -394,4 +397,191 @@ BOOST_AUTO_TEST_CASE(device_layer_adds_shared_experts) {
         }
       }
     }
+}
+
+namespace {
+
+// An endpoint that doctors its rank's count round at one step, after it arrived: `add` gives one
+// sender's tail an entry more than its entries (the host check refuses the counts in that step);
+// `shift` moves one entry of a sender's tail to another occupied slot (the sums agree: only the
+// receive layout's device check, against the received slots, can tell). Everything else is the
+// wrapped endpoint's.
+struct doctored_endpoint {
+  enum class how { add, shift };
+  device_local_transport* ep;
+  const expert_map* map;
+  how mode;
+  std::uint64_t at;
+  std::uint64_t step = 0;
+  bool doctored = false;
+
+  std::size_t rank() const noexcept { return ep->rank(); }
+  const dynamic_topology& topology() const noexcept { return ep->topology(); }
+  bool hierarchical() const noexcept { return ep->hierarchical(); }
+  cudaStream_t stream() const noexcept { return ep->stream(); }
+  void begin_step(std::uint64_t s) noexcept {
+    step = s;
+    ep->begin_step(s);
+  }
+  void exchange_device_known(exchange_group g, std::size_t row_bytes, const std::byte* send,
+                             std::span<const std::size_t> send_counts, std::span<const std::size_t> recv_counts,
+                             device_exchange_result& out) {
+    ep->exchange_device_known(g, row_bytes, send, send_counts, recv_counts, out);
+  }
+  void exchange(const exchange_request& req, exchange_result& out) { ep->exchange(req, out); }
+  void synchronize(const char* what) { ep->synchronize(what); }
+  void exchange_device_counts(exchange_group g, std::size_t row_bytes, std::span<const std::size_t> counts,
+                              std::size_t entry_bytes, std::span<const std::size_t> entry_counts, device_counts& out,
+                              std::uint32_t stage = 0, std::span<const std::uint32_t> tail = {},
+                              std::uint32_t width = 0) {
+    ep->exchange_device_counts(g, row_bytes, counts, entry_bytes, entry_counts, out, stage, tail, width);
+    if (step != at || width == 0) return;
+    const std::size_t S = width;
+    for (std::size_t m = 0; m < out.entries.size() && !doctored; ++m)
+      for (std::size_t s = 0; s < S && !doctored; ++s) {
+        if (out.tail[m * S + s] == 0) continue;
+        if (mode == how::add) {
+          ++out.tail[m * S + s];
+          doctored = true;
+        } else {
+          for (std::size_t t = 0; t < S && !doctored; ++t)
+            if (t != s && map->expert_at(rank(), t) != empty_slot) {
+              --out.tail[m * S + s];
+              ++out.tail[m * S + t];
+              doctored = true;
+            }
+        }
+      }
+  }
+};
+
+// One flat run of two steps over doctored endpoints on `victim`: per rank, the error of each step's
+// combine and of finish(), and y after the last step.
+struct doctored_run {
+  std::vector<std::array<std::exception_ptr, 3>> errors; // step 0, step 1, finish
+  std::vector<std::vector<float>> y;
+  bool doctored = false;
+};
+
+template <std::size_t K>
+doctored_run run_doctored(const locus_test::dispatch_case& c, const layer::expert_weights<float>& all,
+                          std::size_t victim, doctored_endpoint::how mode, std::uint64_t at) {
+  device_local_fabric fabric(c.topo, transport_kind::flat);
+  const std::size_t R = c.topo.ranks();
+  doctored_run out;
+  out.errors.resize(R);
+  out.y.resize(R);
+  std::vector<std::exception_ptr> failed(R);
+  std::vector<std::uint8_t> doctored(R, 0);
+  std::vector<std::thread> threads;
+  for (std::size_t r = 0; r < R; ++r)
+    threads.emplace_back([&, r] {
+      cudaStream_t stream = nullptr;
+      try {
+        LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+        auto ep = fabric.endpoint(r, stream);
+        doctored_endpoint de{&ep, &c.map, mode, r == victim ? at : ~std::uint64_t{0}};
+        layer::swiglu_cuda<float> compute(layer::expert_weights<float>::for_rank(c.map, r, all), stream);
+        device_dispatcher<doctored_endpoint, float, top_k<K>> d(de, c.map, c.hidden, stream);
+        const auto x = c.inputs(r);
+        const auto& routing = c.routings[r];
+        device_buffer<float> dx, dy(std::max<std::size_t>(x.size(), 1)), w;
+        device_buffer<expert_id> ids;
+        dx.upload(x, stream);
+        ids.upload(routing.ids(), stream);
+        w.upload(routing.weights(), stream);
+        for (int step = 0; step < 2; ++step) {
+          de.begin_step(static_cast<std::uint64_t>(step));
+          d.dispatch(dx.data(), device_routing_view<top_k<K>>(ids.data(), w.data(), routing.tokens()));
+          compute(d.blocks());
+          try {
+            d.combine(dy.data());
+          } catch (const transport_error&) {
+            out.errors[r][static_cast<std::size_t>(step)] = std::current_exception();
+          }
+        }
+        try {
+          d.finish();
+        } catch (const transport_error&) {
+          out.errors[r][2] = std::current_exception();
+        }
+        out.y[r].resize(x.size());
+        dy.download(out.y[r], stream);
+        doctored[r] = de.doctored;
+      } catch (...) {
+        failed[r] = std::current_exception();
+      }
+      if (stream) cudaStreamDestroy(stream);
+    });
+  for (auto& t : threads)
+    t.join();
+  for (auto& e : failed)
+    if (e) std::rethrow_exception(e);
+  out.doctored = doctored[victim] != 0;
+  return out;
+}
+
+bool says(const std::exception_ptr& e, const char* words) {
+  if (!e) return false;
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& x) {
+    return std::string(x.what()).find(words) != std::string::npos;
+  }
+}
+
+} // namespace
+
+// Received counts or metadata that disagree, flat step, one GPU: the rank that received them
+// raises (the host check in the same step; the device check with the next step's count read, after
+// writing that step's good y, or at finish() after the last step), no peer waits or raises, and a
+// step after a device-found one is the dense reference again.
+BOOST_AUTO_TEST_CASE(doctored_counts_are_raised_on_their_receiver) {
+  using how = doctored_endpoint::how;
+  std::size_t seen_add = 0, seen_shift = 0, cases = 0;
+  for (std::uint64_t seed = 1; seed <= 80 && cases < 4; ++seed) {
+    const auto c = locus_test::make_case(seed, 1, 4);
+    if (c.k != 2) continue; // the runs below are instantiated for top-2
+    ++cases;
+    const auto all = locus_test::model_weights<float>(seed + 100, c.experts, c.hidden, 16);
+    const std::size_t victim = 1;
+    BOOST_TEST_CONTEXT("seed " << seed) {
+      // The host refuses the counts in the doctored step; the next step is clean.
+      const auto add = run_doctored<2>(c, all, victim, how::add, 0);
+      if (add.doctored) {
+        ++seen_add;
+        BOOST_TEST(says(add.errors[victim][0], "add up to"));
+        BOOST_TEST(!add.errors[victim][1]);
+        BOOST_TEST(!add.errors[victim][2]);
+      }
+      // The device check: step 0 is doctored, step 1's combine names it after writing a good y.
+      const auto early = run_doctored<2>(c, all, victim, how::shift, 0);
+      if (early.doctored) {
+        ++seen_shift;
+        BOOST_TEST(!early.errors[victim][0]);
+        BOOST_TEST(says(early.errors[victim][1], "in the previous step"));
+        BOOST_TEST(!early.errors[victim][2]);
+        std::vector<double> scale;
+        const auto ref = locus_test::dense_moe(c.inputs(victim), c.routings[victim].view(), all, nullptr, &scale);
+        double worst = 0;
+        for (std::size_t i = 0; i < ref.size(); ++i)
+          worst = std::max(worst, std::abs(early.y[victim][i] - ref[i]) / (2e-6 * scale[i] + 1e-6));
+        BOOST_TEST(worst <= 1.0);
+      }
+      // Doctored in the last step: finish() names it.
+      const auto late = run_doctored<2>(c, all, victim, how::shift, 1);
+      if (late.doctored) {
+        BOOST_TEST(!late.errors[victim][0]);
+        BOOST_TEST(!late.errors[victim][1]);
+        BOOST_TEST(says(late.errors[victim][2], "in the last step"));
+      }
+      for (const auto* run : {&add, &early, &late})
+        for (std::size_t r = 0; r < c.topo.ranks(); ++r)
+          if (r != victim)
+            for (const auto& e : run->errors[r])
+              BOOST_TEST(!e);
+    }
+  }
+  BOOST_TEST(seen_add > 0u);
+  BOOST_TEST(seen_shift > 0u);
 }

@@ -201,8 +201,10 @@ private:
       d.combine(nullptr); // raises this rank's routing error, the first cause, if it had one
       std::rethrow_exception(compute_error);
     }
-    d.combine(y);
+    std::exception_ptr earlier; // the previous step's received metadata, refused on the device
+    d.combine(y, &earlier);
     if (l.shape().shared_experts() > 0) add_shared(l, s, x, y);
+    if (earlier) std::rethrow_exception(earlier);
   }
 
   // The shared experts on this rank's own tokens, summed in fp32 with the routed part and rounded

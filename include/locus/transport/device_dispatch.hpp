@@ -111,8 +111,8 @@ public:
   //! @param map    where the experts live; its ranks are the transport's
   //! @param hidden row width in elements
   //! @param stream the stream every kernel and copy is issued on: the endpoint's
-  //! @throws locus::config_error when the map and the transport disagree, or `hidden` is zero or
-  //!         differs from a static Hidden
+  //! @throws locus::config_error when the map and the transport disagree, `hidden` is zero or
+  //!         differs from a static Hidden, or `stream` is not the endpoint's
   device_dispatcher(Exchanger& ex, expert_map map, std::size_t hidden, cudaStream_t stream)
       : ex_(&ex), map_(std::move(map)), hidden_(hidden), hx_(hidden), stream_(stream),
         // With one GPU per node there is no node stage: a hierarchical endpoint takes the flat path.
@@ -121,6 +121,9 @@ public:
     LOCUS_REQUIRE(map_.ranks() == ex.topology().ranks(), config_error, "device_dispatcher: the expert map has ",
                   map_.ranks(), " ranks but the transport has ", ex.topology().ranks());
     LOCUS_REQUIRE(hidden > 0, config_error, "device_dispatcher: zero hidden size");
+    // The transport waits on its own stream (synchronize()), which must be the one the step runs on.
+    LOCUS_REQUIRE(stream == ex.stream(), config_error,
+                  "device_dispatcher: the stream differs from the transport endpoint's; give both the same stream");
     const std::size_t S = map_.slots_per_rank();
     for (std::size_t s = 0; s < S; ++s)
       slot_expert_.push_back(map_.expert_at(ex.rank(), s));
@@ -169,7 +172,7 @@ public:
       layout_.assign(device_routing_view<TopK>(nullptr, nullptr, 0), map_, ex_->topology(), ex_->rank(), kind_, stream_,
                      {}, nullptr, wait);
     }
-    if (check_queued) take_check(); // every path above waited once
+    if (check_queued) take_check(" in the previous step"); // every path above waited once
     if (kind_ == transport_kind::hierarchical)
       dispatch_node(x);
     else
@@ -199,11 +202,15 @@ public:
   //! @throws locus::invalid_input_error the last dispatch's routing error, after the exchange
   //!         (`y` is then left as it was)
   //! @throws locus::transport_error when the last flat dispatch received counts that disagree
-  //!         (each peer's entries per slot against its entries), after the exchange (its rows went
-  //!         back as zeros); or when the dispatch before it received entry metadata its receive
-  //!         layout's device check refused (found on the device, so learnt at this step's count
-  //!         read; those rows went back as zeros then)
-  void combine(T* y) {
+  //!         (each peer's entries per slot against its entries, or entries for an empty slot),
+  //!         after the exchange (its rows went back as zeros); or, after `y` is written, when the
+  //!         dispatch before it received entry metadata its receive layout's device check refused
+  //!         (found on the device, so learnt at this step's count read; those rows went back as
+  //!         zeros then). With `earlier` given, that error is handed there instead, for a caller
+  //!         with more to write into `y` first (the layer's shared experts). With `y` null it
+  //!         waits for the next combine or finish(), so that a caller's own error raised after
+  //!         this call is not replaced by it.
+  void combine(T* y, std::exception_ptr* earlier = nullptr) {
     if (recv_bad_) {
       // Bad received metadata (this rank raises below): every received row goes back as zeros.
       const std::size_t n = rows_.offsets.back();
@@ -215,8 +222,14 @@ public:
     }
     const T* returned = kind_ == transport_kind::hierarchical ? combine_node() : combine_flat();
     if (pending_) std::rethrow_exception(std::exchange(pending_, nullptr));
-    if (deferred_) std::rethrow_exception(std::exchange(deferred_, nullptr));
-    if (y) transport::combine(layout_, returned, hx_, y, stream_);
+    if (!y) return;
+    transport::combine(layout_, returned, hx_, y, stream_);
+    // The previous step's: this step's rows and `y` are good.
+    if (!deferred_) return;
+    if (earlier)
+      *earlier = std::exchange(deferred_, nullptr);
+    else
+      std::rethrow_exception(std::exchange(deferred_, nullptr));
   }
 
   //! Waits for this rank's queued work (through the transport's synchronize(), so the NCCL
@@ -227,7 +240,7 @@ public:
   void finish() {
     const bool queued = queue_check_read();
     ex_->synchronize("finishing the step");
-    if (queued) take_check();
+    if (queued) take_check(" in the last step");
     if (deferred_) std::rethrow_exception(std::exchange(deferred_, nullptr));
   }
 
@@ -247,8 +260,8 @@ private:
   }
   // After a wait: the check word's error, kept until a combine or finish() raises it (an earlier
   // one not yet raised stays first).
-  void take_check() {
-    if (std::exception_ptr e = device_receive_layout::error_of(check_word_[0]); e && !deferred_) deferred_ = e;
+  void take_check(const char* when) {
+    if (std::exception_ptr e = device_receive_layout::error_of(check_word_[0], when); e && !deferred_) deferred_ = e;
   }
 
   // Flat: every row straight to its destination rank over the world group.
@@ -286,10 +299,16 @@ private:
       recv_rows += counts_.rows[s];
       recv_entries += counts_.entries[s];
     }
-    // The expert compute's segments: each local slot's entries summed over the senders. A sender
-    // whose per-slot counts do not add up to its entries sent counts this rank cannot use: it
-    // still receives and returns its rows (as zeros), so no peer waits, and raises after combine.
-    if (std::string why = detail::exchange::slot_offsets_from(counts_, S, expected_offsets_); !why.empty()) {
+    // The expert compute's segments: each local slot's entries summed over the senders. Counts
+    // that do not add up to a sender's entries, or that give an empty slot entries, cannot be
+    // used: this rank still receives and returns its rows (as zeros), so no peer waits, and
+    // raises after combine.
+    std::string why = detail::exchange::slot_offsets_from(counts_, S, expected_offsets_);
+    for (std::size_t s = 0; s < S && why.empty(); ++s)
+      if (slot_expert_[s] == empty_slot && expected_offsets_[s + 1] != expected_offsets_[s])
+        why = ::locus::detail::concat("was sent ", expected_offsets_[s + 1] - expected_offsets_[s],
+                                      " entries for its local slot ", s, ", which holds no expert");
+    if (!why.empty()) {
       recv_bad_ = true;
       if (!pending_)
         pending_ = std::make_exception_ptr(

@@ -110,7 +110,8 @@ public:
   //! bit in the word at flag() and every body after it does nothing, so bad metadata writes nothing
   //! out of bounds; the expert-input gather then skips and the weighted reduction writes zeros.
   //! The word stays on the device until the caller next waits for the stream (read it then;
-  //! error_of() words it).
+  //! error_of() words it). The caller waits for the stream between two builds (the announced
+  //! offsets travel through pinned memory that the next build rewrites).
   void build(std::span<const std::int32_t> expected_slot_offsets, const std::int32_t* row_entry_counts,
              std::size_t rows, const std::int32_t* entry_slot, const float* entry_weight, std::size_t entries,
              cudaStream_t stream = nullptr) {
@@ -134,7 +135,14 @@ public:
     at_.resize(slots * chunks + 1);
     slot_offsets_.resize(slots + 1);
     slot_offsets_host_.assign(expected_slot_offsets.begin(), expected_slot_offsets.end());
-    expected_.upload(std::span<const std::int32_t>(slot_offsets_host_), stream);
+    // Staged through pinned memory, so the copy queues instead of perhaps waiting on the stream
+    // (CUDA allows a pageable copy to); its previous copy ran before the stream was last waited
+    // for, which the caller does between builds (the dispatcher: its count read).
+    expected_host_.resize(slots + 1);
+    std::copy(slot_offsets_host_.begin(), slot_offsets_host_.end(), expected_host_.data());
+    expected_.resize(slots + 1);
+    LOCUS_CUDA_CHECK(cudaMemcpyAsync(expected_.data(), expected_host_.data(), (slots + 1) * sizeof(std::int32_t),
+                                     cudaMemcpyHostToDevice, stream));
     clear_flag(stream);
     std::int32_t* const flag = flag_.data();
     dp::receive_check_kernel<><<<detail::layout::blocks_for(entries), 256, 0, stream>>>(
@@ -159,12 +167,13 @@ public:
   //! metadata was good, else stage::bad_* bits; error_of() words it.
   const std::int32_t* flag() const noexcept { return flag_.data(); }
 
-  //! Null for a zero check word, else the locus::transport_error saying what the metadata broke.
-  static std::exception_ptr error_of(std::int32_t bits) {
+  //! Null for a zero check word, else the locus::transport_error saying what the metadata broke;
+  //! `when` (e.g. " in the previous step") is added after "metadata".
+  static std::exception_ptr error_of(std::int32_t bits, const char* when = "") {
     if (bits == 0) return nullptr;
     namespace st = detail::stage;
     return std::make_exception_ptr(transport_error(
-        std::string("device_receive_layout: bad received entry metadata:") +
+        std::string("device_receive_layout: bad received entry metadata") + when + ":" +
         (bits & st::bad_row_entries ? " a row without entries;" : "") +
         (bits & st::bad_entry_total ? " row entry counts that do not add up to the entries received;" : "") +
         (bits & st::bad_slot ? " an entry's slot outside this rank's slots;" : "") +
@@ -192,6 +201,7 @@ private:
   device_buffer<float> expert_weight_;
   device_buffer<std::int32_t> entry_row_, count_, at_, slot_offsets_, expected_; // build's scratch
   device_buffer<std::int32_t> flag_;                                             // the check word
+  pinned_buffer<std::int32_t> expected_host_; // build: the announced offsets on their way up
   std::vector<std::int32_t> slot_offsets_host_;
 };
 

@@ -152,10 +152,11 @@ public:
   //! known-count exchanges that follow (`exchange_device_known`), and `tail_width` more counts
   //! (`tail`, destination-major: the device dispatcher's entries per local slot of the receiver),
   //! with the checks of a header round (the exchange's name, widths, array sizes), so a step needs
-  //! one round for all of them. Every member must give the same tail width: the tails travel with
-  //! the headers, sized by the receiver's width, so a member whose width is larger than a peer's
-  //! waits for bytes that never come and the round times out (a smaller one is refused by the
-  //! headers' check on every member).
+  //! one round for all of them. Every member must give the same tail width (a precondition, not a
+  //! check): the tails travel in the headers' messages, sized by each member's own width, and NCCL
+  //! does not define sends and receives of different sizes; a wider receiver waits for bytes that
+  //! never come, so the round times out and the transport is unusable from then on. The device
+  //! dispatcher's width is the expert map's slots per rank, which every rank's map shares.
   //! @throws locus::transport_error on every member when the requests disagree
   //! @throws locus::timeout_error when the round does not finish within the timeout
   void exchange_device_counts(exchange_group group, std::size_t row_bytes, std::span<const std::size_t> counts,

@@ -531,8 +531,8 @@ LOCUS_HOST_DEVICE void slot_chunk_place(grid_index g, const std::int32_t* LOCUS_
 //! What the receive-layout bodies assume of received metadata, checked where it lies before they
 //! run (the host receive_layout refuses the same): every row has at least one entry, the rows'
 //! entry counts add up to `entries`, and every entry's slot lies in [0, slots). A violation sets
-//! its bit in `*flag` (zeroed beforehand), so the device build can read the verdict with the slot
-//! offsets it copies back anyway, and skip its other bodies instead of writing out of bounds.
+//! its bit in `*flag` (zeroed beforehand), so the device build skips its other bodies instead of
+//! writing out of bounds; the word stays on the device until its caller next waits.
 //! @{
 inline constexpr std::int32_t bad_row_entries = 1; //!< a row with no (or a negative count of) entries
 inline constexpr std::int32_t bad_entry_total = 2; //!< the rows' entry counts do not add up to `entries`
