@@ -7,6 +7,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <locus/core/atomic_file.hpp>
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
 #include <string>
@@ -51,6 +52,31 @@ inline std::string command_line(int argc, char** argv, const std::string& progra
   for (int i = 1; i < argc; ++i)
     c += std::string(" ") + argv[i];
   return c;
+}
+
+//! Checks that `path` (a results file) can be written, before the run: its folder exists and takes
+//! files, and it is not a folder. Nothing is written; the file is replaced whole at the end.
+inline void output_file(const std::string& path) {
+  locus::atomic_file probe(path); // never committed: its unnamed temporary goes when it does
+}
+
+//! Makes the results folder `dir` and checks that a file can be written in it, before the run: a
+//! folder that cannot be used is said at once, not after the minutes or hours of measuring (and not
+//! as std::filesystem's "cannot create directories").
+inline void output_folder(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) throw locus::io_error(dir + ": cannot be made the results folder: " + ec.message());
+  output_file((std::filesystem::path(dir) / ".results-probe").string());
+}
+
+//! What every results file records: the command as run, and the machine with the date.
+struct provenance {
+  std::string command, machine;
+};
+//! The command line (program named as `program`) and machine_line() of this run.
+inline provenance provenance_of(int argc, char** argv, const std::string& program) {
+  return {command_line(argc, argv, program), machine_line()};
 }
 
 } // namespace bench_args

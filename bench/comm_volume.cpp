@@ -179,11 +179,8 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
   app.add_option("--shift-slack", popt.refine.shift_slack, "Token-level stage: GPU load bound under a shifted mix");
   app.add_option("--shift-by", shift_by, "Token-level stage: what a shifted mix grows (node, request class, request)")
       ->check(CLI::IsMember({"node", "class", "request"}));
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e);
-  }
+  if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  bench_args::output_folder(o.out_dir);
   o.fit_on_test = fit_on_test == 1;
   o.balance_floor = balance_floor == 1;
   o.synthetic = synthetic == 1;
@@ -487,7 +484,6 @@ void write_outputs(const run_options& o, results& out, const std::string& summar
   out.doc["seconds"] = seconds;
   out.doc["command"] = command;
   out.doc["machine"] = machine;
-  std::filesystem::create_directories(o.out_dir);
   bench_output::file(o.out_dir + "/comm_volume.json") << out.doc.dump(1) << '\n';
   bench_output::file md(o.out_dir + "/comm_volume.md");
   md << "# Communication volume on ESFT (test split)\n\nProduced by `" << command << "` (trace " << o.trace_path
@@ -578,6 +574,6 @@ int main(int argc, char** argv) try {
                 command, machine);
   return 0;
 } catch (const std::exception& e) {
-  std::fprintf(stderr, "comm_volume: %s\n", e.what());
+  std::fprintf(stderr, "comm_volume: %s\n", tool_cli::error_text(e).c_str());
   return 1;
 }

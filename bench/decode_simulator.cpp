@@ -87,7 +87,9 @@ int main(int argc, char** argv) try {
   app.add_option("--requests", requests, "Requests in the synthetic trace")->check(tool_cli::positive);
   app.add_option("--decode-tokens", decode, "Decode tokens per request")->check(tool_cli::positive);
   app.add_option("--out", out_dir, "Folder for the results");
-  CLI11_PARSE(app, argc, argv);
+  if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  bench_args::output_folder(out_dir);
+  const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/decode_simulator");
   constexpr std::size_t prefill = 32, nodes = 8, gpus = 8;
 
   auto t0 = std::chrono::steady_clock::now();
@@ -132,7 +134,9 @@ int main(int argc, char** argv) try {
   const bool match = ref_copies == sim_copies;
 
   const double token_layers = static_cast<double>(sim.decode_tokens) * static_cast<double>(trace.layers());
-  nlohmann::json doc = {{"experts", 256},
+  nlohmann::json doc = {{"command", run.command},
+                        {"machine", run.machine},
+                        {"experts", 256},
                         {"top_k", 8},
                         {"layers", trace.layers()},
                         {"ranks", ranks},
@@ -146,7 +150,6 @@ int main(int argc, char** argv) try {
                         {"inter_node_copies", sim_copies},
                         {"baseline_inter_node_copies", ref_copies},
                         {"copies_match", match}};
-  std::filesystem::create_directories(out_dir);
   bench_output::file(out_dir + "/decode_simulator.json") << doc.dump(1) << '\n';
 
   std::printf("DeepSeek-V3 shape: 256 experts, top-8, %zu layers, %zux%zu ranks, %llu decode tokens, %zu steps\n",
@@ -160,6 +163,6 @@ int main(int argc, char** argv) try {
               static_cast<unsigned long long>(ref_copies), match ? "equal" : "MISMATCH");
   return match ? 0 : 1;
 } catch (const std::exception& e) {
-  std::fprintf(stderr, "decode_simulator: %s\n", e.what());
+  std::fprintf(stderr, "decode_simulator: %s\n", tool_cli::error_text(e).c_str());
   return 1;
 }

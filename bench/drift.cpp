@@ -117,7 +117,8 @@ int main(int argc, char** argv) try {
                  "budget, and EPLB the same way with no budget (0|1)")
       ->check(CLI::Range(0, 1));
   app.add_option("--deepseek", deepseek, "Time one re-plan at DeepSeek-V3 shape (0|1)")->check(CLI::Range(0, 1));
-  CLI11_PARSE(app, argc, argv);
+  if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  bench_args::output_folder(out_dir);
   const std::size_t adaptive_window = adaptive_window_opt.value_or(interval);
   const auto transport = cost::parse_transport_kind(transport_name);
   // Every policy's replicas are chosen by one rule (transport/replica_selection.hpp).
@@ -482,7 +483,6 @@ int main(int argc, char** argv) try {
 
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   doc["seconds"] = seconds;
-  std::filesystem::create_directories(out_dir);
   const auto write = [&](const std::string& name, const std::string& text) {
     bench_output::file(out_dir + "/" + name) << text;
   };
@@ -529,6 +529,6 @@ int main(int argc, char** argv) try {
   std::printf("%s", text.c_str());
   return 0;
 } catch (const std::exception& e) {
-  std::fprintf(stderr, "drift: %s\n", e.what());
+  std::fprintf(stderr, "drift: %s\n", tool_cli::error_text(e).c_str());
   return 1;
 }

@@ -51,7 +51,9 @@ int main(int argc, char** argv) try {
   int repeats = 5;
   app.add_option("--out", out_dir, "Folder for the results");
   app.add_option("--repeats", repeats, "Timed runs per planner (best kept)")->check(tool_cli::positive);
-  CLI11_PARSE(app, argc, argv);
+  if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  bench_args::output_folder(out_dir);
+  const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/eplb");
   const std::size_t layers = 58, experts = 256, nodes = 8, gpus = 8, slots_per_rank = 5, groups = 8;
 
   locus::placement::plan_input in;
@@ -81,7 +83,9 @@ int main(int argc, char** argv) try {
   const double lin_s = best_of([&] { lin = locus::placement::linear{}.plan(in); });
   const double hier_b = max_over_mean(hier, in), global_b = max_over_mean(global, in), lin_b = max_over_mean(lin, in);
 
-  const nlohmann::json doc = {{"layers", layers},
+  const nlohmann::json doc = {{"command", run.command},
+                              {"machine", run.machine},
+                              {"layers", layers},
                               {"experts", experts},
                               {"physical_slots", nodes * gpus * slots_per_rank},
                               {"nodes", nodes},
@@ -94,7 +98,6 @@ int main(int argc, char** argv) try {
                               {"eplb_hierarchical_max_over_mean", hier_b},
                               {"eplb_global_max_over_mean", global_b},
                               {"linear_max_over_mean", lin_b}};
-  std::filesystem::create_directories(out_dir);
   const std::string path = out_dir + "/eplb.json";
   bench_output::file(path) << doc.dump(1) << '\n';
 
@@ -108,6 +111,6 @@ int main(int argc, char** argv) try {
   std::printf("\nwrote %s\n", path.c_str());
   return 0;
 } catch (const std::exception& e) {
-  std::fprintf(stderr, "eplb: %s\n", e.what());
+  std::fprintf(stderr, "eplb: %s\n", tool_cli::error_text(e).c_str());
   return 1;
 }

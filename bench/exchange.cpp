@@ -237,6 +237,10 @@ int main(int argc, char** argv) {
     app.add_option("--json", o.json, "JSON results file");
     app.add_option("--markdown", o.markdown, "Markdown results file (none when empty)");
     if (const auto code = tool_cli::parse_or_finish(app, argc, argv, MPI_COMM_WORLD, "exchange")) return *code;
+    if (me == 0) { // the writer: a results file that cannot be written is said before the run
+      bench_args::output_file(o.json);
+      if (!o.markdown.empty()) bench_args::output_file(o.markdown);
+    }
     const std::string command =
         bench_args::command_line(argc, argv, "mpirun -np " + std::to_string(ranks) + " build/dev/bench/exchange");
     LOCUS_REQUIRE(ranks % o.gpus_per_node == 0, config_error, "exchange: ", ranks, " ranks are not a multiple of ",
@@ -423,7 +427,7 @@ int main(int argc, char** argv) {
       }
     }
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "rank %zu: %s\n", me, e.what());
+    std::fprintf(stderr, "rank %zu: %s\n", me, tool_cli::error_text(e).c_str());
     status = 1;
     MPI_Abort(MPI_COMM_WORLD, 1);
   }

@@ -97,7 +97,9 @@ int main(int argc, char** argv) try {
   app.add_option("--ffn", ffn, "Expert FFN size")->check(tool_cli::positive);
   app.add_option("--experts", experts, "Experts")->check(tool_cli::positive);
   app.add_option("--out", out_dir, "Folder for the results");
-  CLI11_PARSE(app, argc, argv);
+  if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  bench_args::output_folder(out_dir);
+  const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/expert_compute");
   const auto w32 = make_weights<float>(experts, hidden, ffn);
   const auto w16 = make_weights<bfloat16>(experts, hidden, ffn);
   nlohmann::json results = nlohmann::json::array();
@@ -199,11 +201,16 @@ int main(int argc, char** argv) try {
       }
     }
   }
-  const nlohmann::json doc{
-      {"benchmark", "expert_compute"}, {"hidden", hidden}, {"ffn", ffn}, {"experts", experts}, {"rows", results}};
+  const nlohmann::json doc{{"benchmark", "expert_compute"},
+                           {"command", run.command},
+                           {"machine", run.machine},
+                           {"hidden", hidden},
+                           {"ffn", ffn},
+                           {"experts", experts},
+                           {"rows", results}};
   bench_output::file(out_dir + "/expert_compute.json") << doc.dump(2) << "\n";
   return 0;
 } catch (const std::exception& e) {
-  std::fprintf(stderr, "%s\n", e.what());
+  std::fprintf(stderr, "%s\n", tool_cli::error_text(e).c_str());
   return 1;
 }

@@ -62,7 +62,7 @@ int main(int argc, char** argv) try {
   app.add_option("--tokens", tokens, "Tokens per rank")->check(tool_cli::positive);
   app.add_option("--reps", reps, "Timed repetitions per measure (best kept)")->check(tool_cli::positive);
   app.add_option("--json", json_path, "JSON results file");
-  CLI11_PARSE(app, argc, argv);
+  if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   int device = 0;
   LOCUS_CUDA_CHECK(cudaGetDevice(&device));
   cudaDeviceProp prop{};
@@ -184,7 +184,7 @@ int main(int argc, char** argv) try {
       std::rethrow_exception(errors[r]);
     } catch (const timeout_error&) {
     } catch (const std::exception& e) {
-      std::fprintf(stderr, "gpu_dispatch: rank %zu: %s\n", r, e.what());
+      std::fprintf(stderr, "gpu_dispatch: rank %zu: %s\n", r, tool_cli::error_text(e).c_str());
     }
   }
   if (first) std::rethrow_exception(first);
@@ -265,6 +265,6 @@ int main(int argc, char** argv) try {
     cudaStreamDestroy(s.stream);
   return 0;
 } catch (const std::exception& e) {
-  std::fprintf(stderr, "gpu_dispatch: %s\n", e.what());
+  std::fprintf(stderr, "gpu_dispatch: %s\n", tool_cli::error_text(e).c_str());
   return 1;
 }

@@ -177,7 +177,7 @@ int main(int argc, char** argv) try {
       ->check(tool_cli::positive);
   app.add_option("--reps", reps, "Timed repetitions per kernel (best kept)")->check(tool_cli::positive);
   app.add_option("--json", json_path, "JSON results file");
-  CLI11_PARSE(app, argc, argv);
+  if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   int device = 0;
   LOCUS_CUDA_CHECK(cudaGetDevice(&device));
   cudaDeviceProp prop{};
@@ -285,6 +285,6 @@ int main(int argc, char** argv) try {
   std::printf("| all five | %.2f | %.2f | %.3f |\n", sum_s, sum_d, sum_s / sum_d);
   return 0;
 } catch (const std::exception& e) {
-  std::fprintf(stderr, "gpu_permute: %s\n", e.what());
+  std::fprintf(stderr, "gpu_permute: %s\n", tool_cli::error_text(e).c_str());
   return 1;
 }

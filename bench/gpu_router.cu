@@ -98,7 +98,7 @@ int main(int argc, char** argv) try {
   CLI::App app{"Router kernels against the memory-bandwidth floor, warp per token beside thread per token"};
   tool_cli::show_defaults(app);
   app.add_option("--json", json_path, "JSON results file");
-  CLI11_PARSE(app, argc, argv);
+  if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   cudaDeviceProp prop{};
   LOCUS_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   const double bw = copy_bandwidth();
@@ -149,6 +149,6 @@ int main(int argc, char** argv) try {
   std::printf("\nJSON in %s\n", json_path.c_str());
   return 0;
 } catch (const std::exception& e) {
-  std::fprintf(stderr, "gpu_router: %s\n", e.what());
+  std::fprintf(stderr, "gpu_router: %s\n", tool_cli::error_text(e).c_str());
   return 1;
 }

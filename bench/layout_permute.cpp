@@ -108,7 +108,9 @@ int main(int argc, char** argv) try {
   app.add_option("--reps", reps, "Timed runs per row (best kept)")->check(tool_cli::positive);
   app.add_option("--threads", threads, "Host threads (0: all)");
   app.add_option("--out", out_dir, "Folder for the results");
-  CLI11_PARSE(app, argc, argv);
+  if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  bench_args::output_folder(out_dir);
+  const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/layout_permute");
   const std::size_t src = 0;
 
   std::mt19937 rng(2024);
@@ -168,6 +170,8 @@ int main(int argc, char** argv) try {
                 {"gpus_per_node", gpus_n},
                 {"slots_per_rank", slots_n},
                 {"redundant_experts", 32}};
+  j["command"] = run.command;
+  j["machine"] = run.machine;
   j["tokens"] = tokens;
   j["permute_tokens"] = ptokens;
   j["threads"] = threads;
@@ -181,7 +185,6 @@ int main(int argc, char** argv) try {
                   {"baseline_tokens_per_s", base_permute_tps},
                   {"speedup", permute_tps / base_permute_tps},
                   {"send_gb_per_s", permute_gbs}};
-  std::filesystem::create_directories(out_dir);
   bench_output::file((std::filesystem::path(out_dir) / "layout_permute.json").string()) << j.dump(2) << "\n";
 
   char buf[2048];
@@ -206,10 +209,10 @@ int main(int argc, char** argv) try {
         "grown by appending each row (its cost is mostly reallocation and first-touch page faults), then "
         "concatenated.\n\n"
      << buf << "\nSpecialised permute writes " << permute_gbs << " GB/s of send buffer.\n\n"
-     << "Command: `build/dev/bench/layout_permute --threads " << threads << " --out bench/results`\n";
+     << "Command: `" << run.command << "`\n\nMachine: " << run.machine << ".\n";
   std::printf("layout_permute: %zu tokens, %zu rows, %u thread(s)\n%s", tokens, l.rows(), threads, buf);
   return 0;
 } catch (const std::exception& e) {
-  std::fprintf(stderr, "layout_permute: %s\n", e.what());
+  std::fprintf(stderr, "layout_permute: %s\n", tool_cli::error_text(e).c_str());
   return 1;
 }

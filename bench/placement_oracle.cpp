@@ -244,7 +244,9 @@ int main(int argc, char** argv) try {
   app.add_option("--slacks", slacks, "GPU load bounds over the mean")->delimiter(',');
   app.add_option("--redundant", redundants, "Redundant slots per GPU")->delimiter(',');
   app.add_option("--home-caps", caps, "Node token bounds over the mean (-1: none; --homes free)")->delimiter(',');
-  CLI11_PARSE(app, argc, argv);
+  if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  bench_args::output_folder(out_dir);
+  const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/placement_oracle");
   if (!std::filesystem::exists(trace_path)) {
     std::printf("placement_oracle: trace %s not found; skipped\n", trace_path.c_str());
     return 0;
@@ -278,20 +280,18 @@ int main(int argc, char** argv) try {
   flat.count(locus::placement::copy_count::flat);
   const double baseline = locus::placement::sample_copy_cost(linear, baseline_tokens, topo, flat);
 
-  nlohmann::json doc = {{"trace", trace_path},
+  nlohmann::json doc = {{"command", run.command},
+                        {"machine", run.machine},
+                        {"trace", trace_path},
                         {"topology", std::to_string(nodes) + "x" + std::to_string(gpus)},
                         {"split_seed", seed},
                         {"anneal_per_expert", anneal},
                         {"baseline_flat_copies", baseline},
                         {"rows", nlohmann::json::array()}};
-  // The command line as run, for the results' first line.
-  std::string command = "build/dev/bench/placement_oracle";
-  for (int i = 1; i < argc; ++i)
-    command += std::string(" ") + argv[i];
+  const std::string command = run.command;
   const auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
   // DIR/name.json (the rows) and DIR/name.md (`text`).
   const auto write = [&](const std::string& name, const std::string& text) {
-    std::filesystem::create_directories(out_dir);
     bench_output::file(out_dir + "/" + name + ".json") << doc.dump(1) << '\n';
     bench_output::file(out_dir + "/" + name + ".md") << text;
     std::printf("wrote %s/%s.{json,md} in %.0f s\n", out_dir.c_str(), name.c_str(), elapsed());
@@ -371,7 +371,7 @@ int main(int argc, char** argv) try {
     const double secs = elapsed();
     std::ostringstream text;
     text << "# How low can copies go if requests may sit anywhere? (upper-bound experiment, issue 5)\n\nProduced by `"
-         << command << "` in " << static_cast<int>(secs) << " s on " << nodes << "x" << gpus
+         << command << "` (" << run.machine << ") in " << static_cast<int>(secs) << " s on " << nodes << "x" << gpus
          << ", ESFT test split (seed " << seed << "), prefill = first " << prefill
          << " tokens. Not a planner: every row fits and scores on the test split's decode tokens. Round 0 puts each "
             "request on its true domain's node, as placement_oracle.md does (rows without a node token bound), or "
@@ -413,10 +413,10 @@ int main(int argc, char** argv) try {
         }
   const double secs = elapsed();
   std::ostringstream text;
-  text << "# How low can copies go? (upper-bound experiment, issue 5)\n\nProduced by `" << command << "` in "
-       << static_cast<int>(secs) << " s on " << nodes << "x" << gpus << ", ESFT test split (seed " << seed
-       << "), prefill = first " << prefill << " tokens. Not a planner: locus's token-level stage (sweeps, then "
-       << anneal
+  text << "# How low can copies go? (upper-bound experiment, issue 5)\n\nProduced by `" << command << "` ("
+       << run.machine << ") in " << static_cast<int>(secs) << " s on " << nodes << "x" << gpus
+       << ", ESFT test split (seed " << seed << "), prefill = first " << prefill
+       << " tokens. Not a planner: locus's token-level stage (sweeps, then " << anneal
        << " annealing proposals per expert) places each layer's experts starting from the linear map (with replicas: "
           "then fills the spare slots with the copies that save the most, and refines again), for the decode tokens of "
           "the split named in the first column, every request on a node chosen "
@@ -428,6 +428,6 @@ int main(int argc, char** argv) try {
   write("placement_oracle", text.str());
   return 0;
 } catch (const std::exception& e) {
-  std::fprintf(stderr, "placement_oracle: %s\n", e.what());
+  std::fprintf(stderr, "placement_oracle: %s\n", tool_cli::error_text(e).c_str());
   return 1;
 }

@@ -218,7 +218,9 @@ int main(int argc, char** argv) try {
   app.add_option("--out", out_dir, "Folder for the results");
   app.add_option("--tokens", tokens, "Decode tokens of the synthetic trace")->check(tool_cli::positive);
   app.add_option("--anneal", anneal, "Annealing proposals per expert in the timed annealing run");
-  CLI11_PARSE(app, argc, argv);
+  if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  bench_args::output_folder(out_dir);
+  const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/planning");
   constexpr std::size_t experts = v3::experts, k = v3::k, layers = v3::layers, clusters = v3::clusters,
                         kinds = v3::kinds;
   const locus::dynamic_topology topo(8, 8);
@@ -237,7 +239,9 @@ int main(int argc, char** argv) try {
   const double cost_ratio = p.cost_before > 0 ? p.cost_after / p.cost_before : 1.0;
   const double annealed_ratio = p.cost_before > 0 ? p.cost_annealed / p.cost_before : 1.0;
 
-  nlohmann::json doc = {{"shape", {{"experts", experts}, {"top_k", k}, {"layers", layers}, {"clusters", clusters}}},
+  nlohmann::json doc = {{"command", run.command},
+                        {"machine", run.machine},
+                        {"shape", {{"experts", experts}, {"top_k", k}, {"layers", layers}, {"clusters", clusters}}},
                         {"topology", "8x8"},
                         {"train_tokens", train.tokens()},
                         {"train_requests", train.requests()},
@@ -265,7 +269,6 @@ int main(int argc, char** argv) try {
                         {"replan_local_after", re.local_after},
                         {"replan_s", replan_s},
                         {"sink", at.sink}};
-  std::filesystem::create_directories(out_dir);
   bench_output::file(out_dir + "/planning.json") << doc.dump(1) << '\n';
 
   std::printf("Times are CPU time of one thread.\n");
@@ -296,6 +299,6 @@ int main(int argc, char** argv) try {
   std::printf("\nwrote %s/planning.json\n", out_dir.c_str());
   return 0;
 } catch (const std::exception& e) {
-  std::fprintf(stderr, "planning: %s\n", e.what());
+  std::fprintf(stderr, "planning: %s\n", tool_cli::error_text(e).c_str());
   return 1;
 }

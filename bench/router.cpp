@@ -246,14 +246,17 @@ int main(int argc, char** argv) try {
   app.add_option("--min-seconds", min_seconds, "Shortest timed run per row")->check(tool_cli::positive);
   app.add_option("--json", json_path, "JSON results file");
   app.add_option("--md", md_path, "Markdown table file (none when empty)");
-  CLI11_PARSE(app, argc, argv);
+  if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  bench_args::output_file(json_path);
+  if (!md_path.empty()) bench_args::output_file(md_path);
+  const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/router");
 
   auto results = run_all<float>(tokens, min_seconds, "fp32");
   for (auto& r : run_all<bfloat16>(tokens, min_seconds, "bf16"))
     results.push_back(r);
 
-  nlohmann::json doc = {
-      {"tokens", tokens}, {"threads", 1}, {"min_seconds", min_seconds}, {"rows", nlohmann::json::array()}};
+  nlohmann::json doc = {{"command", run.command}, {"machine", run.machine},     {"tokens", tokens},
+                        {"threads", 1},           {"min_seconds", min_seconds}, {"rows", nlohmann::json::array()}};
   std::string md =
       "| router (one core, CPU time) | specialised tokens/s | baseline (full sort) tokens/s | speed-up | same ids |\n"
       "|---|---|---|---|---|\n";
@@ -277,12 +280,13 @@ int main(int argc, char** argv) try {
   }
   doc["min_speedup"] = worst;
   bench_output::file(json_path) << doc.dump(2) << '\n';
-  if (!md_path.empty()) bench_output::file(md_path) << md;
+  if (!md_path.empty())
+    bench_output::file(md_path) << "Produced by `" << run.command << "` on " << run.machine << ".\n\n" << md;
   md += "\n\\* rows the >= 3x target applies to (DeepSeek-V3 shape, softmax top-8 of 128)\n";
   std::printf("%s\nminimum speed-up on the * rows %.1fx (target >= 3x); JSON in %s\n", md.c_str(), worst,
               json_path.c_str());
   return 0;
 } catch (const std::exception& e) {
-  std::fprintf(stderr, "router: %s\n", e.what());
+  std::fprintf(stderr, "router: %s\n", tool_cli::error_text(e).c_str());
   return 1;
 }

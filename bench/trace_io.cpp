@@ -15,7 +15,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -25,10 +27,27 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
+#include <sys/statvfs.h>
 #include <unistd.h>
 #include <vector>
 
 namespace {
+
+// The temporary files (a gigabyte each at the default --gb) are removed by destructors, which a
+// signal does not run: a Ctrl-C, SIGTERM or SIGHUP removes them here, then ends the run as it would.
+char temporary_paths[3][4096];
+void remove_temporaries(int sig) {
+  for (const auto& p : temporary_paths)
+    if (p[0]) ::unlink(p);
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+}
+void remove_on_signal(std::size_t slot, const std::string& path) {
+  if (path.size() >= sizeof temporary_paths[slot]) return;
+  std::memcpy(temporary_paths[slot], path.c_str(), path.size() + 1);
+  for (const int sig : {SIGINT, SIGTERM, SIGHUP})
+    std::signal(sig, remove_temporaries);
+}
 namespace fs = std::filesystem;
 using clock_type = std::chrono::steady_clock;
 
@@ -236,7 +255,16 @@ int main(int argc, char** argv) try {
   app.add_option("--gb", gb, "Size of the synthetic binary trace in GB")->check(tool_cli::positive);
   app.add_option("--tmp", tmp_dir, "Folder for the temporary trace files");
   app.add_option("--out", out_dir, "Folder for the results");
-  CLI11_PARSE(app, argc, argv);
+  if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  bench_args::output_folder(out_dir);
+  const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/trace_io");
+  // The trace and its read-back sit in memory together; the file and the baseline's copy on --tmp.
+  tool_cli::require_memory(2 * gb * 1e9, "trace_io: --gb " + std::to_string(gb) + " (the trace and its read-back)");
+  if (struct statvfs fs_info{};
+      ::statvfs(tmp_dir.c_str(), &fs_info) == 0 &&
+      static_cast<double>(fs_info.f_bavail) * static_cast<double>(fs_info.f_frsize) < 2.1 * gb * 1e9)
+    throw locus::io_error(tmp_dir + ": too little free space for --gb " + std::to_string(gb) +
+                          " (the binary trace and the baseline's copy: about " + std::to_string(2.1 * gb) + " GB)");
   nlohmann::json doc = {{"bench", "trace_io"}, {"esft", esft}, {"rows", nlohmann::json::array()}};
   struct row {
     std::string what, unit;
@@ -280,6 +308,7 @@ int main(int argc, char** argv) try {
         fs::remove(p, ec);
       }
     } cleanup{jpath};
+    remove_on_signal(2, jpath);
     const std::size_t records = write_jsonl(jsonl_source, jpath);
     const double jgb = static_cast<double>(fs::file_size(jpath)) / 1e9;
     locus::trace::trace imported;
@@ -315,8 +344,11 @@ int main(int argc, char** argv) try {
     ~remover() {
       std::error_code ec;
       fs::remove(p, ec);
+      fs::remove(p + ".baseline", ec);
     }
   } cleanup{path};
+  remove_on_signal(0, path);
+  remove_on_signal(1, path + ".baseline");
   const timing write_s = best_of(2, [&] { locus::trace::write_trace(t, path); });
   const double size_gb = static_cast<double>(fs::file_size(path)) / 1e9;
   locus::trace::trace back;
@@ -329,6 +361,9 @@ int main(int argc, char** argv) try {
   // Baseline writer: std::ofstream one value at a time, same layout (no checksum).
   const timing base_write_s = best_of(1, [&] {
     std::ofstream out(path + ".baseline", std::ios::binary);
+    const auto check = [&] {
+      if (!out) throw locus::io_error(path + ".baseline: the baseline could not write it (disk full?)");
+    };
     char header[80] = {};
     out.write(header, 80);
     for (std::size_t l = 0; l < layers; ++l) {
@@ -337,7 +372,10 @@ int main(int argc, char** argv) try {
         out.write(reinterpret_cast<const char*>(v.ids() + i), 2);
       for (std::size_t i = 0; i < v.tokens() * 8; ++i)
         out.write(reinterpret_cast<const char*>(v.weights() + i), 4);
+      check();
     }
+    out.close();
+    check();
   });
   fs::remove(path + ".baseline");
   std::fprintf(stderr, "binary: %.3f GB; write %.3f s (baseline %.3f s), read %.3f s (baseline %.3f s) wall [%llu]\n",
@@ -380,6 +418,8 @@ int main(int argc, char** argv) try {
                            {"met_wall", met(r.locus.wall)},
                            {"met_cpu", met(r.locus.cpu)}});
   }
+  doc["command"] = run.command;
+  doc["machine"] = run.machine;
   doc["binary_gb"] = size_gb;
   doc["synthetic_tokens"] = tokens;
   doc["synthetic_layers"] = layers;
@@ -388,11 +428,11 @@ int main(int argc, char** argv) try {
   if (std::ifstream la("/proc/loadavg"); la) la >> load;
   doc["load_average_1min"] = load;
   doc["cores"] = ::sysconf(_SC_NPROCESSORS_ONLN);
-  fs::create_directories(out_dir);
   bench_output::file(out_dir + "/trace_io.json") << doc.dump(1) << '\n';
   bench_output::file(out_dir + "/trace_io.md")
-      << "# Trace I/O throughput\n\nProduced by `build/dev/bench/trace_io --out bench/results` (Release, one "
-         "core). The machine is shared and oversubscribed, so both the wall clock and the CPU time (user + system of "
+      << "# Trace I/O throughput\n\nProduced by `" << run.command << "` on " << run.machine
+      << " (Release, one core). The machine is shared and oversubscribed, so both the wall clock and the CPU time "
+         "(user + system of "
          "the "
          "process) are given; each locus figure is the best of 2-3 runs, each baseline one run. Baselines, "
          "measured in the same run: ESFT — a `std::ifstream` + `getline` + `operator>>` parser; route JSONL (written "
@@ -412,6 +452,6 @@ int main(int argc, char** argv) try {
   std::printf("\nwrote %s/trace_io.{json,md}\n", out_dir.c_str());
   return 0;
 } catch (const std::exception& e) {
-  std::fprintf(stderr, "trace_io: %s\n", e.what());
+  std::fprintf(stderr, "trace_io: %s\n", tool_cli::error_text(e).c_str());
   return 1;
 }

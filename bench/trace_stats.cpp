@@ -155,7 +155,9 @@ int main(int argc, char** argv) try {
   app.add_option("--md", md_path, "Markdown report file (none when empty)");
   app.add_option("--repeats", repeats, "Timed runs per row (best kept)")->check(tool_cli::positive);
   app.add_option("--tokens", v3_tokens, "Tokens of the synthetic DeepSeek-V3 trace")->check(tool_cli::positive);
-  CLI11_PARSE(app, argc, argv);
+  if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  bench_args::output_folder(out_dir);
+  const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/trace_stats");
   if (!std::filesystem::exists(trace_path)) {
     std::printf("trace_stats: trace %s not found; skipped\n", trace_path.c_str());
     return 0;
@@ -205,6 +207,8 @@ int main(int argc, char** argv) try {
   const double naive_rate = static_cast<double>(naive_tokens) / t_naive;
 
   nlohmann::json j;
+  j["command"] = run.command;
+  j["machine"] = run.machine;
   j["trace"] = trace_path;
   j["requests"] = t.requests();
   j["tokens"] = t.tokens();
@@ -220,7 +224,6 @@ int main(int argc, char** argv) try {
   j["naive_sampler_tokens_per_second"] = naive_rate;
   j["sampler_speedup"] = synth_rate / naive_rate;
   j["threads"] = locus::default_host_threads();
-  std::filesystem::create_directories(out_dir);
   bench_output::file((std::filesystem::path(out_dir) / "trace_stats.json").string()) << j.dump(2) << "\n";
 
   char table[2048];
@@ -239,9 +242,7 @@ int main(int argc, char** argv) try {
   if (!md_path.empty()) {
     bench_output::file md(md_path);
     md << "# Trace statistics and synthesizer speed\n\n"
-       << "Produced by `build/dev/bench/trace_stats --trace ../shared/traces/esft --out build/dev/bench --md "
-          "bench/results/trace_stats.md` (RelWithDebInfo, "
-       << locus::default_host_threads()
+       << "Produced by `" << run.command << "` on " << run.machine << " (" << locus::default_host_threads()
        << " hardware threads; the development machine is shared, so times are upper bounds). The baseline "
           "statistics are checked equal to the library's before timing is reported.\n\n"
        << table << "\nTarget: statistics over ESFT under 0.5 s (" << (t_stats < 0.5 ? "met" : "NOT met") << ").\n";
@@ -249,6 +250,6 @@ int main(int argc, char** argv) try {
   std::printf("\n%s", table);
   return 0;
 } catch (const std::exception& e) {
-  std::fprintf(stderr, "trace_stats: %s\n", e.what());
+  std::fprintf(stderr, "trace_stats: %s\n", tool_cli::error_text(e).c_str());
   return 1;
 }

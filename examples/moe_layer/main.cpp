@@ -28,6 +28,9 @@ namespace {
 
 using tool_cli::positive;
 
+// Ranks run as threads of this process; a topology beyond this is a mistake, not a workload.
+constexpr std::size_t max_ranks = 1024;
+
 struct options {
   std::size_t nodes = 2, gpus = 2, experts = 16, k = 4, hidden = 128, ffn = 256, tokens = 32, steps = 8;
 };
@@ -129,9 +132,23 @@ int main(int argc, char** argv) try {
   app.add_option("--top-k", o.k, "Experts per token")->check(positive);
   app.add_option("--hidden", o.hidden, "Hidden size")->check(positive);
   app.add_option("--ffn", o.ffn, "Expert FFN size")->check(positive);
-  app.add_option("--tokens", o.tokens, "Tokens per rank per step");
+  app.add_option("--tokens", o.tokens, "Tokens per rank per step (0: none)");
   app.add_option("--steps", o.steps, "Steps")->check(positive);
-  CLI11_PARSE(app, argc, argv);
+  if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  // Each rank is a thread; and the sizes are checked before anything is allocated. Weights: the
+  // routed experts and the shared one, gate + up + down each; the router; per rank and step the
+  // input, output and the k rows of each token dispatched, computed and combined.
+  const double ranks = static_cast<double>(o.nodes) * static_cast<double>(o.gpus);
+  if (ranks > max_ranks) {
+    std::fprintf(stderr, "moe_layer: --nodes x --gpus-per-node = %.0f ranks; at most %zu run as threads here\n", ranks,
+                 max_ranks);
+    return 2;
+  }
+  const double h = static_cast<double>(o.hidden), k = static_cast<double>(o.k);
+  tool_cli::require_memory(4.0 * (3.0 * h * static_cast<double>(o.ffn) * (static_cast<double>(o.experts) + 1) +
+                                  h * static_cast<double>(o.experts) +
+                                  ranks * static_cast<double>(o.tokens) * h * (2.0 + 3.0 * k)),
+                           "moe_layer: these sizes (weights, router and per-rank buffers)");
   std::printf("moe_layer: %zu nodes x %zu GPUs, %zu experts, top-%zu, hidden %zu, ffn %zu, %zu tokens/rank, "
               "%zu steps\n",
               o.nodes, o.gpus, o.experts, o.k, o.hidden, o.ffn, o.tokens, o.steps);
@@ -150,6 +167,6 @@ int main(int argc, char** argv) try {
   std::printf("\nmax |flat - hierarchical| over all outputs: %.3g\n", diff);
   return diff < 1e-4 ? 0 : 1;
 } catch (const std::exception& e) {
-  std::fprintf(stderr, "%s\n", e.what());
+  std::fprintf(stderr, "%s\n", tool_cli::error_text(e).c_str());
   return 2;
 }

@@ -45,6 +45,8 @@ namespace {
 
 using tool_cli::positive;
 
+constexpr std::size_t max_timeout_ms = 86'400'000;
+
 struct options {
   std::size_t gpus_per_node = 2, steps = 16, hidden = 256, layer = 0, requests_per_rank = 32, timeout_ms = 30000;
   std::size_t stop_rank = SIZE_MAX;
@@ -208,10 +210,20 @@ int main(int argc, char** argv) {
     app.add_option("--stop-rank", o.stop_rank, "Fault drill: this rank stops itself before the second step")
         ->default_str("none");
     if (const auto code = tool_cli::parse_or_finish(app, argc, argv, MPI_COMM_WORLD, "mpi_decode")) return *code;
+    // A deadline beyond a day is a mistake (and past 2^63 ms it would wrap to one already passed).
+    LOCUS_REQUIRE(o.timeout_ms <= max_timeout_ms, config_error, "mpi_decode: --timeout-ms ", o.timeout_ms,
+                  " is more than a day (", max_timeout_ms, " ms)");
     check_same_options(o, ranks);
     LOCUS_REQUIRE(ranks % o.gpus_per_node == 0, config_error, "mpi_decode: ", ranks,
                   " ranks are not a multiple of --gpus-per-node ", o.gpus_per_node);
     const dynamic_topology topo(ranks / o.gpus_per_node, o.gpus_per_node);
+    // Every rank builds every rank's routings (ids and weights, 8 bytes per choice of 8) of the
+    // synthetic workload, and per step its own input and output rows.
+    const double per_step = static_cast<double>(ranks) * static_cast<double>(o.requests_per_rank);
+    if (o.trace.empty())
+      tool_cli::require_memory(static_cast<double>(o.steps) * per_step * 64.0 +
+                                   8.0 * static_cast<double>(o.requests_per_rank) * static_cast<double>(o.hidden),
+                               "mpi_decode: --steps x ranks x --requests-per-rank and --hidden");
     const workload w = o.trace.empty() ? synthetic(o, topo) : from_trace(o, topo);
 
     // Placement input: expert load per node over the workload (what the offline planner sees).
@@ -316,7 +328,7 @@ int main(int argc, char** argv) {
     status = 1;
   } catch (const std::exception& e) {
     // A rank that stopped or left would block MPI_Finalize: end the job.
-    std::fprintf(stderr, "rank %zu: %s\n", me, e.what());
+    std::fprintf(stderr, "rank %zu: %s\n", me, tool_cli::error_text(e).c_str());
     std::fflush(stderr);
     MPI_Abort(MPI_COMM_WORLD, 1);
   }

@@ -187,7 +187,7 @@ int main(int argc, char** argv) {
     LOCUS_CUDA_CHECK(cudaStreamDestroy(stream));
     ncclCommDestroy(comm);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "rank %zu: %s\n", me, e.what());
+    std::fprintf(stderr, "rank %zu: %s\n", me, tool_cli::error_text(e).c_str());
     status = 1;
     MPI_Abort(MPI_COMM_WORLD, 1);
   }

@@ -4,6 +4,22 @@ set -euo pipefail
 LOCUS_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 LOCUS_JOBS=${LOCUS_JOBS:-$(nproc)}
 
+# The calling script's usage: its leading comment block, without the "# ".
+locus_usage() {
+  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
+}
+
+# For a script that takes no arguments: answers -h/--help with its usage (exit 0) and refuses any
+# argument (exit 2), before it installs, builds, deletes or rewrites anything.
+locus_no_arguments() {
+  [ $# -eq 0 ] && return 0
+  case "$1" in
+    -h | --help) locus_usage; exit 0 ;;
+  esac
+  echo "$(basename "$0"): unexpected argument \"$1\"; it takes none (see --help)" >&2
+  exit 2
+}
+
 # Debian packages the project builds and tests with.
 LOCUS_DEBIAN_PACKAGES=(cmake g++ make libboost-test-dev libopenmpi-dev openmpi-bin nlohmann-json3-dev libcli11-dev
   libbenchmark-dev python3 python3-dev python3-venv python3-matplotlib clang-14 libclang-rt-14-dev clang-format-14 ccache)

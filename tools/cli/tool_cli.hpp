@@ -6,13 +6,68 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cmath>
+#include <exception>
+#include <filesystem>
+#include <locus/core/error.hpp>
+#include <new>
+#include <optional>
+#include <stdexcept>
 #include <string>
+#include <unistd.h>
 
 namespace tool_cli {
 
-// Every option of `app` shows its default in --help. CLI11 already refuses unknown options and
-// values that do not parse.
-inline void show_defaults(CLI::App& app) { app.option_defaults()->always_capture_default(); }
+// Whole numbers as people write them: decimal digits (with a sign where the option takes one),
+// leading zeros ignored. CLI11 2.1 reads them with strtoull/strtoll in base 0, so "010" was 8 (octal)
+// while the other checks read 10, "0x10" was 16, "-1" wrapped to 2^64 - 1 and a value beyond the type
+// was clamped to its largest, all without a word. Validators run before the conversion and may
+// rewrite the value, so "010" reaches it as "10".
+inline std::string whole_number(std::string& value, bool sign) {
+  const bool signed_value = sign && !value.empty() && (value[0] == '-' || value[0] == '+');
+  const bool negative = signed_value && value[0] == '-';
+  std::string digits = signed_value ? value.substr(1) : value;
+  if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos)
+    return "\"" + value + "\" is not a whole number" + (sign ? "" : " >= 0") + " (decimal digits only)";
+  digits.erase(0, std::min(digits.find_first_not_of('0'), digits.size() - 1));
+  const std::string largest = !sign ? "18446744073709551615" : negative ? "9223372036854775808" : "9223372036854775807";
+  if (digits.size() > largest.size() || (digits.size() == largest.size() && digits > largest))
+    return value + " is out of range (" + (sign ? "-2^63 to 2^63 - 1" : "at most 2^64 - 1") + ")";
+  value = (negative ? "-" : "") + digits;
+  return {};
+}
+
+// Adds the whole-number rule to every option (of `app` and its subcommands) whose type is an
+// integer; no text in --help.
+inline void check_whole_numbers(CLI::App& app) {
+  for (CLI::Option* opt : app.get_options()) {
+    const std::string type = opt->get_type_name();
+    const std::string base = type.substr(0, type.find(':'));
+    if (base == "UINT" || base == "INT")
+      opt->check(CLI::Validator([sign = base == "INT"](std::string& v) { return whole_number(v, sign); }, ""));
+  }
+  for (CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; }))
+    check_whole_numbers(*sub);
+}
+
+// Every option of `app` shows its default in --help, and every integer option reads whole numbers
+// in decimal (check_whole_numbers, applied when parsing starts, once the options exist). CLI11
+// already refuses unknown options and values that do not parse.
+inline void show_defaults(CLI::App& app) {
+  app.option_defaults()->always_capture_default();
+  app.preparse_callback([&app](std::size_t) { check_whole_numbers(app); });
+}
+
+// Parses the command line: nullopt to carry on, else the status for main to return: 0 after --help,
+// 2 for a command line that is wrong (CLI11's message on stderr), as the driver answers; CLI11's own
+// codes (105 for a refused value, 109 for an unknown option) mean nothing to a shell script.
+[[nodiscard]] inline std::optional<int> parse(CLI::App& app, int argc, char** argv) {
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+  return std::nullopt;
+}
 
 // A finite number above zero.
 inline const CLI::Validator positive{[](std::string& value) -> std::string {
@@ -55,6 +110,33 @@ inline std::string number_beyond_64_bits(int argc, char** argv) {
     if (digits.size() > 20 || (digits.size() == 20 && digits > "18446744073709551615")) return v;
   }
   return {};
+}
+
+// Refuses a run whose buffers (`bytes`, as the program works them out from its options) exceed this
+// machine's memory, naming `what` asked for them: such a run would otherwise be killed part-way, or
+// swap for hours, instead of saying so. In double precision, so that no product of sizes wraps.
+inline void require_memory(double bytes, const std::string& what) {
+  const double have = static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGE_SIZE));
+  if (have > 0 && bytes > have) {
+    char text[160];
+    std::snprintf(text, sizeof text, " need about %.3g GB of memory; this machine has %.3g GB", bytes / 1e9,
+                  have / 1e9);
+    throw locus::config_error(what + text);
+  }
+}
+
+// The line a program prints for the exception that ends it: a locus error without the source
+// location (the driver shows that under --verbose), memory exhaustion in words rather than the
+// standard library's "std::bad_alloc" or "cannot create std::vector larger than max_size()", and a
+// file-system error as path and reason.
+inline std::string error_text(const std::exception& e) {
+  if (const auto* le = dynamic_cast<const locus::error*>(&e))
+    return std::string("locus: ") + locus::to_string(le->kind()) + ": " + le->message();
+  if (dynamic_cast<const std::bad_alloc*>(&e) || dynamic_cast<const std::length_error*>(&e))
+    return "out of memory: the sizes asked for need more than this machine can hold";
+  if (const auto* fe = dynamic_cast<const std::filesystem::filesystem_error*>(&e))
+    return fe->path1().string() + ": " + fe->code().message();
+  return e.what();
 }
 
 } // namespace tool_cli

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Hostile command-line values through the other programs a user runs (examples/moe_layer and the
+# benchmarks): every case must end with a clear message on stderr, without a source location, and
+# exit status 1 or 2, under a 1 GiB address-space limit, within seconds; results files record the
+# command, the machine and the date.
+# Usage: program_cases.sh <moe_layer> <eplb> <router> <trace_io> <scratch folder>
+set -u
+source "$(dirname "$0")/../support/case_runner.sh"
+moe_layer=$1 eplb=$2 router=$3 trace_io=$4
+cases_begin "$moe_layer" "$5"
+ulimit -v 1048576 # KiB: 1 GiB of address space for every case
+
+# Whole numbers in decimal: CLI11 2.1 read "-1" as 2^64 - 1, "010" as 8, "0x10" as 16 and clamped
+# 2^64 to 2^64 - 1, and "1.5" gave "At Most 1 required but received 2".
+refused '"-1" is not a whole number >= 0' --tokens -1
+refused '"0x10" is not a whole number' --experts 0x10
+refused '"1.5" is not a whole number' --steps 1.5
+refused '18446744073709551616 is out of range' --experts 18446744073709551616
+ok 'max \|flat - hierarchical\|' --steps 010 --tokens 2 --hidden 8 --ffn 8 --experts 8
+refused 'not allowed|not expected' --bogus
+# Absurd sizes: refused before anything is allocated or a thread started.
+refused 'need about .* GB of memory; this machine has' --experts 1000000000
+refused 'need about .* GB of memory' --hidden 4000000 --ffn 4000000
+refused 'at most 1024 run as threads' --nodes 100000
+refused 'exceeds the number of experts' --top-k 17 --steps 1
+
+# Results folders and files that cannot be written are named before the run.
+locus=$eplb
+: >"$work/plain"
+refused 'plain: cannot be made the results folder' --out "$work/plain"
+refused '"0x10" is not a whole number' --repeats 0x10
+locus=$router
+refused 'it is a directory' --json "$work"
+refused 'folder does not exist' --json "$work/none/r.json"
+refused 'cannot create a file in its folder|folder does not exist' --md "$work/plain/r.md"
+ok 'JSON in' --tokens 16 --min-seconds 0.001 --json "$work/r.json" --md "$work/r.md"
+check 'router.json records command, machine and date' \
+  grep -Eq '"command": "build/dev/bench/router --tokens 16.*"machine": ".*[0-9]{4}-[0-9]{2}-[0-9]{2}' \
+  <(tr -d '\n' <"$work/r.json")
+check 'router.md records the command' grep -q 'Produced by `build/dev/bench/router --tokens 16' "$work/r.md"
+locus=$trace_io
+refused 'need about .* GB of memory' --gb 1e9 --out "$work"
+refused 'must be a number above 0' --gb nan --out "$work"
+
+# The scripts answer --help with their usage and refuse what they do not take before they install,
+# build, delete or rewrite anything: `scripts/format --help` rewrote every source in place,
+# `scripts/python-test --help` deleted the virtual environment, `scripts/fuzz abc` ran unbounded.
+scripts=$(cd "$(dirname "$0")/../../scripts" && pwd)
+for s in test python-test; do
+  locus=$scripts/$s
+  ok 'usage|The .* (command|tests)' --help
+  refused 'unexpected argument "--bogus"; it takes none' --bogus
+done
+locus=$scripts/format
+ok 'scripts/format --check' --help
+refused 'unexpected argument "--chek"' --chek
+locus=$scripts/fuzz
+refused 'whole number from 1 to 999999, got "abc"' abc
+refused 'whole number from 1 to 999999, got "0"' 0
+locus=$scripts/gpu-check
+ok 'scripts/gpu-check --prepare' --help
+refused 'unexpected argument "--bogus"' --bogus
+check 'no results where a run was refused' test ! -e "$work/eplb.json" -a ! -e "$work/trace_io.json"
+cases_end
