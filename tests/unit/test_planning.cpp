@@ -474,6 +474,11 @@ BOOST_AUTO_TEST_CASE(micro_batch_split_balances_against_brute_force) {
   }
   BOOST_CHECK_THROW(grouper::split_micro_batches(std::vector<std::vector<double>>{{1.0}, {1.0, 2.0}}, 2),
                     invalid_input_error);
+  // A mistyped micro-batch count was a table of 2^40 rows: a bad_alloc, not a locus error.
+  const std::vector<std::vector<double>> two{{1.0, 2.0}, {3.0, 4.0}};
+  BOOST_CHECK_THROW(grouper::split_micro_batches(two, std::size_t{1} << 40), config_error);
+  BOOST_CHECK_THROW(grouper::evaluate_micro_batches(two, {0, 1}, std::size_t{1} << 40), config_error);
+  BOOST_TEST(grouper::split_micro_batches(two, 3).load.size() == 3u); // more micro-batches than requests
 }
 
 BOOST_AUTO_TEST_CASE(replan_respects_the_migration_budget) {

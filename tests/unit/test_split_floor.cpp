@@ -95,6 +95,17 @@ BOOST_AUTO_TEST_CASE(single_copy_hot_expert_sets_the_floor) {
   // A replica of expert 0 on rank 1 lets the split spread it: the floor falls to the mean.
   const expert_map fixed = expert_map::from_replicas(3, 3, 2, {{{0, 0}, {1, 0}}, {{0, 1}, {2, 0}}, {{1, 1}, {2, 1}}});
   BOOST_TEST(placement::min_max_split(fixed, rows).max_over_mean == 1.0, boost::test_tools::tolerance(1e-12));
+  // The same floor on any finite scale: counts summing past the largest double gave max/mean NaN,
+  // and counts whose mean is subnormal gave inf.
+  for (const double scale : {1e307, 1e-320}) {
+    const std::vector<double> scaled{9 * scale, 3 * scale, 3 * scale};
+    const placement::split_floor g = placement::min_max_split(map, scaled);
+    BOOST_TEST(g.max_over_mean == 9.0 / 5.0, boost::test_tools::tolerance(1e-9));
+    BOOST_TEST(g.binding_ranks == std::vector<std::size_t>{0});
+  }
+  const placement::split_floor huge = placement::min_max_split(map, std::vector<double>{9e307, 3e307, 3e307});
+  BOOST_TEST(huge.max_load == 9e307, boost::test_tools::tolerance(1e-12));
+  BOOST_TEST(huge.mean_load == 5e307, boost::test_tools::tolerance(1e-12));
 }
 
 BOOST_AUTO_TEST_CASE(bad_traffic_is_refused) {
