@@ -4,7 +4,6 @@
 // (slot_offsets_from), which size its expert compute without a wait. The transports that move
 // these messages are CUDA code; this is the logic they share, run on the CPU.
 #include <boost/test/unit_test.hpp>
-
 #include <cstdint>
 #include <locus/core/error.hpp>
 #include <locus/transport/device_exchange.hpp>
