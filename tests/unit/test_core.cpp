@@ -159,6 +159,13 @@ BOOST_AUTO_TEST_CASE(validation_names_the_problem) {
   BOOST_CHECK_THROW((routing<top_k<2>>({0, 1, 2}, {1.f, 1.f, 1.f})), invalid_input_error);
 }
 
+// 2^62 tokens × top_k 4 wrapped to empty arrays, and the routing claimed 2^62 tokens over them.
+BOOST_AUTO_TEST_CASE(routing_sizes_that_wrap_are_refused) {
+  BOOST_CHECK_THROW(routing<top_k<>>(std::size_t{1} << 62, top_k<>(4)), invalid_input_error);
+  BOOST_CHECK_THROW(routing<top_k<8>>(SIZE_MAX / 4), invalid_input_error);
+  BOOST_TEST(routing<top_k<>>(3, top_k<>(2)).ids().size() == 6u);
+}
+
 BOOST_AUTO_TEST_SUITE_END()
 
 BOOST_AUTO_TEST_SUITE(errors)

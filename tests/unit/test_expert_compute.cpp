@@ -115,6 +115,23 @@ BOOST_AUTO_TEST_CASE(weights_for_a_rank_hold_each_hosted_expert_once) {
   BOOST_CHECK_THROW(expert_weights<float>(0, 8, {1}), config_error);
 }
 
+// One expert numbered 2^31 - 1 sized an 8 GiB id → position table; hidden × ffn products that
+// wrap 64 bits (2 × 3074457345618258603 × 3 = 2) gave gate() spans far longer than the storage.
+BOOST_AUTO_TEST_CASE(weights_are_sized_by_what_they_hold) {
+  const expert_weights<float> high(1, 1, {INT32_MAX, 7});
+  BOOST_TEST(high.bytes() == 2 * 3 * sizeof(float));
+  BOOST_TEST(high.contains(INT32_MAX));
+  BOOST_TEST(high.index_of(INT32_MAX) == 1u);
+  BOOST_TEST(!high.contains(8));
+  BOOST_TEST(!high.contains(-1));
+  BOOST_CHECK_THROW(expert_weights<float>(2, 3074457345618258603ull, {0}), config_error);
+  BOOST_CHECK_THROW(expert_weights<float>(std::size_t{1} << 32, std::size_t{1} << 32, {0}), config_error);
+  // 3 × 2^40 bf16 weights per expert: 2796202 experts fit a size_t of bytes, 2796203 do not.
+  std::vector<expert_id> many(2796203);
+  std::iota(many.begin(), many.end(), 0);
+  BOOST_CHECK_THROW(expert_weights<bfloat16>(std::size_t{1} << 20, std::size_t{1} << 20, many), config_error);
+}
+
 BOOST_AUTO_TEST_CASE(bad_blocks_are_rejected) {
   auto all = locus_test::model_weights<float>(6, 2, 16, 16);
   layer::swiglu_host<float> compute(expert_weights<float>::for_rank(expert_map(2, 2, 1, {0, 1}), 0, all));

@@ -98,6 +98,16 @@ BOOST_AUTO_TEST_CASE(invalid_maps_name_the_offender) {
   BOOST_TEST((ok.experts_on(1) == std::vector<expert_id>{1, 0}));
 }
 
+// from_replicas sized its table from ranks × slots before checking them: 2^33 × 2^31 wrapped to
+// an empty table, and slot (0, 0) was written past its end; 2^20 × 2^30 was a bad_alloc.
+BOOST_AUTO_TEST_CASE(from_replicas_checks_sizes_before_sizing_the_table) {
+  const std::vector<std::vector<slot_ref>> one{{slot_ref{0, 0}}};
+  BOOST_CHECK_THROW(expert_map::from_replicas(1, std::size_t{1} << 33, std::size_t{1} << 31, one), config_error);
+  BOOST_CHECK_THROW(expert_map::from_replicas(1, std::size_t{1} << 20, std::size_t{1} << 30, one), config_error);
+  BOOST_CHECK_THROW(expert_map::from_replicas(0, 0, 0, {}), config_error);
+  BOOST_TEST(expert_map::from_replicas(1, 1, 1, one).replica_count(0) == 1u);
+}
+
 #if defined(LOCUS_HAS_JSON_LIBRARY)
 BOOST_AUTO_TEST_CASE(json_round_trip) {
   std::mt19937 rng(11);

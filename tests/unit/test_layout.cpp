@@ -470,3 +470,27 @@ BOOST_AUTO_TEST_CASE(invalid_inputs_are_named) {
   std::vector<float> eo(l.copies() * 4), out(2 * 4);
   check_throws([&] { combine_weighted<float>(l, eo, 4, out); }, "without weights");
 }
+
+// Sizes whose products wrap 64 bits passed the checks built to refuse them: 2^62 tokens × top_k
+// 4 passed the 32-bit copy bound (the layout then read past the ids), 2 tokens × hidden 2^63
+// passed permute with empty spans, and receive_layout / make_node_fanout sized their tables from
+// 2^64 - 1 + 1 = 0 and wrote past them.
+BOOST_AUTO_TEST_CASE(sizes_that_wrap_are_refused) {
+  const dynamic_topology topo(1, 2);
+  const expert_map map(4, 2, 2, {0, 1, 2, 3});
+  std::vector<expert_id> ids{0, 2, 1, 3};
+  layout<top_k<>> l;
+  const routing_view<top_k<>> huge(ids.data(), nullptr, std::size_t{1} << 62, top_k<>(4));
+  check_throws([&] { l.assign(huge, map, topo, 0); }, "copies exceed 32-bit indices");
+  l.assign(routing_view<top_k<>>(ids.data(), nullptr, 2, top_k<>(2)), map, topo, 0);
+  std::vector<float> none;
+  check_throws([&] { permute<float>(l, none, std::size_t{1} << 63, none); }, "tokens holds 0 values");
+  check_throws([&] { combine<float>(l, none, std::size_t{1} << 63, none); }, "returned holds 0 values");
+  receive_layout rl;
+  const std::vector<std::int32_t> counts{1}, slots{0}, targets{0};
+  BOOST_CHECK_THROW(rl.assign(SIZE_MAX, counts, slots), config_error);
+  BOOST_CHECK_THROW(rl.assign(std::size_t{1} << 40, counts, slots), config_error);
+  BOOST_CHECK_THROW((void)make_node_fanout(SIZE_MAX, counts, targets, slots), config_error);
+  BOOST_CHECK_THROW((void)make_node_fanout(std::size_t{1} << 40, counts, targets, slots), config_error);
+  BOOST_TEST(make_node_fanout(2, counts, targets, slots).row_count(0) == 1u);
+}

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
+#include <cmath>
 #include <functional>
 #include <locus/cost/online_replan.hpp>
 #include <locus/grouper/baselines.hpp>
@@ -276,6 +277,17 @@ BOOST_AUTO_TEST_CASE(replay_matches_the_simulator) {
   BOOST_TEST(a.replans.size() > 0u);
   for (const auto& e : a.replans)
     BOOST_TEST(e.experts_moved == 0u);
+  // Options that were silently ignored: a plan_at step after a later one was skipped, and a NaN
+  // drift ratio or floor never fired.
+  cost::online_options unsorted = opt;
+  unsorted.plan_at = {9, 3};
+  BOOST_CHECK_THROW(cost::run_online(t, s, maps, cfg, unsorted, keep), config_error);
+  for (const bool ratio : {true, false}) {
+    cost::online_options nan = opt;
+    nan.drift_every = 4;
+    (ratio ? nan.drift_ratio : nan.drift_floor) = std::nan("");
+    BOOST_CHECK_THROW(cost::run_online(t, s, maps, cfg, nan, keep), config_error);
+  }
 }
 
 BOOST_AUTO_TEST_CASE(window_floor_equals_the_balance_of_single_copy_maps) {

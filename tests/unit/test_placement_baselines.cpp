@@ -55,6 +55,10 @@ BOOST_AUTO_TEST_CASE(rebalance_experts_returns_consistent_maps) {
   auto bad = w;
   bad[13] = std::nanf("");
   BOOST_CHECK_THROW(rebalance_experts(bad, 2, 12, 16, 4, 2, 8), invalid_input_error);
+  // 2^32 layers × 2^32 experts wrapped to 0 values, which an empty table matched; each layer's
+  // slice was then read past its end.
+  BOOST_CHECK_THROW(rebalance_experts({}, std::size_t{1} << 32, std::size_t{1} << 32, std::size_t{1} << 32, 1, 1, 1),
+                    invalid_input_error);
 }
 
 // Independent check of balance: max/mean GPU load (each replica carrying load / replica count)
@@ -105,6 +109,27 @@ struct plans_one_map {
 };
 static_assert(placement_policy<linear> && placement_policy<round_robin> && placement_policy<eplb>);
 static_assert(!placement_policy<tag_only_placement> && !placement_policy<plans_one_map>);
+
+// A plan_input takes loads on any finite scale; EPLB's float arithmetic turned 1e300 into inf and
+// refused it ("load inf") and 1e-300 into 0. Such a layer is scaled to a largest load of 1.
+BOOST_AUTO_TEST_CASE(eplb_takes_loads_on_any_finite_scale) {
+  std::vector<double> base(8), huge(8), tiny(8);
+  for (std::size_t e = 0; e < 8; ++e) {
+    base[e] = static_cast<double>(e + 1) / 8; // exact, as are the scaled copies (powers of two)
+    huge[e] = std::ldexp(static_cast<double>(e + 1), 900);
+    tiny[e] = std::ldexp(static_cast<double>(e + 1), -900);
+  }
+  const auto plan = [](std::vector<double> load) {
+    return plan_placement<eplb>(plan_input{dynamic_topology(2, 2), 8, 3, {std::move(load)}, {}}).front();
+  };
+  const expert_map expected = plan(base);
+  for (const auto& load : {huge, tiny}) {
+    const expert_map m = plan(load);
+    for (std::size_t r = 0; r < 4; ++r)
+      for (std::size_t s = 0; s < 3; ++s)
+        BOOST_TEST(m.expert_at(r, s) == expected.expert_at(r, s));
+  }
+}
 
 BOOST_AUTO_TEST_CASE(plan_placement_runs_the_named_planner) {
   const plan_input in{dynamic_topology(2, 2), 10, 3, {std::vector<double>(10, 1.0), std::vector<double>(10, 2.0)}, {}};

@@ -389,6 +389,32 @@ BOOST_AUTO_TEST_CASE(infeasible_and_malformed_inputs_raise_clear_errors) {
   BOOST_CHECK_THROW(placement::plan_by_name("nope", in), config_error);
   // A trace without prefill marks cannot train the classifier.
   BOOST_CHECK_THROW(grouper::workload_model::fit(t.with_prefill_tokens(0), dynamic_topology(2, 2)), config_error);
+  // NaN options passed every comparison: a NaN confidence quantile indexed the similarities with
+  // a cast NaN, a NaN margin made no request confident, a NaN slack never balanced.
+  for (int field = 0; field < 4; ++field) {
+    grouper::workload_aware_options o;
+    (field == 0   ? o.confidence_quantile
+     : field == 1 ? o.confidence_margin
+     : field == 2 ? o.min_similarity
+                  : o.balance_slack) = NAN;
+    BOOST_CHECK_THROW(grouper::workload_model::fit(t, dynamic_topology(2, 2), o), config_error);
+  }
+  grouper::workload_aware_options negative;
+  negative.balance_slack = -1;
+  BOOST_CHECK_THROW(grouper::workload_model::fit(t, dynamic_topology(2, 2), negative), config_error);
+}
+
+// A cluster state with fewer ranks than its topology was read past its end.
+BOOST_AUTO_TEST_CASE(workload_aware_checks_the_cluster_state) {
+  std::mt19937 rng(5);
+  const auto t = domain_trace(rng, 20, 16, 2, 2, 2, 3);
+  grouper::workload_aware_options o;
+  o.min_similarity = 0; // every request confident: assign reads its cluster's node
+  grouper::workload_aware g(
+      std::make_shared<grouper::workload_model>(grouper::workload_model::fit(t, dynamic_topology(2, 2), o)));
+  std::vector<grouper::rank_state> one(1), four(4);
+  BOOST_CHECK_THROW(g.assign({&t, 0, 3}, grouper::cluster_state{dynamic_topology(2, 2), one, 4}), invalid_input_error);
+  BOOST_TEST(g.assign({&t, 0, 3}, grouper::cluster_state{dynamic_topology(2, 2), four, 4}) < 4u);
 }
 
 BOOST_AUTO_TEST_CASE(same_seed_gives_identical_plans_and_groupings) {
@@ -474,6 +500,11 @@ BOOST_AUTO_TEST_CASE(micro_batch_split_balances_against_brute_force) {
   }
   BOOST_CHECK_THROW(grouper::split_micro_batches(std::vector<std::vector<double>>{{1.0}, {1.0, 2.0}}, 2),
                     invalid_input_error);
+  // A mistyped micro-batch count was a table of 2^40 rows: a bad_alloc, not a locus error.
+  const std::vector<std::vector<double>> two{{1.0, 2.0}, {3.0, 4.0}};
+  BOOST_CHECK_THROW(grouper::split_micro_batches(two, std::size_t{1} << 40), config_error);
+  BOOST_CHECK_THROW(grouper::evaluate_micro_batches(two, {0, 1}, std::size_t{1} << 40), config_error);
+  BOOST_TEST(grouper::split_micro_batches(two, 3).load.size() == 3u); // more micro-batches than requests
 }
 
 BOOST_AUTO_TEST_CASE(replan_respects_the_migration_budget) {

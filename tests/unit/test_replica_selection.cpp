@@ -201,6 +201,9 @@ BOOST_AUTO_TEST_CASE(hot_rank_tracker_bounds) {
   BOOST_TEST((std::vector<std::uint8_t>(tr.hot().begin(), tr.hot().end()) == std::vector<std::uint8_t>{1, 0, 0, 0}));
   BOOST_CHECK_THROW(placement::hot_rank_tracker(4, -0.1), config_error);
   BOOST_CHECK_THROW(tr.observe(std::span<const std::uint64_t>(step.data(), 3)), config_error);
+  // The rank count is checked before the tables are sized from it (2^62 was a length_error).
+  BOOST_CHECK_THROW(placement::hot_rank_tracker(std::size_t{1} << 62, 0.1), config_error);
+  BOOST_CHECK_THROW(placement::hot_rank_tracker(0, 0.1), config_error);
 }
 
 // The traffic model and the host layout choose the same replica for every copy under every rule

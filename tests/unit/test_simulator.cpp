@@ -180,6 +180,13 @@ BOOST_AUTO_TEST_CASE(capacity_is_respected_and_nothing_is_lost) {
       BOOST_TEST(s <= 4 * batch);
     BOOST_TEST(a.step_inter_node_bytes == b.step_inter_node_bytes); // same seed, same run
   }
+  // A link model with no bandwidth is refused before the run (it reported every step as inf µs).
+  simulation_config cfg;
+  cfg.topology = dynamic_topology(2, 2);
+  cfg.links.network_gbps = 0;
+  const auto maps = placement::linear{}.plan({cfg.topology, 8, 2, {std::vector<double>(8, 1)}, {}});
+  grouper::least_loaded g;
+  BOOST_CHECK_THROW(simulate_decode(t, maps, g, cfg), config_error);
 }
 
 // Arrival gaps with nothing running are skipped, not simulated step by step: a very low arrival

@@ -6,6 +6,7 @@
 #include <boost/test/unit_test.hpp>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <locus/placement/split_floor.hpp>
 #include <random>
 
@@ -95,6 +96,18 @@ BOOST_AUTO_TEST_CASE(single_copy_hot_expert_sets_the_floor) {
   // A replica of expert 0 on rank 1 lets the split spread it: the floor falls to the mean.
   const expert_map fixed = expert_map::from_replicas(3, 3, 2, {{{0, 0}, {1, 0}}, {{0, 1}, {2, 0}}, {{1, 1}, {2, 1}}});
   BOOST_TEST(placement::min_max_split(fixed, rows).max_over_mean == 1.0, boost::test_tools::tolerance(1e-12));
+  // The same floor on any finite scale: counts summing past the largest double gave max/mean NaN,
+  // and a mean that rounds to 0 among the subnormals gave inf.
+  const placement::split_floor huge = placement::min_max_split(map, std::vector<double>{9e307, 3e307, 3e307});
+  BOOST_TEST(huge.max_over_mean == 9.0 / 5.0, boost::test_tools::tolerance(1e-9));
+  BOOST_TEST(huge.binding_ranks == std::vector<std::size_t>{0});
+  const placement::split_floor over = placement::min_max_split(map, std::vector<double>{1.35e308, 4.5e307, 4.5e307});
+  BOOST_TEST(over.max_over_mean == 9.0 / 5.0, boost::test_tools::tolerance(1e-9));
+  BOOST_TEST(over.max_load == 1.35e308, boost::test_tools::tolerance(1e-9));
+  BOOST_TEST(over.mean_load == 7.5e307, boost::test_tools::tolerance(1e-9));
+  const expert_map two = expert_map::from_replicas(2, 2, 1, {{{0, 0}}, {{1, 0}}});
+  const double tiny = std::numeric_limits<double>::denorm_min();
+  BOOST_TEST(placement::min_max_split(two, std::vector<double>{tiny, 0}).max_over_mean == 2.0);
 }
 
 BOOST_AUTO_TEST_CASE(bad_traffic_is_refused) {

@@ -293,6 +293,13 @@ BOOST_AUTO_TEST_CASE(accessors_check_their_indices) {
   BOOST_CHECK_THROW(t.select_domain(3), invalid_input_error);
   BOOST_CHECK_THROW(t.select_layers(1, 2), invalid_input_error);
   BOOST_CHECK_THROW(t.select_layers(0, 0), invalid_input_error);
+  // first + count wraps past 2^64 - 1: refused by select_layers itself, not by model_layer(2^64 - 1).
+  try {
+    (void)t.select_layers(~std::size_t{0}, 2);
+    BOOST_ERROR("select_layers accepted layers from 2^64 - 1");
+  } catch (const invalid_input_error& e) {
+    BOOST_TEST(e.message() == "trace::select_layers: 2 layers from layer 18446744073709551615 are not inside [0, 2)");
+  }
   const std::size_t bad[] = {0, 4};
   BOOST_CHECK_THROW(t.select_requests(bad), invalid_input_error);
 }

@@ -194,6 +194,11 @@ BOOST_AUTO_TEST_CASE(js_divergence_of_hand_built_distributions) {
   }
   BOOST_CHECK_THROW(js_divergence(std::vector<double>{1}, std::vector<double>{1, 2}), invalid_input_error);
   BOOST_CHECK_THROW(js_divergence(std::vector<double>{0, 0}, std::vector<double>{1, 2}), invalid_input_error);
+  // Finite entries summing past the largest double: the divergence of their shares (an infinite
+  // sum made p's shares all 0, which gave 0.5 here).
+  BOOST_TEST(js_divergence(std::vector<double>{1.5e308, 0.5e308, 0}, std::vector<double>{1, 0, 1}) ==
+                 js_divergence(std::vector<double>{3, 1, 0}, std::vector<double>{1, 0, 1}),
+             boost::test_tools::tolerance(1e-12));
 }
 
 BOOST_AUTO_TEST_CASE(pearson_of_hand_built_vectors) {
@@ -324,6 +329,12 @@ BOOST_AUTO_TEST_CASE(coactivation_and_transitions_match_brute_force) {
       }
   }
   BOOST_CHECK_THROW(compute_transition(t, 2), invalid_input_error);
+  try { // l + 1 wraps to 0 for l = 2^64 - 1
+    (void)compute_transition(t, ~std::size_t{0});
+    BOOST_ERROR("compute_transition accepted layer 2^64 - 1");
+  } catch (const invalid_input_error& e) {
+    BOOST_TEST(e.message().find("compute_transition: layer 18446744073709551615 has no next layer") == 0u);
+  }
   BOOST_CHECK_THROW(compute_coactivation(t, 3), invalid_input_error);
 }
 

@@ -1,5 +1,6 @@
 #define BOOST_TEST_MODULE traffic
 #include <boost/test/unit_test.hpp>
+#include <cmath>
 #include <locus/cost/bounds.hpp>
 #include <locus/cost/time_model.hpp>
 #include <locus/cost/traffic.hpp>
@@ -153,6 +154,14 @@ BOOST_AUTO_TEST_CASE(bad_inputs_raise) {
   layer_traffic wrong(3);
   BOOST_CHECK_THROW(counter.count_step(map, r.view(), {}, src, wrong), config_error);
   BOOST_CHECK_THROW(parse_transport_kind("mesh"), config_error);
+  // One expert twice in a token: the layout refuses it, so the model does too (it counted two rows).
+  routing<top_k<>> twice({1, 1}, {1.f, 1.f}, top_k<>(2));
+  try {
+    counter.count_step(map, twice.view(), {}, std::vector<std::uint32_t>{0}, out);
+    BOOST_ERROR("a token choosing one expert twice was counted");
+  } catch (const invalid_input_error& e) {
+    BOOST_TEST(e.message() == "traffic model: token 0: expert 1 is chosen twice");
+  }
 }
 
 BOOST_AUTO_TEST_CASE(time_model_by_hand) {
@@ -168,6 +177,18 @@ BOOST_AUTO_TEST_CASE(time_model_by_hand) {
   BOOST_TEST(lt.dispatch_us == 8.2, boost::test_tools::tolerance(1e-12));
   BOOST_TEST(lt.combine_us == 8.4, boost::test_tools::tolerance(1e-12));
   BOOST_TEST(lt.compute_us == 7 * 0.22, boost::test_tools::tolerance(1e-12));
+  // A zero bandwidth made the time inf and a NaN one made it 0 (NaN lost every max): both refused.
+  for (const double gbps : {0.0, -1.0, std::nan(""), HUGE_VAL}) {
+    link_model bad;
+    bad.network_gbps = gbps;
+    BOOST_CHECK_THROW(estimate_layer_time(t, s, bad), config_error);
+  }
+  link_model slow;
+  slow.nvlink_latency_us = std::nan("");
+  BOOST_CHECK_THROW(estimate_layer_time(t, s, slow), config_error);
+  slow.nvlink_latency_us = 0;
+  slow.expert_us_per_row = -1;
+  BOOST_CHECK_THROW(estimate_layer_time(t, s, slow), config_error);
 }
 
 BOOST_AUTO_TEST_CASE(lower_bound_never_exceeds_any_placement) {

@@ -288,6 +288,32 @@ BOOST_AUTO_TEST_CASE(disagreements_raise_on_every_rank) {
     BOOST_TEST(!e);
 }
 
+// Counts whose sum or byte size wraps 64 bits matched an empty send buffer: 2^63 rows to each of
+// two members add up to 0, and each receiver then copied 2^63 rows into an empty buffer.
+BOOST_AUTO_TEST_CASE(counts_that_wrap_are_refused_on_every_rank) {
+  local_fabric f(dynamic_topology(1, 2), transport_kind::flat, exchange_options{std::chrono::milliseconds(5000)});
+  for (const std::size_t width : {std::size_t{1}, std::size_t{1} << 62}) {
+    const auto errors = run_ranks(f, [&](local_transport& ep) {
+      const std::size_t n = width == 1 ? std::size_t{1} << 63 : 2;
+      const std::vector<std::size_t> counts{n, n};
+      exchange_result out;
+      ep.exchange({exchange_group::world, width, {}, counts, {}}, out);
+    });
+    for (const auto& e : errors)
+      BOOST_TEST(raised<transport_error>(e), message_of(e));
+  }
+  const auto errors = run_ranks(f, [&](local_transport& ep) {
+    const std::vector<std::size_t> counts{0, 0}, entry_counts{std::size_t{1} << 63, std::size_t{1} << 63};
+    exchange_request req{exchange_group::world, 8, {}, counts, {}};
+    req.entry_bytes = 8;
+    req.entry_counts = entry_counts;
+    exchange_result out;
+    ep.exchange(req, out);
+  });
+  for (const auto& e : errors)
+    BOOST_TEST(raised<transport_error>(e), message_of(e));
+}
+
 // A rank that never arrives makes the others raise timeout_error after the timeout, not hang.
 BOOST_AUTO_TEST_CASE(missing_peer_times_out) {
   const dynamic_topology topo(2, 2);
@@ -742,6 +768,35 @@ BOOST_AUTO_TEST_CASE(bad_input_raises_without_hanging_the_others) {
   BOOST_TEST(raised<invalid_input_error>(errors[3]));
   for (std::size_t r = 0; r < 3; ++r)
     BOOST_TEST(!errors[r]);
+}
+
+// A hidden size whose row width wraps (2^62 + 1 floats: 4 bytes) is refused, as is a combine
+// into a handle another dispatcher filled: it read that handle's rows at this one's width, past
+// their end.
+BOOST_AUTO_TEST_CASE(row_widths_and_handles_of_another_size_are_refused) {
+  local_fabric f(dynamic_topology(1, 1), transport_kind::flat);
+  auto ep = f.endpoint(0);
+  const expert_map map(2, 1, 2, {0, 1});
+  BOOST_CHECK_THROW((moe_dispatcher<local_transport, float>(ep, map, (std::size_t{1} << 62) + 1)), config_error);
+  moe_dispatcher<local_transport, float> narrow(ep, map, 4), wide(ep, map, 64);
+  const std::vector<expert_id> ids{0, 1};
+  const std::vector<float> w{0.5f, 0.5f}, x(4, 1.0f);
+  layout<> l;
+  narrow.plan(l, routing_view<top_k<>>(ids.data(), w.data(), 1, top_k<>(2)));
+  auto h = narrow.dispatch(std::span<const float>(x), l);
+  std::vector<float> y(64);
+  try {
+    wide.combine(y, h);
+    BOOST_ERROR("combine accepted a handle of another hidden size");
+  } catch (const invalid_input_error& e) {
+    BOOST_TEST(e.message() == "moe_dispatcher::combine: the handle was dispatched with hidden size 4 but this "
+                              "dispatcher's is 64");
+  }
+  // The handle is intact: its own dispatcher still combines it.
+  std::fill(h.expert_output().begin(), h.expert_output().end(), 1.0f);
+  std::vector<float> y4(4);
+  narrow.combine(y4, h);
+  BOOST_TEST(y4[0] == 1.0f);
 }
 
 // A layout made for another kind of exchange (flat on a hierarchical transport) is refused on that

@@ -55,14 +55,7 @@ public:
   //!         hosted nowhere
   expert_map(std::size_t experts, std::size_t ranks, std::size_t slots_per_rank, std::vector<expert_id> slot_table)
       : experts_(experts), ranks_(ranks), slots_per_rank_(slots_per_rank), slot_expert_(std::move(slot_table)) {
-    LOCUS_REQUIRE(experts > 0 && ranks > 0 && slots_per_rank > 0, config_error,
-                  "expert_map needs at least one expert, rank and slot per rank (got ", experts, ", ", ranks, ", ",
-                  slots_per_rank, ")");
-    // Divided, not multiplied: a product of two huge sizes wraps to a small number.
-    LOCUS_REQUIRE(experts <= static_cast<std::size_t>(INT32_MAX) &&
-                      slots_per_rank <= static_cast<std::size_t>(INT32_MAX) / ranks,
-                  config_error, "expert_map: ", experts, " experts or ", ranks, " ranks × ", slots_per_rank,
-                  " slots exceed 32-bit ids (at most 2^31-1)");
+    check_sizes(experts, ranks, slots_per_rank);
     LOCUS_REQUIRE(slot_expert_.size() == ranks * slots_per_rank, config_error, "expert_map: slot table has ",
                   slot_expert_.size(), " entries, expected ranks × slots_per_rank = ", ranks * slots_per_rank);
     LOCUS_REQUIRE(ranks * slots_per_rank >= experts, config_error, "expert_map: ", ranks * slots_per_rank,
@@ -77,6 +70,8 @@ public:
                                   const std::vector<std::vector<slot_ref>>& replicas) {
     LOCUS_REQUIRE(replicas.size() == experts, config_error, "expert_map::from_replicas: ", replicas.size(),
                   " replica lists for ", experts, " experts");
+    // Before the table is sized from them: ranks × slots may wrap to a small table.
+    check_sizes(experts, ranks, slots_per_rank);
     std::vector<expert_id> table(ranks * slots_per_rank, empty_slot);
     for (std::size_t e = 0; e < experts; ++e) {
       for (const slot_ref& s : replicas[e]) {
@@ -149,6 +144,17 @@ public:
   }
 
 private:
+  static void check_sizes(std::size_t experts, std::size_t ranks, std::size_t slots_per_rank) {
+    LOCUS_REQUIRE(experts > 0 && ranks > 0 && slots_per_rank > 0, config_error,
+                  "expert_map needs at least one expert, rank and slot per rank (got ", experts, ", ", ranks, ", ",
+                  slots_per_rank, ")");
+    // Divided, not multiplied: a product of two huge sizes wraps to a small number.
+    LOCUS_REQUIRE(experts <= static_cast<std::size_t>(INT32_MAX) &&
+                      slots_per_rank <= static_cast<std::size_t>(INT32_MAX) / ranks,
+                  config_error, "expert_map: ", experts, " experts or ", ranks, " ranks × ", slots_per_rank,
+                  " slots exceed 32-bit ids (at most 2^31-1)");
+  }
+
   void check_expert(std::size_t e) const {
     LOCUS_REQUIRE(e < experts_, invalid_input_error, "expert id ", e, " out of range [0, ", experts_, ")");
   }

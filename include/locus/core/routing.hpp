@@ -106,8 +106,9 @@ class routing {
 public:
   routing() = default;
   //! `tokens` tokens, ids set to 0 and weights to 0.
+  //! @throws locus::invalid_input_error when `tokens × k` does not fit a size_t
   explicit routing(std::size_t tokens, TopK k = TopK{})
-      : ids_(tokens * k.value()), weights_(tokens * k.value()), tokens_(tokens), k_(k) {}
+      : ids_(checked_copies(tokens, k.value())), weights_(ids_.size()), tokens_(tokens), k_(k) {}
   //! Takes ownership of token-major arrays. @throws locus::invalid_input_error on a size mismatch
   routing(std::vector<expert_id> ids, std::vector<float> weights, TopK k = TopK{})
       : ids_(std::move(ids)), weights_(std::move(weights)), tokens_(ids_.size() / k.value()), k_(k) {
@@ -127,6 +128,13 @@ public:
   const std::vector<float>& weights() const noexcept { return weights_; }
 
 private:
+  // A product that wraps would size arrays far shorter than tokens() claims.
+  static std::size_t checked_copies(std::size_t tokens, std::size_t k) {
+    LOCUS_REQUIRE(tokens <= SIZE_MAX / k, invalid_input_error, "routing: ", tokens, " tokens × top_k ", k,
+                  " overflow a size_t");
+    return tokens * k;
+  }
+
   std::vector<expert_id> ids_;
   std::vector<float> weights_;
   std::size_t tokens_ = 0;

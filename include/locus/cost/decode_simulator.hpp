@@ -189,10 +189,11 @@ inline void validate(const trace::trace& t, const std::vector<expert_map>& maps,
   // Byte counters are 64-bit: every copy of every token at every layer, both ways, must fit.
   const std::uint64_t copies = std::uint64_t{t.tokens()} * t.top_k() * std::max<std::size_t>(layers, 1) + 1;
   const std::uint64_t limit = (std::uint64_t{1} << 62) / copies;
-  LOCUS_REQUIRE(cfg.sizes.dispatch_bytes <= limit && cfg.sizes.combine_bytes <= limit, config_error,
-                "simulate_decode: message sizes of ", cfg.sizes.dispatch_bytes, " + ", cfg.sizes.combine_bytes,
-                " bytes would overflow the byte counters over ", copies - 1, " copies (at most ", limit,
-                " bytes each)");
+  LOCUS_REQUIRE(cfg.sizes.dispatch_bytes <= limit && cfg.sizes.combine_bytes <= limit && cfg.sizes.entry_bytes <= limit,
+                config_error, "simulate_decode: message sizes of ", cfg.sizes.dispatch_bytes, " + ",
+                cfg.sizes.combine_bytes, " bytes (entries ", cfg.sizes.entry_bytes,
+                ") would overflow the byte counters over ", copies - 1, " copies (at most ", limit, " bytes each)");
+  cfg.links.validate();
 }
 
 //! The queue of requests with decode tokens, in trace order, each with its arrival step (0, or

@@ -242,7 +242,8 @@ struct online_result {
 //! Replays `s` (recorded on trace `t`) from maps `maps`. `plan(current, first, last)` returns the
 //! maps to serve from step `last` on, given the traffic of steps [first, last); it is called as
 //! `opt` says (see the file comment).
-//! @throws locus::config_error when the maps do not match the trace or the topology
+//! @throws locus::config_error when the maps do not match the trace or the topology, or on an
+//!         option out of its range
 template <class Planner>
 online_result run_online(const trace::trace& t, const decode_schedule& s, std::vector<expert_map> maps,
                          const simulation_config& cfg, const online_options& opt, Planner&& plan) {
@@ -253,6 +254,14 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
     LOCUS_REQUIRE(maps[l].experts() == t.experts() && maps[l].ranks() == ranks, config_error, "run_online: layer ", l,
                   " map does not match the trace (", t.experts(), " experts) or the topology (", ranks, " ranks)");
   LOCUS_REQUIRE(opt.window > 0 && opt.report_tokens > 0, config_error, "run_online: zero window or report size");
+  // The schedule is walked once in order: a step listed after a later one was skipped without a word.
+  LOCUS_REQUIRE(std::is_sorted(opt.plan_at.begin(), opt.plan_at.end()), config_error,
+                "run_online: plan_at is not in ascending order");
+  // A NaN passes no comparison: the drift check never fired.
+  LOCUS_REQUIRE(std::isfinite(opt.drift_ratio) && opt.drift_ratio >= 0 && std::isfinite(opt.drift_floor) &&
+                    opt.drift_floor >= 0,
+                config_error, "run_online: drift_ratio (", opt.drift_ratio, ") and drift_floor (", opt.drift_floor,
+                ") must be finite numbers >= 0");
   const std::size_t slots = placement::total_slots(maps);
   // Moved bytes are 64-bit: every slot moved at every step must fit.
   LOCUS_REQUIRE(opt.expert_bytes == 0 || static_cast<double>(slots) * static_cast<double>(s.steps() + 1) <=

@@ -11,6 +11,7 @@
 //! at 400 TFLOP/s effective.
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <locus/core/topology.hpp>
 #include <locus/cost/traffic.hpp>
@@ -24,6 +25,24 @@ struct link_model {
   double network_gbps = 50.0;
   double network_latency_us = 8.0;
   double expert_us_per_row = 0.22;
+
+  //! @throws locus::config_error naming a bandwidth that is not positive and finite, or a latency
+  //!         or compute cost that is negative or not finite (which made times inf, or NaN and then 0)
+  void validate() const {
+    const auto positive = [](const char* name, double v) {
+      LOCUS_REQUIRE(std::isfinite(v) && v > 0, config_error, "link_model: ", name, " is ", v,
+                    ", expected a finite number > 0");
+    };
+    const auto non_negative = [](const char* name, double v) {
+      LOCUS_REQUIRE(std::isfinite(v) && v >= 0, config_error, "link_model: ", name, " is ", v,
+                    ", expected a finite number >= 0");
+    };
+    positive("nvlink_gbps", nvlink_gbps);
+    positive("network_gbps", network_gbps);
+    non_negative("nvlink_latency_us", nvlink_latency_us);
+    non_negative("network_latency_us", network_latency_us);
+    non_negative("expert_us_per_row", expert_us_per_row);
+  }
 };
 
 //! Modelled time of one layer, in microseconds.
@@ -53,7 +72,9 @@ inline double exchange_us(const layer_traffic& t, std::size_t bytes_per_copy, co
 } // namespace detail
 
 //! Estimates the layer time of the traffic `t` (one step) under `m`.
+//! @throws locus::config_error when `m` is invalid (link_model::validate)
 inline layer_time estimate_layer_time(const layer_traffic& t, const message_sizes& sizes, const link_model& m = {}) {
+  m.validate();
   layer_time out;
   out.dispatch_us = detail::exchange_us(t, sizes.dispatch_bytes, m);
   out.combine_us = detail::exchange_us(t, sizes.combine_bytes, m);

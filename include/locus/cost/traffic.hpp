@@ -150,6 +150,10 @@ public:
         const auto e = static_cast<std::size_t>(ids[j]); // a negative id wraps to a huge value
         LOCUS_REQUIRE(e < experts, invalid_input_error, "traffic model: token ", t, " choice ", j, ": expert id ",
                       ids[j], " out of range [0, ", experts, ")");
+        // The layout refuses such a token; counting it would charge one expert twice.
+        for (std::size_t q = 0; q < j; ++q)
+          LOCUS_REQUIRE(ids[q] != ids[j], invalid_input_error, "traffic model: token ", t, ": expert ", ids[j],
+                        " is chosen twice");
         const auto rank = static_cast<std::uint32_t>(view.replicas[selector.select_index(src, e)].rank);
         ++out.expert_rows[rank];
         dest_[j] = rank;

@@ -24,6 +24,11 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::grouper {
 
+//! Most micro-batches a split takes: far above any overlap schedule (two-batch overlap uses 2),
+//! and low enough that per-micro-batch tables sized from a mistyped count are refused instead of
+//! allocated.
+inline constexpr std::size_t max_micro_batches = 4096;
+
 //! A split of a batch into micro-batches.
 struct micro_batch_split {
   std::vector<std::uint32_t> batch_of;   //!< per request: its micro-batch
@@ -55,6 +60,8 @@ inline void summarize(micro_batch_split& s) {
 //! @throws locus::invalid_input_error on a micro-batch index ≥ m or ragged load rows
 inline micro_batch_split evaluate_micro_batches(std::span<const std::vector<double>> request_load,
                                                 std::vector<std::uint32_t> batch_of, std::size_t m) {
+  LOCUS_REQUIRE(m <= max_micro_batches, config_error, "micro-batch split: ", m, " micro-batches, expected at most ",
+                max_micro_batches);
   LOCUS_REQUIRE(batch_of.size() == request_load.size(), invalid_input_error, "micro-batch split: ", batch_of.size(),
                 " assignments for ", request_load.size(), " requests");
   const std::size_t gpus = request_load.empty() ? 0 : request_load.front().size();
@@ -77,7 +84,8 @@ inline micro_batch_split evaluate_micro_batches(std::span<const std::vector<doub
 //! comment). @throws locus::config_error when m is 0; locus::invalid_input_error on ragged rows or
 //! a negative or non-finite load
 inline micro_batch_split split_micro_batches(std::span<const std::vector<double>> request_load, std::size_t m) {
-  LOCUS_REQUIRE(m >= 1, config_error, "micro-batch split: m must be at least 1");
+  LOCUS_REQUIRE(m >= 1 && m <= max_micro_batches, config_error, "micro-batch split: ", m,
+                " micro-batches, expected 1..", max_micro_batches);
   const std::size_t n = request_load.size(), gpus = n ? request_load.front().size() : 0;
   std::vector<double> total(n, 0.0);
   for (std::size_t r = 0; r < n; ++r) {

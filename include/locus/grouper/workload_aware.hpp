@@ -274,6 +274,14 @@ private:
     m.nodes_ = topo.nodes();
     m.opt_ = opt;
     LOCUS_REQUIRE(opt.classifier_layers >= 1, config_error, "workload_aware: classifier_layers must be at least 1");
+    // NaN passes every comparison: a NaN quantile indexed the similarities with a cast NaN, a NaN
+    // margin or threshold made no request confident and a NaN slack never balanced.
+    LOCUS_REQUIRE(!std::isnan(opt.min_similarity) && !std::isnan(opt.confidence_quantile) &&
+                      std::isfinite(opt.confidence_margin),
+                  config_error, "workload_aware: min_similarity (", opt.min_similarity, "), confidence_quantile (",
+                  opt.confidence_quantile, ") and confidence_margin (", opt.confidence_margin, ") must be numbers");
+    LOCUS_REQUIRE(opt.balance_slack >= 0, config_error, "workload_aware: balance_slack is ", opt.balance_slack,
+                  ", expected a number >= 0");
     m.layer_stride_ = (m.layers_ + opt.classifier_layers - 1) / opt.classifier_layers;
     return m;
   }
@@ -451,6 +459,9 @@ public:
     LOCUS_REQUIRE(a.source != nullptr, invalid_input_error, "workload_aware: the arrival has no trace");
     LOCUS_REQUIRE(c.topology.nodes() == model_->nodes(), config_error, "workload_aware: the model was fitted for ",
                   model_->nodes(), " nodes; the cluster has ", c.topology.nodes());
+    // Ranks are read by the topology's numbering: a shorter state table was read past its end.
+    LOCUS_REQUIRE(c.ranks.size() == c.topology.ranks(), invalid_input_error, "workload_aware: the cluster state has ",
+                  c.ranks.size(), " ranks but its topology ", c.topology.ranks());
     last_ = model_->classify(*a.source, a.request, a.prefill_tokens, scratch_);
     if (!last_.confident) {
       ++stats_.fallback_low_confidence;

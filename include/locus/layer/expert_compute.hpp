@@ -21,6 +21,7 @@
 #include <cmath>
 #include <concepts>
 #include <cstddef>
+#include <cstdint>
 #include <locus/backend/host.hpp>
 #include <locus/core/bfloat16.hpp>
 #include <locus/core/error.hpp>
@@ -151,15 +152,17 @@ public:
       : hidden_(hidden), ffn_(ffn), experts_(std::move(experts)) {
     LOCUS_REQUIRE(hidden > 0 && ffn > 0, config_error, "expert_weights: hidden (", hidden, ") and ffn (", ffn,
                   ") sizes must be positive");
+    // Divided, not multiplied: a product that wraps would give spans longer than the storage.
+    LOCUS_REQUIRE(ffn <= SIZE_MAX / sizeof(W) / 3 / hidden &&
+                      experts_.size() <= SIZE_MAX / sizeof(W) / (3 * hidden * ffn),
+                  config_error, "expert_weights: ", experts_.size(), " experts × 3 × hidden ", hidden, " × ffn ", ffn,
+                  " weights overflow a size_t");
     std::sort(experts_.begin(), experts_.end());
     for (std::size_t i = 0; i < experts_.size(); ++i) {
       LOCUS_REQUIRE(experts_[i] >= 0, invalid_input_error, "expert_weights: negative expert id ", experts_[i]);
       LOCUS_REQUIRE(i == 0 || experts_[i] != experts_[i - 1], invalid_input_error, "expert_weights: expert ",
                     experts_[i], " is given twice");
     }
-    if (!experts_.empty()) index_.assign(static_cast<std::size_t>(experts_.back()) + 1, -1);
-    for (std::size_t i = 0; i < experts_.size(); ++i)
-      index_[static_cast<std::size_t>(experts_[i])] = static_cast<std::int32_t>(i);
     data_.assign(experts_.size() * per_expert(), W{});
   }
 
@@ -197,14 +200,13 @@ public:
   std::size_t size() const noexcept { return experts_.size(); }
   //! Bytes of weight storage.
   std::size_t bytes() const noexcept { return data_.size() * sizeof(W); }
-  bool contains(expert_id e) const noexcept {
-    return e >= 0 && static_cast<std::size_t>(e) < index_.size() && index_[static_cast<std::size_t>(e)] >= 0;
-  }
+  // A binary search, not a table indexed by id: one expert numbered 2^31 - 1 made that table 8 GiB.
+  bool contains(expert_id e) const noexcept { return std::binary_search(experts_.begin(), experts_.end(), e); }
   //! Position of `e` in experts(). @throws locus::invalid_input_error when `e` is not held here
   std::size_t index_of(expert_id e) const {
     LOCUS_REQUIRE(contains(e), invalid_input_error, "expert_weights: expert ", e,
                   " is not among the experts held here (", experts_.size(), " experts)");
-    return static_cast<std::size_t>(index_[static_cast<std::size_t>(e)]);
+    return static_cast<std::size_t>(std::lower_bound(experts_.begin(), experts_.end(), e) - experts_.begin());
   }
 
   std::span<W> gate(expert_id e) { return {base(e), hidden_ * ffn_}; }
@@ -221,8 +223,7 @@ private:
 
   std::size_t hidden_ = 0;
   std::size_t ffn_ = 0;
-  std::vector<expert_id> experts_;
-  std::vector<std::int32_t> index_; //!< expert id → position, -1 when not held
+  std::vector<expert_id> experts_; //!< ascending
   std::vector<W> data_;
 };
 

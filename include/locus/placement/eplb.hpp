@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <locus/core/policy.hpp>
 #include <locus/placement/plan_input.hpp>
 #include <numeric>
@@ -169,8 +170,9 @@ inline eplb_result rebalance_experts(std::span<const float> weight, std::size_t 
                                      std::size_t num_gpus) {
   LOCUS_REQUIRE(layers > 0 && experts > 0, config_error, "rebalance_experts: the load table is ", layers, " × ",
                 experts, "; it needs at least one layer and one expert");
-  LOCUS_REQUIRE(weight.size() == layers * experts, invalid_input_error, "rebalance_experts: ", weight.size(),
-                " load values for ", layers, " layers × ", experts, " experts");
+  // Divided, not multiplied: 2^32 layers × 2^32 experts wraps to 0, which an empty table matched.
+  LOCUS_REQUIRE(weight.size() % experts == 0 && weight.size() / experts == layers, invalid_input_error,
+                "rebalance_experts: ", weight.size(), " load values for ", layers, " layers × ", experts, " experts");
   LOCUS_REQUIRE(num_groups > 0 && num_nodes > 0 && num_gpus > 0, config_error,
                 "rebalance_experts: num_groups, num_nodes and num_gpus must be positive (got ", num_groups, ", ",
                 num_nodes, ", ", num_gpus, ")");
@@ -231,9 +233,15 @@ struct eplb {
     in.validate();
     std::vector<float> weight;
     weight.reserve(in.layers() * in.experts);
-    for (const auto& layer : in.load)
+    for (const auto& layer : in.load) {
+      // Loads are on any scale, but EPLB adds them in float: a layer whose loads would round to
+      // infinity (1e300 is a valid load) or to zero is scaled to a largest load of 1, ratios kept.
+      const double max = *std::max_element(layer.begin(), layer.end());
+      const bool rescale = max > 0 && (max * static_cast<double>(in.experts) > std::numeric_limits<float>::max() ||
+                                       max < std::numeric_limits<float>::min());
       for (const double x : layer)
-        weight.push_back(static_cast<float>(x));
+        weight.push_back(static_cast<float>(rescale ? x / max : x));
+    }
     const auto r =
         rebalance_experts(weight, in.layers(), in.experts, in.slots(), groups, in.topology.nodes(), in.ranks());
     std::vector<expert_map> out;

@@ -132,6 +132,19 @@ inline split_floor min_max_split(const expert_map& map, std::span<const double> 
     total += rows[e];
   }
   LOCUS_REQUIRE(total > 0, invalid_input_error, "balance floor: the traffic has no rows");
+  // Counts on any finite scale: a sum past the largest double (inf) or a mean among the subnormals
+  // made max/mean NaN or inf. Such counts are solved scaled to a largest count of 1, the ratio
+  // kept and the loads scaled back.
+  if (!std::isfinite(total) || total / static_cast<double>(ranks) < std::numeric_limits<double>::min()) {
+    const double scale = *std::max_element(rows.begin(), rows.end());
+    std::vector<double> scaled(rows.begin(), rows.end());
+    for (double& x : scaled)
+      x /= scale;
+    split_floor out = min_max_split(map, scaled);
+    out.max_load *= scale;
+    out.mean_load *= scale;
+    return out;
+  }
 
   // W(S) / |S| for a set of ranks: the rows of experts hosted only inside S.
   const auto density = [&](const std::vector<bool>& in_set, std::size_t size) {

@@ -240,9 +240,23 @@ inline double js_divergence(std::span<const double> p, std::span<const double> q
     sq += q[i];
   }
   LOCUS_REQUIRE(sp > 0.0 && sq > 0.0, invalid_input_error, "js_divergence: a distribution sums to 0");
+  // Finite entries may sum past the largest double; then each is divided by its row's largest
+  // first (an infinite sum made every share 0 and the divergence 0).
+  const double up = std::isfinite(sp) ? 1.0 : *std::max_element(p.begin(), p.end());
+  const double uq = std::isfinite(sq) ? 1.0 : *std::max_element(q.begin(), q.end());
+  if (up != 1.0) {
+    sp = 0.0;
+    for (const double x : p)
+      sp += x / up;
+  }
+  if (uq != 1.0) {
+    sq = 0.0;
+    for (const double x : q)
+      sq += x / uq;
+  }
   double js = 0.0;
   for (std::size_t i = 0; i < p.size(); ++i) {
-    const double a = p[i] / sp, b = q[i] / sq, m = 0.5 * (a + b);
+    const double a = p[i] / up / sp, b = q[i] / uq / sq, m = 0.5 * (a + b);
     if (a > 0.0) js += 0.5 * a * std::log2(a / m);
     if (b > 0.0) js += 0.5 * b * std::log2(b / m);
   }
@@ -461,8 +475,8 @@ struct layer_transition {
 //! Transition counts from layer `l` to layer `l + 1`.
 //! @throws locus::invalid_input_error when l + 1 is not a layer
 inline layer_transition compute_transition(const trace& t, std::size_t l, token_filter filter = token_filter::all) {
-  LOCUS_REQUIRE(l + 1 < t.layers(), invalid_input_error, "compute_transition: layer ", l,
-                " has no next layer (the trace has ", t.layers(), ")");
+  LOCUS_REQUIRE(l < t.layers() && l + 1 < t.layers(), invalid_input_error, "compute_transition: layer ", l,
+                " has no next layer (the trace has ", t.layers(), ")"); // l + 1 wraps for l = 2^64 - 1
   layer_transition out;
   const std::size_t E = t.experts(), k = t.top_k();
   out.experts = E;

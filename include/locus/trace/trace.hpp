@@ -216,8 +216,9 @@ public:
 
   //! The layers `[first, first + count)`. @throws locus::invalid_input_error when out of range
   trace select_layers(std::size_t first, std::size_t count) const {
-    LOCUS_REQUIRE(first + count <= layers_ && count > 0, invalid_input_error, "trace::select_layers: layers [", first,
-                  ", ", first + count, ") not inside [0, ", layers_, ")");
+    // Subtracted, not added: first + count may wrap past 2^64 - 1.
+    LOCUS_REQUIRE(count > 0 && first <= layers_ && count <= layers_ - first, invalid_input_error,
+                  "trace::select_layers: ", count, " layers from layer ", first, " are not inside [0, ", layers_, ")");
     trace out = *this;
     out.layers_ = count;
     out.model_layers_.resize(count);

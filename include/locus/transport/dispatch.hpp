@@ -262,6 +262,9 @@ public:
     LOCUS_REQUIRE(map.ranks() == ex.topology().ranks(), config_error, "moe_dispatcher: the expert map has ",
                   map.ranks(), " ranks but the transport has ", ex.topology().ranks());
     LOCUS_REQUIRE(hidden > 0, config_error, "moe_dispatcher: the hidden size must be positive");
+    // A row width that wraps (hidden 2^62 + 1 floats: 4 bytes) would pass every later size check.
+    LOCUS_REQUIRE(hidden <= SIZE_MAX / sizeof(T), config_error, "moe_dispatcher: hidden size ", hidden,
+                  " makes rows of more than 2^64 - 1 bytes");
     const std::size_t slots = map.slots_per_rank();
     local_experts_ = map.experts_on(ex.rank());
     std::sort(local_experts_.begin(), local_experts_.end());
@@ -326,9 +329,9 @@ public:
           "moe_dispatcher::dispatch: the layout is a ", to_string(l.kind()), " layout of rank ", l.source_rank(),
           " over ", l.ranks(), " ranks and ", l.slots_per_rank(), " slots; this dispatcher needs a ", to_string(kind()),
           " layout of rank ", ex_->rank(), " over ", topo.ranks(), " ranks and ", map_->slots_per_rank(), " slots");
-    else if (x.size() != l.tokens() * hidden_)
-      problem = ::locus::detail::concat("moe_dispatcher::dispatch: ", l.tokens(), " tokens need ", l.tokens() * hidden_,
-                                        " input values, got ", x.size());
+    else if (x.size() % hidden_ != 0 || x.size() / hidden_ != l.tokens())
+      problem = ::locus::detail::concat("moe_dispatcher::dispatch: ", l.tokens(), " tokens of hidden size ", hidden_,
+                                        " need tokens × hidden input values, got ", x.size());
     else if (l.tokens() > 0 && l.entry_weight().empty())
       problem = "moe_dispatcher::dispatch: the layout carries no routing weights";
     const bool use = problem.empty();
@@ -392,13 +395,16 @@ public:
   //! @param y tokens × hidden, token-major
   //! @throws locus::invalid_input_error (after the exchanges) on a size mismatch
   void combine(std::span<T> y, handle_type& h) {
-    const bool size_ok = y.size() == h.tokens_ * hidden_;
+    // A handle another dispatcher filled holds rows of its own hidden size: none of them is read
+    // (zeros go back, so peers still finish) and this rank raises after the exchanges.
+    const bool handle_ok = h.hidden_ == hidden_;
+    const bool size_ok = handle_ok && y.size() % hidden_ == 0 && y.size() / hidden_ == h.tokens_;
     const std::size_t copies = h.received_copies();
     // Each received copy's weighted partial sum, in fp32.
     float* partial = h.sums_.data();
-    if (!h.sums_taken_) {
+    if (!h.sums_taken_ || !handle_ok) {
       partial_.assign(copies * hidden_, 0.0f);
-      weighted_sums(h, partial_.data());
+      if (handle_ok) weighted_sums(h, partial_.data());
       partial = partial_.data();
     }
     h.sums_taken_ = false;
@@ -433,8 +439,11 @@ public:
       ex_->exchange({exchange_group::rail, row_bytes_, as_rows(forward, stage1), h.rows_a_.counts, {}}, back_);
       add_back(back_, h.origins_a_, acc, nullptr);
     }
-    LOCUS_REQUIRE(size_ok, invalid_input_error, "moe_dispatcher::combine: ", h.tokens_, " tokens need ",
-                  h.tokens_ * hidden_, " output values, got ", y.size());
+    LOCUS_REQUIRE(handle_ok, invalid_input_error,
+                  "moe_dispatcher::combine: the handle was dispatched with hidden size ", h.hidden_,
+                  " but this dispatcher's is ", hidden_);
+    LOCUS_REQUIRE(size_ok, invalid_input_error, "moe_dispatcher::combine: ", h.tokens_, " tokens of hidden size ",
+                  hidden_, " need tokens × hidden output values, got ", y.size());
     if constexpr (!in_place)
       for (std::size_t i = 0; i < acc_.size(); ++i)
         y[i] = static_cast<T>(acc_[i]);

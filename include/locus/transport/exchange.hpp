@@ -350,13 +350,18 @@ inline std::uint32_t check_request(const exchange_request& req, std::size_t memb
                                   to_string(req.group), " group has ", members, " members");
     return expected_size;
   }
+  // Summed and multiplied without wrapping: counts of 2^63 to two members add up to 0 rows, which
+  // an empty buffer matched, and each receiver was then told to expect 2^63 rows.
   std::size_t total = 0;
-  for (std::size_t c : req.counts)
+  bool fits = true;
+  for (std::size_t c : req.counts) {
+    fits &= c <= SIZE_MAX - total;
     total += c;
-  if (total * req.row_bytes != req.rows.size()) {
-    why = ::locus::detail::concat("the counts add up to ", total, " rows of ", req.row_bytes,
-                                  " bytes = ", total * req.row_bytes, " bytes but the send buffer holds ",
-                                  req.rows.size(), " bytes");
+  }
+  if (!fits || total > req.rows.size() / req.row_bytes || total * req.row_bytes != req.rows.size()) {
+    why = fits ? ::locus::detail::concat("the counts add up to ", total, " rows of ", req.row_bytes,
+                                         " bytes but the send buffer holds ", req.rows.size(), " bytes")
+               : std::string("the counts add up to more than 2^64 - 1 rows");
     return rows_size;
   }
   if (req.entry_bytes == 0 ? !req.entry_counts.empty() : req.entry_counts.size() != members) {
@@ -366,11 +371,16 @@ inline std::uint32_t check_request(const exchange_request& req, std::size_t memb
     return entry_counts_size;
   }
   std::size_t entries = 0;
-  for (std::size_t c : req.entry_counts)
+  fits = true;
+  for (std::size_t c : req.entry_counts) {
+    fits &= c <= SIZE_MAX - entries;
     entries += c;
-  if (entries * req.entry_bytes != req.entries.size()) {
-    why = ::locus::detail::concat("the entry counts add up to ", entries, " entries of ", req.entry_bytes,
-                                  " bytes but the entry buffer holds ", req.entries.size(), " bytes");
+  }
+  if (!fits || (req.entry_bytes != 0 && entries > req.entries.size() / req.entry_bytes) ||
+      entries * req.entry_bytes != req.entries.size()) {
+    why = fits ? ::locus::detail::concat("the entry counts add up to ", entries, " entries of ", req.entry_bytes,
+                                         " bytes but the entry buffer holds ", req.entries.size(), " bytes")
+               : std::string("the entry counts add up to more than 2^64 - 1 entries");
     return entries_size;
   }
   return ok;

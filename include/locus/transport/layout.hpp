@@ -261,7 +261,8 @@ void layout<TopK>::assign(const routing_view<TopK, Id, Weight, memory_space::hos
     LOCUS_REQUIRE(k <= max_dynamic_top_k, config_error, "layout: top_k ", k, " exceeds the supported ",
                   max_dynamic_top_k, " (use a static top_k<K>)");
   LOCUS_REQUIRE(r.tokens() == 0 || r.ids() != nullptr, invalid_input_error, "layout: the routing has no expert ids");
-  LOCUS_REQUIRE(r.tokens() * k <= static_cast<std::size_t>(INT32_MAX) / 2, invalid_input_error, "layout: ", r.tokens(),
+  // Divided, not multiplied: 2^62 tokens × top_k 4 wraps to 0 copies.
+  LOCUS_REQUIRE(r.tokens() <= static_cast<std::size_t>(INT32_MAX) / 2 / k, invalid_input_error, "layout: ", r.tokens(),
                 " tokens × top_k ", k, " copies exceed 32-bit indices");
   kind_ = opt.kind;
   tokens_ = r.tokens();
@@ -542,6 +543,10 @@ public:
   void assign(std::size_t slots_per_rank, std::span<const std::int32_t> row_entry_counts,
               std::span<const std::int32_t> entry_slot, std::span<const float> entry_weight = {}) {
     LOCUS_REQUIRE(slots_per_rank > 0, config_error, "receive_layout: zero slots per rank");
+    // Slots are 32-bit in the entries; a larger count would size the table from a typing mistake
+    // (and 2^64 - 1 wrapped it to nothing).
+    LOCUS_REQUIRE(slots_per_rank <= static_cast<std::size_t>(INT32_MAX), config_error,
+                  "receive_layout: ", slots_per_rank, " slots per rank exceed 32-bit slot ids (at most 2^31-1)");
     LOCUS_REQUIRE(entry_weight.empty() || entry_weight.size() == entry_slot.size(), invalid_input_error,
                   "receive_layout: ", entry_slot.size(), " entry slots but ", entry_weight.size(), " weights");
     LOCUS_REQUIRE(entry_slot.size() <= static_cast<std::size_t>(INT32_MAX), invalid_input_error,
@@ -633,6 +638,9 @@ inline node_fanout make_node_fanout(std::size_t gpus_per_node, std::span<const s
                                     std::span<const std::int32_t> entry_slot,
                                     std::span<const float> entry_weight = {}) {
   LOCUS_REQUIRE(gpus_per_node > 0, config_error, "node_fanout: zero GPUs per node");
+  // Bounded as a topology is: the per-target table is sized from it (2^64 - 1 wrapped it to nothing).
+  LOCUS_REQUIRE(gpus_per_node <= max_topology_ranks, config_error, "node_fanout: ", gpus_per_node,
+                " GPUs per node exceed ", max_topology_ranks, " ranks");
   LOCUS_REQUIRE(entry_target.size() == entry_slot.size() &&
                     (entry_weight.empty() || entry_weight.size() == entry_slot.size()),
                 invalid_input_error, "node_fanout: ", entry_target.size(), " targets, ", entry_slot.size(),

@@ -35,8 +35,9 @@ template <class T>
 inline constexpr bool element_type = std::is_same_v<T, float> || std::is_same_v<T, bfloat16>;
 
 inline void check_size(const char* what, const char* name, std::size_t got, std::size_t rows, std::size_t hidden) {
-  LOCUS_REQUIRE(got == rows * hidden, invalid_input_error, what, ": ", name, " holds ", got, " values, expected ", rows,
-                " rows × hidden ", hidden, " = ", rows * hidden);
+  // Divided, not multiplied: 2 rows × hidden 2^63 wraps to 0 and would pass with empty spans.
+  LOCUS_REQUIRE(hidden == 0 ? got == 0 : got % hidden == 0 && got / hidden == rows, invalid_input_error, what, ": ",
+                name, " holds ", got, " values, expected ", rows, " rows × hidden ", hidden);
 }
 
 // Rows below this are copied on the caller: a thread start costs more than copying them.

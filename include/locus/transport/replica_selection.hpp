@@ -201,11 +201,11 @@ LOCUS_HOST_DEVICE std::int32_t choose_replica(const std::int32_t* fixed, const s
 //! simulator keeps one per layer and hands hot() to the selector of the next step.
 class hot_rank_tracker {
 public:
-  //! @throws locus::config_error when `ranks` is 0 or `slack` is negative or not finite
+  //! @throws locus::config_error when `ranks` is 0 or above max_topology_ranks, or `slack` is
+  //!         negative or not finite
   hot_rank_tracker(std::size_t ranks, double slack, std::size_t window = 0)
-      : load_(ranks, 0.0), hot_(ranks, 0), slack_(slack),
+      : load_(checked_ranks(ranks), 0.0), hot_(ranks, 0), slack_(slack),
         keep_(window == 0 ? 1.0 : 1.0 - 1.0 / static_cast<double>(window)) {
-    LOCUS_REQUIRE(ranks > 0, config_error, "hot_rank_tracker: no ranks");
     LOCUS_REQUIRE(slack >= 0 && slack < 1e9, config_error, "hot_rank_tracker: slack is ", slack,
                   ", expected a finite number >= 0");
   }
@@ -230,6 +230,13 @@ public:
   }
 
 private:
+  // Checked before the tables are sized from it: 2^62 ranks was a length_error.
+  static std::size_t checked_ranks(std::size_t ranks) {
+    LOCUS_REQUIRE(ranks > 0 && ranks <= max_topology_ranks, config_error, "hot_rank_tracker: ", ranks,
+                  " ranks, expected 1..", max_topology_ranks);
+    return ranks;
+  }
+
   std::vector<double> load_;
   std::vector<std::uint8_t> hot_;
   double slack_, keep_;
