@@ -22,6 +22,7 @@
 #include <filesystem>
 #include <fstream>
 #include <locus/placement/token_refine.hpp>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <sstream>
@@ -91,34 +92,78 @@ locus::placement::token_sample decode_tokens(const locus::trace::trace& t, const
   return s;
 }
 
-// Mean over layers of the busiest GPU's pairs over the mean (the comm_volume aggregate metric); a
-// token's pair for a replicated expert goes to the copy on its node, else to copy t mod copies.
+// The rank serving each of layer l's pairs (token-major) under the engines' default replica rule,
+// locality_first, written here from its definition (transport/replica_selection.hpp) rather than
+// through the library, so that the check below tests sample_copy_cost: a token runs on rank
+// home * gpus + t mod gpus; a replica on that rank serves it; otherwise, among the replicas on its
+// node (or all of them when its node has none), in rank order, the n-th such copy of the expert
+// from that rank goes to candidate (rank + n) mod m. The sample's tokens in order are one step.
+std::vector<std::size_t> serving_ranks(const locus::expert_map& map, const locus::placement::token_sample& s,
+                                       std::size_t l, const locus::dynamic_topology& topo) {
+  const std::size_t G = topo.gpus_per_node();
+  std::vector<std::size_t> out(s.ids[l].size());
+  std::map<std::pair<std::size_t, std::size_t>, std::size_t> nth; // (source rank, expert) → rotated copies
+  for (std::size_t i = 0; i < s.ids[l].size(); ++i) {
+    const std::size_t t = i / s.top_k, src = s.home[t] * G + t % G, e = s.ids[l][i];
+    std::vector<std::size_t> reps, near;
+    for (const auto& c : map.replicas(static_cast<locus::expert_id>(e)))
+      reps.push_back(static_cast<std::size_t>(c.rank));
+    std::sort(reps.begin(), reps.end());
+    if (std::find(reps.begin(), reps.end(), src) != reps.end()) {
+      out[i] = src;
+      continue;
+    }
+    for (const auto r : reps)
+      if (topo.node_of(r) == topo.node_of(src)) near.push_back(r);
+    const auto& cands = near.empty() ? reps : near;
+    auto& n = nth[{src, e}];
+    out[i] = cands[(src + n) % cands.size()];
+    if (reps.size() > 1) ++n;
+  }
+  return out;
+}
+
+// Mean over layers of the busiest GPU's pairs over the mean (the comm_volume aggregate metric),
+// pairs served as serving_ranks says.
 double gpu_max_over_mean(const std::vector<locus::expert_map>& maps, const locus::placement::token_sample& s,
                          const locus::dynamic_topology& topo) {
   double sum = 0;
   for (std::size_t l = 0; l < maps.size(); ++l) {
     std::vector<double> load(maps[l].ranks(), 0.0);
-    for (std::size_t i = 0; i < s.ids[l].size(); ++i) {
-      const std::size_t t = i / s.top_k;
-      const auto copies = maps[l].replicas(s.ids[l][i]);
-      auto r = static_cast<std::size_t>(copies[t % copies.size()].rank);
-      for (const auto& c : copies)
-        if (topo.node_of(static_cast<std::size_t>(c.rank)) == s.home[t]) {
-          r = static_cast<std::size_t>(c.rank);
-          break;
-        }
+    for (const auto r : serving_ranks(maps[l], s, l, topo))
       load[r] += 1;
-    }
     const double mean = std::accumulate(load.begin(), load.end(), 0.0) / static_cast<double>(load.size());
     sum += *std::max_element(load.begin(), load.end()) / mean;
   }
   return sum / static_cast<double>(maps.size());
 }
 
-// Copies of token t (ids: its top-k experts) if its request ran on node n: each expert served by
-// its copy on n if there is one, else by copy t mod copies (the rule sample_copy_cost counts);
-// flat counts distinct remote GPUs, hierarchical distinct remote nodes. Written apart from the
-// library so that the free-homes search checks sample_copy_cost on every round.
+// The sample's copies at its tokens' homes, pairs served as serving_ranks says: per token, flat
+// counts its distinct GPUs on other nodes, hierarchical its distinct other nodes.
+double sample_copies(const std::vector<locus::expert_map>& maps, const locus::placement::token_sample& s,
+                     const locus::dynamic_topology& topo, bool hier) {
+  double c = 0;
+  for (std::size_t l = 0; l < maps.size(); ++l) {
+    const auto ranks = serving_ranks(maps[l], s, l, topo);
+    for (std::size_t t = 0; t < s.tokens(); ++t) {
+      std::vector<std::size_t> seen;
+      for (std::size_t j = 0; j < s.top_k; ++j) {
+        const std::size_t r = ranks[t * s.top_k + j];
+        if (topo.node_of(r) == s.home[t]) continue;
+        const std::size_t key = hier ? topo.node_of(r) : r;
+        if (std::find(seen.begin(), seen.end(), key) == seen.end()) seen.push_back(key);
+      }
+      c += static_cast<double>(seen.size());
+    }
+  }
+  return c;
+}
+
+// Copies of token t (ids: its top-k experts) if its request ran on node n, the free-homes search's
+// estimate: each expert served by its copy on n if there is one, else by copy t mod copies (the
+// rule's rotation depends on the other tokens of the source, which a move changes); flat counts
+// distinct remote GPUs, hierarchical distinct remote nodes. The exact count at the chosen homes is
+// sample_copies.
 double token_copies(const locus::expert_map& map, const std::uint16_t* ids, std::size_t k, std::size_t t, std::size_t n,
                     const locus::dynamic_topology& topo, bool hier) {
   std::vector<std::size_t> seen;
@@ -331,13 +376,8 @@ int main(int argc, char** argv) try {
               const auto maps = fit_maps(tokens, redundant, o);
               const double copies = locus::placement::sample_copy_cost(maps, tokens, topo, o);
               const auto cost = request_node_copies(maps, tokens, test_owner, test.requests(), topo, hier);
-              // The same copies, counted apart: every request's row at its home.
-              std::vector<std::int64_t> home_of(test.requests(), -1);
-              for (std::size_t t = 0; t < tokens.tokens(); ++t)
-                home_of[test_owner[t]] = tokens.home[t];
-              double mine = 0;
-              for (std::size_t r = 0; r < test.requests(); ++r)
-                if (home_of[r] >= 0) mine += cost[r * topo.nodes() + static_cast<std::size_t>(home_of[r])];
+              // The same copies, counted apart from the library.
+              const double mine = sample_copies(maps, tokens, topo, hier);
               if (std::abs(mine - copies) > 1e-6 * std::max(1.0, copies))
                 throw std::runtime_error("the independent copy count " + std::to_string(mine) +
                                          " differs from sample_copy_cost " + std::to_string(copies));

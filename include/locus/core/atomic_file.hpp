@@ -49,7 +49,7 @@ public:
     resolve_target();
     struct stat st {};
     const bool exists = ::stat(target_.c_str(), &st) == 0;
-    if (exists && S_ISDIR(st.st_mode)) fail(target_, "cannot write: it is a directory", EISDIR);
+    if (exists && S_ISDIR(st.st_mode)) fail(target_, "cannot write", EISDIR, "it is a directory");
     if (exists && !S_ISREG(st.st_mode)) {
       // A device or FIFO: rename would replace the node itself, so write straight into it.
       fd_ = ::open(target_.c_str(), O_WRONLY | O_CLOEXEC);
@@ -159,9 +159,10 @@ public:
 private:
   static constexpr std::size_t buffer_capacity = std::size_t{1} << 20;
 
-  [[noreturn]] void fail(const std::string& what_path, const char* what, int e) {
+  //! `why` words the cause when the system's words for `e` would only repeat it.
+  [[noreturn]] void fail(const std::string& what_path, const char* what, int e, const char* why = nullptr) {
     abandon();
-    throw io_error(detail::concat(what_path, ": ", what, ": ", std::strerror(e)), __FILE__, __LINE__, e);
+    throw io_error(detail::concat(what_path, ": ", what, ": ", why ? why : std::strerror(e)), __FILE__, __LINE__, e);
   }
 
   //! A fresh `.<name>.locus-tmp.<pid>.<n>` beside the target: created with `open(flags)` into fd_
