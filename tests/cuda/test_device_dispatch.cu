@@ -428,7 +428,6 @@ struct doctored_endpoint {
                              device_exchange_result& out) {
     ep->exchange_device_known(g, row_bytes, send, send_counts, recv_counts, out);
   }
-  void exchange(const exchange_request& req, exchange_result& out) { ep->exchange(req, out); }
   void synchronize(const char* what) { ep->synchronize(what); }
   void exchange_device_counts(exchange_group g, std::size_t row_bytes, std::span<const std::size_t> counts,
                               std::size_t entry_bytes, std::span<const std::size_t> entry_counts, device_counts& out,
