@@ -49,6 +49,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <cub/device/device_scan.cuh>
 #include <exception>
 #include <locus/core/device_buffer.hpp>
 #include <locus/core/error.hpp>
@@ -140,11 +141,7 @@ LOCUS_DETAIL_NODE_STEP_KERNEL(return_index,
                               (g, tables, gpus, layout_rows, node_rows, index))
 #undef LOCUS_DETAIL_NODE_STEP_KERNEL
 
-// The shared stage bodies the hierarchical step runs as they are.
-template <class = void>
-__global__ void exclusive_scan_kernel(const std::int32_t* in, std::size_t n, std::int32_t* out) {
-  stage::exclusive_scan(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, in, n, out);
-}
+// The receive layout's metadata check, run by the rail peer on its rail metadata.
 template <class = void>
 __global__ void metadata_check_kernel(const std::int32_t* row_entries, std::size_t rows, const std::int32_t* slot,
                                       std::size_t entries, std::size_t slots, std::int32_t* flag) {
@@ -499,7 +496,12 @@ private:
     const std::size_t rin = sc_.rail_in, rin_entries = sc_.rail_in_entries;
     ex_->exchange_device_known(exchange_group::rail, sizeof(std::int32_t), bytes_of(row_entries_.data()), sc_.rail_send,
                                sc_.rail_recv, meta_);
-    dd::keep(meta_, fwd_row_entries_, stream_);
+    // The rail rows' entry counts, with a 0 after them for the scan.
+    fwd_row_entries_.resize(rin + 1);
+    if (rin > 0)
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(fwd_row_entries_.data(), meta_.rows, rin * sizeof(std::int32_t),
+                                       cudaMemcpyDeviceToDevice, stream_));
+    LOCUS_CUDA_CHECK(cudaMemsetAsync(fwd_row_entries_.data() + rin, 0, sizeof(std::int32_t), stream_));
     ex_->exchange_device_known(exchange_group::rail, sizeof(ns::node_entry), bytes_of(rail_send_entries_.data()),
                                sc_.rail_send_entries, sc_.rail_recv_entries, meta_);
     dd::keep(meta_, fwd_entries_, stream_);
@@ -515,8 +517,10 @@ private:
     fwd_weight_.resize(std::max<std::size_t>(rin_entries, 1));
     fwd_reo_.resize(rin + 1);
     const std::size_t fan = G * rin;
-    fan_count_.resize(std::max<std::size_t>(fan, 1));
-    fan_present_.resize(std::max<std::size_t>(fan, 1));
+    fan_count_.resize(fan + 1);
+    fan_present_.resize(fan + 1);
+    LOCUS_CUDA_CHECK(cudaMemsetAsync(fan_count_.data() + fan, 0, sizeof(std::int32_t), stream_));
+    LOCUS_CUDA_CHECK(cudaMemsetAsync(fan_present_.data() + fan, 0, sizeof(std::int32_t), stream_));
     row_at_.resize(fan + 1);
     entry_at_.resize(fan + 1);
     fan_row_.resize(std::max<std::size_t>(fan, 1));
@@ -529,11 +533,11 @@ private:
            fwd_slot_.data(), fwd_weight_.data());
     launch(std::max(rin, rin_entries), dd::metadata_check_kernel<>, fwd_row_entries_.data(), rin, fwd_target_.data(),
            rin_entries, G, flag);
-    launch(1, dd::exclusive_scan_kernel<>, fwd_row_entries_.data(), rin, fwd_reo_.data());
+    scan(fwd_row_entries_.data(), rin, fwd_reo_.data());
     launch(rin, dd::fanout_count_kernel<>, fwd_reo_.data(), fwd_target_.data(), rin, G, flag, fan_count_.data(),
            fan_present_.data());
-    launch(1, dd::exclusive_scan_kernel<>, fan_present_.data(), fan, row_at_.data());
-    launch(1, dd::exclusive_scan_kernel<>, fan_count_.data(), fan, entry_at_.data());
+    scan(fan_present_.data(), fan, row_at_.data());
+    scan(fan_count_.data(), fan, entry_at_.data());
     launch(G + 1, dd::fanout_check_kernel<>, row_at_.data(), entry_at_.data(), rin, G, tables_.data(), flag);
     launch(rin, dd::fanout_place_kernel<>, fwd_reo_.data(), fwd_target_.data(), fwd_slot_.data(), fwd_weight_.data(),
            rin, G, row_at_.data(), entry_at_.data(), flag, fan_row_.data(), fan_row_entries_.data(), fan_slot_.data(),
@@ -585,12 +589,13 @@ private:
     copy_rows(reinterpret_cast<const T*>(returned_.rows), 0, nout, pool_.data());
     // Each rail row's sum over the node ranks it went to, in target order (zeros once the
     // forwarding check failed).
-    fan_count_.resize(std::max<std::size_t>(rin, 1));
+    fan_count_.resize(rin + 1);
+    LOCUS_CUDA_CHECK(cudaMemsetAsync(fan_count_.data() + rin, 0, sizeof(std::int32_t), stream_));
     fwd_reo_.resize(rin + 1);
     fan_row_.resize(std::max<std::size_t>(G * rin, 1));
     ones_.resize(std::max<std::size_t>(nout, 1));
     launch(rin, dd::forward_count_kernel<>, row_at_.data(), rin, G, flag, fan_count_.data());
-    launch(1, dd::exclusive_scan_kernel<>, fan_count_.data(), rin, fwd_reo_.data());
+    scan(fan_count_.data(), rin, fwd_reo_.data());
     launch(rin, dd::forward_place_kernel<>, row_at_.data(), rin, G, tables_.data(), fwd_reo_.data(), flag,
            fan_row_.data());
     launch(nout, dd::fill_kernel<>, nout, 1.0f, ones_.data());
@@ -618,6 +623,17 @@ private:
     if (rows > 0)
       LOCUS_CUDA_CHECK(
           cudaMemcpyAsync(dst, src + first * hidden_, rows * hidden_ * sizeof(T), cudaMemcpyDeviceToDevice, stream_));
+  }
+
+  // out[0 .. n] = the exclusive scan of in[0 .. n) with the total at out[n]; `in` holds n + 1
+  // values, the last 0. CUB's device-wide scan: the fan-out's arrays are rail rows × GPUs long, too
+  // long for stage::exclusive_scan's one thread (the same sums: the CPU tests run that body).
+  void scan(const std::int32_t* in, std::size_t n, std::int32_t* out) {
+    std::size_t bytes = 0;
+    LOCUS_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, bytes, in, out, static_cast<int>(n + 1), stream_));
+    scan_temp_.resize(std::max<std::size_t>(bytes, 1));
+    LOCUS_CUDA_CHECK(
+        cub::DeviceScan::ExclusiveSum(scan_temp_.data(), bytes, in, out, static_cast<int>(n + 1), stream_));
   }
 
   // Launches a stage-body kernel over `items` items (at least one block).
@@ -662,6 +678,7 @@ private:
   device_buffer<std::int32_t> fan_count_, fan_present_, row_at_, entry_at_, fan_row_, fan_row_entries_, fan_slot_,
       fan_source_, index_;
   device_buffer<T> src_, stage_send_, pool_, ret_;
+  device_buffer<unsigned char> scan_temp_;
 };
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport
