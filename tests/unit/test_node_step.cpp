@@ -391,10 +391,10 @@ BOOST_AUTO_TEST_CASE(member_of_finds_the_range_past_empty_members) {
   BOOST_TEST(ns::member_of(one.data(), 1, 2) == 0u);
 }
 
-// The count round's sizes are what the peers compute from the same messages, whatever a receiver
-// refuses; a refusal names the sender and leaves no segments.
+// A refusal names the sender and leaves no segments; the sizes a receiver refuses still run the
+// step's exchanges (those it sends are its own layout's, and its self-exchange stays consistent).
 BOOST_AUTO_TEST_CASE(doctored_rounds_are_refused) {
-  std::size_t own = 0, rail = 0, stranger = 0, width = 0, empty = 0;
+  std::size_t own = 0, rail = 0, rail_self = 0, stranger = 0, width = 0, empty = 0;
   for (std::uint64_t seed = 1; seed <= 30; ++seed) {
     const auto c = locus_test::make_case(seed, 2, 2);
     const std::size_t R = c.topo.ranks(), G = 2, S = c.map.slots_per_rank(), W = ns::tail_width(S, G);
@@ -411,6 +411,9 @@ BOOST_AUTO_TEST_CASE(doctored_rounds_are_refused) {
         BOOST_TEST(why.find("by rank " + std::to_string(peer) + " of its node") != std::string::npos, why);
         BOOST_TEST((bad.slot_offsets == std::vector<std::int32_t>(S + 1, 0)));
         BOOST_TEST((bad.node_send == good.node_send && bad.rail_send == good.rail_send));
+        BOOST_TEST(bad.node_recv[q % G] == bad.node_send[q % G]);
+        BOOST_TEST(bad.node_recv_entries[q % G] == bad.node_send_entries[q % G]);
+        BOOST_TEST((bad.sized && bad.indexable));
         ++own;
         // A rail peer announcing entries its forwards do not add up to.
         d = delivered(cr.round, q, W);
@@ -418,6 +421,18 @@ BOOST_AUTO_TEST_CASE(doctored_rounds_are_refused) {
         why = ns::counts_from(cr.counts(q), d, G, q, S, bad);
         BOOST_TEST(why.find("by rank " + std::to_string(rail_peer) + ", which forwards") != std::string::npos, why);
         ++rail;
+        // A rail peer whose reach of this rank differs from what it says this rank forwards to
+        // itself: this rank's self-exchange would be sized two ways.
+        d = delivered(cr.round, q, W);
+        ++d.tail[rail_peer * W + S]; // its reach of q
+        why = ns::counts_from(cr.counts(q), d, G, q, S, bad);
+        BOOST_TEST(why.find("was told by rank " + std::to_string(rail_peer)) != std::string::npos, why);
+        BOOST_TEST(bad.node_recv[q % G] == bad.node_send[q % G]);
+        std::size_t in = 0;
+        for (std::size_t g = 0; g < G; ++g)
+          in += bad.node_recv[g];
+        BOOST_TEST(bad.node_in == in);
+        ++rail_self;
         // A rank of another node, not its rail peer, sending first-hand.
         d = delivered(cr.round, q, W);
         ++d.rows[stranger_rank];
@@ -429,6 +444,7 @@ BOOST_AUTO_TEST_CASE(doctored_rounds_are_refused) {
         d.tail_width = S;
         why = ns::counts_from(cr.counts(q), d, G, q, S, bad);
         BOOST_TEST(why.find("needs " + std::to_string(W)) != std::string::npos, why);
+        BOOST_TEST(!bad.sized);
         ++width;
       }
     }
@@ -453,6 +469,7 @@ BOOST_AUTO_TEST_CASE(doctored_rounds_are_refused) {
   }
   BOOST_TEST(own > 0u);
   BOOST_TEST(rail > 0u);
+  BOOST_TEST(rail_self > 0u);
   BOOST_TEST(stranger > 0u);
   BOOST_TEST(width > 0u);
   BOOST_TEST(empty > 0u);
@@ -469,7 +486,8 @@ BOOST_AUTO_TEST_CASE(fanout_against_other_announced_forwards_is_flagged) {
     auto cr = make_round(c);
     for (std::size_t q = 0; q < R; ++q) {
       // Rail peer p of q moves, in its tail, one forwarded row from one rank of q's node to the
-      // other: every sum the round can check still holds.
+      // other: every sum the round can check still holds (on a transport the other rank's node
+      // stage would then be sized differently by q and by itself; here only q's bodies run).
       const std::size_t p = (q + G) % R;
       const auto fwd_at = [&](std::size_t t) { return q * W + S + 1 + 2 * t; };
       const std::uint32_t rows_p = static_cast<std::uint32_t>(cr.round.rows[p][q]);
@@ -478,6 +496,9 @@ BOOST_AUTO_TEST_CASE(fanout_against_other_announced_forwards_is_flagged) {
       auto round = cr.round;
       --round.tail[p][fwd_at(a)];
       ++round.tail[p][fwd_at(b)];
+      // ... and its reach of q with it, as an honest tail would say it (the round checks that).
+      if (a == q % G) --round.tail[p][q * W + S];
+      if (b == q % G) ++round.tail[p][q * W + S];
       ns::step_counts sc;
       const std::string why = ns::counts_from(cr.counts(q), delivered(round, q, W), G, q, S, sc);
       BOOST_TEST(why.empty(), why); // the round alone cannot tell
@@ -553,4 +574,53 @@ BOOST_AUTO_TEST_CASE(fanout_against_other_announced_forwards_is_flagged) {
     }
   }
   BOOST_TEST(seen > 0u);
+}
+
+// A round whose sizes pass 32-bit offsets (consistent otherwise) is refused and leaves zero tables,
+// and the bodies the dispatcher then runs with its forwarding check failed stay in bounds: every
+// node stage position takes its guarded branch and every layout row returns from inside the pool.
+BOOST_AUTO_TEST_CASE(a_step_past_32_bit_offsets_indexes_nothing) {
+  const std::size_t G = 2, R = 4, S = 1, W = ns::tail_width(S, G), q = 0, peer = 2;
+  // Rank 0's own layout: 3 rows to rank 1 (its node), 2 rail rows to rank 2.
+  const std::vector<std::int32_t> ro{0, 0, 3, 5, 5}, eo{0, 0, 4, 7, 7}, sc{0, 4, 3, 0}, reach{0, 3, 2, 1};
+  const ns::layout_counts lc{ro, eo, sc, reach};
+  device_counts d;
+  d.tail_width = W;
+  d.rows.assign(R, 0);
+  d.entries.assign(R, 0);
+  d.tail.assign(R * W, 0);
+  const std::uint32_t huge = 1u << 31; // entries, one past INT32_MAX
+  d.rows[peer] = 1;
+  d.entries[peer] = huge;
+  d.tail[peer * W + 0] = huge;          // its entries for q's slot 0
+  d.tail[peer * W + S] = 1;             // its row reaching q
+  d.tail[peer * W + S + 1 + 2 * 0] = 1; // forwards one row to q itself
+  d.tail[peer * W + S + 2 + 2 * 0] = huge;
+  ns::step_counts out;
+  const std::string why = ns::counts_from(lc, d, G, q, S, out);
+  BOOST_TEST(why.find("past 32-bit offsets") != std::string::npos, why);
+  BOOST_TEST(out.sized);
+  BOOST_TEST(!out.indexable);
+  BOOST_TEST((out.tables == std::vector<std::int32_t>(ns::table_count * (G + 1), 0)));
+  BOOST_TEST(out.node_send[0] == 1u); // the forwarded row, sized as the peers size it
+  // The bodies over a small n with the flag set (the sizes themselves are not allocated here).
+  const std::int32_t flag = ns::past_32_bits;
+  const std::size_t n = 4, layout_rows = 5;
+  const std::vector<std::int32_t> fan_row(1, 99), fan_row_entries(1, 99), fan_slot(1, 99), reo{0, 1, 2, 3, 4, 5};
+  const std::vector<float> fan_weight(1, 9.0f);
+  std::vector<std::int32_t> index(n, -5), entries(n, -5), slot(n, -5), ret(layout_rows, -5);
+  std::vector<float> weight(n, -5.0f);
+  run({2, 3}, [&](st::grid_index g) {
+    ns::node_send_rows(g, out.tables.data(), G, fan_row.data(), static_cast<std::int32_t>(layout_rows), n, &flag,
+                       index.data());
+    ns::node_send_row_entries(g, out.tables.data(), G, reo.data(), fan_row_entries.data(), n, &flag, entries.data());
+    ns::node_send_entries(g, out.tables.data(), G, reo.data(), nullptr, fan_slot.data(), fan_weight.data(), n, &flag,
+                          slot.data(), weight.data());
+    ns::return_index(g, out.tables.data(), G, layout_rows, static_cast<std::int32_t>(n), ret.data());
+  });
+  BOOST_TEST(index == std::vector<std::int32_t>(n, 0));
+  BOOST_TEST(entries == std::vector<std::int32_t>(n, 0));
+  BOOST_TEST(slot == std::vector<std::int32_t>(n, -1));
+  for (std::size_t r = 0; r < layout_rows; ++r)
+    BOOST_TEST((ret[r] >= 0 && static_cast<std::size_t>(ret[r]) < n + layout_rows)); // the pool: n + layout rows
 }

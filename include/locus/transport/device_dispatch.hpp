@@ -203,7 +203,8 @@ public:
       slot_expert_.push_back(map_.expert_at(ex.rank(), s));
     // Written once per step after the step's first wait, which its previous upload ran before.
     if (kind_ == transport_kind::hierarchical)
-      tables_host_ = pinned_buffer<std::int32_t>(detail::node_step::table_count * (ex.topology().gpus_per_node() + 1));
+      tables_host_ =
+          pinned_buffer<std::int32_t>(detail::node_step::table_count * (ex.topology().gpus_per_node() + 1) + 1);
   }
 
   //! Collective: dispatches the rows of `x` (`r.tokens() × hidden`, device) routed by `r` (device),
@@ -345,8 +346,10 @@ private:
   // After a wait: the check words' error, kept until a combine or finish() raises it (an earlier
   // one not yet raised stays first).
   void take_check(const char* when) {
-    std::exception_ptr e = device_receive_layout::error_of(check_word_[0], when);
-    if (!e && check_word_[1] != 0) {
+    // The forwarding check first: a rail peer that forwards bad rows to itself also fails its own
+    // receive layout's check, whose error would hide the cause.
+    std::exception_ptr e;
+    if (check_word_[1] != 0) {
       namespace st = detail::stage;
       const std::int32_t bits = check_word_[1];
       e = std::make_exception_ptr(transport_error(::locus::detail::concat(
@@ -355,8 +358,10 @@ private:
           bits & st::bad_entry_total ? " row entry counts that do not add up to the entries received;" : "",
           bits & st::bad_slot ? " an entry for a rank outside its node;" : "",
           bits & st::bad_slot_counts ? " rows or entries per rank other than the count round announced;" : "",
+          bits & detail::node_step::past_32_bits ? " a step past 32-bit offsets;" : "",
           " its node's ranks received and returned zeros for the rows it forwards")));
     }
+    if (!e) e = device_receive_layout::error_of(check_word_[0], when);
     if (e && !deferred_) deferred_ = e;
   }
 
@@ -467,14 +472,21 @@ private:
     ex_->exchange_device_counts(exchange_group::world, row_bytes, send_counts_, sizeof(ns::node_entry), entry_counts_,
                                 counts_, 11, slot_tail_, static_cast<std::uint32_t>(ns::tail_width(S, G)));
     std::string why = ns::counts_from(lc, counts_, G, self, S, sc_);
+    // A round of another width leaves no sizes to exchange by (the transports refuse it first).
+    LOCUS_REQUIRE(sc_.sized, transport_error, "device_dispatcher: rank ", self, " ", why);
     if (why.empty()) why = detail::exchange::entries_for_empty_slot(sc_.slot_offsets, slot_expert_);
     refuse_counts(why);
-    // The step's tables to the device, through pinned memory (queued: no wait).
+    // The step's tables and the forwarding check's first word to the device, through pinned
+    // memory (queued: no wait). A step past 32-bit offsets starts with the check failed, so that no
+    // body indexes by its zeroed tables.
+    const std::size_t words = sc_.tables.size();
     std::copy(sc_.tables.begin(), sc_.tables.end(), tables_host_.data()); // sized by the constructor
-    tables_.resize(sc_.tables.size());
-    LOCUS_CUDA_CHECK(cudaMemcpyAsync(tables_.data(), tables_host_.data(), sc_.tables.size() * sizeof(std::int32_t),
+    tables_host_[words] = sc_.indexable ? 0 : ns::past_32_bits;
+    tables_.resize(words);
+    LOCUS_CUDA_CHECK(cudaMemcpyAsync(tables_.data(), tables_host_.data(), words * sizeof(std::int32_t),
                                      cudaMemcpyHostToDevice, stream_));
-    LOCUS_CUDA_CHECK(cudaMemsetAsync(forward_flag_.data(), 0, sizeof(std::int32_t), stream_));
+    LOCUS_CUDA_CHECK(cudaMemcpyAsync(forward_flag_.data(), tables_host_.data() + words, sizeof(std::int32_t),
+                                     cudaMemcpyHostToDevice, stream_));
 
     // Rail stage: the layout's rows outside this node's block, with their entries.
     const std::int32_t own_begin = ro[n * G], own_rows = ro[n * G + G] - own_begin;
@@ -583,7 +595,9 @@ private:
     const std::size_t G = ex_->topology().gpus_per_node(), L = layout_.rows(), row_bytes = hidden_ * sizeof(T);
     const std::size_t nout = sc_.node_out, rin = sc_.rail_in, rail_out = L - static_cast<std::size_t>(own_rows());
     const std::int32_t* flag = forward_flag_.data();
-    pool_.resize(std::max<std::size_t>(nout + rail_out, 1) * hidden_);
+    // Room for every layout row after the node returns: return_index stays in bounds even when
+    // the tables were zeroed (a step past 32-bit offsets).
+    pool_.resize(std::max<std::size_t>(nout + L, 1) * hidden_);
     ex_->exchange_device_known(exchange_group::node, row_bytes, bytes_of(back_.data()), sc_.node_recv, sc_.node_send,
                                returned_);
     copy_rows(reinterpret_cast<const T*>(returned_.rows), 0, nout, pool_.data());

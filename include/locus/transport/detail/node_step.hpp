@@ -51,6 +51,10 @@ struct node_entry {
 };
 static_assert(sizeof(node_entry) == 12);
 
+//! The forwarding check's bit for a step whose offsets do not fit in 32 bits (its tables are
+//! zero): set before the step's bodies run, beside stage.hpp's bad_* bits.
+inline constexpr std::int32_t past_32_bits = 16;
+
 //! @name Host: the count round
 //! @{
 
@@ -116,14 +120,27 @@ struct step_counts {
   std::vector<std::int32_t> slot_offsets; //!< the local slots' segments (slots + 1)
   std::vector<std::int32_t> tables;       //!< table_count × (gpus + 1), see `table`
   std::size_t rail_in = 0, rail_in_entries = 0, node_out = 0, node_out_entries = 0, node_in = 0, node_in_entries = 0;
+  //! false: the round could not be read at all (a tail of another width): no sizes
+  bool sized = true;
+  //! false: the step is past 32-bit offsets, so the tables are zero and the device must not index
+  //! by them (the dispatcher then starts its forwarding check failed: every body takes its guarded
+  //! branch)
+  bool indexable = true;
 };
 
 //! The sizes of rank `self`'s step from its layout counts and the count round it received
 //! (`round`: per source rank its first-hand rows and entries, and its tail). Returns an empty
-//! string, or why the round cannot be used for this rank's expert compute (a tail of another
-//! width; first-hand counts that disagree with the same sender's tail; per-slot counts past 32-bit
-//! offsets): the sizes are then still those the peers compute from the same messages, so the step's
-//! exchanges proceed, and the caller refuses only its own segments (`slot_offsets` all zero).
+//! string, or why the round cannot be used for this rank's expert compute (first-hand counts that
+//! disagree with the same sender's tail, a rail peer's tail that disagrees with itself, per-slot
+//! counts past 32-bit offsets; `sized` false: a tail of another width, which leaves no sizes at
+//! all): the caller then refuses only its own segments (`slot_offsets` all zero) and still runs
+//! the step's exchanges with these sizes. Those of the rail stage and of first-hand rows are the
+//! ones the senders use (the same messages); the node stage's rows forwarded from a rail peer to
+//! another rank of its node are sized from two messages of the rail peer's source (its forwards
+//! to the rail peer, its reach to the receiver), which an honest sender writes from the same
+//! counts: a sender whose two disagree makes the two sides' sizes differ (the one-GPU transport
+//! raises on the receiver, NCCL reaches its timeout). For its own self-exchange the rank keeps
+//! the two sides equal whatever it refuses.
 inline std::string counts_from(const layout_counts& c, const device_counts& round, std::size_t gpus, std::size_t self,
                                std::size_t slots, step_counts& out) {
   const std::size_t R = c.rank_offsets.size() - 1, G = gpus, N = R / G, n = self / G, l = self % G;
@@ -139,10 +156,13 @@ inline std::string counts_from(const layout_counts& c, const device_counts& roun
   out.slot_offsets.assign(slots + 1, 0);
   out.tables.assign(table_count * (G + 1), 0);
   out.rail_in = out.rail_in_entries = out.node_out = out.node_out_entries = out.node_in = out.node_in_entries = 0;
-  if (round.tail_width != W || round.tail.size() != R * W || round.rows.size() != R || round.entries.size() != R)
+  out.sized = out.indexable = true;
+  if (round.tail_width != W || round.tail.size() != R * W || round.rows.size() != R || round.entries.size() != R) {
+    out.sized = out.indexable = false;
     return ::locus::detail::concat("received a count round of ", round.rows.size(), " members with ", round.tail_width,
                                    " tail counts each; a hierarchical step over ", R, " ranks with ", slots,
                                    " slots and ", G, " GPUs per node needs ", W);
+  }
   const auto T = [&](std::size_t s, std::size_t i) -> std::uint64_t { return round.tail[s * W + i]; };
   const auto slot_sum = [&](std::size_t s) {
     std::uint64_t e = 0;
@@ -178,6 +198,11 @@ inline std::string counts_from(const layout_counts& c, const device_counts& roun
       refuse("was announced ", round.rows[peer], " rail rows and ", round.entries[peer], " entries by rank ", peer,
              ", which forwards ", rows_sum, " rows (at most ", rows_max, " to one rank) and ", entries_sum,
              " entries through it");
+    // What it forwards to this rank is what reaches this rank from it: one count, written twice.
+    if (T(peer, slots) != T(peer, slots + 1 + 2 * l) || slot_sum(peer) != T(peer, slots + 2 + 2 * l))
+      refuse("was told by rank ", peer, " that ", T(peer, slots), " rows and ", slot_sum(peer),
+             " entries reach it, but that it forwards ", T(peer, slots + 1 + 2 * l), " rows and ",
+             T(peer, slots + 2 + 2 * l), " entries to itself");
   }
   for (std::size_t s = 0; s < R; ++s) {
     const bool own_node = s / G == n, rail_peer = !own_node && s % G == l;
@@ -226,11 +251,13 @@ inline std::string counts_from(const layout_counts& c, const device_counts& roun
   out.node_out_entries = static_cast<std::size_t>(node_entries_sum);
   // The device indexes every stage with 32-bit offsets.
   constexpr std::uint64_t limit = INT32_MAX;
-  if (node_entries_sum > limit || out.node_in_entries > limit || out.rail_in_entries > limit ||
-      out.rail_in * G > limit) {
+  const std::uint64_t layout_rows = static_cast<std::uint64_t>(c.rank_offsets[R]);
+  if (node_rows_sum > limit || node_entries_sum > limit || out.node_in_entries > limit || out.rail_in_entries > limit ||
+      out.rail_in * G > limit || layout_rows + out.rail_in > limit) {
     refuse("was announced a step past 32-bit offsets (", out.rail_in, " rail rows, ", node_entries_sum,
            " node entries to send, ", out.node_in_entries, " to receive)");
     out.tables.assign(table_count * (G + 1), 0); // nothing the device could index by
+    out.indexable = false;
   }
   // The segments: each local slot's entries, over every sender.
   std::uint64_t e = 0;
@@ -243,7 +270,17 @@ inline std::string counts_from(const layout_counts& c, const device_counts& roun
   if (why.empty() && static_cast<std::size_t>(out.slot_offsets[slots]) != out.node_in_entries)
     refuse("was announced ", out.slot_offsets[slots], " entries per slot but ", out.node_in_entries,
            " entries in the node stage");
-  if (!why.empty()) out.slot_offsets.assign(slots + 1, 0);
+  if (!why.empty()) {
+    out.slot_offsets.assign(slots + 1, 0);
+    // Its rows to itself are sized by what it sends: the self-exchange's two sides agree.
+    out.node_recv[l] = out.node_send[l];
+    out.node_recv_entries[l] = out.node_send_entries[l];
+    out.node_in = out.node_in_entries = 0;
+    for (std::size_t g = 0; g < G; ++g) {
+      out.node_in += out.node_recv[g];
+      out.node_in_entries += out.node_recv_entries[g];
+    }
+  }
   return why;
 }
 //! @}
