@@ -134,20 +134,7 @@ timing run(const std::vector<rank_input>& in, std::size_t tokens, std::size_t re
     });
   for (auto& th : threads)
     th.join();
-  // A rank that fails makes the others time out waiting for it: the failures that are not
-  // timeouts first (the cause), then the first error of all.
-  std::exception_ptr first;
-  for (std::size_t r = 0; r < R; ++r) {
-    if (!errors[r]) continue;
-    if (!first) first = errors[r];
-    try {
-      std::rethrow_exception(errors[r]);
-    } catch (const timeout_error&) {
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "gpu_step: rank %zu: %s\n", r, tool_cli::error_text(e).c_str());
-    }
-  }
-  if (first) std::rethrow_exception(first);
+  bench_gpu::rethrow_first(errors, "gpu_step");
   t.worst_error = *std::max_element(worst.begin(), worst.end());
   return t;
 }
@@ -164,10 +151,7 @@ int main(int argc, char** argv) try {
   app.add_option("--reps", reps, "Timed repetitions per configuration (best kept)")->check(tool_cli::positive);
   app.add_option("--json", json_path, "JSON results file");
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
-  int device = 0;
-  LOCUS_CUDA_CHECK(cudaGetDevice(&device));
-  cudaDeviceProp prop{};
-  LOCUS_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  const cudaDeviceProp prop = bench_gpu::current_device();
 
   const expert_map map = deepseek_map();
   const topo_type topo;
