@@ -33,6 +33,7 @@ locus=$router
 refused 'it is a directory' --json "$work"
 refused 'folder does not exist' --json "$work/none/r.json"
 refused 'cannot create a file in its folder|folder does not exist' --md "$work/plain/r.md"
+refused 'must be at most 3600 \(an hour per row\), got 1e308' --min-seconds 1e308
 ok 'JSON in' --tokens 16 --min-seconds 0.001 --json "$work/r.json" --md "$work/r.md"
 check 'router.json records command, machine and date' \
   grep -Eq '"command": "build/dev/bench/router --tokens 16.*"machine": ".*[0-9]{4}-[0-9]{2}-[0-9]{2}' \
