@@ -5,10 +5,41 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdio>
 #include <cuda_runtime.h>
+#include <exception>
 #include <locus/core/cuda_error.hpp>
+#include <locus/core/error.hpp>
+#include <vector>
 
 namespace bench_gpu {
+
+// The properties of the current device (the one the benchmark runs on).
+inline cudaDeviceProp current_device() {
+  int device = 0;
+  LOCUS_CUDA_CHECK(cudaGetDevice(&device));
+  cudaDeviceProp prop{};
+  LOCUS_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  return prop;
+}
+
+// After rank threads joined, with `errors[r]` each rank's failure (or none): a rank that fails
+// makes the others time out waiting for it, so the failures that are not timeouts are printed
+// first (the cause, each as "<who>: rank r: ..."), then the first error of all is rethrown.
+inline void rethrow_first(const std::vector<std::exception_ptr>& errors, const char* who) {
+  std::exception_ptr first;
+  for (std::size_t r = 0; r < errors.size(); ++r) {
+    if (!errors[r]) continue;
+    if (!first) first = errors[r];
+    try {
+      std::rethrow_exception(errors[r]);
+    } catch (const locus::timeout_error&) {
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "%s: rank %zu: %s\n", who, r, tool_cli::error_text(e).c_str());
+    }
+  }
+  if (first) std::rethrow_exception(first);
+}
 
 // Best of `reps` timings of f() on the default stream, by events, after one warm-up call. The best
 // rather than the mean: the question is what the kernels can do, not what a shared device lets them.

@@ -63,10 +63,7 @@ int main(int argc, char** argv) try {
   app.add_option("--reps", reps, "Timed repetitions per measure (best kept)")->check(tool_cli::positive);
   app.add_option("--json", json_path, "JSON results file");
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
-  int device = 0;
-  LOCUS_CUDA_CHECK(cudaGetDevice(&device));
-  cudaDeviceProp prop{};
-  LOCUS_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  const cudaDeviceProp prop = bench_gpu::current_device();
 
   const expert_map map = deepseek_map();
   const topo_type topo;
@@ -174,20 +171,7 @@ int main(int argc, char** argv) try {
     });
   for (auto& t : threads)
     t.join();
-  // A rank that fails makes the others time out waiting for it: report the failures that are
-  // not timeouts first (the cause), then the first error of all.
-  std::exception_ptr first;
-  for (std::size_t r = 0; r < R; ++r) {
-    if (!errors[r]) continue;
-    if (!first) first = errors[r];
-    try {
-      std::rethrow_exception(errors[r]);
-    } catch (const timeout_error&) {
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "gpu_dispatch: rank %zu: %s\n", r, tool_cli::error_text(e).c_str());
-    }
-  }
-  if (first) std::rethrow_exception(first);
+  bench_gpu::rethrow_first(errors, "gpu_dispatch");
   if (!round_trip_ok) throw std::runtime_error("rows returned by the identity experts differ from the rows sent");
 
   // Kernel bandwidth against the HBM bandwidth of a large device-to-device copy.

@@ -243,7 +243,14 @@ int main(int argc, char** argv) try {
   double min_seconds = 0.3;
   std::string json_path = "router.json", md_path;
   app.add_option("--tokens", tokens, "Tokens per routed batch")->check(tool_cli::positive);
-  app.add_option("--min-seconds", min_seconds, "Shortest timed run per row")->check(tool_cli::positive);
+  // A run is about 30 rows of this each (an hour per row is already far past a useful measurement).
+  app.add_option("--min-seconds", min_seconds, "Shortest timed run per row")
+      ->check(tool_cli::positive)
+      ->check(CLI::Validator(
+          [](std::string& v) -> std::string {
+            return std::stod(v) <= 3600 ? "" : "must be at most 3600 (an hour per row), got " + v;
+          },
+          ""));
   app.add_option("--json", json_path, "JSON results file");
   app.add_option("--md", md_path, "Markdown table file (none when empty)");
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;

@@ -124,8 +124,6 @@ int main(int argc, char** argv) {
   locus_driver::register_trace_import(trace_cmd);
   locus_driver::register_trace_analysis(trace_cmd);
   if (const std::string unknown = unknown_command(app, argc, argv); !unknown.empty()) return report(unknown, 2);
-  if (const std::string big = tool_cli::number_beyond_64_bits(argc, argv); !big.empty())
-    return report("locus: usage error: " + big + " is larger than any count or size locus takes (2^64 - 1)", 2);
   // Every exception ends here as one line on stderr and an exit code: nothing aborts.
   try {
     app.parse(argc, argv);

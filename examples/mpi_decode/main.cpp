@@ -16,7 +16,9 @@
 // options (a rank told a different --steps would otherwise wait for ever in an exchange its peers
 // never make), every step names its exchanges (mpi_transport::begin_step), and the per-step
 // synchronisation runs under the same deadline as the exchanges (--timeout-ms). After reporting an
-// error a rank calls MPI_Abort, since a rank that stopped or left would block MPI_Finalize.
+// error a rank calls MPI_Abort, since a rank that stopped or left would block MPI_Finalize; errors
+// every rank meets alike in step (different options, a trace that cannot be read) end every rank
+// through MPI_Finalize instead.
 // --stop-rank R is a fault drill: rank R stops itself (SIGSTOP) before the second step.
 #include "../locus/trace_input.hpp"
 #include "tool_cli_mpi.hpp"
@@ -67,6 +69,10 @@ void finish(MPI_Request& request, const options& o, const char* what) {
     std::this_thread::yield();
   }
 }
+
+// Thrown once every rank knows the run cannot go on and one of them has said why: each ends
+// through MPI_Finalize with status 1.
+struct agreed_failure {};
 
 // Every rank must run the same configuration. Each rank gathers every rank's options (under the
 // deadline) and, when they differ, all raise the same config_error naming the ranks and values.
@@ -186,6 +192,30 @@ float input_of(std::size_t rank, std::size_t t, std::size_t h) {
 }
 } // namespace
 
+// The workload, read by every rank from the same input (or made alike): the ranks agree whether all
+// could, so that a missing or broken trace ends every rank through MPI_Finalize, the lowest failing
+// rank saying why, instead of each rank's MPI_Abort.
+workload agreed_workload(const options& o, const dynamic_topology& topo, std::size_t me, std::size_t ranks) {
+  workload w;
+  std::string why;
+  try {
+    w = o.trace.empty() ? synthetic(o, topo) : from_trace(o, topo);
+  } catch (const std::exception& e) {
+    why = tool_cli::error_text(e);
+  }
+  const int mine = why.empty() ? static_cast<int>(ranks) : static_cast<int>(me);
+  int first = 0;
+  MPI_Request r = MPI_REQUEST_NULL;
+  LOCUS_MPI_CHECK(MPI_Iallreduce(&mine, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD, &r));
+  finish(r, o, "the workload check");
+  if (static_cast<std::size_t>(first) == ranks) return w;
+  if (static_cast<std::size_t>(first) == me) {
+    std::fprintf(stderr, "rank %zu: %s\n", me, why.c_str());
+    std::fflush(stderr);
+  }
+  throw agreed_failure{};
+}
+
 int main(int argc, char** argv) {
   int provided = 0;
   MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
@@ -224,7 +254,7 @@ int main(int argc, char** argv) {
       tool_cli::require_memory(static_cast<double>(o.steps) * per_step * 64.0 +
                                    8.0 * static_cast<double>(o.requests_per_rank) * static_cast<double>(o.hidden),
                                "mpi_decode: --steps x ranks x --requests-per-rank and --hidden");
-    const workload w = o.trace.empty() ? synthetic(o, topo) : from_trace(o, topo);
+    const workload w = agreed_workload(o, topo, me, ranks);
 
     // Placement input: expert load per node over the workload (what the offline planner sees).
     placement::plan_input in;
@@ -321,6 +351,8 @@ int main(int argc, char** argv) {
     }
     if (me == 0)
       std::printf("\nbytes: dispatch + combine over all steps and ranks; step ms: median of the slowest rank\n");
+  } catch (const agreed_failure&) {
+    status = 1; // said by the rank that found it; every rank is in step and can finalize
   } catch (const config_error& e) {
     std::fprintf(stderr, "rank %zu: %s\n", me, e.message().c_str());
     std::fflush(stderr);

@@ -407,7 +407,7 @@ namespace {
 // receive layout's device check, against the received slots, can tell). Everything else is the
 // wrapped endpoint's.
 struct doctored_endpoint {
-  enum class how { add, shift };
+  enum class how { add, shift, reach };
   device_local_transport* ep;
   const expert_map* map;
   how mode;
@@ -428,7 +428,6 @@ struct doctored_endpoint {
                              device_exchange_result& out) {
     ep->exchange_device_known(g, row_bytes, send, send_counts, recv_counts, out);
   }
-  void exchange(const exchange_request& req, exchange_result& out) { ep->exchange(req, out); }
   void synchronize(const char* what) { ep->synchronize(what); }
   void exchange_device_counts(exchange_group g, std::size_t row_bytes, std::span<const std::size_t> counts,
                               std::size_t entry_bytes, std::span<const std::size_t> entry_counts, device_counts& out,
@@ -436,6 +435,17 @@ struct doctored_endpoint {
                               std::uint32_t width = 0) {
     ep->exchange_device_counts(g, row_bytes, counts, entry_bytes, entry_counts, out, stage, tail, width);
     if (step != at || width == 0) return;
+    if (mode == how::reach) {
+      // Hierarchical round: the rail peer's count of this rank's reached rows, one more than it
+      // says it forwards to this rank.
+      const std::size_t G = topology().gpus_per_node(), S = map->slots_per_rank(), me = rank();
+      for (std::size_t m = 0; m < topology().ranks() && !doctored; ++m)
+        if (m / G != me / G && m % G == me % G) {
+          ++out.tail[m * width + S];
+          doctored = true;
+        }
+      return;
+    }
     const std::size_t S = width;
     for (std::size_t m = 0; m < out.entries.size() && !doctored; ++m)
       for (std::size_t s = 0; s < S && !doctored; ++s) {
@@ -465,8 +475,9 @@ struct doctored_run {
 
 template <std::size_t K>
 doctored_run run_doctored(const locus_test::dispatch_case& c, const layer::expert_weights<float>& all,
-                          std::size_t victim, doctored_endpoint::how mode, std::uint64_t at) {
-  device_local_fabric fabric(c.topo, transport_kind::flat);
+                          std::size_t victim, doctored_endpoint::how mode, std::uint64_t at,
+                          transport_kind kind = transport_kind::flat) {
+  device_local_fabric fabric(c.topo, kind);
   const std::size_t R = c.topo.ranks();
   doctored_run out;
   out.errors.resize(R);
@@ -584,4 +595,39 @@ BOOST_AUTO_TEST_CASE(doctored_counts_are_raised_on_their_receiver) {
   }
   BOOST_TEST(seen_add > 0u);
   BOOST_TEST(seen_shift > 0u);
+}
+
+// A hierarchical round whose rail peer's tail disagrees with itself (the rows reaching the
+// receiver against those it says the receiver forwards to itself): the receiver refuses its own
+// expert compute in that step (raised after combine), keeps its self-exchange sized by what it
+// sends, so no exchange breaks and no peer raises, and the next step is the dense reference again.
+BOOST_AUTO_TEST_CASE(doctored_hierarchical_round_is_raised_on_its_receiver) {
+  std::size_t seen = 0, cases = 0;
+  for (std::uint64_t seed = 1; seed <= 80 && cases < 4; ++seed) {
+    const auto c = locus_test::make_case(seed, 2, 2);
+    if (c.k != 2) continue; // instantiated for top-2
+    ++cases;
+    const auto all = locus_test::model_weights<float>(seed + 100, c.experts, c.hidden, 16);
+    const std::size_t victim = 1;
+    BOOST_TEST_CONTEXT("seed " << seed) {
+      const auto run = run_doctored<2>(c, all, victim, doctored_endpoint::how::reach, 0, transport_kind::hierarchical);
+      BOOST_TEST_REQUIRE(run.doctored);
+      ++seen;
+      BOOST_TEST(says(run.errors[victim][0], "was told by rank"));
+      BOOST_TEST(!run.errors[victim][1]);
+      BOOST_TEST(!run.errors[victim][2]);
+      for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
+        if (r != victim)
+          for (const auto& e : run.errors[r])
+            BOOST_TEST(!e);
+        std::vector<double> scale;
+        const auto ref = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, nullptr, &scale);
+        double worst = 0;
+        for (std::size_t i = 0; i < ref.size(); ++i)
+          worst = std::max(worst, std::abs(run.y[r][i] - ref[i]) / (2e-6 * scale[i] + 1e-6));
+        BOOST_TEST(worst <= 1.0); // the last step's y
+      }
+    }
+  }
+  BOOST_TEST(seen > 0u);
 }

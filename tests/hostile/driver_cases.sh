@@ -151,8 +151,8 @@ refused 'acts before its end' simulate --trace "$work/t.bin" --drift-every 1000 
 ok '"replans": ?[1-9]' simulate --trace "$work/t.bin" --replan-every 100 --drift-every 5000 --json -
 cp "$work/odd.jsonl" "$work/self.jsonl"
 refused 'also an input' trace import "$work/self.jsonl" -o "$work/self.jsonl"
-refused 'larger than any count or size locus takes' simulate --trace "$work/t.bin" --batch-per-rank 99999999999999999999
-refused 'larger than any count or size locus takes' simulate --trace "$work/t.bin" --skip-requests=18446744073709551616
+refused '--[a-z-]*: [0-9]* is out of range \(at most 2\^64 - 1\)' simulate --trace "$work/t.bin" --batch-per-rank 99999999999999999999
+refused '--[a-z-]*: [0-9]* is out of range \(at most 2\^64 - 1\)' simulate --trace "$work/t.bin" --skip-requests=18446744073709551616
 refused 'cannot create a file in its folder' plan --trace "$work/t.bin" --placement linear --out /proc/m.json
 refused 'unknown command "frobnicate" \(commands: compare, map, plan, simulate, trace' frobnicate
 refused 'unknown command "frob" \(commands of trace: import' trace frob

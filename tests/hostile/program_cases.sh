@@ -33,6 +33,7 @@ locus=$router
 refused 'it is a directory' --json "$work"
 refused 'folder does not exist' --json "$work/none/r.json"
 refused 'cannot create a file in its folder|folder does not exist' --md "$work/plain/r.md"
+refused 'must be at most 3600 \(an hour per row\), got 1e308' --min-seconds 1e308
 ok 'JSON in' --tokens 16 --min-seconds 0.001 --json "$work/r.json" --md "$work/r.md"
 check 'router.json records command, machine and date' \
   grep -Eq '"command": "build/dev/bench/router --tokens 16.*"machine": ".*[0-9]{4}-[0-9]{2}-[0-9]{2}' \
@@ -44,7 +45,8 @@ refused 'must be a number above 0' --gb nan --out "$work"
 
 # The scripts answer --help with their usage and refuse what they do not take before they install,
 # build, delete or rewrite anything: `scripts/format --help` rewrote every source in place,
-# `scripts/python-test --help` deleted the virtual environment, `scripts/fuzz abc` ran unbounded.
+# `scripts/python-test --help` deleted the virtual environment, `scripts/fuzz abc` ran unbounded,
+# `scripts/demo --help` installed and built the driver first.
 scripts=$(cd "$(dirname "$0")/../../scripts" && pwd)
 for s in test python-test; do
   locus=$scripts/$s
@@ -57,6 +59,9 @@ refused 'unexpected argument "--chek"' --chek
 locus=$scripts/fuzz
 refused 'whole number from 1 to 999999, got "abc"' abc
 refused 'whole number from 1 to 999999, got "0"' 0
+locus=$scripts/demo
+LOCUS_BUILD_DIR=$work/no_demo ok 'usage: scripts/demo \[locus compare options\]' --help
+check 'scripts/demo --help builds nothing' test ! -e "$work/no_demo"
 locus=$scripts/gpu-check
 ok 'scripts/gpu-check --prepare' --help
 refused 'unexpected argument "--bogus"' --bogus

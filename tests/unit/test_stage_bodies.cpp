@@ -469,9 +469,11 @@ BOOST_AUTO_TEST_CASE(plan_nothing_zeroes_the_layout_counts_only_when_flagged) {
     for (const auto& g : grids)
       for (const unsigned long long flag : {0ull, 1ull, 7ull}) {
         auto ro2 = ro, reo2 = reo, sc2 = sc;
+        std::vector<std::int32_t> reach(R, 5);
         auto links2 = links;
         st::run_grid(g[0], g[1], [&](st::grid_index i) {
-          st::plan_nothing_if(i, &flag, R, ro2.data(), reo2.data(), sc2.data(), sc2.size(), links2.data());
+          st::plan_nothing_if(i, &flag, R, ro2.data(), reo2.data(), sc2.data(), sc2.size(), reach.data(),
+                              links2.data());
         });
         BOOST_TEST_CONTEXT(R << " ranks, grid " << g[0] << " x " << g[1] << ", flag " << flag) {
           if (flag == 0) {
@@ -479,7 +481,9 @@ BOOST_AUTO_TEST_CASE(plan_nothing_zeroes_the_layout_counts_only_when_flagged) {
             BOOST_TEST(reo2 == reo);
             BOOST_TEST(sc2 == sc);
             BOOST_TEST(links2 == links);
+            BOOST_TEST(reach == std::vector<std::int32_t>(R, 5));
           } else {
+            BOOST_TEST(reach == std::vector<std::int32_t>(R, 0));
             BOOST_TEST(ro2 == std::vector<std::int32_t>(R + 1, 0));
             BOOST_TEST(reo2 == std::vector<std::int32_t>(R + 1, 0));
             BOOST_TEST(sc2 == std::vector<std::int32_t>(R * 3, 0));

@@ -99,19 +99,6 @@ inline const CLI::Validator finite_non_negative{[](std::string& value) -> std::s
                                                 },
                                                 "FINITE >= 0"};
 
-// The first argument written as a whole number above 2^64 - 1 (alone or as --name=value), or
-// empty: CLI11 clamps such a value to 2^64 - 1 without a word, and no count or size here is wider.
-inline std::string number_beyond_64_bits(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i) {
-    std::string v = argv[i];
-    if (const auto eq = v.find('='); v.rfind("--", 0) == 0 && eq != std::string::npos) v = v.substr(eq + 1);
-    if (v.empty() || v.find_first_not_of("0123456789") != std::string::npos) continue;
-    const std::string digits = v.substr(std::min(v.find_first_not_of('0'), v.size()));
-    if (digits.size() > 20 || (digits.size() == 20 && digits > "18446744073709551615")) return v;
-  }
-  return {};
-}
-
 // Refuses a run whose buffers (`bytes`, as the program works them out from its options) exceed this
 // machine's memory, naming `what` asked for them: such a run would otherwise be killed part-way, or
 // swap for hours, instead of saying so. In double precision, so that no product of sizes wraps.

@@ -114,14 +114,14 @@ class traffic_counter {
   static_assert(any_topology<Topology>, "locus::cost::traffic_counter needs a locus::topology");
 
 public:
-  traffic_counter(const Topology& topo, transport_kind kind) : topo_(topo), kind_(kind) {}
+  traffic_counter(const Topology& topo, transport_kind kind) : topo_(topo), kind_(kind), selector_(topo) {}
 
   const Topology& topology() const noexcept { return topo_; }
   transport_kind kind() const noexcept { return kind_; }
 
   //! Adds the tokens `tokens[i]` of `r`, token i coming from rank `sources[i]`, to `out`. Replica
-  //! choices use a fresh selector under `policy`, i.e. the tokens form one step (each source's
-  //! batch is its tokens in the order given).
+  //! choices start afresh under `policy` (the counter's selector is rebound), i.e. the tokens form one step (each
+  //! source's batch is its tokens in the order given).
   //! @param tokens indices into `r`; empty means all tokens of `r` in order
   //! @throws locus::invalid_input_error naming the token with an out-of-range expert or rank
   template <class TopK, class Id, class Weight>
@@ -134,7 +134,8 @@ public:
     LOCUS_REQUIRE(out.ranks() == topo_.ranks() && map.ranks() == topo_.ranks(), config_error,
                   "traffic model: topology, expert map and output disagree on the rank count (", topo_.ranks(), ", ",
                   map.ranks(), ", ", out.ranks(), ")");
-    placement::replica_selector<Topology> selector(map, topo_, policy);
+    selector_.rebind(map, policy); // one selector for every step and layer: its tables stay allocated
+    auto& selector = selector_;
     const expert_map_view view = map.view();
     const std::size_t k = r.top_k(), experts = map.experts(), gpus = topo_.gpus_per_node();
     dest_.resize(k);
@@ -195,6 +196,7 @@ private:
 
   Topology topo_;
   transport_kind kind_;
+  placement::replica_selector<Topology> selector_;
   std::vector<std::uint32_t> dest_;
 };
 

@@ -13,50 +13,50 @@
 //!   flat combine:   weighted reduction of the expert outputs per received row → known-count
 //!                   exchange back → combine on the source (a row shared by several choices
 //!                   counts once)
-//!   hierarchical:   node layout (one row per remote node, to the rail peer there) → rail stage
-//!                   (metadata, then rows) → the rail peer fans the rows out inside its node
-//!                   (the stage bodies' fan-out) and sends them with its own rows for its node in
-//!                   the node stage → receive layout over the node rows and the rows it forwards to
-//!                   itself; combine goes back the same way, the rail peer summing its node's
-//!                   returns of each rail row before the rail stage back (detail/node_plan.hpp).
+//!   hierarchical:   node layout (one row per remote node, to the rail peer there) → one count
+//!                   round (world group) that sizes both stages → rail stage (entry metadata, then
+//!                   rows) → the rail peer fans the rows out inside its node on the device and
+//!                   sends them with its own rows for its node in the node stage → receive layout
+//!                   built on the device from the node stage's metadata, as in the flat step;
+//!                   combine goes back the same way, the rail peer summing its node's returns of
+//!                   each rail row before the rail stage back (detail/node_step.hpp).
 //!
-//! Host waits per flat step (one, and the count round), and why:
-//! 1. the layout's count read: its per-rank row and entry counts (the message sizes) and its
-//!    entries per (destination, slot) come to the host, and with them the caller's "plan nothing"
-//!    flag (device_abort: the router's non-finite-logit counter), which the layout applies on the
-//!    device, so the flag adds no wait. It waits through the transport's synchronize(), so the
-//!    NCCL transport's timeout and error watch cover it and everything queued before it (the last
-//!    step's exchanges included);
+//! Host waits per step (one, and the count round), flat or hierarchical, and why:
+//! 1. the layout's count read: its per-rank row and entry counts (the message sizes), its entries
+//!    per (rank, slot) and its tokens reaching each rank come to the host, and with them the
+//!    caller's "plan nothing" flag (device_abort: the router's non-finite-logit counter), which the
+//!    layout applies on the device, so the flag adds no wait. It waits through the transport's
+//!    synchronize(), so the NCCL transport's timeout and error watch cover it and everything
+//!    queued before it (the last step's exchanges included);
 //! 2. the count round (`exchange_device_counts`, one header round for the whole step): each rank
-//!    learns how many rows and entries every peer sends it and, in the round's tail, how many of
-//!    those entries go to each of its local slots: the expert compute's segment sizes, so the
-//!    receive layout built on the device reads nothing back. Every exchange after the round knows
-//!    its counts (`exchange_device_known`: no header round, no wait).
-//! The receive layout's check (stage::receive_metadata_check and stage::slot_offsets_check: the
-//! received metadata against what the count round announced) stays on the device: a violation
-//! makes the expert input gather skip and the weighted reduction return zeros, and its word comes
-//! back with the next step's count read (or finish()), which raises it after that step's
-//! exchanges.
+//!    learns how many rows and entries every peer sends it first-hand and, in the round's tail,
+//!    how many of its entries go to each of its local slots (the expert compute's segment sizes,
+//!    so the receive layout built on the device reads nothing back); a hierarchical round's tail
+//!    also carries the rows of each peer that reach it through its node and, to a rail peer, what
+//!    it forwards to each rank of its node, so both stages' sizes are known before either moves.
+//!    Every exchange after the round knows its counts (`exchange_device_known`: no header round,
+//!    no wait).
+//! The device checks stay on the device: the receive layout's (stage::receive_metadata_check and
+//! stage::slot_offsets_check: the received metadata against what the count round announced) and,
+//! hierarchical, the rail peer's (its received rail metadata, and its fan-out against the
+//! announced forwards). A violation makes the expert input gather skip and the reductions return
+//! zeros, and the words come back with the next step's count read (or finish()), which raises them
+//! after that step's exchanges.
 //! Combine adds no wait (its counts are dispatch's reversed); a peer lost in it is caught by the
 //! next step's first wait.
-//! Hierarchical step: the layout's count read; its entry metadata comes to the host (the plan's
-//! index lists are built there); the four metadata exchanges (rail and node stage, rows' entry
-//! counts and entries) go through the host with a header round and the host copies each, because
-//! the rail stage's metadata sizes the node stage (a rail peer must know how many rows it
-//! forwards to each rank before that exchange). Their row counts make the four row exchanges
-//! (rail and node, dispatch and combine) known-count ones, with no wait of their own.
 //! No token row is copied to or from the host.
 
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <cub/device/device_scan.cuh>
 #include <exception>
 #include <locus/core/device_buffer.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/layer/expert_compute.hpp>
-#include <locus/transport/detail/node_plan.hpp>
+#include <locus/transport/detail/node_step.hpp>
 #include <locus/transport/detail/stage.hpp>
 #include <locus/transport/device_exchange.hpp>
 #include <locus/transport/device_layout.hpp>
@@ -73,6 +73,80 @@ namespace detail::device_dispatch {
 template <class = void>
 __global__ void adjacent_difference_kernel(const std::int32_t* offsets, std::size_t n, std::int32_t* out) {
   stage::adjacent_difference(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, offsets, n, out);
+}
+
+// The hierarchical step's stage bodies (detail/node_step.hpp), one kernel each.
+#define LOCUS_DETAIL_NODE_STEP_KERNEL(name, params, args)                                                              \
+  template <class = void>                                                                                              \
+  __global__ void name##_kernel params {                                                                               \
+    const stage::grid_index g{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x};                                         \
+    node_step::name args;                                                                                              \
+  }
+LOCUS_DETAIL_NODE_STEP_KERNEL(rail_row_entries,
+                              (const std::int32_t* reo, std::size_t rows, std::int32_t own_begin, std::int32_t own_rows,
+                               std::int32_t* out),
+                              (g, reo, rows, own_begin, own_rows, out))
+LOCUS_DETAIL_NODE_STEP_KERNEL(rail_entries,
+                              (const std::int32_t* target, const std::int32_t* slot, const float* weight,
+                               std::size_t entries, std::int32_t own_begin, std::int32_t own_entries,
+                               node_step::node_entry* out),
+                              (g, target, slot, weight, entries, own_begin, own_entries, out))
+LOCUS_DETAIL_NODE_STEP_KERNEL(unpack_entries,
+                              (const node_step::node_entry* in, std::size_t n, std::int32_t* target, std::int32_t* slot,
+                               float* weight),
+                              (g, in, n, target, slot, weight))
+LOCUS_DETAIL_NODE_STEP_KERNEL(fanout_count,
+                              (const std::int32_t* reo, const std::int32_t* target, std::size_t rows, std::size_t gpus,
+                               const std::int32_t* flag, std::int32_t* count, std::int32_t* present),
+                              (g, reo, target, rows, gpus, flag, count, present))
+LOCUS_DETAIL_NODE_STEP_KERNEL(fanout_check,
+                              (const std::int32_t* row_at, const std::int32_t* entry_at, std::size_t rows,
+                               std::size_t gpus, const std::int32_t* tables, std::int32_t* flag),
+                              (g, row_at, entry_at, rows, gpus, tables, flag))
+LOCUS_DETAIL_NODE_STEP_KERNEL(fanout_place,
+                              (const std::int32_t* reo, const std::int32_t* target, const std::int32_t* slot,
+                               const float* weight, std::size_t rows, std::size_t gpus, const std::int32_t* row_at,
+                               const std::int32_t* entry_at, const std::int32_t* flag, std::int32_t* out_row,
+                               std::int32_t* out_row_entries, std::int32_t* out_slot, float* out_weight,
+                               std::int32_t* out_source),
+                              (g, reo, target, slot, weight, rows, gpus, row_at, entry_at, flag, out_row,
+                               out_row_entries, out_slot, out_weight, out_source))
+LOCUS_DETAIL_NODE_STEP_KERNEL(node_send_rows,
+                              (const std::int32_t* tables, std::size_t gpus, const std::int32_t* fan_row,
+                               std::int32_t layout_rows, std::size_t n, const std::int32_t* flag, std::int32_t* index),
+                              (g, tables, gpus, fan_row, layout_rows, n, flag, index))
+LOCUS_DETAIL_NODE_STEP_KERNEL(node_send_row_entries,
+                              (const std::int32_t* tables, std::size_t gpus, const std::int32_t* reo,
+                               const std::int32_t* fan_row_entries, std::size_t n, const std::int32_t* flag,
+                               std::int32_t* out),
+                              (g, tables, gpus, reo, fan_row_entries, n, flag, out))
+LOCUS_DETAIL_NODE_STEP_KERNEL(node_send_entries,
+                              (const std::int32_t* tables, std::size_t gpus, const std::int32_t* slot,
+                               const float* weight, const std::int32_t* fan_slot, const float* fan_weight,
+                               std::size_t n, const std::int32_t* flag, std::int32_t* out_slot, float* out_weight),
+                              (g, tables, gpus, slot, weight, fan_slot, fan_weight, n, flag, out_slot, out_weight))
+LOCUS_DETAIL_NODE_STEP_KERNEL(forward_count,
+                              (const std::int32_t* row_at, std::size_t rows, std::size_t gpus, const std::int32_t* flag,
+                               std::int32_t* count),
+                              (g, row_at, rows, gpus, flag, count))
+LOCUS_DETAIL_NODE_STEP_KERNEL(forward_place,
+                              (const std::int32_t* row_at, std::size_t rows, std::size_t gpus,
+                               const std::int32_t* tables, const std::int32_t* offsets, const std::int32_t* flag,
+                               std::int32_t* position),
+                              (g, row_at, rows, gpus, tables, offsets, flag, position))
+LOCUS_DETAIL_NODE_STEP_KERNEL(fill, (std::size_t n, float value, float* out), (g, n, value, out))
+LOCUS_DETAIL_NODE_STEP_KERNEL(return_index,
+                              (const std::int32_t* tables, std::size_t gpus, std::size_t layout_rows,
+                               std::int32_t node_rows, std::int32_t* index),
+                              (g, tables, gpus, layout_rows, node_rows, index))
+#undef LOCUS_DETAIL_NODE_STEP_KERNEL
+
+// The receive layout's metadata check, run by the rail peer on its rail metadata.
+template <class = void>
+__global__ void metadata_check_kernel(const std::int32_t* row_entries, std::size_t rows, const std::int32_t* slot,
+                                      std::size_t entries, std::size_t slots, std::int32_t* flag) {
+  stage::receive_metadata_check(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, row_entries, rows,
+                                slot, entries, slots, flag);
 }
 
 // Received entry metadata: the result of an exchange copied, device to device, to `out` (the
@@ -127,6 +201,10 @@ public:
     const std::size_t S = map_.slots_per_rank();
     for (std::size_t s = 0; s < S; ++s)
       slot_expert_.push_back(map_.expert_at(ex.rank(), s));
+    // Written once per step after the step's first wait, which its previous upload ran before.
+    if (kind_ == transport_kind::hierarchical)
+      tables_host_ =
+          pinned_buffer<std::int32_t>(detail::node_step::table_count * (ex.topology().gpus_per_node() + 1) + 1);
   }
 
   //! Collective: dispatches the rows of `x` (`r.tokens() × hidden`, device) routed by `r` (device),
@@ -147,6 +225,7 @@ public:
     bool planned_nothing = false;
     // The last build's check word comes back with this step's count read: queued before it.
     const bool check_queued = queue_check_read();
+    drl_built_ = false;
     const auto wait = [this] { ex_->synchronize("reading the device layout's counts"); };
     if (!pending_) {
       try {
@@ -250,18 +329,66 @@ public:
 private:
   static const std::byte* bytes_of(const void* p) noexcept { return static_cast<const std::byte*>(p); }
 
-  // Queues the copy of the last build's check word to the host, once per build; true when queued.
+  // Queues the copy of the last step's device check words to the host (the receive layout's, when
+  // it was built, and the hierarchical forwarding check's), once per step; true when queued.
   bool queue_check_read() {
     if (!check_unread_) return false;
     check_unread_ = false;
-    LOCUS_CUDA_CHECK(
-        cudaMemcpyAsync(check_word_.data(), drl_.flag(), sizeof(std::int32_t), cudaMemcpyDeviceToHost, stream_));
+    check_word_[0] = check_word_[1] = 0;
+    if (drl_built_)
+      LOCUS_CUDA_CHECK(
+          cudaMemcpyAsync(check_word_.data(), drl_.flag(), sizeof(std::int32_t), cudaMemcpyDeviceToHost, stream_));
+    if (kind_ == transport_kind::hierarchical)
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(check_word_.data() + 1, forward_flag_.data(), sizeof(std::int32_t),
+                                       cudaMemcpyDeviceToHost, stream_));
     return true;
   }
-  // After a wait: the check word's error, kept until a combine or finish() raises it (an earlier
+  // After a wait: the check words' error, kept until a combine or finish() raises it (an earlier
   // one not yet raised stays first).
   void take_check(const char* when) {
-    if (std::exception_ptr e = device_receive_layout::error_of(check_word_[0], when); e && !deferred_) deferred_ = e;
+    // The forwarding check first: a rail peer that forwards bad rows to itself also fails its own
+    // receive layout's check, whose error would hide the cause.
+    std::exception_ptr e;
+    if (check_word_[1] != 0) {
+      namespace st = detail::stage;
+      const std::int32_t bits = check_word_[1];
+      e = std::make_exception_ptr(transport_error(::locus::detail::concat(
+          "device_dispatcher: rank ", ex_->rank(), " received rail-stage entry metadata it could not forward", when,
+          ":", bits & st::bad_row_entries ? " a row without entries;" : "",
+          bits & st::bad_entry_total ? " row entry counts that do not add up to the entries received;" : "",
+          bits & st::bad_slot ? " an entry for a rank outside its node;" : "",
+          bits & st::bad_slot_counts ? " rows or entries per rank other than the count round announced;" : "",
+          bits & detail::node_step::past_32_bits ? " a step past 32-bit offsets;" : "",
+          " its node's ranks received and returned zeros for the rows it forwards")));
+    }
+    if (!e) e = device_receive_layout::error_of(check_word_[0], when);
+    if (e && !deferred_) deferred_ = e;
+  }
+
+  // Counts this rank cannot use for its expert compute (`why` not empty): it still receives and
+  // returns its rows (as zeros), so no peer waits, and raises after combine.
+  void refuse_counts(const std::string& why) {
+    if (why.empty()) return;
+    recv_bad_ = true;
+    if (!pending_)
+      pending_ = std::make_exception_ptr(
+          transport_error(::locus::detail::concat("device_dispatcher: rank ", ex_->rank(), " ", why)));
+  }
+
+  // The receive layout, built and checked on the device from the received entry metadata against
+  // the segments the count round announced (none when the counts were refused).
+  void build_receive(std::span<const std::int32_t> expected, std::size_t rows, std::size_t entries) {
+    if (recv_bad_) return;
+    drl_.build(expected, recv_row_entries_.data(), rows, recv_slots_.data(), recv_weights_.data(), entries, stream_);
+    drl_built_ = check_unread_ = true;
+  }
+
+  // The local experts' input rows, gathered from the received rows (`rows_`).
+  void gather_input() {
+    const std::size_t n = recv_bad_ ? 0 : drl_.entries();
+    expert_in_.resize(std::max<std::size_t>(n, 1) * hidden_);
+    expert_out_.resize(std::max<std::size_t>(n, 1) * hidden_);
+    if (!recv_bad_) gather_expert_input(drl_, reinterpret_cast<const T*>(rows_.rows), hx_, expert_in_.data(), stream_);
   }
 
   // Flat: every row straight to its destination rank over the world group.
@@ -299,21 +426,10 @@ private:
       recv_rows += counts_.rows[s];
       recv_entries += counts_.entries[s];
     }
-    // The expert compute's segments: each local slot's entries summed over the senders. Counts
-    // that do not add up to a sender's entries, or that give an empty slot entries, cannot be
-    // used: this rank still receives and returns its rows (as zeros), so no peer waits, and
-    // raises after combine.
+    // The expert compute's segments: each local slot's entries summed over the senders.
     std::string why = detail::exchange::slot_offsets_from(counts_, S, expected_offsets_);
-    for (std::size_t s = 0; s < S && why.empty(); ++s)
-      if (slot_expert_[s] == empty_slot && expected_offsets_[s + 1] != expected_offsets_[s])
-        why = ::locus::detail::concat("was sent ", expected_offsets_[s + 1] - expected_offsets_[s],
-                                      " entries for its local slot ", s, ", which holds no expert");
-    if (!why.empty()) {
-      recv_bad_ = true;
-      if (!pending_)
-        pending_ = std::make_exception_ptr(
-            transport_error(::locus::detail::concat("device_dispatcher: rank ", ex_->rank(), " ", why)));
-    }
+    if (why.empty()) why = detail::exchange::entries_for_empty_slot(expected_offsets_, slot_expert_);
+    refuse_counts(why);
     // Entry metadata, each result copied on the device (the next exchange reuses the transport's
     // buffer); the receive layout is built and checked there against the announced segments.
     ex_->exchange_device_known(exchange_group::world, sizeof(std::int32_t), bytes_of(row_entries_.data()), send_counts_,
@@ -325,18 +441,10 @@ private:
     ex_->exchange_device_known(exchange_group::world, sizeof(float), bytes_of(layout_.entry_weight()), entry_counts_,
                                counts_.entries, meta_);
     detail::device_dispatch::keep(meta_, recv_weights_, stream_);
-    if (!recv_bad_) {
-      drl_.build(expected_offsets_, recv_row_entries_.data(), recv_rows, recv_slots_.data(), recv_weights_.data(),
-                 recv_entries, stream_);
-      check_unread_ = true;
-    }
-
+    build_receive(expected_offsets_, recv_rows, recv_entries);
     ex_->exchange_device_known(exchange_group::world, row_bytes, bytes_of(send_.data()), send_counts_, counts_.rows,
                                rows_);
-    const std::size_t n = recv_bad_ ? 0 : drl_.entries();
-    expert_in_.resize(std::max<std::size_t>(n, 1) * hidden_);
-    expert_out_.resize(std::max<std::size_t>(n, 1) * hidden_);
-    if (!recv_bad_) gather_expert_input(drl_, reinterpret_cast<const T*>(rows_.rows), hx_, expert_in_.data(), stream_);
+    gather_input();
   }
 
   // Flat combine: the rows back over the world group, in layout order.
@@ -346,148 +454,207 @@ private:
     return reinterpret_cast<const T*>(returned_.rows);
   }
 
-  // Hierarchical (node layouts): the rail stage sends one row per remote node to the rail peer
-  // there, which fans it out inside its node with the node stage, together with its own rows for
-  // its node (detail/node_plan.hpp says which row goes where). Each stage's entry metadata goes
-  // first, through the host (its counts size the next exchange); rows only move device to device,
-  // gathered by the plan's index lists.
+  // Hierarchical (node layouts), detail/node_step.hpp: one count round sizes every exchange of the
+  // step; the rail stage sends one row per remote node to the rail peer there, which fans it out
+  // inside its node on the device and sends it with its own rows in the node stage.
   void dispatch_node(const T* x) {
+    namespace ns = detail::node_step;
     namespace dd = detail::device_dispatch;
     const auto& topo = ex_->topology();
-    const std::size_t G = topo.gpus_per_node(), L = layout_.rows(), row_bytes = hidden_ * sizeof(T);
-    const std::size_t E = static_cast<std::size_t>(layout_.rank_entry_offsets_host().back());
-    // The layout's entry metadata on the host (the plan reads it).
-    h_reo_.assign(L + 1, 0);
-    h_target_.resize(E);
-    h_slot_.resize(E);
-    h_weight_.resize(E);
-    if (L > 0) {
-      const auto down = [&](auto& host, const auto* dev) {
-        LOCUS_CUDA_CHECK(
-            cudaMemcpyAsync(host.data(), dev, host.size() * sizeof(host[0]), cudaMemcpyDeviceToHost, stream_));
-      };
-      down(h_reo_, layout_.row_entry_offsets());
-      down(h_target_, layout_.entry_target());
-      down(h_slot_, layout_.entry_slot());
-      down(h_weight_, layout_.entry_weight());
-      ex_->synchronize("reading the layout's entry metadata");
-    }
-    const dd::layout_rows lr{layout_.rank_offsets_host(), h_reo_, h_target_, h_slot_, h_weight_};
-    plan_.plan_rail(G, topo.nodes(), ex_->rank(), lr);
-    // Rail stage: metadata, then rows.
-    ex_->exchange({exchange_group::rail,
-                   sizeof(std::int32_t),
-                   std::as_bytes(std::span(plan_.rail_row_entries)),
-                   plan_.rail_counts,
-                   {},
-                   21},
-                  meta_a_);
-    ex_->exchange({exchange_group::rail,
-                   sizeof(dd::node_entry),
-                   std::as_bytes(std::span(plan_.rail_entries)),
-                   plan_.rail_entry_counts,
-                   {},
-                   22},
-                  meta_b_);
-    const std::size_t rail_in = meta_a_.row_count();
-    // Source rows: the layout's rows, then the rail rows received.
-    src_.resize(std::max<std::size_t>(L + rail_in, 1) * hidden_);
+    const std::size_t G = topo.gpus_per_node(), S = map_.slots_per_rank(), self = ex_->rank(), n = self / G;
+    const std::size_t L = layout_.rows(), row_bytes = hidden_ * sizeof(T);
+    const auto& ro = layout_.rank_offsets_host();
+    const auto& eo = layout_.rank_entry_offsets_host();
+    const ns::layout_counts lc{ro, eo, layout_.slot_counts_host(), layout_.reach_host()};
+    // The count round: first-hand rows and entries, and in the tail what reaches each rank and
+    // what each rail peer forwards; every exchange after it knows its counts.
+    ns::round_message(lc, G, self, S, send_counts_, entry_counts_, slot_tail_);
+    ex_->exchange_device_counts(exchange_group::world, row_bytes, send_counts_, sizeof(ns::node_entry), entry_counts_,
+                                counts_, 11, slot_tail_, static_cast<std::uint32_t>(ns::tail_width(S, G)));
+    std::string why = ns::counts_from(lc, counts_, G, self, S, sc_);
+    // A round of another width leaves no sizes to exchange by (the transports refuse it first).
+    LOCUS_REQUIRE(sc_.sized, transport_error, "device_dispatcher: rank ", self, " ", why);
+    if (why.empty()) why = detail::exchange::entries_for_empty_slot(sc_.slot_offsets, slot_expert_);
+    refuse_counts(why);
+    // The step's tables and the forwarding check's first word to the device, through pinned
+    // memory (queued: no wait). A step past 32-bit offsets starts with the check failed, so that no
+    // body indexes by its zeroed tables.
+    const std::size_t words = sc_.tables.size();
+    std::copy(sc_.tables.begin(), sc_.tables.end(), tables_host_.data()); // sized by the constructor
+    tables_host_[words] = sc_.indexable ? 0 : ns::past_32_bits;
+    tables_.resize(words);
+    LOCUS_CUDA_CHECK(cudaMemcpyAsync(tables_.data(), tables_host_.data(), words * sizeof(std::int32_t),
+                                     cudaMemcpyHostToDevice, stream_));
+    LOCUS_CUDA_CHECK(cudaMemcpyAsync(forward_flag_.data(), tables_host_.data() + words, sizeof(std::int32_t),
+                                     cudaMemcpyHostToDevice, stream_));
+
+    // Rail stage: the layout's rows outside this node's block, with their entries.
+    const std::int32_t own_begin = ro[n * G], own_rows = ro[n * G + G] - own_begin;
+    const std::int32_t own_entry_begin = eo[n * G], own_entries = eo[n * G + G] - own_entry_begin;
+    const std::size_t rail_out = L - static_cast<std::size_t>(own_rows);
+    const std::size_t rail_out_entries = static_cast<std::size_t>(eo.back() - own_entries);
+    src_.resize(std::max<std::size_t>(L + sc_.rail_in, 1) * hidden_);
     permute(layout_, x, hx_, src_.data(), stream_);
-    gather(src_.data(), plan_.rail_index, index_a_, stage_send_);
-    // The rail rows' counts came with their metadata: no header round for them.
-    rail_recv_counts_ = meta_a_.counts;
-    ex_->exchange_device_known(exchange_group::rail, row_bytes, bytes_of(stage_send_.data()), plan_.rail_counts,
-                               rail_recv_counts_, rows_);
-    if (rail_in > 0)
-      LOCUS_CUDA_CHECK(cudaMemcpyAsync(src_.data() + L * hidden_, rows_.rows, rail_in * row_bytes,
+    stage_send_.resize(std::max<std::size_t>(rail_out, 1) * hidden_);
+    copy_rows(src_.data(), 0, static_cast<std::size_t>(own_begin), stage_send_.data());
+    copy_rows(src_.data() + static_cast<std::size_t>(own_begin + own_rows) * hidden_, 0,
+              L - static_cast<std::size_t>(own_begin + own_rows), stage_send_.data() + own_begin * hidden_);
+    row_entries_.resize(std::max<std::size_t>(rail_out, 1));
+    rail_send_entries_.resize(std::max<std::size_t>(rail_out_entries, 1));
+    launch(rail_out, dd::rail_row_entries_kernel<>, layout_.row_entry_offsets(), rail_out, own_begin, own_rows,
+           row_entries_.data());
+    launch(rail_out_entries, dd::rail_entries_kernel<>, layout_.entry_target(), layout_.entry_slot(),
+           layout_.entry_weight(), rail_out_entries, own_entry_begin, own_entries, rail_send_entries_.data());
+    const std::size_t rin = sc_.rail_in, rin_entries = sc_.rail_in_entries;
+    ex_->exchange_device_known(exchange_group::rail, sizeof(std::int32_t), bytes_of(row_entries_.data()), sc_.rail_send,
+                               sc_.rail_recv, meta_);
+    // The rail rows' entry counts, with a 0 after them for the scan.
+    fwd_row_entries_.resize(rin + 1);
+    if (rin > 0)
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(fwd_row_entries_.data(), meta_.rows, rin * sizeof(std::int32_t),
                                        cudaMemcpyDeviceToDevice, stream_));
-    // Node stage: own rows for each local rank, then the rail rows forwarded to it.
-    plan_.plan_node(lr, as_span<std::int32_t>(meta_a_), as_span<dd::node_entry>(meta_b_));
-    ex_->exchange({exchange_group::node,
-                   sizeof(std::int32_t),
-                   std::as_bytes(std::span(plan_.node_row_entries)),
-                   plan_.node_counts,
-                   {},
-                   24},
-                  meta_a_);
-    ex_->exchange({exchange_group::node,
-                   sizeof(dd::node_entry),
-                   std::as_bytes(std::span(plan_.node_entries)),
-                   plan_.node_entry_counts,
-                   {},
-                   25},
-                  meta_b_);
-    plan_.plan_receive(as_span<std::int32_t>(meta_a_), as_span<dd::node_entry>(meta_b_));
-    node_recv_counts_ = meta_a_.counts; // as the rail rows': known from the metadata
-    gather(src_.data(), plan_.node_index, index_a_, stage_send_);
-    ex_->exchange_device_known(exchange_group::node, row_bytes, bytes_of(stage_send_.data()), plan_.node_counts,
-                               node_recv_counts_, rows_);
-    // Received rows: the node stage's, then the self-forwarded rail rows.
-    const std::size_t node_in = rows_.offsets.back(), self_n = plan_.self_index.size();
-    recv_.resize(std::max<std::size_t>(node_in + self_n, 1) * hidden_);
-    if (node_in > 0)
-      LOCUS_CUDA_CHECK(
-          cudaMemcpyAsync(recv_.data(), rows_.rows, node_in * row_bytes, cudaMemcpyDeviceToDevice, stream_));
-    if (self_n > 0) {
-      index_b_.upload(plan_.self_index, stream_);
-      detail::permute::dispatch_gather<T>(src_.data(), index_b_.data(), 1, self_n, hx_,
-                                          recv_.data() + node_in * hidden_, stream_);
-    }
-    rl_.assign(map_.slots_per_rank(), plan_.recv_row_entries, plan_.recv_slot, plan_.recv_weight);
-    drl_.assign(rl_, stream_);
-    const std::size_t n = rl_.entries();
-    expert_in_.resize(std::max<std::size_t>(n, 1) * hidden_);
-    expert_out_.resize(std::max<std::size_t>(n, 1) * hidden_);
-    gather_expert_input(drl_, recv_.data(), hx_, expert_in_.data(), stream_);
+    LOCUS_CUDA_CHECK(cudaMemsetAsync(fwd_row_entries_.data() + rin, 0, sizeof(std::int32_t), stream_));
+    ex_->exchange_device_known(exchange_group::rail, sizeof(ns::node_entry), bytes_of(rail_send_entries_.data()),
+                               sc_.rail_send_entries, sc_.rail_recv_entries, meta_);
+    dd::keep(meta_, fwd_entries_, stream_);
+    ex_->exchange_device_known(exchange_group::rail, row_bytes, bytes_of(stage_send_.data()), sc_.rail_send,
+                               sc_.rail_recv, rows_);
+    copy_rows(reinterpret_cast<const T*>(rows_.rows), 0, rin, src_.data() + L * hidden_);
+
+    // Fan-out of the rail rows by target, checked on the device: the received metadata as the
+    // receive layout checks its own (targets in place of slots), then the fan-out's counts against
+    // the count round's.
+    fwd_target_.resize(std::max<std::size_t>(rin_entries, 1));
+    fwd_slot_.resize(std::max<std::size_t>(rin_entries, 1));
+    fwd_weight_.resize(std::max<std::size_t>(rin_entries, 1));
+    fwd_reo_.resize(rin + 1);
+    const std::size_t fan = G * rin;
+    fan_count_.resize(fan + 1);
+    fan_present_.resize(fan + 1);
+    LOCUS_CUDA_CHECK(cudaMemsetAsync(fan_count_.data() + fan, 0, sizeof(std::int32_t), stream_));
+    LOCUS_CUDA_CHECK(cudaMemsetAsync(fan_present_.data() + fan, 0, sizeof(std::int32_t), stream_));
+    row_at_.resize(fan + 1);
+    entry_at_.resize(fan + 1);
+    fan_row_.resize(std::max<std::size_t>(fan, 1));
+    fan_row_entries_.resize(std::max<std::size_t>(fan, 1));
+    fan_slot_.resize(std::max<std::size_t>(rin_entries, 1));
+    fan_weight_.resize(std::max<std::size_t>(rin_entries, 1));
+    fan_source_.resize(std::max<std::size_t>(rin_entries, 1));
+    std::int32_t* flag = forward_flag_.data();
+    launch(rin_entries, dd::unpack_entries_kernel<>, fwd_entries_.data(), rin_entries, fwd_target_.data(),
+           fwd_slot_.data(), fwd_weight_.data());
+    launch(std::max(rin, rin_entries), dd::metadata_check_kernel<>, fwd_row_entries_.data(), rin, fwd_target_.data(),
+           rin_entries, G, flag);
+    scan(fwd_row_entries_.data(), rin, fwd_reo_.data());
+    launch(rin, dd::fanout_count_kernel<>, fwd_reo_.data(), fwd_target_.data(), rin, G, flag, fan_count_.data(),
+           fan_present_.data());
+    scan(fan_present_.data(), fan, row_at_.data());
+    scan(fan_count_.data(), fan, entry_at_.data());
+    launch(G + 1, dd::fanout_check_kernel<>, row_at_.data(), entry_at_.data(), rin, G, tables_.data(), flag);
+    launch(rin, dd::fanout_place_kernel<>, fwd_reo_.data(), fwd_target_.data(), fwd_slot_.data(), fwd_weight_.data(),
+           rin, G, row_at_.data(), entry_at_.data(), flag, fan_row_.data(), fan_row_entries_.data(), fan_slot_.data(),
+           fan_weight_.data(), fan_source_.data());
+
+    // Node stage: per local rank its own rows, then the rows forwarded to it (itself included).
+    const std::size_t nout = sc_.node_out, nout_entries = sc_.node_out_entries;
+    index_.resize(std::max<std::size_t>(nout, 1));
+    launch(nout, dd::node_send_rows_kernel<>, tables_.data(), G, fan_row_.data(), static_cast<std::int32_t>(L), nout,
+           flag, index_.data());
+    stage_send_.resize(std::max<std::size_t>(nout, 1) * hidden_);
+    if (nout > 0)
+      detail::permute::dispatch_gather<T>(src_.data(), index_.data(), 1, nout, hx_, stage_send_.data(), stream_);
+    row_entries_.resize(std::max<std::size_t>(nout, 1));
+    send_slots_.resize(std::max<std::size_t>(nout_entries, 1));
+    send_weights_.resize(std::max<std::size_t>(nout_entries, 1));
+    launch(nout, dd::node_send_row_entries_kernel<>, tables_.data(), G, layout_.row_entry_offsets(),
+           fan_row_entries_.data(), nout, flag, row_entries_.data());
+    launch(nout_entries, dd::node_send_entries_kernel<>, tables_.data(), G, layout_.entry_slot(),
+           layout_.entry_weight(), fan_slot_.data(), fan_weight_.data(), nout_entries, flag, send_slots_.data(),
+           send_weights_.data());
+    check_unread_ = true; // the forwarding check's word (and the receive layout's, when built)
+    ex_->exchange_device_known(exchange_group::node, sizeof(std::int32_t), bytes_of(row_entries_.data()), sc_.node_send,
+                               sc_.node_recv, meta_);
+    dd::keep(meta_, recv_row_entries_, stream_);
+    ex_->exchange_device_known(exchange_group::node, sizeof(std::int32_t), bytes_of(send_slots_.data()),
+                               sc_.node_send_entries, sc_.node_recv_entries, meta_);
+    dd::keep(meta_, recv_slots_, stream_);
+    ex_->exchange_device_known(exchange_group::node, sizeof(float), bytes_of(send_weights_.data()),
+                               sc_.node_send_entries, sc_.node_recv_entries, meta_);
+    dd::keep(meta_, recv_weights_, stream_);
+    build_receive(sc_.slot_offsets, sc_.node_in, sc_.node_in_entries);
+    ex_->exchange_device_known(exchange_group::node, row_bytes, bytes_of(stage_send_.data()), sc_.node_send,
+                               sc_.node_recv, rows_);
+    gather_input();
   }
 
   // Hierarchical combine: node stage back; each rail peer sums, per rail row, what its node
-  // returned for it (and its own partial); rail stage back; the layout's rows gathered from the
-  // pool in layout order.
+  // returned for it; rail stage back; the layout's rows gathered from the pool in layout order.
   const T* combine_node() {
-    const std::size_t row_bytes = hidden_ * sizeof(T);
-    const std::size_t node_out = plan_.node_index.size(), self_n = plan_.self_index.size();
-    const std::size_t rail_out = plan_.rail_index.size(), rail_in = plan_.forward_offsets.size() - 1;
-    const std::size_t node_in = rl_.rows() - self_n;
-    pool_.resize(std::max<std::size_t>(node_out + self_n + rail_out, 1) * hidden_);
-    ex_->exchange_device_known(exchange_group::node, row_bytes, bytes_of(back_.data()), node_recv_counts_,
-                               plan_.node_counts, returned_);
-    if (node_out > 0)
-      LOCUS_CUDA_CHECK(
-          cudaMemcpyAsync(pool_.data(), returned_.rows, node_out * row_bytes, cudaMemcpyDeviceToDevice, stream_));
-    if (self_n > 0)
-      LOCUS_CUDA_CHECK(cudaMemcpyAsync(pool_.data() + node_out * hidden_, back_.data() + node_in * hidden_,
-                                       self_n * row_bytes, cudaMemcpyDeviceToDevice, stream_));
-    stage_send_.resize(std::max<std::size_t>(rail_in, 1) * hidden_);
-    if (rail_in > 0) {
-      index_a_.upload(plan_.forward_offsets, stream_);
-      index_b_.upload(plan_.forward_position, stream_);
-      ones_.upload(plan_.forward_weight, stream_);
-      detail::permute::dispatch_reduce<T>(pool_.data(), index_a_.data(), index_b_.data(), ones_.data(), rail_in, hx_,
-                                          stage_send_.data(), stream_);
-    }
-    ex_->exchange_device_known(exchange_group::rail, row_bytes, bytes_of(stage_send_.data()), rail_recv_counts_,
-                               plan_.rail_counts, returned_);
-    if (rail_out > 0)
-      LOCUS_CUDA_CHECK(cudaMemcpyAsync(pool_.data() + (node_out + self_n) * hidden_, returned_.rows,
-                                       rail_out * row_bytes, cudaMemcpyDeviceToDevice, stream_));
-    gather(pool_.data(), plan_.return_index, index_a_, ret_);
+    namespace ns = detail::node_step;
+    namespace dd = detail::device_dispatch;
+    const std::size_t G = ex_->topology().gpus_per_node(), L = layout_.rows(), row_bytes = hidden_ * sizeof(T);
+    const std::size_t nout = sc_.node_out, rin = sc_.rail_in, rail_out = L - static_cast<std::size_t>(own_rows());
+    const std::int32_t* flag = forward_flag_.data();
+    // Room for every layout row after the node returns: return_index stays in bounds even when
+    // the tables were zeroed (a step past 32-bit offsets).
+    pool_.resize(std::max<std::size_t>(nout + L, 1) * hidden_);
+    ex_->exchange_device_known(exchange_group::node, row_bytes, bytes_of(back_.data()), sc_.node_recv, sc_.node_send,
+                               returned_);
+    copy_rows(reinterpret_cast<const T*>(returned_.rows), 0, nout, pool_.data());
+    // Each rail row's sum over the node ranks it went to, in target order (zeros once the
+    // forwarding check failed).
+    fan_count_.resize(rin + 1);
+    LOCUS_CUDA_CHECK(cudaMemsetAsync(fan_count_.data() + rin, 0, sizeof(std::int32_t), stream_));
+    fwd_reo_.resize(rin + 1);
+    fan_row_.resize(std::max<std::size_t>(G * rin, 1));
+    ones_.resize(std::max<std::size_t>(nout, 1));
+    launch(rin, dd::forward_count_kernel<>, row_at_.data(), rin, G, flag, fan_count_.data());
+    scan(fan_count_.data(), rin, fwd_reo_.data());
+    launch(rin, dd::forward_place_kernel<>, row_at_.data(), rin, G, tables_.data(), fwd_reo_.data(), flag,
+           fan_row_.data());
+    launch(nout, dd::fill_kernel<>, nout, 1.0f, ones_.data());
+    stage_send_.resize(std::max<std::size_t>(rin, 1) * hidden_);
+    detail::permute::dispatch_reduce<T>(pool_.data(), fwd_reo_.data(), fan_row_.data(), ones_.data(), rin, hx_,
+                                        stage_send_.data(), stream_, flag);
+    ex_->exchange_device_known(exchange_group::rail, row_bytes, bytes_of(stage_send_.data()), sc_.rail_recv,
+                               sc_.rail_send, returned_);
+    copy_rows(reinterpret_cast<const T*>(returned_.rows), 0, rail_out, pool_.data() + nout * hidden_);
+    index_.resize(std::max<std::size_t>(L, 1));
+    launch(L, dd::return_index_kernel<>, tables_.data(), G, L, static_cast<std::int32_t>(nout), index_.data());
+    ret_.resize(std::max<std::size_t>(L, 1) * hidden_);
+    if (L > 0) detail::permute::dispatch_gather<T>(pool_.data(), index_.data(), 1, L, hx_, ret_.data(), stream_);
     return ret_.data();
   }
 
-  // dst[i] = src[index[i]] for the rows of `index` (uploaded through `dev`).
-  void gather(const T* src, const std::vector<std::int32_t>& index, device_buffer<std::int32_t>& dev,
-              device_buffer<T>& dst) {
-    dst.resize(std::max<std::size_t>(index.size(), 1) * hidden_);
-    if (index.empty()) return;
-    dev.upload(index, stream_);
-    detail::permute::dispatch_gather<T>(src, dev.data(), 1, index.size(), hx_, dst.data(), stream_);
+  std::int32_t own_rows() const {
+    const std::size_t G = ex_->topology().gpus_per_node(), n = ex_->rank() / G;
+    const auto& ro = layout_.rank_offsets_host();
+    return ro[n * G + G] - ro[n * G];
   }
 
-  // The received rows of a host exchange as values of U.
-  template <class U>
-  static std::span<const U> as_span(const exchange_result& r) {
-    return {reinterpret_cast<const U*>(r.rows.data()), r.rows.size() / sizeof(U)};
+  // dst[0 .. rows) = src[first .. first + rows), rows of hidden_ elements, on the stream.
+  void copy_rows(const T* src, std::size_t first, std::size_t rows, T* dst) {
+    if (rows > 0)
+      LOCUS_CUDA_CHECK(
+          cudaMemcpyAsync(dst, src + first * hidden_, rows * hidden_ * sizeof(T), cudaMemcpyDeviceToDevice, stream_));
+  }
+
+  // out[0 .. n] = the exclusive scan of in[0 .. n) with the total at out[n]; `in` holds n + 1
+  // values, the last 0. CUB's device-wide scan: the fan-out's arrays are rail rows × GPUs long, too
+  // long for stage::exclusive_scan's one thread (the same sums: the CPU tests run that body).
+  void scan(const std::int32_t* in, std::size_t n, std::int32_t* out) {
+    std::size_t bytes = 0;
+    LOCUS_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, bytes, in, out, static_cast<int>(n + 1), stream_));
+    scan_temp_.resize(std::max<std::size_t>(bytes, 1));
+    LOCUS_CUDA_CHECK(
+        cub::DeviceScan::ExclusiveSum(scan_temp_.data(), bytes, in, out, static_cast<int>(n + 1), stream_));
+  }
+
+  // Launches a stage-body kernel over `items` items (at least one block).
+  template <class... Params, class... Args>
+  void launch(std::size_t items, void (*kernel)(Params...), Args&&... args) {
+    kernel<<<detail::layout::blocks_for(items), 256, 0, stream_>>>(std::forward<Args>(args)...);
+    LOCUS_CUDA_CHECK(cudaGetLastError());
   }
 
   Exchanger* ex_;
@@ -499,31 +666,33 @@ private:
   std::vector<expert_id> slot_expert_, block_experts_;
   std::vector<std::size_t> block_offsets_, send_counts_, entry_counts_;
   device_layout<TopK, Experts> layout_;
-  receive_layout rl_; // hierarchical: built on the host from the plan
   device_receive_layout drl_;
   device_buffer<T> send_, expert_in_, expert_out_, back_;
-  device_buffer<std::int32_t> row_entries_;
+  device_buffer<std::int32_t> row_entries_; // the entry counts of the rows sent (flat; node stage)
   device_exchange_result meta_, rows_, returned_;
-  device_counts counts_;                                      // flat: the step's count round
-  device_buffer<std::int32_t> recv_row_entries_, recv_slots_; // flat: the received entry metadata
+  device_counts counts_;                                      // the step's count round
+  device_buffer<std::int32_t> recv_row_entries_, recv_slots_; // the received entry metadata
   device_buffer<float> recv_weights_;
   std::exception_ptr pending_;                 // this rank's routing error, raised by combine
-  bool recv_bad_ = false;                      // flat: the count round's per-slot counts were refused (host check)
-  std::vector<std::uint32_t> slot_tail_;       // flat: entries per (destination, slot), the count round's tail
+  bool recv_bad_ = false;                      // the count round's counts were refused (host check)
+  std::vector<std::uint32_t> slot_tail_;       // the count round's tail
   std::vector<std::int32_t> expected_offsets_; // flat: the local slots' segments the count round announced
-  // The device check of the last flat build: its word lands in pinned memory with the next wait.
-  pinned_buffer<std::int32_t> check_word_{1};
-  bool check_unread_ = false;
-  std::exception_ptr deferred_; // the check's error, raised by the next combine or finish()
-  // Hierarchical only.
-  detail::device_dispatch::node_plan plan_;
-  std::vector<std::int32_t> h_reo_, h_target_, h_slot_;
-  std::vector<float> h_weight_;
-  exchange_result meta_a_, meta_b_;
-  std::vector<std::size_t> rail_recv_counts_, node_recv_counts_;
-  device_buffer<T> src_, stage_send_, recv_, pool_, ret_;
-  device_buffer<std::int32_t> index_a_, index_b_;
-  device_buffer<float> ones_;
+  // The device checks of the last step (receive layout, forwarding): their words land in pinned
+  // memory with the next wait.
+  pinned_buffer<std::int32_t> check_word_{2};
+  bool check_unread_ = false, drl_built_ = false;
+  std::exception_ptr deferred_; // the checks' error, raised by the next combine or finish()
+  // Hierarchical only (detail/node_step.hpp).
+  detail::node_step::step_counts sc_;
+  pinned_buffer<std::int32_t> tables_host_; // the step's tables on their way to the device
+  device_buffer<std::int32_t> tables_, forward_flag_{1};
+  device_buffer<detail::node_step::node_entry> rail_send_entries_, fwd_entries_;
+  device_buffer<std::int32_t> fwd_row_entries_, fwd_reo_, fwd_target_, fwd_slot_, send_slots_;
+  device_buffer<float> fwd_weight_, send_weights_, fan_weight_, ones_;
+  device_buffer<std::int32_t> fan_count_, fan_present_, row_at_, entry_at_, fan_row_, fan_row_entries_, fan_slot_,
+      fan_source_, index_;
+  device_buffer<T> src_, stage_send_, pool_, ret_;
+  device_buffer<unsigned char> scan_temp_;
 };
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <locus/core/error.hpp>
+#include <locus/core/expert_map.hpp>
 #include <locus/transport/exchange.hpp>
 #include <span>
 #include <string>
@@ -170,6 +171,17 @@ inline std::string slot_offsets_from(const device_counts& in, std::size_t slots,
     }
     offsets[s + 1] = static_cast<std::int32_t>(at);
   }
+  return {};
+}
+
+//! Why a receiver cannot use segments (`offsets`, slots + 1 values) that give entries to a local
+//! slot holding no expert (`slot_expert[s] == empty_slot`), or an empty string.
+inline std::string entries_for_empty_slot(std::span<const std::int32_t> offsets,
+                                          std::span<const expert_id> slot_expert) {
+  for (std::size_t s = 0; s < slot_expert.size() && s + 1 < offsets.size(); ++s)
+    if (slot_expert[s] == empty_slot && offsets[s + 1] != offsets[s])
+      return ::locus::detail::concat("was sent ", offsets[s + 1] - offsets[s], " entries for its local slot ", s,
+                                     ", which holds no expert");
   return {};
 }
 

@@ -5,7 +5,8 @@
 //! equal bit for bit (same per-token code, stable CUB sorts and scans). The routing stays on the
 //! device; the expert map and topology come from the host (a few KiB uploaded per assign).
 //! assign() synchronises the stream once at the end, to check the input and to return the
-//! per-rank row and entry counts and the per-(rank, slot) entry counts to the host, where a
+//! per-rank row and entry counts, the per-(rank, slot) entry counts and the tokens reaching each
+//! rank to the host, where a
 //! transport needs them anyway (message sizes; the receivers' expert compute sizes).
 //! A device flag may tell it to plan nothing (the router's non-finite-logit counter): the counts
 //! are then zeroed on the device and the flag comes back in the same wait.
@@ -88,14 +89,14 @@ public:
     if (plan_nothing) {
       detail::layout::plan_nothing_kernel<<<1, 128, 0, stream>>>(plan_nothing, ranks_, b_.rank_offsets.data(),
                                                                  b_.rank_entry_offsets.data(), b_.slot_counts.data(),
-                                                                 ranks_ * slots_, b_.links.data());
+                                                                 ranks_ * slots_, b_.reach.data(), b_.links.data());
       LOCUS_CUDA_CHECK(cudaGetLastError());
     }
     // Everything the host reads lands in pinned memory, so no copy waits on its own: the one wait
-    // is `wait`'s. Words: the error, rank offsets, rank entry offsets, slot counts; then the links
-    // and the flag's two words.
+    // is `wait`'s. Words: the error, rank offsets, rank entry offsets, slot counts, reach; then the
+    // links and the flag's two words.
     const std::size_t R1 = ranks_ + 1, SC = ranks_ * slots_;
-    words_.resize(1 + 2 * R1 + SC);
+    words_.resize(1 + 2 * R1 + SC + ranks_);
     wide_.resize(3 + 2);
     const auto down = [&](auto* host, const auto* dev, std::size_t n) {
       if (n > 0) LOCUS_CUDA_CHECK(cudaMemcpyAsync(host, dev, n * sizeof(*host), cudaMemcpyDeviceToHost, stream));
@@ -104,6 +105,7 @@ public:
     down(words_.data() + 1, b_.rank_offsets.data(), R1);
     down(words_.data() + 1 + R1, b_.rank_entry_offsets.data(), R1);
     down(words_.data() + 1 + 2 * R1, b_.slot_counts.data(), SC);
+    down(words_.data() + 1 + 2 * R1 + SC, b_.reach.data(), ranks_);
     down(wide_.data(), b_.links.data(), 3);
     wide_[3] = wide_[4] = 0;
     if (plan_nothing) down(wide_.data() + 3, plan_nothing, 2);
@@ -115,6 +117,7 @@ public:
     rank_offsets_host_.assign(words_.data() + 1, words_.data() + 1 + R1);
     rank_entry_offsets_host_.assign(words_.data() + 1 + R1, words_.data() + 1 + 2 * R1);
     slot_counts_host_.assign(words_.data() + 1 + 2 * R1, words_.data() + 1 + 2 * R1 + SC);
+    reach_host_.assign(words_.data() + 1 + 2 * R1 + SC, words_.data() + 1 + 2 * R1 + SC + ranks_);
     links_host_ = {wide_[0], wide_[1], wide_[2]};
     flag_host_ = {wide_[3], wide_[4]};
     if (planned_nothing()) {
@@ -145,6 +148,9 @@ public:
   //! Host copy of the copies per (rank, slot) of their replicas (`ranks × slots_per_rank` values,
   //! layout::slot_counts): in a flat layout the entries this rank sends each slot of each rank.
   const std::vector<std::int32_t>& slot_counts_host() const noexcept { return slot_counts_host_; }
+  //! Host copy of the tokens that reach each rank (`ranks` values: tokens with a copy there): the
+  //! rows that arrive there from this source, first-hand or forwarded (a node layout's count round).
+  const std::vector<std::int32_t>& reach_host() const noexcept { return reach_host_; }
   //! Copies moved per link class (as layout::link_copies).
   std::array<std::uint64_t, link_class_count> link_copies() const noexcept {
     return {links_host_[0], links_host_[1], links_host_[2]};
@@ -193,7 +199,7 @@ private:
   detail::layout::device_layout_buffers b_;
   device_buffer<slot_ref> replicas_;
   std::vector<std::int32_t> fixed_, cand_offsets_, cands_, rank_offsets_host_, rank_entry_offsets_host_,
-      slot_counts_host_;
+      slot_counts_host_, reach_host_;
   std::array<unsigned long long, 3> links_host_{};
   std::array<unsigned long long, 2> flag_host_{};
   pinned_buffer<std::int32_t> words_;      // the count read's landing place (see assign)

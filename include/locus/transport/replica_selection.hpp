@@ -245,32 +245,56 @@ private:
 //! Stateful replica chooser for one layer and one step, copies from any sources in any order
 //! (each source balances its own copies). A source's copies must come in batch order, token by
 //! token and choice by choice (the `random` rule counts them as positions). Call reset() between
-//! steps.
+//! steps, or rebind() for another map or policy (a traffic model counting many steps and layers
+//! keeps one selector and rebinds it: its tables stay allocated).
 template <class Topology>
 class replica_selector {
   static_assert(any_topology<Topology>, "locus::transport::replica_selector needs a locus::topology");
 
 public:
+  //! A selector with no map yet: rebind() before select().
+  explicit replica_selector(const Topology& topo) : topo_(topo) {}
+
   //! @throws locus::config_error when map and topology disagree on the rank count, or `policy.hot`
   //!         has the wrong size
-  replica_selector(const expert_map& map, const Topology& topo, const replica_policy& policy = {})
-      : map_(&map), topo_(topo), rule_(policy.rule), salt_(policy.salt) {
-    LOCUS_REQUIRE(map.ranks() == topo.ranks(), config_error, "replica selection: the expert map has ", map.ranks(),
-                  " ranks but the topology has ", topo.ranks());
-    LOCUS_REQUIRE(policy.hot.empty() || policy.hot.size() == topo.ranks(), config_error,
-                  "replica selection: ", policy.hot.size(), " hot-rank flags for ", topo.ranks(), " ranks");
-    hot_.assign(policy.hot.begin(), policy.hot.end());
+  replica_selector(const expert_map& map, const Topology& topo, const replica_policy& policy = {}) : topo_(topo) {
+    rebind(map, policy);
+  }
+
+  //! Starts a step under `map` and `policy` (`map` must outlive the selector's use of it).
+  //! @throws locus::config_error as the constructor
+  void rebind(const expert_map& map, const replica_policy& policy = {}) {
+    LOCUS_REQUIRE(map.ranks() == topo_.ranks(), config_error, "replica selection: the expert map has ", map.ranks(),
+                  " ranks but the topology has ", topo_.ranks());
+    LOCUS_REQUIRE(policy.hot.empty() || policy.hot.size() == topo_.ranks(), config_error,
+                  "replica selection: ", policy.hot.size(), " hot-rank flags for ", topo_.ranks(), " ranks");
+    map_ = &map;
     view_ = map.view();
-    copies_.assign(static_cast<std::size_t>(view_.replica_offsets[view_.experts]), 0);
-    sources_.resize(topo.ranks());
+    rule_ = policy.rule;
+    salt_ = policy.salt;
+    hot_.assign(policy.hot.begin(), policy.hot.end());
+    const std::size_t cells = topo_.ranks() * map.experts();
+    if (stamp_.size() < cells) {
+      stamp_.assign(cells, 0);
+      generation_ = 0;
+    }
+    fixed_.resize(std::max(fixed_.size(), cells));
+    cand_begin_.resize(std::max(cand_begin_.size(), cells));
+    cand_count_.resize(std::max(cand_count_.size(), cells));
+    nth_.resize(std::max(nth_.size(), cells));
+    reset();
   }
 
   //! Forgets the copies counted so far (a new step or micro-batch).
   void reset() {
     std::fill(copies_.begin(), copies_.end(), 0u);
-    for (auto& s : sources_) {
-      std::fill(s.nth.begin(), s.nth.end(), 0);
-      s.position = 0;
+    copies_.resize(static_cast<std::size_t>(view_.replica_offsets[view_.experts]), 0u);
+    position_.assign(topo_.ranks(), 0);
+    cands_.clear();
+    // Every (source, expert) table becomes stale at once; they are made again on first use.
+    if (++generation_ == 0) {
+      std::fill(stamp_.begin(), stamp_.end(), 0u);
+      generation_ = 1;
     }
   }
 
@@ -291,35 +315,49 @@ public:
   const std::vector<std::uint32_t>& replica_copies() const noexcept { return copies_; }
 
 private:
-  // A source's candidate tables, built on its first copy, its balanced copies per expert and its
-  // copies so far.
-  struct source {
-    std::vector<std::int32_t> fixed, cand_offsets, cands, nth;
-    std::int64_t position = 0;
-  };
-
+  // choose_replica's choice, on replica_candidates' tables made per (source, expert) on the pair's
+  // first copy of the step: a decode step touches few of a source's experts, and making every
+  // expert's tables for every source of every step and layer was most of the traffic model's time.
   std::size_t choose(std::size_t src, std::size_t e) {
-    source& s = sources_[src];
-    if (s.fixed.empty()) {
-      replica_candidates(*map_, topo_, src, s.fixed, s.cand_offsets, s.cands, replica_policy{rule_, salt_, hot_});
-      s.nth.assign(map_->experts(), 0);
+    const std::size_t cell = src * view_.experts + e;
+    if (stamp_[cell] != generation_) {
+      stamp_[cell] = generation_;
+      const std::int32_t first = view_.replica_offsets[e];
+      cand_begin_[cell] = static_cast<std::int32_t>(cands_.size());
+      fixed_[cell] = expert_replica_candidates(
+          e, first, view_.replica_offsets[e + 1] - first,
+          [&](std::int32_t i) { return view_.replicas[first + i].rank; }, topo_, src,
+          replica_policy{rule_, salt_, hot_}, cands_);
+      cand_count_[cell] = static_cast<std::int32_t>(cands_.size()) - cand_begin_[cell];
+      nth_[cell] = 0;
     }
-    const auto ei = static_cast<std::int32_t>(e);
-    const auto best = static_cast<std::size_t>(
-        choose_replica(s.fixed.data(), s.cand_offsets.data(), s.cands.data(), ei, s.nth[e], rule_, s.position++));
-    if (s.fixed[e] < 0) ++s.nth[e];
+    const std::int64_t position = position_[src]++;
+    std::size_t best = 0;
+    if (fixed_[cell] >= 0) {
+      best = static_cast<std::size_t>(fixed_[cell]);
+    } else {
+      // As choose_replica: the n-th balanced copy round robin, or (random) the batch position.
+      const std::int64_t m = cand_count_[cell];
+      const std::int64_t i = rule_ == replica_rule::random ? position % m : nth_[cell]++ % m;
+      best = static_cast<std::size_t>(cands_[static_cast<std::size_t>(cand_begin_[cell] + i)]);
+    }
     ++copies_[best];
     return best;
   }
 
-  const expert_map* map_;
+  const expert_map* map_ = nullptr;
   Topology topo_;
-  replica_rule rule_;
-  std::uint64_t salt_;
+  replica_rule rule_ = replica_rule::locality_first;
+  std::uint64_t salt_ = 0;
   std::vector<std::uint8_t> hot_;
-  expert_map_view view_;
+  expert_map_view view_{};
   std::vector<std::uint32_t> copies_;
-  std::vector<source> sources_;
+  std::vector<std::int64_t> position_;                        // per source: its copies so far
+  std::vector<std::uint32_t> stamp_;                          // per (source, expert): generation of its tables
+  std::vector<std::int32_t> fixed_, cand_begin_, cand_count_; // per (source, expert)
+  std::vector<std::int32_t> nth_;                             // per (source, expert): balanced copies so far
+  std::vector<std::int32_t> cands_;
+  std::uint32_t generation_ = 0;
 };
 
 //! The selector under its former name (locality_first is the default policy).

@@ -7,7 +7,8 @@
 //!   2. stable sort by expert                                  cub::DeviceRadixSort::SortPairs
 //!   3. replica per copy (the replica rule; round robin index  replica_kernel
 //!      = run position, batch position = copy index)
-//!   4. rows per token, bucket keys, per-rank and link counts  group_kernel<K>
+//!   4. rows per token, bucket keys, per-rank, reach and link  group_kernel<K>
+//!      counts
 //!   5. stable sort of rows by bucket key                      cub::DeviceRadixSort::SortPairs
 //!   6. rank offsets; per-row entry counts; entry offsets      cub::DeviceScan::ExclusiveSum (×2)
 //!   7. rows' tokens and entries                               place_kernel<K>
@@ -30,6 +31,7 @@ struct device_layout_buffers {
   device_buffer<std::int32_t> entry_copy, entry_target, entry_slot;
   device_buffer<float> entry_weight;
   device_buffer<std::int32_t> slot_counts;
+  device_buffer<std::int32_t> reach; // rows carrying an entry for each final rank (tokens with a copy there)
   device_buffer<unsigned long long> links;
   // scratch
   device_buffer<std::int32_t> fixed, cand_offsets, cands, error;
@@ -74,6 +76,7 @@ void dispatch_build(device_layout_buffers& b, const std::int32_t* ids, const flo
   b.entry_slot.resize(n);
   b.entry_weight.resize(weights ? n : 0);
   b.slot_counts.resize(ranks * S);
+  b.reach.resize(ranks);
   b.links.resize(3);
   b.error.resize(1);
   b.key_in.resize(n);
@@ -86,6 +89,7 @@ void dispatch_build(device_layout_buffers& b, const std::int32_t* ids, const flo
   b.rank_rows.resize(ranks + 1);
 
   LOCUS_CUDA_CHECK(cudaMemsetAsync(b.slot_counts.data(), 0, ranks * S * sizeof(std::int32_t), stream));
+  LOCUS_CUDA_CHECK(cudaMemsetAsync(b.reach.data(), 0, ranks * sizeof(std::int32_t), stream));
   LOCUS_CUDA_CHECK(cudaMemsetAsync(b.links.data(), 0, 3 * sizeof(unsigned long long), stream));
   LOCUS_CUDA_CHECK(cudaMemsetAsync(b.rank_rows.data(), 0, (ranks + 1) * sizeof(std::int32_t), stream));
   LOCUS_CUDA_CHECK(cudaMemsetAsync(b.error.data(), 0x7f, sizeof(std::int32_t), stream)); // "no error": a huge index
@@ -126,7 +130,7 @@ void dispatch_build(device_layout_buffers& b, const std::int32_t* ids, const flo
   LOCUS_CUDA_CHECK(cudaGetLastError());
   group_kernel<K><<<blocks_for(tokens, threads), threads, 0, stream>>>(
       p, b.copy_rank.data(), b.copy_slot.data(), tokens, static_cast<std::int32_t>(buckets), b.local_row.data(),
-      b.key_in.data(), b.val_in.data(), b.row_size.data(), b.rank_rows.data(), b.links.data());
+      b.key_in.data(), b.val_in.data(), b.row_size.data(), b.rank_rows.data(), b.reach.data(), b.links.data());
   LOCUS_CUDA_CHECK(cudaGetLastError());
   LOCUS_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(b.temp.data(), temp, b.key_in.data(), b.key_out.data(),
                                                    b.val_in.data(), b.val_out.data(), static_cast<int>(n), 0,

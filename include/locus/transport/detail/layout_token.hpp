@@ -70,6 +70,14 @@ LOCUS_HOST_DEVICE std::int32_t group_rows(const token_params& p, const std::int3
   return rows;
 }
 
+//! Whether copy j of a token is the first of its copies on its rank (`rank[0..j]`): a token
+//! reaches each rank once however many of its copies land there (the layout's `reach` counts).
+LOCUS_HOST_DEVICE bool first_copy_on_rank(const std::int32_t* rank, std::size_t j) {
+  for (std::size_t q = 0; q < j; ++q)
+    if (rank[q] == rank[j]) return false;
+  return true;
+}
+
 //! Link class index (0 same GPU, 1 intra-node, 2 inter-node) of a row sent to `to`.
 LOCUS_HOST_DEVICE std::int32_t row_link(const token_params& p, std::int32_t to) {
   if (to == p.source) return 0;

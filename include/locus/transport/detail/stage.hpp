@@ -362,16 +362,15 @@ LOCUS_HOST_DEVICE void exclusive_scan(grid_index g, const std::int32_t* LOCUS_RE
 
 //! A layout told to plan nothing: when `*flag` is not zero (a rank whose routing must send no
 //! tokens, e.g. the router's non-finite-logit counter), its per-rank row and entry offsets
-//! (`ranks + 1` values each), its per-(rank, slot) copy counts (`slot_counts` values) and its
-//! per-link copy counts (3) become zero, so the counts the host reads with them say "no rows";
-//! otherwise they are left as the layout built them. The flag is read on the device, after the
-//! router and the layout, so the host learns it in the same wait as the counts instead of one of
-//! its own.
+//! (`ranks + 1` values each), its per-(rank, slot) copy counts (`slot_counts` values), its
+//! tokens reaching each rank (`ranks` values) and its per-link copy counts (3) become zero, so the counts the host
+//! reads with them say "no rows"; otherwise they are left as the layout built them. The flag is read on the device,
+//! after the router and the layout, so the host learns it in the same wait as the counts instead of one of its own.
 LOCUS_HOST_DEVICE void plan_nothing_if(grid_index g, const unsigned long long* LOCUS_RESTRICT flag, std::size_t ranks,
                                        std::int32_t* LOCUS_RESTRICT rank_offsets,
                                        std::int32_t* LOCUS_RESTRICT rank_entry_offsets,
                                        std::int32_t* LOCUS_RESTRICT slot_counts, std::size_t slot_count,
-                                       unsigned long long* LOCUS_RESTRICT links) {
+                                       std::int32_t* LOCUS_RESTRICT reach, unsigned long long* LOCUS_RESTRICT links) {
   if (*flag == 0) return;
   std::size_t n = ranks + 1 > 3 ? ranks + 1 : 3;
   n = n > slot_count ? n : slot_count;
@@ -380,6 +379,7 @@ LOCUS_HOST_DEVICE void plan_nothing_if(grid_index g, const unsigned long long* L
       rank_offsets[i] = 0;
       rank_entry_offsets[i] = 0;
     }
+    if (i < ranks) reach[i] = 0;
     if (i < slot_count) slot_counts[i] = 0;
     if (i < 3) links[i] = 0;
   }

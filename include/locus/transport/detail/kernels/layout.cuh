@@ -61,12 +61,13 @@ static __global__ void replica_kernel(const std::int32_t* sorted_expert, const s
 }
 
 //! One thread per token: rows of the token (group_rows), their bucket keys for the stable sort
-//! (unused row places get `sentinel`, which sorts last), counts per send rank and link class.
+//! (unused row places get `sentinel`, which sorts last), counts per send rank and link class,
+//! and the tokens reaching each rank.
 template <std::size_t K>
 __global__ void group_kernel(token_params p, const std::int32_t* copy_rank, const std::int32_t* copy_slot,
                              std::size_t tokens, std::int32_t sentinel, std::int32_t* local_row, std::int32_t* row_key,
                              std::int32_t* row_index, std::int32_t* row_size, std::int32_t* rank_rows,
-                             unsigned long long* links) {
+                             std::int32_t* reach, unsigned long long* links) {
   const std::size_t t = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (t >= tokens) return;
   const std::size_t c0 = t * K;
@@ -84,6 +85,7 @@ __global__ void group_kernel(token_params p, const std::int32_t* copy_rank, cons
     row_key[c0 + j] = used ? key[j] : sentinel;
     row_index[c0 + j] = static_cast<std::int32_t>(c0 + j);
     row_size[c0 + j] = used ? size[j] : 0;
+    if (first_copy_on_rank(rank, j)) atomicAdd(&reach[rank[j]], 1);
     if (used) {
       const std::int32_t to = key[j] / p.bucket_width;
       atomicAdd(&rank_rows[to], 1);
@@ -152,10 +154,10 @@ static __global__ void rank_entry_offsets_kernel(const std::int32_t* rank_offset
 //! stage::plan_nothing_if: zero counts when `*flag` is set.
 static __global__ void plan_nothing_kernel(const unsigned long long* flag, std::size_t ranks,
                                            std::int32_t* rank_offsets, std::int32_t* rank_entry_offsets,
-                                           std::int32_t* slot_counts, std::size_t slot_count,
+                                           std::int32_t* slot_counts, std::size_t slot_count, std::int32_t* reach,
                                            unsigned long long* links) {
   stage::plan_nothing_if(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, flag, ranks, rank_offsets,
-                         rank_entry_offsets, slot_counts, slot_count, links);
+                         rank_entry_offsets, slot_counts, slot_count, reach, links);
 }
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout

@@ -1,0 +1,626 @@
+// The hierarchical device step (transport/detail/node_step.hpp) run on the host for every rank of
+// a simulated machine: the count round's messages and sizes, then the stage bodies the kernels run
+// (through stage::run_grid, on several grid shapes), moving token identities through simulated rail
+// and node exchanges exactly as the device dispatcher moves rows. Each rank must receive every copy
+// routed to it once (token, expert, weight), with the segments the count round announced, and
+// combine must return each token's weighted sum over its copies; the reference is computed from
+// the routings and the host layouts' replica choices alone. Doctored rounds and fan-outs must be
+// refused where the dispatcher relies on their checks.
+#define BOOST_TEST_MODULE node_step
+#include "../mpi/dispatch_cases.hpp"
+
+#include <algorithm>
+#include <boost/test/unit_test.hpp>
+#include <locus/transport/detail/layout_token.hpp>
+#include <locus/transport/detail/node_step.hpp>
+#include <locus/transport/exchange.hpp>
+#include <locus/transport/layout.hpp>
+#include <set>
+#include <tuple>
+#include <vector>
+
+using namespace locus;
+using namespace locus::transport;
+namespace ns = locus::transport::detail::node_step;
+namespace st = locus::transport::detail::stage;
+
+namespace {
+
+// What member `q` receives in an exchange over group `g` where every rank s sends data[s], ordered
+// by destination member with counts[s]: the senders' slices for q in member order. `from` gets the
+// count from each member.
+template <class U>
+std::vector<U> receive(const dynamic_topology& topo, exchange_group g, std::size_t q,
+                       const std::vector<std::vector<U>>& data, const std::vector<std::vector<std::size_t>>& counts,
+                       std::vector<std::size_t>* from = nullptr) {
+  const locus::transport::detail::exchange::group_map map{topo, q};
+  const std::size_t me = map.self_member(g);
+  std::vector<U> out;
+  if (from) from->clear();
+  for (std::size_t m = 0; m < map.size(g); ++m) {
+    const std::size_t s = map.world_rank_of(g, m);
+    BOOST_REQUIRE(counts[s].size() == map.size(g));
+    std::size_t at = 0;
+    for (std::size_t i = 0; i < me; ++i)
+      at += counts[s][i];
+    BOOST_REQUIRE(at + counts[s][me] <= data[s].size());
+    out.insert(out.end(), data[s].begin() + static_cast<std::ptrdiff_t>(at),
+               data[s].begin() + static_cast<std::ptrdiff_t>(at + counts[s][me]));
+    if (from) from->push_back(counts[s][me]);
+  }
+  return out;
+}
+
+template <class U>
+std::vector<U> pick(const std::vector<U>& v, const std::vector<std::int32_t>& index) {
+  std::vector<U> out;
+  for (std::int32_t i : index)
+    out.push_back(v.at(static_cast<std::size_t>(i)));
+  return out;
+}
+
+// A body run over a grid of `shape` (blocks × threads): the host executor of its kernel.
+struct grid_shape {
+  std::size_t blocks, threads;
+};
+template <class Body>
+void run(grid_shape g, Body&& body) {
+  st::run_grid(g.blocks, g.threads, body);
+}
+
+// An expert's output for a token: small integers, so every sum below is exact in double.
+double output(std::int64_t id, expert_id e) { return static_cast<double>(id % 97 + 1) * (e + 3); }
+
+// Tokens reaching each rank, counted independently of the layout (distinct ranks of its copies).
+std::vector<std::int32_t> reach_of(const layout<>& l, std::size_t ranks, std::size_t k) {
+  std::vector<std::int32_t> reach(ranks, 0);
+  for (std::size_t t = 0; t < l.tokens(); ++t) {
+    std::set<std::int32_t> seen(l.copy_rank().begin() + static_cast<std::ptrdiff_t>(t * k),
+                                l.copy_rank().begin() + static_cast<std::ptrdiff_t>(t * k + k));
+    for (std::int32_t r : seen)
+      ++reach[static_cast<std::size_t>(r)];
+  }
+  return reach;
+}
+
+// The count round every rank makes: per receiver q, what each source sent it.
+struct round_state {
+  std::vector<std::vector<std::size_t>> rows, entries; // per source: to each rank
+  std::vector<std::vector<std::uint32_t>> tail;        // per source: W per rank
+};
+device_counts delivered(const round_state& r, std::size_t q, std::size_t W) {
+  device_counts out;
+  out.tail_width = W;
+  for (std::size_t s = 0; s < r.rows.size(); ++s) {
+    out.rows.push_back(r.rows[s][q]);
+    out.entries.push_back(r.entries[s][q]);
+    out.tail.insert(out.tail.end(), r.tail[s].begin() + static_cast<std::ptrdiff_t>(q * W),
+                    r.tail[s].begin() + static_cast<std::ptrdiff_t>(q * W + W));
+  }
+  return out;
+}
+
+// One rank's device state between the stages (its host mirror).
+struct rank_state {
+  ns::step_counts sc;
+  std::vector<std::int64_t> src; // source row space: layout rows, then the rail rows received
+  std::vector<std::int32_t> fwd_reo, fwd_target, fwd_slot, row_at, entry_at, fan_row, fan_row_entries, fan_slot,
+      fan_source, index, node_row_entries, node_slot, forward_offsets, forward_position;
+  std::vector<float> fwd_weight, fan_weight, node_weight;
+  std::int32_t flag = 0;
+};
+
+void check_case(const locus_test::dispatch_case& c, grid_shape grid) {
+  const auto& topo = c.topo;
+  const std::size_t R = topo.ranks(), G = topo.gpus_per_node(), K = c.k, S = c.map.slots_per_rank();
+  const std::size_t W = ns::tail_width(S, G);
+  const auto id = [](std::size_t s, std::size_t t) { return static_cast<std::int64_t>(s * 1000000 + t); };
+  std::vector<layout<>> layouts(R);
+  std::vector<std::vector<std::int32_t>> reach(R);
+  std::vector<rank_state> ranks(R);
+  round_state round;
+  round.rows.resize(R);
+  round.entries.resize(R);
+  round.tail.resize(R);
+  const auto counts_of = [&](std::size_t s) {
+    const auto& l = layouts[s];
+    return ns::layout_counts{l.rank_offsets(), l.rank_entry_offsets(), l.slot_counts(), reach[s]};
+  };
+  for (std::size_t s = 0; s < R; ++s) {
+    layouts[s].assign(c.routings[s].view(), c.map, topo, s, layout_options{transport_kind::hierarchical, 1});
+    const auto& l = layouts[s];
+    reach[s] = reach_of(l, R, K);
+    // The layout kernel's rule (first copy of a token on its rank) counts the same.
+    std::vector<std::int32_t> by_rule(R, 0);
+    for (std::size_t t = 0; t < l.tokens(); ++t)
+      for (std::size_t j = 0; j < K; ++j)
+        if (locus::transport::detail::layout::first_copy_on_rank(l.copy_rank().data() + t * K, j))
+          ++by_rule[static_cast<std::size_t>(l.copy_rank()[t * K + j])];
+    BOOST_TEST(by_rule == reach[s]);
+    ns::round_message(counts_of(s), G, s, S, round.rows[s], round.entries[s], round.tail[s]);
+    for (std::size_t r = 0; r < l.rows(); ++r)
+      ranks[s].src.push_back(id(s, static_cast<std::size_t>(l.row_token()[r])));
+  }
+  for (std::size_t q = 0; q < R; ++q) {
+    const std::string why = ns::counts_from(counts_of(q), delivered(round, q, W), G, q, S, ranks[q].sc);
+    BOOST_TEST_REQUIRE(why.empty(), "rank " << q << ": " << why);
+  }
+  // Rail stage: the layout's rows outside its node block, with their entries.
+  std::vector<std::vector<std::int64_t>> send(R);
+  std::vector<std::vector<std::int32_t>> row_entries(R);
+  std::vector<std::vector<ns::node_entry>> entries(R);
+  std::vector<std::vector<std::size_t>> counts(R), entry_counts(R), rail_from(R), node_from(R);
+  for (std::size_t s = 0; s < R; ++s) {
+    const auto& l = layouts[s];
+    const auto& ro = l.rank_offsets();
+    const auto& eo = l.rank_entry_offsets();
+    const std::size_t n = s / G;
+    const std::int32_t own_begin = ro[n * G], own_rows = ro[n * G + G] - own_begin;
+    const std::int32_t own_entry_begin = eo[n * G], own_entries = eo[n * G + G] - own_entry_begin;
+    const std::size_t rail_rows = l.rows() - static_cast<std::size_t>(own_rows);
+    const std::size_t rail_entries = static_cast<std::size_t>(eo.back() - own_entries);
+    row_entries[s].assign(rail_rows, -1);
+    entries[s].assign(rail_entries, {-1, -1, 0.0f});
+    run(grid, [&](st::grid_index g) {
+      ns::rail_row_entries(g, l.row_entry_offsets().data(), rail_rows, own_begin, own_rows, row_entries[s].data());
+    });
+    run(grid, [&](st::grid_index g) {
+      ns::rail_entries(g, l.entry_target().data(), l.entry_slot().data(), l.entry_weight().data(), rail_entries,
+                       own_entry_begin, own_entries, entries[s].data());
+    });
+    send[s].assign(ranks[s].src.begin(), ranks[s].src.begin() + own_begin);
+    send[s].insert(send[s].end(), ranks[s].src.begin() + own_begin + own_rows, ranks[s].src.end());
+    counts[s] = ranks[s].sc.rail_send;
+    entry_counts[s] = ranks[s].sc.rail_send_entries;
+  }
+  for (std::size_t q = 0; q < R; ++q) {
+    auto& me = ranks[q];
+    const auto rows = receive(topo, exchange_group::rail, q, send, counts, &rail_from[q]);
+    const auto re = receive(topo, exchange_group::rail, q, row_entries, counts);
+    const auto en = receive(topo, exchange_group::rail, q, entries, entry_counts);
+    BOOST_TEST_REQUIRE(rail_from[q] == me.sc.rail_recv, "rank " << q << ": the rail rows the count round announced");
+    BOOST_TEST_REQUIRE(en.size() == me.sc.rail_in_entries);
+    me.src.insert(me.src.end(), rows.begin(), rows.end());
+    // The fan-out, checked as the device checks it.
+    const std::size_t rin = rows.size(), ren = en.size(), fan = G * rin;
+    me.fwd_target.assign(ren, 0);
+    me.fwd_slot.assign(ren, 0);
+    me.fwd_weight.assign(ren, 0);
+    me.fwd_reo.assign(rin + 1, 0);
+    std::vector<std::int32_t> count(fan), present(fan);
+    me.row_at.assign(fan + 1, 0);
+    me.entry_at.assign(fan + 1, 0);
+    me.fan_row.assign(fan, -1);
+    me.fan_row_entries.assign(fan, -1);
+    me.fan_slot.assign(ren, -1);
+    me.fan_weight.assign(ren, 0);
+    me.fan_source.assign(ren, -1);
+    run(grid, [&](st::grid_index g) {
+      ns::unpack_entries(g, en.data(), ren, me.fwd_target.data(), me.fwd_slot.data(), me.fwd_weight.data());
+    });
+    run(grid, [&](st::grid_index g) {
+      st::receive_metadata_check(g, re.data(), rin, me.fwd_target.data(), ren, G, &me.flag);
+    });
+    run(grid, [&](st::grid_index g) { st::exclusive_scan(g, re.data(), rin, me.fwd_reo.data()); });
+    run(grid, [&](st::grid_index g) {
+      ns::fanout_count(g, me.fwd_reo.data(), me.fwd_target.data(), rin, G, &me.flag, count.data(), present.data());
+    });
+    run(grid, [&](st::grid_index g) { st::exclusive_scan(g, present.data(), fan, me.row_at.data()); });
+    run(grid, [&](st::grid_index g) { st::exclusive_scan(g, count.data(), fan, me.entry_at.data()); });
+    run(grid, [&](st::grid_index g) {
+      ns::fanout_check(g, me.row_at.data(), me.entry_at.data(), rin, G, me.sc.tables.data(), &me.flag);
+    });
+    run(grid, [&](st::grid_index g) {
+      ns::fanout_place(g, me.fwd_reo.data(), me.fwd_target.data(), me.fwd_slot.data(), me.fwd_weight.data(), rin, G,
+                       me.row_at.data(), me.entry_at.data(), &me.flag, me.fan_row.data(), me.fan_row_entries.data(),
+                       me.fan_slot.data(), me.fan_weight.data(), me.fan_source.data());
+    });
+    BOOST_TEST_REQUIRE(me.flag == 0, "rank " << q << ": the forwarding check refused good metadata");
+  }
+  // Node stage: per local rank its own rows, then the rows forwarded to it.
+  std::vector<std::vector<std::int32_t>> node_slot(R);
+  std::vector<std::vector<float>> node_weight(R);
+  for (std::size_t s = 0; s < R; ++s) {
+    auto& me = ranks[s];
+    const auto& l = layouts[s];
+    const std::size_t nout = me.sc.node_out, nout_entries = me.sc.node_out_entries;
+    me.index.assign(nout, -1);
+    me.node_row_entries.assign(nout, -1);
+    me.node_slot.assign(nout_entries, -2);
+    me.node_weight.assign(nout_entries, -1);
+    run(grid, [&](st::grid_index g) {
+      ns::node_send_rows(g, me.sc.tables.data(), G, me.fan_row.data(), static_cast<std::int32_t>(l.rows()), nout,
+                         &me.flag, me.index.data());
+    });
+    run(grid, [&](st::grid_index g) {
+      ns::node_send_row_entries(g, me.sc.tables.data(), G, l.row_entry_offsets().data(), me.fan_row_entries.data(),
+                                nout, &me.flag, me.node_row_entries.data());
+    });
+    run(grid, [&](st::grid_index g) {
+      ns::node_send_entries(g, me.sc.tables.data(), G, l.entry_slot().data(), l.entry_weight().data(),
+                            me.fan_slot.data(), me.fan_weight.data(), nout_entries, &me.flag, me.node_slot.data(),
+                            me.node_weight.data());
+    });
+    send[s] = pick(me.src, me.index);
+    row_entries[s] = me.node_row_entries;
+    node_slot[s] = me.node_slot;
+    node_weight[s] = me.node_weight;
+    counts[s] = me.sc.node_send;
+    entry_counts[s] = me.sc.node_send_entries;
+  }
+  // Every copy arrives once at the rank of its replica, with its slot's expert and its weight,
+  // under the segments the count round announced.
+  using copy = std::tuple<std::int64_t, expert_id, float>;
+  std::vector<std::vector<copy>> expected(R), got(R);
+  for (std::size_t s = 0; s < R; ++s)
+    for (std::size_t t = 0; t < c.routings[s].tokens(); ++t)
+      for (std::size_t j = 0; j < K; ++j) {
+        const auto d = static_cast<std::size_t>(layouts[s].copy_rank()[t * K + j]);
+        expected[d].emplace_back(id(s, t), c.routings[s].view().expert(t, j), c.routings[s].view().weight(t, j));
+      }
+  std::vector<std::vector<double>> back(R);
+  for (std::size_t q = 0; q < R; ++q) {
+    const auto& me = ranks[q];
+    const auto received = receive(topo, exchange_group::node, q, send, counts, &node_from[q]);
+    const auto re = receive(topo, exchange_group::node, q, row_entries, counts);
+    const auto slot = receive(topo, exchange_group::node, q, node_slot, entry_counts);
+    const auto weight = receive(topo, exchange_group::node, q, node_weight, entry_counts);
+    BOOST_TEST_REQUIRE(node_from[q] == me.sc.node_recv, "rank " << q << ": the node rows the count round announced");
+    BOOST_TEST_REQUIRE(slot.size() == me.sc.node_in_entries);
+    std::vector<std::int32_t> per_slot(S + 1, 0);
+    std::size_t e = 0;
+    for (std::size_t r = 0; r < received.size(); ++r) {
+      BOOST_TEST_REQUIRE(re[r] >= 1);
+      double sum = 0;
+      for (std::int32_t i = 0; i < re[r]; ++i, ++e) {
+        BOOST_TEST_REQUIRE((slot[e] >= 0 && static_cast<std::size_t>(slot[e]) < S));
+        const expert_id ex = c.map.expert_at(q, static_cast<std::size_t>(slot[e]));
+        got[q].emplace_back(received[r], ex, weight[e]);
+        sum += static_cast<double>(weight[e]) * output(received[r], ex);
+        ++per_slot[static_cast<std::size_t>(slot[e]) + 1];
+      }
+      back[q].push_back(sum);
+    }
+    BOOST_TEST(e == slot.size());
+    for (std::size_t i = 0; i < S; ++i)
+      per_slot[i + 1] += per_slot[i];
+    BOOST_TEST(per_slot == me.sc.slot_offsets);
+    std::sort(expected[q].begin(), expected[q].end());
+    std::sort(got[q].begin(), got[q].end());
+    BOOST_TEST_CONTEXT("rank " << q) { BOOST_TEST((got[q] == expected[q])); }
+  }
+  // Combine: node stage back; each rail row's sum over the returns of its fan-out rows; rail
+  // stage back; the returned rows in layout order.
+  std::vector<std::vector<double>> pool(R), rail_back(R);
+  for (std::size_t s = 0; s < R; ++s) {
+    auto& me = ranks[s];
+    pool[s] = receive(topo, exchange_group::node, s, back, node_from);
+    BOOST_TEST_REQUIRE(pool[s].size() == me.sc.node_out);
+    const std::size_t rin = me.sc.rail_in;
+    std::vector<std::int32_t> count(rin, -1);
+    me.forward_offsets.assign(rin + 1, 0);
+    run(grid, [&](st::grid_index g) { ns::forward_count(g, me.row_at.data(), rin, G, &me.flag, count.data()); });
+    run(grid, [&](st::grid_index g) { st::exclusive_scan(g, count.data(), rin, me.forward_offsets.data()); });
+    me.forward_position.assign(static_cast<std::size_t>(me.forward_offsets[rin]), -1);
+    run(grid, [&](st::grid_index g) {
+      ns::forward_place(g, me.row_at.data(), rin, G, me.sc.tables.data(), me.forward_offsets.data(), &me.flag,
+                        me.forward_position.data());
+    });
+    std::vector<float> ones(me.sc.node_out, 0.0f);
+    run(grid, [&](st::grid_index g) { ns::fill(g, ones.size(), 1.0f, ones.data()); });
+    BOOST_TEST((ones == std::vector<float>(me.sc.node_out, 1.0f)));
+    for (std::size_t r = 0; r < rin; ++r) {
+      double sum = 0;
+      for (auto i = me.forward_offsets[r]; i < me.forward_offsets[r + 1]; ++i)
+        sum += pool[s].at(static_cast<std::size_t>(me.forward_position[static_cast<std::size_t>(i)]));
+      rail_back[s].push_back(sum);
+    }
+  }
+  for (std::size_t s = 0; s < R; ++s) {
+    const auto& me = ranks[s];
+    const auto& l = layouts[s];
+    const auto returned = receive(topo, exchange_group::rail, s, rail_back, rail_from);
+    pool[s].insert(pool[s].end(), returned.begin(), returned.end());
+    std::vector<std::int32_t> index(l.rows(), -1);
+    run(grid, [&](st::grid_index g) {
+      ns::return_index(g, me.sc.tables.data(), G, l.rows(), static_cast<std::int32_t>(me.sc.node_out), index.data());
+    });
+    const auto rows = pick(pool[s], index);
+    for (std::size_t t = 0; t < c.routings[s].tokens(); ++t) {
+      double y = 0, want = 0;
+      std::vector<std::int32_t> seen;
+      for (std::size_t j = 0; j < K; ++j) {
+        const std::int32_t row = l.copy_row()[t * K + j];
+        if (std::find(seen.begin(), seen.end(), row) == seen.end()) y += rows.at(static_cast<std::size_t>(row));
+        seen.push_back(row);
+        want += static_cast<double>(c.routings[s].view().weight(t, j)) *
+                output(id(s, t), c.routings[s].view().expert(t, j));
+      }
+      BOOST_TEST_CONTEXT("rank " << s << " token " << t) { BOOST_TEST(y == want); }
+    }
+  }
+}
+
+// The round of one case, for the refusal tests: every rank's layout counts and messages.
+struct case_round {
+  std::vector<layout<>> layouts;
+  std::vector<std::vector<std::int32_t>> reach;
+  round_state round;
+  ns::layout_counts counts(std::size_t s) const {
+    return {layouts[s].rank_offsets(), layouts[s].rank_entry_offsets(), layouts[s].slot_counts(), reach[s]};
+  }
+};
+case_round make_round(const locus_test::dispatch_case& c) {
+  const std::size_t R = c.topo.ranks(), G = c.topo.gpus_per_node(), S = c.map.slots_per_rank();
+  case_round out;
+  out.layouts.resize(R);
+  out.reach.resize(R);
+  out.round.rows.resize(R);
+  out.round.entries.resize(R);
+  out.round.tail.resize(R);
+  for (std::size_t s = 0; s < R; ++s) {
+    out.layouts[s].assign(c.routings[s].view(), c.map, c.topo, s, layout_options{transport_kind::hierarchical, 1});
+    out.reach[s] = reach_of(out.layouts[s], R, c.k);
+    ns::round_message(out.counts(s), G, s, S, out.round.rows[s], out.round.entries[s], out.round.tail[s]);
+  }
+  return out;
+}
+
+} // namespace
+
+BOOST_AUTO_TEST_CASE(step_moves_every_copy_once_and_returns_every_sum) {
+  const grid_shape grids[] = {{1, 1}, {2, 3}, {3, 64}};
+  std::size_t g = 0;
+  for (std::uint64_t seed = 1; seed <= 40; ++seed)
+    for (auto [nodes, gpus] :
+         {std::pair<std::size_t, std::size_t>{2, 2}, {3, 2}, {2, 4}, {4, 1}, {1, 4}, {1, 1}, {3, 3}}) {
+      const grid_shape grid = grids[g++ % 3];
+      BOOST_TEST_CONTEXT("seed " << seed << ", " << nodes << " x " << gpus << ", grid " << grid.blocks << " x "
+                                 << grid.threads) {
+        check_case(locus_test::make_case(seed, nodes, gpus), grid);
+      }
+    }
+}
+
+BOOST_AUTO_TEST_CASE(member_of_finds_the_range_past_empty_members) {
+  const std::vector<std::int32_t> at{0, 0, 5, 5, 9};
+  const std::vector<std::size_t> want{1, 1, 1, 1, 1, 3, 3, 3, 3};
+  for (std::int32_t p = 0; p < 9; ++p)
+    BOOST_TEST(ns::member_of(at.data(), 4, p) == want[static_cast<std::size_t>(p)]);
+  const std::vector<std::int32_t> one{0, 3};
+  BOOST_TEST(ns::member_of(one.data(), 1, 2) == 0u);
+}
+
+// A refusal names the sender and leaves no segments; the sizes a receiver refuses still run the
+// step's exchanges (those it sends are its own layout's, and its self-exchange stays consistent).
+BOOST_AUTO_TEST_CASE(doctored_rounds_are_refused) {
+  std::size_t own = 0, rail = 0, rail_self = 0, stranger = 0, width = 0, empty = 0;
+  for (std::uint64_t seed = 1; seed <= 30; ++seed) {
+    const auto c = locus_test::make_case(seed, 2, 2);
+    const std::size_t R = c.topo.ranks(), G = 2, S = c.map.slots_per_rank(), W = ns::tail_width(S, G);
+    const auto cr = make_round(c);
+    for (std::size_t q = 0; q < R; ++q) {
+      ns::step_counts good, bad;
+      BOOST_TEST_REQUIRE(ns::counts_from(cr.counts(q), delivered(cr.round, q, W), G, q, S, good).empty());
+      BOOST_TEST_CONTEXT("seed " << seed << ", rank " << q) {
+        // A rank of its node whose first-hand rows disagree with its tail.
+        const std::size_t peer = q ^ 1, rail_peer = (q + G) % R, stranger_rank = (q + G) % R ^ 1;
+        auto d = delivered(cr.round, q, W);
+        ++d.rows[peer];
+        std::string why = ns::counts_from(cr.counts(q), d, G, q, S, bad);
+        BOOST_TEST(why.find("by rank " + std::to_string(peer) + " of its node") != std::string::npos, why);
+        BOOST_TEST((bad.slot_offsets == std::vector<std::int32_t>(S + 1, 0)));
+        BOOST_TEST((bad.node_send == good.node_send && bad.rail_send == good.rail_send));
+        BOOST_TEST(bad.node_recv[q % G] == bad.node_send[q % G]);
+        BOOST_TEST(bad.node_recv_entries[q % G] == bad.node_send_entries[q % G]);
+        BOOST_TEST((bad.sized && bad.indexable));
+        ++own;
+        // A rail peer announcing entries its forwards do not add up to.
+        d = delivered(cr.round, q, W);
+        ++d.entries[rail_peer];
+        why = ns::counts_from(cr.counts(q), d, G, q, S, bad);
+        BOOST_TEST(why.find("by rank " + std::to_string(rail_peer) + ", which forwards") != std::string::npos, why);
+        ++rail;
+        // A rail peer whose reach of this rank differs from what it says this rank forwards to
+        // itself: this rank's self-exchange would be sized two ways.
+        d = delivered(cr.round, q, W);
+        ++d.tail[rail_peer * W + S]; // its reach of q
+        why = ns::counts_from(cr.counts(q), d, G, q, S, bad);
+        BOOST_TEST(why.find("was told by rank " + std::to_string(rail_peer)) != std::string::npos, why);
+        BOOST_TEST(bad.node_recv[q % G] == bad.node_send[q % G]);
+        std::size_t in = 0;
+        for (std::size_t g = 0; g < G; ++g)
+          in += bad.node_recv[g];
+        BOOST_TEST(bad.node_in == in);
+        ++rail_self;
+        // A rank of another node, not its rail peer, sending first-hand.
+        d = delivered(cr.round, q, W);
+        ++d.rows[stranger_rank];
+        why = ns::counts_from(cr.counts(q), d, G, q, S, bad);
+        BOOST_TEST(why.find("sends it none first-hand") != std::string::npos, why);
+        ++stranger;
+        // A tail of another width.
+        d = delivered(cr.round, q, W);
+        d.tail_width = S;
+        why = ns::counts_from(cr.counts(q), d, G, q, S, bad);
+        BOOST_TEST(why.find("needs " + std::to_string(W)) != std::string::npos, why);
+        BOOST_TEST(!bad.sized);
+        ++width;
+      }
+    }
+    // Entries for a slot that holds no expert (the dispatcher's refusal, after counts_from).
+    for (std::size_t q = 0; q < R; ++q) {
+      ns::step_counts sc;
+      BOOST_TEST_REQUIRE(ns::counts_from(cr.counts(q), delivered(cr.round, q, W), G, q, S, sc).empty());
+      std::vector<expert_id> slot_expert;
+      for (std::size_t s = 0; s < S; ++s)
+        slot_expert.push_back(c.map.expert_at(q, s));
+      BOOST_TEST(locus::transport::detail::exchange::entries_for_empty_slot(sc.slot_offsets, slot_expert).empty());
+      for (std::size_t s = 0; s < S; ++s)
+        if (sc.slot_offsets[s + 1] > sc.slot_offsets[s]) {
+          auto doctored = slot_expert;
+          doctored[s] = empty_slot;
+          const std::string why = locus::transport::detail::exchange::entries_for_empty_slot(sc.slot_offsets, doctored);
+          BOOST_TEST(why.find("local slot " + std::to_string(s) + ", which holds no expert") != std::string::npos, why);
+          ++empty;
+          break;
+        }
+    }
+  }
+  BOOST_TEST(own > 0u);
+  BOOST_TEST(rail > 0u);
+  BOOST_TEST(rail_self > 0u);
+  BOOST_TEST(stranger > 0u);
+  BOOST_TEST(width > 0u);
+  BOOST_TEST(empty > 0u);
+}
+
+// A fan-out that differs from what the count round announced (a rail peer's tail that lied) is
+// flagged before anything is placed: the forwarded node rows then go out with no entries (which
+// every receiver's check refuses), their entries as slot -1, and the rail rows return zeros.
+BOOST_AUTO_TEST_CASE(fanout_against_other_announced_forwards_is_flagged) {
+  std::size_t seen = 0;
+  for (std::uint64_t seed = 1; seed <= 40 && seen < 5; ++seed) {
+    const auto c = locus_test::make_case(seed, 2, 2);
+    const std::size_t R = c.topo.ranks(), G = 2, S = c.map.slots_per_rank(), W = ns::tail_width(S, G);
+    auto cr = make_round(c);
+    for (std::size_t q = 0; q < R; ++q) {
+      // Rail peer p of q moves, in its tail, one forwarded row from one rank of q's node to the
+      // other: every sum the round can check still holds (on a transport the other rank's node
+      // stage would then be sized differently by q and by itself; here only q's bodies run).
+      const std::size_t p = (q + G) % R;
+      const auto fwd_at = [&](std::size_t t) { return q * W + S + 1 + 2 * t; };
+      const std::uint32_t rows_p = static_cast<std::uint32_t>(cr.round.rows[p][q]);
+      const std::size_t a = cr.round.tail[p][fwd_at(0)] > 0 ? 0 : 1, b = 1 - a;
+      if (cr.round.tail[p][fwd_at(a)] == 0 || cr.round.tail[p][fwd_at(b)] >= rows_p) continue;
+      auto round = cr.round;
+      --round.tail[p][fwd_at(a)];
+      ++round.tail[p][fwd_at(b)];
+      // ... and its reach of q with it, as an honest tail would say it (the round checks that).
+      if (a == q % G) --round.tail[p][q * W + S];
+      if (b == q % G) ++round.tail[p][q * W + S];
+      ns::step_counts sc;
+      const std::string why = ns::counts_from(cr.counts(q), delivered(round, q, W), G, q, S, sc);
+      BOOST_TEST(why.empty(), why); // the round alone cannot tell
+      // q's fan-out of p's actual rail rows.
+      const auto& lp = cr.layouts[p];
+      const std::size_t node = q / G, begin = static_cast<std::size_t>(lp.rank_offsets()[q]),
+                        end = static_cast<std::size_t>(lp.rank_offsets()[q + 1]);
+      BOOST_TEST_REQUIRE(node != p / G);
+      const std::size_t rin = end - begin;
+      std::vector<std::int32_t> reo(rin + 1, 0), target_of, slot, count(G * rin), present(G * rin), row_at(G * rin + 1),
+          entry_at(G * rin + 1);
+      std::vector<float> weight;
+      for (std::size_t r = begin; r < end; ++r) {
+        const auto e0 = static_cast<std::size_t>(lp.row_entry_offsets()[r]),
+                   e1 = static_cast<std::size_t>(lp.row_entry_offsets()[r + 1]);
+        for (std::size_t e = e0; e < e1; ++e) {
+          target_of.push_back(lp.entry_target()[e]);
+          slot.push_back(lp.entry_slot()[e]);
+          weight.push_back(lp.entry_weight()[e]);
+        }
+        reo[r - begin + 1] = static_cast<std::int32_t>(target_of.size());
+      }
+      std::int32_t flag = 0;
+      const grid_shape grid{2, 3};
+      run(grid, [&](st::grid_index g) {
+        ns::fanout_count(g, reo.data(), target_of.data(), rin, G, &flag, count.data(), present.data());
+      });
+      run(grid, [&](st::grid_index g) { st::exclusive_scan(g, present.data(), G * rin, row_at.data()); });
+      run(grid, [&](st::grid_index g) { st::exclusive_scan(g, count.data(), G * rin, entry_at.data()); });
+      run(grid, [&](st::grid_index g) {
+        ns::fanout_check(g, row_at.data(), entry_at.data(), rin, G, sc.tables.data(), &flag);
+      });
+      BOOST_TEST(flag == st::bad_slot_counts);
+      std::vector<std::int32_t> fan_row(G * rin + 1, -7);
+      std::vector<std::int32_t> untouched = fan_row, fan_row_entries = fan_row, fan_slot(target_of.size() + 1, -7),
+                                fan_source = fan_slot;
+      std::vector<float> fan_weight(target_of.size() + 1, -7.0f);
+      run(grid, [&](st::grid_index g) {
+        ns::fanout_place(g, reo.data(), target_of.data(), slot.data(), weight.data(), rin, G, row_at.data(),
+                         entry_at.data(), &flag, fan_row.data(), fan_row_entries.data(), fan_slot.data(),
+                         fan_weight.data(), fan_source.data());
+      });
+      BOOST_TEST(fan_row == untouched);
+      // The forwarded positions of the node stage: no entries, slot -1; own rows as they are.
+      const std::size_t nout = sc.node_out, nout_entries = sc.node_out_entries;
+      const auto& lq = cr.layouts[q];
+      std::vector<std::int32_t> index(nout), row_entries(nout), node_slot(nout_entries);
+      std::vector<float> node_weight(nout_entries);
+      run(grid, [&](st::grid_index g) {
+        ns::node_send_rows(g, sc.tables.data(), G, fan_row.data(), static_cast<std::int32_t>(lq.rows()), nout, &flag,
+                           index.data());
+        ns::node_send_row_entries(g, sc.tables.data(), G, lq.row_entry_offsets().data(), fan_row_entries.data(), nout,
+                                  &flag, row_entries.data());
+        ns::node_send_entries(g, sc.tables.data(), G, lq.entry_slot().data(), lq.entry_weight().data(), fan_slot.data(),
+                              fan_weight.data(), nout_entries, &flag, node_slot.data(), node_weight.data());
+      });
+      const std::size_t own_rows =
+          static_cast<std::size_t>(lq.rank_offsets()[node * G + 1] - lq.rank_offsets()[node * G]);
+      for (std::size_t i = own_rows; i < sc.node_send[0]; ++i) { // local rank 0's forwarded rows
+        BOOST_TEST(row_entries[i] == 0);
+        BOOST_TEST(index[i] == 0);
+      }
+      const std::size_t own_entries =
+          static_cast<std::size_t>(lq.rank_entry_offsets()[node * G + 1] - lq.rank_entry_offsets()[node * G]);
+      for (std::size_t i = own_entries; i < sc.node_send_entries[0]; ++i)
+        BOOST_TEST(node_slot[i] == -1);
+      for (std::size_t i = 0; i < own_rows; ++i)
+        BOOST_TEST(index[i] == lq.rank_offsets()[node * G] + static_cast<std::int32_t>(i));
+      std::vector<std::int32_t> fwd_count(rin, -1);
+      run(grid, [&](st::grid_index g) { ns::forward_count(g, row_at.data(), rin, G, &flag, fwd_count.data()); });
+      BOOST_TEST(fwd_count == std::vector<std::int32_t>(rin, 0));
+      ++seen;
+    }
+  }
+  BOOST_TEST(seen > 0u);
+}
+
+// A round whose sizes pass 32-bit offsets (consistent otherwise) is refused and leaves zero tables,
+// and the bodies the dispatcher then runs with its forwarding check failed stay in bounds: every
+// node stage position takes its guarded branch and every layout row returns from inside the pool.
+BOOST_AUTO_TEST_CASE(a_step_past_32_bit_offsets_indexes_nothing) {
+  const std::size_t G = 2, R = 4, S = 1, W = ns::tail_width(S, G), q = 0, peer = 2;
+  // Rank 0's own layout: 3 rows to rank 1 (its node), 2 rail rows to rank 2.
+  const std::vector<std::int32_t> ro{0, 0, 3, 5, 5}, eo{0, 0, 4, 7, 7}, sc{0, 4, 3, 0}, reach{0, 3, 2, 1};
+  const ns::layout_counts lc{ro, eo, sc, reach};
+  device_counts d;
+  d.tail_width = W;
+  d.rows.assign(R, 0);
+  d.entries.assign(R, 0);
+  d.tail.assign(R * W, 0);
+  const std::uint32_t huge = 1u << 31; // entries, one past INT32_MAX
+  d.rows[peer] = 1;
+  d.entries[peer] = huge;
+  d.tail[peer * W + 0] = huge;          // its entries for q's slot 0
+  d.tail[peer * W + S] = 1;             // its row reaching q
+  d.tail[peer * W + S + 1 + 2 * 0] = 1; // forwards one row to q itself
+  d.tail[peer * W + S + 2 + 2 * 0] = huge;
+  ns::step_counts out;
+  const std::string why = ns::counts_from(lc, d, G, q, S, out);
+  BOOST_TEST(why.find("past 32-bit offsets") != std::string::npos, why);
+  BOOST_TEST(out.sized);
+  BOOST_TEST(!out.indexable);
+  BOOST_TEST((out.tables == std::vector<std::int32_t>(ns::table_count * (G + 1), 0)));
+  BOOST_TEST(out.node_send[0] == 1u); // the forwarded row, sized as the peers size it
+  // The bodies over a small n with the flag set (the sizes themselves are not allocated here).
+  const std::int32_t flag = ns::past_32_bits;
+  const std::size_t n = 4, layout_rows = 5;
+  const std::vector<std::int32_t> fan_row(1, 99), fan_row_entries(1, 99), fan_slot(1, 99), reo{0, 1, 2, 3, 4, 5};
+  const std::vector<float> fan_weight(1, 9.0f);
+  std::vector<std::int32_t> index(n, -5), entries(n, -5), slot(n, -5), ret(layout_rows, -5);
+  std::vector<float> weight(n, -5.0f);
+  run({2, 3}, [&](st::grid_index g) {
+    ns::node_send_rows(g, out.tables.data(), G, fan_row.data(), static_cast<std::int32_t>(layout_rows), n, &flag,
+                       index.data());
+    ns::node_send_row_entries(g, out.tables.data(), G, reo.data(), fan_row_entries.data(), n, &flag, entries.data());
+    ns::node_send_entries(g, out.tables.data(), G, reo.data(), nullptr, fan_slot.data(), fan_weight.data(), n, &flag,
+                          slot.data(), weight.data());
+    ns::return_index(g, out.tables.data(), G, layout_rows, static_cast<std::int32_t>(n), ret.data());
+  });
+  BOOST_TEST(index == std::vector<std::int32_t>(n, 0));
+  BOOST_TEST(entries == std::vector<std::int32_t>(n, 0));
+  BOOST_TEST(slot == std::vector<std::int32_t>(n, -1));
+  for (std::size_t r = 0; r < layout_rows; ++r)
+    BOOST_TEST((ret[r] >= 0 && static_cast<std::size_t>(ret[r]) < n + layout_rows)); // the pool: n + layout rows
+}
