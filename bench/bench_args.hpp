@@ -46,9 +46,20 @@ inline std::string machine_line() {
          load.substr(0, load.find(' ', load.find(' ', load.find(' ') + 1) + 1)) + ", " + date;
 }
 
-//! The command line as run, for the results file.
+//! The command line as run, for the results file. The program is named as it was run, relative to
+//! the folder the run started in (e.g. build/rel/bench/router), or as `program` (build/dev/bench/
+//! <name>) when it was run from outside that folder: an absolute path would name this machine's
+//! folders.
 inline std::string command_line(int argc, char** argv, const std::string& program) {
   std::string c = program;
+  if (argc > 0 && argv[0] && *argv[0]) {
+    std::error_code ec;
+    const std::filesystem::path run = argv[0], here = std::filesystem::current_path(ec);
+    const std::filesystem::path rel = run.is_absolute() && !ec ? run.lexically_relative(here) : run;
+    const std::string r = rel.generic_string();
+    // A bare name was found on PATH, not in the folder: keep the conventional name then too.
+    if (!r.empty() && r.rfind("..", 0) != 0 && !rel.is_absolute() && r.find('/') != std::string::npos) c = r;
+  }
   for (int i = 1; i < argc; ++i)
     c += std::string(" ") + argv[i];
   return c;

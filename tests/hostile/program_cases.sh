@@ -39,6 +39,9 @@ check 'router.json records command, machine and date' \
   grep -Eq '"command": "build/dev/bench/router --tokens 16.*"machine": ".*[0-9]{4}-[0-9]{2}-[0-9]{2}' \
   <(tr -d '\n' <"$work/r.json")
 check 'router.md records the command' grep -q 'Produced by `build/dev/bench/router --tokens 16' "$work/r.md"
+check 'router.json names the program as run from its folder' bash -c \
+  "cd '$(dirname "$router")/..' && bench/router --tokens 16 --min-seconds 0.001 --json '$work/r2.json' >/dev/null &&
+   grep -q '\"command\": \"bench/router --tokens 16' '$work/r2.json'"
 locus=$trace_io
 refused 'need about .* GB of memory' --gb 1e9 --out "$work"
 refused 'must be a number above 0' --gb nan --out "$work"
