@@ -120,8 +120,8 @@ public:
   transport_kind kind() const noexcept { return kind_; }
 
   //! Adds the tokens `tokens[i]` of `r`, token i coming from rank `sources[i]`, to `out`. Replica
-  //! choices start afresh under `policy` (the counter's selector is rebound), i.e. the tokens form one step (each
-  //! source's batch is its tokens in the order given).
+  //! choices start afresh under `policy`, i.e. the tokens form one step (each source's batch is
+  //! its tokens in the order given).
   //! @param tokens indices into `r`; empty means all tokens of `r` in order
   //! @throws locus::invalid_input_error naming the token with an out-of-range expert or rank
   template <class TopK, class Id, class Weight>
@@ -135,7 +135,6 @@ public:
                   "traffic model: topology, expert map and output disagree on the rank count (", topo_.ranks(), ", ",
                   map.ranks(), ", ", out.ranks(), ")");
     selector_.rebind(map, policy); // one selector for every step and layer: its tables stay allocated
-    auto& selector = selector_;
     const expert_map_view view = map.view();
     const std::size_t k = r.top_k(), experts = map.experts(), gpus = topo_.gpus_per_node();
     dest_.resize(k);
@@ -155,7 +154,7 @@ public:
         for (std::size_t q = 0; q < j; ++q)
           LOCUS_REQUIRE(ids[q] != ids[j], invalid_input_error, "traffic model: token ", t, ": expert ", ids[j],
                         " is chosen twice");
-        const auto rank = static_cast<std::uint32_t>(view.replicas[selector.select_index(src, e)].rank);
+        const auto rank = static_cast<std::uint32_t>(view.replicas[selector_.select_index(src, e)].rank);
         ++out.expert_rows[rank];
         dest_[j] = rank;
       }

@@ -204,9 +204,10 @@ public:
   bool contains(expert_id e) const noexcept { return std::binary_search(experts_.begin(), experts_.end(), e); }
   //! Position of `e` in experts(). @throws locus::invalid_input_error when `e` is not held here
   std::size_t index_of(expert_id e) const {
-    LOCUS_REQUIRE(contains(e), invalid_input_error, "expert_weights: expert ", e,
+    const auto it = std::lower_bound(experts_.begin(), experts_.end(), e);
+    LOCUS_REQUIRE(it != experts_.end() && *it == e, invalid_input_error, "expert_weights: expert ", e,
                   " is not among the experts held here (", experts_.size(), " experts)");
-    return static_cast<std::size_t>(std::lower_bound(experts_.begin(), experts_.end(), e) - experts_.begin());
+    return static_cast<std::size_t>(it - experts_.begin());
   }
 
   std::span<W> gate(expert_id e) { return {base(e), hidden_ * ffn_}; }
