@@ -87,7 +87,7 @@ def main():
         target = "—"
         if max_ratio is not None and reds:
             ok = all(b <= max_bal for b in bals)
-            target = "max/mean ≤ %.2f on every seed: %s" % (max_bal, "met" if ok else "MISSED (%d of %d)" % (
+            target = "max/mean ≤ %.2f on every seed: %s" % (max_bal, "met" if ok else "MISSED on %d of %d seeds" % (
                 sum(b > max_bal for b in bals), len(bals)))
         doc["rows"][label] = {"reduction": reds, "gpu_imbalance": bals}
         md.append("| %s | %s | %.1f–%.1f%% | %.3f | %s |" % (label, " | ".join(cells), 100 * min(reds), 100 * max(reds),

@@ -77,8 +77,9 @@ routing<top_k<>> random_routing(std::mt19937& rng, std::size_t tokens, std::size
 
 std::vector<std::uint8_t> random_hot(std::mt19937& rng, std::size_t ranks) {
   std::vector<std::uint8_t> hot(ranks);
+  const bool graded = rng() % 2; // hot_rank_tracker's values (hot ranks numbered by load) or 0/1 flags
   for (auto& h : hot)
-    h = rng() % 3 == 0;
+    h = rng() % 3 == 0 ? static_cast<std::uint8_t>(graded ? 1 + rng() % 3 : 1) : 0;
   return hot;
 }
 } // namespace
@@ -184,6 +185,13 @@ BOOST_AUTO_TEST_CASE(locality_bounded_avoids_hot_ranks) {
   BOOST_TEST(rank(r01, 0) == 3);   // the node's replicas hot: the remote one
   BOOST_TEST(rank(all, 0) == 0);   // all hot: locality first again
   BOOST_TEST(rank(r0hot, 2) == 3); // a source on node 1 keeps its node's replica
+  // All hot, numbered by load (1 the least loaded): the least hot replicas, locality first among them.
+  const std::vector<std::uint8_t> r3least = {3, 2, 0, 1}, r01least = {1, 1, 0, 2}, r13least = {2, 1, 0, 1};
+  BOOST_TEST(rank(r3least, 0) == 3);  // the remote replica is the least loaded
+  BOOST_TEST(rank(r01least, 0) == 0); // own GPU among the least loaded
+  BOOST_TEST(rank(r01least, 2) == 0); // a source on node 1: the least loaded, across the network
+  BOOST_TEST(rank(r13least, 0) == 1); // the node's least loaded one
+  BOOST_TEST(rank(r13least, 2) == 3); // node 1's own
   BOOST_CHECK_THROW(placement::replica_selector(map, topo, {replica_rule::locality_bounded, 0, r0hot}).select(0, 1),
                     invalid_input_error);
   const std::vector<std::uint8_t> short_hot(3, 0);
@@ -199,6 +207,9 @@ BOOST_AUTO_TEST_CASE(hot_rank_tracker_bounds) {
   const std::vector<std::uint64_t> spike = {30, 10, 10, 10};
   tr.observe(std::span<const std::uint64_t>(spike)); // totals 40, 21, 19, 20: mean 25, bound 27.5
   BOOST_TEST((std::vector<std::uint8_t>(tr.hot().begin(), tr.hot().end()) == std::vector<std::uint8_t>{1, 0, 0, 0}));
+  const std::vector<std::uint64_t> second = {0, 30, 0, 0};
+  tr.observe(std::span<const std::uint64_t>(second)); // 40, 51, 19, 20: bound 35.75, hot ranks by load
+  BOOST_TEST((std::vector<std::uint8_t>(tr.hot().begin(), tr.hot().end()) == std::vector<std::uint8_t>{1, 2, 0, 0}));
   BOOST_CHECK_THROW(placement::hot_rank_tracker(4, -0.1), config_error);
   BOOST_CHECK_THROW(tr.observe(std::span<const std::uint64_t>(step.data(), 3)), config_error);
   // The rank count is checked before the tables are sized from it (2^62 was a length_error).

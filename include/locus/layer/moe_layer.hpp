@@ -160,7 +160,8 @@ public:
   //! How this layer's tokens pick among an expert's replicas: the engine rule the plan was judged
   //! under (transport/replica_selection.hpp; default locality_first). `layer_index` seeds the
   //! static draws of same_gpu_else_random; `hot` (locality_bounded: per rank, nonzero above the
-  //! load bound, as the caller's load counters say) may be empty.
+  //! load bound, as the caller's load counters say, smaller for a less loaded hot rank; what
+  //! hot_rank_tracker::hot() gives) may be empty.
   //! @throws locus::config_error when `hot` is neither empty nor one flag per rank
   void set_replica_policy(placement::replica_rule rule, std::uint64_t layer_index = 0,
                           std::vector<std::uint8_t> hot = {}) {

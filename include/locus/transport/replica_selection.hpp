@@ -23,9 +23,12 @@
 //!   replicas in rank order, `position` being the copy's index in its source's batch (token × k +
 //!   choice): uniform over replicas, with no notion of where the token is.
 //! - `locality_bounded`: `locality_first` over the replicas not on a *hot* rank (one whose recent
-//!   load of this layer is above the bound the caller sets); all replicas when every one is hot.
-//!   The caller (simulator, layer) decides which ranks are hot from the loads it observed, so a
-//!   placement fitted to yesterday's traffic sheds load at run time instead of at planning time.
+//!   load of this layer is above the bound the caller sets); when every replica is hot, over those
+//!   on the least hot ranks (the hot values rank hot ranks by load, as hot_rank_tracker writes
+//!   them; plain 0/1 flags tie, so all replicas). The caller (simulator, layer) decides which ranks
+//!   are hot from the loads it observed, so a placement fitted to yesterday's traffic sheds load at
+//!   run time instead of at planning time. Taking the least hot when all are hot matters in a run's
+//!   tail, when a few long requests keep several ranks above the bound.
 //!
 //! The split is in two parts: `replica_candidates` (per source, on the host; lists the candidates
 //! already rotated, or fixes the replica) and `choose_replica` (per copy, host or device).
@@ -77,7 +80,8 @@ struct replica_policy {
   replica_rule rule = replica_rule::locality_first;
   //! Seeds same_gpu_else_random's draw; callers pass the layer index so layers draw independently.
   std::uint64_t salt = 0;
-  //! locality_bounded: per rank, nonzero when the rank is above its load bound; empty means none.
+  //! locality_bounded: per rank, 0 when the rank is within its load bound, else its place among
+  //! the hot ranks by load (1 the least loaded; equal values tie); empty means none is hot.
   std::span<const std::uint8_t> hot{};
 };
 
@@ -102,20 +106,21 @@ std::int32_t expert_replica_candidates(std::size_t e, std::int32_t first, std::i
   const std::size_t src_node = topo.node_of(src);
   const replica_rule rule = policy.rule;
   const auto rank = [&](std::int32_t i) { return static_cast<std::size_t>(rank_of(i - first)); };
-  const auto hot = [&](std::int32_t i) { return !policy.hot.empty() && policy.hot[rank(i)] != 0; };
   if (m <= 1) return m == 1 ? first : -1; // no replica: nothing to choose
   if (rule == replica_rule::random) {
     for (std::int32_t i = first; i < last; ++i)
       cands.push_back(i);
     return -1;
   }
-  // locality_bounded looks past hot ranks' replicas while some replica is not hot.
-  bool skip_hot = false;
-  if (rule == replica_rule::locality_bounded)
-    for (std::int32_t i = first; i < last; ++i)
-      skip_hot |= !hot(i);
+  // locality_bounded looks past hot ranks' replicas while some replica is not hot; when all are,
+  // past all but the least hot (hot values rank the hot ranks by load; plain 0/1 flags tie).
+  const bool bounded = rule == replica_rule::locality_bounded && !policy.hot.empty();
+  std::uint8_t heat = 255; // replicas hotter than this are skipped
+  for (std::int32_t i = first; bounded && i < last; ++i)
+    heat = std::min(heat, policy.hot[rank(i)]);
+  const auto skip = [&](std::int32_t i) { return bounded && policy.hot[rank(i)] > heat; };
   for (std::int32_t i = first; i < last; ++i)
-    if (rank(i) == src && !(skip_hot && hot(i))) return i;
+    if (rank(i) == src && !skip(i)) return i;
   if (rule == replica_rule::same_gpu_else_random) {
     // SGLang's fair draw: the sources without a local replica, in rank order, take the replicas
     // in turn from a layer- and expert-seeded start, so each replica serves an equal share.
@@ -133,9 +138,9 @@ std::int32_t expert_replica_candidates(std::size_t e, std::int32_t first, std::i
   const std::size_t begin = cands.size();
   bool node_local = false;
   for (std::int32_t i = first; i < last; ++i)
-    node_local |= topo.node_of(rank(i)) == src_node && !(skip_hot && hot(i));
+    node_local |= topo.node_of(rank(i)) == src_node && !skip(i);
   for (std::int32_t i = first; i < last; ++i)
-    if (!(skip_hot && hot(i)) && (!node_local || topo.node_of(rank(i)) == src_node)) cands.push_back(i);
+    if (!skip(i) && (!node_local || topo.node_of(rank(i)) == src_node)) cands.push_back(i);
   const std::size_t n = cands.size() - begin;
   if (n == 1) { // one candidate: no balancing state needed
     const std::int32_t f = cands.back();
@@ -197,8 +202,8 @@ LOCUS_HOST_DEVICE std::int32_t choose_replica(const std::int32_t* fixed, const s
 
 //! locality_bounded's run-time state for one layer: each rank's recent load (expert rows, summed
 //! since the start, or an exponential average over about `window` steps) and which ranks are above
-//! (1 + slack) × the mean, i.e. hot. Engines that balance at dispatch time keep such counters; the
-//! simulator keeps one per layer and hands hot() to the selector of the next step.
+//! (1 + slack) × the mean, i.e. hot, numbered by load. Engines that balance at dispatch time keep
+//! such counters; the simulator keeps one per layer and hands hot() to the selector of the next step.
 class hot_rank_tracker {
 public:
   //! @throws locus::config_error when `ranks` is 0 or above max_topology_ranks, or `slack` is
@@ -210,7 +215,8 @@ public:
                   ", expected a finite number >= 0");
   }
 
-  //! Per rank, 1 when it is hot (the selector's `replica_policy::hot`).
+  //! Per rank, 0 when it is not hot, else its place among the hot ranks by load, 1 the least
+  //! loaded, at most 255 (the selector's `replica_policy::hot`).
   std::span<const std::uint8_t> hot() const noexcept { return hot_; }
 
   //! Adds one step's expert rows per rank and decides the hot ranks for the next step.
@@ -227,6 +233,14 @@ public:
     const double bound = (1.0 + slack_) * total / static_cast<double>(load_.size());
     for (std::size_t r = 0; r < load_.size(); ++r)
       hot_[r] = total > 0 && load_[r] > bound;
+    // Hot ranks numbered by load, 1 the least loaded (at most 255), so that a copy whose replicas
+    // are all hot goes to the least loaded of them.
+    order_.clear();
+    for (std::size_t r = 0; r < load_.size(); ++r)
+      if (hot_[r]) order_.push_back(r);
+    std::stable_sort(order_.begin(), order_.end(), [&](std::size_t a, std::size_t b) { return load_[a] < load_[b]; });
+    for (std::size_t i = 0; i < order_.size(); ++i)
+      hot_[order_[i]] = static_cast<std::uint8_t>(std::min<std::size_t>(i + 1, 255));
   }
 
 private:
@@ -239,6 +253,7 @@ private:
 
   std::vector<double> load_;
   std::vector<std::uint8_t> hot_;
+  std::vector<std::size_t> order_; // hot ranks by load (observe's scratch)
   double slack_, keep_;
 };
 
