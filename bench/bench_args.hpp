@@ -1,19 +1,93 @@
 #pragma once
 // Command-line and trace loading shared by the host benchmarks: the CLI11 conventions of
-// tool_cli.hpp, a trace given as an ESFT folder or a binary trace file, and the machine line of a
-// results file.
+// tool_cli.hpp, --trace and its default, a trace given as an ESFT folder or a binary trace file,
+// and the machine line of a results file.
 #include "tool_cli.hpp"
 
+#include <cstdlib>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <locus/core/atomic_file.hpp>
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
+#include <optional>
 #include <string>
 #include <thread>
 
 namespace bench_args {
+
+// The trace a benchmark reads when --trace is not given, decided when it runs (a path compiled in
+// named the build machine's folders in --help and broke when the tree moved): $LOCUS_TRACES/esft
+// when the environment variable LOCUS_TRACES is set; otherwise ../shared/traces/esft from the
+// working directory (the README's commands run from the repository root, beside which the traces
+// live); otherwise shared/traces/esft in the nearest folder above the program (so
+// build/dev/bench/<name> finds the traces beside its checkout from any working directory).
+inline constexpr const char* default_trace_rule =
+    "when not given: $LOCUS_TRACES/esft if LOCUS_TRACES is set, else ../shared/traces/esft from the working "
+    "directory, else shared/traces/esft in the nearest folder above this program";
+
+// The default as --help shows it: the LOCUS_TRACES one when that is set, else the relative path.
+inline std::string default_trace_shown() {
+  const char* env = std::getenv("LOCUS_TRACES");
+  return env && *env ? (std::filesystem::path(env) / "esft").string() : std::string("../shared/traces/esft");
+}
+
+// Adds --trace to `app`, reading into `path`; `what` says what it takes ("ESFT folder or binary
+// trace"). Its default is shown, and the rule behind it (default_trace_rule) is in the description.
+inline CLI::Option* add_trace_option(CLI::App& app, std::string& path, const std::string& what) {
+  path = default_trace_shown();
+  return app.add_option("--trace", path, what + "; " + default_trace_rule);
+}
+
+// The default trace by the rule above, or nothing when none of its places holds one. Throws
+// locus::io_error when LOCUS_TRACES is set and names no esft: a variable set on purpose is not
+// passed over in silence.
+inline std::optional<std::string> find_default_trace() {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (const char* env = std::getenv("LOCUS_TRACES"); env && *env) {
+    const fs::path p = fs::path(env) / "esft";
+    if (fs::exists(p, ec)) return p.string();
+    throw locus::io_error("LOCUS_TRACES is " + std::string(env) + ", but " + p.string() +
+                          " does not exist; point LOCUS_TRACES at the folder that holds esft/, or give --trace");
+  }
+  const fs::path relative = "../shared/traces/esft";
+  if (fs::exists(relative, ec)) return relative.string();
+  const fs::path program = fs::read_symlink("/proc/self/exe", ec);
+  if (ec) return std::nullopt;
+  for (fs::path dir = program.parent_path(); !dir.empty(); dir = dir.parent_path()) {
+    if (const fs::path p = dir / "shared" / "traces" / "esft"; fs::exists(p, ec)) {
+      // Relative to the working directory where it can be, so that results files name no machine's folders.
+      const fs::path here = fs::current_path(ec);
+      const fs::path rel = ec ? fs::path() : p.lexically_proximate(here);
+      return rel.empty() ? p.string() : rel.string();
+    }
+    if (dir == dir.root_path()) break;
+  }
+  return std::nullopt;
+}
+
+// What a run without a trace is told: the places tried and how to give one (`takes`: what --trace takes).
+inline std::string no_default_trace(const std::string& takes = "an ESFT folder or a binary trace") {
+  std::error_code ec;
+  const std::string here = std::filesystem::current_path(ec).string();
+  return "no trace: ../shared/traces/esft is not there from the working directory (" + here +
+         ") nor shared/traces/esft in any folder above this program; give --trace (" + takes +
+         ") or set LOCUS_TRACES to the folder that holds esft/";
+}
+
+// The trace a run reads: the --trace value when it was given (it must exist), else the default.
+// Throws locus::io_error naming the path and how to give one when there is none.
+inline std::string trace_to_read(const CLI::Option& opt, const std::string& path) {
+  if (opt.count() > 0) {
+    std::error_code ec;
+    if (!std::filesystem::exists(path, ec)) throw locus::io_error(path + ": no such file or folder (--trace)");
+    return path;
+  }
+  if (auto found = find_default_trace()) return *found;
+  throw locus::io_error(no_default_trace());
+}
 
 // An ESFT folder (imported) or a binary trace file.
 inline locus::trace::trace load_trace(const std::string& path) {

@@ -70,7 +70,7 @@ double domain_accuracy(const locus::grouper::workload_model& m, const locus::tra
 
 // What the command line asks for.
 struct run_options {
-  std::string trace_path = LOCUS_DEFAULT_TRACE, out_dir = ".", only;
+  std::string trace_path, out_dir = ".", only;
   unsigned long long seed = 1;
   std::size_t prefill = 32, hidden = 2048, clusters = 8, unseen_redundant = 0;
   bool fit_on_test = false, synthetic = true;
@@ -118,7 +118,7 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
         return "must be NODESxGPUS (e.g. 4x2), got " + value;
       },
       "NODESxGPUS"};
-  app.add_option("--trace", o.trace_path, "ESFT folder or binary trace");
+  const CLI::Option* trace_opt = bench_args::add_trace_option(app, o.trace_path, "ESFT folder or binary trace");
   app.add_option("--out", o.out_dir, "Folder for the results");
   app.add_option("--split-seed", o.seed, "Seed of the train/test split of the requests (and of the grouping)");
   app.add_option("--prefill-tokens", o.prefill, "Prefill tokens per request");
@@ -180,6 +180,7 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
   app.add_option("--shift-by", shift_by, "Token-level stage: what a shifted mix grows (node, request class, request)")
       ->check(CLI::IsMember({"node", "class", "request"}));
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  o.trace_path = bench_args::trace_to_read(*trace_opt, o.trace_path);
   bench_args::output_folder(o.out_dir);
   o.fit_on_test = fit_on_test == 1;
   o.balance_floor = balance_floor == 1;
@@ -531,10 +532,6 @@ void write_outputs(const run_options& o, results& out, const std::string& summar
 int main(int argc, char** argv) try {
   run_options o;
   if (const auto code = parse_options(argc, argv, o)) return *code;
-  if (!std::filesystem::exists(o.trace_path)) {
-    std::printf("comm_volume: trace %s not found; skipped\n", o.trace_path.c_str());
-    return 0;
-  }
   const auto start = std::chrono::steady_clock::now();
   const std::string command = bench_args::command_line(argc, argv, "build/dev/bench/comm_volume");
   const std::string machine = bench_args::machine_line();

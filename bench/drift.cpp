@@ -64,8 +64,7 @@ int main(int argc, char** argv) try {
   CLI::App app{"How much of an activation-aware plan's byte saving on-line re-planning keeps when the request mix "
                "moves"};
   tool_cli::show_defaults(app);
-  std::string trace_path = LOCUS_DEFAULT_TRACE, out_dir = ".", transport_name = "flat",
-              replica_rule_name = "locality_first";
+  std::string trace_path, out_dir = ".", transport_name = "flat", replica_rule_name = "locality_first";
   unsigned long long seed = 1;
   // One ESFT (DeepSeek-V2-Lite) routed expert: gate, up and down projections, 2048 × 1408, BF16.
   unsigned long long expert_bytes = 3ull * 2048 * 1408 * 2;
@@ -78,7 +77,7 @@ int main(int argc, char** argv) try {
   std::vector<std::string> rule_names;
   for (const auto rule : placement::all_replica_rules)
     rule_names.emplace_back(placement::to_string(rule));
-  app.add_option("--trace", trace_path, "ESFT folder or binary trace");
+  const CLI::Option* trace_opt = bench_args::add_trace_option(app, trace_path, "ESFT folder or binary trace");
   app.add_option("--out", out_dir, "Folder for the results");
   app.add_option("--balance-floor", balance_floor,
                  "Also each window's balance floor: the lowest GPU max/mean any split of its rows among the "
@@ -118,6 +117,7 @@ int main(int argc, char** argv) try {
       ->check(CLI::Range(0, 1));
   app.add_option("--deepseek", deepseek, "Time one re-plan at DeepSeek-V3 shape (0|1)")->check(CLI::Range(0, 1));
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  trace_path = bench_args::trace_to_read(*trace_opt, trace_path);
   bench_args::output_folder(out_dir);
   const std::size_t adaptive_window = adaptive_window_opt.value_or(interval);
   const auto transport = cost::parse_transport_kind(transport_name);
@@ -125,10 +125,6 @@ int main(int argc, char** argv) try {
   const auto replica_rule = placement::parse_replica_rule(replica_rule_name);
   const std::string command = bench_args::command_line(argc, argv, "build/dev/bench/drift");
   const std::string machine = bench_args::machine_line();
-  if (!std::filesystem::exists(trace_path)) {
-    std::printf("drift: trace %s not found; skipped\n", trace_path.c_str());
-    return 0;
-  }
   const auto start = std::chrono::steady_clock::now();
   const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);
   const auto [train, test] = trace::split_by_request(full, 0.5, seed);

@@ -271,12 +271,12 @@ std::size_t rehome(locus::placement::token_sample& s, const std::vector<std::uin
 int main(int argc, char** argv) try {
   CLI::App app{"How low could the copies go: the token-level stage fitted on the tokens it is scored on"};
   tool_cli::show_defaults(app);
-  std::string trace_path = LOCUS_DEFAULT_TRACE, out_dir = ".", homes = "domain";
+  std::string trace_path, out_dir = ".", homes = "domain";
   std::size_t nodes = 4, gpus = 2, prefill = 32, anneal = 1000, rounds = 3;
   unsigned long long seed = 1;
   std::vector<double> slacks{0.03, 0.10}, caps{-1, 0.10};
   std::vector<std::size_t> redundants{0, 1};
-  app.add_option("--trace", trace_path, "ESFT folder or binary trace");
+  const CLI::Option* trace_opt = bench_args::add_trace_option(app, trace_path, "ESFT folder or binary trace");
   app.add_option("--out", out_dir, "Folder for the results");
   app.add_option("--nodes", nodes, "Nodes")->check(tool_cli::positive);
   app.add_option("--gpus", gpus, "GPUs per node")->check(tool_cli::positive);
@@ -290,12 +290,9 @@ int main(int argc, char** argv) try {
   app.add_option("--redundant", redundants, "Redundant slots per GPU")->delimiter(',');
   app.add_option("--home-caps", caps, "Node token bounds over the mean (-1: none; --homes free)")->delimiter(',');
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  trace_path = bench_args::trace_to_read(*trace_opt, trace_path);
   bench_args::output_folder(out_dir);
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/placement_oracle");
-  if (!std::filesystem::exists(trace_path)) {
-    std::printf("placement_oracle: trace %s not found; skipped\n", trace_path.c_str());
-    return 0;
-  }
   const auto start = std::chrono::steady_clock::now();
   const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);
   const auto [train, test] = locus::trace::split_by_request(full, 0.5, seed);

@@ -249,13 +249,25 @@ std::uint64_t baseline_read(const std::string& path) {
 int main(int argc, char** argv) try {
   CLI::App app{"Trace readers (ESFT import, binary write/read) against plain iostreams"};
   tool_cli::show_defaults(app);
-  std::string esft = LOCUS_DEFAULT_TRACE, tmp_dir = fs::temp_directory_path().string(), out_dir = ".";
+  std::string esft, tmp_dir = fs::temp_directory_path().string(), out_dir = ".";
   double gb = 1.0;
-  app.add_option("--trace", esft, "ESFT folder");
+  const CLI::Option* trace_opt =
+      bench_args::add_trace_option(app, esft, "ESFT folder (its import rows are skipped when there is none)");
   app.add_option("--gb", gb, "Size of the synthetic binary trace in GB")->check(tool_cli::positive);
   app.add_option("--tmp", tmp_dir, "Folder for the temporary trace files");
   app.add_option("--out", out_dir, "Folder for the results");
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  // The ESFT rows are one part of this benchmark: a missing default skips them (saying why), a
+  // folder given that is not there ends the run.
+  std::string no_esft;
+  if (trace_opt->count() > 0) {
+    if (!fs::is_directory(esft)) throw locus::io_error(esft + ": not an ESFT folder (--trace)");
+  } else if (auto found = bench_args::find_default_trace(); found && fs::is_directory(*found)) {
+    esft = *found;
+  } else {
+    no_esft = found ? *found + " is not an ESFT folder" : bench_args::no_default_trace("an ESFT folder");
+    esft.clear();
+  }
   bench_args::output_folder(out_dir);
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/trace_io");
   // The trace and its read-back sit in memory together; the file and the baseline's copy on --tmp.
@@ -276,7 +288,7 @@ int main(int argc, char** argv) try {
 
   // 1. ESFT import.
   locus::trace::trace jsonl_source; // for 2.
-  if (fs::is_directory(esft)) {
+  if (no_esft.empty()) {
     locus::trace::trace& t = jsonl_source;
     std::uintmax_t bytes = 0;
     for (const auto& e : fs::recursive_directory_iterator(esft))
@@ -293,7 +305,7 @@ int main(int argc, char** argv) try {
     rows.push_back(
         {"ESFT import (3 domains, " + std::to_string(bytes / 1000000) + " MB)", "s", locus_s, base_s, 0.0, "< 2 s"});
   } else {
-    std::printf("trace_io: %s not found; ESFT import skipped\n", esft.c_str());
+    std::printf("trace_io: ESFT import skipped: %s\n", no_esft.c_str());
   }
 
   // 2. Route JSONL import.

@@ -148,20 +148,17 @@ std::size_t naive_sample(const locus::trace::synth_model& m, std::size_t tokens,
 int main(int argc, char** argv) try {
   CLI::App app{"Trace statistics (against a std::map baseline) and the synthesizer at DeepSeek-V3 size"};
   tool_cli::show_defaults(app);
-  std::string trace_path = LOCUS_DEFAULT_TRACE, out_dir = ".", md_path;
+  std::string trace_path, out_dir = ".", md_path;
   std::size_t repeats = 5, v3_tokens = 100000;
-  app.add_option("--trace", trace_path, "ESFT folder or binary trace");
+  const CLI::Option* trace_opt = bench_args::add_trace_option(app, trace_path, "ESFT folder or binary trace");
   app.add_option("--out", out_dir, "Folder for the results");
   app.add_option("--md", md_path, "Markdown report file (none when empty)");
   app.add_option("--repeats", repeats, "Timed runs per row (best kept)")->check(tool_cli::positive);
   app.add_option("--tokens", v3_tokens, "Tokens of the synthetic DeepSeek-V3 trace")->check(tool_cli::positive);
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  trace_path = bench_args::trace_to_read(*trace_opt, trace_path);
   bench_args::output_folder(out_dir);
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/trace_stats");
-  if (!std::filesystem::exists(trace_path)) {
-    std::printf("trace_stats: trace %s not found; skipped\n", trace_path.c_str());
-    return 0;
-  }
   const auto real = bench_args::load_trace(trace_path);
   const auto t = real.with_prefill_tokens(32);
 

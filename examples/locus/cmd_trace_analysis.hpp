@@ -24,10 +24,6 @@
 #include <unistd.h>
 #include <vector>
 
-#ifndef LOCUS_TRACE_REPORT_SCRIPT
-#define LOCUS_TRACE_REPORT_SCRIPT "scripts/trace_report.py"
-#endif
-
 namespace locus_driver {
 
 namespace trace_analysis {
@@ -349,15 +345,23 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
   });
 }
 
-//! The rendering script: beside an installed driver (<prefix>/share/locus), else the source tree's.
+//! The rendering script, found when the driver runs (a path compiled in named the build machine's
+//! source folder and broke when the tree moved): beside an installed driver (<prefix>/share/locus),
+//! else scripts/trace_report.py of the nearest folder above the driver that holds one (the checkout
+//! it was built in), else scripts/trace_report.py from the working directory.
 inline std::string default_report_script() {
+  namespace fs = std::filesystem;
   std::error_code ec;
-  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  const auto exe = fs::read_symlink("/proc/self/exe", ec);
   if (!ec) {
     const auto installed = exe.parent_path().parent_path() / "share" / "locus" / "trace_report.py";
-    if (std::filesystem::is_regular_file(installed, ec)) return installed.string();
+    if (fs::is_regular_file(installed, ec)) return installed.string();
+    for (fs::path dir = exe.parent_path(); !dir.empty(); dir = dir.parent_path()) {
+      if (const auto p = dir / "scripts" / "trace_report.py"; fs::is_regular_file(p, ec)) return p.string();
+      if (dir == dir.root_path()) break;
+    }
   }
-  return LOCUS_TRACE_REPORT_SCRIPT;
+  return "scripts/trace_report.py";
 }
 
 inline void register_trace_report(CLI::App& trace_cmd) {
@@ -376,7 +380,9 @@ inline void register_trace_report(CLI::App& trace_cmd) {
   cmd->add_option("--prefill-tokens", o->prefill, "Leading tokens of each request counted as prefill");
   cmd->add_option("--layer", o->layer, "Layer of the co-activation heatmap and the scatter (default: middle)");
   cmd->add_option("--python", o->python, "Python interpreter with matplotlib");
-  cmd->add_option("--script", o->script, "The rendering script (scripts/trace_report.py)");
+  cmd->add_option("--script", o->script,
+                  "The rendering script (default: share/locus/trace_report.py beside an installed driver, else "
+                  "scripts/trace_report.py of the checkout above the driver or of the working directory)");
   cmd->add_flag("--no-render", o->no_render, "Write the CSV files only");
   add_json_option(cmd, o->json);
   cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)");

@@ -38,6 +38,10 @@ class Trace:
     def layer_ids(self, layer: int) -> npt.NDArray[np.uint16]:
         """Read-only view [tokens, top_k] of layer `layer`'s expert ids (no copy)."""
     def with_prefill_tokens(self, tokens: int) -> Trace: ...
+    def __getstate__(self) -> bytes:
+        """The trace in the binary trace format: what pickle sends (round trips are exact)."""
+    def __setstate__(self, state: bytes) -> None:
+        """Rebuilds a trace from __getstate__'s bytes; damaged bytes raise FormatError."""
 
 class WorkloadModel:
     """The workload-aware grouping model (request clusters, their nodes, the prefill classifier)."""
@@ -55,6 +59,11 @@ class WorkloadModel:
         """Writes the model as versioned JSON (what `locus simulate --grouping` reads)."""
     def classify(self, trace: Trace, prefill_tokens: int) -> npt.NDArray[np.int64]:
         """Cluster of each request of `trace` from its first `prefill_tokens` tokens (-1: not confident)."""
+    def __getstate__(self) -> bytes:
+        """The model as its grouping JSON (UTF-8), what pickle sends: the copy classifies and groups
+        exactly as the original (as with save(), which training request fell in which cluster is not kept)."""
+    def __setstate__(self, state: bytes) -> None:
+        """Rebuilds a model from __getstate__'s bytes; damaged bytes raise FormatError."""
 
 def load_grouping(path: _Path) -> WorkloadModel: ...
 

@@ -26,6 +26,9 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
+#include <new>
+#include <optional>
+#include <span>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -87,6 +90,56 @@ std::string path_arg(nb::handle p) {
         locus::detail::concat("the path \"", out.substr(0, out.find('\0')), "\\0...\" contains a NUL character"),
         nullptr, 0);
   return out;
+}
+
+// Pickling: a Trace travels as its binary encoding (docs/trace-format.md) and a WorkloadModel as
+// its grouping JSON, the formats the library writes and reads already (a round trip is exact; the
+// model's JSON, like save_grouping's file, leaves out which training request fell in which cluster),
+// and an unpickled state is checked as a file is: a damaged one raises FormatError, a state of
+// another type TypeError. The object is built only from a state that decoded whole.
+
+// The bytes of a pickled state (`type`: the class, for the message).
+std::span<const std::byte> state_bytes(nb::handle state, const char* type) {
+  if (!PyBytes_Check(state.ptr()))
+    throw nb::type_error(locus::detail::concat(type, ".__setstate__ takes the bytes ", type,
+                                               ".__getstate__ gives, not ", Py_TYPE(state.ptr())->tp_name)
+                             .c_str());
+  return {reinterpret_cast<const std::byte*>(PyBytes_AS_STRING(state.ptr())),
+          static_cast<std::size_t>(PyBytes_GET_SIZE(state.ptr()))};
+}
+
+nb::bytes trace_state(const locus::trace::trace& t) {
+  const auto bytes = locus::trace::encode_trace(t);
+  return nb::bytes(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+}
+
+void set_trace_state(locus::trace::trace& self, nb::handle state) {
+  auto t = locus::trace::decode_trace(state_bytes(state, "Trace"), "pickled Trace");
+  new (&self) locus::trace::trace(std::move(t));
+}
+
+nb::bytes model_state(const locus::grouper::workload_model& m) {
+  const std::string text = locus::grouper::grouping_to_json(m).dump();
+  return nb::bytes(text.data(), text.size());
+}
+
+void set_model_state(locus::grouper::workload_model& self, nb::handle state) {
+  const auto bytes = state_bytes(state, "WorkloadModel");
+  nlohmann::json doc;
+  try {
+    doc = nlohmann::json::parse(reinterpret_cast<const char*>(bytes.data()),
+                                reinterpret_cast<const char*>(bytes.data() + bytes.size()));
+  } catch (const nlohmann::json::parse_error& e) {
+    throw locus::format_error(
+        locus::detail::concat("pickled WorkloadModel: not valid JSON: ", locus::detail::json_error_text(e)), e.byte);
+  }
+  std::optional<locus::grouper::workload_model> m;
+  try {
+    m.emplace(locus::grouper::grouping_from_json(doc));
+  } catch (const locus::format_error& e) {
+    throw locus::format_error(locus::detail::concat("pickled WorkloadModel: ", e.message()), e.offset());
+  }
+  new (&self) locus::grouper::workload_model(std::move(*m));
 }
 
 // A NumPy array owning `v` (moved), shape `shape`.
@@ -280,6 +333,8 @@ NB_MODULE(_core, m) {
             return t.with_prefill_tokens(size_arg(tokens, "tokens"));
           },
           "tokens"_a)
+      .def("__getstate__", &trace_state)
+      .def("__setstate__", &set_trace_state, "state"_a.none())
       .def("__repr__", [](const locus::trace::trace& t) {
         return locus::detail::concat("Trace(requests=", t.requests(), ", tokens=", t.tokens(), ", layers=", t.layers(),
                                      ", experts=", t.experts(), ", top_k=", t.top_k(), ")");
@@ -377,7 +432,9 @@ NB_MODULE(_core, m) {
             }
             return owned(std::move(out), {t.requests()});
           },
-          "trace"_a, "prefill_tokens"_a);
+          "trace"_a, "prefill_tokens"_a)
+      .def("__getstate__", &model_state)
+      .def("__setstate__", &set_model_state, "state"_a.none());
   m.def(
       "load_grouping",
       [](nb::handle path) {

@@ -1,6 +1,9 @@
 """pytest suite of the locus Python package (run by scripts/test in a fresh virtual environment)."""
 
+import copy
 import json
+import multiprocessing
+import pickle
 import struct
 
 import numpy as np
@@ -484,3 +487,84 @@ def test_routed_experts_and_vllm_files_refuse_malformed_input(tmp_path):
     locus.export(plan, "vllm", tmp_path / "v.json")
     with pytest.raises(locus.InvalidInputError, match="on 0 ranks"):
         plan_policy(str(tmp_path / "v.json")).rebalance_experts(np.zeros((2, 8)), 8, 1, 1, 0)
+
+
+def trace_summary(t):
+    """What a child process reports of a trace it was sent (and sends it back)."""
+    return t, locus.expert_load(t).tolist()
+
+
+def same_trace(a, b, tmp_path):
+    """Two traces hold the same content: their binary files (every id, weight, phase, request,
+    domain and layer id) are identical."""
+    locus.write_trace(a, tmp_path / "a.bin")
+    locus.write_trace(b, tmp_path / "b.bin")
+    return (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
+
+
+def test_traces_models_and_plans_pickle_exactly(tmp_path):
+    # Users hand these to other processes (multiprocessing, Ray, engine workers): they did not pickle.
+    ids, _ = small_trace(seed=3)
+    rng = np.random.default_rng(3)
+    weights = rng.random(ids.shape, dtype=np.float32)
+    t = locus.trace_from_arrays(ids, 16, topk_weights=weights, request_ids=np.repeat(np.arange(12), 40),
+                                phases=np.tile(["prefill"] * 8 + ["decode"] * 32, 12),
+                                domains=np.repeat(np.array(["code", "math"] * 6), 40), layer_ids=[1, 2, 4],
+                                hidden_layers=6).with_prefill_tokens(5)
+    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        back = pickle.loads(pickle.dumps(t, protocol=protocol))
+        assert back is not t and repr(back) == repr(t)
+        assert (back.domains, back.model_layer_ids, back.hidden_layers) == (["code", "math"], [1, 2, 4], 6)
+        assert all(np.array_equal(back.layer_ids(l), t.layer_ids(l)) for l in range(3))
+        assert same_trace(t, back, tmp_path)
+    assert same_trace(t, copy.deepcopy(t), tmp_path)
+
+    train, test = locus.split_by_request(t, 0.5, 1)
+    plan = locus.plan(train, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=5)
+    model = pickle.loads(pickle.dumps(plan.model))
+    plan.model.save(tmp_path / "a.json")
+    model.save(tmp_path / "b.json")
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+    assert np.array_equal(model.classify(test, 5), plan.model.classify(test, 5))
+    back = pickle.loads(pickle.dumps(plan))  # ExpertPlan: its maps and its model
+    assert np.array_equal(back.maps, plan.maps) and back.model is not plan.model
+    assert locus.simulate(test, back, grouper="workload_aware") == locus.simulate(test, plan, grouper="workload_aware")
+
+    # Through a real process boundary, both ways.
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        sent, load = pool.apply(trace_summary, (t,))
+    assert same_trace(t, sent, tmp_path) and np.array_equal(np.array(load), locus.expert_load(t))
+
+
+def test_damaged_pickles_raise_clear_errors():
+    _, t = small_trace()
+    state = t.__getstate__()
+    assert isinstance(state, bytes) and state[:8] == b"LOCUSTRC"  # the binary trace format
+    flipped = bytearray(state)
+    flipped[-1] ^= 0xFF
+    cases = [(state[:100], "pickled Trace"), (bytes(flipped), "pickled Trace.*checksum"), (b"", "pickled Trace")]
+    for bad, message in cases:
+        with pytest.raises(locus.FormatError, match=message):
+            locus.Trace.__new__(locus.Trace).__setstate__(bad)
+    with pytest.raises(TypeError, match=r"Trace.__setstate__ takes the bytes Trace.__getstate__ gives, not str"):
+        locus.Trace.__new__(locus.Trace).__setstate__("LOCUSTRC")
+    with pytest.raises(TypeError), pytest.warns(RuntimeWarning, match="already-initialized"):
+        t.__setstate__(state)  # a live trace is not rebuilt in place
+    assert t.tokens == 480
+    # A pickle damaged in transit: the same length, one byte of the trace changed.
+    data = bytearray(pickle.dumps(t))
+    data[data.find(b"LOCUSTRC") + len(state) - 1] ^= 0xFF
+    with pytest.raises(locus.FormatError, match="checksum"):
+        pickle.loads(bytes(data))
+
+    train, _ = locus.split_by_request(t, 0.5, 1)
+    model = locus.plan(train, 2, 2, "locality", clusters=2, prefill_tokens=8).model
+    good = model.__getstate__()
+    assert json.loads(good)["format"] == "locus-grouping"
+    for bad, message in [(good[: len(good) // 2], "pickled WorkloadModel: not valid JSON"),
+                         (b'{"format": "locus-grouping", "version": 9}', "pickled WorkloadModel: .*version 9"),
+                         (b"[]", "pickled WorkloadModel")]:
+        with pytest.raises(locus.FormatError, match=message):
+            locus.WorkloadModel.__new__(locus.WorkloadModel).__setstate__(bad)
+    with pytest.raises(TypeError, match="takes the bytes"):
+        locus.WorkloadModel.__new__(locus.WorkloadModel).__setstate__(None)

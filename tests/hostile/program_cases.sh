@@ -45,6 +45,16 @@ check 'router.json names the program as run from its folder' bash -c \
 locus=$trace_io
 refused 'need about .* GB of memory' --gb 1e9 --out "$work"
 refused 'must be a number above 0' --gb nan --out "$work"
+# --trace's default is decided when the program runs (it named the folders of the machine that built
+# it), and a trace that is not there is said with the path and how to give one.
+root=$(cd "$(dirname "$0")/../.." && pwd)
+unset LOCUS_TRACES # the cases set it where they mean to
+ok 'TEXT=\.\./shared/traces/esft' --help
+ok '\$LOCUS_TRACES/esft if LOCUS_TRACES is set' --help
+LOCUS_TRACES=$work/elsewhere ok "TEXT=$work/elsewhere/esft" --help
+check 'trace_io --help names no folder of the build' bash -c "! '$trace_io' --help | grep -v '^Usage:' | grep -qF '$root'"
+LOCUS_TRACES=$work/none refused "LOCUS_TRACES is $work/none, but $work/none/esft does not exist" --out "$work"
+refused "$work/none: not an ESFT folder \(--trace\)" --trace "$work/none" --out "$work"
 
 # The scripts answer --help with their usage and refuse what they do not take before they install,
 # build, delete or rewrite anything: `scripts/format --help` rewrote every source in place,

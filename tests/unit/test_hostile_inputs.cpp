@@ -26,6 +26,7 @@
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
 #include <locus/trace/jsonl.hpp>
+#include <locus/transport/local.hpp>
 #include <random>
 #include <string>
 #include <sys/resource.h>
@@ -679,6 +680,15 @@ BOOST_AUTO_TEST_CASE(absurd_sizes_are_config_errors) {
     expect_config(
         "redundant 2^64-1", [] { (void)placement::slots_for(64, 8, ~std::size_t{0}); },
         "expected at most 56 (a GPU holds each of the 64 experts at most once");
+    // An in-process fabric's world board is ranks² headers and offsets: 65536 ranks, the topology's
+    // ceiling, was a std::bad_alloc after trying to allocate 340 GB.
+    expect_config(
+        "fabric 65536 ranks", [] { (void)transport::local_fabric(dynamic_topology(65536, 1), transport_kind::flat); },
+        "local_fabric: 65536 nodes × 1 GPUs per node = 65536 ranks exceed the limit of 2048 ranks in one process");
+    expect_config(
+        "fabric 2049 ranks",
+        [] { (void)transport::local_fabric(dynamic_topology(2049, 1), transport_kind::hierarchical); },
+        "2049 ranks exceed the limit of 2048 ranks");
     BOOST_CHECK_NO_THROW((void)placement::slots_for(64, 8, 56));
     expect_config(
         "redundant 57", [] { (void)placement::slots_for(64, 8, 57); }, "expected at most 56");

@@ -154,7 +154,7 @@ public:
   //! @param topo nodes × GPUs per node; its rank count is the number of endpoints
   //! @param kind how dispatch over these endpoints moves copies: the transport policy's `P::kind`
   device_local_fabric(const dynamic_topology& topo, transport_kind kind, exchange_options options = {})
-      : topo_(topo), kind_(kind), options_(options), boards_(topo) {}
+      : topo_(topo), kind_(kind), options_(options), boards_(topo, "device_local_fabric") {}
   device_local_fabric(const device_local_fabric&) = delete;
   device_local_fabric& operator=(const device_local_fabric&) = delete;
 

@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cmath>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
@@ -56,6 +57,13 @@ inline const char* to_string(exchange_group g) noexcept {
   }
   return "unknown";
 }
+
+//! The most ranks an in-process fabric (local_fabric, device_local_fabric) takes. Its world group
+//! shares one board holding a header and row offsets for every (sender, receiver) pair, about 80
+//! bytes each: 2048 ranks take about 340 MB, the topology's ceiling of 65536 ranks would take
+//! 340 GB. Such ranks are threads (or streams) of one process, so a count beyond this is a mistake
+//! to name, not a workload to allocate for.
+inline constexpr std::size_t max_in_process_ranks = 2048;
 
 //! Options shared by every transport.
 struct exchange_options {
@@ -232,7 +240,17 @@ inline std::vector<std::size_t> group_ranks(const dynamic_topology& topo, exchan
 template <class Board>
 class group_boards {
 public:
-  explicit group_boards(const dynamic_topology& topo) : topo_(topo) {
+  //! @param fabric the fabric's name, for the message
+  //! @throws locus::config_error when `topo` has more than max_in_process_ranks ranks (before
+  //!         anything is allocated)
+  group_boards(const dynamic_topology& topo, const char* fabric) : topo_(topo) {
+    LOCUS_REQUIRE(topo.ranks() <= max_in_process_ranks, config_error, fabric, ": ", topo.nodes(), " nodes × ",
+                  topo.gpus_per_node(), " GPUs per node = ", topo.ranks(), " ranks exceed the limit of ",
+                  max_in_process_ranks, " ranks in one process (its exchange tables grow as ranks², about ",
+                  static_cast<double>(
+                      std::llround(8e-8 * static_cast<double>(topo.ranks()) * static_cast<double>(topo.ranks()))) /
+                      10,
+                  " GB here)");
     world_ = std::make_unique<Board>(group_ranks(topo, exchange_group::world, 0));
     for (std::size_t n = 0; n < topo.nodes(); ++n)
       nodes_.push_back(std::make_unique<Board>(group_ranks(topo, exchange_group::node, n * topo.gpus_per_node())));

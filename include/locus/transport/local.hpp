@@ -47,7 +47,7 @@ public:
   //! @param topo         nodes × GPUs per node; its rank count is the number of endpoints
   //! @param kind how dispatch over these endpoints moves copies: the transport policy's `P::kind`
   local_fabric(const dynamic_topology& topo, transport_kind kind, exchange_options options = {})
-      : topo_(topo), kind_(kind), options_(options), boards_(topo) {}
+      : topo_(topo), kind_(kind), options_(options), boards_(topo, "local_fabric") {}
   local_fabric(const local_fabric&) = delete;
   local_fabric& operator=(const local_fabric&) = delete;
 
