@@ -248,7 +248,7 @@ public:
                   topo.gpus_per_node(), " GPUs per node = ", topo.ranks(), " ranks exceed the limit of ",
                   max_in_process_ranks, " ranks in one process (its exchange tables grow as ranks², about ",
                   static_cast<double>(
-                      std::llround(8e-8 * static_cast<double>(topo.ranks()) * static_cast<double>(topo.ranks()))) /
+                      std::llround(8e-7 * static_cast<double>(topo.ranks()) * static_cast<double>(topo.ranks()))) /
                       10,
                   " GB here)");
     world_ = std::make_unique<Board>(group_ranks(topo, exchange_group::world, 0));
