@@ -4,6 +4,7 @@
 // and the machine line of a results file.
 #include "tool_cli.hpp"
 
+#include <cstdio>
 #include <cstdlib>
 #include <ctime>
 #include <filesystem>
@@ -77,6 +78,12 @@ inline std::string no_default_trace(const std::string& takes = "an ESFT folder o
          ") or set LOCUS_TRACES to the folder that holds esft/";
 }
 
+// Says which trace a run reads by default: the default is searched for, so it may be found
+// elsewhere than --help shows.
+inline void say_default_trace(const std::string& path) {
+  std::fprintf(stderr, "reading the trace %s (the default; --trace reads another)\n", path.c_str());
+}
+
 // The trace a run reads: the --trace value when it was given (it must exist), else the default.
 // Throws locus::io_error naming the path and how to give one when there is none.
 inline std::string trace_to_read(const CLI::Option& opt, const std::string& path) {
@@ -85,7 +92,10 @@ inline std::string trace_to_read(const CLI::Option& opt, const std::string& path
     if (!std::filesystem::exists(path, ec)) throw locus::io_error(path + ": no such file or folder (--trace)");
     return path;
   }
-  if (auto found = find_default_trace()) return *found;
+  if (auto found = find_default_trace()) {
+    say_default_trace(*found);
+    return *found;
+  }
   throw locus::io_error(no_default_trace());
 }
 

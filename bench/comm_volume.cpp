@@ -134,25 +134,32 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
       ->check(CLI::Range(0, 1));
   app.add_option("--replica-rule", replica_rule_name, "Replica rule of the main rows and the unseen-domain rows")
       ->check(CLI::IsMember(rule_names));
-  app.add_option("--replica-slack", o.replica_slack, "locality_bounded: a GPU is hot above (1 + this) x the mean load");
+  app.add_option("--replica-slack", o.replica_slack, "locality_bounded: a GPU is hot above (1 + this) x the mean load")
+      ->check(tool_cli::finite_non_negative);
   app.add_option("--replica-balance-slack", popt.named.locality.replica_balance_slack,
-                 "Locality planner: node load at most (1 + this) x the mean when adding replicas");
+                 "Locality planner: node load at most (1 + this) x the mean when adding replicas")
+      ->check(tool_cli::finite_non_negative);
   app.add_option("--unseen-redundant", o.unseen_redundant, "Redundant slots per GPU of the unseen-domain rows");
   app.add_option("--plan-per-transport", plan_per_transport, "Plan locality for the transport of each row (0|1)")
       ->check(CLI::Range(0, 1));
   app.add_option("--token-slack", popt.joint.token_slack,
-                 "Grouping: a node's decode tokens at most (1 + this) x the mean");
+                 "Grouping: a node's decode tokens at most (1 + this) x the mean")
+      ->check(tool_cli::finite_non_negative);
   app.add_option("--balance-slack", popt.named.locality.balance_slack,
-                 "Locality planner: node load at most (1 + this) x the mean (first copies)");
+                 "Locality planner: node load at most (1 + this) x the mean (first copies)")
+      ->check(tool_cli::finite_non_negative);
   app.add_option("--token-refine", token_refine, "Run the token-level stage on locality maps (0|1)")
       ->check(CLI::Range(0, 1));
   app.add_option("--token-replicas", token_replicas,
                  "Token-level stage also chooses replicas on the exact copy cost (0|1)")
       ->check(CLI::Range(0, 1));
   app.add_option("--refine-slack", popt.refine.balance_slack,
-                 "Token-level stage: GPU load at most (1 + this) x the mean");
-  app.add_option("--rank-copy-weight", popt.refine.rank_copy_weight, "Token-level stage: weight of a GPU copy");
-  app.add_option("--node-copy-weight", popt.refine.node_copy_weight, "Token-level stage: weight of a node copy");
+                 "Token-level stage: GPU load at most (1 + this) x the mean")
+      ->check(tool_cli::finite_non_negative);
+  app.add_option("--rank-copy-weight", popt.refine.rank_copy_weight, "Token-level stage: weight of a GPU copy")
+      ->check(tool_cli::finite_non_negative);
+  app.add_option("--node-copy-weight", popt.refine.node_copy_weight, "Token-level stage: weight of a node copy")
+      ->check(tool_cli::finite_non_negative);
   app.add_option("--refine-pairs", popt.refine_sample_pairs, "Token-level stage: sampled (token, layer) pairs")
       ->check(tool_cli::positive);
   app.add_option("--refine-candidates", popt.refine.candidates,
@@ -162,21 +169,28 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
   app.add_option("--anneal", popt.refine.anneal_per_expert,
                  "Annealing swap proposals per expert and layer after the sweeps");
   app.add_option("--anneal-temperature", popt.refine.anneal_temperature,
-                 "Annealing start temperature (share of a random swap's mean cost rise)");
+                 "Annealing start temperature (share of a random swap's mean cost rise)")
+      ->check(tool_cli::finite_non_negative);
   app.add_option("--balance-shift", popt.refine.balance_shift,
-                 "Token-level stage: keep balance when a group's tokens grow by this share (0: off)");
+                 "Token-level stage: keep balance when a group's tokens grow by this share (0: off)")
+      ->check(tool_cli::finite_non_negative);
   app.add_option("--hedge-replicas", popt.refine.hedge_replicas,
                  "Token-level stage: replica slots per layer first spent on GPUs whose load varies most over "
                  "resampled training requests (0: off)");
-  app.add_option("--hedge-z", popt.refine.hedge_z, "Hedge replicas: a GPU's risk is its mean share + this many sd");
-  app.add_option("--hedge-excess", popt.refine.hedge_excess, "Hedge replicas: hedge GPUs whose risk exceeds 1 + this");
+  app.add_option("--hedge-z", popt.refine.hedge_z, "Hedge replicas: a GPU's risk is its mean share + this many sd")
+      ->check(tool_cli::finite_non_negative);
+  app.add_option("--hedge-excess", popt.refine.hedge_excess, "Hedge replicas: hedge GPUs whose risk exceeds 1 + this")
+      ->check(tool_cli::finite_non_negative);
   app.add_option("--hedge-floor", popt.refine.hedge_floor,
                  "Hedge replicas: instead of the risk rule, copy experts out of the binding GPU set until the worst "
-                 "balance floor over the resamples is at most this (0: off)");
+                 "balance floor over the resamples is at most this (0: off)")
+      ->check(tool_cli::finite_non_negative);
   app.add_option("--hedge-cost-budget", popt.refine.hedge_cost_budget,
-                 "Floor hedge: at most this share more sampled copy cost than without hedge copies (0: no bound)");
+                 "Floor hedge: at most this share more sampled copy cost than without hedge copies (0: no bound)")
+      ->check(tool_cli::finite_non_negative);
   app.add_option("--hedge-resamples", popt.refine.hedge_resamples, "Hedge replicas: bootstrap draws of the requests");
-  app.add_option("--shift-slack", popt.refine.shift_slack, "Token-level stage: GPU load bound under a shifted mix");
+  app.add_option("--shift-slack", popt.refine.shift_slack, "Token-level stage: GPU load bound under a shifted mix")
+      ->check(tool_cli::finite_non_negative);
   app.add_option("--shift-by", shift_by, "Token-level stage: what a shifted mix grows (node, request class, request)")
       ->check(CLI::IsMember({"node", "class", "request"}));
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;

@@ -105,7 +105,8 @@ int main(int argc, char** argv) try {
   app.add_option("--transport", transport_name, "Transport of the run")->check(CLI::IsMember({"flat", "hierarchical"}));
   app.add_option("--replica-rule", replica_rule_name, "Rule that picks a token's replica, for every policy")
       ->check(CLI::IsMember(rule_names));
-  app.add_option("--replica-slack", replica_slack, "locality_bounded: a GPU is hot above (1 + this) x the mean load");
+  app.add_option("--replica-slack", replica_slack, "locality_bounded: a GPU is hot above (1 + this) x the mean load")
+      ->check(tool_cli::finite_non_negative);
   app.add_option("--replica-window", replica_window,
                  "locality_bounded: steps of the load average (0: since the start)");
   app.add_option("--hedge-replicas", hedge_replicas,

@@ -261,9 +261,11 @@ int main(int argc, char** argv) try {
   // folder given that is not there ends the run.
   std::string no_esft;
   if (trace_opt->count() > 0) {
+    if (!fs::exists(esft)) throw locus::io_error(esft + ": no such folder (--trace)");
     if (!fs::is_directory(esft)) throw locus::io_error(esft + ": not an ESFT folder (--trace)");
   } else if (auto found = bench_args::find_default_trace(); found && fs::is_directory(*found)) {
     esft = *found;
+    bench_args::say_default_trace(esft);
   } else {
     no_esft = found ? *found + " is not an ESFT folder" : bench_args::no_default_trace("an ESFT folder");
     esft.clear();

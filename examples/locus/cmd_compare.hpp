@@ -82,7 +82,8 @@ inline std::vector<locus::transport_kind> parse_transports(const std::string& li
       LOCUS_REQUIRE(seen != k, locus::config_error, "--transport \"", list, "\" names ", name, " twice");
     out.push_back(k);
   }
-  LOCUS_REQUIRE(!out.empty(), locus::config_error, "--transport is empty (expected flat, hierarchical or both)");
+  LOCUS_REQUIRE(!out.empty(), locus::config_error,
+                "--transport is empty (expected flat, hierarchical or flat,hierarchical)");
   return out;
 }
 

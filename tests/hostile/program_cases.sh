@@ -54,7 +54,8 @@ ok '\$LOCUS_TRACES/esft if LOCUS_TRACES is set' --help
 LOCUS_TRACES=$work/elsewhere ok "TEXT=$work/elsewhere/esft" --help
 check 'trace_io --help names no folder of the build' bash -c "! '$trace_io' --help | grep -v '^Usage:' | grep -qF '$root'"
 LOCUS_TRACES=$work/none refused "LOCUS_TRACES is $work/none, but $work/none/esft does not exist" --out "$work"
-refused "$work/none: not an ESFT folder \(--trace\)" --trace "$work/none" --out "$work"
+refused "$work/none: no such folder \(--trace\)" --trace "$work/none" --out "$work"
+refused "$work/plain: not an ESFT folder \(--trace\)" --trace "$work/plain" --out "$work"
 
 # The scripts answer --help with their usage and refuse what they do not take before they install,
 # build, delete or rewrite anything: `scripts/format --help` rewrote every source in place,

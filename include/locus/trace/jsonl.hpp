@@ -764,10 +764,12 @@ private:
       return bad(line_no, "route record lacks \"req_id\" (import with split_on_restart / --split-on-restart to "
                           "reconstruct requests from token_idx restarts)");
     if (experts_ == 0)
-      throw invalid_input_error(locus::detail::concat(name_, ":", line_no,
-                                                      ": the number of experts is not declared: pass it (--experts) "
-                                                      "or put a meta line with num_experts before the route records"),
-                                __FILE__, __LINE__);
+      throw invalid_input_error(
+          locus::detail::concat(name_, ":", line_no,
+                                ": the number of experts is not declared: put a meta line with num_experts "
+                                "before the route records, or give the count when importing "
+                                "(jsonl_options::experts; locus trace import --experts)"),
+          __FILE__, __LINE__);
     if (top_k_ > experts_)
       throw invalid_input_error(locus::detail::concat(name_, ":", line_no, ": top_k ", top_k_, " exceeds the ",
                                                       experts_, " declared experts"),
