@@ -23,10 +23,10 @@
 //!   replicas in rank order, `position` being the copy's index in its source's batch (token × k +
 //!   choice): uniform over replicas, with no notion of where the token is.
 //! - `locality_bounded`: `locality_first` over the replicas not on a *hot* rank (one whose recent
-//!   load of this layer is above the bound the caller sets); when every replica is hot, over those
-//!   on the least hot ranks (the hot values rank hot ranks by load, as hot_rank_tracker writes
-//!   them; plain 0/1 flags tie, so all replicas). The caller (simulator, layer) decides which ranks
-//!   are hot from the loads it observed, so a placement fitted to yesterday's traffic sheds load at
+//!   load of this layer is above the bound the caller sets); when every replica is hot, the one on
+//!   the least loaded hot rank (hot_rank_tracker numbers hot ranks by load, equal loads by rank; a
+//!   caller's plain 0/1 flags all tie, and locality_first picks among every replica). The caller (simulator, layer)
+//!   decides which ranks are hot from the loads it observed, so a placement fitted to yesterday's traffic sheds load at
 //!   run time instead of at planning time. Taking the least hot when all are hot matters in a run's
 //!   tail, when a few long requests keep several ranks above the bound.
 //!
@@ -81,7 +81,8 @@ struct replica_policy {
   //! Seeds same_gpu_else_random's draw; callers pass the layer index so layers draw independently.
   std::uint64_t salt = 0;
   //! locality_bounded: per rank, 0 when the rank is within its load bound, else its place among
-  //! the hot ranks by load (1 the least loaded; equal values tie); empty means none is hot.
+  //! the hot ranks by load (1 the least loaded); when every replica is hot, those with the
+  //! smallest value are the candidates (plain 0/1 flags: all of them). Empty means none is hot.
   std::span<const std::uint8_t> hot{};
 };
 
@@ -113,7 +114,7 @@ std::int32_t expert_replica_candidates(std::size_t e, std::int32_t first, std::i
     return -1;
   }
   // locality_bounded looks past hot ranks' replicas while some replica is not hot; when all are,
-  // past all but the least hot (hot values rank the hot ranks by load; plain 0/1 flags tie).
+  // past all but those with the smallest hot value (the least loaded; plain 0/1 flags tie).
   const bool bounded = rule == replica_rule::locality_bounded && !policy.hot.empty();
   std::uint8_t heat = 255; // replicas hotter than this are skipped
   for (std::int32_t i = first; bounded && i < last; ++i)
