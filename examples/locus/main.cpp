@@ -132,7 +132,12 @@ int main(int argc, char** argv) {
     return rc == 0 ? 0 : 2;
   } catch (const locus::error& e) {
     std::string msg = std::string("locus: ") + locus::to_string(e.kind()) + ": " + e.message();
-    if (verbose && !e.file().empty()) msg += " [" + e.file() + ":" + std::to_string(e.line()) + "]";
+    if (verbose && !e.file().empty()) {
+      // From the library's include/ on: the build machine's folders mean nothing to the reader.
+      std::string file = e.file();
+      if (const auto at = file.rfind("include/locus/"); at != std::string::npos) file.erase(0, at);
+      msg += " [" + file + ":" + std::to_string(e.line()) + "]";
+    }
     return report(msg, 1);
   } catch (const std::bad_alloc&) {
     return report("locus: out of memory (the input is larger than this machine can hold)", 3);

@@ -76,9 +76,9 @@ refused 'domain "law" is given twice' trace import "$work/esft" -o "$work/x.bin"
 refused 'not a folder name inside the root' trace import "$work/esft" -o "$work/x.bin" --domains ../esft
 refused 'looks like top-6' trace import "$work/esft" -o "$work/x.bin" --top-k 3
 succeeds trace import "$work/esft" -o "$work/x.bin"
-# --verbose adds the source location, and only then.
+# --verbose adds the source location (from the library's include/ on, no build folders), and only then.
 verbose_names_location() {
-  "$locus" map check "$work/format5.json" --verbose 2>&1 >/dev/null | grep -q '\.hpp:[0-9]*\]'
+  "$locus" map check "$work/format5.json" --verbose 2>&1 >/dev/null | grep -q ' \[include/locus/[a-z_/]*\.hpp:[0-9]*\]'
 }
 check "--verbose gives no source location" verbose_names_location
 # trace report: domain names that are not file names, and one called "all".
