@@ -375,10 +375,12 @@ inline void register_trace_report(CLI::App& trace_cmd) {
   auto o = std::make_shared<options>();
   auto* cmd = trace_cmd.add_subcommand("report", "Write CSV files and PNG figures (expert-load heatmaps per domain, "
                                                  "imbalance per layer, co-activation, prefill/decode scatter)");
-  cmd->add_option("trace", o->path, "Trace: locus binary file or ESFT folder")->required();
+  cmd->add_option("trace", o->path,
+                  "Trace: locus binary file, ESFT folder or route JSONL file (with a meta line naming num_experts)")
+      ->required();
   cmd->add_option("--out", o->out, "Output folder");
   cmd->add_option("--prefill-tokens", o->prefill, "Leading tokens of each request counted as prefill");
-  cmd->add_option("--layer", o->layer, "Layer of the co-activation heatmap and the scatter (default: middle)");
+  cmd->add_option("--layer", o->layer, "Layer of the co-activation heatmap and the scatter")->default_str("middle");
   cmd->add_option("--python", o->python, "Python interpreter with matplotlib");
   cmd->add_option("--script", o->script,
                   "The rendering script (default: share/locus/trace_report.py beside an installed driver, else "

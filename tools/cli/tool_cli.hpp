@@ -49,12 +49,23 @@ inline void check_whole_numbers(CLI::App& app) {
     check_whole_numbers(*sub);
 }
 
+// A list option with nothing in it by default shows no default ("TEXT=[] ..." read as a value).
+inline void hide_empty_lists(CLI::App& app) {
+  for (CLI::Option* opt : app.get_options())
+    if (opt->get_default_str() == "[]") opt->default_str("");
+  for (CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; }))
+    hide_empty_lists(*sub);
+}
+
 // Every option of `app` shows its default in --help, and every integer option reads whole numbers
 // in decimal (check_whole_numbers, applied when parsing starts, once the options exist). CLI11
 // already refuses unknown options and values that do not parse.
 inline void show_defaults(CLI::App& app) {
   app.option_defaults()->always_capture_default();
-  app.preparse_callback([&app](std::size_t) { check_whole_numbers(app); });
+  app.preparse_callback([&app](std::size_t) {
+    check_whole_numbers(app);
+    hide_empty_lists(app);
+  });
 }
 
 // Parses the command line: nullopt to carry on, else the status for main to return: 0 after --help,
