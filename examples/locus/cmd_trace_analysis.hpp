@@ -400,9 +400,19 @@ inline void register_trace_report(CLI::App& trace_cmd) {
       LOCUS_REQUIRE(fs::exists(o->python, ec), locus::io_error, "Python interpreter ", o->python,
                     " not found (install python3-matplotlib, give --python, or use --no-render)");
     }
-    // The report's folder first: --json may name a file inside it.
+    // The report's folder first: --json may name a file inside it. A folder made here that is still
+    // empty when the command ends (a trace that is not there or does not read) is removed again.
+    const bool existed = fs::exists(o->out, ec);
     fs::create_directories(o->out, ec);
     LOCUS_REQUIRE(!ec, locus::io_error, "cannot create folder ", o->out, ": ", ec.message());
+    struct drop_if_empty {
+      fs::path dir;
+      bool made;
+      ~drop_if_empty() {
+        std::error_code e;
+        if (made && fs::is_empty(dir, e) && !e) fs::remove(dir, e);
+      }
+    } const made_folder{o->out, !existed};
     check_outputs({{"--json", o->json}}, {o->path});
     progress p("locus trace report");
     const auto t = trace_analysis::load(o->path, p).with_prefill_tokens(o->prefill);

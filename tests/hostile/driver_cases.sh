@@ -90,6 +90,12 @@ report_has_aggregate() {
   ls "$work/report" | grep -q '^load_all.csv$' || { echo "report has no load_all.csv" >&2; return 1; }
 }
 check "trace report" report_has_aggregate
+# A report that fails before writing anything leaves no folder of its own behind.
+report_leaves_no_folder() {
+  ! "$locus" trace report "$work/absent.bin" --out "$work/no_report" --no-render >/dev/null 2>&1 &&
+    [ ! -e "$work/no_report" ]
+}
+check "trace report removes its empty folder" report_leaves_no_folder
 python3 - "$work/odd.jsonl" <<'PY'
 import json, random, sys
 rng = random.Random(7)
