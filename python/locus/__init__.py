@@ -28,6 +28,8 @@ from ._core import (
     WorkloadModel,
 )
 
+__version__ = _core.__version__
+
 __all__ = [
     "ConfigError",
     "ExpertPlan",

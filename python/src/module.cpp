@@ -7,6 +7,7 @@
 #include <limits>
 #include <locus/core/atomic_file.hpp>
 #include <locus/core/expert_map_json.hpp>
+#include <locus/core/version.hpp>
 #include <locus/cost/decode_simulator.hpp>
 #include <locus/cost/simulation_json.hpp>
 #include <locus/grouper/by_name.hpp>
@@ -258,6 +259,9 @@ trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb:
 
 NB_MODULE(_core, m) {
   m.doc() = "locus C++ core (see the locus package for the documented API)";
+  // The C++ library's version (core/version.hpp), which the package reports as its own.
+  m.attr("__version__") =
+      locus::detail::concat(LOCUS_VERSION_MAJOR, ".", LOCUS_VERSION_MINOR, ".", LOCUS_VERSION_PATCH);
 
   error_type = PyErr_NewException("locus.LocusError", PyExc_Exception, nullptr);
   auto derived = [&](const char* name, PyObject* builtin) {

@@ -3,7 +3,9 @@
 import copy
 import json
 import multiprocessing
+import os
 import pickle
+import re
 import struct
 
 import numpy as np
@@ -36,6 +38,13 @@ def check_triple(phy2log, log2phy, logcnt, replicas):
             slots = log2phy[l, e]
             assert (slots[: logcnt[l, e]] >= 0).all() and (slots[logcnt[l, e] :] == -1).all()
             assert (phy2log[l, slots[: logcnt[l, e]]] == e).all()
+
+
+def test_version_is_the_libraries():
+    # core/version.hpp's three numbers, as CMake reads them
+    header = open(os.path.join(os.path.dirname(__file__), "..", "..", "include", "locus", "core", "version.hpp")).read()
+    parts = [re.search(r"#define LOCUS_VERSION_%s (\d+)" % p, header).group(1) for p in ("MAJOR", "MINOR", "PATCH")]
+    assert locus.__version__ == ".".join(parts)
 
 
 def test_published_eplb_example_is_exact():
