@@ -88,7 +88,7 @@ int main(int argc, char** argv) try {
   app.add_option("--phases", phase_names, "Task domains of the phases, in order")->delimiter(',');
   app.add_option("--phase-tokens", phase_tokens, "Decode tokens per phase")->check(tool_cli::positive);
   app.add_option("--phase-share", phase_share, "Share of a phase's requests drawn from its own domain")
-      ->check(CLI::Range(0.0, 1.0));
+      ->check(tool_cli::number_in(0, 1));
   app.add_option("--batch", batch, "Running requests per GPU")->check(tool_cli::positive);
   app.add_option("--hidden", hidden, "Hidden size (message sizes)")->check(tool_cli::positive);
   app.add_option("--redundant", redundant, "Redundant slots per GPU");

@@ -226,7 +226,7 @@ int main(int argc, char** argv) {
     app.add_option("--top-k", o.k, "Experts per token")->check(tool_cli::positive);
     app.add_option("--steps", o.steps, "Timed steps")->check(tool_cli::positive);
     app.add_option("--locality", o.locality, "Chance that a token draws its experts from its node's domain")
-        ->check(CLI::Range(0.0, 1.0));
+        ->check(tool_cli::number_in(0, 1));
     app.add_option("--input", o.inputs, "Compute inputs to measure: fused, rows")
         ->delimiter(',')
         ->check(CLI::IsMember({"fused", "rows"}));

@@ -296,7 +296,8 @@ inline void register_simulate(CLI::App& app) {
   cmd->add_option("--replica-rule", opt->replica_rule,
                   "How a copy picks among an expert's replicas: locality_first (locus), same_gpu_else_random "
                   "(SGLang static dispatch), random (vLLM EPLB), locality_bounded (locality first, away from GPUs "
-                  "above the load bound)");
+                  "above the load bound)")
+      ->check(CLI::IsMember(tool_cli::names_of(locus::placement::all_replica_rules)));
   cmd->add_option("--replica-slack", opt->replica_slack,
                   "locality_bounded: a GPU is avoided when its load so far exceeds (1 + slack) x the mean")
       ->check(tool_cli::finite_non_negative);
@@ -313,7 +314,7 @@ inline void register_simulate(CLI::App& app) {
                   "simulated ones: an arrival gap with nothing running is skipped");
   cmd->add_option("--replan-window", opt->replan_window, "Steps of traffic a re-plan sees (0: the interval)");
   cmd->add_option("--replan-budget", opt->replan_budget, "Share of the expert slots one re-plan may move")
-      ->check(CLI::Range(0.0, 1.0));
+      ->check(tool_cli::number_in(0, 1));
   cmd->add_option("--drift-every", opt->drift_every, "Steps between drift checks that re-plan early (0: none)");
   cmd->add_option("--expert-bytes", opt->expert_bytes, "Weight bytes of one expert (moved bytes)")
       ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 40));

@@ -249,20 +249,21 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
   cmd->add_option("--top-k", sh.top_k, "Experts per token (shape mode)")->check(CLI::Range(1, 64));
   cmd->add_option("--layers", sh.layers, "MoE layers (shape mode)")->check(tool_cli::positive_whole);
   cmd->add_option("--domains", sh.domains, "Domains (shape mode)")->check(tool_cli::positive_whole);
-  cmd->add_option("--zipf", sh.zipf, "Popularity skew: share of rank i ∝ (i+1)^-zipf")->check(CLI::Range(0.0, 8.0));
+  cmd->add_option("--zipf", sh.zipf, "Popularity skew: share of rank i ∝ (i+1)^-zipf")
+      ->check(tool_cli::number_in(0, 8));
   cmd->add_option("--domain-shift", sh.domain_shift, "0: domains alike .. 1: independent rankings")
-      ->check(CLI::Range(0.0, 1.0));
+      ->check(tool_cli::number_in(0, 1));
   cmd->add_option("--clusters", sh.clusters, "Co-activation clusters per layer (0 = none)");
   cmd->add_option("--cluster-probability", sh.cluster_probability, "Share of tokens drawing from one cluster")
-      ->check(CLI::Range(0.0, 1.0));
+      ->check(tool_cli::number_in(0, 1));
   cmd->add_option("--request-sigma", sh.request_sigma,
                   "Per-request log-normal spread (raises prefill/decode "
                   "correlation)")
-      ->check(CLI::Range(0.0, 10.0));
+      ->check(tool_cli::number_in(0, 10));
   cmd->add_option("--segment-sigma", o->segment_sigma, "Per-16-token log-normal spread (lowers it)")
-      ->check(CLI::Range(0.0, 10.0));
+      ->check(tool_cli::number_in(0, 10));
   cmd->add_option("--mean-length", o->mean_length, "Mean request length (log-normal)")->check(CLI::Range(1.0, 1e6));
-  cmd->add_option("--length-sigma", sh.length_log_sigma, "σ of ln(length)")->check(CLI::Range(0.0, 5.0));
+  cmd->add_option("--length-sigma", sh.length_log_sigma, "σ of ln(length)")->check(tool_cli::number_in(0, 5));
   cmd->add_option("--prefill-tokens", sh.prefill_tokens, "Leading tokens of each request marked prefill");
   cmd->add_option("--requests", o->requests, "Requests to sample (overrides --tokens)");
   cmd->add_option("--tokens", o->tokens, "Sample requests until at least this many tokens");

@@ -45,7 +45,7 @@ inline void add_split_flags(CLI::App* cmd, split_flags& s) {
                                 "(the first requests, in trace order, train; the last test)")
                     ->check(CLI::IsMember({"random", "time"}));
   s.fraction_opt = cmd->add_option("--test-fraction", s.test_fraction, "Fraction of requests in the test split")
-                       ->check(tool_cli::finite_non_negative & CLI::Range(0.0, 1.0));
+                       ->check(tool_cli::number_in(0, 1));
   cmd->add_option("--split-seed", s.split_seed, "Seed of the random split (also seeds planning and simulation)");
   cmd->add_option("--skip-requests", s.skip_requests,
                   "Drop the trace's first this many requests (warm-up passes) before the split");

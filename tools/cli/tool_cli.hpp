@@ -11,9 +11,11 @@
 #include <locus/core/error.hpp>
 #include <new>
 #include <optional>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <unistd.h>
+#include <vector>
 
 namespace tool_cli {
 
@@ -47,6 +49,15 @@ inline void check_whole_numbers(CLI::App& app) {
   }
   for (CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; }))
     check_whole_numbers(*sub);
+}
+
+// The names of an enumeration's values (to_string of each), for CLI::IsMember.
+template <class Values>
+std::vector<std::string> names_of(const Values& values) {
+  std::vector<std::string> out;
+  for (const auto v : values)
+    out.emplace_back(to_string(v));
+  return out;
 }
 
 // A list option with nothing in it by default shows no default ("TEXT=[] ..." read as a value).
@@ -100,6 +111,24 @@ inline const CLI::Validator positive_whole{[](std::string& value) -> std::string
                                            "WHOLE >= 1"};
 
 // A finite number >= 0.
+// A number from `lo` to `hi`, said in words ("Value 1.5 not in range 0.000000 to 1.000000" was CLI11's).
+inline CLI::Validator number_in(double lo, double hi) {
+  std::ostringstream name;
+  name << "FLOAT in [" << lo << ", " << hi << "]";
+  return CLI::Validator(
+      [lo, hi](std::string& value) -> std::string {
+        double x = 0;
+        if (!CLI::detail::lexical_cast(value, x)) return "\"" + value + "\" is not a number";
+        if (!std::isfinite(x) || x < lo || x > hi) {
+          std::ostringstream m;
+          m << value << " is not a number from " << lo << " to " << hi;
+          return m.str();
+        }
+        return {};
+      },
+      name.str());
+}
+
 inline const CLI::Validator finite_non_negative{[](std::string& value) -> std::string {
                                                   double x = 0;
                                                   if (!CLI::detail::lexical_cast(value, x))
