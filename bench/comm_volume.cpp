@@ -105,9 +105,7 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
   popt.refine.anneal_temperature = 0.3;
   popt.refine.balance_shift = 0;
   popt.refine.shift_slack = 0.10;
-  std::vector<std::string> rule_names;
-  for (const auto rule : locus::placement::all_replica_rules)
-    rule_names.emplace_back(locus::placement::to_string(rule));
+  const std::vector<std::string> rule_names = tool_cli::names_of(locus::placement::all_replica_rules);
   const CLI::Validator topology_shape{
       [](std::string& value) -> std::string {
         const auto x = value.find('x');

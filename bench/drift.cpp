@@ -74,9 +74,7 @@ int main(int argc, char** argv) try {
   double budget_share = 0.10, phase_share = 0.8, replica_slack = 0.05;
   int deepseek = 1, balance_floor = 0, lookahead = 1;
   std::vector<std::string> phase_names{"summary", "law", "intent"};
-  std::vector<std::string> rule_names;
-  for (const auto rule : placement::all_replica_rules)
-    rule_names.emplace_back(placement::to_string(rule));
+  const std::vector<std::string> rule_names = tool_cli::names_of(placement::all_replica_rules);
   const CLI::Option* trace_opt = bench_args::add_trace_option(app, trace_path, "ESFT folder or binary trace");
   app.add_option("--out", out_dir, "Folder for the results");
   app.add_option("--balance-floor", balance_floor,

@@ -110,7 +110,6 @@ inline const CLI::Validator positive_whole{[](std::string& value) -> std::string
                                            },
                                            "WHOLE >= 1"};
 
-// A finite number >= 0.
 // A number from `lo` to `hi`, said in words ("Value 1.5 not in range 0.000000 to 1.000000" was CLI11's).
 inline CLI::Validator number_in(double lo, double hi) {
   std::ostringstream name;
@@ -129,6 +128,7 @@ inline CLI::Validator number_in(double lo, double hi) {
       name.str());
 }
 
+// A finite number >= 0.
 inline const CLI::Validator finite_non_negative{[](std::string& value) -> std::string {
                                                   double x = 0;
                                                   if (!CLI::detail::lexical_cast(value, x))

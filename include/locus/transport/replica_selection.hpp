@@ -25,10 +25,11 @@
 //! - `locality_bounded`: `locality_first` over the replicas not on a *hot* rank (one whose recent
 //!   load of this layer is above the bound the caller sets); when every replica is hot, the one on
 //!   the least loaded hot rank (hot_rank_tracker numbers hot ranks by load, equal loads by rank; a
-//!   caller's plain 0/1 flags all tie, and locality_first picks among every replica). The caller (simulator, layer)
-//!   decides which ranks are hot from the loads it observed, so a placement fitted to yesterday's traffic sheds load at
-//!   run time instead of at planning time. Taking the least hot when all are hot matters in a run's
-//!   tail, when a few long requests keep several ranks above the bound.
+//!   caller's plain 0/1 flags all tie, and locality_first picks among every replica). The caller
+//!   (simulator, layer) decides which ranks are hot from the loads it observed, so a placement
+//!   fitted to yesterday's traffic sheds load at run time instead of at planning time. Taking the
+//!   least hot when all are hot matters in a run's tail, when a few long requests keep several
+//!   ranks above the bound.
 //!
 //! The split is in two parts: `replica_candidates` (per source, on the host; lists the candidates
 //! already rotated, or fixes the replica) and `choose_replica` (per copy, host or device).
@@ -347,16 +348,11 @@ private:
       cand_count_[cell] = static_cast<std::int32_t>(cands_.size()) - cand_begin_[cell];
       nth_[cell] = 0;
     }
-    const std::int64_t position = position_[src]++;
-    std::size_t best = 0;
-    if (fixed_[cell] >= 0) {
-      best = static_cast<std::size_t>(fixed_[cell]);
-    } else {
-      // As choose_replica: the n-th balanced copy round robin, or (random) the batch position.
-      const std::int64_t m = cand_count_[cell];
-      const std::int64_t i = rule_ == replica_rule::random ? position % m : nth_[cell]++ % m;
-      best = static_cast<std::size_t>(cands_[static_cast<std::size_t>(cand_begin_[cell] + i)]);
-    }
+    // The pair's tables as one expert's for choose_replica, the choice the device layout makes.
+    const std::int32_t offsets[2] = {cand_begin_[cell], cand_begin_[cell] + cand_count_[cell]};
+    const auto best = static_cast<std::size_t>(
+        choose_replica(&fixed_[cell], offsets, cands_.data(), 0, nth_[cell], rule_, position_[src]++));
+    if (fixed_[cell] < 0) ++nth_[cell];
     ++copies_[best];
     return best;
   }
