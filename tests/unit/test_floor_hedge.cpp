@@ -134,6 +134,16 @@ BOOST_AUTO_TEST_CASE(floor_hedges_keep_their_budget_and_are_deterministic) {
     BOOST_TEST(copies == hedges);
     BOOST_TEST(hedges <= opt.hedge_replicas);
     hedged_some += hedges > 0;
+    // Fewer hedge copies are a prefix of these: what the byte bound's cut-back replays.
+    if (hedges > 0) {
+      placement::token_refine_options fewer = opt;
+      fewer.hedge_replicas = hedges - 1;
+      placement::detail::token_refine::replica_state<dynamic_topology> less(maps[0], s.ids[0], s.home, s.top_k, topo,
+                                                                            fewer, 0, {}, s.request);
+      BOOST_TEST(less.hedge() == hedges - 1);
+      const auto& all = state.hedge_copies();
+      BOOST_TEST((less.hedge_copies() == std::vector(all.begin(), all.end() - 1)));
+    }
     for (std::size_t r = 0; r < ranks; ++r)
       for (std::size_t sl = 0; sl < spr; ++sl)
         if (maps[0].expert_at(r, sl) != empty_slot) BOOST_TEST(after.expert_at(r, sl) == maps[0].expert_at(r, sl));

@@ -36,13 +36,22 @@ namespace detail {
 // Dinic's max-flow on doubles; small graphs (experts + ranks + 2 nodes).
 class split_flow {
 public:
-  explicit split_flow(std::size_t nodes) : head_(nodes, -1), level_(nodes), it_(nodes) {}
-  void add_edge(std::size_t u, std::size_t v, double cap) {
+  split_flow(std::size_t nodes, std::size_t edges) : head_(nodes, -1), level_(nodes), it_(nodes) {
+    edges_.reserve(2 * edges);
+    queue_.reserve(nodes);
+  }
+  //! Adds u → v with capacity `cap`; returns its index for set_capacity.
+  std::size_t add_edge(std::size_t u, std::size_t v, double cap) {
     edges_.push_back({v, head_[u], cap});
     head_[u] = static_cast<std::int64_t>(edges_.size() - 1);
     edges_.push_back({u, head_[v], 0});
     head_[v] = static_cast<std::int64_t>(edges_.size() - 1);
+    return edges_.size() - 2;
   }
+  //! The capacities as built: the next max_flow starts from an empty flow.
+  void save() { built_ = edges_; }
+  void restore() { std::copy(built_.begin(), built_.end(), edges_.begin()); }
+  void set_capacity(std::size_t e, double cap) { edges_[e].cap = cap; }
   double max_flow(std::size_t s, std::size_t t, double eps) {
     double flow = 0;
     while (bfs(s, t, eps)) {
@@ -80,15 +89,15 @@ private:
   };
   bool bfs(std::size_t s, std::size_t t, double eps) {
     std::fill(level_.begin(), level_.end(), -1);
-    std::vector<std::size_t> queue{s};
+    queue_.assign(1, s);
     level_[s] = 0;
-    for (std::size_t q = 0; q < queue.size(); ++q) {
-      const std::size_t u = queue[q];
+    for (std::size_t q = 0; q < queue_.size(); ++q) {
+      const std::size_t u = queue_[q];
       for (std::int64_t e = head_[u]; e >= 0; e = edges_[static_cast<std::size_t>(e)].next) {
         const edge& ed = edges_[static_cast<std::size_t>(e)];
         if (ed.cap > eps && level_[ed.to] < 0) {
           level_[ed.to] = level_[u] + 1;
-          queue.push_back(ed.to);
+          queue_.push_back(ed.to);
         }
       }
     }
@@ -109,8 +118,9 @@ private:
     }
     return 0;
   }
-  std::vector<edge> edges_;
+  std::vector<edge> edges_, built_;
   std::vector<std::int64_t> head_;
+  std::vector<std::size_t> queue_;
   std::vector<int> level_;
   std::vector<std::int64_t> it_;
 };
@@ -166,17 +176,23 @@ inline split_floor min_max_split(const expert_map& map, std::span<const double> 
   for (std::size_t r = 0; r < ranks; ++r)
     out.binding_ranks[r] = r;
   const double eps = 1e-12 * total;
+  // The network is the same every pass but for the ranks' capacity (the level): built once.
+  detail::split_flow g(sink + 1, experts + map.slot_count() + ranks);
+  for (std::size_t e = 0; e < experts; ++e) {
+    g.add_edge(source, e, rows[e]);
+    for (const slot_ref& s : map.replicas(e))
+      g.add_edge(e, experts + static_cast<std::size_t>(s.rank), total);
+  }
+  std::vector<std::size_t> to_sink(ranks);
+  for (std::size_t r = 0; r < ranks; ++r)
+    to_sink[r] = g.add_edge(experts + r, sink, 0);
+  g.save();
   // Each pass either proves `level` reachable or finds a strictly denser set; at most 2^ranks
   // sets exist, in practice a handful of passes.
   for (;;) {
-    detail::split_flow g(sink + 1);
-    for (std::size_t e = 0; e < experts; ++e) {
-      g.add_edge(source, e, rows[e]);
-      for (const slot_ref& s : map.replicas(e))
-        g.add_edge(e, experts + static_cast<std::size_t>(s.rank), total);
-    }
-    for (std::size_t r = 0; r < ranks; ++r)
-      g.add_edge(experts + r, sink, level);
+    g.restore();
+    for (const std::size_t e : to_sink)
+      g.set_capacity(e, level);
     const double flow = g.max_flow(source, sink, eps);
     if (flow >= total - 1e-9 * total) break;
     const std::vector<bool> side = g.reachable(source, eps);

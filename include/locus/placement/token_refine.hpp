@@ -1073,6 +1073,7 @@ public:
       }
       if (best.covered < 0) continue;
       add(best.e, best.r);
+      hedged_.emplace_back(best.e, best.r);
       ++added;
     }
     return added;
@@ -1083,34 +1084,53 @@ public:
     const auto [req, requests] = request_indices();
     const std::size_t draws = opt_.hedge_resamples;
     const std::vector<double> weight = draw_weights(requests);
-    // Rows of each expert per request: a draw's rows are these weighted by the draw.
-    std::vector<double> per_request(requests * experts_, 0.0);
+    // Rows of each expert per request, sparse (a request uses few experts): a draw's rows are
+    // these weighted by the draw.
+    std::vector<std::vector<std::pair<std::uint32_t, double>>> per_request(requests);
     for (std::size_t e = 0; e < experts_; ++e)
-      for (const auto p : pairs_of_[e])
-        per_request[req[p / k_] * experts_ + e] += 1;
+      for (const auto p : pairs_of_[e]) {
+        auto& used = per_request[req[p / k_]];
+        if (used.empty() || used.back().first != e) used.emplace_back(static_cast<std::uint32_t>(e), 0.0);
+        used.back().second += 1;
+      }
     std::vector<std::vector<double>> rows(draws, std::vector<double>(experts_, 0.0));
     for (std::size_t b = 0; b < draws; ++b)
       for (std::size_t i = 0; i < requests; ++i)
         if (const double w = weight[b * requests + i]; w > 0)
-          for (std::size_t e = 0; e < experts_; ++e)
-            rows[b][e] += w * per_request[i * experts_ + e];
+          for (const auto& [e, n] : per_request[i])
+            rows[b][e] += w * n;
+    // A draw's floor only falls as copies are added, and the even split of each expert's rows
+    // among its copies is a split every map allows: either is an upper bound that rules a draw out
+    // without solving its flow. bound < 0: a draw without traffic.
+    std::vector<double> bound(draws, -1.0);
+    for (std::size_t b = 0; b < draws; ++b)
+      bound[b] = even_split_ratio(rows[b]);
+    std::vector<split_floor> solved(draws);
+    std::vector<std::uint8_t> fresh(draws);
     std::size_t added = 0;
     while (added < opt_.hedge_replicas) {
       const expert_map map = to_map();
-      split_floor worst;
+      std::fill(fresh.begin(), fresh.end(), 0);
+      // The worst draw: the highest bound, solved (among equal bounds an unsolved one first, then
+      // the lowest index, as a full scan that keeps the first maximum would pick).
       std::size_t wb = draws;
-      for (std::size_t b = 0; b < draws; ++b) {
-        double total = 0;
-        for (const double x : rows[b])
-          total += x;
-        if (total <= 0) continue;
-        split_floor f = min_max_split(map, rows[b]);
-        if (wb == draws || f.max_over_mean > worst.max_over_mean) {
-          worst = std::move(f);
-          wb = b;
+      for (;;) {
+        std::size_t top = draws;
+        for (std::size_t b = 0; b < draws; ++b)
+          if (bound[b] >= 0 &&
+              (top == draws || bound[b] > bound[top] || (bound[b] == bound[top] && fresh[top] && !fresh[b])))
+            top = b;
+        if (top == draws || bound[top] <= opt_.hedge_floor) break; // every draw at most the target
+        if (fresh[top]) {
+          wb = top;
+          break;
         }
+        solved[top] = min_max_split(map, rows[top]);
+        bound[top] = solved[top].max_over_mean;
+        fresh[top] = 1;
       }
-      if (wb == draws || worst.max_over_mean <= opt_.hedge_floor) break;
+      if (wb == draws) break;
+      const split_floor& worst = solved[wb];
       std::vector<std::uint8_t> in_set(ranks_, 0);
       for (const std::size_t r : worst.binding_ranks)
         in_set[r] = 1;
@@ -1141,9 +1161,37 @@ public:
       }
       if (best.rows < 0) break; // no copy can leave S: the floor stays
       add(best.e, best.r);
+      hedged_.emplace_back(best.e, best.r);
       ++added;
     }
     return added;
+  }
+
+  //! max/mean of the loads when each expert's `rows` split evenly among its copies (-1 without
+  //! rows): at least the balance floor of those rows on the current map.
+  double even_split_ratio(const std::vector<double>& rows) const {
+    std::vector<double> load(ranks_, 0.0);
+    double total = 0;
+    for (std::size_t e = 0; e < experts_; ++e) {
+      if (rows[e] <= 0 || copies_[e].empty()) continue;
+      const double share = rows[e] / static_cast<double>(copies_[e].size());
+      for (const auto c : copies_[e])
+        load[static_cast<std::size_t>(c)] += share;
+      total += rows[e];
+    }
+    if (total <= 0) return -1.0;
+    return *std::max_element(load.begin(), load.end()) / (total / static_cast<double>(ranks_));
+  }
+
+  //! The copies the hedge added, in order (the floor hedge's choice i depends only on the copies
+  //! before it, so any prefix is what a smaller hedge_replicas would have chosen).
+  const std::vector<std::pair<std::size_t, std::size_t>>& hedge_copies() const noexcept { return hedged_; }
+
+  //! Adds the first `n` of `copies` (a hedge_copies() of the same layer), as hedge() with
+  //! hedge_replicas = n would, without searching again.
+  void replay(const std::vector<std::pair<std::size_t, std::size_t>>& copies, std::size_t n) {
+    for (std::size_t i = 0; i < n && i < copies.size(); ++i)
+      add(copies[i].first, copies[i].second);
   }
 
   expert_map to_map() const { return expert_map(experts_, ranks_, spr_, table_); }
@@ -1299,6 +1347,7 @@ private:
   std::vector<std::uint32_t> node_of_;
   std::vector<expert_id> table_;
   std::vector<std::vector<std::int32_t>> copies_;
+  std::vector<std::pair<std::size_t, std::size_t>> hedged_; //!< hedge copies in order: (expert, rank)
   std::vector<std::vector<std::uint32_t>> pairs_of_;
   std::vector<std::int32_t> tr_;
   std::vector<std::uint32_t> src_of_, batch_index_; //!< per token: source rank, index in its batch
@@ -1434,24 +1483,30 @@ std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& ma
                   " hedge resamples (at most 4,096)");
     LOCUS_REQUIRE(opt.hedge_cost_budget >= 0, config_error, "add_replicas_by_tokens: negative hedge cost budget ",
                   opt.hedge_cost_budget);
-    // The layer's map and its sample cost with at most `hedges` hedge copies.
-    const auto run = [&](std::size_t hedges, std::size_t* made) {
-      token_refine_options o = opt;
-      o.hedge_replicas = hedges;
-      detail::token_refine::replica_state<Topology> s(maps[l], sample.ids[l], sample.home, sample.top_k, topo, o, l,
-                                                      sample.mix_group, sample.request);
-      const std::size_t n = s.hedge();
-      if (made != nullptr) *made = n;
+    using state = detail::token_refine::replica_state<Topology>;
+    const auto make = [&] {
+      return state(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt, l, sample.mix_group, sample.request);
+    };
+    // The layer's map and its sample cost after the fill, from a state holding its hedge copies.
+    const auto finish = [&](state& s) {
       s.fill();
       const double c = opt.hedge_cost_budget > 0 ? s.cost() : 0.0;
       return std::pair<expert_map, double>(s.to_map(), c);
     };
-    std::size_t made = 0;
-    auto best = run(opt.hedge_replicas, &made);
+    state first = make();
+    const std::size_t made = first.hedge();
+    const auto hedged = first.hedge_copies();
+    auto best = finish(first);
     if (made > 0 && opt.hedge_floor > 0 && opt.hedge_cost_budget > 0) {
-      const double bound = run(0, nullptr).second * (1 + opt.hedge_cost_budget) + 1e-9;
+      // Fewer hedge copies are a prefix of these (the floor hedge is greedy): replayed, not searched.
+      const auto with = [&](std::size_t n) {
+        state s = make();
+        s.replay(hedged, n);
+        return finish(s);
+      };
+      const double bound = with(0).second * (1 + opt.hedge_cost_budget) + 1e-9;
       for (std::size_t n = made; n-- > 0 && best.second > bound;)
-        best = run(n, nullptr); // n = 0 is the plain fill: within the bound
+        best = with(n); // n = 0 is the plain fill: within the bound
     }
     out.push_back(std::move(best.first));
   }
