@@ -173,15 +173,15 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
                  "Token-level stage: keep balance when a group's tokens grow by this share (0: off)")
       ->check(tool_cli::finite_non_negative);
   app.add_option("--hedge-replicas", popt.refine.hedge_replicas,
-                 "Token-level stage: replica slots per layer first spent on GPUs whose load varies most over "
-                 "resampled training requests (0: off)");
+                 "Token-level stage: replica slots per layer first spent on hedge copies (the --hedge-floor rule, "
+                 "or the risk rule with --hedge-floor 0) before copies saved (0: off)");
   app.add_option("--hedge-z", popt.refine.hedge_z, "Hedge replicas: a GPU's risk is its mean share + this many sd")
       ->check(tool_cli::finite_non_negative);
   app.add_option("--hedge-excess", popt.refine.hedge_excess, "Hedge replicas: hedge GPUs whose risk exceeds 1 + this")
       ->check(tool_cli::finite_non_negative);
   app.add_option("--hedge-floor", popt.refine.hedge_floor,
-                 "Hedge replicas: instead of the risk rule, copy experts out of the binding GPU set until the worst "
-                 "balance floor over the resamples is at most this (0: off)")
+                 "Hedge replicas: copy experts out of the binding GPU set until the worst balance floor over the "
+                 "resamples is at most this (0: the risk rule of --hedge-z and --hedge-excess instead)")
       ->check(tool_cli::finite_non_negative);
   app.add_option("--hedge-cost-budget", popt.refine.hedge_cost_budget,
                  "Floor hedge: at most this share more sampled copy cost than without hedge copies (0: no bound)")

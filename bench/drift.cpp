@@ -69,7 +69,8 @@ int main(int argc, char** argv) try {
   // One ESFT (DeepSeek-V2-Lite) routed expert: gate, up and down projections, 2048 × 1408, BF16.
   unsigned long long expert_bytes = 3ull * 2048 * 1408 * 2;
   std::size_t prefill = 32, phase_tokens = 150000, redundant = 0, interval = 300, window = 100, drift_every = 10,
-              batch = 16, hidden = 2048, replica_window = 0, report_tokens = 8192, hedge_replicas = 0;
+              batch = 16, hidden = 2048, replica_window = 0, report_tokens = 8192,
+              hedge_replicas = placement::token_refine_options{}.hedge_replicas;
   std::optional<std::size_t> adaptive_window_opt;
   double budget_share = 0.10, phase_share = 0.8, replica_slack = 0.05;
   int deepseek = 1, balance_floor = 0, lookahead = 1;
@@ -108,8 +109,8 @@ int main(int argc, char** argv) try {
   app.add_option("--replica-window", replica_window,
                  "locality_bounded: steps of the load average (0: since the start)");
   app.add_option("--hedge-replicas", hedge_replicas,
-                 "Locality plans: replica slots per layer first spent on GPUs whose load varies most over resampled "
-                 "training requests (0: off)");
+                 "Locality plans: replica slots per layer first spent on lowering the worst GPU balance floor over "
+                 "resampled training requests to 1.10, within 1% more sampled copies (0: off)");
   app.add_option("--lookahead", lookahead,
                  "Also the look-ahead bounds: locus every --window steps on the next --window steps under the same "
                  "budget, and EPLB the same way with no budget (0|1)")

@@ -345,6 +345,7 @@ int main(int argc, char** argv) try {
     o.balance_slack = slack;
     o.anneal_per_expert = anneal;
     o.max_sweeps = 20;
+    o.hedge_replicas = 0; // a search for bytes alone: no slot spent on the planner's balance hedge
     return o;
   };
   const auto fit_maps = [&](const locus::placement::token_sample& fit, std::size_t redundant,

@@ -77,7 +77,7 @@ struct plan_options {
   std::size_t anneal = 0;
   double balance_shift = 0;
   std::string shift_by = "node";
-  std::size_t hedge_replicas = 0;
+  std::size_t hedge_replicas = locus::placement::token_refine_options{}.hedge_replicas;
 
   //! Every option add_to registers (what a command that plans nothing refuses).
   static constexpr const char* option_names[] = {"--placement",     "--redundant-slots", "--eplb-groups",
@@ -105,8 +105,8 @@ struct plan_options {
                     "request")
         ->check(CLI::IsMember({"node", "class", "request"}));
     cmd->add_option("--hedge-replicas", hedge_replicas,
-                    "locality with --redundant-slots: replica slots per layer first spent on the GPUs whose load "
-                    "varies most over resampled training requests (0: off)");
+                    "locality with --redundant-slots: replica slots per layer first spent on lowering the worst GPU "
+                    "balance floor over resampled training requests to 1.10, within 1% more sampled copies (0: off)");
   }
   //! Refuses the options of one planner given with another (they would be ignored without a word).
   //! @throws locus::config_error naming the option
@@ -118,8 +118,8 @@ struct plan_options {
                   "--eplb-groups applies to --placement eplb, not ", placement);
     LOCUS_REQUIRE(cmd->count("--shift-by") == 0 || balance_shift > 0, locus::config_error,
                   "--shift-by applies with --balance-shift");
-    LOCUS_REQUIRE(hedge_replicas == 0 || redundant_slots > 0, locus::config_error,
-                  "--hedge-replicas spends replica slots: it needs --redundant-slots");
+    LOCUS_REQUIRE(cmd->count("--hedge-replicas") == 0 || hedge_replicas == 0 || redundant_slots > 0,
+                  locus::config_error, "--hedge-replicas spends replica slots: it needs --redundant-slots");
   }
   //! Maps and the workload-aware grouping model fitted with them (locality refines the grouping
   //! jointly with the placement).

@@ -56,6 +56,7 @@ struct single_copy_binds {
 BOOST_AUTO_TEST_CASE(a_binding_single_copy_expert_gets_a_copy_and_the_floor_drops) {
   const single_copy_binds c;
   placement::token_refine_options opt;
+  opt.hedge_replicas = 0;
   BOOST_TEST((placement::add_replicas_by_tokens(c.maps, c.s, c.topo, opt)[0] == c.maps[0]));
   opt.hedge_replicas = 3;
   opt.hedge_floor = 1.10;
@@ -119,6 +120,7 @@ BOOST_AUTO_TEST_CASE(floor_hedges_keep_their_budget_and_are_deterministic) {
     }
     const std::vector<expert_map> maps{locus_test::shuffled_round_robin_map(rng, experts, ranks, spr)};
     placement::token_refine_options opt;
+    opt.hedge_cost_budget = 0; // unbounded here; the bound's cases below
     opt.balance_slack = 0.1 * static_cast<double>(trial % 4);
     opt.hedge_replicas = rng() % 5;
     opt.hedge_floor = 1.0 + 0.05 * static_cast<double>(trial % 4);

@@ -372,6 +372,7 @@ BOOST_AUTO_TEST_CASE(token_replicas_lower_the_cost_and_only_fill_empty_slots) {
     const auto sample = random_sample(rng, 60 + rng() % 200, experts, k, 1, nodes);
     const std::vector<expert_map> maps{random_map(rng, experts, ranks, spr, false)};
     placement::token_refine_options opt;
+    opt.hedge_replicas = 0; // the copy-saving fill alone (the hedges have their own tests)
     opt.balance_slack = 0.05 * static_cast<double>(trial % 5);
     // Under each replica rule in turn: the planner's copy cost and loads are the rule's.
     std::vector<std::uint8_t> hot(ranks);
@@ -423,6 +424,8 @@ BOOST_AUTO_TEST_CASE(a_hedge_replica_goes_to_the_gpu_whose_load_varies_most) {
   }
   placement::token_sample& s = b.s;
   placement::token_refine_options opt;
+  opt.hedge_floor = 0; // the risk rule
+  opt.hedge_replicas = 0;
   const auto plain = placement::add_replicas_by_tokens(maps, s, topo, opt);
   BOOST_TEST((plain[0] == maps[0]));
   opt.hedge_replicas = 1;
@@ -461,6 +464,7 @@ BOOST_AUTO_TEST_CASE(hedge_replicas_keep_their_budget_and_are_deterministic) {
         sample.request.push_back(static_cast<std::uint32_t>(r));
     const std::vector<expert_map> maps{locus_test::shuffled_round_robin_map(rng, experts, ranks, spr)};
     placement::token_refine_options opt;
+    opt.hedge_floor = 0; // the risk rule
     opt.balance_slack = 0.05 * static_cast<double>(trial % 5);
     opt.hedge_replicas = rng() % 6;
     opt.hedge_excess = 0.02 * static_cast<double>(trial % 3);

@@ -137,33 +137,36 @@ struct token_refine_options {
   //! seeded by salt + l, as the decode simulator seeds them by the layer index; `hot` applies to
   //! every layer.
   replica_policy replicas{};
-  //! Hedge replicas per layer at most (0: off). A run-time replica rule that sheds a hot GPU's load
-  //! (locality_bounded) can only move the load of experts that have a second copy; a plan that
-  //! spends every replica on copies saved leaves the GPUs whose load varies most between request
-  //! mixes with nothing to shed. With this, add_replicas_by_tokens first resamples the sample's
-  //! requests (hedge_resamples bootstrap draws), takes each GPU's load at the mean plus hedge_z
-  //! standard deviations of its share over the draws, and for each GPU above (1 + hedge_excess) ×
-  //! the mean in turn (riskiest first) copies one of its experts to another node: the copy that
-  //! lets it shed that excess at run time onto a GPU that can take it, saving the most copies;
-  //! the remaining slots are then filled for bytes alone. Costs the bytes those slots would
-  //! have saved.
-  std::size_t hedge_replicas = 0;
+  //! Hedge replicas per layer at most (0: off). A plan that spends every replica on copies saved
+  //! leaves the GPUs whose load varies most between request mixes with nothing to shed: a test
+  //! mix that differs from the sample then lands on one GPU whatever the replica rule. Hedge
+  //! copies go first, chosen by the floor rule (hedge_floor, the default) or, with hedge_floor =
+  //! 0, by the risk rule: add_replicas_by_tokens resamples the sample's requests
+  //! (hedge_resamples bootstrap draws), takes each GPU's load at the mean plus hedge_z standard
+  //! deviations of its share over the draws, and for each GPU above (1 + hedge_excess) × the mean
+  //! in turn (riskiest first) copies one of its experts to another node: the copy that lets it
+  //! shed that excess at run time onto a GPU that can take it, saving the most copies. The
+  //! remaining slots are then filled for bytes alone. On by default (8 per layer: every slot of
+  //! ESFT's 4 × 2 GPUs with one redundant slot each) with the floor rule and its byte bound, which
+  //! cost 0.0-0.2 points of the inter-node byte saving on ESFT's split seeds and lower the worst
+  //! seed's GPU max/mean (bench/results/robust_planning.md).
+  std::size_t hedge_replicas = 8;
   std::size_t hedge_resamples = 64; //!< bootstrap draws of the requests
   double hedge_z = 2.0;             //!< a GPU's risk: its mean share plus this many standard deviations
   double hedge_excess = 0.05;       //!< GPUs whose risk exceeds (1 + this) × the mean are hedged
   std::uint64_t hedge_seed = 1;     //!< layer l's draws come from splitmix64(seed, l)
-  //! Floor-targeted hedging (0: off; else the target, e.g. 1.10). Replaces the risk rule above:
+  //! Floor-targeted hedging (0: the risk rule instead; else the target). Replaces the risk rule:
   //! while the worst balance floor (split_floor.hpp: the lowest GPU max/mean any split of each
   //! expert's rows among its copies reaches) over the hedge_resamples draws of the requests is
   //! above this, the draw's binding rank set S gets one copy, outside S, of an expert hosted only
   //! on S: the one that saves the most copies among those heavy enough to bring S's density to
   //! the target, else the heaviest. At most hedge_replicas copies per layer (the budget). A map
   //! whose floor is above the target is plan-limited: no replica rule at run time can fix it.
-  double hedge_floor = 0;
+  double hedge_floor = 1.10;
   //! Byte bound of the floor hedge (0: none): with it, a layer's hedge copies are cut back, last
   //! first, until the sample's copy cost after the fill is at most (1 + this) × the cost the fill
   //! reaches without hedge copies.
-  double hedge_cost_budget = 0;
+  double hedge_cost_budget = 0.01;
 
   //! Sets the copy weights to count what `c` names (1 for each kind counted, 0 otherwise).
   token_refine_options& count(copy_count c) noexcept {
@@ -1148,15 +1151,18 @@ public:
           inside = inside && in_set[static_cast<std::size_t>(c)];
         const double x = rows[wb][e];
         if (!inside || x <= 0) continue;
+        const bool fits = x >= need;
+        // A copy that cannot beat the best so far is not costed (gain and the bound check
+        // replay the expert's pairs).
+        if (best.rows >= 0 && (best.fits ? !fits : !fits && x < best.rows - 1e-9)) continue;
         for (std::size_t r = 0; r < ranks_; ++r) {
-          if (in_set[r] || free_slot(r) == spr_ || !balanced(e, r)) continue;
-          const bool fits = x >= need;
+          if (in_set[r] || free_slot(r) == spr_) continue;
           const double g = gain(e, r);
           const bool better =
               best.rows < 0 || (fits != best.fits ? fits
                                 : fits            ? g > best.gain + 1e-9
                                        : x > best.rows + 1e-9 || (x >= best.rows - 1e-9 && g > best.gain + 1e-9));
-          if (better) best = {fits, x, g, e, r};
+          if (better && balanced(e, r)) best = {fits, x, g, e, r};
         }
       }
       if (best.rows < 0) break; // no copy can leave S: the floor stays
