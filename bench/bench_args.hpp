@@ -155,14 +155,14 @@ inline void output_file(const std::string& path) {
   locus::atomic_file probe(path); // never committed: its unnamed temporary goes when it does
 }
 
-//! Makes the results folder `dir` and checks that a file can be written in it, before the run: a
-//! folder that cannot be used is said at once, not after the minutes or hours of measuring (and not
-//! as std::filesystem's "cannot create directories").
-inline void output_folder(const std::string& dir) {
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) throw locus::io_error(dir + ": cannot be made the results folder: " + ec.message());
+//! Makes the results folder `dir` (with any missing parents) and checks that a file can be written in
+//! it, before the run: a folder that cannot be used is said at once, not after the minutes or hours
+//! of measuring (and not as std::filesystem's "cannot create directories"). The folder, and the
+//! parents made for it, go again if the run ends without writing in it: keep the object to the end.
+[[nodiscard]] inline tool_cli::results_folder output_folder(const std::string& dir) {
+  tool_cli::results_folder folder(dir, "results folder");
   output_file((std::filesystem::path(dir) / ".results-probe").string());
+  return folder;
 }
 
 //! What every results file records: the command as run, and the machine with the date.

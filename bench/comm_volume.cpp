@@ -117,7 +117,7 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
       },
       "NODESxGPUS"};
   const CLI::Option* trace_opt = bench_args::add_trace_option(app, o.trace_path, "ESFT folder or binary trace");
-  app.add_option("--out", o.out_dir, "Folder for the results");
+  app.add_option("--out", o.out_dir, "Folder for the results (made, with its parents, if missing)");
   app.add_option("--split-seed", o.seed, "Seed of the train/test split of the requests (and of the grouping)");
   app.add_option("--prefill-tokens", o.prefill, "Prefill tokens per request");
   app.add_option("--hidden", o.hidden, "Hidden size (message sizes)")->check(tool_cli::positive);
@@ -193,7 +193,6 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
       ->check(CLI::IsMember({"node", "class", "request"}));
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   o.trace_path = bench_args::trace_to_read(*trace_opt, o.trace_path);
-  bench_args::output_folder(o.out_dir);
   o.fit_on_test = fit_on_test == 1;
   o.balance_floor = balance_floor == 1;
   o.synthetic = synthetic == 1;
@@ -544,6 +543,7 @@ void write_outputs(const run_options& o, results& out, const std::string& summar
 int main(int argc, char** argv) try {
   run_options o;
   if (const auto code = parse_options(argc, argv, o)) return *code;
+  const auto folder = bench_args::output_folder(o.out_dir); // removed again if the run fails before writing
   const auto start = std::chrono::steady_clock::now();
   const std::string command = bench_args::command_line(argc, argv, "build/dev/bench/comm_volume");
   const std::string machine = bench_args::machine_line();

@@ -76,7 +76,7 @@ int main(int argc, char** argv) try {
   std::vector<std::string> phase_names{"summary", "law", "intent"};
   const std::vector<std::string> rule_names = tool_cli::names_of(placement::all_replica_rules);
   const CLI::Option* trace_opt = bench_args::add_trace_option(app, trace_path, "ESFT folder or binary trace");
-  app.add_option("--out", out_dir, "Folder for the results");
+  app.add_option("--out", out_dir, "Folder for the results (made, with its parents, if missing)");
   app.add_option("--balance-floor", balance_floor,
                  "Also each window's balance floor: the lowest GPU max/mean any split of its rows among the "
                  "replicas of the maps in service reaches (0|1)")
@@ -117,7 +117,7 @@ int main(int argc, char** argv) try {
   app.add_option("--deepseek", deepseek, "Time one re-plan at DeepSeek-V3 shape (0|1)")->check(CLI::Range(0, 1));
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   trace_path = bench_args::trace_to_read(*trace_opt, trace_path);
-  bench_args::output_folder(out_dir);
+  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
   const std::size_t adaptive_window = adaptive_window_opt.value_or(interval);
   const auto transport = cost::parse_transport_kind(transport_name);
   // Every policy's replicas are chosen by one rule (transport/replica_selection.hpp).
@@ -126,6 +126,14 @@ int main(int argc, char** argv) try {
   const std::string machine = bench_args::machine_line();
   const auto start = std::chrono::steady_clock::now();
   const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);
+  // A phase whose domain the trace lacks is said before minutes of planning, with the domains it has.
+  for (const auto& name : phase_names)
+    if (std::find(full.domains().begin(), full.domains().end(), name) == full.domains().end()) {
+      std::string have;
+      for (const auto& d : full.domains())
+        have += (have.empty() ? "" : ", ") + d;
+      throw config_error("--phases: the trace has no domain \"" + name + "\" (its domains: " + have + ")");
+    }
   const auto [train, test] = trace::split_by_request(full, 0.5, seed);
   const dynamic_topology topo(4, 2);
 

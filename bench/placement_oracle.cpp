@@ -277,7 +277,7 @@ int main(int argc, char** argv) try {
   std::vector<double> slacks{0.03, 0.10}, caps{-1, 0.10};
   std::vector<std::size_t> redundants{0, 1};
   const CLI::Option* trace_opt = bench_args::add_trace_option(app, trace_path, "ESFT folder or binary trace");
-  app.add_option("--out", out_dir, "Folder for the results");
+  app.add_option("--out", out_dir, "Folder for the results (made, with its parents, if missing)");
   app.add_option("--nodes", nodes, "Nodes")->check(tool_cli::positive);
   app.add_option("--gpus", gpus, "GPUs per node")->check(tool_cli::positive);
   app.add_option("--split-seed", seed, "Seed of the train/test split of the requests");
@@ -291,7 +291,7 @@ int main(int argc, char** argv) try {
   app.add_option("--home-caps", caps, "Node token bounds over the mean (-1: none; --homes free)")->delimiter(',');
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   trace_path = bench_args::trace_to_read(*trace_opt, trace_path);
-  bench_args::output_folder(out_dir);
+  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/placement_oracle");
   const auto start = std::chrono::steady_clock::now();
   const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);

@@ -96,6 +96,12 @@ report_leaves_no_folder() {
     [ ! -e "$work/no_report" ]
 }
 check "trace report removes its empty folder" report_leaves_no_folder
+# ... nor the parents it made for it; a report folder is made with its parents (as the benchmarks'
+# results folders are).
+refused 'absent.bin' trace report "$work/absent.bin" --out "$work/no_parent/no_report" --no-render
+check "trace report removes the parents it made" test ! -e "$work/no_parent"
+succeeds trace report "$work/t.bin" --out "$work/deep/er/report" --no-render
+check "trace report makes its folder's parents" test -f "$work/deep/er/report/load_all.csv"
 python3 - "$work/odd.jsonl" <<'PY'
 import json, random, sys
 rng = random.Random(7)

@@ -139,6 +139,46 @@ inline const CLI::Validator finite_non_negative{[](std::string& value) -> std::s
                                                 },
                                                 "FINITE >= 0"};
 
+// A results folder made for a run, with any of its parents that were missing (as `mkdir -p`, like
+// every locus program that writes a folder), and removed again, those parents too, if it is still
+// empty when the object goes: a run that fails before writing anything leaves no new folder behind.
+// A folder that was there before is never removed. Throws locus::io_error naming `dir` as `what`
+// when it cannot be made.
+class results_folder {
+public:
+  results_folder(const std::string& dir, const std::string& what) {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    // The folders missing now, deepest first ("a/b/" names "a/b" twice; removing it twice is harmless).
+    for (fs::path p = dir; !p.empty() && !fs::exists(fs::symlink_status(p, ec)); p = p.parent_path()) {
+      if (p.filename() != "." && p.filename() != "..") made_.push_back(p); // "a/.." is a folder that was there
+      if (p == p.root_path() || p == p.parent_path()) break;
+    }
+    fs::create_directories(dir, ec);
+    if (ec) {
+      drop_empty();
+      throw locus::io_error(dir + ": cannot be made the " + what + ": " + ec.message());
+    }
+  }
+  results_folder(results_folder&& other) noexcept : made_(std::move(other.made_)) { other.made_.clear(); }
+  results_folder(const results_folder&) = delete;
+  results_folder& operator=(const results_folder&) = delete;
+  results_folder& operator=(results_folder&&) = delete;
+  ~results_folder() { drop_empty(); }
+
+private:
+  void drop_empty() noexcept {
+    for (const auto& p : made_) {
+      std::error_code ec;
+      if (std::filesystem::is_directory(std::filesystem::symlink_status(p, ec)) && std::filesystem::is_empty(p, ec) &&
+          !ec)
+        std::filesystem::remove(p, ec);
+    }
+    made_.clear();
+  }
+  std::vector<std::filesystem::path> made_;
+};
+
 // Refuses a run whose buffers (`bytes`, as the program works them out from its options) exceed this
 // machine's memory, naming `what` asked for them: such a run would otherwise be killed part-way, or
 // swap for hours, instead of saying so. In double precision, so that no product of sizes wraps.
