@@ -286,7 +286,9 @@ int main(int argc, char** argv) try {
   app.add_option("--homes", homes, "Requests' nodes: by domain, or searched (free)")
       ->check(CLI::IsMember({"domain", "free"}));
   app.add_option("--rounds", rounds, "Rounds of map fit and request moves (--homes free)")->check(tool_cli::positive);
-  app.add_option("--slacks", slacks, "GPU load bounds over the mean")->delimiter(',');
+  app.add_option("--slacks", slacks, "GPU load bounds over the mean")
+      ->delimiter(',')
+      ->check(tool_cli::finite_non_negative);
   app.add_option("--redundant", redundants, "Redundant slots per GPU")->delimiter(',');
   app.add_option("--home-caps", caps, "Node token bounds over the mean (-1: none; --homes free)")->delimiter(',');
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;

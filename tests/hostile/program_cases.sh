@@ -120,4 +120,9 @@ check 'trace_stats checks --md before the run' test ! -e "$work/made_md"
 locus=$placement_oracle
 succeeds --trace "$work/esft" --nodes 2 --gpus 2 --anneal 10 --redundant 0 --slacks 0.1 --out "$work/p1/p2/p3"
 check 'a results folder is made with its parents' test -f "$work/p1/p2/p3/placement_oracle.json"
+# A list option's value that is not a number names the option and what it takes (CLI11 said "Could not
+# convert: --home-caps = 0.1,x").
+refused '^--home-caps: "x" is not a number; it takes a comma-separated list' --home-caps 0.1,x
+refused '^--redundant: "x" is not a whole number >= 0 .*; it takes a comma-separated list' --redundant 1,x
+refused '^--slacks: "nan" is not a finite number >= 0' --slacks 0.1,nan
 cases_end

@@ -38,17 +38,41 @@ inline std::string whole_number(std::string& value, bool sign) {
   return {};
 }
 
-// Adds the whole-number rule to every option (of `app` and its subcommands) whose type is an
-// integer; no text in --help.
-inline void check_whole_numbers(CLI::App& app) {
+// A real number as CLI11 reads one; its own word for anything else was "Could not convert: --slacks =
+// 0.1,x", which says neither which value nor what the option takes.
+inline std::string real_number(const std::string& value) {
+  double x = 0;
+  return CLI::detail::lexical_cast(value, x) ? std::string() : "\"" + value + "\" is not a number";
+}
+
+// Adds the number rules to every option (of `app` and its subcommands) whose type is a number: whole
+// numbers in decimal for an integer, a number for a floating-point one; no text in --help. A list
+// option's values are checked one by one, and its message says it takes a list.
+inline void check_numbers(CLI::App& app) {
   for (CLI::Option* opt : app.get_options()) {
     const std::string type = opt->get_type_name();
     const std::string base = type.substr(0, type.find(':'));
+    const char delimiter = opt->get_delimiter();
+    const std::string list = delimiter == ',' ? "; it takes a comma-separated list"
+                             : delimiter      ? std::string("; it takes a list separated by '") + delimiter + "'"
+                                              : "";
     if (base == "UINT" || base == "INT")
-      opt->check(CLI::Validator([sign = base == "INT"](std::string& v) { return whole_number(v, sign); }, ""));
+      opt->check(CLI::Validator(
+          [sign = base == "INT", list](std::string& v) {
+            const std::string m = whole_number(v, sign);
+            return m.empty() ? m : m + list;
+          },
+          ""));
+    else if (base == "FLOAT")
+      opt->check(CLI::Validator(
+          [list](std::string& v) {
+            const std::string m = real_number(v);
+            return m.empty() ? m : m + list;
+          },
+          ""));
   }
   for (CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; }))
-    check_whole_numbers(*sub);
+    check_numbers(*sub);
 }
 
 // The names of an enumeration's values (to_string of each), for CLI::IsMember.
@@ -68,13 +92,13 @@ inline void hide_empty_lists(CLI::App& app) {
     hide_empty_lists(*sub);
 }
 
-// Every option of `app` shows its default in --help, and every integer option reads whole numbers
-// in decimal (check_whole_numbers, applied when parsing starts, once the options exist). CLI11
-// already refuses unknown options and values that do not parse.
+// Every option of `app` shows its default in --help, every integer option reads whole numbers in
+// decimal and a value that is not a number is said as such (check_numbers, applied when parsing
+// starts, once the options exist). CLI11 already refuses unknown options.
 inline void show_defaults(CLI::App& app) {
   app.option_defaults()->always_capture_default();
   app.preparse_callback([&app](std::size_t) {
-    check_whole_numbers(app);
+    check_numbers(app);
     hide_empty_lists(app);
   });
 }
