@@ -4,6 +4,7 @@
 // and the machine line of a results file.
 #include "tool_cli.hpp"
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
@@ -163,6 +164,13 @@ inline void output_file(const std::string& path) {
   tool_cli::results_folder folder(dir, "results folder");
   output_file((std::filesystem::path(dir) / ".results-probe").string());
   return folder;
+}
+
+//! Says on stderr that a long part of the run starts (stdout carries only results), so that a run of
+//! minutes shows what it is doing: "drift: planning 4x2 (at 3 s)", the seconds since `start`.
+inline void progress_line(const char* program, const std::string& what, std::chrono::steady_clock::time_point start) {
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::fprintf(stderr, "%s: %s (at %.0f s)\n", program, what.c_str(), s);
 }
 
 //! What every results file records: the command as run, and the machine with the date.

@@ -547,6 +547,7 @@ int main(int argc, char** argv) try {
   const auto start = std::chrono::steady_clock::now();
   const std::string command = bench_args::command_line(argc, argv, "build/dev/bench/comm_volume");
   const std::string machine = bench_args::machine_line();
+  const auto say = [&](const std::string& what) { bench_args::progress_line("comm_volume", what, start); };
   const auto full = bench_args::load_trace(o.trace_path).with_prefill_tokens(o.prefill);
   auto [train, test] = locus::trace::split_by_request(full, 0.5, o.seed);
   if (o.fit_on_test) train = test; // upper-bound experiments only
@@ -565,12 +566,19 @@ int main(int argc, char** argv) try {
              {"test_requests", test.requests()},
              {"rows", nlohmann::json::array()}};
   const auto rows = comparison_rows();
-  for (const auto& tc : topologies(o.only))
+  for (const auto& tc : topologies(o.only)) {
+    say("planning and simulating " + std::to_string(rows.size()) + " rows on " + std::to_string(tc.nodes) + "x" +
+        std::to_string(tc.gpus));
     topology_table(tc, train, test, rows, o, out);
+  }
 #ifdef LOCUS_COMM_VOLUME_SYNTH
-  if (o.synthetic) synthetic_rows(full, o, out);
+  if (o.synthetic) {
+    say("the synthetic 8x8 rows");
+    synthetic_rows(full, o, out);
+  }
 #endif
   std::string summary = targets_table(out);
+  say("leaving each domain out of training (4x2)");
   summary += unseen_domain_table(train, test, o, out.doc);
   out.doc["domain_accuracy_4x2"] = out.accuracy;
   char acc[256];

@@ -125,6 +125,7 @@ int main(int argc, char** argv) try {
   const std::string command = bench_args::command_line(argc, argv, "build/dev/bench/drift");
   const std::string machine = bench_args::machine_line();
   const auto start = std::chrono::steady_clock::now();
+  const auto say = [&](const std::string& what) { bench_args::progress_line("drift", what, start); };
   const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);
   // A phase whose domain the trace lacks is said before minutes of planning, with the domains it has.
   for (const auto& name : phase_names)
@@ -146,6 +147,7 @@ int main(int argc, char** argv) try {
   popt.refine.hedge_replicas = hedge_replicas;
   popt.refine.count(transport == cost::transport_kind::flat ? placement::copy_count::flat
                                                             : placement::copy_count::hierarchical);
+  say("planning locality, eplb and linear on 4x2");
   const auto stat = placement::plan_activation_aware(train, topo, "locality", redundant, popt);
   const auto eplb0 = placement::plan_activation_aware(train, topo, "eplb", redundant, popt).maps;
   const auto linear = placement::plan_activation_aware(train, topo, "linear", 0, popt).maps;
@@ -175,6 +177,7 @@ int main(int argc, char** argv) try {
     }
   }
   const auto timeline = test.select_requests(order);
+  say("scheduling " + std::to_string(phase_names.size()) + " phases");
   cost::simulation_config cfg;
   cfg.topology = topo;
   cfg.transport = transport;
@@ -238,11 +241,13 @@ int main(int argc, char** argv) try {
   base.balance_floor = balance_floor == 1;
   std::vector<policy_run> runs;
   const auto keep = [](const std::vector<expert_map>& m, std::size_t, std::size_t) { return m; };
+  say("replaying linear and static locality");
   runs.push_back({"linear", cost::run_online(timeline, sched, linear, cfg, base, keep)});
   runs.push_back({"static locality", cost::run_online(timeline, sched, stat.maps, cfg, base, keep)});
   {
     auto o = base;
     o.interval = interval;
+    say("replaying eplb every " + std::to_string(interval) + " steps");
     runs.push_back({"eplb every N", cost::run_online(timeline, sched, eplb0, cfg, o,
                                                      [&](const std::vector<expert_map>&, std::size_t a, std::size_t b) {
                                                        return placement::plan_by_name(
@@ -261,6 +266,7 @@ int main(int argc, char** argv) try {
     o.window = adaptive_window;
     o.drift_every = drift_every;
     o.min_gap = window;
+    say(prior ? "replaying locus adaptive" : "replaying locus adaptive, window only");
     runs.push_back(
         {prior ? "locus adaptive" : "locus adaptive, window only",
          cost::run_online(
@@ -282,6 +288,7 @@ int main(int argc, char** argv) try {
     o.window = 1;
     o.plan_at = {0};
     const auto next = [&](std::size_t b) { return std::min(sched.steps(), b + window); };
+    say("replaying the look-ahead bounds");
     runs.push_back(
         {"look-ahead bound, same budget",
          cost::run_online(
@@ -298,6 +305,7 @@ int main(int argc, char** argv) try {
                                      })});
   }
   {
+    say("planning and replaying the per-phase oracle");
     std::vector<std::vector<expert_map>> per_phase;
     for (std::size_t p = 0; p < phase_names.size(); ++p)
       per_phase.push_back(full_plan(phase_start[p], phase_end[p]));
@@ -438,6 +446,7 @@ int main(int argc, char** argv) try {
   // window (the synthesizer's, requests homed by domain), 10% of the weights as the budget.
   std::string ds;
   if (deepseek == 1) {
+    say("timing a re-plan at DeepSeek-V3 shape");
     trace::synth_shape sh;
     sh.experts = 256;
     sh.top_k = 8;

@@ -296,6 +296,7 @@ int main(int argc, char** argv) try {
   const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/placement_oracle");
   const auto start = std::chrono::steady_clock::now();
+  const auto say = [&](const std::string& what) { bench_args::progress_line("placement_oracle", what, start); };
   const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);
   const auto [train, test] = locus::trace::split_by_request(full, 0.5, seed);
   const locus::dynamic_topology topo(nodes, gpus);
@@ -303,6 +304,7 @@ int main(int argc, char** argv) try {
                 " experts do not divide over ", topo.ranks(), " GPUs");
   const std::size_t spr = full.experts() / topo.ranks();
 
+  say("sampling the decode tokens");
   const auto baseline_tokens = decode_tokens(test, topo, false);
   std::vector<std::uint32_t> test_owner;
   const auto test_tokens = decode_tokens(test, topo, true, &test_owner);
@@ -363,6 +365,8 @@ int main(int argc, char** argv) try {
   if (homes == "free") {
     std::string md = "| replicas/GPU | GPU bound | node token bound | transport | round | requests moved | node tokens "
                      "max/mean | copies vs linear/rr/flat | GPU max/mean |\n|---|---|---|---|---|---|---|---|---|\n";
+    say("fitting maps and moving requests: up to " +
+        std::to_string(redundants.size() * slacks.size() * caps.size() * 2 * rounds) + " rows, each printed when done");
     for (const std::size_t redundant : redundants)
       for (const double slack : slacks)
         for (const double cap : caps)
@@ -428,6 +432,7 @@ int main(int argc, char** argv) try {
   }
   std::string md = "| fitted on | replicas/GPU | GPU bound | transport | copies vs linear/rr/flat | GPU max/mean on "
                    "test |\n|---|---|---|---|---|---|\n";
+  say("fitting maps: " + std::to_string(redundants.size() * 2 * slacks.size() * 2) + " rows, each printed when done");
   for (const std::size_t redundant : redundants)
     for (const bool on_test : {true, false})
       for (const double slack : slacks)

@@ -125,4 +125,11 @@ check 'a results folder is made with its parents' test -f "$work/p1/p2/p3/placem
 refused '^--home-caps: "x" is not a number; it takes a comma-separated list' --home-caps 0.1,x
 refused '^--redundant: "x" is not a whole number >= 0 .*; it takes a comma-separated list' --redundant 1,x
 refused '^--slacks: "nan" is not a finite number >= 0' --slacks 0.1,nan
+# A long run says on stderr what it is doing; stdout carries the results.
+progress_on_stderr() {
+  "$placement_oracle" --trace "$work/esft" --nodes 2 --gpus 2 --anneal 10 --redundant 0 --slacks 0.1 \
+    --out "$work/po" >"$work/po.out" 2>"$work/po.err" || { cat "$work/po.err" >&2; return 1; }
+  grep -q '^placement_oracle: fitting maps: 4 rows' "$work/po.err" && ! grep -q '^placement_oracle:' "$work/po.out"
+}
+check 'placement_oracle says its progress on stderr' progress_on_stderr
 cases_end
