@@ -4,6 +4,7 @@
 // and the machine line of a results file.
 #include "tool_cli.hpp"
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
@@ -155,14 +156,21 @@ inline void output_file(const std::string& path) {
   locus::atomic_file probe(path); // never committed: its unnamed temporary goes when it does
 }
 
-//! Makes the results folder `dir` and checks that a file can be written in it, before the run: a
-//! folder that cannot be used is said at once, not after the minutes or hours of measuring (and not
-//! as std::filesystem's "cannot create directories").
-inline void output_folder(const std::string& dir) {
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) throw locus::io_error(dir + ": cannot be made the results folder: " + ec.message());
+//! Makes the results folder `dir` (with any missing parents) and checks that a file can be written in
+//! it, before the run: a folder that cannot be used is said at once, not after the minutes or hours
+//! of measuring (and not as std::filesystem's "cannot create directories"). The folder, and the
+//! parents made for it, go again if the run ends without writing in it: keep the object to the end.
+[[nodiscard]] inline tool_cli::results_folder output_folder(const std::string& dir) {
+  tool_cli::results_folder folder(dir, "results folder");
   output_file((std::filesystem::path(dir) / ".results-probe").string());
+  return folder;
+}
+
+//! Says on stderr that a long part of the run starts (stdout carries only results), so that a run of
+//! minutes shows what it is doing: "drift: planning 4x2 (at 3 s)", the seconds since `start`.
+inline void progress_line(const char* program, const std::string& what, std::chrono::steady_clock::time_point start) {
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::fprintf(stderr, "%s: %s (at %.0f s)\n", program, what.c_str(), s);
 }
 
 //! What every results file records: the command as run, and the machine with the date.

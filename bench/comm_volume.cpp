@@ -117,7 +117,7 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
       },
       "NODESxGPUS"};
   const CLI::Option* trace_opt = bench_args::add_trace_option(app, o.trace_path, "ESFT folder or binary trace");
-  app.add_option("--out", o.out_dir, "Folder for the results");
+  app.add_option("--out", o.out_dir, "Folder for the results (made, with its parents, if missing)");
   app.add_option("--split-seed", o.seed, "Seed of the train/test split of the requests (and of the grouping)");
   app.add_option("--prefill-tokens", o.prefill, "Prefill tokens per request");
   app.add_option("--hidden", o.hidden, "Hidden size (message sizes)")->check(tool_cli::positive);
@@ -193,7 +193,6 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
       ->check(CLI::IsMember({"node", "class", "request"}));
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   o.trace_path = bench_args::trace_to_read(*trace_opt, o.trace_path);
-  bench_args::output_folder(o.out_dir);
   o.fit_on_test = fit_on_test == 1;
   o.balance_floor = balance_floor == 1;
   o.synthetic = synthetic == 1;
@@ -544,9 +543,11 @@ void write_outputs(const run_options& o, results& out, const std::string& summar
 int main(int argc, char** argv) try {
   run_options o;
   if (const auto code = parse_options(argc, argv, o)) return *code;
+  const auto folder = bench_args::output_folder(o.out_dir); // removed again if the run fails before writing
   const auto start = std::chrono::steady_clock::now();
   const std::string command = bench_args::command_line(argc, argv, "build/dev/bench/comm_volume");
   const std::string machine = bench_args::machine_line();
+  const auto say = [&](const std::string& what) { bench_args::progress_line("comm_volume", what, start); };
   const auto full = bench_args::load_trace(o.trace_path).with_prefill_tokens(o.prefill);
   auto [train, test] = locus::trace::split_by_request(full, 0.5, o.seed);
   if (o.fit_on_test) train = test; // upper-bound experiments only
@@ -565,12 +566,19 @@ int main(int argc, char** argv) try {
              {"test_requests", test.requests()},
              {"rows", nlohmann::json::array()}};
   const auto rows = comparison_rows();
-  for (const auto& tc : topologies(o.only))
+  for (const auto& tc : topologies(o.only)) {
+    say("planning and simulating " + std::to_string(rows.size()) + " rows on " + std::to_string(tc.nodes) + "x" +
+        std::to_string(tc.gpus));
     topology_table(tc, train, test, rows, o, out);
+  }
 #ifdef LOCUS_COMM_VOLUME_SYNTH
-  if (o.synthetic) synthetic_rows(full, o, out);
+  if (o.synthetic) {
+    say("the synthetic 8x8 rows");
+    synthetic_rows(full, o, out);
+  }
 #endif
   std::string summary = targets_table(out);
+  say("leaving each domain out of training (4x2)");
   summary += unseen_domain_table(train, test, o, out.doc);
   out.doc["domain_accuracy_4x2"] = out.accuracy;
   char acc[256];

@@ -77,7 +77,7 @@ int main(int argc, char** argv) try {
   std::vector<std::string> phase_names{"summary", "law", "intent"};
   const std::vector<std::string> rule_names = tool_cli::names_of(placement::all_replica_rules);
   const CLI::Option* trace_opt = bench_args::add_trace_option(app, trace_path, "ESFT folder or binary trace");
-  app.add_option("--out", out_dir, "Folder for the results");
+  app.add_option("--out", out_dir, "Folder for the results (made, with its parents, if missing)");
   app.add_option("--balance-floor", balance_floor,
                  "Also each window's balance floor: the lowest GPU max/mean any split of its rows among the "
                  "replicas of the maps in service reaches (0|1)")
@@ -118,7 +118,7 @@ int main(int argc, char** argv) try {
   app.add_option("--deepseek", deepseek, "Time one re-plan at DeepSeek-V3 shape (0|1)")->check(CLI::Range(0, 1));
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   trace_path = bench_args::trace_to_read(*trace_opt, trace_path);
-  bench_args::output_folder(out_dir);
+  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
   const std::size_t adaptive_window = adaptive_window_opt.value_or(interval);
   const auto transport = cost::parse_transport_kind(transport_name);
   // Every policy's replicas are chosen by one rule (transport/replica_selection.hpp).
@@ -126,7 +126,16 @@ int main(int argc, char** argv) try {
   const std::string command = bench_args::command_line(argc, argv, "build/dev/bench/drift");
   const std::string machine = bench_args::machine_line();
   const auto start = std::chrono::steady_clock::now();
+  const auto say = [&](const std::string& what) { bench_args::progress_line("drift", what, start); };
   const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);
+  // A phase whose domain the trace lacks is said before minutes of planning, with the domains it has.
+  for (const auto& name : phase_names)
+    if (std::find(full.domains().begin(), full.domains().end(), name) == full.domains().end()) {
+      std::string have;
+      for (const auto& d : full.domains())
+        have += (have.empty() ? "" : ", ") + d;
+      throw config_error("--phases: the trace has no domain \"" + name + "\" (its domains: " + have + ")");
+    }
   const auto [train, test] = trace::split_by_request(full, 0.5, seed);
   const dynamic_topology topo(4, 2);
 
@@ -139,6 +148,7 @@ int main(int argc, char** argv) try {
   popt.refine.hedge_replicas = hedge_replicas;
   popt.refine.count(transport == cost::transport_kind::flat ? placement::copy_count::flat
                                                             : placement::copy_count::hierarchical);
+  say("planning locality, eplb and linear on 4x2");
   const auto stat = placement::plan_activation_aware(train, topo, "locality", redundant, popt);
   const auto eplb0 = placement::plan_activation_aware(train, topo, "eplb", redundant, popt).maps;
   const auto linear = placement::plan_activation_aware(train, topo, "linear", 0, popt).maps;
@@ -168,6 +178,7 @@ int main(int argc, char** argv) try {
     }
   }
   const auto timeline = test.select_requests(order);
+  say("scheduling " + std::to_string(phase_names.size()) + " phases");
   cost::simulation_config cfg;
   cfg.topology = topo;
   cfg.transport = transport;
@@ -231,11 +242,13 @@ int main(int argc, char** argv) try {
   base.balance_floor = balance_floor == 1;
   std::vector<policy_run> runs;
   const auto keep = [](const std::vector<expert_map>& m, std::size_t, std::size_t) { return m; };
+  say("replaying linear and static locality");
   runs.push_back({"linear", cost::run_online(timeline, sched, linear, cfg, base, keep)});
   runs.push_back({"static locality", cost::run_online(timeline, sched, stat.maps, cfg, base, keep)});
   {
     auto o = base;
     o.interval = interval;
+    say("replaying eplb every " + std::to_string(interval) + " steps");
     runs.push_back({"eplb every N", cost::run_online(timeline, sched, eplb0, cfg, o,
                                                      [&](const std::vector<expert_map>&, std::size_t a, std::size_t b) {
                                                        return placement::plan_by_name(
@@ -254,6 +267,7 @@ int main(int argc, char** argv) try {
     o.window = adaptive_window;
     o.drift_every = drift_every;
     o.min_gap = window;
+    say(prior ? "replaying locus adaptive" : "replaying locus adaptive, window only");
     runs.push_back(
         {prior ? "locus adaptive" : "locus adaptive, window only",
          cost::run_online(
@@ -275,6 +289,7 @@ int main(int argc, char** argv) try {
     o.window = 1;
     o.plan_at = {0};
     const auto next = [&](std::size_t b) { return std::min(sched.steps(), b + window); };
+    say("replaying the look-ahead bounds");
     runs.push_back(
         {"look-ahead bound, same budget",
          cost::run_online(
@@ -291,6 +306,7 @@ int main(int argc, char** argv) try {
                                      })});
   }
   {
+    say("planning and replaying the per-phase oracle");
     std::vector<std::vector<expert_map>> per_phase;
     for (std::size_t p = 0; p < phase_names.size(); ++p)
       per_phase.push_back(full_plan(phase_start[p], phase_end[p]));
@@ -431,6 +447,7 @@ int main(int argc, char** argv) try {
   // window (the synthesizer's, requests homed by domain), 10% of the weights as the budget.
   std::string ds;
   if (deepseek == 1) {
+    say("timing a re-plan at DeepSeek-V3 shape");
     trace::synth_shape sh;
     sh.experts = 256;
     sh.top_k = 8;

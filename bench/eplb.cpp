@@ -49,10 +49,10 @@ int main(int argc, char** argv) try {
   tool_cli::show_defaults(app);
   std::string out_dir = ".";
   int repeats = 5;
-  app.add_option("--out", out_dir, "Folder for the results");
+  app.add_option("--out", out_dir, "Folder for the results (made, with its parents, if missing)");
   app.add_option("--repeats", repeats, "Timed runs per planner (best kept)")->check(tool_cli::positive);
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
-  bench_args::output_folder(out_dir);
+  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/eplb");
   const std::size_t layers = 58, experts = 256, nodes = 8, gpus = 8, slots_per_rank = 5, groups = 8;
 

@@ -277,7 +277,7 @@ int main(int argc, char** argv) try {
   std::vector<double> slacks{0.03, 0.10}, caps{-1, 0.10};
   std::vector<std::size_t> redundants{0, 1};
   const CLI::Option* trace_opt = bench_args::add_trace_option(app, trace_path, "ESFT folder or binary trace");
-  app.add_option("--out", out_dir, "Folder for the results");
+  app.add_option("--out", out_dir, "Folder for the results (made, with its parents, if missing)");
   app.add_option("--nodes", nodes, "Nodes")->check(tool_cli::positive);
   app.add_option("--gpus", gpus, "GPUs per node")->check(tool_cli::positive);
   app.add_option("--split-seed", seed, "Seed of the train/test split of the requests");
@@ -286,14 +286,17 @@ int main(int argc, char** argv) try {
   app.add_option("--homes", homes, "Requests' nodes: by domain, or searched (free)")
       ->check(CLI::IsMember({"domain", "free"}));
   app.add_option("--rounds", rounds, "Rounds of map fit and request moves (--homes free)")->check(tool_cli::positive);
-  app.add_option("--slacks", slacks, "GPU load bounds over the mean")->delimiter(',');
+  app.add_option("--slacks", slacks, "GPU load bounds over the mean")
+      ->delimiter(',')
+      ->check(tool_cli::finite_non_negative);
   app.add_option("--redundant", redundants, "Redundant slots per GPU")->delimiter(',');
   app.add_option("--home-caps", caps, "Node token bounds over the mean (-1: none; --homes free)")->delimiter(',');
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   trace_path = bench_args::trace_to_read(*trace_opt, trace_path);
-  bench_args::output_folder(out_dir);
+  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/placement_oracle");
   const auto start = std::chrono::steady_clock::now();
+  const auto say = [&](const std::string& what) { bench_args::progress_line("placement_oracle", what, start); };
   const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);
   const auto [train, test] = locus::trace::split_by_request(full, 0.5, seed);
   const locus::dynamic_topology topo(nodes, gpus);
@@ -301,6 +304,7 @@ int main(int argc, char** argv) try {
                 " experts do not divide over ", topo.ranks(), " GPUs");
   const std::size_t spr = full.experts() / topo.ranks();
 
+  say("sampling the decode tokens");
   const auto baseline_tokens = decode_tokens(test, topo, false);
   std::vector<std::uint32_t> test_owner;
   const auto test_tokens = decode_tokens(test, topo, true, &test_owner);
@@ -362,6 +366,8 @@ int main(int argc, char** argv) try {
   if (homes == "free") {
     std::string md = "| replicas/GPU | GPU bound | node token bound | transport | round | requests moved | node tokens "
                      "max/mean | copies vs linear/rr/flat | GPU max/mean |\n|---|---|---|---|---|---|---|---|---|\n";
+    say("fitting maps and moving requests: up to " +
+        std::to_string(redundants.size() * slacks.size() * caps.size() * 2 * rounds) + " rows, each printed when done");
     for (const std::size_t redundant : redundants)
       for (const double slack : slacks)
         for (const double cap : caps)
@@ -427,6 +433,7 @@ int main(int argc, char** argv) try {
   }
   std::string md = "| fitted on | replicas/GPU | GPU bound | transport | copies vs linear/rr/flat | GPU max/mean on "
                    "test |\n|---|---|---|---|---|---|\n";
+  say("fitting maps: " + std::to_string(redundants.size() * 2 * slacks.size() * 2) + " rows, each printed when done");
   for (const std::size_t redundant : redundants)
     for (const bool on_test : {true, false})
       for (const double slack : slacks)

@@ -215,11 +215,11 @@ int main(int argc, char** argv) try {
   tool_cli::show_defaults(app);
   std::string out_dir = ".";
   std::size_t tokens = 100000, anneal = 300;
-  app.add_option("--out", out_dir, "Folder for the results");
+  app.add_option("--out", out_dir, "Folder for the results (made, with its parents, if missing)");
   app.add_option("--tokens", tokens, "Decode tokens of the synthetic trace")->check(tool_cli::positive);
   app.add_option("--anneal", anneal, "Annealing proposals per expert in the timed annealing run");
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
-  bench_args::output_folder(out_dir);
+  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/planning");
   constexpr std::size_t experts = v3::experts, k = v3::k, layers = v3::layers, clusters = v3::clusters,
                         kinds = v3::kinds;

@@ -255,7 +255,7 @@ int main(int argc, char** argv) try {
       bench_args::add_trace_option(app, esft, "ESFT folder (its import rows are skipped when there is none)");
   app.add_option("--gb", gb, "Size of the synthetic binary trace in GB")->check(tool_cli::positive);
   app.add_option("--tmp", tmp_dir, "Folder for the temporary trace files");
-  app.add_option("--out", out_dir, "Folder for the results");
+  app.add_option("--out", out_dir, "Folder for the results (made, with its parents, if missing)");
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   // The ESFT rows are one part of this benchmark: a missing default skips them (saying why), a
   // folder given that is not there ends the run.
@@ -270,7 +270,7 @@ int main(int argc, char** argv) try {
     no_esft = found ? *found + " is not an ESFT folder" : bench_args::no_default_trace("an ESFT folder");
     esft.clear();
   }
-  bench_args::output_folder(out_dir);
+  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/trace_io");
   // The trace and its read-back sit in memory together; the file and the baseline's copy on --tmp.
   tool_cli::require_memory(2 * gb * 1e9, "trace_io: --gb " + std::to_string(gb) + " (the trace and its read-back)");

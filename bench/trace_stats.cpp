@@ -151,13 +151,14 @@ int main(int argc, char** argv) try {
   std::string trace_path, out_dir = ".", md_path;
   std::size_t repeats = 5, v3_tokens = 100000;
   const CLI::Option* trace_opt = bench_args::add_trace_option(app, trace_path, "ESFT folder or binary trace");
-  app.add_option("--out", out_dir, "Folder for the results");
+  app.add_option("--out", out_dir, "Folder for the results (made, with its parents, if missing)");
   app.add_option("--md", md_path, "Markdown report file (none when empty)");
   app.add_option("--repeats", repeats, "Timed runs per row (best kept)")->check(tool_cli::positive);
   app.add_option("--tokens", v3_tokens, "Tokens of the synthetic DeepSeek-V3 trace")->check(tool_cli::positive);
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   trace_path = bench_args::trace_to_read(*trace_opt, trace_path);
-  bench_args::output_folder(out_dir);
+  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
+  if (!md_path.empty()) bench_args::output_file(md_path); // its folder must exist, as for every results file
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/trace_stats");
   const auto real = bench_args::load_trace(trace_path);
   const auto t = real.with_prefill_tokens(32);

@@ -379,7 +379,7 @@ inline void register_trace_report(CLI::App& trace_cmd) {
   cmd->add_option("trace", o->path,
                   "Trace: locus binary file, ESFT folder or route JSONL file (with a meta line naming num_experts)")
       ->required();
-  cmd->add_option("--out", o->out, "Output folder");
+  cmd->add_option("--out", o->out, "Output folder (made, with its parents, if missing)");
   cmd->add_option("--prefill-tokens", o->prefill, "Leading tokens of each request counted as prefill");
   cmd->add_option("--layer", o->layer, "Layer of the co-activation heatmap and the scatter")->default_str("middle");
   cmd->add_option("--python", o->python, "Python interpreter with matplotlib");
@@ -401,19 +401,9 @@ inline void register_trace_report(CLI::App& trace_cmd) {
       LOCUS_REQUIRE(fs::exists(o->python, ec), locus::io_error, "Python interpreter ", o->python,
                     " not found (install python3-matplotlib, give --python, or use --no-render)");
     }
-    // The report's folder first: --json may name a file inside it. A folder made here that is still
-    // empty when the command ends (a trace that is not there or does not read) is removed again.
-    const bool existed = fs::exists(o->out, ec);
-    fs::create_directories(o->out, ec);
-    LOCUS_REQUIRE(!ec, locus::io_error, "cannot create folder ", o->out, ": ", ec.message());
-    struct drop_if_empty {
-      fs::path dir;
-      bool made;
-      ~drop_if_empty() {
-        std::error_code e;
-        if (made && fs::is_empty(dir, e) && !e) fs::remove(dir, e);
-      }
-    } const made_folder{o->out, !existed};
+    // The report's folder first: --json may name a file inside it. The folders made here are
+    // removed again if still empty when the command ends (a trace that is not there or does not read).
+    const tool_cli::results_folder folder(o->out, "report folder");
     check_outputs({{"--json", o->json}}, {o->path});
     progress p("locus trace report");
     const auto t = trace_analysis::load(o->path, p).with_prefill_tokens(o->prefill);

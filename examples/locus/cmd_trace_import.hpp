@@ -98,7 +98,7 @@ inline void run_trace_import(const trace_import_options& o) {
     };
     t = locus::trace::import_jsonl(o.inputs, opt, &report);
   } else if (format == "binary") {
-    t = locus::trace::read_trace(o.inputs.front());
+    t = read_binary_trace(o.inputs.front());
   } else {
     throw locus::invalid_input_error("--format " + format + ": expected auto, esft, jsonl or binary", __FILE__,
                                      __LINE__);
@@ -149,12 +149,13 @@ inline void register_trace_import(CLI::App* trace_cmd) {
       "import", "Convert an ESFT expert-score folder, a route-JSONL file or a binary trace into a locus binary trace");
   cmd->add_option("input", o->inputs,
                   "ESFT folder (<domain>/expert_weights_<layer>.txt, or one domain folder), binary trace, or route "
-                  "JSONL: one or more files, - for stdin, or a folder of .jsonl files")
+                  "JSONL: one or more files or a folder of .jsonl files; - reads standard input (route JSONL or a "
+                  "binary trace)")
       ->required();
   cmd->add_option("-o,--out", o->output, "Output binary trace")->required();
   cmd->add_option("--format", o->format,
                   "Input format: auto (folder of .jsonl files or .jsonl = jsonl, other folder "
-                  "= esft, magic = binary), esft, jsonl, binary")
+                  "= esft, magic = binary, - = jsonl or binary by its first byte), esft, jsonl, binary")
       ->check(CLI::IsMember({"auto", "esft", "jsonl", "binary"}));
   cmd->add_option("--experts", o->experts,
                   "Declared routed experts (esft default 64; jsonl: else a meta line's num_experts)");

@@ -1,8 +1,8 @@
 #pragma once
 // Reading a trace named on the command line: a locus binary trace file, an ESFT folder (or one of
-// its domain folders), or route JSONL: one or more files, "-" for standard input, or a folder of
-// .jsonl files (experts declared by a meta line or --experts; see docs/trace-format.md and
-// docs/byo-trace.md).
+// its domain folders), or route JSONL: one or more files or a folder of .jsonl files (experts
+// declared by a meta line or --experts; see docs/trace-format.md and docs/byo-trace.md); "-" reads
+// standard input, route JSONL or a binary trace.
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -16,8 +16,8 @@ namespace locus_driver {
 
 //! Help text of every option that names a trace to read.
 inline constexpr const char* trace_help =
-    "Trace: locus binary file, ESFT folder, or route JSONL (a file, - for stdin, or a folder of .jsonl files; "
-    "repeat for several files, e.g. one per layer)";
+    "Trace: locus binary file, ESFT folder, or route JSONL (a file or a folder of .jsonl files; repeat for several "
+    "files, e.g. one per layer); - reads standard input (route JSONL or a binary trace)";
 //! Help text of --experts where a trace is read.
 inline constexpr const char* experts_help = "Experts of a route JSONL trace (default: its meta line's num_experts)";
 //! Help text of --prefill-tokens where a trace is read.
@@ -31,14 +31,24 @@ inline constexpr const char* strict_layers_help =
     "Route JSONL: refuse a request whose layers end at different tokens instead of keeping the tokens every "
     "layer holds";
 
+//! Whether standard input holds a binary trace rather than route JSONL: its first byte is the binary
+//! magic's 'L', which no JSON object starts with (a pipe cannot be read twice, so only that byte is
+//! looked at, and put back; the binary reader checks the whole magic).
+inline bool stdin_holds_binary() {
+  const int c = std::getc(stdin);
+  if (c == EOF) return false;
+  std::ungetc(c, stdin);
+  return c == locus::trace::binary_magic[0];
+}
+
 //! "esft", "jsonl" or "binary", from what `path` is: a folder holding .jsonl/.ndjson files is route
-//! JSONL, any other folder ESFT (a root, or one domain folder); "-" (standard input) and .jsonl,
-//! .ndjson and .json files are route JSONL; a file starting with the binary magic is a binary trace.
-//! Any other file is refused, or with `else_binary` taken for a binary trace (whose reader then
-//! says what is wrong with it).
+//! JSONL, any other folder ESFT (a root, or one domain folder); .jsonl, .ndjson and .json files are
+//! route JSONL; a file starting with the binary magic is a binary trace; "-" (standard input) is
+//! route JSONL, or a binary trace when it starts as one. Any other file is refused, or with
+//! `else_binary` taken for a binary trace (whose reader then says what is wrong with it).
 inline std::string detect_trace_format(const std::string& path, bool else_binary = false) {
   namespace fs = std::filesystem;
-  if (path == "-") return "jsonl";
+  if (path == "-") return stdin_holds_binary() ? "binary" : "jsonl";
   std::error_code ec;
   const auto st = fs::status(path, ec); // error codes, not exceptions: a symlink loop is an input error
   if (ec && ec != std::errc::no_such_file_or_directory)
@@ -78,6 +88,23 @@ inline std::string detect_trace_format(const std::vector<std::string>& paths, bo
   return "jsonl";
 }
 
+//! Reads a binary trace from the file `path`, or from standard input for "-" (named <stdin> in messages).
+inline locus::trace::trace read_binary_trace(const std::string& path) {
+  if (path != "-") return locus::trace::read_trace(path);
+  std::vector<std::byte> bytes;
+  for (std::size_t got = 0;;) {
+    bytes.resize(got + (std::size_t{1} << 20));
+    const std::size_t n = std::fread(bytes.data() + got, 1, bytes.size() - got, stdin);
+    got += n;
+    if (n == 0) {
+      LOCUS_REQUIRE(!std::ferror(stdin), locus::io_error, "<stdin>: read failed");
+      bytes.resize(got);
+      break;
+    }
+  }
+  return locus::trace::decode_trace(bytes, "<stdin>");
+}
+
 //! How the route-JSONL inputs of a trace are read (other formats ignore it).
 struct jsonl_reading {
   std::size_t experts = 0; //!< 0: from the meta line
@@ -98,7 +125,7 @@ inline void note_trimmed(const std::string& what, const locus::trace::jsonl_repo
 inline locus::trace::trace load_trace(const std::vector<std::string>& paths, const jsonl_reading& how = {}) {
   const std::string format = detect_trace_format(paths, true);
   if (format == "esft") return locus::trace::import_esft(paths.front());
-  if (format == "binary") return locus::trace::read_trace(paths.front());
+  if (format == "binary") return read_binary_trace(paths.front());
   locus::trace::jsonl_options opt;
   opt.experts = how.experts;
   opt.split_on_restart = how.split_on_restart;

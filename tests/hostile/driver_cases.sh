@@ -96,6 +96,12 @@ report_leaves_no_folder() {
     [ ! -e "$work/no_report" ]
 }
 check "trace report removes its empty folder" report_leaves_no_folder
+# ... nor the parents it made for it; a report folder is made with its parents (as the benchmarks'
+# results folders are).
+refused 'absent.bin' trace report "$work/absent.bin" --out "$work/no_parent/no_report" --no-render
+check "trace report removes the parents it made" test ! -e "$work/no_parent"
+succeeds trace report "$work/t.bin" --out "$work/deep/er/report" --no-render
+check "trace report makes its folder's parents" test -f "$work/deep/er/report/load_all.csv"
 python3 - "$work/odd.jsonl" <<'PY'
 import json, random, sys
 rng = random.Random(7)
@@ -173,6 +179,21 @@ stats_of_two_files_and_stdin() {
   grep -q '"layers": 2' "$work/s2.json" && grep -q '"layers": 2' "$work/s1.json"
 }
 check "trace stats reads what its help says" stats_of_two_files_and_stdin
+# A binary trace on standard input is read as one ("invalid JSON" was all stdin gave but route JSONL),
+# from a pipe too.
+binary_on_stdin() {
+  "$locus" trace stats "$work/t.bin" --json - >"$work/sf.json" || return 1
+  "$locus" trace stats - --json - <"$work/t.bin" >"$work/ss.json" || return 1
+  cat "$work/t.bin" | "$locus" trace stats - --json - >"$work/sp.json" || return 1
+  # The same statistics; only the input's name may differ.
+  diff <(grep -v '"trace"\|"path"\|"input' "$work/sf.json") <(grep -v '"trace"\|"path"\|"input' "$work/ss.json") >&2 &&
+    cmp -s "$work/ss.json" "$work/sp.json" && grep -q '"layers": 2' "$work/ss.json"
+}
+check "trace stats reads a binary trace on stdin" binary_on_stdin
+check "trace import reads a binary trace on stdin" bash -c "'$locus' trace import - -o '$work/stdin.bin' <'$work/t.bin' >/dev/null"
+same "$work/t.bin" "$work/stdin.bin"
+printf 'LOCUS' >"$work/short.bin"
+refused '<stdin>: offset 5: file ends inside the magic' trace stats - <"$work/short.bin"
 no_partial_outputs() {
   rm -f "$work/x.json" "$work/c.json"
   "$locus" plan --trace "$work/t.bin" --placement locality --out "$work/x.json" --grouping "$work/none/g.json" \

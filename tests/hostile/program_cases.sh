@@ -3,11 +3,12 @@
 # benchmarks): every case must end with a clear message on stderr, without a source location, and
 # exit status 1 or 2, under a 1 GiB address-space limit, within seconds; results files record the
 # command, the machine and the date.
-# Usage: program_cases.sh <moe_layer> <eplb> <router> <trace_io> <scratch folder>
+# Usage: program_cases.sh <moe_layer> <eplb> <router> <trace_io> <comm_volume> <drift> <placement_oracle>
+#                         <trace_stats> <scratch folder>
 set -u
 source "$(dirname "$0")/../support/case_runner.sh"
-moe_layer=$1 eplb=$2 router=$3 trace_io=$4
-cases_begin "$moe_layer" "$5"
+moe_layer=$1 eplb=$2 router=$3 trace_io=$4 comm_volume=$5 drift=$6 placement_oracle=$7 trace_stats=$8
+cases_begin "$moe_layer" "$9"
 ulimit -v 1048576 # KiB: 1 GiB of address space for every case
 
 # Whole numbers in decimal: CLI11 2.1 read "-1" as 2^64 - 1, "010" as 8, "0x10" as 16 and clamped
@@ -80,4 +81,55 @@ locus=$scripts/gpu-check
 ok 'scripts/gpu-check --prepare' --help
 refused 'unexpected argument "--bogus"' --bogus
 check 'no results where a run was refused' test ! -e "$work/eplb.json" -a ! -e "$work/trace_io.json"
+
+# A run that fails after making its results folder removes it again, with the parents it made (an
+# empty folder was left behind); a folder that was there stays.
+python3 - "$work/esft" <<'PY'
+import os, random, sys
+rng = random.Random(5)
+for dom in ("law", "math"):
+    os.makedirs(os.path.join(sys.argv[1], dom))
+    for layer in (1, 2):
+        with open(os.path.join(sys.argv[1], dom, f"expert_weights_{layer}.txt"), "w") as f:
+            for line in range(40):
+                ids, ws = [], []
+                for tok in range(48):
+                    ids += rng.sample(range(64), 6)
+                    ws += [round(rng.random(), 4) for _ in range(6)]
+                f.write("\t".join(map(str, ids)) + "\t\t" + "\t".join(map(str, ws)) + "\n")
+PY
+for p in comm_volume drift placement_oracle trace_stats; do
+  locus=${!p}
+  refused 'plain: offset 0: file ends inside the magic' --trace "$work/plain" --out "$work/made_$p/out"
+  check "$p removes the folders it made" test ! -e "$work/made_$p"
+done
+locus=$drift
+refused '--phases: the trace has no domain "foo" \(its domains: law, math\)' --trace "$work/esft" --phases foo \
+  --out "$work/made_drift/out"
+check 'drift --phases foo leaves no folder' test ! -e "$work/made_drift"
+locus=$trace_io
+refused 'need about .* GB of memory' --gb 1e9 --out "$work/made_io/out"
+check 'trace_io removes the folders it made' test ! -e "$work/made_io"
+mkdir "$work/kept"
+refused 'need about .* GB of memory' --gb 1e9 --out "$work/kept"
+check 'a folder that was there stays' test -d "$work/kept"
+locus=$trace_stats
+refused 'none/t.md: cannot write: its folder does not exist' --trace "$work/esft" --out "$work/made_md" --md "$work/none/t.md"
+check 'trace_stats checks --md before the run' test ! -e "$work/made_md"
+# A results folder is made with its parents, as `locus trace report --out` makes its folder.
+locus=$placement_oracle
+succeeds --trace "$work/esft" --nodes 2 --gpus 2 --anneal 10 --redundant 0 --slacks 0.1 --out "$work/p1/p2/p3"
+check 'a results folder is made with its parents' test -f "$work/p1/p2/p3/placement_oracle.json"
+# A list option's value that is not a number names the option and what it takes (CLI11 said "Could not
+# convert: --home-caps = 0.1,x").
+refused '^--home-caps: "x" is not a number; it takes a comma-separated list' --home-caps 0.1,x
+refused '^--redundant: "x" is not a whole number >= 0 .*; it takes a comma-separated list' --redundant 1,x
+refused '^--slacks: "nan" is not a finite number >= 0' --slacks 0.1,nan
+# A long run says on stderr what it is doing; stdout carries the results.
+progress_on_stderr() {
+  "$placement_oracle" --trace "$work/esft" --nodes 2 --gpus 2 --anneal 10 --redundant 0 --slacks 0.1 \
+    --out "$work/po" >"$work/po.out" 2>"$work/po.err" || { cat "$work/po.err" >&2; return 1; }
+  grep -q '^placement_oracle: fitting maps: 4 rows' "$work/po.err" && ! grep -q '^placement_oracle:' "$work/po.out"
+}
+check 'placement_oracle says its progress on stderr' progress_on_stderr
 cases_end

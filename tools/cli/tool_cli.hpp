@@ -38,17 +38,41 @@ inline std::string whole_number(std::string& value, bool sign) {
   return {};
 }
 
-// Adds the whole-number rule to every option (of `app` and its subcommands) whose type is an
-// integer; no text in --help.
-inline void check_whole_numbers(CLI::App& app) {
+// A real number as CLI11 reads one; its own word for anything else was "Could not convert: --slacks =
+// 0.1,x", which says neither which value nor what the option takes.
+inline std::string real_number(const std::string& value) {
+  double x = 0;
+  return CLI::detail::lexical_cast(value, x) ? std::string() : "\"" + value + "\" is not a number";
+}
+
+// Adds the number rules to every option (of `app` and its subcommands) whose type is a number: whole
+// numbers in decimal for an integer, a number for a floating-point one; no text in --help. A list
+// option's values are checked one by one, and its message says it takes a list.
+inline void check_numbers(CLI::App& app) {
   for (CLI::Option* opt : app.get_options()) {
     const std::string type = opt->get_type_name();
     const std::string base = type.substr(0, type.find(':'));
+    const char delimiter = opt->get_delimiter();
+    const std::string list = delimiter == ',' ? "; it takes a comma-separated list"
+                             : delimiter      ? std::string("; it takes a list separated by '") + delimiter + "'"
+                                              : "";
     if (base == "UINT" || base == "INT")
-      opt->check(CLI::Validator([sign = base == "INT"](std::string& v) { return whole_number(v, sign); }, ""));
+      opt->check(CLI::Validator(
+          [sign = base == "INT", list](std::string& v) {
+            const std::string m = whole_number(v, sign);
+            return m.empty() ? m : m + list;
+          },
+          ""));
+    else if (base == "FLOAT")
+      opt->check(CLI::Validator(
+          [list](std::string& v) {
+            const std::string m = real_number(v);
+            return m.empty() ? m : m + list;
+          },
+          ""));
   }
   for (CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; }))
-    check_whole_numbers(*sub);
+    check_numbers(*sub);
 }
 
 // The names of an enumeration's values (to_string of each), for CLI::IsMember.
@@ -68,13 +92,13 @@ inline void hide_empty_lists(CLI::App& app) {
     hide_empty_lists(*sub);
 }
 
-// Every option of `app` shows its default in --help, and every integer option reads whole numbers
-// in decimal (check_whole_numbers, applied when parsing starts, once the options exist). CLI11
-// already refuses unknown options and values that do not parse.
+// Every option of `app` shows its default in --help, every integer option reads whole numbers in
+// decimal and a value that is not a number is said as such (check_numbers, applied when parsing
+// starts, once the options exist). CLI11 already refuses unknown options.
 inline void show_defaults(CLI::App& app) {
   app.option_defaults()->always_capture_default();
   app.preparse_callback([&app](std::size_t) {
-    check_whole_numbers(app);
+    check_numbers(app);
     hide_empty_lists(app);
   });
 }
@@ -138,6 +162,46 @@ inline const CLI::Validator finite_non_negative{[](std::string& value) -> std::s
                                                   return {};
                                                 },
                                                 "FINITE >= 0"};
+
+// A results folder made for a run, with any of its parents that were missing (as `mkdir -p`, like
+// every locus program that writes a folder), and removed again, those parents too, if it is still
+// empty when the object goes: a run that fails before writing anything leaves no new folder behind.
+// A folder that was there before is never removed. Throws locus::io_error naming `dir` as `what`
+// when it cannot be made.
+class results_folder {
+public:
+  results_folder(const std::string& dir, const std::string& what) {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    // The folders missing now, deepest first ("a/b/" names "a/b" twice; removing it twice is harmless).
+    for (fs::path p = dir; !p.empty() && !fs::exists(fs::symlink_status(p, ec)); p = p.parent_path()) {
+      if (p.filename() != "." && p.filename() != "..") made_.push_back(p); // "a/.." is a folder that was there
+      if (p == p.root_path() || p == p.parent_path()) break;
+    }
+    fs::create_directories(dir, ec);
+    if (ec) {
+      drop_empty();
+      throw locus::io_error(dir + ": cannot be made the " + what + ": " + ec.message());
+    }
+  }
+  results_folder(results_folder&& other) noexcept : made_(std::move(other.made_)) { other.made_.clear(); }
+  results_folder(const results_folder&) = delete;
+  results_folder& operator=(const results_folder&) = delete;
+  results_folder& operator=(results_folder&&) = delete;
+  ~results_folder() { drop_empty(); }
+
+private:
+  void drop_empty() noexcept {
+    for (const auto& p : made_) {
+      std::error_code ec;
+      if (std::filesystem::is_directory(std::filesystem::symlink_status(p, ec)) && std::filesystem::is_empty(p, ec) &&
+          !ec)
+        std::filesystem::remove(p, ec);
+    }
+    made_.clear();
+  }
+  std::vector<std::filesystem::path> made_;
+};
 
 // Refuses a run whose buffers (`bytes`, as the program works them out from its options) exceed this
 // machine's memory, naming `what` asked for them: such a run would otherwise be killed part-way, or
