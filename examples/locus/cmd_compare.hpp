@@ -77,6 +77,8 @@ inline std::vector<locus::transport_kind> parse_transports(const std::string& li
   std::vector<locus::transport_kind> out;
   std::stringstream in(list);
   for (std::string name; std::getline(in, name, ',');) {
+    LOCUS_REQUIRE(name == "flat" || name == "hierarchical", locus::config_error, "--transport \"", list,
+                  "\": unknown transport \"", name, "\" (expected flat, hierarchical or flat,hierarchical)");
     const auto k = locus::parse_transport_kind(name);
     for (const auto seen : out)
       LOCUS_REQUIRE(seen != k, locus::config_error, "--transport \"", list, "\" names ", name, " twice");
