@@ -173,8 +173,8 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
                  "Token-level stage: keep balance when a group's tokens grow by this share (0: off)")
       ->check(tool_cli::finite_non_negative);
   app.add_option("--hedge-replicas", popt.refine.hedge_replicas,
-                 "Token-level stage: replica slots per layer first spent on hedge copies (the --hedge-floor rule, "
-                 "or the risk rule with --hedge-floor 0) before copies saved (0: off)");
+                 "Token-level stage: at most this many replica slots per layer first hold balance hedges (the "
+                 "--hedge-floor rule, or the risk rule with --hedge-floor 0) before copies saved (0: off)");
   app.add_option("--hedge-z", popt.refine.hedge_z, "Hedge replicas: a GPU's risk is its mean share + this many sd")
       ->check(tool_cli::finite_non_negative);
   app.add_option("--hedge-excess", popt.refine.hedge_excess, "Hedge replicas: hedge GPUs whose risk exceeds 1 + this")
@@ -184,7 +184,7 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
                  "resamples is at most this (0: the risk rule of --hedge-z and --hedge-excess instead)")
       ->check(tool_cli::finite_non_negative);
   app.add_option("--hedge-cost-budget", popt.refine.hedge_cost_budget,
-                 "Floor hedge: at most this share more sampled copy cost than without hedge copies (0: no bound)")
+                 "Floor hedge: at most this share more copies on the training sample than without hedges (0: no bound)")
       ->check(tool_cli::finite_non_negative);
   app.add_option("--hedge-resamples", popt.refine.hedge_resamples, "Hedge replicas: bootstrap draws of the requests");
   app.add_option("--shift-slack", popt.refine.shift_slack, "Token-level stage: GPU load bound under a shifted mix")

@@ -13,7 +13,8 @@
 //   drift [--trace DIR] [--out DIR] [--split-seed S] [--phases summary,law,intent] [--phase-tokens T]
 //         [--interval N] [--window W] [--budget-share B] [--drift-every D] [--redundant R]
 //         [--transport flat|hierarchical] [--deepseek 0|1] [--replica-rule R] [--replica-slack S]
-//         [--replica-window W] [--hedge-replicas H] [--lookahead 0|1]
+//         [--replica-window W] [--hedge-replicas H] [--hedge-floor F] [--hedge-cost-budget B]
+//         [--lookahead 0|1]
 // Writes DIR/drift.json and DIR/drift.md; bench/plot_drift.py draws DIR/drift.png.
 #include "bench_args.hpp"
 #include "bench_output.hpp"
@@ -72,7 +73,9 @@ int main(int argc, char** argv) try {
               batch = 16, hidden = 2048, replica_window = 0, report_tokens = 8192,
               hedge_replicas = placement::token_refine_options{}.hedge_replicas;
   std::optional<std::size_t> adaptive_window_opt;
-  double budget_share = 0.10, phase_share = 0.8, replica_slack = 0.05;
+  double budget_share = 0.10, phase_share = 0.8, replica_slack = 0.05,
+         hedge_floor = placement::token_refine_options{}.hedge_floor,
+         hedge_cost_budget = placement::token_refine_options{}.hedge_cost_budget;
   int deepseek = 1, balance_floor = 0, lookahead = 1;
   std::vector<std::string> phase_names{"summary", "law", "intent"};
   const std::vector<std::string> rule_names = tool_cli::names_of(placement::all_replica_rules);
@@ -108,15 +111,24 @@ int main(int argc, char** argv) try {
       ->check(tool_cli::finite_non_negative);
   app.add_option("--replica-window", replica_window,
                  "locality_bounded: steps of the load average (0: since the start)");
-  app.add_option("--hedge-replicas", hedge_replicas,
-                 "Locality plans: replica slots per layer first spent on lowering the worst GPU balance floor over "
-                 "resampled training requests to 1.10, within 1% more sampled copies (0: off)");
+  auto* hedge_opt = app.add_option("--hedge-replicas", hedge_replicas,
+                                   "Locality plans with --redundant: at most this many slots per layer first hold "
+                                   "balance hedges (--hedge-floor's rule) before copies saved (0: off)");
+  app.add_option("--hedge-floor", hedge_floor,
+                 "Hedges: copy experts out of the binding GPU set until the worst balance floor over resampled "
+                 "training requests is at most this (0: the risk rule of earlier runs instead)")
+      ->check(tool_cli::finite_non_negative);
+  app.add_option("--hedge-cost-budget", hedge_cost_budget,
+                 "Floor hedges: at most this share more copies on the training sample than without them (0: no bound)")
+      ->check(tool_cli::finite_non_negative);
   app.add_option("--lookahead", lookahead,
                  "Also the look-ahead bounds: locus every --window steps on the next --window steps under the same "
                  "budget, and EPLB the same way with no budget (0|1)")
       ->check(CLI::Range(0, 1));
   app.add_option("--deepseek", deepseek, "Time one re-plan at DeepSeek-V3 shape (0|1)")->check(CLI::Range(0, 1));
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  LOCUS_REQUIRE(hedge_opt->count() == 0 || hedge_replicas == 0 || redundant > 0, config_error,
+                "--hedge-replicas spends replica slots: it needs --redundant");
   trace_path = bench_args::trace_to_read(*trace_opt, trace_path);
   const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
   const std::size_t adaptive_window = adaptive_window_opt.value_or(interval);
@@ -146,6 +158,8 @@ int main(int argc, char** argv) try {
   popt.grouping.prefill_tokens = prefill;
   popt.refine.anneal_per_expert = 300;
   popt.refine.hedge_replicas = hedge_replicas;
+  popt.refine.hedge_floor = hedge_floor;
+  popt.refine.hedge_cost_budget = hedge_cost_budget;
   popt.refine.count(transport == cost::transport_kind::flat ? placement::copy_count::flat
                                                             : placement::copy_count::hierarchical);
   say("planning locality, eplb and linear on 4x2");
@@ -344,6 +358,8 @@ int main(int argc, char** argv) try {
                         {"replica_slack", replica_slack},
                         {"replica_window", replica_window},
                         {"hedge_replicas", hedge_replicas},
+                        {"hedge_floor", hedge_floor},
+                        {"hedge_cost_budget", hedge_cost_budget},
                         {"lookahead", lookahead == 1},
                         {"command", command},
                         {"machine", machine},

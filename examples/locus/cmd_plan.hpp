@@ -68,6 +68,12 @@ struct split_options : split_flags {
   locus::dynamic_topology topology() const { return {nodes, gpus_per_node}; }
 };
 
+//! Help text of --hedge-replicas wherever a locality plan is made.
+inline constexpr const char* hedge_replicas_help =
+    "locality with replica slots: at most this many slots per layer first hold balance hedges, copies that bring "
+    "the worst GPU balance floor over resampled training requests towards 1.10 while the training sample's "
+    "inter-node copies grow by at most 1% (0: off)";
+
 struct plan_options {
   std::string placement = "linear";
   std::size_t redundant_slots = 0;
@@ -104,16 +110,17 @@ struct plan_options {
                     "locality with --balance-shift: what one shifted mix grows: node, class (request cluster) or "
                     "request")
         ->check(CLI::IsMember({"node", "class", "request"}));
-    cmd->add_option("--hedge-replicas", hedge_replicas,
-                    "locality with --redundant-slots: replica slots per layer first spent on lowering the worst GPU "
-                    "balance floor over resampled training requests to 1.10, within 1% more sampled copies (0: off)");
+    cmd->add_option("--hedge-replicas", hedge_replicas, hedge_replicas_help);
   }
   //! Refuses the options of one planner given with another (they would be ignored without a word).
   //! @throws locus::config_error naming the option
   void check_applies(const CLI::App* cmd) const {
-    for (const char* name : {"--copies", "--anneal", "--balance-shift", "--shift-by", "--hedge-replicas"})
+    for (const char* name : {"--copies", "--anneal", "--balance-shift", "--shift-by"})
       LOCUS_REQUIRE(cmd->count(name) == 0 || placement == "locality", locus::config_error, name,
                     " applies to --placement locality, not ", placement);
+    // 0 (off) is accepted everywhere, so that one command line can turn the hedge off for any planner.
+    LOCUS_REQUIRE(cmd->count("--hedge-replicas") == 0 || hedge_replicas == 0 || placement == "locality",
+                  locus::config_error, "--hedge-replicas applies to --placement locality, not ", placement);
     LOCUS_REQUIRE(cmd->count("--eplb-groups") == 0 || placement == "eplb", locus::config_error,
                   "--eplb-groups applies to --placement eplb, not ", placement);
     LOCUS_REQUIRE(cmd->count("--shift-by") == 0 || balance_shift > 0, locus::config_error,

@@ -259,16 +259,20 @@ def plan(
     clusters: int = 8,
     seed: int = 1,
     prefill_tokens: int = 32,
+    hedge_replicas: Optional[int] = None,
 ) -> ExpertPlan:
     """Plans expert maps on ``nodes × gpus_per_node`` ranks. ``source`` is a Trace (every planner:
     linear, round_robin, eplb, activation_usage, locality; the grouping model is fitted too) or a
     ``[layers, experts]`` load array (linear, round_robin, eplb). Slots per rank: enough for every
-    expert once plus ``redundant_slots``, unless ``slots_per_rank`` is given (load arrays only)."""
+    expert once plus ``redundant_slots``, unless ``slots_per_rank`` is given (load arrays only).
+    ``hedge_replicas``: with locality and redundant slots, at most this many slots per layer first
+    hold balance hedges (None: the library's default, 8; 0: off; docs/robust_planning.md)."""
     if isinstance(source, Trace):
         if slots_per_rank is not None:
             raise ConfigError("locus: configuration error: slots_per_rank is for load arrays; a trace plan uses redundant_slots")
         maps, model = _core._plan_from_trace(
-            source, nodes, gpus_per_node, placement, redundant_slots, eplb_groups, clusters, seed, prefill_tokens
+            source, nodes, gpus_per_node, placement, redundant_slots, eplb_groups, clusters, seed, prefill_tokens,
+            hedge_replicas,
         )
         ids = source.model_layer_ids if source.has_model_layers else None
         return ExpertPlan(maps, source.experts, nodes, gpus_per_node, model, ids, source.hidden_layers)
@@ -276,6 +280,9 @@ def plan(
         raise ConfigError("locus: configuration error: plan takes a Trace (locus.read_trace(path)) or a load array, "
                           "not a path")
     load = _array(source, np.float64, 2, "load")
+    if hedge_replicas is not None:
+        raise ConfigError("locus: configuration error: hedge_replicas is for locality plans of a trace; a load array "
+                          "has no requests to resample")
     if slots_per_rank is not None and redundant_slots:
         raise ConfigError("locus: configuration error: give slots_per_rank or redundant_slots, not both")
     maps = _core._plan_from_load(load, nodes, gpus_per_node, slots_per_rank, redundant_slots, placement, eplb_groups)

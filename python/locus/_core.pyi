@@ -108,6 +108,7 @@ def _plan_from_trace(
     clusters: int,
     seed: int,
     prefill_tokens: int,
+    hedge_replicas: Optional[int],
 ) -> Tuple[npt.NDArray[np.int32], WorkloadModel]: ...
 def _simulate(
     test: Trace,

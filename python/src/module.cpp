@@ -449,8 +449,9 @@ NB_MODULE(_core, m) {
       "_plan_from_trace",
       [](const locus::trace::trace& train, nb::handle nodes, nb::handle gpus_per_node, const std::string& placement,
          nb::handle redundant_slots, nb::handle eplb_groups, nb::handle clusters, nb::handle seed,
-         nb::handle prefill_tokens) {
+         nb::handle prefill_tokens, nb::handle hedge_replicas) {
         locus::placement::activation_plan_options opt;
+        if (!hedge_replicas.is_none()) opt.refine.hedge_replicas = size_arg(hedge_replicas, "hedge_replicas");
         opt.named.eplb_groups = size_arg(eplb_groups, "eplb_groups");
         opt.grouping.clusters = size_arg(clusters, "clusters");
         opt.grouping.seed = count_arg(seed, "seed");
@@ -461,7 +462,7 @@ NB_MODULE(_core, m) {
         return std::make_pair(maps_to(plan.maps), std::const_pointer_cast<locus::grouper::workload_model>(plan.model));
       },
       "train"_a, "nodes"_a, "gpus_per_node"_a, "placement"_a, "redundant_slots"_a, "eplb_groups"_a, "clusters"_a,
-      "seed"_a, "prefill_tokens"_a);
+      "seed"_a, "prefill_tokens"_a, "hedge_replicas"_a.none());
 
   m.def(
       "_simulate",

@@ -179,6 +179,15 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
     train, test = locus.split_by_request(t, 0.5, 1)
     plan = locus.plan(train, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8)
     assert plan.maps.shape == (3, 4, 5)
+    # The balance hedges are on by default: hedge_replicas=8 is the default plan, 0 turns them off
+    # (a plan without hedge copies is the copy-saving fill alone, never two copies on one node).
+    same = locus.plan(train, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8, hedge_replicas=8)
+    assert np.array_equal(same.maps, plan.maps)
+    off = locus.plan(train, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8, hedge_replicas=0)
+    for layer in off.maps:
+        for e in range(16):
+            nodes = [r // 2 for r in range(4) if e in layer[r]]
+            assert len(nodes) == len(set(nodes))
     summary = locus.simulate(test, plan, grouper="workload_aware", transport="hierarchical")
     assert summary["decode_tokens"] > 0 and summary["inter_node_bytes_per_token"] >= 0
     load = locus.expert_load(train)
@@ -378,6 +387,8 @@ def test_plans_from_loads_follow_the_trace_rules():
         locus.plan(np.ones((1, 8)), 2, 2, redundant_slots=100)
     with pytest.raises(locus.ConfigError, match="not both"):
         locus.plan(np.ones((1, 8)), 2, 2, redundant_slots=1, slots_per_rank=3)
+    with pytest.raises(locus.ConfigError, match="hedge_replicas is for locality plans of a trace"):
+        locus.plan(np.ones((1, 8)), 2, 2, redundant_slots=1, hedge_replicas=0)
     with pytest.raises(locus.ConfigError, match="not a path"):
         locus.plan("trace.bin", 2, 2)
     assert locus.plan(np.ones((1, 8)), 2, 2, redundant_slots=1).maps.shape == (1, 4, 3)

@@ -140,6 +140,13 @@ refused 'limit of 4096 hidden layers' map export "$work/lin.json" --to sglang --
 refused '100000000 hidden layers' map export "$work/lin.json" --to sglang --num-hidden-layers 100000000 --out "$work/q.json"
 refused 'after step 10\^18' simulate --trace "$work/t.bin" --arrival-rate 1e-300
 ok '^steps: ' simulate --trace "$work/t.bin" --arrival-rate 1e-9
+# The balance hedges: 0 (off) is taken with any planner, a count only where it applies.
+succeeds plan --trace "$work/t.bin" --placement eplb --redundant-slots 1 --hedge-replicas 0 --out "$work/h0.json"
+refused '--hedge-replicas applies to --placement locality, not eplb' plan --trace "$work/t.bin" --placement eplb \
+  --redundant-slots 1 --hedge-replicas 4 --out "$work/h.json"
+refused '--hedge-replicas spends replica slots: it needs --redundant-slots' plan --trace "$work/t.bin" \
+  --placement locality --hedge-replicas 4 --out "$work/h.json"
+ok 'locus +locality +1 ' compare --trace "$work/t.bin" --nodes 2 --gpus-per-node 2 --anneal 0 --hedge-replicas 0 -q
 refused 'no decode tokens' simulate --trace "$work/t.bin" --prefill-tokens 100000
 refused 'no decode tokens' compare --trace "$work/t.bin" --prefill-tokens 100000
 refused 'acts before its end' simulate --trace "$work/t.bin" --replan-every 10 --replan-window 18446744073709551615

@@ -107,6 +107,8 @@ locus=$drift
 refused '--phases: the trace has no domain "foo" \(its domains: law, math\)' --trace "$work/esft" --phases foo \
   --out "$work/made_drift/out"
 check 'drift --phases foo leaves no folder' test ! -e "$work/made_drift"
+refused '--hedge-replicas spends replica slots: it needs --redundant' --trace "$work/esft" --hedge-replicas 4 \
+  --out "$work/made_drift/out"
 locus=$trace_io
 refused 'need about .* GB of memory' --gb 1e9 --out "$work/made_io/out"
 check 'trace_io removes the folders it made' test ! -e "$work/made_io"
