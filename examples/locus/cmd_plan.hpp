@@ -246,6 +246,9 @@ inline void register_plan(CLI::App& app) {
     p.done();
     p.clear();
     const auto& maps = planned.maps;
+    std::size_t replicas = 0;
+    for (const auto& m : maps)
+      replicas += m.replica_slots_used();
     locus::save_expert_plan(*out,
                             {maps, train.has_model_layers() ? train.model_layer_ids() : std::vector<std::size_t>{},
                              train.hidden_layers(), split->gpus_per_node});
@@ -259,6 +262,8 @@ inline void register_plan(CLI::App& app) {
                 {"gpus_per_node", split->gpus_per_node},
                 {"slots_per_rank", maps.front().slots_per_rank()},
                 {"train_requests", train.requests()},
+                {"replicas", replicas},
+                {"hedge_copies", planned.hedge_copies},
                 {"grouping", planned.model ? nlohmann::json(grouping_path) : nlohmann::json(nullptr)}});
     if (json_to_stdout(*json)) return;
     std::printf("%s: %s placement, %zu layers, %zu experts on %zu x %zu ranks, %zu slots per rank (fitted on %zu "
@@ -266,6 +271,9 @@ inline void register_plan(CLI::App& app) {
                 out->c_str(), plan->placement.c_str(), maps.size(), maps.front().experts(), split->nodes,
                 split->gpus_per_node, maps.front().slots_per_rank(), train.requests(),
                 planned.model ? "; grouping model in " : "", planned.model ? grouping_path.c_str() : "");
+    if (replicas > 0)
+      std::printf("%zu replicas over the layers, %zu of them balance hedges%s\n", replicas, planned.hedge_copies,
+                  planned.hedge_copies > 0 ? " (--hedge-replicas 0 for none)" : "");
   });
 }
 

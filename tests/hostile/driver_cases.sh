@@ -142,6 +142,10 @@ refused 'after step 10\^18' simulate --trace "$work/t.bin" --arrival-rate 1e-300
 ok '^steps: ' simulate --trace "$work/t.bin" --arrival-rate 1e-9
 # The balance hedges: 0 (off) is taken with any planner, a count only where it applies.
 succeeds plan --trace "$work/t.bin" --placement eplb --redundant-slots 1 --hedge-replicas 0 --out "$work/h0.json"
+ok '^[0-9]+ replicas over the layers, [0-9]+ of them balance hedges' plan --trace "$work/t.bin" --placement locality \
+  --redundant-slots 1 --out "$work/h1.json"
+ok '"hedge_copies": ?0' plan --trace "$work/t.bin" --placement locality --redundant-slots 1 --hedge-replicas 0 \
+  --out "$work/h2.json" --json -
 refused '--hedge-replicas applies to --placement locality, not eplb' plan --trace "$work/t.bin" --placement eplb \
   --redundant-slots 1 --hedge-replicas 4 --out "$work/h.json"
 refused '--hedge-replicas spends replica slots: it needs --redundant-slots' plan --trace "$work/t.bin" \

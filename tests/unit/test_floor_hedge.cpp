@@ -60,13 +60,15 @@ BOOST_AUTO_TEST_CASE(a_binding_single_copy_expert_gets_a_copy_and_the_floor_drop
   BOOST_TEST((placement::add_replicas_by_tokens(c.maps, c.s, c.topo, opt)[0] == c.maps[0]));
   opt.hedge_replicas = 3;
   opt.hedge_floor = 1.10;
-  const auto hedged = placement::add_replicas_by_tokens(c.maps, c.s, c.topo, opt);
+  std::size_t reported = 0;
+  const auto hedged = placement::add_replicas_by_tokens(c.maps, c.s, c.topo, opt, &reported);
   BOOST_TEST(hedged[0].replica_count(0) >= 2u); // the first hedge copy is of expert 0
   std::size_t added = 0;
   for (std::size_t e = 0; e < 8; ++e)
     added += hedged[0].replica_count(e) - 1;
   BOOST_TEST(added >= 1u);
   BOOST_TEST(added <= opt.hedge_replicas);
+  BOOST_TEST(reported == added); // every copy here is a hedge: the fill saves nothing
   // A shifted test mix: expert 0's requests twice as common. Its floor drops from GPU 0 carrying
   // 500 of 1,400 rows (1.43) to within the target.
   auto rows = expert_rows(c.s, 0);
@@ -164,7 +166,10 @@ BOOST_AUTO_TEST_CASE(floor_hedges_keep_their_budget_and_are_deterministic) {
     plain.hedge_replicas = 0;
     bounded.hedge_cost_budget = 0.01 * static_cast<double>(trial % 3);
     const double plain_cost = cost_of(placement::add_replicas_by_tokens(maps, s, topo, plain)[0]);
-    const auto within = placement::add_replicas_by_tokens(maps, s, topo, bounded);
+    std::size_t kept = 0;
+    const auto within = placement::add_replicas_by_tokens(maps, s, topo, bounded, &kept);
+    BOOST_TEST(kept <= hedges); // the byte bound only cuts hedges back
+    BOOST_TEST(kept <= within[0].replica_slots_used());
     if (bounded.hedge_cost_budget > 0) {
       BOOST_TEST(cost_of(within[0]) <= plain_cost * (1 + bounded.hedge_cost_budget) + 1e-6);
       cut += !(within[0] == out[0]);

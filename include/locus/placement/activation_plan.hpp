@@ -103,17 +103,20 @@ struct activation_plan {
   std::vector<expert_map> maps;
   std::shared_ptr<const grouper::workload_model> model; //!< empty when nothing needed it (fit_grouping)
   double local_fraction = 0; //!< training decode pairs kept local by the joint fit (locality only)
+  //! Replica slots, over all layers, that hold balance hedges (token_refine_options::hedge_replicas;
+  //! locality with replica slots only); the others hold copies that save bytes.
+  std::size_t hedge_copies = 0;
 };
 
 //! The token-level stage on node-level `locality` maps: first copies refined, then (with
 //! `fill_replicas`) the empty slots filled with replicas on the exact copy cost and the first
-//! copies refined around them.
+//! copies refined around them. `hedged`, when given, receives the balance hedges placed.
 inline std::vector<expert_map> token_level_stage(std::vector<expert_map> maps, const token_sample& sample,
                                                  const dynamic_topology& topo, const activation_plan_options& opt,
-                                                 bool fill_replicas) {
+                                                 bool fill_replicas, std::size_t* hedged = nullptr) {
   maps = refine_by_tokens(maps, sample, topo, opt.refine);
   if (!fill_replicas) return maps;
-  maps = add_replicas_by_tokens(maps, sample, topo, opt.refine);
+  maps = add_replicas_by_tokens(maps, sample, topo, opt.refine, hedged);
   auto again = opt.refine; // a warm start: one more sweep catches most of what the replicas opened
   again.max_sweeps = std::min<std::size_t>(again.max_sweeps, 1);
   return refine_by_tokens(maps, sample, topo, again);
@@ -149,7 +152,7 @@ inline activation_plan plan_activation_aware(const trace::trace& train, const dy
     if (fill) named.locality.replicas = false;
     const auto sample =
         token_sample_from_model(train, *model, opt.refine_sample_tokens(train.layers(), train.top_k()), opt.shift_by);
-    out.maps = token_level_stage(plan_by_name(placement, in, named), sample, topo, opt, fill);
+    out.maps = token_level_stage(plan_by_name(placement, in, named), sample, topo, opt, fill, &out.hedge_copies);
   } else {
     out.maps = plan_by_name(placement, in, opt.named);
   }

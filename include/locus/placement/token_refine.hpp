@@ -1461,11 +1461,13 @@ double sample_copy_cost(const std::vector<expert_map>& maps, const token_sample&
 //! node's least-loaded GPU with a free slot, while the loads stay under the bound of
 //! token_refine_options::balance_slack (or no worse than before). Leaves a slot empty when no copy
 //! saves anything. Existing copies never move. With token_refine_options::hedge_replicas, slots
-//! first go to hedge copies (see that option) under the same bound.
+//! first go to hedge copies (see that option) under the same bound; `hedged`, when given, receives
+//! how many the maps keep, over all layers.
 //! @throws as refine_by_tokens
 template <class Topology>
 std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& maps, const token_sample& sample,
-                                               const Topology& topo, const token_refine_options& opt = {}) {
+                                               const Topology& topo, const token_refine_options& opt = {},
+                                               std::size_t* hedged = nullptr) {
   LOCUS_REQUIRE(maps.size() == sample.layers(), config_error, "add_replicas_by_tokens: ", maps.size(),
                 " maps for a sample of ", sample.layers(), " layers");
   sample.validate(topo.nodes());
@@ -1501,19 +1503,23 @@ std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& ma
     };
     state first = make();
     const std::size_t made = first.hedge();
-    const auto hedged = first.hedge_copies();
+    const auto copies = first.hedge_copies();
     auto best = finish(first);
+    std::size_t kept = made;
     if (made > 0 && opt.hedge_floor > 0 && opt.hedge_cost_budget > 0) {
       // Fewer hedge copies are a prefix of these (the floor hedge is greedy): replayed, not searched.
       const auto with = [&](std::size_t n) {
         state s = make();
-        s.replay(hedged, n);
+        s.replay(copies, n);
         return finish(s);
       };
       const double bound = with(0).second * (1 + opt.hedge_cost_budget) + 1e-9;
-      for (std::size_t n = made; n-- > 0 && best.second > bound;)
+      for (std::size_t n = made; n-- > 0 && best.second > bound;) {
         best = with(n); // n = 0 is the plain fill: within the bound
+        kept = n;
+      }
     }
+    if (hedged != nullptr) *hedged += kept;
     out.push_back(std::move(best.first));
   }
   return out;
