@@ -56,22 +56,8 @@ succeeds trace import "$work/t.bin" -o /dev/null
 "$locus" trace import "$work/t.bin" -o "$work/t2.bin" >/dev/null
 mkdir -p "$work/esft"
 # An ESFT folder written by the library through the synthesizer's binary trace is not available
-# from the driver, so build a tiny top-6 one by hand: 2 domains x 2 layers x 40 lines of 8 tokens.
-python3 - "$work/esft" <<'PY'
-import os, random, sys
-root = sys.argv[1]
-rng = random.Random(5)
-for dom in ("law", "math"):
-    os.makedirs(os.path.join(root, dom), exist_ok=True)
-    for layer in (1, 2):
-        with open(os.path.join(root, dom, f"expert_weights_{layer}.txt"), "w") as f:
-            for line in range(40):
-                ids, ws = [], []
-                for tok in range(8):
-                    ids += rng.sample(range(64), 6)
-                    ws += [round(rng.random(), 4) for _ in range(6)]
-                f.write("\t".join(map(str, ids)) + "\t\t" + "\t".join(map(str, ws)) + "\n")
-PY
+# from the driver, so build a tiny top-6 one: 2 domains x 2 layers x 40 lines of 8 tokens.
+python3 "$(dirname "$0")/../support/tiny_esft.py" "$work/esft" 8
 refused 'domain "law" is given twice' trace import "$work/esft" -o "$work/x.bin" --domains law law
 refused 'not a folder name inside the root' trace import "$work/esft" -o "$work/x.bin" --domains ../esft
 refused 'looks like top-6' trace import "$work/esft" -o "$work/x.bin" --top-k 3

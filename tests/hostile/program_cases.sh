@@ -84,20 +84,7 @@ check 'no results where a run was refused' test ! -e "$work/eplb.json" -a ! -e "
 
 # A run that fails after making its results folder removes it again, with the parents it made (an
 # empty folder was left behind); a folder that was there stays.
-python3 - "$work/esft" <<'PY'
-import os, random, sys
-rng = random.Random(5)
-for dom in ("law", "math"):
-    os.makedirs(os.path.join(sys.argv[1], dom))
-    for layer in (1, 2):
-        with open(os.path.join(sys.argv[1], dom, f"expert_weights_{layer}.txt"), "w") as f:
-            for line in range(40):
-                ids, ws = [], []
-                for tok in range(48):
-                    ids += rng.sample(range(64), 6)
-                    ws += [round(rng.random(), 4) for _ in range(6)]
-                f.write("\t".join(map(str, ids)) + "\t\t" + "\t".join(map(str, ws)) + "\n")
-PY
+python3 "$(dirname "$0")/../support/tiny_esft.py" "$work/esft" 48
 for p in comm_volume drift placement_oracle trace_stats; do
   locus=${!p}
   refused 'plain: offset 0: file ends inside the magic' --trace "$work/plain" --out "$work/made_$p/out"
