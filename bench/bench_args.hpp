@@ -156,6 +156,9 @@ inline void output_file(const std::string& path) {
   locus::atomic_file probe(path); // never committed: its unnamed temporary goes when it does
 }
 
+//! Help text of every benchmark's --out, which output_folder makes.
+inline constexpr const char* out_folder_help = "Folder for the results (made, with its parents, if missing)";
+
 //! Makes the results folder `dir` (with any missing parents) and checks that a file can be written in
 //! it, before the run: a folder that cannot be used is said at once, not after the minutes or hours
 //! of measuring (and not as std::filesystem's "cannot create directories"). The folder, and the

@@ -117,7 +117,7 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
       },
       "NODESxGPUS"};
   const CLI::Option* trace_opt = bench_args::add_trace_option(app, o.trace_path, "ESFT folder or binary trace");
-  app.add_option("--out", o.out_dir, "Folder for the results (made, with its parents, if missing)");
+  app.add_option("--out", o.out_dir, bench_args::out_folder_help);
   app.add_option("--split-seed", o.seed, "Seed of the train/test split of the requests (and of the grouping)");
   app.add_option("--prefill-tokens", o.prefill, "Prefill tokens per request");
   app.add_option("--hidden", o.hidden, "Hidden size (message sizes)")->check(tool_cli::positive);

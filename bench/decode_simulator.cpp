@@ -86,7 +86,7 @@ int main(int argc, char** argv) try {
   std::string out_dir = ".";
   app.add_option("--requests", requests, "Requests in the synthetic trace")->check(tool_cli::positive);
   app.add_option("--decode-tokens", decode, "Decode tokens per request")->check(tool_cli::positive);
-  app.add_option("--out", out_dir, "Folder for the results (made, with its parents, if missing)");
+  app.add_option("--out", out_dir, bench_args::out_folder_help);
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/decode_simulator");

@@ -80,7 +80,7 @@ int main(int argc, char** argv) try {
   std::vector<std::string> phase_names{"summary", "law", "intent"};
   const std::vector<std::string> rule_names = tool_cli::names_of(placement::all_replica_rules);
   const CLI::Option* trace_opt = bench_args::add_trace_option(app, trace_path, "ESFT folder or binary trace");
-  app.add_option("--out", out_dir, "Folder for the results (made, with its parents, if missing)");
+  app.add_option("--out", out_dir, bench_args::out_folder_help);
   app.add_option("--balance-floor", balance_floor,
                  "Also each window's balance floor: the lowest GPU max/mean any split of its rows among the "
                  "replicas of the maps in service reaches (0|1)")
@@ -142,12 +142,7 @@ int main(int argc, char** argv) try {
   const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);
   // A phase whose domain the trace lacks is said before minutes of planning, with the domains it has.
   for (const auto& name : phase_names)
-    if (std::find(full.domains().begin(), full.domains().end(), name) == full.domains().end()) {
-      std::string have;
-      for (const auto& d : full.domains())
-        have += (have.empty() ? "" : ", ") + d;
-      throw config_error("--phases: the trace has no domain \"" + name + "\" (its domains: " + have + ")");
-    }
+    static_cast<void>(full.domain_index(name, "--phases"));
   const auto [train, test] = trace::split_by_request(full, 0.5, seed);
   const dynamic_topology topo(4, 2);
 

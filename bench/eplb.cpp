@@ -49,7 +49,7 @@ int main(int argc, char** argv) try {
   tool_cli::show_defaults(app);
   std::string out_dir = ".";
   int repeats = 5;
-  app.add_option("--out", out_dir, "Folder for the results (made, with its parents, if missing)");
+  app.add_option("--out", out_dir, bench_args::out_folder_help);
   app.add_option("--repeats", repeats, "Timed runs per planner (best kept)")->check(tool_cli::positive);
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing

@@ -96,7 +96,7 @@ int main(int argc, char** argv) try {
   app.add_option("--hidden", hidden, "Hidden size")->check(tool_cli::positive);
   app.add_option("--ffn", ffn, "Expert FFN size")->check(tool_cli::positive);
   app.add_option("--experts", experts, "Experts")->check(tool_cli::positive);
-  app.add_option("--out", out_dir, "Folder for the results (made, with its parents, if missing)");
+  app.add_option("--out", out_dir, bench_args::out_folder_help);
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/expert_compute");

@@ -107,7 +107,7 @@ int main(int argc, char** argv) try {
   app.add_option("--permute-tokens", ptokens, "Tokens per permute")->check(tool_cli::positive);
   app.add_option("--reps", reps, "Timed runs per row (best kept)")->check(tool_cli::positive);
   app.add_option("--threads", threads, "Host threads (0: all)");
-  app.add_option("--out", out_dir, "Folder for the results (made, with its parents, if missing)");
+  app.add_option("--out", out_dir, bench_args::out_folder_help);
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/layout_permute");

@@ -277,7 +277,7 @@ int main(int argc, char** argv) try {
   std::vector<double> slacks{0.03, 0.10}, caps{-1, 0.10};
   std::vector<std::size_t> redundants{0, 1};
   const CLI::Option* trace_opt = bench_args::add_trace_option(app, trace_path, "ESFT folder or binary trace");
-  app.add_option("--out", out_dir, "Folder for the results (made, with its parents, if missing)");
+  app.add_option("--out", out_dir, bench_args::out_folder_help);
   app.add_option("--nodes", nodes, "Nodes")->check(tool_cli::positive);
   app.add_option("--gpus", gpus, "GPUs per node")->check(tool_cli::positive);
   app.add_option("--split-seed", seed, "Seed of the train/test split of the requests");

@@ -215,7 +215,7 @@ int main(int argc, char** argv) try {
   tool_cli::show_defaults(app);
   std::string out_dir = ".";
   std::size_t tokens = 100000, anneal = 300;
-  app.add_option("--out", out_dir, "Folder for the results (made, with its parents, if missing)");
+  app.add_option("--out", out_dir, bench_args::out_folder_help);
   app.add_option("--tokens", tokens, "Decode tokens of the synthetic trace")->check(tool_cli::positive);
   app.add_option("--anneal", anneal, "Annealing proposals per expert in the timed annealing run");
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;

@@ -255,7 +255,7 @@ int main(int argc, char** argv) try {
       bench_args::add_trace_option(app, esft, "ESFT folder (its import rows are skipped when there is none)");
   app.add_option("--gb", gb, "Size of the synthetic binary trace in GB")->check(tool_cli::positive);
   app.add_option("--tmp", tmp_dir, "Folder for the temporary trace files");
-  app.add_option("--out", out_dir, "Folder for the results (made, with its parents, if missing)");
+  app.add_option("--out", out_dir, bench_args::out_folder_help);
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   // The ESFT rows are one part of this benchmark: a missing default skips them (saying why), a
   // folder given that is not there ends the run.

@@ -109,18 +109,8 @@ inline std::vector<std::uint64_t> read_request_ids(const std::string& path, cons
 inline std::vector<bool> in_domains(const locus::trace::trace& t, const std::vector<std::string>& names,
                                     const char* flag) {
   std::vector<bool> chosen_domain(t.domains().size(), false);
-  for (const auto& n : names) {
-    const auto it = std::find(t.domains().begin(), t.domains().end(), n);
-    if (it == t.domains().end()) {
-      std::string all;
-      for (const auto& d : t.domains())
-        all += (all.empty() ? "" : ", ") + d;
-      throw locus::config_error(
-          locus::detail::concat(flag, ": the trace has no domain \"", n, "\" (its domains: ", all, ")"), __FILE__,
-          __LINE__);
-    }
-    chosen_domain[static_cast<std::size_t>(it - t.domains().begin())] = true;
-  }
+  for (const auto& n : names)
+    chosen_domain[t.domain_index(n, flag)] = true;
   std::vector<bool> chosen(t.requests());
   for (std::size_t r = 0; r < t.requests(); ++r)
     chosen[r] = chosen_domain[t.request(r).domain];

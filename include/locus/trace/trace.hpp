@@ -200,6 +200,20 @@ public:
   //! @throws locus::invalid_input_error on an index out of range
   trace select_requests(std::span<const std::size_t> request_indices) const;
 
+  //! The index of the domain called `name`.
+  //! @throws locus::config_error "<what>: the trace has no domain "<name>" (its domains: ...)" when
+  //!         there is none, `what` naming where the name came from (e.g. an option)
+  std::uint32_t domain_index(std::string_view name, std::string_view what) const {
+    const auto it = std::find(domains_.begin(), domains_.end(), name);
+    if (it == domains_.end()) {
+      std::string all;
+      for (const auto& d : domains_)
+        all += (all.empty() ? "" : ", ") + d;
+      LOCUS_THROW(config_error, what, ": the trace has no domain \"", name, "\" (its domains: ", all, ")");
+    }
+    return static_cast<std::uint32_t>(it - domains_.begin());
+  }
+
   //! The requests of one domain. @throws locus::invalid_input_error when `domain` is out of range
   trace select_domain(std::uint32_t domain) const {
     LOCUS_REQUIRE(domain < domains_.size(), invalid_input_error, "trace::select_domain: domain ", domain,
