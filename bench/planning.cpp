@@ -92,9 +92,11 @@ struct planning_run {
   double total_s() const { return fit_s + joint_s + place_s + token_s; }
 };
 
-planning_run time_planning(const locus::trace::trace& train, const locus::dynamic_topology& topo, std::size_t anneal) {
+planning_run time_planning(const locus::trace::trace& train, const locus::dynamic_topology& topo, std::size_t anneal,
+                           std::size_t hedge_replicas) {
   planning_run p;
   auto& opt = p.opt;
+  opt.refine.hedge_replicas = hedge_replicas;
   opt.grouping.clusters = v3::clusters;
   opt.grouping.restarts = 1;
   auto t0 = cpu_now();
@@ -215,9 +217,12 @@ int main(int argc, char** argv) try {
   tool_cli::show_defaults(app);
   std::string out_dir = ".";
   std::size_t tokens = 100000, anneal = 300;
+  std::size_t hedge_replicas = locus::placement::token_refine_options{}.hedge_replicas;
   app.add_option("--out", out_dir, bench_args::out_folder_help);
   app.add_option("--tokens", tokens, "Decode tokens of the synthetic trace")->check(tool_cli::positive);
   app.add_option("--anneal", anneal, "Annealing proposals per expert in the timed annealing run");
+  app.add_option("--hedge-replicas", hedge_replicas,
+                 "Token-level stage: balance hedge copies per layer at most (0: off)");
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/planning");
@@ -230,7 +235,7 @@ int main(int argc, char** argv) try {
   const auto test = synthetic(20000, experts, k, layers, kinds, 2);
   const double gen_s = seconds_since(t0);
 
-  const planning_run p = time_planning(train, topo, anneal);
+  const planning_run p = time_planning(train, topo, anneal, hedge_replicas);
   const assign_times at = time_assign(test, topo, p.model);
   const double accuracy = classification_accuracy(*p.model, train, test);
   const auto [split_peak, contiguous_peak] = micro_batch_balance(test, p.maps);

@@ -149,7 +149,9 @@ struct token_refine_options {
   //! remaining slots are then filled for bytes alone. On by default (8 per layer: every slot of
   //! ESFT's 4 × 2 GPUs with one redundant slot each) with the floor rule and its byte bound, which
   //! cost 0.0-0.2 points of the inter-node byte saving on ESFT's split seeds and lower the worst
-  //! seed's GPU max/mean (bench/results/robust_planning.md).
+  //! seed's GPU max/mean (bench/results/robust_planning.md). At 64 GPUs one copy per GPU balances
+  //! better (0.006-0.053 of max/mean on the synthetic 8 × 8 rows) but takes full planning at
+  //! DeepSeek-V3 shape from about 2 s to 4.6 s of CPU: set it to the GPU count where that is affordable.
   std::size_t hedge_replicas = 8;
   std::size_t hedge_resamples = 64; //!< bootstrap draws of the requests
   double hedge_z = 2.0;             //!< a GPU's risk: its mean share plus this many standard deviations
