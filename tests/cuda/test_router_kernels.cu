@@ -2,6 +2,8 @@
 // The host path is itself tested against a double-precision brute-force reference
 // (tests/unit/test_router.cpp), so agreement here carries that check over to the device.
 #define BOOST_TEST_MODULE router_kernels
+#include "../support/router_inputs.hpp"
+
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
 #include <cmath>
@@ -15,40 +17,11 @@
 
 using namespace locus;
 namespace lr = locus::router;
+using locus_test::random_bias;
+using locus_test::random_logits;
+using locus_test::tied_logits;
 
 namespace {
-
-template <class T>
-std::vector<T> random_logits(std::size_t n, unsigned seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> d(0.0f, 2.0f);
-  std::vector<T> v(n);
-  for (auto& x : v)
-    x = T(d(rng));
-  return v;
-}
-
-// Logits from five values, -0 and +0 among them: most tokens tie on their k-th choice (and often on
-// the first), so the lowest-id rule decides, and -0 must tie with +0 as the host's comparison says.
-template <class T>
-std::vector<T> tied_logits(std::size_t n, unsigned seed) {
-  const float values[] = {-1.0f, -0.0f, 0.0f, 0.5f, 1.0f};
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int> d(0, 4);
-  std::vector<T> v(n);
-  for (auto& x : v)
-    x = T(values[d(rng)]);
-  return v;
-}
-
-std::vector<float> random_bias(std::size_t experts, unsigned seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> d(-0.05f, 0.05f);
-  std::vector<float> v(experts);
-  for (auto& x : v)
-    x = d(rng);
-  return v;
-}
 
 const char* kernel_name(lr::cuda_kernel k) {
   switch (k) {

@@ -1,6 +1,8 @@
 // Routers against an independent brute-force reference: every probability and score computed in
 // double precision with std::exp, every selection made by a full sort.
 #define BOOST_TEST_MODULE router
+#include "../support/router_inputs.hpp"
+
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
 #include <cmath>
@@ -15,6 +17,8 @@
 
 using namespace locus;
 namespace lr = locus::router;
+using locus_test::random_bias;
+using locus_test::random_logits;
 
 static_assert(router_policy<lr::softmax_topk<top_k<8>>>);
 static_assert(router_policy<lr::sigmoid_grouped<groups<8>, top_groups<4>, top_k<8>>>);
@@ -171,30 +175,11 @@ std::size_t expect_matches(const View& got, std::size_t tokens, std::size_t k, R
   return ambiguous;
 }
 
-template <class T>
-std::vector<T> random_logits(std::size_t tokens, std::size_t experts, unsigned seed, double spread = 2.0) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> d(0.0f, static_cast<float>(spread));
-  std::vector<T> v(tokens * experts);
-  for (auto& x : v)
-    x = T(d(rng));
-  return v;
-}
-
-std::vector<float> random_bias(std::size_t experts, unsigned seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> d(-0.05f, 0.05f);
-  std::vector<float> v(experts);
-  for (auto& x : v)
-    x = d(rng);
-  return v;
-}
-
 // --- softmax top-k ------------------------------------------------------------------------------
 
 template <std::size_t E, std::size_t K, class T>
 void check_softmax(std::size_t tokens, unsigned seed, bool renormalize) {
-  const auto logits = random_logits<T>(tokens, E, seed);
+  const auto logits = random_logits<T>(tokens * E, seed);
   const lr::softmax_topk<top_k<K>> router(K, renormalize);
   const auto r = router.route(lr::logits_view<experts<E>, const T>(logits.data(), tokens), 3);
   const std::string what = "softmax E=" + std::to_string(E) + " K=" + std::to_string(K) +
@@ -245,7 +230,7 @@ BOOST_AUTO_TEST_CASE(softmax_topk_ties_choose_the_lower_expert) {
 
 template <std::size_t E, std::size_t G, std::size_t TG, std::size_t K, class T>
 void check_grouped(std::size_t tokens, unsigned seed, bool with_bias, float scale, bool normalize) {
-  const auto logits = random_logits<T>(tokens, E, seed);
+  const auto logits = random_logits<T>(tokens * E, seed);
   const auto bias = with_bias ? random_bias(E, seed + 100) : std::vector<float>{};
   const lr::sigmoid_grouped<groups<G>, top_groups<TG>, top_k<K>> router(bias, scale, normalize);
   const auto r = router.route(lr::logits_view<experts<E>, const T>(logits.data(), tokens), 3);
@@ -312,7 +297,7 @@ BOOST_AUTO_TEST_CASE(sigmoid_grouped_bias_affects_selection_only) {
 
 template <std::size_t E, class T>
 void check_top1(std::size_t tokens, unsigned seed) {
-  const auto logits = random_logits<T>(tokens, E, seed);
+  const auto logits = random_logits<T>(tokens * E, seed);
   const auto r = lr::sigmoid_top1().route(lr::logits_view<experts<E>, const T>(logits.data(), tokens), 3);
   expect_matches(
       r.view(), tokens, 1,
@@ -345,7 +330,7 @@ void expect_identical(const A& a, const B& b) {
 
 BOOST_AUTO_TEST_CASE(dynamic_extents_give_the_static_results) {
   const std::size_t tokens = 700;
-  const auto logits = random_logits<float>(tokens, 256, 51);
+  const auto logits = random_logits<float>(tokens * 256, 51);
   const auto bias = random_bias(256, 52);
   {
     const auto s = lr::softmax_topk<top_k<6>>(6, false).route(lr::logits_view<experts<64>>(logits.data(), tokens));
@@ -371,7 +356,7 @@ BOOST_AUTO_TEST_CASE(dynamic_extents_give_the_static_results) {
 
 BOOST_AUTO_TEST_CASE(results_do_not_depend_on_the_thread_count) {
   const std::size_t tokens = 3000;
-  const auto logits = random_logits<float>(tokens, 64, 61);
+  const auto logits = random_logits<float>(tokens * 64, 61);
   const lr::softmax_topk<top_k<6>> router;
   const lr::logits_view<experts<64>> view(logits.data(), tokens);
   expect_identical(router.route(view, 1), router.route(view, 4));
@@ -381,7 +366,7 @@ BOOST_AUTO_TEST_CASE(non_finite_logits_raise_naming_token_and_expert) {
   const std::size_t tokens = 2000;
   for (const float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
                           -std::numeric_limits<float>::infinity()}) {
-    auto logits = random_logits<float>(tokens, 64, 71);
+    auto logits = random_logits<float>(tokens * 64, 71);
     logits[1500 * 64 + 9] = bad;
     logits[1234 * 64 + 17] = bad; // the lowest bad token is reported, whatever the threads
     const lr::logits_view<experts<64>> view(logits.data(), tokens);
