@@ -137,10 +137,10 @@ LOCUS_DEVICE int expert_of(int i, int lane) {
 template <int E, class T, int V>
 LOCUS_DEVICE void load_row(const T* row, int lane, float (&x)[E / warp_size]) {
   constexpr int per_lane = E / warp_size;
-#pragma unroll
+  LOCUS_UNROLL
   for (int c = 0; c < per_lane / V; ++c) {
     const auto pack = *reinterpret_cast<const vector_pack<T, V>*>(row + (c * warp_size + lane) * V);
-#pragma unroll
+    LOCUS_UNROLL
     for (int v = 0; v < V; ++v)
       x[c * V + v] = load_logit(&pack.v[v]);
   }
@@ -150,7 +150,7 @@ LOCUS_DEVICE int warp_min(int v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   return __reduce_min_sync(full_mask, v);
 #else
-#pragma unroll
+  LOCUS_UNROLL
   for (int offset = warp_size / 2; offset > 0; offset /= 2)
     v = min(v, __shfl_xor_sync(full_mask, v, offset));
   return v;
@@ -161,7 +161,7 @@ LOCUS_DEVICE unsigned warp_max(unsigned v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   return __reduce_max_sync(full_mask, v);
 #else
-#pragma unroll
+  LOCUS_UNROLL
   for (int offset = warp_size / 2; offset > 0; offset /= 2)
     v = max(v, __shfl_xor_sync(full_mask, v, offset));
   return v;
@@ -169,7 +169,7 @@ LOCUS_DEVICE unsigned warp_max(unsigned v) {
 }
 
 LOCUS_DEVICE double warp_sum(double v) {
-#pragma unroll
+  LOCUS_UNROLL
   for (int offset = warp_size / 2; offset > 0; offset /= 2)
     v += __shfl_xor_sync(full_mask, v, offset);
   return v;
@@ -181,7 +181,7 @@ template <int N, int V>
 LOCUS_DEVICE bool warp_flag_non_finite(const float (&x)[N], int lane, std::size_t token, const device_status& st,
                                        expert_id* ids, float* weights, std::size_t k) {
   int bad = INT_MAX;
-#pragma unroll
+  LOCUS_UNROLL
   for (int i = 0; i < N; ++i)
     if (!is_finite(x[i])) bad = min(bad, expert_of<V>(i, lane));
   if (__ballot_sync(full_mask, bad != INT_MAX) == 0) return false;
@@ -197,12 +197,12 @@ LOCUS_DEVICE bool warp_flag_non_finite(const float (&x)[N], int lane, std::size_
 template <int N, int V>
 LOCUS_DEVICE int warp_arg_best(const unsigned (&key)[N], int lane, unsigned& best) {
   unsigned local = 0;
-#pragma unroll
+  LOCUS_UNROLL
   for (int i = 0; i < N; ++i)
     local = max(local, key[i]);
   best = warp_max(local);
   int mine = INT_MAX; // a lane's experts rise with i: the first match is its lowest
-#pragma unroll
+  LOCUS_UNROLL
   for (int i = N - 1; i >= 0; --i)
     if (key[i] == best) mine = expert_of<V>(i, lane);
   return warp_min(mine);
@@ -227,12 +227,12 @@ struct warp_choices {
   float payload_sum = 0.0f;
 
   LOCUS_DEVICE warp_choices(unsigned (&key)[N], const float (&pay)[N], int lane) {
-#pragma unroll
+    LOCUS_UNROLL
     for (int j = 0; j < K; ++j) {
       unsigned best;
       const int e = warp_arg_best<N, V>(key, lane, best);
       float held = 0.0f;
-#pragma unroll
+      LOCUS_UNROLL
       for (int i = 0; i < N; ++i)
         if (expert_of<V>(i, lane) == e) {
           key[i] = 0;
@@ -251,7 +251,7 @@ struct warp_choices {
   //! Writes choice j (ids[j], weight(payload, slot)) from lane j % 32, slot j / 32.
   template <class Weight>
   LOCUS_DEVICE void write(int lane, expert_id* ids, float* weights, Weight&& weight) const {
-#pragma unroll
+    LOCUS_UNROLL
     for (int s = 0; s < slots; ++s) {
       const int j = s * warp_size + lane;
       if (j < K) {
@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(warp_kernel_block)
   if (warp_flag_non_finite<N, V>(x, lane, t, st, ids, weights, K)) return;
 
   unsigned key[N];
-#pragma unroll
+  LOCUS_UNROLL
   for (int i = 0; i < N; ++i)
     key[i] = order_key(x[i]);
   using choices = warp_choices<N, V, K>;
@@ -293,17 +293,17 @@ __global__ void __launch_bounds__(warp_kernel_block)
   const float m = top.first_payload; // the largest logit: exp never overflows
   // Choice j's exp in lane j; the sum in choice order, as the host adds it.
   float ex[choices::slots];
-#pragma unroll
+  LOCUS_UNROLL
   for (int s = 0; s < choices::slots; ++s)
     ex[s] = s * warp_size + lane < K ? exp(fsub(top.payload[s], m)) : 0.0f;
   float sum = 0.0f;
   if (renormalize) {
-#pragma unroll
+    LOCUS_UNROLL
     for (int j = 0; j < K; ++j)
       sum = fadd(sum, __shfl_sync(full_mask, ex[j / warp_size], j % warp_size));
   } else {
     double partial = 0.0;
-#pragma unroll
+    LOCUS_UNROLL
     for (int i = 0; i < N; ++i)
       partial += static_cast<double>(exp(fsub(x[i], m)));
     sum = static_cast<float>(warp_sum(partial));
@@ -325,14 +325,14 @@ template <int E, int G, int TG, int V>
 LOCUS_DEVICE unsigned kept_groups_in_registers(const float (&b)[E / warp_size], int lane) {
   constexpr int N = E / warp_size, chunks = N / V, size = E / G, lanes = size / V;
   float score[chunks];
-#pragma unroll
+  LOCUS_UNROLL
   for (int c = 0; c < chunks; ++c) {
     // The two largest of the chunk's V values (with multiplicity), then of the group's lanes.
     float m1 = -std::numeric_limits<float>::infinity(), m2 = m1;
-#pragma unroll
+    LOCUS_UNROLL
     for (int v = 0; v < V; ++v)
       top2_push(m1, m2, b[c * V + v]);
-#pragma unroll
+    LOCUS_UNROLL
     for (int offset = 1; offset < lanes; offset *= 2)
       top2_merge(m1, m2, __shfl_xor_sync(full_mask, m1, offset), __shfl_xor_sync(full_mask, m2, offset));
     score[c] = fadd(m1, m2); // the host's top2_sum: a sum of the same two values
@@ -340,14 +340,14 @@ LOCUS_DEVICE unsigned kept_groups_in_registers(const float (&b)[E / warp_size], 
   // Lane g (< G) gathers group g's score and counts the groups that beat it.
   float mine = -std::numeric_limits<float>::infinity();
   float all[G];
-#pragma unroll
+  LOCUS_UNROLL
   for (int g = 0; g < G; ++g) {
     const int first = g * size; // the group's first expert: its chunk and lane
     all[g] = __shfl_sync(full_mask, score[first / (warp_size * V)], (first / V) % warp_size);
     if (lane == g) mine = all[g];
   }
   int rank = 0;
-#pragma unroll
+  LOCUS_UNROLL
   for (int g = 0; g < G; ++g)
     rank += better(all[g], g, mine, lane) ? 1 : 0;
   return __ballot_sync(full_mask, lane < G && rank < TG);
@@ -358,13 +358,13 @@ LOCUS_DEVICE unsigned kept_groups_in_registers(const float (&b)[E / warp_size], 
 template <int E, int G, int TG, int V>
 LOCUS_DEVICE unsigned kept_groups_in_shared(const float (&b)[E / warp_size], int lane, float* row_scores) {
   constexpr int N = E / warp_size, size = E / G;
-#pragma unroll
+  LOCUS_UNROLL
   for (int i = 0; i < N; ++i)
     row_scores[expert_of<V>(i, lane)] = b[i];
   __syncwarp();
   const float score = lane < G ? top2_sum(row_scores + lane * size, size) : -std::numeric_limits<float>::infinity();
   int rank = 0;
-#pragma unroll
+  LOCUS_UNROLL
   for (int g = 0; g < G; ++g)
     rank += better(__shfl_sync(full_mask, score, g), g, score, lane) ? 1 : 0;
   return __ballot_sync(full_mask, lane < G && rank < TG);
@@ -388,7 +388,7 @@ __global__ void __launch_bounds__(warp_kernel_block)
   if (warp_flag_non_finite<N, V>(x, lane, t, st, ids, weights, K)) return;
 
   float s[N], b[N];
-#pragma unroll
+  LOCUS_UNROLL
   for (int i = 0; i < N; ++i) {
     s[i] = sigmoid(x[i]);
     b[i] = bias ? fadd(s[i], __ldg(bias + expert_of<V>(i, lane))) : s[i];
@@ -399,7 +399,7 @@ __global__ void __launch_bounds__(warp_kernel_block)
   else
     kept = kept_groups_in_shared<E, G, TG, V>(b, lane, biased[threadIdx.x / warp_size]);
   unsigned key[N];
-#pragma unroll
+  LOCUS_UNROLL
   for (int i = 0; i < N; ++i)
     key[i] = ((kept >> (expert_of<V>(i, lane) / size)) & 1u) != 0 ? order_key(b[i]) : 0u;
 
@@ -427,13 +427,13 @@ __global__ void __launch_bounds__(warp_kernel_block)
   const int lane = static_cast<int>(threadIdx.x % warp_size);
   const int count = static_cast<int>(tokens - first < P ? tokens - first : P);
   float x[P][N];
-#pragma unroll
+  LOCUS_UNROLL
   for (int p = 0; p < P; ++p)
     if (p < count) load_row<E, T, V>(logits + (first + p) * E, lane, x[p]);
   // Token p's choice ends in lane p, which then computes its weight.
   int chosen = -1;
   unsigned chosen_key = 0;
-#pragma unroll
+  LOCUS_UNROLL
   for (int p = 0; p < P; ++p) {
     if (p >= count) break;
     if (warp_flag_non_finite<N, V>(x[p], lane, first + p, st, ids + first + p, weights + first + p, 1)) {
@@ -441,7 +441,7 @@ __global__ void __launch_bounds__(warp_kernel_block)
       continue;
     }
     unsigned key[N];
-#pragma unroll
+    LOCUS_UNROLL
     for (int i = 0; i < N; ++i)
       key[i] = order_key(x[p][i]);
     unsigned best;
