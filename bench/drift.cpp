@@ -172,7 +172,7 @@ int main(int argc, char** argv) try {
     for (std::size_t r = 0; r < test.requests(); ++r)
       if (test.domains()[test.request(r).domain] == phase_names[p] && test.request(r).length > prefill)
         pools[p].push_back(r);
-    LOCUS_REQUIRE(!pools[p].empty(), config_error, "drift: no test request of domain '", phase_names[p], "'");
+    LOCUS_REQUIRE(!pools[p].empty(), config_error, "no test request of domain '", phase_names[p], "'");
   }
   for (std::size_t p = 0; p < phase_names.size(); ++p) {
     for (std::size_t tokens = 0; tokens < phase_tokens;) {

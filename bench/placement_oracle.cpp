@@ -300,8 +300,8 @@ int main(int argc, char** argv) try {
   const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);
   const auto [train, test] = locus::trace::split_by_request(full, 0.5, seed);
   const locus::dynamic_topology topo(nodes, gpus);
-  LOCUS_REQUIRE(full.experts() % topo.ranks() == 0, locus::config_error, "placement_oracle: ", full.experts(),
-                " experts do not divide over ", topo.ranks(), " GPUs");
+  LOCUS_REQUIRE(full.experts() % topo.ranks() == 0, locus::config_error, full.experts(), " experts do not divide over ",
+                topo.ranks(), " GPUs");
   const std::size_t spr = full.experts() / topo.ranks();
 
   say("sampling the decode tokens");

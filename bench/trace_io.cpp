@@ -273,7 +273,7 @@ int main(int argc, char** argv) try {
   const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/trace_io");
   // The trace and its read-back sit in memory together; the file and the baseline's copy on --tmp.
-  tool_cli::require_memory(2 * gb * 1e9, "trace_io: --gb " + std::to_string(gb) + " (the trace and its read-back)");
+  tool_cli::require_memory(2 * gb * 1e9, "--gb " + std::to_string(gb) + " (the trace and its read-back)");
   if (struct statvfs fs_info{};
       ::statvfs(tmp_dir.c_str(), &fs_info) == 0 &&
       static_cast<double>(fs_info.f_bavail) * static_cast<double>(fs_info.f_frsize) < 2.1 * gb * 1e9)

@@ -4,9 +4,12 @@ import copy
 import json
 import multiprocessing
 import os
+import pathlib
 import pickle
 import re
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -588,3 +591,15 @@ def test_damaged_pickles_raise_clear_errors():
             locus.WorkloadModel.__new__(locus.WorkloadModel).__setstate__(bad)
     with pytest.raises(TypeError, match="takes the bytes"):
         locus.WorkloadModel.__new__(locus.WorkloadModel).__setstate__(None)
+
+
+def test_engine_example_error_names_the_script_once(tmp_path):
+    """An engine example that cannot read its trace says so in one line, "<script>: <kind>: <message>",
+    as the benchmarks and the driver do ("vllm.py: locus: format error: ..." named two)."""
+    script = pathlib.Path(__file__).resolve().parents[2] / "examples" / "engines" / "vllm.py"
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"not a trace")
+    r = subprocess.run([sys.executable, str(script), "--trace", str(bad), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    assert re.fullmatch(r"vllm\.py: format error: [^\n]*bad\.bin[^\n]*\n", r.stderr), r.stderr

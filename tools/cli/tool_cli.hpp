@@ -216,13 +216,15 @@ inline void require_memory(double bytes, const std::string& what) {
   }
 }
 
-// The line a program prints for the exception that ends it: a locus error without the source
-// location (the driver shows that under --verbose), memory exhaustion in words rather than the
-// standard library's "std::bad_alloc" or "cannot create std::vector larger than max_size()", and a
-// file-system error as path and reason.
+// What a program prints after its own name for the exception that ends it ("drift: " + this, or
+// "exchange: rank 3: " + this): a locus error as its kind and message, without the "locus: " of what()
+// (the program's name stands there; "drift: locus: configuration error: ..." said two names) and
+// without the source location (the driver shows that under --verbose); memory exhaustion in words
+// rather than the standard library's "std::bad_alloc" or "cannot create std::vector larger than
+// max_size()"; a file-system error as path and reason.
 inline std::string error_text(const std::exception& e) {
   if (const auto* le = dynamic_cast<const locus::error*>(&e))
-    return std::string("locus: ") + locus::to_string(le->kind()) + ": " + le->message();
+    return std::string(locus::to_string(le->kind())) + ": " + le->message();
   if (dynamic_cast<const std::bad_alloc*>(&e) || dynamic_cast<const std::length_error*>(&e))
     return "out of memory: the sizes asked for need more than this machine can hold";
   if (const auto* fe = dynamic_cast<const std::filesystem::filesystem_error*>(&e))
