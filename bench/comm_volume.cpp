@@ -8,21 +8,8 @@
 //               [--replica-balance-slack S] [--unseen-redundant N] (--help lists every option and its default)
 // Rows with redundant slots are also simulated under every engine's replica rule (second table).
 // Writes DIR/comm_volume.json and DIR/comm_volume.md; bench/plot_comm_volume.py draws the PNG.
-#include "bench_output.hpp"
-
-#include <locus/cost/comparison.hpp>
-#include <locus/cost/simulation_json.hpp>
-#include <locus/grouper/by_name.hpp>
-#include <locus/placement/activation_plan.hpp>
-#include <locus/placement/by_name.hpp>
-#include <locus/placement/split_floor.hpp>
-#include <locus/placement/trace_load.hpp>
-#if __has_include(<locus/trace/synthesizer.hpp>)
-#include <locus/trace/synthesizer.hpp>
-#define LOCUS_COMM_VOLUME_SYNTH 1
-#endif
-
 #include "bench_args.hpp"
+#include "bench_output.hpp"
 
 #include <chrono>
 #include <cstdio>
@@ -30,6 +17,14 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <locus/cost/comparison.hpp>
+#include <locus/cost/simulation_json.hpp>
+#include <locus/grouper/by_name.hpp>
+#include <locus/placement/activation_plan.hpp>
+#include <locus/placement/by_name.hpp>
+#include <locus/placement/split_floor.hpp>
+#include <locus/placement/trace_load.hpp>
+#include <locus/trace/synthesizer.hpp>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -333,7 +328,6 @@ void topology_table(const topology_case& tc, const locus::trace::trace& train, c
   }
 }
 
-#ifdef LOCUS_COMM_VOLUME_SYNTH
 // The 256-expert top-8 case on 8 nodes x 8 GPUs (the paper's EP64): the synthesizer fitted to
 // this ESFT trace, rescaled to 256 experts and top-8 (ESFT's layer count kept so that the run
 // stays short), sampled, split and measured like the real trace.
@@ -375,7 +369,6 @@ void synthetic_rows(const locus::trace::trace& full, const run_options& o, resul
     out.md += all_rows_line("8x8 synth 256e/top-8", row, res, j, ratio);
   }
 }
-#endif
 
 // Issue targets at 4x2, relative to linear / round_robin / flat in the same run.
 std::string targets_table(results& out) {
@@ -515,12 +508,14 @@ void write_outputs(const run_options& o, results& out, const std::string& summar
              : "`locality` is planned once for both transports")
      << ", with " << popt.refine.anneal_per_expert
      << " annealing proposals per expert after the token-level sweeps. The 8x8 synthetic rows (256 experts, top-8, "
-        "the synthesizer fitted to this trace and rescaled; ESFT's 26 layers kept) appear when "
-        "locus/trace/synthesizer.hpp is present. Plot: `/usr/bin/python3 bench/plot_comm_volume.py "
-        "bench/results`.\n\n## Targets (issue 5)\n\n"
+        "the synthesizer fitted to this trace and rescaled; ESFT's 26 layers kept) "
+     << (o.synthetic ? "are measured with `--synthetic 1`, the default; `--synthetic 0` leaves them out"
+                     : "are left out (`--synthetic 0`; the default, 1, measures them)")
+     << ". Plot: `/usr/bin/python3 bench/plot_comm_volume.py bench/results`.\n\n## Targets (issue 5)\n\n"
      << summary
      << "\n## Under each engine's replica rule\n\nRows with a redundant slot per GPU, simulated on the same maps and "
-        "requests under each rule of transport/replica_selection.hpp (docs/engines.md says which engine does what; "
+        "requests under each replica rule (which replica of an expert receives a token's copy; docs/engines.md says "
+        "which engine does what; "
         "without replicas every rule gives the same copies). Each cell: inter-node bytes reduction vs linear / "
         "round-robin / flat, then GPU max/mean (aggregate). locality_bounded avoids a GPU whose rows of the layer "
         "so far exceed (1 + "
@@ -571,12 +566,10 @@ int main(int argc, char** argv) try {
         std::to_string(tc.gpus));
     topology_table(tc, train, test, rows, o, out);
   }
-#ifdef LOCUS_COMM_VOLUME_SYNTH
   if (o.synthetic) {
     say("the synthetic 8x8 rows");
     synthetic_rows(full, o, out);
   }
-#endif
   std::string summary = targets_table(out);
   say("leaving each domain out of training (4x2)");
   summary += unseen_domain_table(train, test, o, out.doc);

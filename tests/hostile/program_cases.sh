@@ -111,6 +111,14 @@ check 'trace_stats checks --md before the run' test ! -e "$work/made_md"
 locus=$placement_oracle
 succeeds --trace "$work/esft" --nodes 2 --gpus 2 --anneal 10 --redundant 0 --slacks 0.1 --out "$work/p1/p2/p3"
 check 'a results folder is made with its parents' test -f "$work/p1/p2/p3/placement_oracle.json"
+# The results say what the reader controls, not which source file holds what: comm_volume.md said
+# the synthetic rows "appear when locus/trace/synthesizer.hpp is present" (--synthetic decides).
+locus=$comm_volume
+succeeds --trace "$work/esft" --only 2x2 --synthetic 0 --out "$work/cv"
+check 'comm_volume.md names no source file' bash -c "! grep -Eq '[a-z_]+\.(hpp|cuh|cpp|cu)\b' '$work/cv/comm_volume.md'"
+check 'comm_volume.md says --synthetic 0 left the synthetic rows out' \
+  grep -q 'synthetic rows .* are left out (`--synthetic 0`' "$work/cv/comm_volume.md"
+locus=$placement_oracle
 # A list option's value that is not a number names the option and what it takes (CLI11 said "Could not
 # convert: --home-caps = 0.1,x").
 refused '^--home-caps: "x" is not a number; it takes a comma-separated list' --home-caps 0.1,x
