@@ -483,14 +483,14 @@ std::string unseen_domain_table(const locus::trace::trace& train, const locus::t
 }
 
 // DIR/comm_volume.json and DIR/comm_volume.md, and the tables on standard output.
-void write_outputs(const run_options& o, results& out, const std::string& summary, double seconds,
-                   const std::string& command, const std::string& machine) {
+void write_outputs(const run_options& o, tool_cli::results_folder& folder, results& out, const std::string& summary,
+                   double seconds, const std::string& command, const std::string& machine) {
   const auto& popt = o.copt.plan;
   out.doc["seconds"] = seconds;
   out.doc["command"] = command;
   out.doc["machine"] = machine;
-  bench_output::file(o.out_dir + "/comm_volume.json") << out.doc.dump(1) << '\n';
-  bench_output::file md(o.out_dir + "/comm_volume.md");
+  bench_output::file(folder.file("comm_volume.json")) << out.doc.dump(1) << '\n';
+  bench_output::file md(folder.file("comm_volume.md"));
   md << "# Communication volume on ESFT (test split)\n\nProduced by `" << command << "` (trace " << o.trace_path
      << ") in " << static_cast<int>(seconds + 0.5) << " s on " << machine
      << ". Fit on a training split of requests (seed " << o.seed
@@ -538,7 +538,7 @@ void write_outputs(const run_options& o, results& out, const std::string& summar
 int main(int argc, char** argv) try {
   run_options o;
   if (const auto code = parse_options(argc, argv, o)) return *code;
-  const auto folder = bench_args::output_folder(o.out_dir); // removed again if the run fails before writing
+  auto folder = bench_args::output_folder(o.out_dir); // checked now, made when the first result is written
   const auto start = std::chrono::steady_clock::now();
   const std::string command = bench_args::command_line(argc, argv, "build/dev/bench/comm_volume");
   const std::string machine = bench_args::machine_line();
@@ -580,8 +580,8 @@ int main(int argc, char** argv) try {
                 "cluster → majority training domain), ESFT test split: %.1f%%.\n",
                 static_cast<std::size_t>(o.prefill), static_cast<std::size_t>(o.clusters), 100 * out.accuracy);
   summary += acc;
-  write_outputs(o, out, summary, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
-                command, machine);
+  write_outputs(o, folder, out, summary,
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), command, machine);
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "comm_volume: %s\n", tool_cli::error_text(e).c_str());

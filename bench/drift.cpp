@@ -130,7 +130,7 @@ int main(int argc, char** argv) try {
   LOCUS_REQUIRE(hedge_opt->count() == 0 || hedge_replicas == 0 || redundant > 0, config_error,
                 "--hedge-replicas spends replica slots: it needs --redundant");
   trace_path = bench_args::trace_to_read(*trace_opt, trace_path);
-  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
+  auto folder = bench_args::output_folder(out_dir); // checked now, made when the first result is written
   const std::size_t adaptive_window = adaptive_window_opt.value_or(interval);
   const auto transport = cost::parse_transport_kind(transport_name);
   // Every policy's replicas are chosen by one rule (transport/replica_selection.hpp).
@@ -508,7 +508,7 @@ int main(int argc, char** argv) try {
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   doc["seconds"] = seconds;
   const auto write = [&](const std::string& name, const std::string& text) {
-    bench_output::file(out_dir + "/" + name) << text;
+    bench_output::file(folder.file(name)) << text;
   };
   write("drift.json", doc.dump(1) + "\n");
   char head[1024];

@@ -98,7 +98,7 @@ int main(int argc, char** argv) try {
   app.add_option("--experts", experts, "Experts")->check(tool_cli::positive);
   app.add_option("--out", out_dir, bench_args::out_folder_help);
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
-  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
+  auto folder = bench_args::output_folder(out_dir); // checked now, made when the first result is written
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/expert_compute");
   const auto w32 = make_weights<float>(experts, hidden, ffn);
   const auto w16 = make_weights<bfloat16>(experts, hidden, ffn);
@@ -208,7 +208,7 @@ int main(int argc, char** argv) try {
                            {"ffn", ffn},
                            {"experts", experts},
                            {"rows", results}};
-  bench_output::file(out_dir + "/expert_compute.json") << doc.dump(2) << "\n";
+  bench_output::file(folder.file("expert_compute.json")) << doc.dump(2) << "\n";
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "expert_compute: %s\n", tool_cli::error_text(e).c_str());

@@ -84,8 +84,8 @@ ok 'scripts/gpu-check --prepare' --help
 refused 'unexpected argument "--bogus"' --bogus
 check 'no results where a run was refused' test ! -e "$work/eplb.json" -a ! -e "$work/trace_io.json"
 
-# A run that fails after making its results folder removes it again, with the parents it made (an
-# empty folder was left behind); a folder that was there stays.
+# A run that fails before writing its results leaves no folder of its own, nor the parents it would
+# have made (an empty folder was left behind); a folder that was there stays.
 python3 "$(dirname "$0")/../support/tiny_esft.py" "$work/esft" 48
 for p in comm_volume drift placement_oracle trace_stats; do
   locus=${!p}
@@ -111,6 +111,47 @@ check 'trace_stats checks --md before the run' test ! -e "$work/made_md"
 locus=$placement_oracle
 succeeds --trace "$work/esft" --nodes 2 --gpus 2 --anneal 10 --redundant 0 --slacks 0.1 --out "$work/p1/p2/p3"
 check 'a results folder is made with its parents' test -f "$work/p1/p2/p3/placement_oracle.json"
+# ... nor does a run stopped by a signal (Ctrl-C, SIGTERM): the folder is checked at the start and
+# made when the first result is written (it was made at the start, and a signal runs no destructor).
+# The run is stopped once it says it is fitting (its folder checked), long before its first result.
+stopped_run_leaves_no_folder() {
+  local sig=$1 rc pid
+  : >"$work/stopped.err"
+  timeout -s KILL 60 "$placement_oracle" --trace "$work/esft" --nodes 2 --gpus 2 --anneal 1000000 --redundant 0 \
+    --slacks 0.1 --out "$work/stopped_$sig/a/b" >/dev/null 2>"$work/stopped.err" &
+  pid=$! # timeout's, which passes the signal on
+  for _ in $(seq 400); do
+    grep -q 'fitting maps' "$work/stopped.err" && break
+    sleep 0.05
+  done
+  if ! grep -q 'fitting maps' "$work/stopped.err"; then
+    echo "placement_oracle did not start fitting in 20 s: $(cat "$work/stopped.err")" >&2
+    kill -s KILL "$pid"
+    wait "$pid"
+    return 1
+  fi
+  kill -s "$sig" "$pid"
+  wait "$pid"
+  rc=$?
+  if [ "$rc" -ne $((128 + $(kill -l "$sig"))) ]; then
+    echo "placement_oracle ended with status $rc, not by SIG$sig: $(cat "$work/stopped.err")" >&2
+    return 1
+  fi
+  [ ! -e "$work/stopped_$sig" ] || { echo "SIG$sig left $(find "$work/stopped_$sig")" >&2 && return 1; }
+}
+check 'a run stopped by SIGINT leaves no results folder' stopped_run_leaves_no_folder INT
+check 'a run stopped by SIGTERM leaves no results folder' stopped_run_leaves_no_folder TERM
+# A folder that cannot be made is still said before the run: a file where a parent should be, a
+# folder that takes no entries.
+locus=$drift
+refused "plain/sub: cannot be made the results folder: $work/plain is not a folder" --trace "$work/esft" \
+  --out "$work/plain/sub"
+mkdir "$work/locked" && chmod 500 "$work/locked"
+if [ "$(id -u)" -ne 0 ]; then # root may write anywhere
+  refused "locked/new: cannot be made the results folder: $work/locked: Permission denied" --trace "$work/esft" \
+    --out "$work/locked/new"
+fi
+locus=$placement_oracle
 # The results say what the reader controls, not which source file holds what: comm_volume.md said
 # the synthetic rows "appear when locus/trace/synthesizer.hpp is present" (--synthetic decides).
 locus=$comm_volume
