@@ -159,14 +159,12 @@ inline void output_file(const std::string& path) {
 //! Help text of every benchmark's --out, which output_folder makes.
 inline constexpr const char* out_folder_help = "Folder for the results (made, with its parents, if missing)";
 
-//! Makes the results folder `dir` (with any missing parents) and checks that a file can be written in
-//! it, before the run: a folder that cannot be used is said at once, not after the minutes or hours
-//! of measuring (and not as std::filesystem's "cannot create directories"). The folder, and the
-//! parents made for it, go again if the run ends without writing in it: keep the object to the end.
+//! The results folder `dir`, checked before the run (a folder that cannot be used is said at once, not
+//! after the minutes or hours of measuring) and made, with any missing parents, when the first result
+//! is written through its file(): a run stopped before (an error, Ctrl-C, a kill) leaves no folder.
+//! Keep the object to the end: if no file gets written after all, it removes what it made.
 [[nodiscard]] inline tool_cli::results_folder output_folder(const std::string& dir) {
-  tool_cli::results_folder folder(dir, "results folder");
-  output_file((std::filesystem::path(dir) / ".results-probe").string());
-  return folder;
+  return tool_cli::results_folder(dir, "results folder");
 }
 
 //! Says on stderr that a long part of the run starts (stdout carries only results), so that a run of

@@ -8,21 +8,8 @@
 //               [--replica-balance-slack S] [--unseen-redundant N] (--help lists every option and its default)
 // Rows with redundant slots are also simulated under every engine's replica rule (second table).
 // Writes DIR/comm_volume.json and DIR/comm_volume.md; bench/plot_comm_volume.py draws the PNG.
-#include "bench_output.hpp"
-
-#include <locus/cost/comparison.hpp>
-#include <locus/cost/simulation_json.hpp>
-#include <locus/grouper/by_name.hpp>
-#include <locus/placement/activation_plan.hpp>
-#include <locus/placement/by_name.hpp>
-#include <locus/placement/split_floor.hpp>
-#include <locus/placement/trace_load.hpp>
-#if __has_include(<locus/trace/synthesizer.hpp>)
-#include <locus/trace/synthesizer.hpp>
-#define LOCUS_COMM_VOLUME_SYNTH 1
-#endif
-
 #include "bench_args.hpp"
+#include "bench_output.hpp"
 
 #include <chrono>
 #include <cstdio>
@@ -30,6 +17,14 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <locus/cost/comparison.hpp>
+#include <locus/cost/simulation_json.hpp>
+#include <locus/grouper/by_name.hpp>
+#include <locus/placement/activation_plan.hpp>
+#include <locus/placement/by_name.hpp>
+#include <locus/placement/split_floor.hpp>
+#include <locus/placement/trace_load.hpp>
+#include <locus/trace/synthesizer.hpp>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -333,7 +328,6 @@ void topology_table(const topology_case& tc, const locus::trace::trace& train, c
   }
 }
 
-#ifdef LOCUS_COMM_VOLUME_SYNTH
 // The 256-expert top-8 case on 8 nodes x 8 GPUs (the paper's EP64): the synthesizer fitted to
 // this ESFT trace, rescaled to 256 experts and top-8 (ESFT's layer count kept so that the run
 // stays short), sampled, split and measured like the real trace.
@@ -375,7 +369,6 @@ void synthetic_rows(const locus::trace::trace& full, const run_options& o, resul
     out.md += all_rows_line("8x8 synth 256e/top-8", row, res, j, ratio);
   }
 }
-#endif
 
 // Issue targets at 4x2, relative to linear / round_robin / flat in the same run.
 std::string targets_table(results& out) {
@@ -490,14 +483,14 @@ std::string unseen_domain_table(const locus::trace::trace& train, const locus::t
 }
 
 // DIR/comm_volume.json and DIR/comm_volume.md, and the tables on standard output.
-void write_outputs(const run_options& o, results& out, const std::string& summary, double seconds,
-                   const std::string& command, const std::string& machine) {
+void write_outputs(const run_options& o, tool_cli::results_folder& folder, results& out, const std::string& summary,
+                   double seconds, const std::string& command, const std::string& machine) {
   const auto& popt = o.copt.plan;
   out.doc["seconds"] = seconds;
   out.doc["command"] = command;
   out.doc["machine"] = machine;
-  bench_output::file(o.out_dir + "/comm_volume.json") << out.doc.dump(1) << '\n';
-  bench_output::file md(o.out_dir + "/comm_volume.md");
+  bench_output::file(folder.file("comm_volume.json")) << out.doc.dump(1) << '\n';
+  bench_output::file md(folder.file("comm_volume.md"));
   md << "# Communication volume on ESFT (test split)\n\nProduced by `" << command << "` (trace " << o.trace_path
      << ") in " << static_cast<int>(seconds + 0.5) << " s on " << machine
      << ". Fit on a training split of requests (seed " << o.seed
@@ -515,12 +508,14 @@ void write_outputs(const run_options& o, results& out, const std::string& summar
              : "`locality` is planned once for both transports")
      << ", with " << popt.refine.anneal_per_expert
      << " annealing proposals per expert after the token-level sweeps. The 8x8 synthetic rows (256 experts, top-8, "
-        "the synthesizer fitted to this trace and rescaled; ESFT's 26 layers kept) appear when "
-        "locus/trace/synthesizer.hpp is present. Plot: `/usr/bin/python3 bench/plot_comm_volume.py "
-        "bench/results`.\n\n## Targets (issue 5)\n\n"
+        "the synthesizer fitted to this trace and rescaled; ESFT's 26 layers kept) "
+     << (o.synthetic ? "are measured with `--synthetic 1`, the default; `--synthetic 0` leaves them out"
+                     : "are left out (`--synthetic 0`; the default, 1, measures them)")
+     << ". Plot: `/usr/bin/python3 bench/plot_comm_volume.py bench/results`.\n\n## Targets (issue 5)\n\n"
      << summary
      << "\n## Under each engine's replica rule\n\nRows with a redundant slot per GPU, simulated on the same maps and "
-        "requests under each rule of transport/replica_selection.hpp (docs/engines.md says which engine does what; "
+        "requests under each replica rule (which replica of an expert receives a token's copy; docs/engines.md says "
+        "which engine does what; "
         "without replicas every rule gives the same copies). Each cell: inter-node bytes reduction vs linear / "
         "round-robin / flat, then GPU max/mean (aggregate). locality_bounded avoids a GPU whose rows of the layer "
         "so far exceed (1 + "
@@ -543,7 +538,7 @@ void write_outputs(const run_options& o, results& out, const std::string& summar
 int main(int argc, char** argv) try {
   run_options o;
   if (const auto code = parse_options(argc, argv, o)) return *code;
-  const auto folder = bench_args::output_folder(o.out_dir); // removed again if the run fails before writing
+  auto folder = bench_args::output_folder(o.out_dir); // checked now, made when the first result is written
   const auto start = std::chrono::steady_clock::now();
   const std::string command = bench_args::command_line(argc, argv, "build/dev/bench/comm_volume");
   const std::string machine = bench_args::machine_line();
@@ -571,12 +566,10 @@ int main(int argc, char** argv) try {
         std::to_string(tc.gpus));
     topology_table(tc, train, test, rows, o, out);
   }
-#ifdef LOCUS_COMM_VOLUME_SYNTH
   if (o.synthetic) {
     say("the synthetic 8x8 rows");
     synthetic_rows(full, o, out);
   }
-#endif
   std::string summary = targets_table(out);
   say("leaving each domain out of training (4x2)");
   summary += unseen_domain_table(train, test, o, out.doc);
@@ -587,8 +580,8 @@ int main(int argc, char** argv) try {
                 "cluster → majority training domain), ESFT test split: %.1f%%.\n",
                 static_cast<std::size_t>(o.prefill), static_cast<std::size_t>(o.clusters), 100 * out.accuracy);
   summary += acc;
-  write_outputs(o, out, summary, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
-                command, machine);
+  write_outputs(o, folder, out, summary,
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), command, machine);
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "comm_volume: %s\n", tool_cli::error_text(e).c_str());

@@ -88,7 +88,7 @@ int main(int argc, char** argv) try {
   app.add_option("--decode-tokens", decode, "Decode tokens per request")->check(tool_cli::positive);
   app.add_option("--out", out_dir, bench_args::out_folder_help);
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
-  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
+  auto folder = bench_args::output_folder(out_dir); // checked now, made when the first result is written
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/decode_simulator");
   constexpr std::size_t prefill = 32, nodes = 8, gpus = 8;
 
@@ -150,7 +150,7 @@ int main(int argc, char** argv) try {
                         {"inter_node_copies", sim_copies},
                         {"baseline_inter_node_copies", ref_copies},
                         {"copies_match", match}};
-  bench_output::file(out_dir + "/decode_simulator.json") << doc.dump(1) << '\n';
+  bench_output::file(folder.file("decode_simulator.json")) << doc.dump(1) << '\n';
 
   std::printf("DeepSeek-V3 shape: 256 experts, top-8, %zu layers, %zux%zu ranks, %llu decode tokens, %zu steps\n",
               trace.layers(), nodes, gpus, static_cast<unsigned long long>(sim.decode_tokens), sim.steps);

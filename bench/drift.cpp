@@ -130,7 +130,7 @@ int main(int argc, char** argv) try {
   LOCUS_REQUIRE(hedge_opt->count() == 0 || hedge_replicas == 0 || redundant > 0, config_error,
                 "--hedge-replicas spends replica slots: it needs --redundant");
   trace_path = bench_args::trace_to_read(*trace_opt, trace_path);
-  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
+  auto folder = bench_args::output_folder(out_dir); // checked now, made when the first result is written
   const std::size_t adaptive_window = adaptive_window_opt.value_or(interval);
   const auto transport = cost::parse_transport_kind(transport_name);
   // Every policy's replicas are chosen by one rule (transport/replica_selection.hpp).
@@ -172,7 +172,7 @@ int main(int argc, char** argv) try {
     for (std::size_t r = 0; r < test.requests(); ++r)
       if (test.domains()[test.request(r).domain] == phase_names[p] && test.request(r).length > prefill)
         pools[p].push_back(r);
-    LOCUS_REQUIRE(!pools[p].empty(), config_error, "drift: no test request of domain '", phase_names[p], "'");
+    LOCUS_REQUIRE(!pools[p].empty(), config_error, "no test request of domain '", phase_names[p], "'");
   }
   for (std::size_t p = 0; p < phase_names.size(); ++p) {
     for (std::size_t tokens = 0; tokens < phase_tokens;) {
@@ -508,7 +508,7 @@ int main(int argc, char** argv) try {
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   doc["seconds"] = seconds;
   const auto write = [&](const std::string& name, const std::string& text) {
-    bench_output::file(out_dir + "/" + name) << text;
+    bench_output::file(folder.file(name)) << text;
   };
   write("drift.json", doc.dump(1) + "\n");
   char head[1024];

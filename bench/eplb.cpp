@@ -52,7 +52,7 @@ int main(int argc, char** argv) try {
   app.add_option("--out", out_dir, bench_args::out_folder_help);
   app.add_option("--repeats", repeats, "Timed runs per planner (best kept)")->check(tool_cli::positive);
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
-  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
+  auto folder = bench_args::output_folder(out_dir); // checked now, made when the first result is written
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/eplb");
   const std::size_t layers = 58, experts = 256, nodes = 8, gpus = 8, slots_per_rank = 5, groups = 8;
 
@@ -98,7 +98,7 @@ int main(int argc, char** argv) try {
                               {"eplb_hierarchical_max_over_mean", hier_b},
                               {"eplb_global_max_over_mean", global_b},
                               {"linear_max_over_mean", lin_b}};
-  const std::string path = out_dir + "/eplb.json";
+  const std::string path = folder.file("eplb.json");
   bench_output::file(path) << doc.dump(1) << '\n';
 
   std::printf("Times are the best of %d CPU times of one thread, all %zu layers.\n", repeats, layers);

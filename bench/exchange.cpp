@@ -243,8 +243,8 @@ int main(int argc, char** argv) {
     }
     const std::string command =
         bench_args::command_line(argc, argv, "mpirun -np " + std::to_string(ranks) + " build/dev/bench/exchange");
-    LOCUS_REQUIRE(ranks % o.gpus_per_node == 0, config_error, "exchange: ", ranks, " ranks are not a multiple of ",
-                  o.gpus_per_node, " GPUs per node");
+    LOCUS_REQUIRE(ranks % o.gpus_per_node == 0, config_error, ranks, " ranks are not a multiple of ", o.gpus_per_node,
+                  " GPUs per node");
     const dynamic_topology topo(ranks / o.gpus_per_node, o.gpus_per_node);
     const std::size_t slots = (o.experts + ranks - 1) / ranks + 1;
 
@@ -427,7 +427,7 @@ int main(int argc, char** argv) {
       }
     }
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "rank %zu: %s\n", me, tool_cli::error_text(e).c_str());
+    std::fprintf(stderr, "exchange: rank %zu: %s\n", me, tool_cli::error_text(e).c_str());
     status = 1;
     MPI_Abort(MPI_COMM_WORLD, 1);
   }

@@ -98,7 +98,7 @@ int main(int argc, char** argv) try {
   app.add_option("--experts", experts, "Experts")->check(tool_cli::positive);
   app.add_option("--out", out_dir, bench_args::out_folder_help);
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
-  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
+  auto folder = bench_args::output_folder(out_dir); // checked now, made when the first result is written
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/expert_compute");
   const auto w32 = make_weights<float>(experts, hidden, ffn);
   const auto w16 = make_weights<bfloat16>(experts, hidden, ffn);
@@ -173,15 +173,15 @@ int main(int argc, char** argv) try {
         for (std::size_t i = 0; i < sums.size(); ++i)
           sum_diff =
               std::max(sum_diff, double(std::abs(sums[i] - sums_fused[i])) / std::max(1.0, double(std::abs(sums[i]))));
-        LOCUS_REQUIRE(sum_diff <= 1e-5, invalid_input_error, "expert_compute: fused sums differ by ", sum_diff);
-        LOCUS_REQUIRE(y_ptr == y, invalid_input_error, "expert_compute: rows by pointer give other outputs");
+        LOCUS_REQUIRE(sum_diff <= 1e-5, invalid_input_error, "fused sums differ by ", sum_diff);
+        LOCUS_REQUIRE(y_ptr == y, invalid_input_error, "rows by pointer give other outputs");
         double diff = 0, scale = 0;
         for (std::size_t i = 0; i < y.size(); ++i) {
           diff = std::max(diff, double(std::abs(y[i] - y_ref[i])));
           scale = std::max(scale, double(std::abs(y_ref[i])));
         }
         LOCUS_REQUIRE(diff <= 1e-4 * std::max(scale, 1.0), invalid_input_error,
-                      "expert_compute: locus output differs from the baseline by ", diff);
+                      "locus output differs from the baseline by ", diff);
         const unsigned used = threads == 0 ? default_host_threads() : threads;
         std::printf("%-8zu %-5s %-9u %12.3f %12.3f %9.2fx %10.2f %12.3f %11.3f %10.3f %10.3f %11.3f\n", rows_per_expert,
                     bf16 ? "bf16" : "fp32", used, base * 1e3, t * 1e3, base / t, flop / t / 1e9, tp * 1e3, tp / t,
@@ -208,9 +208,9 @@ int main(int argc, char** argv) try {
                            {"ffn", ffn},
                            {"experts", experts},
                            {"rows", results}};
-  bench_output::file(out_dir + "/expert_compute.json") << doc.dump(2) << "\n";
+  bench_output::file(folder.file("expert_compute.json")) << doc.dump(2) << "\n";
   return 0;
 } catch (const std::exception& e) {
-  std::fprintf(stderr, "%s\n", tool_cli::error_text(e).c_str());
+  std::fprintf(stderr, "expert_compute: %s\n", tool_cli::error_text(e).c_str());
   return 1;
 }

@@ -109,7 +109,7 @@ int main(int argc, char** argv) try {
   app.add_option("--threads", threads, "Host threads (0: all)");
   app.add_option("--out", out_dir, bench_args::out_folder_help);
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
-  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
+  auto folder = bench_args::output_folder(out_dir); // checked now, made when the first result is written
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/layout_permute");
   const std::size_t src = 0;
 
@@ -185,7 +185,7 @@ int main(int argc, char** argv) try {
                   {"baseline_tokens_per_s", base_permute_tps},
                   {"speedup", permute_tps / base_permute_tps},
                   {"send_gb_per_s", permute_gbs}};
-  bench_output::file((std::filesystem::path(out_dir) / "layout_permute.json").string()) << j.dump(2) << "\n";
+  bench_output::file(folder.file("layout_permute.json")) << j.dump(2) << "\n";
 
   char buf[2048];
   std::snprintf(buf, sizeof buf,
@@ -197,7 +197,7 @@ int main(int argc, char** argv) try {
                 tokens, layout_tps, base_layout_tps, layout_tps / base_layout_tps, node_tps, base_layout_tps,
                 node_tps / base_layout_tps, hidden_n, ptokens, permute_tps, base_permute_tps,
                 permute_tps / base_permute_tps);
-  bench_output::file md((std::filesystem::path(out_dir) / "layout_permute.md").string());
+  bench_output::file md(folder.file("layout_permute.md"));
   md << "# Layout and permute throughput (host)\n\n"
      << "DeepSeek-V3 shape: 256 routed experts, top-8, hidden 7168 (bf16), EP64 = 8 nodes x 8 GPUs, 5 slots per rank "
         "(linear placement + 32 replicas of hot experts), grouped-router-like skewed routing, source rank 0, "

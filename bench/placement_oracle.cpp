@@ -293,15 +293,15 @@ int main(int argc, char** argv) try {
   app.add_option("--home-caps", caps, "Node token bounds over the mean (-1: none; --homes free)")->delimiter(',');
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   trace_path = bench_args::trace_to_read(*trace_opt, trace_path);
-  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
+  auto folder = bench_args::output_folder(out_dir); // checked now, made when the first result is written
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/placement_oracle");
   const auto start = std::chrono::steady_clock::now();
   const auto say = [&](const std::string& what) { bench_args::progress_line("placement_oracle", what, start); };
   const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);
   const auto [train, test] = locus::trace::split_by_request(full, 0.5, seed);
   const locus::dynamic_topology topo(nodes, gpus);
-  LOCUS_REQUIRE(full.experts() % topo.ranks() == 0, locus::config_error, "placement_oracle: ", full.experts(),
-                " experts do not divide over ", topo.ranks(), " GPUs");
+  LOCUS_REQUIRE(full.experts() % topo.ranks() == 0, locus::config_error, full.experts(), " experts do not divide over ",
+                topo.ranks(), " GPUs");
   const std::size_t spr = full.experts() / topo.ranks();
 
   say("sampling the decode tokens");
@@ -338,8 +338,8 @@ int main(int argc, char** argv) try {
   const auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
   // DIR/name.json (the rows) and DIR/name.md (`text`).
   const auto write = [&](const std::string& name, const std::string& text) {
-    bench_output::file(out_dir + "/" + name + ".json") << doc.dump(1) << '\n';
-    bench_output::file(out_dir + "/" + name + ".md") << text;
+    bench_output::file(folder.file(name + ".json")) << doc.dump(1) << '\n';
+    bench_output::file(folder.file(name + ".md")) << text;
     std::printf("wrote %s/%s.{json,md} in %.0f s\n", out_dir.c_str(), name.c_str(), elapsed());
   };
   // The token-level stage's options for one transport and GPU load bound, with annealing.

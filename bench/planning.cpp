@@ -224,7 +224,7 @@ int main(int argc, char** argv) try {
   app.add_option("--hedge-replicas", hedge_replicas,
                  "Token-level stage: balance hedge copies per layer at most (0: off)");
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
-  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
+  auto folder = bench_args::output_folder(out_dir); // checked now, made when the first result is written
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/planning");
   constexpr std::size_t experts = v3::experts, k = v3::k, layers = v3::layers, clusters = v3::clusters,
                         kinds = v3::kinds;
@@ -274,7 +274,7 @@ int main(int argc, char** argv) try {
                         {"replan_local_after", re.local_after},
                         {"replan_s", replan_s},
                         {"sink", at.sink}};
-  bench_output::file(out_dir + "/planning.json") << doc.dump(1) << '\n';
+  bench_output::file(folder.file("planning.json")) << doc.dump(1) << '\n';
 
   std::printf("Times are CPU time of one thread.\n");
   std::printf("DeepSeek-V3 shape: %zu experts, top-%zu, %zu layers, %zu clusters, 8x8; training trace %zu tokens "

@@ -270,10 +270,10 @@ int main(int argc, char** argv) try {
     no_esft = found ? *found + " is not an ESFT folder" : bench_args::no_default_trace("an ESFT folder");
     esft.clear();
   }
-  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
+  auto folder = bench_args::output_folder(out_dir); // checked now, made when the first result is written
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/trace_io");
   // The trace and its read-back sit in memory together; the file and the baseline's copy on --tmp.
-  tool_cli::require_memory(2 * gb * 1e9, "trace_io: --gb " + std::to_string(gb) + " (the trace and its read-back)");
+  tool_cli::require_memory(2 * gb * 1e9, "--gb " + std::to_string(gb) + " (the trace and its read-back)");
   if (struct statvfs fs_info{};
       ::statvfs(tmp_dir.c_str(), &fs_info) == 0 &&
       static_cast<double>(fs_info.f_bavail) * static_cast<double>(fs_info.f_frsize) < 2.1 * gb * 1e9)
@@ -442,8 +442,8 @@ int main(int argc, char** argv) try {
   if (std::ifstream la("/proc/loadavg"); la) la >> load;
   doc["load_average_1min"] = load;
   doc["cores"] = ::sysconf(_SC_NPROCESSORS_ONLN);
-  bench_output::file(out_dir + "/trace_io.json") << doc.dump(1) << '\n';
-  bench_output::file(out_dir + "/trace_io.md")
+  bench_output::file(folder.file("trace_io.json")) << doc.dump(1) << '\n';
+  bench_output::file(folder.file("trace_io.md"))
       << "# Trace I/O throughput\n\nProduced by `" << run.command << "` on " << run.machine
       << " (Release, one core). The machine is shared and oversubscribed, so both the wall clock and the CPU time "
          "(user + system of "

@@ -157,8 +157,8 @@ int main(int argc, char** argv) try {
   app.add_option("--tokens", v3_tokens, "Tokens of the synthetic DeepSeek-V3 trace")->check(tool_cli::positive);
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   trace_path = bench_args::trace_to_read(*trace_opt, trace_path);
-  const auto folder = bench_args::output_folder(out_dir); // removed again if the run fails before writing
-  if (!md_path.empty()) bench_args::output_file(md_path); // its folder must exist, as for every results file
+  auto folder = bench_args::output_folder(out_dir); // checked now, made when the first result is written
+  if (!md_path.empty()) folder.check_file(md_path); // its folder must exist (or be --out), as for every results file
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/trace_stats");
   const auto real = bench_args::load_trace(trace_path);
   const auto t = real.with_prefill_tokens(32);
@@ -222,7 +222,7 @@ int main(int argc, char** argv) try {
   j["naive_sampler_tokens_per_second"] = naive_rate;
   j["sampler_speedup"] = synth_rate / naive_rate;
   j["threads"] = locus::default_host_threads();
-  bench_output::file((std::filesystem::path(out_dir) / "trace_stats.json").string()) << j.dump(2) << "\n";
+  bench_output::file(folder.file("trace_stats.json")) << j.dump(2) << "\n";
 
   char table[2048];
   std::snprintf(table, sizeof table,

@@ -38,12 +38,15 @@ def arguments(description: str, layer_flags: bool = True) -> argparse.Namespace:
         p.add_argument("--num-hidden-layers", type=whole(0), default=0,
                        help="the model's hidden layers (0: last is MoE)")
     a = p.parse_args()
-    # A wrong input or output is a one-line message, not a traceback through the example.
+    # A wrong input or output is a one-line message, not a traceback through the example: the
+    # script's name, then the error's kind and message ("vllm.py: format error: ..."), as the
+    # benchmarks and the driver say theirs; the library's own "locus: " would be a second name.
     default_hook = sys.excepthook
 
     def hook(kind, value, tb):
         if issubclass(kind, (locus.LocusError, OSError)):
-            print(f"{os.path.basename(sys.argv[0])}: {value}", file=sys.stderr)
+            text = str(value).removeprefix("locus: ")
+            print(f"{os.path.basename(sys.argv[0])}: {text}", file=sys.stderr)
         else:
             default_hook(kind, value, tb)
 

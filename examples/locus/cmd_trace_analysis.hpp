@@ -401,10 +401,11 @@ inline void register_trace_report(CLI::App& trace_cmd) {
       LOCUS_REQUIRE(fs::exists(o->python, ec), locus::io_error, "Python interpreter ", o->python,
                     " not found (install python3-matplotlib, give --python, or use --no-render)");
     }
-    // The report's folder first: --json may name a file inside it. The folders made here are
-    // removed again if still empty when the command ends (a trace that is not there or does not read).
-    const tool_cli::results_folder folder(o->out, "report folder");
-    check_outputs({{"--json", o->json}}, {o->path});
+    // The report's folder is checked now and made when the first file is written into it, so that a
+    // report that ends before (a trace that is not there or does not read, Ctrl-C) leaves no folder;
+    // --json may name a file inside it, which the folder's check covers.
+    tool_cli::results_folder folder(o->out, "report folder");
+    if (!folder.covers(o->json)) check_outputs({{"--json", o->json}}, {o->path});
     progress p("locus trace report");
     const auto t = trace_analysis::load(o->path, p).with_prefill_tokens(o->prefill);
     const std::size_t layer = o->layer < 0 ? t.layers() / 2 : static_cast<std::size_t>(o->layer);
@@ -417,6 +418,7 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     const auto s = locus::trace::compute_statistics(t, so);
     const auto co = locus::trace::compute_coactivation(t, layer);
     p.done();
+    folder.make();
     const fs::path dir(o->out);
     const std::size_t E = t.experts(), L = t.layers();
     // Expert load share per layer, one file per domain and one for all.

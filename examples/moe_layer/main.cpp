@@ -148,7 +148,7 @@ int main(int argc, char** argv) try {
   tool_cli::require_memory(4.0 * (3.0 * h * static_cast<double>(o.ffn) * (static_cast<double>(o.experts) + 1) +
                                   h * static_cast<double>(o.experts) +
                                   ranks * static_cast<double>(o.tokens) * h * (2.0 + 3.0 * k)),
-                           "moe_layer: these sizes (weights, router and per-rank buffers)");
+                           "these sizes (weights, router and per-rank buffers)");
   std::printf("moe_layer: %zu nodes x %zu GPUs, %zu experts, top-%zu, hidden %zu, ffn %zu, %zu tokens/rank, "
               "%zu steps\n",
               o.nodes, o.gpus, o.experts, o.k, o.hidden, o.ffn, o.tokens, o.steps);
@@ -167,6 +167,6 @@ int main(int argc, char** argv) try {
   std::printf("\nmax |flat - hierarchical| over all outputs: %.3g\n", diff);
   return diff < 1e-4 ? 0 : 1;
 } catch (const std::exception& e) {
-  std::fprintf(stderr, "%s\n", tool_cli::error_text(e).c_str());
+  std::fprintf(stderr, "moe_layer: %s\n", tool_cli::error_text(e).c_str());
   return 2;
 }

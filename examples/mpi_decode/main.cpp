@@ -64,7 +64,7 @@ void finish(MPI_Request& request, const options& o, const char* what) {
     LOCUS_MPI_CHECK(MPI_Test(&request, &done, MPI_STATUS_IGNORE));
     if (done) return;
     if (std::chrono::steady_clock::now() > deadline)
-      LOCUS_THROW(timeout_error, "mpi_decode: ", what, " did not complete within ", o.timeout_ms,
+      LOCUS_THROW(timeout_error, what, " did not complete within ", o.timeout_ms,
                   " ms: a rank stopped, left or runs a different number of steps");
     std::this_thread::yield();
   }
@@ -101,7 +101,7 @@ void check_same_options(const options& o, std::size_t ranks) {
               locus::detail::concat(p ? ", " : "", "rank ", p, ": ",
                                     f + 1 == fields ? (all[p * fields + f] == all[f] ? "as rank 0" : "another value")
                                                     : std::to_string(all[p * fields + f]));
-        LOCUS_THROW(config_error, "mpi_decode: the ranks were given different ", names[f], " (", values,
+        LOCUS_THROW(config_error, "the ranks were given different ", names[f], " (", values,
                     "); every rank must run the same configuration");
       }
 }
@@ -148,8 +148,7 @@ workload synthetic(const options& o, const dynamic_topology& topo) {
 
 workload from_trace(const options& o, const dynamic_topology& topo) {
   const auto tr = locus_driver::load_trace(o.trace);
-  LOCUS_REQUIRE(o.layer < tr.layers(), config_error, "mpi_decode: layer ", o.layer, " out of range [0, ", tr.layers(),
-                ")");
+  LOCUS_REQUIRE(o.layer < tr.layers(), config_error, "layer ", o.layer, " out of range [0, ", tr.layers(), ")");
   workload w;
   w.experts = tr.experts();
   w.k = tr.top_k();
@@ -210,7 +209,7 @@ workload agreed_workload(const options& o, const dynamic_topology& topo, std::si
   finish(r, o, "the workload check");
   if (static_cast<std::size_t>(first) == ranks) return w;
   if (static_cast<std::size_t>(first) == me) {
-    std::fprintf(stderr, "rank %zu: %s\n", me, why.c_str());
+    std::fprintf(stderr, "mpi_decode: rank %zu: %s\n", me, why.c_str());
     std::fflush(stderr);
   }
   throw agreed_failure{};
@@ -241,11 +240,11 @@ int main(int argc, char** argv) {
         ->default_str("none");
     if (const auto code = tool_cli::parse_or_finish(app, argc, argv, MPI_COMM_WORLD, "mpi_decode")) return *code;
     // A deadline beyond a day is a mistake (and past 2^63 ms it would wrap to one already passed).
-    LOCUS_REQUIRE(o.timeout_ms <= max_timeout_ms, config_error, "mpi_decode: --timeout-ms ", o.timeout_ms,
-                  " is more than a day (", max_timeout_ms, " ms)");
+    LOCUS_REQUIRE(o.timeout_ms <= max_timeout_ms, config_error, "--timeout-ms ", o.timeout_ms, " is more than a day (",
+                  max_timeout_ms, " ms)");
     check_same_options(o, ranks);
-    LOCUS_REQUIRE(ranks % o.gpus_per_node == 0, config_error, "mpi_decode: ", ranks,
-                  " ranks are not a multiple of --gpus-per-node ", o.gpus_per_node);
+    LOCUS_REQUIRE(ranks % o.gpus_per_node == 0, config_error, ranks, " ranks are not a multiple of --gpus-per-node ",
+                  o.gpus_per_node);
     const dynamic_topology topo(ranks / o.gpus_per_node, o.gpus_per_node);
     // Every rank builds every rank's routings (ids and weights, 8 bytes per choice of 8) of the
     // synthetic workload, and per step its own input and output rows.
@@ -253,7 +252,7 @@ int main(int argc, char** argv) {
     if (o.trace.empty())
       tool_cli::require_memory(static_cast<double>(o.steps) * per_step * 64.0 +
                                    8.0 * static_cast<double>(o.requests_per_rank) * static_cast<double>(o.hidden),
-                               "mpi_decode: --steps x ranks x --requests-per-rank and --hidden");
+                               "--steps x ranks x --requests-per-rank and --hidden");
     const workload w = agreed_workload(o, topo, me, ranks);
 
     // Placement input: expert load per node over the workload (what the offline planner sees).
@@ -354,13 +353,13 @@ int main(int argc, char** argv) {
   } catch (const agreed_failure&) {
     status = 1; // said by the rank that found it; every rank is in step and can finalize
   } catch (const config_error& e) {
-    std::fprintf(stderr, "rank %zu: %s\n", me, e.message().c_str());
+    std::fprintf(stderr, "mpi_decode: rank %zu: %s\n", me, tool_cli::error_text(e).c_str());
     std::fflush(stderr);
     // Raised alike on every rank (different options, topology): all are in step and can finalize.
     status = 1;
   } catch (const std::exception& e) {
     // A rank that stopped or left would block MPI_Finalize: end the job.
-    std::fprintf(stderr, "rank %zu: %s\n", me, tool_cli::error_text(e).c_str());
+    std::fprintf(stderr, "mpi_decode: rank %zu: %s\n", me, tool_cli::error_text(e).c_str());
     std::fflush(stderr);
     MPI_Abort(MPI_COMM_WORLD, 1);
   }

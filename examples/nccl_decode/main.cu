@@ -54,7 +54,7 @@ struct scale_by_expert {
   }
   // The layer's host step is not used here.
   void operator()(const layer::expert_blocks<float, memory_space::host>&) const {
-    LOCUS_THROW(config_error, "nccl_decode: the expert compute runs on device rows only");
+    LOCUS_THROW(config_error, "the expert compute runs on device rows only");
   }
 };
 } // namespace
@@ -77,12 +77,12 @@ int main(int argc, char** argv) {
     app.add_option("--steps", steps, "Decode steps")->check(tool_cli::positive);
     app.add_option("--hidden", hidden, "Hidden size")->check(tool_cli::positive);
     if (const auto code = tool_cli::parse_or_finish(app, argc, argv, MPI_COMM_WORLD, "nccl_decode")) return *code;
-    LOCUS_REQUIRE(ranks % gpus_per_node == 0, config_error, "nccl_decode: ", ranks,
-                  " ranks are not a multiple of --gpus-per-node ", gpus_per_node);
+    LOCUS_REQUIRE(ranks % gpus_per_node == 0, config_error, ranks, " ranks are not a multiple of --gpus-per-node ",
+                  gpus_per_node);
     const dynamic_topology topo(ranks / gpus_per_node, gpus_per_node);
     int devices = 0;
     LOCUS_CUDA_CHECK(cudaGetDeviceCount(&devices));
-    LOCUS_REQUIRE(devices > 0, config_error, "nccl_decode: no CUDA device visible");
+    LOCUS_REQUIRE(devices > 0, config_error, "no CUDA device visible");
     LOCUS_CUDA_CHECK(cudaSetDevice(static_cast<int>(topo.local_rank_of(me)) % devices));
     ncclUniqueId id;
     if (me == 0) LOCUS_NCCL_CHECK(ncclGetUniqueId(&id));
@@ -187,7 +187,7 @@ int main(int argc, char** argv) {
     LOCUS_CUDA_CHECK(cudaStreamDestroy(stream));
     ncclCommDestroy(comm);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "rank %zu: %s\n", me, tool_cli::error_text(e).c_str());
+    std::fprintf(stderr, "nccl_decode: rank %zu: %s\n", me, tool_cli::error_text(e).c_str());
     status = 1;
     MPI_Abort(MPI_COMM_WORLD, 1);
   }

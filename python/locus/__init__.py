@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import operator
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
@@ -186,7 +186,8 @@ def expert_load(trace: Trace, decode_only: bool = False) -> np.ndarray:
 @dataclass
 class ExpertPlan:
     """One expert map per MoE layer: ``maps[layer, rank, slot]`` is the expert in that slot (-1:
-    empty). ``model`` is the workload-aware grouping fitted with the plan, when planned on a trace."""
+    empty). ``model`` is the workload-aware grouping fitted with the plan, when planned on a trace.
+    ``replicas`` and ``hedge_copies`` count the extra copies, as ``locus plan --json`` does."""
 
     maps: np.ndarray
     experts: int
@@ -196,6 +197,8 @@ class ExpertPlan:
     #: Hidden-layer index of each planned layer (None: 0..layers-1) and the model's layer count.
     layer_ids: Optional[Sequence[int]] = None
     hidden_layers: int = 0
+    # Set by the planner (locus.plan), which alone knows which copies are hedges.
+    _hedge_copies: Optional[int] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def layers(self) -> int:
@@ -209,6 +212,22 @@ class ExpertPlan:
     def slots_per_rank(self) -> int:
         return int(self.maps.shape[2])
 
+    @property
+    def replicas(self) -> int:
+        """Replica slots used, over all layers: the slots holding an expert beyond its first copy
+        (``replicas`` of ``locus plan --json``). Counted on ``maps``, so ``filled()`` adds to it."""
+        m = self._maps()
+        return int(sum(np.count_nonzero(layer >= 0) - np.unique(layer[layer >= 0]).size for layer in m))
+
+    @property
+    def hedge_copies(self) -> Optional[int]:
+        """How many of the ``replicas`` hold balance hedges, over all layers (``hedge_copies`` of
+        ``locus plan --json``): copies of experts held only by GPUs that run hot when the training
+        requests are resampled, placed with locality and redundant slots (``hedge_replicas`` of
+        ``locus.plan``; docs/engines.md). 0 for a plan no hedge went into; None where that is not
+        known: a plan read with ``ExpertPlan.load`` (the file does not say) or made by hand."""
+        return self._hedge_copies
+
     def _maps(self) -> np.ndarray:
         return _array(self.maps, np.int32, 3, "maps")
 
@@ -218,8 +237,10 @@ class ExpertPlan:
         the fewest replicas), then the lowest id."""
         w = np.zeros((0, 0)) if load is None else _array(load, np.float64, 2, "load")
         maps = _core._fill_empty_slots(self._maps(), self.experts, w, self.gpus_per_node)
-        return ExpertPlan(maps, self.experts, self.nodes, self.gpus_per_node, self.model, self.layer_ids,
-                          self.hidden_layers)
+        out = ExpertPlan(maps, self.experts, self.nodes, self.gpus_per_node, self.model, self.layer_ids,
+                         self.hidden_layers)
+        out._hedge_copies = self._hedge_copies  # the filled slots are not hedges
+        return out
 
     def save(self, path: str) -> None:
         """Writes the plan as locus expert-map JSON (what ``locus simulate --map`` reads), with the
@@ -270,12 +291,14 @@ def plan(
     if isinstance(source, Trace):
         if slots_per_rank is not None:
             raise ConfigError("locus: configuration error: slots_per_rank is for load arrays; a trace plan uses redundant_slots")
-        maps, model = _core._plan_from_trace(
+        maps, model, hedges = _core._plan_from_trace(
             source, nodes, gpus_per_node, placement, redundant_slots, eplb_groups, clusters, seed, prefill_tokens,
             hedge_replicas,
         )
         ids = source.model_layer_ids if source.has_model_layers else None
-        return ExpertPlan(maps, source.experts, nodes, gpus_per_node, model, ids, source.hidden_layers)
+        out = ExpertPlan(maps, source.experts, nodes, gpus_per_node, model, ids, source.hidden_layers)
+        out._hedge_copies = int(hedges)
+        return out
     if isinstance(source, (str, bytes, os.PathLike)):
         raise ConfigError("locus: configuration error: plan takes a Trace (locus.read_trace(path)) or a load array, "
                           "not a path")
@@ -286,7 +309,9 @@ def plan(
     if slots_per_rank is not None and redundant_slots:
         raise ConfigError("locus: configuration error: give slots_per_rank or redundant_slots, not both")
     maps = _core._plan_from_load(load, nodes, gpus_per_node, slots_per_rank, redundant_slots, placement, eplb_groups)
-    return ExpertPlan(maps, int(load.shape[1]), nodes, gpus_per_node)
+    out = ExpertPlan(maps, int(load.shape[1]), nodes, gpus_per_node)
+    out._hedge_copies = 0  # the load planners place no hedges
+    return out
 
 
 def simulate(

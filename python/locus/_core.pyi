@@ -109,7 +109,7 @@ def _plan_from_trace(
     seed: int,
     prefill_tokens: int,
     hedge_replicas: Optional[int],
-) -> Tuple[npt.NDArray[np.int32], WorkloadModel]: ...
+) -> Tuple[npt.NDArray[np.int32], WorkloadModel, int]: ...
 def _simulate(
     test: Trace,
     maps: npt.NDArray[np.int32],

@@ -459,7 +459,10 @@ NB_MODULE(_core, m) {
         const auto topo = locus::dynamic_topology(size_arg(nodes, "nodes"), size_arg(gpus_per_node, "gpus_per_node"));
         auto plan = locus::placement::plan_activation_aware(train, topo, placement,
                                                             size_arg(redundant_slots, "redundant_slots"), opt);
-        return std::make_pair(maps_to(plan.maps), std::const_pointer_cast<locus::grouper::workload_model>(plan.model));
+        // The hedge count as `locus plan --json` gives it (hedge_copies): the maps alone do not tell
+        // a balance hedge from a replica that saves bytes.
+        return std::make_tuple(maps_to(plan.maps), std::const_pointer_cast<locus::grouper::workload_model>(plan.model),
+                               plan.hedge_copies);
       },
       "train"_a, "nodes"_a, "gpus_per_node"_a, "placement"_a, "redundant_slots"_a, "eplb_groups"_a, "clusters"_a,
       "seed"_a, "prefill_tokens"_a, "hedge_replicas"_a.none());

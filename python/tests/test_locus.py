@@ -4,9 +4,12 @@ import copy
 import json
 import multiprocessing
 import os
+import pathlib
 import pickle
 import re
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -588,3 +591,47 @@ def test_damaged_pickles_raise_clear_errors():
             locus.WorkloadModel.__new__(locus.WorkloadModel).__setstate__(bad)
     with pytest.raises(TypeError, match="takes the bytes"):
         locus.WorkloadModel.__new__(locus.WorkloadModel).__setstate__(None)
+
+
+def test_engine_example_error_names_the_script_once(tmp_path):
+    """An engine example that cannot read its trace says so in one line, "<script>: <kind>: <message>",
+    as the benchmarks and the driver do ("vllm.py: locus: format error: ..." named two)."""
+    script = pathlib.Path(__file__).resolve().parents[2] / "examples" / "engines" / "vllm.py"
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"not a trace")
+    r = subprocess.run([sys.executable, str(script), "--trace", str(bad), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    assert re.fullmatch(r"vllm\.py: format error: [^\n]*bad\.bin[^\n]*\n", r.stderr), r.stderr
+
+
+def test_plans_carry_their_replica_and_hedge_counts(tmp_path):
+    """ExpertPlan.replicas and .hedge_copies, as `locus plan --json` gives them: replicas counted
+    slot by slot here, hedge copies from the planner (at most 8 per layer by default, none with
+    hedge_replicas=0 or without redundant slots), kept by filled(), unknown for a saved plan."""
+    _, t = small_trace()
+    train, _ = locus.split_by_request(t, 0.5, 1)
+
+    def extra_copies(maps):
+        return sum(int((layer >= 0).sum()) - len({int(e) for e in layer.ravel() if e >= 0}) for layer in maps)
+
+    plan = locus.plan(train, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8)
+    assert plan.replicas == extra_copies(plan.maps) > 0
+    assert isinstance(plan.hedge_copies, int) and 0 < plan.hedge_copies <= min(plan.replicas, 8 * plan.layers)
+    off = locus.plan(train, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8, hedge_replicas=0)
+    assert off.hedge_copies == 0 and off.replicas == extra_copies(off.maps)
+    none = locus.plan(train, 2, 2, "locality", clusters=2, prefill_tokens=8)
+    assert (none.replicas, none.hedge_copies) == (0, 0)
+    eplb = locus.plan(locus.expert_load(train), 2, 2, redundant_slots=1)
+    assert eplb.hedge_copies == 0 and eplb.replicas == extra_copies(eplb.maps) == 3 * 4
+    full = plan.filled(locus.expert_load(train))
+    assert full.hedge_copies == plan.hedge_copies and full.replicas == extra_copies(full.maps) == 3 * 4
+    assert pickle.loads(pickle.dumps(plan)).hedge_copies == plan.hedge_copies
+    plan.save(str(tmp_path / "p.json"))
+    back = locus.ExpertPlan.load(str(tmp_path / "p.json"))
+    assert back.hedge_copies is None and back.replicas == plan.replicas
+    assert locus.ExpertPlan(plan.maps, plan.experts).hedge_copies is None
+    with pytest.raises(AttributeError):
+        plan.hedge_copies = 1
+    with pytest.raises(AttributeError):
+        plan.replicas = 1

@@ -20,7 +20,9 @@ refused '18446744073709551616 is out of range' --experts 18446744073709551616
 ok 'max \|flat - hierarchical\|' --steps 010 --tokens 2 --hidden 8 --ffn 8 --experts 8
 refused 'not allowed|not expected' --bogus
 # Absurd sizes: refused before anything is allocated or a thread started.
-refused 'need about .* GB of memory; this machine has' --experts 1000000000
+# A failure reads "<program>: <kind>: <message>", one name first ("locus: configuration error: moe_layer: ..."
+# and the benchmarks' "eplb: locus: I/O error: ..." said two).
+refused '^moe_layer: configuration error: these sizes .* need about .* GB of memory; this machine has' --experts 1000000000
 refused 'need about .* GB of memory' --hidden 4000000 --ffn 4000000
 refused 'at most 1024 run as threads' --nodes 100000
 refused 'exceeds the number of experts' --top-k 17 --steps 1
@@ -28,7 +30,7 @@ refused 'exceeds the number of experts' --top-k 17 --steps 1
 # Results folders and files that cannot be written are named before the run.
 locus=$eplb
 : >"$work/plain"
-refused 'plain: cannot be made the results folder' --out "$work/plain"
+refused '^eplb: I/O error: .*plain: cannot be made the results folder' --out "$work/plain"
 refused '"0x10" is not a whole number' --repeats 0x10
 locus=$router
 refused 'it is a directory' --json "$work"
@@ -44,7 +46,7 @@ check 'router.json names the program as run from its folder' bash -c \
   "cd '$(dirname "$router")/..' && bench/router --tokens 16 --min-seconds 0.001 --json '$work/r2.json' >/dev/null &&
    grep -q '\"command\": \"bench/router --tokens 16' '$work/r2.json'"
 locus=$trace_io
-refused 'need about .* GB of memory' --gb 1e9 --out "$work"
+refused '^trace_io: configuration error: --gb .* need about .* GB of memory' --gb 1e9 --out "$work"
 refused 'must be a number above 0' --gb nan --out "$work"
 # --trace's default is decided when the program runs (it named the folders of the machine that built
 # it), and a trace that is not there is said with the path and how to give one.
@@ -82,12 +84,12 @@ ok 'scripts/gpu-check --prepare' --help
 refused 'unexpected argument "--bogus"' --bogus
 check 'no results where a run was refused' test ! -e "$work/eplb.json" -a ! -e "$work/trace_io.json"
 
-# A run that fails after making its results folder removes it again, with the parents it made (an
-# empty folder was left behind); a folder that was there stays.
+# A run that fails before writing its results leaves no folder of its own, nor the parents it would
+# have made (an empty folder was left behind); a folder that was there stays.
 python3 "$(dirname "$0")/../support/tiny_esft.py" "$work/esft" 48
 for p in comm_volume drift placement_oracle trace_stats; do
   locus=${!p}
-  refused 'plain: offset 0: file ends inside the magic' --trace "$work/plain" --out "$work/made_$p/out"
+  refused "^$p: format error: .*plain: offset 0: file ends inside the magic" --trace "$work/plain" --out "$work/made_$p/out"
   check "$p removes the folders it made" test ! -e "$work/made_$p"
 done
 locus=$drift
@@ -109,6 +111,55 @@ check 'trace_stats checks --md before the run' test ! -e "$work/made_md"
 locus=$placement_oracle
 succeeds --trace "$work/esft" --nodes 2 --gpus 2 --anneal 10 --redundant 0 --slacks 0.1 --out "$work/p1/p2/p3"
 check 'a results folder is made with its parents' test -f "$work/p1/p2/p3/placement_oracle.json"
+# ... nor does a run stopped by a signal (Ctrl-C, SIGTERM): the folder is checked at the start and
+# made when the first result is written (it was made at the start, and a signal runs no destructor).
+# The run is stopped once it says it is fitting (its folder checked), long before its first result.
+stopped_run_leaves_no_folder() {
+  local sig=$1 rc pid
+  : >"$work/stopped.err"
+  timeout -s KILL 60 "$placement_oracle" --trace "$work/esft" --nodes 2 --gpus 2 --anneal 1000000 --redundant 0 \
+    --slacks 0.1 --out "$work/stopped_$sig/a/b" >/dev/null 2>"$work/stopped.err" &
+  pid=$! # timeout's, which passes the signal on
+  for _ in $(seq 400); do
+    grep -q 'fitting maps' "$work/stopped.err" && break
+    sleep 0.05
+  done
+  if ! grep -q 'fitting maps' "$work/stopped.err"; then
+    echo "placement_oracle did not start fitting in 20 s: $(cat "$work/stopped.err")" >&2
+    kill -s KILL "$pid"
+    wait "$pid"
+    return 1
+  fi
+  kill -s "$sig" "$pid"
+  wait "$pid"
+  rc=$?
+  if [ "$rc" -ne $((128 + $(kill -l "$sig"))) ]; then
+    echo "placement_oracle ended with status $rc, not by SIG$sig: $(cat "$work/stopped.err")" >&2
+    return 1
+  fi
+  [ ! -e "$work/stopped_$sig" ] || { echo "SIG$sig left $(find "$work/stopped_$sig")" >&2 && return 1; }
+}
+check 'a run stopped by SIGINT leaves no results folder' stopped_run_leaves_no_folder INT
+check 'a run stopped by SIGTERM leaves no results folder' stopped_run_leaves_no_folder TERM
+# A folder that cannot be made is still said before the run: a file where a parent should be, a
+# folder that takes no entries.
+locus=$drift
+refused "plain/sub: cannot be made the results folder: $work/plain is not a folder" --trace "$work/esft" \
+  --out "$work/plain/sub"
+mkdir "$work/locked" && chmod 500 "$work/locked"
+if [ "$(id -u)" -ne 0 ]; then # root may write anywhere
+  refused "locked/new: cannot be made the results folder: $work/locked: Permission denied" --trace "$work/esft" \
+    --out "$work/locked/new"
+fi
+locus=$placement_oracle
+# The results say what the reader controls, not which source file holds what: comm_volume.md said
+# the synthetic rows "appear when locus/trace/synthesizer.hpp is present" (--synthetic decides).
+locus=$comm_volume
+succeeds --trace "$work/esft" --only 2x2 --synthetic 0 --out "$work/cv"
+check 'comm_volume.md names no source file' bash -c "! grep -Eq '[a-z_]+\.(hpp|cuh|cpp|cu)\b' '$work/cv/comm_volume.md'"
+check 'comm_volume.md says --synthetic 0 left the synthetic rows out' \
+  grep -q 'synthetic rows .* are left out (`--synthetic 0`' "$work/cv/comm_volume.md"
+locus=$placement_oracle
 # A list option's value that is not a number names the option and what it takes (CLI11 said "Could not
 # convert: --home-caps = 0.1,x").
 refused '^--home-caps: "x" is not a number; it takes a comma-separated list' --home-caps 0.1,x

@@ -5,15 +5,19 @@
 // 309-digit largest double as the bound, let NaN through and call infinity negative.
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <exception>
 #include <filesystem>
+#include <locus/core/atomic_file.hpp>
 #include <locus/core/error.hpp>
 #include <new>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <vector>
 
@@ -163,34 +167,123 @@ inline const CLI::Validator finite_non_negative{[](std::string& value) -> std::s
                                                 },
                                                 "FINITE >= 0"};
 
-// A results folder made for a run, with any of its parents that were missing (as `mkdir -p`, like
-// every locus program that writes a folder), and removed again, those parents too, if it is still
-// empty when the object goes: a run that fails before writing anything leaves no new folder behind.
-// A folder that was there before is never removed. Throws locus::io_error naming `dir` as `what`
-// when it cannot be made.
+// The folder a run writes its results into. It is checked when the run starts, so that a folder that
+// cannot be used is said at once, not after minutes or hours of measuring; but it is made (with any of
+// its parents that are missing, as `mkdir -p`, like every locus program that writes a folder) only
+// when the first file is written into it (file() or make()): a run that ends before that, by an
+// error, Ctrl-C, SIGTERM or a kill, leaves no new folder behind (it left an empty one, with its
+// parents, when a signal stopped it: signals run no destructor). The folders it made are removed
+// again, deepest first, if still empty when the object goes (a write that failed); a folder that was
+// there before is never removed. Errors are locus::io_error naming `dir` and `what` the folder is.
 class results_folder {
 public:
-  results_folder(const std::string& dir, const std::string& what) {
+  // Checks that `dir` is a folder that takes files (a file is created in it and dropped unnamed), or,
+  // where it is missing, that the nearest folder above it that is there takes new entries and that no
+  // part of the path is something other than a folder (a file, a symbolic link to nothing) or a name
+  // too long. Nothing is made.
+  results_folder(std::string dir, std::string what) : dir_(std::move(dir)), what_(std::move(what)) {
     namespace fs = std::filesystem;
-    std::error_code ec;
-    // The folders missing now, deepest first ("a/b/" names "a/b" twice; removing it twice is harmless).
-    for (fs::path p = dir; !p.empty() && !fs::exists(fs::symlink_status(p, ec)); p = p.parent_path()) {
-      if (p.filename() != "." && p.filename() != "..") made_.push_back(p); // "a/.." is a folder that was there
-      if (p == p.root_path() || p == p.parent_path()) break;
+    if (dir_.empty()) throw locus::io_error("the " + what_ + " has an empty name");
+    // The nearest part of the path that is there (following symbolic links); ENOTDIR says that a
+    // part above is not a folder, which the walk then reaches. A name too long is said here too.
+    fs::path at = dir_;
+    struct stat st {};
+    for (;;) {
+      if (::stat(at.c_str(), &st) == 0) break;
+      const int e = errno;
+      if (e != ENOENT && e != ENOTDIR)
+        fail(at == fs::path(dir_) ? std::strerror(e) : at.string() + ": " + std::strerror(e));
+      struct stat lst {};
+      if (e == ENOENT && ::lstat(at.c_str(), &lst) == 0 && S_ISLNK(lst.st_mode))
+        fail(at.string() + " is a symbolic link to nothing");
+      missing_ = true;
+      const fs::path up = at.parent_path();
+      if (up.empty() || up == at) { // a relative name's top: the working folder
+        at = up.empty() ? fs::path(".") : up;
+        if (::stat(at.c_str(), &st) != 0) fail(at.string() + ": " + std::strerror(errno));
+        break;
+      }
+      at = up;
     }
-    fs::create_directories(dir, ec);
-    if (ec) {
-      drop_empty();
-      throw locus::io_error(dir + ": cannot be made the " + what + ": " + ec.message());
+    if (!S_ISDIR(st.st_mode)) fail(missing_ ? at.string() + " is not a folder" : "it is not a folder");
+    if (!missing_) {
+      // Probed as every results file is: a folder that refuses files (permissions, a read-only or
+      // full filesystem, /proc) says so here.
+      locus::check_writable((fs::path(dir_) / ".results-probe").string());
+      return;
+    }
+    // The folder the first missing one goes into must take new entries: the permissions (which root
+    // passes), and a file probed there as above (a read-only filesystem, /proc).
+    if (::access(at.c_str(), W_OK | X_OK) != 0) fail(at.string() + ": " + std::strerror(errno));
+    try {
+      locus::check_writable((at / ".results-probe").string());
+    } catch (const locus::io_error& e) {
+      fail(at.string() + ": " + std::strerror(e.code()));
     }
   }
-  results_folder(results_folder&& other) noexcept : made_(std::move(other.made_)) { other.made_.clear(); }
+  results_folder(results_folder&& other) noexcept
+      : dir_(std::move(other.dir_)), what_(std::move(other.what_)), missing_(other.missing_),
+        made_(std::move(other.made_)) {
+    other.missing_ = false;
+    other.made_.clear();
+  }
   results_folder(const results_folder&) = delete;
   results_folder& operator=(const results_folder&) = delete;
   results_folder& operator=(results_folder&&) = delete;
   ~results_folder() { drop_empty(); }
 
+  // The folder as given.
+  const std::string& path() const noexcept { return dir_; }
+
+  // Makes the folder, with its missing parents, if it is not there yet (once; later calls do nothing).
+  void make() {
+    if (!missing_) return;
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    // The folders missing now, deepest first ("a/b/" names "a/b" twice; removing it twice is harmless).
+    for (fs::path p = dir_; !p.empty() && !fs::exists(fs::symlink_status(p, ec)); p = p.parent_path()) {
+      if (p.filename() != "." && p.filename() != "..") made_.push_back(p); // "a/.." is a folder that was there
+      if (p == p.root_path() || p == p.parent_path()) break;
+    }
+    fs::create_directories(dir_, ec);
+    if (ec) {
+      drop_empty();
+      fail(ec.message());
+    }
+    missing_ = false;
+  }
+
+  // The path of the file `name` in the folder, the folder made first (make()): what a run passes to
+  // the writer of a results file once the results are there.
+  std::string file(const std::string& name) {
+    make();
+    return (std::filesystem::path(dir_) / name).string();
+  }
+
+  // Whether `path` names a file directly in this folder while the folder is not made yet: such a file
+  // can be written once it is (the folder's own check covered it), though its folder is not there.
+  bool covers(const std::string& path) const {
+    namespace fs = std::filesystem;
+    const auto normal = [](const fs::path& p) {
+      std::error_code ec;
+      fs::path a = fs::absolute(p, ec).lexically_normal();
+      if (!a.empty() && a.filename().empty()) a = a.parent_path(); // "x/" and "x" are one folder
+      return a;
+    };
+    const fs::path file = path;
+    return missing_ && !file.filename().empty() && normal(file.parent_path()) == normal(dir_);
+  }
+
+  // Checks before the run that the results file `path` can be written at the end (its folder exists
+  // and takes files, it is not a folder), or that it is one this folder covers().
+  void check_file(const std::string& path) const {
+    if (!covers(path)) locus::check_writable(path);
+  }
+
 private:
+  [[noreturn]] void fail(const std::string& why) const {
+    throw locus::io_error(dir_ + ": cannot be made the " + what_ + ": " + why);
+  }
   void drop_empty() noexcept {
     for (const auto& p : made_) {
       std::error_code ec;
@@ -200,6 +293,8 @@ private:
     }
     made_.clear();
   }
+  std::string dir_, what_;
+  bool missing_ = false; // the folder (or a parent) is not there: make() makes it
   std::vector<std::filesystem::path> made_;
 };
 
@@ -216,13 +311,15 @@ inline void require_memory(double bytes, const std::string& what) {
   }
 }
 
-// The line a program prints for the exception that ends it: a locus error without the source
-// location (the driver shows that under --verbose), memory exhaustion in words rather than the
-// standard library's "std::bad_alloc" or "cannot create std::vector larger than max_size()", and a
-// file-system error as path and reason.
+// What a program prints after its own name for the exception that ends it ("drift: " + this, or
+// "exchange: rank 3: " + this): a locus error as its kind and message, without the "locus: " of what()
+// (the program's name stands there; "drift: locus: configuration error: ..." said two names) and
+// without the source location (the driver shows that under --verbose); memory exhaustion in words
+// rather than the standard library's "std::bad_alloc" or "cannot create std::vector larger than
+// max_size()"; a file-system error as path and reason.
 inline std::string error_text(const std::exception& e) {
   if (const auto* le = dynamic_cast<const locus::error*>(&e))
-    return std::string("locus: ") + locus::to_string(le->kind()) + ": " + le->message();
+    return std::string(locus::to_string(le->kind())) + ": " + le->message();
   if (dynamic_cast<const std::bad_alloc*>(&e) || dynamic_cast<const std::length_error*>(&e))
     return "out of memory: the sizes asked for need more than this machine can hold";
   if (const auto* fe = dynamic_cast<const std::filesystem::filesystem_error*>(&e))

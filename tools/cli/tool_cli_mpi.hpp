@@ -16,8 +16,9 @@ namespace tool_cli {
 // - every rank parsed its options: returns nullopt and the program carries on;
 // - some rank was asked for --help (and none failed): rank 0 prints the help, every rank calls
 //   MPI_Finalize and 0 is returned for main to return;
-// - some rank could not parse its options: that rank says why on stderr, rank 0 says that the job
-//   ends if it parsed its own, every rank calls MPI_Finalize and 1 is returned.
+// - some rank could not parse its options: that rank says why on stderr ("<program>: rank <r>: ...",
+//   as every rank's error line reads), rank 0 says that the job ends if it parsed its own, every
+//   rank calls MPI_Finalize and 1 is returned.
 // Nothing is aborted, so the job ends with every rank's message and exit status, not a hang.
 [[nodiscard]] inline std::optional<int> parse_or_finish(CLI::App& app, int argc, char** argv, MPI_Comm comm,
                                                         const std::string& program) {
@@ -33,7 +34,7 @@ namespace tool_cli {
       mine = failed;
       int rank = 0;
       MPI_Comm_rank(comm, &rank);
-      std::fprintf(stderr, "rank %d: %s: %s (see --help)\n", rank, program.c_str(), e.what());
+      std::fprintf(stderr, "%s: rank %d: %s (see --help)\n", program.c_str(), rank, e.what());
       std::fflush(stderr);
     }
   }
@@ -44,7 +45,7 @@ namespace tool_cli {
   MPI_Comm_rank(comm, &rank);
   if (rank == 0 && outcome == help) std::fputs(app.help().c_str(), stdout);
   if (rank == 0 && outcome == failed && mine != failed)
-    std::fprintf(stderr, "rank 0: %s: another rank could not parse its options; every rank ends\n", program.c_str());
+    std::fprintf(stderr, "%s: rank 0: another rank could not parse its options; every rank ends\n", program.c_str());
   std::fflush(stdout);
   std::fflush(stderr);
   MPI_Finalize();
