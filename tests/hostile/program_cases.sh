@@ -161,10 +161,10 @@ check 'comm_volume.md says --synthetic 0 left the synthetic rows out' \
   grep -q 'synthetic rows .* are left out (`--synthetic 0`' "$work/cv/comm_volume.md"
 locus=$placement_oracle
 # A list option's value that is not a number names the option and what it takes (CLI11 said "Could not
-# convert: --home-caps = 0.1,x").
-refused '^--home-caps: "x" is not a number; it takes a comma-separated list' --home-caps 0.1,x
-refused '^--redundant: "x" is not a whole number >= 0 .*; it takes a comma-separated list' --redundant 1,x
-refused '^--slacks: "nan" is not a finite number >= 0' --slacks 0.1,nan
+# convert: --home-caps = 0.1,x"), after the program's name like every failure (CLI11's text came alone).
+refused '^placement_oracle: usage error: --home-caps: "x" is not a number; it takes a comma-separated list' --home-caps 0.1,x
+refused '^placement_oracle: usage error: --redundant: "x" is not a whole number >= 0 .*; it takes a comma-separated list' --redundant 1,x
+refused '^placement_oracle: usage error: --slacks: "nan" is not a finite number >= 0' --slacks 0.1,nan
 # A long run says on stderr what it is doing; stdout carries the results.
 progress_on_stderr() {
   "$placement_oracle" --trace "$work/esft" --nodes 2 --gpus 2 --anneal 10 --redundant 0 --slacks 0.1 \

@@ -110,7 +110,13 @@ inline void show_defaults(CLI::App& app) {
 // Parses the command line: nullopt to carry on, else the status for main to return: 0 after --help,
 // 2 for a command line that is wrong (CLI11's message on stderr), as the driver answers; CLI11's own
 // codes (105 for a refused value, 109 for an unknown option) mean nothing to a shell script.
+// A mistake reads like every other failure of the program, its name first: "<program>: usage error:
+// <what CLI11 says> (see --help)" (it was CLI11's text alone, the only line without the name).
 [[nodiscard]] inline std::optional<int> parse(CLI::App& app, int argc, char** argv) {
+  const std::string program = argc > 0 ? std::filesystem::path(argv[0]).filename().string() : app.get_name();
+  app.failure_message([program](const CLI::App*, const CLI::Error& e) {
+    return program + ": usage error: " + e.what() + " (see --help)\n";
+  });
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
