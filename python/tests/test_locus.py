@@ -618,6 +618,16 @@ def test_engine_example_error_names_the_script_once(tmp_path):
     assert re.fullmatch(r"vllm\.py: format error: [^\n]*bad\.bin[^\n]*\n", r.stderr), r.stderr
 
 
+def test_engine_example_help_shows_its_defaults():
+    """The engine examples' --help names each default (it said "--nodes NODES" and nothing more)."""
+    script = pathlib.Path(__file__).resolve().parents[2] / "examples" / "engines" / "sglang.py"
+    r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for shown in ["(default: .)", "nodes (default: 2)", "GPUs (ranks) per node (default: 4)", "default 0:"]:
+        assert shown in text, text
+
+
 def test_plans_carry_their_replica_and_hedge_counts(tmp_path):
     """ExpertPlan.replicas and .hedge_copies, as `locus plan --json` gives them: replicas counted
     slot by slot here, hedge copies from the planner (at most 8 per layer by default, none with
