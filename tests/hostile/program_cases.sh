@@ -46,7 +46,11 @@ check 'router.json names the program as run from its folder' bash -c \
   "cd '$(dirname "$router")/..' && bench/router --tokens 16 --min-seconds 0.001 --json '$work/r2.json' >/dev/null &&
    grep -q '\"command\": \"bench/router --tokens 16' '$work/r2.json'"
 locus=$trace_io
-refused '^trace_io: configuration error: --gb .* need about .* GB of memory' --gb 1e9 --out "$work"
+# The size in a few digits (1e+09), not std::to_string's "1000000000.000000".
+refused '^trace_io: configuration error: --gb 1e\+09 \(the trace and its read-back\) need about .* GB of memory' \
+  --gb 1e9 --out "$work"
+# A --tmp that is not there is said before the first measurement (it failed after the ESFT rows).
+refused "^trace_io: I/O error: $work/none: no such folder \(--tmp\)$" --gb 0.001 --tmp "$work/none" --out "$work"
 refused 'must be a number above 0' --gb nan --out "$work"
 # --trace's default is decided when the program runs (it named the folders of the machine that built
 # it), and a trace that is not there is said with the path and how to give one.
