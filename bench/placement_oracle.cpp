@@ -1,5 +1,5 @@
 // Question: how low can inter-node copies go on this trace at all? An upper-bound experiment for
-// issue 5's byte targets, not a planner: locus's token-level stage (sweeps + annealing) is given
+// comm_volume's inter-node byte targets, not a planner: locus's token-level stage (sweeps + annealing) is given
 // the decode tokens it will be scored on, each on a node chosen by its true domain, starting from
 // the linear map, without and with a replica slot per GPU, and optionally a looser GPU load
 // bound. The baseline (linear placement, round-robin requests, flat copies) is counted on the
@@ -414,7 +414,8 @@ int main(int argc, char** argv) try {
           }
     const double secs = elapsed();
     std::ostringstream text;
-    text << "# How low can copies go if requests may sit anywhere? (upper-bound experiment, issue 5)\n\nProduced by `"
+    text << "# How low can copies go if requests may sit anywhere? (upper-bound experiment for the inter-node byte "
+            "targets)\n\nProduced by `"
          << command << "` (" << run.machine << ") in " << static_cast<int>(secs) << " s on " << nodes << "x" << gpus
          << ", ESFT test split (seed " << seed << "), prefill = first " << prefill
          << " tokens. Not a planner: every row fits and scores on the test split's decode tokens. Round 0 puts each "
@@ -458,8 +459,8 @@ int main(int argc, char** argv) try {
         }
   const double secs = elapsed();
   std::ostringstream text;
-  text << "# How low can copies go? (upper-bound experiment, issue 5)\n\nProduced by `" << command << "` ("
-       << run.machine << ") in " << static_cast<int>(secs) << " s on " << nodes << "x" << gpus
+  text << "# How low can copies go? (upper-bound experiment for the inter-node byte targets)\n\nProduced by `"
+       << command << "` (" << run.machine << ") in " << static_cast<int>(secs) << " s on " << nodes << "x" << gpus
        << ", ESFT test split (seed " << seed << "), prefill = first " << prefill
        << " tokens. Not a planner: locus's token-level stage (sweeps, then " << anneal
        << " annealing proposals per expert) places each layer's experts starting from the linear map (with replicas: "

@@ -163,6 +163,10 @@ succeeds --trace "$work/esft" --only 2x2 --synthetic 0 --out "$work/cv"
 check 'comm_volume.md names no source file' bash -c "! grep -Eq '[a-z_]+\.(hpp|cuh|cpp|cu)\b' '$work/cv/comm_volume.md'"
 check 'comm_volume.md says --synthetic 0 left the synthetic rows out' \
   grep -q 'synthetic rows .* are left out (`--synthetic 0`' "$work/cv/comm_volume.md"
+# A results file names what a target is, not the tracker's number ("## Targets (issue 5)").
+check 'comm_volume.md names its targets, no issue number' bash -c \
+  "grep -q '^## Targets: inter-node bytes and GPU balance' '$work/cv/comm_volume.md' &&
+   ! grep -Eiq 'issue [0-9]' '$work/cv/comm_volume.md'"
 locus=$placement_oracle
 # A list option's value that is not a number names the option and what it takes (CLI11 said "Could not
 # convert: --home-caps = 0.1,x"), after the program's name like every failure (CLI11's text came alone).
@@ -176,4 +180,6 @@ progress_on_stderr() {
   grep -q '^placement_oracle: fitting maps: 4 rows' "$work/po.err" && ! grep -q '^placement_oracle:' "$work/po.out"
 }
 check 'placement_oracle says its progress on stderr' progress_on_stderr
+check 'placement_oracle.md names no issue number' bash -c \
+  "grep -q '^# How low can copies go' '$work/po/placement_oracle.md' && ! grep -Eiq 'issue [0-9]' '$work/po/placement_oracle.md'"
 cases_end
