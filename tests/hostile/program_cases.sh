@@ -175,11 +175,13 @@ refused '^placement_oracle: usage error: --redundant: "x" is not a whole number 
 refused '^placement_oracle: usage error: --slacks: "nan" is not a finite number >= 0' --slacks 0.1,nan
 # A long run says on stderr what it is doing; stdout carries the results.
 progress_on_stderr() {
-  "$placement_oracle" --trace "$work/esft" --nodes 2 --gpus 2 --anneal 10 --redundant 0 --slacks 0.1 \
+  "$placement_oracle" --trace "$work/esft" --nodes 2 --gpus-per-node 2 --anneal 10 --redundant 0 --slacks 0.1 \
     --out "$work/po" >"$work/po.out" 2>"$work/po.err" || { cat "$work/po.err" >&2; return 1; }
   grep -q '^placement_oracle: fitting maps: 4 rows' "$work/po.err" && ! grep -q '^placement_oracle:' "$work/po.out"
 }
 check 'placement_oracle says its progress on stderr' progress_on_stderr
+# The driver's name for the option (--gpus-per-node) and the program's first one (--gpus) both work.
+ok 'gpus-per-node,--gpus UINT' --help
 check 'placement_oracle.md names no issue number' bash -c \
   "grep -q '^# How low can copies go' '$work/po/placement_oracle.md' && ! grep -Eiq 'issue [0-9]' '$work/po/placement_oracle.md'"
 cases_end
