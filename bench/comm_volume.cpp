@@ -423,9 +423,9 @@ std::string unseen_domain_table(const locus::trace::trace& train, const locus::t
       ")\n\nOne domain is left out of the "
       "training split; the test split is simulated whole and restricted to the held-out domain. "
       "\"wa / rr\" is inter-node bytes with workload_aware over round_robin grouping on the same maps "
-      "(issue target ≤ 1.05); capacity holds by construction (the simulator rejects a full rank).\n\n"
+      "(target ≤ 1.05); capacity holds by construction (the simulator rejects a full rank).\n\n"
       "\"vs linear\" divides by linear / round-robin / flat on the same requests; \"linear max/mean\" is that "
-      "baseline's GPU max/mean (issue 19: mixed ≥ 20% lower at ≤ 1.15; held-out max/mean ≤ linear's, "
+      "baseline's GPU max/mean (shifted-traffic targets: mixed ≥ 20% lower at ≤ 1.15; held-out max/mean ≤ linear's, "
       "wa / rr ≤ 1).\n\n"
       "| held out | test requests | wa / rr (all test) | wa / rr (held-out only) | GPU max/mean wa (all) "
       "| low-confidence fallbacks | vs linear (all) | vs linear (held-out) | GPU max/mean wa (held-out) "
@@ -511,7 +511,8 @@ void write_outputs(const run_options& o, tool_cli::results_folder& folder, resul
         "the synthesizer fitted to this trace and rescaled; ESFT's 26 layers kept) "
      << (o.synthetic ? "are measured with `--synthetic 1`, the default; `--synthetic 0` leaves them out"
                      : "are left out (`--synthetic 0`; the default, 1, measures them)")
-     << ". Plot: `/usr/bin/python3 bench/plot_comm_volume.py bench/results`.\n\n## Targets (issue 5)\n\n"
+     << ". Plot: `/usr/bin/python3 bench/plot_comm_volume.py bench/results`.\n\n## Targets: inter-node bytes and GPU "
+        "balance at 4x2\n\n"
      << summary
      << "\n## Under each engine's replica rule\n\nRows with a redundant slot per GPU, simulated on the same maps and "
         "requests under each replica rule (which replica of an expert receives a token's copy; docs/engines.md says "

@@ -1,11 +1,11 @@
 // Question: how low can inter-node copies go on this trace at all? An upper-bound experiment for
-// issue 5's byte targets, not a planner: locus's token-level stage (sweeps + annealing) is given
+// comm_volume's inter-node byte targets, not a planner: locus's token-level stage (sweeps + annealing) is given
 // the decode tokens it will be scored on, each on a node chosen by its true domain, starting from
 // the linear map, without and with a replica slot per GPU, and optionally a looser GPU load
 // bound. The baseline (linear placement, round-robin requests, flat copies) is counted on the
 // same tokens in the same run.
 //
-//   placement_oracle [--trace DIR] [--out DIR] [--nodes 4] [--gpus 2] [--split-seed 1]
+//   placement_oracle [--trace DIR] [--out DIR] [--nodes 4] [--gpus-per-node 2] [--split-seed 1]
 //                    [--prefill-tokens 32] [--anneal 1000] [--slacks 0.03,0.10] [--redundant 0,1]
 //                    [--homes domain|free] [--home-caps -1,0.10] [--rounds 3]
 // Writes DIR/placement_oracle.{json,md}; with --homes free, DIR/placement_oracle_free.{json,md}:
@@ -279,7 +279,8 @@ int main(int argc, char** argv) try {
   const CLI::Option* trace_opt = bench_args::add_trace_option(app, trace_path, "ESFT folder or binary trace");
   app.add_option("--out", out_dir, bench_args::out_folder_help);
   app.add_option("--nodes", nodes, "Nodes")->check(tool_cli::positive);
-  app.add_option("--gpus", gpus, "GPUs per node")->check(tool_cli::positive);
+  // --gpus-per-node as in the driver and the other programs; --gpus, its first name, still works.
+  app.add_option("--gpus-per-node,--gpus", gpus, "GPUs (ranks) per node")->check(tool_cli::positive);
   app.add_option("--split-seed", seed, "Seed of the train/test split of the requests");
   app.add_option("--prefill-tokens", prefill, "Prefill tokens per request");
   app.add_option("--anneal", anneal, "Annealing proposals per expert");
@@ -414,7 +415,8 @@ int main(int argc, char** argv) try {
           }
     const double secs = elapsed();
     std::ostringstream text;
-    text << "# How low can copies go if requests may sit anywhere? (upper-bound experiment, issue 5)\n\nProduced by `"
+    text << "# How low can copies go if requests may sit anywhere? (upper-bound experiment for the inter-node byte "
+            "targets)\n\nProduced by `"
          << command << "` (" << run.machine << ") in " << static_cast<int>(secs) << " s on " << nodes << "x" << gpus
          << ", ESFT test split (seed " << seed << "), prefill = first " << prefill
          << " tokens. Not a planner: every row fits and scores on the test split's decode tokens. Round 0 puts each "
@@ -458,8 +460,8 @@ int main(int argc, char** argv) try {
         }
   const double secs = elapsed();
   std::ostringstream text;
-  text << "# How low can copies go? (upper-bound experiment, issue 5)\n\nProduced by `" << command << "` ("
-       << run.machine << ") in " << static_cast<int>(secs) << " s on " << nodes << "x" << gpus
+  text << "# How low can copies go? (upper-bound experiment for the inter-node byte targets)\n\nProduced by `"
+       << command << "` (" << run.machine << ") in " << static_cast<int>(secs) << " s on " << nodes << "x" << gpus
        << ", ESFT test split (seed " << seed << "), prefill = first " << prefill
        << " tokens. Not a planner: locus's token-level stage (sweeps, then " << anneal
        << " annealing proposals per expert) places each layer's experts starting from the linear map (with replicas: "

@@ -96,7 +96,7 @@ def main():
     rules = ["locality_first", "same_gpu_else_random", "random", "locality_bounded"]
     md += ["", "## Replica rows under each replica rule", "",
            "Per rule: inter-node bytes reduction min–max over the seeds, worst GPU max/mean (aggregate), and on how many "
-           "seeds max/mean ≤ 1.10 (issue 19's target for these rows).", "",
+           "seeds max/mean ≤ 1.10 (the shifted-traffic target for these rows).", "",
            "| row | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
     doc["by_replica_rule"] = {}
     for label, k, max_ratio, max_bal in ROWS:
@@ -134,7 +134,7 @@ def main():
         first.get("unseen_redundant_slots_per_gpu", 0), first.get("replica_rule", "locality_first")), "",
            "Per seed and held-out domain: mixed test split (bytes vs linear / round-robin / flat, GPU max/mean), then "
            "the held-out domain's own test requests (bytes with workload-aware over round-robin grouping on the same "
-           "maps, GPU max/mean against linear's on the same requests). Issue 19 targets: mixed ≥ 20% lower at "
+           "maps, GPU max/mean against linear's on the same requests). Shifted-traffic targets: mixed ≥ 20% lower at "
            "≤ 1.15; held-out max/mean ≤ linear's and wa / rr ≤ 1.", "",
            "| seed | held out | mixed: reduction | mixed: max/mean | held-out: wa / rr | held-out: max/mean (linear) | met |",
            "|---|---|---|---|---|---|---|"]

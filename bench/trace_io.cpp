@@ -273,12 +273,20 @@ int main(int argc, char** argv) try {
   auto folder = bench_args::output_folder(out_dir); // checked now, made when the first result is written
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/trace_io");
   // The trace and its read-back sit in memory together; the file and the baseline's copy on --tmp.
-  tool_cli::require_memory(2 * gb * 1e9, "--gb " + std::to_string(gb) + " (the trace and its read-back)");
-  if (struct statvfs fs_info{};
-      ::statvfs(tmp_dir.c_str(), &fs_info) == 0 &&
-      static_cast<double>(fs_info.f_bavail) * static_cast<double>(fs_info.f_frsize) < 2.1 * gb * 1e9)
-    throw locus::io_error(tmp_dir + ": too little free space for --gb " + std::to_string(gb) +
-                          " (the binary trace and the baseline's copy: about " + std::to_string(2.1 * gb) + " GB)");
+  // Sizes as a person writes them ("--gb 1.5", "about 3.15 GB"), not std::to_string's "1.500000".
+  const auto gb_text = [](double v) {
+    char text[32];
+    std::snprintf(text, sizeof text, "%.3g", v);
+    return std::string(text);
+  };
+  tool_cli::require_memory(2 * gb * 1e9, "--gb " + gb_text(gb) + " (the trace and its read-back)");
+  // --tmp is checked before the first measurement, not when the JSONL rows first write to it.
+  struct statvfs fs_info {};
+  if (::statvfs(tmp_dir.c_str(), &fs_info) != 0 || !fs::is_directory(tmp_dir))
+    throw locus::io_error(tmp_dir + ": no such folder (--tmp)");
+  if (static_cast<double>(fs_info.f_bavail) * static_cast<double>(fs_info.f_frsize) < 2.1 * gb * 1e9)
+    throw locus::io_error(tmp_dir + ": too little free space for --gb " + gb_text(gb) +
+                          " (the binary trace and the baseline's copy: about " + gb_text(2.1 * gb) + " GB)");
   nlohmann::json doc = {{"bench", "trace_io"}, {"esft", esft}, {"rows", nlohmann::json::array()}};
   struct row {
     std::string what, unit;

@@ -29,14 +29,15 @@ def arguments(description: str, layer_flags: bool = True) -> argparse.Namespace:
     """The examples' flags; `layer_flags` only where the engine's file numbers hidden layers."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--trace", help="locus binary trace or ESFT folder (default: a synthetic trace)")
-    p.add_argument("--out", default=".", help="folder for the files written")
-    p.add_argument("--nodes", type=whole(1), default=2)
-    p.add_argument("--gpus-per-node", type=whole(1), default=4)
+    # Defaults in --help, as the driver and the benchmarks show theirs.
+    p.add_argument("--out", default=".", help="folder for the files written (default: %(default)s)")
+    p.add_argument("--nodes", type=whole(1), default=2, help="nodes (default: %(default)s)")
+    p.add_argument("--gpus-per-node", type=whole(1), default=4, help="GPUs (ranks) per node (default: %(default)s)")
     if layer_flags:
         p.add_argument("--first-moe-layer", type=whole(0), default=None,
                        help="hidden-layer index of the first MoE layer (default: the trace's own layer numbers, else 0)")
         p.add_argument("--num-hidden-layers", type=whole(0), default=0,
-                       help="the model's hidden layers (0: last is MoE)")
+                       help="the model's hidden layers (default 0: the last layer is MoE)")
     a = p.parse_args()
     # A wrong input or output is a one-line message, not a traceback through the example: the
     # script's name, then the error's kind and message ("vllm.py: format error: ..."), as the

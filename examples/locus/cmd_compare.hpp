@@ -77,15 +77,14 @@ inline std::vector<locus::transport_kind> parse_transports(const std::string& li
   std::vector<locus::transport_kind> out;
   std::stringstream in(list);
   for (std::string name; std::getline(in, name, ',');) {
-    LOCUS_REQUIRE(name == "flat" || name == "hierarchical", locus::config_error, "--transport \"", list,
-                  "\": unknown transport \"", name, "\" (expected flat, hierarchical or flat,hierarchical)");
+    LOCUS_REQUIRE(name == "flat" || name == "hierarchical", locus::config_error, "unknown transport \"", name,
+                  "\" in \"", list, "\" (expected flat, hierarchical or flat,hierarchical)");
     const auto k = locus::parse_transport_kind(name);
     for (const auto seen : out)
-      LOCUS_REQUIRE(seen != k, locus::config_error, "--transport \"", list, "\" names ", name, " twice");
+      LOCUS_REQUIRE(seen != k, locus::config_error, "\"", list, "\" names ", name, " twice");
     out.push_back(k);
   }
-  LOCUS_REQUIRE(!out.empty(), locus::config_error,
-                "--transport is empty (expected flat, hierarchical or flat,hierarchical)");
+  LOCUS_REQUIRE(!out.empty(), locus::config_error, "no transport (expected flat, hierarchical or flat,hierarchical)");
   return out;
 }
 
@@ -353,7 +352,18 @@ inline void register_compare(CLI::App& app) {
   cmd->add_option("--experts", split->experts, experts_help);
   cmd->add_option("--redundant", o->redundant,
                   "Replica slots per GPU of the eplb and locality-with-replicas rows (0: no replica rows)");
-  cmd->add_option("--transport", o->transports, "Transports compared, comma-separated: flat, hierarchical");
+  // Checked while parsing, so a bad list is a usage error (exit 2) as a bad --replica-rule is.
+  cmd->add_option("--transport", o->transports, "Transports compared, comma-separated: flat, hierarchical")
+      ->check(CLI::Validator(
+          [](std::string& list) -> std::string {
+            try {
+              (void)compare_detail::parse_transports(list);
+              return {};
+            } catch (const locus::error& e) {
+              return e.message();
+            }
+          },
+          "", "transports"));
   cmd->add_option("--replica-rule", o->replica_rule,
                   "How a copy picks among an expert's replicas, in planning and simulation: locality_first (locus), "
                   "same_gpu_else_random (SGLang static dispatch), random (vLLM EPLB), locality_bounded (locality "

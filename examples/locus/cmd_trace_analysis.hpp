@@ -240,7 +240,7 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
       "synth", "Write a synthetic binary trace: from a shape, or fitted to a real trace (--fit) and optionally "
                "rescaled (--rescale 256:8:58)");
   cmd->add_option("--out", o->out, "Output binary trace file")->required();
-  cmd->add_option("--fit", o->fit_path, "Fit the model to this trace (binary file or ESFT folder)");
+  cmd->add_option("--fit", o->fit_path, "Fit the model to this trace (binary file, ESFT folder or route JSONL)");
   cmd->add_option("--rescale", o->rescale, "With --fit: rescale to EXPERTS:TOP_K:LAYERS, e.g. 256:8:58");
   auto& sh = o->shape;
   auto* experts = cmd->add_option("--experts", sh.experts,

@@ -62,26 +62,34 @@ int report(const std::string& message, int code) {
   return code;
 }
 
-//! The name of the unknown command word where one is given, with the known ones, else empty.
-//! CLI11 would answer "A subcommand is required" to `locus frobnicate`, naming nothing.
+//! The name of the unknown command word where one is given, or the command word missing (`locus
+//! map` alone), with the known ones; else empty. CLI11 would answer "A subcommand is required" to
+//! both, naming nothing.
 std::string unknown_command(const CLI::App& app, int argc, char** argv) {
   const CLI::App* at = &app;
+  const auto names_of = [](const CLI::App* a) {
+    std::string names;
+    for (const CLI::App* sub : a->get_subcommands([](const CLI::App*) { return true; }))
+      names += (names.empty() ? "" : ", ") + sub->get_name();
+    return names;
+  };
+  const auto commands_of = [&](const CLI::App* a) {
+    return (a == &app ? std::string("commands") : "commands of " + a->get_name()) + ": " + names_of(a);
+  };
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg.empty() || arg[0] == '-') return {}; // options (and everything after them) are CLI11's
     const auto subs = at->get_subcommands([](const CLI::App*) { return true; });
     if (subs.empty()) return {};
     const CLI::App* next = nullptr;
-    std::string names;
-    for (const CLI::App* sub : subs) {
+    for (const CLI::App* sub : subs)
       if (sub->get_name() == arg) next = sub;
-      names += (names.empty() ? "" : ", ") + sub->get_name();
-    }
-    if (!next)
-      return "locus: usage error: unknown command \"" + arg + "\" (" +
-             (at == &app ? std::string("commands") : "commands of " + at->get_name()) + ": " + names + "; see --help)";
+    if (!next) return "locus: usage error: unknown command \"" + arg + "\" (" + commands_of(at) + "; see --help)";
     at = next;
   }
+  if (at->get_require_subcommand_min() > 0)
+    return "locus: usage error: " + (at == &app ? std::string("a command") : at->get_name() + " needs a command") +
+           (at == &app ? " is required (" : " (") + commands_of(at) + "; see --help)";
   return {};
 }
 

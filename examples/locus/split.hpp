@@ -57,9 +57,10 @@ inline void add_split_flags(CLI::App* cmd, split_flags& s) {
                               "Split by domain: these domains test (comma-separated; default with --train-domains: "
                               "the other domains)")
                   ->delimiter(',');
-  auto* trr = cmd->add_option("--train-requests", s.train_requests,
-                              "Split by request id: a file of the ids that train (whitespace-separated, # comments; "
-                              "default with --test-requests: the other requests)");
+  auto* trr = cmd->add_option(
+      "--train-requests", s.train_requests,
+      "Split by request id: a file of the ids that train (separated by whitespace or commas, # comments; "
+      "default with --test-requests: the other requests)");
   auto* ter = cmd->add_option("--test-requests", s.test_requests,
                               "Split by request id: a file of the ids that test (default with --train-requests: the "
                               "other requests)");

@@ -287,10 +287,17 @@ def plan(
     ``[layers, experts]`` load array (linear, round_robin, eplb). Slots per rank: enough for every
     expert once plus ``redundant_slots``, unless ``slots_per_rank`` is given (load arrays only).
     ``hedge_replicas``: with locality and redundant slots, at most this many slots per layer first
-    hold balance hedges (None: the library's default, 8; 0: off; docs/robust_planning.md)."""
+    hold balance hedges (None: the library's default, 8; 0: off; docs/robust_planning.md).
+    ``prefill_tokens``: the grouping model classifies a request by at most this many of its prefill
+    tokens; it marks no phases (``trace.with_prefill_tokens(n)`` does, for an ESFT import)."""
     if isinstance(source, Trace):
         if slots_per_rank is not None:
             raise ConfigError("locus: configuration error: slots_per_rank is for load arrays; a trace plan uses redundant_slots")
+        prefill, decode, _ = source._phase_counts()
+        if prefill == 0 and decode == 0:
+            # Every plan fits the grouping model, which learns from prefill and decode tokens.
+            raise ConfigError("locus: configuration error: the trace records no prefill or decode phases (an ESFT "
+                              "import records none): mark them first, e.g. trace.with_prefill_tokens(32)")
         maps, model, hedges = _core._plan_from_trace(
             source, nodes, gpus_per_node, placement, redundant_slots, eplb_groups, clusters, seed, prefill_tokens,
             hedge_replicas,
@@ -328,6 +335,10 @@ def simulate(
     """Decode simulation of the trace's decode tokens on the plan; returns the summary (bytes and
     copies per token, GPU imbalance, modelled layer time). ``workload_aware`` grouping uses
     ``model`` or the plan's own."""
+    if test._phase_counts()[1] == 0:
+        # A run over no decode token would report zeros as if they were results (the driver refuses too).
+        raise ConfigError("locus: configuration error: the test trace has no decode tokens to simulate (its phases "
+                          "are not recorded, or every token is prefill): mark them, e.g. test.with_prefill_tokens(32)")
     m = model if model is not None else plan.model
     out = _core._simulate(
         test, plan._maps(), plan.nodes, plan.gpus_per_node, grouper, m, transport, batch_per_rank, hidden,

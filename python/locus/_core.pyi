@@ -40,6 +40,8 @@ class Trace:
     def layer_ids(self, layer: int) -> npt.NDArray[np.uint16]:
         """Read-only view [tokens, top_k] of layer `layer`'s expert ids (no copy)."""
     def with_prefill_tokens(self, tokens: int) -> Trace: ...
+    def _phase_counts(self) -> Tuple[int, int, int]:
+        """Tokens marked (prefill, decode, unknown)."""
     def __getstate__(self) -> bytes:
         """The trace in the binary trace format: what pickle sends (round trips are exact)."""
     def __setstate__(self, state: bytes) -> None:

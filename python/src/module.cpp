@@ -337,6 +337,17 @@ NB_MODULE(_core, m) {
             return t.with_prefill_tokens(size_arg(tokens, "tokens"));
           },
           "tokens"_a)
+      // (prefill, decode, unknown) token counts: plan and simulate refuse a trace without phases
+      // in words a Python user can act on, rather than fitting nothing or reporting zeros.
+      .def("_phase_counts",
+           [](const locus::trace::trace& t) {
+             std::size_t prefill = 0, decode = 0;
+             for (std::size_t i = 0; i < t.tokens(); ++i) {
+               prefill += t.token_phase(i) == locus::trace::phase::prefill;
+               decode += t.token_phase(i) == locus::trace::phase::decode;
+             }
+             return std::make_tuple(prefill, decode, t.tokens() - prefill - decode);
+           })
       .def("__getstate__", &trace_state)
       .def("__setstate__", &set_trace_state, "state"_a.none())
       .def("__repr__", [](const locus::trace::trace& t) {

@@ -177,6 +177,19 @@ def test_trace_from_arrays_and_statistics():
         locus.trace_from_arrays(bad, 16)
 
 
+def test_a_trace_without_phases_is_refused_with_the_fix_named():
+    # An ESFT import records no phases: plan and simulate said so in C++ terms, or simulated
+    # nothing and returned zeros; they name Trace.with_prefill_tokens instead.
+    ids, marked = small_trace()
+    bare = locus.trace_from_arrays(ids, 16, request_ids=np.repeat(np.arange(12), 40))
+    with pytest.raises(locus.ConfigError, match=r"records no prefill or decode phases.*with_prefill_tokens\(32\)"):
+        locus.plan(bare, 2, 2, "linear")
+    plan = locus.plan(marked, 2, 2, "linear", clusters=2)
+    with pytest.raises(locus.ConfigError, match=r"no decode tokens to simulate.*with_prefill_tokens\(32\)"):
+        locus.simulate(bare, plan)
+    assert locus.simulate(bare.with_prefill_tokens(8), plan)["decode_tokens"] == 12 * 32
+
+
 def test_plan_simulate_and_export_round_trips(tmp_path):
     _, t = small_trace()
     train, test = locus.split_by_request(t, 0.5, 1)
@@ -603,6 +616,16 @@ def test_engine_example_error_names_the_script_once(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1
     assert re.fullmatch(r"vllm\.py: format error: [^\n]*bad\.bin[^\n]*\n", r.stderr), r.stderr
+
+
+def test_engine_example_help_shows_its_defaults():
+    """The engine examples' --help names each default (it said "--nodes NODES" and nothing more)."""
+    script = pathlib.Path(__file__).resolve().parents[2] / "examples" / "engines" / "sglang.py"
+    r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for shown in ["(default: .)", "nodes (default: 2)", "GPUs (ranks) per node (default: 4)", "default 0:"]:
+        assert shown in text, text
 
 
 def test_plans_carry_their_replica_and_hedge_counts(tmp_path):

@@ -187,6 +187,19 @@ binary_on_stdin() {
     cmp -s "$work/ss.json" "$work/sp.json" && grep -q '"layers": 2' "$work/ss.json"
 }
 check "trace stats reads a binary trace on stdin" binary_on_stdin
+# A command word missing names the commands there are (CLI11 said "A subcommand is required").
+refused '^locus: usage error: a command is required \(commands: compare, map, plan, simulate, trace; see --help\)$'
+refused '^locus: usage error: map needs a command \(commands of map: check, export; see --help\)$' map
+refused '^locus: usage error: trace needs a command \(commands of trace: import, stats, synth, report; see --help\)$' trace
+# A bad value of compare's --transport list is a usage error (exit 2), as simulate's --transport is;
+# it was a configuration error (exit 1) found after the trace was read.
+bad_transport_exits_2() {
+  local rc
+  "$locus" compare --synthetic-requests 16 --transport flat,ring >/dev/null 2>"$work/tr.err"
+  rc=$?
+  [ "$rc" -eq 2 ] && grep -q '^locus: usage error: --transport: unknown transport "ring"' "$work/tr.err"
+}
+check "compare --transport flat,ring exits 2" bad_transport_exits_2
 check "trace import reads a binary trace on stdin" bash -c "'$locus' trace import - -o '$work/stdin.bin' <'$work/t.bin' >/dev/null"
 same "$work/t.bin" "$work/stdin.bin"
 printf 'LOCUS' >"$work/short.bin"

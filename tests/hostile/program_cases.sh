@@ -46,7 +46,11 @@ check 'router.json names the program as run from its folder' bash -c \
   "cd '$(dirname "$router")/..' && bench/router --tokens 16 --min-seconds 0.001 --json '$work/r2.json' >/dev/null &&
    grep -q '\"command\": \"bench/router --tokens 16' '$work/r2.json'"
 locus=$trace_io
-refused '^trace_io: configuration error: --gb .* need about .* GB of memory' --gb 1e9 --out "$work"
+# The size in a few digits (1e+09), not std::to_string's "1000000000.000000".
+refused '^trace_io: configuration error: --gb 1e\+09 \(the trace and its read-back\) need about .* GB of memory' \
+  --gb 1e9 --out "$work"
+# A --tmp that is not there is said before the first measurement (it failed after the ESFT rows).
+refused "^trace_io: I/O error: $work/none: no such folder \(--tmp\)$" --gb 0.001 --tmp "$work/none" --out "$work"
 refused 'must be a number above 0' --gb nan --out "$work"
 # --trace's default is decided when the program runs (it named the folders of the machine that built
 # it), and a trace that is not there is said with the path and how to give one.
@@ -159,6 +163,10 @@ succeeds --trace "$work/esft" --only 2x2 --synthetic 0 --out "$work/cv"
 check 'comm_volume.md names no source file' bash -c "! grep -Eq '[a-z_]+\.(hpp|cuh|cpp|cu)\b' '$work/cv/comm_volume.md'"
 check 'comm_volume.md says --synthetic 0 left the synthetic rows out' \
   grep -q 'synthetic rows .* are left out (`--synthetic 0`' "$work/cv/comm_volume.md"
+# A results file names what a target is, not the tracker's number ("## Targets (issue 5)").
+check 'comm_volume.md names its targets, no issue number' bash -c \
+  "grep -q '^## Targets: inter-node bytes and GPU balance' '$work/cv/comm_volume.md' &&
+   ! grep -Eiq 'issue [0-9]' '$work/cv/comm_volume.md'"
 locus=$placement_oracle
 # A list option's value that is not a number names the option and what it takes (CLI11 said "Could not
 # convert: --home-caps = 0.1,x"), after the program's name like every failure (CLI11's text came alone).
@@ -167,9 +175,13 @@ refused '^placement_oracle: usage error: --redundant: "x" is not a whole number 
 refused '^placement_oracle: usage error: --slacks: "nan" is not a finite number >= 0' --slacks 0.1,nan
 # A long run says on stderr what it is doing; stdout carries the results.
 progress_on_stderr() {
-  "$placement_oracle" --trace "$work/esft" --nodes 2 --gpus 2 --anneal 10 --redundant 0 --slacks 0.1 \
+  "$placement_oracle" --trace "$work/esft" --nodes 2 --gpus-per-node 2 --anneal 10 --redundant 0 --slacks 0.1 \
     --out "$work/po" >"$work/po.out" 2>"$work/po.err" || { cat "$work/po.err" >&2; return 1; }
   grep -q '^placement_oracle: fitting maps: 4 rows' "$work/po.err" && ! grep -q '^placement_oracle:' "$work/po.out"
 }
 check 'placement_oracle says its progress on stderr' progress_on_stderr
+# The driver's name for the option (--gpus-per-node) and the program's first one (--gpus) both work.
+ok 'gpus-per-node,--gpus UINT' --help
+check 'placement_oracle.md names no issue number' bash -c \
+  "grep -q '^# How low can copies go' '$work/po/placement_oracle.md' && ! grep -Eiq 'issue [0-9]' '$work/po/placement_oracle.md'"
 cases_end
