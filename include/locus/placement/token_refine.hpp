@@ -909,6 +909,9 @@ public:
     }
     ranks_seen_.reset(ranks_);
     nodes_seen_.reset(nodes_);
+    cost_.resize(tokens_);
+    for (std::size_t t = 0; t < tokens_; ++t)
+      cost_[t] = token_cost(t, k_, -1);
   }
 
   //! Lazy greedy: the (node, expert) copy that saves the most, re-evaluated when popped, while
@@ -957,7 +960,8 @@ public:
       if (hosts(e, n)) continue;
       const std::size_t r = free_rank(n);
       if (r == ranks_) continue;
-      const double g = balanced(e, r) ? gain(e, r) : -1.0;
+      const auto& served = serving(e, with_copy(e, r));
+      const double g = balanced(e, r, served) ? gain(e, served) : -1.0;
       if (g <= 1e-9) continue;
       if (!heap.empty() && g < heap.front().first) { // stale: back in with its current gain
         heap.push_back({g, ne});
@@ -1065,10 +1069,12 @@ public:
           cover += tr_[p] == static_cast<std::int32_t>(hot);
         if (cover <= 0) continue;
         for (std::size_t r = 0; r < ranks_; ++r) {
-          if (node_of_[r] == node_of_[hot] || free_slot(r) == spr_ || !balanced(e, r)) continue;
+          if (node_of_[r] == node_of_[hot] || free_slot(r) == spr_) continue;
+          const auto& served = serving(e, with_copy(e, r));
+          if (!balanced(e, r, served)) continue;
           const double covered = std::min(cover, need - sheddable);
           const bool fits = cover + sheddable >= need && risk[r] + cover / mean <= risk[hot];
-          const double g = gain(e, r);
+          const double g = gain(e, served);
           const bool better =
               fits != best.fits ? fits
               : fits            ? g > best.gain + 1e-9 || (g >= best.gain - 1e-9 && covered > best.covered)
@@ -1159,12 +1165,13 @@ public:
         if (best.rows >= 0 && (best.fits ? !fits : !fits && x < best.rows - 1e-9)) continue;
         for (std::size_t r = 0; r < ranks_; ++r) {
           if (in_set[r] || free_slot(r) == spr_) continue;
-          const double g = gain(e, r);
+          const auto& served = serving(e, with_copy(e, r));
+          const double g = gain(e, served);
           const bool better =
               best.rows < 0 || (fits != best.fits ? fits
                                 : fits            ? g > best.gain + 1e-9
                                        : x > best.rows + 1e-9 || (x >= best.rows - 1e-9 && g > best.gain + 1e-9));
-          if (better && balanced(e, r)) best = {fits, x, g, e, r};
+          if (better && balanced(e, r, served)) best = {fits, x, g, e, r};
         }
       }
       if (best.rows < 0) break; // no copy can leave S: the floor stays
@@ -1205,10 +1212,10 @@ public:
   expert_map to_map() const { return expert_map(experts_, ranks_, spr_, table_); }
 
   //! The sample's copy cost with the copies as they are.
-  double cost() {
+  double cost() const {
     double c = 0;
     for (std::size_t t = 0; t < tokens_; ++t)
-      c += token_cost(t, k_, -1);
+      c += cost_[t];
     return c;
   }
 
@@ -1278,21 +1285,27 @@ private:
   }
 
   //! Exact cost saved on the sample by a copy of e on rank r.
-  double gain(std::size_t e, std::size_t r) {
-    const auto& served = serving(e, with_copy(e, r));
+  double gain(std::size_t e, std::size_t r) { return gain(e, serving(e, with_copy(e, r))); }
+
+  //! The same, given the ranks that would serve e's pairs with the copy (serving(e, with_copy(e, r))).
+  double gain(std::size_t e, const std::vector<std::int32_t>& served) {
     double g = 0;
     for (std::size_t i = 0; i < pairs_of_[e].size(); ++i) {
       const std::size_t p = pairs_of_[e][i], t = p / k_, j = p % k_;
       const std::int32_t now = tr_[p], next = served[i];
       if (now == next) continue;
-      g += token_cost(t, k_, -1) - token_cost(t, j, next);
+      g += cost_[t] - token_cost(t, j, next);
     }
     return g;
   }
 
-  bool balanced(std::size_t e, std::size_t r) {
-    const auto& served = serving(e, with_copy(e, r));
-    std::vector<double> delta(ranks_, 0.0), shifted_delta(shifted_.pairs.size(), 0.0);
+  //! Whether a copy of e on rank r keeps the load bounds, given the ranks that would serve e's
+  //! pairs with it (serving(e, with_copy(e, r))).
+  bool balanced(std::size_t e, std::size_t r, const std::vector<std::int32_t>& served) {
+    auto& delta = delta_;
+    auto& shifted_delta = shifted_delta_;
+    delta.assign(ranks_, 0.0);
+    shifted_delta.assign(shifted_.pairs.size(), 0.0);
     for (std::size_t i = 0; i < pairs_of_[e].size(); ++i) {
       const std::size_t p = pairs_of_[e][i];
       const std::int32_t now = tr_[p], next = served[i];
@@ -1336,6 +1349,8 @@ private:
       shifted_.count(mix_[p / k_], static_cast<std::size_t>(next), 1.0);
       tr_[p] = next;
     }
+    for (const auto p : pairs_of_[e]) // a token uses e once (repeats are not pairs)
+      cost_[p / k_] = token_cost(p / k_, k_, -1);
     table_[r * spr_ + free_slot(r)] = static_cast<expert_id>(e);
   }
 
@@ -1362,6 +1377,8 @@ private:
   std::vector<std::int32_t> served_, src_fixed_, src_nth_;
   std::vector<std::vector<std::int32_t>> src_cands_;
   std::vector<double> load_;
+  std::vector<double> cost_;                  //!< per token: its copy cost under tr_
+  std::vector<double> delta_, shifted_delta_; //!< balanced()'s scratch
   double cap_ = 0;
   shifted_loads shifted_;
   stamp_set ranks_seen_, nodes_seen_;
