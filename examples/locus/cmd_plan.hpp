@@ -24,6 +24,7 @@
 #include <locus/placement/migration.hpp>
 #include <locus/placement/trace_load.hpp>
 #include <memory>
+#include <optional>
 #include <string>
 
 namespace locus_driver {
@@ -300,7 +301,9 @@ inline void register_simulate(CLI::App& app) {
   split->add_to(cmd);
   cmd->add_option("--experts", split->experts, experts_help);
   plan->add_to(cmd, "the simulated --transport's");
-  cmd->add_option("--map", opt->map_path, "Expert map JSON (instead of --placement)");
+  cmd->add_option("--map", opt->map_path,
+                  "Expert map JSON (instead of --placement); without --nodes and --gpus-per-node the run takes the "
+                  "topology the map was planned for, where the map names it (plan saves it)");
   cmd->add_option("--grouping", opt->grouping_path,
                   "Grouping model JSON written by plan (with --map: used as saved, nothing is fitted)")
       ->check(CLI::ExistingFile);
@@ -335,7 +338,16 @@ inline void register_simulate(CLI::App& app) {
       ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 40));
   cmd->callback([cmd, split, plan, opt] {
     const auto start = std::chrono::steady_clock::now();
-    const auto topo = split->topology(); // an impossible topology is refused before the trace is read
+    // A saved map names the topology it was planned for (plan writes it): without --nodes and
+    // --gpus-per-node the run takes it. Either way an impossible topology, or a map that is not
+    // one, is refused before the trace is read.
+    std::optional<locus::expert_plan_file> map_file;
+    if (!opt->map_path.empty()) map_file = locus::load_expert_plan(opt->map_path);
+    const bool topology_given = cmd->count("--nodes") > 0 || cmd->count("--gpus-per-node") > 0;
+    const auto topo =
+        map_file && map_file->gpus_per_node > 0 && !topology_given
+            ? locus::dynamic_topology(map_file->maps.front().ranks() / map_file->gpus_per_node, map_file->gpus_per_node)
+            : split->topology();
     const bool saved = !opt->map_path.empty() && !opt->grouping_path.empty();
     // With --map nothing is planned, unless the workload-aware grouper needs a model and no saved
     // one is given: then the planner options fit it (locality refines it with its own maps).
@@ -371,7 +383,7 @@ inline void register_simulate(CLI::App& app) {
     locus::placement::activation_plan planned;
     // A saved plan names the topology it was made for: a locality plan is wrong on another.
     const auto load_map = [&] {
-      auto file = locus::load_expert_plan(opt->map_path);
+      auto file = std::move(*map_file);
       LOCUS_REQUIRE(file.gpus_per_node == 0 ||
                         (file.gpus_per_node == topo.gpus_per_node() && file.maps.front().ranks() == topo.ranks()),
                     locus::config_error, "the map in ", opt->map_path, " was planned for ",

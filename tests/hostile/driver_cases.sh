@@ -152,6 +152,11 @@ refused 'name the same file' plan --trace "$work/t.bin" --placement locality --o
 refused 'also an input' map export "$work/lin.json" --to eplb --out "$work/lin.json"
 refused 'also an input' plan --trace "$work/t.bin" --placement linear --out "$work/t.bin"
 refused 'planned for 4 nodes x 2 GPUs; this run has 8 x 1' simulate --trace "$work/t.bin" --map "$work/lin.json" --nodes 8 --gpus-per-node 1
+# Without --nodes and --gpus-per-node a saved map brings its own topology (the defaults, 4 x 2, would refuse it).
+"$locus" plan --trace "$work/t.bin" --nodes 8 --gpus-per-node 1 --out "$work/lin81.json" >/dev/null 2>&1 ||
+  { echo "FAIL: plan 8x1" >&2; exit 1; }
+succeeds simulate --trace "$work/t.bin" --map "$work/lin81.json"
+refused 'planned for 8 nodes x 1 GPUs; this run has 4 x 2' simulate --trace "$work/t.bin" --map "$work/lin81.json" --nodes 4
 refused 'was made for 2 GPUs per node' map export "$work/lin.json" --to eplb --gpus-per-node 1 --out "$work/e.json"
 succeeds map export "$work/lin.json" --to eplb --out /dev/null --json /dev/null
 succeeds trace report "$work/t.bin" --out "$work/rep_new" --json "$work/rep_new/r.json" --no-render
