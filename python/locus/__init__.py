@@ -281,6 +281,8 @@ def plan(
     seed: int = 1,
     prefill_tokens: int = 32,
     hedge_replicas: Optional[int] = None,
+    copies: str = "both",
+    anneal: int = 0,
 ) -> ExpertPlan:
     """Plans expert maps on ``nodes × gpus_per_node`` ranks. ``source`` is a Trace (every planner:
     linear, round_robin, eplb, activation_usage, locality; the grouping model is fitted too) or a
@@ -289,7 +291,12 @@ def plan(
     ``hedge_replicas``: with locality and redundant slots, at most this many slots per layer first
     hold balance hedges (None: the library's default, 8; 0: off; docs/robust_planning.md).
     ``prefill_tokens``: the grouping model classifies a request by at most this many of its prefill
-    tokens; it marks no phases (``trace.with_prefill_tokens(n)`` does, for an ESFT import)."""
+    tokens; it marks no phases (``trace.with_prefill_tokens(n)`` does, for an ESFT import).
+    ``copies`` and ``anneal`` (locality only, as ``locus plan --copies --anneal``): the copies the
+    token-level stage minimises ("flat": one per remote GPU, "hierarchical": one per remote node,
+    "both") and its annealing proposals per expert after the sweeps (0: none)."""
+    if (copies != "both" or anneal != 0) and (placement != "locality" or not isinstance(source, Trace)):
+        raise ConfigError("locus: configuration error: copies and anneal apply to locality plans of a trace")
     if isinstance(source, Trace):
         if slots_per_rank is not None:
             raise ConfigError("locus: configuration error: slots_per_rank is for load arrays; a trace plan uses redundant_slots")
@@ -300,7 +307,7 @@ def plan(
                               "import records none): mark them first, e.g. trace.with_prefill_tokens(32)")
         maps, model, hedges = _core._plan_from_trace(
             source, nodes, gpus_per_node, placement, redundant_slots, eplb_groups, clusters, seed, prefill_tokens,
-            hedge_replicas,
+            hedge_replicas, copies, anneal,
         )
         ids = source.model_layer_ids if source.has_model_layers else None
         out = ExpertPlan(maps, source.experts, nodes, gpus_per_node, model, ids, source.hidden_layers)

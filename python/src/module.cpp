@@ -460,9 +460,15 @@ NB_MODULE(_core, m) {
       "_plan_from_trace",
       [](const locus::trace::trace& train, nb::handle nodes, nb::handle gpus_per_node, const std::string& placement,
          nb::handle redundant_slots, nb::handle eplb_groups, nb::handle clusters, nb::handle seed,
-         nb::handle prefill_tokens, nb::handle hedge_replicas) {
+         nb::handle prefill_tokens, nb::handle hedge_replicas, const std::string& copies, nb::handle anneal) {
         locus::placement::activation_plan_options opt;
         if (!hedge_replicas.is_none()) opt.refine.hedge_replicas = size_arg(hedge_replicas, "hedge_replicas");
+        LOCUS_REQUIRE(copies == "both" || copies == "flat" || copies == "hierarchical", locus::config_error,
+                      "copies \"", copies, "\" (expected flat, hierarchical or both)");
+        opt.refine.count(copies == "flat"           ? locus::placement::copy_count::flat
+                         : copies == "hierarchical" ? locus::placement::copy_count::hierarchical
+                                                    : locus::placement::copy_count::both);
+        opt.refine.anneal_per_expert = size_arg(anneal, "anneal");
         opt.named.eplb_groups = size_arg(eplb_groups, "eplb_groups");
         opt.grouping.clusters = size_arg(clusters, "clusters");
         opt.grouping.seed = count_arg(seed, "seed");
@@ -476,7 +482,7 @@ NB_MODULE(_core, m) {
                                plan.hedge_copies);
       },
       "train"_a, "nodes"_a, "gpus_per_node"_a, "placement"_a, "redundant_slots"_a, "eplb_groups"_a, "clusters"_a,
-      "seed"_a, "prefill_tokens"_a, "hedge_replicas"_a.none());
+      "seed"_a, "prefill_tokens"_a, "hedge_replicas"_a.none(), "copies"_a, "anneal"_a);
 
   m.def(
       "_simulate",

@@ -190,6 +190,27 @@ def test_a_trace_without_phases_is_refused_with_the_fix_named():
     assert locus.simulate(bare.with_prefill_tokens(8), plan)["decode_tokens"] == 12 * 32
 
 
+def test_locality_plans_take_the_copies_and_annealing_the_driver_takes():
+    """copies= and anneal= are plan's --copies and --anneal: each changes the locality maps here,
+    the same arguments give the same maps, and they are refused where they do not apply."""
+    _, t = small_trace()
+    train, _ = locus.split_by_request(t, 0.5, 1)
+    kw = dict(redundant_slots=1, clusters=2, prefill_tokens=8)
+    both = locus.plan(train, 2, 2, "locality", **kw)
+    flat = locus.plan(train, 2, 2, "locality", copies="flat", **kw)
+    hier = locus.plan(train, 2, 2, "locality", copies="hierarchical", **kw)
+    annealed = locus.plan(train, 2, 2, "locality", anneal=200, **kw)
+    assert not np.array_equal(flat.maps, hier.maps)
+    assert not np.array_equal(annealed.maps, both.maps)
+    assert np.array_equal(annealed.maps, locus.plan(train, 2, 2, "locality", anneal=200, **kw).maps)
+    with pytest.raises(locus.ConfigError, match=r'copies "ring" \(expected flat, hierarchical or both\)'):
+        locus.plan(train, 2, 2, "locality", copies="ring", **kw)
+    with pytest.raises(locus.ConfigError, match="copies and anneal apply to locality plans of a trace"):
+        locus.plan(train, 2, 2, "eplb", anneal=10)
+    with pytest.raises(locus.ConfigError, match="copies and anneal apply to locality plans of a trace"):
+        locus.plan(np.ones((2, 16)), 2, 2, "locality", copies="flat")
+
+
 def test_plan_simulate_and_export_round_trips(tmp_path):
     _, t = small_trace()
     train, test = locus.split_by_request(t, 0.5, 1)
