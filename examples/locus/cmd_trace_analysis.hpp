@@ -292,8 +292,6 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
       fo.threads = o->threads;
       m = locus::trace::fit(real, fo);
       p.done();
-      std::fprintf(stderr, "locus trace synth: fitted request σ %.3f, segment η %.3f, cluster probability %.3f\n",
-                   m.request_sigma, m.segment_sigma, m.cluster_probability);
       if (!o->rescale.empty()) {
         ro.seed = o->seed;
         ro.threads = o->threads;
@@ -331,18 +329,22 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
     p.done();
     locus::trace::write_trace(t, o->out);
     p.clear();
-    write_json(o->json, "trace synth",
-               {{"out", o->out},
-                {"requests", t.requests()},
-                {"tokens", t.tokens()},
-                {"layers", t.layers()},
-                {"experts", t.experts()},
-                {"top_k", t.top_k()},
-                {"domains", t.domains()},
-                {"seed", o->seed}});
+    // What --fit learnt is a result: in the summary and the JSON, not on the progress stream.
+    const bool fitted = !o->fit_path.empty();
+    nlohmann::json doc = {{"out", o->out},          {"requests", t.requests()}, {"tokens", t.tokens()},
+                          {"layers", t.layers()},   {"experts", t.experts()},   {"top_k", t.top_k()},
+                          {"domains", t.domains()}, {"seed", o->seed}};
+    if (fitted)
+      doc["fitted"] = {{"request_sigma", m.request_sigma},
+                       {"segment_sigma", m.segment_sigma},
+                       {"cluster_probability", m.cluster_probability}};
+    write_json(o->json, "trace synth", doc);
     if (json_to_stdout(o->json)) return;
     std::printf("%s: %zu requests, %zu tokens, %zu layers, %zu experts, top-%zu, %zu domains\n", o->out.c_str(),
                 t.requests(), t.tokens(), t.layers(), t.experts(), t.top_k(), t.domains().size());
+    if (fitted)
+      std::printf("fitted: request σ %.3f, segment η %.3f, cluster probability %.3f\n", m.request_sigma,
+                  m.segment_sigma, m.cluster_probability);
   });
 }
 

@@ -141,6 +141,11 @@ refused 'no decode tokens' simulate --trace "$work/t.bin" --prefill-tokens 10000
 refused 'no decode tokens' compare --trace "$work/t.bin" --prefill-tokens 100000
 refused 'acts before its end' simulate --trace "$work/t.bin" --replan-every 10 --replan-window 18446744073709551615
 refused 'apply with --replan-every' simulate --trace "$work/t.bin" --replan-window 5
+# What --fit learnt is a result (summary and JSON); with -q nothing reaches stderr.
+ok '"request_sigma"' trace synth --fit "$work/t.bin" --tokens 2000 --out "$work/fit.bin" --json -
+ok '^fitted: request σ' -q trace synth --fit "$work/t.bin" --tokens 2000 --out "$work/fit.bin"
+check "trace synth -q --fit writes nothing on stderr" \
+  test -z "$("$locus" -q trace synth --fit "$work/t.bin" --tokens 2000 --out "$work/fit.bin" 2>&1 >/dev/null)"
 refused 'layers is 100000, expected' trace synth --experts 16 --top-k 2 --layers 100000 --out "$work/s.bin"
 refused 'domains is 100000, expected' trace synth --experts 16 --top-k 2 --layers 2 --domains 100000 --out "$work/s.bin"
 refused '--rescale: layers is 100000' trace synth --fit "$work/t.bin" --rescale 256:8:100000 --out "$work/s.bin"
