@@ -200,6 +200,31 @@ BOOST_AUTO_TEST_CASE(safetensors_rules_are_format_errors) {
   }
 }
 
+// A value nested deeper than the stack holds frames of nlohmann's recursive dump() (a 400 KB
+// file) overflowed the stack while its error message was written.
+BOOST_AUTO_TEST_CASE(deeply_nested_values_are_format_errors) {
+  const std::string deep = std::string(200000, '[') + std::string(200000, ']');
+  temp_dir d;
+  write(d.path / "meta_info.json", R"({"num_experts": )" + deep + "}");
+  write(d.path / "rank0.safetensors", safetensors({{"1_3", {1, 2, 3}}}));
+  BOOST_CHECK_THROW(import_load(d.path.string()), format_error);
+  write(d.path / "meta_info.json", R"({"num_experts": 3})");
+  write(d.path / "rank0.safetensors",
+        raw_safetensors(R"({"1_3":{"dtype":"I32","shape":[)" + deep + R"(],"data_offsets":[0,12]}})",
+                        locus_test::bytes_of<std::int32_t>({1, 2, 3})));
+  BOOST_CHECK_THROW(import_load(d.path.string()), format_error);
+}
+
+// The excerpt of a value in a message is dump()'s first characters (dump is the reference).
+BOOST_AUTO_TEST_CASE(json_excerpt_is_the_start_of_dump) {
+  for (const char* text : {R"(3)", R"(-1.5)", R"("a\"b")", R"([])", R"({})", R"([1,[2,[3]],{"k":[4,5]}])",
+                           R"({"b":1,"a":{"c":[null,true,"xyzxyzxyzxyzxyzxyzxyzxyzxyzxyz"]}})"}) {
+    const auto v = nlohmann::json::parse(text);
+    for (const std::size_t max : {std::size_t{1}, std::size_t{5}, std::size_t{40}})
+      BOOST_TEST(::locus::detail::json_excerpt(v, max) == v.dump().substr(0, max), text << " " << max);
+  }
+}
+
 // A path the file system refuses to look up (a name too long) is a locus error naming it; the
 // throwing std::filesystem calls raised std::filesystem::filesystem_error.
 BOOST_AUTO_TEST_CASE(unreadable_paths_are_io_errors) {

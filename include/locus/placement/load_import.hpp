@@ -218,7 +218,7 @@ inline std::map<std::string, array> read_safetensors(const std::string& path) {
         for (const auto& x : list) {
           const auto value = ::locus::detail::json_unsigned(x, max);
           ::locus::detail::format_require(value.has_value(), path, ": tensor ", tensor_name, ": \"", key, "\" holds ",
-                                          x.dump().substr(0, 40), ", not an integer in [0, ", max, "]");
+                                          ::locus::detail::json_excerpt(x), ", not an integer in [0, ", max, "]");
           v.push_back(static_cast<std::size_t>(*value));
         }
         return v;
@@ -295,8 +295,8 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
       meta = nlohmann::json::parse(detail::load_import::read_all(meta_path));
       const auto& n = meta.at("num_experts");
       const auto e = ::locus::detail::json_unsigned(n);
-      ::locus::detail::format_require(e.has_value(), meta_path, ": \"num_experts\" is ", n.dump().substr(0, 40),
-                                      ", not a non-negative integer");
+      ::locus::detail::format_require(e.has_value(), meta_path, ": \"num_experts\" is ",
+                                      ::locus::detail::json_excerpt(n), ", not a non-negative integer");
       experts = static_cast<std::size_t>(*e);
     } catch (const nlohmann::json::exception& e) {
       ::locus::detail::format_fail(meta_path, ": ", ::locus::detail::json_error_text(e));
