@@ -1,8 +1,10 @@
-// Writes the fuzz seed corpus (tests/fuzz/corpus/{binary,esft,jsonl,grouping,npy}/) from tiny
-// synthetic traces (grouping: workload-aware models fitted on them; npy: load and routing arrays):
+// Writes the fuzz seed corpus (tests/fuzz/corpus/{binary,esft,jsonl,grouping,npy,trtllm}/) from
+// tiny synthetic traces (grouping: workload-aware models fitted on them; npy: load and routing
+// arrays; trtllm: TensorRT-LLM expert-statistics folders):
 //   c++ -std=c++20 -I include tests/fuzz/make_seeds.cpp -o make_seeds && ./make_seeds tests/fuzz/corpus
 // The seeds are committed; rerun this only when the formats change.
 #include "../support/npy_file.hpp"
+#include "../support/safetensors_file.hpp"
 
 #include <cstdio>
 #include <filesystem>
@@ -117,6 +119,21 @@ int main(int argc, char** argv) {
   put(root / "npy" / "seed0.bin", std::string(1, '\0') + npy("<f8", "(2, 3)", loads, sizeof loads));
   put(root / "npy" / "seed1.bin", std::string(1, '\5') + npy("<i4", "(2, 2, 2)", routed, sizeof routed));
   put(root / "npy" / "seed2.bin", std::string(1, '\0') + npy("<u2", "(3,)", counts, sizeof counts));
+  // TensorRT-LLM statistics target layout: meta_info.json, "#@#", rank0.safetensors[, "#@#", rank1].
+  fs::create_directories(root / "trtllm");
+  using locus_test::bytes_of;
+  const std::string st0 = locus_test::safetensors_file({{"0_0", "I32", {4}, bytes_of<std::int32_t>({3, 0, 1, 4})},
+                                                        {"0_1", "I32", {4}, bytes_of<std::int32_t>({2, 2, 2, 2})},
+                                                        {"1_0", "I32", {4}, bytes_of<std::int32_t>({0, 5, 0, 1})}});
+  const std::string st1 = locus_test::safetensors_file(
+      {{"7_2", "F32", {3}, bytes_of<float>({1.5f, 0, 2})}, {"8_2", "I64", {3}, bytes_of<std::int64_t>({4, 1, 0})}},
+      R"({"format":"pt"})");
+  const std::string st2 = locus_test::safetensors_file(
+      {{"7_2", "U8", {3}, bytes_of<std::uint8_t>({9, 8, 7})}, {"7_4", "F64", {3}, bytes_of<double>({0.25, 1, 0})}});
+  const std::string mark = "#@#";
+  put(root / "trtllm" / "seed0.bin", R"({"num_experts": 4, "num_experts_per_token": 2})" + mark + st0);
+  put(root / "trtllm" / "seed1.bin", R"({"num_experts": 3})" + mark + st1 + mark + st2);
+  put(root / "trtllm" / "seed2.bin", R"({"num_experts": 3, "num_experts_per_token": 1})" + mark + st2);
   std::printf("wrote %d seeds per target under %s\n", n, root.c_str());
   return 0;
 }

@@ -235,6 +235,13 @@ BOOST_AUTO_TEST_CASE(hostile_map_documents_are_format_errors) {
     BOOST_CHECK_THROW(expert_maps_from_json(bad), format_error);
     BOOST_CHECK_THROW(expert_maps_from_json(nlohmann::json::array()), format_error);
   }
+  // A value nested deeper than nlohmann's recursive dump() has stack for (a 400 KB file) overflowed
+  // the stack while the message quoting it was written.
+  for (const char* key : {"format", "version", "experts"}) {
+    auto bad = doc;
+    bad[key] = nlohmann::json::parse(std::string(200000, '[') + std::string(200000, ']'));
+    BOOST_CHECK_THROW(expert_maps_from_json(bad), format_error);
+  }
   // A map cut short on disk is named a truncation.
   const auto path =
       std::filesystem::temp_directory_path() / ("locus_test_truncated_" + std::to_string(::getpid()) + ".json");

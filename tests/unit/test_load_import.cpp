@@ -1,4 +1,5 @@
 #include "../support/npy_file.hpp"
+#include "../support/safetensors_file.hpp"
 
 #include <boost/test/unit_test.hpp>
 #include <cstdint>
@@ -23,14 +24,14 @@ std::string npy(const std::string& descr, const std::string& shape, const std::v
 void write(const std::filesystem::path& p, const std::string& bytes) { std::ofstream(p, std::ios::binary) << bytes; }
 
 std::string safetensors(const std::vector<std::pair<std::string, std::vector<std::int32_t>>>& tensors) {
-  std::string header = "{", body;
-  for (const auto& [name, v] : tensors) {
-    if (header.size() > 1) header += ',';
-    header += "\"" + name + "\":{\"dtype\":\"I32\",\"shape\":[" + std::to_string(v.size()) + "],\"data_offsets\":[" +
-              std::to_string(body.size()) + "," + std::to_string(body.size() + 4 * v.size()) + "]}";
-    body.append(reinterpret_cast<const char*>(v.data()), 4 * v.size());
-  }
-  header += "}";
+  std::vector<locus_test::safetensor> ts;
+  for (const auto& [name, v] : tensors)
+    ts.push_back({name, "I32", {v.size()}, locus_test::bytes_of(v)});
+  return locus_test::safetensors_file(ts);
+}
+
+// A safetensors file whose header is `header` as given, then `body`.
+std::string raw_safetensors(const std::string& header, const std::string& body) {
   std::string out(8, '\0');
   for (int i = 0; i < 8; ++i)
     out[static_cast<std::size_t>(i)] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
@@ -132,6 +133,112 @@ BOOST_AUTO_TEST_CASE(trtllm_hostile_numbers_are_format_errors) {
   write(d.path / "meta_info.json", R"({"num_experts": 3})");
   write(d.path / "rank0.safetensors", with_header(R"({"dtype":"I32","shape":[3],"data_offsets":[0,12]})"));
   BOOST_TEST(import_load(d.path.string()).load == (std::vector<std::vector<double>>{{0, 0, 0}}));
+}
+
+// Found by reading and by fuzz_trtllm: a tensor name "1__" or with a layer past 64 bits made
+// std::stoul throw std::invalid_argument / std::out_of_range, and "1_2_3" was read as layer 2.
+// Two names for one iteration and layer ("1_3", "01_3") counted it twice.
+BOOST_AUTO_TEST_CASE(trtllm_tensor_names_must_be_iteration_layer) {
+  for (const char* name : {"1__", "1_2_3", "1_99999999999999999999999", "_3", "1_", "1_+3", "1_ 3"}) {
+    temp_dir d;
+    write(d.path / "meta_info.json", R"({"num_experts": 2})");
+    write(d.path / "rank0.safetensors", safetensors({{name, {1, 2}}}));
+    BOOST_CHECK_THROW(import_load(d.path.string()), format_error);
+  }
+  temp_dir d;
+  write(d.path / "meta_info.json", R"({"num_experts": 2})");
+  write(d.path / "rank0.safetensors", safetensors({{"1_3", {1, 2}}, {"01_3", {1, 2}}}));
+  BOOST_CHECK_THROW(import_load(d.path.string()), format_error);
+  // The largest numbers that fit are read whole.
+  write(d.path / "rank0.safetensors", safetensors({{"18446744073709551615_4294967296", {1, 2}}}));
+  const auto s = import_load(d.path.string());
+  BOOST_TEST(s.layer_ids == (std::vector<std::size_t>{4294967296}));
+  BOOST_TEST(s.load == (std::vector<std::vector<double>>{{1, 2}}));
+}
+
+// The safetensors format's own rules, which a reader that only bounds-checks lets through with a
+// wrong sum: a tensor named twice (the JSON parser kept the last), two tensors reading the same
+// bytes (counted twice), bytes no tensor covers; and a header over the format's 100 MB limit.
+BOOST_AUTO_TEST_CASE(safetensors_rules_are_format_errors) {
+  const std::string twelve = locus_test::bytes_of<std::int32_t>({1, 2, 3}), zeros4(4, '\0'), zeros8(8, '\0');
+  const std::string cases[] = {
+      raw_safetensors(R"({"1_3":{"dtype":"I32","shape":[3],"data_offsets":[0,12]},)"
+                      R"("1_3":{"dtype":"I32","shape":[3],"data_offsets":[12,24]}})",
+                      twelve + twelve),
+      raw_safetensors(R"({"1_3":{"dtype":"I32","shape":[3],"data_offsets":[0,12]},)"
+                      R"("1_4":{"dtype":"I32","shape":[3],"data_offsets":[0,12]}})",
+                      twelve),
+      raw_safetensors(R"({"1_3":{"dtype":"I32","shape":[3],"data_offsets":[0,12]},)"
+                      R"("1_4":{"dtype":"I32","shape":[3],"data_offsets":[8,20]}})",
+                      twelve + zeros8),
+      raw_safetensors(R"({"1_3":{"dtype":"I32","shape":[3],"data_offsets":[4,16]}})", zeros4 + twelve),
+      raw_safetensors(R"({"1_3":{"dtype":"I32","shape":[3],"data_offsets":[0,12]}})", twelve + zeros4),
+  };
+  for (const auto& file : cases) {
+    temp_dir d;
+    write(d.path / "meta_info.json", R"({"num_experts": 3})");
+    write(d.path / "rank0.safetensors", file);
+    BOOST_CHECK_THROW(import_load(d.path.string()), format_error);
+  }
+  temp_dir d;
+  write(d.path / "meta_info.json", R"({"num_experts": 3})");
+  // The two tensors in the other order of their bytes tile the data: read.
+  write(d.path / "rank0.safetensors",
+        raw_safetensors(R"({"1_3":{"dtype":"I32","shape":[3],"data_offsets":[12,24]},)"
+                        R"("1_4":{"dtype":"I32","shape":[3],"data_offsets":[0,12]},"__metadata__":{"a":"b"}})",
+                        twelve + locus_test::bytes_of<std::int32_t>({4, 5, 6})));
+  BOOST_TEST(import_load(d.path.string()).load == (std::vector<std::vector<double>>{{4, 5, 6}, {1, 2, 3}}));
+  // A header size past the limit is refused by that limit, before the file's size is looked at.
+  std::string huge = safetensors({{"1_3", {1, 2, 3}}});
+  huge[0] = '\x01', huge[1] = '\xe1', huge[2] = '\xf5', huge[3] = '\x05'; // 100000001
+  write(d.path / "rank0.safetensors", huge);
+  try {
+    (void)import_load(d.path.string());
+    BOOST_FAIL("read a header over the limit");
+  } catch (const format_error& e) {
+    BOOST_TEST(e.message().find("100000000 the safetensors format allows") != std::string::npos, e.message());
+  }
+}
+
+// A value nested deeper than the stack holds frames of nlohmann's recursive dump() (a 400 KB
+// file) overflowed the stack while its error message was written.
+BOOST_AUTO_TEST_CASE(deeply_nested_values_are_format_errors) {
+  const std::string deep = std::string(200000, '[') + std::string(200000, ']');
+  temp_dir d;
+  write(d.path / "meta_info.json", R"({"num_experts": )" + deep + "}");
+  write(d.path / "rank0.safetensors", safetensors({{"1_3", {1, 2, 3}}}));
+  BOOST_CHECK_THROW(import_load(d.path.string()), format_error);
+  write(d.path / "meta_info.json", R"({"num_experts": 3})");
+  write(d.path / "rank0.safetensors",
+        raw_safetensors(R"({"1_3":{"dtype":"I32","shape":[)" + deep + R"(],"data_offsets":[0,12]}})",
+                        locus_test::bytes_of<std::int32_t>({1, 2, 3})));
+  BOOST_CHECK_THROW(import_load(d.path.string()), format_error);
+}
+
+// The excerpt of a value in a message is dump()'s first characters (dump is the reference).
+BOOST_AUTO_TEST_CASE(json_excerpt_is_the_start_of_dump) {
+  for (const char* text : {R"(3)", R"(-1.5)", R"("a\"b")", R"([])", R"({})", R"([1,[2,[3]],{"k":[4,5]}])",
+                           R"({"b":1,"a":{"c":[null,true,"xyzxyzxyzxyzxyzxyzxyzxyzxyzxyz"]}})"}) {
+    const auto v = nlohmann::json::parse(text);
+    for (const std::size_t max : {std::size_t{1}, std::size_t{5}, std::size_t{40}})
+      BOOST_TEST(::locus::detail::json_excerpt(v, max) == v.dump().substr(0, max), text << " " << max);
+  }
+}
+
+// A path the file system refuses to look up (a name too long) is a locus error naming it; the
+// throwing std::filesystem calls raised std::filesystem::filesystem_error.
+BOOST_AUTO_TEST_CASE(unreadable_paths_are_io_errors) {
+  BOOST_CHECK_THROW(import_load(std::string(5000, 'a')), io_error);
+}
+
+// A .npy descr that only starts like a known dtype ("<i4x") was read as NaNs and refused as bad
+// loads; it is a dtype locus does not read.
+BOOST_AUTO_TEST_CASE(npy_unknown_dtypes_are_format_errors) {
+  temp_dir d;
+  for (const char* descr : {"<i4x", "=i4", "xf8", "<f2", "<b1"}) {
+    write(d.path / "odd.npy", npy<std::int32_t>(descr, "(1, 2)", {1, 2}));
+    BOOST_CHECK_THROW(import_load((d.path / "odd.npy").string()), format_error);
+  }
 }
 
 BOOST_AUTO_TEST_SUITE_END()

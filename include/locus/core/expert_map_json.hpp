@@ -64,7 +64,7 @@ inline std::size_t json_size(const nlohmann::json& doc, const char* key) {
   const auto it = doc.find(key);
   if (it == doc.end()) throw format_error(concat("expert map JSON: \"", key, "\" is missing"), 0);
   if (!it->is_number_integer())
-    throw format_error(concat("expert map JSON: \"", key, "\" is ", it->type_name(), " ", it->dump().substr(0, 40),
+    throw format_error(concat("expert map JSON: \"", key, "\" is ", it->type_name(), " ", json_excerpt(*it),
                               ", expected a positive integer"),
                        0);
   const auto n = json_unsigned(*it, max_json_map_size);
@@ -79,13 +79,13 @@ inline std::vector<expert_map> expert_maps_from_json_unchecked(const nlohmann::j
   const auto fmt = doc.find("format");
   if (fmt == doc.end() || !fmt->is_string() || fmt->get_ref<const std::string&>() != "locus-expert-map")
     throw format_error(concat("expert map JSON: \"format\" is ",
-                              fmt == doc.end() ? std::string("missing") : fmt->dump().substr(0, 40),
+                              fmt == doc.end() ? std::string("missing") : json_excerpt(*fmt),
                               ", expected \"locus-expert-map\""),
                        0);
   const auto ver = doc.find("version");
   if (ver == doc.end()) throw format_error("expert map JSON: \"version\" is missing", 0);
   if (!ver->is_number_integer() || ver->get<std::int64_t>() != expert_map_json_version)
-    throw format_error(concat("expert map JSON: unsupported version ", ver->dump().substr(0, 40), " (expected ",
+    throw format_error(concat("expert map JSON: unsupported version ", json_excerpt(*ver), " (expected ",
                               expert_map_json_version, ")"),
                        0);
   const std::size_t experts = json_size(doc, "experts");

@@ -38,7 +38,7 @@ struct workload_model_io {
   static std::uint64_t integer(const nlohmann::json& v, const char* what, std::uint64_t max = SIZE_MAX) {
     const auto x = ::locus::detail::json_unsigned(v, max);
     if (!x)
-      ::locus::detail::format_fail("grouping JSON: ", what, " is ", v.dump().substr(0, 40),
+      ::locus::detail::format_fail("grouping JSON: ", what, " is ", ::locus::detail::json_excerpt(v),
                                    max == SIZE_MAX
                                        ? ", expected a non-negative integer"
                                        : ::locus::detail::concat(", expected an integer in [0, ", max, "]"));

@@ -12,6 +12,7 @@
 //! anything else is refused with a message naming the file and what is wrong.
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -22,7 +23,10 @@
 #include <locus/core/read_file.hpp>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
+#include <system_error>
+#include <utility>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
@@ -60,12 +64,14 @@ inline double element(const std::string& dtype, const char* p) {
   return std::nan("");
 }
 
+//! The bytes of one element of `dtype`, 0 for a dtype `element` does not read (so a descr such
+//! as "<i4x" is refused, not read as NaNs).
 inline std::size_t element_size(const std::string& dtype) {
-  if (dtype.size() < 3) return 0;
-  const char c = dtype[1];
-  if (c != 'i' && c != 'u' && c != 'f') return 0;
-  const int n = std::atoi(dtype.c_str() + 2);
-  return (n == 1 || n == 2 || n == 4 || n == 8) && !(c == 'f' && n < 4) ? static_cast<std::size_t>(n) : 0;
+  static const std::map<std::string, std::size_t> sizes = {{"<i1", 1}, {"|i1", 1}, {"<u1", 1}, {"|u1", 1},
+                                                           {"<i2", 2}, {"<u2", 2}, {"<i4", 4}, {"<u4", 4},
+                                                           {"<f4", 4}, {"<i8", 8}, {"<u8", 8}, {"<f8", 8}};
+  const auto it = sizes.find(dtype);
+  return it == sizes.end() ? 0 : it->second;
 }
 
 //! An array: shape and values as doubles.
@@ -108,7 +114,7 @@ inline array read_npy(const std::string& path) {
   ::locus::detail::format_require(d_end != std::string::npos, path, ": malformed descr in the .npy header");
   const std::string dtype = header.substr(d + 1, d_end - d - 1);
   const std::size_t esize = element_size(dtype);
-  ::locus::detail::format_require(esize > 0 && dtype[0] != '>', path, ": dtype ", dtype,
+  ::locus::detail::format_require(esize > 0, path, ": dtype ", dtype,
                                   " is not one locus reads: little-endian integers (<i1 .. <i8, <u1 .. <u8) or "
                                   "floats (<f4, <f8)");
   // (A header that ends after the colon has no value: find_first_not_of gives npos, which compare
@@ -145,18 +151,37 @@ inline array read_npy(const std::string& path) {
   return out;
 }
 
+//! The largest safetensors header read: the format's own limit (its reference reader refuses
+//! larger ones), so no file makes the JSON parser build a tree many times its size.
+inline constexpr std::uint64_t max_safetensors_header = 100'000'000;
+
 //! Every tensor of a safetensors file (8-byte little-endian header size, JSON header, data).
+//! As the format requires, tensor names are unique and the tensors' data offsets tile the data
+//! exactly: a duplicate name (the JSON parser would keep the last silently) or bytes read by two
+//! tensors (counted twice) is a format error, not a wrong sum.
 inline std::map<std::string, array> read_safetensors(const std::string& path) {
   const std::string data = read_all(path);
   ::locus::detail::format_require(data.size() >= 8, path, ": too short for a safetensors header");
   std::uint64_t n = 0;
   for (int i = 7; i >= 0; --i)
     n = (n << 8) | static_cast<unsigned char>(data[static_cast<std::size_t>(i)]);
+  ::locus::detail::format_require(n <= max_safetensors_header, path, ": header of ", n, " bytes is larger than the ",
+                                  max_safetensors_header, " the safetensors format allows");
   ::locus::detail::format_require(n <= data.size() - 8, path, ": header of ", n,
                                   " bytes runs past the end of the file");
   nlohmann::json header;
+  std::map<std::string, int> seen; // top-level keys, to refuse a name given twice
+  const nlohmann::json::parser_callback_t unique = [&](int depth, nlohmann::json::parse_event_t event,
+                                                       nlohmann::json& parsed) {
+    if (depth == 1 && event == nlohmann::json::parse_event_t::key) {
+      const auto& name = parsed.get_ref<const std::string&>();
+      ::locus::detail::format_require(seen.emplace(name, 0).second, path, ": tensor ", name,
+                                      " is named twice in the header");
+    }
+    return true;
+  };
   try {
-    header = nlohmann::json::parse(data.begin() + 8, data.begin() + 8 + static_cast<std::ptrdiff_t>(n));
+    header = nlohmann::json::parse(data.begin() + 8, data.begin() + 8 + static_cast<std::ptrdiff_t>(n), unique);
   } catch (const nlohmann::json::exception& e) {
     ::locus::detail::format_fail(path, ": header is not JSON: ", ::locus::detail::json_error_text(e));
   }
@@ -166,6 +191,12 @@ inline std::map<std::string, array> read_safetensors(const std::string& path) {
       {"I8", "|i1"},  {"U8", "|u1"},  {"I16", "<i2"}, {"U16", "<u2"}, {"I32", "<i4"},
       {"U32", "<u4"}, {"I64", "<i8"}, {"U64", "<u8"}, {"F32", "<f4"}, {"F64", "<f8"}};
   std::map<std::string, array> out;
+  struct extent {
+    std::size_t begin, end;
+    std::string name;
+    bool operator<(const extent& o) const { return begin != o.begin ? begin < o.begin : end < o.end; }
+  };
+  std::vector<extent> extents;
   for (const auto& [name, info] : header.items()) {
     if (name == "__metadata__") continue;
     try {
@@ -187,7 +218,7 @@ inline std::map<std::string, array> read_safetensors(const std::string& path) {
         for (const auto& x : list) {
           const auto value = ::locus::detail::json_unsigned(x, max);
           ::locus::detail::format_require(value.has_value(), path, ": tensor ", tensor_name, ": \"", key, "\" holds ",
-                                          x.dump().substr(0, 40), ", not an integer in [0, ", max, "]");
+                                          ::locus::detail::json_excerpt(x), ", not an integer in [0, ", max, "]");
           v.push_back(static_cast<std::size_t>(*value));
         }
         return v;
@@ -204,6 +235,7 @@ inline std::map<std::string, array> read_safetensors(const std::string& path) {
                                           offsets[1] - offsets[0] == count * esize,
                                       path, ": tensor ", name,
                                       " has data offsets that do not fit its shape or the file");
+      extents.push_back({offsets[0], offsets[1], name});
       a.values.resize(count);
       for (std::size_t i = 0; i < count; ++i)
         a.values[i] = element(dt->second, data.data() + body + offsets[0] + i * esize);
@@ -212,7 +244,34 @@ inline std::map<std::string, array> read_safetensors(const std::string& path) {
       ::locus::detail::format_fail(path, ": tensor ", name, ": ", ::locus::detail::json_error_text(e));
     }
   }
+  std::sort(extents.begin(), extents.end());
+  std::size_t end = 0;
+  for (const auto& x : extents) {
+    ::locus::detail::format_require(x.begin >= end, path, ": tensor ", x.name, " (data bytes ", x.begin, " to ", x.end,
+                                    ") overlaps the tensor before it");
+    ::locus::detail::format_require(x.begin == end, path, ": data bytes ", end, " to ", x.begin,
+                                    " belong to no tensor");
+    end = x.end;
+  }
+  ::locus::detail::format_require(end == body_size, path, ": data bytes ", end, " to ", body_size,
+                                  " belong to no tensor");
   return out;
+}
+
+//! The iteration and layer of a TensorRT-LLM statistics tensor named "ITERATION_LAYER": two
+//! decimal numbers of at most 64 bits; nothing for any other name ("1__", "1_2_3", a number past
+//! 64 bits), which must be refused, not read in part.
+inline std::optional<std::pair<std::uint64_t, std::uint64_t>> iteration_layer(const std::string& key) {
+  const auto sep = key.find('_');
+  if (sep == std::string::npos) return std::nullopt;
+  const auto number = [](const char* first, const char* last, std::uint64_t& v) {
+    const auto [end, ec] = std::from_chars(first, last, v);
+    return first != last && ec == std::errc{} && end == last;
+  };
+  std::pair<std::uint64_t, std::uint64_t> id;
+  const char* p = key.data();
+  if (!number(p, p + sep, id.first) || !number(p + sep + 1, p + key.size(), id.second)) return std::nullopt;
+  return id;
 }
 
 } // namespace detail::load_import
@@ -223,42 +282,54 @@ inline std::map<std::string, array> read_safetensors(const std::string& path) {
 //!         negative or non-finite values or ids out of range
 inline imported_load import_load(const std::string& path, std::size_t experts = 0) {
   imported_load out;
-  if (std::filesystem::is_directory(path)) {
+  // The non-throwing overloads: a name too long or a folder that cannot be searched is a locus
+  // error naming the path (the throwing ones raise std::filesystem::filesystem_error); a path
+  // that is no folder is read as a .npy, whose reader names what is wrong with it.
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
     const auto meta_path = (std::filesystem::path(path) / "meta_info.json").string();
-    LOCUS_REQUIRE(std::filesystem::exists(meta_path), invalid_input_error, path,
+    LOCUS_REQUIRE(std::filesystem::exists(meta_path, ec), invalid_input_error, path,
                   " is a folder without meta_info.json (not TensorRT-LLM expert statistics)");
     nlohmann::json meta;
     try {
       meta = nlohmann::json::parse(detail::load_import::read_all(meta_path));
       const auto& n = meta.at("num_experts");
       const auto e = ::locus::detail::json_unsigned(n);
-      ::locus::detail::format_require(e.has_value(), meta_path, ": \"num_experts\" is ", n.dump().substr(0, 40),
-                                      ", not a non-negative integer");
+      ::locus::detail::format_require(e.has_value(), meta_path, ": \"num_experts\" is ",
+                                      ::locus::detail::json_excerpt(n), ", not a non-negative integer");
       experts = static_cast<std::size_t>(*e);
     } catch (const nlohmann::json::exception& e) {
       ::locus::detail::format_fail(meta_path, ": ", ::locus::detail::json_error_text(e));
     }
+    // Sorted, so that sums of floats and the first error named do not depend on the folder's order.
+    std::vector<std::filesystem::path> files;
+    for (std::filesystem::directory_iterator it(path, ec), end; !ec && it != end; it.increment(ec)) {
+      const auto& p = it->path();
+      if (p.filename().string().rfind("rank", 0) == 0 && p.extension() == ".safetensors") files.push_back(p);
+    }
+    LOCUS_REQUIRE(!ec, io_error, path, ": cannot list the folder: ", ec.message());
+    std::sort(files.begin(), files.end());
     std::map<std::size_t, std::vector<double>> rows;
-    std::size_t files = 0;
-    for (const auto& entry : std::filesystem::directory_iterator(path)) {
-      const auto name = entry.path().filename().string();
-      if (name.rfind("rank", 0) != 0 || entry.path().extension() != ".safetensors") continue;
-      ++files;
-      for (const auto& [key, a] : detail::load_import::read_safetensors(entry.path().string())) {
-        const auto sep = key.find('_');
-        ::locus::detail::format_require(sep != std::string::npos && sep > 0 && sep + 1 < key.size() &&
-                                            key.find_first_not_of("0123456789_") == std::string::npos,
-                                        entry.path().string(), ": tensor name \"", key, "\" is not ITERATION_LAYER");
-        const std::size_t layer = std::stoul(key.substr(sep + 1));
-        ::locus::detail::format_require(a.shape.size() == 1 && a.shape[0] == experts, entry.path().string(), ": ", key,
-                                        " holds ", a.values.size(), " values, not one per each of ", experts,
-                                        " experts");
-        auto& row = rows.try_emplace(layer, experts, 0.0).first->second;
+    for (const auto& file : files) {
+      const std::string where = file.string();
+      // One tensor per iteration and layer in a file: "1_3" and "01_3" would count it twice.
+      std::map<std::pair<std::uint64_t, std::uint64_t>, std::string> seen;
+      for (const auto& [key, a] : detail::load_import::read_safetensors(where)) {
+        const auto id = detail::load_import::iteration_layer(key);
+        ::locus::detail::format_require(id.has_value(), where, ": tensor name \"", key,
+                                        "\" is not ITERATION_LAYER (two decimal numbers)");
+        const auto [other, fresh] = seen.emplace(*id, key);
+        ::locus::detail::format_require(fresh, where, ": tensors ", other->second, " and ", key,
+                                        " both hold iteration ", id->first, " of layer ", id->second);
+        ::locus::detail::format_require(a.shape.size() == 1 && a.shape[0] == experts, where, ": ", key, " holds ",
+                                        a.values.size(), " values in ", a.shape.size(),
+                                        " dimensions, not a list of one count per each of ", experts, " experts");
+        auto& row = rows.try_emplace(static_cast<std::size_t>(id->second), experts, 0.0).first->second;
         for (std::size_t e = 0; e < experts; ++e)
           row[e] += a.values[e];
       }
     }
-    LOCUS_REQUIRE(files > 0, invalid_input_error, path, " has no rank*.safetensors files");
+    LOCUS_REQUIRE(!files.empty(), invalid_input_error, path, " has no rank*.safetensors files");
     for (auto& [layer, row] : rows) {
       out.layer_ids.push_back(layer);
       out.load.push_back(std::move(row));
