@@ -16,6 +16,7 @@
 #include <locus/placement/by_name.hpp>
 #include <locus/placement/engine_export.hpp>
 #include <locus/placement/eplb.hpp>
+#include <locus/placement/load_import.hpp>
 #include <locus/placement/trace_load.hpp>
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
@@ -384,6 +385,24 @@ NB_MODULE(_core, m) {
         return owned(std::move(flat), {t.layers(), t.experts()});
       },
       "trace"_a, "decode_only"_a = false);
+  // TensorRT-LLM expert statistics, read by the library's reader (locus.engines wraps it).
+  m.def(
+      "_import_trtllm_statistics",
+      [](nb::handle path, nb::handle iter_start, nb::handle iter_stop) {
+        locus::placement::iteration_window w;
+        if (!iter_start.is_none()) w.begin = count_arg(iter_start, "iter_start");
+        if (!iter_stop.is_none()) w.end = count_arg(iter_stop, "iter_stop");
+        LOCUS_REQUIRE(iter_start.is_none() || iter_stop.is_none() || w.begin < w.end, locus::config_error,
+                      "iter_start ", w.begin, " is not below iter_stop ", w.end);
+        auto got = locus::placement::import_load(path_arg(path), 0, w);
+        const std::size_t experts = got.load.front().size(); // import_load refuses a folder without loads
+        std::vector<double> flat;
+        for (const auto& row : got.load)
+          flat.insert(flat.end(), row.begin(), row.end());
+        std::vector<std::size_t> ids(got.layer_ids.begin(), got.layer_ids.end());
+        return std::make_pair(ids, owned(std::move(flat), {got.load.size(), experts}));
+      },
+      "path"_a, "iter_start"_a.none(), "iter_stop"_a.none());
   m.def(
       "layer_imbalance",
       [](const locus::trace::trace& t) {

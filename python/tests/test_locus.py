@@ -340,6 +340,14 @@ def test_engine_statistics_import(tmp_path):
     assert layers == [3, 4] and np.array_equal(load, counts.sum(axis=(0, 1)))
     layers, load = engines.load_trtllm_statistics(str(tmp_path), iter_start=101)
     assert np.array_equal(load, counts[:, 1:].sum(axis=(0, 1)))
+    layers, load = engines.load_trtllm_statistics(str(tmp_path), iter_start=101, iter_stop=102)
+    assert layers == [3, 4] and np.array_equal(load, counts[:, 1].sum(axis=0))
+    with pytest.raises(locus.InvalidInputError, match="no statistics of iterations from 200 on"):
+        engines.load_trtllm_statistics(str(tmp_path), iter_start=200)
+    with pytest.raises(locus.ConfigError, match="iter_start 101 is not below iter_stop 101"):
+        engines.load_trtllm_statistics(str(tmp_path), iter_start=101, iter_stop=101)
+    with pytest.raises(locus.InvalidInputError, match="is not a folder"):
+        engines.load_trtllm_statistics(str(tmp_path / "rank0.safetensors"))
     # SGLang: logical_count [steps, hidden layers, experts], the dense layer 0 all zeros.
     lc = np.zeros((4, 3, 8), np.int64)
     lc[:, 1:] = rng.integers(0, 50, size=(4, 2, 8))
@@ -355,10 +363,9 @@ def test_engine_statistics_import(tmp_path):
     np.savez(tmp_path / "routed.npz", a=routed(5), b=routed(7))
     t = locus.load_routed_experts(str(tmp_path / "routed.npz"), 8)
     assert (t.requests, t.tokens, t.layers) == (2, 12, 2)
-    bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(struct.pack("<Q", 1000) + b"{}")
+    (tmp_path / "rank1.safetensors").write_bytes(struct.pack("<Q", 1000) + b"{}")
     with pytest.raises(locus.FormatError, match="runs past the end"):
-        engines.read_safetensors(str(bad))
+        engines.load_trtllm_statistics(str(tmp_path))
 
 
 def test_counts_out_of_range_are_config_errors_naming_the_argument():
@@ -489,19 +496,21 @@ def test_engine_statistics_refuse_malformed_files(tmp_path):
         h = json.dumps(header).encode()
         path.write_bytes(struct.pack("<Q", len(h)) + h + body)
 
+    (tmp_path / "meta_info.json").write_text('{"num_experts": 1}')
+
     # Each raised AttributeError, KeyError, TypeError, ValueError or RecursionError before.
     for header in ([1, 2], {"x": 5}, {"x": {"dtype": "I32", "shape": [1]}},
                    {"x": {"dtype": "I32", "shape": [1], "data_offsets": ["a", "b"]}},
                    {"x": {"dtype": "I32", "shape": [-1, -1], "data_offsets": [0, 4]}},
                    {"x": {"dtype": "I32", "shape": [2**32, 2**32, 1], "data_offsets": [0, 0]}},
                    {"x": {"dtype": ["I32"], "shape": [1], "data_offsets": [0, 4]}}):
-        st(tmp_path / "a.safetensors", header, b"1234")
+        st(tmp_path / "rank0.safetensors", header, b"1234")
         with pytest.raises(locus.FormatError):
-            engines.read_safetensors(str(tmp_path / "a.safetensors"))
+            engines.load_trtllm_statistics(str(tmp_path))
     deep = b"[" * 100000 + b"]" * 100000
-    (tmp_path / "d.safetensors").write_bytes(struct.pack("<Q", len(deep)) + deep)
-    with pytest.raises(locus.FormatError, match="header is not JSON"):
-        engines.read_safetensors(str(tmp_path / "d.safetensors"))
+    (tmp_path / "rank0.safetensors").write_bytes(struct.pack("<Q", len(deep)) + deep)
+    with pytest.raises(locus.FormatError, match="header is not a JSON object"):
+        engines.load_trtllm_statistics(str(tmp_path))
     # TensorRT-LLM folder: meta_info.json and tensor names, counts checked.
     stats = tmp_path / "stats"
     stats.mkdir()
@@ -510,10 +519,13 @@ def test_engine_statistics_refuse_malformed_files(tmp_path):
         with pytest.raises(locus.FormatError, match="meta_info.json"):
             engines.load_trtllm_statistics(str(stats))
     (stats / "meta_info.json").write_text('{"num_experts": 2}')
-    for name, values in (("-1_-2", [1, 1]), (" 1_ 2", [1, 1]), ("1_2", [-5, 1])):
+    for name, values in (("-1_-2", [1, 1]), (" 1_ 2", [1, 1])):
         write_safetensors(stats / "rank0.safetensors", {name: np.array(values)})
-        with pytest.raises(locus.FormatError):
+        with pytest.raises(locus.FormatError, match="is not ITERATION_LAYER"):
             engines.load_trtllm_statistics(str(stats))
+    write_safetensors(stats / "rank0.safetensors", {"1_2": np.array([-5, 1])})
+    with pytest.raises(locus.InvalidInputError, match="has load -5"):
+        engines.load_trtllm_statistics(str(stats))
     # SGLang: a NaN or negative count made its layer vanish as if dense; -1 took the last layer.
     with pytest.raises(locus.InvalidInputError, match="negative or non-finite"):
         engines.load_sglang_logical_count({"logical_count": [[1, float("nan")]]})

@@ -99,6 +99,31 @@ BOOST_AUTO_TEST_CASE(trtllm_statistics_sum_ranks_and_iterations) {
   BOOST_CHECK_THROW(import_load(d.path.string()), format_error); // 2 values for 3 experts
 }
 
+// A window sums the iterations in it and still checks the others; a window with nothing in it,
+// an empty one, or one given with a .npy file is refused.
+BOOST_AUTO_TEST_CASE(trtllm_iteration_window) {
+  temp_dir d;
+  write(d.path / "meta_info.json", R"({"num_experts": 3})");
+  write(d.path / "rank0.safetensors", safetensors({{"100_3", {1, 2, 3}}, {"101_3", {1, 0, 0}}, {"102_3", {0, 4, 0}}}));
+  write(d.path / "rank1.safetensors", safetensors({{"101_3", {5, 5, 5}}}));
+  BOOST_TEST(import_load(d.path.string(), 0, {101, 102}).load == (std::vector<std::vector<double>>{{6, 5, 5}}));
+  BOOST_TEST(import_load(d.path.string(), 0, {101}).load == (std::vector<std::vector<double>>{{6, 9, 5}}));
+  BOOST_TEST(import_load(d.path.string(), 0, {0, 101}).load == (std::vector<std::vector<double>>{{1, 2, 3}}));
+  BOOST_CHECK_EXCEPTION(import_load(d.path.string(), 0, {200}), invalid_input_error, [](const auto& e) {
+    return std::string(e.what()).find("no statistics of iterations from 200 on") != std::string::npos;
+  });
+  BOOST_CHECK_EXCEPTION(import_load(d.path.string(), 0, {5, 7}), invalid_input_error, [](const auto& e) {
+    return std::string(e.what()).find("no statistics of iterations 5 to 6") != std::string::npos;
+  });
+  BOOST_CHECK_THROW(import_load(d.path.string(), 0, {7, 7}), config_error);
+  write(d.path / "rank2.safetensors", safetensors({{"5_3", {1, 2}}})); // outside the window, still wrong
+  BOOST_CHECK_THROW(import_load(d.path.string(), 0, {101}), format_error);
+  const auto npy_path = d.path / "load.npy";
+  write(npy_path, npy<double>("<f8", "(1, 2)", {1, 2}));
+  BOOST_CHECK_THROW(import_load(npy_path.string(), 0, {1}), config_error);
+  BOOST_TEST(import_load(npy_path.string()).load.size() == 1u);
+}
+
 // Counts and sizes in a statistics folder must be integers the file pays for: a float, a negative
 // number or a shape whose element count overflows is a format error, never a cast (undefined for a
 // float out of range) or an allocation of the overflowed count.

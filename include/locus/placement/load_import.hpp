@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <locus/core/error.hpp>
 #include <locus/core/json_error.hpp>
 #include <locus/core/json_integer.hpp>
@@ -30,6 +31,20 @@
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
+
+//! The TensorRT-LLM iterations a load sums: [begin, end) (the statistics cover a whole run; a
+//! plan for today's traffic may want its recent iterations only).
+struct iteration_window {
+  std::uint64_t begin = 0;
+  std::uint64_t end = std::numeric_limits<std::uint64_t>::max();
+  bool all() const noexcept { return begin == 0 && end == std::numeric_limits<std::uint64_t>::max(); }
+  //! "iterations 100 to 199", "iterations from 100 on", as a message says it.
+  std::string text() const {
+    return end == std::numeric_limits<std::uint64_t>::max()
+               ? ::locus::detail::concat("iterations from ", begin, " on")
+               : ::locus::detail::concat("iterations ", begin, " to ", end - 1);
+  }
+};
 
 //! Loads with the model layer index of each row.
 struct imported_load {
@@ -277,10 +292,15 @@ inline std::optional<std::pair<std::uint64_t, std::uint64_t>> iteration_layer(co
 } // namespace detail::load_import
 
 //! Loads from a `.npy` file or a TensorRT-LLM statistics folder (see the file comment).
-//! `experts`: the expert count for routed-expert arrays (0: the largest id + 1).
+//! `experts`: the expert count for routed-expert arrays (0: the largest id + 1). `iterations`:
+//! for a statistics folder, the iterations summed (every tensor is checked, whatever its
+//! iteration); a window that holds none of them is refused.
 //! @throws locus::io_error, locus::format_error naming the file, locus::invalid_input_error on
-//!         negative or non-finite values or ids out of range
-inline imported_load import_load(const std::string& path, std::size_t experts = 0) {
+//!         negative or non-finite values or ids out of range, locus::config_error for an empty
+//!         window or a window with a .npy file
+inline imported_load import_load(const std::string& path, std::size_t experts = 0, iteration_window iterations = {}) {
+  LOCUS_REQUIRE(iterations.begin < iterations.end, config_error, "import_load: the iteration window [",
+                iterations.begin, ", ", iterations.end, ") holds no iteration");
   imported_load out;
   // The non-throwing overloads: a name too long or a folder that cannot be searched is a locus
   // error naming the path (the throwing ones raise std::filesystem::filesystem_error); a path
@@ -324,17 +344,23 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
         ::locus::detail::format_require(a.shape.size() == 1 && a.shape[0] == experts, where, ": ", key, " holds ",
                                         a.values.size(), " values in ", a.shape.size(),
                                         " dimensions, not a list of one count per each of ", experts, " experts");
+        if (!iterations.all() && (id->first < iterations.begin || id->first >= iterations.end))
+          continue; // checked, not summed
         auto& row = rows.try_emplace(static_cast<std::size_t>(id->second), experts, 0.0).first->second;
         for (std::size_t e = 0; e < experts; ++e)
           row[e] += a.values[e];
       }
     }
     LOCUS_REQUIRE(!files.empty(), invalid_input_error, path, " has no rank*.safetensors files");
+    LOCUS_REQUIRE(!rows.empty() || iterations.all(), invalid_input_error, path, ": no statistics of ",
+                  iterations.text());
     for (auto& [layer, row] : rows) {
       out.layer_ids.push_back(layer);
       out.load.push_back(std::move(row));
     }
   } else {
+    LOCUS_REQUIRE(iterations.all(), config_error, path,
+                  ": an iteration window applies to TensorRT-LLM statistics folders, not to a .npy file");
     const auto a = detail::load_import::read_npy(path);
     // An empty array has no loads, and its other extents (up to 2^40 each) are paid for by no byte
     // of the file: refused before they size anything.
