@@ -141,7 +141,7 @@ public:
   //! @param backend where the step runs: `backend::host{threads}` (worker threads) or
   //!                `backend::cuda{stream}` (the stream every kernel and copy is issued on)
   //! @throws locus::config_error on any disagreement between shape, topology, map, transport and
-  //!         compute (which rank count, which expert, which flag)
+  //!         compute (which rank count, which expert, which flag, which hidden size)
   moe_layer(Shape shape, Topology topo, exchanger_type& ex, expert_map map, expert_compute_type experts,
             backend_type backend = {})
       : shape_(shape), topo_(topo), ex_(&ex), map_(std::move(map)), compute_(std::move(experts)),
@@ -155,6 +155,7 @@ public:
                   to_string(transport_type::kind), " but the transport endpoint was made ",
                   to_string(dispatcher_.kind()));
     check_compute_holds(compute_, dispatcher_.local_experts(), "routed expert");
+    check_compute_hidden(compute_, "routed");
   }
 
   //! How this layer's tokens pick among an expert's replicas: the engine rule the plan was judged
@@ -196,7 +197,8 @@ public:
 
   //! Sets the shared experts (every token passes through each, weight 1), held on every rank; the
   //! compute must hold experts 0 .. shape.shared_experts() - 1.
-  //! @throws locus::config_error when the shape has no shared experts or the compute lacks one
+  //! @throws locus::config_error when the shape has no shared experts, the compute lacks one or its
+  //!         weights have another hidden size
   void set_shared_experts(expert_compute_type shared) {
     LOCUS_REQUIRE(shape_.shared_experts() > 0, config_error,
                   "moe_layer::set_shared_experts: the shape has no shared experts");
@@ -204,6 +206,7 @@ public:
     for (std::size_t s = 0; s < ids.size(); ++s)
       ids[s] = static_cast<expert_id>(s);
     check_compute_holds(shared, ids, "shared expert");
+    check_compute_hidden(shared, "shared");
     shared_.emplace(std::move(shared));
   }
 
@@ -332,6 +335,23 @@ private:
                       " is hosted on this rank but the expert compute holds no weights for it");
       }
     }
+  }
+
+  // Weights of another hidden size would otherwise be refused only by the first forward, after
+  // its exchanges; a compute that holds no expert (an empty rank) has no size to compare.
+  template <class Compute>
+  void check_compute_hidden(const Compute& c, const char* what) const {
+    std::size_t hidden = 0;
+    if constexpr (requires { c.weights().hidden(); }) {
+      if (c.weights().size() > 0) hidden = c.weights().hidden();
+    } else if constexpr (requires {
+                           c.hidden();
+                           c.experts();
+                         }) {
+      if (!c.experts().empty()) hidden = c.hidden();
+    }
+    LOCUS_REQUIRE(hidden == 0 || hidden == shape_.hidden(), config_error, "moe_layer: the ", what,
+                  " expert weights have hidden size ", hidden, " but the shape has ", shape_.hidden());
   }
 
   // logits = x·gate in fp32, then the router.
