@@ -14,11 +14,12 @@
 //! 6. shared experts (when the shape has them) run on every rank on its own tokens and are added.
 //!
 //! Policies are given in any order after the shape and the topology, with defaults for those left
-//! out (`policy_set`): router `router::softmax_topk<K>` (or `layer::given_routing`), transport
-//! `transport::local_flat`, backend `backend::host`, expert compute `layer::swiglu_host<float>` on
-//! the host backend (`swiglu_cuda<float>` on CUDA). Only what acts in a step is a layer policy:
-//! which rank serves a request (grouper) and where experts live (placement) are decided before the
-//! layer exists, by the planning functions (`locus/planning.hpp`), and reach it as the expert map.
+//! out (`policy_set`): router `router::softmax_topk<top_k<K>>` with the shape's K (or
+//! `layer::given_routing`), transport `transport::local_flat`, backend `backend::host`, expert
+//! compute `layer::swiglu_host<float>` on the host backend (`swiglu_cuda<float>` on CUDA). Only
+//! what acts in a step is a layer policy: which rank serves a request (grouper) and where experts
+//! live (placement) are decided before the layer exists, by the planning functions
+//! (`locus/planning.hpp`), and reach it as the expert map.
 //!
 //! Every step is collective over the transport: a rank whose own input is bad still takes part in
 //! the exchanges (with no tokens) and raises afterwards, so its peers never wait for it.
