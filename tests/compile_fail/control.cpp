@@ -4,6 +4,7 @@
 #include <locus/core/policy.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/grouper/baselines.hpp>
+#include <locus/layer/expert_compute.hpp>
 #include <locus/placement/linear.hpp>
 #include <locus/router/softmax_topk.hpp>
 
@@ -21,3 +22,11 @@ template struct locus::require_transport<transport_a>;
 template struct locus::policy_set<router_a, transport_a>;
 template class locus::moe_shape<locus::experts<8>, locus::top_k<8>, locus::hidden<128>>;
 locus::topology<locus::nodes<1>, locus::gpus_per_node<8>> t;
+
+// A function computing experts, wrapped, with the signature expert_callable calls.
+inline auto span_compute = [](locus::expert_id, std::span<const float>, std::span<float>, std::size_t) {};
+template struct locus::policy_set<locus::layer::expert_callable<decltype(span_compute)>>;
+void run_callable(const locus::layer::expert_blocks<float>& blocks) {
+  locus::layer::expert_callable<decltype(span_compute)> compute(span_compute);
+  compute(blocks);
+}

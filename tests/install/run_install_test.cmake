@@ -44,6 +44,12 @@ if(VARIANT STREQUAL "core")
     run("${WORK_DIR}/pkgconfig_consumer")
   endif()
 endif()
+# A component whose dependency this machine lacks: optional, it is not found and the rest loads;
+# required, the package is not found (MPI's lookup disabled stands for a machine without MPI).
+if(VARIANT STREQUAL "mpi")
+  run(${CMAKE_COMMAND} -S "${CONSUMER_SOURCE_DIR}" -B "${WORK_DIR}/optional" -DCMAKE_PREFIX_PATH=${prefix}
+      -DCONSUMER_VARIANT=optional -DCMAKE_DISABLE_FIND_PACKAGE_MPI=ON)
+endif()
 # A component that this installation lacks must be reported by find_package, not silently ignored.
 run(${CMAKE_COMMAND} -S "${CONSUMER_SOURCE_DIR}" -B "${WORK_DIR}/missing" -DCMAKE_PREFIX_PATH=${prefix}
     -DCONSUMER_VARIANT=missing)

@@ -298,6 +298,14 @@ BOOST_AUTO_TEST_CASE(inconsistent_composition_is_refused) {
   BOOST_CHECK_THROW(ok.set_shared_experts(layer::swiglu_host<float>(all)), config_error);
   layer_t two(dyn_shape(4, 2, 8, 2), topo, ep, map, layer::swiglu_host<float>(mine));
   BOOST_CHECK_THROW(two.set_shared_experts(layer::swiglu_host<float>(expert_weights<float>(8, 8, {0}))), config_error);
+  // Weights of hidden size 8 for a shape of hidden size 16: refused when the layer is built, not
+  // by the first forward.
+  const auto wide = locus_test::model_weights<float>(1, 4, 16, 8);
+  BOOST_CHECK_THROW(layer_t(dyn_shape(4, 2, 16, 0), topo, ep, map, layer::swiglu_host<float>(mine)), config_error);
+  layer_t shared16(dyn_shape(4, 2, 16, 1), topo, ep, map,
+                   layer::swiglu_host<float>(expert_weights<float>::for_rank(map, 0, wide)));
+  BOOST_CHECK_THROW(shared16.set_shared_experts(layer::swiglu_host<float>(all)), config_error);
+  BOOST_CHECK_NO_THROW(shared16.set_shared_experts(layer::swiglu_host<float>(wide)));
 }
 
 // The whole step with the router: logits = x·W_router, softmax top-k, dispatch, SwiGLU, combine,

@@ -87,12 +87,13 @@ template <class... Ps>
 struct policy_set {
   static_assert(((!policy_of<Ps, grouper_tag> && !policy_of<Ps, placement_tag>)&&...),
                 "locus: groupers and placements are no layer policies; they plan before the layer exists "
-                "(locus::plan_placement, placement::by_name) and the layer takes the resulting expert map");
+                "(locus::plan_placement, placement::plan_by_name) and the layer takes the resulting expert map");
   static_assert((detail::has_any_tag<Ps, router_tag, transport_tag, backend_tag, expert_compute_tag, grouper_tag,
                                      placement_tag> &&
                  ...),
                 "locus: every policy must declare `using policy_concept = <locus::router_tag, transport_tag, "
-                "backend_tag or expert_compute_tag>;`");
+                "backend_tag or expert_compute_tag>;` (a function or lambda computing experts: wrap it in "
+                "locus::layer::expert_callable)");
   static_assert(detail::count_policies<router_tag, Ps...> <= 1, "locus: a router policy is given twice");
   static_assert(detail::count_policies<transport_tag, Ps...> <= 1, "locus: a transport policy is given twice");
   static_assert(detail::count_policies<backend_tag, Ps...> <= 1, "locus: a backend policy is given twice");

@@ -451,6 +451,19 @@ public:
 
   template <class T>
   void operator()(const expert_blocks<T, memory_space::host>& b) {
+    // Checked here rather than as a constraint: the layer's own check then passes and this one
+    // message, not a failed call deep in the loop below, names the signature expected.
+    constexpr bool callable = std::invocable<F&, expert_id, std::span<const T>, std::span<T>, std::size_t>;
+    static_assert(callable, "locus::layer::expert_callable: the function must be callable as f(locus::expert_id e, "
+                            "std::span<const T> in, std::span<T> out, std::size_t rows), T the activation type");
+    if constexpr (callable) call(b);
+  }
+
+  F& function() noexcept { return f_; }
+
+private:
+  template <class T>
+  void call(const expert_blocks<T, memory_space::host>& b) {
     detail::layer::check_blocks("expert_callable", b, b.hidden);
     std::vector<T> scratch;
     const T* input = detail::layer::contiguous_input(b, scratch);
@@ -462,9 +475,6 @@ public:
     }
   }
 
-  F& function() noexcept { return f_; }
-
-private:
   F f_;
 };
 

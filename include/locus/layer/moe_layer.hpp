@@ -14,11 +14,12 @@
 //! 6. shared experts (when the shape has them) run on every rank on its own tokens and are added.
 //!
 //! Policies are given in any order after the shape and the topology, with defaults for those left
-//! out (`policy_set`): router `router::softmax_topk<K>` (or `layer::given_routing`), transport
-//! `transport::local_flat`, backend `backend::host`, expert compute `layer::swiglu_host<float>` on
-//! the host backend (`swiglu_cuda<float>` on CUDA). Only what acts in a step is a layer policy:
-//! which rank serves a request (grouper) and where experts live (placement) are decided before the
-//! layer exists, by the planning functions (`locus/planning.hpp`), and reach it as the expert map.
+//! out (`policy_set`): router `router::softmax_topk<top_k<K>>` with the shape's K (or
+//! `layer::given_routing`), transport `transport::local_flat`, backend `backend::host`, expert
+//! compute `layer::swiglu_host<float>` on the host backend (`swiglu_cuda<float>` on CUDA). Only
+//! what acts in a step is a layer policy: which rank serves a request (grouper) and where experts
+//! live (placement) are decided before the layer exists, by the planning functions
+//! (`locus/planning.hpp`), and reach it as the expert map.
 //!
 //! Every step is collective over the transport: a rank whose own input is bad still takes part in
 //! the exchanges (with no tokens) and raises afterwards, so its peers never wait for it.
@@ -141,7 +142,7 @@ public:
   //! @param backend where the step runs: `backend::host{threads}` (worker threads) or
   //!                `backend::cuda{stream}` (the stream every kernel and copy is issued on)
   //! @throws locus::config_error on any disagreement between shape, topology, map, transport and
-  //!         compute (which rank count, which expert, which flag)
+  //!         compute (which rank count, which expert, which flag, which hidden size)
   moe_layer(Shape shape, Topology topo, exchanger_type& ex, expert_map map, expert_compute_type experts,
             backend_type backend = {})
       : shape_(shape), topo_(topo), ex_(&ex), map_(std::move(map)), compute_(std::move(experts)),
@@ -155,6 +156,7 @@ public:
                   to_string(transport_type::kind), " but the transport endpoint was made ",
                   to_string(dispatcher_.kind()));
     check_compute_holds(compute_, dispatcher_.local_experts(), "routed expert");
+    check_compute_hidden(compute_, "routed");
   }
 
   //! How this layer's tokens pick among an expert's replicas: the engine rule the plan was judged
@@ -196,7 +198,8 @@ public:
 
   //! Sets the shared experts (every token passes through each, weight 1), held on every rank; the
   //! compute must hold experts 0 .. shape.shared_experts() - 1.
-  //! @throws locus::config_error when the shape has no shared experts or the compute lacks one
+  //! @throws locus::config_error when the shape has no shared experts, the compute lacks one or its
+  //!         weights have another hidden size
   void set_shared_experts(expert_compute_type shared) {
     LOCUS_REQUIRE(shape_.shared_experts() > 0, config_error,
                   "moe_layer::set_shared_experts: the shape has no shared experts");
@@ -204,6 +207,7 @@ public:
     for (std::size_t s = 0; s < ids.size(); ++s)
       ids[s] = static_cast<expert_id>(s);
     check_compute_holds(shared, ids, "shared expert");
+    check_compute_hidden(shared, "shared");
     shared_.emplace(std::move(shared));
   }
 
@@ -332,6 +336,23 @@ private:
                       " is hosted on this rank but the expert compute holds no weights for it");
       }
     }
+  }
+
+  // Weights of another hidden size would otherwise be refused only by the first forward, after
+  // its exchanges; a compute that holds no expert (an empty rank) has no size to compare.
+  template <class Compute>
+  void check_compute_hidden(const Compute& c, const char* what) const {
+    std::size_t hidden = 0;
+    if constexpr (requires { c.weights().hidden(); }) {
+      if (c.weights().size() > 0) hidden = c.weights().hidden();
+    } else if constexpr (requires {
+                           c.hidden();
+                           c.experts();
+                         }) {
+      if (!c.experts().empty()) hidden = c.hidden();
+    }
+    LOCUS_REQUIRE(hidden == 0 || hidden == shape_.hidden(), config_error, "moe_layer: the ", what,
+                  " expert weights have hidden size ", hidden, " but the shape has ", shape_.hidden());
   }
 
   // logits = x·gate in fp32, then the router.
