@@ -170,6 +170,10 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
   app.add_option("--hedge-replicas", popt.refine.hedge_replicas,
                  "Token-level stage: at most this many replica slots per layer first hold balance hedges (the "
                  "--hedge-floor rule, or the risk rule with --hedge-floor 0) before copies saved (0: off)");
+  app.add_option("--fill-slack", popt.refine.fill_slack,
+                 "Token-level stage: the replica fill's load bound (0: --refine-slack's); swaps bring the "
+                 "GPUs back within that after the fill")
+      ->check(tool_cli::finite_non_negative);
   app.add_option("--hedge-z", popt.refine.hedge_z, "Hedge replicas: a GPU's risk is its mean share + this many sd")
       ->check(tool_cli::finite_non_negative);
   app.add_option("--hedge-excess", popt.refine.hedge_excess, "Hedge replicas: hedge GPUs whose risk exceeds 1 + this")

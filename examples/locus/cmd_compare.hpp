@@ -204,6 +204,7 @@ inline void render_png(const std::string& python, const nlohmann::json& doc, con
 struct compare_options {
   std::size_t redundant = 1, batch_per_rank = 16, hidden = 2048, clusters = 8, anneal = 300;
   std::size_t hedge_replicas = locus::placement::token_refine_options{}.hedge_replicas;
+  double fill_slack = 0;
   std::size_t synthetic_requests = 400;
   double arrival_rate = 0;
   std::string transports = "flat,hierarchical", replica_rule = "locality_first";
@@ -243,6 +244,7 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
       std::max<std::size_t>(1, split.prefill_tokens); // a cap; recorded phases may have more
   opt.plan.refine.anneal_per_expert = o.anneal;
   opt.plan.refine.hedge_replicas = o.hedge_replicas;
+  opt.plan.refine.fill_slack = o.fill_slack;
   opt.simulation.topology = topo;
   opt.simulation.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(o.hidden);
   opt.simulation.batch_per_rank = o.batch_per_rank;
@@ -376,6 +378,7 @@ inline void register_compare(CLI::App& app) {
       ->check(tool_cli::positive_whole);
   cmd->add_option("--anneal", o->anneal, "locality: annealing proposals per expert after the token-level sweeps");
   cmd->add_option("--hedge-replicas", o->hedge_replicas, locus_driver::hedge_replicas_help);
+  cmd->add_option("--fill-slack", o->fill_slack, locus_driver::fill_slack_help)->check(tool_cli::finite_non_negative);
   cmd->add_option("--arrival-rate", o->arrival_rate, "Poisson arrivals per step (0: all at once)")
       ->check(tool_cli::finite_non_negative);
   auto* synthetic = cmd->add_option("--synthetic-requests", o->synthetic_requests,

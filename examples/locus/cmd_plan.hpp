@@ -75,6 +75,12 @@ inline constexpr const char* hedge_replicas_help =
     "the worst GPU balance floor over resampled training requests towards 1.10 while the training sample's "
     "inter-node copies grow by at most 1% (0: off)";
 
+//! Help text of --fill-slack wherever a locality plan is made.
+inline constexpr const char* fill_slack_help =
+    "locality with replica slots: the replica fill's GPU load bound over the training sample's mean (0: the "
+    "planner's 0.03); a looser one lets copies of hot experts in and swaps bring every GPU back within 0.03 "
+    "after: more bytes saved, a little less balance on shifted traffic";
+
 struct plan_options {
   std::string placement = "linear";
   std::size_t redundant_slots = 0;
@@ -85,11 +91,12 @@ struct plan_options {
   double balance_shift = 0;
   std::string shift_by = "node";
   std::size_t hedge_replicas = locus::placement::token_refine_options{}.hedge_replicas;
+  double fill_slack = 0;
 
   //! Every option add_to registers (what a command that plans nothing refuses).
-  static constexpr const char* option_names[] = {"--placement",     "--redundant-slots", "--eplb-groups",
-                                                 "--clusters",      "--copies",          "--anneal",
-                                                 "--balance-shift", "--shift-by",        "--hedge-replicas"};
+  static constexpr const char* option_names[] = {
+      "--placement", "--redundant-slots", "--eplb-groups", "--clusters",       "--copies",
+      "--anneal",    "--balance-shift",   "--shift-by",    "--hedge-replicas", "--fill-slack"};
 
   void add_to(CLI::App* cmd, const char* copies_default) {
     cmd->add_option("--placement", placement, "Planner: linear, round_robin, eplb, activation_usage, locality")
@@ -112,11 +119,12 @@ struct plan_options {
                     "request")
         ->check(CLI::IsMember({"node", "class", "request"}));
     cmd->add_option("--hedge-replicas", hedge_replicas, hedge_replicas_help);
+    cmd->add_option("--fill-slack", fill_slack, fill_slack_help)->check(tool_cli::finite_non_negative);
   }
   //! Refuses the options of one planner given with another (they would be ignored without a word).
   //! @throws locus::config_error naming the option
   void check_applies(const CLI::App* cmd) const {
-    for (const char* name : {"--copies", "--anneal", "--balance-shift", "--shift-by"})
+    for (const char* name : {"--copies", "--anneal", "--balance-shift", "--shift-by", "--fill-slack"})
       LOCUS_REQUIRE(cmd->count(name) == 0 || placement == "locality", locus::config_error, name,
                     " applies to --placement locality, not ", placement);
     // 0 (off) is accepted everywhere, so that one command line can turn the hedge off for any planner.
@@ -128,6 +136,8 @@ struct plan_options {
                   "--shift-by applies with --balance-shift");
     LOCUS_REQUIRE(cmd->count("--hedge-replicas") == 0 || hedge_replicas == 0 || redundant_slots > 0,
                   locus::config_error, "--hedge-replicas spends replica slots: it needs --redundant-slots");
+    LOCUS_REQUIRE(cmd->count("--fill-slack") == 0 || redundant_slots > 0, locus::config_error,
+                  "--fill-slack bounds the replica fill: it needs --redundant-slots");
   }
   //! Maps and the workload-aware grouping model fitted with them (locality refines the grouping
   //! jointly with the placement).
@@ -146,6 +156,7 @@ struct plan_options {
     opt.refine.anneal_per_expert = anneal;
     opt.refine.balance_shift = balance_shift;
     opt.refine.hedge_replicas = hedge_replicas;
+    opt.refine.fill_slack = fill_slack;
     opt.shift_by = shift_by == "class"     ? locus::placement::shift_group::request_class
                    : shift_by == "request" ? locus::placement::shift_group::request
                                            : locus::placement::shift_group::node;

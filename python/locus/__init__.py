@@ -283,6 +283,7 @@ def plan(
     hedge_replicas: Optional[int] = None,
     copies: str = "both",
     anneal: int = 0,
+    fill_slack: float = 0.0,
 ) -> ExpertPlan:
     """Plans expert maps on ``nodes × gpus_per_node`` ranks. ``source`` is a Trace (every planner:
     linear, round_robin, eplb, activation_usage, locality; the grouping model is fitted too) or a
@@ -294,9 +295,12 @@ def plan(
     tokens; it marks no phases (``trace.with_prefill_tokens(n)`` does, for an ESFT import).
     ``copies`` and ``anneal`` (locality only, as ``locus plan --copies --anneal``): the copies the
     token-level stage minimises ("flat": one per remote GPU, "hierarchical": one per remote node,
-    "both") and its annealing proposals per expert after the sweeps (0: none)."""
-    if (copies != "both" or anneal != 0) and (placement != "locality" or not isinstance(source, Trace)):
-        raise ConfigError("locus: configuration error: copies and anneal apply to locality plans of a trace")
+    "both") and its annealing proposals per expert after the sweeps (0: none). ``fill_slack``
+    (locality with redundant slots, as ``--fill-slack``): the replica fill's GPU load bound (0: the
+    planner's own); a looser one fills more replica slots, then swaps bring the GPUs back within the
+    planner's bound (docs/robust_planning.md)."""
+    if (copies != "both" or anneal != 0 or fill_slack != 0) and (placement != "locality" or not isinstance(source, Trace)):
+        raise ConfigError("locus: configuration error: copies, anneal and fill_slack apply to locality plans of a trace")
     if isinstance(source, Trace):
         if slots_per_rank is not None:
             raise ConfigError("locus: configuration error: slots_per_rank is for load arrays; a trace plan uses redundant_slots")
@@ -307,7 +311,7 @@ def plan(
                               "import records none): mark them first, e.g. trace.with_prefill_tokens(32)")
         maps, model, hedges = _core._plan_from_trace(
             source, nodes, gpus_per_node, placement, redundant_slots, eplb_groups, clusters, seed, prefill_tokens,
-            hedge_replicas, copies, anneal,
+            hedge_replicas, copies, anneal, float(fill_slack),
         )
         ids = source.model_layer_ids if source.has_model_layers else None
         out = ExpertPlan(maps, source.experts, nodes, gpus_per_node, model, ids, source.hidden_layers)

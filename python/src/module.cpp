@@ -479,7 +479,8 @@ NB_MODULE(_core, m) {
       "_plan_from_trace",
       [](const locus::trace::trace& train, nb::handle nodes, nb::handle gpus_per_node, const std::string& placement,
          nb::handle redundant_slots, nb::handle eplb_groups, nb::handle clusters, nb::handle seed,
-         nb::handle prefill_tokens, nb::handle hedge_replicas, const std::string& copies, nb::handle anneal) {
+         nb::handle prefill_tokens, nb::handle hedge_replicas, const std::string& copies, nb::handle anneal,
+         double fill_slack) {
         locus::placement::activation_plan_options opt;
         if (!hedge_replicas.is_none()) opt.refine.hedge_replicas = size_arg(hedge_replicas, "hedge_replicas");
         LOCUS_REQUIRE(copies == "both" || copies == "flat" || copies == "hierarchical", locus::config_error,
@@ -488,6 +489,7 @@ NB_MODULE(_core, m) {
                          : copies == "hierarchical" ? locus::placement::copy_count::hierarchical
                                                     : locus::placement::copy_count::both);
         opt.refine.anneal_per_expert = size_arg(anneal, "anneal");
+        opt.refine.fill_slack = fill_slack; // the planner refuses a negative or non-finite one
         opt.named.eplb_groups = size_arg(eplb_groups, "eplb_groups");
         opt.grouping.clusters = size_arg(clusters, "clusters");
         opt.grouping.seed = count_arg(seed, "seed");
@@ -501,7 +503,7 @@ NB_MODULE(_core, m) {
                                plan.hedge_copies);
       },
       "train"_a, "nodes"_a, "gpus_per_node"_a, "placement"_a, "redundant_slots"_a, "eplb_groups"_a, "clusters"_a,
-      "seed"_a, "prefill_tokens"_a, "hedge_replicas"_a.none(), "copies"_a, "anneal"_a);
+      "seed"_a, "prefill_tokens"_a, "hedge_replicas"_a.none(), "copies"_a, "anneal"_a, "fill_slack"_a);
 
   m.def(
       "_simulate",

@@ -200,14 +200,19 @@ def test_locality_plans_take_the_copies_and_annealing_the_driver_takes():
     flat = locus.plan(train, 2, 2, "locality", copies="flat", **kw)
     hier = locus.plan(train, 2, 2, "locality", copies="hierarchical", **kw)
     annealed = locus.plan(train, 2, 2, "locality", anneal=200, **kw)
+    loose = locus.plan(train, 2, 2, "locality", fill_slack=0.5, **kw)
+    assert (loose.maps != -1).sum() > (both.maps != -1).sum()  # more replica slots filled
+    with pytest.raises(locus.ConfigError, match="fill slack -1"):
+        locus.plan(train, 2, 2, "locality", fill_slack=-1.0, **kw)
     assert not np.array_equal(flat.maps, hier.maps)
     assert not np.array_equal(annealed.maps, both.maps)
     assert np.array_equal(annealed.maps, locus.plan(train, 2, 2, "locality", anneal=200, **kw).maps)
     with pytest.raises(locus.ConfigError, match=r'copies "ring" \(expected flat, hierarchical or both\)'):
         locus.plan(train, 2, 2, "locality", copies="ring", **kw)
-    with pytest.raises(locus.ConfigError, match="copies and anneal apply to locality plans of a trace"):
-        locus.plan(train, 2, 2, "eplb", anneal=10)
-    with pytest.raises(locus.ConfigError, match="copies and anneal apply to locality plans of a trace"):
+    for bad in (dict(anneal=10), dict(fill_slack=0.3)):
+        with pytest.raises(locus.ConfigError, match="copies, anneal and fill_slack apply to locality plans of a trace"):
+            locus.plan(train, 2, 2, "eplb", **bad)
+    with pytest.raises(locus.ConfigError, match="copies, anneal and fill_slack apply to locality plans of a trace"):
         locus.plan(np.ones((2, 16)), 2, 2, "locality", copies="flat")
 
 

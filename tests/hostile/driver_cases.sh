@@ -30,6 +30,7 @@ refused 'trace synth: about .* GB, this machine has' trace synth --experts 16 --
 for v in -1 nan inf -inf; do
   refused "arrival-rate.*not a finite number >= 0" simulate --trace "$work/t.bin" --arrival-rate "$v"
   refused "balance-shift.*not a finite number >= 0" plan --trace "$work/t.bin" --balance-shift "$v" --out "$work/m.json"
+  refused "fill-slack.*not a finite number >= 0" plan --trace "$work/t.bin" --fill-slack "$v" --out "$work/m.json"
 done
 refused "test-fraction" plan --trace "$work/t.bin" --test-fraction nan --out "$work/m.json"
 # Maps that used to abort on a JSON type error, or truncate ids.
@@ -151,6 +152,9 @@ refused 'domains is 100000, expected' trace synth --experts 16 --top-k 2 --layer
 refused '--rescale: layers is 100000' trace synth --fit "$work/t.bin" --rescale 256:8:100000 --out "$work/s.bin"
 refused '--layer -2 is not a layer' trace report "$work/t.bin" --layer -2 --out "$work/r2" --no-render
 refused '--anneal applies to --placement locality' plan --trace "$work/t.bin" --placement linear --anneal 3 --out "$work/m.json"
+refused '--fill-slack applies to --placement locality' plan --trace "$work/t.bin" --placement eplb --redundant-slots 1 --fill-slack 0.3 --out "$work/m.json"
+refused '--fill-slack bounds the replica fill: it needs --redundant-slots' plan --trace "$work/t.bin" --placement locality --fill-slack 0.3 --out "$work/m.json"
+succeeds plan --trace "$work/t.bin" --placement locality --redundant-slots 1 --fill-slack 0.3 --out "$work/fill.json"
 refused '--grouping is the workload_aware' simulate --trace "$work/t.bin" --map "$work/lin.json" --grouping "$work/lin.json"
 refused 'does not apply: --map simulates the saved plan as it is \(--grouper round_robin\)' simulate --trace "$work/t.bin" --map "$work/lin.json" --placement eplb
 refused 'name the same file' plan --trace "$work/t.bin" --placement locality --out "$work/same.json" --grouping "$work/same.json"

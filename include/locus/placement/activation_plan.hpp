@@ -10,6 +10,7 @@
 //! grouping gives its request.
 
 #include <algorithm>
+#include <cmath>
 #include <locus/grouper/workload_aware.hpp>
 #include <locus/placement/by_name.hpp>
 #include <locus/placement/token_refine.hpp>
@@ -116,9 +117,14 @@ inline std::vector<expert_map> token_level_stage(std::vector<expert_map> maps, c
                                                  bool fill_replicas, std::size_t* hedged = nullptr) {
   maps = refine_by_tokens(maps, sample, topo, opt.refine);
   if (!fill_replicas) return maps;
-  maps = add_replicas_by_tokens(maps, sample, topo, opt.refine, hedged);
+  LOCUS_REQUIRE(std::isfinite(opt.refine.fill_slack) && opt.refine.fill_slack >= 0, config_error, "plan: fill slack ",
+                opt.refine.fill_slack, " (0: the balance slack, else a finite number > 0)");
+  auto fill = opt.refine; // under token_refine_options::fill_slack, when set
+  if (fill.fill_slack > 0) fill.balance_slack = fill.fill_slack;
+  maps = add_replicas_by_tokens(maps, sample, topo, fill, hedged);
   auto again = opt.refine; // a warm start: one more sweep catches most of what the replicas opened
   again.max_sweeps = std::min<std::size_t>(again.max_sweeps, 1);
+  again.repair_load_bound = opt.refine.fill_slack > 0; // the fill's looser bound, brought back
   return refine_by_tokens(maps, sample, topo, again);
 }
 

@@ -169,6 +169,17 @@ struct token_refine_options {
   //! first, until the sample's copy cost after the fill is at most (1 + this) × the cost the fill
   //! reaches without hedge copies.
   double hedge_cost_budget = 0.01;
+  //! The replica fill's own load bound (0: balance_slack, the default). Under balance_slack a copy
+  //! of a hot expert often cannot go in: it moves its node's rows onto one GPU at once, and the
+  //! fill adds copies without moving anything else, so slots stay empty (half of them on small
+  //! models). With a looser fill bound those copies go in and the sweep after the fill first brings
+  //! every GPU back under balance_slack by swaps (repair_load_bound). More bytes saved, a little
+  //! less balance on shifted traffic (docs/robust_planning.md); off by default.
+  double fill_slack = 0;
+  //! refine_by_tokens first brings every rank under its load bound as far as single swaps can: the
+  //! re-planner's repair step (best_swaps) until no rank is above it (set by the planner after a
+  //! fill under fill_slack).
+  bool repair_load_bound = false;
 
   //! Sets the copy weights to count what `c` names (1 for each kind counted, 0 otherwise).
   token_refine_options& count(copy_count c) noexcept {
@@ -185,7 +196,7 @@ struct token_refine_report {
   std::size_t swaps = 0;
   double cost_swept = 0;           //!< cost after the first sweeps, before annealing
   std::size_t anneal_accepted = 0; //!< annealing swaps taken (before the best state was restored)
-  std::size_t repair_swaps = 0;    //!< swaps made to bring shifted-mix loads within their bounds
+  std::size_t repair_swaps = 0;    //!< swaps made to bring loads within their bounds (shifted mixes, repair_load_bound)
 };
 
 namespace detail::token_refine {
@@ -545,6 +556,14 @@ public:
     return made;
   }
 
+  //! token_refine_options::repair_load_bound: best_swaps' repairs alone, until every rank is within
+  //! the load bound or no swap lowers the busiest one. Returns the swaps.
+  std::size_t repair_load_bound() {
+    std::vector<swap_step> done;
+    best_swaps(4 * rank_of_.size(), done, true);
+    return done.size();
+  }
+
   //! One swap of best_swaps: the two experts and the sample cost it saved (repairs may save less
   //! than nothing).
   struct swap_step {
@@ -558,8 +577,8 @@ public:
   //! some rank is above the load bound, the swap of one of its experts that lowers the larger of
   //! the two ranks' loads at the least copy cost; then the balanced swap that saves the most copies
   //! (in both, partners ranked by the sum of the two move gains, the best few checked exactly).
-  //! Appends every swap to `done`.
-  void best_swaps(std::size_t budget, std::vector<swap_step>& done) {
+  //! Appends every swap to `done`. With `repairs_only`, stops once no repair is left.
+  void best_swaps(std::size_t budget, std::vector<swap_step>& done, bool repairs_only = false) {
     const std::size_t experts = rank_of_.size();
     std::vector<double> gains(experts * ranks_, 0.0);
     std::vector<std::uint8_t> dirty(experts, 1);
@@ -612,6 +631,7 @@ public:
           continue;
         }
       }
+      if (repairs_only) break;
       refresh();
       cand.clear();
       for (std::size_t e = 0; e < experts; ++e) {
@@ -1413,6 +1433,7 @@ expert_map refine_layer(const expert_map& map, const token_sample& sample, std::
   token_refine_report rep;
   rep.cost_before = s.total_cost();
   rep.repair_swaps = s.repair();
+  if (opt.repair_load_bound) rep.repair_swaps += s.repair_load_bound();
   rep.swaps = s.refine();
   rep.cost_swept = s.total_cost();
   if (opt.anneal_per_expert > 0) { // from the sweeps' optimum; it ends no worse than it started
