@@ -7,6 +7,7 @@
 #include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -26,6 +27,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
+#include <system_error>
 
 namespace locus_driver {
 
@@ -164,6 +167,25 @@ struct plan_options {
   }
 };
 
+//! --load-iterations "FIRST:END" or "FIRST:" as an iteration window ("" is every iteration).
+//! @throws locus::config_error naming the option for anything else
+inline locus::placement::iteration_window parse_iterations(const std::string& text) {
+  locus::placement::iteration_window w;
+  if (text.empty()) return w;
+  const auto colon = text.find(':');
+  const auto number = [&](std::string_view part, std::uint64_t& v) {
+    const auto [end, ec] = std::from_chars(part.data(), part.data() + part.size(), v);
+    return !part.empty() && ec == std::errc{} && end == part.data() + part.size();
+  };
+  const std::string_view all(text);
+  const bool ok = colon != std::string::npos && number(all.substr(0, colon), w.begin) &&
+                  (colon + 1 == text.size() || number(all.substr(colon + 1), w.end));
+  LOCUS_REQUIRE(ok, locus::config_error, "--load-iterations \"", text,
+                "\": expected FIRST:END or FIRST: (whole numbers, END exclusive)");
+  LOCUS_REQUIRE(w.begin < w.end, locus::config_error, "--load-iterations \"", text, "\" holds no iteration");
+  return w;
+}
+
 //! Where `locus plan` writes the grouping model of map `map_path`: map.json -> map.grouping.json.
 inline std::string grouping_path_for(const std::string& map_path) {
   const std::string ext = ".json";
@@ -180,6 +202,7 @@ inline void register_plan(CLI::App& app) {
   auto grouping = std::make_shared<std::string>();
   auto experts = std::make_shared<std::size_t>(0);
   auto json = std::make_shared<std::string>();
+  auto iterations = std::make_shared<std::string>();
   auto* cmd = app.add_subcommand("plan", "Fit an expert map on a trace's training split and save it as JSON");
   auto* trace = split->add_to(cmd, false);
   plan->add_to(cmd, "both");
@@ -195,9 +218,22 @@ inline void register_plan(CLI::App& app) {
   cmd->add_option("--experts", *experts,
                   "Experts of the model, for routed-expert arrays (default: largest id + 1) and route JSONL traces "
                   "(default: the meta line's num_experts)");
+  auto* iterations_opt = cmd->add_option("--load-iterations", *iterations,
+                                         "With --load of a TensorRT-LLM folder: sum iterations FIRST:END (END "
+                                         "exclusive; FIRST: for every one from FIRST on). Default: all of them");
+  iterations_opt->needs(load_opt)->check(CLI::Validator( // a bad window is a usage error (exit 2)
+      [](std::string& v) -> std::string {
+        try {
+          (void)parse_iterations(v);
+          return {};
+        } catch (const locus::error& e) {
+          return e.message();
+        }
+      },
+      "FIRST:END", "iterations"));
   trace->excludes(load_opt);
   add_json_option(cmd, *json);
-  cmd->callback([cmd, split, plan, out, load, grouping, grouping_opt, experts, json] {
+  cmd->callback([cmd, split, plan, out, load, grouping, grouping_opt, experts, json, iterations] {
     if (load->empty() && split->trace_paths.empty()) throw CLI::RequiredError("--trace or --load");
     plan->check_applies(cmd);
     LOCUS_REQUIRE(grouping->empty() || load->empty(), locus::config_error,
@@ -214,7 +250,7 @@ inline void register_plan(CLI::App& app) {
     check_outputs({{"--out", *out}, {"--grouping", grouping_path}, {"--json", *json}}, inputs);
     progress p("locus plan");
     if (!load->empty()) {
-      const auto imported = locus::placement::import_load(*load, *experts);
+      const auto imported = locus::placement::import_load(*load, *experts, parse_iterations(*iterations));
       locus::placement::plan_input in;
       in.topology = split->topology();
       in.experts = imported.load.front().size();

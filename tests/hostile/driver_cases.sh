@@ -166,6 +166,25 @@ refused 'planned for 4 nodes x 2 GPUs; this run has 8 x 1' simulate --trace "$wo
   { echo "FAIL: plan 8x1" >&2; exit 1; }
 succeeds simulate --trace "$work/t.bin" --map "$work/lin81.json"
 refused 'planned for 8 nodes x 1 GPUs; this run has 4 x 2' simulate --trace "$work/t.bin" --map "$work/lin81.json" --nodes 4
+# TensorRT-LLM statistics: layer 3 of four experts, expert 0 hot in iteration 100, expert 3 in 101;
+# --load-iterations sums a window, so eplb replicates another expert.
+mkdir -p "$work/trt"
+printf '{"num_experts": 4}' >"$work/trt/meta_info.json"
+trt_header='{"100_3":{"dtype":"I32","shape":[4],"data_offsets":[0,16]},"101_3":{"dtype":"I32","shape":[4],"data_offsets":[16,32]}}'
+{
+  printf "\\x$(printf %02x ${#trt_header})\\x00\\x00\\x00\\x00\\x00\\x00\\x00"
+  printf '%s' "$trt_header"
+  printf '\x09\x00\x00\x00\x01\x00\x00\x00\x01\x00\x00\x00\x01\x00\x00\x00'
+  printf '\x01\x00\x00\x00\x01\x00\x00\x00\x01\x00\x00\x00\x09\x00\x00\x00'
+} >"$work/trt/rank0.safetensors"
+trt=(plan --load "$work/trt" --placement eplb --nodes 2 --gpus-per-node 1 --redundant-slots 1)
+succeeds "${trt[@]}" --load-iterations 100:101 --out "$work/trt100.json"
+succeeds "${trt[@]}" --load-iterations 101: --out "$work/trt101.json"
+check "--load-iterations windows plan different maps" test "$(cat "$work/trt100.json")" != "$(cat "$work/trt101.json")"
+refused 'no statistics of iterations from 102 on' "${trt[@]}" --load-iterations 102: --out "$work/trt.json"
+refused 'usage error: --load-iterations: --load-iterations "5:5" holds no iteration' "${trt[@]}" --load-iterations 5:5 --out "$work/trt.json"
+refused 'expected FIRST:END or FIRST:' "${trt[@]}" --load-iterations 7 --out "$work/trt.json"
+refused 'load-iterations requires --load' plan --trace "$work/t.bin" --load-iterations 1:2 --out "$work/trt.json"
 refused 'was made for 2 GPUs per node' map export "$work/lin.json" --to eplb --gpus-per-node 1 --out "$work/e.json"
 succeeds map export "$work/lin.json" --to eplb --out /dev/null --json /dev/null
 succeeds trace report "$work/t.bin" --out "$work/rep_new" --json "$work/rep_new/r.json" --no-render
