@@ -168,7 +168,7 @@ struct plan_options {
 };
 
 //! --load-iterations "FIRST:END" or "FIRST:" as an iteration window ("" is every iteration).
-//! @throws locus::config_error naming the option for anything else
+//! @throws locus::config_error for anything else (the option's check names the option)
 inline locus::placement::iteration_window parse_iterations(const std::string& text) {
   locus::placement::iteration_window w;
   if (text.empty()) return w;
@@ -180,9 +180,8 @@ inline locus::placement::iteration_window parse_iterations(const std::string& te
   const std::string_view all(text);
   const bool ok = colon != std::string::npos && number(all.substr(0, colon), w.begin) &&
                   (colon + 1 == text.size() || number(all.substr(colon + 1), w.end));
-  LOCUS_REQUIRE(ok, locus::config_error, "--load-iterations \"", text,
-                "\": expected FIRST:END or FIRST: (whole numbers, END exclusive)");
-  LOCUS_REQUIRE(w.begin < w.end, locus::config_error, "--load-iterations \"", text, "\" holds no iteration");
+  LOCUS_REQUIRE(ok, locus::config_error, "\"", text, "\": expected FIRST:END or FIRST: (whole numbers, END exclusive)");
+  LOCUS_REQUIRE(w.begin < w.end, locus::config_error, "\"", text, "\" holds no iteration");
   return w;
 }
 
