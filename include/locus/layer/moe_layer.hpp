@@ -155,8 +155,7 @@ public:
     LOCUS_REQUIRE(dispatcher_.kind() == transport_type::kind, config_error, "moe_layer: the policy is ",
                   to_string(transport_type::kind), " but the transport endpoint was made ",
                   to_string(dispatcher_.kind()));
-    check_compute_holds(compute_, dispatcher_.local_experts(), "routed expert");
-    check_compute_hidden(compute_, "routed");
+    check_compute(compute_, dispatcher_.local_experts(), "routed expert");
   }
 
   //! How this layer's tokens pick among an expert's replicas: the engine rule the plan was judged
@@ -206,8 +205,7 @@ public:
     std::vector<expert_id> ids(shape_.shared_experts());
     for (std::size_t s = 0; s < ids.size(); ++s)
       ids[s] = static_cast<expert_id>(s);
-    check_compute_holds(shared, ids, "shared expert");
-    check_compute_hidden(shared, "shared");
+    check_compute(shared, ids, "shared expert");
     shared_.emplace(std::move(shared));
   }
 
@@ -322,11 +320,14 @@ private:
   routing_top_k_type routing_k() const { return routing_top_k_type(shape_.top_k()); }
 
   template <class Compute>
-  static void check_compute_holds(const Compute& c, std::span<const expert_id> ids, const char* what) {
+  void check_compute(const Compute& c, std::span<const expert_id> ids, const char* what) const {
+    std::size_t hidden = 0; // 0: a compute that holds no expert (an empty rank) has no size to compare
     if constexpr (requires { c.weights().contains(expert_id{}); }) {
       for (expert_id e : ids)
         LOCUS_REQUIRE(c.weights().contains(e), config_error, "moe_layer: ", what, " ", e,
                       " is hosted on this rank but the expert compute holds no weights for it");
+      if constexpr (requires { c.weights().hidden(); })
+        if (c.weights().size() > 0) hidden = c.weights().hidden();
     } else if constexpr (requires { c.experts(); }) {
       for (expert_id e : ids) {
         bool found = false;
@@ -335,24 +336,13 @@ private:
         LOCUS_REQUIRE(found, config_error, "moe_layer: ", what, " ", e,
                       " is hosted on this rank but the expert compute holds no weights for it");
       }
+      if constexpr (requires { c.hidden(); })
+        if (!c.experts().empty()) hidden = c.hidden();
     }
-  }
-
-  // Weights of another hidden size would otherwise be refused only by the first forward, after
-  // its exchanges; a compute that holds no expert (an empty rank) has no size to compare.
-  template <class Compute>
-  void check_compute_hidden(const Compute& c, const char* what) const {
-    std::size_t hidden = 0;
-    if constexpr (requires { c.weights().hidden(); }) {
-      if (c.weights().size() > 0) hidden = c.weights().hidden();
-    } else if constexpr (requires {
-                           c.hidden();
-                           c.experts();
-                         }) {
-      if (!c.experts().empty()) hidden = c.hidden();
-    }
+    // Weights of another hidden size would otherwise be refused only by the first forward, after
+    // its exchanges.
     LOCUS_REQUIRE(hidden == 0 || hidden == shape_.hidden(), config_error, "moe_layer: the ", what,
-                  " expert weights have hidden size ", hidden, " but the shape has ", shape_.hidden());
+                  " weights have hidden size ", hidden, " but the shape has ", shape_.hidden());
   }
 
   // logits = x·gate in fp32, then the router.
