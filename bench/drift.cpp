@@ -9,12 +9,14 @@
 // Two look-ahead bounds say what knowing the future would buy: locus re-planned every W steps on
 // the next W steps' own traffic under the same migration budget, and EPLB the same way with no
 // budget (the balance the traffic itself admits). Then it times one re-plan at DeepSeek-V3 shape.
+// With --unseen-domain D every plan (and the grouping, and locus adaptive's prior) is fitted on the
+// training split without D's requests: how each policy copes when a domain it never saw arrives.
 //
 //   drift [--trace DIR] [--out DIR] [--split-seed S] [--phases summary,law,intent] [--phase-tokens T]
 //         [--interval N] [--window W] [--budget-share B] [--drift-every D] [--redundant R]
 //         [--transport flat|hierarchical] [--deepseek 0|1] [--replica-rule R] [--replica-slack S]
 //         [--replica-window W] [--hedge-replicas H] [--hedge-floor F] [--hedge-cost-budget B]
-//         [--lookahead 0|1]
+//         [--lookahead 0|1] [--unseen-domain D] [--replan-slack S]
 // Writes DIR/drift.json and DIR/drift.md; bench/plot_drift.py draws DIR/drift.png.
 #include "bench_args.hpp"
 #include "bench_output.hpp"
@@ -46,26 +48,13 @@ struct policy_run {
   double plan_seconds_max = 0;
 };
 
-// Inter-node bytes of the reported windows that start in steps [a, b) (their tokens in `tokens`).
-double bytes_in(const cost::online_result& r, std::size_t a, std::size_t b, std::uint64_t* tokens) {
-  double bytes = 0;
-  std::uint64_t n = 0;
-  for (const auto& w : r.windows)
-    if (w.first_step >= a && w.first_step < b) {
-      bytes += w.inter_node_bytes;
-      n += w.tokens;
-    }
-  if (tokens) *tokens = n;
-  return bytes;
-}
-
 } // namespace
 
 int main(int argc, char** argv) try {
   CLI::App app{"How much of an activation-aware plan's byte saving on-line re-planning keeps when the request mix "
                "moves"};
   tool_cli::show_defaults(app);
-  std::string trace_path, out_dir = ".", transport_name = "flat", replica_rule_name = "locality_first";
+  std::string trace_path, out_dir = ".", transport_name = "flat", replica_rule_name = "locality_first", unseen_domain;
   unsigned long long seed = 1;
   // One ESFT (DeepSeek-V2-Lite) routed expert: gate, up and down projections, 2048 × 1408, BF16.
   unsigned long long expert_bytes = 3ull * 2048 * 1408 * 2;
@@ -74,6 +63,7 @@ int main(int argc, char** argv) try {
               hedge_replicas = placement::token_refine_options{}.hedge_replicas;
   std::optional<std::size_t> adaptive_window_opt;
   double budget_share = 0.10, phase_share = 0.8, replica_slack = 0.05,
+         replan_slack = placement::token_refine_options{}.replan_slack,
          hedge_floor = placement::token_refine_options{}.hedge_floor,
          hedge_cost_budget = placement::token_refine_options{}.hedge_cost_budget;
   int deepseek = 1, balance_floor = 0, lookahead = 1;
@@ -100,6 +90,10 @@ int main(int argc, char** argv) try {
       ->check(tool_cli::positive)
       ->default_str("--interval");
   app.add_option("--drift-every", drift_every, "Steps between drift checks (0: none)");
+  app.add_option("--replan-slack", replan_slack,
+                 "An adaptive re-plan keeps every GPU within (1 + this) x the window's mean load, repairing those "
+                 "above first")
+      ->check(tool_cli::finite_non_negative);
   app.add_option("--budget-share", budget_share, "Share of the slots an adaptive re-plan may move")
       ->check(tool_cli::positive);
   app.add_option("--report-tokens", report_tokens, "Decode tokens per reported window")->check(tool_cli::positive);
@@ -125,6 +119,10 @@ int main(int argc, char** argv) try {
                  "Also the look-ahead bounds: locus every --window steps on the next --window steps under the same "
                  "budget, and EPLB the same way with no budget (0|1)")
       ->check(CLI::Range(0, 1));
+  app.add_option("--unseen-domain", unseen_domain,
+                 "Fit every plan, the grouping and adaptive's prior without this domain's training requests (one "
+                 "of --phases)")
+      ->default_str("none");
   app.add_option("--deepseek", deepseek, "Time one re-plan at DeepSeek-V3 shape (0|1)")->check(CLI::Range(0, 1));
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   LOCUS_REQUIRE(hedge_opt->count() == 0 || hedge_replicas == 0 || redundant > 0, config_error,
@@ -143,7 +141,21 @@ int main(int argc, char** argv) try {
   // A phase whose domain the trace lacks is said before minutes of planning, with the domains it has.
   for (const auto& name : phase_names)
     static_cast<void>(full.domain_index(name, "--phases"));
-  const auto [train, test] = trace::split_by_request(full, 0.5, seed);
+  LOCUS_REQUIRE(unseen_domain.empty() ||
+                    std::find(phase_names.begin(), phase_names.end(), unseen_domain) != phase_names.end(),
+                config_error, "--unseen-domain ", unseen_domain, " is not one of --phases: its traffic would not run");
+  const auto [whole_train, test] = trace::split_by_request(full, 0.5, seed);
+  // The plans' view of the past: the training split, less the unseen domain's requests.
+  const auto train = [&] {
+    if (unseen_domain.empty()) return whole_train;
+    const auto d = whole_train.domain_index(unseen_domain, "--unseen-domain");
+    std::vector<std::size_t> keep;
+    for (std::size_t r = 0; r < whole_train.requests(); ++r)
+      if (whole_train.request(r).domain != d) keep.push_back(r);
+    LOCUS_REQUIRE(!keep.empty(), config_error, "--unseen-domain ", unseen_domain,
+                  " leaves no training request: the plans would be fitted on nothing");
+    return whole_train.select_requests(keep);
+  }();
   const dynamic_topology topo(4, 2);
 
   // Planner options as comm_volume's defaults, planned for the transport of the run.
@@ -155,6 +167,7 @@ int main(int argc, char** argv) try {
   popt.refine.hedge_replicas = hedge_replicas;
   popt.refine.hedge_floor = hedge_floor;
   popt.refine.hedge_cost_budget = hedge_cost_budget;
+  popt.refine.replan_slack = replan_slack;
   popt.refine.count(transport == cost::transport_kind::flat ? placement::copy_count::flat
                                                             : placement::copy_count::hierarchical);
   say("planning locality, eplb and linear on 4x2");
@@ -249,6 +262,7 @@ int main(int argc, char** argv) try {
   base.report_tokens = report_tokens;
   base.expert_bytes = expert_bytes;
   base.balance_floor = balance_floor == 1;
+  base.segment_starts = phase_start; // per-phase bytes and balance
   std::vector<policy_run> runs;
   const auto keep = [](const std::vector<expert_map>& m, std::size_t, std::size_t) { return m; };
   say("replaying linear and static locality");
@@ -355,27 +369,32 @@ int main(int argc, char** argv) try {
                         {"hedge_replicas", hedge_replicas},
                         {"hedge_floor", hedge_floor},
                         {"hedge_cost_budget", hedge_cost_budget},
+                        {"replan_slack", replan_slack},
                         {"lookahead", lookahead == 1},
                         {"command", command},
                         {"machine", machine},
                         {"policies", nlohmann::json::array()}};
   std::string md = "| policy | inter-node B/token | saving vs linear | share of oracle's saving | per-phase saving | "
-                   "GPU max/mean (run) | worst window | re-plans (drift) | most moved per re-plan | weights moved | "
-                   "longest re-plan |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
+                   "GPU max/mean (run) | per phase | worst window | re-plans (drift) | most moved per re-plan | "
+                   "weights moved | longest re-plan |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   std::string floor_md = "\n| policy | worst window | its floor | highest window floor | windows above floor + 0.02 "
                          "|\n|---|---|---|---|---|\n";
   for (const auto& r : runs) {
     const auto& res = r.result;
-    std::string phases;
-    nlohmann::json ph = nlohmann::json::array();
-    for (std::size_t p = 0; p < phase_names.size(); ++p) {
-      const double mine = bytes_in(res, phase_start[p], phase_end[p], nullptr);
-      const double base_bytes = bytes_in(runs[0].result, phase_start[p], phase_end[p], nullptr);
-      const double s = base_bytes > 0 ? 1.0 - mine / base_bytes : 0.0;
+    // Per phase (run_online's segments, one per phase start): bytes against linear's in the same
+    // steps, and the phase's own GPU max/mean (rows summed over the phase).
+    std::string phases, phase_balance;
+    nlohmann::json ph = nlohmann::json::array(), pb = nlohmann::json::array();
+    for (std::size_t p = 0; p < res.segments.size(); ++p) {
+      const double base_bytes = runs[0].result.segments[p].inter_node_bytes;
+      const double s = base_bytes > 0 ? 1.0 - res.segments[p].inter_node_bytes / base_bytes : 0.0;
       ph.push_back(s);
-      char b[32];
+      pb.push_back(res.segments[p].gpu_imbalance);
+      char b[48];
       std::snprintf(b, sizeof b, "%s%.1f%%", p ? " / " : "", 100 * s);
       phases += b;
+      std::snprintf(b, sizeof b, "%s%.3f", p ? " / " : "", res.segments[p].gpu_imbalance);
+      phase_balance += b;
     }
     std::size_t drifted = 0;
     for (const auto& e : res.replans)
@@ -419,6 +438,7 @@ int main(int argc, char** argv) try {
                                {"saving_vs_linear", saving(r)},
                                {"share_of_oracle_saving", saving(r) / oracle_saving},
                                {"phase_saving", ph},
+                               {"phase_gpu_imbalance", pb},
                                {"gpu_imbalance_aggregate", res.gpu_imbalance_aggregate},
                                {"worst_window_imbalance", res.worst_window_imbalance},
                                {"replans", res.replans.size()},
@@ -430,10 +450,11 @@ int main(int argc, char** argv) try {
                                {"events", ev}});
     char line[640];
     std::snprintf(line, sizeof line,
-                  "| %s | %.0f | %.1f%% | %.2f | %s | %.3f | %.3f | %zu (%zu) | %.1f%% | %.2f GB | %.3f s |\n",
+                  "| %s | %.0f | %.1f%% | %.2f | %s | %.3f | %s | %.3f | %zu (%zu) | %.1f%% | %.2f GB | %.3f s |\n",
                   r.name.c_str(), res.inter_node_bytes_per_token, 100 * saving(r), saving(r) / oracle_saving,
-                  phases.c_str(), res.gpu_imbalance_aggregate, res.worst_window_imbalance, res.replans.size(), drifted,
-                  100 * res.max_moved_share, static_cast<double>(res.bytes_moved) / 1e9, r.plan_seconds_max);
+                  phases.c_str(), res.gpu_imbalance_aggregate, phase_balance.c_str(), res.worst_window_imbalance,
+                  res.replans.size(), drifted, 100 * res.max_moved_share, static_cast<double>(res.bytes_moved) / 1e9,
+                  r.plan_seconds_max);
     md += line;
   }
   const auto& ad = runs[3].result;
@@ -446,10 +467,35 @@ int main(int argc, char** argv) try {
                 ad.worst_window_imbalance <= 1.15 ? "met" : "MISSED", 100 * ad.max_moved_share,
                 ad.max_moved_share <= 0.10 + 1e-12 ? "met" : "MISSED");
   md += verdict;
+  if (!unseen_domain.empty()) {
+    // The leave-one-domain-out targets, read on the unseen domain's phase: its balance against
+    // linear's on the same steps, its bytes against linear's.
+    const auto p = static_cast<std::size_t>(std::find(phase_names.begin(), phase_names.end(), unseen_domain) -
+                                            phase_names.begin());
+    const auto phase_of = [&](const policy_run& r) { return r.result.segments[p]; };
+    const double lin_imb = phase_of(runs[0]).gpu_imbalance, lin_bytes = phase_of(runs[0]).inter_node_bytes;
+    std::string u = "\nUnseen domain " + unseen_domain + " (phase " + std::to_string(p + 1) +
+                    ", no training request of it): its phase's GPU max/mean and saving vs linear (" +
+                    std::to_string(lin_imb).substr(0, 5) + "):";
+    nlohmann::json uj = nlohmann::json::object();
+    for (const std::size_t i : {std::size_t{1}, std::size_t{2}, std::size_t{3}, runs.size() - 1}) {
+      const auto seg = phase_of(runs[i]);
+      const double sv = lin_bytes > 0 ? 1 - seg.inter_node_bytes / lin_bytes : 0.0;
+      char b[192];
+      std::snprintf(b, sizeof b, "%s %s %.3f (%s linear's), %.1f%%", i == 1 ? "" : ";", runs[i].name.c_str(),
+                    seg.gpu_imbalance, seg.gpu_imbalance <= lin_imb ? "at or under" : "ABOVE", 100 * sv);
+      u += b;
+      uj[runs[i].name] = {{"gpu_imbalance", seg.gpu_imbalance}, {"saving_vs_linear", sv}};
+    }
+    md += u + ".\n";
+    uj["linear"] = {{"gpu_imbalance", lin_imb}};
+    doc["unseen_phase"] = uj;
+  }
   if (balance_floor == 1)
     md += "\nBalance floor per window (placement::min_max_split over the maps in service, mean over layers): a "
           "window near its floor is plan-limited.\n" +
           floor_md;
+  doc["unseen_domain"] = unseen_domain.empty() ? nlohmann::json(nullptr) : nlohmann::json(unseen_domain);
   doc["targets"] = {{"share_of_oracle_saving", keep_share},
                     {"worst_window_imbalance", ad.worst_window_imbalance},
                     {"max_moved_share", ad.max_moved_share}};
@@ -516,10 +562,11 @@ int main(int argc, char** argv) try {
                 "# Plans under a moving request mix (ESFT, 4 × 2, %s)\n\nThe ESFT test split (seed %llu) drawn per "
                 "domain into phases (%zu decode tokens each, in the order given, %.0f%% of a phase's requests from its "
                 "domain and the rest from the others; a phase's requests queue at its start, up to %zu run per GPU), "
-                "the workload-aware grouping fitted on the training split. %zu steps, "
+                "the workload-aware grouping fitted on the training split%s. %zu steps, "
                 "%llu decode tokens; phases start at steps",
                 cost::to_string(transport), static_cast<unsigned long long>(seed),
                 static_cast<std::size_t>(phase_tokens), 100 * phase_share, static_cast<std::size_t>(batch),
+                unseen_domain.empty() ? "" : (" without its " + unseen_domain + " requests (as every plan)").c_str(),
                 sched.steps(), static_cast<unsigned long long>(runs[0].result.decode_tokens));
   std::string text = head;
   for (std::size_t p = 0; p < phase_names.size(); ++p)
@@ -529,11 +576,12 @@ int main(int argc, char** argv) try {
                 ". Re-plans: EPLB every %zu steps from the last %zu (vLLM's 3000 / 1000 scaled to the trace); locus "
                 "adaptive at the same interval from the last %zu, also early when the drift check (every %zu steps) "
                 "fires, moving at most %zu of %zu expert "
-                "slots (%.0f%%) per re-plan; the oracle re-plans at each phase start from that phase's own traffic. "
+                "slots (%.0f%%) per re-plan and holding every GPU within %.2f × the window's mean load; the oracle "
+                "re-plans at each phase start from that phase's own traffic. "
                 "Reported windows of %zu decode tokens. An expert is %.1f MB.",
                 static_cast<std::size_t>(interval), static_cast<std::size_t>(window),
                 static_cast<std::size_t>(adaptive_window), static_cast<std::size_t>(drift_every), budget, slots,
-                100 * budget_share, base.report_tokens, static_cast<double>(expert_bytes) / 1e6);
+                100 * budget_share, 1 + replan_slack, base.report_tokens, static_cast<double>(expert_bytes) / 1e6);
   text += mid;
   if (lookahead == 1)
     text += " The look-ahead rows are bounds, not policies: from step 0 and every " + std::to_string(window) +

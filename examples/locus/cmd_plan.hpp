@@ -338,6 +338,7 @@ inline void register_simulate(CLI::App& app) {
     // On-line re-planning (cost/online_replan.hpp): off unless an interval or a drift period is set.
     std::size_t replan_every = 0, replan_window = 0, drift_every = 0;
     double replan_budget = 0.10;
+    double replan_slack = locus::placement::token_refine_options{}.replan_slack;
     std::uint64_t expert_bytes = 3ull * 2048 * 1408 * 2;
   };
   auto split = std::make_shared<split_options>();
@@ -379,6 +380,9 @@ inline void register_simulate(CLI::App& app) {
   cmd->add_option("--replan-window", opt->replan_window, "Steps of traffic a re-plan sees (0: the interval)");
   cmd->add_option("--replan-budget", opt->replan_budget, "Share of the expert slots one re-plan may move")
       ->check(tool_cli::number_in(0, 1));
+  cmd->add_option("--replan-slack", opt->replan_slack,
+                  "A re-plan keeps every GPU within (1 + this) x the window's mean load, repairing those above first")
+      ->check(tool_cli::finite_non_negative);
   cmd->add_option("--drift-every", opt->drift_every, "Steps between drift checks that re-plan early (0: none)");
   cmd->add_option("--expert-bytes", opt->expert_bytes, "Weight bytes of one expert (moved bytes)")
       ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 40));
@@ -494,6 +498,7 @@ inline void register_simulate(CLI::App& app) {
       locus::placement::activation_plan_options popt;
       popt.refine.count(transport == locus::cost::transport_kind::flat ? locus::placement::copy_count::flat
                                                                        : locus::placement::copy_count::hierarchical);
+      popt.refine.replan_slack = opt->replan_slack;
       const std::size_t tokens = popt.refine_sample_tokens(test.layers(), test.top_k());
       // The training sample needs the grouping (the node of each request); without one the
       // re-plans see the window alone.

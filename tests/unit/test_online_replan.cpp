@@ -330,3 +330,167 @@ BOOST_AUTO_TEST_CASE(window_floor_equals_the_balance_of_single_copy_maps) {
     BOOST_TEST(w.balance_floor <= w.gpu_imbalance + 1e-9);
   }
 }
+
+// Segments (e.g. one per phase) partition the steps from their first start: their tokens and bytes
+// add up to the run's, one segment from step 0 has the run's balance, and each segment's balance
+// is that of a run over its steps alone under the same maps.
+BOOST_AUTO_TEST_CASE(segments_partition_the_run) {
+  small_replay sr(13);
+  const auto& t = sr.t;
+  const auto& cfg = sr.cfg;
+  const auto& maps = sr.maps;
+  grouper::round_robin g;
+  const auto s = cost::record_schedule(t, maps, g, cfg);
+  BOOST_REQUIRE(s.steps() > 10u);
+  const auto keep = [](const std::vector<expert_map>& m, std::size_t, std::size_t) { return m; };
+  cost::online_options opt;
+  opt.segment_starts = {0};
+  const auto whole = cost::run_online(t, s, maps, cfg, opt, keep);
+  BOOST_REQUIRE(whole.segments.size() == 1u);
+  BOOST_TEST(whole.segments[0].steps == s.steps());
+  BOOST_TEST(whole.segments[0].tokens == whole.decode_tokens);
+  BOOST_TEST(whole.segments[0].gpu_imbalance == whole.gpu_imbalance_aggregate, boost::test_tools::tolerance(1e-12));
+  BOOST_TEST(whole.segments[0].inter_node_bytes ==
+                 whole.inter_node_bytes_per_token * static_cast<double>(whole.decode_tokens),
+             boost::test_tools::tolerance(1e-9));
+
+  const std::size_t a = 3, b = s.steps() / 2;
+  opt.segment_starts = {a, b};
+  const auto split = cost::run_online(t, s, maps, cfg, opt, keep);
+  BOOST_REQUIRE(split.segments.size() == 2u);
+  BOOST_TEST(split.segments[0].first_step == a);
+  BOOST_TEST(split.segments[0].steps == b - a);
+  BOOST_TEST(split.segments[1].steps == s.steps() - b);
+  // The second segment alone: the same steps as a schedule of their own.
+  cost::decode_schedule tail;
+  for (std::size_t st = b; st < s.steps(); ++st) {
+    for (const auto tok : s.step_tokens(st))
+      tail.tokens.push_back(tok);
+    for (const auto src : s.step_sources(st))
+      tail.sources.push_back(src);
+    tail.step_begin.push_back(tail.tokens.size());
+  }
+  cost::online_options plain;
+  const auto alone = cost::run_online(t, tail, maps, cfg, plain, keep);
+  BOOST_TEST(split.segments[1].tokens == alone.decode_tokens);
+  BOOST_TEST(split.segments[1].gpu_imbalance == alone.gpu_imbalance_aggregate, boost::test_tools::tolerance(1e-12));
+  BOOST_TEST(split.segments[1].inter_node_bytes ==
+                 alone.inter_node_bytes_per_token * static_cast<double>(alone.decode_tokens),
+             boost::test_tools::tolerance(1e-9));
+
+  for (const auto& bad :
+       {std::vector<std::size_t>{4, 4}, std::vector<std::size_t>{5, 2}, std::vector<std::size_t>{s.steps()}}) {
+    cost::online_options o;
+    o.segment_starts = bad;
+    BOOST_CHECK_THROW(cost::run_online(t, s, maps, cfg, o, keep), config_error);
+  }
+}
+
+namespace {
+
+// Rows per rank of one layer's sample on a map without replicas.
+std::vector<double> rank_rows(const expert_map& m, const placement::token_sample& s, std::size_t layer) {
+  std::vector<double> rows(m.ranks(), 0.0);
+  for (const auto e : s.ids[layer])
+    rows[static_cast<std::size_t>(m.replicas(e)[0].rank)] += 1;
+  return rows;
+}
+
+} // namespace
+
+// Under a budget every swap moves weights: a repair must lower the busiest GPU by at least half of
+// what the best single swap would (brute force over all swaps), not by whatever saves most copies.
+BOOST_AUTO_TEST_CASE(a_repair_swap_takes_at_least_half_the_best_drop) {
+  std::mt19937 rng(21);
+  int repaired = 0;
+  for (int instance = 0; instance < 60; ++instance) {
+    const dynamic_topology topo(2 + rng() % 3, 1 + rng() % 2);
+    const std::size_t ranks = topo.ranks(), experts = ranks * (3 + rng() % 3);
+    std::vector<expert_map> maps{random_map(rng, experts, ranks, experts / ranks, 0)};
+    auto sample = random_sample(rng, experts, 2, 1, 200 + rng() % 300, topo.nodes());
+    // Heat the experts of one rank: extra tokens that use two of them.
+    const std::size_t hot = rng() % ranks;
+    std::vector<std::uint16_t> on_hot;
+    for (std::size_t e = 0; e < experts; ++e)
+      if (static_cast<std::size_t>(maps[0].replicas(static_cast<expert_id>(e))[0].rank) == hot)
+        on_hot.push_back(static_cast<std::uint16_t>(e));
+    const std::size_t extra = sample.tokens() / 2;
+    for (std::size_t i = 0; i < extra; ++i) {
+      const std::size_t x = rng() % on_hot.size(), y = (x + 1 + rng() % (on_hot.size() - 1)) % on_hot.size();
+      sample.ids[0].push_back(on_hot[x]);
+      sample.ids[0].push_back(on_hot[y]);
+      sample.home.push_back(static_cast<std::uint32_t>(rng() % topo.nodes()));
+    }
+    const auto before = rank_rows(maps[0], sample, 0);
+    const double peak = *std::max_element(before.begin(), before.end());
+    const std::size_t over = static_cast<std::size_t>(std::max_element(before.begin(), before.end()) - before.begin());
+    double total = 0;
+    for (const double x : before)
+      total += x;
+    placement::token_refine_options opt;
+    // The re-plan's bound (at least two standard errors of a rank's sampled load): a repair only above it.
+    const double per_rank = static_cast<double>(sample.ids[0].size()) / static_cast<double>(ranks);
+    const double slack = std::max({opt.balance_slack, opt.replan_slack, 2 / std::sqrt(per_rank)});
+    if (peak <= (1 + slack) * total / static_cast<double>(ranks) * 1.02) continue;
+    std::vector<double> rows(experts, 0.0);
+    for (const auto e : sample.ids[0])
+      rows[e] += 1;
+    double best = 0; // the most one swap of an expert on `over` lowers max(over, partner)
+    for (std::size_t e = 0; e < experts; ++e) {
+      if (static_cast<std::size_t>(maps[0].replicas(static_cast<expert_id>(e))[0].rank) != over) continue;
+      for (std::size_t f = 0; f < experts; ++f) {
+        const auto b = static_cast<std::size_t>(maps[0].replicas(static_cast<expert_id>(f))[0].rank);
+        if (b == over) continue;
+        const double d = rows[f] - rows[e];
+        best = std::max(best, peak - std::max(peak + d, before[b] - d));
+      }
+    }
+    const auto r = placement::replan_by_tokens(maps, sample, topo, opt, 2, 1);
+    BOOST_REQUIRE(r.swaps == 1u);
+    const auto after = rank_rows(r.maps[0], sample, 0);
+    double changed_peak = 0; // the larger of the two swapped ranks' loads after the swap
+    for (std::size_t q = 0; q < ranks; ++q)
+      if (after[q] != before[q]) changed_peak = std::max(changed_peak, after[q]);
+    BOOST_TEST_CONTEXT("instance " << instance) {
+      BOOST_TEST(after[over] < before[over]);
+      BOOST_TEST(peak - changed_peak >= 0.5 * best - 1e-9);
+    }
+    ++repaired;
+  }
+  BOOST_TEST(repaired >= 20);
+}
+
+// A re-plan never leaves a GPU above the larger of its own bound and the peak it started from.
+BOOST_AUTO_TEST_CASE(a_replan_holds_its_load_bound) {
+  std::mt19937 rng(23);
+  for (int instance = 0; instance < 40; ++instance) {
+    const dynamic_topology topo(2 + rng() % 3, 1 + rng() % 3);
+    const std::size_t ranks = topo.ranks(), experts = ranks * (2 + rng() % 4), layers = 1 + rng() % 3;
+    std::vector<expert_map> maps;
+    for (std::size_t l = 0; l < layers; ++l)
+      maps.push_back(random_map(rng, experts, ranks, experts / ranks, 0));
+    const auto sample = random_sample(rng, experts, 2, layers, 100 + rng() % 400, topo.nodes());
+    placement::token_refine_options opt;
+    opt.replan_slack = 0.02 * static_cast<double>(rng() % 8);
+    const auto r = placement::replan_by_tokens(maps, sample, topo, opt, 4 + rng() % 20, 1);
+    const double per_rank = static_cast<double>(sample.tokens() * 2) / static_cast<double>(ranks);
+    const double slack = std::max({opt.balance_slack, opt.replan_slack, 2 / std::sqrt(per_rank)});
+    for (std::size_t l = 0; l < layers; ++l) {
+      const auto before = rank_rows(maps[l], sample, l), after = rank_rows(r.maps[l], sample, l);
+      double total = 0;
+      for (const double x : before)
+        total += x;
+      const double bound =
+          std::max(*std::max_element(before.begin(), before.end()), (1 + slack) * total / static_cast<double>(ranks));
+      BOOST_TEST_CONTEXT("instance " << instance << " layer " << l) {
+        BOOST_TEST(*std::max_element(after.begin(), after.end()) <= bound + 1e-9);
+      }
+    }
+  }
+  placement::token_refine_options bad;
+  bad.replan_slack = -0.1;
+  std::vector<expert_map> one{random_map(rng, 8, 4, 2, 0)};
+  BOOST_CHECK_THROW(
+      placement::replan_by_tokens(one, random_sample(rng, 8, 2, 1, 50, 2), dynamic_topology(2, 2), bad, 2, 1),
+      config_error);
+}

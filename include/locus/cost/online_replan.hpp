@@ -10,7 +10,8 @@
 //! both a floor and `drift_ratio` × the window's own noise (the same distance between its even
 //! and its odd steps; halves in time would differ by the drift itself), so that stationary
 //! traffic, whose windows differ only by sampling, keeps it quiet at any window size. Every re-plan reports the slots
-//! whose weights changed and their bytes.
+//! whose weights changed and their bytes; reported windows (a fixed count of tokens each) and the
+//! caller's segments (e.g. one per phase of a workload) give bytes and balance over time.
 
 #include <algorithm>
 #include <cmath>
@@ -197,6 +198,9 @@ struct online_options {
   std::uint64_t expert_bytes = 0; //!< weight bytes of one expert (moved bytes = moved × this)
   //! Also each window's balance floor (placement::min_max_split over the maps in service).
   bool balance_floor = false;
+  //! Steps where a reported segment starts (ascending, each below the schedule's length; a segment
+  //! runs to the next start or the end): online_result::segments, e.g. one per phase of a workload.
+  std::vector<std::size_t> segment_starts;
 };
 
 //! Why a re-plan happened.
@@ -227,8 +231,17 @@ struct online_window {
   double balance_floor = 0;
 };
 
+//! One segment of online_options::segment_starts: its traffic under the maps each step had.
+struct online_segment {
+  std::size_t first_step = 0, steps = 0;
+  std::uint64_t tokens = 0;
+  double inter_node_bytes = 0;
+  double gpu_imbalance = 1; //!< per layer max/mean of rank rows summed over the segment, mean over layers
+};
+
 struct online_result {
   std::vector<online_window> windows;
+  std::vector<online_segment> segments; //!< one per online_options::segment_starts
   std::vector<replan_event> replans;
   std::uint64_t decode_tokens = 0;
   double inter_node_bytes_per_token = 0;
@@ -257,6 +270,11 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
   // The schedule is walked once in order: a step listed after a later one was skipped without a word.
   LOCUS_REQUIRE(std::is_sorted(opt.plan_at.begin(), opt.plan_at.end()), config_error,
                 "run_online: plan_at is not in ascending order");
+  // A segment must own at least one step: equal or late starts would report nothing for it.
+  LOCUS_REQUIRE(std::adjacent_find(opt.segment_starts.begin(), opt.segment_starts.end(),
+                                   [](std::size_t a, std::size_t b) { return a >= b; }) == opt.segment_starts.end() &&
+                    (opt.segment_starts.empty() || opt.segment_starts.back() < s.steps()),
+                config_error, "run_online: segment_starts must be strictly ascending steps below ", s.steps());
   // A NaN passes no comparison: the drift check never fired.
   LOCUS_REQUIRE(std::isfinite(opt.drift_ratio) && opt.drift_ratio >= 0 && std::isfinite(opt.drift_floor) &&
                     opt.drift_floor >= 0,
@@ -273,7 +291,18 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
   const std::size_t network = static_cast<std::size_t>(link_class::inter_node);
   const double bytes_per_copy = static_cast<double>(cfg.sizes.dispatch_bytes + cfg.sizes.combine_bytes);
   online_result out;
-  std::vector<layer_traffic> total(layers, layer_traffic(ranks)), win(layers, layer_traffic(ranks));
+  std::vector<layer_traffic> total(layers, layer_traffic(ranks)), win(layers, layer_traffic(ranks)),
+      seg_rows(layers, layer_traffic(ranks));
+  std::size_t next_segment = 0;
+  const auto close_segment = [&] {
+    if (out.segments.empty()) return;
+    double imb = 0;
+    for (auto& x : seg_rows) {
+      imb += x.load_imbalance();
+      x.clear();
+    }
+    out.segments.back().gpu_imbalance = imb / static_cast<double>(layers);
+  };
   layer_traffic step(ranks);
   online_window current{};
   load_profile reference;
@@ -383,11 +412,21 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
       if (opt.drift_every && st > first) reference = load_profile::of(t, s, first, st, topo);
     }
     // The step itself.
+    if (next_segment < opt.segment_starts.size() && opt.segment_starts[next_segment] == st) {
+      close_segment();
+      out.segments.push_back({st, 0, 0, 0, 1});
+      ++next_segment;
+    }
+    const bool in_segment = next_segment > 0;
     if (current.steps == 0) current.first_step = st;
     const auto tokens = s.step_tokens(st);
     const auto sources = s.step_sources(st);
     ++current.steps;
     current.tokens += tokens.size();
+    if (in_segment) {
+      ++out.segments.back().steps;
+      out.segments.back().tokens += tokens.size();
+    }
     out.decode_tokens += tokens.size();
     if (opt.balance_floor && !tokens.empty()) {
       if (new_segment)
@@ -413,10 +452,15 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
       const double b = static_cast<double>(step.copies[network]) * bytes_per_copy;
       bytes += b;
       current.inter_node_bytes += b;
+      if (in_segment) {
+        seg_rows[l] += step;
+        out.segments.back().inter_node_bytes += b;
+      }
     }
     if (current.tokens >= opt.report_tokens) close_window(false);
   }
   if (current.steps > 0) close_window(true);
+  close_segment();
   for (const auto& w : out.windows)
     out.worst_window_imbalance = std::max(out.worst_window_imbalance, w.gpu_imbalance);
   double agg = 0;

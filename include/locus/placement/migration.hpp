@@ -3,7 +3,8 @@
 //! Re-planning the maps in service on a window of recent traffic under a migration budget: at most
 //! `max_moved_experts` slots (summed over layers) receive another expert's weights. Each layer's
 //! token-level state (placement/token_refine.hpp) proposes its best swaps one at a time (load
-//! repairs first, then the largest copy savings of the window's tokens); the budget goes to the
+//! repairs first, of the GPUs above the re-plan's bound, token_refine_options::replan_slack; then
+//! the largest copy savings of the window's tokens within it); the budget goes to the
 //! largest gains over all layers, taking each layer's swaps in the order they were found (a later
 //! swap was scored on the map its predecessors left). Replicas stay where they are. A swap moves
 //! two experts, so the budget holds by construction; the result counts the slots that changed.
@@ -68,8 +69,9 @@ migration_result replan_by_tokens(const std::vector<expert_map>& current, const 
                                   std::uint64_t expert_bytes, std::size_t per_layer_cap = 0) {
   LOCUS_REQUIRE(current.size() == sample.layers(), config_error, "replan_by_tokens: ", current.size(),
                 " maps for a sample of ", sample.layers(), " layers");
-  LOCUS_REQUIRE(opt.balance_slack >= 0 && opt.rank_copy_weight >= 0 && opt.node_copy_weight >= 0, config_error,
-                "replan_by_tokens: negative slack or copy weight");
+  LOCUS_REQUIRE(opt.balance_slack >= 0 && opt.replan_slack >= 0 && std::isfinite(opt.replan_slack) &&
+                    opt.rank_copy_weight >= 0 && opt.node_copy_weight >= 0,
+                config_error, "replan_by_tokens: negative slack or copy weight");
   sample.validate(topo.nodes());
   const std::size_t layers = current.size();
   const std::size_t swaps_total = max_moved_experts / 2;
@@ -77,8 +79,10 @@ migration_result replan_by_tokens(const std::vector<expert_map>& current, const 
   const std::size_t cap = std::min(swaps_total, per_layer_cap ? per_layer_cap : 2 * share + 2);
   auto plain = opt;
   plain.balance_shift = 0;
-  // A window is a small sample: widen the load bound to two standard errors of a rank's sampled
-  // load, so that the budget is not spent on repairing sampling noise.
+  // The re-plan's own load bound (token_refine_options::replan_slack). A window is a small sample:
+  // the bound is at least two standard errors of a rank's sampled load, so that the budget is not
+  // spent on repairing sampling noise.
+  plain.balance_slack = std::max(plain.balance_slack, opt.replan_slack);
   const double per_rank = static_cast<double>(sample.tokens() * sample.top_k) / static_cast<double>(topo.ranks());
   if (per_rank > 0) plain.balance_slack = std::max(plain.balance_slack, 2.0 / std::sqrt(per_rank));
   std::vector<std::vector<typename detail::token_refine::layer_state<Topology>::swap_step>> found(layers);

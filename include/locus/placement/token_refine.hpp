@@ -180,6 +180,12 @@ struct token_refine_options {
   //! re-planner's repair step (best_swaps) until no rank is above it (set by the planner after a
   //! fill under fill_slack).
   bool repair_load_bound = false;
+  //! replan_by_tokens: a re-plan under a migration budget keeps every GPU within (1 + this) × the
+  //! window's mean (repairing those above first), or within balance_slack where that is looser.
+  //! balance_slack's tight bound is for a full plan, which moves every expert freely; held under a
+  //! budget it spends the moves on small repairs, and a re-plan after a shift of the request mix
+  //! then fixes neither its balance nor its bytes (bench/results/robust_planning.md, sections 2 and 9).
+  double replan_slack = 0.10;
 
   //! Sets the copy weights to count what `c` names (1 for each kind counted, 0 otherwise).
   token_refine_options& count(copy_count c) noexcept {
@@ -572,17 +578,27 @@ public:
     bool repair;
   };
 
+  //! A budgeted repair swap lowers the busiest rank by at least this share of the most a swap does:
+  //! each swap moves two experts' weights, and a repair that barely lowers the peak (while saving
+  //! copies) spends the budget without fixing the balance.
+  static constexpr double repair_progress = 0.5;
+
   //! Up to `budget` swaps, each the best one available now (for re-planning under a migration
   //! budget, where the sweeps' expert-order greed would spend the budget on small gains): while
   //! some rank is above the load bound, the swap of one of its experts that lowers the larger of
-  //! the two ranks' loads at the least copy cost; then the balanced swap that saves the most copies
+  //! the two ranks' loads at the least copy cost, among the swaps that lower it by at least half
+  //! the most any swap does (repair_progress); then the balanced swap that saves the most copies
   //! (in both, partners ranked by the sum of the two move gains, the best few checked exactly).
-  //! Appends every swap to `done`. With `repairs_only`, stops once no repair is left.
+  //! Appends every swap to `done`. With `repairs_only` (the planner's repair to the bound, where
+  //! swaps move no weights yet), stops once no repair is left, and a repair is the cheapest swap
+  //! that lowers the peak at all.
   void best_swaps(std::size_t budget, std::vector<swap_step>& done, bool repairs_only = false) {
     const std::size_t experts = rank_of_.size();
     std::vector<double> gains(experts * ranks_, 0.0);
     std::vector<std::uint8_t> dirty(experts, 1);
     std::vector<std::pair<double, std::uint64_t>> cand;
+    std::vector<double> drops; // per repair candidate: how much it lowers the busiest rank
+    const double progress = repairs_only ? 0.0 : repair_progress;
     const std::size_t check = std::max<std::size_t>(8, 4 * opt_.candidates);
     const auto refresh = [&] {
       for (std::size_t e = 0; e < experts; ++e)
@@ -595,20 +611,30 @@ public:
     for (std::size_t made = 0; made < budget; ++made) {
       const auto over = static_cast<std::size_t>(std::max_element(load_.begin(), load_.end()) - load_.begin());
       if (load_[over] > cap_ + 1e-9) {
-        // Swaps that lower the larger of the two loads, ranked by the move gains' estimate of the
-        // copies they save (rows as last computed: a repair run does not refresh them), the least
-        // exact cost among the best few (an exact cost for every pair would dominate the time).
+        // Swaps that lower the larger of the two loads by at least `progress` of the most any
+        // swap lowers it, ranked by the move gains' estimate of the copies they save (rows as
+        // last computed: a repair run does not refresh them), the least exact cost among the best
+        // few (an exact cost for every pair would dominate the time).
         cand.clear();
+        drops.clear();
+        double most = 0;
         for (std::size_t e = 0; e < experts; ++e) {
           if (rank_of_[e] != static_cast<std::int32_t>(over)) continue;
           for (std::size_t f = 0; f < experts; ++f) {
             if (rank_of_[f] < 0 || rank_of_[f] == rank_of_[e]) continue;
             const auto b = static_cast<std::size_t>(rank_of_[f]);
             const double d = static_cast<double>(tok_of_[f].size()) - static_cast<double>(tok_of_[e].size());
-            if (std::max(load_[over] + d, load_[b] - d) >= load_[over] - 1e-9) continue;
+            const double drop = load_[over] - std::max(load_[over] + d, load_[b] - d);
+            if (drop <= 1e-9) continue;
+            most = std::max(most, drop);
+            drops.push_back(drop);
             cand.emplace_back(gains[e * ranks_ + b] + gains[f * ranks_ + over], e * experts + f);
           }
         }
+        std::size_t kept = 0;
+        for (std::size_t i = 0; i < cand.size(); ++i)
+          if (drops[i] >= progress * most) cand[kept++] = cand[i];
+        cand.resize(kept);
         const std::size_t keep = std::min(cand.size(), check);
         std::partial_sort(cand.begin(), cand.begin() + static_cast<std::ptrdiff_t>(keep), cand.end(),
                           [](const auto& x, const auto& y) {
