@@ -105,7 +105,9 @@ struct plan_options {
     cmd->add_option("--placement", placement, "Planner: linear, round_robin, eplb, activation_usage, locality")
         ->check(CLI::IsMember(locus::placement::planner_names()));
     cmd->add_option("--redundant-slots", redundant_slots,
-                    "Replica slots per GPU (a GPU holds each expert at most once: at most experts - experts / GPUs)");
+                    "Replica slots per GPU, at most experts - experts / GPUs (more slots than experts would hold a "
+                    "second copy on one GPU); the locality planner puts each expert on a GPU at most once, eplb packs "
+                    "replicas as DeepSeek's EPLB does and may put two of one expert on a GPU");
     cmd->add_option("--eplb-groups", eplb_groups, "Expert groups for eplb")->check(tool_cli::positive_whole);
     cmd->add_option("--clusters", clusters, "Request clusters of the workload-aware model")
         ->check(tool_cli::positive_whole);
@@ -313,10 +315,11 @@ inline void register_plan(CLI::App& app) {
                 {"hedge_copies", planned.hedge_copies},
                 {"grouping", planned.model ? nlohmann::json(grouping_path) : nlohmann::json(nullptr)}});
     if (json_to_stdout(*json)) return;
-    std::printf("%s: %s placement, %zu layers, %zu experts on %zu x %zu ranks, %zu slots per rank (fitted on %zu "
+    std::printf("%s: %s placement, %zu layers, %zu experts on %zu x %zu ranks, %zu slot%s per rank (fitted on %zu "
                 "requests)%s%s\n",
                 out->c_str(), plan->placement.c_str(), maps.size(), maps.front().experts(), split->nodes,
-                split->gpus_per_node, maps.front().slots_per_rank(), train.requests(),
+                split->gpus_per_node, maps.front().slots_per_rank(), maps.front().slots_per_rank() == 1 ? "" : "s",
+                train.requests(),
                 planned.model ? "; grouping model in " : "", planned.model ? grouping_path.c_str() : "");
     if (replicas > 0)
       std::printf("%zu replicas over the layers, %zu of them balance hedges%s\n", replicas, planned.hedge_copies,
