@@ -319,8 +319,8 @@ inline void register_plan(CLI::App& app) {
                 "requests)%s%s\n",
                 out->c_str(), plan->placement.c_str(), maps.size(), maps.front().experts(), split->nodes,
                 split->gpus_per_node, maps.front().slots_per_rank(), maps.front().slots_per_rank() == 1 ? "" : "s",
-                train.requests(),
-                planned.model ? "; grouping model in " : "", planned.model ? grouping_path.c_str() : "");
+                train.requests(), planned.model ? "; grouping model in " : "",
+                planned.model ? grouping_path.c_str() : "");
     if (replicas > 0)
       std::printf("%zu replicas over the layers, %zu of them balance hedges%s\n", replicas, planned.hedge_copies,
                   planned.hedge_copies > 0 ? " (--hedge-replicas 0 for none)" : "");
