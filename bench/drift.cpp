@@ -91,8 +91,9 @@ int main(int argc, char** argv) try {
       ->default_str("--interval");
   app.add_option("--drift-every", drift_every, "Steps between drift checks (0: none)");
   app.add_option("--replan-slack", replan_slack,
-                 "An adaptive re-plan keeps every GPU within (1 + this) x the window's mean load, repairing those "
-                 "above first")
+                 "A budgeted re-plan's load bound (locus adaptive, the same-budget look-ahead): it first repairs the "
+                 "GPUs above (1 + this) x the window's mean load, as far as its budget allows, and no swap raises a "
+                 "GPU above it")
       ->check(tool_cli::finite_non_negative);
   app.add_option("--budget-share", budget_share, "Share of the slots an adaptive re-plan may move")
       ->check(tool_cli::positive);
@@ -121,7 +122,7 @@ int main(int argc, char** argv) try {
       ->check(CLI::Range(0, 1));
   app.add_option("--unseen-domain", unseen_domain,
                  "Fit every plan, the grouping and adaptive's prior without this domain's training requests (one "
-                 "of --phases)")
+                 "of --phases; none: every domain trained)")
       ->default_str("none");
   app.add_option("--deepseek", deepseek, "Time one re-plan at DeepSeek-V3 shape (0|1)")->check(CLI::Range(0, 1));
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
@@ -141,9 +142,14 @@ int main(int argc, char** argv) try {
   // A phase whose domain the trace lacks is said before minutes of planning, with the domains it has.
   for (const auto& name : phase_names)
     static_cast<void>(full.domain_index(name, "--phases"));
-  LOCUS_REQUIRE(unseen_domain.empty() ||
-                    std::find(phase_names.begin(), phase_names.end(), unseen_domain) != phase_names.end(),
-                config_error, "--unseen-domain ", unseen_domain, " is not one of --phases: its traffic would not run");
+  if (unseen_domain == "none") unseen_domain.clear(); // the default --help shows
+  if (!unseen_domain.empty() && std::find(phase_names.begin(), phase_names.end(), unseen_domain) == phase_names.end()) {
+    std::string list;
+    for (const auto& name : phase_names)
+      list += (list.empty() ? "" : ", ") + name;
+    LOCUS_THROW(config_error, "--unseen-domain ", unseen_domain, " is not one of --phases (", list,
+                "): its traffic would not run");
+  }
   const auto [whole_train, test] = trace::split_by_request(full, 0.5, seed);
   // The plans' view of the past: the training split, less the unseen domain's requests.
   const auto train = [&] {
@@ -474,9 +480,11 @@ int main(int argc, char** argv) try {
                                             phase_names.begin());
     const auto phase_of = [&](const policy_run& r) { return r.result.segments[p]; };
     const double lin_imb = phase_of(runs[0]).gpu_imbalance, lin_bytes = phase_of(runs[0]).inter_node_bytes;
+    char lin_text[32];
+    std::snprintf(lin_text, sizeof lin_text, "%.3f", lin_imb); // as the table rounds it
     std::string u = "\nUnseen domain " + unseen_domain + " (phase " + std::to_string(p + 1) +
-                    ", no training request of it): its phase's GPU max/mean and saving vs linear (" +
-                    std::to_string(lin_imb).substr(0, 5) + "):";
+                    ", no training request of it): its phase's GPU max/mean (linear's: " + lin_text +
+                    ") and inter-node byte saving vs linear:";
     nlohmann::json uj = nlohmann::json::object();
     for (const std::size_t i : {std::size_t{1}, std::size_t{2}, std::size_t{3}, runs.size() - 1}) {
       const auto seg = phase_of(runs[i]);
@@ -561,11 +569,13 @@ int main(int argc, char** argv) try {
   std::snprintf(head, sizeof head,
                 "# Plans under a moving request mix (ESFT, 4 × 2, %s)\n\nThe ESFT test split (seed %llu) drawn per "
                 "domain into phases (%zu decode tokens each, in the order given, %.0f%% of a phase's requests from its "
-                "domain and the rest from the others; a phase's requests queue at its start, up to %zu run per GPU), "
+                "domain%s; a phase's requests queue at its start, up to %zu run per GPU), "
                 "the workload-aware grouping fitted on the training split%s. %zu steps, "
                 "%llu decode tokens; phases start at steps",
                 cost::to_string(transport), static_cast<unsigned long long>(seed),
-                static_cast<std::size_t>(phase_tokens), 100 * phase_share, static_cast<std::size_t>(batch),
+                static_cast<std::size_t>(phase_tokens), 100 * phase_share,
+                phase_share < 1 && phase_names.size() > 1 ? " and the rest from the others" : "",
+                static_cast<std::size_t>(batch),
                 unseen_domain.empty() ? "" : (" without its " + unseen_domain + " requests (as every plan)").c_str(),
                 sched.steps(), static_cast<unsigned long long>(runs[0].result.decode_tokens));
   std::string text = head;
@@ -576,7 +586,7 @@ int main(int argc, char** argv) try {
                 ". Re-plans: EPLB every %zu steps from the last %zu (vLLM's 3000 / 1000 scaled to the trace); locus "
                 "adaptive at the same interval from the last %zu, also early when the drift check (every %zu steps) "
                 "fires, moving at most %zu of %zu expert "
-                "slots (%.0f%%) per re-plan and holding every GPU within %.2f × the window's mean load; the oracle "
+                "slots (%.0f%%) per re-plan, repairing first the GPUs above %.2f × the window's mean load; the oracle "
                 "re-plans at each phase start from that phase's own traffic. "
                 "Reported windows of %zu decode tokens. An expert is %.1f MB.",
                 static_cast<std::size_t>(interval), static_cast<std::size_t>(window),
@@ -587,6 +597,10 @@ int main(int argc, char** argv) try {
     text += " The look-ahead rows are bounds, not policies: from step 0 and every " + std::to_string(window) +
             " steps they re-plan on the traffic of the next " + std::to_string(window) +
             " steps (what a perfect predictor would see): locus under the same budget, EPLB with none.";
+  text += " Columns: inter-node bytes per decode token, and their saving against linear's on the same steps "
+          "(over the run, and per phase in the order above); GPU max/mean: per layer, the busiest GPU's rows over the "
+          "mean, mean over layers, with rows summed over the run, over each phase (per phase) and over each reported "
+          "window (the worst); re-plans, of them fired by the drift check in brackets.";
   text += "\n\n" + md + ds;
   char tail[256];
   std::snprintf(tail, sizeof tail, "\n%.0f s. Plot: `/usr/bin/python3 bench/plot_drift.py DIR`.\n", seconds);

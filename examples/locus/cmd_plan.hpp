@@ -384,7 +384,8 @@ inline void register_simulate(CLI::App& app) {
   cmd->add_option("--replan-budget", opt->replan_budget, "Share of the expert slots one re-plan may move")
       ->check(tool_cli::number_in(0, 1));
   cmd->add_option("--replan-slack", opt->replan_slack,
-                  "A re-plan keeps every GPU within (1 + this) x the window's mean load, repairing those above first")
+                  "A re-plan's load bound: it first repairs the GPUs above (1 + this) x the window's mean load, as far "
+                  "as its budget allows, and no swap raises a GPU above it")
       ->check(tool_cli::finite_non_negative);
   cmd->add_option("--drift-every", opt->drift_every, "Steps between drift checks that re-plan early (0: none)");
   cmd->add_option("--expert-bytes", opt->expert_bytes, "Weight bytes of one expert (moved bytes)")
@@ -415,9 +416,10 @@ inline void register_simulate(CLI::App& app) {
                   "--grouping is the workload_aware grouper's model; --grouper ", opt->grouper, " does not use it");
     LOCUS_REQUIRE(opt->replan_every > 0 || opt->drift_every > 0 ||
                       (cmd->count("--replan-window") == 0 && cmd->count("--replan-budget") == 0 &&
-                       cmd->count("--expert-bytes") == 0),
+                       cmd->count("--replan-slack") == 0 && cmd->count("--expert-bytes") == 0),
                   locus::config_error,
-                  "--replan-window, --replan-budget and --expert-bytes apply with --replan-every or --drift-every");
+                  "--replan-window, --replan-budget, --replan-slack and --expert-bytes apply with --replan-every or "
+                  "--drift-every");
     std::vector<std::string> inputs = split->trace_paths;
     inputs.push_back(opt->map_path);
     inputs.push_back(opt->grouping_path);

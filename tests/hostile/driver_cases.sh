@@ -142,6 +142,7 @@ refused 'no decode tokens' simulate --trace "$work/t.bin" --prefill-tokens 10000
 refused 'no decode tokens' compare --trace "$work/t.bin" --prefill-tokens 100000
 refused 'acts before its end' simulate --trace "$work/t.bin" --replan-every 10 --replan-window 18446744073709551615
 refused 'apply with --replan-every' simulate --trace "$work/t.bin" --replan-window 5
+refused 'apply with --replan-every' simulate --trace "$work/t.bin" --replan-slack 0.2
 # What --fit learnt is a result (summary and JSON); with -q nothing reaches stderr.
 ok '"request_sigma"' trace synth --fit "$work/t.bin" --tokens 2000 --out "$work/fit.bin" --json -
 ok '^fitted: request σ' -q trace synth --fit "$work/t.bin" --tokens 2000 --out "$work/fit.bin"

@@ -102,6 +102,11 @@ refused '--phases: the trace has no domain "foo" \(its domains: law, math\)' --t
 check 'drift --phases foo leaves no folder' test ! -e "$work/made_drift"
 refused '--hedge-replicas spends replica slots: it needs --redundant' --trace "$work/esft" --hedge-replicas 4 \
   --out "$work/made_drift/out"
+refused '--unseen-domain foo is not one of --phases \(law, math\)' --trace "$work/esft" --phases law,math \
+  --unseen-domain foo --out "$work/made_drift/out"
+refused '--replan-slack: "nan" is not a finite number >= 0' --trace "$work/esft" --replan-slack nan \
+  --out "$work/made_drift/out"
+check 'drift --unseen-domain foo leaves no folder' test ! -e "$work/made_drift"
 locus=$trace_io
 refused 'need about .* GB of memory' --gb 1e9 --out "$work/made_io/out"
 check 'trace_io removes the folders it made' test ! -e "$work/made_io"

@@ -71,7 +71,8 @@ migration_result replan_by_tokens(const std::vector<expert_map>& current, const 
                 " maps for a sample of ", sample.layers(), " layers");
   LOCUS_REQUIRE(opt.balance_slack >= 0 && opt.replan_slack >= 0 && std::isfinite(opt.replan_slack) &&
                     opt.rank_copy_weight >= 0 && opt.node_copy_weight >= 0,
-                config_error, "replan_by_tokens: negative slack or copy weight");
+                config_error, "replan_by_tokens: negative slack or copy weight, or a replan_slack (", opt.replan_slack,
+                ") that is not a finite number");
   sample.validate(topo.nodes());
   const std::size_t layers = current.size();
   const std::size_t swaps_total = max_moved_experts / 2;

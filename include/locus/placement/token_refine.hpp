@@ -180,8 +180,9 @@ struct token_refine_options {
   //! re-planner's repair step (best_swaps) until no rank is above it (set by the planner after a
   //! fill under fill_slack).
   bool repair_load_bound = false;
-  //! replan_by_tokens: a re-plan under a migration budget keeps every GPU within (1 + this) × the
-  //! window's mean (repairing those above first), or within balance_slack where that is looser.
+  //! replan_by_tokens: the load bound of a re-plan under a migration budget, (1 + this) × the
+  //! window's mean (or balance_slack's where that is looser): it repairs the GPUs above it first, as
+  //! far as the budget allows, and no swap raises a GPU above it.
   //! balance_slack's tight bound is for a full plan, which moves every expert freely; held under a
   //! budget it spends the moves on small repairs, and a re-plan after a shift of the request mix
   //! then fixes neither its balance nor its bytes (bench/results/robust_planning.md, sections 2 and 9).
