@@ -108,6 +108,16 @@ BOOST_AUTO_TEST_CASE(weights_for_a_rank_hold_each_hosted_expert_once) {
     BOOST_TEST(std::equal(a.up, a.up + 96, b.up));
     BOOST_TEST(std::equal(a.down, a.down + 96, b.down));
   }
+  // Read through a const reference: the same weights as the writable spans and the view.
+  const expert_weights<float>& held = r1;
+  for (expert_id e : held.experts()) {
+    const auto v = held.view(e);
+    const std::span<const float> g = held.gate(e), u = held.up(e), d = held.down(e);
+    BOOST_TEST((g.data() == v.gate && u.data() == v.up && d.data() == v.down));
+    BOOST_TEST((g.size() == 96u && u.size() == 96u && d.size() == 96u));
+    BOOST_TEST(g.data() == r1.gate(e).data());
+  }
+  BOOST_CHECK_THROW(held.gate(1), invalid_input_error);
   BOOST_TEST(!r1.contains(1));
   BOOST_CHECK_THROW(r1.view(1), invalid_input_error);
   BOOST_CHECK_THROW(expert_weights<float>::for_rank(map, 2, all), invalid_input_error);

@@ -210,17 +210,23 @@ public:
     return static_cast<std::size_t>(it - experts_.begin());
   }
 
+  //! Expert `e`'s gate, up and down weights (writable; read-only on a const object).
+  //! @throws locus::invalid_input_error when `e` is not held here
   std::span<W> gate(expert_id e) { return {base(e), hidden_ * ffn_}; }
   std::span<W> up(expert_id e) { return {base(e) + hidden_ * ffn_, hidden_ * ffn_}; }
   std::span<W> down(expert_id e) { return {base(e) + 2 * hidden_ * ffn_, hidden_ * ffn_}; }
+  std::span<const W> gate(expert_id e) const { return {base(e), hidden_ * ffn_}; }
+  std::span<const W> up(expert_id e) const { return {base(e) + hidden_ * ffn_, hidden_ * ffn_}; }
+  std::span<const W> down(expert_id e) const { return {base(e) + 2 * hidden_ * ffn_, hidden_ * ffn_}; }
   swiglu_expert_view<W> view(expert_id e) const {
-    const W* b = data_.data() + index_of(e) * per_expert();
+    const W* b = base(e);
     return {b, b + hidden_ * ffn_, b + 2 * hidden_ * ffn_, hidden_, ffn_};
   }
 
 private:
   std::size_t per_expert() const noexcept { return 3 * hidden_ * ffn_; }
   W* base(expert_id e) { return data_.data() + index_of(e) * per_expert(); }
+  const W* base(expert_id e) const { return data_.data() + index_of(e) * per_expert(); }
 
   std::size_t hidden_ = 0;
   std::size_t ffn_ = 0;
