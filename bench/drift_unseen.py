@@ -9,7 +9,6 @@ oracle; and the whole run (the mixed traffic). Writes OUT_DIR/NAME{.json,.md}.
     /usr/bin/python3 bench/drift_unseen.py BUILD_BENCH_DIR OUT_DIR [--seeds 1,2,3]
                      [--domains summary,law,intent] [--name NAME] [-- extra drift options]
 """
-import argparse
 import json
 import os
 import subprocess
@@ -17,37 +16,22 @@ import sys
 import tempfile
 import time
 
+import seed_sweep
+
 POLICIES = [("static", "static locality"), ("adaptive", "locus adaptive"),
             ("adaptive, window only", "locus adaptive, window only"), ("oracle per phase", "oracle per phase")]
 
 
 def main():
-    argv = sys.argv[1:]
-    extra = []
-    if "--" in argv:
-        extra = argv[argv.index("--") + 1:]
-        argv = argv[: argv.index("--")]
-    parser = argparse.ArgumentParser(
-        description="Run drift with each task domain held out of training, per split seed, and tabulate the "
-        "held-out domain's phase; options after -- go to every drift run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("bench_dir", help="the build's bench folder (holds drift)")
-    parser.add_argument("out_dir", help="where NAME.json and NAME.md are written")
-    parser.add_argument("--seeds", default="1,2,3", help="comma-separated split seeds")
-    parser.add_argument("--domains", default="summary,law,intent",
-                        help="the phases, in order; each is held out in turn")
-    parser.add_argument("--name", default="drift_unseen", help="base name of the output files")
-    opts = parser.parse_args(argv)
-    try:
-        seeds = [int(s) for s in opts.seeds.split(",")]
-    except ValueError:
-        parser.error("--seeds takes comma-separated integers, got %r" % opts.seeds)
+    opts, seeds, extra, drift = seed_sweep.parse(
+        sys.argv[1:], "drift",
+        "Run drift with each task domain held out of training, per split seed, and tabulate the held-out domain's "
+        "phase", "1,2,3", "drift_unseen",
+        lambda p: p.add_argument("--domains", default="summary,law,intent",
+                                 help="the phases, in order; each is held out in turn"))
     domains = [d for d in opts.domains.split(",") if d]
     if not domains:
-        parser.error("--domains names no domain")
-    drift = os.path.join(opts.bench_dir, "drift")
-    if not os.access(drift, os.X_OK):
-        parser.error("%s holds no drift program (give the build's bench folder)" % opts.bench_dir)
+        opts.parser.error("--domains names no domain")
     base = ["--deepseek", "0", "--lookahead", "0", "--phase-share", "1", "--phases", ",".join(domains)]
     start = time.time()
     runs = {}  # (seed, held-out domain or "") -> drift.json
@@ -134,12 +118,7 @@ def main():
                                                  c["policies"][p]["run_share_of_oracle_saving"],
                                                  c["policies"][p]["run_gpu_imbalance"], c["policies"][p]["worst_window"])
             for p, _ in POLICIES[:3])))
-    os.makedirs(opts.out_dir, exist_ok=True)
-    for ext, text in (("json", json.dumps(doc, indent=1) + "\n"), ("md", "\n".join(md) + "\n")):
-        path = os.path.join(opts.out_dir, "%s.%s" % (opts.name, ext))
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+    seed_sweep.write(opts.out_dir, opts.name, doc, md)
     print("\n".join(md))
 
 

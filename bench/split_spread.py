@@ -6,13 +6,14 @@ references and the unseen-domain rows, and writes DIR/split_spread{.json,.md}.
     /usr/bin/python3 bench/split_spread.py BUILD_BENCH_DIR OUT_DIR [--seeds 1,2,3,4,5] [--name NAME]
                      [-- extra comm_volume options]
 """
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+
+import seed_sweep
 
 ROWS = [
     ("no replicas, flat", "4x2 locality 0 workload_aware flat", 0.75, 1.15),
@@ -28,33 +29,16 @@ def key(r):
 
 
 def main():
-    argv = sys.argv[1:]
-    extra = []
-    if "--" in argv:
-        extra = argv[argv.index("--") + 1:]
-        argv = argv[: argv.index("--")]
-    parser = argparse.ArgumentParser(
-        description="Run comm_volume's 4x2 ESFT rows once per split seed and tabulate their spread; options "
-        "after -- go to every comm_volume run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("bench_dir", help="the build's bench folder (holds comm_volume)")
-    parser.add_argument("out_dir", help="where NAME.json and NAME.md are written")
-    parser.add_argument("--seeds", default="1,2,3,4,5", help="comma-separated split seeds")
-    parser.add_argument("--name", default="split_spread", help="base name of the output files")
-    opts = parser.parse_args(argv)
+    opts, seeds, extra, comm_volume = seed_sweep.parse(
+        sys.argv[1:], "comm_volume", "Run comm_volume's 4x2 ESFT rows once per split seed and tabulate their spread",
+        "1,2,3,4,5", "split_spread")
     bench_dir, out_dir, name = opts.bench_dir, opts.out_dir, opts.name
-    try:
-        seeds = [int(s) for s in opts.seeds.split(",")]
-    except ValueError:
-        parser.error("--seeds takes comma-separated integers, got %r" % opts.seeds)
-    if not os.access(os.path.join(bench_dir, "comm_volume"), os.X_OK):
-        parser.error("%s holds no comm_volume program (give the build's bench folder)" % bench_dir)
     start = time.time()
     per_seed = {}
     with tempfile.TemporaryDirectory() as tmp:
         for s in seeds:
             d = os.path.join(tmp, str(s))
-            cmd = [os.path.join(bench_dir, "comm_volume"), "--only", "4x2", "--synthetic", "0", "--split-seed", str(s),
+            cmd = [comm_volume, "--only", "4x2", "--synthetic", "0", "--split-seed", str(s),
                    "--out", d] + extra
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             with open(os.path.join(d, "comm_volume.json")) as f:
@@ -147,12 +131,7 @@ def main():
                 s, u["held_out"], 100 * red, u["gpu_imbalance_aggregate"], u["wa_over_rr_held_out"],
                 u["gpu_imbalance_held_out"], u["linear_gpu_imbalance_held_out"], "yes" if ok else "no"))
             doc["unseen"].setdefault(str(s), []).append(u)
-    os.makedirs(out_dir, exist_ok=True)
-    for ext, text in (("json", json.dumps(doc, indent=1) + "\n"), ("md", "\n".join(md) + "\n")):
-        path = os.path.join(out_dir, "%s.%s" % (name, ext))
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+    seed_sweep.write(out_dir, name, doc, md)
     print("\n".join(md))
 
 
