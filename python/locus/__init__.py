@@ -342,10 +342,15 @@ def simulate(
     arrival_rate: float = 0.0,
     seed: int = 1,
     model: Optional[WorkloadModel] = None,
+    replica_rule: str = "locality_first",
+    replica_slack: float = 0.05,
 ) -> dict:
     """Decode simulation of the trace's decode tokens on the plan; returns the summary (bytes and
     copies per token, GPU imbalance, modelled layer time). ``workload_aware`` grouping uses
-    ``model`` or the plan's own."""
+    ``model`` or the plan's own. ``replica_rule`` is how a token's copy picks among an expert's
+    replicas, as the serving engine does: ``locality_first`` (locus), ``same_gpu_else_random``
+    (SGLang's static dispatch), ``random`` (vLLM's EPLB) or ``locality_bounded`` (locality first,
+    away from GPUs whose load so far exceeds (1 + ``replica_slack``) × the mean)."""
     if test._phase_counts()[1] == 0:
         # A run over no decode token would report zeros as if they were results (the driver refuses too).
         raise ConfigError("locus: configuration error: the test trace has no decode tokens to simulate (its phases "
@@ -353,7 +358,7 @@ def simulate(
     m = model if model is not None else plan.model
     out = _core._simulate(
         test, plan._maps(), plan.nodes, plan.gpus_per_node, grouper, m, transport, batch_per_rank, hidden,
-        arrival_rate, seed,
+        arrival_rate, seed, replica_rule, replica_slack,
     )
     return json.loads(out)
 

@@ -124,6 +124,8 @@ def _simulate(
     hidden: int,
     arrival_rate: float,
     seed: int,
+    replica_rule: str,
+    replica_slack: float,
 ) -> str: ...
 def _fill_empty_slots(
     maps: npt.NDArray[np.int32], experts: int, load: npt.NDArray[np.float64], gpus_per_node: int

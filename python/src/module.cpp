@@ -2,6 +2,7 @@
 // Python layer (python/locus/__init__.py); everything here checks sizes again, because a wrong
 // size must raise, never read out of bounds.
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -21,6 +22,7 @@
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
 #include <locus/trace/statistics.hpp>
+#include <locus/transport/replica_selection.hpp>
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/pair.h>
@@ -510,8 +512,13 @@ NB_MODULE(_core, m) {
       [](const locus::trace::trace& test, maps_in maps, nb::handle nodes, nb::handle gpus_per_node,
          const std::string& grouper, std::shared_ptr<locus::grouper::workload_model> model,
          const std::string& transport, nb::handle batch_per_rank, nb::handle hidden, double arrival_rate,
-         nb::handle seed) {
+         nb::handle seed, const std::string& replica_rule, double replica_slack) {
+        // A NaN slack would compare false everywhere: no GPU would ever count as hot.
+        LOCUS_REQUIRE(std::isfinite(replica_slack) && replica_slack >= 0, locus::config_error, "replica_slack is ",
+                      replica_slack, ", expected a finite number >= 0");
         locus::cost::simulation_config cfg;
+        cfg.replica_rule = locus::transport::parse_replica_rule(replica_rule);
+        cfg.replica_slack = replica_slack;
         cfg.topology = locus::dynamic_topology(size_arg(nodes, "nodes"), size_arg(gpus_per_node, "gpus_per_node"));
         cfg.transport = locus::cost::parse_transport_kind(transport);
         cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(size_arg(hidden, "hidden"));
@@ -523,7 +530,7 @@ NB_MODULE(_core, m) {
         return locus::cost::simulation_summary_json(result).dump();
       },
       "test"_a, "maps"_a, "nodes"_a, "gpus_per_node"_a, "grouper"_a, "model"_a.none(), "transport"_a,
-      "batch_per_rank"_a, "hidden"_a, "arrival_rate"_a, "seed"_a);
+      "batch_per_rank"_a, "hidden"_a, "arrival_rate"_a, "seed"_a, "replica_rule"_a, "replica_slack"_a);
 
   m.def(
       "_fill_empty_slots",

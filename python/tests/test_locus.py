@@ -232,6 +232,19 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
             assert len(nodes) == len(set(nodes))
     summary = locus.simulate(test, plan, grouper="workload_aware", transport="hierarchical")
     assert summary["decode_tokens"] > 0 and summary["inter_node_bytes_per_token"] >= 0
+    # The engines' replica rules on the same plan (the default is locality_first): they choose among
+    # replicas, so they differ on this plan and agree on one without replicas.
+    rules = ("locality_first", "same_gpu_else_random", "random", "locality_bounded")
+    by_rule = {r: locus.simulate(test, plan, grouper="workload_aware", transport="hierarchical", replica_rule=r)
+               for r in rules}
+    assert by_rule["locality_first"] == summary
+    assert len({json.dumps(v, sort_keys=True) for v in by_rule.values()}) > 1
+    single = locus.plan(train, 2, 2, "locality", clusters=2, prefill_tokens=8)
+    assert len({json.dumps(locus.simulate(test, single, replica_rule=r), sort_keys=True) for r in rules}) == 1
+    with pytest.raises(locus.ConfigError, match="unknown replica rule 'nearest'"):
+        locus.simulate(test, plan, replica_rule="nearest")
+    with pytest.raises(locus.ConfigError, match="replica_slack is nan"):
+        locus.simulate(test, plan, replica_rule="locality_bounded", replica_slack=float("nan"))
     load = locus.expert_load(train)
     full = plan.filled(load).maps
     assert (full != -1).all()
