@@ -356,16 +356,7 @@ inline void register_compare(CLI::App& app) {
                   "Replica slots per GPU of the eplb and locality-with-replicas rows (0: no replica rows)");
   // Checked while parsing, so a bad list is a usage error (exit 2) as a bad --replica-rule is.
   cmd->add_option("--transport", o->transports, "Transports compared, comma-separated: flat, hierarchical")
-      ->check(CLI::Validator(
-          [](std::string& list) -> std::string {
-            try {
-              (void)compare_detail::parse_transports(list);
-              return {};
-            } catch (const locus::error& e) {
-              return e.message();
-            }
-          },
-          "", "transports"));
+      ->check(tool_cli::parsed_by(compare_detail::parse_transports, ""));
   cmd->add_option("--replica-rule", o->replica_rule,
                   "How a copy picks among an expert's replicas, in planning and simulation: locality_first (locus), "
                   "same_gpu_else_random (SGLang static dispatch), random (vLLM EPLB), locality_bounded (locality "

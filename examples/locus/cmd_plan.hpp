@@ -155,9 +155,7 @@ struct plan_options {
     opt.grouping.clusters = clusters;
     opt.grouping.seed = seed;
     opt.grouping.prefill_tokens = std::max<std::size_t>(1, prefill); // a cap; recorded phases may have more
-    opt.refine.count(copies == "flat"           ? locus::placement::copy_count::flat
-                     : copies == "hierarchical" ? locus::placement::copy_count::hierarchical
-                                                : locus::placement::copy_count::both);
+    opt.refine.count(copies.empty() ? locus::placement::copy_count::both : locus::placement::parse_copy_count(copies));
     opt.refine.anneal_per_expert = anneal;
     opt.refine.balance_shift = balance_shift;
     opt.refine.hedge_replicas = hedge_replicas;
@@ -222,16 +220,7 @@ inline void register_plan(CLI::App& app) {
   auto* iterations_opt = cmd->add_option("--load-iterations", *iterations,
                                          "With --load of a TensorRT-LLM folder: sum iterations FIRST:END (END "
                                          "exclusive; FIRST: for every one from FIRST on). Default: all of them");
-  iterations_opt->needs(load_opt)->check(CLI::Validator( // a bad window is a usage error (exit 2)
-      [](std::string& v) -> std::string {
-        try {
-          (void)parse_iterations(v);
-          return {};
-        } catch (const locus::error& e) {
-          return e.message();
-        }
-      },
-      "FIRST:END", "iterations"));
+  iterations_opt->needs(load_opt)->check(tool_cli::parsed_by(parse_iterations, "FIRST:END"));
   trace->excludes(load_opt);
   add_json_option(cmd, *json);
   cmd->callback([cmd, split, plan, out, load, grouping, grouping_opt, experts, json, iterations] {

@@ -485,11 +485,7 @@ NB_MODULE(_core, m) {
          double fill_slack) {
         locus::placement::activation_plan_options opt;
         if (!hedge_replicas.is_none()) opt.refine.hedge_replicas = size_arg(hedge_replicas, "hedge_replicas");
-        LOCUS_REQUIRE(copies == "both" || copies == "flat" || copies == "hierarchical", locus::config_error,
-                      "copies \"", copies, "\" (expected flat, hierarchical or both)");
-        opt.refine.count(copies == "flat"           ? locus::placement::copy_count::flat
-                         : copies == "hierarchical" ? locus::placement::copy_count::hierarchical
-                                                    : locus::placement::copy_count::both);
+        opt.refine.count(locus::placement::parse_copy_count(copies));
         opt.refine.anneal_per_expert = size_arg(anneal, "anneal");
         opt.refine.fill_slack = fill_slack; // the planner refuses a negative or non-finite one
         opt.named.eplb_groups = size_arg(eplb_groups, "eplb_groups");

@@ -19,6 +19,7 @@
 #include <string>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <utility>
 #include <vector>
 
 namespace tool_cli {
@@ -160,6 +161,22 @@ inline CLI::Validator number_in(double lo, double hi) {
         return {};
       },
       name.str());
+}
+
+// A value `parse` accepts: `parse(value)` throws a locus::error whose message says what is wrong,
+// so that the option's own parser decides, and a bad value is a usage error (exit 2) naming it.
+template <class Parse>
+CLI::Validator parsed_by(Parse parse, std::string description) {
+  return CLI::Validator(
+      [parse](std::string& value) -> std::string {
+        try {
+          (void)parse(value);
+          return {};
+        } catch (const locus::error& e) {
+          return e.message();
+        }
+      },
+      std::move(description));
 }
 
 // A finite number >= 0.

@@ -25,6 +25,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -185,12 +186,12 @@ inline std::map<std::string, array> read_safetensors(const std::string& path) {
   ::locus::detail::format_require(n <= data.size() - 8, path, ": header of ", n,
                                   " bytes runs past the end of the file");
   nlohmann::json header;
-  std::map<std::string, int> seen; // top-level keys, to refuse a name given twice
+  std::set<std::string> seen; // top-level keys, to refuse a name given twice
   const nlohmann::json::parser_callback_t unique = [&](int depth, nlohmann::json::parse_event_t event,
                                                        nlohmann::json& parsed) {
     if (depth == 1 && event == nlohmann::json::parse_event_t::key) {
       const auto& name = parsed.get_ref<const std::string&>();
-      ::locus::detail::format_require(seen.emplace(name, 0).second, path, ": tensor ", name,
+      ::locus::detail::format_require(seen.insert(name).second, path, ": tensor ", name,
                                       " is named twice in the header");
     }
     return true;

@@ -46,6 +46,8 @@
 #include <locus/transport/replica_selection.hpp>
 #include <numeric>
 #include <span>
+#include <string>
+#include <string_view>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
@@ -105,6 +107,16 @@ inline std::size_t sample_source_rank(std::size_t home, std::size_t t, std::size
 //! The copies a plan is for: those of the flat transport (one per distinct remote GPU of a
 //! token), of the hierarchical one (one per distinct remote node), or both weighed together.
 enum class copy_count : std::uint8_t { flat, hierarchical, both };
+
+//! The copy_count named "flat", "hierarchical" or "both".
+//! @throws locus::config_error naming the accepted names for any other
+inline copy_count parse_copy_count(std::string_view name) {
+  if (name == "flat") return copy_count::flat;
+  if (name == "hierarchical") return copy_count::hierarchical;
+  LOCUS_REQUIRE(name == "both", config_error, "copies \"", std::string(name),
+                "\" (expected flat, hierarchical or both)");
+  return copy_count::both;
+}
 
 //! Options of refine_by_tokens and add_replicas_by_tokens.
 struct token_refine_options {
