@@ -28,7 +28,6 @@
 #include <locus/placement/locality.hpp>
 #include <locus/placement/migration.hpp>
 #include <locus/placement/plan_input.hpp>
-#include <locus/placement/replan.hpp>
 #include <locus/placement/token_refine.hpp>
 #include <locus/placement/trace_load.hpp>
 #include <locus/trace/binary.hpp>
