@@ -1,14 +1,11 @@
 #define BOOST_TEST_MODULE expert_map
-#include <boost/test/unit_test.hpp>
-#include <locus/core/expert_map.hpp>
-#if defined(LOCUS_HAS_JSON_LIBRARY)
-#include <locus/core/expert_map_json.hpp>
-#endif
-
 #include <algorithm>
+#include <boost/test/unit_test.hpp>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <locus/core/expert_map.hpp>
+#include <locus/core/expert_map_json.hpp>
 #include <random>
 #include <string>
 
@@ -108,7 +105,6 @@ BOOST_AUTO_TEST_CASE(from_replicas_checks_sizes_before_sizing_the_table) {
   BOOST_TEST(expert_map::from_replicas(1, 1, 1, one).replica_count(0) == 1u);
 }
 
-#if defined(LOCUS_HAS_JSON_LIBRARY)
 BOOST_AUTO_TEST_CASE(json_round_trip) {
   std::mt19937 rng(11);
   std::vector<expert_map> layers;
@@ -258,4 +254,3 @@ BOOST_AUTO_TEST_CASE(hostile_map_documents_are_format_errors) {
   // two-entry table.
   BOOST_CHECK_THROW(expert_map(2, 3, 6148914691236517206ull, {0, 1}), config_error);
 }
-#endif
