@@ -4,7 +4,8 @@
 // phase's requests queued at its start, the workload-aware grouping fitted on the training split)
 // under: linear placement (the baseline of the savings), the static locality plan, EPLB re-run
 // every N steps on a sliding window (vLLM's 3000-step interval / 1000-step window, scaled to the
-// trace), locus adaptive (every N steps and early on drift, a bounded number of experts moved),
+// trace), locus adaptive (every N steps, and early on drift, checked against the training traffic
+// from the first steps on, or while its maps measure unbalanced; a bounded number of experts moved),
 // and an oracle planned per phase on that phase's own traffic (it moves freely at phase starts).
 // Two look-ahead bounds say what knowing the future would buy: locus re-planned every W steps on
 // the next W steps' own traffic under the same migration budget, and EPLB the same way with no
@@ -16,7 +17,8 @@
 //         [--interval N] [--window W] [--budget-share B] [--drift-every D] [--redundant R]
 //         [--transport flat|hierarchical] [--deepseek 0|1] [--replica-rule R] [--replica-slack S]
 //         [--replica-window W] [--hedge-replicas H] [--hedge-floor F] [--hedge-cost-budget B]
-//         [--lookahead 0|1] [--unseen-domain D] [--replan-slack S]
+//         [--lookahead 0|1] [--unseen-domain D] [--replan-slack S] [--balance-trigger B]
+//         [--prior-requests R]
 // Writes DIR/drift.json and DIR/drift.md; bench/plot_drift.py draws DIR/drift.png.
 #include "bench_args.hpp"
 #include "bench_output.hpp"
@@ -63,7 +65,8 @@ int main(int argc, char** argv) try {
               hedge_replicas = placement::token_refine_options{}.hedge_replicas;
   std::optional<std::size_t> adaptive_window_opt;
   double budget_share = 0.10, phase_share = 0.8, replica_slack = 0.05,
-         replan_slack = placement::token_refine_options{}.replan_slack,
+         replan_slack = placement::token_refine_options{}.replan_slack, balance_trigger = cost::default_balance_trigger,
+         prior_requests = placement::default_prior_requests,
          hedge_floor = placement::token_refine_options{}.hedge_floor,
          hedge_cost_budget = placement::token_refine_options{}.hedge_cost_budget;
   int deepseek = 1, balance_floor = 0, lookahead = 1;
@@ -94,6 +97,14 @@ int main(int argc, char** argv) try {
                  "A budgeted re-plan's load bound (locus adaptive, the same-budget look-ahead): it first repairs the "
                  "GPUs above (1 + this) x the window's mean load, as far as its budget allows, and no swap raises a "
                  "GPU above it")
+      ->check(tool_cli::finite_non_negative);
+  app.add_option("--balance-trigger", balance_trigger,
+                 "Locus adaptive also re-plans at a drift check when the GPU max/mean its maps measure since the last "
+                 "re-plan exceeds this (0: off)")
+      ->check(tool_cli::zero_or_at_least_one);
+  app.add_option("--prior-requests", prior_requests,
+                 "Locus adaptive: the training sample counts in a re-plan's loads as this many requests would beside "
+                 "the window's (0: the window's loads alone; it always steers the copy savings)")
       ->check(tool_cli::finite_non_negative);
   app.add_option("--budget-share", budget_share, "Share of the slots an adaptive re-plan may move")
       ->check(tool_cli::positive);
@@ -287,8 +298,8 @@ int main(int argc, char** argv) try {
                                                      })});
   }
   // locus adaptive plans on the window together with the training sample the static plan was
-  // fitted on (a window alone is a small sample: swaps fitted to it alone chase its noise); the
-  // window-only variant is reported beside it.
+  // fitted on (placement::with_prior: the prior steers the copy savings, the window alone sets
+  // the loads the re-plan balances); the window-only variant is reported beside it.
   const auto train_sample = placement::token_sample_from_model(train, *stat.model, sample_tokens);
   for (const bool prior : {true, false}) {
     auto o = base;
@@ -296,17 +307,18 @@ int main(int argc, char** argv) try {
     o.window = adaptive_window;
     o.drift_every = drift_every;
     o.min_gap = window;
+    // The initial maps were fitted to the training traffic: checked against it from the first
+    // --drift-every steps on, a plan that does not fit the traffic it meets is re-planned early.
+    o.reference = cost::load_profile::of(train_sample, topo.nodes());
+    o.min_check = drift_every;
+    o.balance_trigger = balance_trigger;
     say(prior ? "replaying locus adaptive" : "replaying locus adaptive, window only");
     runs.push_back(
         {prior ? "locus adaptive" : "locus adaptive, window only",
          cost::run_online(
              timeline, sched, stat.maps, cfg, o, [&](const std::vector<expert_map>& cur, std::size_t a, std::size_t b) {
                auto sample = cost::window_sample(timeline, sched, a, b, topo, sample_tokens);
-               if (prior) {
-                 sample.home.insert(sample.home.end(), train_sample.home.begin(), train_sample.home.end());
-                 for (std::size_t l = 0; l < sample.layers(); ++l)
-                   sample.ids[l].insert(sample.ids[l].end(), train_sample.ids[l].begin(), train_sample.ids[l].end());
-               }
+               if (prior) sample = placement::with_prior(std::move(sample), train_sample, prior_requests);
                return placement::replan_by_tokens(cur, sample, topo, popt.refine, budget, expert_bytes).maps;
              })});
   }
@@ -376,13 +388,16 @@ int main(int argc, char** argv) try {
                         {"hedge_floor", hedge_floor},
                         {"hedge_cost_budget", hedge_cost_budget},
                         {"replan_slack", replan_slack},
+                        {"balance_trigger", balance_trigger},
+                        {"prior_requests", prior_requests},
                         {"lookahead", lookahead == 1},
                         {"command", command},
                         {"machine", machine},
                         {"policies", nlohmann::json::array()}};
-  std::string md = "| policy | inter-node B/token | saving vs linear | share of oracle's saving | per-phase saving | "
-                   "GPU max/mean (run) | per phase | worst window | re-plans (drift) | most moved per re-plan | "
-                   "weights moved | longest re-plan |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  std::string md =
+      "| policy | inter-node B/token | saving vs linear | share of oracle's saving | per-phase saving | "
+      "GPU max/mean (run) | per phase | worst window | re-plans (drift, balance) | most moved per re-plan | "
+      "weights moved | longest re-plan |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   std::string floor_md = "\n| policy | worst window | its floor | highest window floor | windows above floor + 0.02 "
                          "|\n|---|---|---|---|---|\n";
   for (const auto& r : runs) {
@@ -438,7 +453,8 @@ int main(int argc, char** argv) try {
                     {"bytes_moved", e.bytes_moved},
                     {"seconds", e.seconds},
                     {"drift_distance", e.drift_distance},
-                    {"drift_noise", e.drift_noise}});
+                    {"drift_noise", e.drift_noise},
+                    {"measured_imbalance", e.measured_imbalance}});
     doc["policies"].push_back({{"name", r.name},
                                {"bytes_per_token", res.inter_node_bytes_per_token},
                                {"saving_vs_linear", saving(r)},
@@ -449,18 +465,19 @@ int main(int argc, char** argv) try {
                                {"worst_window_imbalance", res.worst_window_imbalance},
                                {"replans", res.replans.size()},
                                {"drift_replans", drifted},
+                               {"balance_replans", res.balance_fired},
                                {"drift_checks", res.drift_checks},
                                {"max_moved_share", res.max_moved_share},
                                {"bytes_moved", res.bytes_moved},
                                {"windows", w},
                                {"events", ev}});
     char line[640];
-    std::snprintf(line, sizeof line,
-                  "| %s | %.0f | %.1f%% | %.2f | %s | %.3f | %s | %.3f | %zu (%zu) | %.1f%% | %.2f GB | %.3f s |\n",
-                  r.name.c_str(), res.inter_node_bytes_per_token, 100 * saving(r), saving(r) / oracle_saving,
-                  phases.c_str(), res.gpu_imbalance_aggregate, phase_balance.c_str(), res.worst_window_imbalance,
-                  res.replans.size(), drifted, 100 * res.max_moved_share, static_cast<double>(res.bytes_moved) / 1e9,
-                  r.plan_seconds_max);
+    std::snprintf(
+        line, sizeof line,
+        "| %s | %.0f | %.1f%% | %.2f | %s | %.3f | %s | %.3f | %zu (%zu, %zu) | %.1f%% | %.2f GB | %.3f s |\n",
+        r.name.c_str(), res.inter_node_bytes_per_token, 100 * saving(r), saving(r) / oracle_saving, phases.c_str(),
+        res.gpu_imbalance_aggregate, phase_balance.c_str(), res.worst_window_imbalance, res.replans.size(), drifted,
+        res.balance_fired, 100 * res.max_moved_share, static_cast<double>(res.bytes_moved) / 1e9, r.plan_seconds_max);
     md += line;
   }
   const auto& ad = runs[3].result;
@@ -581,17 +598,21 @@ int main(int argc, char** argv) try {
   std::string text = head;
   for (std::size_t p = 0; p < phase_names.size(); ++p)
     text += (p ? ", " : " ") + std::to_string(phase_start[p]) + " (" + phase_names[p] + ")";
-  char mid[1024];
+  char mid[2048];
   std::snprintf(mid, sizeof mid,
                 ". Re-plans: EPLB every %zu steps from the last %zu (vLLM's 3000 / 1000 scaled to the trace); locus "
-                "adaptive at the same interval from the last %zu, also early when the drift check (every %zu steps) "
-                "fires, moving at most %zu of %zu expert "
-                "slots (%.0f%%) per re-plan, repairing first the GPUs above %.2f × the window's mean load; the oracle "
+                "adaptive at the same interval from the last %zu, also early when the drift check (every %zu steps, "
+                "against the training traffic until the first re-plan) fires or the GPU max/mean since the last "
+                "re-plan exceeds %.2f, moving at most %zu of %zu expert slots (%.0f%%) per re-plan, repairing first "
+                "the GPUs above %.3g × the mean load (the window's, with the training sample counted as %g requests "
+                "beside the window's; the sample also steers the copy savings, except in the window-only row); the "
+                "oracle "
                 "re-plans at each phase start from that phase's own traffic. "
                 "Reported windows of %zu decode tokens. An expert is %.1f MB.",
                 static_cast<std::size_t>(interval), static_cast<std::size_t>(window),
-                static_cast<std::size_t>(adaptive_window), static_cast<std::size_t>(drift_every), budget, slots,
-                100 * budget_share, 1 + replan_slack, base.report_tokens, static_cast<double>(expert_bytes) / 1e6);
+                static_cast<std::size_t>(adaptive_window), static_cast<std::size_t>(drift_every), balance_trigger,
+                budget, slots, 100 * budget_share, 1 + replan_slack, prior_requests, base.report_tokens,
+                static_cast<double>(expert_bytes) / 1e6);
   text += mid;
   if (lookahead == 1)
     text += " The look-ahead rows are bounds, not policies: from step 0 and every " + std::to_string(window) +
@@ -600,7 +621,7 @@ int main(int argc, char** argv) try {
   text += " Columns: inter-node bytes per decode token, and their saving against linear's on the same steps "
           "(over the run, and per phase in the order above); GPU max/mean: per layer, the busiest GPU's rows over the "
           "mean, mean over layers, with rows summed over the run, over each phase (per phase) and over each reported "
-          "window (the worst); re-plans, of them fired by the drift check in brackets.";
+          "window (the worst); re-plans, and in brackets those the drift check and the balance trigger fired.";
   text += "\n\n" + md + ds;
   char tail[256];
   std::snprintf(tail, sizeof tail, "\n%.0f s. Plot: `/usr/bin/python3 bench/plot_drift.py DIR`.\n", seconds);

@@ -331,6 +331,7 @@ inline void register_simulate(CLI::App& app) {
     std::size_t replan_every = 0, replan_window = 0, drift_every = 0;
     double replan_budget = 0.10;
     double replan_slack = locus::placement::token_refine_options{}.replan_slack;
+    double balance_trigger = locus::cost::default_balance_trigger;
     std::uint64_t expert_bytes = 3ull * 2048 * 1408 * 2;
   };
   auto split = std::make_shared<split_options>();
@@ -376,7 +377,13 @@ inline void register_simulate(CLI::App& app) {
                   "A re-plan's load bound: it first repairs the GPUs above (1 + this) x the window's mean load, as far "
                   "as its budget allows, and no swap raises a GPU above it")
       ->check(tool_cli::finite_non_negative);
-  cmd->add_option("--drift-every", opt->drift_every, "Steps between drift checks that re-plan early (0: none)");
+  cmd->add_option("--drift-every", opt->drift_every,
+                  "Steps between drift checks that re-plan early (0: none); with a grouping the first check compares "
+                  "the steps so far with the training traffic, else it waits for a full window");
+  cmd->add_option("--balance-trigger", opt->balance_trigger,
+                  "With --drift-every: also re-plan at a drift check when the GPU max/mean the maps measure since the "
+                  "last re-plan exceeds this (0: off)")
+      ->check(tool_cli::zero_or_at_least_one);
   cmd->add_option("--expert-bytes", opt->expert_bytes, "Weight bytes of one expert (moved bytes)")
       ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 40));
   cmd->callback([cmd, split, plan, opt] {
@@ -409,6 +416,8 @@ inline void register_simulate(CLI::App& app) {
                   locus::config_error,
                   "--replan-window, --replan-budget, --replan-slack and --expert-bytes apply with --replan-every or "
                   "--drift-every");
+    LOCUS_REQUIRE(opt->drift_every > 0 || cmd->count("--balance-trigger") == 0, locus::config_error,
+                  "--balance-trigger acts at the drift checks: it applies with --drift-every");
     std::vector<std::string> inputs = split->trace_paths;
     inputs.push_back(opt->map_path);
     inputs.push_back(opt->grouping_path);
@@ -479,39 +488,44 @@ inline void register_simulate(CLI::App& app) {
       auto regroup = locus::grouper::grouper_by_name(opt->grouper, planned.model);
       const auto sched = locus::cost::record_schedule(test, maps, regroup, cfg);
       const std::size_t window = opt->replan_window ? opt->replan_window : std::max<std::size_t>(1, opt->replan_every);
+      // The training sample needs the grouping (the node of each request); without one the
+      // re-plans see the window alone, and drift checks wait for a full window to compare with.
+      locus::placement::activation_plan_options popt;
+      const std::size_t tokens = popt.refine_sample_tokens(test.layers(), test.top_k());
+      const auto prior = planned.model ? locus::placement::token_sample_from_model(train, *planned.model, tokens)
+                                       : locus::placement::token_sample{};
       // The first step each mechanism can act (run_online: a full window first; a drift check on a
-      // multiple of --drift-every): a run shorter than both would report no re-plan as a result.
+      // multiple of --drift-every, from the first one on when the prior is its reference): a run
+      // shorter than both would report no re-plan as a result.
       const std::size_t never = std::numeric_limits<std::size_t>::max();
       const std::size_t first_scheduled = opt->replan_every ? std::max(window, opt->replan_every) : never;
-      const std::size_t first_check = opt->drift_every && window <= never - opt->drift_every
-                                          ? (window + opt->drift_every - 1) / opt->drift_every * opt->drift_every
+      const std::size_t check_from = prior.tokens() > 0 ? std::min(window, opt->drift_every) : window;
+      const std::size_t first_check = opt->drift_every && check_from <= never - opt->drift_every
+                                          ? (check_from + opt->drift_every - 1) / opt->drift_every * opt->drift_every
                                           : never;
       LOCUS_REQUIRE(std::min(first_scheduled, first_check) < sched.steps(), locus::config_error, "the run has ",
                     sched.steps(), " steps, and with a window of ", window, " steps neither --replan-every ",
                     opt->replan_every, " nor --drift-every ", opt->drift_every, " acts before its end");
-      locus::placement::activation_plan_options popt;
       popt.refine.count(transport == locus::cost::transport_kind::flat ? locus::placement::copy_count::flat
                                                                        : locus::placement::copy_count::hierarchical);
       popt.refine.replan_slack = opt->replan_slack;
-      const std::size_t tokens = popt.refine_sample_tokens(test.layers(), test.top_k());
-      // The training sample needs the grouping (the node of each request); without one the
-      // re-plans see the window alone.
-      const auto prior = planned.model ? locus::placement::token_sample_from_model(train, *planned.model, tokens)
-                                       : locus::placement::token_sample{};
       locus::cost::online_options o;
       o.interval = opt->replan_every;
       o.window = window;
       o.drift_every = opt->drift_every;
       o.min_gap = o.window;
+      o.balance_trigger = opt->balance_trigger;
+      if (prior.tokens() > 0) { // the traffic the maps were fitted to: drift is checked from the start
+        o.reference = locus::cost::load_profile::of(prior, topo.nodes());
+        o.min_check = opt->drift_every;
+      }
       o.expert_bytes = opt->expert_bytes;
       const auto budget =
           static_cast<std::size_t>(opt->replan_budget * static_cast<double>(locus::placement::total_slots(maps)));
       const auto online = locus::cost::run_online(
           test, sched, maps, cfg, o, [&](const std::vector<locus::expert_map>& cur, std::size_t a, std::size_t b) {
-            auto sample = locus::cost::window_sample(test, sched, a, b, topo, tokens);
-            sample.home.insert(sample.home.end(), prior.home.begin(), prior.home.end());
-            for (std::size_t l = 0; l < prior.layers(); ++l)
-              sample.ids[l].insert(sample.ids[l].end(), prior.ids[l].begin(), prior.ids[l].end());
+            const auto sample =
+                locus::placement::with_prior(locus::cost::window_sample(test, sched, a, b, topo, tokens), prior);
             return locus::placement::replan_by_tokens(cur, sample, topo, popt.refine, budget, opt->expert_bytes).maps;
           });
       std::size_t drifted = 0;
@@ -522,6 +536,7 @@ inline void register_simulate(CLI::App& app) {
                        {"worst_window_imbalance", online.worst_window_imbalance},
                        {"replans", online.replans.size()},
                        {"drift_replans", drifted},
+                       {"balance_replans", online.balance_fired},
                        {"max_moved_share", online.max_moved_share},
                        {"bytes_moved", online.bytes_moved}};
     }

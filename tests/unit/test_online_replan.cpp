@@ -494,3 +494,204 @@ BOOST_AUTO_TEST_CASE(a_replan_holds_its_load_bound) {
       placement::replan_by_tokens(one, random_sample(rng, 8, 2, 1, 50, 2), dynamic_topology(2, 2), bad, 2, 1),
       config_error);
 }
+
+// with_prior: the prior's tokens steer the copy savings, the window alone sets the loads the
+// re-plan's bound holds. A prior that piles onto one GPU's experts would, counted in the loads, send
+// the budget to repairing a GPU the window does not overload.
+BOOST_AUTO_TEST_CASE(a_replan_with_a_prior_holds_the_bound_on_the_windows_loads) {
+  std::mt19937 rng(29);
+  int broken_if_counted = 0;
+  for (int instance = 0; instance < 40; ++instance) {
+    const dynamic_topology topo(2 + rng() % 3, 1 + rng() % 2);
+    const std::size_t ranks = topo.ranks(), experts = ranks * (3 + rng() % 3);
+    std::vector<expert_map> maps{random_map(rng, experts, ranks, experts / ranks, 0)};
+    const auto window = random_sample(rng, experts, 2, 1, 200 + rng() % 300, topo.nodes());
+    auto prior = random_sample(rng, experts, 2, 1, 300, topo.nodes());
+    std::vector<std::uint16_t> on_first;
+    for (std::size_t e = 0; e < experts; ++e)
+      if (maps[0].replicas(static_cast<expert_id>(e))[0].rank == 0) on_first.push_back(static_cast<std::uint16_t>(e));
+    for (std::size_t i = 0; i < prior.ids[0].size(); i += 2) { // every prior token on GPU 0's experts
+      prior.ids[0][i] = on_first[0];
+      prior.ids[0][i + 1] = on_first[1 + rng() % (on_first.size() - 1)];
+    }
+    const auto both = placement::with_prior(window, prior, 0);
+    BOOST_REQUIRE(both.tokens() == window.tokens() + prior.tokens());
+    BOOST_TEST(both.load_tokens() == static_cast<double>(window.tokens()));
+    placement::token_refine_options opt;
+    const std::size_t budget = 4 + rng() % 12;
+    const auto r = placement::replan_by_tokens(maps, both, topo, opt, budget, 1);
+    BOOST_TEST(r.experts_moved <= budget);
+    const double per_rank = static_cast<double>(window.tokens() * 2) / static_cast<double>(ranks);
+    const double slack = std::max({opt.balance_slack, opt.replan_slack, 2 / std::sqrt(per_rank)});
+    const auto bound_holds = [&](const std::vector<expert_map>& m) {
+      const auto before = rank_rows(maps[0], window, 0), after = rank_rows(m[0], window, 0);
+      double total = 0;
+      for (const double x : before)
+        total += x;
+      return *std::max_element(after.begin(), after.end()) <=
+             std::max(*std::max_element(before.begin(), before.end()),
+                      (1 + slack) * total / static_cast<double>(ranks)) +
+                 1e-9;
+    };
+    BOOST_TEST_CONTEXT("instance " << instance) { BOOST_TEST(bound_holds(r.maps)); }
+    // The same tokens counted once each in the loads: the bound on the window can break.
+    auto counted = both;
+    counted.load_weight.clear();
+    broken_if_counted += !bound_holds(placement::replan_by_tokens(maps, counted, topo, opt, budget, 1).maps);
+  }
+  BOOST_TEST(broken_if_counted > 0);
+}
+
+// Load weights of 1 are the unweighted sample; malformed weights and mismatched samples are refused.
+BOOST_AUTO_TEST_CASE(load_weights_of_one_change_nothing_and_bad_ones_are_refused) {
+  std::mt19937 rng(31);
+  const dynamic_topology topo(2, 2);
+  std::vector<expert_map> maps{random_map(rng, 16, 4, 4, 0), random_map(rng, 16, 4, 4, 0)};
+  auto sample = random_sample(rng, 16, 2, 2, 400, 2);
+  const auto plain = placement::replan_by_tokens(maps, sample, topo, {}, 8, 1);
+  auto ones = sample;
+  ones.load_weight.assign(ones.tokens(), 1.0f);
+  const auto weighted = placement::replan_by_tokens(maps, ones, topo, {}, 8, 1);
+  BOOST_TEST(differing_slots(plain.maps, weighted.maps) == 0u);
+  BOOST_TEST(plain.cost_after == weighted.cost_after);
+  auto bad = ones;
+  bad.load_weight[3] = -1.0f;
+  BOOST_CHECK_THROW(placement::replan_by_tokens(maps, bad, topo, {}, 8, 1), invalid_input_error);
+  bad.load_weight[3] = std::nanf("");
+  BOOST_CHECK_THROW(placement::replan_by_tokens(maps, bad, topo, {}, 8, 1), invalid_input_error);
+  bad.load_weight.pop_back();
+  BOOST_CHECK_THROW(placement::replan_by_tokens(maps, bad, topo, {}, 8, 1), invalid_input_error);
+  // The replica fill balances every token once: a weighted sample is refused, not misread.
+  BOOST_CHECK_THROW(placement::add_replicas_by_tokens(maps, ones, topo), config_error);
+  // A prior of another shape, or a window already weighted.
+  BOOST_CHECK_THROW(placement::with_prior(sample, random_sample(rng, 12, 2, 2, 10, 2)), config_error);
+  BOOST_CHECK_THROW(placement::with_prior(ones, sample), config_error);
+  BOOST_TEST(placement::with_prior(sample, placement::token_sample{}).load_weight.empty());
+  BOOST_CHECK_THROW(placement::with_prior(sample, sample, -1), config_error);
+  BOOST_CHECK_THROW(placement::with_prior(sample, sample, std::nan("")), config_error);
+}
+
+// The prior weighs in the loads as prior_requests requests beside the window's distinct ones: a
+// window of few requests leans on it, a window of many barely does; without request ids, not at all.
+BOOST_AUTO_TEST_CASE(the_prior_weighs_as_many_requests_as_asked) {
+  std::mt19937 rng(37);
+  const auto prior = random_sample(rng, 16, 2, 1, 300, 2);
+  for (const std::size_t requests : {4u, 40u}) {
+    auto window = random_sample(rng, 16, 2, 1, 200, 2);
+    for (std::size_t t = 0; t < window.tokens(); ++t)
+      window.request.push_back(static_cast<std::uint32_t>(100 + t % requests));
+    const auto both = placement::with_prior(window, prior, 8);
+    BOOST_REQUIRE(both.load_weight.size() == 500u);
+    BOOST_TEST(both.request.empty());
+    for (std::size_t t = 0; t < 200; ++t)
+      BOOST_TEST(both.load_weight[t] == 1.0f);
+    // The prior's 300 tokens weigh as 8 / requests of the window's 200.
+    const double expected = 200.0 * (1 + 8.0 / static_cast<double>(requests));
+    BOOST_TEST(both.load_tokens() == expected, boost::test_tools::tolerance(1e-5));
+    window.request.clear();
+    BOOST_TEST(placement::with_prior(window, prior, 8).load_tokens() == 200.0, boost::test_tools::tolerance(1e-9));
+  }
+}
+
+// With the profile the maps were fitted to, drift is checked from the first steps: a run whose mix
+// is not that profile's is re-planned before a full window has run, and one whose mix is stays quiet.
+BOOST_AUTO_TEST_CASE(a_reference_profile_lets_drift_fire_before_a_full_window) {
+  for (std::uint32_t seed = 1; seed <= 5; ++seed) {
+    std::mt19937 rng(seed);
+    const auto mixed = [](std::size_t r) { return static_cast<std::uint32_t>(r % 2); };
+    const auto fitted = two_mix_trace(rng, 120, 16, 3, mixed);
+    const auto same = two_mix_trace(rng, 120, 16, 3, mixed);
+    const auto other = two_mix_trace(rng, 120, 16, 3, [](std::size_t) { return std::uint32_t{1}; });
+    cost::simulation_config cfg;
+    cfg.topology = dynamic_topology(2, 2);
+    cfg.batch_per_rank = 4;
+    const auto maps = placement::linear{}.plan(
+        {cfg.topology, 16, 4, std::vector<std::vector<double>>(3, std::vector<double>(16, 1)), {}});
+    grouper::round_robin g;
+    const auto fs = cost::record_schedule(fitted, maps, g, cfg);
+    cost::online_options opt;
+    opt.window = 16;
+    opt.drift_every = 4;
+    opt.min_gap = 16;
+    opt.reference = cost::load_profile::of(fitted, fs, 0, fs.steps(), cfg.topology);
+    opt.min_check = 4;
+    // The profile of a sample of every token of the run is the run's profile.
+    const auto every = cost::window_sample(fitted, fs, 0, fs.steps(), cfg.topology, 0);
+    BOOST_TEST((cost::load_profile::of(every, cfg.topology.nodes()).counts == opt.reference.counts));
+    // ... and each sampled token names the request that owns it.
+    BOOST_REQUIRE(every.request.size() == fs.tokens.size());
+    for (std::size_t i = 0; i < fs.tokens.size(); ++i) {
+      const auto& q = fitted.request(every.request[i]);
+      BOOST_TEST((fs.tokens[i] >= q.first_token && fs.tokens[i] < q.first_token + q.length));
+    }
+    const auto run = [&](const trace::trace& t, std::size_t* first) {
+      grouper::round_robin rr;
+      const auto s = cost::record_schedule(t, maps, rr, cfg);
+      return cost::run_online(t, s, maps, cfg, opt,
+                              [&](const std::vector<expert_map>& cur, std::size_t, std::size_t b) {
+                                if (*first == 0) *first = b;
+                                return cur;
+                              });
+    };
+    std::size_t first_same = 0, first_other = 0;
+    const auto quiet = run(same, &first_same), shifted = run(other, &first_other);
+    BOOST_TEST_CONTEXT("seed " << seed) {
+      BOOST_TEST(quiet.drift_fired == 0u);
+      BOOST_TEST(shifted.drift_fired >= 1u);
+      BOOST_TEST(first_other >= 4u);
+      BOOST_TEST(first_other < opt.window);
+    }
+    // A reference of another shape is refused.
+    auto wrong = opt;
+    wrong.reference.counts.pop_back();
+    grouper::round_robin rr;
+    const auto s = cost::record_schedule(same, maps, rr, cfg);
+    BOOST_CHECK_THROW(
+        cost::run_online(same, s, maps, cfg, wrong, [](const auto& m, std::size_t, std::size_t) { return m; }),
+        config_error);
+  }
+}
+
+// The balance trigger re-plans while the maps in service measure a GPU max/mean above it, whatever
+// the drift check says: a planner that leaves the maps unbalanced is asked again every min_gap
+// steps, one that balances them is asked once.
+BOOST_AUTO_TEST_CASE(the_balance_trigger_fires_while_the_maps_stay_unbalanced) {
+  std::mt19937 rng(41);
+  // Domain 1 only: experts [8, 16), which linear placement puts on ranks 2 and 3.
+  const auto t = two_mix_trace(rng, 80, 16, 2, [](std::size_t) { return std::uint32_t{1}; });
+  cost::simulation_config cfg;
+  cfg.topology = dynamic_topology(2, 2);
+  cfg.batch_per_rank = 4;
+  const auto uniform = std::vector<std::vector<double>>(2, std::vector<double>(16, 1));
+  const auto linear = placement::linear{}.plan({cfg.topology, 16, 4, uniform, {}});
+  // Two of the hot experts on every rank.
+  std::vector<expert_id> table;
+  for (std::size_t r = 0; r < 4; ++r)
+    for (const std::size_t e : {2 * r, 2 * r + 1, 8 + 2 * r, 9 + 2 * r})
+      table.push_back(static_cast<expert_id>(e));
+  const std::vector<expert_map> spread(2, expert_map(16, 4, 4, table));
+  grouper::round_robin g;
+  const auto s = cost::record_schedule(t, linear, g, cfg);
+  cost::online_options opt;
+  opt.window = 16;
+  opt.drift_every = 4;
+  opt.min_gap = 16;
+  opt.drift_floor = 2; // the drift check never fires: only the balance trigger can
+  const auto keep = [](const std::vector<expert_map>& m, std::size_t, std::size_t) { return m; };
+  const auto off = cost::run_online(t, s, linear, cfg, opt, keep);
+  BOOST_TEST(off.replans.empty());
+  opt.balance_trigger = 1.5;
+  const auto stuck = cost::run_online(t, s, linear, cfg, opt, keep);
+  BOOST_TEST(stuck.balance_fired >= 3u);
+  BOOST_TEST(stuck.replans.size() == stuck.balance_fired);
+  for (std::size_t i = 0; i < stuck.replans.size(); ++i) {
+    BOOST_TEST((stuck.replans[i].reason == cost::replan_reason::balance));
+    BOOST_TEST(stuck.replans[i].measured_imbalance > 1.5);
+    if (i > 0) BOOST_TEST(stuck.replans[i].step - stuck.replans[i - 1].step >= opt.min_gap);
+  }
+  const auto fixed = cost::run_online(t, s, linear, cfg, opt,
+                                      [&](const std::vector<expert_map>&, std::size_t, std::size_t) { return spread; });
+  BOOST_TEST(fixed.balance_fired == 1u);
+  opt.balance_trigger = 0.5;
+  BOOST_CHECK_THROW(cost::run_online(t, s, linear, cfg, opt, keep), config_error);
+}

@@ -190,6 +190,18 @@ inline const CLI::Validator finite_non_negative{[](std::string& value) -> std::s
                                                 },
                                                 "FINITE >= 0"};
 
+// 0 (off) or a ratio such as a GPU max/mean: a finite number >= 1.
+inline const CLI::Validator zero_or_at_least_one{[](std::string& value) -> std::string {
+                                                   double x = 0;
+                                                   if (!CLI::detail::lexical_cast(value, x))
+                                                     return "\"" + value + "\" is not a number";
+                                                   if (!std::isfinite(x) || (x != 0 && x < 1))
+                                                     return "\"" + value +
+                                                            "\" is neither 0 (off) nor a finite number >= 1";
+                                                   return {};
+                                                 },
+                                                 "0 OR >= 1"};
+
 // The folder a run writes its results into. It is checked when the run starts, so that a folder that
 // cannot be used is said at once, not after minutes or hours of measuring; but it is made (with any of
 // its parents that are missing, as `mkdir -p`, like every locus program that writes a folder) only

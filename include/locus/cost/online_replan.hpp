@@ -9,7 +9,11 @@
 //! maps in service were fitted to (total variation, mean over layers) and fires when it exceeds
 //! both a floor and `drift_ratio` × the window's own noise (the same distance between its even
 //! and its odd steps; halves in time would differ by the drift itself), so that stationary
-//! traffic, whose windows differ only by sampling, keeps it quiet at any window size. Every re-plan reports the slots
+//! traffic, whose windows differ only by sampling, keeps it quiet at any window size. Given the
+//! profile the initial maps were fitted to (online_options::reference), checks start within the
+//! first steps, on the steps so far: a plan fitted elsewhere is re-planned before a full window
+//! has run under it; a balance trigger re-plans, at the same checks, while the maps in service
+//! measure a GPU max/mean above a bound since the last re-plan. Every re-plan reports the slots
 //! whose weights changed and their bytes; reported windows (a fixed count of tokens each) and the
 //! caller's segments (e.g. one per phase of a workload) give bytes and balance over time.
 
@@ -93,6 +97,22 @@ struct load_profile {
     }
     return p;
   }
+
+  //! The (node, expert) pairs of a token sample's tokens (each on its home node): e.g. the training
+  //! traffic the initial maps were fitted to.
+  //! @throws locus::invalid_input_error on a malformed sample
+  static load_profile of(const placement::token_sample& sample, std::size_t nodes) {
+    sample.validate(nodes);
+    load_profile p;
+    p.nodes = nodes;
+    p.experts = sample.experts;
+    p.counts.assign(sample.layers(), std::vector<double>(nodes * sample.experts, 0.0));
+    for (std::size_t l = 0; l < sample.layers(); ++l)
+      for (std::size_t i = 0; i < sample.tokens(); ++i)
+        for (std::size_t j = 0; j < sample.top_k; ++j)
+          p.counts[l][sample.home[i] * sample.experts + sample.ids[l][i * sample.top_k + j]] += 1;
+    return p;
+  }
 };
 
 //! Total variation distance between the normalised counts of two profiles, mean over layers (0:
@@ -136,8 +156,8 @@ inline drift_check check_drift(const trace::trace& t, const decode_schedule& s, 
   return c;
 }
 
-//! Up to `max_tokens` tokens of steps [first, last) (evenly strided), each with its rank's node:
-//! what a planner sees of a window.
+//! Up to `max_tokens` tokens of steps [first, last) (evenly strided), each with its rank's node and
+//! its request (token_sample::request, the trace's request index): what a planner sees of a window.
 inline placement::token_sample window_sample(const trace::trace& t, const decode_schedule& s, std::size_t first,
                                              std::size_t last, const dynamic_topology& topo, std::size_t max_tokens) {
   LOCUS_REQUIRE(first <= last && last <= s.steps(), config_error, "window_sample: steps [", first, ", ", last,
@@ -148,9 +168,16 @@ inline placement::token_sample window_sample(const trace::trace& t, const decode
   out.experts = t.experts();
   out.top_k = t.top_k();
   std::vector<std::size_t> picked;
+  // Requests own contiguous, ascending token ranges: a token's request is the last one starting at
+  // or before it.
+  std::vector<std::uint64_t> starts(t.requests());
+  for (std::size_t r = 0; r < t.requests(); ++r)
+    starts[r] = t.request(r).first_token;
   for (std::size_t i = b; i < e; i += stride) {
     picked.push_back(s.tokens[i]);
     out.home.push_back(static_cast<std::uint32_t>(topo.node_of(s.sources[i])));
+    const auto at = std::upper_bound(starts.begin(), starts.end(), static_cast<std::uint64_t>(s.tokens[i]));
+    out.request.push_back(static_cast<std::uint32_t>(at - starts.begin() - 1));
   }
   out.ids.assign(t.layers(), std::vector<std::uint16_t>(picked.size() * out.top_k));
   for (std::size_t l = 0; l < t.layers(); ++l) {
@@ -183,14 +210,32 @@ inline placement::plan_input window_plan_input(const trace::trace& t, const deco
   return in;
 }
 
+//! The balance trigger `locus simulate` and bench/drift use (online_options::balance_trigger): above
+//! the re-plan's own bound (1 + token_refine_options::replan_slack) and its sampling noise, so that
+//! it asks again only where a budgeted re-plan left the GPUs clearly unbalanced.
+inline constexpr double default_balance_trigger = 1.25;
+
 //! When run_online re-plans.
 struct online_options {
-  std::size_t interval = 0;         //!< re-plan every this many steps after the last re-plan (0: never)
-  std::size_t window = 16;          //!< steps of traffic a re-plan (and the drift check) sees
-  std::size_t drift_every = 0;      //!< steps between drift checks (0: no trigger)
-  double drift_ratio = 2.0;         //!< fire when the distance exceeds this multiple of the window's noise ...
-  double drift_floor = 0.02;        //!< ... and this floor
-  std::size_t min_gap = 0;          //!< steps between two re-plans at least (scheduled ones excepted)
+  std::size_t interval = 0;    //!< re-plan every this many steps after the last re-plan (0: never)
+  std::size_t window = 16;     //!< steps of traffic a re-plan (and the drift check) sees
+  std::size_t drift_every = 0; //!< steps between drift checks (0: no trigger)
+  double drift_ratio = 2.0;    //!< fire when the distance exceeds this multiple of the window's noise ...
+  double drift_floor = 0.02;   //!< ... and this floor
+  std::size_t min_gap = 0;     //!< steps between two re-plans at least (scheduled ones excepted)
+  //! The traffic the initial maps were fitted to (e.g. load_profile::of a training sample; the
+  //! shape of the run's). Empty: the first full window stands in for it, so that a plan fitted
+  //! elsewhere is never flagged before `window` steps have run and been taken as the reference.
+  load_profile reference;
+  //! Steps a drift check needs at least (0: `window`): with a reference, checks from this step on
+  //! see the steps so far until a full window has run, so that a plan that does not fit the
+  //! traffic it meets is re-planned within tens of steps. The noise test scales with the window.
+  std::size_t min_check = 0;
+  //! Also re-plan at a drift check when the GPU max/mean the maps in service measure over the steps
+  //! since the last re-plan (at least min_gap of them; mean over layers) exceeds this (0: off). The
+  //! drift check compares traffic with the traffic the maps were fitted to, so it stays quiet when
+  //! a budgeted re-plan left them unbalanced on the traffic they were fitted to: this one does not.
+  double balance_trigger = 0;
   std::vector<std::size_t> plan_at; //!< steps where the planner is called regardless (ascending)
   //! Decode tokens per reported window: a window closes after the step that reaches it (a short
   //! last one joins the window before it), so that every window's balance counts as many tokens.
@@ -204,9 +249,15 @@ struct online_options {
 };
 
 //! Why a re-plan happened.
-enum class replan_reason : std::uint8_t { scheduled, drift, fixed };
+enum class replan_reason : std::uint8_t { scheduled, drift, fixed, balance };
 inline const char* to_string(replan_reason r) noexcept {
-  return r == replan_reason::scheduled ? "scheduled" : r == replan_reason::drift ? "drift" : "fixed";
+  switch (r) {
+  case replan_reason::scheduled: return "scheduled";
+  case replan_reason::drift: return "drift";
+  case replan_reason::fixed: return "fixed";
+  case replan_reason::balance: return "balance";
+  }
+  return "unknown";
 }
 
 struct replan_event {
@@ -217,7 +268,8 @@ struct replan_event {
   std::uint64_t bytes_moved = 0;
   double drift_distance = 0; //!< the drift check's figures at this step (0 when none ran)
   double drift_noise = 0;
-  double seconds = 0; //!< the planner's CPU time (of the process: planners here run on one thread)
+  double measured_imbalance = 0; //!< the balance trigger's figure at this step (0 when it was off)
+  double seconds = 0;            //!< the planner's CPU time (of the process: planners here run on one thread)
 };
 
 //! One reported window of steps.
@@ -250,6 +302,7 @@ struct online_result {
   double max_moved_share = 0;
   std::uint64_t bytes_moved = 0;
   std::size_t drift_checks = 0, drift_fired = 0;
+  std::size_t balance_fired = 0; //!< re-plans the balance trigger asked for
 };
 
 //! Replays `s` (recorded on trace `t`) from maps `maps`. `plan(current, first, last)` returns the
@@ -280,6 +333,9 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
                     opt.drift_floor >= 0,
                 config_error, "run_online: drift_ratio (", opt.drift_ratio, ") and drift_floor (", opt.drift_floor,
                 ") must be finite numbers >= 0");
+  LOCUS_REQUIRE(opt.balance_trigger == 0 || (std::isfinite(opt.balance_trigger) && opt.balance_trigger >= 1),
+                config_error, "run_online: balance_trigger (", opt.balance_trigger,
+                ") must be 0 (off) or a GPU max/mean >= 1");
   const std::size_t slots = placement::total_slots(maps);
   // Moved bytes are 64-bit: every slot moved at every step must fit.
   LOCUS_REQUIRE(opt.expert_bytes == 0 || static_cast<double>(slots) * static_cast<double>(s.steps() + 1) <=
@@ -292,7 +348,7 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
   const double bytes_per_copy = static_cast<double>(cfg.sizes.dispatch_bytes + cfg.sizes.combine_bytes);
   online_result out;
   std::vector<layer_traffic> total(layers, layer_traffic(ranks)), win(layers, layer_traffic(ranks)),
-      seg_rows(layers, layer_traffic(ranks));
+      seg_rows(layers, layer_traffic(ranks)), since_plan(layers, layer_traffic(ranks));
   std::size_t next_segment = 0;
   const auto close_segment = [&] {
     if (out.segments.empty()) return;
@@ -305,7 +361,16 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
   };
   layer_traffic step(ranks);
   online_window current{};
-  load_profile reference;
+  load_profile reference = opt.reference;
+  if (!reference.empty())
+    LOCUS_REQUIRE(reference.counts.size() == layers && reference.nodes == topo.nodes() &&
+                      reference.experts == t.experts(),
+                  config_error, "run_online: the reference profile (", reference.counts.size(), " layers, ",
+                  reference.nodes, " nodes, ", reference.experts, " experts) does not match the trace (", layers,
+                  " layers, ", t.experts(), " experts) and the topology (", topo.nodes(), " nodes)");
+  const std::size_t min_check = opt.min_check ? std::min(opt.min_check, opt.window) : opt.window;
+  // Without a reference a check before a full window would compare the window with itself.
+  const std::size_t first_check = reference.empty() ? opt.window : min_check;
   std::size_t last_plan = 0, next_fixed = 0;
   bool planned_once = false;
   double bytes = 0;
@@ -369,23 +434,32 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
     bool due = false;
     replan_reason why = replan_reason::scheduled;
     drift_check dc;
+    double measured = 0;
     while (next_fixed < opt.plan_at.size() && opt.plan_at[next_fixed] < st)
       ++next_fixed;
     if (next_fixed < opt.plan_at.size() && opt.plan_at[next_fixed] == st) {
       due = true;
       why = replan_reason::fixed;
-    } else if (st >= opt.window) {
+    } else if (st >= first_check) {
       const std::size_t since = planned_once ? st - last_plan : st;
-      if (opt.interval && since >= opt.interval) {
+      const std::size_t from = st >= opt.window ? st - opt.window : 0;
+      if (opt.interval && since >= opt.interval && st >= opt.window) {
         due = true;
-      } else if (opt.drift_every && st % opt.drift_every == 0 && since >= opt.min_gap) {
-        if (reference.empty()) reference = load_profile::of(t, s, st - opt.window, st, topo);
-        dc = check_drift(t, s, st - opt.window, st, topo, reference, opt.drift_ratio, opt.drift_floor);
+      } else if (opt.drift_every && st % opt.drift_every == 0 && (since >= opt.min_gap || !planned_once)) {
+        if (reference.empty()) reference = load_profile::of(t, s, from, st, topo);
+        dc = check_drift(t, s, from, st, topo, reference, opt.drift_ratio, opt.drift_floor);
         ++out.drift_checks;
         if (dc.fired) {
           ++out.drift_fired;
           due = true;
           why = replan_reason::drift;
+        } else if (opt.balance_trigger > 0 && since >= std::max<std::size_t>(opt.min_gap, 1)) {
+          measured = imbalance(since_plan);
+          if (measured > opt.balance_trigger) {
+            ++out.balance_fired;
+            due = true;
+            why = replan_reason::balance;
+          }
         }
       }
     }
@@ -402,6 +476,7 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
       ev.bytes_moved = static_cast<std::uint64_t>(ev.experts_moved) * opt.expert_bytes;
       ev.drift_distance = dc.distance;
       ev.drift_noise = dc.noise;
+      ev.measured_imbalance = measured;
       out.replans.push_back(ev);
       out.max_moved_share = std::max(out.max_moved_share, ev.moved_share);
       out.bytes_moved += ev.bytes_moved;
@@ -410,6 +485,8 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
       last_plan = st;
       planned_once = true;
       if (opt.drift_every && st > first) reference = load_profile::of(t, s, first, st, topo);
+      for (auto& x : since_plan)
+        x.clear();
     }
     // The step itself.
     if (next_segment < opt.segment_starts.size() && opt.segment_starts[next_segment] == st) {
@@ -449,6 +526,7 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
       policies.observe(l, step);
       total[l] += step;
       win[l] += step;
+      if (opt.balance_trigger > 0) since_plan[l] += step;
       const double b = static_cast<double>(step.copies[network]) * bytes_per_copy;
       bytes += b;
       current.inter_node_bytes += b;
