@@ -32,7 +32,7 @@ def main(out_dir):
     bottom.axhline(1.15, color="red", linestyle="--", linewidth=0.8)
     top.set_ylabel("inter-node kB / decode token")
     bottom.set_ylabel("GPU max/mean (window)")
-    bottom.set_xlabel("decode step (grey: locus adaptive re-plans; solid: drift-triggered)")
+    bottom.set_xlabel("decode step (grey: locus adaptive re-plans; solid: drift- or balance-triggered)")
     top.legend(fontsize=8)
     top.set_title("ESFT 4x2, %s transport: request mix in phases" % doc["transport"])
     fig.tight_layout()

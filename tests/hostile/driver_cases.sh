@@ -191,6 +191,8 @@ succeeds map export "$work/lin.json" --to eplb --out /dev/null --json /dev/null
 succeeds trace report "$work/t.bin" --out "$work/rep_new" --json "$work/rep_new/r.json" --no-render
 check "trace report writes a --json inside its new folder" grep -q '"format": "locus.trace.report"' "$work/rep_new/r.json"
 refused 'acts before its end' simulate --trace "$work/t.bin" --drift-every 1000 --replan-window 1100
+refused 'balance-trigger acts at the drift checks' simulate --trace "$work/t.bin" --balance-trigger 1.2
+refused 'neither 0 \(off\) nor a finite number >= 1' simulate --trace "$work/t.bin" --drift-every 5 --balance-trigger 0.9
 ok '"replans": ?[1-9]' simulate --trace "$work/t.bin" --replan-every 100 --drift-every 5000 --json -
 cp "$work/odd.jsonl" "$work/self.jsonl"
 refused 'also an input' trace import "$work/self.jsonl" -o "$work/self.jsonl"

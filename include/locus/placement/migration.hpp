@@ -59,10 +59,11 @@ inline std::size_t total_slots(const std::vector<expert_map>& maps) {
   return n;
 }
 
-//! with_prior's weight of the prior, in requests. On ESFT's drift scenario (split seed 1) 32 keeps
-//! 99% of the per-phase oracle's byte saving against 94% with 0 (the window's loads alone), at GPU
-//! max/mean 1.22 against 1.17 over the phase the shift unbalanced most, and where a domain no plan
-//! saw arrives saves 20.2% against 18.7% (bench/results/robust_planning.md, section 2).
+//! with_prior's weight of the prior, in requests. On ESFT's drift scenario (split seed 1, re-plan
+//! bound 1.175) 32 keeps 99% of the per-phase oracle's byte saving against 94% with 0 (the
+//! window's loads alone), at GPU max/mean 1.22 against 1.17 over the phase the shift unbalanced
+//! most, and where a domain no plan saw arrives saves 20.2% against 18.7% with a worst window of
+//! 1.69 against 1.76 (bench/results/robust_planning.md, section 2).
 inline constexpr double default_prior_requests = 32;
 
 //! A re-plan's sample: the window's tokens, then a prior's (e.g. the training sample the maps in
