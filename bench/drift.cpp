@@ -298,8 +298,9 @@ int main(int argc, char** argv) try {
                                                      })});
   }
   // locus adaptive plans on the window together with the training sample the static plan was
-  // fitted on (placement::with_prior: the prior steers the copy savings, the window alone sets
-  // the loads the re-plan balances); the window-only variant is reported beside it.
+  // fitted on (placement::with_prior: the prior steers the copy savings; in the loads the re-plan
+  // balances it counts as --prior-requests requests beside the window's); the window-only variant
+  // is reported beside it.
   const auto train_sample = placement::token_sample_from_model(train, *stat.model, sample_tokens);
   for (const bool prior : {true, false}) {
     auto o = base;

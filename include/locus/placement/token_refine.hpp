@@ -66,8 +66,10 @@ struct token_sample {
   //! hedge_replicas) resample the requests; empty: every token is its own request.
   std::vector<std::uint32_t> request;
   //! Optional, per token: its weight in the GPU loads that the load bounds and repairs hold (copy
-  //! costs count every token once); empty: 1 each. A re-plan gives a prior's tokens weight 0: they
-  //! steer which swaps save copies, the window alone says which GPUs are busy.
+  //! costs count every token once); empty: 1 each. A re-plan's prior tokens weigh less than the
+  //! window's (migration.hpp's with_prior): they steer which swaps save copies, the window mostly
+  //! says which GPUs are busy. Read by refine_by_tokens and replan_by_tokens; the replica fill
+  //! refuses a weighted sample.
   std::vector<float> load_weight;
 
   std::size_t tokens() const noexcept { return home.size(); }
@@ -215,7 +217,7 @@ struct token_refine_options {
   //! balance_slack's tight bound is for a full plan, which moves every expert freely; held under a
   //! budget it spends the moves on small repairs, and a re-plan after a shift of the request mix
   //! then fixes neither its balance nor its bytes. A tighter bound trades bytes for balance
-  //! (bench/results/robust_planning.md, section 2, measures 0.15-0.20 on ESFT's split seeds 1-3).
+  //! (bench/results/robust_planning.md, section 2, measures 0.10 to 0.20 on ESFT's drift scenario).
   double replan_slack = 0.125;
 
   //! Sets the copy weights to count what `c` names (1 for each kind counted, 0 otherwise).
