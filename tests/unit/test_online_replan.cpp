@@ -396,6 +396,22 @@ std::vector<double> rank_rows(const expert_map& m, const placement::token_sample
   return rows;
 }
 
+// A random one-layer case: 2-4 nodes of 1-2 GPUs, 3-5 experts per GPU on a single-copy map, and a
+// sample of 200-499 top-2 tokens.
+struct layer_case {
+  dynamic_topology topo;
+  std::size_t ranks, experts;
+  std::vector<expert_map> maps;
+  placement::token_sample sample;
+};
+layer_case one_layer_case(std::mt19937& rng) {
+  const dynamic_topology topo(2 + rng() % 3, 1 + rng() % 2);
+  const std::size_t ranks = topo.ranks(), experts = ranks * (3 + rng() % 3);
+  std::vector<expert_map> maps{random_map(rng, experts, ranks, experts / ranks, 0)};
+  auto sample = random_sample(rng, experts, 2, 1, 200 + rng() % 300, topo.nodes());
+  return {topo, ranks, experts, std::move(maps), std::move(sample)};
+}
+
 } // namespace
 
 // Under a budget every swap moves weights: a repair must lower the busiest GPU by at least half of
@@ -404,10 +420,7 @@ BOOST_AUTO_TEST_CASE(a_repair_swap_takes_at_least_half_the_best_drop) {
   std::mt19937 rng(21);
   int repaired = 0;
   for (int instance = 0; instance < 60; ++instance) {
-    const dynamic_topology topo(2 + rng() % 3, 1 + rng() % 2);
-    const std::size_t ranks = topo.ranks(), experts = ranks * (3 + rng() % 3);
-    std::vector<expert_map> maps{random_map(rng, experts, ranks, experts / ranks, 0)};
-    auto sample = random_sample(rng, experts, 2, 1, 200 + rng() % 300, topo.nodes());
+    auto [topo, ranks, experts, maps, sample] = one_layer_case(rng);
     // Heat the experts of one rank: extra tokens that use two of them.
     const std::size_t hot = rng() % ranks;
     std::vector<std::uint16_t> on_hot;
@@ -502,10 +515,12 @@ BOOST_AUTO_TEST_CASE(a_replan_with_a_prior_holds_the_bound_on_the_windows_loads)
   std::mt19937 rng(29);
   int broken_if_counted = 0;
   for (int instance = 0; instance < 40; ++instance) {
-    const dynamic_topology topo(2 + rng() % 3, 1 + rng() % 2);
-    const std::size_t ranks = topo.ranks(), experts = ranks * (3 + rng() % 3);
-    std::vector<expert_map> maps{random_map(rng, experts, ranks, experts / ranks, 0)};
-    const auto window = random_sample(rng, experts, 2, 1, 200 + rng() % 300, topo.nodes());
+    const auto c = one_layer_case(rng);
+    // Plain references, not structured bindings: the lambda below captures them.
+    const dynamic_topology& topo = c.topo;
+    const std::vector<expert_map>& maps = c.maps;
+    const placement::token_sample& window = c.sample;
+    const std::size_t ranks = c.ranks, experts = c.experts;
     auto prior = random_sample(rng, experts, 2, 1, 300, topo.nodes());
     std::vector<std::uint16_t> on_first;
     for (std::size_t e = 0; e < experts; ++e)
