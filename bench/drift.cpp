@@ -95,8 +95,8 @@ int main(int argc, char** argv) try {
   app.add_option("--drift-every", drift_every, "Steps between drift checks (0: none)");
   app.add_option("--replan-slack", replan_slack,
                  "A budgeted re-plan's load bound (locus adaptive, the same-budget look-ahead): it first repairs the "
-                 "GPUs above (1 + this) x the window's mean load, as far as its budget allows, and no swap raises a "
-                 "GPU above it")
+                 "GPUs above (1 + this) x the mean load (the window's, with --prior-requests' share of the training "
+                 "sample), as far as its budget allows, and no swap raises a GPU above it")
       ->check(tool_cli::finite_non_negative);
   app.add_option("--balance-trigger", balance_trigger,
                  "Locus adaptive also re-plans at a drift check when the GPU max/mean its maps measure since the last "
@@ -141,6 +141,8 @@ int main(int argc, char** argv) try {
                 "--hedge-replicas spends replica slots: it needs --redundant");
   trace_path = bench_args::trace_to_read(*trace_opt, trace_path);
   auto folder = bench_args::output_folder(out_dir); // checked now, made when the first result is written
+  LOCUS_REQUIRE(drift_every > 0 || app.count("--balance-trigger") == 0, config_error,
+                "--balance-trigger acts at the drift checks: it applies with --drift-every above 0");
   const std::size_t adaptive_window = adaptive_window_opt.value_or(interval);
   const auto transport = cost::parse_transport_kind(transport_name);
   // Every policy's replicas are chosen by one rule (transport/replica_selection.hpp).
@@ -605,7 +607,7 @@ int main(int argc, char** argv) try {
                 "adaptive at the same interval from the last %zu, also early when the drift check (every %zu steps, "
                 "against the training traffic until the first re-plan) fires or the GPU max/mean since the last "
                 "re-plan exceeds %.2f, moving at most %zu of %zu expert slots (%.0f%%) per re-plan, repairing first "
-                "the GPUs above %.3g × the mean load (the window's, with the training sample counted as %g requests "
+                "the GPUs above %.4g × the mean load (the window's, with the training sample counted as %g requests "
                 "beside the window's; the sample also steers the copy savings, except in the window-only row); the "
                 "oracle "
                 "re-plans at each phase start from that phase's own traffic. "

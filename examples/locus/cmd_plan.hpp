@@ -374,12 +374,15 @@ inline void register_simulate(CLI::App& app) {
   cmd->add_option("--replan-budget", opt->replan_budget, "Share of the expert slots one re-plan may move")
       ->check(tool_cli::number_in(0, 1));
   cmd->add_option("--replan-slack", opt->replan_slack,
-                  "A re-plan's load bound: it first repairs the GPUs above (1 + this) x the window's mean load, as far "
-                  "as its budget allows, and no swap raises a GPU above it")
+                  "A re-plan's load bound: it first repairs the GPUs above (1 + this) x the mean load (the window's, "
+                  "with the training sample counted as " +
+                      std::to_string(static_cast<int>(locus::placement::default_prior_requests)) +
+                      " requests beside it when there is a grouping), as far as its budget allows, and no swap raises "
+                      "a GPU above it")
       ->check(tool_cli::finite_non_negative);
   cmd->add_option("--drift-every", opt->drift_every,
-                  "Steps between drift checks that re-plan early (0: none); with a grouping the first check compares "
-                  "the steps so far with the training traffic, else it waits for a full window");
+                  "Steps between drift checks that re-plan early (0: none); with --grouper workload_aware the first "
+                  "check compares the steps so far with the training traffic, else it waits for a full window");
   cmd->add_option("--balance-trigger", opt->balance_trigger,
                   "With --drift-every: also re-plan at a drift check when the GPU max/mean the maps measure since the "
                   "last re-plan exceeds this (0: off)")

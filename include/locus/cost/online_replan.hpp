@@ -98,8 +98,8 @@ struct load_profile {
     return p;
   }
 
-  //! The (node, expert) pairs of a token sample's tokens (each on its home node): e.g. the training
-  //! traffic the initial maps were fitted to.
+  //! The (node, expert) pairs of a token sample's tokens (each on its home node, each counted once:
+  //! load weights are not read): e.g. the training traffic the initial maps were fitted to.
   //! @throws locus::invalid_input_error on a malformed sample
   static load_profile of(const placement::token_sample& sample, std::size_t nodes) {
     sample.validate(nodes);
@@ -139,7 +139,11 @@ inline double divergence(const load_profile& a, const load_profile& b) {
 }
 
 //! The drift trigger's test on the window [first, last) against the profile the maps were fitted
-//! to: (fires, distance, the window's noise).
+//! to: (fires, distance, the noise it is held against). The noise is the distance between the
+//! window's even and odd steps, two samples of half its size each; a reference with fewer pairs
+//! than the window (fitted on a few steps, e.g. by a re-plan soon after the start) adds its own
+//! sampling noise, so the noise is widened by √((1 + n/m) / 2) for a window of n pairs and a
+//! reference of m, never narrowed.
 struct drift_check {
   bool fired = false;
   double distance = 0;
@@ -152,6 +156,15 @@ inline drift_check check_drift(const trace::trace& t, const decode_schedule& s, 
   c.distance = divergence(load_profile::of(t, s, first, last, topo), reference);
   c.noise =
       divergence(load_profile::of(t, s, first, last, topo, 2, 0), load_profile::of(t, s, first, last, topo, 2, 1));
+  const auto pairs = [](const load_profile& p) {
+    double n = 0;
+    for (const double x : p.counts.empty() ? std::vector<double>{} : p.counts.front())
+      n += x;
+    return n;
+  };
+  const double n = static_cast<double>(s.step_begin[last] - s.step_begin[first]) * static_cast<double>(t.top_k()),
+               m = pairs(reference);
+  if (m > 0) c.noise *= std::max(1.0, std::sqrt((1 + n / m) / 2));
   c.fired = c.distance > floor && c.distance > ratio * c.noise;
   return c;
 }
@@ -227,9 +240,10 @@ struct online_options {
   //! shape of the run's). Empty: the first full window stands in for it, so that a plan fitted
   //! elsewhere is never flagged before `window` steps have run and been taken as the reference.
   load_profile reference;
-  //! Steps a drift check needs at least (0: `window`): with a reference, checks from this step on
-  //! see the steps so far until a full window has run, so that a plan that does not fit the
-  //! traffic it meets is re-planned within tens of steps. The noise test scales with the window.
+  //! Steps a drift check needs at least (0: `window`; never below 4, or the window where shorter:
+  //! the noise test compares the even and the odd steps): with a reference, checks from this step
+  //! on see the steps so far until a full window has run, so that a plan that does not fit the
+  //! traffic it meets is re-planned within tens of steps.
   std::size_t min_check = 0;
   //! Also re-plan at a drift check when the GPU max/mean the maps in service measure over the steps
   //! since the last re-plan (at least min_gap of them; mean over layers) exceeds this (0: off). The
@@ -268,7 +282,7 @@ struct replan_event {
   std::uint64_t bytes_moved = 0;
   double drift_distance = 0; //!< the drift check's figures at this step (0 when none ran)
   double drift_noise = 0;
-  double measured_imbalance = 0; //!< the balance trigger's figure at this step (0 when it was off)
+  double measured_imbalance = 0; //!< the balance trigger's figure at this step (0 when it did not run)
   double seconds = 0;            //!< the planner's CPU time (of the process: planners here run on one thread)
 };
 
@@ -368,7 +382,8 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
                   config_error, "run_online: the reference profile (", reference.counts.size(), " layers, ",
                   reference.nodes, " nodes, ", reference.experts, " experts) does not match the trace (", layers,
                   " layers, ", t.experts(), " experts) and the topology (", topo.nodes(), " nodes)");
-  const std::size_t min_check = opt.min_check ? std::min(opt.min_check, opt.window) : opt.window;
+  const std::size_t min_check =
+      opt.min_check ? std::min(std::max<std::size_t>(opt.min_check, 4), opt.window) : opt.window;
   // Without a reference a check before a full window would compare the window with itself.
   const std::size_t first_check = reference.empty() ? opt.window : min_check;
   std::size_t last_plan = 0, next_fixed = 0;

@@ -72,7 +72,7 @@ inline constexpr double default_prior_requests = 32;
 //! now: a prior counted in full in the loads hides the imbalance a shifted mix brings, and the
 //! re-plan's repairs then never see it (bench/results/robust_planning.md, section 2). So the prior
 //! counts in the loads (token_sample::load_weight) as `prior_requests` requests would beside the
-//! window's distinct requests (token_sample::request; without them the prior does not count): a
+//! window's distinct requests (token_sample::request; without them every token is its own): a
 //! window of a few long requests, whose tokens say little about the traffic to come, leans on the
 //! prior; a window of hundreds barely does. An empty prior returns the window unchanged; else the
 //! result has no mix groups or request ids (a re-plan reads neither).
@@ -90,7 +90,9 @@ inline token_sample with_prior(token_sample window, const token_sample& prior,
   LOCUS_REQUIRE(window.load_weight.empty(), config_error, "with_prior: the window already has load weights");
   std::vector<std::uint32_t> seen = window.request;
   std::sort(seen.begin(), seen.end());
-  const auto requests = static_cast<double>(std::unique(seen.begin(), seen.end()) - seen.begin());
+  const auto requests = window.request.empty()
+                            ? static_cast<double>(window.tokens())
+                            : static_cast<double>(std::unique(seen.begin(), seen.end()) - seen.begin());
   // The prior's total load weight is the window's tokens × prior_requests / the window's requests.
   const double share = requests > 0 ? prior_requests / requests : 0.0;
   const auto w = static_cast<float>(share * static_cast<double>(window.tokens()) / static_cast<double>(prior.tokens()));
