@@ -169,19 +169,29 @@ trace::trace two_mix_trace(std::mt19937& rng, std::size_t requests, std::size_t 
   return b.build().with_prefill_tokens(1);
 }
 
+// The drift and balance-trigger tests' setting: 2 nodes × 2 GPUs, 4 running requests per GPU, and
+// linear maps of t's experts.
+struct small_run {
+  cost::simulation_config cfg;
+  std::vector<expert_map> maps;
+  explicit small_run(const trace::trace& t) {
+    cfg.topology = dynamic_topology(2, 2);
+    cfg.batch_per_rank = 4;
+    maps = placement::linear{}.plan({cfg.topology,
+                                     t.experts(),
+                                     t.experts() / 4,
+                                     std::vector<std::vector<double>>(t.layers(), std::vector<double>(t.experts(), 1)),
+                                     {}});
+  }
+};
+
 // `shift_step`: the first step that runs a token at or after trace position `shift_token`.
 cost::online_result run_with_trigger(const trace::trace& t, std::size_t* first_fire, std::size_t shift_token = 0,
                                      std::size_t* shift_step = nullptr) {
-  cost::simulation_config cfg;
-  cfg.topology = dynamic_topology(2, 2);
-  cfg.batch_per_rank = 4;
+  small_run run(t);
+  auto& cfg = run.cfg;
+  const auto& maps = run.maps;
   cfg.arrival_rate = 0.5; // in trace order: the mix follows the request order in time
-  const auto maps =
-      placement::linear{}.plan({cfg.topology,
-                                t.experts(),
-                                t.experts() / 4,
-                                std::vector<std::vector<double>>(t.layers(), std::vector<double>(t.experts(), 1)),
-                                {}});
   grouper::round_robin g;
   const auto s = cost::record_schedule(t, maps, g, cfg);
   if (shift_step) {
@@ -649,11 +659,9 @@ BOOST_AUTO_TEST_CASE(a_reference_profile_lets_drift_fire_before_a_full_window) {
     const auto fitted = two_mix_trace(rng, 120, 16, 3, mixed);
     const auto same = two_mix_trace(rng, 120, 16, 3, mixed);
     const auto other = two_mix_trace(rng, 120, 16, 3, [](std::size_t) { return std::uint32_t{1}; });
-    cost::simulation_config cfg;
-    cfg.topology = dynamic_topology(2, 2);
-    cfg.batch_per_rank = 4;
-    const auto maps = placement::linear{}.plan(
-        {cfg.topology, 16, 4, std::vector<std::vector<double>>(3, std::vector<double>(16, 1)), {}});
+    const small_run setting(fitted);
+    const auto& cfg = setting.cfg;
+    const auto& maps = setting.maps;
     grouper::round_robin g;
     const auto fs = cost::record_schedule(fitted, maps, g, cfg);
     cost::online_options opt;
@@ -717,11 +725,9 @@ BOOST_AUTO_TEST_CASE(the_balance_trigger_fires_while_the_maps_stay_unbalanced) {
   std::mt19937 rng(41);
   // Domain 1 only: experts [8, 16), which linear placement puts on ranks 2 and 3.
   const auto t = two_mix_trace(rng, 80, 16, 2, [](std::size_t) { return std::uint32_t{1}; });
-  cost::simulation_config cfg;
-  cfg.topology = dynamic_topology(2, 2);
-  cfg.batch_per_rank = 4;
-  const auto uniform = std::vector<std::vector<double>>(2, std::vector<double>(16, 1));
-  const auto linear = placement::linear{}.plan({cfg.topology, 16, 4, uniform, {}});
+  const small_run setting(t);
+  const auto& cfg = setting.cfg;
+  const auto& linear = setting.maps;
   // Two of the hot experts on every rank.
   std::vector<expert_id> table;
   for (std::size_t r = 0; r < 4; ++r)
@@ -760,13 +766,10 @@ BOOST_AUTO_TEST_CASE(the_balance_trigger_fires_while_the_maps_stay_unbalanced) {
 BOOST_AUTO_TEST_CASE(a_small_reference_widens_the_drift_noise) {
   std::mt19937 rng(47);
   const auto t = two_mix_trace(rng, 80, 16, 2, [](std::size_t r) { return static_cast<std::uint32_t>(r % 2); });
-  cost::simulation_config cfg;
-  cfg.topology = dynamic_topology(2, 2);
-  cfg.batch_per_rank = 4;
-  const auto maps = placement::linear{}.plan(
-      {cfg.topology, 16, 4, std::vector<std::vector<double>>(2, std::vector<double>(16, 1)), {}});
+  const small_run setting(t);
+  const auto& cfg = setting.cfg;
   grouper::round_robin g;
-  const auto s = cost::record_schedule(t, maps, g, cfg);
+  const auto s = cost::record_schedule(t, setting.maps, g, cfg);
   BOOST_REQUIRE(s.steps() > 40u);
   const auto& topo = cfg.topology;
   const double even_odd = cost::divergence(cost::load_profile::of(t, s, 20, 40, topo, 2, 0),
