@@ -13,7 +13,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
-#include <limits>
 #include <locus/core/expert_map_json.hpp>
 #include <locus/cost/online_replan.hpp>
 #include <locus/cost/simulation_json.hpp>
@@ -497,18 +496,6 @@ inline void register_simulate(CLI::App& app) {
       const std::size_t tokens = popt.refine_sample_tokens(test.layers(), test.top_k());
       const auto prior = planned.model ? locus::placement::token_sample_from_model(train, *planned.model, tokens)
                                        : locus::placement::token_sample{};
-      // The first step each mechanism can act (run_online: a full window first; a drift check on a
-      // multiple of --drift-every, from the first one on when the prior is its reference): a run
-      // shorter than both would report no re-plan as a result.
-      const std::size_t never = std::numeric_limits<std::size_t>::max();
-      const std::size_t first_scheduled = opt->replan_every ? std::max(window, opt->replan_every) : never;
-      const std::size_t check_from = prior.tokens() > 0 ? std::min(window, opt->drift_every) : window;
-      const std::size_t first_check = opt->drift_every && check_from <= never - opt->drift_every
-                                          ? (check_from + opt->drift_every - 1) / opt->drift_every * opt->drift_every
-                                          : never;
-      LOCUS_REQUIRE(std::min(first_scheduled, first_check) < sched.steps(), locus::config_error, "the run has ",
-                    sched.steps(), " steps, and with a window of ", window, " steps neither --replan-every ",
-                    opt->replan_every, " nor --drift-every ", opt->drift_every, " acts before its end");
       popt.refine.count(transport == locus::cost::transport_kind::flat ? locus::placement::copy_count::flat
                                                                        : locus::placement::copy_count::hierarchical);
       popt.refine.replan_slack = opt->replan_slack;
@@ -522,6 +509,10 @@ inline void register_simulate(CLI::App& app) {
         o.reference = locus::cost::load_profile::of(prior, topo.nodes());
         o.min_check = opt->drift_every;
       }
+      // A run shorter than the first step a re-plan can happen would report none as a result.
+      LOCUS_REQUIRE(locus::cost::first_replan_step(o) < sched.steps(), locus::config_error, "the run has ",
+                    sched.steps(), " steps, and with a window of ", window, " steps neither --replan-every ",
+                    opt->replan_every, " nor --drift-every ", opt->drift_every, " acts before its end");
       o.expert_bytes = opt->expert_bytes;
       const auto budget =
           static_cast<std::size_t>(opt->replan_budget * static_cast<double>(locus::placement::total_slots(maps)));

@@ -705,6 +705,7 @@ BOOST_AUTO_TEST_CASE(a_reference_profile_lets_drift_fire_before_a_full_window) {
       // on full windows of the same traffic allow for.
       BOOST_TEST(shifted.drift_fired == 1u);
       BOOST_TEST(first_other >= 4u);
+      BOOST_TEST(first_other >= cost::first_replan_step(opt));
       BOOST_TEST(first_other < opt.window);
     }
     // A reference of another shape is refused.

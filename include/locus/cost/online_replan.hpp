@@ -156,14 +156,12 @@ inline drift_check check_drift(const trace::trace& t, const decode_schedule& s, 
   c.distance = divergence(load_profile::of(t, s, first, last, topo), reference);
   c.noise =
       divergence(load_profile::of(t, s, first, last, topo, 2, 0), load_profile::of(t, s, first, last, topo, 2, 1));
-  const auto pairs = [](const load_profile& p) {
-    double n = 0;
-    for (const double x : p.counts.empty() ? std::vector<double>{} : p.counts.front())
-      n += x;
-    return n;
-  };
-  const double n = static_cast<double>(s.step_begin[last] - s.step_begin[first]) * static_cast<double>(t.top_k()),
-               m = pairs(reference);
+  // Pairs per layer: the window's from its token count, the reference's from its first layer.
+  const double n = static_cast<double>(s.step_begin[last] - s.step_begin[first]) * static_cast<double>(t.top_k());
+  double m = 0;
+  if (!reference.counts.empty())
+    for (const double x : reference.counts.front())
+      m += x;
   if (m > 0) c.noise *= std::max(1.0, std::sqrt((1 + n / m) / 2));
   c.fired = c.distance > floor && c.distance > ratio * c.noise;
   return c;
@@ -229,6 +227,17 @@ inline placement::plan_input window_plan_input(const trace::trace& t, const deco
 inline constexpr double default_balance_trigger = 1.25;
 
 //! When run_online re-plans.
+struct online_options;
+
+//! The first step run_online may run a drift check (and the balance trigger) at: with a reference,
+//! online_options::min_check (at least 4, at most the window); without one, a full window.
+std::size_t drift_check_start(const online_options& opt) noexcept;
+
+//! The first step run_online may re-plan at on its own (scheduled or on a check; plan_at aside):
+//! SIZE_MAX when neither can act. A run shorter than this reports no re-plan.
+std::size_t first_replan_step(const online_options& opt) noexcept;
+
+//! When run_online re-plans.
 struct online_options {
   std::size_t interval = 0;    //!< re-plan every this many steps after the last re-plan (0: never)
   std::size_t window = 16;     //!< steps of traffic a re-plan (and the drift check) sees
@@ -261,6 +270,21 @@ struct online_options {
   //! runs to the next start or the end): online_result::segments, e.g. one per phase of a workload.
   std::vector<std::size_t> segment_starts;
 };
+
+inline std::size_t drift_check_start(const online_options& opt) noexcept {
+  if (opt.reference.empty() || opt.min_check == 0) return opt.window;
+  return std::min(std::max<std::size_t>(opt.min_check, 4), opt.window);
+}
+
+inline std::size_t first_replan_step(const online_options& opt) noexcept {
+  constexpr std::size_t never = ~std::size_t{0};
+  const std::size_t scheduled = opt.interval ? std::max(opt.window, opt.interval) : never;
+  const std::size_t start = drift_check_start(opt);
+  const std::size_t checked = opt.drift_every && start <= never - opt.drift_every
+                                  ? (start + opt.drift_every - 1) / opt.drift_every * opt.drift_every
+                                  : never;
+  return std::min(scheduled, checked);
+}
 
 //! Why a re-plan happened.
 enum class replan_reason : std::uint8_t { scheduled, drift, fixed, balance };
@@ -382,10 +406,8 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
                   config_error, "run_online: the reference profile (", reference.counts.size(), " layers, ",
                   reference.nodes, " nodes, ", reference.experts, " experts) does not match the trace (", layers,
                   " layers, ", t.experts(), " experts) and the topology (", topo.nodes(), " nodes)");
-  const std::size_t min_check =
-      opt.min_check ? std::min(std::max<std::size_t>(opt.min_check, 4), opt.window) : opt.window;
   // Without a reference a check before a full window would compare the window with itself.
-  const std::size_t first_check = reference.empty() ? opt.window : min_check;
+  const std::size_t first_check = drift_check_start(opt);
   std::size_t last_plan = 0, next_fixed = 0;
   bool planned_once = false;
   double bytes = 0;
