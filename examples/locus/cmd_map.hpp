@@ -1,5 +1,6 @@
 #pragma once
 // `locus map ...`: expert-map tools.
+#include "cmd_replan.hpp"
 #include "output.hpp"
 #include "tool_cli.hpp"
 #include "trace_input.hpp"
@@ -150,6 +151,8 @@ inline void register_map(CLI::App& app) {
       ->default_str("saved with the plan, else 1");
   add_json_option(exp, o->json);
   exp->callback([o] { map_export(*o); });
+
+  register_map_replan(map_cmd);
 }
 
 } // namespace locus_driver

@@ -25,6 +25,7 @@
 #include <locus/placement/by_name.hpp>
 #include <locus/placement/eplb.hpp>
 #include <locus/placement/linear.hpp>
+#include <locus/placement/live_replan.hpp>
 #include <locus/placement/locality.hpp>
 #include <locus/placement/migration.hpp>
 #include <locus/placement/plan_input.hpp>

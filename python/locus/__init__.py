@@ -49,6 +49,7 @@ __all__ = [
     "plan",
     "read_trace",
     "rebalance_experts",
+    "replan",
     "simulate",
     "split_by_request",
     "trace_from_arrays",
@@ -361,6 +362,42 @@ def simulate(
         arrival_rate, seed, replica_rule, replica_slack,
     )
     return json.loads(out)
+
+
+def replan(
+    plan: ExpertPlan,
+    window: Trace,
+    budget: float = 0.10,
+    homes: Any = None,
+    prior: Optional[Trace] = None,
+    model: Optional[WorkloadModel] = None,
+    prior_requests: float = 32.0,
+    transport: str = "flat",
+    replan_slack: float = 0.125,
+    expert_bytes: int = 0,
+    prefill_tokens: int = 32,
+) -> Tuple[ExpertPlan, dict]:
+    """Re-plans the maps in service on a window of recorded routing (its decode tokens), moving at
+    most ``budget`` of all slots: the re-planner ``locus simulate --drift-every`` runs, for an
+    engine's periodic rebalance. ``homes``: the rank each request of ``window`` ran on (``[requests]``);
+    without it, a request's node is its class's under ``model`` (or the plan's own model) when the
+    classes recognise its prefill, else the nodes in turn. ``prior``: the traffic the maps were
+    fitted to (its nodes from the model), which steers the copy savings and counts in the loads as
+    ``prior_requests`` requests beside the window's. ``transport``: whose copies to save ("flat",
+    "hierarchical" or "both"). Returns the new plan and a report: ``moves`` (each slot whose weights
+    change: layer, rank, slot, from, to; None for an empty slot), ``slots_moved``, ``bytes_moved``
+    (with ``expert_bytes``), and the window's inter-node copies per token and lowest reachable GPU
+    max/mean (``balance_floor``) before and after (docs/robust_planning.md)."""
+    h = None if homes is None else _array(homes, np.int64, 1, "homes")
+    m = model if model is not None else plan.model
+    maps, report = _core._replan(
+        plan._maps(), plan.experts, plan.nodes, plan.gpus_per_node, window, h, m, prior, float(budget),
+        float(prior_requests), transport, float(replan_slack), expert_bytes, prefill_tokens,
+    )
+    out = ExpertPlan(maps, plan.experts, plan.nodes, plan.gpus_per_node, plan.model, plan.layer_ids,
+                     plan.hidden_layers)
+    out._hedge_copies = plan._hedge_copies
+    return out, json.loads(report)
 
 
 def export_text(

@@ -127,6 +127,22 @@ def _simulate(
     replica_rule: str,
     replica_slack: float,
 ) -> str: ...
+def _replan(
+    maps: npt.NDArray[np.int32],
+    experts: int,
+    nodes: int,
+    gpus_per_node: int,
+    window: Trace,
+    homes: Optional[npt.NDArray[np.int64]],
+    model: Optional[WorkloadModel],
+    prior: Optional[Trace],
+    budget: float,
+    prior_requests: float,
+    transport: str,
+    replan_slack: float,
+    expert_bytes: int,
+    prefill_tokens: int,
+) -> Tuple[npt.NDArray[np.int32], str]: ...
 def _fill_empty_slots(
     maps: npt.NDArray[np.int32], experts: int, load: npt.NDArray[np.float64], gpus_per_node: int
 ) -> npt.NDArray[np.int32]: ...

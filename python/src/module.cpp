@@ -17,6 +17,7 @@
 #include <locus/placement/by_name.hpp>
 #include <locus/placement/engine_export.hpp>
 #include <locus/placement/eplb.hpp>
+#include <locus/placement/live_replan_json.hpp>
 #include <locus/placement/load_import.hpp>
 #include <locus/placement/trace_load.hpp>
 #include <locus/trace/binary.hpp>
@@ -25,6 +26,7 @@
 #include <locus/transport/replica_selection.hpp>
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
@@ -527,6 +529,60 @@ NB_MODULE(_core, m) {
       },
       "test"_a, "maps"_a, "nodes"_a, "gpus_per_node"_a, "grouper"_a, "model"_a.none(), "transport"_a,
       "batch_per_rank"_a, "hidden"_a, "arrival_rate"_a, "seed"_a, "replica_rule"_a, "replica_slack"_a);
+
+  m.def(
+      "_replan",
+      [](maps_in maps, nb::handle experts, nb::handle nodes, nb::handle gpus_per_node,
+         const locus::trace::trace& window,
+         std::optional<nb::ndarray<const std::int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>> homes,
+         std::shared_ptr<locus::grouper::workload_model> model, const locus::trace::trace* prior, double budget,
+         double prior_requests, const std::string& transport, double replan_slack, nb::handle expert_bytes,
+         nb::handle prefill_tokens) {
+        const auto topo = locus::dynamic_topology(size_arg(nodes, "nodes"), size_arg(gpus_per_node, "gpus_per_node"));
+        const std::size_t prefill = size_arg(prefill_tokens, "prefill_tokens");
+        // Each request's node: its rank in `homes`, else its class's under the model, else in turn.
+        const auto nodes_of = [&](const locus::trace::trace& t, bool use_homes) {
+          std::vector<std::uint32_t> out(t.requests());
+          if (use_homes) {
+            LOCUS_REQUIRE(homes->shape(0) == t.requests(), locus::config_error, "homes has ", homes->shape(0),
+                          " ranks for the window's ", t.requests(), " requests");
+            for (std::size_t r = 0; r < t.requests(); ++r) {
+              const std::int64_t rank = homes->data()[r];
+              LOCUS_REQUIRE(rank >= 0 && static_cast<std::uint64_t>(rank) < topo.ranks(), locus::config_error, "homes[",
+                            r, "] is rank ", rank, " of ", topo.ranks());
+              out[r] = static_cast<std::uint32_t>(topo.node_of(static_cast<std::size_t>(rank)));
+            }
+          } else if (model) {
+            out = locus::grouper::class_nodes(*model, t, prefill);
+          } else {
+            for (std::size_t r = 0; r < t.requests(); ++r)
+              out[r] = static_cast<std::uint32_t>(r % topo.nodes());
+          }
+          return out;
+        };
+        LOCUS_REQUIRE(!model || model->nodes() == topo.nodes(), locus::config_error, "the grouping model is for ",
+                      model ? model->nodes() : 0, " nodes; the plan has ", topo.nodes());
+        locus::placement::live_replan_options opt;
+        opt.budget_share = budget;
+        // A NaN would pass every comparison the re-planner makes with it.
+        LOCUS_REQUIRE(std::isfinite(prior_requests) && prior_requests >= 0 && std::isfinite(replan_slack) &&
+                          replan_slack >= 0,
+                      locus::config_error, "prior_requests (", prior_requests, ") and replan_slack (", replan_slack,
+                      ") must be finite numbers >= 0");
+        opt.prior_requests = prior_requests;
+        opt.replan_slack = replan_slack;
+        opt.copies = locus::placement::parse_copy_count(transport);
+        opt.expert_bytes = count_arg(expert_bytes, "expert_bytes");
+        const auto current = maps_from(maps, size_arg(experts, "experts"));
+        locus::placement::require_replan_shape(current, window, topo);
+        const auto window_nodes = nodes_of(window, homes.has_value());
+        const auto prior_nodes = prior ? nodes_of(*prior, false) : std::vector<std::uint32_t>{};
+        const auto r = locus::placement::replan_live(current, window, window_nodes, topo, opt, prior, prior_nodes);
+        return std::make_pair(maps_to(r.maps), locus::placement::live_replan_json(r).dump());
+      },
+      "maps"_a, "experts"_a, "nodes"_a, "gpus_per_node"_a, "window"_a, "homes"_a.none(), "model"_a.none(),
+      "prior"_a.none(), "budget"_a, "prior_requests"_a, "transport"_a, "replan_slack"_a, "expert_bytes"_a,
+      "prefill_tokens"_a);
 
   m.def(
       "_fill_empty_slots",

@@ -709,3 +709,89 @@ def test_plans_carry_their_replica_and_hedge_counts(tmp_path):
         plan.hedge_copies = 1
     with pytest.raises(AttributeError):
         plan.replicas = 1
+
+
+def one_kind_trace(kind, requests=6, tokens_per_request=40, layers=3, experts=16, k=2, seed=5):
+    """Requests that all use experts kind*8 .. kind*8+7 (8 prefill tokens each)."""
+    rng = np.random.default_rng(seed)
+    ids = np.empty((requests * tokens_per_request, layers, k), np.int32)
+    for t in range(len(ids)):
+        for l in range(layers):
+            ids[t, l] = rng.choice(np.arange(kind * 8, kind * 8 + 8), size=k, replace=False)
+    req = np.repeat(np.arange(requests), tokens_per_request)
+    phases = np.tile(["prefill"] * 8 + ["decode"] * (tokens_per_request - 8), requests)
+    return ids, locus.trace_from_arrays(ids, experts, request_ids=req, phases=phases)
+
+
+def inter_node_copies(maps, ids, decode, homes, gpus_per_node):
+    """Flat inter-node copies per decode token, summed over layers: each token sends one copy to
+    every distinct rank, on another node than its request's, that holds one of its experts."""
+    rank_of = [{int(e): r for r in range(maps.shape[1]) for e in maps[l, r] if e >= 0} for l in range(maps.shape[0])]
+    total = 0
+    for t in np.flatnonzero(decode):
+        for l in range(maps.shape[0]):
+            ranks = {rank_of[l][int(e)] for e in ids[t, l]}
+            total += sum(1 for r in ranks if r // gpus_per_node != homes[t] // gpus_per_node)
+    return total / decode.sum()
+
+
+def test_replan_moves_within_budget_and_reports_what_an_independent_count_gives():
+    """locus.replan on a window of the other kind's traffic: moves at most the budget (the expert
+    multiset of every layer kept), reports exactly the slots that changed, and its copies per token
+    and balance floor equal counts made here from the maps and the window."""
+    _, code = one_kind_trace(0)
+    ids, window = one_kind_trace(1, seed=9)
+    plan = locus.plan(code, 2, 2, "linear", clusters=1, prefill_tokens=8)  # experts 8-15 on ranks 2 and 3
+    homes = np.arange(window.requests) % 4  # the rank each window request ran on
+    token_homes = np.repeat(homes, 40)
+    decode = np.tile([False] * 8 + [True] * 32, window.requests)
+    load = locus.expert_load(window, decode_only=True)
+    slots = plan.maps.size
+
+    def floor(maps):  # no replicas: each GPU's rows are its experts' rows
+        per_layer = []
+        for l in range(maps.shape[0]):
+            gpu = [load[l][maps[l, r]].sum() for r in range(maps.shape[1])]
+            per_layer.append(max(gpu) / np.mean(gpu))
+        return float(np.mean(per_layer))
+
+    for budget in (0.0, 0.125, 1.0):
+        new, rep = locus.replan(plan, window, budget=budget, homes=homes, expert_bytes=1000)
+        changed = [(l, r, s) for l, r, s in zip(*np.nonzero(new.maps != plan.maps))]
+        assert [(m["layer"], m["rank"], m["slot"]) for m in rep["moves"]] == changed
+        assert all(plan.maps[m["layer"], m["rank"], m["slot"]] == m["from"] for m in rep["moves"])
+        assert all(new.maps[m["layer"], m["rank"], m["slot"]] == m["to"] for m in rep["moves"])
+        assert rep["budget_slots"] == int(budget * slots) and rep["slots_moved"] <= rep["budget_slots"]
+        assert rep["slots_moved"] == len(changed) and rep["bytes_moved"] == 1000 * len(changed)
+        for l in range(plan.layers):
+            assert sorted(new.maps[l].ravel()) == sorted(plan.maps[l].ravel())
+        assert rep["copies_per_token_before"] == pytest.approx(inter_node_copies(plan.maps, ids, decode, token_homes, 2))
+        assert rep["copies_per_token_after"] == pytest.approx(inter_node_copies(new.maps, ids, decode, token_homes, 2))
+        assert rep["balance_floor_before"] == pytest.approx(floor(plan.maps))
+        assert rep["balance_floor_after"] == pytest.approx(floor(new.maps))
+        assert rep["window_requests"] == 6 and rep["window_decode_tokens"] == 6 * 32
+        again, _ = locus.replan(plan, window, budget=budget, homes=homes, expert_bytes=1000)
+        assert np.array_equal(again.maps, new.maps)  # deterministic
+    assert floor(plan.maps) == pytest.approx(2.0, abs=0.2)  # the window's experts on half the GPUs
+    assert rep["balance_floor_after"] < 1.3  # the full budget spreads them
+    assert rep["copies_per_token_after"] <= rep["copies_per_token_before"] + 1e-9
+
+
+def test_replan_refuses_bad_arguments():
+    _, code = one_kind_trace(0)
+    _, window = one_kind_trace(1)
+    plan = locus.plan(code, 2, 2, "linear", clusters=1, prefill_tokens=8)
+    with pytest.raises(locus.ConfigError, match=r"the budget \(1.5\) must be a share of the slots from 0 to 1"):
+        locus.replan(plan, window, budget=1.5)
+    with pytest.raises(locus.ConfigError, match="homes has 2 ranks for the window's 6 requests"):
+        locus.replan(plan, window, homes=[0, 1])
+    with pytest.raises(locus.ConfigError, match=r"homes\[1\] is rank 4 of 4"):
+        locus.replan(plan, window, homes=[0, 4, 0, 0, 0, 0])
+    with pytest.raises(locus.ConfigError, match="prior_requests"):
+        locus.replan(plan, window, prior_requests=float("nan"))
+    _, other = one_kind_trace(1, experts=32)
+    with pytest.raises(locus.ConfigError, match="maps of 3 layers × 16 experts on 4 ranks for a window of 3 layers × 32"):
+        locus.replan(plan, other)
+    no_decode = locus.trace_from_arrays(np.zeros((4, 3, 2), np.int32) + [0, 1], 16, phases=["prefill"] * 4)
+    with pytest.raises(locus.ConfigError, match="the window has no decode tokens"):
+        locus.replan(plan, no_decode)

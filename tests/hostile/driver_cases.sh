@@ -225,7 +225,7 @@ binary_on_stdin() {
 check "trace stats reads a binary trace on stdin" binary_on_stdin
 # A command word missing names the commands there are (CLI11 said "A subcommand is required").
 refused '^locus: usage error: a command is required \(commands: compare, map, plan, simulate, trace; see --help\)$'
-refused '^locus: usage error: map needs a command \(commands of map: check, export; see --help\)$' map
+refused '^locus: usage error: map needs a command \(commands of map: check, export, replan; see --help\)$' map
 refused '^locus: usage error: trace needs a command \(commands of trace: import, stats, synth, report; see --help\)$' trace
 # A bad value of compare's --transport list is a usage error (exit 2), as simulate's --transport is;
 # it was a configuration error (exit 1) found after the trace was read.

@@ -8,6 +8,7 @@
 #include <locus/cost/online_replan.hpp>
 #include <locus/grouper/baselines.hpp>
 #include <locus/placement/linear.hpp>
+#include <locus/placement/live_replan.hpp>
 #include <locus/placement/migration.hpp>
 #include <map>
 #include <random>
@@ -783,4 +784,103 @@ BOOST_AUTO_TEST_CASE(a_small_reference_widens_the_drift_noise) {
   BOOST_TEST(c_small.noise == even_odd * std::sqrt((1 + n / m) / 2), boost::test_tools::tolerance(1e-12));
   BOOST_TEST(c_small.noise > even_odd);
   BOOST_TEST(c_large.noise == even_odd, boost::test_tools::tolerance(1e-12));
+}
+
+// The re-plan of recorded traffic (placement/live_replan.hpp), as `locus map replan` and
+// `locus.replan` run it.
+
+// decode_token_sample: the listed requests' decode tokens in order (every stride-th), each with
+// its request's node and its index in the list, and the trace's experts.
+BOOST_AUTO_TEST_CASE(decode_token_sample_takes_the_listed_requests_decode_tokens) {
+  std::mt19937 rng(51);
+  const auto t = two_mix_trace(rng, 6, 16, 2, [](std::size_t r) { return static_cast<std::uint32_t>(r % 2); });
+  const std::vector<std::size_t> reqs{1, 3, 4};
+  const std::vector<std::uint32_t> nodes{1, 0, 1};
+  for (const std::size_t max_tokens : {std::size_t{0}, std::size_t{50}}) {
+    const auto s = placement::decode_token_sample(t, reqs, nodes, max_tokens);
+    std::vector<std::uint64_t> expected; // (list index, trace token) of every decode token, strided
+    std::vector<std::size_t> owner;
+    for (std::size_t i = 0; i < reqs.size(); ++i)
+      for (std::size_t p = 1; p < 41; ++p) { // the first token of each request is prefill
+        expected.push_back(t.request(reqs[i]).first_token + p);
+        owner.push_back(i);
+      }
+    const std::size_t stride = max_tokens ? (expected.size() + max_tokens - 1) / max_tokens : 1;
+    BOOST_TEST_REQUIRE(s.tokens() == (expected.size() + stride - 1) / stride);
+    for (std::size_t k = 0; k < s.tokens(); ++k) {
+      const std::size_t at = k * stride;
+      BOOST_TEST(s.request[k] == owner[at]);
+      BOOST_TEST(s.home[k] == nodes[owner[at]]);
+      for (std::size_t l = 0; l < t.layers(); ++l)
+        for (std::size_t j = 0; j < t.top_k(); ++j)
+          BOOST_TEST(s.ids[l][k * t.top_k() + j] == t.layer(l).expert(expected[at], j));
+    }
+  }
+  BOOST_CHECK_THROW(placement::decode_token_sample(t, reqs, std::vector<std::uint32_t>{0}, 0), config_error);
+  BOOST_CHECK_THROW(placement::decode_token_sample(t, std::vector<std::size_t>{6}, std::vector<std::uint32_t>{0}, 0),
+                    config_error);
+}
+
+// class_nodes: requests the model recognises go to their class's node, so the two kinds of
+// requests land on different nodes, each kind on one.
+BOOST_AUTO_TEST_CASE(class_nodes_put_each_kind_of_request_on_its_classes_node) {
+  std::mt19937 rng(53);
+  const auto domain = [](std::size_t r) { return static_cast<std::uint32_t>(r % 2); };
+  const auto train = two_mix_trace(rng, 40, 16, 2, domain), window = two_mix_trace(rng, 10, 16, 2, domain);
+  grouper::workload_aware_options o;
+  o.clusters = 2;
+  const auto m = grouper::workload_model::fit(train, dynamic_topology(2, 2), o);
+  const auto nodes = grouper::class_nodes(m, window, 1);
+  BOOST_TEST_REQUIRE(nodes.size() == 10u);
+  for (std::size_t r = 2; r < 10; ++r)
+    BOOST_TEST(nodes[r] == nodes[r % 2]);
+  BOOST_TEST(nodes[0] != nodes[1]);
+}
+
+// replan_live: at most the budget moved, the moves are exactly the slots that changed, every
+// layer keeps its experts, and the same call gives the same maps; with a budget the window of one
+// kind on maps that put its experts on half the GPUs is spread (its balance floor falls).
+BOOST_AUTO_TEST_CASE(replan_live_moves_within_its_budget_and_reports_the_changed_slots) {
+  std::mt19937 rng(55);
+  const auto prior = two_mix_trace(rng, 40, 16, 2, [](std::size_t r) { return static_cast<std::uint32_t>(r % 2); });
+  const auto window = two_mix_trace(rng, 12, 16, 2, [](std::size_t) { return std::uint32_t{1}; });
+  const small_run setting(window);
+  const auto& topo = setting.cfg.topology;
+  std::vector<std::uint32_t> window_nodes(window.requests()), prior_nodes(prior.requests());
+  for (std::size_t r = 0; r < window_nodes.size(); ++r)
+    window_nodes[r] = static_cast<std::uint32_t>(r % 2);
+  for (std::size_t r = 0; r < prior_nodes.size(); ++r)
+    prior_nodes[r] = static_cast<std::uint32_t>(r % 2);
+  const std::size_t slots = placement::total_slots(setting.maps);
+  for (const bool with_prior : {false, true})
+    for (const double share : {0.0, 0.1, 0.25, 1.0}) {
+      placement::live_replan_options o;
+      o.budget_share = share;
+      o.expert_bytes = 7;
+      const auto r = placement::replan_live(setting.maps, window, window_nodes, topo, o, with_prior ? &prior : nullptr,
+                                            with_prior ? prior_nodes : std::vector<std::uint32_t>{});
+      BOOST_TEST(r.budget_slots == static_cast<std::size_t>(share * static_cast<double>(slots)));
+      BOOST_TEST(r.moves.size() <= r.budget_slots);
+      BOOST_TEST(r.moves.size() == differing_slots(setting.maps, r.maps));
+      BOOST_TEST(r.bytes_moved == 7 * r.moves.size());
+      for (const auto& m : r.moves) {
+        BOOST_TEST(setting.maps[m.layer].expert_at(m.rank, m.slot) == m.from);
+        BOOST_TEST(r.maps[m.layer].expert_at(m.rank, m.slot) == m.to);
+      }
+      BOOST_TEST((contents(r.maps) == contents(setting.maps)));
+      BOOST_TEST(r.prior_tokens == (with_prior ? 40u * 40u : 0u));
+      const auto again =
+          placement::replan_live(setting.maps, window, window_nodes, topo, o, with_prior ? &prior : nullptr,
+                                 with_prior ? prior_nodes : std::vector<std::uint32_t>{});
+      BOOST_TEST(differing_slots(again.maps, r.maps) == 0u);
+      if (share == 0.0) BOOST_TEST(r.balance_floor_after == r.balance_floor_before);
+      if (share == 1.0) BOOST_TEST(r.balance_floor_after < r.balance_floor_before - 0.3);
+    }
+  placement::live_replan_options bad;
+  bad.budget_share = 1.5;
+  BOOST_CHECK_THROW(placement::replan_live(setting.maps, window, window_nodes, topo, bad), config_error);
+  BOOST_CHECK_THROW(placement::replan_live(setting.maps, window, std::vector<std::uint32_t>(12, 2), topo, {}),
+                    config_error);
+  BOOST_CHECK_THROW(placement::replan_live(setting.maps, window, std::vector<std::uint32_t>(3, 0), topo, {}),
+                    config_error);
 }

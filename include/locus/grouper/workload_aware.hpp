@@ -436,6 +436,23 @@ private:
   mutable std::vector<std::uint32_t> distinct_; // classify scratch (a model is used by one thread)
 };
 
+//! The node each request of `t` runs on under the model's grouping, as a re-plan of recorded
+//! traffic assumes it: a request classified with confidence (from its first `prefill_tokens`
+//! tokens) on its class's node, the others over the nodes in turn, as the grouper's least-loaded
+//! fallback spreads them. The grouper's balance fallbacks, which send a confident request elsewhere
+//! when its node is busy, depend on the cluster's state at its arrival and are not replayed.
+//! @throws locus::invalid_input_error when the trace's shape differs from the model's
+inline std::vector<std::uint32_t> class_nodes(const workload_model& m, const trace::trace& t,
+                                              std::size_t prefill_tokens) {
+  std::vector<std::uint32_t> out(t.requests()), scratch;
+  std::size_t next = 0;
+  for (std::size_t r = 0; r < t.requests(); ++r) {
+    const auto c = m.classify(t, r, prefill_tokens, scratch);
+    out[r] = c.confident ? m.cluster_node()[c.cluster] : static_cast<std::uint32_t>(next++ % m.nodes());
+  }
+  return out;
+}
+
 //! Counters of the decisions a workload_aware grouper took.
 struct workload_aware_stats {
   std::size_t placed_on_cluster_node = 0;

@@ -16,6 +16,7 @@
 #include <locus/placement/token_refine.hpp>
 #include <locus/placement/trace_load.hpp>
 #include <memory>
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -54,6 +55,48 @@ struct activation_plan_options {
   }
 };
 
+//! Up to `max_tokens` decode tokens (evenly strided; 0: all) of the requests `requests` of `t`,
+//! request i's tokens on node `nodes[i]`; token_sample::request holds i.
+//! @throws locus::config_error when `nodes` does not give one node per request or a request index
+//!         is out of range
+inline token_sample decode_token_sample(const trace::trace& t, std::span<const std::size_t> requests,
+                                        std::span<const std::uint32_t> nodes, std::size_t max_tokens) {
+  LOCUS_REQUIRE(nodes.size() == requests.size(), config_error, "token sample: ", nodes.size(), " nodes for ",
+                requests.size(), " requests");
+  std::size_t decode = 0;
+  for (const std::size_t r : requests) {
+    LOCUS_REQUIRE(r < t.requests(), config_error, "token sample: request ", r, " of a trace of ", t.requests());
+    const auto& q = t.request(r);
+    for (std::size_t i = 0; i < q.length; ++i)
+      decode += t.token_phase(q.first_token + i) == trace::phase::decode;
+  }
+  const std::size_t stride = max_tokens == 0 ? 1 : std::max<std::size_t>(1, (decode + max_tokens - 1) / max_tokens);
+  token_sample s;
+  s.experts = t.experts();
+  s.top_k = t.top_k();
+  std::vector<std::uint64_t> picked;
+  std::size_t seen = 0;
+  for (std::size_t i = 0; i < requests.size(); ++i) {
+    const auto& q = t.request(requests[i]);
+    for (std::size_t p = 0; p < q.length; ++p) {
+      const std::uint64_t tok = q.first_token + p;
+      if (t.token_phase(tok) != trace::phase::decode) continue;
+      if (seen++ % stride != 0) continue;
+      picked.push_back(tok);
+      s.home.push_back(nodes[i]);
+      s.request.push_back(static_cast<std::uint32_t>(i));
+    }
+  }
+  s.ids.assign(t.layers(), std::vector<std::uint16_t>(picked.size() * s.top_k));
+  for (std::size_t l = 0; l < t.layers(); ++l) {
+    const auto view = t.layer(l);
+    for (std::size_t i = 0; i < picked.size(); ++i)
+      for (std::size_t j = 0; j < s.top_k; ++j)
+        s.ids[l][i * s.top_k + j] = view.expert(picked[i], j);
+  }
+  return s;
+}
+
 //! Up to `max_tokens` decode tokens of the model's training requests (evenly strided), each with
 //! the node the model's grouping puts its request on.
 //! @throws locus::config_error when the trace does not match the model
@@ -63,39 +106,15 @@ inline token_sample token_sample_from_model(const trace::trace& train, const gro
   LOCUS_REQUIRE(train.experts() == m.experts() && train.layers() == m.layers(), config_error,
                 "token sample: the trace (", train.experts(), " experts, ", train.layers(),
                 " layers) does not match the grouping model (", m.experts(), " experts, ", m.layers(), " layers)");
-  std::size_t decode = 0;
-  for (const std::size_t r : m.training_requests()) {
-    const auto& q = train.request(r);
-    for (std::size_t i = 0; i < q.length; ++i)
-      decode += train.token_phase(q.first_token + i) == trace::phase::decode;
-  }
-  const std::size_t stride = max_tokens == 0 ? 1 : std::max<std::size_t>(1, (decode + max_tokens - 1) / max_tokens);
-  token_sample s;
-  s.experts = train.experts();
-  s.top_k = train.top_k();
-  std::vector<std::uint64_t> picked;
-  std::size_t seen = 0;
-  for (std::size_t i = 0; i < m.training_requests().size(); ++i) {
-    const auto& q = train.request(m.training_requests()[i]);
-    const std::uint32_t node = m.cluster_node()[m.training_labels()[i]];
-    for (std::size_t p = 0; p < q.length; ++p) {
-      const std::uint64_t tok = q.first_token + p;
-      if (train.token_phase(tok) != trace::phase::decode) continue;
-      if (seen++ % stride != 0) continue;
-      picked.push_back(tok);
-      s.home.push_back(node);
-      s.request.push_back(static_cast<std::uint32_t>(i));
-      if (groups == shift_group::request_class) s.mix_group.push_back(m.training_labels()[i]);
-      if (groups == shift_group::request) s.mix_group.push_back(static_cast<std::uint32_t>(i));
-    }
-  }
-  s.ids.assign(train.layers(), std::vector<std::uint16_t>(picked.size() * s.top_k));
-  for (std::size_t l = 0; l < train.layers(); ++l) {
-    const auto view = train.layer(l);
-    for (std::size_t i = 0; i < picked.size(); ++i)
-      for (std::size_t j = 0; j < s.top_k; ++j)
-        s.ids[l][i * s.top_k + j] = view.expert(picked[i], j);
-  }
+  std::vector<std::uint32_t> nodes;
+  nodes.reserve(m.training_labels().size());
+  for (const auto label : m.training_labels())
+    nodes.push_back(m.cluster_node()[label]);
+  auto s = decode_token_sample(train, m.training_requests(), nodes, max_tokens);
+  if (groups == shift_group::request_class)
+    for (const auto i : s.request)
+      s.mix_group.push_back(m.training_labels()[i]);
+  if (groups == shift_group::request) s.mix_group = s.request;
   return s;
 }
 

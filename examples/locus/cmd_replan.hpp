@@ -1,0 +1,185 @@
+#pragma once
+// `locus map replan`: re-plan a saved map on a window of recorded routing, under a migration budget.
+#include "output.hpp"
+#include "split.hpp"
+#include "tool_cli.hpp"
+#include "trace_input.hpp"
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <locus/core/expert_map_json.hpp>
+#include <locus/grouper/workload_model_json.hpp>
+#include <locus/placement/live_replan_json.hpp>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace locus_driver {
+
+struct replan_options {
+  std::string map_path, homes, grouping, out, json;
+  std::vector<std::string> window_paths, prior_paths;
+  std::size_t experts = 0, prefill_tokens = 32, gpus_per_node = 0;
+  bool split_on_restart = false, strict_layers = false;
+  std::string transport = "flat";
+  locus::placement::live_replan_options live{};
+  CLI::Option* prefill_opt = nullptr;
+};
+
+// The node of each request of `t`: its rank in `homes` (request id → rank), else its class's node
+// under `model`, else the nodes in turn.
+inline std::vector<std::uint32_t> request_nodes(const locus::trace::trace& t,
+                                                const std::map<std::uint64_t, std::size_t>* homes,
+                                                const locus::grouper::workload_model* model,
+                                                const locus::dynamic_topology& topo, std::size_t prefill_tokens,
+                                                const std::string& what) {
+  std::vector<std::uint32_t> nodes(t.requests());
+  if (homes) {
+    for (std::size_t r = 0; r < t.requests(); ++r) {
+      const auto it = homes->find(t.request(r).id);
+      LOCUS_REQUIRE(it != homes->end(), locus::config_error, "--homes lists no rank for request ", t.request(r).id,
+                    " of ", what);
+      nodes[r] = static_cast<std::uint32_t>(topo.node_of(it->second));
+    }
+  } else if (model) {
+    nodes = locus::grouper::class_nodes(*model, t, prefill_tokens);
+  } else {
+    for (std::size_t r = 0; r < t.requests(); ++r)
+      nodes[r] = static_cast<std::uint32_t>(r % topo.nodes());
+  }
+  return nodes;
+}
+
+// `--homes FILE`: pairs of request id and rank.
+inline std::map<std::uint64_t, std::size_t> read_homes(const std::string& path, std::size_t ranks) {
+  const auto v = detail::read_request_ids(path, "--homes");
+  LOCUS_REQUIRE(v.size() % 2 == 0, locus::config_error, "--homes ", path, ": ", v.size(),
+                " numbers, expected pairs of request id and rank");
+  std::map<std::uint64_t, std::size_t> out;
+  for (std::size_t i = 0; i < v.size(); i += 2) {
+    LOCUS_REQUIRE(v[i + 1] < ranks, locus::config_error, "--homes ", path, ": request ", v[i], " on rank ", v[i + 1],
+                  ", but the plan has ", ranks, " ranks");
+    const auto [it, fresh] = out.emplace(v[i], static_cast<std::size_t>(v[i + 1]));
+    LOCUS_REQUIRE(fresh || it->second == v[i + 1], locus::config_error, "--homes ", path, ": request ", v[i],
+                  " is on rank ", it->second, " and on rank ", v[i + 1]);
+  }
+  return out;
+}
+
+inline int map_replan(const replan_options& o) {
+  check_outputs({{"--out", o.out}, {"--json", o.json}}, {o.map_path, o.homes, o.grouping});
+  auto plan = locus::load_expert_plan(o.map_path);
+  const std::size_t ranks = plan.maps.front().ranks();
+  LOCUS_REQUIRE(o.gpus_per_node == 0 || plan.gpus_per_node == 0 || o.gpus_per_node == plan.gpus_per_node,
+                locus::config_error, "--gpus-per-node ", o.gpus_per_node, ": the plan in ", o.map_path,
+                " was made for ", plan.gpus_per_node, " GPUs per node");
+  const std::size_t gpus = o.gpus_per_node ? o.gpus_per_node : plan.gpus_per_node;
+  LOCUS_REQUIRE(gpus > 0, locus::config_error, "the plan in ", o.map_path,
+                " does not say how many GPUs a node has: give --gpus-per-node");
+  LOCUS_REQUIRE(ranks % gpus == 0, locus::config_error, "--gpus-per-node ", gpus, " does not divide the plan's ", ranks,
+                " ranks");
+  const locus::dynamic_topology topo{ranks / gpus, gpus};
+  const auto read = [&](const std::vector<std::string>& paths) {
+    jsonl_reading how;
+    how.experts = o.experts;
+    how.split_on_restart = o.split_on_restart;
+    how.strict_layers = o.strict_layers;
+    return with_prefill(load_trace(paths, how), o.prefill_tokens, o.prefill_opt->count() > 0);
+  };
+  const auto window = read(o.window_paths);
+  const std::string window_name = o.window_paths.front();
+  require_decode_tokens(window, window_name, o.prefill_tokens);
+  std::shared_ptr<const locus::grouper::workload_model> model;
+  if (!o.grouping.empty()) {
+    model = std::make_shared<const locus::grouper::workload_model>(locus::grouper::load_grouping(o.grouping));
+    LOCUS_REQUIRE(model->nodes() == topo.nodes(), locus::config_error, "the grouping in ", o.grouping, " is for ",
+                  model->nodes(), " nodes; the plan has ", topo.nodes());
+  }
+  locus::placement::require_replan_shape(plan.maps, window, topo);
+  std::map<std::uint64_t, std::size_t> homes;
+  if (!o.homes.empty()) homes = read_homes(o.homes, ranks);
+  const auto window_nodes = request_nodes(window, o.homes.empty() ? nullptr : &homes, model.get(), topo,
+                                          o.prefill_tokens, "the window " + window_name);
+  std::optional<locus::trace::trace> prior;
+  std::vector<std::uint32_t> prior_nodes;
+  if (!o.prior_paths.empty()) {
+    prior = read(o.prior_paths);
+    prior_nodes = request_nodes(*prior, nullptr, model.get(), topo, o.prefill_tokens, "the prior");
+  }
+  auto live = o.live;
+  live.copies = locus::placement::parse_copy_count(o.transport);
+  const auto r = locus::placement::replan_live(plan.maps, window, window_nodes, topo, live, prior ? &*prior : nullptr,
+                                               prior_nodes);
+  plan.maps = r.maps;
+  if (plan.gpus_per_node == 0) plan.gpus_per_node = gpus;
+  locus::save_expert_plan(o.out, plan);
+  auto doc = locus::placement::live_replan_json(r);
+  doc["map"] = o.map_path;
+  doc["out"] = o.out;
+  doc["window"] = window_name;
+  doc["homes"] = !o.homes.empty() ? "homes" : model ? "grouping" : "round_robin";
+  doc["transport"] = o.transport;
+  write_json(o.json, "map replan", std::move(doc));
+  if (json_to_stdout(o.json)) return 0;
+  std::printf("%s: %zu of %zu slots budgeted moved (%.1f%% of all slots", o.out.c_str(), r.moves.size(), r.budget_slots,
+              100 * r.moved_share);
+  if (r.bytes_moved) std::printf(", %.2f GB of weights", static_cast<double>(r.bytes_moved) / 1e9);
+  std::printf(")\non the window (%zu requests, %zu decode tokens): inter-node copies per token %.3f -> %.3f, GPU "
+              "max/mean floor %.3f -> %.3f\n",
+              r.window_requests, r.window_decode_tokens, r.copies_per_token_before, r.copies_per_token_after,
+              r.balance_floor_before, r.balance_floor_after);
+  return 0;
+}
+
+inline void register_map_replan(CLI::App* map_cmd) {
+  auto o = std::make_shared<replan_options>();
+  auto* cmd = map_cmd->add_subcommand(
+      "replan", "Re-plan a saved map on a window of recorded routing, moving at most a share of the slots");
+  cmd->add_option("file", o->map_path, "Expert map JSON in service")->required()->check(CLI::ExistingFile);
+  cmd->add_option("--trace", o->window_paths,
+                  "The window: recorded routing of the traffic to re-plan on. " + std::string(trace_help))
+      ->required();
+  cmd->add_option("--out", o->out, "Output expert map JSON")->required();
+  cmd->add_option("--budget", o->live.budget_share, "Share of all slots (all layers) whose weights may change")
+      ->check(tool_cli::number_in(0, 1))
+      ->capture_default_str();
+  cmd->add_option("--homes", o->homes,
+                  "Where the window's requests ran: a file of request id and rank pairs (whitespace or commas, # "
+                  "comments)")
+      ->check(CLI::ExistingFile)
+      ->default_str("the grouping's nodes, else the nodes in turn");
+  cmd->add_option("--grouping", o->grouping,
+                  "Grouping model saved with the plan: a request whose prefill its classes recognise runs on its "
+                  "class's node, the others on the nodes in turn")
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--prior", o->prior_paths,
+                  "The traffic the map was fitted to (e.g. the plan's training trace): steers the copy savings; its "
+                  "requests' nodes come from --grouping")
+      ->default_str("none: the window alone");
+  cmd->add_option("--prior-requests", o->live.prior_requests,
+                  "With --prior: its weight in the loads the re-plan balances, in requests beside the window's")
+      ->check(tool_cli::finite_non_negative)
+      ->capture_default_str();
+  cmd->add_option("--replan-slack", o->live.replan_slack,
+                  "Load bound of the re-plan: GPUs above (1 + this) x the mean load are repaired first")
+      ->check(tool_cli::finite_non_negative)
+      ->capture_default_str();
+  cmd->add_option("--transport", o->transport, "The engine's exchange, whose copies the re-plan saves")
+      ->check(CLI::IsMember({"flat", "hierarchical"}))
+      ->capture_default_str();
+  cmd->add_option("--expert-bytes", o->live.expert_bytes, "Weight bytes of one expert, for the bytes moved")
+      ->capture_default_str();
+  cmd->add_option("--gpus-per-node", o->gpus_per_node, "GPUs per node of the plan's ranks")
+      ->check(tool_cli::positive_whole)
+      ->default_str("saved with the plan");
+  o->prefill_opt = cmd->add_option("--prefill-tokens", o->prefill_tokens, prefill_help);
+  cmd->add_option("--experts", o->experts, experts_help);
+  cmd->add_flag("--split-on-restart", o->split_on_restart, split_on_restart_help);
+  cmd->add_flag("--strict-layers", o->strict_layers, strict_layers_help);
+  add_json_option(cmd, o->json);
+  cmd->callback([o] { map_replan(*o); });
+}
+
+} // namespace locus_driver
