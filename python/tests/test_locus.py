@@ -431,6 +431,22 @@ def test_engine_statistics_import(tmp_path):
     np.savez(tmp_path / "routed.npz", a=routed(5), b=routed(7))
     t = locus.load_routed_experts(str(tmp_path / "routed.npz"), 8)
     assert (t.requests, t.tokens, t.layers) == (2, 12, 2)
+    # As vLLM and SGLang return them: a row per hidden layer, a dense layer's row all expert 0.
+    def engine_rows(tokens):
+        ids = np.zeros((tokens, 4, 2), np.uint8)
+        ids[:, [1, 3]] = routed(tokens)
+        return ids
+
+    np.savez(tmp_path / "hidden.npz", a=engine_rows(5), b=engine_rows(7))
+    with pytest.raises(locus.InvalidInputError, match="expert 0 is chosen twice"):
+        locus.load_routed_experts(str(tmp_path / "hidden.npz"), 8)
+    t = locus.load_routed_experts(str(tmp_path / "hidden.npz"), 8, layer_ids=[1, 3])
+    assert (t.requests, t.tokens, t.layers) == (2, 12, 2)
+    assert t.model_layer_ids == [1, 3] and t.hidden_layers == 4
+    np.save(tmp_path / "one.npy", engine_rows(6))
+    assert locus.load_routed_experts(str(tmp_path / "one.npy"), 8, layer_ids=[1, 3]).model_layer_ids == [1, 3]
+    with pytest.raises(locus.InvalidInputError, match=r"layer_ids \[4\] are not among the 4 layers"):
+        locus.load_routed_experts(str(tmp_path / "hidden.npz"), 8, layer_ids=[1, 4])
     (tmp_path / "rank1.safetensors").write_bytes(struct.pack("<Q", 1000) + b"{}")
     with pytest.raises(locus.FormatError, match="runs past the end"):
         engines.load_trtllm_statistics(str(tmp_path))
