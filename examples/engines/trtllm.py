@@ -14,4 +14,5 @@ path = os.path.join(a.out, "moe_load_balancer.yaml")
 locus.export(plan, "trtllm", path, first_moe_layer=a.first_moe_layer, num_hidden_layers=a.num_hidden_layers,
              load=locus.expert_load(train))
 print(f"wrote {path}")
-print(f"trtllm: put 'moe_load_balancer: {path}' in the --extra_llm_api_options YAML; run with --ep {plan.ranks}")
+print(f"trtllm: put 'moe_config: {{load_balancer: {path}}}' in the --extra_llm_api_options YAML; "
+      f"run with --ep {plan.ranks}")

@@ -15,12 +15,14 @@ train, _ = locus.split_by_request(trace, 0.5, 1)
 plan = locus.plan(train, a.nodes, a.gpus_per_node, "locality", redundant_slots=1)
 path = os.path.join(a.out, "vllm_eplb_state.json")
 locus.export(plan, "vllm", path, load=locus.expert_load(train))
-# What vLLM receives when it asks the policy to rebalance (torch tensors under vLLM).
+# What vLLM 0.19 and later receive when they ask the policy to rebalance (a torch tensor under vLLM;
+# vLLM 0.13 to 0.18 get the three arrays).
 policy = plan_policy(path)
 slots = plan.ranks * plan.slots_per_rank
-phy2log, _, count = policy.rebalance_experts(np.zeros((plan.layers, plan.experts)), slots, 1, a.nodes, plan.ranks)
-assert (count.sum(axis=1) == slots).all()
+phy2log = policy.rebalance_experts(np.zeros((plan.layers, plan.experts)), slots, 1, a.nodes, plan.ranks)
+assert phy2log.shape == (plan.layers, slots)
 print(f"wrote {path}")
 print(f"vllm flags: --enable-expert-parallel --enable-eplb --eplb-config "
       f"'{{\"num_redundant_experts\": {slots - plan.experts}}}' (data parallel size {plan.ranks}); "
-      f"in the serving process: import locus.vllm; locus.vllm.register('{path}')")
+      f"in every worker process, from a vllm.general_plugins entry point: import locus.vllm; "
+      f"locus.vllm.register('{path}')")

@@ -115,7 +115,8 @@ inline int map_export(const export_options& o) {
     std::printf("pass: --init-expert-location %s --ep-num-redundant-experts %zu --ep-size %zu\n", o.out.c_str(),
                 m.slot_count() - m.experts(), m.ranks());
   else if (format == locus::placement::engine_format::trtllm)
-    std::printf("pass: moe_load_balancer: %s (in --extra_llm_api_options), --ep %zu\n", o.out.c_str(), m.ranks());
+    std::printf("pass: moe_config: {load_balancer: %s} (in --extra_llm_api_options), --ep %zu\n", o.out.c_str(),
+                m.ranks());
   return 0;
 }
 

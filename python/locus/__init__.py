@@ -144,15 +144,21 @@ def trace_from_arrays(
     return _core._trace_from_arrays(ids, experts, weights, req, ph, dom, names, lids, hidden_layers)
 
 
-def load_routed_experts(path: str, experts: int, key: Optional[str] = None) -> Trace:
+def load_routed_experts(
+    path: str, experts: int, key: Optional[str] = None, layer_ids: Optional[Sequence[int]] = None
+) -> Trace:
     """A trace from a ``.npy`` or ``.npz`` file of routed experts ``[tokens, layers, k]`` (an
-    ``.npz`` may hold one array per request; each becomes a request)."""
+    ``.npz`` may hold one array per request; each becomes a request). ``layer_ids``: the MoE layers
+    to keep, for arrays with a row per hidden layer as vLLM and SGLang return them (a dense layer's
+    row holds expert 0 k times); the trace records them as its model layer ids and the arrays'
+    layer count as the model's."""
     try:
         data = np.load(path, allow_pickle=False)
     except ValueError as e:  # NumPy's words for a file that is no .npy or .npz (OSError passes)
         raise FormatError(f"locus: format error: {os.fspath(path)}: not a .npy or .npz array file ({e})") from None
     if isinstance(data, np.ndarray):
-        return trace_from_arrays(data, experts)
+        ids, kept, hidden = _moe_layers(data, layer_ids, os.fspath(path))
+        return trace_from_arrays(ids, experts, layer_ids=kept, hidden_layers=hidden)
     names = [key] if key is not None else sorted(data.files)
     missing = [n for n in names if n not in data.files]
     if not names or missing:
@@ -166,9 +172,22 @@ def load_routed_experts(path: str, experts: int, key: Optional[str] = None) -> T
         if p.ndim != 3 or p.shape[1:] != parts[0].shape[1:]:
             raise InvalidInputError(f"locus: invalid input: {os.fspath(path)}: array {n} has shape {p.shape}; "
                                     f"expected [tokens, {parts[0].shape[1:] if parts[0].ndim == 3 else 'layers, k'}]")
-    ids = np.concatenate(parts, axis=0)
+    ids, kept, hidden = _moe_layers(np.concatenate(parts, axis=0), layer_ids, os.fspath(path))
     req = np.concatenate([np.full(len(p), i, np.int64) for i, p in enumerate(parts)])
-    return trace_from_arrays(ids, experts, request_ids=req)
+    return trace_from_arrays(ids, experts, request_ids=req, layer_ids=kept, hidden_layers=hidden)
+
+
+def _moe_layers(ids: np.ndarray, layer_ids: Optional[Sequence[int]], path: str) -> Tuple[np.ndarray, Any, int]:
+    """`ids` with only the layers `layer_ids` (all when None), those ids and the hidden-layer count."""
+    if layer_ids is None or ids.ndim != 3:  # trace_from_arrays names a wrong shape
+        return ids, None, 0
+    kept = [operator.index(l) for l in layer_ids]
+    layers = ids.shape[1]
+    bad = [l for l in kept if not 0 <= l < layers]
+    if bad or not kept:  # -1 would index the last layer
+        raise InvalidInputError(f"locus: invalid input: {path}: layer_ids {bad or kept} are not among the "
+                                f"{layers} layers of the routed experts")
+    return ids[:, kept], kept, layers
 
 
 read_trace = _core.read_trace

@@ -6,8 +6,9 @@
   routed-token counts per expert. Read by the library's C++ reader (no torch needed).
 - SGLang expert distribution recorder: a dump (dict or ``.pt`` file, which needs torch) with
   ``logical_count [steps, hidden layers, experts]`` (or ``[hidden layers, experts]``).
-- Per-token routed experts ``[tokens, layers, k]`` (vLLM / SGLang return them per request):
-  ``locus.load_routed_experts`` or ``locus.trace_from_arrays``, then ``locus.expert_load``.
+- Per-token routed experts ``[tokens, hidden layers, k]`` (vLLM / SGLang return them per request,
+  a dense layer's row all expert 0): ``locus.load_routed_experts(..., layer_ids=moe_layers)`` or
+  ``locus.trace_from_arrays`` on the MoE layers, then ``locus.expert_load``.
 """
 
 from __future__ import annotations

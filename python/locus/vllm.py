@@ -1,17 +1,22 @@
 """Serving a locus plan, or locus's EPLB, through vLLM's EPLB policy interface.
 
 vLLM asks a policy class for ``rebalance_experts(weight, num_replicas, num_groups, num_nodes,
-num_ranks)`` and takes back ``(physical_to_logical_map, logical_to_physical_map,
-logical_replica_count)`` as torch tensors, one row per MoE layer. ``plan_policy(path)`` returns a
-policy that answers with the plan exported by ``locus map export --to vllm`` (whatever the load);
-``LocusEplbPolicy`` runs DeepSeek's EPLB in C++ on vLLM's load. Neither imports vLLM or torch
-before it is used, so the module loads without them.
+num_ranks, old_global_expert_indices=None)`` (vLLM 0.14 and later pass the current map as a sixth
+argument; 0.13 passes five), one row per MoE layer. What it takes back changed with vLLM 0.19:
+from 0.19 on, ``physical_to_logical_map`` alone (vLLM derives the other two arrays); before,
+``(physical_to_logical_map, logical_to_physical_map, logical_replica_count)``. The policies here
+answer in the form the installed vLLM's abstract policy declares (the current one, the map alone,
+without vLLM). ``plan_policy(path)`` returns a policy that answers with the plan exported by
+``locus map export --to vllm`` (whatever the load); ``LocusEplbPolicy`` runs DeepSeek's EPLB in C++
+on vLLM's load. Neither imports vLLM or torch before it is used, so the module loads without them.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
-from typing import Any, Tuple
+import typing
+from typing import Any, Tuple, Union
 
 import numpy as np
 
@@ -21,6 +26,26 @@ try:  # vLLM's abstract base, when vLLM is installed
     from vllm.distributed.eplb.policy.abstract import AbstractEplbPolicy as _Base
 except Exception:  # noqa: BLE001 - any import failure means "no vLLM"
     _Base = object
+
+
+def _returns_map_only(base: type) -> bool:
+    """Whether vLLM's abstract policy `base` takes back physical_to_logical_map alone (vLLM 0.19 and
+    later, and the answer without vLLM) rather than the three arrays (vLLM 0.13 to 0.18)."""
+    method = getattr(base, "rebalance_experts", None)
+    if method is None:
+        return True
+    try:
+        ret = inspect.signature(method).return_annotation
+    except (TypeError, ValueError):
+        return True
+    text = ret if isinstance(ret, str) else repr(ret)
+    return not (typing.get_origin(ret) is tuple or text.startswith(("tuple", "Tuple", "typing.Tuple")))
+
+
+def _answer(arrays: Tuple[np.ndarray, np.ndarray, np.ndarray], like: Any) -> Union[Any, Tuple[Any, ...]]:
+    """The arrays in the form the installed vLLM takes back, on `like`'s device."""
+    out = _to_torch(arrays, like)
+    return out[0] if _returns_map_only(_Base) else out
 
 
 def _to_torch(arrays: Tuple[np.ndarray, ...], like: Any) -> Tuple[Any, ...]:
@@ -71,7 +96,15 @@ def plan_policy(path: str) -> type:
 
     class LocusPlanPolicy(_Base):  # type: ignore[misc, valid-type]
         @classmethod
-        def rebalance_experts(cls, weight: Any, num_replicas: int, num_groups: int, num_nodes: int, num_ranks: int):
+        def rebalance_experts(
+            cls,
+            weight: Any,
+            num_replicas: int,
+            num_groups: int,
+            num_nodes: int,
+            num_ranks: int,
+            old_global_expert_indices: Any = None,
+        ):
             shape = tuple(np.shape(weight))
             if shape != count.shape or num_replicas != phy2log.shape[1] or num_ranks <= 0 or num_replicas % num_ranks:
                 layers, experts = (shape + (0, 0))[:2]
@@ -80,7 +113,7 @@ def plan_policy(path: str) -> type:
                     f"in {phy2log.shape[1]} slots; vLLM asks for {layers} × {experts} in {num_replicas} slots on "
                     f"{num_ranks} ranks"
                 )
-            return _to_torch((phy2log, log2phy, count), weight)
+            return _answer((phy2log, log2phy, count), weight)
 
     return LocusPlanPolicy
 
@@ -89,16 +122,31 @@ class LocusEplbPolicy(_Base):  # type: ignore[misc, valid-type]
     """DeepSeek's EPLB (locus's C++ re-implementation) as a vLLM policy."""
 
     @classmethod
-    def rebalance_experts(cls, weight: Any, num_replicas: int, num_groups: int, num_nodes: int, num_ranks: int):
-        return _to_torch(rebalance_experts(_from_torch(weight), num_replicas, num_groups, num_nodes, num_ranks), weight)
+    def rebalance_experts(
+        cls,
+        weight: Any,
+        num_replicas: int,
+        num_groups: int,
+        num_nodes: int,
+        num_ranks: int,
+        old_global_expert_indices: Any = None,
+    ):
+        # The current map (vLLM's hint for keeping experts in their slots) is not used: the result
+        # is EPLB's own, slot for slot.
+        return _answer(rebalance_experts(_from_torch(weight), num_replicas, num_groups, num_nodes, num_ranks), weight)
 
 
 def register(path: str) -> type:
     """Makes vLLM's EPLB use the plan in `path`: replaces the "default" entry of vLLM's policy
-    table (vLLM chooses policies from that table by name and loads none from a module path, so
-    this must run in the serving process before the engine starts, e.g. from a vLLM general
-    plugin). Returns the policy class."""
-    from vllm.distributed.eplb import policy as vllm_policy
+    table (vLLM 0.13 and later; vLLM chooses policies from that table by name and loads none from
+    a module path). The EPLB state lives in vLLM's worker processes, so this must run in each of
+    them before the model is loaded: from a vLLM general plugin (entry point group
+    ``vllm.general_plugins``, which vLLM loads in every process). Returns the policy class."""
+    try:
+        from vllm.distributed.eplb import policy as vllm_policy
+    except ImportError as e:
+        raise ImportError(f"locus: vLLM's EPLB policy table is missing ({e}); locus.vllm.register needs vLLM "
+                          "0.13 or later") from None
 
     cls = plan_policy(path)
     vllm_policy.EPLB_POLICIES["default"] = cls

@@ -261,8 +261,7 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
     check_triple(phy2log, log2phy, count, 20)
     assert np.array_equal(phy2log, full.reshape(3, -1))
     policy = plan_policy(str(tmp_path / "v.json"))
-    served = policy.rebalance_experts(np.zeros((3, 16)), 20, 1, 2, 4)
-    assert all(np.array_equal(a, b) for a, b in zip(served, (phy2log, log2phy, count)))
+    assert np.array_equal(policy.rebalance_experts(np.zeros((3, 16)), 20, 1, 2, 4), phy2log)
     with pytest.raises(locus.InvalidInputError, match="vLLM asks for 3 × 16 in 24 slots"):
         policy.rebalance_experts(np.zeros((3, 16)), 24, 1, 2, 4)
     # TensorRT-LLM: YAML keyed by model layer index.
@@ -281,6 +280,55 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
         locus.ExpertPlan.load(str(tmp_path / "m.json"), gpus_per_node=4)
     with pytest.raises(locus.ConfigError, match="hidden layer 9, but the model has 5"):
         locus.export_text(plan, "sglang", layer_ids=[1, 2, 9], num_hidden_layers=5)
+
+
+class VllmPolicyBefore19:
+    """vLLM 0.13 to 0.18's abstract EPLB policy: it takes the three arrays back."""
+
+    @classmethod
+    def rebalance_experts(cls, weight, num_replicas, num_groups, num_nodes, num_ranks,
+                          old_global_expert_indices=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class VllmPolicyFrom19:
+    """vLLM 0.19 and later (0.34 checked): physical_to_logical_map alone; vLLM derives the rest."""
+
+    @classmethod
+    def rebalance_experts(cls, weight, num_replicas, num_groups, num_nodes, num_ranks,
+                          old_global_expert_indices=None) -> np.ndarray:
+        raise NotImplementedError
+
+
+def test_vllm_policies_answer_in_the_installed_vllms_form(tmp_path, monkeypatch):
+    import locus.vllm as lv
+
+    plan = locus.plan(np.arange(1, 33, dtype=float).reshape(2, 16), 2, 2, redundant_slots=1)
+    locus.export(plan, "vllm", tmp_path / "v.json")
+    phy2log, log2phy, count = read_vllm_arrays(str(tmp_path / "v.json"))
+    weight, current = np.ones((2, 16)), np.tile(np.arange(20) % 16, (2, 1))
+    # vLLM 0.14 and later pass the current map as a sixth positional argument (0.13 passes five).
+    monkeypatch.setattr(lv, "_Base", VllmPolicyFrom19)
+    served = plan_policy(str(tmp_path / "v.json")).rebalance_experts(weight, 20, 1, 2, 4, current)
+    assert isinstance(served, np.ndarray) and np.array_equal(served, phy2log)
+    assert np.array_equal(LocusEplbPolicy.rebalance_experts(weight, 20, 1, 2, 4, current),
+                          locus.rebalance_experts(weight, 20, 1, 2, 4)[0])
+    monkeypatch.setattr(lv, "_Base", VllmPolicyBefore19)
+    for args in ((weight, 20, 1, 2, 4), (weight, 20, 1, 2, 4, current)):
+        served = plan_policy(str(tmp_path / "v.json")).rebalance_experts(*args)
+        assert len(served) == 3 and all(np.array_equal(a, b) for a, b in zip(served, (phy2log, log2phy, count)))
+        assert len(LocusEplbPolicy.rebalance_experts(*args)) == 3
+    # register() replaces the "default" entry of vLLM's policy table, which vLLM reads by name.
+    table = {"default": VllmPolicyFrom19}
+    fake = type(sys)("vllm.distributed.eplb.policy")
+    fake.EPLB_POLICIES = table
+    for name in ("vllm", "vllm.distributed", "vllm.distributed.eplb"):
+        monkeypatch.setitem(sys.modules, name, type(sys)(name))
+    monkeypatch.setitem(sys.modules, "vllm.distributed.eplb.policy", fake)
+    sys.modules["vllm.distributed.eplb"].policy = fake
+    monkeypatch.setattr(lv, "_Base", VllmPolicyFrom19)
+    cls = lv.register(str(tmp_path / "v.json"))
+    assert table["default"] is cls and np.array_equal(cls.rebalance_experts(weight, 20, 1, 2, 4, current), phy2log)
 
 
 def test_grouping_save_load_gives_identical_assignments(tmp_path):
@@ -330,8 +378,10 @@ def test_eplb_export_matches_rebalance_experts():
     assert np.array_equal(np.array(doc["phy2log"]), phy2log)
     assert np.array_equal(np.array(doc["logcnt"]), logcnt)
     check_triple(np.array(doc["phy2log"]), np.array(doc["log2phy"]), np.array(doc["logcnt"]), 40)
-    served = LocusEplbPolicy.rebalance_experts(load, 40, 4, 2, 8)
-    assert np.array_equal(served[0], phy2log)
+    # As vLLM 0.19 and later call it (the current map as a sixth argument) and read the answer: the
+    # map alone, without vLLM installed.
+    served = LocusEplbPolicy.rebalance_experts(load, 40, 4, 2, 8, phy2log)
+    assert np.array_equal(served, phy2log)
 
 
 def write_safetensors(path, tensors):
@@ -381,6 +431,22 @@ def test_engine_statistics_import(tmp_path):
     np.savez(tmp_path / "routed.npz", a=routed(5), b=routed(7))
     t = locus.load_routed_experts(str(tmp_path / "routed.npz"), 8)
     assert (t.requests, t.tokens, t.layers) == (2, 12, 2)
+    # As vLLM and SGLang return them: a row per hidden layer, a dense layer's row all expert 0.
+    def engine_rows(tokens):
+        ids = np.zeros((tokens, 4, 2), np.uint8)
+        ids[:, [1, 3]] = routed(tokens)
+        return ids
+
+    np.savez(tmp_path / "hidden.npz", a=engine_rows(5), b=engine_rows(7))
+    with pytest.raises(locus.InvalidInputError, match="expert 0 is chosen twice"):
+        locus.load_routed_experts(str(tmp_path / "hidden.npz"), 8)
+    t = locus.load_routed_experts(str(tmp_path / "hidden.npz"), 8, layer_ids=[1, 3])
+    assert (t.requests, t.tokens, t.layers) == (2, 12, 2)
+    assert t.model_layer_ids == [1, 3] and t.hidden_layers == 4
+    np.save(tmp_path / "one.npy", engine_rows(6))
+    assert locus.load_routed_experts(str(tmp_path / "one.npy"), 8, layer_ids=[1, 3]).model_layer_ids == [1, 3]
+    with pytest.raises(locus.InvalidInputError, match=r"layer_ids \[4\] are not among the 4 layers"):
+        locus.load_routed_experts(str(tmp_path / "hidden.npz"), 8, layer_ids=[1, 4])
     (tmp_path / "rank1.safetensors").write_bytes(struct.pack("<Q", 1000) + b"{}")
     with pytest.raises(locus.FormatError, match="runs past the end"):
         engines.load_trtllm_statistics(str(tmp_path))
