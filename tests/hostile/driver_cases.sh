@@ -248,4 +248,18 @@ no_partial_outputs() {
   [ ! -e "$work/x.json" ] && [ ! -e "$work/c.json" ] || { echo "a refused run left an output behind" >&2; return 1; }
 }
 check "outputs are checked before the work" no_partial_outputs
+# A second user's session (review-cli). --png writes as every output does: through a symbolic link
+# to its file and into a device (the figure was renamed over both).
+png_goes_through_links_and_devices() {
+  /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || return 0 # nothing to draw with: the case holds
+  ln -sfn fig.png "$work/fig_link.png"
+  "$locus" compare --synthetic-requests 16 -q --png "$work/fig_link.png" >/dev/null 2>"$work/png.err" ||
+    { cat "$work/png.err" >&2; return 1; }
+  [ -L "$work/fig_link.png" ] && [ -s "$work/fig.png" ] || { echo "--png replaced its symbolic link" >&2; return 1; }
+  mknod "$work/null_device" c 1 3 2>/dev/null || return 0 # only root makes a device: the rest holds
+  "$locus" compare --synthetic-requests 16 -q --png "$work/null_device" >/dev/null 2>"$work/png.err" ||
+    { cat "$work/png.err" >&2; return 1; }
+  [ -c "$work/null_device" ] || { echo "--png replaced the device it was to write into" >&2; return 1; }
+}
+check "--png writes through a symbolic link and into a device" png_goes_through_links_and_devices
 cases_end
