@@ -262,4 +262,13 @@ png_goes_through_links_and_devices() {
   [ -c "$work/null_device" ] || { echo "--png replaced the device it was to write into" >&2; return 1; }
 }
 check "--png writes through a symbolic link and into a device" png_goes_through_links_and_devices
+# Only --json takes "-" for stdout: another output named "-" was a file no other output was checked
+# against (--out - --grouping - kept the grouping alone).
+refused '--out -: only --json writes to standard output' plan --trace "$work/t.bin" --placement locality --out - \
+  --grouping -
+refused '--grouping -: only --json writes to standard output' plan --trace "$work/t.bin" --placement locality \
+  --out "$work/dash.json" --grouping -
+refused '--out -: only --json writes to standard output' trace import "$work/t.bin" -o -
+refused '--markdown -: only --json writes to standard output' compare --synthetic-requests 16 --markdown - --json -
+check "a refused \"-\" leaves no file called -" test ! -e ./- -a ! -e "$work/-"
 cases_end
