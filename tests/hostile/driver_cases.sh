@@ -271,4 +271,6 @@ refused '--grouping -: only --json writes to standard output' plan --trace "$wor
 refused '--out -: only --json writes to standard output' trace import "$work/t.bin" -o -
 refused '--markdown -: only --json writes to standard output' compare --synthetic-requests 16 --markdown - --json -
 check "a refused \"-\" leaves no file called -" test ! -e ./- -a ! -e "$work/-"
+# Any finite --replica-slack (1e9 and above were refused once the plan was made, as not finite).
+ok '^steps: ' simulate --trace "$work/t.bin" --replica-rule locality_bounded --replica-slack 1e308
 cases_end
