@@ -227,6 +227,14 @@ inline void register_plan(CLI::App& app) {
     plan->check_applies(cmd);
     LOCUS_REQUIRE(grouping->empty() || load->empty(), locus::config_error,
                   "--grouping needs --trace: a plan from --load has no grouping model");
+    // A plan from engine statistics reads no trace: its split, reading and grouping options would
+    // be ignored without a word (--train-domains law planned on every domain's load).
+    if (!load->empty())
+      for (const char* name : {"--split", "--test-fraction", "--split-seed", "--skip-requests", "--train-domains",
+                               "--test-domains", "--train-requests", "--test-requests", "--prefill-tokens",
+                               "--split-on-restart", "--strict-layers", "--clusters"})
+        LOCUS_REQUIRE(cmd->count(name) == 0, locus::config_error, name,
+                      " applies to a trace (--trace); a plan from --load reads engine statistics");
     // activation_usage and locality write their grouping model beside the map unless told where.
     const bool grouped =
         grouping_opt->count() > 0 || plan->placement == "activation_usage" || plan->placement == "locality";

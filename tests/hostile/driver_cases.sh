@@ -273,4 +273,14 @@ refused '--markdown -: only --json writes to standard output' compare --syntheti
 check "a refused \"-\" leaves no file called -" test ! -e ./- -a ! -e "$work/-"
 # Any finite --replica-slack (1e9 and above were refused once the plan was made, as not finite).
 ok '^steps: ' simulate --trace "$work/t.bin" --replica-rule locality_bounded --replica-slack 1e308
+# Options that do not apply to the input are refused, not dropped without a word.
+refused '--train-domains applies to a trace \(--trace\); a plan from --load' "${trt[@]}" --train-domains law \
+  --out "$work/trt.json"
+refused '--prefill-tokens applies to a trace' "${trt[@]}" --prefill-tokens 8 --out "$work/trt.json"
+succeeds "${trt[@]}" --experts 4 --out "$work/trt.json"
+refused 'statistics of 4 experts, not of the 5 asked for' "${trt[@]}" --experts 5 --out "$work/trt.json"
+refused '--layers does not apply to [^ ]*t.bin, a binary trace' trace import "$work/t.bin" -o "$work/x.bin" --layers 5
+refused '--skip-bad does not apply to [^ ]*esft, an ESFT folder' trace import "$work/esft" -o "$work/x.bin" --skip-bad
+refused '--domains does not apply to [^ ]*odd.jsonl, route JSONL' trace import "$work/odd.jsonl" -o "$work/x.bin" \
+  --domains law
 cases_end
