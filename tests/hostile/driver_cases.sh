@@ -24,7 +24,7 @@ refused 'topology: 65536 nodes × 2 GPUs per node exceed 65536 ranks' plan --tra
 refused 'hidden' simulate --trace "$work/t.bin" --hidden 18446744073709551615
 refused 'not a whole number' plan --trace "$work/t.bin" --nodes 1e9 --out "$work/m.json"
 refused '0 is not allowed' plan --trace "$work/t.bin" --clusters 0 --out "$work/m.json"
-refused 'anneal_per_expert is 18446744073709551615' plan --trace "$work/t.bin" --placement locality --anneal 18446744073709551615 --out "$work/m.json"
+refused '--anneal: Value 18446744073709551615 not in range 0 to 1048576' plan --trace "$work/t.bin" --placement locality --anneal 18446744073709551615 --out "$work/m.json"
 refused 'trace synth: about .* GB, this machine has' trace synth --experts 16 --top-k 2 --layers 2 --tokens 18446744073709551615 --out "$work/s.bin"
 # Non-finite or negative reals: named as what they are.
 for v in -1 nan inf -inf; do
@@ -283,4 +283,15 @@ refused '--layers does not apply to [^ ]*t.bin, a binary trace' trace import "$w
 refused '--skip-bad does not apply to [^ ]*esft, an ESFT folder' trace import "$work/esft" -o "$work/x.bin" --skip-bad
 refused '--domains does not apply to [^ ]*odd.jsonl, route JSONL' trace import "$work/odd.jsonl" -o "$work/x.bin" \
   --domains law
+# Values said as the option and the files are, before the work, not by a library function's name.
+refused '--anneal: Value 1048577 not in range 0 to 1048576' compare --synthetic-requests 16 --anneal 1048577
+refused '--rescale "-5:6:2": expected EXPERTS:TOP_K:LAYERS \(whole numbers\)' trace synth --fit "$work/t.bin" \
+  --rescale -5:6:2 --out "$work/s.bin"
+refused '--train-requests .*: is a folder, expected a file of request ids' plan --trace "$work/t.bin" \
+  --train-requests "$work" --out "$work/m.json"
+refused '--load-trace [^ ]*esft has 2 layers of 64 experts; the plan in [^ ]*lin.json has 2 layers of 16' map export \
+  "$work/lin.json" --to sglang --load-trace "$work/esft" --out "$work/q.json"
+mkdir -p "$work/empty_esft"
+refused '^locus: invalid input: [^ ]*empty_esft holds no domain folder' plan --trace "$work/empty_esft" \
+  --out "$work/m.json"
 cases_end
