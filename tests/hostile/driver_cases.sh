@@ -294,4 +294,12 @@ refused '--load-trace [^ ]*esft has 2 layers of 64 experts; the plan in [^ ]*lin
 mkdir -p "$work/empty_esft"
 refused '^locus: invalid input: [^ ]*empty_esft holds no domain folder' plan --trace "$work/empty_esft" \
   --out "$work/m.json"
+# map check refuses what map export would: hidden layers that end before a MoE layer.
+python3 - "$work/lin.json" "$work/hidden.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+d["model_layers"], d["hidden_layers"] = [1, 2], 2
+json.dump(d, open(sys.argv[2], "w"))
+PY
+refused '"hidden_layers" is 2, but "model_layers" names hidden layer 2' map check "$work/hidden.json"
 cases_end
