@@ -15,6 +15,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <locus/core/atomic_file.hpp>
 #include <locus/cost/comparison.hpp>
 #include <locus/cost/simulation_json.hpp>
@@ -166,18 +168,26 @@ inline void check_python(const std::string& python) {
                 " cannot import matplotlib (install python3-matplotlib, or name another interpreter with --python)");
 }
 
-//! Renders `doc` to `png` through `python`; the figure appears whole or not at all.
+//! Renders `doc` to `png` through `python`; the figure appears whole or not at all. Python draws
+//! into a folder of its own under the temporary directory, and the image is then written as every
+//! other output is (locus::write_file_atomically): through a symbolic link to the file it names, and
+//! into a device or FIFO (`--png /dev/null`) rather than over it (a rename put the PNG in the place
+//! of the device node, and of the link).
 inline void render_png(const std::string& python, const nlohmann::json& doc, const std::string& png) {
   namespace fs = std::filesystem;
-  const fs::path target(png);
-  const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
-  const std::string stem = ".locus-compare-" + std::to_string(::getpid());
-  const fs::path data = dir / (stem + ".json"), image = dir / (stem + ".png");
-  try {
-    locus::write_file_atomically(data.string(), doc.dump(1, ' ', false, nlohmann::json::error_handler_t::replace));
-  } catch (const locus::io_error&) {
-    LOCUS_THROW(locus::io_error, "cannot draw ", png, ": no file can be written in its folder");
-  }
+  std::error_code ec;
+  std::string dir = (fs::temp_directory_path(ec) / "locus-compare-XXXXXX").string();
+  if (ec || ::mkdtemp(dir.data()) == nullptr)
+    LOCUS_THROW(locus::io_error, "cannot draw ", png, ": no temporary folder can be made");
+  struct remove_folder {
+    std::string dir;
+    ~remove_folder() {
+      std::error_code ignored;
+      fs::remove_all(dir, ignored);
+    }
+  } cleanup{dir};
+  const fs::path data = fs::path(dir) / "compare.json", image = fs::path(dir) / "compare.png";
+  locus::write_file_atomically(data.string(), doc.dump(1, ' ', false, nlohmann::json::error_handler_t::replace));
   const std::string command =
       shell_quote(python) + " - " + shell_quote(data.string()) + " " + shell_quote(image.string());
   FILE* p = ::popen(command.c_str(), "w");
@@ -186,17 +196,13 @@ inline void render_png(const std::string& python, const nlohmann::json& doc, con
     std::fputs(plot_script, p);
     rc = ::pclose(p);
   }
-  std::error_code ec;
-  fs::remove(data, ec);
-  if (rc != 0 || !fs::exists(image, ec)) {
-    fs::remove(image, ec);
-    LOCUS_THROW(locus::io_error, "drawing ", png, " with ", python, " failed (exit status ", exit_status(rc), ")");
-  }
-  fs::rename(image, target, ec);
-  if (ec) {
-    fs::remove(image, ec);
-    LOCUS_THROW(locus::io_error, "cannot write ", png, ": ", ec.message());
-  }
+  std::ifstream in(image, std::ios::binary);
+  LOCUS_REQUIRE(rc == 0 && in, locus::io_error, "drawing ", png, " with ", python, " failed (exit status ",
+                exit_status(rc), ")");
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  LOCUS_REQUIRE(!in.bad() && !bytes.empty(), locus::io_error, "drawing ", png, " with ", python,
+                " failed: the figure could not be read back");
+  locus::write_file_atomically(png, bytes);
 }
 
 } // namespace compare_detail
@@ -367,7 +373,8 @@ inline void register_compare(CLI::App& app) {
       ->check(CLI::Range(std::size_t{1}, max_hidden));
   cmd->add_option("--clusters", o->clusters, "Request clusters of the workload-aware model")
       ->check(tool_cli::positive_whole);
-  cmd->add_option("--anneal", o->anneal, "locality: annealing proposals per expert after the token-level sweeps");
+  cmd->add_option("--anneal", o->anneal, "locality: annealing proposals per expert after the token-level sweeps")
+      ->check(anneal_range());
   cmd->add_option("--hedge-replicas", o->hedge_replicas, locus_driver::hedge_replicas_help);
   cmd->add_option("--fill-slack", o->fill_slack, locus_driver::fill_slack_help)->check(tool_cli::finite_non_negative);
   cmd->add_option("--arrival-rate", o->arrival_rate, "Poisson arrivals per step (0: all at once)")

@@ -74,7 +74,14 @@ inline int map_export(const export_options& o) {
         o.hidden_layers ? o.hidden_layers : plan.hidden_layers);
   }
   std::vector<std::vector<double>> load;
-  if (!o.load_trace.empty()) load = locus::placement::expert_load(load_trace(o.load_trace));
+  if (!o.load_trace.empty()) {
+    const auto t = load_trace(o.load_trace);
+    // Said as the files and the option are (the filler's own check named itself and load rows).
+    LOCUS_REQUIRE(t.layers() == maps.size() && t.experts() == maps.front().experts(), locus::config_error,
+                  "--load-trace ", o.load_trace, " has ", t.layers(), " layers of ", t.experts(),
+                  " experts; the plan in ", o.map_path, " has ", maps.size(), " layers of ", maps.front().experts());
+    load = locus::placement::expert_load(t);
+  }
   std::size_t filled = 0;
   for (const auto& m : maps)
     filled += static_cast<std::size_t>(std::count(m.slot_table().begin(), m.slot_table().end(), locus::empty_slot));

@@ -71,6 +71,12 @@ struct split_options : split_flags {
   locus::dynamic_topology topology() const { return {nodes, gpus_per_node}; }
 };
 
+//! The values of --anneal wherever a locality plan is made: a usage error before the trace is read
+//! (the planner refused a larger one only once it ran, by its own field's name).
+inline CLI::Validator anneal_range() {
+  return CLI::Range(std::size_t{0}, locus::placement::token_refine_options::max_anneal_per_expert);
+}
+
 //! Help text of --hedge-replicas wherever a locality plan is made.
 inline constexpr const char* hedge_replicas_help =
     "locality with replica slots: at most this many slots per layer first hold balance hedges, copies that bring "
@@ -114,7 +120,8 @@ struct plan_options {
                     "locality: the copies to minimise: flat (per remote GPU), hierarchical (per remote node) or both")
         ->check(CLI::IsMember({"flat", "hierarchical", "both"}))
         ->default_str(copies_default);
-    cmd->add_option("--anneal", anneal, "locality: annealing proposals per expert after the token-level sweeps");
+    cmd->add_option("--anneal", anneal, "locality: annealing proposals per expert after the token-level sweeps")
+        ->check(anneal_range());
     cmd->add_option("--balance-shift", balance_shift,
                     "locality: also balance GPU load when one node's requests grow by this share")
         ->check(tool_cli::finite_non_negative);
@@ -227,6 +234,14 @@ inline void register_plan(CLI::App& app) {
     plan->check_applies(cmd);
     LOCUS_REQUIRE(grouping->empty() || load->empty(), locus::config_error,
                   "--grouping needs --trace: a plan from --load has no grouping model");
+    // A plan from engine statistics reads no trace: its split, reading and grouping options would
+    // be ignored without a word (--train-domains law planned on every domain's load).
+    if (!load->empty())
+      for (const char* name : {"--split", "--test-fraction", "--split-seed", "--skip-requests", "--train-domains",
+                               "--test-domains", "--train-requests", "--test-requests", "--prefill-tokens",
+                               "--split-on-restart", "--strict-layers", "--clusters"})
+        LOCUS_REQUIRE(cmd->count(name) == 0, locus::config_error, name,
+                      " applies to a trace (--trace); a plan from --load reads engine statistics");
     // activation_usage and locality write their grouping model beside the map unless told where.
     const bool grouped =
         grouping_opt->count() > 0 || plan->placement == "activation_usage" || plan->placement == "locality";

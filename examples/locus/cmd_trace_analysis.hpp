@@ -7,6 +7,7 @@
 #include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -137,14 +138,19 @@ inline void print_stats_table(const locus::trace::trace_statistics& s, std::size
 //! Parses "E:K:L" (experts, top-k, layers) for --rescale.
 inline locus::trace::rescale_options parse_rescale(const std::string& text) {
   locus::trace::rescale_options o;
-  std::size_t a = 0, b = 0, c = 0;
-  char tail = 0;
-  if (std::sscanf(text.c_str(), "%zu:%zu:%zu%c", &a, &b, &c, &tail) != 3)
+  // Decimal digits only: sscanf's %zu took "-5" as 2^64 - 5, and " 8" or "+8" as 8.
+  std::size_t* const parts[] = {&o.experts, &o.top_k, &o.layers};
+  const char* at = text.data();
+  const char* const end = text.data() + text.size();
+  bool ok = true;
+  for (std::size_t i = 0; i < 3 && ok; ++i) {
+    const auto [next, ec] = std::from_chars(at, end, *parts[i]);
+    ok = ec == std::errc{} && next != at && (i == 2 ? next == end : next != end && *next == ':');
+    at = next + 1;
+  }
+  if (!ok)
     LOCUS_THROW(locus::config_error, "--rescale \"", text,
-                "\": expected EXPERTS:TOP_K:LAYERS, e.g. 256:8:58 for the DeepSeek-V3 shape");
-  o.experts = a;
-  o.top_k = b;
-  o.layers = c;
+                "\": expected EXPERTS:TOP_K:LAYERS (whole numbers), e.g. 256:8:58 for the DeepSeek-V3 shape");
   return o;
 }
 

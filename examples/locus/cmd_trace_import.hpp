@@ -15,6 +15,7 @@
 #include <memory>
 #include <string>
 #include <unistd.h>
+#include <utility>
 #include <vector>
 
 namespace locus_driver {
@@ -72,6 +73,22 @@ inline void run_trace_import(const trace_import_options& o) {
                 "JSONL is read from several files (--format ",
                 format, " reads one)");
   const std::string input = o.inputs.size() == 1 ? o.inputs.front() : o.inputs.front() + " ...";
+  // The options of one input format given with another were dropped without a word (a binary
+  // trace imported with --layers 5 kept its own 2).
+  const bool esft = format == "esft", jsonl = format == "jsonl";
+  const std::pair<const char*, bool> format_options[] = {{"--experts", o.experts != 0 && !esft && !jsonl},
+                                                         {"--top-k", o.top_k != 0 && !esft && !jsonl},
+                                                         {"--layers", o.layers != 0 && !esft && !jsonl},
+                                                         {"--domains", !o.domains.empty() && !esft},
+                                                         {"--skip-bad", o.skip_bad && !jsonl},
+                                                         {"--split-on-restart", o.split_on_restart && !jsonl},
+                                                         {"--strict-layers", o.strict_layers && !jsonl},
+                                                         {"--default-domain", o.default_domain != "default" && !jsonl}};
+  for (const auto& [name, ignored] : format_options)
+    LOCUS_REQUIRE(!ignored, locus::config_error, name, " does not apply to ", input, ", ",
+                  format == "binary" ? "a binary trace (it is copied as it is)"
+                  : esft             ? "an ESFT folder"
+                                     : "route JSONL");
   locus::trace::trace t;
   locus::trace::jsonl_report report;
   if (format == "esft") {

@@ -18,6 +18,7 @@
 #include <locus/core/error.hpp>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
@@ -137,7 +138,8 @@ inline int exit_status(int wait_status) {
   return wait_status;
 }
 
-//! An output a command will write: the option that names it, and its path ("" or "-": none).
+//! An output a command will write: the option that names it, and its path ("": none; "-": stdout,
+//! for --json only).
 struct output_file {
   const char* option;
   std::string path;
@@ -162,7 +164,11 @@ inline void check_outputs(const std::vector<output_file>& outputs, const std::ve
   };
   for (std::size_t i = 0; i < outputs.size(); ++i) {
     const auto& o = outputs[i];
-    if (o.path.empty() || json_to_stdout(o.path)) continue;
+    if (o.path.empty() || (std::string_view(o.option) == "--json" && json_to_stdout(o.path))) continue;
+    // Only --json sends "-" to stdout; any other output took it as a file named "-", which no two
+    // outputs were checked against (`--out - --grouping -` kept the grouping alone).
+    LOCUS_REQUIRE(o.path != "-", locus::config_error, o.option,
+                  " -: only --json writes to standard output; name a file (./- for one called \"-\")");
     for (std::size_t j = 0; j < i; ++j)
       LOCUS_REQUIRE(outputs[j].path.empty() || json_to_stdout(outputs[j].path) || !same(o.path, outputs[j].path),
                     locus::config_error, outputs[j].option, " and ", o.option, " name the same file, ", o.path,

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <locus/core/error.hpp>
 #include <locus/trace/trace.hpp>
@@ -79,6 +80,11 @@ namespace detail {
 //! The request ids listed in `path`: non-negative integers separated by whitespace, `#` to the end
 //! of a line is a comment.
 inline std::vector<std::uint64_t> read_request_ids(const std::string& path, const char* flag) {
+  // A folder opens as a stream that reads nothing: it was said to list no request id.
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec))
+    throw locus::io_error(std::string(flag) + " " + path + ": is a folder, expected a file of request ids", __FILE__,
+                          __LINE__);
   std::ifstream in(path, std::ios::binary);
   if (!in) throw locus::io_error(std::string(flag) + " " + path + ": cannot open", __FILE__, __LINE__);
   std::vector<std::uint64_t> ids;

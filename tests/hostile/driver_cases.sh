@@ -24,7 +24,7 @@ refused 'topology: 65536 nodes × 2 GPUs per node exceed 65536 ranks' plan --tra
 refused 'hidden' simulate --trace "$work/t.bin" --hidden 18446744073709551615
 refused 'not a whole number' plan --trace "$work/t.bin" --nodes 1e9 --out "$work/m.json"
 refused '0 is not allowed' plan --trace "$work/t.bin" --clusters 0 --out "$work/m.json"
-refused 'anneal_per_expert is 18446744073709551615' plan --trace "$work/t.bin" --placement locality --anneal 18446744073709551615 --out "$work/m.json"
+refused '--anneal: Value 18446744073709551615 not in range 0 to 1048576' plan --trace "$work/t.bin" --placement locality --anneal 18446744073709551615 --out "$work/m.json"
 refused 'trace synth: about .* GB, this machine has' trace synth --experts 16 --top-k 2 --layers 2 --tokens 18446744073709551615 --out "$work/s.bin"
 # Non-finite or negative reals: named as what they are.
 for v in -1 nan inf -inf; do
@@ -248,4 +248,58 @@ no_partial_outputs() {
   [ ! -e "$work/x.json" ] && [ ! -e "$work/c.json" ] || { echo "a refused run left an output behind" >&2; return 1; }
 }
 check "outputs are checked before the work" no_partial_outputs
+# A second user's session (review-cli). --png writes as every output does: through a symbolic link
+# to its file and into a device (the figure was renamed over both).
+png_goes_through_links_and_devices() {
+  /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || return 0 # nothing to draw with: the case holds
+  ln -sfn fig.png "$work/fig_link.png"
+  "$locus" compare --synthetic-requests 16 -q --png "$work/fig_link.png" >/dev/null 2>"$work/png.err" ||
+    { cat "$work/png.err" >&2; return 1; }
+  [ -L "$work/fig_link.png" ] && [ -s "$work/fig.png" ] || { echo "--png replaced its symbolic link" >&2; return 1; }
+  mknod "$work/null_device" c 1 3 2>/dev/null || return 0 # only root makes a device: the rest holds
+  "$locus" compare --synthetic-requests 16 -q --png "$work/null_device" >/dev/null 2>"$work/png.err" ||
+    { cat "$work/png.err" >&2; return 1; }
+  [ -c "$work/null_device" ] || { echo "--png replaced the device it was to write into" >&2; return 1; }
+}
+check "--png writes through a symbolic link and into a device" png_goes_through_links_and_devices
+# Only --json takes "-" for stdout: another output named "-" was a file no other output was checked
+# against (--out - --grouping - kept the grouping alone).
+refused '--out -: only --json writes to standard output' plan --trace "$work/t.bin" --placement locality --out - \
+  --grouping -
+refused '--grouping -: only --json writes to standard output' plan --trace "$work/t.bin" --placement locality \
+  --out "$work/dash.json" --grouping -
+refused '--out -: only --json writes to standard output' trace import "$work/t.bin" -o -
+refused '--markdown -: only --json writes to standard output' compare --synthetic-requests 16 --markdown - --json -
+check "a refused \"-\" leaves no file called -" test ! -e ./- -a ! -e "$work/-"
+# Any finite --replica-slack (1e9 and above were refused once the plan was made, as not finite).
+ok '^steps: ' simulate --trace "$work/t.bin" --replica-rule locality_bounded --replica-slack 1e308
+# Options that do not apply to the input are refused, not dropped without a word.
+refused '--train-domains applies to a trace \(--trace\); a plan from --load' "${trt[@]}" --train-domains law \
+  --out "$work/trt.json"
+refused '--prefill-tokens applies to a trace' "${trt[@]}" --prefill-tokens 8 --out "$work/trt.json"
+succeeds "${trt[@]}" --experts 4 --out "$work/trt.json"
+refused 'statistics of 4 experts, not of the 5 asked for' "${trt[@]}" --experts 5 --out "$work/trt.json"
+refused '--layers does not apply to [^ ]*t.bin, a binary trace' trace import "$work/t.bin" -o "$work/x.bin" --layers 5
+refused '--skip-bad does not apply to [^ ]*esft, an ESFT folder' trace import "$work/esft" -o "$work/x.bin" --skip-bad
+refused '--domains does not apply to [^ ]*odd.jsonl, route JSONL' trace import "$work/odd.jsonl" -o "$work/x.bin" \
+  --domains law
+# Values said as the option and the files are, before the work, not by a library function's name.
+refused '--anneal: Value 1048577 not in range 0 to 1048576' compare --synthetic-requests 16 --anneal 1048577
+refused '--rescale "-5:6:2": expected EXPERTS:TOP_K:LAYERS \(whole numbers\)' trace synth --fit "$work/t.bin" \
+  --rescale -5:6:2 --out "$work/s.bin"
+refused '--train-requests .*: is a folder, expected a file of request ids' plan --trace "$work/t.bin" \
+  --train-requests "$work" --out "$work/m.json"
+refused '--load-trace [^ ]*esft has 2 layers of 64 experts; the plan in [^ ]*lin.json has 2 layers of 16' map export \
+  "$work/lin.json" --to sglang --load-trace "$work/esft" --out "$work/q.json"
+mkdir -p "$work/empty_esft"
+refused '^locus: invalid input: [^ ]*empty_esft holds no domain folder' plan --trace "$work/empty_esft" \
+  --out "$work/m.json"
+# map check refuses what map export would: hidden layers that end before a MoE layer.
+python3 - "$work/lin.json" "$work/hidden.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+d["model_layers"], d["hidden_layers"] = [1, 2], 2
+json.dump(d, open(sys.argv[2], "w"))
+PY
+refused '"hidden_layers" is 2, but "model_layers" names hidden layer 2' map check "$work/hidden.json"
 cases_end

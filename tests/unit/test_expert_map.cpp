@@ -131,7 +131,19 @@ BOOST_AUTO_TEST_CASE(json_plan_keeps_its_topology) {
   BOOST_TEST((back.model_layers == std::vector<std::size_t>{1, 2}));
   BOOST_TEST(load_expert_plan((save_expert_maps(path, layers), path)).gpus_per_node == 0u); // not saved: unknown
   BOOST_CHECK_THROW(save_expert_plan(path, {layers, {}, 0, 3}), config_error);
+  // A model whose hidden layers end at or before a map's layer is refused on both ways (map check
+  // took such a file that map export then refused).
+  BOOST_CHECK_THROW(save_expert_plan(path, {layers, {1, 2}, 2, 2}), config_error);
   auto doc = expert_maps_to_json(layers);
+  doc["model_layers"] = {1, 2};
+  doc["hidden_layers"] = 2;
+  write_file_atomically(path, doc.dump());
+  BOOST_CHECK_THROW(load_expert_plan(path), format_error);
+  doc["hidden_layers"] = 3;
+  write_file_atomically(path, doc.dump());
+  BOOST_TEST(load_expert_plan(path).hidden_layers == 3u);
+  doc.erase("model_layers");
+  doc.erase("hidden_layers");
   doc["gpus_per_node"] = 3;
   write_file_atomically(path, doc.dump());
   BOOST_CHECK_THROW(load_expert_plan(path), format_error);

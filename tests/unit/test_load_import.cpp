@@ -55,6 +55,9 @@ BOOST_AUTO_TEST_CASE(npy_loads_and_routed_experts) {
   const auto a = import_load((d.path / "load.npy").string());
   BOOST_TEST(a.load == (std::vector<std::vector<double>>{{1, 2, 3}, {4, 5, 6}}));
   BOOST_TEST(a.layer_ids == (std::vector<std::size_t>{0, 1}));
+  // A loads table names its expert count: the same one is taken, another refused (it was ignored).
+  BOOST_TEST(import_load((d.path / "load.npy").string(), 3).load.size() == 2u);
+  BOOST_CHECK_THROW(import_load((d.path / "load.npy").string(), 4), invalid_input_error);
   // Two tokens, two layers, top-2: layer 0 routes to {0,3} and {3,1}; layer 1 to {2,2}... counted.
   write(d.path / "routed.npy", npy<std::int32_t>("<i4", "(2, 2, 2)", {0, 3, 2, 1, 3, 1, 2, 0}));
   const auto r = import_load((d.path / "routed.npy").string(), 5);
@@ -95,6 +98,8 @@ BOOST_AUTO_TEST_CASE(trtllm_statistics_sum_ranks_and_iterations) {
   const auto s = import_load(d.path.string());
   BOOST_TEST(s.layer_ids == (std::vector<std::size_t>{3, 5}));
   BOOST_TEST(s.load == (std::vector<std::vector<double>>{{7, 7, 8}, {1, 1, 10}}));
+  BOOST_TEST(import_load(d.path.string(), 3).load.size() == 2u);
+  BOOST_CHECK_THROW(import_load(d.path.string(), 4), invalid_input_error); // meta_info.json says 3
   write(d.path / "rank2.safetensors", safetensors({{"100_3", {1, 2}}}));
   BOOST_CHECK_THROW(import_load(d.path.string()), format_error); // 2 values for 3 experts
 }

@@ -1,6 +1,8 @@
 #define BOOST_TEST_MODULE placement
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
+#include <cmath>
+#include <limits>
 #include <locus/cost/traffic.hpp>
 #include <locus/transport/layout.hpp>
 #include <locus/transport/replica_selection.hpp>
@@ -211,6 +213,14 @@ BOOST_AUTO_TEST_CASE(hot_rank_tracker_bounds) {
   tr.observe(std::span<const std::uint64_t>(second)); // 40, 51, 19, 20: bound 35.75, hot ranks by load
   BOOST_TEST((std::vector<std::uint8_t>(tr.hot().begin(), tr.hot().end()) == std::vector<std::uint8_t>{1, 2, 0, 0}));
   BOOST_CHECK_THROW(placement::hot_rank_tracker(4, -0.1), config_error);
+  BOOST_CHECK_THROW(placement::hot_rank_tracker(4, std::numeric_limits<double>::infinity()), config_error);
+  BOOST_CHECK_THROW(placement::hot_rank_tracker(4, std::nan("")), config_error);
+  // Any finite slack is taken (it said "expected a finite number >= 0" to 1e9): a bound past the
+  // largest double makes no rank hot.
+  placement::hot_rank_tracker loose(4, 1e308);
+  loose.observe(std::span<const std::uint64_t>(spike));
+  BOOST_TEST(
+      (std::vector<std::uint8_t>(loose.hot().begin(), loose.hot().end()) == std::vector<std::uint8_t>{0, 0, 0, 0}));
   BOOST_CHECK_THROW(tr.observe(std::span<const std::uint64_t>(step.data(), 3)), config_error);
   // The rank count is checked before the tables are sized from it (2^62 was a length_error).
   BOOST_CHECK_THROW(placement::hot_rank_tracker(std::size_t{1} << 62, 0.1), config_error);

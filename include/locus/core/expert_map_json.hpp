@@ -160,8 +160,8 @@ struct expert_plan_file {
 
 //! Writes a plan (its maps, and what else it knows) to a JSON file, atomically.
 //! @throws locus::io_error when the file cannot be written
-//! @throws locus::config_error when `model_layers` does not have one ascending id per map, or
-//!         gpus_per_node does not divide the ranks
+//! @throws locus::config_error when `model_layers` does not have one ascending id per map, or its
+//!         last is not below `hidden_layers` (where given), or gpus_per_node does not divide the ranks
 inline void save_expert_plan(const std::string& path, const expert_plan_file& plan) {
   auto doc = expert_maps_to_json(plan.maps);
   const auto& ids = plan.model_layers;
@@ -172,6 +172,9 @@ inline void save_expert_plan(const std::string& path, const expert_plan_file& pl
       LOCUS_REQUIRE(ids[l] > ids[l - 1], config_error, "save_expert_plan: model layer ids must ascend");
     doc["model_layers"] = ids;
   }
+  LOCUS_REQUIRE(plan.hidden_layers == 0 || ids.empty() || plan.hidden_layers > ids.back(), config_error,
+                "save_expert_plan: ", plan.hidden_layers, " hidden layers, but model layer ", ids.back(),
+                " is a map's");
   if (plan.hidden_layers > 0) doc["hidden_layers"] = plan.hidden_layers;
   if (plan.gpus_per_node > 0) {
     LOCUS_REQUIRE(plan.maps.front().ranks() % plan.gpus_per_node == 0, config_error,
@@ -220,6 +223,11 @@ inline expert_plan_file load_expert_plan(const std::string& path) {
       }
     }
     if (doc.contains("hidden_layers")) out.hidden_layers = detail::json_size(doc, "hidden_layers");
+    // What map export would refuse only later: a model whose hidden layers end before its MoE layers.
+    if (out.hidden_layers > 0 && !out.model_layers.empty() && out.hidden_layers <= out.model_layers.back())
+      throw format_error(detail::concat("expert map JSON: \"hidden_layers\" is ", out.hidden_layers,
+                                        ", but \"model_layers\" names hidden layer ", out.model_layers.back()),
+                         0);
     if (doc.contains("gpus_per_node")) {
       out.gpus_per_node = detail::json_size(doc, "gpus_per_node");
       if (out.gpus_per_node == 0 || out.maps.front().ranks() % out.gpus_per_node != 0)

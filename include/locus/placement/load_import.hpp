@@ -293,7 +293,8 @@ inline std::optional<std::pair<std::uint64_t, std::uint64_t>> iteration_layer(co
 } // namespace detail::load_import
 
 //! Loads from a `.npy` file or a TensorRT-LLM statistics folder (see the file comment).
-//! `experts`: the expert count for routed-expert arrays (0: the largest id + 1). `iterations`:
+//! `experts`: the expert count for routed-expert arrays (0: the largest id + 1); a loads table or a
+//! statistics folder names its own, and another count than that is refused (0: any). `iterations`:
 //! for a statistics folder, the iterations summed (every tensor is checked, whatever its
 //! iteration); a window that holds none of them is refused.
 //! @throws locus::io_error, locus::format_error naming the file, locus::invalid_input_error on
@@ -318,6 +319,8 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
       const auto e = ::locus::detail::json_unsigned(n);
       ::locus::detail::format_require(e.has_value(), meta_path, ": \"num_experts\" is ",
                                       ::locus::detail::json_excerpt(n), ", not a non-negative integer");
+      LOCUS_REQUIRE(experts == 0 || experts == *e, invalid_input_error, meta_path, ": statistics of ", *e,
+                    " experts, not of the ", experts, " asked for");
       experts = static_cast<std::size_t>(*e);
     } catch (const nlohmann::json::exception& e) {
       ::locus::detail::format_fail(meta_path, ": ", ::locus::detail::json_error_text(e));
@@ -367,6 +370,8 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
     // of the file: refused before they size anything.
     LOCUS_REQUIRE(!a.values.empty(), invalid_input_error, path, ": no loads in the file (an empty array)");
     if (a.shape.size() == 2) {
+      LOCUS_REQUIRE(experts == 0 || experts == a.shape[1], invalid_input_error, path, ": [layers, experts] loads of ",
+                    a.shape[1], " experts, not of the ", experts, " asked for");
       out.load.assign(a.shape[0], std::vector<double>(a.shape[1]));
       for (std::size_t l = 0; l < a.shape[0]; ++l)
         std::copy_n(a.values.begin() + static_cast<std::ptrdiff_t>(l * a.shape[1]), a.shape[1], out.load[l].begin());

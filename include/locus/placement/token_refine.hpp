@@ -149,8 +149,12 @@ struct token_refine_options {
   //! The sweeps only take improving swaps and stop in the first local optimum the balance bound
   //! leaves them; annealing from there also takes some worsening swaps early on, keeps the best
   //! state it sees (so it never ends worse), and the sweeps run again on its result. Time grows
-  //! linearly with it: each proposal costs O(tokens of both experts × top-k).
+  //! linearly with it: each proposal costs O(tokens of both experts × top-k). At most
+  //! max_anneal_per_expert.
   std::size_t anneal_per_expert = 0;
+  //! The largest anneal_per_expert: proposals are it × experts per layer, a product that must
+  //! neither wrap nor run for years.
+  static constexpr std::size_t max_anneal_per_expert = std::size_t{1} << 20;
   //! Start temperature, as a share of the mean cost rise of a random balanced swap; it falls
   //! linearly to zero over the proposals.
   double anneal_temperature = 0.3;
@@ -1487,11 +1491,9 @@ expert_map refine_layer(const expert_map& map, const token_sample& sample, std::
                 "refine_by_tokens: negative slack or copy weight");
   LOCUS_REQUIRE(opt.anneal_temperature >= 0, config_error, "refine_by_tokens: negative anneal temperature ",
                 opt.anneal_temperature);
-  // Proposals are anneal_per_expert × experts per layer: bound the factor so the product neither
-  // wraps nor runs for years.
-  LOCUS_REQUIRE(opt.anneal_per_expert <= (std::size_t{1} << 20), config_error,
+  LOCUS_REQUIRE(opt.anneal_per_expert <= token_refine_options::max_anneal_per_expert, config_error,
                 "refine_by_tokens: anneal_per_expert is ", opt.anneal_per_expert, ", expected at most ",
-                std::size_t{1} << 20);
+                token_refine_options::max_anneal_per_expert);
   LOCUS_REQUIRE(opt.balance_shift >= 0 && opt.shift_slack >= 0, config_error,
                 "refine_by_tokens: negative balance shift ", opt.balance_shift, " or shift slack ", opt.shift_slack);
   layer_state<Topology> s(map, sample.ids[layer], sample.home, sample.top_k, topo, opt, layer, sample.mix_group,

@@ -285,9 +285,9 @@ inline void esft_check_top_k(const locus::trace::trace& t) {
         all_disjoint = first_repeated_choice(v.ids() + g * m * k, 1, m * k) == 1;
     }
     if (all_disjoint)
-      LOCUS_THROW(invalid_input_error, "import_esft: with top_k ", k, " every ", m, " consecutive tokens choose ",
-                  m * k, " distinct experts in every request and layer (", groups, " groups): the data looks like top-",
-                  m * k, "; import it with top_k ", m * k, " (--top-k)");
+      LOCUS_THROW(invalid_input_error, "ESFT: with top_k ", k, " every ", m, " consecutive tokens choose ", m * k,
+                  " distinct experts in every request and layer (", groups, " groups): the data looks like top-", m * k,
+                  "; import it with top_k ", m * k, " (--top-k)");
   }
 }
 
@@ -297,17 +297,17 @@ inline void esft_check_top_k(const locus::trace::trace& t) {
 //! layer files. Request ids run 0, 1, ... in import order.
 //! @throws locus::format_error naming the file, 1-based line (also `offset()`) and column
 inline trace import_esft(std::span<const esft_domain_text> domains, std::size_t experts = 64, std::size_t top_k = 6) {
-  LOCUS_REQUIRE(!domains.empty(), invalid_input_error, "import_esft: no domain given");
+  LOCUS_REQUIRE(!domains.empty(), invalid_input_error, "ESFT import: no domain given");
   const std::size_t layers = domains.front().layers.size();
-  LOCUS_REQUIRE(layers > 0, invalid_input_error, "import_esft: domain ", domains.front().name, " has no layer file");
+  LOCUS_REQUIRE(layers > 0, invalid_input_error, "ESFT domain ", domains.front().name, " has no layer file");
   trace_builder b(experts, top_k, layers);
   std::uint64_t next_id = 0;
   for (std::size_t d = 0; d < domains.size(); ++d)
     for (std::size_t e = 0; e < d; ++e)
-      LOCUS_REQUIRE(domains[d].name != domains[e].name, invalid_input_error, "import_esft: domain \"", domains[d].name,
+      LOCUS_REQUIRE(domains[d].name != domains[e].name, invalid_input_error, "ESFT domain \"", domains[d].name,
                     "\" is given twice");
   for (const auto& dom : domains) {
-    LOCUS_REQUIRE(dom.layers.size() == layers, invalid_input_error, "import_esft: domain ", dom.name, " has ",
+    LOCUS_REQUIRE(dom.layers.size() == layers, invalid_input_error, "ESFT domain ", dom.name, " has ",
                   dom.layers.size(), " layer files, domain ", domains.front().name, " has ", layers);
     std::vector<detail::trace::esft_layer> parsed;
     std::vector<std::string> names;
@@ -337,14 +337,14 @@ inline trace import_esft(const std::string& root_dir, const esft_options& opt = 
     throw io_error(root_dir + ": not a directory (expected an ESFT expert_scores folder)", __FILE__, __LINE__);
   if (!detail::trace::esft_layer_numbers(root).empty()) {
     // One domain folder given instead of its parent: read it as that one domain.
-    LOCUS_REQUIRE(opt.domains.empty(), invalid_input_error, "import_esft: ", root_dir,
+    LOCUS_REQUIRE(opt.domains.empty(), invalid_input_error, root_dir,
                   " is one domain folder (it holds expert_weights_<n>.txt files); domains are chosen among the "
                   "folders inside the parent: give the parent folder");
     fs::path dir = fs::absolute(root, ec).lexically_normal();
     if (ec) throw io_error(root_dir + ": " + ec.message(), __FILE__, __LINE__, ec.value());
     if (!dir.has_filename()) dir = dir.parent_path(); // "law/" normalises to ".../law/"
     const std::string name = dir.filename().string();
-    LOCUS_REQUIRE(esft_domain_name_ok(name) && dir.has_parent_path(), invalid_input_error, "import_esft: ", root_dir,
+    LOCUS_REQUIRE(esft_domain_name_ok(name) && dir.has_parent_path(), invalid_input_error, root_dir,
                   " is one domain folder but its name cannot be a domain: give the parent folder");
     esft_options one = opt;
     one.domains = {name};
@@ -363,15 +363,14 @@ inline trace import_esft(const std::string& root_dir, const esft_options& opt = 
     if (ec) throw io_error(root_dir + ": cannot list the folder: " + ec.message(), __FILE__, __LINE__, ec.value());
     std::sort(domains.begin(), domains.end());
   }
-  LOCUS_REQUIRE(!domains.empty(), invalid_input_error, "import_esft: ", root_dir,
+  LOCUS_REQUIRE(!domains.empty(), invalid_input_error, root_dir,
                 " holds no domain folder with expert_weights_<n>.txt files");
   for (std::size_t d = 0; d < domains.size(); ++d) {
     LOCUS_REQUIRE(
-        esft_domain_name_ok(domains[d]), invalid_input_error, "import_esft: domain \"", domains[d],
+        esft_domain_name_ok(domains[d]), invalid_input_error, "ESFT domain \"", domains[d],
         "\" is not a folder name inside the root (empty, \".\", \"..\", or holds '/' or a control character)");
     for (std::size_t e = 0; e < d; ++e)
-      LOCUS_REQUIRE(domains[d] != domains[e], invalid_input_error, "import_esft: domain \"", domains[d],
-                    "\" is given twice");
+      LOCUS_REQUIRE(domains[d] != domains[e], invalid_input_error, "ESFT domain \"", domains[d], "\" is given twice");
   }
   // Every domain must hold layer files 1..L without a gap, and all domains the same L (a gap in the
   // first domain used to cut every domain short).

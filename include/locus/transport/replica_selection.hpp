@@ -36,6 +36,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <locus/core/config.hpp>
@@ -213,7 +214,8 @@ public:
   hot_rank_tracker(std::size_t ranks, double slack, std::size_t window = 0)
       : load_(checked_ranks(ranks), 0.0), hot_(ranks, 0), slack_(slack),
         keep_(window == 0 ? 1.0 : 1.0 - 1.0 / static_cast<double>(window)) {
-    LOCUS_REQUIRE(slack >= 0 && slack < 1e9, config_error, "hot_rank_tracker: slack is ", slack,
+    // Any finite slack: a bound past the largest double is +inf, which no load exceeds (no rank is hot).
+    LOCUS_REQUIRE(std::isfinite(slack) && slack >= 0, config_error, "hot_rank_tracker: slack is ", slack,
                   ", expected a finite number >= 0");
   }
 
