@@ -26,6 +26,7 @@ struct replan_options {
   std::string transport = "flat";
   locus::placement::live_replan_options live{};
   CLI::Option* prefill_opt = nullptr;
+  CLI::Option* prior_requests_opt = nullptr;
 };
 
 // The node of each request of `t`: its rank in `homes` (request id → rank), else its class's node
@@ -70,6 +71,12 @@ inline std::map<std::uint64_t, std::size_t> read_homes(const std::string& path, 
 
 inline int map_replan(const replan_options& o) {
   check_outputs({{"--out", o.out}, {"--json", o.json}}, {o.map_path, o.homes, o.grouping});
+  // Options that would change nothing are refused, not dropped without a word.
+  LOCUS_REQUIRE(!o.prior_paths.empty() || o.prior_requests_opt->count() == 0, locus::config_error,
+                "--prior-requests applies with --prior (the traffic the map was fitted to)");
+  LOCUS_REQUIRE(o.grouping.empty() || o.homes.empty() || !o.prior_paths.empty(), locus::config_error,
+                "--grouping gives the nodes of requests --homes does not list: with --homes it applies to --prior's "
+                "requests only, and there is no --prior");
   auto plan = locus::load_expert_plan(o.map_path);
   const std::size_t ranks = plan.maps.front().ranks();
   LOCUS_REQUIRE(o.gpus_per_node == 0 || plan.gpus_per_node == 0 || o.gpus_per_node == plan.gpus_per_node,
@@ -158,10 +165,11 @@ inline void register_map_replan(CLI::App* map_cmd) {
                   "The traffic the map was fitted to (e.g. the plan's training trace): steers the copy savings; its "
                   "requests' nodes come from --grouping")
       ->default_str("none: the window alone");
-  cmd->add_option("--prior-requests", o->live.prior_requests,
-                  "With --prior: its weight in the loads the re-plan balances, in requests beside the window's")
-      ->check(tool_cli::finite_non_negative)
-      ->capture_default_str();
+  o->prior_requests_opt =
+      cmd->add_option("--prior-requests", o->live.prior_requests,
+                      "With --prior: its weight in the loads the re-plan balances, in requests beside the window's")
+          ->check(tool_cli::finite_non_negative)
+          ->capture_default_str();
   cmd->add_option("--replan-slack", o->live.replan_slack,
                   "Load bound of the re-plan: GPUs above (1 + this) x the mean load are repaired first")
       ->check(tool_cli::finite_non_negative)

@@ -176,6 +176,18 @@ inline void check_outputs(const std::vector<output_file>& outputs, const std::ve
     for (const auto& in : inputs)
       LOCUS_REQUIRE(in.empty() || !same(o.path, in), locus::config_error, o.option, " ", o.path,
                     " is also an input of this command: writing it would replace what it reads");
+    // --json takes an optional value, so `--json a.bin b.bin` reads a.bin as the JSON output: an
+    // existing file that is not a JSON object is refused rather than replaced.
+    std::error_code regular_error;
+    if (std::string_view(o.option) == "--json" && fs::is_regular_file(o.path, regular_error)) { // never a FIFO
+      std::ifstream existing(o.path, std::ios::binary);
+      char c = 0;
+      while (existing.get(c) && (c == ' ' || c == '\t' || c == '\r' || c == '\n')) {
+      }
+      LOCUS_REQUIRE(!existing || c == '{', locus::config_error, "--json ", o.path,
+                    " exists and is not a JSON document: writing it would replace it (--json takes an optional "
+                    "file: an input named after it is read as the JSON output; write --json=FILE or put --json last)");
+    }
     locus::check_writable(o.path);
   }
 }

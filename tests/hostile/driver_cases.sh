@@ -302,4 +302,14 @@ d["model_layers"], d["hidden_layers"] = [1, 2], 2
 json.dump(d, open(sys.argv[2], "w"))
 PY
 refused '"hidden_layers" is 2, but "model_layers" names hidden layer 2' map check "$work/hidden.json"
+# --json takes an optional value: a trace named after it was read as the JSON output and replaced.
+refused '--json [^ ]*t2.bin exists and is not a JSON document' trace stats --json "$work/t2.bin" "$work/t.bin"
+# map replan: options that would change nothing are refused.
+refused '--prior-requests applies with --prior' map replan "$work/lin.json" --trace "$work/t.bin" \
+  --prior-requests 5 --out "$work/r.json"
+printf '0 0\n' >"$work/homes.txt"
+refused '--grouping gives the nodes of requests --homes does not list' map replan "$work/lin.json" \
+  --trace "$work/t.bin" --homes "$work/homes.txt" --grouping "$work/lin.json" --out "$work/r.json"
+refused '--budget: nan is not a number from 0 to 1' map replan "$work/lin.json" --trace "$work/t.bin" --budget nan \
+  --out "$work/r.json"
 cases_end

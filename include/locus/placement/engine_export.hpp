@@ -15,6 +15,7 @@
 //! of them accepts an empty slot: `fill_empty_slots` fills a plan's empty slots first.
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <locus/core/error.hpp>
