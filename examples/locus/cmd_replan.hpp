@@ -6,7 +6,9 @@
 #include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
+#include <iterator>
 #include <locus/core/expert_map_json.hpp>
 #include <locus/grouper/workload_model_json.hpp>
 #include <locus/placement/live_replan_json.hpp>
@@ -55,7 +57,7 @@ inline std::vector<std::uint32_t> request_nodes(const locus::trace::trace& t,
 
 // `--homes FILE`: pairs of request id and rank.
 inline std::map<std::uint64_t, std::size_t> read_homes(const std::string& path, std::size_t ranks) {
-  const auto v = detail::read_request_ids(path, "--homes");
+  const auto v = detail::read_request_ids(path, "--homes", "a request id or rank");
   LOCUS_REQUIRE(v.size() % 2 == 0, locus::config_error, "--homes ", path, ": ", v.size(),
                 " numbers, expected pairs of request id and rank");
   std::map<std::uint64_t, std::size_t> out;
@@ -70,7 +72,17 @@ inline std::map<std::uint64_t, std::size_t> read_homes(const std::string& path, 
 }
 
 inline int map_replan(const replan_options& o) {
-  check_outputs({{"--out", o.out}, {"--json", o.json}}, {o.map_path, o.homes, o.grouping});
+  // The window and the prior are inputs too: `--out window.bin` replaced the trace it re-planned on.
+  // ("-" is standard input, not a file named "-").
+  std::vector<std::string> inputs{o.map_path, o.homes, o.grouping};
+  for (const auto* paths : {&o.window_paths, &o.prior_paths})
+    std::copy_if(paths->begin(), paths->end(), std::back_inserter(inputs), [](const auto& p) { return p != "-"; });
+  check_outputs({{"--out", o.out}, {"--json", o.json}}, inputs);
+  const auto reads_stdin = [](const std::vector<std::string>& paths) {
+    return std::find(paths.begin(), paths.end(), "-") != paths.end();
+  };
+  LOCUS_REQUIRE(!reads_stdin(o.window_paths) || !reads_stdin(o.prior_paths), locus::config_error,
+                "--trace - and --prior - both read standard input: give one of them a file");
   // Options that would change nothing are refused, not dropped without a word.
   LOCUS_REQUIRE(!o.prior_paths.empty() || o.prior_requests_opt->count() == 0, locus::config_error,
                 "--prior-requests applies with --prior (the traffic the map was fitted to)");
@@ -97,7 +109,7 @@ inline int map_replan(const replan_options& o) {
   };
   const auto window = read(o.window_paths);
   const std::string window_name = o.window_paths.front();
-  require_decode_tokens(window, window_name, o.prefill_tokens);
+  require_decode_tokens(window, window_name, o.prefill_tokens, "the window", "to re-plan on");
   std::shared_ptr<const locus::grouper::workload_model> model;
   if (!o.grouping.empty()) {
     model = std::make_shared<const locus::grouper::workload_model>(locus::grouper::load_grouping(o.grouping));
@@ -113,6 +125,7 @@ inline int map_replan(const replan_options& o) {
   std::vector<std::uint32_t> prior_nodes;
   if (!o.prior_paths.empty()) {
     prior = read(o.prior_paths);
+    require_decode_tokens(*prior, o.prior_paths.front(), o.prefill_tokens, "the prior", "to steer the re-plan");
     prior_nodes = request_nodes(*prior, nullptr, model.get(), topo, o.prefill_tokens, "the prior");
   }
   auto live = o.live;
@@ -122,7 +135,7 @@ inline int map_replan(const replan_options& o) {
   plan.maps = r.maps;
   if (plan.gpus_per_node == 0) plan.gpus_per_node = gpus;
   locus::save_expert_plan(o.out, plan);
-  auto doc = locus::placement::live_replan_json(r);
+  auto doc = locus::placement::live_replan_json(r, plan.model_layers);
   doc["map"] = o.map_path;
   doc["out"] = o.out;
   doc["window"] = window_name;

@@ -78,8 +78,9 @@ inline void add_split_flags(CLI::App* cmd, split_flags& s) {
 namespace detail {
 
 //! The request ids listed in `path`: non-negative integers separated by whitespace, `#` to the end
-//! of a line is a comment.
-inline std::vector<std::uint64_t> read_request_ids(const std::string& path, const char* flag) {
+//! of a line is a comment. `what` names a number in the message that refuses one.
+inline std::vector<std::uint64_t> read_request_ids(const std::string& path, const char* flag,
+                                                   const char* what = "a request id") {
   // A folder opens as a stream that reads nothing: it was said to list no request id.
   std::error_code ec;
   if (std::filesystem::is_directory(path, ec))
@@ -102,8 +103,8 @@ inline std::vector<std::uint64_t> read_request_ids(const std::string& path, cons
       std::uint64_t v = 0;
       const auto r = std::from_chars(line.data() + i, line.data() + j, v);
       LOCUS_REQUIRE(r.ec == std::errc{} && r.ptr == line.data() + j, locus::config_error, flag, " ", path, ":", line_no,
-                    ": \"", line.substr(i, std::min<std::size_t>(j - i, 32)),
-                    "\" is not a request id (a non-negative integer)");
+                    ": \"", line.substr(i, std::min<std::size_t>(j - i, 32)), "\" is not ", what,
+                    " (a non-negative integer)");
       ids.push_back(v);
       i = j;
     }

@@ -162,14 +162,16 @@ inline locus::trace::trace with_prefill(const locus::trace::trace& t, std::size_
 }
 
 //! Refuses a test split with nothing to decode (every request within its prefill): a simulation
-//! of it would report zeros as if they were results.
+//! of it would report zeros as if they were results. `subject` and `use` name the trace's role
+//! (map replan's window is no test split and simulates nothing).
 inline void require_decode_tokens(const locus::trace::trace& test, const std::string& trace_name,
-                                  std::size_t prefill_tokens) {
+                                  std::size_t prefill_tokens, const char* subject = "the test split of",
+                                  const char* use = "to simulate") {
   for (std::size_t r = 0; r < test.requests(); ++r)
     for (std::size_t i = 0; i < test.request(r).length; ++i)
       if (test.token_phase(test.request(r).first_token + i) == locus::trace::phase::decode) return;
-  LOCUS_THROW(locus::config_error, "the test split of ", trace_name,
-              " has no decode tokens to simulate: every token is prefill (--prefill-tokens ", prefill_tokens,
+  LOCUS_THROW(locus::config_error, subject, " ", trace_name, " has no decode tokens ", use,
+              ": every token is prefill (--prefill-tokens ", prefill_tokens,
               " covers each request, or the trace's recorded phases mark none as decode)");
 }
 

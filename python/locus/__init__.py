@@ -404,7 +404,8 @@ def replan(
     fitted to (its nodes from the model), which steers the copy savings and counts in the loads as
     ``prior_requests`` requests beside the window's. ``transport``: whose copies to save ("flat",
     "hierarchical" or "both"). Returns the new plan and a report: ``moves`` (each slot whose weights
-    change: layer, rank, slot, from, to; None for an empty slot), ``slots_moved``, ``bytes_moved``
+    change: layer (the plan's index), model_layer (its hidden layer, where the plan has layer ids),
+    rank, slot, from, to; None for an empty slot), ``slots_moved``, ``bytes_moved``
     (with ``expert_bytes``), and the window's inter-node copies per token and lowest reachable GPU
     max/mean (``balance_floor``) before and after (docs/robust_planning.md)."""
     h = None if homes is None else _array(homes, np.int64, 1, "homes")
@@ -416,7 +417,11 @@ def replan(
     out = ExpertPlan(maps, plan.experts, plan.nodes, plan.gpus_per_node, plan.model, plan.layer_ids,
                      plan.hidden_layers)
     out._hedge_copies = plan._hedge_copies
-    return out, json.loads(report)
+    doc = json.loads(report)
+    if plan.layer_ids is not None:  # the layer numbers of the engines' files, as map replan --json
+        for move in doc["moves"]:
+            move["model_layer"] = int(plan.layer_ids[move["layer"]])
+    return out, doc
 
 
 def export_text(

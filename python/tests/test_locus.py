@@ -843,6 +843,20 @@ def test_replan_moves_within_budget_and_reports_what_an_independent_count_gives(
     assert rep["copies_per_token_after"] <= rep["copies_per_token_before"] + 1e-9
 
 
+def test_replan_moves_name_the_hidden_layer_the_engines_files_use():
+    """A move's ``layer`` is the plan's index; with layer ids (ESFT: MoE layers 1..26 of 27, a
+    DeepSeek-V3 trace 3..60) ``model_layer`` is the hidden layer an engine loads the weights into."""
+    ids, code = one_kind_trace(0)
+    _, window = one_kind_trace(1, seed=9)
+    numbered = locus.trace_from_arrays(ids, 16, request_ids=np.repeat(np.arange(6), 40),
+                                       phases=np.tile(["prefill"] * 8 + ["decode"] * 32, 6), layer_ids=[3, 4, 6])
+    plan = locus.plan(numbered, 2, 2, "linear", clusters=1, prefill_tokens=8)
+    _, rep = locus.replan(plan, window, budget=1.0, homes=np.arange(window.requests) % 4)
+    assert rep["moves"] and all(m["model_layer"] == [3, 4, 6][m["layer"]] for m in rep["moves"])
+    _, rep = locus.replan(locus.plan(code, 2, 2, "linear", clusters=1, prefill_tokens=8), window, budget=1.0)
+    assert rep["moves"] and all("model_layer" not in m for m in rep["moves"])
+
+
 def test_replan_refuses_bad_arguments():
     _, code = one_kind_trace(0)
     _, window = one_kind_trace(1)

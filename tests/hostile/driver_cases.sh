@@ -312,4 +312,27 @@ refused '--grouping gives the nodes of requests --homes does not list' map repla
   --trace "$work/t.bin" --homes "$work/homes.txt" --grouping "$work/lin.json" --out "$work/r.json"
 refused '--budget: nan is not a number from 0 to 1' map replan "$work/lin.json" --trace "$work/t.bin" --budget nan \
   --out "$work/r.json"
+# map replan: the window and the prior are inputs too (--out or --json named after one replaced
+# the trace; a route JSONL file opens with "{" like a JSON document), and one standard input.
+"$locus" trace import "$work/t.bin" -o "$work/w.bin" >/dev/null
+cp "$(dirname "$0")/../data/trace/decode_only.jsonl" "$work/w.jsonl"
+refused '--json [^ ]*w.jsonl is also an input of this command' map replan "$work/lin.json" --trace "$work/w.jsonl" \
+  --prefill-tokens 0 --out "$work/r.json" --json "$work/w.jsonl"
+refused '--out [^ ]*w.bin is also an input of this command' map replan "$work/lin.json" --trace "$work/t.bin" \
+  --prior "$work/w.bin" --out "$work/w.bin"
+cmp -s "$(dirname "$0")/../data/trace/decode_only.jsonl" "$work/w.jsonl" || case_fail "map replan replaced its window"
+refused '--trace - and --prior - both read standard input' map replan "$work/lin.json" --trace - --prior - \
+  --out "$work/r.json" <"$work/t.bin"
+# ... a window or a prior with nothing to decode, named as such; a rank that is not a number; moved
+# bytes beyond 64 bits (they wrapped to a small figure).
+refused 'the window [^ ]*t.bin has no decode tokens to re-plan on' map replan "$work/lin.json" --trace "$work/t.bin" \
+  --prefill-tokens 1000000 --out "$work/r.json"
+sed 's/"decode"/"prefill"/' "$work/w.jsonl" >"$work/prefill.jsonl"
+refused 'the prior [^ ]*prefill.jsonl has no decode tokens' map replan "$work/lin.json" --trace "$work/w.jsonl" \
+  --prior "$work/prefill.jsonl" --out "$work/r.json"
+printf '0 -1\n' >"$work/homes_neg.txt"
+refused '"-1" is not a request id or rank' map replan "$work/lin.json" --trace "$work/t.bin" \
+  --homes "$work/homes_neg.txt" --out "$work/r.json"
+refused 'slots of 18446744073709551615 bytes each exceed 2\^64 bytes' map replan "$work/lin.json" --trace "$work/t.bin" \
+  --expert-bytes 18446744073709551615 --out "$work/r.json"
 cases_end

@@ -5,6 +5,7 @@
 #include <boost/test/unit_test.hpp>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <locus/cost/online_replan.hpp>
 #include <locus/grouper/baselines.hpp>
 #include <locus/placement/linear.hpp>
@@ -883,4 +884,29 @@ BOOST_AUTO_TEST_CASE(replan_live_moves_within_its_budget_and_reports_the_changed
                     config_error);
   BOOST_CHECK_THROW(placement::replan_live(setting.maps, window, std::vector<std::uint32_t>(3, 0), topo, {}),
                     config_error);
+}
+
+// A prior with no decode token was dropped without a word (with_prior returns the window alone),
+// and a moved-bytes product beyond 64 bits wrapped to a small figure: both are refused.
+BOOST_AUTO_TEST_CASE(replan_live_refuses_an_empty_prior_and_moved_bytes_beyond_64_bits) {
+  std::mt19937 rng(56);
+  const auto prior = two_mix_trace(rng, 8, 16, 2, [](std::size_t r) { return static_cast<std::uint32_t>(r % 2); });
+  const auto window = two_mix_trace(rng, 12, 16, 2, [](std::size_t) { return std::uint32_t{1}; });
+  const small_run setting(window);
+  const auto& topo = setting.cfg.topology;
+  const std::vector<std::uint32_t> window_nodes(window.requests(), 0), prior_nodes(prior.requests(), 1);
+  const auto all_prefill = prior.with_prefill_tokens(1u << 20);
+  BOOST_CHECK_THROW(placement::replan_live(setting.maps, window, window_nodes, topo, {}, &all_prefill, prior_nodes),
+                    config_error);
+  BOOST_TEST(placement::replan_live(setting.maps, window, window_nodes, topo, {}, &prior, prior_nodes).prior_tokens >
+             0u);
+  const std::size_t slots = placement::total_slots(setting.maps);
+  placement::live_replan_options o;
+  o.budget_share = 1.0;
+  o.expert_bytes = std::numeric_limits<std::uint64_t>::max() / slots + 1;
+  BOOST_CHECK_THROW(placement::replan_live(setting.maps, window, window_nodes, topo, o), config_error);
+  o.expert_bytes = std::numeric_limits<std::uint64_t>::max() / slots;
+  const auto r = placement::replan_live(setting.maps, window, window_nodes, topo, o);
+  BOOST_TEST(r.moves.size() > 0u);
+  BOOST_TEST(r.bytes_moved / o.expert_bytes == r.moves.size());
 }

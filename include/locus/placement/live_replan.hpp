@@ -119,7 +119,7 @@ inline void require_replan_shape(const std::vector<expert_map>& current, const t
 //! requests' nodes), when given, is the traffic the maps were fitted to (placement::with_prior).
 //! Deterministic.
 //! @throws locus::config_error on options out of range or maps, traces and topology that disagree;
-//!         when the window has no decode token
+//!         when the window, or a prior given, has no decode token
 inline live_replan_result replan_live(const std::vector<expert_map>& current, const trace::trace& window,
                                       std::span<const std::uint32_t> window_nodes, const dynamic_topology& topo,
                                       const live_replan_options& opt, const trace::trace* prior = nullptr,
@@ -150,6 +150,9 @@ inline live_replan_result replan_live(const std::vector<expert_map>& current, co
   LOCUS_REQUIRE(sample.tokens() > 0, config_error, "re-plan: the window has no decode tokens (mark its prefill)");
   const auto fitted =
       prior ? decode_token_sample(*prior, detail::all_requests(*prior), prior_nodes, tokens) : token_sample{};
+  // with_prior returns the window alone for an empty prior: a prior given must say something.
+  LOCUS_REQUIRE(!prior || fitted.tokens() > 0, config_error,
+                "re-plan: the prior has no decode tokens (mark its prefill)");
   token_refine_options refine = popt.refine;
   refine.count(opt.copies);
   refine.replan_slack = opt.replan_slack;

@@ -122,6 +122,10 @@ migration_result replan_by_tokens(const std::vector<expert_map>& current, const 
                 config_error, "replan_by_tokens: negative slack or copy weight, or a replan_slack (", opt.replan_slack,
                 ") that is not a finite number");
   sample.validate(topo.nodes());
+  // The moved bytes are counted in 64 bits: a product that wraps would report a small figure.
+  LOCUS_REQUIRE(expert_bytes == 0 || total_slots(current) <= std::numeric_limits<std::uint64_t>::max() / expert_bytes,
+                config_error, "replan_by_tokens: ", total_slots(current), " slots of ", expert_bytes,
+                " bytes each exceed 2^64 bytes");
   const std::size_t layers = current.size();
   const std::size_t swaps_total = max_moved_experts / 2;
   const std::size_t share = (swaps_total + layers - 1) / std::max<std::size_t>(1, layers);
