@@ -390,7 +390,7 @@ def replan(
     homes: Any = None,
     prior: Optional[Trace] = None,
     model: Optional[WorkloadModel] = None,
-    prior_requests: float = 32.0,
+    prior_requests: Optional[float] = None,
     transport: str = "flat",
     replan_slack: float = 0.125,
     expert_bytes: int = 0,
@@ -402,17 +402,23 @@ def replan(
     without it, a request's node is its class's under ``model`` (or the plan's own model) when the
     classes recognise its prefill, else the nodes in turn. ``prior``: the traffic the maps were
     fitted to (its nodes from the model), which steers the copy savings and counts in the loads as
-    ``prior_requests`` requests beside the window's. ``transport``: whose copies to save ("flat",
-    "hierarchical" or "both"). Returns the new plan and a report: ``moves`` (each slot whose weights
-    change: layer (the plan's index), model_layer (its hidden layer, where the plan has layer ids),
-    rank, slot, from, to; None for an empty slot), ``slots_moved``, ``bytes_moved``
-    (with ``expert_bytes``), and the window's inter-node copies per token and lowest reachable GPU
-    max/mean (``balance_floor``) before and after (docs/robust_planning.md)."""
+    ``prior_requests`` requests beside the window's (None: 32; only with a prior). ``transport``:
+    whose copies to save ("flat", "hierarchical" or "both"). Returns the new plan and a report:
+    ``moves`` (each slot whose weights change: layer (the plan's index), model_layer (its hidden
+    layer, where the plan has layer ids), rank, slot, from, to; None for an empty slot),
+    ``slots_moved``, ``bytes_moved`` (with ``expert_bytes``), and the window's inter-node copies
+    per token and lowest reachable GPU max/mean (``balance_floor``) before and after
+    (docs/engines.md)."""
+    if prior_requests is not None and prior is None:
+        # As `locus map replan`: an option that would change nothing is refused, not dropped.
+        raise ConfigError("locus: configuration error: prior_requests applies with a prior (the traffic the plan "
+                          "was fitted to)")
     h = None if homes is None else _array(homes, np.int64, 1, "homes")
     m = model if model is not None else plan.model
     maps, report = _core._replan(
         plan._maps(), plan.experts, plan.nodes, plan.gpus_per_node, window, h, m, prior, float(budget),
-        float(prior_requests), transport, float(replan_slack), expert_bytes, prefill_tokens,
+        32.0 if prior_requests is None else float(prior_requests), transport, float(replan_slack), expert_bytes,
+        prefill_tokens,
     )
     out = ExpertPlan(maps, plan.experts, plan.nodes, plan.gpus_per_node, plan.model, plan.layer_ids,
                      plan.hidden_layers)

@@ -868,7 +868,9 @@ def test_replan_refuses_bad_arguments():
     with pytest.raises(locus.ConfigError, match=r"homes\[1\] is rank 4 of 4"):
         locus.replan(plan, window, homes=[0, 4, 0, 0, 0, 0])
     with pytest.raises(locus.ConfigError, match="prior_requests"):
-        locus.replan(plan, window, prior_requests=float("nan"))
+        locus.replan(plan, window, prior=code, prior_requests=float("nan"))
+    with pytest.raises(locus.ConfigError, match="prior_requests applies with a prior"):
+        locus.replan(plan, window, prior_requests=8)
     _, other = one_kind_trace(1, experts=32)
     with pytest.raises(locus.ConfigError, match="maps of 3 layers × 16 experts on 4 ranks for a window of 3 layers × 32"):
         locus.replan(plan, other)
