@@ -52,7 +52,10 @@ struct export_options {
 
 // `locus map export`: the plan in the file an engine takes, empty slots filled first.
 inline int map_export(const export_options& o) {
-  const auto format = locus::placement::parse_engine_format(o.to);
+  // `--to locus`: the plan as the engines serve it, every empty slot filled, as a map JSON (the
+  // map to re-plan: its moves are then those of the exported files).
+  const bool as_map = o.to == "locus";
+  const auto format = as_map ? locus::placement::engine_format{} : locus::placement::parse_engine_format(o.to);
   check_outputs({{"--out", o.out}, {"--json", o.json}}, {o.map_path, o.grouping, o.load_trace});
   auto plan = locus::load_expert_plan(o.map_path);
   auto& maps = plan.maps;
@@ -98,7 +101,16 @@ inline int map_export(const export_options& o) {
     node_load = g.node_load();
   }
   maps = locus::placement::fill_empty_slots(maps, load, node_load, gpus_per_node);
-  locus::write_file_atomically(o.out, locus::placement::export_text(format, maps, layers));
+  if (as_map) {
+    if (plan.gpus_per_node == 0) plan.gpus_per_node = gpus_per_node;
+    if (plan.model_layers.empty() && o.first_moe_layer != export_options::unset) {
+      plan.model_layers = layers.moe_layer;
+      plan.hidden_layers = layers.hidden_layers;
+    }
+    locus::save_expert_plan(o.out, plan);
+  } else {
+    locus::write_file_atomically(o.out, locus::placement::export_text(format, maps, layers));
+  }
   const auto& m = maps.front();
   write_json(o.json, "map export",
              {{"out", o.out},
@@ -140,9 +152,11 @@ inline void register_map(CLI::App& app) {
   auto o = std::make_shared<export_options>();
   auto* exp = map_cmd->add_subcommand("export", "Write a saved expert map in the file a serving engine takes");
   exp->add_option("file", o->map_path, "Expert map JSON")->required()->check(CLI::ExistingFile);
-  exp->add_option("--to", o->to, "Engine format: sglang, vllm, trtllm or eplb")
+  exp->add_option("--to", o->to,
+                  "Engine format: sglang, vllm, trtllm or eplb; locus: the map JSON as the engines serve it, every "
+                  "empty slot filled (the map to re-plan with map replan)")
       ->required()
-      ->check(CLI::IsMember({"sglang", "vllm", "trtllm", "eplb"}));
+      ->check(CLI::IsMember({"sglang", "vllm", "trtllm", "eplb", "locus"}));
   exp->add_option("--out", o->out, "Output file")->required();
   // These two default to what the plan saved: --help names that, not the sentinel the code holds.
   exp->add_option("--first-moe-layer", o->first_moe_layer,
