@@ -46,13 +46,9 @@ inline std::vector<std::uint32_t> request_nodes(const locus::trace::trace& t,
                     " of ", what);
       nodes[r] = static_cast<std::uint32_t>(topo.node_of(it->second));
     }
-  } else if (model) {
-    nodes = locus::grouper::class_nodes(*model, t, prefill_tokens);
-  } else {
-    for (std::size_t r = 0; r < t.requests(); ++r)
-      nodes[r] = static_cast<std::uint32_t>(r % topo.nodes());
+    return nodes;
   }
-  return nodes;
+  return locus::placement::assumed_request_nodes(t, model, topo.nodes(), prefill_tokens);
 }
 
 // `--homes FILE`: pairs of request id and rank.

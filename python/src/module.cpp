@@ -552,13 +552,9 @@ NB_MODULE(_core, m) {
                             r, "] is rank ", rank, " of ", topo.ranks());
               out[r] = static_cast<std::uint32_t>(topo.node_of(static_cast<std::size_t>(rank)));
             }
-          } else if (model) {
-            out = locus::grouper::class_nodes(*model, t, prefill);
-          } else {
-            for (std::size_t r = 0; r < t.requests(); ++r)
-              out[r] = static_cast<std::uint32_t>(r % topo.nodes());
+            return out;
           }
-          return out;
+          return locus::placement::assumed_request_nodes(t, model.get(), topo.nodes(), prefill);
         };
         LOCUS_REQUIRE(!model || model->nodes() == topo.nodes(), locus::config_error, "the grouping model is for ",
                       model ? model->nodes() : 0, " nodes; the plan has ", topo.nodes());

@@ -101,6 +101,18 @@ inline double decode_balance_floor(const std::vector<expert_map>& maps, const tr
 }
 } // namespace detail
 
+//! The nodes of a window's requests where no record says where they ran: their class's node under
+//! the grouping `model` for requests its classes recognise (grouper::class_nodes), the others, or
+//! all without a model, over the `nodes` nodes in turn.
+inline std::vector<std::uint32_t> assumed_request_nodes(const trace::trace& t, const grouper::workload_model* model,
+                                                        std::size_t nodes, std::size_t prefill_tokens) {
+  if (model) return grouper::class_nodes(*model, t, prefill_tokens);
+  std::vector<std::uint32_t> out(t.requests());
+  for (std::size_t r = 0; r < out.size(); ++r)
+    out[r] = static_cast<std::uint32_t>(r % nodes);
+  return out;
+}
+
 //! Refuses maps, a window and a topology that disagree (replan_live's first check; callers that
 //! derive the window's nodes from it first call it before).
 //! @throws locus::config_error naming both shapes
