@@ -291,13 +291,14 @@ int main(int argc, char** argv) try {
     auto o = base;
     o.interval = interval;
     say("replaying eplb every " + std::to_string(interval) + " steps");
-    runs.push_back({"eplb every N", cost::run_online(timeline, sched, eplb0, cfg, o,
-                                                     [&](const std::vector<expert_map>&, std::size_t a, std::size_t b) {
-                                                       return placement::plan_by_name(
-                                                           "eplb",
-                                                           cost::window_plan_input(timeline, sched, a, b, topo, spr),
-                                                           popt.named);
-                                                     })});
+    runs.push_back(
+        {"eplb every N",
+         cost::run_online(
+             timeline, sched, eplb0, cfg, o, [&](const std::vector<expert_map>& cur, std::size_t a, std::size_t b) {
+               return placement::keep_slots_in_place(
+                   cur, placement::plan_by_name("eplb", cost::window_plan_input(timeline, sched, a, b, topo, spr),
+                                                popt.named));
+             })});
   }
   // locus adaptive plans on the window together with the training sample the static plan was
   // fitted on (placement::with_prior: the prior steers the copy savings; in the loads the re-plan
@@ -341,13 +342,14 @@ int main(int argc, char** argv) try {
                const auto sample = cost::window_sample(timeline, sched, b, next(b), topo, sample_tokens);
                return placement::replan_by_tokens(cur, sample, topo, popt.refine, budget, expert_bytes).maps;
              })});
-    runs.push_back({"look-ahead eplb bound, no budget",
-                    cost::run_online(timeline, sched, eplb0, cfg, o,
-                                     [&](const std::vector<expert_map>&, std::size_t, std::size_t b) {
-                                       return placement::plan_by_name(
-                                           "eplb", cost::window_plan_input(timeline, sched, b, next(b), topo, spr),
-                                           popt.named);
-                                     })});
+    runs.push_back(
+        {"look-ahead eplb bound, no budget",
+         cost::run_online(
+             timeline, sched, eplb0, cfg, o, [&](const std::vector<expert_map>& cur, std::size_t, std::size_t b) {
+               return placement::keep_slots_in_place(
+                   cur, placement::plan_by_name("eplb", cost::window_plan_input(timeline, sched, b, next(b), topo, spr),
+                                                popt.named));
+             })});
   }
   {
     say("planning and replaying the per-phase oracle");
@@ -357,10 +359,12 @@ int main(int argc, char** argv) try {
     auto o = base;
     o.plan_at = phase_start;
     std::size_t next = 0;
-    runs.push_back({"oracle per phase", cost::run_online(timeline, sched, per_phase[0], cfg, o,
-                                                         [&](const std::vector<expert_map>&, std::size_t, std::size_t) {
-                                                           return per_phase[std::min(next++, per_phase.size() - 1)];
-                                                         })});
+    runs.push_back(
+        {"oracle per phase", cost::run_online(timeline, sched, per_phase[0], cfg, o,
+                                              [&](const std::vector<expert_map>& cur, std::size_t, std::size_t) {
+                                                return placement::keep_slots_in_place(
+                                                    cur, per_phase[std::min(next++, per_phase.size() - 1)]);
+                                              })});
   }
   for (auto& r : runs)
     for (const auto& e : r.result.replans)
@@ -602,20 +606,21 @@ int main(int argc, char** argv) try {
   for (std::size_t p = 0; p < phase_names.size(); ++p)
     text += (p ? ", " : " ") + std::to_string(phase_start[p]) + " (" + phase_names[p] + ")";
   char mid[2048];
-  std::snprintf(mid, sizeof mid,
-                ". Re-plans: EPLB every %zu steps from the last %zu (vLLM's 3000 / 1000 scaled to the trace); locus "
-                "adaptive at the same interval from the last %zu, also early when the drift check (every %zu steps, "
-                "against the training traffic until the first re-plan) fires or the GPU max/mean since the last "
-                "re-plan exceeds %.2f, moving at most %zu of %zu expert slots (%.0f%%) per re-plan, repairing first "
-                "the GPUs above %.4g × the mean load (the window's, with the training sample counted as %g requests "
-                "beside the window's; the sample also steers the copy savings, except in the window-only row); the "
-                "oracle "
-                "re-plans at each phase start from that phase's own traffic. "
-                "Reported windows of %zu decode tokens. An expert is %.1f MB.",
-                static_cast<std::size_t>(interval), static_cast<std::size_t>(window),
-                static_cast<std::size_t>(adaptive_window), static_cast<std::size_t>(drift_every), balance_trigger,
-                budget, slots, 100 * budget_share, 1 + replan_slack, prior_requests, base.report_tokens,
-                static_cast<double>(expert_bytes) / 1e6);
+  std::snprintf(
+      mid, sizeof mid,
+      ". Re-plans: EPLB every %zu steps from the last %zu (vLLM's 3000 / 1000 scaled to the trace); locus "
+      "adaptive at the same interval from the last %zu, also early when the drift check (every %zu steps, "
+      "against the training traffic until the first re-plan) fires or the GPU max/mean since the last "
+      "re-plan exceeds %.2f, moving at most %zu of %zu expert slots (%.0f%%) per re-plan, repairing first "
+      "the GPUs above %.4g × the mean load (the window's, with the training sample counted as %g requests "
+      "beside the window's; the sample also steers the copy savings, except in the window-only row); the "
+      "oracle "
+      "re-plans at each phase start from that phase's own traffic; a full re-plan (EPLB, the oracle) keeps an "
+      "expert that stays on its GPU in its slot, as vLLM's EPLB does. "
+      "Reported windows of %zu decode tokens. An expert is %.1f MB.",
+      static_cast<std::size_t>(interval), static_cast<std::size_t>(window), static_cast<std::size_t>(adaptive_window),
+      static_cast<std::size_t>(drift_every), balance_trigger, budget, slots, 100 * budget_share, 1 + replan_slack,
+      prior_requests, base.report_tokens, static_cast<double>(expert_bytes) / 1e6);
   text += mid;
   if (lookahead == 1)
     text += " The look-ahead rows are bounds, not policies: from step 0 and every " + std::to_string(window) +

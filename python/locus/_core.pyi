@@ -143,6 +143,9 @@ def _replan(
     expert_bytes: int,
     prefill_tokens: int,
 ) -> Tuple[npt.NDArray[np.int32], str]: ...
+def _keep_slots_in_place(
+    before: npt.NDArray[np.int32], after: npt.NDArray[np.int32], experts: int
+) -> npt.NDArray[np.int32]: ...
 def _fill_empty_slots(
     maps: npt.NDArray[np.int32], experts: int, load: npt.NDArray[np.float64], gpus_per_node: int
 ) -> npt.NDArray[np.int32]: ...

@@ -8,7 +8,7 @@ from 0.19 on, ``physical_to_logical_map`` alone (vLLM derives the other two arra
 answer in the form the installed vLLM's abstract policy declares (the current one, the map alone,
 without vLLM). ``plan_policy(path)`` returns a policy that answers with the plan exported by
 ``locus map export --to vllm`` (whatever the load); ``LocusEplbPolicy`` runs DeepSeek's EPLB in C++
-on vLLM's load. Neither imports vLLM or torch before it is used, so the module loads without them.
+on vLLM's load, keeping an expert that stays on its GPU in its slot. Neither imports vLLM or torch before it is used, so the module loads without them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Tuple, Union
 
 import numpy as np
 
-from . import FormatError, InvalidInputError, rebalance_experts
+from . import FormatError, InvalidInputError, _core, rebalance_experts
 
 try:  # vLLM's abstract base, when vLLM is installed
     from vllm.distributed.eplb.policy.abstract import AbstractEplbPolicy as _Base
@@ -119,7 +119,8 @@ def plan_policy(path: str) -> type:
 
 
 class LocusEplbPolicy(_Base):  # type: ignore[misc, valid-type]
-    """DeepSeek's EPLB (locus's C++ re-implementation) as a vLLM policy."""
+    """DeepSeek's EPLB (locus's C++ re-implementation) as a vLLM policy; with vLLM's map in service
+    (the sixth argument), an expert that stays on its GPU keeps its slot."""
 
     @classmethod
     def rebalance_experts(
@@ -131,9 +132,35 @@ class LocusEplbPolicy(_Base):  # type: ignore[misc, valid-type]
         num_ranks: int,
         old_global_expert_indices: Any = None,
     ):
-        # The current map (vLLM's hint for keeping experts in their slots) is not used: the result
-        # is EPLB's own, slot for slot.
-        return _answer(rebalance_experts(_from_torch(weight), num_replicas, num_groups, num_nodes, num_ranks), weight)
+        arrays = rebalance_experts(_from_torch(weight), num_replicas, num_groups, num_nodes, num_ranks)
+        if old_global_expert_indices is not None:
+            # vLLM's map in service: an expert EPLB leaves on its GPU keeps its slot (as vLLM's own
+            # policy does), so that only the experts that change GPU move; the loads are EPLB's.
+            arrays = _kept_in_place(arrays[0], _ints(old_global_expert_indices), num_ranks, int(np.shape(weight)[1]))
+        return _answer(arrays, weight)
+
+
+def _ints(a: Any) -> np.ndarray:
+    if type(a).__module__.startswith("torch"):
+        a = a.detach().cpu().numpy()
+    return np.asarray(a, np.int64)
+
+
+def _kept_in_place(
+    phy2log: np.ndarray, old: np.ndarray, num_ranks: int, experts: int
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The arrays of `phy2log` with each rank's slots reordered so that an expert the rank holds in
+    `old` keeps its slot there (placement::keep_slots_in_place)."""
+    if old.shape != phy2log.shape:
+        raise InvalidInputError(f"locus: invalid input: vLLM's current map has shape {old.shape}, the new one "
+                                f"{phy2log.shape}")
+    layers, slots = phy2log.shape
+    shape = (layers, num_ranks, slots // num_ranks)
+    kept = _core._keep_slots_in_place(old.astype(np.int32).reshape(shape), phy2log.astype(np.int32).reshape(shape),
+                                      experts)
+    doc = json.loads(_core._export_text(kept, experts, "vllm", list(range(layers)), layers))
+    return tuple(np.asarray(doc[k], np.int64)  # type: ignore[return-value]
+                 for k in ("physical_to_logical_map", "logical_to_physical_map", "logical_replica_count"))
 
 
 def register(path: str) -> type:

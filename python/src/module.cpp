@@ -19,6 +19,7 @@
 #include <locus/placement/eplb.hpp>
 #include <locus/placement/live_replan_json.hpp>
 #include <locus/placement/load_import.hpp>
+#include <locus/placement/migration.hpp>
 #include <locus/placement/trace_load.hpp>
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
@@ -579,6 +580,14 @@ NB_MODULE(_core, m) {
       "maps"_a, "experts"_a, "nodes"_a, "gpus_per_node"_a, "window"_a, "homes"_a.none(), "model"_a.none(),
       "prior"_a.none(), "budget"_a, "prior_requests"_a, "transport"_a, "replan_slack"_a, "expert_bytes"_a,
       "prefill_tokens"_a);
+
+  m.def(
+      "_keep_slots_in_place",
+      [](maps_in before, maps_in after, nb::handle experts) {
+        const std::size_t e = size_arg(experts, "experts");
+        return maps_to(locus::placement::keep_slots_in_place(maps_from(before, e), maps_from(after, e)));
+      },
+      "before"_a, "after"_a, "experts"_a);
 
   m.def(
       "_fill_empty_slots",

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from collections import Counter
 import multiprocessing
 import os
 import pathlib
@@ -311,8 +312,10 @@ def test_vllm_policies_answer_in_the_installed_vllms_form(tmp_path, monkeypatch)
     monkeypatch.setattr(lv, "_Base", VllmPolicyFrom19)
     served = plan_policy(str(tmp_path / "v.json")).rebalance_experts(weight, 20, 1, 2, 4, current)
     assert isinstance(served, np.ndarray) and np.array_equal(served, phy2log)
-    assert np.array_equal(LocusEplbPolicy.rebalance_experts(weight, 20, 1, 2, 4, current),
-                          locus.rebalance_experts(weight, 20, 1, 2, 4)[0])
+    fresh = locus.rebalance_experts(weight, 20, 1, 2, 4)[0]
+    kept = LocusEplbPolicy.rebalance_experts(weight, 20, 1, 2, 4, current)  # EPLB's ranks, slots kept
+    assert np.array_equal(np.sort(kept.reshape(2, 4, 5), axis=2), np.sort(fresh.reshape(2, 4, 5), axis=2))
+    assert np.array_equal(LocusEplbPolicy.rebalance_experts(weight, 20, 1, 2, 4), fresh)
     monkeypatch.setattr(lv, "_Base", VllmPolicyBefore19)
     for args in ((weight, 20, 1, 2, 4), (weight, 20, 1, 2, 4, current)):
         served = plan_policy(str(tmp_path / "v.json")).rebalance_experts(*args)
@@ -367,6 +370,34 @@ def test_layer_ids_flow_from_the_trace_to_the_exports(tmp_path):
     assert list(again.layer_ids) == [3, 4, 6] and again.hidden_layers == 8
     with pytest.raises(locus.InvalidInputError, match="model layer ids must ascend"):
         locus.trace_from_arrays(ids, 16, layer_ids=[3, 3, 6])
+
+
+def test_locus_eplb_policy_keeps_an_expert_that_stays_on_its_gpu_in_its_slot(monkeypatch):
+    """Given vLLM's map in service, LocusEplbPolicy answers with EPLB's GPU contents (so EPLB's
+    loads) and moves only what must move: as many slots keep their expert as the old and new
+    contents of each GPU share, never more moved than EPLB's own slot order; the three arrays of
+    the older vLLM form agree with the map."""
+    import locus.vllm as lv
+
+    rng = np.random.default_rng(11)
+    moved_fresh = moved_kept = 0
+    for _ in range(10):
+        old_load, load = rng.lognormal(0, 1, size=(3, 32)), rng.lognormal(0, 1, size=(3, 32))
+        old = locus.rebalance_experts(old_load, 40, 4, 2, 8)[0]
+        fresh = locus.rebalance_experts(load, 40, 4, 2, 8)[0]
+        kept = LocusEplbPolicy.rebalance_experts(load, 40, 4, 2, 8, old)
+        by_rank = lambda a: a.reshape(3, 8, 5)  # noqa: E731
+        assert np.array_equal(np.sort(by_rank(kept), axis=2), np.sort(by_rank(fresh), axis=2))
+        shared = sum(sum((Counter(by_rank(old)[l, r]) & Counter(by_rank(fresh)[l, r])).values())
+                     for l in range(3) for r in range(8))
+        assert int((kept == old).sum()) == shared
+        moved_fresh += int((fresh != old).sum())
+        moved_kept += int((kept != old).sum())
+    assert moved_kept < moved_fresh
+    monkeypatch.setattr(lv, "_Base", VllmPolicyBefore19)
+    phy2log, log2phy, count = LocusEplbPolicy.rebalance_experts(load, 40, 4, 2, 8, old)
+    assert np.array_equal(phy2log, kept)
+    check_triple(phy2log, log2phy, count, 40)
 
 
 def test_eplb_export_matches_rebalance_experts():

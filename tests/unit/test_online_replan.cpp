@@ -5,6 +5,7 @@
 #include <boost/test/unit_test.hpp>
 #include <cmath>
 #include <functional>
+#include <iterator>
 #include <limits>
 #include <locus/cost/online_replan.hpp>
 #include <locus/grouper/baselines.hpp>
@@ -13,6 +14,7 @@
 #include <locus/placement/migration.hpp>
 #include <map>
 #include <random>
+#include <set>
 
 using namespace locus;
 
@@ -909,4 +911,36 @@ BOOST_AUTO_TEST_CASE(replan_live_refuses_an_empty_prior_and_moved_bytes_beyond_6
   const auto r = placement::replan_live(setting.maps, window, window_nodes, topo, o);
   BOOST_TEST(r.moves.size() > 0u);
   BOOST_TEST(r.bytes_moved / o.expert_bytes == r.moves.size());
+}
+
+// keep_slots_in_place: each rank holds `after`'s experts, and as many slots keep their expert as
+// the two maps' per-rank multisets share (the most any reordering within the ranks keeps); a map
+// against itself is unchanged.
+BOOST_AUTO_TEST_CASE(keep_slots_in_place_keeps_every_expert_a_rank_keeps) {
+  std::mt19937 rng(57);
+  for (int trial = 0; trial < 40; ++trial) {
+    const std::size_t ranks = 2 + rng() % 4, spr = 2 + rng() % 4, experts = ranks * spr - rng() % (spr + 1);
+    const std::size_t spare = ranks * spr - experts;
+    const auto before = random_map(rng, experts, ranks, spr, rng() % (spare + 1)),
+               after = random_map(rng, experts, ranks, spr, rng() % (spare + 1));
+    const auto kept = placement::keep_slots_in_place(before, after);
+    std::size_t same = 0, shared = 0;
+    for (std::size_t r = 0; r < ranks; ++r) {
+      std::multiset<expert_id> a, k, b;
+      for (std::size_t s = 0; s < spr; ++s) {
+        a.insert(after.expert_at(r, s));
+        k.insert(kept.expert_at(r, s));
+        b.insert(before.expert_at(r, s));
+        same += kept.expert_at(r, s) == before.expert_at(r, s);
+      }
+      BOOST_TEST((a == k));
+      std::vector<expert_id> common;
+      std::set_intersection(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(common));
+      shared += common.size();
+    }
+    BOOST_TEST(same == shared);
+    BOOST_TEST(placement::keep_slots_in_place(before, before).slot_table() == before.slot_table());
+  }
+  BOOST_CHECK_THROW(placement::keep_slots_in_place(random_map(rng, 8, 2, 4, 0), random_map(rng, 8, 4, 2, 0)),
+                    config_error);
 }

@@ -51,6 +51,60 @@ inline std::size_t experts_moved(const std::vector<expert_map>& before, const st
   return moved;
 }
 
+//! `after` with each rank's slots reordered so that an expert (or empty slot) the rank holds in both
+//! maps stays in the slot it had in `before`: the rank's contents and so every GPU's load are
+//! `after`'s, the weights moved are the fewest that reach them without moving experts between ranks
+//! (what vLLM's EPLB does with the map in service, `preserve_intragpu_slots`). A full re-plan (EPLB,
+//! a per-phase plan) places experts with no regard to slots: without this an expert that stays on
+//! its GPU would count as moved wherever its slot changed.
+//! @throws locus::config_error when the two maps differ in shape
+inline expert_map keep_slots_in_place(const expert_map& before, const expert_map& after) {
+  LOCUS_REQUIRE(before.experts() == after.experts() && before.ranks() == after.ranks() &&
+                    before.slots_per_rank() == after.slots_per_rank(),
+                config_error, "keep_slots_in_place: maps of ", before.experts(), " experts on ", before.ranks(), " × ",
+                before.slots_per_rank(), " slots and of ", after.experts(), " on ", after.ranks(), " × ",
+                after.slots_per_rank());
+  const std::size_t spr = after.slots_per_rank();
+  std::vector<expert_id> table(after.slot_count());
+  for (std::size_t r = 0; r < after.ranks(); ++r) {
+    std::vector<expert_id> left(spr);
+    for (std::size_t s = 0; s < spr; ++s)
+      left[s] = after.expert_at(r, s);
+    std::vector<bool> placed(spr, false), used(spr, false);
+    // First every slot whose old expert the rank keeps (a multiset: two replicas of one expert on
+    // a rank keep two slots), then the rank's other experts in `after`'s order.
+    for (std::size_t s = 0; s < spr; ++s) {
+      const expert_id e = before.expert_at(r, s);
+      for (std::size_t i = 0; i < spr; ++i)
+        if (!used[i] && left[i] == e) {
+          table[r * spr + s] = e;
+          used[i] = placed[s] = true;
+          break;
+        }
+    }
+    std::size_t next = 0;
+    for (std::size_t s = 0; s < spr; ++s) {
+      if (placed[s]) continue;
+      while (used[next])
+        ++next;
+      table[r * spr + s] = left[next];
+      used[next] = true;
+    }
+  }
+  return expert_map(after.experts(), after.ranks(), spr, std::move(table));
+}
+
+//! keep_slots_in_place per layer.
+//! @throws locus::config_error when the map sets differ in layers or shapes
+inline std::vector<expert_map> keep_slots_in_place(const std::vector<expert_map>& before,
+                                                   std::vector<expert_map> after) {
+  LOCUS_REQUIRE(before.size() == after.size(), config_error, "keep_slots_in_place: ", before.size(), " layers before, ",
+                after.size(), " after");
+  for (std::size_t l = 0; l < after.size(); ++l)
+    after[l] = keep_slots_in_place(before[l], after[l]);
+  return after;
+}
+
 //! Slots of all layers (the denominator of a moved share).
 inline std::size_t total_slots(const std::vector<expert_map>& maps) {
   std::size_t n = 0;
