@@ -113,7 +113,11 @@ struct plan_options {
                     "Replica slots per GPU, at most experts - experts / GPUs (more slots than experts would hold a "
                     "second copy on one GPU); the locality planner puts each expert on a GPU at most once, eplb packs "
                     "replicas as DeepSeek's EPLB does and may put two of one expert on a GPU");
-    cmd->add_option("--eplb-groups", eplb_groups, "Expert groups for eplb")->check(tool_cli::positive_whole);
+    cmd->add_option("--eplb-groups", eplb_groups,
+                    "Expert groups for eplb: a multiple of --nodes selects DeepSeek's hierarchical policy (the "
+                    "experts must split into the groups); any other count its global policy, which reads no "
+                    "groups, as DeepSeek's EPLB does")
+        ->check(tool_cli::positive_whole);
     cmd->add_option("--clusters", clusters, "Request clusters of the workload-aware model")
         ->check(tool_cli::positive_whole);
     cmd->add_option("--copies", copies,
@@ -150,11 +154,22 @@ struct plan_options {
     LOCUS_REQUIRE(cmd->count("--fill-slack") == 0 || redundant_slots > 0, locus::config_error,
                   "--fill-slack bounds the replica fill: it needs --redundant-slots");
   }
+  //! Refuses --eplb-groups that select DeepSeek's hierarchical policy (a multiple of the nodes) but
+  //! that `experts` do not split into; EPLB said so only by its own function's name.
+  //! @throws locus::config_error naming the option and the numbers
+  void check_eplb_groups(std::size_t experts, std::size_t nodes) const {
+    if (placement != "eplb" || nodes == 0 || eplb_groups % nodes != 0) return;
+    LOCUS_REQUIRE(experts % eplb_groups == 0, locus::config_error, "--eplb-groups ", eplb_groups, ": the ", experts,
+                  " experts do not split into ", eplb_groups,
+                  " equal groups (a multiple of --nodes selects EPLB's hierarchical policy, which needs them to; "
+                  "another count selects its global policy)");
+  }
   //! Maps and the workload-aware grouping model fitted with them (locality refines the grouping
   //! jointly with the placement).
   //! `fit_grouping`: fit the grouping model even when the placement does not need it.
   locus::placement::activation_plan plan(const locus::trace::trace& train, const locus::dynamic_topology& topo,
                                          std::uint64_t seed, std::size_t prefill, bool fit_grouping) const {
+    check_eplb_groups(train.experts(), topo.nodes());
     locus::placement::activation_plan_options opt;
     opt.fit_grouping = fit_grouping;
     opt.named.eplb_groups = eplb_groups;
@@ -263,6 +278,7 @@ inline void register_plan(CLI::App& app) {
       LOCUS_REQUIRE(plan->placement == "linear" || plan->placement == "round_robin" || plan->placement == "eplb",
                     locus::config_error, "--load plans with linear, round_robin or eplb; \"", plan->placement,
                     "\" needs a trace");
+      plan->check_eplb_groups(in.experts, split->nodes);
       locus::placement::named_plan_options opt;
       opt.eplb_groups = plan->eplb_groups;
       const auto maps = locus::placement::plan_by_name(plan->placement, in, opt);

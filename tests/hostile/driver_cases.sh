@@ -335,4 +335,13 @@ refused '"-1" is not a request id or rank' map replan "$work/lin.json" --trace "
   --homes "$work/homes_neg.txt" --out "$work/r.json"
 refused 'slots of 18446744073709551615 bytes each exceed 2\^64 bytes' map replan "$work/lin.json" --trace "$work/t.bin" \
   --expert-bytes 18446744073709551615 --out "$work/r.json"
+# A third review (polish): messages in the user's terms.
+# --eplb-groups that select EPLB's hierarchical policy (a multiple of --nodes) but do not split the
+# experts: named by the option, not by rebalance_experts; other counts take the global policy.
+refused '^locus: configuration error: --eplb-groups 12: the 16 experts do not split into 12 equal groups' plan \
+  --trace "$work/t.bin" --placement eplb --eplb-groups 12 --nodes 4 --out "$work/m.json"
+refused '^locus: configuration error: --eplb-groups 6: the 4 experts do not split' "${trt[@]}" --eplb-groups 6 \
+  --out "$work/trt.json"
+succeeds plan --trace "$work/t.bin" --placement eplb --eplb-groups 3 --nodes 4 --out "$work/m.json"
+ok 'multiple of --nodes' plan --help
 cases_end
