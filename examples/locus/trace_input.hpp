@@ -108,6 +108,8 @@ inline locus::trace::trace read_binary_trace(const std::string& path) {
 //! How the route-JSONL inputs of a trace are read (other formats ignore it).
 struct jsonl_reading {
   std::size_t experts = 0; //!< 0: from the meta line
+  //! The command's option that gives `experts`, for the message that asks for it (empty: it has none).
+  std::string experts_option = "--experts";
   bool split_on_restart = false, strict_layers = false;
 };
 
@@ -128,6 +130,7 @@ inline locus::trace::trace load_trace(const std::vector<std::string>& paths, con
   if (format == "binary") return read_binary_trace(paths.front());
   locus::trace::jsonl_options opt;
   opt.experts = how.experts;
+  opt.experts_setting = how.experts_option;
   opt.split_on_restart = how.split_on_restart;
   opt.trim_ragged = !how.strict_layers;
   locus::trace::jsonl_report rep;

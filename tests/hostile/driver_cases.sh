@@ -344,4 +344,14 @@ refused '^locus: configuration error: --eplb-groups 6: the 4 experts do not spli
   --out "$work/trt.json"
 succeeds plan --trace "$work/t.bin" --placement eplb --eplb-groups 3 --nodes 4 --out "$work/m.json"
 ok 'multiple of --nodes' plan --help
+# A route JSONL without a meta line: the command's own --experts is named (not trace import's, nor
+# jsonl_options::experts); map export, which has no --experts, names none.
+grep -v '"type"' "$work/w.jsonl" >"$work/nometa.jsonl"
+refused 'nometa.jsonl:1: the number of experts is not declared: put a meta line with num_experts before the route records, or give the count with --experts$' \
+  map replan "$work/lin.json" --trace "$work/nometa.jsonl" --out "$work/r.json"
+refused 'or give the count with --experts$' plan --trace "$work/nometa.jsonl" --out "$work/m.json"
+refused 'or give the count with --experts$' trace import "$work/nometa.jsonl" -o "$work/x.bin"
+refused 'nometa.jsonl:1: the number of experts is not declared: put a meta line with num_experts before the route records$' \
+  map export "$work/lin.json" --to sglang --load-trace "$work/nometa.jsonl" --out "$work/q.json"
+succeeds map replan "$work/lin.json" --trace "$work/nometa.jsonl" --experts 16 --out "$work/r.json"
 cases_end
