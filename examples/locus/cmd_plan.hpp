@@ -236,8 +236,9 @@ inline void register_plan(CLI::App& app) {
                                    "of [layers, experts] loads or [tokens, layers, k] routed experts, or a "
                                    "TensorRT-LLM expert-statistics folder");
   cmd->add_option("--experts", *experts,
-                  "Experts of the model, for routed-expert arrays (default: largest id + 1) and route JSONL traces "
-                  "(default: the meta line's num_experts)");
+                  "Experts of the model, for routed-expert arrays (default: largest id + 1), route JSONL traces "
+                  "(default: the meta line's num_experts) and ESFT folders (default: 64); a binary trace records "
+                  "its own");
   auto* iterations_opt = cmd->add_option("--load-iterations", *iterations,
                                          "With --load of a TensorRT-LLM folder: sum iterations FIRST:END (END "
                                          "exclusive; FIRST: for every one from FIRST on). Default: all of them");

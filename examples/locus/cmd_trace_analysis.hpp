@@ -249,9 +249,11 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
   cmd->add_option("--fit", o->fit_path, "Fit the model to this trace (binary file, ESFT folder or route JSONL)");
   cmd->add_option("--rescale", o->rescale, "With --fit: rescale to EXPERTS:TOP_K:LAYERS, e.g. 256:8:58");
   auto& sh = o->shape;
-  auto* experts = cmd->add_option("--experts", sh.experts,
-                                  "Experts per layer (shape mode; with --fit: a route JSONL trace's expert count)")
-                      ->check(CLI::Range(1, 65536));
+  auto* experts =
+      cmd->add_option("--experts", sh.experts,
+                      "Experts per layer (shape mode; with --fit: the expert count of a route JSONL trace or an ESFT "
+                      "folder; a binary trace records its own)")
+          ->check(CLI::Range(1, 65536));
   cmd->add_option("--top-k", sh.top_k, "Experts per token (shape mode)")->check(CLI::Range(1, 64));
   cmd->add_option("--layers", sh.layers, "MoE layers (shape mode)")->check(tool_cli::positive_whole);
   cmd->add_option("--domains", sh.domains, "Domains (shape mode)")->check(tool_cli::positive_whole);

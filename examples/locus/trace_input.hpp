@@ -19,7 +19,9 @@ inline constexpr const char* trace_help =
     "Trace: locus binary file, ESFT folder, or route JSONL (a file or a folder of .jsonl files; repeat for several "
     "files, e.g. one per layer); - reads standard input (route JSONL or a binary trace)";
 //! Help text of --experts where a trace is read.
-inline constexpr const char* experts_help = "Experts of a route JSONL trace (default: its meta line's num_experts)";
+inline constexpr const char* experts_help =
+    "Experts of a route JSONL trace (default: its meta line's num_experts) or an ESFT folder (default: 64); a "
+    "binary trace records its own";
 //! Help text of --prefill-tokens where a trace is read.
 inline constexpr const char* prefill_help =
     "Tokens at the start of each request that are prefill; a trace that records phases keeps them unless this "
@@ -126,7 +128,15 @@ inline void note_trimmed(const std::string& what, const locus::trace::jsonl_repo
 //! Reads the trace `paths` name (several only for route JSONL).
 inline locus::trace::trace load_trace(const std::vector<std::string>& paths, const jsonl_reading& how = {}) {
   const std::string format = detect_trace_format(paths, true);
-  if (format == "esft") return locus::trace::import_esft(paths.front());
+  if (format == "esft") {
+    locus::trace::esft_options opt;
+    if (how.experts) opt.experts = how.experts;
+    return locus::trace::import_esft(paths.front(), opt);
+  }
+  // A binary trace records its experts: a count given for it was dropped without a word.
+  LOCUS_REQUIRE(how.experts == 0 || format != "binary", locus::config_error, how.experts_option, " ", how.experts,
+                " does not apply to ", paths.front() == "-" ? "<stdin>" : paths.front(),
+                ", a binary trace (it records its own expert count)");
   if (format == "binary") return read_binary_trace(paths.front());
   locus::trace::jsonl_options opt;
   opt.experts = how.experts;

@@ -354,4 +354,15 @@ refused 'or give the count with --experts$' trace import "$work/nometa.jsonl" -o
 refused 'nometa.jsonl:1: the number of experts is not declared: put a meta line with num_experts before the route records$' \
   map export "$work/lin.json" --to sglang --load-trace "$work/nometa.jsonl" --out "$work/q.json"
 succeeds map replan "$work/lin.json" --trace "$work/nometa.jsonl" --experts 16 --out "$work/r.json"
+# --experts with a trace that is not route JSONL: an ESFT folder's count is honoured (as trace
+# import's is), a binary trace's refused (it records its own; both were dropped without a word).
+refused '^locus: configuration error: --experts 8 does not apply to [^ ]*t.bin, a binary trace' trace synth \
+  --fit "$work/t.bin" --experts 8 --out "$work/s.bin"
+refused '^locus: configuration error: --experts 16 does not apply to [^ ]*t.bin, a binary trace' plan \
+  --trace "$work/t.bin" --experts 16 --out "$work/m.json"
+refused '^locus: configuration error: --experts 16 does not apply to <stdin>, a binary trace' trace stats - \
+  --experts 16 <"$work/t.bin"
+ok '"experts": 128' trace synth --fit "$work/esft" --experts 128 --tokens 500 --out "$work/s.bin" --json -
+ok ' 128 experts' trace stats "$work/esft" --experts 128
+refused 'expert id [0-9]+ is out of range \[0, 8\)' trace synth --fit "$work/esft" --experts 8 --out "$work/s.bin"
 cases_end
