@@ -293,6 +293,14 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
     locus::trace::synth_model m;
     if (!o->fit_path.empty()) {
       const auto real = trace_analysis::load(o->fit_path, p, experts->count() ? o->shape.experts : 0);
+      // The fit measures prefill against decode and resamples the trace's lengths: a count that covers
+      // every request leaves nothing to measure, and a sample with no decode token.
+      std::size_t longest = 0;
+      for (std::size_t r = 0; r < real.requests(); ++r)
+        longest = std::max<std::size_t>(longest, real.request(r).length);
+      LOCUS_REQUIRE(o->shape.prefill_tokens < longest, locus::config_error, "--prefill-tokens ",
+                    o->shape.prefill_tokens, " covers every request of ", o->fit_path, " (the longest has ", longest,
+                    " tokens): the fit would see no decode token, and no request of the trace would have one");
       p.start("fitting the synthesizer");
       locus::trace::fit_options fo;
       fo.prefill_tokens = o->shape.prefill_tokens;
@@ -335,6 +343,15 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
     p.start("sampling");
     const auto t = locus::trace::sample(m, so);
     p.done();
+    {
+      // A trace with nothing to decode would be refused by every command that simulates or plans on it.
+      std::size_t longest = 0;
+      for (std::size_t r = 0; r < t.requests(); ++r)
+        longest = std::max<std::size_t>(longest, t.request(r).length);
+      LOCUS_REQUIRE(m.prefill_tokens < longest, locus::config_error, "--prefill-tokens ", m.prefill_tokens,
+                    " covers every sampled request (the longest has ", longest,
+                    " tokens): the trace would have no decode tokens (lower --prefill-tokens or raise --mean-length)");
+    }
     locus::trace::write_trace(t, o->out);
     p.clear();
     // What --fit learnt is a result: in the summary and the JSON, not on the progress stream.

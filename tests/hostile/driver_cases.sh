@@ -362,7 +362,14 @@ refused '^locus: configuration error: --experts 16 does not apply to [^ ]*t.bin,
   --trace "$work/t.bin" --experts 16 --out "$work/m.json"
 refused '^locus: configuration error: --experts 16 does not apply to <stdin>, a binary trace' trace stats - \
   --experts 16 <"$work/t.bin"
-ok '"experts": 128' trace synth --fit "$work/esft" --experts 128 --tokens 500 --out "$work/s.bin" --json -
+ok '"experts": 128' trace synth --fit "$work/esft" --experts 128 --prefill-tokens 4 --tokens 500 --out "$work/s.bin" --json -
 ok ' 128 experts' trace stats "$work/esft" --experts 128
-refused 'expert id [0-9]+ is out of range \[0, 8\)' trace synth --fit "$work/esft" --experts 8 --out "$work/s.bin"
+refused 'expert id [0-9]+ is out of range \[0, 8\)' trace synth --fit "$work/esft" --experts 8 --prefill-tokens 4 --out "$work/s.bin"
+# trace synth --prefill-tokens that cover every request: refused before anything is written (the
+# trace had no decode tokens; with --fit the fit measured nothing).
+refused '^locus: configuration error: --prefill-tokens 1000000 covers every sampled request \(the longest has [0-9]+ tokens\): the trace would have no decode tokens' \
+  trace synth --experts 16 --top-k 2 --layers 2 --prefill-tokens 1000000 --tokens 1000 --out "$work/pf.bin"
+refused '^locus: configuration error: --prefill-tokens 100000 covers every request of [^ ]*t.bin \(the longest has [0-9]+ tokens\)' \
+  trace synth --fit "$work/t.bin" --prefill-tokens 100000 --tokens 1000 --out "$work/pf.bin"
+check "a refused trace synth writes no trace" test ! -e "$work/pf.bin"
 cases_end
