@@ -179,7 +179,10 @@ inline void register_trace_import(CLI::App* trace_cmd) {
                   "Declared routed experts (esft default 64; jsonl: else a meta line's num_experts)");
   cmd->add_option("--top-k", o->top_k, "Experts per token (esft default 6; jsonl: else meta or first record)");
   cmd->add_option("--layers", o->layers, "Expected layers (esft: files per domain; jsonl: distinct layer numbers)");
-  cmd->add_option("--domains", o->domains, "esft: domain folders to read, in this order (default: all, sorted)");
+  cmd->add_option("--domains", o->domains,
+                  "esft: domain folders to read, in this order (comma-separated, as plan's --train-domains; "
+                  "default: all, sorted)")
+      ->delimiter(',');
   cmd->add_flag("--skip-bad", o->skip_bad, "jsonl: skip and count bad records instead of failing on the first");
   cmd->add_flag("--split-on-restart", o->split_on_restart, split_on_restart_help);
   cmd->add_flag("--strict-layers", o->strict_layers, strict_layers_help);

@@ -372,4 +372,8 @@ refused '^locus: configuration error: --prefill-tokens 1000000 covers every samp
 refused '^locus: configuration error: --prefill-tokens 100000 covers every request of [^ ]*t.bin \(the longest has [0-9]+ tokens\)' \
   trace synth --fit "$work/t.bin" --prefill-tokens 100000 --tokens 1000 --out "$work/pf.bin"
 check "a refused trace synth writes no trace" test ! -e "$work/pf.bin"
+# trace import --domains is split on commas, as --train-domains is ("intent,law" was one folder name).
+ok 'domains \[math, law\]' trace import "$work/esft" -o "$work/x.bin" --domains math,law
+ok 'domains \[law\]' trace import "$work/esft" -o "$work/x.bin" --domains law
+refused 'domain "law" is given twice' trace import "$work/esft" -o "$work/x.bin" --domains law,law
 cases_end
