@@ -167,9 +167,18 @@ struct plan_options {
   //! Maps and the workload-aware grouping model fitted with them (locality refines the grouping
   //! jointly with the placement).
   //! `fit_grouping`: fit the grouping model even when the placement does not need it.
+  //! `trace_name` names the trace in messages.
   locus::placement::activation_plan plan(const locus::trace::trace& train, const locus::dynamic_topology& topo,
-                                         std::uint64_t seed, std::size_t prefill, bool fit_grouping) const {
+                                         std::uint64_t seed, std::size_t prefill, bool fit_grouping,
+                                         const std::string& trace_name) const {
     check_eplb_groups(train.experts(), topo.nodes());
+    if (placement == "activation_usage" || placement == "locality")
+      require_prefill_and_decode(train, trace_name, prefill,
+                                 placement == "locality" ? "--placement locality (with its workload-aware grouping)"
+                                                         : "--placement activation_usage (with its workload-aware "
+                                                           "grouping)");
+    else if (fit_grouping)
+      require_prefill_and_decode(train, trace_name, prefill, "the workload-aware grouping");
     locus::placement::activation_plan_options opt;
     opt.fit_grouping = fit_grouping;
     opt.named.eplb_groups = eplb_groups;
@@ -238,7 +247,8 @@ inline void register_plan(CLI::App& app) {
   cmd->add_option("--experts", *experts,
                   "Experts of the model, for routed-expert arrays (default: largest id + 1), route JSONL traces "
                   "(default: the meta line's num_experts) and ESFT folders (default: 64); a binary trace records "
-                  "its own");
+                  "its own")
+      ->check(experts_range());
   auto* iterations_opt = cmd->add_option("--load-iterations", *iterations,
                                          "With --load of a TensorRT-LLM folder: sum iterations FIRST:END (END "
                                          "exclusive; FIRST: for every one from FIRST on). Default: all of them");
@@ -311,7 +321,8 @@ inline void register_plan(CLI::App& app) {
     const auto [train, test] = split->load(true, false);
     p.done();
     p.start("planning " + plan->placement);
-    const auto planned = plan->plan(train, topo, split->split_seed, split->prefill_tokens, grouping_opt->count() > 0);
+    const auto planned = plan->plan(train, topo, split->split_seed, split->prefill_tokens, grouping_opt->count() > 0,
+                                    split->trace_name());
     p.done();
     p.clear();
     const auto& maps = planned.maps;
@@ -370,7 +381,7 @@ inline void register_simulate(CLI::App& app) {
   auto opt = std::make_shared<options>();
   auto* cmd = app.add_subcommand("simulate", "Simulate decode on a trace's test split and report traffic");
   split->add_to(cmd);
-  cmd->add_option("--experts", split->experts, experts_help);
+  cmd->add_option("--experts", split->experts, experts_help)->check(experts_range());
   plan->add_to(cmd, "the simulated --transport's");
   cmd->add_option("--map", opt->map_path,
                   "Expert map JSON (instead of --placement); without --nodes and --gpus-per-node the run takes the "
@@ -490,7 +501,8 @@ inline void register_simulate(CLI::App& app) {
       if (for_run.copies.empty())
         for_run.copies = locus::cost::to_string(transport); // plan for the transport simulated
       p.start("planning " + plan->placement);
-      planned = for_run.plan(train, topo, split->split_seed, split->prefill_tokens, opt->grouper == "workload_aware");
+      planned = for_run.plan(train, topo, split->split_seed, split->prefill_tokens, opt->grouper == "workload_aware",
+                             split->trace_name());
       if (!opt->map_path.empty()) planned.maps = load_map();
       p.done();
     }

@@ -203,7 +203,7 @@ inline void register_trace_stats(CLI::App& trace_cmd) {
                                                 "correlation (table, or JSON with --json -)");
   cmd->add_option("trace", o->paths, trace_help)->required()->expected(1, -1);
   auto* prefill = cmd->add_option("--prefill-tokens", o->prefill, prefill_help);
-  cmd->add_option("--experts", o->how.experts, experts_help);
+  cmd->add_option("--experts", o->how.experts, experts_help)->check(experts_range());
   cmd->add_flag("--split-on-restart", o->how.split_on_restart, split_on_restart_help);
   cmd->add_flag("--strict-layers", o->how.strict_layers, strict_layers_help);
   add_json_option(cmd, o->json);

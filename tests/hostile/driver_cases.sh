@@ -376,4 +376,24 @@ check "a refused trace synth writes no trace" test ! -e "$work/pf.bin"
 ok 'domains \[math, law\]' trace import "$work/esft" -o "$work/x.bin" --domains math,law
 ok 'domains \[law\]' trace import "$work/esft" -o "$work/x.bin" --domains law
 refused 'domain "law" is given twice' trace import "$work/esft" -o "$work/x.bin" --domains law,law
+# Messages a user could reach that named a library function: the workload-aware grouping fitted on a
+# split without prefill ("workload_aware: ..."), expert counts beyond a trace's ("trace: experts is"),
+# an ESFT folder read with fewer experts than its top-k ("trace: top_k is 6, expected 1..2").
+for args in "plan --placement locality --out $work/m.json" "simulate --grouper workload_aware" "compare -q"; do
+  # shellcheck disable=SC2086
+  refused '^locus: configuration error: no request of the training split of [^ ]*t.bin has both prefill and decode tokens \(--prefill-tokens 0,' \
+    $args --trace "$work/t.bin" --prefill-tokens 0
+done
+refused 'and --placement activation_usage \(with its workload-aware grouping\) learns' plan --trace "$work/t.bin" \
+  --placement activation_usage --prefill-tokens 100000 --out "$work/m.json"
+refused '^locus: usage error: --experts: Value 70000 not in range 0 to 65536' trace import "$work/w.jsonl" \
+  --experts 70000 -o "$work/x.bin"
+refused '^locus: usage error: --experts: Value 70000 not in range 0 to 65536' plan --trace "$work/w.jsonl" \
+  --experts 70000 --out "$work/m.json"
+refused '^locus: usage error: --top-k: Value 70 not in range 0 to 64' trace import "$work/esft" --top-k 70 -o "$work/x.bin"
+refused '^locus: configuration error: --experts 2 is fewer than the 6 experts each token chooses \(an ESFT folder' \
+  trace import "$work/esft" --experts 2 -o "$work/x.bin"
+refused '^locus: configuration error: --experts 4 is fewer than the 5 experts each token chooses \(--top-k\)' \
+  trace import "$work/esft" --experts 4 --top-k 5 -o "$work/x.bin"
+refused '^locus: configuration error: --experts 2 is fewer than the 6' trace stats "$work/esft" --experts 2
 cases_end
