@@ -242,6 +242,8 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
   }
   p.done();
   require_decode_tokens(test, trace_name, split.prefill_tokens);
+  require_prefill_and_decode(train, trace_name, split.prefill_tokens,
+                             "compare's workload-aware grouping (its activation_usage and locality rows)");
 
   locus::cost::comparison_options opt;
   opt.plan.grouping.clusters = o.clusters;
@@ -357,7 +359,7 @@ inline void register_compare(CLI::App& app) {
       "compare", "Compare the baselines, the published method and locality (with and without replicas, flat and "
                  "hierarchical) on a trace: fit on its training split, simulate decode on its test split");
   split->add_to(cmd, false)->description(std::string(trace_help) + " (default: an embedded synthetic trace)");
-  cmd->add_option("--experts", split->experts, experts_help);
+  cmd->add_option("--experts", split->experts, experts_help)->check(experts_range());
   cmd->add_option("--redundant", o->redundant,
                   "Replica slots per GPU of the eplb and locality-with-replicas rows (0: no replica rows)");
   // Checked while parsing, so a bad list is a usage error (exit 2) as a bad --replica-rule is.

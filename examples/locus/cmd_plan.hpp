@@ -113,7 +113,11 @@ struct plan_options {
                     "Replica slots per GPU, at most experts - experts / GPUs (more slots than experts would hold a "
                     "second copy on one GPU); the locality planner puts each expert on a GPU at most once, eplb packs "
                     "replicas as DeepSeek's EPLB does and may put two of one expert on a GPU");
-    cmd->add_option("--eplb-groups", eplb_groups, "Expert groups for eplb")->check(tool_cli::positive_whole);
+    cmd->add_option("--eplb-groups", eplb_groups,
+                    "Expert groups for eplb: a multiple of --nodes selects DeepSeek's hierarchical policy (the "
+                    "experts must split into the groups); any other count its global policy, which reads no "
+                    "groups, as DeepSeek's EPLB does")
+        ->check(tool_cli::positive_whole);
     cmd->add_option("--clusters", clusters, "Request clusters of the workload-aware model")
         ->check(tool_cli::positive_whole);
     cmd->add_option("--copies", copies,
@@ -150,11 +154,31 @@ struct plan_options {
     LOCUS_REQUIRE(cmd->count("--fill-slack") == 0 || redundant_slots > 0, locus::config_error,
                   "--fill-slack bounds the replica fill: it needs --redundant-slots");
   }
+  //! Refuses --eplb-groups that select DeepSeek's hierarchical policy (a multiple of the nodes) but
+  //! that `experts` do not split into; EPLB said so only by its own function's name.
+  //! @throws locus::config_error naming the option and the numbers
+  void check_eplb_groups(std::size_t experts, std::size_t nodes) const {
+    if (placement != "eplb" || nodes == 0 || eplb_groups % nodes != 0) return;
+    LOCUS_REQUIRE(experts % eplb_groups == 0, locus::config_error, "--eplb-groups ", eplb_groups, ": the ", experts,
+                  " experts do not split into ", eplb_groups,
+                  " equal groups (a multiple of --nodes selects EPLB's hierarchical policy, which needs them to; "
+                  "another count selects its global policy)");
+  }
   //! Maps and the workload-aware grouping model fitted with them (locality refines the grouping
   //! jointly with the placement).
   //! `fit_grouping`: fit the grouping model even when the placement does not need it.
+  //! `trace_name` names the trace in messages.
   locus::placement::activation_plan plan(const locus::trace::trace& train, const locus::dynamic_topology& topo,
-                                         std::uint64_t seed, std::size_t prefill, bool fit_grouping) const {
+                                         std::uint64_t seed, std::size_t prefill, bool fit_grouping,
+                                         const std::string& trace_name) const {
+    check_eplb_groups(train.experts(), topo.nodes());
+    if (placement == "activation_usage" || placement == "locality")
+      require_prefill_and_decode(train, trace_name, prefill,
+                                 placement == "locality" ? "--placement locality (with its workload-aware grouping)"
+                                                         : "--placement activation_usage (with its workload-aware "
+                                                           "grouping)");
+    else if (fit_grouping)
+      require_prefill_and_decode(train, trace_name, prefill, "the workload-aware grouping");
     locus::placement::activation_plan_options opt;
     opt.fit_grouping = fit_grouping;
     opt.named.eplb_groups = eplb_groups;
@@ -221,8 +245,10 @@ inline void register_plan(CLI::App& app) {
                                    "of [layers, experts] loads or [tokens, layers, k] routed experts, or a "
                                    "TensorRT-LLM expert-statistics folder");
   cmd->add_option("--experts", *experts,
-                  "Experts of the model, for routed-expert arrays (default: largest id + 1) and route JSONL traces "
-                  "(default: the meta line's num_experts)");
+                  "Experts of the model, for routed-expert arrays (default: largest id + 1), route JSONL traces "
+                  "(default: the meta line's num_experts) and ESFT folders (default: 64); a binary trace records "
+                  "its own")
+      ->check(experts_range());
   auto* iterations_opt = cmd->add_option("--load-iterations", *iterations,
                                          "With --load of a TensorRT-LLM folder: sum iterations FIRST:END (END "
                                          "exclusive; FIRST: for every one from FIRST on). Default: all of them");
@@ -263,6 +289,7 @@ inline void register_plan(CLI::App& app) {
       LOCUS_REQUIRE(plan->placement == "linear" || plan->placement == "round_robin" || plan->placement == "eplb",
                     locus::config_error, "--load plans with linear, round_robin or eplb; \"", plan->placement,
                     "\" needs a trace");
+      plan->check_eplb_groups(in.experts, split->nodes);
       locus::placement::named_plan_options opt;
       opt.eplb_groups = plan->eplb_groups;
       const auto maps = locus::placement::plan_by_name(plan->placement, in, opt);
@@ -294,7 +321,8 @@ inline void register_plan(CLI::App& app) {
     const auto [train, test] = split->load(true, false);
     p.done();
     p.start("planning " + plan->placement);
-    const auto planned = plan->plan(train, topo, split->split_seed, split->prefill_tokens, grouping_opt->count() > 0);
+    const auto planned = plan->plan(train, topo, split->split_seed, split->prefill_tokens, grouping_opt->count() > 0,
+                                    split->trace_name());
     p.done();
     p.clear();
     const auto& maps = planned.maps;
@@ -353,7 +381,7 @@ inline void register_simulate(CLI::App& app) {
   auto opt = std::make_shared<options>();
   auto* cmd = app.add_subcommand("simulate", "Simulate decode on a trace's test split and report traffic");
   split->add_to(cmd);
-  cmd->add_option("--experts", split->experts, experts_help);
+  cmd->add_option("--experts", split->experts, experts_help)->check(experts_range());
   plan->add_to(cmd, "the simulated --transport's");
   cmd->add_option("--map", opt->map_path,
                   "Expert map JSON (instead of --placement); without --nodes and --gpus-per-node the run takes the "
@@ -473,7 +501,8 @@ inline void register_simulate(CLI::App& app) {
       if (for_run.copies.empty())
         for_run.copies = locus::cost::to_string(transport); // plan for the transport simulated
       p.start("planning " + plan->placement);
-      planned = for_run.plan(train, topo, split->split_seed, split->prefill_tokens, opt->grouper == "workload_aware");
+      planned = for_run.plan(train, topo, split->split_seed, split->prefill_tokens, opt->grouper == "workload_aware",
+                             split->trace_name());
       if (!opt->map_path.empty()) planned.maps = load_map();
       p.done();
     }

@@ -203,7 +203,7 @@ inline void register_trace_stats(CLI::App& trace_cmd) {
                                                 "correlation (table, or JSON with --json -)");
   cmd->add_option("trace", o->paths, trace_help)->required()->expected(1, -1);
   auto* prefill = cmd->add_option("--prefill-tokens", o->prefill, prefill_help);
-  cmd->add_option("--experts", o->how.experts, experts_help);
+  cmd->add_option("--experts", o->how.experts, experts_help)->check(experts_range());
   cmd->add_flag("--split-on-restart", o->how.split_on_restart, split_on_restart_help);
   cmd->add_flag("--strict-layers", o->how.strict_layers, strict_layers_help);
   add_json_option(cmd, o->json);
@@ -249,9 +249,11 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
   cmd->add_option("--fit", o->fit_path, "Fit the model to this trace (binary file, ESFT folder or route JSONL)");
   cmd->add_option("--rescale", o->rescale, "With --fit: rescale to EXPERTS:TOP_K:LAYERS, e.g. 256:8:58");
   auto& sh = o->shape;
-  auto* experts = cmd->add_option("--experts", sh.experts,
-                                  "Experts per layer (shape mode; with --fit: a route JSONL trace's expert count)")
-                      ->check(CLI::Range(1, 65536));
+  auto* experts =
+      cmd->add_option("--experts", sh.experts,
+                      "Experts per layer (shape mode; with --fit: the expert count of a route JSONL trace or an ESFT "
+                      "folder; a binary trace records its own)")
+          ->check(CLI::Range(1, 65536));
   cmd->add_option("--top-k", sh.top_k, "Experts per token (shape mode)")->check(CLI::Range(1, 64));
   cmd->add_option("--layers", sh.layers, "MoE layers (shape mode)")->check(tool_cli::positive_whole);
   cmd->add_option("--domains", sh.domains, "Domains (shape mode)")->check(tool_cli::positive_whole);
@@ -291,6 +293,14 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
     locus::trace::synth_model m;
     if (!o->fit_path.empty()) {
       const auto real = trace_analysis::load(o->fit_path, p, experts->count() ? o->shape.experts : 0);
+      // The fit measures prefill against decode and resamples the trace's lengths: a count that covers
+      // every request leaves nothing to measure, and a sample with no decode token.
+      std::size_t longest = 0;
+      for (std::size_t r = 0; r < real.requests(); ++r)
+        longest = std::max<std::size_t>(longest, real.request(r).length);
+      LOCUS_REQUIRE(o->shape.prefill_tokens < longest, locus::config_error, "--prefill-tokens ",
+                    o->shape.prefill_tokens, " covers every request of ", o->fit_path, " (the longest has ", longest,
+                    " tokens): the fit would see no decode token, and no request of the trace would have one");
       p.start("fitting the synthesizer");
       locus::trace::fit_options fo;
       fo.prefill_tokens = o->shape.prefill_tokens;
@@ -333,6 +343,15 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
     p.start("sampling");
     const auto t = locus::trace::sample(m, so);
     p.done();
+    {
+      // A trace with nothing to decode would be refused by every command that simulates or plans on it.
+      std::size_t longest = 0;
+      for (std::size_t r = 0; r < t.requests(); ++r)
+        longest = std::max<std::size_t>(longest, t.request(r).length);
+      LOCUS_REQUIRE(m.prefill_tokens < longest, locus::config_error, "--prefill-tokens ", m.prefill_tokens,
+                    " covers every sampled request (the longest has ", longest,
+                    " tokens): the trace would have no decode tokens (lower --prefill-tokens or raise --mean-length)");
+    }
     locus::trace::write_trace(t, o->out);
     p.clear();
     // What --fit learnt is a result: in the summary and the JSON, not on the progress stream.

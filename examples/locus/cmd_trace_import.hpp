@@ -92,6 +92,7 @@ inline void run_trace_import(const trace_import_options& o) {
   locus::trace::trace t;
   locus::trace::jsonl_report report;
   if (format == "esft") {
+    check_esft_counts(o.experts, o.top_k);
     locus::trace::esft_options opt;
     if (o.experts) opt.experts = o.experts;
     if (o.top_k) opt.top_k = o.top_k;
@@ -103,6 +104,7 @@ inline void run_trace_import(const trace_import_options& o) {
   } else if (format == "jsonl") {
     locus::trace::jsonl_options opt;
     opt.experts = o.experts;
+    opt.experts_setting = "--experts";
     opt.top_k = o.top_k;
     opt.layers = o.layers;
     opt.skip_bad = o.skip_bad;
@@ -175,10 +177,15 @@ inline void register_trace_import(CLI::App* trace_cmd) {
                   "= esft, magic = binary, - = jsonl or binary by its first byte), esft, jsonl, binary")
       ->check(CLI::IsMember({"auto", "esft", "jsonl", "binary"}));
   cmd->add_option("--experts", o->experts,
-                  "Declared routed experts (esft default 64; jsonl: else a meta line's num_experts)");
-  cmd->add_option("--top-k", o->top_k, "Experts per token (esft default 6; jsonl: else meta or first record)");
+                  "Declared routed experts (esft default 64; jsonl: else a meta line's num_experts)")
+      ->check(experts_range());
+  cmd->add_option("--top-k", o->top_k, "Experts per token (esft default 6; jsonl: else meta or first record)")
+      ->check(CLI::Range(std::size_t{0}, locus::trace::max_trace_top_k));
   cmd->add_option("--layers", o->layers, "Expected layers (esft: files per domain; jsonl: distinct layer numbers)");
-  cmd->add_option("--domains", o->domains, "esft: domain folders to read, in this order (default: all, sorted)");
+  cmd->add_option("--domains", o->domains,
+                  "esft: domain folders to read, in this order (comma-separated, as plan's --train-domains; "
+                  "default: all, sorted)")
+      ->delimiter(',');
   cmd->add_flag("--skip-bad", o->skip_bad, "jsonl: skip and count bad records instead of failing on the first");
   cmd->add_flag("--split-on-restart", o->split_on_restart, split_on_restart_help);
   cmd->add_flag("--strict-layers", o->strict_layers, strict_layers_help);

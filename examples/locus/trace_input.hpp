@@ -3,6 +3,7 @@
 // its domain folders), or route JSONL: one or more files or a folder of .jsonl files (experts
 // declared by a meta line or --experts; see docs/trace-format.md and docs/byo-trace.md); "-" reads
 // standard input, route JSONL or a binary trace.
+#include <CLI/CLI.hpp>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -19,7 +20,24 @@ inline constexpr const char* trace_help =
     "Trace: locus binary file, ESFT folder, or route JSONL (a file or a folder of .jsonl files; repeat for several "
     "files, e.g. one per layer); - reads standard input (route JSONL or a binary trace)";
 //! Help text of --experts where a trace is read.
-inline constexpr const char* experts_help = "Experts of a route JSONL trace (default: its meta line's num_experts)";
+inline constexpr const char* experts_help =
+    "Experts of a route JSONL trace (default: its meta line's num_experts) or an ESFT folder (default: 64); a "
+    "binary trace records its own";
+//! The counts an ESFT folder is read with (0: its defaults, 64 experts and top-6), checked as the
+//! options name them (the trace builder said "trace: top_k is 6, expected 1..2").
+inline void check_esft_counts(std::size_t experts, std::size_t top_k) {
+  const std::size_t e = experts ? experts : 64, k = top_k ? top_k : 6;
+  if (k <= e) return;
+  if (experts)
+    LOCUS_THROW(locus::config_error, "--experts ", e, " is fewer than the ", k, " experts each token chooses (",
+                top_k ? "--top-k" : "an ESFT folder's top-6", ")");
+  LOCUS_THROW(locus::config_error, "--top-k ", k, " exceeds an ESFT folder's 64 experts (--experts gives its count)");
+}
+
+//! The values of --experts wherever a trace is read (0: the trace's own count): a usage error before
+//! the trace is read (the trace builder refused a larger one as "trace: experts is ...").
+inline CLI::Validator experts_range() { return CLI::Range(std::size_t{0}, locus::trace::max_trace_experts); }
+
 //! Help text of --prefill-tokens where a trace is read.
 inline constexpr const char* prefill_help =
     "Tokens at the start of each request that are prefill; a trace that records phases keeps them unless this "
@@ -108,6 +126,8 @@ inline locus::trace::trace read_binary_trace(const std::string& path) {
 //! How the route-JSONL inputs of a trace are read (other formats ignore it).
 struct jsonl_reading {
   std::size_t experts = 0; //!< 0: from the meta line
+  //! The command's option that gives `experts`, for the message that asks for it (empty: it has none).
+  std::string experts_option = "--experts";
   bool split_on_restart = false, strict_layers = false;
 };
 
@@ -124,10 +144,20 @@ inline void note_trimmed(const std::string& what, const locus::trace::jsonl_repo
 //! Reads the trace `paths` name (several only for route JSONL).
 inline locus::trace::trace load_trace(const std::vector<std::string>& paths, const jsonl_reading& how = {}) {
   const std::string format = detect_trace_format(paths, true);
-  if (format == "esft") return locus::trace::import_esft(paths.front());
+  if (format == "esft") {
+    check_esft_counts(how.experts, 0);
+    locus::trace::esft_options opt;
+    if (how.experts) opt.experts = how.experts;
+    return locus::trace::import_esft(paths.front(), opt);
+  }
+  // A binary trace records its experts: a count given for it was dropped without a word.
+  LOCUS_REQUIRE(how.experts == 0 || format != "binary", locus::config_error, how.experts_option, " ", how.experts,
+                " does not apply to ", paths.front() == "-" ? "<stdin>" : paths.front(),
+                ", a binary trace (it records its own expert count)");
   if (format == "binary") return read_binary_trace(paths.front());
   locus::trace::jsonl_options opt;
   opt.experts = how.experts;
+  opt.experts_setting = how.experts_option;
   opt.split_on_restart = how.split_on_restart;
   opt.trim_ragged = !how.strict_layers;
   locus::trace::jsonl_report rep;
@@ -173,6 +203,26 @@ inline void require_decode_tokens(const locus::trace::trace& test, const std::st
   LOCUS_THROW(locus::config_error, subject, " ", trace_name, " has no decode tokens ", use,
               ": every token is prefill (--prefill-tokens ", prefill_tokens,
               " covers each request, or the trace's recorded phases mark none as decode)");
+}
+
+//! Refuses a training split in which no request has both prefill and decode tokens where the
+//! workload-aware grouping is fitted on it (it learns a request's kind from its prefill and the experts
+//! of its decode): said by the option that marks them, not by the grouper's name. `fitted_by` names
+//! what fits the grouping.
+inline void require_prefill_and_decode(const locus::trace::trace& train, const std::string& trace_name,
+                                       std::size_t prefill_tokens, const char* fitted_by) {
+  for (std::size_t r = 0; r < train.requests(); ++r) {
+    const auto& q = train.request(r);
+    // A request's prefill is what precedes its first decode token (the grouper's own rule).
+    std::size_t p = 0;
+    while (p < q.length && train.token_phase(q.first_token + p) != locus::trace::phase::decode)
+      ++p;
+    if (p > 0 && p < q.length) return;
+  }
+  LOCUS_THROW(locus::config_error, "no request of the training split of ", trace_name,
+              " has both prefill and decode tokens (--prefill-tokens ", prefill_tokens,
+              ", or the trace's recorded phases), and ", fitted_by,
+              " learns a request's kind from its prefill and the experts of its decode");
 }
 
 } // namespace locus_driver

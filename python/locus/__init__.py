@@ -254,7 +254,15 @@ class ExpertPlan:
     def filled(self, load: Any = None) -> "ExpertPlan":
         """The plan with every empty slot filled (engines accept none): the expert not yet on the
         slot's rank with the largest load per replica (`load` ``[layers, experts]``; without it,
-        the fewest replicas), then the lowest id."""
+        the fewest replicas), then the lowest id. A Trace as `load` stands for its
+        ``expert_load(trace)``."""
+        if isinstance(load, Trace):
+            # A trace is the usual source of the loads ("load must have 2 dimensions, not 0" said nothing
+            # of that); one of another model is named as such, not as rows of a table.
+            if (load.layers, load.experts) != (self.layers, self.experts):
+                raise ConfigError(f"locus: configuration error: load: the trace has {load.layers} layers of "
+                                  f"{load.experts} experts; the plan has {self.layers} layers of {self.experts}")
+            load = expert_load(load)
         w = np.zeros((0, 0)) if load is None else _array(load, np.float64, 2, "load")
         maps = _core._fill_empty_slots(self._maps(), self.experts, w, self.gpus_per_node)
         out = ExpertPlan(maps, self.experts, self.nodes, self.gpus_per_node, self.model, self.layer_ids,

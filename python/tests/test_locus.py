@@ -258,6 +258,13 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
     assert np.array_equal(rows[1:4], full.reshape(3, -1))
     # vLLM: the EPLB triple per MoE layer, served back by the policy class.
     locus.export(plan, "vllm", str(tmp_path / "v.json"), load=load)
+    # A Trace as the load stands for its expert_load (it was refused as "load must have 2 dimensions,
+    # not 0"); one of another shape is named as a trace.
+    assert locus.export_text(plan, "vllm", load=train) == (tmp_path / "v.json").read_text()
+    assert np.array_equal(plan.filled(train).maps, full)
+    other = locus.trace_from_arrays(np.array([[[0, 1], [2, 3]]]), 4)
+    with pytest.raises(locus.ConfigError, match="the trace has 2 layers of 4 experts; the plan has 3 layers of 16"):
+        locus.export_text(plan, "vllm", load=other)
     phy2log, log2phy, count = read_vllm_arrays(str(tmp_path / "v.json"))
     check_triple(phy2log, log2phy, count, 20)
     assert np.array_equal(phy2log, full.reshape(3, -1))

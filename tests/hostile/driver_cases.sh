@@ -335,4 +335,65 @@ refused '"-1" is not a request id or rank' map replan "$work/lin.json" --trace "
   --homes "$work/homes_neg.txt" --out "$work/r.json"
 refused 'slots of 18446744073709551615 bytes each exceed 2\^64 bytes' map replan "$work/lin.json" --trace "$work/t.bin" \
   --expert-bytes 18446744073709551615 --out "$work/r.json"
+# A third review (polish): messages in the user's terms.
+# --eplb-groups that select EPLB's hierarchical policy (a multiple of --nodes) but do not split the
+# experts: named by the option, not by rebalance_experts; other counts take the global policy.
+refused '^locus: configuration error: --eplb-groups 12: the 16 experts do not split into 12 equal groups' plan \
+  --trace "$work/t.bin" --placement eplb --eplb-groups 12 --nodes 4 --out "$work/m.json"
+refused '^locus: configuration error: --eplb-groups 6: the 4 experts do not split' "${trt[@]}" --eplb-groups 6 \
+  --out "$work/trt.json"
+succeeds plan --trace "$work/t.bin" --placement eplb --eplb-groups 3 --nodes 4 --out "$work/m.json"
+ok 'multiple of --nodes' plan --help
+# A route JSONL without a meta line: the command's own --experts is named (not trace import's, nor
+# jsonl_options::experts); map export, which has no --experts, names none.
+grep -v '"type"' "$work/w.jsonl" >"$work/nometa.jsonl"
+refused 'nometa.jsonl:1: the number of experts is not declared: put a meta line with num_experts before the route records, or give the count with --experts$' \
+  map replan "$work/lin.json" --trace "$work/nometa.jsonl" --out "$work/r.json"
+refused 'or give the count with --experts$' plan --trace "$work/nometa.jsonl" --out "$work/m.json"
+refused 'or give the count with --experts$' trace import "$work/nometa.jsonl" -o "$work/x.bin"
+refused 'nometa.jsonl:1: the number of experts is not declared: put a meta line with num_experts before the route records$' \
+  map export "$work/lin.json" --to sglang --load-trace "$work/nometa.jsonl" --out "$work/q.json"
+succeeds map replan "$work/lin.json" --trace "$work/nometa.jsonl" --experts 16 --out "$work/r.json"
+# --experts with a trace that is not route JSONL: an ESFT folder's count is honoured (as trace
+# import's is), a binary trace's refused (it records its own; both were dropped without a word).
+refused '^locus: configuration error: --experts 8 does not apply to [^ ]*t.bin, a binary trace' trace synth \
+  --fit "$work/t.bin" --experts 8 --out "$work/s.bin"
+refused '^locus: configuration error: --experts 16 does not apply to [^ ]*t.bin, a binary trace' plan \
+  --trace "$work/t.bin" --experts 16 --out "$work/m.json"
+refused '^locus: configuration error: --experts 16 does not apply to <stdin>, a binary trace' trace stats - \
+  --experts 16 <"$work/t.bin"
+ok '"experts": 128' trace synth --fit "$work/esft" --experts 128 --prefill-tokens 4 --tokens 500 --out "$work/s.bin" --json -
+ok ' 128 experts' trace stats "$work/esft" --experts 128
+refused 'expert id [0-9]+ is out of range \[0, 8\)' trace synth --fit "$work/esft" --experts 8 --prefill-tokens 4 --out "$work/s.bin"
+# trace synth --prefill-tokens that cover every request: refused before anything is written (the
+# trace had no decode tokens; with --fit the fit measured nothing).
+refused '^locus: configuration error: --prefill-tokens 1000000 covers every sampled request \(the longest has [0-9]+ tokens\): the trace would have no decode tokens' \
+  trace synth --experts 16 --top-k 2 --layers 2 --prefill-tokens 1000000 --tokens 1000 --out "$work/pf.bin"
+refused '^locus: configuration error: --prefill-tokens 100000 covers every request of [^ ]*t.bin \(the longest has [0-9]+ tokens\)' \
+  trace synth --fit "$work/t.bin" --prefill-tokens 100000 --tokens 1000 --out "$work/pf.bin"
+check "a refused trace synth writes no trace" test ! -e "$work/pf.bin"
+# trace import --domains is split on commas, as --train-domains is ("intent,law" was one folder name).
+ok 'domains \[math, law\]' trace import "$work/esft" -o "$work/x.bin" --domains math,law
+ok 'domains \[law\]' trace import "$work/esft" -o "$work/x.bin" --domains law
+refused 'domain "law" is given twice' trace import "$work/esft" -o "$work/x.bin" --domains law,law
+# Messages a user could reach that named a library function: the workload-aware grouping fitted on a
+# split without prefill ("workload_aware: ..."), expert counts beyond a trace's ("trace: experts is"),
+# an ESFT folder read with fewer experts than its top-k ("trace: top_k is 6, expected 1..2").
+for args in "plan --placement locality --out $work/m.json" "simulate --grouper workload_aware" "compare -q"; do
+  # shellcheck disable=SC2086
+  refused '^locus: configuration error: no request of the training split of [^ ]*t.bin has both prefill and decode tokens \(--prefill-tokens 0,' \
+    $args --trace "$work/t.bin" --prefill-tokens 0
+done
+refused 'and --placement activation_usage \(with its workload-aware grouping\) learns' plan --trace "$work/t.bin" \
+  --placement activation_usage --prefill-tokens 100000 --out "$work/m.json"
+refused '^locus: usage error: --experts: Value 70000 not in range 0 to 65536' trace import "$work/w.jsonl" \
+  --experts 70000 -o "$work/x.bin"
+refused '^locus: usage error: --experts: Value 70000 not in range 0 to 65536' plan --trace "$work/w.jsonl" \
+  --experts 70000 --out "$work/m.json"
+refused '^locus: usage error: --top-k: Value 70 not in range 0 to 64' trace import "$work/esft" --top-k 70 -o "$work/x.bin"
+refused '^locus: configuration error: --experts 2 is fewer than the 6 experts each token chooses \(an ESFT folder' \
+  trace import "$work/esft" --experts 2 -o "$work/x.bin"
+refused '^locus: configuration error: --experts 4 is fewer than the 5 experts each token chooses \(--top-k\)' \
+  trace import "$work/esft" --experts 4 --top-k 5 -o "$work/x.bin"
+refused '^locus: configuration error: --experts 2 is fewer than the 6' trace stats "$work/esft" --experts 2
 cases_end

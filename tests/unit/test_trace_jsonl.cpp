@@ -339,6 +339,24 @@ BOOST_AUTO_TEST_CASE(declarations_and_empty_inputs) {
   const std::string one = "{\"req_id\": 1, \"token_idx\": 0, \"layer\": 4, \"topk_ids\": [1, 2], "
                           "\"topk_weights\": [0.5, 0.5]}\n";
   BOOST_CHECK_THROW(trace::import_jsonl_text(one, "x", {}), invalid_input_error); // experts declared nowhere
+  // The message names the setting that gives the count as the caller calls it (a tool's own option),
+  // and none where the caller has none.
+  const auto undeclared = [&](const std::string& setting) {
+    trace::jsonl_options named;
+    named.experts_setting = setting;
+    try {
+      (void)trace::import_jsonl_text(one, "x", named);
+    } catch (const invalid_input_error& e) {
+      return std::string(e.message());
+    }
+    return std::string("no error");
+  };
+  BOOST_TEST(undeclared("jsonl_options::experts").find("give the count with jsonl_options::experts") !=
+             std::string::npos);
+  BOOST_TEST(undeclared("--experts").find("give the count with --experts") != std::string::npos);
+  BOOST_TEST(undeclared("--experts").find("trace import") == std::string::npos);
+  BOOST_TEST(undeclared("").find("put a meta line with num_experts before the route records") != std::string::npos);
+  BOOST_TEST(undeclared("").find("give the count") == std::string::npos);
   auto o = opts();
   o.layers = 2;
   expect_format_error([&] { (void)trace::import_jsonl_text(one, "x", o); },

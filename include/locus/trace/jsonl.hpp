@@ -51,6 +51,9 @@ struct jsonl_options {
   //! Declared routed experts; every id must be below it. 0: taken from a meta line
   //! (`num_experts` or `experts`) that precedes the first route record.
   std::size_t experts = 0;
+  //! How a message asking for the expert count names the setting that gives it: a command-line tool
+  //! gives its own option ("--experts"); empty where the caller has none to give.
+  std::string experts_setting = "jsonl_options::experts";
   //! Experts per token. 0: from a meta line's `top_k`, else the length of the first record's `topk_ids`.
   std::size_t top_k = 0;
   //! Expected number of distinct layer numbers (0: any). Layer numbers need not start at 0: the
@@ -767,8 +770,9 @@ private:
       throw invalid_input_error(
           locus::detail::concat(name_, ":", line_no,
                                 ": the number of experts is not declared: put a meta line with num_experts "
-                                "before the route records, or give the count when importing "
-                                "(jsonl_options::experts; locus trace import --experts)"),
+                                "before the route records",
+                                opt_.experts_setting.empty() ? std::string()
+                                                             : ", or give the count with " + opt_.experts_setting),
           __FILE__, __LINE__);
     if (top_k_ > experts_)
       throw invalid_input_error(locus::detail::concat(name_, ":", line_no, ": top_k ", top_k_, " exceeds the ",
