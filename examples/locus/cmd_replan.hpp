@@ -112,7 +112,7 @@ inline int map_replan(const replan_options& o) {
     LOCUS_REQUIRE(model->nodes() == topo.nodes(), locus::config_error, "the grouping in ", o.grouping, " is for ",
                   model->nodes(), " nodes; the plan has ", topo.nodes());
   }
-  locus::placement::require_replan_shape(plan.maps, window, topo);
+  locus::placement::require_replan_shape(plan.maps, window, topo, plan.model_layers);
   std::map<std::uint64_t, std::size_t> homes;
   if (!o.homes.empty()) homes = read_homes(o.homes, ranks);
   const auto window_nodes = request_nodes(window, o.homes.empty() ? nullptr : &homes, model.get(), topo,
@@ -121,6 +121,7 @@ inline int map_replan(const replan_options& o) {
   std::vector<std::uint32_t> prior_nodes;
   if (!o.prior_paths.empty()) {
     prior = read(o.prior_paths);
+    locus::placement::require_replan_shape(plan.maps, *prior, topo, plan.model_layers, "prior");
     require_decode_tokens(*prior, o.prior_paths.front(), o.prefill_tokens, "the prior", "to steer the re-plan");
     prior_nodes = request_nodes(*prior, nullptr, model.get(), topo, o.prefill_tokens, "the prior");
   }

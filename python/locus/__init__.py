@@ -426,7 +426,7 @@ def replan(
     maps, report = _core._replan(
         plan._maps(), plan.experts, plan.nodes, plan.gpus_per_node, window, h, m, prior, float(budget),
         32.0 if prior_requests is None else float(prior_requests), transport, float(replan_slack), expert_bytes,
-        prefill_tokens,
+        prefill_tokens, list(plan.layer_ids) if plan.layer_ids is not None else [],
     )
     out = ExpertPlan(maps, plan.experts, plan.nodes, plan.gpus_per_node, plan.model, plan.layer_ids,
                      plan.hidden_layers)

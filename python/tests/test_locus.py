@@ -912,6 +912,19 @@ def test_replan_refuses_bad_arguments():
     _, other = one_kind_trace(1, experts=32)
     with pytest.raises(locus.ConfigError, match="maps of 3 layers × 16 experts on 4 ranks for a window of 3 layers × 32"):
         locus.replan(plan, other)
+    # Layers are matched by position: a window whose recorded hidden layers are not the plan's is
+    # refused (an offset by one re-planned each layer on its neighbour's traffic).
+    ids, _ = one_kind_trace(0)
+    req, phases = np.repeat(np.arange(6), 40), np.tile(["prefill"] * 8 + ["decode"] * 32, 6)
+    numbered = locus.trace_from_arrays(ids, 16, request_ids=req, phases=phases, layer_ids=[1, 2, 3], hidden_layers=4)
+    shifted = locus.trace_from_arrays(ids, 16, request_ids=req, phases=phases, layer_ids=[0, 1, 2], hidden_layers=4)
+    numbered_plan = locus.plan(numbered, 2, 2, "linear", clusters=1, prefill_tokens=8)
+    assert list(numbered_plan.layer_ids) == [1, 2, 3]
+    locus.replan(numbered_plan, numbered)
+    with pytest.raises(locus.ConfigError, match=r"the window's layer 0 is hidden layer 0, the map's is 1"):
+        locus.replan(numbered_plan, shifted)
+    with pytest.raises(locus.ConfigError, match=r"the prior's layer 0 is hidden layer 0, the map's is 1"):
+        locus.replan(numbered_plan, numbered, prior=shifted)
     no_decode = locus.trace_from_arrays(np.zeros((4, 3, 2), np.int32) + [0, 1], 16, phases=["prefill"] * 4)
     with pytest.raises(locus.ConfigError, match="the window has no decode tokens"):
         locus.replan(plan, no_decode)

@@ -114,16 +114,27 @@ inline std::vector<std::uint32_t> assumed_request_nodes(const trace::trace& t, c
 }
 
 //! Refuses maps, a window and a topology that disagree (replan_live's first check; callers that
-//! derive the window's nodes from it first call it before).
+//! derive the window's nodes from it first call it before). `map_layers`, the hidden-layer index of
+//! each map where the plan saved them: a window that records its own must name the same layers
+//! (layers are matched by position, so an offset by one would re-plan each layer on its neighbour's
+//! traffic).
 //! @throws locus::config_error naming both shapes
 inline void require_replan_shape(const std::vector<expert_map>& current, const trace::trace& window,
-                                 const dynamic_topology& topo) {
+                                 const dynamic_topology& topo, std::span<const std::size_t> map_layers = {},
+                                 const char* what = "window") {
   LOCUS_REQUIRE(!current.empty() && current.size() == window.layers() &&
                     current.front().experts() == window.experts() && current.front().ranks() == topo.ranks(),
                 config_error, "re-plan: maps of ", current.size(), " layers × ",
                 current.empty() ? 0 : current.front().experts(), " experts on ",
-                current.empty() ? 0 : current.front().ranks(), " ranks for a window of ", window.layers(), " layers × ",
-                window.experts(), " experts and ", topo.ranks(), " ranks");
+                current.empty() ? 0 : current.front().ranks(), " ranks for a ", what, " of ", window.layers(),
+                " layers × ", window.experts(), " experts and ", topo.ranks(), " ranks");
+  if (map_layers.empty() || !window.has_model_layers()) return;
+  const auto ids = window.model_layer_ids();
+  for (std::size_t l = 0; l < ids.size(); ++l)
+    LOCUS_REQUIRE(l < map_layers.size() && ids[l] == map_layers[l], config_error, "re-plan: the ", what, "'s layer ", l,
+                  " is hidden layer ", ids[l], ", the map's is ", l < map_layers.size() ? map_layers[l] : 0, " (the ",
+                  what, "'s layers are hidden layers ", ids.front(), "..", ids.back(), ", the map's ",
+                  map_layers.front(), "..", map_layers.back(), ")");
 }
 
 //! Re-plans `current` (the maps in service) on the decode tokens of `window`, request r of which
