@@ -63,6 +63,14 @@ BOOST_AUTO_TEST_CASE(npy_loads_and_routed_experts) {
   const auto r = import_load((d.path / "routed.npy").string(), 5);
   BOOST_TEST(r.load == (std::vector<std::vector<double>>{{1, 1, 0, 2, 0}, {1, 1, 2, 0, 0}}));
   BOOST_CHECK_THROW(import_load((d.path / "routed.npy").string(), 3), invalid_input_error); // id 3 of 3 experts
+  // An engine's array has a row per hidden layer; a dense layer's routes every choice to expert 0
+  // (no router chooses one expert twice): it is left out and the MoE layers keep their indices.
+  write(d.path / "hidden.npy", npy<std::int32_t>("<i4", "(2, 3, 2)", {0, 0, 0, 3, 2, 1, 0, 0, 3, 1, 2, 0}));
+  const auto h = import_load((d.path / "hidden.npy").string(), 5);
+  BOOST_TEST(h.layer_ids == (std::vector<std::size_t>{1, 2}));
+  BOOST_TEST(h.load == (std::vector<std::vector<double>>{{1, 1, 0, 2, 0}, {1, 1, 2, 0, 0}}));
+  write(d.path / "dense.npy", npy<std::int32_t>("<i4", "(2, 1, 2)", {0, 0, 0, 0}));
+  BOOST_CHECK_THROW(import_load((d.path / "dense.npy").string(), 5), invalid_input_error);
   write(d.path / "big.npy", npy<std::int32_t>(">i4", "(1, 2)", {1, 2}));
   BOOST_CHECK_THROW(import_load((d.path / "big.npy").string()), format_error);
   write(d.path / "short.npy", npy<double>("<f8", "(2, 3)", {1, 2, 3}));

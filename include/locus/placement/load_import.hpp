@@ -393,9 +393,22 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
         for (std::size_t l = 0; l < layers; ++l)
           for (std::size_t j = 0; j < k; ++j)
             out.load[l][static_cast<std::size_t>(a.values[(t * layers + l) * k + j])] += 1;
+      // Engines (vLLM, SGLang) return a row for every hidden layer and leave a dense layer's at
+      // expert 0 for every choice: with k >= 2 no router chooses one expert twice, so such a row is
+      // a dense layer's and is left out (its index is not among layer_ids).
+      std::vector<std::vector<double>> moe;
+      for (std::size_t l = 0; l < layers; ++l) {
+        if (k >= 2 && tokens > 0 && out.load[l][0] == static_cast<double>(tokens * k)) continue;
+        moe.push_back(std::move(out.load[l]));
+        out.layer_ids.push_back(l);
+      }
+      LOCUS_REQUIRE(!moe.empty(), invalid_input_error, path, ": every layer routes every token to expert 0 ", k,
+                    " times (dense layers' rows): no MoE layer in the array");
+      out.load = std::move(moe);
     }
-    for (std::size_t l = 0; l < out.load.size(); ++l)
-      out.layer_ids.push_back(l);
+    if (out.layer_ids.empty())
+      for (std::size_t l = 0; l < out.load.size(); ++l)
+        out.layer_ids.push_back(l);
   }
   LOCUS_REQUIRE(!out.load.empty() && !out.load.front().empty(), invalid_input_error, path, ": no loads in the file");
   for (std::size_t l = 0; l < out.load.size(); ++l) {
