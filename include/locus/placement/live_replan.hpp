@@ -25,31 +25,6 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
 
-//! One slot whose expert changes: the engine loads `to`'s weights into it (`from` or `to` is
-//! empty_slot where the slot was or becomes empty).
-struct slot_move {
-  std::size_t layer = 0, rank = 0, slot = 0;
-  expert_id from = empty_slot, to = empty_slot;
-};
-
-//! The slots whose expert differs between two map sets of the same shape, by layer, rank, slot.
-//! @throws locus::config_error when the shapes differ
-inline std::vector<slot_move> slot_moves(const std::vector<expert_map>& before, const std::vector<expert_map>& after) {
-  LOCUS_REQUIRE(before.size() == after.size(), config_error, "slot_moves: ", before.size(), " layers before, ",
-                after.size(), " after");
-  std::vector<slot_move> out;
-  for (std::size_t l = 0; l < before.size(); ++l) {
-    const auto &a = before[l], &b = after[l];
-    LOCUS_REQUIRE(a.ranks() == b.ranks() && a.slots_per_rank() == b.slots_per_rank(), config_error,
-                  "slot_moves: layer ", l, " has ", a.ranks(), " × ", a.slots_per_rank(), " slots before and ",
-                  b.ranks(), " × ", b.slots_per_rank(), " after");
-    for (std::size_t r = 0; r < a.ranks(); ++r)
-      for (std::size_t s = 0; s < a.slots_per_rank(); ++s)
-        if (a.expert_at(r, s) != b.expert_at(r, s)) out.push_back({l, r, s, a.expert_at(r, s), b.expert_at(r, s)});
-  }
-  return out;
-}
-
 //! Options of replan_live.
 struct live_replan_options {
   double budget_share = 0.10; //!< share of all slots (all layers) whose weights may change
@@ -85,18 +60,24 @@ inline std::vector<std::size_t> all_requests(const trace::trace& t) {
   return r;
 }
 
-// Mean over layers of the lowest GPU max/mean the maps allow on the decode rows of `t`.
-inline double decode_balance_floor(const std::vector<expert_map>& maps, const trace::trace& t) {
-  double sum = 0;
-  for (std::size_t l = 0; l < maps.size(); ++l) {
-    std::vector<double> rows(t.experts(), 0.0);
+// Per layer, the rows of each expert over the decode tokens of `t`.
+inline std::vector<std::vector<double>> decode_rows(const trace::trace& t) {
+  std::vector<std::vector<double>> rows(t.layers(), std::vector<double>(t.experts(), 0.0));
+  for (std::size_t l = 0; l < t.layers(); ++l) {
     const auto view = t.layer(l);
     for (std::size_t tok = 0; tok < t.tokens(); ++tok)
       if (t.token_phase(tok) == trace::phase::decode)
         for (std::size_t j = 0; j < t.top_k(); ++j)
-          rows[view.expert(tok, j)] += 1.0;
-    sum += min_max_split(maps[l], rows).max_over_mean;
+          rows[l][view.expert(tok, j)] += 1.0;
   }
+  return rows;
+}
+
+// Mean over layers of the lowest GPU max/mean the maps allow on per-layer expert rows.
+inline double balance_floor(const std::vector<expert_map>& maps, const std::vector<std::vector<double>>& rows) {
+  double sum = 0;
+  for (std::size_t l = 0; l < maps.size(); ++l)
+    sum += min_max_split(maps[l], rows[l]).max_over_mean;
   return maps.empty() ? 1.0 : sum / static_cast<double>(maps.size());
 }
 } // namespace detail
@@ -187,12 +168,13 @@ inline live_replan_result replan_live(const std::vector<expert_map>& current, co
   out.moves = slot_moves(current, out.maps);
   out.bytes_moved = moved.bytes_moved;
   out.moved_share = static_cast<double>(out.moves.size()) / static_cast<double>(total_slots(current));
-  // The window's own copies (the prior's tokens left out), each map set scored without moving.
+  // The window's own copies (the prior's tokens left out).
   const double n = static_cast<double>(sample.tokens());
-  out.copies_per_token_before = replan_by_tokens(current, sample, topo, refine, 0, 0).cost_before / n;
-  out.copies_per_token_after = replan_by_tokens(out.maps, sample, topo, refine, 0, 0).cost_before / n;
-  out.balance_floor_before = detail::decode_balance_floor(current, window);
-  out.balance_floor_after = detail::decode_balance_floor(out.maps, window);
+  out.copies_per_token_before = sample_copy_cost(current, sample, topo, refine) / n;
+  out.copies_per_token_after = sample_copy_cost(out.maps, sample, topo, refine) / n;
+  const auto rows = detail::decode_rows(window);
+  out.balance_floor_before = detail::balance_floor(current, rows);
+  out.balance_floor_after = detail::balance_floor(out.maps, rows);
   out.window_requests = window.requests();
   for (std::size_t t = 0; t < window.tokens(); ++t)
     out.window_decode_tokens += window.token_phase(t) == trace::phase::decode;

@@ -34,21 +34,36 @@ struct migration_result {
   double cost_after = 0;         //!< ... and on the result
 };
 
-//! Slots whose expert differs between two map sets of the same shape (weights a move must load).
+//! One slot whose expert changes: the engine loads `to`'s weights into it (`from` or `to` is
+//! empty_slot where the slot was or becomes empty).
+struct slot_move {
+  std::size_t layer = 0, rank = 0, slot = 0;
+  expert_id from = empty_slot, to = empty_slot;
+};
+
+//! The slots whose expert differs between two map sets of the same shape (the weights a move must
+//! load), by layer, rank, slot.
 //! @throws locus::config_error when the shapes differ
-inline std::size_t experts_moved(const std::vector<expert_map>& before, const std::vector<expert_map>& after) {
-  LOCUS_REQUIRE(before.size() == after.size(), config_error, "experts_moved: ", before.size(), " layers before, ",
+inline std::vector<slot_move> slot_moves(const std::vector<expert_map>& before, const std::vector<expert_map>& after) {
+  LOCUS_REQUIRE(before.size() == after.size(), config_error, "slot_moves: ", before.size(), " layers before, ",
                 after.size(), " after");
-  std::size_t moved = 0;
+  std::vector<slot_move> out;
   for (std::size_t l = 0; l < before.size(); ++l) {
-    LOCUS_REQUIRE(before[l].slot_count() == after[l].slot_count() && before[l].ranks() == after[l].ranks(),
-                  config_error, "experts_moved: layer ", l, " has ", before[l].slot_count(), " slots before and ",
-                  after[l].slot_count(), " after");
-    const auto a = before[l].slot_table(), b = after[l].slot_table();
-    for (std::size_t s = 0; s < a.size(); ++s)
-      moved += a[s] != b[s];
+    const auto &a = before[l], &b = after[l];
+    LOCUS_REQUIRE(a.ranks() == b.ranks() && a.slots_per_rank() == b.slots_per_rank(), config_error,
+                  "slot_moves: layer ", l, " has ", a.ranks(), " × ", a.slots_per_rank(), " slots before and ",
+                  b.ranks(), " × ", b.slots_per_rank(), " after");
+    for (std::size_t r = 0; r < a.ranks(); ++r)
+      for (std::size_t s = 0; s < a.slots_per_rank(); ++s)
+        if (a.expert_at(r, s) != b.expert_at(r, s)) out.push_back({l, r, s, a.expert_at(r, s), b.expert_at(r, s)});
   }
-  return moved;
+  return out;
+}
+
+//! How many slots slot_moves lists.
+//! @throws as slot_moves
+inline std::size_t experts_moved(const std::vector<expert_map>& before, const std::vector<expert_map>& after) {
+  return slot_moves(before, after).size();
 }
 
 //! `after` with each rank's slots reordered so that an expert (or empty slot) the rank holds in both
