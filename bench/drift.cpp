@@ -18,7 +18,7 @@
 //         [--transport flat|hierarchical] [--deepseek 0|1] [--replica-rule R] [--replica-slack S]
 //         [--replica-window W] [--hedge-replicas H] [--hedge-floor F] [--hedge-cost-budget B]
 //         [--lookahead 0|1] [--unseen-domain D] [--replan-slack S] [--balance-trigger B]
-//         [--prior-requests R]
+//         [--prior-requests R] [--swap-significance Z]
 // Writes DIR/drift.json and DIR/drift.md; bench/plot_drift.py draws DIR/drift.png.
 #include "bench_args.hpp"
 #include "bench_output.hpp"
@@ -67,6 +67,7 @@ int main(int argc, char** argv) try {
   double budget_share = 0.10, phase_share = 0.8, replica_slack = 0.05,
          replan_slack = placement::token_refine_options{}.replan_slack, balance_trigger = cost::default_balance_trigger,
          prior_requests = placement::default_prior_requests,
+         swap_significance = placement::token_refine_options{}.swap_significance,
          hedge_floor = placement::token_refine_options{}.hedge_floor,
          hedge_cost_budget = placement::token_refine_options{}.hedge_cost_budget;
   int deepseek = 1, balance_floor = 0, lookahead = 1;
@@ -105,6 +106,10 @@ int main(int argc, char** argv) try {
   app.add_option("--prior-requests", prior_requests,
                  "Locus adaptive: the training sample counts in a re-plan's loads as this many requests would beside "
                  "the window's (0: the window's loads alone; it always steers the copy savings)")
+      ->check(tool_cli::finite_non_negative);
+  app.add_option("--swap-significance", swap_significance,
+                 "A budgeted re-plan takes a swap for the copies it saves only above this many standard errors of "
+                 "that saving on its sample (0: any saving)")
       ->check(tool_cli::finite_non_negative);
   app.add_option("--budget-share", budget_share, "Share of the slots an adaptive re-plan may move")
       ->check(tool_cli::positive);
@@ -187,6 +192,7 @@ int main(int argc, char** argv) try {
   popt.refine.hedge_floor = hedge_floor;
   popt.refine.hedge_cost_budget = hedge_cost_budget;
   popt.refine.replan_slack = replan_slack;
+  popt.refine.swap_significance = swap_significance;
   popt.refine.count(transport == cost::transport_kind::flat ? placement::copy_count::flat
                                                             : placement::copy_count::hierarchical);
   say("planning locality, eplb and linear on 4x2");
@@ -395,6 +401,7 @@ int main(int argc, char** argv) try {
                         {"hedge_floor", hedge_floor},
                         {"hedge_cost_budget", hedge_cost_budget},
                         {"replan_slack", replan_slack},
+                        {"swap_significance", swap_significance},
                         {"balance_trigger", balance_trigger},
                         {"prior_requests", prior_requests},
                         {"lookahead", lookahead == 1},

@@ -130,6 +130,42 @@ BOOST_AUTO_TEST_CASE(budgeted_swaps_lower_the_sample_cost_when_balanced) {
   }
 }
 
+// A swap taken for the copies it saves must save more than swap_significance standard errors of
+// that saving: one token's saving is its own standard error, so a window of one token moves
+// nothing, while the same token nine times (a saving of 18 copies, standard error 6) still does.
+BOOST_AUTO_TEST_CASE(a_copy_saving_swap_must_stand_above_its_noise) {
+  const dynamic_topology topo(2, 1);
+  // Experts 0 and 1 on node 0, 2 and 3 on node 1; every token comes from node 0 and uses 0 and 2.
+  const std::vector<expert_map> maps{expert_map(4, 2, 2, {0, 1, 2, 3})};
+  const auto tokens = [](std::size_t n) {
+    placement::token_sample s;
+    s.experts = 4;
+    s.top_k = 2;
+    s.ids.assign(1, {});
+    for (std::size_t t = 0; t < n; ++t) {
+      s.home.push_back(0);
+      s.ids[0].insert(s.ids[0].end(), {0, 2});
+    }
+    return s;
+  };
+  placement::token_refine_options opt;
+  opt.balance_slack = 10; // no load bound: the copies alone decide
+  const auto moved = [&](std::size_t n, double z) {
+    opt.swap_significance = z;
+    return placement::replan_by_tokens(maps, tokens(n), topo, opt, 2, 1).experts_moved;
+  };
+  BOOST_TEST(moved(1, 0) == 2u); // any saving: expert 2 comes to node 0
+  BOOST_TEST(moved(1, 1) == 0u);
+  BOOST_TEST(moved(1, placement::token_refine_options{}.swap_significance) == 0u); // the default
+  BOOST_TEST(moved(9, 1) == 2u);
+  BOOST_TEST(moved(9, 2) == 2u); // 18 > 2 × 6
+  BOOST_TEST(moved(9, 3.5) == 0u);
+  for (const double bad : {-1.0, std::numeric_limits<double>::infinity(), std::nan("")}) {
+    opt.swap_significance = bad;
+    BOOST_CHECK_THROW(placement::replan_by_tokens(maps, tokens(1), topo, opt, 2, 1), config_error);
+  }
+}
+
 BOOST_AUTO_TEST_CASE(replanning_is_deterministic) {
   std::mt19937 rng(7);
   const dynamic_topology topo(4, 2);

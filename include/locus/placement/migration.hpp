@@ -5,7 +5,8 @@
 //! token-level state (placement/token_refine.hpp) proposes its best swaps one at a time (load
 //! repairs first, of the GPUs above the re-plan's bound, token_refine_options::replan_slack, on the
 //! loads the sample's load weights give (with_prior: the window's); then
-//! the largest copy savings of the window's tokens within it); the budget goes to the
+//! the largest copy savings of the window's tokens within it, each above its own noise:
+//! token_refine_options::swap_significance); the budget goes to the
 //! largest gains over all layers, taking each layer's swaps in the order they were found (a later
 //! swap was scored on the map its predecessors left). Replicas stay where they are. A swap moves
 //! two experts, so the budget holds by construction; the result counts the slots that changed.
@@ -187,9 +188,10 @@ migration_result replan_by_tokens(const std::vector<expert_map>& current, const 
   LOCUS_REQUIRE(current.size() == sample.layers(), config_error, "replan_by_tokens: ", current.size(),
                 " maps for a sample of ", sample.layers(), " layers");
   LOCUS_REQUIRE(opt.balance_slack >= 0 && opt.replan_slack >= 0 && std::isfinite(opt.replan_slack) &&
-                    opt.rank_copy_weight >= 0 && opt.node_copy_weight >= 0,
+                    opt.rank_copy_weight >= 0 && opt.node_copy_weight >= 0 && opt.swap_significance >= 0 &&
+                    std::isfinite(opt.swap_significance),
                 config_error, "replan_by_tokens: negative slack or copy weight, or a replan_slack (", opt.replan_slack,
-                ") that is not a finite number");
+                ") or swap_significance (", opt.swap_significance, ") that is not a finite number >= 0");
   sample.validate(topo.nodes());
   // The moved bytes are counted in 64 bits: a product that wraps would report a small figure.
   LOCUS_REQUIRE(expert_bytes == 0 || total_slots(current) <= std::numeric_limits<std::uint64_t>::max() / expert_bytes,

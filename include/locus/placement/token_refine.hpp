@@ -223,6 +223,13 @@ struct token_refine_options {
   //! then fixes neither its balance nor its bytes. A tighter bound trades bytes for balance
   //! (bench/results/robust_planning.md, section 2, measures 0.10 to 0.20 on ESFT's drift scenario).
   double replan_slack = 0.125;
+  //! replan_by_tokens: a swap taken for the copies it saves (not a repair) must save more than this
+  //! many standard errors of that saving on the sample (the root of the sum of its tokens' squared
+  //! savings). On a window of a few tokens every saving is noise, and a swap would move two experts'
+  //! weights for it. 1 refuses a saving one token alone makes; on ESFT's drift scenario it moves
+  //! 9% fewer weights at the same byte saving, 2 moves 15-25% fewer for 0.4-1.1 points of it
+  //! (bench/results/robust_planning.md, section 2). 0: any saving.
+  double swap_significance = 1.0;
 
   //! Sets the copy weights to count what `c` names (1 for each kind counted, 0 otherwise).
   token_refine_options& count(copy_count c) noexcept {
@@ -626,8 +633,9 @@ public:
   //! budget, where the sweeps' expert-order greed would spend the budget on small gains): while
   //! some rank is above the load bound, the swap of one of its experts that lowers the larger of
   //! the two ranks' loads at the least copy cost, among the swaps that lower it by at least half
-  //! the most any swap does (repair_progress); then the balanced swap that saves the most copies
-  //! (in both, partners ranked by the sum of the two move gains, the best few checked exactly).
+  //! the most any swap does (repair_progress); then the balanced swap that saves the most copies,
+  //! by more than swap_significance standard errors (in both, partners ranked by the sum of the two
+  //! move gains, the best few checked exactly).
   //! Appends every swap to `done`. With `repairs_only` (the planner's repair to the bound, where
   //! swaps move no weights yet), stops once no repair is left, and a repair is the cheapest swap
   //! that lowers the peak at all.
@@ -718,7 +726,9 @@ public:
       for (std::size_t i = 0; i < keep; ++i) {
         const std::size_t e = cand[i].second / experts, f = cand[i].second % experts;
         if (!balanced(e, f)) continue;
-        if (const double g = -swap_delta(e, f); g > best) {
+        double squares = 0;
+        const double g = -swap_delta(e, f, &squares);
+        if (g > best && g > opt_.swap_significance * std::sqrt(squares)) {
           best = g;
           be = e;
           bf = f;
@@ -773,21 +783,25 @@ private:
   //! Exact cost change of swapping e and f (on different ranks): a token that uses one of them
   //! sees that one move, a token that uses both keeps its ranks. Both token lists ascend, so one
   //! merge finds the tokens they share.
-  double swap_delta(std::size_t e, std::size_t f) const {
+  double swap_delta(std::size_t e, std::size_t f, double* squares = nullptr) const {
     const auto a = static_cast<std::size_t>(rank_of_[e]), b = static_cast<std::size_t>(rank_of_[f]);
     const auto &te = tok_of_[e], &tf = tok_of_[f];
-    double d = 0;
+    double d = 0, sq = 0;
     std::size_t i = 0, j = 0;
     while (i < te.size() || j < tf.size()) {
+      double x = 0;
       if (j == tf.size() || (i < te.size() && te[i] < tf[j])) {
-        d += move_delta(te[i++], a, b);
+        x = move_delta(te[i++], a, b);
       } else if (i == te.size() || tf[j] < te[i]) {
-        d += move_delta(tf[j++], b, a);
+        x = move_delta(tf[j++], b, a);
       } else {
         ++i;
         ++j;
       }
+      d += x;
+      sq += x * x;
     }
+    if (squares) *squares = sq;
     return d;
   }
 
