@@ -243,6 +243,68 @@ BOOST_AUTO_TEST_CASE(device_layout_names_bad_input) {
   }
 }
 
+namespace {
+// Holds its stream until the host sets *go (mapped pinned memory) or `limit_ns` pass; *released
+// says which (1: the host's flag).
+__global__ void hold_stream(const volatile int* go, unsigned long long limit_ns, int* released) {
+  unsigned long long start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  for (;;) {
+    if (*go != 0) {
+      *released = 1;
+      return;
+    }
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    if (now - start > limit_ns) {
+      *released = 0;
+      return;
+    }
+  }
+}
+} // namespace
+
+// The layout's uploads (its replica tables, megabytes here) queue behind the stream's earlier work
+// instead of waiting for it, so that its one wait is `wait` (a transport's timed synchronize): the
+// stream is held by a kernel that only the wait releases. A copy from pageable memory of this size
+// waits for the stream, so the kernel would time out first.
+BOOST_AUTO_TEST_CASE(device_layout_uploads_queue_behind_earlier_work) {
+  const std::size_t E = std::size_t{1} << 18;
+  std::vector<expert_id> table(E);
+  std::iota(table.begin(), table.end(), 0);
+  const expert_map map(E, 1, E, table);
+  const dynamic_topology topo(1, 1);
+  const std::vector<expert_id> ids_h{0, 77, 5, 262143};
+  const std::vector<float> w_h{0.5f, 0.5f, 0.25f, 0.75f};
+  device_buffer<expert_id> ids;
+  ids.upload(ids_h);
+  device_buffer<float> weights;
+  weights.upload(w_h);
+  device_buffer<int> released(1);
+  LOCUS_CUDA_CHECK(cudaDeviceSynchronize());
+  int* go = nullptr;
+  LOCUS_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&go), sizeof(int), cudaHostAllocMapped));
+  *go = 0;
+  int* go_device = nullptr;
+  LOCUS_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&go_device), go, 0));
+  cudaStream_t stream = nullptr;
+  LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  hold_stream<<<1, 1, 0, stream>>>(go_device, 5'000'000'000ull, released.data());
+  LOCUS_CUDA_CHECK(cudaGetLastError());
+  device_layout<top_k<2>, experts<>> dev;
+  bool waited = false;
+  dev.assign(device_routing_view<top_k<2>>(ids.data(), weights.data(), 2), map, topo, 0, transport_kind::flat, stream,
+             {}, nullptr, [&] {
+               waited = true;
+               *static_cast<volatile int*>(go) = 1;
+               LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream));
+             });
+  BOOST_TEST(waited);
+  BOOST_TEST(released.to_host(stream) == std::vector<int>{1}, "the layout waited for the stream before its wait");
+  BOOST_TEST(dev.rows() == 2u); // one row per token: one rank
+  LOCUS_CUDA_CHECK(cudaStreamDestroy(stream));
+  LOCUS_CUDA_CHECK(cudaFreeHost(go));
+}
+
 // The "plan nothing" flag (the router's non-finite-logit counter): clear, the layout is the one
 // built without it; set, it has no rows, tokens or link copies, leaves the routing's own errors
 // unreported (the flag's owner raises its own), and hands the flag's words back from the same wait.

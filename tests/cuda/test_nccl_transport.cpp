@@ -105,3 +105,15 @@ BOOST_AUTO_TEST_CASE(count_round_then_known_count_exchange_on_one_gpu) {
   BOOST_TEST(c.rows == counts, boost::test_tools::per_element());
   cudaFree(d);
 }
+
+// A send that fails inside the exchange's NCCL group ends the group before the error is raised
+// (here: a null communicator, which NCCL refuses without touching a GPU). Left open, the thread's
+// group would hold every later NCCL call of the transport, so its waits would find an idle stream
+// and read stale messages: the next ncclGroupEnd must find no group open.
+BOOST_AUTO_TEST_CASE(a_failed_post_closes_the_nccl_group) {
+  const std::size_t offsets[2] = {0, 8};
+  std::byte buffer[8] = {};
+  const transport::detail::nccl::peer_io io{buffer, offsets, buffer, offsets, nullptr, nullptr};
+  BOOST_CHECK_THROW(transport::detail::nccl::exchange_peers(1, io), nccl_error);
+  BOOST_TEST(ncclGroupEnd() == ncclInvalidUsage); // "not in a group call"
+}

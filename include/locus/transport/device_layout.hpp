@@ -11,9 +11,11 @@
 //! A device flag may tell it to plan nothing (the router's non-finite-logit counter): the counts
 //! are then zeroed on the device and the flag comes back in the same wait.
 
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <locus/core/cuda_error.hpp>
 #include <locus/core/device_buffer.hpp>
@@ -77,13 +79,8 @@ public:
         static_cast<std::int32_t>(kind == transport_kind::flat ? slots_ : gpus_ * slots_),
         kind == transport_kind::hierarchical};
     placement::replica_candidates(map, topo, source_rank, fixed_, cand_offsets_, cands_, replicas);
-    b_.fixed.upload(fixed_, stream);
-    b_.cand_offsets.upload(cand_offsets_, stream);
-    b_.cands.resize(cands_.size() + 1); // never empty, so the pointer is valid
-    if (!cands_.empty()) b_.cands.upload(cands_, stream);
     const expert_map_view v = map.view();
-    replicas_.upload(std::span<const slot_ref>(v.replicas, static_cast<std::size_t>(v.replica_offsets[v.experts])),
-                     stream);
+    upload_tables(v.replicas, static_cast<std::size_t>(v.replica_offsets[v.experts]), stream);
     detail::layout::dispatch_build<K, Experts>(b_, r.ids(), r.weights(), tokens_, experts, replicas_.data(), p, ranks_,
                                                replicas.rule, stream);
     if (plan_nothing) {
@@ -178,6 +175,34 @@ public:
   //! @}
 
 private:
+  // The replica tables (fixed choices, candidate offsets and candidates, the map's replicas) to
+  // the device, staged through pinned memory so that the copies queue behind the stream's earlier
+  // work: a copy from pageable memory may wait for that work (CUDA allows it to), untimed, and
+  // before a step's one wait that work is the previous step's exchanges, which a lost NCCL peer
+  // never finishes. The previous assign's copies from the staging ran before its wait.
+  void upload_tables(const slot_ref* reps, std::size_t n_reps, cudaStream_t stream) {
+    static_assert(sizeof(slot_ref) == 2 * sizeof(std::int32_t), "a slot_ref travels as two int32 words");
+    const std::size_t n_fixed = fixed_.size(), n_offsets = cand_offsets_.size(), n_cands = cands_.size();
+    staging_.resize(n_fixed + n_offsets + n_cands + 2 * n_reps);
+    std::int32_t* const h = staging_.data();
+    std::copy(fixed_.begin(), fixed_.end(), h);
+    std::copy(cand_offsets_.begin(), cand_offsets_.end(), h + n_fixed);
+    std::copy(cands_.begin(), cands_.end(), h + n_fixed + n_offsets);
+    if (n_reps > 0) std::memcpy(h + n_fixed + n_offsets + n_cands, reps, n_reps * sizeof(slot_ref));
+    const auto up = [&](void* dev, const std::int32_t* host, std::size_t words) {
+      if (words > 0)
+        LOCUS_CUDA_CHECK(cudaMemcpyAsync(dev, host, words * sizeof(std::int32_t), cudaMemcpyHostToDevice, stream));
+    };
+    b_.fixed.resize(n_fixed);
+    up(b_.fixed.data(), h, n_fixed);
+    b_.cand_offsets.resize(n_offsets);
+    up(b_.cand_offsets.data(), h + n_fixed, n_offsets);
+    b_.cands.resize(n_cands + 1); // never empty, so the pointer is valid
+    up(b_.cands.data(), h + n_fixed + n_offsets, n_cands);
+    replicas_.resize(n_reps);
+    up(replicas_.data(), h + n_fixed + n_offsets + n_cands, 2 * n_reps);
+  }
+
   // The device found a bad copy: name it as the host layout would.
   void report(const device_routing_view<TopK>& r, std::int32_t c, std::size_t experts) const {
     const std::size_t t = static_cast<std::size_t>(c) / K, j = static_cast<std::size_t>(c) % K;
@@ -202,6 +227,7 @@ private:
       slot_counts_host_, reach_host_;
   std::array<unsigned long long, 3> links_host_{};
   std::array<unsigned long long, 2> flag_host_{};
+  pinned_buffer<std::int32_t> staging_;    // the replica tables on their way to the device
   pinned_buffer<std::int32_t> words_;      // the count read's landing place (see assign)
   pinned_buffer<unsigned long long> wide_; // links, then the flag's words
 };

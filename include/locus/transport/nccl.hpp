@@ -59,20 +59,28 @@ void exchange_unrolled(const peer_io& io) {
   (std::make_index_sequence<Peers>{});
 }
 
-//! Chooses the unrolled form for the common group sizes, a loop otherwise.
+//! Chooses the unrolled form for the common group sizes, a loop otherwise. A send or receive that
+//! fails inside the group still ends it (ncclGroupEnd discards the group and returns the error it
+//! recorded): left open, the thread's group would swallow every later NCCL call of this transport,
+//! whose waits would then find an idle stream and read stale messages.
 inline void exchange_peers(std::size_t members, const peer_io& io) {
   LOCUS_NCCL_CHECK(ncclGroupStart());
-  switch (members) {
-  case 1: exchange_unrolled<1>(io); break;
-  case 2: exchange_unrolled<2>(io); break;
-  case 4: exchange_unrolled<4>(io); break;
-  case 8: exchange_unrolled<8>(io); break;
-  case 16: exchange_unrolled<16>(io); break;
-  case 32: exchange_unrolled<32>(io); break;
-  case 64: exchange_unrolled<64>(io); break;
-  default:
-    for (std::size_t m = 0; m < members; ++m)
-      io(m);
+  try {
+    switch (members) {
+    case 1: exchange_unrolled<1>(io); break;
+    case 2: exchange_unrolled<2>(io); break;
+    case 4: exchange_unrolled<4>(io); break;
+    case 8: exchange_unrolled<8>(io); break;
+    case 16: exchange_unrolled<16>(io); break;
+    case 32: exchange_unrolled<32>(io); break;
+    case 64: exchange_unrolled<64>(io); break;
+    default:
+      for (std::size_t m = 0; m < members; ++m)
+        io(m);
+    }
+  } catch (...) {
+    static_cast<void>(ncclGroupEnd()); // the first error is the one raised
+    throw;
   }
   LOCUS_NCCL_CHECK(ncclGroupEnd());
 }
@@ -182,7 +190,7 @@ public:
                              std::span<const std::size_t> send_counts, std::span<const std::size_t> recv_counts,
                              device_exchange_result& out) {
     namespace dx = detail::exchange;
-    LOCUS_REQUIRE(!broken_, transport_error, "nccl_transport: unusable after an earlier exchange timed out");
+    LOCUS_REQUIRE(!broken_, transport_error, "nccl_transport: unusable after an earlier exchange failed or timed out");
     const std::size_t members = groups_.size(group);
     dx::check_known("nccl_transport", group, members, row_bytes, send_counts, recv_counts);
     dx::known_shape(recv_counts, row_bytes, out);
@@ -195,7 +203,7 @@ public:
   //! host wait a caller makes before reading device results, e.g. a layout's offsets).
   //! @throws locus::timeout_error when the stream does not finish within the timeout
   void synchronize(const char* what) {
-    LOCUS_REQUIRE(!broken_, transport_error, "nccl_transport: unusable after an earlier exchange timed out");
+    LOCUS_REQUIRE(!broken_, transport_error, "nccl_transport: unusable after an earlier exchange failed or timed out");
     wait(std::chrono::steady_clock::now() + options_.timeout, exchange_group::world, what);
   }
 
@@ -212,7 +220,7 @@ private:
                                           std::span<const std::size_t> expected,
                                           std::chrono::steady_clock::time_point deadline) {
     namespace dx = detail::exchange;
-    LOCUS_REQUIRE(!broken_, transport_error, "nccl_transport: unusable after an earlier exchange timed out");
+    LOCUS_REQUIRE(!broken_, transport_error, "nccl_transport: unusable after an earlier exchange failed or timed out");
     const ncclComm_t comm = communicator(group);
     const std::size_t members = groups_.size(group);
     const dx::position at = steps_.next(group, req.request().stage);
@@ -231,8 +239,7 @@ private:
     LOCUS_CUDA_CHECK(
         cudaMemcpyAsync(d_messages, host_messages_.data(), members * message, cudaMemcpyHostToDevice, stream_));
     fixed_offsets(members, message);
-    detail::nccl::exchange_peers(
-        members, {d_messages, offsets_a_.data(), d_messages + members * message, offsets_a_.data(), comm, stream_});
+    post(members, {d_messages, offsets_a_.data(), d_messages + members * message, offsets_a_.data(), comm, stream_});
     LOCUS_CUDA_CHECK(cudaMemcpyAsync(host_messages_.data() + members * message, d_messages + members * message,
                                      members * message, cudaMemcpyDeviceToHost, stream_));
     wait(deadline, group, ::locus::detail::concat("the header round of ", dx::describe(at)));
@@ -254,8 +261,8 @@ private:
       LOCUS_CUDA_CHECK(
           cudaMemcpyAsync(d_codes, codes_.data(), members * sizeof(std::uint32_t), cudaMemcpyHostToDevice, stream_));
       fixed_offsets(members, sizeof(std::uint32_t));
-      detail::nccl::exchange_peers(members, {d_codes, offsets_a_.data(), d_codes + members * sizeof(std::uint32_t),
-                                             offsets_a_.data(), comm, stream_});
+      post(members,
+           {d_codes, offsets_a_.data(), d_codes + members * sizeof(std::uint32_t), offsets_a_.data(), comm, stream_});
       LOCUS_CUDA_CHECK(cudaMemcpyAsync(codes_.data() + members, d_codes + members * sizeof(std::uint32_t),
                                        members * sizeof(std::uint32_t), cudaMemcpyDeviceToHost, stream_));
       wait(deadline, group, ::locus::detail::concat("the count-agreement round of ", dx::describe(at)));
@@ -278,9 +285,19 @@ private:
       offsets_b_[m + 1] = out.offsets[m + 1] * row_bytes;
     }
     std::byte* d_recv = recv_.room_for(std::max<std::size_t>(offsets_b_[members], 1));
-    detail::nccl::exchange_peers(members,
-                                 {send, offsets_a_.data(), d_recv, offsets_b_.data(), communicator(group), stream_});
+    post(members, {send, offsets_a_.data(), d_recv, offsets_b_.data(), communicator(group), stream_});
     out.rows = d_recv;
+  }
+
+  // Posts one exchange's sends and receives. A failure leaves the members out of step (the peers
+  // posted theirs), so the transport is unusable from then on, as after a timeout.
+  void post(std::size_t members, const detail::nccl::peer_io& io) {
+    try {
+      detail::nccl::exchange_peers(members, io);
+    } catch (...) {
+      broken_ = true;
+      throw;
+    }
   }
 
   void fixed_offsets(std::size_t members, std::size_t bytes) {
