@@ -1206,10 +1206,12 @@ public:
     for (std::size_t b = 0; b < draws; ++b)
       bound[b] = even_split_ratio(rows[b]);
     std::vector<split_floor> solved(draws);
-    std::vector<std::uint8_t> fresh(draws);
+    // fresh: solved in this round; exact: solved[b] is the draw's floor on the current copies (a
+    // copy that cannot change it leaves it so, and the round takes it instead of solving again).
+    std::vector<std::uint8_t> fresh(draws), exact(draws, 0);
+    const auto hosts = [this](std::size_t e) -> const std::vector<std::int32_t>& { return copies_[e]; };
     std::size_t added = 0;
     while (added < opt_.hedge_replicas) {
-      const expert_map map = to_map();
       std::fill(fresh.begin(), fresh.end(), 0);
       // The worst draw: the highest bound, solved (among equal bounds an unsolved one first, then
       // the lowest index, as a full scan that keeps the first maximum would pick).
@@ -1225,7 +1227,9 @@ public:
           wb = top;
           break;
         }
-        solved[top] = min_max_split(map, rows[top]);
+        // Hint: the draw's binding set when last solved, often still the densest.
+        if (!exact[top]) solved[top] = floor_solver_.solve(ranks_, rows[top], hosts, solved[top].binding_ranks);
+        exact[top] = 1;
         bound[top] = solved[top].max_over_mean;
         fresh[top] = 1;
       }
@@ -1264,6 +1268,17 @@ public:
         }
       }
       if (best.rows < 0) break; // no copy can leave S: the floor stays
+      // The copy lowers W(R) only for the rank sets R that hold all of e's hosts but not r. A
+      // draw's floor and binding set are those of its largest densest set U (the set min_max_split
+      // ends on), so a draw whose U is not such a set, or without rows of e, keeps both.
+      for (std::size_t b = 0; b < draws; ++b) {
+        if (!exact[b] || rows[b][best.e] <= 0) continue;
+        const auto& u = solved[b].binding_ranks;
+        bool holds = !std::binary_search(u.begin(), u.end(), best.r);
+        for (const auto c : copies_[best.e])
+          holds = holds && std::binary_search(u.begin(), u.end(), static_cast<std::size_t>(c));
+        if (holds) exact[b] = 0;
+      }
       add(best.e, best.r);
       hedged_.emplace_back(best.e, best.r);
       ++added;
@@ -1471,6 +1486,7 @@ private:
   double cap_ = 0;
   shifted_loads shifted_;
   stamp_set ranks_seen_, nodes_seen_;
+  split_floor_solver floor_solver_; //!< hedge_floor()'s draws
 };
 
 } // namespace detail::token_refine
