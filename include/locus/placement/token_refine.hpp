@@ -182,13 +182,20 @@ struct token_refine_options {
   //! deviations of its share over the draws, and for each GPU above (1 + hedge_excess) × the mean
   //! in turn (riskiest first) copies one of its experts to another node: the copy that lets it
   //! shed that excess at run time onto a GPU that can take it, saving the most copies. The
-  //! remaining slots are then filled for bytes alone. On by default (8 per layer: every slot of
-  //! ESFT's 4 × 2 GPUs with one redundant slot each) with the floor rule and its byte bound, which
-  //! cost 0.0-0.2 points of the inter-node byte saving on ESFT's split seeds and lower the worst
-  //! seed's GPU max/mean (bench/results/robust_planning.md). At 64 GPUs one copy per GPU balances
-  //! better (0.006-0.053 of max/mean on the synthetic 8 × 8 rows) but takes full planning at
-  //! DeepSeek-V3 shape from about 2 s to 4.6 s of CPU: set it to the GPU count where that is affordable.
-  std::size_t hedge_replicas = 8;
+  //! remaining slots are then filled for bytes alone. On by default, one per GPU of the deployment
+  //! (hedge_one_per_gpu: 8 at ESFT's 4 × 2 GPUs, every slot with one redundant slot each) with the
+  //! floor rule and its byte bound, which cost 0.0-0.2 points of the inter-node byte saving on
+  //! ESFT's split seeds and lower the worst seed's GPU max/mean (bench/results/robust_planning.md).
+  //! A fixed 8 at 64 GPUs balanced worse than one per GPU (by 0.006-0.053 of max/mean on the
+  //! synthetic 8 × 8 rows); 64 copies keep full planning at DeepSeek-V3 shape within its 2 s
+  //! (section 7 there).
+  std::size_t hedge_replicas = hedge_one_per_gpu;
+  //! hedge_replicas' default: as many as the topology has GPUs (ranks).
+  static constexpr std::size_t hedge_one_per_gpu = std::numeric_limits<std::size_t>::max();
+  //! The hedge copies per layer at most on `ranks` GPUs: hedge_replicas, `ranks` for hedge_one_per_gpu.
+  constexpr std::size_t hedge_budget(std::size_t ranks) const noexcept {
+    return hedge_replicas == hedge_one_per_gpu ? ranks : hedge_replicas;
+  }
   std::size_t hedge_resamples = 64; //!< bootstrap draws of the requests
   double hedge_z = 2.0;             //!< a GPU's risk: its mean share plus this many standard deviations
   double hedge_excess = 0.05;       //!< GPUs whose risk exceeds (1 + this) × the mean are hedged
@@ -1095,7 +1102,7 @@ public:
 
   //! Hedge replicas (token_refine_options::hedge_replicas), before fill(). Returns those added.
   std::size_t hedge() {
-    if (opt_.hedge_replicas == 0 || opt_.hedge_resamples == 0 || tokens_ == 0) return 0;
+    if (opt_.hedge_budget(ranks_) == 0 || opt_.hedge_resamples == 0 || tokens_ == 0) return 0;
     if (opt_.hedge_floor > 0) return hedge_floor();
     const auto [req, requests] = request_indices();
     const std::size_t draws = opt_.hedge_resamples;
@@ -1103,7 +1110,7 @@ public:
     std::vector<std::uint8_t> done(ranks_, 0);
     std::vector<double> per_request(requests * ranks_), risk(ranks_);
     std::size_t added = 0;
-    while (added < opt_.hedge_replicas) {
+    while (added < opt_.hedge_budget(ranks_)) {
       // Each rank's load share under every draw, from where the pairs go now.
       std::fill(per_request.begin(), per_request.end(), 0.0);
       for (std::size_t p = 0; p < tr_.size(); ++p)
@@ -1214,7 +1221,7 @@ public:
     std::vector<std::uint8_t> fresh(draws), exact(draws, 0);
     const auto hosts = [this](std::size_t e) -> const std::vector<std::int32_t>& { return copies_[e]; };
     std::size_t added = 0;
-    while (added < opt_.hedge_replicas) {
+    while (added < opt_.hedge_budget(ranks_)) {
       std::fill(fresh.begin(), fresh.end(), 0);
       // The worst draw: the highest bound, solved (among equal bounds an unsolved one first, then
       // the lowest index, as a full scan that keeps the first maximum would pick).
