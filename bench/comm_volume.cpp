@@ -169,7 +169,9 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
       ->check(tool_cli::finite_non_negative);
   app.add_option("--hedge-replicas", popt.refine.hedge_replicas,
                  "Token-level stage: at most this many replica slots per layer first hold balance hedges (the "
-                 "--hedge-floor rule, or the risk rule with --hedge-floor 0) before copies saved (0: off)");
+                 "--hedge-floor rule, or the risk rule with --hedge-floor 0) before copies saved (0: off; default: "
+                 "one per GPU)")
+      ->default_str("one per GPU");
   app.add_option("--fill-slack", popt.refine.fill_slack,
                  "Token-level stage: the replica fill's load bound (0: --refine-slack's); swaps bring the "
                  "GPUs back within that after the fill")

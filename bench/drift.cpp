@@ -124,7 +124,9 @@ int main(int argc, char** argv) try {
                  "locality_bounded: steps of the load average (0: since the start)");
   auto* hedge_opt = app.add_option("--hedge-replicas", hedge_replicas,
                                    "Locality plans with --redundant: at most this many slots per layer first hold "
-                                   "balance hedges (--hedge-floor's rule) before copies saved (0: off)");
+                                   "balance hedges (--hedge-floor's rule) before copies saved (0: off; default: "
+                                   "one per GPU)")
+                        ->default_str("one per GPU");
   app.add_option("--hedge-floor", hedge_floor,
                  "Hedges: copy experts out of the binding GPU set until the worst balance floor over resampled "
                  "training requests is at most this (0: the risk rule of earlier runs instead)")
@@ -397,7 +399,7 @@ int main(int argc, char** argv) try {
                         {"replica_rule", placement::to_string(replica_rule)},
                         {"replica_slack", replica_slack},
                         {"replica_window", replica_window},
-                        {"hedge_replicas", hedge_replicas},
+                        {"hedge_replicas", popt.refine.hedge_budget(topo.ranks())},
                         {"hedge_floor", hedge_floor},
                         {"hedge_cost_budget", hedge_cost_budget},
                         {"replan_slack", replan_slack},

@@ -88,6 +88,7 @@ struct planning_run {
   std::vector<locus::expert_map> maps;
   locus::placement::activation_plan_options opt;
   std::size_t sample_tokens = 0;
+  std::size_t hedge_budget = 0, hedge_copies = 0; // hedge copies per layer at most; kept over all layers
   double fit_s = 0, joint_s = 0, place_s = 0, token_s = 0, anneal_token_s = 0, eplb_s = 0;
   double local = 0, cost_before = 0, cost_after = 0, cost_annealed = 0;
   double total_s() const { return fit_s + joint_s + place_s + token_s; }
@@ -118,9 +119,10 @@ planning_run time_planning(const locus::trace::trace& train, const locus::dynami
   t0 = cpu_now();
   const auto sample =
       locus::placement::token_sample_from_model(train, *p.model, opt.refine_sample_tokens(v3::layers, v3::k));
-  p.maps = locus::placement::token_level_stage(node_maps, sample, topo, opt, true);
+  p.maps = locus::placement::token_level_stage(node_maps, sample, topo, opt, true, &p.hedge_copies);
   p.token_s = seconds_since(t0);
   p.sample_tokens = sample.tokens();
+  p.hedge_budget = opt.refine.hedge_budget(topo.ranks());
   // The sample's copy cost before and after the stage.
   p.cost_before = locus::placement::sample_copy_cost(node_maps, sample, topo, opt.refine);
   p.cost_after = locus::placement::sample_copy_cost(p.maps, sample, topo, opt.refine);
@@ -236,7 +238,8 @@ int main(int argc, char** argv) try {
   app.add_option("--tokens", tokens, "Decode tokens of the synthetic trace")->check(tool_cli::positive);
   app.add_option("--anneal", anneal, "Annealing proposals per expert in the timed annealing run");
   app.add_option("--hedge-replicas", hedge_replicas,
-                 "Token-level stage: balance hedge copies per layer at most (0: off)");
+                 "Token-level stage: balance hedge copies per layer at most (0: off; default: one per GPU)")
+      ->default_str("one per GPU");
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   auto folder = bench_args::output_folder(out_dir); // checked now, made when the first result is written
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/planning");
@@ -272,6 +275,8 @@ int main(int argc, char** argv) try {
                         {"token_refine_s", p.token_s},
                         {"token_refine_sample_tokens", p.sample_tokens},
                         {"token_refine_cost_ratio", cost_ratio},
+                        {"hedge_replicas", p.hedge_budget},
+                        {"hedge_copies", p.hedge_copies},
                         {"anneal_per_expert", anneal},
                         {"token_refine_annealed_s", p.anneal_token_s},
                         {"token_refine_annealed_cost_ratio", annealed_ratio},
@@ -304,8 +309,10 @@ int main(int argc, char** argv) try {
   std::printf("%-44s %11.3f s\n", "  of which model fit (k-means, classifier)", p.fit_s);
   std::printf("%-44s %11.3f s\n", "  of which joint grouping refinement", p.joint_s);
   std::printf("%-44s %11.3f s\n", "  of which locality placement", p.place_s);
-  std::printf("%-44s %11.3f s  (%zu sampled tokens; sample copy cost x%.3f)\n", "  of which token-level refinement",
-              p.token_s, p.sample_tokens, cost_ratio);
+  std::printf("%-44s %11.3f s  (%zu sampled tokens; sample copy cost x%.3f; %zu hedge copies, at most %zu per "
+              "layer)\n",
+              "  of which token-level refinement", p.token_s, p.sample_tokens, cost_ratio, p.hedge_copies,
+              p.hedge_budget);
   if (anneal > 0)
     std::printf("%-44s %11.3f s  (sample copy cost x%.3f; not in the total: %zu proposals per expert, as "
                 "bench/comm_volume runs)\n",

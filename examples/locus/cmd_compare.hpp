@@ -377,7 +377,7 @@ inline void register_compare(CLI::App& app) {
       ->check(tool_cli::positive_whole);
   cmd->add_option("--anneal", o->anneal, "locality: annealing proposals per expert after the token-level sweeps")
       ->check(anneal_range());
-  cmd->add_option("--hedge-replicas", o->hedge_replicas, locus_driver::hedge_replicas_help);
+  cmd->add_option("--hedge-replicas", o->hedge_replicas, locus_driver::hedge_replicas_help)->default_str("one per GPU");
   cmd->add_option("--fill-slack", o->fill_slack, locus_driver::fill_slack_help)->check(tool_cli::finite_non_negative);
   cmd->add_option("--arrival-rate", o->arrival_rate, "Poisson arrivals per step (0: all at once)")
       ->check(tool_cli::finite_non_negative);

@@ -81,7 +81,7 @@ inline CLI::Validator anneal_range() {
 inline constexpr const char* hedge_replicas_help =
     "locality with replica slots: at most this many slots per layer first hold balance hedges, copies that bring "
     "the worst GPU balance floor over resampled training requests towards 1.10 while the training sample's "
-    "inter-node copies grow by at most 1% (0: off)";
+    "inter-node copies grow by at most 1% (0: off; default: one per GPU)";
 
 //! Help text of --fill-slack wherever a locality plan is made.
 inline constexpr const char* fill_slack_help =
@@ -133,7 +133,7 @@ struct plan_options {
                     "locality with --balance-shift: what one shifted mix grows: node, class (request cluster) or "
                     "request")
         ->check(CLI::IsMember({"node", "class", "request"}));
-    cmd->add_option("--hedge-replicas", hedge_replicas, hedge_replicas_help);
+    cmd->add_option("--hedge-replicas", hedge_replicas, hedge_replicas_help)->default_str("one per GPU");
     cmd->add_option("--fill-slack", fill_slack, fill_slack_help)->check(tool_cli::finite_non_negative);
   }
   //! Refuses the options of one planner given with another (they would be ignored without a word).

@@ -318,7 +318,7 @@ def plan(
     ``[layers, experts]`` load array (linear, round_robin, eplb). Slots per rank: enough for every
     expert once plus ``redundant_slots``, unless ``slots_per_rank`` is given (load arrays only).
     ``hedge_replicas``: with locality and redundant slots, at most this many slots per layer first
-    hold balance hedges (None: the library's default, 8; 0: off; docs/robust_planning.md).
+    hold balance hedges (None: the library's default, one per GPU; 0: off; docs/robust_planning.md).
     ``prefill_tokens``: the grouping model classifies a request by at most this many of its prefill
     tokens; it marks no phases (``trace.with_prefill_tokens(n)`` does, for an ESFT import).
     ``copies`` and ``anneal`` (locality only, as ``locus plan --copies --anneal``): the copies the

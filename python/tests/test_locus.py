@@ -222,9 +222,10 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
     train, test = locus.split_by_request(t, 0.5, 1)
     plan = locus.plan(train, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8)
     assert plan.maps.shape == (3, 4, 5)
-    # The balance hedges are on by default: hedge_replicas=8 is the default plan, 0 turns them off
-    # (a plan without hedge copies is the copy-saving fill alone, never two copies on one node).
-    same = locus.plan(train, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8, hedge_replicas=8)
+    # The balance hedges are on by default: one per GPU (hedge_replicas=4 here) is the default plan,
+    # 0 turns them off (a plan without hedge copies is the copy-saving fill alone, never two copies
+    # on one node).
+    same = locus.plan(train, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8, hedge_replicas=4)
     assert np.array_equal(same.maps, plan.maps)
     off = locus.plan(train, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8, hedge_replicas=0)
     for layer in off.maps:

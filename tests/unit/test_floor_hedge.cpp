@@ -180,3 +180,117 @@ BOOST_AUTO_TEST_CASE(floor_hedges_keep_their_budget_and_are_deterministic) {
   BOOST_TEST(over > 0u); // unbounded hedges do cost bytes here, so the bound is tested where it binds
   BOOST_TEST(cut > 0u);
 }
+
+BOOST_AUTO_TEST_CASE(bounded_search_picks_the_copies_of_the_full_scan) {
+  // With whole-number copy weights the hedge costs candidate copies in the order of upper bounds on
+  // their gain and stops early (best_copy_bounded); with other weights it costs every one
+  // (best_copy). Halving both weights halves every cost exactly and changes no comparison, so the
+  // two searches must choose the same copies, under every replica rule.
+  std::mt19937 rng(11);
+  std::size_t hedged = 0;
+  for (int trial = 0; trial < 80; ++trial) {
+    const std::size_t nodes = 2 + rng() % 3, gpus = 1 + rng() % 3, ranks = nodes * gpus;
+    const std::size_t spare = 1 + rng() % 2, spr = 2 + spare, experts = ranks * (spr - spare);
+    const dynamic_topology topo(nodes, gpus);
+    placement::token_sample s;
+    s.experts = experts;
+    s.top_k = 1 + rng() % 3;
+    s.ids.resize(1);
+    std::uint32_t request = 0;
+    for (std::size_t t = 0, tokens = 150 + rng() % 250; t < tokens; ++request) {
+      // Requests of 1 to 30 tokens from one node, most choices among a few experts of their own.
+      const auto home = static_cast<std::uint32_t>(rng() % nodes);
+      const std::size_t own = rng() % experts;
+      for (std::size_t n = 1 + rng() % 30; n > 0; --n, ++t) {
+        s.home.push_back(home);
+        s.request.push_back(request);
+        for (std::size_t j = 0; j < s.top_k; ++j) {
+          std::uint16_t e;
+          do
+            e = static_cast<std::uint16_t>(rng() % 2 ? (own + rng() % 3) % experts : rng() % experts);
+          while (std::find(s.ids[0].end() - static_cast<std::ptrdiff_t>(j), s.ids[0].end(), e) != s.ids[0].end());
+          s.ids[0].push_back(e);
+        }
+      }
+    }
+    // Some experts start with copies on several ranks (or twice on one), so that a copy may also
+    // move pairs between the old copies.
+    const expert_map map = locus_test::random_map(rng, experts, ranks, spr, rng() % (ranks * spare / 2 + 1));
+    std::vector<std::uint8_t> hot(ranks);
+    for (auto& h : hot)
+      h = static_cast<std::uint8_t>(rng() % 3);
+    placement::token_refine_options whole;
+    whole.hedge_replicas = 1 + rng() % 6;
+    whole.hedge_floor = 1.0 + 0.05 * static_cast<double>(trial % 3);
+    whole.hedge_resamples = 8 + rng() % 24;
+    whole.hedge_seed = static_cast<std::uint64_t>(trial);
+    whole.balance_slack = 0.1 * static_cast<double>(trial % 4);
+    whole.replicas = {transport::all_replica_rules[static_cast<std::size_t>(trial) % 4], rng(), hot};
+    whole.count(static_cast<placement::copy_count>(trial % 3));
+    placement::token_refine_options half = whole;
+    half.rank_copy_weight /= 2;
+    half.node_copy_weight /= 2;
+    using state = placement::detail::token_refine::replica_state<dynamic_topology>;
+    state a(map, s.ids[0], s.home, s.top_k, topo, whole, 0, {}, s.request);
+    state b(map, s.ids[0], s.home, s.top_k, topo, half, 0, {}, s.request);
+    const std::size_t made = a.hedge();
+    BOOST_TEST_CONTEXT("trial " << trial) {
+      BOOST_TEST(b.hedge() == made);
+      BOOST_TEST((a.hedge_copies() == b.hedge_copies()));
+    }
+    hedged += made;
+  }
+  BOOST_TEST(hedged > 100u); // many choices compared, not a few
+}
+
+BOOST_AUTO_TEST_CASE(gain_bounds_hold_for_every_copy) {
+  // gain_bounds(e)[r] bounds the exact sample cost a copy of e on r saves, for every expert and
+  // rank not hosting it, under every replica rule, copy count and map with copies on several ranks
+  // (where a copy also moves pairs between the old copies); and it is often tight.
+  std::mt19937 rng(13);
+  std::size_t checked = 0, tight = 0, multi = 0;
+  for (int trial = 0; trial < 60; ++trial) {
+    const std::size_t nodes = 2 + rng() % 3, gpus = 1 + rng() % 3, ranks = nodes * gpus, spr = 3;
+    const std::size_t experts = 2 * ranks;
+    const dynamic_topology topo(nodes, gpus);
+    placement::token_sample s;
+    s.experts = experts;
+    s.top_k = 1 + rng() % 4;
+    s.ids.resize(1);
+    for (std::size_t t = 0, tokens = 50 + rng() % 150; t < tokens; ++t) {
+      s.home.push_back(static_cast<std::uint32_t>(rng() % nodes));
+      for (std::size_t j = 0; j < s.top_k; ++j) {
+        std::uint16_t e;
+        do
+          e = static_cast<std::uint16_t>(rng() % experts);
+        while (std::find(s.ids[0].end() - static_cast<std::ptrdiff_t>(j), s.ids[0].end(), e) != s.ids[0].end());
+        s.ids[0].push_back(e);
+      }
+    }
+    const expert_map map = locus_test::random_map(rng, experts, ranks, spr, rng() % (ranks + 1));
+    std::vector<std::uint8_t> hot(ranks);
+    for (auto& h : hot)
+      h = static_cast<std::uint8_t>(rng() % 3);
+    placement::token_refine_options opt;
+    opt.replicas = {transport::all_replica_rules[static_cast<std::size_t>(trial) % 4], rng(), hot};
+    opt.count(static_cast<placement::copy_count>(trial % 3));
+    placement::detail::token_refine::replica_state<dynamic_topology> state(map, s.ids[0], s.home, s.top_k, topo, opt,
+                                                                           0);
+    std::vector<double> bound;
+    for (std::size_t e = 0; e < experts; ++e) {
+      state.gain_bounds(e, bound);
+      const auto reps = map.replicas(e);
+      multi += reps.size() > 1;
+      for (std::size_t r = 0; r < ranks; ++r) {
+        if (std::any_of(reps.begin(), reps.end(), [&](const slot_ref& x) { return x.rank == static_cast<int>(r); }))
+          continue;
+        const double g = state.gain(e, r);
+        BOOST_TEST_CONTEXT("trial " << trial << " expert " << e << " rank " << r) { BOOST_TEST(g <= bound[r]); }
+        ++checked;
+        tight += g == bound[r] && g != 0;
+      }
+    }
+  }
+  BOOST_TEST(multi > 50u);
+  BOOST_TEST(tight * 10 > checked); // a bound, not a blanket
+}

@@ -136,3 +136,47 @@ BOOST_AUTO_TEST_CASE(segments_split_on_their_own_maps) {
              boost::test_tools::tolerance(1e-9));
   BOOST_CHECK_THROW(placement::min_max_split(ab, std::vector<std::vector<double>>{{4, 0}}), invalid_input_error);
 }
+
+BOOST_AUTO_TEST_CASE(solver_returns_min_max_split_bit_for_bit) {
+  // Whole-number rows on random maps, most experts on one rank and some on several (repeats on a
+  // rank included): the folded solver, with and without a hint, gives min_max_split's loads and
+  // binding set exactly; so does a second solve on the same solver (its memory is reused).
+  std::mt19937 rng(23);
+  placement::split_floor_solver solver;
+  int multi = 0;
+  for (int trial = 0; trial < 300; ++trial) {
+    const std::size_t ranks = 2 + rng() % 7, spr = 2 + rng() % 3;
+    const std::size_t experts = 2 + rng() % (ranks * spr - 1);
+    const expert_map map = random_map(rng, experts, ranks, spr, rng() % (ranks * spr - experts + 1));
+    std::vector<double> rows(experts);
+    for (double& r : rows)
+      r = rng() % 3 == 0 ? 0.0 : static_cast<double>(rng() % 40);
+    rows[rng() % experts] += 1;
+    std::vector<std::vector<std::int32_t>> hosts(experts);
+    for (std::size_t e = 0; e < experts; ++e) {
+      for (const slot_ref& s : map.replicas(e))
+        hosts[e].push_back(s.rank);
+      multi += hosts[e].size() > 1;
+    }
+    const auto of = [&](std::size_t e) -> const std::vector<std::int32_t>& { return hosts[e]; };
+    std::vector<std::size_t> hint;
+    for (std::size_t r = 0; r < ranks; ++r)
+      if (rng() % 2) hint.push_back(r);
+    const placement::split_floor want = placement::min_max_split(map, rows);
+    for (const auto& got : {solver.solve(ranks, rows, of), solver.solve(ranks, rows, of, hint)})
+      BOOST_TEST_CONTEXT("trial " << trial) {
+        BOOST_TEST(got.max_load == want.max_load);
+        BOOST_TEST(got.mean_load == want.mean_load);
+        BOOST_TEST(got.max_over_mean == want.max_over_mean);
+        BOOST_TEST(got.binding_ranks == want.binding_ranks, boost::test_tools::per_element());
+      }
+  }
+  BOOST_TEST(multi > 100); // the flow part is exercised, not only the folded ranks
+  std::vector<std::vector<std::int32_t>> none(2);
+  BOOST_CHECK_THROW(solver.solve(
+                        2, std::vector<double>{0, 0}, [&](std::size_t e) -> const auto& { return none[e]; }),
+                    invalid_input_error);
+  BOOST_CHECK_THROW(solver.solve(
+                        2, std::vector<double>{1, 0}, [&](std::size_t e) -> const auto& { return none[e]; }),
+                    invalid_input_error);
+}

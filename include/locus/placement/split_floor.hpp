@@ -12,10 +12,12 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <iterator>
 #include <limits>
 #include <locus/core/config.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
+#include <numeric>
 #include <span>
 #include <vector>
 
@@ -36,9 +38,17 @@ namespace detail {
 // Dinic's max-flow on doubles; small graphs (experts + ranks + 2 nodes).
 class split_flow {
 public:
+  split_flow() = default;
   split_flow(std::size_t nodes, std::size_t edges) : head_(nodes, -1), level_(nodes), it_(nodes) {
     edges_.reserve(2 * edges);
     queue_.reserve(nodes);
+  }
+  //! An empty network of `nodes` nodes, keeping the memory (for many small solves).
+  void reset(std::size_t nodes) {
+    edges_.clear();
+    head_.assign(nodes, -1);
+    level_.resize(nodes);
+    it_.resize(nodes);
   }
   //! Adds u → v with capacity `cap`; returns its index for set_capacity.
   std::size_t add_edge(std::size_t u, std::size_t v, double cap) {
@@ -79,6 +89,43 @@ public:
       }
     }
     return seen;
+  }
+  // The same into `seen` (one flag per node), with `stack` as scratch: no allocation once warm.
+  void reachable(std::size_t s, double eps, std::vector<std::uint8_t>& seen, std::vector<std::size_t>& stack) const {
+    seen.assign(head_.size(), 0);
+    stack.assign(1, s);
+    seen[s] = 1;
+    while (!stack.empty()) {
+      const std::size_t u = stack.back();
+      stack.pop_back();
+      for (std::int64_t e = head_[u]; e >= 0; e = edges_[static_cast<std::size_t>(e)].next) {
+        const edge& ed = edges_[static_cast<std::size_t>(e)];
+        if (ed.cap > eps && !seen[ed.to]) {
+          seen[ed.to] = 1;
+          stack.push_back(ed.to);
+        }
+      }
+    }
+  }
+
+  // The same for the nodes that reach `t` in the residual graph (the largest min cut's sink side).
+  void reaching(std::size_t t, double eps, std::vector<std::uint8_t>& seen, std::vector<std::size_t>& stack) const {
+    seen.assign(head_.size(), 0);
+    stack.assign(1, t);
+    seen[t] = 1;
+    while (!stack.empty()) {
+      const std::size_t v = stack.back();
+      stack.pop_back();
+      for (std::int64_t e = head_[v]; e >= 0; e = edges_[static_cast<std::size_t>(e)].next) {
+        // Edge v -> u is stored beside its pair u -> v: u reaches v while that one has room.
+        const auto i = static_cast<std::size_t>(e);
+        const std::size_t u = edges_[i].to;
+        if (edges_[i ^ 1].cap > eps && !seen[u]) {
+          seen[u] = 1;
+          stack.push_back(u);
+        }
+      }
+    }
   }
 
 private:
@@ -213,6 +260,131 @@ inline split_floor min_max_split(const expert_map& map, std::span<const double> 
   out.max_over_mean = level / out.mean_load;
   return out;
 }
+
+//! min_max_split for many traffics on maps where most experts have one host, as the floor hedge of
+//! placement/token_refine.hpp solves them (thousands of resampled traffics, a copy added between
+//! rounds). For rows that are whole numbers (counts, as the hedge's are) it returns min_max_split's
+//! floor and binding set bit for bit (tests/unit/test_split_floor.cpp checks it on random maps):
+//! - min_max_split's binding set is the largest of the densest rank sets: its last step's level L
+//!   is below the floor d, so its set S maximises W(S) - |S| L = |S| (density - L), which among sets
+//!   of density d the largest one does best, and sets of a lower density cannot match it (the least
+//!   maximiser, which the reachable side is, lies inside every maximiser). That set U is one for any
+//!   path to d, so the steps may start higher: at the densest single rank or at a hint (any set's
+//!   density is at most d); at level d, U is what cannot reach the sink (the largest min cut).
+//! - An expert hosted on one rank only always loads that rank: it is folded into the rank's load,
+//!   and the flow runs over the ranks and the experts on several ranks alone.
+//! - Whole-number rows sum exactly in any order, and keep every residual either 0 or at least
+//!   1 / ranks, far above the tolerances.
+//! Keeps its memory between solves.
+class split_floor_solver {
+public:
+  //! The floor of `rows` (one finite, non-negative whole number per expert; not all zero) when
+  //! expert e is hosted on the ranks `hosts(e)` (a range of rank indices below `ranks`, repeats
+  //! allowed, empty only for an expert without rows). `hint`: a rank set (ascending) that is
+  //! likely densest, e.g. the binding set of a similar traffic or map; any set is correct.
+  //! @throws locus::invalid_input_error when the rows sum to zero or an expert with rows has no host
+  template <class Hosts>
+  split_floor solve(std::size_t ranks, std::span<const double> rows, Hosts&& hosts,
+                    std::span<const std::size_t> hint = {}) {
+    const std::size_t experts = rows.size();
+    double total = 0;
+    for (std::size_t e = 0; e < experts; ++e)
+      total += rows[e];
+    LOCUS_REQUIRE(total > 0 && std::isfinite(total), invalid_input_error, "balance floor: the traffic sums to ", total,
+                  " rows (a finite count above 0 expected)");
+    // Per rank the rows of experts hosted on it alone; the others become flow nodes.
+    base_.assign(ranks, 0.0);
+    multi_.clear();
+    for (std::size_t e = 0; e < experts; ++e) {
+      if (rows[e] <= 0) continue; // no capacity from the source: on no path, in every set's W
+      const auto& h = hosts(e);
+      LOCUS_REQUIRE(std::begin(h) != std::end(h), invalid_input_error, "balance floor: expert ", e, " has ", rows[e],
+                    " rows and no host");
+      const auto first = static_cast<std::size_t>(*std::begin(h));
+      bool one = true;
+      for (const auto r : h)
+        one = one && static_cast<std::size_t>(r) == first;
+      if (one)
+        base_[first] += rows[e];
+      else
+        multi_.push_back(e);
+    }
+    // Nodes: ranks, then the experts on several ranks, then source and sink.
+    const std::size_t source = ranks + multi_.size(), sink = source + 1;
+    flow_.reset(sink + 1);
+    for (std::size_t r = 0; r < ranks; ++r)
+      if (base_[r] > 0) flow_.add_edge(source, r, base_[r]);
+    for (std::size_t i = 0; i < multi_.size(); ++i) {
+      const std::size_t e = multi_[i];
+      flow_.add_edge(source, ranks + i, rows[e]);
+      for (const auto r : hosts(e))
+        flow_.add_edge(ranks + i, static_cast<std::size_t>(r), total);
+    }
+    to_sink_.resize(ranks);
+    for (std::size_t r = 0; r < ranks; ++r)
+      to_sink_[r] = flow_.add_edge(r, sink, 0);
+    flow_.save();
+
+    // W(S) / |S| of the ranks flagged in in_set_ (size > 0).
+    const auto density = [&](std::size_t size) {
+      double w = 0;
+      for (std::size_t r = 0; r < ranks; ++r)
+        if (in_set_[r]) w += base_[r];
+      for (const std::size_t e : multi_) {
+        bool inside = true;
+        for (const auto r : hosts(e))
+          inside = inside && in_set_[static_cast<std::size_t>(r)];
+        if (inside) w += rows[e];
+      }
+      return w / static_cast<double>(size);
+    };
+    split_floor out;
+    out.mean_load = total / static_cast<double>(ranks);
+    // Start at the densest of: every rank (the mean), one rank (its own rows: an expert on several
+    // ranks is in no single rank's W), the hint.
+    double level = std::max(out.mean_load, *std::max_element(base_.begin(), base_.end()));
+    in_set_.assign(ranks, 0);
+    if (!hint.empty()) {
+      for (const std::size_t r : hint)
+        in_set_[r] = 1;
+      level = std::max(level, density(hint.size()));
+    }
+    const double eps = 1e-12 * total;
+    for (;;) {
+      flow_.restore();
+      for (const std::size_t e : to_sink_)
+        flow_.set_capacity(e, level);
+      if (flow_.max_flow(source, sink, eps) >= total - 1e-9 * total) break; // level is the floor
+      // Short of the rows: the ranks the source still reaches are denser than the level.
+      flow_.reachable(source, eps, side_, stack_);
+      std::size_t size = 0;
+      for (std::size_t r = 0; r < ranks; ++r) {
+        in_set_[r] = side_[r];
+        size += side_[r];
+      }
+      if (size == 0) break; // rounding only
+      const double d = density(size);
+      if (d <= level * (1 + 1e-12)) break; // rounding only
+      level = d;
+    }
+    // At the floor, the ranks that cannot reach the sink: the largest densest set.
+    flow_.reaching(sink, eps, side_, stack_);
+    out.binding_ranks.clear();
+    for (std::size_t r = 0; r < ranks; ++r) {
+      in_set_[r] = !side_[r];
+      if (in_set_[r]) out.binding_ranks.push_back(r);
+    }
+    out.max_load = out.binding_ranks.empty() ? level : density(out.binding_ranks.size());
+    out.max_over_mean = out.max_load / out.mean_load;
+    return out;
+  }
+
+private:
+  detail::split_flow flow_;
+  std::vector<double> base_;
+  std::vector<std::size_t> multi_, to_sink_, stack_;
+  std::vector<std::uint8_t> side_, in_set_;
+};
 
 //! The floor of traffic served in segments, segment i by `maps[i]` with `rows[i]` (one count per
 //! expert): a window that spans a re-plan. Each segment's rows split only among its own map's

@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/core/random.hpp>
@@ -181,13 +182,20 @@ struct token_refine_options {
   //! deviations of its share over the draws, and for each GPU above (1 + hedge_excess) × the mean
   //! in turn (riskiest first) copies one of its experts to another node: the copy that lets it
   //! shed that excess at run time onto a GPU that can take it, saving the most copies. The
-  //! remaining slots are then filled for bytes alone. On by default (8 per layer: every slot of
-  //! ESFT's 4 × 2 GPUs with one redundant slot each) with the floor rule and its byte bound, which
-  //! cost 0.0-0.2 points of the inter-node byte saving on ESFT's split seeds and lower the worst
-  //! seed's GPU max/mean (bench/results/robust_planning.md). At 64 GPUs one copy per GPU balances
-  //! better (0.006-0.053 of max/mean on the synthetic 8 × 8 rows) but takes full planning at
-  //! DeepSeek-V3 shape from about 2 s to 4.6 s of CPU: set it to the GPU count where that is affordable.
-  std::size_t hedge_replicas = 8;
+  //! remaining slots are then filled for bytes alone. On by default, one per GPU of the deployment
+  //! (hedge_one_per_gpu: 8 at ESFT's 4 × 2 GPUs, every slot with one redundant slot each) with the
+  //! floor rule and its byte bound, which cost 0.0-0.2 points of the inter-node byte saving on
+  //! ESFT's split seeds and lower the worst seed's GPU max/mean (bench/results/robust_planning.md).
+  //! A fixed 8 at 64 GPUs balanced worse than one per GPU (by 0.006-0.053 of max/mean on the
+  //! synthetic 8 × 8 rows); 64 copies keep full planning at DeepSeek-V3 shape within its 2 s
+  //! (section 7 there).
+  std::size_t hedge_replicas = hedge_one_per_gpu;
+  //! hedge_replicas' default: as many as the topology has GPUs (ranks).
+  static constexpr std::size_t hedge_one_per_gpu = std::numeric_limits<std::size_t>::max();
+  //! The hedge copies per layer at most on `ranks` GPUs: hedge_replicas, `ranks` for hedge_one_per_gpu.
+  constexpr std::size_t hedge_budget(std::size_t ranks) const noexcept {
+    return hedge_replicas == hedge_one_per_gpu ? ranks : hedge_replicas;
+  }
   std::size_t hedge_resamples = 64; //!< bootstrap draws of the requests
   double hedge_z = 2.0;             //!< a GPU's risk: its mean share plus this many standard deviations
   double hedge_excess = 0.05;       //!< GPUs whose risk exceeds (1 + this) × the mean are hedged
@@ -1015,6 +1023,8 @@ public:
     cost_.resize(tokens_);
     for (std::size_t t = 0; t < tokens_; ++t)
       cost_[t] = token_cost(t, k_, -1);
+    const auto whole = [](double w) { return w >= 0 && w <= 1048576 && std::floor(w) == w; };
+    whole_weights_ = whole(opt_.rank_copy_weight) && whole(opt_.node_copy_weight) && k_ <= 64;
   }
 
   //! Lazy greedy: the (node, expert) copy that saves the most, re-evaluated when popped, while
@@ -1106,7 +1116,7 @@ public:
 
   //! Hedge replicas (token_refine_options::hedge_replicas), before fill(). Returns those added.
   std::size_t hedge() {
-    if (opt_.hedge_replicas == 0 || opt_.hedge_resamples == 0 || tokens_ == 0) return 0;
+    if (opt_.hedge_budget(ranks_) == 0 || opt_.hedge_resamples == 0 || tokens_ == 0) return 0;
     if (opt_.hedge_floor > 0) return hedge_floor();
     const auto [req, requests] = request_indices();
     const std::size_t draws = opt_.hedge_resamples;
@@ -1114,7 +1124,7 @@ public:
     std::vector<std::uint8_t> done(ranks_, 0);
     std::vector<double> per_request(requests * ranks_), risk(ranks_);
     std::size_t added = 0;
-    while (added < opt_.hedge_replicas) {
+    while (added < opt_.hedge_budget(ranks_)) {
       // Each rank's load share under every draw, from where the pairs go now.
       std::fill(per_request.begin(), per_request.end(), 0.0);
       for (std::size_t p = 0; p < tr_.size(); ++p)
@@ -1220,10 +1230,12 @@ public:
     for (std::size_t b = 0; b < draws; ++b)
       bound[b] = even_split_ratio(rows[b]);
     std::vector<split_floor> solved(draws);
-    std::vector<std::uint8_t> fresh(draws);
+    // fresh: solved in this round; exact: solved[b] is the draw's floor on the current copies (a
+    // copy that cannot change it leaves it so, and the round takes it instead of solving again).
+    std::vector<std::uint8_t> fresh(draws), exact(draws, 0);
+    const auto hosts = [this](std::size_t e) -> const std::vector<std::int32_t>& { return copies_[e]; };
     std::size_t added = 0;
-    while (added < opt_.hedge_replicas) {
-      const expert_map map = to_map();
+    while (added < opt_.hedge_budget(ranks_)) {
       std::fill(fresh.begin(), fresh.end(), 0);
       // The worst draw: the highest bound, solved (among equal bounds an unsolved one first, then
       // the lowest index, as a full scan that keeps the first maximum would pick).
@@ -1239,7 +1251,9 @@ public:
           wb = top;
           break;
         }
-        solved[top] = min_max_split(map, rows[top]);
+        // Hint: the draw's binding set when last solved, often still the densest.
+        if (!exact[top]) solved[top] = floor_solver_.solve(ranks_, rows[top], hosts, solved[top].binding_ranks);
+        exact[top] = 1;
         bound[top] = solved[top].max_over_mean;
         fresh[top] = 1;
       }
@@ -1251,39 +1265,176 @@ public:
       // Rows S must lose for its density to reach the target.
       const double need =
           (worst.max_load - opt_.hedge_floor * worst.mean_load) * static_cast<double>(worst.binding_ranks.size());
-      struct choice {
-        bool fits = false;
-        double rows = -1, gain = 0;
-        std::size_t e = 0, r = 0;
-      } best;
-      for (std::size_t e = 0; e < experts_; ++e) {
-        bool inside = !copies_[e].empty();
-        for (const auto c : copies_[e])
-          inside = inside && in_set[static_cast<std::size_t>(c)];
-        const double x = rows[wb][e];
-        if (!inside || x <= 0) continue;
-        const bool fits = x >= need;
-        // A copy that cannot beat the best so far is not costed (gain and the bound check
-        // replay the expert's pairs).
-        if (best.rows >= 0 && (best.fits ? !fits : !fits && x < best.rows - 1e-9)) continue;
-        for (std::size_t r = 0; r < ranks_; ++r) {
-          if (in_set[r] || free_slot(r) == spr_) continue;
-          const auto& served = serving(e, with_copy(e, r));
-          const double g = gain(e, served);
-          const bool better =
-              best.rows < 0 || (fits != best.fits ? fits
-                                : fits            ? g > best.gain + 1e-9
-                                       : x > best.rows + 1e-9 || (x >= best.rows - 1e-9 && g > best.gain + 1e-9));
-          if (better && balanced(e, r, served)) best = {fits, x, g, e, r};
-        }
-      }
+      const hedge_choice best =
+          whole_weights_ ? best_copy_bounded(rows[wb], in_set, need) : best_copy(rows[wb], in_set, need);
       if (best.rows < 0) break; // no copy can leave S: the floor stays
+      // The copy lowers W(R) only for the rank sets R that hold all of e's hosts but not r. A
+      // draw's floor and binding set are those of its largest densest set U (the set min_max_split
+      // ends on), so a draw whose U is not such a set, or without rows of e, keeps both.
+      for (std::size_t b = 0; b < draws; ++b) {
+        if (!exact[b] || rows[b][best.e] <= 0) continue;
+        const auto& u = solved[b].binding_ranks;
+        bool holds = !std::binary_search(u.begin(), u.end(), best.r);
+        for (const auto c : copies_[best.e])
+          holds = holds && std::binary_search(u.begin(), u.end(), static_cast<std::size_t>(c));
+        if (holds) exact[b] = 0;
+      }
       add(best.e, best.r);
       hedged_.emplace_back(best.e, best.r);
       ++added;
     }
     return added;
   }
+
+  //! A floor hedge copy: of expert e to rank r; `fits` when e's rows can bring the binding set to
+  //! the target; rows < 0 when there is none.
+  struct hedge_choice {
+    bool fits = false;
+    double rows = -1, gain = 0;
+    std::size_t e = 0, r = 0;
+  };
+
+  //! The floor hedge's copy for the binding set `in_set` that must lose `need` of the draw's
+  //! `rows`: of an expert hosted only inside it to a rank outside it with a free slot, within the
+  //! load bounds; the one that saves the most copies among those that fit, else the heaviest and
+  //! then the most saved; ties to the first in (expert, rank) order. Costs every candidate that
+  //! might beat the best so far.
+  hedge_choice best_copy(const std::vector<double>& rows, const std::vector<std::uint8_t>& in_set, double need) {
+    hedge_choice best;
+    for (std::size_t e = 0; e < experts_; ++e) {
+      bool inside = !copies_[e].empty();
+      for (const auto c : copies_[e])
+        inside = inside && in_set[static_cast<std::size_t>(c)];
+      const double x = rows[e];
+      if (!inside || x <= 0) continue;
+      const bool fits = x >= need;
+      // A copy that cannot beat the best so far is not costed (gain and the bound check
+      // replay the expert's pairs).
+      if (best.rows >= 0 && (best.fits ? !fits : !fits && x < best.rows - 1e-9)) continue;
+      for (std::size_t r = 0; r < ranks_; ++r) {
+        if (in_set[r] || free_slot(r) == spr_) continue;
+        const auto& served = serving(e, with_copy(e, r));
+        const double g = gain(e, served);
+        const bool better =
+            best.rows < 0 || (fits != best.fits ? fits
+                              : fits            ? g > best.gain + 1e-9
+                                     : x > best.rows + 1e-9 || (x >= best.rows - 1e-9 && g > best.gain + 1e-9));
+        if (better && balanced(e, r, served)) best = {fits, x, g, e, r};
+      }
+    }
+    return best;
+  }
+
+  //! best_copy's choice, costing fewer candidates: with whole-number copy weights every cost, gain
+  //! and row count is a whole number, so best_copy's scan keeps the first (expert, rank) of the
+  //! largest (fits, gain) or, with none that fits, (rows, gain) among the copies within the bounds.
+  //! Candidates are costed by falling upper bounds on their gain (gain_bounds), and the search
+  //! stops once no bound reaches the best gain found.
+  hedge_choice best_copy_bounded(const std::vector<double>& rows, const std::vector<std::uint8_t>& in_set,
+                                 double need) {
+    hedge_choice best;
+    std::vector<std::size_t>& to = hedge_ranks_;
+    to.clear();
+    for (std::size_t r = 0; r < ranks_; ++r)
+      if (!in_set[r] && free_slot(r) != spr_) to.push_back(r);
+    if (to.empty()) return best;
+    // Experts hosted only inside the set, with rows: those that fit first, then by rows.
+    std::vector<std::pair<double, std::size_t>>& inside = hedge_experts_;
+    inside.clear();
+    for (std::size_t e = 0; e < experts_; ++e) {
+      bool in = !copies_[e].empty();
+      for (const auto c : copies_[e])
+        in = in && in_set[static_cast<std::size_t>(c)];
+      if (in && rows[e] > 0)
+        inside.emplace_back(rows[e] >= need ? std::numeric_limits<double>::infinity() : rows[e], e);
+    }
+    std::stable_sort(inside.begin(), inside.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+    auto& cands = hedge_cands_;
+    for (std::size_t i = 0; i < inside.size();) {
+      // One group: the experts that fit, or those of equal rows.
+      std::size_t end = i;
+      while (end < inside.size() && inside[end].first == inside[i].first)
+        ++end;
+      cands.clear();
+      for (std::size_t g = i; g < end; ++g) {
+        const std::size_t e = inside[g].second;
+        gain_bounds(e, bound_);
+        for (const std::size_t r : to)
+          cands.push_back({bound_[r], e, r});
+      }
+      std::sort(cands.begin(), cands.end(), [](const auto& a, const auto& b) {
+        return a.bound > b.bound || (a.bound == b.bound && (a.e < b.e || (a.e == b.e && a.r < b.r)));
+      });
+      bool found = false;
+      for (const auto& c : cands) {
+        if (found && c.bound < best.gain) break; // no later candidate can reach the best
+        const bool earlier = c.e < best.e || (c.e == best.e && c.r < best.r);
+        if (found && c.bound == best.gain && !earlier) continue;
+        const auto& served = serving(c.e, with_copy(c.e, c.r));
+        const double gain_c = gain(c.e, served);
+        if (found && !(gain_c > best.gain || (gain_c == best.gain && earlier))) continue;
+        if (!balanced(c.e, c.r, served)) continue;
+        best = {std::isinf(inside[i].first), rows[c.e], gain_c, c.e, c.r};
+        found = true;
+      }
+      if (found) return best;
+      i = end;
+    }
+    return best;
+  }
+
+  //! bound[r] >= gain(e, r) for every rank r, in O(e's pairs × top-k + ranks), for whole-number
+  //! copy weights (the sums are exact). A copy of e on r sends each pair of e to one of e's copies,
+  //! old or new; a pair's gain at rank q is what its token saves when the pair leaves its rank, less
+  //! what it pays at q: nothing on the token's node or at a rank its other pairs use, the node's
+  //! copy at another rank of a node they use, else both. So a pair gains at most the larger of its
+  //! gain at the old copies (at least 0: it may stay) and at r.
+  void gain_bounds(std::size_t e, std::vector<double>& bound) {
+    const double wr = opt_.rank_copy_weight, wn = opt_.node_copy_weight;
+    bound.assign(ranks_, 0.0); // first the per-rank corrections
+    node_extra_.assign(nodes_, 0.0);
+    std::int32_t other_rank[64];
+    std::uint32_t other_node[64];
+    double all = 0;
+    for (const auto p : pairs_of_[e]) {
+      const std::size_t t = p / k_, j = p % k_, home = home_[t];
+      const std::int32_t* tr = tr_.data() + t * k_;
+      // The remote ranks and nodes of the token's other pairs.
+      std::size_t nr = 0, nn = 0;
+      for (std::size_t i = 0; i < k_; ++i) {
+        if (i == j || tr[i] < 0) continue;
+        const std::uint32_t n = node_of_[static_cast<std::size_t>(tr[i])];
+        if (n == home) continue;
+        if (std::find(other_rank, other_rank + nr, tr[i]) == other_rank + nr) other_rank[nr++] = tr[i];
+        if (std::find(other_node, other_node + nn, n) == other_node + nn) other_node[nn++] = n;
+      }
+      const auto pays = [&](std::int32_t q) {
+        const std::uint32_t n = node_of_[static_cast<std::size_t>(q)];
+        if (n == home) return 0.0;
+        double c = 0;
+        if (std::find(other_rank, other_rank + nr, q) == other_rank + nr) c += wr;
+        if (std::find(other_node, other_node + nn, n) == other_node + nn) c += wn;
+        return c;
+      };
+      const std::int32_t now = tr[j];
+      const double saves = pays(now);
+      double stay = 0; // the most it gains at an old copy
+      for (const auto q : copies_[e])
+        if (q != now) stay = std::max(stay, saves - pays(q));
+      const double far = std::max(stay, saves - wr - wn), near = std::max(stay, saves);
+      all += far;
+      node_extra_[home] += near - far;
+      for (std::size_t i = 0; i < nn; ++i)
+        node_extra_[other_node[i]] += std::max(stay, saves - wr) - far;
+      for (std::size_t i = 0; i < nr; ++i)
+        bound[static_cast<std::size_t>(other_rank[i])] += near - std::max(stay, saves - wr);
+    }
+    for (std::size_t r = 0; r < ranks_; ++r)
+      bound[r] += all + node_extra_[node_of_[r]];
+  }
+
+  //! Exact cost saved on the sample by a copy of e on rank r (not hosting e).
+  double gain(std::size_t e, std::size_t r) { return gain(e, serving(e, with_copy(e, r))); }
 
   //! max/mean of the loads when each expert's `rows` split evenly among its copies (-1 without
   //! rows): at least the balance floor of those rows on the current map.
@@ -1387,9 +1538,6 @@ private:
     return c;
   }
 
-  //! Exact cost saved on the sample by a copy of e on rank r.
-  double gain(std::size_t e, std::size_t r) { return gain(e, serving(e, with_copy(e, r))); }
-
   //! The same, given the ranks that would serve e's pairs with the copy (serving(e, with_copy(e, r))).
   double gain(std::size_t e, const std::vector<std::int32_t>& served) {
     double g = 0;
@@ -1485,6 +1633,18 @@ private:
   double cap_ = 0;
   shifted_loads shifted_;
   stamp_set ranks_seen_, nodes_seen_;
+  split_floor_solver floor_solver_; //!< hedge_floor()'s draws
+  //! Copy costs are whole numbers (best_copy_bounded): whole-number weights, small enough to sum
+  //! exactly, and top-k at most 64 (gain_bounds' arrays).
+  bool whole_weights_ = false;
+  struct bounded_copy {
+    double bound;
+    std::size_t e, r;
+  };
+  std::vector<bounded_copy> hedge_cands_; //!< best_copy_bounded()'s scratch
+  std::vector<std::pair<double, std::size_t>> hedge_experts_;
+  std::vector<std::size_t> hedge_ranks_;
+  std::vector<double> bound_, node_extra_;
 };
 
 } // namespace detail::token_refine
