@@ -131,13 +131,14 @@ BOOST_AUTO_TEST_CASE(budgeted_swaps_lower_the_sample_cost_when_balanced) {
 }
 
 // A swap taken for the copies it saves must save more than swap_significance standard errors of
-// that saving: one token's saving is its own standard error, so a window of one token moves
-// nothing, while the same token nine times (a saving of 18 copies, standard error 6) still does.
+// that saving, summed per request: one token's saving is its own standard error, so a window of
+// one token moves nothing, nor do nine tokens of one request, while nine requests' tokens (a saving
+// of 18 copies, standard error 6) still do.
 BOOST_AUTO_TEST_CASE(a_copy_saving_swap_must_stand_above_its_noise) {
   const dynamic_topology topo(2, 1);
   // Experts 0 and 1 on node 0, 2 and 3 on node 1; every token comes from node 0 and uses 0 and 2.
   const std::vector<expert_map> maps{expert_map(4, 2, 2, {0, 1, 2, 3})};
-  const auto tokens = [](std::size_t n) {
+  const auto tokens = [](std::size_t n, bool one_request = false) {
     placement::token_sample s;
     s.experts = 4;
     s.top_k = 2;
@@ -145,14 +146,15 @@ BOOST_AUTO_TEST_CASE(a_copy_saving_swap_must_stand_above_its_noise) {
     for (std::size_t t = 0; t < n; ++t) {
       s.home.push_back(0);
       s.ids[0].insert(s.ids[0].end(), {0, 2});
+      if (one_request) s.request.push_back(7);
     }
     return s;
   };
   placement::token_refine_options opt;
   opt.balance_slack = 10; // no load bound: the copies alone decide
-  const auto moved = [&](std::size_t n, double z) {
+  const auto moved = [&](std::size_t n, double z, bool one_request = false) {
     opt.swap_significance = z;
-    return placement::replan_by_tokens(maps, tokens(n), topo, opt, 2, 1).experts_moved;
+    return placement::replan_by_tokens(maps, tokens(n, one_request), topo, opt, 2, 1).experts_moved;
   };
   BOOST_TEST(moved(1, 0) == 2u); // any saving: expert 2 comes to node 0
   BOOST_TEST(moved(1, 1) == 0u);
@@ -160,6 +162,9 @@ BOOST_AUTO_TEST_CASE(a_copy_saving_swap_must_stand_above_its_noise) {
   BOOST_TEST(moved(9, 1) == 2u);
   BOOST_TEST(moved(9, 2) == 2u); // 18 > 2 × 6
   BOOST_TEST(moved(9, 3.5) == 0u);
+  BOOST_TEST(moved(9, 1, true) == 0u); // one request's nine tokens: its saving is its own error
+  BOOST_TEST(moved(9, 0, true) == 2u);
+  BOOST_TEST(moved(9, 0.99, true) == 2u);
   for (const double bad : {-1.0, std::numeric_limits<double>::infinity(), std::nan("")}) {
     opt.swap_significance = bad;
     BOOST_CHECK_THROW(placement::replan_by_tokens(maps, tokens(1), topo, opt, 2, 1), config_error);
@@ -678,7 +683,12 @@ BOOST_AUTO_TEST_CASE(the_prior_weighs_as_many_requests_as_asked) {
       window.request.push_back(static_cast<std::uint32_t>(100 + t % requests));
     const auto both = placement::with_prior(window, prior, 8);
     BOOST_REQUIRE(both.load_weight.size() == 500u);
-    BOOST_TEST(both.request.empty());
+    // Request ids go on, the prior's (it has none: each token its own) after the window's.
+    BOOST_REQUIRE(both.request.size() == 500u);
+    BOOST_TEST(std::equal(window.request.begin(), window.request.end(), both.request.begin()));
+    const std::set<std::uint32_t> prior_ids(both.request.begin() + 200, both.request.end());
+    BOOST_TEST(prior_ids.size() == 300u);
+    BOOST_TEST(*prior_ids.begin() > 100 + requests - 1);
     for (std::size_t t = 0; t < 200; ++t)
       BOOST_TEST(both.load_weight[t] == 1.0f);
     // The prior's 300 tokens weigh as 8 / requests of the window's 200.

@@ -145,7 +145,8 @@ inline constexpr double default_prior_requests = 32;
 //! window's distinct requests (token_sample::request; without them every token is its own): a
 //! window of a few long requests, whose tokens say little about the traffic to come, leans on the
 //! prior; a window of hundreds barely does. An empty prior returns the window unchanged; else the
-//! result has no mix groups or request ids (a re-plan reads neither).
+//! result has no mix groups, and request ids where the window has them (the prior's after the
+//! window's, a prior token without one its own: the significance rule sums a saving per request).
 //! @throws locus::config_error when the two samples differ in shape, the window already has load
 //!         weights or prior_requests is negative or not finite
 inline token_sample with_prior(token_sample window, const token_sample& prior,
@@ -167,7 +168,13 @@ inline token_sample with_prior(token_sample window, const token_sample& prior,
   const double share = requests > 0 ? prior_requests / requests : 0.0;
   const auto w = static_cast<float>(share * static_cast<double>(window.tokens()) / static_cast<double>(prior.tokens()));
   window.mix_group.clear();
-  window.request.clear();
+  // Request ids go on (the significance rule sums a saving per request): the prior's after the
+  // window's, a prior token without one its own request.
+  if (!window.request.empty()) {
+    std::uint32_t next = *std::max_element(window.request.begin(), window.request.end()) + 1;
+    for (std::size_t t = 0; t < prior.tokens(); ++t)
+      window.request.push_back(prior.request.empty() ? next++ : next + prior.request[t]);
+  }
   window.load_weight.assign(window.tokens(), 1.0f);
   window.load_weight.resize(window.tokens() + prior.tokens(), w);
   window.home.insert(window.home.end(), prior.home.begin(), prior.home.end());
@@ -218,6 +225,7 @@ migration_result replan_by_tokens(const std::vector<expert_map>& current, const 
     detail::token_refine::layer_state<Topology> s(current[l], sample.ids[l], sample.home, sample.top_k, topo, plain, l,
                                                   {}, sample.load_weight);
     out.cost_before += s.total_cost();
+    s.cluster_by(sample.request);
     if (cap > 0) s.best_swaps(cap, found[l]);
   }
   // Largest gains first over all layers, each layer's swaps in their own order (repairs first).

@@ -232,11 +232,11 @@ struct token_refine_options {
   //! (bench/results/robust_planning.md, section 2, measures 0.10 to 0.20 on ESFT's drift scenario).
   double replan_slack = 0.125;
   //! replan_by_tokens: a swap taken for the copies it saves (not a repair) must save more than this
-  //! many standard errors of that saving on the sample (the root of the sum of its tokens' squared
-  //! savings). On a window of a few tokens every saving is noise, and a swap would move two experts'
-  //! weights for it. 1 refuses a saving one token alone makes; on ESFT's drift scenario it moves
-  //! 9% fewer weights at the same byte saving, 2 moves 15-25% fewer for 0.4-1.1 points of it
-  //! (bench/results/robust_planning.md, section 2). 0: any saving.
+  //! many standard errors of that saving on the sample: the root of the sum of squares of its saving
+  //! per request (token_sample::request; without ids, per token), since a request's tokens are
+  //! alike. On a window of a few requests every saving is noise, and a swap would move two experts'
+  //! weights for it; 1 refuses any saving a single request makes (bench/results/robust_planning.md,
+  //! section 2, measures it on ESFT's drift scenario). 0: any saving.
   double swap_significance = 1.0;
 
   //! Sets the copy weights to count what `c` names (1 for each kind counted, 0 otherwise).
@@ -637,6 +637,21 @@ public:
   //! copies) spends the budget without fixing the balance.
   static constexpr double repair_progress = 0.5;
 
+  //! The requests of the sample's tokens (token_sample::request), for swap_significance: a
+  //! request's tokens are alike, so a saving's standard error sums each request's saving first.
+  void cluster_by(std::span<const std::uint32_t> request) {
+    if (request.empty()) return;
+    LOCUS_REQUIRE(request.size() == tokens_, config_error, "token sample: ", request.size(), " request ids for ",
+                  tokens_, " tokens");
+    std::vector<std::uint32_t> ids(request.begin(), request.end());
+    std::sort(ids.begin(), ids.end());
+    ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+    cluster_.resize(tokens_);
+    for (std::size_t t = 0; t < tokens_; ++t)
+      cluster_[t] = static_cast<std::uint32_t>(std::lower_bound(ids.begin(), ids.end(), request[t]) - ids.begin());
+    by_cluster_.assign(ids.size(), 0.0);
+  }
+
   //! Up to `budget` swaps, each the best one available now (for re-planning under a migration
   //! budget, where the sweeps' expert-order greed would spend the budget on small gains): while
   //! some rank is above the load bound, the swap of one of its experts that lowers the larger of
@@ -798,16 +813,33 @@ private:
     std::size_t i = 0, j = 0;
     while (i < te.size() || j < tf.size()) {
       double x = 0;
+      std::size_t last = 0;
       if (j == tf.size() || (i < te.size() && te[i] < tf[j])) {
+        last = te[i];
         x = move_delta(te[i++], a, b);
       } else if (i == te.size() || tf[j] < te[i]) {
+        last = tf[j];
         x = move_delta(tf[j++], b, a);
       } else {
         ++i;
         ++j;
       }
       d += x;
-      sq += x * x;
+      if (!squares || x == 0) continue;
+      if (cluster_.empty()) {
+        sq += x * x;
+      } else {
+        const std::uint32_t c = cluster_[last];
+        if (by_cluster_[c] == 0) touched_.push_back(c);
+        by_cluster_[c] += x;
+      }
+    }
+    if (!cluster_.empty()) {
+      for (const auto c : touched_) {
+        sq += by_cluster_[c] * by_cluster_[c];
+        by_cluster_[c] = 0;
+      }
+      touched_.clear();
     }
     if (squares) *squares = sq;
     return d;
@@ -940,7 +972,10 @@ private:
   std::span<const std::uint32_t> home_;
   std::span<const std::uint32_t> mix_; //!< per token: its shifted-mix group (home_ when none given)
   std::size_t mixes_;
-  std::span<const float> weight_; //!< per token: its load weight (empty: 1 each)
+  std::span<const float> weight_;          //!< per token: its load weight (empty: 1 each)
+  std::vector<std::uint32_t> cluster_;     //!< per token: its request, numbered densely (empty: its own)
+  mutable std::vector<double> by_cluster_; //!< swap_delta's per-request sums (zero between calls)
+  mutable std::vector<std::uint32_t> touched_;
   std::vector<std::uint32_t> node_of_;
   std::vector<std::int32_t> rank_of_, slot_of_, fixed_;
   std::vector<std::vector<std::uint32_t>> tok_of_;
