@@ -72,55 +72,31 @@ public:
     }
     return flow;
   }
-  // Nodes reachable from `s` in the residual graph of the last max_flow (the min cut's source side).
-  std::vector<bool> reachable(std::size_t s, double eps) const {
-    std::vector<bool> seen(head_.size(), false);
-    std::vector<std::size_t> stack{s};
-    seen[s] = true;
-    while (!stack.empty()) {
-      const std::size_t u = stack.back();
-      stack.pop_back();
-      for (std::int64_t e = head_[u]; e >= 0; e = edges_[static_cast<std::size_t>(e)].next) {
-        const edge& ed = edges_[static_cast<std::size_t>(e)];
-        if (ed.cap > eps && !seen[ed.to]) {
-          seen[ed.to] = true;
-          stack.push_back(ed.to);
-        }
-      }
-    }
-    return seen;
-  }
-  // The same into `seen` (one flag per node), with `stack` as scratch: no allocation once warm.
+  // Nodes reachable from `s` in the residual graph of the last max_flow (the min cut's source
+  // side), into `seen` (one flag per node), with `stack` as scratch: no allocation once warm.
   void reachable(std::size_t s, double eps, std::vector<std::uint8_t>& seen, std::vector<std::size_t>& stack) const {
-    seen.assign(head_.size(), 0);
-    stack.assign(1, s);
-    seen[s] = 1;
-    while (!stack.empty()) {
-      const std::size_t u = stack.back();
-      stack.pop_back();
-      for (std::int64_t e = head_[u]; e >= 0; e = edges_[static_cast<std::size_t>(e)].next) {
-        const edge& ed = edges_[static_cast<std::size_t>(e)];
-        if (ed.cap > eps && !seen[ed.to]) {
-          seen[ed.to] = 1;
-          stack.push_back(ed.to);
-        }
-      }
-    }
+    search(s, eps, true, seen, stack);
   }
-
   // The same for the nodes that reach `t` in the residual graph (the largest min cut's sink side).
   void reaching(std::size_t t, double eps, std::vector<std::uint8_t>& seen, std::vector<std::size_t>& stack) const {
+    search(t, eps, false, seen, stack);
+  }
+
+private:
+  // Depth-first over residual edges with room, from `from` along them (forward) or against them.
+  void search(std::size_t from, double eps, bool forward, std::vector<std::uint8_t>& seen,
+              std::vector<std::size_t>& stack) const {
     seen.assign(head_.size(), 0);
-    stack.assign(1, t);
-    seen[t] = 1;
+    stack.assign(1, from);
+    seen[from] = 1;
     while (!stack.empty()) {
       const std::size_t v = stack.back();
       stack.pop_back();
       for (std::int64_t e = head_[v]; e >= 0; e = edges_[static_cast<std::size_t>(e)].next) {
-        // Edge v -> u is stored beside its pair u -> v: u reaches v while that one has room.
+        // Edge v -> u is stored beside its pair u -> v: backward, u reaches v while that one has room.
         const auto i = static_cast<std::size_t>(e);
         const std::size_t u = edges_[i].to;
-        if (edges_[i ^ 1].cap > eps && !seen[u]) {
+        if (edges_[forward ? i : i ^ 1].cap > eps && !seen[u]) {
           seen[u] = 1;
           stack.push_back(u);
         }
@@ -128,7 +104,6 @@ public:
     }
   }
 
-private:
   struct edge {
     std::size_t to;
     std::int64_t next;
@@ -234,6 +209,8 @@ inline split_floor min_max_split(const expert_map& map, std::span<const double> 
   for (std::size_t r = 0; r < ranks; ++r)
     to_sink[r] = g.add_edge(experts + r, sink, 0);
   g.save();
+  std::vector<std::uint8_t> side; // the min cut's source side, per node
+  std::vector<std::size_t> stack;
   // Each pass either proves `level` reachable or finds a strictly denser set; at most 2^ranks
   // sets exist, in practice a handful of passes.
   for (;;) {
@@ -242,7 +219,7 @@ inline split_floor min_max_split(const expert_map& map, std::span<const double> 
       g.set_capacity(e, level);
     const double flow = g.max_flow(source, sink, eps);
     if (flow >= total - 1e-9 * total) break;
-    const std::vector<bool> side = g.reachable(source, eps);
+    g.reachable(source, eps, side, stack);
     std::vector<bool> in_set(ranks, false);
     std::vector<std::size_t> set;
     for (std::size_t r = 0; r < ranks; ++r)
