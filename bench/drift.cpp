@@ -615,21 +615,22 @@ int main(int argc, char** argv) try {
   for (std::size_t p = 0; p < phase_names.size(); ++p)
     text += (p ? ", " : " ") + std::to_string(phase_start[p]) + " (" + phase_names[p] + ")";
   char mid[2048];
-  std::snprintf(
-      mid, sizeof mid,
-      ". Re-plans: EPLB every %zu steps from the last %zu (vLLM's 3000 / 1000 scaled to the trace); locus "
-      "adaptive at the same interval from the last %zu, also early when the drift check (every %zu steps, "
-      "against the training traffic until the first re-plan) fires or the GPU max/mean since the last "
-      "re-plan exceeds %.2f, moving at most %zu of %zu expert slots (%.0f%%) per re-plan, repairing first "
-      "the GPUs above %.4g × the mean load (the window's, with the training sample counted as %g requests "
-      "beside the window's; the sample also steers the copy savings, except in the window-only row); the "
-      "oracle "
-      "re-plans at each phase start from that phase's own traffic; a full re-plan (EPLB, the oracle) keeps an "
-      "expert that stays on its GPU in its slot, as vLLM's EPLB does. "
-      "Reported windows of %zu decode tokens. An expert is %.1f MB.",
-      static_cast<std::size_t>(interval), static_cast<std::size_t>(window), static_cast<std::size_t>(adaptive_window),
-      static_cast<std::size_t>(drift_every), balance_trigger, budget, slots, 100 * budget_share, 1 + replan_slack,
-      prior_requests, base.report_tokens, static_cast<double>(expert_bytes) / 1e6);
+  std::snprintf(mid, sizeof mid,
+                ". Re-plans: EPLB every %zu steps from the last %zu (vLLM's 3000 / 1000 scaled to the trace); locus "
+                "adaptive at the same interval from the last %zu, also early when the drift check (every %zu steps, "
+                "against the training traffic until the first re-plan) fires or the GPU max/mean since the last "
+                "re-plan exceeds %.2f, moving at most %zu of %zu expert slots (%.0f%%) per re-plan, repairing first "
+                "the GPUs above %.4g × the mean load (the window's, with the training sample counted as %g requests "
+                "beside the window's; the sample also steers the copy savings, except in the window-only row), and "
+                "taking a swap for the copies it saves only above %g standard errors of that saving (summed per "
+                "request); the oracle re-plans at each phase start from that phase's own traffic; a full re-plan "
+                "(EPLB, the oracle) keeps an "
+                "expert that stays on its GPU in its slot, as vLLM's EPLB does. "
+                "Reported windows of %zu decode tokens. An expert is %.1f MB.",
+                static_cast<std::size_t>(interval), static_cast<std::size_t>(window),
+                static_cast<std::size_t>(adaptive_window), static_cast<std::size_t>(drift_every), balance_trigger,
+                budget, slots, 100 * budget_share, 1 + replan_slack, prior_requests, swap_significance,
+                base.report_tokens, static_cast<double>(expert_bytes) / 1e6);
   text += mid;
   if (lookahead == 1)
     text += " The look-ahead rows are bounds, not policies: from step 0 and every " + std::to_string(window) +
