@@ -53,7 +53,8 @@ def main():
     machine = first.get("machine", "unknown machine")
     doc = {"seeds": seeds, "domains": domains, "drift_options": base + extra, "seconds": seconds,
            "machine": machine, "replan_slack": first["replan_slack"],
-           "balance_trigger": first["balance_trigger"], "prior_requests": first["prior_requests"], "cases": []}
+           "balance_trigger": first["balance_trigger"], "prior_requests": first["prior_requests"],
+           "swap_significance": first["swap_significance"], "cases": []}
     md = ["# A task domain the plans never saw (ESFT, 4 × 2, %s)" % first.get("transport", "flat"), "",
           "Produced by `/usr/bin/python3 bench/drift_unseen.py %s %s --seeds %s --domains %s --name %s%s` in %.0f s "
           "on %s: `drift %s --split-seed S [--unseen-domain D]%s` for every seed S and held-out domain D, and once "
@@ -63,12 +64,13 @@ def main():
           "%d; locus adaptive every %d, and early on drift or when its maps measure a GPU max/mean above %.2f "
           "since its last re-plan, at most %d of %d expert slots moved per re-plan, repairing first the GPUs "
           "above %.4g × the mean load (the window's, with the training sample counted as %g requests beside "
-          "it); the oracle re-plans at each phase start on that phase's own traffic and moves freely."
+          "it), and taking a swap for the copies it saves only above %g standard errors of that saving (summed "
+          "per request); the oracle re-plans at each phase start on that phase's own traffic and moves freely."
           % (opts.bench_dir, opts.out_dir, opts.seeds, opts.domains, opts.name,
              (" -- " + " ".join(extra)) if extra else "", seconds, machine, " ".join(base),
              (" " + " ".join(extra)) if extra else "", ", ".join(domains), first["interval"], first["window"],
              first["interval"], first["balance_trigger"], first["budget_experts"], first["slots"],
-             1 + first["replan_slack"], first["prior_requests"]), "",
+             1 + first["replan_slack"], first["prior_requests"], first["swap_significance"]), "",
           "## The held-out domain's phase", "",
           "GPU max/mean over the phase (rows summed over its steps, per layer, mean over layers) and, after the "
           "slash, its inter-node byte saving against linear placement on the same steps. Shifted-traffic target: "
