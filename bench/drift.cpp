@@ -109,7 +109,7 @@ int main(int argc, char** argv) try {
       ->check(tool_cli::finite_non_negative);
   app.add_option("--swap-significance", swap_significance,
                  "A budgeted re-plan takes a swap for the copies it saves only above this many standard errors of "
-                 "that saving on its sample (0: any saving)")
+                 "that saving on its sample, summed per request (0: any saving)")
       ->check(tool_cli::finite_non_negative);
   app.add_option("--budget-share", budget_share, "Share of the slots an adaptive re-plan may move")
       ->check(tool_cli::positive);

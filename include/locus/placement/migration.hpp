@@ -218,6 +218,7 @@ migration_result replan_by_tokens(const std::vector<expert_map>& current, const 
   if (per_rank > 0) plain.balance_slack = std::max(plain.balance_slack, 2.0 / std::sqrt(per_rank));
   std::vector<std::vector<typename detail::token_refine::layer_state<Topology>::swap_step>> found(layers);
   migration_result out;
+  const auto requests = dense_request_ids(sample.request); // for the significance rule, once for every layer
   for (std::size_t l = 0; l < layers; ++l) {
     LOCUS_REQUIRE(current[l].ranks() == topo.ranks() && current[l].experts() == sample.experts, config_error,
                   "replan_by_tokens: layer ", l, " map (", current[l].experts(), " experts, ", current[l].ranks(),
@@ -225,7 +226,7 @@ migration_result replan_by_tokens(const std::vector<expert_map>& current, const 
     detail::token_refine::layer_state<Topology> s(current[l], sample.ids[l], sample.home, sample.top_k, topo, plain, l,
                                                   {}, sample.load_weight);
     out.cost_before += s.total_cost();
-    s.cluster_by(sample.request);
+    s.cluster_by(requests.first, requests.second);
     if (cap > 0) s.best_swaps(cap, found[l]);
   }
   // Largest gains first over all layers, each layer's swaps in their own order (repairs first).

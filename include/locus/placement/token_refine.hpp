@@ -49,9 +49,22 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
+
+//! Request ids renumbered 0, 1, ... in ascending order of the ids, and how many there are (the
+//! sample's requests once, for every layer's layer_state::cluster_by).
+inline std::pair<std::vector<std::uint32_t>, std::size_t> dense_request_ids(std::span<const std::uint32_t> request) {
+  std::vector<std::uint32_t> ids(request.begin(), request.end());
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  std::vector<std::uint32_t> dense(request.size());
+  for (std::size_t t = 0; t < request.size(); ++t)
+    dense[t] = static_cast<std::uint32_t>(std::lower_bound(ids.begin(), ids.end(), request[t]) - ids.begin());
+  return {std::move(dense), ids.size()};
+}
 
 //! Training tokens for refine_by_tokens: per layer, `tokens × top_k` expert ids, and for every
 //! token the node its request runs on (the same for every layer).
@@ -637,19 +650,15 @@ public:
   //! copies) spends the budget without fixing the balance.
   static constexpr double repair_progress = 0.5;
 
-  //! The requests of the sample's tokens (token_sample::request), for swap_significance: a
-  //! request's tokens are alike, so a saving's standard error sums each request's saving first.
-  void cluster_by(std::span<const std::uint32_t> request) {
+  //! The requests of the sample's tokens, numbered densely below `requests` (dense_request_ids;
+  //! empty: every token its own), for swap_significance: a request's tokens are alike, so a
+  //! saving's standard error sums each request's saving first.
+  void cluster_by(std::span<const std::uint32_t> request, std::size_t requests) {
     if (request.empty()) return;
     LOCUS_REQUIRE(request.size() == tokens_, config_error, "token sample: ", request.size(), " request ids for ",
                   tokens_, " tokens");
-    std::vector<std::uint32_t> ids(request.begin(), request.end());
-    std::sort(ids.begin(), ids.end());
-    ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-    cluster_.resize(tokens_);
-    for (std::size_t t = 0; t < tokens_; ++t)
-      cluster_[t] = static_cast<std::uint32_t>(std::lower_bound(ids.begin(), ids.end(), request[t]) - ids.begin());
-    by_cluster_.assign(ids.size(), 0.0);
+    cluster_.assign(request.begin(), request.end());
+    by_cluster_.assign(requests, 0.0);
   }
 
   //! Up to `budget` swaps, each the best one available now (for re-planning under a migration
