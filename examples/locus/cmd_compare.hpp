@@ -211,6 +211,8 @@ struct compare_options {
   std::size_t redundant = 1, batch_per_rank = 16, hidden = 2048, clusters = 8, anneal = 300;
   std::size_t hedge_replicas = locus::placement::token_refine_options{}.hedge_replicas;
   double fill_slack = 0;
+  double hedge_class_spread = 0;
+  double hedge_cost_budget = locus::placement::token_refine_options{}.hedge_cost_budget;
   std::size_t synthetic_requests = 400;
   double arrival_rate = 0;
   std::string transports = "flat,hierarchical", replica_rule = "locality_first";
@@ -253,6 +255,8 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
   opt.plan.refine.anneal_per_expert = o.anneal;
   opt.plan.refine.hedge_replicas = o.hedge_replicas;
   opt.plan.refine.fill_slack = o.fill_slack;
+  opt.plan.refine.hedge_class_spread = o.hedge_class_spread;
+  opt.plan.refine.hedge_cost_budget = o.hedge_cost_budget;
   opt.simulation.topology = topo;
   opt.simulation.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(o.hidden);
   opt.simulation.batch_per_rank = o.batch_per_rank;
@@ -379,6 +383,7 @@ inline void register_compare(CLI::App& app) {
       ->check(anneal_range());
   cmd->add_option("--hedge-replicas", o->hedge_replicas, locus_driver::hedge_replicas_help)->default_str("one per GPU");
   cmd->add_option("--fill-slack", o->fill_slack, locus_driver::fill_slack_help)->check(tool_cli::finite_non_negative);
+  locus_driver::plan_options::add_hedge_options(cmd, o->hedge_class_spread, o->hedge_cost_budget);
   cmd->add_option("--arrival-rate", o->arrival_rate, "Poisson arrivals per step (0: all at once)")
       ->check(tool_cli::finite_non_negative);
   auto* synthetic = cmd->add_option("--synthetic-requests", o->synthetic_requests,

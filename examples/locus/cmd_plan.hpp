@@ -83,6 +83,18 @@ inline constexpr const char* hedge_replicas_help =
     "the worst GPU balance floor over resampled training requests towards 1.10 while the training sample's "
     "inter-node copies grow by at most 1% (0: off; default: one per GPU)";
 
+//! Help text of --hedge-class-spread wherever a locality plan is made.
+inline constexpr const char* hedge_class_spread_help =
+    "locality with replica slots: the balance hedges' resampled training traffic also shifts the mix of request "
+    "classes, each class's requests weighed by exp(this x a standard normal draw) per draw (0: resamples only; "
+    "0.6 with --hedge-cost-budget 0, --fill-slack 0.3 and the locality_bounded replica rule holds ESFT's split "
+    "seeds within 1.10 for some bytes)";
+
+//! Help text of --hedge-cost-budget wherever a locality plan is made.
+inline constexpr const char* hedge_cost_budget_help =
+    "locality with replica slots: the balance hedges may raise the training sample's inter-node copies by at most "
+    "this share (0: no bound)";
+
 //! Help text of --fill-slack wherever a locality plan is made.
 inline constexpr const char* fill_slack_help =
     "locality with replica slots: the replica fill's GPU load bound over the training sample's mean (0: the "
@@ -100,11 +112,14 @@ struct plan_options {
   std::string shift_by = "node";
   std::size_t hedge_replicas = locus::placement::token_refine_options{}.hedge_replicas;
   double fill_slack = 0;
+  double hedge_class_spread = 0;
+  double hedge_cost_budget = locus::placement::token_refine_options{}.hedge_cost_budget;
 
   //! Every option add_to registers (what a command that plans nothing refuses).
   static constexpr const char* option_names[] = {
-      "--placement", "--redundant-slots", "--eplb-groups", "--clusters",       "--copies",
-      "--anneal",    "--balance-shift",   "--shift-by",    "--hedge-replicas", "--fill-slack"};
+      "--placement",      "--redundant-slots", "--eplb-groups",        "--clusters",
+      "--copies",         "--anneal",          "--balance-shift",      "--shift-by",
+      "--hedge-replicas", "--fill-slack",      "--hedge-class-spread", "--hedge-cost-budget"};
 
   void add_to(CLI::App* cmd, const char* copies_default) {
     cmd->add_option("--placement", placement, "Planner: linear, round_robin, eplb, activation_usage, locality")
@@ -135,11 +150,20 @@ struct plan_options {
         ->check(CLI::IsMember({"node", "class", "request"}));
     cmd->add_option("--hedge-replicas", hedge_replicas, hedge_replicas_help)->default_str("one per GPU");
     cmd->add_option("--fill-slack", fill_slack, fill_slack_help)->check(tool_cli::finite_non_negative);
+    add_hedge_options(cmd, hedge_class_spread, hedge_cost_budget);
+  }
+  //! --hedge-class-spread and --hedge-cost-budget (plan, simulate and compare share them).
+  static void add_hedge_options(CLI::App* cmd, double& class_spread, double& cost_budget) {
+    cmd->add_option("--hedge-class-spread", class_spread, hedge_class_spread_help)
+        ->check(tool_cli::finite_non_negative)
+        ->check(CLI::Range(0.0, locus::placement::token_refine_options::max_hedge_class_spread));
+    cmd->add_option("--hedge-cost-budget", cost_budget, hedge_cost_budget_help)->check(tool_cli::finite_non_negative);
   }
   //! Refuses the options of one planner given with another (they would be ignored without a word).
   //! @throws locus::config_error naming the option
   void check_applies(const CLI::App* cmd) const {
-    for (const char* name : {"--copies", "--anneal", "--balance-shift", "--shift-by", "--fill-slack"})
+    for (const char* name : {"--copies", "--anneal", "--balance-shift", "--shift-by", "--fill-slack",
+                             "--hedge-class-spread", "--hedge-cost-budget"})
       LOCUS_REQUIRE(cmd->count(name) == 0 || placement == "locality", locus::config_error, name,
                     " applies to --placement locality, not ", placement);
     // 0 (off) is accepted everywhere, so that one command line can turn the hedge off for any planner.
@@ -153,6 +177,9 @@ struct plan_options {
                   locus::config_error, "--hedge-replicas spends replica slots: it needs --redundant-slots");
     LOCUS_REQUIRE(cmd->count("--fill-slack") == 0 || redundant_slots > 0, locus::config_error,
                   "--fill-slack bounds the replica fill: it needs --redundant-slots");
+    for (const char* name : {"--hedge-class-spread", "--hedge-cost-budget"})
+      LOCUS_REQUIRE(cmd->count(name) == 0 || redundant_slots > 0, locus::config_error, name,
+                    " shapes the balance hedges in replica slots: it needs --redundant-slots");
   }
   //! Refuses --eplb-groups that select DeepSeek's hierarchical policy (a multiple of the nodes) but
   //! that `experts` do not split into; EPLB said so only by its own function's name.
@@ -190,6 +217,8 @@ struct plan_options {
     opt.refine.balance_shift = balance_shift;
     opt.refine.hedge_replicas = hedge_replicas;
     opt.refine.fill_slack = fill_slack;
+    opt.refine.hedge_class_spread = hedge_class_spread;
+    opt.refine.hedge_cost_budget = hedge_cost_budget;
     opt.shift_by = shift_by == "class"     ? locus::placement::shift_group::request_class
                    : shift_by == "request" ? locus::placement::shift_group::request
                                            : locus::placement::shift_group::node;

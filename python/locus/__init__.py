@@ -312,6 +312,8 @@ def plan(
     copies: str = "both",
     anneal: int = 0,
     fill_slack: float = 0.0,
+    hedge_class_spread: float = 0.0,
+    hedge_cost_budget: Optional[float] = None,
 ) -> ExpertPlan:
     """Plans expert maps on ``nodes × gpus_per_node`` ranks. ``source`` is a Trace (every planner:
     linear, round_robin, eplb, activation_usage, locality; the grouping model is fitted too) or a
@@ -326,9 +328,17 @@ def plan(
     "both") and its annealing proposals per expert after the sweeps (0: none). ``fill_slack``
     (locality with redundant slots, as ``--fill-slack``): the replica fill's GPU load bound (0: the
     planner's own); a looser one fills more replica slots, then swaps bring the GPUs back within the
-    planner's bound (docs/robust_planning.md)."""
+    planner's bound (docs/robust_planning.md). ``hedge_class_spread`` and ``hedge_cost_budget``
+    (locality with redundant slots, as ``--hedge-class-spread`` and ``--hedge-cost-budget``): the
+    balance hedges' draws also shift the mix of request classes by this spread (0: resamples only),
+    and the hedges may raise the training sample's inter-node copies by at most this share (None:
+    the library's 0.01; 0: no bound)."""
     if (copies != "both" or anneal != 0 or fill_slack != 0) and (placement != "locality" or not isinstance(source, Trace)):
         raise ConfigError("locus: configuration error: copies, anneal and fill_slack apply to locality plans of a trace")
+    if (hedge_class_spread != 0 or hedge_cost_budget is not None) and (
+            placement != "locality" or not isinstance(source, Trace) or redundant_slots == 0):
+        raise ConfigError("locus: configuration error: hedge_class_spread and hedge_cost_budget shape the balance "
+                          "hedges of locality plans of a trace with redundant slots")
     if isinstance(source, Trace):
         if slots_per_rank is not None:
             raise ConfigError("locus: configuration error: slots_per_rank is for load arrays; a trace plan uses redundant_slots")
@@ -339,7 +349,8 @@ def plan(
                               "import records none): mark them first, e.g. trace.with_prefill_tokens(32)")
         maps, model, hedges = _core._plan_from_trace(
             source, nodes, gpus_per_node, placement, redundant_slots, eplb_groups, clusters, seed, prefill_tokens,
-            hedge_replicas, copies, anneal, float(fill_slack),
+            hedge_replicas, copies, anneal, float(fill_slack), float(hedge_class_spread),
+            None if hedge_cost_budget is None else float(hedge_cost_budget),
         )
         ids = source.model_layer_ids if source.has_model_layers else None
         out = ExpertPlan(maps, source.experts, nodes, gpus_per_node, model, ids, source.hidden_layers)

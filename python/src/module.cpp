@@ -485,9 +485,12 @@ NB_MODULE(_core, m) {
       [](const locus::trace::trace& train, nb::handle nodes, nb::handle gpus_per_node, const std::string& placement,
          nb::handle redundant_slots, nb::handle eplb_groups, nb::handle clusters, nb::handle seed,
          nb::handle prefill_tokens, nb::handle hedge_replicas, const std::string& copies, nb::handle anneal,
-         double fill_slack) {
+         double fill_slack, double hedge_class_spread, nb::handle hedge_cost_budget) {
         locus::placement::activation_plan_options opt;
         if (!hedge_replicas.is_none()) opt.refine.hedge_replicas = size_arg(hedge_replicas, "hedge_replicas");
+        // The planner refuses a spread or a budget out of range (NaN included).
+        opt.refine.hedge_class_spread = hedge_class_spread;
+        if (!hedge_cost_budget.is_none()) opt.refine.hedge_cost_budget = nb::cast<double>(hedge_cost_budget);
         opt.refine.count(locus::placement::parse_copy_count(copies));
         opt.refine.anneal_per_expert = size_arg(anneal, "anneal");
         opt.refine.fill_slack = fill_slack; // the planner refuses a negative or non-finite one
@@ -504,7 +507,8 @@ NB_MODULE(_core, m) {
                                plan.hedge_copies);
       },
       "train"_a, "nodes"_a, "gpus_per_node"_a, "placement"_a, "redundant_slots"_a, "eplb_groups"_a, "clusters"_a,
-      "seed"_a, "prefill_tokens"_a, "hedge_replicas"_a.none(), "copies"_a, "anneal"_a, "fill_slack"_a);
+      "seed"_a, "prefill_tokens"_a, "hedge_replicas"_a.none(), "copies"_a, "anneal"_a, "fill_slack"_a,
+      "hedge_class_spread"_a, "hedge_cost_budget"_a.none());
 
   m.def(
       "_simulate",

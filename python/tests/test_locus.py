@@ -215,6 +215,18 @@ def test_locality_plans_take_the_copies_and_annealing_the_driver_takes():
             locus.plan(train, 2, 2, "eplb", **bad)
     with pytest.raises(locus.ConfigError, match="copies, anneal and fill_slack apply to locality plans of a trace"):
         locus.plan(np.ones((2, 16)), 2, 2, "locality", copies="flat")
+    # The class-shifted hedge draws (kw has a redundant slot): the same plan from the same inputs,
+    # refused out of range and where no hedge is placed.
+    spread = locus.plan(train, 2, 2, "locality", hedge_class_spread=0.6, hedge_cost_budget=0, **kw)
+    assert np.array_equal(spread.maps,
+                          locus.plan(train, 2, 2, "locality", hedge_class_spread=0.6, hedge_cost_budget=0, **kw).maps)
+    with pytest.raises(locus.ConfigError, match="hedge class spread -1"):
+        locus.plan(train, 2, 2, "locality", hedge_class_spread=-1.0, **kw)
+    with pytest.raises(locus.ConfigError, match="negative hedge cost budget"):
+        locus.plan(train, 2, 2, "locality", hedge_cost_budget=-0.5, **kw)
+    for bad in (dict(hedge_class_spread=0.6), dict(hedge_cost_budget=0.0)):
+        with pytest.raises(locus.ConfigError, match="shape the balance hedges"):
+            locus.plan(train, 2, 2, "locality", clusters=2, prefill_tokens=8, **bad)
 
 
 def test_plan_simulate_and_export_round_trips(tmp_path):

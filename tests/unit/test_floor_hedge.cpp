@@ -94,6 +94,55 @@ BOOST_AUTO_TEST_CASE(a_binding_single_copy_expert_gets_a_copy_and_the_floor_drop
   BOOST_CHECK_THROW(placement::add_replicas_by_tokens(c.maps, c.s, c.topo, opt), config_error);
 }
 
+// hedge_class_spread: the draws shift the mix of request classes, which resampling many short
+// requests barely does. GPU 0 hosts experts 0 and 1, GPU r the experts 2r and 2r+1, every expert
+// 300 one-token requests, all local. Class 0 is expert 0's requests: resampled, GPU 0 stays near
+// the mean and nothing is hedged under a 1.15 target; with the class's share drawn to move, a draw
+// makes GPU 0 the binding set and expert 0 gets copies. A test mix with class 0 twice as common
+// then has a lower floor.
+BOOST_AUTO_TEST_CASE(a_class_spread_hedges_a_class_whose_share_moves) {
+  const dynamic_topology topo(4, 1);
+  const std::vector<expert_map> maps{
+      expert_map(8, 4, 3, {0, 1, empty_slot, 2, 3, empty_slot, 4, 5, empty_slot, 6, 7, empty_slot})};
+  locus_test::token_sample_builder b(8);
+  for (std::uint16_t e = 0; e < 8; ++e)
+    for (int i = 0; i < 300; ++i)
+      b.add(e / 2u, e, 1);
+  placement::token_sample s = b.s;
+  for (const auto e : s.ids[0])
+    s.request_class.push_back(e == 0 ? 0 : 1);
+  placement::token_refine_options opt;
+  opt.hedge_replicas = 3;
+  opt.hedge_floor = 1.15;
+  opt.hedge_cost_budget = 0;
+  const auto plain = placement::add_replicas_by_tokens(maps, s, topo, opt);
+  BOOST_TEST((plain[0] == maps[0])); // resamples alone: no draw above 1.15
+  opt.hedge_class_spread = 1.0;
+  std::size_t hedged = 0;
+  const auto spread = placement::add_replicas_by_tokens(maps, s, topo, opt, &hedged);
+  BOOST_TEST(spread[0].replica_count(0) >= 2u);
+  BOOST_TEST(hedged >= 1u);
+  BOOST_TEST(hedged <= opt.hedge_replicas);
+  auto rows = expert_rows(s, 0);
+  rows[0] *= 2;
+  const double before = placement::min_max_split(maps[0], rows).max_over_mean;
+  BOOST_TEST(before == 900.0 / 675.0, boost::test_tools::tolerance(1e-9));
+  BOOST_TEST(placement::min_max_split(spread[0], rows).max_over_mean < before - 0.1);
+  // Same inputs, same map; without classes in the sample a spread is refused, as is one out of range.
+  BOOST_TEST((placement::add_replicas_by_tokens(maps, s, topo, opt)[0] == spread[0]));
+  placement::token_sample unlabelled = s;
+  unlabelled.request_class.clear();
+  BOOST_CHECK_THROW(placement::add_replicas_by_tokens(maps, unlabelled, topo, opt), config_error);
+  opt.hedge_class_spread = placement::token_refine_options::max_hedge_class_spread + 1;
+  BOOST_CHECK_THROW(placement::add_replicas_by_tokens(maps, s, topo, opt), config_error);
+  // Without a spread the classes are not read.
+  opt.hedge_class_spread = 0;
+  BOOST_TEST((placement::add_replicas_by_tokens(maps, unlabelled, topo, opt)[0] == plain[0]));
+  // A class per token or none.
+  s.request_class.pop_back();
+  BOOST_CHECK_THROW(placement::add_replicas_by_tokens(maps, s, topo, opt), invalid_input_error);
+}
+
 // Random maps and samples: never more hedge copies than the budget, each in an empty slot with the
 // existing copies kept, the sample's copy cost within the byte bound when one is set, the sample's floor never higher
 // than before (a copy only adds choices), and the same map from the same inputs.

@@ -100,7 +100,8 @@ inline token_sample decode_token_sample(const trace::trace& t, std::span<const s
 //! Up to `max_tokens` decode tokens of the model's training requests (evenly strided), each with
 //! the node the model's grouping puts its request on.
 //! @throws locus::config_error when the trace does not match the model
-//! Each token's token_sample::mix_group is set as `groups` says (none for shift_group::node).
+//! Each token's token_sample::mix_group is set as `groups` says (none for shift_group::node), and
+//! its token_sample::request_class to its request's cluster.
 inline token_sample token_sample_from_model(const trace::trace& train, const grouper::workload_model& m,
                                             std::size_t max_tokens, shift_group groups = shift_group::node) {
   LOCUS_REQUIRE(train.experts() == m.experts() && train.layers() == m.layers(), config_error,
@@ -111,9 +112,10 @@ inline token_sample token_sample_from_model(const trace::trace& train, const gro
   for (const auto label : m.training_labels())
     nodes.push_back(m.cluster_node()[label]);
   auto s = decode_token_sample(train, m.training_requests(), nodes, max_tokens);
-  if (groups == shift_group::request_class)
-    for (const auto i : s.request)
-      s.mix_group.push_back(m.training_labels()[i]);
+  s.request_class.reserve(s.request.size());
+  for (const auto i : s.request)
+    s.request_class.push_back(m.training_labels()[i]);
+  if (groups == shift_group::request_class) s.mix_group = s.request_class;
   if (groups == shift_group::request) s.mix_group = s.request;
   return s;
 }

@@ -168,12 +168,20 @@ inline token_sample with_prior(token_sample window, const token_sample& prior,
   const double share = requests > 0 ? prior_requests / requests : 0.0;
   const auto w = static_cast<float>(share * static_cast<double>(window.tokens()) / static_cast<double>(prior.tokens()));
   window.mix_group.clear();
+  window.request_class.clear(); // read by the replica fill's hedge only, which a re-plan does not run
   // Request ids go on (the significance rule sums a saving per request): the prior's after the
   // window's, a prior token without one its own request.
+  // The prior's ids are numbered densely first, so that they cannot wrap past the window's.
   if (!window.request.empty()) {
-    std::uint32_t next = *std::max_element(window.request.begin(), window.request.end()) + 1;
+    const std::uint64_t next = std::uint64_t{*std::max_element(window.request.begin(), window.request.end())} + 1;
+    const auto [dense, count] = prior.request.empty()
+                                    ? std::pair<std::vector<std::uint32_t>, std::size_t>{{}, prior.tokens()}
+                                    : dense_request_ids(prior.request);
+    LOCUS_REQUIRE(next + count <= std::uint64_t{std::numeric_limits<std::uint32_t>::max()} + 1, config_error,
+                  "with_prior: the window's request ids (up to ", next - 1, ") leave no room for the prior's ", count,
+                  " requests");
     for (std::size_t t = 0; t < prior.tokens(); ++t)
-      window.request.push_back(prior.request.empty() ? next++ : next + prior.request[t]);
+      window.request.push_back(static_cast<std::uint32_t>(next + (dense.empty() ? t : dense[t])));
   }
   window.load_weight.assign(window.tokens(), 1.0f);
   window.load_weight.resize(window.tokens() + prior.tokens(), w);

@@ -45,6 +45,7 @@
 #include <locus/trace/trace.hpp>
 #include <locus/transport/detail/layout_token.hpp>
 #include <locus/transport/replica_selection.hpp>
+#include <numbers>
 #include <numeric>
 #include <span>
 #include <string>
@@ -79,6 +80,10 @@ struct token_sample {
   //! Optional, per token: the request it comes from. Hedge replicas (token_refine_options::
   //! hedge_replicas) resample the requests; empty: every token is its own request.
   std::vector<std::uint32_t> request;
+  //! Optional, per token: its request's class (the grouping model's cluster, which stands for a
+  //! task domain). The floor hedge's draws shift the classes' shares with
+  //! token_refine_options::hedge_class_spread; empty: no classes.
+  std::vector<std::uint32_t> request_class;
   //! Optional, per token: its weight in the GPU loads that the load bounds and repairs hold (copy
   //! costs count every token once); empty: 1 each. A re-plan's prior tokens weigh less than the
   //! window's (migration.hpp's with_prior): they steer which swaps save copies, the window mostly
@@ -108,6 +113,8 @@ struct token_sample {
                   "token_sample: ", mix_group.size(), " mix groups for ", home.size(), " tokens");
     LOCUS_REQUIRE(request.empty() || request.size() == home.size(), invalid_input_error,
                   "token_sample: ", request.size(), " request ids for ", home.size(), " tokens");
+    LOCUS_REQUIRE(request_class.empty() || request_class.size() == home.size(), invalid_input_error,
+                  "token_sample: ", request_class.size(), " request classes for ", home.size(), " tokens");
     LOCUS_REQUIRE(load_weight.empty() || load_weight.size() == home.size(), invalid_input_error,
                   "token_sample: ", load_weight.size(), " load weights for ", home.size(), " tokens");
     for (std::size_t t = 0; t < load_weight.size(); ++t)
@@ -115,6 +122,8 @@ struct token_sample {
                     t, " has load weight ", load_weight[t], " (a finite number >= 0 expected)");
     for (const auto g : mix_group)
       LOCUS_REQUIRE(g < 65536, invalid_input_error, "token_sample: mix group ", g, " (at most 65,535)");
+    for (const auto c : request_class)
+      LOCUS_REQUIRE(c < 65536, invalid_input_error, "token_sample: request class ", c, " (at most 65,535)");
     for (std::size_t l = 0; l < ids.size(); ++l) {
       LOCUS_REQUIRE(ids[l].size() == home.size() * top_k, invalid_input_error, "token_sample: layer ", l, " has ",
                     ids[l].size(), " ids for ", home.size(), " tokens × top-k ", top_k);
@@ -225,6 +234,16 @@ struct token_refine_options {
   //! first, until the sample's copy cost after the fill is at most (1 + this) × the cost the fill
   //! reaches without hedge copies.
   double hedge_cost_budget = 0.01;
+  //! The hedge's draws also shift the mix of request classes (token_sample::request_class; 0: no
+  //! shift, the default). Resampling the training requests keeps each class's share near the
+  //! sample's, but a test mix can hold a domain's requests in other proportions: on one ESFT split
+  //! the test floor exceeds the worst of 64 resamples in 16 of 26 layers. With a spread s each
+  //! draw weighs a class's requests by exp(s × z), z a standard normal draw per class and draw
+  //! (s = 0.6: a class's share moves by a factor of 0.55-1.8 within one standard deviation). Costs
+  //! bytes through the copies it adds: off by default (bench/results/robust_planning.md, section 10).
+  double hedge_class_spread = 0;
+  //! hedge_class_spread at most this (a class's weight within e^±32 at 8 standard deviations).
+  static constexpr double max_hedge_class_spread = 4;
   //! The replica fill's own load bound (0: balance_slack, the default). Under balance_slack a copy
   //! of a hot expert often cannot go in: it moves its node's rows onto one GPU at once, and the
   //! fill adds copies without moving anything else, so slots stay empty (half of them on small
@@ -1007,11 +1026,12 @@ class replica_state {
 public:
   replica_state(const expert_map& map, std::span<const std::uint16_t> ids, std::span<const std::uint32_t> home,
                 std::size_t top_k, const Topology& topo, const token_refine_options& opt, std::size_t layer,
-                std::span<const std::uint32_t> mix = {}, std::span<const std::uint32_t> request = {})
+                std::span<const std::uint32_t> mix = {}, std::span<const std::uint32_t> request = {},
+                std::span<const std::uint32_t> request_class = {})
       : opt_(opt), policy_(layer_replica_policy(opt, layer)), topo_(topo), k_(top_k), tokens_(home.size()),
         ranks_(map.ranks()), nodes_(topo.nodes()), gpus_(topo.gpus_per_node()), spr_(map.slots_per_rank()), ids_(ids),
         home_(home), mix_(mix.empty() ? home : mix), mixes_(mix_groups(mix, nodes_)), experts_(map.experts()),
-        request_(request), layer_(layer) {
+        request_(request), request_class_(request_class), layer_(layer) {
     LOCUS_REQUIRE(policy_.hot.empty() || policy_.hot.size() == ranks_, config_error,
                   "add_replicas_by_tokens: ", policy_.hot.size(), " hot-rank flags for ", ranks_, " ranks");
     node_of_.resize(ranks_);
@@ -1147,14 +1167,35 @@ public:
   }
 
   //! Bootstrap draws: how often each request is picked when the requests are drawn again with
-  //! replacement, draw-major (hedge_resamples × requests).
-  std::vector<double> draw_weights(std::size_t requests) const {
+  //! replacement, draw-major (hedge_resamples × requests); with hedge_class_spread, times each
+  //! draw's factor for the request's class, in whole sixteenths (whole numbers keep the floor
+  //! solver and the bounded copy search exact; a common scale leaves every floor as it is).
+  //! `req`: each token's request (request_indices()).
+  std::vector<double> draw_weights(const std::vector<std::uint32_t>& req, std::size_t requests) const {
     const std::size_t draws = opt_.hedge_resamples;
     std::vector<double> weight(draws * requests, 0.0);
     splitmix64 rng(opt_.hedge_seed ^ (0x9e3779b97f4a7c15ull * (layer_ + 1)));
     for (std::size_t b = 0; b < draws; ++b)
       for (std::size_t i = 0; i < requests; ++i)
         weight[b * requests + rng.below(requests)] += 1;
+    if (opt_.hedge_class_spread <= 0 || request_class_.empty()) return weight;
+    // A stream of its own, so that the resamples stay those of the spread-free draws.
+    std::vector<std::uint32_t> class_of(requests, 0);
+    std::size_t classes = 0;
+    for (std::size_t t = 0; t < tokens_; ++t) {
+      class_of[req[t]] = request_class_[t];
+      classes = std::max<std::size_t>(classes, std::size_t{request_class_[t]} + 1);
+    }
+    splitmix64 shift(opt_.hedge_seed ^ 0x5851f42d4c957f2dull ^ (0x9e3779b97f4a7c15ull * (layer_ + 1)));
+    std::vector<double> factor(classes);
+    for (std::size_t b = 0; b < draws; ++b) {
+      for (auto& f : factor) { // Box-Muller: a standard normal draw from two uniform ones
+        const double u = 1.0 - shift.uniform(), v = shift.uniform();
+        f = std::exp(opt_.hedge_class_spread * std::sqrt(-2.0 * std::log(u)) * std::cos(2.0 * std::numbers::pi * v));
+      }
+      for (std::size_t i = 0; i < requests; ++i)
+        weight[b * requests + i] = std::round(16 * weight[b * requests + i] * factor[class_of[i]]);
+    }
     return weight;
   }
 
@@ -1164,7 +1205,7 @@ public:
     if (opt_.hedge_floor > 0) return hedge_floor();
     const auto [req, requests] = request_indices();
     const std::size_t draws = opt_.hedge_resamples;
-    const std::vector<double> weight = draw_weights(requests);
+    const std::vector<double> weight = draw_weights(req, requests);
     std::vector<std::uint8_t> done(ranks_, 0);
     std::vector<double> per_request(requests * ranks_), risk(ranks_);
     std::size_t added = 0;
@@ -1251,7 +1292,7 @@ public:
   std::size_t hedge_floor() {
     const auto [req, requests] = request_indices();
     const std::size_t draws = opt_.hedge_resamples;
-    const std::vector<double> weight = draw_weights(requests);
+    const std::vector<double> weight = draw_weights(req, requests);
     // Rows of each expert per request, sparse (a request uses few experts): a draw's rows are
     // these weighted by the draw.
     std::vector<std::vector<std::pair<std::uint32_t, double>>> per_request(requests);
@@ -1660,7 +1701,8 @@ private:
   std::span<const std::uint32_t> mix_; //!< per token: its shifted-mix group (home_ when none given)
   std::size_t mixes_;
   std::size_t experts_;
-  std::span<const std::uint32_t> request_; //!< per token: its request (empty: its own)
+  std::span<const std::uint32_t> request_;       //!< per token: its request (empty: its own)
+  std::span<const std::uint32_t> request_class_; //!< per token: its request's class (empty: none)
   std::size_t layer_;
   std::vector<std::uint32_t> node_of_;
   std::vector<expert_id> table_;
@@ -1821,9 +1863,15 @@ std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& ma
                   " hedge resamples (at most 4,096)");
     LOCUS_REQUIRE(opt.hedge_cost_budget >= 0, config_error, "add_replicas_by_tokens: negative hedge cost budget ",
                   opt.hedge_cost_budget);
+    LOCUS_REQUIRE(opt.hedge_class_spread >= 0 && opt.hedge_class_spread <= token_refine_options::max_hedge_class_spread,
+                  config_error, "add_replicas_by_tokens: hedge class spread ", opt.hedge_class_spread,
+                  " (expected 0 to ", token_refine_options::max_hedge_class_spread, ")");
+    LOCUS_REQUIRE(opt.hedge_class_spread == 0 || !sample.request_class.empty(), config_error,
+                  "add_replicas_by_tokens: a hedge class spread needs the sample's request classes");
     using state = detail::token_refine::replica_state<Topology>;
     const auto make = [&] {
-      return state(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt, l, sample.mix_group, sample.request);
+      return state(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt, l, sample.mix_group, sample.request,
+                   sample.request_class);
     };
     // The layer's map and its sample cost after the fill, from a state holding its hedge copies.
     const auto finish = [&](state& s) {
