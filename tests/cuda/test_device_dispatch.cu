@@ -15,6 +15,7 @@
 #include <locus/router/softmax_topk.hpp>
 #include <locus/transport/device_dispatch.hpp>
 #include <locus/transport/device_local.hpp>
+#include <numeric>
 #include <string>
 #include <thread>
 #include <vector>
@@ -407,7 +408,7 @@ namespace {
 // receive layout's device check, against the received slots, can tell). Everything else is the
 // wrapped endpoint's.
 struct doctored_endpoint {
-  enum class how { add, shift, reach };
+  enum class how { add, shift, reach, oversize };
   device_local_transport* ep;
   const expert_map* map;
   how mode;
@@ -435,13 +436,18 @@ struct doctored_endpoint {
                               std::uint32_t width = 0) {
     ep->exchange_device_counts(g, row_bytes, counts, entry_bytes, entry_counts, out, stage, tail, width);
     if (step != at || width == 0) return;
-    if (mode == how::reach) {
+    if (mode == how::reach || mode == how::oversize) {
       // Hierarchical round: the rail peer's count of this rank's reached rows, one more than it
-      // says it forwards to this rank.
+      // says it forwards to this rank; or (oversize) its entries for this rank's slot 0, 2^31
+      // more, a step past 32-bit offsets. Either sizes only this rank's self-exchange, which the
+      // refusal keeps sized by what it sends.
       const std::size_t G = topology().gpus_per_node(), S = map->slots_per_rank(), me = rank();
       for (std::size_t m = 0; m < topology().ranks() && !doctored; ++m)
         if (m / G != me / G && m % G == me % G) {
-          ++out.tail[m * width + S];
+          if (mode == how::reach)
+            ++out.tail[m * width + S];
+          else
+            out.tail[m * width] += 0x80000000u;
           doctored = true;
         }
       return;
@@ -620,6 +626,45 @@ BOOST_AUTO_TEST_CASE(doctored_hierarchical_round_is_raised_on_its_receiver) {
         if (r != victim)
           for (const auto& e : run.errors[r])
             BOOST_TEST(!e);
+        std::vector<double> scale;
+        const auto ref = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, nullptr, &scale);
+        double worst = 0;
+        for (std::size_t i = 0; i < ref.size(); ++i)
+          worst = std::max(worst, std::abs(run.y[r][i] - ref[i]) / (2e-6 * scale[i] + 1e-6));
+        BOOST_TEST(worst <= 1.0); // the last step's y
+      }
+    }
+  }
+  BOOST_TEST(seen > 0u);
+}
+
+// A hierarchical round refused past 32-bit offsets (a rail peer's tail announcing 2^31 more
+// entries): the receiver raises in that step, fans nothing out (its forwarding check starts failed,
+// so its node's ranks get those rows without entries and may raise that with the next step), and
+// the next step is good on every rank. Before, the check word the refusal set was read with the
+// next step's counts and failed that good step too.
+BOOST_AUTO_TEST_CASE(a_step_refused_past_32_bits_leaves_the_next_step_good) {
+  std::size_t seen = 0, cases = 0;
+  for (std::uint64_t seed = 1; seed <= 80 && cases < 4; ++seed) {
+    const auto c = locus_test::make_case(seed, 2, 2);
+    if (c.k != 2) continue; // instantiated for top-2
+    ++cases;
+    const auto all = locus_test::model_weights<float>(seed + 100, c.experts, c.hidden, 16);
+    const std::size_t victim = 1;
+    BOOST_TEST_CONTEXT("seed " << seed) {
+      const auto run =
+          run_doctored<2>(c, all, victim, doctored_endpoint::how::oversize, 0, transport_kind::hierarchical);
+      BOOST_TEST_REQUIRE(run.doctored);
+      ++seen;
+      BOOST_TEST(static_cast<bool>(run.errors[victim][0]));
+      BOOST_TEST(!run.errors[victim][1]);
+      BOOST_TEST(!run.errors[victim][2]);
+      for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
+        if (r != victim) {
+          BOOST_TEST(!run.errors[r][0]);
+          BOOST_TEST((!run.errors[r][1] || says(run.errors[r][1], "in the previous step")));
+          BOOST_TEST(!run.errors[r][2]);
+        }
         std::vector<double> scale;
         const auto ref = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, nullptr, &scale);
         double worst = 0;
