@@ -1,6 +1,7 @@
 #define BOOST_TEST_MODULE cuda_core
 #include <boost/test/unit_test.hpp>
 #include <locus/core/cuda_error.hpp>
+#include <locus/core/device_buffer.hpp>
 #include <locus/locus.hpp>
 #include <random>
 #include <vector>
@@ -60,4 +61,87 @@ BOOST_AUTO_TEST_CASE(device_load_matches_host) {
 BOOST_AUTO_TEST_CASE(cuda_errors_become_exceptions) {
   BOOST_CHECK_THROW(LOCUS_CUDA_CHECK(cudaMemcpy(nullptr, reinterpret_cast<void*>(16), 8, cudaMemcpyHostToDevice)),
                     cuda_error);
+}
+
+namespace {
+// Host memory standing in for device memory, counting the frees (no CUDA call: this case runs
+// without a GPU too).
+struct counted_memory {
+  static inline int allocations = 0, frees = 0;
+  static void* allocate(std::size_t bytes) {
+    ++allocations;
+    return ::operator new(bytes);
+  }
+  static void release(void* p) noexcept {
+    ++frees;
+    ::operator delete(p);
+  }
+};
+} // namespace
+
+// Growing frees nothing before destruction (cudaFree would wait for the whole device, untimed,
+// behind a step's exchanges): outgrown blocks are freed with the array, and growth at least doubles,
+// so repeated small growth allocates a few blocks only.
+BOOST_AUTO_TEST_CASE(growth_frees_nothing_before_destruction) {
+  {
+    detail::cuda_memory::owned_array<int, counted_memory> a(4);
+    for (std::size_t n = 5; n <= 1000; ++n) {
+      a.resize(n);
+      a.data()[n - 1] = static_cast<int>(n); // the whole size is writable
+    }
+    BOOST_TEST(counted_memory::frees == 0);
+    BOOST_TEST(a.size() == 1000u);
+    BOOST_TEST(counted_memory::allocations <= 10); // 4, 8, 16, ..., 1024
+    a.resize(3);                                   // shrinking keeps the block
+    BOOST_TEST(counted_memory::frees == 0);
+    detail::cuda_memory::owned_array<int, counted_memory> b(std::move(a));
+    BOOST_TEST(counted_memory::frees == 0);
+  }
+  BOOST_TEST(counted_memory::frees == counted_memory::allocations);
+}
+
+namespace {
+// Holds its stream until the host sets *go (mapped pinned memory) or `limit_ns` pass; *released
+// says which (1: the host's flag).
+__global__ void hold_stream(const volatile int* go, unsigned long long limit_ns, int* released) {
+  unsigned long long start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  for (;;) {
+    if (*go != 0) {
+      *released = 1;
+      return;
+    }
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    if (now - start > limit_ns) {
+      *released = 0;
+      return;
+    }
+  }
+}
+} // namespace
+
+// A device buffer grows while its stream is held by a kernel that only the host releases (as a
+// step's NCCL kernels wait for a peer): growing must not wait for the device, or the kernel times
+// out first.
+BOOST_AUTO_TEST_CASE(device_buffer_growth_does_not_wait_for_the_device) {
+  device_buffer<float> grown(1024);
+  device_buffer<int> released(1);
+  LOCUS_CUDA_CHECK(cudaDeviceSynchronize());
+  int* go = nullptr;
+  LOCUS_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&go), sizeof(int), cudaHostAllocMapped));
+  *go = 0;
+  int* go_device = nullptr;
+  LOCUS_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&go_device), go, 0));
+  cudaStream_t stream = nullptr;
+  LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  hold_stream<<<1, 1, 0, stream>>>(go_device, 5'000'000'000ull, released.data());
+  LOCUS_CUDA_CHECK(cudaGetLastError());
+  grown.resize(std::size_t{1} << 24);
+  pinned_buffer<int> staging(16);
+  staging.resize(1024);
+  *static_cast<volatile int*>(go) = 1;
+  BOOST_TEST(released.to_host(stream) == std::vector<int>{1}, "growing waited for the device");
+  BOOST_TEST(grown.size() == std::size_t{1} << 24);
+  LOCUS_CUDA_CHECK(cudaStreamDestroy(stream));
+  LOCUS_CUDA_CHECK(cudaFreeHost(go));
 }

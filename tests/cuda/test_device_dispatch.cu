@@ -15,6 +15,7 @@
 #include <locus/router/softmax_topk.hpp>
 #include <locus/transport/device_dispatch.hpp>
 #include <locus/transport/device_local.hpp>
+#include <numeric>
 #include <string>
 #include <thread>
 #include <vector>
@@ -407,7 +408,7 @@ namespace {
 // receive layout's device check, against the received slots, can tell). Everything else is the
 // wrapped endpoint's.
 struct doctored_endpoint {
-  enum class how { add, shift, reach };
+  enum class how { add, shift, reach, oversize };
   device_local_transport* ep;
   const expert_map* map;
   how mode;
@@ -435,13 +436,18 @@ struct doctored_endpoint {
                               std::uint32_t width = 0) {
     ep->exchange_device_counts(g, row_bytes, counts, entry_bytes, entry_counts, out, stage, tail, width);
     if (step != at || width == 0) return;
-    if (mode == how::reach) {
+    if (mode == how::reach || mode == how::oversize) {
       // Hierarchical round: the rail peer's count of this rank's reached rows, one more than it
-      // says it forwards to this rank.
+      // says it forwards to this rank; or (oversize) its entries for this rank's slot 0, 2^31
+      // more, a step past 32-bit offsets. Either sizes only this rank's self-exchange, which the
+      // refusal keeps sized by what it sends.
       const std::size_t G = topology().gpus_per_node(), S = map->slots_per_rank(), me = rank();
       for (std::size_t m = 0; m < topology().ranks() && !doctored; ++m)
         if (m / G != me / G && m % G == me % G) {
-          ++out.tail[m * width + S];
+          if (mode == how::reach)
+            ++out.tail[m * width + S];
+          else
+            out.tail[m * width] += 0x80000000u;
           doctored = true;
         }
       return;
@@ -630,4 +636,132 @@ BOOST_AUTO_TEST_CASE(doctored_hierarchical_round_is_raised_on_its_receiver) {
     }
   }
   BOOST_TEST(seen > 0u);
+}
+
+// A hierarchical round refused past 32-bit offsets (a rail peer's tail announcing 2^31 more
+// entries): the receiver raises in that step, fans nothing out (its forwarding check starts failed,
+// so its node's ranks get those rows without entries and may raise that with the next step), and
+// the next step is good on every rank. Before, the check word the refusal set was read with the
+// next step's counts and failed that good step too.
+BOOST_AUTO_TEST_CASE(a_step_refused_past_32_bits_leaves_the_next_step_good) {
+  std::size_t seen = 0, cases = 0;
+  for (std::uint64_t seed = 1; seed <= 80 && cases < 4; ++seed) {
+    const auto c = locus_test::make_case(seed, 2, 2);
+    if (c.k != 2) continue; // instantiated for top-2
+    ++cases;
+    const auto all = locus_test::model_weights<float>(seed + 100, c.experts, c.hidden, 16);
+    const std::size_t victim = 1;
+    BOOST_TEST_CONTEXT("seed " << seed) {
+      const auto run =
+          run_doctored<2>(c, all, victim, doctored_endpoint::how::oversize, 0, transport_kind::hierarchical);
+      BOOST_TEST_REQUIRE(run.doctored);
+      ++seen;
+      BOOST_TEST(static_cast<bool>(run.errors[victim][0]));
+      BOOST_TEST(!run.errors[victim][1]);
+      BOOST_TEST(!run.errors[victim][2]);
+      for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
+        if (r != victim) {
+          BOOST_TEST(!run.errors[r][0]);
+          BOOST_TEST((!run.errors[r][1] || says(run.errors[r][1], "in the previous step")));
+          BOOST_TEST(!run.errors[r][2]);
+        }
+        std::vector<double> scale;
+        const auto ref = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, nullptr, &scale);
+        double worst = 0;
+        for (std::size_t i = 0; i < ref.size(); ++i)
+          worst = std::max(worst, std::abs(run.y[r][i] - ref[i]) / (2e-6 * scale[i] + 1e-6));
+        BOOST_TEST(worst <= 1.0); // the last step's y
+      }
+    }
+  }
+  BOOST_TEST(seen > 0u);
+}
+
+namespace {
+// Holds its stream until the host sets *go (mapped pinned memory) or `limit_ns` pass; *released
+// says which (1: the host's flag).
+__global__ void hold_stream(const volatile int* go, unsigned long long limit_ns, int* released) {
+  unsigned long long start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  for (;;) {
+    if (*go != 0) {
+      *released = 1;
+      return;
+    }
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    if (now - start > limit_ns) {
+      *released = 0;
+      return;
+    }
+  }
+}
+
+// The one-GPU endpoint whose wait releases a held stream: the wait a step makes through its
+// transport, where the NCCL transport's timeout would notice a lost peer.
+struct releasing_endpoint : device_local_transport {
+  explicit releasing_endpoint(device_local_transport&& t) : device_local_transport(std::move(t)) {}
+  volatile int* go = nullptr;
+  void synchronize(const char* what) {
+    if (go) *go = 1;
+    device_local_transport::synchronize(what);
+  }
+};
+struct releasing_flat {
+  using policy_concept = transport_tag;
+  using exchanger_type = releasing_endpoint;
+  static constexpr transport_kind kind = transport_kind::flat;
+};
+} // namespace
+
+// New router weights between two steps, the stream still held by earlier work (a kernel that only
+// the transport's wait releases, as the last step's exchanges would hold it for a lost peer): the
+// step replaces the router's device state only after that wait (before, freeing the old state
+// waited for the device first, untimed), and routes by the new weights.
+BOOST_AUTO_TEST_CASE(new_router_weights_wait_through_the_transport) {
+  constexpr std::size_t E = 8, H = 32, K = 2, T = 40;
+  using shape = moe_shape<experts<>, top_k<K>, hidden<>, shared_experts<>>;
+  using layer_t = moe_layer<shape, dynamic_topology, releasing_flat, backend::cuda>;
+  const dynamic_topology topo(1, 1);
+  std::vector<expert_id> table(E);
+  std::iota(table.begin(), table.end(), 0);
+  const expert_map map(E, 1, E, table);
+  const auto all = locus_test::model_weights<float>(7, E, H, 16);
+  std::vector<float> x(T * H);
+  for (std::size_t i = 0; i < x.size(); ++i)
+    x[i] = static_cast<float>(static_cast<int>((i * 13) % 33) - 16) / 16.0f;
+  cudaStream_t stream = nullptr;
+  LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  device_local_fabric fabric(topo, transport_kind::flat);
+  releasing_endpoint ep(fabric.endpoint(0, stream));
+  int* go = nullptr;
+  LOCUS_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&go), sizeof(int), cudaHostAllocMapped));
+  *go = 0;
+  int* go_device = nullptr;
+  LOCUS_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&go_device), go, 0));
+  std::vector<float> y(x.size());
+  {
+    layer_t l(shape(E, K, H, 0), topo, ep, map,
+              layer::swiglu_cuda<float>(layer::expert_weights<float>::for_rank(map, 0, all), stream),
+              backend::cuda{stream});
+    device_buffer<float> dx, dy(x.size());
+    device_buffer<int> released(1);
+    dx.upload(x, stream);
+    l.set_router(router_gate(1, H, E));
+    ep.begin_step(0);
+    l.forward(dx.data(), T, dy.data());
+    LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const auto gate = router_gate(2, H, E);
+    l.set_router(gate);
+    hold_stream<<<1, 1, 0, stream>>>(go_device, 5'000'000'000ull, released.data());
+    LOCUS_CUDA_CHECK(cudaGetLastError());
+    ep.go = go;
+    ep.begin_step(1);
+    l.forward(dx.data(), T, dy.data());
+    l.finish();
+    BOOST_TEST(released.to_host(stream) == std::vector<int>{1}, "the step waited for the stream before its wait");
+    dy.download(y, stream);
+    BOOST_TEST(worst_error(x, y, host_routing(x, gate, H, E, K), all) <= 1.0);
+  }
+  LOCUS_CUDA_CHECK(cudaStreamDestroy(stream));
+  LOCUS_CUDA_CHECK(cudaFreeHost(go));
 }

@@ -2,6 +2,7 @@
 #include "../mpi/dispatch_cases.hpp"
 
 #include <boost/test/unit_test.hpp>
+#include <chrono>
 #include <locus/transport/dispatch.hpp>
 #include <locus/transport/nccl.hpp>
 
@@ -104,6 +105,43 @@ BOOST_AUTO_TEST_CASE(count_round_then_known_count_exchange_on_one_gpu) {
   t.exchange_device_counts(exchange_group::world, sizeof(std::uint64_t), counts, 8, entries, c, 11);
   BOOST_TEST(c.rows == counts, boost::test_tools::per_element());
   cudaFree(d);
+}
+
+// A receive that no send matches (one rank expecting a row from itself that it does not send, as
+// from a lost peer) holds the stream. The timed wait raises timeout_error and aborts every
+// communicator the transport runs on, its world included (before, only node and rail: the world's
+// kernel kept the stream, and the destructor's frees waited for it forever), so the stream drains;
+// every later call raises transport_error, and the caller's communicator is still the caller's.
+BOOST_AUTO_TEST_CASE(a_timeout_aborts_every_communicator) {
+  one_gpu g;
+  {
+    nccl_transport t(g.comm, g.stream, dynamic_topology(1, 1), transport_kind::flat,
+                     exchange_options{std::chrono::milliseconds(500)});
+    BOOST_TEST((t.communicator(exchange_group::world) != g.comm));
+    device_buffer<std::uint64_t> rows(1);
+    const std::vector<std::size_t> none{0}, one{1};
+    device_exchange_result out;
+    t.exchange_device_known(exchange_group::world, sizeof(std::uint64_t),
+                            reinterpret_cast<const std::byte*>(rows.data()), none, one, out);
+    BOOST_CHECK_THROW(t.synchronize("the test's wait"), timeout_error);
+    for (exchange_group grp : {exchange_group::world, exchange_group::node, exchange_group::rail})
+      BOOST_TEST((t.communicator(grp) == nullptr));
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    cudaError_t q = cudaErrorNotReady;
+    while (q == cudaErrorNotReady && std::chrono::steady_clock::now() < until)
+      q = cudaStreamQuery(g.stream);
+    BOOST_TEST(q != cudaErrorNotReady, "the aborted exchange still holds the stream");
+    BOOST_CHECK_THROW(t.synchronize("a later wait"), transport_error);
+    device_counts c;
+    BOOST_CHECK_THROW(t.exchange_device_counts(exchange_group::world, 8, one, 8, one, c), transport_error);
+    BOOST_CHECK_THROW(t.exchange_device_known(exchange_group::world, sizeof(std::uint64_t),
+                                              reinterpret_cast<const std::byte*>(rows.data()), one, one, out),
+                      transport_error);
+  }                   // the destructor returns (it waited for nothing)
+  cudaGetLastError(); // an aborted kernel may leave an error behind; the next case starts clean
+  int size = 0;
+  BOOST_TEST(ncclCommCount(g.comm, &size) == ncclSuccess);
+  BOOST_TEST(size == 1);
 }
 
 // A send that fails inside the exchange's NCCL group ends the group before the error is raised

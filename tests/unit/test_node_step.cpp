@@ -475,6 +475,40 @@ BOOST_AUTO_TEST_CASE(doctored_rounds_are_refused) {
   BOOST_TEST(empty > 0u);
 }
 
+// A round past 32-bit offsets (a rail peer announcing 2^31 more entries for this rank's slot 0) is
+// refused with no tables and no fan-out (the rail rows × GPUs of its scratch and scans are not
+// sized from it), while the exchanges keep the sizes its peers use; the next, good, round on the
+// same counts is sized as if the refused one never came.
+BOOST_AUTO_TEST_CASE(a_round_past_32_bits_fans_out_nothing) {
+  std::size_t seen = 0;
+  for (std::uint64_t seed = 1; seed <= 20; ++seed) {
+    const auto c = locus_test::make_case(seed, 2, 2);
+    const std::size_t R = c.topo.ranks(), G = 2, S = c.map.slots_per_rank(), W = ns::tail_width(S, G);
+    const auto cr = make_round(c);
+    for (std::size_t q = 0; q < R; ++q) {
+      BOOST_TEST_CONTEXT("seed " << seed << ", rank " << q) {
+        ns::step_counts fresh, sc;
+        BOOST_TEST_REQUIRE(ns::counts_from(cr.counts(q), delivered(cr.round, q, W), G, q, S, fresh).empty());
+        BOOST_TEST(ns::fanout_rows(fresh) == fresh.rail_in);
+        auto d = delivered(cr.round, q, W);
+        d.tail[((q + G) % R) * W] += 0x80000000u;
+        const std::string why = ns::counts_from(cr.counts(q), d, G, q, S, sc);
+        BOOST_TEST(!why.empty());
+        BOOST_TEST(!sc.indexable);
+        BOOST_TEST(ns::fanout_rows(sc) == 0u);
+        BOOST_TEST((sc.node_send == fresh.node_send && sc.rail_send == fresh.rail_send));
+        BOOST_TEST((sc.rail_recv == fresh.rail_recv && sc.node_recv == fresh.node_recv));
+        BOOST_TEST(ns::counts_from(cr.counts(q), delivered(cr.round, q, W), G, q, S, sc).empty());
+        BOOST_TEST(sc.indexable);
+        BOOST_TEST((sc.tables == fresh.tables && sc.slot_offsets == fresh.slot_offsets));
+        BOOST_TEST(ns::fanout_rows(sc) == fresh.rail_in);
+        seen += fresh.rail_in > 0;
+      }
+    }
+  }
+  BOOST_TEST(seen > 0u);
+}
+
 // A fan-out that differs from what the count round announced (a rail peer's tail that lied) is
 // flagged before anything is placed: the forwarded node rows then go out with no entries (which
 // every receiver's check refuses), their entries as slot -1, and the rail rows return zeros.

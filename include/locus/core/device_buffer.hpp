@@ -3,10 +3,15 @@
 //! @file
 //! `locus::device_buffer<T>`: the one owning array in device memory (RAII over cudaMalloc /
 //! cudaFree). Growing keeps no contents: it is scratch and output storage for kernels, reused
-//! across steps so that the steady state allocates nothing. Copies to and from the host are
+//! across steps so that the steady state allocates nothing. Growing frees nothing: cudaFree (and
+//! cudaFreeHost) waits for the whole device, untimed, so inside a step whose exchanges wait for a
+//! lost peer it would hang before the step's timed wait; an outgrown block is kept until the
+//! buffer is destroyed (after a transport's abort has released such kernels), and growing at least
+//! doubles the capacity, so what is kept stays below it. Copies to and from the host are
 //! issued on a stream. `locus::pinned_buffer<T>`: its page-locked host counterpart, where values
 //! the host reads from the device land (see there why).
 
+#include <algorithm>
 #include <cstddef>
 #include <cuda_runtime_api.h>
 #include <locus/core/cuda_error.hpp>
@@ -53,25 +58,31 @@ public:
   owned_array& operator=(const owned_array&) = delete;
   owned_array(owned_array&& o) noexcept
       : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)),
-        capacity_(std::exchange(o.capacity_, 0)) {}
+        capacity_(std::exchange(o.capacity_, 0)), retired_(std::move(o.retired_)) {}
   owned_array& operator=(owned_array&& o) noexcept {
     if (this != &o) {
       release();
       data_ = std::exchange(o.data_, nullptr);
       size_ = std::exchange(o.size_, 0);
       capacity_ = std::exchange(o.capacity_, 0);
+      retired_ = std::move(o.retired_);
     }
     return *this;
   }
   ~owned_array() { release(); }
 
-  //! Makes room for `n` elements; contents are unspecified afterwards when the array grew.
+  //! Makes room for `n` elements; contents are unspecified afterwards when the array grew. The
+  //! outgrown block is kept, not freed, until destruction (see the file comment: a free waits
+  //! for the device).
   //! @throws locus::cuda_error when the allocation fails
   void resize(std::size_t n) {
     if (n > capacity_) {
-      release();
-      data_ = static_cast<T*>(Memory::allocate(n * sizeof(T)));
-      capacity_ = n;
+      const std::size_t grown = std::max(n, 2 * capacity_);
+      if (data_) retired_.reserve(retired_.size() + 1); // before allocating: nothing to leak after
+      T* p = static_cast<T*>(Memory::allocate(grown * sizeof(T)));
+      if (data_) retired_.push_back(data_);
+      data_ = p;
+      capacity_ = grown;
     }
     size_ = n;
   }
@@ -84,6 +95,9 @@ public:
 private:
   void release() noexcept {
     if (data_) Memory::release(data_);
+    for (T* p : retired_)
+      Memory::release(p);
+    retired_.clear();
     data_ = nullptr;
     size_ = capacity_ = 0;
   }
@@ -91,6 +105,7 @@ private:
   T* data_ = nullptr;
   std::size_t size_ = 0;
   std::size_t capacity_ = 0;
+  std::vector<T*> retired_; // outgrown blocks, freed with this one
 };
 
 } // namespace detail::cuda_memory

@@ -104,6 +104,12 @@ struct device_step<moe_layer<Shape, Topology, Policies...>> {
                             value_type* y) {
     using rs_type = device_route_state<typename layer_type::router_type>;
     auto& s = state_of(l, st);
+    // New router weights (set_router, or the first routed step): building the router's state
+    // uploads from pageable memory and syncs the default stream, and replacing it frees device
+    // memory, each of which may wait, untimed, for the stream's earlier work (the last step's
+    // exchanges, which a lost peer never finishes). The transport's timed wait goes first.
+    if (!s.route || static_cast<rs_type*>(s.route.get())->version != l.router_version_)
+      l.exchanger().synchronize("uploading the router's weights");
     std::exception_ptr fail;
     device_routing_view<top_k_type> r(nullptr, nullptr, 0, top_k_type{});
     transport::device_abort abort;

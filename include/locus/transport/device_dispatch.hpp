@@ -523,12 +523,12 @@ private:
 
     // Fan-out of the rail rows by target, checked on the device: the received metadata as the
     // receive layout checks its own (targets in place of slots), then the fan-out's counts against
-    // the count round's.
+    // the count round's. A step refused past 32-bit offsets fans out nothing (ns::fanout_rows).
     fwd_target_.resize(std::max<std::size_t>(rin_entries, 1));
     fwd_slot_.resize(std::max<std::size_t>(rin_entries, 1));
     fwd_weight_.resize(std::max<std::size_t>(rin_entries, 1));
     fwd_reo_.resize(rin + 1);
-    const std::size_t fan = G * rin;
+    const std::size_t fr = ns::fanout_rows(sc_), fan = G * fr, fan_entries = fr > 0 ? rin_entries : 0;
     fan_count_.resize(fan + 1);
     fan_present_.resize(fan + 1);
     LOCUS_CUDA_CHECK(cudaMemsetAsync(fan_count_.data() + fan, 0, sizeof(std::int32_t), stream_));
@@ -537,22 +537,22 @@ private:
     entry_at_.resize(fan + 1);
     fan_row_.resize(std::max<std::size_t>(fan, 1));
     fan_row_entries_.resize(std::max<std::size_t>(fan, 1));
-    fan_slot_.resize(std::max<std::size_t>(rin_entries, 1));
-    fan_weight_.resize(std::max<std::size_t>(rin_entries, 1));
-    fan_source_.resize(std::max<std::size_t>(rin_entries, 1));
+    fan_slot_.resize(std::max<std::size_t>(fan_entries, 1));
+    fan_weight_.resize(std::max<std::size_t>(fan_entries, 1));
+    fan_source_.resize(std::max<std::size_t>(fan_entries, 1));
     std::int32_t* flag = forward_flag_.data();
     launch(rin_entries, dd::unpack_entries_kernel<>, fwd_entries_.data(), rin_entries, fwd_target_.data(),
            fwd_slot_.data(), fwd_weight_.data());
     launch(std::max(rin, rin_entries), dd::metadata_check_kernel<>, fwd_row_entries_.data(), rin, fwd_target_.data(),
            rin_entries, G, flag);
     scan(fwd_row_entries_.data(), rin, fwd_reo_.data());
-    launch(rin, dd::fanout_count_kernel<>, fwd_reo_.data(), fwd_target_.data(), rin, G, flag, fan_count_.data(),
+    launch(fr, dd::fanout_count_kernel<>, fwd_reo_.data(), fwd_target_.data(), fr, G, flag, fan_count_.data(),
            fan_present_.data());
     scan(fan_present_.data(), fan, row_at_.data());
     scan(fan_count_.data(), fan, entry_at_.data());
-    launch(G + 1, dd::fanout_check_kernel<>, row_at_.data(), entry_at_.data(), rin, G, tables_.data(), flag);
-    launch(rin, dd::fanout_place_kernel<>, fwd_reo_.data(), fwd_target_.data(), fwd_slot_.data(), fwd_weight_.data(),
-           rin, G, row_at_.data(), entry_at_.data(), flag, fan_row_.data(), fan_row_entries_.data(), fan_slot_.data(),
+    launch(G + 1, dd::fanout_check_kernel<>, row_at_.data(), entry_at_.data(), fr, G, tables_.data(), flag);
+    launch(fr, dd::fanout_place_kernel<>, fwd_reo_.data(), fwd_target_.data(), fwd_slot_.data(), fwd_weight_.data(), fr,
+           G, row_at_.data(), entry_at_.data(), flag, fan_row_.data(), fan_row_entries_.data(), fan_slot_.data(),
            fan_weight_.data(), fan_source_.data());
 
     // Node stage: per local rank its own rows, then the rows forwarded to it (itself included).
@@ -571,7 +571,10 @@ private:
     launch(nout_entries, dd::node_send_entries_kernel<>, tables_.data(), G, layout_.entry_slot(),
            layout_.entry_weight(), fan_slot_.data(), fan_weight_.data(), nout_entries, flag, send_slots_.data(),
            send_weights_.data());
-    check_unread_ = true; // the forwarding check's word (and the receive layout's, when built)
+    // The forwarding check's word (and the receive layout's, when built), read with the next step's
+    // count read; none after counts refused here, which this step raises itself (a step past 32-bit
+    // offsets starts with the word set: read, it would fail the next, good, step).
+    check_unread_ = !recv_bad_;
     ex_->exchange_device_known(exchange_group::node, sizeof(std::int32_t), bytes_of(row_entries_.data()), sc_.node_send,
                                sc_.node_recv, meta_);
     dd::keep(meta_, recv_row_entries_, stream_);
@@ -606,7 +609,7 @@ private:
     fan_count_.resize(rin + 1);
     LOCUS_CUDA_CHECK(cudaMemsetAsync(fan_count_.data() + rin, 0, sizeof(std::int32_t), stream_));
     fwd_reo_.resize(rin + 1);
-    fan_row_.resize(std::max<std::size_t>(G * rin, 1));
+    fan_row_.resize(std::max<std::size_t>(G * ns::fanout_rows(sc_), 1)); // read only where the check passed
     ones_.resize(std::max<std::size_t>(nout, 1));
     launch(rin, dd::forward_count_kernel<>, row_at_.data(), rin, G, flag, fan_count_.data());
     scan(fan_count_.data(), rin, fwd_reo_.data());

@@ -1,15 +1,18 @@
 #pragma once
 // locus-requires: nccl
 //! @file
-//! NCCL transports. `nccl_transport` owns an NCCL communicator per exchange group (the world as
-//! given, plus node and rail communicators made with `ncclCommSplit`), a stream and device
+//! NCCL transports. `nccl_transport` owns an NCCL communicator per exchange group (world, node and
+//! rail, each made from the caller's world with `ncclCommSplit`), a stream and device
 //! staging buffers. Rows move with `ncclGroupStart` + one `ncclSend`/`ncclRecv` per peer; for the
 //! common group sizes (1, 2, 4, 8, 16, 32, 64) the peer loop is unrolled at compile time.
 //!
 //! Protocol per exchange (see exchange.hpp): a header round (row width, exchange name, count, validity)
 //! exchanged over NCCL and copied to the host, an optional expectation round, then the rows. Every
-//! wait polls the stream with a deadline and watches `ncclCommGetAsyncError`; on timeout every
-//! communicator is aborted (`ncclCommAbort`) and locus::timeout_error is raised.
+//! wait polls the stream with a deadline and watches `ncclCommGetAsyncError`; on timeout or an
+//! asynchronous error every communicator the transport runs on is aborted (`ncclCommAbort`, which
+//! releases kernels waiting for a lost peer), and every later call raises locus::transport_error.
+//! The world exchanges run on the transport's own split of the caller's communicator, so that it
+//! too can be aborted while the caller's stays the caller's to destroy.
 //!
 //! `exchange_device_counts` is a header round alone (rows and entries per peer) and
 //! `exchange_device_known` moves rows whose counts both sides know, with no header round and no
@@ -98,24 +101,39 @@ public:
   //! @throws locus::config_error when the communicator size differs from the topology
   nccl_transport(ncclComm_t world, cudaStream_t stream, const dynamic_topology& topo, transport_kind kind,
                  exchange_options options = {})
-      : world_(world), stream_(stream), groups_{topo, 0}, hierarchical_(kind == transport_kind::hierarchical),
-        options_(options) {
+      : stream_(stream), groups_{topo, 0}, hierarchical_(kind == transport_kind::hierarchical), options_(options) {
     int size = 0, rank = 0;
     LOCUS_NCCL_CHECK(ncclCommCount(world, &size));
     LOCUS_NCCL_CHECK(ncclCommUserRank(world, &rank));
     LOCUS_REQUIRE(static_cast<std::size_t>(size) == topo.ranks(), config_error, "nccl_transport: the communicator has ",
                   size, " ranks but the topology has ", topo.ranks());
     groups_.rank = static_cast<std::size_t>(rank);
-    LOCUS_NCCL_CHECK(ncclCommSplit(world, static_cast<int>(topo.node_of(groups_.rank)),
-                                   static_cast<int>(topo.local_rank_of(groups_.rank)), &node_, nullptr));
-    LOCUS_NCCL_CHECK(ncclCommSplit(world, static_cast<int>(topo.local_rank_of(groups_.rank)),
-                                   static_cast<int>(topo.node_of(groups_.rank)), &rail_, nullptr));
+    try {
+      // A world of its own: after a timeout it is aborted with the others (the caller's is not ours to abort).
+      LOCUS_NCCL_CHECK(ncclCommSplit(world, 0, rank, &world_, nullptr));
+      LOCUS_NCCL_CHECK(ncclCommSplit(world, static_cast<int>(topo.node_of(groups_.rank)),
+                                     static_cast<int>(topo.local_rank_of(groups_.rank)), &node_, nullptr));
+      LOCUS_NCCL_CHECK(ncclCommSplit(world, static_cast<int>(topo.local_rank_of(groups_.rank)),
+                                     static_cast<int>(topo.node_of(groups_.rank)), &rail_, nullptr));
+    } catch (...) {
+      abort_all();
+      throw;
+    }
   }
   nccl_transport(const nccl_transport&) = delete;
   nccl_transport& operator=(const nccl_transport&) = delete;
+  // Runs before the members' destructors. ncclCommDestroy waits for the communicator's work, which
+  // a step left unfinished (an error between its exchanges) may hold for a lost peer: the stream
+  // gets the timeout first, as a wait would, and is aborted past it. The abort releases the
+  // kernels that the device buffers' frees would otherwise wait for.
   ~nccl_transport() {
-    for (ncclComm_t c : {node_, rail_})
-      if (c) broken_ ? ncclCommAbort(c) : ncclCommDestroy(c);
+    if (!broken_ && !idle_by(std::chrono::steady_clock::now() + options_.timeout)) abort_all();
+    if (broken_) {
+      abort_all();
+      return;
+    }
+    for (ncclComm_t c : {world_, node_, rail_})
+      if (c) ncclCommDestroy(c);
   }
 
   std::size_t rank() const noexcept { return groups_.rank; }
@@ -295,9 +313,27 @@ private:
     try {
       detail::nccl::exchange_peers(members, io);
     } catch (...) {
-      broken_ = true;
+      abort_all();
       throw;
     }
+  }
+
+  // Whether the stream's work finished by `deadline` (false also on a CUDA error).
+  bool idle_by(std::chrono::steady_clock::time_point deadline) const noexcept {
+    for (;;) {
+      const cudaError_t s = cudaStreamQuery(stream_);
+      if (s == cudaSuccess) return true;
+      if (s != cudaErrorNotReady || std::chrono::steady_clock::now() > deadline) return false;
+      std::this_thread::yield();
+    }
+  }
+
+  // Marks the transport unusable and aborts every communicator it owns, which releases kernels
+  // still waiting for a peer (what would otherwise hold a later free or destroy forever).
+  void abort_all() noexcept {
+    broken_ = true;
+    for (ncclComm_t* c : {&world_, &node_, &rail_})
+      if (*c) ncclCommAbort(std::exchange(*c, nullptr));
   }
 
   void fixed_offsets(std::size_t members, std::size_t bytes) {
@@ -311,30 +347,27 @@ private:
     for (;;) {
       const cudaError_t s = cudaStreamQuery(stream_);
       if (s == cudaSuccess) return;
-      if (s != cudaErrorNotReady) LOCUS_CUDA_CHECK(s);
+      if (s != cudaErrorNotReady) {
+        abort_all();
+        LOCUS_CUDA_CHECK(s);
+      }
       for (ncclComm_t c : {world_, node_, rail_}) {
         ncclResult_t async = ncclSuccess;
-        LOCUS_NCCL_CHECK(ncclCommGetAsyncError(c, &async));
-        if (async != ncclSuccess && async != ncclInProgress) {
-          broken_ = true;
-          LOCUS_NCCL_CHECK(async);
+        const ncclResult_t got = ncclCommGetAsyncError(c, &async);
+        if (got != ncclSuccess || (async != ncclSuccess && async != ncclInProgress)) {
+          abort_all();
+          LOCUS_NCCL_CHECK(got != ncclSuccess ? got : async);
         }
       }
       if (std::chrono::steady_clock::now() > deadline) break;
       std::this_thread::yield();
     }
-    broken_ = true;
-    // Aborting unblocks the kernels waiting for the absent peer; the world communicator is the
-    // caller's, so only its error state is left for the caller to see.
-    for (ncclComm_t c : {node_, rail_})
-      ncclCommAbort(c);
-    node_ = rail_ = nullptr;
+    abort_all();
     LOCUS_THROW(timeout_error, "nccl_transport: rank ", rank(), " waited ", options_.timeout.count(), " ms in ", what,
                 " of an exchange over the ", to_string(g), " group; the transport is unusable from now on");
   }
 
-  ncclComm_t world_;
-  ncclComm_t node_ = nullptr, rail_ = nullptr;
+  ncclComm_t world_ = nullptr, node_ = nullptr, rail_ = nullptr; // owned (split from the caller's)
   cudaStream_t stream_;
   detail::exchange::group_map groups_;
   bool hierarchical_;

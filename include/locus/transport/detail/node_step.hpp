@@ -283,6 +283,11 @@ inline std::string counts_from(const layout_counts& c, const device_counts& roun
   }
   return why;
 }
+
+//! The rail rows the rail peer fans out on the device: none in a step refused past 32-bit offsets,
+//! whose forwarding check starts failed (no fan-out body runs) and whose refused sizes would
+//! otherwise size the fan-out's scratch and scans (rail rows × GPUs: past a scan's int count).
+inline std::size_t fanout_rows(const step_counts& sc) noexcept { return sc.indexable ? sc.rail_in : 0; }
 //! @}
 
 //! @name Device: stage bodies of the step (one thread of a grid each; see stage.hpp)
