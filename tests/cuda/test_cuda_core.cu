@@ -1,4 +1,6 @@
 #define BOOST_TEST_MODULE cuda_core
+#include "../support/hold_stream.cuh"
+
 #include <boost/test/unit_test.hpp>
 #include <locus/core/cuda_error.hpp>
 #include <locus/core/device_buffer.hpp>
@@ -100,26 +102,6 @@ BOOST_AUTO_TEST_CASE(growth_frees_nothing_before_destruction) {
   BOOST_TEST(counted_memory::frees == counted_memory::allocations);
 }
 
-namespace {
-// Holds its stream until the host sets *go (mapped pinned memory) or `limit_ns` pass; *released
-// says which (1: the host's flag).
-__global__ void hold_stream(const volatile int* go, unsigned long long limit_ns, int* released) {
-  unsigned long long start, now;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
-  for (;;) {
-    if (*go != 0) {
-      *released = 1;
-      return;
-    }
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    if (now - start > limit_ns) {
-      *released = 0;
-      return;
-    }
-  }
-}
-} // namespace
-
 // A device buffer grows while its stream is held by a kernel that only the host releases (as a
 // step's NCCL kernels wait for a peer): growing must not wait for the device, or the kernel times
 // out first.
@@ -134,7 +116,7 @@ BOOST_AUTO_TEST_CASE(device_buffer_growth_does_not_wait_for_the_device) {
   LOCUS_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&go_device), go, 0));
   cudaStream_t stream = nullptr;
   LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  hold_stream<<<1, 1, 0, stream>>>(go_device, 5'000'000'000ull, released.data());
+  locus_test::hold_stream<<<1, 1, 0, stream>>>(go_device, 5'000'000'000ull, released.data());
   LOCUS_CUDA_CHECK(cudaGetLastError());
   grown.resize(std::size_t{1} << 24);
   pinned_buffer<int> staging(16);

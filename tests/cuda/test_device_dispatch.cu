@@ -3,6 +3,7 @@
 // reference; no token row goes through the host.
 #define BOOST_TEST_MODULE device_dispatch
 #include "../mpi/dispatch_cases.hpp"
+#include "../support/hold_stream.cuh"
 #include "../support/moe_reference.hpp"
 
 #include <boost/test/unit_test.hpp>
@@ -266,6 +267,19 @@ std::vector<std::vector<float>> run_device_k(const locus_test::dispatch_case& c,
   }
 }
 
+// Rank r's output `y` against the dense reference: the largest error as a share of its bound
+// (2e-6 of the element's scale plus 1e-6), so at most 1 passes.
+template <class Y>
+double worst_vs_dense(const locus_test::dispatch_case& c, const layer::expert_weights<float>& all, std::size_t r,
+                      const Y& y) {
+  std::vector<double> scale;
+  const auto ref = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, nullptr, &scale);
+  double worst = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i)
+    worst = std::max(worst, std::abs(y[i] - ref[i]) / (2e-6 * scale[i] + 1e-6));
+  return worst;
+}
+
 } // namespace
 
 // Every member compiled for the DeepSeek-V3 decode shape with static extents (the kernels are then
@@ -292,12 +306,7 @@ BOOST_AUTO_TEST_CASE(device_step_matches_dense_reference) {
           else
             BOOST_TEST((run_layer_k<device_local_hierarchical>(c, all) == y));
           for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
-            std::vector<double> scale;
-            const auto ref = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, nullptr, &scale);
-            double worst = 0;
-            for (std::size_t i = 0; i < ref.size(); ++i)
-              worst = std::max(worst, std::abs(y[r][i] - ref[i]) / (2e-6 * scale[i] + 1e-6));
-            BOOST_TEST(worst <= 1.0);
+            BOOST_TEST(worst_vs_dense(c, all, r, y[r]) <= 1.0);
           }
         }
       }
@@ -370,12 +379,7 @@ BOOST_AUTO_TEST_CASE(bad_device_routing_on_one_rank_releases_the_peers) {
           continue;
         }
         if (errors[r]) std::rethrow_exception(errors[r]);
-        std::vector<double> scale;
-        const auto ref = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, nullptr, &scale);
-        double worst = 0;
-        for (std::size_t i = 0; i < ref.size(); ++i)
-          worst = std::max(worst, std::abs(y[r][i] - ref[i]) / (2e-6 * scale[i] + 1e-6));
-        BOOST_TEST(worst <= 1.0);
+        BOOST_TEST(worst_vs_dense(c, all, r, y[r]) <= 1.0);
       }
     }
   }
@@ -626,12 +630,7 @@ BOOST_AUTO_TEST_CASE(doctored_hierarchical_round_is_raised_on_its_receiver) {
         if (r != victim)
           for (const auto& e : run.errors[r])
             BOOST_TEST(!e);
-        std::vector<double> scale;
-        const auto ref = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, nullptr, &scale);
-        double worst = 0;
-        for (std::size_t i = 0; i < ref.size(); ++i)
-          worst = std::max(worst, std::abs(run.y[r][i] - ref[i]) / (2e-6 * scale[i] + 1e-6));
-        BOOST_TEST(worst <= 1.0); // the last step's y
+        BOOST_TEST(worst_vs_dense(c, all, r, run.y[r]) <= 1.0); // the last step's y
       }
     }
   }
@@ -665,12 +664,7 @@ BOOST_AUTO_TEST_CASE(a_step_refused_past_32_bits_leaves_the_next_step_good) {
           BOOST_TEST((!run.errors[r][1] || says(run.errors[r][1], "in the previous step")));
           BOOST_TEST(!run.errors[r][2]);
         }
-        std::vector<double> scale;
-        const auto ref = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, nullptr, &scale);
-        double worst = 0;
-        for (std::size_t i = 0; i < ref.size(); ++i)
-          worst = std::max(worst, std::abs(run.y[r][i] - ref[i]) / (2e-6 * scale[i] + 1e-6));
-        BOOST_TEST(worst <= 1.0); // the last step's y
+        BOOST_TEST(worst_vs_dense(c, all, r, run.y[r]) <= 1.0); // the last step's y
       }
     }
   }
@@ -678,23 +672,6 @@ BOOST_AUTO_TEST_CASE(a_step_refused_past_32_bits_leaves_the_next_step_good) {
 }
 
 namespace {
-// Holds its stream until the host sets *go (mapped pinned memory) or `limit_ns` pass; *released
-// says which (1: the host's flag).
-__global__ void hold_stream(const volatile int* go, unsigned long long limit_ns, int* released) {
-  unsigned long long start, now;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
-  for (;;) {
-    if (*go != 0) {
-      *released = 1;
-      return;
-    }
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    if (now - start > limit_ns) {
-      *released = 0;
-      return;
-    }
-  }
-}
 
 // The one-GPU endpoint whose wait releases a held stream: the wait a step makes through its
 // transport, where the NCCL transport's timeout would notice a lost peer.
@@ -752,7 +729,7 @@ BOOST_AUTO_TEST_CASE(new_router_weights_wait_through_the_transport) {
     LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream));
     const auto gate = router_gate(2, H, E);
     l.set_router(gate);
-    hold_stream<<<1, 1, 0, stream>>>(go_device, 5'000'000'000ull, released.data());
+    locus_test::hold_stream<<<1, 1, 0, stream>>>(go_device, 5'000'000'000ull, released.data());
     LOCUS_CUDA_CHECK(cudaGetLastError());
     ep.go = go;
     ep.begin_step(1);

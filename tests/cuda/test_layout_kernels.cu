@@ -1,4 +1,6 @@
 #define BOOST_TEST_MODULE layout_kernels
+#include "../support/hold_stream.cuh"
+
 #include <boost/test/unit_test.hpp>
 
 // The device layout and permute kernels against the host path (itself tested against brute
@@ -243,26 +245,6 @@ BOOST_AUTO_TEST_CASE(device_layout_names_bad_input) {
   }
 }
 
-namespace {
-// Holds its stream until the host sets *go (mapped pinned memory) or `limit_ns` pass; *released
-// says which (1: the host's flag).
-__global__ void hold_stream(const volatile int* go, unsigned long long limit_ns, int* released) {
-  unsigned long long start, now;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
-  for (;;) {
-    if (*go != 0) {
-      *released = 1;
-      return;
-    }
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    if (now - start > limit_ns) {
-      *released = 0;
-      return;
-    }
-  }
-}
-} // namespace
-
 // The layout's uploads (its replica tables, megabytes here) queue behind the stream's earlier work
 // instead of waiting for it, so that its one wait is `wait` (a transport's timed synchronize): the
 // stream is held by a kernel that only the wait releases. A copy from pageable memory of this size
@@ -288,7 +270,7 @@ BOOST_AUTO_TEST_CASE(device_layout_uploads_queue_behind_earlier_work) {
   LOCUS_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&go_device), go, 0));
   cudaStream_t stream = nullptr;
   LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  hold_stream<<<1, 1, 0, stream>>>(go_device, 5'000'000'000ull, released.data());
+  locus_test::hold_stream<<<1, 1, 0, stream>>>(go_device, 5'000'000'000ull, released.data());
   LOCUS_CUDA_CHECK(cudaGetLastError());
   device_layout<top_k<2>, experts<>> dev;
   bool waited = false;
