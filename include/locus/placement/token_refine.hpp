@@ -242,8 +242,9 @@ struct token_refine_options {
   //! (s = 0.6: a class's share moves by a factor of 0.55-1.8 within one standard deviation). Costs
   //! bytes through the copies it adds: off by default (bench/results/robust_planning.md, section 10).
   double hedge_class_spread = 0;
-  //! hedge_class_spread at most this (a class's weight within e^±32 at 8 standard deviations).
-  static constexpr double max_hedge_class_spread = 4;
+  //! hedge_class_spread at most this: a class's factor stays within e^±18 (a normal draw from two
+  //! doubles is below 9 standard deviations), so a draw's rows stay whole numbers below 2^53.
+  static constexpr double max_hedge_class_spread = 2;
   //! The replica fill's own load bound (0: balance_slack, the default). Under balance_slack a copy
   //! of a hot expert often cannot go in: it moves its node's rows onto one GPU at once, and the
   //! fill adds copies without moving anything else, so slots stay empty (half of them on small
