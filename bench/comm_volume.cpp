@@ -11,6 +11,7 @@
 #include "bench_args.hpp"
 #include "bench_output.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -253,7 +254,8 @@ struct results {
       "| topology | placement | grouper | transport | locality_first (locus) | same_gpu_else_random (SGLang static) "
       "| random (vLLM EPLB) | locality_bounded |\n|---|---|---|---|---|---|---|---|\n";
   std::string floor_md = "| topology | placement | redundant/GPU | grouper | transport | GPU max/mean (aggregate) | "
-                         "floor | above floor |\n|---|---|---|---|---|---|---|---|\n";
+                         "floor | above floor | worst resampled floor | layers above it |\n"
+                         "|---|---|---|---|---|---|---|---|---|---|\n";
   std::map<std::string, nlohmann::json> by_key; // "4x2 locality 1 workload_aware flat" -> row
   double accuracy = 0;
 };
@@ -282,6 +284,7 @@ void topology_table(const topology_case& tc, const locus::trace::trace& train, c
   const locus::cost::simulation_result& baseline = cmp.rows.front().result; // linear / round_robin / flat
   const auto test_rows =
       o.balance_floor ? locus::placement::expert_load(test, true) : std::vector<std::vector<double>>{};
+  std::map<std::tuple<std::string, std::size_t, int>, std::vector<double>> worst_resampled; // per plan, per layer
   for (const auto& entry : cmp.rows) {
     const auto& row = entry.row;
     const auto& res = entry.result;
@@ -319,17 +322,47 @@ void topology_table(const topology_case& tc, const locus::trace::trace& train, c
     }
     if (o.balance_floor) {
       // Mean over layers, like gpu_imbalance_aggregate; a row near its floor is plan-limited.
-      const auto& maps = cmp.plans.at(locus::cost::detail::plan_key(row, topo_opt)).maps;
+      const auto key = locus::cost::detail::plan_key(row, topo_opt);
+      const auto& plan = cmp.plans.at(key);
+      const auto& maps = plan.maps;
+      std::vector<double> test_floor(maps.size());
       double floor = 0;
       for (std::size_t l = 0; l < maps.size(); ++l)
-        floor += locus::placement::min_max_split(maps[l], test_rows[l]).max_over_mean;
+        floor += test_floor[l] = locus::placement::min_max_split(maps[l], test_rows[l]).max_over_mean;
       floor /= static_cast<double>(maps.size());
       j["gpu_balance_floor"] = floor;
-      char cells[320];
-      std::snprintf(cells, sizeof cells, "| %s | %s | %zu | %s | %s | %.3f | %.3f | %+.3f |\n",
+      char resampled[64] = "— | —";
+      if (row.placement == "locality" && row.redundant > 0) {
+        // The hedge's view: each layer's worst floor over its draws of the planner's own sample
+        // (the same sample and draws the plan was hedged with); a test floor above it is a mix the
+        // hedge could not see.
+        auto& worst = worst_resampled[key];
+        if (worst.empty()) {
+          const auto sample = locus::placement::token_sample_from_model(
+              train, *plan.model, topo_opt.plan.refine_sample_tokens(train.layers(), train.top_k()),
+              topo_opt.plan.shift_by);
+          for (std::size_t l = 0; l < maps.size(); ++l) {
+            const auto draws = locus::placement::hedge_draw_floors(maps[l], sample, l, topo_opt.simulation.topology,
+                                                                   topo_opt.plan.refine);
+            worst.push_back(draws.empty() ? 0.0 : *std::max_element(draws.begin(), draws.end()));
+          }
+        }
+        double mean = 0;
+        std::size_t above = 0;
+        for (std::size_t l = 0; l < maps.size(); ++l) {
+          mean += worst[l];
+          above += test_floor[l] > worst[l];
+        }
+        mean /= static_cast<double>(maps.size());
+        j["gpu_balance_floor_worst_resample"] = mean;
+        j["layers_test_floor_above_worst_resample"] = above;
+        std::snprintf(resampled, sizeof resampled, "%.3f | %zu of %zu", mean, above, maps.size());
+      }
+      char cells[400];
+      std::snprintf(cells, sizeof cells, "| %s | %s | %zu | %s | %s | %.3f | %.3f | %+.3f | %s |\n",
                     j["topology"].get<std::string>().c_str(), row.placement.c_str(), row.redundant, row.grouper.c_str(),
                     locus::cost::to_string(row.transport), res.gpu_imbalance_aggregate, floor,
-                    res.gpu_imbalance_aggregate - floor);
+                    res.gpu_imbalance_aggregate - floor, resampled);
       out.floor_md += cells;
     }
     out.doc["rows"].push_back(j);
@@ -537,7 +570,9 @@ void write_outputs(const run_options& o, tool_cli::results_folder& folder, resul
   if (o.balance_floor)
     md << "\n## Balance floor\n\nThe lowest GPU max/mean (aggregate) any split of the test split's decode rows "
           "among each map's replicas reaches (placement::min_max_split, mean over layers). A row near its floor is "
-          "plan-limited: only a different map lowers it.\n\n"
+          "plan-limited: only a different map lowers it. For locality rows with replicas, the worst floor over the "
+          "balance hedge's draws of the training sample (placement::hedge_draw_floors, each layer's worst, mean over "
+          "layers), and in how many layers the test split's floor is above it: a test mix the hedge could not see.\n\n"
        << out.floor_md;
   std::printf("%s", out.md.c_str());
   std::printf("\n%s", summary.c_str());

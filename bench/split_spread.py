@@ -113,6 +113,24 @@ def main():
             doc["floors"][label] = [r["gpu_balance_floor"] if r else None for r in rows]
             md.append("| %s | %s |" % (label, " | ".join(
                 "%.3f / %.3f" % (r["gpu_imbalance_aggregate"], r["gpu_balance_floor"]) if r else "—" for r in rows)))
+        # Locality rows with replicas: the worst floor over the balance hedge's draws of the training
+        # sample, and the layers whose test floor is above it (a test mix the hedge could not see).
+        resampled = [(label, k) for label, k, _, _ in ROWS
+                     if any("gpu_balance_floor_worst_resample" in r for s in seeds for r in per_seed[s]["rows"]
+                            if key(r) == k)]
+        if resampled:
+            md += ["", "Worst floor over the balance hedge's draws of the training sample (mean over layers) / "
+                   "layers whose test floor is above it:", "",
+                   "| row | " + " | ".join("seed %d" % s for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+            doc["worst_resampled_floors"] = {}
+            for label, k in resampled:
+                rows = [next((r for r in per_seed[s]["rows"] if key(r) == k), None) for s in seeds]
+                doc["worst_resampled_floors"][label] = [
+                    [r["gpu_balance_floor_worst_resample"], r["layers_test_floor_above_worst_resample"]] if r else None
+                    for r in rows]
+                md.append("| %s | %s |" % (label, " | ".join(
+                    "%.3f / %d" % (r["gpu_balance_floor_worst_resample"], r["layers_test_floor_above_worst_resample"])
+                    if r else "—" for r in rows)))
     first = per_seed[seeds[0]]
     md += ["", "## Leave one domain out (locality, %d redundant slots/GPU, flat, replica rule %s)" % (
         first.get("unseen_redundant_slots_per_gpu", 0), first.get("replica_rule", "locality_first")), "",

@@ -87,6 +87,17 @@ BOOST_AUTO_TEST_CASE(a_binding_single_copy_expert_gets_a_copy_and_the_floor_drop
     one_added += one[0].replica_count(e) - 1;
   BOOST_TEST(one_added == 1u);
   BOOST_TEST(one[0].replica_count(0) == 2u);
+  // The draws the hedge held the map to: one floor per draw, above the target on the plain map;
+  // the hedge's copies lower the worst and raise none (a copy only adds choices).
+  const auto plain_draws = placement::hedge_draw_floors(c.maps[0], c.s, 0, c.topo, opt);
+  BOOST_TEST(plain_draws.size() == opt.hedge_resamples);
+  BOOST_TEST(*std::max_element(plain_draws.begin(), plain_draws.end()) > opt.hedge_floor);
+  const auto hedged_draws = placement::hedge_draw_floors(hedged[0], c.s, 0, c.topo, opt);
+  BOOST_TEST(*std::max_element(hedged_draws.begin(), hedged_draws.end()) <
+             *std::max_element(plain_draws.begin(), plain_draws.end()) - 0.05);
+  for (std::size_t b = 0; b < plain_draws.size(); ++b)
+    BOOST_TEST(hedged_draws[b] <= plain_draws[b] + 1e-9);
+  BOOST_CHECK_THROW(placement::hedge_draw_floors(c.maps[0], c.s, 1, c.topo, opt), config_error);
   // A target every draw already meets adds nothing; a target below 1 is refused.
   opt.hedge_floor = 50;
   BOOST_TEST((placement::add_replicas_by_tokens(c.maps, c.s, c.topo, opt)[0] == c.maps[0]));

@@ -1289,13 +1289,12 @@ public:
     return added;
   }
 
-  //! Floor-targeted hedge copies (token_refine_options::hedge_floor). Returns those added.
-  std::size_t hedge_floor() {
+  //! Each draw's rows per expert (hedge_resamples × experts): the sample's rows of each request
+  //! weighted by the draw (draw_weights).
+  std::vector<std::vector<double>> draw_rows() const {
     const auto [req, requests] = request_indices();
-    const std::size_t draws = opt_.hedge_resamples;
     const std::vector<double> weight = draw_weights(req, requests);
-    // Rows of each expert per request, sparse (a request uses few experts): a draw's rows are
-    // these weighted by the draw.
+    // Rows of each expert per request, sparse (a request uses few experts).
     std::vector<std::vector<std::pair<std::uint32_t, double>>> per_request(requests);
     for (std::size_t e = 0; e < experts_; ++e)
       for (const auto p : pairs_of_[e]) {
@@ -1303,12 +1302,29 @@ public:
         if (used.empty() || used.back().first != e) used.emplace_back(static_cast<std::uint32_t>(e), 0.0);
         used.back().second += 1;
       }
-    std::vector<std::vector<double>> rows(draws, std::vector<double>(experts_, 0.0));
-    for (std::size_t b = 0; b < draws; ++b)
+    std::vector<std::vector<double>> rows(opt_.hedge_resamples, std::vector<double>(experts_, 0.0));
+    for (std::size_t b = 0; b < rows.size(); ++b)
       for (std::size_t i = 0; i < requests; ++i)
         if (const double w = weight[b * requests + i]; w > 0)
           for (const auto& [e, n] : per_request[i])
             rows[b][e] += w * n;
+    return rows;
+  }
+
+  //! Each draw's balance floor on the current copies (GPU max/mean), in draw order, draws without
+  //! traffic left out.
+  std::vector<double> draw_floors() {
+    const auto hosts = [this](std::size_t e) -> const std::vector<std::int32_t>& { return copies_[e]; };
+    std::vector<double> out;
+    for (const auto& rows : draw_rows())
+      if (even_split_ratio(rows) >= 0) out.push_back(floor_solver_.solve(ranks_, rows, hosts).max_over_mean);
+    return out;
+  }
+
+  //! Floor-targeted hedge copies (token_refine_options::hedge_floor). Returns those added.
+  std::size_t hedge_floor() {
+    const std::size_t draws = opt_.hedge_resamples;
+    const std::vector<std::vector<double>> rows = draw_rows();
     // A draw's floor only falls as copies are added, and the even split of each expert's rows
     // among its copies is a split every map allows: either is an upper bound that rules a draw out
     // without solving its flow. bound < 0: a draw without traffic.
@@ -1822,6 +1838,32 @@ double sample_copy_cost(const std::vector<expert_map>& maps, const token_sample&
              .total_cost();
   }
   return c;
+}
+
+//! The balance floor (split_floor.hpp: the lowest GPU max/mean any split of each expert's rows
+//! among its copies reaches) of `map` under each of the floor hedge's draws of the sample's layer
+//! `layer` (token_refine_options::hedge_resamples, hedge_seed and hedge_class_spread), in draw
+//! order, draws without traffic left out: the mixes the hedge holds a plan to. A test mix whose
+//! floor is above the worst of them lies outside what the hedge could see.
+//! @throws as refine_by_tokens, and config_error for a class spread the hedge refuses
+template <class Topology>
+std::vector<double> hedge_draw_floors(const expert_map& map, const token_sample& sample, std::size_t layer,
+                                      const Topology& topo, const token_refine_options& opt = {}) {
+  sample.validate(topo.nodes());
+  LOCUS_REQUIRE(layer < sample.layers(), config_error, "hedge_draw_floors: layer ", layer, " but the sample has ",
+                sample.layers());
+  LOCUS_REQUIRE(map.ranks() == topo.ranks() && map.experts() == sample.experts, config_error,
+                "hedge_draw_floors: the map (", map.experts(), " experts, ", map.ranks(),
+                " ranks) does not match the sample (", sample.experts, ") or the topology (", topo.ranks(), ")");
+  LOCUS_REQUIRE(opt.hedge_resamples <= 4096, config_error, "hedge_draw_floors: ", opt.hedge_resamples,
+                " hedge resamples (at most 4,096)");
+  LOCUS_REQUIRE(opt.hedge_class_spread >= 0 && opt.hedge_class_spread <= token_refine_options::max_hedge_class_spread &&
+                    (opt.hedge_class_spread == 0 || !sample.request_class.empty()),
+                config_error, "hedge_draw_floors: hedge class spread ", opt.hedge_class_spread, " (0 to ",
+                token_refine_options::max_hedge_class_spread, ", and above 0 only with request classes)");
+  return detail::token_refine::replica_state<Topology>(map, sample.ids[layer], sample.home, sample.top_k, topo, opt,
+                                                       layer, sample.mix_group, sample.request, sample.request_class)
+      .draw_floors();
 }
 
 //! Fills each layer's empty slots with replicas chosen on the sample's exact copy cost: greedily
