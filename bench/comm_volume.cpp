@@ -190,10 +190,9 @@ std::optional<int> parse_options(int argc, char** argv, run_options& o) {
       ->check(tool_cli::finite_non_negative);
   app.add_option("--hedge-resamples", popt.refine.hedge_resamples, "Hedge replicas: bootstrap draws of the requests");
   app.add_option("--hedge-class-spread", popt.refine.hedge_class_spread,
-                 "Floor hedge: each draw also weighs a request class's requests by exp(this x a standard normal "
-                 "draw), shifting the mix of domains (0: resamples only)")
-      ->check(tool_cli::finite_non_negative)
-      ->check(CLI::Range(0.0, locus::placement::token_refine_options::max_hedge_class_spread));
+                 "Floor hedge: each draw also weights a request class's requests by exp(this x a standard normal "
+                 "draw), shifting the mix of domains, at most 2 (0: resamples only)")
+      ->check(tool_cli::number_in(0.0, locus::placement::token_refine_options::max_hedge_class_spread));
   app.add_option("--shift-slack", popt.refine.shift_slack, "Token-level stage: GPU load bound under a shifted mix")
       ->check(tool_cli::finite_non_negative);
   app.add_option("--shift-by", shift_by, "Token-level stage: what a shifted mix grows (node, request class, request)")

@@ -81,19 +81,19 @@ inline CLI::Validator anneal_range() {
 inline constexpr const char* hedge_replicas_help =
     "locality with replica slots: at most this many slots per layer first hold balance hedges, copies that bring "
     "the worst GPU balance floor over resampled training requests towards 1.10 while the training sample's "
-    "inter-node copies grow by at most 1% (0: off; default: one per GPU)";
+    "inter-node copies grow by at most --hedge-cost-budget (0: off; default: one per GPU)";
 
 //! Help text of --hedge-class-spread wherever a locality plan is made.
 inline constexpr const char* hedge_class_spread_help =
     "locality with replica slots: the balance hedges' resampled training traffic also shifts the mix of request "
-    "classes, each class's requests weighed by exp(this x a standard normal draw) per draw (0: resamples only; "
-    "0.6 with --hedge-cost-budget 0, --fill-slack 0.3 and the locality_bounded replica rule holds ESFT's split "
-    "seeds within 1.10 for some bytes)";
+    "classes (the workload model's --clusters), each class's requests weighted by exp(this x a standard normal "
+    "draw) per draw, at most 2 (0: resamples only; 0.6 with --hedge-cost-budget 0, --fill-slack 0.3 and the "
+    "locality_bounded replica rule holds ESFT's split seeds within 1.10 for some bytes)";
 
 //! Help text of --hedge-cost-budget wherever a locality plan is made.
 inline constexpr const char* hedge_cost_budget_help =
     "locality with replica slots: the balance hedges may raise the training sample's inter-node copies by at most "
-    "this share (0: no bound)";
+    "this share (0: no bound: the hedges may cost any bytes)";
 
 //! Help text of --fill-slack wherever a locality plan is made.
 inline constexpr const char* fill_slack_help =
@@ -155,17 +155,19 @@ struct plan_options {
   //! --hedge-class-spread and --hedge-cost-budget (plan, simulate and compare share them).
   static void add_hedge_options(CLI::App* cmd, double& class_spread, double& cost_budget) {
     cmd->add_option("--hedge-class-spread", class_spread, hedge_class_spread_help)
-        ->check(tool_cli::finite_non_negative)
-        ->check(CLI::Range(0.0, locus::placement::token_refine_options::max_hedge_class_spread));
+        ->check(tool_cli::number_in(0.0, locus::placement::token_refine_options::max_hedge_class_spread));
     cmd->add_option("--hedge-cost-budget", cost_budget, hedge_cost_budget_help)->check(tool_cli::finite_non_negative);
   }
   //! Refuses the options of one planner given with another (they would be ignored without a word).
   //! @throws locus::config_error naming the option
   void check_applies(const CLI::App* cmd) const {
-    for (const char* name : {"--copies", "--anneal", "--balance-shift", "--shift-by", "--fill-slack",
-                             "--hedge-class-spread", "--hedge-cost-budget"})
+    for (const char* name :
+         {"--copies", "--anneal", "--balance-shift", "--shift-by", "--fill-slack", "--hedge-cost-budget"})
       LOCUS_REQUIRE(cmd->count(name) == 0 || placement == "locality", locus::config_error, name,
                     " applies to --placement locality, not ", placement);
+    // 0 (no shift) is accepted everywhere, as --hedge-replicas 0 is.
+    LOCUS_REQUIRE(cmd->count("--hedge-class-spread") == 0 || hedge_class_spread == 0 || placement == "locality",
+                  locus::config_error, "--hedge-class-spread applies to --placement locality, not ", placement);
     // 0 (off) is accepted everywhere, so that one command line can turn the hedge off for any planner.
     LOCUS_REQUIRE(cmd->count("--hedge-replicas") == 0 || hedge_replicas == 0 || placement == "locality",
                   locus::config_error, "--hedge-replicas applies to --placement locality, not ", placement);
@@ -177,9 +179,14 @@ struct plan_options {
                   locus::config_error, "--hedge-replicas spends replica slots: it needs --redundant-slots");
     LOCUS_REQUIRE(cmd->count("--fill-slack") == 0 || redundant_slots > 0, locus::config_error,
                   "--fill-slack bounds the replica fill: it needs --redundant-slots");
-    for (const char* name : {"--hedge-class-spread", "--hedge-cost-budget"})
-      LOCUS_REQUIRE(cmd->count(name) == 0 || redundant_slots > 0, locus::config_error, name,
+    const bool spread = cmd->count("--hedge-class-spread") > 0 && hedge_class_spread > 0;
+    for (const auto& [name, given] : {std::pair{"--hedge-class-spread", spread},
+                                      std::pair{"--hedge-cost-budget", cmd->count("--hedge-cost-budget") > 0}}) {
+      LOCUS_REQUIRE(!given || redundant_slots > 0, locus::config_error, name,
                     " shapes the balance hedges in replica slots: it needs --redundant-slots");
+      LOCUS_REQUIRE(!given || hedge_replicas > 0, locus::config_error, name,
+                    " shapes the balance hedges, which --hedge-replicas 0 turns off");
+    }
   }
   //! Refuses --eplb-groups that select DeepSeek's hierarchical policy (a multiple of the nodes) but
   //! that `experts` do not split into; EPLB said so only by its own function's name.

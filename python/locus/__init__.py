@@ -330,15 +330,17 @@ def plan(
     planner's own); a looser one fills more replica slots, then swaps bring the GPUs back within the
     planner's bound (docs/robust_planning.md). ``hedge_class_spread`` and ``hedge_cost_budget``
     (locality with redundant slots, as ``--hedge-class-spread`` and ``--hedge-cost-budget``): the
-    balance hedges' draws also shift the mix of request classes by this spread (0: resamples only),
+    balance hedges' draws also shift the mix of request classes (the grouping model's clusters) by
+    this spread, from 0 (resamples only) to 2,
     and the hedges may raise the training sample's inter-node copies by at most this share (None:
     the library's 0.01; 0: no bound)."""
     if (copies != "both" or anneal != 0 or fill_slack != 0) and (placement != "locality" or not isinstance(source, Trace)):
         raise ConfigError("locus: configuration error: copies, anneal and fill_slack apply to locality plans of a trace")
     if (hedge_class_spread != 0 or hedge_cost_budget is not None) and (
-            placement != "locality" or not isinstance(source, Trace) or redundant_slots == 0):
+            placement != "locality" or not isinstance(source, Trace) or redundant_slots == 0 or hedge_replicas == 0):
         raise ConfigError("locus: configuration error: hedge_class_spread and hedge_cost_budget shape the balance "
-                          "hedges of locality plans of a trace with redundant slots")
+                          "hedges of locality plans of a trace with redundant slots (hedge_replicas=0 turns them "
+                          "off)")
     if isinstance(source, Trace):
         if slots_per_rank is not None:
             raise ConfigError("locus: configuration error: slots_per_rank is for load arrays; a trace plan uses redundant_slots")

@@ -220,10 +220,14 @@ def test_locality_plans_take_the_copies_and_annealing_the_driver_takes():
     spread = locus.plan(train, 2, 2, "locality", hedge_class_spread=0.6, hedge_cost_budget=0, **kw)
     assert np.array_equal(spread.maps,
                           locus.plan(train, 2, 2, "locality", hedge_class_spread=0.6, hedge_cost_budget=0, **kw).maps)
-    with pytest.raises(locus.ConfigError, match="hedge class spread -1"):
-        locus.plan(train, 2, 2, "locality", hedge_class_spread=-1.0, **kw)
-    with pytest.raises(locus.ConfigError, match="negative hedge cost budget"):
-        locus.plan(train, 2, 2, "locality", hedge_cost_budget=-0.5, **kw)
+    for bad in (-1.0, 2.5, float("nan")):
+        with pytest.raises(locus.ConfigError, match=r"plan: hedge class spread .* \(expected a number from 0 to 2\)"):
+            locus.plan(train, 2, 2, "locality", hedge_class_spread=bad, **kw)
+    for bad in (-0.5, float("inf"), float("nan")):
+        with pytest.raises(locus.ConfigError, match=r"plan: hedge cost budget .* \(expected a finite number >= 0"):
+            locus.plan(train, 2, 2, "locality", hedge_cost_budget=bad, **kw)
+    with pytest.raises(locus.ConfigError, match="hedge_replicas=0 turns them off"):
+        locus.plan(train, 2, 2, "locality", hedge_replicas=0, hedge_class_spread=0.6, **kw)
     for bad in (dict(hedge_class_spread=0.6), dict(hedge_cost_budget=0.0)):
         with pytest.raises(locus.ConfigError, match="shape the balance hedges"):
             locus.plan(train, 2, 2, "locality", clusters=2, prefill_tokens=8, **bad)

@@ -31,7 +31,7 @@ for v in -1 nan inf -inf; do
   refused "arrival-rate.*not a finite number >= 0" simulate --trace "$work/t.bin" --arrival-rate "$v"
   refused "balance-shift.*not a finite number >= 0" plan --trace "$work/t.bin" --balance-shift "$v" --out "$work/m.json"
   refused "fill-slack.*not a finite number >= 0" plan --trace "$work/t.bin" --fill-slack "$v" --out "$work/m.json"
-  refused "hedge-class-spread.*not a finite number >= 0" plan --trace "$work/t.bin" --hedge-class-spread "$v" --out "$work/m.json"
+  refused "hedge-class-spread: $v is not a number from 0 to 2" plan --trace "$work/t.bin" --hedge-class-spread "$v" --out "$work/m.json"
   refused "hedge-cost-budget.*not a finite number >= 0" plan --trace "$work/t.bin" --hedge-cost-budget "$v" --out "$work/m.json"
 done
 refused "test-fraction" plan --trace "$work/t.bin" --test-fraction nan --out "$work/m.json"
@@ -158,10 +158,12 @@ refused '--anneal applies to --placement locality' plan --trace "$work/t.bin" --
 refused '--fill-slack applies to --placement locality' plan --trace "$work/t.bin" --placement eplb --redundant-slots 1 --fill-slack 0.3 --out "$work/m.json"
 refused '--fill-slack bounds the replica fill: it needs --redundant-slots' plan --trace "$work/t.bin" --placement locality --fill-slack 0.3 --out "$work/m.json"
 succeeds plan --trace "$work/t.bin" --placement locality --redundant-slots 1 --fill-slack 0.3 --out "$work/fill.json"
-refused '--hedge-class-spread: Value 5 not in range' plan --trace "$work/t.bin" --placement locality --redundant-slots 1 --hedge-class-spread 5 --out "$work/m.json"
+refused '--hedge-class-spread: 5 is not a number from 0 to 2' plan --trace "$work/t.bin" --placement locality --redundant-slots 1 --hedge-class-spread 5 --out "$work/m.json"
 refused '--hedge-cost-budget applies to --placement locality' plan --trace "$work/t.bin" --placement eplb --redundant-slots 1 --hedge-cost-budget 0 --out "$work/m.json"
 refused '--hedge-class-spread shapes the balance hedges in replica slots: it needs --redundant-slots' plan --trace "$work/t.bin" --placement locality --hedge-class-spread 0.6 --out "$work/m.json"
 succeeds plan --trace "$work/t.bin" --placement locality --redundant-slots 1 --hedge-class-spread 0.6 --hedge-cost-budget 0 --out "$work/spread.json"
+refused '--hedge-class-spread shapes the balance hedges, which --hedge-replicas 0 turns off' plan --trace "$work/t.bin" --placement locality --redundant-slots 1 --hedge-replicas 0 --hedge-class-spread 0.6 --out "$work/m.json"
+succeeds plan --trace "$work/t.bin" --placement eplb --redundant-slots 1 --hedge-class-spread 0 --out "$work/eplb0.json"
 refused '--grouping is the workload_aware' simulate --trace "$work/t.bin" --map "$work/lin.json" --grouping "$work/lin.json"
 refused 'does not apply: --map simulates the saved plan as it is \(--grouper round_robin\)' simulate --trace "$work/t.bin" --map "$work/lin.json" --placement eplb
 refused 'name the same file' plan --trace "$work/t.bin" --placement locality --out "$work/same.json" --grouping "$work/same.json"

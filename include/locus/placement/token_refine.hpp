@@ -238,8 +238,8 @@ struct token_refine_options {
   //! shift, the default). Resampling the training requests keeps each class's share near the
   //! sample's, but a test mix can hold a domain's requests in other proportions: on one ESFT split
   //! the test floor exceeds the worst of 64 resamples in 16 of 26 layers. With a spread s each
-  //! draw weighs a class's requests by exp(s × z), z a standard normal draw per class and draw
-  //! (s = 0.6: a class's share moves by a factor of 0.55-1.8 within one standard deviation). Costs
+  //! draw weights a class's requests by exp(s × z), z a standard normal draw per class and draw
+  //! (s = 0.6: a class's weight moves by a factor of 0.55-1.8 within one standard deviation). Costs
   //! bytes through the copies it adds: off by default (bench/results/robust_planning.md, section 10).
   double hedge_class_spread = 0;
   //! hedge_class_spread at most this: a class's factor stays within e^±18 (a normal draw from two
@@ -1169,8 +1169,9 @@ public:
 
   //! Bootstrap draws: how often each request is picked when the requests are drawn again with
   //! replacement, draw-major (hedge_resamples × requests); with hedge_class_spread, times each
-  //! draw's factor for the request's class, in whole sixteenths (whole numbers keep the floor
-  //! solver and the bounded copy search exact; a common scale leaves every floor as it is).
+  //! draw's factor for the request's class, rounded to whole sixteenths (whole numbers keep the
+  //! floor solver and the bounded copy search exact; the common scale of 16 leaves every floor as
+  //! it is, and a request weighted below 1/32 of one pick drops out of that draw).
   //! `req`: each token's request (request_indices()).
   std::vector<double> draw_weights(const std::vector<std::uint32_t>& req, std::size_t requests) const {
     const std::size_t draws = opt_.hedge_resamples;
@@ -1904,8 +1905,9 @@ std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& ma
     // The draws cost O(resamples × requests × ranks) per hedge copy: bound the factor.
     LOCUS_REQUIRE(opt.hedge_resamples <= 4096, config_error, "add_replicas_by_tokens: ", opt.hedge_resamples,
                   " hedge resamples (at most 4,096)");
-    LOCUS_REQUIRE(opt.hedge_cost_budget >= 0, config_error, "add_replicas_by_tokens: negative hedge cost budget ",
-                  opt.hedge_cost_budget);
+    LOCUS_REQUIRE(std::isfinite(opt.hedge_cost_budget) && opt.hedge_cost_budget >= 0, config_error,
+                  "add_replicas_by_tokens: hedge cost budget ", opt.hedge_cost_budget,
+                  " (a finite number >= 0 expected; 0: no bound)");
     LOCUS_REQUIRE(opt.hedge_class_spread >= 0 && opt.hedge_class_spread <= token_refine_options::max_hedge_class_spread,
                   config_error, "add_replicas_by_tokens: hedge class spread ", opt.hedge_class_spread,
                   " (expected 0 to ", token_refine_options::max_hedge_class_spread, ")");
