@@ -109,21 +109,16 @@ BOOST_AUTO_TEST_CASE(device_buffer_growth_does_not_wait_for_the_device) {
   device_buffer<float> grown(1024);
   device_buffer<int> released(1);
   LOCUS_CUDA_CHECK(cudaDeviceSynchronize());
-  int* go = nullptr;
-  LOCUS_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&go), sizeof(int), cudaHostAllocMapped));
-  *go = 0;
-  int* go_device = nullptr;
-  LOCUS_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&go_device), go, 0));
+  const locus_test::mapped_flag go;
   cudaStream_t stream = nullptr;
   LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  locus_test::hold_stream<<<1, 1, 0, stream>>>(go_device, 5'000'000'000ull, released.data());
+  locus_test::hold_stream<<<1, 1, 0, stream>>>(go.device, 5'000'000'000ull, released.data());
   LOCUS_CUDA_CHECK(cudaGetLastError());
   grown.resize(std::size_t{1} << 24);
   pinned_buffer<int> staging(16);
   staging.resize(1024);
-  *static_cast<volatile int*>(go) = 1;
+  go.set();
   BOOST_TEST(released.to_host(stream) == std::vector<int>{1}, "growing waited for the device");
   BOOST_TEST(grown.size() == std::size_t{1} << 24);
   LOCUS_CUDA_CHECK(cudaStreamDestroy(stream));
-  LOCUS_CUDA_CHECK(cudaFreeHost(go));
 }

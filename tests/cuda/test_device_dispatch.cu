@@ -710,11 +710,7 @@ BOOST_AUTO_TEST_CASE(new_router_weights_wait_through_the_transport) {
   LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   device_local_fabric fabric(topo, transport_kind::flat);
   releasing_endpoint ep(fabric.endpoint(0, stream));
-  int* go = nullptr;
-  LOCUS_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&go), sizeof(int), cudaHostAllocMapped));
-  *go = 0;
-  int* go_device = nullptr;
-  LOCUS_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&go_device), go, 0));
+  const locus_test::mapped_flag go;
   std::vector<float> y(x.size());
   {
     layer_t l(shape(E, K, H, 0), topo, ep, map,
@@ -729,9 +725,9 @@ BOOST_AUTO_TEST_CASE(new_router_weights_wait_through_the_transport) {
     LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream));
     const auto gate = router_gate(2, H, E);
     l.set_router(gate);
-    locus_test::hold_stream<<<1, 1, 0, stream>>>(go_device, 5'000'000'000ull, released.data());
+    locus_test::hold_stream<<<1, 1, 0, stream>>>(go.device, 5'000'000'000ull, released.data());
     LOCUS_CUDA_CHECK(cudaGetLastError());
-    ep.go = go;
+    ep.go = go.host;
     ep.begin_step(1);
     l.forward(dx.data(), T, dy.data());
     l.finish();
@@ -740,5 +736,4 @@ BOOST_AUTO_TEST_CASE(new_router_weights_wait_through_the_transport) {
     BOOST_TEST(worst_error(x, y, host_routing(x, gate, H, E, K), all) <= 1.0);
   }
   LOCUS_CUDA_CHECK(cudaStreamDestroy(stream));
-  LOCUS_CUDA_CHECK(cudaFreeHost(go));
 }

@@ -263,28 +263,23 @@ BOOST_AUTO_TEST_CASE(device_layout_uploads_queue_behind_earlier_work) {
   weights.upload(w_h);
   device_buffer<int> released(1);
   LOCUS_CUDA_CHECK(cudaDeviceSynchronize());
-  int* go = nullptr;
-  LOCUS_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&go), sizeof(int), cudaHostAllocMapped));
-  *go = 0;
-  int* go_device = nullptr;
-  LOCUS_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&go_device), go, 0));
+  const locus_test::mapped_flag go;
   cudaStream_t stream = nullptr;
   LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  locus_test::hold_stream<<<1, 1, 0, stream>>>(go_device, 5'000'000'000ull, released.data());
+  locus_test::hold_stream<<<1, 1, 0, stream>>>(go.device, 5'000'000'000ull, released.data());
   LOCUS_CUDA_CHECK(cudaGetLastError());
   device_layout<top_k<2>, experts<>> dev;
   bool waited = false;
   dev.assign(device_routing_view<top_k<2>>(ids.data(), weights.data(), 2), map, topo, 0, transport_kind::flat, stream,
              {}, nullptr, [&] {
                waited = true;
-               *static_cast<volatile int*>(go) = 1;
+               go.set();
                LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream));
              });
   BOOST_TEST(waited);
   BOOST_TEST(released.to_host(stream) == std::vector<int>{1}, "the layout waited for the stream before its wait");
   BOOST_TEST(dev.rows() == 2u); // one row per token: one rank
   LOCUS_CUDA_CHECK(cudaStreamDestroy(stream));
-  LOCUS_CUDA_CHECK(cudaFreeHost(go));
 }
 
 // The "plan nothing" flag (the router's non-finite-logit counter): clear, the layout is the one

@@ -3,7 +3,24 @@
 // NCCL kernels waiting for a peer (an upload, a free or a growth that waits for the stream would
 // then wait for the kernel's time limit).
 
+#include <locus/core/cuda_error.hpp>
+
 namespace locus_test {
+
+//! A host int the device reads (mapped pinned memory), 0 until set(): hold_stream's release.
+struct mapped_flag {
+  int* host = nullptr;
+  int* device = nullptr;
+  mapped_flag() {
+    LOCUS_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host), sizeof(int), cudaHostAllocMapped));
+    *host = 0;
+    LOCUS_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device), host, 0));
+  }
+  mapped_flag(const mapped_flag&) = delete;
+  mapped_flag& operator=(const mapped_flag&) = delete;
+  ~mapped_flag() { cudaFreeHost(host); }
+  void set() const { *static_cast<volatile int*>(host) = 1; }
+};
 
 //! Holds its stream until the host sets *go (mapped pinned memory) or `limit_ns` pass; *released
 //! says which (1: the host's flag).
