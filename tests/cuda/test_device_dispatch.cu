@@ -607,11 +607,11 @@ BOOST_AUTO_TEST_CASE(doctored_counts_are_raised_on_their_receiver) {
   BOOST_TEST(seen_shift > 0u);
 }
 
-// A hierarchical round whose rail peer's tail disagrees with itself (the rows reaching the
-// receiver against those it says the receiver forwards to itself): the receiver refuses its own
-// expert compute in that step (raised after combine), keeps its self-exchange sized by what it
-// sends, so no exchange breaks and no peer raises, and the next step is the dense reference again.
-BOOST_AUTO_TEST_CASE(doctored_hierarchical_round_is_raised_on_its_receiver) {
+namespace {
+// The first four top-2 cases on 2 × 2 ranks with rank 1's hierarchical round doctored by `how`:
+// `check(c, all, run, victim)` for each; returns how many ran doctored.
+template <class Check>
+std::size_t for_doctored_hierarchical_cases(doctored_endpoint::how how, Check check) {
   std::size_t seen = 0, cases = 0;
   for (std::uint64_t seed = 1; seed <= 80 && cases < 4; ++seed) {
     const auto c = locus_test::make_case(seed, 2, 2);
@@ -620,20 +620,33 @@ BOOST_AUTO_TEST_CASE(doctored_hierarchical_round_is_raised_on_its_receiver) {
     const auto all = locus_test::model_weights<float>(seed + 100, c.experts, c.hidden, 16);
     const std::size_t victim = 1;
     BOOST_TEST_CONTEXT("seed " << seed) {
-      const auto run = run_doctored<2>(c, all, victim, doctored_endpoint::how::reach, 0, transport_kind::hierarchical);
+      const auto run = run_doctored<2>(c, all, victim, how, 0, transport_kind::hierarchical);
       BOOST_TEST_REQUIRE(run.doctored);
       ++seen;
-      BOOST_TEST(says(run.errors[victim][0], "was told by rank"));
-      BOOST_TEST(!run.errors[victim][1]);
-      BOOST_TEST(!run.errors[victim][2]);
-      for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
-        if (r != victim)
-          for (const auto& e : run.errors[r])
-            BOOST_TEST(!e);
-        BOOST_TEST(worst_vs_dense(c, all, r, run.y[r]) <= 1.0); // the last step's y
-      }
+      check(c, all, run, victim);
     }
   }
+  return seen;
+}
+} // namespace
+
+// A hierarchical round whose rail peer's tail disagrees with itself (the rows reaching the
+// receiver against those it says the receiver forwards to itself): the receiver refuses its own
+// expert compute in that step (raised after combine), keeps its self-exchange sized by what it
+// sends, so no exchange breaks and no peer raises, and the next step is the dense reference again.
+BOOST_AUTO_TEST_CASE(doctored_hierarchical_round_is_raised_on_its_receiver) {
+  const std::size_t seen = for_doctored_hierarchical_cases(
+      doctored_endpoint::how::reach, [](const auto& c, const auto& all, const doctored_run& run, std::size_t victim) {
+        BOOST_TEST(says(run.errors[victim][0], "was told by rank"));
+        BOOST_TEST(!run.errors[victim][1]);
+        BOOST_TEST(!run.errors[victim][2]);
+        for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
+          if (r != victim)
+            for (const auto& e : run.errors[r])
+              BOOST_TEST(!e);
+          BOOST_TEST(worst_vs_dense(c, all, r, run.y[r]) <= 1.0); // the last step's y
+        }
+      });
   BOOST_TEST(seen > 0u);
 }
 
@@ -643,31 +656,21 @@ BOOST_AUTO_TEST_CASE(doctored_hierarchical_round_is_raised_on_its_receiver) {
 // the next step is good on every rank. Before, the check word the refusal set was read with the
 // next step's counts and failed that good step too.
 BOOST_AUTO_TEST_CASE(a_step_refused_past_32_bits_leaves_the_next_step_good) {
-  std::size_t seen = 0, cases = 0;
-  for (std::uint64_t seed = 1; seed <= 80 && cases < 4; ++seed) {
-    const auto c = locus_test::make_case(seed, 2, 2);
-    if (c.k != 2) continue; // instantiated for top-2
-    ++cases;
-    const auto all = locus_test::model_weights<float>(seed + 100, c.experts, c.hidden, 16);
-    const std::size_t victim = 1;
-    BOOST_TEST_CONTEXT("seed " << seed) {
-      const auto run =
-          run_doctored<2>(c, all, victim, doctored_endpoint::how::oversize, 0, transport_kind::hierarchical);
-      BOOST_TEST_REQUIRE(run.doctored);
-      ++seen;
-      BOOST_TEST(static_cast<bool>(run.errors[victim][0]));
-      BOOST_TEST(!run.errors[victim][1]);
-      BOOST_TEST(!run.errors[victim][2]);
-      for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
-        if (r != victim) {
-          BOOST_TEST(!run.errors[r][0]);
-          BOOST_TEST((!run.errors[r][1] || says(run.errors[r][1], "in the previous step")));
-          BOOST_TEST(!run.errors[r][2]);
+  const std::size_t seen = for_doctored_hierarchical_cases(
+      doctored_endpoint::how::oversize,
+      [](const auto& c, const auto& all, const doctored_run& run, std::size_t victim) {
+        BOOST_TEST(static_cast<bool>(run.errors[victim][0]));
+        BOOST_TEST(!run.errors[victim][1]);
+        BOOST_TEST(!run.errors[victim][2]);
+        for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
+          if (r != victim) {
+            BOOST_TEST(!run.errors[r][0]);
+            BOOST_TEST((!run.errors[r][1] || says(run.errors[r][1], "in the previous step")));
+            BOOST_TEST(!run.errors[r][2]);
+          }
+          BOOST_TEST(worst_vs_dense(c, all, r, run.y[r]) <= 1.0); // the last step's y
         }
-        BOOST_TEST(worst_vs_dense(c, all, r, run.y[r]) <= 1.0); // the last step's y
-      }
-    }
-  }
+      });
   BOOST_TEST(seen > 0u);
 }
 
