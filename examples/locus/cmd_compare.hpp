@@ -393,7 +393,24 @@ inline void register_compare(CLI::App& app) {
   cmd->add_option("--markdown", o->markdown, "Also write the table as Markdown to this file");
   cmd->add_option("--png", o->png, "Also draw the comparison as a PNG (needs Python 3 with matplotlib)");
   cmd->add_option("--python", o->python, "Python interpreter with matplotlib, for --png");
-  cmd->callback([split, o, synthetic] { run_compare(*split, *o, synthetic->count() > 0); });
+  cmd->callback([cmd, split, o, synthetic] {
+    // The replica options shape the locality rows' replica slots and hedges: refused where they
+    // would shape nothing (0 turns a hedge option off, as plan accepts it anywhere).
+    const auto given = [cmd](const char* name) { return cmd->count(name) > 0; };
+    const bool spread = given("--hedge-class-spread") && o->hedge_class_spread > 0;
+    const bool hedges_asked = given("--hedge-replicas") && o->hedge_replicas > 0;
+    const bool hedges_off = given("--hedge-replicas") && o->hedge_replicas == 0;
+    for (const auto& [name, used] :
+         {std::pair{"--fill-slack", given("--fill-slack")}, std::pair{"--hedge-replicas", hedges_asked},
+          std::pair{"--hedge-class-spread", spread}, std::pair{"--hedge-cost-budget", given("--hedge-cost-budget")}})
+      LOCUS_REQUIRE(!used || o->redundant > 0, locus::config_error, name,
+                    " shapes the locality rows' replica slots: --redundant 0 compares none");
+    for (const auto& [name, used] :
+         {std::pair{"--hedge-class-spread", spread}, std::pair{"--hedge-cost-budget", given("--hedge-cost-budget")}})
+      LOCUS_REQUIRE(!used || !hedges_off, locus::config_error, name,
+                    " shapes the balance hedges, which --hedge-replicas 0 turns off");
+    run_compare(*split, *o, synthetic->count() > 0);
+  });
 }
 
 } // namespace locus_driver

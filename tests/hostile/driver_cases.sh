@@ -164,6 +164,9 @@ refused '--hedge-class-spread shapes the balance hedges in replica slots: it nee
 succeeds plan --trace "$work/t.bin" --placement locality --redundant-slots 1 --hedge-class-spread 0.6 --hedge-cost-budget 0 --out "$work/spread.json"
 refused '--hedge-class-spread shapes the balance hedges, which --hedge-replicas 0 turns off' plan --trace "$work/t.bin" --placement locality --redundant-slots 1 --hedge-replicas 0 --hedge-class-spread 0.6 --out "$work/m.json"
 succeeds plan --trace "$work/t.bin" --placement eplb --redundant-slots 1 --hedge-class-spread 0 --out "$work/eplb0.json"
+refused "--hedge-class-spread shapes the locality rows' replica slots: --redundant 0 compares none" compare --trace "$work/t.bin" --redundant 0 --hedge-class-spread 0.6
+refused '--fill-slack shapes the locality rows' compare --trace "$work/t.bin" --redundant 0 --fill-slack 0.3
+refused '--hedge-cost-budget shapes the balance hedges, which --hedge-replicas 0 turns off' compare --trace "$work/t.bin" --hedge-replicas 0 --hedge-cost-budget 0
 refused '--grouping is the workload_aware' simulate --trace "$work/t.bin" --map "$work/lin.json" --grouping "$work/lin.json"
 refused 'does not apply: --map simulates the saved plan as it is \(--grouper round_robin\)' simulate --trace "$work/t.bin" --map "$work/lin.json" --placement eplb
 refused 'name the same file' plan --trace "$work/t.bin" --placement locality --out "$work/same.json" --grouping "$work/same.json"
