@@ -110,10 +110,7 @@ BOOST_AUTO_TEST_CASE(device_buffer_growth_does_not_wait_for_the_device) {
   device_buffer<int> released(1);
   LOCUS_CUDA_CHECK(cudaDeviceSynchronize());
   const locus_test::mapped_flag go;
-  cudaStream_t stream = nullptr;
-  LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  locus_test::hold_stream<<<1, 1, 0, stream>>>(go.device, 5'000'000'000ull, released.data());
-  LOCUS_CUDA_CHECK(cudaGetLastError());
+  cudaStream_t stream = locus_test::held_stream(go, released.data());
   grown.resize(std::size_t{1} << 24);
   pinned_buffer<int> staging(16);
   staging.resize(1024);

@@ -264,10 +264,7 @@ BOOST_AUTO_TEST_CASE(device_layout_uploads_queue_behind_earlier_work) {
   device_buffer<int> released(1);
   LOCUS_CUDA_CHECK(cudaDeviceSynchronize());
   const locus_test::mapped_flag go;
-  cudaStream_t stream = nullptr;
-  LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  locus_test::hold_stream<<<1, 1, 0, stream>>>(go.device, 5'000'000'000ull, released.data());
-  LOCUS_CUDA_CHECK(cudaGetLastError());
+  cudaStream_t stream = locus_test::held_stream(go, released.data());
   device_layout<top_k<2>, experts<>> dev;
   bool waited = false;
   dev.assign(device_routing_view<top_k<2>>(ids.data(), weights.data(), 2), map, topo, 0, transport_kind::flat, stream,

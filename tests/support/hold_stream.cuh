@@ -40,4 +40,14 @@ __global__ inline void hold_stream(const volatile int* go, unsigned long long li
   }
 }
 
+//! A new non-blocking stream, held by hold_stream until `go` is set (5 s at most; *released says
+//! which).
+inline cudaStream_t held_stream(const mapped_flag& go, int* released) {
+  cudaStream_t stream = nullptr;
+  LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  hold_stream<<<1, 1, 0, stream>>>(go.device, 5'000'000'000ull, released);
+  LOCUS_CUDA_CHECK(cudaGetLastError());
+  return stream;
+}
+
 } // namespace locus_test

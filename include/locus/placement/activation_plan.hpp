@@ -140,13 +140,7 @@ inline std::vector<expert_map> token_level_stage(std::vector<expert_map> maps, c
   if (!fill_replicas) return maps;
   LOCUS_REQUIRE(std::isfinite(opt.refine.fill_slack) && opt.refine.fill_slack >= 0, config_error, "plan: fill slack ",
                 opt.refine.fill_slack, " (0: the balance slack, else a finite number > 0)");
-  LOCUS_REQUIRE(std::isfinite(opt.refine.hedge_class_spread) && opt.refine.hedge_class_spread >= 0 &&
-                    opt.refine.hedge_class_spread <= token_refine_options::max_hedge_class_spread,
-                config_error, "plan: hedge class spread ", opt.refine.hedge_class_spread,
-                " (expected a number from 0 to ", token_refine_options::max_hedge_class_spread, ")");
-  LOCUS_REQUIRE(std::isfinite(opt.refine.hedge_cost_budget) && opt.refine.hedge_cost_budget >= 0, config_error,
-                "plan: hedge cost budget ", opt.refine.hedge_cost_budget,
-                " (expected a finite number >= 0; 0: no bound)");
+  detail::token_refine::check_hedge_options(opt.refine, sample, "plan");
   auto fill = opt.refine; // under token_refine_options::fill_slack, when set
   if (fill.fill_slack > 0) fill.balance_slack = fill.fill_slack;
   maps = add_replicas_by_tokens(maps, sample, topo, fill, hedged);

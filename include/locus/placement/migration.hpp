@@ -169,9 +169,8 @@ inline token_sample with_prior(token_sample window, const token_sample& prior,
   const auto w = static_cast<float>(share * static_cast<double>(window.tokens()) / static_cast<double>(prior.tokens()));
   window.mix_group.clear();
   window.request_class.clear(); // read by the replica fill's hedge only, which a re-plan does not run
-  // Request ids go on (the significance rule sums a saving per request): the prior's after the
-  // window's, a prior token without one its own request.
-  // The prior's ids are numbered densely first, so that they cannot wrap past the window's.
+  // Request ids go on (the significance rule sums a saving per request): the prior's, numbered
+  // densely so that they cannot wrap, after the window's; a prior token without one its own request.
   if (!window.request.empty()) {
     const std::uint64_t next = std::uint64_t{*std::max_element(window.request.begin(), window.request.end())} + 1;
     const auto [dense, count] = prior.request.empty()

@@ -1154,17 +1154,10 @@ public:
 
   //! Each token's request as a dense index (ascending request id), and how many requests.
   std::pair<std::vector<std::uint32_t>, std::size_t> request_indices() const {
+    if (!request_.empty()) return dense_request_ids(request_);
     std::vector<std::uint32_t> req(tokens_);
-    if (request_.empty()) {
-      std::iota(req.begin(), req.end(), 0u);
-      return {std::move(req), tokens_};
-    }
-    std::vector<std::uint32_t> ids(request_.begin(), request_.end());
-    std::sort(ids.begin(), ids.end());
-    ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-    for (std::size_t t = 0; t < tokens_; ++t)
-      req[t] = static_cast<std::uint32_t>(std::lower_bound(ids.begin(), ids.end(), request_[t]) - ids.begin());
-    return {std::move(req), ids.size()};
+    std::iota(req.begin(), req.end(), 0u);
+    return {std::move(req), tokens_};
   }
 
   //! Bootstrap draws: how often each request is picked when the requests are drawn again with
@@ -1754,6 +1747,23 @@ private:
 } // namespace detail::token_refine
 
 namespace detail::token_refine {
+//! The options the hedge's draws read (hedge_resamples, hedge_class_spread with the sample's
+//! request classes) and its byte bound, checked once for every caller; `who` starts the message.
+//! @throws locus::config_error naming the option and its value
+inline void check_hedge_options(const token_refine_options& opt, const token_sample& sample, const char* who) {
+  // The draws cost O(resamples × requests × ranks) per hedge copy: bound the factor.
+  LOCUS_REQUIRE(opt.hedge_resamples <= 4096, config_error, who, ": ", opt.hedge_resamples,
+                " hedge resamples (at most 4,096)");
+  LOCUS_REQUIRE(std::isfinite(opt.hedge_class_spread) && opt.hedge_class_spread >= 0 &&
+                    opt.hedge_class_spread <= token_refine_options::max_hedge_class_spread,
+                config_error, who, ": hedge class spread ", opt.hedge_class_spread, " (expected a number from 0 to ",
+                token_refine_options::max_hedge_class_spread, ")");
+  LOCUS_REQUIRE(opt.hedge_class_spread == 0 || !sample.request_class.empty(), config_error, who,
+                ": a hedge class spread needs the sample's request classes");
+  LOCUS_REQUIRE(std::isfinite(opt.hedge_cost_budget) && opt.hedge_cost_budget >= 0, config_error, who,
+                ": hedge cost budget ", opt.hedge_cost_budget, " (expected a finite number >= 0; 0: no bound)");
+}
+
 template <class Topology>
 expert_map refine_layer(const expert_map& map, const token_sample& sample, std::size_t layer, const Topology& topo,
                         const token_refine_options& opt, token_refine_report* report) {
@@ -1856,12 +1866,7 @@ std::vector<double> hedge_draw_floors(const expert_map& map, const token_sample&
   LOCUS_REQUIRE(map.ranks() == topo.ranks() && map.experts() == sample.experts, config_error,
                 "hedge_draw_floors: the map (", map.experts(), " experts, ", map.ranks(),
                 " ranks) does not match the sample (", sample.experts, ") or the topology (", topo.ranks(), ")");
-  LOCUS_REQUIRE(opt.hedge_resamples <= 4096, config_error, "hedge_draw_floors: ", opt.hedge_resamples,
-                " hedge resamples (at most 4,096)");
-  LOCUS_REQUIRE(opt.hedge_class_spread >= 0 && opt.hedge_class_spread <= token_refine_options::max_hedge_class_spread &&
-                    (opt.hedge_class_spread == 0 || !sample.request_class.empty()),
-                config_error, "hedge_draw_floors: hedge class spread ", opt.hedge_class_spread, " (0 to ",
-                token_refine_options::max_hedge_class_spread, ", and above 0 only with request classes)");
+  detail::token_refine::check_hedge_options(opt, sample, "hedge_draw_floors");
   return detail::token_refine::replica_state<Topology>(map, sample.ids[layer], sample.home, sample.top_k, topo, opt,
                                                        layer, sample.mix_group, sample.request, sample.request_class)
       .draw_floors();
@@ -1902,17 +1907,7 @@ std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& ma
                   opt.hedge_z, " or hedge excess ", opt.hedge_excess);
     LOCUS_REQUIRE(opt.hedge_floor == 0 || opt.hedge_floor >= 1, config_error, "add_replicas_by_tokens: hedge floor ",
                   opt.hedge_floor, " (0: off, else a GPU max/mean target >= 1)");
-    // The draws cost O(resamples × requests × ranks) per hedge copy: bound the factor.
-    LOCUS_REQUIRE(opt.hedge_resamples <= 4096, config_error, "add_replicas_by_tokens: ", opt.hedge_resamples,
-                  " hedge resamples (at most 4,096)");
-    LOCUS_REQUIRE(std::isfinite(opt.hedge_cost_budget) && opt.hedge_cost_budget >= 0, config_error,
-                  "add_replicas_by_tokens: hedge cost budget ", opt.hedge_cost_budget,
-                  " (a finite number >= 0 expected; 0: no bound)");
-    LOCUS_REQUIRE(opt.hedge_class_spread >= 0 && opt.hedge_class_spread <= token_refine_options::max_hedge_class_spread,
-                  config_error, "add_replicas_by_tokens: hedge class spread ", opt.hedge_class_spread,
-                  " (expected 0 to ", token_refine_options::max_hedge_class_spread, ")");
-    LOCUS_REQUIRE(opt.hedge_class_spread == 0 || !sample.request_class.empty(), config_error,
-                  "add_replicas_by_tokens: a hedge class spread needs the sample's request classes");
+    detail::token_refine::check_hedge_options(opt, sample, "add_replicas_by_tokens");
     using state = detail::token_refine::replica_state<Topology>;
     const auto make = [&] {
       return state(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt, l, sample.mix_group, sample.request,
