@@ -158,6 +158,25 @@ struct plan_options {
         ->check(tool_cli::number_in(0.0, locus::placement::token_refine_options::max_hedge_class_spread));
     cmd->add_option("--hedge-cost-budget", cost_budget, hedge_cost_budget_help)->check(tool_cli::finite_non_negative);
   }
+  //! The options the plan was made with, for `--json` (those of other planners left out), so that
+  //! a saved result says how to make it again. `ranks`: the GPUs "one per GPU" hedges count.
+  nlohmann::json settings(std::size_t ranks) const {
+    nlohmann::json j{{"redundant_slots", redundant_slots}};
+    if (placement == "eplb") j["eplb_groups"] = eplb_groups;
+    if (placement == "activation_usage" || placement == "locality") j["clusters"] = clusters;
+    if (placement != "locality") return j;
+    j["copies"] = copies.empty() ? std::string("both") : copies;
+    j["anneal"] = anneal;
+    j["balance_shift"] = balance_shift;
+    if (balance_shift > 0) j["shift_by"] = shift_by;
+    locus::placement::token_refine_options refine;
+    refine.hedge_replicas = hedge_replicas;
+    j["hedge_replicas"] = redundant_slots > 0 ? refine.hedge_budget(ranks) : 0;
+    j["fill_slack"] = fill_slack;
+    j["hedge_class_spread"] = hedge_class_spread;
+    j["hedge_cost_budget"] = hedge_cost_budget;
+    return j;
+  }
   //! Refuses the options of one planner given with another (they would be ignored without a word).
   //! @throws locus::config_error naming the option
   void check_applies(const CLI::App* cmd) const {
@@ -342,7 +361,8 @@ inline void register_plan(CLI::App& app) {
                   {"nodes", split->nodes},
                   {"gpus_per_node", split->gpus_per_node},
                   {"slots_per_rank", in.slots_per_rank},
-                  {"load", *load}});
+                  {"load", *load},
+                  {"options", plan->settings(in.topology.ranks())}});
       if (json_to_stdout(*json)) return;
       std::printf("%s: %s placement, %zu layers (model layers %zu..%zu), %zu experts on %zu x %zu ranks, %zu slots "
                   "per rank (from %s)\n",
@@ -380,7 +400,13 @@ inline void register_plan(CLI::App& app) {
                 {"train_requests", train.requests()},
                 {"replicas", replicas},
                 {"hedge_copies", planned.hedge_copies},
-                {"grouping", planned.model ? nlohmann::json(grouping_path) : nlohmann::json(nullptr)}});
+                {"grouping", planned.model ? nlohmann::json(grouping_path) : nlohmann::json(nullptr)},
+                {"options", [&] {
+                   auto o = plan->settings(topo.ranks());
+                   o["split_seed"] = split->split_seed; // it also seeds the grouping model's fit
+                   if (split->prefill_opt->count() > 0) o["prefill_tokens"] = split->prefill_tokens;
+                   return o;
+                 }()}});
     if (json_to_stdout(*json)) return;
     std::printf("%s: %s placement, %zu layers, %zu experts on %zu x %zu ranks, %zu slot%s per rank (fitted on %zu "
                 "requests)%s%s\n",

@@ -135,6 +135,9 @@ ok '^[0-9]+ replicas over the layers, [0-9]+ of them balance hedges' plan --trac
   --redundant-slots 1 --out "$work/h1.json"
 ok '"hedge_copies": ?0' plan --trace "$work/t.bin" --placement locality --redundant-slots 1 --hedge-replicas 0 \
   --out "$work/h2.json" --json -
+# --json records the options the plan was made with (spread and byte budget included).
+ok '"hedge_class_spread": ?0.6' plan --trace "$work/t.bin" --placement locality --redundant-slots 1 \
+  --hedge-class-spread 0.6 --hedge-cost-budget 0 --out "$work/h3.json" --json -
 refused '--hedge-replicas applies to --placement locality, not eplb' plan --trace "$work/t.bin" --placement eplb \
   --redundant-slots 1 --hedge-replicas 4 --out "$work/h.json"
 refused '--hedge-replicas spends replica slots: it needs --redundant-slots' plan --trace "$work/t.bin" \
