@@ -10,6 +10,7 @@ Arrays go in as anything NumPy can read (NumPy arrays, lists, objects with ``__a
 from __future__ import annotations
 
 import json
+import numbers
 import operator
 import os
 from dataclasses import dataclass, field
@@ -84,6 +85,23 @@ def _array(x: Any, dtype: Any, ndim: Optional[int] = None, name: str = "array") 
         if a.min() < info.min or a.max() > info.max:
             raise InvalidInputError(f"locus: invalid input: {name} has values outside the range of {to}")
     return np.ascontiguousarray(a, dtype=to)
+
+
+def _real(x: Any, name: str) -> float:
+    """`x` as a float; a string or None is a TypeError naming the argument (float() took "0.1" and
+    named nothing on None). Ranges are the library's to check."""
+    if isinstance(x, numbers.Real):
+        return float(x)
+    raise TypeError(f"{name} is {x!r} ({type(x).__name__}), expected a number")
+
+
+def _index(x: Any, name: str) -> int:
+    """`x` as an int (anything with __index__), else a TypeError naming the argument, in the words
+    of the C++ core's count arguments."""
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} is {x!r} ({type(x).__name__}), expected a whole number") from None
 
 
 def rebalance_experts(
@@ -181,7 +199,7 @@ def _moe_layers(ids: np.ndarray, layer_ids: Optional[Sequence[int]], path: str) 
     """`ids` with only the layers `layer_ids` (all when None), those ids and the hidden-layer count."""
     if layer_ids is None or ids.ndim != 3:  # trace_from_arrays names a wrong shape
         return ids, None, 0
-    kept = [operator.index(l) for l in layer_ids]
+    kept = [_index(l, f"layer_ids[{i}]") for i, l in enumerate(layer_ids)]
     layers = ids.shape[1]
     bad = [l for l in kept if not 0 <= l < layers]
     if bad or not kept:  # -1 would index the last layer
@@ -284,8 +302,8 @@ class ExpertPlan:
         ``nodes`` (default 1) nodes of equal size."""
         maps, experts, ids, hidden, saved = _core._load_expert_maps(path)
         ranks = int(maps.shape[1])
-        nodes = None if nodes is None else operator.index(nodes)
-        gpus_per_node = None if gpus_per_node is None else operator.index(gpus_per_node)
+        nodes = None if nodes is None else _index(nodes, "nodes")
+        gpus_per_node = None if gpus_per_node is None else _index(gpus_per_node, "gpus_per_node")
         g = gpus_per_node if gpus_per_node is not None else saved if saved else ranks // (nodes or 1)
         n = nodes if nodes is not None else ranks // g if g else 0
         if saved and g != saved:
@@ -351,8 +369,9 @@ def plan(
                               "import records none): mark them first, e.g. trace.with_prefill_tokens(32)")
         maps, model, hedges = _core._plan_from_trace(
             source, nodes, gpus_per_node, placement, redundant_slots, eplb_groups, clusters, seed, prefill_tokens,
-            hedge_replicas, copies, anneal, float(fill_slack), float(hedge_class_spread),
-            None if hedge_cost_budget is None else float(hedge_cost_budget),
+            hedge_replicas, copies, anneal, _real(fill_slack, "fill_slack"),
+            _real(hedge_class_spread, "hedge_class_spread"),
+            None if hedge_cost_budget is None else _real(hedge_cost_budget, "hedge_cost_budget"),
         )
         ids = source.model_layer_ids if source.has_model_layers else None
         out = ExpertPlan(maps, source.experts, nodes, gpus_per_node, model, ids, source.hidden_layers)
@@ -399,7 +418,7 @@ def simulate(
     m = model if model is not None else plan.model
     out = _core._simulate(
         test, plan._maps(), plan.nodes, plan.gpus_per_node, grouper, m, transport, batch_per_rank, hidden,
-        arrival_rate, seed, replica_rule, replica_slack,
+        _real(arrival_rate, "arrival_rate"), seed, replica_rule, _real(replica_slack, "replica_slack"),
     )
     return json.loads(out)
 
@@ -437,8 +456,9 @@ def replan(
     h = None if homes is None else _array(homes, np.int64, 1, "homes")
     m = model if model is not None else plan.model
     maps, report = _core._replan(
-        plan._maps(), plan.experts, plan.nodes, plan.gpus_per_node, window, h, m, prior, float(budget),
-        32.0 if prior_requests is None else float(prior_requests), transport, float(replan_slack), expert_bytes,
+        plan._maps(), plan.experts, plan.nodes, plan.gpus_per_node, window, h, m, prior, _real(budget, "budget"),
+        32.0 if prior_requests is None else _real(prior_requests, "prior_requests"), transport,
+        _real(replan_slack, "replan_slack"), expert_bytes,
         prefill_tokens, list(plan.layer_ids) if plan.layer_ids is not None else [],
     )
     out = ExpertPlan(maps, plan.experts, plan.nodes, plan.gpus_per_node, plan.model, plan.layer_ids,
@@ -467,7 +487,7 @@ def export_text(
     if layer_ids is not None:
         ids = list(layer_ids)
     elif first_moe_layer is not None:
-        first = operator.index(first_moe_layer)
+        first = _index(first_moe_layer, "first_moe_layer")
         if first < 0:
             raise ConfigError(f"locus: configuration error: first_moe_layer is {first}, expected a whole number from 0")
         ids = [first + i for i in range(plan.layers)]

@@ -14,13 +14,12 @@
 from __future__ import annotations
 
 import json
-import operator
 import os
 from typing import Any, List, Tuple
 
 import numpy as np
 
-from . import FormatError, InvalidInputError, _core
+from . import FormatError, InvalidInputError, _core, _index
 
 
 def load_trtllm_statistics(path: str, iter_start: int = None, iter_stop: int = None) -> Tuple[List[int], np.ndarray]:
@@ -70,7 +69,7 @@ def load_sglang_logical_count(dump: Any, moe_layers: List[int] = None) -> Tuple[
     if moe_layers is None:
         layers = [l for l in range(count.shape[0]) if count[l].sum() > 0]
     else:
-        layers = [operator.index(l) for l in moe_layers]
+        layers = [_index(l, f"moe_layers[{i}]") for i, l in enumerate(moe_layers)]
         bad = [l for l in layers if not 0 <= l < count.shape[0]]
         if bad:  # -1 would index the last layer
             raise InvalidInputError(f"locus: invalid input: moe_layers {bad} are not among the {count.shape[0]} "

@@ -60,7 +60,13 @@ PyObject* io_type = nullptr;
 // ConfigError naming the argument, not the TypeError nanobind gives when an unsigned cast fails.
 std::uint64_t count_arg(nb::handle v, const char* name, std::uint64_t max = UINT64_MAX) {
   nb::object i = nb::steal(PyNumber_Index(v.ptr()));
-  if (!i.is_valid()) throw nb::python_error(); // a float or a string: Python's own TypeError
+  if (!i.is_valid()) {
+    // A float or a string: Python's TypeError, naming the argument (Python's alone does not).
+    PyErr_Clear();
+    throw nb::type_error(locus::detail::concat(name, " is ", nb::repr(v).c_str(), " (", Py_TYPE(v.ptr())->tp_name,
+                                               "), expected a whole number")
+                             .c_str());
+  }
   const unsigned long long n = PyLong_AsUnsignedLongLong(i.ptr());
   const bool bad = n == static_cast<unsigned long long>(-1) && PyErr_Occurred();
   if (bad) PyErr_Clear();

@@ -515,7 +515,7 @@ def test_counts_out_of_range_are_config_errors_naming_the_argument():
         locus.rebalance_experts(w, -16, 4, 2, 8)
     with pytest.raises(locus.ConfigError, match="num_gpus is 18446744073709551616"):
         locus.rebalance_experts(w, 16, 4, 2, 2**64)
-    with pytest.raises(TypeError, match="'float' object cannot be interpreted as an integer"):
+    with pytest.raises(TypeError, match=r"num_replicas is 16.5 \(float\), expected a whole number"):
         locus.rebalance_experts(w, 16.5, 4, 2, 8)
     ids, t = small_trace()
     with pytest.raises(locus.ConfigError, match="seed is -1"):
@@ -530,6 +530,30 @@ def test_counts_out_of_range_are_config_errors_naming_the_argument():
         locus.plan(t, -1, 2, "locality")
     with pytest.raises(locus.ConfigError, match="first_moe_layer is -1"):
         locus.export_text(locus.plan(w, 2, 4), "sglang", first_moe_layer=-1)
+
+
+def test_numbers_of_the_wrong_type_are_type_errors_naming_the_argument():
+    # Python's own words named no argument ("'str' object cannot be interpreted as an integer",
+    # "float() argument must be a string or a real number, not 'NoneType'"), and float() took "0.1".
+    _, t = small_trace()
+    with pytest.raises(TypeError, match=r"nodes is '2' \(str\), expected a whole number"):
+        locus.plan(t, "2", 2)
+    with pytest.raises(TypeError, match=r"redundant_slots is np.float64\(1.0\) \(numpy.float64\)"):
+        locus.plan(np.ones((1, 8)), 2, 2, redundant_slots=np.float64(1))
+    with pytest.raises(TypeError, match=r"first_moe_layer is 1.0 \(float\)"):
+        locus.export_text(locus.plan(np.ones((1, 8)), 2, 2), "sglang", first_moe_layer=1.0)
+    with pytest.raises(TypeError, match=r"moe_layers\[0\] is 1.0 \(float\)"):
+        engines.load_sglang_logical_count(np.ones((3, 8)), moe_layers=[1.0])
+    with pytest.raises(TypeError, match=r"fill_slack is None \(NoneType\), expected a number"):
+        locus.plan(t, 2, 2, "locality", redundant_slots=1, fill_slack=None)
+    with pytest.raises(TypeError, match=r"hedge_cost_budget is 'x' \(str\), expected a number"):
+        locus.plan(t, 2, 2, "locality", redundant_slots=1, hedge_cost_budget="x")
+    plan = locus.plan(t, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8)
+    with pytest.raises(TypeError, match=r"budget is '0.1' \(str\), expected a number"):
+        locus.replan(plan, t, budget="0.1")
+    with pytest.raises(TypeError, match=r"arrival_rate is '1' \(str\), expected a number"):
+        locus.simulate(t, plan, arrival_rate="1")
+    assert locus.replan(plan, t, budget=np.float32(0.1))[1]["budget_slots"] > 0
 
 
 def test_huge_replica_counts_are_refused_before_allocating():
