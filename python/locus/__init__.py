@@ -362,6 +362,8 @@ def plan(
     if isinstance(source, Trace):
         if slots_per_rank is not None:
             raise ConfigError("locus: configuration error: slots_per_rank is for load arrays; a trace plan uses redundant_slots")
+        if source.tokens == 0:  # e.g. split_by_request(t, 1.0, seed)[0]; not a matter of phases
+            raise ConfigError("locus: configuration error: the trace to plan on has no tokens")
         prefill, decode, _ = source._phase_counts()
         if prefill == 0 and decode == 0:
             # Every plan fits the grouping model, which learns from prefill and decode tokens.
@@ -411,6 +413,13 @@ def simulate(
     replicas, as the serving engine does: ``locality_first`` (locus), ``same_gpu_else_random``
     (SGLang's static dispatch), ``random`` (vLLM's EPLB) or ``locality_bounded`` (locality first,
     away from GPUs whose load so far exceeds (1 + ``replica_slack``) × the mean)."""
+    if test.tokens == 0:
+        raise ConfigError("locus: configuration error: the test trace has no tokens")
+    if (test.layers, test.experts) != (plan.layers, plan.experts):
+        # The simulator reads the maps with the trace's expert count: a plan of another model was
+        # refused as an expert id out of range, or as slots that cannot host the experts.
+        raise ConfigError(f"locus: configuration error: the plan has {plan.layers} layers of {plan.experts} experts; "
+                          f"the test trace has {test.layers} layers of {test.experts}")
     if test._phase_counts()[1] == 0:
         # A run over no decode token would report zeros as if they were results (the driver refuses too).
         raise ConfigError("locus: configuration error: the test trace has no decode tokens to simulate (its phases "

@@ -556,6 +556,26 @@ def test_numbers_of_the_wrong_type_are_type_errors_naming_the_argument():
     assert locus.replan(plan, t, budget=np.float32(0.1))[1]["budget_slots"] > 0
 
 
+def test_empty_and_mismatched_traces_are_named_as_such():
+    ids, t = small_trace()
+    plan = locus.plan(t, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8)
+    train, empty = locus.split_by_request(t, 0.0, 1)
+    # Both blamed the phases ("mark them first, e.g. trace.with_prefill_tokens(32)").
+    with pytest.raises(locus.ConfigError, match="the trace to plan on has no tokens"):
+        locus.plan(empty, 2, 2)
+    with pytest.raises(locus.ConfigError, match="the test trace has no tokens"):
+        locus.simulate(empty, plan)
+    # A trace of another model: "holds expert id 15, out of range [0, 8)", "20 slots cannot host 32 experts".
+    pairs = np.stack([np.arange(len(ids)) % 8, (np.arange(len(ids)) + 1) % 8], axis=1).astype(np.int32)
+    for experts in (8, 32):
+        other = locus.trace_from_arrays(np.repeat(pairs[:, None], 3, axis=1), experts,
+                                        request_ids=np.repeat(np.arange(12), 40),
+                                        phases=np.tile(["prefill"] * 8 + ["decode"] * 32, 12))
+        with pytest.raises(locus.ConfigError, match=f"the plan has 3 layers of 16 experts; the test trace has 3 "
+                                                    f"layers of {experts}"):
+            locus.simulate(other, plan)
+
+
 def test_huge_replica_counts_are_refused_before_allocating():
     # 2^63 replicas was a std::length_error ("vector::_M_default_append"), 2^40 a bad_alloc.
     w = np.array(EXAMPLE_WEIGHT)
