@@ -490,8 +490,11 @@ def export_text(
 ) -> str:
     """The plan in the file engine ``to`` takes (sglang, vllm, trtllm, eplb); empty slots are
     filled first (see ExpertPlan.filled). Planned layer i is hidden layer ``layer_ids[i]``, or
-    ``first_moe_layer + i``, or the plan's own layer ids (from its trace), or i; the model has
+    ``first_moe_layer + i`` (one of the two), or the plan's own layer ids (from its trace), or i; the model has
     ``num_hidden_layers`` layers, or the plan's count, or the last MoE layer + 1."""
+    if layer_ids is not None and first_moe_layer is not None:
+        # Either numbers every layer; one of them was ignored.
+        raise ConfigError("locus: configuration error: give layer_ids or first_moe_layer, not both")
     full = plan.filled(load)
     if layer_ids is not None:
         ids = list(layer_ids)

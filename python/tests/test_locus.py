@@ -627,6 +627,8 @@ def test_export_layer_ids_are_checked_as_given():
         locus.export_text(plan, "trtllm", layer_ids=[])  # was: silently numbered 0, 1
     with pytest.raises(locus.ConfigError, match=r"layer ids must ascend \(3 then 2\)"):
         locus.export_text(plan, "trtllm", layer_ids=[3, 2])
+    with pytest.raises(locus.ConfigError, match="layer_ids or first_moe_layer, not both"):
+        locus.export_text(plan, "trtllm", layer_ids=[1, 2], first_moe_layer=5)  # was: 5 ignored
 
 
 def test_paths_take_pathlike_and_refuse_nul(tmp_path):
