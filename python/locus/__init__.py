@@ -4,15 +4,19 @@ engines take (SGLang, vLLM, TensorRT-LLM, EPLB).
 
 Arrays go in as anything NumPy can read (NumPy arrays, lists, objects with ``__array__`` or
 ``__dlpack__`` such as CPU torch tensors) and come out as NumPy arrays. Errors raise
-``LocusError`` subclasses carrying the C++ library's message.
+``LocusError`` subclasses carrying the C++ library's message; an argument of the wrong type (a
+string for a count, None where a value is needed) is a ``TypeError`` naming it.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import numbers
 import operator
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Tuple
 
@@ -87,12 +91,22 @@ def _array(x: Any, dtype: Any, ndim: Optional[int] = None, name: str = "array") 
     return np.ascontiguousarray(a, dtype=to)
 
 
+def _type_name(x: Any) -> str:
+    """`x`'s type as the C++ core's messages name it (numpy.float64, str)."""
+    t = type(x)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _wrong_type(name: str, x: Any, expected: str) -> TypeError:
+    return TypeError(f"{name} is {x!r} ({_type_name(x)}), expected {expected}")
+
+
 def _real(x: Any, name: str) -> float:
     """`x` as a float; a string or None is a TypeError naming the argument (float() took "0.1" and
     named nothing on None). Ranges are the library's to check."""
     if isinstance(x, numbers.Real):
         return float(x)
-    raise TypeError(f"{name} is {x!r} ({type(x).__name__}), expected a number")
+    raise _wrong_type(name, x, "a number")
 
 
 def _index(x: Any, name: str) -> int:
@@ -101,9 +115,63 @@ def _index(x: Any, name: str) -> int:
     try:
         return operator.index(x)
     except TypeError:
-        raise TypeError(f"{name} is {x!r} ({type(x).__name__}), expected a whole number") from None
+        raise _wrong_type(name, x, "a whole number") from None
 
 
+def _check_argument(name: str, x: Any, hint: Any, default: Any) -> Any:
+    """`x` checked against its annotation `hint` (and made a plain int, float or bool): see _checked."""
+    if x is None and default is None:
+        return x
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union and type(None) in args:
+        if x is None:
+            return x
+        rest = [a for a in args if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else Any
+    if hint is bool:
+        if isinstance(x, (bool, np.bool_)):
+            return bool(x)
+        raise _wrong_type(name, x, "True or False")
+    if hint in (int, float) and isinstance(x, (bool, np.bool_)):  # True as a count is a slip, not 1
+        raise _wrong_type(name, x, "a whole number" if hint is int else "a number")
+    if hint is int:
+        return _index(x, name)
+    if hint is float:
+        return _real(x, name)
+    if hint is str:
+        # Paths may be any os.PathLike (the core reads them with os.fspath).
+        if isinstance(x, str) or (isinstance(x, os.PathLike) and (name == "path" or name.endswith("_path"))):
+            return x
+        raise _wrong_type(name, x, "a path" if name == "path" or name.endswith("_path") else "a string")
+    if isinstance(hint, type) and hint.__module__.startswith("locus") and not isinstance(x, hint):
+        raise _wrong_type(name, x, f"a locus.{hint.__name__}")
+    return x
+
+
+def _checked(fn: Any) -> Any:
+    """Checks the arguments annotated int, float, str, bool or a locus class (None too where the
+    annotation is Optional or the default None) before the C++ core sees them: its bindings refused
+    a wrong type by printing a private function's signature, naming no argument, and a str for a
+    float went through float(). Other annotations (arrays, sequences) are checked where used."""
+    sig = inspect.signature(fn)
+    hints: Optional[dict] = None
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        nonlocal hints
+        if hints is None:  # resolved on first use: the annotations name classes defined after fn
+            hints = typing.get_type_hints(fn)
+        bound = sig.bind(*args, **kwargs)
+        for name, x in bound.arguments.items():
+            p = sig.parameters[name]
+            if name in hints and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                bound.arguments[name] = _check_argument(name, x, hints[name], p.default)
+        return fn(*bound.args, **bound.kwargs)
+
+    return run
+
+
+@_checked
 def rebalance_experts(
     weight: Any, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -115,6 +183,7 @@ def rebalance_experts(
     return _core.rebalance_experts(w, num_replicas, num_groups, num_nodes, num_gpus)
 
 
+@_checked
 def trace_from_arrays(
     topk_ids: Any,
     experts: int,
@@ -162,6 +231,7 @@ def trace_from_arrays(
     return _core._trace_from_arrays(ids, experts, weights, req, ph, dom, names, lids, hidden_layers)
 
 
+@_checked
 def load_routed_experts(
     path: str, experts: int, key: Optional[str] = None, layer_ids: Optional[Sequence[int]] = None
 ) -> Trace:
@@ -216,6 +286,7 @@ split_by_request = _core.split_by_request
 layer_imbalance = _core.layer_imbalance
 
 
+@_checked
 def expert_load(trace: Trace, decode_only: bool = False) -> np.ndarray:
     """``[layers, experts]`` routed (token, expert) pairs of the trace."""
     return _core.expert_load(trace, decode_only)
@@ -269,6 +340,7 @@ class ExpertPlan:
     def _maps(self) -> np.ndarray:
         return _array(self.maps, np.int32, 3, "maps")
 
+    @_checked
     def filled(self, load: Any = None) -> "ExpertPlan":
         """The plan with every empty slot filled (engines accept none): the expert not yet on the
         slot's rank with the largest load per replica (`load` ``[layers, experts]``; without it,
@@ -288,6 +360,7 @@ class ExpertPlan:
         out._hedge_copies = self._hedge_copies  # the filled slots are not hedges
         return out
 
+    @_checked
     def save(self, path: str) -> None:
         """Writes the plan as locus expert-map JSON (what ``locus simulate --map`` reads), with the
         topology it was made for."""
@@ -297,6 +370,7 @@ class ExpertPlan:
         _core._save_expert_maps(path, self._maps(), self.experts, ids, self.hidden_layers, g)
 
     @staticmethod
+    @_checked
     def load(path: str, nodes: Optional[int] = None, gpus_per_node: Optional[int] = None) -> "ExpertPlan":
         """Reads a saved plan. Its topology is the one saved with it; a file without one is taken as
         ``nodes`` (default 1) nodes of equal size."""
@@ -315,6 +389,7 @@ class ExpertPlan:
         return ExpertPlan(maps, experts, n, g, None, ids or None, hidden)
 
 
+@_checked
 def plan(
     source: Any,
     nodes: int,
@@ -394,6 +469,7 @@ def plan(
     return out
 
 
+@_checked
 def simulate(
     test: Trace,
     plan: ExpertPlan,
@@ -432,6 +508,7 @@ def simulate(
     return json.loads(out)
 
 
+@_checked
 def replan(
     plan: ExpertPlan,
     window: Trace,
@@ -480,6 +557,7 @@ def replan(
     return out, doc
 
 
+@_checked
 def export_text(
     plan: ExpertPlan,
     to: str,
@@ -512,6 +590,7 @@ def export_text(
     return _core._export_text(full._maps(), plan.experts, to, ids, hidden)
 
 
+@_checked
 def export(plan: ExpertPlan, to: str, path: str, **kwargs: Any) -> None:
     """Writes ``export_text(plan, to, **kwargs)`` to ``path`` atomically (as every locus file: an
     existing file keeps its mode, a symbolic link its target)."""

@@ -19,9 +19,10 @@ from typing import Any, List, Tuple
 
 import numpy as np
 
-from . import FormatError, InvalidInputError, _core, _index
+from . import FormatError, InvalidInputError, _checked, _core, _index
 
 
+@_checked
 def load_trtllm_statistics(path: str, iter_start: int = None, iter_stop: int = None) -> Tuple[List[int], np.ndarray]:
     """TensorRT-LLM expert statistics: ``(model layer ids, load [layers, experts])`` summed over
     ranks and iterations ``[iter_start, iter_stop)`` (default: all), read by the library's reader
@@ -33,6 +34,7 @@ def load_trtllm_statistics(path: str, iter_start: int = None, iter_stop: int = N
     return list(layers), load
 
 
+@_checked
 def load_sglang_logical_count(dump: Any, moe_layers: List[int] = None) -> Tuple[List[int], np.ndarray]:
     """SGLang's ``logical_count`` (a dump dict, a ``.pt``/``.json`` path, or the array itself):
     ``(model layer ids, load [layers, experts])`` summed over steps. Hidden layers without any

@@ -556,6 +556,36 @@ def test_numbers_of_the_wrong_type_are_type_errors_naming_the_argument():
     assert locus.replan(plan, t, budget=np.float32(0.1))[1]["budget_slots"] > 0
 
 
+def test_arguments_of_the_wrong_type_are_type_errors_naming_the_argument():
+    # None for a count or a string, or a bool for a flag given as 1, printed the signature of a
+    # private binding (`_plan_from_trace(train: locus._core.Trace, nodes: object, ...)`) and named
+    # no argument; None for a trace or a plan was an AttributeError.
+    _, t = small_trace()
+    plan = locus.plan(t, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8)
+    cases = [
+        (lambda: locus.plan(t, None, 2), r"nodes is None \(NoneType\), expected a whole number"),
+        (lambda: locus.plan(t, True, 2), r"nodes is True \(bool\), expected a whole number"),
+        (lambda: locus.plan(t, 2, 2, None), r"placement is None \(NoneType\), expected a string"),
+        (lambda: locus.plan(t, 2, 2, copies=None), r"copies is None \(NoneType\), expected a string"),
+        (lambda: locus.simulate(None, plan), r"test is None \(NoneType\), expected a locus.Trace"),
+        (lambda: locus.simulate(t, t), r"plan is Trace\(.*\) \(locus._core.Trace\), expected a locus.ExpertPlan"),
+        (lambda: locus.expert_load(t, 1), r"decode_only is 1 \(int\), expected True or False"),
+        (lambda: locus.export(plan, None, "x.json"), r"to is None \(NoneType\), expected a string"),
+        (lambda: locus.export(plan, "sglang", 3), r"path is 3 \(int\), expected a path"),
+        (lambda: locus.ExpertPlan.load(None), r"path is None \(NoneType\), expected a path"),
+        (lambda: locus.trace_from_arrays(np.zeros((2, 1, 1)), 4, hidden_layers=None),
+         r"hidden_layers is None \(NoneType\), expected a whole number"),
+        (lambda: engines.load_trtllm_statistics("x", iter_start="a"), r"iter_start is 'a' \(str\), expected a whole number"),
+    ]
+    for call, message in cases:
+        with pytest.raises(TypeError, match=message):
+            call()
+    # What the annotations allow still goes through: NumPy numbers and bools, None where optional.
+    assert locus.expert_load(t, np.bool_(True)).shape == (t.layers, t.experts)
+    assert locus.simulate(t, plan, hidden=np.int32(64), replica_slack=np.float32(0.1))["decode_tokens"] > 0
+    assert locus.plan(t, np.int64(2), 2, hedge_replicas=None).layers == t.layers
+
+
 def test_empty_and_mismatched_traces_are_named_as_such():
     ids, t = small_trace()
     plan = locus.plan(t, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8)
