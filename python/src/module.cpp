@@ -530,7 +530,12 @@ NB_MODULE(_core, m) {
         cfg.replica_slack = replica_slack;
         cfg.topology = locus::dynamic_topology(size_arg(nodes, "nodes"), size_arg(gpus_per_node, "gpus_per_node"));
         cfg.transport = locus::cost::parse_transport_kind(transport);
-        cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(size_arg(hidden, "hidden"));
+        // As `locus simulate --hidden` takes it: 0 reported zero bytes as if they were results.
+        const std::size_t hidden_size = size_arg(hidden, "hidden");
+        constexpr std::size_t max_hidden = std::size_t{1} << 24;
+        LOCUS_REQUIRE(hidden_size >= 1 && hidden_size <= max_hidden, locus::config_error, "hidden is ", hidden_size,
+                      ", expected 1 to ", max_hidden);
+        cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(hidden_size);
         cfg.batch_per_rank = size_arg(batch_per_rank, "batch_per_rank");
         cfg.arrival_rate = arrival_rate;
         cfg.seed = count_arg(seed, "seed");

@@ -580,6 +580,10 @@ def test_arguments_of_the_wrong_type_are_type_errors_naming_the_argument():
     for call, message in cases:
         with pytest.raises(TypeError, match=message):
             call()
+    # hidden=0 simulated zero bytes as results (the driver's --hidden takes 1 to 2^24).
+    for hidden in (0, 2**24 + 1):
+        with pytest.raises(locus.ConfigError, match=f"hidden is {hidden}, expected 1 to 16777216"):
+            locus.simulate(t, plan, hidden=hidden)
     # What the annotations allow still goes through: NumPy numbers and bools, None where optional.
     assert locus.expert_load(t, np.bool_(True)).shape == (t.layers, t.experts)
     assert locus.simulate(t, plan, hidden=np.int32(64), replica_slack=np.float32(0.1))["decode_tokens"] > 0
