@@ -309,6 +309,11 @@ class ExpertPlan:
     # Set by the planner (locus.plan), which alone knows which copies are hedges.
     _hedge_copies: Optional[int] = field(default=None, init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # A nested list is taken as NumPy reads it; `.shape` on it was an AttributeError.
+        if not isinstance(self.maps, np.ndarray):
+            self.maps = _array(self.maps, np.int32, 3, "maps")
+
     @property
     def layers(self) -> int:
         return int(self.maps.shape[0])

@@ -47,10 +47,16 @@ def load_sglang_logical_count(dump: Any, moe_layers: List[int] = None) -> Tuple[
                     dump = json.load(f)
             except (ValueError, RecursionError) as e:
                 raise FormatError(f"locus: format error: {path}: not JSON ({e})") from None
-        else:
-            import torch  # a .pt dump is a torch pickle
-
+        elif path.endswith((".pt", ".pth")):
+            try:
+                import torch  # a .pt dump is a torch pickle
+            except ImportError:
+                raise InvalidInputError(f"locus: invalid input: {path}: reading a .pt dump needs PyTorch; without it, "
+                                        "pass the logical_count array or a .json dump") from None
             dump = torch.load(path, map_location="cpu", weights_only=True)
+        else:  # any other path was read as a torch pickle: a .npy asked for torch
+            raise InvalidInputError(f"locus: invalid input: {path}: expected a .pt or .json dump of SGLang's "
+                                    "expert distribution recorder")
     if isinstance(dump, dict):
         if "logical_count" not in dump:
             raise InvalidInputError(f"locus: invalid input: the dump has no logical_count (keys: {sorted(dump)})")
@@ -76,4 +82,6 @@ def load_sglang_logical_count(dump: Any, moe_layers: List[int] = None) -> Tuple[
         if bad:  # -1 would index the last layer
             raise InvalidInputError(f"locus: invalid input: moe_layers {bad} are not among the {count.shape[0]} "
                                     "hidden layers of logical_count")
+        if any(b <= a for a, b in zip(layers, layers[1:])):  # refused only later, at export
+            raise InvalidInputError(f"locus: invalid input: moe_layers {layers} must ascend without repeats")
     return layers, count[layers]

@@ -752,6 +752,17 @@ def test_engine_statistics_refuse_malformed_files(tmp_path):
         engines.load_sglang_logical_count({"logical_count": np.ones((2, 3))}, moe_layers=[-1])
     (tmp_path / "l.json").write_text("[[1, 2], [3, 4]]")
     assert engines.load_sglang_logical_count(tmp_path / "l.json")[0] == [0, 1]
+    # Repeats or a descending order were refused only at export; a .npy path asked for torch.
+    for layers in ([1, 1], [1, 0]):
+        with pytest.raises(locus.InvalidInputError, match="must ascend without repeats"):
+            engines.load_sglang_logical_count({"logical_count": np.ones((2, 3))}, moe_layers=layers)
+    np.save(tmp_path / "l.npy", np.ones((2, 3)))
+    with pytest.raises(locus.InvalidInputError, match=r"expected a \.pt or \.json dump"):
+        engines.load_sglang_logical_count(tmp_path / "l.npy")
+    # A plan from nested lists ('list' object has no attribute 'shape').
+    assert locus.ExpertPlan([[[0, 1], [2, 3]]], 4).ranks == 2
+    with pytest.raises(locus.InvalidInputError, match="maps"):
+        locus.ExpertPlan([[0, 1], [2, 3]], 4)
 
 
 def test_routed_experts_and_vllm_files_refuse_malformed_input(tmp_path):
