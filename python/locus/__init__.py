@@ -278,12 +278,44 @@ def _moe_layers(ids: np.ndarray, layer_ids: Optional[Sequence[int]], path: str) 
     return ids[:, kept], kept, layers
 
 
-read_trace = _core.read_trace
-load_grouping = _core.load_grouping
-write_trace = _core.write_trace
-import_esft = _core.import_esft
-split_by_request = _core.split_by_request
-layer_imbalance = _core.layer_imbalance
+# The core's own functions, behind the same argument checks as the rest of the package.
+@_checked
+def read_trace(path: str) -> Trace:
+    """A trace from a locus binary trace file (``locus trace`` writes them; docs/trace-format.md)."""
+    return _core.read_trace(path)
+
+
+@_checked
+def write_trace(trace: Trace, path: str) -> None:
+    """Writes ``trace`` as a locus binary trace file, atomically (whole or not at all)."""
+    _core.write_trace(trace, path)
+
+
+@_checked
+def import_esft(path: str) -> Trace:
+    """A trace from a folder of ESFT expert scores (one sub-folder per domain, one file per MoE
+    layer; docs/trace-format.md)."""
+    return _core.import_esft(path)
+
+
+@_checked
+def load_grouping(path: str) -> WorkloadModel:
+    """The workload-aware grouping model ``locus plan`` saved beside its map (``*.grouping.json``)."""
+    return _core.load_grouping(path)
+
+
+@_checked
+def split_by_request(trace: Trace, test_fraction: float, seed: int) -> Tuple[Trace, Trace]:
+    """``(train, test)``: each request drawn into the test split with probability ``test_fraction``
+    (a seeded draw per request, as ``--split random`` in the driver)."""
+    return _core.split_by_request(trace, test_fraction, seed)
+
+
+@_checked
+def layer_imbalance(trace: Trace) -> list:
+    """Per MoE layer, a dict of its expert load's ``max_over_mean``, ``cv`` (coefficient of
+    variation) and ``gini`` (Gini index)."""
+    return _core.layer_imbalance(trace)
 
 
 @_checked

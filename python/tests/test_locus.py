@@ -576,6 +576,10 @@ def test_arguments_of_the_wrong_type_are_type_errors_naming_the_argument():
         (lambda: locus.trace_from_arrays(np.zeros((2, 1, 1)), 4, hidden_layers=None),
          r"hidden_layers is None \(NoneType\), expected a whole number"),
         (lambda: engines.load_trtllm_statistics("x", iter_start="a"), r"iter_start is 'a' \(str\), expected a whole number"),
+        (lambda: locus.split_by_request(t, "0.5", 1), r"test_fraction is '0.5' \(str\), expected a number"),
+        (lambda: locus.read_trace(None), r"path is None \(NoneType\), expected a path"),
+        (lambda: locus.write_trace(None, "x.bin"), r"trace is None \(NoneType\), expected a locus.Trace"),
+        (lambda: locus.layer_imbalance([]), r"trace is \[\] \(list\), expected a locus.Trace"),
     ]
     for call, message in cases:
         with pytest.raises(TypeError, match=message):
