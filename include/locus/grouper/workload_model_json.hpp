@@ -90,10 +90,10 @@ struct workload_model_io {
       m.k_ = integer(doc.at("clusters"), "\"clusters\"");
       m.layer_stride_ = integer(doc.at("classifier_layer_stride"), "\"classifier_layer_stride\"");
       m.min_similarity_ = doc.at("min_similarity").get<float>();
-      if (doc.contains("class_min_similarity"))
-        m.class_min_similarity_ = doc.at("class_min_similarity").get<std::vector<float>>();
-      else
-        m.class_min_similarity_.assign(m.k_, m.min_similarity_);
+      // A file from before the per-class thresholds: every class takes the pooled one (filled
+      // below, once the cluster count is known to be paid for by the file's arrays).
+      const bool pooled = !doc.contains("class_min_similarity");
+      if (!pooled) m.class_min_similarity_ = doc.at("class_min_similarity").get<std::vector<float>>();
       const auto& o = doc.at("options");
       m.opt_.clusters = integer(o.at("clusters"), "options \"clusters\"");
       m.opt_.seed = integer(o.at("seed"), "options \"seed\"");
@@ -115,6 +115,10 @@ struct workload_model_io {
       m.usage_ = doc.at("usage").get<std::vector<std::vector<double>>>();
       m.stride_ = integer(doc.at("stride"), "\"stride\"");
       m.means_t_ = doc.at("means").get<std::vector<float>>();
+      // At most one threshold per entry of "cluster_node": an unchecked "clusters" of 2^60 was an
+      // allocation of 2^62 bytes (the checks below refuse any size other than the cluster count).
+      if (pooled)
+        m.class_min_similarity_.assign(std::min<std::uint64_t>(m.k_, m.cluster_node_.size()), m.min_similarity_);
     } catch (const nlohmann::json::exception& e) {
       ::locus::detail::format_fail("grouping JSON: ", ::locus::detail::json_error_text(e));
     }
