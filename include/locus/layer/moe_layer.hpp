@@ -145,13 +145,14 @@ public:
   //!         compute (which rank count, which expert, which flag, which hidden size)
   moe_layer(Shape shape, Topology topo, exchanger_type& ex, expert_map map, expert_compute_type experts,
             backend_type backend = {})
-      : shape_(shape), topo_(topo), ex_(&ex), map_(std::move(map)), compute_(std::move(experts)),
-        dispatcher_(*ex_, map_, shape_.hidden()), backend_(backend), routing_(0, routing_k()) {
+      : shape_(shape), topo_(topo), ex_(&ex), map_(std::make_unique<const expert_map>(std::move(map))),
+        compute_(std::move(experts)), dispatcher_(*ex_, *map_, shape_.hidden()), backend_(backend),
+        routing_(0, routing_k()) {
     LOCUS_REQUIRE(ex.topology().nodes() == topo.nodes() && ex.topology().gpus_per_node() == topo.gpus_per_node(),
                   config_error, "moe_layer: the layer's topology is ", topo.nodes(), " nodes × ", topo.gpus_per_node(),
                   " GPUs but the transport's is ", ex.topology().nodes(), " × ", ex.topology().gpus_per_node());
-    LOCUS_REQUIRE(map_.experts() == shape.experts(), config_error, "moe_layer: the expert map places ", map_.experts(),
-                  " experts but the shape has ", shape.experts());
+    LOCUS_REQUIRE(map_->experts() == shape.experts(), config_error, "moe_layer: the expert map places ",
+                  map_->experts(), " experts but the shape has ", shape.experts());
     LOCUS_REQUIRE(dispatcher_.kind() == transport_type::kind, config_error, "moe_layer: the policy is ",
                   to_string(transport_type::kind), " but the transport endpoint was made ",
                   to_string(dispatcher_.kind()));
@@ -299,7 +300,7 @@ public:
 
   const Shape& shape() const noexcept { return shape_; }
   const Topology& topology() const noexcept { return topo_; }
-  const expert_map& map() const noexcept { return map_; }
+  const expert_map& map() const noexcept { return *map_; }
   exchanger_type& exchanger() noexcept { return *ex_; }
   //! The backend the layer was built with.
   const backend_type& backend() const noexcept { return backend_; }
@@ -460,7 +461,10 @@ private:
   Shape shape_;
   Topology topo_;
   exchanger_type* ex_;
-  expert_map map_;
+  // On the heap: the dispatcher keeps a pointer to it, which must survive the layer's moves (a
+  // std::vector of layers, one per model layer, moves them as it grows). Unique: a layer is one
+  // rank's endpoint of collective steps, with buffers of its own, and is not copied.
+  std::unique_ptr<const expert_map> map_;
   expert_compute_type compute_;
   transport::moe_dispatcher<exchanger_type, value_type> dispatcher_;
   placement::replica_rule replica_rule_ = placement::replica_rule::locality_first;
