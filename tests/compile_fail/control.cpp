@@ -30,3 +30,10 @@ void run_callable(const locus::layer::expert_blocks<float>& blocks) {
   locus::layer::expert_callable<decltype(span_compute)> compute(span_compute);
   compute(blocks);
 }
+
+// A grouped router that suits its static shape (DeepSeek-V3's).
+#include <locus/layer/moe_layer.hpp>
+#include <locus/router/sigmoid_grouped.hpp>
+using v3_shape = locus::moe_shape<locus::experts<256>, locus::top_k<8>, locus::hidden<16>>;
+using v3_router = locus::router::sigmoid_grouped<locus::groups<8>, locus::top_groups<4>, locus::top_k<8>>;
+template class locus::moe_layer<v3_shape, locus::topology<locus::nodes<2>, locus::gpus_per_node<2>>, v3_router>;

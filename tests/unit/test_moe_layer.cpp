@@ -6,6 +6,7 @@
 #include <functional>
 #include <locus/layer/moe_layer.hpp>
 #include <locus/placement/linear.hpp>
+#include <locus/router/sigmoid_grouped.hpp>
 #include <thread>
 
 using namespace locus;
@@ -444,4 +445,28 @@ BOOST_AUTO_TEST_CASE(layers_stay_valid_when_moved) {
     BOOST_TEST(maps_equal[r]);
     BOOST_TEST(worst[r] <= 1e-5);
   }
+}
+
+// A router that does not suit the shape's experts is refused by set_router, not by the first
+// forward (which raises it only after the step's exchanges). Static extents make it a compile
+// error (tests/compile_fail/layer_router_groups.cpp).
+BOOST_AUTO_TEST_CASE(set_router_checks_the_router_against_the_experts) {
+  const dynamic_topology topo(1, 1);
+  const expert_map map(8, 1, 8, {0, 1, 2, 3, 4, 5, 6, 7});
+  transport::local_fabric f(topo, transport_kind::flat);
+  auto ep = f.endpoint(0);
+  auto none = [](expert_id, std::span<const float>, std::span<float>, std::size_t) {};
+  using compute = layer::expert_callable<decltype(none)>;
+  using grouped = router::sigmoid_grouped<groups<>, top_groups<>, top_k<>>;
+  moe_layer<dyn_shape, dynamic_topology, grouped, compute> l(dyn_shape(8, 2, 4, 0), topo, ep, map, compute(none));
+  const std::vector<float> gate(4 * 8, 0.0f);
+  try {
+    l.set_router(grouped(3, 1, 2), gate);
+    BOOST_FAIL("expected config_error");
+  } catch (const config_error& e) {
+    BOOST_TEST(std::string(e.what()).find("8 experts do not split into 3 equal groups") != std::string::npos, e.what());
+  }
+  BOOST_CHECK_THROW(l.set_router(grouped(8, 1, 2), gate), config_error);                              // 1 per group
+  BOOST_CHECK_THROW(l.set_router(grouped(4, 1, 2, std::vector<float>(7, 0.0f)), gate), config_error); // bias of 7
+  BOOST_CHECK_NO_THROW(l.set_router(grouped(4, 2, 2, std::vector<float>(8, 0.0f)), gate));
 }
