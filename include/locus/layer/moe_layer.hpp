@@ -263,6 +263,8 @@ public:
   template <class K, class Id, class Weight>
   void forward(std::span<const value_type> x, const routing_view<K, Id, Weight, memory_space::host>& r,
                std::span<value_type> y) {
+    static_assert(!K::is_static || !top_k_type::is_static || K::static_value == top_k_type::static_value,
+                  "locus::moe_layer::forward: the routing's top_k differs from the shape's");
     std::exception_ptr local_error;
     try {
       LOCUS_REQUIRE(r.top_k() == shape_.top_k(), invalid_input_error, "moe_layer::forward: the routing has top_k ",
