@@ -45,3 +45,6 @@ using given_layer = locus::moe_layer<locus::moe_shape<locus::experts<8>, locus::
 void step(given_layer& l, std::span<const float> x, std::span<float> y, const locus::routing<locus::top_k<2>>& r) {
   l.forward(x, r.view(), y);
 }
+
+// The largest static topology (max_topology_ranks).
+locus::topology<locus::nodes<256>, locus::gpus_per_node<256>> largest;
