@@ -39,9 +39,9 @@ using v3_router = locus::router::sigmoid_grouped<locus::groups<8>, locus::top_gr
 template class locus::moe_layer<v3_shape, locus::topology<locus::nodes<2>, locus::gpus_per_node<2>>, v3_router>;
 
 // A routing of the layer's static top_k.
-using given_layer = locus::moe_layer<locus::moe_shape<locus::experts<8>, locus::top_k<2>, locus::hidden<16>>,
-                                     locus::topology<locus::nodes<2>, locus::gpus_per_node<2>>,
-                                     locus::layer::given_routing>;
+using given_layer =
+    locus::moe_layer<locus::moe_shape<locus::experts<8>, locus::top_k<2>, locus::hidden<16>>,
+                     locus::topology<locus::nodes<2>, locus::gpus_per_node<2>>, locus::layer::given_routing>;
 void step(given_layer& l, std::span<const float> x, std::span<float> y, const locus::routing<locus::top_k<2>>& r) {
   l.forward(x, r.view(), y);
 }
