@@ -30,3 +30,21 @@ void run_callable(const locus::layer::expert_blocks<float>& blocks) {
   locus::layer::expert_callable<decltype(span_compute)> compute(span_compute);
   compute(blocks);
 }
+
+// A grouped router that suits its static shape (DeepSeek-V3's).
+#include <locus/layer/moe_layer.hpp>
+#include <locus/router/sigmoid_grouped.hpp>
+using v3_shape = locus::moe_shape<locus::experts<256>, locus::top_k<8>, locus::hidden<16>>;
+using v3_router = locus::router::sigmoid_grouped<locus::groups<8>, locus::top_groups<4>, locus::top_k<8>>;
+template class locus::moe_layer<v3_shape, locus::topology<locus::nodes<2>, locus::gpus_per_node<2>>, v3_router>;
+
+// A routing of the layer's static top_k.
+using given_layer =
+    locus::moe_layer<locus::moe_shape<locus::experts<8>, locus::top_k<2>, locus::hidden<16>>,
+                     locus::topology<locus::nodes<2>, locus::gpus_per_node<2>>, locus::layer::given_routing>;
+void step(given_layer& l, std::span<const float> x, std::span<float> y, const locus::routing<locus::top_k<2>>& r) {
+  l.forward(x, r.view(), y);
+}
+
+// The largest static topology (max_topology_ranks).
+locus::topology<locus::nodes<256>, locus::gpus_per_node<256>> largest;

@@ -157,6 +157,10 @@ BOOST_AUTO_TEST_CASE(validation_names_the_problem) {
   r.weights()[2] = 0.25f;
   BOOST_CHECK_NO_THROW(validate_routing(r.view(), 8));
   BOOST_CHECK_THROW((routing<top_k<2>>({0, 1, 2}, {1.f, 1.f, 1.f})), invalid_input_error);
+  // Tokens without ids: refused, not dereferenced (this was a null read).
+  const float w[4] = {0.5f, 0.5f, 0.5f, 0.5f};
+  BOOST_CHECK_THROW(validate_routing(routing_view<top_k<2>>(nullptr, w, 2), 8), invalid_input_error);
+  BOOST_CHECK_NO_THROW(validate_routing(routing_view<top_k<2>>(nullptr, nullptr, 0), 8));
 }
 
 // 2^62 tokens × top_k 4 wrapped to empty arrays, and the routing claimed 2^62 tokens over them.

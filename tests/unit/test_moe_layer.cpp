@@ -6,6 +6,7 @@
 #include <functional>
 #include <locus/layer/moe_layer.hpp>
 #include <locus/placement/linear.hpp>
+#include <locus/router/sigmoid_grouped.hpp>
 #include <thread>
 
 using namespace locus;
@@ -407,4 +408,65 @@ BOOST_AUTO_TEST_CASE(wrong_sizes_on_one_rank_raise_there_only) {
       BOOST_TEST(worst_ratio(y[r], ref, scale, 0.0, 2e-6) <= 1.0);
     }
   }
+}
+
+// An engine keeps one layer per model layer, e.g. in a std::vector, which moves them as it grows.
+// The layer's dispatcher points at the layer's expert map: the map must not move with the layer
+// (it did, and the moved layer's step read the freed map: heap-use-after-free under ASan).
+BOOST_AUTO_TEST_CASE(layers_stay_valid_when_moved) {
+  static_assert(std::is_move_constructible_v<dyn_layer<transport::local_flat>>);
+  static_assert(!std::is_copy_constructible_v<dyn_layer<transport::local_flat>>,
+                "a layer is one rank's endpoint of collective steps: not copied");
+  const auto c = locus_test::make_case(4243, 2, 2);
+  auto scale = [](expert_id e, std::span<const float> in, std::span<float> out, std::size_t) {
+    for (std::size_t i = 0; i < in.size(); ++i)
+      out[i] = static_cast<float>(e + 1) * in[i];
+  };
+  using compute = layer::expert_callable<decltype(scale)>;
+  using layer_t = moe_layer<dyn_shape, dynamic_topology, compute>;
+  transport::local_fabric f(c.topo, transport_kind::flat);
+  std::vector<double> worst(4, 0.0);
+  std::vector<int> maps_equal(4, 1);
+  require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
+    std::vector<layer_t> layers; // no reserve: every emplace_back past the capacity moves the others
+    for (int l = 0; l < 5; ++l)
+      layers.emplace_back(dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map, compute(scale));
+    layers.push_back(std::move(layers.front())); // and one moved out of its place by hand
+    const std::size_t r = ep.rank();
+    const auto x = c.inputs(r);
+    std::vector<float> y(x.size());
+    for (std::size_t l = 1; l < layers.size(); ++l) {
+      maps_equal[r] &= layers[l].map() == c.map;
+      layers[l].forward(x, c.routings[r].view(), y);
+      worst[r] = std::max(worst[r], locus_test::max_error(y, c.reference(r)));
+    }
+  }));
+  for (std::size_t r = 0; r < 4; ++r) {
+    BOOST_TEST(maps_equal[r]);
+    BOOST_TEST(worst[r] <= 1e-5);
+  }
+}
+
+// A router that does not suit the shape's experts is refused by set_router, not by the first
+// forward (which raises it only after the step's exchanges). Static extents make it a compile
+// error (tests/compile_fail/layer_router_groups.cpp).
+BOOST_AUTO_TEST_CASE(set_router_checks_the_router_against_the_experts) {
+  const dynamic_topology topo(1, 1);
+  const expert_map map(8, 1, 8, {0, 1, 2, 3, 4, 5, 6, 7});
+  transport::local_fabric f(topo, transport_kind::flat);
+  auto ep = f.endpoint(0);
+  auto none = [](expert_id, std::span<const float>, std::span<float>, std::size_t) {};
+  using compute = layer::expert_callable<decltype(none)>;
+  using grouped = router::sigmoid_grouped<groups<>, top_groups<>, top_k<>>;
+  moe_layer<dyn_shape, dynamic_topology, grouped, compute> l(dyn_shape(8, 2, 4, 0), topo, ep, map, compute(none));
+  const std::vector<float> gate(4 * 8, 0.0f);
+  try {
+    l.set_router(grouped(3, 1, 2), gate);
+    BOOST_FAIL("expected config_error");
+  } catch (const config_error& e) {
+    BOOST_TEST(std::string(e.what()).find("8 experts do not split into 3 equal groups") != std::string::npos, e.what());
+  }
+  BOOST_CHECK_THROW(l.set_router(grouped(8, 1, 2), gate), config_error);                              // 1 per group
+  BOOST_CHECK_THROW(l.set_router(grouped(4, 1, 2, std::vector<float>(7, 0.0f)), gate), config_error); // bias of 7
+  BOOST_CHECK_NO_THROW(l.set_router(grouped(4, 2, 2, std::vector<float>(8, 0.0f)), gate));
 }

@@ -143,10 +143,13 @@ private:
 
 //! Checks a host routing against `experts`: every id in range, no expert twice in one token,
 //! every weight finite.
-//! @throws locus::invalid_input_error naming the token, the choice and the offending value
+//! @throws locus::invalid_input_error naming the token, the choice and the offending value, or on
+//!         tokens without ids (a null ids pointer)
 template <class TopK, class Id, class Weight>
 void validate_routing(const routing_view<TopK, Id, Weight, memory_space::host>& r, std::size_t experts) {
   const std::size_t k = r.top_k();
+  LOCUS_REQUIRE(r.tokens() == 0 || r.ids() != nullptr, invalid_input_error, "routing: ", r.tokens(),
+                " tokens but the ids pointer is null");
   for (std::size_t t = 0; t < r.tokens(); ++t) {
     const auto* ids = r.token_ids(t);
     for (std::size_t j = 0; j < k; ++j) {

@@ -50,6 +50,10 @@ class topology : detail::extent_slot<0, Nodes>, detail::extent_slot<1, GpusPerNo
                 "locus::topology: the first parameter must be locus::nodes<N> (or nodes<> for a run-time value)");
   static_assert(extent_of<GpusPerNode, detail::gpus_per_node_tag>,
                 "locus::topology: the second parameter must be locus::gpus_per_node<G> (or gpus_per_node<>)");
+  // What the run-time constructor refuses with a config_error (divided: a product may wrap).
+  static_assert(!(Nodes::is_static && GpusPerNode::is_static) ||
+                    Nodes::static_value <= max_topology_ranks / GpusPerNode::static_value,
+                "locus::topology: nodes × gpus_per_node exceed max_topology_ranks (65,536 ranks)");
 
 public:
   using nodes_type = Nodes;

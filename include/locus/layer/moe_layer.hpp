@@ -78,6 +78,24 @@ struct device_step {
                                     "#include <locus/layer/moe_layer_cuda.hpp> (and a CUDA compiler)");
 };
 
+//! What a grouped router (sigmoid_grouped) needs of the expert count, checked at compile time
+//! when the router's groups, top_groups and k and the shape's experts are all static (otherwise
+//! set_router checks it: validate_experts).
+template <class R, class E>
+struct grouped_router_fit {
+  static constexpr bool divides = true, two_per_group = true, k_fits = true;
+};
+template <class R, class E>
+requires requires {
+  typename R::groups_type;
+  typename R::top_groups_type;
+} && R::is_static && E::is_static struct grouped_router_fit<R, E> {
+  static constexpr std::size_t groups = R::groups_type::static_value, per_group = E::static_value / groups;
+  static constexpr bool divides = E::static_value % groups == 0;
+  static constexpr bool two_per_group = per_group >= 2;
+  static constexpr bool k_fits = R::top_k_type::static_value <= R::top_groups_type::static_value * per_group;
+};
+
 template <class C>
 struct activation_of {
   using type = float;
@@ -133,6 +151,11 @@ public:
   static_assert(!routing_top_k_type::is_static || !top_k_type::is_static ||
                     routing_top_k_type::static_value == top_k_type::static_value,
                 "locus::moe_layer: the router's top_k differs from the shape's");
+  using router_fit = detail::layer::grouped_router_fit<router_type, typename Shape::experts_type>;
+  static_assert(router_fit::divides, "locus::moe_layer: the router's groups do not divide the shape's experts");
+  static_assert(router_fit::two_per_group,
+                "locus::moe_layer: the router's groups hold fewer than 2 experts each (the group score sums two)");
+  static_assert(router_fit::k_fits, "locus::moe_layer: the router's top_k exceeds the experts of its top_groups");
 
   //! @param shape   the layer's shape (experts, top-k, hidden, shared experts)
   //! @param topo    the deployment; must equal the exchanger's topology
@@ -145,13 +168,14 @@ public:
   //!         compute (which rank count, which expert, which flag, which hidden size)
   moe_layer(Shape shape, Topology topo, exchanger_type& ex, expert_map map, expert_compute_type experts,
             backend_type backend = {})
-      : shape_(shape), topo_(topo), ex_(&ex), map_(std::move(map)), compute_(std::move(experts)),
-        dispatcher_(*ex_, map_, shape_.hidden()), backend_(backend), routing_(0, routing_k()) {
+      : shape_(shape), topo_(topo), ex_(&ex), map_(std::make_unique<const expert_map>(std::move(map))),
+        compute_(std::move(experts)), dispatcher_(*ex_, *map_, shape_.hidden()), backend_(backend),
+        routing_(0, routing_k()) {
     LOCUS_REQUIRE(ex.topology().nodes() == topo.nodes() && ex.topology().gpus_per_node() == topo.gpus_per_node(),
                   config_error, "moe_layer: the layer's topology is ", topo.nodes(), " nodes × ", topo.gpus_per_node(),
                   " GPUs but the transport's is ", ex.topology().nodes(), " × ", ex.topology().gpus_per_node());
-    LOCUS_REQUIRE(map_.experts() == shape.experts(), config_error, "moe_layer: the expert map places ", map_.experts(),
-                  " experts but the shape has ", shape.experts());
+    LOCUS_REQUIRE(map_->experts() == shape.experts(), config_error, "moe_layer: the expert map places ",
+                  map_->experts(), " experts but the shape has ", shape.experts());
     LOCUS_REQUIRE(dispatcher_.kind() == transport_type::kind, config_error, "moe_layer: the policy is ",
                   to_string(transport_type::kind), " but the transport endpoint was made ",
                   to_string(dispatcher_.kind()));
@@ -174,12 +198,15 @@ public:
   }
 
   //! Sets the router and its weights (`hidden × experts`, row-major): logits = x·gate.
-  //! @throws locus::config_error when the router's top_k differs from the shape's or the gate has
-  //!         the wrong size
+  //! @throws locus::config_error when the router's top_k differs from the shape's, the router does
+  //!         not suit the shape's expert count (sigmoid_grouped: groups that do not divide it, a
+  //!         bias of another size) or the gate has the wrong size
   void set_router(router_type router,
                   std::vector<float> gate) requires(!std::is_same_v<router_type, layer::given_routing>) {
     LOCUS_REQUIRE(router.top_k() == shape_.top_k(), config_error, "moe_layer::set_router: the router picks ",
                   router.top_k(), " experts per token, the shape ", shape_.top_k());
+    // Here rather than at the first forward, which would raise it only after the step's exchanges.
+    if constexpr (requires { router.validate_experts(shape_.experts()); }) router.validate_experts(shape_.experts());
     LOCUS_REQUIRE(gate.size() == shape_.hidden() * shape_.experts(), config_error,
                   "moe_layer::set_router: the router weights have ", gate.size(),
                   " values, expected hidden × experts = ", shape_.hidden(), " × ", shape_.experts());
@@ -236,6 +263,8 @@ public:
   template <class K, class Id, class Weight>
   void forward(std::span<const value_type> x, const routing_view<K, Id, Weight, memory_space::host>& r,
                std::span<value_type> y) {
+    static_assert(!K::is_static || !top_k_type::is_static || K::static_value == top_k_type::static_value,
+                  "locus::moe_layer::forward: the routing's top_k differs from the shape's");
     std::exception_ptr local_error;
     try {
       LOCUS_REQUIRE(r.top_k() == shape_.top_k(), invalid_input_error, "moe_layer::forward: the routing has top_k ",
@@ -299,7 +328,7 @@ public:
 
   const Shape& shape() const noexcept { return shape_; }
   const Topology& topology() const noexcept { return topo_; }
-  const expert_map& map() const noexcept { return map_; }
+  const expert_map& map() const noexcept { return *map_; }
   exchanger_type& exchanger() noexcept { return *ex_; }
   //! The backend the layer was built with.
   const backend_type& backend() const noexcept { return backend_; }
@@ -460,7 +489,10 @@ private:
   Shape shape_;
   Topology topo_;
   exchanger_type* ex_;
-  expert_map map_;
+  // On the heap: the dispatcher keeps a pointer to it, which must survive the layer's moves (a
+  // std::vector of layers, one per model layer, moves them as it grows). Unique: a layer is one
+  // rank's endpoint of collective steps, with buffers of its own, and is not copied.
+  std::unique_ptr<const expert_map> map_;
   expert_compute_type compute_;
   transport::moe_dispatcher<exchanger_type, value_type> dispatcher_;
   placement::replica_rule replica_rule_ = placement::replica_rule::locality_first;
