@@ -1,6 +1,7 @@
 #define BOOST_TEST_MODULE simulator
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
+#include <limits>
 #include <locus/cost/decode_simulator.hpp>
 #include <locus/grouper/baselines.hpp>
 #include <locus/placement/linear.hpp>
@@ -227,6 +228,33 @@ BOOST_AUTO_TEST_CASE(arrival_gaps_are_skipped) {
   // A rate that would put an arrival beyond 10^18 steps is refused, not cast out of range.
   cfg.arrival_rate = 1e-300;
   BOOST_CHECK_THROW(simulate_decode(t, maps, g, cfg), config_error);
+}
+
+// A grouper that makes a request wait while nothing runs would wait for ever: nothing can free a
+// slot. The run refuses it (it looped without end, or spent max_steps on empty steps).
+BOOST_AUTO_TEST_CASE(a_grouper_that_never_places_is_refused) {
+  struct never_places {
+    using policy_concept = grouper_tag;
+    std::size_t assign(const grouper::arrival&, const grouper::cluster_state&) const { return grouper::no_rank; }
+  };
+  std::mt19937 rng(5);
+  const auto t = random_trace(rng, 4, 8, 2, 1, 2);
+  simulation_config cfg;
+  cfg.topology = dynamic_topology(2, 2);
+  const auto maps = placement::linear{}.plan({cfg.topology, 8, 2, {std::vector<double>(8, 1)}, {}});
+  never_places g;
+  BOOST_CHECK_THROW(simulate_decode(t, maps, g, cfg), invalid_input_error);
+  cfg.max_steps = 100;
+  BOOST_CHECK_THROW(simulate_decode(t, maps, g, cfg), invalid_input_error);
+}
+
+// quantile() interpolates inside the vector: a q outside [0, 1] (or NaN) read outside it.
+BOOST_AUTO_TEST_CASE(quantile_refuses_q_outside_the_unit_interval) {
+  BOOST_TEST(quantile({1, 2, 3}, 0.5) == 2.0);
+  BOOST_TEST(quantile({1, 2, 3}, 1.0) == 3.0);
+  BOOST_TEST(quantile({}, 0.5) == 0.0);
+  for (const double q : {-0.1, 1.5, 2.0, std::numeric_limits<double>::quiet_NaN()})
+    BOOST_CHECK_THROW(quantile({1, 2, 3}, q), invalid_input_error);
 }
 
 BOOST_AUTO_TEST_CASE(groupers_choose_as_documented) {

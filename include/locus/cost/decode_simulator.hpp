@@ -106,7 +106,9 @@ struct simulation_result {
 };
 
 //! Quantile `q` of `v` by linear interpolation between order statistics (0 for an empty vector).
+//! @throws locus::invalid_input_error when `q` is not in [0, 1] (it would index outside `v`)
 inline double quantile(std::vector<double> v, double q) {
+  LOCUS_REQUIRE(q >= 0 && q <= 1, invalid_input_error, "quantile: q is ", q, ", expected a number in [0, 1]");
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
   const double pos = q * static_cast<double>(v.size() - 1);
@@ -246,13 +248,18 @@ public:
 
   //! Admits arrivals in order until the grouper finds no room for the head of the queue (first
   //! come first served: requests behind a waiting one wait too).
-  //! @throws locus::invalid_input_error when the grouper picks a rank out of range or full
+  //! @throws locus::invalid_input_error when the grouper picks a rank out of range or full, or
+  //!         makes a request wait while nothing runs (no step could ever change its answer)
   template <class Grouper>
   void admit(std::size_t step, Grouper& g) {
     while (!queue_.empty() && queue_.front().arrival_step <= step) {
       const pending& p = queue_.front();
       const grouper::cluster_state cluster{cfg_.topology, state_, cfg_.batch_per_rank};
       const std::size_t rank = g.assign(grouper::arrival{&t_, p.request, p.prefill}, cluster);
+      // Nothing running frees no slot: the run would wait for ever (or spend max_steps on nothing).
+      LOCUS_REQUIRE(rank != grouper::no_rank || active_ != 0, invalid_input_error,
+                    "simulate_decode: the grouper made request ", p.request,
+                    " wait while every rank is empty (a grouper must place a request on an idle cluster)");
       if (rank == grouper::no_rank) break;
       LOCUS_REQUIRE(rank < ranks_ && state_[rank].running_requests < cfg_.batch_per_rank, invalid_input_error,
                     "simulate_decode: the grouper placed request ", p.request, " on rank ", rank,
@@ -392,6 +399,8 @@ private:
 //! deployment of `cfg` with per-layer expert maps `maps` and grouper `g`. `on_step` sees every
 //! step's tokens and their ranks (the online re-planning replay records them).
 //! @throws locus::config_error when maps and trace or topology disagree
+//! @throws locus::invalid_input_error when the grouper places a request out of range or on a full
+//!         rank, or returns grouper::no_rank while no request runs
 template <grouper::grouper_for Grouper, step_observer Observer = no_step_observer>
 simulation_result simulate_decode(const trace::trace& t, const std::vector<expert_map>& maps, Grouper& g,
                                   const simulation_config& cfg, Observer&& on_step = {}) {

@@ -4,7 +4,8 @@
 //! one rank, which keeps it for its whole decode. A grouper is a policy
 //! (`using policy_concept = locus::grouper_tag;`) with
 //! `std::size_t assign(const arrival&, const cluster_state&)` returning a rank with free capacity,
-//! or `no_rank` to make the request wait.
+//! or `no_rank` to make the request wait. A request waits for a running one to finish: on an idle
+//! cluster a grouper must place it (the decode simulator refuses `no_rank` there).
 
 #include <concepts>
 #include <cstddef>
