@@ -990,3 +990,47 @@ BOOST_AUTO_TEST_CASE(keep_slots_in_place_keeps_every_expert_a_rank_keeps) {
   BOOST_CHECK_THROW(placement::keep_slots_in_place(random_map(rng, 8, 2, 4, 0), random_map(rng, 8, 4, 2, 0)),
                     config_error);
 }
+
+// A replay reads the trace at the schedule's tokens and the profiles at nodes × experts counts per
+// layer: a schedule recorded on another trace, a malformed one, a reference profile whose layers
+// are short or a zero stride read outside the arrays or never ended. Each is refused up front.
+BOOST_AUTO_TEST_CASE(replay_inputs_that_do_not_fit_the_trace_are_refused) {
+  std::mt19937 rng(4);
+  const auto t = two_mix_trace(rng, 16, 16, 2, [](std::size_t r) { return static_cast<std::uint32_t>(r % 2); });
+  const auto longer = two_mix_trace(rng, 64, 16, 2, [](std::size_t r) { return static_cast<std::uint32_t>(r % 2); });
+  small_run run(t);
+  grouper::round_robin g;
+  const auto s = cost::record_schedule(t, run.maps, g, run.cfg);
+  const auto keep = [](const std::vector<expert_map>& current, std::size_t, std::size_t) { return current; };
+  cost::online_options opt;
+  opt.window = 4;
+  opt.balance_floor = true;
+  BOOST_CHECK_NO_THROW(cost::run_online(t, s, run.maps, run.cfg, opt, keep));
+
+  grouper::round_robin g2;
+  const auto foreign = cost::record_schedule(longer, run.maps, g2, run.cfg);
+  BOOST_CHECK_THROW(cost::run_online(t, foreign, run.maps, run.cfg, opt, keep), config_error);
+  BOOST_CHECK_THROW(cost::window_sample(t, foreign, 0, foreign.steps(), run.cfg.topology, 0), config_error);
+  BOOST_CHECK_THROW(cost::load_profile::of(t, foreign, 0, foreign.steps(), run.cfg.topology), config_error);
+  auto broken = s;
+  broken.step_begin.back() += 5; // past the tokens
+  BOOST_CHECK_THROW(cost::run_online(t, broken, run.maps, run.cfg, opt, keep), config_error);
+  BOOST_CHECK_THROW(cost::window_sample(t, broken, 0, broken.steps(), run.cfg.topology, 0), config_error);
+  broken = s;
+  broken.sources.front() = 99; // no such rank
+  BOOST_CHECK_THROW(cost::run_online(t, broken, run.maps, run.cfg, opt, keep), config_error);
+
+  BOOST_CHECK_THROW(cost::load_profile::of(t, s, 0, 2, run.cfg.topology, 0), config_error); // looped for ever
+
+  auto ref = cost::load_profile::of(t, s, 0, 2, run.cfg.topology);
+  BOOST_TEST(cost::divergence(ref, ref) == 0.0);
+  auto short_layer = ref;
+  short_layer.counts[0].resize(3);
+  BOOST_CHECK_THROW(cost::divergence(ref, short_layer), config_error);
+  auto nan_count = ref;
+  nan_count.counts[1][0] = std::numeric_limits<double>::quiet_NaN();
+  BOOST_CHECK_THROW(cost::divergence(nan_count, ref), config_error);
+  opt.drift_every = 1;
+  opt.reference = short_layer;
+  BOOST_CHECK_THROW(cost::run_online(t, s, run.maps, run.cfg, opt, keep), config_error);
+}

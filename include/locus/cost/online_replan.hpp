@@ -51,6 +51,33 @@ struct decode_schedule {
   std::span<const std::uint32_t> step_sources(std::size_t s) const {
     return {sources.data() + step_begin[s], step_begin[s + 1] - step_begin[s]};
   }
+
+  //! Checks that the schedule is well formed and was recorded on a trace of `tokens` tokens and a
+  //! topology of `ranks` ranks (its offsets ascend from 0 to the token count, every token and rank
+  //! is in range), so that replaying it reads nothing outside the trace.
+  //! @throws locus::config_error naming the first step, token or rank that does not fit
+  void validate(std::size_t trace_tokens, std::size_t ranks) const {
+    LOCUS_REQUIRE(!step_begin.empty(), config_error, "decode schedule: no step offsets (an empty one holds {0})");
+    validate_steps(0, steps(), trace_tokens, ranks);
+  }
+
+  //! validate() for the steps [first, last) only (what a window reads): O(their tokens).
+  //! @throws locus::config_error as validate(), and for steps outside the schedule
+  void validate_steps(std::size_t first, std::size_t last, std::size_t trace_tokens, std::size_t ranks) const {
+    LOCUS_REQUIRE(!step_begin.empty() && first <= last && last <= steps(), config_error, "decode schedule: steps [",
+                  first, ", ", last, ") outside a schedule of ", step_begin.empty() ? 0 : steps());
+    LOCUS_REQUIRE(step_begin.front() == 0 && step_begin.back() == tokens.size() && sources.size() == tokens.size(),
+                  config_error, "decode schedule: step offsets from ", step_begin.front(), " to ", step_begin.back(),
+                  " for ", tokens.size(), " tokens and ", sources.size(), " sources");
+    for (std::size_t s = first; s < last; ++s)
+      LOCUS_REQUIRE(step_begin[s] <= step_begin[s + 1], config_error, "decode schedule: step ", s, " ends at ",
+                    step_begin[s + 1], " before it begins at ", step_begin[s]);
+    for (std::size_t i = step_begin[first]; i < step_begin[last]; ++i)
+      LOCUS_REQUIRE(tokens[i] < trace_tokens && sources[i] < ranks, config_error, "decode schedule: entry ", i,
+                    " is token ", tokens[i], " on rank ", sources[i], ", but the trace has ", trace_tokens,
+                    " tokens and the topology ", ranks,
+                    " ranks (was the schedule recorded on another trace or deployment?)");
+  }
 };
 
 //! Records the steps of simulate_decode(t, maps, g, cfg).
@@ -75,12 +102,26 @@ struct load_profile {
 
   bool empty() const noexcept { return counts.empty(); }
 
+  //! Checks that every layer holds `nodes × experts` counts, each finite and non-negative.
+  //! @throws locus::config_error naming the layer (`what` starts the message)
+  void validate(const char* what) const {
+    for (std::size_t l = 0; l < counts.size(); ++l) {
+      LOCUS_REQUIRE(counts[l].size() == nodes * experts, config_error, what, ": layer ", l, " of the profile has ",
+                    counts[l].size(), " counts for ", nodes, " nodes × ", experts, " experts");
+      for (const double x : counts[l])
+        LOCUS_REQUIRE(std::isfinite(x) && x >= 0, config_error, what, ": layer ", l, " of the profile has count ", x,
+                      " (must be finite and non-negative)");
+    }
+  }
+
   //! Steps [first, last) of `s`, every `stride`-th from `first + offset`.
-  //! @throws locus::config_error for a range outside the schedule
+  //! @throws locus::config_error for a range outside the schedule or a zero stride
   static load_profile of(const trace::trace& t, const decode_schedule& s, std::size_t first, std::size_t last,
                          const dynamic_topology& topo, std::size_t stride = 1, std::size_t offset = 0) {
     LOCUS_REQUIRE(first <= last && last <= s.steps(), config_error, "load_profile: steps [", first, ", ", last,
                   ") outside a schedule of ", s.steps());
+    LOCUS_REQUIRE(stride > 0, config_error, "load_profile: a stride of 0 steps (every stride-th step is counted)");
+    s.validate_steps(first, last, t.tokens(), topo.ranks());
     load_profile p;
     p.nodes = topo.nodes();
     p.experts = t.experts();
@@ -117,10 +158,12 @@ struct load_profile {
 
 //! Total variation distance between the normalised counts of two profiles, mean over layers (0:
 //! the same distribution, 1: disjoint). A layer with no pairs on either side counts 0.
-//! @throws locus::config_error when the shapes differ
+//! @throws locus::config_error when the shapes differ, or a layer's counts do not match its shape
 inline double divergence(const load_profile& a, const load_profile& b) {
   LOCUS_REQUIRE(a.counts.size() == b.counts.size() && a.nodes == b.nodes && a.experts == b.experts, config_error,
                 "divergence: profiles of different shapes");
+  a.validate("divergence");
+  b.validate("divergence");
   if (a.counts.empty()) return 0;
   double sum = 0;
   for (std::size_t l = 0; l < a.counts.size(); ++l) {
@@ -173,6 +216,7 @@ inline placement::token_sample window_sample(const trace::trace& t, const decode
                                              std::size_t last, const dynamic_topology& topo, std::size_t max_tokens) {
   LOCUS_REQUIRE(first <= last && last <= s.steps(), config_error, "window_sample: steps [", first, ", ", last,
                 ") outside a schedule of ", s.steps());
+  s.validate_steps(first, last, t.tokens(), topo.ranks());
   const std::size_t b = s.step_begin[first], e = s.step_begin[last], n = e - b;
   const std::size_t stride = max_tokens == 0 ? 1 : std::max<std::size_t>(1, (n + max_tokens - 1) / max_tokens);
   placement::token_sample out;
@@ -358,6 +402,8 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
     LOCUS_REQUIRE(maps[l].experts() == t.experts() && maps[l].ranks() == ranks, config_error, "run_online: layer ", l,
                   " map does not match the trace (", t.experts(), " experts) or the topology (", ranks, " ranks)");
   LOCUS_REQUIRE(opt.window > 0 && opt.report_tokens > 0, config_error, "run_online: zero window or report size");
+  // The replay reads the trace at the schedule's tokens before the traffic counter checks them.
+  s.validate(t.tokens(), ranks);
   // The schedule is walked once in order: a step listed after a later one was skipped without a word.
   LOCUS_REQUIRE(std::is_sorted(opt.plan_at.begin(), opt.plan_at.end()), config_error,
                 "run_online: plan_at is not in ascending order");
@@ -406,6 +452,7 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
                   config_error, "run_online: the reference profile (", reference.counts.size(), " layers, ",
                   reference.nodes, " nodes, ", reference.experts, " experts) does not match the trace (", layers,
                   " layers, ", t.experts(), " experts) and the topology (", topo.nodes(), " nodes)");
+  reference.validate("run_online: the reference");
   // Without a reference a check before a full window would compare the window with itself.
   const std::size_t first_check = drift_check_start(opt);
   std::size_t last_plan = 0, next_fixed = 0;
