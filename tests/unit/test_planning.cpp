@@ -7,6 +7,7 @@
 #include <locus/grouper/micro_batch.hpp>
 #include <locus/grouper/workload_aware.hpp>
 #include <locus/placement/activation_plan.hpp>
+#include <limits>
 #include <random>
 #include <set>
 
@@ -167,6 +168,10 @@ BOOST_AUTO_TEST_CASE(kmeans_is_deterministic_and_rejects_bad_input) {
   BOOST_TEST(a.centroids == b.centroids);
   BOOST_CHECK_THROW(grouper::kmeans(pts, 4, {51, 1, 10, 1}), config_error);
   BOOST_CHECK_THROW(grouper::kmeans(pts, 3, {2, 1, 10, 1}), config_error);
+  // A restart count beyond the bound (SIZE_MAX: years of k-means) is refused, here and in the fit.
+  BOOST_CHECK_NO_THROW(grouper::kmeans(pts, 4, {2, 1, 10, grouper::kmeans_options::max_restarts}));
+  BOOST_CHECK_THROW(grouper::kmeans(pts, 4, {2, 1, 10, grouper::kmeans_options::max_restarts + 1}), config_error);
+  BOOST_CHECK_THROW(grouper::kmeans(pts, 4, {2, 1, 10, std::numeric_limits<std::size_t>::max()}), config_error);
   pts[17] = std::nanf("");
   BOOST_CHECK_THROW(grouper::kmeans(pts, 4, {2, 1, 10, 1}), invalid_input_error);
 }

@@ -22,7 +22,10 @@ struct kmeans_options {
   std::size_t k = 8;                //!< clusters (at most the number of points)
   std::uint64_t seed = 1;           //!< drives the k-means++ draws
   std::size_t max_iterations = 100; //!< Lloyd iterations at most (stops earlier once labels settle)
-  std::size_t restarts = 1;         //!< independent initialisations; the lowest inertia wins
+  std::size_t restarts = 1;         //!< independent initialisations; the lowest inertia wins (at most max_restarts)
+  //! The most restarts: each costs a full k-means, so a mistyped count (or SIZE_MAX) would run for
+  //! years; a few dozen already find the best optimum restarts can.
+  static constexpr std::size_t max_restarts = 1024;
 };
 
 //! Result of kmeans().
@@ -199,7 +202,8 @@ inline kmeans_result run(const float* points, std::size_t n, std::size_t dim, st
 } // namespace detail::kmeans
 
 //! k-means of `n` points of dimension `dim` stored row-major in `points`.
-//! @throws locus::config_error when k is 0 or exceeds the number of points, or sizes disagree
+//! @throws locus::config_error when k is 0 or exceeds the number of points, sizes disagree, or
+//!         restarts is outside 1..max_restarts
 //! @throws locus::invalid_input_error on a non-finite coordinate (naming the point)
 inline kmeans_result kmeans(std::span<const float> points, std::size_t dim, const kmeans_options& opt) {
   LOCUS_REQUIRE(dim > 0 && points.size() % dim == 0, config_error, "kmeans: ", points.size(),
@@ -209,6 +213,8 @@ inline kmeans_result kmeans(std::span<const float> points, std::size_t dim, cons
                 " points (need 1 <= k <= points)");
   LOCUS_REQUIRE(opt.max_iterations >= 1 && opt.restarts >= 1, config_error,
                 "kmeans: max_iterations and restarts must be at least 1");
+  LOCUS_REQUIRE(opt.restarts <= kmeans_options::max_restarts, config_error, "kmeans: restarts is ", opt.restarts,
+                ", expected at most ", kmeans_options::max_restarts);
   for (std::size_t i = 0; i < points.size(); ++i)
     LOCUS_REQUIRE(std::isfinite(points[i]), invalid_input_error, "kmeans: point ", i / dim, " coordinate ", i % dim,
                   " is ", points[i]);

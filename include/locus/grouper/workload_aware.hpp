@@ -32,7 +32,7 @@ namespace locus::inline LOCUS_ABI_NAMESPACE::grouper {
 struct workload_aware_options {
   std::size_t clusters = 8;         //!< k of k-means (clamped to the training requests)
   std::uint64_t seed = 1;           //!< k-means seed
-  std::size_t restarts = 4;         //!< k-means restarts (lowest inertia wins)
+  std::size_t restarts = 4;         //!< k-means restarts (lowest inertia wins; at most kmeans_options::max_restarts)
   std::size_t max_iterations = 100; //!< Lloyd iterations at most
   std::size_t prefill_tokens = 32;  //!< prefill tokens used to classify, at most
   //! Layers the classifier reads, at most (evenly spaced from layer 0): the domain signal is in
