@@ -239,6 +239,18 @@ BOOST_AUTO_TEST_CASE(invalid_models_are_rejected) {
   ro.top_k = 300;
   BOOST_CHECK_THROW(rescale(m, ro), config_error);
   BOOST_CHECK_THROW(fit(trace{}), invalid_input_error);
+  // No calibration token: every measured share was 0 / 0, and the NaN weights were refused later
+  // as a "negative or not finite" model weight that named neither the option nor calibrate.
+  auto c = m;
+  BOOST_CHECK_THROW(calibrate(c, 0, 2, 1, 1), config_error);
+  BOOST_CHECK_NO_THROW(calibrate(c, 0, 0, 1, 1)); // no round: nothing to measure, nothing changes
+  ro = {};
+  ro.calibration_tokens = 0;
+  BOOST_CHECK_THROW(rescale(m, ro), config_error);
+  fit_options fo;
+  fo.calibration_tokens = 1;
+  fo.threads = 1;
+  BOOST_CHECK_THROW(fit(sample(m, {4, 0, 1, 1}), fo), config_error);
 }
 
 // Absurd shapes are refused before any table is built (they used to run for seconds to minutes,

@@ -670,9 +670,14 @@ inline trace sample(const synth_model& m, const sample_options& opt) {
 //! each round samples `tokens_per_domain` tokens per domain, measures the share ŝ of every
 //! expert, and sets w ← w · (s / ŝ)^0.8 (damped to avoid oscillation on noisy shares; an expert
 //! never drawn has its weight doubled). Deterministic for a given seed.
+//! @throws locus::config_error when rounds are asked for with no token to measure shares on
 inline void calibrate(synth_model& m, std::size_t tokens_per_domain = 8192, std::size_t rounds = 4,
                       std::uint64_t seed = 1, unsigned threads = 0) {
   m.validate();
+  // No token: every share is 0 / 0, and the NaN weights surfaced later as a "negative or not finite"
+  // model weight that named neither this function nor the count.
+  LOCUS_REQUIRE(rounds == 0 || tokens_per_domain > 0, config_error,
+                "synth calibrate: calibration tokens per domain is 0 (with ", rounds, " rounds: nothing to measure)");
   const auto p = detail::synth::prepare(m);
   const std::size_t E = m.experts, L = m.layers;
   for (std::size_t d = 0; d < m.domains.size(); ++d) {
@@ -869,6 +874,9 @@ inline synth_model fit(const trace& real, const fit_options& opt = {}) {
   LOCUS_REQUIRE(real.requests() > 0 && real.tokens() > 0, invalid_input_error, "synth fit: the trace is empty");
   LOCUS_REQUIRE(opt.clusters <= real.experts(), invalid_input_error, "synth fit: ", opt.clusters, " clusters for ",
                 real.experts(), " experts");
+  // Its first calibration samples half of them per domain: at least one token each.
+  LOCUS_REQUIRE(opt.calibration_tokens >= 2, config_error, "synth fit: calibration_tokens is ", opt.calibration_tokens,
+                ", expected at least 2");
   const std::size_t E = real.experts(), L = real.layers();
   synth_model m;
   m.experts = E;
@@ -985,6 +993,8 @@ inline synth_model rescale(const synth_model& src, const rescale_options& opt) {
   check_synth_shape("synth rescale", opt.experts, opt.top_k, opt.layers, src.domains.size());
   LOCUS_REQUIRE(std::isfinite(opt.jitter) && opt.jitter >= 0.0 && opt.jitter <= 5.0, config_error,
                 "synth rescale: jitter ", opt.jitter, " outside [0, 5]");
+  LOCUS_REQUIRE(opt.calibration_rounds == 0 || opt.calibration_tokens > 0, config_error,
+                "synth rescale: calibration_tokens is 0 (with ", opt.calibration_rounds, " calibration rounds)");
   const std::size_t E0 = src.experts, L0 = src.layers, E = opt.experts, L = opt.layers;
   synth_model m = src;
   m.experts = E;
