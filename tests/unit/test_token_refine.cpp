@@ -4,9 +4,11 @@
 
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
+#include <limits>
 #include <locus/core/routing.hpp>
 #include <locus/cost/traffic.hpp>
 #include <locus/placement/activation_plan.hpp>
+#include <locus/placement/migration.hpp>
 #include <locus/placement/token_refine.hpp>
 #include <map>
 #include <numeric>
@@ -726,6 +728,17 @@ BOOST_AUTO_TEST_CASE(malformed_inputs_raise_clear_errors) {
     BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, s, 0, topo, wrong), config_error);
     if (which > 0)
       BOOST_CHECK_THROW(placement::add_replicas_by_tokens(std::vector<expert_map>{m}, s, topo, wrong), config_error);
+  }
+  // An infinite copy weight or balance shift made every cost infinite: nothing moved and the report
+  // read inf -> inf. Refused by every entry that reads them.
+  const double inf = std::numeric_limits<double>::infinity();
+  for (int which = 0; which < 3; ++which) {
+    placement::token_refine_options wrong;
+    (which == 0 ? wrong.rank_copy_weight : which == 1 ? wrong.node_copy_weight : wrong.balance_shift) = inf;
+    BOOST_CHECK_THROW(placement::refine_layer_by_tokens(m, s, 0, topo, wrong), config_error);
+    BOOST_CHECK_THROW(placement::add_replicas_by_tokens(std::vector<expert_map>{m}, s, topo, wrong), config_error);
+    if (which < 2)
+      BOOST_CHECK_THROW(placement::replan_by_tokens(std::vector<expert_map>{m}, s, topo, wrong, 2, 0), config_error);
   }
 }
 

@@ -202,9 +202,10 @@ migration_result replan_by_tokens(const std::vector<expert_map>& current, const 
   LOCUS_REQUIRE(current.size() == sample.layers(), config_error, "replan_by_tokens: ", current.size(),
                 " maps for a sample of ", sample.layers(), " layers");
   LOCUS_REQUIRE(opt.balance_slack >= 0 && opt.replan_slack >= 0 && std::isfinite(opt.replan_slack) &&
-                    opt.rank_copy_weight >= 0 && opt.node_copy_weight >= 0 && opt.swap_significance >= 0 &&
+                    detail::token_refine::finite_weights(opt) && opt.swap_significance >= 0 &&
                     std::isfinite(opt.swap_significance),
-                config_error, "replan_by_tokens: negative slack or copy weight, or a replan_slack (", opt.replan_slack,
+                config_error, "replan_by_tokens: a negative slack, copy weights (", opt.rank_copy_weight, ", ",
+                opt.node_copy_weight, ") that are not finite numbers >= 0, or a replan_slack (", opt.replan_slack,
                 ") or swap_significance (", opt.swap_significance, ") that is not a finite number >= 0");
   sample.validate(topo.nodes());
   // The moved bytes are counted in 64 bits: a product that wraps would report a small figure.

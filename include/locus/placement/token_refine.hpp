@@ -1747,6 +1747,13 @@ private:
 } // namespace detail::token_refine
 
 namespace detail::token_refine {
+//! True when both copy weights are finite and non-negative: an infinite weight made every cost
+//! infinite (inf - inf gains are NaN), so nothing moved and the report read inf -> inf.
+inline bool finite_weights(const token_refine_options& opt) noexcept {
+  return std::isfinite(opt.rank_copy_weight) && opt.rank_copy_weight >= 0 && std::isfinite(opt.node_copy_weight) &&
+         opt.node_copy_weight >= 0;
+}
+
 //! The options the hedge's draws read (hedge_resamples, hedge_class_spread with the sample's
 //! request classes) and its byte bound, checked once for every caller; `who` starts the message.
 //! @throws locus::config_error naming the option and its value
@@ -1775,15 +1782,17 @@ expert_map refine_layer(const expert_map& map, const token_sample& sample, std::
                 sample.layers());
   LOCUS_REQUIRE(sample.top_k <= 64, config_error, "refine_by_tokens: top-k ", sample.top_k, " above 64");
   LOCUS_REQUIRE(map.ranks() < 65535, config_error, "refine_by_tokens: ", map.ranks(), " ranks (at most 65,534)");
-  LOCUS_REQUIRE(opt.balance_slack >= 0 && opt.rank_copy_weight >= 0 && opt.node_copy_weight >= 0, config_error,
-                "refine_by_tokens: negative slack or copy weight");
+  LOCUS_REQUIRE(opt.balance_slack >= 0 && detail::token_refine::finite_weights(opt), config_error,
+                "refine_by_tokens: negative slack (", opt.balance_slack, ") or copy weights (", opt.rank_copy_weight,
+                ", ", opt.node_copy_weight, ") that are not finite numbers >= 0");
   LOCUS_REQUIRE(opt.anneal_temperature >= 0, config_error, "refine_by_tokens: negative anneal temperature ",
                 opt.anneal_temperature);
   LOCUS_REQUIRE(opt.anneal_per_expert <= token_refine_options::max_anneal_per_expert, config_error,
                 "refine_by_tokens: anneal_per_expert is ", opt.anneal_per_expert, ", expected at most ",
                 token_refine_options::max_anneal_per_expert);
-  LOCUS_REQUIRE(opt.balance_shift >= 0 && opt.shift_slack >= 0, config_error,
-                "refine_by_tokens: negative balance shift ", opt.balance_shift, " or shift slack ", opt.shift_slack);
+  LOCUS_REQUIRE(std::isfinite(opt.balance_shift) && opt.balance_shift >= 0 && opt.shift_slack >= 0, config_error,
+                "refine_by_tokens: balance shift ", opt.balance_shift,
+                " (expected a finite number >= 0) or negative shift slack ", opt.shift_slack);
   layer_state<Topology> s(map, sample.ids[layer], sample.home, sample.top_k, topo, opt, layer, sample.mix_group,
                           sample.load_weight);
   token_refine_report rep;
@@ -1898,11 +1907,12 @@ std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& ma
     LOCUS_REQUIRE(maps[l].ranks() == topo.ranks() && maps[l].experts() == sample.experts, config_error,
                   "add_replicas_by_tokens: layer ", l, " map (", maps[l].experts(), " experts, ", maps[l].ranks(),
                   " ranks) does not match the sample (", sample.experts, ") or the topology (", topo.ranks(), ")");
-    LOCUS_REQUIRE(opt.balance_slack >= 0 && opt.rank_copy_weight >= 0 && opt.node_copy_weight >= 0, config_error,
-                  "add_replicas_by_tokens: negative slack or copy weight");
-    LOCUS_REQUIRE(opt.balance_shift >= 0 && opt.shift_slack >= 0, config_error,
-                  "add_replicas_by_tokens: negative balance shift ", opt.balance_shift, " or shift slack ",
-                  opt.shift_slack);
+    LOCUS_REQUIRE(opt.balance_slack >= 0 && detail::token_refine::finite_weights(opt), config_error,
+                  "add_replicas_by_tokens: negative slack (", opt.balance_slack, ") or copy weights (",
+                  opt.rank_copy_weight, ", ", opt.node_copy_weight, ") that are not finite numbers >= 0");
+    LOCUS_REQUIRE(std::isfinite(opt.balance_shift) && opt.balance_shift >= 0 && opt.shift_slack >= 0, config_error,
+                  "add_replicas_by_tokens: balance shift ", opt.balance_shift,
+                  " (expected a finite number >= 0) or negative shift slack ", opt.shift_slack);
     LOCUS_REQUIRE(opt.hedge_z >= 0 && opt.hedge_excess >= 0, config_error, "add_replicas_by_tokens: negative hedge z ",
                   opt.hedge_z, " or hedge excess ", opt.hedge_excess);
     LOCUS_REQUIRE(opt.hedge_floor == 0 || opt.hedge_floor >= 1, config_error, "add_replicas_by_tokens: hedge floor ",
