@@ -1,13 +1,13 @@
 #define BOOST_TEST_MODULE planning
 #include <boost/test/unit_test.hpp>
 #include <cmath>
+#include <limits>
 #include <locus/cost/decode_simulator.hpp>
 #include <locus/grouper/by_name.hpp>
 #include <locus/grouper/kmeans.hpp>
 #include <locus/grouper/micro_batch.hpp>
 #include <locus/grouper/workload_aware.hpp>
 #include <locus/placement/activation_plan.hpp>
-#include <limits>
 #include <random>
 #include <set>
 
