@@ -928,6 +928,9 @@ BOOST_AUTO_TEST_CASE(replan_live_moves_within_its_budget_and_reports_the_changed
   placement::live_replan_options bad;
   bad.budget_share = 1.5;
   BOOST_CHECK_THROW(placement::replan_live(setting.maps, window, window_nodes, topo, bad), config_error);
+  bad = {};
+  bad.copies = static_cast<placement::copy_count>(9); // counted both kinds of copies without a word
+  BOOST_CHECK_THROW(placement::replan_live(setting.maps, window, window_nodes, topo, bad), config_error);
   BOOST_CHECK_THROW(placement::replan_live(setting.maps, window, std::vector<std::uint32_t>(12, 2), topo, {}),
                     config_error);
   BOOST_CHECK_THROW(placement::replan_live(setting.maps, window, std::vector<std::uint32_t>(3, 0), topo, {}),

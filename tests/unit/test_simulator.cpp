@@ -248,6 +248,22 @@ BOOST_AUTO_TEST_CASE(a_grouper_that_never_places_is_refused) {
   BOOST_CHECK_THROW(simulate_decode(t, maps, g, cfg), invalid_input_error);
 }
 
+// An enum cast from a number (a config file, a binding) ran as some default rule or transport.
+BOOST_AUTO_TEST_CASE(enum_values_outside_their_range_are_refused) {
+  std::mt19937 rng(6);
+  const auto t = random_trace(rng, 4, 8, 2, 1, 2);
+  simulation_config cfg;
+  cfg.topology = dynamic_topology(2, 2);
+  const auto maps = placement::linear{}.plan({cfg.topology, 8, 2, {std::vector<double>(8, 1)}, {}});
+  grouper::least_loaded g;
+  BOOST_CHECK_NO_THROW(simulate_decode(t, maps, g, cfg));
+  cfg.replica_rule = static_cast<placement::replica_rule>(77);
+  BOOST_CHECK_THROW(simulate_decode(t, maps, g, cfg), config_error);
+  cfg.replica_rule = placement::replica_rule::locality_first;
+  cfg.transport = static_cast<transport_kind>(9);
+  BOOST_CHECK_THROW(simulate_decode(t, maps, g, cfg), config_error);
+}
+
 // quantile() interpolates inside the vector: a q outside [0, 1] (or NaN) read outside it.
 BOOST_AUTO_TEST_CASE(quantile_refuses_q_outside_the_unit_interval) {
   BOOST_TEST(quantile({1, 2, 3}, 0.5) == 2.0);

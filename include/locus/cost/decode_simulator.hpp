@@ -186,6 +186,13 @@ inline void validate(const trace::trace& t, const std::vector<expert_map>& maps,
                   l, " map has ", maps[l].experts(), " experts on ", maps[l].ranks(), " ranks; the trace has ",
                   t.experts(), " experts and the topology ", ranks, " ranks");
   LOCUS_REQUIRE(cfg.batch_per_rank > 0, config_error, "simulate_decode: batch_per_rank must be positive");
+  // An enum cast from a number (a config file, a binding) ran silently as some default rule.
+  LOCUS_REQUIRE(static_cast<std::size_t>(cfg.replica_rule) < placement::all_replica_rules.size(), config_error,
+                "simulate_decode: replica_rule ", static_cast<unsigned>(cfg.replica_rule), " is none of the ",
+                placement::all_replica_rules.size(), " rules");
+  LOCUS_REQUIRE(cfg.transport == transport_kind::flat || cfg.transport == transport_kind::hierarchical, config_error,
+                "simulate_decode: transport ", static_cast<unsigned>(cfg.transport),
+                " is neither flat nor hierarchical");
   LOCUS_REQUIRE(std::isfinite(cfg.arrival_rate) && cfg.arrival_rate >= 0, config_error,
                 "simulate_decode: arrival_rate is ", cfg.arrival_rate, ", expected a finite number >= 0");
   // Byte counters are 64-bit: every copy of every token at every layer, both ways, must fit.

@@ -157,6 +157,10 @@ inline live_replan_result replan_live(const std::vector<expert_map>& current, co
   // with_prior returns the window alone for an empty prior: a prior given must say something.
   LOCUS_REQUIRE(!prior || fitted.tokens() > 0, config_error,
                 "re-plan: the prior has no decode tokens (mark its prefill)");
+  // An enum cast from a number counted both kinds of copies without a word.
+  LOCUS_REQUIRE(
+      opt.copies == copy_count::flat || opt.copies == copy_count::hierarchical || opt.copies == copy_count::both,
+      config_error, "re-plan: copies ", static_cast<unsigned>(opt.copies), " is none of flat, hierarchical and both");
   token_refine_options refine = popt.refine;
   refine.count(opt.copies);
   refine.replan_slack = opt.replan_slack;
