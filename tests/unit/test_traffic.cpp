@@ -189,6 +189,11 @@ BOOST_AUTO_TEST_CASE(time_model_by_hand) {
   slow.nvlink_latency_us = 0;
   slow.expert_us_per_row = -1;
   BOOST_CHECK_THROW(estimate_layer_time(t, s, slow), config_error);
+  // Finite but absurd: 7 rows × 1e308 µs overflowed to an inf time, reported as a result.
+  slow.expert_us_per_row = 1e308;
+  BOOST_CHECK_THROW(estimate_layer_time(t, s, slow), config_error);
+  slow.expert_us_per_row = 1e300;
+  BOOST_TEST(std::isfinite(estimate_layer_time(t, s, slow).total_us()));
 }
 
 BOOST_AUTO_TEST_CASE(lower_bound_never_exceeds_any_placement) {

@@ -72,7 +72,8 @@ inline double exchange_us(const layer_traffic& t, std::size_t bytes_per_copy, co
 } // namespace detail
 
 //! Estimates the layer time of the traffic `t` (one step) under `m`.
-//! @throws locus::config_error when `m` is invalid (link_model::validate)
+//! @throws locus::config_error when `m` is invalid (link_model::validate), or its costs are so
+//!         large that a time overflows to infinity (e.g. 1e308 µs per row)
 inline layer_time estimate_layer_time(const layer_traffic& t, const message_sizes& sizes, const link_model& m = {}) {
   m.validate();
   layer_time out;
@@ -82,6 +83,10 @@ inline layer_time estimate_layer_time(const layer_traffic& t, const message_size
   for (std::uint64_t rows : t.expert_rows)
     max_rows = std::max(max_rows, rows);
   out.compute_us = static_cast<double>(max_rows) * m.expert_us_per_row;
+  // Finite costs can still overflow: an inf time would be reported as a result.
+  LOCUS_REQUIRE(std::isfinite(out.total_us()), config_error, "link_model: the layer time overflows (dispatch ",
+                out.dispatch_us, " µs, compute ", out.compute_us, " µs, combine ", out.combine_us,
+                " µs): a latency, bandwidth or per-row cost is out of any real range");
   return out;
 }
 
