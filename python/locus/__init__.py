@@ -413,8 +413,6 @@ class ExpertPlan:
         ``nodes`` (default 1) nodes of equal size."""
         maps, experts, ids, hidden, saved = _core._load_expert_maps(path)
         ranks = int(maps.shape[1])
-        nodes = None if nodes is None else _index(nodes, "nodes")
-        gpus_per_node = None if gpus_per_node is None else _index(gpus_per_node, "gpus_per_node")
         g = gpus_per_node if gpus_per_node is not None else saved if saved else ranks // (nodes or 1)
         n = nodes if nodes is not None else ranks // g if g else 0
         if saved and g != saved:
@@ -483,9 +481,7 @@ def plan(
                               "import records none): mark them first, e.g. trace.with_prefill_tokens(32)")
         maps, model, hedges = _core._plan_from_trace(
             source, nodes, gpus_per_node, placement, redundant_slots, eplb_groups, clusters, seed, prefill_tokens,
-            hedge_replicas, copies, anneal, _real(fill_slack, "fill_slack"),
-            _real(hedge_class_spread, "hedge_class_spread"),
-            None if hedge_cost_budget is None else _real(hedge_cost_budget, "hedge_cost_budget"),
+            hedge_replicas, copies, anneal, fill_slack, hedge_class_spread, hedge_cost_budget,
         )
         ids = source.model_layer_ids if source.has_model_layers else None
         out = ExpertPlan(maps, source.experts, nodes, gpus_per_node, model, ids, source.hidden_layers)
@@ -540,7 +536,7 @@ def simulate(
     m = model if model is not None else plan.model
     out = _core._simulate(
         test, plan._maps(), plan.nodes, plan.gpus_per_node, grouper, m, transport, batch_per_rank, hidden,
-        _real(arrival_rate, "arrival_rate"), seed, replica_rule, _real(replica_slack, "replica_slack"),
+        arrival_rate, seed, replica_rule, replica_slack,
     )
     return json.loads(out)
 
@@ -579,9 +575,8 @@ def replan(
     h = None if homes is None else _array(homes, np.int64, 1, "homes")
     m = model if model is not None else plan.model
     maps, report = _core._replan(
-        plan._maps(), plan.experts, plan.nodes, plan.gpus_per_node, window, h, m, prior, _real(budget, "budget"),
-        32.0 if prior_requests is None else _real(prior_requests, "prior_requests"), transport,
-        _real(replan_slack, "replan_slack"), expert_bytes,
+        plan._maps(), plan.experts, plan.nodes, plan.gpus_per_node, window, h, m, prior, budget,
+        32.0 if prior_requests is None else prior_requests, transport, replan_slack, expert_bytes,
         prefill_tokens, list(plan.layer_ids) if plan.layer_ids is not None else [],
     )
     out = ExpertPlan(maps, plan.experts, plan.nodes, plan.gpus_per_node, plan.model, plan.layer_ids,
@@ -614,10 +609,10 @@ def export_text(
     if layer_ids is not None:
         ids = list(layer_ids)
     elif first_moe_layer is not None:
-        first = _index(first_moe_layer, "first_moe_layer")
-        if first < 0:
-            raise ConfigError(f"locus: configuration error: first_moe_layer is {first}, expected a whole number from 0")
-        ids = [first + i for i in range(plan.layers)]
+        if first_moe_layer < 0:
+            raise ConfigError(f"locus: configuration error: first_moe_layer is {first_moe_layer}, expected a whole "
+                              "number from 0")
+        ids = [first_moe_layer + i for i in range(plan.layers)]
     elif plan.layer_ids is not None:
         ids = list(plan.layer_ids)
     else:

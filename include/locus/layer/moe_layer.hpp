@@ -78,23 +78,16 @@ struct device_step {
                                     "#include <locus/layer/moe_layer_cuda.hpp> (and a CUDA compiler)");
 };
 
-//! What a grouped router (sigmoid_grouped) needs of the expert count, checked at compile time
-//! when the router's groups, top_groups and k and the shape's experts are all static (otherwise
-//! set_router checks it: validate_experts).
+//! What a router needs of the expert count, at compile time: its own `expert_fit` (sigmoid_grouped)
+//! when the router and the shape's experts are static; otherwise set_router checks it at run time
+//! (validate_experts).
 template <class R, class E>
 struct grouped_router_fit {
   static constexpr bool divides = true, two_per_group = true, k_fits = true;
 };
 template <class R, class E>
-requires requires {
-  typename R::groups_type;
-  typename R::top_groups_type;
-} && R::is_static && E::is_static struct grouped_router_fit<R, E> {
-  static constexpr std::size_t groups = R::groups_type::static_value, per_group = E::static_value / groups;
-  static constexpr bool divides = E::static_value % groups == 0;
-  static constexpr bool two_per_group = per_group >= 2;
-  static constexpr bool k_fits = R::top_k_type::static_value <= R::top_groups_type::static_value * per_group;
-};
+requires E::is_static && requires { typename R::template expert_fit<E::static_value>; }
+struct grouped_router_fit<R, E> : R::template expert_fit<E::static_value> {};
 
 template <class C>
 struct activation_of {

@@ -1754,6 +1754,18 @@ inline bool finite_weights(const token_refine_options& opt) noexcept {
          opt.node_copy_weight >= 0;
 }
 
+//! The slack, copy weights and balance shift the refinement and the replica fill both read,
+//! checked once for each; `who` starts the message.
+//! @throws locus::config_error naming the values
+inline void check_cost_options(const token_refine_options& opt, const char* who) {
+  LOCUS_REQUIRE(opt.balance_slack >= 0 && finite_weights(opt), config_error, who, ": negative slack (",
+                opt.balance_slack, ") or copy weights (", opt.rank_copy_weight, ", ", opt.node_copy_weight,
+                ") that are not finite numbers >= 0");
+  LOCUS_REQUIRE(std::isfinite(opt.balance_shift) && opt.balance_shift >= 0 && opt.shift_slack >= 0, config_error, who,
+                ": balance shift ", opt.balance_shift, " (expected a finite number >= 0) or negative shift slack ",
+                opt.shift_slack);
+}
+
 //! The options the hedge's draws read (hedge_resamples, hedge_class_spread with the sample's
 //! request classes) and its byte bound, checked once for every caller; `who` starts the message.
 //! @throws locus::config_error naming the option and its value
@@ -1782,17 +1794,12 @@ expert_map refine_layer(const expert_map& map, const token_sample& sample, std::
                 sample.layers());
   LOCUS_REQUIRE(sample.top_k <= 64, config_error, "refine_by_tokens: top-k ", sample.top_k, " above 64");
   LOCUS_REQUIRE(map.ranks() < 65535, config_error, "refine_by_tokens: ", map.ranks(), " ranks (at most 65,534)");
-  LOCUS_REQUIRE(opt.balance_slack >= 0 && detail::token_refine::finite_weights(opt), config_error,
-                "refine_by_tokens: negative slack (", opt.balance_slack, ") or copy weights (", opt.rank_copy_weight,
-                ", ", opt.node_copy_weight, ") that are not finite numbers >= 0");
+  check_cost_options(opt, "refine_by_tokens");
   LOCUS_REQUIRE(opt.anneal_temperature >= 0, config_error, "refine_by_tokens: negative anneal temperature ",
                 opt.anneal_temperature);
   LOCUS_REQUIRE(opt.anneal_per_expert <= token_refine_options::max_anneal_per_expert, config_error,
                 "refine_by_tokens: anneal_per_expert is ", opt.anneal_per_expert, ", expected at most ",
                 token_refine_options::max_anneal_per_expert);
-  LOCUS_REQUIRE(std::isfinite(opt.balance_shift) && opt.balance_shift >= 0 && opt.shift_slack >= 0, config_error,
-                "refine_by_tokens: balance shift ", opt.balance_shift,
-                " (expected a finite number >= 0) or negative shift slack ", opt.shift_slack);
   layer_state<Topology> s(map, sample.ids[layer], sample.home, sample.top_k, topo, opt, layer, sample.mix_group,
                           sample.load_weight);
   token_refine_report rep;
@@ -1901,23 +1908,18 @@ std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& ma
   // on other loads than the swaps before it held.
   LOCUS_REQUIRE(sample.load_weight.empty(), config_error,
                 "add_replicas_by_tokens: the sample has load weights (read by the swaps only)");
+  detail::token_refine::check_cost_options(opt, "add_replicas_by_tokens");
+  LOCUS_REQUIRE(opt.hedge_z >= 0 && opt.hedge_excess >= 0, config_error, "add_replicas_by_tokens: negative hedge z ",
+                opt.hedge_z, " or hedge excess ", opt.hedge_excess);
+  LOCUS_REQUIRE(opt.hedge_floor == 0 || opt.hedge_floor >= 1, config_error, "add_replicas_by_tokens: hedge floor ",
+                opt.hedge_floor, " (0: off, else a GPU max/mean target >= 1)");
+  detail::token_refine::check_hedge_options(opt, sample, "add_replicas_by_tokens");
   std::vector<expert_map> out;
   out.reserve(maps.size());
   for (std::size_t l = 0; l < maps.size(); ++l) {
     LOCUS_REQUIRE(maps[l].ranks() == topo.ranks() && maps[l].experts() == sample.experts, config_error,
                   "add_replicas_by_tokens: layer ", l, " map (", maps[l].experts(), " experts, ", maps[l].ranks(),
                   " ranks) does not match the sample (", sample.experts, ") or the topology (", topo.ranks(), ")");
-    LOCUS_REQUIRE(opt.balance_slack >= 0 && detail::token_refine::finite_weights(opt), config_error,
-                  "add_replicas_by_tokens: negative slack (", opt.balance_slack, ") or copy weights (",
-                  opt.rank_copy_weight, ", ", opt.node_copy_weight, ") that are not finite numbers >= 0");
-    LOCUS_REQUIRE(std::isfinite(opt.balance_shift) && opt.balance_shift >= 0 && opt.shift_slack >= 0, config_error,
-                  "add_replicas_by_tokens: balance shift ", opt.balance_shift,
-                  " (expected a finite number >= 0) or negative shift slack ", opt.shift_slack);
-    LOCUS_REQUIRE(opt.hedge_z >= 0 && opt.hedge_excess >= 0, config_error, "add_replicas_by_tokens: negative hedge z ",
-                  opt.hedge_z, " or hedge excess ", opt.hedge_excess);
-    LOCUS_REQUIRE(opt.hedge_floor == 0 || opt.hedge_floor >= 1, config_error, "add_replicas_by_tokens: hedge floor ",
-                  opt.hedge_floor, " (0: off, else a GPU max/mean target >= 1)");
-    detail::token_refine::check_hedge_options(opt, sample, "add_replicas_by_tokens");
     using state = detail::token_refine::replica_state<Topology>;
     const auto make = [&] {
       return state(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt, l, sample.mix_group, sample.request,

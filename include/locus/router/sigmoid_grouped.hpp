@@ -46,6 +46,15 @@ public:
   using params_type = detail::router::sigmoid_grouped_params<Groups, TopGroups, TopK>;
   static constexpr const char* name = "sigmoid_grouped";
   static constexpr bool is_static = Groups::is_static && TopGroups::is_static && TopK::is_static;
+  //! validate_experts's conditions at compile time, for a static expert count `Experts` (a layer
+  //! that composes this router with static extents asserts them).
+  template <std::size_t Experts>
+  requires is_static struct expert_fit {
+    static constexpr std::size_t per_group = Experts / Groups::static_value;
+    static constexpr bool divides = Experts % Groups::static_value == 0;
+    static constexpr bool two_per_group = per_group >= 2;
+    static constexpr bool k_fits = TopK::static_value <= TopGroups::static_value * per_group;
+  };
 
   //! Static groups, top_groups and k.
   //! @param bias                  per-expert selection correction (empty: none)
