@@ -1,4 +1,6 @@
 #define BOOST_TEST_MODULE layout
+#include "../support/replica_reference.hpp"
+
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
 #include <cmath>
@@ -68,8 +70,8 @@ routing<top_k<>> random_routing(std::size_t tokens, std::size_t experts, std::si
 }
 
 // ---------------------------------------------------------------------------------------------
-// Brute-force reference: replica choice by the (separately tested) stateful selector, rows as
-// tuples sorted with std::sort, entries found by scanning.
+// Brute-force reference: replica choice by the rule's text (tests/support/replica_reference.hpp),
+// rows as tuples sorted with std::sort, entries found by scanning.
 
 struct ref_row {
   std::int32_t send_rank, lead, token;
@@ -89,16 +91,15 @@ struct ref_layout {
 ref_layout reference(const routing<top_k<>>& r, const expert_map& map, const dynamic_topology& topo, std::size_t src,
                      transport_kind kind) {
   ref_layout out;
-  placement::locality_first_selector sel(map, topo);
+  locus_test::replica_reference sel(map, topo, kind);
   const std::size_t k = r.top_k(), G = topo.gpus_per_node(), S = map.slots_per_rank();
   out.slot_counts.assign(map.slot_count(), 0);
   for (std::size_t t = 0; t < r.tokens(); ++t)
-    for (std::size_t j = 0; j < k; ++j) {
-      const std::size_t idx = sel.select_index(src, static_cast<std::size_t>(r.ids()[t * k + j]));
+    for (const std::int32_t idx : sel.token(src, std::span<const expert_id>(r.ids().data() + t * k, k))) {
       const slot_ref s = map.view().replicas[idx];
       out.rank.push_back(s.rank);
       out.slot.push_back(s.slot);
-      out.replica.push_back(static_cast<std::int32_t>(idx));
+      out.replica.push_back(idx);
       ++out.slot_counts[static_cast<std::size_t>(s.rank) * S + static_cast<std::size_t>(s.slot)];
     }
   for (std::size_t t = 0; t < r.tokens(); ++t) {
@@ -250,7 +251,7 @@ BOOST_AUTO_TEST_CASE(results_do_not_depend_on_threads_or_static_extents) {
   }
 }
 
-BOOST_AUTO_TEST_CASE(node_fanout_covers_exactly_the_flat_copies) {
+BOOST_AUTO_TEST_CASE(node_fanout_covers_exactly_the_node_layouts_copies) {
   std::mt19937 rng(5);
   for (const shape_case& s : shapes) {
     const expert_map map = random_map(s, rng);
@@ -259,14 +260,11 @@ BOOST_AUTO_TEST_CASE(node_fanout_covers_exactly_the_flat_copies) {
     const std::size_t src = topo.ranks() - 1;
     const auto flat = make_layout(r.view(), map, topo, src, 2);
     const auto node = make_node_layout(r.view(), map, topo, src, 2);
-    // Every (token, rank, slot, weight) a flat layout delivers, as a multiset.
+    // Every (token, rank, slot, weight) the node layout's copies go to, as a multiset (its replica
+    // choices may differ from the flat layout's: a copy joins a node its token already reaches).
     std::multiset<std::tuple<std::int32_t, std::int32_t, std::int32_t, float>> expected, got;
-    for (std::size_t row = 0; row < flat.rows(); ++row)
-      for (auto e = flat.row_entry_offsets()[row]; e < flat.row_entry_offsets()[row + 1]; ++e) {
-        const auto c = static_cast<std::size_t>(flat.entry_copy()[static_cast<std::size_t>(e)]);
-        expected.emplace(flat.row_token()[row], flat.copy_rank()[c], flat.entry_slot()[static_cast<std::size_t>(e)],
-                         flat.entry_weight()[static_cast<std::size_t>(e)]);
-      }
+    for (std::size_t c = 0; c < node.copies(); ++c)
+      expected.emplace(static_cast<std::int32_t>(c / s.k), node.copy_rank()[c], node.copy_slot()[c], r.weights()[c]);
     // Each receiving peer splits its rows by target local rank, from the metadata alone.
     std::uint64_t forwards = 0;
     for (std::size_t d = 0; d < topo.ranks(); ++d) {

@@ -258,10 +258,13 @@ BOOST_AUTO_TEST_CASE(traffic_model_equals_layout_under_every_rule) {
         opt.replicas = policy;
         l.assign(part, map, topo, src, opt);
         placement::replica_selector sel(map, topo, policy);
-        for (std::size_t c = 0; c < tokens * k; ++c) {
-          const auto want = sel.select_index(src, static_cast<std::size_t>(part.ids()[c]));
-          BOOST_REQUIRE_EQUAL(l.copy_replica()[c], static_cast<std::int32_t>(want));
-          ++rows[static_cast<std::size_t>(l.copy_rank()[c])];
+        std::vector<std::size_t> want(k);
+        for (std::size_t t = 0; t < tokens; ++t) {
+          sel.select_token(src, part.ids() + t * k, k, false, want.data());
+          for (std::size_t j = 0; j < k; ++j) {
+            BOOST_REQUIRE_EQUAL(l.copy_replica()[t * k + j], static_cast<std::int32_t>(want[j]));
+            ++rows[static_cast<std::size_t>(l.copy_rank()[t * k + j])];
+          }
         }
       }
       BOOST_TEST(rows == model.expert_rows, boost::test_tools::per_element());
@@ -321,4 +324,57 @@ BOOST_AUTO_TEST_CASE(hand_built_preferences) {
   BOOST_CHECK_THROW(sel.select(4, 0), invalid_input_error);
   BOOST_CHECK_THROW(sel.select(0, 2), invalid_input_error);
   BOOST_CHECK_THROW(placement::locality_first_selector(map, dynamic_topology(1, 2)), config_error);
+}
+
+// A copy joins a row its token already sends (the locality rules): spelled out on a small map.
+BOOST_AUTO_TEST_CASE(copies_join_rows_their_token_already_sends) {
+  // 3 nodes × 2 GPUs (ranks 0-1, 2-3, 4-5), 3 slots per rank. Expert 0 on rank 2, 1 on ranks 3
+  // and 4, 2 on rank 3, 3 on rank 0, 4 on ranks 1 and 3, 5 on ranks 2 and 4; rank 5 holds none.
+  const dynamic_topology topo(3, 2);
+  const expert_id x = empty_slot;
+  const expert_map map(6, 6, 3, {3, x, x, 4, x, x, 0, 5, x, 2, 1, 4, 1, 5, x, x, x, x});
+  const auto token = [&](placement::replica_selector<dynamic_topology>& sel, transport_kind kind,
+                         std::vector<expert_id> ids) {
+    std::vector<std::size_t> idx(ids.size());
+    sel.select_token(0, ids.data(), ids.size(), kind == transport_kind::hierarchical, idx.data());
+    std::vector<int> ranks;
+    for (const std::size_t i : idx)
+      ranks.push_back(map.view().replicas[i].rank);
+    return ranks;
+  };
+  using v = std::vector<int>;
+  placement::replica_selector sel(map, topo);
+  // From rank 0 (node 0), flat: expert 1's replicas are both remote (ranks 3 and 4).
+  BOOST_TEST(token(sel, transport_kind::flat, {2, 1}) == (v{3, 3}));       // joins the row to rank 3
+  BOOST_TEST(token(sel, transport_kind::flat, {3, 1}) == (v{0, 3}));       // first balanced copy: rank 3
+  BOOST_TEST(token(sel, transport_kind::flat, {1, 2}) == (v{3, 3}));       // joins (not counted)
+  BOOST_TEST(token(sel, transport_kind::flat, {3, 1}) == (v{0, 4}));       // second balanced copy: rank 4
+  BOOST_TEST(token(sel, transport_kind::flat, {0, 1}) == (v{2, 3}));       // rank 2 holds no copy of 1: turn
+  BOOST_TEST(token(sel, transport_kind::flat, {2, 4}) == (v{3, 1}));       // a node-local replica wins
+  BOOST_TEST(token(sel, transport_kind::flat, {0, 5, 1}) == (v{2, 2, 4})); // joins a fixed copy only
+  sel.reset();
+  // Hierarchical: failing a rank, a node the token already reaches (rank 2's node holds rank 3).
+  BOOST_TEST(token(sel, transport_kind::hierarchical, {0, 1}) == (v{2, 3}));
+  BOOST_TEST(token(sel, transport_kind::hierarchical, {0, 1}) == (v{2, 3}));
+  BOOST_TEST(token(sel, transport_kind::hierarchical, {3, 1}) == (v{0, 3})); // own node: no join, turn
+  sel.reset();
+  BOOST_TEST(token(sel, transport_kind::flat, {0, 1}) == (v{2, 3}));
+  BOOST_TEST(token(sel, transport_kind::flat, {0, 1}) == (v{2, 4})); // flat: no node join, round robin
+  // locality_bounded never joins a hot rank's replica: rank 3 hot, expert 1 goes to rank 4.
+  const std::vector<std::uint8_t> hot = {0, 0, 0, 1, 0, 0};
+  placement::replica_selector bounded(map, topo, {placement::replica_rule::locality_bounded, 0, hot});
+  BOOST_TEST(token(bounded, transport_kind::flat, {2, 1}) == (v{3, 4}));
+  // The engines' rules do not join: random takes position mod replicas (copy 1 of the batch: rank 4).
+  placement::replica_selector random(map, topo, {placement::replica_rule::random, 0, {}});
+  BOOST_TEST(token(random, transport_kind::flat, {2, 1}) == (v{3, 4}));
+  // The layouts choose the same, on host and (by the shared per-token code) on the device.
+  for (const transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
+    const routing<top_k<>> r({2, 1, 3, 1, 1, 2, 3, 1, 0, 1, 0, 1}, std::vector<float>(12, 1.0f), top_k<>(2));
+    transport::layout<top_k<>> l;
+    l.assign(r.view(), map, topo, 0, transport::layout_options{kind, 2, 1});
+    const std::vector<int> flat_ranks{3, 3, 0, 3, 3, 3, 0, 4, 2, 3, 2, 4};
+    const std::vector<int> node_ranks{3, 3, 0, 3, 3, 3, 0, 4, 2, 3, 2, 3};
+    const std::vector<int> got(l.copy_rank().begin(), l.copy_rank().end());
+    BOOST_TEST(got == (kind == transport_kind::flat ? flat_ranks : node_ranks), boost::test_tools::per_element());
+  }
 }

@@ -265,9 +265,10 @@ BOOST_AUTO_TEST_CASE(adjacent_difference_inverts_the_scan) {
   }
 }
 
-// The device layout's replica stage (sorted_copy_replica, one thread per copy in expert order)
-// picks the host layout's replica for every copy, under every rule the layer can be given: the
-// device dispatcher passes the layer's rule to the same tables (replica_candidates).
+// The device layout's replica stage (validate_kernel's joins and sort keys, then
+// sorted_copy_replica one thread per copy in key order) picks the host layout's replica for every
+// copy, under every rule the layer can be given and both transports: the device dispatcher passes
+// the layer's rule to the same tables (replica_candidates) and the same per-token join.
 BOOST_AUTO_TEST_CASE(device_replica_stage_picks_the_host_layouts_replicas_for_every_rule) {
   // 2 nodes × 2 GPUs, 8 experts on 3 slots per rank; expert 1 on ranks 0, 1 and 2 (both nodes),
   // experts 0 and 4 on two ranks of node 0.
@@ -289,43 +290,61 @@ BOOST_AUTO_TEST_CASE(device_replica_stage_picks_the_host_layouts_replicas_for_ev
     std::copy_n(all.begin(), k, ids.begin() + static_cast<std::ptrdiff_t>(t * k));
   }
   const routing<top_k<>> r(ids, std::vector<float>(tokens * k, 0.5f), top_k<>(k));
-  // Copies in (expert, copy) order, as the device layout's stable sort leaves them.
-  std::vector<std::int32_t> sorted_copy(tokens * k), sorted_expert(tokens * k);
-  std::iota(sorted_copy.begin(), sorted_copy.end(), 0);
-  std::stable_sort(sorted_copy.begin(), sorted_copy.end(), [&](std::int32_t a, std::int32_t b) {
-    return ids[static_cast<std::size_t>(a)] < ids[static_cast<std::size_t>(b)];
-  });
-  for (std::size_t p = 0; p < sorted_copy.size(); ++p)
-    sorted_expert[p] = ids[static_cast<std::size_t>(sorted_copy[p])];
+  namespace dl = locus::transport::detail::layout;
 
   const std::vector<std::uint8_t> hot = {1, 0, 0, 1};
   std::vector<std::vector<std::int32_t>> by_rule;
-  for (const placement::replica_rule rule : placement::all_replica_rules)
-    for (std::size_t src = 0; src < topo.ranks(); ++src) {
-      BOOST_TEST_CONTEXT("rule " << to_string(rule) << ", source rank " << src) {
-        placement::replica_policy policy{rule, 7, {}};
-        if (rule == placement::replica_rule::locality_bounded) policy.hot = hot;
-        layout<top_k<>> host;
-        layout_options opt{transport_kind::flat, 2, 8}; // several chunks: the host's chunked count
-        opt.replicas = policy;
-        host.assign(r.view(), map, topo, src, opt);
-        std::vector<std::int32_t> fixed, cand_offsets, cands;
-        placement::replica_candidates(map, topo, src, fixed, cand_offsets, cands, policy);
-        cands.push_back(-1); // never empty, as on the device
-        std::vector<std::int32_t> device(tokens * k, -1);
-        for (std::size_t p = 0; p < sorted_copy.size(); ++p)
-          device[static_cast<std::size_t>(sorted_copy[p])] = locus::transport::detail::layout::sorted_copy_replica(
-              sorted_expert.data(), sorted_copy.data(), p, fixed.data(), cand_offsets.data(), cands.data(), rule);
-        const auto expected = host.copy_replica();
-        BOOST_TEST(device == std::vector<std::int32_t>(expected.begin(), expected.end()),
-                   boost::test_tools::per_element());
-        if (src == 0) by_rule.push_back(device);
+  std::size_t joined_copies = 0;
+  for (const transport_kind kind : {transport_kind::flat, transport_kind::hierarchical})
+    for (const placement::replica_rule rule : placement::all_replica_rules)
+      for (std::size_t src = 0; src < topo.ranks(); ++src) {
+        BOOST_TEST_CONTEXT(to_string(kind) << ", rule " << to_string(rule) << ", source rank " << src) {
+          placement::replica_policy policy{rule, 7, {}};
+          if (rule == placement::replica_rule::locality_bounded) policy.hot = hot;
+          layout<top_k<>> host;
+          layout_options opt{kind, 2, 8}; // several chunks: the host's chunked count
+          opt.replicas = policy;
+          host.assign(r.view(), map, topo, src, opt);
+          std::vector<std::int32_t> fixed, cand_offsets, cands;
+          placement::replica_candidates(map, topo, src, fixed, cand_offsets, cands, policy);
+          cands.push_back(-1); // never empty, as on the device
+          // validate_kernel, one token per thread: joins and sort keys.
+          const dl::token_params p{static_cast<std::int32_t>(src), 2, 3, 1, kind == transport_kind::hierarchical};
+          std::vector<std::int32_t> join(tokens * k, -1), key(tokens * k);
+          for (std::size_t t = 0; t < tokens; ++t) {
+            if (dl::joins_rows(rule))
+              dl::token_joins<8>(p, ids.data() + t * k, k, fixed.data(), cand_offsets.data(), cands.data(),
+                                 map.view().replicas, join.data() + t * k);
+            for (std::size_t j = 0; j < k; ++j)
+              key[t * k + j] = dl::replica_sort_key(ids[t * k + j], join[t * k + j] >= 0);
+          }
+          // The stable sort by key, then replica_kernel, one thread per position.
+          std::vector<std::int32_t> sorted_copy(tokens * k), sorted_key(tokens * k);
+          std::iota(sorted_copy.begin(), sorted_copy.end(), 0);
+          std::stable_sort(sorted_copy.begin(), sorted_copy.end(), [&](std::int32_t a, std::int32_t b) {
+            return key[static_cast<std::size_t>(a)] < key[static_cast<std::size_t>(b)];
+          });
+          for (std::size_t q = 0; q < sorted_copy.size(); ++q)
+            sorted_key[q] = key[static_cast<std::size_t>(sorted_copy[q])];
+          std::vector<std::int32_t> device(tokens * k, -1);
+          for (std::size_t q = 0; q < sorted_copy.size(); ++q)
+            device[static_cast<std::size_t>(sorted_copy[q])] =
+                dl::sorted_copy_replica(sorted_key.data(), sorted_copy.data(), q, fixed.data(), cand_offsets.data(),
+                                        cands.data(), join.data(), rule);
+          const auto expected = host.copy_replica();
+          BOOST_TEST(device == std::vector<std::int32_t>(expected.begin(), expected.end()),
+                     boost::test_tools::per_element());
+          for (const std::int32_t j : join)
+            joined_copies += j >= 0;
+          if (src == 0 && kind == transport_kind::flat) by_rule.push_back(device);
+        }
       }
-    }
-  // The rules do choose differently here, so the comparison above tells them apart.
+  // The rules do choose differently here, and copies do join rows, so the comparison above
+  // tells them apart.
   BOOST_TEST(by_rule.size() == placement::all_replica_rules.size());
   BOOST_TEST(by_rule[0] != by_rule[2]); // random spreads over every replica
   BOOST_TEST(by_rule[0] != by_rule[3]); // locality_bounded looks past hot rank 0
+  BOOST_TEST(joined_copies > 0);
 }
 
 namespace {

@@ -1,4 +1,6 @@
 #define BOOST_TEST_MODULE traffic
+#include "../support/replica_reference.hpp"
+
 #include <boost/test/unit_test.hpp>
 #include <cmath>
 #include <locus/cost/bounds.hpp>
@@ -14,12 +16,12 @@ using namespace locus::cost;
 
 namespace {
 
-// Reference count, token by token with ordered sets. Replica choices come from the (separately
-// tested) selector so both sides see the same destinations.
+// Reference count, token by token with ordered sets. Replica choices come from the rule's text
+// (tests/support/replica_reference.hpp).
 layer_traffic reference(const dynamic_topology& topo, const expert_map& map, const routing<top_k<>>& r,
                         const std::vector<std::uint32_t>& src, transport_kind kind) {
   layer_traffic out(topo.ranks());
-  placement::locality_first_selector sel(map, topo);
+  locus_test::replica_reference sel(map, topo, kind);
   auto copy = [&](std::size_t a, std::size_t b, link_class c) {
     ++out.copies[static_cast<std::size_t>(c)];
     ++out.sent[a][static_cast<std::size_t>(c)];
@@ -27,9 +29,9 @@ layer_traffic reference(const dynamic_topology& topo, const expert_map& map, con
   };
   for (std::size_t t = 0; t < r.tokens(); ++t) {
     std::set<std::size_t> dests;
-    for (std::size_t j = 0; j < r.top_k(); ++j) {
-      const auto rank =
-          static_cast<std::size_t>(sel.select(src[t], static_cast<std::size_t>(r.view().expert(t, j))).rank);
+    for (const std::int32_t idx :
+         sel.token(src[t], std::span<const expert_id>(r.ids().data() + t * r.top_k(), r.top_k()))) {
+      const auto rank = static_cast<std::size_t>(map.view().replicas[idx].rank);
       ++out.expert_rows[rank];
       dests.insert(rank);
     }

@@ -138,6 +138,7 @@ public:
     const expert_map_view view = map.view();
     const std::size_t k = r.top_k(), experts = map.experts(), gpus = topo_.gpus_per_node();
     dest_.resize(k);
+    replica_.resize(k);
     for (std::size_t i = 0; i < n; ++i) {
       const std::size_t t = tokens.empty() ? i : tokens[i];
       LOCUS_REQUIRE(t < r.tokens(), invalid_input_error, "traffic model: token index ", t, " out of range [0, ",
@@ -154,7 +155,10 @@ public:
         for (std::size_t q = 0; q < j; ++q)
           LOCUS_REQUIRE(ids[q] != ids[j], invalid_input_error, "traffic model: token ", t, ": expert ", ids[j],
                         " is chosen twice");
-        const auto rank = static_cast<std::uint32_t>(view.replicas[selector_.select_index(src, e)].rank);
+      }
+      selector_.select_token(src, ids, k, kind_ == transport_kind::hierarchical, replica_.data());
+      for (std::size_t j = 0; j < k; ++j) {
+        const auto rank = static_cast<std::uint32_t>(view.replicas[replica_[j]].rank);
         ++out.expert_rows[rank];
         dest_[j] = rank;
       }
@@ -197,6 +201,7 @@ private:
   transport_kind kind_;
   placement::replica_selector<Topology> selector_;
   std::vector<std::uint32_t> dest_;
+  std::vector<std::size_t> replica_; // per copy of the token being counted
 };
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::cost

@@ -20,7 +20,13 @@
 //! for one of them goes where the engine's replica rule sends it (placement::replica_selector
 //! under token_refine_options::replicas, over the sample's tokens in order, as one step, each token
 //! from its sample_source_rank), and the copies are counted by the layout's rule (send_rank and row_link of
-//! transport/detail/layout_token.hpp), so the cost equals the traffic model's inter-node copies.
+//! transport/detail/layout_token.hpp). The choice is made one copy at a time, without the locality
+//! rules' joining (a copy taking a row its token already sends to a single-copy expert's rank), so
+//! that moving a single-copy expert changes no replicated expert's choice: the cost the planners
+//! lower is the traffic model's inter-node copies with joining left out, an upper bound of what the
+//! plan sends. `sample_copy_cost` counts the joins: the traffic model's copies exactly. (A planner
+//! that fixed the joins of the map it starts from and kept them while experts moved planned no
+//! better: bench/results/robust_planning.md, section 11.)
 //! With token_refine_options::anneal_per_expert, simulated annealing over random swaps (exact cost
 //! change by one merge of the two experts' token lists) then starts from the sweeps' optimum,
 //! keeps the best state it sees, and the sweeps run once more.
@@ -398,7 +404,7 @@ class layer_state {
 public:
   layer_state(const expert_map& map, std::span<const std::uint16_t> ids, std::span<const std::uint32_t> home,
               std::size_t top_k, const Topology& topo, const token_refine_options& opt, std::size_t layer,
-              std::span<const std::uint32_t> mix = {}, std::span<const float> load_weight = {})
+              std::span<const std::uint32_t> mix = {}, std::span<const float> load_weight = {}, bool join_rows = false)
       : opt_(opt), k_(top_k), tokens_(home.size()), ranks_(map.ranks()), nodes_(topo.nodes()),
         gpus_(topo.gpus_per_node()), ids_(ids), home_(home), mix_(mix.empty() ? home : mix),
         mixes_(mix_groups(mix, nodes_)), weight_(load_weight) {
@@ -424,12 +430,23 @@ public:
     // The engine's replica rule, over the sample's tokens in order as one step. Every pair is
     // selected, as the traffic model does, so that position-based rules count the same copies.
     // Moving single-copy experts changes no replicated expert's choices: they are fixed here.
+    // With `join_rows` tokens are chosen whole (select_token), so that a copy joins a row its
+    // token already sends where the engine's locality rule would (for node copies alone, a node):
+    // the traffic model's count of this map. Without, one copy at a time: the planners' model, in
+    // which moving a single-copy expert changes no replicated expert's choice.
     replica_selector<Topology> selector(map, topo, layer_replica_policy(opt, layer));
     const expert_map_view view = map.view();
-    for (std::size_t t = 0; t < tokens_; ++t)
+    const bool node_join = opt.rank_copy_weight == 0 && opt.node_copy_weight > 0;
+    std::vector<std::size_t> chosen(k_);
+    for (std::size_t t = 0; t < tokens_; ++t) {
+      if (join_rows)
+        selector.select_token(source_of(t), ids_.data() + t * k_, k_, node_join, chosen.data());
+      else
+        for (std::size_t j = 0; j < k_; ++j)
+          chosen[j] = selector.select_index(source_of(t), ids_[t * k_ + j]);
       for (std::size_t j = 0; j < k_; ++j) {
         const std::size_t e = ids_[t * k_ + j];
-        const std::int32_t r = view.replicas[selector.select_index(source_of(t), e)].rank;
+        const std::int32_t r = view.replicas[chosen[j]].rank;
         bool repeat = false;
         for (std::size_t i = 0; i < j; ++i)
           repeat |= ids_[t * k_ + i] == e;
@@ -446,6 +463,7 @@ public:
         fixed_[t * k_ + j] = r;
         load_[static_cast<std::size_t>(r)] += weight(t);
       }
+    }
     double total = 0;
     for (double x : load_)
       total += x;
@@ -1848,8 +1866,9 @@ std::vector<expert_map> refine_by_tokens(const std::vector<expert_map>& maps, co
   return out;
 }
 
-//! The sample's copy cost (see the file comment) of each layer's map, summed over layers: the
-//! quantity refine_by_tokens and add_replicas_by_tokens lower.
+//! The sample's copy cost (see the file comment) of each layer's map, summed over layers, with the
+//! locality rules' joins: the traffic model's inter-node copies for the sample's tokens as one step
+//! (refine_by_tokens and add_replicas_by_tokens lower the same count without the joins).
 //! @throws as refine_by_tokens
 template <class Topology>
 double sample_copy_cost(const std::vector<expert_map>& maps, const token_sample& sample, const Topology& topo,
@@ -1861,7 +1880,8 @@ double sample_copy_cost(const std::vector<expert_map>& maps, const token_sample&
   for (std::size_t l = 0; l < maps.size(); ++l) {
     LOCUS_REQUIRE(maps[l].ranks() == topo.ranks() && maps[l].experts() == sample.experts, config_error,
                   "sample_copy_cost: layer ", l, " map does not match the sample or the topology");
-    c += detail::token_refine::layer_state<Topology>(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt, l)
+    c += detail::token_refine::layer_state<Topology>(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt, l,
+                                                     {}, {}, true)
              .total_cost();
   }
   return c;

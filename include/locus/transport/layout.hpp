@@ -26,9 +26,11 @@
 //! are ordered by (target rank, local slot). Everything is a pure function of the inputs: the
 //! result does not depend on the thread count.
 //!
-//! Replica choice is placement's rule (`replica_candidates` per source, then `choose_replica` with
-//! the copy's rank among the source's balanced copies of its expert): a prefix count per expert,
-//! which parallelises (and runs on a GPU) deterministically.
+//! Replica choice is placement's rule (`replica_candidates` per source; under the locality rules
+//! `token_joins` per token, for the copies that join a row their token already sends; then
+//! `choose_replica` with the copy's rank among the source's balanced copies of its expert that
+//! join nothing): a prefix count per expert, which parallelises (and runs on a GPU)
+//! deterministically.
 
 #include <algorithm>
 #include <array>
@@ -308,7 +310,13 @@ void layout<TopK>::select_replicas(const expert_map& map, const Topology& topo, 
   copy_slot_.resize(n);
   copy_replica_.resize(n);
   const TopK kext = TopK(k_);
-  // Pass 1: validate and count, per chunk, the copies of each balanced expert.
+  constexpr std::size_t kmax = detail::layout::scratch_k<TopK>();
+  const bool join = detail::layout::joins_rows(policy.rule);
+  const detail::layout::token_params params{static_cast<std::int32_t>(source_), static_cast<std::int32_t>(gpus_),
+                                            static_cast<std::int32_t>(slots_), 1,
+                                            kind_ == transport_kind::hierarchical};
+  // Pass 1: validate, find the copies that join a row (kept in copy_replica_, -1 for the others)
+  // and count, per chunk, the balanced copies of each expert that join nothing.
   hist_.assign(chunks * experts, 0);
   parallel_for(chunks, 1, threads_, [&](std::size_t w0, std::size_t w1, unsigned) {
     for (std::size_t w = w0; w < w1; ++w) {
@@ -323,8 +331,15 @@ void layout<TopK>::select_replicas(const expert_map& map, const Topology& topo, 
                         " out of range [0, ", experts, ")");
           for (std::size_t i = 0; i < j; ++i)
             if (tid[i] == e) LOCUS_THROW(invalid_input_error, "layout: token ", t, ": expert ", e, " is chosen twice");
-          if (fixed_[static_cast<std::size_t>(e)] < 0) ++h[static_cast<std::size_t>(e)];
         }
+        std::int32_t* joined = copy_replica_.data() + t * kext.value();
+        if (join)
+          detail::layout::token_joins<kmax>(params, tid, kext.value(), fixed_.data(), cand_offsets_.data(),
+                                            cands_.data(), v.replicas, joined);
+        else
+          std::fill_n(joined, kext.value(), -1);
+        for (std::size_t j = 0; j < kext.value(); ++j)
+          if (fixed_[static_cast<std::size_t>(tid[j])] < 0 && joined[j] < 0) ++h[static_cast<std::size_t>(tid[j])];
       }
     }
   });
@@ -344,10 +359,13 @@ void layout<TopK>::select_replicas(const expert_map& map, const Topology& topo, 
         for (std::size_t j = 0; j < kext.value(); ++j) {
           const std::size_t c = t * kext.value() + j;
           const auto e = static_cast<std::size_t>(ids[c]);
-          const std::int32_t rep = detail::layout::choose_replica(fixed_.data(), cand_offsets_.data(), cands_.data(),
-                                                                  static_cast<std::int32_t>(e), seen[e], policy.rule,
-                                                                  static_cast<std::int64_t>(c));
-          if (fixed_[e] < 0) ++seen[e];
+          const std::int32_t joined = copy_replica_[c];
+          const std::int32_t rep =
+              joined >= 0 ? joined
+                          : detail::layout::choose_replica(fixed_.data(), cand_offsets_.data(), cands_.data(),
+                                                           static_cast<std::int32_t>(e), seen[e], policy.rule,
+                                                           static_cast<std::int64_t>(c));
+          if (fixed_[e] < 0 && joined < 0) ++seen[e];
           copy_replica_[c] = rep;
           copy_rank_[c] = v.replicas[rep].rank;
           copy_slot_[c] = v.replicas[rep].slot;

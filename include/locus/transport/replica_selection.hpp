@@ -16,6 +16,15 @@
 //!   prefix count per expert, which parallelises and runs on a GPU deterministically); starting
 //!   each source at its own candidate spreads the first copies of many sources over the replicas,
 //!   as a decode step's few tokens per rank need.
+//!   Before step 3, a copy *joins* a row its token already sends: if one of its candidates is on a
+//!   rank that one of the token's *fixed* copies goes to (a copy with one replica to go to: an
+//!   expert with one replica, a replica on `src`, a single candidate), it goes there (the first
+//!   such candidate), and its token's row to that rank carries it at no extra transfer; with a
+//!   node-deduplicating (hierarchical) transport, failing that, a candidate on another node that
+//!   a fixed copy reaches, whose one network copy then carries it too. Only copies that join
+//!   nothing take step 3's round robin, and only they are counted there. Joining looks at the
+//!   fixed copies alone, so that each copy's choice is a function of its own token and its
+//!   source's tables, which the device layout evaluates one token per thread.
 //! - `same_gpu_else_random` (SGLang's static dispatch): a fixed replica per (source, layer,
 //!   expert): one on `src` itself, else a draw that gives every replica an equal share of the
 //!   sources without a local one (seeded by the layer, so it is the same in every step).
@@ -29,10 +38,12 @@
 //!   (simulator, layer) decides which ranks are hot from the loads it observed, so a placement
 //!   fitted to yesterday's traffic sheds load at run time instead of at planning time. Taking the
 //!   least hot when all are hot matters in a run's tail, when a few long requests keep several
-//!   ranks above the bound.
+//!   ranks above the bound. Joining sees only the candidates left, so a copy never joins a row
+//!   to a hot rank it would otherwise have been kept away from.
 //!
-//! The split is in two parts: `replica_candidates` (per source, on the host; lists the candidates
-//! already rotated, or fixes the replica) and `choose_replica` (per copy, host or device).
+//! The split is in three parts: `replica_candidates` (per source, on the host; lists the
+//! candidates already rotated, or fixes the replica), `join_candidate` (per copy of a token, host
+//! or device; the locality rules) and `choose_replica` (per balanced copy, host or device).
 
 #include <algorithm>
 #include <array>
@@ -203,6 +214,36 @@ LOCUS_HOST_DEVICE std::int32_t choose_replica(const std::int32_t* fixed, const s
   return cands[cand_offsets[e] + static_cast<std::int32_t>(position % m)];
 }
 
+//! Whether copies under `rule` join rows their token already sends (the locality rules; the
+//! engines' rules, same_gpu_else_random and random, choose as those engines do).
+LOCUS_HOST_DEVICE constexpr bool joins_rows(replica_rule rule) {
+  return rule == replica_rule::locality_first || rule == replica_rule::locality_bounded;
+}
+
+//! The locality rules' join (see the file comment) for one copy: of its `count` candidates
+//! `cands` (replica indices in the rule's rotated order, `rank_of` giving each one's rank), the
+//! first on a rank in `reached` (the `n` ranks its token's fixed copies go to); failing that, when
+//! `node` (a node-deduplicating transport), the first on a node other than `source`'s that a
+//! reached rank is on. -1 when none. Ranks are numbered node by node, `gpus` per node.
+template <class RankOf>
+LOCUS_HOST_DEVICE std::int32_t join_candidate(const std::int32_t* cands, std::int32_t count, RankOf&& rank_of,
+                                              const std::int32_t* reached, std::int32_t n, std::int32_t source,
+                                              std::int32_t gpus, bool node) {
+  for (std::int32_t c = 0; c < count; ++c) {
+    const std::int32_t r = rank_of(cands[c]);
+    for (std::int32_t q = 0; q < n; ++q)
+      if (reached[q] == r) return cands[c];
+  }
+  if (!node) return -1;
+  for (std::int32_t c = 0; c < count; ++c) {
+    const std::int32_t to = rank_of(cands[c]) / gpus;
+    if (to == source / gpus) continue;
+    for (std::int32_t q = 0; q < n; ++q)
+      if (reached[q] / gpus == to) return cands[c];
+  }
+  return -1;
+}
+
 //! locality_bounded's run-time state for one layer: each rank's recent load (expert rows, summed
 //! since the start, or an exponential average over about `window` steps) and which ranks are above
 //! (1 + slack) × the mean, i.e. hot, numbered by load. Engines that balance at dispatch time keep
@@ -328,16 +369,56 @@ public:
   }
 
   //! Like select(), returning the replica's index in the map's CSR replica array (no range checks).
+  //! One copy at a time: no joining (a planner's per-copy model; select_token is the rule).
   std::size_t select_index(std::size_t src, std::size_t e) { return choose(src, e); }
+
+  //! The replicas (CSR indices, into `out`) of one token's `k` copies from `src`, its experts
+  //! `ids` (distinct, in range: not checked), by the rule with joining (the file comment): what
+  //! the layouts choose. `node`: the transport deduplicates per node (hierarchical). Counts the
+  //! copies.
+  template <class Id>
+  void select_token(std::size_t src, const Id* ids, std::size_t k, bool node, std::size_t* out) {
+    if (!joins_rows(rule_)) { // in batch order: random counts positions
+      for (std::size_t j = 0; j < k; ++j)
+        out[j] = choose(src, static_cast<std::size_t>(ids[j]));
+      return;
+    }
+    reached_.clear();
+    for (std::size_t j = 0; j < k; ++j) {
+      const std::size_t cell = tables(src, static_cast<std::size_t>(ids[j]));
+      out[j] = fixed_[cell] >= 0 ? choose(src, static_cast<std::size_t>(ids[j])) : none;
+      if (out[j] != none) reached_.push_back(view_.replicas[out[j]].rank);
+    }
+    const auto rank_of = [&](std::int32_t i) { return view_.replicas[i].rank; };
+    for (std::size_t j = 0; j < k; ++j) {
+      if (out[j] != none) continue;
+      const std::size_t cell = src * view_.experts + static_cast<std::size_t>(ids[j]);
+      const std::int32_t joined =
+          join_candidate(cands_.data() + cand_begin_[cell], cand_count_[cell], rank_of, reached_.data(),
+                         static_cast<std::int32_t>(reached_.size()), static_cast<std::int32_t>(src),
+                         static_cast<std::int32_t>(topo_.gpus_per_node()), node);
+      if (joined < 0) {
+        out[j] = choose(src, static_cast<std::size_t>(ids[j]));
+        continue;
+      }
+      out[j] = static_cast<std::size_t>(joined);
+      ++position_[src];
+      ++copies_[out[j]];
+    }
+  }
 
   //! Copies received so far by each replica (CSR order of expert_map_view).
   const std::vector<std::uint32_t>& replica_copies() const noexcept { return copies_; }
 
 private:
   // choose_replica's choice, on replica_candidates' tables made per (source, expert) on the pair's
-  // first copy of the step: a decode step touches few of a source's experts, and making every
-  // expert's tables for every source of every step and layer was most of the traffic model's time.
-  std::size_t choose(std::size_t src, std::size_t e) {
+  // first copy of the step (tables()): a decode step touches few of a source's experts, and making
+  // every expert's tables for every source of every step and layer was most of the traffic model's
+  // time.
+  static constexpr std::size_t none = static_cast<std::size_t>(-1);
+
+  // The (source, expert) cell's tables, made on the pair's first copy of the step.
+  std::size_t tables(std::size_t src, std::size_t e) {
     const std::size_t cell = src * view_.experts + e;
     if (stamp_[cell] != generation_) {
       stamp_[cell] = generation_;
@@ -350,6 +431,11 @@ private:
       cand_count_[cell] = static_cast<std::int32_t>(cands_.size()) - cand_begin_[cell];
       nth_[cell] = 0;
     }
+    return cell;
+  }
+
+  std::size_t choose(std::size_t src, std::size_t e) {
+    const std::size_t cell = tables(src, e);
     // The pair's tables as one expert's for choose_replica, the choice the device layout makes.
     const std::int32_t offsets[2] = {cand_begin_[cell], cand_begin_[cell] + cand_count_[cell]};
     const auto best = static_cast<std::size_t>(
@@ -371,6 +457,7 @@ private:
   std::vector<std::int32_t> fixed_, cand_begin_, cand_count_; // per (source, expert)
   std::vector<std::int32_t> nth_;                             // per (source, expert): balanced copies so far
   std::vector<std::int32_t> cands_;
+  std::vector<std::int32_t> reached_; // select_token's scratch: the ranks a token's fixed copies go to
   std::uint32_t generation_ = 0;
 };
 

@@ -3,10 +3,12 @@
 //! @file
 //! Host dispatch of the device layout: the kernel and CUB call sequence behind
 //! `transport::device_layout::assign`. Sequence (all on one stream, every order stable):
-//!   1. validate ids / weights; (expert, copy) pairs          validate_kernel<K, Experts>
-//!   2. stable sort by expert                                  cub::DeviceRadixSort::SortPairs
-//!   3. replica per copy (the replica rule; round robin index  replica_kernel
-//!      = run position, batch position = copy index)
+//!   1. validate ids / weights; joins (locality rules);       validate_kernel<K, Experts>
+//!      (expert and joined, copy) pairs
+//!   2. stable sort by expert, balanced copies first          cub::DeviceRadixSort::SortPairs
+//!   3. replica per copy (the join, else the replica rule;     replica_kernel
+//!      round robin index = run position, batch position =
+//!      copy index)
 //!   4. rows per token, bucket keys, per-rank, reach and link  group_kernel<K>
 //!      counts
 //!   5. stable sort of rows by bucket key                      cub::DeviceRadixSort::SortPairs
@@ -103,8 +105,8 @@ void dispatch_build(device_layout_buffers& b, const std::int32_t* ids, const flo
   // CUB temporary storage: the largest of the three calls.
   std::size_t t_sort1 = 0, t_sort2 = 0, t_scan = 0;
   LOCUS_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, t_sort1, b.key_in.data(), b.key_out.data(), b.val_in.data(),
-                                                   b.val_out.data(), static_cast<int>(n), 0, key_bits(experts.value()),
-                                                   stream));
+                                                   b.val_out.data(), static_cast<int>(n), 0,
+                                                   key_bits(2 * experts.value()), stream));
   LOCUS_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, t_sort2, b.key_in.data(), b.key_out.data(), b.val_in.data(),
                                                    b.val_out.data(), static_cast<int>(n), 0, key_bits(buckets),
                                                    stream));
@@ -119,11 +121,12 @@ void dispatch_build(device_layout_buffers& b, const std::int32_t* ids, const flo
   b.temp.resize(temp);
 
   validate_kernel<K, Experts><<<blocks_for(tokens, threads), threads, 0, stream>>>(
-      ids, weights, tokens, experts, b.error.data(), b.key_in.data(), b.val_in.data());
+      ids, weights, tokens, experts, p, b.fixed.data(), b.cand_offsets.data(), b.cands.data(), replicas, rule,
+      b.error.data(), b.key_in.data(), b.val_in.data(), b.copy_replica.data());
   LOCUS_CUDA_CHECK(cudaGetLastError());
   LOCUS_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(b.temp.data(), temp, b.key_in.data(), b.key_out.data(),
                                                    b.val_in.data(), b.val_out.data(), static_cast<int>(n), 0,
-                                                   key_bits(experts.value()), stream));
+                                                   key_bits(2 * experts.value()), stream));
   replica_kernel<<<blocks_for(n, threads), threads, 0, stream>>>(
       b.key_out.data(), b.val_out.data(), n, b.fixed.data(), b.cand_offsets.data(), b.cands.data(), rule, replicas,
       p.slots, b.copy_rank.data(), b.copy_slot.data(), b.copy_replica.data(), b.slot_counts.data());

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <locus/core/config.hpp>
+#include <locus/core/expert_map.hpp>
 #include <locus/transport/replica_selection.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout {
@@ -22,6 +23,38 @@ struct token_params {
 
 // The replica rule (transport/replica_selection.hpp), named here for the kernels.
 using ::locus::transport::choose_replica;
+using ::locus::transport::join_candidate;
+using ::locus::transport::joins_rows;
+
+//! The replicas one token's copies join under the locality rules (transport/replica_selection.hpp),
+//! from its source's tables (replica_candidates): per copy j, the replica it joins, or -1 (a fixed
+//! copy, or a balanced one that joins nothing and takes the round robin). `e` holds the token's `k`
+//! experts, valid and distinct; `replicas` is the map's CSR replica array. The host layout calls it
+//! per token, the device layout's validate_kernel per thread.
+template <std::size_t KMax, class Id>
+LOCUS_HOST_DEVICE void token_joins(const token_params& p, const Id* e, std::size_t k, const std::int32_t* fixed,
+                                   const std::int32_t* cand_offsets, const std::int32_t* cands,
+                                   const slot_ref* replicas, std::int32_t* join) {
+  std::int32_t reached[KMax];
+  std::int32_t n = 0;
+  for (std::size_t j = 0; j < k; ++j) {
+    const std::int32_t f = fixed[e[j]];
+    join[j] = -1;
+    if (f >= 0) reached[n++] = replicas[f].rank;
+  }
+  const auto rank_of = [replicas](std::int32_t i) { return replicas[i].rank; };
+  for (std::size_t j = 0; j < k; ++j) {
+    const auto x = static_cast<std::int32_t>(e[j]);
+    if (fixed[x] >= 0) continue;
+    join[j] = join_candidate(cands + cand_offsets[x], cand_offsets[x + 1] - cand_offsets[x], rank_of, reached, n,
+                             p.source, p.gpus, p.node);
+  }
+}
+
+//! The device layout's sort key of a copy of expert `e`: its expert, then whether it joined a
+//! row (joined copies sort after the expert's balanced ones, so a balanced copy's place in its
+//! run is its round-robin index).
+LOCUS_HOST_DEVICE std::int32_t replica_sort_key(std::int32_t e, bool joined) { return 2 * e + (joined ? 1 : 0); }
 
 //! The rank a copy bound for `dst` is sent to: `dst`, or for a node layout and a remote node the
 //! rail peer (the rank with the source's local rank on `dst`'s node).
@@ -103,26 +136,28 @@ LOCUS_HOST_DEVICE std::int32_t row_members(const token_params& p, const std::int
   return m;
 }
 
-//! The replica of the copy at position `p` of one source's copies sorted stably by expert (the
-//! device layout's replica stage, one thread per position): the copy's index within its expert's
-//! run is its round-robin index among the expert's copies (the locality rules), its copy index
-//! (token × k + choice) its position in the batch (random). Equal to the host layout's pass, which
-//! counts each expert's copies in copy order.
-LOCUS_HOST_DEVICE std::int32_t sorted_copy_replica(const std::int32_t* sorted_expert, const std::int32_t* sorted_copy,
+//! The replica of the copy at position `p` of one source's copies sorted stably by
+//! replica_sort_key (the device layout's replica stage, one thread per position): a joined copy's
+//! is `join[copy]` (token_joins); a balanced copy's index within its expert's run of balanced
+//! copies is its round-robin index (the locality rules), its copy index (token × k + choice) its
+//! position in the batch (random). Equal to the host layout's pass, which counts each expert's
+//! balanced copies in copy order.
+LOCUS_HOST_DEVICE std::int32_t sorted_copy_replica(const std::int32_t* sorted_key, const std::int32_t* sorted_copy,
                                                    std::size_t p, const std::int32_t* fixed,
                                                    const std::int32_t* cand_offsets, const std::int32_t* cands,
-                                                   placement::replica_rule rule) {
-  const std::int32_t e = sorted_expert[p];
-  // First position of e's run (binary search: runs are sorted).
+                                                   const std::int32_t* join, placement::replica_rule rule) {
+  const std::int32_t key = sorted_key[p];
+  if (key & 1) return join[sorted_copy[p]];
+  // First position of the run (binary search: runs are sorted).
   std::size_t lo = 0, hi = p;
   while (lo < hi) {
     const std::size_t mid = (lo + hi) / 2;
-    if (sorted_expert[mid] < e)
+    if (sorted_key[mid] < key)
       lo = mid + 1;
     else
       hi = mid;
   }
-  return choose_replica(fixed, cand_offsets, cands, e, static_cast<std::int32_t>(p - lo), rule, sorted_copy[p]);
+  return choose_replica(fixed, cand_offsets, cands, key >> 1, static_cast<std::int32_t>(p - lo), rule, sorted_copy[p]);
 }
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout

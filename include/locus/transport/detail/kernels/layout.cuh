@@ -16,13 +16,18 @@
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout {
 
 //! Checks ids (range, repeats) and weights (finite); records the smallest offending copy in
-//! `*error`; writes (expert, copy) pairs for the per-expert stable sort.
+//! `*error`; under the locality rules finds the copies that join a row their token already sends
+//! (token_joins: the replica, else -1, into `join`); writes (sort key, copy) pairs for the stable
+//! sort by expert that puts each expert's balanced copies first (replica_sort_key).
 template <std::size_t K, class Experts>
 __global__ void validate_kernel(const std::int32_t* ids, const float* weights, std::size_t tokens, Experts experts,
-                                std::int32_t* error, std::int32_t* key, std::int32_t* copy) {
+                                token_params p, const std::int32_t* fixed, const std::int32_t* cand_offsets,
+                                const std::int32_t* cands, const slot_ref* replicas, placement::replica_rule rule,
+                                std::int32_t* error, std::int32_t* key, std::int32_t* copy, std::int32_t* join) {
   const std::size_t t = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (t >= tokens) return;
-  std::int32_t e[K];
+  std::int32_t e[K], joined[K];
+  bool token_bad = false;
 #pragma unroll
   for (std::size_t j = 0; j < K; ++j)
     e[j] = ids[t * K + j];
@@ -34,17 +39,31 @@ __global__ void validate_kernel(const std::int32_t* ids, const float* weights, s
       bad |= e[i] == e[j];
     if (weights && !isfinite(weights[c])) bad = true;
     if (bad) atomicMin(error, c);
-    key[c] = bad ? 0 : e[j]; // keeps the sort in range; the layout is discarded anyway
+    token_bad |= bad;
+  }
+  // A bad token's layout is discarded; its keys only keep the sort in range.
+  if (!token_bad && joins_rows(rule)) {
+    token_joins<K>(p, e, K, fixed, cand_offsets, cands, replicas, joined);
+  } else {
+#pragma unroll
+    for (std::size_t j = 0; j < K; ++j)
+      joined[j] = -1;
+  }
+#pragma unroll
+  for (std::size_t j = 0; j < K; ++j) {
+    const auto c = static_cast<std::int32_t>(t * K + j);
+    key[c] = token_bad ? 0 : replica_sort_key(e[j], joined[j] >= 0);
     copy[c] = c;
+    join[c] = joined[j];
   }
 }
 
 // Non-template kernels are `static`: with external linkage, two translation units that include
 // this header would each define them and fail to link.
 
-//! One thread per copy, in (expert, copy) order: the replica (sorted_copy_replica), its rank and
-//! slot, and the slot's count.
-static __global__ void replica_kernel(const std::int32_t* sorted_expert, const std::int32_t* sorted_copy,
+//! One thread per copy, in sort-key order: the replica (sorted_copy_replica; `copy_replica`
+//! holds validate_kernel's joins on entry), its rank and slot, and the slot's count.
+static __global__ void replica_kernel(const std::int32_t* sorted_key, const std::int32_t* sorted_copy,
                                       std::size_t copies, const std::int32_t* fixed, const std::int32_t* cand_offsets,
                                       const std::int32_t* cands, placement::replica_rule rule, const slot_ref* replicas,
                                       std::int32_t slots, std::int32_t* copy_rank, std::int32_t* copy_slot,
@@ -52,7 +71,9 @@ static __global__ void replica_kernel(const std::int32_t* sorted_expert, const s
   const std::size_t p = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (p >= copies) return;
   const std::int32_t c = sorted_copy[p];
-  const std::int32_t rep = sorted_copy_replica(sorted_expert, sorted_copy, p, fixed, cand_offsets, cands, rule);
+  // Each copy is one thread's: reading its join and writing its replica do not race.
+  const std::int32_t rep =
+      sorted_copy_replica(sorted_key, sorted_copy, p, fixed, cand_offsets, cands, copy_replica, rule);
   const slot_ref s = replicas[rep];
   copy_replica[c] = rep;
   copy_rank[c] = s.rank;
