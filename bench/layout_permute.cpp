@@ -4,7 +4,7 @@
 //
 //   layout_permute [--tokens N] [--permute-tokens N] [--reps R] [--threads T] [--out DIR]
 //
-// Baselines: layout = per-copy replica selection with the stateful selector, per-token
+// Baselines: layout = per-token replica selection with the stateful selector, per-token
 // std::set of destinations, per-destination std::map of row lists, then a std::sort per
 // destination; permute = per-destination std::vector grown by appending each row, then
 // concatenated. Both produce the same send order as the specialised path (checked).
@@ -14,6 +14,7 @@
 #include "deepseek_shape.hpp"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -49,10 +50,12 @@ baseline_layout baseline_build(const routing<top_k<k_n>>& r, const expert_map& m
   placement::locality_first_selector<topo_type> sel(map, topo);
   // rank -> (lead slot, token) rows
   std::map<std::int32_t, std::vector<std::pair<std::int32_t, std::int32_t>>> per_rank;
+  std::array<std::size_t, k_n> chosen{};
   for (std::size_t t = 0; t < r.tokens(); ++t) {
     std::map<std::int32_t, std::int32_t> lead; // destination rank -> smallest slot
+    sel.select_token(src, r.ids().data() + t * k_n, k_n, false, chosen.data());
     for (std::size_t j = 0; j < k_n; ++j) {
-      const slot_ref s = sel.select(src, static_cast<std::size_t>(r.ids()[t * k_n + j]));
+      const slot_ref s = map.view().replicas[chosen[j]];
       auto [it, fresh] = lead.emplace(s.rank, s.slot);
       if (!fresh) it->second = std::min(it->second, s.slot);
     }
@@ -203,7 +206,7 @@ int main(int argc, char** argv) try {
         "(linear placement + 32 replicas of hot experts), grouped-router-like skewed routing, source rank 0, "
      << threads << " thread(s). " << l.rows() << " send rows for " << tokens << " tokens ("
      << static_cast<double>(l.rows()) / static_cast<double>(tokens) << " per token). Best of " << reps << " runs.\n\n"
-     << "Baselines (same run, same output, checked): layout = stateful per-copy replica selection, per-token std::map "
+     << "Baselines (same run, same output, checked): layout = stateful per-token replica selection, per-token std::map "
         "of "
         "destinations, per-destination row lists sorted with std::stable_sort; permute = per-destination std::vector "
         "grown by appending each row (its cost is mostly reallocation and first-touch page faults), then "
