@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -25,6 +26,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -95,42 +97,67 @@ locus::placement::token_sample decode_tokens(const locus::trace::trace& t, const
 // The rank serving each of layer l's pairs (token-major) under the engines' default replica rule,
 // locality_first, written here from its definition (transport/replica_selection.hpp) rather than
 // through the library, so that the check below tests sample_copy_cost: a token runs on rank
-// home * gpus + t mod gpus; a replica on that rank serves it; otherwise, among the replicas on its
-// node (or all of them when its node has none), in rank order, the n-th such copy of the expert
-// from that rank goes to candidate (rank + n) mod m. The sample's tokens in order are one step.
+// src = home * gpus + t mod gpus; a replica on that rank serves it; otherwise its candidates are
+// the replicas on its node (or all of them when its node has none), in rank order rotated to start
+// at candidate src mod m; one candidate serves it alone. Those copies are the token's fixed ones.
+// Any other copy joins a row the token already sends: the first candidate on a rank a fixed copy
+// goes to, else (`hier`) the first on a node other than src's that one reaches; failing that, the
+// n-th such copy of the expert from src goes to candidate (src + n) mod m. The sample's tokens in
+// order are one step.
 std::vector<std::size_t> serving_ranks(const locus::expert_map& map, const locus::placement::token_sample& s,
-                                       std::size_t l, const locus::dynamic_topology& topo) {
-  const std::size_t G = topo.gpus_per_node();
+                                       std::size_t l, const locus::dynamic_topology& topo, bool hier) {
+  const std::size_t G = topo.gpus_per_node(), k = s.top_k;
   std::vector<std::size_t> out(s.ids[l].size());
-  std::map<std::pair<std::size_t, std::size_t>, std::size_t> nth; // (source rank, expert) → rotated copies
-  for (std::size_t i = 0; i < s.ids[l].size(); ++i) {
-    const std::size_t t = i / s.top_k, src = s.home[t] * G + t % G, e = s.ids[l][i];
-    std::vector<std::size_t> reps, near;
-    for (const auto& c : map.replicas(static_cast<locus::expert_id>(e)))
-      reps.push_back(static_cast<std::size_t>(c.rank));
-    std::sort(reps.begin(), reps.end());
-    if (std::find(reps.begin(), reps.end(), src) != reps.end()) {
-      out[i] = src;
-      continue;
+  std::map<std::pair<std::size_t, std::size_t>, std::size_t> nth; // (source rank, expert) → turns taken
+  std::vector<std::vector<std::size_t>> cands(k);
+  for (std::size_t t = 0; t < s.tokens(); ++t) {
+    const std::size_t src = s.home[t] * G + t % G;
+    std::vector<bool> fixed(k, false);
+    std::set<std::size_t> ranks, nodes;
+    for (std::size_t j = 0; j < k; ++j) {
+      std::vector<std::size_t> reps, near;
+      for (const auto& c : map.replicas(static_cast<locus::expert_id>(s.ids[l][t * k + j])))
+        reps.push_back(static_cast<std::size_t>(c.rank));
+      std::sort(reps.begin(), reps.end());
+      for (const auto r : reps)
+        if (topo.node_of(r) == topo.node_of(src)) near.push_back(r);
+      cands[j] = near.empty() ? reps : near;
+      const bool local = std::find(reps.begin(), reps.end(), src) != reps.end();
+      if (local || cands[j].size() == 1) {
+        out[t * k + j] = local ? src : cands[j][0];
+        fixed[j] = true;
+        ranks.insert(out[t * k + j]);
+        nodes.insert(topo.node_of(out[t * k + j]));
+      }
     }
-    for (const auto r : reps)
-      if (topo.node_of(r) == topo.node_of(src)) near.push_back(r);
-    const auto& cands = near.empty() ? reps : near;
-    auto& n = nth[{src, e}];
-    out[i] = cands[(src + n) % cands.size()];
-    if (reps.size() > 1) ++n;
+    for (std::size_t j = 0; j < k; ++j) {
+      if (fixed[j]) continue;
+      const auto& c = cands[j];
+      const std::size_t m = c.size();
+      const auto pick = [&](auto&& ok) {
+        for (std::size_t i = 0; i < m; ++i)
+          if (ok(c[(src + i) % m])) return c[(src + i) % m];
+        return std::size_t{SIZE_MAX};
+      };
+      std::size_t r = pick([&](std::size_t x) { return ranks.count(x) > 0; });
+      if (r == SIZE_MAX && hier)
+        r = pick(
+            [&](std::size_t x) { return topo.node_of(x) != topo.node_of(src) && nodes.count(topo.node_of(x)) > 0; });
+      if (r == SIZE_MAX) r = c[(src + nth[{src, s.ids[l][t * k + j]}]++) % m];
+      out[t * k + j] = r;
+    }
   }
   return out;
 }
 
 // Mean over layers of the busiest GPU's pairs over the mean (the comm_volume aggregate metric),
-// pairs served as serving_ranks says.
+// pairs served as serving_ranks says (for the transport `hier` names).
 double gpu_max_over_mean(const std::vector<locus::expert_map>& maps, const locus::placement::token_sample& s,
-                         const locus::dynamic_topology& topo) {
+                         const locus::dynamic_topology& topo, bool hier) {
   double sum = 0;
   for (std::size_t l = 0; l < maps.size(); ++l) {
     std::vector<double> load(maps[l].ranks(), 0.0);
-    for (const auto r : serving_ranks(maps[l], s, l, topo))
+    for (const auto r : serving_ranks(maps[l], s, l, topo, hier))
       load[r] += 1;
     const double mean = std::accumulate(load.begin(), load.end(), 0.0) / static_cast<double>(load.size());
     sum += *std::max_element(load.begin(), load.end()) / mean;
@@ -144,7 +171,7 @@ double sample_copies(const std::vector<locus::expert_map>& maps, const locus::pl
                      const locus::dynamic_topology& topo, bool hier) {
   double c = 0;
   for (std::size_t l = 0; l < maps.size(); ++l) {
-    const auto ranks = serving_ranks(maps[l], s, l, topo);
+    const auto ranks = serving_ranks(maps[l], s, l, topo, hier);
     for (std::size_t t = 0; t < s.tokens(); ++t) {
       std::vector<std::size_t> seen;
       for (std::size_t j = 0; j < s.top_k; ++j) {
@@ -392,7 +419,7 @@ int main(int argc, char** argv) try {
               const double token_balance = *std::max_element(node_tokens.begin(), node_tokens.end()) *
                                            static_cast<double>(topo.nodes()) / static_cast<double>(tokens.tokens());
               const double ratio = copies / baseline;
-              const double balance = gpu_max_over_mean(maps, tokens, topo);
+              const double balance = gpu_max_over_mean(maps, tokens, topo, hier);
               doc["rows"].push_back({{"redundant_slots_per_gpu", redundant},
                                      {"balance_slack", slack},
                                      {"node_token_bound", cap},
@@ -442,8 +469,14 @@ int main(int argc, char** argv) try {
         for (const bool hier : {false, true}) {
           const auto o = options_for(hier, slack);
           const auto maps = fit_maps(on_test ? test_tokens : train_tokens, redundant, o);
-          const double ratio = locus::placement::sample_copy_cost(maps, test_tokens, topo, o) / baseline;
-          const double balance = gpu_max_over_mean(maps, test_tokens, topo);
+          const double copies = locus::placement::sample_copy_cost(maps, test_tokens, topo, o);
+          // The same copies, counted apart from the library.
+          const double mine = sample_copies(maps, test_tokens, topo, hier);
+          if (std::abs(mine - copies) > 1e-6 * std::max(1.0, copies))
+            throw std::runtime_error("the independent copy count " + std::to_string(mine) +
+                                     " differs from sample_copy_cost " + std::to_string(copies));
+          const double ratio = copies / baseline;
+          const double balance = gpu_max_over_mean(maps, test_tokens, topo, hier);
           doc["rows"].push_back({{"fitted_on", on_test ? "test" : "train"},
                                  {"redundant_slots_per_gpu", redundant},
                                  {"balance_slack", slack},

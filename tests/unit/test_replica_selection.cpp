@@ -239,36 +239,38 @@ BOOST_AUTO_TEST_CASE(traffic_model_equals_layout_under_every_rule) {
     const std::size_t k = 1 + rng() % std::min<std::size_t>(3, experts), tokens = 40 + rng() % 60;
     const auto r = random_routing(rng, tokens * ranks, experts, k);
     const auto hot = random_hot(rng, ranks);
-    for (const auto rule : placement::all_replica_rules) {
-      const placement::replica_policy policy{rule, static_cast<std::uint64_t>(trial), hot};
-      // The traffic model sees each source's tokens as its batch, in order.
-      std::vector<std::uint32_t> sources(r.tokens());
-      for (std::size_t t = 0; t < r.tokens(); ++t)
-        sources[t] = static_cast<std::uint32_t>(t / tokens);
-      cost::traffic_counter<dynamic_topology> counter(topo, cost::transport_kind::flat);
-      cost::layer_traffic model(ranks);
-      counter.count_step(map, r.view(), {}, sources, model, policy);
-      std::vector<std::uint64_t> rows(ranks, 0);
-      for (std::size_t src = 0; src < ranks; ++src) {
-        const routing_view<top_k<>> part(r.ids().data() + src * tokens * k, nullptr, tokens, top_k<>(k));
-        transport::layout<top_k<>> l;
-        transport::layout_options opt;
-        opt.threads = 3;
-        opt.grain = 7;
-        opt.replicas = policy;
-        l.assign(part, map, topo, src, opt);
-        placement::replica_selector sel(map, topo, policy);
-        std::vector<std::size_t> want(k);
-        for (std::size_t t = 0; t < tokens; ++t) {
-          sel.select_token(src, part.ids() + t * k, k, false, want.data());
-          for (std::size_t j = 0; j < k; ++j) {
-            BOOST_REQUIRE_EQUAL(l.copy_replica()[t * k + j], static_cast<std::int32_t>(want[j]));
-            ++rows[static_cast<std::size_t>(l.copy_rank()[t * k + j])];
+    for (const auto kind : {transport_kind::flat, transport_kind::hierarchical})
+      for (const auto rule : placement::all_replica_rules) {
+        const placement::replica_policy policy{rule, static_cast<std::uint64_t>(trial), hot};
+        // The traffic model sees each source's tokens as its batch, in order.
+        std::vector<std::uint32_t> sources(r.tokens());
+        for (std::size_t t = 0; t < r.tokens(); ++t)
+          sources[t] = static_cast<std::uint32_t>(t / tokens);
+        cost::traffic_counter<dynamic_topology> counter(topo, kind);
+        cost::layer_traffic model(ranks);
+        counter.count_step(map, r.view(), {}, sources, model, policy);
+        std::vector<std::uint64_t> rows(ranks, 0);
+        for (std::size_t src = 0; src < ranks; ++src) {
+          const routing_view<top_k<>> part(r.ids().data() + src * tokens * k, nullptr, tokens, top_k<>(k));
+          transport::layout<top_k<>> l;
+          transport::layout_options opt;
+          opt.kind = kind;
+          opt.threads = 3;
+          opt.grain = 7;
+          opt.replicas = policy;
+          l.assign(part, map, topo, src, opt);
+          placement::replica_selector sel(map, topo, policy);
+          std::vector<std::size_t> want(k);
+          for (std::size_t t = 0; t < tokens; ++t) {
+            sel.select_token(src, part.ids() + t * k, k, kind == transport_kind::hierarchical, want.data());
+            for (std::size_t j = 0; j < k; ++j) {
+              BOOST_REQUIRE_EQUAL(l.copy_replica()[t * k + j], static_cast<std::int32_t>(want[j]));
+              ++rows[static_cast<std::size_t>(l.copy_rank()[t * k + j])];
+            }
           }
         }
+        BOOST_TEST(rows == model.expert_rows, boost::test_tools::per_element());
       }
-      BOOST_TEST(rows == model.expert_rows, boost::test_tools::per_element());
-    }
   }
 }
 

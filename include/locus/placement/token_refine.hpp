@@ -23,10 +23,12 @@
 //! transport/detail/layout_token.hpp). The choice is made one copy at a time, without the locality
 //! rules' joining (a copy taking a row its token already sends to a single-copy expert's rank), so
 //! that moving a single-copy expert changes no replicated expert's choice: the cost the planners
-//! lower is the traffic model's inter-node copies with joining left out, an upper bound of what the
-//! plan sends. `sample_copy_cost` counts the joins: the traffic model's copies exactly. (A planner
-//! that fixed the joins of the map it starts from and kept them while experts moved planned no
-//! better: bench/results/robust_planning.md, section 11.)
+//! lower is the traffic model's inter-node copies with joining left out (joining mostly lowers the
+//! count, but also shifts the round robin's later turns). `sample_copy_cost` counts the joins: the
+//! traffic model's copies exactly when one kind of copy is counted (copy_count::flat or
+//! hierarchical; with both, the joins are the flat transport's). (A planner that fixed the joins
+//! of the map it starts from and kept them while experts moved planned no better:
+//! bench/results/robust_planning.md, section 11.)
 //! With token_refine_options::anneal_per_expert, simulated annealing over random swaps (exact cost
 //! change by one merge of the two experts' token lists) then starts from the sweeps' optimum,
 //! keeps the best state it sees, and the sweeps run once more.
@@ -1868,7 +1870,8 @@ std::vector<expert_map> refine_by_tokens(const std::vector<expert_map>& maps, co
 
 //! The sample's copy cost (see the file comment) of each layer's map, summed over layers, with the
 //! locality rules' joins: the traffic model's inter-node copies for the sample's tokens as one step
-//! (refine_by_tokens and add_replicas_by_tokens lower the same count without the joins).
+//! when one kind of copy is counted (with both kinds, the joins are the flat transport's);
+//! refine_by_tokens and add_replicas_by_tokens lower the same count without the joins.
 //! @throws as refine_by_tokens
 template <class Topology>
 double sample_copy_cost(const std::vector<expert_map>& maps, const token_sample& sample, const Topology& topo,

@@ -359,6 +359,7 @@ public:
   }
 
   //! The slot receiving the copy of a token on rank `src` bound for expert `e`; counts the copy.
+  //! One copy at a time: no joining (select_token is the rule for whole tokens).
   //! @throws locus::invalid_input_error when `e` or `src` is out of range
   slot_ref select(std::size_t src, std::size_t e) {
     LOCUS_REQUIRE(e < map_->experts(), invalid_input_error, "replica selection: expert id ", e, " out of range [0, ",

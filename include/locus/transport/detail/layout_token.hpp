@@ -35,7 +35,7 @@ template <std::size_t KMax, class Id>
 LOCUS_HOST_DEVICE void token_joins(const token_params& p, const Id* e, std::size_t k, const std::int32_t* fixed,
                                    const std::int32_t* cand_offsets, const std::int32_t* cands,
                                    const slot_ref* replicas, std::int32_t* join) {
-  std::int32_t reached[KMax];
+  std::int32_t reached[KMax] = {}; // set before read; zeroed so no compiler warns otherwise
   std::int32_t n = 0;
   for (std::size_t j = 0; j < k; ++j) {
     const std::int32_t f = fixed[e[j]];
