@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
+#include <cmath>
 #include <limits>
 #include <locus/core/routing.hpp>
 #include <locus/cost/traffic.hpp>
@@ -14,6 +15,7 @@
 #include <numeric>
 #include <random>
 #include <set>
+#include <string>
 
 using namespace locus;
 
@@ -767,6 +769,10 @@ BOOST_AUTO_TEST_CASE(load_bound_is_one_rule) {
   BOOST_TEST(placement::keeps_load_bound(33.0 + 1e-10, 0.0, 33.0)); // rounding of sums in another order
   BOOST_CHECK_THROW(placement::load_bound(1.0, 0, 0.1), config_error);
   BOOST_CHECK_THROW(placement::load_bound(1.0, 2, -0.1), config_error);
+  // NaN is no slack either, and the message says what was expected rather than "negative".
+  BOOST_CHECK_EXCEPTION(placement::load_bound(1.0, 2, std::nan("")), config_error, [](const config_error& e) {
+    return std::string(e.what()).find("slack nan, expected a number >= 0") != std::string::npos;
+  });
 }
 
 // token_refine's copy cost is the traffic model's: on random tokens and maps with replicas, the

@@ -204,9 +204,10 @@ migration_result replan_by_tokens(const std::vector<expert_map>& current, const 
   LOCUS_REQUIRE(opt.balance_slack >= 0 && opt.replan_slack >= 0 && std::isfinite(opt.replan_slack) &&
                     detail::token_refine::finite_weights(opt) && opt.swap_significance >= 0 &&
                     std::isfinite(opt.swap_significance),
-                config_error, "replan_by_tokens: a negative slack, copy weights (", opt.rank_copy_weight, ", ",
-                opt.node_copy_weight, ") that are not finite numbers >= 0, or a replan_slack (", opt.replan_slack,
-                ") or swap_significance (", opt.swap_significance, ") that is not a finite number >= 0");
+                config_error, "replan_by_tokens: a slack (", opt.balance_slack,
+                ") that is not a number >= 0, copy weights (", opt.rank_copy_weight, ", ", opt.node_copy_weight,
+                ") that are not finite numbers >= 0, or a replan_slack (", opt.replan_slack, ") or swap_significance (",
+                opt.swap_significance, ") that is not a finite number >= 0");
   sample.validate(topo.nodes());
   // The moved bytes are counted in 64 bits: a product that wraps would report a small figure.
   LOCUS_REQUIRE(expert_bytes == 0 || total_slots(current) <= std::numeric_limits<std::uint64_t>::max() / expert_bytes,

@@ -1778,8 +1778,8 @@ inline bool finite_weights(const token_refine_options& opt) noexcept {
 //! checked once for each; `who` starts the message.
 //! @throws locus::config_error naming the values
 inline void check_cost_options(const token_refine_options& opt, const char* who) {
-  LOCUS_REQUIRE(opt.balance_slack >= 0 && finite_weights(opt), config_error, who, ": negative slack (",
-                opt.balance_slack, ") or copy weights (", opt.rank_copy_weight, ", ", opt.node_copy_weight,
+  LOCUS_REQUIRE(opt.balance_slack >= 0 && finite_weights(opt), config_error, who, ": a slack (", opt.balance_slack,
+                ") that is not a number >= 0, or copy weights (", opt.rank_copy_weight, ", ", opt.node_copy_weight,
                 ") that are not finite numbers >= 0");
   LOCUS_REQUIRE(std::isfinite(opt.balance_shift) && opt.balance_shift >= 0 && opt.shift_slack >= 0, config_error, who,
                 ": balance shift ", opt.balance_shift, " (expected a finite number >= 0) or negative shift slack ",
