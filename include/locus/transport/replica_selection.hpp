@@ -412,13 +412,11 @@ public:
   const std::vector<std::uint32_t>& replica_copies() const noexcept { return copies_; }
 
 private:
-  // choose_replica's choice, on replica_candidates' tables made per (source, expert) on the pair's
-  // first copy of the step (tables()): a decode step touches few of a source's experts, and making
-  // every expert's tables for every source of every step and layer was most of the traffic model's
-  // time.
-  static constexpr std::size_t none = static_cast<std::size_t>(-1);
+  static constexpr std::size_t none = static_cast<std::size_t>(-1); // select_token: not chosen yet
 
-  // The (source, expert) cell's tables, made on the pair's first copy of the step.
+  // The (source, expert) cell's tables (replica_candidates'), made on the pair's first copy of the
+  // step: a decode step touches few of a source's experts, and making every expert's tables for
+  // every source of every step and layer was most of the traffic model's time.
   std::size_t tables(std::size_t src, std::size_t e) {
     const std::size_t cell = src * view_.experts + e;
     if (stamp_[cell] != generation_) {
@@ -435,6 +433,7 @@ private:
     return cell;
   }
 
+  // choose_replica's choice on the cell's tables: the copy's round-robin turn, or its position.
   std::size_t choose(std::size_t src, std::size_t e) {
     const std::size_t cell = tables(src, e);
     // The pair's tables as one expert's for choose_replica, the choice the device layout makes.
