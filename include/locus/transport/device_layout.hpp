@@ -65,6 +65,10 @@ public:
     LOCUS_REQUIRE(map.ranks() == topo.ranks(), config_error, "device_layout: the expert map has ", map.ranks(),
                   " ranks but the topology has ", topo.ranks());
     const Experts experts(map.experts());
+    // The replica stage sorts copies by 2 × expert + joined in 32 bits.
+    LOCUS_REQUIRE(map.experts() <= static_cast<std::size_t>(INT32_MAX) / 2, config_error,
+                  "device_layout: ", map.experts(), " experts exceed the replica stage's 32-bit sort keys (at most ",
+                  INT32_MAX / 2, ")");
     LOCUS_REQUIRE(source_rank < topo.ranks(), invalid_input_error, "device_layout: source rank ", source_rank,
                   " out of range [0, ", topo.ranks(), ")");
     LOCUS_REQUIRE(r.tokens() * K <= static_cast<std::size_t>(INT32_MAX) / 2, invalid_input_error,
