@@ -431,11 +431,10 @@ public:
     load_.assign(ranks_, 0.0);
     // The engine's replica rule, over the sample's tokens in order as one step. Every pair is
     // selected, as the traffic model does, so that position-based rules count the same copies.
-    // Moving single-copy experts changes no replicated expert's choices: they are fixed here.
-    // With `join_rows` tokens are chosen whole (select_token), so that a copy joins a row its
-    // token already sends where the engine's locality rule would (for node copies alone, a node):
-    // the traffic model's count of this map. Without, one copy at a time: the planners' model, in
-    // which moving a single-copy expert changes no replicated expert's choice.
+    // Without `join_rows`, one copy at a time (the planners' model): moving single-copy experts
+    // changes no replicated expert's choice, so those choices are fixed here. With it, tokens are
+    // chosen whole (select_token) and copies join rows as the engine's locality rule joins them
+    // (for node copies alone, by node): the traffic model's count of this map.
     replica_selector<Topology> selector(map, topo, layer_replica_policy(opt, layer));
     const expert_map_view view = map.view();
     const bool node_join = opt.rank_copy_weight == 0 && opt.node_copy_weight > 0;
