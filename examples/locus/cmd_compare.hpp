@@ -168,12 +168,12 @@ inline void check_python(const std::string& python) {
                 " cannot import matplotlib (install python3-matplotlib, or name another interpreter with --python)");
 }
 
-//! Renders `doc` to `png` through `python`; the figure appears whole or not at all. Python draws
-//! into a folder of its own under the temporary directory, and the image is then written as every
-//! other output is (locus::write_file_atomically): through a symbolic link to the file it names, and
-//! into a device or FIFO (`--png /dev/null`) rather than over it (a rename put the PNG in the place
-//! of the device node, and of the link).
-inline void render_png(const std::string& python, const nlohmann::json& doc, const std::string& png) {
+//! Renders `doc` through `python` and returns the PNG's bytes (`png` names it in messages). Python
+//! draws into a folder of its own under the temporary directory; the caller writes the image as
+//! every other output is (output_set): through a symbolic link to the file it names, and into a
+//! device or FIFO (`--png /dev/null`) rather than over it (a rename put the PNG in the place of the
+//! device node, and of the link).
+inline std::string render_png(const std::string& python, const nlohmann::json& doc, const std::string& png) {
   namespace fs = std::filesystem;
   std::error_code ec;
   std::string dir = (fs::temp_directory_path(ec) / "locus-compare-XXXXXX").string();
@@ -202,7 +202,7 @@ inline void render_png(const std::string& python, const nlohmann::json& doc, con
   const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   LOCUS_REQUIRE(!in.bad() && !bytes.empty(), locus::io_error, "drawing ", png, " with ", python,
                 " failed: the figure could not be read back");
-  locus::write_file_atomically(png, bytes);
+  return bytes;
 }
 
 } // namespace compare_detail
@@ -226,7 +226,7 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
   const auto transports = cd::parse_transports(o.transports);
   const auto replica_rule = locus::placement::parse_replica_rule(o.replica_rule);
   if (!o.png.empty()) cd::check_python(o.python);
-  check_outputs({{"--json", o.json}, {"--markdown", o.markdown}, {"--png", o.png}}, split.trace_paths);
+  check_outputs({{"--json", o.json}, {"--markdown", o.markdown}, {"--png", o.png}}, split.input_paths());
   LOCUS_REQUIRE(!synthetic_count_given || split.trace_paths.empty(), locus::config_error,
                 "--synthetic-requests sizes the embedded trace; it cannot be used with --trace");
   std::string trace_name;
@@ -335,7 +335,10 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
       std::printf("%s", line(e, false).c_str());
     std::printf("\n%s\n%zu rows in %.1f s\n", legend.c_str(), cmp.rows.size(), seconds);
   }
-  write_json(o.json, "compare", doc);
+  // The JSON, the Markdown and the figure are put in place together or not at all: a drawing that
+  // fails leaves the files of an earlier run as they were.
+  output_set files;
+  files.add_json(o.json, "compare", doc);
   if (!o.markdown.empty()) {
     const auto& run = this_run();
     std::string md = "# locus compare\n\n" + std::string(head) + ".\n\nProduced by `" + run.command + "` on " +
@@ -346,14 +349,16 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
                      "|---|---|---|---|---|---|---|---|---|---|\n";
     for (const auto& e : cmp.rows)
       md += line(e, true);
-    locus::write_file_atomically(o.markdown, md);
+    files.add(o.markdown, md);
   }
   if (!o.png.empty()) {
     p.start("drawing " + o.png);
-    cd::render_png(o.python, doc, o.png);
+    files.add(o.png, cd::render_png(o.python, doc, o.png));
     p.done();
     p.clear();
   }
+  files.commit();
+  if (json_to_stdout(o.json)) write_json(o.json, "compare", doc);
 }
 
 inline void register_compare(CLI::App& app) {

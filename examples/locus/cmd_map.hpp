@@ -106,37 +106,43 @@ inline int map_export(const export_options& o) {
   maps = locus::placement::fill_empty_slots(maps, load, node_load, gpus_per_node);
   if (as_map) {
     if (plan.gpus_per_node == 0) plan.gpus_per_node = gpus_per_node;
-    if (plan.model_layers.empty() && o.first_moe_layer != export_options::unset) {
+    // The layer options renumber the map as they renumber an engine's file; without them the
+    // plan's own numbering, or none, stays as it was.
+    if (o.first_moe_layer != export_options::unset || o.hidden_layers != 0) {
       plan.model_layers = layers.moe_layer;
       plan.hidden_layers = layers.hidden_layers;
     }
-    locus::save_expert_plan(o.out, plan);
-  } else {
-    locus::write_file_atomically(o.out, locus::placement::export_text(format, maps, layers));
   }
+  output_set files; // the export and its JSON together or not at all
+  files.add(o.out, as_map ? locus::expert_plan_text(plan) : locus::placement::export_text(format, maps, layers));
   const auto& m = maps.front();
-  write_json(o.json, "map export",
-             {{"out", o.out},
-              {"to", o.to},
-              {"moe_layers", maps.size()},
-              {"hidden_layer_ids", layers.moe_layer},
-              {"hidden_layers", layers.hidden_layers},
-              {"experts", m.experts()},
-              {"slots", m.slot_count()},
-              {"ranks", m.ranks()},
-              {"empty_slots_filled", filled},
-              {"filled_by_load", !load.empty()}});
-  if (json_to_stdout(o.json)) return 0;
+  const nlohmann::json doc = {{"out", o.out},
+                              {"to", o.to},
+                              {"moe_layers", maps.size()},
+                              {"hidden_layer_ids", layers.moe_layer},
+                              {"hidden_layers", layers.hidden_layers},
+                              {"experts", m.experts()},
+                              {"slots", m.slot_count()},
+                              {"ranks", m.ranks()},
+                              {"empty_slots_filled", filled},
+                              {"filled_by_load", !load.empty()}};
+  files.add_json(o.json, "map export", doc);
+  files.commit();
+  if (json_to_stdout(o.json)) {
+    write_json(o.json, "map export", doc);
+    return 0;
+  }
   std::printf(
       "%s: %s format, %zu MoE layers (hidden layers %zu..%zu of %zu), %zu experts in %zu slots per layer on %zu "
       "ranks; %zu empty slots of %zu (all layers) filled%s\n",
       o.out.c_str(), o.to.c_str(), maps.size(), layers.moe_layer.front(), layers.moe_layer.back(), layers.hidden_layers,
       m.experts(), m.slot_count(), m.ranks(), filled, m.slot_count() * maps.size(),
       load.empty() && filled > 0 ? " (no --load-trace: by replica count)" : "");
-  if (format == locus::placement::engine_format::sglang)
+  // A map JSON for locus itself (as_map) has no engine flag to name.
+  if (!as_map && format == locus::placement::engine_format::sglang)
     std::printf("pass: --init-expert-location %s --ep-num-redundant-experts %zu --ep-size %zu\n", o.out.c_str(),
                 m.slot_count() - m.experts(), m.ranks());
-  else if (format == locus::placement::engine_format::trtllm)
+  else if (!as_map && format == locus::placement::engine_format::trtllm)
     std::printf("pass: moe_config: {load_balancer: %s} (in --extra_llm_api_options), --ep %zu\n", o.out.c_str(),
                 m.ranks());
   return 0;
@@ -164,8 +170,10 @@ inline void register_map(CLI::App& app) {
   // These two default to what the plan saved: --help names that, not the sentinel the code holds.
   exp->add_option("--first-moe-layer", o->first_moe_layer,
                   "Hidden-layer index of the plan's first layer (DeepSeek-V3: 3); layers follow contiguously")
+      ->check(CLI::Range(std::size_t{0}, locus::placement::max_hidden_layers - 1)) // not the "saved ids" sentinel
       ->default_str("the layer ids saved with the plan, else 0");
   exp->add_option("--num-hidden-layers", o->hidden_layers, "The model's hidden-layer count")
+      ->check(CLI::Range(std::size_t{1}, locus::placement::max_hidden_layers)) // 0 is the "saved count" sentinel
       ->default_str("saved with the plan, else the last MoE layer + 1");
   exp->add_option("--load-trace", o->load_trace, "Trace whose expert loads choose the replicas of empty slots");
   exp->add_option("--grouping", o->grouping,

@@ -53,6 +53,15 @@ struct split_options : split_flags {
     return trace;
   }
 
+  //! What the command reads besides its maps: the trace (files or folders) and the request-id files
+  //! of the split (check_outputs keeps the outputs off them).
+  std::vector<std::string> input_paths() const {
+    std::vector<std::string> in = trace_paths;
+    in.push_back(train_requests);
+    in.push_back(test_requests);
+    return in;
+  }
+
   //! The trace as messages name it.
   std::string trace_name() const {
     return trace_paths.size() == 1 ? trace_paths.front()
@@ -330,7 +339,7 @@ inline void register_plan(CLI::App& app) {
                                       : !grouping->empty() ? *grouping
                                       : grouped            ? grouping_path_for(*out)
                                                            : std::string();
-    std::vector<std::string> inputs = split->trace_paths;
+    std::vector<std::string> inputs = split->input_paths();
     inputs.push_back(*load);
     check_outputs({{"--out", *out}, {"--grouping", grouping_path}, {"--json", *json}}, inputs);
     progress p("locus plan");
@@ -348,22 +357,25 @@ inline void register_plan(CLI::App& app) {
       locus::placement::named_plan_options opt;
       opt.eplb_groups = plan->eplb_groups;
       const auto maps = locus::placement::plan_by_name(plan->placement, in, opt);
-      // TensorRT-LLM statistics name the model layers; a .npy does not.
-      const bool named_layers = std::filesystem::is_directory(*load);
-      locus::save_expert_plan(
-          *out, {maps, named_layers ? imported.layer_ids : std::vector<std::size_t>{}, 0, split->gpus_per_node});
-      write_json(*json, "plan",
-                 {{"map", *out},
-                  {"placement", plan->placement},
-                  {"layers", maps.size()},
-                  {"model_layers", imported.layer_ids},
-                  {"experts", in.experts},
-                  {"nodes", split->nodes},
-                  {"gpus_per_node", split->gpus_per_node},
-                  {"slots_per_rank", in.slots_per_rank},
-                  {"load", *load},
-                  {"options", plan->settings(in.topology.ranks())}});
-      if (json_to_stdout(*json)) return;
+      // TensorRT-LLM statistics and routed-experts arrays name the model layers (the arrays also
+      // count the hidden layers); a [layers, experts] .npy does not.
+      output_set files;
+      files.add(*out,
+                locus::expert_plan_text({maps, imported.layers_named ? imported.layer_ids : std::vector<std::size_t>{},
+                                         imported.layers_named ? imported.hidden_layers : 0, split->gpus_per_node}));
+      const nlohmann::json doc = {{"map", *out},
+                                  {"placement", plan->placement},
+                                  {"layers", maps.size()},
+                                  {"model_layers", imported.layer_ids},
+                                  {"experts", in.experts},
+                                  {"nodes", split->nodes},
+                                  {"gpus_per_node", split->gpus_per_node},
+                                  {"slots_per_rank", in.slots_per_rank},
+                                  {"load", *load},
+                                  {"options", plan->settings(in.topology.ranks())}};
+      files.add_json(*json, "plan", doc);
+      files.commit();
+      if (json_to_stdout(*json)) return write_json(*json, "plan", doc);
       std::printf("%s: %s placement, %zu layers (model layers %zu..%zu), %zu experts on %zu x %zu ranks, %zu slots "
                   "per rank (from %s)\n",
                   out->c_str(), plan->placement.c_str(), maps.size(), imported.layer_ids.front(),
@@ -385,29 +397,32 @@ inline void register_plan(CLI::App& app) {
     std::size_t replicas = 0;
     for (const auto& m : maps)
       replicas += m.replica_slots_used();
-    locus::save_expert_plan(*out,
-                            {maps, train.has_model_layers() ? train.model_layer_ids() : std::vector<std::size_t>{},
-                             train.hidden_layers(), split->gpus_per_node});
-    if (planned.model) locus::grouper::save_grouping(grouping_path, *planned.model);
-    write_json(*json, "plan",
-               {{"map", *out},
-                {"placement", plan->placement},
-                {"layers", maps.size()},
-                {"experts", maps.front().experts()},
-                {"nodes", split->nodes},
-                {"gpus_per_node", split->gpus_per_node},
-                {"slots_per_rank", maps.front().slots_per_rank()},
-                {"train_requests", train.requests()},
-                {"replicas", replicas},
-                {"hedge_copies", planned.hedge_copies},
-                {"grouping", planned.model ? nlohmann::json(grouping_path) : nlohmann::json(nullptr)},
-                {"options", [&] {
-                   auto o = plan->settings(topo.ranks());
-                   o["split_seed"] = split->split_seed; // it also seeds the grouping model's fit
-                   if (split->prefill_opt->count() > 0) o["prefill_tokens"] = split->prefill_tokens;
-                   return o;
-                 }()}});
-    if (json_to_stdout(*json)) return;
+    // The map, its grouping model and the JSON are put in place together or not at all.
+    output_set files;
+    files.add(*out, locus::expert_plan_text(
+                        {maps, train.has_model_layers() ? train.model_layer_ids() : std::vector<std::size_t>{},
+                         train.hidden_layers(), split->gpus_per_node}));
+    if (planned.model) files.add(grouping_path, locus::grouper::grouping_text(*planned.model));
+    const nlohmann::json doc = {{"map", *out},
+                                {"placement", plan->placement},
+                                {"layers", maps.size()},
+                                {"experts", maps.front().experts()},
+                                {"nodes", split->nodes},
+                                {"gpus_per_node", split->gpus_per_node},
+                                {"slots_per_rank", maps.front().slots_per_rank()},
+                                {"train_requests", train.requests()},
+                                {"replicas", replicas},
+                                {"hedge_copies", planned.hedge_copies},
+                                {"grouping", planned.model ? nlohmann::json(grouping_path) : nlohmann::json(nullptr)},
+                                {"options", [&] {
+                                   auto o = plan->settings(topo.ranks());
+                                   o["split_seed"] = split->split_seed; // it also seeds the grouping model's fit
+                                   if (split->prefill_opt->count() > 0) o["prefill_tokens"] = split->prefill_tokens;
+                                   return o;
+                                 }()}};
+    files.add_json(*json, "plan", doc);
+    files.commit();
+    if (json_to_stdout(*json)) return write_json(*json, "plan", doc);
     std::printf("%s: %s placement, %zu layers, %zu experts on %zu x %zu ranks, %zu slot%s per rank (fitted on %zu "
                 "requests)%s%s\n",
                 out->c_str(), plan->placement.c_str(), maps.size(), maps.front().experts(), split->nodes,
@@ -525,7 +540,7 @@ inline void register_simulate(CLI::App& app) {
                   "--drift-every");
     LOCUS_REQUIRE(opt->drift_every > 0 || cmd->count("--balance-trigger") == 0, locus::config_error,
                   "--balance-trigger acts at the drift checks: it applies with --drift-every");
-    std::vector<std::string> inputs = split->trace_paths;
+    std::vector<std::string> inputs = split->input_paths();
     inputs.push_back(opt->map_path);
     inputs.push_back(opt->grouping_path);
     check_outputs({{"--json", opt->json}}, inputs);

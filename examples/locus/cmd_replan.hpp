@@ -131,15 +131,20 @@ inline int map_replan(const replan_options& o) {
                                                prior_nodes);
   plan.maps = r.maps;
   if (plan.gpus_per_node == 0) plan.gpus_per_node = gpus;
-  locus::save_expert_plan(o.out, plan);
+  output_set files; // the map and its JSON together or not at all
+  files.add(o.out, locus::expert_plan_text(plan));
   auto doc = locus::placement::live_replan_json(r, plan.model_layers);
   doc["map"] = o.map_path;
   doc["out"] = o.out;
   doc["window"] = window_name;
   doc["homes"] = !o.homes.empty() ? "homes" : model ? "grouping" : "round_robin";
   doc["transport"] = o.transport;
-  write_json(o.json, "map replan", std::move(doc));
-  if (json_to_stdout(o.json)) return 0;
+  files.add_json(o.json, "map replan", doc);
+  files.commit();
+  if (json_to_stdout(o.json)) {
+    write_json(o.json, "map replan", std::move(doc));
+    return 0;
+  }
   std::printf("%s: %zu of %zu slots budgeted moved (%.1f%% of all slots", o.out.c_str(), r.moves.size(), r.budget_slots,
               100 * r.moved_share);
   if (r.bytes_moved) std::printf(", %.2f GB of weights", static_cast<double>(r.bytes_moved) / 1e9);
@@ -178,7 +183,7 @@ inline void register_map_replan(CLI::App* map_cmd) {
   o->prior_requests_opt =
       cmd->add_option("--prior-requests", o->live.prior_requests,
                       "With --prior: its weight in the loads the re-plan balances, in requests beside the window's")
-          ->check(tool_cli::finite_non_negative)
+          ->check(tool_cli::number_in(0, 1e9))
           ->capture_default_str();
   cmd->add_option("--replan-slack", o->live.replan_slack,
                   "Load bound of the re-plan: GPUs above (1 + this) x the mean load are repaired first")
@@ -188,6 +193,7 @@ inline void register_map_replan(CLI::App* map_cmd) {
       ->check(CLI::IsMember({"flat", "hierarchical"}))
       ->capture_default_str();
   cmd->add_option("--expert-bytes", o->live.expert_bytes, "Weight bytes of one expert, for the bytes moved")
+      ->check(CLI::Range(std::uint64_t{0}, std::uint64_t{1} << 40))
       ->capture_default_str();
   cmd->add_option("--gpus-per-node", o->gpus_per_node, "GPUs per node of the plan's ranks")
       ->check(tool_cli::positive_whole)

@@ -236,6 +236,7 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
     std::string out, fit_path, rescale, json;
     locus::trace::synth_shape shape;
     double mean_length = 180.0;
+    std::uint32_t max_length = locus::trace::synth_domain{}.max_length;
     double segment_sigma = 0.0;
     std::size_t requests = 0, tokens = 100000;
     std::uint64_t seed = 1;
@@ -254,32 +255,47 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
                       "Experts per layer (shape mode; with --fit: the expert count of a route JSONL trace or an ESFT "
                       "folder; a binary trace records its own)")
           ->check(CLI::Range(1, 65536));
-  cmd->add_option("--top-k", sh.top_k, "Experts per token (shape mode)")->check(CLI::Range(1, 64));
-  cmd->add_option("--layers", sh.layers, "MoE layers (shape mode)")->check(tool_cli::positive_whole);
-  cmd->add_option("--domains", sh.domains, "Domains (shape mode)")->check(tool_cli::positive_whole);
-  cmd->add_option("--zipf", sh.zipf, "Popularity skew: share of rank i ∝ (i+1)^-zipf")
-      ->check(tool_cli::number_in(0, 8));
-  cmd->add_option("--domain-shift", sh.domain_shift, "0: domains alike .. 1: independent rankings")
-      ->check(tool_cli::number_in(0, 1));
-  cmd->add_option("--clusters", sh.clusters, "Co-activation clusters per layer (0 = none)");
-  cmd->add_option("--cluster-probability", sh.cluster_probability, "Share of tokens drawing from one cluster")
-      ->check(tool_cli::number_in(0, 1));
-  cmd->add_option("--request-sigma", sh.request_sigma,
-                  "Per-request log-normal spread (raises prefill/decode "
-                  "correlation)")
-      ->check(tool_cli::number_in(0, 10));
-  cmd->add_option("--segment-sigma", o->segment_sigma, "Per-16-token log-normal spread (lowers it)")
-      ->check(tool_cli::number_in(0, 10));
-  cmd->add_option("--mean-length", o->mean_length, "Mean request length (log-normal)")->check(CLI::Range(1.0, 1e6));
-  cmd->add_option("--length-sigma", sh.length_log_sigma, "σ of ln(length)")->check(tool_cli::number_in(0, 5));
+  // The shape mode's model; with --fit the model is fitted to the trace and these are refused.
+  const std::vector<CLI::Option*> shape_only = {
+      cmd->add_option("--top-k", sh.top_k, "Experts per token (shape mode)")->check(CLI::Range(1, 64)),
+      cmd->add_option("--layers", sh.layers, "MoE layers (shape mode)")->check(tool_cli::positive_whole),
+      cmd->add_option("--domains", sh.domains, "Domains (shape mode)")->check(tool_cli::positive_whole),
+      cmd->add_option("--zipf", sh.zipf, "Popularity skew: share of rank i ∝ (i+1)^-zipf (shape mode)")
+          ->check(tool_cli::number_in(0, 8)),
+      cmd->add_option("--domain-shift", sh.domain_shift, "0: domains alike .. 1: independent rankings (shape mode)")
+          ->check(tool_cli::number_in(0, 1)),
+      cmd->add_option("--clusters", sh.clusters, "Co-activation clusters per layer, 0 = none (shape mode)"),
+      cmd->add_option("--cluster-probability", sh.cluster_probability,
+                      "Share of tokens drawing from one cluster (shape mode)")
+          ->check(tool_cli::number_in(0, 1)),
+      cmd->add_option("--request-sigma", sh.request_sigma,
+                      "Per-request log-normal spread, raises prefill/decode correlation (shape mode)")
+          ->check(tool_cli::number_in(0, 10)),
+      cmd->add_option("--segment-sigma", o->segment_sigma, "Per-16-token log-normal spread, lowers it (shape mode)")
+          ->check(tool_cli::number_in(0, 10)),
+      cmd->add_option("--mean-length", o->mean_length,
+                      "Mean request length, log-normal, at most --max-length (shape mode)")
+          ->check(CLI::Range(1.0, 1e6)),
+      cmd->add_option("--length-sigma", sh.length_log_sigma, "σ of ln(length) (shape mode)")
+          ->check(tool_cli::number_in(0, 5)),
+      cmd->add_option("--max-length", o->max_length,
+                      "Longest request: longer draws are cut to it (shape mode; a fitted model resamples the "
+                      "trace's lengths)")
+          ->check(CLI::Range(1, 1000000))};
   cmd->add_option("--prefill-tokens", sh.prefill_tokens, "Leading tokens of each request marked prefill");
   cmd->add_option("--requests", o->requests, "Requests to sample (overrides --tokens)");
   cmd->add_option("--tokens", o->tokens, "Sample requests until at least this many tokens");
   cmd->add_option("--seed", o->seed, "Seed (the output is identical for equal seeds)");
   cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)");
   add_json_option(cmd, o->json);
-  cmd->callback([o, experts] {
+  cmd->callback([o, experts, shape_only] {
     progress p("locus trace synth");
+    for (const CLI::Option* opt : shape_only)
+      LOCUS_REQUIRE(o->fit_path.empty() || opt->count() == 0, locus::config_error, opt->get_name(),
+                    " sets the shape mode's model; with --fit the model is fitted to the trace");
+    LOCUS_REQUIRE(o->mean_length <= o->max_length, locus::config_error, "--mean-length ", o->mean_length,
+                  " is above --max-length ", o->max_length, ": requests would be cut to ", o->max_length,
+                  " tokens (raise --max-length)");
     LOCUS_REQUIRE(o->rescale.empty() || !o->fit_path.empty(), locus::config_error,
                   "--rescale needs --fit TRACE (a shape is given directly with --experts/--top-k/--layers)");
     LOCUS_REQUIRE(o->requests > 0 || o->tokens > 0, locus::config_error, "--requests and --tokens are both 0");
@@ -323,6 +339,8 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
       shape.length_log_mean = std::log(o->mean_length) - 0.5 * shape.length_log_sigma * shape.length_log_sigma;
       m = locus::trace::make_synth_model(shape);
       m.segment_sigma = o->segment_sigma;
+      for (auto& d : m.domains)
+        d.max_length = o->max_length;
     }
     {
       // The sample is held in memory (6 bytes per token, layer and choice): refuse a size this
@@ -352,7 +370,8 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
                     " covers every sampled request (the longest has ", longest,
                     " tokens): the trace would have no decode tokens (lower --prefill-tokens or raise --mean-length)");
     }
-    locus::trace::write_trace(t, o->out);
+    output_set files; // the trace and its JSON together or not at all
+    locus::trace::write_trace(t, files.open(o->out));
     p.clear();
     // What --fit learnt is a result: in the summary and the JSON, not on the progress stream.
     const bool fitted = !o->fit_path.empty();
@@ -363,8 +382,9 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
       doc["fitted"] = {{"request_sigma", m.request_sigma},
                        {"segment_sigma", m.segment_sigma},
                        {"cluster_probability", m.cluster_probability}};
-    write_json(o->json, "trace synth", doc);
-    if (json_to_stdout(o->json)) return;
+    files.add_json(o->json, "trace synth", doc);
+    files.commit();
+    if (json_to_stdout(o->json)) return write_json(o->json, "trace synth", doc);
     std::printf("%s: %zu requests, %zu tokens, %zu layers, %zu experts, top-%zu, %zu domains\n", o->out.c_str(),
                 t.requests(), t.tokens(), t.layers(), t.experts(), t.top_k(), t.domains().size());
     if (fitted)

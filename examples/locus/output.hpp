@@ -7,6 +7,7 @@
 // `--progress` asks for it, when each step is a line of its own. `-q` / `--quiet` silences it
 // everywhere. Results always go to stdout or to the files named, never to the progress stream.
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -16,6 +17,7 @@
 #include <iostream>
 #include <locus/core/atomic_file.hpp>
 #include <locus/core/error.hpp>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
@@ -95,9 +97,16 @@ private:
 //! stdout, which then carries the JSON instead of the table.
 inline CLI::Option* add_json_option(CLI::App* cmd, std::string& path) {
   return cmd
-      ->add_option("--json", path,
-                   "Also write the figures as JSON to this file (written whole or not at all); - or no value: "
-                   "stdout, instead of the table. Default: no JSON")
+      ->add_option_function<std::string>(
+          "--json",
+          [&path](const std::string& value) {
+            // CLI11 runs no check on an empty value of an option that may take none: `--json ""`
+            // read as no JSON at all, which is not what the user asked for.
+            if (value.empty()) throw CLI::ValidationError("--json", "an empty value; leave the option out for no JSON");
+            path = value;
+          },
+          "Also write the figures as JSON to this file (written whole or not at all); - or no value: "
+          "stdout, instead of the table. Default: no JSON")
       ->expected(0, 1)
       // The value taken when --json comes without one; the help shows [PATH] instead of "=-",
       // which would read as the default when the option is absent.
@@ -108,11 +117,9 @@ inline CLI::Option* add_json_option(CLI::App* cmd, std::string& path) {
 //! Whether `--json` sends the document to stdout (the table is then not printed).
 inline bool json_to_stdout(const std::string& path) { return path == "-"; }
 
-//! Writes `doc` as the `locus <command>` document: "format": "locus.<command>" (spaces as
-//! dots: "locus.trace.stats") and "version": 1 are added; `path` "-" is stdout, any other path
-//! is written atomically. An empty path writes nothing.
-inline void write_json(const std::string& path, const std::string& command, nlohmann::json doc) {
-  if (path.empty()) return;
+//! The text of `doc` as the `locus <command>` document: "format": "locus.<command>" (spaces as
+//! dots: "locus.trace.stats") and "version": 1 are added.
+inline std::string json_text(const std::string& command, nlohmann::json doc) {
   std::string format = "locus." + command;
   for (char& c : format)
     if (c == ' ') c = '.';
@@ -120,7 +127,15 @@ inline void write_json(const std::string& path, const std::string& command, nloh
   doc["version"] = 1;
   // Names and paths from the input may hold bytes that are not UTF-8: replaced, never a throw
   // after the work is done.
-  const std::string text = doc.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+  return doc.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+}
+
+//! Writes `doc` as the `locus <command>` document (json_text): `path` "-" is stdout, any other
+//! path is written atomically. An empty path writes nothing. A command with other outputs puts it
+//! in its output_set instead.
+inline void write_json(const std::string& path, const std::string& command, nlohmann::json doc) {
+  if (path.empty()) return;
+  const std::string text = json_text(command, std::move(doc));
   if (json_to_stdout(path)) {
     std::fwrite(text.data(), 1, text.size(), stdout);
     std::fflush(stdout);
@@ -128,6 +143,45 @@ inline void write_json(const std::string& path, const std::string& command, nloh
   }
   locus::write_file_atomically(path, text);
 }
+
+//! A command's output files, all written before any is put in place: each is written whole into an
+//! unnamed file beside its target (locus::atomic_file) and synced, and commit() then names and
+//! renames them in turn. A run that fails before commit() (a full disk, a file-size limit, a
+//! drawing that failed, any error of the work still to do) leaves every target as it was; only a
+//! rename failing in commit() (not a write) can leave the earlier ones replaced. Destroyed without
+//! a commit, it leaves nothing behind.
+class output_set {
+public:
+  //! A file to write to `path` through (a `-` path is not a file: write_json's stdout is the
+  //! caller's, after commit()). Prepared, with every other, by commit().
+  locus::atomic_file& open(const std::string& path) {
+    files_.push_back(std::make_unique<locus::atomic_file>(path));
+    return *files_.back();
+  }
+  //! `content` as the file `path` (nothing for an empty path); written out at once, so that a
+  //! write that fails does so before the work that follows.
+  void add(const std::string& path, std::string_view content) {
+    if (path.empty()) return;
+    auto& f = open(path);
+    f.write(content);
+    f.prepare();
+  }
+  //! The `locus <command>` JSON document (json_text) as `path` unless it is stdout ("-") or empty.
+  void add_json(const std::string& path, const std::string& command, nlohmann::json doc) {
+    if (!path.empty() && !json_to_stdout(path)) add(path, json_text(command, std::move(doc)));
+  }
+  //! Prepares every file, then renames each over its target. @throws locus::io_error
+  void commit() {
+    for (auto& f : files_)
+      f->prepare();
+    for (auto& f : files_)
+      f->commit();
+    files_.clear();
+  }
+
+private:
+  std::vector<std::unique_ptr<locus::atomic_file>> files_;
+};
 
 //! The exit status a shell would show for a child's wait status (std::system, pclose): its exit
 //! code, 128 + the signal that killed it, or -1 when it could not run.
@@ -145,22 +199,53 @@ struct output_file {
   std::string path;
 };
 
+//! Where `path` leads: absolute, every symbolic link followed, also one whose target does not
+//! exist yet (which writing through it creates), "." and ".." resolved. `./a.json`, an absolute
+//! spelling and a link to a.json all lead to one path.
+inline std::filesystem::path resolved_path(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::path p = fs::absolute(path, ec);
+  if (ec) return fs::path(path).lexically_normal();
+  for (int hops = 0; hops < 40; ++hops) { // the kernel's own limit on links in a path
+    p = fs::weakly_canonical(p, ec);      // resolves the links up to the last existing element
+    if (ec) return p.lexically_normal();
+    if (!fs::is_symlink(fs::symlink_status(p, ec)) || ec) return p;
+    const fs::path target = fs::read_symlink(p, ec); // a dangling link: weakly_canonical left it
+    if (ec) return p;
+    p = target.is_absolute() ? target : p.parent_path() / target;
+  }
+  return p;
+}
+
 //! Checks a command's outputs before it does any work: each can be written (its folder exists and
-//! takes files, no directory is in the way), no two are one file, and none is one of `inputs`. A
-//! run then neither fails after its work nor replaces what it reads, or one of its results with
-//! another. @throws locus::io_error or locus::config_error naming the option
+//! takes files, no directory is in the way), no two are one file, and none is one of `inputs` or
+//! inside an input folder (a trace folder's files are its layers). A run then neither fails after
+//! its work nor replaces what it reads, or one of its results with another. Paths are compared
+//! where they lead (resolved_path; hard links by identity). @throws locus::io_error or
+//! locus::config_error naming the option
 inline void check_outputs(const std::vector<output_file>& outputs, const std::vector<std::string>& inputs = {}) {
   namespace fs = std::filesystem;
   // Only files are compared: outputs written into a device (/dev/null, /dev/stdout) share it.
-  const auto same = [](const std::string& a, const std::string& b) {
-    std::error_code ea, eb;
-    const auto type = fs::status(a, ea).type();
-    if (type == fs::file_type::character || type == fs::file_type::block || type == fs::file_type::fifo ||
-        type == fs::file_type::socket)
-      return false;
-    ea.clear();
-    const fs::path x = fs::weakly_canonical(a, ea), y = fs::weakly_canonical(b, eb);
-    return !ea && !eb && x == y;
+  const auto device = [](const std::string& a) {
+    std::error_code ec;
+    const auto type = fs::status(a, ec).type();
+    return type == fs::file_type::character || type == fs::file_type::block || type == fs::file_type::fifo ||
+           type == fs::file_type::socket;
+  };
+  const auto same = [&](const std::string& a, const std::string& b) {
+    if (device(a)) return false;
+    std::error_code ec;
+    if (fs::exists(a, ec) && fs::exists(b, ec) && fs::equivalent(a, b, ec) && !ec) return true; // hard links too
+    return resolved_path(a) == resolved_path(b);
+  };
+  // An output under an input folder (the folder itself is refused by check_writable).
+  const auto inside = [&](const std::string& out, const std::string& folder) {
+    std::error_code ec;
+    if (device(out) || !fs::is_directory(folder, ec)) return false;
+    const fs::path f = resolved_path(folder), o = resolved_path(out);
+    const auto [fi, oi] = std::mismatch(f.begin(), f.end(), o.begin(), o.end());
+    return fi == f.end() && oi != o.end();
   };
   for (std::size_t i = 0; i < outputs.size(); ++i) {
     const auto& o = outputs[i];
@@ -173,9 +258,12 @@ inline void check_outputs(const std::vector<output_file>& outputs, const std::ve
       LOCUS_REQUIRE(outputs[j].path.empty() || json_to_stdout(outputs[j].path) || !same(o.path, outputs[j].path),
                     locus::config_error, outputs[j].option, " and ", o.option, " name the same file, ", o.path,
                     ": one result would replace the other");
-    for (const auto& in : inputs)
+    for (const auto& in : inputs) {
       LOCUS_REQUIRE(in.empty() || !same(o.path, in), locus::config_error, o.option, " ", o.path,
                     " is also an input of this command: writing it would replace what it reads");
+      LOCUS_REQUIRE(in.empty() || !inside(o.path, in), locus::config_error, o.option, " ", o.path, " is inside ", in,
+                    ", which this command reads: write it elsewhere");
+    }
     // --json takes an optional value, so `--json a.bin b.bin` reads a.bin as the JSON output: an
     // existing file that is not a JSON object is refused rather than replaced.
     std::error_code regular_error;

@@ -125,8 +125,8 @@ check "trace report of odd domain names" odd_names_report
 # A new user's session (2026-12-05): numbers that used to fill the machine's memory or hang, and
 # outputs that used to replace an input or each other, or fail only after the work.
 "$locus" plan --trace "$work/t.bin" --placement linear --out "$work/lin.json" >/dev/null
-refused 'limit of 4096 hidden layers' map export "$work/lin.json" --to sglang --first-moe-layer 4294967295 --out "$work/q.json"
-refused '100000000 hidden layers' map export "$work/lin.json" --to sglang --num-hidden-layers 100000000 --out "$work/q.json"
+refused '--first-moe-layer: Value 4294967295 not in range 0 to 4095' map export "$work/lin.json" --to sglang --first-moe-layer 4294967295 --out "$work/q.json"
+refused '--num-hidden-layers: Value 100000000 not in range 1 to 4096' map export "$work/lin.json" --to sglang --num-hidden-layers 100000000 --out "$work/q.json"
 refused 'after step 10\^18' simulate --trace "$work/t.bin" --arrival-rate 1e-300
 ok '^steps: ' simulate --trace "$work/t.bin" --arrival-rate 1e-9
 # The balance hedges: 0 (off) is taken with any planner, a count only where it applies.
@@ -174,6 +174,43 @@ refused '--grouping is the workload_aware' simulate --trace "$work/t.bin" --map 
 refused 'does not apply: --map simulates the saved plan as it is \(--grouper round_robin\)' simulate --trace "$work/t.bin" --map "$work/lin.json" --placement eplb
 refused 'name the same file' plan --trace "$work/t.bin" --placement locality --out "$work/same.json" --grouping "$work/same.json"
 refused 'also an input' map export "$work/lin.json" --to eplb --out "$work/lin.json"
+# The same file under another spelling, a link to it, a request-id file, a file inside a trace folder.
+refused 'name the same file' plan --trace "$work/t.bin" --placement locality --out "$work/same.json" --grouping "$work/./same.json"
+ln -sf "$work/linked.json" "$work/link.json"
+refused 'name the same file' plan --trace "$work/t.bin" --placement locality --out "$work/linked.json" --grouping "$work/link.json"
+refused 'name the same file' trace synth --experts 8 --requests 3 --out "$work/c.bin" --json "$work/./c.bin"
+echo 1 >"$work/ids.txt"
+refused '--out [^ ]*ids.txt is also an input' plan --trace "$work/t.bin" --train-requests "$work/ids.txt" --out "$work/ids.txt"
+refused 'is inside [^ ]*esft, which this command reads' plan --trace "$work/esft" --out "$work/esft/law/m.json"
+# map export: the values its code holds for "the plan's own" cannot be given.
+refused '--first-moe-layer: Value 18446744073709551615 not in range' map export "$work/lin.json" --to sglang --out "$work/o.json" --first-moe-layer 18446744073709551615
+refused '--num-hidden-layers: Value 0 not in range' map export "$work/lin.json" --to sglang --out "$work/o.json" --num-hidden-layers 0
+# Routed experts [5 tokens, 4 hidden layers, top-2] with dense layers 0 and 2 (every choice expert 0):
+# the plan keeps the MoE layers' hidden indices and the hidden-layer count for the exports.
+python3 - "$work/routed.npy" <<'PY'
+import struct, sys
+rows = [[0, 0], [1, 2], [0, 0], [2, 3]] * 5
+head = "{'descr': '<i4', 'fortran_order': False, 'shape': (5, 4, 2), }"
+head += " " * (63 - (10 + len(head)) % 64) + "\n"
+with open(sys.argv[1], "wb") as f:
+    f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(head)) + head.encode())
+    f.write(struct.pack("<40i", *[v for r in rows for v in r]))
+PY
+succeeds plan --load "$work/routed.npy" --nodes 1 --gpus-per-node 2 --placement eplb --out "$work/routed.json"
+ok 'hidden layers 1..3 of 4' map export "$work/routed.json" --to sglang --out "$work/routed.sglang.json"
+# map export --to locus renumbers the map's layers as the options say, and names no engine flag.
+"$locus" map export "$work/routed.json" --to locus --first-moe-layer 3 --num-hidden-layers 61 \
+  --out "$work/renumbered.json" >"$work/renumbered.txt" 2>&1 || { echo "FAIL: export --to locus" >&2; exit 1; }
+check "export --to locus prints no engine flag" bash -c "! grep -q 'pass:' '$work/renumbered.txt'"
+ok 'hidden layers 3..4 of 61' map export "$work/renumbered.json" --to sglang --out "$work/renumbered.sglang.json"
+# An empty value is not the option left out (`--map "$MAP"` with MAP unset).
+refused '--map: an empty value' simulate --trace "$work/t.bin" --map ""
+refused '--fit: an empty value' trace synth --out "$work/q.bin" --fit "" --requests 2
+refused '--json: an empty value' trace stats "$work/t.bin" --json ""
+# trace synth: shape-mode options with --fit, and a mean length the cut would change.
+refused '--zipf sets the shape mode' trace synth --fit "$work/t.bin" --zipf 3 --requests 3 --out "$work/g.bin"
+refused '--mean-length 100000 is above --max-length 16384' trace synth --experts 4 --top-k 1 --layers 1 --requests 3 --mean-length 100000 --out "$work/d.bin"
+ok '3 requests, 300000 tokens' trace synth --experts 4 --top-k 1 --layers 1 --clusters 0 --requests 3 --mean-length 100000 --length-sigma 0 --max-length 200000 --out "$work/d.bin"
 refused 'also an input' plan --trace "$work/t.bin" --placement linear --out "$work/t.bin"
 refused 'planned for 4 nodes x 2 GPUs; this run has 8 x 1' simulate --trace "$work/t.bin" --map "$work/lin.json" --nodes 8 --gpus-per-node 1
 # Without --nodes and --gpus-per-node a saved map brings its own topology (the defaults, 4 x 2, would refuse it).
@@ -302,7 +339,7 @@ refused '--anneal: Value 1048577 not in range 0 to 1048576' compare --synthetic-
 refused '--rescale "-5:6:2": expected EXPERTS:TOP_K:LAYERS \(whole numbers\)' trace synth --fit "$work/t.bin" \
   --rescale -5:6:2 --out "$work/s.bin"
 refused '--train-requests .*: is a folder, expected a file of request ids' plan --trace "$work/t.bin" \
-  --train-requests "$work" --out "$work/m.json"
+  --train-requests "$work/esft" --out "$work/m.json"
 refused '--load-trace [^ ]*esft has 2 layers of 64 experts; the plan in [^ ]*lin.json has 2 layers of 16' map export \
   "$work/lin.json" --to sglang --load-trace "$work/esft" --out "$work/q.json"
 mkdir -p "$work/empty_esft"
@@ -347,7 +384,7 @@ refused 'the prior [^ ]*prefill.jsonl has no decode tokens' map replan "$work/li
 printf '0 -1\n' >"$work/homes_neg.txt"
 refused '"-1" is not a request id or rank' map replan "$work/lin.json" --trace "$work/t.bin" \
   --homes "$work/homes_neg.txt" --out "$work/r.json"
-refused 'slots of 18446744073709551615 bytes each exceed 2\^64 bytes' map replan "$work/lin.json" --trace "$work/t.bin" \
+refused '--expert-bytes: Value 18446744073709551615 not in range' map replan "$work/lin.json" --trace "$work/t.bin" \
   --expert-bytes 18446744073709551615 --out "$work/r.json"
 # A third review (polish): messages in the user's terms.
 # --eplb-groups that select EPLB's hierarchical policy (a multiple of --nodes) but do not split the

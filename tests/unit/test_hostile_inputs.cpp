@@ -591,6 +591,66 @@ BOOST_AUTO_TEST_CASE(a_failed_write_keeps_the_old_file) {
   BOOST_TEST(temporaries_in(dir.path) == 0u);
 }
 
+// Several outputs of one command: each is prepared (written out, synced, named) before any is
+// committed, so a failure while writing the second leaves the first target as it was; prepare
+// and commit in both the unnamed and the named way.
+BOOST_AUTO_TEST_CASE(prepared_files_replace_nothing_until_committed) {
+  scratch dir("prepare");
+  const auto a = (dir.path / "a.txt").string(), b = (dir.path / "b.txt").string();
+  locus::write_file_atomically(a, "old a");
+  locus::write_file_atomically(b, "old b");
+  const int probe = ::open(dir.path.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+  const bool unnamed_files = probe >= 0; // else every file takes the named way
+  if (probe >= 0) ::close(probe);
+  for (const bool named : {false, true}) {
+    locus::detail::atomic_file_named_temporary = named;
+    const std::string a0 = read_text(a), b0 = read_text(b);
+    {
+      locus::atomic_file fa(a);
+      fa.write("new a");
+      fa.prepare();
+      fa.prepare(); // twice is once
+      BOOST_CHECK_THROW(fa.write("more"), io_error);
+      BOOST_TEST(read_text(a) == a0);
+      // The second output fails while being written (a file-size limit): the first, prepared,
+      // is abandoned with it.
+      const auto err = run_capped([&] {
+        std::signal(SIGXFSZ, SIG_IGN);
+        rlimit lim{4096, 4096};
+        ::setrlimit(RLIMIT_FSIZE, &lim);
+        try {
+          locus::atomic_file fb(b);
+          fb.write(std::string(1 << 21, 'b')); // past the write buffer: written out now
+          fb.prepare();
+          std::_Exit(7);
+        } catch (const io_error& e) {
+          if (e.code() != EFBIG) std::_Exit(8);
+        }
+      });
+      BOOST_TEST(err.empty(), err);
+    } // fa destroyed uncommitted
+    BOOST_TEST(read_text(a) == a0);
+    BOOST_TEST(read_text(b) == b0);
+    BOOST_TEST(temporaries_in(dir.path) == 0u);
+    {
+      locus::atomic_file fa(a), fb(b);
+      fa.write(named ? "a2" : "a1");
+      fb.write(named ? "b2" : "b1");
+      fa.prepare();
+      fb.prepare();
+      BOOST_TEST(read_text(a) == a0);
+      BOOST_TEST(temporaries_in(dir.path) == (named || !unnamed_files ? 2u : 0u)); // unnamed until committed
+      fa.commit();
+      fb.commit();
+      BOOST_CHECK_THROW(fb.commit(), io_error); // committed once
+    }
+    BOOST_TEST(read_text(a) == (named ? "a2" : "a1"));
+    BOOST_TEST(read_text(b) == (named ? "b2" : "b1"));
+    BOOST_TEST(temporaries_in(dir.path) == 0u);
+  }
+  locus::detail::atomic_file_named_temporary = false;
+}
+
 // A folder where a file is read: an io_error saying so. The stream readers threw the standard
 // library's ios_base::failure ("basic_filebuf::underflow") or took the folder's size for the file's.
 BOOST_AUTO_TEST_CASE(readers_refuse_directories) {

@@ -670,6 +670,8 @@ BOOST_AUTO_TEST_CASE(load_weights_of_one_change_nothing_and_bad_ones_are_refused
   BOOST_TEST(placement::with_prior(sample, placement::token_sample{}).load_weight.empty());
   BOOST_CHECK_THROW(placement::with_prior(sample, sample, -1), config_error);
   BOOST_CHECK_THROW(placement::with_prior(sample, sample, std::nan("")), config_error);
+  // A weight a float cannot hold is refused here, not blamed on the sample later.
+  BOOST_CHECK_THROW(placement::with_prior(sample, sample, 1e300), config_error);
 }
 
 // The prior weighs in the loads as prior_requests requests beside the window's distinct ones: a

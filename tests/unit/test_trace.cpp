@@ -252,8 +252,8 @@ BOOST_AUTO_TEST_CASE(builder_rejects_bad_shapes_and_data) {
   }
 }
 
-// The branch-free validators against std::isfinite / a plain comparison, with every special value
-// at every position of odd and even lengths (the weight test works on pairs plus a tail).
+// The branch-free validators against std::isfinite and a sign test / a plain comparison, with every
+// special value at every position of short lengths.
 BOOST_AUTO_TEST_CASE(validators_match_a_per_value_reference) {
   const float specials[] = {0.0f,
                             -0.0f,
@@ -266,14 +266,15 @@ BOOST_AUTO_TEST_CASE(validators_match_a_per_value_reference) {
                             -std::numeric_limits<float>::infinity(),
                             std::numeric_limits<float>::quiet_NaN(),
                             -std::numeric_limits<float>::quiet_NaN(),
-                            std::numeric_limits<float>::signaling_NaN()};
+                            std::numeric_limits<float>::signaling_NaN(),
+                            -std::numeric_limits<float>::denorm_min()};
   for (std::size_t n = 0; n <= 5; ++n)
     for (std::size_t at = 0; at < std::max<std::size_t>(n, 1); ++at)
       for (float v : specials) {
         std::vector<float> w(n, 0.5f);
         if (n) w[at] = v;
-        const bool want = n == 0 || std::isfinite(v);
-        BOOST_TEST(trace::trace_builder::weights_finite(w.data(), n) == want, "n " << n << " at " << at << " " << v);
+        const bool want = n == 0 || (std::isfinite(v) && v >= 0); // -0 >= 0
+        BOOST_TEST(trace::trace_builder::weights_valid(w.data(), n) == want, "n " << n << " at " << at << " " << v);
       }
   for (std::size_t n = 1; n <= 5; ++n)
     for (std::size_t at = 0; at < n; ++at) {
@@ -754,6 +755,7 @@ BOOST_AUTO_TEST_CASE(esft_bad_text_names_file_line_and_column) {
       {{"0\t-1\t\t0.5\t0.5\n"}, {":1:3:", "expected an expert id"}, 1},
       {{"0\t1\t\tnan\t0.5\n"}, {":1:6:", "weight is not finite"}, 1},
       {{"0\t1\t\t0.5\tinf\n"}, {":1:10:", "weight is not finite"}, 1},
+      {{"0\t1\t\t0.5\t-7\n"}, {":1:10:", "weight \"-7\" is negative"}, 1},
       {{"0\t1\t\t0.5\t1e99\n"}, {":1:10:", "weight \"1e99\" is outside the range of a float"}, 1},
       {{"0\t1\t\t0.5\t1e-99\n"}, {":1:10:", "weight \"1e-99\" is outside the range of a float"}, 1},
       {{"0\t99999999999\t\t0.5\t0.5\n"}, {":1:3:", "expert id \"99999999999\" is out of range [0, 4)"}, 1},

@@ -50,8 +50,9 @@ inline std::string real_number(const std::string& value) {
   return CLI::detail::lexical_cast(value, x) ? std::string() : "\"" + value + "\" is not a number";
 }
 
-// Adds the number rules to every option (of `app` and its subcommands) whose type is a number: whole
-// numbers in decimal for an integer, a number for a floating-point one; no text in --help. A list
+// Adds the value rules to every option (of `app` and its subcommands) by its type: whole numbers in
+// decimal for an integer, a number for a floating-point one, a text that is not empty; no text in
+// --help. A list
 // option's values are checked one by one, and its message says it takes a list.
 inline void check_numbers(CLI::App& app) {
   for (CLI::Option* opt : app.get_options()) {
@@ -73,6 +74,14 @@ inline void check_numbers(CLI::App& app) {
           [list](std::string& v) {
             const std::string m = real_number(v);
             return m.empty() ? m : m + list;
+          },
+          ""));
+    // A text value given empty (`--map "$MAP"` with MAP unset) read as the option left out: the run
+    // went on with the default (a baseline map, no fit, no JSON) and said nothing.
+    else if (base == "TEXT")
+      opt->check(CLI::Validator(
+          [list](std::string& v) {
+            return v.empty() ? "an empty value; leave the option out for its default" + list : std::string();
           },
           ""));
   }

@@ -93,7 +93,7 @@ public:
   //! Appends `n` bytes. @throws locus::io_error (errno as code(), e.g. ENOSPC or EFBIG)
   void write(const void* data, std::size_t n) {
     if (n == 0) return;
-    check_open();
+    check_writing();
     const auto* p = static_cast<const char*>(data);
     if (buffer_.size() + n <= buffer_capacity) {
       buffer_.insert(buffer_.end(), p, p + n);
@@ -111,7 +111,7 @@ public:
   //! Overwrites `n` bytes at byte offset `offset` of what was written so far (the binary trace
   //! writer fills in its header last). @throws locus::io_error when the target cannot seek (a FIFO)
   void write_at(std::uint64_t offset, const void* data, std::size_t n) {
-    check_open();
+    check_writing();
     flush();
     const auto* p = static_cast<const char*>(data);
     while (n > 0) {
@@ -128,12 +128,24 @@ public:
     }
   }
 
-  //! Flushes, syncs, names the file and renames it over the target.
-  //! @throws locus::io_error when any step fails (the target then keeps its old content)
-  void commit() {
+  //! Writes out and syncs everything written, so that commit() has only to name and rename the
+  //! file: a command with several outputs prepares each, and a full disk or a file-size limit then
+  //! fails before any of them replaces its target (the file keeps no name meanwhile, so a process
+  //! killed before commit() still leaves nothing behind). Nothing may be written after it.
+  //! @throws locus::io_error (the target keeps its old content)
+  void prepare() {
+    if (prepared_) return;
     check_open();
     flush();
     if (::fsync(fd_) != 0 && !(direct_ && (errno == EINVAL || errno == EROFS))) fail(target_, "fsync failed", errno);
+    prepared_ = true;
+  }
+
+  //! Prepares the file (prepare()), names it and renames it over the target.
+  //! @throws locus::io_error when any step fails (the target then keeps its old content)
+  void commit() {
+    check_open(); // not twice
+    prepare();
     if (unnamed_) {
       // The complete file gets a name beside the target (linkat cannot replace a file), which the
       // rename below moves over it: the only moment a temporary name exists.
@@ -192,7 +204,11 @@ private:
   }
 
   void check_open() const {
-    if (fd_ < 0) LOCUS_THROW(io_error, target_, ": write after the file was committed or abandoned");
+    if (fd_ < 0) LOCUS_THROW(io_error, target_, ": used after the file was committed or abandoned");
+  }
+  void check_writing() const {
+    check_open();
+    if (prepared_) LOCUS_THROW(io_error, target_, ": written after the file was prepared");
   }
 
   void abandon() noexcept {
@@ -251,7 +267,8 @@ private:
   std::string temp_;
   int fd_ = -1;
   bool direct_ = false;
-  bool unnamed_ = false; // written through O_TMPFILE: no name until commit()
+  bool unnamed_ = false;  // written through O_TMPFILE: no name until prepare()
+  bool prepared_ = false; // prepare() done: written out and synced, nothing more to write
   std::vector<char> buffer_;
 };
 

@@ -64,8 +64,9 @@ inline std::size_t json_size(const nlohmann::json& doc, const char* key) {
   const auto it = doc.find(key);
   if (it == doc.end()) throw format_error(concat("expert map JSON: \"", key, "\" is missing"), 0);
   if (!it->is_number_integer())
-    throw format_error(concat("expert map JSON: \"", key, "\" is ", it->type_name(), " ", json_excerpt(*it),
-                              ", expected a positive integer"),
+    // null's excerpt is its type name: said once.
+    throw format_error(concat("expert map JSON: \"", key, "\" is ", it->type_name(),
+                              it->is_null() ? std::string() : " " + json_excerpt(*it), ", expected a positive integer"),
                        0);
   const auto n = json_unsigned(*it, max_json_map_size);
   if (!n || *n < 1)
@@ -158,31 +159,39 @@ struct expert_plan_file {
   std::size_t gpus_per_node = 0;         //!< GPUs per node of the plan's topology; 0 when not saved
 };
 
-//! Writes a plan (its maps, and what else it knows) to a JSON file, atomically.
-//! @throws locus::io_error when the file cannot be written
+//! A plan (its maps, and what else it knows) as the JSON document save_expert_plan writes.
 //! @throws locus::config_error when `model_layers` does not have one ascending id per map, or its
 //!         last is not below `hidden_layers` (where given), or gpus_per_node does not divide the ranks
-inline void save_expert_plan(const std::string& path, const expert_plan_file& plan) {
+inline nlohmann::json expert_plan_to_json(const expert_plan_file& plan) {
   auto doc = expert_maps_to_json(plan.maps);
   const auto& ids = plan.model_layers;
   if (!ids.empty()) {
-    LOCUS_REQUIRE(ids.size() == plan.maps.size(), config_error, "save_expert_plan: ", ids.size(),
-                  " model layer ids for ", plan.maps.size(), " maps");
+    LOCUS_REQUIRE(ids.size() == plan.maps.size(), config_error, "expert plan: ", ids.size(), " model layer ids for ",
+                  plan.maps.size(), " maps");
     for (std::size_t l = 1; l < ids.size(); ++l)
-      LOCUS_REQUIRE(ids[l] > ids[l - 1], config_error, "save_expert_plan: model layer ids must ascend");
+      LOCUS_REQUIRE(ids[l] > ids[l - 1], config_error, "expert plan: model layer ids must ascend");
     doc["model_layers"] = ids;
   }
   LOCUS_REQUIRE(plan.hidden_layers == 0 || ids.empty() || plan.hidden_layers > ids.back(), config_error,
-                "save_expert_plan: ", plan.hidden_layers, " hidden layers, but model layer ", ids.back(),
-                " is a map's");
+                "expert plan: ", plan.hidden_layers, " hidden layers, but model layer ", ids.back(), " is a map's");
   if (plan.hidden_layers > 0) doc["hidden_layers"] = plan.hidden_layers;
   if (plan.gpus_per_node > 0) {
     LOCUS_REQUIRE(plan.maps.front().ranks() % plan.gpus_per_node == 0, config_error,
-                  "save_expert_plan: ", plan.gpus_per_node, " GPUs per node do not divide ", plan.maps.front().ranks(),
+                  "expert plan: ", plan.gpus_per_node, " GPUs per node do not divide ", plan.maps.front().ranks(),
                   " ranks");
     doc["gpus_per_node"] = plan.gpus_per_node;
   }
-  write_file_atomically(path, doc.dump(1) + '\n');
+  return doc;
+}
+
+//! The text of a plan's file: expert_plan_to_json, one space of indent. @throws as expert_plan_to_json
+inline std::string expert_plan_text(const expert_plan_file& plan) { return expert_plan_to_json(plan).dump(1) + '\n'; }
+
+//! Writes a plan (its maps, and what else it knows) to a JSON file, atomically.
+//! @throws locus::io_error when the file cannot be written
+//! @throws locus::config_error as expert_plan_to_json
+inline void save_expert_plan(const std::string& path, const expert_plan_file& plan) {
+  write_file_atomically(path, expert_plan_text(plan));
 }
 
 //! Writes per-layer maps (and the model layer of each, when given) to a JSON file, atomically.

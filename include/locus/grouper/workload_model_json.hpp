@@ -160,9 +160,12 @@ inline nlohmann::json grouping_to_json(const workload_model& m) { return workloa
 //! Parses a document written by grouping_to_json. @throws locus::format_error naming what is wrong
 inline workload_model grouping_from_json(const nlohmann::json& doc) { return workload_model_io::from_json(doc); }
 
+//! The text of a model's file (grouping_to_json).
+inline std::string grouping_text(const workload_model& m) { return grouping_to_json(m).dump() + '\n'; }
+
 //! Writes the model to `path` atomically. @throws locus::io_error
 inline void save_grouping(const std::string& path, const workload_model& m) {
-  ::locus::write_file_atomically(path, grouping_to_json(m).dump() + '\n');
+  ::locus::write_file_atomically(path, grouping_text(m));
 }
 
 //! Reads a model saved by save_grouping. @throws locus::io_error, locus::format_error (with the file name)

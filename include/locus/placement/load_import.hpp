@@ -51,6 +51,12 @@ struct iteration_window {
 struct imported_load {
   std::vector<std::size_t> layer_ids;    //!< model layer of each row (0..L-1 when the file does not say)
   std::vector<std::vector<double>> load; //!< `[layers][experts]`
+  //! Whether the file names the layers (TensorRT-LLM statistics by their tensors' names, a routed-
+  //! experts array by its rows' places among every hidden layer's); else layer_ids is 0..L-1.
+  bool layers_named = false;
+  //! The model's hidden layers where the file says (a routed-experts array has a row per hidden
+  //! layer, dense ones included); 0 where it does not.
+  std::size_t hidden_layers = 0;
 };
 
 namespace detail::load_import {
@@ -362,6 +368,7 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
       out.layer_ids.push_back(layer);
       out.load.push_back(std::move(row));
     }
+    out.layers_named = true;
   } else {
     LOCUS_REQUIRE(iterations.all(), config_error, path,
                   ": an iteration window applies to TensorRT-LLM statistics folders, not to a .npy file");
@@ -405,6 +412,8 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
       LOCUS_REQUIRE(!moe.empty(), invalid_input_error, path, ": every layer routes every token to expert 0 ", k,
                     " times (dense layers' rows): no MoE layer in the array");
       out.load = std::move(moe);
+      out.layers_named = true;
+      out.hidden_layers = layers;
     }
     if (out.layer_ids.empty())
       for (std::size_t l = 0; l < out.load.size(); ++l)

@@ -167,6 +167,8 @@ inline token_sample with_prior(token_sample window, const token_sample& prior,
   // The prior's total load weight is the window's tokens × prior_requests / the window's requests.
   const double share = requests > 0 ? prior_requests / requests : 0.0;
   const auto w = static_cast<float>(share * static_cast<double>(window.tokens()) / static_cast<double>(prior.tokens()));
+  LOCUS_REQUIRE(std::isfinite(w), config_error, "with_prior: prior_requests ", prior_requests,
+                " gives each prior token a load weight beyond a float's range");
   window.mix_group.clear();
   window.request_class.clear(); // read by the replica fill's hedge only, which a re-plan does not run
   // Request ids go on (the significance rule sums a saving per request): the prior's, numbered

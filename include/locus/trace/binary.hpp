@@ -468,12 +468,14 @@ locus::trace::trace read(Source& src) {
       const std::size_t n = std::min(chunk, w.size() - i);
       const std::uint64_t at = in.offset();
       in.read(w.data() + i, n * 4, "a layer's weights");
-      if (!trace_builder::weights_finite(w.data() + i, n))
+      if (!trace_builder::weights_valid(w.data() + i, n))
         for (std::size_t j = 0; j < n; ++j)
-          if (!std::isfinite(w[i + j]))
+          if (!trace_builder::weight_valid(w[i + j]))
             format_fail(name, at + 4 * j,
                         locus::detail::concat("layer ", l, " token ", (i + j) / f.top_k, " choice ", (i + j) % f.top_k,
-                                              ": weight ", w[i + j], " is not finite"));
+                                              ": weight ", w[i + j],
+                                              std::isfinite(w[i + j]) ? " is negative (a routing weight is >= 0)"
+                                                                      : " is not finite"));
     }
     in.pad("a layer's weights");
   }
@@ -562,31 +564,36 @@ struct vector_sink {
   void write_header(const void* p, std::size_t n) { std::memcpy(bytes.data(), p, n); }
 };
 
-//! Writes through locus::atomic_file: the header is filled in last, then the file is renamed
-//! into place, so a failed write never leaves a partial trace where a good one was.
+//! Writes into a locus::atomic_file: the header is filled in last; the caller commits.
 class file_sink {
 public:
-  explicit file_sink(const std::string& path) : f_(path) {
+  explicit file_sink(atomic_file& f) : f_(f) {
     static constexpr unsigned char zero[binary_header_bytes] = {};
     f_.write(zero, sizeof zero);
   }
   void write(const void* p, std::size_t n) { f_.write(p, n); }
-  void write_header(const void* p, std::size_t n) {
-    f_.write_at(0, p, n);
-    f_.commit();
-  }
+  void write_header(const void* p, std::size_t n) { f_.write_at(0, p, n); }
 
 private:
-  atomic_file f_;
+  atomic_file& f_;
 };
 
 } // namespace detail::trace
 
-//! Writes `t` to `path` in the binary format, atomically (a temporary file renamed into place).
+//! Writes `t` in the binary format into `f`, which the caller then commits (a command with several
+//! outputs commits them together). @throws locus::io_error when the file cannot be written
+inline void write_trace(const trace& t, atomic_file& f) {
+  detail::trace::file_sink sink(f);
+  detail::trace::write(t, sink);
+}
+
+//! Writes `t` to `path` in the binary format, atomically (a temporary file renamed into place, so
+//! a failed write never leaves a partial trace where a good one was).
 //! @throws locus::io_error when the file cannot be written (the old file, if any, is kept)
 inline void write_trace(const trace& t, const std::string& path) {
-  detail::trace::file_sink sink(path);
-  detail::trace::write(t, sink);
+  atomic_file f(path);
+  write_trace(t, f);
+  f.commit();
 }
 
 //! The binary encoding of `t` in memory.

@@ -145,6 +145,8 @@ inline esft_layer parse_esft_lines(std::string_view text, const std::string& fil
       if (r.ec != std::errc{} || r.ptr == p)
         esft_fail(file, line, col(p), "expected a weight (a decimal number), got " + esft_excerpt(p, line_end));
       if (!std::isfinite(w)) esft_fail(file, line, col(p), "weight is not finite");
+      if (w < 0)
+        esft_fail(file, line, col(p), "weight " + esft_excerpt(p, r.ptr) + " is negative (a routing weight is >= 0)");
       out.weights.push_back(w);
       p = r.ptr;
       if (p == line_end) break;

@@ -231,13 +231,18 @@ public:
     }
     return true;
   }
-  bool number_float(number_float_t v, const string_t&) {
+  bool number_float(number_float_t v, const string_t& text) {
     if (depth_ == 2 && field_ == field::weights) {
       push(f_.weights, v);
       return true;
     }
-    // nlohmann-json reads an integer beyond 2^64-1 as a float: call it what it is.
-    return scalar_number(std::floor(v) == v ? "an integer beyond 2^64-1" : "a fractional number");
+    // nlohmann-json reads an integer beyond 2^64-1 as a float: call it what it is. Written with a
+    // point or an exponent (3.0, 1e3), it is a float whatever its value.
+    const bool written_whole = text.find_first_of(".eE") == string_t::npos;
+    return scalar_number(written_whole ? "an integer beyond 2^64-1"
+                         : std::floor(v) == v
+                             ? "a number written with a point or an exponent (write it as a whole number)"
+                             : "a fractional number");
   }
   bool string(string_t& s) {
     if (depth_ == 0) return wrong_type_top("a string");
@@ -553,7 +558,7 @@ private:
       double v = 0;
       const auto r = std::from_chars(begin, p_, v);
       if (r.ec != std::errc() || r.ptr != p_ || !std::isfinite(v)) return false;
-      return sax_.number_float(v, no_text_);
+      return sax_.number_float(v, float_text_);
     }
     if (negative) {
       std::int64_t v = 0;
@@ -576,7 +581,11 @@ private:
   const char* p_;
   const char* end_;
   Sax& sax_;
-  std::string key_, str_, no_text_;
+  std::string key_, str_;
+  // The number's text for number_float, which reads only whether it has a point or an exponent:
+  // here it always has one (an integer out of range falls back to nlohmann-json, which passes
+  // the real text).
+  const std::string float_text_ = ".";
 };
 
 //! Accumulates records, then assembles the trace.
@@ -801,6 +810,9 @@ private:
       if (!std::isfinite(w))
         return bad(line_no,
                    locus::detail::concat("topk_weights[", j, "] = ", f_.weights[j], " is not finite (as a float)"));
+      if (w < 0)
+        return bad(line_no, locus::detail::concat("topk_weights[", j, "] = ", f_.weights[j],
+                                                  " is negative (a routing weight is >= 0)"));
     }
     if (f_.token_idx > 0xfffffffeull)
       return bad(line_no, locus::detail::concat("token_idx ", f_.token_idx, " exceeds 2^32-2"));

@@ -433,12 +433,13 @@ public:
     for (std::size_t l = 0; l < t_.layers_; ++l) {
       const auto& ids = t_.ids_[l];
       const auto& w = t_.weights_[l];
-      if (!ids_in_range(ids.data(), ids.size(), t_.experts_) || !weights_finite(w.data(), w.size())) {
+      if (!ids_in_range(ids.data(), ids.size(), t_.experts_) || !weights_valid(w.data(), w.size())) {
         for (std::size_t i = 0; i < ids.size(); ++i) {
           LOCUS_REQUIRE(ids[i] < t_.experts_, invalid_input_error, "trace: layer ", l, " token ", i / k, " choice ",
                         i % k, ": expert id ", ids[i], " is out of range [0, ", t_.experts_, ")");
-          LOCUS_REQUIRE(std::isfinite(w[i]), invalid_input_error, "trace: layer ", l, " token ", i / k, " choice ",
-                        i % k, " (expert ", ids[i], "): weight ", w[i], " is not finite");
+          LOCUS_REQUIRE(weight_valid(w[i]), invalid_input_error, "trace: layer ", l, " token ", i / k, " choice ",
+                        i % k, " (expert ", ids[i], "): weight ", w[i],
+                        std::isfinite(w[i]) ? " is negative (a routing weight is >= 0)" : " is not finite");
         }
       }
       const std::size_t t = first_repeated_choice(ids.data(), ids.size() / k, k);
@@ -463,23 +464,19 @@ public:
       mx = std::max(mx, ids[i]);
     return n == 0 || mx < experts;
   }
-  //! True when no weight is NaN or infinite (exponent bits all ones), branch-free.
-  static bool weights_finite(const float* w, std::size_t n) noexcept {
-    // Two floats per 64-bit word: a lane's exponent is all ones exactly when adding one to it
-    // carries into the lane's sign bit; the carry never crosses into the other lane. Plain
-    // integer ops that the compiler vectorises at -O2, several times faster than a per-float test.
-    constexpr std::uint64_t exponent = 0x7f8000007f800000ull, one = 0x0080000000800000ull, sign = 0x8000000080000000ull;
-    std::uint64_t bad = 0;
-    std::size_t i = 0;
-    for (; i + 2 <= n; i += 2) {
-      std::uint64_t u;
-      std::memcpy(&u, w + i, sizeof u);
-      bad |= ((u & exponent) + one) & sign;
-    }
-    if (i < n) {
+  //! Whether `w` is a routing weight: finite and not below zero (-0 is zero).
+  static bool weight_valid(float w) noexcept { return std::isfinite(w) && !(w < 0); }
+
+  //! True when every weight is weight_valid, branch-free: as bits, a finite weight >= +0 is below
+  //! 0x7f800000 (the exponent all ones: infinity, NaN) and -0 is 0x80000000; everything else (a
+  //! negative number, -infinity, a NaN with the sign set) is neither. One compare per lane that
+  //! the compiler vectorises at -O2, several times faster than a per-float test.
+  static bool weights_valid(const float* w, std::size_t n) noexcept {
+    std::uint32_t bad = 0;
+    for (std::size_t i = 0; i < n; ++i) {
       std::uint32_t u;
       std::memcpy(&u, w + i, sizeof u);
-      bad |= ((u & 0x7f800000u) + 0x00800000u) & 0x80000000u;
+      bad |= static_cast<std::uint32_t>(u >= 0x7f800000u) & static_cast<std::uint32_t>(u != 0x80000000u);
     }
     return bad == 0;
   }
