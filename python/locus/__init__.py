@@ -242,7 +242,9 @@ def load_routed_experts(
     layer count as the model's."""
     try:
         data = np.load(path, allow_pickle=False)
-    except ValueError as e:  # NumPy's words for a file that is no .npy or .npz (OSError passes)
+    except OSError as e:
+        raise LocusIOError(f"locus: I/O error: {os.fspath(path)}: {e.strerror or e}") from None
+    except ValueError as e:  # NumPy's words for a file that is no .npy or .npz
         raise FormatError(f"locus: format error: {os.fspath(path)}: not a .npy or .npz array file ({e})") from None
     if isinstance(data, np.ndarray):
         ids, kept, hidden = _moe_layers(data, layer_ids, os.fspath(path))
@@ -391,6 +393,10 @@ class ExpertPlan:
                                   f"{load.experts} experts; the plan has {self.layers} layers of {self.experts}")
             load = expert_load(load)
         w = np.zeros((0, 0)) if load is None else _array(load, np.float64, 2, "load")
+        if load is not None and w.shape != (self.layers, self.experts):
+            # (0, 0) is the core's "no load": an empty table passed for the plan's went through as none.
+            raise ConfigError(f"locus: configuration error: load has shape {w.shape}; the plan has {self.layers} "
+                              f"layers of {self.experts} experts")
         maps = _core._fill_empty_slots(self._maps(), self.experts, w, self.gpus_per_node)
         out = ExpertPlan(maps, self.experts, self.nodes, self.gpus_per_node, self.model, self.layer_ids,
                          self.hidden_layers)

@@ -85,6 +85,9 @@ def _trace_from_arrays(
     layer_ids: List[int],
     hidden_layers: int,
 ) -> Trace: ...
+def _import_trtllm_statistics(
+    path: _Path, iter_start: Optional[int] = None, iter_stop: Optional[int] = None
+) -> Tuple[List[int], npt.NDArray[np.float64]]: ...
 def read_trace(path: _Path) -> Trace: ...
 def write_trace(trace: Trace, path: _Path) -> None: ...
 def import_esft(path: _Path) -> Trace: ...
@@ -111,7 +114,12 @@ def _plan_from_trace(
     seed: int,
     prefill_tokens: int,
     hedge_replicas: Optional[int],
-) -> Tuple[npt.NDArray[np.int32], WorkloadModel, int]: ...
+    copies: str,
+    anneal: int,
+    fill_slack: float,
+    hedge_class_spread: float,
+    hedge_cost_budget: Optional[float],
+) -> Tuple[npt.NDArray[np.int32], Optional[WorkloadModel], int]: ...
 def _simulate(
     test: Trace,
     maps: npt.NDArray[np.int32],

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
-from . import FormatError, InvalidInputError, _checked, _core, _index
+from . import FormatError, InvalidInputError, LocusIOError, _checked, _core, _index
 
 
 @_checked
-def load_trtllm_statistics(path: str, iter_start: int = None, iter_stop: int = None) -> Tuple[List[int], np.ndarray]:
+def load_trtllm_statistics(
+    path: str, iter_start: Optional[int] = None, iter_stop: Optional[int] = None
+) -> Tuple[List[int], np.ndarray]:
     """TensorRT-LLM expert statistics: ``(model layer ids, load [layers, experts])`` summed over
     ranks and iterations ``[iter_start, iter_stop)`` (default: all), read by the library's reader
     (the one ``locus plan --load`` uses): every tensor is checked, whatever its iteration."""
@@ -35,7 +37,7 @@ def load_trtllm_statistics(path: str, iter_start: int = None, iter_stop: int = N
 
 
 @_checked
-def load_sglang_logical_count(dump: Any, moe_layers: List[int] = None) -> Tuple[List[int], np.ndarray]:
+def load_sglang_logical_count(dump: Any, moe_layers: Optional[List[int]] = None) -> Tuple[List[int], np.ndarray]:
     """SGLang's ``logical_count`` (a dump dict, a ``.pt``/``.json`` path, or the array itself):
     ``(model layer ids, load [layers, experts])`` summed over steps. Hidden layers without any
     routed token (dense layers) are dropped unless ``moe_layers`` names the layers to keep."""
@@ -45,6 +47,8 @@ def load_sglang_logical_count(dump: Any, moe_layers: List[int] = None) -> Tuple[
             try:
                 with open(path) as f:
                     dump = json.load(f)
+            except OSError as e:
+                raise LocusIOError(f"locus: I/O error: {path}: {e.strerror or e}") from None
             except (ValueError, RecursionError) as e:
                 raise FormatError(f"locus: format error: {path}: not JSON ({e})") from None
         elif path.endswith((".pt", ".pth")):
@@ -53,20 +57,30 @@ def load_sglang_logical_count(dump: Any, moe_layers: List[int] = None) -> Tuple[
             except ImportError:
                 raise InvalidInputError(f"locus: invalid input: {path}: reading a .pt dump needs PyTorch; without it, "
                                         "pass the logical_count array or a .json dump") from None
-            dump = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                dump = torch.load(path, map_location="cpu", weights_only=True)
+            except OSError as e:
+                raise LocusIOError(f"locus: I/O error: {path}: {e.strerror or e}") from None
         else:  # any other path was read as a torch pickle: a .npy asked for torch
             raise InvalidInputError(f"locus: invalid input: {path}: expected a .pt or .json dump of SGLang's "
                                     "expert distribution recorder")
     if isinstance(dump, dict):
         if "logical_count" not in dump:
-            raise InvalidInputError(f"locus: invalid input: the dump has no logical_count (keys: {sorted(dump)})")
+            keys = sorted(map(repr, dump))  # keys of any type: sorted() of mixed ones raised TypeError
+            raise InvalidInputError(f"locus: invalid input: the dump has no logical_count (keys: {', '.join(keys)})")
         dump = dump["logical_count"]
     if type(dump).__module__.startswith("torch"):
         dump = dump.detach().cpu().numpy()
+    # Counts are integers or reals: a complex array lost its imaginary part with a warning, and
+    # strings ("2") or booleans were read as numbers.
     try:
-        count = np.asarray(dump, np.float64)
+        raw = np.asarray(dump)
     except (TypeError, ValueError) as e:
         raise InvalidInputError(f"locus: invalid input: logical_count is not an array of numbers ({e})") from None
+    if raw.dtype.kind not in "iuf":
+        raise InvalidInputError(f"locus: invalid input: logical_count holds {raw.dtype} values, not counts "
+                                "(integers or reals)")
+    count = raw.astype(np.float64)
     if count.ndim == 3:
         count = count.sum(axis=0)
     if count.ndim != 2:
@@ -84,4 +98,8 @@ def load_sglang_logical_count(dump: Any, moe_layers: List[int] = None) -> Tuple[
                                     "hidden layers of logical_count")
         if any(b <= a for a, b in zip(layers, layers[1:])):  # refused only later, at export
             raise InvalidInputError(f"locus: invalid input: moe_layers {layers} must ascend without repeats")
+    if not layers:
+        raise InvalidInputError(f"locus: invalid input: no layer of logical_count ({count.shape[0]} layers × "
+                                f"{count.shape[1]} experts) has a routed token" if moe_layers is None
+                                else "locus: invalid input: moe_layers is empty")
     return layers, count[layers]

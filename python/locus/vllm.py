@@ -20,7 +20,7 @@ from typing import Any, Tuple, Union
 
 import numpy as np
 
-from . import FormatError, InvalidInputError, _core, rebalance_experts
+from . import FormatError, InvalidInputError, LocusIOError, _core, rebalance_experts
 
 try:  # vLLM's abstract base, when vLLM is installed
     from vllm.distributed.eplb.policy.abstract import AbstractEplbPolicy as _Base
@@ -63,11 +63,29 @@ def _from_torch(weight: Any) -> np.ndarray:
     return np.asarray(weight, np.float32)
 
 
+def _integers(value: Any, ndim: int) -> bool:
+    """Whether `value` (parsed JSON) is a rectangular `ndim`-dimensional list of integers: JSON
+    integers only (NumPy would truncate 0.5, read "0" and take true as 1)."""
+    if ndim == 0:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, list) and all(_integers(v, ndim - 1) for v in value)
+
+
 def read_vllm_arrays(path: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The three arrays of a ``locus map export --to vllm`` file, as int64 NumPy arrays."""
+    """The three arrays of a ``locus map export --to vllm`` file, as int64 NumPy arrays, checked to
+    describe one placement: every slot holds an expert, each expert's replica count and slot list
+    agree with the slots (vLLM pads the list with -1)."""
+    return _read_vllm(path)[:3]
+
+
+def _read_vllm(path: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Union[int, None]]:
+    """read_vllm_arrays' arrays and the ranks the plan was made for (``num_ranks``; None in files
+    written before the export recorded it)."""
     try:
         with open(path) as f:
             doc = json.load(f)
+    except OSError as e:
+        raise LocusIOError(f"locus: I/O error: {path}: {e.strerror or e}") from None
     except (ValueError, RecursionError) as e:
         raise FormatError(f"locus: format error: {path}: not JSON ({e})") from None
     keys = ("physical_to_logical_map", "logical_to_physical_map", "logical_replica_count")
@@ -76,23 +94,44 @@ def read_vllm_arrays(path: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise InvalidInputError(f"locus: invalid input: {path} has no {missing[0]!r} array (not a vLLM export)")
     arrays = []
     for k, ndim in zip(keys, (2, 3, 2)):
-        try:
-            a = np.asarray(doc[k], np.int64)
-        except (TypeError, ValueError, OverflowError):
-            a = None
+        a = None
+        if _integers(doc[k], ndim):
+            try:
+                a = np.asarray(doc[k], np.int64)
+            except (TypeError, ValueError, OverflowError):
+                a = None
         if a is None or a.ndim != ndim:
             raise FormatError(f"locus: format error: {path}: {k} is not a {ndim}-dimensional array of integers")
         arrays.append(a)
     phy2log, log2phy, count = arrays
-    layers = count.shape[0]
-    if phy2log.shape[0] != layers or log2phy.shape[:2] != count.shape:
+    layers, experts = count.shape
+    if phy2log.shape[0] != layers or log2phy.shape[:2] != count.shape or experts == 0 or phy2log.shape[1] == 0:
         raise FormatError(f"locus: format error: {path}: the three arrays disagree on layers and experts")
-    return phy2log, log2phy, count
+    slots = phy2log.shape[1]
+    bad = np.argwhere((phy2log < 0) | (phy2log >= experts))
+    if bad.size:
+        l, p = bad[0]
+        raise FormatError(f"locus: format error: {path}: layer {l} slot {p} holds expert {phy2log[l, p]}, "
+                          f"not one of the {experts} experts")
+    for l in range(layers):
+        held = np.bincount(phy2log[l], minlength=experts)
+        for e in range(experts):
+            want = np.flatnonzero(phy2log[l] == e)
+            row = log2phy[l, e]
+            n = int(count[l, e])
+            if n != held[e] or n > row.shape[0] or sorted(row[:n].tolist()) != want.tolist() or (row[n:] != -1).any():
+                raise FormatError(f"locus: format error: {path}: layer {l} expert {e}: logical_replica_count "
+                                  f"{n} and logical_to_physical_map {row.tolist()} disagree with the {held[e]} "
+                                  f"slot(s) {want.tolist()} of physical_to_logical_map")
+    ranks = doc.get("num_ranks")
+    if ranks is not None and (not _integers(ranks, 0) or ranks <= 0 or slots % ranks):
+        raise FormatError(f"locus: format error: {path}: num_ranks {ranks!r} does not divide its {slots} slots")
+    return phy2log, log2phy, count, ranks
 
 
 def plan_policy(path: str) -> type:
     """A vLLM EPLB policy class that returns the plan in `path` for every rebalance."""
-    phy2log, log2phy, count = read_vllm_arrays(path)
+    phy2log, log2phy, count, plan_ranks = _read_vllm(path)
 
     class LocusPlanPolicy(_Base):  # type: ignore[misc, valid-type]
         @classmethod
@@ -106,11 +145,18 @@ def plan_policy(path: str) -> type:
             old_global_expert_indices: Any = None,
         ):
             shape = tuple(np.shape(weight))
-            if shape != count.shape or num_replicas != phy2log.shape[1] or num_ranks <= 0 or num_replicas % num_ranks:
+            if (
+                shape != count.shape
+                or num_replicas != phy2log.shape[1]
+                or num_ranks <= 0
+                or num_replicas % num_ranks
+                or (plan_ranks is not None and num_ranks != plan_ranks)
+            ):
                 layers, experts = (shape + (0, 0))[:2]
+                on = f" on {plan_ranks} ranks" if plan_ranks is not None else ""
                 raise InvalidInputError(
                     f"locus: invalid input: the plan in {path} is {count.shape[0]} layers × {count.shape[1]} experts "
-                    f"in {phy2log.shape[1]} slots; vLLM asks for {layers} × {experts} in {num_replicas} slots on "
+                    f"in {phy2log.shape[1]} slots{on}; vLLM asks for {layers} × {experts} in {num_replicas} slots on "
                     f"{num_ranks} ranks"
                 )
             return _answer((phy2log, log2phy, count), weight)

@@ -1,6 +1,7 @@
 // locus._core: the C++ core for Python. Thin: array shapes and dtypes are normalised by the
 // Python layer (python/locus/__init__.py); everything here checks sizes again, because a wrong
 // size must raise, never read out of bounds.
+#include <cerrno>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -103,6 +104,23 @@ std::string path_arg(nb::handle p) {
         locus::detail::concat("the path \"", out.substr(0, out.find('\0')), "\\0...\" contains a NUL character"),
         nullptr, 0);
   return out;
+}
+
+// File I/O runs without the GIL, so that a slow disk or a FIFO that waits for its reader does not
+// stop the interpreter's other threads; a signal that interrupts it (Ctrl-C) is raised as Python's
+// own exception (KeyboardInterrupt), and any other the call is retried after. `f` must touch no
+// Python object: its arguments are converted before.
+template <class F>
+auto without_gil(F&& f) {
+  for (;;) {
+    try {
+      nb::gil_scoped_release released;
+      return f();
+    } catch (const locus::io_error& e) {
+      if (e.code() != EINTR) throw;
+      if (PyErr_CheckSignals() != 0) throw nb::python_error();
+    }
+  }
 }
 
 // Pickling: a Trace travels as its binary encoding (docs/trace-format.md) and a WorkloadModel as
@@ -366,15 +384,29 @@ NB_MODULE(_core, m) {
         return locus::detail::concat("Trace(requests=", t.requests(), ", tokens=", t.tokens(), ", layers=", t.layers(),
                                      ", experts=", t.experts(), ", top_k=", t.top_k(), ")");
       });
-  m.def("_trace_from_arrays", &trace_from_arrays);
+  m.def("_trace_from_arrays", &trace_from_arrays, "ids"_a, "experts"_a, "weights"_a, "requests"_a, "phases"_a,
+        "domains"_a, "domain_names"_a, "layer_ids"_a, "hidden_layers"_a);
   m.def(
-      "read_trace", [](nb::handle path) { return locus::trace::read_trace(path_arg(path)); }, "path"_a);
-  m.def(
-      "write_trace",
-      [](const locus::trace::trace& t, nb::handle path) { locus::trace::write_trace(t, path_arg(path)); }, "trace"_a,
+      "read_trace",
+      [](nb::handle path) {
+        const std::string p = path_arg(path);
+        return without_gil([&] { return locus::trace::read_trace(p); });
+      },
       "path"_a);
   m.def(
-      "import_esft", [](nb::handle path) { return locus::trace::import_esft(path_arg(path)); }, "path"_a);
+      "write_trace",
+      [](const locus::trace::trace& t, nb::handle path) {
+        const std::string p = path_arg(path);
+        without_gil([&] { locus::trace::write_trace(t, p); });
+      },
+      "trace"_a, "path"_a);
+  m.def(
+      "import_esft",
+      [](nb::handle path) {
+        const std::string p = path_arg(path);
+        return without_gil([&] { return locus::trace::import_esft(p); });
+      },
+      "path"_a);
   m.def(
       "split_by_request",
       [](const locus::trace::trace& t, double test_fraction, nb::handle seed) {
@@ -383,8 +415,11 @@ NB_MODULE(_core, m) {
       "trace"_a, "test_fraction"_a, "seed"_a);
   m.def(
       "_write_text",
-      [](nb::handle path, const std::string& text) { locus::write_file_atomically(path_arg(path), text); }, "path"_a,
-      "text"_a);
+      [](nb::handle path, const std::string& text) {
+        const std::string p = path_arg(path);
+        without_gil([&] { locus::write_file_atomically(p, text); });
+      },
+      "path"_a, "text"_a);
 
   m.def(
       "expert_load",
@@ -405,7 +440,8 @@ NB_MODULE(_core, m) {
         if (!iter_stop.is_none()) w.end = count_arg(iter_stop, "iter_stop");
         LOCUS_REQUIRE(iter_start.is_none() || iter_stop.is_none() || w.begin < w.end, locus::config_error,
                       "iter_start ", w.begin, " is not below iter_stop ", w.end);
-        auto got = locus::placement::import_load(path_arg(path), 0, w);
+        const std::string p = path_arg(path);
+        auto got = without_gil([&] { return locus::placement::import_load(p, 0, w); });
         const std::size_t experts = got.load.front().size(); // import_load refuses a folder without loads
         std::vector<double> flat;
         for (const auto& row : got.load)
@@ -462,7 +498,8 @@ NB_MODULE(_core, m) {
       .def(
           "save",
           [](const locus::grouper::workload_model& g, nb::handle path) {
-            locus::grouper::save_grouping(path_arg(path), g);
+            const std::string p = path_arg(path);
+            without_gil([&] { locus::grouper::save_grouping(p, g); });
           },
           "path"_a)
       .def(
@@ -483,7 +520,9 @@ NB_MODULE(_core, m) {
   m.def(
       "load_grouping",
       [](nb::handle path) {
-        return std::make_shared<locus::grouper::workload_model>(locus::grouper::load_grouping(path_arg(path)));
+        const std::string p = path_arg(path);
+        return std::make_shared<locus::grouper::workload_model>(
+            without_gil([&] { return locus::grouper::load_grouping(p); }));
       },
       "path"_a);
   m.def(
@@ -626,7 +665,8 @@ NB_MODULE(_core, m) {
   m.def(
       "_load_expert_maps",
       [](nb::handle path) {
-        const auto plan = locus::load_expert_plan(path_arg(path));
+        const std::string p = path_arg(path);
+        const auto plan = without_gil([&] { return locus::load_expert_plan(p); });
         return nb::make_tuple(maps_to(plan.maps), plan.maps.front().experts(), plan.model_layers, plan.hidden_layers,
                               plan.gpus_per_node);
       },
@@ -635,9 +675,11 @@ NB_MODULE(_core, m) {
       "_save_expert_maps",
       [](nb::handle path, maps_in maps, nb::handle experts, nb::handle layer_ids, nb::handle hidden_layers,
          nb::handle gpus_per_node) {
-        locus::save_expert_plan(path_arg(path),
-                                {maps_from(maps, size_arg(experts, "experts")), counts_arg(layer_ids, "layer_ids"),
-                                 size_arg(hidden_layers, "hidden_layers"), size_arg(gpus_per_node, "gpus_per_node")});
+        const std::string p = path_arg(path);
+        const std::string text = locus::expert_plan_text(
+            {maps_from(maps, size_arg(experts, "experts")), counts_arg(layer_ids, "layer_ids"),
+             size_arg(hidden_layers, "hidden_layers"), size_arg(gpus_per_node, "gpus_per_node")});
+        without_gil([&] { locus::write_file_atomically(p, text); });
       },
       "path"_a, "maps"_a, "experts"_a, "layer_ids"_a, "hidden_layers"_a, "gpus_per_node"_a);
 }

@@ -266,6 +266,9 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
     load = locus.expert_load(train)
     full = plan.filled(load).maps
     assert (full != -1).all()
+    for bad in (np.zeros((0, plan.experts)), np.zeros((0, 0)), load[:1]):  # (0, 0) is the core's "no load"
+        with pytest.raises(locus.ConfigError, match="the plan has 3 layers of 16 experts"):
+            plan.filled(bad)
     assert np.array_equal(full[plan.maps != -1], plan.maps[plan.maps != -1])  # planned slots kept
     # SGLang: one row per hidden layer (here: 1 dense, 3 MoE, 1 dense), dense rows p mod E.
     locus.export(plan, "sglang", str(tmp_path / "s.json"), first_moe_layer=1, num_hidden_layers=5, load=load)
@@ -790,6 +793,31 @@ def test_routed_experts_and_vllm_files_refuse_malformed_input(tmp_path):
     locus.export(plan, "vllm", tmp_path / "v.json")
     with pytest.raises(locus.InvalidInputError, match="on 0 ranks"):
         plan_policy(str(tmp_path / "v.json")).rebalance_experts(np.zeros((2, 8)), 8, 1, 1, 0)
+    # The plan was made for 4 GPUs: vLLM asking for 2 (which also divide its 8 slots) is refused.
+    with pytest.raises(locus.InvalidInputError, match="8 slots on 4 ranks; vLLM asks for 2 × 8 in 8 slots on 2 ranks"):
+        plan_policy(str(tmp_path / "v.json")).rebalance_experts(np.zeros((2, 8)), 8, 1, 1, 2)
+    # Values NumPy would take (a truncated float, a boolean, a numeric string), ids out of range,
+    # arrays that disagree and a rank count that does not divide the slots are refused.
+    good = json.loads((tmp_path / "v.json").read_text())
+    assert good["num_ranks"] == 4
+    for change, needle in (
+        (lambda d: d["physical_to_logical_map"][0].__setitem__(0, 0.5), "not a 2-dimensional array of integers"),
+        (lambda d: d["physical_to_logical_map"][0].__setitem__(0, True), "not a 2-dimensional array of integers"),
+        (lambda d: d["logical_replica_count"][1].__setitem__(0, "1"), "not a 2-dimensional array of integers"),
+        (lambda d: d["physical_to_logical_map"][1].__setitem__(3, 8), "layer 1 slot 3 holds expert 8"),
+        (lambda d: d["physical_to_logical_map"][0].__setitem__(0, -3), "layer 0 slot 0 holds expert -3"),
+        (lambda d: d["physical_to_logical_map"][0].__setitem__(1, d["physical_to_logical_map"][0][0]),
+         "disagree with the"),
+        (lambda d: d["logical_replica_count"][0].__setitem__(0, 2), "disagree with the"),
+        (lambda d: d.__setitem__("num_ranks", 3), "num_ranks 3 does not divide its 8 slots"),
+    ):
+        doc = json.loads(json.dumps(good))
+        change(doc)
+        (tmp_path / "bad.json").write_text(json.dumps(doc))
+        with pytest.raises(locus.FormatError, match=needle):
+            read_vllm_arrays(str(tmp_path / "bad.json"))
+    with pytest.raises(locus.LocusIOError, match="No such file"):
+        read_vllm_arrays(str(tmp_path / "none.json"))
 
 
 def trace_summary(t):
@@ -1040,3 +1068,20 @@ def test_replan_refuses_bad_arguments():
     no_decode = locus.trace_from_arrays(np.zeros((4, 3, 2), np.int32) + [0, 1], 16, phases=["prefill"] * 4)
     with pytest.raises(locus.ConfigError, match="the window has no decode tokens"):
         locus.replan(plan, no_decode)
+
+
+def test_file_io_runs_without_the_gil(tmp_path):
+    """A write that waits (a FIFO with no reader yet) leaves the interpreter's other threads
+    running: here the main thread, which then opens the FIFO and reads what the writer sends. With
+    the GIL held through the wait, the child process would hang until its timeout."""
+    script = (
+        "import os, sys, threading, time, locus\n"
+        "fifo = os.path.join(sys.argv[1], 'f'); os.mkfifo(fifo)\n"
+        "t = threading.Thread(target=locus._core._write_text, args=(fifo, 'hello'))\n"
+        "t.start(); time.sleep(0.2)\n"
+        "with open(fifo) as f: print(f.read())\n"
+        "t.join()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "hello"

@@ -48,6 +48,7 @@ BOOST_AUTO_TEST_CASE(sglang_has_a_row_per_hidden_layer_and_trtllm_keys_model_lay
                                           "  1: [2, 1, 0, 2]\n  2: [1, 0, 2, 1]\n");
   const auto v = vllm_json(maps);
   BOOST_TEST(v.at("logical_replica_count").dump() == "[[1,1,2],[1,2,1]]");
+  BOOST_TEST(v.at("num_ranks").get<std::size_t>() == 2u);
   BOOST_CHECK_THROW(model_layers::contiguous(2, 3, 4), config_error); // layers 3, 4 of 4
   BOOST_CHECK_THROW(sglang_json(maps, model_layers::contiguous(1, 0)), config_error);
   BOOST_CHECK_THROW(parse_engine_format("onnx"), config_error);

@@ -110,6 +110,22 @@ BOOST_AUTO_TEST_CASE(trtllm_statistics_sum_ranks_and_iterations) {
   BOOST_CHECK_THROW(import_load(d.path.string(), 4), invalid_input_error); // meta_info.json says 3
   write(d.path / "rank2.safetensors", safetensors({{"100_3", {1, 2}}}));
   BOOST_CHECK_THROW(import_load(d.path.string()), format_error); // 2 values for 3 experts
+  // A rank without one of the layers the others record: its sum would be partial.
+  write(d.path / "rank2.safetensors", safetensors({{"100_3", {1, 2, 3}}}));
+  BOOST_CHECK_EXCEPTION(import_load(d.path.string()), invalid_input_error, [](const auto& e) {
+    return std::string(e.what()).find("rank2.safetensors has no statistics of layer 5, which") != std::string::npos;
+  });
+  write(d.path / "rank2.safetensors", safetensors({{"100_3", {1, 2, 3}}, {"100_5", {1, 2, 3}}, {"100_7", {1, 2, 3}}}));
+  BOOST_CHECK_EXCEPTION(import_load(d.path.string()), invalid_input_error, [](const auto& e) {
+    return std::string(e.what()).find("has no statistics of layer 7, which") != std::string::npos;
+  });
+  // A window that holds none of layer 5's tensors would drop the layer.
+  std::filesystem::remove(d.path / "rank1.safetensors");
+  std::filesystem::remove(d.path / "rank2.safetensors");
+  BOOST_TEST(import_load(d.path.string(), 0, {100, 101}).layer_ids == (std::vector<std::size_t>{3, 5}));
+  BOOST_CHECK_EXCEPTION(import_load(d.path.string(), 0, {101, 102}), invalid_input_error, [](const auto& e) {
+    return std::string(e.what()).find("layer 5 has no statistics of iterations 101 to 101") != std::string::npos;
+  });
 }
 
 // A window sums the iterations in it and still checks the others; a window with nothing in it,

@@ -231,13 +231,15 @@ inline nlohmann::json eplb_json(const eplb_result& r) {
           {"logcnt", detail::engine::rows(r.logical_count, r.experts)}};
 }
 
-//! vLLM's EPLB arrays, one row per MoE layer, as JSON with vLLM's names.
+//! vLLM's EPLB arrays, one row per MoE layer, as JSON with vLLM's names, and the GPUs (ranks) the
+//! slots are spread over (vLLM gives each rank an equal run of slots; locus.vllm checks the count).
 inline nlohmann::json vllm_json(const std::vector<expert_map>& maps) {
   const auto r = to_eplb_arrays(maps);
   auto doc = eplb_json(r);
   return {{"physical_to_logical_map", std::move(doc["phy2log"])},
           {"logical_to_physical_map", std::move(doc["log2phy"])},
-          {"logical_replica_count", std::move(doc["logcnt"])}};
+          {"logical_replica_count", std::move(doc["logcnt"])},
+          {"num_ranks", maps.front().ranks()}};
 }
 
 //! SGLang's `--init-expert-location` document: one physical_to_logical_map row per hidden layer;

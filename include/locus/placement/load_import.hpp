@@ -340,8 +340,13 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
     LOCUS_REQUIRE(!ec, io_error, path, ": cannot list the folder: ", ec.message());
     std::sort(files.begin(), files.end());
     std::map<std::size_t, std::vector<double>> rows;
+    // The layers each file records (any iteration): every rank records every MoE layer, so a file
+    // that lacks one another has is damaged or from another run, and its sum would be partial.
+    std::set<std::uint64_t> first_layers;
+    std::string first_file;
     for (const auto& file : files) {
       const std::string where = file.string();
+      std::set<std::uint64_t> layers_here;
       // One tensor per iteration and layer in a file: "1_3" and "01_3" would count it twice.
       std::map<std::pair<std::uint64_t, std::uint64_t>, std::string> seen;
       for (const auto& [key, a] : detail::load_import::read_safetensors(where)) {
@@ -354,16 +359,37 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
         ::locus::detail::format_require(a.shape.size() == 1 && a.shape[0] == experts, where, ": ", key, " holds ",
                                         a.values.size(), " values in ", a.shape.size(),
                                         " dimensions, not a list of one count per each of ", experts, " experts");
+        layers_here.insert(id->second);
         if (!iterations.all() && (id->first < iterations.begin || id->first >= iterations.end))
           continue; // checked, not summed
         auto& row = rows.try_emplace(static_cast<std::size_t>(id->second), experts, 0.0).first->second;
         for (std::size_t e = 0; e < experts; ++e)
           row[e] += a.values[e];
       }
+      if (first_file.empty()) {
+        first_file = where;
+        first_layers = std::move(layers_here);
+        continue;
+      }
+      const auto missing = [](const std::set<std::uint64_t>& a, const std::set<std::uint64_t>& b) {
+        for (const auto l : a)
+          if (!b.contains(l)) return static_cast<std::int64_t>(l);
+        return std::int64_t{-1};
+      };
+      if (const auto l = missing(first_layers, layers_here); l >= 0)
+        LOCUS_THROW(invalid_input_error, where, " has no statistics of layer ", l, ", which ", first_file,
+                    " has: the ranks' files are from different runs or damaged");
+      if (const auto l = missing(layers_here, first_layers); l >= 0)
+        LOCUS_THROW(invalid_input_error, first_file, " has no statistics of layer ", l, ", which ", where,
+                    " has: the ranks' files are from different runs or damaged");
     }
     LOCUS_REQUIRE(!files.empty(), invalid_input_error, path, " has no rank*.safetensors files");
     LOCUS_REQUIRE(!rows.empty() || iterations.all(), invalid_input_error, path, ": no statistics of ",
                   iterations.text());
+    // A window that holds none of a layer's tensors would drop the layer from the plan.
+    for (const auto l : first_layers)
+      LOCUS_REQUIRE(rows.contains(static_cast<std::size_t>(l)), invalid_input_error, path, ": layer ", l,
+                    " has no statistics of ", iterations.text(), " (it has in other iterations)");
     for (auto& [layer, row] : rows) {
       out.layer_ids.push_back(layer);
       out.load.push_back(std::move(row));

@@ -440,6 +440,11 @@ locus::trace::trace read(Source& src) {
 
   // Layer blocks in chunks that stay in L2 while they are hashed and validated.
   constexpr std::size_t chunk = std::size_t{1} << 18;
+  // The first weight that is not one (NaN, infinite, negative), reported after the checksum: a
+  // flipped bit is more often a sign or exponent bit of a weight than anything else, and its
+  // damage is best named as damage.
+  std::uint64_t bad_weight_at = 0;
+  std::string bad_weight;
   for (std::size_t l = 0; l < f.layers; ++l) {
     auto ids = b.layer_ids(l);
     const std::size_t id_chunk = chunk / f.top_k * f.top_k; // whole tokens, for the repeated-choice check
@@ -468,14 +473,14 @@ locus::trace::trace read(Source& src) {
       const std::size_t n = std::min(chunk, w.size() - i);
       const std::uint64_t at = in.offset();
       in.read(w.data() + i, n * 4, "a layer's weights");
-      if (!trace_builder::weights_valid(w.data() + i, n))
-        for (std::size_t j = 0; j < n; ++j)
-          if (!trace_builder::weight_valid(w[i + j]))
-            format_fail(name, at + 4 * j,
-                        locus::detail::concat("layer ", l, " token ", (i + j) / f.top_k, " choice ", (i + j) % f.top_k,
-                                              ": weight ", w[i + j],
-                                              std::isfinite(w[i + j]) ? " is negative (a routing weight is >= 0)"
-                                                                      : " is not finite"));
+      if (bad_weight.empty() && !trace_builder::weights_valid(w.data() + i, n))
+        for (std::size_t j = 0; j < n && bad_weight.empty(); ++j)
+          if (!trace_builder::weight_valid(w[i + j])) {
+            bad_weight_at = at + 4 * j;
+            bad_weight = locus::detail::concat(
+                "layer ", l, " token ", (i + j) / f.top_k, " choice ", (i + j) % f.top_k, ": weight ", w[i + j],
+                std::isfinite(w[i + j]) ? " is negative (a routing weight is >= 0)" : " is not finite");
+          }
     }
     in.pad("a layer's weights");
   }
@@ -484,6 +489,7 @@ locus::trace::trace read(Source& src) {
     format_fail(name, 56,
                 locus::detail::concat("payload checksum mismatch: stored ", f.payload_checksum, ", computed ", pc,
                                       " (the payload is corrupted)"));
+  if (!bad_weight.empty()) format_fail(name, bad_weight_at, bad_weight);
   // Every id, weight, phase and step was validated on the way in (the same checks as build()).
   return b.build(trace_builder::already_validated_t{});
 }
