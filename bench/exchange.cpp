@@ -235,7 +235,7 @@ int main(int argc, char** argv) {
                    "another process: what the path costs on a busy shared machine)")
         ->check(CLI::IsMember({"median", "min"}));
     app.add_option("--json", o.json, "JSON results file");
-    app.add_option("--markdown", o.markdown, "Markdown results file (none when empty)");
+    app.add_option("--markdown", o.markdown, "Markdown results file (default: none)");
     if (const auto code = tool_cli::parse_or_finish(app, argc, argv, MPI_COMM_WORLD, "exchange")) return *code;
     if (me == 0) { // the writer: a results file that cannot be written is said before the run
       bench_args::output_file(o.json);

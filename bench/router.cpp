@@ -252,7 +252,7 @@ int main(int argc, char** argv) try {
           },
           ""));
   app.add_option("--json", json_path, "JSON results file");
-  app.add_option("--md", md_path, "Markdown table file (none when empty)");
+  app.add_option("--md", md_path, "Markdown table file (default: none)");
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   bench_args::output_file(json_path);
   if (!md_path.empty()) bench_args::output_file(md_path);

@@ -152,7 +152,7 @@ int main(int argc, char** argv) try {
   std::size_t repeats = 5, v3_tokens = 100000;
   const CLI::Option* trace_opt = bench_args::add_trace_option(app, trace_path, "ESFT folder or binary trace");
   app.add_option("--out", out_dir, bench_args::out_folder_help);
-  app.add_option("--md", md_path, "Markdown report file (none when empty)");
+  app.add_option("--md", md_path, "Markdown report file (default: none)");
   app.add_option("--repeats", repeats, "Timed runs per row (best kept)")->check(tool_cli::positive);
   app.add_option("--tokens", v3_tokens, "Tokens of the synthetic DeepSeek-V3 trace")->check(tool_cli::positive);
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;

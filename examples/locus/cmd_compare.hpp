@@ -395,8 +395,9 @@ inline void register_compare(CLI::App& app) {
                                     "Without --trace: requests in the embedded synthetic trace")
                         ->check(CLI::Range(8, 100000));
   add_json_option(cmd, o->json);
-  cmd->add_option("--markdown", o->markdown, "Also write the table as Markdown to this file");
-  cmd->add_option("--png", o->png, "Also draw the comparison as a PNG (needs Python 3 with matplotlib)");
+  cmd->add_option("--markdown", o->markdown, "Also write the table as Markdown to this file")->default_str("none");
+  cmd->add_option("--png", o->png, "Also draw the comparison as a PNG (needs Python 3 with matplotlib)")
+      ->default_str("none");
   cmd->add_option("--python", o->python, "Python interpreter with matplotlib, for --png");
   cmd->callback([cmd, split, o, synthetic] {
     // The replica options shape the locality rows' replica slots and hedges: refused where they

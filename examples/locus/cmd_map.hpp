@@ -175,7 +175,8 @@ inline void register_map(CLI::App& app) {
   exp->add_option("--num-hidden-layers", o->hidden_layers, "The model's hidden-layer count")
       ->check(CLI::Range(std::size_t{1}, locus::placement::max_hidden_layers)) // 0 is the "saved count" sentinel
       ->default_str("saved with the plan, else the last MoE layer + 1");
-  exp->add_option("--load-trace", o->load_trace, "Trace whose expert loads choose the replicas of empty slots");
+  exp->add_option("--load-trace", o->load_trace, "Trace whose expert loads choose the replicas of empty slots")
+      ->default_str("none: by replica count");
   exp->add_option("--grouping", o->grouping,
                   "Grouping model saved with the plan: ties for empty slots go to the replica saving most copies")
       ->check(CLI::ExistingFile);

@@ -7,6 +7,7 @@
 #include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <charconv>
 #include <chrono>
 #include <cmath>
@@ -432,6 +433,14 @@ inline void register_plan(CLI::App& app) {
     if (replicas > 0)
       std::printf("%zu replicas over the layers, %zu of them balance hedges%s\n", replicas, planned.hedge_copies,
                   planned.hedge_copies > 0 ? " (--hedge-replicas 0 for none)" : "");
+    std::size_t empty = 0;
+    for (const auto& m : maps)
+      empty += static_cast<std::size_t>(std::count(m.slot_table().begin(), m.slot_table().end(), locus::empty_slot));
+    // linear and round_robin place every expert once: redundant slots stay empty until filled.
+    if (empty > 0)
+      std::printf("%zu slots left empty over the layers (%s places no replicas; map export fills them, by load with "
+                  "--load-trace)\n",
+                  empty, plan->placement.c_str());
   });
 }
 
@@ -532,6 +541,9 @@ inline void register_simulate(CLI::App& app) {
       plan->check_applies(cmd);
     LOCUS_REQUIRE(opt->grouping_path.empty() || opt->grouper == "workload_aware", locus::config_error,
                   "--grouping is the workload_aware grouper's model; --grouper ", opt->grouper, " does not use it");
+    LOCUS_REQUIRE(cmd->count("--replica-slack") == 0 || opt->replica_rule == "locality_bounded", locus::config_error,
+                  "--replica-slack is locality_bounded's load bound; --replica-rule ", opt->replica_rule,
+                  " does not use it");
     LOCUS_REQUIRE(opt->replan_every > 0 || opt->drift_every > 0 ||
                       (cmd->count("--replan-window") == 0 && cmd->count("--replan-budget") == 0 &&
                        cmd->count("--replan-slack") == 0 && cmd->count("--expert-bytes") == 0),

@@ -247,8 +247,10 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
       "synth", "Write a synthetic binary trace: from a shape, or fitted to a real trace (--fit) and optionally "
                "rescaled (--rescale 256:8:58)");
   cmd->add_option("--out", o->out, "Output binary trace file")->required();
-  cmd->add_option("--fit", o->fit_path, "Fit the model to this trace (binary file, ESFT folder or route JSONL)");
-  cmd->add_option("--rescale", o->rescale, "With --fit: rescale to EXPERTS:TOP_K:LAYERS, e.g. 256:8:58");
+  cmd->add_option("--fit", o->fit_path, "Fit the model to this trace (binary file, ESFT folder or route JSONL)")
+      ->default_str("none: the shape mode's model");
+  cmd->add_option("--rescale", o->rescale, "With --fit: rescale to EXPERTS:TOP_K:LAYERS, e.g. 256:8:58")
+      ->default_str("none: the fitted shape");
   auto& sh = o->shape;
   auto* experts =
       cmd->add_option("--experts", sh.experts,
@@ -428,7 +430,8 @@ inline void register_trace_report(CLI::App& trace_cmd) {
       ->required();
   cmd->add_option("--out", o->out, "Output folder (made, with its parents, if missing)");
   cmd->add_option("--prefill-tokens", o->prefill, "Leading tokens of each request counted as prefill");
-  cmd->add_option("--layer", o->layer, "Layer of the co-activation heatmap and the scatter")->default_str("middle");
+  cmd->add_option("--layer", o->layer, "Layer of the co-activation heatmap and the scatter (-1: the middle one)")
+      ->default_str("middle");
   cmd->add_option("--python", o->python, "Python interpreter with matplotlib");
   cmd->add_option("--script", o->script,
                   "The rendering script (default: share/locus/trace_report.py beside an installed driver, else "

@@ -181,7 +181,8 @@ inline void register_trace_import(CLI::App* trace_cmd) {
       ->check(experts_range());
   cmd->add_option("--top-k", o->top_k, "Experts per token (esft default 6; jsonl: else meta or first record)")
       ->check(CLI::Range(std::size_t{0}, locus::trace::max_trace_top_k));
-  cmd->add_option("--layers", o->layers, "Expected layers (esft: files per domain; jsonl: distinct layer numbers)");
+  cmd->add_option("--layers", o->layers,
+                  "Expected layers (esft: files per domain; jsonl: distinct layer numbers; 0: no check)");
   cmd->add_option("--domains", o->domains,
                   "esft: domain folders to read, in this order (comma-separated, as plan's --train-domains; "
                   "default: all, sorted)")

@@ -14,6 +14,7 @@
 #include <locus/core/error.hpp>
 #include <new>
 #include <string>
+#include <string_view>
 
 namespace {
 
@@ -132,6 +133,11 @@ int main(int argc, char** argv) {
   locus_driver::register_trace_import(trace_cmd);
   locus_driver::register_trace_analysis(trace_cmd);
   if (const std::string unknown = unknown_command(app, argc, argv); !unknown.empty()) return report(unknown, 2);
+  // CLI11 reads `--json=` as `--json` alone (stdout): `--json="$OUT"` with OUT unset would print the
+  // JSON instead of writing it.
+  for (int i = 1; i < argc; ++i)
+    if (std::string_view(argv[i]) == "--json=")
+      return report("locus: usage error: --json=: an empty value; leave the option out for no JSON (see --help)", 2);
   // Every exception ends here as one line on stderr and an exit code: nothing aborts.
   try {
     app.parse(argc, argv);

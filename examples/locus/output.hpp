@@ -21,9 +21,11 @@
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
+#include <utility>
 #include <vector>
 
 namespace locus_driver {
@@ -146,10 +148,11 @@ inline void write_json(const std::string& path, const std::string& command, nloh
 
 //! A command's output files, all written before any is put in place: each is written whole into an
 //! unnamed file beside its target (locus::atomic_file) and synced, and commit() then names and
-//! renames them in turn. A run that fails before commit() (a full disk, a file-size limit, a
-//! drawing that failed, any error of the work still to do) leaves every target as it was; only a
-//! rename failing in commit() (not a write) can leave the earlier ones replaced. Destroyed without
-//! a commit, it leaves nothing behind.
+//! renames them in turn (a device or FIFO, which cannot take bytes back, is written by commit()).
+//! A run that fails before commit() (a full disk, a file-size limit, a drawing that failed, any
+//! error of the work still to do) leaves every target as it was; only a rename failing in commit()
+//! (not a write) can leave the earlier ones replaced. Destroyed without a commit, it leaves nothing
+//! behind (but a named temporary where the folder takes no unnamed file and the process is killed).
 class output_set {
 public:
   //! A file to write to `path` through (a `-` path is not a file: write_json's stdout is the
@@ -162,6 +165,13 @@ public:
   //! write that fails does so before the work that follows.
   void add(const std::string& path, std::string_view content) {
     if (path.empty()) return;
+    struct stat st {};
+    if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) {
+      // A device or FIFO takes the bytes as they are written and cannot take them back: held
+      // until commit().
+      direct_.emplace_back(path, std::string(content));
+      return;
+    }
     auto& f = open(path);
     f.write(content);
     f.prepare();
@@ -177,10 +187,14 @@ public:
     for (auto& f : files_)
       f->commit();
     files_.clear();
+    for (const auto& [path, content] : direct_)
+      locus::write_file_atomically(path, content); // written straight into the device
+    direct_.clear();
   }
 
 private:
   std::vector<std::unique_ptr<locus::atomic_file>> files_;
+  std::vector<std::pair<std::string, std::string>> direct_; // devices and FIFOs, written by commit()
 };
 
 //! The exit status a shell would show for a child's wait status (std::system, pclose): its exit
@@ -207,9 +221,12 @@ inline std::filesystem::path resolved_path(const std::string& path) {
   std::error_code ec;
   fs::path p = fs::absolute(path, ec);
   if (ec) return fs::path(path).lexically_normal();
-  for (int hops = 0; hops < 40; ++hops) { // the kernel's own limit on links in a path
-    p = fs::weakly_canonical(p, ec);      // resolves the links up to the last existing element
+  for (int hops = 0; hops < 40; ++hops) {           // the kernel's own limit on links in a path
+    const fs::path c = fs::weakly_canonical(p, ec); // resolves the links up to the last existing element
+    // Unresolvable (a folder it may not search, a loop): compared as spelled, never as "" (every
+    // such path would then be one file).
     if (ec) return p.lexically_normal();
+    p = c;
     if (!fs::is_symlink(fs::symlink_status(p, ec)) || ec) return p;
     const fs::path target = fs::read_symlink(p, ec); // a dangling link: weakly_canonical left it
     if (ec) return p;
@@ -218,9 +235,20 @@ inline std::filesystem::path resolved_path(const std::string& path) {
   return p;
 }
 
+//! Whether a trace or statistics folder's reader reads a file of this name: an ESFT layer file
+//! (expert_weights_<n>.txt), route JSONL (*.jsonl, *.ndjson), TensorRT-LLM statistics
+//! (rank*.safetensors, meta_info.json).
+inline bool read_in_a_folder(const std::string& name) {
+  const auto ends = [&](std::string_view tail) {
+    return name.size() >= tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
+  };
+  return (name.rfind("expert_weights_", 0) == 0 && ends(".txt")) || ends(".jsonl") || ends(".ndjson") ||
+         (name.rfind("rank", 0) == 0 && ends(".safetensors")) || name == "meta_info.json";
+}
+
 //! Checks a command's outputs before it does any work: each can be written (its folder exists and
 //! takes files, no directory is in the way), no two are one file, and none is one of `inputs` or
-//! inside an input folder (a trace folder's files are its layers). A run then neither fails after
+//! a file an input folder's reader would read (read_in_a_folder). A run then neither fails after
 //! its work nor replaces what it reads, or one of its results with another. Paths are compared
 //! where they lead (resolved_path; hard links by identity). @throws locus::io_error or
 //! locus::config_error naming the option
@@ -239,10 +267,12 @@ inline void check_outputs(const std::vector<output_file>& outputs, const std::ve
     if (fs::exists(a, ec) && fs::exists(b, ec) && fs::equivalent(a, b, ec) && !ec) return true; // hard links too
     return resolved_path(a) == resolved_path(b);
   };
-  // An output under an input folder (the folder itself is refused by check_writable).
+  // An output under an input folder that the folder's reader would take for one of its files
+  // (the folder itself is refused by check_writable; a plan or a table written there is not read).
   const auto inside = [&](const std::string& out, const std::string& folder) {
     std::error_code ec;
-    if (device(out) || !fs::is_directory(folder, ec)) return false;
+    if (device(out) || !fs::is_directory(folder, ec) || !read_in_a_folder(fs::path(out).filename().string()))
+      return false;
     const fs::path f = resolved_path(folder), o = resolved_path(out);
     const auto [fi, oi] = std::mismatch(f.begin(), f.end(), o.begin(), o.end());
     return fi == f.end() && oi != o.end();
@@ -262,7 +292,7 @@ inline void check_outputs(const std::vector<output_file>& outputs, const std::ve
       LOCUS_REQUIRE(in.empty() || !same(o.path, in), locus::config_error, o.option, " ", o.path,
                     " is also an input of this command: writing it would replace what it reads");
       LOCUS_REQUIRE(in.empty() || !inside(o.path, in), locus::config_error, o.option, " ", o.path, " is inside ", in,
-                    ", which this command reads: write it elsewhere");
+                    ", which this command reads, and its name is one the folder's reader takes: write it elsewhere");
     }
     // --json takes an optional value, so `--json a.bin b.bin` reads a.bin as the JSON output: an
     // existing file that is not a JSON object is refused rather than replaced.

@@ -231,7 +231,7 @@ int main(int argc, char** argv) {
     app.add_option("--gpus-per-node", o.gpus_per_node, "GPUs (ranks) per node")->check(positive);
     app.add_option("--steps", o.steps, "Decode steps")->check(positive);
     app.add_option("--hidden", o.hidden, "Hidden size")->check(positive);
-    app.add_option("--trace", o.trace, "Binary trace or ESFT folder (synthetic workload when empty)");
+    app.add_option("--trace", o.trace, "Binary trace or ESFT folder (default: a synthetic workload)");
     app.add_option("--layer", o.layer, "Trace layer to replay");
     app.add_option("--requests-per-rank", o.requests_per_rank, "Running requests per rank")->check(positive);
     app.add_option("--timeout-ms", o.timeout_ms, "Deadline of every exchange and per-step synchronisation")

@@ -119,13 +119,18 @@ def _read_vllm(path: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Union[int
             want = np.flatnonzero(phy2log[l] == e)
             row = log2phy[l, e]
             n = int(count[l, e])
+            if n == 0:
+                raise FormatError(f"locus: format error: {path}: layer {l} expert {e} has no slot (vLLM could "
+                                  "not route its tokens)")
             if n != held[e] or n > row.shape[0] or sorted(row[:n].tolist()) != want.tolist() or (row[n:] != -1).any():
                 raise FormatError(f"locus: format error: {path}: layer {l} expert {e}: logical_replica_count "
                                   f"{n} and logical_to_physical_map {row.tolist()} disagree with the {held[e]} "
                                   f"slot(s) {want.tolist()} of physical_to_logical_map")
     ranks = doc.get("num_ranks")
-    if ranks is not None and (not _integers(ranks, 0) or ranks <= 0 or slots % ranks):
-        raise FormatError(f"locus: format error: {path}: num_ranks {ranks!r} does not divide its {slots} slots")
+    if ranks is not None and (not _integers(ranks, 0) or ranks <= 0):
+        raise FormatError(f"locus: format error: {path}: num_ranks is {ranks!r}, not a positive integer")
+    if ranks is not None and slots % ranks:
+        raise FormatError(f"locus: format error: {path}: num_ranks {ranks} does not divide its {slots} slots")
     return phy2log, log2phy, count, ranks
 
 

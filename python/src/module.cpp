@@ -107,19 +107,18 @@ std::string path_arg(nb::handle p) {
 }
 
 // File I/O runs without the GIL, so that a slow disk or a FIFO that waits for its reader does not
-// stop the interpreter's other threads; a signal that interrupts it (Ctrl-C) is raised as Python's
-// own exception (KeyboardInterrupt), and any other the call is retried after. `f` must touch no
+// stop the interpreter's other threads. A signal that interrupts it (Ctrl-C: the system call fails
+// with EINTR) is raised as Python's own exception (KeyboardInterrupt) where its handler raises one;
+// nothing is retried (a read cut short cannot be resumed by calling again). `f` must touch no
 // Python object: its arguments are converted before.
 template <class F>
 auto without_gil(F&& f) {
-  for (;;) {
-    try {
-      nb::gil_scoped_release released;
-      return f();
-    } catch (const locus::io_error& e) {
-      if (e.code() != EINTR) throw;
-      if (PyErr_CheckSignals() != 0) throw nb::python_error();
-    }
+  try {
+    nb::gil_scoped_release released;
+    return f();
+  } catch (const locus::io_error& e) {
+    if (e.code() == EINTR && PyErr_CheckSignals() != 0) throw nb::python_error();
+    throw;
   }
 }
 

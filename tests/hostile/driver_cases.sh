@@ -181,7 +181,10 @@ refused 'name the same file' plan --trace "$work/t.bin" --placement locality --o
 refused 'name the same file' trace synth --experts 8 --requests 3 --out "$work/c.bin" --json "$work/./c.bin"
 echo 1 >"$work/ids.txt"
 refused '--out [^ ]*ids.txt is also an input' plan --trace "$work/t.bin" --train-requests "$work/ids.txt" --out "$work/ids.txt"
-refused 'is inside [^ ]*esft, which this command reads' plan --trace "$work/esft" --out "$work/esft/law/m.json"
+refused 'is inside [^ ]*esft, which this command reads' plan --trace "$work/esft" --out "$work/esft/law/expert_weights_9.txt"
+refused 'is inside [^ ]*esft, which this command reads' trace import "$work/esft" -o "$work/esft/law/expert_weights_1.txt"
+succeeds plan --trace "$work/esft" --out "$work/esft/law/plan.json" # a name no reader takes
+rm -f "$work/esft/law/plan.json" "$work/esft/law/plan.grouping.json"
 # map export: the values its code holds for "the plan's own" cannot be given.
 refused '--first-moe-layer: Value 18446744073709551615 not in range' map export "$work/lin.json" --to sglang --out "$work/o.json" --first-moe-layer 18446744073709551615
 refused '--num-hidden-layers: Value 0 not in range' map export "$work/lin.json" --to sglang --out "$work/o.json" --num-hidden-layers 0
@@ -203,10 +206,23 @@ ok 'hidden layers 1..3 of 4' map export "$work/routed.json" --to sglang --out "$
   --out "$work/renumbered.json" >"$work/renumbered.txt" 2>&1 || { echo "FAIL: export --to locus" >&2; exit 1; }
 check "export --to locus prints no engine flag" bash -c "! grep -q 'pass:' '$work/renumbered.txt'"
 ok 'hidden layers 3..4 of 61' map export "$work/renumbered.json" --to sglang --out "$work/renumbered.sglang.json"
+# Options that would do nothing: refused, or said.
+refused "--replica-slack is locality_bounded's load bound; --replica-rule locality_first does not use it" simulate --trace "$work/t.bin" --replica-slack 3
+ok '[0-9]+ slots left empty over the layers \(linear places no replicas' plan --trace "$work/t.bin" --placement linear --redundant-slots 1 --out "$work/empty.json"
+# A failing drawing leaves the other outputs of an earlier run as they were (written together or not at all).
+printf '#!/bin/sh\ncase "$1" in -c) exit 0;; esac\ncat >/dev/null; exit 3\n' >"$work/failing_python"
+chmod +x "$work/failing_python"
+echo '{"earlier": 1}' >"$work/c.json"
+echo earlier >"$work/c.md"
+refused 'drawing [^ ]*c.png with [^ ]*failing_python failed \(exit status 3\)' compare --trace "$work/t.bin" --anneal 0 \
+  --json "$work/c.json" --markdown "$work/c.md" --png "$work/c.png" --python "$work/failing_python"
+check "a failed drawing keeps the earlier JSON and Markdown" \
+  test "$(cat "$work/c.json")" = '{"earlier": 1}' -a "$(cat "$work/c.md")" = earlier -a ! -e "$work/c.png"
 # An empty value is not the option left out (`--map "$MAP"` with MAP unset).
 refused '--map: an empty value' simulate --trace "$work/t.bin" --map ""
 refused '--fit: an empty value' trace synth --out "$work/q.bin" --fit "" --requests 2
 refused '--json: an empty value' trace stats "$work/t.bin" --json ""
+refused '--json=: an empty value' trace stats "$work/t.bin" --json=
 # trace synth: shape-mode options with --fit, and a mean length the cut would change.
 refused '--zipf sets the shape mode' trace synth --fit "$work/t.bin" --zipf 3 --requests 3 --out "$work/g.bin"
 refused '--mean-length 100000 is above --max-length 16384' trace synth --experts 4 --top-k 1 --layers 1 --requests 3 --mean-length 100000 --out "$work/d.bin"

@@ -555,6 +555,19 @@ BOOST_AUTO_TEST_CASE(resealed_bad_values_are_named) {
     BOOST_TEST(off == o.weights_at[0] + 8);
   }
   {
+    // A negative weight, resealed: named as such; the same flip without resealing is damage, named by
+    // the checksum (a weight's sign bit is the likeliest bit for a flip to hit).
+    auto b = good;
+    const float v = -0.25f;
+    std::memcpy(b.data() + o.weights_at[1] + 4 * 3, &v, 4); // layer 1, token 1, choice 1
+    auto unsealed = b;
+    reseal(b);
+    const auto off = expect_format_error([&] { (void)trace::decode_trace(b); },
+                                         {"layer 1 token 1 choice 1: weight -0.25 is negative"});
+    BOOST_TEST(off == o.weights_at[1] + 12);
+    expect_format_error([&] { (void)trace::decode_trace(unsealed); }, {"payload checksum mismatch"});
+  }
+  {
     auto b = good;
     put_le(b, o.phases_at + 2, 7, 1);
     reseal(b);

@@ -130,8 +130,9 @@ public:
 
   //! Writes out and syncs everything written, so that commit() has only to name and rename the
   //! file: a command with several outputs prepares each, and a full disk or a file-size limit then
-  //! fails before any of them replaces its target (the file keeps no name meanwhile, so a process
-  //! killed before commit() still leaves nothing behind). Nothing may be written after it.
+  //! fails before any of them replaces its target (an unnamed file keeps no name meanwhile, so a
+  //! process killed before commit() leaves nothing behind; the named fallback leaves its
+  //! temporary). Nothing may be written after it.
   //! @throws locus::io_error (the target keeps its old content)
   void prepare() {
     if (prepared_) return;
@@ -267,7 +268,7 @@ private:
   std::string temp_;
   int fd_ = -1;
   bool direct_ = false;
-  bool unnamed_ = false;  // written through O_TMPFILE: no name until prepare()
+  bool unnamed_ = false;  // written through O_TMPFILE: no name until commit()
   bool prepared_ = false; // prepare() done: written out and synced, nothing more to write
   std::vector<char> buffer_;
 };

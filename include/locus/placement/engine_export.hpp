@@ -7,7 +7,8 @@
 //!     one row per hidden layer of the model; a dense layer's row is the engine's own trivial
 //!     placement (slot p holds expert p mod E).
 //!   - vLLM EPLB state, per MoE layer: physical_to_logical_map [L][P], logical_to_physical_map
-//!     [L][E][X] padded with -1, logical_replica_count [L][E].
+//!     [L][E][X] padded with -1, logical_replica_count [L][E]; and num_ranks, the GPUs the slots are
+//!     spread over (locus.vllm checks vLLM's against it).
 //!   - TensorRT-LLM `moe_load_balancer` YAML: num_slots and initial_global_assignments keyed by the
 //!     model's layer index.
 //!   - DeepSeek EPLB's triple (phy2log, log2phy, logcnt), as `rebalance_experts` returns it.

@@ -371,16 +371,17 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
         first_layers = std::move(layers_here);
         continue;
       }
-      const auto missing = [](const std::set<std::uint64_t>& a, const std::set<std::uint64_t>& b) {
+      const auto missing = [](const std::set<std::uint64_t>& a,
+                              const std::set<std::uint64_t>& b) -> std::optional<std::uint64_t> {
         for (const auto l : a)
-          if (!b.contains(l)) return static_cast<std::int64_t>(l);
-        return std::int64_t{-1};
+          if (!b.contains(l)) return l;
+        return std::nullopt;
       };
-      if (const auto l = missing(first_layers, layers_here); l >= 0)
-        LOCUS_THROW(invalid_input_error, where, " has no statistics of layer ", l, ", which ", first_file,
+      if (const auto l = missing(first_layers, layers_here))
+        LOCUS_THROW(invalid_input_error, where, " has no statistics of layer ", *l, ", which ", first_file,
                     " has: the ranks' files are from different runs or damaged");
-      if (const auto l = missing(layers_here, first_layers); l >= 0)
-        LOCUS_THROW(invalid_input_error, first_file, " has no statistics of layer ", l, ", which ", where,
+      if (const auto l = missing(layers_here, first_layers))
+        LOCUS_THROW(invalid_input_error, first_file, " has no statistics of layer ", *l, ", which ", where,
                     " has: the ranks' files are from different runs or damaged");
     }
     LOCUS_REQUIRE(!files.empty(), invalid_input_error, path, " has no rank*.safetensors files");

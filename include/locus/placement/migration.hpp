@@ -148,7 +148,8 @@ inline constexpr double default_prior_requests = 32;
 //! result has no mix groups, and request ids where the window has them (the prior's after the
 //! window's, a prior token without one its own: the significance rule sums a saving per request).
 //! @throws locus::config_error when the two samples differ in shape, the window already has load
-//!         weights or prior_requests is negative or not finite
+//!         weights, or prior_requests is negative, not finite or so large that a prior token's load
+//!         weight leaves a float's range
 inline token_sample with_prior(token_sample window, const token_sample& prior,
                                double prior_requests = default_prior_requests) {
   LOCUS_REQUIRE(std::isfinite(prior_requests) && prior_requests >= 0, config_error, "with_prior: prior_requests (",

@@ -239,10 +239,9 @@ public:
     // nlohmann-json reads an integer beyond 2^64-1 as a float: call it what it is. Written with a
     // point or an exponent (3.0, 1e3), it is a float whatever its value.
     const bool written_whole = text.find_first_of(".eE") == string_t::npos;
-    return scalar_number(written_whole ? "an integer beyond 2^64-1"
-                         : std::floor(v) == v
-                             ? "a number written with a point or an exponent (write it as a whole number)"
-                             : "a fractional number");
+    return scalar_number(written_whole        ? "an integer beyond 2^64-1"
+                         : std::floor(v) == v ? "a number written with a point or an exponent (expected digits only)"
+                                              : "a fractional number");
   }
   bool string(string_t& s) {
     if (depth_ == 0) return wrong_type_top("a string");
