@@ -358,7 +358,6 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
     p.clear();
   }
   files.commit();
-  if (json_to_stdout(o.json)) write_json(o.json, "compare", doc);
 }
 
 inline void register_compare(CLI::App& app) {

@@ -116,22 +116,19 @@ inline int map_export(const export_options& o) {
   output_set files; // the export and its JSON together or not at all
   files.add(o.out, as_map ? locus::expert_plan_text(plan) : locus::placement::export_text(format, maps, layers));
   const auto& m = maps.front();
-  const nlohmann::json doc = {{"out", o.out},
-                              {"to", o.to},
-                              {"moe_layers", maps.size()},
-                              {"hidden_layer_ids", layers.moe_layer},
-                              {"hidden_layers", layers.hidden_layers},
-                              {"experts", m.experts()},
-                              {"slots", m.slot_count()},
-                              {"ranks", m.ranks()},
-                              {"empty_slots_filled", filled},
-                              {"filled_by_load", !load.empty()}};
-  files.add_json(o.json, "map export", doc);
+  files.add_json(o.json, "map export",
+                 {{"out", o.out},
+                  {"to", o.to},
+                  {"moe_layers", maps.size()},
+                  {"hidden_layer_ids", layers.moe_layer},
+                  {"hidden_layers", layers.hidden_layers},
+                  {"experts", m.experts()},
+                  {"slots", m.slot_count()},
+                  {"ranks", m.ranks()},
+                  {"empty_slots_filled", filled},
+                  {"filled_by_load", !load.empty()}});
   files.commit();
-  if (json_to_stdout(o.json)) {
-    write_json(o.json, "map export", doc);
-    return 0;
-  }
+  if (json_to_stdout(o.json)) return 0;
   std::printf(
       "%s: %s format, %zu MoE layers (hidden layers %zu..%zu of %zu), %zu experts in %zu slots per layer on %zu "
       "ranks; %zu empty slots of %zu (all layers) filled%s\n",

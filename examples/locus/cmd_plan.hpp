@@ -364,19 +364,19 @@ inline void register_plan(CLI::App& app) {
       files.add(*out,
                 locus::expert_plan_text({maps, imported.layers_named ? imported.layer_ids : std::vector<std::size_t>{},
                                          imported.layers_named ? imported.hidden_layers : 0, split->gpus_per_node}));
-      const nlohmann::json doc = {{"map", *out},
-                                  {"placement", plan->placement},
-                                  {"layers", maps.size()},
-                                  {"model_layers", imported.layer_ids},
-                                  {"experts", in.experts},
-                                  {"nodes", split->nodes},
-                                  {"gpus_per_node", split->gpus_per_node},
-                                  {"slots_per_rank", in.slots_per_rank},
-                                  {"load", *load},
-                                  {"options", plan->settings(in.topology.ranks())}};
-      files.add_json(*json, "plan", doc);
+      files.add_json(*json, "plan",
+                     {{"map", *out},
+                      {"placement", plan->placement},
+                      {"layers", maps.size()},
+                      {"model_layers", imported.layer_ids},
+                      {"experts", in.experts},
+                      {"nodes", split->nodes},
+                      {"gpus_per_node", split->gpus_per_node},
+                      {"slots_per_rank", in.slots_per_rank},
+                      {"load", *load},
+                      {"options", plan->settings(in.topology.ranks())}});
       files.commit();
-      if (json_to_stdout(*json)) return write_json(*json, "plan", doc);
+      if (json_to_stdout(*json)) return;
       std::printf("%s: %s placement, %zu layers (model layers %zu..%zu), %zu experts on %zu x %zu ranks, %zu slots "
                   "per rank (from %s)\n",
                   out->c_str(), plan->placement.c_str(), maps.size(), imported.layer_ids.front(),
@@ -404,26 +404,26 @@ inline void register_plan(CLI::App& app) {
                         {maps, train.has_model_layers() ? train.model_layer_ids() : std::vector<std::size_t>{},
                          train.hidden_layers(), split->gpus_per_node}));
     if (planned.model) files.add(grouping_path, locus::grouper::grouping_text(*planned.model));
-    const nlohmann::json doc = {{"map", *out},
-                                {"placement", plan->placement},
-                                {"layers", maps.size()},
-                                {"experts", maps.front().experts()},
-                                {"nodes", split->nodes},
-                                {"gpus_per_node", split->gpus_per_node},
-                                {"slots_per_rank", maps.front().slots_per_rank()},
-                                {"train_requests", train.requests()},
-                                {"replicas", replicas},
-                                {"hedge_copies", planned.hedge_copies},
-                                {"grouping", planned.model ? nlohmann::json(grouping_path) : nlohmann::json(nullptr)},
-                                {"options", [&] {
-                                   auto o = plan->settings(topo.ranks());
-                                   o["split_seed"] = split->split_seed; // it also seeds the grouping model's fit
-                                   if (split->prefill_opt->count() > 0) o["prefill_tokens"] = split->prefill_tokens;
-                                   return o;
-                                 }()}};
-    files.add_json(*json, "plan", doc);
+    files.add_json(*json, "plan",
+                   {{"map", *out},
+                    {"placement", plan->placement},
+                    {"layers", maps.size()},
+                    {"experts", maps.front().experts()},
+                    {"nodes", split->nodes},
+                    {"gpus_per_node", split->gpus_per_node},
+                    {"slots_per_rank", maps.front().slots_per_rank()},
+                    {"train_requests", train.requests()},
+                    {"replicas", replicas},
+                    {"hedge_copies", planned.hedge_copies},
+                    {"grouping", planned.model ? nlohmann::json(grouping_path) : nlohmann::json(nullptr)},
+                    {"options", [&] {
+                       auto o = plan->settings(topo.ranks());
+                       o["split_seed"] = split->split_seed; // it also seeds the grouping model's fit
+                       if (split->prefill_opt->count() > 0) o["prefill_tokens"] = split->prefill_tokens;
+                       return o;
+                     }()}});
     files.commit();
-    if (json_to_stdout(*json)) return write_json(*json, "plan", doc);
+    if (json_to_stdout(*json)) return;
     std::printf("%s: %s placement, %zu layers, %zu experts on %zu x %zu ranks, %zu slot%s per rank (fitted on %zu "
                 "requests)%s%s\n",
                 out->c_str(), plan->placement.c_str(), maps.size(), maps.front().experts(), split->nodes,
@@ -433,10 +433,8 @@ inline void register_plan(CLI::App& app) {
     if (replicas > 0)
       std::printf("%zu replicas over the layers, %zu of them balance hedges%s\n", replicas, planned.hedge_copies,
                   planned.hedge_copies > 0 ? " (--hedge-replicas 0 for none)" : "");
-    std::size_t empty = 0;
-    for (const auto& m : maps)
-      empty += static_cast<std::size_t>(std::count(m.slot_table().begin(), m.slot_table().end(), locus::empty_slot));
     // linear and round_robin place every expert once: redundant slots stay empty until filled.
+    const std::size_t empty = maps.size() * (maps.front().slot_count() - maps.front().experts()) - replicas;
     if (empty > 0)
       std::printf("%zu slots left empty over the layers (%s places no replicas; map export fills them, by load with "
                   "--load-trace)\n",

@@ -139,12 +139,9 @@ inline int map_replan(const replan_options& o) {
   doc["window"] = window_name;
   doc["homes"] = !o.homes.empty() ? "homes" : model ? "grouping" : "round_robin";
   doc["transport"] = o.transport;
-  files.add_json(o.json, "map replan", doc);
+  files.add_json(o.json, "map replan", std::move(doc));
   files.commit();
-  if (json_to_stdout(o.json)) {
-    write_json(o.json, "map replan", std::move(doc));
-    return 0;
-  }
+  if (json_to_stdout(o.json)) return 0;
   std::printf("%s: %zu of %zu slots budgeted moved (%.1f%% of all slots", o.out.c_str(), r.moves.size(), r.budget_slots,
               100 * r.moved_share);
   if (r.bytes_moved) std::printf(", %.2f GB of weights", static_cast<double>(r.bytes_moved) / 1e9);

@@ -386,7 +386,7 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
                        {"cluster_probability", m.cluster_probability}};
     files.add_json(o->json, "trace synth", doc);
     files.commit();
-    if (json_to_stdout(o->json)) return write_json(o->json, "trace synth", doc);
+    if (json_to_stdout(o->json)) return;
     std::printf("%s: %zu requests, %zu tokens, %zu layers, %zu experts, top-%zu, %zu domains\n", o->out.c_str(),
                 t.requests(), t.tokens(), t.layers(), t.experts(), t.top_k(), t.domains().size());
     if (fitted)

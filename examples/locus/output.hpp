@@ -132,31 +132,24 @@ inline std::string json_text(const std::string& command, nlohmann::json doc) {
   return doc.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
 }
 
-//! Writes `doc` as the `locus <command>` document (json_text): `path` "-" is stdout, any other
-//! path is written atomically. An empty path writes nothing. A command with other outputs puts it
-//! in its output_set instead.
-inline void write_json(const std::string& path, const std::string& command, nlohmann::json doc) {
-  if (path.empty()) return;
-  const std::string text = json_text(command, std::move(doc));
-  if (json_to_stdout(path)) {
-    std::fwrite(text.data(), 1, text.size(), stdout);
-    std::fflush(stdout);
-    return;
-  }
-  locus::write_file_atomically(path, text);
+//! Whether `path` names a device, FIFO or socket (which takes bytes as they are written: it cannot
+//! be replaced by a rename, nor take them back); false for a regular file, a folder or nothing.
+inline bool is_device(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode);
 }
 
-//! A command's output files, all written before any is put in place: each is written whole into an
+//! A command's outputs, all written before any is put in place: each file is written whole into an
 //! unnamed file beside its target (locus::atomic_file) and synced, and commit() then names and
-//! renames them in turn (a device or FIFO, which cannot take bytes back, is written by commit()).
-//! A run that fails before commit() (a full disk, a file-size limit, a drawing that failed, any
-//! error of the work still to do) leaves every target as it was; only a rename failing in commit()
-//! (not a write) can leave the earlier ones replaced. Destroyed without a commit, it leaves nothing
-//! behind (but a named temporary where the folder takes no unnamed file and the process is killed).
+//! renames them in turn; a device or FIFO and the JSON on stdout (`--json -`), which cannot take
+//! bytes back, are written by commit() after them. A run that fails before commit() (a full disk, a
+//! file-size limit, a drawing that failed, any error of the work still to do) leaves every target
+//! as it was; only a rename failing in commit() (not a write) can leave the earlier ones replaced.
+//! Destroyed without a commit, it leaves nothing behind (but a named temporary where the folder
+//! takes no unnamed file and the process is killed).
 class output_set {
 public:
-  //! A file to write to `path` through (a `-` path is not a file: write_json's stdout is the
-  //! caller's, after commit()). Prepared, with every other, by commit().
+  //! A file to write to `path` through (not stdout). Prepared, with every other, by commit().
   locus::atomic_file& open(const std::string& path) {
     files_.push_back(std::make_unique<locus::atomic_file>(path));
     return *files_.back();
@@ -165,10 +158,7 @@ public:
   //! write that fails does so before the work that follows.
   void add(const std::string& path, std::string_view content) {
     if (path.empty()) return;
-    struct stat st {};
-    if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) {
-      // A device or FIFO takes the bytes as they are written and cannot take them back: held
-      // until commit().
+    if (is_device(path)) {
       direct_.emplace_back(path, std::string(content));
       return;
     }
@@ -176,11 +166,17 @@ public:
     f.write(content);
     f.prepare();
   }
-  //! The `locus <command>` JSON document (json_text) as `path` unless it is stdout ("-") or empty.
+  //! The `locus <command>` JSON document (json_text) as `path`: "-" is stdout, "" nothing.
   void add_json(const std::string& path, const std::string& command, nlohmann::json doc) {
-    if (!path.empty() && !json_to_stdout(path)) add(path, json_text(command, std::move(doc)));
+    if (path.empty()) return;
+    std::string text = json_text(command, std::move(doc));
+    if (json_to_stdout(path))
+      stdout_ = std::move(text);
+    else
+      add(path, text);
   }
-  //! Prepares every file, then renames each over its target. @throws locus::io_error
+  //! Prepares every file, then renames each over its target, then writes the devices and stdout.
+  //! @throws locus::io_error
   void commit() {
     for (auto& f : files_)
       f->prepare();
@@ -190,12 +186,26 @@ public:
     for (const auto& [path, content] : direct_)
       locus::write_file_atomically(path, content); // written straight into the device
     direct_.clear();
+    if (!stdout_.empty()) {
+      std::fwrite(stdout_.data(), 1, stdout_.size(), stdout);
+      std::fflush(stdout);
+      stdout_.clear();
+    }
   }
 
 private:
   std::vector<std::unique_ptr<locus::atomic_file>> files_;
   std::vector<std::pair<std::string, std::string>> direct_; // devices and FIFOs, written by commit()
+  std::string stdout_;                                      // `--json -`, written by commit()
 };
+
+//! Writes `doc` as the `locus <command>` document (json_text) to `path`: "-" is stdout, "" nothing,
+//! any other path atomically; for a command whose only output it is.
+inline void write_json(const std::string& path, const std::string& command, nlohmann::json doc) {
+  output_set out;
+  out.add_json(path, command, std::move(doc));
+  out.commit();
+}
 
 //! The exit status a shell would show for a child's wait status (std::system, pclose): its exit
 //! code, 128 + the signal that killed it, or -1 when it could not run.
@@ -255,14 +265,8 @@ inline bool read_in_a_folder(const std::string& name) {
 inline void check_outputs(const std::vector<output_file>& outputs, const std::vector<std::string>& inputs = {}) {
   namespace fs = std::filesystem;
   // Only files are compared: outputs written into a device (/dev/null, /dev/stdout) share it.
-  const auto device = [](const std::string& a) {
-    std::error_code ec;
-    const auto type = fs::status(a, ec).type();
-    return type == fs::file_type::character || type == fs::file_type::block || type == fs::file_type::fifo ||
-           type == fs::file_type::socket;
-  };
   const auto same = [&](const std::string& a, const std::string& b) {
-    if (device(a)) return false;
+    if (is_device(a)) return false;
     std::error_code ec;
     if (fs::exists(a, ec) && fs::exists(b, ec) && fs::equivalent(a, b, ec) && !ec) return true; // hard links too
     return resolved_path(a) == resolved_path(b);
@@ -271,7 +275,7 @@ inline void check_outputs(const std::vector<output_file>& outputs, const std::ve
   // (the folder itself is refused by check_writable; a plan or a table written there is not read).
   const auto inside = [&](const std::string& out, const std::string& folder) {
     std::error_code ec;
-    if (device(out) || !fs::is_directory(folder, ec) || !read_in_a_folder(fs::path(out).filename().string()))
+    if (is_device(out) || !fs::is_directory(folder, ec) || !read_in_a_folder(fs::path(out).filename().string()))
       return false;
     const fs::path f = resolved_path(folder), o = resolved_path(out);
     const auto [fi, oi] = std::mismatch(f.begin(), f.end(), o.begin(), o.end());

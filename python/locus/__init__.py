@@ -148,6 +148,11 @@ def _check_argument(name: str, x: Any, hint: Any, default: Any) -> Any:
     return x
 
 
+def _io_error(path: Any, e: OSError) -> LocusIOError:
+    """The library's I/O error for an OSError Python raised on `path` (the C++ core words its own so)."""
+    return LocusIOError(f"locus: I/O error: {os.fspath(path)}: {e.strerror or e}")
+
+
 def _checked(fn: Any) -> Any:
     """Checks the arguments annotated int, float, str, bool or a locus class (None too where the
     annotation is Optional or the default None) before the C++ core sees them: its bindings refused
@@ -243,7 +248,7 @@ def load_routed_experts(
     try:
         data = np.load(path, allow_pickle=False)
     except OSError as e:
-        raise LocusIOError(f"locus: I/O error: {os.fspath(path)}: {e.strerror or e}") from None
+        raise _io_error(path, e) from None
     except ValueError as e:  # NumPy's words for a file that is no .npy or .npz
         raise FormatError(f"locus: format error: {os.fspath(path)}: not a .npy or .npz array file ({e})") from None
     if isinstance(data, np.ndarray):

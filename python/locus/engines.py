@@ -19,7 +19,7 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
-from . import FormatError, InvalidInputError, LocusIOError, _checked, _core, _index
+from . import FormatError, InvalidInputError, _checked, _core, _index, _io_error
 
 
 @_checked
@@ -48,7 +48,7 @@ def load_sglang_logical_count(dump: Any, moe_layers: Optional[List[int]] = None)
                 with open(path) as f:
                     dump = json.load(f)
             except OSError as e:
-                raise LocusIOError(f"locus: I/O error: {path}: {e.strerror or e}") from None
+                raise _io_error(path, e) from None
             except (ValueError, RecursionError) as e:
                 raise FormatError(f"locus: format error: {path}: not JSON ({e})") from None
         elif path.endswith((".pt", ".pth")):
@@ -60,7 +60,7 @@ def load_sglang_logical_count(dump: Any, moe_layers: Optional[List[int]] = None)
             try:
                 dump = torch.load(path, map_location="cpu", weights_only=True)
             except OSError as e:
-                raise LocusIOError(f"locus: I/O error: {path}: {e.strerror or e}") from None
+                raise _io_error(path, e) from None
         else:  # any other path was read as a torch pickle: a .npy asked for torch
             raise InvalidInputError(f"locus: invalid input: {path}: expected a .pt or .json dump of SGLang's "
                                     "expert distribution recorder")

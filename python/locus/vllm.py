@@ -20,7 +20,7 @@ from typing import Any, Tuple, Union
 
 import numpy as np
 
-from . import FormatError, InvalidInputError, LocusIOError, _core, rebalance_experts
+from . import FormatError, InvalidInputError, _core, _io_error, rebalance_experts
 
 try:  # vLLM's abstract base, when vLLM is installed
     from vllm.distributed.eplb.policy.abstract import AbstractEplbPolicy as _Base
@@ -85,7 +85,7 @@ def _read_vllm(path: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Union[int
         with open(path) as f:
             doc = json.load(f)
     except OSError as e:
-        raise LocusIOError(f"locus: I/O error: {path}: {e.strerror or e}") from None
+        raise _io_error(path, e) from None
     except (ValueError, RecursionError) as e:
         raise FormatError(f"locus: format error: {path}: not JSON ({e})") from None
     keys = ("physical_to_logical_map", "logical_to_physical_map", "logical_replica_count")

@@ -106,16 +106,17 @@ std::string path_arg(nb::handle p) {
   return out;
 }
 
-// File I/O runs without the GIL, so that a slow disk or a FIFO that waits for its reader does not
-// stop the interpreter's other threads. A signal that interrupts it (Ctrl-C: the system call fails
-// with EINTR) is raised as Python's own exception (KeyboardInterrupt) where its handler raises one;
-// nothing is retried (a read cut short cannot be resumed by calling again). `f` must touch no
-// Python object: its arguments are converted before.
+// File I/O on the file `path` names (str, bytes or os.PathLike: path_arg), run without the GIL so
+// that a slow disk or a FIFO that waits for its reader does not stop the interpreter's other
+// threads. A signal that interrupts it (Ctrl-C: the system call fails with EINTR) is raised as
+// Python's own exception (KeyboardInterrupt) where its handler raises one; nothing is retried (a
+// read cut short cannot be resumed by calling again). `io(path)` must touch no Python object.
 template <class F>
-auto without_gil(F&& f) {
+auto file_io(nb::handle path, F&& io) {
+  const std::string p = path_arg(path);
   try {
     nb::gil_scoped_release released;
-    return f();
+    return io(p);
   } catch (const locus::io_error& e) {
     if (e.code() == EINTR && PyErr_CheckSignals() != 0) throw nb::python_error();
     throw;
@@ -387,24 +388,17 @@ NB_MODULE(_core, m) {
         "domains"_a, "domain_names"_a, "layer_ids"_a, "hidden_layers"_a);
   m.def(
       "read_trace",
-      [](nb::handle path) {
-        const std::string p = path_arg(path);
-        return without_gil([&] { return locus::trace::read_trace(p); });
-      },
+      [](nb::handle path) { return file_io(path, [&](const std::string& p) { return locus::trace::read_trace(p); }); },
       "path"_a);
   m.def(
       "write_trace",
       [](const locus::trace::trace& t, nb::handle path) {
-        const std::string p = path_arg(path);
-        without_gil([&] { locus::trace::write_trace(t, p); });
+        file_io(path, [&](const std::string& p) { locus::trace::write_trace(t, p); });
       },
       "trace"_a, "path"_a);
   m.def(
       "import_esft",
-      [](nb::handle path) {
-        const std::string p = path_arg(path);
-        return without_gil([&] { return locus::trace::import_esft(p); });
-      },
+      [](nb::handle path) { return file_io(path, [&](const std::string& p) { return locus::trace::import_esft(p); }); },
       "path"_a);
   m.def(
       "split_by_request",
@@ -415,8 +409,7 @@ NB_MODULE(_core, m) {
   m.def(
       "_write_text",
       [](nb::handle path, const std::string& text) {
-        const std::string p = path_arg(path);
-        without_gil([&] { locus::write_file_atomically(p, text); });
+        file_io(path, [&](const std::string& p) { locus::write_file_atomically(p, text); });
       },
       "path"_a, "text"_a);
 
@@ -439,8 +432,7 @@ NB_MODULE(_core, m) {
         if (!iter_stop.is_none()) w.end = count_arg(iter_stop, "iter_stop");
         LOCUS_REQUIRE(iter_start.is_none() || iter_stop.is_none() || w.begin < w.end, locus::config_error,
                       "iter_start ", w.begin, " is not below iter_stop ", w.end);
-        const std::string p = path_arg(path);
-        auto got = without_gil([&] { return locus::placement::import_load(p, 0, w); });
+        auto got = file_io(path, [&](const std::string& p) { return locus::placement::import_load(p, 0, w); });
         const std::size_t experts = got.load.front().size(); // import_load refuses a folder without loads
         std::vector<double> flat;
         for (const auto& row : got.load)
@@ -497,8 +489,7 @@ NB_MODULE(_core, m) {
       .def(
           "save",
           [](const locus::grouper::workload_model& g, nb::handle path) {
-            const std::string p = path_arg(path);
-            without_gil([&] { locus::grouper::save_grouping(p, g); });
+            file_io(path, [&](const std::string& p) { locus::grouper::save_grouping(p, g); });
           },
           "path"_a)
       .def(
@@ -519,9 +510,8 @@ NB_MODULE(_core, m) {
   m.def(
       "load_grouping",
       [](nb::handle path) {
-        const std::string p = path_arg(path);
         return std::make_shared<locus::grouper::workload_model>(
-            without_gil([&] { return locus::grouper::load_grouping(p); }));
+            file_io(path, [](const std::string& p) { return locus::grouper::load_grouping(p); }));
       },
       "path"_a);
   m.def(
@@ -664,8 +654,7 @@ NB_MODULE(_core, m) {
   m.def(
       "_load_expert_maps",
       [](nb::handle path) {
-        const std::string p = path_arg(path);
-        const auto plan = without_gil([&] { return locus::load_expert_plan(p); });
+        const auto plan = file_io(path, [&](const std::string& p) { return locus::load_expert_plan(p); });
         return nb::make_tuple(maps_to(plan.maps), plan.maps.front().experts(), plan.model_layers, plan.hidden_layers,
                               plan.gpus_per_node);
       },
@@ -674,11 +663,10 @@ NB_MODULE(_core, m) {
       "_save_expert_maps",
       [](nb::handle path, maps_in maps, nb::handle experts, nb::handle layer_ids, nb::handle hidden_layers,
          nb::handle gpus_per_node) {
-        const std::string p = path_arg(path);
         const std::string text = locus::expert_plan_text(
             {maps_from(maps, size_arg(experts, "experts")), counts_arg(layer_ids, "layer_ids"),
              size_arg(hidden_layers, "hidden_layers"), size_arg(gpus_per_node, "gpus_per_node")});
-        without_gil([&] { locus::write_file_atomically(p, text); });
+        file_io(path, [&](const std::string& p) { locus::write_file_atomically(p, text); });
       },
       "path"_a, "maps"_a, "experts"_a, "layer_ids"_a, "hidden_layers"_a, "gpus_per_node"_a);
 }

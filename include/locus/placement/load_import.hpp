@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <iterator>
 #include <limits>
 #include <locus/core/error.hpp>
 #include <locus/core/json_error.hpp>
@@ -371,18 +372,15 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
         first_layers = std::move(layers_here);
         continue;
       }
-      const auto missing = [](const std::set<std::uint64_t>& a,
-                              const std::set<std::uint64_t>& b) -> std::optional<std::uint64_t> {
-        for (const auto l : a)
-          if (!b.contains(l)) return l;
-        return std::nullopt;
-      };
-      if (const auto l = missing(first_layers, layers_here))
-        LOCUS_THROW(invalid_input_error, where, " has no statistics of layer ", *l, ", which ", first_file,
+      if (layers_here != first_layers) {
+        std::vector<std::uint64_t> odd; // the layers one of the two files has and the other lacks
+        std::set_symmetric_difference(first_layers.begin(), first_layers.end(), layers_here.begin(), layers_here.end(),
+                                      std::back_inserter(odd));
+        const bool first_has = first_layers.contains(odd.front());
+        LOCUS_THROW(invalid_input_error, first_has ? where : first_file, " has no statistics of layer ", odd.front(),
+                    ", which ", first_has ? first_file : where,
                     " has: the ranks' files are from different runs or damaged");
-      if (const auto l = missing(layers_here, first_layers))
-        LOCUS_THROW(invalid_input_error, first_file, " has no statistics of layer ", *l, ", which ", where,
-                    " has: the ranks' files are from different runs or damaged");
+      }
     }
     LOCUS_REQUIRE(!files.empty(), invalid_input_error, path, " has no rank*.safetensors files");
     LOCUS_REQUIRE(!rows.empty() || iterations.all(), invalid_input_error, path, ": no statistics of ",
