@@ -340,6 +340,9 @@ inline void register_plan(CLI::App& app) {
                                       : !grouping->empty() ? *grouping
                                       : grouped            ? grouping_path_for(*out)
                                                            : std::string();
+    LOCUS_REQUIRE(!load->empty() || grouped || cmd->count("--clusters") == 0, locus::config_error,
+                  "--clusters sizes the grouping model, which --placement ", plan->placement,
+                  " fits only when --grouping asks for one");
     std::vector<std::string> inputs = split->input_paths();
     inputs.push_back(*load);
     check_outputs({{"--out", *out}, {"--grouping", grouping_path}, {"--json", *json}}, inputs);

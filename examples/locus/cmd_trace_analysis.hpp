@@ -456,6 +456,15 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     // --json may name a file inside it, which the folder's check covers.
     tool_cli::results_folder folder(o->out, "report folder");
     if (!folder.covers(o->json)) check_outputs({{"--json", o->json}}, {o->path});
+    if (!o->json.empty() && !json_to_stdout(o->json)) {
+      const auto folder_of = [](fs::path p) { return p.filename().empty() ? p.parent_path() : p; };
+      const fs::path json = resolved_path(o->json);
+      const std::string name = json.filename().string();
+      LOCUS_REQUIRE(!(name == "summary.json" || name.ends_with(".csv") || name.ends_with(".png")) ||
+                        json.parent_path() != folder_of(resolved_path(o->out)),
+                    locus::config_error, "--json ", o->json, " is a name the report writes in ", o->out,
+                    " (summary.json, *.csv, *.png): one would replace the other");
+    }
     progress p("locus trace report");
     const auto t = trace_analysis::load(o->path, p).with_prefill_tokens(o->prefill);
     const std::size_t layer = o->layer < 0 ? t.layers() / 2 : static_cast<std::size_t>(o->layer);
@@ -468,8 +477,12 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     const auto s = locus::trace::compute_statistics(t, so);
     const auto co = locus::trace::compute_coactivation(t, layer);
     p.done();
+    // The report is written into a staging folder inside the report's, the figures are drawn there,
+    // and only then does every file replace its namesake in the report folder: a report that fails
+    // at any point (a drawing, a full disk) leaves the earlier report as it was.
     folder.make();
-    const fs::path dir(o->out);
+    const staging_folder stage(o->out, ".locus-report-");
+    const fs::path& dir = stage.path();
     const std::size_t E = t.experts(), L = t.layers();
     // Expert load share per layer, one file per domain and one for all.
     for (std::size_t d = 0; d <= s.domain_names.size(); ++d) {
@@ -557,26 +570,31 @@ inline void register_trace_report(CLI::App& trace_cmd) {
       trace_analysis::save(dir / "summary.json", f);
       summary = std::move(j);
     }
-    const bool quiet_stdout = json_to_stdout(o->json); // stdout carries the JSON alone
-    if (!quiet_stdout) std::printf("%s: CSV files written\n", o->out.c_str());
-    if (o->no_render) {
-      write_json(o->json, "trace report", summary);
-      return;
+    if (!o->no_render) {
+      p.start("rendering figures");
+      auto quote = [](const std::string& x) {
+        std::string r = "'";
+        for (char c : x)
+          r += c == '\'' ? std::string("'\\''") : std::string(1, c);
+        return r + "'";
+      };
+      const std::string command = quote(o->python) + " " + quote(o->script) + " " + quote(dir.string());
+      const int rc = std::system(command.c_str());
+      p.done();
+      LOCUS_REQUIRE(rc == 0, locus::io_error, "rendering the figures with ", o->script, " failed (exit status ",
+                    exit_status(rc), "); the report folder is unchanged");
+      p.clear();
     }
-    p.start("rendering figures");
-    auto quote = [](const std::string& x) {
-      std::string r = "'";
-      for (char c : x)
-        r += c == '\'' ? std::string("'\\''") : std::string(1, c);
-      return r + "'";
-    };
-    const std::string command = quote(o->python) + " " + quote(o->script) + " " + quote(o->out);
-    const int rc = std::system(command.c_str());
-    p.done();
-    LOCUS_REQUIRE(rc == 0, locus::io_error, "rendering failed (exit status ", exit_status(rc), "): ", command);
-    p.clear();
-    if (!quiet_stdout) std::printf("%s: figures rendered\n", o->out.c_str());
-    write_json(o->json, "trace report", summary);
+    output_set files;
+    const auto names = stage.add_files_to(files, o->out);
+    files.add_json(o->json, "trace report", summary);
+    files.commit();
+    if (json_to_stdout(o->json)) return; // stdout carries the JSON alone
+    const auto pngs = std::count_if(names.begin(), names.end(), [](const std::string& n) {
+      return n.size() > 4 && n.compare(n.size() - 4, 4, ".png") == 0;
+    });
+    std::printf("%s: CSV files written%s\n", o->out.c_str(),
+                o->no_render ? "" : (", " + std::to_string(pngs) + " figures rendered").c_str());
   });
 }
 

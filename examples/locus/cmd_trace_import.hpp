@@ -21,11 +21,15 @@
 namespace locus_driver {
 
 //! A progress line on stderr that appears only once the work has taken more than a second (short
-//! imports stay quiet), is redrawn at most five times a second, and is cleared when done.
+//! imports stay quiet), is redrawn at most five times a second, and is cleared when done. Shown
+//! when every command's progress is (a terminal, or `--progress`; never with the global `-q`).
 class import_progress {
 public:
   explicit import_progress(std::string what, bool enabled = true)
-      : what_(std::move(what)), enabled_(enabled), tty_(::isatty(2) != 0), start_(clock::now()), last_(start_) {}
+      : what_(std::move(what)), enabled_(enabled), tty_(::isatty(2) != 0), start_(clock::now()), last_(start_) {
+    const auto mode = progress_setting();
+    enabled_ = enabled_ && (mode == progress_mode::always || (mode == progress_mode::automatic && tty_));
+  }
   ~import_progress() { finish(); }
 
   //! Reports `done` out of `total` units (`unit` names them, e.g. "files" or "MB").

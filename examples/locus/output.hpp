@@ -11,10 +11,12 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <locus/core/atomic_file.hpp>
 #include <locus/core/error.hpp>
 #include <memory>
@@ -206,6 +208,52 @@ inline void write_json(const std::string& path, const std::string& command, nloh
   out.add_json(path, command, std::move(doc));
   out.commit();
 }
+
+//! A private folder, `<parent>/<prefix>XXXXXX` (mkdtemp), for the files of a command that another
+//! program reads or adds to before the command knows it will finish (a report's CSV files and the
+//! figures a script draws from them). add_files_to() hands them to an output_set, so that they
+//! replace their targets together or not at all. Removed with what it holds when the object goes
+//! (a killed process leaves it behind).
+class staging_folder {
+public:
+  //! @throws locus::io_error when the folder cannot be made
+  staging_folder(const std::string& parent, const std::string& prefix) {
+    std::string name = (std::filesystem::path(parent) / (prefix + "XXXXXX")).string();
+    if (::mkdtemp(name.data()) == nullptr)
+      LOCUS_THROW(locus::io_error, parent, ": cannot make a staging folder in it: ", std::strerror(errno));
+    path_ = name;
+  }
+  staging_folder(const staging_folder&) = delete;
+  staging_folder& operator=(const staging_folder&) = delete;
+  ~staging_folder() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+
+  const std::filesystem::path& path() const noexcept { return path_; }
+
+  //! Adds each regular file of the folder (not of its subfolders), in name order, to `out` as the
+  //! file of the same name in `destination`; returns the names. @throws locus::io_error
+  std::vector<std::string> add_files_to(output_set& out, const std::filesystem::path& destination) const {
+    namespace fs = std::filesystem;
+    std::vector<std::string> names;
+    std::error_code ec;
+    for (fs::directory_iterator it(path_, ec), end; !ec && it != end; it.increment(ec))
+      if (it->is_regular_file(ec) && !ec) names.push_back(it->path().filename().string());
+    LOCUS_REQUIRE(!ec, locus::io_error, path_.string(), ": cannot list the folder: ", ec.message());
+    std::sort(names.begin(), names.end());
+    for (const auto& name : names) {
+      std::ifstream in(path_ / name, std::ios::binary);
+      std::string content((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      LOCUS_REQUIRE(in.good() || in.eof(), locus::io_error, (path_ / name).string(), ": cannot read the file back");
+      out.add((destination / name).string(), content);
+    }
+    return names;
+  }
+
+private:
+  std::filesystem::path path_;
+};
 
 //! The exit status a shell would show for a child's wait status (std::system, pclose): its exit
 //! code, 128 + the signal that killed it, or -1 when it could not run.

@@ -208,6 +208,9 @@ check "export --to locus prints no engine flag" bash -c "! grep -q 'pass:' '$wor
 ok 'hidden layers 3..4 of 61' map export "$work/renumbered.json" --to sglang --out "$work/renumbered.sglang.json"
 # Options that would do nothing: refused, or said.
 refused "--replica-slack is locality_bounded's load bound; --replica-rule locality_first does not use it" simulate --trace "$work/t.bin" --replica-slack 3
+refused '--clusters sizes the grouping model, which --placement linear fits only when --grouping asks for one' \
+  plan --trace "$work/t.bin" --placement linear --clusters 4 --out "$work/m.json"
+succeeds plan --trace "$work/t.bin" --placement linear --clusters 4 --grouping "$work/lin_grouping.json" --out "$work/m.json"
 ok '[0-9]+ slots left empty over the layers \(linear places no replicas' plan --trace "$work/t.bin" --placement linear --redundant-slots 1 --out "$work/empty.json"
 # A failing drawing leaves the other outputs of an earlier run as they were (written together or not at all).
 printf '#!/bin/sh\ncase "$1" in -c) exit 0;; esac\ncat >/dev/null; exit 3\n' >"$work/failing_python"
@@ -257,6 +260,23 @@ refused 'was made for 2 GPUs per node' map export "$work/lin.json" --to eplb --g
 succeeds map export "$work/lin.json" --to eplb --out /dev/null --json /dev/null
 succeeds trace report "$work/t.bin" --out "$work/rep_new" --json "$work/rep_new/r.json" --no-render
 check "trace report writes a --json inside its new folder" grep -q '"format": "locus.trace.report"' "$work/rep_new/r.json"
+# trace report: the figures are drawn in a staging folder; the report replaces the earlier one only
+# when they are all drawn, and leaves no staging folder behind either way.
+succeeds trace report "$work/t.bin" --out "$work/rep_keep" --no-render
+cp "$work/rep_keep/imbalance.csv" "$work/imbalance.before"
+printf '#!/bin/sh\necho changed >"$2/imbalance.csv"; echo drawn >"$2/imbalance.png"; exit 3\n' >"$work/failing_render"
+printf '#!/bin/sh\nfor f in "$2"/*.csv; do echo drawn >"${f%%.csv}.png"; done\n' >"$work/render"
+chmod +x "$work/failing_render" "$work/render"
+refused 'rendering the figures with [^ ]*failing_render failed \(exit status 3\); the report folder is unchanged' \
+  trace report "$work/t.bin" --out "$work/rep_keep" --python "$work/failing_render" --script "$work/failing_render"
+check "a failed rendering keeps the earlier report" cmp -s "$work/imbalance.before" "$work/rep_keep/imbalance.csv"
+check "a failed rendering adds no figure" test ! -e "$work/rep_keep/imbalance.png"
+ok 'rep_keep: CSV files written, [0-9]+ figures rendered' trace report "$work/t.bin" --out "$work/rep_keep" \
+  --python "$work/render" --script "$work/render"
+check "a rendered report has its figures" test "$(cat "$work/rep_keep/imbalance.png")" = drawn
+check "a report leaves no staging folder" bash -c "! ls -a '$work/rep_keep' | grep -q locus-report"
+refused '--json [^ ]*summary.json is a name the report writes' trace report "$work/t.bin" --out "$work/rep_keep" \
+  --json "$work/rep_keep/summary.json" --no-render
 refused 'acts before its end' simulate --trace "$work/t.bin" --drift-every 1000 --replan-window 1100
 refused 'balance-trigger acts at the drift checks' simulate --trace "$work/t.bin" --balance-trigger 1.2
 refused 'neither 0 \(off\) nor a finite number >= 1' simulate --trace "$work/t.bin" --drift-every 5 --balance-trigger 0.9

@@ -137,7 +137,25 @@ BOOST_AUTO_TEST_CASE(trtllm_iteration_window) {
   write(d.path / "rank1.safetensors", safetensors({{"101_3", {5, 5, 5}}}));
   BOOST_TEST(import_load(d.path.string(), 0, {101, 102}).load == (std::vector<std::vector<double>>{{6, 5, 5}}));
   BOOST_TEST(import_load(d.path.string(), 0, {101}).load == (std::vector<std::vector<double>>{{6, 9, 5}}));
-  BOOST_TEST(import_load(d.path.string(), 0, {0, 101}).load == (std::vector<std::vector<double>>{{1, 2, 3}}));
+  // rank1's file starts after iteration 100: a window holding it would sum rank0's share alone.
+  BOOST_CHECK_EXCEPTION(import_load(d.path.string(), 0, {0, 101}), invalid_input_error, [](const auto& e) {
+    return std::string(e.what()).find("rank1.safetensors has no statistics of layer 3 in iterations 0 to 100, which") !=
+           std::string::npos;
+  });
+  // ... and one that stops before the window (a rank that failed): refused, whoever is listed first.
+  write(d.path / "rank1.safetensors", safetensors({{"99_3", {5, 5, 5}}}));
+  BOOST_CHECK_EXCEPTION(import_load(d.path.string(), 0, {101}), invalid_input_error, [](const auto& e) {
+    return std::string(e.what()).find("rank1.safetensors has no statistics of layer 3 in iterations from 101 on") !=
+           std::string::npos;
+  });
+  std::filesystem::rename(d.path / "rank0.safetensors", d.path / "rank9.safetensors");
+  BOOST_CHECK_EXCEPTION(import_load(d.path.string(), 0, {101}), invalid_input_error, [](const auto& e) {
+    return std::string(e.what()).find("rank1.safetensors has no statistics of layer 3 in iterations from 101 on, "
+                                      "which ") != std::string::npos;
+  });
+  BOOST_TEST(import_load(d.path.string(), 0, {99, 103}).load == (std::vector<std::vector<double>>{{7, 11, 8}}));
+  std::filesystem::rename(d.path / "rank9.safetensors", d.path / "rank0.safetensors");
+  write(d.path / "rank1.safetensors", safetensors({{"101_3", {5, 5, 5}}}));
   BOOST_CHECK_EXCEPTION(import_load(d.path.string(), 0, {200}), invalid_input_error, [](const auto& e) {
     return std::string(e.what()).find("no statistics of iterations from 200 on") != std::string::npos;
   });

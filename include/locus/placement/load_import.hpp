@@ -343,11 +343,14 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
     std::map<std::size_t, std::vector<double>> rows;
     // The layers each file records (any iteration): every rank records every MoE layer, so a file
     // that lacks one another has is damaged or from another run, and its sum would be partial.
-    std::set<std::uint64_t> first_layers;
+    // So within the window: a file that stops before it (a rank that failed, a copy cut short) or
+    // starts after it would leave its rank out of the window's sum.
+    std::set<std::uint64_t> first_layers, first_summed;
     std::string first_file;
     for (const auto& file : files) {
       const std::string where = file.string();
       std::set<std::uint64_t> layers_here;
+      std::set<std::uint64_t> summed_here; // the layers with a tensor in the window
       // One tensor per iteration and layer in a file: "1_3" and "01_3" would count it twice.
       std::map<std::pair<std::uint64_t, std::uint64_t>, std::string> seen;
       for (const auto& [key, a] : detail::load_import::read_safetensors(where)) {
@@ -363,6 +366,7 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
         layers_here.insert(id->second);
         if (!iterations.all() && (id->first < iterations.begin || id->first >= iterations.end))
           continue; // checked, not summed
+        summed_here.insert(id->second);
         auto& row = rows.try_emplace(static_cast<std::size_t>(id->second), experts, 0.0).first->second;
         for (std::size_t e = 0; e < experts; ++e)
           row[e] += a.values[e];
@@ -370,6 +374,7 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
       if (first_file.empty()) {
         first_file = where;
         first_layers = std::move(layers_here);
+        first_summed = std::move(summed_here);
         continue;
       }
       if (layers_here != first_layers) {
@@ -380,6 +385,15 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
         LOCUS_THROW(invalid_input_error, first_has ? where : first_file, " has no statistics of layer ", odd.front(),
                     ", which ", first_has ? first_file : where,
                     " has: the ranks' files are from different runs or damaged");
+      }
+      if (summed_here != first_summed) {
+        std::vector<std::uint64_t> odd;
+        std::set_symmetric_difference(first_summed.begin(), first_summed.end(), summed_here.begin(), summed_here.end(),
+                                      std::back_inserter(odd));
+        const bool first_has = first_summed.contains(odd.front());
+        LOCUS_THROW(invalid_input_error, first_has ? where : first_file, " has no statistics of layer ", odd.front(),
+                    " in ", iterations.text(), ", which ", first_has ? first_file : where,
+                    " has: a rank's file stops before the window or starts after it, and its sum would be missing");
       }
     }
     LOCUS_REQUIRE(!files.empty(), invalid_input_error, path, " has no rank*.safetensors files");
