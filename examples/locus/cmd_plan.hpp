@@ -540,6 +540,11 @@ inline void register_simulate(CLI::App& app) {
                       "plan as it is (", saved ? "with its saved grouping" : "--grouper " + opt->grouper, ")");
     else
       plan->check_applies(cmd);
+    // The grouping model is fitted for the workload-aware grouper and by the planners that use one.
+    LOCUS_REQUIRE(map_only || cmd->count("--clusters") == 0 || opt->grouper == "workload_aware" ||
+                      plan->placement == "activation_usage" || plan->placement == "locality",
+                  locus::config_error, "--clusters sizes the grouping model, which --placement ", plan->placement,
+                  " with --grouper ", opt->grouper, " does not fit");
     LOCUS_REQUIRE(opt->grouping_path.empty() || opt->grouper == "workload_aware", locus::config_error,
                   "--grouping is the workload_aware grouper's model; --grouper ", opt->grouper, " does not use it");
     LOCUS_REQUIRE(cmd->count("--replica-slack") == 0 || opt->replica_rule == "locality_bounded", locus::config_error,

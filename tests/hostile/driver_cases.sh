@@ -210,6 +210,9 @@ ok 'hidden layers 3..4 of 61' map export "$work/renumbered.json" --to sglang --o
 refused "--replica-slack is locality_bounded's load bound; --replica-rule locality_first does not use it" simulate --trace "$work/t.bin" --replica-slack 3
 refused '--clusters sizes the grouping model, which --placement linear fits only when --grouping asks for one' \
   plan --trace "$work/t.bin" --placement linear --clusters 4 --out "$work/m.json"
+refused '--clusters sizes the grouping model, which --placement linear with --grouper round_robin does not fit' \
+  simulate --trace "$work/t.bin" --placement linear --clusters 4
+succeeds simulate --trace "$work/t.bin" --placement linear --grouper workload_aware --clusters 4
 succeeds plan --trace "$work/t.bin" --placement linear --clusters 4 --grouping "$work/lin_grouping.json" --out "$work/m.json"
 ok '[0-9]+ slots left empty over the layers \(linear places no replicas' plan --trace "$work/t.bin" --placement linear --redundant-slots 1 --out "$work/empty.json"
 # A failing drawing leaves the other outputs of an earlier run as they were (written together or not at all).
