@@ -262,10 +262,15 @@ BOOST_AUTO_TEST_CASE(device_layout_uploads_queue_behind_earlier_work) {
   device_buffer<float> weights;
   weights.upload(w_h);
   device_buffer<int> released(1);
+  device_layout<top_k<2>, experts<>> dev;
+  // One layout first, on a stream nothing holds: with CUDA's lazy module loading (the default) a
+  // kernel's first launch may wait for the device, which behind the held stream would read as the
+  // layout waiting. Later steps launch loaded kernels; this case tests those.
+  dev.assign(device_routing_view<top_k<2>>(ids.data(), weights.data(), 2), map, topo, 0, transport_kind::flat, nullptr,
+             {}, nullptr, [] { LOCUS_CUDA_CHECK(cudaStreamSynchronize(nullptr)); });
   LOCUS_CUDA_CHECK(cudaDeviceSynchronize());
   const locus_test::mapped_flag go;
   cudaStream_t stream = locus_test::held_stream(go, released.data());
-  device_layout<top_k<2>, experts<>> dev;
   bool waited = false;
   dev.assign(device_routing_view<top_k<2>>(ids.data(), weights.data(), 2), map, topo, 0, transport_kind::flat, stream,
              {}, nullptr, [&] {

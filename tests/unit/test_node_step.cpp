@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
+#include <cstdint>
 #include <locus/transport/detail/layout_token.hpp>
 #include <locus/transport/detail/node_step.hpp>
 #include <locus/transport/exchange.hpp>
@@ -657,4 +658,26 @@ BOOST_AUTO_TEST_CASE(a_step_past_32_bit_offsets_indexes_nothing) {
   BOOST_TEST(slot == std::vector<std::int32_t>(n, -1));
   for (std::size_t r = 0; r < layout_rows; ++r)
     BOOST_TEST((ret[r] >= 0 && static_cast<std::size_t>(ret[r]) < n + layout_rows)); // the pool: n + layout rows
+  // The same bodies at positions 2^31 .. 2^31 + 3 (a refused stage keeps its announced size, up to
+  // 2^32 entries): a position must not turn negative and index before the tables. The outputs are
+  // four elements addressed as if they sat at 2^31 (only those four are written).
+  const std::size_t far = std::size_t{1} << 31, m = 4;
+  const auto at_far = [far](auto* p) {
+    return reinterpret_cast<decltype(p)>(reinterpret_cast<std::uintptr_t>(p) - far * sizeof(*p));
+  };
+  std::vector<std::int32_t> index_far(m, -5), entries_far(m, -5), slot_far(m, -5);
+  std::vector<float> weight_far(m, -5.0f);
+  for (std::size_t t = 0; t < m; ++t) {
+    const st::grid_index g{far / m, far / m + 1, t, m}; // thread t: position far + t, then past the end
+    ns::node_send_rows(g, out.tables.data(), G, fan_row.data(), static_cast<std::int32_t>(layout_rows), far + m, &flag,
+                       at_far(index_far.data()));
+    ns::node_send_row_entries(g, out.tables.data(), G, reo.data(), fan_row_entries.data(), far + m, &flag,
+                              at_far(entries_far.data()));
+    ns::node_send_entries(g, out.tables.data(), G, reo.data(), nullptr, fan_slot.data(), fan_weight.data(), far + m,
+                          &flag, at_far(slot_far.data()), at_far(weight_far.data()));
+  }
+  BOOST_TEST(index_far == std::vector<std::int32_t>(m, 0));
+  BOOST_TEST(entries_far == std::vector<std::int32_t>(m, 0));
+  BOOST_TEST(slot_far == std::vector<std::int32_t>(m, -1));
+  BOOST_TEST(weight_far == std::vector<float>(m, 0.0f));
 }

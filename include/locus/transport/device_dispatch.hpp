@@ -45,6 +45,9 @@
 //! Combine adds no wait (its counts are dispatch's reversed); a peer lost in it is caught by the
 //! next step's first wait.
 //! No token row is copied to or from the host.
+//! With CUDA's lazy module loading (the default since CUDA 12.2) a kernel's first launch may wait
+//! for the device, untimed; a deployment whose first step must already be covered by the timeout
+//! sets CUDA_MODULE_LOADING=EAGER or runs one step before it serves.
 
 #include <array>
 #include <cstddef>

@@ -270,8 +270,8 @@ public:
   //! The host `exchanger` form: stages host rows through device memory, so host dispatch runs on
   //! this transport unchanged (see exchange.hpp).
   void exchange(const exchange_request& req, exchange_result& out) {
-    detail::exchange::stage_host_exchange(*this, *send_, stream_, bytes_, req, out);
-    LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    detail::exchange::stage_host_exchange(*this, *staging_, stream_, bytes_, req, out,
+                                          [this] { LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream_)); });
   }
 
 private:
@@ -374,7 +374,7 @@ private:
   cudaStream_t stream_;
   // Behind pointers so that the endpoint can move (events and device memory cannot).
   std::unique_ptr<detail::device_local::event> ready_;
-  std::unique_ptr<device_buffer<std::byte>> send_ = std::make_unique<device_buffer<std::byte>>();
+  std::unique_ptr<detail::exchange::host_staging> staging_ = std::make_unique<detail::exchange::host_staging>();
   std::unique_ptr<device_buffer<std::byte>> recv_[2] = {std::make_unique<device_buffer<std::byte>>(),
                                                         std::make_unique<device_buffer<std::byte>>()};
   unsigned parity_ = 0;

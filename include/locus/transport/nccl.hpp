@@ -227,8 +227,9 @@ public:
 
   //! The host `exchanger` form: stages host rows through device memory (see exchange.hpp).
   void exchange(const exchange_request& req, exchange_result& out) {
-    if (detail::exchange::stage_host_exchange(*this, send_, stream_, bytes_, req, out))
+    detail::exchange::stage_host_exchange(*this, staging_, stream_, bytes_, req, out, [&] {
       wait(std::chrono::steady_clock::now() + options_.timeout, req.group, "copying received rows to the host");
+    });
   }
 
 private:
@@ -375,7 +376,8 @@ private:
   bool broken_ = false;
   link_counters bytes_;
   detail::exchange::step_counter steps_;
-  device_buffer<std::byte> headers_, send_, recv_;
+  device_buffer<std::byte> headers_, recv_;
+  detail::exchange::host_staging staging_;             // host exchange()
   std::vector<detail::exchange::header> host_headers_; // [members, 2 * members): the received ones
   // A header round's messages, sent then received; pinned, so that their copies queue instead of
   // waiting untimed for the exchange (wait() is the round's one, timed, wait).

@@ -4,9 +4,15 @@
 //! The host `exchanger` form of the device transports (nccl.hpp, device_local.hpp), written once:
 //! host rows staged through device memory, moved by the endpoint's device exchange, and the
 //! received rows copied back to the host, so host dispatch runs on a device transport unchanged.
+//!
+//! Both copies go through page-locked memory. A copy from pageable memory to the device waits for
+//! the stream's earlier work before it starts, and one from the device into pageable memory returns
+//! only once it is done: either would wait, untimed, for an exchange queued before it, so a lost
+//! peer would hang the caller there instead of in the transport's timed wait.
 
 #include <algorithm>
 #include <cstddef>
+#include <cstring>
 #include <cuda_runtime_api.h>
 #include <locus/core/cuda_error.hpp>
 #include <locus/core/device_buffer.hpp>
@@ -15,26 +21,43 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::exchange {
 
-//! Runs `req` through `ep.exchange_device` with its rows staged in `send`, counts the rows the
-//! request keeps on this GPU in `bytes`, and queues the copy of the received rows into `out` on
-//! `stream`. @returns whether a copy was queued: the caller waits for the stream before `out.rows`
-//! is read (each transport its own way: the NCCL one under its timeout).
-template <class Endpoint>
-bool stage_host_exchange(Endpoint& ep, device_buffer<std::byte>& send, cudaStream_t stream, link_counters& bytes,
-                         const exchange_request& req, exchange_result& out) {
-  std::byte* d_send = send.room_for(std::max<std::size_t>(req.rows.size(), 1));
-  if (!req.rows.empty())
-    LOCUS_CUDA_CHECK(cudaMemcpyAsync(d_send, req.rows.data(), req.rows.size(), cudaMemcpyHostToDevice, stream));
+//! An endpoint's buffers for host exchanges: the rows sent, on the device, and both directions'
+//! page-locked copies.
+struct host_staging {
+  device_buffer<std::byte> send;
+  pinned_buffer<std::byte> host_send, host_recv;
+};
+
+//! Runs `req` through `ep.exchange_device` with its rows staged in `s`, counts the rows the request
+//! keeps on this GPU in `bytes`, and fills `out`: the received rows are copied back on `stream`,
+//! `wait()` waits for the stream (each transport its own way: the NCCL one under its timeout), and
+//! only then are they copied into `out.rows`. `wait()` is called whenever anything was queued, so
+//! the page-locked buffers are free again when this returns.
+template <class Endpoint, class Wait>
+void stage_host_exchange(Endpoint& ep, host_staging& s, cudaStream_t stream, link_counters& bytes,
+                         const exchange_request& req, exchange_result& out, Wait&& wait) {
+  const std::size_t sent = req.rows.size();
+  std::byte* d_send = s.send.room_for(std::max<std::size_t>(sent, 1));
+  if (sent > 0) {
+    s.host_send.resize(sent);
+    std::memcpy(s.host_send.data(), req.rows.data(), sent);
+    LOCUS_CUDA_CHECK(cudaMemcpyAsync(d_send, s.host_send.data(), sent, cudaMemcpyHostToDevice, stream));
+  }
   device_exchange_result d;
   ep.exchange_device(req.group, req.row_bytes, d_send, req.counts, req.expected_counts, d, req.stage);
   count_kept(bytes, req);
   out.row_bytes = req.row_bytes;
   out.counts = d.counts;
   out.offsets = d.offsets;
-  out.rows.resize(out.offsets.back() * req.row_bytes);
-  if (out.rows.empty()) return false;
-  LOCUS_CUDA_CHECK(cudaMemcpyAsync(out.rows.data(), d.rows, out.rows.size(), cudaMemcpyDeviceToHost, stream));
-  return true;
+  const std::size_t received = out.offsets.back() * req.row_bytes;
+  out.rows.resize(received);
+  if (received > 0) {
+    s.host_recv.resize(received);
+    LOCUS_CUDA_CHECK(cudaMemcpyAsync(s.host_recv.data(), d.rows, received, cudaMemcpyDeviceToHost, stream));
+  }
+  if (sent == 0 && received == 0) return;
+  wait();
+  if (received > 0) std::memcpy(out.rows.data(), s.host_recv.data(), received);
 }
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::exchange

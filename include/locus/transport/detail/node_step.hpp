@@ -295,7 +295,7 @@ inline std::size_t fanout_rows(const step_counts& sc) noexcept { return sc.index
 
 //! The member whose range of `offsets` (members + 1 ascending values, offsets[0] ≤ p <
 //! offsets[members]) holds position p: the last m with offsets[m] ≤ p (empty members skipped).
-LOCUS_HOST_DEVICE std::size_t member_of(const std::int32_t* offsets, std::size_t members, std::int32_t p) {
+LOCUS_HOST_DEVICE std::size_t member_of(const std::int32_t* offsets, std::size_t members, std::int64_t p) {
   std::size_t lo = 0, hi = members;
   while (hi - lo > 1) {
     const std::size_t mid = (lo + hi) / 2;
@@ -387,6 +387,10 @@ LOCUS_HOST_DEVICE void fanout_place(grid_index g, const std::int32_t* LOCUS_REST
                       out_row_entries, out_slot, out_weight, out_source);
 }
 
+// Positions are 64-bit in the node stage's bodies: a step refused past 32-bit offsets keeps the
+// stage's announced size (up to 2^32 entries) over zeroed tables, and a position cast to 32 bits
+// would turn negative there and index before the tables instead of taking the guarded branch.
+
 //! The node stage's send rows, `index[p]` for p < n in the source row space (the layout's rows,
 //! then the rail rows received at `layout_rows + r`): per local rank its own rows, then the fan-out
 //! rows for it. Once `*flag` is set the forwarded positions name row 0 (their entry counts go out
@@ -397,9 +401,10 @@ LOCUS_HOST_DEVICE void node_send_rows(grid_index g, const std::int32_t* LOCUS_RE
   const std::size_t G1 = gpus + 1;
   const std::int32_t *own = tables + own_row * G1, *fwd = tables + forward_row * G1, *at = tables + node_row * G1;
   for (std::size_t p = g.block * g.threads + g.thread; p < n; p += g.blocks * g.threads) {
-    const std::size_t m = member_of(at, gpus, static_cast<std::int32_t>(p));
-    const std::int32_t j = static_cast<std::int32_t>(p) - at[m], mine = own[m + 1] - own[m];
-    index[p] = j < mine ? own[m] + j : (*flag ? 0 : layout_rows + fan_row[fwd[m] + j - mine]);
+    const std::size_t m = member_of(at, gpus, static_cast<std::int64_t>(p));
+    const std::int64_t j = static_cast<std::int64_t>(p) - at[m], mine = own[m + 1] - own[m];
+    index[p] =
+        j < mine ? own[m] + static_cast<std::int32_t>(j) : (*flag ? 0 : layout_rows + fan_row[fwd[m] + j - mine]);
   }
 }
 
@@ -411,10 +416,10 @@ LOCUS_HOST_DEVICE void node_send_row_entries(grid_index g, const std::int32_t* L
   const std::size_t G1 = gpus + 1;
   const std::int32_t *own = tables + own_row * G1, *fwd = tables + forward_row * G1, *at = tables + node_row * G1;
   for (std::size_t p = g.block * g.threads + g.thread; p < n; p += g.blocks * g.threads) {
-    const std::size_t m = member_of(at, gpus, static_cast<std::int32_t>(p));
-    const std::int32_t j = static_cast<std::int32_t>(p) - at[m], mine = own[m + 1] - own[m];
+    const std::size_t m = member_of(at, gpus, static_cast<std::int64_t>(p));
+    const std::int64_t j = static_cast<std::int64_t>(p) - at[m], mine = own[m + 1] - own[m];
     if (j < mine) {
-      const std::int32_t r = own[m] + j;
+      const std::int32_t r = own[m] + static_cast<std::int32_t>(j);
       out[p] = layout_row_entry_offsets[r + 1] - layout_row_entry_offsets[r];
     } else {
       out[p] = *flag ? 0 : fan_row_entries[fwd[m] + j - mine];
@@ -434,8 +439,8 @@ node_send_entries(grid_index g, const std::int32_t* LOCUS_RESTRICT tables, std::
   const std::int32_t *own = tables + own_entry * G1, *fwd = tables + forward_entry * G1,
                      *at = tables + node_entry_at * G1;
   for (std::size_t p = g.block * g.threads + g.thread; p < n; p += g.blocks * g.threads) {
-    const std::size_t m = member_of(at, gpus, static_cast<std::int32_t>(p));
-    const std::int32_t j = static_cast<std::int32_t>(p) - at[m], mine = own[m + 1] - own[m];
+    const std::size_t m = member_of(at, gpus, static_cast<std::int64_t>(p));
+    const std::int64_t j = static_cast<std::int64_t>(p) - at[m], mine = own[m + 1] - own[m];
     if (j < mine) {
       out_slot[p] = layout_slot[own[m] + j];
       out_weight[p] = layout_weight ? layout_weight[own[m] + j] : 0.0f;
