@@ -199,9 +199,11 @@ void check_case(const locus_test::dispatch_case& c, grid_shape grid) {
     run(grid, [&](st::grid_index g) {
       ns::unpack_entries(g, en.data(), ren, me.fwd_target.data(), me.fwd_slot.data(), me.fwd_weight.data());
     });
+    unsigned long long total = 0;
     run(grid, [&](st::grid_index g) {
-      st::receive_metadata_check(g, re.data(), rin, me.fwd_target.data(), ren, G, &me.flag);
+      st::receive_metadata_check(g, re.data(), rin, me.fwd_target.data(), ren, G, &me.flag, &total);
     });
+    run(grid, [&](st::grid_index g) { st::receive_total_check(g, &total, ren, &me.flag); });
     run(grid, [&](st::grid_index g) { st::exclusive_scan(g, re.data(), rin, me.fwd_reo.data()); });
     run(grid, [&](st::grid_index g) {
       ns::fanout_count(g, me.fwd_reo.data(), me.fwd_target.data(), rin, G, &me.flag, count.data(), present.data());

@@ -598,9 +598,12 @@ BOOST_AUTO_TEST_CASE(receive_metadata_check_flags_bad_metadata) {
   for (const auto& c : cases)
     for (const auto& g : grids) {
       std::int32_t flag = 0;
+      unsigned long long total = 0;
       st::run_grid(g[0], g[1], [&](st::grid_index i) {
-        st::receive_metadata_check(i, c.counts.data(), c.counts.size(), c.slot.data(), c.slot.size(), slots, &flag);
+        st::receive_metadata_check(i, c.counts.data(), c.counts.size(), c.slot.data(), c.slot.size(), slots, &flag,
+                                   &total);
       });
+      st::run_grid(g[0], g[1], [&](st::grid_index i) { st::receive_total_check(i, &total, c.slot.size(), &flag); });
       BOOST_TEST_CONTEXT(c.what << ", grid " << g[0] << " x " << g[1]) { BOOST_TEST(flag == c.bits); }
     }
   for (const auto& c : cases) {

@@ -147,9 +147,14 @@ LOCUS_DETAIL_NODE_STEP_KERNEL(return_index,
 // The receive layout's metadata check, run by the rail peer on its rail metadata.
 template <class = void>
 __global__ void metadata_check_kernel(const std::int32_t* row_entries, std::size_t rows, const std::int32_t* slot,
-                                      std::size_t entries, std::size_t slots, std::int32_t* flag) {
+                                      std::size_t entries, std::size_t slots, std::int32_t* flag,
+                                      unsigned long long* total) {
   stage::receive_metadata_check(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, row_entries, rows,
-                                slot, entries, slots, flag);
+                                slot, entries, slots, flag, total);
+}
+template <class = void>
+__global__ void total_check_kernel(const unsigned long long* total, std::size_t entries, std::int32_t* flag) {
+  stage::receive_total_check(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, total, entries, flag);
 }
 
 // Received entry metadata: the result of an exchange copied, device to device, to `out` (the
@@ -546,8 +551,10 @@ private:
     std::int32_t* flag = forward_flag_.data();
     launch(rin_entries, dd::unpack_entries_kernel<>, fwd_entries_.data(), rin_entries, fwd_target_.data(),
            fwd_slot_.data(), fwd_weight_.data());
+    LOCUS_CUDA_CHECK(cudaMemsetAsync(forward_total_.data(), 0, sizeof(unsigned long long), stream_));
     launch(std::max(rin, rin_entries), dd::metadata_check_kernel<>, fwd_row_entries_.data(), rin, fwd_target_.data(),
-           rin_entries, G, flag);
+           rin_entries, G, flag, forward_total_.data());
+    launch(1, dd::total_check_kernel<>, forward_total_.data(), rin_entries, flag);
     scan(fwd_row_entries_.data(), rin, fwd_reo_.data());
     launch(fr, dd::fanout_count_kernel<>, fwd_reo_.data(), fwd_target_.data(), fr, G, flag, fan_count_.data(),
            fan_present_.data());
@@ -692,6 +699,7 @@ private:
   detail::node_step::step_counts sc_;
   pinned_buffer<std::int32_t> tables_host_; // the step's tables on their way to the device
   device_buffer<std::int32_t> tables_, forward_flag_{1};
+  device_buffer<unsigned long long> forward_total_{1}; // the rail rows' entries, summed by the check
   device_buffer<detail::node_step::node_entry> rail_send_entries_, fwd_entries_;
   device_buffer<std::int32_t> fwd_row_entries_, fwd_reo_, fwd_target_, fwd_slot_, send_slots_;
   device_buffer<float> fwd_weight_, send_weights_, fan_weight_, ones_;

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cub/device/device_scan.cuh>
 #include <exception>
 #include <locus/core/bfloat16.hpp>
 #include <locus/core/device_buffer.hpp>
@@ -34,9 +35,26 @@ inline constexpr bool device_element = std::is_same_v<T, float> || std::is_same_
 // writes nothing out of bounds.
 template <class = void>
 __global__ void receive_check_kernel(const std::int32_t* row_entry_counts, std::size_t rows, const std::int32_t* slot,
-                                     std::size_t entries, std::size_t slots, std::int32_t* flag) {
+                                     std::size_t entries, std::size_t slots, std::int32_t* flag,
+                                     unsigned long long* total) {
   stage::receive_metadata_check(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, row_entry_counts,
-                                rows, slot, entries, slots, flag);
+                                rows, slot, entries, slots, flag, total);
+}
+template <class = void>
+__global__ void receive_total_check_kernel(const unsigned long long* total, std::size_t entries, std::int32_t* flag) {
+  stage::receive_total_check(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, total, entries, flag);
+}
+//! `out[0] = 0` and `out[1 .. n]` the inclusive sums of `in[0 .. n)` on `stream`: CUB's device-wide
+//! scan (stage::exclusive_scan's sums), `temp` its scratch. Unlike the stage kernels it runs also
+//! when the check word is set: what it then writes is never read (every later body skips).
+inline void device_scan(const std::int32_t* in, std::size_t n, std::int32_t* out, device_buffer<std::byte>& temp,
+                        cudaStream_t stream) {
+  LOCUS_CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(std::int32_t), stream));
+  if (n == 0) return;
+  std::size_t bytes = 0;
+  LOCUS_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, bytes, in, out + 1, static_cast<int>(n), stream));
+  LOCUS_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp.room_for(std::max<std::size_t>(bytes, 1)), bytes, in, out + 1,
+                                                 static_cast<int>(n), stream));
 }
 template <class = void>
 __global__ void entry_rows_kernel(const std::int32_t* skip, const std::int32_t* offsets, std::size_t rows,
@@ -72,11 +90,6 @@ __global__ void slot_chunk_place_kernel(const std::int32_t* skip, const std::int
   if (*skip) return;
   stage::slot_chunk_place(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, slot, weight, entry_row,
                           entries, chunk, at, expert_row, expert_weight, position);
-}
-template <class = void>
-__global__ void scan_kernel(const std::int32_t* skip, const std::int32_t* in, std::size_t n, std::int32_t* out) {
-  if (*skip) return;
-  stage::exclusive_scan(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, in, n, out);
 }
 } // namespace detail::permute
 
@@ -123,9 +136,13 @@ public:
                   " but ", entries, " entries were received");
     constexpr std::size_t chunk = 32; // entries per counting thread: short, its placement recounts
     const std::size_t slots = expected_slot_offsets.size() - 1;
+    const std::size_t chunks = detail::stage::slot_chunks(entries, chunk);
+    // The layout's offsets are 32-bit, and CUB counts its scans' items in an int.
+    LOCUS_REQUIRE(rows < INT32_MAX && entries < INT32_MAX && slots * chunks < INT32_MAX, invalid_input_error,
+                  "device_receive_layout::build: ", rows, " rows, ", entries, " entries and ", slots * chunks,
+                  " slot chunks: past 32-bit offsets");
     rows_ = rows;
     entries_ = entries;
-    const std::size_t chunks = detail::stage::slot_chunks(entries, chunk);
     row_entry_offsets_.resize(rows + 1);
     expert_row_.resize(std::max<std::size_t>(entries, 1));
     entry_position_.resize(std::max<std::size_t>(entries, 1));
@@ -145,14 +162,17 @@ public:
                                      cudaMemcpyHostToDevice, stream));
     clear_flag(stream);
     std::int32_t* const flag = flag_.data();
-    dp::receive_check_kernel<><<<detail::layout::blocks_for(entries), 256, 0, stream>>>(
-        row_entry_counts, rows, entry_slot, entries, slots, flag);
-    dp::scan_kernel<><<<1, 1, 0, stream>>>(flag, row_entry_counts, rows, row_entry_offsets_.data());
+    total_.resize(1);
+    LOCUS_CUDA_CHECK(cudaMemsetAsync(total_.data(), 0, sizeof(unsigned long long), stream));
+    dp::receive_check_kernel<><<<detail::layout::blocks_for(std::max(rows, entries)), 256, 0, stream>>>(
+        row_entry_counts, rows, entry_slot, entries, slots, flag, total_.data());
+    dp::receive_total_check_kernel<><<<1, 32, 0, stream>>>(total_.data(), entries, flag);
+    dp::device_scan(row_entry_counts, rows, row_entry_offsets_.data(), scan_temp_, stream);
     dp::entry_rows_kernel<><<<detail::layout::blocks_for(rows), 256, 0, stream>>>(flag, row_entry_offsets_.data(), rows,
                                                                                   entry_row_.data());
     dp::slot_chunk_count_kernel<><<<detail::layout::blocks_for(chunks), 256, 0, stream>>>(flag, entry_slot, entries,
                                                                                           slots, chunk, count_.data());
-    dp::scan_kernel<><<<1, 1, 0, stream>>>(flag, count_.data(), slots * chunks, at_.data());
+    dp::device_scan(count_.data(), slots * chunks, at_.data(), scan_temp_, stream);
     dp::slot_offsets_kernel<><<<detail::layout::blocks_for(slots + 1), 256, 0, stream>>>(
         flag, at_.data(), entries, slots, chunk, slot_offsets_.data());
     dp::slot_offsets_check_kernel<><<<detail::layout::blocks_for(slots + 1), 256, 0, stream>>>(
@@ -201,6 +221,8 @@ private:
   device_buffer<float> expert_weight_;
   device_buffer<std::int32_t> entry_row_, count_, at_, slot_offsets_, expected_; // build's scratch
   device_buffer<std::int32_t> flag_;                                             // the check word
+  device_buffer<unsigned long long> total_;                                      // the rows' entries, summed
+  device_buffer<std::byte> scan_temp_;                                           // CUB's scratch
   pinned_buffer<std::int32_t> expected_host_; // build: the announced offsets on their way up
   std::vector<std::int32_t> slot_offsets_host_;
 };

@@ -347,8 +347,8 @@ LOCUS_HOST_DEVICE void adjacent_difference(grid_index g, const std::int32_t* LOC
     out[i] = offsets[i + 1] - offsets[i];
 }
 
-//! `out[i] = in[0] + ... + in[i - 1]` for i ≤ n (n + 1 values; `out[0] = 0`). One thread: for the
-//! short per-rank and per-slot offset arrays, where a launch of a parallel scan costs more.
+//! `out[i] = in[0] + ... + in[i - 1]` for i ≤ n (n + 1 values; `out[0] = 0`), by one thread: the
+//! host executor's form of the scans the device stages take from CUB (the same sums).
 LOCUS_HOST_DEVICE void exclusive_scan(grid_index g, const std::int32_t* LOCUS_RESTRICT in, std::size_t n,
                                       std::int32_t* LOCUS_RESTRICT out) {
   if (g.block != 0 || g.thread != 0) return;
@@ -549,29 +549,46 @@ LOCUS_HOST_DEVICE void flag_set(std::int32_t* flag, std::int32_t bits) {
 #endif
 }
 
-//! Thread 0 checks the `rows` entry counts (summed in 64 bits, so no count can wrap the total);
-//! every thread checks a stride of the `entries` slots.
+//! Adds `value` to `*total` (atomically on the device: every thread adds its share).
+LOCUS_HOST_DEVICE void total_add(unsigned long long* total, unsigned long long value) {
+#if LOCUS_IS_DEVICE_PASS()
+  atomicAdd(total, value);
+#else
+  *total += value;
+#endif
+}
+
+//! Every thread checks a stride of the `rows` entry counts (each at least 1) and adds its stride's
+//! counts to `*total` (64 bits, so no count can wrap it; zero before the grid runs), and a stride of
+//! the `entries` slots. receive_total_check then compares the total with `entries`: no thread walks
+//! every row (a receive layout holds thousands of them at decode, tens of thousands at prefill).
 LOCUS_HOST_DEVICE void receive_metadata_check(grid_index g, const std::int32_t* LOCUS_RESTRICT row_entry_counts,
                                               std::size_t rows, const std::int32_t* LOCUS_RESTRICT entry_slot,
-                                              std::size_t entries, std::size_t slots, std::int32_t* flag) {
+                                              std::size_t entries, std::size_t slots, std::int32_t* flag,
+                                              unsigned long long* total) {
   const std::size_t first = g.block * g.threads + g.thread, stride = g.blocks * g.threads;
-  if (first == 0) {
-    long long total = 0;
-    std::int32_t bits = 0;
-    for (std::size_t r = 0; r < rows; ++r) {
-      if (row_entry_counts[r] < 1)
-        bits |= bad_row_entries;
-      else
-        total += row_entry_counts[r];
-    }
-    if (total != static_cast<long long>(entries)) bits |= bad_entry_total;
-    if (bits) flag_set(flag, bits);
+  unsigned long long sum = 0;
+  bool short_row = false;
+  for (std::size_t r = first; r < rows; r += stride) {
+    if (row_entry_counts[r] < 1)
+      short_row = true;
+    else
+      sum += static_cast<unsigned long long>(row_entry_counts[r]);
   }
+  if (short_row) flag_set(flag, bad_row_entries);
+  if (sum) total_add(total, sum);
   for (std::size_t e = first; e < entries; e += stride)
     if (entry_slot[e] < 0 || static_cast<std::size_t>(entry_slot[e]) >= slots) {
       flag_set(flag, bad_slot);
       return; // one is enough for this thread
     }
+}
+
+//! After receive_metadata_check: the rows' entry counts must add up to `entries` (one thread).
+LOCUS_HOST_DEVICE void receive_total_check(grid_index g, const unsigned long long* total, std::size_t entries,
+                                           std::int32_t* flag) {
+  if (g.block == 0 && g.thread == 0 && *total != static_cast<unsigned long long>(entries))
+    flag_set(flag, bad_entry_total);
 }
 
 //! After the build counted the received entries per slot: `slot_offsets` (slots + 1 values) must
