@@ -85,13 +85,59 @@ inline void exchange_peers(std::size_t members, const peer_io& io) {
     static_cast<void>(ncclGroupEnd()); // the first error is the one raised
     throw;
   }
-  LOCUS_NCCL_CHECK(ncclGroupEnd());
+  ncclResult_t r = ncclGroupEnd();
+  // A non-blocking communicator (NCCL_COMM_BLOCKING=0 overrides the transport's configuration)
+  // launches the group from another thread: its operations are on the stream, and a wait on the
+  // stream means something, only once the communicator's state has left ncclInProgress.
+  while (r == ncclInProgress) {
+    std::this_thread::yield();
+    ncclResult_t state = ncclSuccess;
+    r = ncclCommGetAsyncError(io.comm, &state);
+    if (r == ncclSuccess) r = state;
+  }
+  LOCUS_NCCL_CHECK(r);
+}
+
+//! `parent` split by (`color`, `key`) into a blocking communicator (without a configuration NCCL
+//! copies the parent's: a non-blocking parent would give communicators whose calls return before
+//! their work is queued). A non-blocking parent still runs the split itself in the background: its
+//! state says when the split is done. Whether the new communicator shares the parent's resources,
+//! its abort flag included, NCCL decides by the parent's configuration (splitShare, or
+//! NCCL_COMM_SPLIT_SHARE_RESOURCES), not by this one's.
+inline ncclComm_t split_blocking(ncclComm_t parent, int color, int key) {
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 1;
+  config.splitShare = 0;
+  ncclComm_t out = nullptr;
+  ncclResult_t r = ncclCommSplit(parent, color, key, &out, &config);
+  while (r == ncclInProgress) {
+    std::this_thread::yield();
+    ncclResult_t state = ncclSuccess;
+    r = ncclCommGetAsyncError(parent, &state);
+    if (r == ncclSuccess) r = state;
+  }
+  LOCUS_NCCL_CHECK(r);
+  return out;
 }
 
 } // namespace detail::nccl
 
 //! Host object of the NCCL transports for one rank (one GPU).
 class nccl_transport {
+  // Runs `f`, this rank's part of an exchange. When it ends early (an allocation, a copy or a post
+  // that failed, a caller's error found once the step was named), the members are out of step: the
+  // peers posted their part, which this rank's next exchange would meet. So the transport is
+  // unusable from then on, as after a timeout.
+  template <class F>
+  decltype(auto) in_step(F&& f) {
+    try {
+      return f();
+    } catch (...) {
+      abort_all();
+      throw;
+    }
+  }
+
 public:
   //! Collective over `world` (ncclCommSplit is collective).
   //! @param world        an initialised communicator over all ranks (not owned)
@@ -99,6 +145,9 @@ public:
   //! @param topo         nodes × GPUs per node; ranks = world size
   //! @param kind         how dispatch over it moves copies: the transport policy's `P::kind`
   //! @throws locus::config_error when the communicator size differs from the topology
+  //! A caller's communicator made with splitShare = 1 (or NCCL_COMM_SPLIT_SHARE_RESOURCES=1) shares
+  //! its abort flag with the transport's own world, so that a timeout, which aborts the transport's
+  //! communicators, aborts it too; NCCL decides that by the parent, so the transport cannot.
   nccl_transport(ncclComm_t world, cudaStream_t stream, const dynamic_topology& topo, transport_kind kind,
                  exchange_options options = {})
       : stream_(stream), groups_{topo, 0}, hierarchical_(kind == transport_kind::hierarchical), options_(options) {
@@ -109,12 +158,13 @@ public:
                   size, " ranks but the topology has ", topo.ranks());
     groups_.rank = static_cast<std::size_t>(rank);
     try {
-      // A world of its own: after a timeout it is aborted with the others (the caller's is not ours to abort).
-      LOCUS_NCCL_CHECK(ncclCommSplit(world, 0, rank, &world_, nullptr));
-      LOCUS_NCCL_CHECK(ncclCommSplit(world, static_cast<int>(topo.node_of(groups_.rank)),
-                                     static_cast<int>(topo.local_rank_of(groups_.rank)), &node_, nullptr));
-      LOCUS_NCCL_CHECK(ncclCommSplit(world, static_cast<int>(topo.local_rank_of(groups_.rank)),
-                                     static_cast<int>(topo.node_of(groups_.rank)), &rail_, nullptr));
+      // A world of its own: after a timeout it is aborted with the others (the caller's is not ours
+      // to abort); node and rail are split from it, so they inherit nothing of the caller's.
+      world_ = detail::nccl::split_blocking(world, 0, rank);
+      node_ = detail::nccl::split_blocking(world_, static_cast<int>(topo.node_of(groups_.rank)),
+                                           static_cast<int>(topo.local_rank_of(groups_.rank)));
+      rail_ = detail::nccl::split_blocking(world_, static_cast<int>(topo.local_rank_of(groups_.rank)),
+                                           static_cast<int>(topo.node_of(groups_.rank)));
     } catch (...) {
       abort_all();
       throw;
@@ -165,11 +215,14 @@ public:
                        device_exchange_result& out, std::uint32_t stage = 0) {
     namespace dx = detail::exchange;
     const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
-    const dx::device_request req(group, groups_.size(group), row_bytes, send, counts, expected, stage);
-    const dx::position at = header_round(group, req, expected, deadline);
-    req.shape(std::span<const dx::header>(host_headers_.data() + groups_.size(group), groups_.size(group)), out);
-    post_rows(group, row_bytes, send, counts, out);
-    wait(deadline, group, ::locus::detail::concat("the row exchange of ", dx::describe(at)));
+    const auto req = in_step(
+        [&] { return dx::device_request(group, groups_.size(group), row_bytes, send, counts, expected, stage); });
+    const dx::position at = header_round(group, req, expected, deadline); // a verdict raises here, on every member
+    in_step([&] {
+      req.shape(std::span<const dx::header>(host_headers_.data() + groups_.size(group), groups_.size(group)), out);
+      post_rows(group, row_bytes, send, counts, out);
+      wait(deadline, group, ::locus::detail::concat("the row exchange of ", dx::describe(at)));
+    });
     req.add_bytes(bytes_, groups_, out);
   }
 
@@ -191,11 +244,15 @@ public:
                               std::uint32_t tail_width = 0) {
     namespace dx = detail::exchange;
     const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
-    const dx::device_request req(group, groups_.size(group), row_bytes, counts, entry_bytes, entry_counts, stage, tail,
-                                 tail_width);
+    const auto req = in_step([&] {
+      return dx::device_request(group, groups_.size(group), row_bytes, counts, entry_bytes, entry_counts, stage, tail,
+                                tail_width);
+    });
     header_round(group, req, {}, deadline);
-    req.counts(std::span<const dx::header>(host_headers_.data() + groups_.size(group), groups_.size(group)), recv_tail_,
-               out);
+    in_step([&] {
+      req.counts(std::span<const dx::header>(host_headers_.data() + groups_.size(group), groups_.size(group)),
+                 recv_tail_, out);
+    });
   }
 
   //! Collective over `group`: rows whose counts every member already knows (a count round's, or
@@ -203,16 +260,20 @@ public:
   //! header round and no wait: the rows are posted on the stream and ready for work queued
   //! afterwards; a peer that never posts is caught, with the timeout, by the next wait on the
   //! stream (the next count round or synchronize()).
-  //! @throws locus::invalid_input_error when a count array's size is not the group size
+  //! @throws locus::invalid_input_error when a count array's size is not the group size (the
+  //!         transport is unusable afterwards: the peers posted their part of the exchange)
   void exchange_device_known(exchange_group group, std::size_t row_bytes, const std::byte* send,
                              std::span<const std::size_t> send_counts, std::span<const std::size_t> recv_counts,
                              device_exchange_result& out) {
     namespace dx = detail::exchange;
     LOCUS_REQUIRE(!broken_, transport_error, "nccl_transport: unusable after an earlier exchange failed or timed out");
     const std::size_t members = groups_.size(group);
-    dx::check_known("nccl_transport", group, members, row_bytes, send_counts, recv_counts);
-    dx::known_shape(recv_counts, row_bytes, out);
-    post_rows(group, row_bytes, send, send_counts, out);
+    // A caller's error here too leaves the members out of step: the peers post this exchange.
+    in_step([&] {
+      dx::check_known("nccl_transport", group, members, row_bytes, send_counts, recv_counts);
+      dx::known_shape(recv_counts, row_bytes, out);
+      post_rows(group, row_bytes, send, send_counts, out);
+    });
     const dx::device_request req(group, members, row_bytes, send, send_counts, {}, 0);
     req.add_bytes(bytes_, groups_, out);
   }
@@ -242,38 +303,40 @@ private:
     LOCUS_REQUIRE(!broken_, transport_error, "nccl_transport: unusable after an earlier exchange failed or timed out");
     const ncclComm_t comm = communicator(group);
     const std::size_t members = groups_.size(group);
-    const dx::position at = steps_.next(group, req.request().stage);
-    // One message per member: its header, then a count round's tail (tail_width() counts).
-    const std::size_t W = req.tail_width(), message = sizeof(dx::header) + W * sizeof(std::uint32_t);
-    host_messages_.resize(2 * members * message);
-    for (std::size_t m = 0; m < members; ++m) {
-      const dx::header h = req.header_for(at, m);
-      std::memcpy(host_messages_.data() + m * message, &h, sizeof h);
-      for (std::size_t i = 0; i < W; ++i) {
-        const std::uint32_t c = req.tail_to(m, i);
-        std::memcpy(host_messages_.data() + m * message + sizeof h + i * sizeof c, &c, sizeof c);
+    dx::position at{};
+    std::string why; // a verdict every member reaches alike: raised after the round, which is complete
+    in_step([&] {
+      at = steps_.next(group, req.request().stage);
+      // One message per member: its header, then a count round's tail (tail_width() counts).
+      const std::size_t W = req.tail_width(), message = sizeof(dx::header) + W * sizeof(std::uint32_t);
+      host_messages_.resize(2 * members * message);
+      for (std::size_t m = 0; m < members; ++m) {
+        const dx::header h = req.header_for(at, m);
+        std::memcpy(host_messages_.data() + m * message, &h, sizeof h);
+        for (std::size_t i = 0; i < W; ++i) {
+          const std::uint32_t c = req.tail_to(m, i);
+          std::memcpy(host_messages_.data() + m * message + sizeof h + i * sizeof c, &c, sizeof c);
+        }
       }
-    }
-    std::byte* d_messages = headers_.room_for(2 * members * message);
-    LOCUS_CUDA_CHECK(
-        cudaMemcpyAsync(d_messages, host_messages_.data(), members * message, cudaMemcpyHostToDevice, stream_));
-    fixed_offsets(members, message);
-    post(members, {d_messages, offsets_a_.data(), d_messages + members * message, offsets_a_.data(), comm, stream_});
-    LOCUS_CUDA_CHECK(cudaMemcpyAsync(host_messages_.data() + members * message, d_messages + members * message,
-                                     members * message, cudaMemcpyDeviceToHost, stream_));
-    wait(deadline, group, ::locus::detail::concat("the header round of ", dx::describe(at)));
-    host_headers_.resize(2 * members);
-    recv_tail_.resize(members * W);
-    for (std::size_t m = 0; m < members; ++m) {
-      const std::byte* in = host_messages_.data() + (members + m) * message;
-      std::memcpy(&host_headers_[members + m], in, sizeof(dx::header));
-      if (W) std::memcpy(recv_tail_.data() + m * W, in + sizeof(dx::header), W * sizeof(std::uint32_t));
-    }
-    const std::span<const dx::header> received(host_headers_.data() + members, members);
-    bool expectations = false;
-    if (std::string why = req.verdict(received, groups_, expectations); !why.empty())
-      LOCUS_THROW(transport_error, "nccl_transport: ", why);
-    if (expectations) {
+      std::byte* d_messages = headers_.room_for(2 * members * message);
+      LOCUS_CUDA_CHECK(
+          cudaMemcpyAsync(d_messages, host_messages_.data(), members * message, cudaMemcpyHostToDevice, stream_));
+      fixed_offsets(members, message);
+      post(members, {d_messages, offsets_a_.data(), d_messages + members * message, offsets_a_.data(), comm, stream_});
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(host_messages_.data() + members * message, d_messages + members * message,
+                                       members * message, cudaMemcpyDeviceToHost, stream_));
+      wait(deadline, group, ::locus::detail::concat("the header round of ", dx::describe(at)));
+      host_headers_.resize(2 * members);
+      recv_tail_.resize(members * W);
+      for (std::size_t m = 0; m < members; ++m) {
+        const std::byte* in = host_messages_.data() + (members + m) * message;
+        std::memcpy(&host_headers_[members + m], in, sizeof(dx::header));
+        if (W) std::memcpy(recv_tail_.data() + m * W, in + sizeof(dx::header), W * sizeof(std::uint32_t));
+      }
+      const std::span<const dx::header> received(host_headers_.data() + members, members);
+      bool expectations = false;
+      why = req.verdict(received, groups_, expectations);
+      if (!why.empty() || !expectations) return;
       codes_.resize(2 * members);
       std::fill_n(codes_.data(), 2 * members, dx::expectation_code(received, expected));
       std::byte* d_codes = headers_.room_for(2 * members * sizeof(std::uint32_t));
@@ -286,9 +349,9 @@ private:
                                        members * sizeof(std::uint32_t), cudaMemcpyDeviceToHost, stream_));
       wait(deadline, group, ::locus::detail::concat("the count-agreement round of ", dx::describe(at)));
       const std::span<const std::uint32_t> codes(codes_.data() + members, members);
-      if (std::string why = dx::expectation_verdict(codes, groups_, group, received, expected); !why.empty())
-        LOCUS_THROW(transport_error, "nccl_transport: ", why);
-    }
+      why = dx::expectation_verdict(codes, groups_, group, received, expected);
+    });
+    if (!why.empty()) LOCUS_THROW(transport_error, "nccl_transport: ", why);
     return at;
   }
 
@@ -308,16 +371,9 @@ private:
     out.rows = d_recv;
   }
 
-  // Posts one exchange's sends and receives. A failure leaves the members out of step (the peers
-  // posted theirs), so the transport is unusable from then on, as after a timeout.
-  void post(std::size_t members, const detail::nccl::peer_io& io) {
-    try {
-      detail::nccl::exchange_peers(members, io);
-    } catch (...) {
-      abort_all();
-      throw;
-    }
-  }
+  // Posts one exchange's sends and receives (always inside in_step: a failure leaves the members
+  // out of step).
+  void post(std::size_t members, const detail::nccl::peer_io& io) { detail::nccl::exchange_peers(members, io); }
 
   // Whether the stream's work finished by `deadline` (false also on a CUDA error).
   bool idle_by(std::chrono::steady_clock::time_point deadline) const noexcept {
