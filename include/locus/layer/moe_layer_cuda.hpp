@@ -87,6 +87,11 @@ struct device_step<moe_layer<Shape, Topology, Policies...>> {
 
   struct state {
     explicit state(layer_type& l) : dispatch(l.exchanger(), l.map(), l.shape().hidden(), l.backend().stream) {}
+    // The members below are freed first (reverse order), and a free waits for the device: the
+    // dispatcher's timed wait goes before them (device_dispatcher::quiesce).
+    ~state() { dispatch.quiesce(); }
+    state(const state&) = delete;
+    state& operator=(const state&) = delete;
     dispatcher_type dispatch;
     std::shared_ptr<void> route; // device_route_state<router_type>, made by the first routed step
     device_buffer<value_type> shared_out;

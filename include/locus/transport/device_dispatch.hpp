@@ -214,6 +214,22 @@ public:
       tables_host_ =
           pinned_buffer<std::int32_t>(detail::node_step::table_count * (ex.topology().gpus_per_node() + 1) + 1);
   }
+  device_dispatcher(device_dispatcher&&) = default;
+  device_dispatcher& operator=(device_dispatcher&&) = default;
+  ~device_dispatcher() { quiesce(); }
+
+  //! Waits, through the transport, for the work this rank queued, and swallows what the wait
+  //! raises: what the destructor does before its buffers go. Freeing device memory waits for the
+  //! whole device, untimed, so after a step that ended in an exception before finish(), with a peer
+  //! lost, it would wait forever for an exchange that peer never joins; the NCCL transport's timed
+  //! wait aborts that exchange at its timeout instead. A caller with device buffers of its own that
+  //! the dispatcher's work reads calls it before freeing them.
+  void quiesce() noexcept {
+    try {
+      ex_->synchronize("releasing the dispatcher");
+    } catch (...) { // a broken transport raises at once; its aborted exchanges hold nothing
+    }
+  }
 
   //! Collective: dispatches the rows of `x` (`r.tokens() × hidden`, device) routed by `r` (device),
   //! each copy to the replica `replicas` picks (the policy the host dispatcher's plan() takes, so
