@@ -200,22 +200,41 @@ private:
   static void step(layer_type& l, state& s, const value_type* x, const device_routing_view<top_k_type>& r,
                    std::exception_ptr fail, value_type* y, transport::device_abort abort = {}) {
     auto& d = s.dispatch;
+    require_stream(l.experts(), l.backend().stream, "routed");
     d.dispatch(x, r, placement::replica_policy{l.replica_rule_, l.replica_salt_, l.hot_ranks_}, fail, abort);
     const auto b = d.blocks();
     try {
       l.experts()(b);
     } catch (...) {
-      // Zeros still go back, so that the peers finish combine; the error is raised after it.
-      const std::size_t n = b.count == 0 ? 0 : b.offsets[b.count] * b.hidden;
-      if (n > 0) LOCUS_CUDA_CHECK(cudaMemsetAsync(b.output, 0, n * sizeof(value_type), l.backend().stream));
+      // Zeros still go back, so that the peers finish combine; the error is raised after it (a
+      // zero fill that fails is not raised first either: the peers wait for this rank's combine).
       const auto compute_error = std::current_exception();
+      const std::size_t n = b.count == 0 ? 0 : b.offsets[b.count] * b.hidden;
+      if (n > 0) static_cast<void>(cudaMemsetAsync(b.output, 0, n * sizeof(value_type), l.backend().stream));
       d.combine(nullptr); // raises this rank's routing error, the first cause, if it had one
       std::rethrow_exception(compute_error);
     }
     std::exception_ptr earlier; // the previous step's received metadata, refused on the device
     d.combine(y, &earlier);
-    if (l.shape().shared_experts() > 0) add_shared(l, s, x, y);
+    try {
+      if (l.shape().shared_experts() > 0) add_shared(l, s, x, y);
+    } catch (...) {
+      if (earlier) std::rethrow_exception(earlier); // the older error, which the peers' data caused
+      throw;
+    }
     if (earlier) std::rethrow_exception(earlier);
+  }
+
+  // An expert compute that names its stream must run on the layer's: on another (the legacy default
+  // stream included, which does not wait for non-blocking streams) its GEMMs could read the gathered
+  // rows before the gather, and the reduction its outputs before the GEMMs.
+  template <class Compute>
+  static void require_stream(const Compute& c, cudaStream_t stream, const char* which) {
+    if constexpr (requires {
+                    { c.stream() } -> std::convertible_to<cudaStream_t>;
+                  })
+      LOCUS_REQUIRE(c.stream() == stream, config_error, "moe_layer::forward: the ", which,
+                    " expert compute runs on another CUDA stream than the layer's backend; give both the same stream");
   }
 
   // The shared experts on this rank's own tokens, summed in fp32 with the routed part and rounded
@@ -223,6 +242,7 @@ private:
   static void add_shared(layer_type& l, state& s, const value_type* x, value_type* y) {
     LOCUS_REQUIRE(l.shared_.has_value(), config_error, "moe_layer::forward: the shape has ", l.shape().shared_experts(),
                   " shared experts but none were set (set_shared_experts)");
+    require_stream(*l.shared_, l.backend().stream, "shared");
     const std::size_t T = s.dispatch.last_layout().tokens(), H = l.shape().hidden(), n = T * H;
     if (n == 0) return;
     const cudaStream_t stream = l.backend().stream;
