@@ -375,6 +375,42 @@ BOOST_AUTO_TEST_CASE(barrier_work_of_the_last_arrival_runs_once_and_its_failure_
                     transport_error);
 }
 
+// A member that abandons the barrier (it left a step half done) wakes the members waiting in it at
+// once, long before their deadline, and every one raises transport_error with its reason, as does
+// every later arrival, the abandoning member's own next one included.
+BOOST_AUTO_TEST_CASE(an_abandoned_barrier_releases_its_waiters_with_the_reason) {
+  constexpr std::size_t members = 4;
+  locus::transport::detail::timed_barrier barrier({0, 1, 2, 3});
+  std::array<std::exception_ptr, members - 1> errors{};
+  std::atomic<int> waiting = 0;
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<std::thread> threads;
+  for (std::size_t m = 0; m + 1 < members; ++m)
+    threads.emplace_back([&, m] {
+      try {
+        ++waiting;
+        barrier.arrive_and_wait(std::chrono::steady_clock::now() + std::chrono::seconds(60), std::chrono::seconds(60),
+                                m, exchange_group::world, "the row stage");
+      } catch (...) {
+        errors[m] = std::current_exception();
+      }
+    });
+  while (waiting.load() < static_cast<int>(members) - 1)
+    std::this_thread::yield();
+  std::this_thread::sleep_for(std::chrono::milliseconds(50)); // let them sleep in the barrier
+  barrier.abandon("rank 3 left a step half done (out of memory)");
+  for (auto& t : threads)
+    t.join();
+  BOOST_TEST((std::chrono::steady_clock::now() - start < std::chrono::seconds(30))); // not at the deadline
+  for (const auto& e : errors) {
+    BOOST_TEST(raised<transport_error>(e));
+    BOOST_TEST(message_of(e).find("rank 3 left a step half done (out of memory)") != std::string::npos, message_of(e));
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+  BOOST_CHECK_THROW(barrier.arrive_and_wait(deadline, std::chrono::seconds(1), 3, exchange_group::world, "later"),
+                    transport_error);
+}
+
 // A rank that arrives after the others gave up raises too, saying so, instead of joining an
 // exchange nobody else is in; the others name it alone, in its node group as in the world.
 BOOST_AUTO_TEST_CASE(late_peer_raises_and_is_named) {

@@ -244,6 +244,12 @@ public:
   //! the layout reads its flag with the counts it returns anyway, so it costs no wait.
   void dispatch(const T* x, const device_routing_view<TopK>& r, const placement::replica_policy& replicas = {},
                 std::exception_ptr fail = nullptr, device_abort abort = {}) {
+    in_step([&] { dispatch_step(x, r, replicas, fail, abort); });
+  }
+
+private:
+  void dispatch_step(const T* x, const device_routing_view<TopK>& r, const placement::replica_policy& replicas,
+                     std::exception_ptr fail, device_abort abort) {
     pending_ = fail;
     recv_bad_ = false;
     bool planned_nothing = false;
@@ -292,6 +298,26 @@ public:
     }
   }
 
+  // Runs `f`, a part of the step whose exchanges the peers take part in. An exception out of it
+  // (a failed allocation or copy, a check that refused on this rank only, a transport error) leaves
+  // this rank out of step with its peers: an endpoint that can say so is told (abandon), so that
+  // neither they nor this rank's next step pair exchanges that do not belong together. The errors
+  // the step is designed to raise after its exchanges (a routing error, refused metadata) do not
+  // come out of `f`.
+  template <class F>
+  void in_step(F&& f) {
+    try {
+      f();
+    } catch (const std::exception& e) {
+      if constexpr (requires { ex_->abandon(std::string()); }) ex_->abandon(e.what());
+      throw;
+    } catch (...) {
+      if constexpr (requires { ex_->abandon(std::string()); }) ex_->abandon("an exception that names no cause");
+      throw;
+    }
+  }
+
+public:
   //! The local experts' rows of the last dispatch, on the device: the compute reads `input` and
   //! writes `output`.
   layer::expert_blocks<T, memory_space::device> blocks() noexcept {
@@ -314,16 +340,19 @@ public:
   //!         waits for the next combine or finish(), so that a caller's own error raised after
   //!         this call is not replaced by it.
   void combine(T* y, std::exception_ptr* earlier = nullptr) {
-    if (recv_bad_) {
-      // Bad received metadata (this rank raises below): every received row goes back as zeros.
-      const std::size_t n = rows_.offsets.back();
-      back_.resize(std::max<std::size_t>(n, 1) * hidden_);
-      if (n > 0) LOCUS_CUDA_CHECK(cudaMemsetAsync(back_.data(), 0, n * hidden_ * sizeof(T), stream_));
-    } else {
-      back_.resize(std::max<std::size_t>(drl_.rows(), 1) * hidden_);
-      reduce_expert_output(drl_, expert_out_.data(), hx_, back_.data(), stream_);
-    }
-    const T* returned = kind_ == transport_kind::hierarchical ? combine_node() : combine_flat();
+    const T* returned = nullptr;
+    in_step([&] {
+      if (recv_bad_) {
+        // Bad received metadata (this rank raises below): every received row goes back as zeros.
+        const std::size_t n = rows_.offsets.back();
+        back_.resize(std::max<std::size_t>(n, 1) * hidden_);
+        if (n > 0) LOCUS_CUDA_CHECK(cudaMemsetAsync(back_.data(), 0, n * hidden_ * sizeof(T), stream_));
+      } else {
+        back_.resize(std::max<std::size_t>(drl_.rows(), 1) * hidden_);
+        reduce_expert_output(drl_, expert_out_.data(), hx_, back_.data(), stream_);
+      }
+      returned = kind_ == transport_kind::hierarchical ? combine_node() : combine_flat();
+    });
     if (pending_) std::rethrow_exception(std::exchange(pending_, nullptr));
     if (!y) return;
     transport::combine(layout_, returned, hx_, y, stream_);

@@ -21,6 +21,7 @@
 //! CUDA context per exchange, 16-20 ms per DeepSeek-V3 decode step on an H200).
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cuda_runtime_api.h>
 #include <locus/core/cuda_error.hpp>
@@ -82,10 +83,13 @@ __global__ void __launch_bounds__(group_gather::threads_per_block)
 //! Shared state of one group instance (the world, one node, or one rail).
 struct board {
   explicit board(std::vector<std::size_t> ranks)
-      : barrier(ranks), headers(ranks.size() * ranks.size()), send_rows(ranks.size(), nullptr),
-        send_offsets(ranks.size(), std::vector<std::size_t>(ranks.size() + 1, 0)), recv_rows(ranks.size(), nullptr),
-        expected(ranks.size(), std::vector<std::size_t>(ranks.size(), 0)), checked(ranks.size(), 0),
-        bad_sender(ranks.size(), ranks.size()), bad_count(ranks.size(), 0), codes(ranks.size(), 0), tails(ranks.size()),
+      : barrier(ranks), headers{std::vector<exchange::header>(ranks.size() * ranks.size()),
+                                std::vector<exchange::header>(ranks.size() * ranks.size())},
+        send_rows(ranks.size(), nullptr), send_offsets(ranks.size(), std::vector<std::size_t>(ranks.size() + 1, 0)),
+        recv_rows(ranks.size(), nullptr), expected(ranks.size(), std::vector<std::size_t>(ranks.size(), 0)),
+        checked(ranks.size(), 0), bad_sender(ranks.size(), ranks.size()), bad_count(ranks.size(), 0),
+        codes(ranks.size(), 0), tails{std::vector<std::vector<std::uint32_t>>(ranks.size()),
+                                      std::vector<std::vector<std::uint32_t>>(ranks.size())},
         tile(std::make_unique<group_gather::tile_params>()) {}
 
   std::size_t members() const noexcept { return send_rows.size(); }
@@ -126,7 +130,11 @@ struct board {
   }
 
   timed_barrier barrier;
-  std::vector<exchange::header> headers; //!< [sender * members + receiver]
+  //! Per header round, alternating (`round_parity`): [sender * members + receiver]. Two, because a
+  //! count round has one meeting, after which a member reads its headers while a faster member may
+  //! already write its next round's: alternating, that round writes the other copy, and the one
+  //! after it needs this member at the meeting between them.
+  std::vector<exchange::header> headers[2];
   std::vector<const std::byte*> send_rows;
   std::vector<std::vector<std::size_t>> send_offsets; //!< per sender: first row for each receiver
   std::vector<std::byte*> recv_rows;                  //!< per receiver: its receive buffer
@@ -135,12 +143,12 @@ struct board {
   //! their own entries concurrently, and vector<bool> packs them into shared words (seen on an
   //! H200: a lost write made an unchecked exchange compare stale expectations).
   std::vector<std::uint8_t> checked;
-  std::vector<std::size_t> bad_sender, bad_count;  //!< per receiver: first sender that disagrees (or R)
-  std::vector<std::uint32_t> codes;                //!< second-round expectation codes
-  std::vector<std::vector<std::uint32_t>> tails;   //!< per sender: its count round's tail, receiver-major
-  stream joiner;                                   //!< where the members' events are joined
-  event all_done;                                  //!< after the copies of the last row stage
-  std::unique_ptr<group_gather::tile_params> tile; //!< the launch parameters, reused (17 KiB)
+  std::vector<std::size_t> bad_sender, bad_count;   //!< per receiver: first sender that disagrees (or R)
+  std::vector<std::uint32_t> codes;                 //!< second-round expectation codes
+  std::vector<std::vector<std::uint32_t>> tails[2]; //!< per round parity and sender: its tail, receiver-major
+  stream joiner;                                    //!< where the members' events are joined
+  event all_done;                                   //!< after the copies of the last row stage
+  std::unique_ptr<group_gather::tile_params> tile;  //!< the launch parameters, reused (17 KiB)
 };
 
 } // namespace detail::device_local
@@ -197,6 +205,21 @@ public:
   //! Names the exchanges that follow as exchanges of step `step` (see exchange.hpp).
   void begin_step(std::uint64_t step) noexcept { steps_.begin(step); }
 
+  //! This rank leaves a step half done (an error after its peers posted their part of its
+  //! exchanges; device_dispatcher calls it): the meetings of every group it belongs to fail with
+  //! `why`, so the peers waiting in them, and every later exchange of any member, raise
+  //! transport_error at once instead of pairing this rank's next step with what is left of this one
+  //! (known-count exchanges carry no name that would tell them apart).
+  void abandon(const std::string& why) noexcept {
+    try {
+      const std::string what =
+          ::locus::detail::concat("rank ", rank(), " left a step half done (", why, "); the transport is unusable");
+      for (exchange_group g : {exchange_group::world, exchange_group::node, exchange_group::rail})
+        fabric_->board(g, rank()).barrier.abandon(what);
+    } catch (...) { // no memory for the message: the peers time out instead
+    }
+  }
+
   //! Collective over `group`: `send` holds device rows ordered by destination member, written by
   //! work already queued on this endpoint's stream. Returns once the copies are queued; the rows
   //! in `out` are ready for work queued afterwards on the same stream and stay valid until the
@@ -236,7 +259,7 @@ public:
     // Every member's tail has this width (the verdict checked it); read before the next meeting.
     recv_tail_.resize(r.members * tail_width);
     for (std::size_t m = 0; m < r.members; ++m)
-      std::copy_n(r.b.tails[m].begin() + static_cast<std::ptrdiff_t>(r.self * tail_width), tail_width,
+      std::copy_n(r.b.tails[r.parity][m].begin() + static_cast<std::ptrdiff_t>(r.self * tail_width), tail_width,
                   recv_tail_.begin() + static_cast<std::ptrdiff_t>(m * tail_width));
     req.counts(received_, recv_tail_, out);
   }
@@ -294,6 +317,7 @@ private:
     std::chrono::milliseconds timeout;
     std::chrono::steady_clock::time_point deadline;
     std::uint32_t stage;
+    unsigned parity = 0; //!< which copy of the board's headers and tails the header round used
   };
 
   // This member's send buffer, per-receiver offsets and events on the board.
@@ -313,9 +337,13 @@ private:
     namespace dx = detail::exchange;
     const dx::position at = steps_.next(r.group, r.stage);
     const std::string where = ::locus::detail::concat("the header round of ", dx::describe(at));
+    // Every member counts its header rounds per group alike (they are in step, which the round
+    // checks), so all use the same copy.
+    r.parity = static_cast<unsigned>(round_parity_[static_cast<std::size_t>(r.group)]++ & 1u);
+    auto& headers = r.b.headers[r.parity];
     for (std::size_t m = 0; m < r.members; ++m)
-      r.b.headers[r.self * r.members + m] = req.header_for(at, m);
-    auto& tail = r.b.tails[r.self];
+      headers[r.self * r.members + m] = req.header_for(at, m);
+    auto& tail = r.b.tails[r.parity][r.self];
     tail.resize(r.members * req.tail_width());
     for (std::size_t m = 0; m < r.members; ++m)
       for (std::size_t i = 0; i < req.tail_width(); ++i)
@@ -327,7 +355,7 @@ private:
     r.sync(where);
     received_.resize(r.members);
     for (std::size_t m = 0; m < r.members; ++m)
-      received_[m] = r.b.headers[m * r.members + r.self];
+      received_[m] = headers[m * r.members + r.self];
     bool expectations = false;
     if (std::string why = req.verdict(received_, groups_, expectations); !why.empty()) {
       r.sync(where); // nobody rewrites the board before all have read it
@@ -378,6 +406,7 @@ private:
   std::unique_ptr<device_buffer<std::byte>> recv_[2] = {std::make_unique<device_buffer<std::byte>>(),
                                                         std::make_unique<device_buffer<std::byte>>()};
   unsigned parity_ = 0;
+  std::array<std::uint64_t, 3> round_parity_{}; // header rounds per group (world, node, rail)
   link_counters bytes_;
   detail::exchange::step_counter steps_;
   std::vector<detail::exchange::header> received_;

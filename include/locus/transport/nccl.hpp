@@ -205,6 +205,12 @@ public:
   //! member at its next exchange.
   void begin_step(std::uint64_t step) noexcept { steps_.begin(step); }
 
+  //! This rank leaves a step half done (an error after its peers posted their part of its
+  //! exchanges; device_dispatcher calls it): the transport aborts its communicators and is unusable
+  //! from then on, so its next step cannot pair with what is left of this one. The peers learn it
+  //! at their timeout (NCCL has no way to tell them sooner).
+  void abandon(const std::string&) noexcept { abort_all(); }
+
   //! Collective over `group`: `send` holds device rows ordered by destination member.
   //! `stage` names the exchange within the step (exchange_request::stage). Two waits: the header
   //! round (counts) and the rows.

@@ -121,13 +121,14 @@ public:
       throw_if_failed(group);
       return;
     }
-    // The deadline passed, or the barrier broke: the rare path, under the mutex.
+    // The deadline passed, the barrier broke, or a member abandoned it: the rare path, under the mutex.
     lock.lock();
     if (generation_.load(std::memory_order_relaxed) != generation) {
       lock.unlock();
       throw_if_failed(group);
       return;
     }
+    throw_if_failed(group);
     if (!broken_) {
       broken_ = true;
       for (std::size_t m = 0; m < ranks_.size(); ++m)
@@ -139,6 +140,19 @@ public:
     LOCUS_THROW(timeout_error, "local transport: rank ", ranks_[member], " waited ", timeout.count(), " ms in ", where,
                 " over the ", to_string(group), " group; ", exchange::rank_list(missing_),
                 " did not arrive; the transport is unusable from now on");
+  }
+
+  //! A member that leaves the group's collective work half done (an error inside a step, after
+  //! its peers have posted their part) says so: the barrier fails with `why`, and every member
+  //! waiting in it now, or arriving later, raises transport_error at once instead of meeting this
+  //! member's next step out of step.
+  void abandon(const std::string& why) {
+    std::lock_guard lock(mutex_);
+    if (failed_.load(std::memory_order_relaxed) || broken_) return; // already says why
+    failure_ = why;
+    failed_.store(true, std::memory_order_release);
+    word_.fetch_add(1, std::memory_order_release);
+    wake_all(word_);
   }
 
 private:
