@@ -126,10 +126,12 @@ BOOST_AUTO_TEST_CASE(a_timeout_aborts_every_communicator) {
     const std::vector<std::size_t> one{1};
     device_exchange_result out;
     std::atomic<bool> release{false};
+    // Bounded: the abort frees NCCL's memory, and a free may wait for the whole device.
     LOCUS_CUDA_CHECK(cudaLaunchHostFunc(
         g.stream,
         [](void* p) {
-          while (!static_cast<std::atomic<bool>*>(p)->load())
+          const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+          while (!static_cast<std::atomic<bool>*>(p)->load() && std::chrono::steady_clock::now() < until)
             std::this_thread::sleep_for(std::chrono::milliseconds(1));
         },
         &release));

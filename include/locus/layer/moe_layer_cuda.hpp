@@ -210,8 +210,9 @@ private:
       // zero fill that fails is not raised first either: the peers wait for this rank's combine).
       const auto compute_error = std::current_exception();
       const std::size_t n = b.count == 0 ? 0 : b.offsets[b.count] * b.hidden;
-      if (n > 0) static_cast<void>(cudaMemsetAsync(b.output, 0, n * sizeof(value_type), l.backend().stream));
-      d.combine(nullptr); // raises this rank's routing error, the first cause, if it had one
+      if (n > 0 && cudaMemsetAsync(b.output, 0, n * sizeof(value_type), l.backend().stream) != cudaSuccess)
+        static_cast<void>(cudaGetLastError()); // not left for combine's launch checks to raise
+      d.combine(nullptr);                      // raises this rank's routing error, the first cause, if it had one
       std::rethrow_exception(compute_error);
     }
     std::exception_ptr earlier; // the previous step's received metadata, refused on the device

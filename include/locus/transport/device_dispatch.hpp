@@ -66,12 +66,20 @@
 #include <locus/transport/device_permute.hpp>
 #include <locus/transport/exchange.hpp>
 #include <locus/transport/layout.hpp>
+#include <memory>
 #include <utility>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
 
 namespace detail::device_dispatch {
+
+//! The deleter of a pointer the dispatcher does not own (its endpoint): a unique_ptr of it is
+//! nulled by a move, which a raw pointer is not.
+struct not_owned {
+  template <class T>
+  void operator()(T*) const noexcept {}
+};
 
 template <class = void>
 __global__ void adjacent_difference_kernel(const std::int32_t* offsets, std::size_t n, std::int32_t* out) {
@@ -214,8 +222,9 @@ public:
       tables_host_ =
           pinned_buffer<std::int32_t>(detail::node_step::table_count * (ex.topology().gpus_per_node() + 1) + 1);
   }
-  device_dispatcher(device_dispatcher&&) = default;
-  device_dispatcher& operator=(device_dispatcher&&) = default;
+  device_dispatcher(device_dispatcher&&) noexcept = default;
+  // Assigning would free this dispatcher's buffers without its wait first (see quiesce()).
+  device_dispatcher& operator=(device_dispatcher&&) = delete;
   ~device_dispatcher() { quiesce(); }
 
   //! Waits, through the transport, for the work this rank queued, and swallows what the wait
@@ -225,6 +234,7 @@ public:
   //! wait aborts that exchange at its timeout instead. A caller with device buffers of its own that
   //! the dispatcher's work reads calls it before freeing them.
   void quiesce() noexcept {
+    if (!ex_) return;
     try {
       ex_->synchronize("releasing the dispatcher");
     } catch (...) { // a broken transport raises at once; its aborted exchanges hold nothing
@@ -299,20 +309,24 @@ private:
   }
 
   // Runs `f`, a part of the step whose exchanges the peers take part in. An exception out of it
-  // (a failed allocation or copy, a check that refused on this rank only, a transport error) leaves
-  // this rank out of step with its peers: an endpoint that can say so is told (abandon), so that
-  // neither they nor this rank's next step pair exchanges that do not belong together. The errors
-  // the step is designed to raise after its exchanges (a routing error, refused metadata) do not
-  // come out of `f`.
+  // that is not the transport's own (a failed allocation or copy, a check that refused on this rank
+  // only) leaves this rank out of step with its peers: an endpoint that can say so is told
+  // (abandon), so that neither they nor this rank's next step pair exchanges that do not belong
+  // together. The errors the step is designed to raise after its exchanges (a routing error,
+  // refused metadata) do not come out of `f`.
   template <class F>
   void in_step(F&& f) {
     try {
       f();
+    } catch (const transport_error&) {
+      throw; // the transport's own: raised alike on every member, or it is unusable already
+    } catch (const timeout_error&) {
+      throw; // the transport is unusable already
     } catch (const std::exception& e) {
-      if constexpr (requires { ex_->abandon(std::string()); }) ex_->abandon(e.what());
+      if constexpr (requires { ex_->abandon("why"); }) ex_->abandon(e.what());
       throw;
     } catch (...) {
-      if constexpr (requires { ex_->abandon(std::string()); }) ex_->abandon("an exception that names no cause");
+      if constexpr (requires { ex_->abandon("why"); }) ex_->abandon("an exception that names no cause");
       throw;
     }
   }
@@ -526,7 +540,7 @@ private:
                                 counts_, 11, slot_tail_, static_cast<std::uint32_t>(ns::tail_width(S, G)));
     std::string why = ns::counts_from(lc, counts_, G, self, S, sc_);
     // A round of another width leaves no sizes to exchange by (the transports refuse it first).
-    LOCUS_REQUIRE(sc_.sized, transport_error, "device_dispatcher: rank ", self, " ", why);
+    LOCUS_REQUIRE(sc_.sized, invalid_input_error, "device_dispatcher: rank ", self, " ", why);
     if (why.empty()) why = detail::exchange::entries_for_empty_slot(sc_.slot_offsets, slot_expert_);
     refuse_counts(why);
     // The step's tables and the forwarding check's first word to the device, through pinned
@@ -715,7 +729,8 @@ private:
     LOCUS_CUDA_CHECK(cudaGetLastError());
   }
 
-  Exchanger* ex_;
+  // Null once moved from (the moved-from dispatcher's destructor then waits for nothing).
+  std::unique_ptr<Exchanger, detail::device_dispatch::not_owned> ex_;
   expert_map map_;
   std::size_t hidden_;
   Hidden hx_; // the row width the kernels are instantiated for (static: a constant)

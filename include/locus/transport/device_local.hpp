@@ -210,7 +210,7 @@ public:
   //! `why`, so the peers waiting in them, and every later exchange of any member, raise
   //! transport_error at once instead of pairing this rank's next step with what is left of this one
   //! (known-count exchanges carry no name that would tell them apart).
-  void abandon(const std::string& why) noexcept {
+  void abandon(const char* why) noexcept {
     try {
       const std::string what =
           ::locus::detail::concat("rank ", rank(), " left a step half done (", why, "); the transport is unusable");

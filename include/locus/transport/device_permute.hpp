@@ -138,7 +138,7 @@ public:
     const std::size_t slots = expected_slot_offsets.size() - 1;
     const std::size_t chunks = detail::stage::slot_chunks(entries, chunk);
     // The layout's offsets are 32-bit, and CUB counts its scans' items in an int.
-    LOCUS_REQUIRE(rows < INT32_MAX && entries < INT32_MAX && slots * chunks < INT32_MAX, invalid_input_error,
+    LOCUS_REQUIRE(rows <= INT32_MAX && entries <= INT32_MAX && slots * chunks <= INT32_MAX, invalid_input_error,
                   "device_receive_layout::build: ", rows, " rows, ", entries, " entries and ", slots * chunks,
                   " slot chunks: past 32-bit offsets");
     rows_ = rows;

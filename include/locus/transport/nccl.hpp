@@ -98,16 +98,16 @@ inline void exchange_peers(std::size_t members, const peer_io& io) {
   LOCUS_NCCL_CHECK(r);
 }
 
-//! `parent` split by (`color`, `key`) into a blocking communicator (without a configuration NCCL
-//! copies the parent's: a non-blocking parent would give communicators whose calls return before
-//! their work is queued). A non-blocking parent still runs the split itself in the background: its
-//! state says when the split is done. Whether the new communicator shares the parent's resources,
+//! `parent` split by (`color`, `key`) into a blocking communicator configured as `base` (null: NCCL's
+//! defaults); without a configuration NCCL copies the parent's, and a non-blocking parent would give
+//! communicators whose calls return before their work is queued. A non-blocking parent still runs the split itself in
+//! the background: its state says when the split is done. Whether the new communicator shares the parent's resources,
 //! its abort flag included, NCCL decides by the parent's configuration (splitShare, or
 //! NCCL_COMM_SPLIT_SHARE_RESOURCES), not by this one's.
-inline ncclComm_t split_blocking(ncclComm_t parent, int color, int key) {
+inline ncclComm_t split_blocking(ncclComm_t parent, int color, int key, const ncclConfig_t* base = nullptr) {
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  if (base) config = *base;
   config.blocking = 1;
-  config.splitShare = 0;
   ncclComm_t out = nullptr;
   ncclResult_t r = ncclCommSplit(parent, color, key, &out, &config);
   while (r == ncclInProgress) {
@@ -145,11 +145,15 @@ public:
   //! @param topo         nodes × GPUs per node; ranks = world size
   //! @param kind         how dispatch over it moves copies: the transport policy's `P::kind`
   //! @throws locus::config_error when the communicator size differs from the topology
+  //! @param config       the configuration of the transport's own communicators (copied, with
+  //!                     `blocking` set to 1): null for NCCL's defaults. The caller's communicator's
+  //!                     configuration is not inherited (NCCL copies it only into a split made
+  //!                     without one); NCCL_* environment variables apply as everywhere.
   //! A caller's communicator made with splitShare = 1 (or NCCL_COMM_SPLIT_SHARE_RESOURCES=1) shares
   //! its abort flag with the transport's own world, so that a timeout, which aborts the transport's
   //! communicators, aborts it too; NCCL decides that by the parent, so the transport cannot.
   nccl_transport(ncclComm_t world, cudaStream_t stream, const dynamic_topology& topo, transport_kind kind,
-                 exchange_options options = {})
+                 exchange_options options = {}, const ncclConfig_t* config = nullptr)
       : stream_(stream), groups_{topo, 0}, hierarchical_(kind == transport_kind::hierarchical), options_(options) {
     int size = 0, rank = 0;
     LOCUS_NCCL_CHECK(ncclCommCount(world, &size));
@@ -160,11 +164,11 @@ public:
     try {
       // A world of its own: after a timeout it is aborted with the others (the caller's is not ours
       // to abort); node and rail are split from it, so they inherit nothing of the caller's.
-      world_ = detail::nccl::split_blocking(world, 0, rank);
+      world_ = detail::nccl::split_blocking(world, 0, rank, config);
       node_ = detail::nccl::split_blocking(world_, static_cast<int>(topo.node_of(groups_.rank)),
-                                           static_cast<int>(topo.local_rank_of(groups_.rank)));
+                                           static_cast<int>(topo.local_rank_of(groups_.rank)), config);
       rail_ = detail::nccl::split_blocking(world_, static_cast<int>(topo.local_rank_of(groups_.rank)),
-                                           static_cast<int>(topo.node_of(groups_.rank)));
+                                           static_cast<int>(topo.node_of(groups_.rank)), config);
     } catch (...) {
       abort_all();
       throw;
@@ -209,7 +213,7 @@ public:
   //! exchanges; device_dispatcher calls it): the transport aborts its communicators and is unusable
   //! from then on, so its next step cannot pair with what is left of this one. The peers learn it
   //! at their timeout (NCCL has no way to tell them sooner).
-  void abandon(const std::string&) noexcept { abort_all(); }
+  void abandon(const char*) noexcept { abort_all(); }
 
   //! Collective over `group`: `send` holds device rows ordered by destination member.
   //! `stage` names the exchange within the step (exchange_request::stage). Two waits: the header

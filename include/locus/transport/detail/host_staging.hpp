@@ -32,7 +32,8 @@ struct host_staging {
 //! keeps on this GPU in `bytes`, and fills `out`: the received rows are copied back on `stream`,
 //! `wait()` waits for the stream (each transport its own way: the NCCL one under its timeout), and
 //! only then are they copied into `out.rows`. `wait()` is called whenever anything was queued, so
-//! the page-locked buffers are free again when this returns.
+//! the page-locked buffers are free again when this returns (when the exchange raises instead, a
+//! copy may still be queued: stream order keeps it ahead of the next call's).
 template <class Endpoint, class Wait>
 void stage_host_exchange(Endpoint& ep, host_staging& s, cudaStream_t stream, link_counters& bytes,
                          const exchange_request& req, exchange_result& out, Wait&& wait) {
