@@ -336,6 +336,20 @@ BOOST_AUTO_TEST_CASE(missing_peer_times_out) {
   BOOST_TEST(seconds < 5.0);
 }
 
+// Every member's error is a transport_error that says `why`, and the failed barrier refuses a
+// later arrival of `member`.
+template <class Errors>
+void expect_failed_with(const Errors& errors, const std::string& why, locus::transport::detail::timed_barrier& barrier,
+                        std::size_t member) {
+  for (const auto& e : errors) {
+    BOOST_TEST(raised<transport_error>(e));
+    BOOST_TEST(message_of(e).find(why) != std::string::npos, message_of(e));
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+  BOOST_CHECK_THROW(barrier.arrive_and_wait(deadline, std::chrono::seconds(1), member, exchange_group::world, "later"),
+                    transport_error);
+}
+
 // The barrier's work for the last arrival (the one-GPU transport joins CUDA events there) runs
 // once per meeting, before anyone leaves; when it throws, every member of that meeting raises
 // transport_error naming where, and every later arrival raises at once.
@@ -366,13 +380,7 @@ BOOST_AUTO_TEST_CASE(barrier_work_of_the_last_arrival_runs_once_and_its_failure_
     t.join();
   BOOST_TEST(runs.load() == 2);
   BOOST_TEST(passed.load() == static_cast<int>(members)); // only the first meeting passed
-  for (const auto& e : errors) {
-    BOOST_TEST(raised<transport_error>(e));
-    BOOST_TEST(message_of(e).find("meeting: join failed") != std::string::npos, message_of(e));
-  }
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(1);
-  BOOST_CHECK_THROW(barrier.arrive_and_wait(deadline, std::chrono::seconds(1), 0, exchange_group::world, "later"),
-                    transport_error);
+  expect_failed_with(errors, "meeting: join failed", barrier, 0);
 }
 
 // A member that abandons the barrier (it left a step half done) wakes the members waiting in it at
@@ -402,13 +410,7 @@ BOOST_AUTO_TEST_CASE(an_abandoned_barrier_releases_its_waiters_with_the_reason) 
   for (auto& t : threads)
     t.join();
   BOOST_TEST((std::chrono::steady_clock::now() - start < std::chrono::seconds(30))); // not at the deadline
-  for (const auto& e : errors) {
-    BOOST_TEST(raised<transport_error>(e));
-    BOOST_TEST(message_of(e).find("rank 3 left a step half done (out of memory)") != std::string::npos, message_of(e));
-  }
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(1);
-  BOOST_CHECK_THROW(barrier.arrive_and_wait(deadline, std::chrono::seconds(1), 3, exchange_group::world, "later"),
-                    transport_error);
+  expect_failed_with(errors, "rank 3 left a step half done (out of memory)", barrier, 3);
 }
 
 // A rank that arrives after the others gave up raises too, saying so, instead of joining an
