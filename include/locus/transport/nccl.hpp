@@ -169,6 +169,7 @@ public:
                                            static_cast<int>(topo.local_rank_of(groups_.rank)), config);
       rail_ = detail::nccl::split_blocking(world_, static_cast<int>(topo.local_rank_of(groups_.rank)),
                                            static_cast<int>(topo.node_of(groups_.rank)), config);
+      connect_all();
     } catch (...) {
       abort_all();
       throw;
@@ -379,6 +380,24 @@ private:
     std::byte* d_recv = recv_.room_for(std::max<std::size_t>(offsets_b_[members], 1));
     post(members, {send, offsets_a_.data(), d_recv, offsets_b_.data(), communicator(group), stream_});
     out.rows = d_recv;
+  }
+
+  // One byte to and from every member of each group the exchanges use (the world; node and rail
+  // too when hierarchical), in the constructor, which is collective anyway: NCCL connects a pair at
+  // its first send or receive (NCCL_RUNTIME_CONNECT, on by default) inside the group's end, which
+  // waits for the peer untimed, so a peer lost later would have held a first exchange there
+  // instead of in a timed wait. Here the wait is timed like any other.
+  void connect_all() {
+    const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
+    for (exchange_group g : {exchange_group::world, exchange_group::node, exchange_group::rail}) {
+      if (g != exchange_group::world && !hierarchical_) continue;
+      const std::size_t members = groups_.size(g);
+      std::byte* d = headers_.room_for(2 * members);
+      LOCUS_CUDA_CHECK(cudaMemsetAsync(d, 0, members, stream_));
+      fixed_offsets(members, 1);
+      post(members, {d, offsets_a_.data(), d + members, offsets_a_.data(), communicator(g), stream_});
+      wait(deadline, g, "connecting the transport's communicators");
+    }
   }
 
   // Posts one exchange's sends and receives (always inside in_step: a failure leaves the members
