@@ -168,12 +168,14 @@ struct plan_options {
         ->check(tool_cli::number_in(0.0, locus::placement::token_refine_options::max_hedge_class_spread));
     cmd->add_option("--hedge-cost-budget", cost_budget, hedge_cost_budget_help)->check(tool_cli::finite_non_negative);
   }
+  //! Whether the planner fits a workload-aware grouping model of its own (--clusters sizes it).
+  bool fits_grouping_model() const { return placement == "activation_usage" || placement == "locality"; }
   //! The options the plan was made with, for `--json` (those of other planners left out), so that
   //! a saved result says how to make it again. `ranks`: the GPUs "one per GPU" hedges count.
   nlohmann::json settings(std::size_t ranks) const {
     nlohmann::json j{{"redundant_slots", redundant_slots}};
     if (placement == "eplb") j["eplb_groups"] = eplb_groups;
-    if (placement == "activation_usage" || placement == "locality") j["clusters"] = clusters;
+    if (fits_grouping_model()) j["clusters"] = clusters;
     if (placement != "locality") return j;
     j["copies"] = copies.empty() ? std::string("both") : copies;
     j["anneal"] = anneal;
@@ -235,7 +237,7 @@ struct plan_options {
                                          std::uint64_t seed, std::size_t prefill, bool fit_grouping,
                                          const std::string& trace_name) const {
     check_eplb_groups(train.experts(), topo.nodes());
-    if (placement == "activation_usage" || placement == "locality")
+    if (fits_grouping_model())
       require_prefill_and_decode(train, trace_name, prefill,
                                  placement == "locality" ? "--placement locality (with its workload-aware grouping)"
                                                          : "--placement activation_usage (with its workload-aware "
@@ -334,8 +336,7 @@ inline void register_plan(CLI::App& app) {
         LOCUS_REQUIRE(cmd->count(name) == 0, locus::config_error, name,
                       " applies to a trace (--trace); a plan from --load reads engine statistics");
     // activation_usage and locality write their grouping model beside the map unless told where.
-    const bool grouped =
-        grouping_opt->count() > 0 || plan->placement == "activation_usage" || plan->placement == "locality";
+    const bool grouped = grouping_opt->count() > 0 || plan->fits_grouping_model();
     const std::string grouping_path = !load->empty()       ? std::string()
                                       : !grouping->empty() ? *grouping
                                       : grouped            ? grouping_path_for(*out)
@@ -542,7 +543,7 @@ inline void register_simulate(CLI::App& app) {
       plan->check_applies(cmd);
     // The grouping model is fitted for the workload-aware grouper and by the planners that use one.
     LOCUS_REQUIRE(map_only || cmd->count("--clusters") == 0 || opt->grouper == "workload_aware" ||
-                      plan->placement == "activation_usage" || plan->placement == "locality",
+                      plan->fits_grouping_model(),
                   locus::config_error, "--clusters sizes the grouping model, which --placement ", plan->placement,
                   " with --grouper ", opt->grouper, " does not fit");
     LOCUS_REQUIRE(opt->grouping_path.empty() || opt->grouper == "workload_aware", locus::config_error,

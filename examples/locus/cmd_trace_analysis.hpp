@@ -590,9 +590,8 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     files.add_json(o->json, "trace report", summary);
     files.commit();
     if (json_to_stdout(o->json)) return; // stdout carries the JSON alone
-    const auto pngs = std::count_if(names.begin(), names.end(), [](const std::string& n) {
-      return n.size() > 4 && n.compare(n.size() - 4, 4, ".png") == 0;
-    });
+    const auto pngs =
+        std::count_if(names.begin(), names.end(), [](const std::string& n) { return n.ends_with(".png"); });
     std::printf("%s: CSV files written%s\n", o->out.c_str(),
                 o->no_render ? "" : (", " + std::to_string(pngs) + " figures rendered").c_str());
   });

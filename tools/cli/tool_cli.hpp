@@ -52,8 +52,7 @@ inline std::string real_number(const std::string& value) {
 
 // Adds the value rules to every option (of `app` and its subcommands) by its type: whole numbers in
 // decimal for an integer, a number for a floating-point one, a text that is not empty; no text in
-// --help. A list
-// option's values are checked one by one, and its message says it takes a list.
+// --help. A list option's values are checked one by one, and its message says it takes a list.
 inline void check_numbers(CLI::App& app) {
   for (CLI::Option* opt : app.get_options()) {
     const std::string type = opt->get_type_name();

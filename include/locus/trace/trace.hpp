@@ -289,8 +289,8 @@ private:
 };
 
 //! Builds a trace request by request; importers, the binary reader, the synthesizer and tests
-//! use it. `build()` validates everything (ids in range, weights finite and not negative) before handing the trace
-//! over, so a `trace` always holds valid data.
+//! use it. `build()` validates everything (ids in range, weights finite and not negative) before
+//! handing the trace over, so a `trace` always holds valid data.
 class trace_builder {
 public:
   //! @throws locus::invalid_input_error when a size is zero or too large

@@ -52,7 +52,6 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
-#include <cub/device/device_scan.cuh>
 #include <exception>
 #include <locus/core/device_buffer.hpp>
 #include <locus/core/error.hpp>
@@ -711,15 +710,11 @@ private:
           cudaMemcpyAsync(dst, src + first * hidden_, rows * hidden_ * sizeof(T), cudaMemcpyDeviceToDevice, stream_));
   }
 
-  // out[0 .. n] = the exclusive scan of in[0 .. n) with the total at out[n]; `in` holds n + 1
-  // values, the last 0. CUB's device-wide scan: the fan-out's arrays are rail rows × GPUs long, too
-  // long for stage::exclusive_scan's one thread (the same sums: the CPU tests run that body).
+  // out[0 .. n] = the exclusive scan of in[0 .. n) with the total at out[n] (detail::permute::
+  // device_scan, CUB's: the fan-out's arrays are rail rows × GPUs long, too long for
+  // stage::exclusive_scan's one thread, whose sums the CPU tests run).
   void scan(const std::int32_t* in, std::size_t n, std::int32_t* out) {
-    std::size_t bytes = 0;
-    LOCUS_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, bytes, in, out, static_cast<int>(n + 1), stream_));
-    scan_temp_.resize(std::max<std::size_t>(bytes, 1));
-    LOCUS_CUDA_CHECK(
-        cub::DeviceScan::ExclusiveSum(scan_temp_.data(), bytes, in, out, static_cast<int>(n + 1), stream_));
+    detail::permute::device_scan(in, n, out, scan_temp_, stream_);
   }
 
   // Launches a stage-body kernel over `items` items (at least one block).
@@ -766,7 +761,7 @@ private:
   device_buffer<std::int32_t> fan_count_, fan_present_, row_at_, entry_at_, fan_row_, fan_row_entries_, fan_slot_,
       fan_source_, index_;
   device_buffer<T> src_, stage_send_, pool_, ret_;
-  device_buffer<unsigned char> scan_temp_;
+  device_buffer<std::byte> scan_temp_;
 };
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport

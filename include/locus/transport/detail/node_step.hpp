@@ -249,7 +249,7 @@ inline std::string counts_from(const layout_counts& c, const device_counts& roun
   }
   out.node_out = static_cast<std::size_t>(node_rows_sum);
   out.node_out_entries = static_cast<std::size_t>(node_entries_sum);
-  // The device indexes every stage with 32-bit offsets, and CUB counts a scan's n + 1 items in an int.
+  // The device indexes every stage with 32-bit offsets, and its scans write n + 1 of them.
   constexpr std::uint64_t limit = INT32_MAX - 1;
   const std::uint64_t layout_rows = static_cast<std::uint64_t>(c.rank_offsets[R]);
   if (node_rows_sum > limit || node_entries_sum > limit || out.node_in_entries > limit || out.rail_in_entries > limit ||
