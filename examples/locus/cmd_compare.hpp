@@ -328,7 +328,7 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
       "net B/token: network bytes per decode token over all layers; vs base: over " + baseline +
       "; GPU max/mean: expert rows of the busiest GPU over the mean, per layer over the run (aggregate); "
       "attn max/mean: the busiest GPU's attended context tokens over the mean.";
-  if (!json_to_stdout(o.json)) {
+  if (!stdout_taken({o.json, o.markdown, o.png})) {
     std::printf("%s\n\n%-8s %-16s %4s %-14s %-12s %11s %8s %9s %9s %9s\n", head, "method", "placement", "red.",
                 "grouper", "transport", "net B/token", "vs base", "reduction", "GPU m/m", "attn m/m");
     for (const auto& e : cmp.rows)
@@ -394,9 +394,10 @@ inline void register_compare(CLI::App& app) {
                                     "Without --trace: requests in the embedded synthetic trace")
                         ->check(CLI::Range(8, 100000));
   add_json_option(cmd, o->json);
-  cmd->add_option("--markdown", o->markdown, "Also write the table as Markdown to this file")->default_str("none");
+  cmd->add_option("--markdown", o->markdown, "Also write the table as Markdown to this file")
+      ->default_str("not written");
   cmd->add_option("--png", o->png, "Also draw the comparison as a PNG (needs Python 3 with matplotlib)")
-      ->default_str("none");
+      ->default_str("not drawn");
   cmd->add_option("--python", o->python, "Python interpreter with matplotlib, for --png");
   cmd->callback([cmd, split, o, synthetic] {
     // The replica options shape the locality rows' replica slots and hedges: refused where they

@@ -35,7 +35,7 @@ inline int map_check(const std::string& path, const std::string& json = {}) {
               {"slots_per_rank", m.slots_per_rank()},
               {"replica_slots_used", replicas},
               {"gpus_per_node", plan.gpus_per_node ? nlohmann::json(plan.gpus_per_node) : nlohmann::json(nullptr)}});
-  if (json_to_stdout(json)) return 0;
+  if (stdout_taken({json})) return 0;
   const std::string topology = plan.gpus_per_node ? " (" + std::to_string(m.ranks() / plan.gpus_per_node) +
                                                         " nodes x " + std::to_string(plan.gpus_per_node) + " GPUs)"
                                                   : std::string();
@@ -128,7 +128,7 @@ inline int map_export(const export_options& o) {
                   {"empty_slots_filled", filled},
                   {"filled_by_load", !load.empty()}});
   files.commit();
-  if (json_to_stdout(o.json)) return 0;
+  if (stdout_taken({o.json, o.out})) return 0;
   std::printf(
       "%s: %s format, %zu MoE layers (hidden layers %zu..%zu of %zu), %zu experts in %zu slots per layer on %zu "
       "ranks; %zu empty slots of %zu (all layers) filled%s\n",
@@ -167,10 +167,10 @@ inline void register_map(CLI::App& app) {
   // These two default to what the plan saved: --help names that, not the sentinel the code holds.
   exp->add_option("--first-moe-layer", o->first_moe_layer,
                   "Hidden-layer index of the plan's first layer (DeepSeek-V3: 3); layers follow contiguously")
-      ->check(CLI::Range(std::size_t{0}, locus::placement::max_hidden_layers - 1)) // not the "saved ids" sentinel
+      ->check(CLI::Range(std::size_t{0}, locus::max_hidden_layers - 1)) // not the "saved ids" sentinel
       ->default_str("the layer ids saved with the plan, else 0");
   exp->add_option("--num-hidden-layers", o->hidden_layers, "The model's hidden-layer count")
-      ->check(CLI::Range(std::size_t{1}, locus::placement::max_hidden_layers)) // 0 is the "saved count" sentinel
+      ->check(CLI::Range(std::size_t{1}, locus::max_hidden_layers)) // 0 is the "saved count" sentinel
       ->default_str("saved with the plan, else the last MoE layer + 1");
   exp->add_option("--load-trace", o->load_trace, "Trace whose expert loads choose the replicas of empty slots")
       ->default_str("none: by replica count");

@@ -380,7 +380,7 @@ inline void register_plan(CLI::App& app) {
                       {"load", *load},
                       {"options", plan->settings(in.topology.ranks())}});
       files.commit();
-      if (json_to_stdout(*json)) return;
+      if (stdout_taken({*json, *out, grouping_path})) return;
       std::printf("%s: %s placement, %zu layers (model layers %zu..%zu), %zu experts on %zu x %zu ranks, %zu slots "
                   "per rank (from %s)\n",
                   out->c_str(), plan->placement.c_str(), maps.size(), imported.layer_ids.front(),
@@ -427,7 +427,7 @@ inline void register_plan(CLI::App& app) {
                        return o;
                      }()}});
     files.commit();
-    if (json_to_stdout(*json)) return;
+    if (stdout_taken({*json, *out, grouping_path})) return;
     std::printf("%s: %s placement, %zu layers, %zu experts on %zu x %zu ranks, %zu slot%s per rank (fitted on %zu "
                 "requests)%s%s\n",
                 out->c_str(), plan->placement.c_str(), maps.size(), maps.front().experts(), split->nodes,
@@ -449,6 +449,9 @@ inline void register_plan(CLI::App& app) {
 //! Largest --hidden: above every model's hidden size, and small enough that byte counts stay far
 //! from 64-bit overflow.
 inline constexpr std::size_t max_hidden = std::size_t{1} << 24;
+//! Steps of traffic a re-plan sees with --drift-every and neither --replan-every nor --replan-window
+//! (the vLLM default window scaled as bench/drift scales it: a one-step window re-planned on noise).
+inline constexpr std::size_t drift_only_window = 100;
 
 inline void register_simulate(CLI::App& app) {
   struct options {
@@ -500,15 +503,17 @@ inline void register_simulate(CLI::App& app) {
                   "Re-plan the maps every this many steps from recent traffic (0: never); adds an `online` block, the "
                   "same run replayed with the re-plans (the other figures are the run without them). Steps are the "
                   "simulated ones: an arrival gap with nothing running is skipped");
-  cmd->add_option("--replan-window", opt->replan_window, "Steps of traffic a re-plan sees (0: the interval)");
+  cmd->add_option("--replan-window", opt->replan_window,
+                  "Steps of traffic a re-plan sees (0: the interval, or " + std::to_string(drift_only_window) +
+                      " steps with --drift-every alone)");
   cmd->add_option("--replan-budget", opt->replan_budget, "Share of the expert slots one re-plan may move")
       ->check(tool_cli::number_in(0, 1));
   cmd->add_option("--replan-slack", opt->replan_slack,
                   "A re-plan's load bound: it first repairs the GPUs above (1 + this) x the mean load (the window's, "
                   "with the training sample counted as " +
                       std::to_string(static_cast<int>(locus::placement::default_prior_requests)) +
-                      " requests beside it when there is a grouping), as far as its budget allows, and no swap raises "
-                      "a GPU above it")
+                      " requests beside it when there is a grouping), as far as its budget allows, and no other swap "
+                      "raises a GPU above it")
       ->check(tool_cli::finite_non_negative);
   cmd->add_option("--drift-every", opt->drift_every,
                   "Steps between drift checks that re-plan early (0: none); with --grouper workload_aware the first "
@@ -629,7 +634,9 @@ inline void register_simulate(CLI::App& app) {
       p.start("replaying with on-line re-planning");
       auto regroup = locus::grouper::grouper_by_name(opt->grouper, planned.model);
       const auto sched = locus::cost::record_schedule(test, maps, regroup, cfg);
-      const std::size_t window = opt->replan_window ? opt->replan_window : std::max<std::size_t>(1, opt->replan_every);
+      const std::size_t window = opt->replan_window  ? opt->replan_window
+                                 : opt->replan_every ? opt->replan_every
+                                                     : drift_only_window;
       // The training sample needs the grouping (the node of each request); without one the
       // re-plans see the window alone, and drift checks wait for a full window to compare with.
       locus::placement::activation_plan_options popt;
@@ -679,7 +686,7 @@ inline void register_simulate(CLI::App& app) {
     doc["transport"] = opt->transport;
     doc["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     p.clear();
-    if (!json_to_stdout(opt->json))
+    if (!stdout_taken({opt->json}))
       for (const auto& [key, value] : doc.items())
         std::cout << key << ": " << value << '\n';
     write_json(opt->json, "simulate", doc);

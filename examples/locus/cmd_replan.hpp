@@ -141,14 +141,14 @@ inline int map_replan(const replan_options& o) {
   doc["transport"] = o.transport;
   files.add_json(o.json, "map replan", std::move(doc));
   files.commit();
-  if (json_to_stdout(o.json)) return 0;
+  if (stdout_taken({o.json, o.out})) return 0;
   std::printf("%s: %zu of %zu slots budgeted moved (%.1f%% of all slots", o.out.c_str(), r.moves.size(), r.budget_slots,
               100 * r.moved_share);
   if (r.bytes_moved) std::printf(", %.2f GB of weights", static_cast<double>(r.bytes_moved) / 1e9);
-  std::printf(")\non the window (%zu requests, %zu decode tokens): inter-node copies per token %.3f -> %.3f, GPU "
+  std::printf(")\non the window (%zu requests, %zu decode tokens): inter-node copies per token%s %.3f -> %.3f, GPU "
               "max/mean floor %.3f -> %.3f\n",
-              r.window_requests, r.window_decode_tokens, r.copies_per_token_before, r.copies_per_token_after,
-              r.balance_floor_before, r.balance_floor_after);
+              r.window_requests, r.window_decode_tokens, o.transport == "both" ? " (flat + hierarchical)" : "",
+              r.copies_per_token_before, r.copies_per_token_after, r.balance_floor_before, r.balance_floor_after);
   return 0;
 }
 

@@ -226,7 +226,7 @@ inline void register_trace_stats(CLI::App& trace_cmd) {
     p.done();
     p.clear();
     const auto ids = t.has_model_layers() ? t.model_layer_ids() : std::vector<std::size_t>{};
-    if (!json_to_stdout(o->json)) trace_analysis::print_stats_table(s, o->prefill, recorded, ids);
+    if (!stdout_taken({o->json})) trace_analysis::print_stats_table(s, o->prefill, recorded, ids);
     write_json(o->json, "trace stats", trace_analysis::stats_json(s, o->prefill, recorded, ids));
   });
 }
@@ -386,7 +386,7 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
                        {"cluster_probability", m.cluster_probability}};
     files.add_json(o->json, "trace synth", doc);
     files.commit();
-    if (json_to_stdout(o->json)) return;
+    if (stdout_taken({o->json, o->out})) return;
     std::printf("%s: %zu requests, %zu tokens, %zu layers, %zu experts, top-%zu, %zu domains\n", o->out.c_str(),
                 t.requests(), t.tokens(), t.layers(), t.experts(), t.top_k(), t.domains().size());
     if (fitted)
@@ -589,7 +589,7 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     const auto names = stage.add_files_to(files, o->out);
     files.add_json(o->json, "trace report", summary);
     files.commit();
-    if (json_to_stdout(o->json)) return; // stdout carries the JSON alone
+    if (stdout_taken({o->json})) return; // stdout carries the JSON alone
     const auto pngs =
         std::count_if(names.begin(), names.end(), [](const std::string& n) { return n.ends_with(".png"); });
     std::printf("%s: CSV files written%s\n", o->out.c_str(),

@@ -127,7 +127,8 @@ inline void run_trace_import(const trace_import_options& o) {
                                      __LINE__);
   }
   std::error_code ec;
-  const bool regular_output = !std::filesystem::exists(o.output, ec) || std::filesystem::is_regular_file(o.output, ec);
+  const bool regular_output = !is_device(o.output) && (!std::filesystem::exists(o.output, ec) ||
+                                                       std::filesystem::is_regular_file(o.output, ec));
   LOCUS_REQUIRE(!o.verify || regular_output, locus::config_error, "--verify reads the output back, so ", o.output,
                 " must be a regular file");
   locus::trace::write_trace(t, o.output);
@@ -149,7 +150,7 @@ inline void run_trace_import(const trace_import_options& o) {
     for (std::size_t i = 0; i < report.trimmed_examples.size() && i < 5; ++i)
       std::fprintf(stderr, "  %s\n", report.trimmed_examples[i].c_str());
   }
-  if (!o.quiet) {
+  if (!o.quiet && !stdout_taken({o.output})) {
     std::string doms;
     for (const auto& d : t.domains())
       doms += (doms.empty() ? "" : ", ") + d;

@@ -147,9 +147,15 @@ int main(int argc, char** argv) {
   } catch (const locus::error& e) {
     std::string msg = std::string("locus: ") + locus::to_string(e.kind()) + ": " + e.message();
     if (verbose && !e.file().empty()) {
-      // From the library's include/ on: the build machine's folders mean nothing to the reader.
+      // From the project's include/ or examples/ on (else the file's name): the build machine's
+      // folders mean nothing to the reader.
       std::string file = e.file();
-      if (const auto at = file.rfind("include/locus/"); at != std::string::npos) file.erase(0, at);
+      if (const auto at = file.rfind("include/locus/"); at != std::string::npos)
+        file.erase(0, at);
+      else if (const auto ex = file.rfind("examples/locus/"); ex != std::string::npos)
+        file.erase(0, ex);
+      else if (const auto slash = file.rfind('/'); slash != std::string::npos)
+        file.erase(0, slash + 1);
       msg += " [" + file + ":" + std::to_string(e.line()) + "]";
     }
     return report(msg, 1);

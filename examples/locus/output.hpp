@@ -15,6 +15,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <initializer_list>
 #include <iostream>
 #include <iterator>
 #include <locus/core/atomic_file.hpp>
@@ -121,6 +122,13 @@ inline CLI::Option* add_json_option(CLI::App* cmd, std::string& path) {
 //! Whether `--json` sends the document to stdout (the table is then not printed).
 inline bool json_to_stdout(const std::string& path) { return path == "-"; }
 
+//! Whether one of a command's outputs is its standard output (`--json -`, or a path that names it,
+//! such as /dev/stdout): the command then prints no summary there, where it would join the output.
+inline bool stdout_taken(std::initializer_list<std::string> outputs) {
+  return std::any_of(outputs.begin(), outputs.end(),
+                     [](const std::string& p) { return p == "-" || locus::open_stream_fd(p) == STDOUT_FILENO; });
+}
+
 //! The text of `doc` as the `locus <command>` document: "format": "locus.<command>" (spaces as
 //! dots: "locus.trace.stats") and "version": 1 are added.
 inline std::string json_text(const std::string& command, nlohmann::json doc) {
@@ -134,19 +142,22 @@ inline std::string json_text(const std::string& command, nlohmann::json doc) {
   return doc.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
 }
 
-//! Whether `path` names a device, FIFO or socket (which takes bytes as they are written: it cannot
-//! be replaced by a rename, nor take them back); false for a regular file, a folder or nothing.
+//! Whether `path` names a device, FIFO or socket, or one of the process's open descriptors
+//! (/dev/stdout: locus::open_stream_fd), which take bytes as they are written: they cannot be
+//! replaced by a rename, nor take them back; false for a regular file, a folder or nothing.
 inline bool is_device(const std::string& path) {
+  if (locus::open_stream_fd(path) >= 0) return true;
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode);
 }
 
 //! A command's outputs, all written before any is put in place: each file is written whole into an
-//! unnamed file beside its target (locus::atomic_file) and synced, and commit() then names and
-//! renames them in turn; a device or FIFO and the JSON on stdout (`--json -`), which cannot take
-//! bytes back, are written by commit() after them. A run that fails before commit() (a full disk, a
-//! file-size limit, a drawing that failed, any error of the work still to do) leaves every target
-//! as it was; only a rename failing in commit() (not a write) can leave the earlier ones replaced.
+//! unnamed file beside its target (locus::atomic_file) and synced; commit() then writes the devices,
+//! FIFOs and the JSON on stdout (`--json -`), which cannot take bytes back, and only then names and
+//! renames the files in turn. A run that fails before commit() (a full disk, a file-size limit, a
+//! drawing that failed, any error of the work still to do), or whose device write fails in it (a
+//! full device, a closed pipe), leaves every file as it was; only a rename failing in commit() (not
+//! a write) can leave the earlier ones replaced.
 //! Destroyed without a commit, it leaves nothing behind (but a named temporary where the folder
 //! takes no unnamed file and the process is killed).
 class output_set {
@@ -177,22 +188,23 @@ public:
     else
       add(path, text);
   }
-  //! Prepares every file, then renames each over its target, then writes the devices and stdout.
+  //! Prepares every file, writes the devices and stdout, then renames each file over its target.
   //! @throws locus::io_error
   void commit() {
     for (auto& f : files_)
       f->prepare();
-    for (auto& f : files_)
-      f->commit();
-    files_.clear();
     for (const auto& [path, content] : direct_)
       locus::write_file_atomically(path, content); // written straight into the device
     direct_.clear();
     if (!stdout_.empty()) {
-      std::fwrite(stdout_.data(), 1, stdout_.size(), stdout);
-      std::fflush(stdout);
+      const bool written = std::fwrite(stdout_.data(), 1, stdout_.size(), stdout) == stdout_.size();
+      LOCUS_REQUIRE(std::fflush(stdout) == 0 && written, locus::io_error,
+                    "standard output: write failed: ", std::strerror(errno));
       stdout_.clear();
     }
+    for (auto& f : files_)
+      f->commit();
+    files_.clear();
   }
 
 private:
@@ -304,6 +316,73 @@ inline bool read_in_a_folder(const std::string& name) {
          (name.rfind("rank", 0) == 0 && ends(".safetensors")) || name == "meta_info.json";
 }
 
+//! Whether the existing file `path` may be replaced by a --json document: empty, or one itself (a
+//! JSON object whose "format" is "locus.<command>", json_text). A trace, an expert map or an engine's
+//! file (JSON objects too, whose format, where they name one, is not a command's) is not. The
+//! document is read only as far as its top-level "format", and a JSON-lines file fails at its
+//! second line.
+inline bool replaceable_json(const std::string& path) {
+  struct finder : nlohmann::json_sax<nlohmann::json> {
+    int depth = 0;
+    bool at_format = false, found = false, blank = true;
+    bool value() { // any value but the format string: stop at the top level, else go on
+      blank = false;
+      at_format = false;
+      return depth > 0;
+    }
+    bool null() override { return value(); }
+    bool boolean(bool) override { return value(); }
+    bool number_integer(number_integer_t) override { return value(); }
+    bool number_unsigned(number_unsigned_t) override { return value(); }
+    bool number_float(number_float_t, const string_t&) override { return value(); }
+    bool binary(binary_t&) override { return value(); }
+    bool string(string_t& v) override {
+      if (at_format && depth == 1) {
+        found = v.starts_with("locus.");
+        return false; // the answer: read no further
+      }
+      return value();
+    }
+    bool start_object(std::size_t) override {
+      blank = false;
+      at_format = false;
+      ++depth;
+      return true;
+    }
+    bool key(string_t& k) override {
+      at_format = depth == 1 && k == "format";
+      return true;
+    }
+    bool end_object() override {
+      --depth;
+      return depth > 0; // the top-level object ended without a format
+    }
+    bool start_array(std::size_t) override {
+      blank = false;
+      at_format = false;
+      ++depth;
+      return depth > 1;
+    }
+    bool end_array() override {
+      --depth;
+      return true;
+    }
+    bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override { return false; }
+  } f;
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return false;
+  (void)nlohmann::json::sax_parse(in, &f, nlohmann::json::input_format_t::json, false);
+  if (f.found) return true;
+  if (!f.blank) return false;
+  // Nothing parsed: an empty or blank file holds nothing to lose.
+  in.clear();
+  in.seekg(0);
+  char c = 0;
+  while (in.get(c))
+    if (c != ' ' && c != '\t' && c != '\r' && c != '\n') return false;
+  return true;
+}
+
 //! Checks a command's outputs before it does any work: each can be written (its folder exists and
 //! takes files, no directory is in the way), no two are one file, and none is one of `inputs` or
 //! a file an input folder's reader would read (read_in_a_folder). A run then neither fails after
@@ -346,18 +425,14 @@ inline void check_outputs(const std::vector<output_file>& outputs, const std::ve
       LOCUS_REQUIRE(in.empty() || !inside(o.path, in), locus::config_error, o.option, " ", o.path, " is inside ", in,
                     ", which this command reads, and its name is one the folder's reader takes: write it elsewhere");
     }
-    // --json takes an optional value, so `--json a.bin b.bin` reads a.bin as the JSON output: an
-    // existing file that is not a JSON object is refused rather than replaced.
+    // --json takes an optional value, so `--json a.jsonl b.bin` reads a.jsonl as the JSON output: an
+    // existing file that is not an earlier --json document is refused rather than replaced.
     std::error_code regular_error;
-    if (std::string_view(o.option) == "--json" && fs::is_regular_file(o.path, regular_error)) { // never a FIFO
-      std::ifstream existing(o.path, std::ios::binary);
-      char c = 0;
-      while (existing.get(c) && (c == ' ' || c == '\t' || c == '\r' || c == '\n')) {
-      }
-      LOCUS_REQUIRE(!existing || c == '{', locus::config_error, "--json ", o.path,
-                    " exists and is not a JSON document: writing it would replace it (--json takes an optional "
-                    "file: an input named after it is read as the JSON output; write --json=FILE or put --json last)");
-    }
+    if (std::string_view(o.option) == "--json" && fs::is_regular_file(o.path, regular_error)) // never a FIFO
+      LOCUS_REQUIRE(replaceable_json(o.path), locus::config_error, "--json ", o.path,
+                    " exists and is not a locus --json document: writing it would replace it (--json takes an "
+                    "optional file: an input named after it is read as the JSON output; write --json=FILE or put "
+                    "--json last)");
     locus::check_writable(o.path);
   }
 }

@@ -218,12 +218,12 @@ ok '[0-9]+ slots left empty over the layers \(linear places no replicas' plan --
 # A failing drawing leaves the other outputs of an earlier run as they were (written together or not at all).
 printf '#!/bin/sh\ncase "$1" in -c) exit 0;; esac\ncat >/dev/null; exit 3\n' >"$work/failing_python"
 chmod +x "$work/failing_python"
-echo '{"earlier": 1}' >"$work/c.json"
+echo '{"format": "locus.compare", "earlier": 1}' >"$work/c.json"
 echo earlier >"$work/c.md"
 refused 'drawing [^ ]*c.png with [^ ]*failing_python failed \(exit status 3\)' compare --trace "$work/t.bin" --anneal 0 \
   --json "$work/c.json" --markdown "$work/c.md" --png "$work/c.png" --python "$work/failing_python"
 check "a failed drawing keeps the earlier JSON and Markdown" \
-  test "$(cat "$work/c.json")" = '{"earlier": 1}' -a "$(cat "$work/c.md")" = earlier -a ! -e "$work/c.png"
+  test "$(cat "$work/c.json")" = '{"format": "locus.compare", "earlier": 1}' -a "$(cat "$work/c.md")" = earlier -a ! -e "$work/c.png"
 # An empty value is not the option left out (`--map "$MAP"` with MAP unset).
 refused '--map: an empty value' simulate --trace "$work/t.bin" --map ""
 refused '--fit: an empty value' trace synth --out "$work/q.bin" --fit "" --requests 2
@@ -393,7 +393,50 @@ json.dump(d, open(sys.argv[2], "w"))
 PY
 refused '"hidden_layers" is 2, but "model_layers" names hidden layer 2' map check "$work/hidden.json"
 # --json takes an optional value: a trace named after it was read as the JSON output and replaced.
-refused '--json [^ ]*t2.bin exists and is not a JSON document' trace stats --json "$work/t2.bin" "$work/t.bin"
+refused '--json [^ ]*t2.bin exists and is not a locus --json document' trace stats --json "$work/t2.bin" "$work/t.bin"
+# ... and so was any JSON object: a route JSONL trace, an expert map. An earlier --json document is
+# replaced, an empty file too.
+cp "$(dirname "$0")/../data/trace/decode_only.jsonl" "$work/in.jsonl"
+refused '--json [^ ]*in.jsonl exists and is not a locus --json document' trace stats --json "$work/in.jsonl" "$work/t.bin"
+cmp -s "$(dirname "$0")/../data/trace/decode_only.jsonl" "$work/in.jsonl" || case_fail "--json replaced a JSONL trace"
+cp "$work/lin.json" "$work/lin2.json"
+refused '--json [^ ]*lin2.json exists and is not a locus --json document' map check --json "$work/lin2.json" "$work/lin.json"
+cmp -s "$work/lin.json" "$work/lin2.json" || case_fail "--json replaced an expert map"
+succeeds trace stats "$work/t.bin" --json "$work/stats.json"
+succeeds trace stats "$work/t.bin" --json "$work/stats.json"
+: >"$work/empty.json"
+succeeds trace stats "$work/t.bin" --json "$work/empty.json"
+# /dev/stdout names the process's standard output: written through it (a shell's append stays one,
+# and the summary, which would join the output, is not printed), never renamed over the file it
+# was redirected to. A binary trace streams through a pipe whole.
+printf 'earlier line\n' >"$work/stdout.txt"
+"$locus" map export "$work/lin.json" --to sglang --out /dev/stdout >>"$work/stdout.txt" 2>/dev/null ||
+  case_fail "map export --out /dev/stdout"
+{ head -n 1 "$work/stdout.txt" | grep -qx 'earlier line' && tail -n 1 "$work/stdout.txt" | grep -q '^{"physical_to_logical_map"'; } ||
+  case_fail "map export --out /dev/stdout replaced the file stdout was appended to, or printed its summary into it"
+("$locus" trace import "$work/t.bin" -o /dev/stdout | "$locus" trace stats - >"$work/piped.txt") 2>/dev/null &&
+  grep -q 'requests' "$work/piped.txt" || case_fail "trace import -o /dev/stdout | trace stats -"
+# A device output that fails is written before the files are renamed: they stay as they were.
+if [ -w /dev/full ]; then
+  refused '/dev/full: write failed' plan --trace "$work/t.bin" --out "$work/full_plan.json" --json /dev/full
+  check "a failed device output leaves the plan unwritten" test ! -e "$work/full_plan.json"
+fi
+# A folder of route JSONL files with a part that cannot be read: refused, not skipped.
+mkdir -p "$work/parts"
+cp "$(dirname "$0")/../data/trace/decode_only.jsonl" "$work/parts/a.jsonl"
+ln -s "$work/parts/missing.jsonl" "$work/parts/b.jsonl"
+refused 'b.jsonl: cannot read it' trace stats "$work/parts"
+rm "$work/parts/b.jsonl"
+mkdir "$work/parts/c.jsonl"
+refused 'c.jsonl: is not a file' trace stats "$work/parts"
+# Model layers past what a model has (which every export refuses): refused by the map reader.
+python3 - "$work/lin.json" "$work/deep.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+d["model_layers"], d["hidden_layers"] = [1, 2], 5000
+json.dump(d, open(sys.argv[2], "w"))
+PY
+refused '"hidden_layers" is 5000, expected at most 4096' map check "$work/deep.json"
 # map replan: options that would change nothing are refused.
 refused '--prior-requests applies with --prior' map replan "$work/lin.json" --trace "$work/t.bin" \
   --prior-requests 5 --out "$work/r.json"

@@ -30,7 +30,9 @@
 #include <random>
 #include <string>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
+#include <thread>
 #include <unistd.h>
 #include <vector>
 
@@ -689,23 +691,58 @@ BOOST_AUTO_TEST_CASE(non_regular_targets) {
   expect_io("", "empty name");
   fs::create_symlink(dir.path / "loop", dir.path / "loop");
   expect_io((dir.path / "loop").string(), "symbolic links loop");
-  // A FIFO cannot take the binary header written last: a clear error, not a hang or a crash.
+  // A FIFO cannot take the binary header written last: the trace is encoded first and arrives whole.
   const auto fifo = dir.path / "fifo";
   BOOST_REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
   const pid_t reader = ::fork();
   if (reader == 0) {
     std::ifstream f(fifo, std::ios::binary);
-    std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-    ::_exit(0);
+    const std::string got((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    const auto want = trace::encode_trace(small_trace(9));
+    ::_exit(got.size() == want.size() && std::memcmp(got.data(), want.data(), want.size()) == 0 ? 0 : 1);
   }
-  try {
-    trace::write_trace(small_trace(9), fifo.string());
-    BOOST_FAIL("a binary trace was written to a FIFO");
-  } catch (const io_error& e) {
-    BOOST_TEST(e.message().find("cannot seek") != std::string::npos, e.message());
-  }
+  BOOST_CHECK_NO_THROW(trace::write_trace(small_trace(9), fifo.string()));
   int status = 0;
   ::waitpid(reader, &status, 0);
+  BOOST_TEST((WIFEXITED(status) && WEXITSTATUS(status) == 0), "the FIFO's reader got another trace");
+  {
+    // ... and nothing can be written back into one.
+    std::thread drain([&] { std::ifstream f(fifo, std::ios::binary); });
+    locus::atomic_file f(fifo.string());
+    BOOST_TEST(f.direct());
+    f.write("abc");
+    try {
+      f.write_at(0, "x", 1);
+      BOOST_FAIL("wrote back into a FIFO");
+    } catch (const io_error& e) {
+      BOOST_TEST(e.message().find("cannot write back") != std::string::npos, e.message());
+    }
+    drain.join();
+  }
+  // A path that names an open descriptor (/dev/fd/N, as /dev/stdout names 1) is written through the
+  // descriptor: the file it holds keeps its inode and what it held (an append stays one), where a
+  // rename would have replaced the file a shell redirected the descriptor to.
+  const auto log = dir.path / "log.txt";
+  std::ofstream(log) << "earlier\n";
+  const int fd = ::open(log.c_str(), O_WRONLY | O_APPEND);
+  BOOST_REQUIRE(fd >= 0);
+  struct stat before {};
+  BOOST_REQUIRE(::stat(log.c_str(), &before) == 0);
+  BOOST_TEST(locus::open_stream_fd("/dev/fd/" + std::to_string(fd)) == fd);
+  BOOST_TEST(locus::open_stream_fd("/proc/self/fd/" + std::to_string(fd)) == fd);
+  BOOST_CHECK_NO_THROW(locus::write_file_atomically("/dev/fd/" + std::to_string(fd), "later\n"));
+  ::close(fd);
+  // A closed descriptor, or a name that only looks like one, is an ordinary path.
+  BOOST_TEST(locus::open_stream_fd("/dev/fd/" + std::to_string(fd)) == -1);
+  struct stat after {};
+  BOOST_REQUIRE(::stat(log.c_str(), &after) == 0);
+  BOOST_TEST(before.st_ino == after.st_ino);
+  std::ifstream in(log);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  BOOST_TEST(text == "earlier\nlater\n");
+  BOOST_TEST(locus::open_stream_fd("/dev/fd/1x") == -1);
+  BOOST_TEST(locus::open_stream_fd("/dev/fd/") == -1);
+  BOOST_TEST(locus::open_stream_fd("/dev/fd/99999999999999999999") == -1);
   BOOST_TEST(temporaries_in(dir.path) == 0u);
 }
 

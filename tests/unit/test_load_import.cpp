@@ -221,11 +221,14 @@ BOOST_AUTO_TEST_CASE(trtllm_tensor_names_must_be_iteration_layer) {
   write(d.path / "meta_info.json", R"({"num_experts": 2})");
   write(d.path / "rank0.safetensors", safetensors({{"1_3", {1, 2}}, {"01_3", {1, 2}}}));
   BOOST_CHECK_THROW(import_load(d.path.string()), format_error);
-  // The largest numbers that fit are read whole.
-  write(d.path / "rank0.safetensors", safetensors({{"18446744073709551615_4294967296", {1, 2}}}));
+  // The largest numbers that fit are read whole: any iteration, a layer below max_hidden_layers
+  // (one past it is refused: a plan made of it would be refused by every export).
+  write(d.path / "rank0.safetensors", safetensors({{"18446744073709551615_4095", {1, 2}}}));
   const auto s = import_load(d.path.string());
-  BOOST_TEST(s.layer_ids == (std::vector<std::size_t>{4294967296}));
+  BOOST_TEST(s.layer_ids == (std::vector<std::size_t>{4095}));
   BOOST_TEST(s.load == (std::vector<std::vector<double>>{{1, 2}}));
+  write(d.path / "rank0.safetensors", safetensors({{"18446744073709551615_4096", {1, 2}}}));
+  BOOST_CHECK_THROW(import_load(d.path.string()), format_error);
 }
 
 // The safetensors format's own rules, which a reader that only bounds-checks lets through with a

@@ -8,15 +8,19 @@
 //! nothing behind either. Where the filesystem has no `O_TMPFILE` (some network filesystems), a
 //! named temporary `.<name>.locus-tmp.<pid>.<n>` is written instead; only a kill can leave one.
 //!
-//! Targets that are not regular files (a character device such as /dev/null or /dev/stdout, a
-//! FIFO) cannot be replaced by a rename; they are written directly, which is what a user who
-//! names one asks for. A directory, or a folder that does not exist, is a `locus::io_error`.
+//! Targets that are not regular files (a character device such as /dev/null, a FIFO) cannot be
+//! replaced by a rename; they are written directly, which is what a user who names one asks for.
+//! So is a path that names one of the process's open descriptors (/dev/stdout, /dev/fd/N): it leads
+//! to whatever the descriptor holds, and where that is the file a shell redirected it to, a rename
+//! would replace the file under the shell (what it held before, and what the program prints later,
+//! would be lost). A directory, or a folder that does not exist, is a `locus::io_error`.
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <fcntl.h>
 #include <limits.h>
@@ -36,6 +40,23 @@ namespace detail {
 inline std::atomic<bool> atomic_file_named_temporary{false};
 } // namespace detail
 
+//! The descriptor `path` names when it names one of this process's open files (/dev/stdout,
+//! /dev/stderr, /dev/fd/N, /proc/self/fd/N), else -1: what atomic_file writes through directly.
+inline int open_stream_fd(std::string_view path) noexcept {
+  if (path == "/dev/stdout") return STDOUT_FILENO;
+  if (path == "/dev/stderr") return STDERR_FILENO;
+  for (const std::string_view prefix : {std::string_view("/dev/fd/"), std::string_view("/proc/self/fd/")}) {
+    if (!path.starts_with(prefix) || path.size() == prefix.size() || path.size() > prefix.size() + 9) continue;
+    int fd = 0;
+    for (const char c : path.substr(prefix.size())) {
+      if (c < '0' || c > '9') return -1;
+      fd = fd * 10 + (c - '0');
+    }
+    return ::fcntl(fd, F_GETFD) == -1 ? -1 : fd;
+  }
+  return -1;
+}
+
 //! A file being written atomically: `write` as often as needed, then `commit()`. Destroying it
 //! without a commit (an exception on the way) removes the temporary file and leaves the target as
 //! it was.
@@ -46,6 +67,15 @@ public:
   //!         symbolic link in it loops
   explicit atomic_file(std::string path) : target_(std::move(path)) {
     if (target_.empty()) LOCUS_THROW(io_error, "cannot write a file with an empty name");
+    if (const int fd = open_stream_fd(target_); fd >= 0) {
+      // Through the descriptor itself: in its mode and at its position (an append stays one), and
+      // before what the program prints to it later.
+      fd_ = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+      if (fd_ < 0) fail(target_, "cannot write", errno);
+      stream_ = fd;
+      direct_ = true;
+      return;
+    }
     resolve_target();
     struct stat st {};
     const bool exists = ::stat(target_.c_str(), &st) == 0;
@@ -90,6 +120,10 @@ public:
   //! The path being written (symbolic links resolved).
   const std::string& path() const noexcept { return target_; }
 
+  //! True when the bytes go straight into the target (a device, a FIFO, an open descriptor): they
+  //! cannot be taken back, and write_at() cannot reach what was written before.
+  bool direct() const noexcept { return direct_; }
+
   //! Appends `n` bytes. @throws locus::io_error (errno as code(), e.g. ENOSPC or EFBIG)
   void write(const void* data, std::size_t n) {
     if (n == 0) return;
@@ -109,18 +143,19 @@ public:
   void write(std::string_view s) { write(s.data(), s.size()); }
 
   //! Overwrites `n` bytes at byte offset `offset` of what was written so far (the binary trace
-  //! writer fills in its header last). @throws locus::io_error when the target cannot seek (a FIFO)
+  //! writer fills in its header last). @throws locus::io_error when the target is written directly
+  //! (direct(): a FIFO cannot seek, and a descriptor's file may hold more than this writer wrote)
   void write_at(std::uint64_t offset, const void* data, std::size_t n) {
     check_writing();
+    if (direct_)
+      fail(target_, "cannot write back", ESPIPE, "this output is written straight through (name a regular file)");
     flush();
     const auto* p = static_cast<const char*>(data);
     while (n > 0) {
       const ssize_t w = ::pwrite(fd_, p, n, static_cast<off_t>(offset));
       if (w < 0) {
         if (errno == EINTR) continue;
-        fail(target_,
-             errno == ESPIPE ? "cannot write: this output cannot seek (write to a regular file)" : "write failed",
-             errno);
+        fail(target_, "write failed", errno);
       }
       p += w;
       n -= static_cast<std::size_t>(w);
@@ -253,6 +288,8 @@ private:
   }
 
   void write_all(const char* p, std::size_t n) {
+    if (stream_ == STDOUT_FILENO) std::fflush(stdout); // what the program printed before comes first
+    if (stream_ == STDERR_FILENO) std::fflush(stderr);
     while (n > 0) {
       const ssize_t w = ::write(fd_, p, std::min<std::size_t>(n, std::size_t{1} << 30));
       if (w < 0) {
@@ -268,6 +305,7 @@ private:
   std::string temp_;
   int fd_ = -1;
   bool direct_ = false;
+  int stream_ = -1;       // the process's descriptor the target names (open_stream_fd), or -1
   bool unnamed_ = false;  // written through O_TMPFILE: no name until commit()
   bool prepared_ = false; // prepare() done: written out and synced, nothing more to write
   std::vector<char> buffer_;

@@ -24,6 +24,11 @@ struct slot_ref {
 //! Marks an unused slot in a slot table.
 inline constexpr expert_id empty_slot = -1;
 
+//! Hidden layers of a model at most (the largest today have about a hundred): the bound on the
+//! model layer ids a plan file, a load import or an engine export takes. Engine files list every
+//! hidden layer, so it also bounds what an export writes.
+inline constexpr std::size_t max_hidden_layers = 4096;
+
 //! Trivially copyable view of an expert map, for kernels and hot loops. Arrays are CSR: the
 //! replicas of expert `e` are `replicas[replica_offsets[e] .. replica_offsets[e + 1])`, ordered by
 //! rank then slot.

@@ -161,7 +161,8 @@ struct expert_plan_file {
 
 //! A plan (its maps, and what else it knows) as the JSON document save_expert_plan writes.
 //! @throws locus::config_error when `model_layers` does not have one ascending id per map, or its
-//!         last is not below `hidden_layers` (where given), or gpus_per_node does not divide the ranks
+//!         last is not below `hidden_layers` (where given) and max_hidden_layers, or gpus_per_node
+//!         does not divide the ranks
 inline nlohmann::json expert_plan_to_json(const expert_plan_file& plan) {
   auto doc = expert_maps_to_json(plan.maps);
   const auto& ids = plan.model_layers;
@@ -174,6 +175,9 @@ inline nlohmann::json expert_plan_to_json(const expert_plan_file& plan) {
   }
   LOCUS_REQUIRE(plan.hidden_layers == 0 || ids.empty() || plan.hidden_layers > ids.back(), config_error,
                 "expert plan: ", plan.hidden_layers, " hidden layers, but model layer ", ids.back(), " is a map's");
+  LOCUS_REQUIRE(plan.hidden_layers <= max_hidden_layers && (ids.empty() || ids.back() < max_hidden_layers),
+                config_error, "expert plan: model layers past the ", max_hidden_layers,
+                " hidden layers a model has at most (what the plan reader refuses)");
   if (plan.hidden_layers > 0) doc["hidden_layers"] = plan.hidden_layers;
   if (plan.gpus_per_node > 0) {
     LOCUS_REQUIRE(plan.maps.front().ranks() % plan.gpus_per_node == 0, config_error,
@@ -228,10 +232,18 @@ inline expert_plan_file load_expert_plan(const std::string& path) {
       for (const auto& id : doc["model_layers"]) {
         if (!id.is_number_unsigned() || (!out.model_layers.empty() && id.get<std::size_t>() <= out.model_layers.back()))
           throw format_error("expert map JSON: \"model_layers\" must be ascending non-negative integers", 0);
+        if (id.get<std::size_t>() >= max_hidden_layers)
+          throw format_error(detail::concat("expert map JSON: \"model_layers\" names layer ", id.get<std::size_t>(),
+                                            ", past the ", max_hidden_layers, " hidden layers a model has at most"),
+                             0);
         out.model_layers.push_back(id.get<std::size_t>());
       }
     }
     if (doc.contains("hidden_layers")) out.hidden_layers = detail::json_size(doc, "hidden_layers");
+    if (out.hidden_layers > max_hidden_layers)
+      throw format_error(detail::concat("expert map JSON: \"hidden_layers\" is ", out.hidden_layers,
+                                        ", expected at most ", max_hidden_layers),
+                         0);
     // What map export would refuse only later: a model whose hidden layers end before its MoE layers.
     if (out.hidden_layers > 0 && !out.model_layers.empty() && out.hidden_layers <= out.model_layers.back())
       throw format_error(detail::concat("expert map JSON: \"hidden_layers\" is ", out.hidden_layers,

@@ -7,9 +7,10 @@
 //! steps given in advance (an oracle that knows the phases), or early when the drift trigger
 //! fires. The trigger compares the window's per-(node, expert) load distribution with the one the
 //! maps in service were fitted to (total variation, mean over layers) and fires when it exceeds
-//! both a floor and `drift_ratio` × the window's own noise (the same distance between its even
-//! and its odd steps; halves in time would differ by the drift itself), so that stationary
-//! traffic, whose windows differ only by sampling, keeps it quiet at any window size. Given the
+//! both a floor and `drift_ratio` × the window's own noise (the same distance between two halves
+//! of its requests: a request's tokens are alike, so the window's sample is its requests, not its
+//! tokens; halves in time would differ by the drift itself), so that stationary traffic, whose
+//! windows differ only by which requests they sample, keeps it quiet at any window size. Given the
 //! profile the initial maps were fitted to (online_options::reference), checks start within the
 //! first steps, on the steps so far: a plan fitted elsewhere is re-planned before a full window
 //! has run under it; a balance trigger re-plans, at the same checks, while the maps in service
@@ -22,8 +23,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <ctime>
+#include <limits>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
+#include <locus/core/random.hpp>
 #include <locus/cost/decode_simulator.hpp>
 #include <locus/cost/traffic.hpp>
 #include <locus/placement/migration.hpp>
@@ -72,6 +75,9 @@ struct decode_schedule {
     for (std::size_t s = first; s < last; ++s)
       LOCUS_REQUIRE(step_begin[s] <= step_begin[s + 1], config_error, "decode schedule: step ", s, " ends at ",
                     step_begin[s + 1], " before it begins at ", step_begin[s]);
+    // Offsets that do not ascend elsewhere may still put these steps past the tokens.
+    LOCUS_REQUIRE(step_begin[last] <= tokens.size(), config_error, "decode schedule: step ", last, " begins at ",
+                  step_begin[last], ", past the ", tokens.size(), " tokens");
     for (std::size_t i = step_begin[first]; i < step_begin[last]; ++i)
       LOCUS_REQUIRE(tokens[i] < trace_tokens && sources[i] < ranks, config_error, "decode schedule: entry ", i,
                     " is token ", tokens[i], " on rank ", sources[i], ", but the trace has ", trace_tokens,
@@ -95,6 +101,15 @@ decode_schedule record_schedule(const trace::trace& t, const std::vector<expert_
   return s;
 }
 
+//! Which of a window's requests a load profile counts: all, or one of two halves.
+enum class request_half : std::uint8_t { all, first, second };
+
+//! The half a trace's request `r` falls in: a hash of its index, so that requests listed in a
+//! pattern (domains taking turns) split evenly across the two.
+inline request_half request_half_of(std::size_t r) noexcept {
+  return (splitmix64(static_cast<std::uint64_t>(r)).next() & 1) ? request_half::second : request_half::first;
+}
+
 //! Per layer, the (node, expert) pair counts of a range of steps: the traffic a plan is fitted to.
 struct load_profile {
   std::size_t nodes = 0, experts = 0;
@@ -114,14 +129,27 @@ struct load_profile {
     }
   }
 
-  //! Steps [first, last) of `s`, every `stride`-th from `first + offset`.
-  //! @throws locus::config_error for a range outside the schedule or a zero stride
+  //! Steps [first, last) of `s`: the tokens of every request, or of one half of the requests
+  //! (request_half_of; the drift check's noise compares the two).
+  //! @throws locus::config_error for a range outside the schedule
   static load_profile of(const trace::trace& t, const decode_schedule& s, std::size_t first, std::size_t last,
-                         const dynamic_topology& topo, std::size_t stride = 1, std::size_t offset = 0) {
+                         const dynamic_topology& topo, request_half half = request_half::all) {
     LOCUS_REQUIRE(first <= last && last <= s.steps(), config_error, "load_profile: steps [", first, ", ", last,
                   ") outside a schedule of ", s.steps());
-    LOCUS_REQUIRE(stride > 0, config_error, "load_profile: a stride of 0 steps (every stride-th step is counted)");
     s.validate_steps(first, last, t.tokens(), topo.ranks());
+    const std::size_t b = s.step_begin[first], e = s.step_begin[last];
+    std::vector<bool> counted(e - b, true);
+    if (half != request_half::all) {
+      // Requests own contiguous, ascending token ranges: a token's request is the last one that
+      // starts at or before it.
+      std::vector<std::uint64_t> starts(t.requests());
+      for (std::size_t r = 0; r < t.requests(); ++r)
+        starts[r] = t.request(r).first_token;
+      for (std::size_t i = b; i < e; ++i) {
+        const auto at = std::upper_bound(starts.begin(), starts.end(), static_cast<std::uint64_t>(s.tokens[i]));
+        counted[i - b] = request_half_of(static_cast<std::size_t>(at - starts.begin()) - 1) == half;
+      }
+    }
     load_profile p;
     p.nodes = topo.nodes();
     p.experts = t.experts();
@@ -129,12 +157,12 @@ struct load_profile {
     for (std::size_t l = 0; l < t.layers(); ++l) {
       const auto view = t.layer(l);
       auto& c = p.counts[l];
-      for (std::size_t st = first + offset; st < last; st += stride)
-        for (std::size_t i = s.step_begin[st]; i < s.step_begin[st + 1]; ++i) {
-          const std::size_t n = topo.node_of(s.sources[i]);
-          for (std::size_t j = 0; j < t.top_k(); ++j)
-            c[n * p.experts + view.expert(s.tokens[i], j)] += 1;
-        }
+      for (std::size_t i = b; i < e; ++i) {
+        if (!counted[i - b]) continue;
+        const std::size_t n = topo.node_of(s.sources[i]);
+        for (std::size_t j = 0; j < t.top_k(); ++j)
+          c[n * p.experts + view.expert(s.tokens[i], j)] += 1;
+      }
     }
     return p;
   }
@@ -182,11 +210,15 @@ inline double divergence(const load_profile& a, const load_profile& b) {
 }
 
 //! The drift trigger's test on the window [first, last) against the profile the maps were fitted
-//! to: (fires, distance, the noise it is held against). The noise is the distance between the
-//! window's even and odd steps, two samples of half its size each; a reference with fewer pairs
-//! than the window (fitted on a few steps, e.g. by a re-plan soon after the start) adds its own
-//! sampling noise, so the noise is widened by √((1 + n/m) / 2) for a window of n pairs and a
-//! reference of m, never narrowed.
+//! to: (fires, distance, the noise it is held against). The noise is the distance between two
+//! halves of the window's requests (request_half_of), two samples of half its size each: a
+//! request's tokens choose alike, so halves of its steps (even and odd) would each hold every
+//! request and see only the tokens' noise, and the turnover of requests alone then fired the
+//! trigger on stationary traffic. A window whose requests all fall in one half has no noise
+//! estimate and does not fire. Each half holds half the window's requests, so on stationary
+//! traffic the window strays from the traffic's mean by about half the halves' distance, and a
+//! reference of m pairs (a re-plan's few steps, or the training sample) adds its own: the noise
+//! is the halves' distance × √((1 + n/m) / 4) for a window of n pairs.
 struct drift_check {
   bool fired = false;
   double distance = 0;
@@ -197,15 +229,27 @@ inline drift_check check_drift(const trace::trace& t, const decode_schedule& s, 
                                double floor) {
   drift_check c;
   c.distance = divergence(load_profile::of(t, s, first, last, topo), reference);
-  c.noise =
-      divergence(load_profile::of(t, s, first, last, topo, 2, 0), load_profile::of(t, s, first, last, topo, 2, 1));
+  const auto a = load_profile::of(t, s, first, last, topo, request_half::first);
+  const auto b = load_profile::of(t, s, first, last, topo, request_half::second);
+  const auto pairs = [](const load_profile& p) {
+    double sum = 0;
+    for (const auto& layer : p.counts)
+      for (const double x : layer)
+        sum += x;
+    return sum;
+  };
+  if (pairs(a) == 0 || pairs(b) == 0) {
+    c.noise = std::numeric_limits<double>::infinity(); // one half is empty: no estimate
+    return c;
+  }
+  c.noise = divergence(a, b);
   // Pairs per layer: the window's from its token count, the reference's from its first layer.
   const double n = static_cast<double>(s.step_begin[last] - s.step_begin[first]) * static_cast<double>(t.top_k());
   double m = 0;
   if (!reference.counts.empty())
     for (const double x : reference.counts.front())
       m += x;
-  if (m > 0) c.noise *= std::max(1.0, std::sqrt((1 + n / m) / 2));
+  c.noise *= m > 0 ? std::sqrt((1 + n / m) / 4) : 0.5;
   c.fired = c.distance > floor && c.distance > ratio * c.noise;
   return c;
 }
@@ -292,9 +336,12 @@ struct online_options {
   //! The traffic the initial maps were fitted to (e.g. load_profile::of a training sample; the
   //! shape of the run's). Empty: the first full window stands in for it, so that a plan fitted
   //! elsewhere is never flagged before `window` steps have run and been taken as the reference.
+  //! Its counts are pair counts, as load_profile::of gives them: the drift check reads the
+  //! reference's sample size from them (frequencies that sum to 1 would silence the trigger).
   load_profile reference;
   //! Steps a drift check needs at least (0: `window`; never below 4, or the window where shorter:
-  //! the noise test compares the even and the odd steps): with a reference, checks from this step
+  //! fewer hold a token or two of each request, too few to measure the noise of the request halves
+  //! it compares): with a reference, checks from this step
   //! on see the steps so far until a full window has run, so that a plan that does not fit the
   //! traffic it meets is re-planned within tens of steps.
   std::size_t min_check = 0;
@@ -323,7 +370,9 @@ inline std::size_t drift_check_start(const online_options& opt) noexcept {
 inline std::size_t first_replan_step(const online_options& opt) noexcept {
   constexpr std::size_t never = ~std::size_t{0};
   const std::size_t scheduled = opt.interval ? std::max(opt.window, opt.interval) : never;
-  const std::size_t start = drift_check_start(opt);
+  // Without a reference the first check takes its own window for one (a distance of 0): unless the
+  // balance trigger can act there, the next check is the first that can re-plan.
+  const std::size_t start = drift_check_start(opt) + (opt.reference.empty() && !(opt.balance_trigger > 0) ? 1 : 0);
   const std::size_t checked = opt.drift_every && start <= never - opt.drift_every
                                   ? (start + opt.drift_every - 1) / opt.drift_every * opt.drift_every
                                   : never;

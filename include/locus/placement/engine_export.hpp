@@ -29,10 +29,6 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
 
-//! Hidden layers of a model at most (the largest today have about a hundred). Engine files list
-//! every hidden layer, so the bound also bounds what an export writes.
-inline constexpr std::size_t max_hidden_layers = 4096;
-
 //! Where the planned (MoE) layers sit among the model's hidden layers. Engines index every hidden
 //! layer, dense ones included; a plan numbers its layers 0..L-1.
 struct model_layers {

@@ -44,7 +44,8 @@ struct live_replan_result {
   std::uint64_t bytes_moved = 0;
   double moved_share = 0; //!< moves over all slots
   //! Inter-node copies per decode token of the window sample (the transport's bytes over the
-  //! copy size), on the maps in service and on the result.
+  //! copy size; with copy_count::both the flat and the hierarchical count summed, the cost the
+  //! re-plan lowers), on the maps in service and on the result.
   double copies_per_token_before = 0, copies_per_token_after = 0;
   //! The lowest GPU max/mean any split of the window's rows among the replicas reaches (mean over
   //! layers): with no replicas the maps' own; the replica rule at run time is at or above it.

@@ -20,6 +20,7 @@
 #include <iterator>
 #include <limits>
 #include <locus/core/error.hpp>
+#include <locus/core/expert_map.hpp>
 #include <locus/core/json_error.hpp>
 #include <locus/core/json_integer.hpp>
 #include <locus/core/read_file.hpp>
@@ -363,6 +364,9 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
         ::locus::detail::format_require(a.shape.size() == 1 && a.shape[0] == experts, where, ": ", key, " holds ",
                                         a.values.size(), " values in ", a.shape.size(),
                                         " dimensions, not a list of one count per each of ", experts, " experts");
+        ::locus::detail::format_require(id->second < max_hidden_layers, where, ": tensor ", key, " is of layer ",
+                                        id->second, ", past the ", max_hidden_layers,
+                                        " hidden layers a model has at most");
         layers_here.insert(id->second);
         if (!iterations.all() && (id->first < iterations.begin || id->first >= iterations.end))
           continue; // checked, not summed

@@ -219,7 +219,9 @@ migration_result replan_by_tokens(const std::vector<expert_map>& current, const 
   const std::size_t layers = current.size();
   const std::size_t swaps_total = max_moved_experts / 2;
   const std::size_t share = (swaps_total + layers - 1) / std::max<std::size_t>(1, layers);
-  const std::size_t cap = std::min(swaps_total, per_layer_cap ? per_layer_cap : 2 * share + 2);
+  // 2 × share + 2 saturates at swaps_total: an unbounded budget (SIZE_MAX) wrapped it to 0 swaps.
+  const std::size_t spread = share >= swaps_total / 2 ? swaps_total : 2 * share + 2;
+  const std::size_t cap = std::min(swaps_total, per_layer_cap ? per_layer_cap : spread);
   auto plain = opt;
   plain.balance_shift = 0;
   // The re-plan's own load bound (token_refine_options::replan_slack). A window is a small sample:

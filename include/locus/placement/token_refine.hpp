@@ -266,7 +266,9 @@ struct token_refine_options {
   bool repair_load_bound = false;
   //! replan_by_tokens: the load bound of a re-plan under a migration budget, (1 + this) × the
   //! mean of the loads the sample's load weights give (or balance_slack's where that is looser): it
-  //! repairs the GPUs above it first, as far as the budget allows, and no swap raises a GPU above it.
+  //! repairs the GPUs above it first, as far as the budget allows (a repair lowers the busiest GPU's
+  //! load and may lift its partner's above the bound, never to the busiest's old load), and no other
+  //! swap raises a GPU above it.
   //! balance_slack's tight bound is for a full plan, which moves every expert freely; held under a
   //! budget it spends the moves on small repairs, and a re-plan after a shift of the request mix
   //! then fixes neither its balance nor its bytes. A tighter bound trades bytes for balance

@@ -587,8 +587,16 @@ private:
 } // namespace detail::trace
 
 //! Writes `t` in the binary format into `f`, which the caller then commits (a command with several
-//! outputs commits them together). @throws locus::io_error when the file cannot be written
+//! outputs commits them together). Into a target written straight through (a pipe, /dev/stdout:
+//! atomic_file::direct()), whose header cannot be filled in last, the trace is encoded in memory
+//! first. @throws locus::io_error when the file cannot be written
 inline void write_trace(const trace& t, atomic_file& f) {
+  if (f.direct()) {
+    detail::trace::vector_sink sink;
+    detail::trace::write(t, sink);
+    f.write(sink.bytes.data(), sink.bytes.size());
+    return;
+  }
   detail::trace::file_sink sink(f);
   detail::trace::write(t, sink);
 }

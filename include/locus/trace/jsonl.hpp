@@ -1091,8 +1091,19 @@ inline std::vector<std::string> jsonl_inputs(const std::vector<std::string>& inp
       continue;
     }
     std::vector<std::string> found;
-    for (fs::directory_iterator it(in, ec), end; !ec && it != end; it.increment(ec))
-      if (is_jsonl_name(it->path()) && it->is_regular_file(ec)) found.push_back(it->path().string());
+    for (fs::directory_iterator it(in, ec), end; !ec && it != end; it.increment(ec)) {
+      if (!is_jsonl_name(it->path())) continue;
+      // A part that cannot be read (a dangling link to a missing shard, a folder) is refused: the
+      // trace would silently lack its records.
+      std::error_code part_error;
+      const auto part = fs::status(it->path(), part_error);
+      if (!fs::is_regular_file(part))
+        throw io_error(it->path().string() + ": " +
+                           (part_error ? "cannot read it: " + part_error.message() : std::string("is not a file")) +
+                           " (a folder of route-JSONL files is read whole: every .jsonl and .ndjson file in it)",
+                       __FILE__, __LINE__, part_error ? part_error.value() : EISDIR);
+      found.push_back(it->path().string());
+    }
     if (ec) throw io_error(in + ": cannot list the folder: " + ec.message(), __FILE__, __LINE__, ec.value());
     if (found.empty())
       throw io_error(in + ": holds no .jsonl or .ndjson file (a folder of route-JSONL files is read whole)", __FILE__,
