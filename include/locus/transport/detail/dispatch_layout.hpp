@@ -41,19 +41,6 @@ struct device_layout_buffers {
   device_buffer<unsigned char> temp;
 };
 
-inline int key_bits(std::size_t max_key) {
-  int b = 1;
-  while (b < 31 && (std::size_t{1} << b) <= max_key)
-    ++b;
-  return b;
-}
-
-//! Blocks of `threads` threads covering n items, at least one (a launch of no blocks is an error;
-//! the stage bodies stride over n, so one block with nothing to do does nothing).
-inline unsigned blocks_for(std::size_t n, unsigned threads = 256) {
-  return static_cast<unsigned>(std::max<std::size_t>((n + threads - 1) / threads, 1));
-}
-
 //! Runs steps 1-7 on `stream`. Host tables (fixed / candidates) must already be in `b`.
 template <std::size_t K, class Experts>
 void dispatch_build(device_layout_buffers& b, const std::int32_t* ids, const float* weights, std::size_t tokens,

@@ -12,6 +12,22 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::layout {
 
+//! The end bit of a radix sort over keys 0..max_key, max_key included (at most 31: the keys are
+//! non-negative int32).
+inline int key_bits(std::size_t max_key) {
+  int b = 1;
+  while (b < 31 && (std::size_t{1} << b) <= max_key)
+    ++b;
+  return b;
+}
+
+//! Blocks of `threads` threads covering n items, at least one (a launch of no blocks is an error;
+//! the stage bodies stride over n, so one block with nothing to do does nothing).
+inline unsigned blocks_for(std::size_t n, unsigned threads = 256) {
+  const std::size_t b = (n + threads - 1) / threads;
+  return static_cast<unsigned>(b > 0 ? b : 1);
+}
+
 //! Per-source constants of a layout build.
 struct token_params {
   std::int32_t source = 0;       //!< source rank
