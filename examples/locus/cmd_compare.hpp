@@ -77,6 +77,10 @@ inline const char* method_of(const locus::cost::comparison_row& r) {
 //! Parses "flat,hierarchical" (each once, in the order given).
 inline std::vector<locus::transport_kind> parse_transports(const std::string& list) {
   std::vector<locus::transport_kind> out;
+  // getline drops a trailing empty item: "flat," would pass as "flat".
+  LOCUS_REQUIRE(list.empty() || (list.front() != ',' && list.back() != ',' && list.find(",,") == std::string::npos),
+                locus::config_error, "an empty transport in \"", list,
+                "\" (expected flat, hierarchical or flat,hierarchical)");
   std::stringstream in(list);
   for (std::string name; std::getline(in, name, ',');) {
     LOCUS_REQUIRE(name == "flat" || name == "hierarchical", locus::config_error, "unknown transport \"", name,

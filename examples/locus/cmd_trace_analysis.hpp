@@ -97,7 +97,7 @@ inline void print_stats_table(const locus::trace::trace_statistics& s, std::size
               s.experts, s.top_k);
   std::printf("%-16s %10s %10s\n", "domain", "requests", "tokens");
   for (std::size_t d = 0; d < s.domain_names.size(); ++d)
-    std::printf("%-16s %10llu %10llu\n", s.domain_names[d].c_str(),
+    std::printf("%-16s %10llu %10llu\n", one_line(s.domain_names[d]).c_str(),
                 static_cast<unsigned long long>(s.popularity.requests[d]),
                 static_cast<unsigned long long>(s.popularity.tokens[d]));
   const auto js = s.divergence.mean_per_layer();

@@ -153,7 +153,7 @@ inline void run_trace_import(const trace_import_options& o) {
   if (!o.quiet && !stdout_taken({o.output})) {
     std::string doms;
     for (const auto& d : t.domains())
-      doms += (doms.empty() ? "" : ", ") + d;
+      doms += (doms.empty() ? "" : ", ") + one_line(d);
     // A device or FIFO output (-o /dev/null) has no size to report.
     const auto bytes = std::filesystem::file_size(o.output, ec);
     std::printf("%s: %zu requests, %zu tokens, %zu layers, %zu experts, top-%zu, domains [%s]; %s bytes, %.2f s%s\n",

@@ -18,42 +18,7 @@
 
 namespace {
 
-//! Length of the well-formed UTF-8 sequence at s[i] (1 for ASCII), or 0 when it is not one.
-std::size_t utf8_length(const std::string& s, std::size_t i) {
-  const auto b = static_cast<unsigned char>(s[i]);
-  const std::size_t n = b < 0x80 ? 1 : (b >> 5) == 0x6 ? 2 : (b >> 4) == 0xE ? 3 : (b >> 3) == 0x1E ? 4 : 0;
-  if (n == 0 || i + n > s.size()) return 0;
-  for (std::size_t k = 1; k < n; ++k)
-    if ((static_cast<unsigned char>(s[i + k]) >> 6) != 0x2) return 0;
-  return n;
-}
-
-//! One line of text: control characters (a newline in a domain name, say) are written as escapes,
-//! and bytes that are not UTF-8 (a binary file quoted by a parser's message) as \xNN.
-std::string one_line(const std::string& s) {
-  std::string out;
-  for (std::size_t i = 0; i < s.size();) {
-    const char c = s[i];
-    const std::size_t n = utf8_length(s, i);
-    if (c == '\n') {
-      out += "\\n";
-    } else if (c == '\r') {
-      out += "\\r";
-    } else if (n == 0) {
-      char hex[8];
-      std::snprintf(hex, sizeof hex, "\\x%02X", static_cast<unsigned char>(c));
-      out += hex;
-    } else if (n == 1 && static_cast<unsigned char>(c) < 0x20 && c != '\t') {
-      out += '?';
-    } else {
-      out.append(s, i, n);
-      i += n;
-      continue;
-    }
-    ++i;
-  }
-  return out;
-}
+using locus_driver::one_line;
 
 // Exit codes: 0 success, 1 the job failed (bad input, a file that cannot be read or written,
 // ...), 2 the command line was wrong (CLI11's own code for parse errors), 3 out of memory,

@@ -119,6 +119,44 @@ inline CLI::Option* add_json_option(CLI::App* cmd, std::string& path) {
       ->option_text("[PATH]");
 }
 
+//! Length of the well-formed UTF-8 sequence at s[i] (1 for ASCII), or 0 when it is not one.
+inline std::size_t utf8_length(const std::string& s, std::size_t i) {
+  const auto b = static_cast<unsigned char>(s[i]);
+  const std::size_t n = b < 0x80 ? 1 : (b >> 5) == 0x6 ? 2 : (b >> 4) == 0xE ? 3 : (b >> 3) == 0x1E ? 4 : 0;
+  if (n == 0 || i + n > s.size()) return 0;
+  for (std::size_t k = 1; k < n; ++k)
+    if ((static_cast<unsigned char>(s[i + k]) >> 6) != 0x2) return 0;
+  return n;
+}
+
+//! One line of text, safe on a terminal: control characters (a newline or an escape sequence in a
+//! domain name, say) are written as escapes or '?', and bytes that are not UTF-8 (a binary file
+//! quoted by a parser's message) as \xNN. For messages and for names from the input in tables.
+inline std::string one_line(const std::string& s) {
+  std::string out;
+  for (std::size_t i = 0; i < s.size();) {
+    const char c = s[i];
+    const std::size_t n = utf8_length(s, i);
+    if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\r') {
+      out += "\\r";
+    } else if (n == 0) {
+      char hex[8];
+      std::snprintf(hex, sizeof hex, "\\x%02X", static_cast<unsigned char>(c));
+      out += hex;
+    } else if (n == 1 && ((static_cast<unsigned char>(c) < 0x20 && c != '\t') || c == 0x7f)) {
+      out += '?';
+    } else {
+      out.append(s, i, n);
+      i += n;
+      continue;
+    }
+    ++i;
+  }
+  return out;
+}
+
 //! Whether `--json` sends the document to stdout (the table is then not printed).
 inline bool json_to_stdout(const std::string& path) { return path == "-"; }
 

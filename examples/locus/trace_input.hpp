@@ -144,6 +144,13 @@ inline void note_trimmed(const std::string& what, const locus::trace::jsonl_repo
 //! Reads the trace `paths` name (several only for route JSONL).
 inline locus::trace::trace load_trace(const std::vector<std::string>& paths, const jsonl_reading& how = {}) {
   const std::string format = detect_trace_format(paths, true);
+  // The route-JSONL reading options given for another format were dropped without a word.
+  const std::string shown = paths.front() == "-" ? "<stdin>" : paths.front();
+  const char* what = format == "esft" ? "an ESFT folder" : "a binary trace";
+  LOCUS_REQUIRE(format == "jsonl" || !how.split_on_restart, locus::config_error,
+                "--split-on-restart does not apply to ", shown, ", ", what, " (it reads route JSONL)");
+  LOCUS_REQUIRE(format == "jsonl" || !how.strict_layers, locus::config_error, "--strict-layers does not apply to ",
+                shown, ", ", what, " (it reads route JSONL)");
   if (format == "esft") {
     check_esft_counts(how.experts, 0);
     locus::trace::esft_options opt;

@@ -529,4 +529,16 @@ refused '^locus: configuration error: --experts 2 is fewer than the 6 experts ea
 refused '^locus: configuration error: --experts 4 is fewer than the 5 experts each token chooses \(--top-k\)' \
   trace import "$work/esft" --experts 4 --top-k 5 -o "$work/x.bin"
 refused '^locus: configuration error: --experts 2 is fewer than the 6' trace stats "$work/esft" --experts 2
+# Names from the input reach the terminal escaped: a newline or an escape sequence in a domain name
+# keeps its table row on one line and sends the terminal nothing.
+printf '{"type": "meta", "num_experts": 4, "top_k": 2}\n{"req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [0, 1], "topk_weights": [0.5, 0.5], "domain": "a\\nb"}\n{"req_id": 1, "token_idx": 0, "layer": 0, "topk_ids": [2, 1], "topk_weights": [0.5, 0.5], "domain": "x\\u001b[31my"}\n' >"$work/ctl.jsonl"
+ok '^a\\nb +1 +1$' trace stats "$work/ctl.jsonl"
+check "a domain's escape sequence is not printed" sh -c "! \"$locus\" trace stats \"$work/ctl.jsonl\" | grep -q \"\$(printf '\\033')\""
+# Route-JSONL reading options given with another format are refused, not dropped; so is an empty
+# transport in a list.
+refused '^locus: configuration error: --split-on-restart does not apply to [^ ]*t.bin, a binary trace' trace stats \
+  "$work/t.bin" --split-on-restart
+refused '^locus: configuration error: --strict-layers does not apply to [^ ]*esft, an ESFT folder' plan \
+  --trace "$work/esft" --strict-layers --out "$work/m.json"
+refused 'an empty transport in "flat,"' compare --trace "$work/t.bin" --transport flat,
 cases_end
