@@ -25,7 +25,7 @@ struct replan_options {
   std::vector<std::string> window_paths, prior_paths;
   std::size_t experts = 0, prefill_tokens = 32, gpus_per_node = 0;
   bool split_on_restart = false, strict_layers = false;
-  std::string transport = "flat";
+  std::string transport = "flat", replica_rule = "locality_first";
   locus::placement::live_replan_options live{};
   CLI::Option* prefill_opt = nullptr;
   CLI::Option* prior_requests_opt = nullptr;
@@ -127,6 +127,7 @@ inline int map_replan(const replan_options& o) {
   }
   auto live = o.live;
   live.copies = locus::placement::parse_copy_count(o.transport);
+  live.replicas = locus::placement::parse_replica_rule(o.replica_rule);
   const auto r = locus::placement::replan_live(plan.maps, window, window_nodes, topo, live, prior ? &*prior : nullptr,
                                                prior_nodes);
   plan.maps = r.maps;
@@ -139,16 +140,17 @@ inline int map_replan(const replan_options& o) {
   doc["window"] = window_name;
   doc["homes"] = !o.homes.empty() ? "homes" : model ? "grouping" : "round_robin";
   doc["transport"] = o.transport;
+  doc["replica_rule"] = o.replica_rule;
   files.add_json(o.json, "map replan", std::move(doc));
   files.commit();
   if (stdout_taken({o.json, o.out})) return 0;
   std::printf("%s: %zu of %zu slots budgeted moved (%.1f%% of all slots", o.out.c_str(), r.moves.size(), r.budget_slots,
               100 * r.moved_share);
   if (r.bytes_moved) std::printf(", %.2f GB of weights", static_cast<double>(r.bytes_moved) / 1e9);
-  std::printf(")\non the window (%zu requests, %zu decode tokens): inter-node copies per token%s %.3f -> %.3f, GPU "
+  std::printf(")\non the window (%zu requests, %zu decode tokens): inter-node copies per token %.3f -> %.3f, GPU "
               "max/mean floor %.3f -> %.3f\n",
-              r.window_requests, r.window_decode_tokens, o.transport == "both" ? " (flat + hierarchical)" : "",
-              r.copies_per_token_before, r.copies_per_token_after, r.balance_floor_before, r.balance_floor_after);
+              r.window_requests, r.window_decode_tokens, r.copies_per_token_before, r.copies_per_token_after,
+              r.balance_floor_before, r.balance_floor_after);
   return 0;
 }
 
@@ -188,6 +190,12 @@ inline void register_map_replan(CLI::App* map_cmd) {
       ->capture_default_str();
   cmd->add_option("--transport", o->transport, "The engine's exchange, whose copies the re-plan saves")
       ->check(CLI::IsMember({"flat", "hierarchical"}))
+      ->capture_default_str();
+  cmd->add_option("--replica-rule", o->replica_rule,
+                  "The engine's choice among an expert's replicas, where the copies counted and saved go: "
+                  "locality_first (locus), same_gpu_else_random (SGLang static dispatch), random (vLLM EPLB), "
+                  "locality_bounded (counted as locality_first: its hot GPUs change with the traffic)")
+      ->check(CLI::IsMember(tool_cli::names_of(locus::placement::all_replica_rules)))
       ->capture_default_str();
   cmd->add_option("--expert-bytes", o->live.expert_bytes, "Weight bytes of one expert, for the bytes moved")
       ->check(CLI::Range(std::uint64_t{0}, std::uint64_t{1} << 40))

@@ -565,6 +565,7 @@ def replan(
     replan_slack: float = 0.125,
     expert_bytes: int = 0,
     prefill_tokens: int = 32,
+    replica_rule: str = "locality_first",
 ) -> Tuple[ExpertPlan, dict]:
     """Re-plans the maps in service on a window of recorded routing (its decode tokens), moving at
     most ``budget`` of all slots: the re-planner ``locus simulate --drift-every`` runs, for an
@@ -573,7 +574,10 @@ def replan(
     classes recognise its prefill, else the nodes in turn. ``prior``: the traffic the maps were
     fitted to (its nodes from the model), which steers the copy savings and counts in the loads as
     ``prior_requests`` requests beside the window's (None: 32; only with a prior). ``transport``:
-    whose copies to save ("flat", "hierarchical" or "both"). Returns the new plan and a report:
+    whose copies to save ("flat", "hierarchical" or "both"; "both" counts and reports their sum).
+    ``replica_rule``: the engine's choice among an expert's replicas, where the copies counted and
+    saved go ("locality_first", "same_gpu_else_random" as SGLang, "random" as vLLM's EPLB;
+    "locality_bounded" counts as "locality_first"). Returns the new plan and a report:
     ``moves`` (each slot whose weights change: layer (the plan's index), model_layer (its hidden
     layer, where the plan has layer ids), rank, slot, from, to; None for an empty slot),
     ``slots_moved``, ``bytes_moved`` (with ``expert_bytes``), and the window's inter-node copies
@@ -588,7 +592,7 @@ def replan(
     maps, report = _core._replan(
         plan._maps(), plan.experts, plan.nodes, plan.gpus_per_node, window, h, m, prior, budget,
         32.0 if prior_requests is None else prior_requests, transport, replan_slack, expert_bytes,
-        prefill_tokens, list(plan.layer_ids) if plan.layer_ids is not None else [],
+        prefill_tokens, list(plan.layer_ids) if plan.layer_ids is not None else [], replica_rule,
     )
     out = ExpertPlan(maps, plan.experts, plan.nodes, plan.gpus_per_node, plan.model, plan.layer_ids,
                      plan.hidden_layers)

@@ -151,6 +151,7 @@ def _replan(
     expert_bytes: int,
     prefill_tokens: int,
     map_layers: List[int],
+    replica_rule: str,
 ) -> Tuple[npt.NDArray[np.int32], str]: ...
 def _keep_slots_in_place(
     before: npt.NDArray[np.int32], after: npt.NDArray[np.int32], experts: int

@@ -581,7 +581,7 @@ NB_MODULE(_core, m) {
          std::optional<nb::ndarray<const std::int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>> homes,
          std::shared_ptr<locus::grouper::workload_model> model, const locus::trace::trace* prior, double budget,
          double prior_requests, const std::string& transport, double replan_slack, nb::handle expert_bytes,
-         nb::handle prefill_tokens, std::vector<std::size_t> map_layers) {
+         nb::handle prefill_tokens, std::vector<std::size_t> map_layers, const std::string& replica_rule) {
         const auto topo = locus::dynamic_topology(size_arg(nodes, "nodes"), size_arg(gpus_per_node, "gpus_per_node"));
         const std::size_t prefill = size_arg(prefill_tokens, "prefill_tokens");
         // Each request's node: its rank in `homes`, else its class's under the model, else in turn.
@@ -612,6 +612,7 @@ NB_MODULE(_core, m) {
         opt.prior_requests = prior_requests;
         opt.replan_slack = replan_slack;
         opt.copies = locus::placement::parse_copy_count(transport);
+        opt.replicas = locus::transport::parse_replica_rule(replica_rule);
         opt.expert_bytes = count_arg(expert_bytes, "expert_bytes");
         const auto current = maps_from(maps, size_arg(experts, "experts"));
         locus::placement::require_replan_shape(current, window, topo, map_layers);
@@ -623,7 +624,7 @@ NB_MODULE(_core, m) {
       },
       "maps"_a, "experts"_a, "nodes"_a, "gpus_per_node"_a, "window"_a, "homes"_a.none(), "model"_a.none(),
       "prior"_a.none(), "budget"_a, "prior_requests"_a, "transport"_a, "replan_slack"_a, "expert_bytes"_a,
-      "prefill_tokens"_a, "map_layers"_a);
+      "prefill_tokens"_a, "map_layers"_a, "replica_rule"_a);
 
   m.def(
       "_keep_slots_in_place",

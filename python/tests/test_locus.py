@@ -1035,6 +1035,23 @@ def test_replan_moves_name_the_hidden_layer_the_engines_files_use():
     assert rep["moves"] and all("model_layer" not in m for m in rep["moves"])
 
 
+def test_replan_counts_copies_under_the_engines_replica_rule():
+    """With replicas the engine's rule decides where their copies go: random (vLLM's EPLB) sends
+    more of them across nodes than locus's locality_first; a plan without replicas counts alike."""
+    _, code = one_kind_trace(0)
+    _, window = one_kind_trace(1, seed=9)
+    homes = np.arange(window.requests) % 4
+    replicated = locus.plan(code, 2, 2, "eplb", redundant_slots=4, clusters=1, prefill_tokens=8)
+    single = locus.plan(code, 2, 2, "linear", clusters=1, prefill_tokens=8)
+    copies = {}
+    for rule in ("locality_first", "random"):
+        for name, p in (("replicated", replicated), ("single", single)):
+            copies[name, rule] = locus.replan(p, window, budget=0.0, homes=homes, replica_rule=rule)[1][
+                "copies_per_token_before"]
+    assert copies["replicated", "random"] > copies["replicated", "locality_first"]
+    assert copies["single", "random"] == copies["single", "locality_first"]
+
+
 def test_replan_refuses_bad_arguments():
     _, code = one_kind_trace(0)
     _, window = one_kind_trace(1)
@@ -1049,6 +1066,8 @@ def test_replan_refuses_bad_arguments():
         locus.replan(plan, window, prior=code, prior_requests=float("nan"))
     with pytest.raises(locus.ConfigError, match="prior_requests applies with a prior"):
         locus.replan(plan, window, prior_requests=8)
+    with pytest.raises(locus.ConfigError, match="replica rule"):
+        locus.replan(plan, window, replica_rule="nearest")
     _, other = one_kind_trace(1, experts=32)
     with pytest.raises(locus.ConfigError, match="maps of 3 layers × 16 experts on 4 ranks for a window of 3 layers × 32"):
         locus.replan(plan, other)

@@ -1016,6 +1016,44 @@ BOOST_AUTO_TEST_CASE(replan_live_moves_within_its_budget_and_reports_the_changed
                     config_error);
 }
 
+// The engine's replica rule decides where a replicated expert's copies go in the counts: with every
+// expert on both GPUs of a 2 × 1 deployment, locality_first keeps every copy on its node (0
+// inter-node copies), random sends about half across, and a map without replicas counts alike
+// under every rule. A rule outside the enum is refused.
+BOOST_AUTO_TEST_CASE(replan_live_counts_the_copies_under_the_engines_replica_rule) {
+  std::mt19937 rng(57);
+  const auto window = two_mix_trace(rng, 12, 16, 2, [](std::size_t r) { return static_cast<std::uint32_t>(r % 2); });
+  const dynamic_topology topo(2, 1);
+  std::vector<expert_id> both(2 * 16);
+  for (std::size_t s = 0; s < both.size(); ++s)
+    both[s] = static_cast<expert_id>(s % 16);
+  const std::vector<expert_map> everywhere(2, expert_map(16, 2, 16, both));
+  std::vector<expert_id> halves(2 * 8);
+  std::iota(halves.begin(), halves.end(), expert_id{0});
+  const std::vector<expert_map> single(2, expert_map(16, 2, 8, halves));
+  std::vector<std::uint32_t> nodes(window.requests());
+  for (std::size_t r = 0; r < nodes.size(); ++r)
+    nodes[r] = static_cast<std::uint32_t>(r % 2);
+  placement::live_replan_options o;
+  o.budget_share = 0;
+  const auto local = placement::replan_live(everywhere, window, nodes, topo, o);
+  BOOST_TEST(local.copies_per_token_before == 0.0);
+  o.replicas = placement::replica_rule::random;
+  const auto spread = placement::replan_live(everywhere, window, nodes, topo, o);
+  // Two layers, two choices each: four copies a token, about half of them remote.
+  BOOST_TEST(spread.copies_per_token_before > 1.0);
+  BOOST_TEST(spread.copies_per_token_before < 3.0);
+  double first = -1;
+  for (const auto rule : placement::all_replica_rules) {
+    o.replicas = rule;
+    const double c = placement::replan_live(single, window, nodes, topo, o).copies_per_token_before;
+    if (first < 0) first = c;
+    BOOST_TEST(c == first, placement::to_string(rule));
+  }
+  o.replicas = static_cast<placement::replica_rule>(9);
+  BOOST_CHECK_THROW(placement::replan_live(single, window, nodes, topo, o), config_error);
+}
+
 // A prior with no decode token was dropped without a word (with_prior returns the window alone),
 // and a moved-bytes product beyond 64 bits wrapped to a small figure: both are refused.
 BOOST_AUTO_TEST_CASE(replan_live_refuses_an_empty_prior_and_moved_bytes_beyond_64_bits) {

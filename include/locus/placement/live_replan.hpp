@@ -30,7 +30,10 @@ struct live_replan_options {
   double budget_share = 0.10; //!< share of all slots (all layers) whose weights may change
   //! The prior's weight in the loads, in requests (with_prior); the prior steers the copy savings.
   double prior_requests = default_prior_requests;
-  copy_count copies = copy_count::flat;                      //!< the copies to save: the engine's transport
+  copy_count copies = copy_count::flat; //!< the copies to save: the engine's transport
+  //! The engine's replica rule: where a replicated expert's copy goes in the copies counted and
+  //! saved (locality_bounded counts as locality_first: its hot GPUs change with the traffic).
+  replica_rule replicas = replica_rule::locality_first;
   double replan_slack = token_refine_options{}.replan_slack; //!< the re-plan's load bound over the mean
   std::size_t sample_tokens = 0;  //!< tokens sampled from the window (and the prior); 0: the planner's default
   std::uint64_t expert_bytes = 0; //!< weight bytes of one expert (moved bytes = moved slots × this)
@@ -162,8 +165,11 @@ inline live_replan_result replan_live(const std::vector<expert_map>& current, co
   LOCUS_REQUIRE(
       opt.copies == copy_count::flat || opt.copies == copy_count::hierarchical || opt.copies == copy_count::both,
       config_error, "re-plan: copies ", static_cast<unsigned>(opt.copies), " is none of flat, hierarchical and both");
+  LOCUS_REQUIRE(static_cast<std::size_t>(opt.replicas) < all_replica_rules.size(), config_error,
+                "re-plan: replica rule ", static_cast<unsigned>(opt.replicas), " is none of locus's");
   token_refine_options refine = popt.refine;
   refine.count(opt.copies);
+  refine.replicas.rule = opt.replicas;
   refine.replan_slack = opt.replan_slack;
   live_replan_result out;
   out.budget_slots = static_cast<std::size_t>(opt.budget_share * static_cast<double>(total_slots(current)));
