@@ -1,5 +1,6 @@
 #define BOOST_TEST_MODULE layout_kernels
 #include "../support/hold_stream.cuh"
+#include "../support/random_routing.hpp"
 
 #include <boost/test/unit_test.hpp>
 
@@ -36,22 +37,7 @@ expert_map random_map(std::size_t experts, std::size_t ranks, std::size_t slots,
   return expert_map(experts, ranks, slots, table);
 }
 
-template <std::size_t K>
-routing<top_k<K>> random_routing(std::size_t tokens, std::size_t experts, std::mt19937& rng) {
-  std::vector<expert_id> ids(tokens * K), all(experts);
-  std::vector<float> w(tokens * K);
-  std::iota(all.begin(), all.end(), 0);
-  std::uniform_real_distribution<float> u(0.01f, 1.0f);
-  for (std::size_t t = 0; t < tokens; ++t) {
-    const std::size_t pool = t % 2 ? experts : std::max<std::size_t>(K, std::min<std::size_t>(experts, 8));
-    std::shuffle(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(pool), rng);
-    for (std::size_t j = 0; j < K; ++j) {
-      ids[t * K + j] = all[j];
-      w[t * K + j] = u(rng);
-    }
-  }
-  return routing<top_k<K>>(std::move(ids), std::move(w));
-}
+using locus_test::random_routing;
 
 template <class T>
 std::vector<T> download(const T* p, std::size_t n) {

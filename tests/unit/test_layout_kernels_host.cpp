@@ -9,6 +9,7 @@
 // forwards), which the shared per-token bodies do not cover, and in the order of the steps.
 #define BOOST_TEST_MODULE layout_kernels_host
 #include "../support/random_map.hpp"
+#include "../support/random_routing.hpp"
 #include "../support/warp_emulator.hpp"
 
 #include <algorithm>
@@ -151,23 +152,7 @@ replay build(const routing<top_k<K>>& r, const expert_map& map, const dynamic_to
   return out;
 }
 
-template <std::size_t K>
-routing<top_k<K>> random_routing(std::size_t tokens, std::size_t experts, std::mt19937& rng) {
-  std::vector<expert_id> ids(tokens * K), all(experts);
-  std::vector<float> w(tokens * K);
-  std::iota(all.begin(), all.end(), 0);
-  std::uniform_real_distribution<float> u(0.01f, 1.0f);
-  for (std::size_t t = 0; t < tokens; ++t) {
-    // Every other token draws from a few experts, so replicated ones repeat and rows share ranks.
-    const std::size_t pool = t % 2 ? experts : std::max<std::size_t>(K, std::min<std::size_t>(experts, 8));
-    std::shuffle(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(pool), rng);
-    for (std::size_t j = 0; j < K; ++j) {
-      ids[t * K + j] = all[j];
-      w[t * K + j] = u(rng);
-    }
-  }
-  return routing<top_k<K>>(std::move(ids), std::move(w));
-}
+using locus_test::random_routing;
 
 template <class T>
 void check_equal(const char* what, std::span<const T> host, const std::vector<T>& replayed) {
