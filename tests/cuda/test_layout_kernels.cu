@@ -1,6 +1,6 @@
 #define BOOST_TEST_MODULE layout_kernels
 #include "../support/hold_stream.cuh"
-#include "../support/random_routing.hpp"
+#include "../support/layout_cases.hpp"
 
 #include <boost/test/unit_test.hpp>
 
@@ -95,18 +95,8 @@ void check_case(std::size_t experts, const Topology& topo, std::size_t slots, st
     check_equal<std::int32_t>("entry_slot", host.entry_slot(), dev.entry_slot());
     check_equal<float>("entry_weight", host.entry_weight(), dev.entry_weight());
     check_equal<std::int32_t>("slot_counts", host.slot_counts(), dev.slot_counts());
-    {
-      // The tokens reaching each rank (the hierarchical count round's), counted on the host.
-      std::vector<std::int32_t> reach(topo.ranks(), 0);
-      for (std::size_t t = 0; t < tokens; ++t)
-        for (std::size_t j = 0; j < K; ++j) {
-          bool first = true;
-          for (std::size_t q = 0; q < j; ++q)
-            first &= host.copy_rank()[t * K + q] != host.copy_rank()[t * K + j];
-          if (first) ++reach[static_cast<std::size_t>(host.copy_rank()[t * K + j])];
-        }
-      BOOST_CHECK(dev.reach_host() == reach);
-    }
+    // The tokens reaching each rank (the hierarchical count round's), counted on the host.
+    BOOST_CHECK(dev.reach_host() == locus_test::tokens_reaching(host.copy_rank(), K, topo.ranks()));
     if (kind == transport_kind::hierarchical) {
       std::vector<std::int32_t> fw(host.rows());
       for (std::size_t i = 0; i < host.rows(); ++i)

@@ -8,8 +8,8 @@
 // kernels' own index arithmetic (row keys and sentinels, row sizes, entry numbering, targets,
 // forwards), which the shared per-token bodies do not cover, and in the order of the steps.
 #define BOOST_TEST_MODULE layout_kernels_host
+#include "../support/layout_cases.hpp"
 #include "../support/random_map.hpp"
-#include "../support/random_routing.hpp"
 #include "../support/warp_emulator.hpp"
 
 #include <algorithm>
@@ -194,15 +194,8 @@ void check_case(std::size_t experts_n, const dynamic_topology& topo, std::size_t
       // The link classes (local, intra-node, inter-node copies) and, per rank, the tokens reaching it.
       for (std::size_t c = 0; c < 3; ++c)
         BOOST_TEST(dev.links[c] == host.link_copies()[c]);
-      std::vector<std::int32_t> reach(topo.ranks(), 0);
-      for (std::size_t t = 0; t < tokens; ++t)
-        for (std::size_t j = 0; j < K; ++j) {
-          bool first = true;
-          for (std::size_t q = 0; q < j; ++q)
-            first &= host.copy_rank()[t * K + q] != host.copy_rank()[t * K + j];
-          if (first) ++reach[static_cast<std::size_t>(host.copy_rank()[t * K + j])];
-        }
-      BOOST_TEST(dev.reach == reach, boost::test_tools::per_element());
+      BOOST_TEST(dev.reach == locus_test::tokens_reaching(host.copy_rank(), K, topo.ranks()),
+                 boost::test_tools::per_element());
       if (kind == transport_kind::hierarchical)
         for (std::size_t i = 0; i < host.rows(); ++i)
           BOOST_TEST(static_cast<std::size_t>(dev.row_forwards[i]) == host.forwards(i), "row " << i);

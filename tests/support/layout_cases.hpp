@@ -1,7 +1,6 @@
 #pragma once
-// Random top-K routings for the layout tests (host and device): distinct experts per token, weights
-// in (0, 1]; every other token draws from a few experts only, so replicated experts repeat and a
-// token's rows share ranks.
+// What the layout tests (host and device) share: random top-K routings and an independent count of
+// the tokens reaching each rank.
 #include <algorithm>
 #include <cstddef>
 #include <locus/core/expert_map.hpp>
@@ -9,10 +8,13 @@
 #include <locus/core/routing.hpp>
 #include <numeric>
 #include <random>
+#include <span>
 #include <vector>
 
 namespace locus_test {
 
+//! Distinct experts per token, weights in (0, 1]; every other token draws from a few experts only,
+//! so replicated experts repeat and a token's rows share ranks.
 template <std::size_t K>
 locus::routing<locus::top_k<K>> random_routing(std::size_t tokens, std::size_t experts, std::mt19937& rng) {
   std::vector<locus::expert_id> ids(tokens * K), all(experts);
@@ -28,6 +30,20 @@ locus::routing<locus::top_k<K>> random_routing(std::size_t tokens, std::size_t e
     }
   }
   return locus::routing<locus::top_k<K>>(std::move(ids), std::move(w));
+}
+
+//! Per rank, the tokens with a copy there (a layout's reach, the hierarchical count round's), from
+//! the copies' ranks (`k` per token).
+inline std::vector<std::int32_t> tokens_reaching(std::span<const std::int32_t> copy_rank, std::size_t k,
+                                                 std::size_t ranks) {
+  std::vector<std::int32_t> reach(ranks, 0);
+  for (std::size_t c = 0; c < copy_rank.size(); ++c) {
+    bool first = true;
+    for (std::size_t q = c - c % k; q < c; ++q)
+      first &= copy_rank[q] != copy_rank[c];
+    if (first) ++reach[static_cast<std::size_t>(copy_rank[c])];
+  }
+  return reach;
 }
 
 } // namespace locus_test
