@@ -284,6 +284,10 @@ BOOST_AUTO_TEST_CASE(bad_records_fail_or_are_skipped_and_counted) {
       {with(ids + ", " + ws + ", \"domain\": 3"), "\"domain\" is a number"},
       {"{\"req_id\": 1, \"token_idx\": 1, \"layer\": 0, " + ids + ", " + ws + ", \"domain\": \"law\"}",
        "domain \"law\" but earlier records of this request (line 1) say \"x\""},
+      // A field named twice says two things (a JSON parser keeps one of them).
+      {"{\"req_id\": 2, \"req_id\": 3, \"token_idx\": 0, \"layer\": 0, " + ids + ", " + ws + "}",
+       "\"req_id\" appears twice"},
+      {with(ids + ", " + ws + ", \"topk_ids\": [2, 1]"), "\"topk_ids\" appears twice"},
   };
   for (const auto& c : cases) {
     const std::string text = good.substr(0, good.size() - 1) + ", \"domain\": \"x\"}\n" + c.line + "\n";

@@ -279,7 +279,10 @@ public:
   bool start_object(std::size_t) {
     if ((depth_ == 1 || depth_ == 2) && field_ != field::other) wrong_type("an object");
     ++depth_;
-    if (depth_ == 1) field_ = field::other;
+    if (depth_ == 1) {
+      field_ = field::other;
+      seen_ = 0;
+    }
     return true;
   }
   bool end_object() {
@@ -289,6 +292,13 @@ public:
   bool key(string_t& k) {
     if (depth_ != 1) return true;
     field_ = field_of(k);
+    // A JSON parser keeps one of two equal keys (nlohmann: the last), so a record that names a
+    // field twice says two things: refused, not read as either.
+    if (field_ != field::other) {
+      const auto bit = 1u << static_cast<unsigned>(field_);
+      if (seen_ & bit) note(locus::detail::concat("\"", name(field_), "\" appears twice"));
+      seen_ |= bit;
+    }
     if (field_ == field::ids) {
       f_.ids.clear();
       f_.has_ids = false;
@@ -442,6 +452,7 @@ private:
   jsonl_fields& f_;
   int depth_ = 0;
   field field_ = field::other;
+  std::uint32_t seen_ = 0; //!< the fields this record has named (bit per field)
 };
 
 //! Lexer for the common shape of a route record: one object whose values are numbers, strings
