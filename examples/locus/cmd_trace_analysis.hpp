@@ -581,8 +581,8 @@ inline void register_trace_report(CLI::App& trace_cmd) {
       const std::string command = quote(o->python) + " " + quote(o->script) + " " + quote(dir.string());
       const int rc = std::system(command.c_str());
       p.done();
-      LOCUS_REQUIRE(rc == 0, locus::io_error, "rendering the figures with ", o->script, " failed (exit status ",
-                    exit_status(rc), "); the report folder is unchanged");
+      LOCUS_REQUIRE(rc == 0, locus::io_error, "rendering the figures (", o->python, " ", o->script,
+                    ") failed (exit status ", exit_status(rc), "); the report folder is unchanged");
       p.clear();
     }
     output_set files;

@@ -270,7 +270,7 @@ cp "$work/rep_keep/imbalance.csv" "$work/imbalance.before"
 printf '#!/bin/sh\necho changed >"$2/imbalance.csv"; echo drawn >"$2/imbalance.png"; exit 3\n' >"$work/failing_render"
 printf '#!/bin/sh\nfor f in "$2"/*.csv; do echo drawn >"${f%%.csv}.png"; done\n' >"$work/render"
 chmod +x "$work/failing_render" "$work/render"
-refused 'rendering the figures with [^ ]*failing_render failed \(exit status 3\); the report folder is unchanged' \
+refused 'rendering the figures \([^ ]*failing_render [^ ]*failing_render\) failed \(exit status 3\); the report folder is unchanged' \
   trace report "$work/t.bin" --out "$work/rep_keep" --python "$work/failing_render" --script "$work/failing_render"
 check "a failed rendering keeps the earlier report" cmp -s "$work/imbalance.before" "$work/rep_keep/imbalance.csv"
 check "a failed rendering adds no figure" test ! -e "$work/rep_keep/imbalance.png"
