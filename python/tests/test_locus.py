@@ -1041,7 +1041,8 @@ def test_replan_counts_copies_under_the_engines_replica_rule():
     _, code = one_kind_trace(0)
     _, window = one_kind_trace(1, seed=9)
     homes = np.arange(window.requests) % 4
-    replicated = locus.plan(code, 2, 2, "eplb", redundant_slots=4, clusters=1, prefill_tokens=8)
+    # Planned on the window's kind, so that its experts (8-15) are the replicated ones.
+    replicated = locus.plan(window, 2, 2, "eplb", redundant_slots=4, clusters=1, prefill_tokens=8)
     single = locus.plan(code, 2, 2, "linear", clusters=1, prefill_tokens=8)
     copies = {}
     for rule in ("locality_first", "random"):
