@@ -385,7 +385,8 @@ inline void register_compare(CLI::App& app) {
   cmd->add_option("--batch-per-rank", o->batch_per_rank, "Running requests per GPU")->check(tool_cli::positive_whole);
   cmd->add_option("--hidden", o->hidden, "Hidden size (message sizes: FP8 dispatch, BF16 combine)")
       ->check(CLI::Range(std::size_t{1}, max_hidden));
-  cmd->add_option("--clusters", o->clusters, "Request clusters of the workload-aware model")
+  cmd->add_option("--clusters", o->clusters,
+                  "Request clusters of the workload-aware model (at most one per training request)")
       ->check(tool_cli::positive_whole);
   cmd->add_option("--anneal", o->anneal, "locality: annealing proposals per expert after the token-level sweeps")
       ->check(anneal_range());

@@ -143,7 +143,8 @@ struct plan_options {
                     "experts must split into the groups); any other count its global policy, which reads no "
                     "groups, as DeepSeek's EPLB does")
         ->check(tool_cli::positive_whole);
-    cmd->add_option("--clusters", clusters, "Request clusters of the workload-aware model")
+    cmd->add_option("--clusters", clusters,
+                    "Request clusters of the workload-aware model (at most one per training request)")
         ->check(tool_cli::positive_whole);
     cmd->add_option("--copies", copies,
                     "locality: the copies to minimise: flat (per remote GPU), hierarchical (per remote node) or both")
