@@ -147,9 +147,11 @@ struct token_sample {
   }
 };
 
-//! The rank sample token `t` runs on: the sample names the node of a token's request, and a node's
-//! tokens take its GPUs in turn, in sample order. Copy costs and replica choices are the
-//! transports' for a token from this rank.
+//! The rank sample token `t` runs on: the sample names the node of a token's request, and its GPU
+//! there is the token's index in the sample modulo the GPUs per node (a stand-in for where the
+//! grouping put it; a sample whose nodes alternate with the same period as the GPUs puts a node's
+//! tokens all on one GPU). Copy costs and replica choices are the transports' for a token from
+//! this rank.
 inline std::size_t sample_source_rank(std::size_t home, std::size_t t, std::size_t gpus_per_node) noexcept {
   return home * gpus_per_node + t % gpus_per_node;
 }
