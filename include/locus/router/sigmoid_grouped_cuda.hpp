@@ -47,17 +47,28 @@ void launch_sigmoid_grouped(const sigmoid_grouped_params<Groups, TopGroups, TopK
   // The per-token function keeps its scores in memory: one scratch row per token, allocated on
   // the stream so that it is reused as soon as the kernel is done.
   const std::size_t n = in.experts(), groups = p.groups();
-  float* fscratch = nullptr;
-  int* iscratch = nullptr;
-  LOCUS_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&fscratch),
-                                   tokens * grouped_scratch_floats(n, groups) * sizeof(float), stream));
-  LOCUS_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&iscratch), tokens * groups * sizeof(int), stream));
+  // Freed on the stream also when the second allocation or the launch throws (the scratch leaked).
+  struct stream_scratch {
+    void* ptr = nullptr;
+    cudaStream_t stream;
+    ~stream_scratch() {
+      if (ptr) cudaFreeAsync(ptr, stream); // on the way out of an exception: nowhere to report to
+    }
+    void free() {
+      void* q = ptr;
+      ptr = nullptr;
+      LOCUS_CUDA_CHECK(cudaFreeAsync(q, stream));
+    }
+  } fscratch{nullptr, stream}, iscratch{nullptr, stream};
+  LOCUS_CUDA_CHECK(cudaMallocAsync(&fscratch.ptr, tokens * grouped_scratch_floats(n, groups) * sizeof(float), stream));
+  LOCUS_CUDA_CHECK(cudaMallocAsync(&iscratch.ptr, tokens * groups * sizeof(int), stream));
   launch_thread_kernel(tokens,
-                       grouped_thread_fn<Groups, TopGroups, TopK, Experts, value>{p, in.experts_extent(), in.data(),
-                                                                                  ids, weights, fscratch, iscratch},
+                       grouped_thread_fn<Groups, TopGroups, TopK, Experts, value>{
+                           p, in.experts_extent(), in.data(), ids, weights, static_cast<float*>(fscratch.ptr),
+                           static_cast<int*>(iscratch.ptr)},
                        st, stream);
-  LOCUS_CUDA_CHECK(cudaFreeAsync(fscratch, stream));
-  LOCUS_CUDA_CHECK(cudaFreeAsync(iscratch, stream));
+  fscratch.free();
+  iscratch.free();
 }
 
 } // namespace detail::router
