@@ -288,6 +288,8 @@ BOOST_AUTO_TEST_CASE(bad_records_fail_or_are_skipped_and_counted) {
       {"{\"req_id\": 2, \"req_id\": 3, \"token_idx\": 0, \"layer\": 0, " + ids + ", " + ws + "}",
        "\"req_id\" appears twice"},
       {with(ids + ", " + ws + ", \"topk_ids\": [2, 1]"), "\"topk_ids\" appears twice"},
+      // nlohmann-json ends its input at a NUL byte: the rest of the line was never read.
+      {with(ids + ", " + ws) + std::string("\0\0", 2), "a NUL byte at column"},
   };
   for (const auto& c : cases) {
     const std::string text = good.substr(0, good.size() - 1) + ", \"domain\": \"x\"}\n" + c.line + "\n";

@@ -621,6 +621,9 @@ public:
       ++rep_.skipped_lines;
       return;
     }
+    // nlohmann-json takes a NUL byte for the end of its input: what follows one was never read.
+    if (const auto nul = text.find('\0'); nul != std::string_view::npos)
+      return bad(line_no, locus::detail::concat("a NUL byte at column ", nul + 1, " (not text: a binary file?)"));
     f_.clear();
     bool ok = false;
     {
