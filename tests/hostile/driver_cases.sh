@@ -541,6 +541,8 @@ refused '^locus: configuration error: --split-on-restart does not apply to [^ ]*
 refused '^locus: configuration error: --strict-layers does not apply to [^ ]*esft, an ESFT folder' plan \
   --trace "$work/esft" --strict-layers --out "$work/m.json"
 refused 'an empty transport in "flat,"' compare --trace "$work/t.bin" --transport flat,
+# An empty standard input or file is named as empty.
+refused '<stdin> is empty: no route record' trace stats - </dev/null
 # map replan counts copies under the engine's replica rule, and says which.
 ok '"replica_rule": "random"' map replan "$work/lin.json" --trace "$work/t.bin" --replica-rule random \
   --out "$work/r2.json" --json -

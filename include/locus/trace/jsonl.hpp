@@ -676,6 +676,10 @@ public:
   }
 
   locus::trace::trace finish() {
+    if (rep_.lines == 0)
+      throw format_error(locus::detail::concat(name_, " is empty: no route record (a route record has req_id, "
+                                                      "token_idx, layer, topk_ids and topk_weights)"),
+                         0, __FILE__, __LINE__);
     if (records_ == 0 && rep_.bad_records == 0)
       throw format_error(locus::detail::concat(name_, ": no route record (a route record has req_id, token_idx, "
                                                       "layer, topk_ids and topk_weights)"),
