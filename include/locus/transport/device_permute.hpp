@@ -16,6 +16,7 @@
 #include <locus/core/device_buffer.hpp>
 #include <locus/core/error.hpp>
 #include <locus/transport/detail/dispatch_permute.hpp>
+#include <locus/transport/detail/kernels/receive_layout.cuh>
 #include <locus/transport/detail/stage.hpp>
 #include <locus/transport/device_layout.hpp>
 #include <locus/transport/layout.hpp>
@@ -30,20 +31,7 @@ namespace detail::permute {
 template <class T>
 inline constexpr bool device_element = std::is_same_v<T, float> || std::is_same_v<T, bfloat16>;
 
-// The receive-metadata check and the receive-layout stage bodies as kernels (detail/stage.hpp);
-// each body after the check does nothing once the check's word (`skip`) is set, so bad metadata
-// writes nothing out of bounds.
-template <class = void>
-__global__ void receive_check_kernel(const std::int32_t* row_entry_counts, std::size_t rows, const std::int32_t* slot,
-                                     std::size_t entries, std::size_t slots, std::int32_t* flag,
-                                     unsigned long long* total) {
-  stage::receive_metadata_check(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, row_entry_counts,
-                                rows, slot, entries, slots, flag, total);
-}
-template <class = void>
-__global__ void receive_total_check_kernel(const unsigned long long* total, std::size_t entries, std::int32_t* flag) {
-  stage::receive_total_check(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, total, entries, flag);
-}
+// The receive layout's kernels and build order: detail/kernels/receive_layout.cuh.
 //! `out[0] = 0` and `out[1 .. n]` the inclusive sums of `in[0 .. n)` on `stream`: CUB's device-wide
 //! scan (stage::exclusive_scan's sums), `temp` its scratch. Unlike the stage kernels it runs also
 //! when the check word is set: what it then writes is never read (every later body skips).
@@ -55,41 +43,6 @@ inline void device_scan(const std::int32_t* in, std::size_t n, std::int32_t* out
   LOCUS_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, bytes, in, out + 1, static_cast<int>(n), stream));
   LOCUS_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp.room_for(std::max<std::size_t>(bytes, 1)), bytes, in, out + 1,
                                                  static_cast<int>(n), stream));
-}
-template <class = void>
-__global__ void entry_rows_kernel(const std::int32_t* skip, const std::int32_t* offsets, std::size_t rows,
-                                  std::int32_t* entry_row) {
-  if (*skip) return;
-  stage::entry_rows(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, offsets, rows, entry_row);
-}
-template <class = void>
-__global__ void slot_chunk_count_kernel(const std::int32_t* skip, const std::int32_t* slot, std::size_t entries,
-                                        std::size_t slots, std::size_t chunk, std::int32_t* count) {
-  if (*skip) return;
-  stage::slot_chunk_count(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, slot, entries, slots,
-                          chunk, count);
-}
-template <class = void>
-__global__ void slot_offsets_kernel(const std::int32_t* skip, const std::int32_t* at, std::size_t entries,
-                                    std::size_t slots, std::size_t chunk, std::int32_t* slot_offsets) {
-  if (*skip) return;
-  stage::slot_offsets_of(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, at, entries, slots, chunk,
-                         slot_offsets);
-}
-template <class = void>
-__global__ void slot_offsets_check_kernel(const std::int32_t* slot_offsets, const std::int32_t* expected,
-                                          std::size_t slots, std::int32_t* flag) {
-  stage::slot_offsets_check(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, slot_offsets, expected,
-                            slots, flag);
-}
-template <class = void>
-__global__ void slot_chunk_place_kernel(const std::int32_t* skip, const std::int32_t* slot, const float* weight,
-                                        const std::int32_t* entry_row, std::size_t entries, std::size_t chunk,
-                                        const std::int32_t* at, std::int32_t* expert_row, float* expert_weight,
-                                        std::int32_t* position) {
-  if (*skip) return;
-  stage::slot_chunk_place(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, slot, weight, entry_row,
-                          entries, chunk, at, expert_row, expert_weight, position);
 }
 } // namespace detail::permute
 
@@ -134,23 +87,23 @@ public:
     LOCUS_REQUIRE(static_cast<std::size_t>(expected_slot_offsets.back()) == entries, invalid_input_error,
                   "device_receive_layout::build: the expected slot offsets end at ", expected_slot_offsets.back(),
                   " but ", entries, " entries were received");
-    constexpr std::size_t chunk = 32; // entries per counting thread: short, its placement recounts
     const std::size_t slots = expected_slot_offsets.size() - 1;
-    const std::size_t chunks = detail::stage::slot_chunks(entries, chunk);
+    const std::size_t chunks = detail::stage::slot_chunks(entries, dp::receive_chunk);
     // The layout's offsets are 32-bit, and CUB counts its scans' items in an int.
     LOCUS_REQUIRE(rows <= INT32_MAX && entries <= INT32_MAX && slots * chunks <= INT32_MAX, invalid_input_error,
                   "device_receive_layout::build: ", rows, " rows, ", entries, " entries and ", slots * chunks,
                   " slot chunks: past 32-bit offsets");
     rows_ = rows;
     entries_ = entries;
-    row_entry_offsets_.resize(rows + 1);
-    expert_row_.resize(std::max<std::size_t>(entries, 1));
-    entry_position_.resize(std::max<std::size_t>(entries, 1));
-    expert_weight_.resize(entry_weight ? std::max<std::size_t>(entries, 1) : 0);
-    entry_row_.resize(std::max<std::size_t>(entries, 1));
-    count_.resize(std::max<std::size_t>(slots * chunks, 1));
-    at_.resize(slots * chunks + 1);
-    slot_offsets_.resize(slots + 1);
+    const dp::receive_layout_sizes n(rows, entries, slots);
+    row_entry_offsets_.resize(n.row_entry_offsets);
+    expert_row_.resize(n.per_entry);
+    entry_position_.resize(n.per_entry);
+    expert_weight_.resize(entry_weight ? n.per_entry : 0);
+    entry_row_.resize(n.per_entry);
+    count_.resize(n.count);
+    at_.resize(n.at);
+    slot_offsets_.resize(n.slot_offsets);
     slot_offsets_host_.assign(expected_slot_offsets.begin(), expected_slot_offsets.end());
     // Staged through pinned memory, so the copy queues instead of perhaps waiting on the stream
     // (CUDA allows a pageable copy to); its previous copy ran before the stream was last waited
@@ -161,25 +114,19 @@ public:
     LOCUS_CUDA_CHECK(cudaMemcpyAsync(expected_.data(), expected_host_.data(), (slots + 1) * sizeof(std::int32_t),
                                      cudaMemcpyHostToDevice, stream));
     clear_flag(stream);
-    std::int32_t* const flag = flag_.data();
     total_.resize(1);
     LOCUS_CUDA_CHECK(cudaMemsetAsync(total_.data(), 0, sizeof(unsigned long long), stream));
-    dp::receive_check_kernel<><<<detail::layout::blocks_for(std::max(rows, entries)), 256, 0, stream>>>(
-        row_entry_counts, rows, entry_slot, entries, slots, flag, total_.data());
-    dp::receive_total_check_kernel<><<<1, 32, 0, stream>>>(total_.data(), entries, flag);
-    dp::device_scan(row_entry_counts, rows, row_entry_offsets_.data(), scan_temp_, stream);
-    dp::entry_rows_kernel<><<<detail::layout::blocks_for(rows), 256, 0, stream>>>(flag, row_entry_offsets_.data(), rows,
-                                                                                  entry_row_.data());
-    dp::slot_chunk_count_kernel<><<<detail::layout::blocks_for(chunks), 256, 0, stream>>>(flag, entry_slot, entries,
-                                                                                          slots, chunk, count_.data());
-    dp::device_scan(count_.data(), slots * chunks, at_.data(), scan_temp_, stream);
-    dp::slot_offsets_kernel<><<<detail::layout::blocks_for(slots + 1), 256, 0, stream>>>(
-        flag, at_.data(), entries, slots, chunk, slot_offsets_.data());
-    dp::slot_offsets_check_kernel<><<<detail::layout::blocks_for(slots + 1), 256, 0, stream>>>(
-        slot_offsets_.data(), expected_.data(), slots, flag);
-    dp::slot_chunk_place_kernel<><<<detail::layout::blocks_for(chunks), 256, 0, stream>>>(
-        flag, entry_slot, entry_weight, entry_row_.data(), entries, chunk, at_.data(), expert_row_.data(),
-        entry_weight ? expert_weight_.data() : nullptr, entry_position_.data());
+    const auto launch = [stream](auto kernel, unsigned blocks, unsigned threads, auto... args) {
+      kernel<<<blocks, threads, 0, stream>>>(args...);
+    };
+    const auto scan = [&](const std::int32_t* in, std::size_t items, std::int32_t* out) {
+      dp::device_scan(in, items, out, scan_temp_, stream);
+    };
+    dp::receive_layout_sequence(launch, scan, row_entry_counts, rows, entry_slot, entry_weight, entries, slots,
+                                {row_entry_offsets_.data(), entry_row_.data(), count_.data(), at_.data(),
+                                 slot_offsets_.data(), expected_.data(), expert_row_.data(),
+                                 entry_weight ? expert_weight_.data() : nullptr, entry_position_.data(), flag_.data(),
+                                 total_.data()});
     LOCUS_CUDA_CHECK(cudaGetLastError());
   }
 
