@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
 #include <cstdint>
+#include <cstring>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/core/routing.hpp>
@@ -71,6 +72,52 @@ BOOST_AUTO_TEST_CASE(the_headers_agree_on_the_tail_width) {
   received[2].tail = 3;
   const std::string why = req.verdict(received, groups, expectations);
   BOOST_TEST(why.find("rank 2 sends 3") != std::string::npos, why);
+}
+
+// The NCCL transport's header round as bytes: every member writes its message to every member;
+// member m receives sender s's message to m at s's place; read back, they give each sender's header
+// to m (byte for byte) and its tail counts for m, which counts() hands on source-major.
+BOOST_AUTO_TEST_CASE(header_messages_carry_each_senders_header_and_tail) {
+  constexpr std::size_t R = 4, W = 3;
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<std::size_t> n(0, 9);
+  std::vector<std::vector<std::size_t>> rows(R, std::vector<std::size_t>(R)), entries(R, std::vector<std::size_t>(R));
+  std::vector<std::vector<std::uint32_t>> tails(R, std::vector<std::uint32_t>(R * W));
+  for (std::size_t s = 0; s < R; ++s)
+    for (std::size_t m = 0; m < R; ++m) {
+      rows[s][m] = n(rng);
+      entries[s][m] = rows[s][m] + n(rng);
+      for (std::size_t i = 0; i < W; ++i)
+        tails[s][m * W + i] = static_cast<std::uint32_t>(n(rng));
+    }
+  std::vector<dx::device_request> reqs;
+  for (std::size_t s = 0; s < R; ++s)
+    reqs.emplace_back(exchange_group::world, R, 16, rows[s], 8, entries[s], 5, tails[s], W);
+  const dx::position at{2, 1, 5};
+  const std::size_t message = dx::header_message_bytes(W);
+  BOOST_TEST(message == sizeof(dx::header) + W * sizeof(std::uint32_t));
+  std::vector<std::vector<std::byte>> sent(R, std::vector<std::byte>(R * message));
+  for (std::size_t s = 0; s < R; ++s)
+    for (std::size_t m = 0; m < R; ++m)
+      dx::write_header_message(reqs[s], at, m, sent[s].data() + m * message);
+  for (std::size_t m = 0; m < R; ++m) {
+    std::vector<dx::header> headers(R);
+    std::vector<std::uint32_t> tail(R * W);
+    for (std::size_t s = 0; s < R; ++s)
+      dx::read_header_message(sent[s].data() + m * message, W, headers[s], tail.data() + s * W);
+    device_counts out;
+    reqs[m].counts(headers, tail, out);
+    for (std::size_t s = 0; s < R; ++s) {
+      BOOST_TEST_CONTEXT("sender " << s << " to member " << m) {
+        const dx::header want = reqs[s].header_for(at, m);
+        BOOST_TEST(std::memcmp(&headers[s], &want, sizeof want) == 0);
+        BOOST_TEST(out.rows[s] == rows[s][m]);
+        BOOST_TEST(out.entries[s] == entries[s][m]);
+        for (std::size_t i = 0; i < W; ++i)
+          BOOST_TEST(out.tail[s * W + i] == tails[s][m * W + i]);
+      }
+    }
+  }
 }
 
 // The segments: each local slot's entries summed over the senders, checked against the entries

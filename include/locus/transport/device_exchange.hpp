@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/transport/exchange.hpp>
@@ -141,6 +142,30 @@ private:
   std::uint32_t status_ = ok;
   std::string problem_;
 };
+
+//! A header round as bytes (the NCCL transport's; the one-GPU transport shares memory instead): each
+//! member sends each member one message of header_message_bytes(tail_width) bytes, its header
+//! (device_request::header_for) then its tail_width counts for that member (tail_to).
+inline std::size_t header_message_bytes(std::size_t tail_width) noexcept {
+  return sizeof(header) + tail_width * sizeof(std::uint32_t);
+}
+
+//! Writes `req`'s message to member `m` of the round at `at` into `out`.
+inline void write_header_message(const device_request& req, const position& at, std::size_t m, std::byte* out) {
+  const header h = req.header_for(at, m);
+  std::memcpy(out, &h, sizeof h);
+  for (std::size_t i = 0; i < req.tail_width(); ++i) {
+    const std::uint32_t c = req.tail_to(m, i);
+    std::memcpy(out + sizeof h + i * sizeof c, &c, sizeof c);
+  }
+}
+
+//! Reads a message of a round whose tails are `tail_width` counts wide: its header into `h` and its
+//! counts into `tail` (what device_request::counts takes, source-major, at the sender's place).
+inline void read_header_message(const std::byte* in, std::size_t tail_width, header& h, std::uint32_t* tail) {
+  std::memcpy(&h, in, sizeof h);
+  if (tail_width) std::memcpy(tail, in + sizeof h, tail_width * sizeof(std::uint32_t));
+}
 
 //! The segments of a receiver's `slots` local slots from a count round whose tail carries each
 //! sender's entries per slot (`in.tail_width == slots`): `offsets[s]` = the entries of slots

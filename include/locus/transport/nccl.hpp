@@ -319,16 +319,10 @@ private:
     in_step([&] {
       at = steps_.next(group, req.request().stage);
       // One message per member: its header, then a count round's tail (tail_width() counts).
-      const std::size_t W = req.tail_width(), message = sizeof(dx::header) + W * sizeof(std::uint32_t);
+      const std::size_t W = req.tail_width(), message = dx::header_message_bytes(W);
       host_messages_.resize(2 * members * message);
-      for (std::size_t m = 0; m < members; ++m) {
-        const dx::header h = req.header_for(at, m);
-        std::memcpy(host_messages_.data() + m * message, &h, sizeof h);
-        for (std::size_t i = 0; i < W; ++i) {
-          const std::uint32_t c = req.tail_to(m, i);
-          std::memcpy(host_messages_.data() + m * message + sizeof h + i * sizeof c, &c, sizeof c);
-        }
-      }
+      for (std::size_t m = 0; m < members; ++m)
+        dx::write_header_message(req, at, m, host_messages_.data() + m * message);
       std::byte* d_messages = headers_.room_for(2 * members * message);
       LOCUS_CUDA_CHECK(
           cudaMemcpyAsync(d_messages, host_messages_.data(), members * message, cudaMemcpyHostToDevice, stream_));
@@ -339,11 +333,9 @@ private:
       wait(deadline, group, ::locus::detail::concat("the header round of ", dx::describe(at)));
       host_headers_.resize(2 * members);
       recv_tail_.resize(members * W);
-      for (std::size_t m = 0; m < members; ++m) {
-        const std::byte* in = host_messages_.data() + (members + m) * message;
-        std::memcpy(&host_headers_[members + m], in, sizeof(dx::header));
-        if (W) std::memcpy(recv_tail_.data() + m * W, in + sizeof(dx::header), W * sizeof(std::uint32_t));
-      }
+      for (std::size_t m = 0; m < members; ++m)
+        dx::read_header_message(host_messages_.data() + (members + m) * message, W, host_headers_[members + m],
+                                recv_tail_.data() + m * W);
       const std::span<const dx::header> received(host_headers_.data() + members, members);
       bool expectations = false;
       why = req.verdict(received, groups_, expectations);
