@@ -11,6 +11,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <exception>
+#include <fcntl.h>
 #include <locus/core/error.hpp>
 #include <new>
 #include <string>
@@ -62,6 +63,11 @@ std::string unknown_command(const CLI::App& app, int argc, char** argv) {
 } // namespace
 
 int main(int argc, char** argv) {
+  // Standard input, output and error closed by the caller (`locus ... >&-`) are opened on
+  // /dev/null: a file opened later would take their number, and what is meant for /dev/stdout
+  // (written through descriptor 1) would go into that file.
+  for (int fd = 0; fd <= 2; ++fd)
+    if (::fcntl(fd, F_GETFD) == -1 && ::open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY) != fd) return 1;
   CLI::App app{"locus: locality-aware multi-node Mixture-of-Experts tools"};
   app.require_subcommand(1);
   // Every option's --help shows its default; subcommands inherit this when they are added.

@@ -429,9 +429,12 @@ inline bool replaceable_json(const std::string& path) {
 //! locus::config_error naming the option
 inline void check_outputs(const std::vector<output_file>& outputs, const std::vector<std::string>& inputs = {}) {
   namespace fs = std::filesystem;
-  // Only files are compared: outputs written into a device (/dev/null, /dev/stdout) share it.
+  // Only files are compared: outputs written into a device (/dev/null, a terminal) share it. A
+  // descriptor's path (/dev/stdout) that holds a regular file is that file: `--out plan.json --json
+  // /dev/stdout > plan.json` would rename the plan over the file the JSON goes to.
   const auto same = [&](const std::string& a, const std::string& b) {
-    if (is_device(a)) return false;
+    struct stat st {};
+    if (::stat(a.c_str(), &st) == 0 && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) return false;
     std::error_code ec;
     if (fs::exists(a, ec) && fs::exists(b, ec) && fs::equivalent(a, b, ec) && !ec) return true; // hard links too
     return resolved_path(a) == resolved_path(b);
@@ -465,8 +468,10 @@ inline void check_outputs(const std::vector<output_file>& outputs, const std::ve
     }
     // --json takes an optional value, so `--json a.jsonl b.bin` reads a.jsonl as the JSON output: an
     // existing file that is not an earlier --json document is refused rather than replaced.
+    // (Through a descriptor, /dev/stdout, nothing is replaced: the document is appended to it.)
     std::error_code regular_error;
-    if (std::string_view(o.option) == "--json" && fs::is_regular_file(o.path, regular_error)) // never a FIFO
+    if (std::string_view(o.option) == "--json" && !is_device(o.path) &&
+        fs::is_regular_file(o.path, regular_error)) // never a FIFO
       LOCUS_REQUIRE(replaceable_json(o.path), locus::config_error, "--json ", o.path,
                     " exists and is not a locus --json document: writing it would replace it (--json takes an "
                     "optional file: an input named after it is read as the JSON output; write --json=FILE or put "

@@ -416,6 +416,28 @@ printf 'earlier line\n' >"$work/stdout.txt"
   case_fail "map export --out /dev/stdout replaced the file stdout was appended to, or printed its summary into it"
 ("$locus" trace import "$work/t.bin" -o /dev/stdout | "$locus" trace stats - >"$work/piped.txt") 2>/dev/null &&
   grep -q 'requests' "$work/piped.txt" || case_fail "trace import -o /dev/stdout | trace stats -"
+# /dev/stdout redirected to a file is that file: named beside it as another output or an input, it
+# is refused (the plan would have been renamed over the file the JSON went to, or a second plan
+# appended to the input); a --json document appended through it is no replacement.
+# (refused sends stdout to /dev/null, so these redirect it themselves.)
+cp "$work/lin.json" "$work/lin3.json"
+msg=$("$locus" map replan "$work/lin3.json" --trace "$work/t.bin" --out /dev/stdout 2>&1 >>"$work/lin3.json")
+check "map replan --out /dev/stdout >> its input is refused" test $? -eq 1
+check "... naming the input" sh -c "echo \"\$1\" | grep -q 'is also an input of this command'" sh "$msg"
+cmp -s "$work/lin.json" "$work/lin3.json" || case_fail "map replan --out /dev/stdout appended to its input"
+msg=$("$locus" plan --trace "$work/t.bin" --out "$work/same.json" --json /dev/stdout 2>&1 >"$work/same.json")
+check "plan --out F --json /dev/stdout > F is refused" test $? -eq 1
+check "... naming both" sh -c "echo \"\$1\" | grep -q 'name the same file'" sh "$msg"
+printf 'a log line\n' >"$work/log2.txt"
+"$locus" trace stats "$work/t.bin" --json /dev/stdout >>"$work/log2.txt" 2>/dev/null ||
+  case_fail "trace stats --json /dev/stdout >> log (refused as a replacement)"
+{ head -n 1 "$work/log2.txt" | grep -qx 'a log line' && grep -q '"format": "locus.trace.stats"' "$work/log2.txt"; } ||
+  case_fail "trace stats --json /dev/stdout >> log lost the log or the document"
+# With standard output closed, the first file opened took descriptor 1, and --json /dev/stdout
+# wrote into the plan: descriptors 0-2 are opened on /dev/null first.
+"$locus" -q plan --trace "$work/t.bin" --out "$work/closed.json" --json /dev/stdout >&- 2>/dev/null ||
+  case_fail "plan with stdout closed"
+"$locus" map check "$work/closed.json" >/dev/null 2>&1 || case_fail "stdout closed: the plan holds more than the plan"
 # A device output that fails is written before the files are renamed: they stay as they were.
 if [ -w /dev/full ]; then
   refused '/dev/full: write failed' plan --trace "$work/t.bin" --out "$work/full_plan.json" --json /dev/full

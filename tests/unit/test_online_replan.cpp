@@ -861,6 +861,13 @@ BOOST_AUTO_TEST_CASE(first_replan_step_skips_a_check_without_a_reference) {
   opt.window = 16;
   opt.drift_every = 4;
   BOOST_TEST(cost::first_replan_step(opt) == 20u);
+  opt.window = 10; // the first check at 12 (a window's own reference), the first that can fire at 16
+  BOOST_TEST(cost::first_replan_step(opt) == 16u);
+  opt.window = 100;
+  opt.drift_every = 30;
+  BOOST_TEST(cost::first_replan_step(opt) == 150u);
+  opt.window = 16;
+  opt.drift_every = 4;
   opt.balance_trigger = 1.25;
   BOOST_TEST(cost::first_replan_step(opt) == 16u);
   opt.balance_trigger = 0;

@@ -43,8 +43,8 @@ inline std::atomic<bool> atomic_file_named_temporary{false};
 //! The descriptor `path` names when it names one of this process's open files (/dev/stdout,
 //! /dev/stderr, /dev/fd/N, /proc/self/fd/N), else -1: what atomic_file writes through directly.
 inline int open_stream_fd(std::string_view path) noexcept {
-  if (path == "/dev/stdout") return STDOUT_FILENO;
-  if (path == "/dev/stderr") return STDERR_FILENO;
+  if (path == "/dev/stdout") return ::fcntl(STDOUT_FILENO, F_GETFD) == -1 ? -1 : STDOUT_FILENO;
+  if (path == "/dev/stderr") return ::fcntl(STDERR_FILENO, F_GETFD) == -1 ? -1 : STDERR_FILENO;
   for (const std::string_view prefix : {std::string_view("/dev/fd/"), std::string_view("/proc/self/fd/")}) {
     if (!path.starts_with(prefix) || path.size() == prefix.size() || path.size() > prefix.size() + 9) continue;
     int fd = 0;

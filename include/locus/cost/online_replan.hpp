@@ -370,12 +370,12 @@ inline std::size_t drift_check_start(const online_options& opt) noexcept {
 inline std::size_t first_replan_step(const online_options& opt) noexcept {
   constexpr std::size_t never = ~std::size_t{0};
   const std::size_t scheduled = opt.interval ? std::max(opt.window, opt.interval) : never;
+  const std::size_t start = drift_check_start(opt);
+  if (!opt.drift_every || start > never - 2 * opt.drift_every) return scheduled;
+  std::size_t checked = (start + opt.drift_every - 1) / opt.drift_every * opt.drift_every; // the first check
   // Without a reference the first check takes its own window for one (a distance of 0): unless the
   // balance trigger can act there, the next check is the first that can re-plan.
-  const std::size_t start = drift_check_start(opt) + (opt.reference.empty() && !(opt.balance_trigger > 0) ? 1 : 0);
-  const std::size_t checked = opt.drift_every && start <= never - opt.drift_every
-                                  ? (start + opt.drift_every - 1) / opt.drift_every * opt.drift_every
-                                  : never;
+  if (opt.reference.empty() && !(opt.balance_trigger > 0)) checked += opt.drift_every;
   return std::min(scheduled, checked);
 }
 

@@ -29,6 +29,8 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
 
+using ::locus::max_hidden_layers; // where it was declared before it moved to core/expert_map.hpp
+
 //! Where the planned (MoE) layers sit among the model's hidden layers. Engines index every hidden
 //! layer, dense ones included; a plan numbers its layers 0..L-1.
 struct model_layers {

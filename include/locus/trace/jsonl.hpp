@@ -359,6 +359,7 @@ private:
     meta_top_k,
     experts
   };
+  static_assert(static_cast<unsigned>(field::experts) < 32, "seen_ holds a bit per field");
   //! A list of expert ids: `topk_ids`, or `experts` written as a list.
   static bool is_list(field k) { return k == field::ids || k == field::experts; }
 
