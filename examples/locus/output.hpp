@@ -161,10 +161,18 @@ inline std::string one_line(const std::string& s) {
 inline bool json_to_stdout(const std::string& path) { return path == "-"; }
 
 //! Whether one of a command's outputs is its standard output (`--json -`, or a path that names it,
-//! such as /dev/stdout): the command then prints no summary there, where it would join the output.
+//! such as /dev/stdout, or a descriptor that is a copy of it, /dev/fd/3 after `3>&1`): the command
+//! then prints no summary there, where it would join the output.
 inline bool stdout_taken(std::initializer_list<std::string> outputs) {
-  return std::any_of(outputs.begin(), outputs.end(),
-                     [](const std::string& p) { return p == "-" || locus::open_stream_fd(p) == STDOUT_FILENO; });
+  return std::any_of(outputs.begin(), outputs.end(), [](const std::string& p) {
+    if (p == "-") return true;
+    const int fd = locus::open_stream_fd(p);
+    if (fd < 0) return false;
+    struct stat a {
+    }, b{};
+    return fd == STDOUT_FILENO ||
+           (::fstat(fd, &a) == 0 && ::fstat(STDOUT_FILENO, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino);
+  });
 }
 
 //! The text of `doc` as the `locus <command>` document: "format": "locus.<command>" (spaces as

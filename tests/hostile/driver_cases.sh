@@ -414,6 +414,16 @@ printf 'earlier line\n' >"$work/stdout.txt"
   case_fail "map export --out /dev/stdout"
 { head -n 1 "$work/stdout.txt" | grep -qx 'earlier line' && tail -n 1 "$work/stdout.txt" | grep -q '^{"physical_to_logical_map"'; } ||
   case_fail "map export --out /dev/stdout replaced the file stdout was appended to, or printed its summary into it"
+# ... also through a link of the user's own, or a copy of the descriptor (/dev/fd/3 after 3>&1).
+ln -s /dev/stdout "$work/so"
+printf 'earlier line\n' >"$work/stdout2.txt"
+"$locus" map export "$work/lin.json" --to sglang --out "$work/so" >>"$work/stdout2.txt" 2>/dev/null ||
+  case_fail "map export --out (a link to /dev/stdout)"
+{ head -n 1 "$work/stdout2.txt" | grep -qx 'earlier line' && [ "$(wc -l <"$work/stdout2.txt")" -eq 2 ]; } ||
+  case_fail "map export --out (a link to /dev/stdout) replaced the file or printed its summary into it"
+"$locus" map export "$work/lin.json" --to sglang --out /dev/fd/3 >"$work/stdout3.txt" 3>&1 2>/dev/null ||
+  case_fail "map export --out /dev/fd/3 3>&1"
+[ "$(wc -l <"$work/stdout3.txt")" -eq 1 ] || case_fail "map export --out /dev/fd/3 3>&1 printed its summary into the output"
 ("$locus" trace import "$work/t.bin" -o /dev/stdout | "$locus" trace stats - >"$work/piped.txt") 2>/dev/null &&
   grep -q 'requests' "$work/piped.txt" || case_fail "trace import -o /dev/stdout | trace stats -"
 # /dev/stdout redirected to a file is that file: named beside it as another output or an input, it

@@ -730,6 +730,15 @@ BOOST_AUTO_TEST_CASE(non_regular_targets) {
   BOOST_REQUIRE(::stat(log.c_str(), &before) == 0);
   BOOST_TEST(locus::open_stream_fd("/dev/fd/" + std::to_string(fd)) == fd);
   BOOST_TEST(locus::open_stream_fd("/proc/self/fd/" + std::to_string(fd)) == fd);
+  // ... however it is spelled, and through a link of the caller's own (not through the
+  // descriptor's own link, which leads to the log file itself).
+  BOOST_TEST(locus::open_stream_fd("//dev/./fd/" + std::to_string(fd)) == fd);
+  BOOST_TEST(locus::open_stream_fd("/proc/" + std::to_string(::getpid()) + "/fd/" + std::to_string(fd)) == fd);
+  fs::create_symlink("/dev/fd/" + std::to_string(fd), dir.path / "to_fd");
+  fs::create_symlink(dir.path / "to_fd", dir.path / "to_link");
+  BOOST_TEST(locus::open_stream_fd((dir.path / "to_fd").string()) == fd);
+  BOOST_TEST(locus::open_stream_fd((dir.path / "to_link").string()) == fd);
+  BOOST_TEST(locus::open_stream_fd(log.string()) == -1); // the file itself: replaced by a rename
   BOOST_CHECK_NO_THROW(locus::write_file_atomically("/dev/fd/" + std::to_string(fd), "later\n"));
   ::close(fd);
   // A closed descriptor, or a name that only looks like one, is an ordinary path.

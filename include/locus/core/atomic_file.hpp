@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fcntl.h>
+#include <filesystem>
 #include <limits.h>
 #include <locus/core/error.hpp>
 #include <stdlib.h>
@@ -40,19 +41,47 @@ namespace detail {
 inline std::atomic<bool> atomic_file_named_temporary{false};
 } // namespace detail
 
-//! The descriptor `path` names when it names one of this process's open files (/dev/stdout,
-//! /dev/stderr, /dev/fd/N, /proc/self/fd/N), else -1: what atomic_file writes through directly.
-inline int open_stream_fd(std::string_view path) noexcept {
-  if (path == "/dev/stdout") return ::fcntl(STDOUT_FILENO, F_GETFD) == -1 ? -1 : STDOUT_FILENO;
-  if (path == "/dev/stderr") return ::fcntl(STDERR_FILENO, F_GETFD) == -1 ? -1 : STDERR_FILENO;
-  for (const std::string_view prefix : {std::string_view("/dev/fd/"), std::string_view("/proc/self/fd/")}) {
+namespace detail {
+//! The open descriptor a path spelled as one names (/dev/stdout, /dev/stderr, /dev/fd/N,
+//! /proc/self/fd/N, /proc/thread-self/fd/N, /proc/<this process>/fd/N), else -1.
+inline int descriptor_path_fd(std::string_view path) noexcept {
+  const auto open = [](int fd) { return ::fcntl(fd, F_GETFD) == -1 ? -1 : fd; };
+  if (path == "/dev/stdout") return open(STDOUT_FILENO);
+  if (path == "/dev/stderr") return open(STDERR_FILENO);
+  const std::string own = "/proc/" + std::to_string(::getpid()) + "/fd/";
+  for (const std::string_view prefix : {std::string_view("/dev/fd/"), std::string_view("/proc/self/fd/"),
+                                        std::string_view("/proc/thread-self/fd/"), std::string_view(own)}) {
     if (!path.starts_with(prefix) || path.size() == prefix.size() || path.size() > prefix.size() + 9) continue;
     int fd = 0;
     for (const char c : path.substr(prefix.size())) {
       if (c < '0' || c > '9') return -1;
       fd = fd * 10 + (c - '0');
     }
-    return ::fcntl(fd, F_GETFD) == -1 ? -1 : fd;
+    return open(fd);
+  }
+  return -1;
+}
+} // namespace detail
+
+//! The descriptor `path` names when it names one of this process's open files (/dev/stdout,
+//! /dev/stderr, /dev/fd/N, /proc/self/fd/N, ...: detail::descriptor_path_fd), spelled with extra
+//! slashes or dots or reached through symbolic links of the caller's own (a link to /dev/stdout),
+//! else -1: what atomic_file writes through directly. The links are read one at a time, so that
+//! /dev/stdout's own (to /proc/self/fd/1, then to the file a shell redirected it to) stops at the
+//! descriptor.
+inline int open_stream_fd(std::string_view path) noexcept {
+  try {
+    std::string p = std::filesystem::path(path).lexically_normal().string();
+    for (int hop = 0; hop < 8; ++hop) {
+      if (const int fd = detail::descriptor_path_fd(p); fd >= 0) return fd;
+      char target[PATH_MAX];
+      const ssize_t n = ::readlink(p.c_str(), target, sizeof target - 1);
+      if (n <= 0) return -1; // not a link: a path of its own
+      std::filesystem::path next(std::string(target, static_cast<std::size_t>(n)));
+      if (next.is_relative()) next = std::filesystem::path(p).parent_path() / next;
+      p = next.lexically_normal().string();
+    }
+  } catch (...) { // (an allocation)
   }
   return -1;
 }
@@ -288,8 +317,10 @@ private:
   }
 
   void write_all(const char* p, std::size_t n) {
-    if (stream_ == STDOUT_FILENO) std::fflush(stdout); // what the program printed before comes first
-    if (stream_ == STDERR_FILENO) std::fflush(stderr);
+    if (stream_ >= 0) { // what the program printed before comes first (the descriptor may be a copy of stdout)
+      std::fflush(stdout);
+      std::fflush(stderr);
+    }
     while (n > 0) {
       const ssize_t w = ::write(fd_, p, std::min<std::size_t>(n, std::size_t{1} << 30));
       if (w < 0) {
