@@ -188,14 +188,17 @@ inline std::string json_text(const std::string& command, nlohmann::json doc) {
   return doc.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
 }
 
-//! Whether `path` names a device, FIFO or socket, or one of the process's open descriptors
-//! (/dev/stdout: locus::open_stream_fd), which take bytes as they are written: they cannot be
-//! replaced by a rename, nor take them back; false for a regular file, a folder or nothing.
-inline bool is_device(const std::string& path) {
-  if (locus::open_stream_fd(path) >= 0) return true;
+//! Whether `path` leads to a device, FIFO or socket (following links: /dev/stdout redirected to a
+//! file is that file); false for a regular file, a folder or nothing.
+inline bool is_special_file(const std::string& path) {
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode);
 }
+
+//! Whether `path` names a device, FIFO or socket, or one of the process's open descriptors
+//! (/dev/stdout: locus::open_stream_fd), which take bytes as they are written: they cannot be
+//! replaced by a rename, nor take them back; false for a regular file, a folder or nothing.
+inline bool is_device(const std::string& path) { return locus::open_stream_fd(path) >= 0 || is_special_file(path); }
 
 //! A command's outputs, all written before any is put in place: each file is written whole into an
 //! unnamed file beside its target (locus::atomic_file) and synced; commit() then writes the devices,
@@ -441,8 +444,7 @@ inline void check_outputs(const std::vector<output_file>& outputs, const std::ve
   // descriptor's path (/dev/stdout) that holds a regular file is that file: `--out plan.json --json
   // /dev/stdout > plan.json` would rename the plan over the file the JSON goes to.
   const auto same = [&](const std::string& a, const std::string& b) {
-    struct stat st {};
-    if (::stat(a.c_str(), &st) == 0 && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) return false;
+    if (is_special_file(a)) return false;
     std::error_code ec;
     if (fs::exists(a, ec) && fs::exists(b, ec) && fs::equivalent(a, b, ec) && !ec) return true; // hard links too
     return resolved_path(a) == resolved_path(b);

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <charconv>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -51,13 +52,10 @@ inline int descriptor_path_fd(std::string_view path) noexcept {
   const std::string own = "/proc/" + std::to_string(::getpid()) + "/fd/";
   for (const std::string_view prefix : {std::string_view("/dev/fd/"), std::string_view("/proc/self/fd/"),
                                         std::string_view("/proc/thread-self/fd/"), std::string_view(own)}) {
-    if (!path.starts_with(prefix) || path.size() == prefix.size() || path.size() > prefix.size() + 9) continue;
-    int fd = 0;
-    for (const char c : path.substr(prefix.size())) {
-      if (c < '0' || c > '9') return -1;
-      fd = fd * 10 + (c - '0');
-    }
-    return open(fd);
+    if (!path.starts_with(prefix)) continue;
+    int fd = -1;
+    const auto [end, ec] = std::from_chars(path.data() + prefix.size(), path.data() + path.size(), fd);
+    return ec == std::errc{} && end == path.data() + path.size() && fd >= 0 ? open(fd) : -1;
   }
   return -1;
 }

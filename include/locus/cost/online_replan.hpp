@@ -19,6 +19,7 @@
 //! caller's segments (e.g. one per phase of a workload) give bytes and balance over time.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -130,43 +131,62 @@ struct load_profile {
   }
 
   //! Steps [first, last) of `s`: the tokens of every request, or of one half of the requests
-  //! (request_half_of; the drift check's noise compares the two).
+  //! (request_half_of; the drift check's noise compares the two, counted in one pass by halves()).
   //! @throws locus::config_error for a range outside the schedule
   static load_profile of(const trace::trace& t, const decode_schedule& s, std::size_t first, std::size_t last,
                          const dynamic_topology& topo, request_half half = request_half::all) {
+    if (half != request_half::all) return halves(t, s, first, last, topo)[half == request_half::second ? 1 : 0];
+    load_profile p[1];
+    count(t, s, first, last, topo, p, 1, [](std::size_t) { return 0; });
+    return std::move(p[0]);
+  }
+
+  //! The profiles of the two halves of the requests of steps [first, last) (request_half_of).
+  //! @throws locus::config_error for a range outside the schedule
+  static std::array<load_profile, 2> halves(const trace::trace& t, const decode_schedule& s, std::size_t first,
+                                            std::size_t last, const dynamic_topology& topo) {
+    // Requests own contiguous, ascending token ranges: a token's request is the last one that
+    // starts at or before it.
+    std::vector<std::uint64_t> starts(t.requests());
+    for (std::size_t r = 0; r < t.requests(); ++r)
+      starts[r] = t.request(r).first_token;
+    std::array<load_profile, 2> p;
+    count(t, s, first, last, topo, p.data(), p.size(), [&](std::size_t token) {
+      const auto at = std::upper_bound(starts.begin(), starts.end(), static_cast<std::uint64_t>(token));
+      return request_half_of(static_cast<std::size_t>(at - starts.begin()) - 1) == request_half::second ? 1 : 0;
+    });
+    return p;
+  }
+
+private:
+  //! Counts the pairs of steps [first, last) into `out[which(token)]`, `which` below `outs`.
+  template <class Which>
+  static void count(const trace::trace& t, const decode_schedule& s, std::size_t first, std::size_t last,
+                    const dynamic_topology& topo, load_profile* out, std::size_t outs, Which&& which) {
     LOCUS_REQUIRE(first <= last && last <= s.steps(), config_error, "load_profile: steps [", first, ", ", last,
                   ") outside a schedule of ", s.steps());
     s.validate_steps(first, last, t.tokens(), topo.ranks());
     const std::size_t b = s.step_begin[first], e = s.step_begin[last];
-    std::vector<bool> counted(e - b, true);
-    if (half != request_half::all) {
-      // Requests own contiguous, ascending token ranges: a token's request is the last one that
-      // starts at or before it.
-      std::vector<std::uint64_t> starts(t.requests());
-      for (std::size_t r = 0; r < t.requests(); ++r)
-        starts[r] = t.request(r).first_token;
-      for (std::size_t i = b; i < e; ++i) {
-        const auto at = std::upper_bound(starts.begin(), starts.end(), static_cast<std::uint64_t>(s.tokens[i]));
-        counted[i - b] = request_half_of(static_cast<std::size_t>(at - starts.begin()) - 1) == half;
-      }
+    std::vector<std::uint8_t> to(e - b); // each token's profile, found once for every layer
+    for (std::size_t i = b; i < e; ++i)
+      to[i - b] = static_cast<std::uint8_t>(which(s.tokens[i]));
+    for (std::size_t k = 0; k < outs; ++k) {
+      out[k].nodes = topo.nodes();
+      out[k].experts = t.experts();
+      out[k].counts.assign(t.layers(), std::vector<double>(topo.nodes() * t.experts(), 0.0));
     }
-    load_profile p;
-    p.nodes = topo.nodes();
-    p.experts = t.experts();
-    p.counts.assign(t.layers(), std::vector<double>(p.nodes * p.experts, 0.0));
     for (std::size_t l = 0; l < t.layers(); ++l) {
       const auto view = t.layer(l);
-      auto& c = p.counts[l];
       for (std::size_t i = b; i < e; ++i) {
-        if (!counted[i - b]) continue;
+        auto& c = out[to[i - b]].counts[l];
         const std::size_t n = topo.node_of(s.sources[i]);
         for (std::size_t j = 0; j < t.top_k(); ++j)
-          c[n * p.experts + view.expert(s.tokens[i], j)] += 1;
+          c[n * t.experts() + view.expert(s.tokens[i], j)] += 1;
       }
     }
-    return p;
   }
 
+public:
   //! The (node, expert) pairs of a token sample's tokens (each on its home node, each counted once:
   //! load weights are not read): e.g. the training traffic the initial maps were fitted to.
   //! @throws locus::invalid_input_error on a malformed sample
@@ -229,8 +249,7 @@ inline drift_check check_drift(const trace::trace& t, const decode_schedule& s, 
                                double floor) {
   drift_check c;
   c.distance = divergence(load_profile::of(t, s, first, last, topo), reference);
-  const auto a = load_profile::of(t, s, first, last, topo, request_half::first);
-  const auto b = load_profile::of(t, s, first, last, topo, request_half::second);
+  const auto [a, b] = load_profile::halves(t, s, first, last, topo);
   const auto pairs = [](const load_profile& p) {
     double sum = 0;
     for (const auto& layer : p.counts)

@@ -586,15 +586,21 @@ private:
 
 } // namespace detail::trace
 
+//! The binary encoding of `t` in memory.
+inline std::vector<std::byte> encode_trace(const trace& t) {
+  detail::trace::vector_sink sink;
+  detail::trace::write(t, sink);
+  return std::move(sink.bytes);
+}
+
 //! Writes `t` in the binary format into `f`, which the caller then commits (a command with several
 //! outputs commits them together). Into a target written straight through (a pipe, /dev/stdout:
 //! atomic_file::direct()), whose header cannot be filled in last, the trace is encoded in memory
 //! first. @throws locus::io_error when the file cannot be written
 inline void write_trace(const trace& t, atomic_file& f) {
   if (f.direct()) {
-    detail::trace::vector_sink sink;
-    detail::trace::write(t, sink);
-    f.write(sink.bytes.data(), sink.bytes.size());
+    const auto bytes = encode_trace(t);
+    f.write(bytes.data(), bytes.size());
     return;
   }
   detail::trace::file_sink sink(f);
@@ -608,13 +614,6 @@ inline void write_trace(const trace& t, const std::string& path) {
   atomic_file f(path);
   write_trace(t, f);
   f.commit();
-}
-
-//! The binary encoding of `t` in memory.
-inline std::vector<std::byte> encode_trace(const trace& t) {
-  detail::trace::vector_sink sink;
-  detail::trace::write(t, sink);
-  return std::move(sink.bytes);
 }
 
 //! Reads a binary trace file.
