@@ -363,7 +363,7 @@ LOCUS_HOST_DEVICE void fanout_count(grid_index g, const std::int32_t* LOCUS_REST
 LOCUS_HOST_DEVICE void fanout_check(grid_index g, const std::int32_t* LOCUS_RESTRICT row_at,
                                     const std::int32_t* LOCUS_RESTRICT entry_at, std::size_t rows, std::size_t gpus,
                                     const std::int32_t* LOCUS_RESTRICT tables, std::int32_t* flag) {
-  if (*flag) return;
+  if (stage::flag_read(flag)) return; // other threads of this grid may be setting it
   const std::int32_t* want_row = tables + forward_row * (gpus + 1);
   const std::int32_t* want_entry = tables + forward_entry * (gpus + 1);
   for (std::size_t t = g.block * g.threads + g.thread; t <= gpus; t += g.blocks * g.threads)

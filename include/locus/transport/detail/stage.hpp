@@ -13,6 +13,7 @@
 //! the device give the same bits (the host is built without floating-point contraction, the
 //! default on x86-64 without -mfma).
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -540,21 +541,32 @@ inline constexpr std::int32_t bad_slot = 4;        //!< an entry's slot outside 
 //! the entries per slot differ from what the senders announced in the count round
 inline constexpr std::int32_t bad_slot_counts = 8;
 
-//! Sets `bits` in `*flag` (atomically on the device: many threads may find violations).
+//! Sets `bits` in `*flag`, atomically: many threads may find violations, on the device and on
+//! the host alike (a host executor, such as the CPU tests' warp emulator, runs a grid's threads
+//! concurrently; a plain `|=` there lost updates).
 LOCUS_HOST_DEVICE void flag_set(std::int32_t* flag, std::int32_t bits) {
 #if LOCUS_IS_DEVICE_PASS()
   atomicOr(flag, bits);
 #else
-  *flag |= bits;
+  std::atomic_ref<std::int32_t>(*flag).fetch_or(bits, std::memory_order_relaxed);
 #endif
 }
 
-//! Adds `value` to `*total` (atomically on the device: every thread adds its share).
+//! Reads `*flag` while other threads of the same grid may set it.
+LOCUS_HOST_DEVICE std::int32_t flag_read(const std::int32_t* flag) {
+#if LOCUS_IS_DEVICE_PASS()
+  return *static_cast<const volatile std::int32_t*>(flag);
+#else
+  return std::atomic_ref<std::int32_t>(*const_cast<std::int32_t*>(flag)).load(std::memory_order_relaxed);
+#endif
+}
+
+//! Adds `value` to `*total`, atomically (every thread adds its share; see flag_set).
 LOCUS_HOST_DEVICE void total_add(unsigned long long* total, unsigned long long value) {
 #if LOCUS_IS_DEVICE_PASS()
   atomicAdd(total, value);
 #else
-  *total += value;
+  std::atomic_ref<unsigned long long>(*total).fetch_add(value, std::memory_order_relaxed);
 #endif
 }
 
@@ -598,7 +610,7 @@ LOCUS_HOST_DEVICE void receive_total_check(grid_index g, const unsigned long lon
 LOCUS_HOST_DEVICE void slot_offsets_check(grid_index g, const std::int32_t* LOCUS_RESTRICT slot_offsets,
                                           const std::int32_t* LOCUS_RESTRICT expected, std::size_t slots,
                                           std::int32_t* flag) {
-  if (*flag) return;
+  if (flag_read(flag)) return;
   for (std::size_t s = g.block * g.threads + g.thread; s <= slots; s += g.blocks * g.threads)
     if (slot_offsets[s] != expected[s]) {
       flag_set(flag, bad_slot_counts);
