@@ -3,6 +3,15 @@ add_library(locus_build_flags INTERFACE)
 target_compile_options(locus_build_flags INTERFACE
   $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wpedantic -Wshadow -Wconversion -Wno-sign-conversion>
   $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall>)
+if(LOCUS_SANITIZE AND LOCUS_SANITIZE_THREAD)
+  message(FATAL_ERROR "locus: LOCUS_SANITIZE and LOCUS_SANITIZE_THREAD cannot share a build")
+endif()
+if(LOCUS_SANITIZE_THREAD)
+  # Host threads (parallel_for, the in-process transports, the warp emulator's grid) checked for
+  # data races: a race there shows only now and then, under load, without it.
+  target_compile_options(locus_build_flags INTERFACE $<$<COMPILE_LANGUAGE:CXX>:-fsanitize=thread>)
+  target_link_options(locus_build_flags INTERFACE -fsanitize=thread)
+endif()
 if(LOCUS_SANITIZE)
   target_compile_options(locus_build_flags INTERFACE
     $<$<COMPILE_LANGUAGE:CXX>:-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer>)

@@ -1,23 +1,31 @@
 // The hierarchical device step (transport/detail/node_step.hpp) run on the host for every rank of
-// a simulated machine: the count round's messages and sizes, then the stage bodies the kernels run
-// (through stage::run_grid, on several grid shapes), moving token identities through simulated rail
-// and node exchanges exactly as the device dispatcher moves rows. Each rank must receive every copy
-// routed to it once (token, expert, weight), with the segments the count round announced, and
-// combine must return each token's weighted sum over its copies; the reference is computed from
-// the routings and the host layouts' replica choices alone. Doctored rounds and fan-outs must be
-// refused where the dispatcher relies on their checks.
+// a simulated machine: the count round's messages and sizes, then the step's own sequence
+// (detail/node_step_sequence.hpp, which device_dispatcher runs with CUDA launches) with a host
+// engine: the stage bodies through stage::run_grid on several grid shapes, exchanges over the
+// in-process host transport, ranks as threads, rows carrying token identities. Each rank must
+// receive every copy routed to it once (token, expert, weight), with the segments the count round
+// announced, and combine must return each token's weighted sum over its copies; the reference is
+// computed from the routings and the host layouts' replica choices alone. Doctored rounds and
+// fan-outs must be refused where the dispatcher relies on their checks.
 #define BOOST_TEST_MODULE node_step
 #include "../mpi/dispatch_cases.hpp"
 
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
 #include <cstdint>
+#include <limits>
 #include <locus/transport/detail/layout_token.hpp>
 #include <locus/transport/detail/node_step.hpp>
+#include <locus/transport/detail/node_step_sequence.hpp>
 #include <locus/transport/exchange.hpp>
 #include <locus/transport/layout.hpp>
+#include <locus/transport/local.hpp>
 #include <set>
+#include <span>
+#include <stdexcept>
+#include <thread>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 using namespace locus;
@@ -26,39 +34,6 @@ namespace ns = locus::transport::detail::node_step;
 namespace st = locus::transport::detail::stage;
 
 namespace {
-
-// What member `q` receives in an exchange over group `g` where every rank s sends data[s], ordered
-// by destination member with counts[s]: the senders' slices for q in member order. `from` gets the
-// count from each member.
-template <class U>
-std::vector<U> receive(const dynamic_topology& topo, exchange_group g, std::size_t q,
-                       const std::vector<std::vector<U>>& data, const std::vector<std::vector<std::size_t>>& counts,
-                       std::vector<std::size_t>* from = nullptr) {
-  const locus::transport::detail::exchange::group_map map{topo, q};
-  const std::size_t me = map.self_member(g);
-  std::vector<U> out;
-  if (from) from->clear();
-  for (std::size_t m = 0; m < map.size(g); ++m) {
-    const std::size_t s = map.world_rank_of(g, m);
-    BOOST_REQUIRE(counts[s].size() == map.size(g));
-    std::size_t at = 0;
-    for (std::size_t i = 0; i < me; ++i)
-      at += counts[s][i];
-    BOOST_REQUIRE(at + counts[s][me] <= data[s].size());
-    out.insert(out.end(), data[s].begin() + static_cast<std::ptrdiff_t>(at),
-               data[s].begin() + static_cast<std::ptrdiff_t>(at + counts[s][me]));
-    if (from) from->push_back(counts[s][me]);
-  }
-  return out;
-}
-
-template <class U>
-std::vector<U> pick(const std::vector<U>& v, const std::vector<std::int32_t>& index) {
-  std::vector<U> out;
-  for (std::int32_t i : index)
-    out.push_back(v.at(static_cast<std::size_t>(i)));
-  return out;
-}
 
 // A body run over a grid of `shape` (blocks × threads): the host executor of its kernel.
 struct grid_shape {
@@ -101,24 +76,116 @@ device_counts delivered(const round_state& r, std::size_t q, std::size_t W) {
   return out;
 }
 
-// One rank's device state between the stages (its host mirror).
-struct rank_state {
-  ns::step_counts sc;
-  std::vector<std::int64_t> src; // source row space: layout rows, then the rail rows received
-  std::vector<std::int32_t> fwd_reo, fwd_target, fwd_slot, row_at, entry_at, fan_row, fan_row_entries, fan_slot,
-      fan_source, index, node_row_entries, node_slot, forward_offsets, forward_position;
-  std::vector<float> fwd_weight, fan_weight, node_weight;
-  std::int32_t flag = 0;
+// A host buffer that fills what it holds with a poison value at every resize, as device memory
+// holds whatever it held: a stage that reads an element the sequence never wrote shows.
+template <class U>
+struct poisoned_buffer {
+  std::vector<U> v;
+  void resize(std::size_t n) { v.assign(n, poison()); }
+  U* data() noexcept { return v.data(); }
+  const U* data() const noexcept { return v.data(); }
+  static U poison() {
+    if constexpr (std::is_same_v<U, ns::node_entry>)
+      return {-1000003, -1000003, std::numeric_limits<float>::quiet_NaN()};
+    else if constexpr (std::is_floating_point_v<U>)
+      return std::numeric_limits<U>::quiet_NaN();
+    else
+      return static_cast<U>(-1000003);
+  }
 };
 
+// The hierarchical step's host engine (detail/node_step_sequence.hpp): stage bodies through
+// stage::run_grid on one grid shape, the one-thread scan body, exchanges over the in-process host
+// transport (each checks that every sender sends the counts the receiver expects). A row is one
+// double: the token's identity on the way out, its weighted sum on the way back.
+struct host_engine {
+  template <class U>
+  using buffer = poisoned_buffer<U>;
+  grid_shape grid;
+  local_transport* ex;
+  const layout<>* l;
+  std::size_t source;
+  exchange_result metadata, rows, returned;
+
+  template <class Stage, class... A>
+  void launch(std::size_t, Stage, A... a) {
+    run(grid, [&](st::grid_index g) { Stage::run(g, a...); });
+  }
+  void scan(const std::int32_t* in, std::size_t n, std::int32_t* out) {
+    run(grid, [&](st::grid_index g) { st::exclusive_scan(g, in, n, out); });
+  }
+  template <class U>
+  void zero(U* p, std::size_t n) {
+    std::fill_n(p, n, U{});
+  }
+  template <class U>
+  void copy(U* dst, const U* src, std::size_t n) {
+    std::copy_n(src, n, dst);
+  }
+  void upload(std::span<const std::int32_t> tables, std::int32_t word, std::int32_t* table_dst,
+              std::int32_t* word_dst) {
+    std::copy(tables.begin(), tables.end(), table_dst);
+    *word_dst = word;
+  }
+  const void* exchange(exchange_group g, ns::received into, std::size_t element_bytes, const void* send,
+                       std::span<const std::size_t> send_counts, std::span<const std::size_t> recv_counts) {
+    exchange_result& out = into == ns::received::metadata ? metadata : into == ns::received::rows ? rows : returned;
+    std::size_t n = 0;
+    for (std::size_t c : send_counts)
+      n += c;
+    exchange_request req;
+    req.group = g;
+    req.row_bytes = element_bytes;
+    req.rows = {static_cast<const std::byte*>(send), n * element_bytes};
+    req.counts = send_counts;
+    req.expected_counts = recv_counts;
+    ex->exchange(req, out);
+    return out.rows.data();
+  }
+  void permute(double* dst) {
+    for (std::size_t r = 0; r < l->rows(); ++r)
+      dst[r] = static_cast<double>(id_of(source, static_cast<std::size_t>(l->row_token()[r])));
+  }
+  void gather(const double* src, const std::int32_t* index, std::size_t n, double* dst) {
+    for (std::size_t i = 0; i < n; ++i)
+      dst[i] = src[index[i]];
+  }
+  void reduce(const double* src, const std::int32_t* offsets, const std::int32_t* position, const float* weight,
+              std::size_t n, double* dst, const std::int32_t* flag) {
+    for (std::size_t r = 0; r < n; ++r) {
+      double sum = 0;
+      if (*flag == 0)
+        for (std::int32_t e = offsets[r]; e < offsets[r + 1]; ++e)
+          sum += static_cast<double>(weight[position[e]]) * src[position[e]];
+      dst[r] = sum;
+    }
+  }
+  static std::int64_t id_of(std::size_t s, std::size_t t) { return static_cast<std::int64_t>(s * 1000000 + t); }
+};
+
+// What one rank's run of the sequence received and returned.
+struct rank_result {
+  std::vector<double> received;                 // the node stage's rows (token identities)
+  std::vector<std::int32_t> row_entries, slots; // their entry metadata
+  std::vector<float> weights;
+  std::vector<double> returned; // the layout's rows after combine
+  std::int32_t flag = -1;       // the forwarding check's word
+  std::exception_ptr error;
+};
+
+// Every rank runs dispatch_sequence and combine_sequence (the device dispatcher's own order) on
+// the host, ranks as threads over a local_fabric; the expert output of a received row is computed
+// here from its metadata. Each rank must receive every copy routed to it once (token, expert,
+// weight) under the segments the count round announced, and combine must return each token's
+// weighted sum over its copies; the reference comes from the routings and the host layouts'
+// replica choices alone.
 void check_case(const locus_test::dispatch_case& c, grid_shape grid) {
   const auto& topo = c.topo;
   const std::size_t R = topo.ranks(), G = topo.gpus_per_node(), K = c.k, S = c.map.slots_per_rank();
   const std::size_t W = ns::tail_width(S, G);
-  const auto id = [](std::size_t s, std::size_t t) { return static_cast<std::int64_t>(s * 1000000 + t); };
   std::vector<layout<>> layouts(R);
   std::vector<std::vector<std::int32_t>> reach(R);
-  std::vector<rank_state> ranks(R);
+  std::vector<ns::step_counts> sc(R);
   round_state round;
   round.rows.resize(R);
   round.entries.resize(R);
@@ -139,118 +206,67 @@ void check_case(const locus_test::dispatch_case& c, grid_shape grid) {
           ++by_rule[static_cast<std::size_t>(l.copy_rank()[t * K + j])];
     BOOST_TEST(by_rule == reach[s]);
     ns::round_message(counts_of(s), G, s, S, round.rows[s], round.entries[s], round.tail[s]);
-    for (std::size_t r = 0; r < l.rows(); ++r)
-      ranks[s].src.push_back(id(s, static_cast<std::size_t>(l.row_token()[r])));
   }
   for (std::size_t q = 0; q < R; ++q) {
-    const std::string why = ns::counts_from(counts_of(q), delivered(round, q, W), G, q, S, ranks[q].sc);
+    const std::string why = ns::counts_from(counts_of(q), delivered(round, q, W), G, q, S, sc[q]);
     BOOST_TEST_REQUIRE(why.empty(), "rank " << q << ": " << why);
   }
-  // Rail stage: the layout's rows outside its node block, with their entries.
-  std::vector<std::vector<std::int64_t>> send(R);
-  std::vector<std::vector<std::int32_t>> row_entries(R);
-  std::vector<std::vector<ns::node_entry>> entries(R);
-  std::vector<std::vector<std::size_t>> counts(R), entry_counts(R), rail_from(R), node_from(R);
-  for (std::size_t s = 0; s < R; ++s) {
-    const auto& l = layouts[s];
-    const auto& ro = l.rank_offsets();
-    const auto& eo = l.rank_entry_offsets();
-    const std::size_t n = s / G;
-    const std::int32_t own_begin = ro[n * G], own_rows = ro[n * G + G] - own_begin;
-    const std::int32_t own_entry_begin = eo[n * G], own_entries = eo[n * G + G] - own_entry_begin;
-    const std::size_t rail_rows = l.rows() - static_cast<std::size_t>(own_rows);
-    const std::size_t rail_entries = static_cast<std::size_t>(eo.back() - own_entries);
-    row_entries[s].assign(rail_rows, -1);
-    entries[s].assign(rail_entries, {-1, -1, 0.0f});
-    run(grid, [&](st::grid_index g) {
-      ns::rail_row_entries(g, l.row_entry_offsets().data(), rail_rows, own_begin, own_rows, row_entries[s].data());
+
+  local_fabric fabric(topo, transport_kind::hierarchical, exchange_options{std::chrono::milliseconds(20000)});
+  std::vector<rank_result> results(R);
+  std::vector<std::thread> threads;
+  for (std::size_t q = 0; q < R; ++q)
+    threads.emplace_back([&, q] {
+      auto& out = results[q];
+      try {
+        auto endpoint = fabric.endpoint(q);
+        const auto& l = layouts[q];
+        host_engine e{grid, &endpoint, &l, q, {}, {}, {}};
+        ns::step_buffers<host_engine, double> b;
+        const ns::layout_view lay{counts_of(q),
+                                  l.rows(),
+                                  l.row_entry_offsets().data(),
+                                  l.entry_target().data(),
+                                  l.entry_slot().data(),
+                                  l.entry_weight().data()};
+        const std::size_t nin = sc[q].node_in, nin_entries = sc[q].node_in_entries;
+        const double* rows = ns::dispatch_sequence(e, b, lay, sc[q], G, q, 1, [&] {
+          out.row_entries.assign(b.recv_row_entries.data(), b.recv_row_entries.data() + nin);
+          out.slots.assign(b.recv_slots.data(), b.recv_slots.data() + nin_entries);
+          out.weights.assign(b.recv_weights.data(), b.recv_weights.data() + nin_entries);
+        });
+        out.received.assign(rows, rows + nin);
+        // The experts' weighted outputs summed per received row (its entries in order).
+        std::vector<double> back;
+        std::size_t e0 = 0;
+        for (std::size_t r = 0; r < nin; ++r) {
+          double sum = 0;
+          for (std::int32_t i = 0; i < out.row_entries[r] && e0 < nin_entries; ++i, ++e0) {
+            const auto slot = static_cast<std::size_t>(out.slots[e0]);
+            if (slot >= S) throw std::logic_error("a received slot out of range");
+            const auto id = static_cast<std::int64_t>(out.received[r]);
+            sum += static_cast<double>(out.weights[e0]) * output(id, c.map.expert_at(q, slot));
+          }
+          back.push_back(sum);
+        }
+        const double* ret = ns::combine_sequence(e, b, lay, sc[q], G, q, 1, back.data());
+        out.returned.assign(ret, ret + l.rows());
+        out.flag = b.flag.data()[0];
+      } catch (...) {
+        out.error = std::current_exception();
+      }
     });
-    run(grid, [&](st::grid_index g) {
-      ns::rail_entries(g, l.entry_target().data(), l.entry_slot().data(), l.entry_weight().data(), rail_entries,
-                       own_entry_begin, own_entries, entries[s].data());
-    });
-    send[s].assign(ranks[s].src.begin(), ranks[s].src.begin() + own_begin);
-    send[s].insert(send[s].end(), ranks[s].src.begin() + own_begin + own_rows, ranks[s].src.end());
-    counts[s] = ranks[s].sc.rail_send;
-    entry_counts[s] = ranks[s].sc.rail_send_entries;
-  }
-  for (std::size_t q = 0; q < R; ++q) {
-    auto& me = ranks[q];
-    const auto rows = receive(topo, exchange_group::rail, q, send, counts, &rail_from[q]);
-    const auto re = receive(topo, exchange_group::rail, q, row_entries, counts);
-    const auto en = receive(topo, exchange_group::rail, q, entries, entry_counts);
-    BOOST_TEST_REQUIRE(rail_from[q] == me.sc.rail_recv, "rank " << q << ": the rail rows the count round announced");
-    BOOST_TEST_REQUIRE(en.size() == me.sc.rail_in_entries);
-    me.src.insert(me.src.end(), rows.begin(), rows.end());
-    // The fan-out, checked as the device checks it.
-    const std::size_t rin = rows.size(), ren = en.size(), fan = G * rin;
-    me.fwd_target.assign(ren, 0);
-    me.fwd_slot.assign(ren, 0);
-    me.fwd_weight.assign(ren, 0);
-    me.fwd_reo.assign(rin + 1, 0);
-    std::vector<std::int32_t> count(fan), present(fan);
-    me.row_at.assign(fan + 1, 0);
-    me.entry_at.assign(fan + 1, 0);
-    me.fan_row.assign(fan, -1);
-    me.fan_row_entries.assign(fan, -1);
-    me.fan_slot.assign(ren, -1);
-    me.fan_weight.assign(ren, 0);
-    me.fan_source.assign(ren, -1);
-    run(grid, [&](st::grid_index g) {
-      ns::unpack_entries(g, en.data(), ren, me.fwd_target.data(), me.fwd_slot.data(), me.fwd_weight.data());
-    });
-    unsigned long long total = 0;
-    run(grid, [&](st::grid_index g) {
-      st::receive_metadata_check(g, re.data(), rin, me.fwd_target.data(), ren, G, &me.flag, &total);
-    });
-    run(grid, [&](st::grid_index g) { st::receive_total_check(g, &total, ren, &me.flag); });
-    run(grid, [&](st::grid_index g) { st::exclusive_scan(g, re.data(), rin, me.fwd_reo.data()); });
-    run(grid, [&](st::grid_index g) {
-      ns::fanout_count(g, me.fwd_reo.data(), me.fwd_target.data(), rin, G, &me.flag, count.data(), present.data());
-    });
-    run(grid, [&](st::grid_index g) { st::exclusive_scan(g, present.data(), fan, me.row_at.data()); });
-    run(grid, [&](st::grid_index g) { st::exclusive_scan(g, count.data(), fan, me.entry_at.data()); });
-    run(grid, [&](st::grid_index g) {
-      ns::fanout_check(g, me.row_at.data(), me.entry_at.data(), rin, G, me.sc.tables.data(), &me.flag);
-    });
-    run(grid, [&](st::grid_index g) {
-      ns::fanout_place(g, me.fwd_reo.data(), me.fwd_target.data(), me.fwd_slot.data(), me.fwd_weight.data(), rin, G,
-                       me.row_at.data(), me.entry_at.data(), &me.flag, me.fan_row.data(), me.fan_row_entries.data(),
-                       me.fan_slot.data(), me.fan_weight.data(), me.fan_source.data());
-    });
-    BOOST_TEST_REQUIRE(me.flag == 0, "rank " << q << ": the forwarding check refused good metadata");
-  }
-  // Node stage: per local rank its own rows, then the rows forwarded to it.
-  std::vector<std::vector<std::int32_t>> node_slot(R);
-  std::vector<std::vector<float>> node_weight(R);
-  for (std::size_t s = 0; s < R; ++s) {
-    auto& me = ranks[s];
-    const auto& l = layouts[s];
-    const std::size_t nout = me.sc.node_out, nout_entries = me.sc.node_out_entries;
-    me.index.assign(nout, -1);
-    me.node_row_entries.assign(nout, -1);
-    me.node_slot.assign(nout_entries, -2);
-    me.node_weight.assign(nout_entries, -1);
-    run(grid, [&](st::grid_index g) {
-      ns::node_send_rows(g, me.sc.tables.data(), G, me.fan_row.data(), static_cast<std::int32_t>(l.rows()), nout,
-                         &me.flag, me.index.data());
-    });
-    run(grid, [&](st::grid_index g) {
-      ns::node_send_row_entries(g, me.sc.tables.data(), G, l.row_entry_offsets().data(), me.fan_row_entries.data(),
-                                nout, &me.flag, me.node_row_entries.data());
-    });
-    run(grid, [&](st::grid_index g) {
-      ns::node_send_entries(g, me.sc.tables.data(), G, l.entry_slot().data(), l.entry_weight().data(),
-                            me.fan_slot.data(), me.fan_weight.data(), nout_entries, &me.flag, me.node_slot.data(),
-                            me.node_weight.data());
-    });
-    send[s] = pick(me.src, me.index);
-    row_entries[s] = me.node_row_entries;
-    node_slot[s] = me.node_slot;
-    node_weight[s] = me.node_weight;
-    counts[s] = me.sc.node_send;
-    entry_counts[s] = me.sc.node_send_entries;
-  }
+  for (auto& t : threads)
+    t.join();
+  for (std::size_t q = 0; q < R; ++q)
+    if (results[q].error) {
+      try {
+        std::rethrow_exception(results[q].error);
+      } catch (const std::exception& e) {
+        BOOST_FAIL("rank " << q << ": " << e.what());
+      }
+    }
+
   // Every copy arrives once at the rank of its replica, with its slot's expert and its weight,
   // under the segments the count round announced.
   using copy = std::tuple<std::int64_t, expert_id, float>;
@@ -259,76 +275,37 @@ void check_case(const locus_test::dispatch_case& c, grid_shape grid) {
     for (std::size_t t = 0; t < c.routings[s].tokens(); ++t)
       for (std::size_t j = 0; j < K; ++j) {
         const auto d = static_cast<std::size_t>(layouts[s].copy_rank()[t * K + j]);
-        expected[d].emplace_back(id(s, t), c.routings[s].view().expert(t, j), c.routings[s].view().weight(t, j));
+        expected[d].emplace_back(host_engine::id_of(s, t), c.routings[s].view().expert(t, j),
+                                 c.routings[s].view().weight(t, j));
       }
-  std::vector<std::vector<double>> back(R);
   for (std::size_t q = 0; q < R; ++q) {
-    const auto& me = ranks[q];
-    const auto received = receive(topo, exchange_group::node, q, send, counts, &node_from[q]);
-    const auto re = receive(topo, exchange_group::node, q, row_entries, counts);
-    const auto slot = receive(topo, exchange_group::node, q, node_slot, entry_counts);
-    const auto weight = receive(topo, exchange_group::node, q, node_weight, entry_counts);
-    BOOST_TEST_REQUIRE(node_from[q] == me.sc.node_recv, "rank " << q << ": the node rows the count round announced");
-    BOOST_TEST_REQUIRE(slot.size() == me.sc.node_in_entries);
-    std::vector<std::int32_t> per_slot(S + 1, 0);
-    std::size_t e = 0;
-    for (std::size_t r = 0; r < received.size(); ++r) {
-      BOOST_TEST_REQUIRE(re[r] >= 1);
-      double sum = 0;
-      for (std::int32_t i = 0; i < re[r]; ++i, ++e) {
-        BOOST_TEST_REQUIRE((slot[e] >= 0 && static_cast<std::size_t>(slot[e]) < S));
-        const expert_id ex = c.map.expert_at(q, static_cast<std::size_t>(slot[e]));
-        got[q].emplace_back(received[r], ex, weight[e]);
-        sum += static_cast<double>(weight[e]) * output(received[r], ex);
-        ++per_slot[static_cast<std::size_t>(slot[e]) + 1];
+    const auto& me = results[q];
+    BOOST_TEST_CONTEXT("rank " << q) {
+      BOOST_TEST(me.flag == 0);
+      std::vector<std::int32_t> per_slot(S + 1, 0);
+      std::size_t e = 0;
+      for (std::size_t r = 0; r < me.received.size(); ++r) {
+        BOOST_TEST_REQUIRE(me.row_entries[r] >= 1);
+        for (std::int32_t i = 0; i < me.row_entries[r]; ++i, ++e) {
+          BOOST_TEST_REQUIRE(e < me.slots.size());
+          const auto slot = static_cast<std::size_t>(me.slots[e]);
+          got[q].emplace_back(static_cast<std::int64_t>(me.received[r]), c.map.expert_at(q, slot), me.weights[e]);
+          ++per_slot[slot + 1];
+        }
       }
-      back[q].push_back(sum);
-    }
-    BOOST_TEST(e == slot.size());
-    for (std::size_t i = 0; i < S; ++i)
-      per_slot[i + 1] += per_slot[i];
-    BOOST_TEST(per_slot == me.sc.slot_offsets);
-    std::sort(expected[q].begin(), expected[q].end());
-    std::sort(got[q].begin(), got[q].end());
-    BOOST_TEST_CONTEXT("rank " << q) { BOOST_TEST((got[q] == expected[q])); }
-  }
-  // Combine: node stage back; each rail row's sum over the returns of its fan-out rows; rail
-  // stage back; the returned rows in layout order.
-  std::vector<std::vector<double>> pool(R), rail_back(R);
-  for (std::size_t s = 0; s < R; ++s) {
-    auto& me = ranks[s];
-    pool[s] = receive(topo, exchange_group::node, s, back, node_from);
-    BOOST_TEST_REQUIRE(pool[s].size() == me.sc.node_out);
-    const std::size_t rin = me.sc.rail_in;
-    std::vector<std::int32_t> count(rin, -1);
-    me.forward_offsets.assign(rin + 1, 0);
-    run(grid, [&](st::grid_index g) { ns::forward_count(g, me.row_at.data(), rin, G, &me.flag, count.data()); });
-    run(grid, [&](st::grid_index g) { st::exclusive_scan(g, count.data(), rin, me.forward_offsets.data()); });
-    me.forward_position.assign(static_cast<std::size_t>(me.forward_offsets[rin]), -1);
-    run(grid, [&](st::grid_index g) {
-      ns::forward_place(g, me.row_at.data(), rin, G, me.sc.tables.data(), me.forward_offsets.data(), &me.flag,
-                        me.forward_position.data());
-    });
-    std::vector<float> ones(me.sc.node_out, 0.0f);
-    run(grid, [&](st::grid_index g) { ns::fill(g, ones.size(), 1.0f, ones.data()); });
-    BOOST_TEST((ones == std::vector<float>(me.sc.node_out, 1.0f)));
-    for (std::size_t r = 0; r < rin; ++r) {
-      double sum = 0;
-      for (auto i = me.forward_offsets[r]; i < me.forward_offsets[r + 1]; ++i)
-        sum += pool[s].at(static_cast<std::size_t>(me.forward_position[static_cast<std::size_t>(i)]));
-      rail_back[s].push_back(sum);
+      BOOST_TEST(e == me.slots.size());
+      for (std::size_t i = 0; i < S; ++i)
+        per_slot[i + 1] += per_slot[i];
+      BOOST_TEST(per_slot == sc[q].slot_offsets);
+      std::sort(expected[q].begin(), expected[q].end());
+      std::sort(got[q].begin(), got[q].end());
+      BOOST_TEST((got[q] == expected[q]));
     }
   }
+  // Combine: each token's distinct rows summed equal its weighted sum over its copies.
   for (std::size_t s = 0; s < R; ++s) {
-    const auto& me = ranks[s];
     const auto& l = layouts[s];
-    const auto returned = receive(topo, exchange_group::rail, s, rail_back, rail_from);
-    pool[s].insert(pool[s].end(), returned.begin(), returned.end());
-    std::vector<std::int32_t> index(l.rows(), -1);
-    run(grid, [&](st::grid_index g) {
-      ns::return_index(g, me.sc.tables.data(), G, l.rows(), static_cast<std::int32_t>(me.sc.node_out), index.data());
-    });
-    const auto rows = pick(pool[s], index);
+    const auto& rows = results[s].returned;
     for (std::size_t t = 0; t < c.routings[s].tokens(); ++t) {
       double y = 0, want = 0;
       std::vector<std::int32_t> seen;
@@ -337,7 +314,7 @@ void check_case(const locus_test::dispatch_case& c, grid_shape grid) {
         if (std::find(seen.begin(), seen.end(), row) == seen.end()) y += rows.at(static_cast<std::size_t>(row));
         seen.push_back(row);
         want += static_cast<double>(c.routings[s].view().weight(t, j)) *
-                output(id(s, t), c.routings[s].view().expert(t, j));
+                output(host_engine::id_of(s, t), c.routings[s].view().expert(t, j));
       }
       BOOST_TEST_CONTEXT("rank " << s << " token " << t) { BOOST_TEST(y == want); }
     }

@@ -59,6 +59,7 @@
 #include <locus/core/topology.hpp>
 #include <locus/layer/expert_compute.hpp>
 #include <locus/transport/detail/node_step.hpp>
+#include <locus/transport/detail/node_step_sequence.hpp>
 #include <locus/transport/detail/stage.hpp>
 #include <locus/transport/device_exchange.hpp>
 #include <locus/transport/device_layout.hpp>
@@ -85,83 +86,10 @@ __global__ void adjacent_difference_kernel(const std::int32_t* offsets, std::siz
   stage::adjacent_difference(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, offsets, n, out);
 }
 
-// The hierarchical step's stage bodies (detail/node_step.hpp), one kernel each.
-#define LOCUS_DETAIL_NODE_STEP_KERNEL(name, params, args)                                                              \
-  template <class = void>                                                                                              \
-  __global__ void name##_kernel params {                                                                               \
-    const stage::grid_index g{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x};                                         \
-    node_step::name args;                                                                                              \
-  }
-LOCUS_DETAIL_NODE_STEP_KERNEL(rail_row_entries,
-                              (const std::int32_t* reo, std::size_t rows, std::int32_t own_begin, std::int32_t own_rows,
-                               std::int32_t* out),
-                              (g, reo, rows, own_begin, own_rows, out))
-LOCUS_DETAIL_NODE_STEP_KERNEL(rail_entries,
-                              (const std::int32_t* target, const std::int32_t* slot, const float* weight,
-                               std::size_t entries, std::int32_t own_begin, std::int32_t own_entries,
-                               node_step::node_entry* out),
-                              (g, target, slot, weight, entries, own_begin, own_entries, out))
-LOCUS_DETAIL_NODE_STEP_KERNEL(unpack_entries,
-                              (const node_step::node_entry* in, std::size_t n, std::int32_t* target, std::int32_t* slot,
-                               float* weight),
-                              (g, in, n, target, slot, weight))
-LOCUS_DETAIL_NODE_STEP_KERNEL(fanout_count,
-                              (const std::int32_t* reo, const std::int32_t* target, std::size_t rows, std::size_t gpus,
-                               const std::int32_t* flag, std::int32_t* count, std::int32_t* present),
-                              (g, reo, target, rows, gpus, flag, count, present))
-LOCUS_DETAIL_NODE_STEP_KERNEL(fanout_check,
-                              (const std::int32_t* row_at, const std::int32_t* entry_at, std::size_t rows,
-                               std::size_t gpus, const std::int32_t* tables, std::int32_t* flag),
-                              (g, row_at, entry_at, rows, gpus, tables, flag))
-LOCUS_DETAIL_NODE_STEP_KERNEL(fanout_place,
-                              (const std::int32_t* reo, const std::int32_t* target, const std::int32_t* slot,
-                               const float* weight, std::size_t rows, std::size_t gpus, const std::int32_t* row_at,
-                               const std::int32_t* entry_at, const std::int32_t* flag, std::int32_t* out_row,
-                               std::int32_t* out_row_entries, std::int32_t* out_slot, float* out_weight,
-                               std::int32_t* out_source),
-                              (g, reo, target, slot, weight, rows, gpus, row_at, entry_at, flag, out_row,
-                               out_row_entries, out_slot, out_weight, out_source))
-LOCUS_DETAIL_NODE_STEP_KERNEL(node_send_rows,
-                              (const std::int32_t* tables, std::size_t gpus, const std::int32_t* fan_row,
-                               std::int32_t layout_rows, std::size_t n, const std::int32_t* flag, std::int32_t* index),
-                              (g, tables, gpus, fan_row, layout_rows, n, flag, index))
-LOCUS_DETAIL_NODE_STEP_KERNEL(node_send_row_entries,
-                              (const std::int32_t* tables, std::size_t gpus, const std::int32_t* reo,
-                               const std::int32_t* fan_row_entries, std::size_t n, const std::int32_t* flag,
-                               std::int32_t* out),
-                              (g, tables, gpus, reo, fan_row_entries, n, flag, out))
-LOCUS_DETAIL_NODE_STEP_KERNEL(node_send_entries,
-                              (const std::int32_t* tables, std::size_t gpus, const std::int32_t* slot,
-                               const float* weight, const std::int32_t* fan_slot, const float* fan_weight,
-                               std::size_t n, const std::int32_t* flag, std::int32_t* out_slot, float* out_weight),
-                              (g, tables, gpus, slot, weight, fan_slot, fan_weight, n, flag, out_slot, out_weight))
-LOCUS_DETAIL_NODE_STEP_KERNEL(forward_count,
-                              (const std::int32_t* row_at, std::size_t rows, std::size_t gpus, const std::int32_t* flag,
-                               std::int32_t* count),
-                              (g, row_at, rows, gpus, flag, count))
-LOCUS_DETAIL_NODE_STEP_KERNEL(forward_place,
-                              (const std::int32_t* row_at, std::size_t rows, std::size_t gpus,
-                               const std::int32_t* tables, const std::int32_t* offsets, const std::int32_t* flag,
-                               std::int32_t* position),
-                              (g, row_at, rows, gpus, tables, offsets, flag, position))
-LOCUS_DETAIL_NODE_STEP_KERNEL(fill, (std::size_t n, float value, float* out), (g, n, value, out))
-LOCUS_DETAIL_NODE_STEP_KERNEL(return_index,
-                              (const std::int32_t* tables, std::size_t gpus, std::size_t layout_rows,
-                               std::int32_t node_rows, std::int32_t* index),
-                              (g, tables, gpus, layout_rows, node_rows, index))
-#undef LOCUS_DETAIL_NODE_STEP_KERNEL
-
-// The receive layout's metadata check, run by the rail peer on its rail metadata.
-template <class = void>
-__global__ void metadata_check_kernel(const std::int32_t* row_entries, std::size_t rows, const std::int32_t* slot,
-                                      std::size_t entries, std::size_t slots, std::int32_t* flag,
-                                      unsigned long long* total) {
-  stage::receive_metadata_check(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, row_entries, rows,
-                                slot, entries, slots, flag, total);
-}
-template <class = void>
-__global__ void total_check_kernel(const unsigned long long* total, std::size_t entries, std::int32_t* flag) {
-  stage::receive_total_check(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, total, entries, flag);
+// A stage of the hierarchical step (detail/node_step_sequence.hpp's `stages`) as a kernel.
+template <class Stage, class... A>
+__global__ void stage_kernel(A... a) {
+  Stage::run(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, a...);
 }
 
 // Received entry metadata: the result of an exchange copied, device to device, to `out` (the
@@ -405,7 +333,7 @@ private:
       LOCUS_CUDA_CHECK(
           cudaMemcpyAsync(check_word_.data(), drl_.flag(), sizeof(std::int32_t), cudaMemcpyDeviceToHost, stream_));
     if (kind_ == transport_kind::hierarchical)
-      LOCUS_CUDA_CHECK(cudaMemcpyAsync(check_word_.data() + 1, forward_flag_.data(), sizeof(std::int32_t),
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(check_word_.data() + 1, node_.flag.data(), sizeof(std::int32_t),
                                        cudaMemcpyDeviceToHost, stream_));
     return true;
   }
@@ -443,18 +371,19 @@ private:
 
   // The receive layout, built and checked on the device from the received entry metadata against
   // the segments the count round announced (none when the counts were refused).
-  void build_receive(std::span<const std::int32_t> expected, std::size_t rows, std::size_t entries) {
+  void build_receive(std::span<const std::int32_t> expected, const std::int32_t* row_entries, const std::int32_t* slots,
+                     const float* weights, std::size_t rows, std::size_t entries) {
     if (recv_bad_) return;
-    drl_.build(expected, recv_row_entries_.data(), rows, recv_slots_.data(), recv_weights_.data(), entries, stream_);
+    drl_.build(expected, row_entries, rows, slots, weights, entries, stream_);
     drl_built_ = check_unread_ = true;
   }
 
-  // The local experts' input rows, gathered from the received rows (`rows_`).
-  void gather_input() {
+  // The local experts' input rows, gathered from the received rows.
+  void gather_input(const T* received) {
     const std::size_t n = recv_bad_ ? 0 : drl_.entries();
     expert_in_.resize(std::max<std::size_t>(n, 1) * hidden_);
     expert_out_.resize(std::max<std::size_t>(n, 1) * hidden_);
-    if (!recv_bad_) gather_expert_input(drl_, reinterpret_cast<const T*>(rows_.rows), hx_, expert_in_.data(), stream_);
+    if (!recv_bad_) gather_expert_input(drl_, received, hx_, expert_in_.data(), stream_);
   }
 
   // Flat: every row straight to its destination rank over the world group.
@@ -507,10 +436,11 @@ private:
     ex_->exchange_device_known(exchange_group::world, sizeof(float), bytes_of(layout_.entry_weight()), entry_counts_,
                                counts_.entries, meta_);
     detail::device_dispatch::keep(meta_, recv_weights_, stream_);
-    build_receive(expected_offsets_, recv_rows, recv_entries);
+    build_receive(expected_offsets_, recv_row_entries_.data(), recv_slots_.data(), recv_weights_.data(), recv_rows,
+                  recv_entries);
     ex_->exchange_device_known(exchange_group::world, row_bytes, bytes_of(send_.data()), send_counts_, counts_.rows,
                                rows_);
-    gather_input();
+    gather_input(reinterpret_cast<const T*>(rows_.rows));
   }
 
   // Flat combine: the rows back over the world group, in layout order.
@@ -525,204 +455,109 @@ private:
   // inside its node on the device and sends it with its own rows in the node stage.
   void dispatch_node(const T* x) {
     namespace ns = detail::node_step;
-    namespace dd = detail::device_dispatch;
-    const auto& topo = ex_->topology();
-    const std::size_t G = topo.gpus_per_node(), S = map_.slots_per_rank(), self = ex_->rank(), n = self / G;
-    const std::size_t L = layout_.rows(), row_bytes = hidden_ * sizeof(T);
-    const auto& ro = layout_.rank_offsets_host();
-    const auto& eo = layout_.rank_entry_offsets_host();
-    const ns::layout_counts lc{ro, eo, layout_.slot_counts_host(), layout_.reach_host()};
+    const std::size_t G = ex_->topology().gpus_per_node(), S = map_.slots_per_rank(), self = ex_->rank();
+    const ns::layout_counts lc = node_view().counts;
     // The count round: first-hand rows and entries, and in the tail what reaches each rank and
     // what each rail peer forwards; every exchange after it knows its counts.
     ns::round_message(lc, G, self, S, send_counts_, entry_counts_, slot_tail_);
-    ex_->exchange_device_counts(exchange_group::world, row_bytes, send_counts_, sizeof(ns::node_entry), entry_counts_,
-                                counts_, 11, slot_tail_, static_cast<std::uint32_t>(ns::tail_width(S, G)));
+    ex_->exchange_device_counts(exchange_group::world, hidden_ * sizeof(T), send_counts_, sizeof(ns::node_entry),
+                                entry_counts_, counts_, 11, slot_tail_,
+                                static_cast<std::uint32_t>(ns::tail_width(S, G)));
     std::string why = ns::counts_from(lc, counts_, G, self, S, sc_);
     // A round of another width leaves no sizes to exchange by (the transports refuse it first).
     LOCUS_REQUIRE(sc_.sized, invalid_input_error, "device_dispatcher: rank ", self, " ", why);
     if (why.empty()) why = detail::exchange::entries_for_empty_slot(sc_.slot_offsets, slot_expert_);
     refuse_counts(why);
-    // The step's tables and the forwarding check's first word to the device, through pinned
-    // memory (queued: no wait). A step past 32-bit offsets starts with the check failed, so that no
-    // body indexes by its zeroed tables.
-    const std::size_t words = sc_.tables.size();
-    std::copy(sc_.tables.begin(), sc_.tables.end(), tables_host_.data()); // sized by the constructor
-    tables_host_[words] = sc_.indexable ? 0 : ns::past_32_bits;
-    tables_.resize(words);
-    LOCUS_CUDA_CHECK(cudaMemcpyAsync(tables_.data(), tables_host_.data(), words * sizeof(std::int32_t),
-                                     cudaMemcpyHostToDevice, stream_));
-    LOCUS_CUDA_CHECK(cudaMemcpyAsync(forward_flag_.data(), tables_host_.data() + words, sizeof(std::int32_t),
-                                     cudaMemcpyHostToDevice, stream_));
-
-    // Rail stage: the layout's rows outside this node's block, with their entries.
-    const std::int32_t own_begin = ro[n * G], own_rows = ro[n * G + G] - own_begin;
-    const std::int32_t own_entry_begin = eo[n * G], own_entries = eo[n * G + G] - own_entry_begin;
-    const std::size_t rail_out = L - static_cast<std::size_t>(own_rows);
-    const std::size_t rail_out_entries = static_cast<std::size_t>(eo.back() - own_entries);
-    src_.resize(std::max<std::size_t>(L + sc_.rail_in, 1) * hidden_);
-    permute(layout_, x, hx_, src_.data(), stream_);
-    stage_send_.resize(std::max<std::size_t>(rail_out, 1) * hidden_);
-    copy_rows(src_.data(), 0, static_cast<std::size_t>(own_begin), stage_send_.data());
-    copy_rows(src_.data() + static_cast<std::size_t>(own_begin + own_rows) * hidden_, 0,
-              L - static_cast<std::size_t>(own_begin + own_rows), stage_send_.data() + own_begin * hidden_);
-    row_entries_.resize(std::max<std::size_t>(rail_out, 1));
-    rail_send_entries_.resize(std::max<std::size_t>(rail_out_entries, 1));
-    launch(rail_out, dd::rail_row_entries_kernel<>, layout_.row_entry_offsets(), rail_out, own_begin, own_rows,
-           row_entries_.data());
-    launch(rail_out_entries, dd::rail_entries_kernel<>, layout_.entry_target(), layout_.entry_slot(),
-           layout_.entry_weight(), rail_out_entries, own_entry_begin, own_entries, rail_send_entries_.data());
-    const std::size_t rin = sc_.rail_in, rin_entries = sc_.rail_in_entries;
-    ex_->exchange_device_known(exchange_group::rail, sizeof(std::int32_t), bytes_of(row_entries_.data()), sc_.rail_send,
-                               sc_.rail_recv, meta_);
-    // The rail rows' entry counts, with a 0 after them for the scan.
-    fwd_row_entries_.resize(rin + 1);
-    if (rin > 0)
-      LOCUS_CUDA_CHECK(cudaMemcpyAsync(fwd_row_entries_.data(), meta_.rows, rin * sizeof(std::int32_t),
-                                       cudaMemcpyDeviceToDevice, stream_));
-    LOCUS_CUDA_CHECK(cudaMemsetAsync(fwd_row_entries_.data() + rin, 0, sizeof(std::int32_t), stream_));
-    ex_->exchange_device_known(exchange_group::rail, sizeof(ns::node_entry), bytes_of(rail_send_entries_.data()),
-                               sc_.rail_send_entries, sc_.rail_recv_entries, meta_);
-    dd::keep(meta_, fwd_entries_, stream_);
-    ex_->exchange_device_known(exchange_group::rail, row_bytes, bytes_of(stage_send_.data()), sc_.rail_send,
-                               sc_.rail_recv, rows_);
-    copy_rows(reinterpret_cast<const T*>(rows_.rows), 0, rin, src_.data() + L * hidden_);
-
-    // Fan-out of the rail rows by target, checked on the device: the received metadata as the
-    // receive layout checks its own (targets in place of slots), then the fan-out's counts against
-    // the count round's. A step refused past 32-bit offsets fans out nothing (ns::fanout_rows).
-    fwd_target_.resize(std::max<std::size_t>(rin_entries, 1));
-    fwd_slot_.resize(std::max<std::size_t>(rin_entries, 1));
-    fwd_weight_.resize(std::max<std::size_t>(rin_entries, 1));
-    fwd_reo_.resize(rin + 1);
-    const std::size_t fr = ns::fanout_rows(sc_), fan = G * fr, fan_entries = fr > 0 ? rin_entries : 0;
-    fan_count_.resize(fan + 1);
-    fan_present_.resize(fan + 1);
-    LOCUS_CUDA_CHECK(cudaMemsetAsync(fan_count_.data() + fan, 0, sizeof(std::int32_t), stream_));
-    LOCUS_CUDA_CHECK(cudaMemsetAsync(fan_present_.data() + fan, 0, sizeof(std::int32_t), stream_));
-    row_at_.resize(fan + 1);
-    entry_at_.resize(fan + 1);
-    fan_row_.resize(std::max<std::size_t>(fan, 1));
-    fan_row_entries_.resize(std::max<std::size_t>(fan, 1));
-    fan_slot_.resize(std::max<std::size_t>(fan_entries, 1));
-    fan_weight_.resize(std::max<std::size_t>(fan_entries, 1));
-    fan_source_.resize(std::max<std::size_t>(fan_entries, 1));
-    std::int32_t* flag = forward_flag_.data();
-    launch(rin_entries, dd::unpack_entries_kernel<>, fwd_entries_.data(), rin_entries, fwd_target_.data(),
-           fwd_slot_.data(), fwd_weight_.data());
-    LOCUS_CUDA_CHECK(cudaMemsetAsync(forward_total_.data(), 0, sizeof(unsigned long long), stream_));
-    launch(std::max(rin, rin_entries), dd::metadata_check_kernel<>, fwd_row_entries_.data(), rin, fwd_target_.data(),
-           rin_entries, G, flag, forward_total_.data());
-    launch(1, dd::total_check_kernel<>, forward_total_.data(), rin_entries, flag);
-    scan(fwd_row_entries_.data(), rin, fwd_reo_.data());
-    launch(fr, dd::fanout_count_kernel<>, fwd_reo_.data(), fwd_target_.data(), fr, G, flag, fan_count_.data(),
-           fan_present_.data());
-    scan(fan_present_.data(), fan, row_at_.data());
-    scan(fan_count_.data(), fan, entry_at_.data());
-    launch(G + 1, dd::fanout_check_kernel<>, row_at_.data(), entry_at_.data(), fr, G, tables_.data(), flag);
-    launch(fr, dd::fanout_place_kernel<>, fwd_reo_.data(), fwd_target_.data(), fwd_slot_.data(), fwd_weight_.data(), fr,
-           G, row_at_.data(), entry_at_.data(), flag, fan_row_.data(), fan_row_entries_.data(), fan_slot_.data(),
-           fan_weight_.data(), fan_source_.data());
-
-    // Node stage: per local rank its own rows, then the rows forwarded to it (itself included).
-    const std::size_t nout = sc_.node_out, nout_entries = sc_.node_out_entries;
-    index_.resize(std::max<std::size_t>(nout, 1));
-    launch(nout, dd::node_send_rows_kernel<>, tables_.data(), G, fan_row_.data(), static_cast<std::int32_t>(L), nout,
-           flag, index_.data());
-    stage_send_.resize(std::max<std::size_t>(nout, 1) * hidden_);
-    if (nout > 0)
-      detail::permute::dispatch_gather<T>(src_.data(), index_.data(), 1, nout, hx_, stage_send_.data(), stream_);
-    row_entries_.resize(std::max<std::size_t>(nout, 1));
-    send_slots_.resize(std::max<std::size_t>(nout_entries, 1));
-    send_weights_.resize(std::max<std::size_t>(nout_entries, 1));
-    launch(nout, dd::node_send_row_entries_kernel<>, tables_.data(), G, layout_.row_entry_offsets(),
-           fan_row_entries_.data(), nout, flag, row_entries_.data());
-    launch(nout_entries, dd::node_send_entries_kernel<>, tables_.data(), G, layout_.entry_slot(),
-           layout_.entry_weight(), fan_slot_.data(), fan_weight_.data(), nout_entries, flag, send_slots_.data(),
-           send_weights_.data());
-    // The forwarding check's word (and the receive layout's, when built), read with the next step's
-    // count read; none after counts refused here, which this step raises itself (a step past 32-bit
-    // offsets starts with the word set: read, it would fail the next, good, step).
-    check_unread_ = !recv_bad_;
-    ex_->exchange_device_known(exchange_group::node, sizeof(std::int32_t), bytes_of(row_entries_.data()), sc_.node_send,
-                               sc_.node_recv, meta_);
-    dd::keep(meta_, recv_row_entries_, stream_);
-    ex_->exchange_device_known(exchange_group::node, sizeof(std::int32_t), bytes_of(send_slots_.data()),
-                               sc_.node_send_entries, sc_.node_recv_entries, meta_);
-    dd::keep(meta_, recv_slots_, stream_);
-    ex_->exchange_device_known(exchange_group::node, sizeof(float), bytes_of(send_weights_.data()),
-                               sc_.node_send_entries, sc_.node_recv_entries, meta_);
-    dd::keep(meta_, recv_weights_, stream_);
-    build_receive(sc_.slot_offsets, sc_.node_in, sc_.node_in_entries);
-    ex_->exchange_device_known(exchange_group::node, row_bytes, bytes_of(stage_send_.data()), sc_.node_send,
-                               sc_.node_recv, rows_);
-    gather_input();
+    // The rail stage, the fan-out and the node stage (detail/node_step_sequence.hpp, which the CPU
+    // tests run too); the receive layout is built from the node stage's metadata before its rows.
+    node_engine e{*this, x};
+    const T* received = ns::dispatch_sequence(e, node_, node_view(), sc_, G, self, hidden_, [&] {
+      build_receive(sc_.slot_offsets, node_.recv_row_entries.data(), node_.recv_slots.data(), node_.recv_weights.data(),
+                    sc_.node_in, sc_.node_in_entries);
+      // The forwarding check's word is read with the next step's count read, with the receive
+      // layout's; none after counts refused here, which this step raises itself (a step past 32-bit
+      // offsets starts with the word set: read, it would fail the next, good, step).
+      check_unread_ = !recv_bad_;
+    });
+    gather_input(received);
   }
 
   // Hierarchical combine: node stage back; each rail peer sums, per rail row, what its node
-  // returned for it; rail stage back; the layout's rows gathered from the pool in layout order.
+  // returned for it; rail stage back; the layout's rows gathered in layout order.
   const T* combine_node() {
-    namespace ns = detail::node_step;
-    namespace dd = detail::device_dispatch;
-    const std::size_t G = ex_->topology().gpus_per_node(), L = layout_.rows(), row_bytes = hidden_ * sizeof(T);
-    const std::size_t nout = sc_.node_out, rin = sc_.rail_in, rail_out = L - static_cast<std::size_t>(own_rows());
-    const std::int32_t* flag = forward_flag_.data();
-    // Room for every layout row after the node returns: return_index stays in bounds even when
-    // the tables were zeroed (a step past 32-bit offsets).
-    pool_.resize(std::max<std::size_t>(nout + L, 1) * hidden_);
-    ex_->exchange_device_known(exchange_group::node, row_bytes, bytes_of(back_.data()), sc_.node_recv, sc_.node_send,
-                               returned_);
-    copy_rows(reinterpret_cast<const T*>(returned_.rows), 0, nout, pool_.data());
-    // Each rail row's sum over the node ranks it went to, in target order (zeros once the
-    // forwarding check failed).
-    fan_count_.resize(rin + 1);
-    LOCUS_CUDA_CHECK(cudaMemsetAsync(fan_count_.data() + rin, 0, sizeof(std::int32_t), stream_));
-    fwd_reo_.resize(rin + 1);
-    fan_row_.resize(std::max<std::size_t>(G * ns::fanout_rows(sc_), 1)); // read only where the check passed
-    ones_.resize(std::max<std::size_t>(nout, 1));
-    launch(rin, dd::forward_count_kernel<>, row_at_.data(), rin, G, flag, fan_count_.data());
-    scan(fan_count_.data(), rin, fwd_reo_.data());
-    launch(rin, dd::forward_place_kernel<>, row_at_.data(), rin, G, tables_.data(), fwd_reo_.data(), flag,
-           fan_row_.data());
-    launch(nout, dd::fill_kernel<>, nout, 1.0f, ones_.data());
-    stage_send_.resize(std::max<std::size_t>(rin, 1) * hidden_);
-    detail::permute::dispatch_reduce<T>(pool_.data(), fwd_reo_.data(), fan_row_.data(), ones_.data(), rin, hx_,
-                                        stage_send_.data(), stream_, flag);
-    ex_->exchange_device_known(exchange_group::rail, row_bytes, bytes_of(stage_send_.data()), sc_.rail_recv,
-                               sc_.rail_send, returned_);
-    copy_rows(reinterpret_cast<const T*>(returned_.rows), 0, rail_out, pool_.data() + nout * hidden_);
-    index_.resize(std::max<std::size_t>(L, 1));
-    launch(L, dd::return_index_kernel<>, tables_.data(), G, L, static_cast<std::int32_t>(nout), index_.data());
-    ret_.resize(std::max<std::size_t>(L, 1) * hidden_);
-    if (L > 0) detail::permute::dispatch_gather<T>(pool_.data(), index_.data(), 1, L, hx_, ret_.data(), stream_);
-    return ret_.data();
+    node_engine e{*this, nullptr};
+    return detail::node_step::combine_sequence(e, node_, node_view(), sc_, ex_->topology().gpus_per_node(), ex_->rank(),
+                                               hidden_, back_.data());
   }
 
-  std::int32_t own_rows() const {
-    const std::size_t G = ex_->topology().gpus_per_node(), n = ex_->rank() / G;
-    const auto& ro = layout_.rank_offsets_host();
-    return ro[n * G + G] - ro[n * G];
+  // The node layout as the hierarchical step reads it.
+  detail::node_step::layout_view node_view() const {
+    return {{layout_.rank_offsets_host(), layout_.rank_entry_offsets_host(), layout_.slot_counts_host(),
+             layout_.reach_host()},
+            layout_.rows(),
+            layout_.row_entry_offsets(),
+            layout_.entry_target(),
+            layout_.entry_slot(),
+            layout_.entry_weight()};
   }
 
-  // dst[0 .. rows) = src[first .. first + rows), rows of hidden_ elements, on the stream.
-  void copy_rows(const T* src, std::size_t first, std::size_t rows, T* dst) {
-    if (rows > 0)
-      LOCUS_CUDA_CHECK(
-          cudaMemcpyAsync(dst, src + first * hidden_, rows * hidden_ * sizeof(T), cudaMemcpyDeviceToDevice, stream_));
-  }
+  // The hierarchical step's engine (detail/node_step_sequence.hpp): CUDA launches, CUB scans and
+  // the endpoint's known-count device exchanges, on the dispatcher's stream.
+  struct node_engine {
+    template <class U>
+    using buffer = device_buffer<U>;
+    device_dispatcher& d;
+    const T* x; // dispatch's input rows (null in combine)
 
-  // out[0 .. n] = the exclusive scan of in[0 .. n) with the total at out[n] (detail::permute::
-  // device_scan, CUB's: the fan-out's arrays are rail rows × GPUs long, too long for
-  // stage::exclusive_scan's one thread, whose sums the CPU tests run).
-  void scan(const std::int32_t* in, std::size_t n, std::int32_t* out) {
-    detail::permute::device_scan(in, n, out, scan_temp_, stream_);
-  }
-
-  // Launches a stage-body kernel over `items` items (at least one block).
-  template <class... Params, class... Args>
-  void launch(std::size_t items, void (*kernel)(Params...), Args&&... args) {
-    kernel<<<detail::layout::blocks_for(items), 256, 0, stream_>>>(std::forward<Args>(args)...);
-    LOCUS_CUDA_CHECK(cudaGetLastError());
-  }
+    template <class Stage, class... A>
+    void launch(std::size_t items, Stage, A... a) {
+      detail::device_dispatch::stage_kernel<Stage, A...>
+          <<<detail::layout::blocks_for(items), 256, 0, d.stream_>>>(a...);
+      LOCUS_CUDA_CHECK(cudaGetLastError());
+    }
+    // CUB's scan: the fan-out's arrays are rail rows × GPUs long, too long for
+    // stage::exclusive_scan's one thread.
+    void scan(const std::int32_t* in, std::size_t n, std::int32_t* out) {
+      detail::permute::device_scan(in, n, out, d.scan_temp_, d.stream_);
+    }
+    template <class U>
+    void zero(U* p, std::size_t n) {
+      if (n > 0) LOCUS_CUDA_CHECK(cudaMemsetAsync(p, 0, n * sizeof(U), d.stream_));
+    }
+    template <class U>
+    void copy(U* dst, const U* src, std::size_t n) {
+      if (n > 0) LOCUS_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(U), cudaMemcpyDeviceToDevice, d.stream_));
+    }
+    // Through pinned memory (queued: no wait), written once per step after the step's first wait,
+    // which its previous upload ran before; sized by the constructor.
+    void upload(std::span<const std::int32_t> tables, std::int32_t word, std::int32_t* table_dst,
+                std::int32_t* word_dst) {
+      std::copy(tables.begin(), tables.end(), d.tables_host_.data());
+      d.tables_host_[tables.size()] = word;
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(table_dst, d.tables_host_.data(), tables.size() * sizeof(std::int32_t),
+                                       cudaMemcpyHostToDevice, d.stream_));
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(word_dst, d.tables_host_.data() + tables.size(), sizeof(std::int32_t),
+                                       cudaMemcpyHostToDevice, d.stream_));
+    }
+    const void* exchange(exchange_group g, detail::node_step::received into, std::size_t element_bytes,
+                         const void* send, std::span<const std::size_t> send_counts,
+                         std::span<const std::size_t> recv_counts) {
+      using detail::node_step::received;
+      device_exchange_result& out = into == received::metadata ? d.meta_
+                                    : into == received::rows   ? d.rows_
+                                                               : d.returned_;
+      d.ex_->exchange_device_known(g, element_bytes, bytes_of(send), send_counts, recv_counts, out);
+      return out.rows;
+    }
+    void permute(T* dst) { transport::permute(d.layout_, x, d.hx_, dst, d.stream_); }
+    void gather(const T* src, const std::int32_t* index, std::size_t n, T* dst) {
+      if (n > 0) detail::permute::dispatch_gather<T>(src, index, 1, n, d.hx_, dst, d.stream_);
+    }
+    void reduce(const T* src, const std::int32_t* offsets, const std::int32_t* position, const float* weight,
+                std::size_t n, T* dst, const std::int32_t* flag) {
+      detail::permute::dispatch_reduce<T>(src, offsets, position, weight, n, d.hx_, dst, d.stream_, flag);
+    }
+  };
 
   // Null once moved from (the moved-from dispatcher's destructor then waits for nothing).
   std::unique_ptr<Exchanger, detail::device_dispatch::not_owned> ex_;
@@ -736,10 +571,10 @@ private:
   device_layout<TopK, Experts> layout_;
   device_receive_layout drl_;
   device_buffer<T> send_, expert_in_, expert_out_, back_;
-  device_buffer<std::int32_t> row_entries_; // the entry counts of the rows sent (flat; node stage)
+  device_buffer<std::int32_t> row_entries_; // flat: the entry counts of the rows sent
   device_exchange_result meta_, rows_, returned_;
   device_counts counts_;                                      // the step's count round
-  device_buffer<std::int32_t> recv_row_entries_, recv_slots_; // the received entry metadata
+  device_buffer<std::int32_t> recv_row_entries_, recv_slots_; // flat: the received entry metadata
   device_buffer<float> recv_weights_;
   std::exception_ptr pending_;                 // this rank's routing error, raised by combine
   bool recv_bad_ = false;                      // the count round's counts were refused (host check)
@@ -753,14 +588,7 @@ private:
   // Hierarchical only (detail/node_step.hpp).
   detail::node_step::step_counts sc_;
   pinned_buffer<std::int32_t> tables_host_; // the step's tables on their way to the device
-  device_buffer<std::int32_t> tables_, forward_flag_{1};
-  device_buffer<unsigned long long> forward_total_{1}; // the rail rows' entries, summed by the check
-  device_buffer<detail::node_step::node_entry> rail_send_entries_, fwd_entries_;
-  device_buffer<std::int32_t> fwd_row_entries_, fwd_reo_, fwd_target_, fwd_slot_, send_slots_;
-  device_buffer<float> fwd_weight_, send_weights_, fan_weight_, ones_;
-  device_buffer<std::int32_t> fan_count_, fan_present_, row_at_, entry_at_, fan_row_, fan_row_entries_, fan_slot_,
-      fan_source_, index_;
-  device_buffer<T> src_, stage_send_, pool_, ret_;
+  detail::node_step::step_buffers<node_engine, T> node_;
   device_buffer<std::byte> scan_temp_;
 };
 
