@@ -587,11 +587,14 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     }
     output_set files;
     const auto names = stage.add_files_to(files, o->out);
+    const auto pngs =
+        std::count_if(names.begin(), names.end(), [](const std::string& n) { return n.ends_with(".png"); });
+    // A script that exits 0 without drawing (another script, an empty file) is no rendering.
+    LOCUS_REQUIRE(o->no_render || pngs > 0, locus::io_error, "rendering the figures (", o->python, " ", o->script,
+                  ") drew no figure; the report folder is unchanged");
     files.add_json(o->json, "trace report", summary);
     files.commit();
     if (stdout_taken({o->json})) return; // stdout carries the JSON alone
-    const auto pngs =
-        std::count_if(names.begin(), names.end(), [](const std::string& n) { return n.ends_with(".png"); });
     std::printf("%s: CSV files written%s\n", o->out.c_str(),
                 o->no_render ? "" : (", " + std::to_string(pngs) + " figures rendered").c_str());
   });

@@ -129,14 +129,40 @@ inline std::size_t utf8_length(const std::string& s, std::size_t i) {
   return n;
 }
 
+//! The code point of the UTF-8 sequence of `n` bytes at s[i] (utf8_length's).
+inline std::uint32_t utf8_code_point(const std::string& s, std::size_t i, std::size_t n) {
+  const auto b = [&](std::size_t k) { return static_cast<std::uint32_t>(static_cast<unsigned char>(s[i + k])); };
+  if (n == 1) return b(0);
+  std::uint32_t cp = b(0) & (0x7Fu >> n);
+  for (std::size_t k = 1; k < n; ++k)
+    cp = (cp << 6) | (b(k) & 0x3Fu);
+  return cp;
+}
+
+//! Code points a terminal acts on rather than shows: the C1 controls (U+009B starts an escape
+//! sequence on many terminals) and the bidirectional overrides and isolates, which reorder the
+//! text shown after them.
+inline bool terminal_control(std::uint32_t cp) {
+  return (cp >= 0x80 && cp <= 0x9F) || (cp >= 0x202A && cp <= 0x202E) || (cp >= 0x2066 && cp <= 0x2069) ||
+         cp == 0x061C || cp == 0x200E || cp == 0x200F;
+}
+
 //! One line of text, safe on a terminal: control characters (a newline or an escape sequence in a
-//! domain name, say) are written as escapes or '?', and bytes that are not UTF-8 (a binary file
-//! quoted by a parser's message) as \xNN. For messages and for names from the input in tables.
+//! domain name, say) are written as escapes or '?', C1 controls and bidirectional overrides as
+//! \u{XXXX}, and bytes that are not UTF-8 (a binary file quoted by a parser's message) as \xNN. For
+//! messages and for names from the input in tables.
 inline std::string one_line(const std::string& s) {
   std::string out;
   for (std::size_t i = 0; i < s.size();) {
     const char c = s[i];
     const std::size_t n = utf8_length(s, i);
+    if (n > 1 && terminal_control(utf8_code_point(s, i, n))) {
+      char code[16];
+      std::snprintf(code, sizeof code, "\\u{%04X}", static_cast<unsigned>(utf8_code_point(s, i, n)));
+      out += code;
+      i += n;
+      continue;
+    }
     if (c == '\n') {
       out += "\\n";
     } else if (c == '\r') {

@@ -114,6 +114,13 @@ std::string path_arg(nb::handle p) {
 template <class F>
 auto file_io(nb::handle path, F&& io) {
   const std::string p = path_arg(path);
+  // A path that names one of the process's descriptors (/dev/stdout) is written through it: what
+  // the program printed before, still in Python's buffers, goes first.
+  if (locus::open_stream_fd(p) >= 0) {
+    const nb::module_ sys = nb::module_::import_("sys");
+    for (const char* name : {"stdout", "stderr"})
+      if (const nb::object stream = sys.attr(name); !stream.is_none()) stream.attr("flush")();
+  }
   try {
     nb::gil_scoped_release released;
     return io(p);

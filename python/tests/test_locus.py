@@ -1090,6 +1090,15 @@ def test_replan_refuses_bad_arguments():
         locus.replan(plan, no_decode)
 
 
+def test_a_write_to_dev_stdout_comes_after_what_was_printed():
+    """Python holds what it prints to a pipe in its buffer; a file written through /dev/stdout must
+    not overtake it."""
+    script = "import locus\nprint('before')\nlocus._core._write_text('/dev/stdout', 'after\\n')\nprint('last')\n"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["before", "after", "last"]
+
+
 def test_file_io_runs_without_the_gil(tmp_path):
     """A write that waits (a FIFO with no reader yet) leaves the interpreter's other threads
     running: here the main thread, which then opens the FIFO and reads what the writer sends. With

@@ -1,275 +1,55 @@
 // The one-GPU multi-rank device transport: ranks as threads, each with its own stream, rows moved
-// device to device. Received rows are checked against what each sender wrote (rows carry their
-// sender, receiver and index), and host dispatch + combine over it against the dense reference.
+// device to device. The cases are shared with the CPU test of its protocol
+// (tests/support/device_local_cases.hpp); here they run with device memory and CUDA streams.
 #define BOOST_TEST_MODULE device_local
-#include "../mpi/dispatch_cases.hpp"
+#include "../support/device_local_cases.hpp"
 
 #include <boost/test/unit_test.hpp>
-#include <exception>
 #include <locus/core/device_buffer.hpp>
 #include <locus/transport/device_local.hpp>
-#include <locus/transport/dispatch.hpp>
-#include <numeric>
-#include <random>
-#include <span>
-#include <stdexcept>
-#include <string>
-#include <thread>
-#include <vector>
-
-using namespace locus;
-using namespace locus::transport;
 
 namespace {
 
-struct stream_owner {
-  cudaStream_t s = nullptr;
-  stream_owner() { LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
-  ~stream_owner() { cudaStreamDestroy(s); }
+namespace dlc = locus_test::device_local_cases;
+
+struct cuda_harness {
+  using fabric = locus::transport::device_local_fabric;
+  using endpoint = locus::transport::device_local_transport;
+  struct stream_owner {
+    cudaStream_t s = nullptr;
+    stream_owner() { LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
+    stream_owner(const stream_owner&) = delete;
+    stream_owner& operator=(const stream_owner&) = delete;
+    ~stream_owner() { cudaStreamDestroy(s); }
+  };
+  template <class U>
+  using rows = locus::device_buffer<U>;
+  // The received rows on the host (waits for the endpoint's stream).
+  static std::vector<std::uint64_t> read_rows(endpoint& ep, const locus::transport::device_exchange_result& out) {
+    std::vector<std::uint64_t> got(out.offsets.back());
+    if (!got.empty())
+      LOCUS_CUDA_CHECK(cudaMemcpyAsync(got.data(), out.rows, got.size() * sizeof(std::uint64_t), cudaMemcpyDeviceToHost,
+                                       ep.stream()));
+    ep.synchronize("the test's read");
+    return got;
+  }
 };
-
-// Runs f(rank) on one thread per rank; rethrows the first failure.
-template <class F>
-void on_ranks(std::size_t ranks, F&& f) {
-  std::vector<std::exception_ptr> errors(ranks);
-  std::vector<std::thread> threads;
-  for (std::size_t r = 0; r < ranks; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        f(r);
-      } catch (...) {
-        errors[r] = std::current_exception();
-      }
-    });
-  for (auto& t : threads)
-    t.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
-}
-
-// Boost.Test is not thread-safe: rank threads report a failed check by throwing, and on_ranks
-// rethrows it on the test's thread.
-void expect(bool ok, const std::string& what) {
-  if (!ok) throw std::runtime_error(what);
-}
-
-std::uint64_t row_value(std::size_t from, std::size_t to, std::size_t i, std::size_t step) {
-  return (step << 48) | (from << 32) | (to << 16) | i;
-}
-
-// The received rows of `out` on the host (waits for the endpoint's stream).
-std::vector<std::uint64_t> read_rows(device_local_transport& ep, const device_exchange_result& out) {
-  std::vector<std::uint64_t> got(out.offsets.back());
-  if (!got.empty())
-    LOCUS_CUDA_CHECK(
-        cudaMemcpyAsync(got.data(), out.rows, got.size() * sizeof(std::uint64_t), cudaMemcpyDeviceToHost, ep.stream()));
-  ep.synchronize("the test's read");
-  return got;
-}
-
-// Rank r's rows for a world exchange: rows[m] rows to each rank m, each saying (r, m, i, step).
-std::vector<std::uint64_t> world_rows(std::size_t r, const std::vector<std::size_t>& rows, std::size_t step) {
-  std::vector<std::uint64_t> payload;
-  for (std::size_t m = 0; m < rows.size(); ++m)
-    for (std::size_t i = 0; i < rows[m]; ++i)
-      payload.push_back(row_value(r, m, i, step));
-  return payload;
-}
-
-// Checks that every row rank r received in a world exchange says it came from its sender, in order.
-void expect_world_rows(device_local_transport& ep, const device_exchange_result& out, std::size_t r, std::size_t step,
-                       const std::string& at) {
-  const std::vector<std::uint64_t> got = read_rows(ep, out);
-  for (std::size_t m = 0; m + 1 < out.offsets.size(); ++m)
-    for (std::size_t i = 0; i < out.counts[m]; ++i)
-      expect(got[out.offsets[m] + i] == row_value(m, r, i, step),
-             at + ": row " + std::to_string(i) + " from " + std::to_string(m));
-}
 
 } // namespace
 
 BOOST_AUTO_TEST_CASE(rows_arrive_from_every_member_of_every_group) {
-  // Passing means no rank threw.
-  const dynamic_topology topo(2, 2);
-  device_local_fabric fabric(topo, transport_kind::hierarchical);
-  on_ranks(topo.ranks(), [&](std::size_t r) {
-    stream_owner st;
-    auto ep = fabric.endpoint(r, st.s);
-    device_buffer<std::uint64_t> send;
-    device_exchange_result out;
-    for (std::size_t step = 0; step < 3; ++step)
-      for (exchange_group g : {exchange_group::world, exchange_group::node, exchange_group::rail}) {
-        ep.begin_step(step);
-        const std::size_t members = ep.group_size(g);
-        const std::size_t self = [&] {
-          for (std::size_t m = 0; m < members; ++m)
-            if (ep.world_rank_of(g, m) == r) return m;
-          return members;
-        }();
-        // Counts vary with sender, receiver and step, zero included.
-        std::vector<std::size_t> counts(members), expected(members);
-        std::vector<std::uint64_t> rows;
-        for (std::size_t m = 0; m < members; ++m) {
-          counts[m] = (self * 3 + m + step) % 4;
-          expected[m] = (m * 3 + self + step) % 4;
-          for (std::size_t i = 0; i < counts[m]; ++i)
-            rows.push_back(row_value(r, ep.world_rank_of(g, m), i, step));
-        }
-        send.upload(rows, ep.stream());
-        ep.exchange_device(g, sizeof(std::uint64_t), reinterpret_cast<const std::byte*>(send.data()), counts, expected,
-                           out, 1);
-        const std::string at = "rank " + std::to_string(r) + " step " + std::to_string(step) + " group " + to_string(g);
-        expect(out.offsets.back() == std::accumulate(expected.begin(), expected.end(), std::size_t{0}),
-               at + ": row total");
-        const std::vector<std::uint64_t> got = read_rows(ep, out);
-        for (std::size_t m = 0; m < members; ++m) {
-          expect(out.counts[m] == expected[m], at + ": count from member " + std::to_string(m));
-          for (std::size_t i = 0; i < out.counts[m]; ++i)
-            expect(got[out.offsets[m] + i] == row_value(ep.world_rank_of(g, m), r, i, step),
-                   at + ": row " + std::to_string(i) + " from member " + std::to_string(m));
-        }
-      }
-  });
+  dlc::rows_arrive_from_every_member_of_every_group<cuda_harness>();
 }
-
 BOOST_AUTO_TEST_CASE(disagreeing_counts_raise_on_every_member) {
-  const dynamic_topology topo(1, 3);
-  device_local_fabric fabric(topo, transport_kind::flat);
-  std::vector<int> raised(3, 0);
-  on_ranks(3, [&](std::size_t r) {
-    stream_owner st;
-    auto ep = fabric.endpoint(r, st.s);
-    device_buffer<std::uint64_t> send(3);
-    device_exchange_result out;
-    std::vector<std::size_t> counts{1, 1, 1}, expected{1, 1, r == 2 ? 2u : 1u};
-    try {
-      ep.exchange_device(exchange_group::world, 8, reinterpret_cast<const std::byte*>(send.data()), counts, expected,
-                         out);
-    } catch (const transport_error&) {
-      raised[r] = 1;
-    }
-  });
-  BOOST_TEST(raised == std::vector<int>({1, 1, 1}), boost::test_tools::per_element());
+  dlc::disagreeing_counts_raise_on_every_member<cuda_harness>();
 }
-
 BOOST_AUTO_TEST_CASE(host_dispatch_and_combine_over_the_device_transport_match_reference) {
-  for (const transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
-    const auto c = locus_test::make_case(7, 2, 2);
-    device_local_fabric fabric(c.topo, kind);
-    std::vector<double> error(c.topo.ranks(), 1.0);
-    on_ranks(c.topo.ranks(), [&](std::size_t r) {
-      stream_owner st;
-      auto ep = fabric.endpoint(r, st.s);
-      moe_dispatcher<device_local_transport, float> d(ep, c.map, c.hidden);
-      const auto x = c.inputs(r);
-      layout<> l;
-      d.plan(l, c.routings[r].view());
-      auto h = d.dispatch(std::span<const float>(x), l);
-      locus_test::run_experts(h);
-      std::vector<float> y(x.size());
-      d.combine(y, h);
-      error[r] = locus_test::max_error(y, c.reference(r));
-    });
-    for (double e : error)
-      BOOST_TEST(e < 1e-5);
-  }
+  dlc::host_dispatch_and_combine_match_reference<cuda_harness>();
 }
-
-// The count round then known-count exchanges (the device dispatcher's flat step): every member
-// learns each sender's row and entry counts in one round, and rows sized by them arrive in order;
-// a receive count that disagrees with its sender's raises on that receiver; a count round whose
-// members name different exchanges raises on every member.
 BOOST_AUTO_TEST_CASE(count_round_then_known_count_exchanges) {
-  const dynamic_topology topo(2, 2);
-  device_local_fabric fabric(topo, transport_kind::flat);
-  on_ranks(topo.ranks(), [&](std::size_t r) {
-    stream_owner st;
-    auto ep = fabric.endpoint(r, st.s);
-    const std::size_t R = topo.ranks();
-    device_buffer<std::uint64_t> send;
-    device_exchange_result out;
-    device_counts counts;
-    for (std::size_t step = 0; step < 3; ++step) {
-      ep.begin_step(step);
-      std::vector<std::size_t> rows(R), entries(R);
-      for (std::size_t m = 0; m < R; ++m) {
-        rows[m] = (r * 3 + m + step) % 4;
-        entries[m] = rows[m] * 2 + m;
-      }
-      // A tail of two counts per receiver (as the dispatcher's entries per slot): from r to m,
-      // (r + m + step, 10 r + m).
-      std::vector<std::uint32_t> tail(2 * R);
-      for (std::size_t m = 0; m < R; ++m) {
-        tail[2 * m] = static_cast<std::uint32_t>(r + m + step);
-        tail[2 * m + 1] = static_cast<std::uint32_t>(10 * r + m);
-      }
-      ep.exchange_device_counts(exchange_group::world, 8, rows, 4, entries, counts, 3, tail, 2);
-      const std::string at = "rank " + std::to_string(r) + " step " + std::to_string(step);
-      expect(counts.tail_width == 2 && counts.tail.size() == 2 * R, at + ": the tail's shape");
-      for (std::size_t m = 0; m < R; ++m) {
-        expect(counts.rows[m] == (m * 3 + r + step) % 4, at + ": row count from " + std::to_string(m));
-        expect(counts.entries[m] == counts.rows[m] * 2 + r, at + ": entry count from " + std::to_string(m));
-        expect(counts.tail[2 * m] == m + r + step && counts.tail[2 * m + 1] == 10 * m + r,
-               at + ": tail from " + std::to_string(m));
-      }
-      send.upload(world_rows(r, rows, step), ep.stream());
-      ep.exchange_device_known(exchange_group::world, 8, reinterpret_cast<const std::byte*>(send.data()), rows,
-                               counts.rows, out);
-      expect_world_rows(ep, out, r, step, at);
-    }
-    // A wrong receive count: rank 1 expects one row too many from rank 0.
-    std::vector<std::size_t> ones(R, 1), recv(R, 1);
-    if (r == 1) recv[0] = 2;
-    send.resize(R);
-    bool raised = false;
-    try {
-      ep.exchange_device_known(exchange_group::world, 8, reinterpret_cast<const std::byte*>(send.data()), ones, recv,
-                               out);
-    } catch (const transport_error&) {
-      raised = true;
-    }
-    expect(raised == (r == 1), "rank " + std::to_string(r) + ": a wrong known count raises on its receiver only");
-    // Count rounds that name different exchanges raise everywhere.
-    raised = false;
-    try {
-      ep.exchange_device_counts(exchange_group::world, 8, ones, 4, ones, counts, r == 2 ? 5 : 4);
-    } catch (const transport_error&) {
-      raised = true;
-    }
-    expect(raised, "rank " + std::to_string(r) + ": disagreeing count rounds raise");
-    // Tails of different widths raise everywhere too.
-    raised = false;
-    const std::vector<std::uint32_t> wide(3 * R, 1);
-    try {
-      const std::uint32_t width = r == 0 ? 2 : 3;
-      ep.exchange_device_counts(exchange_group::world, 8, ones, 4, ones, counts, 6,
-                                std::span<const std::uint32_t>(wide).first(width * R), width);
-    } catch (const transport_error&) {
-      raised = true;
-    }
-    expect(raised, "rank " + std::to_string(r) + ": count rounds with tails of different widths raise");
-  });
+  dlc::count_round_then_known_count_exchanges<cuda_harness>();
 }
-
-// A world of 65 ranks spans six tiles of the group's copies (detail/group_gather.hpp: 32 senders
-// × 64 receivers per launch): every row still arrives once, in sender order.
 BOOST_AUTO_TEST_CASE(a_group_of_several_tiles_delivers_every_row) {
-  const dynamic_topology topo(5, 13);
-  device_local_fabric fabric(topo, transport_kind::flat);
-  on_ranks(topo.ranks(), [&](std::size_t r) {
-    stream_owner st;
-    auto ep = fabric.endpoint(r, st.s);
-    const std::size_t R = topo.ranks();
-    std::vector<std::size_t> rows(R), recv(R);
-    for (std::size_t m = 0; m < R; ++m) {
-      rows[m] = (r + 2 * m) % 3;
-      recv[m] = (m + 2 * r) % 3;
-    }
-    device_buffer<std::uint64_t> send;
-    send.upload(world_rows(r, rows, 0), ep.stream());
-    device_exchange_result out;
-    ep.exchange_device_known(exchange_group::world, 8, reinterpret_cast<const std::byte*>(send.data()), rows, recv,
-                             out);
-    expect_world_rows(ep, out, r, 0, "rank " + std::to_string(r));
-  });
+  dlc::a_group_of_several_tiles_delivers_every_row<cuda_harness>();
 }
+BOOST_AUTO_TEST_CASE(back_to_back_count_rounds) { dlc::back_to_back_count_rounds<cuda_harness>(); }

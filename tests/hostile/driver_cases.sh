@@ -91,6 +91,10 @@ refused 'absent.bin' trace report "$work/absent.bin" --out "$work/no_parent/no_r
 check "trace report removes the parents it made" test ! -e "$work/no_parent"
 succeeds trace report "$work/t.bin" --out "$work/deep/er/report" --no-render
 check "trace report makes its folder's parents" test -f "$work/deep/er/report/load_all.csv"
+# A rendering script that exits 0 without drawing a figure is no rendering: refused, nothing written.
+refused 'drew no figure; the report folder is unchanged' trace report "$work/t.bin" --out "$work/blank_report" \
+  --script /dev/null
+check "a report that drew nothing leaves no folder" test ! -e "$work/blank_report"
 python3 - "$work/odd.jsonl" <<'PY'
 import json, random, sys
 rng = random.Random(7)
@@ -566,6 +570,11 @@ refused '^locus: configuration error: --experts 2 is fewer than the 6' trace sta
 printf '{"type": "meta", "num_experts": 4, "top_k": 2}\n{"req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [0, 1], "topk_weights": [0.5, 0.5], "domain": "a\\nb"}\n{"req_id": 1, "token_idx": 0, "layer": 0, "topk_ids": [2, 1], "topk_weights": [0.5, 0.5], "domain": "x\\u001b[31my"}\n' >"$work/ctl.jsonl"
 ok '^a\\nb +1 +1$' trace stats "$work/ctl.jsonl"
 check "a domain's escape sequence is not printed" sh -c "! \"$locus\" trace stats \"$work/ctl.jsonl\" | grep -q \"\$(printf '\\033')\""
+# A C1 control (U+009B, a terminal's one-byte escape) and a right-to-left override (U+202E) are
+# shown as code points, not sent.
+printf '{"type": "meta", "num_experts": 4, "top_k": 2}\n{"req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [0, 1], "topk_weights": [0.5, 0.5], "domain": "p\\u009b31mq"}\n{"req_id": 1, "token_idx": 0, "layer": 0, "topk_ids": [2, 1], "topk_weights": [0.5, 0.5], "domain": "r\\u202es"}\n' >"$work/c1.jsonl"
+ok '^p\\u\{009B\}31mq +1 +1$' trace stats "$work/c1.jsonl"
+ok '^r\\u\{202E\}s +1 +1$' trace stats "$work/c1.jsonl"
 # Route-JSONL reading options given with another format are refused, not dropped; so is an empty
 # transport in a list.
 refused '^locus: configuration error: --split-on-restart does not apply to [^ ]*t.bin, a binary trace' trace stats \

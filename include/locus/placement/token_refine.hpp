@@ -414,6 +414,8 @@ public:
       : opt_(opt), k_(top_k), tokens_(home.size()), ranks_(map.ranks()), nodes_(topo.nodes()),
         gpus_(topo.gpus_per_node()), ids_(ids), home_(home), mix_(mix.empty() ? home : mix),
         mixes_(mix_groups(mix, nodes_)), weight_(load_weight) {
+    // Each pair's rank and node are packed in 16 bits each (`pack`), the all-ones word meaning none.
+    LOCUS_REQUIRE(ranks_ < 65535, config_error, "token refinement: ", ranks_, " ranks (at most 65,534)");
     const std::size_t experts = map.experts();
     node_of_.resize(ranks_);
     for (std::size_t r = 0; r < ranks_; ++r)
@@ -1816,7 +1818,6 @@ expert_map refine_layer(const expert_map& map, const token_sample& sample, std::
   LOCUS_REQUIRE(layer < sample.layers(), config_error, "refine_by_tokens: layer ", layer, " but the sample has ",
                 sample.layers());
   LOCUS_REQUIRE(sample.top_k <= 64, config_error, "refine_by_tokens: top-k ", sample.top_k, " above 64");
-  LOCUS_REQUIRE(map.ranks() < 65535, config_error, "refine_by_tokens: ", map.ranks(), " ranks (at most 65,534)");
   check_cost_options(opt, "refine_by_tokens");
   LOCUS_REQUIRE(opt.anneal_temperature >= 0, config_error, "refine_by_tokens: negative anneal temperature ",
                 opt.anneal_temperature);

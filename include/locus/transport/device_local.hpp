@@ -7,15 +7,10 @@
 //! whole multi-rank device path runs and is tested on one GPU, where NCCL cannot put two ranks on
 //! one device.
 //!
-//! Rows never pass through the host, and the members meet on the host once per known-count
-//! exchange (twice with a header round), the only host synchronisation:
-//! - each sender records an event on its stream once its send rows are queued, makes the group's
-//!   own stream wait for it, and publishes its send buffer; each receiver publishes its receive
-//!   buffer (sized by the counts it knows, or by the header round);
-//! - the last member to arrive queues every copy of the exchange on the group's stream, as a few
-//!   kernels (`detail/group_gather.hpp`: two for a group of 64), and records "all done";
-//! - every member's stream waits for "all done": its rows have arrived and its send buffer may be
-//!   rewritten by work queued afterwards.
+//! Rows never pass through the host; the members meet on the host once per known-count exchange
+//! (twice with a header round), and the last to arrive queues the whole exchange's copies on the
+//! group's stream (the protocol: detail/device_local_protocol.hpp, which the CPU tests run with
+//! host memory and threads).
 //! So a member issues three stream operations per exchange and the group a launch per tile,
 //! instead of a copy and two event waits per sender-receiver pair (R = 64: 12,288 calls into one
 //! CUDA context per exchange, 16-20 ms per DeepSeek-V3 decode step on an H200).
@@ -26,12 +21,12 @@
 #include <cuda_runtime_api.h>
 #include <locus/core/cuda_error.hpp>
 #include <locus/core/device_buffer.hpp>
+#include <locus/transport/detail/device_local_protocol.hpp>
 #include <locus/transport/detail/group_gather.hpp>
 #include <locus/transport/detail/host_staging.hpp>
 #include <locus/transport/detail/stage.hpp>
 #include <locus/transport/device_exchange.hpp>
 #include <locus/transport/exchange.hpp>
-#include <locus/transport/local.hpp>
 #include <memory>
 #include <string>
 #include <utility>
@@ -80,344 +75,45 @@ __global__ void __launch_bounds__(group_gather::threads_per_block)
                                blockIdx.y);
 }
 
-//! Shared state of one group instance (the world, one node, or one rail).
-struct board {
-  explicit board(std::vector<std::size_t> ranks)
-      : barrier(ranks), headers{std::vector<exchange::header>(ranks.size() * ranks.size()),
-                                std::vector<exchange::header>(ranks.size() * ranks.size())},
-        send_rows(ranks.size(), nullptr), send_offsets(ranks.size(), std::vector<std::size_t>(ranks.size() + 1, 0)),
-        recv_rows(ranks.size(), nullptr), expected(ranks.size(), std::vector<std::size_t>(ranks.size(), 0)),
-        checked(ranks.size(), 0), bad_sender(ranks.size(), ranks.size()), bad_count(ranks.size(), 0),
-        codes(ranks.size(), 0), tails{std::vector<std::vector<std::uint32_t>>(ranks.size()),
-                                      std::vector<std::vector<std::uint32_t>>(ranks.size())},
-        tile(std::make_unique<group_gather::tile_params>()) {}
+//! The CUDA device policy of the meeting protocol (detail/device_local_protocol.hpp): events,
+//! streams, device memory and the group-gather kernel.
+struct cuda_device {
+  using stream = cudaStream_t;
+  using event = device_local::event;
+  using group_stream = device_local::stream;
+  using buffer = device_buffer<std::byte>;
+  using staging = exchange::host_staging;
 
-  std::size_t members() const noexcept { return send_rows.size(); }
-
-  //! A member's part of the "all ready" join: the group's stream waits for `e`, recorded on the
-  //! member's stream once its send rows are queued (each member queues its own wait before it
-  //! arrives, so the waits are queued in parallel).
-  void join(cudaEvent_t e) const { LOCUS_CUDA_CHECK(cudaStreamWaitEvent(joiner.get(), e, 0)); }
-
-  //! Run by the last member to arrive at the row stage, once every member published its send and
-  //! receive buffers and joined its `ready` event: checks each checked receive against what its
-  //! senders send (a receiver that disagrees gets nothing and raises), queues every copy of the
-  //! exchange on the group's stream (group_gather.hpp) and records `all_done` after them.
-  void copy_all(std::size_t row_bytes) {
-    const std::size_t R = members();
-    const auto sends = [&](std::size_t s, std::size_t r) { return send_offsets[s][r + 1] - send_offsets[s][r]; };
-    for (std::size_t r = 0; r < R; ++r) {
-      bad_sender[r] = R;
-      if (!checked[r]) continue;
-      for (std::size_t s = 0; s < R && bad_sender[r] == R; ++s)
-        if (sends(s, r) != expected[r][s]) {
-          bad_sender[r] = s;
-          bad_count[r] = sends(s, r);
-        }
-    }
-    group_gather::for_each_tile(
-        R, row_bytes, send_rows.data(), sends, [&](std::size_t r) { return bad_sender[r] != R; }, recv_rows.data(),
-        *tile,
-        [&](const group_gather::tile_params& p, group_gather::tile_shape shape) {
-          const dim3 grid(shape.blocks_per_pair, p.receivers, p.senders);
-          if (shape.vec)
-            group_gather_kernel<true><<<grid, group_gather::threads_per_block, 0, joiner.get()>>>(p);
-          else
-            group_gather_kernel<false><<<grid, group_gather::threads_per_block, 0, joiner.get()>>>(p);
-          LOCUS_CUDA_CHECK(cudaGetLastError());
-        });
-    LOCUS_CUDA_CHECK(cudaEventRecord(all_done.get(), joiner.get()));
+  static void record(event& e, cudaStream_t s) { LOCUS_CUDA_CHECK(cudaEventRecord(e.get(), s)); }
+  static void record(event& e, group_stream& g) { LOCUS_CUDA_CHECK(cudaEventRecord(e.get(), g.get())); }
+  static void join(group_stream& g, const event& e) { LOCUS_CUDA_CHECK(cudaStreamWaitEvent(g.get(), e.get(), 0)); }
+  static void wait(cudaStream_t s, const event& e) { LOCUS_CUDA_CHECK(cudaStreamWaitEvent(s, e.get(), 0)); }
+  static void launch_tile(group_stream& g, const group_gather::tile_params& p, group_gather::tile_shape shape) {
+    const dim3 grid(shape.blocks_per_pair, p.receivers, p.senders);
+    if (shape.vec)
+      group_gather_kernel<true><<<grid, group_gather::threads_per_block, 0, g.get()>>>(p);
+    else
+      group_gather_kernel<false><<<grid, group_gather::threads_per_block, 0, g.get()>>>(p);
+    LOCUS_CUDA_CHECK(cudaGetLastError());
   }
-
-  timed_barrier barrier;
-  //! Per header round, alternating (`round_parity`): [sender * members + receiver]. Two, because a
-  //! count round has one meeting, after which a member reads its headers while a faster member may
-  //! already write its next round's: alternating, that round writes the other copy, and the one
-  //! after it needs this member at the meeting between them.
-  std::vector<exchange::header> headers[2];
-  std::vector<const std::byte*> send_rows;
-  std::vector<std::vector<std::size_t>> send_offsets; //!< per sender: first row for each receiver
-  std::vector<std::byte*> recv_rows;                  //!< per receiver: its receive buffer
-  std::vector<std::vector<std::size_t>> expected;     //!< per receiver: rows it expects from each sender
-  //! Per receiver: whether `expected` is checked. Bytes, not std::vector<bool>: members write
-  //! their own entries concurrently, and vector<bool> packs them into shared words (seen on an
-  //! H200: a lost write made an unchecked exchange compare stale expectations).
-  std::vector<std::uint8_t> checked;
-  std::vector<std::size_t> bad_sender, bad_count;   //!< per receiver: first sender that disagrees (or R)
-  std::vector<std::uint32_t> codes;                 //!< second-round expectation codes
-  std::vector<std::vector<std::uint32_t>> tails[2]; //!< per round parity and sender: its tail, receiver-major
-  stream joiner;                                    //!< where the members' events are joined
-  event all_done;                                   //!< after the copies of the last row stage
-  std::unique_ptr<group_gather::tile_params> tile;  //!< the launch parameters, reused (17 KiB)
+  static void synchronize(cudaStream_t s) { LOCUS_CUDA_CHECK(cudaStreamSynchronize(s)); }
+  template <class Endpoint>
+  static void host_exchange(Endpoint& ep, staging& s, cudaStream_t st, link_counters& bytes,
+                            const exchange_request& req, exchange_result& out) {
+    exchange::stage_host_exchange(ep, s, st, bytes, req, out, [st] { synchronize(st); });
+  }
 };
 
 } // namespace detail::device_local
 
-class device_local_transport;
-
-//! Shared state of R ranks on one GPU. Create it once, then hand `endpoint(r, stream)` to the
-//! thread acting as rank r. The fabric must outlive its endpoints.
-class device_local_fabric {
-public:
-  //! @param topo nodes × GPUs per node; its rank count is the number of endpoints
-  //! @param kind how dispatch over these endpoints moves copies: the transport policy's `P::kind`
-  device_local_fabric(const dynamic_topology& topo, transport_kind kind, exchange_options options = {})
-      : topo_(topo), kind_(kind), options_(options), boards_(topo, "device_local_fabric") {}
-  device_local_fabric(const device_local_fabric&) = delete;
-  device_local_fabric& operator=(const device_local_fabric&) = delete;
-
-  const dynamic_topology& topology() const noexcept { return topo_; }
-  transport_kind kind() const noexcept { return kind_; }
-  bool hierarchical() const noexcept { return kind_ == transport_kind::hierarchical; }
-  const exchange_options& options() const noexcept { return options_; }
-
-  //! The endpoint of `rank`, issuing its copies on `stream` (not owned; give each rank its own).
-  //! @throws locus::invalid_input_error when rank is out of range
-  //! @throws locus::cuda_error when the endpoint's events cannot be created
-  inline device_local_transport endpoint(std::size_t rank, cudaStream_t stream);
-
-private:
-  friend class device_local_transport;
-  detail::device_local::board& board(exchange_group g, std::size_t rank) { return boards_.of(g, rank); }
-
-  dynamic_topology topo_;
-  transport_kind kind_;
-  exchange_options options_;
-  detail::exchange::group_boards<detail::device_local::board> boards_;
-};
-
-//! One rank's endpoint of a device_local_fabric. Each endpoint is used by one thread at a time.
-class device_local_transport {
-public:
-  device_local_transport(device_local_transport&&) noexcept = default;
-
-  std::size_t rank() const noexcept { return groups_.rank; }
-  const dynamic_topology& topology() const noexcept { return groups_.topo; }
-  bool hierarchical() const noexcept { return fabric_->hierarchical(); }
-  std::size_t group_size(exchange_group g) const noexcept { return groups_.size(g); }
-  std::size_t world_rank_of(exchange_group g, std::size_t member) const noexcept {
-    return groups_.world_rank_of(g, member);
-  }
-  const link_counters& bytes() const noexcept { return bytes_; }
-  void reset_bytes() noexcept { bytes_.clear(); }
-  cudaStream_t stream() const noexcept { return stream_; }
-
-  //! Names the exchanges that follow as exchanges of step `step` (see exchange.hpp).
-  void begin_step(std::uint64_t step) noexcept { steps_.begin(step); }
-
-  //! This rank leaves a step half done (an error after its peers posted their part of its
-  //! exchanges; device_dispatcher calls it): the meetings of every group it belongs to fail with
-  //! `why`, so the peers waiting in them, and every later exchange of any member, raise
-  //! transport_error at once instead of pairing this rank's next step with what is left of this one
-  //! (known-count exchanges carry no name that would tell them apart).
-  void abandon(const char* why) noexcept {
-    try {
-      const std::string what =
-          ::locus::detail::concat("rank ", rank(), " left a step half done (", why, "); the transport is unusable");
-      for (exchange_group g : {exchange_group::world, exchange_group::node, exchange_group::rail})
-        fabric_->board(g, rank()).barrier.abandon(what);
-    } catch (...) { // no memory for the message: the peers time out instead
-    }
-  }
-
-  //! Collective over `group`: `send` holds device rows ordered by destination member, written by
-  //! work already queued on this endpoint's stream. Returns once the copies are queued; the rows
-  //! in `out` are ready for work queued afterwards on the same stream and stay valid until the
-  //! second exchange after this one (receive buffers alternate), so a rank may send rows it
-  //! received straight on.
-  //! @throws locus::transport_error on every member when the requests disagree
-  //! @throws locus::timeout_error when a member does not arrive within the fabric's timeout
-  void exchange_device(exchange_group group, std::size_t row_bytes, const std::byte* send,
-                       std::span<const std::size_t> counts, std::span<const std::size_t> expected,
-                       device_exchange_result& out, std::uint32_t stage = 0) {
-    namespace dx = detail::exchange;
-    const dx::device_request req(group, groups_.size(group), row_bytes, send, counts, expected, stage);
-    rendezvous r(*this, group, stage);
-    header_round(r, req, expected);
-    req.shape(received_, out);
-    move_rows(r, row_bytes, out, false);
-    req.add_bytes(bytes_, groups_, out);
-  }
-
-  //! Collective over `group`: a count round alone. Each member tells each member how many rows of
-  //! `row_bytes` and entries of `entry_bytes` it is going to send it in the known-count exchanges
-  //! that follow (`exchange_device_known`), and `tail_width` more counts (`tail`, destination-major:
-  //! the device dispatcher's entries per local slot of the receiver), which every member must give
-  //! the same width; with the checks of a header round, so a step needs one
-  //! round for all of them.
-  //! @throws locus::transport_error on every member when the requests disagree
-  //! @throws locus::timeout_error when a member does not arrive within the fabric's timeout
-  void exchange_device_counts(exchange_group group, std::size_t row_bytes, std::span<const std::size_t> counts,
-                              std::size_t entry_bytes, std::span<const std::size_t> entry_counts, device_counts& out,
-                              std::uint32_t stage = 0, std::span<const std::uint32_t> tail = {},
-                              std::uint32_t tail_width = 0) {
-    namespace dx = detail::exchange;
-    const dx::device_request req(group, groups_.size(group), row_bytes, counts, entry_bytes, entry_counts, stage, tail,
-                                 tail_width);
-    rendezvous r(*this, group, stage);
-    header_round(r, req, {});
-    // Every member's tail has this width (the verdict checked it); read before the next meeting.
-    recv_tail_.resize(r.members * tail_width);
-    for (std::size_t m = 0; m < r.members; ++m)
-      std::copy_n(r.b.tails[r.parity][m].begin() + static_cast<std::ptrdiff_t>(r.self * tail_width), tail_width,
-                  recv_tail_.begin() + static_cast<std::ptrdiff_t>(m * tail_width));
-    req.counts(received_, recv_tail_, out);
-  }
-
-  //! Collective over `group`: rows whose counts every member already knows (a count round's, or
-  //! the reverse of an exchange it made), `send_counts` to and `recv_counts` from each member. No
-  //! header round: the members meet only to find each other's send buffers, and no stream is
-  //! waited for. A count that disagrees with its sender's raises on the receiver (both arrays sit
-  //! on the shared board, so the check is free here).
-  //! @throws locus::invalid_input_error when a count array's size is not the group size
-  //! @throws locus::transport_error when a receive count differs from what its sender sends
-  //! @throws locus::timeout_error when a member does not arrive within the fabric's timeout
-  void exchange_device_known(exchange_group group, std::size_t row_bytes, const std::byte* send,
-                             std::span<const std::size_t> send_counts, std::span<const std::size_t> recv_counts,
-                             device_exchange_result& out) {
-    namespace dx = detail::exchange;
-    const std::size_t members = groups_.size(group);
-    dx::check_known("device local transport", group, members, row_bytes, send_counts, recv_counts);
-    dx::known_shape(recv_counts, row_bytes, out);
-    rendezvous r(*this, group, 0);
-    publish(r, send, send_counts);
-    move_rows(r, row_bytes, out, true);
-    const dx::device_request req(group, members, row_bytes, send, send_counts, {}, 0);
-    req.add_bytes(bytes_, groups_, out);
-  }
-
-  //! Waits for the work queued on this endpoint's stream (the host wait a caller makes before
-  //! reading device results; the NCCL transport's form adds a timeout).
-  void synchronize(const char*) { LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
-
-  //! The host `exchanger` form: stages host rows through device memory, so host dispatch runs on
-  //! this transport unchanged (see exchange.hpp).
-  void exchange(const exchange_request& req, exchange_result& out) {
-    detail::exchange::stage_host_exchange(*this, *staging_, stream_, bytes_, req, out,
-                                          [this] { LOCUS_CUDA_CHECK(cudaStreamSynchronize(stream_)); });
-  }
-
-private:
-  friend class device_local_fabric;
-
-  // One exchange's meeting of the members on the group's board, with its deadline.
-  struct rendezvous {
-    rendezvous(device_local_transport& t, exchange_group g, std::uint32_t stage)
-        : group(g), members(t.groups_.size(g)), self(t.groups_.self_member(g)), b(t.fabric_->board(g, t.rank())),
-          timeout(t.fabric_->options().timeout), deadline(std::chrono::steady_clock::now() + timeout), stage(stage) {}
-    void sync(const std::string& what) { b.barrier.arrive_and_wait(deadline, timeout, self, group, what); }
-    // The row stage's meeting: its last arrival queues the exchange's copies (board::copy_all).
-    void sync_copying(std::size_t row_bytes) {
-      b.barrier.arrive_and_wait(deadline, timeout, self, group, "the row stage",
-                                [this, row_bytes] { b.copy_all(row_bytes); });
-    }
-    exchange_group group;
-    std::size_t members, self;
-    detail::device_local::board& b;
-    std::chrono::milliseconds timeout;
-    std::chrono::steady_clock::time_point deadline;
-    std::uint32_t stage;
-    unsigned parity = 0; //!< which copy of the board's headers and tails the header round used
-  };
-
-  // This member's send buffer, per-receiver offsets and events on the board.
-  void publish(rendezvous& r, const std::byte* send, std::span<const std::size_t> counts) {
-    auto& offsets = r.b.send_offsets[r.self];
-    offsets[0] = 0;
-    for (std::size_t m = 0; m < r.members; ++m)
-      offsets[m + 1] = offsets[m] + counts[m];
-    r.b.send_rows[r.self] = send;
-    LOCUS_CUDA_CHECK(cudaEventRecord(ready_->get(), stream_));
-    r.b.join(ready_->get());
-  }
-
-  // The header round (and count-agreement round when `expected` is given) of `req`, which also
-  // publishes the send buffer: afterwards received_ holds the received headers.
-  void header_round(rendezvous& r, const detail::exchange::device_request& req, std::span<const std::size_t> expected) {
-    namespace dx = detail::exchange;
-    const dx::position at = steps_.next(r.group, r.stage);
-    const std::string where = ::locus::detail::concat("the header round of ", dx::describe(at));
-    // Every member counts its header rounds per group alike (they are in step, which the round
-    // checks), so all use the same copy.
-    r.parity = static_cast<unsigned>(round_parity_[static_cast<std::size_t>(r.group)]++ & 1u);
-    auto& headers = r.b.headers[r.parity];
-    for (std::size_t m = 0; m < r.members; ++m)
-      headers[r.self * r.members + m] = req.header_for(at, m);
-    auto& tail = r.b.tails[r.parity][r.self];
-    tail.resize(r.members * req.tail_width());
-    for (std::size_t m = 0; m < r.members; ++m)
-      for (std::size_t i = 0; i < req.tail_width(); ++i)
-        tail[m * req.tail_width() + i] = req.tail_to(m, i);
-    count_buf_.resize(r.members);
-    for (std::size_t m = 0; m < r.members; ++m)
-      count_buf_[m] = req.count(m);
-    publish(r, req.request().rows.data(), count_buf_);
-    r.sync(where);
-    received_.resize(r.members);
-    for (std::size_t m = 0; m < r.members; ++m)
-      received_[m] = headers[m * r.members + r.self];
-    bool expectations = false;
-    if (std::string why = req.verdict(received_, groups_, expectations); !why.empty()) {
-      r.sync(where); // nobody rewrites the board before all have read it
-      LOCUS_THROW(transport_error, "device local transport: ", why);
-    }
-    if (expectations) {
-      const std::string round = ::locus::detail::concat("the count-agreement round of ", dx::describe(at));
-      r.b.codes[r.self] = dx::expectation_code(received_, expected);
-      r.sync(round);
-      std::string why = dx::expectation_verdict(r.b.codes, groups_, r.group, received_, expected);
-      r.sync(round);
-      if (!why.empty()) LOCUS_THROW(transport_error, "device local transport: ", why);
-    }
-  }
-
-  // The row stage: posts this member's receive buffer (and, when `check`, the rows it expects
-  // from each sender) and meets the group, whose last arrival queues every copy of the exchange
-  // on the group's stream (board::copy_all). This stream then waits for those copies, which also
-  // frees this member's send buffer for work queued afterwards. A checked receive that disagrees
-  // with a sender gets no rows and raises here; the other members go on.
-  void move_rows(rendezvous& r, std::size_t row_bytes, device_exchange_result& out, bool check) {
-    auto& b = r.b;
-    parity_ ^= 1u;
-    std::byte* recv = recv_[parity_]->room_for(std::max<std::size_t>(out.offsets[r.members] * row_bytes, 1));
-    b.recv_rows[r.self] = recv;
-    b.checked[r.self] = check ? 1 : 0;
-    if (check) std::copy(out.counts.begin(), out.counts.end(), b.expected[r.self].begin());
-    r.sync_copying(row_bytes);
-    LOCUS_CUDA_CHECK(cudaStreamWaitEvent(stream_, b.all_done.get(), 0));
-    out.rows = recv;
-    // Read before this member's next meeting, after which the board is rewritten.
-    const std::size_t bad = b.bad_sender[r.self];
-    LOCUS_REQUIRE(bad == r.members, transport_error, "device local transport: rank ", rank(), " expected ",
-                  out.counts[bad], " rows from rank ", groups_.world_rank_of(r.group, bad), " in a known-count ",
-                  "exchange over the ", to_string(r.group), " group, which sends it ", b.bad_count[r.self]);
-  }
-
-  device_local_transport(device_local_fabric& f, std::size_t rank, cudaStream_t stream)
-      : fabric_(&f), groups_{f.topology(), rank}, stream_(stream),
-        ready_(std::make_unique<detail::device_local::event>()) {}
-
-  device_local_fabric* fabric_;
-  detail::exchange::group_map groups_;
-  cudaStream_t stream_;
-  // Behind pointers so that the endpoint can move (events and device memory cannot).
-  std::unique_ptr<detail::device_local::event> ready_;
-  std::unique_ptr<detail::exchange::host_staging> staging_ = std::make_unique<detail::exchange::host_staging>();
-  std::unique_ptr<device_buffer<std::byte>> recv_[2] = {std::make_unique<device_buffer<std::byte>>(),
-                                                        std::make_unique<device_buffer<std::byte>>()};
-  unsigned parity_ = 0;
-  std::array<std::uint64_t, 3> round_parity_{}; // header rounds per group (world, node, rail)
-  link_counters bytes_;
-  detail::exchange::step_counter steps_;
-  std::vector<detail::exchange::header> received_;
-  std::vector<std::size_t> count_buf_;
-  std::vector<std::uint32_t> recv_tail_;
-};
-
-inline device_local_transport device_local_fabric::endpoint(std::size_t rank, cudaStream_t stream) {
-  topo_.check_rank(rank);
-  return device_local_transport(*this, rank, stream);
-}
+//! Shared state of R ranks on one GPU (detail/device_local_protocol.hpp). Create it once, then hand
+//! `endpoint(r, stream)` to the thread acting as rank r, each rank its own stream. The fabric must
+//! outlive its endpoints.
+using device_local_fabric = detail::device_local::fabric<detail::device_local::cuda_device>;
+//! One rank's endpoint of a device_local_fabric: `exchange_device`, `exchange_device_counts`,
+//! `exchange_device_known`, `abandon`, `synchronize`, and the host `exchange`. Each endpoint is
+//! used by one thread at a time.
+using device_local_transport = detail::device_local::rank_endpoint<detail::device_local::cuda_device>;
 
 //! Policy tags of the one-GPU multi-rank device transport.
 struct device_local_flat {

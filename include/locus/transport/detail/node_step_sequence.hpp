@@ -6,62 +6,39 @@
 //! CUB scans and the transport's device exchanges, and the CPU test (tests/unit/test_node_step.cpp)
 //! runs the same sequence with host executors and the in-process host transport, ranks as threads.
 //!
-//! An engine `E` provides, for row elements `T`:
-//! - `template <class U> using buffer`: `resize(n)` (contents not kept) and `data()`;
-//! - `launch(items, Stage{}, args...)`: runs `Stage::run(grid_index, args...)` over a grid that
-//!   covers `items` items (at least one block);
-//! - `scan(in, n, out)`: out[0 .. n] = the exclusive scan of in[0 .. n) with the total at out[n];
-//! - `zero(p, n)`, `copy(dst, src, n)`: n elements (n may be 0);
-//! - `upload(tables, first_word, table_dst, word_dst)`: the step's host tables and the forwarding
-//!   check's first word to where the bodies read them;
-//! - `exchange(group, result, element_bytes, send, send_counts, receive_counts)`: a known-count
-//!   exchange over `group`, returning the received elements (in member order), valid until the
-//!   next exchange into the same `result`;
-//! - `permute(dst)`: the layout's rows, in layout order; `gather(src, index, n, dst)`: dst[i] =
-//!   src[index[i]] for n rows; `reduce(src, offsets, position, weight, n, dst, flag)`: dst[r] = the
-//!   weighted sum of src[position[e]] over r's entries e, zeros when `*flag` is set.
-//! Rows are `hidden` elements wide.
+//! The engine's operations: detail/step_engine.hpp.
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <locus/transport/detail/node_step.hpp>
 #include <locus/transport/detail/stage.hpp>
+#include <locus/transport/detail/step_engine.hpp>
 #include <locus/transport/exchange.hpp>
 #include <span>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::node_step {
 
-//! The stage bodies as launchable types: `Stage::run(grid_index, args...)` calls the body.
+//! The stage bodies as launchable types (step_engine.hpp).
 namespace stages {
-#define LOCUS_DETAIL_NODE_STAGE(name, body)                                                                            \
-  struct name {                                                                                                        \
-    template <class... A>                                                                                              \
-    LOCUS_HOST_DEVICE static void run(grid_index g, A... a) {                                                          \
-      body(g, a...);                                                                                                   \
-    }                                                                                                                  \
-  };
-LOCUS_DETAIL_NODE_STAGE(rail_row_entries, node_step::rail_row_entries)
-LOCUS_DETAIL_NODE_STAGE(rail_entries, node_step::rail_entries)
-LOCUS_DETAIL_NODE_STAGE(unpack_entries, node_step::unpack_entries)
-LOCUS_DETAIL_NODE_STAGE(metadata_check, stage::receive_metadata_check)
-LOCUS_DETAIL_NODE_STAGE(total_check, stage::receive_total_check)
-LOCUS_DETAIL_NODE_STAGE(fanout_count, node_step::fanout_count)
-LOCUS_DETAIL_NODE_STAGE(fanout_check, node_step::fanout_check)
-LOCUS_DETAIL_NODE_STAGE(fanout_place, node_step::fanout_place)
-LOCUS_DETAIL_NODE_STAGE(node_send_rows, node_step::node_send_rows)
-LOCUS_DETAIL_NODE_STAGE(node_send_row_entries, node_step::node_send_row_entries)
-LOCUS_DETAIL_NODE_STAGE(node_send_entries, node_step::node_send_entries)
-LOCUS_DETAIL_NODE_STAGE(forward_count, node_step::forward_count)
-LOCUS_DETAIL_NODE_STAGE(forward_place, node_step::forward_place)
-LOCUS_DETAIL_NODE_STAGE(fill, node_step::fill)
-LOCUS_DETAIL_NODE_STAGE(return_index, node_step::return_index)
-#undef LOCUS_DETAIL_NODE_STAGE
+LOCUS_DETAIL_STAGE_TYPE(rail_row_entries, node_step::rail_row_entries)
+LOCUS_DETAIL_STAGE_TYPE(rail_entries, node_step::rail_entries)
+LOCUS_DETAIL_STAGE_TYPE(unpack_entries, node_step::unpack_entries)
+LOCUS_DETAIL_STAGE_TYPE(metadata_check, stage::receive_metadata_check)
+LOCUS_DETAIL_STAGE_TYPE(total_check, stage::receive_total_check)
+LOCUS_DETAIL_STAGE_TYPE(fanout_count, node_step::fanout_count)
+LOCUS_DETAIL_STAGE_TYPE(fanout_check, node_step::fanout_check)
+LOCUS_DETAIL_STAGE_TYPE(fanout_place, node_step::fanout_place)
+LOCUS_DETAIL_STAGE_TYPE(node_send_rows, node_step::node_send_rows)
+LOCUS_DETAIL_STAGE_TYPE(node_send_row_entries, node_step::node_send_row_entries)
+LOCUS_DETAIL_STAGE_TYPE(node_send_entries, node_step::node_send_entries)
+LOCUS_DETAIL_STAGE_TYPE(forward_count, node_step::forward_count)
+LOCUS_DETAIL_STAGE_TYPE(forward_place, node_step::forward_place)
+LOCUS_DETAIL_STAGE_TYPE(fill, node_step::fill)
+LOCUS_DETAIL_STAGE_TYPE(return_index, node_step::return_index)
 } // namespace stages
 
-//! Which of the engine's received buffers an exchange writes: entry metadata (copied out before
-//! the next), rows, and rows coming back in combine.
-enum class received { metadata, rows, returned };
+using step::received;
 
 //! What the step reads of its node layout: the host counts and the device arrays.
 struct layout_view {
