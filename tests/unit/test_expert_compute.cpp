@@ -1,9 +1,11 @@
 #define BOOST_TEST_MODULE expert_compute
 #include "../support/moe_reference.hpp"
 
+#include <algorithm>
 #include <boost/test/unit_test.hpp>
 #include <cstring>
 #include <limits>
+#include <locus/layer/detail/swiglu_stages.hpp>
 #include <locus/layer/expert_compute.hpp>
 #include <numeric>
 
@@ -340,4 +342,53 @@ BOOST_AUTO_TEST_CASE(fused_target_is_checked) {
   }
   BOOST_CHECK_THROW(compute(b.view(), layer::weighted_sum_target{nullptr, row_copy.data(), w.data(), 3}),
                     invalid_input_error);
+}
+
+// The CUDA SwiGLU's math on the host: its packed gate|up weights (detail::layer::pack_gate_up) times
+// the rows, as its first GEMM computes them (fp32, row-major rows × 2·ffn), its activation body
+// (detail::layer::silu_mul, through stage::run_grid on several grid shapes), then the down GEMM:
+// equal to the double reference FFN within the host SwiGLU's tolerances. A gate|up layout that
+// the packing and the body read differently (columns swapped, a stride of ffn for 2·ffn) fails it.
+template <class W>
+void cuda_swiglu_math_on_the_host(double rel, double acc) {
+  constexpr std::size_t hidden = 24, ffn = 40;
+  const auto all = locus_test::model_weights<W>(3, 5, hidden, ffn);
+  const std::vector<W> packed = detail::layer::pack_gate_up(all);
+  const auto experts = all.experts();
+  for (const auto& [blocks, threads] : {std::pair<std::size_t, std::size_t>{1, 1}, {3, 7}, {2, 64}}) {
+    block_set<W> b({0, 2, 4}, {5, 0, 9}, hidden, 11);
+    for (std::size_t i = 0; i < b.experts.size(); ++i) {
+      const auto pos =
+          static_cast<std::size_t>(std::find(experts.begin(), experts.end(), b.experts[i]) - experts.begin());
+      const std::size_t rows = b.offsets[i + 1] - b.offsets[i];
+      std::vector<float> gu(std::max<std::size_t>(rows, 1) * 2 * ffn);
+      for (std::size_t r = 0; r < rows; ++r)
+        for (std::size_t c = 0; c < 2 * ffn; ++c) {
+          float s = 0;
+          for (std::size_t h = 0; h < hidden; ++h)
+            s += static_cast<float>(b.in[(b.offsets[i] + r) * hidden + h]) *
+                 static_cast<float>(packed[(pos * hidden + h) * 2 * ffn + c]);
+          gu[r * 2 * ffn + c] = s;
+        }
+      std::vector<W> act(std::max<std::size_t>(rows, 1) * ffn, W{});
+      transport::detail::stage::run_grid(blocks, threads, [&](transport::detail::stage::grid_index g) {
+        detail::layer::silu_mul(g, gu.data(), act.data(), rows, ffn);
+      });
+      const auto v = all.view(b.experts[i]);
+      for (std::size_t r = 0; r < rows; ++r)
+        for (std::size_t c = 0; c < hidden; ++c) {
+          float s = 0;
+          for (std::size_t j = 0; j < ffn; ++j)
+            s += static_cast<float>(act[r * ffn + j]) * static_cast<float>(v.down[j * hidden + c]);
+          b.out[(b.offsets[i] + r) * hidden + c] = W(s);
+        }
+    }
+    BOOST_TEST_CONTEXT("grid " << blocks << " x " << threads) { check_against_reference(all, b, rel, acc); }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(cuda_swiglu_math_on_the_host_matches_reference) {
+  cuda_swiglu_math_on_the_host<float>(0.0, 2e-6);
+  // bfloat16: the activation and the output are rounded (relative 2^-8 each).
+  cuda_swiglu_math_on_the_host<bfloat16>(1.0 / 256, 1.0 / 128);
 }

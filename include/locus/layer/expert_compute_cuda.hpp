@@ -39,13 +39,10 @@ public:
       : hidden_(weights.hidden()), ffn_(weights.ffn()), stream_(stream), blas_(stream),
         experts_(weights.experts().begin(), weights.experts().end()) {
     const std::size_t H = hidden_, F = ffn_, E = experts_.size();
-    std::vector<W> gu(E * H * 2 * F), down(E * F * H);
+    const std::vector<W> gu = detail::layer::pack_gate_up(weights);
+    std::vector<W> down(E * F * H);
     for (std::size_t i = 0; i < E; ++i) {
       const swiglu_expert_view<W> v = weights.view(experts_[i]);
-      for (std::size_t h = 0; h < H; ++h) {
-        std::copy(v.gate + h * F, v.gate + (h + 1) * F, gu.begin() + static_cast<std::ptrdiff_t>((i * H + h) * 2 * F));
-        std::copy(v.up + h * F, v.up + (h + 1) * F, gu.begin() + static_cast<std::ptrdiff_t>((i * H + h) * 2 * F + F));
-      }
       std::copy(v.down, v.down + F * H, down.begin() + static_cast<std::ptrdiff_t>(i * F * H));
     }
     gate_up_.upload(gu, stream_);
