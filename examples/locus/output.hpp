@@ -119,13 +119,21 @@ inline CLI::Option* add_json_option(CLI::App* cmd, std::string& path) {
       ->option_text("[PATH]");
 }
 
-//! Length of the well-formed UTF-8 sequence at s[i] (1 for ASCII), or 0 when it is not one.
+//! Length of the well-formed UTF-8 sequence at s[i] (1 for ASCII), or 0 when it is not one: a
+//! bad lead or continuation byte, a truncated sequence, an overlong encoding (C0 9B would be an
+//! escape character in disguise), a surrogate or a code point past U+10FFFF.
 inline std::size_t utf8_length(const std::string& s, std::size_t i) {
   const auto b = static_cast<unsigned char>(s[i]);
   const std::size_t n = b < 0x80 ? 1 : (b >> 5) == 0x6 ? 2 : (b >> 4) == 0xE ? 3 : (b >> 3) == 0x1E ? 4 : 0;
   if (n == 0 || i + n > s.size()) return 0;
-  for (std::size_t k = 1; k < n; ++k)
-    if ((static_cast<unsigned char>(s[i + k]) >> 6) != 0x2) return 0;
+  std::uint32_t cp = n == 1 ? b : b & (0x7Fu >> n);
+  for (std::size_t k = 1; k < n; ++k) {
+    const auto c = static_cast<unsigned char>(s[i + k]);
+    if ((c >> 6) != 0x2) return 0;
+    cp = (cp << 6) | (c & 0x3Fu);
+  }
+  static constexpr std::uint32_t least[5] = {0, 0, 0x80, 0x800, 0x10000};
+  if (cp < least[n] || (cp >= 0xD800 && cp <= 0xDFFF) || cp > 0x10FFFF) return 0;
   return n;
 }
 

@@ -119,7 +119,8 @@ auto file_io(nb::handle path, F&& io) {
   if (locus::open_stream_fd(p) >= 0) {
     const nb::module_ sys = nb::module_::import_("sys");
     for (const char* name : {"stdout", "stderr"})
-      if (const nb::object stream = sys.attr(name); !stream.is_none()) stream.attr("flush")();
+      if (const nb::object stream = sys.attr(name); !stream.is_none() && nb::hasattr(stream, "flush"))
+        stream.attr("flush")();
   }
   try {
     nb::gil_scoped_release released;

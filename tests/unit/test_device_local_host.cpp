@@ -10,6 +10,7 @@
 #include <atomic>
 #include <boost/test/unit_test.hpp>
 #include <chrono>
+#include <latch>
 #include <string>
 
 namespace {
@@ -107,24 +108,33 @@ BOOST_AUTO_TEST_CASE(an_abandoned_step_makes_every_peer_raise_at_once) {
   }
 }
 
-// Rank 1 never joins the count round: the others raise timeout_error after the fabric's timeout,
-// naming it; when it arrives afterwards it learns the others gave up on it.
+// Rank 1 never joins the count round: the others (meeting first, so that both wait the same
+// timeout) raise timeout_error after it, naming rank 1; when it arrives afterwards it learns the
+// others gave up on it.
 BOOST_AUTO_TEST_CASE(a_missing_rank_is_named_by_the_ranks_that_waited) {
   const dynamic_topology topo(1, 3);
-  locus_test::host_local_fabric fabric(topo, transport_kind::flat, exchange_options{std::chrono::milliseconds(300)});
+  locus_test::host_local_fabric fabric(topo, transport_kind::flat, exchange_options{std::chrono::milliseconds(1000)});
   std::vector<std::string> said(topo.ranks());
   std::atomic<int> waited{0};
+  std::latch both(2);
   dlc::on_ranks(topo.ranks(), [&](std::size_t r) {
     auto ep = fabric.endpoint(r, 0);
     const std::vector<std::size_t> ones(3, 1);
     device_counts counts;
-    if (r == 1)
-      while (waited.load() < 2) // arrive only after both peers gave up
+    if (r == 1) {
+      // Arrive only after both peers gave up (bounded: a peer that failed otherwise counts too).
+      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+      while (waited.load() < 2 && std::chrono::steady_clock::now() < until)
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    } else {
+      both.arrive_and_wait();
+    }
     try {
       ep.exchange_device_counts(exchange_group::world, 8, ones, 4, ones, counts, 1);
     } catch (const timeout_error& e) {
       said[r] = e.what();
+    } catch (const std::exception& e) {
+      said[r] = std::string("another error: ") + e.what();
     }
     if (r != 1) ++waited;
   });

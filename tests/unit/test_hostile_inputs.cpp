@@ -23,10 +23,13 @@
 #include <locus/grouper/workload_model_json.hpp>
 #include <locus/placement/activation_plan.hpp>
 #include <locus/placement/load_import.hpp>
+#include <locus/placement/migration.hpp>
+#include <locus/placement/token_refine.hpp>
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
 #include <locus/trace/jsonl.hpp>
 #include <locus/transport/local.hpp>
+#include <numeric>
 #include <random>
 #include <string>
 #include <sys/resource.h>
@@ -797,6 +800,29 @@ BOOST_AUTO_TEST_CASE(absurd_sizes_are_config_errors) {
         [] { (void)transport::local_fabric(dynamic_topology(2049, 1), transport_kind::hierarchical); },
         "2049 ranks exceed the limit of 2048 ranks in one process (its exchange tables grow as ranks², about 0.3 GB "
         "here)");
+    // The token state packs each copy's rank and node in 16 bits each, the all-ones word meaning
+    // none: every entry point that builds it refuses 65,535 ranks (replan_by_tokens and
+    // sample_copy_cost built it unchecked, after a ranks² replica table of about 17 GB).
+    {
+      const dynamic_topology topo(1, 65535);
+      std::vector<expert_id> slots(topo.ranks());
+      std::iota(slots.begin(), slots.end(), expert_id{0});
+      const std::vector<expert_map> maps{expert_map(topo.ranks(), topo.ranks(), 1, slots)};
+      placement::token_sample sample;
+      sample.experts = topo.ranks();
+      sample.top_k = 2;
+      sample.home = {0, 0};
+      sample.ids = {{0, 65534, 65534, 1}};
+      expect_config(
+          "replan 65535 ranks", [&] { (void)placement::replan_by_tokens(maps, sample, topo, {}, 10, 1); },
+          "token refinement: 65535 ranks (at most 65,534)");
+      expect_config(
+          "copy cost 65535 ranks", [&] { (void)placement::sample_copy_cost(maps, sample, topo, {}); },
+          "token refinement: 65535 ranks (at most 65,534)");
+      expect_config(
+          "refine 65535 ranks", [&] { (void)placement::refine_layer_by_tokens(maps[0], sample, 0, topo, {}); },
+          "token refinement: 65535 ranks (at most 65,534)");
+    }
     BOOST_CHECK_NO_THROW((void)placement::slots_for(64, 8, 56));
     expect_config(
         "redundant 57", [] { (void)placement::slots_for(64, 8, 57); }, "expected at most 56");

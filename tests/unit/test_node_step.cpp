@@ -106,6 +106,7 @@ struct host_engine {
   const layout<>* l;
   std::size_t source;
   exchange_result metadata, rows, returned;
+  std::vector<std::byte> last; // the last exchange's received bytes
 
   template <class Stage, class... A>
   void launch(std::size_t, Stage, A... a) {
@@ -127,9 +128,13 @@ struct host_engine {
     std::copy(tables.begin(), tables.end(), table_dst);
     *word_dst = word;
   }
+  // The received bytes stay valid only until the next exchange of any kind (step_engine.hpp): each
+  // exchange poisons the last one's bytes and copies its own into a fresh block, so a sequence
+  // that read a result after another exchange reads poison (or freed memory, under ASan).
   const void* exchange(exchange_group g, ns::received into, std::size_t element_bytes, const void* send,
                        std::span<const std::size_t> send_counts, std::span<const std::size_t> recv_counts) {
     exchange_result& out = into == ns::received::metadata ? metadata : into == ns::received::rows ? rows : returned;
+    std::fill(last.begin(), last.end(), std::byte{0xA5});
     std::size_t n = 0;
     for (std::size_t c : send_counts)
       n += c;
@@ -140,7 +145,8 @@ struct host_engine {
     req.counts = send_counts;
     req.expected_counts = recv_counts;
     ex->exchange(req, out);
-    return out.rows.data();
+    last = std::vector<std::byte>(out.rows.begin(), out.rows.end());
+    return last.data();
   }
   void permute(double* dst) {
     for (std::size_t r = 0; r < l->rows(); ++r)
@@ -221,7 +227,7 @@ void check_case(const locus_test::dispatch_case& c, grid_shape grid) {
       try {
         auto endpoint = fabric.endpoint(q);
         const auto& l = layouts[q];
-        host_engine e{grid, &endpoint, &l, q, {}, {}, {}};
+        host_engine e{grid, &endpoint, &l, q, {}, {}, {}, {}};
         ns::step_buffers<host_engine, double> b;
         const ns::layout_view lay{counts_of(q),
                                   l.rows(),

@@ -1159,25 +1159,3 @@ BOOST_AUTO_TEST_CASE(replay_inputs_that_do_not_fit_the_trace_are_refused) {
   opt.reference = short_layer;
   BOOST_CHECK_THROW(cost::run_online(t, s, run.maps, run.cfg, opt, keep), config_error);
 }
-
-// The token state packs each copy's rank and node in 16 bits each (the all-ones word meaning none):
-// every entry point that builds it refuses 65,535 ranks and more, not only refine_by_tokens. One
-// node: a per-node table of so many nodes would take tens of GB if the check were missing.
-BOOST_AUTO_TEST_CASE(token_state_refuses_ranks_past_sixteen_bits) {
-  const dynamic_topology topo(1, 65535);
-  const std::size_t experts = topo.ranks();
-  std::vector<expert_id> slots(experts);
-  std::iota(slots.begin(), slots.end(), expert_id{0});
-  const std::vector<expert_map> maps{expert_map(experts, topo.ranks(), 1, slots)};
-  placement::token_sample sample;
-  sample.experts = experts;
-  sample.top_k = 2;
-  sample.home = {0, 0};
-  sample.ids = {{0, 65534, 65534, 1}};
-  const auto refused = [](const config_error& e) {
-    return std::string(e.what()).find("at most 65,534") != std::string::npos;
-  };
-  BOOST_CHECK_EXCEPTION(placement::replan_by_tokens(maps, sample, topo, {}, 10, 1), config_error, refused);
-  BOOST_CHECK_EXCEPTION(placement::sample_copy_cost(maps, sample, topo, {}), config_error, refused);
-  BOOST_CHECK_EXCEPTION(placement::refine_layer_by_tokens(maps[0], sample, 0, topo, {}), config_error, refused);
-}

@@ -19,8 +19,17 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::node_step {
 
-//! The stage bodies as launchable types (step_engine.hpp).
+//! The stage bodies as launchable types: `name::run(grid_index, args...)` calls the body, so an
+//! engine launches it as one kernel template (the device dispatcher's `stage_kernel<name, ...>`)
+//! or runs it through stage::run_grid.
 namespace stages {
+#define LOCUS_DETAIL_STAGE_TYPE(name, body)                                                                            \
+  struct name {                                                                                                        \
+    template <class... A>                                                                                              \
+    LOCUS_HOST_DEVICE static void run(grid_index g, A... a) {                                                          \
+      body(g, a...);                                                                                                   \
+    }                                                                                                                  \
+  };
 LOCUS_DETAIL_STAGE_TYPE(rail_row_entries, node_step::rail_row_entries)
 LOCUS_DETAIL_STAGE_TYPE(rail_entries, node_step::rail_entries)
 LOCUS_DETAIL_STAGE_TYPE(unpack_entries, node_step::unpack_entries)
@@ -36,6 +45,7 @@ LOCUS_DETAIL_STAGE_TYPE(forward_count, node_step::forward_count)
 LOCUS_DETAIL_STAGE_TYPE(forward_place, node_step::forward_place)
 LOCUS_DETAIL_STAGE_TYPE(fill, node_step::fill)
 LOCUS_DETAIL_STAGE_TYPE(return_index, node_step::return_index)
+#undef LOCUS_DETAIL_STAGE_TYPE
 } // namespace stages
 
 using step::received;
@@ -73,7 +83,7 @@ struct step_buffers {
 //! Dispatch of rank `self` once the count round is read (`sc`): the rail stage, the fan-out checked
 //! on the device, the node stage's entry metadata (into b.recv_*; then `metadata_received()`, where
 //! the caller builds its receive layout), then the node stage's rows. Returns the received rows
-//! (sc.node_in of them, node-member order), valid until the engine's next exchange of rows.
+//! (sc.node_in of them, node-member order), valid until the engine's next exchange.
 template <class E, class T, class Received>
 const T* dispatch_sequence(E& e, step_buffers<E, T>& b, const layout_view& lay, const step_counts& sc, std::size_t gpus,
                            std::size_t self, std::size_t hidden, Received&& metadata_received) {

@@ -1,7 +1,7 @@
 #pragma once
 //! @file
-//! What the device step's sequences (detail/flat_step_sequence.hpp, detail/node_step_sequence.hpp)
-//! are written against: an *engine* that runs stage bodies, scans, copies and exchanges. The
+//! What the hierarchical device step's sequence (detail/node_step_sequence.hpp) is written against:
+//! an *engine* that runs stage bodies, scans, copies and exchanges. The
 //! device dispatcher's engine (`transport/device_dispatch.hpp`) issues CUDA launches, CUB scans
 //! and the endpoint's device exchanges on its stream; the CPU tests' engine (test_node_step) runs
 //! the bodies through stage::run_grid and the exchanges over the in-process host transport, ranks
@@ -16,30 +16,19 @@
 //! - `upload(tables, first_word, table_dst, word_dst)`: host tables and a check word to where the
 //!   bodies read them;
 //! - `exchange(group, received, element_bytes, send, send_counts, receive_counts)`: a known-count
-//!   exchange over `group`, returning the received elements (in member order), valid until the
-//!   next exchange into the same `received` buffer;
+//!   exchange over `group`, returning the received elements (in member order), valid only until the
+//!   engine's next exchange of any kind (the NCCL transport has one receive buffer); `received`
+//!   names the record of counts and offsets it fills, which the caller may read later;
 //! - `permute(dst)`: the layout's rows, in layout order; `gather(src, index, n, dst)`: dst[i] =
 //!   src[index[i]] for n rows; `reduce(src, offsets, position, weight, n, dst, flag)`: dst[r] = the
 //!   weighted sum of src[position[e]] over r's entries e, zeros when `*flag` is set.
 
 #include <locus/core/config.hpp>
-#include <locus/transport/detail/stage.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::step {
 
-//! Which of the engine's receive buffers an exchange writes: entry metadata (copied out before
-//! the next), rows, and rows coming back in combine.
+//! Which of the engine's exchange records (counts and offsets, not the received bytes) an exchange
+//! fills: entry metadata, rows, and rows coming back in combine.
 enum class received { metadata, rows, returned };
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::step
-
-//! A stage body as a launchable type `name`: `name::run(grid_index, args...)` calls `body`, so an
-//! engine launches it as one kernel template (the device dispatcher's `stage_kernel<name, ...>`)
-//! or runs it through stage::run_grid.
-#define LOCUS_DETAIL_STAGE_TYPE(name, body)                                                                            \
-  struct name {                                                                                                        \
-    template <class... A>                                                                                              \
-    LOCUS_HOST_DEVICE static void run(::locus::transport::detail::stage::grid_index g, A... a) {                       \
-      body(g, a...);                                                                                                   \
-    }                                                                                                                  \
-  };
