@@ -9,6 +9,7 @@
 // fan-outs must be refused where the dispatcher relies on their checks.
 #define BOOST_TEST_MODULE node_step
 #include "../mpi/dispatch_cases.hpp"
+#include "../support/host_step_engine.hpp"
 
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
@@ -32,6 +33,7 @@ using namespace locus;
 using namespace locus::transport;
 namespace ns = locus::transport::detail::node_step;
 namespace st = locus::transport::detail::stage;
+namespace hs = locus_test::host_step;
 
 namespace {
 
@@ -43,9 +45,6 @@ template <class Body>
 void run(grid_shape g, Body&& body) {
   st::run_grid(g.blocks, g.threads, body);
 }
-
-// An expert's output for a token: small integers, so every sum below is exact in double.
-double output(std::int64_t id, expert_id e) { return static_cast<double>(id % 97 + 1) * (e + 3); }
 
 // Tokens reaching each rank, counted independently of the layout (distinct ranks of its copies).
 std::vector<std::int32_t> reach_of(const layout<>& l, std::size_t ranks, std::size_t k) {
@@ -59,132 +58,8 @@ std::vector<std::int32_t> reach_of(const layout<>& l, std::size_t ranks, std::si
   return reach;
 }
 
-// The count round every rank makes: per receiver q, what each source sent it.
-struct round_state {
-  std::vector<std::vector<std::size_t>> rows, entries; // per source: to each rank
-  std::vector<std::vector<std::uint32_t>> tail;        // per source: W per rank
-};
-device_counts delivered(const round_state& r, std::size_t q, std::size_t W) {
-  device_counts out;
-  out.tail_width = W;
-  for (std::size_t s = 0; s < r.rows.size(); ++s) {
-    out.rows.push_back(r.rows[s][q]);
-    out.entries.push_back(r.entries[s][q]);
-    out.tail.insert(out.tail.end(), r.tail[s].begin() + static_cast<std::ptrdiff_t>(q * W),
-                    r.tail[s].begin() + static_cast<std::ptrdiff_t>(q * W + W));
-  }
-  return out;
-}
-
-// A host buffer that fills what it holds with a poison value at every resize, as device memory
-// holds whatever it held: a stage that reads an element the sequence never wrote shows.
-template <class U>
-struct poisoned_buffer {
-  std::vector<U> v;
-  void resize(std::size_t n) { v.assign(n, poison()); }
-  U* data() noexcept { return v.data(); }
-  const U* data() const noexcept { return v.data(); }
-  static U poison() {
-    if constexpr (std::is_same_v<U, ns::node_entry>)
-      return {-1000003, -1000003, std::numeric_limits<float>::quiet_NaN()};
-    else if constexpr (std::is_floating_point_v<U>)
-      return std::numeric_limits<U>::quiet_NaN();
-    else
-      return static_cast<U>(-1000003);
-  }
-};
-
-// The hierarchical step's host engine (detail/node_step_sequence.hpp): stage bodies through
-// stage::run_grid on one grid shape, the one-thread scan body, exchanges over the in-process host
-// transport (each checks that every sender sends the counts the receiver expects). A row is one
-// double: the token's identity on the way out, its weighted sum on the way back.
-struct host_engine {
-  template <class U>
-  using buffer = poisoned_buffer<U>;
-  grid_shape grid;
-  local_transport* ex;
-  const layout<>* l;
-  std::size_t source;
-  exchange_result metadata, rows, returned;
-  std::vector<std::byte> last; // the last exchange's received bytes
-
-  template <class Stage, class... A>
-  void launch(std::size_t, Stage, A... a) {
-    run(grid, [&](st::grid_index g) { Stage::run(g, a...); });
-  }
-  void scan(const std::int32_t* in, std::size_t n, std::int32_t* out) {
-    run(grid, [&](st::grid_index g) { st::exclusive_scan(g, in, n, out); });
-  }
-  template <class U>
-  void zero(U* p, std::size_t n) {
-    std::fill_n(p, n, U{});
-  }
-  template <class U>
-  void copy(U* dst, const U* src, std::size_t n) {
-    std::copy_n(src, n, dst);
-  }
-  void upload(std::span<const std::int32_t> tables, std::int32_t word, std::int32_t* table_dst,
-              std::int32_t* word_dst) {
-    std::copy(tables.begin(), tables.end(), table_dst);
-    *word_dst = word;
-  }
-  // The received bytes stay valid only until the next exchange of any kind (step_engine.hpp): each
-  // exchange poisons the last one's bytes and copies its own into a fresh block, so a sequence
-  // that read a result after another exchange reads poison (or freed memory, under ASan).
-  const void* exchange(exchange_group g, ns::received into, std::size_t element_bytes, const void* send,
-                       std::span<const std::size_t> send_counts, std::span<const std::size_t> recv_counts) {
-    exchange_result& out = into == ns::received::metadata ? metadata : into == ns::received::rows ? rows : returned;
-    std::fill(last.begin(), last.end(), std::byte{0xA5});
-    std::size_t n = 0;
-    for (std::size_t c : send_counts)
-      n += c;
-    exchange_request req;
-    req.group = g;
-    req.row_bytes = element_bytes;
-    req.rows = {static_cast<const std::byte*>(send), n * element_bytes};
-    req.counts = send_counts;
-    req.expected_counts = recv_counts;
-    ex->exchange(req, out);
-    last = std::vector<std::byte>(out.rows.begin(), out.rows.end());
-    return last.data();
-  }
-  void permute(double* dst) {
-    for (std::size_t r = 0; r < l->rows(); ++r)
-      dst[r] = static_cast<double>(id_of(source, static_cast<std::size_t>(l->row_token()[r])));
-  }
-  void gather(const double* src, const std::int32_t* index, std::size_t n, double* dst) {
-    for (std::size_t i = 0; i < n; ++i)
-      dst[i] = src[index[i]];
-  }
-  void reduce(const double* src, const std::int32_t* offsets, const std::int32_t* position, const float* weight,
-              std::size_t n, double* dst, const std::int32_t* flag) {
-    for (std::size_t r = 0; r < n; ++r) {
-      double sum = 0;
-      if (*flag == 0)
-        for (std::int32_t e = offsets[r]; e < offsets[r + 1]; ++e)
-          sum += static_cast<double>(weight[position[e]]) * src[position[e]];
-      dst[r] = sum;
-    }
-  }
-  static std::int64_t id_of(std::size_t s, std::size_t t) { return static_cast<std::int64_t>(s * 1000000 + t); }
-};
-
-// What one rank's run of the sequence received and returned.
-struct rank_result {
-  std::vector<double> received;                 // the node stage's rows (token identities)
-  std::vector<std::int32_t> row_entries, slots; // their entry metadata
-  std::vector<float> weights;
-  std::vector<double> returned; // the layout's rows after combine
-  std::int32_t flag = -1;       // the forwarding check's word
-  std::exception_ptr error;
-};
-
-// Every rank runs dispatch_sequence and combine_sequence (the device dispatcher's own order) on
-// the host, ranks as threads over a local_fabric; the expert output of a received row is computed
-// here from its metadata. Each rank must receive every copy routed to it once (token, expert,
-// weight) under the segments the count round announced, and combine must return each token's
-// weighted sum over its copies; the reference comes from the routings and the host layouts'
-// replica choices alone.
+// Every rank runs dispatch_sequence and combine_sequence (the device dispatcher's own order) with
+// the host engine (tests/support/host_step_engine.hpp), then the checks every device step passes.
 void check_case(const locus_test::dispatch_case& c, grid_shape grid) {
   const auto& topo = c.topo;
   const std::size_t R = topo.ranks(), G = topo.gpus_per_node(), K = c.k, S = c.map.slots_per_rank();
@@ -192,7 +67,7 @@ void check_case(const locus_test::dispatch_case& c, grid_shape grid) {
   std::vector<layout<>> layouts(R);
   std::vector<std::vector<std::int32_t>> reach(R);
   std::vector<ns::step_counts> sc(R);
-  round_state round;
+  hs::round_state round;
   round.rows.resize(R);
   round.entries.resize(R);
   round.tail.resize(R);
@@ -213,125 +88,43 @@ void check_case(const locus_test::dispatch_case& c, grid_shape grid) {
     BOOST_TEST(by_rule == reach[s]);
     ns::round_message(counts_of(s), G, s, S, round.rows[s], round.entries[s], round.tail[s]);
   }
+  std::vector<std::vector<std::int32_t>> slot_offsets(R);
   for (std::size_t q = 0; q < R; ++q) {
-    const std::string why = ns::counts_from(counts_of(q), delivered(round, q, W), G, q, S, sc[q]);
+    const std::string why = ns::counts_from(counts_of(q), hs::delivered(round, q, W), G, q, S, sc[q]);
     BOOST_TEST_REQUIRE(why.empty(), "rank " << q << ": " << why);
+    slot_offsets[q] = sc[q].slot_offsets;
   }
-
-  local_fabric fabric(topo, transport_kind::hierarchical, exchange_options{std::chrono::milliseconds(20000)});
-  std::vector<rank_result> results(R);
-  std::vector<std::thread> threads;
-  for (std::size_t q = 0; q < R; ++q)
-    threads.emplace_back([&, q] {
-      auto& out = results[q];
-      try {
-        auto endpoint = fabric.endpoint(q);
-        const auto& l = layouts[q];
-        host_engine e{grid, &endpoint, &l, q, {}, {}, {}, {}};
-        ns::step_buffers<host_engine, double> b;
-        const ns::layout_view lay{counts_of(q),
-                                  l.rows(),
-                                  l.row_entry_offsets().data(),
-                                  l.entry_target().data(),
-                                  l.entry_slot().data(),
-                                  l.entry_weight().data()};
-        const std::size_t nin = sc[q].node_in, nin_entries = sc[q].node_in_entries;
-        const double* rows = ns::dispatch_sequence(e, b, lay, sc[q], G, q, 1, [&] {
-          out.row_entries.assign(b.recv_row_entries.data(), b.recv_row_entries.data() + nin);
-          out.slots.assign(b.recv_slots.data(), b.recv_slots.data() + nin_entries);
-          out.weights.assign(b.recv_weights.data(), b.recv_weights.data() + nin_entries);
-        });
-        out.received.assign(rows, rows + nin);
-        // The experts' weighted outputs summed per received row (its entries in order).
-        std::vector<double> back;
-        std::size_t e0 = 0;
-        for (std::size_t r = 0; r < nin; ++r) {
-          double sum = 0;
-          for (std::int32_t i = 0; i < out.row_entries[r] && e0 < nin_entries; ++i, ++e0) {
-            const auto slot = static_cast<std::size_t>(out.slots[e0]);
-            if (slot >= S) throw std::logic_error("a received slot out of range");
-            const auto id = static_cast<std::int64_t>(out.received[r]);
-            sum += static_cast<double>(out.weights[e0]) * output(id, c.map.expert_at(q, slot));
-          }
-          back.push_back(sum);
-        }
-        const double* ret = ns::combine_sequence(e, b, lay, sc[q], G, q, 1, back.data());
-        out.returned.assign(ret, ret + l.rows());
-        out.flag = b.flag.data()[0];
-      } catch (...) {
-        out.error = std::current_exception();
-      }
-    });
-  for (auto& t : threads)
-    t.join();
-  for (std::size_t q = 0; q < R; ++q)
-    if (results[q].error) {
-      try {
-        std::rethrow_exception(results[q].error);
-      } catch (const std::exception& e) {
-        BOOST_FAIL("rank " << q << ": " << e.what());
-      }
-    }
-
-  // Every copy arrives once at the rank of its replica, with its slot's expert and its weight,
-  // under the segments the count round announced.
-  using copy = std::tuple<std::int64_t, expert_id, float>;
-  std::vector<std::vector<copy>> expected(R), got(R);
-  for (std::size_t s = 0; s < R; ++s)
-    for (std::size_t t = 0; t < c.routings[s].tokens(); ++t)
-      for (std::size_t j = 0; j < K; ++j) {
-        const auto d = static_cast<std::size_t>(layouts[s].copy_rank()[t * K + j]);
-        expected[d].emplace_back(host_engine::id_of(s, t), c.routings[s].view().expert(t, j),
-                                 c.routings[s].view().weight(t, j));
-      }
-  for (std::size_t q = 0; q < R; ++q) {
-    const auto& me = results[q];
-    BOOST_TEST_CONTEXT("rank " << q) {
-      BOOST_TEST(me.flag == 0);
-      std::vector<std::int32_t> per_slot(S + 1, 0);
-      std::size_t e = 0;
-      for (std::size_t r = 0; r < me.received.size(); ++r) {
-        BOOST_TEST_REQUIRE(me.row_entries[r] >= 1);
-        for (std::int32_t i = 0; i < me.row_entries[r]; ++i, ++e) {
-          BOOST_TEST_REQUIRE(e < me.slots.size());
-          const auto slot = static_cast<std::size_t>(me.slots[e]);
-          got[q].emplace_back(static_cast<std::int64_t>(me.received[r]), c.map.expert_at(q, slot), me.weights[e]);
-          ++per_slot[slot + 1];
-        }
-      }
-      BOOST_TEST(e == me.slots.size());
-      for (std::size_t i = 0; i < S; ++i)
-        per_slot[i + 1] += per_slot[i];
-      BOOST_TEST(per_slot == sc[q].slot_offsets);
-      std::sort(expected[q].begin(), expected[q].end());
-      std::sort(got[q].begin(), got[q].end());
-      BOOST_TEST((got[q] == expected[q]));
-    }
-  }
-  // Combine: each token's distinct rows summed equal its weighted sum over its copies.
-  for (std::size_t s = 0; s < R; ++s) {
-    const auto& l = layouts[s];
-    const auto& rows = results[s].returned;
-    for (std::size_t t = 0; t < c.routings[s].tokens(); ++t) {
-      double y = 0, want = 0;
-      std::vector<std::int32_t> seen;
-      for (std::size_t j = 0; j < K; ++j) {
-        const std::int32_t row = l.copy_row()[t * K + j];
-        if (std::find(seen.begin(), seen.end(), row) == seen.end()) y += rows.at(static_cast<std::size_t>(row));
-        seen.push_back(row);
-        want += static_cast<double>(c.routings[s].view().weight(t, j)) *
-                output(host_engine::id_of(s, t), c.routings[s].view().expert(t, j));
-      }
-      BOOST_TEST_CONTEXT("rank " << s << " token " << t) { BOOST_TEST(y == want); }
-    }
-  }
+  const auto results =
+      hs::run_ranks(topo, transport_kind::hierarchical, layouts, grid.blocks, grid.threads,
+                    [&](std::size_t q, hs::engine& e, hs::rank_result& out) {
+                      const auto& l = layouts[q];
+                      ns::step_buffers<hs::engine, double> b;
+                      const ns::layout_view lay{counts_of(q),
+                                                l.rows(),
+                                                l.row_entry_offsets().data(),
+                                                l.entry_target().data(),
+                                                l.entry_slot().data(),
+                                                l.entry_weight().data()};
+                      const std::size_t nin = sc[q].node_in, nin_entries = sc[q].node_in_entries;
+                      const double* rows = ns::dispatch_sequence(e, b, lay, sc[q], G, q, 1, [&] {
+                        out.row_entries.assign(b.recv_row_entries.data(), b.recv_row_entries.data() + nin);
+                        out.slots.assign(b.recv_slots.data(), b.recv_slots.data() + nin_entries);
+                        out.weights.assign(b.recv_weights.data(), b.recv_weights.data() + nin_entries);
+                      });
+                      out.received.assign(rows, rows + nin);
+                      const std::vector<double> back = hs::expert_sums(out, c.map, q);
+                      const double* ret = ns::combine_sequence(e, b, lay, sc[q], G, q, 1, back.data());
+                      out.returned.assign(ret, ret + l.rows());
+                      out.flag = b.flag.data()[0];
+                    });
+  hs::check_step(c, layouts, results, slot_offsets);
 }
 
 // The round of one case, for the refusal tests: every rank's layout counts and messages.
 struct case_round {
   std::vector<layout<>> layouts;
   std::vector<std::vector<std::int32_t>> reach;
-  round_state round;
+  hs::round_state round;
   ns::layout_counts counts(std::size_t s) const {
     return {layouts[s].rank_offsets(), layouts[s].rank_entry_offsets(), layouts[s].slot_counts(), reach[s]};
   }
@@ -387,11 +180,11 @@ BOOST_AUTO_TEST_CASE(doctored_rounds_are_refused) {
     const auto cr = make_round(c);
     for (std::size_t q = 0; q < R; ++q) {
       ns::step_counts good, bad;
-      BOOST_TEST_REQUIRE(ns::counts_from(cr.counts(q), delivered(cr.round, q, W), G, q, S, good).empty());
+      BOOST_TEST_REQUIRE(ns::counts_from(cr.counts(q), hs::delivered(cr.round, q, W), G, q, S, good).empty());
       BOOST_TEST_CONTEXT("seed " << seed << ", rank " << q) {
         // A rank of its node whose first-hand rows disagree with its tail.
         const std::size_t peer = q ^ 1, rail_peer = (q + G) % R, stranger_rank = (q + G) % R ^ 1;
-        auto d = delivered(cr.round, q, W);
+        auto d = hs::delivered(cr.round, q, W);
         ++d.rows[peer];
         std::string why = ns::counts_from(cr.counts(q), d, G, q, S, bad);
         BOOST_TEST(why.find("by rank " + std::to_string(peer) + " of its node") != std::string::npos, why);
@@ -402,14 +195,14 @@ BOOST_AUTO_TEST_CASE(doctored_rounds_are_refused) {
         BOOST_TEST((bad.sized && bad.indexable));
         ++own;
         // A rail peer announcing entries its forwards do not add up to.
-        d = delivered(cr.round, q, W);
+        d = hs::delivered(cr.round, q, W);
         ++d.entries[rail_peer];
         why = ns::counts_from(cr.counts(q), d, G, q, S, bad);
         BOOST_TEST(why.find("by rank " + std::to_string(rail_peer) + ", which forwards") != std::string::npos, why);
         ++rail;
         // A rail peer whose reach of this rank differs from what it says this rank forwards to
         // itself: this rank's self-exchange would be sized two ways.
-        d = delivered(cr.round, q, W);
+        d = hs::delivered(cr.round, q, W);
         ++d.tail[rail_peer * W + S]; // its reach of q
         why = ns::counts_from(cr.counts(q), d, G, q, S, bad);
         BOOST_TEST(why.find("was told by rank " + std::to_string(rail_peer)) != std::string::npos, why);
@@ -420,13 +213,13 @@ BOOST_AUTO_TEST_CASE(doctored_rounds_are_refused) {
         BOOST_TEST(bad.node_in == in);
         ++rail_self;
         // A rank of another node, not its rail peer, sending first-hand.
-        d = delivered(cr.round, q, W);
+        d = hs::delivered(cr.round, q, W);
         ++d.rows[stranger_rank];
         why = ns::counts_from(cr.counts(q), d, G, q, S, bad);
         BOOST_TEST(why.find("sends it none first-hand") != std::string::npos, why);
         ++stranger;
         // A tail of another width.
-        d = delivered(cr.round, q, W);
+        d = hs::delivered(cr.round, q, W);
         d.tail_width = S;
         why = ns::counts_from(cr.counts(q), d, G, q, S, bad);
         BOOST_TEST(why.find("needs " + std::to_string(W)) != std::string::npos, why);
@@ -437,7 +230,7 @@ BOOST_AUTO_TEST_CASE(doctored_rounds_are_refused) {
     // Entries for a slot that holds no expert (the dispatcher's refusal, after counts_from).
     for (std::size_t q = 0; q < R; ++q) {
       ns::step_counts sc;
-      BOOST_TEST_REQUIRE(ns::counts_from(cr.counts(q), delivered(cr.round, q, W), G, q, S, sc).empty());
+      BOOST_TEST_REQUIRE(ns::counts_from(cr.counts(q), hs::delivered(cr.round, q, W), G, q, S, sc).empty());
       std::vector<expert_id> slot_expert;
       for (std::size_t s = 0; s < S; ++s)
         slot_expert.push_back(c.map.expert_at(q, s));
@@ -474,9 +267,9 @@ BOOST_AUTO_TEST_CASE(a_round_past_32_bits_fans_out_nothing) {
     for (std::size_t q = 0; q < R; ++q) {
       BOOST_TEST_CONTEXT("seed " << seed << ", rank " << q) {
         ns::step_counts fresh, sc;
-        BOOST_TEST_REQUIRE(ns::counts_from(cr.counts(q), delivered(cr.round, q, W), G, q, S, fresh).empty());
+        BOOST_TEST_REQUIRE(ns::counts_from(cr.counts(q), hs::delivered(cr.round, q, W), G, q, S, fresh).empty());
         BOOST_TEST(ns::fanout_rows(fresh) == fresh.rail_in);
-        auto d = delivered(cr.round, q, W);
+        auto d = hs::delivered(cr.round, q, W);
         d.tail[((q + G) % R) * W] += 0x80000000u;
         const std::string why = ns::counts_from(cr.counts(q), d, G, q, S, sc);
         BOOST_TEST(!why.empty());
@@ -484,7 +277,7 @@ BOOST_AUTO_TEST_CASE(a_round_past_32_bits_fans_out_nothing) {
         BOOST_TEST(ns::fanout_rows(sc) == 0u);
         BOOST_TEST((sc.node_send == fresh.node_send && sc.rail_send == fresh.rail_send));
         BOOST_TEST((sc.rail_recv == fresh.rail_recv && sc.node_recv == fresh.node_recv));
-        BOOST_TEST(ns::counts_from(cr.counts(q), delivered(cr.round, q, W), G, q, S, sc).empty());
+        BOOST_TEST(ns::counts_from(cr.counts(q), hs::delivered(cr.round, q, W), G, q, S, sc).empty());
         BOOST_TEST(sc.indexable);
         BOOST_TEST((sc.tables == fresh.tables && sc.slot_offsets == fresh.slot_offsets));
         BOOST_TEST(ns::fanout_rows(sc) == fresh.rail_in);
@@ -520,7 +313,7 @@ BOOST_AUTO_TEST_CASE(fanout_against_other_announced_forwards_is_flagged) {
       if (a == q % G) --round.tail[p][q * W + S];
       if (b == q % G) ++round.tail[p][q * W + S];
       ns::step_counts sc;
-      const std::string why = ns::counts_from(cr.counts(q), delivered(round, q, W), G, q, S, sc);
+      const std::string why = ns::counts_from(cr.counts(q), hs::delivered(round, q, W), G, q, S, sc);
       BOOST_TEST(why.empty(), why); // the round alone cannot tell
       // q's fan-out of p's actual rail rows.
       const auto& lp = cr.layouts[p];

@@ -58,6 +58,7 @@
 #include <locus/core/expert_map.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/layer/expert_compute.hpp>
+#include <locus/transport/detail/flat_step_sequence.hpp>
 #include <locus/transport/detail/node_step.hpp>
 #include <locus/transport/detail/node_step_sequence.hpp>
 #include <locus/transport/detail/stage.hpp>
@@ -81,24 +82,11 @@ struct not_owned {
   void operator()(T*) const noexcept {}
 };
 
-template <class = void>
-__global__ void adjacent_difference_kernel(const std::int32_t* offsets, std::size_t n, std::int32_t* out) {
-  stage::adjacent_difference(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, offsets, n, out);
-}
-
-// A stage of the hierarchical step (detail/node_step_sequence.hpp's `stages`) as a kernel.
+// A stage of a device step (the `stages` of detail/flat_step_sequence.hpp and node_step_sequence.hpp) as
+// a kernel.
 template <class Stage, class... A>
 __global__ void stage_kernel(A... a) {
   Stage::run(stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, a...);
-}
-
-// Received entry metadata: the result of an exchange copied, device to device, to `out` (the
-// transport's buffer is reused by its next exchange).
-template <class U>
-void keep(const device_exchange_result& in, device_buffer<U>& out, cudaStream_t stream) {
-  const std::size_t n = in.offsets.back();
-  out.resize(std::max<std::size_t>(n, 1));
-  if (n > 0) LOCUS_CUDA_CHECK(cudaMemcpyAsync(out.data(), in.rows, n * sizeof(U), cudaMemcpyDeviceToDevice, stream));
 }
 
 } // namespace detail::device_dispatch
@@ -389,8 +377,7 @@ private:
   // Flat: every row straight to its destination rank over the world group.
   void dispatch_flat(const T* x) {
     // An entry travels as its local slot and its weight.
-    const std::size_t R = map_.ranks(), row_bytes = hidden_ * sizeof(T),
-                      entry_bytes = sizeof(std::int32_t) + sizeof(float);
+    const std::size_t R = map_.ranks(), entry_bytes = sizeof(std::int32_t) + sizeof(float);
     const auto& ro = layout_.rank_offsets_host();
     const auto& eo = layout_.rank_entry_offsets_host();
     send_counts_.resize(R);
@@ -399,55 +386,42 @@ private:
       send_counts_[d] = static_cast<std::size_t>(ro[d + 1] - ro[d]);
       entry_counts_[d] = static_cast<std::size_t>(eo[d + 1] - eo[d]);
     }
-    const std::size_t rows = layout_.rows();
-    send_.resize(std::max<std::size_t>(rows, 1) * hidden_);
-    row_entries_.resize(std::max<std::size_t>(rows, 1));
-    permute(layout_, x, hx_, send_.data(), stream_);
-    if (rows > 0) {
-      detail::device_dispatch::adjacent_difference_kernel<><<<detail::layout::blocks_for(rows), 256, 0, stream_>>>(
-          layout_.row_entry_offsets(), rows, row_entries_.data());
-      LOCUS_CUDA_CHECK(cudaGetLastError());
-    }
+    // The sequence (detail/flat_step_sequence.hpp, which the CPU tests run too): the rows and
+    // their entry counts are queued before the count round, so they overlap its meeting.
+    step_engine e{*this, x};
+    const detail::flat_step::layout_view lay{layout_.rows(), layout_.row_entry_offsets(), layout_.entry_slot(),
+                                             layout_.entry_weight()};
+    detail::flat_step::prepare_sequence(e, flat_, lay, hidden_);
     // One count round for the step: rows and entries per destination, and in its tail the entries
     // for each slot of the destination, from the layout's counts (already on the host). Every
     // exchange after it knows its counts: no more header rounds, and no wait.
     const std::size_t S = map_.slots_per_rank();
     const auto& sc = layout_.slot_counts_host();
     slot_tail_.assign(sc.begin(), sc.end());
-    ex_->exchange_device_counts(exchange_group::world, row_bytes, send_counts_, entry_bytes, entry_counts_, counts_, 11,
-                                slot_tail_, static_cast<std::uint32_t>(S));
-    std::size_t recv_rows = 0, recv_entries = 0;
-    for (std::size_t s = 0; s < R; ++s) {
-      recv_rows += counts_.rows[s];
-      recv_entries += counts_.entries[s];
-    }
+    ex_->exchange_device_counts(exchange_group::world, hidden_ * sizeof(T), send_counts_, entry_bytes, entry_counts_,
+                                counts_, 11, slot_tail_, static_cast<std::uint32_t>(S));
     // The expert compute's segments: each local slot's entries summed over the senders.
     std::string why = detail::exchange::slot_offsets_from(counts_, S, expected_offsets_);
     if (why.empty()) why = detail::exchange::entries_for_empty_slot(expected_offsets_, slot_expert_);
     refuse_counts(why);
-    // Entry metadata, each result copied on the device (the next exchange reuses the transport's
-    // buffer); the receive layout is built and checked there against the announced segments.
-    ex_->exchange_device_known(exchange_group::world, sizeof(std::int32_t), bytes_of(row_entries_.data()), send_counts_,
-                               counts_.rows, meta_);
-    detail::device_dispatch::keep(meta_, recv_row_entries_, stream_);
-    ex_->exchange_device_known(exchange_group::world, sizeof(std::int32_t), bytes_of(layout_.entry_slot()),
-                               entry_counts_, counts_.entries, meta_);
-    detail::device_dispatch::keep(meta_, recv_slots_, stream_);
-    ex_->exchange_device_known(exchange_group::world, sizeof(float), bytes_of(layout_.entry_weight()), entry_counts_,
-                               counts_.entries, meta_);
-    detail::device_dispatch::keep(meta_, recv_weights_, stream_);
-    build_receive(expected_offsets_, recv_row_entries_.data(), recv_slots_.data(), recv_weights_.data(), recv_rows,
-                  recv_entries);
-    ex_->exchange_device_known(exchange_group::world, row_bytes, bytes_of(send_.data()), send_counts_, counts_.rows,
-                               rows_);
-    gather_input(reinterpret_cast<const T*>(rows_.rows));
+    // The receive layout is built and checked on the device against the announced segments.
+    std::size_t recv_rows = 0, recv_entries = 0;
+    for (std::size_t m = 0; m < R; ++m) {
+      recv_rows += counts_.rows[m];
+      recv_entries += counts_.entries[m];
+    }
+    const T* received =
+        detail::flat_step::dispatch_sequence(e, flat_, lay, send_counts_, entry_counts_, counts_, hidden_, [&] {
+          build_receive(expected_offsets_, flat_.recv_row_entries.data(), flat_.recv_slots.data(),
+                        flat_.recv_weights.data(), recv_rows, recv_entries);
+        });
+    gather_input(received);
   }
 
   // Flat combine: the rows back over the world group, in layout order.
   const T* combine_flat() {
-    ex_->exchange_device_known(exchange_group::world, hidden_ * sizeof(T), bytes_of(back_.data()), rows_.counts,
-                               send_counts_, returned_);
-    return reinterpret_cast<const T*>(returned_.rows);
+    step_engine e{*this, nullptr};
+    return detail::flat_step::combine_sequence(e, send_counts_, counts_, hidden_, back_.data());
   }
 
   // Hierarchical (node layouts), detail/node_step.hpp: one count round sizes every exchange of the
@@ -470,7 +444,7 @@ private:
     refuse_counts(why);
     // The rail stage, the fan-out and the node stage (detail/node_step_sequence.hpp, which the CPU
     // tests run too); the receive layout is built from the node stage's metadata before its rows.
-    node_engine e{*this, x};
+    step_engine e{*this, x};
     const T* received = ns::dispatch_sequence(e, node_, node_view(), sc_, G, self, hidden_, [&] {
       build_receive(sc_.slot_offsets, node_.recv_row_entries.data(), node_.recv_slots.data(), node_.recv_weights.data(),
                     sc_.node_in, sc_.node_in_entries);
@@ -485,7 +459,7 @@ private:
   // Hierarchical combine: node stage back; each rail peer sums, per rail row, what its node
   // returned for it; rail stage back; the layout's rows gathered in layout order.
   const T* combine_node() {
-    node_engine e{*this, nullptr};
+    step_engine e{*this, nullptr};
     return detail::node_step::combine_sequence(e, node_, node_view(), sc_, ex_->topology().gpus_per_node(), ex_->rank(),
                                                hidden_, back_.data());
   }
@@ -501,9 +475,9 @@ private:
             layout_.entry_weight()};
   }
 
-  // The hierarchical step's engine (detail/node_step_sequence.hpp): CUDA launches, CUB scans and
-  // the endpoint's known-count device exchanges, on the dispatcher's stream.
-  struct node_engine {
+  // The device steps' engine (detail/step_engine.hpp): CUDA launches, CUB scans and the endpoint's
+  // known-count device exchanges, on the dispatcher's stream.
+  struct step_engine {
     template <class U>
     using buffer = device_buffer<U>;
     device_dispatcher& d;
@@ -570,12 +544,9 @@ private:
   std::vector<std::size_t> block_offsets_, send_counts_, entry_counts_;
   device_layout<TopK, Experts> layout_;
   device_receive_layout drl_;
-  device_buffer<T> send_, expert_in_, expert_out_, back_;
-  device_buffer<std::int32_t> row_entries_; // flat: the entry counts of the rows sent
+  device_buffer<T> expert_in_, expert_out_, back_;
   device_exchange_result meta_, rows_, returned_;
-  device_counts counts_;                                      // the step's count round
-  device_buffer<std::int32_t> recv_row_entries_, recv_slots_; // flat: the received entry metadata
-  device_buffer<float> recv_weights_;
+  device_counts counts_;                       // the step's count round
   std::exception_ptr pending_;                 // this rank's routing error, raised by combine
   bool recv_bad_ = false;                      // the count round's counts were refused (host check)
   std::vector<std::uint32_t> slot_tail_;       // the count round's tail
@@ -587,8 +558,9 @@ private:
   std::exception_ptr deferred_; // the checks' error, raised by the next combine or finish()
   // Hierarchical only (detail/node_step.hpp).
   detail::node_step::step_counts sc_;
-  pinned_buffer<std::int32_t> tables_host_; // the step's tables on their way to the device
-  detail::node_step::step_buffers<node_engine, T> node_;
+  pinned_buffer<std::int32_t> tables_host_;              // the step's tables on their way to the device
+  detail::flat_step::step_buffers<step_engine, T> flat_; // flat only
+  detail::node_step::step_buffers<step_engine, T> node_;
   device_buffer<std::byte> scan_temp_;
 };
 

@@ -1,7 +1,7 @@
 #pragma once
 //! @file
-//! What the hierarchical device step's sequence (detail/node_step_sequence.hpp) is written against:
-//! an *engine* that runs stage bodies, scans, copies and exchanges. The
+//! What the device step's sequences (detail/flat_step_sequence.hpp, detail/node_step_sequence.hpp)
+//! are written against: an *engine* that runs stage bodies, scans, copies and exchanges. The
 //! device dispatcher's engine (`transport/device_dispatch.hpp`) issues CUDA launches, CUB scans
 //! and the endpoint's device exchanges on its stream; the CPU tests' engine (test_node_step) runs
 //! the bodies through stage::run_grid and the exchanges over the in-process host transport, ranks
