@@ -273,6 +273,32 @@ private:
   std::vector<std::unique_ptr<Board>> nodes_, rails_;
 };
 
+//! What every in-process fabric (local_fabric, device_local_fabric) holds: its topology, how
+//! dispatch over it moves copies, its options, and the boards its ranks meet on.
+template <class Board>
+class fabric_state {
+public:
+  fabric_state(const dynamic_topology& topo, transport_kind kind, exchange_options options, const char* name)
+      : topo_(topo), kind_(kind), options_(options), boards_(topo, name) {}
+  fabric_state(const fabric_state&) = delete;
+  fabric_state& operator=(const fabric_state&) = delete;
+
+  const dynamic_topology& topology() const noexcept { return topo_; }
+  transport_kind kind() const noexcept { return kind_; }
+  bool hierarchical() const noexcept { return kind_ == transport_kind::hierarchical; }
+  const exchange_options& options() const noexcept { return options_; }
+
+protected:
+  //! The board of `rank`'s instance of group `g` (for the fabric's endpoints).
+  Board& board(exchange_group g, std::size_t rank) { return boards_.of(g, rank); }
+
+private:
+  dynamic_topology topo_;
+  transport_kind kind_;
+  exchange_options options_;
+  group_boards<Board> boards_;
+};
+
 //! The header one member sends to each other member before the rows.
 struct header {
   std::uint64_t step = 0;  //!< the step the sender last announced (begin_step)

@@ -41,32 +41,20 @@ struct group_board {
 class local_transport;
 
 //! Shared memory of R in-process ranks. Create it once, then hand `endpoint(r)` to the thread
-//! acting as rank r. The fabric must outlive its endpoints.
-class local_fabric {
+//! acting as rank r. The fabric must outlive its endpoints. `topology()`, `kind()`,
+//! `hierarchical()` and `options()` say what it was made with.
+class local_fabric : public detail::exchange::fabric_state<detail::local::group_board> {
 public:
   //! @param topo         nodes × GPUs per node; its rank count is the number of endpoints
   //! @param kind how dispatch over these endpoints moves copies: the transport policy's `P::kind`
   local_fabric(const dynamic_topology& topo, transport_kind kind, exchange_options options = {})
-      : topo_(topo), kind_(kind), options_(options), boards_(topo, "local_fabric") {}
-  local_fabric(const local_fabric&) = delete;
-  local_fabric& operator=(const local_fabric&) = delete;
-
-  const dynamic_topology& topology() const noexcept { return topo_; }
-  transport_kind kind() const noexcept { return kind_; }
-  bool hierarchical() const noexcept { return kind_ == transport_kind::hierarchical; }
-  const exchange_options& options() const noexcept { return options_; }
+      : fabric_state(topo, kind, options, "local_fabric") {}
 
   //! The endpoint of `rank`. @throws locus::invalid_input_error when rank is out of range
   inline local_transport endpoint(std::size_t rank);
 
 private:
   friend class local_transport;
-  detail::local::group_board& board(exchange_group g, std::size_t rank) { return boards_.of(g, rank); }
-
-  dynamic_topology topo_;
-  transport_kind kind_;
-  exchange_options options_;
-  detail::exchange::group_boards<detail::local::group_board> boards_;
 };
 
 //! One rank's endpoint of a local_fabric: the exchanger handed to dispatch and combine. Each
@@ -168,7 +156,7 @@ private:
 };
 
 inline local_transport local_fabric::endpoint(std::size_t rank) {
-  topo_.check_rank(rank);
+  topology().check_rank(rank);
   return local_transport(*this, rank);
 }
 

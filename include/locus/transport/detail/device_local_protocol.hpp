@@ -115,36 +115,23 @@ class rank_endpoint;
 //! Shared state of R ranks on one GPU. Create it once, then hand `endpoint(r, stream)` to the
 //! thread acting as rank r. The fabric must outlive its endpoints.
 template <class Device>
-class fabric {
+class fabric : public exchange::fabric_state<device_local::board<Device>> {
 public:
   //! @param topo nodes × GPUs per node; its rank count is the number of endpoints
   //! @param kind how dispatch over these endpoints moves copies: the transport policy's `P::kind`
   fabric(const dynamic_topology& topo, transport_kind kind, exchange_options options = {})
-      : topo_(topo), kind_(kind), options_(options), boards_(topo, "device_local_fabric") {}
-  fabric(const fabric&) = delete;
-  fabric& operator=(const fabric&) = delete;
-
-  const dynamic_topology& topology() const noexcept { return topo_; }
-  transport_kind kind() const noexcept { return kind_; }
-  bool hierarchical() const noexcept { return kind_ == transport_kind::hierarchical; }
-  const exchange_options& options() const noexcept { return options_; }
+      : exchange::fabric_state<device_local::board<Device>>(topo, kind, options, "device_local_fabric") {}
 
   //! The endpoint of `rank`, issuing its copies on `stream` (not owned; give each rank its own).
   //! @throws locus::invalid_input_error when rank is out of range
   //! @throws what the device policy raises when the endpoint's events cannot be created
   rank_endpoint<Device> endpoint(std::size_t rank, typename Device::stream stream) {
-    topo_.check_rank(rank);
+    this->topology().check_rank(rank);
     return rank_endpoint<Device>(*this, rank, stream);
   }
 
 private:
   friend class rank_endpoint<Device>;
-  device_local::board<Device>& board(exchange_group g, std::size_t rank) { return boards_.of(g, rank); }
-
-  dynamic_topology topo_;
-  transport_kind kind_;
-  exchange_options options_;
-  exchange::group_boards<device_local::board<Device>> boards_;
 };
 
 //! One rank's endpoint of a fabric. Each endpoint is used by one thread at a time.
