@@ -53,3 +53,6 @@ BOOST_AUTO_TEST_CASE(a_group_of_several_tiles_delivers_every_row) {
   dlc::a_group_of_several_tiles_delivers_every_row<cuda_harness>();
 }
 BOOST_AUTO_TEST_CASE(back_to_back_count_rounds) { dlc::back_to_back_count_rounds<cuda_harness>(); }
+BOOST_AUTO_TEST_CASE(a_skipped_known_exchange_raises_on_every_member) {
+  dlc::a_skipped_known_exchange_raises_on_every_member<cuda_harness>();
+}

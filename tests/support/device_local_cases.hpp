@@ -303,4 +303,39 @@ void back_to_back_count_rounds() {
   });
 }
 
+// Known-count exchanges have no header round, but the members still meet on the board: a rank that
+// skipped one (rank 1 here) is at another exchange than its peers at the next row stage, and every
+// member raises transport_error saying who is where, instead of pairing two different exchanges.
+template <class H>
+void a_skipped_known_exchange_raises_on_every_member() {
+  const dynamic_topology topo(1, 3);
+  typename H::fabric fabric(topo, transport_kind::flat);
+  std::vector<std::string> said(topo.ranks());
+  on_ranks(topo.ranks(), [&](std::size_t r) {
+    typename H::stream_owner st;
+    auto ep = fabric.endpoint(r, st.s);
+    const std::size_t R = topo.ranks();
+    const std::vector<std::size_t> ones(R, 1);
+    typename H::template rows<std::uint64_t> send;
+    send.upload(world_rows(r, ones, 0), ep.stream());
+    device_exchange_result out;
+    ep.begin_step(0);
+    try {
+      for (int i = 0; i < (r == 1 ? 1 : 2); ++i)
+        ep.exchange_device_known(exchange_group::world, 8, reinterpret_cast<const std::byte*>(send.data()), ones, ones,
+                                 out);
+      // Rank 1 skipped its second exchange: its next step meets its peers' second exchange.
+      ep.begin_step(1);
+      ep.exchange_device_known(exchange_group::world, 8, reinterpret_cast<const std::byte*>(send.data()), ones, ones,
+                               out);
+    } catch (const transport_error& e) {
+      said[r] = e.what();
+    }
+  });
+  for (std::size_t r = 0; r < topo.ranks(); ++r)
+    BOOST_TEST(said[r].find("ranks 0, 2 are at step 0 exchange #1; rank 1 is at step 1 exchange #0") !=
+                   std::string::npos,
+               said[r]);
+}
+
 } // namespace locus_test::device_local_cases

@@ -61,6 +61,9 @@ BOOST_AUTO_TEST_CASE(a_group_of_several_tiles_delivers_every_row) {
   dlc::a_group_of_several_tiles_delivers_every_row<host_harness>();
 }
 BOOST_AUTO_TEST_CASE(back_to_back_count_rounds) { dlc::back_to_back_count_rounds<host_harness>(); }
+BOOST_AUTO_TEST_CASE(a_skipped_known_exchange_raises_on_every_member) {
+  dlc::a_skipped_known_exchange_raises_on_every_member<host_harness>();
+}
 
 // Rank 2 leaves its step after one exchange (as device_dispatcher does on an error after its peers
 // posted): each peer raises transport_error naming the reason by its next exchange at the latest

@@ -430,6 +430,24 @@ inline std::uint32_t check_request(const exchange_request& req, std::size_t memb
   return ok;
 }
 
+//! Empty when every member of a group is at the same exchange (`at[m]`: member m's position,
+//! `world[m]` its world rank); otherwise which ranks are at which exchange, in member order of
+//! first appearance.
+inline std::string out_of_step(std::span<const position> at, std::span<const std::size_t> world) {
+  std::vector<std::pair<position, std::vector<std::size_t>>> by;
+  for (std::size_t m = 0; m < at.size(); ++m) {
+    auto it = std::find_if(by.begin(), by.end(), [&](const auto& e) { return e.first == at[m]; });
+    if (it == by.end()) it = by.insert(by.end(), {at[m], {}});
+    it->second.push_back(world[m]);
+  }
+  if (by.size() <= 1) return {};
+  std::string why;
+  for (std::size_t i = 0; i < by.size(); ++i)
+    why += ::locus::detail::concat(i ? "; " : "", rank_list(by[i].second), by[i].second.size() == 1 ? " is" : " are",
+                                   " at ", describe(by[i].first));
+  return why + " (a rank skipped, repeated or added an exchange or a step)";
+}
+
 //! The verdict every member reaches from the same set of headers (`received[m]` is the header
 //! member m sent to this member; all members see the same names, widths and status values).
 //! Returns an empty string when the exchange may proceed.
@@ -445,21 +463,13 @@ inline std::string verdict(std::span<const header> received, const group_map& gr
                                      describe(received[m].status));
     }
   }
-  // Members grouped by the exchange they are in, in member order of first appearance.
-  std::vector<std::pair<position, std::vector<std::size_t>>> at;
+  std::vector<position> at(received.size());
+  std::vector<std::size_t> world(received.size());
   for (std::size_t m = 0; m < received.size(); ++m) {
-    const position p = position_of(received[m]);
-    auto it = std::find_if(at.begin(), at.end(), [&](const auto& e) { return e.first == p; });
-    if (it == at.end()) it = at.insert(at.end(), {p, {}});
-    it->second.push_back(groups.world_rank_of(g, m));
+    at[m] = position_of(received[m]);
+    world[m] = groups.world_rank_of(g, m);
   }
-  if (at.size() > 1) {
-    std::string why = where();
-    for (std::size_t i = 0; i < at.size(); ++i)
-      why += ::locus::detail::concat(i ? "; " : "", rank_list(at[i].second), at[i].second.size() == 1 ? " is" : " are",
-                                     " at ", describe(at[i].first));
-    return why + " (a rank skipped, repeated or added an exchange or a step)";
-  }
+  if (std::string why = out_of_step(at, world); !why.empty()) return where() + why;
   for (std::size_t m = 1; m < received.size(); ++m)
     if (received[m].row_bytes != received[0].row_bytes)
       return ::locus::detail::concat(where(), "rank ", groups.world_rank_of(g, 0), " sends rows of ",

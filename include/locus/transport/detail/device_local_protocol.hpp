@@ -46,8 +46,9 @@ namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::device_local {
 template <class Device>
 struct board {
   explicit board(std::vector<std::size_t> ranks)
-      : barrier(ranks), headers{std::vector<exchange::header>(ranks.size() * ranks.size()),
-                                std::vector<exchange::header>(ranks.size() * ranks.size())},
+      : barrier(ranks), world(ranks),
+        at(ranks.size()), headers{std::vector<exchange::header>(ranks.size() * ranks.size()),
+                                  std::vector<exchange::header>(ranks.size() * ranks.size())},
         send_rows(ranks.size(), nullptr), send_offsets(ranks.size(), std::vector<std::size_t>(ranks.size() + 1, 0)),
         recv_rows(ranks.size(), nullptr), expected(ranks.size(), std::vector<std::size_t>(ranks.size(), 0)),
         checked(ranks.size(), 0), bad_sender(ranks.size(), ranks.size()), bad_count(ranks.size(), 0),
@@ -63,10 +64,15 @@ struct board {
   void join(const typename Device::event& e) { Device::join(joiner, e); }
 
   //! Run by the last member to arrive at the row stage, once every member published its send and
-  //! receive buffers and joined its `ready` event: checks each checked receive against what its
-  //! senders send (a receiver that disagrees gets nothing and raises), queues every copy of the
-  //! exchange on the group's stream (group_gather.hpp) and records `all_done` after them.
-  void copy_all(std::size_t row_bytes) {
+  //! receive buffers and joined its `ready` event: checks that every member is at the same
+  //! exchange (a known-count exchange has no header round that would), then each checked receive
+  //! against what its senders send (a receiver that disagrees gets nothing and raises), queues every
+  //! copy of the exchange on the group's stream (group_gather.hpp) and records `all_done` after them.
+  //! @throws locus::transport_error when the members are at different exchanges (the barrier then
+  //!         fails for every member, and stays failed)
+  void copy_all(std::size_t row_bytes, exchange_group g) {
+    if (std::string why = exchange::out_of_step(at, world); !why.empty())
+      LOCUS_THROW(transport_error, "device local transport: the row stage over the ", to_string(g), " group: ", why);
     const std::size_t R = members();
     const auto sends = [&](std::size_t s, std::size_t r) { return send_offsets[s][r + 1] - send_offsets[s][r]; };
     for (std::size_t r = 0; r < R; ++r) {
@@ -88,6 +94,8 @@ struct board {
   }
 
   timed_barrier barrier;
+  std::vector<std::size_t> world;     //!< per member: its world rank
+  std::vector<exchange::position> at; //!< per member: the exchange it is in (its row stage)
   //! Per header round, alternating (`round_parity`): [sender * members + receiver]. Two, because a
   //! count round has one meeting, after which a member reads its headers while a faster member may
   //! already write its next round's: alternating, that round writes the other copy, and the one
@@ -229,6 +237,7 @@ public:
     dx::check_known("device local transport", group, members, row_bytes, send_counts, recv_counts);
     dx::known_shape(recv_counts, row_bytes, out);
     rendezvous r(*this, group, 0);
+    r.b.at[r.self] = steps_.next(group, 0); // no header round: the row stage checks it
     publish(r, send, send_counts);
     move_rows(r, row_bytes, out, true);
     const dx::device_request req(group, members, row_bytes, send, send_counts, {}, 0);
@@ -258,7 +267,7 @@ private:
     // The row stage's meeting: its last arrival queues the exchange's copies (board::copy_all).
     void sync_copying(std::size_t row_bytes) {
       b.barrier.arrive_and_wait(deadline, timeout, self, group, "the row stage",
-                                [this, row_bytes] { b.copy_all(row_bytes); });
+                                [this, row_bytes] { b.copy_all(row_bytes, group); });
     }
     exchange_group group;
     std::size_t members, self;
@@ -285,6 +294,7 @@ private:
   void header_round(rendezvous& r, const exchange::device_request& req, std::span<const std::size_t> expected) {
     namespace dx = exchange;
     const dx::position at = steps_.next(r.group, r.stage);
+    r.b.at[r.self] = at; // read by the row stage's check, after the meetings between
     const std::string where = ::locus::detail::concat("the header round of ", dx::describe(at));
     // Every member counts its header rounds per group alike (they are in step, which the round
     // checks), so all use the same copy.

@@ -94,6 +94,9 @@ public:
       std::fill(arrived_.begin(), arrived_.end(), false);
       try {
         last();
+      } catch (const ::locus::error& e) { // its message, without the kind and source location
+        failure_ = ::locus::detail::concat(where, ": ", e.message());
+        failed_.store(true, std::memory_order_relaxed);
       } catch (const std::exception& e) {
         failure_ = ::locus::detail::concat(where, ": ", e.what());
         failed_.store(true, std::memory_order_relaxed);
