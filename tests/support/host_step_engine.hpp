@@ -1,6 +1,6 @@
 #pragma once
 // The CPU side of the device steps' sequences (transport/detail/flat_step_sequence.hpp,
-// node_step_sequence.hpp): a host engine, ranks as threads over the in-process host transport, and
+// node_step_sequence.hpp): a host engine, ranks as threads over the one-GPU transport's protocol with host memory, and
 // the checks both tests make (tests/unit/test_flat_step.cpp, test_node_step.cpp). A row is one
 // double, a token's identity (token_id); an expert's output for it is expert_output, small integers
 // so that every sum is exact in double. Each rank must receive every copy routed to it once
@@ -9,6 +9,7 @@
 // layouts' replica choices alone.
 
 #include "../mpi/dispatch_cases.hpp"
+#include "host_local_device.hpp"
 
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
@@ -83,10 +84,10 @@ struct engine {
   template <class U>
   using buffer = poisoned_buffer<U>;
   std::size_t blocks, threads; // the grid every body runs on
-  local_transport* ex;
+  host_local_transport* ex;
   const layout<>* l;
   std::size_t source;
-  exchange_result metadata, rows, returned;
+  device_exchange_result metadata, rows, returned;
   std::vector<std::byte> last; // the last exchange's received bytes
 
   template <class Stage, class... A>
@@ -115,21 +116,13 @@ struct engine {
   const void* exchange(exchange_group g, locus::transport::detail::step::received into, std::size_t element_bytes,
                        const void* send, std::span<const std::size_t> send_counts,
                        std::span<const std::size_t> recv_counts) {
-    exchange_result& out = into == locus::transport::detail::step::received::metadata ? metadata
-                           : into == locus::transport::detail::step::received::rows   ? rows
-                                                                                      : returned;
+    device_exchange_result& out = into == locus::transport::detail::step::received::metadata ? metadata
+                                  : into == locus::transport::detail::step::received::rows   ? rows
+                                                                                             : returned;
     std::fill(last.begin(), last.end(), std::byte{0xA5});
-    std::size_t n = 0;
-    for (std::size_t c : send_counts)
-      n += c;
-    exchange_request req;
-    req.group = g;
-    req.row_bytes = element_bytes;
-    req.rows = {static_cast<const std::byte*>(send), n * element_bytes};
-    req.counts = send_counts;
-    req.expected_counts = recv_counts;
-    ex->exchange(req, out);
-    last = std::vector<std::byte>(out.rows.begin(), out.rows.end());
+    ex->exchange_device_known(g, element_bytes, static_cast<const std::byte*>(send), send_counts, recv_counts, out);
+    const std::size_t bytes = out.offsets.back() * element_bytes;
+    last = std::vector<std::byte>(out.rows, out.rows + bytes);
     return last.data();
   }
   void permute(double* dst) {
@@ -162,19 +155,20 @@ struct rank_result {
   std::exception_ptr error;
 };
 
-// Runs `step(q, engine&, result&)` for every rank q as a thread over a local_fabric of `kind`, its
+// Runs `step(q, engine&, result&)` for every rank q as a thread over the one-GPU transport's
+// protocol with host memory (host_local_device.hpp) of `kind`, its
 // engine on a `blocks × threads` grid; a rank's exception fails the test on the test's thread.
 template <class Step>
 std::vector<rank_result> run_ranks(const dynamic_topology& topo, transport_kind kind,
                                    const std::vector<layout<>>& layouts, std::size_t blocks, std::size_t threads,
                                    Step&& step) {
-  local_fabric fabric(topo, kind, exchange_options{std::chrono::milliseconds(20000)});
+  host_local_fabric fabric(topo, kind, exchange_options{std::chrono::milliseconds(20000)});
   std::vector<rank_result> results(topo.ranks());
   std::vector<std::thread> pool;
   for (std::size_t q = 0; q < topo.ranks(); ++q)
     pool.emplace_back([&, q] {
       try {
-        auto endpoint = fabric.endpoint(q);
+        auto endpoint = fabric.endpoint(q, 0);
         engine e{blocks, threads, &endpoint, &layouts[q], q, {}, {}, {}, {}};
         step(q, e, results[q]);
       } catch (...) {

@@ -3,7 +3,7 @@
 // count round's messages as the dispatcher writes them (rows and entries per destination, entries
 // per destination slot in the tail), the segments it reads from them (slot_offsets_from), then the
 // step's own sequence with the host engine (tests/support/host_step_engine.hpp): ranks as threads
-// over the in-process host transport, every buffer poisoned at each resize and every received
+// over the one-GPU transport's protocol with host memory, every buffer poisoned at each resize and every received
 // result at the next exchange. Each rank must receive every copy routed to it once, under the
 // announced segments, and combine must return each token's weighted sum over its copies.
 #define BOOST_TEST_MODULE flat_step

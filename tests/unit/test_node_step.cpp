@@ -2,7 +2,8 @@
 // a simulated machine: the count round's messages and sizes, then the step's own sequence
 // (detail/node_step_sequence.hpp, which device_dispatcher runs with CUDA launches) with a host
 // engine: the stage bodies through stage::run_grid on several grid shapes, exchanges over the
-// in-process host transport, ranks as threads, rows carrying token identities. Each rank must
+// one-GPU transport's protocol with host memory (as the CUDA tests exchange), ranks as threads,
+// rows carrying token identities. Each rank must
 // receive every copy routed to it once (token, expert, weight), with the segments the count round
 // announced, and combine must return each token's weighted sum over its copies; the reference is
 // computed from the routings and the host layouts' replica choices alone. Doctored rounds and

@@ -3,8 +3,8 @@
 //! The flat device step's order (`transport/device_dispatch.hpp`): every row straight to its
 //! destination rank over the world group, written once against an engine (detail/step_engine.hpp)
 //! so that the device dispatcher runs it with CUDA launches and the transport's device exchanges,
-//! and the CPU test (tests/unit/test_flat_step.cpp) with host executors and the in-process host
-//! transport, ranks as threads.
+//! and the CPU test (tests/unit/test_flat_step.cpp) with host executors and the one-GPU
+//! transport's protocol with host memory, ranks as threads.
 //!
 //! Before the count round (queued, so it overlaps the round's meeting): the layout's rows into the
 //! send buffer and each row's entry count. After it, every exchange knows its counts: the entry

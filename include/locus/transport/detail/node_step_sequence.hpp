@@ -4,7 +4,8 @@
 //! stage body runs on which arrays, which exchange moves what, and every offset and size between
 //! them, written once against an *engine* so that the device dispatcher runs it with CUDA launches,
 //! CUB scans and the transport's device exchanges, and the CPU test (tests/unit/test_node_step.cpp)
-//! runs the same sequence with host executors and the in-process host transport, ranks as threads.
+//! runs the same sequence with host executors and the one-GPU transport's protocol with host
+//! memory, ranks as threads.
 //!
 //! The engine's operations: detail/step_engine.hpp.
 

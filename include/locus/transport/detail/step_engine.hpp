@@ -3,9 +3,10 @@
 //! What the device step's sequences (detail/flat_step_sequence.hpp, detail/node_step_sequence.hpp)
 //! are written against: an *engine* that runs stage bodies, scans, copies and exchanges. The
 //! device dispatcher's engine (`transport/device_dispatch.hpp`) issues CUDA launches, CUB scans
-//! and the endpoint's device exchanges on its stream; the CPU tests' engine (test_node_step) runs
-//! the bodies through stage::run_grid and the exchanges over the in-process host transport, ranks
-//! as threads, so a CPU-only build runs the order, offsets and sizes the GPU runs.
+//! and the endpoint's device exchanges on its stream; the CPU tests' engine
+//! (tests/support/host_step_engine.hpp) runs the bodies through stage::run_grid and the exchanges
+//! over the one-GPU transport's protocol with host memory, ranks as threads, so a CPU-only build
+//! runs the order, offsets and sizes the GPU runs.
 //!
 //! An engine `E` provides, for row elements `T`:
 //! - `template <class U> using buffer`: `resize(n)` (contents not kept) and `data()`;
