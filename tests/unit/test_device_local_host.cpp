@@ -141,6 +141,7 @@ BOOST_AUTO_TEST_CASE(a_missing_rank_is_named_by_the_ranks_that_waited) {
     }
     if (r != 1) ++waited;
   });
+  BOOST_TEST(said[0].find("device local transport: rank 0 waited 1000 ms") != std::string::npos, said[0]);
   BOOST_TEST(said[0].find("rank 1 did not arrive") != std::string::npos, said[0]);
   BOOST_TEST(said[2].find("rank 1 did not arrive") != std::string::npos, said[2]);
   BOOST_TEST(said[1].find("arrived late") != std::string::npos, said[1]);

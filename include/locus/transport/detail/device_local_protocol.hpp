@@ -46,7 +46,7 @@ namespace locus::inline LOCUS_ABI_NAMESPACE::transport::detail::device_local {
 template <class Device>
 struct board {
   explicit board(std::vector<std::size_t> ranks)
-      : barrier(ranks), world(ranks),
+      : barrier(ranks, "device local transport"), world(ranks),
         at(ranks.size()), headers{std::vector<exchange::header>(ranks.size() * ranks.size()),
                                   std::vector<exchange::header>(ranks.size() * ranks.size())},
         send_rows(ranks.size(), nullptr), send_offsets(ranks.size(), std::vector<std::size_t>(ranks.size() + 1, 0)),

@@ -65,8 +65,10 @@ public:
     void operator()() const noexcept {}
   };
 
-  //! @param ranks world rank of each member (for messages)
-  explicit timed_barrier(std::vector<std::size_t> ranks) : ranks_(std::move(ranks)), arrived_(ranks_.size(), false) {}
+  //! @param ranks     world rank of each member (for messages)
+  //! @param transport the transport's name, which its messages start with
+  explicit timed_barrier(std::vector<std::size_t> ranks, const char* transport = "local transport")
+      : transport_(transport), ranks_(std::move(ranks)), arrived_(ranks_.size(), false) {}
 
   //! @param where what the member is doing, for messages ("the header round of step 2 exchange #0")
   //! @param last work the last member to arrive runs before it releases the others (the one-GPU
@@ -77,14 +79,14 @@ public:
                        std::size_t member, exchange_group group, const std::string& where, Last&& last = Last{}) {
     std::unique_lock lock(mutex_);
     if (failed_.load(std::memory_order_relaxed))
-      LOCUS_THROW(transport_error, "local transport: unusable after the ", to_string(group), " group failed in ",
+      LOCUS_THROW(transport_error, transport_, ": unusable after the ", to_string(group), " group failed in ",
                   failure_);
     if (broken_) {
       if (std::find(missing_.begin(), missing_.end(), ranks_[member]) != missing_.end())
-        LOCUS_THROW(timeout_error, "local transport: rank ", ranks_[member], " reached ", where, " over the ",
+        LOCUS_THROW(timeout_error, transport_, ": rank ", ranks_[member], " reached ", where, " over the ",
                     to_string(group), " group after ", exchange::rank_list(waited_),
                     " had given up waiting for it: it arrived late; the transport is unusable from now on");
-      LOCUS_THROW(transport_error, "local transport: unusable after an earlier exchange over the ", to_string(group),
+      LOCUS_THROW(transport_error, transport_, ": unusable after an earlier exchange over the ", to_string(group),
                   " group timed out (", exchange::rank_list(missing_), " did not arrive)");
     }
     const std::uint64_t generation = generation_.load(std::memory_order_relaxed);
@@ -140,7 +142,7 @@ public:
       wake_all(word_);
     }
     // Every member waiting in this generation saw the same arrivals: all name the same ranks.
-    LOCUS_THROW(timeout_error, "local transport: rank ", ranks_[member], " waited ", timeout.count(), " ms in ", where,
+    LOCUS_THROW(timeout_error, transport_, ": rank ", ranks_[member], " waited ", timeout.count(), " ms in ", where,
                 " over the ", to_string(group), " group; ", exchange::rank_list(missing_),
                 " did not arrive; the transport is unusable from now on");
   }
@@ -161,10 +163,11 @@ public:
 private:
   void throw_if_failed(exchange_group group) const {
     if (failed_.load(std::memory_order_acquire))
-      LOCUS_THROW(transport_error, "local transport: the ", to_string(group), " group failed in ", failure_);
+      LOCUS_THROW(transport_error, transport_, ": the ", to_string(group), " group failed in ", failure_);
   }
 
-  std::mutex mutex_; //!< arrivals, breaking and failing
+  const char* transport_; //!< for messages (a string literal)
+  std::mutex mutex_;      //!< arrivals, breaking and failing
   std::vector<std::size_t> ranks_;
   std::vector<bool> arrived_;
   std::size_t waiting_ = 0;
