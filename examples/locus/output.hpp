@@ -119,32 +119,26 @@ inline CLI::Option* add_json_option(CLI::App* cmd, std::string& path) {
       ->option_text("[PATH]");
 }
 
-//! Length of the well-formed UTF-8 sequence at s[i] (1 for ASCII), or 0 when it is not one: a
-//! bad lead or continuation byte, a truncated sequence, an overlong encoding (C0 9B would be an
-//! escape character in disguise), a surrogate or a code point past U+10FFFF.
-inline std::size_t utf8_length(const std::string& s, std::size_t i) {
+//! The well-formed UTF-8 sequence at s[i]: its length (1 for ASCII) and code point, or length 0
+//! when it is not one: a bad lead or continuation byte, a truncated sequence, an overlong encoding
+//! (C0 9B would be an escape character in disguise), a surrogate or a code point past U+10FFFF.
+struct utf8_sequence {
+  std::size_t length = 0;
+  std::uint32_t code_point = 0;
+};
+inline utf8_sequence utf8_at(const std::string& s, std::size_t i) {
   const auto b = static_cast<unsigned char>(s[i]);
   const std::size_t n = b < 0x80 ? 1 : (b >> 5) == 0x6 ? 2 : (b >> 4) == 0xE ? 3 : (b >> 3) == 0x1E ? 4 : 0;
-  if (n == 0 || i + n > s.size()) return 0;
+  if (n == 0 || i + n > s.size()) return {};
   std::uint32_t cp = n == 1 ? b : b & (0x7Fu >> n);
   for (std::size_t k = 1; k < n; ++k) {
     const auto c = static_cast<unsigned char>(s[i + k]);
-    if ((c >> 6) != 0x2) return 0;
+    if ((c >> 6) != 0x2) return {};
     cp = (cp << 6) | (c & 0x3Fu);
   }
   static constexpr std::uint32_t least[5] = {0, 0, 0x80, 0x800, 0x10000};
-  if (cp < least[n] || (cp >= 0xD800 && cp <= 0xDFFF) || cp > 0x10FFFF) return 0;
-  return n;
-}
-
-//! The code point of the UTF-8 sequence of `n` bytes at s[i] (utf8_length's).
-inline std::uint32_t utf8_code_point(const std::string& s, std::size_t i, std::size_t n) {
-  const auto b = [&](std::size_t k) { return static_cast<std::uint32_t>(static_cast<unsigned char>(s[i + k])); };
-  if (n == 1) return b(0);
-  std::uint32_t cp = b(0) & (0x7Fu >> n);
-  for (std::size_t k = 1; k < n; ++k)
-    cp = (cp << 6) | (b(k) & 0x3Fu);
-  return cp;
+  if (cp < least[n] || (cp >= 0xD800 && cp <= 0xDFFF) || cp > 0x10FFFF) return {};
+  return {n, cp};
 }
 
 //! Code points a terminal acts on rather than shows: the C1 controls (U+009B starts an escape
@@ -163,10 +157,10 @@ inline std::string one_line(const std::string& s) {
   std::string out;
   for (std::size_t i = 0; i < s.size();) {
     const char c = s[i];
-    const std::size_t n = utf8_length(s, i);
-    if (n > 1 && terminal_control(utf8_code_point(s, i, n))) {
+    const auto [n, cp] = utf8_at(s, i);
+    if (n > 1 && terminal_control(cp)) {
       char code[16];
-      std::snprintf(code, sizeof code, "\\u{%04X}", static_cast<unsigned>(utf8_code_point(s, i, n)));
+      std::snprintf(code, sizeof code, "\\u{%04X}", static_cast<unsigned>(cp));
       out += code;
       i += n;
       continue;

@@ -13,6 +13,7 @@
 // once the endpoint's stream is done).
 
 #include "../mpi/dispatch_cases.hpp"
+#include "rank_threads.hpp"
 
 #include <boost/test/unit_test.hpp>
 #include <cstdint>
@@ -35,19 +36,7 @@ using namespace locus::transport;
 // Runs f(rank) on one thread per rank; rethrows the first failure.
 template <class F>
 void on_ranks(std::size_t ranks, F&& f) {
-  std::vector<std::exception_ptr> errors(ranks);
-  std::vector<std::thread> threads;
-  for (std::size_t r = 0; r < ranks; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        f(r);
-      } catch (...) {
-        errors[r] = std::current_exception();
-      }
-    });
-  for (auto& t : threads)
-    t.join();
-  for (auto& e : errors)
+  for (auto& e : run_rank_threads(ranks, f))
     if (e) std::rethrow_exception(e);
 }
 

@@ -10,6 +10,7 @@
 
 #include "../mpi/dispatch_cases.hpp"
 #include "host_local_device.hpp"
+#include "rank_threads.hpp"
 
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
@@ -152,7 +153,6 @@ struct rank_result {
   std::vector<float> weights;
   std::vector<double> returned; // the layout's rows after combine
   std::int32_t flag = 0;        // the forwarding check's word (hierarchical)
-  std::exception_ptr error;
 };
 
 // Runs `step(q, engine&, result&)` for every rank q as a thread over the one-GPU transport's
@@ -164,23 +164,15 @@ std::vector<rank_result> run_ranks(const dynamic_topology& topo, transport_kind 
                                    Step&& step) {
   host_local_fabric fabric(topo, kind, exchange_options{std::chrono::milliseconds(20000)});
   std::vector<rank_result> results(topo.ranks());
-  std::vector<std::thread> pool;
-  for (std::size_t q = 0; q < topo.ranks(); ++q)
-    pool.emplace_back([&, q] {
-      try {
-        auto endpoint = fabric.endpoint(q, 0);
-        engine e{blocks, threads, &endpoint, &layouts[q], q, {}, {}, {}, {}};
-        step(q, e, results[q]);
-      } catch (...) {
-        results[q].error = std::current_exception();
-      }
-    });
-  for (auto& t : pool)
-    t.join();
+  const auto errors = run_rank_threads(topo.ranks(), [&](std::size_t q) {
+    auto endpoint = fabric.endpoint(q, 0);
+    engine e{blocks, threads, &endpoint, &layouts[q], q, {}, {}, {}, {}};
+    step(q, e, results[q]);
+  });
   for (std::size_t q = 0; q < results.size(); ++q)
-    if (results[q].error) {
+    if (errors[q]) {
       try {
-        std::rethrow_exception(results[q].error);
+        std::rethrow_exception(errors[q]);
       } catch (const std::exception& e) {
         BOOST_FAIL("rank " << q << ": " << e.what());
       }

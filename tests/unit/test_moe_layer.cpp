@@ -1,6 +1,7 @@
 #define BOOST_TEST_MODULE moe_layer
 #include "../mpi/dispatch_cases.hpp"
 #include "../support/moe_reference.hpp"
+#include "../support/rank_threads.hpp"
 
 #include <boost/test/unit_test.hpp>
 #include <functional>
@@ -17,20 +18,10 @@ namespace {
 // Runs body(endpoint) on one thread per rank; returns each rank's exception (or null).
 std::vector<std::exception_ptr> on_ranks(transport::local_fabric& f,
                                          const std::function<void(transport::local_transport&)>& body) {
-  std::vector<std::exception_ptr> errors(f.topology().ranks());
-  std::vector<std::thread> threads;
-  for (std::size_t r = 0; r < errors.size(); ++r)
-    threads.emplace_back([&, r] {
-      auto ep = f.endpoint(r);
-      try {
-        body(ep);
-      } catch (...) {
-        errors[r] = std::current_exception();
-      }
-    });
-  for (auto& t : threads)
-    t.join();
-  return errors;
+  return locus_test::run_rank_threads(f.topology().ranks(), [&](std::size_t r) {
+    auto ep = f.endpoint(r);
+    body(ep);
+  });
 }
 
 void require_no_errors(const std::vector<std::exception_ptr>& errors) {

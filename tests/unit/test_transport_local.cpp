@@ -1,5 +1,6 @@
 #define BOOST_TEST_MODULE transport_local
 #include "../mpi/dispatch_cases.hpp"
+#include "../support/rank_threads.hpp"
 
 #include <array>
 #include <atomic>
@@ -22,21 +23,10 @@ using namespace locus::transport;
 namespace {
 // Runs body(endpoint) on one thread per rank; returns each rank's exception (or null).
 std::vector<std::exception_ptr> run_ranks(local_fabric& f, const std::function<void(local_transport&)>& body) {
-  const std::size_t ranks = f.topology().ranks();
-  std::vector<std::exception_ptr> errors(ranks);
-  std::vector<std::thread> threads;
-  for (std::size_t r = 0; r < ranks; ++r)
-    threads.emplace_back([&, r] {
-      auto ep = f.endpoint(r);
-      try {
-        body(ep);
-      } catch (...) {
-        errors[r] = std::current_exception();
-      }
-    });
-  for (auto& t : threads)
-    t.join();
-  return errors;
+  return locus_test::run_rank_threads(f.topology().ranks(), [&](std::size_t r) {
+    auto ep = f.endpoint(r);
+    body(ep);
+  });
 }
 
 std::string message_of(const std::exception_ptr& p) {
