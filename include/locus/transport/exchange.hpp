@@ -352,6 +352,32 @@ struct step_counter {
   }
 };
 
+//! What every transport endpoint keeps of its place and its traffic (its groups, the bytes it
+//! moved, the exchanges it made), with the accessors the `exchanger` concept asks for.
+class endpoint_state {
+public:
+  std::size_t rank() const noexcept { return groups_.rank; }
+  const dynamic_topology& topology() const noexcept { return groups_.topo; }
+  std::size_t group_size(exchange_group g) const noexcept { return groups_.size(g); }
+  std::size_t world_rank_of(exchange_group g, std::size_t member) const noexcept {
+    return groups_.world_rank_of(g, member);
+  }
+  const link_counters& bytes() const noexcept { return bytes_; }
+  void reset_bytes() noexcept { bytes_.clear(); }
+
+  //! Names the exchanges that follow (until the next call) as exchanges of step `step`: a rank that
+  //! skipped, repeated or added an exchange or a step is caught on every member at its next
+  //! exchange that compares names (a header round; the one-GPU transport's known-count ones too).
+  void begin_step(std::uint64_t step) noexcept { steps_.begin(step); }
+
+protected:
+  endpoint_state(const dynamic_topology& topo, std::size_t rank) : groups_{topo, rank} {}
+
+  group_map groups_;
+  link_counters bytes_;
+  step_counter steps_;
+};
+
 enum local_problem : std::uint32_t {
   ok = 0,
   counts_size = 1,

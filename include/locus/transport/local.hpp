@@ -59,25 +59,12 @@ private:
 
 //! One rank's endpoint of a local_fabric: the exchanger handed to dispatch and combine. Each
 //! endpoint is used by one thread at a time.
-class local_transport {
+class local_transport : public detail::exchange::endpoint_state {
 public:
   //! Entries travel with the rows (exchange_request::entries).
   static constexpr bool carries_entries = true;
 
-  std::size_t rank() const noexcept { return groups_.rank; }
-  const dynamic_topology& topology() const noexcept { return groups_.topo; }
   bool hierarchical() const noexcept { return fabric_->hierarchical(); }
-  std::size_t group_size(exchange_group g) const noexcept { return groups_.size(g); }
-  std::size_t world_rank_of(exchange_group g, std::size_t member) const noexcept {
-    return groups_.world_rank_of(g, member);
-  }
-  const link_counters& bytes() const noexcept { return bytes_; }
-  void reset_bytes() noexcept { bytes_.clear(); }
-
-  //! Names the exchanges that follow (until the next call) as exchanges of step `step` (see
-  //! exchange.hpp): a rank that skipped, repeated or added an exchange or a step is caught on every
-  //! member at its next exchange.
-  void begin_step(std::uint64_t step) noexcept { steps_.begin(step); }
 
   //! Collective over `req.group`: every member of the group calls it with the same row width.
   //! @throws locus::transport_error on every member when the members' requests or exchange names disagree
@@ -147,12 +134,9 @@ public:
 
 private:
   friend class local_fabric;
-  local_transport(local_fabric& f, std::size_t rank) : fabric_(&f), groups_{f.topology(), rank} {}
+  local_transport(local_fabric& f, std::size_t rank) : endpoint_state(f.topology(), rank), fabric_(&f) {}
 
   local_fabric* fabric_;
-  detail::exchange::group_map groups_;
-  link_counters bytes_;
-  detail::exchange::step_counter steps_;
 };
 
 inline local_transport local_fabric::endpoint(std::size_t rank) {

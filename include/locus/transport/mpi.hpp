@@ -35,7 +35,7 @@
 namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
 
 //! Host object of the MPI transports: communicators, datatypes and counters of one rank.
-class mpi_transport {
+class mpi_transport : public detail::exchange::endpoint_state {
 public:
   //! Collective over `comm`.
   //! @param comm         the ranks of the deployment; its size must equal `topo.ranks()` (duplicated)
@@ -44,7 +44,7 @@ public:
   //! @throws locus::config_error on every rank when the communicator size differs from the
   //!         topology or a node's ranks do not share memory
   mpi_transport(MPI_Comm comm, const dynamic_topology& topo, transport_kind kind, exchange_options options = {})
-      : groups_{topo, 0}, kind_(kind), options_(options) {
+      : endpoint_state(topo, 0), kind_(kind), options_(options) {
     int size = 0, rank = 0;
     LOCUS_MPI_CHECK(MPI_Comm_size(comm, &size));
     LOCUS_MPI_CHECK(MPI_Comm_rank(comm, &rank));
@@ -88,26 +88,13 @@ public:
   mpi_transport& operator=(const mpi_transport&) = delete;
   ~mpi_transport() { release(); }
 
-  std::size_t rank() const noexcept { return groups_.rank; }
-  const dynamic_topology& topology() const noexcept { return groups_.topo; }
   transport_kind kind() const noexcept { return kind_; }
   bool hierarchical() const noexcept { return kind_ == transport_kind::hierarchical; }
-  std::size_t group_size(exchange_group g) const noexcept { return groups_.size(g); }
-  std::size_t world_rank_of(exchange_group g, std::size_t member) const noexcept {
-    return groups_.world_rank_of(g, member);
-  }
-  const link_counters& bytes() const noexcept { return bytes_; }
-  void reset_bytes() noexcept { bytes_.clear(); }
   const exchange_options& options() const noexcept { return options_; }
   //! The duplicated communicator of a group.
   MPI_Comm communicator(exchange_group g) const noexcept {
     return g == exchange_group::node ? node_ : g == exchange_group::rail ? rail_ : world_;
   }
-
-  //! Names the exchanges that follow (until the next call) as exchanges of step `step`; their
-  //! headers carry (step, index since this call, exchange_request::stage), so a rank that skipped,
-  //! repeated or added an exchange or a step is caught on every member at its next exchange.
-  void begin_step(std::uint64_t step) noexcept { steps_.begin(step); }
 
   //! Collective over `req.group` (see exchange.hpp).
   //! @throws locus::transport_error on every member when the requests or the exchange names disagree
@@ -449,13 +436,10 @@ private:
       if (*c != MPI_COMM_NULL) MPI_Comm_free(c);
   }
 
-  detail::exchange::group_map groups_;
   transport_kind kind_;
   exchange_options options_;
   MPI_Comm world_ = MPI_COMM_NULL, node_ = MPI_COMM_NULL, rail_ = MPI_COMM_NULL;
-  std::string broken_; //!< why the transport is unusable; empty while it works
-  link_counters bytes_;
-  detail::exchange::step_counter steps_;
+  std::string broken_;                //!< why the transport is unusable; empty while it works
   std::vector<std::uint64_t> notice_; //!< sent when giving up; kept alive for the sends
   std::map<std::size_t, MPI_Datatype> types_;
   std::vector<detail::exchange::header> recv_headers_;

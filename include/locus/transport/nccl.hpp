@@ -123,7 +123,7 @@ inline ncclComm_t split_blocking(ncclComm_t parent, int color, int key, const nc
 } // namespace detail::nccl
 
 //! Host object of the NCCL transports for one rank (one GPU).
-class nccl_transport {
+class nccl_transport : public detail::exchange::endpoint_state {
   // Runs `f`, this rank's part of an exchange. When it ends early (an allocation, a copy or a post
   // that failed, a caller's error found once the step was named), the members are out of step: the
   // peers posted their part, which this rank's next exchange would meet. So the transport is
@@ -154,7 +154,8 @@ public:
   //! communicators, aborts it too; NCCL decides that by the parent, so the transport cannot.
   nccl_transport(ncclComm_t world, cudaStream_t stream, const dynamic_topology& topo, transport_kind kind,
                  exchange_options options = {}, const ncclConfig_t* config = nullptr)
-      : stream_(stream), groups_{topo, 0}, hierarchical_(kind == transport_kind::hierarchical), options_(options) {
+      : endpoint_state(topo, 0), stream_(stream), hierarchical_(kind == transport_kind::hierarchical),
+        options_(options) {
     int size = 0, rank = 0;
     LOCUS_NCCL_CHECK(ncclCommCount(world, &size));
     LOCUS_NCCL_CHECK(ncclCommUserRank(world, &rank));
@@ -191,24 +192,11 @@ public:
       if (c) ncclCommDestroy(c);
   }
 
-  std::size_t rank() const noexcept { return groups_.rank; }
-  const dynamic_topology& topology() const noexcept { return groups_.topo; }
   bool hierarchical() const noexcept { return hierarchical_; }
-  std::size_t group_size(exchange_group g) const noexcept { return groups_.size(g); }
-  std::size_t world_rank_of(exchange_group g, std::size_t member) const noexcept {
-    return groups_.world_rank_of(g, member);
-  }
-  const link_counters& bytes() const noexcept { return bytes_; }
-  void reset_bytes() noexcept { bytes_.clear(); }
   cudaStream_t stream() const noexcept { return stream_; }
   ncclComm_t communicator(exchange_group g) const noexcept {
     return g == exchange_group::node ? node_ : g == exchange_group::rail ? rail_ : world_;
   }
-
-  //! Names the exchanges that follow (until the next call) as exchanges of step `step` (see
-  //! exchange.hpp): a rank that skipped, repeated or added an exchange or a step is caught on every
-  //! member at its next exchange.
-  void begin_step(std::uint64_t step) noexcept { steps_.begin(step); }
 
   //! This rank leaves a step half done (an error after its peers posted their part of its
   //! exchanges; device_dispatcher calls it): the transport aborts its communicators and is unusable
@@ -447,12 +435,9 @@ private:
 
   ncclComm_t world_ = nullptr, node_ = nullptr, rail_ = nullptr; // owned (split from the caller's)
   cudaStream_t stream_;
-  detail::exchange::group_map groups_;
   bool hierarchical_;
   exchange_options options_;
   bool broken_ = false;
-  link_counters bytes_;
-  detail::exchange::step_counter steps_;
   device_buffer<std::byte> headers_, recv_;
   detail::exchange::host_staging staging_;             // host exchange()
   std::vector<detail::exchange::header> host_headers_; // [members, 2 * members): the received ones

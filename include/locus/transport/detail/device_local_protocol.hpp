@@ -144,23 +144,12 @@ private:
 
 //! One rank's endpoint of a fabric. Each endpoint is used by one thread at a time.
 template <class Device>
-class rank_endpoint {
+class rank_endpoint : public exchange::endpoint_state {
 public:
   rank_endpoint(rank_endpoint&&) noexcept = default;
 
-  std::size_t rank() const noexcept { return groups_.rank; }
-  const dynamic_topology& topology() const noexcept { return groups_.topo; }
   bool hierarchical() const noexcept { return fabric_->hierarchical(); }
-  std::size_t group_size(exchange_group g) const noexcept { return groups_.size(g); }
-  std::size_t world_rank_of(exchange_group g, std::size_t member) const noexcept {
-    return groups_.world_rank_of(g, member);
-  }
-  const link_counters& bytes() const noexcept { return bytes_; }
-  void reset_bytes() noexcept { bytes_.clear(); }
   typename Device::stream stream() const noexcept { return stream_; }
-
-  //! Names the exchanges that follow as exchanges of step `step` (see exchange.hpp).
-  void begin_step(std::uint64_t step) noexcept { steps_.begin(step); }
 
   //! This rank leaves a step half done (an error after its peers posted their part of its
   //! exchanges; device_dispatcher calls it): the meetings of every group it belongs to fail with
@@ -353,10 +342,10 @@ private:
   }
 
   rank_endpoint(fabric<Device>& f, std::size_t rank, typename Device::stream stream)
-      : fabric_(&f), groups_{f.topology(), rank}, stream_(stream), ready_(std::make_unique<typename Device::event>()) {}
+      : endpoint_state(f.topology(), rank), fabric_(&f), stream_(stream),
+        ready_(std::make_unique<typename Device::event>()) {}
 
   fabric<Device>* fabric_;
-  exchange::group_map groups_;
   typename Device::stream stream_;
   // Behind pointers so that the endpoint can move (events and device memory cannot).
   std::unique_ptr<typename Device::event> ready_;
@@ -365,8 +354,6 @@ private:
                                                        std::make_unique<typename Device::buffer>()};
   unsigned parity_ = 0;
   std::array<std::uint64_t, 3> round_parity_{}; // header rounds per group (world, node, rail)
-  link_counters bytes_;
-  exchange::step_counter steps_;
   std::vector<exchange::header> received_;
   std::vector<std::size_t> count_buf_;
   std::vector<std::uint32_t> recv_tail_;
