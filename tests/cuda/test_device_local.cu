@@ -49,6 +49,9 @@ BOOST_AUTO_TEST_CASE(host_dispatch_and_combine_over_the_device_transport_match_r
 BOOST_AUTO_TEST_CASE(count_round_then_known_count_exchanges) {
   dlc::count_round_then_known_count_exchanges<cuda_harness>();
 }
+BOOST_AUTO_TEST_CASE(known_counts_and_tail_widths_are_checked) {
+  dlc::known_counts_and_tail_widths_are_checked<cuda_harness>();
+}
 BOOST_AUTO_TEST_CASE(a_group_of_several_tiles_delivers_every_row) {
   dlc::a_group_of_several_tiles_delivers_every_row<cuda_harness>();
 }

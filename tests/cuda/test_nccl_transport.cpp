@@ -160,7 +160,8 @@ BOOST_AUTO_TEST_CASE(a_timeout_aborts_every_communicator) {
 BOOST_AUTO_TEST_CASE(a_failed_post_closes_the_nccl_group) {
   const std::size_t offsets[2] = {0, 8};
   std::byte buffer[8] = {};
-  const transport::detail::nccl::peer_io io{buffer, offsets, buffer, offsets, nullptr, nullptr};
+  const transport::detail::nccl::peer_io<transport::detail::nccl::cuda_nccl> io{buffer,  offsets, buffer,
+                                                                                offsets, nullptr, nullptr};
   BOOST_CHECK_THROW(transport::detail::nccl::exchange_peers(1, io), nccl_error);
   BOOST_TEST(ncclGroupEnd() == ncclInvalidUsage); // "not in a group call"
 }

@@ -1,11 +1,13 @@
 #pragma once
-// The one-GPU transport's cases (transport/device_local.hpp and its protocol,
-// detail/device_local_protocol.hpp), written once over a harness `H` so that the CUDA test
+// The device transports' cases, written once over a harness `H`: the one-GPU transport's
+// (transport/device_local.hpp and its protocol, detail/device_local_protocol.hpp) in the CUDA test
 // (tests/cuda/test_device_local.cu: device memory, streams) and the CPU test
-// (tests/unit/test_device_local_host.cpp: host memory, tests/support/host_local_device.hpp) run the
-// same ones. Ranks are threads; received rows are checked against what each sender wrote (rows
-// carry their sender, receiver and index), and host dispatch + combine over the transport against
-// the dense reference.
+// (tests/unit/test_device_local_host.cpp: host memory, tests/support/host_local_device.hpp), and the
+// NCCL transport's protocol over a host imitation of NCCL (tests/unit/test_nccl_protocol.cpp,
+// tests/support/host_nccl.hpp), which runs all but the cases of the one-GPU transport's own checks.
+// Ranks are threads; received rows are checked against what each sender wrote (rows carry their
+// sender, receiver and index), and host dispatch + combine over the transport against the dense
+// reference.
 //
 // H provides `fabric`, `endpoint`, `stream_owner` (its `s`: a stream for one endpoint), `rows<U>`
 // (a buffer of the endpoint's memory: a size constructor, `resize`, `upload(vector, stream)`,
@@ -162,8 +164,7 @@ void host_dispatch_and_combine_match_reference() {
 
 // The count round then known-count exchanges (the device dispatcher's flat step): every member
 // learns each sender's row and entry counts in one round, and rows sized by them arrive in order;
-// a receive count that disagrees with its sender's raises on that receiver; a count round whose
-// members name different exchanges raises on every member.
+// a count round whose members name different exchanges raises on every member.
 template <class H>
 void count_round_then_known_count_exchanges() {
   const dynamic_topology topo(2, 2);
@@ -203,10 +204,35 @@ void count_round_then_known_count_exchanges() {
                                counts.rows, out);
       expect_world_rows<H>(ep, out, r, step, at);
     }
+    // Count rounds that name different exchanges raise everywhere.
+    const std::vector<std::size_t> ones(R, 1);
+    bool raised = false;
+    try {
+      ep.exchange_device_counts(exchange_group::world, 8, ones, 4, ones, counts, r == 2 ? 5 : 4);
+    } catch (const transport_error&) {
+      raised = true;
+    }
+    expect(raised, "rank " + std::to_string(r) + ": disagreeing count rounds raise");
+  });
+}
+
+// The one-GPU transport's checks of what the NCCL one takes as preconditions (NCCL's sends and
+// receives carry no counts to compare): a receive count that disagrees with its sender's raises on
+// that receiver alone, and count rounds with tails of different widths raise on every member.
+template <class H>
+void known_counts_and_tail_widths_are_checked() {
+  const dynamic_topology topo(2, 2);
+  typename H::fabric fabric(topo, transport_kind::flat);
+  on_ranks(topo.ranks(), [&](std::size_t r) {
+    typename H::stream_owner st;
+    auto ep = fabric.endpoint(r, st.s);
+    const std::size_t R = topo.ranks();
+    typename H::template rows<std::uint64_t> send(R);
+    device_exchange_result out;
+    device_counts counts;
     // A wrong receive count: rank 1 expects one row too many from rank 0.
     std::vector<std::size_t> ones(R, 1), recv(R, 1);
     if (r == 1) recv[0] = 2;
-    send.resize(R);
     bool raised = false;
     try {
       ep.exchange_device_known(exchange_group::world, 8, reinterpret_cast<const std::byte*>(send.data()), ones, recv,
@@ -215,15 +241,7 @@ void count_round_then_known_count_exchanges() {
       raised = true;
     }
     expect(raised == (r == 1), "rank " + std::to_string(r) + ": a wrong known count raises on its receiver only");
-    // Count rounds that name different exchanges raise everywhere.
-    raised = false;
-    try {
-      ep.exchange_device_counts(exchange_group::world, 8, ones, 4, ones, counts, r == 2 ? 5 : 4);
-    } catch (const transport_error&) {
-      raised = true;
-    }
-    expect(raised, "rank " + std::to_string(r) + ": disagreeing count rounds raise");
-    // Tails of different widths raise everywhere too.
+    // Tails of different widths raise everywhere.
     raised = false;
     const std::vector<std::uint32_t> wide(3 * R, 1);
     try {

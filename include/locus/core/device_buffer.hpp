@@ -171,4 +171,28 @@ public:
   const T& operator[](std::size_t i) const noexcept { return data()[i]; }
 };
 
+namespace detail::cuda_memory {
+
+//! The CUDA memory policy of code written against device memory in general (the transports' host
+//! staging, transport/detail/host_staging.hpp, and the NCCL transport's protocol): arrays and
+//! copies queued on a stream.
+struct stream_memory {
+  using stream = cudaStream_t;
+  template <class T>
+  using buffer = device_buffer<T>;
+  template <class T>
+  using pinned = pinned_buffer<T>;
+  static void to_device(void* dst, const void* src, std::size_t bytes, cudaStream_t s) {
+    LOCUS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, s));
+  }
+  static void to_host(void* dst, const void* src, std::size_t bytes, cudaStream_t s) {
+    LOCUS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, s));
+  }
+  static void zero(void* dst, std::size_t bytes, cudaStream_t s) {
+    LOCUS_CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, s));
+  }
+};
+
+} // namespace detail::cuda_memory
+
 } // namespace locus::inline LOCUS_ABI_NAMESPACE

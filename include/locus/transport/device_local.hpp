@@ -82,7 +82,7 @@ struct cuda_device {
   using event = device_local::event;
   using group_stream = device_local::stream;
   using buffer = device_buffer<std::byte>;
-  using staging = exchange::host_staging;
+  using staging = exchange::host_staging<::locus::detail::cuda_memory::stream_memory>;
 
   static void record(event& e, cudaStream_t s) { LOCUS_CUDA_CHECK(cudaEventRecord(e.get(), s)); }
   static void record(event& e, group_stream& g) { LOCUS_CUDA_CHECK(cudaEventRecord(e.get(), g.get())); }

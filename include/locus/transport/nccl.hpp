@@ -20,7 +20,9 @@
 //! device dispatcher's flat step uses one count round, then known-count exchanges only.
 //! `exchange_device` moves device rows with their own header round. `exchange` satisfies the host
 //! `exchanger` concept by staging host rows through device memory, so `moe_dispatcher` runs on it
-//! unchanged. Policies: `nccl_flat`, `nccl_hierarchical`.
+//! unchanged. Policies: `nccl_flat`, `nccl_hierarchical`. The protocol is written once against a
+//! policy for NCCL's and the stream's calls (detail/nccl_protocol.hpp), so the CPU tests run it,
+//! ranks as threads, over a host imitation of NCCL.
 
 #include <algorithm>
 #include <cstring>
@@ -28,7 +30,7 @@
 #include <locus/core/cuda_error.hpp>
 #include <locus/core/device_buffer.hpp>
 #include <locus/core/nccl_error.hpp>
-#include <locus/transport/detail/host_staging.hpp>
+#include <locus/transport/detail/nccl_protocol.hpp>
 #include <locus/transport/device_exchange.hpp>
 #include <locus/transport/exchange.hpp>
 #include <nccl.h>
@@ -39,415 +41,97 @@ namespace locus::inline LOCUS_ABI_NAMESPACE::transport {
 
 namespace detail::nccl {
 
-//! Posts the sends and receives of one peer inside an NCCL group.
-struct peer_io {
-  const std::byte* send;
-  const std::size_t* send_offsets; //!< bytes, members + 1
-  std::byte* recv;
-  const std::size_t* recv_offsets; //!< bytes, members + 1
-  ncclComm_t comm;
-  cudaStream_t stream;
+//! The protocol's CUDA policy (detail/nccl_protocol.hpp): NCCL's calls and the stream's.
+struct cuda_nccl {
+  using comm = ncclComm_t;
+  using stream = cudaStream_t;
+  using config = ncclConfig_t;
+  using memory = ::locus::detail::cuda_memory::stream_memory;
 
-  void operator()(std::size_t m) const {
-    const std::size_t out = send_offsets[m + 1] - send_offsets[m], in = recv_offsets[m + 1] - recv_offsets[m];
-    if (out) LOCUS_NCCL_CHECK(ncclSend(send + send_offsets[m], out, ncclChar, static_cast<int>(m), comm, stream));
-    if (in) LOCUS_NCCL_CHECK(ncclRecv(recv + recv_offsets[m], in, ncclChar, static_cast<int>(m), comm, stream));
+  static int comm_size(ncclComm_t c) {
+    int n = 0;
+    LOCUS_NCCL_CHECK(ncclCommCount(c, &n));
+    return n;
+  }
+  static int comm_rank(ncclComm_t c) {
+    int r = 0;
+    LOCUS_NCCL_CHECK(ncclCommUserRank(c, &r));
+    return r;
+  }
+  //! `parent` split by (`color`, `key`) into a blocking communicator configured as `base` (null:
+  //! NCCL's defaults); without a configuration NCCL copies the parent's, and a non-blocking parent
+  //! would give communicators whose calls return before their work is queued. A non-blocking parent
+  //! still runs the split itself in the background: its state says when the split is done. Whether
+  //! the new communicator shares the parent's resources, its abort flag included, NCCL decides by
+  //! the parent's configuration (splitShare, or NCCL_COMM_SPLIT_SHARE_RESOURCES), not by this one's.
+  static ncclComm_t split(ncclComm_t parent, int color, int key, const ncclConfig_t* base) {
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    if (base) config = *base;
+    config.blocking = 1;
+    ncclComm_t out = nullptr;
+    settle(parent, ncclCommSplit(parent, color, key, &out, &config));
+    return out;
+  }
+  static void group_start() { LOCUS_NCCL_CHECK(ncclGroupStart()); }
+  static void send(const std::byte* p, std::size_t n, int peer, ncclComm_t c, cudaStream_t s) {
+    LOCUS_NCCL_CHECK(ncclSend(p, n, ncclChar, peer, c, s));
+  }
+  static void recv(std::byte* p, std::size_t n, int peer, ncclComm_t c, cudaStream_t s) {
+    LOCUS_NCCL_CHECK(ncclRecv(p, n, ncclChar, peer, c, s));
+  }
+  //! A non-blocking communicator (NCCL_COMM_BLOCKING=0 overrides the transport's configuration)
+  //! launches the group from another thread: its operations are on the stream, and a wait on the
+  //! stream means something, only once the communicator's state has left ncclInProgress.
+  static void group_end(ncclComm_t c) { settle(c, ncclGroupEnd()); }
+  static void group_end_quietly() noexcept { static_cast<void>(ncclGroupEnd()); }
+  static bool idle(cudaStream_t s) {
+    const cudaError_t e = cudaStreamQuery(s);
+    if (e == cudaErrorNotReady) return false;
+    LOCUS_CUDA_CHECK(e);
+    return true;
+  }
+  static void check(ncclComm_t c) {
+    ncclResult_t async = ncclSuccess;
+    LOCUS_NCCL_CHECK(ncclCommGetAsyncError(c, &async));
+    LOCUS_NCCL_CHECK(async); // ncclInProgress: a non-blocking call still running, not an error
+  }
+  static void abort(ncclComm_t c) noexcept { ncclCommAbort(c); }
+  static void destroy(ncclComm_t c) noexcept { ncclCommDestroy(c); }
+
+private:
+  // Waits while `c`'s state is ncclInProgress (a non-blocking communicator's call still running),
+  // then raises what the call came to.
+  static void settle(ncclComm_t c, ncclResult_t r) {
+    while (r == ncclInProgress) {
+      std::this_thread::yield();
+      ncclResult_t state = ncclSuccess;
+      r = ncclCommGetAsyncError(c, &state);
+      if (r == ncclSuccess) r = state;
+    }
+    LOCUS_NCCL_CHECK(r);
   }
 };
-
-//! One ncclSend/ncclRecv pair per peer, unrolled for a compile-time peer count.
-template <std::size_t Peers>
-void exchange_unrolled(const peer_io& io) {
-  [&]<std::size_t... M>(std::index_sequence<M...>) { (io(M), ...); }
-  (std::make_index_sequence<Peers>{});
-}
-
-//! Chooses the unrolled form for the common group sizes, a loop otherwise. A send or receive that
-//! fails inside the group still ends it (ncclGroupEnd discards the group and returns the error it
-//! recorded): left open, the thread's group would swallow every later NCCL call of this transport,
-//! whose waits would then find an idle stream and read stale messages.
-inline void exchange_peers(std::size_t members, const peer_io& io) {
-  LOCUS_NCCL_CHECK(ncclGroupStart());
-  try {
-    switch (members) {
-    case 1: exchange_unrolled<1>(io); break;
-    case 2: exchange_unrolled<2>(io); break;
-    case 4: exchange_unrolled<4>(io); break;
-    case 8: exchange_unrolled<8>(io); break;
-    case 16: exchange_unrolled<16>(io); break;
-    case 32: exchange_unrolled<32>(io); break;
-    case 64: exchange_unrolled<64>(io); break;
-    default:
-      for (std::size_t m = 0; m < members; ++m)
-        io(m);
-    }
-  } catch (...) {
-    static_cast<void>(ncclGroupEnd()); // the first error is the one raised
-    throw;
-  }
-  ncclResult_t r = ncclGroupEnd();
-  // A non-blocking communicator (NCCL_COMM_BLOCKING=0 overrides the transport's configuration)
-  // launches the group from another thread: its operations are on the stream, and a wait on the
-  // stream means something, only once the communicator's state has left ncclInProgress.
-  while (r == ncclInProgress) {
-    std::this_thread::yield();
-    ncclResult_t state = ncclSuccess;
-    r = ncclCommGetAsyncError(io.comm, &state);
-    if (r == ncclSuccess) r = state;
-  }
-  LOCUS_NCCL_CHECK(r);
-}
-
-//! `parent` split by (`color`, `key`) into a blocking communicator configured as `base` (null: NCCL's
-//! defaults); without a configuration NCCL copies the parent's, and a non-blocking parent would give
-//! communicators whose calls return before their work is queued. A non-blocking parent still runs the split itself in
-//! the background: its state says when the split is done. Whether the new communicator shares the parent's resources,
-//! its abort flag included, NCCL decides by the parent's configuration (splitShare, or
-//! NCCL_COMM_SPLIT_SHARE_RESOURCES), not by this one's.
-inline ncclComm_t split_blocking(ncclComm_t parent, int color, int key, const ncclConfig_t* base = nullptr) {
-  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
-  if (base) config = *base;
-  config.blocking = 1;
-  ncclComm_t out = nullptr;
-  ncclResult_t r = ncclCommSplit(parent, color, key, &out, &config);
-  while (r == ncclInProgress) {
-    std::this_thread::yield();
-    ncclResult_t state = ncclSuccess;
-    r = ncclCommGetAsyncError(parent, &state);
-    if (r == ncclSuccess) r = state;
-  }
-  LOCUS_NCCL_CHECK(r);
-  return out;
-}
 
 } // namespace detail::nccl
 
 //! Host object of the NCCL transports for one rank (one GPU).
-class nccl_transport : public detail::exchange::endpoint_state {
-  // Runs `f`, this rank's part of an exchange. When it ends early (an allocation, a copy or a post
-  // that failed, a caller's error found once the step was named), the members are out of step: the
-  // peers posted their part, which this rank's next exchange would meet. So the transport is
-  // unusable from then on, as after a timeout.
-  template <class F>
-  decltype(auto) in_step(F&& f) {
-    try {
-      return f();
-    } catch (...) {
-      abort_all();
-      throw;
-    }
-  }
-
-public:
-  //! Collective over `world` (ncclCommSplit is collective).
-  //! @param world        an initialised communicator over all ranks (not owned)
-  //! @param stream       the stream exchanges run on (not owned)
-  //! @param topo         nodes × GPUs per node; ranks = world size
-  //! @param kind         how dispatch over it moves copies: the transport policy's `P::kind`
-  //! @throws locus::config_error when the communicator size differs from the topology
-  //! @param config       the configuration of the transport's own communicators (copied, with
-  //!                     `blocking` set to 1): null for NCCL's defaults. The caller's communicator's
-  //!                     configuration is not inherited (NCCL copies it only into a split made
-  //!                     without one); NCCL_* environment variables apply as everywhere.
-  //! A caller's communicator made with splitShare = 1 (or NCCL_COMM_SPLIT_SHARE_RESOURCES=1) shares
-  //! its abort flag with the transport's own world, so that a timeout, which aborts the transport's
-  //! communicators, aborts it too; NCCL decides that by the parent, so the transport cannot.
-  nccl_transport(ncclComm_t world, cudaStream_t stream, const dynamic_topology& topo, transport_kind kind,
-                 exchange_options options = {}, const ncclConfig_t* config = nullptr)
-      : endpoint_state(topo, 0), stream_(stream), hierarchical_(kind == transport_kind::hierarchical),
-        options_(options) {
-    int size = 0, rank = 0;
-    LOCUS_NCCL_CHECK(ncclCommCount(world, &size));
-    LOCUS_NCCL_CHECK(ncclCommUserRank(world, &rank));
-    LOCUS_REQUIRE(static_cast<std::size_t>(size) == topo.ranks(), config_error, "nccl_transport: the communicator has ",
-                  size, " ranks but the topology has ", topo.ranks());
-    groups_.rank = static_cast<std::size_t>(rank);
-    try {
-      // A world of its own: after a timeout it is aborted with the others (the caller's is not ours
-      // to abort); node and rail are split from it, so they inherit nothing of the caller's.
-      world_ = detail::nccl::split_blocking(world, 0, rank, config);
-      node_ = detail::nccl::split_blocking(world_, static_cast<int>(topo.node_of(groups_.rank)),
-                                           static_cast<int>(topo.local_rank_of(groups_.rank)), config);
-      rail_ = detail::nccl::split_blocking(world_, static_cast<int>(topo.local_rank_of(groups_.rank)),
-                                           static_cast<int>(topo.node_of(groups_.rank)), config);
-      connect_all();
-    } catch (...) {
-      abort_all();
-      throw;
-    }
-  }
-  nccl_transport(const nccl_transport&) = delete;
-  nccl_transport& operator=(const nccl_transport&) = delete;
-  // Runs before the members' destructors. ncclCommDestroy waits for the communicator's work, which
-  // a step left unfinished (an error between its exchanges) may hold for a lost peer: the stream
-  // gets the timeout first, as a wait would, and is aborted past it. The abort releases the
-  // kernels that the device buffers' frees would otherwise wait for.
-  ~nccl_transport() {
-    if (!broken_ && !idle_by(std::chrono::steady_clock::now() + options_.timeout)) abort_all();
-    if (broken_) {
-      abort_all();
-      return;
-    }
-    for (ncclComm_t c : {world_, node_, rail_})
-      if (c) ncclCommDestroy(c);
-  }
-
-  bool hierarchical() const noexcept { return hierarchical_; }
-  cudaStream_t stream() const noexcept { return stream_; }
-  ncclComm_t communicator(exchange_group g) const noexcept {
-    return g == exchange_group::node ? node_ : g == exchange_group::rail ? rail_ : world_;
-  }
-
-  //! This rank leaves a step half done (an error after its peers posted their part of its
-  //! exchanges; device_dispatcher calls it): the transport aborts its communicators and is unusable
-  //! from then on, so its next step cannot pair with what is left of this one. The peers learn it
-  //! at their timeout (NCCL has no way to tell them sooner).
-  void abandon(const char*) noexcept { abort_all(); }
-
-  //! Collective over `group`: `send` holds device rows ordered by destination member.
-  //! `stage` names the exchange within the step (exchange_request::stage). Two waits: the header
-  //! round (counts) and the rows.
-  //! @throws locus::transport_error on every member when the requests disagree
-  //! @throws locus::timeout_error when the exchange does not finish within the timeout
-  void exchange_device(exchange_group group, std::size_t row_bytes, const std::byte* send,
-                       std::span<const std::size_t> counts, std::span<const std::size_t> expected,
-                       device_exchange_result& out, std::uint32_t stage = 0) {
-    namespace dx = detail::exchange;
-    const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
-    const auto req = in_step(
-        [&] { return dx::device_request(group, groups_.size(group), row_bytes, send, counts, expected, stage); });
-    const dx::position at = header_round(group, req, expected, deadline); // a verdict raises here, on every member
-    in_step([&] {
-      req.shape(std::span<const dx::header>(host_headers_.data() + groups_.size(group), groups_.size(group)), out);
-      post_rows(group, row_bytes, send, counts, out);
-      wait(deadline, group, ::locus::detail::concat("the row exchange of ", dx::describe(at)));
-    });
-    req.add_bytes(bytes_, groups_, out);
-  }
-
-  //! Collective over `group`: a count round alone (one wait). Each member tells each member how
-  //! many rows of `row_bytes` and entries of `entry_bytes` it is going to send it in the
-  //! known-count exchanges that follow (`exchange_device_known`), and `tail_width` more counts
-  //! (`tail`, destination-major: the device dispatcher's entries per local slot of the receiver),
-  //! with the checks of a header round (the exchange's name, widths, array sizes), so a step needs
-  //! one round for all of them. Every member must give the same tail width (a precondition, not a
-  //! check): the tails travel in the headers' messages, sized by each member's own width, and NCCL
-  //! does not define sends and receives of different sizes; a wider receiver waits for bytes that
-  //! never come, so the round times out and the transport is unusable from then on. The device
-  //! dispatcher's width is the expert map's slots per rank, which every rank's map shares.
-  //! @throws locus::transport_error on every member when the requests disagree
-  //! @throws locus::timeout_error when the round does not finish within the timeout
-  void exchange_device_counts(exchange_group group, std::size_t row_bytes, std::span<const std::size_t> counts,
-                              std::size_t entry_bytes, std::span<const std::size_t> entry_counts, device_counts& out,
-                              std::uint32_t stage = 0, std::span<const std::uint32_t> tail = {},
-                              std::uint32_t tail_width = 0) {
-    namespace dx = detail::exchange;
-    const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
-    const auto req = in_step([&] {
-      return dx::device_request(group, groups_.size(group), row_bytes, counts, entry_bytes, entry_counts, stage, tail,
-                                tail_width);
-    });
-    header_round(group, req, {}, deadline);
-    in_step([&] {
-      req.counts(std::span<const dx::header>(host_headers_.data() + groups_.size(group), groups_.size(group)),
-                 recv_tail_, out);
-    });
-  }
-
-  //! Collective over `group`: rows whose counts every member already knows (a count round's, or
-  //! the reverse of an exchange it made), `send_counts` to and `recv_counts` from each member. No
-  //! header round and no wait: the rows are posted on the stream and ready for work queued
-  //! afterwards; a peer that never posts is caught, with the timeout, by the next wait on the
-  //! stream (the next count round or synchronize()).
-  //! @throws locus::invalid_input_error when a count array's size is not the group size (the
-  //!         transport is unusable afterwards: the peers posted their part of the exchange)
-  void exchange_device_known(exchange_group group, std::size_t row_bytes, const std::byte* send,
-                             std::span<const std::size_t> send_counts, std::span<const std::size_t> recv_counts,
-                             device_exchange_result& out) {
-    namespace dx = detail::exchange;
-    LOCUS_REQUIRE(!broken_, transport_error, "nccl_transport: unusable after an earlier exchange failed or timed out");
-    const std::size_t members = groups_.size(group);
-    // A caller's error here too leaves the members out of step: the peers post this exchange.
-    in_step([&] {
-      dx::check_known("nccl_transport", group, members, row_bytes, send_counts, recv_counts);
-      dx::known_shape(recv_counts, row_bytes, out);
-      post_rows(group, row_bytes, send, send_counts, out);
-    });
-    const dx::device_request req(group, members, row_bytes, send, send_counts, {}, 0);
-    req.add_bytes(bytes_, groups_, out);
-  }
-
-  //! Waits for the work queued on the stream, with the transport's timeout and error watch (the
-  //! host wait a caller makes before reading device results, e.g. a layout's offsets).
-  //! @throws locus::timeout_error when the stream does not finish within the timeout
-  void synchronize(const char* what) {
-    LOCUS_REQUIRE(!broken_, transport_error, "nccl_transport: unusable after an earlier exchange failed or timed out");
-    wait(std::chrono::steady_clock::now() + options_.timeout, exchange_group::world, what);
-  }
-
-  //! The host `exchanger` form: stages host rows through device memory (see exchange.hpp).
-  void exchange(const exchange_request& req, exchange_result& out) {
-    detail::exchange::stage_host_exchange(*this, staging_, stream_, bytes_, req, out, [&] {
-      wait(std::chrono::steady_clock::now() + options_.timeout, req.group, "copying received rows to the host");
-    });
-  }
-
-private:
-  // The header round (and count-agreement round when `expected` is given) of `req`: afterwards
-  // host_headers_[members, 2 * members) hold the received headers. Returns the exchange's name.
-  detail::exchange::position header_round(exchange_group group, const detail::exchange::device_request& req,
-                                          std::span<const std::size_t> expected,
-                                          std::chrono::steady_clock::time_point deadline) {
-    namespace dx = detail::exchange;
-    LOCUS_REQUIRE(!broken_, transport_error, "nccl_transport: unusable after an earlier exchange failed or timed out");
-    const ncclComm_t comm = communicator(group);
-    const std::size_t members = groups_.size(group);
-    dx::position at{};
-    std::string why; // a verdict every member reaches alike: raised after the round, which is complete
-    in_step([&] {
-      at = steps_.next(group, req.request().stage);
-      // One message per member: its header, then a count round's tail (tail_width() counts).
-      const std::size_t W = req.tail_width(), message = dx::header_message_bytes(W);
-      host_messages_.resize(2 * members * message);
-      for (std::size_t m = 0; m < members; ++m)
-        dx::write_header_message(req, at, m, host_messages_.data() + m * message);
-      std::byte* d_messages = headers_.room_for(2 * members * message);
-      LOCUS_CUDA_CHECK(
-          cudaMemcpyAsync(d_messages, host_messages_.data(), members * message, cudaMemcpyHostToDevice, stream_));
-      fixed_offsets(members, message);
-      post(members, {d_messages, offsets_a_.data(), d_messages + members * message, offsets_a_.data(), comm, stream_});
-      LOCUS_CUDA_CHECK(cudaMemcpyAsync(host_messages_.data() + members * message, d_messages + members * message,
-                                       members * message, cudaMemcpyDeviceToHost, stream_));
-      wait(deadline, group, ::locus::detail::concat("the header round of ", dx::describe(at)));
-      host_headers_.resize(2 * members);
-      recv_tail_.resize(members * W);
-      for (std::size_t m = 0; m < members; ++m)
-        dx::read_header_message(host_messages_.data() + (members + m) * message, W, host_headers_[members + m],
-                                recv_tail_.data() + m * W);
-      const std::span<const dx::header> received(host_headers_.data() + members, members);
-      bool expectations = false;
-      why = req.verdict(received, groups_, expectations);
-      if (!why.empty() || !expectations) return;
-      codes_.resize(2 * members);
-      std::fill_n(codes_.data(), 2 * members, dx::expectation_code(received, expected));
-      std::byte* d_codes = headers_.room_for(2 * members * sizeof(std::uint32_t));
-      LOCUS_CUDA_CHECK(
-          cudaMemcpyAsync(d_codes, codes_.data(), members * sizeof(std::uint32_t), cudaMemcpyHostToDevice, stream_));
-      fixed_offsets(members, sizeof(std::uint32_t));
-      post(members,
-           {d_codes, offsets_a_.data(), d_codes + members * sizeof(std::uint32_t), offsets_a_.data(), comm, stream_});
-      LOCUS_CUDA_CHECK(cudaMemcpyAsync(codes_.data() + members, d_codes + members * sizeof(std::uint32_t),
-                                       members * sizeof(std::uint32_t), cudaMemcpyDeviceToHost, stream_));
-      wait(deadline, group, ::locus::detail::concat("the count-agreement round of ", dx::describe(at)));
-      const std::span<const std::uint32_t> codes(codes_.data() + members, members);
-      why = dx::expectation_verdict(codes, groups_, group, received, expected);
-    });
-    if (!why.empty()) LOCUS_THROW(transport_error, "nccl_transport: ", why);
-    return at;
-  }
-
-  // Posts the rows: `send_counts` rows to each member from `send`, `out`'s counts from each member
-  // into the receive buffer (out.rows).
-  void post_rows(exchange_group group, std::size_t row_bytes, const std::byte* send,
-                 std::span<const std::size_t> send_counts, device_exchange_result& out) {
-    const std::size_t members = groups_.size(group);
-    offsets_a_.assign(members + 1, 0);
-    offsets_b_.assign(members + 1, 0);
-    for (std::size_t m = 0; m < members; ++m) {
-      offsets_a_[m + 1] = offsets_a_[m] + send_counts[m] * row_bytes;
-      offsets_b_[m + 1] = out.offsets[m + 1] * row_bytes;
-    }
-    std::byte* d_recv = recv_.room_for(std::max<std::size_t>(offsets_b_[members], 1));
-    post(members, {send, offsets_a_.data(), d_recv, offsets_b_.data(), communicator(group), stream_});
-    out.rows = d_recv;
-  }
-
-  // One byte to and from every member of each group the exchanges use (the world; node and rail
-  // too when hierarchical), in the constructor, which is collective anyway: NCCL connects a pair at
-  // its first send or receive (NCCL_RUNTIME_CONNECT, on by default) inside the group's end, which
-  // waits for the peer untimed, so a peer lost later would have held a first exchange there
-  // instead of in a timed wait. Here the wait is timed like any other.
-  void connect_all() {
-    const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
-    for (exchange_group g : {exchange_group::world, exchange_group::node, exchange_group::rail}) {
-      if (g != exchange_group::world && !hierarchical_) continue;
-      const std::size_t members = groups_.size(g);
-      std::byte* d = headers_.room_for(2 * members);
-      LOCUS_CUDA_CHECK(cudaMemsetAsync(d, 0, members, stream_));
-      fixed_offsets(members, 1);
-      post(members, {d, offsets_a_.data(), d + members, offsets_a_.data(), communicator(g), stream_});
-      wait(deadline, g, "connecting the transport's communicators");
-    }
-  }
-
-  // Posts one exchange's sends and receives (always inside in_step: a failure leaves the members
-  // out of step).
-  void post(std::size_t members, const detail::nccl::peer_io& io) { detail::nccl::exchange_peers(members, io); }
-
-  // Whether the stream's work finished by `deadline` (false also on a CUDA error).
-  bool idle_by(std::chrono::steady_clock::time_point deadline) const noexcept {
-    for (;;) {
-      const cudaError_t s = cudaStreamQuery(stream_);
-      if (s == cudaSuccess) return true;
-      if (s != cudaErrorNotReady || std::chrono::steady_clock::now() > deadline) return false;
-      std::this_thread::yield();
-    }
-  }
-
-  // Marks the transport unusable and aborts every communicator it owns, which releases kernels
-  // still waiting for a peer (what would otherwise hold a later free or destroy forever).
-  void abort_all() noexcept {
-    broken_ = true;
-    for (ncclComm_t* c : {&world_, &node_, &rail_})
-      if (*c) ncclCommAbort(std::exchange(*c, nullptr));
-  }
-
-  void fixed_offsets(std::size_t members, std::size_t bytes) {
-    offsets_a_.resize(members + 1);
-    for (std::size_t m = 0; m <= members; ++m)
-      offsets_a_[m] = m * bytes;
-  }
-
-  // Polls the stream until its work is done, a communicator reports an error, or the deadline.
-  void wait(std::chrono::steady_clock::time_point deadline, exchange_group g, const std::string& what) {
-    for (;;) {
-      const cudaError_t s = cudaStreamQuery(stream_);
-      if (s == cudaSuccess) return;
-      if (s != cudaErrorNotReady) {
-        abort_all();
-        LOCUS_CUDA_CHECK(s);
-      }
-      for (ncclComm_t c : {world_, node_, rail_}) {
-        ncclResult_t async = ncclSuccess;
-        const ncclResult_t got = ncclCommGetAsyncError(c, &async);
-        if (got != ncclSuccess || (async != ncclSuccess && async != ncclInProgress)) {
-          abort_all();
-          LOCUS_NCCL_CHECK(got != ncclSuccess ? got : async);
-        }
-      }
-      if (std::chrono::steady_clock::now() > deadline) break;
-      std::this_thread::yield();
-    }
-    abort_all();
-    LOCUS_THROW(timeout_error, "nccl_transport: rank ", rank(), " waited ", options_.timeout.count(), " ms in ", what,
-                " of an exchange over the ", to_string(g), " group; the transport is unusable from now on");
-  }
-
-  ncclComm_t world_ = nullptr, node_ = nullptr, rail_ = nullptr; // owned (split from the caller's)
-  cudaStream_t stream_;
-  bool hierarchical_;
-  exchange_options options_;
-  bool broken_ = false;
-  device_buffer<std::byte> headers_, recv_;
-  detail::exchange::host_staging staging_;             // host exchange()
-  std::vector<detail::exchange::header> host_headers_; // [members, 2 * members): the received ones
-  // A header round's messages, sent then received; pinned, so that their copies queue instead of
-  // waiting untimed for the exchange (wait() is the round's one, timed, wait).
-  pinned_buffer<std::byte> host_messages_;
-  std::vector<std::uint32_t> recv_tail_; // a count round's received tails, source-major
-  pinned_buffer<std::uint32_t> codes_;   // the count-agreement round's codes (pinned: as host_messages_)
-  std::vector<std::size_t> offsets_a_, offsets_b_;
-};
+//!
+//! Constructor (collective over `world`: ncclCommSplit is collective):
+//! `nccl_transport(ncclComm_t world, cudaStream_t stream, const dynamic_topology& topo,
+//! transport_kind kind, exchange_options options = {}, const ncclConfig_t* config = nullptr)`
+//! - `world`: an initialised communicator over all ranks (not owned);
+//! - `stream`: the stream exchanges run on (not owned);
+//! - `topo`: nodes × GPUs per node; ranks = world size (locus::config_error otherwise);
+//! - `kind`: how dispatch over it moves copies (the transport policy's `P::kind`);
+//! - `config`: the configuration of the transport's own communicators (copied, with `blocking` set
+//!   to 1), null for NCCL's defaults. The caller's communicator's configuration is not inherited
+//!   (NCCL copies it only into a split made without one); NCCL_* environment variables apply as
+//!   everywhere.
+//!
+//! A caller's communicator made with splitShare = 1 (or NCCL_COMM_SPLIT_SHARE_RESOURCES=1) shares
+//! its abort flag with the transport's own world, so that a timeout, which aborts the transport's
+//! communicators, aborts it too; NCCL decides that by the parent, so the transport cannot.
+using nccl_transport = detail::nccl::endpoint<detail::nccl::cuda_nccl>;
 
 //! Flat NCCL transport: per-peer send/receive over all ranks.
 struct nccl_flat {
