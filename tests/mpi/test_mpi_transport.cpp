@@ -206,3 +206,40 @@ BOOST_AUTO_TEST_CASE(missing_peer_times_out_on_every_waiting_rank) {
     BOOST_TEST(seconds < 20.0);
   }
 }
+
+// The constructor's checks are collective: ranks given different topologies, or one the
+// communicator's size does not fit, all raise config_error instead of one raising while its peers
+// wait in the communicator splits.
+BOOST_AUTO_TEST_CASE(a_topology_that_does_not_fit_raises_on_every_rank) {
+  const std::size_t ranks = static_cast<std::size_t>(world_size()), me = static_cast<std::size_t>(world_rank());
+  std::string said;
+  const int differ = error_kind_of([&] {
+    try {
+      mpi_transport t(MPI_COMM_WORLD, me == 0 ? dynamic_topology(1, ranks) : dynamic_topology(ranks, 1),
+                      transport_kind::flat);
+    } catch (const config_error& e) {
+      said = e.what();
+      throw;
+    }
+  });
+  const int too_big = error_kind_of(
+      [&] { mpi_transport t(MPI_COMM_WORLD, dynamic_topology(1, ranks + 1), transport_kind::hierarchical); });
+  // Only the other ranks' topology is too big: rank 0's fits, and it must not wait for them alone.
+  const int partly = error_kind_of(
+      [&] { mpi_transport t(MPI_COMM_WORLD, dynamic_topology(1, me == 0 ? ranks : ranks + 1), transport_kind::flat); });
+  std::vector<int> kinds(3 * ranks);
+  const int mine[3] = {differ, too_big, partly};
+  LOCUS_MPI_CHECK(MPI_Allgather(mine, 3, MPI_INT, kinds.data(), 3, MPI_INT, MPI_COMM_WORLD));
+  for (int k : kinds)
+    BOOST_TEST(k == static_cast<int>(error_kind::config));
+  BOOST_TEST(said.find("the ranks were given different topologies (1 to " + std::to_string(ranks) + " nodes") !=
+                 std::string::npos,
+             said);
+  // The transport still works afterwards on the same communicator.
+  mpi_transport t(MPI_COMM_WORLD, dynamic_topology(1, ranks), transport_kind::flat);
+  std::vector<std::size_t> counts(ranks, 1);
+  std::vector<std::byte> rows(ranks * 8);
+  exchange_result out;
+  t.exchange({exchange_group::world, 8, rows, counts, {}}, out);
+  BOOST_TEST(out.row_count() == ranks);
+}

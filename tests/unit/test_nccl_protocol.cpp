@@ -268,3 +268,30 @@ BOOST_AUTO_TEST_CASE(a_communicator_of_another_size_is_refused) {
   BOOST_CHECK_THROW(hn::transport(w.comm(0), w.stream(0), dynamic_topology(1, 4), transport_kind::flat), config_error);
   BOOST_TEST(w.live() == 0);
 }
+
+// A transport destroyed with a step unfinished (rank 0 posted a known-count exchange that rank 1
+// never joins): the destructor gives the stream the timeout, as a wait would, then aborts, so it
+// returns instead of waiting for the peer forever, and every communicator is released once.
+BOOST_AUTO_TEST_CASE(a_transport_left_mid_step_is_aborted_by_its_destructor) {
+  const dynamic_topology topo(1, 2);
+  nccl_harness::fabric fabric(topo, transport_kind::flat, exchange_options{std::chrono::milliseconds(300)});
+  std::vector<double> took(2, 0.0);
+  dlc::on_ranks(2, [&](std::size_t r) {
+    std::chrono::steady_clock::time_point start;
+    {
+      auto ep = fabric.endpoint(r, 0);
+      if (r == 0) {
+        const std::vector<std::uint64_t> rows = dlc::world_rows(0, {1, 1}, 0);
+        const std::vector<std::size_t> ones{1, 1};
+        device_exchange_result out;
+        ep.exchange_device_known(exchange_group::world, 8, bytes_of(rows), ones, ones, out);
+      }
+      start = std::chrono::steady_clock::now();
+    }
+    took[r] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  });
+  BOOST_TEST(took[0] >= 0.29);
+  BOOST_TEST(took[0] < 10.0);
+  BOOST_TEST(took[1] < 0.29);
+  BOOST_TEST(fabric.world.live() == 0);
+}

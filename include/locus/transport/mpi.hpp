@@ -41,19 +41,17 @@ public:
   //! @param comm         the ranks of the deployment; its size must equal `topo.ranks()` (duplicated)
   //! @param topo         nodes × GPUs per node (ranks per node is a parameter, not the machine's)
   //! @param kind         how dispatch over this transport moves copies: the transport policy's `P::kind`
-  //! @throws locus::config_error on every rank when the communicator size differs from the
-  //!         topology or a node's ranks do not share memory
+  //! @throws locus::config_error on every rank when the ranks were given different topologies, the
+  //!         communicator size differs from the topology, or a node's ranks do not share memory
   mpi_transport(MPI_Comm comm, const dynamic_topology& topo, transport_kind kind, exchange_options options = {})
       : endpoint_state(topo, 0), kind_(kind), options_(options) {
     int size = 0, rank = 0;
     LOCUS_MPI_CHECK(MPI_Comm_size(comm, &size));
     LOCUS_MPI_CHECK(MPI_Comm_rank(comm, &rank));
-    LOCUS_REQUIRE(static_cast<std::size_t>(size) == topo.ranks(), config_error, "mpi_transport: the communicator has ",
-                  size, " ranks but the topology has ", topo.nodes(), " nodes × ", topo.gpus_per_node(), " = ",
-                  topo.ranks());
     groups_.rank = static_cast<std::size_t>(rank);
     LOCUS_MPI_CHECK(MPI_Comm_dup(comm, &world_));
     LOCUS_MPI_CHECK(MPI_Comm_set_errhandler(world_, MPI_ERRORS_RETURN));
+    check_topology(topo, size);
     const int node = static_cast<int>(topo.node_of(groups_.rank));
     const int local = static_cast<int>(topo.local_rank_of(groups_.rank));
     MPI_Comm shared = MPI_COMM_NULL;
@@ -423,6 +421,27 @@ private:
     LOCUS_MPI_CHECK(MPI_Type_commit(&t));
     types_.emplace(row_bytes, t);
     return t;
+  }
+
+  // Collective: every rank learns whether all ranks were given one topology and whether it has the
+  // communicator's size, and all raise alike. A rank that raised alone before the splits would
+  // leave its peers waiting in them, untimed.
+  void check_topology(const dynamic_topology& topo, int size) {
+    const auto clamp = [](std::size_t v) { return static_cast<int>(std::min<std::size_t>(v, INT_MAX)); };
+    const int nodes = clamp(topo.nodes()), gpus = clamp(topo.gpus_per_node());
+    const int mine[4] = {nodes, -nodes, gpus, -gpus};
+    int all[4] = {};
+    LOCUS_MPI_CHECK(MPI_Allreduce(mine, all, 4, MPI_INT, MPI_MIN, world_));
+    if (all[0] != -all[1] || all[2] != -all[3]) {
+      release();
+      LOCUS_THROW(config_error, "mpi_transport: the ranks were given different topologies (", all[0], " to ", -all[1],
+                  " nodes, ", all[2], " to ", -all[3], " GPUs per node); this rank's is ", nodes, " × ", gpus);
+    }
+    if (static_cast<std::size_t>(size) != topo.ranks()) {
+      release();
+      LOCUS_THROW(config_error, "mpi_transport: the communicator has ", size, " ranks but the topology has ",
+                  topo.nodes(), " nodes × ", topo.gpus_per_node(), " = ", topo.ranks());
+    }
   }
 
   void release() noexcept {
