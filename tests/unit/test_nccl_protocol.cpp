@@ -262,11 +262,39 @@ BOOST_AUTO_TEST_CASE(a_receive_larger_than_its_send_fails_the_receiver) {
   BOOST_TEST(fabric.world.live() == 0);
 }
 
-// A communicator whose size is not the topology's is refused before anything is split.
-BOOST_AUTO_TEST_CASE(a_communicator_of_another_size_is_refused) {
-  hn::world w(2);
-  BOOST_CHECK_THROW(hn::transport(w.comm(0), w.stream(0), dynamic_topology(1, 4), transport_kind::flat), config_error);
-  BOOST_TEST(w.live() == 0);
+// The topology is checked collectively, over the transport's own world before it is split by the
+// topology: ranks given different topologies, or one the communicator's size does not fit (all, or
+// only some of them), all raise config_error, and none waits in a split for a rank that left.
+BOOST_AUTO_TEST_CASE(a_topology_that_does_not_fit_raises_on_every_rank) {
+  struct setup {
+    const char* what;
+    dynamic_topology rank0, others;
+    const char* says;
+  };
+  for (const setup& c : {setup{"different shapes", dynamic_topology(1, 4), dynamic_topology(4, 1),
+                               "the ranks were given different topologies (1 to 4 nodes, 1 to 4 GPUs per node)"},
+                         setup{"too many ranks", dynamic_topology(2, 4), dynamic_topology(2, 4),
+                               "the communicator has 4 ranks but the topology has 2 nodes × 4 = 8"},
+                         setup{"too many on some", dynamic_topology(1, 4), dynamic_topology(1, 5),
+                               "the ranks were given different topologies"}}) {
+    hn::world w(4);
+    std::vector<std::string> said(4);
+    const auto start = std::chrono::steady_clock::now();
+    dlc::on_ranks(4, [&](std::size_t r) {
+      try {
+        hn::transport t(w.comm(r), w.stream(r), r == 0 ? c.rank0 : c.others, transport_kind::hierarchical,
+                        exchange_options{std::chrono::milliseconds(5000)});
+      } catch (const config_error& e) {
+        said[r] = e.what();
+      }
+    });
+    BOOST_TEST_CONTEXT(c.what) {
+      for (const std::string& s : said)
+        BOOST_TEST(s.find(c.says) != std::string::npos, s);
+      BOOST_TEST(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < 4.0);
+      BOOST_TEST(w.live() == 0);
+    }
+  }
 }
 
 // A transport destroyed with a step unfinished (rank 0 posted a known-count exchange that rank 1

@@ -121,7 +121,9 @@ private:
 //! transport_kind kind, exchange_options options = {}, const ncclConfig_t* config = nullptr)`
 //! - `world`: an initialised communicator over all ranks (not owned);
 //! - `stream`: the stream exchanges run on (not owned);
-//! - `topo`: nodes × GPUs per node; ranks = world size (locus::config_error otherwise);
+//! - `topo`: nodes × GPUs per node; ranks = world size. Checked collectively, in a timed round over
+//!   the transport's own world before the node and rail splits: ranks given different topologies,
+//!   or one the world's size does not fit, all raise locus::config_error;
 //! - `kind`: how dispatch over it moves copies (the transport policy's `P::kind`);
 //! - `config`: the configuration of the transport's own communicators (copied, with `blocking` set
 //!   to 1), null for NCCL's defaults. The caller's communicator's configuration is not inherited

@@ -23,6 +23,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <locus/core/error.hpp>
 #include <locus/transport/detail/host_staging.hpp>
 #include <locus/transport/device_exchange.hpp>
@@ -114,13 +115,12 @@ public:
       : endpoint_state(topo, 0), stream_(stream), hierarchical_(kind == transport_kind::hierarchical),
         options_(options) {
     const int size = N::comm_size(world), rank = N::comm_rank(world);
-    LOCUS_REQUIRE(static_cast<std::size_t>(size) == topo.ranks(), config_error, "nccl_transport: the communicator has ",
-                  size, " ranks but the topology has ", topo.ranks());
     groups_.rank = static_cast<std::size_t>(rank);
     try {
       // A world of its own: after a timeout it is aborted with the others (the caller's is not ours
       // to abort); node and rail are split from it, so they inherit nothing of the caller's.
       world_ = N::split(world, 0, rank, config);
+      check_topology(topo, static_cast<std::size_t>(size));
       node_ = N::split(world_, static_cast<int>(topo.node_of(groups_.rank)),
                        static_cast<int>(topo.local_rank_of(groups_.rank)), config);
       rail_ = N::split(world_, static_cast<int>(topo.local_rank_of(groups_.rank)),
@@ -316,15 +316,47 @@ private:
     out.rows = d_recv;
   }
 
-  // One byte to and from every member of each group the exchanges use (the world; node and rail
-  // too when hierarchical), in the constructor, which is collective anyway: NCCL connects a pair at
+  // Every rank's topology to every rank, over the transport's world before the topology splits it
+  // (a timed round; it also connects the world's pairs, see connect_all): all ranks reach the same
+  // verdict, so ranks given different topologies, or one the communicator's size does not fit, all
+  // raise config_error, where one raising alone would leave its peers in the splits, untimed.
+  void check_topology(const dynamic_topology& topo, std::size_t size) {
+    constexpr std::size_t message = 2 * sizeof(std::uint64_t);
+    const std::uint64_t mine[2] = {topo.nodes(), topo.gpus_per_node()};
+    host_messages_.resize(2 * size * message);
+    for (std::size_t m = 0; m < size; ++m)
+      std::memcpy(host_messages_.data() + m * message, mine, message);
+    std::byte* d = headers_.room_for(2 * size * message);
+    memory::to_device(d, host_messages_.data(), size * message, stream_);
+    fixed_offsets(size, message);
+    post(size, {d, offsets_a_.data(), d + size * message, offsets_a_.data(), world_, stream_});
+    memory::to_host(host_messages_.data() + size * message, d + size * message, size * message, stream_);
+    wait(std::chrono::steady_clock::now() + options_.timeout, exchange_group::world, "checking the ranks' topologies");
+    std::uint64_t low[2] = {mine[0], mine[1]}, high[2] = {mine[0], mine[1]};
+    for (std::size_t m = 0; m < size; ++m) {
+      std::uint64_t theirs[2];
+      std::memcpy(theirs, host_messages_.data() + (size + m) * message, message);
+      for (int i = 0; i < 2; ++i) {
+        low[i] = std::min(low[i], theirs[i]);
+        high[i] = std::max(high[i], theirs[i]);
+      }
+    }
+    LOCUS_REQUIRE(low[0] == high[0] && low[1] == high[1], config_error,
+                  "nccl_transport: the ranks were given different topologies (", low[0], " to ", high[0], " nodes, ",
+                  low[1], " to ", high[1], " GPUs per node); this rank's is ", mine[0], " × ", mine[1]);
+    LOCUS_REQUIRE(size == topo.ranks(), config_error, "nccl_transport: the communicator has ", size,
+                  " ranks but the topology has ", topo.nodes(), " nodes × ", topo.gpus_per_node(), " = ", topo.ranks());
+  }
+
+  // One byte to and from every member of node and rail when hierarchical (the world's pairs are
+  // connected by the topology round), in the constructor, which is collective anyway: NCCL connects a pair at
   // its first send or receive (NCCL_RUNTIME_CONNECT, on by default) inside the group's end, which
   // waits for the peer untimed, so a peer lost later would have held a first exchange there
   // instead of in a timed wait. Here the wait is timed like any other.
   void connect_all() {
+    if (!hierarchical_) return;
     const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
-    for (exchange_group g : {exchange_group::world, exchange_group::node, exchange_group::rail}) {
-      if (g != exchange_group::world && !hierarchical_) continue;
+    for (exchange_group g : {exchange_group::node, exchange_group::rail}) {
       const std::size_t members = groups_.size(g);
       std::byte* d = headers_.room_for(2 * members);
       memory::zero(d, members, stream_);
