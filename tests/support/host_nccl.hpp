@@ -13,7 +13,7 @@
 // - a split is collective over the parent (a member that never comes fails it after 20 s);
 // - an aborted communicator's queued work ends at once, writing nothing (what ncclCommAbort
 //   releases); every communicator a split made is counted until it is destroyed or aborted, once;
-// - failures on request: the next send of a thread raises, or every communicator reports an
+// - failures on request: a thread's sends after its next n raise, or every communicator reports an
 //   asynchronous error.
 // Device and pinned memory are host arrays, filled with 0xA5 bytes when they grow; an outgrown
 // block is kept until the array dies, as device_buffer keeps it, and an array's end first runs
@@ -32,6 +32,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <sanitizer/asan_interface.h>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -126,18 +127,30 @@ public:
   communicator* comm(std::size_t r) { return roots_[r].get(); }
   stream_state* stream(std::size_t r) { return streams_[r].get(); }
 
-  //! Communicators that splits made and nothing destroyed or aborted yet.
-  int live() const { return live_.load(); }
+  //! Communicators that splits made and nothing destroyed or aborted yet; -1 once a communicator
+  //! was released twice, or one this world did not make (which is then left alone).
+  int live() {
+    std::lock_guard lock(made_mutex_);
+    return misused_ ? -1 : static_cast<int>(made_.size());
+  }
   //! From now on every communicator reports an asynchronous error.
   void raise_async_error() { async_error_ = true; }
   bool async_error() const { return async_error_.load(); }
 
   communicator* make(std::shared_ptr<group> g, int rank) {
-    ++live_;
-    return new communicator{std::move(g), rank};
+    auto c = std::make_unique<communicator>(communicator{std::move(g), rank});
+    std::lock_guard lock(made_mutex_);
+    made_.push_back(c.get());
+    return c.release();
   }
-  void release(communicator* c) {
-    if (--live_ < 0) throw std::logic_error("host_nccl: a communicator released twice");
+  void release(communicator* c) noexcept {
+    std::lock_guard lock(made_mutex_);
+    const auto at = std::find(made_.begin(), made_.end(), c);
+    if (at == made_.end()) {
+      misused_ = true;
+      return;
+    }
+    made_.erase(at);
     delete c;
   }
   // Runs every stream's queue as far as it goes (a waiting rank helps its peers along).
@@ -150,7 +163,9 @@ private:
   std::shared_ptr<group> root_;
   std::vector<std::unique_ptr<communicator>> roots_;
   std::vector<std::unique_ptr<stream_state>> streams_;
-  std::atomic<int> live_{0};
+  std::mutex made_mutex_;
+  std::vector<communicator*> made_; // by splits, not yet released
+  bool misused_ = false;
   std::atomic<bool> async_error_{false};
 };
 
@@ -167,7 +182,10 @@ public:
   array() = default;
   array(const array&) = delete;
   array& operator=(const array&) = delete;
-  ~array() { pump_every_world(); }
+  ~array() {
+    pump_every_world();
+    if (!blocks_.empty()) ASAN_UNPOISON_MEMORY_REGION(data(), capacity_ * sizeof(T));
+  }
 
   void resize(std::size_t n) {
     if (n > capacity_) {
@@ -176,6 +194,12 @@ public:
       std::memset(static_cast<void*>(block.get()), 0xA5, grown * sizeof(T));
       blocks_.push_back(std::move(block));
       capacity_ = grown;
+    }
+    // Under AddressSanitizer the room past the size is out of bounds, as a device allocation of
+    // exactly that size would be: a receive or copy that overruns it is reported.
+    if (capacity_ > 0) {
+      ASAN_UNPOISON_MEMORY_REGION(data(), capacity_ * sizeof(T));
+      ASAN_POISON_MEMORY_REGION(data() + n, (capacity_ - n) * sizeof(T));
     }
     size_ = n;
   }
@@ -228,8 +252,8 @@ struct open_group {
   std::vector<posted> ops;
 };
 inline thread_local open_group this_thread_group;
-//! Set on a rank's thread: its next send raises (then the flag clears).
-inline thread_local bool fail_next_send = false;
+//! Set on a rank's thread to n >= 0: its sends after the next n raise (until it is set again).
+inline thread_local int fail_send_after = -1;
 
 //! The NCCL policy of detail/nccl_protocol.hpp.
 struct nccl {
@@ -264,10 +288,8 @@ struct nccl {
 
   static void group_start() { ++this_thread_group.depth; }
   static void send(const std::byte* p, std::size_t n, int peer, comm c, stream s) {
-    if (fail_next_send) {
-      fail_next_send = false;
-      throw failure("host_nccl: a send failed (as asked)");
-    }
+    if (fail_send_after == 0) throw failure("host_nccl: a send failed (as asked)");
+    if (fail_send_after > 0) --fail_send_after;
     post({true, p, nullptr, n, peer, c, s});
   }
   static void recv(std::byte* p, std::size_t n, int peer, comm c, stream s) {

@@ -187,37 +187,82 @@ BOOST_AUTO_TEST_CASE(a_lost_peer_times_out_and_aborts_every_communicator) {
   BOOST_TEST(fabric.world.live() == 0);
 }
 
-// An asynchronous error reported by the communicators while rank 0 waits for its peer: the wait
-// raises it and aborts, and the transport is unusable from then on.
+// An asynchronous error reported by the communicators while rank 0 waits for a peer that does not
+// come (rank 1 joins only once rank 0 has raised): the wait raises it and aborts every
+// communicator, and the transport is unusable from then on.
 BOOST_AUTO_TEST_CASE(an_asynchronous_error_aborts_and_raises) {
   const dynamic_topology topo(1, 2);
   nccl_harness::fabric fabric(topo, transport_kind::flat, exchange_options{std::chrono::milliseconds(2000)});
-  std::vector<std::exception_ptr> first(2);
+  std::exception_ptr first;
   std::string later;
-  std::latch made(2);
+  bool aborted = false;
+  std::latch made(2), raised(1);
   dlc::on_ranks(2, [&](std::size_t r) {
+    const std::vector<std::uint64_t> rows = dlc::world_rows(r, {1, 1}, 0);
     auto ep = fabric.endpoint(r, 0);
     made.arrive_and_wait(); // both constructors' waits are over
-    const std::vector<std::size_t> ones(2, 1);
-    device_counts counts;
-    if (r == 1)
-      std::this_thread::sleep_for(std::chrono::milliseconds(100)); // rank 0 waits for it
-    else
-      fabric.world.raise_async_error();
-    try {
-      ep.exchange_device_counts(exchange_group::world, 8, ones, 4, ones, counts, 1);
-    } catch (...) {
-      first[r] = std::current_exception();
-    }
-    if (r == 0) try {
-        ep.synchronize("a later wait");
-      } catch (const transport_error& e) {
-        later = e.what();
+    const std::vector<std::size_t> ones{1, 1};
+    device_exchange_result out;
+    if (r == 1) {
+      raised.wait();
+      try {
+        ep.exchange_device_known(exchange_group::world, 8, bytes_of(rows), ones, ones, out);
+        ep.synchronize("rank 1's wait"); // raises too (the error, or the timeout): not checked
+      } catch (...) {
       }
+      return;
+    }
+    ep.exchange_device_known(exchange_group::world, 8, bytes_of(rows), ones, ones, out);
+    fabric.world.raise_async_error();
+    try {
+      ep.synchronize("the test's wait");
+    } catch (...) {
+      first = std::current_exception();
+    }
+    aborted = ep.communicator(exchange_group::world) == nullptr && ep.communicator(exchange_group::node) == nullptr &&
+              ep.communicator(exchange_group::rail) == nullptr;
+    raised.count_down();
+    try {
+      ep.synchronize("a later wait");
+    } catch (const transport_error& e) {
+      later = e.what();
+    }
   });
-  BOOST_TEST(message_if<hn::failure>(first[0]).find("an asynchronous error") != std::string::npos,
-             message_if<hn::failure>(first[0]));
+  BOOST_TEST(message_if<hn::failure>(first).find("an asynchronous error") != std::string::npos,
+             message_if<hn::failure>(first));
+  BOOST_TEST(aborted);
   BOOST_TEST(later.find("unusable") != std::string::npos, later);
+  BOOST_TEST(fabric.world.live() == 0);
+}
+
+// Rank 3 takes part in the header round of an exchange and then fails to post its rows (its send
+// fails, and it leaves the transport aborted): the others wait for its rows and raise timeout_error
+// naming the row exchange; nobody returns rows that never came.
+BOOST_AUTO_TEST_CASE(a_peer_lost_after_the_header_round_times_out_the_row_exchange) {
+  const dynamic_topology topo(2, 2);
+  nccl_harness::fabric fabric(topo, transport_kind::flat, exchange_options{std::chrono::milliseconds(300)});
+  std::vector<std::string> said(topo.ranks());
+  dlc::on_ranks(topo.ranks(), [&](std::size_t r) {
+    const std::vector<std::size_t> ones(topo.ranks(), 1);
+    const std::vector<std::uint64_t> rows = dlc::world_rows(r, ones, 0);
+    nccl_harness::rows<std::uint64_t> send;
+    auto ep = fabric.endpoint(r, 0);
+    send.upload(rows, ep.stream());
+    device_exchange_result out;
+    if (r == 3) hn::fail_send_after = static_cast<int>(topo.ranks()); // the header round's sends pass
+    try {
+      ep.exchange_device(exchange_group::world, 8, reinterpret_cast<const std::byte*>(send.data()), ones, {}, out);
+      said[r] = "no error";
+    } catch (const std::exception& e) {
+      said[r] = e.what();
+    }
+    hn::fail_send_after = -1;
+  });
+  for (std::size_t r = 0; r < 3; ++r)
+    BOOST_TEST(said[r].find("in the row exchange of step 0 exchange #0 of an exchange over the world group") !=
+                   std::string::npos,
+               said[r]);
+  BOOST_TEST(said[3].find("a send failed (as asked)") != std::string::npos, said[3]);
   BOOST_TEST(fabric.world.live() == 0);
 }
 
@@ -229,8 +274,9 @@ BOOST_AUTO_TEST_CASE(a_failed_post_ends_the_group_and_breaks_the_transport) {
   const std::vector<std::uint64_t> rows{1};
   const std::vector<std::size_t> one{1};
   device_exchange_result out;
-  hn::fail_next_send = true;
+  hn::fail_send_after = 0;
   BOOST_CHECK_THROW(t.exchange_device_known(exchange_group::world, 8, bytes_of(rows), one, one, out), hn::failure);
+  hn::fail_send_after = -1;
   BOOST_TEST(hn::nccl::open_depth() == 0);
   BOOST_CHECK_THROW(t.exchange_device_known(exchange_group::world, 8, bytes_of(rows), one, one, out), transport_error);
   BOOST_CHECK_THROW(t.synchronize("a later wait"), transport_error);
@@ -307,9 +353,10 @@ BOOST_AUTO_TEST_CASE(a_transport_left_mid_step_is_aborted_by_its_destructor) {
   dlc::on_ranks(2, [&](std::size_t r) {
     std::chrono::steady_clock::time_point start;
     {
+      // The rows outlive the endpoint: its destructor may still run the queued send that reads them.
+      const std::vector<std::uint64_t> rows = dlc::world_rows(0, {1, 1}, 0);
       auto ep = fabric.endpoint(r, 0);
       if (r == 0) {
-        const std::vector<std::uint64_t> rows = dlc::world_rows(0, {1, 1}, 0);
         const std::vector<std::size_t> ones{1, 1};
         device_exchange_result out;
         ep.exchange_device_known(exchange_group::world, 8, bytes_of(rows), ones, ones, out);
