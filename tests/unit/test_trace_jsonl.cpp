@@ -170,6 +170,23 @@ BOOST_AUTO_TEST_CASE(interleaved_records_reassemble_exactly) {
   BOOST_TEST(rep.lines == records + rep.skipped_lines);
 }
 
+// The logged layer numbers are the model's layer ids: kept (so that engine exports number the
+// layers as the log did), sorted; numbers 0, 1, ... are the default and need no table.
+BOOST_AUTO_TEST_CASE(logged_layer_numbers_are_the_model_layer_ids) {
+  const auto record = [](std::uint64_t layer) {
+    return "{\"req_id\": 1, \"token_idx\": 0, \"layer\": " + std::to_string(layer) +
+           ", \"topk_ids\": [1, 2], \"topk_weights\": [0.5, 0.5]}\n";
+  };
+  // DeepSeek-V3's MoE layers are 3..60: a log of three of them, out of order.
+  const auto t = trace::import_jsonl_text(record(60) + record(3) + record(4294967295u), "l.jsonl", opts());
+  BOOST_TEST_REQUIRE(t.layers() == 3u);
+  BOOST_TEST(t.has_model_layers());
+  BOOST_TEST(t.model_layer_ids() == std::vector<std::size_t>({3, 60, 4294967295u}), boost::test_tools::per_element());
+  const auto dense = trace::import_jsonl_text(record(1) + record(0), "d.jsonl", opts());
+  BOOST_TEST(!dense.has_model_layers());
+  BOOST_TEST(dense.model_layer(1) == 1u);
+}
+
 BOOST_AUTO_TEST_CASE(string_ids_default_domain_and_nulls) {
   const std::string text =
       "{\"req_id\": \"a\", \"token_idx\": 5, \"layer\": 0, \"topk_ids\": [1, 2], \"topk_weights\": [0.5, 0.25], "
@@ -275,6 +292,8 @@ BOOST_AUTO_TEST_CASE(bad_records_fail_or_are_skipped_and_counted) {
        "\"layer\" is a number written with a point or an exponent"},
       {"{\"req_id\": 2, \"token_idx\": \"0\", \"layer\": 0, " + ids + ", " + ws + "}", "\"token_idx\" is a string"},
       {"{\"req_id\": 2, \"token_idx\": 0, \"layer\": {}, " + ids + ", " + ws + "}", "\"layer\" is an object"},
+      {"{\"req_id\": 2, \"token_idx\": 0, \"layer\": 4294967296, " + ids + ", " + ws + "}",
+       "layer 4294967296 exceeds 2^32-1"},
       {"{\"req_id\": -2, \"token_idx\": 0, \"layer\": 0, " + ids + ", " + ws + "}", "\"req_id\" is a negative number"},
       {"{\"req_id\": true, \"token_idx\": 0, \"layer\": 0, " + ids + ", " + ws + "}", "\"req_id\" is a boolean"},
       {with(ids + ", " + ws + ", \"phase\": \"warmup\""),

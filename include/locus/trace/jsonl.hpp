@@ -57,7 +57,8 @@ struct jsonl_options {
   //! Experts per token. 0: from a meta line's `top_k`, else the length of the first record's `topk_ids`.
   std::size_t top_k = 0;
   //! Expected number of distinct layer numbers (0: any). Layer numbers need not start at 0: the
-  //! distinct values, sorted, become layers 0, 1, ...
+  //! distinct values, sorted, become layers 0, 1, ..., and are kept as the trace's model layer ids
+  //! (trace::model_layer), which engine exports number layers by.
   std::size_t layers = 0;
   //! false: the first bad record raises locus::format_error. true: bad records are skipped and
   //! counted in jsonl_report, requests they leave inconsistent are dropped and counted.
@@ -721,6 +722,11 @@ public:
     const std::size_t k = top_k_;
     trace_builder b(experts_, k, layers);
     b.set_domains(domain_names_);
+    // The logged numbers are the model's layer ids (engines number their layers so, dense ones
+    // included): kept, so that a map planned on this log is exported for the layers it was logged
+    // at. Numbers 0, 1, ... are the default ids and need no table.
+    if (layer_values.back() != layers - 1)
+      b.set_model_layers(std::vector<std::uint32_t>(layer_values.begin(), layer_values.end()));
     std::size_t i = 0;
     while (i < order.size()) {
       const std::uint32_t r = req_[order[i]];
@@ -834,6 +840,7 @@ private:
     }
     if (f_.token_idx > 0xfffffffeull)
       return bad(line_no, locus::detail::concat("token_idx ", f_.token_idx, " exceeds 2^32-2"));
+    if (f_.layer > 0xffffffffull) return bad(line_no, locus::detail::concat("layer ", f_.layer, " exceeds 2^32-1"));
     if (f_.has_step && (f_.step < -1 || f_.step > std::numeric_limits<std::int32_t>::max()))
       return bad(line_no, locus::detail::concat("step ", f_.step, " is outside -1..2^31-1"));
 
