@@ -116,13 +116,6 @@ inline nlohmann::json number_or_null(double v) {
   return nullptr;
 }
 
-inline std::string fixed(double v, int precision) {
-  if (!std::isfinite(v)) return "n/a";
-  char buf[48];
-  std::snprintf(buf, sizeof buf, "%.*f", precision, v);
-  return buf;
-}
-
 // Draws the comparison as a bar chart: inter-node bytes over the baseline per row, GPU max/mean
 // below it (rr / ll / wa: the round_robin, least_loaded, workload_aware groupers; +N: replica
 // slots per GPU). Read from stdin by the interpreter: argv[1] the JSON document, argv[2] the PNG.
@@ -313,12 +306,12 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
     const std::string red = std::to_string(e.row.redundant);
     // One node sends nothing over the network: no ratio, no reduction ("n/a").
     const double reduction = 100 * (1 - e.vs_baseline);
-    const std::string reduction_text = std::isfinite(reduction) ? cd::fixed(reduction, 1) + "%" : "n/a";
+    const std::string reduction_text = std::isfinite(reduction) ? fixed(reduction, 1) + "%" : "n/a";
     std::snprintf(buf, sizeof buf,
                   md ? "| %s | %s | %s | %s | %s | %.0f | %s | %s | %.3f | %.3f |\n"
                      : "%-8s %-16s %4s %-14s %-12s %11.0f %8s %9s %9.3f %9.3f\n",
                   cd::method_of(e.row), e.row.placement.c_str(), red.c_str(), e.row.grouper.c_str(),
-                  locus::to_string(e.row.transport), r.inter_node_bytes_per_token, cd::fixed(e.vs_baseline, 3).c_str(),
+                  locus::to_string(e.row.transport), r.inter_node_bytes_per_token, fixed(e.vs_baseline, 3).c_str(),
                   reduction_text.c_str(), r.gpu_imbalance_aggregate, r.attention_imbalance);
     return std::string(buf);
   };
@@ -346,7 +339,7 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
   if (!o.markdown.empty()) {
     const auto& run = this_run();
     std::string md = "# locus compare\n\n" + std::string(head) + ".\n\nProduced by `" + run.command + "` on " +
-                     run.date + " (" + run.machine() + ") in " + cd::fixed(seconds, 1) + " s.\n\n" + legend +
+                     run.date + " (" + run.machine() + ") in " + fixed(seconds, 1) + " s.\n\n" + legend +
                      "\n\n| method | placement | redundant/GPU | grouper | transport | inter-node B/token | vs " +
                      baseline +
                      " | reduction | GPU max/mean (aggregate) | attention max/mean |\n"

@@ -454,6 +454,48 @@ inline constexpr std::size_t max_hidden = std::size_t{1} << 24;
 //! (the vLLM default window scaled as bench/drift scales it: a one-step window re-planned on noise).
 inline constexpr std::size_t drift_only_window = 100;
 
+//! `v` rounded to a whole number, its digits grouped by thousands ("551,588").
+inline std::string grouped(double v) {
+  if (!std::isfinite(v)) return "n/a";
+  std::string digits = std::to_string(static_cast<long long>(std::llround(std::fabs(v))));
+  for (std::size_t i = digits.size(); i > 3; i -= 3)
+    digits.insert(i - 3, ",");
+  return v < 0 ? "-" + digits : digits;
+}
+
+//! What `locus simulate` prints: the run, its figures with their units, then the on-line replay's
+//! (the same figures as the --json document).
+inline void print_simulation(const nlohmann::json& doc) {
+  const auto num = [&](const nlohmann::json& j, const char* key) { return j.at(key).get<double>(); };
+  std::printf("simulated %s requests, %s decode tokens in %s steps (%zu layers): %s placement, %s grouping, %s "
+              "transport\n",
+              grouped(num(doc, "requests")).c_str(), grouped(num(doc, "decode_tokens")).c_str(),
+              grouped(num(doc, "steps")).c_str(), doc.at("layers").get<std::size_t>(),
+              doc.at("placement").get<std::string>().c_str(), doc.at("grouper").get<std::string>().c_str(),
+              doc.at("transport").get<std::string>().c_str());
+  std::printf("  inter-node bytes per token    %s\n", grouped(num(doc, "inter_node_bytes_per_token")).c_str());
+  std::printf("  inter-node copies per token   %s\n", fixed(num(doc, "inter_node_copies_per_token"), 2).c_str());
+  std::printf("  GPU max/mean (expert rows)    %s over the run, %s per step\n",
+              fixed(num(doc, "gpu_imbalance_aggregate"), 3).c_str(),
+              fixed(num(doc, "gpu_imbalance_step_mean"), 3).c_str());
+  std::printf("  attention max/mean            %s (context tokens per GPU)\n",
+              fixed(num(doc, "attention_imbalance"), 3).c_str());
+  std::printf("  layer time estimate           %s us\n", fixed(num(doc, "layer_time_estimate_us"), 2).c_str());
+  std::printf("  idle steps                    %s\n", grouped(num(doc, "idle_steps")).c_str());
+  if (doc.contains("online")) {
+    const auto& o = doc.at("online");
+    std::printf("re-planned on line: %zu re-plans (%zu on drift, %zu on balance)\n", o.at("replans").get<std::size_t>(),
+                o.at("drift_replans").get<std::size_t>(), o.at("balance_replans").get<std::size_t>());
+    std::printf("  inter-node bytes per token    %s\n", grouped(num(o, "inter_node_bytes_per_token")).c_str());
+    std::printf("  GPU max/mean (expert rows)    %s over the run, %s in the worst window\n",
+                fixed(num(o, "gpu_imbalance_aggregate"), 3).c_str(),
+                fixed(num(o, "worst_window_imbalance"), 3).c_str());
+    std::printf("  moved                         at most %s%% of the slots per re-plan, %s bytes of weights\n",
+                fixed(100 * num(o, "max_moved_share"), 1).c_str(), grouped(num(o, "bytes_moved")).c_str());
+  }
+  std::printf("took %s s\n", fixed(num(doc, "seconds"), 2).c_str());
+}
+
 inline void register_simulate(CLI::App& app) {
   struct options {
     std::string map_path, grouping_path, grouper = "round_robin", transport = "flat", replica_rule = "locality_first";
@@ -687,9 +729,10 @@ inline void register_simulate(CLI::App& app) {
     doc["transport"] = opt->transport;
     doc["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     p.clear();
-    if (!stdout_taken({opt->json}))
-      for (const auto& [key, value] : doc.items())
-        std::cout << key << ": " << value << '\n';
+    if (!stdout_taken({opt->json})) {
+      print_simulation(doc);
+      std::fflush(stdout);
+    }
     write_json(opt->json, "simulate", doc);
   });
 }

@@ -9,6 +9,7 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -97,6 +98,14 @@ private:
   bool tty_ = false, on_ = false, shown_ = false;
   std::chrono::steady_clock::time_point begin_, t0_;
 };
+
+//! `v` with `precision` decimals ("n/a" when it is not finite), for the commands' printed figures.
+inline std::string fixed(double v, int precision) {
+  if (!std::isfinite(v)) return "n/a";
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%.*f", precision, v);
+  return buf;
+}
 
 //! Adds `--json [FILE]` to `cmd`: the command's figures as a JSON document; `-` or no value is
 //! stdout, which then carries the JSON instead of the table.

@@ -24,9 +24,14 @@ locus_no_arguments() {
 LOCUS_DEBIAN_PACKAGES=(cmake g++ make libboost-test-dev libopenmpi-dev openmpi-bin nlohmann-json3-dev libcli11-dev
   libbenchmark-dev python3 python3-dev python3-venv python3-matplotlib clang-14 libclang-rt-14-dev clang-format-14 ccache)
 
+# What the demo needs: the driver alone (no tests, benchmarks, MPI or Python).
+LOCUS_DEMO_PACKAGES=(cmake g++ make nlohmann-json3-dev libcli11-dev)
+
+# Installs the missing ones of the given Debian packages (default: LOCUS_DEBIAN_PACKAGES).
 locus_install_deps() {
-  local missing=()
-  for p in "${LOCUS_DEBIAN_PACKAGES[@]}"; do
+  local missing=() wanted=("$@")
+  [ ${#wanted[@]} -eq 0 ] && wanted=("${LOCUS_DEBIAN_PACKAGES[@]}")
+  for p in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0

@@ -132,7 +132,7 @@ check "trace report of odd domain names" odd_names_report
 refused '--first-moe-layer: Value 4294967295 not in range 0 to 4095' map export "$work/lin.json" --to sglang --first-moe-layer 4294967295 --out "$work/q.json"
 refused '--num-hidden-layers: Value 100000000 not in range 1 to 4096' map export "$work/lin.json" --to sglang --num-hidden-layers 100000000 --out "$work/q.json"
 refused 'after step 10\^18' simulate --trace "$work/t.bin" --arrival-rate 1e-300
-ok '^steps: ' simulate --trace "$work/t.bin" --arrival-rate 1e-9
+ok '^simulated [0-9,]+ requests' simulate --trace "$work/t.bin" --arrival-rate 1e-9
 # The balance hedges: 0 (off) is taken with any planner, a count only where it applies.
 succeeds plan --trace "$work/t.bin" --placement eplb --redundant-slots 1 --hedge-replicas 0 --out "$work/h0.json"
 ok '^[0-9]+ replicas over the layers, [0-9]+ of them balance hedges' plan --trace "$work/t.bin" --placement locality \
@@ -366,7 +366,7 @@ refused '--out -: only --json writes to standard output' trace import "$work/t.b
 refused '--markdown -: only --json writes to standard output' compare --synthetic-requests 16 --markdown - --json -
 check "a refused \"-\" leaves no file called -" test ! -e ./- -a ! -e "$work/-"
 # Any finite --replica-slack (1e9 and above were refused once the plan was made, as not finite).
-ok '^steps: ' simulate --trace "$work/t.bin" --replica-rule locality_bounded --replica-slack 1e308
+ok '^simulated [0-9,]+ requests' simulate --trace "$work/t.bin" --replica-rule locality_bounded --replica-slack 1e308
 # Options that do not apply to the input are refused, not dropped without a word.
 refused '--train-domains applies to a trace \(--trace\); a plan from --load' "${trt[@]}" --train-domains law \
   --out "$work/trt.json"

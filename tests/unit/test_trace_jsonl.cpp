@@ -396,6 +396,11 @@ BOOST_AUTO_TEST_CASE(declarations_and_empty_inputs) {
   o.top_k = 3;
   expect_format_error([&] { (void)trace::import_jsonl_text(one, "x", o); }, {"x:1:", "expected top_k = 3"});
   expect_format_error([&] { (void)trace::import_jsonl_text("", "x", opts()); }, {"no route record"});
+  // A pretty-printed JSON document (a map, a plan) is named as what it is, not as JSON cut short.
+  for (const char* doc : {"{\n  \"format\": \"locus-expert-map\",\n  \"layers\": []\n}\n",
+                          "{\"format\": \"locus-expert-map\",\n\"layers\": []}\n"})
+    expect_format_error([&] { (void)trace::import_jsonl_text(doc, "m.json", opts()); },
+                        {"m.json:1: invalid JSON", "one JSON document spread over several lines"});
   expect_format_error([&] { (void)trace::import_jsonl_text("{\"type\": \"meta\"}\n\n", "x", opts()); },
                       {"no route record"});
   o = opts();

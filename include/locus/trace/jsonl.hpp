@@ -643,6 +643,15 @@ public:
       if (what.find("invalid JSON") == 0 &&
           (text.find("NaN") != std::string_view::npos || text.find("Infinity") != std::string_view::npos))
         what = "a weight is NaN or Infinity (not finite; " + what + ")";
+      // A line that only opens an object or array starts a JSON document spread over lines (a map,
+      // a plan, a config): say so, rather than what the parser missed at the line's end.
+      if (what.find("invalid JSON") == 0 && line_no == 1) {
+        const auto first = text.find_first_not_of(" \t"), last = text.find_last_not_of(" \t");
+        const std::string_view opening = text.substr(first, last - first + 1);
+        if (opening == "{" || opening == "[" || (opening.front() == '{' && opening.back() == ','))
+          what += " (this looks like one JSON document spread over several lines, not route JSONL, which holds "
+                  "one JSON object per line)";
+      }
       bad(line_no, what);
       return;
     }
