@@ -104,6 +104,8 @@ int main(int argc, char** argv) {
   locus_driver::register_trace_import(trace_cmd);
   locus_driver::register_trace_analysis(trace_cmd);
   if (const std::string unknown = unknown_command(app, argc, argv); !unknown.empty()) return report(unknown, 2);
+  if (const std::string unknown = tool_cli::unknown_option(app, argc, argv, "locus"); !unknown.empty())
+    return report("locus: usage error: " + unknown, 2);
   // CLI11 reads `--json=` as `--json` alone (stdout): `--json="$OUT"` with OUT unset would print the
   // JSON instead of writing it.
   for (int i = 1; i < argc; ++i)

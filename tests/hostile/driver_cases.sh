@@ -22,6 +22,10 @@ refused 'redundant slots per rank is 18446744073709551615' plan --trace "$work/t
 refused 'plan: 65536 nodes' plan --trace "$work/wide.bin" --nodes 65536 --gpus-per-node 1 --out "$work/m.json"
 refused 'topology: 65536 nodes × 2 GPUs per node exceed 65536 ranks' plan --trace "$work/t.bin" --nodes 65536 --gpus-per-node 2 --out "$work/m.json"
 refused 'hidden' simulate --trace "$work/t.bin" --hidden 18446744073709551615
+# A mistyped option is named with the closest one, before CLI11 reads its value as a positional.
+refused 'locus plan has no option --tarce \(did you mean --trace\?; see locus plan --help\)' plan --tarce "$work/t.bin"
+refused 'locus map export has no option --too \(did you mean --to\?' map export m.json --too sglang
+refused 'locus simulate has no option --bogus \(see locus simulate --help\)' simulate --bogus=1
 refused 'not a whole number' plan --trace "$work/t.bin" --nodes 1e9 --out "$work/m.json"
 refused '0 is not allowed' plan --trace "$work/t.bin" --clusters 0 --out "$work/m.json"
 refused '--anneal: Value 18446744073709551615 not in range 0 to 1048576' plan --trace "$work/t.bin" --placement locality --anneal 18446744073709551615 --out "$work/m.json"

@@ -18,7 +18,8 @@ refused '"0x10" is not a whole number' --experts 0x10
 refused '"1.5" is not a whole number' --steps 1.5
 refused '18446744073709551616 is out of range' --experts 18446744073709551616
 ok 'max \|flat - hierarchical\|' --steps 010 --tokens 2 --hidden 8 --ffn 8 --experts 8
-refused 'not allowed|not expected' --bogus
+refused 'moe_layer has no option --bogus \(see moe_layer --help\)' --bogus
+refused 'has no option --expert \(did you mean --experts\?' --expert 8
 # Absurd sizes: refused before anything is allocated or a thread started.
 # A failure reads "<program>: <kind>: <message>", one name first ("locus: configuration error: moe_layer: ..."
 # and the benchmarks' "eplb: locus: I/O error: ..." said two).

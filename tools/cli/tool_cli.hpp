@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <exception>
 #include <filesystem>
@@ -17,6 +19,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <utility>
@@ -116,6 +119,65 @@ inline void show_defaults(CLI::App& app) {
   });
 }
 
+// Edit distance between two option names (insertions, deletions, substitutions, swaps of
+// neighbours), for "did you mean".
+inline std::size_t option_distance(const std::string& a, const std::string& b) {
+  std::vector<std::vector<std::size_t>> d(a.size() + 1, std::vector<std::size_t>(b.size() + 1));
+  for (std::size_t i = 0; i <= a.size(); ++i)
+    d[i][0] = i;
+  for (std::size_t j = 0; j <= b.size(); ++j)
+    d[0][j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i)
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1])});
+      if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1])
+        d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
+    }
+  return d[a.size()][b.size()];
+}
+
+//! For "<program>: usage error: ...": the first `--name` that no option of the command given names, with the closest
+//! option where one is near ("--tarce": did you mean --trace?); else empty. Checked before CLI11 parses: it says only
+//! "The following arguments were not expected" (listing them in reverse), or first complains about what the mistyped
+//! option's value became (a positional file that does not exist).
+inline std::string unknown_option(const CLI::App& app, int argc, char** argv, const std::string& program) {
+  std::vector<const CLI::App*> chain{&app}; // the command words given, in order
+  for (int i = 1; i < argc; ++i) {
+    if (std::string_view(argv[i]) == "--") break;
+    for (const CLI::App* sub : chain.back()->get_subcommands([](const CLI::App*) { return true; }))
+      if (sub->get_name() == argv[i]) {
+        chain.push_back(sub);
+        break;
+      }
+  }
+  std::string command = program;
+  for (std::size_t i = 1; i < chain.size(); ++i)
+    command += " " + chain[i]->get_name();
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--") break;
+    if (arg.size() < 3 || arg.compare(0, 2, "--") != 0) continue;
+    const std::string name = arg.substr(0, arg.find('='));
+    bool known = false;
+    std::string closest;
+    std::size_t best = SIZE_MAX;
+    for (const CLI::App* a : chain)
+      for (const CLI::Option* o : a->get_options())
+        for (const std::string& l : o->get_lnames()) {
+          known = known || "--" + l == name;
+          if (const std::size_t d = option_distance(name, "--" + l); d < best) {
+            best = d;
+            closest = "--" + l;
+          }
+        }
+    if (known) continue;
+    const bool near = best <= std::max<std::size_t>(1, (name.size() - 2) / 3);
+    return command + " has no option " + name + (near ? " (did you mean " + closest + "?; see " : " (see ") + command +
+           " --help)";
+  }
+  return {};
+}
+
 // Parses the command line: nullopt to carry on, else the status for main to return: 0 after --help,
 // 2 for a command line that is wrong (CLI11's message on stderr), as the driver answers; CLI11's own
 // codes (105 for a refused value, 109 for an unknown option) mean nothing to a shell script.
@@ -126,6 +188,10 @@ inline void show_defaults(CLI::App& app) {
   app.failure_message([program](const CLI::App*, const CLI::Error& e) {
     return program + ": usage error: " + e.what() + " (see --help)\n";
   });
+  if (const std::string unknown = unknown_option(app, argc, argv, program); !unknown.empty()) {
+    std::fprintf(stderr, "%s: usage error: %s\n", program.c_str(), unknown.c_str());
+    return 2;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

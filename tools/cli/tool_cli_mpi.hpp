@@ -25,6 +25,8 @@ namespace tool_cli {
   enum : int { parsed = 0, help = 1, failed = 2 };
   int mine = parsed;
   try {
+    if (const std::string unknown = unknown_option(app, argc, argv, program); !unknown.empty())
+      throw CLI::ExtrasError(unknown, CLI::ExitCodes::ExtrasError);
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     // --help (CallForHelp, CallForAllHelp) is a ParseError with exit code 0.
@@ -34,7 +36,10 @@ namespace tool_cli {
       mine = failed;
       int rank = 0;
       MPI_Comm_rank(comm, &rank);
-      std::fprintf(stderr, "%s: rank %d: %s (see --help)\n", program.c_str(), rank, e.what());
+      const std::string what = e.what();
+      const bool points_to_help = what.size() >= 7 && what.compare(what.size() - 7, 7, "--help)") == 0;
+      std::fprintf(stderr, "%s: rank %d: %s%s\n", program.c_str(), rank, what.c_str(),
+                   points_to_help ? "" : " (see --help)");
       std::fflush(stderr);
     }
   }
