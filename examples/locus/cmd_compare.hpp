@@ -366,7 +366,8 @@ inline void register_compare(CLI::App& app) {
   split->add_to(cmd, false)->description(std::string(trace_help) + " (default: an embedded synthetic trace)");
   cmd->add_option("--experts", split->experts, experts_help)->check(experts_range());
   cmd->add_option("--redundant", o->redundant,
-                  "Replica slots per GPU of the eplb and locality-with-replicas rows (0: no replica rows)");
+                  "Replica slots per GPU of the replica rows, eplb's and locality's (0: no replica rows; the eplb "
+                  "baseline without replicas stays)");
   // Checked while parsing, so a bad list is a usage error (exit 2) as a bad --replica-rule is.
   cmd->add_option("--transport", o->transports, "Transports compared, comma-separated: flat, hierarchical")
       ->check(tool_cli::parsed_by(compare_detail::parse_transports, ""));
