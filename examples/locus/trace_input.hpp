@@ -4,6 +4,7 @@
 // declared by a meta line or --experts; see docs/trace-format.md and docs/byo-trace.md); "-" reads
 // standard input, route JSONL or a binary trace.
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -95,6 +96,8 @@ inline std::string detect_trace_format(const std::string& path, bool else_binary
 //! The format of several inputs read as one trace: only route JSONL can come in several parts.
 inline std::string detect_trace_format(const std::vector<std::string>& paths, bool else_binary = false) {
   LOCUS_REQUIRE(!paths.empty(), locus::config_error, "no trace given");
+  LOCUS_REQUIRE(std::count(paths.begin(), paths.end(), "-") <= 1, locus::config_error,
+                "standard input (-) is given more than once as a trace; it can be read once");
   const std::string first = detect_trace_format(paths.front(), else_binary);
   if (paths.size() == 1) return first;
   for (const auto& p : paths) {

@@ -26,6 +26,7 @@ refused 'hidden' simulate --trace "$work/t.bin" --hidden 18446744073709551615
 refused 'locus plan has no option --tarce \(did you mean --trace\?; see locus plan --help\)' plan --tarce "$work/t.bin"
 refused 'locus map export has no option --too \(did you mean --to\?' map export m.json --too sglang
 refused 'locus simulate has no option --bogus \(see locus simulate --help\)' simulate --bogus=1
+refused 'standard input \(-\) is given more than once as a trace' plan --trace - --trace - --out "$work/twice.json" </dev/null
 refused 'not a whole number' plan --trace "$work/t.bin" --nodes 1e9 --out "$work/m.json"
 refused '0 is not allowed' plan --trace "$work/t.bin" --clusters 0 --out "$work/m.json"
 refused '--anneal: Value 18446744073709551615 not in range 0 to 1048576' plan --trace "$work/t.bin" --placement locality --anneal 18446744073709551615 --out "$work/m.json"
