@@ -28,6 +28,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace locus_test::device_local_cases {
@@ -138,28 +139,36 @@ void disagreeing_counts_raise_on_every_member() {
   BOOST_TEST(raised == std::vector<int>({1, 1, 1}), boost::test_tools::per_element());
 }
 
+// Host dispatch and combine over the transport (header rounds, rows staged through the endpoint's
+// memory and back) on every (nodes, GPUs per node) shape given, both kinds, for each seed.
 template <class H>
-void host_dispatch_and_combine_match_reference() {
-  for (const transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
-    const auto c = locus_test::make_case(7, 2, 2);
-    typename H::fabric fabric(c.topo, kind);
-    std::vector<double> error(c.topo.ranks(), 1.0);
-    on_ranks(c.topo.ranks(), [&](std::size_t r) {
-      typename H::stream_owner st;
-      auto ep = fabric.endpoint(r, st.s);
-      moe_dispatcher<typename H::endpoint, float> d(ep, c.map, c.hidden);
-      const auto x = c.inputs(r);
-      layout<> l;
-      d.plan(l, c.routings[r].view());
-      auto h = d.dispatch(std::span<const float>(x), l);
-      locus_test::run_experts(h);
-      std::vector<float> y(x.size());
-      d.combine(y, h);
-      error[r] = locus_test::max_error(y, c.reference(r));
-    });
-    for (double e : error)
-      BOOST_TEST(e < 1e-5);
-  }
+void host_dispatch_and_combine_match_reference(const std::vector<std::pair<std::size_t, std::size_t>>& shapes = {{2,
+                                                                                                                  2}},
+                                               const std::vector<std::uint64_t>& seeds = {7}) {
+  for (const auto& [nodes, gpus] : shapes)
+    for (const transport_kind kind : {transport_kind::flat, transport_kind::hierarchical})
+      for (const std::uint64_t seed : seeds) {
+        const auto c = locus_test::make_case(seed, nodes, gpus);
+        typename H::fabric fabric(c.topo, kind);
+        std::vector<double> error(c.topo.ranks(), 1.0);
+        on_ranks(c.topo.ranks(), [&](std::size_t r) {
+          typename H::stream_owner st;
+          auto ep = fabric.endpoint(r, st.s);
+          moe_dispatcher<typename H::endpoint, float> d(ep, c.map, c.hidden);
+          const auto x = c.inputs(r);
+          layout<> l;
+          d.plan(l, c.routings[r].view());
+          auto h = d.dispatch(std::span<const float>(x), l);
+          locus_test::run_experts(h);
+          std::vector<float> y(x.size());
+          d.combine(y, h);
+          error[r] = locus_test::max_error(y, c.reference(r));
+        });
+        BOOST_TEST_CONTEXT(nodes << "x" << gpus << " " << to_string(kind) << " seed " << seed) {
+          for (double e : error)
+            BOOST_TEST(e < 1e-5);
+        }
+      }
 }
 
 // The count round then known-count exchanges (the device dispatcher's flat step): every member
