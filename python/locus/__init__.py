@@ -582,11 +582,18 @@ def replan(
     layer, where the plan has layer ids), rank, slot, from, to; None for an empty slot),
     ``slots_moved``, ``bytes_moved`` (with ``expert_bytes``), and the window's inter-node copies
     per token and lowest reachable GPU max/mean (``balance_floor``) before and after
-    (docs/engines.md)."""
+    (docs/engines.md). ``prefill_tokens``: how many of a request's prefill tokens the classes
+    read; it marks no phases (``window.with_prefill_tokens(n)`` does, for a trace that records none)."""
     if prior_requests is not None and prior is None:
         # As `locus map replan`: an option that would change nothing is refused, not dropped.
         raise ConfigError("locus: configuration error: prior_requests applies with a prior (the traffic the plan "
                           "was fitted to)")
+    for name, t in (("window", window), ("prior", prior)):
+        # The re-plan weighs decode tokens; phases are the caller's to mark, as for plan and simulate.
+        if t is not None and t._phase_counts()[1] == 0:
+            raise ConfigError(f"locus: configuration error: the {name} has no decode tokens to re-plan on (its phases "
+                              f"are not recorded, or every token is prefill): mark them, e.g. "
+                              f"{name}.with_prefill_tokens(32)")
     h = None if homes is None else _array(homes, np.int64, 1, "homes")
     m = model if model is not None else plan.model
     maps, report = _core._replan(

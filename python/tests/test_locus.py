@@ -1088,6 +1088,12 @@ def test_replan_refuses_bad_arguments():
     no_decode = locus.trace_from_arrays(np.zeros((4, 3, 2), np.int32) + [0, 1], 16, phases=["prefill"] * 4)
     with pytest.raises(locus.ConfigError, match="the window has no decode tokens"):
         locus.replan(plan, no_decode)
+    # A trace that records no phases (as an ESFT import) is named with what marks them.
+    unmarked = locus.trace_from_arrays(np.zeros((4, 3, 2), np.int32) + [0, 1], 16)
+    with pytest.raises(locus.ConfigError, match=r"the window has no decode tokens.*window\.with_prefill_tokens\(32\)"):
+        locus.replan(plan, unmarked)
+    with pytest.raises(locus.ConfigError, match=r"the prior has no decode tokens.*prior\.with_prefill_tokens\(32\)"):
+        locus.replan(plan, numbered, prior=unmarked)
 
 
 def test_a_write_to_dev_stdout_comes_after_what_was_printed():

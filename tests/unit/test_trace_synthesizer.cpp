@@ -398,12 +398,28 @@ BOOST_AUTO_TEST_CASE(fit_recovers_a_known_synthetic_model) {
   sh.request_sigma = 0.8;
   sh.cluster_probability = 0.6;
   sh.zipf = 1.0;
-  const auto truth = make_synth_model(sh);
+  auto truth = make_synth_model(sh);
+  // Its layers as a model's hidden layers 2, 3, ... of L + 3: samples and fits keep the ids.
+  for (std::size_t l = 0; l < truth.layers; ++l)
+    truth.model_layers.push_back(static_cast<std::uint32_t>(l + 2));
+  truth.hidden_layers = static_cast<std::uint32_t>(truth.layers + 3);
   const auto real = draw(truth, 120, 21);
+  BOOST_TEST(real.model_layer(0) == 2u);
+  BOOST_TEST(real.hidden_layers() == truth.layers + 3);
   auto o = quick_fit();
   o.prefill_tokens = 16;
   o.clusters = 4;
   const auto m = fit(real, o);
+  BOOST_TEST(m.model_layers == truth.model_layers, boost::test_tools::per_element());
+  BOOST_TEST(m.hidden_layers == truth.hidden_layers);
+  rescale_options ro;
+  ro.experts = m.experts;
+  ro.top_k = m.top_k;
+  ro.layers = m.layers + 1;
+  ro.calibration_rounds = 0;
+  const auto other = rescale(m, ro); // another model's layers: no ids
+  BOOST_TEST(other.model_layers.empty());
+  BOOST_TEST(!draw(other, 4, 23).has_model_layers());
   BOOST_TEST_MESSAGE("fitted sigma " << m.request_sigma << " eta " << m.segment_sigma << " cluster p "
                                      << m.cluster_probability);
   const auto syn = draw(m, real.requests(), 22);

@@ -73,6 +73,11 @@ struct synth_model {
   double segment_sigma = 0.0;       //!< η of the noise redrawn every `segment_tokens` tokens
   std::size_t segment_tokens = 16;  //!< length of a segment (a stretch of text on one topic)
   std::size_t prefill_tokens = 32;  //!< leading tokens of each request marked prefill
+  //! The model layer id of each layer and the model's hidden-layer count (trace::model_layer), as
+  //! fitted from a trace that records them, so that samples keep them (engine exports number their
+  //! layers by them). Empty: 0, 1, ...; a rescale to another shape has none.
+  std::vector<std::uint32_t> model_layers;
+  std::uint32_t hidden_layers = 0;
 
   //! Checks every size and value; throws locus::config_error naming the first bad field.
   void validate() const;
@@ -546,6 +551,8 @@ inline void check_synth_shape(const char* what, std::size_t experts, std::size_t
 inline void synth_model::validate() const {
   LOCUS_REQUIRE(!domains.empty(), config_error, "synth_model: no domain");
   check_synth_shape("synth_model", experts, top_k, layers, domains.size());
+  LOCUS_REQUIRE(model_layers.empty() || model_layers.size() == layers, config_error,
+                "synth_model: ", model_layers.size(), " model layer ids for ", layers, " layers");
   double total_weight = 0.0;
   for (std::size_t d = 0; d < domains.size(); ++d) {
     const auto& dom = domains[d];
@@ -614,6 +621,7 @@ inline trace sample(const synth_model& m, const sample_options& opt) {
   for (const auto& d : m.domains)
     cum_domain.push_back(acc += d.weight);
   trace_builder b(m.experts, m.top_k, m.layers);
+  if (!m.model_layers.empty() || m.hidden_layers != 0) b.set_model_layers(m.model_layers, m.hidden_layers);
   std::vector<std::string> names;
   for (const auto& d : m.domains)
     names.push_back(d.name);
@@ -818,6 +826,9 @@ inline synth_model select_layers(const synth_model& m, const std::vector<std::si
   synth_model out = m;
   const std::size_t E = m.experts;
   out.layers = layers.size();
+  out.model_layers.clear();
+  for (const auto l : layers)
+    if (!m.model_layers.empty()) out.model_layers.push_back(m.model_layers[l]);
   auto pick = [&](const auto& v) {
     std::remove_cvref_t<decltype(v)> r;
     if (v.empty()) return r;
@@ -883,6 +894,10 @@ inline synth_model fit(const trace& real, const fit_options& opt = {}) {
   m.top_k = real.top_k();
   m.layers = L;
   m.prefill_tokens = opt.prefill_tokens;
+  if (real.has_model_layers())
+    for (const std::size_t id : real.model_layer_ids())
+      m.model_layers.push_back(static_cast<std::uint32_t>(id));
+  m.hidden_layers = static_cast<std::uint32_t>(real.hidden_layers());
   const auto marked = real.with_prefill_tokens(opt.prefill_tokens);
   const auto pop = compute_domain_popularity(marked, token_filter::all, opt.threads);
   for (std::size_t d = 0; d < pop.domains; ++d) {
@@ -997,6 +1012,8 @@ inline synth_model rescale(const synth_model& src, const rescale_options& opt) {
                 "synth rescale: calibration_tokens is 0 (with ", opt.calibration_rounds, " calibration rounds)");
   const std::size_t E0 = src.experts, L0 = src.layers, E = opt.experts, L = opt.layers;
   synth_model m = src;
+  m.model_layers.clear(); // another model's layers: the source's ids name none of them
+  m.hidden_layers = 0;
   m.experts = E;
   m.top_k = opt.top_k;
   m.layers = L;
