@@ -27,6 +27,8 @@ inline int map_check(const std::string& path, const std::string& json = {}) {
   std::size_t replicas = 0;
   for (const auto& l : layers)
     replicas += l.replica_slots_used();
+  // Slots no expert occupies: `map export` fills them for the engines, whose files have none.
+  const std::size_t empty = layers.size() * (m.slot_count() - m.experts()) - replicas;
   write_json(json, "map check",
              {{"map", path},
               {"layers", layers.size()},
@@ -34,13 +36,15 @@ inline int map_check(const std::string& path, const std::string& json = {}) {
               {"ranks", m.ranks()},
               {"slots_per_rank", m.slots_per_rank()},
               {"replica_slots_used", replicas},
+              {"empty_slots", empty},
               {"gpus_per_node", plan.gpus_per_node ? nlohmann::json(plan.gpus_per_node) : nlohmann::json(nullptr)}});
   if (stdout_taken({json})) return 0;
   const std::string topology = plan.gpus_per_node ? " (" + std::to_string(m.ranks() / plan.gpus_per_node) +
                                                         " nodes x " + std::to_string(plan.gpus_per_node) + " GPUs)"
                                                   : std::string();
-  std::printf("%s: %zu layers, %zu experts, %zu ranks%s x %zu slots, %zu replica slots in use\n", path.c_str(),
-              layers.size(), m.experts(), m.ranks(), topology.c_str(), m.slots_per_rank(), replicas);
+  std::printf("%s: %zu layers, %zu experts, %zu ranks%s x %zu slots, %zu replica slots in use%s\n", path.c_str(),
+              layers.size(), m.experts(), m.ranks(), topology.c_str(), m.slots_per_rank(), replicas,
+              empty ? (", " + std::to_string(empty) + " empty (map export fills them for the engines)").c_str() : "");
   return 0;
 }
 

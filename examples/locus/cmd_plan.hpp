@@ -438,12 +438,14 @@ inline void register_plan(CLI::App& app) {
     if (replicas > 0)
       std::printf("%zu replicas over the layers, %zu of them balance hedges%s\n", replicas, planned.hedge_copies,
                   planned.hedge_copies > 0 ? " (--hedge-replicas 0 for none)" : "");
-    // linear and round_robin place every expert once: redundant slots stay empty until filled.
+    // linear and round_robin place every expert once, and locality leaves a slot empty where no
+    // replica saves a copy within its load bound: empty until map export fills them.
     const std::size_t empty = maps.size() * (maps.front().slot_count() - maps.front().experts()) - replicas;
     if (empty > 0)
-      std::printf("%zu slots left empty over the layers (%s places no replicas; map export fills them, by load with "
-                  "--load-trace)\n",
-                  empty, plan->placement.c_str());
+      std::printf("%zu slots left empty over the layers (%s; map export fills them, by load with --load-trace)\n",
+                  empty,
+                  replicas > 0 ? "no replica there saves a copy within the load bound"
+                               : (plan->placement + " places no replicas").c_str());
   });
 }
 
@@ -467,10 +469,11 @@ inline std::string grouped(double v) {
 //! (the same figures as the --json document).
 inline void print_simulation(const nlohmann::json& doc) {
   const auto num = [&](const nlohmann::json& j, const char* key) { return j.at(key).get<double>(); };
-  std::printf("simulated %s requests, %s decode tokens in %s steps (%zu layers): %s placement, %s grouping, %s "
-              "transport\n",
+  std::printf("simulated %s requests, %s decode tokens in %s steps (%zu layers) on %zu x %zu GPUs: %s placement, "
+              "%s grouping, %s transport\n",
               grouped(num(doc, "requests")).c_str(), grouped(num(doc, "decode_tokens")).c_str(),
               grouped(num(doc, "steps")).c_str(), doc.at("layers").get<std::size_t>(),
+              doc.at("nodes").get<std::size_t>(), doc.at("gpus_per_node").get<std::size_t>(),
               doc.at("placement").get<std::string>().c_str(), doc.at("grouper").get<std::string>().c_str(),
               doc.at("transport").get<std::string>().c_str());
   std::printf("  inter-node bytes per token    %s\n", grouped(num(doc, "inter_node_bytes_per_token")).c_str());
@@ -725,6 +728,8 @@ inline void register_simulate(CLI::App& app) {
                        {"bytes_moved", online.bytes_moved}};
     }
     doc["placement"] = opt->map_path.empty() ? plan->placement : opt->map_path;
+    doc["nodes"] = topo.nodes(); // a saved map's own topology where it has one
+    doc["gpus_per_node"] = topo.gpus_per_node();
     doc["grouper"] = opt->grouper;
     doc["transport"] = opt->transport;
     doc["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
