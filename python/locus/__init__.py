@@ -242,9 +242,10 @@ def load_routed_experts(
 ) -> Trace:
     """A trace from a ``.npy`` or ``.npz`` file of routed experts ``[tokens, layers, k]`` (an
     ``.npz`` may hold one array per request; each becomes a request). ``layer_ids``: the MoE layers
-    to keep, for arrays with a row per hidden layer as vLLM and SGLang return them (a dense layer's
-    row holds expert 0 k times); the trace records them as its model layer ids and the arrays'
-    layer count as the model's."""
+    to keep, for arrays with a row per hidden layer as vLLM and SGLang return them; without it the
+    dense layers' rows (expert 0 for every choice, k >= 2) are left out, as ``locus plan --load``
+    does. The trace records the layers kept as its model layer ids and the arrays' layer count as
+    the model's."""
     try:
         data = np.load(path, allow_pickle=False)
     except OSError as e:
@@ -273,9 +274,23 @@ def load_routed_experts(
 
 
 def _moe_layers(ids: np.ndarray, layer_ids: Optional[Sequence[int]], path: str) -> Tuple[np.ndarray, Any, int]:
-    """`ids` with only the layers `layer_ids` (all when None), those ids and the hidden-layer count."""
-    if layer_ids is None or ids.ndim != 3:  # trace_from_arrays names a wrong shape
+    """`ids` with only the layers `layer_ids`, those ids and the hidden-layer count. Without
+    `layer_ids`, the rows of dense layers are left out as `locus plan --load` leaves them: engines
+    return a row for every hidden layer and fill a dense layer's with expert 0 for every choice,
+    which no router chooses twice (k >= 2)."""
+    if ids.ndim != 3:  # trace_from_arrays names a wrong shape
         return ids, None, 0
+    if layer_ids is None:
+        tokens, layers, k = ids.shape
+        if k < 2 or tokens == 0:
+            return ids, None, 0
+        moe = [l for l in range(layers) if not (ids[:, l] == 0).all()]
+        if len(moe) == layers:
+            return ids, None, 0
+        if not moe:
+            raise InvalidInputError(f"locus: invalid input: {path}: every layer routes every token to expert 0 {k} "
+                                    f"times (dense layers' rows): no MoE layer in the array")
+        return ids[:, moe], moe, layers
     kept = [_index(l, f"layer_ids[{i}]") for i, l in enumerate(layer_ids)]
     layers = ids.shape[1]
     bad = [l for l in kept if not 0 <= l < layers]
@@ -327,7 +342,12 @@ def layer_imbalance(trace: Trace) -> list:
 
 @_checked
 def expert_load(trace: Trace, decode_only: bool = False) -> np.ndarray:
-    """``[layers, experts]`` routed (token, expert) pairs of the trace."""
+    """``[layers, experts]`` routed (token, expert) pairs of the trace (of its decode tokens with
+    ``decode_only``, which needs the trace's phases: an ESFT import records none)."""
+    if decode_only is True and trace.tokens > 0 and trace._phase_counts()[:2] == (0, 0):
+        # Its decode load would be all zeros, as if nothing decoded.
+        raise ConfigError("locus: configuration error: decode_only needs the trace's phases, and it records none (an "
+                          "ESFT import records none): mark them first, e.g. trace.with_prefill_tokens(32)")
     return _core.expert_load(trace, decode_only)
 
 

@@ -1,6 +1,7 @@
 // locus._core: the C++ core for Python. Thin: array shapes and dtypes are normalised by the
 // Python layer (python/locus/__init__.py); everything here checks sizes again, because a wrong
 // size must raise, never read out of bounds.
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <cmath>
@@ -469,6 +470,13 @@ NB_MODULE(_core, m) {
       "_plan_from_load",
       [](load_in load, nb::handle nodes, nb::handle gpus_per_node, nb::handle slots_per_rank,
          nb::handle redundant_slots, const std::string& placement, nb::handle eplb_groups) {
+        const auto names = locus::placement::planner_names();
+        if (std::find(names.begin(), names.end(), placement) == names.end()) {
+          std::string known; // a typo is named as one, not as a planner that needs a trace
+          for (const auto& n : names)
+            known += (known.empty() ? "" : ", ") + n;
+          LOCUS_THROW(locus::config_error, "unknown placement \"", placement, "\" (known: ", known, ")");
+        }
         LOCUS_REQUIRE(placement == "linear" || placement == "round_robin" || placement == "eplb", locus::config_error,
                       "planning from loads: placement \"", placement,
                       "\" needs a trace (from loads: linear, round_robin or eplb)");

@@ -167,6 +167,10 @@ def test_trace_from_arrays_and_statistics():
         assert np.array_equal(load[l], np.bincount(ids[:, l].ravel(), minlength=16))
     decode = locus.expert_load(t, decode_only=True)
     assert decode.sum() == 12 * 32 * 3 * 2
+    unmarked = locus.trace_from_arrays(ids, 16)  # no phases: its decode load would be all zeros
+    with pytest.raises(locus.ConfigError, match=r"decode_only needs the trace's phases.*with_prefill_tokens\(32\)"):
+        locus.expert_load(unmarked, decode_only=True)
+    assert locus.expert_load(unmarked).sum() == 480 * 3 * 2
     view = t.layer_ids(1)
     assert view.shape == (480, 2) and not view.flags.owndata and not view.flags.writeable
     assert np.array_equal(view, ids[:, 1])
@@ -481,6 +485,10 @@ def test_engine_statistics_import(tmp_path):
     assert layers == [1, 2] and np.array_equal(sg, lc.sum(axis=0)[1:])
     plan = locus.plan(sg, 1, 4, "eplb", slots_per_rank=3)
     assert (plan.maps != -1).all()
+    with pytest.raises(locus.ConfigError, match=r'unknown placement "bogus" \(known: linear, round_robin, eplb'):
+        locus.plan(sg, 1, 4, "bogus", slots_per_rank=3)
+    with pytest.raises(locus.ConfigError, match=r'placement "locality" needs a trace'):
+        locus.plan(sg, 1, 4, "locality", slots_per_rank=3)
     # Per-token routed experts, one array per request in an .npz.
     # A token's top-k experts are distinct (a repeated expert is refused as in every reader).
     def routed(tokens):
@@ -496,11 +504,21 @@ def test_engine_statistics_import(tmp_path):
         return ids
 
     np.savez(tmp_path / "hidden.npz", a=engine_rows(5), b=engine_rows(7))
-    with pytest.raises(locus.InvalidInputError, match="expert 0 is chosen twice"):
-        locus.load_routed_experts(str(tmp_path / "hidden.npz"), 8)
     t = locus.load_routed_experts(str(tmp_path / "hidden.npz"), 8, layer_ids=[1, 3])
     assert (t.requests, t.tokens, t.layers) == (2, 12, 2)
     assert t.model_layer_ids == [1, 3] and t.hidden_layers == 4
+    # Without layer_ids the dense rows are left out, as `locus plan --load` leaves them.
+    found = locus.load_routed_experts(str(tmp_path / "hidden.npz"), 8)
+    assert found.model_layer_ids == [1, 3] and found.hidden_layers == 4
+    assert np.array_equal(locus.expert_load(found), locus.expert_load(t))
+    np.save(tmp_path / "dense.npy", np.zeros((3, 2, 2), np.int32))
+    with pytest.raises(locus.InvalidInputError, match=r"dense layers' rows\): no MoE layer"):
+        locus.load_routed_experts(str(tmp_path / "dense.npy"), 8)
+    broken = engine_rows(4)
+    broken[0, 1] = 0  # one MoE row's token chooses expert 0 twice: no dense row, an error
+    np.save(tmp_path / "broken.npy", broken)
+    with pytest.raises(locus.InvalidInputError, match="expert 0 is chosen twice"):
+        locus.load_routed_experts(str(tmp_path / "broken.npy"), 8)
     np.save(tmp_path / "one.npy", engine_rows(6))
     assert locus.load_routed_experts(str(tmp_path / "one.npy"), 8, layer_ids=[1, 3]).model_layer_ids == [1, 3]
     with pytest.raises(locus.InvalidInputError, match=r"layer_ids \[4\] are not among the 4 layers"):
