@@ -63,7 +63,8 @@ def main():
           "prior are fitted on the training split without D's requests. Re-plans: EPLB every %d steps from the last "
           "%d; locus adaptive every %d, and early on drift or when its maps measure a GPU max/mean above %.2f "
           "since its last re-plan, at most %d of %d expert slots moved per re-plan, repairing first the GPUs "
-          "above %.4g × the mean load (the window's, with the training sample counted as %g requests beside "
+          "above %.4g × the mean load, or above two standard errors of a GPU's load where the spread of the "
+          "window's requests gives more (the window's, with the training sample counted as %g requests beside "
           "it), and taking a swap for the copies it saves only above %g standard errors of that saving (summed "
           "per request); the oracle re-plans at each phase start on that phase's own traffic and moves freely."
           % (opts.bench_dir, opts.out_dir, opts.seeds, opts.domains, opts.name,

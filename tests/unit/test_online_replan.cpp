@@ -972,6 +972,33 @@ BOOST_AUTO_TEST_CASE(class_nodes_put_each_kind_of_request_on_its_classes_node) {
   BOOST_TEST(nodes[0] != nodes[1]);
 }
 
+// A window of one request says nothing about which GPUs are busy: its tokens route alike, so the
+// re-plan's bound, two standard errors of a GPU's load from the spread of the window's requests,
+// is unbounded, and nothing moves, with a prior or without (the bound that counted copies as
+// independent draws, 2 / sqrt(copies per GPU), saw its kind's GPUs at twice the mean as hot and
+// repaired them with the whole budget). The same kind as twelve requests is repaired (the case below).
+BOOST_AUTO_TEST_CASE(a_window_of_one_request_moves_nothing) {
+  std::mt19937 rng(57);
+  const auto prior = two_mix_trace(rng, 40, 16, 2, [](std::size_t r) { return static_cast<std::uint32_t>(r % 2); });
+  const auto window = two_mix_trace(rng, 1, 16, 2, [](std::size_t) { return std::uint32_t{1}; });
+  const small_run setting(window);
+  std::vector<std::uint32_t> prior_nodes(prior.requests());
+  for (std::size_t r = 0; r < prior_nodes.size(); ++r)
+    prior_nodes[r] = static_cast<std::uint32_t>(r % 2);
+  placement::live_replan_options o;
+  o.budget_share = 1.0;
+  const std::vector<std::uint32_t> window_nodes{0};
+  for (const bool with_prior : {false, true}) {
+    const auto r =
+        placement::replan_live(setting.maps, window, window_nodes, setting.cfg.topology, o,
+                               with_prior ? &prior : nullptr, with_prior ? prior_nodes : std::vector<std::uint32_t>{});
+    BOOST_TEST_CONTEXT("with prior " << with_prior) {
+      BOOST_TEST(r.balance_floor_before > 1.9); // the kind's experts sit on half the GPUs
+      BOOST_TEST(r.moves.empty());
+    }
+  }
+}
+
 // replan_live: at most the budget moved, the moves are exactly the slots that changed, every
 // layer keeps its experts, and the same call gives the same maps; with a budget the window of one
 // kind on maps that put its experts on half the GPUs is spread (its balance floor falls).

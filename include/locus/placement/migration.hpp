@@ -3,7 +3,8 @@
 //! Re-planning the maps in service on a window of recent traffic under a migration budget: at most
 //! `max_moved_experts` slots (summed over layers) receive another expert's weights. Each layer's
 //! token-level state (placement/token_refine.hpp) proposes its best swaps one at a time (load
-//! repairs first, of the GPUs above the re-plan's bound, token_refine_options::replan_slack, on the
+//! repairs first, of the GPUs above the re-plan's bound, token_refine_options::replan_slack or, where
+//! larger, two standard errors of a GPU's load from the spread of the window's requests, on the
 //! loads the sample's load weights give (with_prior: the window's); then
 //! the largest copy savings of the window's tokens within it, each above its own noise:
 //! token_refine_options::swap_significance); the budget goes to the
@@ -185,6 +186,7 @@ inline token_sample with_prior(token_sample window, const token_sample& prior,
     for (std::size_t t = 0; t < prior.tokens(); ++t)
       window.request.push_back(static_cast<std::uint32_t>(next + (dense.empty() ? t : dense[t])));
   }
+  window.prior_from = window.tokens();
   window.load_weight.assign(window.tokens(), 1.0f);
   window.load_weight.resize(window.tokens() + prior.tokens(), w);
   window.home.insert(window.home.end(), prior.home.begin(), prior.home.end());
@@ -192,6 +194,64 @@ inline token_sample with_prior(token_sample window, const token_sample& prior,
     window.ids[l].insert(window.ids[l].end(), prior.ids[l].begin(), prior.ids[l].end());
   return window;
 }
+
+namespace detail::migration {
+
+//! The relative standard error of a GPU's load in layer `l` of `sample` under `map` that the
+//! window's sampling leaves: from the spread of the window's requests' contributions (a replicated
+//! expert's copies split evenly among its replicas), as a ratio estimator, so that requests of
+//! different lengths that load the GPUs alike add no noise: the root of R / (R - 1) × the sum over
+//! the window's R requests of (y_rg - s_g y_r)², with y_rg request r's load on GPU g, y_r its whole
+//! load and s_g the window's share of g, over the GPU's load (a prior's, token_sample::prior_from,
+//! included: a fixed reference, it adds load and no noise); averaged over the GPUs that carry load.
+//! Infinite for a window of fewer than two requests. `requests`: the sample's dense request ids
+//! and their count (dense_request_ids; a prior's follow the window's).
+inline double request_load_noise(const expert_map& map, const token_sample& sample, std::size_t l,
+                                 const std::pair<std::vector<std::uint32_t>, std::size_t>& requests) {
+  const std::size_t G = map.ranks(), k = sample.top_k, window = std::min(sample.prior_from, sample.tokens());
+  std::size_t R = 0;
+  for (std::size_t t = 0; t < window; ++t)
+    R = std::max<std::size_t>(R, std::size_t{requests.first[t]} + 1);
+  if (R < 2) return std::numeric_limits<double>::infinity();
+  std::vector<double> y(R * G, 0.0), load(G, 0.0); // per window request and GPU; per GPU, all
+  const auto& ids = sample.ids[l];
+  for (std::size_t t = 0; t < sample.tokens(); ++t) {
+    const double w = sample.load_weight.empty() ? 1.0 : static_cast<double>(sample.load_weight[t]);
+    double* row = t < window ? y.data() + std::size_t{requests.first[t]} * G : nullptr;
+    for (std::size_t j = 0; j < k; ++j) {
+      const auto replicas = map.replicas(ids[t * k + j]);
+      const double share = w / static_cast<double>(replicas.size());
+      for (const auto& r : replicas) {
+        load[static_cast<std::size_t>(r.rank)] += share;
+        if (row) row[static_cast<std::size_t>(r.rank)] += share;
+      }
+    }
+  }
+  std::vector<double> per_request(R, 0.0), per_gpu(G, 0.0);
+  double all = 0.0;
+  for (std::size_t r = 0; r < R; ++r)
+    for (std::size_t g = 0; g < G; ++g) {
+      per_request[r] += y[r * G + g];
+      per_gpu[g] += y[r * G + g];
+      all += y[r * G + g];
+    }
+  double sum = 0.0;
+  std::size_t counted = 0;
+  for (std::size_t g = 0; g < G; ++g) {
+    if (load[g] <= 0 || all <= 0) continue;
+    const double share = per_gpu[g] / all;
+    double squares = 0.0;
+    for (std::size_t r = 0; r < R; ++r) {
+      const double d = y[r * G + g] - share * per_request[r];
+      squares += d * d;
+    }
+    sum += std::sqrt(squares * static_cast<double>(R) / static_cast<double>(R - 1)) / load[g];
+    ++counted;
+  }
+  return counted ? sum / static_cast<double>(counted) : 0.0;
+}
+
+} // namespace detail::migration
 
 //! See the file comment. `opt` gives the load bound and the copy weights (balance_shift and
 //! annealing do not apply here). `per_layer_cap` bounds the swaps one layer may propose (0: twice
@@ -226,7 +286,8 @@ migration_result replan_by_tokens(const std::vector<expert_map>& current, const 
   plain.balance_shift = 0;
   // The re-plan's own load bound (token_refine_options::replan_slack). A window is a small sample:
   // the bound is at least two standard errors of a rank's sampled load, so that the budget is not
-  // spent on repairing sampling noise.
+  // spent on repairing sampling noise (counting copies as independent draws here, and per layer
+  // below, from the spread of the requests' contributions).
   plain.balance_slack = std::max(plain.balance_slack, opt.replan_slack);
   const double per_rank = sample.load_tokens() * static_cast<double>(sample.top_k) / static_cast<double>(topo.ranks());
   if (per_rank > 0) plain.balance_slack = std::max(plain.balance_slack, 2.0 / std::sqrt(per_rank));
@@ -237,8 +298,15 @@ migration_result replan_by_tokens(const std::vector<expert_map>& current, const 
     LOCUS_REQUIRE(current[l].ranks() == topo.ranks() && current[l].experts() == sample.experts, config_error,
                   "replan_by_tokens: layer ", l, " map (", current[l].experts(), " experts, ", current[l].ranks(),
                   " ranks) does not match the sample (", sample.experts, ") or the topology (", topo.ranks(), ")");
-    detail::token_refine::layer_state<Topology> s(current[l], sample.ids[l], sample.home, sample.top_k, topo, plain, l,
-                                                  {}, sample.load_weight);
+    // Nor on the noise of the window's requests: a request's tokens route alike (and the planner
+    // put experts that fire together on one GPU), so its copies are no independent draws, and a
+    // window of one request repaired "hot" GPUs with the whole budget, raising its copies.
+    auto layer_opt = plain;
+    if (!sample.request.empty())
+      layer_opt.balance_slack = std::max(layer_opt.balance_slack,
+                                         2.0 * detail::migration::request_load_noise(current[l], sample, l, requests));
+    detail::token_refine::layer_state<Topology> s(current[l], sample.ids[l], sample.home, sample.top_k, topo, layer_opt,
+                                                  l, {}, sample.load_weight);
     out.cost_before += s.total_cost();
     s.cluster_by(requests.first, requests.second);
     if (cap > 0) s.best_swaps(cap, found[l]);

@@ -98,6 +98,9 @@ struct token_sample {
   //! says which GPUs are busy. Read by refine_by_tokens and replan_by_tokens; the replica fill
   //! refuses a weighted sample.
   std::vector<float> load_weight;
+  //! The first token of a prior appended by with_prior (tokens from here on are the fixed reference
+  //! a re-plan weighs, not the window's sample); tokens(): none.
+  std::size_t prior_from = SIZE_MAX;
 
   std::size_t tokens() const noexcept { return home.size(); }
   //! The tokens' total load weight (tokens() without load_weight).
