@@ -776,6 +776,10 @@ BOOST_AUTO_TEST_CASE(esft_bad_text_names_file_line_and_column) {
       {{"0\t1\t\t0.5\n"}, {":1:1:", "2 expert ids but 1 weights"}, 1},
       {{"0\t1\t2\t\t0.5\t0.5\t0.5\n"}, {"3 expert ids is not a multiple of top_k 2"}, 1},
       {{"1\t1\t\t0.5\t0.5\n"}, {"token 0 chooses expert 1 twice"}, 1},
+      // Two tokens of top-3 read as top-2: a pair straddles them; the line reads as top-3.
+      {{"0\t1\t2\t2\t3\t0\t\t1\t1\t1\t1\t1\t1\n"},
+       {"token 1 chooses expert 2 twice (read with top_k 2; with top_k 3 every token of the line chooses distinct"},
+       1},
       {{"0\t1\n"}, {"line ends after the expert ids"}, 1},
       {{ok + "0\t1\t\t0.5"}, {":2:1:", "2 expert ids but 1 weights", "the file looks truncated"}, 2},
       {{"0 1\t\t0.5\t0.5\n"}, {":1:2:", "expected a tab after an expert id"}, 1},

@@ -162,13 +162,28 @@ inline esft_layer parse_esft_lines(std::string_view text, const std::string& fil
       esft_fail(file, line, 1,
                 locus::detail::concat(n_ids, " expert ids is not a multiple of top_k ", k, " (", k, " ids per token)"));
     if (n_ids / k > 0xffffffffu) esft_fail(file, line, 1, "sequence longer than 2^32-1 tokens");
-    for (std::size_t t = ids_before; t < out.ids.size(); t += k)
-      for (std::size_t j = 1; j < k; ++j)
-        for (std::size_t i = 0; i < j; ++i)
-          if (out.ids[t + i] == out.ids[t + j])
-            esft_fail(
-                file, line, 1,
-                locus::detail::concat("token ", (t - ids_before) / k, " chooses expert ", out.ids[t + j], " twice"));
+    // The first id that repeats one of its token's, the line's ids read `width` per token (npos: none).
+    const auto first_repeat = [&](std::size_t width) {
+      for (std::size_t t = ids_before; t < out.ids.size(); t += width)
+        for (std::size_t j = 1; j < width; ++j)
+          for (std::size_t i = 0; i < j; ++i)
+            if (out.ids[t + i] == out.ids[t + j]) return t + j;
+      return std::string::npos;
+    };
+    if (const std::size_t at = first_repeat(k); at != std::string::npos) {
+      // ESFT files do not state top-k: a line of another width read with this one straddles tokens.
+      std::size_t other = 0;
+      for (std::size_t w = std::min<std::size_t>(max_trace_top_k, n_ids); w > 1 && !other; --w)
+        if (w != k && n_ids % w == 0 && first_repeat(w) == std::string::npos) other = w;
+      esft_fail(file, line, 1,
+                locus::detail::concat("token ", (at - ids_before) / k, " chooses expert ", out.ids[at], " twice",
+                                      other ? locus::detail::concat(" (read with top_k ", k, "; with top_k ", other,
+                                                                    " every token of the line chooses distinct "
+                                                                    "experts: ESFT files do not state top-k, import "
+                                                                    "it with top_k ",
+                                                                    other, " (--top-k) if that is the data's)")
+                                            : std::string()));
+    }
     out.tokens_per_line.push_back(static_cast<std::uint32_t>(n_ids / k));
     p = next;
   }
