@@ -162,19 +162,22 @@ inline esft_layer parse_esft_lines(std::string_view text, const std::string& fil
       esft_fail(file, line, 1,
                 locus::detail::concat(n_ids, " expert ids is not a multiple of top_k ", k, " (", k, " ids per token)"));
     if (n_ids / k > 0xffffffffu) esft_fail(file, line, 1, "sequence longer than 2^32-1 tokens");
-    // The first id that repeats one of its token's, the line's ids read `width` per token (npos: none).
-    const auto first_repeat = [&](std::size_t width) {
-      for (std::size_t t = ids_before; t < out.ids.size(); t += width)
+    // The first id that repeats one of its token's, the line's ids read `width` per token, over the
+    // tokens starting within `span` ids (npos: none).
+    const auto first_repeat = [&](std::size_t width, std::size_t span) {
+      const std::size_t stop = ids_before + std::min(span, n_ids) / width * width;
+      for (std::size_t t = ids_before; t < stop; t += width)
         for (std::size_t j = 1; j < width; ++j)
           for (std::size_t i = 0; i < j; ++i)
             if (out.ids[t + i] == out.ids[t + j]) return t + j;
       return std::string::npos;
     };
-    if (const std::size_t at = first_repeat(k); at != std::string::npos) {
+    if (const std::size_t at = first_repeat(k, n_ids); at != std::string::npos) {
       // ESFT files do not state top-k: a line of another width read with this one straddles tokens.
+      // The widths are tried on the line's first ids only, so that a long line costs no more.
       std::size_t other = 0;
       for (std::size_t w = std::min<std::size_t>(max_trace_top_k, n_ids); w > 1 && !other; --w)
-        if (w != k && n_ids % w == 0 && first_repeat(w) == std::string::npos) other = w;
+        if (w != k && n_ids % w == 0 && first_repeat(w, 4096) == std::string::npos) other = w;
       esft_fail(file, line, 1,
                 locus::detail::concat("token ", (at - ids_before) / k, " chooses expert ", out.ids[at], " twice",
                                       other ? locus::detail::concat(" (read with top_k ", k, "; with top_k ", other,
