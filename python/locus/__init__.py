@@ -253,6 +253,9 @@ def load_routed_experts(
     except ValueError as e:  # NumPy's words for a file that is no .npy or .npz
         raise FormatError(f"locus: format error: {os.fspath(path)}: not a .npy or .npz array file ({e})") from None
     if isinstance(data, np.ndarray):
+        if key is not None:  # an argument that would change nothing is refused, not dropped
+            raise ConfigError(f"locus: configuration error: key {key!r} names an array of an .npz file; "
+                              f"{os.fspath(path)} is a .npy file, one array")
         ids, kept, hidden = _moe_layers(data, layer_ids, os.fspath(path))
         return trace_from_arrays(ids, experts, layer_ids=kept, hidden_layers=hidden)
     names = [key] if key is not None else sorted(data.files)
@@ -608,6 +611,9 @@ def replan(
         # As `locus map replan`: an option that would change nothing is refused, not dropped.
         raise ConfigError("locus: configuration error: prior_requests applies with a prior (the traffic the plan "
                           "was fitted to)")
+    if transport not in ("flat", "hierarchical", "both"):
+        raise ConfigError(f"locus: configuration error: transport {transport!r} is not one of flat, hierarchical, "
+                          "both")
     for name, t in (("window", window), ("prior", prior)):
         # The re-plan weighs decode tokens; phases are the caller's to mark, as for plan and simulate.
         if t is not None and t._phase_counts()[1] == 0:
@@ -623,8 +629,9 @@ def replan(
     )
     out = ExpertPlan(maps, plan.experts, plan.nodes, plan.gpus_per_node, plan.model, plan.layer_ids,
                      plan.hidden_layers)
-    out._hedge_copies = plan._hedge_copies
     doc = json.loads(report)
+    # A swap may move a hedge copy, or put a copy where a hedge was: unknown once a slot moved.
+    out._hedge_copies = plan._hedge_copies if doc["slots_moved"] == 0 else None
     if plan.layer_ids is not None:  # the layer numbers of the engines' files, as map replan --json
         for move in doc["moves"]:
             move["model_layer"] = int(plan.layer_ids[move["layer"]])

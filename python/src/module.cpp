@@ -621,10 +621,10 @@ NB_MODULE(_core, m) {
         locus::placement::live_replan_options opt;
         opt.budget_share = budget;
         // A NaN would pass every comparison the re-planner makes with it.
-        LOCUS_REQUIRE(std::isfinite(prior_requests) && prior_requests >= 0 && std::isfinite(replan_slack) &&
-                          replan_slack >= 0,
-                      locus::config_error, "prior_requests (", prior_requests, ") and replan_slack (", replan_slack,
-                      ") must be finite numbers >= 0");
+        LOCUS_REQUIRE(std::isfinite(prior_requests) && prior_requests >= 0, locus::config_error, "prior_requests (",
+                      prior_requests, ") must be a finite number >= 0");
+        LOCUS_REQUIRE(std::isfinite(replan_slack) && replan_slack >= 0, locus::config_error, "replan_slack (",
+                      replan_slack, ") must be a finite number >= 0");
         opt.prior_requests = prior_requests;
         opt.replan_slack = replan_slack;
         opt.copies = locus::placement::parse_copy_count(transport);

@@ -1138,3 +1138,22 @@ def test_file_io_runs_without_the_gil(tmp_path):
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "hello"
+
+
+def test_replan_and_routed_experts_refuse_arguments_that_change_nothing_or_are_wrong(tmp_path):
+    """A user's review found these said the wrong thing, or nothing."""
+    _, t = small_trace()
+    plan = locus.plan(t, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8)
+    with pytest.raises(locus.ConfigError, match=r"transport 'x' is not one of flat, hierarchical, both"):
+        locus.replan(plan, t, transport="x")
+    with pytest.raises(locus.ConfigError, match=r"replan_slack \(-1\) must be a finite number >= 0") as e:
+        locus.replan(plan, t, replan_slack=-1)
+    assert "prior_requests" not in str(e.value)  # not passed, not named
+    moved_plan, report = locus.replan(plan, t, budget=1.0)
+    # Once a slot moved, which copies are hedges is no longer known.
+    assert moved_plan.hedge_copies == (plan.hedge_copies if report["slots_moved"] == 0 else None)
+    kept, none_moved = locus.replan(plan, t, budget=0.0)
+    assert none_moved["slots_moved"] == 0 and kept.hedge_copies == plan.hedge_copies
+    np.save(tmp_path / "one.npy", np.zeros((2, 1, 2), np.int32) + [0, 1])
+    with pytest.raises(locus.ConfigError, match=r"key 'a' names an array of an \.npz file"):
+        locus.load_routed_experts(str(tmp_path / "one.npy"), 8, key="a")
