@@ -206,6 +206,14 @@ BOOST_AUTO_TEST_CASE(string_ids_default_domain_and_nulls) {
   BOOST_TEST(t.layer(0).ids()[2] == 1u);
   BOOST_TEST((t.token_phase(0) == trace::phase::unknown));
   BOOST_TEST(t.token_step(0) == -1);
+  // An empty domain name is no name, as null is: no domain named "" appears.
+  const auto blank = trace::import_jsonl_text(
+      "{\"req_id\": 1, \"token_idx\": 0, \"layer\": 0, \"topk_ids\": [1, 2], \"topk_weights\": [1, 1], "
+      "\"domain\": \"\"}\n"
+      "{\"req_id\": 1, \"token_idx\": 1, \"layer\": 0, \"topk_ids\": [1, 2], \"topk_weights\": [1, 1], "
+      "\"domain\": \"law\"}\n",
+      "b.jsonl", opts());
+  BOOST_TEST(blank.domains() == std::vector<std::string>{"law"});
 }
 
 // No req_id (or a constant one): requests are cut where token_idx restarts, per layer.

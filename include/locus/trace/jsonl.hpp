@@ -253,7 +253,9 @@ public:
         f_.req_text = s;
         return true;
       case field::domain:
-        f_.has_domain = true;
+        // An empty name is no name (a logger's "unknown"), as null is: a domain named "" could be
+        // neither listed nor selected.
+        f_.has_domain = !s.empty();
         f_.domain = s;
         return true;
       case field::type:
