@@ -206,7 +206,8 @@ def trace_from_arrays(
     default unknown), ``domains`` (indexes into ``domain_names``, or names). ``layer_ids``: the
     model's hidden-layer index of each traced layer (engines number dense layers too), and
     ``hidden_layers`` the model's layer count; exports use them. A request's tokens are kept in the
-    order given; requests in order of first appearance."""
+    order given (its prefill tokens before its decode tokens, all of one domain); requests in order
+    of first appearance."""
     ids = _array(topk_ids, np.int32, 3, "topk_ids")
     tokens = ids.shape[0]
     weights = np.zeros((0, 0, 0), np.float32) if topk_weights is None else _array(topk_weights, np.float32, 3, "topk_weights")

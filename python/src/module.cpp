@@ -225,8 +225,8 @@ std::vector<std::vector<double>> load_from(const load_in& a) {
 
 // A trace from token-major arrays: ids [T, L, k]; weights [T, L, k] or empty; request ids [T]
 // (a request's tokens in order of appearance; requests in order of first appearance); phases [T]
-// (0 prefill, 1 decode, 2 unknown); domains [T] indexing `domain_names` (a request takes its first
-// token's domain).
+// (0 prefill, 1 decode, 2 unknown; a request's prefill tokens come before its decode tokens);
+// domains [T] indexing `domain_names` (every token of a request names the same one).
 locus::trace::trace
 trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb::device::cpu> ids,
                   nb::handle experts_arg, nb::ndarray<const float, nb::ndim<3>, nb::c_contig, nb::device::cpu> weights,
@@ -269,6 +269,20 @@ trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb:
   std::size_t next = 0;
   for (std::size_t r = 0; r < members.size(); ++r) {
     const auto& m = members[r];
+    // What the readers refuse too (route JSONL: records of one request that disagree on its domain):
+    // a request of two domains, or one that decodes before its prefill, would be read as something else.
+    bool decoded = false;
+    for (const std::size_t t : m) {
+      LOCUS_REQUIRE(domains.data()[t] == domains.data()[m.front()], locus::invalid_input_error,
+                    "trace_from_arrays: token ", t, " of request ", request_id[r], " has domain \"",
+                    domain_names[domains.data()[t]], "\", its token ", m.front(), " \"",
+                    domain_names[domains.data()[m.front()]], "\" (a request has one domain)");
+      const auto p = static_cast<locus::trace::phase>(phases.data()[t]);
+      LOCUS_REQUIRE(!(decoded && p == locus::trace::phase::prefill), locus::invalid_input_error,
+                    "trace_from_arrays: token ", t, " of request ", request_id[r],
+                    " is prefill after a decode token of the request (prefill comes first)");
+      decoded = decoded || p == locus::trace::phase::decode;
+    }
     b.add_request(static_cast<std::uint64_t>(request_id[r]), domains.data()[m.front()], m.size());
     std::int32_t step = 0;
     for (const std::size_t t : m) {

@@ -1157,3 +1157,15 @@ def test_replan_and_routed_experts_refuse_arguments_that_change_nothing_or_are_w
     np.save(tmp_path / "one.npy", np.zeros((2, 1, 2), np.int32) + [0, 1])
     with pytest.raises(locus.ConfigError, match=r"key 'a' names an array of an \.npz file"):
         locus.load_routed_experts(str(tmp_path / "one.npy"), 8, key="a")
+
+
+def test_trace_from_arrays_refuses_a_request_of_two_domains_or_decoding_before_prefill():
+    ids = np.zeros((3, 1, 2), np.int32) + [0, 1]
+    with pytest.raises(locus.InvalidInputError, match=r'token 2 of request 0 has domain "law", its token 0 "code"'):
+        locus.trace_from_arrays(ids, 8, domains=["code", "code", "law"])
+    with pytest.raises(locus.InvalidInputError, match=r"token 1 of request 0 is prefill after a decode token"):
+        locus.trace_from_arrays(ids, 8, phases=["decode", "prefill", "decode"])
+    # Per request: another request may start with prefill and take another domain.
+    t = locus.trace_from_arrays(ids, 8, request_ids=[0, 0, 1], phases=["prefill", "decode", "prefill"],
+                                domains=["code", "code", "law"])
+    assert t.requests == 2 and t.domains == ["code", "law"]
