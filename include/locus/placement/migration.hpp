@@ -203,8 +203,8 @@ namespace detail::migration {
 //! different lengths that load the GPUs alike add no noise: the root of R / (R - 1) × the sum over
 //! the window's R requests of (y_rg - s_g y_r)², with y_rg request r's load on GPU g, y_r its whole
 //! load and s_g the window's share of g, over the GPU's load (a prior's, token_sample::prior_from,
-//! included: a fixed reference, it adds load and no noise); averaged over the GPUs that carry load.
-//! Infinite for a window of fewer than two requests. `requests`: the sample's dense request ids
+//! included: a fixed reference, it adds load and no noise), for the busiest GPU. Infinite for a
+//! window of fewer than two requests. `requests`: the sample's dense request ids
 //! and their count (dense_request_ids; a prior's follow the window's).
 inline double request_load_noise(const expert_map& map, const token_sample& sample, std::size_t l,
                                  const std::pair<std::vector<std::uint32_t>, std::size_t>& requests) {
@@ -235,20 +235,17 @@ inline double request_load_noise(const expert_map& map, const token_sample& samp
       per_gpu[g] += y[r * G + g];
       all += y[r * G + g];
     }
-  double sum = 0.0;
-  std::size_t counted = 0;
-  for (std::size_t g = 0; g < G; ++g) {
-    if (load[g] <= 0 || all <= 0) continue;
-    const double share = per_gpu[g] / all;
-    double squares = 0.0;
-    for (std::size_t r = 0; r < R; ++r) {
-      const double d = y[r * G + g] - share * per_request[r];
-      squares += d * d;
-    }
-    sum += std::sqrt(squares * static_cast<double>(R) / static_cast<double>(R - 1)) / load[g];
-    ++counted;
+  // The busiest GPU's: the one a repair would start from (a GPU loaded by one request alone is
+  // noisy, but says nothing about whether the busiest one is).
+  const std::size_t g = static_cast<std::size_t>(std::max_element(load.begin(), load.end()) - load.begin());
+  if (load[g] <= 0 || all <= 0) return 0.0;
+  const double share = per_gpu[g] / all;
+  double squares = 0.0;
+  for (std::size_t r = 0; r < R; ++r) {
+    const double d = y[r * G + g] - share * per_request[r];
+    squares += d * d;
   }
-  return counted ? sum / static_cast<double>(counted) : 0.0;
+  return std::sqrt(squares * static_cast<double>(R) / static_cast<double>(R - 1)) / load[g];
 }
 
 } // namespace detail::migration
