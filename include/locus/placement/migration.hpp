@@ -213,36 +213,39 @@ inline double request_load_noise(const expert_map& map, const token_sample& samp
   for (std::size_t t = 0; t < window; ++t)
     R = std::max<std::size_t>(R, std::size_t{requests.first[t]} + 1);
   if (R < 2) return std::numeric_limits<double>::infinity();
-  std::vector<double> y(R * G, 0.0), load(G, 0.0); // per window request and GPU; per GPU, all
   const auto& ids = sample.ids[l];
-  for (std::size_t t = 0; t < sample.tokens(); ++t) {
-    const double w = sample.load_weight.empty() ? 1.0 : static_cast<double>(sample.load_weight[t]);
-    double* row = t < window ? y.data() + std::size_t{requests.first[t]} * G : nullptr;
-    for (std::size_t j = 0; j < k; ++j) {
-      const auto replicas = map.replicas(ids[t * k + j]);
-      const double share = w / static_cast<double>(replicas.size());
-      for (const auto& r : replicas) {
-        load[static_cast<std::size_t>(r.rank)] += share;
-        if (row) row[static_cast<std::size_t>(r.rank)] += share;
+  // Calls `f(token, rank, share)` for every copy of the tokens below `end`, split among its replicas.
+  const auto each_copy = [&](std::size_t end, auto&& f) {
+    for (std::size_t t = 0; t < end; ++t) {
+      const double w = sample.load_weight.empty() ? 1.0 : static_cast<double>(sample.load_weight[t]);
+      for (std::size_t j = 0; j < k; ++j) {
+        const auto replicas = map.replicas(ids[t * k + j]);
+        const double share = w / static_cast<double>(replicas.size());
+        for (const auto& r : replicas)
+          f(t, static_cast<std::size_t>(r.rank), share);
       }
     }
-  }
-  std::vector<double> per_request(R, 0.0), per_gpu(G, 0.0);
-  double all = 0.0;
-  for (std::size_t r = 0; r < R; ++r)
-    for (std::size_t g = 0; g < G; ++g) {
-      per_request[r] += y[r * G + g];
-      per_gpu[g] += y[r * G + g];
-      all += y[r * G + g];
-    }
+  };
   // The busiest GPU's: the one a repair would start from (a GPU loaded by one request alone is
   // noisy, but says nothing about whether the busiest one is).
+  std::vector<double> load(G, 0.0);
+  each_copy(sample.tokens(), [&](std::size_t, std::size_t rank, double share) { load[rank] += share; });
   const std::size_t g = static_cast<std::size_t>(std::max_element(load.begin(), load.end()) - load.begin());
+  std::vector<double> on_g(R, 0.0), per_request(R, 0.0); // per window request: its load on g, in all
+  each_copy(window, [&](std::size_t t, std::size_t rank, double share) {
+    per_request[requests.first[t]] += share;
+    if (rank == g) on_g[requests.first[t]] += share;
+  });
+  double all = 0.0, window_on_g = 0.0;
+  for (std::size_t r = 0; r < R; ++r) {
+    all += per_request[r];
+    window_on_g += on_g[r];
+  }
   if (load[g] <= 0 || all <= 0) return 0.0;
-  const double share = per_gpu[g] / all;
+  const double share = window_on_g / all;
   double squares = 0.0;
   for (std::size_t r = 0; r < R; ++r) {
-    const double d = y[r * G + g] - share * per_request[r];
+    const double d = on_g[r] - share * per_request[r];
     squares += d * d;
   }
   return std::sqrt(squares * static_cast<double>(R) / static_cast<double>(R - 1)) / load[g];
