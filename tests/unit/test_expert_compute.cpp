@@ -5,6 +5,7 @@
 #include <boost/test/unit_test.hpp>
 #include <cstring>
 #include <limits>
+#include <locus/layer/detail/shared_sum_stages.hpp>
 #include <locus/layer/detail/swiglu_stages.hpp>
 #include <locus/layer/expert_compute.hpp>
 #include <numeric>
@@ -391,4 +392,48 @@ BOOST_AUTO_TEST_CASE(cuda_swiglu_math_on_the_host_matches_reference) {
   cuda_swiglu_math_on_the_host<float>(0.0, 2e-6);
   // bfloat16: the activation and the output are rounded (relative 2^-8 each).
   cuda_swiglu_math_on_the_host<bfloat16>(1.0 / 256, 1.0 / 128);
+}
+
+// The layer step's elementwise stages (detail/shared_sum_stages.hpp: the router input's fp32 copy,
+// the shared experts' sum and its add to the routed output), which the host layer runs as one thread
+// and the device kernels as a grid: on every grid shape each element is written exactly once (outputs
+// start as NaN; a grid that skipped an element leaves one, a grid that visited one twice adds its part
+// twice) and equals the sum in order of the parts, each added in fp32, rounded once to T.
+template <class T>
+void shared_sum_stages_cover_every_element() {
+  using transport::detail::stage::grid_index;
+  using transport::detail::stage::run_grid;
+  constexpr std::size_t n = 1001, parts = 3;
+  std::vector<std::vector<T>> part;
+  for (std::size_t p = 0; p < parts; ++p)
+    part.push_back(locus_test::random_rows<T>(40 + p, 1, n));
+  const std::vector<T> routed = locus_test::random_rows<T>(50, 1, n);
+  for (const auto& [blocks, threads] : {std::pair<std::size_t, std::size_t>{1, 1}, {3, 7}, {2, 64}, {1100, 1}}) {
+    BOOST_TEST_CONTEXT("grid " << blocks << " x " << threads) {
+      std::vector<float> f32(n, std::numeric_limits<float>::quiet_NaN());
+      run_grid(blocks, threads, [&](grid_index g) { detail::layer::to_f32(g, routed.data(), n, f32.data()); });
+      std::vector<float> sum(n, std::numeric_limits<float>::quiet_NaN());
+      for (std::size_t p = 0; p < parts; ++p)
+        run_grid(blocks, threads,
+                 [&](grid_index g) { detail::layer::accumulate(g, part[p].data(), n, p == 0, sum.data()); });
+      std::vector<T> y = routed;
+      run_grid(blocks, threads, [&](grid_index g) { detail::layer::add_sum(g, sum.data(), n, y.data()); });
+      std::size_t wrong = 0;
+      for (std::size_t i = 0; i < n; ++i) {
+        const volatile float a = static_cast<float>(part[0][i]), b = static_cast<float>(part[1][i]),
+                             c = static_cast<float>(part[2][i]);
+        const volatile float ab = a + b;
+        const volatile float s = ab + c;
+        const volatile float r = static_cast<float>(routed[i]) + s;
+        const T expect = static_cast<T>(static_cast<float>(r));
+        wrong += f32[i] != static_cast<float>(routed[i]) || sum[i] != s || std::memcmp(&y[i], &expect, sizeof(T)) != 0;
+      }
+      BOOST_TEST(wrong == 0u);
+    }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(shared_sum_stages_cover_every_element_once) {
+  shared_sum_stages_cover_every_element<float>();
+  shared_sum_stages_cover_every_element<bfloat16>();
 }

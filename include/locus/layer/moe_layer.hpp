@@ -36,6 +36,7 @@
 #include <locus/core/policy.hpp>
 #include <locus/core/routing.hpp>
 #include <locus/core/topology.hpp>
+#include <locus/layer/detail/shared_sum_stages.hpp>
 #include <locus/layer/expert_compute.hpp>
 #include <locus/router/logits.hpp>
 #include <locus/router/softmax_topk.hpp>
@@ -459,17 +460,17 @@ private:
                   " shared experts but none were set (set_shared_experts)");
     const std::size_t H = shape_.hidden(), T = x.size() / H;
     shared_out_.resize(x.size());
-    acc_.assign(x.size(), 0.0f);
+    acc_.resize(x.size());
+    // The device step's bodies (detail/shared_sum_stages.hpp) as one host thread: routed and shared
+    // parts summed in fp32 and rounded once.
+    const auto one_thread = transport::detail::stage::grid_index{};
     for (std::size_t s = 0; s < shape_.shared_experts(); ++s) {
       const expert_id id = static_cast<expert_id>(s);
       const std::size_t offsets[2] = {0, T};
       (*shared_)(layer::expert_blocks<value_type>{&id, offsets, 1, x.data(), shared_out_.data(), H});
-      for (std::size_t i = 0; i < acc_.size(); ++i)
-        acc_[i] += to_float(shared_out_[i]);
+      detail::layer::accumulate(one_thread, shared_out_.data(), acc_.size(), s == 0, acc_.data());
     }
-    // Routed and shared parts are summed in fp32 and rounded once.
-    for (std::size_t i = 0; i < y.size(); ++i)
-      y[i] = static_cast<value_type>(to_float(y[i]) + acc_[i]);
+    detail::layer::add_sum(one_thread, acc_.data(), y.size(), y.data());
   }
 
   // A compute with an overload taking a weighted_sum_target forms combine's sums itself.

@@ -21,6 +21,7 @@
 #include <exception>
 #include <locus/backend/cuda.hpp>
 #include <locus/core/device_buffer.hpp>
+#include <locus/layer/detail/kernels/shared_sum.cuh>
 #include <locus/layer/expert_compute_cuda.hpp>
 #include <locus/layer/moe_layer.hpp>
 #include <locus/router/cuda.hpp>
@@ -30,29 +31,6 @@
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
-
-template <class T>
-__global__ void to_f32_kernel(const T* in, std::size_t n, float* out) {
-  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
-       i += std::size_t{gridDim.x} * blockDim.x)
-    out[i] = to_float(in[i]);
-}
-
-// sum = (first ? 0 : sum) + part, in fp32.
-template <class T>
-__global__ void accumulate_kernel(const T* part, std::size_t n, bool first, float* sum) {
-  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
-       i += std::size_t{gridDim.x} * blockDim.x)
-    sum[i] = (first ? 0.0f : sum[i]) + to_float(part[i]);
-}
-
-// y = round(y + sum): the routed and shared parts summed in fp32, rounded once.
-template <class T>
-__global__ void add_sum_kernel(const float* sum, std::size_t n, T* y) {
-  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
-       i += std::size_t{gridDim.x} * blockDim.x)
-    y[i] = static_cast<T>(to_float(y[i]) + sum[i]);
-}
 
 //! What a routed device step keeps between steps: the router on the device, its weights and the
 //! step's logits and routing.
@@ -176,7 +154,7 @@ private:
         rs.x_f32.resize(tokens * H);
         const std::size_t n = tokens * H;
         const auto blocks = static_cast<unsigned>(std::min<std::size_t>((n + 255) / 256, 65535));
-        to_f32_kernel<<<blocks, 256, 0, stream>>>(x, n, rs.x_f32.data());
+        kernels::to_f32<<<blocks, 256, 0, stream>>>(x, n, rs.x_f32.data());
         LOCUS_CUDA_CHECK(cudaGetLastError());
         xf = rs.x_f32.data();
       }
@@ -255,10 +233,10 @@ private:
       const std::size_t offsets[2] = {0, T};
       (*l.shared_)(
           locus::layer::expert_blocks<value_type, memory_space::device>{&id, offsets, 1, x, s.shared_out.data(), H});
-      accumulate_kernel<<<blocks, 256, 0, stream>>>(s.shared_out.data(), n, e == 0, s.shared_sum.data());
+      kernels::accumulate<<<blocks, 256, 0, stream>>>(s.shared_out.data(), n, e == 0, s.shared_sum.data());
       LOCUS_CUDA_CHECK(cudaGetLastError());
     }
-    add_sum_kernel<<<blocks, 256, 0, stream>>>(s.shared_sum.data(), n, y);
+    kernels::add_sum<<<blocks, 256, 0, stream>>>(s.shared_sum.data(), n, y);
     LOCUS_CUDA_CHECK(cudaGetLastError());
   }
 };

@@ -1,0 +1,30 @@
+#pragma once
+// locus-requires: cuda
+//! @file
+//! The device layer step's elementwise kernels: the router input's fp32 copy and the shared
+//! experts' fp32 sum added to the routed output. Their bodies are detail/shared_sum_stages.hpp's,
+//! which the host layer runs.
+
+#include <cstddef>
+#include <locus/core/config.hpp>
+#include <locus/layer/detail/shared_sum_stages.hpp>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer::kernels {
+
+template <class T>
+__global__ void to_f32(const T* __restrict__ in, std::size_t n, float* __restrict__ out) {
+  layer::to_f32(transport::detail::stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, in, n, out);
+}
+
+template <class T>
+__global__ void accumulate(const T* __restrict__ part, std::size_t n, bool first, float* __restrict__ sum) {
+  layer::accumulate(transport::detail::stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, part, n,
+                    first, sum);
+}
+
+template <class T>
+__global__ void add_sum(const float* __restrict__ sum, std::size_t n, T* __restrict__ y) {
+  layer::add_sum(transport::detail::stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, sum, n, y);
+}
+
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer::kernels

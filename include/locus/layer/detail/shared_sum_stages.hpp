@@ -1,0 +1,43 @@
+#pragma once
+//! @file
+//! The elementwise stages of a layer step around its GEMMs, written once for the host layer
+//! (`moe_layer.hpp`) and the device one (`moe_layer_cuda.hpp`, through `kernels/shared_sum.cuh`):
+//! the fp32 copy of the router's input, and the shared experts' outputs summed in fp32 with the
+//! routed part and rounded once. Each is one thread of a grid (transport/detail/stage.hpp) striding
+//! over the elements; the host runs them through `stage::run_grid`, so the CPU tests cover the
+//! arithmetic the GPU does and both give the same bits (one rounding per add, none contracted).
+
+#include <cstddef>
+#include <locus/core/bfloat16.hpp>
+#include <locus/core/config.hpp>
+#include <locus/transport/detail/stage.hpp>
+
+namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
+
+//! out[i] = in[i] in fp32, for the `n` elements (the router GEMM's input).
+template <class T>
+LOCUS_HOST_DEVICE void to_f32(transport::detail::stage::grid_index g, const T* LOCUS_RESTRICT in, std::size_t n,
+                              float* LOCUS_RESTRICT out) {
+  for (std::size_t i = g.block * g.threads + g.thread; i < n; i += g.blocks * g.threads)
+    out[i] = to_float(in[i]);
+}
+
+//! sum[i] = (first ? 0 : sum[i]) + part[i] in fp32: one shared expert's output added to the sum of
+//! the ones before it.
+template <class T>
+LOCUS_HOST_DEVICE void accumulate(transport::detail::stage::grid_index g, const T* LOCUS_RESTRICT part, std::size_t n,
+                                  bool first, float* LOCUS_RESTRICT sum) {
+  for (std::size_t i = g.block * g.threads + g.thread; i < n; i += g.blocks * g.threads)
+    sum[i] = (first ? 0.0f : sum[i]) + to_float(part[i]);
+}
+
+//! y[i] = round(y[i] + sum[i]): the routed part and the shared experts' sum added in fp32 and
+//! rounded once to T.
+template <class T>
+LOCUS_HOST_DEVICE void add_sum(transport::detail::stage::grid_index g, const float* LOCUS_RESTRICT sum, std::size_t n,
+                               T* LOCUS_RESTRICT y) {
+  for (std::size_t i = g.block * g.threads + g.thread; i < n; i += g.blocks * g.threads)
+    y[i] = static_cast<T>(to_float(y[i]) + sum[i]);
+}
+
+} // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer
