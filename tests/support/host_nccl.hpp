@@ -9,7 +9,10 @@
 //   rewritten after a copy from it was queued, reads or sends the wrong bytes;
 // - a group's sends and receives are one operation on the stream; sends and receives match in
 //   order per (communicator, sender, receiver), and a receive whose matched send has another size
-//   fails the stream (NCCL leaves it undefined: a hang or corrupt rows);
+//   fails the stream (NCCL leaves it undefined: a hang or corrupt rows); a send is done only once
+//   its receive took it ("blocking for the GPU", as NCCL documents ncclSend), so a group waits
+//   for every peer it sends to, and an exchange that a peer leaves out hangs the sender until
+//   its timed wait gives up;
 // - a split is collective over the parent (a member that never comes fails it after 20 s);
 // - an aborted communicator's queued work ends at once, writing nothing (what ncclCommAbort
 //   releases); every communicator a split made is counted until it is destroyed or aborted, once;
@@ -64,8 +67,12 @@ struct group {
   std::size_t size;
   std::mutex m;
   std::condition_variable cv;
-  std::vector<std::deque<std::vector<std::byte>>> mail; // [sender * size + receiver], in send order
-  std::map<std::size_t, split_round> splits;            // by the members' split count
+  struct message {
+    std::vector<std::byte> bytes;
+    std::shared_ptr<std::atomic<bool>> taken = std::make_shared<std::atomic<bool>>(false);
+  };
+  std::vector<std::deque<message>> mail;     // [sender * size + receiver], in send order
+  std::map<std::size_t, split_round> splits; // by the members' split count
 };
 
 //! One member's handle of a group.
@@ -338,7 +345,7 @@ private:
   }
 
   // One group as a stream operation: the sends leave at its first run; it is done once every
-  // receive has taken its message.
+  // receive has taken its message and every send was taken by its receive.
   static std::function<bool()> group_op(std::vector<posted> ops) {
     struct state {
       struct op { // holds no communicator: an abort on another thread frees it
@@ -346,6 +353,7 @@ private:
         std::size_t me;
         std::shared_ptr<group> g;
         std::shared_ptr<std::atomic<bool>> aborted;
+        std::shared_ptr<std::atomic<bool>> taken; // a send's message, once left
         bool done = false;
       };
       std::vector<op> ops;
@@ -362,14 +370,20 @@ private:
           if (o.p.is_send) {
             std::lock_guard lock(o.g->m);
             const auto to = static_cast<std::size_t>(o.p.peer);
-            o.g->mail[o.me * o.g->size + to].emplace_back(o.p.send, o.p.send + o.p.bytes);
-            o.done = true;
+            auto& q = o.g->mail[o.me * o.g->size + to];
+            q.push_back({std::vector<std::byte>(o.p.send, o.p.send + o.p.bytes)});
+            o.taken = q.back().taken;
           }
         st->sent = true;
       }
       bool all = true;
       for (auto& o : st->ops) {
         if (o.done) continue;
+        if (o.p.is_send) {
+          o.done = o.taken->load();
+          all = all && o.done;
+          continue;
+        }
         std::lock_guard lock(o.g->m);
         const std::size_t me = o.me, from = static_cast<std::size_t>(o.p.peer);
         auto& q = o.g->mail[from * o.g->size + me];
@@ -377,11 +391,12 @@ private:
           all = false;
           continue;
         }
-        if (q.front().size() != o.p.bytes)
+        if (q.front().bytes.size() != o.p.bytes)
           throw failure("host_nccl: rank " + std::to_string(me) + " receives " + std::to_string(o.p.bytes) +
                         " bytes from rank " + std::to_string(from) + ", which sent " +
-                        std::to_string(q.front().size()));
-        std::memcpy(o.p.recv, q.front().data(), o.p.bytes);
+                        std::to_string(q.front().bytes.size()));
+        std::memcpy(o.p.recv, q.front().bytes.data(), o.p.bytes);
+        q.front().taken->store(true);
         q.pop_front();
         o.done = true;
       }
