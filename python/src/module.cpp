@@ -172,6 +172,9 @@ void set_model_state(locus::grouper::workload_model& self, nb::handle state) {
   } catch (const nlohmann::json::parse_error& e) {
     throw locus::format_error(
         locus::detail::concat("pickled WorkloadModel: not valid JSON: ", locus::detail::json_error_text(e)), e.byte);
+  } catch (const nlohmann::json::exception& e) { // a number past a double's range
+    throw locus::format_error(
+        locus::detail::concat("pickled WorkloadModel: not valid JSON: ", locus::detail::json_error_text(e)), 0);
   }
   std::optional<locus::grouper::workload_model> m;
   try {

@@ -1,6 +1,8 @@
 #include <boost/test/unit_test.hpp>
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
+#include <limits>
 #include <locus/grouper/workload_model_json.hpp>
 #include <string>
 #include <unistd.h>
@@ -109,6 +111,52 @@ BOOST_AUTO_TEST_CASE(round_trip_gives_identical_assignments) {
   // before any check (2^60 clusters: an allocation of 2^62 bytes; found by fuzz_grouping).
   doc["clusters"] = std::uint64_t{1} << 60;
   BOOST_CHECK_THROW(grouper::grouping_from_json(doc), format_error);
+}
+
+// Values no fitted model holds are refused, not read: each of these loaded and changed what the
+// model classifies or sums (a JSON number past a float's range reads as inf); one past a double's
+// range is a format error of the file, not the JSON library's own exception.
+BOOST_AUTO_TEST_CASE(values_no_fitted_model_holds_are_refused) {
+  const auto t = kinds_trace(40);
+  grouper::workload_aware_options opt;
+  opt.clusters = 4;
+  opt.prefill_tokens = 8;
+  const auto fitted = grouper::workload_model::fit(t, dynamic_topology(2, 2), opt);
+  BOOST_CHECK_NO_THROW(grouper::grouping_from_json(grouper::grouping_to_json(fitted)));
+  const auto damaged = [&](auto&& edit, const char* what) {
+    auto doc = grouper::grouping_to_json(fitted);
+    edit(doc);
+    BOOST_TEST_CONTEXT(what) {
+      try {
+        static_cast<void>(grouper::grouping_from_json(doc));
+        BOOST_ERROR("loaded");
+      } catch (const format_error& e) {
+        BOOST_TEST(std::string(e.what()).find("grouping JSON") != std::string::npos, e.what());
+      }
+    }
+  };
+  damaged([](auto& d) { d["means"][3] = 1e39; }, "a class mean past float");
+  damaged([](auto& d) { d["class_min_similarity"][1] = 1e39; }, "a threshold past float");
+  damaged([](auto& d) { d["min_similarity"] = -1e39; }, "the pooled threshold past float");
+  damaged([](auto& d) { d["usage"][0][5] = -1; }, "negative usage");
+  damaged([](auto& d) { d["cluster_requests"][2] = -3; }, "a negative request count");
+  damaged([](auto& d) { d["cluster_tokens"][0] = std::numeric_limits<double>::quiet_NaN(); }, "a NaN token count");
+  damaged([](auto& d) { d["classifier_layer_stride"] = 1000000; }, "a stride the layers do not give");
+  damaged([](auto& d) { d["options"]["prefill_tokens"] = 0; }, "no prefill tokens");
+  damaged([](auto& d) { d["options"]["balance_slack"] = -0.5; }, "a negative slack");
+
+  const auto path = std::filesystem::temp_directory_path() / ("locus_grouping_" + std::to_string(::getpid()) + ".json");
+  {
+    std::ofstream out(path);
+    out << R"({"format": "locus-grouping", "version": 1e400})";
+  }
+  try {
+    static_cast<void>(grouper::load_grouping(path.string()));
+    BOOST_ERROR("loaded");
+  } catch (const format_error& e) {
+    BOOST_TEST(std::string(e.what()).find("number overflow") != std::string::npos, e.what());
+  }
+  std::filesystem::remove(path);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

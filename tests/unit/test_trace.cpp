@@ -716,6 +716,9 @@ BOOST_AUTO_TEST_CASE(binary_counts_are_bounded_before_allocation) {
     expect_format_error([&] { (void)trace::decode_trace(b); }, {"domain 1 \"a\" repeats an earlier domain name"});
     trace::trace_builder dup(4, 1, 1);
     BOOST_CHECK_THROW(dup.set_domains({"x", "y", "x"}), invalid_input_error);
+    // A name the format cannot write is refused where the trace is built, not where it is saved.
+    BOOST_CHECK_THROW(dup.set_domains({"x", std::string(trace::max_trace_domain_name + 1, 'y')}), invalid_input_error);
+    BOOST_CHECK_NO_THROW(dup.set_domains({"x", std::string(trace::max_trace_domain_name, 'y')}));
   }
   BOOST_CHECK_THROW(trace::trace_builder(4, 1, 4097), invalid_input_error);
 }

@@ -309,6 +309,10 @@ BOOST_AUTO_TEST_CASE(bad_records_fail_or_are_skipped_and_counted) {
       {with(ids + ", " + ws + ", \"step\": -3"), "step -3 is outside"},
       {with(ids + ", " + ws + ", \"step\": 1.5"), "\"step\" is a fractional number"},
       {with(ids + ", " + ws + ", \"domain\": 3"), "\"domain\" is a number"},
+      // What a trace's domain table holds (and the binary format writes): a longer one read, then
+      // refused by write_trace or a pickle.
+      {with(ids + ", " + ws + ", \"domain\": \"" + std::string(4097, 'd') + "\""),
+       "a domain name of 4097 bytes, expected at most 4096"},
       {"{\"req_id\": 1, \"token_idx\": 1, \"layer\": 0, " + ids + ", " + ws + ", \"domain\": \"law\"}",
        "domain \"law\" but earlier records of this request (line 1) say \"x\""},
       // A field named twice says two things (a JSON parser keeps one of them).

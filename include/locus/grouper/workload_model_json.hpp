@@ -15,6 +15,7 @@
 //! request exactly as the saved one. The training bookkeeping (which training requests fell in
 //! which cluster) is not saved.
 
+#include <cmath>
 #include <cstdint>
 #include <locus/core/atomic_file.hpp>
 #include <locus/core/error.hpp>
@@ -73,6 +74,39 @@ struct workload_model_io {
             {"usage", m.usage_},
             {"stride", m.stride_},
             {"means", m.means_t_}};
+  }
+
+  // The values a fitted model can hold, so that a damaged file is refused rather than changing what
+  // the model classifies (a threshold of 1e39, read as inf, made no request confident) or sums
+  // (negative usage or request counts): what fitting checks of its options, and every number finite
+  // (a JSON number past a float's range reads as inf), counts and usage non-negative, and the
+  // classifier's stride the one its layers and options give.
+  static void check_values(const workload_model& m) {
+    const auto& o = m.opt_;
+    ::locus::detail::format_require(o.clusters >= 1 && o.prefill_tokens >= 1 && o.classifier_layers >= 1,
+                                    "grouping JSON: options \"clusters\", \"prefill_tokens\" and "
+                                    "\"classifier_layers\" must be at least 1");
+    ::locus::detail::format_require(std::isfinite(o.min_similarity) && std::isfinite(o.confidence_quantile) &&
+                                        std::isfinite(o.confidence_margin) && std::isfinite(o.balance_slack) &&
+                                        o.balance_slack >= 0,
+                                    "grouping JSON: options \"min_similarity\", \"confidence_quantile\", "
+                                    "\"confidence_margin\" and \"balance_slack\" must be finite (the slack >= 0)");
+    ::locus::detail::format_require(m.layer_stride_ == (m.layers_ + o.classifier_layers - 1) / o.classifier_layers,
+                                    "grouping JSON: classifier_layer_stride ", m.layer_stride_, " is not what ",
+                                    m.layers_, " layers read by ", o.classifier_layers, " classifier layers give");
+    const auto finite = [](const auto& v, bool non_negative) {
+      for (const auto x : v)
+        if (!std::isfinite(x) || (non_negative && x < 0)) return false;
+      return true;
+    };
+    ::locus::detail::format_require(std::isfinite(m.min_similarity_) && finite(m.class_min_similarity_, false),
+                                    "grouping JSON: a confidence threshold is not a finite number");
+    ::locus::detail::format_require(finite(m.cluster_tokens_, true) && finite(m.cluster_requests_, true),
+                                    "grouping JSON: a cluster's token or request count is negative or not finite");
+    for (std::size_t c = 0; c < m.k_; ++c)
+      ::locus::detail::format_require(finite(m.usage_[c], true), "grouping JSON: cluster ", c,
+                                      " usage holds a negative or non-finite value");
+    ::locus::detail::format_require(finite(m.means_t_, false), "grouping JSON: a class mean is not a finite number");
   }
 
   static workload_model from_json(const nlohmann::json& doc) {
@@ -151,6 +185,7 @@ struct workload_model_io {
       ::locus::detail::format_require(m.usage_[c].size() == dim, "grouping JSON: cluster ", c, " usage has ",
                                       m.usage_[c].size(), " values, expected ", dim);
     }
+    check_values(m);
     return m;
   }
 };
@@ -179,6 +214,8 @@ inline workload_model load_grouping(const std::string& path) {
   } catch (const nlohmann::json::parse_error& e) {
     throw format_error(::locus::detail::concat(path, ": not valid JSON: ", ::locus::detail::json_error_text(e)),
                        e.byte);
+  } catch (const nlohmann::json::exception& e) { // a number past a double's range (out_of_range.406)
+    throw format_error(::locus::detail::concat(path, ": not valid JSON: ", ::locus::detail::json_error_text(e)), 0);
   }
   try {
     return grouping_from_json(doc);

@@ -41,7 +41,7 @@ inline constexpr std::uint32_t binary_version = 2;
 //! Size of the fixed header.
 inline constexpr std::size_t binary_header_bytes = 80;
 //! Longest domain name the format accepts (bounds allocations driven by a corrupt file).
-inline constexpr std::size_t binary_max_domain_name = 4096;
+inline constexpr std::size_t binary_max_domain_name = max_trace_domain_name;
 
 //! A 64-bit checksum of a byte stream, computed incrementally (the format's checksum; defined
 //! bit-for-bit in docs/trace-format.md). Four independent 64-bit lanes consume 32-byte blocks so

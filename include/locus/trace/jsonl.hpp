@@ -875,6 +875,9 @@ private:
       s.last = f_.token_idx;
       key += '\x1f' + std::to_string(s.segment);
     }
+    if (f_.has_domain && f_.domain.size() > max_trace_domain_name)
+      return bad(line_no, locus::detail::concat("a domain name of ", f_.domain.size(), " bytes, expected at most ",
+                                                max_trace_domain_name));
     auto rit = request_index_.find(key);
     if (rit == request_index_.end()) {
       request_meta m;

@@ -46,6 +46,9 @@ inline constexpr std::size_t max_trace_top_k = 64;
 inline constexpr std::size_t max_trace_layers = 4096;
 //! Most domains a trace's domain table accepts (domains are task families, not request tags).
 inline constexpr std::size_t max_trace_domains = 65536;
+//! Longest domain name a trace accepts, in bytes (the binary format's bound, so that every trace
+//! built can be written and pickled).
+inline constexpr std::size_t max_trace_domain_name = 4096;
 
 //! The index of the first of `tokens` tokens (`k` ids each, token-major) that chooses one expert
 //! twice, or `tokens` when there is none. A token's top-k are distinct experts: every reader,
@@ -330,10 +333,13 @@ public:
     t_.hidden_layers_ = hidden_layers;
   }
   //! Sets the whole domain table (before adding requests that index it).
-  //! @throws locus::invalid_input_error when a name repeats or there are too many
+  //! @throws locus::invalid_input_error when a name repeats or is too long, or there are too many
   void set_domains(std::vector<std::string> names) {
     LOCUS_REQUIRE(names.size() <= max_trace_domains, invalid_input_error, "trace: ", names.size(),
                   " domains, expected at most ", max_trace_domains);
+    for (std::size_t d = 0; d < names.size(); ++d)
+      LOCUS_REQUIRE(names[d].size() <= max_trace_domain_name, invalid_input_error, "trace: domain ", d, " name of ",
+                    names[d].size(), " bytes, expected at most ", max_trace_domain_name);
     const std::size_t d = first_repeated_domain(names);
     LOCUS_REQUIRE(d == names.size(), invalid_input_error, "trace: domain ", d, " \"", names[d % names.size()],
                   "\" repeats an earlier domain name");
