@@ -510,15 +510,36 @@ BOOST_AUTO_TEST_CASE(a_failed_write_keeps_the_old_file) {
   const auto good = small_trace(5);
   trace::write_trace(good, path);
   const std::string before = read_text(path);
-  // A value the writer rejects half-way (a domain name longer than the format allows, which the
-  // builder accepts): the old file stays whole and no temporary is left.
+  // A write abandoned half-way (an exception between its first bytes and the commit, as a value
+  // the writer rejects): the old file stays whole and no temporary is left.
   {
-    trace::trace_builder b(4, 1, 1);
-    b.set_domains({std::string(5000, 'd')});
-    b.add_request(0, 0, 1);
-    BOOST_CHECK_THROW(trace::write_trace(b.build(), path), invalid_input_error);
+    {
+      locus::atomic_file f(path);
+      f.write("partial", 7);
+    }
     BOOST_TEST(read_text(path) == before);
     BOOST_TEST(temporaries_in(dir.path) == 0u);
+  }
+  // A file the writer may not write, in a folder it may (as open() would refuse it, though a
+  // rename would not): io_error, the file as it was. As root, the child writes as nobody.
+  {
+    const auto locked = (dir.path / "locked.bin").string();
+    locus::write_file_atomically(locked, "kept");
+    fs::permissions(locked, fs::perms::owner_read | fs::perms::group_read | fs::perms::others_read);
+    fs::permissions(dir.path, fs::perms::all);
+    const auto err = run_capped([&] {
+      if (::geteuid() == 0 && ::setuid(65534) != 0) std::_Exit(9);
+      try {
+        locus::write_file_atomically(locked, "replaced");
+        std::_Exit(7);
+      } catch (const io_error& e) {
+        if (e.code() != EACCES) std::_Exit(8);
+      }
+    });
+    BOOST_TEST(err.empty(), err);
+    BOOST_TEST(read_text(locked) == "kept");
+    BOOST_TEST(temporaries_in(dir.path) == 0u);
+    fs::remove(locked);
   }
   // A file-size limit hit in the middle of the write (as a full disk would be): io_error with
   // EFBIG, the old file intact, no temporary left.

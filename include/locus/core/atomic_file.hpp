@@ -13,7 +13,9 @@
 //! So is a path that names one of the process's open descriptors (/dev/stdout, /dev/fd/N): it leads
 //! to whatever the descriptor holds, and where that is the file a shell redirected it to, a rename
 //! would replace the file under the shell (what it held before, and what the program prints later,
-//! would be lost). A directory, or a folder that does not exist, is a `locus::io_error`.
+//! would be lost). A directory, a folder that does not exist, or an existing file the caller may not
+//! write (which open() would refuse, though the folder allows the rename) is a `locus::io_error`.
+//! The new file is a new inode: another hard link to the old one keeps the old content.
 
 #include <algorithm>
 #include <atomic>
@@ -107,6 +109,10 @@ public:
     struct stat st {};
     const bool exists = ::stat(target_.c_str(), &st) == 0;
     if (exists && S_ISDIR(st.st_mode)) fail(target_, "cannot write", EISDIR, "it is a directory");
+    // A file the caller may not write is not replaced either: the rename needs only the folder's
+    // permission, and would take a read-only file (or another user's) that open() refuses.
+    if (exists && S_ISREG(st.st_mode) && ::faccessat(AT_FDCWD, target_.c_str(), W_OK, AT_EACCESS) != 0)
+      fail(target_, "cannot write", errno);
     if (exists && !S_ISREG(st.st_mode)) {
       // A device or FIFO: rename would replace the node itself, so write straight into it.
       fd_ = ::open(target_.c_str(), O_WRONLY | O_CLOEXEC);
