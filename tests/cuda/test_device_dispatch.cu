@@ -76,7 +76,8 @@ std::vector<std::vector<float>> run_device(const locus_test::dispatch_case& c, c
 // The same step through moe_layer<..., Transport, backend::cuda>::forward on device rows.
 template <std::size_t K, class Transport = device_local_flat>
 std::vector<std::vector<float>> run_layer(const locus_test::dispatch_case& c, const layer::expert_weights<float>& all,
-                                          std::vector<std::exception_ptr>* errors_out = nullptr) {
+                                          std::vector<std::exception_ptr>* errors_out = nullptr,
+                                          const expert_map* rank0_map = nullptr) {
   using shape = moe_shape<experts<>, top_k<K>, hidden<>, shared_experts<>>;
   using layer_t = moe_layer<shape, dynamic_topology, Transport, backend::cuda, layer::given_routing>;
   device_local_fabric fabric(c.topo, Transport::kind);
@@ -90,7 +91,7 @@ std::vector<std::vector<float>> run_layer(const locus_test::dispatch_case& c, co
       try {
         LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
         auto ep = fabric.endpoint(r, stream);
-        layer_t l(shape(c.experts, K, c.hidden, 0), c.topo, ep, c.map,
+        layer_t l(shape(c.experts, K, c.hidden, 0), c.topo, ep, r == 0 && rank0_map ? *rank0_map : c.map,
                   layer::swiglu_cuda<float>(layer::expert_weights<float>::for_rank(c.map, r, all), stream),
                   backend::cuda{stream});
         const auto x = c.inputs(r);
@@ -244,14 +245,15 @@ double worst_error(const std::vector<float>& x, const std::vector<float>& y, con
 
 template <class Transport = device_local_flat>
 std::vector<std::vector<float>> run_layer_k(const locus_test::dispatch_case& c, const layer::expert_weights<float>& all,
-                                            std::vector<std::exception_ptr>* errors = nullptr) {
+                                            std::vector<std::exception_ptr>* errors = nullptr,
+                                            const expert_map* rank0_map = nullptr) {
   switch (c.k) {
-  case 1: return run_layer<1, Transport>(c, all, errors);
-  case 2: return run_layer<2, Transport>(c, all, errors);
-  case 3: return run_layer<3, Transport>(c, all, errors);
-  case 4: return run_layer<4, Transport>(c, all, errors);
-  case 5: return run_layer<5, Transport>(c, all, errors);
-  default: return run_layer<6, Transport>(c, all, errors);
+  case 1: return run_layer<1, Transport>(c, all, errors, rank0_map);
+  case 2: return run_layer<2, Transport>(c, all, errors, rank0_map);
+  case 3: return run_layer<3, Transport>(c, all, errors, rank0_map);
+  case 4: return run_layer<4, Transport>(c, all, errors, rank0_map);
+  case 5: return run_layer<5, Transport>(c, all, errors, rank0_map);
+  default: return run_layer<6, Transport>(c, all, errors, rank0_map);
   }
 }
 
@@ -310,6 +312,36 @@ BOOST_AUTO_TEST_CASE(device_step_matches_dense_reference) {
           }
         }
       }
+}
+
+// Ranks that step with different expert maps raise on every rank (the step's count round is over
+// the world, flat and hierarchical, and carries each rank's map fingerprint), rather than routing
+// rows by two maps.
+BOOST_AUTO_TEST_CASE(ranks_with_different_maps_raise_on_every_rank) {
+  const auto c = locus_test::make_case(77, 2, 2);
+  auto table = c.map.slot_table();
+  const auto S = static_cast<std::ptrdiff_t>(c.map.slots_per_rank());
+  std::swap_ranges(table.begin(), table.begin() + S, table.begin() + S);
+  const expert_map other(c.experts, c.map.ranks(), c.map.slots_per_rank(), table);
+  const auto all = locus_test::model_weights<float>(9, c.experts, c.hidden, 16);
+  for (const transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
+    std::vector<std::exception_ptr> errors;
+    if (kind == transport_kind::flat)
+      run_layer_k<device_local_flat>(c, all, &errors, &other);
+    else
+      run_layer_k<device_local_hierarchical>(c, all, &errors, &other);
+    for (std::size_t r = 0; r < c.topo.ranks(); ++r)
+      BOOST_TEST_CONTEXT(to_string(kind) << ", rank " << r) {
+        BOOST_TEST_REQUIRE(static_cast<bool>(errors[r]));
+        try {
+          std::rethrow_exception(errors[r]);
+        } catch (const transport_error& e) {
+          BOOST_TEST(std::string(e.what()).find("step with different expert maps") != std::string::npos, e.what());
+        } catch (...) {
+          BOOST_ERROR("another error");
+        }
+      }
+  }
 }
 
 // The layer routes on the device (cuBLAS logits, the softmax_topk kernel): the same routing as the
@@ -437,8 +469,8 @@ struct doctored_endpoint {
   void exchange_device_counts(exchange_group g, std::size_t row_bytes, std::span<const std::size_t> counts,
                               std::size_t entry_bytes, std::span<const std::size_t> entry_counts, device_counts& out,
                               std::uint32_t stage = 0, std::span<const std::uint32_t> tail = {},
-                              std::uint32_t width = 0) {
-    ep->exchange_device_counts(g, row_bytes, counts, entry_bytes, entry_counts, out, stage, tail, width);
+                              std::uint32_t width = 0, std::uint64_t agreement = 0) {
+    ep->exchange_device_counts(g, row_bytes, counts, entry_bytes, entry_counts, out, stage, tail, width, agreement);
     if (step != at || width == 0) return;
     if (mode == how::reach || mode == how::oversize) {
       // Hierarchical round: the rail peer's count of this rank's reached rows, one more than it

@@ -213,8 +213,18 @@ void count_round_then_known_count_exchanges() {
                                counts.rows, out);
       expect_world_rows<H>(ep, out, r, step, at);
     }
-    // Count rounds that name different exchanges raise everywhere.
+    // Count rounds whose agreement values differ (the device dispatcher's expert-map fingerprint)
+    // raise everywhere, naming the maps.
     const std::vector<std::size_t> ones(R, 1);
+    std::string why;
+    try {
+      ep.exchange_device_counts(exchange_group::world, 8, ones, 4, ones, counts, 4, {}, 0, r == 3 ? 99 : 98);
+    } catch (const transport_error& e) {
+      why = e.what();
+    }
+    expect(why.find("step with different expert maps") != std::string::npos,
+           "rank " + std::to_string(r) + ": count rounds of different maps raise: " + why);
+    // Count rounds that name different exchanges raise everywhere.
     bool raised = false;
     try {
       ep.exchange_device_counts(exchange_group::world, 8, ones, 4, ones, counts, r == 2 ? 5 : 4);

@@ -361,7 +361,7 @@ private:
     };
     auto st = std::make_shared<state>();
     for (const posted& p : ops)
-      st->ops.push_back({p, static_cast<std::size_t>(p.c->rank), p.c->g, p.c->aborted});
+      st->ops.push_back({p, static_cast<std::size_t>(p.c->rank), p.c->g, p.c->aborted, nullptr, false});
     return [st] {
       for (auto& o : st->ops)
         if (o.aborted->load()) return true; // an aborted communicator's work ends, writing nothing

@@ -133,6 +133,25 @@ public:
   }
   //! The rank-major slot table.
   const std::vector<expert_id>& slot_table() const noexcept { return slot_expert_; }
+
+  //! A 64-bit digest of the map (its sizes and slot table, FNV-1a), never 0: what the dispatchers
+  //! compare across ranks in their exchanges' headers, so that ranks stepping with different maps
+  //! raise instead of routing rows by two maps.
+  std::uint64_t fingerprint() const noexcept {
+    std::uint64_t h = 0xcbf29ce484222325ULL;
+    const auto mix = [&](std::uint64_t v) {
+      for (int i = 0; i < 8; ++i) {
+        h ^= (v >> (8 * i)) & 0xff;
+        h *= 0x100000001b3ULL;
+      }
+    };
+    mix(experts_);
+    mix(ranks_);
+    mix(slots_per_rank_);
+    for (const expert_id e : slot_expert_)
+      mix(static_cast<std::uint32_t>(e));
+    return h == 0 ? 1 : h;
+  }
   //! A trivially copyable view over this map's host arrays (valid while the map lives).
   expert_map_view view() const noexcept {
     return {slot_expert_.data(),

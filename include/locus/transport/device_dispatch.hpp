@@ -399,7 +399,7 @@ private:
     const auto& sc = layout_.slot_counts_host();
     slot_tail_.assign(sc.begin(), sc.end());
     ex_->exchange_device_counts(exchange_group::world, hidden_ * sizeof(T), send_counts_, entry_bytes, entry_counts_,
-                                counts_, 11, slot_tail_, static_cast<std::uint32_t>(S));
+                                counts_, 11, slot_tail_, static_cast<std::uint32_t>(S), map_.fingerprint());
     // The expert compute's segments: each local slot's entries summed over the senders.
     std::string why = detail::exchange::slot_offsets_from(counts_, S, expected_offsets_);
     if (why.empty()) why = detail::exchange::entries_for_empty_slot(expected_offsets_, slot_expert_);
@@ -436,7 +436,7 @@ private:
     ns::round_message(lc, G, self, S, send_counts_, entry_counts_, slot_tail_);
     ex_->exchange_device_counts(exchange_group::world, hidden_ * sizeof(T), send_counts_, sizeof(ns::node_entry),
                                 entry_counts_, counts_, 11, slot_tail_,
-                                static_cast<std::uint32_t>(ns::tail_width(S, G)));
+                                static_cast<std::uint32_t>(ns::tail_width(S, G)), map_.fingerprint());
     std::string why = ns::counts_from(lc, counts_, G, self, S, sc_);
     // A round of another width leaves no sizes to exchange by (the transports refuse it first).
     LOCUS_REQUIRE(sc_.sized, invalid_input_error, "device_dispatcher: rank ", self, " ", why);

@@ -53,13 +53,14 @@ public:
   }
   //! A count round's request: no rows move, the headers carry `counts` rows of `row_bytes` and
   //! `entry_counts` entries of `entry_bytes` to each member, and `tail_width` more counts to each
-  //! (`tail`, destination-major: members × tail_width values).
+  //! (`tail`, destination-major: members × tail_width values); `agreement` as exchange_request's.
   device_request(exchange_group group, std::size_t members, std::size_t row_bytes, std::span<const std::size_t> counts,
                  std::size_t entry_bytes, std::span<const std::size_t> entry_counts, std::uint32_t stage,
-                 std::span<const std::uint32_t> tail = {}, std::uint32_t tail_width = 0)
+                 std::span<const std::uint32_t> tail = {}, std::uint32_t tail_width = 0, std::uint64_t agreement = 0)
       : members_(members), tail_(tail), tail_width_(tail_width) {
     req_ = {group, row_bytes, {static_cast<const std::byte*>(nullptr), sum(counts) * row_bytes}, counts, {}};
     req_.stage = stage;
+    req_.agreement = agreement;
     req_.entry_bytes = entry_bytes;
     req_.entries = {static_cast<const std::byte*>(nullptr), sum(entry_counts) * entry_bytes};
     req_.entry_counts = entry_counts;

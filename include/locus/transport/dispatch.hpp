@@ -258,7 +258,7 @@ public:
   //! @param hidden hidden size
   //! @throws locus::config_error on a rank-count mismatch or a zero hidden size
   moe_dispatcher(Exchanger& ex, const expert_map& map, std::size_t hidden)
-      : ex_(&ex), map_(&map), hidden_(hidden), row_bytes_(hidden * sizeof(T)) {
+      : ex_(&ex), map_(&map), hidden_(hidden), row_bytes_(hidden * sizeof(T)), map_fingerprint_(map.fingerprint()) {
     LOCUS_REQUIRE(map.ranks() == ex.topology().ranks(), config_error, "moe_dispatcher: the expert map has ",
                   map.ranks(), " ranks but the transport has ", ex.topology().ranks());
     LOCUS_REQUIRE(hidden > 0, config_error, "moe_dispatcher: the hidden size must be positive");
@@ -547,6 +547,7 @@ private:
     req.entry_counts = entry_counts_;
     req.kept_rows = own.rows;
     req.kept_entries = own.entries;
+    req.agreement = map_fingerprint_; // ranks dispatching by different maps raise (exchange.hpp)
     exchange_with_entries(*ex_, req, rows, meta_in_);
   }
 
@@ -713,6 +714,7 @@ private:
   Exchanger* ex_;
   const expert_map* map_;
   std::size_t hidden_, row_bytes_;
+  std::uint64_t map_fingerprint_; // of *map_ as the dispatcher read it (local_experts_, slot_block_)
   std::vector<expert_id> local_experts_;
   std::vector<std::int32_t> slot_block_; // local slot → block (local expert index), -1 for empty
   // Scratch of one call; nothing here outlives it.

@@ -117,6 +117,10 @@ struct exchange_request {
   //! bytes() as moved over the same-GPU link, as the traffic model counts a copy that stays on its
   //! GPU.
   std::size_t kept_rows = 0, kept_entries = 0;
+  //! Optional: a value every member must give alike, else every member raises
+  //! locus::transport_error (the dispatchers give their expert map's fingerprint, so that ranks
+  //! stepping with different maps raise instead of routing rows by two maps). 0: none.
+  std::uint64_t agreement = 0;
 
   //! 1 when this member checks expected counts (everyone then runs the second round).
   std::uint32_t expectations_flag() const noexcept { return expected_counts.empty() ? 0u : 1u; }
@@ -311,6 +315,7 @@ struct header {
   std::uint32_t tail = 0;         //!< a device count round's counts per member beyond rows and entries
   std::uint64_t entry_bytes = 0;  //!< width of the entries that travel with the rows (0: none)
   std::uint64_t entries = 0;      //!< entries to the receiver
+  std::uint64_t agreement = 0;    //!< exchange_request::agreement
 };
 
 //! Where one member stands: the name of the exchange it is in.
@@ -507,6 +512,12 @@ inline std::string verdict(std::span<const header> received, const group_map& gr
                                      received[0].entry_bytes, " bytes but rank ", groups.world_rank_of(g, m),
                                      " sends entries of ", received[m].entry_bytes, " bytes");
   for (std::size_t m = 1; m < received.size(); ++m)
+    if (received[m].agreement != received[0].agreement)
+      return ::locus::detail::concat(where(), "rank ", groups.world_rank_of(g, 0), " and rank ",
+                                     groups.world_rank_of(g, m), " step with different expert maps (fingerprints ",
+                                     received[0].agreement, " and ", received[m].agreement,
+                                     "; 0: none): every rank must dispatch with the same map");
+  for (std::size_t m = 1; m < received.size(); ++m)
     if (received[m].tail != received[0].tail)
       return ::locus::detail::concat(where(), "rank ", groups.world_rank_of(g, 0), " sends ", received[0].tail,
                                      " tail counts per member but rank ", groups.world_rank_of(g, m), " sends ",
@@ -528,7 +539,8 @@ inline header header_to(const position& at, const exchange_request& req, std::ui
           req.expectations_flag(),
           tail,
           ok_ ? req.entry_bytes : 0,
-          ok_ && req.entry_bytes ? req.entry_counts[m] : 0};
+          ok_ && req.entry_bytes ? req.entry_counts[m] : 0,
+          req.agreement};
 }
 
 //! Receiver-side check of `expected_counts`: the code sent in the second round (0 = agrees,

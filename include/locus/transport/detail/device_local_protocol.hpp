@@ -190,16 +190,17 @@ public:
   //! that follow (`exchange_device_known`), and `tail_width` more counts (`tail`, destination-major:
   //! the device dispatcher's entries per local slot of the receiver), which every member must give
   //! the same width; with the checks of a header round, so a step needs one
-  //! round for all of them.
+  //! round for all of them. `agreement`: a value every member must give alike (the device
+  //! dispatcher's expert-map fingerprint; exchange_request::agreement).
   //! @throws locus::transport_error on every member when the requests disagree
   //! @throws locus::timeout_error when a member does not arrive within the fabric's timeout
   void exchange_device_counts(exchange_group group, std::size_t row_bytes, std::span<const std::size_t> counts,
                               std::size_t entry_bytes, std::span<const std::size_t> entry_counts, device_counts& out,
                               std::uint32_t stage = 0, std::span<const std::uint32_t> tail = {},
-                              std::uint32_t tail_width = 0) {
+                              std::uint32_t tail_width = 0, std::uint64_t agreement = 0) {
     namespace dx = exchange;
     const dx::device_request req(group, groups_.size(group), row_bytes, counts, entry_bytes, entry_counts, stage, tail,
-                                 tail_width);
+                                 tail_width, agreement);
     rendezvous r(*this, group, stage);
     header_round(r, req, {});
     // Every member's tail has this width (the verdict checked it); read before the next meeting.

@@ -190,17 +190,19 @@ public:
   //! does not define sends and receives of different sizes; a wider receiver waits for bytes that
   //! never come, so the round times out and the transport is unusable from then on. The device
   //! dispatcher's width is the expert map's slots per rank, which every rank's map shares.
+  //! `agreement`: a value every member must give alike (the device dispatcher's expert-map
+  //! fingerprint; exchange_request::agreement).
   //! @throws locus::transport_error on every member when the requests disagree
   //! @throws locus::timeout_error when the round does not finish within the timeout
   void exchange_device_counts(exchange_group group, std::size_t row_bytes, std::span<const std::size_t> counts,
                               std::size_t entry_bytes, std::span<const std::size_t> entry_counts, device_counts& out,
                               std::uint32_t stage = 0, std::span<const std::uint32_t> tail = {},
-                              std::uint32_t tail_width = 0) {
+                              std::uint32_t tail_width = 0, std::uint64_t agreement = 0) {
     namespace dx = exchange;
     const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
     const auto req = in_step([&] {
       return dx::device_request(group, groups_.size(group), row_bytes, counts, entry_bytes, entry_counts, stage, tail,
-                                tail_width);
+                                tail_width, agreement);
     });
     header_round(group, req, {}, deadline);
     in_step([&] {
