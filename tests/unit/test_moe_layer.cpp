@@ -417,7 +417,7 @@ BOOST_AUTO_TEST_CASE(layers_stay_valid_when_moved) {
   using layer_t = moe_layer<dyn_shape, dynamic_topology, compute>;
   transport::local_fabric f(c.topo, transport_kind::flat);
   std::vector<double> worst(4, 0.0);
-  std::vector<int> maps_equal(4, 1);
+  std::vector<int> maps_equal(4, 1), moved_from_refused(4, 0);
   require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
     std::vector<layer_t> layers; // no reserve: every emplace_back past the capacity moves the others
     for (int l = 0; l < 5; ++l)
@@ -431,10 +431,106 @@ BOOST_AUTO_TEST_CASE(layers_stay_valid_when_moved) {
       layers[l].forward(x, c.routings[r].view(), y);
       worst[r] = std::max(worst[r], locus_test::max_error(y, c.reference(r)));
     }
+    // The layer moved from is refused at once, with no exchange (it read the moved-out map and
+    // router: a segfault).
+    try {
+      layers.front().forward(x, c.routings[r].view(), y);
+    } catch (const config_error& e) {
+      moved_from_refused[r] = std::string(e.what()).find("moved from") != std::string::npos;
+    }
   }));
   for (std::size_t r = 0; r < 4; ++r) {
     BOOST_TEST(maps_equal[r]);
     BOOST_TEST(worst[r] <= 1e-5);
+    BOOST_TEST(moved_from_refused[r]);
+  }
+}
+
+// forward(x, x): in place. The shared experts run after combine wrote y, and read the routed output
+// instead of the input until they read a copy; the routed part reads x before combine. Flat and
+// hierarchical, with and without shared experts: in place equals out of place.
+template <class Transport>
+void in_place_equals_out_of_place() {
+  const auto c = locus_test::make_case(515, 2, 2);
+  for (const std::size_t shared : {0u, 2u}) {
+    const auto all = locus_test::model_weights<float>(5, c.experts, c.hidden, 8);
+    const auto shared_w = locus_test::model_weights<float>(6, shared, c.hidden, 8);
+    transport::local_fabric f(c.topo, Transport::kind);
+    std::vector<int> equal(4, 0);
+    require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
+      const std::size_t r = ep.rank();
+      dyn_layer<Transport> layer(dyn_shape(c.experts, c.k, c.hidden, shared), c.topo, ep, c.map,
+                                 layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, r, all), 1));
+      if (shared > 0) layer.set_shared_experts(layer::swiglu_host<float>(shared_w, 1));
+      const auto x = c.inputs(r);
+      std::vector<float> y(x.size()), xy = x;
+      layer.forward(x, c.routings[r].view(), y);
+      layer.forward(xy, c.routings[r].view(), xy);
+      equal[r] = xy == y;
+    }));
+    for (std::size_t r = 0; r < 4; ++r)
+      BOOST_TEST(equal[r], "rank " << r << ", " << to_string(Transport::kind) << ", " << shared << " shared experts");
+  }
+}
+
+BOOST_AUTO_TEST_CASE(in_place_forward_equals_out_of_place) {
+  in_place_equals_out_of_place<transport::local_flat>();
+  in_place_equals_out_of_place<transport::local_hierarchical>();
+}
+
+// Ranks that step with different expert maps (one loaded a re-planned map a step before the
+// others) raise, instead of routing rows by two maps (same sizes: silently wrong outputs; an empty
+// slot where a peer's entry lands: one rank raised and its peers waited out the timeout). Flat: in
+// the step's exchange over the world, every rank raises naming the maps. Hierarchical: the members
+// of a rail whose maps differ raise in the rail stage, and the ranks that then wait for them in the
+// node stage time out.
+BOOST_AUTO_TEST_CASE(ranks_with_different_maps_raise) {
+  const auto c = locus_test::make_case(77, 2, 2);
+  // Rank 0's map: ranks 0 and 1 trade their slots (same sizes, another placement).
+  auto table = c.map.slot_table();
+  const std::size_t S = c.map.slots_per_rank();
+  std::swap_ranges(table.begin(), table.begin() + static_cast<std::ptrdiff_t>(S),
+                   table.begin() + static_cast<std::ptrdiff_t>(S));
+  const expert_map other(c.experts, c.map.ranks(), S, table);
+  BOOST_TEST_REQUIRE(!(other == c.map));
+  BOOST_TEST(other.fingerprint() != c.map.fingerprint());
+  auto scale = [](expert_id e, std::span<const float> in, std::span<float> out, std::size_t) {
+    for (std::size_t i = 0; i < in.size(); ++i)
+      out[i] = static_cast<float>(e + 1) * in[i];
+  };
+  using compute = layer::expert_callable<decltype(scale)>;
+  for (const auto kind : {transport_kind::flat, transport_kind::hierarchical}) {
+    transport::local_fabric f(c.topo, kind, transport::exchange_options{std::chrono::milliseconds(1000)});
+    const auto errors = on_ranks(f, [&](transport::local_transport& ep) {
+      const std::size_t r = ep.rank();
+      const expert_map& map = r == 0 ? other : c.map;
+      const auto x = c.inputs(r);
+      std::vector<float> y(x.size());
+      if (kind == transport_kind::flat) {
+        moe_layer<dyn_shape, dynamic_topology, compute> layer(dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, map,
+                                                              compute(scale));
+        layer.forward(x, c.routings[r].view(), y);
+      } else {
+        moe_layer<dyn_shape, dynamic_topology, compute, transport::local_hierarchical> layer(
+            dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, map, compute(scale));
+        layer.forward(x, c.routings[r].view(), y);
+      }
+    });
+    for (std::size_t r = 0; r < 4; ++r) {
+      BOOST_TEST_CONTEXT(to_string(kind) << ", rank " << r) {
+        BOOST_TEST_REQUIRE(static_cast<bool>(errors[r]));
+        // Rails: ranks 0 and 2 share one, 1 and 3 the other.
+        const bool named = kind == transport_kind::flat || r == 0 || r == 2;
+        try {
+          std::rethrow_exception(errors[r]);
+        } catch (const timeout_error&) {
+          BOOST_TEST(!named);
+        } catch (const transport_error& e) {
+          BOOST_TEST(named);
+          BOOST_TEST(std::string(e.what()).find("step with different expert maps") != std::string::npos, e.what());
+        }
+      }
+    }
   }
 }
 

@@ -28,6 +28,7 @@
 #include <concepts>
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <locus/backend/host.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
@@ -232,12 +233,13 @@ public:
 
   //! Collective: y = MoE(x) for this rank's tokens, routed by the router policy.
   //! @param x `tokens × hidden` inputs, token-major
-  //! @param y `tokens × hidden` outputs
+  //! @param y `tokens × hidden` outputs; may be `x` itself (in place)
   //! @throws locus::config_error when no router was set
   //! @throws locus::invalid_input_error on sizes that disagree or a non-finite logit (after the
   //!         collective steps, so peers are not left waiting)
   void forward(std::span<const value_type> x,
                std::span<value_type> y) requires(!std::is_same_v<router_type, layer::given_routing>) {
+    require_live();
     std::exception_ptr local_error;
     try {
       LOCUS_REQUIRE(router_.has_value(), config_error, "moe_layer::forward: no router weights were set (set_router)");
@@ -251,7 +253,8 @@ public:
     run(local_error ? std::span<const value_type>{} : x, routing_.view(), y, local_error);
   }
 
-  //! Collective: y = MoE(x) with a routing given by the caller (`tokens × top_k` ids and weights).
+  //! Collective: y = MoE(x) with a routing given by the caller (`tokens × top_k` ids and weights);
+  //! `y` may be `x` (in place).
   //! @throws locus::invalid_input_error on sizes that disagree, an expert id out of range, an
   //!         expert chosen twice by one token or a non-finite weight (after the collective steps)
   template <class K, class Id, class Weight>
@@ -259,6 +262,7 @@ public:
                std::span<value_type> y) {
     static_assert(!K::is_static || !top_k_type::is_static || K::static_value == top_k_type::static_value,
                   "locus::moe_layer::forward: the routing's top_k differs from the shape's");
+    require_live();
     std::exception_ptr local_error;
     try {
       LOCUS_REQUIRE(r.top_k() == shape_.top_k(), invalid_input_error, "moe_layer::forward: the routing has top_k ",
@@ -285,7 +289,8 @@ public:
   //! device_local_*, nccl_*): y = MoE(x) with every token row in device memory from `x` to `y`
   //! (`tokens × hidden` each, device), routed on the device: logits = x·W_router in fp32 (cuBLAS),
   //! then the router policy's CUDA kernel (router::cuda_router); the routing never leaves the
-  //! device. Work is issued on the backend's stream; returns once it is queued. Needs
+  //! device. Work is issued on the backend's stream; returns once it is queued. `y` may be `x`
+  //! (in place). Needs
   //! <locus/layer/moe_layer_cuda.hpp>.
   //! @throws locus::config_error on shared experts in the shape but not set
   //! @throws locus::invalid_input_error on a non-finite logit (after the collective steps, so
@@ -293,6 +298,7 @@ public:
   void forward(const value_type* x, std::size_t tokens,
                value_type* y) requires(backend_type::space == memory_space::device &&
                                        !std::is_same_v<router_type, layer::given_routing>) {
+    require_live();
     detail::layer::device_step<moe_layer>::route_and_run(*this, device_state_, x, tokens, y);
   }
 
@@ -301,6 +307,7 @@ public:
   //! @throws locus::invalid_input_error on a bad routing (after the collective steps)
   void forward(const value_type* x, const device_routing_view<top_k_type>& r,
                value_type* y) requires(backend_type::space == memory_space::device) {
+    require_live();
     detail::layer::device_step<moe_layer>::run(*this, device_state_, x, r, y);
   }
 
@@ -338,6 +345,13 @@ public:
 
 private:
   friend struct detail::layer::device_step<moe_layer>;
+
+  // A layer moved from holds no map, dispatcher or router any more (its members were moved out):
+  // a step on it is refused at once rather than read what the move left behind.
+  void require_live() const {
+    LOCUS_REQUIRE(map_ != nullptr, config_error,
+                  "moe_layer::forward: this layer was moved from; step the layer it was moved to");
+  }
 
   top_k_type top_k_extent() const { return top_k_type(shape_.top_k()); }
   routing_top_k_type routing_k() const { return routing_top_k_type(shape_.top_k()); }
@@ -451,8 +465,19 @@ private:
       dispatcher_.combine(sink, handle_);
       std::rethrow_exception(local_error);
     }
+    // In place (y over x), the shared experts, which run after combine wrote y, read a copy of x.
+    std::span<const value_type> shared_x = x;
+    if (shape_.shared_experts() > 0 && overlaps(x, y)) {
+      shared_in_.assign(x.begin(), x.end());
+      shared_x = shared_in_;
+    }
     dispatcher_.combine(y, handle_);
-    if (shape_.shared_experts() > 0) add_shared(x, y);
+    if (shape_.shared_experts() > 0) add_shared(shared_x, y);
+  }
+
+  static bool overlaps(std::span<const value_type> a, std::span<const value_type> b) noexcept {
+    const std::less<const value_type*> before;
+    return !a.empty() && !b.empty() && before(a.data(), b.data() + b.size()) && before(b.data(), a.data() + a.size());
   }
 
   void add_shared(std::span<const value_type> x, std::span<value_type> y) {
@@ -498,7 +523,7 @@ private:
   std::optional<router_type> router_;
   std::optional<expert_compute_type> shared_;
   std::vector<float> gate_, logits_, acc_;
-  std::vector<value_type> shared_out_;
+  std::vector<value_type> shared_out_, shared_in_;
   routing_type routing_;
   std::uint64_t router_version_ = 0;
   std::shared_ptr<void> device_state_; // the device step's buffers (moe_layer_cuda.hpp), made on first use

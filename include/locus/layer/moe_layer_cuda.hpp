@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cuda_runtime_api.h>
 #include <exception>
+#include <functional>
 #include <locus/backend/cuda.hpp>
 #include <locus/core/device_buffer.hpp>
 #include <locus/layer/detail/kernels/shared_sum.cuh>
@@ -72,7 +73,7 @@ struct device_step<moe_layer<Shape, Topology, Policies...>> {
     state& operator=(const state&) = delete;
     dispatcher_type dispatch;
     std::shared_ptr<void> route; // device_route_state<router_type>, made by the first routed step
-    device_buffer<value_type> shared_out;
+    device_buffer<value_type> shared_out, shared_in;
     device_buffer<float> shared_sum;
   };
 
@@ -193,10 +194,28 @@ private:
       d.combine(nullptr);                      // raises this rank's routing error, the first cause, if it had one
       std::rethrow_exception(compute_error);
     }
+    // In place (y over x), the shared experts, which run after combine wrote y, read a copy of x
+    // (queued before combine on the layer's stream; a failure to make it is raised after combine,
+    // which the peers wait for).
+    const value_type* shared_x = x;
+    std::exception_ptr copy_error;
+    if (l.shape().shared_experts() > 0) {
+      const std::size_t n = d.last_layout().tokens() * l.shape().hidden();
+      const std::less<const value_type*> before;
+      if (n > 0 && before(x, y + n) && before(y, x + n)) try {
+          s.shared_in.resize(n);
+          LOCUS_CUDA_CHECK(cudaMemcpyAsync(s.shared_in.data(), x, n * sizeof(value_type), cudaMemcpyDeviceToDevice,
+                                           l.backend().stream));
+          shared_x = s.shared_in.data();
+        } catch (...) {
+          copy_error = std::current_exception();
+        }
+    }
     std::exception_ptr earlier; // the previous step's received metadata, refused on the device
     d.combine(y, &earlier);
     try {
-      if (l.shape().shared_experts() > 0) add_shared(l, s, x, y);
+      if (copy_error) std::rethrow_exception(copy_error);
+      if (l.shape().shared_experts() > 0) add_shared(l, s, shared_x, y);
     } catch (...) {
       if (earlier) std::rethrow_exception(earlier); // the older error, which the peers' data caused
       throw;
