@@ -5,6 +5,9 @@
 #include <locus/placement/eplb.hpp>
 #include <locus/placement/linear.hpp>
 #include <random>
+#include <span>
+#include <utility>
+#include <vector>
 
 using namespace locus;
 using namespace locus::placement;
@@ -59,6 +62,66 @@ BOOST_AUTO_TEST_CASE(rebalance_experts_returns_consistent_maps) {
   // slice was then read past its end.
   BOOST_CHECK_THROW(rebalance_experts({}, std::size_t{1} << 32, std::size_t{1} << 32, std::size_t{1} << 32, 1, 1, 1),
                     invalid_input_error);
+}
+
+// The packing and the replication pick from heaps: the same choices as the reference's scans
+// (least loaded pack with room, largest load per replica; the lowest index among equals), here
+// written as those scans, on loads with many ties; and counts far past any deployment are refused
+// before their tables are allocated (2^31 slots of one layer were 16 GiB of results).
+BOOST_AUTO_TEST_CASE(rebalance_picks_as_the_reference_scans) {
+  const auto scan_packing = [](std::span<const float> w, std::size_t packs) {
+    const std::size_t n = w.size(), per_pack = n / packs;
+    placement::detail::eplb::packing out{std::vector<std::size_t>(n), std::vector<std::size_t>(n, 0)};
+    if (per_pack == 1) {
+      for (std::size_t i = 0; i < n; ++i)
+        out.pack[i] = i;
+      return out;
+    }
+    std::vector<float> load(packs, 0.0f);
+    std::vector<std::size_t> items(packs, 0);
+    for (const std::size_t item : placement::detail::eplb::descending_order(w)) {
+      std::size_t best = packs;
+      for (std::size_t p = 0; p < packs; ++p)
+        if (items[p] < per_pack && (best == packs || load[p] < load[best])) best = p;
+      out.pack[item] = best;
+      out.position[item] = items[best]++;
+      load[best] += w[item];
+    }
+    return out;
+  };
+  const auto scan_replicate = [](std::span<const float> w, std::size_t physical) {
+    const std::size_t n = w.size();
+    std::vector<std::size_t> slot(physical), count(n, 1);
+    for (std::size_t e = 0; e < n; ++e)
+      slot[e] = e;
+    std::vector<float> per(w.begin(), w.end());
+    for (std::size_t p = n; p < physical; ++p) {
+      std::size_t best = 0;
+      for (std::size_t e = 1; e < n; ++e)
+        if (per[e] > per[best]) best = e;
+      slot[p] = best;
+      per[best] = w[best] / static_cast<float>(++count[best]);
+    }
+    return std::make_pair(slot, count);
+  };
+  std::mt19937 rng(17);
+  for (int trial = 0; trial < 200; ++trial) {
+    const std::size_t packs = 1 + rng() % 9, per = 1 + rng() % 6, levels = 1 + rng() % 4;
+    std::vector<float> w(packs * per);
+    for (auto& x : w)
+      x = static_cast<float>(rng() % levels); // few distinct loads: ties everywhere
+    const auto a = placement::detail::eplb::balanced_packing(w, packs), b = scan_packing(w, packs);
+    BOOST_TEST(a.pack == b.pack, boost::test_tools::per_element());
+    BOOST_TEST(a.position == b.position, boost::test_tools::per_element());
+    const std::size_t physical = w.size() + rng() % (2 * w.size() + 1);
+    const auto r = placement::detail::eplb::replicate(w, physical);
+    const auto [slot, count] = scan_replicate(w, physical);
+    BOOST_TEST(r.physical_to_logical == slot, boost::test_tools::per_element());
+    BOOST_TEST(r.count == count, boost::test_tools::per_element());
+  }
+  const std::vector<float> one(8, 1.0f);
+  BOOST_CHECK_THROW(rebalance_experts(one, 1, 8, std::size_t{1} << 31, 1, 1, 1), config_error);
+  BOOST_CHECK_NO_THROW(rebalance_experts(one, 1, 8, 8 * 8192, 1, 1, 8192)); // 8,192 GPUs: a scan was 1.3 s
 }
 
 // Independent check of balance: max/mean GPU load (each replica carrying load / replica count)

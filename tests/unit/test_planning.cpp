@@ -396,6 +396,18 @@ BOOST_AUTO_TEST_CASE(infeasible_and_malformed_inputs_raise_clear_errors) {
   BOOST_CHECK_THROW(placement::locality{}.plan(in), config_error);
   BOOST_CHECK_THROW(grouper::grouper_by_name("workload_aware"), config_error);
   BOOST_CHECK_THROW(placement::plan_by_name("nope", in), config_error);
+  // A misspelt placement is named as such, before the fit's complaint about the trace (none of its
+  // tokens is prefill here); with the fit off a baseline plans such a trace.
+  try {
+    static_cast<void>(placement::plan_activation_aware(t.with_prefill_tokens(0), dynamic_topology(2, 2), "localty", 0));
+    BOOST_ERROR("planned");
+  } catch (const config_error& e) {
+    BOOST_TEST(std::string(e.what()).find("unknown placement \"localty\"") != std::string::npos, e.what());
+  }
+  placement::activation_plan_options no_fit;
+  no_fit.fit_grouping = false;
+  BOOST_CHECK_NO_THROW(
+      placement::plan_activation_aware(t.with_prefill_tokens(0), dynamic_topology(2, 2), "eplb", 0, no_fit));
   // A trace without prefill marks cannot train the classifier.
   BOOST_CHECK_THROW(grouper::workload_model::fit(t.with_prefill_tokens(0), dynamic_topology(2, 2)), config_error);
   // NaN options passed every comparison: a NaN confidence quantile indexed the similarities with

@@ -34,7 +34,9 @@ struct activation_plan_options {
   named_plan_options named{};
   joint_options joint{};
   //! Fit the workload-aware grouping model even when the placement does not use it (only
-  //! activation_usage and locality do); without it activation_plan::model stays empty.
+  //! activation_usage and locality do), for the serving side's grouping: on by default, so a
+  //! trace without prefill tokens (nothing to fit on) is refused unless it is turned off; off,
+  //! the baselines plan alone and activation_plan::model stays empty.
   bool fit_grouping = true;
   bool joint_grouping = true; //!< refine the grouping with the placement when it is `locality`
   bool token_refine = true;   //!< run the token-level stage on `locality` maps
@@ -156,6 +158,7 @@ inline std::vector<expert_map> token_level_stage(std::vector<expert_map> maps, c
 inline activation_plan plan_activation_aware(const trace::trace& train, const dynamic_topology& topo,
                                              std::string_view placement, std::size_t redundant_per_rank,
                                              const activation_plan_options& opt = {}) {
+  require_planner_name(placement); // a misspelt name, not the fit's complaint about the trace
   // The planners keep per-node usage tables (layers × nodes × experts doubles, several copies);
   // refuse a deployment whose tables alone would not fit before anything is fitted.
   constexpr std::size_t max_node_usage_entries = std::size_t{1} << 25; // 256 MB of doubles

@@ -293,8 +293,12 @@ inline engine_format parse_engine_format(const std::string& name) {
   LOCUS_THROW(config_error, "unknown engine format \"", name, "\" (choose sglang, vllm, trtllm or eplb)");
 }
 
-//! The text of the file `format` takes for a full plan.
+//! The text of the file `format` takes for a full plan. vLLM's and EPLB's files have a row per MoE
+//! layer and name no hidden layer, but `layers` is checked for them too: a numbering that cannot
+//! describe the plan is a caller's mistake whichever file it goes to.
+//! @throws locus::config_error when `layers` does not describe the plan
 inline std::string export_text(engine_format format, const std::vector<expert_map>& maps, const model_layers& layers) {
+  layers.validate(maps.size());
   switch (format) {
   case engine_format::sglang: return sglang_json(maps, layers).dump() + "\n";
   case engine_format::vllm: return vllm_json(maps).dump() + "\n";

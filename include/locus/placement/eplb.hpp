@@ -23,15 +23,20 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <locus/core/policy.hpp>
 #include <locus/placement/plan_input.hpp>
 #include <numeric>
+#include <queue>
 #include <span>
 #include <utility>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
+
+//! Most physical slots `rebalance_experts` plans over all layers (DeepSeek-V3: 58 layers × 288).
+inline constexpr std::size_t max_eplb_slots = std::size_t{1} << 26;
 
 //! The three results of `rebalance_experts`, row-major, as the reference returns them.
 struct eplb_result {
@@ -75,15 +80,19 @@ inline packing balanced_packing(std::span<const float> w, std::size_t packs) {
     std::iota(out.pack.begin(), out.pack.end(), std::size_t{0});
     return out;
   }
-  std::vector<float> pack_load(packs, 0.0f);
+  // The least loaded pack with room, the lowest index among equal loads (the reference's scan), from
+  // a heap: a scan of every pack per item was quadratic in the GPUs (seconds at 8,192).
+  using entry = std::pair<float, std::size_t>; // (load, pack)
+  std::priority_queue<entry, std::vector<entry>, std::greater<>> open;
+  for (std::size_t p = 0; p < packs; ++p)
+    open.push({0.0f, p});
   std::vector<std::size_t> pack_items(packs, 0);
   for (const std::size_t item : descending_order(w)) {
-    std::size_t best = packs;
-    for (std::size_t p = 0; p < packs; ++p)
-      if (pack_items[p] < per_pack && (best == packs || pack_load[p] < pack_load[best])) best = p;
+    const auto [load, best] = open.top();
+    open.pop();
     out.pack[item] = best;
     out.position[item] = pack_items[best]++;
-    pack_load[best] += w[item];
+    if (pack_items[best] < per_pack) open.push({load + w[item], best});
   }
   return out;
 }
@@ -100,14 +109,21 @@ inline replication replicate(std::span<const float> w, std::size_t physical) {
                   std::vector<std::size_t>(n, 1)};
   std::iota(out.physical_to_logical.begin(), out.physical_to_logical.begin() + static_cast<std::ptrdiff_t>(n),
             std::size_t{0});
-  std::vector<float> per_replica(w.begin(), w.end());
+  // The expert of the largest load per replica, the lowest index among equal ones (the reference's
+  // argmax), from a heap: a scan per slot was quadratic (minutes for 2^26 slots).
+  const auto after = [](const std::pair<float, std::size_t>& a, const std::pair<float, std::size_t>& b) {
+    return a.first < b.first || (a.first == b.first && a.second > b.second);
+  };
+  std::priority_queue<std::pair<float, std::size_t>, std::vector<std::pair<float, std::size_t>>, decltype(after)> top(
+      after);
+  for (std::size_t e = 0; e < n; ++e)
+    top.push({w[e], e});
   for (std::size_t p = n; p < physical; ++p) {
-    std::size_t best = 0;
-    for (std::size_t e = 1; e < n; ++e)
-      if (per_replica[e] > per_replica[best]) best = e;
+    const std::size_t best = top.top().second;
+    top.pop();
     out.physical_to_logical[p] = best;
     out.rank[p] = out.count[best]++;
-    per_replica[best] = w[best] / static_cast<float>(out.count[best]);
+    top.push({w[best] / static_cast<float>(out.count[best]), best});
   }
   return out;
 }
@@ -192,6 +208,10 @@ inline eplb_result rebalance_experts(std::span<const float> weight, std::size_t 
                 max_topology_ranks);
   LOCUS_REQUIRE(num_replicas / experts <= max_topology_ranks, config_error, "rebalance_experts: ", num_replicas,
                 " physical experts are more than ", max_topology_ranks, " copies of each of the ", experts, " experts");
+  // The results hold layers × num_replicas slots (8 bytes each, and as much again while planned):
+  // a count far past any deployment (2^31 slots: 16 GiB from a table of one layer) is refused.
+  LOCUS_REQUIRE(num_replicas <= max_eplb_slots / layers, config_error, "rebalance_experts: ", layers, " layers × ",
+                num_replicas, " physical experts exceed ", max_eplb_slots, " slots in all");
   for (std::size_t i = 0; i < weight.size(); ++i)
     LOCUS_REQUIRE(std::isfinite(weight[i]) && weight[i] >= 0, invalid_input_error, "rebalance_experts: layer ",
                   i / experts, " expert ", i % experts, " has load ", weight[i], " (must be finite and non-negative)");
