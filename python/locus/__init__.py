@@ -5,7 +5,9 @@ engines take (SGLang, vLLM, TensorRT-LLM, EPLB).
 Arrays go in as anything NumPy can read (NumPy arrays, lists, objects with ``__array__`` or
 ``__dlpack__`` such as CPU torch tensors) and come out as NumPy arrays. Errors raise
 ``LocusError`` subclasses carrying the C++ library's message; an argument of the wrong type (a
-string for a count, None where a value is needed) is a ``TypeError`` naming it.
+string for a count, None where a value is needed) is a ``TypeError`` naming it. The long calls
+(``plan``, ``simulate``, ``replan``, ``rebalance_experts``) and file I/O release the GIL, so other
+Python threads run meanwhile; a Ctrl-C during a long call is raised when it returns.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numbers
 import operator
 import os
 import typing
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Tuple
 
@@ -88,6 +91,12 @@ def _array(x: Any, dtype: Any, ndim: Optional[int] = None, name: str = "array") 
         info = np.iinfo(to)
         if a.min() < info.min or a.max() > info.max:
             raise InvalidInputError(f"locus: invalid input: {name} has values outside the range of {to}")
+    if to.kind == "f" and to.itemsize < a.dtype.itemsize and a.dtype.kind == "f" and a.size:
+        # A finite value past the narrower type's range would become inf (with NumPy's warning).
+        big = np.isfinite(a) & (np.abs(a) > np.finfo(to).max)
+        if big.any():
+            at = tuple(int(i) for i in np.argwhere(big)[0])
+            raise InvalidInputError(f"locus: invalid input: {name}{list(at)} is {a[at]}, outside the range of {to}")
     return np.ascontiguousarray(a, dtype=to)
 
 
@@ -97,8 +106,22 @@ def _type_name(x: Any) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
+def _short_repr(x: Any, limit: int = 80) -> str:
+    """`repr(x)`, cut to `limit` characters (a plan's repr runs to pages)."""
+    r = repr(x)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
 def _wrong_type(name: str, x: Any, expected: str) -> TypeError:
-    return TypeError(f"{name} is {x!r} ({_type_name(x)}), expected {expected}")
+    return TypeError(f"{name} is {_short_repr(x)} ({_type_name(x)}), expected {expected}")
+
+
+def _int_list(x: Any, name: str) -> list:
+    """`x` as a list of ints (a sequence of whole numbers), else a TypeError naming the argument:
+    a lone number or a string was iterated or refused in the words of Python's internals."""
+    if isinstance(x, (str, bytes, numbers.Number)) or not hasattr(x, "__iter__"):
+        raise _wrong_type(name, x, "a sequence of whole numbers")
+    return [_index(v, f"{name}[{i}]") for i, v in enumerate(x)]
 
 
 def _real(x: Any, name: str) -> float:
@@ -216,24 +239,32 @@ def trace_from_arrays(
         ph = np.full(tokens, 2, np.uint8)
     else:
         p = np.asarray(phases)
+        if p.dtype.kind == "S":
+            raise InvalidInputError("locus: invalid input: phases holds bytes; give prefill, decode, unknown as str "
+                                    "or 0, 1, 2")
         if p.dtype.kind in "US" and p.ndim == 1:
             try:
                 p = np.array([PHASES[str(x)] for x in p], np.uint8)
             except KeyError as e:
                 raise InvalidInputError(f"locus: invalid input: unknown phase {e} (prefill, decode, unknown)") from None
         ph = _array(p, np.uint8, 1, "phases")
+    if isinstance(domain_names, (str, bytes)):  # "law" was taken as the names l, a, w
+        raise _wrong_type("domain_names", domain_names, "a sequence of str")
     names = list(domain_names or [])
     if domains is None:
         dom = np.zeros(tokens, np.uint32)
     else:
         d = np.asarray(domains)
+        if d.dtype.kind == "S" or (d.dtype.kind == "O" and any(isinstance(x, bytes) for x in d.flat)):
+            # str(b"law") is "b'law'": a name no one gave
+            raise InvalidInputError("locus: invalid input: domains holds bytes; give the names as str")
         if d.dtype.kind in "US" and d.ndim == 1:
             for x in d:
                 if str(x) not in names:
                     names.append(str(x))
             d = np.array([names.index(str(x)) for x in d], np.uint32)
         dom = _array(d, np.uint32, 1, "domains")
-    lids = list(layer_ids) if layer_ids is not None else []
+    lids = _int_list(layer_ids, "layer_ids") if layer_ids is not None else []
     return _core._trace_from_arrays(ids, experts, weights, req, ph, dom, names, lids, hidden_layers)
 
 
@@ -248,11 +279,23 @@ def load_routed_experts(
     does. The trace records the layers kept as its model layer ids and the arrays' layer count as
     the model's."""
     try:
-        data = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            magic = f.read(6)
     except OSError as e:
         raise _io_error(path, e) from None
-    except ValueError as e:  # NumPy's words for a file that is no .npy or .npz
-        raise FormatError(f"locus: format error: {os.fspath(path)}: not a .npy or .npz array file ({e})") from None
+    npy = magic == b"\x93NUMPY"
+    if not npy and magic[:2] != b"PK":  # a zip (an empty .npz starts with its end record)
+        # NumPy's own words for such a file suggest unpickling it (allow_pickle=True).
+        raise FormatError(f"locus: format error: {os.fspath(path)}: not a .npy or .npz array file")
+    try:
+        # An .npy is mapped, not read: a header that claims more than the file holds is refused
+        # before anything of that size is allocated.
+        data = np.load(path, mmap_mode="r" if npy else None, allow_pickle=False)
+    except OSError as e:
+        raise _io_error(path, e) from None
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:  # a damaged .npy or .npz
+        raise FormatError(f"locus: format error: {os.fspath(path)}: not a readable .npy or .npz array file "
+                          f"({e})") from None
     if isinstance(data, np.ndarray):
         if key is not None:  # an argument that would change nothing is refused, not dropped
             raise ConfigError(f"locus: configuration error: key {key!r} names an array of an .npz file; "
@@ -265,8 +308,21 @@ def load_routed_experts(
         raise InvalidInputError(f"locus: invalid input: {os.fspath(path)} has no array {missing or ''} "
                                 f"(arrays: {sorted(data.files)})")
     try:
-        parts = [np.asarray(data[n]) for n in names]
-    except ValueError as e:
+        parts = []
+        for n in names:
+            # A member whose header claims more than its stored size is damaged, not read.
+            info = data.zip.getinfo(n + ".npy") if n + ".npy" in data.zip.namelist() else None
+            if info is not None:
+                with data.zip.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    shape, _, dtype = read_header(member) if read_header else ((), None, np.dtype(np.uint8))
+                if float(np.prod(shape, dtype=np.float64)) * dtype.itemsize > info.file_size:
+                    raise ValueError(f"array {n} claims shape {shape} of {dtype}, more than its {info.file_size} "
+                                     "bytes")
+            parts.append(np.asarray(data[n]))
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:
         raise FormatError(f"locus: format error: {os.fspath(path)}: {e}") from None
     for n, p in zip(names, parts):
         if p.ndim != 3 or p.shape[1:] != parts[0].shape[1:]:
@@ -295,7 +351,7 @@ def _moe_layers(ids: np.ndarray, layer_ids: Optional[Sequence[int]], path: str) 
             raise InvalidInputError(f"locus: invalid input: {path}: every layer routes every token to expert 0 {k} "
                                     f"times (dense layers' rows): no MoE layer in the array")
         return ids[:, moe], moe, layers
-    kept = [_index(l, f"layer_ids[{i}]") for i, l in enumerate(layer_ids)]
+    kept = _int_list(layer_ids, "layer_ids")
     layers = ids.shape[1]
     bad = [l for l in kept if not 0 <= l < layers]
     if bad or not kept:  # -1 would index the last layer
@@ -341,6 +397,8 @@ def split_by_request(trace: Trace, test_fraction: float, seed: int) -> Tuple[Tra
 def layer_imbalance(trace: Trace) -> list:
     """Per MoE layer, a dict of its expert load's ``max_over_mean``, ``cv`` (coefficient of
     variation) and ``gini`` (Gini index)."""
+    if trace.tokens == 0:  # no load is no balance: 1.0 and zeros would read as perfect
+        raise ConfigError("locus: configuration error: the trace has no tokens, so no expert load to measure")
     return _core.layer_imbalance(trace)
 
 
@@ -373,9 +431,23 @@ class ExpertPlan:
     _hedge_copies: Optional[int] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # A nested list is taken as NumPy reads it; `.shape` on it was an AttributeError.
-        if not isinstance(self.maps, np.ndarray):
-            self.maps = _array(self.maps, np.int32, 3, "maps")
+        # A nested list is taken as NumPy reads it; `.shape` on it was an AttributeError, and an
+        # array of other dimensions an IndexError of `ranks`.
+        self.maps = _array(self.maps, np.int32, 3, "maps")
+        self._check_fields()
+
+    def _check_fields(self) -> None:
+        """The fields' types, checked where a method uses them (they may be set after construction):
+        a wrong one reached the core, which printed a private function's signature."""
+        for name in ("experts", "nodes", "gpus_per_node", "hidden_layers"):
+            v = getattr(self, name)
+            if isinstance(v, (bool, np.bool_)):
+                raise _wrong_type(f"ExpertPlan.{name}", v, "a whole number")
+            _index(v, f"ExpertPlan.{name}")
+        if self.model is not None and not isinstance(self.model, WorkloadModel):
+            raise _wrong_type("ExpertPlan.model", self.model, "a locus.WorkloadModel or None")
+        if self.layer_ids is not None:
+            _int_list(self.layer_ids, "ExpertPlan.layer_ids")
 
     @property
     def layers(self) -> int:
@@ -406,6 +478,7 @@ class ExpertPlan:
         return self._hedge_copies
 
     def _maps(self) -> np.ndarray:
+        self._check_fields()
         return _array(self.maps, np.int32, 3, "maps")
 
     @_checked
@@ -436,10 +509,11 @@ class ExpertPlan:
     def save(self, path: str) -> None:
         """Writes the plan as locus expert-map JSON (what ``locus simulate --map`` reads), with the
         topology it was made for."""
-        ids = list(self.layer_ids) if self.layer_ids is not None else []
+        maps = self._maps()
+        ids = _int_list(self.layer_ids, "ExpertPlan.layer_ids") if self.layer_ids is not None else []
         # The topology is saved only when it describes the maps (a hand-made plan keeps the defaults).
         g = self.gpus_per_node if self.nodes * self.gpus_per_node == self.ranks else 0
-        _core._save_expert_maps(path, self._maps(), self.experts, ids, self.hidden_layers, g)
+        _core._save_expert_maps(path, maps, self.experts, ids, self.hidden_layers, g)
 
     @staticmethod
     @_checked
@@ -504,7 +578,13 @@ def plan(
         raise ConfigError("locus: configuration error: hedge_class_spread and hedge_cost_budget shape the balance "
                           "hedges of locality plans of a trace with redundant slots (hedge_replicas=0 turns them "
                           "off)")
+    if eplb_groups != 1 and placement != "eplb":
+        # An argument that would change nothing is refused, not dropped.
+        raise ConfigError(f"locus: configuration error: eplb_groups applies to placement=\"eplb\", not {placement!r}")
     if isinstance(source, Trace):
+        if hedge_replicas is not None and (placement != "locality" or redundant_slots == 0):
+            raise ConfigError("locus: configuration error: hedge_replicas applies to locality plans with redundant "
+                              "slots (the balance hedges fill replica slots)")
         if slots_per_rank is not None:
             raise ConfigError("locus: configuration error: slots_per_rank is for load arrays; a trace plan uses redundant_slots")
         if source.tokens == 0:  # e.g. split_by_request(t, 1.0, seed)[0]; not a matter of phases
@@ -526,6 +606,9 @@ def plan(
         raise ConfigError("locus: configuration error: plan takes a Trace (locus.read_trace(path)) or a load array, "
                           "not a path")
     load = _array(source, np.float64, 2, "load")
+    if (seed, clusters, prefill_tokens) != (1, 8, 32):
+        raise ConfigError("locus: configuration error: seed, clusters and prefill_tokens fit the grouping model of a "
+                          "trace plan; a load array has no requests to group")
     if hedge_replicas is not None:
         raise ConfigError("locus: configuration error: hedge_replicas is for locality plans of a trace; a load array "
                           "has no requests to resample")
@@ -626,7 +709,8 @@ def replan(
     maps, report = _core._replan(
         plan._maps(), plan.experts, plan.nodes, plan.gpus_per_node, window, h, m, prior, budget,
         32.0 if prior_requests is None else prior_requests, transport, replan_slack, expert_bytes,
-        prefill_tokens, list(plan.layer_ids) if plan.layer_ids is not None else [], replica_rule,
+        prefill_tokens, _int_list(plan.layer_ids, "ExpertPlan.layer_ids") if plan.layer_ids is not None else [],
+        replica_rule,
     )
     out = ExpertPlan(maps, plan.experts, plan.nodes, plan.gpus_per_node, plan.model, plan.layer_ids,
                      plan.hidden_layers)
@@ -657,14 +741,14 @@ def export_text(
         raise ConfigError("locus: configuration error: give layer_ids or first_moe_layer, not both")
     full = plan.filled(load)
     if layer_ids is not None:
-        ids = list(layer_ids)
+        ids = _int_list(layer_ids, "layer_ids")
     elif first_moe_layer is not None:
         if first_moe_layer < 0:
             raise ConfigError(f"locus: configuration error: first_moe_layer is {first_moe_layer}, expected a whole "
                               "number from 0")
         ids = [first_moe_layer + i for i in range(plan.layers)]
     elif plan.layer_ids is not None:
-        ids = list(plan.layer_ids)
+        ids = _int_list(plan.layer_ids, "ExpertPlan.layer_ids")
     else:
         ids = list(range(plan.layers))
     # The largest id, not the last: ids out of order are then reported as such.

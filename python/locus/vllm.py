@@ -20,7 +20,7 @@ from typing import Any, Tuple, Union
 
 import numpy as np
 
-from . import FormatError, InvalidInputError, _core, _io_error, rebalance_experts
+from . import FormatError, InvalidInputError, _array, _core, _io_error, rebalance_experts
 
 try:  # vLLM's abstract base, when vLLM is installed
     from vllm.distributed.eplb.policy.abstract import AbstractEplbPolicy as _Base
@@ -192,9 +192,11 @@ class LocusEplbPolicy(_Base):  # type: ignore[misc, valid-type]
 
 
 def _ints(a: Any) -> np.ndarray:
+    """vLLM's current map as int32 expert ids: a value that is no whole number or does not fit is
+    refused (a cast wrapped 2^40 and truncated 0.5 to an id)."""
     if type(a).__module__.startswith("torch"):
         a = a.detach().cpu().numpy()
-    return np.asarray(a, np.int64)
+    return _array(a, np.int32, 2, "old_global_expert_indices")
 
 
 def _kept_in_place(
@@ -207,8 +209,12 @@ def _kept_in_place(
                                 f"{phy2log.shape}")
     layers, slots = phy2log.shape
     shape = (layers, num_ranks, slots // num_ranks)
-    kept = _core._keep_slots_in_place(old.astype(np.int32).reshape(shape), phy2log.astype(np.int32).reshape(shape),
-                                      experts)
+    try:  # EPLB's new map is valid: a map the core refuses is vLLM's current one
+        kept = _core._keep_slots_in_place(np.ascontiguousarray(old.reshape(shape)),
+                                          phy2log.astype(np.int32).reshape(shape), experts)
+    except InvalidInputError as e:
+        raise InvalidInputError(f"locus: invalid input: vLLM's current map (old_global_expert_indices): "
+                                f"{str(e).removeprefix('locus: invalid input: ')}") from None
     doc = json.loads(_core._export_text(kept, experts, "vllm", list(range(layers)), layers))
     return tuple(np.asarray(doc[k], np.int64)  # type: ignore[return-value]
                  for k in ("physical_to_logical_map", "logical_to_physical_map", "logical_replica_count"))

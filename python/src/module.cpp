@@ -236,8 +236,25 @@ trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb:
                   nb::ndarray<const std::int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> requests,
                   nb::ndarray<const std::uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> phases,
                   nb::ndarray<const std::uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> domains,
-                  std::vector<std::string> domain_names, nb::handle layer_ids_arg, nb::handle hidden_arg) {
+                  nb::handle domain_names_arg, nb::handle layer_ids_arg, nb::handle hidden_arg) {
   const std::size_t experts = size_arg(experts_arg, "experts");
+  // Names as Trace.domains gives them (surrogate escapes for bytes that are not UTF-8).
+  std::vector<std::string> domain_names;
+  std::size_t n = 0;
+  for (nb::handle d : domain_names_arg) {
+    const std::string what = locus::detail::concat("domain_names[", n++, "]");
+    if (!PyUnicode_Check(d.ptr()))
+      throw nb::type_error(
+          locus::detail::concat(what, " is ", nb::repr(d).c_str(), " (", Py_TYPE(d.ptr())->tp_name, "), expected a str")
+              .c_str());
+    nb::object bytes = nb::steal(PyUnicode_AsEncodedString(d.ptr(), "utf-8", "surrogateescape"));
+    if (!bytes.is_valid()) {
+      PyErr_Clear();
+      throw locus::invalid_input_error(
+          locus::detail::concat(what, " is ", nb::repr(d).c_str(), ", which has no UTF-8 bytes"), nullptr, 0);
+    }
+    domain_names.emplace_back(PyBytes_AS_STRING(bytes.ptr()), static_cast<std::size_t>(PyBytes_GET_SIZE(bytes.ptr())));
+  }
   auto layer_ids = counts_arg<std::uint32_t>(layer_ids_arg, "layer_ids");
   const auto hidden_layers = static_cast<std::uint32_t>(count_arg(hidden_arg, "hidden_layers", UINT32_MAX));
   const std::size_t tokens = ids.shape(0), layers = ids.shape(1), k = ids.shape(2);
@@ -315,6 +332,9 @@ trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb:
 
 NB_MODULE(_core, m) {
   m.doc() = "locus C++ core (see the locus package for the documented API)";
+  // A daemon thread still holding a Trace at exit is no leak of the bindings; nanobind's warning
+  // said it was ("likely caused by a reference counting issue").
+  nb::set_leak_warnings(false);
   // The C++ library's version (core/version.hpp), which the package reports as its own.
   m.attr("__version__") =
       locus::detail::concat(LOCUS_VERSION_MAJOR, ".", LOCUS_VERSION_MINOR, ".", LOCUS_VERSION_PATCH);
@@ -349,7 +369,12 @@ NB_MODULE(_core, m) {
       default: break;
       }
       const std::string msg = std::string("locus: ") + locus::to_string(e.kind()) + ": " + e.message();
-      PyErr_SetString(type, msg.c_str());
+      // A message may quote bytes that are not UTF-8 (a file name, a damaged file's text): they are
+      // escaped (\xff), not turned into a UnicodeDecodeError that loses the message.
+      PyObject* text = PyUnicode_DecodeUTF8(msg.data(), static_cast<Py_ssize_t>(msg.size()), "backslashreplace");
+      if (!text) return; // the decode's own error (out of memory) stands
+      PyErr_SetObject(type, text);
+      Py_DECREF(text);
     }
   });
 
@@ -361,8 +386,13 @@ NB_MODULE(_core, m) {
         const std::size_t num_replicas = size_arg(replicas_arg, "num_replicas");
         const std::size_t num_groups = size_arg(groups_arg, "num_groups"), num_nodes = size_arg(nodes_arg, "num_nodes");
         const std::size_t num_gpus = size_arg(gpus_arg, "num_gpus");
-        auto r = locus::placement::rebalance_experts(std::span(weight.data(), layers * experts), layers, experts,
-                                                     num_replicas, num_groups, num_nodes, num_gpus);
+        std::optional<locus::placement::eplb_result> result;
+        {
+          nb::gil_scoped_release released;
+          result.emplace(locus::placement::rebalance_experts(std::span(weight.data(), layers * experts), layers,
+                                                             experts, num_replicas, num_groups, num_nodes, num_gpus));
+        }
+        auto& r = *result;
         return nb::make_tuple(owned(std::move(r.physical_to_logical), {layers, num_replicas}),
                               owned(std::move(r.logical_to_physical), {layers, experts, r.max_replicas}),
                               owned(std::move(r.logical_count), {layers, experts}));
@@ -375,7 +405,16 @@ NB_MODULE(_core, m) {
       .def_prop_ro("layers", &locus::trace::trace::layers)
       .def_prop_ro("tokens", &locus::trace::trace::tokens)
       .def_prop_ro("requests", &locus::trace::trace::requests)
-      .def_prop_ro("domains", &locus::trace::trace::domains)
+      // Names as read (an ESFT folder's may be any bytes): not UTF-8 bytes come back as surrogate
+      // escapes, as os.fsdecode gives a file name, and go back to the same bytes.
+      .def_prop_ro("domains",
+                   [](const locus::trace::trace& t) {
+                     nb::list out;
+                     for (const auto& d : t.domains())
+                       out.append(nb::steal(
+                           PyUnicode_DecodeUTF8(d.data(), static_cast<Py_ssize_t>(d.size()), "surrogateescape")));
+                     return out;
+                   })
       .def_prop_ro("model_layer_ids", &locus::trace::trace::model_layer_ids)
       .def_prop_ro("has_model_layers", &locus::trace::trace::has_model_layers)
       .def_prop_ro("hidden_layers", &locus::trace::trace::hidden_layers)
@@ -529,6 +568,8 @@ NB_MODULE(_core, m) {
           "classify",
           [](const locus::grouper::workload_model& g, const locus::trace::trace& t, nb::handle prefill_arg) {
             const std::size_t prefill_tokens = size_arg(prefill_arg, "prefill_tokens");
+            // As plan and replan: with none, no request would ever be recognised.
+            LOCUS_REQUIRE(prefill_tokens >= 1, locus::config_error, "prefill_tokens must be at least 1");
             std::vector<std::int64_t> out(t.requests());
             std::vector<std::uint32_t> scratch;
             for (std::size_t r = 0; r < t.requests(); ++r) {
@@ -566,8 +607,14 @@ NB_MODULE(_core, m) {
         opt.grouping.seed = count_arg(seed, "seed");
         opt.grouping.prefill_tokens = size_arg(prefill_tokens, "prefill_tokens");
         const auto topo = locus::dynamic_topology(size_arg(nodes, "nodes"), size_arg(gpus_per_node, "gpus_per_node"));
-        auto plan = locus::placement::plan_activation_aware(train, topo, placement,
-                                                            size_arg(redundant_slots, "redundant_slots"), opt);
+        const std::size_t redundant = size_arg(redundant_slots, "redundant_slots");
+        locus::placement::activation_plan plan;
+        {
+          // Seconds to minutes (anneal): the interpreter's other threads run meanwhile. The trace is
+          // read only, and the plan's model is new.
+          nb::gil_scoped_release released;
+          plan = locus::placement::plan_activation_aware(train, topo, placement, redundant, opt);
+        }
         // The hedge count as `locus plan --json` gives it (hedge_copies): the maps alone do not tell
         // a balance hedge from a replica that saves bytes.
         return std::make_tuple(maps_to(plan.maps), std::const_pointer_cast<locus::grouper::workload_model>(plan.model),
@@ -600,9 +647,17 @@ NB_MODULE(_core, m) {
         cfg.batch_per_rank = size_arg(batch_per_rank, "batch_per_rank");
         cfg.arrival_rate = arrival_rate;
         cfg.seed = count_arg(seed, "seed");
-        auto g = locus::grouper::grouper_by_name(grouper, model);
-        const auto result = locus::cost::simulate_decode(test, maps_from(maps, test.experts()), g, cfg);
-        return locus::cost::simulation_summary_json(result).dump();
+        // The run's own copy of the model: classifying keeps scratch in it, and the run goes on
+        // without the GIL (another thread may simulate with the same model meanwhile).
+        auto own = model ? std::make_shared<locus::grouper::workload_model>(*model) : nullptr;
+        auto g = locus::grouper::grouper_by_name(grouper, own);
+        const auto map_list = maps_from(maps, test.experts());
+        std::string summary;
+        {
+          nb::gil_scoped_release released;
+          summary = locus::cost::simulation_summary_json(locus::cost::simulate_decode(test, map_list, g, cfg)).dump();
+        }
+        return summary;
       },
       "test"_a, "maps"_a, "nodes"_a, "gpus_per_node"_a, "grouper"_a, "model"_a.none(), "transport"_a,
       "batch_per_rank"_a, "hidden"_a, "arrival_rate"_a, "seed"_a, "replica_rule"_a, "replica_slack"_a);
@@ -617,6 +672,8 @@ NB_MODULE(_core, m) {
          nb::handle prefill_tokens, std::vector<std::size_t> map_layers, const std::string& replica_rule) {
         const auto topo = locus::dynamic_topology(size_arg(nodes, "nodes"), size_arg(gpus_per_node, "gpus_per_node"));
         const std::size_t prefill = size_arg(prefill_tokens, "prefill_tokens");
+        LOCUS_REQUIRE(prefill >= 1, locus::config_error,
+                      "prefill_tokens must be at least 1 (with none, no request's class is recognised)");
         // Each request's node: its rank in `homes`, else its class's under the model, else in turn.
         const auto nodes_of = [&](const locus::trace::trace& t, bool use_homes) {
           std::vector<std::uint32_t> out(t.requests());
@@ -652,8 +709,12 @@ NB_MODULE(_core, m) {
         if (prior) locus::placement::require_replan_shape(current, *prior, topo, map_layers, "prior");
         const auto window_nodes = nodes_of(window, homes.has_value());
         const auto prior_nodes = prior ? nodes_of(*prior, false) : std::vector<std::uint32_t>{};
-        const auto r = locus::placement::replan_live(current, window, window_nodes, topo, opt, prior, prior_nodes);
-        return std::make_pair(maps_to(r.maps), locus::placement::live_replan_json(r).dump());
+        std::optional<locus::placement::live_replan_result> r;
+        {
+          nb::gil_scoped_release released; // the nodes are known: the model is not read again
+          r.emplace(locus::placement::replan_live(current, window, window_nodes, topo, opt, prior, prior_nodes));
+        }
+        return std::make_pair(maps_to(r->maps), locus::placement::live_replan_json(*r).dump());
       },
       "maps"_a, "experts"_a, "nodes"_a, "gpus_per_node"_a, "window"_a, "homes"_a.none(), "model"_a.none(),
       "prior"_a.none(), "budget"_a, "prior_requests"_a, "transport"_a, "replan_slack"_a, "expert_bytes"_a,

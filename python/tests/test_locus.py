@@ -1169,3 +1169,103 @@ def test_trace_from_arrays_refuses_a_request_of_two_domains_or_decoding_before_p
     t = locus.trace_from_arrays(ids, 8, request_ids=[0, 0, 1], phases=["prefill", "decode", "prefill"],
                                 domains=["code", "code", "law"])
     assert t.requests == 2 and t.domains == ["code", "law"]
+
+
+def test_hostile_inputs_of_a_second_review(tmp_path):
+    # Messages quoting bytes that are not UTF-8 keep their locus error (a UnicodeDecodeError lost it).
+    with pytest.raises(locus.LocusIOError, match=r"\\xff"):
+        locus.read_trace(str(tmp_path / "missing\udcff.bin"))
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'{"format": "\xff"}')
+    with pytest.raises(locus.FormatError):
+        locus.ExpertPlan.load(str(bad))
+    with pytest.raises(locus.FormatError):
+        locus.load_grouping(str(bad))
+    # A number past a double's range is the file's format error, not the JSON library's.
+    big = tmp_path / "g.json"
+    big.write_text('{"format": "locus-grouping", "version": 1e400}')
+    with pytest.raises(locus.FormatError, match="number overflow"):
+        locus.load_grouping(str(big))
+    # Domain names: bytes that are not UTF-8 round trip as surrogate escapes; bytes, a str for the
+    # names, and a name the binary format cannot write are refused where the trace is built.
+    t = locus.trace_from_arrays([[[0, 1]], [[1, 2]]], 4, request_ids=[0, 1], domains=[0, 1],
+                                domain_names=["l\udcffaw", "ok"])
+    assert t.domains == ["l\udcffaw", "ok"]
+    p = tmp_path / "t.bin"
+    locus.write_trace(t, str(p))
+    assert locus.read_trace(str(p)).domains == ["l\udcffaw", "ok"]
+    with pytest.raises(locus.InvalidInputError, match="bytes"):
+        locus.trace_from_arrays([[[0, 1]]], 4, domains=np.array([b"law"]))
+    with pytest.raises(TypeError, match="domain_names"):
+        locus.trace_from_arrays([[[0, 1]]], 4, domain_names="law")
+    with pytest.raises(TypeError, match=r"domain_names\[0\]"):
+        locus.trace_from_arrays([[[0, 1]]], 4, domain_names=[b"a"])
+    with pytest.raises(locus.InvalidInputError, match="4096"):
+        locus.trace_from_arrays([[[0, 1]]], 4, domain_names=["x" * 5000])
+    with pytest.raises(TypeError, match="layer_ids"):
+        locus.trace_from_arrays([[[0, 1]]], 4, layer_ids=5)
+    # Damaged array files are format errors, and the pickle hint of NumPy is not passed on.
+    np.savez(tmp_path / "r.npz", a=np.zeros((10, 3, 2), np.int64) + [0, 1])
+    raw = (tmp_path / "r.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(locus.FormatError):
+        locus.load_routed_experts(str(tmp_path / "cut.npz"), 8)
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 1, 8), np.int64))
+    header["shape"] = (10**6, 10**6, 8)
+    with open(tmp_path / "huge.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(b"\0" * 64)
+    with pytest.raises(locus.FormatError):
+        locus.load_routed_experts(str(tmp_path / "huge.npy"), 8)
+    with pytest.raises(locus.FormatError) as e:
+        locus.load_routed_experts(str(p), 8)
+    assert "pickle" not in str(e.value)
+    # An empty trace has no load to measure; classify, like plan and replan, needs prefill tokens.
+    _, train = small_trace()
+    with pytest.raises(locus.ConfigError):
+        locus.layer_imbalance(locus.split_by_request(t, 1.0, 1)[0])
+    # Arguments that would change nothing are refused; exports check the numbering for every engine.
+    w = np.ones((1, 8))
+    with pytest.raises(locus.ConfigError, match="seed, clusters and prefill_tokens"):
+        locus.plan(w, 2, 2, seed=-1)
+    with pytest.raises(locus.ConfigError, match="eplb_groups"):
+        locus.plan(w, 2, 2, placement="linear", eplb_groups=2)
+    plan = locus.ExpertPlan([[[0, 1], [2, 3]]], 4)
+    for to in ("vllm", "eplb"):
+        with pytest.raises(locus.ConfigError):
+            locus.export_text(plan, to, layer_ids=[7, 3, 9])
+        with pytest.raises(locus.ConfigError):
+            locus.export_text(plan, to, first_moe_layer=10**6)
+    with pytest.raises(TypeError, match="layer_ids"):
+        locus.export_text(plan, "sglang", layer_ids=["1"])
+    # Fields of a plan are checked where used; a wrong argument's message stays short.
+    wrong = locus.ExpertPlan([[[0, 1], [2, 3]]], 4)
+    wrong.model = "x"
+    with pytest.raises(TypeError, match="ExpertPlan.model"):
+        wrong.save(str(tmp_path / "w.json"))
+    with pytest.raises(locus.InvalidInputError, match="3 dimensions"):
+        locus.ExpertPlan(np.zeros(5, np.int32), 8)
+    with pytest.raises(TypeError) as e:
+        locus.simulate(t, plan, model=plan)
+    assert len(str(e.value)) < 200
+    # Loads past float32 are named, not turned into inf.
+    with pytest.raises(locus.InvalidInputError, match="outside the range of float32"):
+        locus.rebalance_experts([[1e39, 1.0]], 2, 1, 1, 1)
+    # Counts far past any deployment are refused before their tables are allocated.
+    with pytest.raises(locus.ConfigError, match="slots"):
+        locus.rebalance_experts(np.ones((256, 8)), 2**19, 1, 1, 1)
+    model = locus.plan(train, 2, 2, placement="locality", clusters=2).model
+    with pytest.raises(locus.ConfigError, match="prefill_tokens"):
+        model.classify(train, 0)
+
+
+def test_vllm_current_map_is_checked_as_such():
+    weight = np.arange(1, 17, dtype=np.float64).reshape(1, 16)
+    current = np.arange(20).reshape(1, 20) % 16
+    for bad, what in ((current + 0.5, "whole number"), (current + 2**40, "outside the range")):
+        with pytest.raises(locus.InvalidInputError, match=what):
+            LocusEplbPolicy.rebalance_experts(weight, 20, 1, 2, 4, bad)
+    missing = current.copy()
+    missing[missing == 1] = 2  # expert 1 hosted nowhere
+    with pytest.raises(locus.InvalidInputError, match=r"vLLM's current map \(old_global_expert_indices\)"):
+        LocusEplbPolicy.rebalance_experts(weight, 20, 1, 2, 4, missing)
