@@ -162,8 +162,8 @@ def _check_argument(name: str, x: Any, hint: Any, default: Any) -> Any:
     if hint is float:
         return _real(x, name)
     if hint is str:
-        # Paths may be any os.PathLike (the core reads them with os.fspath).
-        if isinstance(x, str) or (isinstance(x, os.PathLike) and (name == "path" or name.endswith("_path"))):
+        # Paths may be bytes or any os.PathLike (the core reads them with os.fspath).
+        if isinstance(x, str) or (isinstance(x, (bytes, os.PathLike)) and (name == "path" or name.endswith("_path"))):
             return x
         raise _wrong_type(name, x, "a path" if name == "path" or name.endswith("_path") else "a string")
     if isinstance(hint, type) and hint.__module__.startswith("locus") and not isinstance(x, hint):
@@ -173,7 +173,7 @@ def _check_argument(name: str, x: Any, hint: Any, default: Any) -> Any:
 
 def _io_error(path: Any, e: OSError) -> LocusIOError:
     """The library's I/O error for an OSError Python raised on `path` (the C++ core words its own so)."""
-    return LocusIOError(f"locus: I/O error: {os.fspath(path)}: {e.strerror or e}")
+    return LocusIOError(f"locus: I/O error: {os.fsdecode(path)}: {e.strerror or e}")
 
 
 def _checked(fn: Any) -> Any:
@@ -286,7 +286,7 @@ def load_routed_experts(
     npy = magic == b"\x93NUMPY"
     if not npy and magic[:2] != b"PK":  # a zip (an empty .npz starts with its end record)
         # NumPy's own words for such a file suggest unpickling it (allow_pickle=True).
-        raise FormatError(f"locus: format error: {os.fspath(path)}: not a .npy or .npz array file")
+        raise FormatError(f"locus: format error: {os.fsdecode(path)}: not a .npy or .npz array file")
     try:
         # An .npy is mapped, not read: a header that claims more than the file holds is refused
         # before anything of that size is allocated.
@@ -294,18 +294,18 @@ def load_routed_experts(
     except OSError as e:
         raise _io_error(path, e) from None
     except (ValueError, EOFError, zipfile.BadZipFile) as e:  # a damaged .npy or .npz
-        raise FormatError(f"locus: format error: {os.fspath(path)}: not a readable .npy or .npz array file "
+        raise FormatError(f"locus: format error: {os.fsdecode(path)}: not a readable .npy or .npz array file "
                           f"({e})") from None
     if isinstance(data, np.ndarray):
         if key is not None:  # an argument that would change nothing is refused, not dropped
             raise ConfigError(f"locus: configuration error: key {key!r} names an array of an .npz file; "
-                              f"{os.fspath(path)} is a .npy file, one array")
-        ids, kept, hidden = _moe_layers(data, layer_ids, os.fspath(path))
+                              f"{os.fsdecode(path)} is a .npy file, one array")
+        ids, kept, hidden = _moe_layers(data, layer_ids, os.fsdecode(path))
         return trace_from_arrays(ids, experts, layer_ids=kept, hidden_layers=hidden)
     names = [key] if key is not None else sorted(data.files)
     missing = [n for n in names if n not in data.files]
     if not names or missing:
-        raise InvalidInputError(f"locus: invalid input: {os.fspath(path)} has no array {missing or ''} "
+        raise InvalidInputError(f"locus: invalid input: {os.fsdecode(path)} has no array {missing or ''} "
                                 f"(arrays: {sorted(data.files)})")
     try:
         parts = []
@@ -323,12 +323,12 @@ def load_routed_experts(
                                      "bytes")
             parts.append(np.asarray(data[n]))
     except (ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise FormatError(f"locus: format error: {os.fspath(path)}: {e}") from None
+        raise FormatError(f"locus: format error: {os.fsdecode(path)}: {e}") from None
     for n, p in zip(names, parts):
         if p.ndim != 3 or p.shape[1:] != parts[0].shape[1:]:
-            raise InvalidInputError(f"locus: invalid input: {os.fspath(path)}: array {n} has shape {p.shape}; "
+            raise InvalidInputError(f"locus: invalid input: {os.fsdecode(path)}: array {n} has shape {p.shape}; "
                                     f"expected [tokens, {parts[0].shape[1:] if parts[0].ndim == 3 else 'layers, k'}]")
-    ids, kept, hidden = _moe_layers(np.concatenate(parts, axis=0), layer_ids, os.fspath(path))
+    ids, kept, hidden = _moe_layers(np.concatenate(parts, axis=0), layer_ids, os.fsdecode(path))
     req = np.concatenate([np.full(len(p), i, np.int64) for i, p in enumerate(parts)])
     return trace_from_arrays(ids, experts, request_ids=req, layer_ids=kept, hidden_layers=hidden)
 
@@ -525,7 +525,7 @@ class ExpertPlan:
         g = gpus_per_node if gpus_per_node is not None else saved if saved else ranks // (nodes or 1)
         n = nodes if nodes is not None else ranks // g if g else 0
         if saved and g != saved:
-            raise ConfigError(f"locus: configuration error: the plan in {path} was made for {saved} GPUs per node, "
+            raise ConfigError(f"locus: configuration error: the plan in {os.fsdecode(path)} was made for {saved} GPUs per node, "
                               f"not {g}")
         if g <= 0 or n * g != ranks:
             raise ConfigError(f"locus: configuration error: {n} nodes x {g} GPUs do not make the plan's "

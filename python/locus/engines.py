@@ -30,7 +30,7 @@ def load_trtllm_statistics(
     ranks and iterations ``[iter_start, iter_stop)`` (default: all), read by the library's reader
     (the one ``locus plan --load`` uses): every tensor is checked, whatever its iteration."""
     if not os.path.isdir(path):
-        raise InvalidInputError(f"locus: invalid input: {path} is not a folder (TensorRT-LLM statistics are a folder "
+        raise InvalidInputError(f"locus: invalid input: {os.fsdecode(path)} is not a folder (TensorRT-LLM statistics are a folder "
                                 "of meta_info.json and rank*.safetensors)")
     layers, load = _core._import_trtllm_statistics(path, iter_start, iter_stop)
     return list(layers), load
