@@ -889,6 +889,16 @@ BOOST_AUTO_TEST_CASE(esft_folder_layouts_are_checked) {
   }
   o.domains = {"nope"};
   expect_io(o, "no such domain folder");
+  // A layer file named past the plain numbering: refused, not left out (a name that numbers
+  // nothing is no layer file).
+  std::ofstream(dir.path / "a" / "expert_weights_backup.txt") << "x";
+  BOOST_TEST(trace::import_esft(root).layers() == 3u);
+  for (const char* name : {"expert_weights_0.txt", "expert_weights_01.txt", "expert_weights_+4.txt",
+                           "expert_weights_5000.txt", "expert_weights_-1.txt"}) {
+    fs::copy_file(dir.path / "a" / "expert_weights_1.txt", dir.path / "a" / name);
+    expect_io({}, std::string(name) + ": not a layer file this importer reads");
+    fs::remove(dir.path / "a" / name);
+  }
   // A layer file that is a folder.
   fs::remove(dir.path / "bb" / "expert_weights_3.txt");
   fs::create_directories(dir.path / "bb" / "expert_weights_3.txt");

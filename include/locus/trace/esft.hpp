@@ -224,7 +224,10 @@ inline std::string read_text_file(const std::filesystem::path& path) {
 }
 
 //! The layer numbers n of the `expert_weights_<n>.txt` entries in `dir`, sorted (empty when the
-//! folder cannot be listed). Numbers are bounded by max_trace_layers; larger ones are ignored.
+//! folder cannot be listed). A name that numbers a layer other than plainly 1..max_trace_layers
+//! (`expert_weights_0.txt`, `_01`, `_+5`, `_5000`) is refused: it was skipped, and its layer left
+//! out without a word. Other names (`expert_weights_backup.txt`) are not layer files.
+//! @throws locus::invalid_input_error naming such a file
 inline std::vector<std::size_t> esft_layer_numbers(const std::filesystem::path& dir) {
   std::vector<std::size_t> out;
   std::error_code ec;
@@ -239,8 +242,12 @@ inline std::vector<std::size_t> esft_layer_numbers(const std::filesystem::path& 
     std::size_t n = 0;
     const auto r = std::from_chars(digits.data(), digits.data() + digits.size(), n);
     if (r.ec != std::errc{} || r.ptr != digits.data() + digits.size() || n == 0 || n > max_trace_layers ||
-        digits.front() == '0')
-      continue;
+        digits.front() == '0') {
+      if (digits.find_first_not_of("0123456789+-") != std::string_view::npos) continue; // not a layer file
+      LOCUS_THROW(invalid_input_error, (dir / name).string(), ": not a layer file this importer reads (layers are ",
+                  "expert_weights_1.txt ... expert_weights_", max_trace_layers,
+                  ".txt, numbered from 1 without a sign or leading zeros)");
+    }
     out.push_back(n);
   }
   std::sort(out.begin(), out.end());
