@@ -121,7 +121,12 @@ def _int_list(x: Any, name: str) -> list:
     a lone number or a string was iterated or refused in the words of Python's internals."""
     if isinstance(x, (str, bytes, numbers.Number)) or not hasattr(x, "__iter__"):
         raise _wrong_type(name, x, "a sequence of whole numbers")
-    return [_index(v, f"{name}[{i}]") for i, v in enumerate(x)]
+    out = []
+    for i, v in enumerate(x):
+        if isinstance(v, (bool, np.bool_)):  # True as an index is a slip, not 1
+            raise _wrong_type(f"{name}[{i}]", v, "a whole number")
+        out.append(_index(v, f"{name}[{i}]"))
+    return out
 
 
 def _real(x: Any, name: str) -> float:
@@ -171,9 +176,15 @@ def _check_argument(name: str, x: Any, hint: Any, default: Any) -> Any:
     return x
 
 
+def _path_text(path: Any) -> str:
+    """`path` (str, bytes or os.PathLike) as a message shows it: bytes that are no UTF-8 escaped
+    (\\xff), as the C++ core's messages show them (a surrogate left in made print() fail)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _io_error(path: Any, e: OSError) -> LocusIOError:
     """The library's I/O error for an OSError Python raised on `path` (the C++ core words its own so)."""
-    return LocusIOError(f"locus: I/O error: {os.fsdecode(path)}: {e.strerror or e}")
+    return LocusIOError(f"locus: I/O error: {_path_text(path)}: {e.strerror or e}")
 
 
 def _checked(fn: Any) -> Any:
@@ -206,7 +217,8 @@ def rebalance_experts(
     """DeepSeek's EPLB with its arguments and results: ``weight`` is ``[layers, experts]`` load;
     returns ``(phy2log [layers, num_replicas], log2phy [layers, experts, X] padded with -1,
     logcnt [layers, experts])``, all int64. Hierarchical policy when ``num_groups`` is a multiple
-    of ``num_nodes``, global otherwise. Loads are taken as 32-bit floats, as the reference does."""
+    of ``num_nodes``, global otherwise. Loads are taken as 32-bit floats, as the reference does. At
+    most 65,536 copies of each expert and 2^24 slots over all layers (DeepSeek-V3: 58 × 288)."""
     w = _array(weight, np.float32, 2, "weight")
     return _core.rebalance_experts(w, num_replicas, num_groups, num_nodes, num_gpus)
 
@@ -286,7 +298,7 @@ def load_routed_experts(
     npy = magic == b"\x93NUMPY"
     if not npy and magic[:2] != b"PK":  # a zip (an empty .npz starts with its end record)
         # NumPy's own words for such a file suggest unpickling it (allow_pickle=True).
-        raise FormatError(f"locus: format error: {os.fsdecode(path)}: not a .npy or .npz array file")
+        raise FormatError(f"locus: format error: {_path_text(path)}: not a .npy or .npz array file")
     try:
         # An .npy is mapped, not read: a header that claims more than the file holds is refused
         # before anything of that size is allocated.
@@ -294,18 +306,18 @@ def load_routed_experts(
     except OSError as e:
         raise _io_error(path, e) from None
     except (ValueError, EOFError, zipfile.BadZipFile) as e:  # a damaged .npy or .npz
-        raise FormatError(f"locus: format error: {os.fsdecode(path)}: not a readable .npy or .npz array file "
+        raise FormatError(f"locus: format error: {_path_text(path)}: not a readable .npy or .npz array file "
                           f"({e})") from None
     if isinstance(data, np.ndarray):
         if key is not None:  # an argument that would change nothing is refused, not dropped
             raise ConfigError(f"locus: configuration error: key {key!r} names an array of an .npz file; "
-                              f"{os.fsdecode(path)} is a .npy file, one array")
-        ids, kept, hidden = _moe_layers(data, layer_ids, os.fsdecode(path))
+                              f"{_path_text(path)} is a .npy file, one array")
+        ids, kept, hidden = _moe_layers(data, layer_ids, _path_text(path))
         return trace_from_arrays(ids, experts, layer_ids=kept, hidden_layers=hidden)
     names = [key] if key is not None else sorted(data.files)
     missing = [n for n in names if n not in data.files]
     if not names or missing:
-        raise InvalidInputError(f"locus: invalid input: {os.fsdecode(path)} has no array {missing or ''} "
+        raise InvalidInputError(f"locus: invalid input: {_path_text(path)} has no array {missing or ''} "
                                 f"(arrays: {sorted(data.files)})")
     try:
         parts = []
@@ -321,14 +333,18 @@ def load_routed_experts(
                 if float(np.prod(shape, dtype=np.float64)) * dtype.itemsize > info.file_size:
                     raise ValueError(f"array {n} claims shape {shape} of {dtype}, more than its {info.file_size} "
                                      "bytes")
-            parts.append(np.asarray(data[n]))
+            try:
+                parts.append(np.asarray(data[n]))
+            except MemoryError:  # a member that inflates past what this process may allocate
+                raise InvalidInputError(f"locus: invalid input: {_path_text(path)}: array {n} inflates to more "
+                                        "than this process can allocate") from None
     except (ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise FormatError(f"locus: format error: {os.fsdecode(path)}: {e}") from None
+        raise FormatError(f"locus: format error: {_path_text(path)}: {e}") from None
     for n, p in zip(names, parts):
         if p.ndim != 3 or p.shape[1:] != parts[0].shape[1:]:
-            raise InvalidInputError(f"locus: invalid input: {os.fsdecode(path)}: array {n} has shape {p.shape}; "
+            raise InvalidInputError(f"locus: invalid input: {_path_text(path)}: array {n} has shape {p.shape}; "
                                     f"expected [tokens, {parts[0].shape[1:] if parts[0].ndim == 3 else 'layers, k'}]")
-    ids, kept, hidden = _moe_layers(np.concatenate(parts, axis=0), layer_ids, os.fsdecode(path))
+    ids, kept, hidden = _moe_layers(np.concatenate(parts, axis=0), layer_ids, _path_text(path))
     req = np.concatenate([np.full(len(p), i, np.int64) for i, p in enumerate(parts)])
     return trace_from_arrays(ids, experts, request_ids=req, layer_ids=kept, hidden_layers=hidden)
 
@@ -451,15 +467,15 @@ class ExpertPlan:
 
     @property
     def layers(self) -> int:
-        return int(self.maps.shape[0])
+        return int(self._maps().shape[0])
 
     @property
     def ranks(self) -> int:
-        return int(self.maps.shape[1])
+        return int(self._maps().shape[1])
 
     @property
     def slots_per_rank(self) -> int:
-        return int(self.maps.shape[2])
+        return int(self._maps().shape[2])
 
     @property
     def replicas(self) -> int:
@@ -525,7 +541,7 @@ class ExpertPlan:
         g = gpus_per_node if gpus_per_node is not None else saved if saved else ranks // (nodes or 1)
         n = nodes if nodes is not None else ranks // g if g else 0
         if saved and g != saved:
-            raise ConfigError(f"locus: configuration error: the plan in {os.fsdecode(path)} was made for {saved} GPUs per node, "
+            raise ConfigError(f"locus: configuration error: the plan in {_path_text(path)} was made for {saved} GPUs per node, "
                               f"not {g}")
         if g <= 0 or n * g != ranks:
             raise ConfigError(f"locus: configuration error: {n} nodes x {g} GPUs do not make the plan's "
@@ -573,6 +589,9 @@ def plan(
     the library's 0.01; 0: no bound)."""
     if (copies != "both" or anneal != 0 or fill_slack != 0) and (placement != "locality" or not isinstance(source, Trace)):
         raise ConfigError("locus: configuration error: copies, anneal and fill_slack apply to locality plans of a trace")
+    if fill_slack != 0 and redundant_slots == 0:
+        raise ConfigError("locus: configuration error: fill_slack bounds the replica fill; the plan has no redundant "
+                          "slots to fill")
     if (hedge_class_spread != 0 or hedge_cost_budget is not None) and (
             placement != "locality" or not isinstance(source, Trace) or redundant_slots == 0 or hedge_replicas == 0):
         raise ConfigError("locus: configuration error: hedge_class_spread and hedge_cost_budget shape the balance "
@@ -582,7 +601,7 @@ def plan(
         # An argument that would change nothing is refused, not dropped.
         raise ConfigError(f"locus: configuration error: eplb_groups applies to placement=\"eplb\", not {placement!r}")
     if isinstance(source, Trace):
-        if hedge_replicas is not None and (placement != "locality" or redundant_slots == 0):
+        if hedge_replicas and (placement != "locality" or redundant_slots == 0):  # 0 (off) fits any plan
             raise ConfigError("locus: configuration error: hedge_replicas applies to locality plans with redundant "
                               "slots (the balance hedges fill replica slots)")
         if slots_per_rank is not None:
@@ -651,6 +670,12 @@ def simulate(
         # A run over no decode token would report zeros as if they were results (the driver refuses too).
         raise ConfigError("locus: configuration error: the test trace has no decode tokens to simulate (its phases "
                           "are not recorded, or every token is prefill): mark them, e.g. test.with_prefill_tokens(32)")
+    if model is not None and grouper != "workload_aware":
+        raise ConfigError(f"locus: configuration error: model groups requests under grouper=\"workload_aware\", not "
+                          f"{grouper!r}")
+    if replica_slack != 0.05 and replica_rule != "locality_bounded":
+        raise ConfigError(f"locus: configuration error: replica_slack bounds replica_rule=\"locality_bounded\", not "
+                          f"{replica_rule!r}")
     m = model if model is not None else plan.model
     out = _core._simulate(
         test, plan._maps(), plan.nodes, plan.gpus_per_node, grouper, m, transport, batch_per_rank, hidden,
@@ -704,6 +729,10 @@ def replan(
             raise ConfigError(f"locus: configuration error: the {name} has no decode tokens to re-plan on (its phases "
                               f"are not recorded, or every token is prefill): mark them, e.g. "
                               f"{name}.with_prefill_tokens(32)")
+    if homes is not None and prior is None and (model is not None or prefill_tokens != 32):
+        # With homes every window request's node is known: the classes are read for a prior's only.
+        raise ConfigError("locus: configuration error: model and prefill_tokens classify requests without homes (a "
+                          "window's without homes, or the prior's); with homes and no prior nothing reads them")
     h = None if homes is None else _array(homes, np.int64, 1, "homes")
     m = model if model is not None else plan.model
     maps, report = _core._replan(

@@ -28,7 +28,7 @@ class Trace:
     @property
     def requests(self) -> int: ...
     @property
-    def domains(self) -> List[str]: ...
+    def domains(self) -> List[str]: ...  # bytes that are not UTF-8 as surrogate escapes (os.fsdecode)
     @property
     def model_layer_ids(self) -> List[int]:
         """Hidden-layer index of each traced layer (0..layers-1 when the source did not say)."""

@@ -19,7 +19,7 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
-from . import FormatError, InvalidInputError, _checked, _core, _index, _io_error
+from . import FormatError, InvalidInputError, _checked, _core, _index, _io_error, _path_text
 
 
 @_checked
@@ -30,7 +30,7 @@ def load_trtllm_statistics(
     ranks and iterations ``[iter_start, iter_stop)`` (default: all), read by the library's reader
     (the one ``locus plan --load`` uses): every tensor is checked, whatever its iteration."""
     if not os.path.isdir(path):
-        raise InvalidInputError(f"locus: invalid input: {os.fsdecode(path)} is not a folder (TensorRT-LLM statistics are a folder "
+        raise InvalidInputError(f"locus: invalid input: {_path_text(path)} is not a folder (TensorRT-LLM statistics are a folder "
                                 "of meta_info.json and rank*.safetensors)")
     layers, load = _core._import_trtllm_statistics(path, iter_start, iter_stop)
     return list(layers), load
@@ -41,8 +41,9 @@ def load_sglang_logical_count(dump: Any, moe_layers: Optional[List[int]] = None)
     """SGLang's ``logical_count`` (a dump dict, a ``.pt``/``.json`` path, or the array itself):
     ``(model layer ids, load [layers, experts])`` summed over steps. Hidden layers without any
     routed token (dense layers) are dropped unless ``moe_layers`` names the layers to keep."""
-    if isinstance(dump, (str, os.PathLike)):
-        path = os.fspath(dump)
+    if isinstance(dump, (str, bytes, os.PathLike)):
+        path = os.fsdecode(dump)
+        shown = _path_text(path)
         if path.endswith(".json"):
             try:
                 with open(path) as f:
@@ -50,19 +51,19 @@ def load_sglang_logical_count(dump: Any, moe_layers: Optional[List[int]] = None)
             except OSError as e:
                 raise _io_error(path, e) from None
             except (ValueError, RecursionError) as e:
-                raise FormatError(f"locus: format error: {path}: not JSON ({e})") from None
+                raise FormatError(f"locus: format error: {shown}: not JSON ({e})") from None
         elif path.endswith((".pt", ".pth")):
             try:
                 import torch  # a .pt dump is a torch pickle
             except ImportError:
-                raise InvalidInputError(f"locus: invalid input: {path}: reading a .pt dump needs PyTorch; without it, "
+                raise InvalidInputError(f"locus: invalid input: {shown}: reading a .pt dump needs PyTorch; without it, "
                                         "pass the logical_count array or a .json dump") from None
             try:
                 dump = torch.load(path, map_location="cpu", weights_only=True)
             except OSError as e:
                 raise _io_error(path, e) from None
         else:  # any other path was read as a torch pickle: a .npy asked for torch
-            raise InvalidInputError(f"locus: invalid input: {path}: expected a .pt or .json dump of SGLang's "
+            raise InvalidInputError(f"locus: invalid input: {shown}: expected a .pt or .json dump of SGLang's "
                                     "expert distribution recorder")
     if isinstance(dump, dict):
         if "logical_count" not in dump:

@@ -20,7 +20,7 @@ from typing import Any, Tuple, Union
 
 import numpy as np
 
-from . import FormatError, InvalidInputError, _array, _core, _io_error, rebalance_experts
+from . import FormatError, InvalidInputError, _array, _core, _io_error, _path_text, rebalance_experts
 
 try:  # vLLM's abstract base, when vLLM is installed
     from vllm.distributed.eplb.policy.abstract import AbstractEplbPolicy as _Base
@@ -87,11 +87,11 @@ def _read_vllm(path: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Union[int
     except OSError as e:
         raise _io_error(path, e) from None
     except (ValueError, RecursionError) as e:
-        raise FormatError(f"locus: format error: {path}: not JSON ({e})") from None
+        raise FormatError(f"locus: format error: {_path_text(path)}: not JSON ({e})") from None
     keys = ("physical_to_logical_map", "logical_to_physical_map", "logical_replica_count")
     missing = [k for k in keys if not isinstance(doc, dict) or k not in doc]
     if missing:
-        raise InvalidInputError(f"locus: invalid input: {path} has no {missing[0]!r} array (not a vLLM export)")
+        raise InvalidInputError(f"locus: invalid input: {_path_text(path)} has no {missing[0]!r} array (not a vLLM export)")
     arrays = []
     for k, ndim in zip(keys, (2, 3, 2)):
         a = None
@@ -101,17 +101,17 @@ def _read_vllm(path: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Union[int
             except (TypeError, ValueError, OverflowError):
                 a = None
         if a is None or a.ndim != ndim:
-            raise FormatError(f"locus: format error: {path}: {k} is not a {ndim}-dimensional array of integers")
+            raise FormatError(f"locus: format error: {_path_text(path)}: {k} is not a {ndim}-dimensional array of integers")
         arrays.append(a)
     phy2log, log2phy, count = arrays
     layers, experts = count.shape
     if phy2log.shape[0] != layers or log2phy.shape[:2] != count.shape or experts == 0 or phy2log.shape[1] == 0:
-        raise FormatError(f"locus: format error: {path}: the three arrays disagree on layers and experts")
+        raise FormatError(f"locus: format error: {_path_text(path)}: the three arrays disagree on layers and experts")
     slots = phy2log.shape[1]
     bad = np.argwhere((phy2log < 0) | (phy2log >= experts))
     if bad.size:
         l, p = bad[0]
-        raise FormatError(f"locus: format error: {path}: layer {l} slot {p} holds expert {phy2log[l, p]}, "
+        raise FormatError(f"locus: format error: {_path_text(path)}: layer {l} slot {p} holds expert {phy2log[l, p]}, "
                           f"not one of the {experts} experts")
     for l in range(layers):
         held = np.bincount(phy2log[l], minlength=experts)
@@ -120,17 +120,17 @@ def _read_vllm(path: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Union[int
             row = log2phy[l, e]
             n = int(count[l, e])
             if n == 0:
-                raise FormatError(f"locus: format error: {path}: layer {l} expert {e} has no slot (vLLM could "
+                raise FormatError(f"locus: format error: {_path_text(path)}: layer {l} expert {e} has no slot (vLLM could "
                                   "not route its tokens)")
             if n != held[e] or n > row.shape[0] or sorted(row[:n].tolist()) != want.tolist() or (row[n:] != -1).any():
-                raise FormatError(f"locus: format error: {path}: layer {l} expert {e}: logical_replica_count "
+                raise FormatError(f"locus: format error: {_path_text(path)}: layer {l} expert {e}: logical_replica_count "
                                   f"{n} and logical_to_physical_map {row.tolist()} disagree with the {held[e]} "
                                   f"slot(s) {want.tolist()} of physical_to_logical_map")
     ranks = doc.get("num_ranks")
     if ranks is not None and (not _integers(ranks, 0) or ranks <= 0):
-        raise FormatError(f"locus: format error: {path}: num_ranks is {ranks!r}, not a positive integer")
+        raise FormatError(f"locus: format error: {_path_text(path)}: num_ranks is {ranks!r}, not a positive integer")
     if ranks is not None and slots % ranks:
-        raise FormatError(f"locus: format error: {path}: num_ranks {ranks} does not divide its {slots} slots")
+        raise FormatError(f"locus: format error: {_path_text(path)}: num_ranks {ranks} does not divide its {slots} slots")
     return phy2log, log2phy, count, ranks
 
 
@@ -160,7 +160,7 @@ def plan_policy(path: str) -> type:
                 layers, experts = (shape + (0, 0))[:2]
                 on = f" on {plan_ranks} ranks" if plan_ranks is not None else ""
                 raise InvalidInputError(
-                    f"locus: invalid input: the plan in {path} is {count.shape[0]} layers × {count.shape[1]} experts "
+                    f"locus: invalid input: the plan in {_path_text(path)} is {count.shape[0]} layers × {count.shape[1]} experts "
                     f"in {phy2log.shape[1]} slots{on}; vLLM asks for {layers} × {experts} in {num_replicas} slots on "
                     f"{num_ranks} ranks"
                 )

@@ -425,13 +425,13 @@ NB_MODULE(_core, m) {
             return nb::ndarray<nb::numpy, const locus::trace::trace_expert_id>(v.ids(), {t.tokens(), t.top_k()},
                                                                                nb::handle());
           },
-          "layer"_a, nb::rv_policy::reference_internal)
+          "layer"_a.none(), nb::rv_policy::reference_internal)
       .def(
           "with_prefill_tokens",
           [](const locus::trace::trace& t, nb::handle tokens) {
             return t.with_prefill_tokens(size_arg(tokens, "tokens"));
           },
-          "tokens"_a)
+          "tokens"_a.none())
       // (prefill, decode, unknown) token counts: plan and simulate refuse a trace without phases
       // in words a Python user can act on, rather than fitting nothing or reporting zeros.
       .def("_phase_counts",
@@ -454,29 +454,29 @@ NB_MODULE(_core, m) {
   m.def(
       "read_trace",
       [](nb::handle path) { return file_io(path, [&](const std::string& p) { return locus::trace::read_trace(p); }); },
-      "path"_a);
+      "path"_a.none());
   m.def(
       "write_trace",
       [](const locus::trace::trace& t, nb::handle path) {
         file_io(path, [&](const std::string& p) { locus::trace::write_trace(t, p); });
       },
-      "trace"_a, "path"_a);
+      "trace"_a, "path"_a.none());
   m.def(
       "import_esft",
       [](nb::handle path) { return file_io(path, [&](const std::string& p) { return locus::trace::import_esft(p); }); },
-      "path"_a);
+      "path"_a.none());
   m.def(
       "split_by_request",
       [](const locus::trace::trace& t, double test_fraction, nb::handle seed) {
         return locus::trace::split_by_request(t, test_fraction, count_arg(seed, "seed"));
       },
-      "trace"_a, "test_fraction"_a, "seed"_a);
+      "trace"_a, "test_fraction"_a, "seed"_a.none());
   m.def(
       "_write_text",
       [](nb::handle path, const std::string& text) {
         file_io(path, [&](const std::string& p) { locus::write_file_atomically(p, text); });
       },
-      "path"_a, "text"_a);
+      "path"_a.none(), "text"_a);
 
   m.def(
       "expert_load",
@@ -505,7 +505,7 @@ NB_MODULE(_core, m) {
         std::vector<std::size_t> ids(got.layer_ids.begin(), got.layer_ids.end());
         return std::make_pair(ids, owned(std::move(flat), {got.load.size(), experts}));
       },
-      "path"_a, "iter_start"_a.none(), "iter_stop"_a.none());
+      "path"_a.none(), "iter_start"_a.none(), "iter_stop"_a.none());
   m.def(
       "layer_imbalance",
       [](const locus::trace::trace& t) {
@@ -563,10 +563,15 @@ NB_MODULE(_core, m) {
           [](const locus::grouper::workload_model& g, nb::handle path) {
             file_io(path, [&](const std::string& p) { locus::grouper::save_grouping(p, g); });
           },
-          "path"_a)
+          "path"_a.none())
       .def(
           "classify",
-          [](const locus::grouper::workload_model& g, const locus::trace::trace& t, nb::handle prefill_arg) {
+          [](const locus::grouper::workload_model& g, nb::handle trace_arg, nb::handle prefill_arg) {
+            if (!nb::isinstance<locus::trace::trace>(trace_arg))
+              throw nb::type_error(locus::detail::concat("trace is ", nb::repr(trace_arg).c_str(), " (",
+                                                         Py_TYPE(trace_arg.ptr())->tp_name, "), expected a locus.Trace")
+                                       .c_str());
+            const auto& t = nb::cast<const locus::trace::trace&>(trace_arg);
             const std::size_t prefill_tokens = size_arg(prefill_arg, "prefill_tokens");
             // As plan and replan: with none, no request would ever be recognised.
             LOCUS_REQUIRE(prefill_tokens >= 1, locus::config_error, "prefill_tokens must be at least 1");
@@ -578,7 +583,7 @@ NB_MODULE(_core, m) {
             }
             return owned(std::move(out), {t.requests()});
           },
-          "trace"_a, "prefill_tokens"_a)
+          "trace"_a.none(), "prefill_tokens"_a.none())
       .def("__getstate__", &model_state)
       .def("__setstate__", &set_model_state, "state"_a.none());
   m.def(
@@ -587,7 +592,7 @@ NB_MODULE(_core, m) {
         return std::make_shared<locus::grouper::workload_model>(
             file_io(path, [](const std::string& p) { return locus::grouper::load_grouping(p); }));
       },
-      "path"_a);
+      "path"_a.none());
   m.def(
       "_plan_from_trace",
       [](const locus::trace::trace& train, nb::handle nodes, nb::handle gpus_per_node, const std::string& placement,
@@ -753,7 +758,7 @@ NB_MODULE(_core, m) {
         return nb::make_tuple(maps_to(plan.maps), plan.maps.front().experts(), plan.model_layers, plan.hidden_layers,
                               plan.gpus_per_node);
       },
-      "path"_a);
+      "path"_a.none());
   m.def(
       "_save_expert_maps",
       [](nb::handle path, maps_in maps, nb::handle experts, nb::handle layer_ids, nb::handle hidden_layers,
@@ -763,5 +768,5 @@ NB_MODULE(_core, m) {
              size_arg(hidden_layers, "hidden_layers"), size_arg(gpus_per_node, "gpus_per_node")});
         file_io(path, [&](const std::string& p) { locus::write_file_atomically(p, text); });
       },
-      "path"_a, "maps"_a, "experts"_a, "layer_ids"_a, "hidden_layers"_a, "gpus_per_node"_a);
+      "path"_a.none(), "maps"_a, "experts"_a, "layer_ids"_a, "hidden_layers"_a, "gpus_per_node"_a);
 }

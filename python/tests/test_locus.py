@@ -611,7 +611,7 @@ def test_arguments_of_the_wrong_type_are_type_errors_naming_the_argument():
             locus.simulate(t, plan, hidden=hidden)
     # What the annotations allow still goes through: NumPy numbers and bools, None where optional.
     assert locus.expert_load(t, np.bool_(True)).shape == (t.layers, t.experts)
-    assert locus.simulate(t, plan, hidden=np.int32(64), replica_slack=np.float32(0.1))["decode_tokens"] > 0
+    assert locus.simulate(t, plan, hidden=np.int32(64), replica_rule="locality_bounded", replica_slack=np.float32(0.1))["decode_tokens"] > 0
     assert locus.plan(t, np.int64(2), 2, hedge_replicas=None).layers == t.layers
 
 
@@ -1269,3 +1269,33 @@ def test_vllm_current_map_is_checked_as_such():
     missing[missing == 1] = 2  # expert 1 hosted nowhere
     with pytest.raises(locus.InvalidInputError, match=r"vLLM's current map \(old_global_expert_indices\)"):
         LocusEplbPolicy.rebalance_experts(weight, 20, 1, 2, 4, missing)
+
+
+def test_arguments_that_change_nothing_and_none_are_named(tmp_path):
+    _, t = small_trace()
+    plan = locus.plan(t, 2, 2, placement="locality", clusters=2)
+    with pytest.raises(locus.ConfigError, match="fill_slack"):
+        locus.plan(t, 2, 2, placement="locality", clusters=2, fill_slack=0.3)
+    assert locus.plan(t, 2, 2, placement="locality", clusters=2, hedge_replicas=0).layers == 3  # 0 is off
+    with pytest.raises(locus.ConfigError, match="workload_aware"):
+        locus.simulate(t, plan, model=plan.model)
+    with pytest.raises(locus.ConfigError, match="locality_bounded"):
+        locus.simulate(t, plan, replica_slack=0.5)
+    with pytest.raises(locus.ConfigError, match="homes"):
+        locus.replan(plan, t, homes=np.zeros(t.requests, np.int64), model=plan.model)
+    # None where a value is needed, and a plan for a trace, are TypeErrors naming the argument.
+    for call, name in ((lambda: t.with_prefill_tokens(None), "tokens"), (lambda: t.layer_ids(None), "layer"),
+                       (lambda: plan.model.classify(plan, 32), "trace"), (lambda: plan.model.save(None), "NoneType")):
+        with pytest.raises(TypeError, match=name):
+            call()
+    broken = locus.ExpertPlan(plan.maps, plan.experts, 2, 2)
+    broken.maps = "hello"
+    with pytest.raises(locus.InvalidInputError, match="maps"):
+        locus.simulate(t, broken)
+    with pytest.raises(TypeError, match=r"layer_ids\[0\]"):
+        locus.trace_from_arrays([[[0, 1]]], 4, layer_ids=[True])
+    # Paths shown in messages escape bytes that are not UTF-8, as the core's do.
+    with pytest.raises(locus.LocusIOError) as e:
+        locus.load_routed_experts(str(tmp_path / "no\udcff.npy"), 8)
+    assert "\\xff" in str(e.value)
+    str(e.value).encode()

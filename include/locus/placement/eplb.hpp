@@ -36,7 +36,7 @@
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
 
 //! Most physical slots `rebalance_experts` plans over all layers (DeepSeek-V3: 58 layers × 288).
-inline constexpr std::size_t max_eplb_slots = std::size_t{1} << 26;
+inline constexpr std::size_t max_eplb_slots = std::size_t{1} << 24;
 
 //! The three results of `rebalance_experts`, row-major, as the reference returns them.
 struct eplb_result {
