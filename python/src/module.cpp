@@ -58,6 +58,12 @@ PyObject* input_type = nullptr;
 PyObject* format_type = nullptr;
 PyObject* io_type = nullptr;
 
+// repr(v) cut to 80 characters, for messages (a plan's repr runs to pages).
+std::string short_repr(nb::handle v) {
+  std::string r = nb::repr(v).c_str();
+  return r.size() <= 80 ? r : r.substr(0, 77) + "...";
+}
+
 // A count or index argument (anything with __index__): a negative or too large value is a
 // ConfigError naming the argument, not the TypeError nanobind gives when an unsigned cast fails.
 std::uint64_t count_arg(nb::handle v, const char* name, std::uint64_t max = UINT64_MAX) {
@@ -65,7 +71,7 @@ std::uint64_t count_arg(nb::handle v, const char* name, std::uint64_t max = UINT
   if (!i.is_valid()) {
     // A float or a string: Python's TypeError, naming the argument (Python's alone does not).
     PyErr_Clear();
-    throw nb::type_error(locus::detail::concat(name, " is ", nb::repr(v).c_str(), " (", Py_TYPE(v.ptr())->tp_name,
+    throw nb::type_error(locus::detail::concat(name, " is ", short_repr(v), " (", Py_TYPE(v.ptr())->tp_name,
                                                "), expected a whole number")
                              .c_str());
   }
@@ -245,13 +251,13 @@ trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb:
     const std::string what = locus::detail::concat("domain_names[", n++, "]");
     if (!PyUnicode_Check(d.ptr()))
       throw nb::type_error(
-          locus::detail::concat(what, " is ", nb::repr(d).c_str(), " (", Py_TYPE(d.ptr())->tp_name, "), expected a str")
+          locus::detail::concat(what, " is ", short_repr(d), " (", Py_TYPE(d.ptr())->tp_name, "), expected a str")
               .c_str());
     nb::object bytes = nb::steal(PyUnicode_AsEncodedString(d.ptr(), "utf-8", "surrogateescape"));
     if (!bytes.is_valid()) {
       PyErr_Clear();
-      throw locus::invalid_input_error(
-          locus::detail::concat(what, " is ", nb::repr(d).c_str(), ", which has no UTF-8 bytes"), nullptr, 0);
+      throw locus::invalid_input_error(locus::detail::concat(what, " is ", short_repr(d), ", which has no UTF-8 bytes"),
+                                       nullptr, 0);
     }
     domain_names.emplace_back(PyBytes_AS_STRING(bytes.ptr()), static_cast<std::size_t>(PyBytes_GET_SIZE(bytes.ptr())));
   }
@@ -568,7 +574,7 @@ NB_MODULE(_core, m) {
           "classify",
           [](const locus::grouper::workload_model& g, nb::handle trace_arg, nb::handle prefill_arg) {
             if (!nb::isinstance<locus::trace::trace>(trace_arg))
-              throw nb::type_error(locus::detail::concat("trace is ", nb::repr(trace_arg).c_str(), " (",
+              throw nb::type_error(locus::detail::concat("trace is ", short_repr(trace_arg), " (",
                                                          Py_TYPE(trace_arg.ptr())->tp_name, "), expected a locus.Trace")
                                        .c_str());
             const auto& t = nb::cast<const locus::trace::trace&>(trace_arg);
