@@ -42,6 +42,14 @@ trace::trace kinds_trace(std::size_t requests) {
   return b.build();
 }
 
+// A model of four classes fitted on kinds_trace(40) on 2 × 2 GPUs, reading 8 prefill tokens.
+grouper::workload_model fitted_model(const trace::trace& t) {
+  grouper::workload_aware_options opt;
+  opt.clusters = 4;
+  opt.prefill_tokens = 8;
+  return grouper::workload_model::fit(t, dynamic_topology(2, 2), opt);
+}
+
 } // namespace
 
 BOOST_AUTO_TEST_SUITE(grouping_json)
@@ -50,10 +58,7 @@ BOOST_AUTO_TEST_SUITE(grouping_json)
 // node load; damaged documents are refused.
 BOOST_AUTO_TEST_CASE(round_trip_gives_identical_assignments) {
   const auto t = kinds_trace(40);
-  grouper::workload_aware_options opt;
-  opt.clusters = 4;
-  opt.prefill_tokens = 8;
-  const auto fitted = grouper::workload_model::fit(t, dynamic_topology(2, 2), opt);
+  const auto fitted = fitted_model(t);
   const auto path = std::filesystem::temp_directory_path() / ("locus_grouping_" + std::to_string(::getpid()) + ".json");
   grouper::save_grouping(path.string(), fitted);
   const auto loaded = grouper::load_grouping(path.string());
@@ -118,10 +123,7 @@ BOOST_AUTO_TEST_CASE(round_trip_gives_identical_assignments) {
 // range is a format error of the file, not the JSON library's own exception.
 BOOST_AUTO_TEST_CASE(values_no_fitted_model_holds_are_refused) {
   const auto t = kinds_trace(40);
-  grouper::workload_aware_options opt;
-  opt.clusters = 4;
-  opt.prefill_tokens = 8;
-  const auto fitted = grouper::workload_model::fit(t, dynamic_topology(2, 2), opt);
+  const auto fitted = fitted_model(t);
   BOOST_CHECK_NO_THROW(grouper::grouping_from_json(grouper::grouping_to_json(fitted)));
   const auto damaged = [&](auto&& edit, const char* what) {
     auto doc = grouper::grouping_to_json(fitted);
