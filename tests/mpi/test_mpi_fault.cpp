@@ -4,6 +4,7 @@
 // margin with the right error naming the right ranks, and the job must still be able to finalize
 // (ctest's TIMEOUT turns a regression into a failure instead of a hang). Runs on 4 ranks as
 // 2 nodes x 2 GPUs, so the world, node and rail groups each have a late member somewhere.
+#include "dispatch_cases.hpp"
 #include "mpi_fixture.hpp"
 
 #include <atomic>
@@ -12,7 +13,9 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <locus/layer/moe_layer.hpp>
 #include <locus/transport/mpi.hpp>
+#include <span>
 #include <string>
 #include <thread>
 #include <unistd.h>
@@ -173,6 +176,37 @@ BOOST_AUTO_TEST_CASE(skipped_step_raises_transport_error_on_every_rank) {
   t.begin_step(10);
   const outcome after = observe([&] { exchange_once(t, exchange_group::world, 2); });
   BOOST_TEST(after.kind == -1, after.message);
+}
+
+// Rank 0 steps with another expert map than its peers (a re-planned map loaded a step early): in
+// the hierarchical step its rail (ranks 0, 2) sees two map fingerprints in the rail stage, and the
+// two then meet their node peers (1, 3), whose rail agreed, with no request: every rank raises a
+// transport_error within the margin; none waits out the deadline for a rank that left.
+BOOST_AUTO_TEST_CASE(ranks_with_different_maps_raise_on_every_rank) {
+  const std::size_t me = static_cast<std::size_t>(world_rank());
+  const auto c = locus_test::make_case(77, 2, 2);
+  auto table = c.map.slot_table();
+  const auto S = static_cast<std::ptrdiff_t>(c.map.slots_per_rank());
+  std::swap_ranges(table.begin(), table.begin() + S, table.begin() + S);
+  const expert_map other(c.experts, c.map.ranks(), c.map.slots_per_rank(), table);
+  auto scale = [](expert_id e, std::span<const float> in, std::span<float> out, std::size_t) {
+    for (std::size_t i = 0; i < in.size(); ++i)
+      out[i] = static_cast<float>(e + 1) * in[i];
+  };
+  using compute = layer::expert_callable<decltype(scale)>;
+  auto t = make_transport();
+  moe_layer<dynamic_moe_shape, dynamic_topology, compute, mpi_hierarchical> l(
+      dynamic_moe_shape(c.experts, c.k, c.hidden, 0), c.topo, t, me == 0 ? other : c.map, compute(scale));
+  const auto x = c.inputs(me);
+  std::vector<float> y(x.size());
+  const outcome o = observe([&] { l.forward(x, c.routings[me].view(), y); });
+  const auto all = gather(o);
+  for (std::size_t r = 0; r < all.size(); ++r) {
+    const auto& a = all[r];
+    BOOST_TEST(a.kind == static_cast<int>(error_kind::transport), a.message);
+    BOOST_TEST(contains(a, r % 2 == 0 ? "step with different expert maps" : "it left the step"), a.message);
+    BOOST_TEST(a.seconds < std::chrono::duration<double>(deadline).count(), a.message);
+  }
 }
 
 // Rank 1 skips the second of three named exchanges of a step: caught at that very exchange.

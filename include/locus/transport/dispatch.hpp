@@ -349,7 +349,15 @@ public:
     } else {
       // Stage 1: one row per remote destination node, to the rail peer on that node.
       pack(x, l, use, exchange_group::rail, h.origins_a_);
-      exchange_rows(exchange_group::rail, h.rows_a_);
+      try {
+        exchange_rows(exchange_group::rail, h.rows_a_);
+      } catch (const transport_error&) {
+        // Its rail's members disagreed (another map, another step): the node peers, whose rails may
+        // have agreed, are about to meet this rank in the node stage, and would wait out the
+        // timeout for it. It meets them with no request, so that they raise at once.
+        leave_node_stage();
+        throw;
+      }
       detail::dispatch::split_entries(h.rows_a_, topo.gpus_per_node(), map_->slots_per_rank(), in_);
       fan_ = make_node_fanout(topo.gpus_per_node(), in_.row_counts, in_.target, in_.slot, in_.weight);
       // Stage 2: own tokens to own-node destinations, and the fan-out of what arrived.
@@ -549,6 +557,18 @@ private:
     req.kept_entries = own.entries;
     req.agreement = map_fingerprint_; // ranks dispatching by different maps raise (exchange.hpp)
     exchange_with_entries(*ex_, req, rows, meta_in_);
+  }
+
+  // Meets the node group's members in its next exchange with an abandoned request (exchange.hpp):
+  // every member raises, this one too (swallowed: the caller raises the error that made it leave).
+  void leave_node_stage() noexcept {
+    try {
+      exchange_request gone{exchange_group::node, row_bytes_, {}, {}, {}};
+      gone.abandoned = true;
+      exchange_result sink;
+      ex_->exchange(gone, sink);
+    } catch (...) {
+    }
   }
 
   template <class TopK>

@@ -121,6 +121,10 @@ struct exchange_request {
   //! locus::transport_error (the dispatchers give their expert map's fingerprint, so that ranks
   //! stepping with different maps raise instead of routing rows by two maps). 0: none.
   std::uint64_t agreement = 0;
+  //! Set by a member that leaves a step whose earlier exchange failed on it, to meet the members
+  //! still waiting in this exchange with no request: every member raises at once (they would wait
+  //! out the timeout for it). Nothing else of the request is read.
+  bool abandoned = false;
 
   //! 1 when this member checks expected counts (everyone then runs the second round).
   std::uint32_t expectations_flag() const noexcept { return expected_counts.empty() ? 0u : 1u; }
@@ -393,6 +397,7 @@ enum local_problem : std::uint32_t {
   entries_size = 6,
   malformed = 7, //!< set by a receiver: the message did not hold what its header announced
   tail_size = 8, //!< a count round's tail that is not `tail` counts per member
+  abandoned = 9, //!< exchange_request::abandoned: the member left the step
 };
 
 inline const char* describe(std::uint32_t p) {
@@ -405,12 +410,17 @@ inline const char* describe(std::uint32_t p) {
   case entries_size: return "an entry buffer whose size is not the sum of the entry counts times the entry width";
   case malformed: return "a message that does not hold what its header announces";
   case tail_size: return "a count round's tail whose size is not the group size times its width";
+  case abandoned: return "no request: it left the step after an earlier exchange of the step failed there";
   default: return "an invalid request";
   }
 }
 
 //! Validates one member's request; returns the problem code and fills `why` with the details.
 inline std::uint32_t check_request(const exchange_request& req, std::size_t members, std::string& why) {
+  if (req.abandoned) {
+    why = "this rank left the step after an earlier exchange of the step failed";
+    return abandoned;
+  }
   if (req.row_bytes == 0) {
     why = "the row width is zero";
     return zero_width;
