@@ -24,11 +24,11 @@ inline int map_check(const std::string& path, const std::string& json = {}) {
   const auto plan = locus::load_expert_plan(path);
   const auto& layers = plan.maps;
   const auto& m = layers.front();
-  std::size_t replicas = 0;
-  for (const auto& l : layers)
+  std::size_t replicas = 0, empty = 0;
+  for (const auto& l : layers) {
     replicas += l.replica_slots_used();
-  // Slots no expert occupies: `map export` fills them for the engines, whose files have none.
-  const std::size_t empty = layers.size() * (m.slot_count() - m.experts()) - replicas;
+    empty += l.empty_slots();
+  }
   write_json(json, "map check",
              {{"map", path},
               {"layers", layers.size()},

@@ -440,7 +440,9 @@ inline void register_plan(CLI::App& app) {
                   planned.hedge_copies > 0 ? " (--hedge-replicas 0 for none)" : "");
     // linear and round_robin place every expert once, and locality leaves a slot empty where no
     // replica saves a copy within its load bound: empty until map export fills them.
-    const std::size_t empty = maps.size() * (maps.front().slot_count() - maps.front().experts()) - replicas;
+    std::size_t empty = 0;
+    for (const auto& m : maps)
+      empty += m.empty_slots();
     if (empty > 0)
       std::printf("%zu slots left empty over the layers (%s; map export fills them, by load with --load-trace)\n",
                   empty,

@@ -455,6 +455,8 @@ class ExpertPlan:
     def _check_fields(self) -> None:
         """The fields' types, checked where a method uses them (they may be set after construction):
         a wrong one reached the core, which printed a private function's signature."""
+        if np.ndim(self.maps) != 3:  # not [layers, ranks, slots]: named as _array names it
+            _array(self.maps, np.int32, 3, "maps")
         for name in ("experts", "nodes", "gpus_per_node", "hidden_layers"):
             v = getattr(self, name)
             if isinstance(v, (bool, np.bool_)):
@@ -467,15 +469,18 @@ class ExpertPlan:
 
     @property
     def layers(self) -> int:
-        return int(self._maps().shape[0])
+        self._check_fields()
+        return int(np.shape(self.maps)[0])
 
     @property
     def ranks(self) -> int:
-        return int(self._maps().shape[1])
+        self._check_fields()
+        return int(np.shape(self.maps)[1])
 
     @property
     def slots_per_rank(self) -> int:
-        return int(self._maps().shape[2])
+        self._check_fields()
+        return int(np.shape(self.maps)[2])
 
     @property
     def replicas(self) -> int:

@@ -319,10 +319,7 @@ BOOST_AUTO_TEST_CASE(device_step_matches_dense_reference) {
 // rows by two maps.
 BOOST_AUTO_TEST_CASE(ranks_with_different_maps_raise_on_every_rank) {
   const auto c = locus_test::make_case(77, 2, 2);
-  auto table = c.map.slot_table();
-  const auto S = static_cast<std::ptrdiff_t>(c.map.slots_per_rank());
-  std::swap_ranges(table.begin(), table.begin() + S, table.begin() + S);
-  const expert_map other(c.experts, c.map.ranks(), c.map.slots_per_rank(), table);
+  const expert_map other = locus_test::ranks_traded(c.map);
   const auto all = locus_test::model_weights<float>(9, c.experts, c.hidden, 16);
   for (const transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
     std::vector<std::exception_ptr> errors;

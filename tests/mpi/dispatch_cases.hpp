@@ -59,6 +59,15 @@ struct dispatch_case {
   }
 };
 
+// `map` with the slots of ranks 0 and 1 traded: the same sizes, another placement (a rank that
+// steps with it disagrees with its peers).
+inline locus::expert_map ranks_traded(const locus::expert_map& map) {
+  auto table = map.slot_table();
+  const auto S = static_cast<std::ptrdiff_t>(map.slots_per_rank());
+  std::swap_ranges(table.begin(), table.begin() + S, table.begin() + S);
+  return locus::expert_map(map.experts(), map.ranks(), map.slots_per_rank(), table);
+}
+
 // topologies: (nodes, gpus_per_node) with nodes * gpus == ranks.
 inline dispatch_case make_case(std::uint64_t seed, std::size_t nodes, std::size_t gpus) {
   std::mt19937_64 rng(seed);

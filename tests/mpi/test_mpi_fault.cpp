@@ -185,10 +185,7 @@ BOOST_AUTO_TEST_CASE(skipped_step_raises_transport_error_on_every_rank) {
 BOOST_AUTO_TEST_CASE(ranks_with_different_maps_raise_on_every_rank) {
   const std::size_t me = static_cast<std::size_t>(world_rank());
   const auto c = locus_test::make_case(77, 2, 2);
-  auto table = c.map.slot_table();
-  const auto S = static_cast<std::ptrdiff_t>(c.map.slots_per_rank());
-  std::swap_ranges(table.begin(), table.begin() + S, table.begin() + S);
-  const expert_map other(c.experts, c.map.ranks(), c.map.slots_per_rank(), table);
+  const expert_map other = locus_test::ranks_traded(c.map);
   auto scale = [](expert_id e, std::span<const float> in, std::span<float> out, std::size_t) {
     for (std::size_t i = 0; i < in.size(); ++i)
       out[i] = static_cast<float>(e + 1) * in[i];

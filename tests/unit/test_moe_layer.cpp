@@ -486,12 +486,7 @@ BOOST_AUTO_TEST_CASE(in_place_forward_equals_out_of_place) {
 // with no request, so that those raise at once too (they waited out the timeout).
 BOOST_AUTO_TEST_CASE(ranks_with_different_maps_raise) {
   const auto c = locus_test::make_case(77, 2, 2);
-  // Rank 0's map: ranks 0 and 1 trade their slots (same sizes, another placement).
-  auto table = c.map.slot_table();
-  const std::size_t S = c.map.slots_per_rank();
-  std::swap_ranges(table.begin(), table.begin() + static_cast<std::ptrdiff_t>(S),
-                   table.begin() + static_cast<std::ptrdiff_t>(S));
-  const expert_map other(c.experts, c.map.ranks(), S, table);
+  const expert_map other = locus_test::ranks_traded(c.map); // rank 0's map
   BOOST_TEST_REQUIRE(!(other == c.map));
   BOOST_TEST(other.fingerprint() != c.map.fingerprint());
   auto scale = [](expert_id e, std::span<const float> in, std::span<float> out, std::size_t) {

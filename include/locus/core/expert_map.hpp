@@ -100,6 +100,8 @@ public:
   std::size_t slot_count() const noexcept { return slot_expert_.size(); }
   //! Slots holding a replica beyond each expert's first copy.
   std::size_t replica_slots_used() const noexcept { return replicas_.size() - experts_; }
+  //! Slots that hold no expert (`map export` fills them for the engines, whose files have none).
+  std::size_t empty_slots() const noexcept { return slot_expert_.size() - replicas_.size(); }
 
   //! Expert in (rank, slot), or empty_slot.
   expert_id expert_at(std::size_t rank, std::size_t slot) const {

@@ -467,7 +467,7 @@ private:
     }
     // In place (y over x), the shared experts, which run after combine wrote y, read a copy of x.
     std::span<const value_type> shared_x = x;
-    if (shape_.shared_experts() > 0 && overlaps(x, y)) {
+    if (shape_.shared_experts() > 0 && overlaps(x.data(), y.data(), std::min(x.size(), y.size()))) {
       shared_in_.assign(x.begin(), x.end());
       shared_x = shared_in_;
     }
@@ -475,9 +475,10 @@ private:
     if (shape_.shared_experts() > 0) add_shared(shared_x, y);
   }
 
-  static bool overlaps(std::span<const value_type> a, std::span<const value_type> b) noexcept {
+  // Whether `n` values from `a` and from `b` share memory (the host and the device step's in-place test).
+  static bool overlaps(const value_type* a, const value_type* b, std::size_t n) noexcept {
     const std::less<const value_type*> before;
-    return !a.empty() && !b.empty() && before(a.data(), b.data() + b.size()) && before(b.data(), a.data() + a.size());
+    return n > 0 && before(a, b + n) && before(b, a + n);
   }
 
   void add_shared(std::span<const value_type> x, std::span<value_type> y) {

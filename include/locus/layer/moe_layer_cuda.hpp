@@ -19,7 +19,6 @@
 #include <cstdint>
 #include <cuda_runtime_api.h>
 #include <exception>
-#include <functional>
 #include <locus/backend/cuda.hpp>
 #include <locus/core/device_buffer.hpp>
 #include <locus/layer/detail/kernels/shared_sum.cuh>
@@ -201,8 +200,7 @@ private:
     std::exception_ptr copy_error;
     if (l.shape().shared_experts() > 0) {
       const std::size_t n = d.last_layout().tokens() * l.shape().hidden();
-      const std::less<const value_type*> before;
-      if (n > 0 && before(x, y + n) && before(y, x + n)) try {
+      if (layer_type::overlaps(x, y, n)) try {
           s.shared_in.resize(n);
           LOCUS_CUDA_CHECK(cudaMemcpyAsync(s.shared_in.data(), x, n * sizeof(value_type), cudaMemcpyDeviceToDevice,
                                            l.backend().stream));

@@ -119,7 +119,8 @@ public:
   //! @throws locus::config_error when the map and the transport disagree, `hidden` is zero or
   //!         differs from a static Hidden, or `stream` is not the endpoint's
   device_dispatcher(Exchanger& ex, expert_map map, std::size_t hidden, cudaStream_t stream)
-      : ex_(&ex), map_(std::move(map)), hidden_(hidden), hx_(hidden), stream_(stream),
+      : ex_(&ex), map_(std::move(map)), map_fingerprint_(map_.fingerprint()), hidden_(hidden), hx_(hidden),
+        stream_(stream),
         // With one GPU per node there is no node stage: a hierarchical endpoint takes the flat path.
         kind_(exchange_path(ex.hierarchical() ? transport_kind::hierarchical : transport_kind::flat,
                             ex.topology().gpus_per_node())) {
@@ -399,7 +400,7 @@ private:
     const auto& sc = layout_.slot_counts_host();
     slot_tail_.assign(sc.begin(), sc.end());
     ex_->exchange_device_counts(exchange_group::world, hidden_ * sizeof(T), send_counts_, entry_bytes, entry_counts_,
-                                counts_, 11, slot_tail_, static_cast<std::uint32_t>(S), map_.fingerprint());
+                                counts_, 11, slot_tail_, static_cast<std::uint32_t>(S), map_fingerprint_);
     // The expert compute's segments: each local slot's entries summed over the senders.
     std::string why = detail::exchange::slot_offsets_from(counts_, S, expected_offsets_);
     if (why.empty()) why = detail::exchange::entries_for_empty_slot(expected_offsets_, slot_expert_);
@@ -436,7 +437,7 @@ private:
     ns::round_message(lc, G, self, S, send_counts_, entry_counts_, slot_tail_);
     ex_->exchange_device_counts(exchange_group::world, hidden_ * sizeof(T), send_counts_, sizeof(ns::node_entry),
                                 entry_counts_, counts_, 11, slot_tail_,
-                                static_cast<std::uint32_t>(ns::tail_width(S, G)), map_.fingerprint());
+                                static_cast<std::uint32_t>(ns::tail_width(S, G)), map_fingerprint_);
     std::string why = ns::counts_from(lc, counts_, G, self, S, sc_);
     // A round of another width leaves no sizes to exchange by (the transports refuse it first).
     LOCUS_REQUIRE(sc_.sized, invalid_input_error, "device_dispatcher: rank ", self, " ", why);
@@ -536,6 +537,7 @@ private:
   // Null once moved from (the moved-from dispatcher's destructor then waits for nothing).
   std::unique_ptr<Exchanger, detail::device_dispatch::not_owned> ex_;
   expert_map map_;
+  std::uint64_t map_fingerprint_; // what each step's count round carries, for the ranks to compare
   std::size_t hidden_;
   Hidden hx_; // the row width the kernels are instantiated for (static: a constant)
   cudaStream_t stream_;
