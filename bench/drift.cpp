@@ -273,7 +273,7 @@ int main(int argc, char** argv) try {
 
   const std::size_t sample_tokens = popt.refine_sample_tokens(timeline.layers(), timeline.top_k());
   const std::size_t slots = placement::total_slots(stat.maps);
-  const auto budget = static_cast<std::size_t>(budget_share * static_cast<double>(slots));
+  const auto budget = placement::budget_slots(budget_share, stat.maps);
   const bool fill = redundant > 0;
   // A full plan on steps [a, b): locality on their per-node loads, then the token-level stage.
   const auto full_plan = [&](std::size_t a, std::size_t b) {

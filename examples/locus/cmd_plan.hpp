@@ -21,6 +21,7 @@
 #include <locus/grouper/workload_model_json.hpp>
 #include <locus/placement/activation_plan.hpp>
 #include <locus/placement/by_name.hpp>
+#include <locus/placement/live_replan.hpp>
 #include <locus/placement/load_import.hpp>
 #include <locus/placement/migration.hpp>
 #include <locus/placement/trace_load.hpp>
@@ -558,20 +559,23 @@ inline void register_simulate(CLI::App& app) {
       ->check(tool_cli::number_in(0, 1));
   cmd->add_option("--replan-slack", opt->replan_slack,
                   "A re-plan's load bound: it first repairs the GPUs above (1 + this) x the mean load (the window's, "
-                  "with the training sample counted as " +
+                  "with the training split's traffic counted as " +
                       std::to_string(static_cast<int>(locus::placement::default_prior_requests)) +
-                      " requests beside it when there is a grouping), as far as its budget allows, and no other swap "
+                      " requests beside it when the run groups with workload_aware), as far as its budget allows, and "
+                      "no other swap "
                       "raises a GPU above it")
       ->check(tool_cli::finite_non_negative);
   cmd->add_option("--drift-every", opt->drift_every,
                   "Steps between drift checks that re-plan early (0: none); with --grouper workload_aware the first "
                   "check compares the steps so far with the training traffic, else it waits for a full window");
-  cmd->add_option("--balance-trigger", opt->balance_trigger,
-                  "With --drift-every: also re-plan at a drift check when the GPU max/mean the maps measure since the "
-                  "last re-plan exceeds this (0: off)")
+  cmd->add_option(
+         "--balance-trigger", opt->balance_trigger,
+         "With --drift-every: also re-plan at a drift check when the GPU max/mean the maps measure since the "
+         "last re-plan exceeds this (0: off). A re-plan on drift or balance comes at least a window (--replan-window) "
+         "after the last re-plan")
       ->check(tool_cli::zero_or_at_least_one);
   cmd->add_option("--expert-bytes", opt->expert_bytes, "Weight bytes of one expert (moved bytes)")
-      ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 40));
+      ->check(CLI::Range(std::uint64_t{0}, locus::placement::max_expert_bytes));
   cmd->callback([cmd, split, plan, opt] {
     const auto start = std::chrono::steady_clock::now();
     // A saved map names the topology it was planned for (plan writes it): without --nodes and
@@ -685,14 +689,23 @@ inline void register_simulate(CLI::App& app) {
       const std::size_t window = opt->replan_window  ? opt->replan_window
                                  : opt->replan_every ? opt->replan_every
                                                      : drift_only_window;
-      // The training sample needs the grouping (the node of each request); without one the
-      // re-plans see the window alone, and drift checks wait for a full window to compare with.
+      // The prior is the training split on the nodes the workload_aware grouping gives its requests
+      // (each classified by the model, fitted here or loaded: a saved grouping keeps no training
+      // labels, and both must give the same run). Other groupers place requests without the model,
+      // so the model's nodes would be the wrong ones: the re-plans then see the window alone, and
+      // drift checks wait for a full window to compare with.
       locus::placement::activation_plan_options popt;
       const std::size_t tokens = popt.refine_sample_tokens(test.layers(), test.top_k());
-      const auto prior = planned.model ? locus::placement::token_sample_from_model(train, *planned.model, tokens)
-                                       : locus::placement::token_sample{};
+      const auto prior = planned.model && opt->grouper == "workload_aware"
+                             ? locus::placement::decode_token_sample(
+                                   train,
+                                   locus::placement::assumed_request_nodes(train, planned.model.get(), topo.nodes(),
+                                                                           split->prefill_tokens),
+                                   tokens)
+                             : locus::placement::token_sample{};
       popt.refine.count(transport == locus::cost::transport_kind::flat ? locus::placement::copy_count::flat
                                                                        : locus::placement::copy_count::hierarchical);
+      popt.refine.replicas.rule = replica_rule; // the re-plans count copies as the run routes them
       popt.refine.replan_slack = opt->replan_slack;
       locus::cost::online_options o;
       o.interval = opt->replan_every;
@@ -709,8 +722,7 @@ inline void register_simulate(CLI::App& app) {
                     sched.steps(), " steps, and with a window of ", window, " steps neither --replan-every ",
                     opt->replan_every, " nor --drift-every ", opt->drift_every, " acts before its end");
       o.expert_bytes = opt->expert_bytes;
-      const auto budget =
-          static_cast<std::size_t>(opt->replan_budget * static_cast<double>(locus::placement::total_slots(maps)));
+      const auto budget = locus::placement::budget_slots(opt->replan_budget, maps);
       const auto online = locus::cost::run_online(
           test, sched, maps, cfg, o, [&](const std::vector<locus::expert_map>& cur, std::size_t a, std::size_t b) {
             const auto sample =

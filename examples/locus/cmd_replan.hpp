@@ -146,7 +146,15 @@ inline int map_replan(const replan_options& o) {
   if (stdout_taken({o.json, o.out})) return 0;
   std::printf("%s: %zu of %zu slots budgeted moved (%.1f%% of all slots", o.out.c_str(), r.moves.size(), r.budget_slots,
               100 * r.moved_share);
-  if (r.bytes_moved) std::printf(", %.2f GB of weights", static_cast<double>(r.bytes_moved) / 1e9);
+  if (r.bytes_moved) { // in the unit that shows it: a few small experts are megabytes
+    const double b = static_cast<double>(r.bytes_moved);
+    if (b >= 1e9)
+      std::printf(", %.2f GB of weights", b / 1e9);
+    else if (b >= 1e6)
+      std::printf(", %.2f MB of weights", b / 1e6);
+    else
+      std::printf(", %.0f bytes of weights", b);
+  }
   std::printf(")\non the window (%zu requests, %zu decode tokens): inter-node copies per token %.3f -> %.3f, GPU "
               "max/mean floor %.3f -> %.3f\n",
               r.window_requests, r.window_decode_tokens, r.copies_per_token_before, r.copies_per_token_after,
@@ -198,7 +206,7 @@ inline void register_map_replan(CLI::App* map_cmd) {
       ->check(CLI::IsMember(tool_cli::names_of(locus::placement::all_replica_rules)))
       ->capture_default_str();
   cmd->add_option("--expert-bytes", o->live.expert_bytes, "Weight bytes of one expert, for the bytes moved")
-      ->check(CLI::Range(std::uint64_t{0}, std::uint64_t{1} << 40))
+      ->check(CLI::Range(std::uint64_t{0}, locus::placement::max_expert_bytes))
       ->capture_default_str();
   cmd->add_option("--gpus-per-node", o->gpus_per_node, "GPUs per node of the plan's ranks")
       ->check(tool_cli::positive_whole)

@@ -82,6 +82,8 @@ def _array(x: Any, dtype: Any, ndim: Optional[int] = None, name: str = "array") 
     to = np.dtype(dtype)
     if a.dtype.kind not in "biuf":
         raise InvalidInputError(f"locus: invalid input: {name} holds {a.dtype} values, expected numbers")
+    if to.kind in "iu" and a.dtype.kind == "b":  # True as rank or id 1 is a mistake, not a number
+        raise InvalidInputError(f"locus: invalid input: {name} holds booleans, expected whole numbers")
     if to.kind in "iu" and a.size:
         if a.dtype.kind == "f":
             bad = ~np.isfinite(a) | (a != np.trunc(a))

@@ -714,7 +714,7 @@ NB_MODULE(_core, m) {
         opt.replan_slack = replan_slack;
         opt.copies = locus::placement::parse_copy_count(transport);
         opt.replicas = locus::transport::parse_replica_rule(replica_rule);
-        opt.expert_bytes = count_arg(expert_bytes, "expert_bytes");
+        opt.expert_bytes = count_arg(expert_bytes, "expert_bytes", locus::placement::max_expert_bytes);
         const auto current = maps_from(maps, size_arg(experts, "experts"));
         locus::placement::require_replan_shape(current, window, topo, map_layers);
         if (prior) locus::placement::require_replan_shape(current, *prior, topo, map_layers, "prior");

@@ -1081,6 +1081,11 @@ def test_replan_refuses_bad_arguments():
         locus.replan(plan, window, homes=[0, 1])
     with pytest.raises(locus.ConfigError, match=r"homes\[1\] is rank 4 of 4"):
         locus.replan(plan, window, homes=[0, 4, 0, 0, 0, 0])
+    with pytest.raises(locus.InvalidInputError, match="homes holds booleans"):
+        locus.replan(plan, window, homes=[True] * 6)
+    with pytest.raises(locus.ConfigError, match=r"expert_bytes is 1099511627777, expected a whole number from 0 to "
+                       r"1099511627776"):
+        locus.replan(plan, window, expert_bytes=(1 << 40) + 1)
     with pytest.raises(locus.ConfigError, match="prior_requests"):
         locus.replan(plan, window, prior=code, prior_requests=float("nan"))
     with pytest.raises(locus.ConfigError, match="prior_requests applies with a prior"):

@@ -96,6 +96,22 @@ BOOST_AUTO_TEST_CASE(migration_budget_is_never_exceeded) {
   }
 }
 
+// A budget share written as a decimal counts in full (0.57 × 100 slots is 56.99999999999999 in
+// binary, and the floor of it cost a slot); any other share is floored, and never past the slots.
+BOOST_AUTO_TEST_CASE(a_decimal_budget_share_counts_in_full) {
+  std::mt19937 rng(3);
+  const std::vector<expert_map> hundred{random_map(rng, 100, 4, 25, 0)};
+  BOOST_TEST(placement::total_slots(hundred) == 100u);
+  BOOST_TEST(placement::budget_slots(0.57, hundred) == 57u);
+  BOOST_TEST(placement::budget_slots(0.29, hundred) == 29u);
+  BOOST_TEST(placement::budget_slots(0.575, hundred) == 57u);
+  BOOST_TEST(placement::budget_slots(0.0099, hundred) == 0u);
+  BOOST_TEST(placement::budget_slots(0.0, hundred) == 0u);
+  BOOST_TEST(placement::budget_slots(1.0, hundred) == 100u);
+  for (int percent = 0; percent <= 100; ++percent)
+    BOOST_TEST(placement::budget_slots(percent / 100.0, hundred) == static_cast<std::size_t>(percent));
+}
+
 // Within the bound, every swap taken saves copies of the sample; with the loads already balanced
 // and a budget, the result costs no more than the maps in service (a brute-force count).
 BOOST_AUTO_TEST_CASE(budgeted_swaps_lower_the_sample_cost_when_balanced) {

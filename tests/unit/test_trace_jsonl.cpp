@@ -214,6 +214,15 @@ BOOST_AUTO_TEST_CASE(string_ids_default_domain_and_nulls) {
       "\"domain\": \"law\"}\n",
       "b.jsonl", opts());
   BOOST_TEST(blank.domains() == std::vector<std::string>{"law"});
+  // A number after strings (the other order is a case of bad_records_fail_or_are_skipped_and_counted).
+  expect_format_error(
+      [&] {
+        (void)trace::import_jsonl_text(
+            "{\"req_id\": \"a\", \"token_idx\": 0, \"layer\": 0, \"topk_ids\": [1, 2], \"topk_weights\": [1, 1]}\n"
+            "{\"req_id\": 0, \"token_idx\": 0, \"layer\": 0, \"topk_ids\": [1, 2], \"topk_weights\": [1, 1]}\n",
+            "m.jsonl", opts());
+      },
+      {"m.jsonl:2: ", "req_id is a number here and a string at line 1"});
 }
 
 // No req_id (or a constant one): requests are cut where token_idx restarts, per layer.
@@ -304,6 +313,9 @@ BOOST_AUTO_TEST_CASE(bad_records_fail_or_are_skipped_and_counted) {
        "layer 4294967296 exceeds 2^32-1"},
       {"{\"req_id\": -2, \"token_idx\": 0, \"layer\": 0, " + ids + ", " + ws + "}", "\"req_id\" is a negative number"},
       {"{\"req_id\": true, \"token_idx\": 0, \"layer\": 0, " + ids + ", " + ws + "}", "\"req_id\" is a boolean"},
+      // Strings are numbered 0, 1, ... and numbers kept: both in one log would give two requests id 1.
+      {"{\"req_id\": \"b\", \"token_idx\": 0, \"layer\": 0, " + ids + ", " + ws + "}",
+       "req_id is a string here and a number at line 1: a log's req_ids are all numbers or all strings"},
       {with(ids + ", " + ws + ", \"phase\": \"warmup\""),
        "\"phase\" is \"warmup\", expected \"prefill\" or \"decode\""},
       {with(ids + ", " + ws + ", \"step\": -3"), "step -3 is outside"},

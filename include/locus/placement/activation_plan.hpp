@@ -16,6 +16,7 @@
 #include <locus/placement/token_refine.hpp>
 #include <locus/placement/trace_load.hpp>
 #include <memory>
+#include <numeric>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -97,6 +98,15 @@ inline token_sample decode_token_sample(const trace::trace& t, std::span<const s
         s.ids[l][i * s.top_k + j] = view.expert(picked[i], j);
   }
   return s;
+}
+
+//! The same over every request of `t`, request r's tokens on node `nodes[r]`.
+//! @throws locus::config_error when `nodes` does not give one node per request
+inline token_sample decode_token_sample(const trace::trace& t, std::span<const std::uint32_t> nodes,
+                                        std::size_t max_tokens) {
+  std::vector<std::size_t> requests(t.requests());
+  std::iota(requests.begin(), requests.end(), std::size_t{0});
+  return decode_token_sample(t, requests, nodes, max_tokens);
 }
 
 //! Up to `max_tokens` decode tokens of the model's training requests (evenly strided), each with

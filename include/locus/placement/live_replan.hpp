@@ -19,7 +19,6 @@
 #include <locus/placement/migration.hpp>
 #include <locus/placement/split_floor.hpp>
 #include <locus/trace/trace.hpp>
-#include <numeric>
 #include <span>
 #include <vector>
 
@@ -57,13 +56,6 @@ struct live_replan_result {
 };
 
 namespace detail {
-// Every request index of `t`, in order.
-inline std::vector<std::size_t> all_requests(const trace::trace& t) {
-  std::vector<std::size_t> r(t.requests());
-  std::iota(r.begin(), r.end(), std::size_t{0});
-  return r;
-}
-
 // Per layer, the rows of each expert over the decode tokens of `t`.
 inline std::vector<std::vector<double>> decode_rows(const trace::trace& t) {
   std::vector<std::vector<double>> rows(t.layers(), std::vector<double>(t.experts(), 0.0));
@@ -154,10 +146,9 @@ inline live_replan_result replan_live(const std::vector<expert_map>& current, co
   activation_plan_options popt;
   const std::size_t tokens =
       opt.sample_tokens ? opt.sample_tokens : popt.refine_sample_tokens(window.layers(), window.top_k());
-  const auto sample = decode_token_sample(window, detail::all_requests(window), window_nodes, tokens);
+  const auto sample = decode_token_sample(window, window_nodes, tokens);
   LOCUS_REQUIRE(sample.tokens() > 0, config_error, "re-plan: the window has no decode tokens (mark its prefill)");
-  const auto fitted =
-      prior ? decode_token_sample(*prior, detail::all_requests(*prior), prior_nodes, tokens) : token_sample{};
+  const auto fitted = prior ? decode_token_sample(*prior, prior_nodes, tokens) : token_sample{};
   // with_prior returns the window alone for an empty prior: a prior given must say something.
   LOCUS_REQUIRE(!prior || fitted.tokens() > 0, config_error,
                 "re-plan: the prior has no decode tokens (mark its prefill)");
@@ -172,7 +163,7 @@ inline live_replan_result replan_live(const std::vector<expert_map>& current, co
   refine.replicas.rule = opt.replicas;
   refine.replan_slack = opt.replan_slack;
   live_replan_result out;
-  out.budget_slots = static_cast<std::size_t>(opt.budget_share * static_cast<double>(total_slots(current)));
+  out.budget_slots = budget_slots(opt.budget_share, current);
   auto moved = replan_by_tokens(current, with_prior(sample, fitted, opt.prior_requests), topo, refine, out.budget_slots,
                                 opt.expert_bytes);
   out.maps = std::move(moved.maps);

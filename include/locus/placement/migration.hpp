@@ -130,6 +130,18 @@ inline std::size_t total_slots(const std::vector<expert_map>& maps) {
   return n;
 }
 
+//! The largest expert the command line and Python take for the weight bytes moved (a tebibyte).
+inline constexpr std::uint64_t max_expert_bytes = std::uint64_t{1} << 40;
+
+//! The slots a re-plan may move for a budget of `share` of all layers' slots: the floor of their
+//! product, but a share written as a decimal counts in full (0.57 of 100 slots is 57, where the
+//! product of the binary 0.57 and 100 is 56.99999999999999).
+inline std::size_t budget_slots(double share, const std::vector<expert_map>& maps) {
+  const double slots = static_cast<double>(total_slots(maps));
+  const double exact = share * slots;
+  return static_cast<std::size_t>(std::min(slots, std::floor(exact + exact * 1e-12)));
+}
+
 //! with_prior's weight of the prior, in requests. On ESFT's drift scenario (split seed 1, re-plan
 //! bound 1.175) 32 keeps 99% of the per-phase oracle's byte saving against 94% with 0 (the
 //! window's loads alone), at GPU max/mean 1.22 against 1.17 over the phase the shift unbalanced

@@ -810,6 +810,18 @@ private:
     if (f_.req_kind == jsonl_fields::id_kind::none && !opt_.split_on_restart)
       return bad(line_no, "route record lacks \"req_id\" (import with split_on_restart / --split-on-restart to "
                           "reconstruct requests from token_idx restarts)");
+    // Strings are numbered 0, 1, ... and numbers kept: a log of both would give two requests one id.
+    if (f_.req_kind != jsonl_fields::id_kind::none && !opt_.split_on_restart) {
+      if (id_kind_line_ == 0) {
+        id_kind_ = f_.req_kind;
+        id_kind_line_ = loc(line_no);
+      } else if (f_.req_kind != id_kind_) {
+        const bool text = f_.req_kind == jsonl_fields::id_kind::text;
+        return bad(line_no, locus::detail::concat("req_id is a ", text ? "string" : "number", " here and a ",
+                                                  text ? "number" : "string", " at ", place(id_kind_line_),
+                                                  ": a log's req_ids are all numbers or all strings"));
+      }
+    }
     if (experts_ == 0)
       throw invalid_input_error(
           locus::detail::concat(name_, ":", line_no,
@@ -1063,8 +1075,10 @@ private:
   std::vector<float> weights_;
   std::unordered_map<std::string, std::uint32_t> request_index_;
   std::vector<request_meta> request_meta_;
-  std::uint64_t meta_experts_ = 0, meta_top_k_ = 0;           // the values meta lines declared
-  std::uint64_t meta_experts_line_ = 0, meta_top_k_line_ = 0; // where (0: none yet)
+  jsonl_fields::id_kind id_kind_ = jsonl_fields::id_kind::none; // the kind of the first req_id
+  std::uint64_t id_kind_line_ = 0;                              // where (0: none yet)
+  std::uint64_t meta_experts_ = 0, meta_top_k_ = 0;             // the values meta lines declared
+  std::uint64_t meta_experts_line_ = 0, meta_top_k_line_ = 0;   // where (0: none yet)
   std::unordered_map<std::uint64_t, std::uint32_t> layer_index_;
   std::unordered_map<std::string, segment_state> segments_;
   std::vector<std::string> domain_names_;
