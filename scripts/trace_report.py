@@ -26,6 +26,12 @@ import numpy as np  # noqa: E402
 DPI = 80  # keeps each PNG well under 200 KB
 
 
+def prefill_words(summary):
+    """What counted as prefill: the trace's recorded phases, or its first N tokens."""
+    n = summary["prefill_tokens"]
+    return "recorded phases" if n == "recorded" else f"first {n} tokens prefill"
+
+
 def read_matrix(path, skip_header=True):
     rows = []
     with open(path) as f:
@@ -76,7 +82,7 @@ def imbalance(out, summary):
     a.legend(loc="upper left")
     b.plot(layer, gini, "s-", label="Gini of expert load")
     b.plot(layer, js, "^-", label="JS divergence between domains (bits, mean over pairs)")
-    b.plot(layer, corr, "d-", label=f"prefill/decode correlation (mean, first {summary['prefill_tokens']} tokens prefill)")
+    b.plot(layer, corr, "d-", label=f"prefill/decode correlation (mean, {prefill_words(summary)})")
     b.set_xlabel("MoE layer")
     b.set_ylim(0, 1)
     b.legend(loc="upper left", fontsize=8)
@@ -133,7 +139,7 @@ def prefill_decode(out, summary):
     b.set_xticklabels([str(l) for l in range(0, layers, max(1, layers // 10))])
     b.set_xlabel("MoE layer")
     b.set_ylabel("Pearson r, prefill vs decode expert counts")
-    b.set_title(f"Per-request correlation (first {summary['prefill_tokens']} tokens prefill)")
+    b.set_title(f"Per-request correlation ({prefill_words(summary)})")
     b.axhline(0, color="grey", lw=0.8, ls=":")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "prefill_decode.png"), dpi=DPI)

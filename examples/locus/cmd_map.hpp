@@ -143,6 +143,11 @@ inline int map_export(const export_options& o) {
   if (!as_map && format == locus::placement::engine_format::sglang)
     std::printf("pass: --init-expert-location %s --ep-num-redundant-experts %zu --ep-size %zu\n", o.out.c_str(),
                 m.slot_count() - m.experts(), m.ranks());
+  else if (!as_map && format == locus::placement::engine_format::vllm)
+    std::printf("pass: --enable-expert-parallel --enable-eplb --eplb-config '{\"num_redundant_experts\": %zu}' "
+                "(data parallel size %zu), and in every worker process, from a vllm.general_plugins entry point: "
+                "locus.vllm.register(\"%s\")\n",
+                m.slot_count() - m.experts(), m.ranks(), o.out.c_str());
   else if (!as_map && format == locus::placement::engine_format::trtllm)
     std::printf("pass: moe_config: {load_balancer: %s} (in --extra_llm_api_options), --ep %zu\n", o.out.c_str(),
                 m.ranks());
@@ -180,7 +185,8 @@ inline void register_map(CLI::App& app) {
       ->default_str("none: by replica count");
   exp->add_option("--grouping", o->grouping,
                   "Grouping model saved with the plan: ties for empty slots go to the replica saving most copies")
-      ->check(CLI::ExistingFile);
+      ->check(CLI::ExistingFile)
+      ->default_str("none: ties to the lowest expert id");
   exp->add_option("--gpus-per-node", o->gpus_per_node, "GPUs per node of the plan's ranks")
       ->check(tool_cli::positive_whole)
       ->default_str("saved with the plan, else 1");

@@ -525,10 +525,12 @@ inline void register_simulate(CLI::App& app) {
   plan->add_to(cmd, "the simulated --transport's");
   cmd->add_option("--map", opt->map_path,
                   "Expert map JSON (instead of --placement); without --nodes and --gpus-per-node the run takes the "
-                  "topology the map was planned for, where the map names it (plan saves it)");
+                  "topology the map was planned for, where the map names it (plan saves it)")
+      ->default_str("none: planned by --placement");
   cmd->add_option("--grouping", opt->grouping_path,
                   "Grouping model JSON written by plan (with --map: used as saved, nothing is fitted)")
-      ->check(CLI::ExistingFile);
+      ->check(CLI::ExistingFile)
+      ->default_str("none: fitted on the training split when used");
   cmd->add_option("--grouper", opt->grouper, "Grouper: round_robin, least_loaded, workload_aware")
       ->check(CLI::IsMember(locus::grouper::grouper_names()));
   cmd->add_option("--transport", opt->transport, "flat or hierarchical")

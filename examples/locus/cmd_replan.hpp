@@ -182,7 +182,8 @@ inline void register_map_replan(CLI::App* map_cmd) {
   cmd->add_option("--grouping", o->grouping,
                   "Grouping model saved with the plan: a request whose prefill its classes recognise runs on its "
                   "class's node, the others on the nodes in turn")
-      ->check(CLI::ExistingFile);
+      ->check(CLI::ExistingFile)
+      ->default_str("none: the nodes in turn");
   cmd->add_option("--prior", o->prior_paths,
                   "The traffic the map was fitted to (e.g. the plan's training trace): steers the copy savings; its "
                   "requests' nodes come from --grouping")

@@ -416,8 +416,10 @@ inline std::string default_report_script() {
 
 inline void register_trace_report(CLI::App& trace_cmd) {
   struct options {
-    std::string path, out = "trace_report", python = "/usr/bin/python3", script = default_report_script(), json;
+    std::vector<std::string> paths;
+    std::string out = "trace_report", python = "/usr/bin/python3", script = default_report_script(), json;
     std::size_t prefill = 32;
+    jsonl_reading how;
     long layer = -1;
     bool no_render = false;
     unsigned threads = 0;
@@ -425,11 +427,13 @@ inline void register_trace_report(CLI::App& trace_cmd) {
   auto o = std::make_shared<options>();
   auto* cmd = trace_cmd.add_subcommand("report", "Write CSV files and PNG figures (expert-load heatmaps per domain, "
                                                  "imbalance per layer, co-activation, prefill/decode scatter)");
-  cmd->add_option("trace", o->path,
-                  "Trace: locus binary file, ESFT folder or route JSONL file (with a meta line naming num_experts)")
-      ->required();
+  // The trace is read as `trace stats` reads it: the same inputs, flags and phases.
+  cmd->add_option("trace", o->paths, trace_help)->required()->expected(1, -1);
   cmd->add_option("--out", o->out, "Output folder (made, with its parents, if missing)");
-  cmd->add_option("--prefill-tokens", o->prefill, "Leading tokens of each request counted as prefill");
+  auto* prefill = cmd->add_option("--prefill-tokens", o->prefill, prefill_help);
+  cmd->add_option("--experts", o->how.experts, experts_help)->check(experts_range());
+  cmd->add_flag("--split-on-restart", o->how.split_on_restart, split_on_restart_help);
+  cmd->add_flag("--strict-layers", o->how.strict_layers, strict_layers_help);
   cmd->add_option("--layer", o->layer, "Layer of the co-activation heatmap and the scatter (-1: the middle one)")
       ->default_str("middle");
   cmd->add_option("--python", o->python, "Python interpreter with matplotlib");
@@ -439,7 +443,7 @@ inline void register_trace_report(CLI::App& trace_cmd) {
   cmd->add_flag("--no-render", o->no_render, "Write the CSV files only");
   add_json_option(cmd, o->json);
   cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)");
-  cmd->callback([o] {
+  cmd->callback([o, prefill] {
     namespace fs = std::filesystem;
     LOCUS_REQUIRE(o->layer >= -1, locus::config_error, "--layer ", o->layer,
                   " is not a layer (0, 1, ...; the default -1: the middle one)");
@@ -455,7 +459,7 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     // report that ends before (a trace that is not there or does not read, Ctrl-C) leaves no folder;
     // --json may name a file inside it, which the folder's check covers.
     tool_cli::results_folder folder(o->out, "report folder");
-    if (!folder.covers(o->json)) check_outputs({{"--json", o->json}}, {o->path});
+    if (!folder.covers(o->json)) check_outputs({{"--json", o->json}}, o->paths);
     if (!o->json.empty() && !json_to_stdout(o->json)) {
       const auto folder_of = [](fs::path p) { return p.filename().empty() ? p.parent_path() : p; };
       const fs::path json = resolved_path(o->json);
@@ -466,7 +470,13 @@ inline void register_trace_report(CLI::App& trace_cmd) {
                     " (summary.json, *.csv, *.png): one would replace the other");
     }
     progress p("locus trace report");
-    const auto t = trace_analysis::load(o->path, p).with_prefill_tokens(o->prefill);
+    for (const auto& path : o->paths)
+      trace_analysis::require_exists(path);
+    p.start("loading " + o->paths.front() + (o->paths.size() > 1 ? " ..." : ""));
+    const auto loaded = load_trace(o->paths, o->how);
+    p.done();
+    const bool recorded = keeps_recorded_phases(loaded, prefill->count() > 0);
+    const auto t = with_prefill(loaded, o->prefill, prefill->count() > 0);
     const std::size_t layer = o->layer < 0 ? t.layers() / 2 : static_cast<std::size_t>(o->layer);
     LOCUS_REQUIRE(layer < t.layers(), locus::config_error, "--layer ", o->layer, " is out of range [0, ", t.layers(),
                   ")");
@@ -557,12 +567,12 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     }
     nlohmann::json summary;
     {
-      auto j = trace_analysis::stats_json(s, o->prefill, false,
+      auto j = trace_analysis::stats_json(s, o->prefill, recorded,
                                           t.has_model_layers() ? t.model_layer_ids() : std::vector<std::size_t>{});
       j["format"] = "locus.trace.report.summary";
       j["version"] = 1;
       j["report_layer"] = layer;
-      j["source"] = o->path;
+      j["source"] = o->paths.size() == 1 ? nlohmann::json(o->paths.front()) : nlohmann::json(o->paths);
       for (std::size_t d = 0; d < s.domain_names.size(); ++d)
         j["domains"][d]["file"] = trace_analysis::domain_file_stem(d, s.domain_names[d]);
       std::ostringstream f;

@@ -267,7 +267,9 @@ header_fields read_header(Source& src) {
                 locus::detail::concat("file ends inside the magic: expected ", binary_header_bytes,
                                       "-byte header starting with \"LOCUSTRC\", got ", got, " bytes"));
   if (std::memcmp(h, binary_magic.data(), 8) != 0)
-    format_fail(src.name(), 0, "bad magic: expected \"LOCUSTRC\" (not a locus binary trace)");
+    format_fail(src.name(), 0,
+                "bad magic: expected \"LOCUSTRC\" (not a locus binary trace; `locus trace import` converts route "
+                "JSONL logs and ESFT folders into one)");
   if (got < 12)
     format_fail(
         src.name(), got,
