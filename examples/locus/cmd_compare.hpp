@@ -364,7 +364,7 @@ inline void register_compare(CLI::App& app) {
       "compare", "Compare the baselines, the published method and locality (with and without replicas, flat and "
                  "hierarchical) on a trace: fit on its training split, simulate decode on its test split");
   split->add_to(cmd, false)->description(std::string(trace_help) + " (default: an embedded synthetic trace)");
-  cmd->add_option("--experts", split->experts, experts_help)->check(experts_range());
+  cmd->add_option("--experts", split->experts, experts_help)->check(experts_range())->default_str(experts_default);
   cmd->add_option("--redundant", o->redundant,
                   "Replica slots per GPU of the replica rows, eplb's and locality's (0: no replica rows; the eplb "
                   "baseline without replicas stays)");

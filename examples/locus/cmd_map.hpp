@@ -79,6 +79,14 @@ inline int map_export(const export_options& o) {
     layers = locus::placement::model_layers::contiguous(
         maps.size(), o.first_moe_layer == export_options::unset ? 0 : o.first_moe_layer,
         o.hidden_layers ? o.hidden_layers : plan.hidden_layers);
+    // Allowed (a trace may have logged its layers by another numbering), but said: the engine
+    // would load each layer's map into another layer.
+    if (!plan.model_layers.empty() && plan.model_layers != layers.moe_layer)
+      std::fprintf(stderr,
+                   "locus map export: --first-moe-layer %zu numbers the plan's layers %zu..%zu; the plan saved "
+                   "%zu..%zu, the layers of the trace it was made on\n",
+                   layers.moe_layer.front(), layers.moe_layer.front(), layers.moe_layer.back(),
+                   plan.model_layers.front(), plan.model_layers.back());
   }
   std::vector<std::vector<double>> load;
   if (!o.load_trace.empty()) {

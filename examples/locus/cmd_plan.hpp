@@ -317,7 +317,8 @@ inline void register_plan(CLI::App& app) {
                   "Experts of the model, for routed-expert arrays (default: largest id + 1), route JSONL traces "
                   "(default: the meta line's num_experts) and ESFT folders (default: 64); a binary trace records "
                   "its own")
-      ->check(experts_range());
+      ->check(experts_range())
+      ->default_str(experts_default);
   auto* iterations_opt = cmd->add_option("--load-iterations", *iterations,
                                          "With --load of a TensorRT-LLM folder: sum iterations FIRST:END (END "
                                          "exclusive; FIRST: for every one from FIRST on). Default: all of them");
@@ -521,7 +522,7 @@ inline void register_simulate(CLI::App& app) {
   auto opt = std::make_shared<options>();
   auto* cmd = app.add_subcommand("simulate", "Simulate decode on a trace's test split and report traffic");
   split->add_to(cmd);
-  cmd->add_option("--experts", split->experts, experts_help)->check(experts_range());
+  cmd->add_option("--experts", split->experts, experts_help)->check(experts_range())->default_str(experts_default);
   plan->add_to(cmd, "the simulated --transport's");
   cmd->add_option("--map", opt->map_path,
                   "Expert map JSON (instead of --placement); without --nodes and --gpus-per-node the run takes the "

@@ -213,7 +213,7 @@ inline void register_map_replan(CLI::App* map_cmd) {
       ->check(tool_cli::positive_whole)
       ->default_str("saved with the plan");
   o->prefill_opt = cmd->add_option("--prefill-tokens", o->prefill_tokens, prefill_help);
-  cmd->add_option("--experts", o->experts, experts_help)->check(experts_range());
+  cmd->add_option("--experts", o->experts, experts_help)->check(experts_range())->default_str(experts_default);
   cmd->add_flag("--split-on-restart", o->split_on_restart, split_on_restart_help);
   cmd->add_flag("--strict-layers", o->strict_layers, strict_layers_help);
   add_json_option(cmd, o->json);

@@ -203,7 +203,7 @@ inline void register_trace_stats(CLI::App& trace_cmd) {
                                                 "correlation (table, or JSON with --json -)");
   cmd->add_option("trace", o->paths, trace_help)->required()->expected(1, -1);
   auto* prefill = cmd->add_option("--prefill-tokens", o->prefill, prefill_help);
-  cmd->add_option("--experts", o->how.experts, experts_help)->check(experts_range());
+  cmd->add_option("--experts", o->how.experts, experts_help)->check(experts_range())->default_str(experts_default);
   cmd->add_flag("--split-on-restart", o->how.split_on_restart, split_on_restart_help);
   cmd->add_flag("--strict-layers", o->how.strict_layers, strict_layers_help);
   add_json_option(cmd, o->json);
@@ -431,7 +431,7 @@ inline void register_trace_report(CLI::App& trace_cmd) {
   cmd->add_option("trace", o->paths, trace_help)->required()->expected(1, -1);
   cmd->add_option("--out", o->out, "Output folder (made, with its parents, if missing)");
   auto* prefill = cmd->add_option("--prefill-tokens", o->prefill, prefill_help);
-  cmd->add_option("--experts", o->how.experts, experts_help)->check(experts_range());
+  cmd->add_option("--experts", o->how.experts, experts_help)->check(experts_range())->default_str(experts_default);
   cmd->add_flag("--split-on-restart", o->how.split_on_restart, split_on_restart_help);
   cmd->add_flag("--strict-layers", o->how.strict_layers, strict_layers_help);
   cmd->add_option("--layer", o->layer, "Layer of the co-activation heatmap and the scatter (-1: the middle one)")

@@ -183,7 +183,8 @@ inline void register_trace_import(CLI::App* trace_cmd) {
       ->check(CLI::IsMember({"auto", "esft", "jsonl", "binary"}));
   cmd->add_option("--experts", o->experts,
                   "Declared routed experts (esft default 64; jsonl: else a meta line's num_experts)")
-      ->check(experts_range());
+      ->check(experts_range())
+      ->default_str(experts_default);
   cmd->add_option("--top-k", o->top_k, "Experts per token (esft default 6; jsonl: else meta or first record)")
       ->check(CLI::Range(std::size_t{0}, locus::trace::max_trace_top_k));
   cmd->add_option("--layers", o->layers,

@@ -38,6 +38,8 @@ inline void check_esft_counts(std::size_t experts, std::size_t top_k) {
 //! The values of --experts wherever a trace is read (0: the trace's own count): a usage error before
 //! the trace is read (the trace builder refused a larger one as "trace: experts is ...").
 inline CLI::Validator experts_range() { return CLI::Range(std::size_t{0}, locus::trace::max_trace_experts); }
+//! What --experts shows as its default: the trace's own count (0 is that sentinel, not a count).
+inline constexpr const char* experts_default = "the trace's";
 
 //! Help text of --prefill-tokens where a trace is read.
 inline constexpr const char* prefill_help =

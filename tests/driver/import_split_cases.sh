@@ -114,4 +114,13 @@ ok '--test-fraction FLOAT.*=0\.5' simulate --help
 ok '--skip-requests UINT=0' plan --help
 ok '--json \[PATH\] ' simulate --help
 
+# A plan keeps the layer numbers its trace logged; an export that renumbers them says so.
+sed -e 's/"layer": 1,/"layer": 2,/' -e 's/"layer": 0,/"layer": 1,/' "$whole" >"$work/layers12.jsonl"
+succeeds plan --trace "$work/layers12.jsonl" --test-fraction 0 --nodes 2 --gpus-per-node 2 --out "$work/l12.json"
+ok "numbers the plan's layers 3\.\.4; the plan saved 1\.\.2" map export "$work/l12.json" --to sglang \
+  --first-moe-layer 3 --out "$work/l12_sglang.json"
+check "an export that keeps the saved numbers says nothing" \
+  bash -c "! timeout 60 '$locus' map export '$work/l12.json' --to sglang --first-moe-layer 1 --out '$work/l12_s.json' \
+  2>&1 | grep -q numbers"
+
 cases_end
