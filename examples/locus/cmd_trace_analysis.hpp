@@ -45,6 +45,20 @@ inline locus::trace::trace load(const std::string& path, progress& p, std::size_
   return t;
 }
 
+//! The trace `trace stats` and `trace report` read (every path, with the reading flags), prefill
+//! marked: the phases it records unless `prefill_given`, else its first `prefill` tokens.
+//! `recorded` says which.
+inline locus::trace::trace load(const std::vector<std::string>& paths, const jsonl_reading& how, std::size_t prefill,
+                                bool prefill_given, progress& p, bool& recorded) {
+  for (const auto& path : paths)
+    require_exists(path);
+  p.start("loading " + paths.front() + (paths.size() > 1 ? " ..." : ""));
+  const auto loaded = load_trace(paths, how);
+  p.done();
+  recorded = keeps_recorded_phases(loaded, prefill_given);
+  return with_prefill(loaded, prefill, prefill_given);
+}
+
 inline nlohmann::json number_or_null(double v) {
   if (std::isfinite(v)) return v;
   return nullptr;
@@ -211,13 +225,8 @@ inline void register_trace_stats(CLI::App& trace_cmd) {
   cmd->callback([o, prefill] {
     check_outputs({{"--json", o->json}}, o->paths);
     progress p("locus trace stats");
-    for (const auto& path : o->paths)
-      trace_analysis::require_exists(path);
-    p.start("loading " + o->paths.front() + (o->paths.size() > 1 ? " ..." : ""));
-    const auto loaded = load_trace(o->paths, o->how);
-    p.done();
-    const bool recorded = keeps_recorded_phases(loaded, prefill->count() > 0);
-    const auto t = with_prefill(loaded, o->prefill, prefill->count() > 0);
+    bool recorded = false;
+    const auto t = trace_analysis::load(o->paths, o->how, o->prefill, prefill->count() > 0, p, recorded);
     p.start("computing statistics");
     locus::trace::statistics_options so;
     so.coactivation = so.transitions = false;
@@ -470,13 +479,8 @@ inline void register_trace_report(CLI::App& trace_cmd) {
                     " (summary.json, *.csv, *.png): one would replace the other");
     }
     progress p("locus trace report");
-    for (const auto& path : o->paths)
-      trace_analysis::require_exists(path);
-    p.start("loading " + o->paths.front() + (o->paths.size() > 1 ? " ..." : ""));
-    const auto loaded = load_trace(o->paths, o->how);
-    p.done();
-    const bool recorded = keeps_recorded_phases(loaded, prefill->count() > 0);
-    const auto t = with_prefill(loaded, o->prefill, prefill->count() > 0);
+    bool recorded = false;
+    const auto t = trace_analysis::load(o->paths, o->how, o->prefill, prefill->count() > 0, p, recorded);
     const std::size_t layer = o->layer < 0 ? t.layers() / 2 : static_cast<std::size_t>(o->layer);
     LOCUS_REQUIRE(layer < t.layers(), locus::config_error, "--layer ", o->layer, " is out of range [0, ", t.layers(),
                   ")");
