@@ -431,11 +431,10 @@ inline void register_plan(CLI::App& app) {
                      }()}});
     files.commit();
     if (stdout_taken({*json, *out, grouping_path})) return;
-    std::printf("%s: %s placement, %zu layers, %zu experts on %zu x %zu ranks, %zu slot%s per rank (fitted on %zu "
-                "requests)%s%s\n",
+    std::printf("%s: %s placement, %zu layers, %zu experts on %zu x %zu ranks, %s per rank (fitted on %s)%s%s\n",
                 out->c_str(), plan->placement.c_str(), maps.size(), maps.front().experts(), split->nodes,
-                split->gpus_per_node, maps.front().slots_per_rank(), maps.front().slots_per_rank() == 1 ? "" : "s",
-                train.requests(), planned.model ? "; grouping model in " : "",
+                split->gpus_per_node, tool_cli::counted(maps.front().slots_per_rank(), "slot").c_str(),
+                tool_cli::counted(train.requests(), "request").c_str(), planned.model ? "; grouping model in " : "",
                 planned.model ? grouping_path.c_str() : "");
     if (replicas > 0)
       std::printf("%zu replicas over the layers, %zu of them balance hedges%s\n", replicas, planned.hedge_copies,

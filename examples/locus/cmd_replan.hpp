@@ -31,19 +31,20 @@ struct replan_options {
   CLI::Option* prior_requests_opt = nullptr;
 };
 
-// The node of each request of `t`: its rank in `homes` (request id → rank), else its class's node
+// The node of each request of `t`: its rank in `homes` (request key → rank), else its class's node
 // under `model`, else the nodes in turn.
 inline std::vector<std::uint32_t> request_nodes(const locus::trace::trace& t,
-                                                const std::map<std::uint64_t, std::size_t>* homes,
+                                                const std::map<std::string, std::size_t>* homes,
                                                 const locus::grouper::workload_model* model,
                                                 const locus::dynamic_topology& topo, std::size_t prefill_tokens,
                                                 const std::string& what) {
   std::vector<std::uint32_t> nodes(t.requests());
   if (homes) {
     for (std::size_t r = 0; r < t.requests(); ++r) {
-      const auto it = homes->find(t.request(r).id);
-      LOCUS_REQUIRE(it != homes->end(), locus::config_error, "--homes lists no rank for request ", t.request(r).id,
-                    " of ", what);
+      const auto it = homes->find(detail::request_key(t, r));
+      LOCUS_REQUIRE(
+          it != homes->end(), locus::config_error, "--homes lists no rank for request ", t.request_label(r), " of ",
+          what, t.has_request_names() ? " (its requests are named by their logged req_id strings, not numbered)" : "");
       nodes[r] = static_cast<std::uint32_t>(topo.node_of(it->second));
     }
     return nodes;
@@ -51,18 +52,23 @@ inline std::vector<std::uint32_t> request_nodes(const locus::trace::trace& t,
   return locus::placement::assumed_request_nodes(t, model, topo.nodes(), prefill_tokens);
 }
 
-// `--homes FILE`: pairs of request id and rank.
-inline std::map<std::uint64_t, std::size_t> read_homes(const std::string& path, std::size_t ranks) {
-  const auto v = detail::read_request_ids(path, "--homes", "a request id or rank");
+// `--homes FILE`: pairs of request and rank, a request named as `window` names its requests
+// (detail::request_key: its id, or its logged name where the trace has names).
+inline std::map<std::string, std::size_t> read_homes(const std::string& path, std::size_t ranks,
+                                                     const locus::trace::trace& window) {
+  const auto v = detail::read_listed_entries(path, "--homes");
   LOCUS_REQUIRE(v.size() % 2 == 0, locus::config_error, "--homes ", path, ": ", v.size(),
-                " numbers, expected pairs of request id and rank");
-  std::map<std::uint64_t, std::size_t> out;
+                " entries, expected pairs of request and rank");
+  std::map<std::string, std::size_t> out;
   for (std::size_t i = 0; i < v.size(); i += 2) {
-    LOCUS_REQUIRE(v[i + 1] < ranks, locus::config_error, "--homes ", path, ": request ", v[i], " on rank ", v[i + 1],
-                  ", but the plan has ", ranks, " ranks");
-    const auto [it, fresh] = out.emplace(v[i], static_cast<std::size_t>(v[i + 1]));
-    LOCUS_REQUIRE(fresh || it->second == v[i + 1], locus::config_error, "--homes ", path, ": request ", v[i],
-                  " is on rank ", it->second, " and on rank ", v[i + 1]);
+    const auto key = detail::listed_request(window, v[i], path, "--homes");
+    const auto rank = detail::listed_number(v[i + 1], path, "--homes", "a rank");
+    const std::string who = window.has_request_names() ? "\"" + key + "\"" : key;
+    LOCUS_REQUIRE(rank < ranks, locus::config_error, "--homes ", path, ":", v[i + 1].line, ": request ", who,
+                  " on rank ", rank, ", but the plan has ", ranks, " ranks");
+    const auto [it, fresh] = out.emplace(key, static_cast<std::size_t>(rank));
+    LOCUS_REQUIRE(fresh || it->second == rank, locus::config_error, "--homes ", path, ":", v[i].line, ": request ", who,
+                  " is on rank ", it->second, " and on rank ", rank);
   }
   return out;
 }
@@ -113,8 +119,8 @@ inline int map_replan(const replan_options& o) {
                   model->nodes(), " nodes; the plan has ", topo.nodes());
   }
   locus::placement::require_replan_shape(plan.maps, window, topo, plan.model_layers);
-  std::map<std::uint64_t, std::size_t> homes;
-  if (!o.homes.empty()) homes = read_homes(o.homes, ranks);
+  std::map<std::string, std::size_t> homes;
+  if (!o.homes.empty()) homes = read_homes(o.homes, ranks, window);
   const auto window_nodes = request_nodes(window, o.homes.empty() ? nullptr : &homes, model.get(), topo,
                                           o.prefill_tokens, "the window " + window_name);
   std::optional<locus::trace::trace> prior;
@@ -176,7 +182,8 @@ inline void register_map_replan(CLI::App* map_cmd) {
       ->capture_default_str();
   cmd->add_option("--homes", o->homes,
                   "Where the window's requests ran: a file of request id and rank pairs (whitespace or commas, # "
-                  "comments)")
+                  "comments; a window whose req_ids were strings names its requests as logged, in double quotes "
+                  "where they hold a space, comma or #)")
       ->check(CLI::ExistingFile)
       ->default_str("the grouping's nodes, else the nodes in turn");
   cmd->add_option("--grouping", o->grouping,

@@ -160,10 +160,16 @@ inline void run_trace_import(const trace_import_options& o) {
                 o.output.c_str(), t.requests(), t.tokens(), t.layers(), t.experts(), t.top_k(), doms.c_str(),
                 ec ? "?" : std::to_string(bytes).c_str(), secs, o.verify ? " (verified)" : "");
     if (format == "jsonl")
-      std::printf("  %zu lines: %zu route records, %zu skipped (blank or not route), %zu bad, %zu requests dropped, "
-                  "%zu tokens dropped from %zu ragged requests\n",
-                  report.lines, report.route_records, report.skipped_lines, report.bad_records, report.dropped_requests,
-                  report.trimmed_tokens, report.trimmed_requests);
+      std::printf("  %s: %zu route records, %zu skipped (blank or not route), %zu bad, %s dropped, %s dropped from "
+                  "%s\n",
+                  tool_cli::counted(report.lines, "line").c_str(), report.route_records, report.skipped_lines,
+                  report.bad_records, tool_cli::counted(report.dropped_requests, "request").c_str(),
+                  tool_cli::counted(report.trimmed_tokens, "token").c_str(),
+                  tool_cli::counted(report.trimmed_requests, "ragged request").c_str());
+    if (t.has_request_names())
+      std::printf("  requests keep their string req_ids as names (first: %s); --homes, --train-requests and "
+                  "--test-requests name them so\n",
+                  one_line(t.request_label(0)).c_str());
   }
 }
 

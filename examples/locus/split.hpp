@@ -13,6 +13,7 @@
 #include <fstream>
 #include <locus/core/error.hpp>
 #include <locus/trace/trace.hpp>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <string>
 #include <utility>
@@ -60,7 +61,8 @@ inline void add_split_flags(CLI::App* cmd, split_flags& s) {
                   ->delimiter(',');
   auto* trr = cmd->add_option(
       "--train-requests", s.train_requests,
-      "Split by request id: a file of the ids that train (separated by whitespace or commas, # comments; "
+      "Split by request id: a file of the ids that train (separated by whitespace or commas, # comments; a trace "
+      "whose req_ids were strings lists them as logged, in double quotes where they hold a space, comma or #; "
       "default with --test-requests: the other requests)");
   auto* ter = cmd->add_option("--test-requests", s.test_requests,
                               "Split by request id: a file of the ids that test (default with --train-requests: the "
@@ -77,10 +79,16 @@ inline void add_split_flags(CLI::App* cmd, split_flags& s) {
 
 namespace detail {
 
-//! The request ids listed in `path`: non-negative integers separated by whitespace, `#` to the end
-//! of a line is a comment. `what` names a number in the message that refuses one.
-inline std::vector<std::uint64_t> read_request_ids(const std::string& path, const char* flag,
-                                                   const char* what = "a request id") {
+//! One entry of a file of requests: its text (a quoted entry unquoted) and its line.
+struct listed_entry {
+  std::string text;
+  std::size_t line = 0;
+};
+
+//! The entries of a file that lists requests (and, for --homes, ranks): separated by whitespace or
+//! commas, `#` to the end of a line a comment; an entry in double quotes is a JSON string, so that
+//! a request name holding a space, a comma or a `#` can be listed.
+inline std::vector<listed_entry> read_listed_entries(const std::string& path, const char* flag) {
   // A folder opens as a stream that reads nothing: it was said to list no request id.
   std::error_code ec;
   if (std::filesystem::is_directory(path, ec))
@@ -88,29 +96,65 @@ inline std::vector<std::uint64_t> read_request_ids(const std::string& path, cons
                           __LINE__);
   std::ifstream in(path, std::ios::binary);
   if (!in) throw locus::io_error(std::string(flag) + " " + path + ": cannot open", __FILE__, __LINE__);
-  std::vector<std::uint64_t> ids;
+  std::vector<listed_entry> out;
   std::string line;
+  const auto separator = [](char c) { return c == ' ' || c == '\t' || c == '\r' || c == ','; };
   for (std::size_t line_no = 1; std::getline(in, line); ++line_no) {
-    if (const auto hash = line.find('#'); hash != std::string::npos) line.resize(hash);
     std::size_t i = 0;
     while (i < line.size()) {
-      while (i < line.size() && (line[i] == ' ' || line[i] == '\t' || line[i] == '\r' || line[i] == ','))
+      while (i < line.size() && separator(line[i]))
         ++i;
-      if (i == line.size()) break;
+      if (i == line.size() || line[i] == '#') break;
       std::size_t j = i;
-      while (j < line.size() && line[j] != ' ' && line[j] != '\t' && line[j] != '\r' && line[j] != ',')
+      if (line[i] == '"') {
+        for (j = i + 1; j < line.size() && line[j] != '"'; ++j)
+          if (line[j] == '\\') ++j;
+        LOCUS_REQUIRE(j < line.size(), locus::config_error, flag, " ", path, ":", line_no,
+                      ": a quoted entry has no closing quote");
         ++j;
-      std::uint64_t v = 0;
-      const auto r = std::from_chars(line.data() + i, line.data() + j, v);
-      LOCUS_REQUIRE(r.ec == std::errc{} && r.ptr == line.data() + j, locus::config_error, flag, " ", path, ":", line_no,
-                    ": \"", line.substr(i, std::min<std::size_t>(j - i, 32)), "\" is not ", what,
-                    " (a non-negative integer)");
-      ids.push_back(v);
+        nlohmann::json v;
+        try {
+          v = nlohmann::json::parse(line.begin() + static_cast<std::ptrdiff_t>(i),
+                                    line.begin() + static_cast<std::ptrdiff_t>(j));
+        } catch (const nlohmann::json::exception&) {
+          LOCUS_THROW(locus::config_error, flag, " ", path, ":", line_no, ": ",
+                      line.substr(i, std::min<std::size_t>(j - i, 32)), " is not a JSON string");
+        }
+        out.push_back({v.get<std::string>(), line_no});
+      } else {
+        while (j < line.size() && !separator(line[j]) && line[j] != '#')
+          ++j;
+        out.push_back({line.substr(i, j - i), line_no});
+      }
       i = j;
     }
   }
-  LOCUS_REQUIRE(!ids.empty(), locus::config_error, flag, " ", path, ": lists no request id");
-  return ids;
+  LOCUS_REQUIRE(!out.empty(), locus::config_error, flag, " ", path, ": lists no request id");
+  return out;
+}
+
+//! Entry `e` as a non-negative integer; `what` names it in the message that refuses it.
+inline std::uint64_t listed_number(const listed_entry& e, const std::string& path, const char* flag, const char* what) {
+  std::uint64_t v = 0;
+  const auto r = std::from_chars(e.text.data(), e.text.data() + e.text.size(), v);
+  LOCUS_REQUIRE(!e.text.empty() && r.ec == std::errc{} && r.ptr == e.text.data() + e.text.size(), locus::config_error,
+                flag, " ", path, ":", e.line, ": \"", e.text.substr(0, 32), "\" is not ", what,
+                " (a non-negative integer)");
+  return v;
+}
+
+//! How a file names request `r` of `t`: by its logged name where the trace has names (a route JSONL
+//! of string req_ids), else by its id in decimal.
+inline std::string request_key(const locus::trace::trace& t, std::size_t r) {
+  return t.has_request_names() ? t.request_name(r) : std::to_string(t.request(r).id);
+}
+
+//! Entry `e` as a request key of `t` (request_key): a name as listed where `t` has names, else an
+//! id (a non-negative integer, so that "007" lists request 7).
+inline std::string listed_request(const locus::trace::trace& t, const listed_entry& e, const std::string& path,
+                                  const char* flag) {
+  if (t.has_request_names()) return e.text;
+  return std::to_string(listed_number(e, path, flag, "a request id"));
 }
 
 //! Request indices of `t` whose domain is in `names` (each name must be a domain of `t`).
@@ -125,26 +169,33 @@ inline std::vector<bool> in_domains(const locus::trace::trace& t, const std::vec
   return chosen;
 }
 
-//! Requests of `t` whose id is listed in file `path`; every listed id must be in `t`.
+//! Requests of `t` listed in file `path` (by id, or by name where `t` has names); every listed
+//! request must be in `t`.
 inline std::vector<bool> in_id_file(const locus::trace::trace& t, const std::string& path, const char* flag) {
-  const auto ids = read_request_ids(path, flag);
-  const std::set<std::uint64_t> wanted(ids.begin(), ids.end());
-  std::set<std::uint64_t> found;
+  std::vector<std::string> listed; // in file order, for the message
+  std::set<std::string> wanted;
+  for (const auto& e : read_listed_entries(path, flag))
+    if (auto key = listed_request(t, e, path, flag); wanted.insert(key).second) listed.push_back(std::move(key));
+  std::set<std::string> found;
   std::vector<bool> chosen(t.requests());
   for (std::size_t r = 0; r < t.requests(); ++r)
-    if (wanted.count(t.request(r).id)) {
+    if (auto key = request_key(t, r); wanted.count(key)) {
       chosen[r] = true;
-      found.insert(t.request(r).id);
+      found.insert(std::move(key));
     }
   if (found.size() != wanted.size()) {
     std::string missing;
     std::size_t count = 0;
-    for (const auto id : wanted)
-      if (!found.count(id) && count++ < 5) missing += (missing.empty() ? "" : ", ") + std::to_string(id);
-    throw locus::config_error(locus::detail::concat(flag, " ", path, ": ", wanted.size() - found.size(),
-                                                    " listed request ids are not in the trace (", missing,
-                                                    count > 5 ? ", ..." : "", ")"),
-                              __FILE__, __LINE__);
+    for (const auto& key : listed)
+      if (!found.count(key) && count++ < 5)
+        missing += (missing.empty() ? "" : ", ") + (t.has_request_names() ? "\"" + key + "\"" : key);
+    throw locus::config_error(
+        locus::detail::concat(flag, " ", path, ": ", wanted.size() - found.size(), " listed ",
+                              t.has_request_names() ? "request name" : "request id",
+                              wanted.size() - found.size() == 1 ? " is" : "s are", " not in the trace (", missing,
+                              count > 5 ? ", ..." : "", ")",
+                              t.has_request_names() ? "; its requests are named by their logged req_id strings" : ""),
+        __FILE__, __LINE__);
   }
   return chosen;
 }

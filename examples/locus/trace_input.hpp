@@ -3,6 +3,8 @@
 // its domain folders), or route JSONL: one or more files or a folder of .jsonl files (experts
 // declared by a meta line or --experts; see docs/trace-format.md and docs/byo-trace.md); "-" reads
 // standard input, route JSONL or a binary trace.
+#include "tool_cli.hpp"
+
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
@@ -141,9 +143,10 @@ struct jsonl_reading {
 inline void note_trimmed(const std::string& what, const locus::trace::jsonl_report& rep) {
   if (rep.trimmed_requests == 0) return;
   std::fprintf(stderr,
-               "locus: %s: kept the tokens every layer holds in %zu requests whose layers end at different "
-               "tokens, dropping %zu tokens (--strict-layers refuses such requests)\n",
-               what.c_str(), rep.trimmed_requests, rep.trimmed_tokens);
+               "locus: %s: kept the tokens every layer holds in %s whose layers end at different tokens, dropping "
+               "%s (--strict-layers refuses such requests)\n",
+               what.c_str(), tool_cli::counted(rep.trimmed_requests, "request").c_str(),
+               tool_cli::counted(rep.trimmed_tokens, "token").c_str());
 }
 
 //! Reads the trace `paths` name (several only for route JSONL).

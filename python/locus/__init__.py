@@ -239,7 +239,8 @@ def trace_from_arrays(
 ) -> Trace:
     """A trace from per-token routing ``topk_ids [tokens, layers, k]`` (what engines return per
     request as routed experts). Optional, one value per token: ``topk_weights [tokens, layers, k]``,
-    ``request_ids`` (default: one request), ``phases`` (0/"prefill", 1/"decode", 2/"unknown";
+    ``request_ids`` (integers, or strings such as vLLM's request ids, which the trace keeps as
+    ``request_names`` and numbers 0, 1, ...; default: one request), ``phases`` (0/"prefill", 1/"decode", 2/"unknown";
     default unknown), ``domains`` (indexes into ``domain_names``, or names). ``layer_ids``: the
     model's hidden-layer index of each traced layer (engines number dense layers too), and
     ``hidden_layers`` the model's layer count; exports use them. A request's tokens are kept in the
@@ -248,7 +249,22 @@ def trace_from_arrays(
     ids = _array(topk_ids, np.int32, 3, "topk_ids")
     tokens = ids.shape[0]
     weights = np.zeros((0, 0, 0), np.float32) if topk_weights is None else _array(topk_weights, np.float32, 3, "topk_weights")
-    req = np.zeros(tokens, np.int64) if request_ids is None else _array(request_ids, np.int64, 1, "request_ids")
+    request_names: list = []
+    if request_ids is None:
+        req = np.zeros(tokens, np.int64)
+    else:
+        r = np.asarray(request_ids)
+        if r.dtype.kind == "S" or (r.dtype.kind == "O" and any(isinstance(x, bytes) for x in r.flat)):
+            raise InvalidInputError("locus: invalid input: request_ids holds bytes; give the ids as str or int")
+        if r.ndim == 1 and (r.dtype.kind == "U" or (r.dtype.kind == "O" and r.size and all(isinstance(x, str) for x in r))):
+            number: dict = {}
+            for x in r:
+                number.setdefault(str(x), len(number))
+            if "" in number:
+                raise InvalidInputError("locus: invalid input: request_ids holds an empty string (a name names a request)")
+            request_names = list(number)
+            r = np.array([number[str(x)] for x in r], np.int64)
+        req = _array(r, np.int64, 1, "request_ids")
     if phases is None:
         ph = np.full(tokens, 2, np.uint8)
     else:
@@ -279,7 +295,7 @@ def trace_from_arrays(
             d = np.array([names.index(str(x)) for x in d], np.uint32)
         dom = _array(d, np.uint32, 1, "domains")
     lids = _int_list(layer_ids, "layer_ids") if layer_ids is not None else []
-    return _core._trace_from_arrays(ids, experts, weights, req, ph, dom, names, lids, hidden_layers)
+    return _core._trace_from_arrays(ids, experts, weights, req, ph, dom, names, lids, hidden_layers, request_names)
 
 
 @_checked

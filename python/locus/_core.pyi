@@ -30,6 +30,13 @@ class Trace:
     @property
     def domains(self) -> List[str]: ...  # bytes that are not UTF-8 as surrogate escapes (os.fsdecode)
     @property
+    def request_ids(self) -> List[int]:
+        """Each request's id, in trace order (numbered 0, 1, ... where the source named requests by strings)."""
+    @property
+    def request_names(self) -> List[str]:
+        """Each request's name, in trace order, where the source named requests by strings (a route JSONL's
+        string req_ids, string request_ids given to trace_from_arrays); empty otherwise."""
+    @property
     def model_layer_ids(self) -> List[int]:
         """Hidden-layer index of each traced layer (0..layers-1 when the source did not say)."""
     @property
@@ -84,6 +91,7 @@ def _trace_from_arrays(
     domain_names: List[str],
     layer_ids: List[int],
     hidden_layers: int,
+    request_names: List[str],
 ) -> Trace: ...
 def _import_trtllm_statistics(
     path: _Path, iter_start: Optional[int] = None, iter_stop: Optional[int] = None

@@ -232,23 +232,14 @@ std::vector<std::vector<double>> load_from(const load_in& a) {
   return out;
 }
 
-// A trace from token-major arrays: ids [T, L, k]; weights [T, L, k] or empty; request ids [T]
-// (a request's tokens in order of appearance; requests in order of first appearance); phases [T]
-// (0 prefill, 1 decode, 2 unknown; a request's prefill tokens come before its decode tokens);
-// domains [T] indexing `domain_names` (every token of a request names the same one).
-locus::trace::trace
-trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb::device::cpu> ids,
-                  nb::handle experts_arg, nb::ndarray<const float, nb::ndim<3>, nb::c_contig, nb::device::cpu> weights,
-                  nb::ndarray<const std::int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> requests,
-                  nb::ndarray<const std::uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> phases,
-                  nb::ndarray<const std::uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> domains,
-                  nb::handle domain_names_arg, nb::handle layer_ids_arg, nb::handle hidden_arg) {
-  const std::size_t experts = size_arg(experts_arg, "experts");
-  // Names as Trace.domains gives them (surrogate escapes for bytes that are not UTF-8).
-  std::vector<std::string> domain_names;
+// Strings from Python as the trace keeps them: UTF-8 bytes (surrogate escapes, as Trace.domains
+// and Trace.request_names give bytes that are not UTF-8, go back to those bytes). `what` names
+// the sequence in messages.
+std::vector<std::string> utf8_strings(nb::handle seq, const char* what_seq) {
+  std::vector<std::string> out;
   std::size_t n = 0;
-  for (nb::handle d : domain_names_arg) {
-    const std::string what = locus::detail::concat("domain_names[", n++, "]");
+  for (nb::handle d : seq) {
+    const std::string what = locus::detail::concat(what_seq, "[", n++, "]");
     if (!PyUnicode_Check(d.ptr()))
       throw nb::type_error(
           locus::detail::concat(what, " is ", short_repr(d), " (", Py_TYPE(d.ptr())->tp_name, "), expected a str")
@@ -259,8 +250,35 @@ trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb:
       throw locus::invalid_input_error(locus::detail::concat(what, " is ", short_repr(d), ", which has no UTF-8 bytes"),
                                        nullptr, 0);
     }
-    domain_names.emplace_back(PyBytes_AS_STRING(bytes.ptr()), static_cast<std::size_t>(PyBytes_GET_SIZE(bytes.ptr())));
+    out.emplace_back(PyBytes_AS_STRING(bytes.ptr()), static_cast<std::size_t>(PyBytes_GET_SIZE(bytes.ptr())));
   }
+  return out;
+}
+
+// Strings the trace holds, for Python: not UTF-8 bytes as surrogate escapes (os.fsdecode's way).
+nb::list python_strings(const std::vector<std::string>& v) {
+  nb::list out;
+  for (const auto& s : v)
+    out.append(nb::steal(PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "surrogateescape")));
+  return out;
+}
+
+// A trace from token-major arrays: ids [T, L, k]; weights [T, L, k] or empty; request ids [T]
+// (a request's tokens in order of appearance; requests in order of first appearance); phases [T]
+// (0 prefill, 1 decode, 2 unknown; a request's prefill tokens come before its decode tokens);
+// domains [T] indexing `domain_names` (every token of a request names the same one);
+// `request_names`: empty, or the name of each request id 0, 1, ... (ids given as strings).
+locus::trace::trace
+trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb::device::cpu> ids,
+                  nb::handle experts_arg, nb::ndarray<const float, nb::ndim<3>, nb::c_contig, nb::device::cpu> weights,
+                  nb::ndarray<const std::int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> requests,
+                  nb::ndarray<const std::uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> phases,
+                  nb::ndarray<const std::uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> domains,
+                  nb::handle domain_names_arg, nb::handle layer_ids_arg, nb::handle hidden_arg,
+                  nb::handle request_names_arg) {
+  const std::size_t experts = size_arg(experts_arg, "experts");
+  auto domain_names = utf8_strings(domain_names_arg, "domain_names");
+  const auto request_names = utf8_strings(request_names_arg, "request_ids");
   auto layer_ids = counts_arg<std::uint32_t>(layer_ids_arg, "layer_ids");
   const auto hidden_layers = static_cast<std::uint32_t>(count_arg(hidden_arg, "hidden_layers", UINT32_MAX));
   const std::size_t tokens = ids.shape(0), layers = ids.shape(1), k = ids.shape(2);
@@ -309,7 +327,11 @@ trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb:
                     " is prefill after a decode token of the request (prefill comes first)");
       decoded = decoded || p == locus::trace::phase::decode;
     }
-    b.add_request(static_cast<std::uint64_t>(request_id[r]), domains.data()[m.front()], m.size());
+    const auto id = static_cast<std::uint64_t>(request_id[r]);
+    LOCUS_REQUIRE(request_names.empty() || id < request_names.size(), locus::invalid_input_error,
+                  "trace_from_arrays: request ", id, " has no name (", request_names.size(), " names)");
+    b.add_request(id, domains.data()[m.front()], m.size(),
+                  request_names.empty() ? std::string_view() : std::string_view(request_names[id]));
     std::int32_t step = 0;
     for (const std::size_t t : m) {
       for (std::size_t l = 0; l < layers; ++l) {
@@ -413,13 +435,20 @@ NB_MODULE(_core, m) {
       .def_prop_ro("requests", &locus::trace::trace::requests)
       // Names as read (an ESFT folder's may be any bytes): not UTF-8 bytes come back as surrogate
       // escapes, as os.fsdecode gives a file name, and go back to the same bytes.
-      .def_prop_ro("domains",
+      .def_prop_ro("domains", [](const locus::trace::trace& t) { return python_strings(t.domains()); })
+      .def_prop_ro("request_ids",
                    [](const locus::trace::trace& t) {
-                     nb::list out;
-                     for (const auto& d : t.domains())
-                       out.append(nb::steal(
-                           PyUnicode_DecodeUTF8(d.data(), static_cast<Py_ssize_t>(d.size()), "surrogateescape")));
-                     return out;
+                     std::vector<std::uint64_t> ids(t.requests());
+                     for (std::size_t r = 0; r < ids.size(); ++r)
+                       ids[r] = t.request(r).id;
+                     return ids;
+                   })
+      .def_prop_ro("request_names",
+                   [](const locus::trace::trace& t) {
+                     std::vector<std::string> names;
+                     for (std::size_t r = 0; t.has_request_names() && r < t.requests(); ++r)
+                       names.push_back(t.request_name(r));
+                     return python_strings(names);
                    })
       .def_prop_ro("model_layer_ids", &locus::trace::trace::model_layer_ids)
       .def_prop_ro("has_model_layers", &locus::trace::trace::has_model_layers)
@@ -456,7 +485,7 @@ NB_MODULE(_core, m) {
                                      ", experts=", t.experts(), ", top_k=", t.top_k(), ")");
       });
   m.def("_trace_from_arrays", &trace_from_arrays, "ids"_a, "experts"_a, "weights"_a, "requests"_a, "phases"_a,
-        "domains"_a, "domain_names"_a, "layer_ids"_a, "hidden_layers"_a);
+        "domains"_a, "domain_names"_a, "layer_ids"_a, "hidden_layers"_a, "request_names"_a);
   m.def(
       "read_trace",
       [](nb::handle path) { return file_io(path, [&](const std::string& p) { return locus::trace::read_trace(p); }); },

@@ -182,6 +182,25 @@ def test_trace_from_arrays_and_statistics():
         locus.trace_from_arrays(bad, 16)
 
 
+def test_string_request_ids_are_kept_as_names(tmp_path):
+    ids = np.zeros((5, 1, 2), np.int32)
+    ids[:, 0, 1] = 1
+    names = ["cmpl-b", "cmpl-b", "cmpl-a", "cmpl-\u00e9", "cmpl-a"]
+    t = locus.trace_from_arrays(ids, 4, request_ids=names)
+    assert t.requests == 3 and t.request_ids == [0, 1, 2]
+    assert t.request_names == ["cmpl-b", "cmpl-a", "cmpl-\u00e9"]
+    locus.write_trace(t, str(tmp_path / "named.bin"))
+    back = locus.read_trace(str(tmp_path / "named.bin"))
+    assert back.request_names == t.request_names and back.request_ids == [0, 1, 2]
+    assert pickle.loads(pickle.dumps(t)).request_names == t.request_names
+    numbered = locus.trace_from_arrays(ids, 4, request_ids=[7, 7, 3, 3, 9])
+    assert numbered.request_ids == [7, 3, 9] and numbered.request_names == []
+    with pytest.raises(locus.InvalidInputError, match="request_ids holds an empty string"):
+        locus.trace_from_arrays(ids, 4, request_ids=["a", "", "b", "b", "b"])
+    with pytest.raises(locus.InvalidInputError, match="request_ids holds bytes"):
+        locus.trace_from_arrays(ids, 4, request_ids=[b"a"] * 5)
+
+
 def test_a_trace_without_phases_is_refused_with_the_fix_named():
     # An ESFT import records no phases: plan and simulate said so in C++ terms, or simulated
     # nothing and returned zeros; they name Trace.with_prefill_tokens instead.

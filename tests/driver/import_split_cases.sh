@@ -21,8 +21,8 @@ refused 'experts_number.jsonl:2: "experts" in a route record is the list of chos
 # 2. Ragged layers: the last token of request 5 missing at layer 1 is dropped, the request kept.
 grep -v '"req_id": 5, "token_idx": 3, "layer": 1,' "$whole" >"$work/ragged.jsonl"
 ok '24 requests, 95 tokens' trace import "$work/ragged.jsonl" -o "$work/r.bin"
-ok '1 tokens dropped from 1 ragged requests' trace import "$work/ragged.jsonl" -o "$work/r.bin"
-ok 'kept the tokens every layer holds in 1 requests whose layers end at different tokens, dropping 1 tokens' \
+ok '1 token dropped from 1 ragged request$' trace import "$work/ragged.jsonl" -o "$work/r.bin"
+ok 'kept the tokens every layer holds in 1 request whose layers end at different tokens, dropping 1 token ' \
   trace import "$work/ragged.jsonl" -o "$work/r.bin"
 ok 'request 5 \(first record at line 42\): kept the 3 tokens every layer holds, dropped token_idx 3' \
   trace import "$work/ragged.jsonl" -o "$work/r.bin"
@@ -122,5 +122,32 @@ ok "numbers the plan's layers 3\.\.4; the plan saved 1\.\.2" map export "$work/l
 check "an export that keeps the saved numbers says nothing" \
   bash -c "! timeout 60 '$locus' map export '$work/l12.json' --to sglang --first-moe-layer 1 --out '$work/l12_s.json' \
   2>&1 | grep -q numbers"
+
+# String req_ids (vLLM's "cmpl-..."): kept as the requests' names through the binary format; id
+# files and --homes name requests by them (in quotes where a name holds a comma or a space).
+sed -e 's/"req_id": \([0-9]*\),/"req_id": "cmpl-\1",/' -e 's/"req_id": "cmpl-7",/"req_id": "cmpl 7, #b",/' \
+  "$whole" >"$work/named.jsonl"
+ok 'requests keep their string req_ids as names \(first: "cmpl-0"\)' trace import "$work/named.jsonl" \
+  -o "$work/named.bin"
+printf 'cmpl-0, cmpl-2 # comment\n"cmpl 7, #b"\n' >"$work/named_ids.txt"
+ok 'fitted on 3 requests' plan --trace "$work/named.bin" --train-requests "$work/named_ids.txt" --nodes 2 \
+  --gpus-per-node 2 --out "$work/named_plan.json"
+ok 'fitted on 3 requests' plan --trace "$work/named.jsonl" --train-requests "$work/named_ids.txt" --nodes 2 \
+  --gpus-per-node 2 --out "$work/named_plan.json"
+printf '0 2\n' >"$work/numbered_ids.txt"
+refused 'numbered_ids.txt: 2 listed request names are not in the trace \("0", "2"\); its requests are named by their logged req_id strings' \
+  plan --trace "$work/named.bin" --train-requests "$work/numbered_ids.txt" --out "$work/m.json"
+printf '"cmpl-0\n' >"$work/open_quote.txt"
+refused 'open_quote.txt:1: a quoted entry has no closing quote' \
+  plan --trace "$work/named.bin" --train-requests "$work/open_quote.txt" --out "$work/m.json"
+succeeds map export "$work/named_plan.json" --to locus --load-trace "$work/named.bin" --out "$work/named_served.json"
+for i in $(seq 0 23); do
+  if [ "$i" = 7 ]; then printf '"cmpl 7, #b" 1\n'; else printf 'cmpl-%d %d\n' "$i" $((i % 4)); fi
+done >"$work/named_homes.txt"
+ok 'inter-node copies per token' map replan "$work/named_served.json" --trace "$work/named.bin" --prefill-tokens 1 \
+  --homes "$work/named_homes.txt" --out "$work/named_next.json"
+refused 'lists no rank for request "cmpl-0" .*named by their logged req_id strings' map replan \
+  "$work/named_served.json" --trace "$work/named.bin" --prefill-tokens 1 --homes "$work/numbered_ids.txt" \
+  --out "$work/named_next.json"
 
 cases_end

@@ -505,7 +505,7 @@ sed 's/"decode"/"prefill"/' "$work/w.jsonl" >"$work/prefill.jsonl"
 refused 'the prior [^ ]*prefill.jsonl has no decode tokens' map replan "$work/lin.json" --trace "$work/w.jsonl" \
   --prior "$work/prefill.jsonl" --out "$work/r.json"
 printf '0 -1\n' >"$work/homes_neg.txt"
-refused '"-1" is not a request id or rank' map replan "$work/lin.json" --trace "$work/t.bin" \
+refused '"-1" is not a rank' map replan "$work/lin.json" --trace "$work/t.bin" \
   --homes "$work/homes_neg.txt" --out "$work/r.json"
 refused '--expert-bytes: Value 18446744073709551615 not in range' map replan "$work/lin.json" --trace "$work/t.bin" \
   --expert-bytes 18446744073709551615 --out "$work/r.json"

@@ -611,12 +611,12 @@ BOOST_AUTO_TEST_CASE(resealed_bad_values_are_named) {
       std::uint64_t offset;
     };
     for (const edit e :
-         {edit{8, 4, 3, "unsupported version 3", 8}, edit{12, 4, 64, "header size 64", 12},
-          edit{16, 4, 0, "experts is 0", 16}, edit{16, 4, 70000, "experts is 70000", 16},
-          edit{20, 4, 0, "top_k is 0", 20}, edit{20, 4, 9, "top_k is 9", 20}, edit{24, 4, 0, "layers is 0", 24},
-          edit{64, 8, 1, "reserved", 64}, edit{40, 8, 1, "every request has at least one token", 40},
-          edit{48, 8, 8, "payload size is 8", 48}, edit{24, 4, 3, "does not match the counts", 48},
-          edit{28, 4, 60000, "domains cannot fit", 28},
+         {edit{8, 4, 4, "unsupported version 4, this reader reads versions 1 to 3", 8},
+          edit{12, 4, 64, "header size 64", 12}, edit{16, 4, 0, "experts is 0", 16},
+          edit{16, 4, 70000, "experts is 70000", 16}, edit{20, 4, 0, "top_k is 0", 20},
+          edit{20, 4, 9, "top_k is 9", 20}, edit{24, 4, 0, "layers is 0", 24}, edit{64, 8, 1, "reserved", 64},
+          edit{40, 8, 1, "every request has at least one token", 40}, edit{48, 8, 8, "payload size is 8", 48},
+          edit{24, 4, 3, "does not match the counts", 48}, edit{28, 4, 60000, "domains cannot fit", 28},
           edit{28, 4, 1u << 30, "domains is 1073741824, expected at most 65536", 28},
           edit{24, 4, 0xffffffffu, "layers is 4294967295, expected 1..4096", 24}}) {
       auto b = good;

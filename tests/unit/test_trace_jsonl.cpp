@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <locus/trace/binary.hpp>
 #include <locus/trace/jsonl.hpp>
 #include <map>
 #include <random>
@@ -197,6 +198,12 @@ BOOST_AUTO_TEST_CASE(string_ids_default_domain_and_nulls) {
   BOOST_TEST(t.requests() == 2u);
   BOOST_TEST(t.request(0).id == 0u); // string ids: numbered in order of appearance
   BOOST_TEST(t.request(1).id == 1u);
+  // ... and kept as the requests' names, which the binary format carries (version 3).
+  BOOST_TEST(t.has_request_names());
+  BOOST_TEST(t.request_name(0) == "a");
+  BOOST_TEST(t.request_name(1) == "b");
+  BOOST_TEST(t.request_label(1) == "\"b\"");
+  BOOST_TEST((trace::decode_trace(trace::encode_trace(t)) == t));
   BOOST_TEST(t.request(0).length == 2u);
   BOOST_TEST(t.domains() == std::vector<std::string>{"default"});
   // Token 2 sorts before token 5.
@@ -214,6 +221,26 @@ BOOST_AUTO_TEST_CASE(string_ids_default_domain_and_nulls) {
       "\"domain\": \"law\"}\n",
       "b.jsonl", opts());
   BOOST_TEST(blank.domains() == std::vector<std::string>{"law"});
+  BOOST_TEST(!blank.has_request_names()); // numeric ids are the ids: no names
+  BOOST_TEST(blank.request_label(0) == "1");
+  // An empty string names no request.
+  expect_format_error(
+      [&] {
+        (void)trace::import_jsonl_text(
+            "{\"req_id\": \"\", \"token_idx\": 0, \"layer\": 0, \"topk_ids\": [1, 2], \"topk_weights\": [1, 1]}\n",
+            "e.jsonl", opts());
+      },
+      {"e.jsonl:1: ", "req_id is a string of 0 bytes, expected 1..4096"});
+  // An inconsistent request is named by its string.
+  expect_format_error(
+      [&] {
+        (void)trace::import_jsonl_text(
+            "{\"req_id\": \"cmpl-x\", \"token_idx\": 0, \"layer\": 0, \"topk_ids\": [1, 2], \"topk_weights\": [1, 1]}\n"
+            "{\"req_id\": \"cmpl-x\", \"token_idx\": 0, \"layer\": 0, \"topk_ids\": [1, 3], \"topk_weights\": [1, "
+            "1]}\n",
+            "d.jsonl", opts());
+      },
+      {"d.jsonl:2: ", "request \"cmpl-x\" (numbered 0; first record at line 1)", "appears twice"});
   // A number after strings (the other order is a case of bad_records_fail_or_are_skipped_and_counted).
   expect_format_error(
       [&] {

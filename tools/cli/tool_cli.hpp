@@ -420,6 +420,11 @@ inline void require_memory(double bytes, const std::string& what) {
   }
 }
 
+//! "1 request", "2 requests": a count and its noun, the plural made with "s".
+inline std::string counted(std::size_t n, const std::string& noun) {
+  return std::to_string(n) + " " + noun + (n == 1 ? "" : "s");
+}
+
 // What a program prints after its own name for the exception that ends it ("drift: " + this, or
 // "exchange: rank 3: " + this): a locus error as its kind and message, without the "locus: " of what()
 // (the program's name stands there; "drift: locus: configuration error: ..." said two names) and

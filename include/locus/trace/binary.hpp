@@ -1,11 +1,12 @@
 #pragma once
 //! @file
-//! The locus binary trace format, versions 1 and 2 (specified in docs/trace-format.md): an 80-byte
+//! The locus binary trace format, versions 1 to 3 (specified in docs/trace-format.md): an 80-byte
 //! header (magic, version, shape, counts, payload size, payload checksum, the model's hidden-layer
-//! count in version 2, header checksum), then the domain table, the model layer id of each traced
-//! layer (version 2), request table, token phases, token steps and one (ids, weights) block pair
-//! per layer, every section 8-byte aligned, all integers little-endian. The writer writes version
-//! 1 for a trace without model layer ids, so every file has one encoding.
+//! count from version 2, header checksum), then the domain table, the model layer id of each
+//! traced layer (from version 2), the request names (version 3), request table, token phases,
+//! token steps and one (ids, weights) block pair per layer, every section 8-byte aligned, all
+//! integers little-endian. The writer writes the lowest version that holds the trace (1 without
+//! model layer ids, 3 only with request names), so every file has one encoding.
 //!
 //! The reader streams the file in chunks straight into the trace's arrays, hashing and
 //! validating each chunk while it is in cache. Every inconsistency — truncation, bad magic or
@@ -36,8 +37,8 @@ static_assert(std::endian::native == std::endian::little,
 
 //! Magic bytes at offset 0.
 inline constexpr std::array<char, 8> binary_magic = {'L', 'O', 'C', 'U', 'S', 'T', 'R', 'C'};
-//! The newest version this code writes and reads (it reads version 1 too).
-inline constexpr std::uint32_t binary_version = 2;
+//! The newest version this code writes and reads (it reads versions 1 and 2 too).
+inline constexpr std::uint32_t binary_version = 3;
 //! Size of the fixed header.
 inline constexpr std::size_t binary_header_bytes = 80;
 //! Longest domain name the format accepts (bounds allocations driven by a corrupt file).
@@ -138,7 +139,8 @@ T get(const unsigned char* p) noexcept {
 
 //! Size of the payload for the given counts; false on overflow of 64 bits.
 inline bool payload_size(std::uint64_t domain_bytes, std::uint64_t requests, std::uint64_t tokens, std::uint64_t k,
-                         std::uint64_t layers, std::uint64_t& out, bool layer_table = false) noexcept {
+                         std::uint64_t layers, std::uint64_t& out, bool layer_table = false,
+                         std::uint64_t name_bytes = 0) noexcept {
   std::uint64_t rows = 0, ids = 0, w = 0, per_layer = 0, all_layers = 0, req = 0, steps = 0;
   if (__builtin_mul_overflow(tokens, k, &rows) || __builtin_mul_overflow(rows, 2u, &ids) ||
       __builtin_mul_overflow(rows, 4u, &w) || __builtin_mul_overflow(requests, 16u, &req) ||
@@ -149,6 +151,7 @@ inline bool payload_size(std::uint64_t domain_bytes, std::uint64_t requests, std
   if (__builtin_mul_overflow(per_layer, layers, &all_layers)) return false;
   std::uint64_t total = align8(domain_bytes);
   if (layer_table && (layers > (1ull << 32) || __builtin_add_overflow(total, align8(4 * layers), &total))) return false;
+  if (name_bytes > (1ull << 60) || __builtin_add_overflow(total, align8(name_bytes), &total)) return false;
   if (__builtin_add_overflow(total, req, &total) || __builtin_add_overflow(total, align8(tokens), &total) ||
       __builtin_add_overflow(total, align8(steps), &total) || __builtin_add_overflow(total, all_layers, &total))
     return false;
@@ -276,9 +279,10 @@ header_fields read_header(Source& src) {
         locus::detail::concat("file ends inside the header: expected ", binary_header_bytes, " bytes, got ", got));
   header_fields f;
   f.version = get<std::uint32_t>(h + 8);
-  if (f.version != 1 && f.version != 2)
-    format_fail(src.name(), 8,
-                locus::detail::concat("unsupported version ", f.version, ", this reader reads versions 1 and 2"));
+  if (f.version < 1 || f.version > binary_version)
+    format_fail(
+        src.name(), 8,
+        locus::detail::concat("unsupported version ", f.version, ", this reader reads versions 1 to ", binary_version));
   if (got < binary_header_bytes)
     format_fail(
         src.name(), got,
@@ -313,9 +317,9 @@ header_fields read_header(Source& src) {
   if (f.domains > max_trace_domains)
     format_fail(src.name(), 28,
                 locus::detail::concat("domains is ", f.domains, ", expected at most ", max_trace_domains));
-  // Version 2 stores the model's hidden-layer count here; version 1 reserves it.
+  // Versions 2 and 3 store the model's hidden-layer count here; version 1 reserves it.
   if (f.version == 1 && f.reserved != 0) format_fail(src.name(), 64, "reserved field is not 0");
-  if (f.version == 2 && f.reserved > 0xffffffffull)
+  if (f.version >= 2 && f.reserved > 0xffffffffull)
     format_fail(src.name(), 64, locus::detail::concat("hidden layer count ", f.reserved, " is too large"));
   if (f.tokens < f.requests)
     format_fail(
@@ -366,7 +370,7 @@ locus::trace::trace read(Source& src) {
                                       "\" repeats an earlier domain name (names must be distinct)"));
   in.pad("the domain table");
   std::vector<std::uint32_t> model_layers;
-  if (f.version == 2) {
+  if (f.version >= 2) {
     if (f.layers > f.payload_bytes / 4)
       format_fail(name, 24,
                   locus::detail::concat(f.layers, " layers cannot fit in a ", f.payload_bytes, "-byte payload"));
@@ -385,8 +389,36 @@ locus::trace::trace read(Source& src) {
     }
     in.pad("the layer table");
   }
+  // Request names (version 3): bounded by the payload size before anything is allocated.
+  std::vector<std::string> names;
+  std::uint64_t name_bytes = 0;
+  if (f.version >= 3) {
+    if (f.requests > f.payload_bytes / 4)
+      format_fail(
+          name, 32,
+          locus::detail::concat(f.requests, " request names cannot fit in a ", f.payload_bytes, "-byte payload"));
+    names.reserve(f.requests);
+    for (std::uint64_t r = 0; r < f.requests; ++r) {
+      const std::uint64_t at = in.offset();
+      std::uint32_t len = 0;
+      in.read(&len, 4, "the request names");
+      if (len == 0 || len > max_trace_request_name)
+        format_fail(
+            name, at,
+            locus::detail::concat("request ", r, " name length ", len, ", expected 1..", max_trace_request_name));
+      if (len > in.remaining())
+        format_fail(name, at,
+                    locus::detail::concat("request ", r, " name length ", len, " runs past the end of the file (",
+                                          in.remaining(), " bytes left; the file looks truncated)"));
+      std::string s(len, '\0');
+      in.read(s.data(), len, "the request names");
+      names.push_back(std::move(s));
+      name_bytes += 4 + len;
+    }
+    in.pad("the request names");
+  }
   std::uint64_t expected = 0;
-  if (!payload_size(domain_bytes, f.requests, f.tokens, f.top_k, f.layers, expected, f.version == 2) ||
+  if (!payload_size(domain_bytes, f.requests, f.tokens, f.top_k, f.layers, expected, f.version >= 2, name_bytes) ||
       expected != f.payload_bytes)
     format_fail(name, 48,
                 locus::detail::concat("payload size ", f.payload_bytes, " does not match the counts (", f.requests,
@@ -394,7 +426,7 @@ locus::trace::trace read(Source& src) {
 
   trace_builder b(f.experts, f.top_k, f.layers);
   b.set_domains(std::move(domains));
-  if (f.version == 2) b.set_model_layers(std::move(model_layers), static_cast<std::uint32_t>(f.reserved));
+  if (f.version >= 2) b.set_model_layers(std::move(model_layers), static_cast<std::uint32_t>(f.reserved));
   b.reserve_tokens(f.tokens);
   const std::uint64_t requests_at = in.offset();
   std::uint64_t tokens = 0;
@@ -415,7 +447,7 @@ locus::trace::trace read(Source& src) {
                     locus::detail::concat("request ", r, " has length ", len, "; the header declares ", f.tokens,
                                           " tokens and earlier requests hold ", tokens));
       tokens += len;
-      b.add_request(id, dom, len);
+      b.add_request(id, dom, len, names.empty() ? std::string_view() : std::string_view(names[r]));
     }
   }
   if (tokens != f.tokens)
@@ -519,11 +551,21 @@ void write(const locus::trace::trace& t, Sink& sink) {
     emit(d.data(), d.size());
   }
   pad();
-  const bool v2 = t.has_model_layers() || t.hidden_layers() > 0;
+  const bool v3 = t.has_request_names();
+  const bool v2 = v3 || t.has_model_layers() || t.hidden_layers() > 0;
   if (v2) {
     for (std::size_t l = 0; l < t.layers(); ++l) {
       const auto id = static_cast<std::uint32_t>(t.model_layer(l));
       emit(&id, 4);
+    }
+    pad();
+  }
+  if (v3) {
+    for (std::size_t r = 0; r < t.requests(); ++r) {
+      const auto& n = t.request_name(r);
+      const auto len = static_cast<std::uint32_t>(n.size());
+      emit(&len, 4);
+      emit(n.data(), n.size());
     }
     pad();
   }
@@ -548,7 +590,7 @@ void write(const locus::trace::trace& t, Sink& sink) {
   }
   unsigned char h[binary_header_bytes] = {};
   std::memcpy(h, binary_magic.data(), 8);
-  put(h + 8, v2 ? binary_version : std::uint32_t{1});
+  put(h + 8, v3 ? std::uint32_t{3} : v2 ? std::uint32_t{2} : std::uint32_t{1});
   put(h + 12, static_cast<std::uint32_t>(binary_header_bytes));
   put(h + 16, static_cast<std::uint32_t>(t.experts()));
   put(h + 20, static_cast<std::uint32_t>(t.top_k()));

@@ -810,6 +810,10 @@ private:
     if (f_.req_kind == jsonl_fields::id_kind::none && !opt_.split_on_restart)
       return bad(line_no, "route record lacks \"req_id\" (import with split_on_restart / --split-on-restart to "
                           "reconstruct requests from token_idx restarts)");
+    if (f_.req_kind == jsonl_fields::id_kind::text &&
+        (f_.req_text.empty() || f_.req_text.size() > max_trace_request_name))
+      return bad(line_no, locus::detail::concat("req_id is a string of ", f_.req_text.size(), " bytes, expected 1..",
+                                                max_trace_request_name));
     // Strings are numbered 0, 1, ... and numbers kept: a log of both would give two requests one id.
     if (f_.req_kind != jsonl_fields::id_kind::none && !opt_.split_on_restart) {
       if (id_kind_line_ == 0) {
@@ -897,6 +901,9 @@ private:
                                                                                       : request_meta_.size();
       m.domain = f_.has_domain ? domain_of(f_.domain) : no_domain;
       m.first_line = loc(line_no);
+      // A string id is kept as the request's name (reconstructed requests have none: one string
+      // then names several requests).
+      if (f_.req_kind == jsonl_fields::id_kind::text && !opt_.split_on_restart) m.name = f_.req_text;
       rit = request_index_.emplace(std::move(key), static_cast<std::uint32_t>(request_meta_.size())).first;
       request_meta_.push_back(m);
     } else if (f_.has_domain) {
@@ -942,7 +949,10 @@ private:
                    std::size_t end, const std::vector<std::uint32_t>& dense, std::size_t layers,
                    const std::vector<std::uint64_t>& layer_values) {
     const auto& m = request_meta_[r];
-    const std::string who = locus::detail::concat("request ", m.id, " (first record at ", place(m.first_line), ")");
+    const std::string who =
+        m.name.empty() ? locus::detail::concat("request ", m.id, " (first record at ", place(m.first_line), ")")
+                       : locus::detail::concat("request \"", m.name, "\" (numbered ", m.id, "; first record at ",
+                                               place(m.first_line), ")");
     // Split into layers.
     std::vector<std::size_t> at(layers + 1, end);
     {
@@ -1016,7 +1026,7 @@ private:
       n = shortest;
     }
     const std::size_t first = b.tokens();
-    b.add_request(m.id, m.domain, n);
+    b.add_request(m.id, m.domain, n, m.name);
     const std::size_t k = top_k_;
     for (std::size_t i = 0; i < n; ++i) {
       const std::uint32_t rec = order[at[0] + i];
@@ -1037,6 +1047,7 @@ private:
   static constexpr std::uint32_t no_domain = 0xffffffffu;
   struct request_meta {
     std::uint64_t id = 0;
+    std::string name; //!< the logged string id; empty for a number or a reconstructed request
     std::uint32_t domain = 0;
     std::uint64_t first_line = 0;
   };

@@ -49,6 +49,8 @@ inline constexpr std::size_t max_trace_domains = 65536;
 //! Longest domain name a trace accepts, in bytes (the binary format's bound, so that every trace
 //! built can be written and pickled).
 inline constexpr std::size_t max_trace_domain_name = 4096;
+//! Longest request name (a logged string `req_id`) a trace holds.
+inline constexpr std::size_t max_trace_request_name = 4096;
 
 //! The index of the first of `tokens` tokens (`k` ids each, token-major) that chooses one expert
 //! twice, or `tokens` when there is none. A token's top-k are distinct experts: every reader,
@@ -153,6 +155,20 @@ public:
     return requests_[r];
   }
   const std::vector<request_info>& request_table() const noexcept { return requests_; }
+  //! True when the source named its requests by strings (a route JSONL whose `req_id`s are
+  //! strings, e.g. vLLM's "cmpl-..."): request_info::id then numbers them in order of first
+  //! appearance and request_name gives the logged string.
+  bool has_request_names() const noexcept { return !request_names_.empty(); }
+  //! The logged name of request `r`; empty when the trace has none.
+  const std::string& request_name(std::size_t r) const {
+    static const std::string none;
+    (void)request(r); // the range check
+    return request_names_.empty() ? none : request_names_[r];
+  }
+  //! How a person knows request `r`: its logged name in quotes when the trace has names, else its id.
+  std::string request_label(std::size_t r) const {
+    return request_names_.empty() ? std::to_string(request(r).id) : locus::detail::concat("\"", request_name(r), "\"");
+  }
 
   phase token_phase(std::size_t token) const {
     LOCUS_REQUIRE(token < tokens(), invalid_input_error, "trace::token_phase: token ", token, " out of range [0, ",
@@ -251,7 +267,7 @@ public:
   //! Bytes held by the routing arrays and token columns.
   std::size_t memory_bytes() const noexcept {
     return layers_ * tokens() * top_k_ * (sizeof(trace_expert_id) + sizeof(float)) +
-           tokens() * (sizeof(phase) + sizeof(std::int32_t)) + requests_.size() * sizeof(request_info);
+           tokens() * (sizeof(phase) + sizeof(std::int32_t)) + requests_.size() * sizeof(request_info) + names_bytes();
   }
 
   //! Exact equality of shape, tables and every routing entry (weights compared bitwise).
@@ -259,7 +275,7 @@ public:
     if (a.experts_ != b.experts_ || a.top_k_ != b.top_k_ || a.layers_ != b.layers_ || a.domains_ != b.domains_ ||
         a.phases_ != b.phases_ || a.steps_ != b.steps_ || a.ids_ != b.ids_ ||
         a.requests_.size() != b.requests_.size() || a.model_layer_ids() != b.model_layer_ids() ||
-        a.hidden_layers_ != b.hidden_layers_)
+        a.hidden_layers_ != b.hidden_layers_ || a.request_names_ != b.request_names_)
       return false;
     for (std::size_t r = 0; r < a.requests_.size(); ++r) {
       const auto &x = a.requests_[r], &y = b.requests_[r];
@@ -276,6 +292,13 @@ public:
 private:
   friend class trace_builder;
 
+  std::size_t names_bytes() const noexcept {
+    std::size_t n = 0;
+    for (const auto& s : request_names_)
+      n += sizeof s + s.size();
+    return n;
+  }
+
   std::size_t experts_ = 0;
   std::size_t top_k_ = 0;
   std::size_t layers_ = 0;
@@ -289,6 +312,7 @@ private:
   std::vector<std::vector<float>> weights_;
   std::vector<std::uint32_t> model_layers_; // empty: 0..layers-1
   std::uint32_t hidden_layers_ = 0;         // 0: unknown
+  std::vector<std::string> request_names_;  // empty: none; else one per request
 };
 
 //! Builds a trace request by request; importers, the binary reader, the synthesizer and tests
@@ -371,19 +395,24 @@ public:
   }
 
   //! Appends a request of `length` tokens (ids 0, weights 0, phase unknown, step -1) and returns
-  //! its index; fill it through `ids`, `weights` and `set_token`.
-  //! @throws locus::invalid_input_error when the domain is not in the table or length is 0
-  std::size_t add_request(std::uint64_t id, std::uint32_t domain, std::size_t length) {
+  //! its index; fill it through `ids`, `weights` and `set_token`. `name`: the string the source
+  //! named it by (trace::request_name); a trace names every request or none (checked by build()).
+  //! @throws locus::invalid_input_error when the domain is not in the table, length is 0 or the
+  //!         name is longer than max_trace_request_name
+  std::size_t add_request(std::uint64_t id, std::uint32_t domain, std::size_t length, std::string_view name = {}) {
     LOCUS_REQUIRE(domain < t_.domains_.size(), invalid_input_error, "trace: request ", id, " has domain ", domain,
                   " but the domain table has ", t_.domains_.size(), " entries");
     LOCUS_REQUIRE(length >= 1 && length <= 0xffffffffu, invalid_input_error, "trace: request ", id, " has length ",
                   length, ", expected 1..2^32-1");
+    LOCUS_REQUIRE(name.size() <= max_trace_request_name, invalid_input_error, "trace: request ", id, " has a name of ",
+                  name.size(), " bytes, expected at most ", max_trace_request_name);
     request_info q;
     q.id = id;
     q.domain = domain;
     q.first_token = t_.phases_.size();
     q.length = static_cast<std::uint32_t>(length);
     t_.requests_.push_back(q);
+    t_.request_names_.emplace_back(name);
     const std::size_t n = t_.phases_.size() + length;
     t_.phases_.resize(n, phase::unknown);
     t_.steps_.resize(n, -1);
@@ -426,6 +455,7 @@ public:
   //! exactly as build() would (see already_validated_t). The builder is left empty.
   trace build(already_validated_t) {
     check_model_layers();
+    check_request_names();
     trace out = std::move(t_);
     t_ = trace{};
     return out;
@@ -435,6 +465,7 @@ public:
   //! @throws locus::invalid_input_error naming the layer, token and choice of the first bad entry
   trace build() {
     check_model_layers();
+    check_request_names();
     const std::size_t k = t_.top_k_;
     for (std::size_t l = 0; l < t_.layers_; ++l) {
       const auto& ids = t_.ids_[l];
@@ -531,6 +562,25 @@ private:
     }
   }
 
+  // Request names: every request named, or none (the table is then dropped).
+  void check_request_names() {
+    auto& names = t_.request_names_;
+    const auto named = static_cast<std::size_t>(
+        std::count_if(names.begin(), names.end(), [](const std::string& n) { return !n.empty(); }));
+    if (named == 0) {
+      names.clear();
+      return;
+    }
+    if (named == names.size()) return;
+    const bool first_named = !names.front().empty();
+    const auto odd = static_cast<std::size_t>(
+        std::find_if(names.begin(), names.end(), [&](const std::string& n) { return n.empty() == first_named; }) -
+        names.begin());
+    LOCUS_THROW(invalid_input_error, "trace: request ", t_.requests_[odd].id,
+                first_named ? " has no name" : " has a name", " but request ", t_.requests_.front().id,
+                first_named ? " has one" : " has none", "; a trace names every request or none");
+  }
+
   void check(std::size_t l, std::size_t token) const {
     LOCUS_REQUIRE(l < t_.layers_ && token < t_.phases_.size(), invalid_input_error, "trace_builder: layer ", l,
                   " token ", token, " out of range (", t_.layers_, " layers, ", t_.phases_.size(), " tokens)");
@@ -550,7 +600,7 @@ inline trace trace::select_requests(std::span<const std::size_t> request_indices
   for (auto r : request_indices) {
     const auto& q = requests_[r];
     const std::size_t dst = b.tokens();
-    b.add_request(q.id, q.domain, q.length);
+    b.add_request(q.id, q.domain, q.length, request_name(r));
     std::copy_n(phases_.begin() + static_cast<std::ptrdiff_t>(q.first_token), q.length,
                 b.token_phases().begin() + static_cast<std::ptrdiff_t>(dst));
     std::copy_n(steps_.begin() + static_cast<std::ptrdiff_t>(q.first_token), q.length,
@@ -569,13 +619,14 @@ inline trace trace::select_positions(std::size_t first, std::size_t count) const
   trace_builder b(experts_, top_k_, layers_);
   b.set_domains(domains_);
   b.set_model_layers(model_layers_, hidden_layers_);
-  for (const auto& q : requests_) {
+  for (std::size_t r = 0; r < requests_.size(); ++r) {
+    const auto& q = requests_[r];
     if (first >= q.length) continue;
     const std::size_t len = std::min<std::size_t>(count, q.length - first);
     if (len == 0) continue;
     const std::size_t src = q.first_token + first;
     const std::size_t dst = b.tokens();
-    b.add_request(q.id, q.domain, len);
+    b.add_request(q.id, q.domain, len, request_name(r));
     std::copy_n(phases_.begin() + static_cast<std::ptrdiff_t>(src), len,
                 b.token_phases().begin() + static_cast<std::ptrdiff_t>(dst));
     std::copy_n(steps_.begin() + static_cast<std::ptrdiff_t>(src), len,

@@ -1,0 +1,152 @@
+// Request names (a route JSONL log's string req_ids): kept by the trace, its selections and the
+// binary format (version 3), refused when partial, too long or damaged.
+#include <boost/test/unit_test.hpp>
+#include <cstdint>
+#include <cstring>
+#include <locus/trace/binary.hpp>
+#include <string>
+#include <vector>
+
+using namespace locus;
+using namespace locus::trace;
+
+namespace {
+
+// Three requests, 2 layers, 8 experts, top-2, named by `names` (empty: unnamed).
+locus::trace::trace named(const std::vector<std::string>& names, std::vector<std::uint32_t> layers = {}) {
+  trace_builder b(8, 2, 2);
+  b.set_domains({"a"});
+  b.set_model_layers(std::move(layers));
+  const std::size_t lengths[] = {2, 1, 3};
+  for (std::size_t r = 0; r < 3; ++r)
+    b.add_request(r, 0, lengths[r], names.empty() ? std::string_view() : std::string_view(names[r]));
+  for (std::size_t l = 0; l < 2; ++l)
+    for (std::size_t t = 0; t < b.tokens(); ++t) {
+      b.ids(l, t)[0] = static_cast<trace_expert_id>((t + l) % 8);
+      b.ids(l, t)[1] = static_cast<trace_expert_id>((t + l + 5) % 8);
+    }
+  return b.build();
+}
+
+std::uint32_t version_of(const std::vector<std::byte>& bytes) {
+  std::uint32_t v;
+  std::memcpy(&v, bytes.data() + 8, 4);
+  return v;
+}
+
+void reseal(std::vector<std::byte>& bytes) {
+  const auto payload = checksum64::of(bytes.data() + 80, bytes.size() - 80);
+  std::memcpy(bytes.data() + 56, &payload, 8);
+  const auto header = checksum64::of(bytes.data(), 72);
+  std::memcpy(bytes.data() + 72, &header, 8);
+}
+
+template <class F>
+std::string format_message(F&& f) {
+  try {
+    f();
+  } catch (const format_error& e) {
+    return e.message();
+  }
+  return "(no error)";
+}
+
+} // namespace
+
+BOOST_AUTO_TEST_SUITE(trace_request_names)
+
+BOOST_AUTO_TEST_CASE(names_survive_the_binary_format_and_selections) {
+  const std::vector<std::string> names = {"cmpl-a", "cmpl-\xc3\xa9\t\"b\"", std::string(max_trace_request_name, 'z')};
+  const auto t = named(names);
+  BOOST_TEST(t.has_request_names());
+  for (std::size_t r = 0; r < 3; ++r)
+    BOOST_TEST(t.request_name(r) == names[r]);
+  BOOST_TEST(t.request_label(0) == "\"cmpl-a\"");
+  const auto bytes = encode_trace(t);
+  BOOST_TEST(version_of(bytes) == 3u);
+  const auto back = decode_trace(bytes);
+  BOOST_TEST((back == t));
+  BOOST_TEST(back.request_name(1) == names[1]);
+  BOOST_TEST((encode_trace(back) == bytes)); // one encoding per file
+  // With model layer ids too (the layer table comes first).
+  const auto both = named(names, {3, 9});
+  BOOST_TEST((decode_trace(encode_trace(both)) == both));
+  // Selections keep each request's name.
+  const std::size_t pick[] = {2, 0, 2};
+  const auto sel = t.select_requests(pick);
+  BOOST_TEST(sel.request_name(0) == names[2]);
+  BOOST_TEST(sel.request_name(1) == names[0]);
+  BOOST_TEST(sel.request_name(2) == names[2]);
+  const auto tail = t.select_positions(2, 5); // only request 2 has a third token
+  BOOST_TEST(tail.requests() == 1u);
+  BOOST_TEST(tail.request_name(0) == names[2]);
+  BOOST_TEST(t.with_prefill_tokens(1).request_name(1) == names[1]);
+  BOOST_TEST(t.select_layers(1, 1).request_name(0) == names[0]);
+  // Names take part in equality.
+  BOOST_TEST(!(named({"x", "y", "z"}) == named({"x", "y", "w"})));
+  BOOST_TEST(!(named({"x", "y", "z"}) == named({})));
+}
+
+BOOST_AUTO_TEST_CASE(an_unnamed_trace_keeps_its_old_encoding) {
+  const auto t = named({});
+  BOOST_TEST(!t.has_request_names());
+  BOOST_TEST(t.request_name(1).empty());
+  BOOST_TEST(t.request_label(1) == "1");
+  BOOST_TEST(version_of(encode_trace(t)) == 1u);
+  BOOST_TEST(version_of(encode_trace(named({}, {3, 9}))) == 2u);
+  BOOST_CHECK_THROW((void)t.request_name(3), invalid_input_error);
+}
+
+BOOST_AUTO_TEST_CASE(partial_or_long_names_are_refused) {
+  BOOST_CHECK_THROW(named({"a", "", "c"}), invalid_input_error);
+  BOOST_CHECK_THROW(named({"", "", "c"}), invalid_input_error);
+  BOOST_CHECK_THROW(named({"a", std::string(max_trace_request_name + 1, 'n'), "c"}), invalid_input_error);
+  try {
+    (void)named({"a", "", "c"});
+  } catch (const invalid_input_error& e) {
+    BOOST_TEST(e.message().find("request 1 has no name but request 0 has one") != std::string::npos, e.message());
+  }
+}
+
+BOOST_AUTO_TEST_CASE(damaged_name_tables_are_named) {
+  const auto good = encode_trace(named({"p", "qq", "rrr"}));
+  const std::size_t table = 80 + 8 + 8; // after the domain table ("a") and the layer table (2 ids)
+  // A zero and an oversized length, both checksums recomputed so that only the length is wrong.
+  for (const std::uint32_t len : {0u, 5000u}) {
+    auto bad = good;
+    std::memcpy(bad.data() + table, &len, 4);
+    reseal(bad);
+    const auto msg = format_message([&] { (void)decode_trace(bad); });
+    BOOST_TEST(msg.find("offset 96: request 0 name length " + std::to_string(len) + ", expected 1..4096") !=
+                   std::string::npos,
+               msg);
+  }
+  // A longer name that stays inside the file shifts every section: the counts disagree.
+  {
+    auto bad = good;
+    const std::uint32_t two = 2;
+    std::memcpy(bad.data() + table, &two, 4);
+    reseal(bad);
+    BOOST_TEST(format_message([&] { (void)decode_trace(bad); }) != "(no error)");
+  }
+  // Every cut and every flipped byte of a version-3 file is refused, never read as something else.
+  for (std::size_t n = 0; n < good.size(); ++n)
+    BOOST_CHECK_THROW((void)decode_trace(std::span<const std::byte>(good.data(), n)), format_error);
+  for (std::size_t i = 0; i < good.size(); ++i) {
+    auto bad = good;
+    bad[i] ^= std::byte{0x01};
+    BOOST_CHECK_THROW((void)decode_trace(bad), format_error);
+  }
+  // A request count the payload cannot hold names for is refused before anything is allocated.
+  {
+    auto bad = good;
+    const std::uint64_t many = std::uint64_t{1} << 40;
+    std::memcpy(bad.data() + 32, &many, 8);
+    std::memcpy(bad.data() + 40, &many, 8); // tokens >= requests
+    reseal(bad);
+    const auto msg = format_message([&] { (void)decode_trace(bad); });
+    BOOST_TEST(msg.find("request names cannot fit") != std::string::npos, msg);
+  }
+}
+
+BOOST_AUTO_TEST_SUITE_END()
