@@ -14,5 +14,6 @@ path = os.path.join(a.out, "moe_load_balancer.yaml")
 locus.export(plan, "trtllm", path, first_moe_layer=a.first_moe_layer, num_hidden_layers=a.num_hidden_layers,
              load=locus.expert_load(train))
 print(f"wrote {path}")
-print(f"trtllm: put 'moe_config: {{load_balancer: {path}}}' in the --extra_llm_api_options YAML; "
-      f"run with --ep {plan.ranks}")
+print(f"trtllm: put 'enable_attention_dp: true' and 'moe_config: {{backend: WIDEEP, load_balancer: {path}}}' in the "
+      f"--extra_llm_api_options YAML (TensorRT-LLM's load balancer needs attention DP, EP > 1 and a backend that "
+      f"supports it); run with --ep {plan.ranks}")

@@ -23,6 +23,6 @@ phy2log = policy.rebalance_experts(np.zeros((plan.layers, plan.experts)), slots,
 assert phy2log.shape == (plan.layers, slots)
 print(f"wrote {path}")
 print(f"vllm flags: --enable-expert-parallel --enable-eplb --eplb-config "
-      f"'{{\"num_redundant_experts\": {slots - plan.experts}}}' (data parallel size {plan.ranks}); "
+      f"'{{\"num_redundant_experts\": {slots - plan.experts}}}' (expert-parallel size, data parallel x tensor parallel, {plan.ranks}); "
       f"in every worker process, from a vllm.general_plugins entry point: import locus.vllm; "
       f"locus.vllm.register('{path}')")

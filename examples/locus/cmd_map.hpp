@@ -153,12 +153,14 @@ inline int map_export(const export_options& o) {
                 m.slot_count() - m.experts(), m.ranks());
   else if (!as_map && format == locus::placement::engine_format::vllm)
     std::printf("pass: --enable-expert-parallel --enable-eplb --eplb-config '{\"num_redundant_experts\": %zu}' "
-                "(data parallel size %zu), and in every worker process, from a vllm.general_plugins entry point: "
-                "locus.vllm.register(\"%s\")\n",
+                "(expert-parallel size, data parallel x tensor parallel, %zu), and in every worker process, from a "
+                "vllm.general_plugins entry point: locus.vllm.register(\"%s\")\n",
                 m.slot_count() - m.experts(), m.ranks(), o.out.c_str());
   else if (!as_map && format == locus::placement::engine_format::trtllm)
-    std::printf("pass: moe_config: {load_balancer: %s} (in --extra_llm_api_options), --ep %zu\n", o.out.c_str(),
-                m.ranks());
+    std::printf("pass: enable_attention_dp: true and moe_config: {backend: WIDEEP, load_balancer: %s} (in "
+                "--extra_llm_api_options; TensorRT-LLM's load balancer needs attention DP, EP > 1 and a backend that "
+                "supports it), --ep %zu\n",
+                o.out.c_str(), m.ranks());
   return 0;
 }
 

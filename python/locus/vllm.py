@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import typing
 from typing import Any, Tuple, Union
 
@@ -135,10 +136,19 @@ def _read_vllm(path: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Union[int
 
 
 def plan_policy(path: str) -> type:
-    """A vLLM EPLB policy class that returns the plan in `path` for every rebalance."""
+    """A vLLM EPLB policy class that returns the plan in `path` for every rebalance.
+
+    vLLM asks the one policy for each model it balances, the served model first, then a MoE draft
+    model of speculative decoding (DeepSeek's MTP layer) with its own layers. Once the plan has
+    answered for the served model, a model of the plan's experts, slots and ranks but other layers
+    is such a draft model, which the plan does not cover: it gets DeepSeek's EPLB
+    (LocusEplbPolicy), said once in vLLM's log. Any other shape is refused."""
     phy2log, log2phy, count, plan_ranks = _read_vllm(path)
 
     class LocusPlanPolicy(_Base):  # type: ignore[misc, valid-type]
+        served_plan = False  # the plan has answered for the served model
+        draft_logged = False
+
         @classmethod
         def rebalance_experts(
             cls,
@@ -150,21 +160,33 @@ def plan_policy(path: str) -> type:
             old_global_expert_indices: Any = None,
         ):
             shape = tuple(np.shape(weight))
-            if (
-                shape != count.shape
-                or num_replicas != phy2log.shape[1]
-                or num_ranks <= 0
-                or num_replicas % num_ranks
-                or (plan_ranks is not None and num_ranks != plan_ranks)
-            ):
-                layers, experts = (shape + (0, 0))[:2]
-                on = f" on {plan_ranks} ranks" if plan_ranks is not None else ""
-                raise InvalidInputError(
-                    f"locus: invalid input: the plan in {_path_text(path)} is {count.shape[0]} layers × {count.shape[1]} experts "
-                    f"in {phy2log.shape[1]} slots{on}; vLLM asks for {layers} × {experts} in {num_replicas} slots on "
-                    f"{num_ranks} ranks"
-                )
-            return _answer((phy2log, log2phy, count), weight)
+            other_layers_only = (
+                len(shape) == 2
+                and shape[1] == count.shape[1]
+                and num_replicas == phy2log.shape[1]
+                and num_ranks > 0
+                and num_replicas % num_ranks == 0
+                and (plan_ranks is None or num_ranks == plan_ranks)
+            )
+            if other_layers_only and shape[0] == count.shape[0]:
+                cls.served_plan = True
+                return _answer((phy2log, log2phy, count), weight)
+            if other_layers_only and cls.served_plan:
+                if not cls.draft_logged:
+                    cls.draft_logged = True
+                    logging.getLogger("locus.vllm").warning(
+                        "locus: the plan in %s covers the served model's %d MoE layers; vLLM also balances a "
+                        "model of %d MoE layers (a draft model), which gets DeepSeek's EPLB",
+                        _path_text(path), count.shape[0], shape[0])
+                return LocusEplbPolicy.rebalance_experts(
+                    weight, num_replicas, num_groups, num_nodes, num_ranks, old_global_expert_indices)
+            layers, experts = (shape + (0, 0))[:2]
+            on = f" on {plan_ranks} ranks" if plan_ranks is not None else ""
+            raise InvalidInputError(
+                f"locus: invalid input: the plan in {_path_text(path)} is {count.shape[0]} layers × {count.shape[1]} experts "
+                f"in {phy2log.shape[1]} slots{on}; vLLM asks for {layers} × {experts} in {num_replicas} slots on "
+                f"{num_ranks} ranks"
+            )
 
     return LocusPlanPolicy
 

@@ -312,9 +312,19 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
     check_triple(phy2log, log2phy, count, 20)
     assert np.array_equal(phy2log, full.reshape(3, -1))
     policy = plan_policy(str(tmp_path / "v.json"))
+    # A model of other layers before the plan served its model is a plan for another model: refused.
+    with pytest.raises(locus.InvalidInputError, match="vLLM asks for 1 × 16 in 20 slots"):
+        policy.rebalance_experts(np.ones((1, 16)), 20, 1, 2, 4)
     assert np.array_equal(policy.rebalance_experts(np.zeros((3, 16)), 20, 1, 2, 4), phy2log)
     with pytest.raises(locus.InvalidInputError, match="vLLM asks for 3 × 16 in 24 slots"):
         policy.rebalance_experts(np.zeros((3, 16)), 24, 1, 2, 4)
+    # After it, a draft model (DeepSeek's MTP layer: the plan's experts, slots and ranks, one layer)
+    # gets DeepSeek's EPLB on its own load, logged once; other experts are still refused.
+    draft_load = np.arange(1, 17, dtype=float).reshape(1, 16)
+    draft = policy.rebalance_experts(draft_load, 20, 1, 2, 4)
+    assert np.array_equal(draft, locus.rebalance_experts(draft_load, 20, 1, 2, 4)[0])
+    with pytest.raises(locus.InvalidInputError, match="vLLM asks for 1 × 8 in 20 slots"):
+        policy.rebalance_experts(np.ones((1, 8)), 20, 1, 2, 4)
     # TensorRT-LLM: YAML keyed by model layer index.
     locus.export(plan, "trtllm", str(tmp_path / "t.yaml"), layer_ids=[3, 5, 9], load=load)
     doc = yaml.safe_load((tmp_path / "t.yaml").read_text())

@@ -24,7 +24,8 @@ struct mapped_flag {
 
 //! Holds its stream until the host sets *go (mapped pinned memory) or `limit_ns` pass; *released
 //! says which (1: the host's flag).
-__global__ inline void hold_stream(const volatile int* go, unsigned long long limit_ns, int* released) {
+//! Static: a kernel cannot be inline (nvcc ignores it), and each including file gets its own copy.
+static __global__ void hold_stream(const volatile int* go, unsigned long long limit_ns, int* released) {
   unsigned long long start, now;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
   for (;;) {

@@ -351,10 +351,12 @@ private:
   }
 
   // One byte to and from every member of node and rail when hierarchical (the world's pairs are
-  // connected by the topology round), in the constructor, which is collective anyway: NCCL connects a pair at
-  // its first send or receive (NCCL_RUNTIME_CONNECT, on by default) inside the group's end, which
-  // waits for the peer untimed, so a peer lost later would have held a first exchange there
-  // instead of in a timed wait. Here the wait is timed like any other.
+  // connected by the topology round), in the constructor, which is collective anyway: NCCL connects
+  // a pair at its first send or receive (NCCL_RUNTIME_CONNECT, on by default) inside the group's
+  // end, which waits for the peer untimed. Connecting here moves that untimed handshake into the
+  // constructor (untimed already: the communicator splits are too), so that a peer lost later is
+  // met by a step's timed wait rather than by a first exchange's handshake; the stream's wait that
+  // follows is timed like any other.
   void connect_all() {
     if (!hierarchical_) return;
     const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
