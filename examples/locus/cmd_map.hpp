@@ -93,6 +93,7 @@ inline int map_export(const export_options& o) {
     // map export has no --experts: a route JSONL load trace declares its experts in a meta line.
     jsonl_reading how;
     how.experts_option.clear();
+    how.split_option = "`locus trace import --split-on-restart`";
     const auto t = load_trace(std::vector<std::string>{o.load_trace}, how);
     // Said as the files and the option are (the filler's own check named itself and load rows).
     LOCUS_REQUIRE(t.layers() == maps.size() && t.experts() == maps.front().experts(), locus::config_error,

@@ -724,6 +724,7 @@ inline void register_simulate(CLI::App& app) {
                     sched.steps(), " steps, and with a window of ", window, " steps neither --replan-every ",
                     opt->replan_every, " nor --drift-every ", opt->drift_every, " acts before its end");
       o.expert_bytes = opt->expert_bytes;
+      locus::placement::require_movable_budget(opt->replan_budget, maps, "--replan-budget");
       const auto budget = locus::placement::budget_slots(opt->replan_budget, maps);
       const auto online = locus::cost::run_online(
           test, sched, maps, cfg, o, [&](const std::vector<locus::expert_map>& cur, std::size_t a, std::size_t b) {

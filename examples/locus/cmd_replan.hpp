@@ -92,6 +92,7 @@ inline int map_replan(const replan_options& o) {
                 "--grouping gives the nodes of requests --homes does not list: with --homes it applies to --prior's "
                 "requests only, and there is no --prior");
   auto plan = locus::load_expert_plan(o.map_path);
+  locus::placement::require_movable_budget(o.live.budget_share, plan.maps, "--budget");
   const std::size_t ranks = plan.maps.front().ranks();
   LOCUS_REQUIRE(o.gpus_per_node == 0 || plan.gpus_per_node == 0 || o.gpus_per_node == plan.gpus_per_node,
                 locus::config_error, "--gpus-per-node ", o.gpus_per_node, ": the plan in ", o.map_path,

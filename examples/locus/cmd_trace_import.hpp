@@ -108,7 +108,7 @@ inline void run_trace_import(const trace_import_options& o) {
   } else if (format == "jsonl") {
     locus::trace::jsonl_options opt;
     opt.experts = o.experts;
-    opt.experts_setting = "--experts";
+    opt.settings = {"--experts", "--split-on-restart", "importing without --strict-layers", "--skip-bad"};
     opt.top_k = o.top_k;
     opt.layers = o.layers;
     opt.skip_bad = o.skip_bad;

@@ -135,6 +135,8 @@ struct jsonl_reading {
   std::size_t experts = 0; //!< 0: from the meta line
   //! The command's option that gives `experts`, for the message that asks for it (empty: it has none).
   std::string experts_option = "--experts";
+  //! The command's way to cut requests at token_idx restarts, for the messages that advise it.
+  std::string split_option = "--split-on-restart";
   bool split_on_restart = false, strict_layers = false;
 };
 
@@ -172,7 +174,8 @@ inline locus::trace::trace load_trace(const std::vector<std::string>& paths, con
   if (format == "binary") return read_binary_trace(paths.front());
   locus::trace::jsonl_options opt;
   opt.experts = how.experts;
-  opt.experts_setting = how.experts_option;
+  opt.settings = {how.experts_option, how.split_option, "reading without --strict-layers",
+                  "`locus trace import --skip-bad`"};
   opt.split_on_restart = how.split_on_restart;
   opt.trim_ragged = !how.strict_layers;
   locus::trace::jsonl_report rep;

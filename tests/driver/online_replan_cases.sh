@@ -38,4 +38,10 @@ ok 'of 29 slots budgeted' map replan "$work/l.json" --trace "$work/e100.bin" --b
 # Weights moved in the unit that shows them: a few experts of 3 MB are megabytes, not "0.00 GB".
 ok 'slots budgeted moved \([0-9.]+% of all slots, [0-9.]+ MB of weights\)' map replan "$work/l.json" \
   --trace "$work/e100.bin" --budget 0.29 --expert-bytes 3000000 --out "$work/r.json"
+# A budget of one slot moves nothing (a move swaps two experts): refused, naming the least that moves.
+refused '--budget 0.01 of the 100 slots \(all layers\) is 1 slot; a move swaps two experts, so nothing could move: give at least 0.02' \
+  map replan "$work/l.json" --trace "$work/e100.bin" --budget 0.01 --out "$work/r.json"
+ok 'of 0 slots budgeted moved' map replan "$work/l.json" --trace "$work/e100.bin" --budget 0 --out "$work/r.json"
+refused '--replan-budget 0.001 of the 128 slots \(all layers\) is 0 slots; .*give at least 0.015625' \
+  simulate --trace "$work/mid.bin" --map "$work/p.json" --replan-every 20 --replan-budget 0.001
 cases_end

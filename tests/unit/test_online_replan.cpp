@@ -110,6 +110,20 @@ BOOST_AUTO_TEST_CASE(a_decimal_budget_share_counts_in_full) {
   BOOST_TEST(placement::budget_slots(1.0, hundred) == 100u);
   for (int percent = 0; percent <= 100; ++percent)
     BOOST_TEST(placement::budget_slots(percent / 100.0, hundred) == static_cast<std::size_t>(percent));
+  // A move swaps two experts: a budget above 0 of fewer than two slots would move nothing unseen.
+  BOOST_CHECK_NO_THROW(placement::require_movable_budget(0.0, hundred, "budget"));
+  BOOST_CHECK_NO_THROW(placement::require_movable_budget(0.02, hundred, "budget"));
+  for (const double share : {0.0099, 0.01, 0.019}) {
+    try {
+      placement::require_movable_budget(share, hundred, "budget");
+      BOOST_FAIL("a budget of " << share << " of 100 slots was taken");
+    } catch (const config_error& e) {
+      BOOST_TEST(e.message().find("of the 100 slots (all layers) is " +
+                                  std::string(share < 0.01 ? "0 slots" : "1 slot;")) != std::string::npos,
+                 e.message());
+      BOOST_TEST(e.message().find("give at least 0.02") != std::string::npos, e.message());
+    }
+  }
 }
 
 // Within the bound, every swap taken saves copies of the sample; with the loads already balanced

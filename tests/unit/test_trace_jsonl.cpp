@@ -110,6 +110,17 @@ void check_against(const trace::trace& t, const std::vector<ref_request>& want, 
 }
 
 template <class F>
+std::string expect_format_error_message(F&& f) {
+  try {
+    f();
+  } catch (const format_error& e) {
+    return e.message();
+  }
+  BOOST_FAIL("expected locus::format_error");
+  return {};
+}
+
+template <class F>
 std::uint64_t expect_format_error(F&& f, const std::vector<std::string>& needles) {
   try {
     f();
@@ -275,7 +286,8 @@ BOOST_AUTO_TEST_CASE(requests_reconstructed_from_token_restarts) {
     else // a constant req_id without reconstruction: one request whose token_idx repeat
       expect_format_error([&] { (void)trace::import_jsonl_text(text, "r.jsonl", o); },
                           {"request 7 (first record at line 1): token_idx 10 at layer 0 appears twice",
-                           "import with --split-on-restart"});
+                           "import with jsonl_options::split_on_restart",
+                           "(jsonl_options::skip_bad drops such a request and counts it)"});
     o.split_on_restart = true;
     const auto t = trace::import_jsonl_text(text, "r.jsonl", o);
     BOOST_TEST_REQUIRE(t.requests() == lengths.size());
@@ -425,7 +437,7 @@ BOOST_AUTO_TEST_CASE(declarations_and_empty_inputs) {
   // and none where the caller has none.
   const auto undeclared = [&](const std::string& setting) {
     trace::jsonl_options named;
-    named.experts_setting = setting;
+    named.settings.experts = setting;
     try {
       (void)trace::import_jsonl_text(one, "x", named);
     } catch (const invalid_input_error& e) {
@@ -660,7 +672,15 @@ BOOST_AUTO_TEST_CASE(ragged_tails_are_trimmed_and_counted) {
   auto strict = opts();
   strict.trim_ragged = false;
   expect_format_error([&] { (void)trace::import_jsonl_text(text, "rag.jsonl", strict); },
-                      {"layer 1 has 3 tokens, layer 0 has 5", "--strict-layers"});
+                      {"layer 1 has 3 tokens, layer 0 has 5", "(jsonl_options::trim_ragged keeps the tokens"});
+  // A tool names its own options, and none where it has none to offer.
+  strict.settings = {"--experts", "--split-on-restart", "importing without --strict-layers", "--skip-bad"};
+  expect_format_error([&] { (void)trace::import_jsonl_text(text, "rag.jsonl", strict); },
+                      {"(importing without --strict-layers keeps the tokens every layer holds) (--skip-bad drops"});
+  strict.settings = {"", "", "", ""};
+  const auto bare = expect_format_error_message([&] { (void)trace::import_jsonl_text(text, "rag.jsonl", strict); });
+  BOOST_TEST(bare.find("every layer must hold the same tokens") != std::string::npos, bare);
+  BOOST_TEST(bare.find('(') == bare.find("(first record"), bare); // no advice after it
   // A token missing inside a layer (not at its end) is not a ragged tail.
   expect_format_error(
       [&] { (void)trace::import_jsonl_text(r(1, 0, 0, 0) + r(1, 1, 0, 1) + r(1, 1, 1, 1), "x", opts()); },

@@ -162,6 +162,7 @@ inline live_replan_result replan_live(const std::vector<expert_map>& current, co
   refine.count(opt.copies);
   refine.replicas.rule = opt.replicas;
   refine.replan_slack = opt.replan_slack;
+  require_movable_budget(opt.budget_share, current, "re-plan: the budget");
   live_replan_result out;
   out.budget_slots = budget_slots(opt.budget_share, current);
   auto moved = replan_by_tokens(current, with_prior(sample, fitted, opt.prior_requests), topo, refine, out.budget_slots,

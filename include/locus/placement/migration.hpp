@@ -22,6 +22,7 @@
 #include <locus/core/expert_map.hpp>
 #include <locus/placement/token_refine.hpp>
 #include <queue>
+#include <string>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
@@ -140,6 +141,21 @@ inline std::size_t budget_slots(double share, const std::vector<expert_map>& map
   const double slots = static_cast<double>(total_slots(maps));
   const double exact = share * slots;
   return static_cast<std::size_t>(std::min(slots, std::floor(exact + exact * 1e-12)));
+}
+
+//! Refuses a budget share above 0 that leaves fewer than two slots: a move swaps two experts, so
+//! such a budget would re-plan nothing without a word (0 itself asks for no move). `what` names
+//! the setting in the message.
+//! @throws locus::config_error naming the smallest share that moves a pair
+inline void require_movable_budget(double share, const std::vector<expert_map>& maps, const std::string& what) {
+  if (!(share > 0) || budget_slots(share, maps) >= 2) return;
+  const std::size_t slots = total_slots(maps);
+  LOCUS_REQUIRE(slots >= 2, config_error, what, " ", share, ": the maps have ", slots,
+                " slot in all; a move swaps two experts");
+  LOCUS_THROW(config_error, what, " ", share, " of the ", slots, " slots (all layers) is ", budget_slots(share, maps),
+              budget_slots(share, maps) == 1 ? " slot" : " slots",
+              "; a move swaps two experts, so nothing could move: give at least ",
+              std::ceil(2e6 / static_cast<double>(slots)) / 1e6, " (0 moves nothing)");
 }
 
 //! with_prior's weight of the prior, in requests. On ESFT's drift scenario (split seed 1, re-plan

@@ -51,9 +51,14 @@ struct jsonl_options {
   //! Declared routed experts; every id must be below it. 0: taken from a meta line
   //! (`num_experts` or `experts`) that precedes the first route record.
   std::size_t experts = 0;
-  //! How a message asking for the expert count names the setting that gives it: a command-line tool
-  //! gives its own option ("--experts"); empty where the caller has none to give.
-  std::string experts_setting = "jsonl_options::experts";
+  //! How messages name the settings they advise, as the caller offers them: a command-line tool
+  //! gives its own options ("--experts"); an empty name leaves that advice out.
+  struct setting_names {
+    std::string experts = "jsonl_options::experts";                   //!< gives the expert count
+    std::string split_on_restart = "jsonl_options::split_on_restart"; //!< cuts requests at token_idx restarts
+    std::string keep_ragged = "jsonl_options::trim_ragged";           //!< keeps requests with ragged layers
+    std::string skip_bad = "jsonl_options::skip_bad";                 //!< skips bad records
+  } settings;
   //! Experts per token. 0: from a meta line's `top_k`, else the length of the first record's `topk_ids`.
   std::size_t top_k = 0;
   //! Expected number of distinct layer numbers (0: any). Layer numbers need not start at 0: the
@@ -755,16 +760,25 @@ public:
   }
 
 private:
+  //! " (<setting> <does>)", or nothing where the caller names no such setting.
+  static std::string advice(const std::string& setting, const char* does) {
+    return setting.empty() ? std::string() : locus::detail::concat(" (", setting, does, ")");
+  }
+
   void bad(std::uint64_t line_no, const std::string& what) {
     const std::string msg = locus::detail::concat(name_, ":", line_no, ": ", what);
-    if (!opt_.skip_bad) throw format_error(msg, line_no, __FILE__, __LINE__);
+    if (!opt_.skip_bad)
+      throw format_error(msg + advice(opt_.settings.skip_bad, " skips bad records and counts them"), line_no, __FILE__,
+                         __LINE__);
     ++rep_.bad_records;
     if (rep_.messages.size() < jsonl_report::max_messages) rep_.messages.push_back(msg);
   }
   //! `where`: a location (loc()).
   void inconsistent(std::uint64_t where, const std::string& what) {
     const std::string msg = locus::detail::concat(files_[where >> line_bits], ":", where & line_mask, ": ", what);
-    if (!opt_.skip_bad) throw format_error(msg, where & line_mask, __FILE__, __LINE__);
+    if (!opt_.skip_bad)
+      throw format_error(msg + advice(opt_.settings.skip_bad, " drops such a request and counts it"), where & line_mask,
+                         __FILE__, __LINE__);
     if (rep_.messages.size() < jsonl_report::max_messages) rep_.messages.push_back(msg + " (request dropped)");
   }
 
@@ -808,8 +822,9 @@ private:
                                             : nullptr;
     if (missing) return bad(line_no, locus::detail::concat("route record lacks \"", missing, "\""));
     if (f_.req_kind == jsonl_fields::id_kind::none && !opt_.split_on_restart)
-      return bad(line_no, "route record lacks \"req_id\" (import with split_on_restart / --split-on-restart to "
-                          "reconstruct requests from token_idx restarts)");
+      return bad(line_no, locus::detail::concat("route record lacks \"req_id\"",
+                                                advice(opt_.settings.split_on_restart,
+                                                       " reconstructs requests from token_idx restarts")));
     if (f_.req_kind == jsonl_fields::id_kind::text &&
         (f_.req_text.empty() || f_.req_text.size() > max_trace_request_name))
       return bad(line_no, locus::detail::concat("req_id is a string of ", f_.req_text.size(), " bytes, expected 1..",
@@ -831,8 +846,8 @@ private:
           locus::detail::concat(name_, ":", line_no,
                                 ": the number of experts is not declared: put a meta line with num_experts "
                                 "before the route records",
-                                opt_.experts_setting.empty() ? std::string()
-                                                             : ", or give the count with " + opt_.experts_setting),
+                                opt_.settings.experts.empty() ? std::string()
+                                                              : ", or give the count with " + opt_.settings.experts),
           __FILE__, __LINE__);
     if (top_k_ > experts_)
       throw invalid_input_error(locus::detail::concat(name_, ":", line_no, ": top_k ", top_k_, " exceeds the ",
@@ -976,11 +991,11 @@ private:
           inconsistent(line_[order[i]],
                        locus::detail::concat(who, ": token_idx ", token_[order[i]], " at layer ", layer_values[l],
                                              " appears twice (also ", place(line_[order[i - 1]]), ")",
-                                             opt_.split_on_restart
-                                                 ? ""
+                                             opt_.split_on_restart || opt_.settings.split_on_restart.empty()
+                                                 ? std::string()
                                                  : "; if the logger reuses req_id for several requests (token_idx "
-                                                   "starting over), import with --split-on-restart "
-                                                   "(jsonl_options::split_on_restart)"));
+                                                   "starting over), import with " +
+                                                       opt_.settings.split_on_restart));
           return false;
         }
     }
@@ -1002,9 +1017,8 @@ private:
       if (nl != n && !opt_.trim_ragged) {
         inconsistent(line_[order[at[l] + std::min(n, nl) - (nl > n ? 0 : 1)]],
                      locus::detail::concat(who, ": layer ", layer_values[l], " has ", nl, " tokens, layer ",
-                                           layer_values[0], " has ", n,
-                                           "; every layer must hold the same tokens (import without "
-                                           "--strict-layers to keep the tokens every layer holds)"));
+                                           layer_values[0], " has ", n, "; every layer must hold the same tokens",
+                                           advice(opt_.settings.keep_ragged, " keeps the tokens every layer holds")));
         return false;
       }
     }
