@@ -472,13 +472,15 @@ inline std::string grouped(double v) {
 //! (the same figures as the --json document).
 inline void print_simulation(const nlohmann::json& doc) {
   const auto num = [&](const nlohmann::json& j, const char* key) { return j.at(key).get<double>(); };
-  std::printf("simulated %s requests, %s decode tokens in %s steps (%zu layers) on %zu x %zu GPUs: %s placement, "
-              "%s grouping, %s transport\n",
-              grouped(num(doc, "requests")).c_str(), grouped(num(doc, "decode_tokens")).c_str(),
-              grouped(num(doc, "steps")).c_str(), doc.at("layers").get<std::size_t>(),
-              doc.at("nodes").get<std::size_t>(), doc.at("gpus_per_node").get<std::size_t>(),
-              doc.at("placement").get<std::string>().c_str(), doc.at("grouper").get<std::string>().c_str(),
-              doc.at("transport").get<std::string>().c_str());
+  // "1 request", "2 requests": a count written with grouped digits and its noun.
+  const auto count = [&](const char* key, const char* noun) {
+    return grouped(num(doc, key)) + " " + noun + (num(doc, key) == 1 ? "" : "s");
+  };
+  std::printf("simulated %s, %s in %s (%zu layers) on %zu x %zu GPUs: %s placement, %s grouping, %s transport\n",
+              count("requests", "request").c_str(), count("decode_tokens", "decode token").c_str(),
+              count("steps", "step").c_str(), doc.at("layers").get<std::size_t>(), doc.at("nodes").get<std::size_t>(),
+              doc.at("gpus_per_node").get<std::size_t>(), doc.at("placement").get<std::string>().c_str(),
+              doc.at("grouper").get<std::string>().c_str(), doc.at("transport").get<std::string>().c_str());
   std::printf("  inter-node bytes per token    %s\n", grouped(num(doc, "inter_node_bytes_per_token")).c_str());
   std::printf("  inter-node copies per token   %s\n", fixed(num(doc, "inter_node_copies_per_token"), 2).c_str());
   std::printf("  GPU max/mean (expert rows)    %s over the run, %s per step\n",

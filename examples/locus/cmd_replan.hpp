@@ -41,7 +41,7 @@ inline std::vector<std::uint32_t> request_nodes(const locus::trace::trace& t,
   std::vector<std::uint32_t> nodes(t.requests());
   if (homes) {
     for (std::size_t r = 0; r < t.requests(); ++r) {
-      const auto it = homes->find(detail::request_key(t, r));
+      const auto it = homes->find(t.request_key(r));
       LOCUS_REQUIRE(
           it != homes->end(), locus::config_error, "--homes lists no rank for request ", t.request_label(r), " of ",
           what, t.has_request_names() ? " (its requests are named by their logged req_id strings, not numbered)" : "");
@@ -53,10 +53,11 @@ inline std::vector<std::uint32_t> request_nodes(const locus::trace::trace& t,
 }
 
 // `--homes FILE`: pairs of request and rank, a request named as `window` names its requests
-// (detail::request_key: its id, or its logged name where the trace has names).
+// (trace::request_key: its id, or its logged name where the trace has names).
 inline std::map<std::string, std::size_t> read_homes(const std::string& path, std::size_t ranks,
                                                      const locus::trace::trace& window) {
   const auto v = detail::read_listed_entries(path, "--homes");
+  detail::note_numerals_as_names(window, v, "--homes", 2);
   LOCUS_REQUIRE(v.size() % 2 == 0, locus::config_error, "--homes ", path, ": ", v.size(),
                 " entries, expected pairs of request and rank");
   std::map<std::string, std::size_t> out;
@@ -184,7 +185,7 @@ inline void register_map_replan(CLI::App* map_cmd) {
   cmd->add_option("--homes", o->homes,
                   "Where the window's requests ran: a file of request id and rank pairs (whitespace or commas, # "
                   "comments; a window whose req_ids were strings names its requests as logged, in double quotes "
-                  "where they hold a space, comma or #)")
+                  "(a JSON string) where they hold a space, tab, comma, # or quote)")
       ->check(CLI::ExistingFile)
       ->default_str("the grouping's nodes, else the nodes in turn");
   cmd->add_option("--grouping", o->grouping,

@@ -107,8 +107,9 @@ inline nlohmann::json stats_json(const locus::trace::trace_statistics& s, std::s
 
 inline void print_stats_table(const locus::trace::trace_statistics& s, std::size_t prefill, bool recorded = false,
                               const std::vector<std::size_t>& model_layers = {}) {
-  std::printf("%zu requests, %zu tokens, %zu layers, %zu experts, top-%zu\n\n", s.requests, s.tokens, s.layers,
-              s.experts, s.top_k);
+  std::printf("%s, %s, %s, %s, top-%zu\n\n", tool_cli::counted(s.requests, "request").c_str(),
+              tool_cli::counted(s.tokens, "token").c_str(), tool_cli::counted(s.layers, "layer").c_str(),
+              tool_cli::counted(s.experts, "expert").c_str(), s.top_k);
   std::printf("%-16s %10s %10s\n", "domain", "requests", "tokens");
   for (std::size_t d = 0; d < s.domain_names.size(); ++d)
     std::printf("%-16s %10llu %10llu\n", one_line(s.domain_names[d]).c_str(),
@@ -396,8 +397,10 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
     files.add_json(o->json, "trace synth", doc);
     files.commit();
     if (stdout_taken({o->json, o->out})) return;
-    std::printf("%s: %zu requests, %zu tokens, %zu layers, %zu experts, top-%zu, %zu domains\n", o->out.c_str(),
-                t.requests(), t.tokens(), t.layers(), t.experts(), t.top_k(), t.domains().size());
+    std::printf("%s: %s, %s, %s, %s, top-%zu, %s\n", o->out.c_str(), tool_cli::counted(t.requests(), "request").c_str(),
+                tool_cli::counted(t.tokens(), "token").c_str(), tool_cli::counted(t.layers(), "layer").c_str(),
+                tool_cli::counted(t.experts(), "expert").c_str(), t.top_k(),
+                tool_cli::counted(t.domains().size(), "domain").c_str());
     if (fitted)
       std::printf("fitted: request σ %.3f, segment η %.3f, cluster probability %.3f\n", m.request_sigma,
                   m.segment_sigma, m.cluster_probability);
@@ -539,7 +542,8 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     }
     {
       // Per request and expert at the chosen layer: share of its prefill choices vs of its
-      // decode choices (the scatter), and per request and layer the correlation.
+      // decode choices (the scatter), and per request and layer the correlation. A request is
+      // named as the trace names it (its id, or its logged string), so rows lead back to the log.
       std::ostringstream f;
       f << "request,domain,expert,prefill_share,decode_share\n";
       std::ostringstream g;
@@ -549,8 +553,9 @@ inline void register_trace_report(CLI::App& trace_cmd) {
         const auto& q = t.request(r);
         for (std::size_t l = 0; l < L; ++l)
           if (std::isfinite(s.correlation.at(r, l)))
-            g << r << "," << trace_analysis::csv_quote(s.domain_names[q.domain]) << "," << l << ","
-              << s.correlation.at(r, l) << "\n";
+            g << trace_analysis::csv_quote(t.request_key(r)) << ","
+              << trace_analysis::csv_quote(s.domain_names[q.domain]) << "," << l << "," << s.correlation.at(r, l)
+              << "\n";
         std::fill(a.begin(), a.end(), 0.0);
         std::fill(b.begin(), b.end(), 0.0);
         double na = 0, nb = 0;
@@ -563,8 +568,9 @@ inline void register_trace_report(CLI::App& trace_cmd) {
         if (na == 0 || nb == 0) continue;
         for (std::size_t e = 0; e < E; ++e)
           if (a[e] > 0 || b[e] > 0)
-            f << r << "," << trace_analysis::csv_quote(s.domain_names[q.domain]) << "," << e << "," << a[e] / na << ","
-              << b[e] / nb << "\n";
+            f << trace_analysis::csv_quote(t.request_key(r)) << ","
+              << trace_analysis::csv_quote(s.domain_names[q.domain]) << "," << e << "," << a[e] / na << "," << b[e] / nb
+              << "\n";
       }
       trace_analysis::save(dir / "prefill_decode.csv", f);
       trace_analysis::save(dir / "correlation.csv", g);

@@ -140,15 +140,17 @@ inline void run_trace_import(const trace_import_options& o) {
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (format == "jsonl" && (report.bad_records || report.dropped_requests)) {
-    std::fprintf(stderr, "locus: %s: skipped %zu bad records and dropped %zu inconsistent requests; first problems:\n",
-                 input.c_str(), report.bad_records, report.dropped_requests);
+    // Messages quote the input (names, JSON text): written safe for a terminal.
+    std::fprintf(stderr, "locus: %s: skipped %s and dropped %s; first problems:\n", one_line(input).c_str(),
+                 tool_cli::counted(report.bad_records, "bad record").c_str(),
+                 tool_cli::counted(report.dropped_requests, "inconsistent request").c_str());
     for (const auto& m : report.messages)
-      std::fprintf(stderr, "  %s\n", m.c_str());
+      std::fprintf(stderr, "  %s\n", one_line(m).c_str());
   }
   if (format == "jsonl") {
     note_trimmed(input, report);
     for (std::size_t i = 0; i < report.trimmed_examples.size() && i < 5; ++i)
-      std::fprintf(stderr, "  %s\n", report.trimmed_examples[i].c_str());
+      std::fprintf(stderr, "  %s\n", one_line(report.trimmed_examples[i]).c_str());
   }
   if (!o.quiet && !stdout_taken({o.output})) {
     std::string doms;
@@ -156,9 +158,10 @@ inline void run_trace_import(const trace_import_options& o) {
       doms += (doms.empty() ? "" : ", ") + one_line(d);
     // A device or FIFO output (-o /dev/null) has no size to report.
     const auto bytes = std::filesystem::file_size(o.output, ec);
-    std::printf("%s: %zu requests, %zu tokens, %zu layers, %zu experts, top-%zu, domains [%s]; %s bytes, %.2f s%s\n",
-                o.output.c_str(), t.requests(), t.tokens(), t.layers(), t.experts(), t.top_k(), doms.c_str(),
-                ec ? "?" : std::to_string(bytes).c_str(), secs, o.verify ? " (verified)" : "");
+    std::printf("%s: %s, %s, %s, %s, top-%zu, domains [%s]; %s bytes, %.2f s%s\n", o.output.c_str(),
+                tool_cli::counted(t.requests(), "request").c_str(), tool_cli::counted(t.tokens(), "token").c_str(),
+                tool_cli::counted(t.layers(), "layer").c_str(), tool_cli::counted(t.experts(), "expert").c_str(),
+                t.top_k(), doms.c_str(), ec ? "?" : std::to_string(bytes).c_str(), secs, o.verify ? " (verified)" : "");
     if (format == "jsonl")
       std::printf("  %s: %zu route records, %zu skipped (blank or not route), %zu bad, %s dropped, %s dropped from "
                   "%s\n",

@@ -152,16 +152,17 @@ inline utf8_sequence utf8_at(const std::string& s, std::size_t i) {
 
 //! Code points a terminal acts on rather than shows: the C1 controls (U+009B starts an escape
 //! sequence on many terminals) and the bidirectional overrides and isolates, which reorder the
-//! text shown after them.
+//! text shown after them; and the invisible ones no script needs (zero-width space, word joiner,
+//! byte-order mark), with which a name looks like another.
 inline bool terminal_control(std::uint32_t cp) {
   return (cp >= 0x80 && cp <= 0x9F) || (cp >= 0x202A && cp <= 0x202E) || (cp >= 0x2066 && cp <= 0x2069) ||
-         cp == 0x061C || cp == 0x200E || cp == 0x200F;
+         cp == 0x061C || cp == 0x200E || cp == 0x200F || cp == 0x200B || cp == 0x2060 || cp == 0xFEFF;
 }
 
 //! One line of text, safe on a terminal: control characters (a newline or an escape sequence in a
-//! domain name, say) are written as escapes or '?', C1 controls and bidirectional overrides as
-//! \u{XXXX}, and bytes that are not UTF-8 (a binary file quoted by a parser's message) as \xNN. For
-//! messages and for names from the input in tables.
+//! domain name, say) are written as escapes or '?', C1 controls, bidirectional overrides and
+//! invisible characters as \u{XXXX}, and bytes that are not UTF-8 (a binary file quoted by a parser's message) as \xNN.
+//! For messages and for names from the input in tables.
 inline std::string one_line(const std::string& s) {
   std::string out;
   for (std::size_t i = 0; i < s.size();) {

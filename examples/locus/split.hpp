@@ -62,7 +62,8 @@ inline void add_split_flags(CLI::App* cmd, split_flags& s) {
   auto* trr = cmd->add_option(
       "--train-requests", s.train_requests,
       "Split by request id: a file of the ids that train (separated by whitespace or commas, # comments; a trace "
-      "whose req_ids were strings lists them as logged, in double quotes where they hold a space, comma or #; "
+      "whose req_ids were strings lists them as logged, in double quotes (a JSON string) where they hold a space, tab, "
+      "comma, # or quote; "
       "default with --test-requests: the other requests)");
   auto* ter = cmd->add_option("--test-requests", s.test_requests,
                               "Split by request id: a file of the ids that test (default with --train-requests: the "
@@ -87,7 +88,7 @@ struct listed_entry {
 
 //! The entries of a file that lists requests (and, for --homes, ranks): separated by whitespace or
 //! commas, `#` to the end of a line a comment; an entry in double quotes is a JSON string, so that
-//! a request name holding a space, a comma or a `#` can be listed.
+//! a request name holding a separator, a `#` or a quote can be listed.
 inline std::vector<listed_entry> read_listed_entries(const std::string& path, const char* flag) {
   // A folder opens as a stream that reads nothing: it was said to list no request id.
   std::error_code ec;
@@ -100,7 +101,8 @@ inline std::vector<listed_entry> read_listed_entries(const std::string& path, co
   std::string line;
   const auto separator = [](char c) { return c == ' ' || c == '\t' || c == '\r' || c == ','; };
   for (std::size_t line_no = 1; std::getline(in, line); ++line_no) {
-    std::size_t i = 0;
+    // A byte-order mark (some editors write one) is no part of the first entry.
+    std::size_t i = line_no == 1 && line.starts_with("\xEF\xBB\xBF") ? 3 : 0;
     while (i < line.size()) {
       while (i < line.size() && separator(line[i]))
         ++i;
@@ -112,6 +114,8 @@ inline std::vector<listed_entry> read_listed_entries(const std::string& path, co
         LOCUS_REQUIRE(j < line.size(), locus::config_error, flag, " ", path, ":", line_no,
                       ": a quoted entry has no closing quote");
         ++j;
+        LOCUS_REQUIRE(j == line.size() || separator(line[j]) || line[j] == '#', locus::config_error, flag, " ", path,
+                      ":", line_no, ": a quoted entry runs on past its closing quote");
         nlohmann::json v;
         try {
           v = nlohmann::json::parse(line.begin() + static_cast<std::ptrdiff_t>(i),
@@ -129,7 +133,7 @@ inline std::vector<listed_entry> read_listed_entries(const std::string& path, co
       i = j;
     }
   }
-  LOCUS_REQUIRE(!out.empty(), locus::config_error, flag, " ", path, ": lists no request id");
+  LOCUS_REQUIRE(!out.empty(), locus::config_error, flag, " ", path, ": lists no request");
   return out;
 }
 
@@ -143,13 +147,24 @@ inline std::uint64_t listed_number(const listed_entry& e, const std::string& pat
   return v;
 }
 
-//! How a file names request `r` of `t`: by its logged name where the trace has names (a route JSONL
-//! of string req_ids), else by its id in decimal.
-inline std::string request_key(const locus::trace::trace& t, std::size_t r) {
-  return t.has_request_names() ? t.request_name(r) : std::to_string(t.request(r).id);
+//! Where `t` names its requests and every entry of a file (every `step`-th from the first) is a
+//! whole number, says on stderr that the numbers are taken as names: an older locus took them as
+//! the numbering of string req_ids, and a log of numeral strings ("5", "3", ...) then selected
+//! other requests.
+inline void note_numerals_as_names(const locus::trace::trace& t, const std::vector<listed_entry>& entries,
+                                   const char* flag, std::size_t step = 1) {
+  if (!t.has_request_names()) return;
+  for (std::size_t i = 0; i < entries.size(); i += step)
+    if (entries[i].text.empty() ||
+        !std::all_of(entries[i].text.begin(), entries[i].text.end(), [](char c) { return c >= '0' && c <= '9'; }))
+      return;
+  std::fprintf(stderr,
+               "locus: note: %s lists numbers; the trace names its requests by their logged req_id strings, so each "
+               "is taken as a name (\"%s\" is the request logged as that string), not as their numbering\n",
+               flag, entries.front().text.c_str());
 }
 
-//! Entry `e` as a request key of `t` (request_key): a name as listed where `t` has names, else an
+//! Entry `e` as a request key of `t` (trace::request_key): a name as listed where `t` has names, else an
 //! id (a non-negative integer, so that "007" lists request 7).
 inline std::string listed_request(const locus::trace::trace& t, const listed_entry& e, const std::string& path,
                                   const char* flag) {
@@ -174,12 +189,14 @@ inline std::vector<bool> in_domains(const locus::trace::trace& t, const std::vec
 inline std::vector<bool> in_id_file(const locus::trace::trace& t, const std::string& path, const char* flag) {
   std::vector<std::string> listed; // in file order, for the message
   std::set<std::string> wanted;
-  for (const auto& e : read_listed_entries(path, flag))
+  const auto entries = read_listed_entries(path, flag);
+  note_numerals_as_names(t, entries, flag);
+  for (const auto& e : entries)
     if (auto key = listed_request(t, e, path, flag); wanted.insert(key).second) listed.push_back(std::move(key));
   std::set<std::string> found;
   std::vector<bool> chosen(t.requests());
   for (std::size_t r = 0; r < t.requests(); ++r)
-    if (auto key = request_key(t, r); wanted.count(key)) {
+    if (auto key = t.request_key(r); wanted.count(key)) {
       chosen[r] = true;
       found.insert(std::move(key));
     }
@@ -251,7 +268,7 @@ apply_split(locus::trace::trace t, const split_flags& s, bool need_train, bool n
     if (test.empty()) test = others(train);
     std::vector<std::size_t> tr, te;
     for (std::size_t r = 0; r < t.requests(); ++r) {
-      LOCUS_REQUIRE(!(train[r] && test[r]), locus::config_error, how, ": request ", t.request(r).id, " (domain \"",
+      LOCUS_REQUIRE(!(train[r] && test[r]), locus::config_error, how, ": request ", t.request_label(r), " (domain \"",
                     t.domains()[t.request(r).domain], "\") is both in the training and in the test split");
       if (train[r]) tr.push_back(r);
       if (test[r]) te.push_back(r);

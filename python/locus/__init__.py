@@ -253,17 +253,25 @@ def trace_from_arrays(
     if request_ids is None:
         req = np.zeros(tokens, np.int64)
     else:
-        r = np.asarray(request_ids)
-        if r.dtype.kind == "S" or (r.dtype.kind == "O" and any(isinstance(x, bytes) for x in r.flat)):
+        # Strings are looked at one by one, not through np.asarray: that turns [7, "7"] into two
+        # equal strings, b"a" into "a", and drops a name's trailing NUL.
+        r = request_ids
+        if isinstance(r, np.ndarray) and r.dtype.kind == "S":
             raise InvalidInputError("locus: invalid input: request_ids holds bytes; give the ids as str or int")
-        if r.ndim == 1 and (r.dtype.kind == "U" or (r.dtype.kind == "O" and r.size and all(isinstance(x, str) for x in r))):
+        values = r.tolist() if isinstance(r, np.ndarray) and r.dtype.kind in "UO" else r
+        if isinstance(values, (list, tuple)) and any(isinstance(x, (str, bytes)) for x in values):
+            if any(isinstance(x, bytes) for x in values):
+                raise InvalidInputError("locus: invalid input: request_ids holds bytes; give the ids as str or int")
+            if not all(isinstance(x, str) for x in values):
+                raise InvalidInputError("locus: invalid input: request_ids mixes strings and numbers; give one kind "
+                                        "(strings are numbered 0, 1, ... and kept as names, numbers are the ids)")
             number: dict = {}
-            for x in r:
-                number.setdefault(str(x), len(number))
+            for x in values:
+                number.setdefault(x, len(number))
             if "" in number:
                 raise InvalidInputError("locus: invalid input: request_ids holds an empty string (a name names a request)")
             request_names = list(number)
-            r = np.array([number[str(x)] for x in r], np.int64)
+            r = np.array([number[x] for x in values], np.int64)
         req = _array(r, np.int64, 1, "request_ids")
     if phases is None:
         ph = np.full(tokens, 2, np.uint8)

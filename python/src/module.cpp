@@ -306,6 +306,12 @@ trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb:
     LOCUS_REQUIRE(domains.data()[t] < domain_names.size(), locus::invalid_input_error, "trace_from_arrays: token ", t,
                   " has domain ", domains.data()[t], ", but there are ", domain_names.size(), " domain names");
   }
+  // A request as the caller named it: its string where ids were given as strings.
+  const auto who = [&](std::size_t r) {
+    return request_names.empty() || static_cast<std::uint64_t>(request_id[r]) >= request_names.size()
+               ? std::to_string(request_id[r])
+               : "\"" + request_names[static_cast<std::size_t>(request_id[r])] + "\"";
+  };
   locus::trace::trace_builder b(experts, k, layers);
   b.set_domains(domain_names);
   b.set_model_layers(std::move(layer_ids), hidden_layers);
@@ -318,12 +324,12 @@ trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb:
     bool decoded = false;
     for (const std::size_t t : m) {
       LOCUS_REQUIRE(domains.data()[t] == domains.data()[m.front()], locus::invalid_input_error,
-                    "trace_from_arrays: token ", t, " of request ", request_id[r], " has domain \"",
+                    "trace_from_arrays: token ", t, " of request ", who(r), " has domain \"",
                     domain_names[domains.data()[t]], "\", its token ", m.front(), " \"",
                     domain_names[domains.data()[m.front()]], "\" (a request has one domain)");
       const auto p = static_cast<locus::trace::phase>(phases.data()[t]);
       LOCUS_REQUIRE(!(decoded && p == locus::trace::phase::prefill), locus::invalid_input_error,
-                    "trace_from_arrays: token ", t, " of request ", request_id[r],
+                    "trace_from_arrays: token ", t, " of request ", who(r),
                     " is prefill after a decode token of the request (prefill comes first)");
       decoded = decoded || p == locus::trace::phase::decode;
     }

@@ -199,6 +199,18 @@ def test_string_request_ids_are_kept_as_names(tmp_path):
         locus.trace_from_arrays(ids, 4, request_ids=["a", "", "b", "b", "b"])
     with pytest.raises(locus.InvalidInputError, match="request_ids holds bytes"):
         locus.trace_from_arrays(ids, 4, request_ids=[b"a"] * 5)
+    # Each value as given (np.asarray made [7, "7"] two equal strings, b"a" the name "a", and
+    # dropped a trailing NUL): mixed kinds and bytes are refused, names kept byte for byte.
+    for mixed in ([7, 7, "7", "7", "7"], [1, "a", 1, "a", "a"], np.array([1, "a", 1, "a", "a"], dtype=object)):
+        with pytest.raises(locus.InvalidInputError, match="request_ids mixes strings and numbers"):
+            locus.trace_from_arrays(ids, 4, request_ids=mixed)
+    with pytest.raises(locus.InvalidInputError, match="request_ids holds bytes"):
+        locus.trace_from_arrays(ids, 4, request_ids=["a", b"a", "b", "b", "b"])
+    nul = locus.trace_from_arrays(ids, 4, request_ids=["a\0", "a\0", "a", "a", "a"])
+    assert nul.request_names == ["a\0", "a"]
+    # Messages name a request by its string.
+    with pytest.raises(locus.InvalidInputError, match='token 1 of request "cmpl-x" has domain'):
+        locus.trace_from_arrays(ids, 4, request_ids=["cmpl-x"] * 5, domains=["d", "e", "d", "d", "d"])
 
 
 def test_a_trace_without_phases_is_refused_with_the_fix_named():

@@ -146,6 +146,27 @@ for i in $(seq 0 23); do
 done >"$work/named_homes.txt"
 ok 'inter-node copies per token' map replan "$work/named_served.json" --trace "$work/named.bin" --prefill-tokens 1 \
   --homes "$work/named_homes.txt" --out "$work/named_next.json"
+# A file of numbers against a trace of numeral names is taken by name, and says so.
+sed -e 's/"req_id": \([0-9]*\),/"req_id": "\1",/' "$whole" >"$work/numerals.jsonl"
+printf '3\n' >"$work/three.txt"
+ok 'note: --test-requests lists numbers; .*taken as a name \("3" is the request logged as that string\)' \
+  plan --trace "$work/numerals.jsonl" --test-requests "$work/three.txt" --nodes 2 --gpus-per-node 2 \
+  --out "$work/numerals.json"
+# A byte-order mark starts no entry; a quoted entry ends at its quote.
+printf '\xef\xbb\xbfcmpl-0\n' >"$work/bom_ids.txt"
+ok 'fitted on 1 request\)' plan --trace "$work/named.bin" --train-requests "$work/bom_ids.txt" --nodes 2 \
+  --gpus-per-node 2 --out "$work/m.json"
+printf '"cmpl-0"x\n' >"$work/quote_junk.txt"
+refused 'quote_junk.txt:1: a quoted entry runs on past its closing quote' \
+  plan --trace "$work/named.bin" --train-requests "$work/quote_junk.txt" --out "$work/m.json"
+# Names from the log reach the terminal escaped, in the skipped records' list too.
+record='"token_idx": 0, "layer": 0, "topk_ids": [1, 2], "topk_weights": [1, 1]}'
+printf '{"type": "meta", "num_experts": 16, "top_k": 2}\n{"req_id": "a\\u001b[2Jb", %s\n{"req_id": "a\\u001b[2Jb", %s\n{"req_id": "ok", %s\n' \
+  "$record" "$record" "$record" >"$work/escape.jsonl"
+ok 'dropped 1 inconsistent request; first problems:' trace import "$work/escape.jsonl" --skip-bad -o "$work/escape.bin"
+ok '^  .*escape.jsonl:3: request "a.\[2Jb" \(numbered 0' trace import "$work/escape.jsonl" --skip-bad -o "$work/escape.bin"
+check "a name's escape sequence is not written raw" \
+  bash -c "! timeout 60 '$locus' trace import '$work/escape.jsonl' --skip-bad -o '$work/escape.bin' 2>&1 | grep -q \$'\\x1b'"
 refused 'lists no rank for request "cmpl-0" .*named by their logged req_id strings' map replan \
   "$work/named_served.json" --trace "$work/named.bin" --prefill-tokens 1 --homes "$work/numbered_ids.txt" \
   --out "$work/named_next.json"

@@ -34,6 +34,13 @@ std::uint32_t version_of(const std::vector<std::byte>& bytes) {
   return v;
 }
 
+// Version 3's section flags (1: layer table, 2: request names).
+std::uint32_t flags_of(const std::vector<std::byte>& bytes) {
+  std::uint32_t v;
+  std::memcpy(&v, bytes.data() + 68, 4);
+  return v;
+}
+
 void reseal(std::vector<std::byte>& bytes) {
   const auto payload = checksum64::of(bytes.data() + 80, bytes.size() - 80);
   std::memcpy(bytes.data() + 56, &payload, 8);
@@ -59,6 +66,7 @@ BOOST_AUTO_TEST_CASE(names_survive_the_binary_format_and_selections) {
   const std::vector<std::string> names = {"cmpl-a", "cmpl-\xc3\xa9\t\"b\"", std::string(max_trace_request_name, 'z')};
   const auto t = named(names);
   BOOST_TEST(t.has_request_names());
+  BOOST_TEST(!t.has_model_layers());
   for (std::size_t r = 0; r < 3; ++r)
     BOOST_TEST(t.request_name(r) == names[r]);
   BOOST_TEST(t.request_label(0) == "\"cmpl-a\"");
@@ -67,10 +75,16 @@ BOOST_AUTO_TEST_CASE(names_survive_the_binary_format_and_selections) {
   const auto back = decode_trace(bytes);
   BOOST_TEST((back == t));
   BOOST_TEST(back.request_name(1) == names[1]);
+  BOOST_TEST(!back.has_model_layers());      // no layer table: the file adds no layer ids
   BOOST_TEST((encode_trace(back) == bytes)); // one encoding per file
-  // With model layer ids too (the layer table comes first).
+  // With model layer ids too (the layer table comes first, as its flag says).
   const auto both = named(names, {3, 9});
-  BOOST_TEST((decode_trace(encode_trace(both)) == both));
+  const auto both_bytes = encode_trace(both);
+  BOOST_TEST(version_of(both_bytes) == 3u);
+  BOOST_TEST(flags_of(both_bytes) == 3u);
+  BOOST_TEST(flags_of(bytes) == 2u);
+  BOOST_TEST((decode_trace(both_bytes) == both));
+  BOOST_TEST(decode_trace(both_bytes).model_layer(1) == 9u);
   // Selections keep each request's name.
   const std::size_t pick[] = {2, 0, 2};
   const auto sel = t.select_requests(pick);
@@ -97,6 +111,33 @@ BOOST_AUTO_TEST_CASE(an_unnamed_trace_keeps_its_old_encoding) {
   BOOST_CHECK_THROW((void)t.request_name(3), invalid_input_error);
 }
 
+// A hidden-layer count without layer ids is version 3 with no section flag: version 2 would add
+// the identity ids, and the trace read back would claim layer ids its source never gave.
+BOOST_AUTO_TEST_CASE(a_hidden_layer_count_alone_adds_no_layer_ids) {
+  trace_builder b(8, 2, 2);
+  b.set_domains({"a"});
+  b.set_model_layers({}, 61);
+  b.add_request(0, 0, 1);
+  b.ids(0, 0)[1] = 1;
+  b.ids(1, 0)[1] = 1;
+  const auto t = b.build();
+  const auto bytes = encode_trace(t);
+  BOOST_TEST(version_of(bytes) == 3u);
+  BOOST_TEST(flags_of(bytes) == 0u);
+  const auto back = decode_trace(bytes);
+  BOOST_TEST((back == t));
+  BOOST_TEST(!back.has_model_layers());
+  BOOST_TEST(back.hidden_layers() == 61u);
+  // Equality tells given layer ids from none.
+  trace_builder c(8, 2, 2);
+  c.set_domains({"a"});
+  c.set_model_layers({0, 1}, 61);
+  c.add_request(0, 0, 1);
+  c.ids(0, 0)[1] = 1;
+  c.ids(1, 0)[1] = 1;
+  BOOST_TEST(!(c.build() == t));
+}
+
 BOOST_AUTO_TEST_CASE(partial_or_long_names_are_refused) {
   BOOST_CHECK_THROW(named({"a", "", "c"}), invalid_input_error);
   BOOST_CHECK_THROW(named({"", "", "c"}), invalid_input_error);
@@ -110,14 +151,14 @@ BOOST_AUTO_TEST_CASE(partial_or_long_names_are_refused) {
 
 BOOST_AUTO_TEST_CASE(damaged_name_tables_are_named) {
   const auto good = encode_trace(named({"p", "qq", "rrr"}));
-  const std::size_t table = 80 + 8 + 8; // after the domain table ("a") and the layer table (2 ids)
+  const std::size_t table = 80 + 8; // after the domain table ("a"); no layer table
   // A zero and an oversized length, both checksums recomputed so that only the length is wrong.
   for (const std::uint32_t len : {0u, 5000u}) {
     auto bad = good;
     std::memcpy(bad.data() + table, &len, 4);
     reseal(bad);
     const auto msg = format_message([&] { (void)decode_trace(bad); });
-    BOOST_TEST(msg.find("offset 96: request 0 name length " + std::to_string(len) + ", expected 1..4096") !=
+    BOOST_TEST(msg.find("offset 88: request 0 name length " + std::to_string(len) + ", expected 1..4096") !=
                    std::string::npos,
                msg);
   }
@@ -136,6 +177,14 @@ BOOST_AUTO_TEST_CASE(damaged_name_tables_are_named) {
     auto bad = good;
     bad[i] ^= std::byte{0x01};
     BOOST_CHECK_THROW((void)decode_trace(bad), format_error);
+  }
+  // Unknown section flags, and a version 3 that says what version 1 or 2 would, are refused.
+  for (const std::uint64_t field : {std::uint64_t{7} << 32, std::uint64_t{0}, std::uint64_t{1} << 32}) {
+    auto bad = good;
+    std::memcpy(bad.data() + 64, &field, 8);
+    reseal(bad);
+    const auto msg = format_message([&] { (void)decode_trace(bad); });
+    BOOST_TEST(msg.find("offset 64: ") != std::string::npos, msg);
   }
   // A request count the payload cannot hold names for is refused before anything is allocated.
   {

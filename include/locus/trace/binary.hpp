@@ -2,11 +2,12 @@
 //! @file
 //! The locus binary trace format, versions 1 to 3 (specified in docs/trace-format.md): an 80-byte
 //! header (magic, version, shape, counts, payload size, payload checksum, the model's hidden-layer
-//! count from version 2, header checksum), then the domain table, the model layer id of each
-//! traced layer (from version 2), the request names (version 3), request table, token phases,
+//! count from version 2 and which optional sections follow in version 3, header checksum), then
+//! the domain table, the model layer id of each traced layer (version 2; version 3 when its flag
+//! says so), the request names (version 3, when its flag says so), request table, token phases,
 //! token steps and one (ids, weights) block pair per layer, every section 8-byte aligned, all
-//! integers little-endian. The writer writes the lowest version that holds the trace (1 without
-//! model layer ids, 3 only with request names), so every file has one encoding.
+//! integers little-endian. The writer writes the lowest version that holds the trace, so every
+//! file has one encoding.
 //!
 //! The reader streams the file in chunks straight into the trace's arrays, hashing and
 //! validating each chunk while it is in cache. Every inconsistency — truncation, bad magic or
@@ -41,6 +42,9 @@ inline constexpr std::array<char, 8> binary_magic = {'L', 'O', 'C', 'U', 'S', 'T
 inline constexpr std::uint32_t binary_version = 3;
 //! Size of the fixed header.
 inline constexpr std::size_t binary_header_bytes = 80;
+//! Version 3's flags, above the hidden-layer count in the header's field at offset 64.
+inline constexpr std::uint64_t binary_has_layer_table = std::uint64_t{1} << 32;
+inline constexpr std::uint64_t binary_has_request_names = std::uint64_t{1} << 33;
 //! Longest domain name the format accepts (bounds allocations driven by a corrupt file).
 inline constexpr std::size_t binary_max_domain_name = max_trace_domain_name;
 
@@ -319,8 +323,19 @@ header_fields read_header(Source& src) {
                 locus::detail::concat("domains is ", f.domains, ", expected at most ", max_trace_domains));
   // Versions 2 and 3 store the model's hidden-layer count here; version 1 reserves it.
   if (f.version == 1 && f.reserved != 0) format_fail(src.name(), 64, "reserved field is not 0");
-  if (f.version >= 2 && f.reserved > 0xffffffffull)
+  if (f.version == 2 && f.reserved > 0xffffffffull)
     format_fail(src.name(), 64, locus::detail::concat("hidden layer count ", f.reserved, " is too large"));
+  if (f.version == 3) {
+    const std::uint64_t flags = f.reserved >> 32 << 32;
+    if (flags & ~(binary_has_layer_table | binary_has_request_names))
+      format_fail(src.name(), 64,
+                  locus::detail::concat("unknown section flags ", flags >> 32, " (this reader knows 1 and 2)"));
+    // One encoding per trace: what versions 1 and 2 hold is written as them.
+    if (!(flags & binary_has_request_names) && ((flags & binary_has_layer_table) || (f.reserved & 0xffffffffull) == 0))
+      format_fail(src.name(), 64,
+                  "version 3 without request names holds only a hidden-layer count without layer ids (other "
+                  "traces are written as version 1 or 2)");
+  }
   if (f.tokens < f.requests)
     format_fail(
         src.name(), 40,
@@ -370,7 +385,9 @@ locus::trace::trace read(Source& src) {
                                       "\" repeats an earlier domain name (names must be distinct)"));
   in.pad("the domain table");
   std::vector<std::uint32_t> model_layers;
-  if (f.version >= 2) {
+  const bool layer_table = f.version == 2 || (f.version == 3 && (f.reserved & binary_has_layer_table));
+  const bool request_names = f.version == 3 && (f.reserved & binary_has_request_names);
+  if (layer_table) {
     if (f.layers > f.payload_bytes / 4)
       format_fail(name, 24,
                   locus::detail::concat(f.layers, " layers cannot fit in a ", f.payload_bytes, "-byte payload"));
@@ -392,7 +409,7 @@ locus::trace::trace read(Source& src) {
   // Request names (version 3): bounded by the payload size before anything is allocated.
   std::vector<std::string> names;
   std::uint64_t name_bytes = 0;
-  if (f.version >= 3) {
+  if (request_names) {
     if (f.requests > f.payload_bytes / 4)
       format_fail(
           name, 32,
@@ -418,7 +435,7 @@ locus::trace::trace read(Source& src) {
     in.pad("the request names");
   }
   std::uint64_t expected = 0;
-  if (!payload_size(domain_bytes, f.requests, f.tokens, f.top_k, f.layers, expected, f.version >= 2, name_bytes) ||
+  if (!payload_size(domain_bytes, f.requests, f.tokens, f.top_k, f.layers, expected, layer_table, name_bytes) ||
       expected != f.payload_bytes)
     format_fail(name, 48,
                 locus::detail::concat("payload size ", f.payload_bytes, " does not match the counts (", f.requests,
@@ -426,7 +443,8 @@ locus::trace::trace read(Source& src) {
 
   trace_builder b(f.experts, f.top_k, f.layers);
   b.set_domains(std::move(domains));
-  if (f.version >= 2) b.set_model_layers(std::move(model_layers), static_cast<std::uint32_t>(f.reserved));
+  if (f.version >= 2)
+    b.set_model_layers(std::move(model_layers), static_cast<std::uint32_t>(f.reserved & 0xffffffffull));
   b.reserve_tokens(f.tokens);
   const std::uint64_t requests_at = in.offset();
   std::uint64_t tokens = 0;
@@ -551,16 +569,19 @@ void write(const locus::trace::trace& t, Sink& sink) {
     emit(d.data(), d.size());
   }
   pad();
-  const bool v3 = t.has_request_names();
-  const bool v2 = v3 || t.has_model_layers() || t.hidden_layers() > 0;
-  if (v2) {
+  // The lowest version that holds the trace: 1 without layer information or names, 2 with layer
+  // ids, 3 with names or a hidden-layer count alone (version 2 would add identity layer ids).
+  const bool v3 = t.has_request_names() || (t.hidden_layers() > 0 && !t.has_model_layers());
+  const bool layer_table = t.has_model_layers();
+  const std::uint32_t version = v3 ? 3 : layer_table ? 2 : 1;
+  if (layer_table) {
     for (std::size_t l = 0; l < t.layers(); ++l) {
       const auto id = static_cast<std::uint32_t>(t.model_layer(l));
       emit(&id, 4);
     }
     pad();
   }
-  if (v3) {
+  if (t.has_request_names()) {
     for (std::size_t r = 0; r < t.requests(); ++r) {
       const auto& n = t.request_name(r);
       const auto len = static_cast<std::uint32_t>(n.size());
@@ -590,7 +611,7 @@ void write(const locus::trace::trace& t, Sink& sink) {
   }
   unsigned char h[binary_header_bytes] = {};
   std::memcpy(h, binary_magic.data(), 8);
-  put(h + 8, v3 ? std::uint32_t{3} : v2 ? std::uint32_t{2} : std::uint32_t{1});
+  put(h + 8, version);
   put(h + 12, static_cast<std::uint32_t>(binary_header_bytes));
   put(h + 16, static_cast<std::uint32_t>(t.experts()));
   put(h + 20, static_cast<std::uint32_t>(t.top_k()));
@@ -600,7 +621,9 @@ void write(const locus::trace::trace& t, Sink& sink) {
   put(h + 40, static_cast<std::uint64_t>(t.tokens()));
   put(h + 48, written);
   put(h + 56, hash.digest());
-  if (v2) put(h + 64, static_cast<std::uint64_t>(t.hidden_layers()));
+  if (version >= 2)
+    put(h + 64, static_cast<std::uint64_t>(t.hidden_layers()) | (v3 && layer_table ? binary_has_layer_table : 0) |
+                    (v3 && t.has_request_names() ? binary_has_request_names : 0));
   put(h + 72, checksum64::of(h, 72));
   sink.write_header(h, sizeof h);
 }

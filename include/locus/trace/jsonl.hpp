@@ -1033,9 +1033,10 @@ private:
         rep_.trimmed_tokens += tail.size();
         ++rep_.trimmed_requests;
         if (rep_.trimmed_examples.size() < jsonl_report::max_messages)
-          rep_.trimmed_examples.push_back(locus::detail::concat(
-              who, ": kept the ", shortest, " tokens every layer holds, dropped token_idx ", tail.front(),
-              tail.size() > 1 ? locus::detail::concat("..", tail.back()) : std::string()));
+          rep_.trimmed_examples.push_back(
+              locus::detail::concat(who, ": kept the ", shortest, shortest == 1 ? " token" : " tokens",
+                                    " every layer holds, dropped token_idx ", tail.front(),
+                                    tail.size() > 1 ? locus::detail::concat("..", tail.back()) : std::string()));
       }
       n = shortest;
     }

@@ -165,7 +165,11 @@ public:
     (void)request(r); // the range check
     return request_names_.empty() ? none : request_names_[r];
   }
-  //! How a person knows request `r`: its logged name in quotes when the trace has names, else its id.
+  //! How files name request `r`: its logged name when the trace has names, else its id in decimal.
+  std::string request_key(std::size_t r) const {
+    return request_names_.empty() ? std::to_string(request(r).id) : request_name(r);
+  }
+  //! How messages name request `r`: request_key, a name in quotes.
   std::string request_label(std::size_t r) const {
     return request_names_.empty() ? std::to_string(request(r).id) : locus::detail::concat("\"", request_name(r), "\"");
   }
@@ -274,7 +278,7 @@ public:
   friend bool operator==(const trace& a, const trace& b) {
     if (a.experts_ != b.experts_ || a.top_k_ != b.top_k_ || a.layers_ != b.layers_ || a.domains_ != b.domains_ ||
         a.phases_ != b.phases_ || a.steps_ != b.steps_ || a.ids_ != b.ids_ ||
-        a.requests_.size() != b.requests_.size() || a.model_layer_ids() != b.model_layer_ids() ||
+        a.requests_.size() != b.requests_.size() || a.model_layers_ != b.model_layers_ ||
         a.hidden_layers_ != b.hidden_layers_ || a.request_names_ != b.request_names_)
       return false;
     for (std::size_t r = 0; r < a.requests_.size(); ++r) {
