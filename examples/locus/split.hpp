@@ -169,6 +169,13 @@ inline void note_numerals_as_names(const locus::trace::trace& t, const std::vect
 inline std::string listed_request(const locus::trace::trace& t, const listed_entry& e, const std::string& path,
                                   const char* flag) {
   if (t.has_request_names()) return e.text;
+  const bool digits = !e.text.empty() && std::all_of(e.text.begin(), e.text.end(), [](char c) {
+    return (c >= '0' && c <= '9') || c == '-' || c == '+';
+  });
+  if (!digits) // a name for a trace that keeps none: imported before locus kept string req_ids?
+    LOCUS_THROW(locus::config_error, flag, " ", path, ":", e.line, ": \"", e.text.substr(0, 32),
+                "\" is not a request id (a non-negative integer); the trace names no request (a route JSONL of "
+                "string req_ids keeps them as names: import its log again)");
   return std::to_string(listed_number(e, path, flag, "a request id"));
 }
 
