@@ -340,6 +340,32 @@ void expect_failed_with(const Errors& errors, const std::string& why, locus::tra
                     transport_error);
 }
 
+// A rank's endpoint used by two threads at once (the fabric's endpoint(r) taken twice): the
+// second arrival of one member in a meeting fails it at once for both, naming the rank, rather than
+// meeting as another rank or waiting for the timeout. (At the barrier itself: through exchange()
+// the two threads would also write the rank's board slots at once, which ThreadSanitizer reports.)
+BOOST_AUTO_TEST_CASE(one_member_arriving_twice_is_named) {
+  locus::transport::detail::timed_barrier barrier({0, 1});
+  std::array<std::exception_ptr, 2> errors{};
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<std::thread> threads;
+  for (std::size_t i = 0; i < 2; ++i)
+    threads.emplace_back([&, i] {
+      try {
+        barrier.arrive_and_wait(std::chrono::steady_clock::now() + std::chrono::seconds(60), std::chrono::seconds(60),
+                                0, exchange_group::world, "the header round");
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
+    });
+  for (auto& t : threads)
+    t.join();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  BOOST_TEST(seconds < 30.0); // not at the deadline
+  expect_failed_with(errors, "the header round: rank 0 arrived twice (two threads use its endpoint at once", barrier,
+                     1);
+}
+
 // The barrier's work for the last arrival (the one-GPU transport joins CUDA events there) runs
 // once per meeting, before anyone leaves; when it throws, every member of that meeting raises
 // transport_error naming where, and every later arrival raises at once.

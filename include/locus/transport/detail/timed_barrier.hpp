@@ -90,6 +90,18 @@ public:
                   " group timed out (", exchange::rank_list(missing_), " did not arrive)");
     }
     const std::uint64_t generation = generation_.load(std::memory_order_relaxed);
+    if (arrived_[member]) {
+      // One member cannot wait twice in one meeting: two threads act as one rank (a rank's endpoint
+      // taken twice). Its peers would meet a copy of it in place of another rank, or time out.
+      failure_ = ::locus::detail::concat(where, ": rank ", ranks_[member],
+                                         " arrived twice (two threads use its endpoint at once; take each rank's "
+                                         "endpoint once and use it from one thread at a time)");
+      failed_.store(true, std::memory_order_release);
+      word_.fetch_add(1, std::memory_order_release);
+      lock.unlock();
+      wake_all(word_);
+      throw_if_failed(group);
+    }
     arrived_[member] = true;
     if (++waiting_ == ranks_.size()) {
       waiting_ = 0;
