@@ -104,7 +104,9 @@ inline void run_trace_import(const trace_import_options& o) {
     opt.domains = o.domains;
     import_progress bar("importing " + input, !o.quiet);
     opt.progress = [&](std::size_t done, std::size_t all) { bar.update(double(done), double(all), "files"); };
-    t = locus::trace::import_esft(o.inputs.front(), opt);
+    locus::trace::esft_report rep;
+    t = locus::trace::import_esft(o.inputs.front(), opt, &rep);
+    note_skipped_folders(rep);
   } else if (format == "jsonl") {
     locus::trace::jsonl_options opt;
     opt.experts = o.experts;

@@ -3,6 +3,7 @@
 // its domain folders), or route JSONL: one or more files or a folder of .jsonl files (experts
 // declared by a meta line or --experts; see docs/trace-format.md and docs/byo-trace.md); "-" reads
 // standard input, route JSONL or a binary trace.
+#include "output.hpp"
 #include "tool_cli.hpp"
 
 #include <CLI/CLI.hpp>
@@ -151,6 +152,14 @@ inline void note_trimmed(const std::string& what, const locus::trace::jsonl_repo
                tool_cli::counted(rep.trimmed_tokens, "token").c_str());
 }
 
+//! Says on stderr which sub-folders of an ESFT root were read as no domain (an empty domain folder
+//! would otherwise leave its domain out without a word).
+inline void note_skipped_folders(const locus::trace::esft_report& rep) {
+  for (const auto& f : rep.skipped_folders)
+    std::fprintf(stderr, "locus: note: %s holds no expert_weights_<n>.txt file; it is no domain of the trace\n",
+                 one_line(f).c_str());
+}
+
 //! Reads the trace `paths` name (several only for route JSONL).
 inline locus::trace::trace load_trace(const std::vector<std::string>& paths, const jsonl_reading& how = {}) {
   const std::string format = detect_trace_format(paths, true);
@@ -165,7 +174,10 @@ inline locus::trace::trace load_trace(const std::vector<std::string>& paths, con
     check_esft_counts(how.experts, 0);
     locus::trace::esft_options opt;
     if (how.experts) opt.experts = how.experts;
-    return locus::trace::import_esft(paths.front(), opt);
+    locus::trace::esft_report rep;
+    auto t = locus::trace::import_esft(paths.front(), opt, &rep);
+    note_skipped_folders(rep);
+    return t;
   }
   // A binary trace records its experts: a count given for it was dropped without a word.
   LOCUS_REQUIRE(how.experts == 0 || format != "binary", locus::config_error, how.experts_option, " ", how.experts,

@@ -872,6 +872,15 @@ BOOST_AUTO_TEST_CASE(esft_folder_layouts_are_checked) {
     }
   };
   BOOST_TEST(trace::import_esft(root).layers() == 3u);
+  // A sub-folder without layer files is no domain, and the report says it was passed over.
+  fs::create_directories(dir.path / "empty");
+  trace::esft_report rep;
+  rep.skipped_folders = {"stale"};
+  BOOST_TEST(trace::import_esft(root, {}, &rep).domains() == (std::vector<std::string>{"a", "bb", "ccc"}),
+             boost::test_tools::per_element());
+  BOOST_TEST(rep.skipped_folders == std::vector<std::string>{(dir.path / "empty").string()},
+             boost::test_tools::per_element());
+  fs::remove(dir.path / "empty");
   // A gap in the first domain (sorted: "a").
   fs::rename(dir.path / "a" / "expert_weights_2.txt", dir.path / "a" / "keep.txt");
   expect_io({}, "expert_weights_2.txt: missing, but expert_weights_3.txt exists");

@@ -41,6 +41,13 @@ struct esft_options {
   std::function<void(std::size_t, std::size_t)> progress;
 };
 
+//! What a folder import passed over.
+struct esft_report {
+  //! Sub-folders of the root that hold no `expert_weights_<n>.txt` file, so no domain was read from
+  //! them (an empty domain folder, a copy that failed): the caller may say so.
+  std::vector<std::string> skipped_folders;
+};
+
 //! True when `name` can be a domain folder of its own: not empty, not "." or "..", no '/' and no
 //! control character (a domain name must not lead a reader or writer outside the root).
 inline bool esft_domain_name_ok(std::string_view name) noexcept {
@@ -353,11 +360,13 @@ inline trace import_esft(std::span<const esft_domain_text> domains, std::size_t 
 //! Imports an ESFT expert-score folder (`root_dir/<domain>/expert_weights_<n>.txt`). A folder that
 //! holds `expert_weights_<n>.txt` files itself is one domain given directly: it is read as that
 //! domain, named after the folder (with `opt.domains` set, it is refused: give the parent).
+//! `report`, when given, lists the sub-folders read as no domain (they hold no layer file).
 //! @throws locus::format_error on malformed content (file, line, column, what was expected);
 //!         locus::io_error when a file cannot be read; locus::invalid_input_error when the
 //!         folder holds no domain or domains disagree on the layer count
-inline trace import_esft(const std::string& root_dir, const esft_options& opt = {}) {
+inline trace import_esft(const std::string& root_dir, const esft_options& opt = {}, esft_report* report = nullptr) {
   namespace fs = std::filesystem;
+  if (report) *report = esft_report{};
   const fs::path root(root_dir);
   std::error_code ec;
   if (!fs::is_directory(root, ec))
@@ -375,7 +384,7 @@ inline trace import_esft(const std::string& root_dir, const esft_options& opt = 
                   " is one domain folder but its name cannot be a domain: give the parent folder");
     esft_options one = opt;
     one.domains = {name};
-    return import_esft(dir.parent_path().string(), one);
+    return import_esft(dir.parent_path().string(), one); // one domain named: nothing is skipped
   }
   std::vector<std::string> domains = opt.domains;
   if (domains.empty()) {
@@ -384,11 +393,15 @@ inline trace import_esft(const std::string& root_dir, const esft_options& opt = 
     fs::directory_iterator it(root, ec), end;
     for (; !ec && it != end; it.increment(ec)) {
       std::error_code e2;
-      if (it->is_directory(e2) && !detail::trace::esft_layer_numbers(it->path()).empty())
+      if (!it->is_directory(e2)) continue;
+      if (!detail::trace::esft_layer_numbers(it->path()).empty())
         domains.push_back(it->path().filename().string());
+      else if (report)
+        report->skipped_folders.push_back(it->path().string());
     }
     if (ec) throw io_error(root_dir + ": cannot list the folder: " + ec.message(), __FILE__, __LINE__, ec.value());
     std::sort(domains.begin(), domains.end());
+    if (report) std::sort(report->skipped_folders.begin(), report->skipped_folders.end());
   }
   LOCUS_REQUIRE(!domains.empty(), invalid_input_error, root_dir,
                 " holds no domain folder with expert_weights_<n>.txt files");
