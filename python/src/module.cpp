@@ -504,7 +504,18 @@ NB_MODULE(_core, m) {
       "trace"_a, "path"_a.none());
   m.def(
       "import_esft",
-      [](nb::handle path) { return file_io(path, [&](const std::string& p) { return locus::trace::import_esft(p); }); },
+      [](nb::handle path) {
+        locus::trace::esft_report rep;
+        auto t = file_io(path, [&](const std::string& p) { return locus::trace::import_esft(p, {}, &rep); });
+        // A sub-folder without layer files is no domain: an empty domain folder would go unnoticed.
+        for (const auto& f : rep.skipped_folders) {
+          const auto msg = locus::detail::concat("locus: ", f,
+                                                 " holds no expert_weights_<n>.txt file; it is no "
+                                                 "domain of the trace");
+          if (PyErr_WarnEx(PyExc_UserWarning, msg.c_str(), 1) < 0) throw nb::python_error();
+        }
+        return t;
+      },
       "path"_a.none());
   m.def(
       "split_by_request",

@@ -182,6 +182,15 @@ def test_trace_from_arrays_and_statistics():
         locus.trace_from_arrays(bad, 16)
 
 
+def test_an_esft_folder_without_layer_files_is_named(tmp_path):
+    (tmp_path / "law").mkdir()
+    (tmp_path / "law" / "expert_weights_1.txt").write_text("1\t2\t3\t4\t5\t6\t\t0.3\t0.2\t0.2\t0.1\t0.1\t0.1\n")
+    (tmp_path / "empty").mkdir()
+    with pytest.warns(UserWarning, match=r"empty holds no expert_weights_<n>.txt file; it is no domain"):
+        t = locus.import_esft(str(tmp_path))
+    assert t.domains == ["law"]
+
+
 def test_string_request_ids_are_kept_as_names(tmp_path):
     ids = np.zeros((5, 1, 2), np.int32)
     ids[:, 0, 1] = 1
