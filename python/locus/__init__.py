@@ -13,6 +13,7 @@ Python threads run meanwhile; a Ctrl-C during a long call is raised when it retu
 from __future__ import annotations
 
 import functools
+import contextlib
 import inspect
 import json
 import numbers
@@ -90,8 +91,15 @@ def _array(x: Any, dtype: Any, ndim: Optional[int] = None, name: str = "array") 
             if bad.any():
                 at = tuple(int(i) for i in np.argwhere(bad)[0])
                 raise InvalidInputError(f"locus: invalid input: {name}{list(at)} is {a[at]}, expected a whole number")
+            # Past 2^(mantissa bits + 1) a float holds no longer every whole number: an id of 2049
+            # in float16 arrives as 2048, whole and wrong.
+            exact = 2.0 ** (np.finfo(a.dtype).nmant + 1)
+            if np.abs(a).max() > exact:
+                raise InvalidInputError(f"locus: invalid input: {name} is {a.dtype} with values above {exact:.0f}, "
+                                        f"which {a.dtype} cannot hold exactly; give an integer array")
         info = np.iinfo(to)
-        if a.min() < info.min or a.max() > info.max:
+        # As Python numbers: a float16 array compared with int32's bounds cast them to inf (a warning).
+        if a.min().item() < info.min or a.max().item() > info.max:
             raise InvalidInputError(f"locus: invalid input: {name} has values outside the range of {to}")
     if to.kind == "f" and to.itemsize < a.dtype.itemsize and a.dtype.kind == "f" and a.size:
         # A finite value past the narrower type's range would become inf (with NumPy's warning).
@@ -325,15 +333,27 @@ def load_routed_experts(
     if not npy and magic[:2] != b"PK":  # a zip (an empty .npz starts with its end record)
         # NumPy's own words for such a file suggest unpickling it (allow_pickle=True).
         raise FormatError(f"locus: format error: {_path_text(path)}: not a .npy or .npz array file")
-    try:
-        # An .npy is mapped, not read: a header that claims more than the file holds is refused
-        # before anything of that size is allocated.
-        data = np.load(path, mmap_mode="r" if npy else None, allow_pickle=False)
-    except OSError as e:
-        raise _io_error(path, e) from None
-    except (ValueError, EOFError, zipfile.BadZipFile) as e:  # a damaged .npy or .npz
-        raise FormatError(f"locus: format error: {_path_text(path)}: not a readable .npy or .npz array file "
-                          f"({e})") from None
+    # An .npz is read from a file this function opens and closes, also when the archive is damaged
+    # (np.load of a path left that file open when the zip was refused).
+    with contextlib.ExitStack() as stack:
+        try:
+            # An .npy is mapped, not read: a header that claims more than the file holds is refused
+            # before anything of that size is allocated.
+            if npy:
+                data = np.load(path, mmap_mode="r", allow_pickle=False)
+            else:
+                data = stack.enter_context(np.load(stack.enter_context(open(path, "rb")), allow_pickle=False))
+        except OSError as e:
+            raise _io_error(path, e) from None
+        except (ValueError, EOFError, zipfile.BadZipFile) as e:  # a damaged .npy or .npz
+            raise FormatError(f"locus: format error: {_path_text(path)}: not a readable .npy or .npz array file "
+                              f"({e})") from None
+        return _routed_experts_trace(data, path, experts, key, layer_ids)
+
+
+def _routed_experts_trace(data: Any, path: str, experts: int, key: Optional[str],
+                          layer_ids: Optional[Sequence[int]]) -> Trace:
+    """load_routed_experts' trace from the loaded array (.npy) or archive (.npz)."""
     if isinstance(data, np.ndarray):
         if key is not None:  # an argument that would change nothing is refused, not dropped
             raise ConfigError(f"locus: configuration error: key {key!r} names an array of an .npz file; "

@@ -46,7 +46,8 @@ def check_triple(phy2log, log2phy, logcnt, replicas):
 
 def test_version_is_the_libraries():
     # core/version.hpp's three numbers, as CMake reads them
-    header = open(os.path.join(os.path.dirname(__file__), "..", "..", "include", "locus", "core", "version.hpp")).read()
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "include", "locus", "core", "version.hpp")) as f:
+        header = f.read()
     parts = [re.search(r"#define LOCUS_VERSION_%s (\d+)" % p, header).group(1) for p in ("MAJOR", "MINOR", "PATCH")]
     assert locus.__version__ == ".".join(parts)
 
@@ -180,6 +181,17 @@ def test_trace_from_arrays_and_statistics():
         bad = ids.copy()
         bad[0, 0, 0] = 16
         locus.trace_from_arrays(bad, 16)
+
+
+def test_ids_in_a_float_type_too_narrow_for_them_are_refused():
+    ids = np.zeros((2, 1, 2), np.float16)
+    ids[:, 0, 1] = 2048  # exact in float16
+    assert locus.trace_from_arrays(ids, 4096).layer_ids(0)[0, 1] == 2048
+    ids[0, 0, 1] = 2049  # stored as 2048 already: refused for the values past 2048
+    ids[1, 0, 1] = 3000
+    with pytest.raises(locus.InvalidInputError, match="topk_ids is float16 with values above 2048"):
+        locus.trace_from_arrays(ids, 4096)
+    assert locus.trace_from_arrays(ids.astype(np.int32), 4096).layer_ids(0)[1, 1] == 3000
 
 
 def test_an_esft_folder_without_layer_files_is_named(tmp_path):
