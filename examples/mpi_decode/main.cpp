@@ -58,7 +58,10 @@ struct options {
 // Waits for a nonblocking collective until the deadline: the blocking form would wait for ever
 // on a rank that stopped or left.
 void finish(MPI_Request& request, const options& o, const char* what) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(o.timeout_ms);
+  // Clamped: the option check, which refuses a deadline past a day on every rank alike, runs
+  // under it too (past 2^63 ms the deadline would wrap to one already passed).
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(std::min(o.timeout_ms, max_timeout_ms));
   for (;;) {
     int done = 0;
     LOCUS_MPI_CHECK(MPI_Test(&request, &done, MPI_STATUS_IGNORE));
@@ -77,16 +80,11 @@ struct agreed_failure {};
 // Every rank must run the same configuration. Each rank gathers every rank's options (under the
 // deadline) and, when they differ, all raise the same config_error naming the ranks and values.
 void check_same_options(const options& o, std::size_t ranks) {
-  const std::uint64_t mine[] = {o.gpus_per_node,
-                                o.steps,
-                                o.hidden,
-                                o.layer,
-                                o.requests_per_rank,
-                                o.timeout_ms,
-                                std::hash<std::string>{}(o.trace)};
+  const std::uint64_t mine[] = {o.gpus_per_node,     o.steps,      o.hidden,    o.layer,
+                                o.requests_per_rank, o.timeout_ms, o.stop_rank, std::hash<std::string>{}(o.trace)};
   constexpr std::size_t fields = std::size(mine);
-  const char* names[fields] = {"--gpus-per-node",     "--steps",      "--hidden", "--layer",
-                               "--requests-per-rank", "--timeout-ms", "--trace"};
+  const char* names[fields] = {"--gpus-per-node",     "--steps",      "--hidden",    "--layer",
+                               "--requests-per-rank", "--timeout-ms", "--stop-rank", "--trace"};
   std::vector<std::uint64_t> all(fields * ranks);
   MPI_Request r = MPI_REQUEST_NULL;
   LOCUS_MPI_CHECK(MPI_Iallgather(mine, static_cast<int>(fields), MPI_UINT64_T, all.data(), static_cast<int>(fields),
@@ -239,10 +237,14 @@ int main(int argc, char** argv) {
     app.add_option("--stop-rank", o.stop_rank, "Fault drill: this rank stops itself before the second step")
         ->default_str("none");
     if (const auto code = tool_cli::parse_or_finish(app, argc, argv, MPI_COMM_WORLD, "mpi_decode")) return *code;
-    // A deadline beyond a day is a mistake (and past 2^63 ms it would wrap to one already passed).
+    // After the options agree, so that every rank refuses alike (one refusing alone left its peers
+    // in the option check): a deadline beyond a day is a mistake, a stop rank past the last one
+    // would drill nothing.
+    check_same_options(o, ranks);
     LOCUS_REQUIRE(o.timeout_ms <= max_timeout_ms, config_error, "--timeout-ms ", o.timeout_ms, " is more than a day (",
                   max_timeout_ms, " ms)");
-    check_same_options(o, ranks);
+    LOCUS_REQUIRE(o.stop_rank == SIZE_MAX || o.stop_rank < ranks, config_error, "--stop-rank ", o.stop_rank,
+                  " is past the last of the ", ranks, " ranks");
     LOCUS_REQUIRE(ranks % o.gpus_per_node == 0, config_error, ranks, " ranks are not a multiple of --gpus-per-node ",
                   o.gpus_per_node);
     const dynamic_topology topo(ranks / o.gpus_per_node, o.gpus_per_node);
@@ -259,7 +261,7 @@ int main(int argc, char** argv) {
     placement::plan_input in;
     in.topology = topo;
     in.experts = w.experts;
-    in.slots_per_rank = (w.experts + ranks - 1) / ranks + 1;
+    in.slots_per_rank = std::min(w.experts, (w.experts + ranks - 1) / ranks + 1); // one spare, if it fits
     in.load.assign(1, std::vector<double>(w.experts, 0.0));
     in.node_load.assign(1, std::vector<std::vector<double>>(topo.nodes(), std::vector<double>(w.experts, 0.0)));
     for (const auto& step : w.steps)

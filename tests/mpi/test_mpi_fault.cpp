@@ -178,6 +178,38 @@ BOOST_AUTO_TEST_CASE(skipped_step_raises_transport_error_on_every_rank) {
   BOOST_TEST(after.kind == -1, after.message);
 }
 
+// A request past MPI's int counts on one rank (rows of 2^31 bytes, or 2^28 + 1 rows of 8 bytes,
+// more than INT_MAX bytes to one member) is every member's error at once: the rank sent it as its
+// status, where it raised alone before sending and its peers waited out the deadline for it.
+BOOST_AUTO_TEST_CASE(a_request_past_mpi_limits_raises_on_every_rank_at_once) {
+  const std::size_t me = static_cast<std::size_t>(world_rank());
+  for (const bool wide : {true, false}) {
+    auto t = make_transport();
+    const outcome o = observe([&] {
+      const std::size_t members = t.group_size(exchange_group::world);
+      std::vector<std::size_t> counts(members, 0);
+      std::size_t width = 8;
+      if (me == 0 && wide) width = std::size_t{1} << 31;
+      if (me == 0 && !wide) counts[1] = (std::size_t{1} << 28) + 1;
+      // A send buffer of the size the counts announce, never touched: reserved address space only.
+      std::vector<std::byte> rows;
+      std::span<const std::byte> send;
+      if (me == 0 && !wide) send = {reinterpret_cast<const std::byte*>(8), counts[1] * width};
+      exchange_result out;
+      t.exchange({exchange_group::world, width, send, counts, {}}, out);
+    });
+    for (const auto& a : gather(o)) {
+      BOOST_TEST(a.kind == static_cast<int>(error_kind::transport), a.message);
+      // Rank 0 names its own request; its peers name what rank 0 passed.
+      const bool named =
+          contains(a, wide ? "rows of 2147483648 bytes exceed INT_MAX" : "exceed INT_MAX rows or bytes") ||
+          contains(a, "rank 0 passed more rows or bytes than the transport sends in one message");
+      BOOST_TEST(named, a.message);
+      BOOST_TEST(a.seconds < margin_s);
+    }
+  }
+}
+
 // Rank 0 steps with another expert map than its peers (a re-planned map loaded a step early): in
 // the hierarchical step its rail (ranks 0, 2) sees two map fingerprints in the rail stage, and the
 // two then meet their node peers (1, 3), whose rail agreed, with no request: every rank raises a

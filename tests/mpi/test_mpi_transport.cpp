@@ -227,11 +227,25 @@ BOOST_AUTO_TEST_CASE(a_topology_that_does_not_fit_raises_on_every_rank) {
   // Only the other ranks' topology is too big: rank 0's fits, and it must not wait for them alone.
   const int partly = error_kind_of(
       [&] { mpi_transport t(MPI_COMM_WORLD, dynamic_topology(1, me == 0 ? ranks : ranks + 1), transport_kind::flat); });
-  std::vector<int> kinds(3 * ranks);
-  const int mine[3] = {differ, too_big, partly};
-  LOCUS_MPI_CHECK(MPI_Allgather(mine, 3, MPI_INT, kinds.data(), 3, MPI_INT, MPI_COMM_WORLD));
+  // One topology, but rank 0 flat and the others hierarchical: their exchanges would not meet.
+  std::string said_kind;
+  const int kind_differs = error_kind_of([&] {
+    try {
+      mpi_transport t(MPI_COMM_WORLD, dynamic_topology(1, ranks),
+                      me == 0 ? transport_kind::flat : transport_kind::hierarchical);
+    } catch (const config_error& e) {
+      said_kind = e.what();
+      throw;
+    }
+  });
+  std::vector<int> kinds(4 * ranks);
+  const int mine[4] = {differ, too_big, partly, kind_differs};
+  LOCUS_MPI_CHECK(MPI_Allgather(mine, 4, MPI_INT, kinds.data(), 4, MPI_INT, MPI_COMM_WORLD));
   for (int k : kinds)
     BOOST_TEST(k == static_cast<int>(error_kind::config));
+  BOOST_TEST(said_kind.find("the ranks were given different transport kinds (flat and hierarchical)") !=
+                 std::string::npos,
+             said_kind);
   BOOST_TEST(said.find("the ranks were given different topologies (1 to " + std::to_string(ranks) + " nodes") !=
                  std::string::npos,
              said);

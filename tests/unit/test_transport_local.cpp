@@ -304,6 +304,26 @@ BOOST_AUTO_TEST_CASE(counts_that_wrap_are_refused_on_every_rank) {
     BOOST_TEST(raised<transport_error>(e), message_of(e));
 }
 
+// Forwarding what arrived by sending from the result it arrived in (out.rows into out) would
+// receive over, or reallocate, rows still being sent: refused on every member of the exchange.
+BOOST_AUTO_TEST_CASE(sending_from_the_result_received_into_is_refused_everywhere) {
+  local_fabric f(dynamic_topology(1, 2), transport_kind::flat, exchange_options{std::chrono::milliseconds(20000)});
+  const auto errors = run_ranks(f, [&](local_transport& ep) {
+    const std::vector<std::size_t> counts{2, 2};
+    const std::vector<std::uint64_t> rows{1, 2, 3, 4};
+    exchange_result out;
+    ep.exchange({exchange_group::world, 8, std::as_bytes(std::span(rows)), counts, {}}, out);
+    ep.exchange({exchange_group::world, 8, std::span<const std::byte>(out.rows), out.counts, {}}, out);
+  });
+  for (const auto& e : errors) {
+    BOOST_TEST(raised<transport_error>(e), message_of(e));
+    BOOST_TEST((message_of(e).find("sends from the exchange_result it receives into") != std::string::npos ||
+                message_of(e).find("passed a send buffer that lies in the buffer the exchange receives into") !=
+                    std::string::npos),
+               message_of(e));
+  }
+}
+
 // A rank that never arrives makes the others raise timeout_error after the timeout, not hang.
 BOOST_AUTO_TEST_CASE(missing_peer_times_out) {
   const dynamic_topology topo(2, 2);
@@ -760,6 +780,58 @@ BOOST_AUTO_TEST_CASE(two_handles_interleave) {
         BOOST_TEST(err_a[r] < 1e-5, "seed " << seed << " " << to_string(kind) << " rank " << r);
         BOOST_TEST(err_b[r] < 1e-5, "seed " << seed << " " << to_string(kind) << " rank " << r);
       }
+    }
+  }
+}
+
+// Ranks that combine two handles in different orders (rank 0 combines B first, the others A):
+// every rank raises transport_error at the first combine, naming it, instead of reading the other
+// dispatch's rows as its own (past the end of the shorter batch: a heap overflow under ASan).
+BOOST_AUTO_TEST_CASE(combining_handles_in_different_orders_raises_everywhere) {
+  const auto a = locus_test::make_case(25, 2, 2);
+  auto b = locus_test::make_case(125, 2, 2);
+  b.map = a.map;
+  b.experts = a.experts;
+  b.hidden = a.hidden;
+  b.k = a.k;
+  for (std::size_t r = 0; r < b.routings.size(); ++r) { // batch B: a quarter of A's tokens
+    locus::routing<> fewer(std::max<std::size_t>(1, a.routings[r].tokens() / 4), top_k<>(a.k));
+    for (std::size_t t = 0; t < fewer.tokens(); ++t)
+      for (std::size_t j = 0; j < a.k; ++j) {
+        fewer.view().expert(t, j) = static_cast<expert_id>((t * 3 + r + j) % a.experts);
+        fewer.view().weight(t, j) = 0.5f;
+      }
+    b.routings[r] = std::move(fewer);
+  }
+  for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
+    local_fabric f(a.topo, kind, exchange_options{std::chrono::milliseconds(20000)});
+    const auto failures = run_ranks(f, [&](local_transport& ep) {
+      const std::size_t me = ep.rank();
+      moe_dispatcher<local_transport, float> d(ep, a.map, a.hidden);
+      const auto xa = a.inputs(me), xb = b.inputs(me);
+      layout<> la, lb;
+      d.plan(la, a.routings[me].view());
+      d.plan(lb, b.routings[me].view());
+      auto ha = d.dispatch(std::span<const float>(xa), la);
+      auto hb = d.dispatch(std::span<const float>(xb), lb);
+      locus_test::run_experts(ha);
+      locus_test::run_experts(hb);
+      std::vector<float> ya(xa.size()), yb(xb.size());
+      if (me == 0) {
+        d.combine(yb, hb);
+        d.combine(ya, ha);
+      } else {
+        d.combine(ya, ha);
+        d.combine(yb, hb);
+      }
+    });
+    // Rank 0's node (ranks 0 and 1 in the hierarchical run) names the mismatch; the other node's
+    // ranks, which agreed, learn in their rail stage that their peers left.
+    for (std::size_t r = 0; r < failures.size(); ++r) {
+      BOOST_TEST(raised<transport_error>(failures[r]), to_string(kind)
+                                                           << " rank " << r << ": " << message_of(failures[r]));
+      const bool named = message_of(failures[r]).find("combine different dispatches") != std::string::npos;
+      BOOST_TEST((named || (kind == transport_kind::hierarchical && r >= 2)), message_of(failures[r]));
     }
   }
 }

@@ -30,7 +30,9 @@
 //! The dispatcher keeps nothing between a dispatch and its combine: everything combine needs (the
 //! receive buffers, the expert blocks, where each returning row goes) lives in the
 //! `dispatch_handle`, so several micro-batches can be in flight at once (dispatch A, dispatch B,
-//! combine B, combine A), as long as every rank issues the calls in the same order.
+//! combine B, combine A), as long as every rank issues the calls in the same order (ranks that
+//! combine different dispatches raise transport_error together: a combine's exchange carries the
+//! number of the dispatch it returns).
 
 #include <algorithm>
 #include <cstdint>
@@ -237,6 +239,7 @@ private:
   std::vector<float> sums_;
   std::vector<std::uint8_t> first_, seen_; // copy_sums_to_write()'s marks
   bool sums_taken_ = false;
+  std::uint64_t dispatch_number_ = 0; // which of its dispatcher's dispatches filled it (1, 2, ...)
 };
 
 //! Dispatch and combine of one MoE layer on one rank.
@@ -335,6 +338,7 @@ public:
     else if (l.tokens() > 0 && l.entry_weight().empty())
       problem = "moe_dispatcher::dispatch: the layout carries no routing weights";
     const bool use = problem.empty();
+    h.dispatch_number_ = ++dispatches_;
     h.tokens_ = use ? l.tokens() : 0;
     h.hidden_ = hidden_;
     h.experts_ = local_experts_;
@@ -355,7 +359,7 @@ public:
         // Its rail's members disagreed (another map, another step): the node peers, whose rails may
         // have agreed, are about to meet this rank in the node stage, and would wait out the
         // timeout for it. It meets them with no request, so that they raise at once.
-        leave_node_stage();
+        leave_stage(exchange_group::node);
         throw;
       }
       detail::dispatch::split_entries(h.rows_a_, topo.gpus_per_node(), map_->slots_per_rank(), in_);
@@ -428,25 +432,50 @@ public:
     }
     const std::size_t own = h.own_tokens_.size();
     const float* own_sums = partial + (copies - own) * hidden_;
+    // Every rank must return the same dispatch: ranks that combine two handles in different orders
+    // would read each other's rows as the other dispatch's (past the end of the shorter one). The
+    // handle's dispatch number travels with the rows, and ranks that differ all raise.
+    const std::uint64_t agreement = map_fingerprint_ ^ (0x9e3779b97f4a7c15ull * h.dispatch_number_);
+    // The rows that come back are the rows this rank sent: checked before any is read (the
+    // agreement makes a mismatch a bug, which must still not read past the buffer).
+    bool back_ok = true;
+    const auto returned = [&](const exchange_result& back, const std::vector<typename handle_type::origin>& origins) {
+      back_ok = back_ok && back.row_count() == origins.size() && back.row_bytes == row_bytes_;
+      return back_ok;
+    };
     if (!staged()) {
       exchange_request back{exchange_group::world, row_bytes_, as_rows(partial, copies - own), h.rows_a_.counts, {}};
       back.kept_rows = own;
+      back.agreement = agreement;
       ex_->exchange(back, back_);
-      start_and_add_back(back_, h.origins_a_, acc, nullptr, h, own_sums);
+      if (returned(back_, h.origins_a_)) start_and_add_back(back_, h.origins_a_, acc, nullptr, h, own_sums);
     } else {
       const std::size_t node_rows = h.rows_b_.row_count();
       exchange_request back{exchange_group::node, row_bytes_, as_rows(partial, node_rows), h.rows_b_.counts, {}};
       back.kept_rows = own;
-      ex_->exchange(back, node_back_);
+      back.agreement = agreement;
+      try {
+        ex_->exchange(back, node_back_);
+      } catch (const transport_error&) {
+        // The node's members disagreed (another dispatch, another map): the rail peers, whose nodes
+        // may have agreed, are about to meet this rank in the rail stage; it meets them with no
+        // request, so that they raise at once instead of waiting out the timeout.
+        leave_stage(exchange_group::rail);
+        throw;
+      }
       // A rail peer sums its node's partial sums of each stage-1 row, starting from its own.
       const std::size_t stage1 = h.rows_a_.row_count();
       forward_acc_.resize(stage1 * hidden_);
       float* forward = forward_acc_.data();
       start_sums(forward, stage1, h.self_forward_, partial + node_rows * hidden_);
-      start_and_add_back(node_back_, h.origins_b_, acc, forward, h, own_sums);
-      ex_->exchange({exchange_group::rail, row_bytes_, as_rows(forward, stage1), h.rows_a_.counts, {}}, back_);
-      add_back(back_, h.origins_a_, acc, nullptr);
+      if (returned(node_back_, h.origins_b_)) start_and_add_back(node_back_, h.origins_b_, acc, forward, h, own_sums);
+      exchange_request rail{exchange_group::rail, row_bytes_, as_rows(forward, stage1), h.rows_a_.counts, {}};
+      rail.agreement = agreement;
+      ex_->exchange(rail, back_);
+      if (returned(back_, h.origins_a_)) add_back(back_, h.origins_a_, acc, nullptr);
     }
+    LOCUS_REQUIRE(back_ok, transport_error, "moe_dispatcher::combine: rank ", ex_->rank(),
+                  " got back other rows than it sent in the dispatch it combines");
     LOCUS_REQUIRE(handle_ok, invalid_input_error,
                   "moe_dispatcher::combine: the handle was dispatched with hidden size ", h.hidden_,
                   " but this dispatcher's is ", hidden_);
@@ -559,11 +588,11 @@ private:
     exchange_with_entries(*ex_, req, rows, meta_in_);
   }
 
-  // Meets the node group's members in its next exchange with an abandoned request (exchange.hpp):
-  // every member raises, this one too (swallowed: the caller raises the error that made it leave).
-  void leave_node_stage() noexcept {
+  // Meets group `g`'s members in its next exchange with an abandoned request (exchange.hpp): every
+  // member raises, this one too (swallowed: the caller raises the error that made it leave).
+  void leave_stage(exchange_group g) noexcept {
     try {
-      exchange_request gone{exchange_group::node, row_bytes_, {}, {}, {}};
+      exchange_request gone{g, row_bytes_, {}, {}, {}};
       gone.abandoned = true;
       exchange_result sink;
       ex_->exchange(gone, sink);
@@ -735,6 +764,7 @@ private:
   const expert_map* map_;
   std::size_t hidden_, row_bytes_;
   std::uint64_t map_fingerprint_; // of *map_ as the dispatcher read it (local_experts_, slot_block_)
+  std::uint64_t dispatches_ = 0;  // dispatches so far: the number of the next handle filled, less one
   std::vector<expert_id> local_experts_;
   std::vector<std::int32_t> slot_block_; // local slot → block (local expert index), -1 for empty
   // Scratch of one call; nothing here outlives it.

@@ -395,9 +395,11 @@ enum local_problem : std::uint32_t {
   expected_size = 4,
   entry_counts_size = 5,
   entries_size = 6,
-  malformed = 7, //!< set by a receiver: the message did not hold what its header announced
-  tail_size = 8, //!< a count round's tail that is not `tail` counts per member
-  abandoned = 9, //!< exchange_request::abandoned: the member left the step
+  malformed = 7,    //!< set by a receiver: the message did not hold what its header announced
+  tail_size = 8,    //!< a count round's tail that is not `tail` counts per member
+  abandoned = 9,    //!< exchange_request::abandoned: the member left the step
+  too_large = 10,   //!< more rows or bytes than the transport sends in one message
+  overlapping = 11, //!< a send buffer inside the result the exchange writes
 };
 
 inline const char* describe(std::uint32_t p) {
@@ -411,12 +413,25 @@ inline const char* describe(std::uint32_t p) {
   case malformed: return "a message that does not hold what its header announces";
   case tail_size: return "a count round's tail whose size is not the group size times its width";
   case abandoned: return "no request: it left the step after an earlier exchange of the step failed there";
+  case too_large: return "more rows or bytes than the transport sends in one message";
+  case overlapping: return "a send buffer that lies in the buffer the exchange receives into";
   default: return "an invalid request";
   }
 }
 
+//! Whether [p, p + n) and the storage `v` holds (all of its capacity, which a resize may reuse or
+//! free) overlap.
+inline bool overlaps(std::span<const std::byte> p, const std::vector<std::byte>& v) noexcept {
+  if (p.empty() || v.capacity() == 0) return false;
+  const auto a = reinterpret_cast<std::uintptr_t>(p.data()), b = reinterpret_cast<std::uintptr_t>(v.data());
+  return a < b + v.capacity() && b < a + p.size();
+}
+
 //! Validates one member's request; returns the problem code and fills `why` with the details.
-inline std::uint32_t check_request(const exchange_request& req, std::size_t members, std::string& why) {
+//! `out`, when given, is the result the exchange writes: a request that sends from it is refused
+//! (receiving into the buffer a send still reads, or reallocating it, corrupts the rows).
+inline std::uint32_t check_request(const exchange_request& req, std::size_t members, std::string& why,
+                                   const exchange_result* out = nullptr) {
   if (req.abandoned) {
     why = "this rank left the step after an earlier exchange of the step failed";
     return abandoned;
@@ -467,6 +482,12 @@ inline std::uint32_t check_request(const exchange_request& req, std::size_t memb
                                          " bytes but the entry buffer holds ", req.entries.size(), " bytes")
                : std::string("the entry counts add up to more than 2^64 - 1 entries");
     return entries_size;
+  }
+  if (out && (overlaps(req.rows, out->rows) || overlaps(req.entries, out->entries) ||
+              overlaps(req.rows, out->entries) || overlaps(req.entries, out->rows))) {
+    why = "the request sends from the exchange_result it receives into (copy the rows out first, or receive into "
+          "another result)";
+    return overlapping;
   }
   return ok;
 }
@@ -524,9 +545,12 @@ inline std::string verdict(std::span<const header> received, const group_map& gr
   for (std::size_t m = 1; m < received.size(); ++m)
     if (received[m].agreement != received[0].agreement)
       return ::locus::detail::concat(where(), "rank ", groups.world_rank_of(g, 0), " and rank ",
-                                     groups.world_rank_of(g, m), " step with different expert maps (fingerprints ",
+                                     groups.world_rank_of(g, m),
+                                     " step with different expert maps, or combine "
+                                     "different dispatches (fingerprints ",
                                      received[0].agreement, " and ", received[m].agreement,
-                                     "; 0: none): every rank must dispatch with the same map");
+                                     "; 0: none): every rank must dispatch with the same map and combine its "
+                                     "dispatches in the same order as the others");
   for (std::size_t m = 1; m < received.size(); ++m)
     if (received[m].tail != received[0].tail)
       return ::locus::detail::concat(where(), "rank ", groups.world_rank_of(g, 0), " sends ", received[0].tail,

@@ -83,7 +83,7 @@ public:
     };
 
     std::string own_problem;
-    const std::uint32_t status = dx::check_request(req, members, own_problem);
+    const std::uint32_t status = dx::check_request(req, members, own_problem, &out);
     auto& offsets = board.send_offsets[self];
     auto& entry_offsets = board.entry_offsets[self];
     offsets[0] = entry_offsets[0] = 0;

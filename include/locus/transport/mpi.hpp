@@ -41,8 +41,9 @@ public:
   //! @param comm         the ranks of the deployment; its size must equal `topo.ranks()` (duplicated)
   //! @param topo         nodes × GPUs per node (ranks per node is a parameter, not the machine's)
   //! @param kind         how dispatch over this transport moves copies: the transport policy's `P::kind`
-  //! @throws locus::config_error on every rank when the ranks were given different topologies, the
-  //!         communicator size differs from the topology, or a node's ranks do not share memory
+  //! @throws locus::config_error on every rank when the ranks were given different topologies or
+  //!         transport kinds, the communicator size differs from the topology, or a node's ranks
+  //!         do not share memory
   mpi_transport(MPI_Comm comm, const dynamic_topology& topo, transport_kind kind, exchange_options options = {})
       : endpoint_state(topo, 0), kind_(kind), options_(options) {
     int size = 0, rank = 0;
@@ -111,7 +112,8 @@ public:
     const stage_info where{req.group, at, deadline};
 
     std::string own_problem;
-    const std::uint32_t status = dx::check_request(req, members, own_problem);
+    const std::uint32_t status =
+        within_mpi_limits(req, members, dx::check_request(req, members, own_problem, &out), own_problem);
     // Everything goes out at once, without waiting for the peers: to each member an envelope (the
     // exchange's name, counts and validity, then the entries) and, when there are any, the rows in
     // place. A receiver learns the sizes from the envelope, so there is no separate header round.
@@ -123,8 +125,6 @@ public:
     for (std::size_t m = 0; m < members; ++m) {
       if (m == self) self_entries_at = entry_at;
       const dx::header h = dx::header_to(at, req, status, m);
-      LOCUS_REQUIRE(h.count <= INT_MAX && h.count * req.row_bytes <= INT_MAX * std::size_t{1}, invalid_input_error,
-                    "mpi_transport: more than INT_MAX rows or bytes between two ranks in one exchange");
       const std::size_t entry_bytes = h.entries * h.entry_bytes;
       envelope_displs_[m + 1] = envelope_displs_[m] + sizeof(dx::header) + entry_bytes;
       send_displs_[m + 1] = send_displs_[m] + h.count;
@@ -141,7 +141,6 @@ public:
     for (std::size_t i = 1; i < members; ++i) {
       const std::size_t m = (self + i) % members;
       const std::size_t bytes = envelope_displs_[m + 1] - envelope_displs_[m];
-      LOCUS_REQUIRE(bytes <= INT_MAX, invalid_input_error, "mpi_transport: more than INT_MAX bytes of entries");
       LOCUS_MPI_CHECK(MPI_Isend(envelopes_out_.data() + envelope_displs_[m], static_cast<int>(bytes), MPI_BYTE,
                                 static_cast<int>(m), tag, comm, &requests_[2 * members + m]));
     }
@@ -412,6 +411,30 @@ private:
     }
   }
 
+  // MPI counts are ints: rows, row widths and entry bytes to one member past INT_MAX make the
+  // request invalid, as a member's status that every member sees (raised alone, before sending,
+  // it left the peers waiting out the timeout for this rank).
+  static std::uint32_t within_mpi_limits(const exchange_request& req, std::size_t members, std::uint32_t status,
+                                         std::string& why) {
+    namespace dx = detail::exchange;
+    if (status != dx::ok) return status;
+    constexpr std::size_t most = INT_MAX;
+    if (req.row_bytes > most) {
+      why = ::locus::detail::concat("mpi_transport: rows of ", req.row_bytes, " bytes exceed INT_MAX");
+      return dx::too_large;
+    }
+    for (std::size_t m = 0; m < members; ++m) {
+      const std::size_t entry_bytes = req.entry_bytes ? req.entry_counts[m] * req.entry_bytes : 0;
+      if (req.counts[m] > most || req.counts[m] * req.row_bytes > most || entry_bytes > most - sizeof(dx::header)) {
+        why = ::locus::detail::concat("mpi_transport: ", req.counts[m], " rows of ", req.row_bytes, " bytes and ",
+                                      entry_bytes, " bytes of entries to member ", m,
+                                      " exceed INT_MAX rows or bytes in one message");
+        return dx::too_large;
+      }
+    }
+    return dx::ok;
+  }
+
   MPI_Datatype row_type(std::size_t row_bytes) {
     if (auto it = types_.find(row_bytes); it != types_.end()) return it->second;
     LOCUS_REQUIRE(row_bytes <= INT_MAX, invalid_input_error, "mpi_transport: rows of ", row_bytes,
@@ -423,19 +446,27 @@ private:
     return t;
   }
 
-  // Collective: every rank learns whether all ranks were given one topology and whether it has the
-  // communicator's size, and all raise alike. A rank that raised alone before the splits would
-  // leave its peers waiting in them, untimed.
+  // Collective: every rank learns whether all ranks were given one topology and one transport kind
+  // and whether it has the communicator's size, and all raise alike. A rank that raised alone
+  // before the splits would leave its peers waiting in them, untimed; ranks of two kinds would meet
+  // each other's exchanges out of step and time out, naming the wrong ranks.
   void check_topology(const dynamic_topology& topo, int size) {
     const auto clamp = [](std::size_t v) { return static_cast<int>(std::min<std::size_t>(v, INT_MAX)); };
-    const int nodes = clamp(topo.nodes()), gpus = clamp(topo.gpus_per_node());
-    const int mine[4] = {nodes, -nodes, gpus, -gpus};
-    int all[4] = {};
-    LOCUS_MPI_CHECK(MPI_Allreduce(mine, all, 4, MPI_INT, MPI_MIN, world_));
+    const int nodes = clamp(topo.nodes()), gpus = clamp(topo.gpus_per_node()), kind = static_cast<int>(kind_);
+    const int mine[6] = {nodes, -nodes, gpus, -gpus, kind, -kind};
+    int all[6] = {};
+    LOCUS_MPI_CHECK(MPI_Allreduce(mine, all, 6, MPI_INT, MPI_MIN, world_));
     if (all[0] != -all[1] || all[2] != -all[3]) {
       release();
       LOCUS_THROW(config_error, "mpi_transport: the ranks were given different topologies (", all[0], " to ", -all[1],
                   " nodes, ", all[2], " to ", -all[3], " GPUs per node); this rank's is ", nodes, " × ", gpus);
+    }
+    if (all[4] != -all[5]) {
+      release();
+      LOCUS_THROW(config_error,
+                  "mpi_transport: the ranks were given different transport kinds (flat and "
+                  "hierarchical); this rank's is ",
+                  to_string(kind_));
     }
     if (static_cast<std::size_t>(size) != topo.ranks()) {
       release();
