@@ -736,6 +736,24 @@ BOOST_AUTO_TEST_CASE(one_pass_start_equals_copy_then_add) {
 
 // Two micro-batches in flight on one dispatcher: dispatch A, dispatch B, combine B, combine A.
 // Each handle carries all its combine needs, so both equal the dense reference.
+// On every rank of `f`: a dispatcher of case `a`'s map, batch A dispatched, then batch B (the same
+// map and shape, other routings); `body(me, dispatcher, handle_a, handle_b)` does the rest.
+template <class Body>
+std::vector<std::exception_ptr> two_dispatches(local_fabric& f, const locus_test::dispatch_case& a,
+                                               const locus_test::dispatch_case& b, Body&& body) {
+  return run_ranks(f, [&](local_transport& ep) {
+    const std::size_t me = ep.rank();
+    moe_dispatcher<local_transport, float> d(ep, a.map, a.hidden);
+    const auto xa = a.inputs(me), xb = b.inputs(me);
+    layout<> la, lb;
+    d.plan(la, a.routings[me].view());
+    d.plan(lb, b.routings[me].view());
+    auto ha = d.dispatch(std::span<const float>(xa), la);
+    auto hb = d.dispatch(std::span<const float>(xb), lb);
+    body(me, d, ha, hb);
+  });
+}
+
 BOOST_AUTO_TEST_CASE(two_handles_interleave) {
   for (std::uint64_t seed : {21u, 22u, 23u, 24u}) {
     const auto a = locus_test::make_case(seed, 2, 2);
@@ -757,18 +775,10 @@ BOOST_AUTO_TEST_CASE(two_handles_interleave) {
     for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
       local_fabric f(a.topo, kind);
       std::vector<double> err_a(a.topo.ranks(), 1.0), err_b(a.topo.ranks(), 1.0);
-      const auto failures = run_ranks(f, [&](local_transport& ep) {
-        const std::size_t me = ep.rank();
-        moe_dispatcher<local_transport, float> d(ep, a.map, a.hidden);
-        const auto xa = a.inputs(me), xb = b.inputs(me);
-        layout<> la, lb;
-        d.plan(la, a.routings[me].view());
-        d.plan(lb, b.routings[me].view());
-        auto ha = d.dispatch(std::span<const float>(xa), la);
-        auto hb = d.dispatch(std::span<const float>(xb), lb);
+      const auto failures = two_dispatches(f, a, b, [&](std::size_t me, auto& d, auto& ha, auto& hb) {
         locus_test::run_experts(hb);
         locus_test::run_experts_into_sums(ha);
-        std::vector<float> ya(xa.size()), yb(xb.size());
+        std::vector<float> ya(ha.tokens() * a.hidden), yb(hb.tokens() * a.hidden);
         d.combine(yb, hb);
         d.combine(ya, ha);
         err_a[me] = locus_test::max_error(ya, a.reference(me));
@@ -805,18 +815,10 @@ BOOST_AUTO_TEST_CASE(combining_handles_in_different_orders_raises_everywhere) {
   }
   for (transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
     local_fabric f(a.topo, kind, exchange_options{std::chrono::milliseconds(20000)});
-    const auto failures = run_ranks(f, [&](local_transport& ep) {
-      const std::size_t me = ep.rank();
-      moe_dispatcher<local_transport, float> d(ep, a.map, a.hidden);
-      const auto xa = a.inputs(me), xb = b.inputs(me);
-      layout<> la, lb;
-      d.plan(la, a.routings[me].view());
-      d.plan(lb, b.routings[me].view());
-      auto ha = d.dispatch(std::span<const float>(xa), la);
-      auto hb = d.dispatch(std::span<const float>(xb), lb);
+    const auto failures = two_dispatches(f, a, b, [&](std::size_t me, auto& d, auto& ha, auto& hb) {
       locus_test::run_experts(ha);
       locus_test::run_experts(hb);
-      std::vector<float> ya(xa.size()), yb(xb.size());
+      std::vector<float> ya(ha.tokens() * a.hidden), yb(hb.tokens() * a.hidden);
       if (me == 0) {
         d.combine(yb, hb);
         d.combine(ya, ha);

@@ -350,6 +350,35 @@ header_fields read_header(Source& src) {
   return f;
 }
 
+//! `count` names, each a `u32` length (`shortest` .. `longest`) and its bytes, as the domain table
+//! and the request names hold them; adds their bytes to `bytes`. The caller has bounded `count` by
+//! the payload; a length past the file's end is refused before anything of it is allocated.
+template <class Source>
+std::vector<std::string> read_names(section_reader<Source>& in, std::uint64_t count, const char* what,
+                                    std::uint32_t shortest, std::size_t longest, const char* section,
+                                    std::uint64_t& bytes) {
+  std::vector<std::string> out; // grown as read, not reserved: `count` may be a corrupt file's claim
+  for (std::uint64_t i = 0; i < count; ++i) {
+    const std::uint64_t at = in.offset();
+    std::uint32_t len = 0;
+    in.read(&len, 4, section);
+    if (len < shortest || len > longest)
+      format_fail(
+          in.name(), at,
+          shortest ? locus::detail::concat(what, " ", i, " name length ", len, ", expected ", shortest, "..", longest)
+                   : locus::detail::concat(what, " ", i, " name length ", len, ", expected at most ", longest));
+    if (len > in.remaining())
+      format_fail(in.name(), at,
+                  locus::detail::concat(what, " ", i, " name length ", len, " runs past the end of the file (",
+                                        in.remaining(), " bytes left; the file looks truncated)"));
+    std::string s(len, '\0');
+    in.read(s.data(), len, section);
+    out.push_back(std::move(s));
+    bytes += 4 + len;
+  }
+  return out;
+}
+
 template <class Source>
 locus::trace::trace read(Source& src) {
   const header_fields f = read_header(src);
@@ -362,23 +391,7 @@ locus::trace::trace read(Source& src) {
   if (f.domains > f.payload_bytes / 4)
     format_fail(name, 28,
                 locus::detail::concat(f.domains, " domains cannot fit in a ", f.payload_bytes, "-byte payload"));
-  for (std::uint32_t d = 0; d < f.domains; ++d) {
-    const std::uint64_t at = in.offset();
-    std::uint32_t len = 0;
-    in.read(&len, 4, "the domain table");
-    if (len > binary_max_domain_name)
-      format_fail(
-          name, at,
-          locus::detail::concat("domain ", d, " name length ", len, ", expected at most ", binary_max_domain_name));
-    if (len > in.remaining())
-      format_fail(name, at,
-                  locus::detail::concat("domain ", d, " name length ", len, " runs past the end of the file (",
-                                        in.remaining(), " bytes left; the file looks truncated)"));
-    std::string s(len, '\0');
-    in.read(s.data(), len, "the domain table");
-    domains.push_back(std::move(s));
-    domain_bytes += 4 + len;
-  }
+  domains = read_names(in, f.domains, "domain", 0, binary_max_domain_name, "the domain table", domain_bytes);
   if (const std::size_t d = trace_builder::first_repeated_domain(domains); d < domains.size())
     format_fail(name, 80,
                 locus::detail::concat("domain ", d, " \"", domains[d],
@@ -414,24 +427,7 @@ locus::trace::trace read(Source& src) {
       format_fail(
           name, 32,
           locus::detail::concat(f.requests, " request names cannot fit in a ", f.payload_bytes, "-byte payload"));
-    names.reserve(f.requests);
-    for (std::uint64_t r = 0; r < f.requests; ++r) {
-      const std::uint64_t at = in.offset();
-      std::uint32_t len = 0;
-      in.read(&len, 4, "the request names");
-      if (len == 0 || len > max_trace_request_name)
-        format_fail(
-            name, at,
-            locus::detail::concat("request ", r, " name length ", len, ", expected 1..", max_trace_request_name));
-      if (len > in.remaining())
-        format_fail(name, at,
-                    locus::detail::concat("request ", r, " name length ", len, " runs past the end of the file (",
-                                          in.remaining(), " bytes left; the file looks truncated)"));
-      std::string s(len, '\0');
-      in.read(s.data(), len, "the request names");
-      names.push_back(std::move(s));
-      name_bytes += 4 + len;
-    }
+    names = read_names(in, f.requests, "request", 1, max_trace_request_name, "the request names", name_bytes);
     in.pad("the request names");
   }
   std::uint64_t expected = 0;
