@@ -825,7 +825,8 @@ private:
       return bad(line_no, locus::detail::concat("route record lacks \"req_id\"",
                                                 advice(opt_.settings.split_on_restart,
                                                        " reconstructs requests from token_idx restarts")));
-    if (f_.req_kind == jsonl_fields::id_kind::text &&
+    // A string kept as a request's name must be one (reconstructed requests keep none).
+    if (f_.req_kind == jsonl_fields::id_kind::text && !opt_.split_on_restart &&
         (f_.req_text.empty() || f_.req_text.size() > max_trace_request_name))
       return bad(line_no, locus::detail::concat("req_id is a string of ", f_.req_text.size(), " bytes, expected 1..",
                                                 max_trace_request_name));
