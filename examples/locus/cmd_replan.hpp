@@ -64,7 +64,7 @@ inline std::map<std::string, std::size_t> read_homes(const std::string& path, st
   for (std::size_t i = 0; i < v.size(); i += 2) {
     const auto key = detail::listed_request(window, v[i], path, "--homes");
     const auto rank = detail::listed_number(v[i + 1], path, "--homes", "a rank");
-    const std::string who = window.has_request_names() ? "\"" + key + "\"" : key;
+    const std::string who = window.key_label(key);
     LOCUS_REQUIRE(rank < ranks, locus::config_error, "--homes ", path, ":", v[i + 1].line, ": request ", who,
                   " on rank ", rank, ", but the plan has ", ranks, " ranks");
     const auto [it, fresh] = out.emplace(key, static_cast<std::size_t>(rank));

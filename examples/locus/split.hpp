@@ -211,8 +211,7 @@ inline std::vector<bool> in_id_file(const locus::trace::trace& t, const std::str
     std::string missing;
     std::size_t count = 0;
     for (const auto& key : listed)
-      if (!found.count(key) && count++ < 5)
-        missing += (missing.empty() ? "" : ", ") + (t.has_request_names() ? "\"" + key + "\"" : key);
+      if (!found.count(key) && count++ < 5) missing += (missing.empty() ? "" : ", ") + t.key_label(key);
     throw locus::config_error(
         locus::detail::concat(flag, " ", path, ": ", wanted.size() - found.size(), " listed ",
                               t.has_request_names() ? "request name" : "request id",

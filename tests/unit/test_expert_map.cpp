@@ -1,4 +1,6 @@
 #define BOOST_TEST_MODULE expert_map
+#include "../support/error_message.hpp"
+
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
 #include <cstdio>
@@ -12,14 +14,6 @@
 using namespace locus;
 
 namespace {
-std::string message_of(auto&& f) {
-  try {
-    f();
-  } catch (const error& e) {
-    return e.message();
-  }
-  return "<no exception>";
-}
 
 // A random valid map: every expert once, then random replicas into free slots.
 expert_map random_map(std::mt19937& rng, std::size_t experts, std::size_t ranks, std::size_t slots) {
@@ -72,19 +66,21 @@ BOOST_AUTO_TEST_CASE(index_matches_brute_force_scan) {
 }
 
 BOOST_AUTO_TEST_CASE(invalid_maps_name_the_offender) {
-  BOOST_TEST(message_of([] {
+  BOOST_TEST(locus_test::error_message([] {
                expert_map(4, 2, 2, {0, 1, 2, 9});
              }) == "slot (rank 1, slot 1) holds expert id 9, out of range [0, 4)");
-  BOOST_TEST(message_of([] { expert_map(4, 2, 2, {0, 1, 2, empty_slot}); }) == "expert 3 is not hosted on any slot");
+  BOOST_TEST(locus_test::error_message([] {
+               expert_map(4, 2, 2, {0, 1, 2, empty_slot});
+             }) == "expert 3 is not hosted on any slot");
   // Two replicas on one rank are allowed and both listed.
   BOOST_TEST(expert_map(3, 2, 2, {0, 0, 1, 2}).replica_count(0) == 2u);
   BOOST_CHECK_THROW(expert_map(4, 2, 2, {0, 1, 2}), config_error);
   BOOST_CHECK_THROW(expert_map(5, 2, 2, {0, 1, 2, 3}), config_error);
   BOOST_CHECK_THROW(expert_map(0, 2, 2, {}), config_error);
-  BOOST_TEST(message_of([] {
+  BOOST_TEST(locus_test::error_message([] {
                expert_map::from_replicas(2, 2, 1, {{{0, 0}}, {{0, 0}}});
              }) == "slot (rank 0, slot 0) is used twice: by expert 0 and by expert 1");
-  BOOST_TEST(message_of([] {
+  BOOST_TEST(locus_test::error_message([] {
                expert_map::from_replicas(2, 2, 1, {{{0, 0}}, {{2, 0}}});
              }) == "expert 1 is given slot (rank 2, slot 0) outside the 2 × 1 slot table");
   const expert_map ok = expert_map::from_replicas(2, 2, 2, {{{0, 0}, {1, 1}}, {{1, 0}}});

@@ -1,4 +1,6 @@
 #define BOOST_TEST_MODULE trace_jsonl
+#include "../support/error_message.hpp"
+
 #include <algorithm>
 #include <boost/test/unit_test.hpp>
 #include <cstdio>
@@ -107,17 +109,6 @@ void check_against(const trace::trace& t, const std::vector<ref_request>& want, 
         }
       }
   }
-}
-
-template <class F>
-std::string expect_format_error_message(F&& f) {
-  try {
-    f();
-  } catch (const format_error& e) {
-    return e.message();
-  }
-  BOOST_FAIL("expected locus::format_error");
-  return {};
 }
 
 template <class F>
@@ -688,7 +679,8 @@ BOOST_AUTO_TEST_CASE(ragged_tails_are_trimmed_and_counted) {
   expect_format_error([&] { (void)trace::import_jsonl_text(text, "rag.jsonl", strict); },
                       {"(importing without --strict-layers keeps the tokens every layer holds) (--skip-bad drops"});
   strict.settings = {"", "", "", ""};
-  const auto bare = expect_format_error_message([&] { (void)trace::import_jsonl_text(text, "rag.jsonl", strict); });
+  const auto bare =
+      locus_test::error_message<format_error>([&] { (void)trace::import_jsonl_text(text, "rag.jsonl", strict); });
   BOOST_TEST(bare.find("every layer must hold the same tokens") != std::string::npos, bare);
   BOOST_TEST(bare.find('(') == bare.find("(first record"), bare); // no advice after it
   // A token missing inside a layer (not at its end) is not a ragged tail.

@@ -1,3 +1,5 @@
+#include "../support/trace_bytes.hpp"
+
 #include <boost/test/unit_test.hpp>
 #include <cstdint>
 #include <cstring>
@@ -25,12 +27,6 @@ locus::trace::trace small(std::vector<std::uint32_t> ids = {}, std::uint32_t hid
   return b.build();
 }
 
-std::uint32_t version_of(const std::vector<std::byte>& bytes) {
-  std::uint32_t v;
-  std::memcpy(&v, bytes.data() + 8, 4);
-  return v;
-}
-
 } // namespace
 
 BOOST_AUTO_TEST_SUITE(trace_model_layers)
@@ -40,7 +36,7 @@ BOOST_AUTO_TEST_CASE(layer_ids_survive_the_binary_format_and_selections) {
   BOOST_TEST(t.model_layer_ids() == (std::vector<std::size_t>{1, 2, 5}), boost::test_tools::per_element());
   BOOST_TEST(t.hidden_layers() == 7u);
   const auto bytes = encode_trace(t);
-  BOOST_TEST(version_of(bytes) == 2u);
+  BOOST_TEST(locus_test::version_of(bytes) == 2u);
   const auto back = decode_trace(bytes);
   BOOST_TEST((back == t));
   BOOST_TEST(back.model_layer_ids() == t.model_layer_ids(), boost::test_tools::per_element());
@@ -61,7 +57,7 @@ BOOST_AUTO_TEST_CASE(a_trace_without_ids_is_written_as_version_1) {
   BOOST_TEST(!t.has_model_layers());
   BOOST_TEST(t.model_layer_ids() == (std::vector<std::size_t>{0, 1, 2}), boost::test_tools::per_element());
   const auto bytes = encode_trace(t);
-  BOOST_TEST(version_of(bytes) == 1u);
+  BOOST_TEST(locus_test::version_of(bytes) == 1u);
   BOOST_TEST((decode_trace(bytes) == t));
 }
 
@@ -74,10 +70,7 @@ BOOST_AUTO_TEST_CASE(bad_layer_ids_are_refused) {
   const std::size_t table = 80 + 8; // after the one-entry domain table ("a": 4 + 1 bytes, padded to 8)
   const std::uint32_t two = 2;
   std::memcpy(bytes.data() + table + 8, &two, 4); // layer 2 = 2, not above layer 1's 2
-  const auto payload = checksum64::of(bytes.data() + 80, bytes.size() - 80);
-  std::memcpy(bytes.data() + 56, &payload, 8);
-  const auto header = checksum64::of(bytes.data(), 72);
-  std::memcpy(bytes.data() + 72, &header, 8);
+  locus_test::reseal_trace(bytes);
   try {
     decode_trace(bytes);
     BOOST_FAIL("a descending layer table was accepted");

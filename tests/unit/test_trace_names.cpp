@@ -1,5 +1,8 @@
 // Request names (a route JSONL log's string req_ids): kept by the trace, its selections and the
 // binary format (version 3), refused when partial, too long or damaged.
+#include "../support/error_message.hpp"
+#include "../support/trace_bytes.hpp"
+
 #include <boost/test/unit_test.hpp>
 #include <cstdint>
 #include <cstring>
@@ -28,36 +31,6 @@ locus::trace::trace named(const std::vector<std::string>& names, std::vector<std
   return b.build();
 }
 
-std::uint32_t version_of(const std::vector<std::byte>& bytes) {
-  std::uint32_t v;
-  std::memcpy(&v, bytes.data() + 8, 4);
-  return v;
-}
-
-// Version 3's section flags (1: layer table, 2: request names).
-std::uint32_t flags_of(const std::vector<std::byte>& bytes) {
-  std::uint32_t v;
-  std::memcpy(&v, bytes.data() + 68, 4);
-  return v;
-}
-
-void reseal(std::vector<std::byte>& bytes) {
-  const auto payload = checksum64::of(bytes.data() + 80, bytes.size() - 80);
-  std::memcpy(bytes.data() + 56, &payload, 8);
-  const auto header = checksum64::of(bytes.data(), 72);
-  std::memcpy(bytes.data() + 72, &header, 8);
-}
-
-template <class F>
-std::string format_message(F&& f) {
-  try {
-    f();
-  } catch (const format_error& e) {
-    return e.message();
-  }
-  return "(no error)";
-}
-
 } // namespace
 
 BOOST_AUTO_TEST_SUITE(trace_request_names)
@@ -71,7 +44,7 @@ BOOST_AUTO_TEST_CASE(names_survive_the_binary_format_and_selections) {
     BOOST_TEST(t.request_name(r) == names[r]);
   BOOST_TEST(t.request_label(0) == "\"cmpl-a\"");
   const auto bytes = encode_trace(t);
-  BOOST_TEST(version_of(bytes) == 3u);
+  BOOST_TEST(locus_test::version_of(bytes) == 3u);
   const auto back = decode_trace(bytes);
   BOOST_TEST((back == t));
   BOOST_TEST(back.request_name(1) == names[1]);
@@ -80,9 +53,9 @@ BOOST_AUTO_TEST_CASE(names_survive_the_binary_format_and_selections) {
   // With model layer ids too (the layer table comes first, as its flag says).
   const auto both = named(names, {3, 9});
   const auto both_bytes = encode_trace(both);
-  BOOST_TEST(version_of(both_bytes) == 3u);
-  BOOST_TEST(flags_of(both_bytes) == 3u);
-  BOOST_TEST(flags_of(bytes) == 2u);
+  BOOST_TEST(locus_test::version_of(both_bytes) == 3u);
+  BOOST_TEST(locus_test::flags_of(both_bytes) == 3u);
+  BOOST_TEST(locus_test::flags_of(bytes) == 2u);
   BOOST_TEST((decode_trace(both_bytes) == both));
   BOOST_TEST(decode_trace(both_bytes).model_layer(1) == 9u);
   // Selections keep each request's name.
@@ -106,8 +79,8 @@ BOOST_AUTO_TEST_CASE(an_unnamed_trace_keeps_its_old_encoding) {
   BOOST_TEST(!t.has_request_names());
   BOOST_TEST(t.request_name(1).empty());
   BOOST_TEST(t.request_label(1) == "1");
-  BOOST_TEST(version_of(encode_trace(t)) == 1u);
-  BOOST_TEST(version_of(encode_trace(named({}, {3, 9}))) == 2u);
+  BOOST_TEST(locus_test::version_of(encode_trace(t)) == 1u);
+  BOOST_TEST(locus_test::version_of(encode_trace(named({}, {3, 9}))) == 2u);
   BOOST_CHECK_THROW((void)t.request_name(3), invalid_input_error);
 }
 
@@ -122,8 +95,8 @@ BOOST_AUTO_TEST_CASE(a_hidden_layer_count_alone_adds_no_layer_ids) {
   b.ids(1, 0)[1] = 1;
   const auto t = b.build();
   const auto bytes = encode_trace(t);
-  BOOST_TEST(version_of(bytes) == 3u);
-  BOOST_TEST(flags_of(bytes) == 0u);
+  BOOST_TEST(locus_test::version_of(bytes) == 3u);
+  BOOST_TEST(locus_test::flags_of(bytes) == 0u);
   const auto back = decode_trace(bytes);
   BOOST_TEST((back == t));
   BOOST_TEST(!back.has_model_layers());
@@ -156,8 +129,8 @@ BOOST_AUTO_TEST_CASE(damaged_name_tables_are_named) {
   for (const std::uint32_t len : {0u, 5000u}) {
     auto bad = good;
     std::memcpy(bad.data() + table, &len, 4);
-    reseal(bad);
-    const auto msg = format_message([&] { (void)decode_trace(bad); });
+    locus_test::reseal_trace(bad);
+    const auto msg = locus_test::error_message<format_error>([&] { (void)decode_trace(bad); });
     BOOST_TEST(msg.find("offset 88: request 0 name length " + std::to_string(len) + ", expected 1..4096") !=
                    std::string::npos,
                msg);
@@ -167,8 +140,8 @@ BOOST_AUTO_TEST_CASE(damaged_name_tables_are_named) {
     auto bad = good;
     const std::uint32_t two = 2;
     std::memcpy(bad.data() + table, &two, 4);
-    reseal(bad);
-    BOOST_TEST(format_message([&] { (void)decode_trace(bad); }) != "(no error)");
+    locus_test::reseal_trace(bad);
+    BOOST_TEST(locus_test::error_message<format_error>([&] { (void)decode_trace(bad); }) != locus_test::no_error);
   }
   // Every cut and every flipped byte of a version-3 file is refused, never read as something else.
   for (std::size_t n = 0; n < good.size(); ++n)
@@ -182,8 +155,8 @@ BOOST_AUTO_TEST_CASE(damaged_name_tables_are_named) {
   for (const std::uint64_t field : {std::uint64_t{7} << 32, std::uint64_t{0}, std::uint64_t{1} << 32}) {
     auto bad = good;
     std::memcpy(bad.data() + 64, &field, 8);
-    reseal(bad);
-    const auto msg = format_message([&] { (void)decode_trace(bad); });
+    locus_test::reseal_trace(bad);
+    const auto msg = locus_test::error_message<format_error>([&] { (void)decode_trace(bad); });
     BOOST_TEST(msg.find("offset 64: ") != std::string::npos, msg);
   }
   // A request count the payload cannot hold names for is refused before anything is allocated.
@@ -192,8 +165,8 @@ BOOST_AUTO_TEST_CASE(damaged_name_tables_are_named) {
     const std::uint64_t many = std::uint64_t{1} << 40;
     std::memcpy(bad.data() + 32, &many, 8);
     std::memcpy(bad.data() + 40, &many, 8); // tokens >= requests
-    reseal(bad);
-    const auto msg = format_message([&] { (void)decode_trace(bad); });
+    locus_test::reseal_trace(bad);
+    const auto msg = locus_test::error_message<format_error>([&] { (void)decode_trace(bad); });
     BOOST_TEST(msg.find("request names cannot fit") != std::string::npos, msg);
   }
 }

@@ -169,10 +169,12 @@ public:
   std::string request_key(std::size_t r) const {
     return request_names_.empty() ? std::to_string(request(r).id) : request_name(r);
   }
-  //! How messages name request `r`: request_key, a name in quotes.
-  std::string request_label(std::size_t r) const {
-    return request_names_.empty() ? std::to_string(request(r).id) : locus::detail::concat("\"", request_name(r), "\"");
+  //! How messages name the request of `key` (a request_key): a name in quotes, an id as it is.
+  std::string key_label(const std::string& key) const {
+    return request_names_.empty() ? key : locus::detail::concat("\"", key, "\"");
   }
+  //! How messages name request `r`: key_label of its request_key.
+  std::string request_label(std::size_t r) const { return key_label(request_key(r)); }
 
   phase token_phase(std::size_t token) const {
     LOCUS_REQUIRE(token < tokens(), invalid_input_error, "trace::token_phase: token ", token, " out of range [0, ",
