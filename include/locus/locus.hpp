@@ -6,6 +6,7 @@
 //! are included on their own.
 
 #include <locus/core/bfloat16.hpp>
+#include <locus/core/cancel.hpp>
 #include <locus/core/config.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>

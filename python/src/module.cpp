@@ -2,13 +2,18 @@
 // Python layer (python/locus/__init__.py); everything here checks sizes again, because a wrong
 // size must raise, never read out of bounds.
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <climits>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <locus/core/atomic_file.hpp>
+#include <locus/core/cancel.hpp>
 #include <locus/core/expert_map_json.hpp>
 #include <locus/core/version.hpp>
 #include <locus/cost/decode_simulator.hpp>
@@ -27,6 +32,7 @@
 #include <locus/trace/esft.hpp>
 #include <locus/trace/statistics.hpp>
 #include <locus/transport/replica_selection.hpp>
+#include <mutex>
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -39,6 +45,8 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <thread>
+#include <type_traits>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -136,6 +144,56 @@ auto file_io(nb::handle path, F&& io) {
     if (e.code() == EINTR && PyErr_CheckSignals() != 0) throw nb::python_error();
     throw;
   }
+}
+
+// Runs `work` (which must touch no Python object) without the GIL, so that the interpreter's other
+// threads run meanwhile, and so that Ctrl-C stops it: `work` runs on a thread of its own under a
+// locus::cancel_scope while this one asks Python for pending signals every 50 ms (only the main
+// thread can run their handlers). When a handler raises (KeyboardInterrupt), the work is told to
+// stop, which the library's long loops see within a layer, a step or a few thousand proposals;
+// its result is dropped and the handler's exception raised.
+template <class F>
+auto interruptible(F&& work) {
+  using result_t = std::invoke_result_t<F&>;
+  static_assert(!std::is_void_v<result_t>, "interruptible: the work returns its result");
+  std::atomic<bool> stop{false};
+  std::optional<result_t> result;
+  std::exception_ptr failure;
+  std::mutex m;
+  std::condition_variable cv;
+  bool done = false, interrupted = false;
+  {
+    nb::gil_scoped_release released;
+    std::thread worker([&] {
+      {
+        const locus::cancel_scope scope(stop);
+        try {
+          result.emplace(work());
+        } catch (...) {
+          failure = std::current_exception();
+        }
+      }
+      const std::lock_guard lock(m);
+      done = true;
+      cv.notify_one();
+    });
+    std::unique_lock lock(m);
+    while (!cv.wait_for(lock, std::chrono::milliseconds(50), [&] { return done; }))
+      if (!interrupted) {
+        lock.unlock();
+        {
+          nb::gil_scoped_acquire held;
+          interrupted = PyErr_CheckSignals() != 0; // the handler's exception stays set for below
+        }
+        if (interrupted) stop.store(true, std::memory_order_relaxed);
+        lock.lock();
+      }
+    lock.unlock();
+    worker.join();
+  }
+  if (interrupted) throw nb::python_error();
+  if (failure) std::rethrow_exception(failure);
+  return std::move(*result);
 }
 
 // Pickling: a Trace travels as its binary encoding (docs/trace-format.md) and a WorkloadModel as
@@ -420,13 +478,10 @@ NB_MODULE(_core, m) {
         const std::size_t num_replicas = size_arg(replicas_arg, "num_replicas");
         const std::size_t num_groups = size_arg(groups_arg, "num_groups"), num_nodes = size_arg(nodes_arg, "num_nodes");
         const std::size_t num_gpus = size_arg(gpus_arg, "num_gpus");
-        std::optional<locus::placement::eplb_result> result;
-        {
-          nb::gil_scoped_release released;
-          result.emplace(locus::placement::rebalance_experts(std::span(weight.data(), layers * experts), layers,
-                                                             experts, num_replicas, num_groups, num_nodes, num_gpus));
-        }
-        auto& r = *result;
+        auto r = interruptible([&] {
+          return locus::placement::rebalance_experts(std::span(weight.data(), layers * experts), layers, experts,
+                                                     num_replicas, num_groups, num_nodes, num_gpus);
+        });
         return nb::make_tuple(owned(std::move(r.physical_to_logical), {layers, num_replicas}),
                               owned(std::move(r.logical_to_physical), {layers, experts, r.max_replicas}),
                               owned(std::move(r.logical_count), {layers, experts}));
@@ -665,13 +720,9 @@ NB_MODULE(_core, m) {
         opt.grouping.prefill_tokens = size_arg(prefill_tokens, "prefill_tokens");
         const auto topo = locus::dynamic_topology(size_arg(nodes, "nodes"), size_arg(gpus_per_node, "gpus_per_node"));
         const std::size_t redundant = size_arg(redundant_slots, "redundant_slots");
-        locus::placement::activation_plan plan;
-        {
-          // Seconds to minutes (anneal): the interpreter's other threads run meanwhile. The trace is
-          // read only, and the plan's model is new.
-          nb::gil_scoped_release released;
-          plan = locus::placement::plan_activation_aware(train, topo, placement, redundant, opt);
-        }
+        // Seconds to minutes (anneal): the trace is read only, and the plan's model is new.
+        const auto plan = interruptible(
+            [&] { return locus::placement::plan_activation_aware(train, topo, placement, redundant, opt); });
         // The hedge count as `locus plan --json` gives it (hedge_copies): the maps alone do not tell
         // a balance hedge from a replica that saves bytes.
         return std::make_tuple(maps_to(plan.maps), std::const_pointer_cast<locus::grouper::workload_model>(plan.model),
@@ -709,12 +760,9 @@ NB_MODULE(_core, m) {
         auto own = model ? std::make_shared<locus::grouper::workload_model>(*model) : nullptr;
         auto g = locus::grouper::grouper_by_name(grouper, own);
         const auto map_list = maps_from(maps, test.experts());
-        std::string summary;
-        {
-          nb::gil_scoped_release released;
-          summary = locus::cost::simulation_summary_json(locus::cost::simulate_decode(test, map_list, g, cfg)).dump();
-        }
-        return summary;
+        return interruptible([&] {
+          return locus::cost::simulation_summary_json(locus::cost::simulate_decode(test, map_list, g, cfg)).dump();
+        });
       },
       "test"_a, "maps"_a, "nodes"_a, "gpus_per_node"_a, "grouper"_a, "model"_a.none(), "transport"_a,
       "batch_per_rank"_a, "hidden"_a, "arrival_rate"_a, "seed"_a, "replica_rule"_a, "replica_slack"_a);
@@ -766,12 +814,11 @@ NB_MODULE(_core, m) {
         if (prior) locus::placement::require_replan_shape(current, *prior, topo, map_layers, "prior");
         const auto window_nodes = nodes_of(window, homes.has_value());
         const auto prior_nodes = prior ? nodes_of(*prior, false) : std::vector<std::uint32_t>{};
-        std::optional<locus::placement::live_replan_result> r;
-        {
-          nb::gil_scoped_release released; // the nodes are known: the model is not read again
-          r.emplace(locus::placement::replan_live(current, window, window_nodes, topo, opt, prior, prior_nodes));
-        }
-        return std::make_pair(maps_to(r->maps), locus::placement::live_replan_json(*r).dump());
+        // The nodes are known: the model is not read again.
+        const auto r = interruptible([&] {
+          return locus::placement::replan_live(current, window, window_nodes, topo, opt, prior, prior_nodes);
+        });
+        return std::make_pair(maps_to(r.maps), locus::placement::live_replan_json(r).dump());
       },
       "maps"_a, "experts"_a, "nodes"_a, "gpus_per_node"_a, "window"_a, "homes"_a.none(), "model"_a.none(),
       "prior"_a.none(), "budget"_a, "prior_requests"_a, "transport"_a, "replan_slack"_a, "expert_bytes"_a,

@@ -1207,6 +1207,35 @@ def test_file_io_runs_without_the_gil(tmp_path):
     assert out.stdout.strip() == "hello"
 
 
+def test_ctrl_c_stops_a_long_plan():
+    """A SIGINT during a plan that anneals for a minute (the most proposals plan takes) raises
+    KeyboardInterrupt within seconds; the interpreter goes on, and the next call runs whole. Before,
+    the signal was seen only when the call returned. (The library's cancellation of simulations and
+    re-plans is tested in C++: tests/unit/test_planning.cpp.)"""
+    script = (
+        "import os, signal, sys, threading, time\n"
+        "import numpy as np, locus\n"
+        "rng = np.random.default_rng(0)\n"
+        "ids = np.array([[rng.choice(32, 4, replace=False) for _ in range(2)] for _ in range(240)], np.int32)\n"
+        "t = locus.trace_from_arrays(ids, 32, request_ids=np.repeat(np.arange(12), 20),\n"
+        "                            phases=np.tile(['prefill'] * 4 + ['decode'] * 16, 12))\n"
+        "kw = dict(redundant_slots=1, clusters=2, prefill_tokens=4)\n"
+        "threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+        "start = time.monotonic()\n"
+        "try:\n"
+        "    locus.plan(t, 2, 2, 'locality', anneal=1 << 20, **kw)\n"
+        "    sys.exit('not interrupted')\n"
+        "except KeyboardInterrupt:\n"
+        "    print(time.monotonic() - start)\n"
+        "print(locus.simulate(t, locus.plan(t, 2, 2, 'locality', **kw))['requests'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    seconds, served = out.stdout.split()
+    assert float(seconds) < 5, out.stdout
+    assert int(served) == 12
+
+
 def test_replan_and_routed_experts_refuse_arguments_that_change_nothing_or_are_wrong(tmp_path):
     """A user's review found these said the wrong thing, or nothing."""
     _, t = small_trace()

@@ -1,5 +1,6 @@
 #define BOOST_TEST_MODULE core
 #include <array>
+#include <atomic>
 #include <boost/test/unit_test.hpp>
 #include <cmath>
 #include <cstring>
@@ -248,6 +249,41 @@ BOOST_AUTO_TEST_CASE(parallel_for_rethrows_a_worker_exception) {
                                    if (b > 0) throw config_error("chunk failed");
                                  }),
                     config_error);
+}
+
+// A cancel_scope's flag is seen by its thread and by parallel_for's workers, not by other threads;
+// scopes nest and restore the outer flag.
+BOOST_AUTO_TEST_CASE(cancel_scopes_nest_and_reach_parallel_for_workers) {
+  BOOST_TEST(!cancel_requested());
+  BOOST_CHECK_NO_THROW(throw_if_cancelled());
+  std::atomic<bool> outer{true}, inner{false};
+  {
+    const cancel_scope a(outer);
+    BOOST_CHECK_THROW(throw_if_cancelled(), cancelled_error);
+    {
+      const cancel_scope b(inner);
+      BOOST_CHECK_NO_THROW(throw_if_cancelled());
+      inner = true;
+      BOOST_TEST(cancel_requested());
+    }
+    BOOST_TEST(cancel_requested()); // the outer scope's flag again
+    std::array<std::atomic<int>, 4> seen{};
+    parallel_for(4, 1, 4u, [&](std::size_t b, std::size_t, unsigned) { seen[b] = cancel_requested() ? 1 : 2; });
+    for (const auto& s : seen)
+      BOOST_TEST(s.load() == 1);
+    // The error says what happened, and is its own kind.
+    try {
+      throw_if_cancelled();
+    } catch (const error& e) {
+      BOOST_TEST(e.kind() == error_kind::cancelled);
+      BOOST_TEST(std::string(e.what()) == "locus: cancelled: the computation was cancelled");
+    }
+  }
+  BOOST_TEST(!cancel_requested());
+  std::array<std::atomic<int>, 4> seen{};
+  parallel_for(4, 1, 4u, [&](std::size_t b, std::size_t, unsigned) { seen[b] = cancel_requested() ? 1 : 2; });
+  for (const auto& s : seen)
+    BOOST_TEST(s.load() == 2);
 }
 
 BOOST_AUTO_TEST_CASE(bfloat16_rounds_to_nearest_even_and_keeps_specials) {

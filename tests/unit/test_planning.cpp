@@ -1,5 +1,7 @@
 #define BOOST_TEST_MODULE planning
+#include <atomic>
 #include <boost/test/unit_test.hpp>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <locus/cost/decode_simulator.hpp>
@@ -10,6 +12,7 @@
 #include <locus/placement/activation_plan.hpp>
 #include <random>
 #include <set>
+#include <thread>
 
 using namespace locus;
 
@@ -449,6 +452,54 @@ BOOST_AUTO_TEST_CASE(same_seed_gives_identical_plans_and_groupings) {
     BOOST_TEST(a.model->cluster_node() == b.model->cluster_node());
     BOOST_TEST(a.model->training_labels() == b.model->training_labels());
   }
+}
+
+// A plan or a simulation told to stop (core/cancel.hpp; Python's Ctrl-C) raises cancelled_error
+// soon after, even from inside an annealing run that would take minutes; a scope whose flag stays
+// down changes nothing.
+BOOST_AUTO_TEST_CASE(cancelled_plans_and_simulations_raise_soon_after) {
+  std::mt19937 rng(21);
+  const auto t = domain_trace(rng, 40, 32, 4, 2, 3, 4);
+  const dynamic_topology topo(4, 2);
+  std::atomic<bool> stop{false};
+  {
+    const cancel_scope scope(stop);
+    const auto a = placement::plan_activation_aware(t, topo, "locality", 1);
+    BOOST_TEST((a.maps == placement::plan_activation_aware(t, topo, "locality", 1).maps));
+  }
+  // The most proposals the planner takes: 2^20 per expert, 2^25 per layer (minutes in a debug
+  // build). The flag goes up while it anneals.
+  placement::activation_plan_options opt;
+  opt.refine.anneal_per_expert = placement::token_refine_options::max_anneal_per_expert;
+  const auto start = std::chrono::steady_clock::now();
+  std::thread stopper([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    stop = true;
+  });
+  {
+    const cancel_scope scope(stop);
+    BOOST_CHECK_THROW(placement::plan_activation_aware(t, topo, "locality", 1, opt), cancelled_error);
+  }
+  stopper.join();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  BOOST_TEST(seconds < 5.0, "stopped after " << seconds << " s");
+
+  // A simulation stops at the step after the one that raised the flag.
+  stop = false;
+  const auto p = placement::plan_activation_aware(t, topo, "locality", 0);
+  grouper::workload_aware g(p.model);
+  cost::simulation_config cfg;
+  cfg.topology = topo;
+  cfg.batch_per_rank = 2;
+  std::size_t last_step = 0;
+  const cancel_scope scope(stop);
+  BOOST_CHECK_THROW(cost::simulate_decode(t, p.maps, g, cfg,
+                                          [&](std::size_t step, const auto&, const auto&) {
+                                            last_step = step;
+                                            if (step == 3) stop = true;
+                                          }),
+                    cancelled_error);
+  BOOST_TEST(last_step == 3u);
 }
 
 // The grouper only returns ranks with room (or no_rank when every rank is full), whatever the

@@ -25,6 +25,7 @@ enum class error_kind {
   nccl,          //!< an NCCL call failed; code() is the ncclResult_t
   mpi,           //!< an MPI call failed; code() is the MPI error code
   io,            //!< the operating system refused a file operation; code() is errno
+  cancelled,     //!< the caller asked a long computation to stop (core/cancel.hpp)
 };
 
 //! Name of an error kind, as printed in messages.
@@ -40,6 +41,7 @@ inline const char* to_string(error_kind k) noexcept {
   case error_kind::nccl: return "NCCL error";
   case error_kind::mpi: return "MPI error";
   case error_kind::io: return "I/O error";
+  case error_kind::cancelled: return "cancelled";
   }
   return "error";
 }
@@ -103,6 +105,7 @@ LOCUS_DETAIL_DEFINE_ERROR(cuda_error, cuda);
 LOCUS_DETAIL_DEFINE_ERROR(nccl_error, nccl);
 LOCUS_DETAIL_DEFINE_ERROR(mpi_error, mpi);
 LOCUS_DETAIL_DEFINE_ERROR(io_error, io);
+LOCUS_DETAIL_DEFINE_ERROR(cancelled_error, cancelled);
 #undef LOCUS_DETAIL_DEFINE_ERROR
 
 //! A file or record that does not follow its format. `offset()` is the byte offset (binary

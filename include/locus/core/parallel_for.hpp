@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <exception>
+#include <locus/core/cancel.hpp>
 #include <locus/core/config.hpp>
 #include <thread>
 #include <vector>
@@ -29,7 +30,8 @@ inline unsigned default_host_threads() noexcept {
 //! @param grain   minimum items per chunk; below 2 * grain everything runs on the caller
 //! @param threads upper bound on workers (0 = default_host_threads())
 //! @param body    callable (std::size_t begin, std::size_t end, unsigned worker)
-//! The first exception thrown by any chunk is rethrown on the caller after all workers join.
+//! The first exception thrown by any chunk is rethrown on the caller after all workers join. The
+//! workers run under the caller's cancel_scope (core/cancel.hpp), if any.
 template <class Body>
 void parallel_for(std::size_t n, std::size_t grain, unsigned threads, Body&& body) {
   if (n == 0) return;
@@ -45,8 +47,10 @@ void parallel_for(std::size_t n, std::size_t grain, unsigned threads, Body&& bod
   std::vector<std::thread> pool;
   pool.reserve(workers - 1);
   const auto chunk_begin = [&](unsigned w) { return n * w / workers; };
+  const auto* cancel_flag = detail::cancel_flag;
   for (unsigned w = 1; w < workers; ++w) {
     pool.emplace_back([&, w] {
+      const detail::cancel_flag_guard cancel(cancel_flag);
       try {
         body(chunk_begin(w), chunk_begin(w + 1), w);
       } catch (...) {

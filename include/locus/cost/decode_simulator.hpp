@@ -25,6 +25,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <locus/core/cancel.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/cost/time_model.hpp>
@@ -414,6 +415,7 @@ simulation_result simulate_decode(const trace::trace& t, const std::vector<exper
   detail::simulation::validate(t, maps, cfg);
   detail::simulation::decode_run run(t, maps, cfg);
   for (std::size_t step = 0; !run.finished(); ++step) {
+    throw_if_cancelled();
     step = run.skip_idle(step, cfg.max_steps);
     if (cfg.max_steps && step >= cfg.max_steps) break;
     run.admit(step, g);

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <ctime>
 #include <limits>
+#include <locus/core/cancel.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/core/random.hpp>
@@ -582,6 +583,7 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
     current = {};
   };
   for (std::size_t st = 0; st < s.steps(); ++st) {
+    throw_if_cancelled();
     // Decide before the step runs, from the steps before it.
     bool due = false;
     replan_reason why = replan_reason::scheduled;

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <locus/core/cancel.hpp>
 #include <locus/core/error.hpp>
 #include <locus/trace/trace.hpp>
 #include <span>
@@ -128,6 +129,7 @@ inline kmeans_result run(const float* points, std::size_t n, std::size_t dim, st
   bool changed = true;
   std::size_t it = 0;
   for (; it < max_it && changed; ++it) {
+    throw_if_cancelled();
     for (std::size_t c = 0; c < k; ++c) {
       const float* m = out.centroids.data() + c * dim;
       half_norm[c] = 0.5 * static_cast<double>(dot(m, m, dim));

@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <locus/core/cancel.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/policy.hpp>
 #include <locus/grouper/workload_aware.hpp>
@@ -269,6 +270,7 @@ struct locality {
     std::vector<expert_map> out;
     out.reserve(in.layers());
     for (std::size_t l = 0; l < in.layers(); ++l) {
+      throw_if_cancelled();
       const auto& u = detail::activation::usage_of(in, l, name);
       out.push_back(detail::activation::build_map(detail::locality::plan_layer(u, in, options), u, in));
     }

@@ -44,6 +44,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <locus/core/cancel.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/core/random.hpp>
@@ -527,6 +528,7 @@ public:
     const double stop_below = opt_.min_sweep_gain * total_cost();
     std::size_t swaps = 0;
     for (std::size_t sweep = 0; sweep < opt_.max_sweeps; ++sweep) {
+      throw_if_cancelled();
       std::size_t made = 0;
       double saved = 0;
       for (std::size_t e = 0; e < experts; ++e) {
@@ -608,6 +610,7 @@ public:
     std::vector<std::uint8_t> dirty(rank_of_.size(), 0); // apply_swap's bookkeeping; unused here
     std::size_t taken = 0;
     for (std::size_t i = 0, e, f; i < proposals; ++i) {
+      if (i % 4096 == 0) throw_if_cancelled();
       if (!draw(e, f)) continue;
       const double d = swap_delta(e, f);
       const double temp = t0 * (1.0 - static_cast<double>(i) / static_cast<double>(proposals));
@@ -1159,6 +1162,7 @@ public:
     std::make_heap(heap.begin(), heap.end(), less);
     std::size_t added = 0;
     while (!heap.empty()) {
+      throw_if_cancelled();
       std::pop_heap(heap.begin(), heap.end(), less);
       auto [stale, ne] = heap.back();
       heap.pop_back();
@@ -1233,6 +1237,7 @@ public:
     std::vector<double> per_request(requests * ranks_), risk(ranks_);
     std::size_t added = 0;
     while (added < opt_.hedge_budget(ranks_)) {
+      throw_if_cancelled();
       // Each rank's load share under every draw, from where the pairs go now.
       std::fill(per_request.begin(), per_request.end(), 0.0);
       for (std::size_t p = 0; p < tr_.size(); ++p)
@@ -1360,6 +1365,7 @@ public:
     const auto hosts = [this](std::size_t e) -> const std::vector<std::int32_t>& { return copies_[e]; };
     std::size_t added = 0;
     while (added < opt_.hedge_budget(ranks_)) {
+      throw_if_cancelled();
       std::fill(fresh.begin(), fresh.end(), 0);
       // The worst draw: the highest bound, solved (among equal bounds an unsolved one first, then
       // the lowest index, as a full scan that keeps the first maximum would pick).
@@ -1947,6 +1953,7 @@ std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& ma
   std::vector<expert_map> out;
   out.reserve(maps.size());
   for (std::size_t l = 0; l < maps.size(); ++l) {
+    throw_if_cancelled();
     LOCUS_REQUIRE(maps[l].ranks() == topo.ranks() && maps[l].experts() == sample.experts, config_error,
                   "add_replicas_by_tokens: layer ", l, " map (", maps[l].experts(), " experts, ", maps[l].ranks(),
                   " ranks) does not match the sample (", sample.experts, ") or the topology (", topo.ranks(), ")");
