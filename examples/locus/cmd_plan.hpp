@@ -384,11 +384,11 @@ inline void register_plan(CLI::App& app) {
                       {"options", plan->settings(in.topology.ranks())}});
       files.commit();
       if (stdout_taken({*json, *out, grouping_path})) return;
-      std::printf("%s: %s placement, %zu layers (model layers %zu..%zu), %zu experts on %zu x %zu ranks, %zu slots "
-                  "per rank (from %s)\n",
-                  out->c_str(), plan->placement.c_str(), maps.size(), imported.layer_ids.front(),
-                  imported.layer_ids.back(), in.experts, split->nodes, split->gpus_per_node, in.slots_per_rank,
-                  load->c_str());
+      std::printf("%s: %s placement, %s (model layers %zu..%zu), %zu experts on %zu x %zu ranks, %s per rank (from "
+                  "%s)\n",
+                  out->c_str(), plan->placement.c_str(), tool_cli::counted(maps.size(), "layer").c_str(),
+                  imported.layer_ids.front(), imported.layer_ids.back(), in.experts, split->nodes, split->gpus_per_node,
+                  tool_cli::counted(in.slots_per_rank, "slot").c_str(), load->c_str());
       return;
     }
     const auto topo = split->topology(); // an impossible topology is refused before the trace is read
@@ -431,9 +431,9 @@ inline void register_plan(CLI::App& app) {
                      }()}});
     files.commit();
     if (stdout_taken({*json, *out, grouping_path})) return;
-    std::printf("%s: %s placement, %zu layers, %zu experts on %zu x %zu ranks, %s per rank (fitted on %s)%s%s\n",
-                out->c_str(), plan->placement.c_str(), maps.size(), maps.front().experts(), split->nodes,
-                split->gpus_per_node, tool_cli::counted(maps.front().slots_per_rank(), "slot").c_str(),
+    std::printf("%s: %s placement, %s, %zu experts on %zu x %zu ranks, %s per rank (fitted on %s)%s%s\n", out->c_str(),
+                plan->placement.c_str(), tool_cli::counted(maps.size(), "layer").c_str(), maps.front().experts(),
+                split->nodes, split->gpus_per_node, tool_cli::counted(maps.front().slots_per_rank(), "slot").c_str(),
                 tool_cli::counted(train.requests(), "request").c_str(), planned.model ? "; grouping model in " : "",
                 planned.model ? grouping_path.c_str() : "");
     if (replicas > 0)

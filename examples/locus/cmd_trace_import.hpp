@@ -2,6 +2,7 @@
 // `locus trace import`: an ESFT folder, a route-JSONL file or a locus binary trace → a locus binary
 // trace (docs/trace-format.md).
 #include "output.hpp"
+#include "split.hpp"
 #include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
@@ -101,7 +102,7 @@ inline void run_trace_import(const trace_import_options& o) {
     if (o.experts) opt.experts = o.experts;
     if (o.top_k) opt.top_k = o.top_k;
     opt.layers = o.layers;
-    opt.domains = o.domains;
+    opt.domains = detail::name_list(o.domains, "--domains");
     import_progress bar("importing " + input, !o.quiet);
     opt.progress = [&](std::size_t done, std::size_t all) { bar.update(double(done), double(all), "files"); };
     locus::trace::esft_report rep;
@@ -157,7 +158,7 @@ inline void run_trace_import(const trace_import_options& o) {
   if (!o.quiet && !stdout_taken({o.output})) {
     std::string doms;
     for (const auto& d : t.domains())
-      doms += (doms.empty() ? "" : ", ") + one_line(d);
+      doms += (doms.empty() ? "" : ", ") + one_line(locus::trace::listed_name(d));
     // A device or FIFO output (-o /dev/null) has no size to report.
     const auto bytes = std::filesystem::file_size(o.output, ec);
     std::printf("%s: %s, %s, %s, %s, top-%zu, domains [%s]; %s bytes, %.2f s%s\n", o.output.c_str(),
@@ -202,8 +203,7 @@ inline void register_trace_import(CLI::App* trace_cmd) {
                   "Expected layers (esft: files per domain; jsonl: distinct layer numbers; 0: no check)");
   cmd->add_option("--domains", o->domains,
                   "esft: domain folders to read, in this order (comma-separated, as plan's --train-domains; "
-                  "default: all, sorted)")
-      ->delimiter(',');
+                  "default: all, sorted)");
   cmd->add_flag("--skip-bad", o->skip_bad, "jsonl: skip and count bad records instead of failing on the first");
   cmd->add_flag("--split-on-restart", o->split_on_restart, split_on_restart_help);
   cmd->add_flag("--strict-layers", o->strict_layers, strict_layers_help);

@@ -52,13 +52,11 @@ inline void add_split_flags(CLI::App* cmd, split_flags& s) {
   cmd->add_option("--skip-requests", s.skip_requests,
                   "Drop the trace's first this many requests (warm-up passes) before the split");
   auto* trd = cmd->add_option("--train-domains", s.train_domains,
-                              "Split by domain: these domains train (comma-separated; default with --test-domains: "
-                              "the other domains)")
-                  ->delimiter(',');
+                              "Split by domain: these domains train (comma-separated; a name holding a comma in "
+                              "double quotes, a JSON string; default with --test-domains: the other domains)");
   auto* ted = cmd->add_option("--test-domains", s.test_domains,
-                              "Split by domain: these domains test (comma-separated; default with --train-domains: "
-                              "the other domains)")
-                  ->delimiter(',');
+                              "Split by domain: these domains test (comma-separated, as --train-domains; default with "
+                              "--train-domains: the other domains)");
   auto* trr = cmd->add_option(
       "--train-requests", s.train_requests,
       "Split by request id: a file of the ids that train (separated by whitespace or commas, # comments; a trace "
@@ -179,11 +177,56 @@ inline std::string listed_request(const locus::trace::trace& t, const listed_ent
   return std::to_string(listed_number(e, path, flag, "a request id"));
 }
 
+//! The names a list flag gives (--train-domains, --test-domains, trace import's --domains): each of
+//! its values split at commas, spaces and tabs around a name dropped; a name in double quotes is a
+//! JSON string, so that one holding a comma can be given (as trace::listed_name shows it).
+inline std::vector<std::string> name_list(const std::vector<std::string>& values, const char* flag) {
+  std::vector<std::string> out;
+  const auto blank = [](char c) { return c == ' ' || c == '\t'; };
+  for (const auto& v : values) {
+    std::size_t i = 0;
+    for (;;) {
+      while (i < v.size() && blank(v[i]))
+        ++i;
+      std::size_t end = i;
+      if (i < v.size() && v[i] == '"') {
+        for (end = i + 1; end < v.size() && v[end] != '"'; ++end)
+          if (v[end] == '\\') ++end;
+        LOCUS_REQUIRE(end < v.size(), locus::config_error, flag, ": ", v, ": a quoted name has no closing quote");
+        ++end;
+        try {
+          out.push_back(nlohmann::json::parse(v.begin() + static_cast<std::ptrdiff_t>(i),
+                                              v.begin() + static_cast<std::ptrdiff_t>(end))
+                            .get<std::string>());
+        } catch (const nlohmann::json::exception&) {
+          LOCUS_THROW(locus::config_error, flag, ": ", v.substr(i, end - i), " is not a JSON string");
+        }
+        while (end < v.size() && blank(v[end]))
+          ++end;
+        LOCUS_REQUIRE(end == v.size() || v[end] == ',', locus::config_error, flag, ": ", v,
+                      ": a quoted name runs on past its closing quote");
+      } else {
+        end = v.find(',', i);
+        if (end == std::string::npos) end = v.size();
+        std::size_t last = end;
+        while (last > i && blank(v[last - 1]))
+          --last;
+        LOCUS_REQUIRE(last > i, locus::config_error, flag, ": ", v.empty() ? "\"\"" : v,
+                      ": an empty name (a name that is empty or holds a comma goes in double quotes, a JSON string)");
+        out.push_back(v.substr(i, last - i));
+      }
+      if (end == v.size()) break;
+      i = end + 1; // past the comma: a name follows, empty or not
+    }
+  }
+  return out;
+}
+
 //! Request indices of `t` whose domain is in `names` (each name must be a domain of `t`).
 inline std::vector<bool> in_domains(const locus::trace::trace& t, const std::vector<std::string>& names,
                                     const char* flag) {
   std::vector<bool> chosen_domain(t.domains().size(), false);
-  for (const auto& n : names)
+  for (const auto& n : name_list(names, flag))
     chosen_domain[t.domain_index(n, flag)] = true;
   std::vector<bool> chosen(t.requests());
   for (std::size_t r = 0; r < t.requests(); ++r)

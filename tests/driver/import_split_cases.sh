@@ -97,6 +97,18 @@ refused 'excludes' plan --trace "$whole" --test-requests "$work/test_ids.txt" --
 refused 'split: .*not in \{random,time\}|random,time' plan --trace "$whole" --split sideways --out "$work/m.json"
 refused 'train-domains: the trace has no domain "zz" \(its domains: d0, d1\)' \
   plan --trace "$whole" --train-domains zz --out "$work/m.json"
+# A domain name holding a comma is listed in double quotes (a JSON string), as messages show it;
+# spaces around a name are dropped.
+sed -e 's/"domain": "d1"/"domain": "d1, x"/' "$whole" >"$work/comma.jsonl"
+ok 'domains \[d0, "d1, x"\]' trace import "$work/comma.jsonl" -o "$work/comma.bin"
+ok 'fitted on 12 requests' plan --trace "$work/comma.bin" --train-domains '"d1, x"' --out "$work/m.json"
+ok 'fitted on 12 requests' plan --trace "$work/comma.bin" --test-domains ' d0 ' --out "$work/m.json"
+ok 'fitted on 24 requests' plan --trace "$work/comma.bin" --train-domains 'd0, "d1, x"' --out "$work/m.json"
+refused 'train-domains: the trace has no domain "d1" \(its domains: d0, "d1, x"\)' \
+  plan --trace "$work/comma.bin" --train-domains 'd1, x' --out "$work/m.json"
+refused 'train-domains: d0,: an empty name' plan --trace "$whole" --train-domains d0, --out "$work/m.json"
+refused 'train-domains: "d0: a quoted name has no closing quote' plan --trace "$whole" --train-domains '"d0' \
+  --out "$work/m.json"
 refused 'request 0 \(domain "d0"\) is both in the training and in the test split' \
   plan --trace "$whole" --train-domains d0 --test-domains d0,d1 --out "$work/m.json"
 printf '1 99 100\n' >"$work/bad_ids.txt"

@@ -74,6 +74,32 @@ BOOST_AUTO_TEST_CASE(names_survive_the_binary_format_and_selections) {
   BOOST_TEST(!(named({"x", "y", "z"}) == named({})));
 }
 
+// Names in messages and lists: plain where they read back as themselves, a JSON string where
+// they hold a comma, a quote, a backslash, a control character or spaces at an end (or are empty).
+BOOST_AUTO_TEST_CASE(names_are_quoted_where_a_list_would_misread_them) {
+  BOOST_TEST(listed_name("law") == "law");
+  BOOST_TEST(listed_name("summary text") == "summary text");
+  BOOST_TEST(listed_name("caf\xC3\xA9") == "caf\xC3\xA9"); // UTF-8 as it is
+  BOOST_TEST(listed_name("law, civil") == "\"law, civil\"");
+  BOOST_TEST(listed_name("") == "\"\"");
+  BOOST_TEST(listed_name(" law") == "\" law\"");
+  BOOST_TEST(listed_name("law\t") == "\"law\\t\"");
+  BOOST_TEST(listed_name("say \"hi\"") == "\"say \\\"hi\\\"\"");
+  BOOST_TEST(listed_name("a\\b") == "\"a\\\\b\"");
+  BOOST_TEST(listed_name(std::string("a\nb\x01", 4)) == "\"a\\nb\\u0001\"");
+  BOOST_TEST(quoted_name("law") == "\"law\"");
+  // A message naming an unknown domain lists the others so.
+  trace_builder b(4, 1, 1);
+  b.set_domains({"law, civil", "intent"});
+  b.add_request(0, 0, 1);
+  b.ids(0, 0)[0] = 1;
+  b.weights(0, 0)[0] = 1;
+  const auto t = b.build();
+  BOOST_TEST(locus_test::error_message<config_error>([&] { t.domain_index("law", "--train-domains"); }) ==
+             "--train-domains: the trace has no domain \"law\" (its domains: \"law, civil\", intent)");
+  BOOST_TEST(t.domain_index("law, civil", "x") == 0u);
+}
+
 BOOST_AUTO_TEST_CASE(an_unnamed_trace_keeps_its_old_encoding) {
   const auto t = named({});
   BOOST_TEST(!t.has_request_names());

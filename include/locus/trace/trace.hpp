@@ -101,6 +101,41 @@ inline const char* to_string(phase p) noexcept {
   return "unknown";
 }
 
+//! `name` as a JSON string: in double quotes, with quotes, backslashes and control characters
+//! escaped (\n, \r, \t, else \u00XX; other bytes as they are).
+inline std::string quoted_name(std::string_view name) {
+  std::string out = "\"";
+  for (const char c : name) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (c == '\n' || c == '\r' || c == '\t') {
+      out += '\\';
+      out += c == '\n' ? 'n' : c == '\r' ? 'r' : 't';
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      static constexpr char hex[] = "0123456789abcdef";
+      out += "\\u00";
+      out += hex[static_cast<unsigned char>(c) >> 4];
+      out += hex[static_cast<unsigned char>(c) & 15];
+    } else {
+      out += c;
+    }
+  }
+  return out + '"';
+}
+
+//! How a list of names (a trace's domains in a message; what --train-domains takes) shows `name`:
+//! as is, or as quoted_name where it is empty, holds a comma, a double quote, a backslash or a
+//! control character, or starts or ends with a space or tab, so that the list reads back into the
+//! same names.
+inline std::string listed_name(std::string_view name) {
+  const bool plain = !name.empty() && name.front() != ' ' && name.front() != '\t' && name.back() != ' ' &&
+                     name.back() != '\t' && std::none_of(name.begin(), name.end(), [](char c) {
+                       return c == ',' || c == '"' || c == '\\' || static_cast<unsigned char>(c) < 0x20;
+                     });
+  return plain ? std::string(name) : quoted_name(name);
+}
+
 //! One request (sequence) of a trace.
 struct request_info {
   std::uint64_t id = 0;          //!< the id the source gave it (unique within a trace built by locus importers)
@@ -170,9 +205,7 @@ public:
     return request_names_.empty() ? std::to_string(request(r).id) : request_name(r);
   }
   //! How messages name the request of `key` (a request_key): a name in quotes, an id as it is.
-  std::string key_label(const std::string& key) const {
-    return request_names_.empty() ? key : locus::detail::concat("\"", key, "\"");
-  }
+  std::string key_label(const std::string& key) const { return request_names_.empty() ? key : quoted_name(key); }
   //! How messages name request `r`: key_label of its request_key.
   std::string request_label(std::size_t r) const { return key_label(request_key(r)); }
 
@@ -233,8 +266,8 @@ public:
     if (it == domains_.end()) {
       std::string all;
       for (const auto& d : domains_)
-        all += (all.empty() ? "" : ", ") + d;
-      LOCUS_THROW(config_error, what, ": the trace has no domain \"", name, "\" (its domains: ", all, ")");
+        all += (all.empty() ? "" : ", ") + listed_name(d);
+      LOCUS_THROW(config_error, what, ": the trace has no domain ", quoted_name(name), " (its domains: ", all, ")");
     }
     return static_cast<std::uint32_t>(it - domains_.begin());
   }
