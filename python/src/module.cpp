@@ -755,10 +755,9 @@ NB_MODULE(_core, m) {
         cfg.batch_per_rank = size_arg(batch_per_rank, "batch_per_rank");
         cfg.arrival_rate = arrival_rate;
         cfg.seed = count_arg(seed, "seed");
-        // The run's own copy of the model: classifying keeps scratch in it, and the run goes on
-        // without the GIL (another thread may simulate with the same model meanwhile).
-        auto own = model ? std::make_shared<locus::grouper::workload_model>(*model) : nullptr;
-        auto g = locus::grouper::grouper_by_name(grouper, own);
+        // The run goes on without the GIL: another thread may simulate with the same model meanwhile
+        // (a grouper keeps its classifying scratch itself; the model is read only).
+        auto g = locus::grouper::grouper_by_name(grouper, model);
         const auto map_list = maps_from(maps, test.experts());
         return interruptible([&] {
           return locus::cost::simulation_summary_json(locus::cost::simulate_decode(test, map_list, g, cfg)).dump();

@@ -238,6 +238,37 @@ BOOST_AUTO_TEST_CASE(classifier_matches_dense_reference_and_separates_domains) {
 // the tight class's own: it falls back. Fresh tight requests stay confident. The thresholds equal
 // a dense leave-one-out reference (each member against its class mean without it, the lowest
 // minus the margin), and `confident` is exactly "similarity ≥ the class's threshold".
+// One fitted model shared by threads, each with scratch of its own (a grouper per frontend thread):
+// every thread gets the answers one thread gets (run under TSan by scripts/test, this is also the
+// check that classifying writes nothing of the model).
+BOOST_AUTO_TEST_CASE(threads_classify_with_one_shared_model) {
+  std::mt19937 rng(3);
+  const auto train = domain_trace(rng, 60, 32, 4, 3, 3, 6), test = domain_trace(rng, 40, 32, 4, 3, 3, 6);
+  const auto m = std::make_shared<const grouper::workload_model>(
+      grouper::workload_model::fit(train, dynamic_topology(3, 2), grouper::workload_aware_options{}));
+  std::vector<grouper::classification> want;
+  std::vector<std::uint32_t> scratch;
+  for (std::size_t r = 0; r < test.requests(); ++r)
+    want.push_back(m->classify(test, r, 6, scratch));
+  BOOST_TEST(std::all_of(scratch.begin(), scratch.end(), [](std::uint32_t v) { return v == 0; }));
+  std::vector<std::size_t> wrong(4, 0);
+  std::vector<std::thread> threads;
+  for (std::size_t w = 0; w < wrong.size(); ++w)
+    threads.emplace_back([&, w] {
+      std::vector<std::uint32_t> own;
+      for (int pass = 0; pass < 20; ++pass)
+        for (std::size_t r = 0; r < test.requests(); ++r) {
+          const auto got = m->classify(test, (r + w) % test.requests(), 6, own);
+          const auto& ref = want[(r + w) % test.requests()];
+          wrong[w] += got.cluster != ref.cluster || got.similarity != ref.similarity || got.confident != ref.confident;
+        }
+    });
+  for (auto& t : threads)
+    t.join();
+  for (const auto n : wrong)
+    BOOST_TEST(n == 0u);
+}
+
 BOOST_AUTO_TEST_CASE(confidence_thresholds_are_per_class) {
   const std::size_t E = 32, K = 4, P = 6;
   std::mt19937 rng(5);

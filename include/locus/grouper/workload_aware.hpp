@@ -195,8 +195,8 @@ public:
   }
 
   //! Classifies request `r` of `t` from its first `min(prefill_tokens, options().prefill_tokens)`
-  //! tokens. `scratch` is reused between calls (all zero between calls; resized as needed). Not
-  //! safe to call concurrently on one model (it keeps a small scratch list).
+  //! tokens. `scratch` is reused between calls (all zero between calls; resized as needed); it is
+  //! all the state a call writes, so threads with scratch of their own may classify on one model.
   //! @throws locus::invalid_input_error when the trace's shape differs from the model's
   classification classify(const trace::trace& t, std::size_t r, std::size_t prefill_tokens,
                           std::vector<std::uint32_t>& scratch) const {
@@ -206,8 +206,10 @@ public:
     const auto& q = t.request(r);
     const std::size_t n = std::min({prefill_tokens, opt_.prefill_tokens, static_cast<std::size_t>(q.length)});
     const std::size_t k = k_, tk = t.top_k();
-    scratch.resize(layers_ * experts_);
-    distinct_.resize(std::max<std::size_t>(distinct_.size(), n * tk));
+    // Per-feature counts, then the list of the layer's distinct features (zeroed again below).
+    const std::size_t table = layers_ * experts_;
+    scratch.resize(std::max(scratch.size(), table + n * tk));
+    std::uint32_t* const distinct_list = scratch.data() + table;
     float scores_fixed[max_clusters_fast] = {};
     std::vector<float> wide;
     float* s = scores_fixed;
@@ -226,23 +228,24 @@ public:
         const auto* ids = view.token_ids(q.first_token + i);
         for (std::size_t j = 0; j < tk; ++j) {
           const std::size_t f = base + ids[j];
-          if (scratch[f]++ == 0) distinct_[distinct++] = static_cast<std::uint32_t>(f);
+          if (scratch[f]++ == 0) distinct_list[distinct++] = static_cast<std::uint32_t>(f);
         }
       }
       // Clusters in blocks of 16 accumulated in a local array (registers, no aliasing with the
       // means), then added to the scores.
       for (std::size_t c0 = 0; c0 < k; c0 += 16) {
         float acc[16] = {};
-        accumulate16(distinct, scratch.data(), c0, acc);
+        accumulate16(distinct_list, distinct, scratch.data(), c0, acc);
         for (std::size_t c = 0; c < std::min<std::size_t>(16, k - c0); ++c)
           s[c0 + c] += acc[c];
       }
       for (std::size_t d = 0; d < distinct; ++d) {
-        const std::uint64_t cnt = scratch[distinct_[d]];
+        const std::uint64_t cnt = scratch[distinct_list[d]];
         norm2 += cnt * cnt;
-        scratch[distinct_[d]] = 0;
+        scratch[distinct_list[d]] = 0;
       }
     }
+    std::fill_n(distinct_list, n * tk, 0u);
     classification out;
     std::size_t best = 0;
     for (std::size_t c = 1; c < k; ++c)
@@ -410,10 +413,11 @@ private:
 
   // acc[0..16) += count(f) × means_t_[f][c0 .. c0 + 16) over the distinct features of a layer.
   // Rows are padded to a multiple of 16 clusters so that this fixed-width loop is the only one.
-  void accumulate16(std::size_t distinct, const std::uint32_t* counts, std::size_t c0, float* acc) const {
+  void accumulate16(const std::uint32_t* distinct_list, std::size_t distinct, const std::uint32_t* counts,
+                    std::size_t c0, float* acc) const {
     float a[16] = {};
     for (std::size_t d = 0; d < distinct; ++d) {
-      const std::size_t f = distinct_[d];
+      const std::size_t f = distinct_list[d];
       const float cnt = static_cast<float>(counts[f]);
       const float* m = means_t_.data() + f * stride_ + c0;
       for (std::size_t c = 0; c < 16; ++c)
@@ -431,9 +435,8 @@ private:
   std::vector<std::size_t> training_requests_;
   std::vector<double> cluster_tokens_, cluster_requests_;
   std::vector<std::vector<double>> usage_;
-  std::size_t stride_ = 16;                     // k rounded up to a multiple of 16
-  std::vector<float> means_t_;                  // feature-major: (layer × experts) × stride_, zero-padded
-  mutable std::vector<std::uint32_t> distinct_; // classify scratch (a model is used by one thread)
+  std::size_t stride_ = 16;    // k rounded up to a multiple of 16
+  std::vector<float> means_t_; // feature-major: (layer × experts) × stride_, zero-padded
 };
 
 //! The node each request of `t` runs on under the model's grouping, as a re-plan of recorded
