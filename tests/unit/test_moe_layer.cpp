@@ -1,5 +1,6 @@
 #define BOOST_TEST_MODULE moe_layer
 #include "../mpi/dispatch_cases.hpp"
+#include "../support/error_message.hpp"
 #include "../support/moe_reference.hpp"
 #include "../support/rank_threads.hpp"
 
@@ -277,6 +278,13 @@ BOOST_AUTO_TEST_CASE(inconsistent_composition_is_refused) {
   // Topology differs from the transport's.
   BOOST_CHECK_THROW(layer_t(dyn_shape(4, 2, 8, 0), dynamic_topology(2, 1), ep, map, layer::swiglu_host<float>(mine)),
                     config_error);
+  // ... in its rank count too (with a map for the layer's one rank): the layer says so, not the
+  // dispatcher it builds from them.
+  const expert_map one_rank(4, 1, 4, {0, 1, 2, 3});
+  BOOST_TEST(locus_test::error_message<config_error>([&] {
+               layer_t(dyn_shape(4, 2, 8, 0), dynamic_topology(1, 1), ep, one_rank,
+                       layer::swiglu_host<float>(expert_weights<float>::for_rank(one_rank, 0, all)));
+             }) == "moe_layer: the layer's topology is 1 nodes × 1 GPUs but the transport's is 1 × 2");
   // The compute lacks expert 1, hosted on rank 0.
   BOOST_CHECK_THROW(
       layer_t(dyn_shape(4, 2, 8, 0), topo, ep, map, layer::swiglu_host<float>(expert_weights<float>(8, 8, {0}))),
@@ -287,6 +295,14 @@ BOOST_AUTO_TEST_CASE(inconsistent_composition_is_refused) {
       config_error);
   // Shared experts on a shape without them, and a shared compute lacking expert 1.
   layer_t ok(dyn_shape(4, 2, 8, 0), topo, ep, map, layer::swiglu_host<float>(mine));
+  // The backend's thread bound reaches a compute left at all hardware threads, not one given its own.
+  BOOST_TEST(ok.experts().threads() == 0u);
+  BOOST_TEST(layer_t(dyn_shape(4, 2, 8, 0), topo, ep, map, layer::swiglu_host<float>(mine), backend::host{1})
+                 .experts()
+                 .threads() == 1u);
+  BOOST_TEST(layer_t(dyn_shape(4, 2, 8, 0), topo, ep, map, layer::swiglu_host<float>(mine, 3), backend::host{1})
+                 .experts()
+                 .threads() == 3u);
   BOOST_CHECK_THROW(ok.set_shared_experts(layer::swiglu_host<float>(all)), config_error);
   layer_t two(dyn_shape(4, 2, 8, 2), topo, ep, map, layer::swiglu_host<float>(mine));
   BOOST_CHECK_THROW(two.set_shared_experts(layer::swiglu_host<float>(expert_weights<float>(8, 8, {0}))), config_error);

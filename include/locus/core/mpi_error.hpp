@@ -4,8 +4,18 @@
 //! LOCUS_MPI_CHECK: turns a failing MPI call into locus::mpi_error.
 
 #include <locus/core/error.hpp>
-#include <mpi.h>
 #include <string>
+
+// Open MPI's C++ bindings (compiled in where the MPI install keeps them) cast between function
+// types, which -Wextra -Werror refuses in a user's build; locus uses the C API alone.
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wcast-function-type"
+#endif
+#include <mpi.h>
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail {
 //! MPI's own text for an error code.

@@ -40,11 +40,17 @@ public:
   using weight_type = Weight;
   static constexpr memory_space space = Space;
 
-  routing_view() = default;
+  //! An empty view; with a run-time top_k the k is given (a view of no token has one too).
+  routing_view() requires TopK::is_static = default;
   //! @param ids     `tokens × k` expert ids, token-major
   //! @param weights `tokens × k` weights in the same order (may be null for id-only routings)
-  LOCUS_HOST_DEVICE constexpr routing_view(Id* ids, Weight* weights, std::size_t tokens, TopK k = TopK{})
+  //! @param k       the top-k: given where it is a run-time value (`top_k<>`), implied where static
+  LOCUS_HOST_DEVICE constexpr routing_view(Id* ids, Weight* weights, std::size_t tokens, TopK k)
       : ids_(ids), weights_(weights), tokens_(tokens), k_(k) {}
+  LOCUS_HOST_DEVICE constexpr routing_view(Id* ids, Weight* weights, std::size_t tokens) requires TopK::is_static
+      : ids_(ids),
+        weights_(weights),
+        tokens_(tokens) {}
 
   //! Views of non-const elements convert to views of const ones.
   template <class OtherId, class OtherWeight>
@@ -104,19 +110,23 @@ using device_routing_view = routing_view<TopK, const expert_id, const float, mem
 template <class TopK = top_k<>>
 class routing {
 public:
-  routing() = default;
-  //! `tokens` tokens, ids set to 0 and weights to 0.
+  //! No token; with a run-time top_k (`top_k<>`) the constructors below take k.
+  routing() requires TopK::is_static = default;
+  //! `tokens` tokens, ids set to 0 and weights to 0 (k: given where it is a run-time value).
   //! @throws locus::invalid_input_error when `tokens × k` does not fit a size_t
-  explicit routing(std::size_t tokens, TopK k = TopK{})
+  explicit routing(std::size_t tokens, TopK k)
       : ids_(checked_copies(tokens, k.value())), weights_(ids_.size()), tokens_(tokens), k_(k) {}
+  explicit routing(std::size_t tokens) requires TopK::is_static : routing(tokens, TopK{}) {}
   //! Takes ownership of token-major arrays. @throws locus::invalid_input_error on a size mismatch
-  routing(std::vector<expert_id> ids, std::vector<float> weights, TopK k = TopK{})
+  routing(std::vector<expert_id> ids, std::vector<float> weights, TopK k)
       : ids_(std::move(ids)), weights_(std::move(weights)), tokens_(ids_.size() / k.value()), k_(k) {
     LOCUS_REQUIRE(ids_.size() % k.value() == 0, invalid_input_error, "routing: ", ids_.size(),
                   " ids is not a multiple of top_k ", k.value());
     LOCUS_REQUIRE(weights_.size() == ids_.size(), invalid_input_error, "routing: ", ids_.size(), " ids but ",
                   weights_.size(), " weights");
   }
+  routing(std::vector<expert_id> ids, std::vector<float> weights) requires TopK::is_static
+      : routing(std::move(ids), std::move(weights), TopK{}) {}
 
   std::size_t tokens() const noexcept { return tokens_; }
   std::size_t top_k() const noexcept { return k_.value(); }

@@ -445,8 +445,9 @@ private:
 
 //! A user-supplied expert compute: `f(expert_id e, std::span<const T> in, std::span<T> out,
 //! std::size_t rows)` is called once per non-empty block, in block order, with the block's
-//! `rows × hidden` input rows and the output rows it must fill. Rows given by pointer are first
-//! gathered into a contiguous scratch block (the layer hands this policy contiguous rows).
+//! `rows × hidden` input rows and the output rows it must fill. Rows given by pointer, as the layer
+//! gives them (it reads received rows in place), are first gathered into a contiguous block: one
+//! copy of the step's rows that swiglu_host, which reads rows by pointer, does not make.
 template <class F>
 class expert_callable {
 public:

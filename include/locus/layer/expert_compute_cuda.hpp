@@ -1,5 +1,6 @@
 #pragma once
 // locus-requires: cuda
+#include <locus/core/nvcc_only.hpp> // first: a host compiler stops here, saying why
 //! @file
 //! `layer::swiglu_cuda<W>`: the SwiGLU expert FFN on the GPU. Per expert block, one cuBLAS GEMM
 //! computes x·[W_gate | W_up] into fp32, a fused kernel applies silu(gate) ⊙ up, and a second GEMM

@@ -152,29 +152,38 @@ public:
                 "locus::moe_layer: the router's groups hold fewer than 2 experts each (the group score sums two)");
   static_assert(router_fit::k_fits, "locus::moe_layer: the router's top_k exceeds the experts of its top_groups");
 
+  //! The layer's own checks of topology and map, before the dispatcher (a member built from them)
+  //! would raise its own message about them.
+  static std::unique_ptr<const expert_map> checked_map(const Shape& shape, const Topology& topo,
+                                                       const exchanger_type& ex, expert_map map) {
+    LOCUS_REQUIRE(ex.topology().nodes() == topo.nodes() && ex.topology().gpus_per_node() == topo.gpus_per_node(),
+                  config_error, "moe_layer: the layer's topology is ", topo.nodes(), " nodes × ", topo.gpus_per_node(),
+                  " GPUs but the transport's is ", ex.topology().nodes(), " × ", ex.topology().gpus_per_node());
+    LOCUS_REQUIRE(map.experts() == shape.experts(), config_error, "moe_layer: the expert map places ", map.experts(),
+                  " experts but the shape has ", shape.experts());
+    return std::make_unique<const expert_map>(std::move(map));
+  }
+
   //! @param shape   the layer's shape (experts, top-k, hidden, shared experts)
   //! @param topo    the deployment; must equal the exchanger's topology
   //! @param ex      this rank's transport endpoint (outlives the layer)
   //! @param map     where the routed experts live; its ranks are the topology's
   //! @param experts the expert compute of the experts this rank hosts under `map`
-  //! @param backend where the step runs: `backend::host{threads}` (worker threads) or
+  //! @param backend where the step runs: `backend::host{threads}` (worker threads: routing, layout
+  //!                and an expert compute left at its default of all hardware threads) or
   //!                `backend::cuda{stream}` (the stream every kernel and copy is issued on)
   //! @throws locus::config_error on any disagreement between shape, topology, map, transport and
   //!         compute (which rank count, which expert, which flag, which hidden size)
   moe_layer(Shape shape, Topology topo, exchanger_type& ex, expert_map map, expert_compute_type experts,
             backend_type backend = {})
-      : shape_(shape), topo_(topo), ex_(&ex), map_(std::make_unique<const expert_map>(std::move(map))),
+      : shape_(shape), topo_(topo), ex_(&ex), map_(checked_map(shape, topo, ex, std::move(map))),
         compute_(std::move(experts)), dispatcher_(*ex_, *map_, shape_.hidden()), backend_(backend),
         routing_(0, routing_k()) {
-    LOCUS_REQUIRE(ex.topology().nodes() == topo.nodes() && ex.topology().gpus_per_node() == topo.gpus_per_node(),
-                  config_error, "moe_layer: the layer's topology is ", topo.nodes(), " nodes × ", topo.gpus_per_node(),
-                  " GPUs but the transport's is ", ex.topology().nodes(), " × ", ex.topology().gpus_per_node());
-    LOCUS_REQUIRE(map_->experts() == shape.experts(), config_error, "moe_layer: the expert map places ",
-                  map_->experts(), " experts but the shape has ", shape.experts());
     LOCUS_REQUIRE(dispatcher_.kind() == transport_type::kind, config_error, "moe_layer: the policy is ",
                   to_string(transport_type::kind), " but the transport endpoint was made ",
                   to_string(dispatcher_.kind()));
     check_compute(compute_, dispatcher_.local_experts(), "routed expert");
+    bound_threads(compute_);
   }
 
   //! How this layer's tokens pick among an expert's replicas: the engine rule the plan was judged
@@ -228,6 +237,7 @@ public:
     for (std::size_t s = 0; s < ids.size(); ++s)
       ids[s] = static_cast<expert_id>(s);
     check_compute(shared, ids, "shared expert");
+    bound_threads(shared);
     shared_.emplace(std::move(shared));
   }
 
@@ -404,6 +414,17 @@ private:
     using experts_type = typename Shape::experts_type;
     router_->route(router::logits_view<experts_type, const float>(logits_.data(), T, experts_type(E)), routing_.view(),
                    threads());
+  }
+
+  // A host compute left at all hardware threads (0) takes the backend's bound: ranks run as threads
+  // of one process would each start one worker per core otherwise.
+  void bound_threads(expert_compute_type& c) const {
+    if constexpr (requires(unsigned n) {
+                    backend_type{}.threads;
+                    c.set_threads(n);
+                    { c.threads() } -> std::convertible_to<unsigned>;
+                  })
+      if (c.threads() == 0) c.set_threads(backend_.threads);
   }
 
   unsigned threads() const noexcept {

@@ -1,5 +1,6 @@
 #pragma once
 // locus-requires: cuda
+#include <locus/core/nvcc_only.hpp> // first: a host compiler stops here, saying why
 //! @file
 //! The device-resident step of `moe_layer` on `backend::cuda`, all on the backend's stream:
 //! [route: logits = x·W_router in fp32 (cuBLAS) → the router policy's kernel (router::cuda_router)]

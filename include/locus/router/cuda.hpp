@@ -1,5 +1,6 @@
 #pragma once
 // locus-requires: cuda
+#include <locus/core/nvcc_only.hpp> // first: a host compiler stops here, saying why
 //! @file
 //! `router::cuda_router<R>`: runs a router on the GPU. It owns what every router's kernels share —
 //! the status counters through which kernels report non-finite logits — and the router's own

@@ -1,5 +1,6 @@
 #pragma once
 // locus-requires: cuda
+#include <locus/core/nvcc_only.hpp> // first: a host compiler stops here, saying why
 //! @file
 //! The CUDA part of `router::softmax_topk` (the host part is softmax_topk.hpp): its kernel choice and
 //! launch, found by `cuda_router` through argument-dependent lookup like any router's

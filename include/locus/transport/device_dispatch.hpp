@@ -1,5 +1,6 @@
 #pragma once
 // locus-requires: cuda
+#include <locus/core/nvcc_only.hpp> // first: a host compiler stops here, saying why
 //! @file
 //! `device_dispatcher`: dispatch and combine of one rank with every token row in device memory,
 //! over a transport with a device exchange (`device_local_transport`, `nccl_transport`), flat or

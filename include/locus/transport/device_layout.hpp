@@ -1,5 +1,6 @@
 #pragma once
 // locus-requires: cuda
+#include <locus/core/nvcc_only.hpp> // first: a host compiler stops here, saying why
 //! @file
 //! The layout of `transport/layout.hpp` computed on a GPU from a device routing: the same arrays,
 //! equal bit for bit (same per-token code, stable CUB sorts and scans). The routing stays on the

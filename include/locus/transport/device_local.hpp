@@ -1,5 +1,6 @@
 #pragma once
 // locus-requires: cuda
+#include <locus/core/nvcc_only.hpp> // first: a host compiler stops here, saying why
 //! @file
 //! The one-GPU multi-rank device transport: R ranks as threads of one process sharing one GPU,
 //! each with its own stream, exchanging device rows with device-to-device copies. It has the

@@ -1,5 +1,6 @@
 #pragma once
 // locus-requires: cuda
+#include <locus/core/nvcc_only.hpp> // first: a host compiler stops here, saying why
 //! @file
 //! The data movement of `transport/permute.hpp` on a GPU (float or bfloat16, any hidden size;
 //! 16-byte vectorised when the row size is a multiple of 16 bytes and the pointers are aligned).

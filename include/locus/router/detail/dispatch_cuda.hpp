@@ -1,5 +1,6 @@
 #pragma once
 // locus-requires: cuda
+#include <locus/core/nvcc_only.hpp> // first: a host compiler stops here, saying why
 //! @file
 //! What every router's CUDA part uses to pick and launch its kernel (each router's own
 //! `<router>_cuda.hpp` does the picking): warp per token when E and k (and the groups) are

@@ -1,5 +1,6 @@
 #pragma once
 // locus-requires: cuda
+#include <locus/core/nvcc_only.hpp> // first: a host compiler stops here, saying why
 //! @file
 //! Host dispatch of the device layout: the kernel and CUB call sequence behind
 //! `transport::device_layout::assign`. Sequence (all on one stream, every order stable):

@@ -1,5 +1,6 @@
 #pragma once
 // locus-requires: cuda
+#include <locus/core/nvcc_only.hpp> // first: a host compiler stops here, saying why
 //! @file
 //! Host dispatch of the permute kernels: picks the 16-byte vector path when the row size and the
 //! base pointers allow it, and a launch shape of `parts_for` blocks per row (gridDim.y): one when

@@ -1,5 +1,6 @@
 #pragma once
 // locus-requires: cuda
+#include <locus/core/nvcc_only.hpp> // first: a host compiler stops here, saying why
 //! @file
 //! The device layer step's elementwise kernels: the router input's fp32 copy and the shared
 //! experts' fp32 sum added to the routed output. Their bodies are detail/shared_sum_stages.hpp's,

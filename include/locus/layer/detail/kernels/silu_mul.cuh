@@ -1,5 +1,6 @@
 #pragma once
 // locus-requires: cuda
+#include <locus/core/nvcc_only.hpp> // first: a host compiler stops here, saying why
 //! @file
 //! The fused SiLU-multiply of the CUDA SwiGLU: act[r, j] = silu(gu[r, j]) · gu[r, ffn + j], reading
 //! the fp32 output of the gate|up GEMM once and writing the activation in the weights' type. The
