@@ -148,13 +148,6 @@ fig.tight_layout()
 fig.savefig(sys.argv[2], dpi=110)
 )py";
 
-inline std::string shell_quote(const std::string& x) {
-  std::string r = "'";
-  for (const char c : x)
-    r += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return r + "'";
-}
-
 //! Refuses --png before any work when the interpreter or matplotlib is missing.
 inline void check_python(const std::string& python) {
   std::error_code ec;

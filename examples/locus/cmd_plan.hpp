@@ -347,6 +347,15 @@ inline void register_plan(CLI::App& app) {
     LOCUS_REQUIRE(!load->empty() || grouped || cmd->count("--clusters") == 0, locus::config_error,
                   "--clusters sizes the grouping model, which --placement ", plan->placement,
                   " fits only when --grouping asks for one");
+    // The grouping model's file is named after --out where --grouping does not name it: a file there
+    // that is no grouping model (the user never named it) is not replaced.
+    std::error_code regular_error;
+    if (grouping->empty() && !grouping_path.empty() && !is_device(grouping_path) &&
+        std::filesystem::is_regular_file(grouping_path, regular_error))
+      LOCUS_REQUIRE(replaceable_json(grouping_path, "locus-grouping"), locus::config_error, "--out ", *out,
+                    " puts the grouping model in ", grouping_path,
+                    ", which exists and is not one: writing it would replace it (name the model's file with "
+                    "--grouping)");
     std::vector<std::string> inputs = split->input_paths();
     inputs.push_back(*load);
     check_outputs({{"--out", *out}, {"--grouping", grouping_path}, {"--json", *json}}, inputs);

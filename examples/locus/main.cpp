@@ -9,7 +9,10 @@
 #include "tool_cli.hpp"
 
 #include <CLI/CLI.hpp>
+#include <cerrno>
+#include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <fcntl.h>
 #include <locus/core/error.hpp>
@@ -68,6 +71,9 @@ int main(int argc, char** argv) {
   // (written through descriptor 1) would go into that file.
   for (int fd = 0; fd <= 2; ++fd)
     if (::fcntl(fd, F_GETFD) == -1 && ::open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY) != fd) return 1;
+  // A file-size limit (ulimit -f) would kill the process at the write past it; ignored, the write
+  // fails with EFBIG instead and the output's error says which file (the old one stays).
+  std::signal(SIGXFSZ, SIG_IGN);
   CLI::App app{"locus: locality-aware multi-node Mixture-of-Experts tools"};
   app.require_subcommand(1);
   // Every option's --help shows its default; subcommands inherit this when they are added.
@@ -139,5 +145,13 @@ int main(int argc, char** argv) {
   } catch (...) {
     return report("locus: internal error: an unknown exception", 4);
   }
+  // The tables on stdout are a command's result: one that did not reach it (a full disk under
+  // `> results.txt`, a closed pipe) is a failed run, not a silent empty file.
+  const bool flushed = std::fflush(stdout) == 0;
+  const int e = errno;
+  if (!flushed || std::ferror(stdout))
+    return report(std::string("locus: I/O error: standard output: write failed") +
+                      (flushed ? "" : std::string(": ") + std::strerror(e)),
+                  1);
   return 0;
 }

@@ -195,6 +195,25 @@ inline std::string one_line(const std::string& s) {
   return out;
 }
 
+//! `x` as one word of a POSIX shell command: in single quotes (a quote inside as '\''), or as it is
+//! where it holds only characters no shell reads specially.
+inline std::string shell_quote(const std::string& x) {
+  const bool plain = !x.empty() && std::all_of(x.begin(), x.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           std::string_view("_./:=@%+,-").find(c) != std::string_view::npos;
+  });
+  if (plain) return x;
+  std::string r = "'";
+  for (const char c : x)
+    r += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return r + "'";
+}
+
+//! `x` as a double-quoted string literal that Python and YAML read back as `x` (JSON's escapes).
+inline std::string string_literal(const std::string& x) {
+  return nlohmann::json(x).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
 //! Whether `--json` sends the document to stdout (the table is then not printed).
 inline bool json_to_stdout(const std::string& path) { return path == "-"; }
 
@@ -240,11 +259,13 @@ inline bool is_device(const std::string& path) { return locus::open_stream_fd(pa
 
 //! A command's outputs, all written before any is put in place: each file is written whole into an
 //! unnamed file beside its target (locus::atomic_file) and synced; commit() then writes the devices,
-//! FIFOs and the JSON on stdout (`--json -`), which cannot take bytes back, and only then names and
-//! renames the files in turn. A run that fails before commit() (a full disk, a file-size limit, a
-//! drawing that failed, any error of the work still to do), or whose device write fails in it (a
-//! full device, a closed pipe), leaves every file as it was; only a rename failing in commit() (not
-//! a write) can leave the earlier ones replaced.
+//! FIFOs and the JSON on stdout (`--json -`), which cannot take bytes back, names every file beside
+//! its target, and only then renames them in turn. A run that fails before the renames (a full
+//! disk, a file-size limit, a drawing that failed, any error of the work still to do, a name the
+//! folder refuses), or whose device write fails (a full device, a closed pipe), leaves every file as
+//! it was. A target no rename could replace (another user's file in a sticky folder, a mount point)
+//! is refused when it is opened; a rename that fails all the same (the folder changed meanwhile)
+//! says which outputs were replaced before it.
 //! Destroyed without a commit, it leaves nothing behind (but a named temporary where the folder
 //! takes no unnamed file and the process is killed).
 class output_set {
@@ -290,7 +311,17 @@ public:
       stdout_.clear();
     }
     for (auto& f : files_)
-      f->commit();
+      f->stage();
+    std::string replaced;
+    for (auto& f : files_) {
+      try {
+        f->commit();
+      } catch (const locus::io_error& e) {
+        if (replaced.empty()) throw;
+        throw locus::io_error(e.message() + "; replaced already: " + replaced, __FILE__, __LINE__, e.code());
+      }
+      replaced += (replaced.empty() ? "" : ", ") + f->path();
+    }
     files_.clear();
   }
 
@@ -407,9 +438,12 @@ inline bool read_in_a_folder(const std::string& name) {
 //! JSON object whose "format" is "locus.<command>", json_text). A trace, an expert map or an engine's
 //! file (JSON objects too, whose format, where they name one, is not a command's) is not. The
 //! document is read only as far as its top-level "format", and a JSON-lines file fails at its
-//! second line.
-inline bool replaceable_json(const std::string& path) {
+//! second line. `format` is the start of the formats that may be replaced (a grouping model's:
+//! "locus-grouping").
+inline bool replaceable_json(const std::string& path, std::string_view format = "locus.") {
   struct finder : nlohmann::json_sax<nlohmann::json> {
+    explicit finder(std::string_view f) : format(f) {}
+    std::string_view format;
     int depth = 0;
     bool at_format = false, found = false, blank = true;
     bool value() { // any value but the format string: stop at the top level, else go on
@@ -425,7 +459,7 @@ inline bool replaceable_json(const std::string& path) {
     bool binary(binary_t&) override { return value(); }
     bool string(string_t& v) override {
       if (at_format && depth == 1) {
-        found = v.starts_with("locus.");
+        found = v.starts_with(format);
         return false; // the answer: read no further
       }
       return value();
@@ -455,7 +489,7 @@ inline bool replaceable_json(const std::string& path) {
       return true;
     }
     bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override { return false; }
-  } f;
+  } f(format);
   std::ifstream in(path, std::ios::binary);
   if (!in) return false;
   (void)nlohmann::json::sax_parse(in, &f, nlohmann::json::input_format_t::json, false);

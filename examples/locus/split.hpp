@@ -98,7 +98,22 @@ inline std::vector<listed_entry> read_listed_entries(const std::string& path, co
   std::vector<listed_entry> out;
   std::string line;
   const auto separator = [](char c) { return c == ' ' || c == '\t' || c == '\r' || c == ','; };
-  for (std::size_t line_no = 1; std::getline(in, line); ++line_no) {
+  // Read with a bound: /dev/zero, or a binary file given by mistake, would otherwise fill memory
+  // (a line with no end) before any entry is judged.
+  constexpr std::size_t max_bytes = std::size_t{64} << 20;
+  std::size_t read = 0;
+  std::streambuf* const buf = in.rdbuf();
+  const auto next_line = [&](std::string& l) {
+    l.clear();
+    for (int c; (c = buf->sbumpc()) != std::char_traits<char>::eof();) {
+      LOCUS_REQUIRE(++read <= max_bytes, locus::config_error, flag, " ", path, ": longer than ", max_bytes >> 20,
+                    " MiB; not a list of requests");
+      if (c == '\n') return true;
+      l += static_cast<char>(c);
+    }
+    return !l.empty();
+  };
+  for (std::size_t line_no = 1; next_line(line); ++line_no) {
     // A byte-order mark (some editors write one) is no part of the first entry.
     std::size_t i = line_no == 1 && line.starts_with("\xEF\xBB\xBF") ? 3 : 0;
     while (i < line.size()) {

@@ -8,6 +8,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -117,15 +118,25 @@ inline std::string detect_trace_format(const std::vector<std::string>& paths, bo
 //! Reads a binary trace from the file `path`, or from standard input for "-" (named <stdin> in messages).
 inline locus::trace::trace read_binary_trace(const std::string& path) {
   if (path != "-") return locus::trace::read_trace(path);
+  // A stream has no size: read as far as the header says the trace goes, and one byte more (extra
+  // bytes are the decoder's to refuse). Where the header is not intact (the decoder says why),
+  // nothing past it: endless input (/dev/zero) is not buffered.
   std::vector<std::byte> bytes;
-  for (std::size_t got = 0;;) {
-    bytes.resize(got + (std::size_t{1} << 20));
+  std::uint64_t want = locus::trace::binary_header_bytes;
+  bool sized = false;
+  for (std::size_t got = 0; got < want;) {
+    bytes.resize(static_cast<std::size_t>(std::min<std::uint64_t>(want, got + (std::size_t{1} << 20))));
     const std::size_t n = std::fread(bytes.data() + got, 1, bytes.size() - got, stdin);
     got += n;
     if (n == 0) {
       LOCUS_REQUIRE(!std::ferror(stdin), locus::io_error, "<stdin>: read failed");
       bytes.resize(got);
       break;
+    }
+    if (!sized && got >= locus::trace::binary_header_bytes) {
+      sized = true;
+      const auto whole = locus::trace::declared_trace_bytes(bytes);
+      if (whole && *whole < SIZE_MAX) want = *whole + 1;
     }
   }
   return locus::trace::decode_trace(bytes, "<stdin>");

@@ -594,4 +594,32 @@ ok '"replica_rule": "random"' map replan "$work/lin.json" --trace "$work/t.bin" 
   --out "$work/r2.json" --json -
 refused "replica-rule: nearest not in" map replan "$work/lin.json" --trace "$work/t.bin" --replica-rule nearest \
   --out "$work/r2.json"
+# Files (a file-safety review): a name near the folder's limit is written (its temporary's name is
+# cut short), one past it refused before the work; a file-size limit is an error, not a signal; a
+# table that did not reach stdout fails the run; endless or foreign input is refused unread; an
+# output no one named is not put over a file of another kind; hints quote the paths they repeat.
+long=$(printf 'c%.0s' $(seq 250))
+ok 'top-6' trace synth --experts 16 --top-k 6 --layers 1 --tokens 200 --out "$work/$long"
+refused "cannot write: File name too long" trace synth --experts 16 --top-k 6 --layers 1 --tokens 200 \
+  --out "$work/$long$long"
+check "a file-size limit is an error naming the file" sh -c "ulimit -f 8; \"$locus\" trace synth --experts 16 \
+--top-k 6 --layers 2 --tokens 4000 --out \"$work/fs.bin\" 2>\"$work/fs.err\"; test \$? -eq 1 && grep -q \
+'fs.bin: write failed: File too large' \"$work/fs.err\""
+if [ -w /dev/full ]; then
+  check "a table that did not reach stdout fails the run" sh -c "\"$locus\" trace stats \"$work/t.bin\" >/dev/full \
+2>\"$work/full.err\"; test \$? -eq 1 && grep -q 'standard output: write failed' \"$work/full.err\""
+fi
+refused 'train-requests /dev/zero: longer than 64 MiB; not a list of requests' simulate --trace "$work/t.bin" \
+  --train-requests /dev/zero
+refused '/dev/zero: not a NumPy .npy file' plan --load /dev/zero --out "$work/lp.json"
+check "endless standard input after a trace's magic is refused unread" sh -c "(printf LOCUSTRC; cat /dev/zero) | \
+timeout 20 \"$locus\" trace stats - 2>&1 | grep -q 'unsupported version 0'"
+refused 'cannot read a binary trace from it: Illegal seek \(a pipe; give it on standard input instead, as -\)' \
+  trace stats <(cat "$work/t.bin")
+cp "$work/t.bin" "$work/mm.grouping.json"
+refused 'puts the grouping model in .*mm.grouping.json, which exists and is not one' plan --trace "$work/t.bin" \
+  --out "$work/mm.json" --placement locality
+same "$work/t.bin" "$work/mm.grouping.json"
+ok "pass: --init-expert-location '[^ ]*my map.json' " map export "$work/lin.json" --to sglang --out "$work/my map.json"
+ok 'locus.vllm.register\("[^ ]*a\\"b.json"\)' map export "$work/lin.json" --to vllm --out "$work/a\"b.json"
 cases_end

@@ -677,6 +677,63 @@ BOOST_AUTO_TEST_CASE(prepared_files_replace_nothing_until_committed) {
   locus::detail::atomic_file_named_temporary = false;
 }
 
+// Targets a rename could not replace are refused before anything is written, and names near the
+// folder's limit still get a temporary (its name, 20 bytes longer, is cut short).
+BOOST_AUTO_TEST_CASE(targets_no_rename_could_replace_are_refused_up_front) {
+  scratch dir("replaceable");
+  for (const bool named : {false, true}) {
+    locus::detail::atomic_file_named_temporary = named;
+    // 250 bytes: the target's name fits (255), ".<name>.locus-tmp.<pid>.<n>" would not.
+    const auto long_name = (dir.path / std::string(250, 'c')).string();
+    locus::write_file_atomically(long_name, "old");
+    locus::write_file_atomically(long_name, named ? "named" : "unnamed");
+    BOOST_TEST(read_text(long_name) == (named ? "named" : "unnamed"));
+    BOOST_TEST(temporaries_in(dir.path) == 0u);
+    fs::remove(long_name);
+  }
+  locus::detail::atomic_file_named_temporary = false;
+  // A name longer than the folder takes: refused when opened, not after the work.
+  try {
+    locus::atomic_file f((dir.path / std::string(300, 'n')).string());
+    BOOST_FAIL("opened a name of 300 bytes");
+  } catch (const io_error& e) {
+    BOOST_TEST(e.code() == ENAMETOOLONG);
+  }
+  // Another user's file in a sticky folder (/tmp's rule): the folder takes new files, but no rename
+  // over that one. As root, the child writes as nobody; the file keeps its content.
+  if (::geteuid() == 0) {
+    const auto sticky = dir.path / "sticky";
+    fs::create_directory(sticky);
+    fs::permissions(dir.path, fs::perms::all);
+    fs::permissions(sticky, fs::perms::all | fs::perms::sticky_bit);
+    const auto theirs = (sticky / "theirs.json").string();
+    locus::write_file_atomically(theirs, "root's");
+    fs::permissions(theirs, fs::perms::all); // writable by anyone: open() alone would take it
+    const auto err = run_capped([&] {
+      if (::setuid(65534) != 0) std::_Exit(9);
+      try {
+        locus::atomic_file f(theirs);
+        std::_Exit(7);
+      } catch (const io_error& e) {
+        if (e.code() != EPERM || e.message().find("sticky bit") == std::string::npos) std::_Exit(8);
+      }
+    });
+    BOOST_TEST(err.empty(), err);
+    BOOST_TEST(read_text(theirs) == "root's");
+    BOOST_TEST(temporaries_in(sticky) == 0u);
+    // A replaced file keeps its owner and group (root may give them), not the writer's.
+    const auto owned = (dir.path / "owned.json").string();
+    locus::write_file_atomically(owned, "old");
+    BOOST_TEST(::chown(owned.c_str(), 65534, 65534) == 0);
+    locus::write_file_atomically(owned, "new");
+    struct stat st {};
+    BOOST_TEST(::stat(owned.c_str(), &st) == 0);
+    BOOST_TEST(st.st_uid == 65534u);
+    BOOST_TEST(st.st_gid == 65534u);
+    BOOST_TEST(read_text(owned) == "new");
+  }
+}
+
 // A folder where a file is read: an io_error saying so. The stream readers threw the standard
 // library's ios_base::failure ("basic_filebuf::underflow") or took the folder's size for the file's.
 BOOST_AUTO_TEST_CASE(readers_refuse_directories) {

@@ -122,6 +122,7 @@ public:
     }
     const std::string::size_type slash = target_.rfind('/');
     const std::string dir = slash == std::string::npos ? std::string(".") : target_.substr(0, slash + 1);
+    check_replaceable(dir, exists ? &st : nullptr);
     // 0666 minus the umask, as for any new file; an existing target's mode is kept below.
     if (!detail::atomic_file_named_temporary.load()) {
       fd_ = ::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0666);
@@ -142,7 +143,12 @@ public:
              e);
       }
     }
-    if (exists) (void)::fchmod(fd_, st.st_mode & 07777);
+    if (exists) {
+      // The replaced file's owner and group where this process may give them (root; a group it is
+      // in), then its mode (a change of owner clears set-id bits).
+      if (::fchown(fd_, st.st_uid, st.st_gid) != 0) (void)::fchown(fd_, static_cast<uid_t>(-1), st.st_gid);
+      (void)::fchmod(fd_, st.st_mode & 07777);
+    }
   }
 
   atomic_file(const atomic_file&) = delete;
@@ -210,20 +216,32 @@ public:
     prepared_ = true;
   }
 
-  //! Prepares the file (prepare()), names it and renames it over the target.
-  //! @throws locus::io_error when any step fails (the target then keeps its old content)
-  void commit() {
-    check_open(); // not twice
+  //! Prepares the file (prepare()) and gives it its temporary name beside the target, so that
+  //! commit() has only the rename left: a command with several outputs stages each before it
+  //! renames any. Nothing may be written after it.
+  //! @throws locus::io_error (the target keeps its old content)
+  void stage() {
+    if (staged_) return;
+    check_open();
     prepare();
     if (unnamed_) {
       // The complete file gets a name beside the target (linkat cannot replace a file), which the
-      // rename below moves over it: the only moment a temporary name exists.
+      // rename moves over it: the only moment a temporary name exists.
       temp_ = create_named_temporary(0, fd_);
       if (temp_.empty()) fail(target_, "cannot name the written file in its folder", errno);
     }
     const int fd = fd_;
     fd_ = -1;
+    staged_ = true;
     if (::close(fd) != 0 && errno != EINTR) fail(target_, "close failed", errno);
+  }
+
+  //! Stages the file (stage()) and renames it over the target.
+  //! @throws locus::io_error when any step fails (the target then keeps its old content)
+  void commit() {
+    if (committed_) LOCUS_THROW(io_error, target_, ": committed twice");
+    stage();
+    committed_ = true;
     if (direct_) return;
     if (::rename(temp_.c_str(), target_.c_str()) != 0) fail(target_, "cannot replace the file", errno);
     temp_.clear();
@@ -246,17 +264,52 @@ private:
     throw io_error(detail::concat(what_path, ": ", what, ": ", why ? why : std::strerror(e)), __FILE__, __LINE__, e);
   }
 
-  //! A fresh `.<name>.locus-tmp.<pid>.<n>` beside the target: created with `open(flags)` into fd_
-  //! when `linked_fd` is -1, else linked to the unnamed file `linked_fd`. Empty when none could be
-  //! made (errno says why).
+  //! The longest file name the folder `dir` takes.
+  static std::size_t name_max(const std::string& dir) {
+    const long n = ::pathconf(dir.c_str(), _PC_NAME_MAX);
+    return n > 0 ? static_cast<std::size_t>(n) : std::size_t{NAME_MAX};
+  }
+
+  //! Refuses, before anything is written, a target the final rename would fail to replace: a name
+  //! longer than the folder takes, a file of another user in a sticky folder (/tmp), a file that
+  //! is a mount point of its own (a container's bind-mounted file). `existing` is the target's
+  //! stat, or null when there is none.
+  void check_replaceable(const std::string& dir, const struct stat* existing) {
+    const std::string::size_type slash = target_.rfind('/');
+    const std::size_t base = slash == std::string::npos ? target_.size() : target_.size() - slash - 1;
+    if (base > name_max(dir)) fail(target_, "cannot write", ENAMETOOLONG);
+    if (!existing) return;
+    struct stat ds {};
+    const uid_t me = ::geteuid();
+    if (::stat(dir.c_str(), &ds) == 0 && (ds.st_mode & S_ISVTX) && me != 0 && existing->st_uid != me && ds.st_uid != me)
+      fail(target_, "cannot replace the file", EPERM,
+           "it is another user's, in a folder that lets only its owner "
+           "replace it (the sticky bit, as /tmp has)");
+#if defined(STATX_ATTR_MOUNT_ROOT)
+    struct statx sx {};
+    if (::statx(AT_FDCWD, target_.c_str(), 0, STATX_BASIC_STATS, &sx) == 0 &&
+        (sx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT) && (sx.stx_attributes & STATX_ATTR_MOUNT_ROOT))
+      fail(target_, "cannot replace the file", EBUSY,
+           "it is mounted on its own (a bind-mounted file), and a rename cannot replace a mount point; mount its "
+           "folder instead");
+#endif
+  }
+
+  //! A fresh `.<name>.locus-tmp.<pid>.<n>` beside the target (the name cut short where the whole
+  //! would pass the folder's name limit): created with `open(flags)` into fd_ when `linked_fd` is
+  //! -1, else linked to the unnamed file `linked_fd`. Empty when none could be made (errno says
+  //! why).
   std::string create_named_temporary(int flags, int linked_fd) {
     const std::string::size_type slash = target_.rfind('/');
     const std::string dir = slash == std::string::npos ? std::string() : target_.substr(0, slash + 1);
     const std::string base = slash == std::string::npos ? target_ : target_.substr(slash + 1);
+    const std::size_t limit = name_max(dir.empty() ? std::string(".") : dir);
     static std::atomic<unsigned long> counter{0};
     for (int attempt = 0; attempt < 100; ++attempt) {
-      std::string name =
-          dir + "." + base + ".locus-tmp." + std::to_string(::getpid()) + "." + std::to_string(counter.fetch_add(1));
+      const std::string suffix =
+          ".locus-tmp." + std::to_string(::getpid()) + "." + std::to_string(counter.fetch_add(1));
+      const std::size_t room = limit > suffix.size() + 1 ? limit - suffix.size() - 1 : 0;
+      std::string name = dir + "." + base.substr(0, room) + suffix;
       if (linked_fd < 0) {
         fd_ = ::open(name.c_str(), flags, 0666);
         if (fd_ >= 0) return name;
@@ -340,9 +393,11 @@ private:
   std::string temp_;
   int fd_ = -1;
   bool direct_ = false;
-  int stream_ = -1;       // the process's descriptor the target names (open_stream_fd), or -1
-  bool unnamed_ = false;  // written through O_TMPFILE: no name until commit()
-  bool prepared_ = false; // prepare() done: written out and synced, nothing more to write
+  int stream_ = -1;        // the process's descriptor the target names (open_stream_fd), or -1
+  bool unnamed_ = false;   // written through O_TMPFILE: no name until stage()
+  bool prepared_ = false;  // prepare() done: written out and synced, nothing more to write
+  bool staged_ = false;    // stage() done: closed, named beside the target; the rename is left
+  bool committed_ = false; // commit() called
   std::vector<char> buffer_;
 };
 

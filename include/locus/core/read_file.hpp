@@ -11,6 +11,7 @@
 #include <cstring>
 #include <locus/core/error.hpp>
 #include <string>
+#include <string_view>
 #include <sys/stat.h>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail {
@@ -18,7 +19,12 @@ namespace locus::inline LOCUS_ABI_NAMESPACE::detail {
 //! The whole content of `path`; `what` names the content in the size error ("an expert map").
 //! @throws locus::io_error when it cannot be opened or read, or is a directory
 //! @throws locus::format_error when it holds more than `max_bytes`
-inline std::string read_whole_file(const std::string& path, std::size_t max_bytes, const char* what) {
+//! `looks_right(first)`, asked once of the first 64 KiB (or the whole file where shorter), may stop
+//! the read there (false): a file of another kind (/dev/zero given as a load table) is then handed
+//! back cut short for the caller's format check to refuse, not read to the cap.
+template <class LooksRight>
+std::string read_whole_file(const std::string& path, std::size_t max_bytes, const char* what,
+                            LooksRight&& looks_right) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) {
     const int e = errno;
@@ -41,12 +47,18 @@ inline std::string read_whole_file(const std::string& path, std::size_t max_byte
                          __LINE__);
     text.append(buf, n);
     if (n < sizeof buf) break;
+    if (text.size() == sizeof buf && !looks_right(std::string_view(text))) return text;
   }
   if (std::ferror(f)) {
     const int e = errno;
     throw io_error(concat(path, ": read failed: ", std::strerror(e)), __FILE__, __LINE__, e);
   }
   return text;
+}
+
+//! read_whole_file of any content.
+inline std::string read_whole_file(const std::string& path, std::size_t max_bytes, const char* what) {
+  return read_whole_file(path, max_bytes, what, [](std::string_view) { return true; });
 }
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::detail

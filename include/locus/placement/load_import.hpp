@@ -29,6 +29,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <utility>
 #include <vector>
@@ -63,9 +64,14 @@ struct imported_load {
 
 namespace detail::load_import {
 
-inline std::string read_all(const std::string& path) {
-  // Engine statistics can be large (steps × layers × experts); the cap only stops a device.
-  return ::locus::detail::read_whole_file(path, std::size_t{1} << 34, "a load table");
+//! The file at `path`; where its first bytes fail `looks_right`, only those (the caller's format
+//! check refuses them).
+template <class LooksRight = bool (*)(std::string_view)>
+std::string read_all(
+    const std::string& path, LooksRight looks_right = [](std::string_view) { return true; }) {
+  // Engine statistics can be large (steps × layers × experts): the cap stops a device, the
+  // caller's look at the first bytes a file of another kind.
+  return ::locus::detail::read_whole_file(path, std::size_t{1} << 34, "a load table", looks_right);
 }
 
 //! One little-endian element of `dtype` (NumPy's "<i4" style, or safetensors' "I32" style,
@@ -106,7 +112,7 @@ struct array {
 
 //! A `.npy` file (format versions 1-3, C order, little-endian numeric dtypes).
 inline array read_npy(const std::string& path) {
-  const std::string data = read_all(path);
+  const std::string data = read_all(path, [](std::string_view first) { return first.starts_with("\x93NUMPY"); });
   ::locus::detail::format_require(data.size() >= 10 && data.compare(0, 6, "\x93NUMPY") == 0, path,
                                   ": not a NumPy .npy file");
   const int major = static_cast<unsigned char>(data[6]);
@@ -184,7 +190,13 @@ inline constexpr std::uint64_t max_safetensors_header = 100'000'000;
 //! exactly: a duplicate name (the JSON parser would keep the last silently) or bytes read by two
 //! tensors (counted twice) is a format error, not a wrong sum.
 inline std::map<std::string, array> read_safetensors(const std::string& path) {
-  const std::string data = read_all(path);
+  // A safetensors file opens with its JSON header's size (at least "{}").
+  const std::string data = read_all(path, [](std::string_view first) {
+    std::uint64_t n = 0;
+    for (int i = 7; i >= 0; --i)
+      n = (n << 8) | static_cast<unsigned char>(first[static_cast<std::size_t>(i)]);
+    return n >= 2 && n <= max_safetensors_header;
+  });
   ::locus::detail::format_require(data.size() >= 8, path, ": too short for a safetensors header");
   std::uint64_t n = 0;
   for (int i = 7; i >= 0; --i)

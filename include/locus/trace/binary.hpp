@@ -27,6 +27,7 @@
 #include <locus/core/error.hpp>
 #include <locus/trace/trace.hpp>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -194,9 +195,20 @@ public:
     if (!f_)
       throw io_error(locus::detail::concat(path, ": cannot open: ", std::strerror(errno)), __FILE__, __LINE__, errno);
     std::setvbuf(f_, nullptr, _IONBF, 0); // reads are large; stdio's buffer would only add a copy
-    if (std::fseek(f_, 0, SEEK_END) != 0) fail("cannot seek");
+    // A pipe (a FIFO, a shell's <(...)) has no size to check the header against.
+    if (std::fseek(f_, 0, SEEK_END) != 0) {
+      const int e = errno;
+      std::fclose(f_);
+      throw io_error(locus::detail::concat(path, ": cannot read a binary trace from it: ", std::strerror(e),
+                                           (e == ESPIPE ? " (a pipe; give it on standard input instead, as -)" : "")),
+                     __FILE__, __LINE__, e);
+    }
     const long s = std::ftell(f_);
-    if (s < 0) fail("cannot tell its size");
+    if (s < 0) {
+      const int e = errno;
+      std::fclose(f_); // no destructor runs for a constructor that throws
+      throw io_error(locus::detail::concat(path, ": cannot tell its size: ", std::strerror(e)), __FILE__, __LINE__, e);
+    }
     size_ = static_cast<std::uint64_t>(s);
     std::rewind(f_);
   }
@@ -685,6 +697,20 @@ inline void write_trace(const trace& t, const std::string& path) {
 inline trace read_trace(const std::string& path) {
   detail::trace::file_source src(path);
   return detail::trace::read(src);
+}
+
+//! The size of the whole file (header and payload) that `header`, a binary trace's first
+//! binary_header_bytes bytes, declares; none where they are no intact header of this format (a
+//! wrong magic, a bad checksum). For a reader of a stream (standard input), which has no size to
+//! check the header against and must know where the trace ends.
+inline std::optional<std::uint64_t> declared_trace_bytes(std::span<const std::byte> header) {
+  if (header.size() < binary_header_bytes || std::memcmp(header.data(), binary_magic.data(), 8) != 0)
+    return std::nullopt;
+  std::uint64_t stored = 0, payload = 0;
+  std::memcpy(&payload, header.data() + 48, 8); // little-endian, as the reader requires of the machine
+  std::memcpy(&stored, header.data() + 72, 8);
+  if (checksum64::of(header.data(), 72) != stored || payload > UINT64_MAX - binary_header_bytes) return std::nullopt;
+  return binary_header_bytes + payload;
 }
 
 //! Decodes a binary trace held in memory; `name` prefixes error messages.
