@@ -42,8 +42,9 @@ inline int map_check(const std::string& path, const std::string& json = {}) {
   const std::string topology = plan.gpus_per_node ? " (" + std::to_string(m.ranks() / plan.gpus_per_node) +
                                                         " nodes x " + std::to_string(plan.gpus_per_node) + " GPUs)"
                                                   : std::string();
-  std::printf("%s: %zu layers, %zu experts, %zu ranks%s x %zu slots, %zu replica slots in use%s\n", path.c_str(),
-              layers.size(), m.experts(), m.ranks(), topology.c_str(), m.slots_per_rank(), replicas,
+  std::printf("%s: %zu layers, %zu experts, %zu ranks%s x %zu slots, %zu replica slots in use%s\n",
+              one_line(path).c_str(), layers.size(), m.experts(), m.ranks(), topology.c_str(), m.slots_per_rank(),
+              replicas,
               empty ? (", " + std::to_string(empty) + " empty (map export fills them for the engines)").c_str() : "");
   return 0;
 }
@@ -145,8 +146,8 @@ inline int map_export(const export_options& o) {
   std::printf(
       "%s: %s format, %zu MoE layers (hidden layers %zu..%zu of %zu), %zu experts in %zu slots per layer on %zu "
       "ranks; %zu empty slots of %zu (all layers) filled%s\n",
-      o.out.c_str(), o.to.c_str(), maps.size(), layers.moe_layer.front(), layers.moe_layer.back(), layers.hidden_layers,
-      m.experts(), m.slot_count(), m.ranks(), filled, m.slot_count() * maps.size(),
+      one_line(o.out).c_str(), o.to.c_str(), maps.size(), layers.moe_layer.front(), layers.moe_layer.back(),
+      layers.hidden_layers, m.experts(), m.slot_count(), m.ranks(), filled, m.slot_count() * maps.size(),
       load.empty() && filled > 0 ? " (no --load-trace: by replica count)" : "");
   // A map JSON for locus itself (as_map) has no engine flag to name.
   if (!as_map && format == locus::placement::engine_format::sglang)

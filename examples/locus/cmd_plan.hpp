@@ -395,9 +395,9 @@ inline void register_plan(CLI::App& app) {
       if (stdout_taken({*json, *out, grouping_path})) return;
       std::printf("%s: %s placement, %s (model layers %zu..%zu), %zu experts on %zu x %zu ranks, %s per rank (from "
                   "%s)\n",
-                  out->c_str(), plan->placement.c_str(), tool_cli::counted(maps.size(), "layer").c_str(),
+                  one_line(*out).c_str(), plan->placement.c_str(), tool_cli::counted(maps.size(), "layer").c_str(),
                   imported.layer_ids.front(), imported.layer_ids.back(), in.experts, split->nodes, split->gpus_per_node,
-                  tool_cli::counted(in.slots_per_rank, "slot").c_str(), load->c_str());
+                  tool_cli::counted(in.slots_per_rank, "slot").c_str(), one_line(*load).c_str());
       return;
     }
     const auto topo = split->topology(); // an impossible topology is refused before the trace is read
@@ -440,11 +440,12 @@ inline void register_plan(CLI::App& app) {
                      }()}});
     files.commit();
     if (stdout_taken({*json, *out, grouping_path})) return;
-    std::printf("%s: %s placement, %s, %zu experts on %zu x %zu ranks, %s per rank (fitted on %s)%s%s\n", out->c_str(),
-                plan->placement.c_str(), tool_cli::counted(maps.size(), "layer").c_str(), maps.front().experts(),
-                split->nodes, split->gpus_per_node, tool_cli::counted(maps.front().slots_per_rank(), "slot").c_str(),
+    std::printf("%s: %s placement, %s, %zu experts on %zu x %zu ranks, %s per rank (fitted on %s)%s%s\n",
+                one_line(*out).c_str(), plan->placement.c_str(), tool_cli::counted(maps.size(), "layer").c_str(),
+                maps.front().experts(), split->nodes, split->gpus_per_node,
+                tool_cli::counted(maps.front().slots_per_rank(), "slot").c_str(),
                 tool_cli::counted(train.requests(), "request").c_str(), planned.model ? "; grouping model in " : "",
-                planned.model ? grouping_path.c_str() : "");
+                planned.model ? one_line(grouping_path).c_str() : "");
     if (replicas > 0)
       std::printf("%zu replicas over the layers, %zu of them balance hedges%s\n", replicas, planned.hedge_copies,
                   planned.hedge_copies > 0 ? " (--hedge-replicas 0 for none)" : "");

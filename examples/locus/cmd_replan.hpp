@@ -152,8 +152,8 @@ inline int map_replan(const replan_options& o) {
   files.add_json(o.json, "map replan", std::move(doc));
   files.commit();
   if (stdout_taken({o.json, o.out})) return 0;
-  std::printf("%s: %zu of %zu slots budgeted moved (%.1f%% of all slots", o.out.c_str(), r.moves.size(), r.budget_slots,
-              100 * r.moved_share);
+  std::printf("%s: %zu of %zu slots budgeted moved (%.1f%% of all slots", one_line(o.out).c_str(), r.moves.size(),
+              r.budget_slots, 100 * r.moved_share);
   if (r.bytes_moved) { // in the unit that shows it: a few small experts are megabytes
     const double b = static_cast<double>(r.bytes_moved);
     if (b >= 1e9)

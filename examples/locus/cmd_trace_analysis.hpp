@@ -397,10 +397,10 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
     files.add_json(o->json, "trace synth", doc);
     files.commit();
     if (stdout_taken({o->json, o->out})) return;
-    std::printf("%s: %s, %s, %s, %s, top-%zu, %s\n", o->out.c_str(), tool_cli::counted(t.requests(), "request").c_str(),
-                tool_cli::counted(t.tokens(), "token").c_str(), tool_cli::counted(t.layers(), "layer").c_str(),
-                tool_cli::counted(t.experts(), "expert").c_str(), t.top_k(),
-                tool_cli::counted(t.domains().size(), "domain").c_str());
+    std::printf("%s: %s, %s, %s, %s, top-%zu, %s\n", one_line(o->out).c_str(),
+                tool_cli::counted(t.requests(), "request").c_str(), tool_cli::counted(t.tokens(), "token").c_str(),
+                tool_cli::counted(t.layers(), "layer").c_str(), tool_cli::counted(t.experts(), "expert").c_str(),
+                t.top_k(), tool_cli::counted(t.domains().size(), "domain").c_str());
     if (fitted)
       std::printf("fitted: request σ %.3f, segment η %.3f, cluster probability %.3f\n", m.request_sigma,
                   m.segment_sigma, m.cluster_probability);
@@ -615,7 +615,7 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     files.add_json(o->json, "trace report", summary);
     files.commit();
     if (stdout_taken({o->json})) return; // stdout carries the JSON alone
-    std::printf("%s: CSV files written%s\n", o->out.c_str(),
+    std::printf("%s: CSV files written%s\n", one_line(o->out).c_str(),
                 o->no_render ? "" : (", " + std::to_string(pngs) + " figures rendered").c_str());
   });
 }

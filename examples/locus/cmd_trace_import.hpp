@@ -161,7 +161,7 @@ inline void run_trace_import(const trace_import_options& o) {
       doms += (doms.empty() ? "" : ", ") + one_line(locus::trace::listed_name(d));
     // A device or FIFO output (-o /dev/null) has no size to report.
     const auto bytes = std::filesystem::file_size(o.output, ec);
-    std::printf("%s: %s, %s, %s, %s, top-%zu, domains [%s]; %s bytes, %.2f s%s\n", o.output.c_str(),
+    std::printf("%s: %s, %s, %s, %s, top-%zu, domains [%s]; %s bytes, %.2f s%s\n", one_line(o.output).c_str(),
                 tool_cli::counted(t.requests(), "request").c_str(), tool_cli::counted(t.tokens(), "token").c_str(),
                 tool_cli::counted(t.layers(), "layer").c_str(), tool_cli::counted(t.experts(), "expert").c_str(),
                 t.top_k(), doms.c_str(), ec ? "?" : std::to_string(bytes).c_str(), secs, o.verify ? " (verified)" : "");

@@ -622,4 +622,8 @@ refused 'puts the grouping model in .*mm.grouping.json, which exists and is not 
 same "$work/t.bin" "$work/mm.grouping.json"
 ok "pass: --init-expert-location '[^ ]*my map.json' " map export "$work/lin.json" --to sglang --out "$work/my map.json"
 ok 'locus.vllm.register\("[^ ]*a\\"b.json"\)' map export "$work/lin.json" --to vllm --out "$work/a\"b.json"
+esc_out="$work/$(printf 'e\033[2Jx').json"
+check "a path's escape sequence is not sent to the terminal" sh -c "\"$locus\" plan --trace \"$work/t.bin\" \
+--out \"$esc_out\" | grep -q 'e?\[2Jx.json: ' && ! \"$locus\" plan --trace \"$work/t.bin\" --out \"$esc_out\" | \
+grep -q \"\$(printf '\\033')\""
 cases_end
