@@ -7,6 +7,7 @@
 #include "trace_input.hpp"
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <charconv>
 #include <chrono>
 #include <cmath>
@@ -15,6 +16,7 @@
 #include <filesystem>
 #include <locus/core/atomic_file.hpp>
 #include <locus/core/error.hpp>
+#include <locus/core/read_file.hpp>
 #include <locus/trace/binary.hpp>
 #include <locus/trace/statistics.hpp>
 #include <locus/trace/synthesizer.hpp>
@@ -201,6 +203,33 @@ inline std::string csv_quote(const std::string& x) {
   for (const char c : x)
     r += c == '"' ? std::string("\"\"") : std::string(1, c);
   return r + "\"";
+}
+
+//! The files the report already in `folder` listed in its summary (reports before the list came
+//! name none) and `now` does not: plain names of regular files in the folder, nothing else.
+inline std::vector<std::string> earlier_report_files(const std::string& folder, const nlohmann::json& now) {
+  namespace fs = std::filesystem;
+  std::vector<std::string> stale;
+  const fs::path summary = fs::path(folder) / "summary.json";
+  std::error_code ec;
+  if (!fs::is_regular_file(summary, ec)) return stale;
+  nlohmann::json doc;
+  try {
+    doc = nlohmann::json::parse(locus::detail::read_whole_file(summary.string(), std::size_t{64} << 20, "a summary"));
+  } catch (const std::exception&) {
+    return stale; // not a report's summary: nothing of it is removed
+  }
+  if (!doc.is_object() || doc.value("format", "") != "locus.trace.report.summary" || !doc.contains("files") ||
+      !doc["files"].is_array())
+    return stale;
+  for (const auto& f : doc["files"]) {
+    if (!f.is_string()) continue;
+    const std::string name = f.get<std::string>();
+    const bool plain = !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos;
+    if (plain && std::find(now.begin(), now.end(), f) == now.end() && fs::is_regular_file(fs::path(folder) / name, ec))
+      stale.push_back(name);
+  }
+  return stale;
 }
 
 } // namespace trace_analysis
@@ -592,19 +621,24 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     }
     if (!o->no_render) {
       p.start("rendering figures");
-      auto quote = [](const std::string& x) {
-        std::string r = "'";
-        for (char c : x)
-          r += c == '\'' ? std::string("'\\''") : std::string(1, c);
-        return r + "'";
-      };
-      const std::string command = quote(o->python) + " " + quote(o->script) + " " + quote(dir.string());
+      const std::string command =
+          shell_quote(o->python) + " " + shell_quote(o->script) + " " + shell_quote(dir.string());
       const int rc = std::system(command.c_str());
       p.done();
       LOCUS_REQUIRE(rc == 0, locus::io_error, "rendering the figures (", o->python, " ", o->script,
                     ") failed (exit status ", exit_status(rc), "); the report folder is unchanged");
       p.clear();
     }
+    // The summary lists the report's files: a later report into this folder removes those it does
+    // not write again (a trace of other domains leaves no earlier domain's file), and nothing else.
+    {
+      auto listed = stage.file_names();
+      summary["files"] = listed;
+      std::ostringstream f;
+      f << summary.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+      trace_analysis::save(dir / "summary.json", f);
+    }
+    const auto stale = trace_analysis::earlier_report_files(o->out, summary["files"]);
     output_set files;
     const auto names = stage.add_files_to(files, o->out);
     const auto pngs =
@@ -614,9 +648,15 @@ inline void register_trace_report(CLI::App& trace_cmd) {
                   ") drew no figure; the report folder is unchanged");
     files.add_json(o->json, "trace report", summary);
     files.commit();
+    std::size_t removed = 0;
+    for (const auto& name : stale) {
+      std::error_code ec;
+      removed += fs::remove(fs::path(o->out) / name, ec);
+    }
     if (stdout_taken({o->json})) return; // stdout carries the JSON alone
-    std::printf("%s: CSV files written%s\n", one_line(o->out).c_str(),
-                o->no_render ? "" : (", " + std::to_string(pngs) + " figures rendered").c_str());
+    std::printf("%s: CSV files written%s%s\n", one_line(o->out).c_str(),
+                o->no_render ? "" : (", " + std::to_string(pngs) + " figures rendered").c_str(),
+                removed ? ("; " + tool_cli::counted(removed, "file") + " of the earlier report removed").c_str() : "");
   });
 }
 

@@ -362,9 +362,9 @@ public:
 
   const std::filesystem::path& path() const noexcept { return path_; }
 
-  //! Adds each regular file of the folder (not of its subfolders), in name order, to `out` as the
-  //! file of the same name in `destination`; returns the names. @throws locus::io_error
-  std::vector<std::string> add_files_to(output_set& out, const std::filesystem::path& destination) const {
+  //! The names of the folder's regular files (not of its subfolders), in name order.
+  //! @throws locus::io_error
+  std::vector<std::string> file_names() const {
     namespace fs = std::filesystem;
     std::vector<std::string> names;
     std::error_code ec;
@@ -372,6 +372,13 @@ public:
       if (it->is_regular_file(ec) && !ec) names.push_back(it->path().filename().string());
     LOCUS_REQUIRE(!ec, locus::io_error, path_.string(), ": cannot list the folder: ", ec.message());
     std::sort(names.begin(), names.end());
+    return names;
+  }
+
+  //! Adds each of file_names(), in name order, to `out` as the file of the same name in
+  //! `destination`; returns the names. @throws locus::io_error
+  std::vector<std::string> add_files_to(output_set& out, const std::filesystem::path& destination) const {
+    const auto names = file_names();
     for (const auto& name : names) {
       std::ifstream in(path_ / name, std::ios::binary);
       std::string content((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

@@ -626,4 +626,12 @@ esc_out="$work/$(printf 'e\033[2Jx').json"
 check "a path's escape sequence is not sent to the terminal" sh -c "\"$locus\" plan --trace \"$work/t.bin\" \
 --out \"$esc_out\" | grep -q 'e?\[2Jx.json: ' && ! \"$locus\" plan --trace \"$work/t.bin\" --out \"$esc_out\" | \
 grep -q \"\$(printf '\\033')\""
+# A report into the folder of an earlier one removes the earlier report's files it does not write
+# again (a domain the new trace lacks), and nothing of anyone else's.
+"$locus" trace synth --experts 16 --top-k 6 --layers 2 --domains 3 --tokens 3000 --seed 4 --out "$work/t3.bin" -q >/dev/null
+"$locus" trace report "$work/t3.bin" --out "$work/rep" --no-render >/dev/null || case_fail "report of t3.bin"
+echo mine >"$work/rep/mine.csv"
+ok 'CSV files written; 1 file of the earlier report removed' trace report "$work/t.bin" --out "$work/rep" --no-render
+check "the earlier report's third domain is gone" test ! -e "$work/rep/load_domain2_domain2.csv"
+check "a file no report listed stays" test -e "$work/rep/mine.csv"
 cases_end
