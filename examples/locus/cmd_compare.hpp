@@ -358,7 +358,7 @@ inline void register_compare(CLI::App& app) {
                  "hierarchical) on a trace: fit on its training split, simulate decode on its test split");
   split->add_to(cmd, false)->description(std::string(trace_help) + " (default: an embedded synthetic trace)");
   cmd->add_option("--experts", split->experts, experts_help)->check(experts_range())->default_str(experts_default);
-  cmd->add_option("--redundant", o->redundant,
+  cmd->add_option("--redundant-slots,--redundant", o->redundant,
                   "Replica slots per GPU of the replica rows, eplb's and locality's (0: no replica rows; the eplb "
                   "baseline without replicas stays)");
   // Checked while parsing, so a bad list is a usage error (exit 2) as a bad --replica-rule is.

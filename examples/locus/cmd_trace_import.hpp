@@ -166,9 +166,9 @@ inline void run_trace_import(const trace_import_options& o) {
                 tool_cli::counted(t.layers(), "layer").c_str(), tool_cli::counted(t.experts(), "expert").c_str(),
                 t.top_k(), doms.c_str(), ec ? "?" : std::to_string(bytes).c_str(), secs, o.verify ? " (verified)" : "");
     if (format == "jsonl")
-      std::printf("  %s: %zu route records, %zu skipped (blank or not route), %zu bad, %s dropped, %s dropped from "
-                  "%s\n",
-                  tool_cli::counted(report.lines, "line").c_str(), report.route_records, report.skipped_lines,
+      std::printf("  %s: %s, %zu skipped (blank or not route), %zu bad, %s dropped, %s dropped from %s\n",
+                  tool_cli::counted(report.lines, "line").c_str(),
+                  tool_cli::counted(report.route_records, "route record").c_str(), report.skipped_lines,
                   report.bad_records, tool_cli::counted(report.dropped_requests, "request").c_str(),
                   tool_cli::counted(report.trimmed_tokens, "token").c_str(),
                   tool_cli::counted(report.trimmed_requests, "ragged request").c_str());
@@ -198,7 +198,8 @@ inline void register_trace_import(CLI::App* trace_cmd) {
       ->check(experts_range())
       ->default_str(experts_default);
   cmd->add_option("--top-k", o->top_k, "Experts per token (esft default 6; jsonl: else meta or first record)")
-      ->check(CLI::Range(std::size_t{0}, locus::trace::max_trace_top_k));
+      ->check(CLI::Range(std::size_t{0}, locus::trace::max_trace_top_k))
+      ->default_str("the trace's (esft: 6)");
   cmd->add_option("--layers", o->layers,
                   "Expected layers (esft: files per domain; jsonl: distinct layer numbers; 0: no check)");
   cmd->add_option("--domains", o->domains,

@@ -151,7 +151,8 @@ int main(int argc, char** argv) {
   const int e = errno;
   if (!flushed || std::ferror(stdout))
     return report(std::string("locus: I/O error: standard output: write failed") +
-                      (flushed ? "" : std::string(": ") + std::strerror(e)),
+                      (flushed ? "" : std::string(": ") + std::strerror(e)) +
+                      (locus_driver::files_committed() ? " (the command's files were written)" : ""),
                   1);
   return 0;
 }

@@ -257,6 +257,14 @@ inline bool is_special_file(const std::string& path) {
 //! replaced by a rename, nor take them back; false for a regular file, a folder or nothing.
 inline bool is_device(const std::string& path) { return locus::open_stream_fd(path) >= 0 || is_special_file(path); }
 
+//! Whether this run has put files in place (an output_set committed): a failure reported after it
+//! (the summary that did not reach stdout) says so, so that exit status 1 is not read as "nothing
+//! was written".
+inline bool& files_committed() {
+  static bool committed = false;
+  return committed;
+}
+
 //! A command's outputs, all written before any is put in place: each file is written whole into an
 //! unnamed file beside its target (locus::atomic_file) and synced; commit() then writes the devices,
 //! FIFOs and the JSON on stdout (`--json -`), which cannot take bytes back, names every file beside
@@ -321,6 +329,7 @@ public:
         throw locus::io_error(e.message() + "; replaced already: " + replaced, __FILE__, __LINE__, e.code());
       }
       replaced += (replaced.empty() ? "" : ", ") + f->path();
+      files_committed() = true;
     }
     files_.clear();
   }

@@ -332,8 +332,9 @@ apply_split(locus::trace::trace t, const split_flags& s, bool need_train, bool n
     if (test.empty()) test = others(train);
     std::vector<std::size_t> tr, te;
     for (std::size_t r = 0; r < t.requests(); ++r) {
-      LOCUS_REQUIRE(!(train[r] && test[r]), locus::config_error, how, ": request ", t.request_label(r), " (domain \"",
-                    t.domains()[t.request(r).domain], "\") is both in the training and in the test split");
+      LOCUS_REQUIRE(!(train[r] && test[r]), locus::config_error, how, ": request ", t.request_label(r), " (domain ",
+                    locus::trace::quoted_name(t.domains()[t.request(r).domain]),
+                    ") is both in the training and in the test split");
       if (train[r]) tr.push_back(r);
       if (test[r]) te.push_back(r);
     }

@@ -820,6 +820,9 @@ def export_text(
     if layer_ids is not None and first_moe_layer is not None:
         # Either numbers every layer; one of them was ignored.
         raise ConfigError("locus: configuration error: give layer_ids or first_moe_layer, not both")
+    if to == "locus":  # the CLI's `map export --to locus`: a map, not an engine's file
+        raise ConfigError("locus: configuration error: \"locus\" is no engine format here (sglang, vllm, trtllm or "
+                          "eplb); the map as the engines serve it is plan.filled(load), saved with its save(path)")
     full = plan.filled(load)
     if layer_ids is not None:
         ids = _int_list(layer_ids, "layer_ids")

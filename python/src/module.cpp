@@ -147,15 +147,25 @@ auto file_io(nb::handle path, F&& io) {
 }
 
 // Runs `work` (which must touch no Python object) without the GIL, so that the interpreter's other
-// threads run meanwhile, and so that Ctrl-C stops it: `work` runs on a thread of its own under a
-// locus::cancel_scope while this one asks Python for pending signals every 50 ms (only the main
-// thread can run their handlers). When a handler raises (KeyboardInterrupt), the work is told to
-// stop, which the library's long loops see within a layer, a step or a few thousand proposals;
-// its result is dropped and the handler's exception raised.
+// threads run meanwhile, and, on the main thread, so that Ctrl-C stops it: `work` runs on a thread
+// of its own under a locus::cancel_scope while the main thread asks Python for pending signals every
+// 50 ms. When a handler raises (KeyboardInterrupt), the work is told to stop, which the library's
+// long loops see within a layer, a step or a few thousand proposals; its result is dropped and the
+// handler's exception raised. Other threads run `work` themselves: only the main thread runs
+// signal handlers, and a thread that took the GIL back while the interpreter shuts down would be
+// ended on the spot (CPython ends non-main threads that ask for the GIL then).
 template <class F>
 auto interruptible(F&& work) {
   using result_t = std::invoke_result_t<F&>;
   static_assert(!std::is_void_v<result_t>, "interruptible: the work returns its result");
+  const bool main_thread = [] {
+    const nb::module_ threading = nb::module_::import_("threading");
+    return threading.attr("current_thread")().is(threading.attr("main_thread")());
+  }();
+  if (!main_thread) {
+    nb::gil_scoped_release released;
+    return work();
+  }
   std::atomic<bool> stop{false};
   std::optional<result_t> result;
   std::exception_ptr failure;
@@ -177,6 +187,16 @@ auto interruptible(F&& work) {
       done = true;
       cv.notify_one();
     });
+    // However this scope is left (an exception taking the GIL back included), the work is told to
+    // stop and joined: a joinable std::thread destroyed would end the process.
+    struct joiner {
+      std::thread& t;
+      std::atomic<bool>& stop;
+      ~joiner() {
+        stop.store(true, std::memory_order_relaxed);
+        if (t.joinable()) t.join();
+      }
+    } const join_on_exit{worker, stop};
     std::unique_lock lock(m);
     while (!cv.wait_for(lock, std::chrono::milliseconds(50), [&] { return done; }))
       if (!interrupted) {
@@ -188,8 +208,6 @@ auto interruptible(F&& work) {
         if (interrupted) stop.store(true, std::memory_order_relaxed);
         lock.lock();
       }
-    lock.unlock();
-    worker.join();
   }
   if (interrupted) throw nb::python_error();
   if (failure) std::rethrow_exception(failure);

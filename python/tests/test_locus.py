@@ -334,6 +334,8 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
     assert np.array_equal(rows[1:4], full.reshape(3, -1))
     # vLLM: the EPLB triple per MoE layer, served back by the policy class.
     locus.export(plan, "vllm", str(tmp_path / "v.json"), load=load)
+    with pytest.raises(locus.ConfigError, match=r"the map as the engines serve it is plan.filled\(load\)"):
+        locus.export(plan, "locus", str(tmp_path / "l.json"))  # the CLI's --to locus
     # A Trace as the load stands for its expert_load (it was refused as "load must have 2 dimensions,
     # not 0"); one of another shape is named as a trace.
     assert locus.export_text(plan, "vllm", load=train) == (tmp_path / "v.json").read_text()
@@ -1234,6 +1236,25 @@ def test_ctrl_c_stops_a_long_plan():
     seconds, served = out.stdout.split()
     assert float(seconds) < 5, out.stdout
     assert int(served) == 12
+    # A long call on another thread: the interpreter exits under it, and a Ctrl-C while the main
+    # thread joins it is the main thread's KeyboardInterrupt (both ended the process with
+    # std::terminate when every thread polled for signals).
+    setup = script.split("threading.Timer")[0]
+    daemon = setup + ("threading.Thread(target=lambda: locus.plan(t, 2, 2, 'locality', anneal=1 << 20, **kw),\n"
+                      "                 daemon=True).start()\n"
+                      "time.sleep(0.3)\n")
+    out = subprocess.run([sys.executable, "-c", daemon], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    joined = setup + ("w = threading.Thread(target=lambda: locus.plan(t, 2, 2, 'locality', anneal=1 << 20, **kw),\n"
+                      "                     daemon=True)\n"
+                      "w.start()\n"
+                      "threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+                      "try:\n"
+                      "    w.join()\n"
+                      "except KeyboardInterrupt:\n"
+                      "    print('interrupted')\n")
+    out = subprocess.run([sys.executable, "-c", joined], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "interrupted", out.stderr
 
 
 def test_replan_and_routed_experts_refuse_arguments_that_change_nothing_or_are_wrong(tmp_path):

@@ -27,6 +27,9 @@ LOCUS_DEBIAN_PACKAGES=(cmake g++ make libboost-test-dev libopenmpi-dev openmpi-b
 # What the demo needs: the driver alone (no tests, benchmarks, MPI or Python).
 LOCUS_DEMO_PACKAGES=(cmake g++ make nlohmann-json3-dev libcli11-dev)
 
+# What the Python package's build and tests need besides PyPI (python-test; README's pip install).
+LOCUS_PYTHON_PACKAGES=(cmake g++ make nlohmann-json3-dev python3 python3-dev python3-venv)
+
 # Installs the missing ones of the given Debian packages (default: LOCUS_DEBIAN_PACKAGES).
 locus_install_deps() {
   local missing=() wanted=("$@")

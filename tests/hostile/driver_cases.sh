@@ -634,4 +634,18 @@ echo mine >"$work/rep/mine.csv"
 ok 'CSV files written; 1 file of the earlier report removed' trace report "$work/t.bin" --out "$work/rep" --no-render
 check "the earlier report's third domain is gone" test ! -e "$work/rep/load_domain2_domain2.csv"
 check "a file no report listed stays" test -e "$work/rep/mine.csv"
+# After files were put in place, a summary that did not reach stdout says they were.
+if [ -w /dev/full ]; then
+  check "a failed summary after the files says they were written" sh -c "\"$locus\" plan --trace \"$work/t.bin\" \
+--out \"$work/full_summary.json\" >/dev/full 2>\"$work/fs2.err\"; test \$? -eq 1 && grep -q \
+\"(the command's files were written)\" \"$work/fs2.err\" && test -e \"$work/full_summary.json\""
+fi
+# A folder no rename may change (chattr +a, where the filesystem has it) is refused before the work.
+mkdir -p "$work/ao"
+if chattr +a "$work/ao" 2>/dev/null; then
+  refused 'ao/g.json: cannot write: its folder is append-only' plan --trace "$work/t.bin" --placement locality \
+    --out "$work/ao_map.json" --grouping "$work/ao/g.json"
+  check "nothing was written beside the refused output" test ! -e "$work/ao_map.json"
+  chattr -a "$work/ao"
+fi
 cases_end

@@ -500,6 +500,18 @@ BOOST_AUTO_TEST_CASE(meta_lines_are_checked) {
             none);
       },
       {"x:2:", "top_k 6 conflicts with top_k 2 declared at line 1"});
+  // Skipping bad records skips no meta line: a dropped declaration would let the first win silently,
+  // and the error advises no --skip-bad that cannot help.
+  trace::jsonl_options skipping;
+  skipping.skip_bad = true;
+  for (const trace::jsonl_options* o : {&none, static_cast<const trace::jsonl_options*>(&skipping)})
+    BOOST_TEST(locus_test::error_message<format_error>([&] {
+                 (void)trace::import_jsonl_text(
+                     "{\"type\": \"meta\", \"num_experts\": 64}\n{\"type\": \"meta\", \"experts\": 8, "
+                     "\"num_experts\": 16}\n" +
+                         one,
+                     "x", *o);
+               }) == "x:2: \"experts\" 8 and \"num_experts\" 16 disagree (a meta line)");
   // The same declaration twice is fine.
   BOOST_TEST(
       trace::import_jsonl_text(

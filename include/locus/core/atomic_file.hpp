@@ -271,13 +271,21 @@ private:
   }
 
   //! Refuses, before anything is written, a target the final rename would fail to replace: a name
-  //! longer than the folder takes, a file of another user in a sticky folder (/tmp), a file that
+  //! longer than the folder takes, a folder with the append-only attribute (chattr +a: no entry in
+  //! it may be renamed or removed), a file of another user in a sticky folder (/tmp), a file that
   //! is a mount point of its own (a container's bind-mounted file). `existing` is the target's
   //! stat, or null when there is none.
   void check_replaceable(const std::string& dir, const struct stat* existing) {
     const std::string::size_type slash = target_.rfind('/');
     const std::size_t base = slash == std::string::npos ? target_.size() : target_.size() - slash - 1;
     if (base > name_max(dir)) fail(target_, "cannot write", ENAMETOOLONG);
+#if defined(STATX_ATTR_APPEND)
+    struct statx dx {};
+    if (::statx(AT_FDCWD, dir.c_str(), 0, STATX_BASIC_STATS, &dx) == 0 &&
+        (dx.stx_attributes_mask & STATX_ATTR_APPEND) && (dx.stx_attributes & STATX_ATTR_APPEND))
+      fail(target_, "cannot write", EPERM,
+           "its folder is append-only (chattr +a), and a file is put in place by a rename, which it refuses");
+#endif
     if (!existing) return;
     struct stat ds {};
     const uid_t me = ::geteuid();

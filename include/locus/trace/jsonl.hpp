@@ -666,12 +666,12 @@ public:
       if (f_.type == "meta") {
         // In a meta line `experts` is the number of experts, an alias of num_experts.
         if (f_.has_experts_list)
-          return bad(line_no, "\"experts\" in a meta line is the number of experts (an alias of num_experts), got "
-                              "an array");
+          return bad_meta(line_no, "\"experts\" in a meta line is the number of experts (an alias of num_experts), got "
+                                   "an array");
         if (f_.has_experts_number) {
           if (f_.has_meta_experts && f_.meta_experts != f_.experts_number)
-            return bad(line_no, locus::detail::concat("\"experts\" ", f_.experts_number, " and \"num_experts\" ",
-                                                      f_.meta_experts, " disagree"));
+            return bad_meta(line_no, locus::detail::concat("\"experts\" ", f_.experts_number, " and \"num_experts\" ",
+                                                           f_.meta_experts, " disagree"));
           f_.has_meta_experts = true;
           f_.meta_experts = f_.experts_number;
         }
@@ -773,6 +773,12 @@ private:
     ++rep_.bad_records;
     if (rep_.messages.size() < jsonl_report::max_messages) rep_.messages.push_back(msg);
   }
+  //! A meta line that cannot be taken: never skipped, since it declares how every record is read
+  //! (skipping a conflicting one would let the first declaration win without a word).
+  [[noreturn]] void bad_meta(std::uint64_t line_no, const std::string& what) {
+    throw format_error(locus::detail::concat(name_, ":", line_no, ": ", what, " (a meta line)"), line_no, __FILE__,
+                       __LINE__);
+  }
   //! `where`: a location (loc()).
   void inconsistent(std::uint64_t where, const std::string& what) {
     const std::string msg = locus::detail::concat(files_[where >> line_bits], ":", where & line_mask, ": ", what);
@@ -786,28 +792,29 @@ private:
     // A value the options set wins over meta lines; two meta lines must not disagree.
     if (f_.has_meta_experts) {
       if (meta_experts_line_ && f_.meta_experts != meta_experts_)
-        return bad(line_no, locus::detail::concat("num_experts ", f_.meta_experts, " conflicts with num_experts ",
-                                                  meta_experts_, " declared at ", place(meta_experts_line_)));
+        return bad_meta(line_no, locus::detail::concat("num_experts ", f_.meta_experts, " conflicts with num_experts ",
+                                                       meta_experts_, " declared at ", place(meta_experts_line_)));
       if (f_.meta_experts < 1 || f_.meta_experts > max_trace_experts)
-        return bad(line_no,
-                   locus::detail::concat("num_experts is ", f_.meta_experts, ", expected 1..", max_trace_experts));
+        return bad_meta(line_no,
+                        locus::detail::concat("num_experts is ", f_.meta_experts, ", expected 1..", max_trace_experts));
       if (experts_ == 0 && (records_ > 0 || rep_.bad_records > 0))
-        return bad(line_no, "a meta line declaring num_experts must precede the first route record");
+        return bad_meta(line_no, "a meta line declaring num_experts must precede the first route record");
       meta_experts_ = f_.meta_experts;
       meta_experts_line_ = loc(line_no);
       if (opt_.experts == 0) experts_ = f_.meta_experts;
     }
     if (f_.has_meta_top_k) {
       if (meta_top_k_line_ && f_.meta_top_k != meta_top_k_)
-        return bad(line_no, locus::detail::concat("top_k ", f_.meta_top_k, " conflicts with top_k ", meta_top_k_,
-                                                  " declared at ", place(meta_top_k_line_)));
+        return bad_meta(line_no, locus::detail::concat("top_k ", f_.meta_top_k, " conflicts with top_k ", meta_top_k_,
+                                                       " declared at ", place(meta_top_k_line_)));
       const std::size_t most = experts_ ? std::min<std::size_t>(max_trace_top_k, experts_) : max_trace_top_k;
       if (f_.meta_top_k < 1 || f_.meta_top_k > most)
-        return bad(line_no, locus::detail::concat("top_k is ", f_.meta_top_k, ", expected 1..", most,
-                                                  experts_ ? locus::detail::concat(" (", experts_, " experts)") : ""));
+        return bad_meta(line_no,
+                        locus::detail::concat("top_k is ", f_.meta_top_k, ", expected 1..", most,
+                                              experts_ ? locus::detail::concat(" (", experts_, " experts)") : ""));
       if (opt_.top_k == 0 && top_k_ != 0 && top_k_ != f_.meta_top_k)
-        return bad(line_no, locus::detail::concat("top_k ", f_.meta_top_k, " conflicts with the ", top_k_,
-                                                  " experts per token of the records before it"));
+        return bad_meta(line_no, locus::detail::concat("top_k ", f_.meta_top_k, " conflicts with the ", top_k_,
+                                                       " experts per token of the records before it"));
       meta_top_k_ = f_.meta_top_k;
       meta_top_k_line_ = loc(line_no);
       if (opt_.top_k == 0) top_k_ = f_.meta_top_k;
