@@ -7,8 +7,8 @@ Arrays go in as anything NumPy can read (NumPy arrays, lists, objects with ``__a
 ``LocusError`` subclasses carrying the C++ library's message; an argument of the wrong type (a
 string for a count, None where a value is needed) is a ``TypeError`` naming it. The long calls
 (``plan``, ``simulate``, ``replan``, ``rebalance_experts``) and file I/O release the GIL, so other
-Python threads run meanwhile; a Ctrl-C stops a long call within a fraction of a second (its
-KeyboardInterrupt raised, its result dropped).
+Python threads run meanwhile; a Ctrl-C stops a long call on the main thread (the one that runs
+signal handlers) within a fraction of a second, its KeyboardInterrupt raised and its result dropped.
 """
 
 from __future__ import annotations

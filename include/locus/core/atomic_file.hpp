@@ -15,7 +15,10 @@
 //! would replace the file under the shell (what it held before, and what the program prints later,
 //! would be lost). A directory, a folder that does not exist, or an existing file the caller may not
 //! write (which open() would refuse, though the folder allows the rename) is a `locus::io_error`.
-//! The new file is a new inode: another hard link to the old one keeps the old content.
+//! The new file is a new inode: another hard link to the old one keeps the old content. A target
+//! the final rename could not replace (check_replaceable: a name past the folder's limit, an
+//! append-only folder, another user's file in a sticky folder, a bind-mounted file) is refused when
+//! it is opened, before the caller's work.
 
 #include <algorithm>
 #include <atomic>
@@ -291,8 +294,7 @@ private:
     const uid_t me = ::geteuid();
     if (::stat(dir.c_str(), &ds) == 0 && (ds.st_mode & S_ISVTX) && me != 0 && existing->st_uid != me && ds.st_uid != me)
       fail(target_, "cannot replace the file", EPERM,
-           "it is another user's, in a folder that lets only its owner "
-           "replace it (the sticky bit, as /tmp has)");
+           "it is another user's, in a folder that lets only its owner replace it (the sticky bit, as /tmp has)");
 #if defined(STATX_ATTR_MOUNT_ROOT)
     struct statx sx {};
     if (::statx(AT_FDCWD, target_.c_str(), 0, STATX_BASIC_STATS, &sx) == 0 &&
