@@ -570,7 +570,8 @@ inline void register_simulate(CLI::App& app) {
                   "Steps of traffic a re-plan sees (0: the interval, or " + std::to_string(drift_only_window) +
                       " steps with --drift-every alone)");
   cmd->add_option("--replan-budget", opt->replan_budget, "Share of the expert slots one re-plan may move")
-      ->check(tool_cli::number_in(0, 1));
+      ->check(tool_cli::number_in(0, 1))
+      ->default_str("0.1 (at least a pair of slots)");
   cmd->add_option("--replan-slack", opt->replan_slack,
                   "A re-plan's load bound: it first repairs the GPUs above (1 + this) x the mean load (the window's, "
                   "with the training split's traffic counted as " +
@@ -736,6 +737,7 @@ inline void register_simulate(CLI::App& app) {
                     sched.steps(), " steps, and with a window of ", window, " steps neither --replan-every ",
                     opt->replan_every, " nor --drift-every ", opt->drift_every, " acts before its end");
       o.expert_bytes = opt->expert_bytes;
+      if (cmd->count("--replan-budget") == 0) opt->replan_budget = locus::placement::default_budget_for(maps);
       locus::placement::require_movable_budget(opt->replan_budget, maps, "--replan-budget");
       const auto budget = locus::placement::budget_slots(opt->replan_budget, maps);
       const auto online = locus::cost::run_online(

@@ -29,6 +29,7 @@ struct replan_options {
   locus::placement::live_replan_options live{};
   CLI::Option* prefill_opt = nullptr;
   CLI::Option* prior_requests_opt = nullptr;
+  CLI::Option* budget_opt = nullptr;
 };
 
 // The node of each request of `t`: its rank in `homes` (request key → rank), else its class's node
@@ -93,7 +94,9 @@ inline int map_replan(const replan_options& o) {
                 "--grouping gives the nodes of requests --homes does not list: with --homes it applies to --prior's "
                 "requests only, and there is no --prior");
   auto plan = locus::load_expert_plan(o.map_path);
-  locus::placement::require_movable_budget(o.live.budget_share, plan.maps, "--budget");
+  auto live = o.live;
+  if (o.budget_opt->count() == 0) live.budget_share = locus::placement::default_budget_for(plan.maps);
+  locus::placement::require_movable_budget(live.budget_share, plan.maps, "--budget");
   const std::size_t ranks = plan.maps.front().ranks();
   LOCUS_REQUIRE(o.gpus_per_node == 0 || plan.gpus_per_node == 0 || o.gpus_per_node == plan.gpus_per_node,
                 locus::config_error, "--gpus-per-node ", o.gpus_per_node, ": the plan in ", o.map_path,
@@ -133,7 +136,6 @@ inline int map_replan(const replan_options& o) {
     require_decode_tokens(*prior, o.prior_paths.front(), o.prefill_tokens, "the prior", "to steer the re-plan");
     prior_nodes = request_nodes(*prior, nullptr, model.get(), topo, o.prefill_tokens, "the prior");
   }
-  auto live = o.live;
   live.copies = locus::placement::parse_copy_count(o.transport);
   live.replicas = locus::placement::parse_replica_rule(o.replica_rule);
   const auto r = locus::placement::replan_live(plan.maps, window, window_nodes, topo, live, prior ? &*prior : nullptr,
@@ -179,9 +181,10 @@ inline void register_map_replan(CLI::App* map_cmd) {
                   "The window: recorded routing of the traffic to re-plan on. " + std::string(trace_help))
       ->required();
   cmd->add_option("--out", o->out, "Output expert map JSON")->required();
-  cmd->add_option("--budget", o->live.budget_share, "Share of all slots (all layers) whose weights may change")
-      ->check(tool_cli::number_in(0, 1))
-      ->capture_default_str();
+  o->budget_opt =
+      cmd->add_option("--budget", o->live.budget_share, "Share of all slots (all layers) whose weights may change")
+          ->check(tool_cli::number_in(0, 1))
+          ->default_str("0.1 (at least a pair of slots)");
   cmd->add_option("--homes", o->homes,
                   "Where the window's requests ran: a file of request id and rank pairs (whitespace or commas, # "
                   "comments; a window whose req_ids were strings names its requests as logged, in double quotes "

@@ -740,7 +740,7 @@ def simulate(
 def replan(
     plan: ExpertPlan,
     window: Trace,
-    budget: float = 0.10,
+    budget: Optional[float] = None,
     homes: Any = None,
     prior: Optional[Trace] = None,
     model: Optional[WorkloadModel] = None,
@@ -752,7 +752,8 @@ def replan(
     replica_rule: str = "locality_first",
 ) -> Tuple[ExpertPlan, dict]:
     """Re-plans the maps in service on a window of recorded routing (its decode tokens), moving at
-    most ``budget`` of all slots: the re-planner ``locus simulate --drift-every`` runs, for an
+    most ``budget`` of all slots (None: 0.10, or the least share that moves a pair of slots where
+    0.10 of the plan's is under two): the re-planner ``locus simulate --drift-every`` runs, for an
     engine's periodic rebalance. ``homes``: the rank each request of ``window`` ran on (``[requests]``);
     without it, a request's node is its class's under ``model`` (or the plan's own model) when the
     classes recognise its prefill, else the nodes in turn. ``prior``: the traffic the maps were

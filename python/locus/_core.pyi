@@ -152,7 +152,7 @@ def _replan(
     homes: Optional[npt.NDArray[np.int64]],
     model: Optional[WorkloadModel],
     prior: Optional[Trace],
-    budget: float,
+    budget: Optional[float],
     prior_requests: float,
     transport: str,
     replan_slack: float,

@@ -789,9 +789,10 @@ NB_MODULE(_core, m) {
       [](maps_in maps, nb::handle experts, nb::handle nodes, nb::handle gpus_per_node,
          const locus::trace::trace& window,
          std::optional<nb::ndarray<const std::int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>> homes,
-         std::shared_ptr<locus::grouper::workload_model> model, const locus::trace::trace* prior, double budget,
-         double prior_requests, const std::string& transport, double replan_slack, nb::handle expert_bytes,
-         nb::handle prefill_tokens, std::vector<std::size_t> map_layers, const std::string& replica_rule) {
+         std::shared_ptr<locus::grouper::workload_model> model, const locus::trace::trace* prior,
+         std::optional<double> budget, double prior_requests, const std::string& transport, double replan_slack,
+         nb::handle expert_bytes, nb::handle prefill_tokens, std::vector<std::size_t> map_layers,
+         const std::string& replica_rule) {
         const auto topo = locus::dynamic_topology(size_arg(nodes, "nodes"), size_arg(gpus_per_node, "gpus_per_node"));
         const std::size_t prefill = size_arg(prefill_tokens, "prefill_tokens");
         LOCUS_REQUIRE(prefill >= 1, locus::config_error,
@@ -815,7 +816,6 @@ NB_MODULE(_core, m) {
         LOCUS_REQUIRE(!model || model->nodes() == topo.nodes(), locus::config_error, "the grouping model is for ",
                       model ? model->nodes() : 0, " nodes; the plan has ", topo.nodes());
         locus::placement::live_replan_options opt;
-        opt.budget_share = budget;
         // A NaN would pass every comparison the re-planner makes with it.
         LOCUS_REQUIRE(std::isfinite(prior_requests) && prior_requests >= 0, locus::config_error, "prior_requests (",
                       prior_requests, ") must be a finite number >= 0");
@@ -827,6 +827,7 @@ NB_MODULE(_core, m) {
         opt.replicas = locus::transport::parse_replica_rule(replica_rule);
         opt.expert_bytes = count_arg(expert_bytes, "expert_bytes", locus::placement::max_expert_bytes);
         const auto current = maps_from(maps, size_arg(experts, "experts"));
+        opt.budget_share = budget ? *budget : locus::placement::default_budget_for(current);
         locus::placement::require_replan_shape(current, window, topo, map_layers);
         if (prior) locus::placement::require_replan_shape(current, *prior, topo, map_layers, "prior");
         const auto window_nodes = nodes_of(window, homes.has_value());
@@ -838,7 +839,7 @@ NB_MODULE(_core, m) {
         return std::make_pair(maps_to(r.maps), locus::placement::live_replan_json(r).dump());
       },
       "maps"_a, "experts"_a, "nodes"_a, "gpus_per_node"_a, "window"_a, "homes"_a.none(), "model"_a.none(),
-      "prior"_a.none(), "budget"_a, "prior_requests"_a, "transport"_a, "replan_slack"_a, "expert_bytes"_a,
+      "prior"_a.none(), "budget"_a.none(), "prior_requests"_a, "transport"_a, "replan_slack"_a, "expert_bytes"_a,
       "prefill_tokens"_a, "map_layers"_a, "replica_rule"_a);
 
   m.def(

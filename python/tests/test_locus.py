@@ -1271,6 +1271,13 @@ def test_replan_and_routed_experts_refuse_arguments_that_change_nothing_or_are_w
     assert moved_plan.hedge_copies == (plan.hedge_copies if report["slots_moved"] == 0 else None)
     kept, none_moved = locus.replan(plan, t, budget=0.0)
     assert none_moved["slots_moved"] == 0 and kept.hedge_copies == plan.hedge_copies
+    # A plan of 16 slots: the default budget (10%, under two slots) becomes the pair a move needs;
+    # given, 0.10 is refused naming that least share.
+    _, one_layer = small_trace(layers=1)
+    small = locus.plan(one_layer, 2, 2, "locality", clusters=2, prefill_tokens=8)
+    assert locus.replan(small, one_layer)[1]["budget_slots"] == 2
+    with pytest.raises(locus.ConfigError, match="give at least 0.125"):
+        locus.replan(small, one_layer, budget=0.10)
     np.save(tmp_path / "one.npy", np.zeros((2, 1, 2), np.int32) + [0, 1])
     with pytest.raises(locus.ConfigError, match=r"key 'a' names an array of an \.npz file"):
         locus.load_routed_experts(str(tmp_path / "one.npy"), 8, key="a")

@@ -44,4 +44,14 @@ refused '--budget 0.01 of the 100 slots \(all layers\) is 1 slot; a move swaps t
 ok 'of 0 slots budgeted moved' map replan "$work/l.json" --trace "$work/e100.bin" --budget 0 --out "$work/r.json"
 refused '--replan-budget 0.001 of the 128 slots \(all layers\) is 0 slots; .*give at least 0.015625' \
   simulate --trace "$work/mid.bin" --map "$work/p.json" --replan-every 20 --replan-budget 0.001
+# Without --budget a plan of fewer than 20 slots re-plans a pair (10% of them is under two), as the
+# help's default says; given, a budget that small is refused as above.
+"$locus" trace synth --out "$work/e8.bin" --experts 8 --top-k 2 --layers 1 --requests 200 --mean-length 60 \
+  --seed 4 --threads 1 -q >/dev/null &&
+  "$locus" plan --trace "$work/e8.bin" --nodes 2 --gpus-per-node 2 --placement linear --out "$work/l8.json" -q >/dev/null ||
+  { echo "FAIL: setup" >&2; exit 1; }
+ok 'of 2 slots budgeted moved' map replan "$work/l8.json" --trace "$work/e8.bin" --out "$work/r8.json"
+refused '--budget 0.1 of the 8 slots \(all layers\) is 0 slots' map replan "$work/l8.json" --trace "$work/e8.bin" \
+  --budget 0.1 --out "$work/r8.json"
+ok 'at least a pair of slots' map replan --help
 cases_end

@@ -158,6 +158,16 @@ inline void require_movable_budget(double share, const std::vector<expert_map>& 
               std::ceil(2e6 / static_cast<double>(slots)) / 1e6, " (0 moves nothing)");
 }
 
+//! The migration budget a caller gets without giving one: 10% of all slots, or, where that is under
+//! two slots (maps of fewer than 20 slots in all), the least share that moves a pair (a move swaps
+//! two experts), so that a small plan re-plans by default instead of being refused.
+inline constexpr double default_budget_share = 0.10;
+inline double default_budget_for(const std::vector<expert_map>& maps) {
+  const std::size_t slots = total_slots(maps);
+  if (slots < 2 || budget_slots(default_budget_share, maps) >= 2) return default_budget_share;
+  return std::min(1.0, 2.0 / static_cast<double>(slots));
+}
+
 //! with_prior's weight of the prior, in requests. On ESFT's drift scenario (split seed 1, re-plan
 //! bound 1.175) 32 keeps 99% of the per-phase oracle's byte saving against 94% with 0 (the
 //! window's loads alone), at GPU max/mean 1.22 against 1.17 over the phase the shift unbalanced
