@@ -272,9 +272,8 @@ inline bool& files_committed() {
 //! disk, a file-size limit, a drawing that failed, any error of the work still to do, a name the
 //! folder refuses), or whose device write fails (a full device, a closed pipe), leaves every file as
 //! it was. A target no rename could replace (an append-only folder, another user's file in a sticky
-//! folder, a mount point)
-//! is refused when it is opened; a rename that fails all the same (the folder changed meanwhile)
-//! says which outputs were replaced before it.
+//! folder, a mount point) is refused when it is opened; a rename that fails all the same (the
+//! folder changed meanwhile) says which outputs were replaced before it.
 //! Destroyed without a commit, it leaves nothing behind (but a named temporary where the folder
 //! takes no unnamed file and the process is killed).
 class output_set {
