@@ -2,6 +2,7 @@
 #include "../support/random_map.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <boost/test/unit_test.hpp>
 #include <cmath>
 #include <functional>
@@ -1071,6 +1072,18 @@ BOOST_AUTO_TEST_CASE(replan_live_moves_within_its_budget_and_reports_the_changed
   placement::live_replan_options bad;
   bad.budget_share = 1.5;
   BOOST_CHECK_THROW(placement::replan_live(setting.maps, window, window_nodes, topo, bad), config_error);
+  // budget_slots, public and read by planner callbacks, takes shares only: a NaN counted every slot
+  // and a negative share wrapped to 2^64 - 2,000 slots.
+  for (const double share : {std::nan(""), -1.0, 2.0, std::numeric_limits<double>::infinity()})
+    BOOST_CHECK_THROW((void)placement::budget_slots(share, setting.maps), config_error);
+  // A re-plan told to stop (core/cancel.hpp) raises instead of finishing its layers.
+  std::atomic<bool> stop{true};
+  {
+    const cancel_scope scope(stop);
+    placement::live_replan_options all;
+    all.budget_share = 1.0;
+    BOOST_CHECK_THROW(placement::replan_live(setting.maps, window, window_nodes, topo, all), cancelled_error);
+  }
   bad = {};
   bad.copies = static_cast<placement::copy_count>(9); // counted both kinds of copies without a word
   BOOST_CHECK_THROW(placement::replan_live(setting.maps, window, window_nodes, topo, bad), config_error);

@@ -1,8 +1,11 @@
 #define BOOST_TEST_MODULE planning
+#include "../support/error_message.hpp"
+
 #include <atomic>
 #include <boost/test/unit_test.hpp>
 #include <chrono>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <locus/cost/decode_simulator.hpp>
 #include <locus/grouper/by_name.hpp>
@@ -531,6 +534,45 @@ BOOST_AUTO_TEST_CASE(cancelled_plans_and_simulations_raise_soon_after) {
                                           }),
                     cancelled_error);
   BOOST_TEST(last_step == 3u);
+}
+
+// Options out of range are refused naming the option (they changed the plan without a word, or,
+// for classifier_layers past the layer count, looped for ever).
+BOOST_AUTO_TEST_CASE(out_of_range_plan_options_are_refused) {
+  std::mt19937 rng(23);
+  const auto t = domain_trace(rng, 30, 16, 2, 2, 2, 4);
+  const dynamic_topology topo(2, 2);
+  placement::activation_plan_options all_layers;
+  all_layers.grouping.classifier_layers = SIZE_MAX; // "at most": every layer
+  placement::activation_plan_options two_layers;
+  two_layers.grouping.classifier_layers = 2;
+  BOOST_TEST((placement::plan_activation_aware(t, topo, "locality", 1, all_layers).maps ==
+              placement::plan_activation_aware(t, topo, "locality", 1, two_layers).maps));
+  const auto refused = [&](const std::function<void(placement::activation_plan_options&)>& set,
+                           const std::string& says) {
+    placement::activation_plan_options o;
+    set(o);
+    const auto msg = locus_test::error_message<config_error>(
+        [&] { (void)placement::plan_activation_aware(t, topo, "locality", 1, o); });
+    BOOST_TEST(msg.find(says) != std::string::npos, msg);
+  };
+  const double nan = std::nan(""), inf = std::numeric_limits<double>::infinity();
+  refused([](auto& o) { o.refine_sample_pairs = 0; }, "refine_sample_pairs (0)");
+  refused([](auto& o) { o.refine_total_pairs = 0; }, "refine_total_pairs (0)");
+  refused([](auto& o) { o.shift_by = static_cast<placement::shift_group>(7); }, "shift_by 7");
+  refused([](auto& o) { o.refine.candidates = 0; }, "0 swap candidates");
+  refused([=](auto& o) { o.refine.min_sweep_gain = nan; }, "min sweep gain nan");
+  refused([](auto& o) { o.refine.min_sweep_gain = -1; }, "min sweep gain -1");
+  refused([=](auto& o) { o.refine.anneal_temperature = inf; }, "anneal temperature inf");
+  refused([=](auto& o) { o.refine.anneal_temperature = nan; }, "anneal temperature nan");
+  refused([](auto& o) { o.refine.replicas.rule = static_cast<transport::replica_rule>(99); }, "replica rule 99");
+  refused([=](auto& o) { o.refine.shift_slack = inf; }, "shift slack inf");
+  refused([=](auto& o) { o.refine.hedge_z = inf; }, "hedge z inf");
+  refused([=](auto& o) { o.refine.hedge_excess = nan; }, "hedge excess nan");
+  refused([=](auto& o) { o.refine.hedge_floor = inf; }, "hedge floor inf");
+  refused([](auto& o) { o.grouping.confidence_quantile = 2; }, "confidence_quantile is 2");
+  refused([=](auto& o) { o.named.locality.balance_slack = nan; }, "locality balance_slack nan");
+  refused([=](auto& o) { o.named.locality.replica_balance_slack = nan; }, "locality replica_balance_slack nan");
 }
 
 // The grouper only returns ranks with room (or no_rank when every rank is full), whatever the

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <locus/core/cancel.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/grouper/baselines.hpp>
@@ -283,9 +284,15 @@ private:
                       std::isfinite(opt.confidence_margin),
                   config_error, "workload_aware: min_similarity (", opt.min_similarity, "), confidence_quantile (",
                   opt.confidence_quantile, ") and confidence_margin (", opt.confidence_margin, ") must be numbers");
+    LOCUS_REQUIRE(opt.confidence_quantile >= 0 && opt.confidence_quantile <= 1, config_error,
+                  "workload_aware: confidence_quantile is ", opt.confidence_quantile,
+                  ", expected a number from 0 to 1");
     LOCUS_REQUIRE(opt.balance_slack >= 0, config_error, "workload_aware: balance_slack is ", opt.balance_slack,
                   ", expected a number >= 0");
-    m.layer_stride_ = (m.layers_ + opt.classifier_layers - 1) / opt.classifier_layers;
+    // More classifier layers than the trace has is every layer (SIZE_MAX once wrapped the sum below
+    // to a stride of 0, and the fit looped for ever).
+    const std::size_t used = std::min(opt.classifier_layers, m.layers_);
+    m.layer_stride_ = (m.layers_ + used - 1) / used;
     return m;
   }
 
@@ -310,6 +317,7 @@ private:
     f.decode.assign(n * dim, 0.0f);
     f.prefill.assign(n * dim, 0.0f);
     for (std::size_t i = 0; i < n; ++i) {
+      if (i % 256 == 0) throw_if_cancelled();
       const std::size_t r = reqs[i], p = detail::workload::prefill_length(train, r);
       detail::workload::add_counts(train, r, p, train.request(r).length - p, f.decode.data() + i * dim);
       detail::workload::add_counts(train, r, 0, std::min(p, opt_.prefill_tokens), f.prefill.data() + i * dim,

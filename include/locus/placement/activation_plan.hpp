@@ -169,6 +169,13 @@ inline activation_plan plan_activation_aware(const trace::trace& train, const dy
                                              std::string_view placement, std::size_t redundant_per_rank,
                                              const activation_plan_options& opt = {}) {
   require_planner_name(placement); // a misspelt name, not the fit's complaint about the trace
+  // A sample of no pair shrank the token-level stage to one token per layer without a word.
+  LOCUS_REQUIRE(opt.refine_sample_pairs >= 1 && opt.refine_total_pairs >= 1, config_error,
+                "plan: refine_sample_pairs (", opt.refine_sample_pairs, ") and refine_total_pairs (",
+                opt.refine_total_pairs, ") must be at least 1");
+  LOCUS_REQUIRE(opt.shift_by == shift_group::node || opt.shift_by == shift_group::request_class ||
+                    opt.shift_by == shift_group::request,
+                config_error, "plan: shift_by ", static_cast<unsigned>(opt.shift_by), " is none of locus's");
   // The planners keep per-node usage tables (layers × nodes × experts doubles, several copies);
   // refuse a deployment whose tables alone would not fit before anything is fitted.
   constexpr std::size_t max_node_usage_entries = std::size_t{1} << 25; // 256 MB of doubles

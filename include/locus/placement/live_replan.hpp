@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <locus/core/cancel.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/core/topology.hpp>
@@ -72,8 +73,10 @@ inline std::vector<std::vector<double>> decode_rows(const trace::trace& t) {
 // Mean over layers of the lowest GPU max/mean the maps allow on per-layer expert rows.
 inline double balance_floor(const std::vector<expert_map>& maps, const std::vector<std::vector<double>>& rows) {
   double sum = 0;
-  for (std::size_t l = 0; l < maps.size(); ++l)
+  for (std::size_t l = 0; l < maps.size(); ++l) {
+    throw_if_cancelled();
     sum += min_max_split(maps[l], rows[l]).max_over_mean;
+  }
   return maps.empty() ? 1.0 : sum / static_cast<double>(maps.size());
 }
 } // namespace detail

@@ -14,11 +14,12 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::placement {
 
-//! The most load one of `units` units may take: (1 + slack) × total / units.
+//! The most load one of `units` units may take: (1 + slack) × total / units. `slack_name` names the
+//! option the slack came from in the message that refuses it.
 //! @throws locus::config_error when `units` is zero or `slack` negative or NaN
-inline double load_bound(double total, std::size_t units, double slack) {
+inline double load_bound(double total, std::size_t units, double slack, const char* slack_name = "slack") {
   LOCUS_REQUIRE(units > 0, config_error, "load bound: no units to spread the load over");
-  LOCUS_REQUIRE(slack >= 0, config_error, "load bound: slack ", slack, ", expected a number >= 0");
+  LOCUS_REQUIRE(slack >= 0, config_error, "load bound: ", slack_name, " ", slack, ", expected a number >= 0");
   return (1.0 + slack) * total / static_cast<double>(units);
 }
 

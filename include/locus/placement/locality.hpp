@@ -228,7 +228,7 @@ inline da::node_layout plan_layer(const usage_table& u, const plan_input& in, co
   double total = 0;
   for (double x : w)
     total += x;
-  const double cap = load_bound(total, nodes, opt.balance_slack);
+  const double cap = load_bound(total, nodes, opt.balance_slack, "locality balance_slack");
 
   first_copies fc = greedy_first_copies(u, w, nodes, b.primary_per_node, cap);
   refine_first_copies(u, w, b.primary_per_node, cap, opt.max_sweeps, fc);
@@ -238,7 +238,7 @@ inline da::node_layout plan_layer(const usage_table& u, const plan_input& in, co
     layout.add(static_cast<std::size_t>(fc.host[e]), e);
   if (b.redundant_per_node == 0 || !opt.replicas) return layout;
   add_replicas(u, w, fc.host, in.slots_per_rank * in.topology.gpus_per_node(),
-               load_bound(total, nodes, opt.replica_balance_slack), layout);
+               load_bound(total, nodes, opt.replica_balance_slack, "locality replica_balance_slack"), layout);
   return layout;
 }
 
@@ -305,8 +305,8 @@ inline grouping_bounds bounds_of(const grouper::workload_model& model, const joi
   double total_requests = 0;
   for (std::size_t c = 0; c < k; ++c)
     total_requests += model.cluster_requests(c);
-  return {total_pairs, load_bound(total_tokens, nodes, jopt.token_slack),
-          load_bound(total_requests, nodes, jopt.request_slack)};
+  return {total_pairs, load_bound(total_tokens, nodes, jopt.token_slack, "joint grouping token_slack"),
+          load_bound(total_requests, nodes, jopt.request_slack, "joint grouping request_slack")};
 }
 
 //! The node layout of every layer for `in.node_load` (the placement half of a round).

@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <locus/core/cancel.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/placement/token_refine.hpp>
@@ -137,7 +138,11 @@ inline constexpr std::uint64_t max_expert_bytes = std::uint64_t{1} << 40;
 //! The slots a re-plan may move for a budget of `share` of all layers' slots: the floor of their
 //! product, but a share written as a decimal counts in full (0.57 of 100 slots is 57, where the
 //! product of the binary 0.57 and 100 is 56.99999999999999).
+//! @throws locus::config_error when `share` is not a number from 0 to 1
 inline std::size_t budget_slots(double share, const std::vector<expert_map>& maps) {
+  // A NaN counted every slot, a negative share wrapped to 2^64 - 2,000 slots.
+  LOCUS_REQUIRE(std::isfinite(share) && share >= 0 && share <= 1, config_error, "budget share ", share,
+                " (expected a share of the slots from 0 to 1)");
   const double slots = static_cast<double>(total_slots(maps));
   const double exact = share * slots;
   return static_cast<std::size_t>(std::min(slots, std::floor(exact + exact * 1e-12)));
@@ -148,7 +153,9 @@ inline std::size_t budget_slots(double share, const std::vector<expert_map>& map
 //! the setting in the message.
 //! @throws locus::config_error naming the smallest share that moves a pair
 inline void require_movable_budget(double share, const std::vector<expert_map>& maps, const std::string& what) {
-  if (!(share > 0) || budget_slots(share, maps) >= 2) return;
+  LOCUS_REQUIRE(std::isfinite(share) && share >= 0 && share <= 1, config_error, what, " ", share,
+                " (expected a share of the slots from 0 to 1)");
+  if (share == 0 || budget_slots(share, maps) >= 2) return;
   const std::size_t slots = total_slots(maps);
   LOCUS_REQUIRE(slots >= 2, config_error, what, " ", share, ": the maps have ", slots,
                 " slot in all; a move swaps two experts");
@@ -333,6 +340,7 @@ migration_result replan_by_tokens(const std::vector<expert_map>& current, const 
   migration_result out;
   const auto requests = dense_request_ids(sample.request); // for the significance rule, once for every layer
   for (std::size_t l = 0; l < layers; ++l) {
+    throw_if_cancelled();
     LOCUS_REQUIRE(current[l].ranks() == topo.ranks() && current[l].experts() == sample.experts, config_error,
                   "replan_by_tokens: layer ", l, " map (", current[l].experts(), " experts, ", current[l].ranks(),
                   " ranks) does not match the sample (", sample.experts, ") or the topology (", topo.ranks(), ")");

@@ -739,6 +739,7 @@ public:
     };
     refresh();
     for (std::size_t made = 0; made < budget; ++made) {
+      throw_if_cancelled();
       const auto over = static_cast<std::size_t>(std::max_element(load_.begin(), load_.end()) - load_.begin());
       if (load_[over] > cap_ + 1e-9) {
         // Swaps that lower the larger of the two loads by at least `progress` of the most any
@@ -1795,9 +1796,14 @@ inline void check_cost_options(const token_refine_options& opt, const char* who)
   LOCUS_REQUIRE(opt.balance_slack >= 0 && finite_weights(opt), config_error, who, ": a slack (", opt.balance_slack,
                 ") that is not a number >= 0, or copy weights (", opt.rank_copy_weight, ", ", opt.node_copy_weight,
                 ") that are not finite numbers >= 0");
-  LOCUS_REQUIRE(std::isfinite(opt.balance_shift) && opt.balance_shift >= 0 && opt.shift_slack >= 0, config_error, who,
-                ": balance shift ", opt.balance_shift, " (expected a finite number >= 0) or negative shift slack ",
-                opt.shift_slack);
+  LOCUS_REQUIRE(std::isfinite(opt.balance_shift) && opt.balance_shift >= 0, config_error, who, ": balance shift ",
+                opt.balance_shift, " (expected a finite number >= 0)");
+  LOCUS_REQUIRE(std::isfinite(opt.shift_slack) && opt.shift_slack >= 0, config_error, who, ": shift slack ",
+                opt.shift_slack, " (expected a finite number >= 0)");
+  // An unknown rule was counted as locality_first here, where the simulator and re-planner refuse it.
+  LOCUS_REQUIRE(std::find(transport::all_replica_rules.begin(), transport::all_replica_rules.end(),
+                          opt.replicas.rule) != transport::all_replica_rules.end(),
+                config_error, who, ": replica rule ", static_cast<unsigned>(opt.replicas.rule), " is none of locus's");
 }
 
 //! The options the hedge's draws read (hedge_resamples, hedge_class_spread with the sample's
@@ -1828,8 +1834,12 @@ expert_map refine_layer(const expert_map& map, const token_sample& sample, std::
                 sample.layers());
   LOCUS_REQUIRE(sample.top_k <= 64, config_error, "refine_by_tokens: top-k ", sample.top_k, " above 64");
   check_cost_options(opt, "refine_by_tokens");
-  LOCUS_REQUIRE(opt.anneal_temperature >= 0, config_error, "refine_by_tokens: negative anneal temperature ",
-                opt.anneal_temperature);
+  LOCUS_REQUIRE(std::isfinite(opt.anneal_temperature) && opt.anneal_temperature >= 0, config_error,
+                "refine_by_tokens: anneal temperature ", opt.anneal_temperature, " (expected a finite number >= 0)");
+  // No candidate turned the sweeps off without a word; a NaN or negative gain never stopped them.
+  LOCUS_REQUIRE(opt.candidates >= 1, config_error, "refine_by_tokens: 0 swap candidates (at least 1)");
+  LOCUS_REQUIRE(std::isfinite(opt.min_sweep_gain) && opt.min_sweep_gain >= 0, config_error,
+                "refine_by_tokens: min sweep gain ", opt.min_sweep_gain, " (expected a finite number >= 0)");
   LOCUS_REQUIRE(opt.anneal_per_expert <= token_refine_options::max_anneal_per_expert, config_error,
                 "refine_by_tokens: anneal_per_expert is ", opt.anneal_per_expert, ", expected at most ",
                 token_refine_options::max_anneal_per_expert);
@@ -1894,6 +1904,7 @@ double sample_copy_cost(const std::vector<expert_map>& maps, const token_sample&
   sample.validate(topo.nodes());
   double c = 0;
   for (std::size_t l = 0; l < maps.size(); ++l) {
+    throw_if_cancelled();
     LOCUS_REQUIRE(maps[l].ranks() == topo.ranks() && maps[l].experts() == sample.experts, config_error,
                   "sample_copy_cost: layer ", l, " map does not match the sample or the topology");
     c += detail::token_refine::layer_state<Topology>(maps[l], sample.ids[l], sample.home, sample.top_k, topo, opt, l,
@@ -1945,10 +1956,12 @@ std::vector<expert_map> add_replicas_by_tokens(const std::vector<expert_map>& ma
   LOCUS_REQUIRE(sample.load_weight.empty(), config_error,
                 "add_replicas_by_tokens: the sample has load weights (read by the swaps only)");
   detail::token_refine::check_cost_options(opt, "add_replicas_by_tokens");
-  LOCUS_REQUIRE(opt.hedge_z >= 0 && opt.hedge_excess >= 0, config_error, "add_replicas_by_tokens: negative hedge z ",
-                opt.hedge_z, " or hedge excess ", opt.hedge_excess);
-  LOCUS_REQUIRE(opt.hedge_floor == 0 || opt.hedge_floor >= 1, config_error, "add_replicas_by_tokens: hedge floor ",
-                opt.hedge_floor, " (0: off, else a GPU max/mean target >= 1)");
+  LOCUS_REQUIRE(std::isfinite(opt.hedge_z) && opt.hedge_z >= 0, config_error, "add_replicas_by_tokens: hedge z ",
+                opt.hedge_z, " (expected a finite number >= 0)");
+  LOCUS_REQUIRE(std::isfinite(opt.hedge_excess) && opt.hedge_excess >= 0, config_error,
+                "add_replicas_by_tokens: hedge excess ", opt.hedge_excess, " (expected a finite number >= 0)");
+  LOCUS_REQUIRE(opt.hedge_floor == 0 || (std::isfinite(opt.hedge_floor) && opt.hedge_floor >= 1), config_error,
+                "add_replicas_by_tokens: hedge floor ", opt.hedge_floor, " (0: off, else a GPU max/mean target >= 1)");
   detail::token_refine::check_hedge_options(opt, sample, "add_replicas_by_tokens");
   std::vector<expert_map> out;
   out.reserve(maps.size());
