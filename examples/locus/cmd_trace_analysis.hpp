@@ -219,10 +219,13 @@ inline std::vector<std::string> earlier_report_files(const std::string& folder, 
   } catch (const std::exception&) {
     return stale; // not a report's summary: nothing of it is removed
   }
-  if (!doc.is_object() || doc.value("format", "") != "locus.trace.report.summary" || !doc.contains("files") ||
-      !doc["files"].is_array())
+  // Looked at field by field: value() of a format that is no string would throw nlohmann's error.
+  if (!doc.is_object()) return stale;
+  const auto format = doc.find("format"), files = doc.find("files");
+  if (format == doc.end() || !format->is_string() || *format != "locus.trace.report.summary" || files == doc.end() ||
+      !files->is_array())
     return stale;
-  for (const auto& f : doc["files"]) {
+  for (const auto& f : *files) {
     if (!f.is_string()) continue;
     const std::string name = f.get<std::string>();
     const bool plain = !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos;

@@ -634,6 +634,12 @@ echo mine >"$work/rep/mine.csv"
 ok 'CSV files written; 1 file of the earlier report removed' trace report "$work/t.bin" --out "$work/rep" --no-render
 check "the earlier report's third domain is gone" test ! -e "$work/rep/load_domain2_domain2.csv"
 check "a file no report listed stays" test -e "$work/rep/mine.csv"
+# A summary.json of another kind in the folder (its format a number) is no report's: nothing removed.
+mkdir -p "$work/rep2"
+echo '{"format": 5, "files": ["mine.csv"]}' >"$work/rep2/summary.json"
+echo mine >"$work/rep2/mine.csv"
+ok 'CSV files written$' trace report "$work/t.bin" --out "$work/rep2" --no-render
+check "a file another summary listed stays" test -e "$work/rep2/mine.csv"
 # After files were put in place, a summary that did not reach stdout says they were.
 if [ -w /dev/full ]; then
   check "a failed summary after the files says they were written" sh -c "\"$locus\" plan --trace \"$work/t.bin\" \
