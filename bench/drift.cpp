@@ -112,7 +112,7 @@ int main(int argc, char** argv) try {
                  "that saving on its sample, summed per request (0: any saving)")
       ->check(tool_cli::finite_non_negative);
   app.add_option("--budget-share", budget_share, "Share of the slots an adaptive re-plan may move")
-      ->check(tool_cli::positive);
+      ->check(tool_cli::number_in(0, 1));
   app.add_option("--report-tokens", report_tokens, "Decode tokens per reported window")->check(tool_cli::positive);
   app.add_option("--expert-bytes", expert_bytes, "Weight bytes of one expert")->check(tool_cli::positive);
   app.add_option("--transport", transport_name, "Transport of the run")->check(CLI::IsMember({"flat", "hierarchical"}));

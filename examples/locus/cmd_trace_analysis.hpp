@@ -8,11 +8,13 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cerrno>
 #include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <fcntl.h>
 #include <filesystem>
 #include <locus/core/atomic_file.hpp>
 #include <locus/core/error.hpp>
@@ -24,6 +26,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
+#include <sys/file.h>
 #include <unistd.h>
 #include <vector>
 
@@ -205,6 +208,26 @@ inline std::string csv_quote(const std::string& x) {
   return r + "\"";
 }
 
+//! An exclusive lock on a folder (flock of the folder itself) while alive: two reports into one
+//! folder take turns from reading the earlier summary to removing its files. A folder that cannot
+//! be locked (a filesystem without flock) is written without it.
+class folder_lock {
+public:
+  explicit folder_lock(const std::string& folder) : fd_(::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) {
+    if (fd_ >= 0)
+      while (::flock(fd_, LOCK_EX) != 0 && errno == EINTR) {
+      }
+  }
+  ~folder_lock() {
+    if (fd_ >= 0) ::close(fd_); // closing releases the lock
+  }
+  folder_lock(const folder_lock&) = delete;
+  folder_lock& operator=(const folder_lock&) = delete;
+
+private:
+  int fd_;
+};
+
 //! The files the report already in `folder` listed in its summary (reports before the list came
 //! name none) and `now` does not: plain names of regular files in the folder, nothing else.
 inline std::vector<std::string> earlier_report_files(const std::string& folder, const nlohmann::json& now) {
@@ -228,8 +251,12 @@ inline std::vector<std::string> earlier_report_files(const std::string& folder, 
   for (const auto& f : *files) {
     if (!f.is_string()) continue;
     const std::string name = f.get<std::string>();
-    const bool plain = !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos;
-    if (plain && std::find(now.begin(), now.end(), f) == now.end() && fs::is_regular_file(fs::path(folder) / name, ec))
+    // A NUL would cut the name short where the system reads it ("load_all.csv\0" is load_all.csv).
+    const bool plain = !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
+                       name.find('\0') == std::string::npos;
+    // A regular file itself, not a link to one.
+    if (plain && std::find(now.begin(), now.end(), f) == now.end() &&
+        fs::is_regular_file(fs::symlink_status(fs::path(folder) / name, ec)))
       stale.push_back(name);
   }
   return stale;
@@ -641,6 +668,9 @@ inline void register_trace_report(CLI::App& trace_cmd) {
       f << summary.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
       trace_analysis::save(dir / "summary.json", f);
     }
+    // Held from reading the earlier summary to the last removal: a report written meanwhile into
+    // the same folder would otherwise lose files its own summary lists.
+    const trace_analysis::folder_lock lock(o->out);
     const auto stale = trace_analysis::earlier_report_files(o->out, summary["files"]);
     output_set files;
     const auto names = stage.add_files_to(files, o->out);
@@ -654,6 +684,9 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     std::size_t removed = 0;
     for (const auto& name : stale) {
       std::error_code ec;
+      // Never what this run just wrote: its --json may sit in the folder under a listed name.
+      if (!o->json.empty() && !json_to_stdout(o->json) && fs::equivalent(fs::path(o->out) / name, o->json, ec))
+        continue;
       removed += fs::remove(fs::path(o->out) / name, ec);
     }
     if (stdout_taken({o->json})) return; // stdout carries the JSON alone

@@ -121,6 +121,54 @@ std::string path_arg(nb::handle p) {
   return out;
 }
 
+// Whether the interpreter has begun to shut down (readable without the GIL).
+bool interpreter_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
+// Whether the calling thread (holding the GIL) is the interpreter's main thread, the one that runs
+// signal handlers and shuts the interpreter down.
+bool on_main_thread() {
+  try {
+    const nb::module_ threading = nb::module_::import_("threading");
+    return threading.attr("current_thread")().is(threading.attr("main_thread")());
+  } catch (const nb::python_error&) { // no threading module left (late in a shutdown): as the main thread
+    return true;
+  }
+}
+
+// Runs `work` (which must touch no Python object) without the GIL and takes the GIL back after it,
+// unless, on a thread other than the main one, the interpreter began to shut down meanwhile:
+// CPython ends such a thread when it takes the GIL (pthread_exit, whose unwinding through a
+// destructor would end the whole process with std::terminate), so it (a daemon thread whose call
+// outlived the program) waits for the process to end instead. The main thread, which runs the
+// shutdown, takes the GIL back as always.
+template <class F>
+auto without_gil(F&& work) {
+  using result_t = std::invoke_result_t<F&>;
+  const bool main_thread = on_main_thread();
+  PyThreadState* const state = PyEval_SaveThread();
+  std::exception_ptr failure;
+  std::conditional_t<std::is_void_v<result_t>, bool, std::optional<result_t>> result{};
+  try {
+    if constexpr (std::is_void_v<result_t>)
+      work();
+    else
+      result.emplace(work());
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  while (!main_thread && interpreter_finalizing())
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+  PyEval_RestoreThread(state);
+  if (failure) std::rethrow_exception(failure);
+  if constexpr (!std::is_void_v<result_t>) return std::move(*result);
+}
+
 // File I/O on the file `path` names (str, bytes or os.PathLike: path_arg), run without the GIL so
 // that a slow disk or a FIFO that waits for its reader does not stop the interpreter's other
 // threads. A signal that interrupts it (Ctrl-C: the system call fails with EINTR) is raised as
@@ -138,8 +186,7 @@ auto file_io(nb::handle path, F&& io) {
         stream.attr("flush")();
   }
   try {
-    nb::gil_scoped_release released;
-    return io(p);
+    return without_gil([&] { return io(p); });
   } catch (const locus::io_error& e) {
     if (e.code() == EINTR && PyErr_CheckSignals() != 0) throw nb::python_error();
     throw;
@@ -151,21 +198,14 @@ auto file_io(nb::handle path, F&& io) {
 // of its own under a locus::cancel_scope while the main thread asks Python for pending signals every
 // 50 ms. When a handler raises (KeyboardInterrupt), the work is told to stop, which the library's
 // long loops see within a layer, a step or a few thousand proposals; its result is dropped and the
-// handler's exception raised. Other threads run `work` themselves: only the main thread runs
-// signal handlers, and a thread that took the GIL back while the interpreter shuts down would be
-// ended on the spot (CPython ends non-main threads that ask for the GIL then).
+// handler's exception raised. Other threads run `work` themselves (without_gil): only the main
+// thread runs signal handlers, and a thread that took the GIL back every 50 ms while the
+// interpreter shut down would be ended on the spot.
 template <class F>
 auto interruptible(F&& work) {
   using result_t = std::invoke_result_t<F&>;
   static_assert(!std::is_void_v<result_t>, "interruptible: the work returns its result");
-  const bool main_thread = [] {
-    const nb::module_ threading = nb::module_::import_("threading");
-    return threading.attr("current_thread")().is(threading.attr("main_thread")());
-  }();
-  if (!main_thread) {
-    nb::gil_scoped_release released;
-    return work();
-  }
+  if (!on_main_thread()) return without_gil(work);
   std::atomic<bool> stop{false};
   std::optional<result_t> result;
   std::exception_ptr failure;

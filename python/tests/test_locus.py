@@ -1255,6 +1255,19 @@ def test_ctrl_c_stops_a_long_plan():
                       "    print('interrupted')\n")
     out = subprocess.run([sys.executable, "-c", joined], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "interrupted", out.stderr
+    # A call on another thread that ends while the interpreter shuts down (a module's slow __del__
+    # holds the shutdown open): taking the GIL back then ended the process with std::terminate.
+    ends_in_shutdown = setup + ("import types\n"
+                                "class Slow:\n"
+                                "    def __del__(self):\n"
+                                "        time.sleep(3)\n"
+                                "slow = types.ModuleType('slow_teardown'); slow.obj = Slow()\n"
+                                "sys.modules['slow_teardown'] = slow\n"
+                                "threading.Thread(target=lambda: locus.plan(t, 2, 2, 'locality', anneal=1 << 14, **kw),\n"
+                                "                 daemon=True).start()\n"
+                                "time.sleep(0.1)\n")
+    out = subprocess.run([sys.executable, "-c", ends_in_shutdown], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
 
 
 def test_replan_and_routed_experts_refuse_arguments_that_change_nothing_or_are_wrong(tmp_path):

@@ -640,6 +640,19 @@ echo '{"format": 5, "files": ["mine.csv"]}' >"$work/rep2/summary.json"
 echo mine >"$work/rep2/mine.csv"
 ok 'CSV files written$' trace report "$work/t.bin" --out "$work/rep2" --no-render
 check "a file another summary listed stays" test -e "$work/rep2/mine.csv"
+# Names a crafted summary lists are removed only as plain regular files of the folder that this run
+# did not write: not through a NUL ("load_all.csv\0" is load_all.csv to the system), not a link, not
+# the --json document just written there.
+"$locus" trace report "$work/t.bin" --out "$work/rep3" --no-render >/dev/null || case_fail "report into rep3"
+echo outside >"$work/outside.txt"
+ln -s "$work/outside.txt" "$work/rep3/link.csv"
+echo '{"format": "locus.trace.report.summary", "files": ["load_all.csv\u0000", "link.csv", "r.json"]}' \
+  >"$work/rep3/summary.json"
+echo '{"format": "locus.trace.report"}' >"$work/rep3/r.json"
+ok 'CSV files written$' trace report "$work/t.bin" --out "$work/rep3" --no-render --json "$work/rep3/r.json"
+check "a name cut short by a NUL removes nothing" test -e "$work/rep3/load_all.csv"
+check "a link named by a summary stays, and so does its target" test -L "$work/rep3/link.csv" -a -e "$work/outside.txt"
+check "the --json just written stays" test -s "$work/rep3/r.json"
 # After files were put in place, a summary that did not reach stdout says they were.
 if [ -w /dev/full ]; then
   check "a failed summary after the files says they were written" sh -c "\"$locus\" plan --trace \"$work/t.bin\" \
