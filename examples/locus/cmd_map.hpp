@@ -157,12 +157,12 @@ inline int map_export(const export_options& o) {
     std::printf("pass: --enable-expert-parallel --enable-eplb --eplb-config '{\"num_redundant_experts\": %zu}' "
                 "(expert-parallel size, data parallel x tensor parallel, %zu), and in every worker process, from a "
                 "vllm.general_plugins entry point: locus.vllm.register(%s)\n",
-                m.slot_count() - m.experts(), m.ranks(), one_line(string_literal(o.out)).c_str());
+                m.slot_count() - m.experts(), m.ranks(), one_line(locus::trace::quoted_name(o.out)).c_str());
   else if (!as_map && format == locus::placement::engine_format::trtllm)
     std::printf("pass: enable_attention_dp: true and moe_config: {backend: WIDEEP, load_balancer: %s} (in "
                 "--extra_llm_api_options; TensorRT-LLM's load balancer needs attention DP, EP > 1 and a backend that "
                 "supports it), --ep %zu\n",
-                one_line(string_literal(o.out)).c_str(), m.ranks());
+                one_line(locus::trace::quoted_name(o.out)).c_str(), m.ranks());
   return 0;
 }
 

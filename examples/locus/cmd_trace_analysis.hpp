@@ -683,11 +683,11 @@ inline void register_trace_report(CLI::App& trace_cmd) {
     files.commit();
     std::size_t removed = 0;
     for (const auto& name : stale) {
-      std::error_code ec;
+      std::error_code removal;
       // Never what this run just wrote: its --json may sit in the folder under a listed name.
-      if (!o->json.empty() && !json_to_stdout(o->json) && fs::equivalent(fs::path(o->out) / name, o->json, ec))
+      if (!o->json.empty() && !json_to_stdout(o->json) && fs::equivalent(fs::path(o->out) / name, o->json, removal))
         continue;
-      removed += fs::remove(fs::path(o->out) / name, ec);
+      removed += fs::remove(fs::path(o->out) / name, removal);
     }
     if (stdout_taken({o->json})) return; // stdout carries the JSON alone
     std::printf("%s: CSV files written%s%s\n", one_line(o->out).c_str(),

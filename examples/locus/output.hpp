@@ -209,11 +209,6 @@ inline std::string shell_quote(const std::string& x) {
   return r + "'";
 }
 
-//! `x` as a double-quoted string literal that Python and YAML read back as `x` (JSON's escapes).
-inline std::string string_literal(const std::string& x) {
-  return nlohmann::json(x).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-}
-
 //! Whether `--json` sends the document to stdout (the table is then not printed).
 inline bool json_to_stdout(const std::string& path) { return path == "-"; }
 

@@ -14,6 +14,7 @@
 #include <locus/core/error.hpp>
 #include <locus/trace/trace.hpp>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <string>
 #include <utility>
@@ -84,6 +85,26 @@ struct listed_entry {
   std::size_t line = 0;
 };
 
+//! The index past the closing quote of the JSON string that starts at `s[i]` (a double quote,
+//! backslash escapes skipped), or npos when it has none.
+inline std::size_t quoted_end(const std::string& s, std::size_t i) {
+  std::size_t j = i + 1;
+  for (; j < s.size() && s[j] != '"'; ++j)
+    if (s[j] == '\\') ++j;
+  return j < s.size() ? j + 1 : std::string::npos;
+}
+
+//! The text of the JSON string `s[i, end)`, or none where it is no JSON string.
+inline std::optional<std::string> json_string(const std::string& s, std::size_t i, std::size_t end) {
+  try {
+    return nlohmann::json::parse(s.begin() + static_cast<std::ptrdiff_t>(i),
+                                 s.begin() + static_cast<std::ptrdiff_t>(end))
+        .get<std::string>();
+  } catch (const nlohmann::json::exception&) {
+    return std::nullopt;
+  }
+}
+
 //! The entries of a file that lists requests (and, for --homes, ranks): separated by whitespace or
 //! commas, `#` to the end of a line a comment; an entry in double quotes is a JSON string, so that
 //! a request name holding a separator, a `#` or a quote can be listed.
@@ -122,22 +143,15 @@ inline std::vector<listed_entry> read_listed_entries(const std::string& path, co
       if (i == line.size() || line[i] == '#') break;
       std::size_t j = i;
       if (line[i] == '"') {
-        for (j = i + 1; j < line.size() && line[j] != '"'; ++j)
-          if (line[j] == '\\') ++j;
-        LOCUS_REQUIRE(j < line.size(), locus::config_error, flag, " ", path, ":", line_no,
+        j = quoted_end(line, i);
+        LOCUS_REQUIRE(j != std::string::npos, locus::config_error, flag, " ", path, ":", line_no,
                       ": a quoted entry has no closing quote");
-        ++j;
         LOCUS_REQUIRE(j == line.size() || separator(line[j]) || line[j] == '#', locus::config_error, flag, " ", path,
                       ":", line_no, ": a quoted entry runs on past its closing quote");
-        nlohmann::json v;
-        try {
-          v = nlohmann::json::parse(line.begin() + static_cast<std::ptrdiff_t>(i),
-                                    line.begin() + static_cast<std::ptrdiff_t>(j));
-        } catch (const nlohmann::json::exception&) {
-          LOCUS_THROW(locus::config_error, flag, " ", path, ":", line_no, ": ",
+        auto text = json_string(line, i, j);
+        LOCUS_REQUIRE(text, locus::config_error, flag, " ", path, ":", line_no, ": ",
                       line.substr(i, std::min<std::size_t>(j - i, 32)), " is not a JSON string");
-        }
-        out.push_back({v.get<std::string>(), line_no});
+        out.push_back({std::move(*text), line_no});
       } else {
         while (j < line.size() && !separator(line[j]) && line[j] != '#')
           ++j;
@@ -205,17 +219,12 @@ inline std::vector<std::string> name_list(const std::vector<std::string>& values
         ++i;
       std::size_t end = i;
       if (i < v.size() && v[i] == '"') {
-        for (end = i + 1; end < v.size() && v[end] != '"'; ++end)
-          if (v[end] == '\\') ++end;
-        LOCUS_REQUIRE(end < v.size(), locus::config_error, flag, ": ", v, ": a quoted name has no closing quote");
-        ++end;
-        try {
-          out.push_back(nlohmann::json::parse(v.begin() + static_cast<std::ptrdiff_t>(i),
-                                              v.begin() + static_cast<std::ptrdiff_t>(end))
-                            .get<std::string>());
-        } catch (const nlohmann::json::exception&) {
-          LOCUS_THROW(locus::config_error, flag, ": ", v.substr(i, end - i), " is not a JSON string");
-        }
+        end = quoted_end(v, i);
+        LOCUS_REQUIRE(end != std::string::npos, locus::config_error, flag, ": ", v,
+                      ": a quoted name has no closing quote");
+        auto text = json_string(v, i, end);
+        LOCUS_REQUIRE(text, locus::config_error, flag, ": ", v.substr(i, end - i), " is not a JSON string");
+        out.push_back(std::move(*text));
         while (end < v.size() && blank(v[end]))
           ++end;
         LOCUS_REQUIRE(end == v.size() || v[end] == ',', locus::config_error, flag, ": ", v,
