@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <locus/locus.hpp>
+#include <pthread.h>
 #include <type_traits>
 #include <vector>
 
@@ -250,6 +251,41 @@ BOOST_AUTO_TEST_CASE(parallel_for_rethrows_a_worker_exception) {
                                  }),
                     config_error);
 }
+
+#ifdef __GLIBC__
+// With no thread to be had (the process's thread or memory limits), parallel_for threw the
+// std::thread's system_error, after starting none or (worse) some threads, whose destructors then
+// ended the process. Every chunk now runs, on the caller. A default stack no mapping can hold makes
+// every thread start fail.
+BOOST_AUTO_TEST_CASE(parallel_for_runs_on_the_caller_when_no_thread_starts) {
+  pthread_attr_t before, huge;
+  BOOST_REQUIRE(pthread_getattr_default_np(&before) == 0);
+  BOOST_REQUIRE(pthread_attr_init(&huge) == 0);
+  BOOST_REQUIRE(pthread_attr_setstacksize(&huge, std::size_t{1} << 46) == 0);
+  BOOST_REQUIRE(pthread_setattr_default_np(&huge) == 0);
+  std::vector<int> hits(1000, 0);
+  std::vector<unsigned> workers(1000, 99);
+  bool threw = false;
+  try {
+    parallel_for(hits.size(), 3, 4u, [&](std::size_t b, std::size_t e, unsigned w) {
+      for (std::size_t i = b; i < e; ++i) {
+        ++hits[i];
+        workers[i] = w;
+      }
+    });
+  } catch (...) {
+    threw = true;
+  }
+  pthread_setattr_default_np(&before);
+  pthread_attr_destroy(&huge);
+  pthread_attr_destroy(&before);
+  BOOST_TEST(!threw);
+  for (std::size_t i = 0; i < hits.size(); ++i) {
+    BOOST_TEST(hits[i] == 1);
+    BOOST_TEST(workers[i] == i * 4 / hits.size()); // chunk w keeps its worker number
+  }
+}
+#endif
 
 // A cancel_scope's flag is seen by its thread and by parallel_for's workers, not by other threads;
 // scopes nest and restore the outer flag.

@@ -6,6 +6,7 @@
 #include <locus/grouper/baselines.hpp>
 #include <locus/placement/linear.hpp>
 #include <random>
+#include <string_view>
 
 using namespace locus;
 using namespace locus::cost;
@@ -262,6 +263,22 @@ BOOST_AUTO_TEST_CASE(enum_values_outside_their_range_are_refused) {
   cfg.replica_rule = placement::replica_rule::locality_first;
   cfg.transport = static_cast<transport_kind>(9);
   BOOST_CHECK_THROW(simulate_decode(t, maps, g, cfg), config_error);
+}
+
+// A trace whose every token is prefill returned an all-zero result (no steps, no bytes), which a
+// caller read as a free deployment.
+BOOST_AUTO_TEST_CASE(a_trace_with_no_decode_token_is_refused) {
+  std::mt19937 rng(8);
+  const auto t = random_trace(rng, 4, 8, 2, 1, 2);
+  simulation_config cfg;
+  cfg.topology = dynamic_topology(2, 2);
+  const auto maps = placement::linear{}.plan({cfg.topology, 8, 2, {std::vector<double>(8, 1)}, {}});
+  grouper::least_loaded g;
+  BOOST_CHECK_NO_THROW(simulate_decode(t, maps, g, cfg));
+  const auto prefill_only = t.with_prefill_tokens(1000);
+  BOOST_CHECK_EXCEPTION(simulate_decode(prefill_only, maps, g, cfg), config_error, [](const config_error& e) {
+    return std::string_view(e.what()).find("no decode tokens") != std::string_view::npos;
+  });
 }
 
 // quantile() interpolates inside the vector: a q outside [0, 1] (or NaN) read outside it.

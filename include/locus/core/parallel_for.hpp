@@ -31,7 +31,8 @@ inline unsigned default_host_threads() noexcept {
 //! @param threads upper bound on workers (0 = default_host_threads())
 //! @param body    callable (std::size_t begin, std::size_t end, unsigned worker)
 //! The first exception thrown by any chunk is rethrown on the caller after all workers join. The
-//! workers run under the caller's cancel_scope (core/cancel.hpp), if any.
+//! workers run under the caller's cancel_scope (core/cancel.hpp), if any. Chunks whose thread
+//! could not be started run on the caller, after its own.
 template <class Body>
 void parallel_for(std::size_t n, std::size_t grain, unsigned threads, Body&& body) {
   if (n == 0) return;
@@ -48,20 +49,28 @@ void parallel_for(std::size_t n, std::size_t grain, unsigned threads, Body&& bod
   pool.reserve(workers - 1);
   const auto chunk_begin = [&](unsigned w) { return n * w / workers; };
   const auto* cancel_flag = detail::cancel_flag;
-  for (unsigned w = 1; w < workers; ++w) {
-    pool.emplace_back([&, w] {
-      const detail::cancel_flag_guard cancel(cancel_flag);
-      try {
-        body(chunk_begin(w), chunk_begin(w + 1), w);
-      } catch (...) {
-        errors[w] = std::current_exception();
-      }
-    });
-  }
+  // A thread that cannot start (the process's thread or memory limits) leaves its chunk to the
+  // caller: the threads already started must be joined, or their destructors end the process.
+  unsigned started = 1;
   try {
-    body(chunk_begin(0), chunk_begin(1), 0u);
+    for (; started < workers; ++started) {
+      pool.emplace_back([&, w = started] {
+        const detail::cancel_flag_guard cancel(cancel_flag);
+        try {
+          body(chunk_begin(w), chunk_begin(w + 1), w);
+        } catch (...) {
+          errors[w] = std::current_exception();
+        }
+      });
+    }
   } catch (...) {
-    errors[0] = std::current_exception();
+  }
+  for (unsigned w = 0; w < workers; w = w == 0 ? started : w + 1) {
+    try {
+      body(chunk_begin(w), chunk_begin(w + 1), w);
+    } catch (...) {
+      errors[w] = std::current_exception();
+    }
   }
   for (auto& t : pool)
     t.join();

@@ -187,6 +187,12 @@ inline void validate(const trace::trace& t, const std::vector<expert_map>& maps,
                   l, " map has ", maps[l].experts(), " experts on ", maps[l].ranks(), " ranks; the trace has ",
                   t.experts(), " experts and the topology ", ranks, " ranks");
   LOCUS_REQUIRE(cfg.batch_per_rank > 0, config_error, "simulate_decode: batch_per_rank must be positive");
+  // A run with nothing to decode returned an all-zero result, read as a free deployment.
+  bool decodes = false;
+  for (std::size_t i = 0; i < t.tokens() && !decodes; ++i)
+    decodes = t.token_phase(i) == trace::phase::decode;
+  LOCUS_REQUIRE(decodes, config_error, "simulate_decode: the trace has no decode tokens (every token of its ",
+                t.requests(), " requests is prefill): nothing to simulate");
   // An enum cast from a number (a config file, a binding) ran silently as some default rule.
   LOCUS_REQUIRE(static_cast<std::size_t>(cfg.replica_rule) < placement::all_replica_rules.size(), config_error,
                 "simulate_decode: replica_rule ", static_cast<unsigned>(cfg.replica_rule), " is none of the ",
@@ -406,7 +412,8 @@ private:
 //! Runs the decode of every request of `t` (tokens marked decode, in position order) on the
 //! deployment of `cfg` with per-layer expert maps `maps` and grouper `g`. `on_step` sees every
 //! step's tokens and their ranks (the online re-planning replay records them).
-//! @throws locus::config_error when maps and trace or topology disagree
+//! @throws locus::config_error when maps and trace or topology disagree, or the trace has no decode
+//!         token
 //! @throws locus::invalid_input_error when the grouper places a request out of range or on a full
 //!         rank, or returns grouper::no_rank while no request runs
 template <grouper::grouper_for Grouper, step_observer Observer = no_step_observer>
