@@ -15,4 +15,5 @@ locus.export(plan, "sglang", path, first_moe_layer=a.first_moe_layer, num_hidden
              load=locus.expert_load(train))
 redundant = plan.ranks * plan.slots_per_rank - plan.experts
 print(f"wrote {path}")
-print(f"sglang flags: --init-expert-location {path} --ep-num-redundant-experts {redundant} --ep-size {plan.ranks}")
+print(f"sglang flags: --init-expert-location {path} --ep-num-redundant-experts {redundant} --tp-size {plan.ranks} "
+      f"--ep-size {plan.ranks}")

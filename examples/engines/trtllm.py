@@ -16,4 +16,4 @@ locus.export(plan, "trtllm", path, first_moe_layer=a.first_moe_layer, num_hidden
 print(f"wrote {path}")
 print(f"trtllm: put 'enable_attention_dp: true' and 'moe_config: {{backend: WIDEEP, load_balancer: {path}}}' in the "
       f"--extra_llm_api_options YAML (TensorRT-LLM's load balancer needs attention DP, EP > 1 and a backend that "
-      f"supports it); run with --ep {plan.ranks}")
+      f"supports it); run with --tp_size {plan.ranks} --ep_size {plan.ranks} (trtllm-serve)")

@@ -8,6 +8,7 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <locus/core/atomic_file.hpp>
 #include <locus/core/expert_map_json.hpp>
 #include <locus/grouper/workload_model_json.hpp>
@@ -15,6 +16,7 @@
 #include <locus/placement/trace_load.hpp>
 #include <memory>
 #include <string>
+#include <string_view>
 
 namespace locus_driver {
 
@@ -53,6 +55,7 @@ struct export_options {
   std::string map_path, to, out, load_trace, grouping, json;
   static constexpr std::size_t unset = static_cast<std::size_t>(-1);
   std::size_t first_moe_layer = unset, hidden_layers = 0, gpus_per_node = 0; // 0: the plan's, else 1
+  std::size_t mtp_layers = 0;
 };
 
 // `locus map export`: the plan in the file an engine takes, empty slots filled first.
@@ -62,6 +65,24 @@ inline int map_export(const export_options& o) {
   const bool as_map = o.to == "locus";
   const auto format = as_map ? locus::placement::engine_format{} : locus::placement::parse_engine_format(o.to);
   check_outputs({{"--out", o.out}, {"--json", o.json}}, {o.map_path, o.grouping, o.load_trace});
+  // SGLang reads the flag's value as a file only when the name ends in .json (.pt: torch.load);
+  // any other name is parsed as JSON text itself, and start-up fails on the path. A stream (stdout,
+  // a link to a descriptor, a pipe) names no file SGLang would be given.
+  const auto out_kind = [&] {
+    std::error_code ec;
+    return std::filesystem::symlink_status(o.out, ec).type();
+  };
+  LOCUS_REQUIRE(
+      as_map || format != locus::placement::engine_format::sglang || o.out == "-" ||
+          std::string_view(o.out).ends_with(".json") ||
+          (out_kind() != std::filesystem::file_type::not_found && out_kind() != std::filesystem::file_type::regular),
+      locus::config_error, "--out ", o.out,
+      ": SGLang reads --init-expert-location as a file only when its name ends in .json (any other value "
+      "is parsed as JSON text); name the file X.json");
+  LOCUS_REQUIRE(o.mtp_layers == 0 || (!as_map && format == locus::placement::engine_format::trtllm),
+                locus::config_error,
+                "--mtp-layers applies to --to trtllm (SGLang's NextN layer reads the file's first row; vLLM's and "
+                "EPLB's files and a locus map have no layer for it)");
   auto plan = locus::load_expert_plan(o.map_path);
   auto& maps = plan.maps;
   LOCUS_REQUIRE(o.gpus_per_node == 0 || plan.gpus_per_node == 0 || o.gpus_per_node == plan.gpus_per_node,
@@ -75,7 +96,6 @@ inline int map_export(const export_options& o) {
     layers.hidden_layers = o.hidden_layers      ? o.hidden_layers
                            : plan.hidden_layers ? plan.hidden_layers
                                                 : plan.model_layers.back() + 1;
-    layers.validate(maps.size());
   } else {
     layers = locus::placement::model_layers::contiguous(
         maps.size(), o.first_moe_layer == export_options::unset ? 0 : o.first_moe_layer,
@@ -89,6 +109,8 @@ inline int map_export(const export_options& o) {
                    layers.moe_layer.front(), layers.moe_layer.front(), layers.moe_layer.back(),
                    plan.model_layers.front(), plan.model_layers.back());
   }
+  layers.mtp_layers = o.mtp_layers;
+  layers.validate(maps.size());
   std::vector<std::vector<double>> load;
   if (!o.load_trace.empty()) {
     // map export has no --experts: a route JSONL load trace declares its experts in a meta line.
@@ -136,6 +158,7 @@ inline int map_export(const export_options& o) {
                   {"moe_layers", maps.size()},
                   {"hidden_layer_ids", layers.moe_layer},
                   {"hidden_layers", layers.hidden_layers},
+                  {"mtp_layers", layers.mtp_layers},
                   {"experts", m.experts()},
                   {"slots", m.slot_count()},
                   {"ranks", m.ranks()},
@@ -151,8 +174,9 @@ inline int map_export(const export_options& o) {
       load.empty() && filled > 0 ? " (no --load-trace: by replica count)" : "");
   // A map JSON for locus itself (as_map) has no engine flag to name.
   if (!as_map && format == locus::placement::engine_format::sglang)
-    std::printf("pass: --init-expert-location %s --ep-num-redundant-experts %zu --ep-size %zu\n",
-                one_line(shell_quote(o.out)).c_str(), m.slot_count() - m.experts(), m.ranks());
+    std::printf("pass: --init-expert-location %s --ep-num-redundant-experts %zu --tp-size %zu --ep-size %zu (EP "
+                "splits the TP ranks)\n",
+                one_line(shell_quote(o.out)).c_str(), m.slot_count() - m.experts(), m.ranks(), m.ranks());
   else if (!as_map && format == locus::placement::engine_format::vllm)
     std::printf("pass: --enable-expert-parallel --enable-eplb --eplb-config '{\"num_redundant_experts\": %zu}' "
                 "(expert-parallel size, data parallel x tensor parallel, %zu), and in every worker process, from a "
@@ -161,8 +185,9 @@ inline int map_export(const export_options& o) {
   else if (!as_map && format == locus::placement::engine_format::trtllm)
     std::printf("pass: enable_attention_dp: true and moe_config: {backend: WIDEEP, load_balancer: %s} (in "
                 "--extra_llm_api_options; TensorRT-LLM's load balancer needs attention DP, EP > 1 and a backend that "
-                "supports it), --ep %zu\n",
-                one_line(locus::trace::quoted_name(o.out)).c_str(), m.ranks());
+                "supports it), --tp_size %zu --ep_size %zu (trtllm-serve; trtllm-bench: --tp, --ep)%s\n",
+                one_line(locus::trace::quoted_name(o.out)).c_str(), m.ranks(), m.ranks(),
+                o.mtp_layers ? "" : "; a model served with MTP layers needs --mtp-layers");
   return 0;
 }
 
@@ -202,6 +227,11 @@ inline void register_map(CLI::App& app) {
   exp->add_option("--gpus-per-node", o->gpus_per_node, "GPUs per node of the plan's ranks")
       ->check(tool_cli::positive_whole)
       ->default_str("saved with the plan, else 1");
+  exp->add_option("--mtp-layers", o->mtp_layers,
+                  "trtllm: multi-token-prediction layers after the hidden layers (DeepSeek-V3/R1 with MTP: 1), "
+                  "which TensorRT-LLM balances too; each gets the trivial placement (slot p holds expert p mod E)")
+      ->check(CLI::Range(std::size_t{0}, locus::placement::model_layers::max_mtp_layers))
+      ->capture_default_str();
   add_json_option(exp, o->json);
   exp->callback([o] { map_export(*o); });
 

@@ -268,6 +268,26 @@ refused 'no statistics of iterations from 102 on' "${trt[@]}" --load-iterations 
 refused 'usage error: --load-iterations: "5:5" holds no iteration' "${trt[@]}" --load-iterations 5:5 --out "$work/trt.json"
 refused 'expected FIRST:END or FIRST:' "${trt[@]}" --load-iterations 7 --out "$work/trt.json"
 refused 'load-iterations requires --load' plan --trace "$work/t.bin" --load-iterations 1:2 --out "$work/trt.json"
+# A raw dump beside the counts (each token's experts) is no statistics file: left out, as
+# TensorRT-LLM's reader leaves it (its 2 x 2 ids were refused as counts of 4 experts).
+raw_header='{"100_3":{"dtype":"I32","shape":[2,2],"data_offsets":[0,16]}}'
+{
+  printf "\\x$(printf %02x ${#raw_header})\\x00\\x00\\x00\\x00\\x00\\x00\\x00"
+  printf '%s' "$raw_header"
+  printf '\x00\x00\x00\x00\x01\x00\x00\x00\x02\x00\x00\x00\x03\x00\x00\x00'
+} >"$work/trt/rank0_raw.safetensors"
+succeeds "${trt[@]}" --load-iterations 100:101 --out "$work/trt100raw.json"
+check "a raw dump beside the statistics changes nothing" cmp -s "$work/trt100.json" "$work/trt100raw.json"
+rm "$work/trt/rank0_raw.safetensors"
+# Engine files: SGLang reads --init-expert-location as a file only when it ends in .json; a model
+# with MTP layers needs their TensorRT-LLM keys (KeyError at start-up without them).
+refused 'SGLang reads --init-expert-location as a file only when its name ends in .json' \
+  map export "$work/lin.json" --to sglang --out "$work/lin.sglang"
+check "a refused SGLang name writes nothing" test ! -e "$work/lin.sglang"
+refused '--mtp-layers applies to --to trtllm' map export "$work/lin.json" --to vllm --mtp-layers 1 --out "$work/v.json"
+refused '--mtp-layers: Value 17 not in range' map export "$work/lin.json" --to trtllm --mtp-layers 17 --out "$work/t.yaml"
+succeeds map export "$work/trt100.json" --to trtllm --mtp-layers 1 --out "$work/mtp.yaml"
+check "the MTP layer follows the hidden layers with the trivial placement" grep -qx '  4: \[0, 1, 2, 3, 0, 1\]' "$work/mtp.yaml"
 refused 'was made for 2 GPUs per node' map export "$work/lin.json" --to eplb --gpus-per-node 1 --out "$work/e.json"
 succeeds map export "$work/lin.json" --to eplb --out /dev/null --json /dev/null
 succeeds trace report "$work/t.bin" --out "$work/rep_new" --json "$work/rep_new/r.json" --no-render

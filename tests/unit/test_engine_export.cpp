@@ -46,6 +46,15 @@ BOOST_AUTO_TEST_CASE(sglang_has_a_row_per_hidden_layer_and_trtllm_keys_model_lay
   BOOST_TEST(rows == (std::vector<std::vector<int>>{{0, 1, 2, 0}, {2, 1, 0, 2}, {1, 0, 2, 1}, {0, 1, 2, 0}}));
   BOOST_TEST(trtllm_yaml(maps, layers) == "num_slots: 4\nlayer_updates_per_iter: 0\ninitial_global_assignments:\n"
                                           "  1: [2, 1, 0, 2]\n  2: [1, 0, 2, 1]\n");
+  // DeepSeek-V3/R1 with MTP: TensorRT-LLM looks up the MTP layer (hidden layer count + i) and
+  // raised KeyError at start-up without it; it gets the trivial placement. SGLang's file is as before.
+  auto with_mtp = layers;
+  with_mtp.mtp_layers = 1;
+  BOOST_TEST(trtllm_yaml(maps, with_mtp) == "num_slots: 4\nlayer_updates_per_iter: 0\ninitial_global_assignments:\n"
+                                            "  1: [2, 1, 0, 2]\n  2: [1, 0, 2, 1]\n  4: [0, 1, 2, 0]\n");
+  BOOST_TEST(sglang_json(maps, with_mtp) == doc);
+  with_mtp.mtp_layers = model_layers::max_mtp_layers + 1;
+  BOOST_CHECK_THROW(trtllm_yaml(maps, with_mtp), config_error);
   const auto v = vllm_json(maps);
   BOOST_TEST(v.at("logical_replica_count").dump() == "[[1,1,2],[1,2,1]]");
   BOOST_TEST(v.at("num_ranks").get<std::size_t>() == 2u);

@@ -103,6 +103,8 @@ BOOST_AUTO_TEST_CASE(trtllm_statistics_sum_ranks_and_iterations) {
   write(d.path / "meta_info.json", R"({"num_experts": 3, "num_experts_per_token": 2})");
   write(d.path / "rank0.safetensors", safetensors({{"100_3", {1, 2, 3}}, {"101_3", {1, 0, 0}}, {"100_5", {0, 0, 9}}}));
   write(d.path / "rank1.safetensors", safetensors({{"100_3", {5, 5, 5}}, {"101_5", {1, 1, 1}}}));
+  // The raw dumps beside the counts (each token's experts, [tokens, k]) are not counts.
+  write(d.path / "rank0_raw.safetensors", safetensors({{"100_3", {0, 1, 2, 2}}, {"100_5", {1, 1}}}));
   const auto s = import_load(d.path.string());
   BOOST_TEST(s.layer_ids == (std::vector<std::size_t>{3, 5}));
   BOOST_TEST(s.load == (std::vector<std::vector<double>>{{7, 7, 8}, {1, 1, 10}}));

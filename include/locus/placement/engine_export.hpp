@@ -38,6 +38,12 @@ struct model_layers {
   std::vector<std::size_t> moe_layer;
   //! The model's hidden-layer count (≥ every index above + 1).
   std::size_t hidden_layers = 0;
+  //! Multi-token-prediction layers after the hidden layers (DeepSeek-V3/R1 with MTP: 1), numbered
+  //! hidden_layers, hidden_layers + 1, ...: TensorRT-LLM's load balancer looks each up and fails
+  //! without an assignment; the others need none (SGLang's NextN layer reads row 0).
+  std::size_t mtp_layers = 0;
+  //! MTP layers at most (DeepSeek's models have one).
+  static constexpr std::size_t max_mtp_layers = 16;
 
   //! Planned layer i is hidden layer `first_moe_layer + i`; `hidden_layers` 0 means
   //! `first_moe_layer + layers` (no dense layer after the MoE layers).
@@ -58,6 +64,8 @@ struct model_layers {
   void validate(std::size_t layers) const {
     LOCUS_REQUIRE(hidden_layers <= max_hidden_layers, config_error, "model layers: ", hidden_layers,
                   " hidden layers (at most ", max_hidden_layers, ")");
+    LOCUS_REQUIRE(mtp_layers <= max_mtp_layers, config_error, "model layers: ", mtp_layers, " MTP layers (at most ",
+                  max_mtp_layers, ")");
     LOCUS_REQUIRE(moe_layer.size() == layers, config_error, "model layers: ", moe_layer.size(),
                   " layer ids for a plan of ", layers, " layers");
     for (std::size_t i = 0; i < moe_layer.size(); ++i) {
@@ -264,20 +272,24 @@ inline nlohmann::json sglang_json(const std::vector<expert_map>& maps, const mod
 }
 
 //! TensorRT-LLM's `moe_load_balancer` YAML (static placement: layer_updates_per_iter 0), keyed by
-//! the model's layer index.
+//! the model's layer index; each MTP layer (`layers.mtp_layers`, keys from `layers.hidden_layers`)
+//! gets the trivial placement (slot p holds expert p mod E), as no trace records its routing.
 //! @throws locus::config_error when `layers` does not describe the plan
 inline std::string trtllm_yaml(const std::vector<expert_map>& maps, const model_layers& layers) {
   detail::engine::require_full(maps, "trtllm export");
   layers.validate(maps.size());
   std::ostringstream os;
   os << "num_slots: " << maps[0].slot_count() << "\nlayer_updates_per_iter: 0\ninitial_global_assignments:\n";
-  for (std::size_t l = 0; l < maps.size(); ++l) {
-    os << "  " << layers.moe_layer[l] << ": [";
-    const auto& table = maps[l].slot_table();
-    for (std::size_t p = 0; p < table.size(); ++p)
-      os << (p ? ", " : "") << table[p];
+  const auto row = [&](std::size_t key, const auto& expert_of_slot) {
+    os << "  " << key << ": [";
+    for (std::size_t p = 0; p < maps[0].slot_count(); ++p)
+      os << (p ? ", " : "") << expert_of_slot(p);
     os << "]\n";
-  }
+  };
+  for (std::size_t l = 0; l < maps.size(); ++l)
+    row(layers.moe_layer[l], [&](std::size_t p) { return maps[l].slot_table()[p]; });
+  for (std::size_t m = 0; m < layers.mtp_layers; ++m)
+    row(layers.hidden_layers + m, [&](std::size_t p) { return p % maps[0].experts(); });
   return os.str();
 }
 

@@ -7,7 +7,9 @@
 //!     routed experts `[tokens, layers, k]` (integers), which are counted;
 //!   - a TensorRT-LLM expert-statistics folder: `meta_info.json` (num_experts) and
 //!     `rank*.safetensors`, each tensor `"{iteration}_{layer}"` a vector of per-expert counts,
-//!     summed over ranks and iterations. The model's layer index of each row is kept.
+//!     summed over ranks and iterations (`rank*_raw.safetensors`, the raw dumps of each token's
+//!     experts, are left out as TensorRT-LLM's reader leaves them). The model's layer index of each
+//!     row is kept.
 //! Only the little-endian dtypes NumPy and safetensors write on the usual machines are read;
 //! anything else is refused with a message naming the file and what is wrong.
 
@@ -349,7 +351,11 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
     std::vector<std::filesystem::path> files;
     for (std::filesystem::directory_iterator it(path, ec), end; !ec && it != end; it.increment(ec)) {
       const auto& p = it->path();
-      if (p.filename().string().rfind("rank", 0) == 0 && p.extension() == ".safetensors") files.push_back(p);
+      const std::string name = p.filename().string();
+      // rankN_raw.safetensors, written beside the counts when raw dumps are on, holds each token's
+      // selected experts, not counts: TensorRT-LLM's own reader leaves it out too.
+      if (name.starts_with("rank") && name.ends_with(".safetensors") && !name.ends_with("_raw.safetensors"))
+        files.push_back(p);
     }
     LOCUS_REQUIRE(!ec, io_error, path, ": cannot list the folder: ", ec.message());
     std::sort(files.begin(), files.end());
