@@ -13,6 +13,7 @@
 #include <locus/grouper/micro_batch.hpp>
 #include <locus/grouper/workload_aware.hpp>
 #include <locus/placement/activation_plan.hpp>
+#include <locus/placement/eplb.hpp>
 #include <random>
 #include <set>
 #include <thread>
@@ -534,6 +535,24 @@ BOOST_AUTO_TEST_CASE(cancelled_plans_and_simulations_raise_soon_after) {
                                           }),
                     cancelled_error);
   BOOST_TEST(last_step == 3u);
+}
+
+// EPLB on a big load table (thousands of layers from an engine's counters) ran to its end after
+// Ctrl-C: it now stops at the next layer.
+BOOST_AUTO_TEST_CASE(a_cancelled_eplb_stops_at_the_next_layer) {
+  std::mt19937 rng(25);
+  std::vector<float> load(64 * 32);
+  for (auto& x : load)
+    x = static_cast<float>(rng() % 1000);
+  std::atomic<bool> stop{false};
+  const auto plain = placement::rebalance_experts(load, 64, 32, 48, 4, 2, 8);
+  {
+    const cancel_scope scope(stop);
+    BOOST_TEST(
+        (placement::rebalance_experts(load, 64, 32, 48, 4, 2, 8).physical_to_logical == plain.physical_to_logical));
+    stop = true;
+    BOOST_CHECK_THROW(placement::rebalance_experts(load, 64, 32, 48, 4, 2, 8), cancelled_error);
+  }
 }
 
 // Options out of range are refused naming the option (they changed the plan without a word, or,

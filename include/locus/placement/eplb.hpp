@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <locus/core/cancel.hpp>
 #include <locus/core/policy.hpp>
 #include <locus/placement/plan_input.hpp>
 #include <numeric>
@@ -223,11 +224,13 @@ inline eplb_result rebalance_experts(std::span<const float> weight, std::size_t 
   out.physical_to_logical.resize(layers * num_replicas);
   out.logical_count.resize(layers * experts);
   std::vector<std::size_t> rank(layers * num_replicas);
-  for (std::size_t l = 0; l < layers; ++l)
+  for (std::size_t l = 0; l < layers; ++l) {
+    throw_if_cancelled();
     detail::eplb::rebalance_layer(weight.subspan(l * experts, experts), num_replicas, groups, nodes, num_gpus,
                                   std::span(out.physical_to_logical).subspan(l * num_replicas, num_replicas),
                                   std::span(rank).subspan(l * num_replicas, num_replicas),
                                   std::span(out.logical_count).subspan(l * experts, experts));
+  }
   out.max_replicas = static_cast<std::size_t>(*std::max_element(out.logical_count.begin(), out.logical_count.end()));
   out.logical_to_physical.assign(layers * experts * out.max_replicas, -1);
   for (std::size_t l = 0; l < layers; ++l)
