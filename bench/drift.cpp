@@ -3,10 +3,11 @@
 // replays the same decode schedule (ESFT test requests drawn per task domain into phases, a
 // phase's requests queued at its start, the workload-aware grouping fitted on the training split)
 // under: linear placement (the baseline of the savings), the static locality plan, EPLB re-run
-// every N steps on a sliding window (vLLM's 3000-step interval / 1000-step window, scaled to the
-// trace), locus adaptive (every N steps, and early on drift, checked against the training traffic
-// from the first steps on, or while its maps measure unbalanced; a bounded number of experts moved),
-// and an oracle planned per phase on that phase's own traffic (it moves freely at phase starts).
+// every N steps on a sliding window (vLLM's 3000-step interval / 1000-step window, its first
+// re-plan after a quarter interval, scaled to the trace), locus adaptive (every N steps, and early
+// on drift, checked against the training traffic from the first steps on, or while its maps
+// measure unbalanced; a bounded number of experts moved), and an oracle planned per phase on that
+// phase's own traffic (it moves freely at phase starts).
 // Two look-ahead bounds say what knowing the future would buy: locus re-planned every W steps on
 // the next W steps' own traffic under the same migration budget, and EPLB the same way with no
 // budget (the balance the traffic itself admits). Then it times one re-plan at DeepSeek-V3 shape.
@@ -298,6 +299,8 @@ int main(int argc, char** argv) try {
   {
     auto o = base;
     o.interval = interval;
+    // As vLLM: its first re-plan after a quarter of the interval, on the steps so far.
+    if (interval) o.first_interval = std::max<std::size_t>(interval / 4, 1);
     say("replaying eplb every " + std::to_string(interval) + " steps");
     runs.push_back(
         {"eplb every N",
@@ -616,8 +619,9 @@ int main(int argc, char** argv) try {
     text += (p ? ", " : " ") + std::to_string(phase_start[p]) + " (" + phase_names[p] + ")";
   char mid[2048];
   std::snprintf(mid, sizeof mid,
-                ". Re-plans: EPLB every %zu steps from the last %zu (vLLM's 3000 / 1000 scaled to the trace); locus "
-                "adaptive at the same interval from the last %zu, also early when the drift check (every %zu steps, "
+                ". Re-plans: EPLB every %zu steps from the last %zu, the first after %zu on the steps so far "
+                "(vLLM's 3000 / 1000, the first after 750, scaled to the trace); locus adaptive at the same interval "
+                "from the last %zu, also early when the drift check (every %zu steps, "
                 "against the training traffic until the first re-plan) fires or the GPU max/mean since the last "
                 "re-plan exceeds %.2f, moving at most %zu of %zu expert slots (%.0f%%) per re-plan, repairing first "
                 "the GPUs above %.4g × the mean load, or above two standard errors of a GPU's load where the spread "
@@ -629,6 +633,7 @@ int main(int argc, char** argv) try {
                 "expert that stays on its GPU in its slot, as vLLM's EPLB does. "
                 "Reported windows of %zu decode tokens. An expert is %.1f MB.",
                 static_cast<std::size_t>(interval), static_cast<std::size_t>(window),
+                std::max<std::size_t>(static_cast<std::size_t>(interval) / 4, 1),
                 static_cast<std::size_t>(adaptive_window), static_cast<std::size_t>(drift_every), balance_trigger,
                 budget, slots, 100 * budget_share, 1 + replan_slack, prior_requests, swap_significance,
                 base.report_tokens, static_cast<double>(expert_bytes) / 1e6);

@@ -416,6 +416,52 @@ BOOST_AUTO_TEST_CASE(replay_matches_the_simulator) {
   }
 }
 
+// vLLM's EPLB re-plans first after interval / 4 steps (its counter starts three quarters of the
+// way), on the steps so far, then every interval: first_interval schedules the same. Without it
+// the first scheduled re-plan waits for the interval and a full window.
+BOOST_AUTO_TEST_CASE(first_interval_schedules_the_first_replan_as_vllm_does) {
+  small_replay sr(9);
+  const auto& t = sr.t;
+  const auto& cfg = sr.cfg;
+  const auto& maps = sr.maps;
+  grouper::round_robin g;
+  const auto s = cost::record_schedule(t, maps, g, cfg);
+  BOOST_REQUIRE(s.steps() > 12u);
+  cost::online_options opt;
+  opt.interval = 8;
+  opt.window = 5;
+  std::vector<std::pair<std::size_t, std::size_t>> windows;
+  const auto record = [&](const std::vector<expert_map>& m, std::size_t a, std::size_t b) {
+    windows.emplace_back(a, b);
+    return m;
+  };
+  const auto steps_of = [](const cost::online_result& r) {
+    std::vector<std::size_t> v;
+    for (const auto& e : r.replans)
+      v.push_back(e.step);
+    return v;
+  };
+  const auto plain = cost::run_online(t, s, maps, cfg, opt, record);
+  BOOST_TEST(plain.replans.front().step == 8u);
+  BOOST_TEST(cost::first_replan_step(opt) == 8u);
+  windows.clear();
+  opt.first_interval = opt.interval / 4;
+  const auto vllm = cost::run_online(t, s, maps, cfg, opt, record);
+  const auto at = steps_of(vllm);
+  BOOST_TEST(at.front() == 2u);
+  BOOST_TEST(cost::first_replan_step(opt) == 2u);
+  BOOST_TEST((windows.front() == std::pair<std::size_t, std::size_t>{0, 2})); // the steps so far
+  for (std::size_t i = 1; i < at.size(); ++i)
+    BOOST_TEST(at[i] - at[i - 1] == 8u);
+  BOOST_TEST((windows.at(1) == std::pair<std::size_t, std::size_t>{5, 10})); // a full window after
+  for (const std::size_t bad : {std::size_t{9}, std::size_t{1}}) {
+    cost::online_options o = opt;
+    o.first_interval = bad;
+    if (bad == 1) o.interval = 0; // nothing to schedule
+    BOOST_CHECK_THROW(cost::run_online(t, s, maps, cfg, o, record), config_error);
+  }
+}
+
 BOOST_AUTO_TEST_CASE(window_floor_equals_the_balance_of_single_copy_maps) {
   // Without replicas every row has one destination: each window's floor is its measured balance,
   // also across re-plans that move experts mid-window (each segment split on its own maps).

@@ -237,11 +237,11 @@ BOOST_AUTO_TEST_CASE(string_ids_default_domain_and_nulls) {
   {
     auto split = opts();
     split.split_on_restart = true;
-    const auto t = trace::import_jsonl_text(
+    const auto unnamed = trace::import_jsonl_text(
         "{\"req_id\": \"\", \"token_idx\": 0, \"layer\": 0, \"topk_ids\": [1, 2], \"topk_weights\": [1, 1]}\n",
         "e.jsonl", split);
-    BOOST_TEST(t.requests() == 1u);
-    BOOST_TEST(!t.has_request_names());
+    BOOST_TEST(unnamed.requests() == 1u);
+    BOOST_TEST(!unnamed.has_request_names());
   }
   // An inconsistent request is named by its string.
   expect_format_error(

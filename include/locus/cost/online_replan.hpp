@@ -347,7 +347,11 @@ std::size_t first_replan_step(const online_options& opt) noexcept;
 
 //! When run_online re-plans.
 struct online_options {
-  std::size_t interval = 0;    //!< re-plan every this many steps after the last re-plan (0: never)
+  std::size_t interval = 0; //!< re-plan every this many steps after the last re-plan (0: never)
+  //! Steps before the first scheduled re-plan, on the steps so far (0: `interval`, once a full
+  //! window has run). vLLM starts its EPLB counter three quarters of the way to its interval, so
+  //! that its first re-plan comes after interval / 4 steps: first_interval = interval / 4.
+  std::size_t first_interval = 0;
   std::size_t window = 16;     //!< steps of traffic a re-plan (and the drift check) sees
   std::size_t drift_every = 0; //!< steps between drift checks (0: no trigger)
   double drift_ratio = 2.0;    //!< fire when the distance exceeds this multiple of the window's noise ...
@@ -389,7 +393,9 @@ inline std::size_t drift_check_start(const online_options& opt) noexcept {
 
 inline std::size_t first_replan_step(const online_options& opt) noexcept {
   constexpr std::size_t never = ~std::size_t{0};
-  const std::size_t scheduled = opt.interval ? std::max(opt.window, opt.interval) : never;
+  const std::size_t scheduled = !opt.interval        ? never
+                                : opt.first_interval ? opt.first_interval
+                                                     : std::max(opt.window, opt.interval);
   const std::size_t start = drift_check_start(opt);
   if (!opt.drift_every || start > never - 2 * opt.drift_every) return scheduled;
   std::size_t checked = (start + opt.drift_every - 1) / opt.drift_every * opt.drift_every; // the first check
@@ -471,6 +477,9 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
     LOCUS_REQUIRE(maps[l].experts() == t.experts() && maps[l].ranks() == ranks, config_error, "run_online: layer ", l,
                   " map does not match the trace (", t.experts(), " experts) or the topology (", ranks, " ranks)");
   LOCUS_REQUIRE(opt.window > 0 && opt.report_tokens > 0, config_error, "run_online: zero window or report size");
+  LOCUS_REQUIRE(opt.first_interval == 0 || (opt.interval > 0 && opt.first_interval <= opt.interval), config_error,
+                "run_online: first_interval ", opt.first_interval, " needs an interval at least as long (interval ",
+                opt.interval, ")");
   // The replay reads the trace at the schedule's tokens before the traffic counter checks them.
   s.validate(t.tokens(), ranks);
   // The schedule is walked once in order: a step listed after a later one was skipped without a word.
@@ -594,12 +603,16 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
     if (next_fixed < opt.plan_at.size() && opt.plan_at[next_fixed] == st) {
       due = true;
       why = replan_reason::fixed;
-    } else if (st >= first_check) {
+    } else {
       const std::size_t since = planned_once ? st - last_plan : st;
       const std::size_t from = st >= opt.window ? st - opt.window : 0;
-      if (opt.interval && since >= opt.interval && st >= opt.window) {
+      const bool scheduled =
+          opt.interval &&
+          (!planned_once && opt.first_interval ? st >= opt.first_interval : since >= opt.interval && st >= opt.window);
+      if (scheduled) {
         due = true;
-      } else if (opt.drift_every && st % opt.drift_every == 0 && (since >= opt.min_gap || !planned_once)) {
+      } else if (st >= first_check && opt.drift_every && st % opt.drift_every == 0 &&
+                 (since >= opt.min_gap || !planned_once)) {
         if (reference.empty()) reference = load_profile::of(t, s, from, st, topo);
         dc = check_drift(t, s, from, st, topo, reference, opt.drift_ratio, opt.drift_floor);
         ++out.drift_checks;
