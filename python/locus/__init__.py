@@ -5,16 +5,21 @@ engines take (SGLang, vLLM, TensorRT-LLM, EPLB).
 Arrays go in as anything NumPy can read (NumPy arrays, lists, objects with ``__array__`` or
 ``__dlpack__`` such as CPU torch tensors) and come out as NumPy arrays. Errors raise
 ``LocusError`` subclasses carrying the C++ library's message; an argument of the wrong type (a
-string for a count, None where a value is needed) is a ``TypeError`` naming it. The long calls
-(``plan``, ``simulate``, ``replan``, ``rebalance_experts``) and file I/O release the GIL, so other
-Python threads run meanwhile; a Ctrl-C stops a long call on the main thread (the one that runs
-signal handlers) within a fraction of a second, its KeyboardInterrupt raised and its result dropped.
+string for a count, None where a value is needed, a boolean for a number) is a ``TypeError``
+naming it, and a count or number outside its documented range a ``ConfigError`` naming it and the
+range. The long calls (``plan`` of a trace or a load, ``simulate``, ``replan``,
+``rebalance_experts``, exports and fills of big plans, building, splitting and pickling traces) and
+file I/O release the GIL, so other Python threads run meanwhile; a Ctrl-C stops a long call on the
+main thread (the one that runs signal handlers) within a fraction of a second, its
+KeyboardInterrupt raised and its result dropped (the planners, the simulator and the re-planner
+stop within a layer or a step; the other calls when they end).
 """
 
 from __future__ import annotations
 
 import functools
 import contextlib
+import copyreg
 import inspect
 import json
 import numbers
@@ -72,7 +77,10 @@ PHASES = {"prefill": 0, "decode": 1, "unknown": 2}
 def _array(x: Any, dtype: Any, ndim: Optional[int] = None, name: str = "array") -> np.ndarray:
     """A C-contiguous NumPy array of `dtype` from `x` (no copy when it already is one). Values
     that the conversion would change (an id of 2.5, of NaN, of 2^40 into int32; a complex load)
-    are refused, not rounded or wrapped."""
+    are refused, not rounded or wrapped. None is a TypeError naming the argument (NumPy read it as
+    an array of no dimensions)."""
+    if x is None:
+        raise _wrong_type(name, x, "an array of numbers")
     if not isinstance(x, np.ndarray) and not hasattr(x, "__array__") and hasattr(x, "__dlpack__"):
         x = np.from_dlpack(x)
     try:
@@ -84,8 +92,9 @@ def _array(x: Any, dtype: Any, ndim: Optional[int] = None, name: str = "array") 
     to = np.dtype(dtype)
     if a.dtype.kind not in "biuf":
         raise InvalidInputError(f"locus: invalid input: {name} holds {a.dtype} values, expected numbers")
-    if to.kind in "iu" and a.dtype.kind == "b":  # True as rank or id 1 is a mistake, not a number
-        raise InvalidInputError(f"locus: invalid input: {name} holds booleans, expected whole numbers")
+    if a.dtype.kind == "b":  # True as a rank, an id or a load of 1 is a mistake, not a number
+        raise InvalidInputError(f"locus: invalid input: {name} holds booleans, expected "
+                                f"{'whole numbers' if to.kind in 'iu' else 'numbers'}")
     if to.kind in "iu" and a.size:
         if a.dtype.kind == "f":
             bad = ~np.isfinite(a) | (a != np.trunc(a))
@@ -99,6 +108,10 @@ def _array(x: Any, dtype: Any, ndim: Optional[int] = None, name: str = "array") 
                 raise InvalidInputError(f"locus: invalid input: {name} is {a.dtype} with values above {exact:.0f}, "
                                         f"which {a.dtype} cannot hold exactly; give an integer array")
         info = np.iinfo(to)
+        if to.kind == "u" and a.min().item() < 0:  # an id of -5 wrapped to 18446744073709551611
+            at = tuple(int(i) for i in np.argwhere(a < 0)[0])
+            raise InvalidInputError(f"locus: invalid input: {name}{list(at)} is {a[at]}, expected a whole number "
+                                    f">= 0")
         # As Python numbers: a float16 array compared with int32's bounds cast them to inf (a warning).
         if a.min().item() < info.min or a.max().item() > info.max:
             raise InvalidInputError(f"locus: invalid input: {name} has values outside the range of {to}")
@@ -109,6 +122,61 @@ def _array(x: Any, dtype: Any, ndim: Optional[int] = None, name: str = "array") 
             at = tuple(int(i) for i in np.argwhere(big)[0])
             raise InvalidInputError(f"locus: invalid input: {name}{list(at)} is {a[at]}, outside the range of {to}")
     return np.ascontiguousarray(a, dtype=to)
+
+
+def _loads(x: Any, dtype: Any, name: str) -> np.ndarray:
+    """`x` as a ``[layers, experts]`` load table of `dtype` (see _array), each load finite and not
+    negative: the library's refusal named its own function (plan_input, fill_empty_slots)."""
+    a = _array(x, dtype, 2, name)
+    bad = ~np.isfinite(a) | (a < 0)
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InvalidInputError(f"locus: invalid input: {name}{list(at)} is {a[at]}, expected a finite number >= 0")
+    return a
+
+
+#: The library's limits (experts, layers, ranks, ...), checked here to name the argument.
+_LIMITS = _core._limits
+
+
+def _whole(x: int, name: str, lo: int = 0, hi: Optional[int] = None) -> int:
+    """The count `x` (an int: see _checked) if in ``[lo, hi]``, else a ConfigError naming the argument
+    and its range (the library's words named its own function, or 0 to 2^64-1 for any count)."""
+    if x < lo or (hi is not None and x > hi):
+        span = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+        raise ConfigError(f"locus: configuration error: {name} is {x}, expected a whole number {span}")
+    return x
+
+
+def _finite(x: float, name: str, lo: float = 0.0, hi: Optional[float] = None) -> float:
+    """The real `x` if finite and in ``[lo, hi]``, else a ConfigError naming the argument."""
+    if not (np.isfinite(x) and x >= lo and (hi is None or x <= hi)):
+        span = f"from {lo:g} to {hi:g}" if hi is not None else f">= {lo:g}"
+        raise ConfigError(f"locus: configuration error: {name} is {x:g}, expected a finite number {span}")
+    return x
+
+
+def _check_model_layers(ids: Optional[list], layers: int, hidden: int, ids_name: str, hidden_name: str) -> None:
+    """Layer ids (`ids`, None: 0..layers-1) and a model's hidden-layer count (0: not known) as the
+    exports and the map files take them: one id per layer, ascending, below the count and the
+    library's limit. Refused naming the arguments (the library named "model layers", "trace")."""
+    top = _LIMITS["hidden_layers"]
+    _whole(hidden, hidden_name, 0, top)
+    if ids is None:
+        if hidden and layers > hidden:
+            raise ConfigError(f"locus: configuration error: {hidden_name} is {hidden}, fewer than the {layers} "
+                              "layers")
+        return
+    if len(ids) != layers:
+        raise ConfigError(f"locus: configuration error: {ids_name} has {len(ids)} ids for {layers} layers")
+    for i, (a, b) in enumerate(zip(ids, ids[1:])):
+        if b <= a:
+            raise ConfigError(f"locus: configuration error: {ids_name} must ascend ({ids_name}[{i}] is {a}, "
+                              f"[{i + 1}] is {b})")
+    for i, v in enumerate(ids):
+        if not 0 <= v < (hidden or top):
+            raise ConfigError(f"locus: configuration error: {ids_name}[{i}] is {v}, expected a hidden layer from 0 "
+                              f"to {(hidden or top) - 1}" + (f" ({hidden_name} is {hidden})" if hidden else ""))
 
 
 def _type_name(x: Any) -> str:
@@ -221,6 +289,27 @@ def _checked(fn: Any) -> Any:
     return run
 
 
+def _unpickle_trace(state: bytes) -> Trace:
+    """A Trace from its pickled state (Trace.__getstate__'s binary trace)."""
+    t = Trace.__new__(Trace)
+    t.__setstate__(state)
+    return t
+
+
+def _unpickle_model(state: bytes) -> WorkloadModel:
+    """A WorkloadModel from its pickled state (its grouping JSON)."""
+    m = WorkloadModel.__new__(WorkloadModel)
+    m.__setstate__(state)
+    return m
+
+
+# Pickled through a function of this package, so that every protocol takes them: protocols 0 and 1
+# refused the extension types ("cannot pickle 'Trace' object"), which pickle by __getstate__ only
+# from protocol 2 on.
+copyreg.pickle(Trace, lambda t: (_unpickle_trace, (t.__getstate__(),)))
+copyreg.pickle(WorkloadModel, lambda m: (_unpickle_model, (m.__getstate__(),)))
+
+
 @_checked
 def rebalance_experts(
     weight: Any, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
@@ -229,8 +318,12 @@ def rebalance_experts(
     returns ``(phy2log [layers, num_replicas], log2phy [layers, experts, X] padded with -1,
     logcnt [layers, experts])``, all int64. Hierarchical policy when ``num_groups`` is a multiple
     of ``num_nodes``, global otherwise. Loads are taken as 32-bit floats, as the reference does. At
-    most 65,536 copies of each expert and 2^24 slots over all layers (DeepSeek-V3: 58 × 288)."""
-    w = _array(weight, np.float32, 2, "weight")
+    most 65,536 copies of each expert and 2^24 slots over all layers (DeepSeek-V3: 58 × 288). Loads
+    are finite and not negative; booleans are refused."""
+    w = _loads(weight, np.float32, "weight")
+    for name, v in (("num_replicas", num_replicas), ("num_groups", num_groups), ("num_nodes", num_nodes),
+                    ("num_gpus", num_gpus)):
+        _whole(v, name, 1)
     return _core.rebalance_experts(w, num_replicas, num_groups, num_nodes, num_gpus)
 
 
@@ -248,19 +341,31 @@ def trace_from_arrays(
 ) -> Trace:
     """A trace from per-token routing ``topk_ids [tokens, layers, k]`` (what engines return per
     request as routed experts). Optional, one value per token: ``topk_weights [tokens, layers, k]``,
-    ``request_ids`` (integers, or strings such as vLLM's request ids, which the trace keeps as
-    ``request_names`` and numbers 0, 1, ...; default: one request), ``phases`` (0/"prefill", 1/"decode", 2/"unknown";
-    default unknown), ``domains`` (indexes into ``domain_names``, or names). ``layer_ids``: the
-    model's hidden-layer index of each traced layer (engines number dense layers too), and
-    ``hidden_layers`` the model's layer count; exports use them. A request's tokens are kept in the
+    ``request_ids`` (whole numbers from 0 to 2^64 - 1, as a trace keeps them: a uint64 array or
+    Python ints are taken exactly; or strings such as vLLM's request ids, which the trace keeps as
+    ``request_names`` and numbers 0, 1, ...; default: one request), ``phases`` (0/"prefill",
+    1/"decode", 2/"unknown"; default unknown), ``domains`` (indexes into ``domain_names``, or
+    names). ``experts``: 1 to 65,536. ``layer_ids``: the model's hidden-layer index of each traced
+    layer (engines number dense layers too; ascending), and ``hidden_layers`` the model's layer count
+    (0: not known; at most 4,096); exports use them. A request's tokens are kept in the
     order given (its prefill tokens before its decode tokens, all of one domain); requests in order
     of first appearance."""
+    _whole(experts, "experts", 1, _LIMITS["experts"])
     ids = _array(topk_ids, np.int32, 3, "topk_ids")
-    tokens = ids.shape[0]
+    tokens, layers, k = ids.shape
+    # The trace's limits, named as the arguments (the library's words were "trace: top_k is 20").
+    if not 1 <= k <= min(experts, _LIMITS["top_k"]):
+        raise InvalidInputError(f"locus: invalid input: topk_ids has {k} choices per token (shape {ids.shape}); "
+                                f"expected 1 to {min(experts, _LIMITS['top_k'])} (experts is {experts})")
+    if not 1 <= layers <= _LIMITS["trace_layers"]:
+        raise InvalidInputError(f"locus: invalid input: topk_ids has {layers} layers (shape {ids.shape}); expected 1 "
+                                f"to {_LIMITS['trace_layers']}")
+    lids = _int_list(layer_ids, "layer_ids") if layer_ids is not None else None
+    _check_model_layers(lids, layers, hidden_layers, "layer_ids", "hidden_layers")
     weights = np.zeros((0, 0, 0), np.float32) if topk_weights is None else _array(topk_weights, np.float32, 3, "topk_weights")
     request_names: list = []
     if request_ids is None:
-        req = np.zeros(tokens, np.int64)
+        req = np.zeros(tokens, np.uint64)
     else:
         # Strings are looked at one by one, not through np.asarray: that turns [7, "7"] into two
         # equal strings, b"a" into "a", and drops a name's trailing NUL.
@@ -280,8 +385,17 @@ def trace_from_arrays(
             if "" in number:
                 raise InvalidInputError("locus: invalid input: request_ids holds an empty string (a name names a request)")
             request_names = list(number)
-            r = np.array([number[x] for x in values], np.int64)
-        req = _array(r, np.int64, 1, "request_ids")
+            r = np.array([number[x] for x in values], np.uint64)
+        elif isinstance(values, (list, tuple)) and all(
+                isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_)) for x in values):
+            # Python ints as they are: NumPy made [-1, 2**64 - 1] a float64 array, its ids rounded.
+            for i, x in enumerate(values):
+                if not 0 <= x < 2**64:
+                    raise InvalidInputError(f"locus: invalid input: request_ids[{i}] is {x}, expected a whole number "
+                                            "from 0 to 2^64 - 1")
+            r = np.array([int(x) for x in values], np.uint64)
+        # Ids are 64-bit unsigned, as the trace keeps them (a uint64 array's ids >= 2^63 included).
+        req = _array(r, np.uint64, 1, "request_ids")
     if phases is None:
         ph = np.full(tokens, 2, np.uint8)
     else:
@@ -311,8 +425,8 @@ def trace_from_arrays(
                     names.append(str(x))
             d = np.array([names.index(str(x)) for x in d], np.uint32)
         dom = _array(d, np.uint32, 1, "domains")
-    lids = _int_list(layer_ids, "layer_ids") if layer_ids is not None else []
-    return _core._trace_from_arrays(ids, experts, weights, req, ph, dom, names, lids, hidden_layers, request_names)
+    return _core._trace_from_arrays(ids, experts, weights, req, ph, dom, names, lids or [], hidden_layers,
+                                    request_names)
 
 
 @_checked
@@ -437,10 +551,16 @@ def write_trace(trace: Trace, path: str) -> None:
 
 
 @_checked
-def import_esft(path: str) -> Trace:
+def import_esft(path: str, experts: int = 64) -> Trace:
     """A trace from a folder of ESFT expert scores (one sub-folder per domain, one file per MoE
-    layer; docs/trace-format.md)."""
-    return _core.import_esft(path)
+    layer; docs/trace-format.md). ``experts``: the model's routed experts, every id below it (as
+    ``locus trace import --experts``; ESFT's model has 64); each token chooses 6."""
+    k = _LIMITS["esft_top_k"]
+    _whole(experts, "experts", 1, _LIMITS["experts"])
+    if experts < k:
+        raise ConfigError(f"locus: configuration error: experts is {experts}, fewer than the {k} experts each token "
+                          "of an ESFT folder chooses")
+    return _core.import_esft(path, experts)
 
 
 @_checked
@@ -476,11 +596,17 @@ def expert_load(trace: Trace, decode_only: bool = False) -> np.ndarray:
     return _core.expert_load(trace, decode_only)
 
 
-@dataclass
+@dataclass(eq=False)
 class ExpertPlan:
     """One expert map per MoE layer: ``maps[layer, rank, slot]`` is the expert in that slot (-1:
     empty). ``model`` is the workload-aware grouping fitted with the plan, when planned on a trace.
-    ``replicas`` and ``hedge_copies`` count the extra copies, as ``locus plan --json`` does."""
+    ``replicas`` and ``hedge_copies`` count the extra copies, as ``locus plan --json`` does.
+    ``nodes × gpus_per_node`` is the topology the plan was made for; a plan whose two do not make its
+    ranks (the defaults of a plan made by hand, a map file saved without its topology) exports as
+    one GPU per node, as ``locus map export`` does, and is refused by ``simulate`` and ``replan``.
+    Plans compare equal (``==``) when their maps, experts, topology, layer ids, hidden-layer count
+    and grouping model (compared by content: its grouping JSON) agree; ``hedge_copies``, which a plan
+    read from a file does not know, is not compared. A plan is mutable, so it is not hashable."""
 
     maps: np.ndarray
     experts: int
@@ -500,19 +626,54 @@ class ExpertPlan:
         self._check_fields()
 
     def _check_fields(self) -> None:
-        """The fields' types, checked where a method uses them (they may be set after construction):
-        a wrong one reached the core, which printed a private function's signature."""
+        """The fields' types and ranges, checked where a method uses them (they may be set after
+        construction): a wrong one reached the core, which printed a private function's signature or
+        named its own functions. Layer ids are kept as a list of ints (an iterator given was used
+        up by this check, and the plan saved without them)."""
         if np.ndim(self.maps) != 3:  # not [layers, ranks, slots]: named as _array names it
             _array(self.maps, np.int32, 3, "maps")
         for name in ("experts", "nodes", "gpus_per_node", "hidden_layers"):
             v = getattr(self, name)
             if isinstance(v, (bool, np.bool_)):
                 raise _wrong_type(f"ExpertPlan.{name}", v, "a whole number")
-            _index(v, f"ExpertPlan.{name}")
+            _whole(_index(v, f"ExpertPlan.{name}"), f"ExpertPlan.{name}", 0 if name == "hidden_layers" else 1)
         if self.model is not None and not isinstance(self.model, WorkloadModel):
             raise _wrong_type("ExpertPlan.model", self.model, "a locus.WorkloadModel or None")
-        if self.layer_ids is not None:
-            _int_list(self.layer_ids, "ExpertPlan.layer_ids")
+        if self.layer_ids is not None and not (isinstance(self.layer_ids, list) and
+                                               all(type(x) is int for x in self.layer_ids)):
+            self.layer_ids = _int_list(self.layer_ids, "ExpertPlan.layer_ids")
+        layers, ranks, slots = np.shape(self.maps)
+        _check_model_layers(self.layer_ids, layers, _index(self.hidden_layers, "ExpertPlan.hidden_layers"),
+                            "ExpertPlan.layer_ids", "ExpertPlan.hidden_layers")
+        if ranks * slots < self.experts:  # the library's words: "expert_map: 4 slots cannot host 8 experts"
+            raise ConfigError(f"locus: configuration error: the maps' {ranks} ranks × {slots} slots cannot host "
+                              f"ExpertPlan.experts {self.experts}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ExpertPlan):
+            return NotImplemented
+        if self is other:
+            return True
+        self._check_fields()
+        other._check_fields()
+        a, b = self.model, other.model
+        same_model = a is b or (a is not None and b is not None and a.__getstate__() == b.__getstate__())
+        return (np.array_equal(self.maps, other.maps) and same_model
+                and (self.experts, self.nodes, self.gpus_per_node, self.layer_ids, self.hidden_layers)
+                == (other.experts, other.nodes, other.gpus_per_node, other.layer_ids, other.hidden_layers))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable and equal by content
+
+    def _topology(self, what: str) -> Tuple[int, int]:
+        """``(nodes, gpus_per_node)`` where they make the plan's ranks, else a ConfigError saying which
+        argument gives them (`what`: the call that needs them)."""
+        self._check_fields()
+        if self.nodes * self.gpus_per_node != self.ranks:
+            raise ConfigError(f"locus: configuration error: {what} needs the plan's topology, and its nodes × "
+                              f"gpus_per_node ({self.nodes} × {self.gpus_per_node}) do not make its {self.ranks} "
+                              "ranks: give gpus_per_node (or nodes) to ExpertPlan.load for a map saved without its "
+                              "topology, or set plan.nodes and plan.gpus_per_node")
+        return self.nodes, self.gpus_per_node
 
     @property
     def layers(self) -> int:
@@ -562,7 +723,10 @@ class ExpertPlan:
                 raise ConfigError(f"locus: configuration error: load: the trace has {load.layers} layers of "
                                   f"{load.experts} experts; the plan has {self.layers} layers of {self.experts}")
             load = expert_load(load)
-        w = np.zeros((0, 0)) if load is None else _array(load, np.float64, 2, "load")
+        w = np.zeros((0, 0)) if load is None else _loads(load, np.float64, "load")
+        if self.ranks % self.gpus_per_node:  # the library named its fill_empty_slots
+            raise ConfigError(f"locus: configuration error: ExpertPlan.gpus_per_node is {self.gpus_per_node}, which "
+                              f"does not divide the plan's {self.ranks} ranks")
         if load is not None and w.shape != (self.layers, self.experts):
             # (0, 0) is the core's "no load": an empty table passed for the plan's went through as none.
             raise ConfigError(f"locus: configuration error: load has shape {w.shape}; the plan has {self.layers} "
@@ -586,19 +750,35 @@ class ExpertPlan:
     @staticmethod
     @_checked
     def load(path: str, nodes: Optional[int] = None, gpus_per_node: Optional[int] = None) -> "ExpertPlan":
-        """Reads a saved plan. Its topology is the one saved with it; a file without one is taken as
-        ``nodes`` (default 1) nodes of equal size."""
+        """Reads a saved plan. Its topology is the one saved with it (``locus plan`` and ``save``
+        save it), or ``nodes`` nodes or nodes of ``gpus_per_node`` GPUs. A file without one, read
+        without either, keeps the defaults ``nodes=1, gpus_per_node=1``, which describe no topology
+        of its ranks: exports take it as one GPU per node (as ``locus map export``), and ``simulate``
+        and ``replan`` refuse it, as ``locus map replan`` refuses such a file without
+        ``--gpus-per-node``."""
+        for name, v in (("nodes", nodes), ("gpus_per_node", gpus_per_node)):
+            if v is not None:
+                _whole(v, name, 1)
         maps, experts, ids, hidden, saved = _core._load_expert_maps(path)
         ranks = int(maps.shape[1])
-        g = gpus_per_node if gpus_per_node is not None else saved if saved else ranks // (nodes or 1)
-        n = nodes if nodes is not None else ranks // g if g else 0
-        if saved and g != saved:
-            raise ConfigError(f"locus: configuration error: the plan in {_path_text(path)} was made for {saved} GPUs per node, "
-                              f"not {g}")
-        if g <= 0 or n * g != ranks:
-            raise ConfigError(f"locus: configuration error: {n} nodes x {g} GPUs do not make the plan's "
+        if saved and gpus_per_node is not None and gpus_per_node != saved:
+            raise ConfigError(f"locus: configuration error: the plan in {_path_text(path)} was made for {saved} GPUs "
+                              f"per node, not {gpus_per_node} (gpus_per_node)")
+        g = gpus_per_node or saved
+        if not g and nodes is None:
+            return ExpertPlan(maps, experts, 1, 1, None, ids or None, hidden)  # no topology: see above
+        if not g:
+            if ranks % nodes:
+                raise ConfigError(f"locus: configuration error: nodes is {nodes}, which does not divide the plan's "
+                                  f"{ranks} ranks")
+            g = ranks // nodes
+        if ranks % g:
+            raise ConfigError(f"locus: configuration error: gpus_per_node is {g}, which does not divide the plan's "
                               f"{ranks} ranks")
-        return ExpertPlan(maps, experts, n, g, None, ids or None, hidden)
+        if nodes is not None and nodes * g != ranks:
+            raise ConfigError(f"locus: configuration error: nodes is {nodes}: {nodes} nodes × {g} GPUs do not make "
+                              f"the plan's {ranks} ranks")
+        return ExpertPlan(maps, experts, ranks // g, g, None, ids or None, hidden)
 
 
 @_checked
@@ -619,18 +799,24 @@ def plan(
     fill_slack: float = 0.0,
     hedge_class_spread: float = 0.0,
     hedge_cost_budget: Optional[float] = None,
+    layer_ids: Optional[Sequence[int]] = None,
+    hidden_layers: Optional[int] = None,
 ) -> ExpertPlan:
     """Plans expert maps on ``nodes × gpus_per_node`` ranks. ``source`` is a Trace (every planner:
     linear, round_robin, eplb, activation_usage, locality; the grouping model is fitted too) or a
     ``[layers, experts]`` load array (linear, round_robin, eplb). Slots per rank: enough for every
     expert once plus ``redundant_slots``, unless ``slots_per_rank`` is given (load arrays only).
+    ``eplb_groups`` (eplb, as ``--eplb-groups``): expert groups; a multiple of ``nodes`` selects
+    DeepSeek's hierarchical policy, which splits the experts into that many equal groups.
     ``hedge_replicas``: with locality and redundant slots, at most this many slots per layer first
     hold balance hedges (None: the library's default, one per GPU; 0: off; docs/robust_planning.md).
     ``prefill_tokens``: the grouping model classifies a request by at most this many of its prefill
     tokens; it marks no phases (``trace.with_prefill_tokens(n)`` does, for an ESFT import).
     ``copies`` and ``anneal`` (locality only, as ``locus plan --copies --anneal``): the copies the
     token-level stage minimises ("flat": one per remote GPU, "hierarchical": one per remote node,
-    "both") and its annealing proposals per expert after the sweeps (0: none). ``fill_slack``
+    "both": the default of ``locus plan``; ``locus simulate --placement locality`` plans for the
+    simulated transport's copies instead) and its annealing proposals per expert after the sweeps
+    (0: none; at most 1,048,576). ``fill_slack``
     (locality with redundant slots, as ``--fill-slack``): the replica fill's GPU load bound (0: the
     planner's own); a looser one fills more replica slots, then swaps bring the GPUs back within the
     planner's bound (docs/robust_planning.md). ``hedge_class_spread`` and ``hedge_cost_budget``
@@ -638,7 +824,35 @@ def plan(
     balance hedges' draws also shift the mix of request classes (the grouping model's clusters) by
     this spread, from 0 (resamples only) to 2,
     and the hedges may raise the training sample's inter-node copies by at most this share (None:
-    the library's 0.01; 0: no bound)."""
+    the library's 0.01; 0: no bound).
+    ``layer_ids`` and ``hidden_layers`` (load arrays): the model's hidden-layer index of each row of
+    the load (engines number dense layers too) and the model's layer count, which the plan keeps
+    for its exports and its map file, as ``locus plan --load`` does (None: rows 0, 1, ... of a model
+    of that many layers). A trace plan takes both from the trace (its ``model_layer_ids`` and
+    ``hidden_layers``). For a load of ``expert_load(trace)``, pass
+    ``layer_ids=trace.model_layer_ids, hidden_layers=trace.hidden_layers``; for
+    ``locus.engines.load_*``'s ``(layer_ids, load)``, ``layer_ids=layer_ids`` (and ``hidden_layers``,
+    the model's ``num_hidden_layers``, for the dense rows after the last MoE layer)."""
+    # The documented ranges, named as the arguments (the library named its own functions).
+    _whole(nodes, "nodes", 1)
+    _whole(gpus_per_node, "gpus_per_node", 1)
+    if nodes * gpus_per_node > _LIMITS["ranks"]:
+        raise ConfigError(f"locus: configuration error: nodes × gpus_per_node is {nodes} × {gpus_per_node} = "
+                          f"{nodes * gpus_per_node} ranks, expected at most {_LIMITS['ranks']}")
+    _whole(redundant_slots, "redundant_slots")
+    if slots_per_rank is not None:
+        _whole(slots_per_rank, "slots_per_rank", 1)
+    _whole(eplb_groups, "eplb_groups", 1)
+    _whole(clusters, "clusters", 1)
+    _whole(seed, "seed")  # 2^64 and above: the core's "expected a whole number below 2^64"
+    _whole(prefill_tokens, "prefill_tokens", 1)
+    if hedge_replicas is not None:
+        _whole(hedge_replicas, "hedge_replicas")
+    _whole(anneal, "anneal", 0, _LIMITS["anneal"])
+    _finite(fill_slack, "fill_slack")
+    _finite(hedge_class_spread, "hedge_class_spread", 0.0, 2.0)
+    if hedge_cost_budget is not None:
+        _finite(hedge_cost_budget, "hedge_cost_budget")
     if (copies != "both" or anneal != 0 or fill_slack != 0) and (placement != "locality" or not isinstance(source, Trace)):
         raise ConfigError("locus: configuration error: copies, anneal and fill_slack apply to locality plans of a trace")
     if fill_slack != 0 and redundant_slots == 0:
@@ -652,7 +866,26 @@ def plan(
     if eplb_groups != 1 and placement != "eplb":
         # An argument that would change nothing is refused, not dropped.
         raise ConfigError(f"locus: configuration error: eplb_groups applies to placement=\"eplb\", not {placement!r}")
+
+    def check_eplb(experts: int, layers: int, per_rank: int) -> None:
+        """What DeepSeek's EPLB refuses in its own words ("rebalance_experts: ..."), named here."""
+        if placement != "eplb":
+            return
+        slots = nodes * gpus_per_node * per_rank
+        if eplb_groups % nodes == 0 and experts % eplb_groups:
+            raise ConfigError(f"locus: configuration error: eplb_groups is {eplb_groups}, a multiple of nodes "
+                              f"({nodes}), which selects the hierarchical policy: the {experts} experts do not split "
+                              f"into {eplb_groups} equal groups")
+        if per_rank <= experts and layers * slots > _LIMITS["eplb_slots"]:  # else refused as slots per rank
+            raise ConfigError(f"locus: configuration error: eplb plans at most {_LIMITS['eplb_slots']} slots over all "
+                              f"layers; {layers} layers × {slots} slots are more")
+
     if isinstance(source, Trace):
+        if layer_ids is not None or hidden_layers is not None:
+            # The trace says which layers it traced: a second numbering would disagree or change nothing.
+            raise ConfigError("locus: configuration error: layer_ids and hidden_layers are for load arrays; a trace "
+                              "plan takes them from the trace (trace_from_arrays(..., layer_ids=, hidden_layers=) "
+                              "records them)")
         if hedge_replicas and (placement != "locality" or redundant_slots == 0):  # 0 (off) fits any plan
             raise ConfigError("locus: configuration error: hedge_replicas applies to locality plans with redundant "
                               "slots (the balance hedges fill replica slots)")
@@ -665,6 +898,7 @@ def plan(
             # Every plan fits the grouping model, which learns from prefill and decode tokens.
             raise ConfigError("locus: configuration error: the trace records no prefill or decode phases (an ESFT "
                               "import records none): mark them first, e.g. trace.with_prefill_tokens(32)")
+        check_eplb(source.experts, source.layers, -(-source.experts // (nodes * gpus_per_node)) + redundant_slots)
         maps, model, hedges = _core._plan_from_trace(
             source, nodes, gpus_per_node, placement, redundant_slots, eplb_groups, clusters, seed, prefill_tokens,
             hedge_replicas, copies, anneal, fill_slack, hedge_class_spread, hedge_cost_budget,
@@ -673,10 +907,12 @@ def plan(
         out = ExpertPlan(maps, source.experts, nodes, gpus_per_node, model, ids, source.hidden_layers)
         out._hedge_copies = int(hedges)
         return out
+    if source is None:  # the module's promise: None where a value is needed is a TypeError naming it
+        raise _wrong_type("source", source, "a locus.Trace or a [layers, experts] load array")
     if isinstance(source, (str, bytes, os.PathLike)):
         raise ConfigError("locus: configuration error: plan takes a Trace (locus.read_trace(path)) or a load array, "
                           "not a path")
-    load = _array(source, np.float64, 2, "load")
+    load = _loads(source, np.float64, "source")
     if (seed, clusters, prefill_tokens) != (1, 8, 32):
         raise ConfigError("locus: configuration error: seed, clusters and prefill_tokens fit the grouping model of a "
                           "trace plan; a load array has no requests to group")
@@ -685,8 +921,22 @@ def plan(
                           "has no requests to resample")
     if slots_per_rank is not None and redundant_slots:
         raise ConfigError("locus: configuration error: give slots_per_rank or redundant_slots, not both")
+    layers, experts = load.shape
+    if layers == 0 or experts == 0:  # the library's words: "plan_input: no layers in the load table"
+        raise InvalidInputError(f"locus: invalid input: source has shape {load.shape}; a load needs at least one "
+                                "layer and one expert")
+    ranks = nodes * gpus_per_node
+    if slots_per_rank is not None and not experts <= ranks * slots_per_rank <= ranks * experts:
+        raise ConfigError(f"locus: configuration error: slots_per_rank is {slots_per_rank}: {ranks} ranks need "
+                          f"{-(-experts // ranks)} to {experts} slots each for the load's {experts} experts (every "
+                          "expert at least once, on a GPU at most once)")
+    ids = _int_list(layer_ids, "layer_ids") if layer_ids is not None else None
+    if hidden_layers is not None:
+        _whole(hidden_layers, "hidden_layers", 0, _LIMITS["hidden_layers"])
+    _check_model_layers(ids, layers, hidden_layers or 0, "layer_ids", "hidden_layers")
+    check_eplb(experts, layers, slots_per_rank or -(-experts // ranks) + redundant_slots)
     maps = _core._plan_from_load(load, nodes, gpus_per_node, slots_per_rank, redundant_slots, placement, eplb_groups)
-    out = ExpertPlan(maps, int(load.shape[1]), nodes, gpus_per_node)
+    out = ExpertPlan(maps, experts, nodes, gpus_per_node, None, ids, hidden_layers or 0)
     out._hedge_copies = 0  # the load planners place no hedges
     return out
 
@@ -710,7 +960,18 @@ def simulate(
     ``model`` or the plan's own. ``replica_rule`` is how a token's copy picks among an expert's
     replicas, as the serving engine does: ``locality_first`` (locus), ``same_gpu_else_random``
     (SGLang's static dispatch), ``random`` (vLLM's EPLB) or ``locality_bounded`` (locality first,
-    away from GPUs whose load so far exceeds (1 + ``replica_slack``) × the mean)."""
+    away from GPUs whose load so far exceeds (1 + ``replica_slack``) × the mean). ``transport``:
+    "flat" or "hierarchical"; ``batch_per_rank`` at least 1; ``arrival_rate`` finite, at least 0.
+    The plan's topology is the one it was made for (``nodes × gpus_per_node``). ``locus simulate
+    --placement locality`` plans with ``--copies`` set to the simulated transport's by default,
+    ``locus.plan`` (as ``locus plan``) with "both": to simulate the plan the driver would make, plan
+    with ``copies=transport``."""
+    _whole(batch_per_rank, "batch_per_rank", 1)
+    _finite(arrival_rate, "arrival_rate")
+    _whole(seed, "seed")
+    if transport not in ("flat", "hierarchical"):
+        raise ConfigError(f"locus: configuration error: transport {transport!r} is not one of flat, hierarchical")
+    nodes, gpus_per_node = plan._topology("simulate")
     if test.tokens == 0:
         raise ConfigError("locus: configuration error: the test trace has no tokens")
     if (test.layers, test.experts) != (plan.layers, plan.experts):
@@ -730,7 +991,7 @@ def simulate(
                           f"{replica_rule!r}")
     m = model if model is not None else plan.model
     out = _core._simulate(
-        test, plan._maps(), plan.nodes, plan.gpus_per_node, grouper, m, transport, batch_per_rank, hidden,
+        test, plan._maps(), nodes, gpus_per_node, grouper, m, transport, batch_per_rank, hidden,
         arrival_rate, seed, replica_rule, replica_slack,
     )
     return json.loads(out)
@@ -759,7 +1020,8 @@ def replan(
     classes recognise its prefill, else the nodes in turn. ``prior``: the traffic the maps were
     fitted to (its nodes from the model), which steers the copy savings and counts in the loads as
     ``prior_requests`` requests beside the window's (None: 32; only with a prior). ``transport``:
-    whose copies to save ("flat", "hierarchical" or "both"; "both" counts and reports their sum).
+    whose copies to save ("flat", "hierarchical" or "both"; "both", which ``locus map replan
+    --transport`` does not take, counts and reports their sum, as docs/engines.md describes).
     ``replica_rule``: the engine's choice among an expert's replicas, where the copies counted and
     saved go ("locality_first", "same_gpu_else_random" as SGLang, "random" as vLLM's EPLB;
     "locality_bounded" counts as "locality_first"). Returns the new plan and a report:
@@ -768,7 +1030,16 @@ def replan(
     ``slots_moved``, ``bytes_moved`` (with ``expert_bytes``), and the window's inter-node copies
     per token and lowest reachable GPU max/mean (``balance_floor``) before and after
     (docs/engines.md). ``prefill_tokens``: how many of a request's prefill tokens the classes
-    read; it marks no phases (``window.with_prefill_tokens(n)`` does, for a trace that records none)."""
+    read; it marks no phases (``window.with_prefill_tokens(n)`` does, for a trace that records none).
+    Ranges, as ``locus map replan`` takes them: ``budget`` from 0 to 1, ``prior_requests`` from 0
+    to 1e9, ``prefill_tokens`` at least 1. The plan's topology is needed: a map saved without one
+    is read with ``ExpertPlan.load(path, gpus_per_node=...)``."""
+    if budget is not None:
+        _finite(budget, "budget", 0.0, 1.0)
+    if prior_requests is not None:
+        _finite(prior_requests, "prior_requests", 0.0, 1e9)  # as --prior-requests
+    _whole(prefill_tokens, "prefill_tokens", 1)
+    nodes, gpus_per_node = plan._topology("replan")
     if prior_requests is not None and prior is None:
         # As `locus map replan`: an option that would change nothing is refused, not dropped.
         raise ConfigError("locus: configuration error: prior_requests applies with a prior (the traffic the plan "
@@ -789,7 +1060,7 @@ def replan(
     h = None if homes is None else _array(homes, np.int64, 1, "homes")
     m = model if model is not None else plan.model
     maps, report = _core._replan(
-        plan._maps(), plan.experts, plan.nodes, plan.gpus_per_node, window, h, m, prior, budget,
+        plan._maps(), plan.experts, nodes, gpus_per_node, window, h, m, prior, budget,
         32.0 if prior_requests is None else prior_requests, transport, replan_slack, expert_bytes,
         prefill_tokens, _int_list(plan.layer_ids, "ExpertPlan.layer_ids") if plan.layer_ids is not None else [],
         replica_rule,
@@ -813,36 +1084,62 @@ def export_text(
     num_hidden_layers: int = 0,
     layer_ids: Optional[Sequence[int]] = None,
     load: Any = None,
+    mtp_layers: int = 0,
 ) -> str:
     """The plan in the file engine ``to`` takes (sglang, vllm, trtllm, eplb); empty slots are
     filled first (see ExpertPlan.filled). Planned layer i is hidden layer ``layer_ids[i]``, or
     ``first_moe_layer + i`` (one of the two), or the plan's own layer ids (from its trace), or i; the model has
-    ``num_hidden_layers`` layers, or the plan's count, or the last MoE layer + 1."""
+    ``num_hidden_layers`` layers, or the plan's count, or the last MoE layer + 1. ``mtp_layers``
+    (trtllm, as ``locus map export --mtp-layers``, at most 16): multi-token-prediction layers after
+    the hidden layers (DeepSeek-V3/R1 with MTP: 1), which TensorRT-LLM balances too and refuses to
+    start without; each gets the trivial placement (slot p holds expert p mod E)."""
+    _whole(mtp_layers, "mtp_layers", 0, _LIMITS["mtp_layers"])
+    if mtp_layers and to != "trtllm":
+        raise ConfigError("locus: configuration error: mtp_layers applies to to=\"trtllm\" (SGLang's NextN layer reads "
+                          "the file's first row; vLLM's and EPLB's files have no layer for it)")
     if layer_ids is not None and first_moe_layer is not None:
         # Either numbers every layer; one of them was ignored.
         raise ConfigError("locus: configuration error: give layer_ids or first_moe_layer, not both")
     if to == "locus":  # the CLI's `map export --to locus`: a map, not an engine's file
         raise ConfigError("locus: configuration error: \"locus\" is no engine format here (sglang, vllm, trtllm or "
                           "eplb); the map as the engines serve it is plan.filled(load), saved with its save(path)")
-    full = plan.filled(load)
+    layers, top = plan.layers, _LIMITS["hidden_layers"]
+    _whole(num_hidden_layers, "num_hidden_layers", 0, top)
     if layer_ids is not None:
-        ids = _int_list(layer_ids, "layer_ids")
+        ids, ids_name = _int_list(layer_ids, "layer_ids"), "layer_ids"
     elif first_moe_layer is not None:
-        if first_moe_layer < 0:
-            raise ConfigError(f"locus: configuration error: first_moe_layer is {first_moe_layer}, expected a whole "
-                              "number from 0")
-        ids = [first_moe_layer + i for i in range(plan.layers)]
+        # The library's words named no argument: "model layers: 5002 hidden layers (at most 4096)".
+        _whole(first_moe_layer, "first_moe_layer", 0, top - layers)
+        ids, ids_name = [first_moe_layer + i for i in range(layers)], "first_moe_layer"
     elif plan.layer_ids is not None:
-        ids = _int_list(plan.layer_ids, "ExpertPlan.layer_ids")
+        ids, ids_name = list(plan.layer_ids), "ExpertPlan.layer_ids"
     else:
-        ids = list(range(plan.layers))
+        ids, ids_name = list(range(layers)), None
+    given = num_hidden_layers or plan.hidden_layers
+    hidden_name = "num_hidden_layers" if num_hidden_layers else "ExpertPlan.hidden_layers"
+    if first_moe_layer is not None and given and given <= ids[-1]:
+        raise ConfigError(f"locus: configuration error: first_moe_layer is {first_moe_layer}: the plan's {layers} "
+                          f"layers end at hidden layer {ids[-1]}, and {hidden_name} is {given}")
+    _check_model_layers(ids if ids_name else None, layers, given, ids_name or "", hidden_name)
     # The largest id, not the last: ids out of order are then reported as such.
-    hidden = num_hidden_layers or plan.hidden_layers or (max(ids) + 1 if ids else 0)
-    return _core._export_text(full._maps(), plan.experts, to, ids, hidden)
+    hidden = given or (max(ids) + 1 if ids else 0)
+    full = plan.filled(load)
+    return _core._export_text(full._maps(), plan.experts, to, ids, hidden, mtp_layers)
 
 
 @_checked
 def export(plan: ExpertPlan, to: str, path: str, **kwargs: Any) -> None:
     """Writes ``export_text(plan, to, **kwargs)`` to ``path`` atomically (as every locus file: an
-    existing file keeps its mode, a symbolic link its target)."""
+    existing file keeps its mode, a symbolic link its target). SGLang's file must be named
+    ``*.json``: SGLang parses any other value of ``--init-expert-location`` as JSON text."""
+    if to == "sglang" and isinstance(path, (str, bytes, os.PathLike)) and \
+            not os.fsdecode(os.fspath(path)).endswith(".json"):
+        raise ConfigError(f"locus: configuration error: {_path_text(path)}: SGLang reads --init-expert-location as a "
+                          "file only when its name ends in .json (any other value is parsed as JSON text); name the "
+                          "file X.json")
     _core._write_text(path, export_text(plan, to, **kwargs))
+
+
+# Loaded with the package, as docs/engines.md writes it (locus.engines.load_sglang_logical_count);
+# last, since it imports from this module. locus.vllm stays an explicit import: it imports vLLM.
+from . import engines  # noqa: E402

@@ -9,6 +9,16 @@
 - Per-token routed experts ``[tokens, hidden layers, k]`` (vLLM / SGLang return them per request,
   a dense layer's row all expert 0): ``locus.load_routed_experts(..., layer_ids=moe_layers)`` or
   ``locus.trace_from_arrays`` on the MoE layers, then ``locus.expert_load``.
+
+The loads are plain arrays, returned with the model layer id of each row: pass them on to the
+plan, whose exports number the engines' layers by them (dense layers included), as ``locus plan
+--load`` does::
+
+    layer_ids, load = locus.engines.load_trtllm_statistics(path)
+    plan = locus.plan(load, nodes, gpus_per_node, layer_ids=layer_ids, hidden_layers=num_hidden_layers)
+
+(``hidden_layers``: the model's ``num_hidden_layers``, for dense layers after the last MoE layer;
+for an SGLang dump, ``logical_count``'s hidden-layer dimension.)
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
-from . import FormatError, InvalidInputError, _checked, _core, _index, _io_error, _path_text
+from . import FormatError, InvalidInputError, _checked, _core, _int_list, _io_error, _path_text
 
 
 @_checked
@@ -92,7 +102,7 @@ def load_sglang_logical_count(dump: Any, moe_layers: Optional[List[int]] = None)
     if moe_layers is None:
         layers = [l for l in range(count.shape[0]) if count[l].sum() > 0]
     else:
-        layers = [_index(l, f"moe_layers[{i}]") for i, l in enumerate(moe_layers)]
+        layers = _int_list(moe_layers, "moe_layers")  # a lone number or True (layer 1) is refused
         bad = [l for l in layers if not 0 <= l < count.shape[0]]
         if bad:  # -1 would index the last layer
             raise InvalidInputError(f"locus: invalid input: moe_layers {bad} are not among the {count.shape[0]} "

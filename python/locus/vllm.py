@@ -237,7 +237,7 @@ def _kept_in_place(
     except InvalidInputError as e:
         raise InvalidInputError(f"locus: invalid input: vLLM's current map (old_global_expert_indices): "
                                 f"{str(e).removeprefix('locus: invalid input: ')}") from None
-    doc = json.loads(_core._export_text(kept, experts, "vllm", list(range(layers)), layers))
+    doc = json.loads(_core._export_text(kept, experts, "vllm", list(range(layers)), layers, 0))
     return tuple(np.asarray(doc[k], np.int64)  # type: ignore[return-value]
                  for k in ("physical_to_logical_map", "logical_to_physical_map", "logical_replica_count"))
 

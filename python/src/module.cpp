@@ -72,9 +72,10 @@ std::string short_repr(nb::handle v) {
   return r.size() <= 80 ? r : r.substr(0, 77) + "...";
 }
 
-// A count or index argument (anything with __index__): a negative or too large value is a
-// ConfigError naming the argument, not the TypeError nanobind gives when an unsigned cast fails.
-std::uint64_t count_arg(nb::handle v, const char* name, std::uint64_t max = UINT64_MAX) {
+// A count or index argument (anything with __index__): a value outside [min, max] (a negative one
+// included) is a ConfigError naming the argument and its range, not the TypeError nanobind gives
+// when an unsigned cast fails.
+std::uint64_t count_arg(nb::handle v, const char* name, std::uint64_t max = UINT64_MAX, std::uint64_t min = 0) {
   nb::object i = nb::steal(PyNumber_Index(v.ptr()));
   if (!i.is_valid()) {
     // A float or a string: Python's TypeError, naming the argument (Python's alone does not).
@@ -86,10 +87,16 @@ std::uint64_t count_arg(nb::handle v, const char* name, std::uint64_t max = UINT
   const unsigned long long n = PyLong_AsUnsignedLongLong(i.ptr());
   const bool bad = n == static_cast<unsigned long long>(-1) && PyErr_Occurred();
   if (bad) PyErr_Clear();
-  if (bad || n > max)
+  if (bad || n > max || n < min) {
+    // Without a bound of its own, the range is 64 bits: a negative count is named as below the
+    // least, not as outside 0 to 18446744073709551615.
+    const bool too_big = bad && PyObject_RichCompareBool(i.ptr(), nb::int_(0).ptr(), Py_GT) == 1;
+    const std::string range = max != UINT64_MAX ? locus::detail::concat("from ", min, " to ", max)
+                              : too_big         ? std::string("below 2^64")
+                                                : locus::detail::concat(">= ", min);
     throw locus::config_error(
-        locus::detail::concat(name, " is ", nb::str(i).c_str(), ", expected a whole number from 0 to ", max), nullptr,
-        0);
+        locus::detail::concat(name, " is ", nb::str(i).c_str(), ", expected a whole number ", range), nullptr, 0);
+  }
   return n;
 }
 std::size_t size_arg(nb::handle v, const char* name) { return static_cast<std::size_t>(count_arg(v, name)); }
@@ -271,12 +278,13 @@ std::span<const std::byte> state_bytes(nb::handle state, const char* type) {
 }
 
 nb::bytes trace_state(const locus::trace::trace& t) {
-  const auto bytes = locus::trace::encode_trace(t);
+  const auto bytes = interruptible([&] { return locus::trace::encode_trace(t); });
   return nb::bytes(reinterpret_cast<const char*>(bytes.data()), bytes.size());
 }
 
 void set_trace_state(locus::trace::trace& self, nb::handle state) {
-  auto t = locus::trace::decode_trace(state_bytes(state, "Trace"), "pickled Trace");
+  const auto bytes = state_bytes(state, "Trace"); // immutable, held by the caller
+  auto t = interruptible([&] { return locus::trace::decode_trace(bytes, "pickled Trace"); });
   new (&self) locus::trace::trace(std::move(t));
 }
 
@@ -379,24 +387,15 @@ nb::list python_strings(const std::vector<std::string>& v) {
   return out;
 }
 
-// A trace from token-major arrays: ids [T, L, k]; weights [T, L, k] or empty; request ids [T]
-// (a request's tokens in order of appearance; requests in order of first appearance); phases [T]
-// (0 prefill, 1 decode, 2 unknown; a request's prefill tokens come before its decode tokens);
-// domains [T] indexing `domain_names` (every token of a request names the same one);
-// `request_names`: empty, or the name of each request id 0, 1, ... (ids given as strings).
-locus::trace::trace
-trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb::device::cpu> ids,
-                  nb::handle experts_arg, nb::ndarray<const float, nb::ndim<3>, nb::c_contig, nb::device::cpu> weights,
-                  nb::ndarray<const std::int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> requests,
-                  nb::ndarray<const std::uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> phases,
-                  nb::ndarray<const std::uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> domains,
-                  nb::handle domain_names_arg, nb::handle layer_ids_arg, nb::handle hidden_arg,
-                  nb::handle request_names_arg) {
-  const std::size_t experts = size_arg(experts_arg, "experts");
-  auto domain_names = utf8_strings(domain_names_arg, "domain_names");
-  const auto request_names = utf8_strings(request_names_arg, "request_ids");
-  auto layer_ids = counts_arg<std::uint32_t>(layer_ids_arg, "layer_ids");
-  const auto hidden_layers = static_cast<std::uint32_t>(count_arg(hidden_arg, "hidden_layers", UINT32_MAX));
+template <class T, std::size_t N>
+using array_in = nb::ndarray<const T, nb::ndim<N>, nb::c_contig, nb::device::cpu>;
+
+// trace_from_arrays' trace from its checked arguments (touches no Python object).
+locus::trace::trace build_trace(const array_in<std::int32_t, 3>& ids, std::size_t experts,
+                                const array_in<float, 3>& weights, const array_in<std::uint64_t, 1>& requests,
+                                const array_in<std::uint8_t, 1>& phases, const array_in<std::uint32_t, 1>& domains,
+                                std::vector<std::string> domain_names, const std::vector<std::string>& request_names,
+                                std::vector<std::uint32_t> layer_ids, std::uint32_t hidden_layers) {
   const std::size_t tokens = ids.shape(0), layers = ids.shape(1), k = ids.shape(2);
   LOCUS_REQUIRE(tokens > 0, locus::invalid_input_error, "trace_from_arrays: topk_ids has no tokens");
   const bool has_weights = weights.size() > 0;
@@ -408,8 +407,8 @@ trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb:
                 " entries (one per token); got ", requests.shape(0), ", ", phases.shape(0), ", ", domains.shape(0));
   if (domain_names.empty()) domain_names.push_back("default");
   std::vector<std::vector<std::size_t>> members;
-  std::vector<std::int64_t> request_id;
-  std::unordered_map<std::int64_t, std::size_t> index;
+  std::vector<std::uint64_t> request_id;
+  std::unordered_map<std::uint64_t, std::size_t> index;
   for (std::size_t t = 0; t < tokens; ++t) {
     const auto [it, fresh] = index.try_emplace(requests.data()[t], members.size());
     if (fresh) {
@@ -424,7 +423,7 @@ trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb:
   }
   // A request as the caller named it: its string where ids were given as strings.
   const auto who = [&](std::size_t r) {
-    return request_names.empty() || static_cast<std::uint64_t>(request_id[r]) >= request_names.size()
+    return request_names.empty() || request_id[r] >= request_names.size()
                ? std::to_string(request_id[r])
                : "\"" + request_names[static_cast<std::size_t>(request_id[r])] + "\"";
   };
@@ -449,7 +448,7 @@ trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb:
                     " is prefill after a decode token of the request (prefill comes first)");
       decoded = decoded || p == locus::trace::phase::decode;
     }
-    const auto id = static_cast<std::uint64_t>(request_id[r]);
+    const std::uint64_t id = request_id[r];
     LOCUS_REQUIRE(request_names.empty() || id < request_names.size(), locus::invalid_input_error,
                   "trace_from_arrays: request ", id, " has no name (", request_names.size(), " names)");
     b.add_request(id, domains.data()[m.front()], m.size(),
@@ -478,6 +477,29 @@ trace_from_arrays(nb::ndarray<const std::int32_t, nb::ndim<3>, nb::c_contig, nb:
   return b.build();
 }
 
+// A trace from token-major arrays: ids [T, L, k]; weights [T, L, k] or empty; request ids [T]
+// (a request's tokens in order of appearance; requests in order of first appearance); phases [T]
+// (0 prefill, 1 decode, 2 unknown; a request's prefill tokens come before its decode tokens);
+// domains [T] indexing `domain_names` (every token of a request names the same one);
+// `request_names`: empty, or the name of each request id 0, 1, ... (ids given as strings).
+// Request ids are any 64-bit unsigned numbers, as traces keep them.
+locus::trace::trace trace_from_arrays(array_in<std::int32_t, 3> ids, nb::handle experts_arg, array_in<float, 3> weights,
+                                      array_in<std::uint64_t, 1> requests, array_in<std::uint8_t, 1> phases,
+                                      array_in<std::uint32_t, 1> domains, nb::handle domain_names_arg,
+                                      nb::handle layer_ids_arg, nb::handle hidden_arg, nb::handle request_names_arg) {
+  const std::size_t experts = size_arg(experts_arg, "experts");
+  auto domain_names = utf8_strings(domain_names_arg, "domain_names");
+  const auto request_names = utf8_strings(request_names_arg, "request_ids");
+  auto layer_ids = counts_arg<std::uint32_t>(layer_ids_arg, "layer_ids");
+  const auto hidden_layers = static_cast<std::uint32_t>(count_arg(hidden_arg, "hidden_layers", UINT32_MAX));
+  // The rest reads the arrays' memory only (the caller holds them): without the GIL, so that a
+  // trace of millions of tokens leaves the interpreter's other threads running.
+  return interruptible([&] {
+    return build_trace(ids, experts, weights, requests, phases, domains, std::move(domain_names), request_names,
+                       std::move(layer_ids), hidden_layers);
+  });
+}
+
 } // namespace
 
 NB_MODULE(_core, m) {
@@ -488,6 +510,20 @@ NB_MODULE(_core, m) {
   // The C++ library's version (core/version.hpp), which the package reports as its own.
   m.attr("__version__") =
       locus::detail::concat(LOCUS_VERSION_MAJOR, ".", LOCUS_VERSION_MINOR, ".", LOCUS_VERSION_PATCH);
+  // The library's limits, which the package checks arguments against before a call (naming the
+  // argument where the library's own message names its function).
+  nb::dict limits;
+  limits["experts"] = locus::trace::max_trace_experts;
+  limits["top_k"] = locus::trace::max_trace_top_k;
+  limits["trace_layers"] = locus::trace::max_trace_layers;
+  limits["hidden_layers"] = locus::max_hidden_layers;
+  limits["ranks"] = locus::max_topology_ranks;
+  limits["anneal"] = locus::placement::token_refine_options::max_anneal_per_expert;
+  limits["expert_bytes"] = locus::placement::max_expert_bytes;
+  limits["esft_top_k"] = locus::trace::esft_options{}.top_k;
+  limits["eplb_slots"] = locus::placement::max_eplb_slots;
+  limits["mtp_layers"] = locus::placement::model_layers::max_mtp_layers;
+  m.attr("_limits") = limits;
 
   error_type = PyErr_NewException("locus.LocusError", PyExc_Exception, nullptr);
   auto derived = [&](const char* name, PyObject* builtin) {
@@ -575,7 +611,8 @@ NB_MODULE(_core, m) {
       .def(
           "layer_ids",
           [](const locus::trace::trace& t, nb::handle layer) {
-            const auto v = t.layer(size_arg(layer, "layer"));
+            // Named as the argument's range ("trace::layer: layer 5 out of range" named a C++ function).
+            const auto v = t.layer(static_cast<std::size_t>(count_arg(layer, "layer", t.layers() - 1)));
             return nb::ndarray<nb::numpy, const locus::trace::trace_expert_id>(v.ids(), {t.tokens(), t.top_k()},
                                                                                nb::handle());
           },
@@ -583,7 +620,8 @@ NB_MODULE(_core, m) {
       .def(
           "with_prefill_tokens",
           [](const locus::trace::trace& t, nb::handle tokens) {
-            return t.with_prefill_tokens(size_arg(tokens, "tokens"));
+            const std::size_t n = size_arg(tokens, "tokens");
+            return interruptible([&] { return t.with_prefill_tokens(n); });
           },
           "tokens"_a.none())
       // (prefill, decode, unknown) token counts: plan and simulate refuse a trace without phases
@@ -617,9 +655,11 @@ NB_MODULE(_core, m) {
       "trace"_a, "path"_a.none());
   m.def(
       "import_esft",
-      [](nb::handle path) {
+      [](nb::handle path, nb::handle experts) {
+        locus::trace::esft_options opt; // top-6, as `locus trace import` reads ESFT folders
+        opt.experts = size_arg(experts, "experts");
         locus::trace::esft_report rep;
-        auto t = file_io(path, [&](const std::string& p) { return locus::trace::import_esft(p, {}, &rep); });
+        auto t = file_io(path, [&](const std::string& p) { return locus::trace::import_esft(p, opt, &rep); });
         // A sub-folder without layer files is no domain: an empty domain folder would go unnoticed.
         for (const auto& f : rep.skipped_folders) {
           const auto msg = locus::detail::concat("locus: ", f,
@@ -629,11 +669,12 @@ NB_MODULE(_core, m) {
         }
         return t;
       },
-      "path"_a.none());
+      "path"_a.none(), "experts"_a = 64);
   m.def(
       "split_by_request",
       [](const locus::trace::trace& t, double test_fraction, nb::handle seed) {
-        return locus::trace::split_by_request(t, test_fraction, count_arg(seed, "seed"));
+        const std::uint64_t s = count_arg(seed, "seed");
+        return interruptible([&] { return locus::trace::split_by_request(t, test_fraction, s); });
       },
       "trace"_a, "test_fraction"_a, "seed"_a.none());
   m.def(
@@ -646,10 +687,14 @@ NB_MODULE(_core, m) {
   m.def(
       "expert_load",
       [](const locus::trace::trace& t, bool decode_only) {
-        const auto load = locus::placement::expert_load(t, decode_only);
-        std::vector<double> flat;
-        for (const auto& row : load)
-          flat.insert(flat.end(), row.begin(), row.end());
+        // A pass over every token of every layer: without the GIL (the trace is read only).
+        auto flat = interruptible([&] {
+          std::vector<double> out;
+          out.reserve(t.layers() * t.experts());
+          for (const auto& row : locus::placement::expert_load(t, decode_only))
+            out.insert(out.end(), row.begin(), row.end());
+          return out;
+        });
         return owned(std::move(flat), {t.layers(), t.experts()});
       },
       "trace"_a, "decode_only"_a = false);
@@ -674,7 +719,8 @@ NB_MODULE(_core, m) {
   m.def(
       "layer_imbalance",
       [](const locus::trace::trace& t) {
-        const auto imb = locus::trace::layer_imbalance(locus::trace::compute_expert_load(t));
+        const auto imb =
+            interruptible([&] { return locus::trace::layer_imbalance(locus::trace::compute_expert_load(t)); });
         nb::list out;
         for (const auto& i : imb) {
           nb::dict d;
@@ -709,10 +755,15 @@ NB_MODULE(_core, m) {
                                 ? locus::placement::slots_for(in.experts, in.topology.ranks(),
                                                               size_arg(redundant_slots, "redundant_slots"))
                                 : size_arg(slots_per_rank, "slots_per_rank");
-        in.load = load_from(load);
         locus::placement::named_plan_options opt;
         opt.eplb_groups = size_arg(eplb_groups, "eplb_groups");
-        return maps_to(locus::placement::plan_by_name(placement, in, opt));
+        // Seconds for a large table (the load is copied and planned without the GIL; the array stays
+        // alive through the call, and its data is only read).
+        auto maps = interruptible([&] {
+          in.load = load_from(load);
+          return locus::placement::plan_by_name(placement, in, opt);
+        });
+        return maps_to(maps);
       },
       "load"_a, "nodes"_a, "gpus_per_node"_a, "slots_per_rank"_a.none(), "redundant_slots"_a, "placement"_a,
       "eplb_groups"_a);
@@ -737,15 +788,19 @@ NB_MODULE(_core, m) {
                                                          Py_TYPE(trace_arg.ptr())->tp_name, "), expected a locus.Trace")
                                        .c_str());
             const auto& t = nb::cast<const locus::trace::trace&>(trace_arg);
-            const std::size_t prefill_tokens = size_arg(prefill_arg, "prefill_tokens");
             // As plan and replan: with none, no request would ever be recognised.
-            LOCUS_REQUIRE(prefill_tokens >= 1, locus::config_error, "prefill_tokens must be at least 1");
-            std::vector<std::int64_t> out(t.requests());
-            std::vector<std::uint32_t> scratch;
-            for (std::size_t r = 0; r < t.requests(); ++r) {
-              const auto c = g.classify(t, r, prefill_tokens, scratch);
-              out[r] = c.confident ? static_cast<std::int64_t>(c.cluster) : -1;
-            }
+            const auto prefill_tokens =
+                static_cast<std::size_t>(count_arg(prefill_arg, "prefill_tokens", UINT64_MAX, 1));
+            // A pass over every request of the trace: without the GIL (the model and the trace are read only).
+            auto out = interruptible([&] {
+              std::vector<std::int64_t> cluster(t.requests());
+              std::vector<std::uint32_t> scratch;
+              for (std::size_t r = 0; r < t.requests(); ++r) {
+                const auto c = g.classify(t, r, prefill_tokens, scratch);
+                cluster[r] = c.confident ? static_cast<std::int64_t>(c.cluster) : -1;
+              }
+              return cluster;
+            });
             return owned(std::move(out), {t.requests()});
           },
           "trace"_a.none(), "prefill_tokens"_a.none())
@@ -805,12 +860,9 @@ NB_MODULE(_core, m) {
         cfg.topology = locus::dynamic_topology(size_arg(nodes, "nodes"), size_arg(gpus_per_node, "gpus_per_node"));
         cfg.transport = locus::cost::parse_transport_kind(transport);
         // As `locus simulate --hidden` takes it: 0 reported zero bytes as if they were results.
-        const std::size_t hidden_size = size_arg(hidden, "hidden");
-        constexpr std::size_t max_hidden = std::size_t{1} << 24;
-        LOCUS_REQUIRE(hidden_size >= 1 && hidden_size <= max_hidden, locus::config_error, "hidden is ", hidden_size,
-                      ", expected 1 to ", max_hidden);
+        const auto hidden_size = static_cast<std::size_t>(count_arg(hidden, "hidden", std::uint64_t{1} << 24, 1));
         cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(hidden_size);
-        cfg.batch_per_rank = size_arg(batch_per_rank, "batch_per_rank");
+        cfg.batch_per_rank = static_cast<std::size_t>(count_arg(batch_per_rank, "batch_per_rank", UINT64_MAX, 1));
         cfg.arrival_rate = arrival_rate;
         cfg.seed = count_arg(seed, "seed");
         // The run goes on without the GIL: another thread may simulate with the same model meanwhile
@@ -834,9 +886,8 @@ NB_MODULE(_core, m) {
          nb::handle expert_bytes, nb::handle prefill_tokens, std::vector<std::size_t> map_layers,
          const std::string& replica_rule) {
         const auto topo = locus::dynamic_topology(size_arg(nodes, "nodes"), size_arg(gpus_per_node, "gpus_per_node"));
-        const std::size_t prefill = size_arg(prefill_tokens, "prefill_tokens");
-        LOCUS_REQUIRE(prefill >= 1, locus::config_error,
-                      "prefill_tokens must be at least 1 (with none, no request's class is recognised)");
+        // With none, no request's class is recognised.
+        const auto prefill = static_cast<std::size_t>(count_arg(prefill_tokens, "prefill_tokens", UINT64_MAX, 1));
         // Each request's node: its rank in `homes`, else its class's under the model, else in turn.
         const auto nodes_of = [&](const locus::trace::trace& t, bool use_homes) {
           std::vector<std::uint32_t> out(t.requests());
@@ -886,28 +937,34 @@ NB_MODULE(_core, m) {
       "_keep_slots_in_place",
       [](maps_in before, maps_in after, nb::handle experts) {
         const std::size_t e = size_arg(experts, "experts");
-        return maps_to(locus::placement::keep_slots_in_place(maps_from(before, e), maps_from(after, e)));
+        return maps_to(interruptible(
+            [&] { return locus::placement::keep_slots_in_place(maps_from(before, e), maps_from(after, e)); }));
       },
       "before"_a, "after"_a, "experts"_a);
 
   m.def(
       "_fill_empty_slots",
       [](maps_in maps, nb::handle experts, load_in load, nb::handle gpus_per_node) {
-        return maps_to(locus::placement::fill_empty_slots(maps_from(maps, size_arg(experts, "experts")),
-                                                          load_from(load), {},
-                                                          size_arg(gpus_per_node, "gpus_per_node")));
+        const std::size_t e = size_arg(experts, "experts"), g = size_arg(gpus_per_node, "gpus_per_node");
+        return maps_to(interruptible(
+            [&] { return locus::placement::fill_empty_slots(maps_from(maps, e), load_from(load), {}, g); }));
       },
       "maps"_a, "experts"_a, "load"_a, "gpus_per_node"_a);
   m.def(
       "_export_text",
-      [](maps_in maps, nb::handle experts, const std::string& to, nb::handle layer_ids, nb::handle hidden_layers) {
-        const auto plan = maps_from(maps, size_arg(experts, "experts"));
+      [](maps_in maps, nb::handle experts, const std::string& to, nb::handle layer_ids, nb::handle hidden_layers,
+         nb::handle mtp_layers) {
+        const std::size_t e = size_arg(experts, "experts");
         // The ids are always given (the Python layer numbers the layers); an empty list is wrong.
-        const locus::placement::model_layers layers{counts_arg(layer_ids, "layer_ids"),
-                                                    size_arg(hidden_layers, "num_hidden_layers")};
-        return locus::placement::export_text(locus::placement::parse_engine_format(to), plan, layers);
+        locus::placement::model_layers layers{counts_arg(layer_ids, "layer_ids"),
+                                              size_arg(hidden_layers, "num_hidden_layers")};
+        layers.mtp_layers = static_cast<std::size_t>(
+            count_arg(mtp_layers, "mtp_layers", locus::placement::model_layers::max_mtp_layers));
+        const auto format = locus::placement::parse_engine_format(to);
+        // A plan of many layers exports to megabytes of text: without the GIL.
+        return interruptible([&] { return locus::placement::export_text(format, maps_from(maps, e), layers); });
       },
-      "maps"_a, "experts"_a, "to"_a, "layer_ids"_a, "hidden_layers"_a);
+      "maps"_a, "experts"_a, "to"_a, "layer_ids"_a, "hidden_layers"_a, "mtp_layers"_a);
   m.def(
       "_load_expert_maps",
       [](nb::handle path) {
@@ -920,9 +977,13 @@ NB_MODULE(_core, m) {
       "_save_expert_maps",
       [](nb::handle path, maps_in maps, nb::handle experts, nb::handle layer_ids, nb::handle hidden_layers,
          nb::handle gpus_per_node) {
-        const std::string text = locus::expert_plan_text(
-            {maps_from(maps, size_arg(experts, "experts")), counts_arg(layer_ids, "layer_ids"),
-             size_arg(hidden_layers, "hidden_layers"), size_arg(gpus_per_node, "gpus_per_node")});
+        const std::size_t e = size_arg(experts, "experts");
+        auto ids = counts_arg(layer_ids, "layer_ids");
+        const std::size_t hidden = size_arg(hidden_layers, "hidden_layers"),
+                          g = size_arg(gpus_per_node, "gpus_per_node");
+        const std::string text = interruptible([&] {
+          return locus::expert_plan_text({maps_from(maps, e), std::move(ids), hidden, g});
+        });
         file_io(path, [&](const std::string& p) { locus::write_file_atomically(p, text); });
       },
       "path"_a.none(), "maps"_a, "experts"_a, "layer_ids"_a, "hidden_layers"_a, "gpus_per_node"_a);

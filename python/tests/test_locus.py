@@ -11,6 +11,8 @@ import re
 import struct
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -138,7 +140,7 @@ def test_rebalance_errors_carry_the_library_message():
     assert "[" not in str(e.value)  # no source location in a message for a person
     bad = np.array(EXAMPLE_WEIGHT, float)
     bad[1, 3] = np.nan
-    with pytest.raises(locus.InvalidInputError, match="layer 1 expert 3"):
+    with pytest.raises(locus.InvalidInputError, match=r"weight\[1, 3\] is nan, expected a finite number >= 0"):
         locus.rebalance_experts(bad, 16, 4, 2, 8)
     with pytest.raises(ValueError):  # the library's errors are also ValueErrors
         locus.rebalance_experts(np.zeros(12), 16, 4, 2, 8)
@@ -259,7 +261,7 @@ def test_locality_plans_take_the_copies_and_annealing_the_driver_takes():
     annealed = locus.plan(train, 2, 2, "locality", anneal=200, **kw)
     loose = locus.plan(train, 2, 2, "locality", fill_slack=0.5, **kw)
     assert (loose.maps != -1).sum() > (both.maps != -1).sum()  # more replica slots filled
-    with pytest.raises(locus.ConfigError, match="fill slack -1"):
+    with pytest.raises(locus.ConfigError, match="fill_slack is -1, expected a finite number >= 0"):
         locus.plan(train, 2, 2, "locality", fill_slack=-1.0, **kw)
     assert not np.array_equal(flat.maps, hier.maps)
     assert not np.array_equal(annealed.maps, both.maps)
@@ -277,10 +279,10 @@ def test_locality_plans_take_the_copies_and_annealing_the_driver_takes():
     assert np.array_equal(spread.maps,
                           locus.plan(train, 2, 2, "locality", hedge_class_spread=0.6, hedge_cost_budget=0, **kw).maps)
     for bad in (-1.0, 2.5, float("nan")):
-        with pytest.raises(locus.ConfigError, match=r"plan: hedge class spread .* \(expected a number from 0 to 2\)"):
+        with pytest.raises(locus.ConfigError, match=r"hedge_class_spread is .*, expected a finite number from 0 to 2"):
             locus.plan(train, 2, 2, "locality", hedge_class_spread=bad, **kw)
     for bad in (-0.5, float("inf"), float("nan")):
-        with pytest.raises(locus.ConfigError, match=r"plan: hedge cost budget .* \(expected a finite number >= 0"):
+        with pytest.raises(locus.ConfigError, match=r"hedge_cost_budget is .*, expected a finite number >= 0"):
             locus.plan(train, 2, 2, "locality", hedge_cost_budget=bad, **kw)
     with pytest.raises(locus.ConfigError, match="hedge_replicas=0 turns them off"):
         locus.plan(train, 2, 2, "locality", hedge_replicas=0, hedge_class_spread=0.6, **kw)
@@ -374,7 +376,7 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
     assert (saved.nodes, saved.gpus_per_node) == (plan.nodes, plan.gpus_per_node)
     with pytest.raises(locus.ConfigError, match="made for 2 GPUs per node, not 4"):
         locus.ExpertPlan.load(str(tmp_path / "m.json"), gpus_per_node=4)
-    with pytest.raises(locus.ConfigError, match="hidden layer 9, but the model has 5"):
+    with pytest.raises(locus.ConfigError, match=r"layer_ids\[2\] is 9, expected a hidden layer from 0 to 4 \(num_hidden_layers is 5\)"):
         locus.export_text(plan, "sglang", layer_ids=[1, 2, 9], num_hidden_layers=5)
 
 
@@ -463,7 +465,7 @@ def test_layer_ids_flow_from_the_trace_to_the_exports(tmp_path):
     plan.save(str(tmp_path / "m.json"))
     again = locus.ExpertPlan.load(str(tmp_path / "m.json"), nodes=2)
     assert list(again.layer_ids) == [3, 4, 6] and again.hidden_layers == 8
-    with pytest.raises(locus.InvalidInputError, match="model layer ids must ascend"):
+    with pytest.raises(locus.ConfigError, match=r"layer_ids must ascend \(layer_ids\[0\] is 3, \[1\] is 3\)"):
         locus.trace_from_arrays(ids, 16, layer_ids=[3, 3, 6])
 
 
@@ -671,7 +673,7 @@ def test_arguments_of_the_wrong_type_are_type_errors_naming_the_argument():
             call()
     # hidden=0 simulated zero bytes as results (the driver's --hidden takes 1 to 2^24).
     for hidden in (0, 2**24 + 1):
-        with pytest.raises(locus.ConfigError, match=f"hidden is {hidden}, expected 1 to 16777216"):
+        with pytest.raises(locus.ConfigError, match=f"hidden is {hidden}, expected a whole number from 1 to 16777216"):
             locus.simulate(t, plan, hidden=hidden)
     # What the annotations allow still goes through: NumPy numbers and bools, None where optional.
     assert locus.expert_load(t, np.bool_(True)).shape == (t.layers, t.experts)
@@ -729,7 +731,7 @@ def test_arrays_are_not_rounded_or_wrapped_on_conversion():
 
 def test_plans_from_loads_follow_the_trace_rules():
     # nodes=0 was a ZeroDivisionError; 3 experts on 4 GPUs planned a GPU with no expert of its own.
-    with pytest.raises(locus.ConfigError, match="nodes must be at least 1"):
+    with pytest.raises(locus.ConfigError, match="nodes is 0, expected a whole number >= 1"):
         locus.plan(np.ones((1, 8)), 0, 2)
     with pytest.raises(locus.ConfigError, match="3 experts cannot give each of 4 GPUs"):
         locus.plan(np.ones((1, 3)), 2, 2)
@@ -746,9 +748,9 @@ def test_plans_from_loads_follow_the_trace_rules():
 
 def test_export_layer_ids_are_checked_as_given():
     plan = locus.plan(np.ones((2, 8)), 2, 2)
-    with pytest.raises(locus.ConfigError, match="0 layer ids for a plan of 2 layers"):
+    with pytest.raises(locus.ConfigError, match="layer_ids has 0 ids for 2 layers"):
         locus.export_text(plan, "trtllm", layer_ids=[])  # was: silently numbered 0, 1
-    with pytest.raises(locus.ConfigError, match=r"layer ids must ascend \(3 then 2\)"):
+    with pytest.raises(locus.ConfigError, match=r"layer_ids must ascend \(layer_ids\[0\] is 3, \[1\] is 2\)"):
         locus.export_text(plan, "trtllm", layer_ids=[3, 2])
     with pytest.raises(locus.ConfigError, match="layer_ids or first_moe_layer, not both"):
         locus.export_text(plan, "trtllm", layer_ids=[1, 2], first_moe_layer=5)  # was: 5 ignored
@@ -793,10 +795,27 @@ def test_export_writes_as_every_locus_file(tmp_path):
     assert "physical_to_logical_map" in (tmp_path / "e.json").read_text()
     assert (tmp_path / "e.json").stat().st_mode & 0o777 == 0o644
     with pytest.raises(locus.LocusIOError, match="it is a directory"):
-        locus.export(plan, "sglang", tmp_path)
+        locus.export(plan, "vllm", tmp_path)
     with pytest.raises(locus.LocusIOError, match="its folder does not exist"):
         locus.export(plan, "sglang", tmp_path / "none" / "e.json")
+    # SGLang parses a --init-expert-location value not ending in .json as JSON text: such a name is
+    # refused before anything is written.
+    with pytest.raises(locus.ConfigError, match=r"ends in \.json"):
+        locus.export(plan, "sglang", tmp_path / "e.sglang")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "link.json"]
+
+
+def test_trtllm_export_keys_the_mtp_layers():
+    # DeepSeek-V3/R1 with MTP: TensorRT-LLM looks up layer num_hidden_layers (+ i) and raised
+    # KeyError at start-up without it; it gets the trivial placement, as `map export --mtp-layers`.
+    plan = locus.plan(np.ones((2, 4)), 2, 1, redundant_slots=1)
+    text = locus.export_text(plan, "trtllm", first_moe_layer=1, num_hidden_layers=3, mtp_layers=1)
+    assert text.splitlines()[-1] == "  3: [0, 1, 2, 3, 0, 1]"
+    assert "  3:" not in locus.export_text(plan, "trtllm", first_moe_layer=1, num_hidden_layers=3)
+    with pytest.raises(locus.ConfigError, match="mtp_layers applies to"):
+        locus.export_text(plan, "sglang", mtp_layers=1)
+    with pytest.raises(locus.ConfigError, match="mtp_layers is 17, expected a whole number from 0 to 16"):
+        locus.export_text(plan, "trtllm", mtp_layers=17)
 
 
 def test_engine_statistics_refuse_malformed_files(tmp_path):
@@ -1139,7 +1158,7 @@ def test_replan_refuses_bad_arguments():
     _, code = one_kind_trace(0)
     _, window = one_kind_trace(1)
     plan = locus.plan(code, 2, 2, "linear", clusters=1, prefill_tokens=8)
-    with pytest.raises(locus.ConfigError, match=r"the budget \(1.5\) must be a share of the slots from 0 to 1"):
+    with pytest.raises(locus.ConfigError, match=r"budget is 1.5, expected a finite number from 0 to 1"):
         locus.replan(plan, window, budget=1.5)
     with pytest.raises(locus.ConfigError, match="homes has 2 ranks for the window's 6 requests"):
         locus.replan(plan, window, homes=[0, 1])
@@ -1364,7 +1383,7 @@ def test_hostile_inputs_of_a_second_review(tmp_path):
     # Arguments that would change nothing are refused; exports check the numbering for every engine.
     w = np.ones((1, 8))
     with pytest.raises(locus.ConfigError, match="seed, clusters and prefill_tokens"):
-        locus.plan(w, 2, 2, seed=-1)
+        locus.plan(w, 2, 2, seed=2)
     with pytest.raises(locus.ConfigError, match="eplb_groups"):
         locus.plan(w, 2, 2, placement="linear", eplb_groups=2)
     plan = locus.ExpertPlan([[[0, 1], [2, 3]]], 4)
@@ -1436,3 +1455,308 @@ def test_arguments_that_change_nothing_and_none_are_named(tmp_path):
         locus.load_routed_experts(str(tmp_path / "no\udcff.npy"), 8)
     assert "\\xff" in str(e.value)
     str(e.value).encode()
+
+
+# --- A third review of the Python API: each test below failed before its fix. ---
+
+
+def test_plans_of_loads_fills_exports_and_saves_run_without_the_gil(tmp_path):
+    """plan(<load array>) held the GIL for its whole run, as did filling, exporting and saving a
+    big plan: another Python thread did not tick during seconds of work. They run through the
+    module's interruptible call now, as the trace planners do."""
+    rng = np.random.default_rng(0)
+    load = rng.random((512, 2048), dtype=np.float32)
+    ticks, stop = [0], [False]
+
+    def tick():
+        while not stop[0]:
+            ticks[0] += 1
+            time.sleep(0.01)
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        def ticks_during(name, call):
+            time.sleep(0.05)
+            before, start = ticks[0], time.monotonic()
+            out = call()
+            seconds, during = time.monotonic() - start, ticks[0] - before
+            # About 100 a second with the GIL released; a few (while NumPy converted an array) with it held.
+            assert during >= max(5, 40 * seconds), f"{name}: {during} ticks in {seconds:.2f} s"
+            return out
+
+        plan = ticks_during("plan", lambda: locus.plan(load, 8, 8, "eplb", redundant_slots=64))
+        assert plan.maps.shape == (512, 64, 96)
+        ticks_during("export", lambda: locus.export_text(plan, "vllm"))
+        ticks_during("save", lambda: plan.save(tmp_path / "big.json"))
+        sparse = locus.plan(load[:2], 8, 8, "linear", redundant_slots=64)  # 8192 empty slots
+        assert (ticks_during("fill", lambda: sparse.filled(load[:2])).maps >= 0).all()
+    finally:
+        stop[0] = True
+        ticker.join()
+
+
+# DeepSeek EPLB on 2048 layers × 2048 experts over 8 nodes of 8 GPUs with 64 redundant slots per
+# GPU: about 2 s of work, far past the 0.5 s a Ctrl-C may take to stop it. The signal comes from a
+# timer of the kernel, at a known time whoever holds the GIL (a Python thread sending it waited for
+# the GIL, so for the end of a call that held it); its handler raises KeyboardInterrupt, as SIGINT's.
+_LONG_EPLB = (
+    "import signal, sys, time\n"
+    "import numpy as np, locus\n"
+    "w = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)\n"
+    "signal.signal(signal.SIGALRM, signal.default_int_handler)\n"
+    "sent = time.monotonic() + 0.2\n"
+    "signal.setitimer(signal.ITIMER_REAL, 0.2)\n"
+    "try:\n"
+    "    CALL\n"
+    "    sys.exit('not interrupted')\n"
+    "except KeyboardInterrupt:\n"
+    "    print(time.monotonic() - sent)\n"
+    "print(locus.rebalance_experts(w[:2], 2048 + 64 * 64, 8, 8, 64)[0].shape)\n"
+)
+
+
+@pytest.mark.parametrize("call", ["locus.rebalance_experts(w, 2048 + 64 * 64, 8, 8, 64)",
+                                  "locus.plan(w, 8, 8, 'eplb', redundant_slots=64, eplb_groups=8)"])
+def test_ctrl_c_stops_rebalance_experts_and_a_plan_of_a_load(call):
+    """A SIGINT stopped neither: the call ran to its end, then raised. Now it is stopped within
+    half a second, and the interpreter goes on (the next call runs whole)."""
+    script = _LONG_EPLB.replace("CALL", call)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    latency, shape = out.stdout.split("\n", 1)
+    assert float(latency) < 0.5, f"{call} stopped {float(latency):.2f} s after the signal"
+    assert shape.strip() == "(2, 6144)"
+
+
+def test_request_ids_are_64_bit_unsigned_exactly():
+    ids = np.zeros((20, 2, 2), np.int32) + [0, 1]
+    # -5 became 18446744073709551611.
+    for bad in ([-5] * 20, np.full(20, -5), np.full(20, -5.0)):
+        with pytest.raises(locus.InvalidInputError, match=r"request_ids\[0\] is -5"):
+            locus.trace_from_arrays(ids, 8, request_ids=bad)
+    # Ids of 2^63 and above, which traces keep, were refused as "outside the range of int64".
+    big = np.repeat(np.array([2**63 + 5, 2**64 - 1, 7], np.uint64), [7, 7, 6])
+    assert locus.trace_from_arrays(ids, 8, request_ids=big).request_ids == [2**63 + 5, 2**64 - 1, 7]
+    assert locus.trace_from_arrays(ids, 8, request_ids=[int(x) for x in big]).request_ids == [2**63 + 5, 2**64 - 1, 7]
+    # A list of -1 and 2^64-1 was read as float64 ("cannot hold exactly").
+    with pytest.raises(locus.InvalidInputError, match=r"request_ids\[0\] is -1, expected a whole number from 0 to "
+                                                      r"2\^64 - 1"):
+        locus.trace_from_arrays(ids, 8, request_ids=[-1, 2**64 - 1] * 10)
+    with pytest.raises(locus.InvalidInputError, match=r"request_ids\[1\] is 18446744073709551616"):
+        locus.trace_from_arrays(ids, 8, request_ids=[1, 2**64] * 10)
+
+
+def routed_npy(tmp_path):
+    """A routed-experts .npy as engines return it: 4 hidden layers, MoE layers 1 and 2."""
+    rng = np.random.default_rng(1)
+    arr = np.zeros((40, 4, 2), np.int32)
+    for t in range(40):
+        for l in (1, 2):
+            arr[t, l] = rng.choice(8, 2, replace=False)
+    np.save(tmp_path / "r.npy", arr)
+    return str(tmp_path / "r.npy")
+
+
+def test_a_plan_of_a_load_keeps_the_models_layer_numbering(tmp_path):
+    t = locus.load_routed_experts(routed_npy(tmp_path), 8)
+    assert (t.model_layer_ids, t.hidden_layers) == ([1, 2], 4)
+    load = locus.expert_load(t)
+    # Without the ids the SGLang file had 2 rows where `locus plan --load` + `map export` has 4.
+    plan = locus.plan(load, 2, 2, layer_ids=t.model_layer_ids, hidden_layers=t.hidden_layers)
+    assert (plan.layer_ids, plan.hidden_layers) == ([1, 2], 4)
+    rows = json.loads(locus.export_text(plan, "sglang"))["physical_to_logical_map"]
+    assert len(rows) == 4 and rows[0] == rows[3] == [p % 8 for p in range(8)]
+    assert rows[1:3] == plan.maps.reshape(2, -1).tolist()
+    plan.save(tmp_path / "m.json")
+    back = locus.ExpertPlan.load(tmp_path / "m.json")
+    assert (back.layer_ids, back.hidden_layers) == ([1, 2], 4)
+    assert locus.plan(load, 2, 2).layer_ids is None  # as before: rows 0, 1, ...
+    with pytest.raises(locus.ConfigError, match="layer_ids has 3 ids for 2 layers"):
+        locus.plan(load, 2, 2, layer_ids=[1, 2, 3])
+    with pytest.raises(locus.ConfigError, match=r"layer_ids\[1\] is 2, expected a hidden layer from 0 to 1 "
+                                                r"\(hidden_layers is 2\)"):
+        locus.plan(load, 2, 2, layer_ids=[1, 2], hidden_layers=2)
+    with pytest.raises(locus.ConfigError, match="a trace plan takes them from the trace"):
+        locus.plan(t.with_prefill_tokens(4), 2, 2, layer_ids=[1, 2])
+    # The engines' loaders return the ids with the load, for plan's layer_ids.
+    ids, sglang_load = engines.load_sglang_logical_count(np.stack([np.zeros(8), load[0], load[1], np.zeros(8)]))
+    assert locus.plan(sglang_load, 2, 2, layer_ids=ids, hidden_layers=4).layer_ids == [1, 2]
+
+
+def test_expert_plan_keeps_layer_ids_given_as_an_iterator(tmp_path):
+    maps = np.arange(16).reshape(2, 4, 2) % 8
+    plan = locus.ExpertPlan(maps, 8, 2, 2, layer_ids=iter([1, 2]), hidden_layers=4)
+    assert plan.layer_ids == [1, 2]
+    plan.save(tmp_path / "m.json")
+    assert json.loads((tmp_path / "m.json").read_text())["model_layers"] == [1, 2]
+    assert locus.ExpertPlan.load(tmp_path / "m.json").layer_ids == [1, 2]
+
+
+def test_a_map_without_its_topology_is_refused_where_the_topology_is_needed(tmp_path):
+    _, t = small_trace()
+    plan = locus.plan(t, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8)
+    locus.ExpertPlan(plan.maps, plan.experts).save(tmp_path / "notopo.json")  # as a map made by hand
+    assert "gpus_per_node" not in json.loads((tmp_path / "notopo.json").read_text())
+    loaded = locus.ExpertPlan.load(tmp_path / "notopo.json")
+    # It was taken as 1 node of 4 GPUs: the re-plan reported 0 moved and 0.0 copies, where
+    # `locus map replan` refuses the file ("give --gpus-per-node").
+    for call in (lambda: locus.replan(loaded, t), lambda: locus.simulate(t, loaded)):
+        with pytest.raises(locus.ConfigError, match=r"\(1 × 1\) do not make its 4 ranks: give gpus_per_node"):
+            call()
+    assert json.loads(locus.export_text(loaded, "sglang"))  # an export needs none (one GPU per node, as the CLI)
+    given = locus.ExpertPlan.load(tmp_path / "notopo.json", gpus_per_node=2)
+    assert (given.nodes, given.gpus_per_node) == (2, 2)
+    assert locus.replan(given, t, budget=1.0)[1] == locus.replan(locus.ExpertPlan(plan.maps, 16, 2, 2), t, budget=1.0)[1]
+    assert (locus.ExpertPlan.load(tmp_path / "notopo.json", nodes=2).gpus_per_node) == 2
+    # -1 nodes gave "-1 nodes x -4 GPUs do not make the plan's 4 ranks".
+    for kw, name in (({"nodes": -1}, "nodes is -1"), ({"nodes": 0}, "nodes is 0"),
+                     ({"gpus_per_node": -2}, "gpus_per_node is -2")):
+        with pytest.raises(locus.ConfigError, match=name + ", expected a whole number >= 1"):
+            locus.ExpertPlan.load(tmp_path / "notopo.json", **kw)
+    with pytest.raises(locus.ConfigError, match="nodes is 3, which does not divide the plan's 4 ranks"):
+        locus.ExpertPlan.load(tmp_path / "notopo.json", nodes=3)
+    with pytest.raises(locus.ConfigError, match="nodes is 4: 4 nodes × 2 GPUs do not make the plan's 4 ranks"):
+        locus.ExpertPlan.load(tmp_path / "notopo.json", nodes=4, gpus_per_node=2)
+
+
+def test_expert_plans_compare_by_content_and_are_not_hashable():
+    maps = np.arange(16).reshape(2, 4, 2) % 8
+    a = locus.ExpertPlan(maps, 8, 2, 2)
+    assert a == locus.ExpertPlan(maps.copy(), 8, 2, 2)  # was: "truth value of an array is ambiguous"
+    assert a == locus.ExpertPlan(maps.tolist(), 8, 2, 2)
+    assert a != locus.ExpertPlan(maps[:, ::-1].copy(), 8, 2, 2)
+    assert a != locus.ExpertPlan(maps, 8, 1, 4)
+    assert a != locus.ExpertPlan(maps, 8, 2, 2, layer_ids=[1, 2])
+    assert a != locus.ExpertPlan(maps[:1], 8, 2, 2) and a != "plan"
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(a)
+    _, t = small_trace()
+    plan = locus.plan(t, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8)
+    assert pickle.loads(pickle.dumps(plan)) == plan  # the models compared by content
+    assert locus.ExpertPlan(plan.maps, plan.experts, 2, 2) != plan  # no model, one model
+
+
+def test_import_locus_loads_the_engines_module_not_vllm():
+    script = ("import sys, locus\n"
+              "print(callable(locus.engines.load_sglang_logical_count), 'locus.vllm' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]
+
+
+def test_booleans_are_refused_for_numbers(tmp_path):
+    flags = np.ones((2, 8), bool)
+    with pytest.raises(locus.InvalidInputError, match="source holds booleans, expected numbers"):
+        locus.plan(flags, 2, 2)
+    with pytest.raises(locus.InvalidInputError, match="weight holds booleans, expected numbers"):
+        locus.rebalance_experts(flags, 8, 1, 1, 2)
+    with pytest.raises(locus.InvalidInputError, match="load holds booleans"):
+        locus.plan(np.ones((2, 8)), 2, 2).filled(flags)
+    with pytest.raises(TypeError, match=r"moe_layers\[0\] is True \(bool\), expected a whole number"):
+        engines.load_sglang_logical_count(np.ones((3, 8)), moe_layers=[True])  # was: layer 1
+    with pytest.raises(TypeError, match=r"moe_layers is 2 \(int\), expected a sequence of whole numbers"):
+        engines.load_sglang_logical_count(np.ones((3, 8)), moe_layers=2)  # was: "'int' object is not iterable"
+
+
+def test_messages_name_the_python_argument_and_its_range(tmp_path):
+    _, t = small_trace()
+    w = np.ones((2, 8))
+    cases = [
+        # The library's words: "rebalance_experts: num_groups, num_nodes and num_gpus must be positive".
+        (lambda: locus.plan(t, 2, 2, "eplb", eplb_groups=0), locus.ConfigError,
+         "eplb_groups is 0, expected a whole number >= 1"),
+        (lambda: locus.plan(w, 2, 2, "eplb", eplb_groups=-1), locus.ConfigError,
+         "eplb_groups is -1, expected a whole number >= 1"),
+        (lambda: locus.plan(w, 2, 2, "eplb", eplb_groups=6), locus.ConfigError,
+         "eplb_groups is 6, a multiple of nodes .* the 8 experts do not split into 6 equal groups"),
+        (lambda: locus.rebalance_experts(w, 8, 0, 1, 2), locus.ConfigError,
+         "num_groups is 0, expected a whole number >= 1"),
+        # "refine_by_tokens: anneal_per_expert is ...", and "from 0 to 18446744073709551615" for -1.
+        (lambda: locus.plan(t, 2, 2, "locality", anneal=10**7), locus.ConfigError,
+         "anneal is 10000000, expected a whole number from 0 to 1048576"),
+        (lambda: locus.plan(t, 2, 2, "locality", anneal=-1), locus.ConfigError,
+         "anneal is -1, expected a whole number from 0 to 1048576"),
+        (lambda: locus.plan(t, 2, 2, "locality", clusters=0), locus.ConfigError,
+         "clusters is 0, expected a whole number >= 1"),
+        (lambda: locus.plan(t, 2, 2, "locality", redundant_slots=1, hedge_class_spread=3), locus.ConfigError,
+         "hedge_class_spread is 3, expected a finite number from 0 to 2"),
+        (lambda: locus.plan(t, 2, 2, "locality", redundant_slots=1, fill_slack=-1), locus.ConfigError,
+         "fill_slack is -1, expected a finite number >= 0"),
+        # "experts is -1, expected ... 18446744073709551615" (ConfigError), 0: "trace: experts is 0"
+        # (InvalidInputError).
+        (lambda: locus.trace_from_arrays([[[0, 1]]], -1), locus.ConfigError,
+         "experts is -1, expected a whole number from 1 to 65536"),
+        (lambda: locus.trace_from_arrays([[[0, 1]]], 0), locus.ConfigError,
+         "experts is 0, expected a whole number from 1 to 65536"),
+        (lambda: locus.trace_from_arrays([[[0, 1]]], 70000), locus.ConfigError,
+         "experts is 70000, expected a whole number from 1 to 65536"),
+        (lambda: locus.trace_from_arrays([[[0, 1, 2]]], 2), locus.InvalidInputError,
+         "topk_ids has 3 choices per token"),
+        (lambda: locus.trace_from_arrays([[[0, 1]]], 4, layer_ids=[2], hidden_layers=2), locus.ConfigError,
+         r"layer_ids\[0\] is 2, expected a hidden layer from 0 to 1 \(hidden_layers is 2\)"),
+        # "model layers: 5002 hidden layers (at most 4096)".
+        (lambda: locus.export_text(locus.plan(w, 2, 2), "sglang", first_moe_layer=5000), locus.ConfigError,
+         "first_moe_layer is 5000, expected a whole number from 0 to 4094"),
+        (lambda: locus.export_text(locus.plan(w, 2, 2), "sglang", first_moe_layer=3, num_hidden_layers=4),
+         locus.ConfigError, "first_moe_layer is 3: the plan's 2 layers end at hidden layer 4, and num_hidden_layers is "
+                            "4"),
+        # "load must have 2 dimensions" for None, and "plan_input: ..." for loads and slots.
+        (lambda: locus.plan(None, 2, 2), TypeError, r"source is None \(NoneType\), expected a locus.Trace or a "),
+        (lambda: locus.rebalance_experts(None, 8, 1, 1, 2), TypeError,
+         r"weight is None \(NoneType\), expected an array"),
+        (lambda: locus.plan(-w, 2, 2), locus.InvalidInputError,
+         r"source\[0, 0\] is -1.0, expected a finite number >= 0"),
+        (lambda: locus.plan(w, 2, 2, slots_per_rank=1), locus.ConfigError,
+         "slots_per_rank is 1: 4 ranks need 2 to 8 slots"),
+        (lambda: locus.plan(w, 2, 2).filled(w * np.nan), locus.InvalidInputError, r"load\[0, 0\] is nan"),
+        # "trace::layer: layer 5 out of range [0, 3)".
+        (lambda: t.layer_ids(5), locus.ConfigError, "layer is 5, expected a whole number from 0 to 2"),
+        (lambda: locus.simulate(t, locus.plan(t, 2, 2), batch_per_rank=0), locus.ConfigError,
+         "batch_per_rank is 0, expected a whole number >= 1"),
+        (lambda: locus.replan(locus.plan(t, 2, 2), t, budget=2), locus.ConfigError,
+         "budget is 2, expected a finite number from 0 to 1"),
+        (lambda: locus.split_by_request(t, 0.5, -1), locus.ConfigError, "seed is -1, expected a whole number >= 0"),
+        # 0 said "prefill_tokens must be at least 1", -1 "expected a whole number from 0 to 18446744073709551615".
+        (lambda: locus.plan(t, 2, 2).model.classify(t, -1), locus.ConfigError,
+         "prefill_tokens is -1, expected a whole number >= 1"),
+        (lambda: locus.simulate(t, locus.plan(t, 2, 2), hidden=-1), locus.ConfigError,
+         "hidden is -1, expected a whole number from 1 to 16777216"),
+    ]
+    for call, kind, message in cases:
+        with pytest.raises(kind, match=message) as e:
+            call()
+        text = str(e.value)
+        for internal in ("rebalance_experts:", "refine_by_tokens", "plan_input", "trace::", "fill_empty_slots",
+                         "model layers:", "18446744073709551615"):
+            assert internal not in text, text
+
+
+def test_traces_and_models_pickle_with_every_protocol():
+    _, t = small_trace()
+    model = locus.plan(t, 2, 2, "locality", clusters=2, prefill_tokens=8).model
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):  # 0 and 1: "cannot pickle 'Trace' object"
+        back = pickle.loads(pickle.dumps(t, protocol=protocol))
+        assert repr(back) == repr(t) and back.request_ids == t.request_ids
+        assert pickle.loads(pickle.dumps(model, protocol=protocol)).__getstate__() == model.__getstate__()
+
+
+def test_parity_with_the_driver(tmp_path):
+    """import_esft takes --experts; replan takes --prior-requests up to 1e9; simulate the CLI's
+    transports."""
+    (tmp_path / "law").mkdir()
+    (tmp_path / "law" / "expert_weights_1.txt").write_text("1\t2\t3\t4\t5\t90\t\t0.3\t0.2\t0.2\t0.1\t0.1\t0.1\n")
+    with pytest.raises(locus.FormatError, match=r"expert id 90 is out of range \[0, 64\)"):
+        locus.import_esft(tmp_path)  # ESFT's model: 64 experts
+    assert locus.import_esft(tmp_path, experts=128).experts == 128
+    with pytest.raises(locus.ConfigError, match="experts is 4, fewer than the 6 experts each token"):
+        locus.import_esft(tmp_path, experts=4)
+    with pytest.raises(locus.ConfigError, match="experts is 0, expected a whole number from 1 to 65536"):
+        locus.import_esft(tmp_path, experts=0)
+    _, t = small_trace()
+    plan = locus.plan(t, 2, 2, "locality", clusters=2, prefill_tokens=8)
+    with pytest.raises(locus.ConfigError, match=r"prior_requests is 1e\+10, expected a finite number from 0 to 1e\+09"):
+        locus.replan(plan, t, prior=t, prior_requests=1e10)
+    assert locus.replan(plan, t, prior=t, prior_requests=1e9)[1]["budget_slots"] > 0
+    with pytest.raises(locus.ConfigError, match="transport 'both' is not one of flat, hierarchical"):
+        locus.simulate(t, plan, transport="both")
