@@ -1,5 +1,8 @@
+#include <algorithm>
 #include <boost/test/unit_test.hpp>
 #include <locus/placement/engine_export.hpp>
+#include <numeric>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -23,6 +26,69 @@ BOOST_AUTO_TEST_CASE(fill_takes_the_largest_load_per_replica_not_on_the_rank) {
   BOOST_TEST(plain[0].slot_table() == (std::vector<expert_id>{0, 1, 2, 2, 3, 0}), boost::test_tools::per_element());
   BOOST_CHECK_THROW(fill_empty_slots(maps, {{1, 2, 3}}), invalid_input_error);
   BOOST_CHECK_THROW(fill_empty_slots(maps, {}, {}, 3), config_error);
+}
+
+// The rule written plainly (each slot in rank-major order scans its rank and node for every
+// expert), against the fill's bookkeeping on random plans, loads and node loads, with ties.
+BOOST_AUTO_TEST_CASE(fill_equals_the_rule_written_plainly) {
+  std::mt19937 rng(31);
+  for (int round = 0; round < 200; ++round) {
+    const std::size_t experts = 2 + rng() % 9, gpn = 1 + rng() % 3, nodes = 1 + rng() % 3, ranks = gpn * nodes;
+    const std::size_t per_rank = (experts + ranks - 1) / ranks + rng() % 3;
+    std::vector<std::vector<slot_ref>> where(experts);
+    std::vector<std::size_t> free_slots(ranks * per_rank);
+    std::iota(free_slots.begin(), free_slots.end(), std::size_t{0});
+    std::shuffle(free_slots.begin(), free_slots.end(), rng);
+    for (std::size_t e = 0; e < experts; ++e) { // one copy each, some a second
+      const std::size_t s = free_slots[e];
+      where[e].push_back({static_cast<std::int32_t>(s / per_rank), static_cast<std::int32_t>(s % per_rank)});
+    }
+    for (std::size_t i = experts; i < free_slots.size() && rng() % 3 == 0; ++i)
+      where[rng() % experts].push_back(
+          {static_cast<std::int32_t>(free_slots[i] / per_rank), static_cast<std::int32_t>(free_slots[i] % per_rank)});
+    const std::vector<expert_map> maps = {expert_map::from_replicas(experts, ranks, per_rank, where)};
+    std::vector<std::vector<double>> load(1, std::vector<double>(experts));
+    for (auto& x : load[0])
+      x = static_cast<double>(rng() % 4); // ties
+    std::vector<std::vector<std::vector<double>>> node_load(1, std::vector<std::vector<double>>(nodes));
+    for (auto& row : node_load[0]) {
+      row.resize(experts);
+      for (auto& x : row)
+        x = static_cast<double>(rng() % 3);
+    }
+    const bool with_nodes = rng() % 2;
+    const auto got = fill_empty_slots(maps, load, with_nodes ? node_load : decltype(node_load){}, gpn);
+    std::vector<expert_id> table = maps[0].slot_table();
+    std::vector<std::size_t> count(experts, 0);
+    for (const expert_id e : table)
+      if (e != empty_slot) ++count[static_cast<std::size_t>(e)];
+    for (std::size_t slot = 0; slot < table.size(); ++slot) {
+      if (table[slot] != empty_slot) continue;
+      const std::size_t rank = slot / per_rank, node = rank / gpn;
+      const auto held = [&](std::size_t e, std::size_t from, std::size_t to) {
+        for (std::size_t x = from; x < to; ++x)
+          if (table[x] == static_cast<expert_id>(e)) return true;
+        return false;
+      };
+      std::size_t best = experts;
+      double best_share = 0, best_saved = 0;
+      for (int pass = 0; pass < 2 && best == experts; ++pass)
+        for (std::size_t e = 0; e < experts; ++e) {
+          if (pass == 0 && held(e, rank * per_rank, (rank + 1) * per_rank)) continue;
+          const double share = load[0][e] / static_cast<double>(std::max<std::size_t>(count[e], 1));
+          const double saved =
+              !with_nodes || held(e, node * gpn * per_rank, (node + 1) * gpn * per_rank) ? 0.0 : node_load[0][node][e];
+          if (best == experts || share > best_share || (share == best_share && saved > best_saved)) {
+            best = e;
+            best_share = share;
+            best_saved = saved;
+          }
+        }
+      table[slot] = static_cast<expert_id>(best);
+      ++count[best];
+    }
+    BOOST_TEST(got[0].slot_table() == table, boost::test_tools::per_element());
+  }
 }
 
 BOOST_AUTO_TEST_CASE(eplb_arrays_list_slots_in_order_and_pad) {

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <locus/core/cancel.hpp>
 #include <locus/core/error.hpp>
 #include <locus/core/expert_map.hpp>
 #include <locus/placement/eplb.hpp>
@@ -123,6 +124,7 @@ inline std::vector<expert_map> fill_empty_slots(const std::vector<expert_map>& m
   std::vector<expert_map> out;
   out.reserve(maps.size());
   for (std::size_t l = 0; l < maps.size(); ++l) {
+    throw_if_cancelled();
     std::vector<double> w(experts, 1.0);
     if (!load.empty()) {
       LOCUS_REQUIRE(load[l].size() == experts, invalid_input_error, "fill_empty_slots: layer ", l, " has ",
@@ -135,46 +137,52 @@ inline std::vector<expert_map> fill_empty_slots(const std::vector<expert_map>& m
     for (std::size_t e = 0; e < experts; ++e)
       LOCUS_REQUIRE(std::isfinite(w[e]) && w[e] >= 0, invalid_input_error, "fill_empty_slots: layer ", l, " expert ", e,
                     " has load ", w[e], " (must be finite and non-negative)");
-    std::vector<expert_id> table = maps[l].slot_table();
-    std::vector<std::size_t> count(experts, 0);
-    for (const expert_id e : table)
-      if (e != empty_slot) ++count[static_cast<std::size_t>(e)];
-    for (std::size_t slot = 0; slot < table.size(); ++slot) {
-      if (table[slot] != empty_slot) continue;
-      const std::size_t rank = slot / per_rank, node = rank / gpus_per_node;
-      auto on_rank = [&](std::size_t e) {
-        for (std::size_t s = rank * per_rank; s < (rank + 1) * per_rank; ++s)
-          if (table[s] == static_cast<expert_id>(e)) return true;
-        return false;
-      };
-      auto on_node = [&](std::size_t e) {
-        for (std::size_t s = node * gpus_per_node * per_rank; s < (node + 1) * gpus_per_node * per_rank; ++s)
-          if (table[s] == static_cast<expert_id>(e)) return true;
-        return false;
-      };
-      auto saved = [&](std::size_t e) {
-        if (node_load.empty() || on_node(e)) return 0.0;
+    if (!node_load.empty())
+      for (std::size_t node = 0; node < nodes; ++node)
         LOCUS_REQUIRE(node_load[l][node].size() == experts, invalid_input_error, "fill_empty_slots: layer ", l,
                       " node ", node, " has ", node_load[l][node].size(), " values for ", experts, " experts");
-        return node_load[l][node][e];
-      };
-      std::size_t best = experts;
-      double best_share = 0, best_saved = 0;
-      // Two passes: experts not on this rank yet; any expert when the rank already holds them all.
-      for (int pass = 0; pass < 2 && best == experts; ++pass)
-        for (std::size_t e = 0; e < experts; ++e) {
-          if (pass == 0 && on_rank(e)) continue;
-          // Load per replica is w / count; an expert still placed nowhere counts as one replica's worth.
-          const double share = w[e] / static_cast<double>(std::max<std::size_t>(count[e], 1));
-          const double s = saved(e);
-          if (best == experts || share > best_share || (share == best_share && s > best_saved)) {
-            best = e;
-            best_share = share;
-            best_saved = s;
+    std::vector<expert_id> table = maps[l].slot_table();
+    std::vector<std::size_t> count(experts, 0);
+    // Which experts each node holds (with node loads): a slot's pick checks every expert, and
+    // scanning the node's slots per expert made a big plan's fill take minutes.
+    std::vector<std::uint32_t> node_holds(node_load.empty() ? 0 : nodes * experts, 0);
+    for (std::size_t slot = 0; slot < table.size(); ++slot) {
+      if (table[slot] == empty_slot) continue;
+      const auto e = static_cast<std::size_t>(table[slot]);
+      ++count[e];
+      if (!node_load.empty()) ++node_holds[slot / per_rank / gpus_per_node * experts + e];
+    }
+    std::vector<char> on_rank(experts);
+    for (std::size_t rank = 0; rank < ranks; ++rank) {
+      const std::size_t node = rank / gpus_per_node, first = rank * per_rank;
+      std::fill(on_rank.begin(), on_rank.end(), 0);
+      for (std::size_t s = first; s < first + per_rank; ++s)
+        if (table[s] != empty_slot) on_rank[static_cast<std::size_t>(table[s])] = 1;
+      for (std::size_t slot = first; slot < first + per_rank; ++slot) {
+        if (table[slot] != empty_slot) continue;
+        const auto saved = [&](std::size_t e) {
+          return node_load.empty() || node_holds[node * experts + e] ? 0.0 : node_load[l][node][e];
+        };
+        std::size_t best = experts;
+        double best_share = 0, best_saved = 0;
+        // Two passes: experts not on this rank yet; any expert when the rank already holds them all.
+        for (int pass = 0; pass < 2 && best == experts; ++pass)
+          for (std::size_t e = 0; e < experts; ++e) {
+            if (pass == 0 && on_rank[e]) continue;
+            // Load per replica is w / count; an expert still placed nowhere counts as one replica's worth.
+            const double share = w[e] / static_cast<double>(std::max<std::size_t>(count[e], 1));
+            const double saving = saved(e);
+            if (best == experts || share > best_share || (share == best_share && saving > best_saved)) {
+              best = e;
+              best_share = share;
+              best_saved = saving;
+            }
           }
-        }
-      table[slot] = static_cast<expert_id>(best);
-      ++count[best];
+        table[slot] = static_cast<expert_id>(best);
+        ++count[best];
+        on_rank[best] = 1;
+        if (!node_load.empty()) ++node_holds[node * experts + best];
+      }
     }
     out.emplace_back(experts, ranks, per_rank, std::move(table));
   }
