@@ -145,8 +145,19 @@ inline std::string command_line(int argc, char** argv, const std::string& progra
     // A bare name was found on PATH, not in the folder: keep the conventional name then too.
     if (!r.empty() && r.rfind("..", 0) != 0 && !rel.is_absolute() && r.find('/') != std::string::npos) c = r;
   }
+  // Quoted as a shell reads them, so that the line can be pasted back: a folder with a space, a
+  // `$` or a backtick ran something else.
+  const auto quoted = [](const std::string& a) {
+    const bool plain = !a.empty() && a.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                                         "0123456789_@%+=:,./-") == std::string::npos;
+    if (plain) return a;
+    std::string q = "'";
+    for (const char ch : a)
+      q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+    return q + "'";
+  };
   for (int i = 1; i < argc; ++i)
-    c += std::string(" ") + argv[i];
+    c += " " + quoted(argv[i]);
   return c;
 }
 

@@ -597,10 +597,7 @@ int main(int argc, char** argv) try {
 
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   doc["seconds"] = seconds;
-  const auto write = [&](const std::string& name, const std::string& text) {
-    bench_output::file(folder.file(name)) << text;
-  };
-  write("drift.json", doc.dump(1) + "\n");
+  std::string json_text = doc.dump(1) + "\n";
   char head[1024];
   std::snprintf(head, sizeof head,
                 "# Plans under a moving request mix (ESFT, 4 × 2, %s)\n\nThe ESFT test split (seed %llu) drawn per "
@@ -656,7 +653,7 @@ int main(int argc, char** argv) try {
                ? " (slack " + std::to_string(replica_slack) + ", window " + std::to_string(replica_window) + " steps)"
                : std::string()) +
           ".\n";
-  write("drift.md", text);
+  bench_output::write_together({{folder.file("drift.json"), json_text}, {folder.file("drift.md"), text}});
   std::printf("%s", text.c_str());
   return 0;
 } catch (const std::exception& e) {

@@ -240,6 +240,7 @@ int main(int argc, char** argv) {
     if (me == 0) { // the writer: a results file that cannot be written is said before the run
       bench_args::output_file(o.json);
       if (!o.markdown.empty()) bench_args::output_file(o.markdown);
+      bench_output::require_distinct(o.json, o.markdown);
     }
     const std::string command =
         bench_args::command_line(argc, argv, "mpirun -np " + std::to_string(ranks) + " build/dev/bench/exchange");
@@ -399,9 +400,10 @@ int main(int argc, char** argv) {
       std::printf("overhead = (locus dispatch + combine) / (raw MPI_Alltoallv of the same exchanges) - 1; "
                   "bytes per dispatch step (combine moves the same rows back)\n\n%s",
                   table.c_str());
-      bench_output::file(o.json) << j.dump(2) << "\n";
+      bench_output::files files; // the two together or neither
+      files[o.json] << j.dump(2) << "\n";
       if (!o.markdown.empty()) {
-        bench_output::file md(o.markdown);
+        auto& md = files[o.markdown];
         md << "# Exchange benchmark\n\n"
            << "Command: `" << command << "`\n\n"
            << "Machine: " << machine << "; " << started << ".\n\n"

@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <locus/core/parallel_for.hpp>
 #include <locus/transport/layout.hpp>
 #include <locus/transport/permute.hpp>
 #include <locus/transport/replica_selection.hpp>
@@ -109,9 +110,13 @@ int main(int argc, char** argv) try {
   app.add_option("--tokens", tokens, "Tokens per layout")->check(tool_cli::positive);
   app.add_option("--permute-tokens", ptokens, "Tokens per permute")->check(tool_cli::positive);
   app.add_option("--reps", reps, "Timed runs per row (best kept)")->check(tool_cli::positive);
-  app.add_option("--threads", threads, "Host threads (0: all)");
+  app.add_option("--threads", threads, "Host threads, at most one per hardware thread (0: all)")
+      ->check(CLI::Range(0u, locus::default_host_threads()))
+      ->capture_default_str();
   app.add_option("--out", out_dir, bench_args::out_folder_help);
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  // The figures are per core: 0 divided by 0 (inf in the results) before it meant all of them.
+  if (threads == 0) threads = locus::default_host_threads();
   auto folder = bench_args::output_folder(out_dir); // checked now, made when the first result is written
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/layout_permute");
   const std::size_t src = 0;
@@ -188,7 +193,8 @@ int main(int argc, char** argv) try {
                   {"baseline_tokens_per_s", base_permute_tps},
                   {"speedup", permute_tps / base_permute_tps},
                   {"send_gb_per_s", permute_gbs}};
-  bench_output::file(folder.file("layout_permute.json")) << j.dump(2) << "\n";
+  bench_output::files files; // the two together or neither
+  files[folder.file("layout_permute.json")] << j.dump(2) << "\n";
 
   char buf[2048];
   std::snprintf(buf, sizeof buf,
@@ -200,7 +206,7 @@ int main(int argc, char** argv) try {
                 tokens, layout_tps, base_layout_tps, layout_tps / base_layout_tps, node_tps, base_layout_tps,
                 node_tps / base_layout_tps, hidden_n, ptokens, permute_tps, base_permute_tps,
                 permute_tps / base_permute_tps);
-  bench_output::file md(folder.file("layout_permute.md"));
+  auto& md = files[folder.file("layout_permute.md")];
   md << "# Layout and permute throughput (host)\n\n"
      << "DeepSeek-V3 shape: 256 routed experts, top-8, hidden 7168 (bf16), EP64 = 8 nodes x 8 GPUs, 5 slots per rank "
         "(linear placement + 32 replicas of hot experts), grouped-router-like skewed routing, source rank 0, "

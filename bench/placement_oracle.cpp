@@ -366,8 +366,8 @@ int main(int argc, char** argv) try {
   const auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
   // DIR/name.json (the rows) and DIR/name.md (`text`).
   const auto write = [&](const std::string& name, const std::string& text) {
-    bench_output::file(folder.file(name + ".json")) << doc.dump(1) << '\n';
-    bench_output::file(folder.file(name + ".md")) << text;
+    bench_output::write_together(
+        {{folder.file(name + ".json"), doc.dump(1) + "\n"}, {folder.file(name + ".md"), text}});
     std::printf("wrote %s/%s.{json,md} in %.0f s\n", out_dir.c_str(), name.c_str(), elapsed());
   };
   // The token-level stage's options for one transport and GPU load bound, with annealing.

@@ -256,6 +256,7 @@ int main(int argc, char** argv) try {
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   bench_args::output_file(json_path);
   if (!md_path.empty()) bench_args::output_file(md_path);
+  bench_output::require_distinct(json_path, md_path);
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/router");
 
   auto results = run_all<float>(tokens, min_seconds, "fp32");
@@ -286,9 +287,11 @@ int main(int argc, char** argv) try {
     md += line;
   }
   doc["min_speedup"] = worst;
-  bench_output::file(json_path) << doc.dump(2) << '\n';
-  if (!md_path.empty())
-    bench_output::file(md_path) << "Produced by `" << run.command << "` on " << run.machine << ".\n\n" << md;
+  {
+    bench_output::files files; // the two together or neither
+    files[json_path] << doc.dump(2) << '\n';
+    files[md_path] << "Produced by `" << run.command << "` on " << run.machine << ".\n\n" << md;
+  }
   md += "\n\\* rows the >= 3x target applies to (DeepSeek-V3 shape, softmax top-8 of 128)\n";
   std::printf("%s\nminimum speed-up on the * rows %.1fx (target >= 3x); JSON in %s\n", md.c_str(), worst,
               json_path.c_str());

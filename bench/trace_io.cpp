@@ -280,6 +280,14 @@ int main(int argc, char** argv) try {
     return std::string(text);
   };
   tool_cli::require_memory(2 * gb * 1e9, "--gb " + gb_text(gb) + " (the trace and its read-back)");
+  // The synthetic binary trace: 32 layers × top-8 × 6 bytes per token. A size below one token
+  // built an empty trace, whose baseline read then crashed.
+  constexpr std::size_t layers = 32;
+  constexpr double token_bytes = layers * 8.0 * 6.0;
+  const auto tokens = static_cast<std::size_t>(gb * 1e9 / token_bytes);
+  if (tokens == 0)
+    throw locus::config_error("--gb " + gb_text(gb) + " holds no token of the synthetic trace (one token is " +
+                              gb_text(token_bytes / 1e9) + " GB)");
   // --tmp is checked before the first measurement, not when the JSONL rows first write to it.
   struct statvfs fs_info {};
   if (::statvfs(tmp_dir.c_str(), &fs_info) != 0 || !fs::is_directory(tmp_dir))
@@ -356,8 +364,6 @@ int main(int argc, char** argv) try {
   }
 
   // 3. Binary write + read of a ~gb GB synthetic trace.
-  const std::size_t layers = 32;
-  const auto tokens = static_cast<std::size_t>(gb * 1e9 / (layers * 8.0 * 6.0));
   std::fprintf(stderr, "building a synthetic trace: %zu tokens x %zu layers x top-8...\n", tokens, layers);
   const auto t = synthetic(tokens, layers);
   const std::string path = (fs::path(tmp_dir) / ("locus_trace_io_" + std::to_string(::getpid()) + ".bin")).string();
@@ -450,8 +456,9 @@ int main(int argc, char** argv) try {
   if (std::ifstream la("/proc/loadavg"); la) la >> load;
   doc["load_average_1min"] = load;
   doc["cores"] = ::sysconf(_SC_NPROCESSORS_ONLN);
-  bench_output::file(folder.file("trace_io.json")) << doc.dump(1) << '\n';
-  bench_output::file(folder.file("trace_io.md"))
+  bench_output::files files; // the two together or neither
+  files[folder.file("trace_io.json")] << doc.dump(1) << '\n';
+  files[folder.file("trace_io.md")]
       << "# Trace I/O throughput\n\nProduced by `" << run.command << "` on " << run.machine
       << " (Release, one core). The machine is shared and oversubscribed, so both the wall clock and the CPU time "
          "(user + system of "
@@ -471,6 +478,7 @@ int main(int argc, char** argv) try {
          "columns measure the work).\n\n"
       << md;
   std::printf("\n%s", md.c_str());
+  files.commit();
   std::printf("\nwrote %s/trace_io.{json,md}\n", out_dir.c_str());
   return 0;
 } catch (const std::exception& e) {

@@ -159,6 +159,7 @@ int main(int argc, char** argv) try {
   trace_path = bench_args::trace_to_read(*trace_opt, trace_path);
   auto folder = bench_args::output_folder(out_dir); // checked now, made when the first result is written
   if (!md_path.empty()) folder.check_file(md_path); // its folder must exist (or be --out), as for every results file
+  bench_output::require_distinct((std::filesystem::path(folder.path()) / "trace_stats.json").string(), md_path);
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/trace_stats");
   const auto real = bench_args::load_trace(trace_path);
   const auto t = real.with_prefill_tokens(32);
@@ -222,7 +223,8 @@ int main(int argc, char** argv) try {
   j["naive_sampler_tokens_per_second"] = naive_rate;
   j["sampler_speedup"] = synth_rate / naive_rate;
   j["threads"] = locus::default_host_threads();
-  bench_output::file(folder.file("trace_stats.json")) << j.dump(2) << "\n";
+  bench_output::files files; // the two together or neither
+  files[folder.file("trace_stats.json")] << j.dump(2) << "\n";
 
   char table[2048];
   std::snprintf(table, sizeof table,
@@ -238,7 +240,7 @@ int main(int argc, char** argv) try {
                 t.tokens(), t_stats, t_base, t_base / t_stats, synth_rate, naive_rate, synth_rate / naive_rate, t_fit,
                 t_rescale, sampled, t_sample);
   if (!md_path.empty()) {
-    bench_output::file md(md_path);
+    auto& md = files[md_path];
     md << "# Trace statistics and synthesizer speed\n\n"
        << "Produced by `" << run.command << "` on " << run.machine << " (" << locus::default_host_threads()
        << " hardware threads; the development machine is shared, so times are upper bounds). The baseline "

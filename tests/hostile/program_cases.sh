@@ -38,6 +38,8 @@ refused 'it is a directory' --json "$work"
 refused 'folder does not exist' --json "$work/none/r.json"
 refused 'cannot create a file in its folder|folder does not exist' --md "$work/plain/r.md"
 refused 'must be at most 3600 \(an hour per row\), got 1e308' --min-seconds 1e308
+# The Markdown written over the JSON, which the run then said it wrote.
+refused 'r.json and .*r.json name one file: give each result its own' --json "$work/r.json" --md "$work/./r.json"
 ok 'JSON in' --tokens 16 --min-seconds 0.001 --json "$work/r.json" --md "$work/r.md"
 check 'router.json records command, machine and date' \
   grep -Eq '"command": "build/dev/bench/router --tokens 16.*"machine": ".*[0-9]{4}-[0-9]{2}-[0-9]{2}' \
@@ -53,6 +55,8 @@ refused '^trace_io: configuration error: --gb 1e\+09 \(the trace and its read-ba
 # A --tmp that is not there is said before the first measurement (it failed after the ESFT rows).
 refused "^trace_io: I/O error: $work/none: no such folder \(--tmp\)$" --gb 0.001 --tmp "$work/none" --out "$work"
 refused 'must be a number above 0' --gb nan --out "$work"
+# A size below one token built an empty trace, whose baseline read crashed (SIGSEGV).
+refused '^trace_io: configuration error: --gb 1e-06 holds no token of the synthetic trace' --gb 1e-6 --out "$work"
 # --trace's default is decided when the program runs (it named the folders of the machine that built
 # it), and a trace that is not there is said with the path and how to give one.
 root=$(cd "$(dirname "$0")/../.." && pwd)
