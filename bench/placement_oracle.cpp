@@ -318,8 +318,30 @@ int main(int argc, char** argv) try {
       ->delimiter(',')
       ->check(tool_cli::finite_non_negative);
   app.add_option("--redundant", redundants, "Redundant slots per GPU")->delimiter(',');
-  app.add_option("--home-caps", caps, "Node token bounds over the mean (-1: none; --homes free)")->delimiter(',');
+  auto* caps_opt = app.add_option("--home-caps", caps, "Node token bounds over the mean (-1: none; --homes free)")
+                       ->delimiter(',')
+                       ->check(CLI::Validator(
+                           [](const std::string& v) -> std::string {
+                             // NaN ran as a bound and -5 as none: only -1 says none.
+                             double x = 0;
+                             try {
+                               std::size_t used = 0;
+                               x = std::stod(v, &used);
+                               if (used != v.size()) throw std::invalid_argument(v);
+                             } catch (const std::exception&) {
+                               return std::string(); // not a number: the conversion of the option says so
+                             }
+                             return x == -1 || (std::isfinite(x) && x >= 0)
+                                        ? std::string()
+                                        : "\"" + v + "\" is neither -1 (none) nor a bound >= 0";
+                           },
+                           "-1 or >= 0"))
+                       ->capture_default_str();
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
+  if (caps_opt->count() > 0 && homes != "free") {
+    std::fprintf(stderr, "placement_oracle: usage error: --home-caps bounds the free homes; give --homes free\n");
+    return 2;
+  }
   trace_path = bench_args::trace_to_read(*trace_opt, trace_path);
   auto folder = bench_args::output_folder(out_dir); // checked now, made when the first result is written
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/placement_oracle");

@@ -123,6 +123,9 @@ refused 'none/t.md: cannot write: its folder does not exist' --trace "$work/esft
 check 'trace_stats checks --md before the run' test ! -e "$work/made_md"
 # A results folder is made with its parents, as `locus trace report --out` makes its folder.
 locus=$placement_oracle
+# NaN ran as a node bound and -5 as none; a bound without free homes was dropped without a word.
+refused '--home-caps: "nan" is neither -1 \(none\) nor a bound >= 0' --homes free --home-caps nan
+refused '--home-caps bounds the free homes; give --homes free' --home-caps 0.1
 succeeds --trace "$work/esft" --nodes 2 --gpus 2 --anneal 10 --redundant 0 --slacks 0.1 --out "$work/p1/p2/p3"
 check 'a results folder is made with its parents' test -f "$work/p1/p2/p3/placement_oracle.json"
 # ... nor does a run stopped by a signal (Ctrl-C, SIGTERM): the folder is checked at the start and
