@@ -217,7 +217,8 @@ int main(int argc, char** argv) {
   try {
     options o;
     CLI::App app{"What locus's dispatch + combine cost over the raw MPI collective moving the same bytes, and what "
-                 "node dedup and a locality placement save"};
+                 "node dedup and a locality placement save; run it as `mpirun -np R` (R ranks on this machine, a "
+                 "multiple of --gpus-per-node)"};
     tool_cli::show_defaults(app);
     app.add_option("--gpus-per-node", o.gpus_per_node, "GPUs (ranks) per node")->check(tool_cli::positive);
     app.add_option("--tokens", o.tokens, "Tokens per rank and step")->check(tool_cli::positive);
@@ -244,8 +245,17 @@ int main(int argc, char** argv) {
     }
     const std::string command =
         bench_args::command_line(argc, argv, "mpirun -np " + std::to_string(ranks) + " build/dev/bench/exchange");
-    LOCUS_REQUIRE(ranks % o.gpus_per_node == 0, config_error, ranks, " ranks are not a multiple of ", o.gpus_per_node,
-                  " GPUs per node");
+    if (ranks % o.gpus_per_node != 0) {
+      // Every rank sees the same world: all leave through MPI_Finalize, without the abort's banner
+      // (one rank alone is the usual case: the program started without mpirun).
+      if (me == 0)
+        std::fprintf(stderr,
+                     "exchange: configuration error: %zu rank%s not a multiple of %zu GPUs per node: run it as "
+                     "`mpirun -np R` with R a multiple of --gpus-per-node\n",
+                     ranks, ranks == 1 ? " is" : "s are", static_cast<std::size_t>(o.gpus_per_node));
+      MPI_Finalize();
+      return 1;
+    }
     const dynamic_topology topo(ranks / o.gpus_per_node, o.gpus_per_node);
     const std::size_t slots = (o.experts + ranks - 1) / ranks + 1;
 
