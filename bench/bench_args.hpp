@@ -4,6 +4,7 @@
 // and the machine line of a results file.
 #include "tool_cli.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -11,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <locus/core/atomic_file.hpp>
+#include <locus/core/error.hpp>
 #include <locus/trace/binary.hpp>
 #include <locus/trace/esft.hpp>
 #include <optional>
@@ -103,6 +105,22 @@ inline std::string trace_to_read(const CLI::Option& opt, const std::string& path
 // An ESFT folder (imported) or a binary trace file.
 inline locus::trace::trace load_trace(const std::string& path) {
   return std::filesystem::is_directory(path) ? locus::trace::import_esft(path) : locus::trace::read_trace(path);
+}
+
+//! `t` with the first `prefill` tokens of every request marked prefill, refused (naming the option)
+//! when no request keeps a decode token: the planners' own refusal named a library function.
+inline locus::trace::trace with_prefill(const locus::trace::trace& t, std::size_t prefill) {
+  std::size_t longest = 0;
+  for (std::size_t r = 0; r < t.requests(); ++r)
+    longest = std::max<std::size_t>(longest, t.request(r).length);
+  if (prefill == 0)
+    throw locus::config_error("--prefill-tokens 0 marks no prefill token: the workload model classifies a request "
+                              "by its prefill");
+  if (prefill >= longest)
+    throw locus::config_error("--prefill-tokens " + std::to_string(prefill) +
+                              " leaves no decode token: the longest request has " + std::to_string(longest) +
+                              " tokens");
+  return t.with_prefill_tokens(prefill);
 }
 
 //! CPU time of the calling thread: the machine is shared, and "on one core" means the time the core

@@ -591,7 +591,7 @@ int main(int argc, char** argv) try {
   const std::string command = bench_args::command_line(argc, argv, "build/dev/bench/comm_volume");
   const std::string machine = bench_args::machine_line();
   const auto say = [&](const std::string& what) { bench_args::progress_line("comm_volume", what, start); };
-  const auto full = bench_args::load_trace(o.trace_path).with_prefill_tokens(o.prefill);
+  const auto full = bench_args::with_prefill(bench_args::load_trace(o.trace_path), o.prefill);
   auto [train, test] = locus::trace::split_by_request(full, 0.5, o.seed);
   if (o.fit_on_test) train = test; // upper-bound experiments only
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 
 def timings(doc, prefix=""):
@@ -55,6 +56,12 @@ def main():
     opts = parser.parse_args()
     if not os.path.isdir(opts.out_dir):
         parser.error("%s is not a folder" % opts.out_dir)
+    if opts.markdown:
+        folder = os.path.dirname(opts.markdown) or "."
+        if os.path.isdir(opts.markdown):
+            parser.error("--markdown %s is a folder, not a file" % opts.markdown)
+        if not os.path.isdir(folder):
+            parser.error("--markdown %s: the folder %s does not exist" % (opts.markdown, folder))
     names = sorted(f[: -len(".baseline.json")] for f in os.listdir(opts.out_dir) if f.endswith(".baseline.json"))
     if not names:
         sys.exit("compare_gpu: no NAME.baseline.json in %s (run scripts/gpu-check --prepare --baseline REV first)"
@@ -78,11 +85,27 @@ def main():
     text = "\n".join(lines) + "\n"
     sys.stdout.write(text)
     if opts.markdown:
-        tmp = opts.markdown + ".tmp"
-        with open(tmp, "w") as f:
-            f.write("# GPU benchmarks against a baseline build (same run)\n\n" + text)
-        os.replace(tmp, opts.markdown)
+        tmp = None
+        try:
+            with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(opts.markdown) or ".",
+                                             prefix="." + os.path.basename(opts.markdown) + ".", suffix=".tmp",
+                                             delete=False) as f:
+                tmp = f.name
+                f.write("# GPU benchmarks against a baseline build (same run)\n\n" + text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, opts.markdown)
+        except OSError as e:
+            sys.exit("compare_gpu: cannot write %s: %s" % (opts.markdown, e.strerror or e))
+        finally:
+            if tmp and os.path.lexists(tmp):
+                os.unlink(tmp)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.stderr.write("\ncompare_gpu: interrupted\n")
+        sys.exit(130)

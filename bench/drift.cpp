@@ -159,7 +159,7 @@ int main(int argc, char** argv) try {
   const std::string machine = bench_args::machine_line();
   const auto start = std::chrono::steady_clock::now();
   const auto say = [&](const std::string& what) { bench_args::progress_line("drift", what, start); };
-  const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);
+  const auto full = bench_args::with_prefill(bench_args::load_trace(trace_path), prefill);
   // A phase whose domain the trace lacks is said before minutes of planning, with the domains it has.
   for (const auto& name : phase_names)
     static_cast<void>(full.domain_index(name, "--phases"));

@@ -11,7 +11,6 @@ oracle; and the whole run (the mixed traffic). Writes OUT_DIR/NAME{.json,.md}.
 """
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,9 +28,12 @@ def main():
         "phase", "1,2,3", "drift_unseen",
         lambda p: p.add_argument("--domains", default="summary,law,intent",
                                  help="the phases, in order; each is held out in turn"))
-    domains = [d for d in opts.domains.split(",") if d]
-    if not domains:
-        opts.parser.error("--domains names no domain")
+    domains = opts.domains.split(",")
+    for d in domains:
+        if not d or "/" in d:
+            seed_sweep.usage_error(opts.parser, "--domains: %r is not a domain name (in %r)" % (d, opts.domains))
+        if domains.count(d) > 1:
+            seed_sweep.usage_error(opts.parser, "--domains: %s is given twice" % d)
     base = ["--deepseek", "0", "--lookahead", "0", "--phase-share", "1", "--phases", ",".join(domains)]
     start = time.time()
     runs = {}  # (seed, held-out domain or "") -> drift.json
@@ -41,22 +43,20 @@ def main():
                 out = os.path.join(tmp, "%d_%s" % (s, d or "all"))
                 cmd = [drift] + base + ["--split-seed", str(s), "--out", out] + \
                     (["--unseen-domain", d] if d else []) + extra
-                done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                if done.returncode != 0:
-                    # drift's own message says what was wrong (an unknown domain, a bad extra option).
-                    sys.exit("drift_unseen.py: %s failed (exit %d):\n%s" % (
-                        " ".join(cmd), done.returncode, done.stderr.strip()[-2000:]))
+                # drift's own message says what was wrong (an unknown domain, a bad extra option).
+                seed_sweep.run("drift_unseen.py", cmd, "drift --split-seed %d%s%s" % (
+                    s, " --unseen-domain " + d if d else "", (" " + " ".join(extra)) if extra else ""))
                 with open(os.path.join(out, "drift.json")) as f:
                     runs[(s, d)] = json.load(f)
     seconds = time.time() - start
     first = runs[(seeds[0], "")]
     machine = first.get("machine", "unknown machine")
-    doc = {"seeds": seeds, "domains": domains, "drift_options": base + extra, "seconds": seconds,
-           "machine": machine, "replan_slack": first["replan_slack"],
+    doc = {"command": opts.command, "seeds": seeds, "domains": domains, "drift_options": base + extra,
+           "seconds": seconds, "machine": machine, "replan_slack": first["replan_slack"],
            "balance_trigger": first["balance_trigger"], "prior_requests": first["prior_requests"],
            "swap_significance": first["swap_significance"], "cases": []}
     md = ["# A task domain the plans never saw (ESFT, 4 × 2, %s)" % first.get("transport", "flat"), "",
-          "Produced by `/usr/bin/python3 bench/drift_unseen.py %s %s --seeds %s --domains %s --name %s%s` in %.0f s "
+          "Produced by `%s` in %.0f s "
           "on %s: `drift %s --split-seed S [--unseen-domain D]%s` for every seed S and held-out domain D, and once "
           "per seed with every domain trained. One phase per domain (%s, in that order), each drawn from its own "
           "domain's test requests only; with D held out every plan, the workload-aware grouping and locus adaptive's "
@@ -67,8 +67,7 @@ def main():
           "window's requests gives more (the window's, with the training sample counted as %g requests beside "
           "it), and taking a swap for the copies it saves only above %g standard errors of that saving (summed "
           "per request); the oracle re-plans at each phase start on that phase's own traffic and moves freely."
-          % (opts.bench_dir, opts.out_dir, opts.seeds, opts.domains, opts.name,
-             (" -- " + " ".join(extra)) if extra else "", seconds, machine, " ".join(base),
+          % (opts.command, seconds, machine, " ".join(base),
              (" " + " ".join(extra)) if extra else "", ", ".join(domains), first["interval"], first["window"],
              first["interval"], first["balance_trigger"], first["budget_experts"], first["slots"],
              1 + first["replan_slack"], first["prior_requests"], first["swap_significance"]), "",
@@ -124,9 +123,9 @@ def main():
                                                  c["policies"][p]["run_share_of_oracle_saving"],
                                                  c["policies"][p]["run_gpu_imbalance"], c["policies"][p]["worst_window"])
             for p, _ in POLICIES[:3])))
-    seed_sweep.write(opts.out_dir, opts.name, doc, md)
+    seed_sweep.write("drift_unseen.py", opts.out_dir, opts.name, doc, md)
     print("\n".join(md))
 
 
 if __name__ == "__main__":
-    main()
+    seed_sweep.main("drift_unseen.py", main)

@@ -347,7 +347,7 @@ int main(int argc, char** argv) try {
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/placement_oracle");
   const auto start = std::chrono::steady_clock::now();
   const auto say = [&](const std::string& what) { bench_args::progress_line("placement_oracle", what, start); };
-  const auto full = bench_args::load_trace(trace_path).with_prefill_tokens(prefill);
+  const auto full = bench_args::with_prefill(bench_args::load_trace(trace_path), prefill);
   const auto [train, test] = locus::trace::split_by_request(full, 0.5, seed);
   const locus::dynamic_topology topo(nodes, gpus);
   LOCUS_REQUIRE(full.experts() % topo.ranks() == 0, locus::config_error, full.experts(), " experts do not divide over ",

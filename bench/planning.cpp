@@ -235,7 +235,9 @@ int main(int argc, char** argv) try {
   std::size_t tokens = 100000, anneal = 300;
   std::size_t hedge_replicas = locus::placement::token_refine_options{}.hedge_replicas;
   app.add_option("--out", out_dir, bench_args::out_folder_help);
-  app.add_option("--tokens", tokens, "Decode tokens of the synthetic trace")->check(tool_cli::positive);
+  // Requests of 100 tokens, at least one per cluster the workload model fits (fewer made no request).
+  app.add_option("--tokens", tokens, "Tokens of the synthetic training trace, in requests of 100 (32 prefill)")
+      ->check(CLI::Range(std::size_t{100} * v3::clusters, std::size_t{100'000'000}));
   app.add_option("--anneal", anneal, "Annealing proposals per expert in the timed annealing run");
   app.add_option("--hedge-replicas", hedge_replicas,
                  "Token-level stage: balance hedge copies per layer at most (0: off; default: one per GPU)")

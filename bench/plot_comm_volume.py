@@ -11,13 +11,53 @@ per-GPU aggregate max/mean for every row at 4x2).
 import argparse
 import json
 import os
+import sys
+import tempfile
+
+
+def fail(message):
+    sys.stderr.write("plot_comm_volume.py: %s\n" % message)
+    sys.exit(1)
+
+
+def load(path):
+    """comm_volume.json at `path`, or a one-line message saying why it cannot be drawn."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except OSError as e:
+        fail("cannot read %s: %s" % (path, e.strerror or e))
+    except (ValueError, UnicodeDecodeError) as e:
+        fail("%s is not valid JSON (%s)" % (path, e))
+    try:
+        if not doc["rows"]:
+            raise ValueError("no rows")
+        for r in doc["rows"]:
+            str(r["topology"]) + str(r["placement"]) + str(r["grouper"]) + str(r["transport"])
+            int(r["redundant_slots_per_gpu"])
+            float(r["inter_node_bytes_vs_baseline"]) + float(r["gpu_imbalance_aggregate"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        fail("%s is not what bench/comm_volume writes (%s: %s)" % (path, type(e).__name__, e))
+    return doc
 
 
 def save(fig, path):
     # Atomically: a reader never sees half a PNG.
-    tmp = os.path.join(os.path.dirname(path) or ".", "." + os.path.basename(path) + ".tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, path)
+    tmp = None
+    try:
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path) or ".", prefix="." + os.path.basename(path) + ".",
+                                         suffix=".tmp", delete=False) as f:
+            tmp = f.name
+            fig.savefig(f, dpi=120, format="png")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        fail("cannot write %s: %s" % (path, e.strerror or e))
+    finally:
+        if tmp and os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def main():
@@ -25,13 +65,15 @@ def main():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("results_dir", nargs="?", default="bench/results", help="folder holding comm_volume.json")
     out = parser.parse_args().results_dir
-    import matplotlib  # after the options: --help works without matplotlib
+    doc = load(os.path.join(out, "comm_volume.json"))
+    try:
+        import matplotlib  # after the options: --help works without matplotlib
+    except ImportError:
+        fail("drawing needs matplotlib (python3-matplotlib)")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(os.path.join(out, "comm_volume.json")) as f:
-        doc = json.load(f)
     rows = doc["rows"]
     topologies = []
     for r in rows:
@@ -79,9 +121,10 @@ def main():
         key = (r["placement"], r["grouper"])
         label = None if key in seen else f'{r["placement"]} / {r["grouper"]}'
         seen.add(key)
-        face = colors[r["placement"]] if r["transport"] == "flat" else "none"
-        ax.scatter(r["gpu_imbalance_aggregate"], r["inter_node_bytes_vs_baseline"], marker=markers[r["grouper"]],
-                   s=60 if r["redundant_slots_per_gpu"] else 35, facecolors=face, edgecolors=colors[r["placement"]],
+        color = colors.get(r["placement"], "tab:purple")  # a placement newer than this script
+        face = color if r["transport"] == "flat" else "none"
+        ax.scatter(r["gpu_imbalance_aggregate"], r["inter_node_bytes_vs_baseline"], marker=markers.get(r["grouper"], "x"),
+                   s=60 if r["redundant_slots_per_gpu"] else 35, facecolors=face, edgecolors=color,
                    label=label)
     ax.set_xlabel("per-GPU expert load max/mean (aggregate over the run)")
     ax.set_ylabel("inter-node bytes vs linear / rr / flat")
@@ -93,4 +136,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.stderr.write("\nplot_comm_volume.py: interrupted\n")
+        sys.exit(130)

@@ -6,16 +6,49 @@ max/mean per reported window, per policy, with the phase starts and the re-plans
 import argparse
 import json
 import os
+import sys
+import tempfile
+
+
+def fail(message):
+    sys.stderr.write("plot_drift.py: %s\n" % message)
+    sys.exit(1)
+
+
+def load(path):
+    """drift.json at `path`, or a one-line message saying why it cannot be drawn."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except OSError as e:
+        fail("cannot read %s: %s" % (path, e.strerror or e))
+    except (ValueError, UnicodeDecodeError) as e:
+        fail("%s is not valid JSON (%s)" % (path, e))
+    try:
+        for p in doc["policies"]:
+            str(p["name"])
+            for w in p["windows"]:
+                float(w["first_step"]) + float(w["steps"]) + float(w["bytes_per_token"]) + float(w["gpu_imbalance"])
+            for e in p["events"] if p["name"] == "locus adaptive" else []:
+                float(e["step"]), str(e["reason"])
+        for s in doc["phase_start"]:
+            float(s)
+        list(doc["phases"]), str(doc["transport"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        fail("%s is not what bench/drift writes (%s: %s)" % (path, type(e).__name__, e))
+    return doc
 
 
 def main(out_dir):
-    import matplotlib  # after the options: --help works without matplotlib
+    doc = load(os.path.join(out_dir, "drift.json"))
+    try:
+        import matplotlib  # after the options: --help works without matplotlib
+    except ImportError:
+        fail("drawing needs matplotlib (python3-matplotlib)")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(os.path.join(out_dir, "drift.json")) as f:
-        doc = json.load(f)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     for p in doc["policies"]:
         steps = [w["first_step"] + w["steps"] / 2 for w in p["windows"]]
@@ -36,13 +69,29 @@ def main(out_dir):
     top.legend(fontsize=8)
     top.set_title("ESFT 4x2, %s transport: request mix in phases" % doc["transport"])
     fig.tight_layout()
-    tmp = os.path.join(out_dir, ".drift.png.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, os.path.join(out_dir, "drift.png"))
+    path = os.path.join(out_dir, "drift.png")
+    tmp = None
+    try:
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".drift.png.", suffix=".tmp", delete=False) as f:
+            tmp = f.name
+            fig.savefig(f, dpi=110, format="png")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        fail("cannot write %s: %s" % (path, e.strerror or e))
+    finally:
+        if tmp and os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Draw DIR/drift.png from DIR/drift.json (written by bench/drift).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("dir", nargs="?", default=".", help="folder holding drift.json")
-    main(parser.parse_args().dir)
+    try:
+        main(parser.parse_args().dir)
+    except KeyboardInterrupt:
+        sys.stderr.write("\nplot_drift.py: interrupted\n")
+        sys.exit(130)

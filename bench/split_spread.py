@@ -8,7 +8,6 @@ references and the unseen-domain rows, and writes DIR/split_spread{.json,.md}.
 """
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ def main():
     opts, seeds, extra, comm_volume = seed_sweep.parse(
         sys.argv[1:], "comm_volume", "Run comm_volume's 4x2 ESFT rows once per split seed and tabulate their spread",
         "1,2,3,4,5", "split_spread")
-    bench_dir, out_dir, name = opts.bench_dir, opts.out_dir, opts.name
+    out_dir, name = opts.out_dir, opts.name
     start = time.time()
     per_seed = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,20 +39,20 @@ def main():
             d = os.path.join(tmp, str(s))
             cmd = [comm_volume, "--only", "4x2", "--synthetic", "0", "--split-seed", str(s),
                    "--out", d] + extra
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            seed_sweep.run("split_spread.py", cmd, "comm_volume --split-seed %d%s" % (
+                s, (" " + " ".join(extra)) if extra else ""))
             with open(os.path.join(d, "comm_volume.json")) as f:
                 per_seed[s] = json.load(f)
     seconds = time.time() - start
     machine = per_seed[seeds[0]].get("machine", "unknown machine")
-    doc = {"seeds": seeds, "comm_volume_options": extra, "seconds": seconds, "rows": {}, "unseen": {},
-           "machine": machine}
+    doc = {"command": opts.command, "seeds": seeds, "comm_volume_options": extra, "seconds": seconds, "rows": {},
+           "unseen": {}, "machine": machine}
     md = ["# Spread over request splits (ESFT, 4x2)", "",
-          "Produced by `/usr/bin/python3 bench/split_spread.py %s %s --name %s%s` in %.0f s: "
+          "Produced by `%s` in %.0f s: "
           "`comm_volume --only 4x2 --synthetic 0 --split-seed S%s` for S in %s; every seed planned with the same "
           "options, on %s. Each cell: inter-node bytes reduction vs linear / round-robin / flat of the same split, then "
           "GPU max/mean (aggregate); the main rows use the replica rule given to comm_volume (default locality_first)."
-          % (bench_dir, out_dir, name, (" -- " + " ".join(extra)) if extra else "", seconds,
-                                     (" " + " ".join(extra)) if extra else "", ",".join(map(str, seeds)), machine),
+          % (opts.command, seconds, (" " + " ".join(extra)) if extra else "", ",".join(map(str, seeds)), machine),
           "", "| row | " + " | ".join("seed %d" % s for s in seeds) + " | reduction min–max | max/mean worst | target |",
           "|---|" + "---|" * (len(seeds) + 3)]
     for label, k, max_ratio, max_bal in ROWS:
@@ -149,9 +148,9 @@ def main():
                 s, u["held_out"], 100 * red, u["gpu_imbalance_aggregate"], u["wa_over_rr_held_out"],
                 u["gpu_imbalance_held_out"], u["linear_gpu_imbalance_held_out"], "yes" if ok else "no"))
             doc["unseen"].setdefault(str(s), []).append(u)
-    seed_sweep.write(out_dir, name, doc, md)
+    seed_sweep.write("split_spread.py", out_dir, name, doc, md)
     print("\n".join(md))
 
 
 if __name__ == "__main__":
-    main()
+    seed_sweep.main("split_spread.py", main)

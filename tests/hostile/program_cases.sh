@@ -176,6 +176,11 @@ succeeds --trace "$work/esft" --only 2x2 --synthetic 0 --out "$work/cv"
 check 'comm_volume.md names no source file' bash -c "! grep -Eq '[a-z_]+\.(hpp|cuh|cpp|cu)\b' '$work/cv/comm_volume.md'"
 check 'comm_volume.md says --synthetic 0 left the synthetic rows out' \
   grep -q 'synthetic rows .* are left out (`--synthetic 0`' "$work/cv/comm_volume.md"
+# Without the 4x2 rows there is no domain accuracy: it was reported as 0.0%.
+check 'a 2x2 run reports no domain accuracy' grep -q '"domain_accuracy_4x2": null' "$work/cv/comm_volume.json"
+# A prefill longer than every request: the planner's refusal named a library function.
+refused '^comm_volume: configuration error: --prefill-tokens 100000 leaves no decode token: the longest request' \
+  --trace "$work/esft" --prefill-tokens 100000 --out "$work/cv_prefill"
 # A results file names what a target is, not the tracker's number ("## Targets (issue 5)").
 check 'comm_volume.md names its targets, no issue number' bash -c \
   "grep -q '^## Targets: inter-node bytes and GPU balance' '$work/cv/comm_volume.md' &&
