@@ -145,8 +145,26 @@ inline std::string machine_line() {
   const std::time_t now = std::time(nullptr);
   char date[64];
   std::strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", std::gmtime(&now));
+  // A build with assertions (Debug) times other code: said, so that its ratios are not read as the product's.
+#ifdef NDEBUG
+  const char* build = "";
+#else
+  const char* build = " (a build with assertions: times are not the optimised build's)";
+#endif
   return cpu + ", " + std::to_string(std::thread::hardware_concurrency()) + " cores, load average " +
-         load.substr(0, load.find(' ', load.find(' ', load.find(' ') + 1) + 1)) + ", " + date;
+         load.substr(0, load.find(' ', load.find(' ', load.find(' ') + 1) + 1)) + ", " + date + build;
+}
+
+//! `a` as a shell reads it back: as it is when plain, else in single quotes, so that a recorded
+//! command can be pasted (a folder with a space, a `$` or a backtick ran something else).
+inline std::string shell_word(const std::string& a) {
+  const bool plain = !a.empty() && a.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                                       "0123456789_@%+=:,./-") == std::string::npos;
+  if (plain) return a;
+  std::string q = "'";
+  for (const char ch : a)
+    q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+  return q + "'";
 }
 
 //! The command line as run, for the results file. The program is named as it was run, relative to
@@ -163,19 +181,8 @@ inline std::string command_line(int argc, char** argv, const std::string& progra
     // A bare name was found on PATH, not in the folder: keep the conventional name then too.
     if (!r.empty() && r.rfind("..", 0) != 0 && !rel.is_absolute() && r.find('/') != std::string::npos) c = r;
   }
-  // Quoted as a shell reads them, so that the line can be pasted back: a folder with a space, a
-  // `$` or a backtick ran something else.
-  const auto quoted = [](const std::string& a) {
-    const bool plain = !a.empty() && a.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-                                                         "0123456789_@%+=:,./-") == std::string::npos;
-    if (plain) return a;
-    std::string q = "'";
-    for (const char ch : a)
-      q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
-    return q + "'";
-  };
   for (int i = 1; i < argc; ++i)
-    c += " " + quoted(argv[i]);
+    c += " " + shell_word(argv[i]);
   return c;
 }
 

@@ -50,7 +50,7 @@ int main(int argc, char** argv) try {
   std::string out_dir = ".";
   int repeats = 5;
   app.add_option("--out", out_dir, bench_args::out_folder_help);
-  app.add_option("--repeats", repeats, "Timed runs per planner (best kept)")->check(tool_cli::positive);
+  app.add_option("--repeats", repeats, "Timed runs per planner (best kept)")->check(CLI::Range(1, 1000));
   if (const auto code = tool_cli::parse(app, argc, argv)) return *code;
   auto folder = bench_args::output_folder(out_dir); // checked now, made when the first result is written
   const auto run = bench_args::provenance_of(argc, argv, "build/dev/bench/eplb");
