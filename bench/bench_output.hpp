@@ -37,11 +37,23 @@ private:
   int uncaught_ = std::uncaught_exceptions();
 };
 
-//! True when `a` and `b` name one file (the same path, through `..` or a link, or one file).
+//! `path` with its symbolic links followed, a link to nothing included (weakly_canonical stops
+//! at one: a dangling link and the file it would make were two names).
+inline std::filesystem::path resolved(std::filesystem::path path) {
+  std::error_code ec;
+  for (int hop = 0; hop < 16 && std::filesystem::is_symlink(path, ec); ++hop) {
+    const auto target = std::filesystem::read_symlink(path, ec);
+    if (ec) break;
+    path = target.is_absolute() ? target : path.parent_path() / target;
+  }
+  const auto c = std::filesystem::weakly_canonical(path, ec);
+  return ec ? path.lexically_normal() : c;
+}
+
+//! True when `a` and `b` name one file (the same path, through `..` or links, or one file).
 inline bool same_file(const std::string& a, const std::string& b) {
-  std::error_code ec, ec2;
-  const auto ca = std::filesystem::weakly_canonical(a, ec), cb = std::filesystem::weakly_canonical(b, ec2);
-  if (!ec && !ec2 && ca == cb) return true;
+  if (resolved(a) == resolved(b)) return true;
+  std::error_code ec;
   return std::filesystem::equivalent(a, b, ec) && !ec;
 }
 

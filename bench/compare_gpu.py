@@ -43,8 +43,10 @@ def load(path):
             return json.load(f)
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as e:
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
         sys.exit("compare_gpu: %s is not valid JSON (%s)" % (path, e))
+    except OSError as e:  # a folder of that name, no permission
+        sys.exit("compare_gpu: cannot read %s: %s" % (path, e.strerror or e))
 
 
 def main():

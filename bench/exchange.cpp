@@ -238,10 +238,17 @@ int main(int argc, char** argv) {
     app.add_option("--json", o.json, "JSON results file");
     app.add_option("--markdown", o.markdown, "Markdown results file (default: none)");
     if (const auto code = tool_cli::parse_or_finish(app, argc, argv, MPI_COMM_WORLD, "exchange")) return *code;
+    // Checked on every rank alike, so that all leave through MPI_Finalize (not the abort's banner).
+    try {
+      bench_output::require_distinct(o.json, o.markdown);
+    } catch (const std::invalid_argument& e) {
+      if (me == 0) std::fprintf(stderr, "exchange: usage error: %s\n", e.what());
+      MPI_Finalize();
+      return 2;
+    }
     if (me == 0) { // the writer: a results file that cannot be written is said before the run
       bench_args::output_file(o.json);
       if (!o.markdown.empty()) bench_args::output_file(o.markdown);
-      bench_output::require_distinct(o.json, o.markdown);
     }
     const std::string command =
         bench_args::command_line(argc, argv, "mpirun -np " + std::to_string(ranks) + " build/dev/bench/exchange");

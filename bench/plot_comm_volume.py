@@ -138,6 +138,9 @@ def main():
 if __name__ == "__main__":
     try:
         main()
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        # A field of the right name but another type ("topology": 4) passed load()'s look.
+        fail("comm_volume.json is not what bench/comm_volume writes (%s: %s)" % (type(e).__name__, e))
     except KeyboardInterrupt:
         sys.stderr.write("\nplot_comm_volume.py: interrupted\n")
         sys.exit(130)

@@ -90,8 +90,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Draw DIR/drift.png from DIR/drift.json (written by bench/drift).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("dir", nargs="?", default=".", help="folder holding drift.json")
+    args = parser.parse_args()
     try:
-        main(parser.parse_args().dir)
+        main(args.dir)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        # A field of the right name but another type ("first_step": "1") passed load()'s look.
+        fail("%s is not what bench/drift writes (%s: %s)" % (os.path.join(args.dir, "drift.json"),
+                                                             type(e).__name__, e))
     except KeyboardInterrupt:
         sys.stderr.write("\nplot_drift.py: interrupted\n")
         sys.exit(130)

@@ -130,11 +130,12 @@ def write(script, out_dir, name, doc, md_lines):
     done = []
     try:
         for ext, text in texts:
-            path = os.path.join(out_dir, "%s.%s" % (name, ext))
+            # A symbolic link is written through (the file it names is replaced), as the C++ writers do.
+            path = os.path.realpath(os.path.join(out_dir, "%s.%s" % (name, ext)))
             if os.path.isdir(path):
                 raise IsADirectoryError(21, "Is a directory", path)
-            with tempfile.NamedTemporaryFile("w", dir=out_dir, prefix=".%s.%s." % (name, ext), suffix=".tmp",
-                                             delete=False) as f:
+            with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), prefix=".%s.%s." % (name, ext),
+                                             suffix=".tmp", delete=False) as f:
                 temps.append((f.name, path))
                 os.fchmod(f.fileno(), 0o666 & ~umask)  # as open() would make it
                 f.write(text)
@@ -142,7 +143,7 @@ def write(script, out_dir, name, doc, md_lines):
                 os.fsync(f.fileno())
         path = first = temps[0][1]
         if os.path.isfile(first):
-            backup = os.path.join(out_dir, ".%s.json.%d.old" % (name, os.getpid()))
+            backup = os.path.join(os.path.dirname(first), ".%s.json.%d.old" % (name, os.getpid()))
             os.link(first, backup)
         for tmp, path in temps:
             os.replace(tmp, path)

@@ -8,7 +8,6 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
-#include <filesystem>
 #include <locus/core/atomic_file.hpp>
 #include <locus/core/expert_map_json.hpp>
 #include <locus/grouper/workload_model_json.hpp>
@@ -67,18 +66,13 @@ inline int map_export(const export_options& o) {
   check_outputs({{"--out", o.out}, {"--json", o.json}}, {o.map_path, o.grouping, o.load_trace});
   // SGLang reads the flag's value as a file only when the name ends in .json (.pt: torch.load);
   // any other name is parsed as JSON text itself, and start-up fails on the path. A stream (stdout,
-  // a link to a descriptor, a pipe) names no file SGLang would be given.
-  const auto out_kind = [&] {
-    std::error_code ec;
-    return std::filesystem::symlink_status(o.out, ec).type();
-  };
-  LOCUS_REQUIRE(
-      as_map || format != locus::placement::engine_format::sglang || o.out == "-" ||
-          std::string_view(o.out).ends_with(".json") ||
-          (out_kind() != std::filesystem::file_type::not_found && out_kind() != std::filesystem::file_type::regular),
-      locus::config_error, "--out ", o.out,
-      ": SGLang reads --init-expert-location as a file only when its name ends in .json (any other value "
-      "is parsed as JSON text); name the file X.json");
+  // a descriptor, a pipe or device, or a link to one) names no file SGLang would be given; a link to a
+  // file is passed by its own name, which must end in .json too.
+  LOCUS_REQUIRE(as_map || format != locus::placement::engine_format::sglang || o.out == "-" ||
+                    std::string_view(o.out).ends_with(".json") || is_device(o.out),
+                locus::config_error, "--out ", o.out,
+                ": SGLang reads --init-expert-location as a file only when its name ends in .json (any other value "
+                "is parsed as JSON text); name the file X.json");
   LOCUS_REQUIRE(o.mtp_layers == 0 || (!as_map && format == locus::placement::engine_format::trtllm),
                 locus::config_error,
                 "--mtp-layers applies to --to trtllm (SGLang's NextN layer reads the file's first row; vLLM's and "

@@ -654,13 +654,20 @@ class ExpertPlan:
             return NotImplemented
         if self is other:
             return True
-        self._check_fields()
-        other._check_fields()
+        # The fields as they are, unchecked and unchanged: a comparison neither raises for a plan a
+        # method would refuse nor consumes an iterator set as layer_ids (it compares by identity).
+        def ids(p: "ExpertPlan") -> Any:
+            return list(p.layer_ids) if isinstance(p.layer_ids, (list, tuple)) else p.layer_ids
         a, b = self.model, other.model
-        same_model = a is b or (a is not None and b is not None and a.__getstate__() == b.__getstate__())
-        return (np.array_equal(self.maps, other.maps) and same_model
-                and (self.experts, self.nodes, self.gpus_per_node, self.layer_ids, self.hidden_layers)
-                == (other.experts, other.nodes, other.gpus_per_node, other.layer_ids, other.hidden_layers))
+        same_model = a is b or (isinstance(a, WorkloadModel) and isinstance(b, WorkloadModel)
+                                and a.__getstate__() == b.__getstate__())
+        try:
+            same_maps = bool(np.array_equal(np.asarray(self.maps), np.asarray(other.maps)))
+        except (TypeError, ValueError):
+            same_maps = False
+        return (same_maps and same_model
+                and (self.experts, self.nodes, self.gpus_per_node, ids(self), self.hidden_layers)
+                == (other.experts, other.nodes, other.gpus_per_node, ids(other), other.hidden_layers))
 
     __hash__ = None  # type: ignore[assignment]  # mutable and equal by content
 

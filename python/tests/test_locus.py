@@ -1489,8 +1489,8 @@ def test_plans_of_loads_fills_exports_and_saves_run_without_the_gil(tmp_path):
         assert plan.maps.shape == (512, 64, 96)
         ticks_during("export", lambda: locus.export_text(plan, "vllm"))
         ticks_during("save", lambda: plan.save(tmp_path / "big.json"))
-        sparse = locus.plan(load[:2], 8, 8, "linear", redundant_slots=64)  # 8192 empty slots
-        assert (ticks_during("fill", lambda: sparse.filled(load[:2])).maps >= 0).all()
+        sparse = locus.plan(load[:64], 8, 8, "linear", redundant_slots=64)  # 262,144 empty slots
+        assert (ticks_during("fill", lambda: sparse.filled(load[:64])).maps >= 0).all()
     finally:
         stop[0] = True
         ticker.join()
@@ -1635,6 +1635,13 @@ def test_expert_plans_compare_by_content_and_are_not_hashable():
     plan = locus.plan(t, 2, 2, "locality", redundant_slots=1, clusters=2, prefill_tokens=8)
     assert pickle.loads(pickle.dumps(plan)) == plan  # the models compared by content
     assert locus.ExpertPlan(plan.maps, plan.experts, 2, 2) != plan  # no model, one model
+    # A comparison neither raises for a plan a method would refuse nor changes its operands.
+    bad = locus.ExpertPlan(maps, 8, 2, 2, layer_ids=[1, 2])
+    bad.layer_ids = [5, 1]
+    assert bad != a and not (bad == a) and bad in [bad] and a not in [bad]
+    it = iter([1, 2])
+    bad.layer_ids = it
+    assert bad != a and bad.layer_ids is it
 
 
 def test_import_locus_loads_the_engines_module_not_vllm():

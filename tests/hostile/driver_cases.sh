@@ -284,6 +284,10 @@ rm "$work/trt/rank0_raw.safetensors"
 refused 'SGLang reads --init-expert-location as a file only when its name ends in .json' \
   map export "$work/lin.json" --to sglang --out "$work/lin.sglang"
 check "a refused SGLang name writes nothing" test ! -e "$work/lin.sglang"
+# ... also through a link of that name to a .json file (SGLang is given the link's name).
+ln -s "$work/lin_sglang_target.json" "$work/lin_link"
+refused 'SGLang reads --init-expert-location as a file only when its name ends in .json' \
+  map export "$work/lin.json" --to sglang --out "$work/lin_link"
 refused '--mtp-layers applies to --to trtllm' map export "$work/lin.json" --to vllm --mtp-layers 1 --out "$work/v.json"
 refused '--mtp-layers: Value 17 not in range' map export "$work/lin.json" --to trtllm --mtp-layers 17 --out "$work/t.yaml"
 succeeds map export "$work/trt100.json" --to trtllm --mtp-layers 1 --out "$work/mtp.yaml"

@@ -121,6 +121,10 @@ check 'a folder that was there stays' test -d "$work/kept"
 locus=$trace_stats
 refused 'none/t.md: cannot write: its folder does not exist' --trace "$work/esft" --out "$work/made_md" --md "$work/none/t.md"
 check 'trace_stats checks --md before the run' test ! -e "$work/made_md"
+# A --md that is a link to the JSON the run writes (not there yet): the Markdown replaced the JSON.
+mkdir -p "$work/ts_link"
+ln -s "$work/ts_link/trace_stats.json" "$work/ts_link.md"
+refused 'name one file: give each result its own' --trace "$work/esft" --out "$work/ts_link" --md "$work/ts_link.md"
 # A results folder is made with its parents, as `locus trace report --out` makes its folder.
 locus=$placement_oracle
 # NaN ran as a node bound and -5 as none; a bound without free homes was dropped without a word.
