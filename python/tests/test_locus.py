@@ -1481,8 +1481,9 @@ def test_plans_of_loads_fills_exports_and_saves_run_without_the_gil(tmp_path):
             before, start = ticks[0], time.monotonic()
             out = call()
             seconds, during = time.monotonic() - start, ticks[0] - before
-            # About 100 a second with the GIL released; a few (while NumPy converted an array) with it held.
-            assert during >= max(5, 40 * seconds), f"{name}: {during} ticks in {seconds:.2f} s"
+            # About 100 a second with the GIL released (fewer on a loaded machine); a few (while NumPy
+            # converted an array) with it held.
+            assert during >= max(5, 10 * seconds), f"{name}: {during} ticks in {seconds:.2f} s"
             return out
 
         plan = ticks_during("plan", lambda: locus.plan(load, 8, 8, "eplb", redundant_slots=64))
