@@ -9,26 +9,19 @@ and for the chosen hierarchical rows) and RESULTS_DIR/comm_volume_tradeoff.png (
 per-GPU aggregate max/mean for every row at 4x2).
 """
 import argparse
-import json
 import os
 import sys
-import tempfile
+
+import plot_files
 
 
 def fail(message):
-    sys.stderr.write("plot_comm_volume.py: %s\n" % message)
-    sys.exit(1)
+    plot_files.fail("plot_comm_volume.py", message)
 
 
 def load(path):
     """comm_volume.json at `path`, or a one-line message saying why it cannot be drawn."""
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except OSError as e:
-        fail("cannot read %s: %s" % (path, e.strerror or e))
-    except (ValueError, UnicodeDecodeError) as e:
-        fail("%s is not valid JSON (%s)" % (path, e))
+    doc = plot_files.read_json("plot_comm_volume.py", path)
     try:
         if not doc["rows"]:
             raise ValueError("no rows")
@@ -42,22 +35,7 @@ def load(path):
 
 
 def save(fig, path):
-    # Atomically: a reader never sees half a PNG.
-    tmp = None
-    try:
-        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path) or ".", prefix="." + os.path.basename(path) + ".",
-                                         suffix=".tmp", delete=False) as f:
-            tmp = f.name
-            fig.savefig(f, dpi=120, format="png")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as e:
-        fail("cannot write %s: %s" % (path, e.strerror or e))
-    finally:
-        if tmp and os.path.lexists(tmp):
-            os.unlink(tmp)
+    plot_files.save_png("plot_comm_volume.py", fig, path, 120)
 
 
 def main():

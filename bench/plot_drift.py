@@ -4,26 +4,19 @@ max/mean per reported window, per policy, with the phase starts and the re-plans
     /usr/bin/python3 bench/plot_drift.py DIR
 """
 import argparse
-import json
 import os
 import sys
-import tempfile
+
+import plot_files
 
 
 def fail(message):
-    sys.stderr.write("plot_drift.py: %s\n" % message)
-    sys.exit(1)
+    plot_files.fail("plot_drift.py", message)
 
 
 def load(path):
     """drift.json at `path`, or a one-line message saying why it cannot be drawn."""
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except OSError as e:
-        fail("cannot read %s: %s" % (path, e.strerror or e))
-    except (ValueError, UnicodeDecodeError) as e:
-        fail("%s is not valid JSON (%s)" % (path, e))
+    doc = plot_files.read_json("plot_drift.py", path)
     try:
         for p in doc["policies"]:
             str(p["name"])
@@ -69,21 +62,7 @@ def main(out_dir):
     top.legend(fontsize=8)
     top.set_title("ESFT 4x2, %s transport: request mix in phases" % doc["transport"])
     fig.tight_layout()
-    path = os.path.join(out_dir, "drift.png")
-    tmp = None
-    try:
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".drift.png.", suffix=".tmp", delete=False) as f:
-            tmp = f.name
-            fig.savefig(f, dpi=110, format="png")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as e:
-        fail("cannot write %s: %s" % (path, e.strerror or e))
-    finally:
-        if tmp and os.path.lexists(tmp):
-            os.unlink(tmp)
+    plot_files.save_png("plot_drift.py", fig, os.path.join(out_dir, "drift.png"), 110)
 
 
 if __name__ == "__main__":
