@@ -181,7 +181,7 @@ inline int map_export(const export_options& o) {
                 "--extra_llm_api_options; TensorRT-LLM's load balancer needs attention DP, EP > 1 and a backend that "
                 "supports it), --tp_size %zu --ep_size %zu (trtllm-serve; trtllm-bench: --tp, --ep)%s\n",
                 one_line(locus::trace::quoted_name(o.out)).c_str(), m.ranks(), m.ranks(),
-                o.mtp_layers ? "" : "; a model served with MTP layers needs --mtp-layers");
+                o.mtp_layers ? "" : "; MTP layers the plan lacks (DeepSeek-V3/R1: layer 61) need --mtp-layers");
   return 0;
 }
 
