@@ -434,7 +434,8 @@ def load_routed_experts(
     path: str, experts: int, key: Optional[str] = None, layer_ids: Optional[Sequence[int]] = None
 ) -> Trace:
     """A trace from a ``.npy`` or ``.npz`` file of routed experts ``[tokens, layers, k]`` (an
-    ``.npz`` may hold one array per request; each becomes a request). ``layer_ids``: the MoE layers
+    ``.npz`` may hold one array per request; each becomes a request, in the archive's order, named by
+    its array's name: the trace's ``request_names``; ``key``: that one array). ``layer_ids``: the MoE layers
     to keep, for arrays with a row per hidden layer as vLLM and SGLang return them; without it the
     dense layers' rows (expert 0 for every choice, k >= 2) are left out, as ``locus plan --load``
     does. The trace records the layers kept as its model layer ids and the arrays' layer count as
@@ -475,7 +476,8 @@ def _routed_experts_trace(data: Any, path: str, experts: int, key: Optional[str]
                               f"{_path_text(path)} is a .npy file, one array")
         ids, kept, hidden = _moe_layers(data, layer_ids, _path_text(path))
         return trace_from_arrays(ids, experts, layer_ids=kept, hidden_layers=hidden)
-    names = [key] if key is not None else sorted(data.files)
+    # The archive's order (np.savez's): sorted as text, "req10" came before "req2".
+    names = [key] if key is not None else list(data.files)
     missing = [n for n in names if n not in data.files]
     if not names or missing:
         raise InvalidInputError(f"locus: invalid input: {_path_text(path)} has no array {missing or ''} "
@@ -506,7 +508,8 @@ def _routed_experts_trace(data: Any, path: str, experts: int, key: Optional[str]
             raise InvalidInputError(f"locus: invalid input: {_path_text(path)}: array {n} has shape {p.shape}; "
                                     f"expected [tokens, {parts[0].shape[1:] if parts[0].ndim == 3 else 'layers, k'}]")
     ids, kept, hidden = _moe_layers(np.concatenate(parts, axis=0), layer_ids, _path_text(path))
-    req = np.concatenate([np.full(len(p), i, np.int64) for i, p in enumerate(parts)])
+    # Each request named by its array (the names were dropped: requests 0, 1, ...).
+    req = [n for n, p in zip(names, parts) for _ in range(len(p))]
     return trace_from_arrays(ids, experts, request_ids=req, layer_ids=kept, hidden_layers=hidden)
 
 

@@ -563,6 +563,11 @@ def test_engine_statistics_import(tmp_path):
     np.savez(tmp_path / "routed.npz", a=routed(5), b=routed(7))
     t = locus.load_routed_experts(str(tmp_path / "routed.npz"), 8)
     assert (t.requests, t.tokens, t.layers) == (2, 12, 2)
+    # Requests in the archive's order, named by their arrays ("req10" came before "req2", unnamed).
+    np.savez(tmp_path / "named.npz", req2=routed(3), req10=routed(4))
+    named = locus.load_routed_experts(str(tmp_path / "named.npz"), 8)
+    assert named.request_names == ["req2", "req10"]
+    assert locus.load_routed_experts(str(tmp_path / "named.npz"), 8, key="req10").request_names == ["req10"]
     # As vLLM and SGLang return them: a row per hidden layer, a dense layer's row all expert 0.
     def engine_rows(tokens):
         ids = np.zeros((tokens, 4, 2), np.uint8)
