@@ -130,6 +130,9 @@ locus=$placement_oracle
 # NaN ran as a node bound and -5 as none; a bound without free homes was dropped without a word.
 refused '--home-caps: "nan" is neither -1 \(none\) nor a bound >= 0' --homes free --home-caps nan
 refused '--home-caps bounds the free homes; give --homes free' --home-caps 0.1
+# An empty list item was dropped without a word: the run had a shorter list.
+refused '^placement_oracle: usage error: --slacks: "0.1,,0.2" has an empty item' --slacks 0.1,,0.2
+refused '^placement_oracle: usage error: --redundant: "1," has an empty item' --redundant=1,
 succeeds --trace "$work/esft" --nodes 2 --gpus 2 --anneal 10 --redundant 0 --slacks 0.1 --out "$work/p1/p2/p3"
 check 'a results folder is made with its parents' test -f "$work/p1/p2/p3/placement_oracle.json"
 # ... nor does a run stopped by a signal (Ctrl-C, SIGTERM): the folder is checked at the start and
@@ -165,6 +168,7 @@ check 'a run stopped by SIGTERM leaves no results folder' stopped_run_leaves_no_
 # A folder that cannot be made is still said before the run: a file where a parent should be, a
 # folder that takes no entries.
 locus=$drift
+refused '^drift: usage error: --phases: "law,,summary" has an empty item' --phases law,,summary
 refused "plain/sub: cannot be made the results folder: $work/plain is not a folder" --trace "$work/esft" \
   --out "$work/plain/sub"
 mkdir "$work/locked" && chmod 500 "$work/locked"

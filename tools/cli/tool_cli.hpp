@@ -178,6 +178,35 @@ inline std::string unknown_option(const CLI::App& app, int argc, char** argv, co
   return {};
 }
 
+// The first list option (of `app` or a subcommand) given a value with an empty item ("a,,b", "a,",
+// ","), as "--phases: \"law,,summary\" has an empty item", else "": CLI11 drops empty items, so a
+// typo ran with a shorter list and no word.
+inline std::string empty_list_item(CLI::App& app, int argc, char** argv) {
+  for (const CLI::Option* opt : app.get_options()) {
+    const char d = opt->get_delimiter();
+    if (d == '\0') continue;
+    for (const std::string& name : opt->get_lnames()) {
+      const std::string flag = "--" + name;
+      for (int i = 1; i < argc; ++i) {
+        const std::string_view a = argv[i];
+        if (a == "--") break; // the options end here
+        std::string_view value;
+        if (a == flag && i + 1 < argc)
+          value = argv[i + 1];
+        else if (a.size() > flag.size() && a.starts_with(flag) && a[flag.size()] == '=')
+          value = a.substr(flag.size() + 1);
+        else
+          continue;
+        if (!value.empty() && (value.front() == d || value.back() == d || value.find(std::string(2, d)) != value.npos))
+          return flag + ": \"" + std::string(value) + "\" has an empty item";
+      }
+    }
+  }
+  for (CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; }))
+    if (std::string m = empty_list_item(*sub, argc, argv); !m.empty()) return m;
+  return {};
+}
+
 // Parses the command line: nullopt to carry on, else the status for main to return: 0 after --help,
 // 2 for a command line that is wrong (CLI11's message on stderr), as the driver answers; CLI11's own
 // codes (105 for a refused value, 109 for an unknown option) mean nothing to a shell script.
@@ -190,6 +219,10 @@ inline std::string unknown_option(const CLI::App& app, int argc, char** argv, co
   });
   if (const std::string unknown = unknown_option(app, argc, argv, program); !unknown.empty()) {
     std::fprintf(stderr, "%s: usage error: %s\n", program.c_str(), unknown.c_str());
+    return 2;
+  }
+  if (const std::string empty = empty_list_item(app, argc, argv); !empty.empty()) {
+    std::fprintf(stderr, "%s: usage error: %s (see --help)\n", program.c_str(), empty.c_str());
     return 2;
   }
   try {

@@ -27,6 +27,8 @@ namespace tool_cli {
   try {
     if (const std::string unknown = unknown_option(app, argc, argv, program); !unknown.empty())
       throw CLI::ExtrasError(unknown, CLI::ExitCodes::ExtrasError);
+    if (const std::string empty = empty_list_item(app, argc, argv); !empty.empty())
+      throw CLI::ValidationError(empty, CLI::ExitCodes::ValidationError);
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     // --help (CallForHelp, CallForAllHelp) is a ParseError with exit code 0.
