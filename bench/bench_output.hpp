@@ -15,28 +15,6 @@
 
 namespace bench_output {
 
-//! `bench_output::file(path) << a << b;` writes path atomically at the end of the statement (or,
-//! for a named object, of its scope). Nothing is written while an exception is unwinding.
-class file {
-public:
-  explicit file(std::string path) : path_(std::move(path)) {}
-  file(const file&) = delete;
-  file& operator=(const file&) = delete;
-  ~file() noexcept(false) {
-    if (std::uncaught_exceptions() == uncaught_) locus::write_file_atomically(path_, text_.str());
-  }
-  template <class T>
-  file& operator<<(const T& v) {
-    text_ << v;
-    return *this;
-  }
-
-private:
-  std::string path_;
-  std::ostringstream text_;
-  int uncaught_ = std::uncaught_exceptions();
-};
-
 //! `path` with its symbolic links followed, a link to nothing included (weakly_canonical stops
 //! at one: a dangling link and the file it would make were two names).
 inline std::filesystem::path resolved(std::filesystem::path path) {
@@ -85,8 +63,9 @@ inline void write_together(const std::vector<std::pair<std::string, std::string>
     f->commit();
 }
 
-//! Result files collected by name and written together (write_together) at the end of the scope,
-//! unless an exception is unwinding: `bench_output::files out; out["a.json"] << ...; out["a.md"] << ...;`
+//! Result files collected by name and written together (write_together) at the end of the scope
+//! (of a statement for a temporary: `bench_output::files()["a.json"] << ...;`), unless an exception
+//! is unwinding: `bench_output::files out; out["a.json"] << ...; out["a.md"] << ...;`
 class files {
 public:
   files() = default;

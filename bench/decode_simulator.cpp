@@ -150,7 +150,7 @@ int main(int argc, char** argv) try {
                         {"inter_node_copies", sim_copies},
                         {"baseline_inter_node_copies", ref_copies},
                         {"copies_match", match}};
-  bench_output::file(folder.file("decode_simulator.json")) << doc.dump(1) << '\n';
+  bench_output::files()[folder.file("decode_simulator.json")] << doc.dump(1) << '\n';
 
   std::printf("DeepSeek-V3 shape: 256 experts, top-8, %zu layers, %zux%zu ranks, %llu decode tokens, %zu steps\n",
               trace.layers(), nodes, gpus, static_cast<unsigned long long>(sim.decode_tokens), sim.steps);

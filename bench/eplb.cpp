@@ -99,7 +99,7 @@ int main(int argc, char** argv) try {
                               {"eplb_global_max_over_mean", global_b},
                               {"linear_max_over_mean", lin_b}};
   const std::string path = folder.file("eplb.json");
-  bench_output::file(path) << doc.dump(1) << '\n';
+  bench_output::files()[path] << doc.dump(1) << '\n';
 
   std::printf("Times are the best of %d CPU times of one thread, all %zu layers.\n", repeats, layers);
   std::printf("DeepSeek-V3 shape: %zu layers x %zu experts, %zu slots, %zu groups, %zu nodes x %zu GPUs\n\n", layers,

@@ -208,7 +208,7 @@ int main(int argc, char** argv) try {
                            {"ffn", ffn},
                            {"experts", experts},
                            {"rows", results}};
-  bench_output::file(folder.file("expert_compute.json")) << doc.dump(2) << "\n";
+  bench_output::files()[folder.file("expert_compute.json")] << doc.dump(2) << "\n";
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "expert_compute: %s\n", tool_cli::error_text(e).c_str());

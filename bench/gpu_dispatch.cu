@@ -209,25 +209,20 @@ int main(int argc, char** argv) try {
   const double combine_queued_gbs = combine_bytes / (t_combine_queued * 1e-3) / 1e9;
   const double ratio = best_us[0] / best_us[1];
 
-  bench_output::file(json_path) << "{\n  \"device\": \"" << prop.name << "\",\n  \"ranks\": " << R
-                                << ",\n  \"tokens_per_rank\": " << tokens << ",\n  \"hidden\": " << H
-                                << ",\n  \"element\": \"bf16\",\n  \"rows_all_ranks\": " << total_rows
-                                << ",\n  \"layout_ms\": " << t_layout << ",\n  \"dispatch_combine_us\": " << best_us[0]
-                                << ",\n  \"raw_copies_us\": " << best_us[1] << ",\n  \"ratio_to_raw\": " << ratio
-                                << ",\n  \"exchanges_alone_us\": " << best_us[2]
-                                << ",\n  \"exchanges_host_queue_us\": " << best_queue_us
-                                << ",\n  \"hbm_gb_per_s\": " << hbm_gbs << ",\n  \"permute_ms\": " << t_permute
-                                << ",\n  \"permute_gb_per_s\": " << permute_gbs
-                                << ",\n  \"permute_fraction_of_hbm\": " << permute_gbs / hbm_gbs
-                                << ",\n  \"combine_static_ms\": " << t_combine_static
-                                << ",\n  \"combine_dynamic_ms\": " << t_combine_dynamic
-                                << ",\n  \"combine_gb_per_s\": " << combine_gbs
-                                << ",\n  \"combine_fraction_of_hbm\": " << combine_gbs / hbm_gbs
-                                << ",\n  \"permute_queued_ms\": " << t_permute_queued
-                                << ",\n  \"permute_queued_fraction_of_hbm\": " << permute_queued_gbs / hbm_gbs
-                                << ",\n  \"combine_queued_ms\": " << t_combine_queued
-                                << ",\n  \"combine_queued_fraction_of_hbm\": " << combine_queued_gbs / hbm_gbs
-                                << "\n}\n";
+  bench_output::files()[json_path]
+      << "{\n  \"device\": \"" << prop.name << "\",\n  \"ranks\": " << R << ",\n  \"tokens_per_rank\": " << tokens
+      << ",\n  \"hidden\": " << H << ",\n  \"element\": \"bf16\",\n  \"rows_all_ranks\": " << total_rows
+      << ",\n  \"layout_ms\": " << t_layout << ",\n  \"dispatch_combine_us\": " << best_us[0]
+      << ",\n  \"raw_copies_us\": " << best_us[1] << ",\n  \"ratio_to_raw\": " << ratio
+      << ",\n  \"exchanges_alone_us\": " << best_us[2] << ",\n  \"exchanges_host_queue_us\": " << best_queue_us
+      << ",\n  \"hbm_gb_per_s\": " << hbm_gbs << ",\n  \"permute_ms\": " << t_permute
+      << ",\n  \"permute_gb_per_s\": " << permute_gbs << ",\n  \"permute_fraction_of_hbm\": " << permute_gbs / hbm_gbs
+      << ",\n  \"combine_static_ms\": " << t_combine_static << ",\n  \"combine_dynamic_ms\": " << t_combine_dynamic
+      << ",\n  \"combine_gb_per_s\": " << combine_gbs << ",\n  \"combine_fraction_of_hbm\": " << combine_gbs / hbm_gbs
+      << ",\n  \"permute_queued_ms\": " << t_permute_queued
+      << ",\n  \"permute_queued_fraction_of_hbm\": " << permute_queued_gbs / hbm_gbs
+      << ",\n  \"combine_queued_ms\": " << t_combine_queued
+      << ",\n  \"combine_queued_fraction_of_hbm\": " << combine_queued_gbs / hbm_gbs << "\n}\n";
   std::printf("gpu_dispatch on %s: %zu ranks x %zu tokens x %zu bf16 (one-GPU device transport), %zu rows\n", prop.name,
               R, tokens, H, total_rows);
   std::printf("| measure | value |\n| --- | ---: |\n");

@@ -251,20 +251,23 @@ int main(int argc, char** argv) try {
   const double of_peak = peak_gbs > 0 ? permute_gbs / peak_gbs : 0.0;
   const double of_memcpy = permute_gbs / memcpy_gbs;
 
-  bench_output::file(json_path) << "{\n  \"device\": \"" << prop.name << "\",\n  \"tokens\": " << tokens
-                                << ",\n  \"hidden\": " << H << ",\n  \"element\": \"bf16\",\n  \"rows\": " << rows
-                                << ",\n  \"floor_bytes\": " << floor_bytes << ",\n  \"peak_gb_per_s\": " << peak_gbs
-                                << ",\n  \"memcpy_gb_per_s\": " << memcpy_gbs << ",\n  \"layout_ms\": " << t_layout
-                                << ",\n  \"permute_ms\": " << t_permute << ",\n  \"permute_gb_per_s\": " << permute_gbs
-                                << ",\n  \"permute_fraction_of_peak\": " << of_peak
-                                << ",\n  \"permute_fraction_of_memcpy\": " << of_memcpy
-                                << ",\n  \"naive_permute_ms\": " << t_naive << ",\n  \"naive_gb_per_s\": " << naive_gbs
-                                << ",\n  \"combine_ms\": " << t_combine << ",\n  \"combine_gb_per_s\": " << combine_gbs
-                                << ",\n  \"static_vs_dynamic\": {\n    \"tokens\": " << decode_tokens
-                                << ",\n    \"rows\": " << decode_rows << ",\n    \"top_k\": " << k_n
-                                << ",\n    \"experts\": " << experts_n << ",\n    \"kernels\": [" << sd_json
-                                << "],\n    \"total_static_us\": " << sum_s << ",\n    \"total_dynamic_us\": " << sum_d
-                                << ",\n    \"ratio_static_over_dynamic\": " << sum_s / sum_d << "\n  }\n}\n";
+  bench_output::files()[json_path] << "{\n  \"device\": \"" << prop.name << "\",\n  \"tokens\": " << tokens
+                                   << ",\n  \"hidden\": " << H << ",\n  \"element\": \"bf16\",\n  \"rows\": " << rows
+                                   << ",\n  \"floor_bytes\": " << floor_bytes << ",\n  \"peak_gb_per_s\": " << peak_gbs
+                                   << ",\n  \"memcpy_gb_per_s\": " << memcpy_gbs << ",\n  \"layout_ms\": " << t_layout
+                                   << ",\n  \"permute_ms\": " << t_permute
+                                   << ",\n  \"permute_gb_per_s\": " << permute_gbs
+                                   << ",\n  \"permute_fraction_of_peak\": " << of_peak
+                                   << ",\n  \"permute_fraction_of_memcpy\": " << of_memcpy
+                                   << ",\n  \"naive_permute_ms\": " << t_naive
+                                   << ",\n  \"naive_gb_per_s\": " << naive_gbs << ",\n  \"combine_ms\": " << t_combine
+                                   << ",\n  \"combine_gb_per_s\": " << combine_gbs
+                                   << ",\n  \"static_vs_dynamic\": {\n    \"tokens\": " << decode_tokens
+                                   << ",\n    \"rows\": " << decode_rows << ",\n    \"top_k\": " << k_n
+                                   << ",\n    \"experts\": " << experts_n << ",\n    \"kernels\": [" << sd_json
+                                   << "],\n    \"total_static_us\": " << sum_s
+                                   << ",\n    \"total_dynamic_us\": " << sum_d
+                                   << ",\n    \"ratio_static_over_dynamic\": " << sum_s / sum_d << "\n  }\n}\n";
   std::printf("gpu_permute on %s: %zu tokens x %zu bf16, %zu send rows, layout %.3f ms\n", prop.name, tokens, H, rows,
               t_layout);
   std::printf("| kernel | ms | GB/s (floor bytes) | of peak %.0f GB/s | of D2D memcpy %.0f GB/s |\n", peak_gbs,

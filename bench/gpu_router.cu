@@ -144,7 +144,7 @@ int main(int argc, char** argv) try {
   }
   std::fprintf(f, "  ]\n}\n");
   std::fclose(f);
-  bench_output::file(json_path) << std::string(json_text, json_size);
+  bench_output::files()[json_path] << std::string(json_text, json_size);
   std::free(json_text);
   std::printf("\nJSON in %s\n", json_path.c_str());
   return 0;

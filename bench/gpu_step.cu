@@ -184,18 +184,18 @@ int main(int argc, char** argv) try {
   if (flat.worst_error > 0.02 || hier.worst_error > 0.02)
     throw std::runtime_error("the step's output differs from x times the weights' sum (identity experts): flat " +
                              std::to_string(flat.worst_error) + ", hierarchical " + std::to_string(hier.worst_error));
-  bench_output::file(json_path) << "{\n  \"device\": \"" << prop.name << "\",\n  \"ranks\": " << R
-                                << ",\n  \"tokens_per_rank\": " << tokens << ",\n  \"hidden\": " << hidden_n
-                                << ",\n  \"element\": \"bf16\",\n  \"flat_rows_all_ranks\": " << flat_rows
-                                << ",\n  \"flat_step_us\": " << flat.step_us
-                                << ",\n  \"flat_host_queue_us\": " << flat.queue_us
-                                << ",\n  \"hierarchical_step_us\": " << hier.step_us
-                                << ",\n  \"hierarchical_host_queue_us\": " << hier.queue_us
-                                << ",\n  \"raw_copies_us\": " << raw.step_us
-                                << ",\n  \"flat_over_raw\": " << flat.step_us / raw.step_us
-                                << ",\n  \"hierarchical_over_flat\": " << hier.step_us / flat.step_us
-                                << ",\n  \"worst_relative_error\": " << std::max(flat.worst_error, hier.worst_error)
-                                << "\n}\n";
+  bench_output::files()[json_path] << "{\n  \"device\": \"" << prop.name << "\",\n  \"ranks\": " << R
+                                   << ",\n  \"tokens_per_rank\": " << tokens << ",\n  \"hidden\": " << hidden_n
+                                   << ",\n  \"element\": \"bf16\",\n  \"flat_rows_all_ranks\": " << flat_rows
+                                   << ",\n  \"flat_step_us\": " << flat.step_us
+                                   << ",\n  \"flat_host_queue_us\": " << flat.queue_us
+                                   << ",\n  \"hierarchical_step_us\": " << hier.step_us
+                                   << ",\n  \"hierarchical_host_queue_us\": " << hier.queue_us
+                                   << ",\n  \"raw_copies_us\": " << raw.step_us
+                                   << ",\n  \"flat_over_raw\": " << flat.step_us / raw.step_us
+                                   << ",\n  \"hierarchical_over_flat\": " << hier.step_us / flat.step_us
+                                   << ",\n  \"worst_relative_error\": " << std::max(flat.worst_error, hier.worst_error)
+                                   << "\n}\n";
   std::printf("gpu_step on %s: %zu ranks x %zu tokens x %zu bf16 (one-GPU device transport), %zu flat rows\n",
               prop.name, R, tokens, hidden_n, flat_rows);
   std::printf("| measure | value |\n| --- | ---: |\n");

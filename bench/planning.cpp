@@ -297,7 +297,7 @@ int main(int argc, char** argv) try {
                         {"replan_cost_after", re.cost_after},
                         {"replan_s", rp.seconds},
                         {"sink", at.sink}};
-  bench_output::file(folder.file("planning.json")) << doc.dump(1) << '\n';
+  bench_output::files()[folder.file("planning.json")] << doc.dump(1) << '\n';
 
   std::printf("Times are CPU time of one thread.\n");
   std::printf("DeepSeek-V3 shape: %zu experts, top-%zu, %zu layers, %zu clusters, 8x8; training trace %zu tokens "

@@ -238,9 +238,7 @@ inline locus::trace::trace with_prefill(const locus::trace::trace& t, std::size_
 inline void require_decode_tokens(const locus::trace::trace& test, const std::string& trace_name,
                                   std::size_t prefill_tokens, const char* subject = "the test split of",
                                   const char* use = "to simulate") {
-  for (std::size_t r = 0; r < test.requests(); ++r)
-    for (std::size_t i = 0; i < test.request(r).length; ++i)
-      if (test.token_phase(test.request(r).first_token + i) == locus::trace::phase::decode) return;
+  if (std::ranges::find(test.phases(), locus::trace::phase::decode) != test.phases().end()) return;
   LOCUS_THROW(locus::config_error, subject, " ", trace_name, " has no decode tokens ", use,
               ": every token is prefill (--prefill-tokens ", prefill_tokens,
               " covers each request, or the trace's recorded phases mark none as decode)");

@@ -628,11 +628,9 @@ NB_MODULE(_core, m) {
       // in words a Python user can act on, rather than fitting nothing or reporting zeros.
       .def("_phase_counts",
            [](const locus::trace::trace& t) {
-             std::size_t prefill = 0, decode = 0;
-             for (std::size_t i = 0; i < t.tokens(); ++i) {
-               prefill += t.token_phase(i) == locus::trace::phase::prefill;
-               decode += t.token_phase(i) == locus::trace::phase::decode;
-             }
+             const auto prefill =
+                 static_cast<std::size_t>(std::ranges::count(t.phases(), locus::trace::phase::prefill));
+             const auto decode = static_cast<std::size_t>(std::ranges::count(t.phases(), locus::trace::phase::decode));
              return std::make_tuple(prefill, decode, t.tokens() - prefill - decode);
            })
       .def("__getstate__", &trace_state)

@@ -65,13 +65,16 @@ void parallel_for(std::size_t n, std::size_t grain, unsigned threads, Body&& bod
     }
   } catch (...) {
   }
-  for (unsigned w = 0; w < workers; w = w == 0 ? started : w + 1) {
+  const auto run_here = [&](unsigned w) {
     try {
       body(chunk_begin(w), chunk_begin(w + 1), w);
     } catch (...) {
       errors[w] = std::current_exception();
     }
-  }
+  };
+  run_here(0);
+  for (unsigned w = started; w < workers; ++w)
+    run_here(w);
   for (auto& t : pool)
     t.join();
   for (auto& e : errors)

@@ -188,11 +188,9 @@ inline void validate(const trace::trace& t, const std::vector<expert_map>& maps,
                   t.experts(), " experts and the topology ", ranks, " ranks");
   LOCUS_REQUIRE(cfg.batch_per_rank > 0, config_error, "simulate_decode: batch_per_rank must be positive");
   // A run with nothing to decode returned an all-zero result, read as a free deployment.
-  bool decodes = false;
-  for (std::size_t i = 0; i < t.tokens() && !decodes; ++i)
-    decodes = t.token_phase(i) == trace::phase::decode;
-  LOCUS_REQUIRE(decodes, config_error, "simulate_decode: the trace has no decode tokens (no token of its ",
-                t.requests(), " requests is marked decode): nothing to simulate");
+  LOCUS_REQUIRE(std::ranges::find(t.phases(), trace::phase::decode) != t.phases().end(), config_error,
+                "simulate_decode: the trace has no decode tokens (no token of its ", t.requests(),
+                " requests is marked decode): nothing to simulate");
   // An enum cast from a number (a config file, a binding) ran silently as some default rule.
   LOCUS_REQUIRE(static_cast<std::size_t>(cfg.replica_rule) < placement::all_replica_rules.size(), config_error,
                 "simulate_decode: replica_rule ", static_cast<unsigned>(cfg.replica_rule), " is none of the ",

@@ -155,14 +155,14 @@ inline std::vector<expert_map> fill_empty_slots(const std::vector<expert_map>& m
     std::vector<char> on_rank(experts);
     for (std::size_t rank = 0; rank < ranks; ++rank) {
       const std::size_t node = rank / gpus_per_node, first = rank * per_rank;
+      const auto saved = [&](std::size_t e) {
+        return node_load.empty() || node_holds[node * experts + e] ? 0.0 : node_load[l][node][e];
+      };
       std::fill(on_rank.begin(), on_rank.end(), 0);
       for (std::size_t s = first; s < first + per_rank; ++s)
         if (table[s] != empty_slot) on_rank[static_cast<std::size_t>(table[s])] = 1;
       for (std::size_t slot = first; slot < first + per_rank; ++slot) {
         if (table[slot] != empty_slot) continue;
-        const auto saved = [&](std::size_t e) {
-          return node_load.empty() || node_holds[node * experts + e] ? 0.0 : node_load[l][node][e];
-        };
         std::size_t best = experts;
         double best_share = 0, best_saved = 0;
         // Two passes: experts not on this rank yet; any expert when the rank already holds them all.
