@@ -307,8 +307,10 @@ inline void register_plan(CLI::App& app) {
   cmd->add_option("--out", *out, "Output expert map JSON");
   auto* grouping_opt =
       cmd->add_option("--grouping", *grouping,
-                      "Output grouping model JSON, for simulate --grouping (activation_usage and locality write it "
-                      "by default, as the map's name with .grouping.json; other placements only when this is given)");
+                      "Output grouping model JSON, for simulate --grouping (activation_usage and locality write one by "
+                      "default, named after --out unless it is a device or stream; other placements only when this "
+                      "is given)")
+          ->default_str("MAP.grouping.json for activation_usage and locality");
   auto* load_opt = cmd->add_option("--load", *load,
                                    "Plan from engine statistics instead of a trace (linear, round_robin, eplb): a .npy "
                                    "of [layers, experts] loads or [tokens, layers, k] routed experts, or a "
@@ -340,10 +342,13 @@ inline void register_plan(CLI::App& app) {
                       " applies to a trace (--trace); a plan from --load reads engine statistics");
     // activation_usage and locality write their grouping model beside the map unless told where.
     const bool grouped = grouping_opt->count() > 0 || plan->fits_grouping_model();
-    const std::string grouping_path = !load->empty()       ? std::string()
-                                      : !grouping->empty() ? *grouping
-                                      : grouped            ? grouping_path_for(*out)
-                                                           : std::string();
+    // A map written to a device or stream (/dev/stdout, /dev/null) names no file to put the model
+    // beside: "/dev/null.grouping.json" would be a stray file in /dev.
+    const bool beside_out = grouped && grouping->empty() && load->empty() && is_device(*out);
+    const std::string grouping_path = !load->empty()           ? std::string()
+                                      : !grouping->empty()     ? *grouping
+                                      : grouped && !beside_out ? grouping_path_for(*out)
+                                                               : std::string();
     LOCUS_REQUIRE(!load->empty() || grouped || cmd->count("--clusters") == 0, locus::config_error,
                   "--clusters sizes the grouping model, which --placement ", plan->placement,
                   " fits only when --grouping asks for one");
@@ -431,7 +436,8 @@ inline void register_plan(CLI::App& app) {
                     {"train_requests", train.requests()},
                     {"replicas", replicas},
                     {"hedge_copies", planned.hedge_copies},
-                    {"grouping", planned.model ? nlohmann::json(grouping_path) : nlohmann::json(nullptr)},
+                    {"grouping",
+                     planned.model && !grouping_path.empty() ? nlohmann::json(grouping_path) : nlohmann::json(nullptr)},
                     {"options", [&] {
                        auto o = plan->settings(topo.ranks());
                        o["split_seed"] = split->split_seed; // it also seeds the grouping model's fit
@@ -439,13 +445,18 @@ inline void register_plan(CLI::App& app) {
                        return o;
                      }()}});
     files.commit();
+    if (beside_out)
+      std::fprintf(stderr,
+                   "locus plan: the grouping model was not written: --out %s is no file to put it beside (name its "
+                   "file with --grouping)\n",
+                   one_line(*out).c_str());
     if (stdout_taken({*json, *out, grouping_path})) return;
     std::printf("%s: %s placement, %s, %zu experts on %zu x %zu ranks, %s per rank (fitted on %s)%s%s\n",
                 one_line(*out).c_str(), plan->placement.c_str(), tool_cli::counted(maps.size(), "layer").c_str(),
                 maps.front().experts(), split->nodes, split->gpus_per_node,
                 tool_cli::counted(maps.front().slots_per_rank(), "slot").c_str(),
-                tool_cli::counted(train.requests(), "request").c_str(), planned.model ? "; grouping model in " : "",
-                planned.model ? one_line(grouping_path).c_str() : "");
+                tool_cli::counted(train.requests(), "request").c_str(),
+                !grouping_path.empty() ? "; grouping model in " : "", one_line(grouping_path).c_str());
     if (replicas > 0)
       std::printf("%zu replicas over the layers, %zu of them balance hedges%s\n", replicas, planned.hedge_copies,
                   planned.hedge_copies > 0 ? " (--hedge-replicas 0 for none)" : "");

@@ -691,4 +691,12 @@ if chattr +a "$work/ao" 2>/dev/null; then
   check "nothing was written beside the refused output" test ! -e "$work/ao_map.json"
   chattr -a "$work/ao"
 fi
+# A map written to a stream names no file for the grouping model beside it: /dev/null.grouping.json
+# was a stray file in /dev. A FIFO in the scratch folder stands in for the device.
+mkfifo "$work/map_pipe"
+cat "$work/map_pipe" >"$work/map_pipe.out" &
+check "plan to a stream writes no grouping model beside it" bash -c "'$locus' plan --trace '$work/t.bin' \
+  --placement locality --out '$work/map_pipe' 2>'$work/pipe.err' >/dev/null && grep -q 'grouping model was not written' '$work/pipe.err' && ! test -e '$work/map_pipe.grouping.json'"
+wait
+check "the map went through the stream" grep -q '"format": *"locus-expert-map"' "$work/map_pipe.out"
 cases_end
