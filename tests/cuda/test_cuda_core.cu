@@ -63,6 +63,8 @@ BOOST_AUTO_TEST_CASE(device_load_matches_host) {
 BOOST_AUTO_TEST_CASE(cuda_errors_become_exceptions) {
   BOOST_CHECK_THROW(LOCUS_CUDA_CHECK(cudaMemcpy(nullptr, reinterpret_cast<void*>(16), 8, cudaMemcpyHostToDevice)),
                     cuda_error);
+  // Raised once: a later launch check (the next kernel's cudaGetLastError) must not raise it again.
+  BOOST_CHECK_EQUAL(cudaGetLastError(), cudaSuccess);
 }
 
 namespace {

@@ -29,6 +29,7 @@
 #include <locus/core/parallel_for.hpp>
 #include <locus/core/policy.hpp>
 #include <locus/core/routing.hpp>
+#include <locus/router/detail/math.hpp>
 #include <span>
 #include <type_traits>
 #include <utility>
@@ -120,7 +121,13 @@ const T* contiguous_input(const locus::layer::expert_blocks<T, memory_space::hos
   return scratch.data();
 }
 
-inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+//! silu(v) = v / (1 + exp(-v)) from correctly rounded operations only (router/detail/math.hpp's
+//! exp), so that the CUDA SwiGLU's activation stage, which runs this body, equals the host's bit for
+//! bit.
+LOCUS_HOST_DEVICE float silu(float v) {
+  namespace math = locus::detail::router;
+  return math::fdiv(v, math::fadd(1.0f, math::exp(-v)));
+}
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::layer {

@@ -44,12 +44,7 @@ LOCUS_HOST_DEVICE void silu_mul(transport::detail::stage::grid_index g, const fl
     const std::size_t r = i / ffn, j = i - r * ffn;
     const float gate = gu[r * 2 * ffn + j];
     const float up = gu[r * 2 * ffn + ffn + j];
-#if LOCUS_IS_DEVICE_PASS()
-    const float e = __expf(-gate);
-#else
-    const float e = std::exp(-gate);
-#endif
-    const float v = gate / (1.0f + e) * up;
+    const float v = locus::detail::fmul(silu(gate), up); // the host FFN's silu: equal bits on both sides
     if constexpr (sizeof(T) == sizeof(float))
       act[i] = v;
     else
