@@ -272,6 +272,84 @@ BOOST_AUTO_TEST_CASE(enum_values_outside_their_range_and_traces_without_decode_a
                         });
 }
 
+// A request whose tokens marked decode are split by others (a later turn's prompt: prefill,
+// decode, prefill, decode) decodes only its decode tokens, in position order; the tokens between
+// join its context. The simulator decoded every token from the first decode one on (the second
+// prompt's tokens counted as decode steps). Reference: the same requests with the tokens between
+// cut out send the same copies, and the attention adds the cut tokens to the context after them.
+BOOST_AUTO_TEST_CASE(tokens_between_decode_tokens_join_the_context_not_the_steps) {
+  std::mt19937 rng(12);
+  const std::size_t experts = 8, k = 2, layers = 2;
+  // Request r: phases P^a D^b P^c D^d (c > 0 makes a gap), routes random.
+  struct shape {
+    std::size_t a, b, c, d;
+  };
+  const std::vector<shape> shapes{{3, 2, 2, 3}, {1, 4, 1, 1}, {2, 1, 3, 2}};
+  const auto build = [&](bool with_gap) {
+    std::mt19937 routes(5);
+    trace::trace_builder b(experts, k, layers);
+    b.set_domains({"a"});
+    for (std::size_t r = 0; r < shapes.size(); ++r) {
+      const auto& sh = shapes[r];
+      const std::size_t len = sh.a + sh.b + (with_gap ? sh.c : 0) + sh.d;
+      const std::size_t first = b.tokens();
+      b.add_request(r, 0, len);
+      std::size_t pos = 0;
+      const auto put = [&](std::size_t n, trace::phase ph) {
+        for (std::size_t i = 0; i < n; ++i)
+          b.set_token(first + pos++, ph, -1);
+      };
+      put(sh.a, trace::phase::prefill);
+      put(sh.b, trace::phase::decode);
+      if (with_gap) put(sh.c, trace::phase::prefill);
+      put(sh.d, trace::phase::decode);
+    }
+    // The same routes for the same decode token in both traces: drawn per request and position
+    // with the gap's draws made (and dropped) either way.
+    std::size_t token = 0;
+    for (const auto& sh : shapes)
+      for (std::size_t i = 0; i < sh.a + sh.b + sh.c + sh.d; ++i) {
+        const bool in_gap = i >= sh.a + sh.b && i < sh.a + sh.b + sh.c;
+        for (std::size_t l = 0; l < layers; ++l) {
+          const auto e0 = static_cast<trace::trace_expert_id>(routes() % experts);
+          const auto e1 = static_cast<trace::trace_expert_id>((e0 + 1 + routes() % (experts - 1)) % experts);
+          if (in_gap && !with_gap) continue;
+          b.ids(l, token)[0] = e0;
+          b.ids(l, token)[1] = e1;
+          b.weights(l, token)[0] = b.weights(l, token)[1] = 0.5f;
+        }
+        if (!in_gap || with_gap) ++token;
+      }
+    return b.build();
+  };
+  const auto gapped = build(true), cut = build(false);
+  simulation_config cfg;
+  cfg.topology = dynamic_topology(2, 1);
+  cfg.batch_per_rank = 8;
+  const auto maps = placement::linear{}.plan(
+      {cfg.topology, experts, 4, std::vector<std::vector<double>>(layers, std::vector<double>(experts, 1)), {}});
+  grouper::round_robin g1, g2;
+  const auto a = simulate_decode(gapped, maps, g1, cfg);
+  const auto b = simulate_decode(cut, maps, g2, cfg);
+  std::size_t decode = 0, longest = 0;
+  for (const auto& sh : shapes) {
+    decode += sh.b + sh.d;
+    longest = std::max(longest, sh.b + sh.d);
+  }
+  BOOST_TEST(a.decode_tokens == decode);
+  BOOST_TEST(a.steps == longest);
+  for (std::size_t l = 0; l < layers; ++l)
+    BOOST_TEST(a.layers[l].copies == b.layers[l].copies);
+  BOOST_TEST(a.step_inter_node_bytes == b.step_inter_node_bytes, boost::test_tools::per_element());
+  // Request r on rank r mod 2 from step 0: at its decode step s it attends over a + s tokens, plus
+  // c once past the gap.
+  std::vector<double> attention(2, 0.0);
+  for (std::size_t r = 0; r < shapes.size(); ++r)
+    for (std::size_t s = 0; s < shapes[r].b + shapes[r].d; ++s)
+      attention[r % 2] += static_cast<double>(shapes[r].a + s + (s >= shapes[r].b ? shapes[r].c : 0));
+  BOOST_TEST(a.rank_attention_tokens == attention, boost::test_tools::per_element());
+}
+
 // quantile() interpolates inside the vector: a q outside [0, 1] (or NaN) read outside it.
 BOOST_AUTO_TEST_CASE(quantile_refuses_q_outside_the_unit_interval) {
   BOOST_TEST(quantile({1, 2, 3}, 0.5) == 2.0);

@@ -165,7 +165,9 @@ struct no_step_observer {
 
 namespace detail::simulation {
 
-//! A request waiting for a rank: its decode tokens are contiguous at its end once prefill is marked.
+//! A request waiting for a rank: `prefill` tokens before its first decode token, `decode_tokens`
+//! marked decode from there on (a later turn's prefill may sit between them: it is context, not a
+//! step).
 struct pending {
   std::size_t request, prefill, first_decode, decode_tokens, arrival_step;
 };
@@ -223,11 +225,14 @@ inline std::deque<pending> arrival_queue(const trace::trace& t, const simulation
     while (prefill < q.length && t.token_phase(q.first_token + prefill) != trace::phase::decode)
       ++prefill;
     if (prefill == q.length) continue; // nothing to decode
+    std::size_t decode = 0;
+    for (std::size_t i = prefill; i < q.length; ++i)
+      decode += t.token_phase(q.first_token + i) == trace::phase::decode;
     if (cfg.arrival_rate > 0) clock += gap(rng);
     // Arrival steps are whole numbers of steps: the conversion must stay in range.
     LOCUS_REQUIRE(clock < 1e18, config_error, "simulate_decode: an arrival rate of ", cfg.arrival_rate,
                   " requests per step puts request ", r, " after step 10^18");
-    queue.push_back({r, prefill, q.first_token + prefill, q.length - prefill, static_cast<std::size_t>(clock)});
+    queue.push_back({r, prefill, q.first_token + prefill, decode, static_cast<std::size_t>(clock)});
   }
   return queue;
 }
@@ -331,7 +336,8 @@ public:
   }
 
   //! Each running request has produced one token: its context grows, and a request with no
-  //! tokens left frees its slot and its context on the rank.
+  //! tokens left frees its slot and its context on the rank. Tokens not marked decode between two
+  //! decode tokens (a later turn's prompt) join the context without a step of their own.
   void advance() {
     for (std::size_t r = 0; r < ranks_; ++r) {
       auto& list = per_rank_[r];
@@ -348,6 +354,11 @@ public:
           list.pop_back();
         } else {
           ++q.context;
+          // `remaining` > 0: a decode token follows within the request, so this stops there.
+          for (; t_.token_phase(q.next_token) != trace::phase::decode; ++q.next_token) {
+            ++q.context;
+            ++state_[r].running_tokens;
+          }
           ++i;
         }
       }
