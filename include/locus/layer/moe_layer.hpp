@@ -186,18 +186,27 @@ public:
     bound_threads(compute_);
   }
 
+  //! Which layer of the model this is (default 0), given alike on every rank: an engine that steps
+  //! several layers gives each its model layer index. Ranks that step two layers in different
+  //! orders then raise together (the index enters every exchange's agreement): two layers of one
+  //! expert map with the same index would exchange one layer's tokens into the other's experts
+  //! without a word. It also seeds same_gpu_else_random's static draws, as the traffic model seeds
+  //! them by layer.
+  void set_layer_index(std::uint64_t index) noexcept {
+    layer_index_ = index;
+    dispatcher_.set_layer_index(index);
+  }
+  std::uint64_t layer_index() const noexcept { return layer_index_; }
+
   //! How this layer's tokens pick among an expert's replicas: the engine rule the plan was judged
-  //! under (transport/replica_selection.hpp; default locality_first). `layer_index` seeds the
-  //! static draws of same_gpu_else_random; `hot` (locality_bounded: per rank, nonzero above the
-  //! load bound, as the caller's load counters say, smaller for a less loaded hot rank; what
-  //! hot_rank_tracker::hot() gives) may be empty.
+  //! under (transport/replica_selection.hpp; default locality_first). `hot` (locality_bounded: per
+  //! rank, nonzero above the load bound, as the caller's load counters say, smaller for a less
+  //! loaded hot rank; what hot_rank_tracker::hot() gives) may be empty.
   //! @throws locus::config_error when `hot` is neither empty nor one flag per rank
-  void set_replica_policy(placement::replica_rule rule, std::uint64_t layer_index = 0,
-                          std::vector<std::uint8_t> hot = {}) {
+  void set_replica_policy(placement::replica_rule rule, std::vector<std::uint8_t> hot = {}) {
     LOCUS_REQUIRE(hot.empty() || hot.size() == topo_.ranks(), config_error,
                   "moe_layer::set_replica_policy: ", hot.size(), " hot-rank flags for ", topo_.ranks(), " ranks");
     replica_rule_ = rule;
-    replica_salt_ = layer_index;
     hot_ranks_ = std::move(hot);
   }
 
@@ -438,7 +447,7 @@ private:
   void run(std::span<const value_type> x, const routing_view<K, Id, Weight, memory_space::host>& r,
            std::span<value_type> y, std::exception_ptr local_error) {
     try {
-      dispatcher_.plan(layout_, r, threads(), placement::replica_policy{replica_rule_, replica_salt_, hot_ranks_});
+      dispatcher_.plan(layout_, r, threads(), placement::replica_policy{replica_rule_, layer_index_, hot_ranks_});
     } catch (...) {
       // The routing was validated already; should the layout still refuse it, this rank sends
       // nothing and raises after the step.
@@ -537,7 +546,7 @@ private:
   expert_compute_type compute_;
   transport::moe_dispatcher<exchanger_type, value_type> dispatcher_;
   placement::replica_rule replica_rule_ = placement::replica_rule::locality_first;
-  std::uint64_t replica_salt_ = 0;
+  std::uint64_t layer_index_ = 0;
   std::vector<std::uint8_t> hot_ranks_;
   transport::layout<> layout_;
   transport::dispatch_handle<value_type> handle_;

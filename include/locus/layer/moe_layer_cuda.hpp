@@ -180,7 +180,8 @@ private:
                    std::exception_ptr fail, value_type* y, transport::device_abort abort = {}) {
     auto& d = s.dispatch;
     require_stream(l.experts(), l.backend().stream, "routed");
-    d.dispatch(x, r, placement::replica_policy{l.replica_rule_, l.replica_salt_, l.hot_ranks_}, fail, abort);
+    d.set_layer_index(l.layer_index_);
+    d.dispatch(x, r, placement::replica_policy{l.replica_rule_, l.layer_index_, l.hot_ranks_}, fail, abort);
     const auto b = d.blocks();
     try {
       l.experts()(b);

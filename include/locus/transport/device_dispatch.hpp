@@ -120,8 +120,8 @@ public:
   //! @throws locus::config_error when the map and the transport disagree, `hidden` is zero or
   //!         differs from a static Hidden, or `stream` is not the endpoint's
   device_dispatcher(Exchanger& ex, expert_map map, std::size_t hidden, cudaStream_t stream)
-      : ex_(&ex), map_(std::move(map)), map_fingerprint_(map_.fingerprint()), hidden_(hidden), hx_(hidden),
-        stream_(stream),
+      : ex_(&ex), map_(std::move(map)), map_fingerprint_(map_.fingerprint()),
+        agreement_(step_agreement(map_fingerprint_, 0)), hidden_(hidden), hx_(hidden), stream_(stream),
         // With one GPU per node there is no node stage: a hierarchical endpoint takes the flat path.
         kind_(exchange_path(ex.hierarchical() ? transport_kind::hierarchical : transport_kind::flat,
                             ex.topology().gpus_per_node())) {
@@ -143,6 +143,16 @@ public:
   // Assigning would free this dispatcher's buffers without its wait first (see quiesce()).
   device_dispatcher& operator=(device_dispatcher&&) = delete;
   ~device_dispatcher() { quiesce(); }
+
+  //! The layer this dispatcher serves, by an index every rank gives alike (the model layer): it
+  //! enters every exchange's agreement (step_agreement), so that ranks stepping two layers of one
+  //! map in different orders raise together instead of computing one layer's tokens with the
+  //! other's experts. Layers that share a map and step on one endpoint need distinct indices.
+  void set_layer_index(std::uint64_t index) noexcept {
+    layer_index_ = index;
+    agreement_ = step_agreement(map_fingerprint_, index);
+  }
+  std::uint64_t layer_index() const noexcept { return layer_index_; }
 
   //! Waits, through the transport, for the work this rank queued, and swallows what the wait
   //! raises: what the destructor does before its buffers go. Freeing device memory waits for the
@@ -401,7 +411,7 @@ private:
     const auto& sc = layout_.slot_counts_host();
     slot_tail_.assign(sc.begin(), sc.end());
     ex_->exchange_device_counts(exchange_group::world, hidden_ * sizeof(T), send_counts_, entry_bytes, entry_counts_,
-                                counts_, 11, slot_tail_, static_cast<std::uint32_t>(S), map_fingerprint_);
+                                counts_, 11, slot_tail_, static_cast<std::uint32_t>(S), agreement_);
     // The expert compute's segments: each local slot's entries summed over the senders.
     std::string why = detail::exchange::slot_offsets_from(counts_, S, expected_offsets_);
     if (why.empty()) why = detail::exchange::entries_for_empty_slot(expected_offsets_, slot_expert_);
@@ -438,7 +448,7 @@ private:
     ns::round_message(lc, G, self, S, send_counts_, entry_counts_, slot_tail_);
     ex_->exchange_device_counts(exchange_group::world, hidden_ * sizeof(T), send_counts_, sizeof(ns::node_entry),
                                 entry_counts_, counts_, 11, slot_tail_,
-                                static_cast<std::uint32_t>(ns::tail_width(S, G)), map_fingerprint_);
+                                static_cast<std::uint32_t>(ns::tail_width(S, G)), agreement_);
     std::string why = ns::counts_from(lc, counts_, G, self, S, sc_);
     // A round of another width leaves no sizes to exchange by (the transports refuse it first).
     LOCUS_REQUIRE(sc_.sized, invalid_input_error, "device_dispatcher: rank ", self, " ", why);
@@ -538,7 +548,9 @@ private:
   // Null once moved from (the moved-from dispatcher's destructor then waits for nothing).
   std::unique_ptr<Exchanger, detail::device_dispatch::not_owned> ex_;
   expert_map map_;
-  std::uint64_t map_fingerprint_; // what each step's count round carries, for the ranks to compare
+  std::uint64_t map_fingerprint_;
+  std::uint64_t layer_index_ = 0;
+  std::uint64_t agreement_; // step_agreement(map, layer index): what each count round carries, for the ranks to compare
   std::size_t hidden_;
   Hidden hx_; // the row width the kernels are instantiated for (static: a constant)
   cudaStream_t stream_;

@@ -261,7 +261,8 @@ public:
   //! @param hidden hidden size
   //! @throws locus::config_error on a rank-count mismatch or a zero hidden size
   moe_dispatcher(Exchanger& ex, const expert_map& map, std::size_t hidden)
-      : ex_(&ex), map_(&map), hidden_(hidden), row_bytes_(hidden * sizeof(T)), map_fingerprint_(map.fingerprint()) {
+      : ex_(&ex), map_(&map), hidden_(hidden), row_bytes_(hidden * sizeof(T)), map_fingerprint_(map.fingerprint()),
+        agreement_(step_agreement(map_fingerprint_, 0)) {
     LOCUS_REQUIRE(map.ranks() == ex.topology().ranks(), config_error, "moe_dispatcher: the expert map has ",
                   map.ranks(), " ranks but the transport has ", ex.topology().ranks());
     LOCUS_REQUIRE(hidden > 0, config_error, "moe_dispatcher: the hidden size must be positive");
@@ -292,6 +293,16 @@ public:
   bool staged() const noexcept {
     return exchange_path(kind(), ex_->topology().gpus_per_node()) == transport_kind::hierarchical;
   }
+  //! The layer this dispatcher serves, by an index every rank gives alike (the model layer): it
+  //! enters every exchange's agreement (step_agreement), so that ranks stepping two layers of one
+  //! map in different orders raise together instead of computing one layer's tokens with the
+  //! other's experts. Layers that share a map and step on one endpoint need distinct indices.
+  void set_layer_index(std::uint64_t index) noexcept {
+    layer_index_ = index;
+    agreement_ = step_agreement(map_fingerprint_, index);
+  }
+  std::uint64_t layer_index() const noexcept { return layer_index_; }
+
   //! Bytes of one dispatch row, one combine row and one fan-out entry: the message sizes under
   //! which the traffic model's bytes equal the measured ones.
   transport::message_sizes message_sizes() const noexcept {
@@ -435,7 +446,7 @@ public:
     // Every rank must return the same dispatch: ranks that combine two handles in different orders
     // would read each other's rows as the other dispatch's (past the end of the shorter one). The
     // handle's dispatch number travels with the rows, and ranks that differ all raise.
-    const std::uint64_t agreement = map_fingerprint_ ^ (0x9e3779b97f4a7c15ull * h.dispatch_number_);
+    const std::uint64_t agreement = agreement_ ^ (0x9e3779b97f4a7c15ull * h.dispatch_number_);
     // The rows that come back are the rows this rank sent: checked before any is read (the
     // agreement makes a mismatch a bug, which must still not read past the buffer).
     bool back_ok = true;
@@ -584,7 +595,7 @@ private:
     req.entry_counts = entry_counts_;
     req.kept_rows = own.rows;
     req.kept_entries = own.entries;
-    req.agreement = map_fingerprint_; // ranks dispatching by different maps raise (exchange.hpp)
+    req.agreement = agreement_; // ranks dispatching by different maps or layers raise (exchange.hpp)
     exchange_with_entries(*ex_, req, rows, meta_in_);
   }
 
@@ -764,7 +775,9 @@ private:
   const expert_map* map_;
   std::size_t hidden_, row_bytes_;
   std::uint64_t map_fingerprint_; // of *map_ as the dispatcher read it (local_experts_, slot_block_)
-  std::uint64_t dispatches_ = 0;  // dispatches so far: the number of the next handle filled, less one
+  std::uint64_t layer_index_ = 0;
+  std::uint64_t agreement_;      // step_agreement(map_fingerprint_, layer_index_)
+  std::uint64_t dispatches_ = 0; // dispatches so far: the number of the next handle filled, less one
   std::vector<expert_id> local_experts_;
   std::vector<std::int32_t> slot_block_; // local slot → block (local expert index), -1 for empty
   // Scratch of one call; nothing here outlives it.

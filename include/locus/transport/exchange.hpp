@@ -118,8 +118,9 @@ struct exchange_request {
   //! GPU.
   std::size_t kept_rows = 0, kept_entries = 0;
   //! Optional: a value every member must give alike, else every member raises
-  //! locus::transport_error (the dispatchers give their expert map's fingerprint, so that ranks
-  //! stepping with different maps raise instead of routing rows by two maps). 0: none.
+  //! locus::transport_error (the dispatchers give step_agreement of their expert map and layer,
+  //! so that ranks stepping with different maps, or different layers, raise instead of routing
+  //! rows by two maps or into another layer's experts). 0: none.
   std::uint64_t agreement = 0;
   //! Set by a member that leaves a step whose earlier exchange failed on it, to meet the members
   //! still waiting in this exchange with no request: every member raises at once (they would wait
@@ -164,6 +165,19 @@ concept exchanger = requires(T& t, const T& ct, const exchange_request& req, exc
   t.reset_bytes();
   t.exchange(req, out);
 };
+
+//! The agreement of a dispatcher's exchanges (exchange_request::agreement): its expert map's
+//! fingerprint mixed with the index of the layer it serves, so that ranks stepping two layers of
+//! one map in different orders raise instead of exchanging one layer's rows as the other's.
+//! Never 0 (0: no agreement).
+inline std::uint64_t step_agreement(std::uint64_t map_fingerprint, std::uint64_t layer_index) noexcept {
+  std::uint64_t z = layer_index + 0x9e3779b97f4a7c15ull; // splitmix64's finaliser: nearby indices far apart
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  const std::uint64_t a = map_fingerprint ^ z;
+  return a == 0 ? 1 : a;
+}
 
 //! An exchanger that moves exchange_request::entries with the rows (`T::carries_entries`).
 template <class T>
@@ -546,11 +560,12 @@ inline std::string verdict(std::span<const header> received, const group_map& gr
     if (received[m].agreement != received[0].agreement)
       return ::locus::detail::concat(where(), "rank ", groups.world_rank_of(g, 0), " and rank ",
                                      groups.world_rank_of(g, m),
-                                     " step with different expert maps, or combine "
+                                     " step with different expert maps, step different layers or combine "
                                      "different dispatches (fingerprints ",
                                      received[0].agreement, " and ", received[m].agreement,
-                                     "; 0: none): every rank must dispatch with the same map and combine its "
-                                     "dispatches in the same order as the others");
+                                     "; 0: none): every rank must step its layers in the same order, each "
+                                     "with the same map and layer index as the others, and combine its "
+                                     "dispatches in the same order");
   for (std::size_t m = 1; m < received.size(); ++m)
     if (received[m].tail != received[0].tail)
       return ::locus::detail::concat(where(), "rank ", groups.world_rank_of(g, 0), " sends ", received[0].tail,
