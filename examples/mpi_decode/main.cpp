@@ -292,10 +292,12 @@ int main(int argc, char** argv) {
         const dynamic_moe_shape shape(w.experts, w.k, o.hidden, 0);
         std::optional<moe_layer<dynamic_moe_shape, dynamic_topology, mpi_flat, compute>> flat_layer;
         std::optional<moe_layer<dynamic_moe_shape, dynamic_topology, mpi_hierarchical, compute>> hier_layer;
+        // The trace layer's index names the layer in every exchange: an engine stepping several
+        // layers gives each its own, so that ranks stepping them in different orders raise.
         if (hier)
-          hier_layer.emplace(shape, topo, t, map, compute(maps));
+          hier_layer.emplace(shape, topo, t, map, compute(maps)).set_layer_index(o.layer);
         else
-          flat_layer.emplace(shape, topo, t, map, compute(maps));
+          flat_layer.emplace(shape, topo, t, map, compute(maps)).set_layer_index(o.layer);
         std::vector<double> times;
         double worst = 0;
         t.reset_bytes();
