@@ -461,6 +461,13 @@ BOOST_AUTO_TEST_CASE(invalid_inputs_are_named) {
         (void)make_node_fanout(2, counts, std::vector<std::int32_t>{0, 5, 1}, slots, {});
       },
       "targets local rank 5");
+  // A count whose sum passes 2^31 - 1 is refused before the sum (a signed overflow before).
+  check_throws(
+      [&] {
+        (void)make_node_fanout(2, std::vector<std::int32_t>{1, INT32_MAX}, std::vector<std::int32_t>{0, 1, 1}, slots,
+                               {});
+      },
+      "exceed the 3 entries");
   routing<top_k<>> no_weights_r({0, 1, 2, 3}, {1, 1, 1, 1}, top_k<>(2));
   const routing_view<top_k<>> no_weights(no_weights_r.ids().data(), nullptr, 2, top_k<>(2));
   l.assign(no_weights, map, topo, 0);

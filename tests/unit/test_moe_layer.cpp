@@ -197,6 +197,24 @@ BOOST_AUTO_TEST_CASE(layers_stepped_in_different_orders_raise_on_every_rank) {
   }
 }
 
+// A dynamic top_k above what the layout takes is refused when the layer is built (it was refused
+// by every forward's layout, after construction and set_router had passed).
+BOOST_AUTO_TEST_CASE(a_dynamic_top_k_above_the_layout_limit_is_refused_at_construction) {
+  const auto topo = dynamic_topology(1, 1);
+  const std::size_t experts = transport::max_dynamic_top_k + 6;
+  const auto map = placement::linear{}.plan({topo, experts, experts, {std::vector<double>(experts, 1)}, {}}).at(0);
+  const auto w = locus_test::model_weights<float>(3, experts, 4, 2);
+  transport::local_fabric f(topo, transport_kind::flat);
+  auto ep = f.endpoint(0);
+  const auto make = [&](std::size_t k) {
+    dyn_layer<transport::local_flat> layer(dyn_shape(experts, k, 4, 0), topo, ep, map,
+                                           layer::swiglu_host<float>(expert_weights<float>::for_rank(map, 0, w), 1));
+  };
+  BOOST_CHECK_NO_THROW(make(transport::max_dynamic_top_k));
+  const std::string why = locus_test::error_message<config_error>([&] { make(transport::max_dynamic_top_k + 1); });
+  BOOST_TEST(why.find("top_k 65 exceeds the 64 a dynamic top_k takes") != std::string::npos, why);
+}
+
 // A static shape and topology, bf16 weights and activations, one shared expert, replicas.
 // The backend is an object the layer is built with: a host backend's thread count reaches the
 // step, and the result does not depend on it.

@@ -161,6 +161,11 @@ public:
                   " GPUs but the transport's is ", ex.topology().nodes(), " × ", ex.topology().gpus_per_node());
     LOCUS_REQUIRE(map.experts() == shape.experts(), config_error, "moe_layer: the expert map places ", map.experts(),
                   " experts but the shape has ", shape.experts());
+    // Here, not at the first forward's layout, which would refuse it on every step.
+    if constexpr (!routing_top_k_type::is_static)
+      LOCUS_REQUIRE(shape.top_k() <= transport::max_dynamic_top_k, config_error, "moe_layer: top_k ", shape.top_k(),
+                    " exceeds the ", transport::max_dynamic_top_k,
+                    " a dynamic top_k takes (give the shape a static top_k<", shape.top_k(), ">)");
     return std::make_unique<const expert_map>(std::move(map));
   }
 

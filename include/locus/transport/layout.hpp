@@ -664,13 +664,18 @@ inline node_fanout make_node_fanout(std::size_t gpus_per_node, std::span<const s
                 invalid_input_error, "node_fanout: ", entry_target.size(), " targets, ", entry_slot.size(),
                 " slots and ", entry_weight.size(), " weights");
   const std::size_t G = gpus_per_node, rows = row_entry_counts.size(), entries = entry_slot.size();
+  // Offsets, rows and entry sources are 32-bit, as in the receive layout.
+  LOCUS_REQUIRE(entries <= static_cast<std::size_t>(INT32_MAX) && rows <= entries, invalid_input_error,
+                "node_fanout: ", rows, " rows with ", entries,
+                " entries (at most 2^31 - 1 entries, one per row at least)");
   std::vector<std::int32_t> offsets(rows + 1, 0);
   for (std::size_t r = 0; r < rows; ++r) {
     LOCUS_REQUIRE(row_entry_counts[r] >= 1, invalid_input_error, "node_fanout: received row ", r, " has ",
                   row_entry_counts[r], " entries (at least 1 expected)");
+    // Compared before the sum, which could pass 2^31 - 1.
+    LOCUS_REQUIRE(static_cast<std::size_t>(row_entry_counts[r]) <= entries - static_cast<std::size_t>(offsets[r]),
+                  invalid_input_error, "node_fanout: the row counts exceed the ", entries, " entries given");
     offsets[r + 1] = offsets[r] + row_entry_counts[r];
-    LOCUS_REQUIRE(static_cast<std::size_t>(offsets[r + 1]) <= entries, invalid_input_error,
-                  "node_fanout: the row counts exceed the ", entries, " entries given");
   }
   LOCUS_REQUIRE(static_cast<std::size_t>(offsets[rows]) == entries, invalid_input_error,
                 "node_fanout: the row counts add up to ", offsets[rows], " but ", entries, " entries were given");
