@@ -27,7 +27,9 @@ class moe_shape : detail::extent_slot<0, Experts>,
                 "locus::moe_shape: the third parameter must be locus::hidden<N> (or hidden<> for a run-time value)");
   static_assert(extent_of<Shared, detail::shared_experts_tag>,
                 "locus::moe_shape: the fourth parameter must be locus::shared_experts<N>");
-  static_assert(!(Experts::is_static && TopK::is_static) || TopK::static_value <= Experts::static_value,
+  // Only with both tags right: extents given in the wrong order fired this one too, misleadingly.
+  static_assert(!(extent_of<Experts, detail::experts_tag> && extent_of<TopK, detail::top_k_tag>) ||
+                    !(Experts::is_static && TopK::is_static) || TopK::static_value <= Experts::static_value,
                 "locus::moe_shape: top_k must not exceed the number of experts");
 
 public:

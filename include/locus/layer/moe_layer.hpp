@@ -286,27 +286,12 @@ public:
                std::span<value_type> y) {
     static_assert(!K::is_static || !top_k_type::is_static || K::static_value == top_k_type::static_value,
                   "locus::moe_layer::forward: the routing's top_k differs from the shape's");
-    require_live();
-    std::exception_ptr local_error;
-    try {
-      LOCUS_REQUIRE(r.top_k() == shape_.top_k(), invalid_input_error, "moe_layer::forward: the routing has top_k ",
-                    r.top_k(), ", the layer ", shape_.top_k());
-      validate_routing(r, shape_.experts());
-      // Sizes are checked here, before any exchange, so that the dispatcher never fails half-way.
-      LOCUS_REQUIRE(x.size() == r.tokens() * shape_.hidden() && y.size() == x.size(), invalid_input_error,
-                    "moe_layer::forward: ", r.tokens(), " tokens of hidden size ", shape_.hidden(), " need ",
-                    r.tokens() * shape_.hidden(), " input and output values, got ", x.size(), " and ", y.size());
-      LOCUS_REQUIRE(r.tokens() == 0 || r.has_weights(), invalid_input_error,
-                    "moe_layer::forward: the routing carries no weights");
-    } catch (...) {
-      local_error = std::current_exception();
-    }
-    if (local_error) {
-      routing_ = routing_type(0, routing_k());
-      run({}, routing_.view(), y, local_error);
-    } else {
-      run(x, routing_view<top_k_type>(r.ids(), r.weights(), r.tokens(), top_k_extent()), y, nullptr);
-    }
+    constexpr bool element_types =
+        std::is_same_v<std::remove_const_t<Id>, expert_id> && std::is_same_v<std::remove_const_t<Weight>, float>;
+    static_assert(element_types,
+                  "locus::moe_layer::forward: a given routing holds locus::expert_id (int32) ids and float weights "
+                  "(locus::routing<top_k<K>> makes one)");
+    if constexpr (element_types) forward_given(x, r, y);
   }
 
   //! Collective, device-resident (`backend::cuda` and a transport with a device exchange:
@@ -368,6 +353,33 @@ public:
   const transport::layout<>& last_layout() const noexcept { return layout_; }
 
 private:
+  // forward with a routing of the layer's element types (the public one has refused others).
+  template <class K, class Id, class Weight>
+  void forward_given(std::span<const value_type> x, const routing_view<K, Id, Weight, memory_space::host>& r,
+                     std::span<value_type> y) {
+    require_live();
+    std::exception_ptr local_error;
+    try {
+      LOCUS_REQUIRE(r.top_k() == shape_.top_k(), invalid_input_error, "moe_layer::forward: the routing has top_k ",
+                    r.top_k(), ", the layer ", shape_.top_k());
+      validate_routing(r, shape_.experts());
+      // Sizes are checked here, before any exchange, so that the dispatcher never fails half-way.
+      LOCUS_REQUIRE(x.size() == r.tokens() * shape_.hidden() && y.size() == x.size(), invalid_input_error,
+                    "moe_layer::forward: ", r.tokens(), " tokens of hidden size ", shape_.hidden(), " need ",
+                    r.tokens() * shape_.hidden(), " input and output values, got ", x.size(), " and ", y.size());
+      LOCUS_REQUIRE(r.tokens() == 0 || r.has_weights(), invalid_input_error,
+                    "moe_layer::forward: the routing carries no weights");
+    } catch (...) {
+      local_error = std::current_exception();
+    }
+    if (local_error) {
+      routing_ = routing_type(0, routing_k());
+      run({}, routing_.view(), y, local_error);
+    } else {
+      run(x, routing_view<top_k_type>(r.ids(), r.weights(), r.tokens(), top_k_extent()), y, nullptr);
+    }
+  }
+
   friend struct detail::layer::device_step<moe_layer>;
 
   // A layer moved from holds no map, dispatcher or router any more (its members were moved out):

@@ -21,6 +21,8 @@ inline constexpr std::size_t host_grain = 512;
 template <class Experts, class T, memory_space InSpace, class TopK, class Id, class W, memory_space OutSpace>
 void validate_route_arguments(const char* router, const locus::router::logits_view<Experts, T, InSpace>& logits,
                               const routing_view<TopK, Id, W, OutSpace>& out, std::size_t k) {
+  static_assert(!(Experts::is_static && TopK::is_static) || TopK::static_value <= Experts::static_value,
+                "locus::router: the routing's static top_k exceeds the logits' static expert count");
   LOCUS_REQUIRE(k <= logits.experts(), config_error, "router::", router, ": top_k ", k, " exceeds the ",
                 logits.experts(), " experts of the logits");
   LOCUS_REQUIRE(out.top_k() == k, invalid_input_error, "router::", router, ": the output routing has top_k ",
