@@ -369,7 +369,8 @@ inline void register_compare(CLI::App& app) {
                   "same_gpu_else_random (SGLang static dispatch), random (vLLM EPLB), locality_bounded (locality "
                   "first, away from GPUs above the load bound)")
       ->check(CLI::IsMember(tool_cli::names_of(locus::placement::all_replica_rules)));
-  cmd->add_option("--batch-per-rank", o->batch_per_rank, "Running requests per GPU")->check(tool_cli::positive_whole);
+  cmd->add_option("--batch-per-rank", o->batch_per_rank, "Running requests per rank (GPU)")
+      ->check(tool_cli::positive_whole);
   cmd->add_option("--hidden", o->hidden, "Hidden size (message sizes: FP8 dispatch, BF16 combine)")
       ->check(CLI::Range(std::size_t{1}, max_hidden));
   cmd->add_option("--clusters", o->clusters,

@@ -566,7 +566,7 @@ inline void register_simulate(CLI::App& app) {
   cmd->add_option("--replica-slack", opt->replica_slack,
                   "locality_bounded: a GPU is avoided when its load so far exceeds (1 + slack) x the mean")
       ->check(tool_cli::finite_non_negative);
-  cmd->add_option("--batch-per-rank", opt->batch_per_rank, "Running requests per rank")
+  cmd->add_option("--batch-per-rank", opt->batch_per_rank, "Running requests per rank (GPU)")
       ->check(tool_cli::positive_whole);
   cmd->add_option("--hidden", opt->hidden, "Hidden size (message sizes: FP8 dispatch, BF16 combine)")
       ->check(CLI::Range(std::size_t{1}, max_hidden));

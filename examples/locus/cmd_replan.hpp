@@ -197,8 +197,8 @@ inline void register_map_replan(CLI::App* map_cmd) {
       ->check(CLI::ExistingFile)
       ->default_str("none: the nodes in turn");
   cmd->add_option("--prior", o->prior_paths,
-                  "The traffic the map was fitted to (e.g. the plan's training trace): steers the copy savings; its "
-                  "requests' nodes come from --grouping")
+                  "The traffic the map was fitted to (e.g. the plan's training trace; several files, as for the "
+                  "window, are one trace): steers the copy savings; its requests' nodes come from --grouping")
       ->default_str("none: the window alone");
   o->prior_requests_opt =
       cmd->add_option("--prior-requests", o->live.prior_requests,

@@ -42,10 +42,10 @@ inline void require_exists(const std::string& path) {
                 "\" does not exist (expected a locus binary trace file, an ESFT folder or a route JSONL file)");
 }
 
-inline locus::trace::trace load(const std::string& path, progress& p, std::size_t experts = 0) {
+inline locus::trace::trace load(const std::string& path, const jsonl_reading& how, progress& p) {
   require_exists(path);
   p.start("loading " + path);
-  auto t = load_trace(path, experts);
+  auto t = load_trace(std::vector<std::string>{path}, how);
   p.done();
   return t;
 }
@@ -310,6 +310,7 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
     std::size_t requests = 0, tokens = 100000;
     std::uint64_t seed = 1;
     unsigned threads = 0;
+    jsonl_reading how; // of the --fit trace
   };
   auto o = std::make_shared<options>();
   auto* cmd = trace_cmd.add_subcommand(
@@ -353,6 +354,9 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
                       "Longest request: longer draws are cut to it (shape mode; a fitted model resamples the "
                       "trace's lengths)")
           ->check(CLI::Range(1, 1000000))};
+  auto* fit_opt = cmd->get_option("--fit");
+  cmd->add_flag("--split-on-restart", o->how.split_on_restart, split_on_restart_help)->needs(fit_opt);
+  cmd->add_flag("--strict-layers", o->how.strict_layers, strict_layers_help)->needs(fit_opt);
   cmd->add_option("--prefill-tokens", sh.prefill_tokens, "Leading tokens of each request marked prefill");
   cmd->add_option("--requests", o->requests, "Requests to sample (overrides --tokens)");
   cmd->add_option("--tokens", o->tokens, "Sample requests until at least this many tokens");
@@ -379,7 +383,8 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
     }
     locus::trace::synth_model m;
     if (!o->fit_path.empty()) {
-      const auto real = trace_analysis::load(o->fit_path, p, experts->count() ? o->shape.experts : 0);
+      o->how.experts = experts->count() ? o->shape.experts : 0;
+      const auto real = trace_analysis::load(o->fit_path, o->how, p);
       // The fit measures prefill against decode and resamples the trace's lengths: a count that covers
       // every request leaves nothing to measure, and a sample with no decode token.
       std::size_t longest = 0;

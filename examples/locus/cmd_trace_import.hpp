@@ -166,10 +166,12 @@ inline void run_trace_import(const trace_import_options& o) {
                 tool_cli::counted(t.layers(), "layer").c_str(), tool_cli::counted(t.experts(), "expert").c_str(),
                 t.top_k(), doms.c_str(), ec ? "?" : std::to_string(bytes).c_str(), secs, o.verify ? " (verified)" : "");
     if (format == "jsonl")
-      std::printf("  %s: %s, %zu skipped (blank or not route), %zu bad, %s dropped, %s dropped from %s\n",
+      std::printf("  %s: %s, %s, %zu skipped (blank or another record type), %zu bad, %s dropped, %s dropped from "
+                  "%s\n",
                   tool_cli::counted(report.lines, "line").c_str(),
-                  tool_cli::counted(report.route_records, "route record").c_str(), report.skipped_lines,
-                  report.bad_records, tool_cli::counted(report.dropped_requests, "request").c_str(),
+                  tool_cli::counted(report.route_records, "route record").c_str(),
+                  tool_cli::counted(report.meta_lines, "meta line").c_str(), report.skipped_lines, report.bad_records,
+                  tool_cli::counted(report.dropped_requests, "request").c_str(),
                   tool_cli::counted(report.trimmed_tokens, "token").c_str(),
                   tool_cli::counted(report.trimmed_requests, "ragged request").c_str());
     if (t.has_request_names())

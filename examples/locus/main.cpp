@@ -109,6 +109,14 @@ int main(int argc, char** argv) {
   trace_cmd->require_subcommand(1);
   locus_driver::register_trace_import(trace_cmd);
   locus_driver::register_trace_analysis(trace_cmd);
+  // The driver's own flags work after any subcommand too (fallthrough): every help page says so.
+  const auto add_footer = [](auto& self, CLI::App* cmd) -> void {
+    for (CLI::App* sub : cmd->get_subcommands({})) {
+      sub->footer("Also after any command: -q,--quiet, --progress, --verbose (see locus --help)");
+      self(self, sub);
+    }
+  };
+  add_footer(add_footer, &app);
   if (const std::string unknown = unknown_command(app, argc, argv); !unknown.empty()) return report(unknown, 2);
   if (const std::string unknown = tool_cli::unknown_option(app, argc, argv, "locus"); !unknown.empty())
     return report("locus: usage error: " + unknown, 2);

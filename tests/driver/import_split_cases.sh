@@ -36,6 +36,12 @@ sed -e 's/"req_id": [0-9]*/"req_id": 7/' "$whole" | sed -e 's/"domain": "d1"/"do
 refused 'token_idx 0 at layer 0 appears twice.*--split-on-restart' trace import "$work/reused.jsonl" -o "$work/x.bin"
 ok '24 requests, 96 tokens' trace import "$work/reused.jsonl" -o "$work/x.bin" --split-on-restart
 ok 'fitted on' plan --trace "$work/reused.jsonl" --split-on-restart --nodes 2 --gpus-per-node 2 --out "$work/m.json"
+# trace synth --fit reads the same logs with the same flags (it had neither).
+refused 'token_idx 0 at layer 0 appears twice.*--split-on-restart' trace synth --fit "$work/reused.jsonl" \
+  --prefill-tokens 1 --out "$work/fit.bin"
+ok 'fitted' trace synth --fit "$work/reused.jsonl" --split-on-restart --prefill-tokens 1 --tokens 200 \
+  --out "$work/fit.bin"
+refused '--strict-layers requires --fit' trace synth --strict-layers --out "$work/fit.bin"
 
 # 4. One file per layer, given one by one, as a folder, or on stdin: the same trace.
 mkdir -p "$work/per_layer"

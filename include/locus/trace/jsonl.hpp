@@ -91,7 +91,8 @@ struct jsonl_options {
 struct jsonl_report {
   std::size_t lines = 0;            //!< lines read
   std::size_t route_records = 0;    //!< route records kept in the trace
-  std::size_t skipped_lines = 0;    //!< blank lines and non-route records (meta, ...)
+  std::size_t meta_lines = 0;       //!< meta records read (the expert count, top-k, model)
+  std::size_t skipped_lines = 0;    //!< blank lines and records of other types (stats, ...)
   std::size_t bad_records = 0;      //!< bad records skipped (skip_bad only)
   std::size_t dropped_requests = 0; //!< requests dropped as inconsistent (skip_bad only)
   //! Requests whose layers end at different tokens (jsonl_options::trim_ragged), and the tokens
@@ -676,6 +677,8 @@ public:
           f_.meta_experts = f_.experts_number;
         }
         meta(line_no);
+        ++rep_.meta_lines;
+        return;
       }
       ++rep_.skipped_lines;
       return;
@@ -1123,7 +1126,7 @@ private:
 namespace detail::trace {
 [[noreturn]] inline void jsonl_long_line(const std::string& name, std::uint64_t line_no, const jsonl_options& opt) {
   throw format_error(locus::detail::concat(name, ":", line_no, ": line longer than ", opt.max_line_bytes,
-                                           " bytes (jsonl_options::max_line_bytes); not a route record"),
+                                           " bytes: no route record is that long"),
                      line_no, __FILE__, __LINE__);
 }
 } // namespace detail::trace
