@@ -123,10 +123,11 @@ const T* contiguous_input(const locus::layer::expert_blocks<T, memory_space::hos
 
 //! silu(v) = v / (1 + exp(-v)) from correctly rounded operations only (router/detail/math.hpp's
 //! exp), so that the CUDA SwiGLU's activation stage, which runs this body, equals the host's bit for
-//! bit.
+//! bit. Below -88 it is -0 (the true value is under 1e-36 in size): exp clamps its input there, and
+//! the quotient would grow back towards -v / 1.7e38 (-2 at -FLT_MAX); -inf gives -0, NaN NaN.
 LOCUS_HOST_DEVICE float silu(float v) {
   namespace math = locus::detail::router;
-  return math::fdiv(v, math::fadd(1.0f, math::exp(-v)));
+  return math::select(v < -88.0f, -0.0f, math::fdiv(v, math::fadd(1.0f, math::exp(-v))));
 }
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer
 

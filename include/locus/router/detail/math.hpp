@@ -58,8 +58,12 @@ LOCUS_HOST_DEVICE float select(bool c, float a, float b) {
 //! exp(x) for finite x, relative error below 3e-7 on [-87, 88]. Inputs are clamped to that range
 //! (so exp never overflows; below it the result is 2^-126-ish instead of a denormal, which no
 //! router can tell from zero). Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a degree-7
-//! Taylor polynomial in Horner form, then an exact scaling by 2^n.
+//! Taylor polynomial in Horner form, then an exact scaling by 2^n. NaN gives NaN (reduced as 0:
+//! its conversion to an integer exponent would be undefined).
 LOCUS_HOST_DEVICE float exp(float x) {
+  const bool nan = !(x == x);
+  const float in = x;
+  x = select(nan, 0.0f, x);
   x = select(x < -87.0f, -87.0f, x);
   x = select(x > 88.0f, 88.0f, x);
   // round(x / ln2) by the 1.5 * 2^23 trick: exact for |x / ln2| < 2^22, no library call.
@@ -79,7 +83,7 @@ LOCUS_HOST_DEVICE float exp(float x) {
   p = fadd(fmul(p, r), 1.0f);
   p = fadd(fmul(p, r), 1.0f);
   const auto e = static_cast<std::int32_t>(n) + 127;
-  return fmul(p, bits_to_float(static_cast<std::uint32_t>(e) << 23));
+  return select(nan, in, fmul(p, bits_to_float(static_cast<std::uint32_t>(e) << 23)));
 }
 
 //! The logistic function 1 / (1 + exp(-x)) for finite x.
