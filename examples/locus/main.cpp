@@ -112,7 +112,10 @@ int main(int argc, char** argv) {
   // The driver's own flags work after any subcommand too (fallthrough): every help page says so.
   const auto add_footer = [](auto& self, CLI::App* cmd) -> void {
     for (CLI::App* sub : cmd->get_subcommands({})) {
-      sub->footer("Also after any command: -q,--quiet, --progress, --verbose (see locus --help)");
+      // trace import has a -q of its own (no summary either).
+      const bool own_quiet = sub->get_option_no_throw("-q") != nullptr;
+      sub->footer(own_quiet ? "Also after any command: --progress, --verbose (see locus --help)"
+                            : "Also after any command: -q,--quiet, --progress, --verbose (see locus --help)");
       self(self, sub);
     }
   };

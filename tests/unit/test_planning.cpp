@@ -1,6 +1,7 @@
 #define BOOST_TEST_MODULE planning
 #include "../support/error_message.hpp"
 
+#include <array>
 #include <atomic>
 #include <boost/test/unit_test.hpp>
 #include <chrono>
@@ -12,6 +13,7 @@
 #include <locus/grouper/kmeans.hpp>
 #include <locus/grouper/micro_batch.hpp>
 #include <locus/grouper/workload_aware.hpp>
+#include <locus/grouper/workload_model_json.hpp>
 #include <locus/placement/activation_plan.hpp>
 #include <locus/placement/eplb.hpp>
 #include <random>
@@ -185,6 +187,47 @@ BOOST_AUTO_TEST_CASE(kmeans_is_deterministic_and_rejects_bad_input) {
 
 // The sparse online classifier against a dense double-precision reference built from the model's
 // training labels: class mean of normalised prefill count vectors, normalised; cosine argmax.
+// The grouping model counts a request's decode usage over its tokens marked decode only: a later
+// turn's prompt between them (phases prefill, decode, prefill, decode) was counted as decode. The
+// model fitted with such gaps equals the one fitted on the same requests with the gaps cut out.
+BOOST_AUTO_TEST_CASE(workload_model_counts_only_tokens_marked_decode) {
+  const std::size_t E = 16, K = 2, L = 2, requests = 24;
+  const auto build = [&](bool with_gap) {
+    std::mt19937 rng(8);
+    trace::trace_builder b(E, K, L);
+    b.set_domains({"a", "b"});
+    for (std::size_t r = 0; r < requests; ++r) {
+      const std::size_t a = 4, d1 = 3 + r % 4, gap = 2 + r % 3, d2 = 2 + r % 5;
+      const std::size_t first = b.tokens();
+      b.add_request(r, static_cast<std::uint32_t>(r % 2), a + d1 + (with_gap ? gap : 0) + d2);
+      std::size_t pos = 0;
+      for (std::size_t i = 0; i < a + d1 + gap + d2; ++i) {
+        const bool in_gap = i >= a + d1 && i < a + d1 + gap;
+        // Each domain draws from its own half of the experts; the gap from the other half.
+        std::array<trace::trace_expert_id, K * L> ids{};
+        for (auto& id : ids)
+          id = static_cast<trace::trace_expert_id>(((r % 2 == 0) != in_gap ? 0 : E / 2) + rng() % (E / 2));
+        if (in_gap && !with_gap) continue;
+        const std::size_t t = first + pos++;
+        b.set_token(t, i < a || in_gap ? trace::phase::prefill : trace::phase::decode, -1);
+        for (std::size_t l = 0; l < L; ++l) {
+          b.ids(l, t)[0] = ids[l * K];
+          b.ids(l, t)[1] =
+              static_cast<trace::trace_expert_id>(ids[l * K] == ids[l * K + 1] ? (ids[l * K] + 1) % E : ids[l * K + 1]);
+          b.weights(l, t)[0] = b.weights(l, t)[1] = 0.5f;
+        }
+      }
+    }
+    return b.build();
+  };
+  grouper::workload_aware_options opt;
+  opt.clusters = 2;
+  opt.prefill_tokens = 4;
+  const auto gapped = grouper::workload_model::fit(build(true), dynamic_topology(2, 1), opt);
+  const auto cut = grouper::workload_model::fit(build(false), dynamic_topology(2, 1), opt);
+  BOOST_TEST(grouper::grouping_text(gapped) == grouper::grouping_text(cut));
+}
+
 BOOST_AUTO_TEST_CASE(classifier_matches_dense_reference_and_separates_domains) {
   std::mt19937 rng(11);
   const std::size_t E = 32, K = 4, L = 3, P = 6;

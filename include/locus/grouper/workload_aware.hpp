@@ -25,6 +25,7 @@
 #include <locus/trace/trace.hpp>
 #include <memory>
 #include <numeric>
+#include <span>
 #include <vector>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::grouper {
@@ -82,6 +83,29 @@ inline void add_counts(const trace::trace& t, std::size_t r, std::size_t first, 
         row[ids[j]] += 1.0f;
     }
   }
+}
+
+//! Adds the expert counts of request `r`'s tokens marked decode, from token `first` on, to `out`
+//! (`layers × experts`), and returns how many there were: a later turn's prompt between decode
+//! tokens is no decode, as the simulator and the planner count it.
+inline std::size_t add_decode_counts(const trace::trace& t, std::size_t r, std::size_t first, float* out) {
+  const auto& q = t.request(r);
+  const auto phases = std::span(t.phases()).subspan(q.first_token, q.length);
+  const std::size_t k = t.top_k(), e = t.experts();
+  std::size_t n = 0;
+  for (std::size_t i = first; i < q.length; ++i)
+    n += phases[i] == trace::phase::decode;
+  for (std::size_t l = 0; l < t.layers(); ++l) {
+    const auto view = t.layer(l);
+    float* row = out + l * e;
+    for (std::size_t i = first; i < q.length; ++i) {
+      if (phases[i] != trace::phase::decode) continue;
+      const auto* ids = view.token_ids(q.first_token + i);
+      for (std::size_t j = 0; j < k; ++j)
+        row[ids[j]] += 1.0f;
+    }
+  }
+  return n;
 }
 
 //! Tokens at the start of request `r` not marked decode.
@@ -319,7 +343,7 @@ private:
     for (std::size_t i = 0; i < n; ++i) {
       if (i % 256 == 0) throw_if_cancelled();
       const std::size_t r = reqs[i], p = detail::workload::prefill_length(train, r);
-      detail::workload::add_counts(train, r, p, train.request(r).length - p, f.decode.data() + i * dim);
+      detail::workload::add_decode_counts(train, r, p, f.decode.data() + i * dim);
       detail::workload::add_counts(train, r, 0, std::min(p, opt_.prefill_tokens), f.prefill.data() + i * dim,
                                    layer_stride_);
     }
@@ -340,11 +364,11 @@ private:
     for (std::size_t i = 0; i < training_requests_.size(); ++i) {
       const std::size_t r = training_requests_[i], p = detail::workload::prefill_length(train, r);
       std::fill(counts.begin(), counts.end(), 0.0f);
-      detail::workload::add_counts(train, r, p, train.request(r).length - p, counts.data());
+      const std::size_t decode = detail::workload::add_decode_counts(train, r, p, counts.data());
       auto& u = usage_[labels_[i]];
       for (std::size_t f = 0; f < dim; ++f)
         u[f] += counts[f];
-      cluster_tokens_[labels_[i]] += static_cast<double>(train.request(r).length - p);
+      cluster_tokens_[labels_[i]] += static_cast<double>(decode);
       cluster_requests_[labels_[i]] += 1.0;
     }
   }

@@ -561,7 +561,7 @@ inline std::string verdict(std::span<const header> received, const group_map& gr
       return ::locus::detail::concat(where(), "rank ", groups.world_rank_of(g, 0), " and rank ",
                                      groups.world_rank_of(g, m),
                                      " step with different expert maps, step different layers or combine "
-                                     "different dispatches (fingerprints ",
+                                     "different dispatches (agreement values ",
                                      received[0].agreement, " and ", received[m].agreement,
                                      "; 0: none): every rank must step its layers in the same order, each "
                                      "with the same map and layer index as the others, and combine its "

@@ -191,7 +191,7 @@ public:
   //! the device dispatcher's entries per local slot of the receiver), which every member must give
   //! the same width; with the checks of a header round, so a step needs one
   //! round for all of them. `agreement`: a value every member must give alike (the device
-  //! dispatcher's expert-map fingerprint; exchange_request::agreement).
+  //! dispatcher's step_agreement of its expert map and layer index; exchange_request::agreement).
   //! @throws locus::transport_error on every member when the requests disagree
   //! @throws locus::timeout_error when a member does not arrive within the fabric's timeout
   void exchange_device_counts(exchange_group group, std::size_t row_bytes, std::span<const std::size_t> counts,

@@ -190,8 +190,8 @@ public:
   //! does not define sends and receives of different sizes; a wider receiver waits for bytes that
   //! never come, so the round times out and the transport is unusable from then on. The device
   //! dispatcher's width is the expert map's slots per rank, which every rank's map shares.
-  //! `agreement`: a value every member must give alike (the device dispatcher's expert-map
-  //! fingerprint; exchange_request::agreement).
+  //! `agreement`: a value every member must give alike (the device dispatcher's step_agreement of
+  //! its expert map and layer index; exchange_request::agreement).
   //! @throws locus::transport_error on every member when the requests disagree
   //! @throws locus::timeout_error when the round does not finish within the timeout
   void exchange_device_counts(exchange_group group, std::size_t row_bytes, std::span<const std::size_t> counts,
