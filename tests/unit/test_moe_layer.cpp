@@ -134,67 +134,74 @@ BOOST_AUTO_TEST_CASE(every_replica_rule_matches_dense_reference) {
 }
 
 // Two layers of one expert map (different weights) stepped in different orders on different ranks:
-// with their layer indices set, every rank raises instead of computing one layer's tokens with the
-// other layer's experts (the map's fingerprint alone agreed, and the results were silently wrong);
-// stepped in the same order, both equal the dense reference.
+// with their layer indices set, or left at their default (the order they were made in), every rank
+// raises instead of computing one layer's tokens with the other layer's experts (the map's
+// fingerprint alone agreed, and the results were silently wrong); stepped in the same order, both
+// equal the dense reference.
 BOOST_AUTO_TEST_CASE(layers_stepped_in_different_orders_raise_on_every_rank) {
-  for (const bool hierarchical : {false, true}) {
-    const auto c = locus_test::make_case(4, 2, 2);
-    const auto wa = locus_test::model_weights<float>(21, c.experts, c.hidden, 6);
-    const auto wb = locus_test::model_weights<float>(22, c.experts, c.hidden, 6);
-    transport::local_fabric f(c.topo, hierarchical ? transport_kind::hierarchical : transport_kind::flat);
-    for (const bool same_order : {true, false}) {
-      std::vector<std::vector<float>> ya(c.topo.ranks()), yb(c.topo.ranks());
-      const auto errors = on_ranks(f, [&](transport::local_transport& ep) {
-        const std::size_t r = ep.rank();
-        const auto run = [&]<class Transport>(Transport) {
-          dyn_layer<Transport> a(dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
-                                 layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, r, wa), 1));
-          dyn_layer<Transport> b(dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
-                                 layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, r, wb), 1));
-          a.set_layer_index(3);
-          b.set_layer_index(4);
-          const auto x = c.inputs(r);
-          ya[r].assign(x.size(), 0.0f);
-          yb[r].assign(x.size(), 0.0f);
-          if (same_order || r % 2 == 0) {
-            a.forward(x, c.routings[r].view(), ya[r]);
-            b.forward(x, c.routings[r].view(), yb[r]);
-          } else {
-            b.forward(x, c.routings[r].view(), yb[r]);
-            a.forward(x, c.routings[r].view(), ya[r]);
+  for (const bool explicit_index : {true, false})
+    for (const bool hierarchical : {false, true}) {
+      const auto c = locus_test::make_case(4, 2, 2);
+      const auto wa = locus_test::model_weights<float>(21, c.experts, c.hidden, 6);
+      const auto wb = locus_test::model_weights<float>(22, c.experts, c.hidden, 6);
+      transport::local_fabric f(c.topo, hierarchical ? transport_kind::hierarchical : transport_kind::flat);
+      for (const bool same_order : {true, false}) {
+        std::vector<std::vector<float>> ya(c.topo.ranks()), yb(c.topo.ranks());
+        const auto errors = on_ranks(f, [&](transport::local_transport& ep) {
+          const std::size_t r = ep.rank();
+          const auto run = [&]<class Transport>(Transport) {
+            dyn_layer<Transport> a(dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
+                                   layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, r, wa), 1));
+            dyn_layer<Transport> b(dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
+                                   layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, r, wb), 1));
+            // Made in the same order on every rank: their default indices, 0 and 1, differ. Given
+            // explicitly with `explicit_index`.
+            if (explicit_index) {
+              a.set_layer_index(3);
+              b.set_layer_index(4);
+            }
+            const auto x = c.inputs(r);
+            ya[r].assign(x.size(), 0.0f);
+            yb[r].assign(x.size(), 0.0f);
+            if (same_order || r % 2 == 0) {
+              a.forward(x, c.routings[r].view(), ya[r]);
+              b.forward(x, c.routings[r].view(), yb[r]);
+            } else {
+              b.forward(x, c.routings[r].view(), yb[r]);
+              a.forward(x, c.routings[r].view(), ya[r]);
+            }
+          };
+          if (hierarchical)
+            run(transport::local_hierarchical{});
+          else
+            run(transport::local_flat{});
+        });
+        if (same_order) {
+          require_no_errors(errors);
+          for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
+            std::vector<double> sa, sb;
+            const auto ra = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), wa, nullptr, &sa);
+            const auto rb = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), wb, nullptr, &sb);
+            BOOST_TEST(worst_ratio(ya[r], ra, sa, 0.0, 2e-6) <= 1.0);
+            BOOST_TEST(worst_ratio(yb[r], rb, sb, 0.0, 2e-6) <= 1.0);
           }
-        };
-        if (hierarchical)
-          run(transport::local_hierarchical{});
-        else
-          run(transport::local_flat{});
-      });
-      if (same_order) {
-        require_no_errors(errors);
-        for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
-          std::vector<double> sa, sb;
-          const auto ra = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), wa, nullptr, &sa);
-          const auto rb = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), wb, nullptr, &sb);
-          BOOST_TEST(worst_ratio(ya[r], ra, sa, 0.0, 2e-6) <= 1.0);
-          BOOST_TEST(worst_ratio(yb[r], rb, sb, 0.0, 2e-6) <= 1.0);
+          continue;
         }
-        continue;
-      }
-      for (std::size_t r = 0; r < errors.size(); ++r) {
-        BOOST_TEST_CONTEXT("hierarchical " << hierarchical << ", rank " << r) {
-          BOOST_REQUIRE(errors[r] != nullptr);
-          try {
-            std::rethrow_exception(errors[r]);
-          } catch (const transport_error& e) {
-            BOOST_TEST(std::string_view(e.what()).find("different layers") != std::string_view::npos, e.what());
-          } catch (const std::exception& e) {
-            BOOST_FAIL("rank " << r << " raised another error: " << e.what());
+        for (std::size_t r = 0; r < errors.size(); ++r) {
+          BOOST_TEST_CONTEXT("hierarchical " << hierarchical << ", explicit index " << explicit_index << ", rank "
+                                             << r) {
+            BOOST_REQUIRE(errors[r] != nullptr);
+            try {
+              std::rethrow_exception(errors[r]);
+            } catch (const transport_error& e) {
+              BOOST_TEST(std::string_view(e.what()).find("different layers") != std::string_view::npos, e.what());
+            } catch (const std::exception& e) {
+              BOOST_FAIL("rank " << r << " raised another error: " << e.what());
+            }
           }
         }
       }
     }
-  }
 }
 
 // A dynamic top_k above what the layout takes is refused when the layer is built (it was refused

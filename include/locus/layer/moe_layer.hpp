@@ -189,14 +189,18 @@ public:
                   to_string(dispatcher_.kind()));
     check_compute(compute_, dispatcher_.local_experts(), "routed expert");
     bound_threads(compute_);
+    // By default the order it was made in on its endpoint (the library's transports count them):
+    // layers stepped in another order than they were made on some rank then raise there too.
+    if constexpr (requires { ex.next_layer_ordinal(); }) set_layer_index(ex.next_layer_ordinal());
   }
 
-  //! Which layer of the model this is (default 0), given alike on every rank: an engine that steps
-  //! several layers gives each its model layer index. Ranks that step two layers in different
-  //! orders then raise together (the index enters every exchange's agreement): two layers of one
-  //! expert map with the same index would exchange one layer's tokens into the other's experts
-  //! without a word. It also seeds same_gpu_else_random's static draws, as the traffic model seeds
-  //! them by layer.
+  //! Which layer of the model this is, given alike on every rank. Ranks that step two layers in
+  //! different orders then raise together (the index enters every exchange's agreement): two layers
+  //! of one expert map with one index would exchange one layer's tokens into the other's experts
+  //! without a word. Default: the order the layer was made in on its endpoint (0, 1, ...; 0 over a
+  //! transport of the caller's that does not count them), right when every rank makes its layers in
+  //! the same order; an engine that makes them otherwise gives each its model layer index. It also
+  //! seeds same_gpu_else_random's static draws, as the traffic model seeds them by layer.
   void set_layer_index(std::uint64_t index) noexcept {
     layer_index_ = index;
     dispatcher_.set_layer_index(index);

@@ -393,12 +393,17 @@ public:
   //! exchange that compares names (a header round; the one-GPU transport's known-count ones too).
   void begin_step(std::uint64_t step) noexcept { steps_.begin(step); }
 
+  //! 0 for the first layer made on this endpoint, then 1, 2, ...: a layer's default index
+  //! (moe_layer::set_layer_index), alike on every rank that makes its layers in the same order.
+  std::uint64_t next_layer_ordinal() noexcept { return layers_made_++; }
+
 protected:
   endpoint_state(const dynamic_topology& topo, std::size_t rank) : groups_{topo, rank} {}
 
   group_map groups_;
   link_counters bytes_;
   step_counter steps_;
+  std::uint64_t layers_made_ = 0;
 };
 
 enum local_problem : std::uint32_t {
@@ -564,8 +569,8 @@ inline std::string verdict(std::span<const header> received, const group_map& gr
                                      "different dispatches (agreement values ",
                                      received[0].agreement, " and ", received[m].agreement,
                                      "; 0: none): every rank must step its layers in the same order, each "
-                                     "with the same map and layer index as the others, and combine its "
-                                     "dispatches in the same order");
+                                     "with the same map and layer index as the others (by default the order "
+                                     "its layers were made in), and combine its dispatches in the same order");
   for (std::size_t m = 1; m < received.size(); ++m)
     if (received[m].tail != received[0].tail)
       return ::locus::detail::concat(where(), "rank ", groups.world_rank_of(g, 0), " sends ", received[0].tail,
