@@ -210,13 +210,15 @@ public:
   //! How this layer's tokens pick among an expert's replicas: the engine rule the plan was judged
   //! under (transport/replica_selection.hpp; default locality_first). `hot` (locality_bounded: per
   //! rank, nonzero above the load bound, as the caller's load counters say, smaller for a less
-  //! loaded hot rank; what hot_rank_tracker::hot() gives) may be empty.
+  //! loaded hot rank; what hot_rank_tracker::hot() gives) may be empty. A span, so that a braced
+  //! list does not compile: `set_replica_policy(rule, {3})`, the layer index this took before
+  //! set_layer_index, would read as one hot-rank flag.
   //! @throws locus::config_error when `hot` is neither empty nor one flag per rank
-  void set_replica_policy(placement::replica_rule rule, std::vector<std::uint8_t> hot = {}) {
+  void set_replica_policy(placement::replica_rule rule, std::span<const std::uint8_t> hot = {}) {
     LOCUS_REQUIRE(hot.empty() || hot.size() == topo_.ranks(), config_error,
                   "moe_layer::set_replica_policy: ", hot.size(), " hot-rank flags for ", topo_.ranks(), " ranks");
     replica_rule_ = rule;
-    hot_ranks_ = std::move(hot);
+    hot_ranks_.assign(hot.begin(), hot.end());
   }
 
   //! Sets the router and its weights (`hidden × experts`, row-major): logits = x·gate.
