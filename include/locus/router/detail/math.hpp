@@ -15,7 +15,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <locus/core/bfloat16.hpp>
 #include <locus/core/config.hpp>
 #include <locus/core/rounded_float.hpp>
@@ -29,10 +28,12 @@ using locus::detail::fmul;
 using locus::detail::fsub;
 
 //! True for a finite float. Written as a comparison so that it vectorises on the host and needs
-//! no library call on the device.
+//! no library call on the device. The bound is FLT_MAX as a literal: numeric_limits' max() in device
+//! code needs nvcc's --expt-relaxed-constexpr, and the SwiGLU activation brings this header to
+//! programs that may not pass it.
 LOCUS_HOST_DEVICE bool is_finite(float x) {
   const float a = x < 0.0f ? -x : x;
-  return a <= std::numeric_limits<float>::max();
+  return a <= 0x1.fffffep+127f;
 }
 
 LOCUS_HOST_DEVICE float bits_to_float(std::uint32_t u) {
