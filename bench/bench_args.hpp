@@ -155,18 +155,6 @@ inline std::string machine_line() {
          load.substr(0, load.find(' ', load.find(' ', load.find(' ') + 1) + 1)) + ", " + date + build;
 }
 
-//! `a` as a shell reads it back: as it is when plain, else in single quotes, so that a recorded
-//! command can be pasted (a folder with a space, a `$` or a backtick ran something else).
-inline std::string shell_word(const std::string& a) {
-  const bool plain = !a.empty() && a.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-                                                       "0123456789_@%+=:,./-") == std::string::npos;
-  if (plain) return a;
-  std::string q = "'";
-  for (const char ch : a)
-    q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
-  return q + "'";
-}
-
 //! The command line as run, for the results file. The program is named as it was run, relative to
 //! the folder the run started in (e.g. build/rel/bench/router), or as `program` (build/dev/bench/
 //! <name>) when it was run from outside that folder: an absolute path would name this machine's
@@ -182,7 +170,7 @@ inline std::string command_line(int argc, char** argv, const std::string& progra
     if (!r.empty() && r.rfind("..", 0) != 0 && !rel.is_absolute() && r.find('/') != std::string::npos) c = r;
   }
   for (int i = 1; i < argc; ++i)
-    c += " " + shell_word(argv[i]);
+    c += " " + tool_cli::shell_quote(argv[i]);
   return c;
 }
 

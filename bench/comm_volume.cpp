@@ -555,7 +555,7 @@ void write_outputs(const run_options& o, tool_cli::results_folder& folder, resul
         "the synthesizer fitted to this trace and rescaled; ESFT's 26 layers kept) "
      << (o.synthetic ? "are measured with `--synthetic 1`, the default; `--synthetic 0` leaves them out"
                      : "are left out (`--synthetic 0`; the default, 1, measures them)")
-     << ". Plot: `/usr/bin/python3 bench/plot_comm_volume.py " << bench_args::shell_word(o.out_dir)
+     << ". Plot: `/usr/bin/python3 bench/plot_comm_volume.py " << tool_cli::shell_quote(o.out_dir)
      << "`.\n\n## Targets: inter-node bytes and GPU "
         "balance at 4x2\n\n"
      << summary

@@ -6,6 +6,8 @@
 // one line in place, and never otherwise (a log or a pipe gets no progress lines) unless
 // `--progress` asks for it, when each step is a line of its own. `-q` / `--quiet` silences it
 // everywhere. Results always go to stdout or to the files named, never to the progress stream.
+#include "tool_cli.hpp"
+
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -195,19 +197,7 @@ inline std::string one_line(const std::string& s) {
   return out;
 }
 
-//! `x` as one word of a POSIX shell command: in single quotes (a quote inside as '\''), or as it is
-//! where it holds only characters no shell reads specially.
-inline std::string shell_quote(const std::string& x) {
-  const bool plain = !x.empty() && std::all_of(x.begin(), x.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           std::string_view("_./:=@%+,-").find(c) != std::string_view::npos;
-  });
-  if (plain) return x;
-  std::string r = "'";
-  for (const char c : x)
-    r += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return r + "'";
-}
+using tool_cli::shell_quote;
 
 //! Whether `--json` sends the document to stdout (the table is then not printed).
 inline bool json_to_stdout(const std::string& path) { return path == "-"; }

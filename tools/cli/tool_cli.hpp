@@ -453,6 +453,21 @@ inline void require_memory(double bytes, const std::string& what) {
   }
 }
 
+//! `x` as one word of a POSIX shell command, so that a printed or recorded command can be pasted
+//! back: in single quotes (a quote inside as '\''), or as it is where it holds only characters no
+//! shell reads specially.
+inline std::string shell_quote(const std::string& x) {
+  const bool plain = !x.empty() && std::all_of(x.begin(), x.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           std::string_view("_./:=@%+,-").find(c) != std::string_view::npos;
+  });
+  if (plain) return x;
+  std::string r = "'";
+  for (const char c : x)
+    r += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return r + "'";
+}
+
 //! "1 request", "2 requests": a count and its noun, the plural made with "s".
 inline std::string counted(std::size_t n, const std::string& noun) {
   return std::to_string(n) + " " + noun + (n == 1 ? "" : "s");

@@ -222,12 +222,12 @@ inline std::deque<pending> arrival_queue(const trace::trace& t, const simulation
   for (std::size_t r = 0; r < t.requests(); ++r) {
     const auto& q = t.request(r);
     std::size_t prefill = 0;
-    while (prefill < q.length && t.token_phase(q.first_token + prefill) != trace::phase::decode)
+    const auto phases = std::span(t.phases()).subspan(q.first_token, q.length);
+    while (prefill < q.length && phases[prefill] != trace::phase::decode)
       ++prefill;
     if (prefill == q.length) continue; // nothing to decode
-    std::size_t decode = 0;
-    for (std::size_t i = prefill; i < q.length; ++i)
-      decode += t.token_phase(q.first_token + i) == trace::phase::decode;
+    const auto decode =
+        static_cast<std::size_t>(std::count(phases.begin() + prefill, phases.end(), trace::phase::decode));
     if (cfg.arrival_rate > 0) clock += gap(rng);
     // Arrival steps are whole numbers of steps: the conversion must stay in range.
     LOCUS_REQUIRE(clock < 1e18, config_error, "simulate_decode: an arrival rate of ", cfg.arrival_rate,
@@ -355,7 +355,7 @@ public:
         } else {
           ++q.context;
           // `remaining` > 0: a decode token follows within the request, so this stops there.
-          for (; t_.token_phase(q.next_token) != trace::phase::decode; ++q.next_token) {
+          for (; t_.phases()[q.next_token] != trace::phase::decode; ++q.next_token) {
             ++q.context;
             ++state_[r].running_tokens;
           }
