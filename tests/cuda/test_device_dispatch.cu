@@ -13,6 +13,7 @@
 #include <locus/core/device_buffer.hpp>
 #include <locus/layer/expert_compute_cuda.hpp>
 #include <locus/layer/moe_layer_cuda.hpp>
+#include <locus/router/sigmoid_top1.hpp>
 #include <locus/router/softmax_topk.hpp>
 #include <locus/transport/device_dispatch.hpp>
 #include <locus/transport/device_local.hpp>
@@ -431,6 +432,86 @@ BOOST_AUTO_TEST_CASE(device_layer_adds_shared_experts) {
         }
       }
     }
+}
+
+// Llama 4's gating on the device (router::sigmoid_top1, whose weight scales the expert input):
+// the layer's weighted gather scales each expert row and its reduction sums the outputs unweighted,
+// flat and hierarchical; y equals the dense MoE with the weights on the input under the routing the
+// device chose, and differs from the output-weighted one.
+BOOST_AUTO_TEST_CASE(device_layer_weights_the_expert_input_for_sigmoid_top1) {
+  using shape = moe_shape<experts<>, top_k<1>, hidden<>, shared_experts<>>;
+  for (std::uint64_t seed = 1; seed <= 4; ++seed)
+    for (auto [nodes, gpus] : {std::pair<std::size_t, std::size_t>{1, 4}, {2, 2}})
+      for (const transport_kind kind : {transport_kind::flat, transport_kind::hierarchical}) {
+        const auto c = locus_test::make_case(seed, nodes, gpus);
+        BOOST_TEST_CONTEXT("seed " << seed << ", " << nodes << " x " << gpus << ", " << to_string(kind)) {
+          const auto all = locus_test::model_weights<float>(seed + 300, c.experts, c.hidden, 16);
+          const auto gate = router_gate(seed + 7, c.hidden, c.experts);
+          device_local_fabric fabric(c.topo, kind);
+          const std::size_t R = c.topo.ranks();
+          std::vector<routed_rank> out(R);
+          std::vector<std::thread> threads;
+          for (std::size_t r = 0; r < R; ++r)
+            threads.emplace_back([&, r] {
+              cudaStream_t stream = nullptr;
+              auto& o = out[r];
+              try {
+                LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+                auto ep = fabric.endpoint(r, stream);
+                const auto run = [&]<class Transport>(Transport) {
+                  using layer_t = moe_layer<shape, dynamic_topology, router::sigmoid_top1, Transport, backend::cuda>;
+                  static_assert(layer_t::routing_weight_site == weight_site::expert_input);
+                  layer_t l(shape(c.experts, 1, c.hidden, 0), c.topo, ep, c.map,
+                            layer::swiglu_cuda<float>(layer::expert_weights<float>::for_rank(c.map, r, all), stream),
+                            backend::cuda{stream});
+                  l.set_router(router::sigmoid_top1{}, gate);
+                  o.x = c.inputs(r);
+                  const std::size_t T = o.x.size() / c.hidden;
+                  device_buffer<float> dx, dy(std::max<std::size_t>(o.x.size(), 1));
+                  dx.upload(o.x, stream);
+                  ep.begin_step(0);
+                  l.forward(dx.data(), T, dy.data());
+                  l.finish();
+                  o.y.resize(o.x.size());
+                  dy.download(o.y, stream);
+                  const auto dr = l.last_device_routing();
+                  o.ids.resize(dr.tokens());
+                  o.weights.resize(dr.tokens());
+                  if (!o.ids.empty()) {
+                    LOCUS_CUDA_CHECK(
+                        cudaMemcpy(o.ids.data(), dr.ids(), o.ids.size() * sizeof(expert_id), cudaMemcpyDeviceToHost));
+                    LOCUS_CUDA_CHECK(cudaMemcpy(o.weights.data(), dr.weights(), o.weights.size() * sizeof(float),
+                                                cudaMemcpyDeviceToHost));
+                  }
+                };
+                if (kind == transport_kind::flat)
+                  run(device_local_flat{});
+                else
+                  run(device_local_hierarchical{});
+              } catch (...) {
+                o.error = std::current_exception();
+              }
+              if (stream) cudaStreamDestroy(stream);
+            });
+          for (auto& t : threads)
+            t.join();
+          for (std::size_t r = 0; r < R; ++r) {
+            if (out[r].error) std::rethrow_exception(out[r].error);
+            const routing<> used(out[r].ids, out[r].weights, top_k<>(1));
+            std::vector<double> scale;
+            const auto ref =
+                locus_test::dense_moe(out[r].x, used.view(), all, nullptr, &scale, weight_site::expert_input);
+            const auto other = locus_test::dense_moe(out[r].x, used.view(), all, nullptr);
+            double worst = 0, worst_other = 0;
+            for (std::size_t i = 0; i < ref.size(); ++i) {
+              worst = std::max(worst, std::abs(out[r].y[i] - ref[i]) / (2e-6 * scale[i] + 1e-6));
+              worst_other = std::max(worst_other, std::abs(out[r].y[i] - other[i]) / (2e-6 * scale[i] + 1e-6));
+            }
+            BOOST_TEST(worst <= 1.0, "rank " << r << ": error / tolerance " << worst);
+            if (!ref.empty()) BOOST_TEST(worst_other > 1.0, "rank " << r << ": the output-weighted MoE is as close");
+          }
+        }
+      }
 }
 
 namespace {

@@ -18,6 +18,7 @@
 namespace locus_test {
 
 // Value of a stored element (float or bfloat16) in double.
+inline double as_double(double v) { return v; }
 inline double as_double(float v) { return v; }
 inline double as_double(locus::bfloat16 v) { return static_cast<double>(static_cast<float>(v)); }
 
@@ -90,18 +91,30 @@ void reference_ffn(const locus::layer::expert_weights<W>& weights, locus::expert
   }
 }
 
-// The dense reference MoE: y[t] = Σ_j weight(t, j) · FFN_{expert(t, j)}(x[t]) + Σ_s FFN_s(x[t]).
+// The dense reference MoE: y[t] = Σ_j weight(t, j) · FFN_{expert(t, j)}(x[t]) + Σ_s FFN_s(x[t]),
+// or, with the weights on the expert input (Llama 4), Σ_j FFN_{expert(t, j)}(weight(t, j) · x[t]) + ....
 // `shared` may be empty (no shared experts). Returns y and, in `scale`, the error scale of each value.
 template <class W, class X, class Routing>
 std::vector<double> dense_moe(const std::vector<X>& x, const Routing& r, const locus::layer::expert_weights<W>& routed,
                               const std::type_identity_t<locus::layer::expert_weights<W>>* shared,
-                              std::vector<double>* scale = nullptr) {
+                              std::vector<double>* scale = nullptr,
+                              locus::weight_site site = locus::weight_site::expert_output) {
   const std::size_t H = routed.hidden(), T = r.tokens(), K = r.top_k();
-  std::vector<double> y(T * H, 0.0), s(T * H, 0.0), o(H), os(H);
+  std::vector<double> y(T * H, 0.0), s(T * H, 0.0), o(H), os(H), scaled(H);
   for (std::size_t t = 0; t < T; ++t) {
     for (std::size_t j = 0; j < K; ++j) {
-      reference_ffn(routed, r.expert(t, j), x.data() + t * H, o.data(), os.data());
       const double w = r.weight(t, j);
+      if (site == locus::weight_site::expert_input) {
+        for (std::size_t c = 0; c < H; ++c)
+          scaled[c] = w * as_double(x[t * H + c]);
+        reference_ffn(routed, r.expert(t, j), scaled.data(), o.data(), os.data());
+        for (std::size_t c = 0; c < H; ++c) {
+          y[t * H + c] += o[c];
+          s[t * H + c] += os[c];
+        }
+        continue;
+      }
+      reference_ffn(routed, r.expert(t, j), x.data() + t * H, o.data(), os.data());
       for (std::size_t c = 0; c < H; ++c) {
         y[t * H + c] += w * o[c];
         s[t * H + c] += std::abs(w) * os[c];

@@ -9,6 +9,7 @@
 #include <locus/layer/moe_layer.hpp>
 #include <locus/placement/linear.hpp>
 #include <locus/router/sigmoid_grouped.hpp>
+#include <locus/router/sigmoid_top1.hpp>
 #include <thread>
 
 using namespace locus;
@@ -47,22 +48,27 @@ double worst_ratio(const std::vector<T>& y, const std::vector<double>& ref, cons
 }
 
 using dyn_shape = dynamic_moe_shape;
-template <class Transport>
-using dyn_layer = moe_layer<dyn_shape, dynamic_topology, Transport>;
+template <class Transport, class... More>
+using dyn_layer = moe_layer<dyn_shape, dynamic_topology, Transport, More...>;
 
 // One random case (routings with skew, replicas and empty ranks) through the layer on every rank,
-// against the dense reference; with `shared` shared experts.
-template <class Transport>
+// against the dense reference; with `shared` shared experts. `Site`: where the given routing's
+// weights apply; `reference_site`: where the reference applies them (the two differ only to show
+// that the comparison tells them apart).
+template <class Transport, weight_site Site = weight_site::expert_output>
 double run_case(const locus_test::dispatch_case& c, std::size_t ffn, std::size_t shared, std::uint64_t seed,
-                placement::replica_rule rule = placement::replica_rule::locality_first) {
+                placement::replica_rule rule = placement::replica_rule::locality_first,
+                weight_site reference_site = Site) {
   const auto all = locus_test::model_weights<float>(seed, c.experts, c.hidden, ffn);
   const auto shared_w = locus_test::model_weights<float>(seed + 1, shared, c.hidden, ffn);
   transport::local_fabric f(c.topo, Transport::kind);
   std::vector<std::vector<float>> y(c.topo.ranks());
   require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
     const std::size_t r = ep.rank();
-    dyn_layer<Transport> layer(dyn_shape(c.experts, c.k, c.hidden, shared), c.topo, ep, c.map,
-                               layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, r, all), 1));
+    dyn_layer<Transport, layer::given_routing_at<Site>> layer(
+        dyn_shape(c.experts, c.k, c.hidden, shared), c.topo, ep, c.map,
+        layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, r, all), 1));
+    static_assert(decltype(layer)::routing_weight_site == Site);
     if (shared > 0) layer.set_shared_experts(layer::swiglu_host<float>(shared_w, 1));
     if (rule != placement::replica_rule::locality_first) {
       std::vector<std::uint8_t> hot(c.topo.ranks(), 0);
@@ -78,8 +84,8 @@ double run_case(const locus_test::dispatch_case& c, std::size_t ffn, std::size_t
   double worst = 0;
   for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
     std::vector<double> scale;
-    const auto ref =
-        locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, shared > 0 ? &shared_w : nullptr, &scale);
+    const auto ref = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, shared > 0 ? &shared_w : nullptr,
+                                           &scale, reference_site);
     worst = std::max(worst, worst_ratio(y[r], ref, scale, 0.0, 2e-6));
   }
   return worst;
@@ -104,6 +110,82 @@ BOOST_AUTO_TEST_CASE(random_cases_match_dense_reference) {
     cases += 2;
   }
   BOOST_TEST_MESSAGE(cases << " cases, worst error / tolerance " << worst);
+}
+
+// Routing weights on the expert input (Llama 4: y = Σ_j E_j(w_j · x)), flat and hierarchical, with
+// replicas, several choices of one token on one rank, own rows and forwarded rows: each expert row
+// is scaled by its own weight and combine sums the outputs unweighted. The layer applied the weights
+// to the outputs before, whatever the model did; the comparison with the output-weighted reference
+// shows the two differ on these cases.
+BOOST_AUTO_TEST_CASE(weights_on_the_expert_input_match_the_dense_reference) {
+  const std::pair<std::size_t, std::size_t> topos[] = {{2, 2}, {1, 4}, {4, 1}, {2, 3}, {3, 2}};
+  double worst = 0;
+  std::size_t told_apart = 0, cases = 0;
+  for (std::uint64_t seed = 1; seed <= 20; ++seed) {
+    const auto [nodes, gpus] = topos[seed % 5];
+    const auto c = locus_test::make_case(seed, nodes, gpus);
+    const std::size_t shared = seed % 3 == 0 ? 1 : 0;
+    constexpr auto in = weight_site::expert_input;
+    const double flat = run_case<transport::local_flat, in>(c, 6 + seed % 7, shared, seed);
+    const double hier = run_case<transport::local_hierarchical, in>(c, 6 + seed % 7, shared, seed);
+    BOOST_TEST(flat <= 1.0, "seed " << seed << " flat: error / tolerance " << flat);
+    BOOST_TEST(hier <= 1.0, "seed " << seed << " hierarchical: error / tolerance " << hier);
+    worst = std::max({worst, flat, hier});
+    const double other = run_case<transport::local_flat, in>(
+        c, 6 + seed % 7, shared, seed, placement::replica_rule::locality_first, weight_site::expert_output);
+    told_apart += other > 1.0;
+    ++cases;
+  }
+  BOOST_TEST(told_apart == cases, told_apart << " of " << cases << " cases differ from the output-weighted MoE");
+  BOOST_TEST_MESSAGE(2 * cases << " cases, worst error / tolerance " << worst);
+}
+
+// The same through a compute that does not fuse combine's sum (a user callable; the dispatcher's
+// combine sums the outputs, unweighted): expert e squares its input and scales it by e + 1, so
+// y[t] = Σ_j (e_j + 1) (w_j x)², which the output-weighted Σ_j w_j (e_j + 1) x² is not.
+BOOST_AUTO_TEST_CASE(weights_on_the_expert_input_through_a_user_compute) {
+  auto square = [](expert_id e, std::span<const float> in, std::span<float> out, std::size_t) {
+    for (std::size_t i = 0; i < in.size(); ++i)
+      out[i] = static_cast<float>(e + 1) * in[i] * in[i];
+  };
+  using compute = layer::expert_callable<decltype(square)>;
+  for (std::uint64_t seed = 1; seed <= 8; ++seed) {
+    const auto c = locus_test::make_case(seed, 2, 1 + seed % 3);
+    for (const auto kind : {transport_kind::flat, transport_kind::hierarchical}) {
+      transport::local_fabric f(c.topo, kind);
+      std::vector<std::vector<float>> y(c.topo.ranks());
+      require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
+        const std::size_t r = ep.rank();
+        const auto x = c.inputs(r);
+        y[r].assign(x.size(), -1.0f);
+        const auto run = [&]<class Transport>(Transport) {
+          dyn_layer<Transport, compute, layer::given_routing_at<weight_site::expert_input>> layer(
+              dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map, compute(square));
+          layer.forward(x, c.routings[r].view(), y[r]);
+        };
+        if (kind == transport_kind::flat)
+          run(transport::local_flat{});
+        else
+          run(transport::local_hierarchical{});
+      }));
+      for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
+        const auto x = c.inputs(r);
+        const auto v = c.routings[r].view();
+        double worst = 0;
+        for (std::size_t t = 0; t < v.tokens(); ++t)
+          for (std::size_t h = 0; h < c.hidden; ++h) {
+            double ref = 0, size = 0;
+            for (std::size_t j = 0; j < c.k; ++j) {
+              const double wx = double(v.weight(t, j)) * x[t * c.hidden + h];
+              ref += double(v.expert(t, j) + 1) * wx * wx;
+              size += std::abs(double(v.expert(t, j) + 1) * wx * wx);
+            }
+            worst = std::max(worst, std::abs(y[r][t * c.hidden + h] - ref) / (1e-5 * size + 1e-6));
+          }
+        BOOST_TEST(worst <= 1.0, "seed " << seed << " " << to_string(kind) << " rank " << r << ": " << worst);
+      }
+    }
+  }
 }
 
 // Every replica rule sends each copy to a replica of its expert: the result is the dense MoE's.
@@ -443,6 +525,115 @@ BOOST_AUTO_TEST_CASE(forward_with_softmax_router_matches_reference) {
     // The weights come from fp32 logits and softmax: allow their relative error on top.
     const double worst = worst_ratio(ys[r], ref, scale, 0.0, 1e-5);
     BOOST_TEST(worst <= 1.0, "rank " << r << ": error / tolerance " << worst);
+  }
+}
+
+// Llama 4's step: logits = x·W_router, the top-1 sigmoid router, the routed expert on w·x (the
+// router's weight scales the expert input), the shared expert on x; against a double-precision router
+// and the dense MoE with the weights on the input, flat and hierarchical.
+BOOST_AUTO_TEST_CASE(sigmoid_top1_layer_weights_the_expert_input) {
+  constexpr std::size_t E = 16, H = 24, F = 20, tokens = 31;
+  const dynamic_topology topo(2, 2);
+  const expert_map map = placement::linear{}.plan({topo, E, 5, {std::vector<double>(E, 1.0)}, {}})[0];
+  const auto all = locus_test::model_weights<float>(61, E, H, F);
+  const auto shared_w = locus_test::model_weights<float>(62, 1, H, F);
+  const auto gate = locus_test::random_rows<float>(63, H, E);
+  for (const auto kind : {transport_kind::flat, transport_kind::hierarchical}) {
+    transport::local_fabric f(topo, kind);
+    std::vector<std::vector<float>> xs(4), ys(4);
+    std::vector<std::vector<expert_id>> got_ids(4);
+    std::vector<std::vector<float>> got_w(4);
+    for (std::size_t r = 0; r < 4; ++r)
+      xs[r] = locus_test::random_rows<float>(300 + r, tokens + 3 * r, H);
+    require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
+      const std::size_t r = ep.rank();
+      const auto run = [&]<class Transport>(Transport) {
+        using layer_t = moe_layer<dyn_shape, dynamic_topology, router::sigmoid_top1, Transport>;
+        static_assert(layer_t::routing_weight_site == weight_site::expert_input);
+        layer_t layer(dyn_shape(E, 1, H, 1), topo, ep, map,
+                      layer::swiglu_host<float>(expert_weights<float>::for_rank(map, r, all), 1));
+        layer.set_router(router::sigmoid_top1{}, gate);
+        layer.set_shared_experts(layer::swiglu_host<float>(shared_w, 1));
+        ys[r].resize(xs[r].size());
+        layer.forward(xs[r], ys[r]);
+        got_ids[r] = layer.last_routing().ids();
+        got_w[r] = layer.last_routing().weights();
+      };
+      if (kind == transport_kind::flat)
+        run(transport::local_flat{});
+      else
+        run(transport::local_hierarchical{});
+    }));
+    for (std::size_t r = 0; r < 4; ++r) {
+      BOOST_TEST_CONTEXT(to_string(kind) << ", rank " << r) {
+        // The reference router: the largest logit (in double), weight sigmoid(logit).
+        const std::size_t T = xs[r].size() / H;
+        routing<> ref_routing(T, top_k<>(1));
+        for (std::size_t t = 0; t < T; ++t) {
+          double best = -1e300;
+          std::size_t arg = 0;
+          for (std::size_t e = 0; e < E; ++e) {
+            double l = 0;
+            for (std::size_t h = 0; h < H; ++h)
+              l += double(xs[r][t * H + h]) * gate[h * E + e];
+            if (l > best) best = l, arg = e;
+          }
+          ref_routing.view().expert(t, 0) = static_cast<expert_id>(arg);
+          ref_routing.view().weight(t, 0) = static_cast<float>(1.0 / (1.0 + std::exp(-best)));
+          BOOST_TEST(got_ids[r].at(t) == static_cast<expert_id>(arg), "token " << t);
+          BOOST_TEST(std::abs(got_w[r].at(t) - ref_routing.view().weight(t, 0)) <= 1e-6, "token " << t);
+        }
+        std::vector<double> scale;
+        const auto ref =
+            locus_test::dense_moe(xs[r], ref_routing.view(), all, &shared_w, &scale, weight_site::expert_input);
+        const double worst = worst_ratio(ys[r], ref, scale, 0.0, 1e-5);
+        BOOST_TEST(worst <= 1.0, "error / tolerance " << worst);
+        const auto output_weighted = locus_test::dense_moe(xs[r], ref_routing.view(), all, &shared_w, &scale);
+        BOOST_TEST(worst_ratio(ys[r], output_weighted, scale, 0.0, 1e-5) > 1.0,
+                   "the output-weighted MoE is as close: the test cannot tell the sites apart");
+      }
+    }
+  }
+}
+
+// Ranks whose layers apply the weights at different sites would each weight the other's tokens as
+// its own router says, silently: the site enters every exchange's agreement, and all ranks raise.
+BOOST_AUTO_TEST_CASE(ranks_applying_weights_at_different_sites_raise) {
+  const auto c = locus_test::make_case(5, 2, 2);
+  const auto all = locus_test::model_weights<float>(5, c.experts, c.hidden, 6);
+  for (const auto kind : {transport_kind::flat, transport_kind::hierarchical}) {
+    transport::local_fabric f(c.topo, kind, transport::exchange_options{std::chrono::milliseconds(2000)});
+    const auto errors = on_ranks(f, [&](transport::local_transport& ep) {
+      const std::size_t r = ep.rank();
+      const auto x = c.inputs(r);
+      std::vector<float> y(x.size());
+      const auto run = [&]<class Transport, weight_site Site>(Transport, std::integral_constant<weight_site, Site>) {
+        dyn_layer<Transport, layer::given_routing_at<Site>> layer(
+            dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map,
+            layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, r, all), 1));
+        layer.forward(x, c.routings[r].view(), y);
+      };
+      using in = std::integral_constant<weight_site, weight_site::expert_input>;
+      using out = std::integral_constant<weight_site, weight_site::expert_output>;
+      if (kind == transport_kind::flat)
+        r == 0 ? run(transport::local_flat{}, in{}) : run(transport::local_flat{}, out{});
+      else
+        r == 0 ? run(transport::local_hierarchical{}, in{}) : run(transport::local_hierarchical{}, out{});
+    });
+    for (std::size_t r = 0; r < errors.size(); ++r)
+      BOOST_TEST_CONTEXT(to_string(kind) << ", rank " << r) {
+        BOOST_TEST_REQUIRE(static_cast<bool>(errors[r]));
+        try {
+          std::rethrow_exception(errors[r]);
+        } catch (const transport_error& e) {
+          const std::string what = e.what();
+          BOOST_TEST(
+              (what.find("different sites") != std::string::npos || what.find("it left the step") != std::string::npos),
+              what);
+        } catch (const std::exception& e) {
+          BOOST_ERROR("another error: " << e.what());
+        }
+      }
   }
 }
 

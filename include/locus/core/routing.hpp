@@ -23,6 +23,12 @@ enum class memory_space { host, device };
 //! move half the bytes of a 64-bit id.
 using expert_id = std::int32_t;
 
+//! Where a token's routing weight multiplies: the output of its expert, y = Σ_j w_j · E_j(x)
+//! (DeepSeek-V3, Qwen3, Mixtral), or its input, y = Σ_j E_j(w_j · x) (Llama 4, whose router scales
+//! the hidden state before the expert). The two differ for any nonlinear expert. A router policy
+//! names its model's site (`routing_weight_site`); expert_output when it names none.
+enum class weight_site : std::uint8_t { expert_output, expert_input };
+
 //! Non-owning view of a routing.
 //! @tparam TopK   `locus::top_k<K>` or `top_k<>`
 //! @tparam Id     expert id type, possibly const

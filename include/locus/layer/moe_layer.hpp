@@ -10,7 +10,9 @@
 //! 4. expert compute: the policy turns each local expert's row block into outputs, reading the
 //!    rows in place in the receive buffers (a compute that fuses combine's weighted sum, as
 //!    swiglu_host does, writes per-copy sums instead of output rows);
-//! 5. combine: outputs return to their source ranks and are summed with the routing weights;
+//! 5. combine: outputs return to their source ranks and are summed with the routing weights (or,
+//!    for a router whose weights apply to the expert input, as Llama 4's do, the received rows
+//!    are scaled by them before step 4 and the outputs summed as they are: `routing_weight_site`);
 //! 6. shared experts (when the shape has them) run on every rank on its own tokens and are added.
 //!
 //! Policies are given in any order after the shape and the topology, with defaults for those left
@@ -52,15 +54,35 @@
 namespace locus::inline LOCUS_ABI_NAMESPACE::layer {
 
 //! The router policy of a layer whose caller supplies each step's routing (an engine that routes
-//! elsewhere, or a replay of recorded routings): `moe_layer::forward(x, routing, y)` only.
-struct given_routing {
+//! elsewhere, or a replay of recorded routings): `moe_layer::forward(x, routing, y)` only. `Site`:
+//! where the given weights apply (a Llama 4 layer routed elsewhere gives
+//! `given_routing_at<weight_site::expert_input>`).
+template <weight_site Site>
+struct given_routing_at {
   using policy_concept = router_tag;
   static constexpr const char* name = "given_routing";
+  static constexpr weight_site routing_weight_site = Site;
 };
+//! Given routings whose weights multiply the expert outputs (most models).
+using given_routing = given_routing_at<weight_site::expert_output>;
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::layer
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
+
+template <class R>
+inline constexpr bool is_given_routing = false;
+template <weight_site S>
+inline constexpr bool is_given_routing<locus::layer::given_routing_at<S>> = true;
+
+//! Where a router's weights apply: its own `routing_weight_site`, else the expert output.
+template <class R>
+inline constexpr weight_site routing_weight_site_of = weight_site::expert_output;
+template <class R>
+requires requires {
+  { R::routing_weight_site } -> std::convertible_to<weight_site>;
+}
+inline constexpr weight_site routing_weight_site_of<R> = R::routing_weight_site;
 
 template <class R, class K>
 struct router_top_k {
@@ -120,8 +142,8 @@ public:
   using topology_type = Topology;
   // given_routing routes nothing: it names the layer's mode and is no router to check.
   using router_type =
-      typename std::conditional_t<std::is_same_v<router_choice, layer::given_routing>,
-                                  std::type_identity<router_choice>, require_router<router_choice>>::type;
+      typename std::conditional_t<detail::layer::is_given_routing<router_choice>, std::type_identity<router_choice>,
+                                  require_router<router_choice>>::type;
   using transport_type =
       typename require_transport<typename policies::template get<transport_tag, transport::local_flat>>::type;
   using backend_type = typename require_backend<typename policies::template get<backend_tag, backend::host>>::type;
@@ -136,6 +158,9 @@ public:
   //! The routing the router writes: in the router's top-k type (the shape's for given_routing).
   using routing_top_k_type = typename detail::layer::router_top_k<router_type, top_k_type>::type;
   using routing_type = routing<routing_top_k_type>;
+  //! Where the routing weights apply, as the router policy says: the expert output (y = Σ w·E(x)),
+  //! or its input (y = Σ E(w·x): router::sigmoid_top1, Llama 4's gating).
+  static constexpr weight_site routing_weight_site = detail::layer::routing_weight_site_of<router_type>;
 
   static_assert(transport::transport<transport_type>,
                 "locus::moe_layer: the transport policy must name its host object (`exchanger_type`) and its "
@@ -189,6 +214,7 @@ public:
                   to_string(dispatcher_.kind()));
     check_compute(compute_, dispatcher_.local_experts(), "routed expert");
     bound_threads(compute_);
+    dispatcher_.set_weight_site(routing_weight_site);
     // By default the order it was made in on its endpoint (the library's transports count them):
     // layers stepped in another order than they were made on some rank then raise there too.
     if constexpr (requires { ex.next_layer_ordinal(); }) set_layer_index(ex.next_layer_ordinal());
@@ -225,8 +251,7 @@ public:
   //! @throws locus::config_error when the router's top_k differs from the shape's, the router does
   //!         not suit the shape's expert count (sigmoid_grouped: groups that do not divide it, a
   //!         bias of another size) or the gate has the wrong size
-  void set_router(router_type router,
-                  std::vector<float> gate) requires(!std::is_same_v<router_type, layer::given_routing>) {
+  void set_router(router_type router, std::vector<float> gate) requires(!detail::layer::is_given_routing<router_type>) {
     LOCUS_REQUIRE(router.top_k() == shape_.top_k(), config_error, "moe_layer::set_router: the router picks ",
                   router.top_k(), " experts per token, the shape ", shape_.top_k());
     // Here rather than at the first forward, which would raise it only after the step's exchanges.
@@ -241,7 +266,7 @@ public:
 
   //! Sets the router weights with the router built from the shape's top_k (softmax_topk and the
   //! like).
-  void set_router(std::vector<float> gate) requires(!std::is_same_v<router_type, layer::given_routing> &&
+  void set_router(std::vector<float> gate) requires(!detail::layer::is_given_routing<router_type> &&
                                                     std::constructible_from<router_type, std::size_t>) {
     set_router(router_type(shape_.top_k()), std::move(gate));
   }
@@ -268,7 +293,7 @@ public:
   //! @throws locus::invalid_input_error on sizes that disagree or a non-finite logit (after the
   //!         collective steps, so peers are not left waiting)
   void forward(std::span<const value_type> x,
-               std::span<value_type> y) requires(!std::is_same_v<router_type, layer::given_routing>) {
+               std::span<value_type> y) requires(!detail::layer::is_given_routing<router_type>) {
     require_live();
     std::exception_ptr local_error;
     try {
@@ -312,7 +337,7 @@ public:
   //!         peers are not left waiting)
   void forward(const value_type* x, std::size_t tokens,
                value_type* y) requires(backend_type::space == memory_space::device &&
-                                       !std::is_same_v<router_type, layer::given_routing>) {
+                                       !detail::layer::is_given_routing<router_type>) {
     require_live();
     detail::layer::device_step<moe_layer>::route_and_run(*this, device_state_, x, tokens, y);
   }
@@ -338,7 +363,7 @@ public:
   //! The routing of the last device-routed `forward(x, tokens, y)`, in device memory (valid until
   //! the next forward); no tokens before the first.
   device_routing_view<top_k_type> last_device_routing() const
-      requires(backend_type::space == memory_space::device && !std::is_same_v<router_type, layer::given_routing>) {
+      requires(backend_type::space == memory_space::device && !detail::layer::is_given_routing<router_type>) {
     return detail::layer::device_step<moe_layer>::last_routing(*this, device_state_);
   }
 
@@ -425,7 +450,7 @@ private:
   }
 
   // logits = x·gate in fp32, then the router.
-  void route(std::span<const value_type> x) requires(!std::is_same_v<router_type, layer::given_routing>) {
+  void route(std::span<const value_type> x) requires(!detail::layer::is_given_routing<router_type>) {
     const std::size_t H = shape_.hidden(), E = shape_.experts();
     LOCUS_REQUIRE(x.size() % H == 0, invalid_input_error, "moe_layer::forward: ", x.size(),
                   " input values are not a whole number of tokens of hidden size ", H);
@@ -491,12 +516,12 @@ private:
           if constexpr (writes_first_rows) {
             const auto sums = handle_.copy_sums_to_write();
             compute_(blocks,
-                     layer::weighted_sum_target{sums.data(), handle_.row_copies().data(), handle_.row_weights().data(),
+                     layer::weighted_sum_target{sums.data(), handle_.row_copies().data(), handle_.sum_weights().data(),
                                                 handle_.received_copies(), handle_.row_first().data()});
           } else {
             const auto sums = handle_.copy_sums();
             compute_(blocks, layer::weighted_sum_target{sums.data(), handle_.row_copies().data(),
-                                                        handle_.row_weights().data(), handle_.received_copies()});
+                                                        handle_.sum_weights().data(), handle_.received_copies()});
           }
         } else {
           compute_(blocks);

@@ -181,6 +181,7 @@ private:
     auto& d = s.dispatch;
     require_stream(l.experts(), l.backend().stream, "routed");
     d.set_layer_index(l.layer_index_);
+    d.set_weight_site(layer_type::routing_weight_site);
     d.dispatch(x, r, placement::replica_policy{l.replica_rule_, l.layer_index_, l.hot_ranks_}, fail, abort);
     const auto b = d.blocks();
     try {

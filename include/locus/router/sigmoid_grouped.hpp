@@ -23,7 +23,9 @@ namespace locus::inline LOCUS_ABI_NAMESPACE::router {
 //! best groups are kept (equal scores: lower group id), and the k largest b among their experts
 //! are chosen (equal b: lower expert id), ordered by decreasing b. Weight j is
 //! s_j / (sum of the k chosen s + 1e-20) * routed_scaling_factor, or s_j * routed_scaling_factor
-//! without normalisation. The same ids come out of the host and device paths.
+//! without normalisation. The same ids come out of the host and device paths. Without a bias the
+//! group score is still the top-2 sum (as Hugging Face's DeepseekV3TopkRouter computes it; vLLM's
+//! grouped_topk takes the group's maximum when it is given no bias, DeepSeek-V2's rule).
 //! @tparam Groups    `locus::groups<G>` or `groups<>`
 //! @tparam TopGroups `locus::top_groups<T>` or `top_groups<>`
 //! @tparam TopK      `locus::top_k<K>` or `top_k<>`

@@ -1,7 +1,9 @@
 #pragma once
 //! @file
 //! `router::sigmoid_top1`: Llama 4 Maverick gating — one routed expert per token, weighted by the
-//! sigmoid of its logit. The shared expert every token also passes through is the layer's job.
+//! sigmoid of its logit, and the weight scales the expert's input (Llama 4 multiplies the hidden
+//! state by it before the expert), not its output. The shared expert every token also passes
+//! through is the layer's job.
 
 #include <locus/core/policy.hpp>
 #include <locus/core/routing.hpp>
@@ -18,6 +20,8 @@ public:
   using policy_concept = router_tag;
   using top_k_type = locus::top_k<1>;
   static constexpr const char* name = "sigmoid_top1";
+  //! Llama 4: y = E(w·x), not w·E(x); a moe_layer scales the expert input rows (locus::weight_site).
+  static constexpr weight_site routing_weight_site = weight_site::expert_input;
 
   static constexpr std::size_t top_k() noexcept { return 1; }
 

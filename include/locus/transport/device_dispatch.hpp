@@ -150,9 +150,17 @@ public:
   //! other's experts. Layers that share a map and step on one endpoint need distinct indices.
   void set_layer_index(std::uint64_t index) noexcept {
     layer_index_ = index;
-    agreement_ = step_agreement(map_fingerprint_, index);
+    agreement_ = step_agreement(map_fingerprint_, index, site_);
   }
   std::uint64_t layer_index() const noexcept { return layer_index_; }
+  //! Where the routing weights apply (default expert_output): at the expert input, the gather of
+  //! the local experts' rows scales each by its weight and combine's reduction sums the outputs
+  //! unweighted (as moe_dispatcher::set_weight_site). Part of every exchange's agreement.
+  void set_weight_site(weight_site site) noexcept {
+    site_ = site;
+    agreement_ = step_agreement(map_fingerprint_, layer_index_, site);
+  }
+  weight_site routing_weight_site() const noexcept { return site_; }
 
   //! Waits, through the transport, for the work this rank queued, and swallows what the wait
   //! raises: what the destructor does before its buffers go. Freeing device memory waits for the
@@ -290,7 +298,7 @@ public:
         if (n > 0) LOCUS_CUDA_CHECK(cudaMemsetAsync(back_.data(), 0, n * hidden_ * sizeof(T), stream_));
       } else {
         back_.resize(std::max<std::size_t>(drl_.rows(), 1) * hidden_);
-        reduce_expert_output(drl_, expert_out_.data(), hx_, back_.data(), stream_);
+        reduce_expert_output(drl_, expert_out_.data(), hx_, back_.data(), stream_, site_);
       }
       returned = kind_ == transport_kind::hierarchical ? combine_node() : combine_flat();
     });
@@ -378,12 +386,17 @@ private:
     drl_built_ = check_unread_ = true;
   }
 
-  // The local experts' input rows, gathered from the received rows.
+  // The local experts' input rows, gathered from the received rows (scaled by their weights when
+  // the weights apply to the expert input).
   void gather_input(const T* received) {
     const std::size_t n = recv_bad_ ? 0 : drl_.entries();
     expert_in_.resize(std::max<std::size_t>(n, 1) * hidden_);
     expert_out_.resize(std::max<std::size_t>(n, 1) * hidden_);
-    if (!recv_bad_) gather_expert_input(drl_, received, hx_, expert_in_.data(), stream_);
+    if (recv_bad_) return;
+    if (site_ == weight_site::expert_input)
+      gather_weighted_expert_input(drl_, received, hx_, expert_in_.data(), stream_);
+    else
+      gather_expert_input(drl_, received, hx_, expert_in_.data(), stream_);
   }
 
   // Flat: every row straight to its destination rank over the world group.
@@ -550,7 +563,8 @@ private:
   expert_map map_;
   std::uint64_t map_fingerprint_;
   std::uint64_t layer_index_ = 0;
-  std::uint64_t agreement_; // step_agreement(map, layer index): what each count round carries, for the ranks to compare
+  weight_site site_ = weight_site::expert_output;
+  std::uint64_t agreement_; // step_agreement(map, index, site): each count round carries it, ranks compare it
   std::size_t hidden_;
   Hidden hx_; // the row width the kernels are instantiated for (static: a constant)
   cudaStream_t stream_;

@@ -200,18 +200,36 @@ void gather_expert_input(const device_receive_layout& rl, const T* received, H h
   detail::permute::dispatch_gather<T>(received, rl.expert_row(), 1, rl.entries(), hidden, expert_in, stream, rl.flag());
 }
 
-//! `rows_out[r] = sum over r's entries of weight × expert_out` (as the host function); zeros when
-//! the layout's check word is set (its metadata was refused: its indices were never built).
+//! `expert_in[i] = weight[i] · received[expert_row[i]]` (fp32, rounded to T): the expert input of a
+//! routing whose weights apply there (weight_site::expert_input); nothing when the layout's check
+//! word is set.
 //! @throws locus::invalid_input_error when the receive layout has no weights
 template <class T, class H = std::size_t>
+void gather_weighted_expert_input(const device_receive_layout& rl, const T* received, H hidden, T* expert_in,
+                                  cudaStream_t stream = nullptr) {
+  static_assert(detail::permute::device_element<T>,
+                "locus::transport::gather_weighted_expert_input: elements must be float or bfloat16");
+  LOCUS_REQUIRE(rl.entries() == 0 || rl.expert_weight(), invalid_input_error,
+                "gather_weighted_expert_input: the receive layout was built without weights");
+  detail::permute::dispatch_gather_scaled<T>(received, rl.expert_row(), rl.expert_weight(), rl.entries(), hidden,
+                                             expert_in, stream, rl.flag());
+}
+
+//! `rows_out[r] = sum over r's entries of weight × expert_out` (as the host function), or of
+//! expert_out alone when `site` is expert_input (the weights were applied to the inputs); zeros
+//! when the layout's check word is set (its metadata was refused: its indices were never built).
+//! @throws locus::invalid_input_error when the receive layout has no weights to apply
+template <class T, class H = std::size_t>
 void reduce_expert_output(const device_receive_layout& rl, const T* expert_out, H hidden, T* rows_out,
-                          cudaStream_t stream = nullptr) {
+                          cudaStream_t stream = nullptr, weight_site site = weight_site::expert_output) {
   static_assert(detail::permute::device_element<T>,
                 "locus::transport::reduce_expert_output: elements must be float or bfloat16");
-  LOCUS_REQUIRE(rl.entries() == 0 || rl.expert_weight(), invalid_input_error,
+  const bool weighted = site == weight_site::expert_output;
+  LOCUS_REQUIRE(!weighted || rl.entries() == 0 || rl.expert_weight(), invalid_input_error,
                 "reduce_expert_output: the receive layout was built without weights");
-  detail::permute::dispatch_reduce<T>(expert_out, rl.row_entry_offsets(), rl.entry_position(), rl.expert_weight(),
-                                      rl.rows(), hidden, rows_out, stream, rl.flag());
+  detail::permute::dispatch_reduce<T>(expert_out, rl.row_entry_offsets(), rl.entry_position(),
+                                      weighted ? rl.expert_weight() : nullptr, rl.rows(), hidden, rows_out, stream,
+                                      rl.flag());
 }
 
 //! `out[t] = sum of t's returned rows` (as the host function).

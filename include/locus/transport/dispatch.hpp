@@ -173,6 +173,8 @@ public:
   std::size_t expert_rows() const noexcept { return expert_offsets_.empty() ? 0 : expert_offsets_.back(); }
   //! Where each expert row's `hidden` inputs lie (in the receive buffers, or in the dispatch's `x`
   //! for this rank's own tokens: `x` must outlive the expert compute), blocked by local expert.
+  //! When the dispatcher's routing weights apply to the expert input (weight_site::expert_input),
+  //! each row is its routing weight times the token's row, in fp32 rounded to T, held by the handle.
   std::span<const T* const> expert_input_rows() const noexcept { return row_ptr_; }
   const T* expert_input_row(std::size_t row) const noexcept { return row_ptr_[row]; }
   //! Where an expert compute writes its outputs, `rows × hidden`, blocked by local expert. Not
@@ -186,6 +188,12 @@ public:
     return {reinterpret_cast<const std::uint32_t*>(recv_.expert_row().data()), recv_.entries()};
   }
   std::span<const float> row_weights() const noexcept { return recv_.expert_weight(); }
+  //! The weight each expert row's output enters its copy's sum with: its routing weight, or 1 where
+  //! the routing weight was applied to the row's input (weight_site::expert_input). What a compute
+  //! that fuses combine's weighted sum multiplies by.
+  std::span<const float> sum_weights() const noexcept {
+    return site_ == weight_site::expert_input ? std::span<const float>(ones_) : row_weights();
+  }
   //! Zeroed fp32 sums, `received_copies() × hidden`, for an expert compute that fuses combine's
   //! weighted sum (adds weight × output of each row to its copy's sum, rows ascending); combine
   //! then sends these instead of reading expert_output().
@@ -235,6 +243,9 @@ private:
   receive_layout recv_;                       // entries ordered per local expert
   std::vector<std::size_t> expert_offsets_;
   std::vector<const T*> row_ptr_;
+  std::vector<T> scaled_in_; // weight_site::expert_input: each expert row's weighted input
+  std::vector<float> ones_;  // ... and the unit weights its output is summed with
+  weight_site site_ = weight_site::expert_output;
   std::vector<T> expert_out_;
   std::vector<float> sums_;
   std::vector<std::uint8_t> first_, seen_; // copy_sums_to_write()'s marks
@@ -299,9 +310,17 @@ public:
   //! other's experts. Layers that share a map and step on one endpoint need distinct indices.
   void set_layer_index(std::uint64_t index) noexcept {
     layer_index_ = index;
-    agreement_ = step_agreement(map_fingerprint_, index);
+    agreement_ = step_agreement(map_fingerprint_, index, site_);
   }
   std::uint64_t layer_index() const noexcept { return layer_index_; }
+  //! Where the routing weights apply (default expert_output): at the expert input, each expert
+  //! row is scaled by its weight before the expert compute reads it and combine sums the outputs
+  //! unweighted. Part of every exchange's agreement: ranks must give it alike.
+  void set_weight_site(weight_site site) noexcept {
+    site_ = site;
+    agreement_ = step_agreement(map_fingerprint_, layer_index_, site);
+  }
+  weight_site routing_weight_site() const noexcept { return site_; }
 
   //! Bytes of one dispatch row, one combine row and one fan-out entry: the message sizes under
   //! which the traffic model's bytes equal the measured ones.
@@ -413,7 +432,8 @@ public:
   }
 
   //! Collective: returns the expert outputs of `h` to their sources and writes, for each token of
-  //! its dispatch, y[t] = Σ_j weight(t, j) · output(expert(t, j), t). Uses the sums a fused
+  //! its dispatch, y[t] = Σ_j weight(t, j) · output(expert(t, j), t) (Σ_j output(expert(t, j), t)
+  //! when the weights applied to the expert input: set_weight_site). Uses the sums a fused
   //! compute left in `h.copy_sums()` when it took them, else the expert output rows.
   //! @param y tokens × hidden, token-major
   //! @throws locus::invalid_input_error (after the exchanges) on a size mismatch
@@ -672,6 +692,24 @@ private:
         h.row_ptr_[i] = x + std::size_t{h.own_tokens_[c - forwarded]} * hidden_;
     }
     h.expert_out_.resize(expert_row.size() * hidden_);
+    h.site_ = site_;
+    if (site_ == weight_site::expert_input) scale_inputs(h);
+  }
+
+  // weight_site::expert_input: each expert row becomes weight × its token's row (fp32, rounded to
+  // T), in the handle, as the device path's weighted gather computes it; its output is summed with 1.
+  static void scale_inputs(handle_type& h) {
+    const auto weight = h.recv_.expert_weight();
+    const std::size_t rows = h.row_ptr_.size(), hidden = h.hidden_;
+    h.scaled_in_.resize(rows * hidden);
+    for (std::size_t i = 0; i < rows; ++i) {
+      T* out = h.scaled_in_.data() + i * hidden;
+      const T* in = h.row_ptr_[i];
+      for (std::size_t c = 0; c < hidden; ++c)
+        out[c] = static_cast<T>(weight[i] * static_cast<float>(in[c]));
+      h.row_ptr_[i] = out;
+    }
+    h.ones_.assign(rows, 1.0f);
   }
 
   // Σ weight · expert output per received copy, in fp32, rows ascending (as a fusing compute
@@ -679,9 +717,13 @@ private:
   void weighted_sums(const handle_type& h, float* out) const {
     const auto copy = h.recv_.expert_row();
     const auto weight = h.recv_.expert_weight();
+    const bool unit = h.site_ == weight_site::expert_input; // the weights were applied to the inputs
     for (std::size_t r = 0; r < copy.size(); ++r) {
       float* p = out + static_cast<std::size_t>(copy[r]) * hidden_;
-      detail::dispatch::add_row<true>(p, h.expert_out_.data() + r * hidden_, weight[r], hidden_);
+      if (unit)
+        detail::dispatch::add_row<false>(p, h.expert_out_.data() + r * hidden_, 1.0f, hidden_);
+      else
+        detail::dispatch::add_row<true>(p, h.expert_out_.data() + r * hidden_, weight[r], hidden_);
     }
   }
 
@@ -776,7 +818,8 @@ private:
   std::size_t hidden_, row_bytes_;
   std::uint64_t map_fingerprint_; // of *map_ as the dispatcher read it (local_experts_, slot_block_)
   std::uint64_t layer_index_ = 0;
-  std::uint64_t agreement_;      // step_agreement(map_fingerprint_, layer_index_)
+  weight_site site_ = weight_site::expert_output;
+  std::uint64_t agreement_;      // step_agreement(map_fingerprint_, layer_index_, site_)
   std::uint64_t dispatches_ = 0; // dispatches so far: the number of the next handle filled, less one
   std::vector<expert_id> local_experts_;
   std::vector<std::int32_t> slot_block_; // local slot → block (local expert index), -1 for empty

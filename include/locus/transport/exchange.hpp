@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <locus/core/error.hpp>
 #include <locus/core/policy.hpp>
+#include <locus/core/routing.hpp>
 #include <locus/core/topology.hpp>
 #include <locus/core/transport_kind.hpp>
 #include <memory>
@@ -168,14 +169,16 @@ concept exchanger = requires(T& t, const T& ct, const exchange_request& req, exc
 
 //! The agreement of a dispatcher's exchanges (exchange_request::agreement): its expert map's
 //! fingerprint mixed with the index of the layer it serves, so that ranks stepping two layers of
-//! one map in different orders raise instead of exchanging one layer's rows as the other's.
-//! Never 0 (0: no agreement).
-inline std::uint64_t step_agreement(std::uint64_t map_fingerprint, std::uint64_t layer_index) noexcept {
+//! one map in different orders raise instead of exchanging one layer's rows as the other's, and
+//! with where the routing weights apply (a receiver applies them: ranks that disagree would
+//! weight each other's tokens at different sites). Never 0 (0: no agreement).
+inline std::uint64_t step_agreement(std::uint64_t map_fingerprint, std::uint64_t layer_index,
+                                    weight_site site = weight_site::expert_output) noexcept {
   std::uint64_t z = layer_index + 0x9e3779b97f4a7c15ull; // splitmix64's finaliser: nearby indices far apart
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
   z ^= z >> 31;
-  const std::uint64_t a = map_fingerprint ^ z;
+  const std::uint64_t a = map_fingerprint ^ z ^ (site == weight_site::expert_input ? 0x5bd1e9955bd1e995ull : 0);
   return a == 0 ? 1 : a;
 }
 
@@ -565,12 +568,14 @@ inline std::string verdict(std::span<const header> received, const group_map& gr
     if (received[m].agreement != received[0].agreement)
       return ::locus::detail::concat(where(), "rank ", groups.world_rank_of(g, 0), " and rank ",
                                      groups.world_rank_of(g, m),
-                                     " step with different expert maps, step different layers or combine "
-                                     "different dispatches (agreement values ",
+                                     " step with different expert maps, step different layers, apply the "
+                                     "routing weights at different sites or combine different dispatches "
+                                     "(agreement values ",
                                      received[0].agreement, " and ", received[m].agreement,
                                      "; 0: none): every rank must step its layers in the same order, each "
-                                     "with the same map and layer index as the others (by default the order "
-                                     "its layers were made in), and combine its dispatches in the same order");
+                                     "with the same map, layer index and weight site as the others (by default "
+                                     "the index is the order its layers were made in, the site the router's), "
+                                     "and combine its dispatches in the same order");
   for (std::size_t m = 1; m < received.size(); ++m)
     if (received[m].tail != received[0].tail)
       return ::locus::detail::concat(where(), "rank ", groups.world_rank_of(g, 0), " sends ", received[0].tail,

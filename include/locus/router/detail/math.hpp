@@ -57,9 +57,11 @@ LOCUS_HOST_DEVICE float select(bool c, float a, float b) {
 }
 
 //! exp(x) for finite x, relative error below 3e-7 on [-87, 88]. Inputs are clamped to that range
-//! (so exp never overflows; below it the result is 2^-126-ish instead of a denormal, which no
-//! router can tell from zero). Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a degree-7
-//! Taylor polynomial in Horner form, then an exact scaling by 2^n. NaN gives NaN (reduced as 0:
+//! (so exp never overflows; below it the result is 2^-126-ish instead of a denormal). So sigmoid
+//! scores of logits below about -88 are all equal, where fp32 with denormals still orders them
+//! down to about -103: routers then choose among such experts by id. No trained router's logits
+//! come near (a reviewer's comparison with torch differed only there). Cody-Waite reduction x = n ln2 + r, |r| <=
+//! ln2/2, then a degree-7 Taylor polynomial in Horner form, then an exact scaling by 2^n. NaN gives NaN (reduced as 0:
 //! its conversion to an integer exponent would be undefined).
 LOCUS_HOST_DEVICE float exp(float x) {
   const bool nan = !(x == x);

@@ -52,6 +52,21 @@ void dispatch_gather(const T* src, const std::int32_t* index, std::size_t stride
   LOCUS_CUDA_CHECK(cudaGetLastError());
 }
 
+//! dst[r] = weight[r] · src[index[r]] for r < rows (stage::gather_scaled_rows).
+template <class T, class H>
+void dispatch_gather_scaled(const T* src, const std::int32_t* index, const float* weight, std::size_t rows, H hidden,
+                            T* dst, cudaStream_t stream, const std::int32_t* skip = nullptr) {
+  if (rows == 0 || stage::width(hidden) == 0) return;
+  if (stage::vectorisable<T>(stage::width(hidden), src, dst))
+    gather_scaled_rows_kernel<T, true, H><<<shape_for<T, true>(rows, stage::width(hidden)), block_threads, 0, stream>>>(
+        src, index, weight, rows, hidden, dst, skip);
+  else
+    gather_scaled_rows_kernel<T, false, H>
+        <<<shape_for<T, false>(rows, stage::width(hidden)), block_threads, 0, stream>>>(src, index, weight, rows,
+                                                                                        hidden, dst, skip);
+  LOCUS_CUDA_CHECK(cudaGetLastError());
+}
+
 //! dst[copy_row[t * k + j]] = src[t] for t < tokens (each row once). `K`: a locus::top_k extent.
 template <class T, class K, class H>
 void dispatch_scatter(K k, const T* src, const std::int32_t* copy_row, std::size_t tokens, H hidden, T* dst,

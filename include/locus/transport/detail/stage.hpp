@@ -192,6 +192,36 @@ LOCUS_HOST_DEVICE void gather_rows(grid_index g, const T* LOCUS_RESTRICT src, co
   }
 }
 
+//! `dst[r] = weight[r] · src[index[r]]` for r < rows, each product in fp32 rounded to T: the expert
+//! input of a routing whose weights apply to it (weight_site::expert_input), as the host dispatcher
+//! scales its rows.
+template <class T, bool Vec, class H>
+LOCUS_HOST_DEVICE void gather_scaled_rows(grid_index g, const T* LOCUS_RESTRICT src,
+                                          const std::int32_t* LOCUS_RESTRICT index, const float* LOCUS_RESTRICT weight,
+                                          std::size_t rows, H hidden_extent, T* LOCUS_RESTRICT dst) {
+  const std::size_t hidden = width(hidden_extent);
+  constexpr std::size_t n = chunk<T, Vec>;
+  for (std::size_t r = g.block; r < rows; r += g.blocks) {
+    const T* s = src + static_cast<std::size_t>(index[r]) * hidden;
+    T* d = dst + r * hidden;
+    const float w = weight[r];
+    for (std::size_t h = g.thread * n; h < hidden; h += g.threads * n) {
+      T in[n];
+      if constexpr (Vec) {
+        const vec16 bits = load_vec(s + h);
+        std::memcpy(static_cast<void*>(in), &bits, sizeof bits);
+      } else {
+        in[0] = s[h];
+      }
+      float v[n];
+      LOCUS_UNROLL
+      for (std::size_t i = 0; i < n; ++i)
+        v[i] = locus::detail::fmul(w, load_float(in[i]));
+      store<T, Vec>(d + h, v);
+    }
+  }
+}
+
 //! `dst[copy_row[t * k + j]] = src[t]` for every token t < tokens and choice j (a row shared by
 //! several choices is written once): the permute, read token-major, so each token is read once
 //! however many rows it fills (gather_rows over row_token reads it once per row). Every row of a
@@ -255,7 +285,8 @@ LOCUS_HOST_DEVICE void copy_bytes(grid_index g, const std::byte* LOCUS_RESTRICT 
   }
 }
 
-//! `out[r] = sum over r's entries e (in order) of weight[p] * y[p]`, p = entry_position[e].
+//! `out[r] = sum over r's entries e (in order) of weight[p] * y[p]`, p = entry_position[e]; of
+//! y[p] alone when `weight` is null (the weights applied to the expert input: 1 · y is y).
 template <class T, bool Vec, class H>
 LOCUS_HOST_DEVICE void
 reduce_rows(grid_index g, const T* LOCUS_RESTRICT y, const std::int32_t* LOCUS_RESTRICT row_entry_offsets,
@@ -269,7 +300,7 @@ reduce_rows(grid_index g, const T* LOCUS_RESTRICT y, const std::int32_t* LOCUS_R
       float acc[n] = {};
       for (std::int32_t e = e0; e < e1; ++e) {
         const auto p = static_cast<std::size_t>(entry_position[e]);
-        accumulate<T, Vec, true>(acc, y + p * hidden + h, weight[p]);
+        accumulate<T, Vec, true>(acc, y + p * hidden + h, weight ? weight[p] : 1.0f);
       }
       store<T, Vec>(out + r * hidden + h, acc);
     }

@@ -1,7 +1,7 @@
 #pragma once
 //! @file
 //! CUDA kernels moving token vectors through a layout: row scatter (permute), row gather
-//! (unpermute, expert input), weighted row reduction and combine. Each kernel is a stage body of
+//! (unpermute, expert input, weighted expert input), weighted row reduction and combine. Each kernel is a stage body of
 //! `transport/detail/stage.hpp` run on gridDim.y blocks per output row; threads stride over the
 //! row in 16-byte vectors (`Vec = true`, when the row size and base pointers allow it) or single
 //! elements.
@@ -28,6 +28,14 @@ __global__ void gather_rows_kernel(const T* __restrict__ src, const std::int32_t
                                    const std::int32_t* skip) {
   if (skip && *skip) return;
   stage::gather_rows<T, Vec>(this_thread(), src, index, stride, rows, hidden, dst);
+}
+
+template <class T, bool Vec, class H>
+__global__ void gather_scaled_rows_kernel(const T* __restrict__ src, const std::int32_t* __restrict__ index,
+                                          const float* __restrict__ weight, std::size_t rows, H hidden,
+                                          T* __restrict__ dst, const std::int32_t* skip) {
+  if (skip && *skip) return;
+  stage::gather_scaled_rows<T, Vec>(this_thread(), src, index, weight, rows, hidden, dst);
 }
 
 template <class T, bool Vec, class K, class H>
