@@ -166,7 +166,8 @@ struct routed_rank {
 template <std::size_t K>
 std::vector<routed_rank> run_routed(const locus_test::dispatch_case& c, const layer::expert_weights<float>& all,
                                     const std::vector<float>& gate, const std::vector<bool>& poison,
-                                    const layer::expert_weights<float>* shared = nullptr) {
+                                    const layer::expert_weights<float>* shared = nullptr,
+                                    const std::vector<float>* shared_gate = nullptr) {
   using shape = moe_shape<experts<>, top_k<K>, hidden<>, shared_experts<>>;
   using layer_t = moe_layer<shape, dynamic_topology, device_local_flat, backend::cuda>;
   device_local_fabric fabric(c.topo, transport_kind::flat);
@@ -184,7 +185,9 @@ std::vector<routed_rank> run_routed(const locus_test::dispatch_case& c, const la
                   layer::swiglu_cuda<float>(layer::expert_weights<float>::for_rank(c.map, r, all), stream),
                   backend::cuda{stream});
         l.set_router(gate);
-        if (shared) l.set_shared_experts(layer::swiglu_cuda<float>(*shared, stream));
+        if (shared)
+          l.set_shared_experts(layer::swiglu_cuda<float>(*shared, stream),
+                               shared_gate ? *shared_gate : std::vector<float>{});
         o.x = c.inputs(r);
         const std::size_t T = o.x.size() / c.hidden;
         if (poison[r] && T > 0) o.x[0] = std::numeric_limits<float>::quiet_NaN();
@@ -222,22 +225,24 @@ std::vector<routed_rank> run_routed(const locus_test::dispatch_case& c, const la
 
 std::vector<routed_rank> run_routed_k(const locus_test::dispatch_case& c, const layer::expert_weights<float>& all,
                                       const std::vector<float>& gate, const std::vector<bool>& poison,
-                                      const layer::expert_weights<float>* shared = nullptr) {
+                                      const layer::expert_weights<float>* shared = nullptr,
+                                      const std::vector<float>* shared_gate = nullptr) {
   switch (c.k) {
-  case 1: return run_routed<1>(c, all, gate, poison, shared);
-  case 2: return run_routed<2>(c, all, gate, poison, shared);
-  case 3: return run_routed<3>(c, all, gate, poison, shared);
-  case 4: return run_routed<4>(c, all, gate, poison, shared);
-  case 5: return run_routed<5>(c, all, gate, poison, shared);
-  default: return run_routed<6>(c, all, gate, poison, shared);
+  case 1: return run_routed<1>(c, all, gate, poison, shared, shared_gate);
+  case 2: return run_routed<2>(c, all, gate, poison, shared, shared_gate);
+  case 3: return run_routed<3>(c, all, gate, poison, shared, shared_gate);
+  case 4: return run_routed<4>(c, all, gate, poison, shared, shared_gate);
+  case 5: return run_routed<5>(c, all, gate, poison, shared, shared_gate);
+  default: return run_routed<6>(c, all, gate, poison, shared, shared_gate);
   }
 }
 
 // Worst error of y against the dense reference under routing r, in units of the tolerance.
 double worst_error(const std::vector<float>& x, const std::vector<float>& y, const routing<>& r,
-                   const layer::expert_weights<float>& all, const layer::expert_weights<float>* shared = nullptr) {
+                   const layer::expert_weights<float>& all, const layer::expert_weights<float>* shared = nullptr,
+                   const std::vector<float>* shared_gate = nullptr) {
   std::vector<double> scale;
-  const auto ref = locus_test::dense_moe(x, r.view(), all, shared, &scale);
+  const auto ref = locus_test::dense_moe(x, r.view(), all, shared, &scale, weight_site::expert_output, shared_gate);
   double worst = 0;
   for (std::size_t i = 0; i < ref.size(); ++i)
     worst = std::max(worst, std::abs(y[i] - ref[i]) / (2e-6 * scale[i] + 1e-6));
@@ -415,7 +420,8 @@ BOOST_AUTO_TEST_CASE(bad_device_routing_on_one_rank_releases_the_peers) {
   }
 }
 
-// Shared experts on the device path: every rank runs them on its own tokens and adds them.
+// Shared experts on the device path: every rank runs them on its own tokens and adds them, with
+// weight 1 or scaled by a gate.
 BOOST_AUTO_TEST_CASE(device_layer_adds_shared_experts) {
   for (std::uint64_t seed = 1; seed <= 4; ++seed)
     for (auto [nodes, gpus] : {std::pair<std::size_t, std::size_t>{1, 4}, {2, 2}}) {
@@ -424,11 +430,16 @@ BOOST_AUTO_TEST_CASE(device_layer_adds_shared_experts) {
         const auto all = locus_test::model_weights<float>(seed + 100, c.experts, c.hidden, 16);
         const auto shared = locus_test::model_weights<float>(seed + 200, 1, c.hidden, 16);
         const auto gate = router_gate(seed, c.hidden, c.experts);
-        const auto out = run_routed_k(c, all, gate, std::vector<bool>(c.topo.ranks(), false), &shared);
-        for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
-          if (out[r].error) std::rethrow_exception(out[r].error);
-          const auto ref = host_routing(out[r].x, gate, c.hidden, c.experts, c.k);
-          BOOST_TEST(worst_error(out[r].x, out[r].y, ref, all, &shared) <= 1.0);
+        // Ungated (weight 1), and gated by sigmoid(x·g) per token (Qwen2-MoE's shared_expert_gate).
+        const auto shared_gate = locus_test::random_rows<float>(seed + 300, 1, c.hidden);
+        for (const bool gated : {false, true}) {
+          const auto* g = gated ? &shared_gate : nullptr;
+          const auto out = run_routed_k(c, all, gate, std::vector<bool>(c.topo.ranks(), false), &shared, g);
+          for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
+            if (out[r].error) std::rethrow_exception(out[r].error);
+            const auto ref = host_routing(out[r].x, gate, c.hidden, c.experts, c.k);
+            BOOST_TEST(worst_error(out[r].x, out[r].y, ref, all, &shared, g) <= 1.0, "gated " << gated);
+          }
         }
       }
     }

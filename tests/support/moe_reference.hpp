@@ -93,12 +93,14 @@ void reference_ffn(const locus::layer::expert_weights<W>& weights, locus::expert
 
 // The dense reference MoE: y[t] = Σ_j weight(t, j) · FFN_{expert(t, j)}(x[t]) + Σ_s FFN_s(x[t]),
 // or, with the weights on the expert input (Llama 4), Σ_j FFN_{expert(t, j)}(weight(t, j) · x[t]) + ....
-// `shared` may be empty (no shared experts). Returns y and, in `scale`, the error scale of each value.
+// `shared` may be empty (no shared experts); with `shared_gate` (hidden values), the shared sum is
+// scaled by sigmoid(x[t]·gate) (Qwen2-MoE). Returns y and, in `scale`, the error scale of each value.
 template <class W, class X, class Routing>
 std::vector<double> dense_moe(const std::vector<X>& x, const Routing& r, const locus::layer::expert_weights<W>& routed,
                               const std::type_identity_t<locus::layer::expert_weights<W>>* shared,
                               std::vector<double>* scale = nullptr,
-                              locus::weight_site site = locus::weight_site::expert_output) {
+                              locus::weight_site site = locus::weight_site::expert_output,
+                              const std::vector<float>* shared_gate = nullptr) {
   const std::size_t H = routed.hidden(), T = r.tokens(), K = r.top_k();
   std::vector<double> y(T * H, 0.0), s(T * H, 0.0), o(H), os(H), scaled(H);
   for (std::size_t t = 0; t < T; ++t) {
@@ -120,12 +122,19 @@ std::vector<double> dense_moe(const std::vector<X>& x, const Routing& r, const l
         s[t * H + c] += std::abs(w) * os[c];
       }
     }
+    double g = 1.0;
+    if (shared_gate) {
+      double v = 0;
+      for (std::size_t c = 0; c < H; ++c)
+        v += as_double(x[t * H + c]) * (*shared_gate)[c];
+      g = 1.0 / (1.0 + std::exp(-v));
+    }
     if (shared)
       for (locus::expert_id e : shared->experts()) {
         reference_ffn(*shared, e, x.data() + t * H, o.data(), os.data());
         for (std::size_t c = 0; c < H; ++c) {
-          y[t * H + c] += o[c];
-          s[t * H + c] += os[c];
+          y[t * H + c] += g * o[c];
+          s[t * H + c] += g * os[c];
         }
       }
   }

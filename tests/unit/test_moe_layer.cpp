@@ -6,6 +6,7 @@
 
 #include <boost/test/unit_test.hpp>
 #include <functional>
+#include <limits>
 #include <locus/layer/moe_layer.hpp>
 #include <locus/placement/linear.hpp>
 #include <locus/router/sigmoid_grouped.hpp>
@@ -186,6 +187,72 @@ BOOST_AUTO_TEST_CASE(weights_on_the_expert_input_through_a_user_compute) {
       }
     }
   }
+}
+
+// Gated shared experts (Qwen2-MoE, Qwen3-Next: y = routed + sigmoid(x·gate) · Σ_s FFN_s(x)), flat
+// and hierarchical, out of place and in place; the gate's size and values are checked when set.
+BOOST_AUTO_TEST_CASE(gated_shared_experts_match_the_dense_reference) {
+  std::size_t told_apart = 0, cases = 0;
+  for (std::uint64_t seed = 1; seed <= 8; ++seed) {
+    const auto c = locus_test::make_case(seed, 2, 1 + seed % 3);
+    const std::size_t shared = 1 + seed % 2, ffn = 9;
+    const auto all = locus_test::model_weights<float>(seed, c.experts, c.hidden, ffn);
+    const auto shared_w = locus_test::model_weights<float>(seed + 1, shared, c.hidden, ffn);
+    const auto gate = locus_test::random_rows<float>(seed + 2, 1, c.hidden);
+    for (const auto kind : {transport_kind::flat, transport_kind::hierarchical})
+      for (const bool in_place : {false, true}) {
+        transport::local_fabric f(c.topo, kind);
+        std::vector<std::vector<float>> y(c.topo.ranks());
+        require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
+          const std::size_t r = ep.rank();
+          const auto run = [&]<class Transport>(Transport) {
+            dyn_layer<Transport, layer::given_routing> layer(
+                dyn_shape(c.experts, c.k, c.hidden, shared), c.topo, ep, c.map,
+                layer::swiglu_host<float>(expert_weights<float>::for_rank(c.map, r, all), 1));
+            layer.set_shared_experts(layer::swiglu_host<float>(shared_w, 1), gate);
+            const auto x = c.inputs(r);
+            if (in_place) {
+              y[r] = x;
+              layer.forward(y[r], c.routings[r].view(), y[r]);
+            } else {
+              y[r].assign(x.size(), -1.0f);
+              layer.forward(x, c.routings[r].view(), y[r]);
+            }
+          };
+          if (kind == transport_kind::flat)
+            run(transport::local_flat{});
+          else
+            run(transport::local_hierarchical{});
+        }));
+        for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
+          std::vector<double> scale;
+          const auto ref = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, &shared_w, &scale,
+                                                 weight_site::expert_output, &gate);
+          const double worst = worst_ratio(y[r], ref, scale, 0.0, 2e-6);
+          BOOST_TEST(worst <= 1.0, "seed " << seed << " " << to_string(kind) << (in_place ? " in place" : "")
+                                           << " rank " << r << ": " << worst);
+          if (c.routings[r].tokens() == 0) continue;
+          const auto ungated = locus_test::dense_moe(c.inputs(r), c.routings[r].view(), all, &shared_w, &scale);
+          told_apart += worst_ratio(y[r], ungated, scale, 0.0, 2e-6) > 1.0;
+          ++cases;
+        }
+      }
+  }
+  BOOST_TEST(told_apart == cases, told_apart << " of " << cases << " ranks differ from the ungated MoE");
+  // The gate is checked when set: its size, and finite values.
+  const auto c = locus_test::make_case(3, 1, 1);
+  transport::local_fabric f(c.topo, transport_kind::flat);
+  auto ep = f.endpoint(0);
+  const auto all = locus_test::model_weights<float>(3, c.experts, c.hidden, 4);
+  const auto shared_w = locus_test::model_weights<float>(4, 1, c.hidden, 4);
+  dyn_layer<transport::local_flat> layer(dyn_shape(c.experts, c.k, c.hidden, 1), c.topo, ep, c.map,
+                                         layer::swiglu_host<float>(all, 1));
+  BOOST_CHECK_THROW(layer.set_shared_experts(layer::swiglu_host<float>(shared_w, 1), std::vector<float>(c.hidden + 1)),
+                    config_error);
+  std::vector<float> bad(c.hidden, 0.5f);
+  bad.back() = std::numeric_limits<float>::infinity();
+  BOOST_CHECK_THROW(layer.set_shared_experts(layer::swiglu_host<float>(shared_w, 1), bad), config_error);
+  BOOST_CHECK_NO_THROW(layer.set_shared_experts(layer::swiglu_host<float>(shared_w, 1), std::vector<float>(c.hidden)));
 }
 
 // Every replica rule sends each copy to a replica of its expert: the result is the dense MoE's.

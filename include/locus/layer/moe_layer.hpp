@@ -27,6 +27,7 @@
 //! the exchanges (with no tokens) and raises afterwards, so its peers never wait for it.
 
 #include <algorithm>
+#include <cmath>
 #include <concepts>
 #include <cstdint>
 #include <exception>
@@ -271,19 +272,29 @@ public:
     set_router(router_type(shape_.top_k()), std::move(gate));
   }
 
-  //! Sets the shared experts (every token passes through each, weight 1), held on every rank; the
-  //! compute must hold experts 0 .. shape.shared_experts() - 1.
+  //! Sets the shared experts (every token passes through each), held on every rank; the compute
+  //! must hold experts 0 .. shape.shared_experts() - 1. Their outputs are added with weight 1
+  //! (DeepSeek-V3, Llama 4), or, given a `gate` of `hidden` values, with weight sigmoid(x·gate) per
+  //! token (Qwen2-MoE's and Qwen3-Next's shared_expert_gate: a 1-output linear layer, fp32 here),
+  //! the gate scaling the shared experts' sum.
   //! @throws locus::config_error when the shape has no shared experts, the compute lacks one or its
-  //!         weights have another hidden size
-  void set_shared_experts(expert_compute_type shared) {
+  //!         weights have another hidden size, or a gate has another size or a non-finite value
+  void set_shared_experts(expert_compute_type shared, std::vector<float> gate = {}) {
     LOCUS_REQUIRE(shape_.shared_experts() > 0, config_error,
                   "moe_layer::set_shared_experts: the shape has no shared experts");
+    LOCUS_REQUIRE(gate.empty() || gate.size() == shape_.hidden(), config_error, "moe_layer::set_shared_experts: the ",
+                  "gate has ", gate.size(), " values, expected hidden = ", shape_.hidden());
+    for (std::size_t h = 0; h < gate.size(); ++h)
+      LOCUS_REQUIRE(std::isfinite(gate[h]), config_error, "moe_layer::set_shared_experts: gate value ", h, " is ",
+                    gate[h], ", not finite");
     std::vector<expert_id> ids(shape_.shared_experts());
     for (std::size_t s = 0; s < ids.size(); ++s)
       ids[s] = static_cast<expert_id>(s);
     check_compute(shared, ids, "shared expert");
     bound_threads(shared);
     shared_.emplace(std::move(shared));
+    shared_gate_ = std::move(gate);
+    ++shared_version_; // the device step uploads the gate again
   }
 
   //! Collective: y = MoE(x) for this rank's tokens, routed by the router policy.
@@ -574,7 +585,13 @@ private:
       (*shared_)(layer::expert_blocks<value_type>{&id, offsets, 1, x.data(), shared_out_.data(), H});
       detail::layer::accumulate(one_thread, shared_out_.data(), acc_.size(), s == 0, acc_.data());
     }
-    detail::layer::add_sum(one_thread, acc_.data(), y.size(), y.data());
+    const float* score = nullptr;
+    if (!shared_gate_.empty()) {
+      gate_score_.resize(T);
+      detail::layer::gate_scores(one_thread, x.data(), T, H, shared_gate_.data(), gate_score_.data());
+      score = gate_score_.data();
+    }
+    detail::layer::add_sum(one_thread, acc_.data(), y.size(), y.data(), score, H);
   }
 
   // A compute with an overload taking a weighted_sum_target forms combine's sums itself.
@@ -602,6 +619,8 @@ private:
   std::optional<router_type> router_;
   std::optional<expert_compute_type> shared_;
   std::vector<float> gate_, logits_, acc_;
+  std::vector<float> shared_gate_, gate_score_; // the shared experts' gate (empty: weight 1) and its scores
+  std::uint64_t shared_version_ = 0;
   std::vector<value_type> shared_out_, shared_in_;
   routing_type routing_;
   std::uint64_t router_version_ = 0;

@@ -74,7 +74,8 @@ struct device_step<moe_layer<Shape, Topology, Policies...>> {
     dispatcher_type dispatch;
     std::shared_ptr<void> route; // device_route_state<router_type>, made by the first routed step
     device_buffer<value_type> shared_out, shared_in;
-    device_buffer<float> shared_sum;
+    device_buffer<float> shared_sum, shared_gate, gate_score;
+    std::uint64_t shared_gate_version = 0; // of the layer's gate in shared_gate (0: none uploaded)
   };
 
   //! The step with the caller's device routing.
@@ -180,6 +181,16 @@ private:
                    std::exception_ptr fail, value_type* y, transport::device_abort abort = {}) {
     auto& d = s.dispatch;
     require_stream(l.experts(), l.backend().stream, "routed");
+    // A new shared-expert gate goes up before the step's exchanges: an upload from pageable memory
+    // may wait, untimed, for the stream's earlier work, so the transport's timed wait goes first. A
+    // failure is this rank's, raised after the step like a routing error.
+    if (!l.shared_gate_.empty() && s.shared_gate_version != l.shared_version_) try {
+        l.exchanger().synchronize("uploading the shared experts' gate");
+        s.shared_gate.upload(l.shared_gate_, l.backend().stream);
+        s.shared_gate_version = l.shared_version_;
+      } catch (...) {
+        if (!fail) fail = std::current_exception();
+      }
     d.set_layer_index(l.layer_index_);
     d.set_weight_site(layer_type::routing_weight_site);
     d.dispatch(x, r, placement::replica_policy{l.replica_rule_, l.layer_index_, l.hot_ranks_}, fail, abort);
@@ -256,7 +267,15 @@ private:
       kernels::accumulate<<<blocks, 256, 0, stream>>>(s.shared_out.data(), n, e == 0, s.shared_sum.data());
       LOCUS_CUDA_CHECK(cudaGetLastError());
     }
-    kernels::add_sum<<<blocks, 256, 0, stream>>>(s.shared_sum.data(), n, y);
+    const float* score = nullptr;
+    if (!l.shared_gate_.empty()) {
+      s.gate_score.resize(T);
+      const auto token_blocks = static_cast<unsigned>(std::min<std::size_t>((T + 255) / 256, 65535));
+      kernels::gate_scores<<<token_blocks, 256, 0, stream>>>(x, T, H, s.shared_gate.data(), s.gate_score.data());
+      LOCUS_CUDA_CHECK(cudaGetLastError());
+      score = s.gate_score.data();
+    }
+    kernels::add_sum<<<blocks, 256, 0, stream>>>(s.shared_sum.data(), n, y, score, H);
     LOCUS_CUDA_CHECK(cudaGetLastError());
   }
 };

@@ -2,14 +2,16 @@
 //! @file
 //! The elementwise stages of a layer step around its GEMMs, written once for the host layer
 //! (`moe_layer.hpp`) and the device one (`moe_layer_cuda.hpp`, through `kernels/shared_sum.cuh`):
-//! the fp32 copy of the router's input, and the shared experts' outputs summed in fp32 with the
-//! routed part and rounded once. Each is one thread of a grid (transport/detail/stage.hpp) striding
-//! over the elements; the host runs them through `stage::run_grid`, so the CPU tests cover the
-//! arithmetic the GPU does and both give the same bits (one rounding per add, none contracted).
+//! the fp32 copy of the router's input, the shared experts' gate scores, and the shared experts'
+//! outputs summed in fp32 with the routed part and rounded once. Each is one thread of a grid
+//! (transport/detail/stage.hpp) striding over the elements; the host runs them through `stage::run_grid`, so the CPU
+//! tests cover the arithmetic the GPU does and both give the same bits (one rounding per add, none contracted).
 
 #include <cstddef>
 #include <locus/core/bfloat16.hpp>
 #include <locus/core/config.hpp>
+#include <locus/core/rounded_float.hpp>
+#include <locus/router/detail/math.hpp>
 #include <locus/transport/detail/stage.hpp>
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
@@ -31,13 +33,30 @@ LOCUS_HOST_DEVICE void accumulate(transport::detail::stage::grid_index g, const 
     sum[i] = (first ? 0.0f : sum[i]) + to_float(part[i]);
 }
 
+//! score[t] = sigmoid(x[t]·gate) for the `tokens` rows of `hidden` values: the shared experts'
+//! gate (Qwen2-MoE's and Qwen3-Next's shared_expert_gate), the dot product summed in fp32 in
+//! ascending order, one thread per token.
+template <class T>
+LOCUS_HOST_DEVICE void gate_scores(transport::detail::stage::grid_index g, const T* LOCUS_RESTRICT x,
+                                   std::size_t tokens, std::size_t hidden, const float* LOCUS_RESTRICT gate,
+                                   float* LOCUS_RESTRICT score) {
+  for (std::size_t t = g.block * g.threads + g.thread; t < tokens; t += g.blocks * g.threads) {
+    float v = 0.0f;
+    for (std::size_t h = 0; h < hidden; ++h)
+      v = locus::detail::fadd(v, locus::detail::fmul(to_float(x[t * hidden + h]), gate[h]));
+    score[t] = locus::detail::router::sigmoid(v);
+  }
+}
+
 //! y[i] = round(y[i] + sum[i]): the routed part and the shared experts' sum added in fp32 and
-//! rounded once to T.
+//! rounded once to T; with `score` (the gate's, one per row of `hidden` values), the sum is scaled
+//! by its row's score first.
 template <class T>
 LOCUS_HOST_DEVICE void add_sum(transport::detail::stage::grid_index g, const float* LOCUS_RESTRICT sum, std::size_t n,
-                               T* LOCUS_RESTRICT y) {
+                               T* LOCUS_RESTRICT y, const float* LOCUS_RESTRICT score = nullptr,
+                               std::size_t hidden = 1) {
   for (std::size_t i = g.block * g.threads + g.thread; i < n; i += g.blocks * g.threads)
-    y[i] = static_cast<T>(to_float(y[i]) + sum[i]);
+    y[i] = static_cast<T>(to_float(y[i]) + (score ? locus::detail::fmul(score[i / hidden], sum[i]) : sum[i]));
 }
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer

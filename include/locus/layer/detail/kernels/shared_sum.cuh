@@ -2,8 +2,8 @@
 // locus-requires: cuda
 #include <locus/core/nvcc_only.hpp> // first: a host compiler stops here, saying why
 //! @file
-//! The device layer step's elementwise kernels: the router input's fp32 copy and the shared
-//! experts' fp32 sum added to the routed output. Their bodies are detail/shared_sum_stages.hpp's,
+//! The device layer step's elementwise kernels: the router input's fp32 copy, the shared experts'
+//! gate scores and their fp32 sum added to the routed output. Their bodies are detail/shared_sum_stages.hpp's,
 //! which the host layer runs.
 
 #include <cstddef>
@@ -24,8 +24,17 @@ __global__ void accumulate(const T* __restrict__ part, std::size_t n, bool first
 }
 
 template <class T>
-__global__ void add_sum(const float* __restrict__ sum, std::size_t n, T* __restrict__ y) {
-  layer::add_sum(transport::detail::stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, sum, n, y);
+__global__ void gate_scores(const T* __restrict__ x, std::size_t tokens, std::size_t hidden,
+                            const float* __restrict__ gate, float* __restrict__ score) {
+  layer::gate_scores(transport::detail::stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, x, tokens,
+                     hidden, gate, score);
+}
+
+template <class T>
+__global__ void add_sum(const float* __restrict__ sum, std::size_t n, T* __restrict__ y, const float* score,
+                        std::size_t hidden) {
+  layer::add_sum(transport::detail::stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, sum, n, y, score,
+                 hidden);
 }
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer::kernels
