@@ -371,7 +371,10 @@ inline void register_compare(CLI::App& app) {
       ->check(CLI::IsMember(tool_cli::names_of(locus::placement::all_replica_rules)));
   cmd->add_option("--batch-per-rank", o->batch_per_rank, "Running requests per rank (GPU)")
       ->check(tool_cli::positive_whole);
-  cmd->add_option("--hidden", o->hidden, "Hidden size (message sizes: FP8 dispatch, BF16 combine)")
+  cmd->add_option(
+         "--hidden", o->hidden,
+         "Hidden size (message sizes: FP8 dispatch, BF16 combine); the default is DeepSeek-V2-Lite's, the ESFT traces' "
+         "model (DeepSeek-V3: 7168, Qwen3-235B: 4096, Llama 4: 5120)")
       ->check(CLI::Range(std::size_t{1}, max_hidden));
   cmd->add_option("--clusters", o->clusters,
                   "Request clusters of the workload-aware model (at most one per training request)")

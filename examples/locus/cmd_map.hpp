@@ -19,6 +19,24 @@
 
 namespace locus_driver {
 
+// The model layers a plan saved, as map check says them: "hidden layers 3..60 of 61", "hidden layers
+// 1, 3, ..., 47 of 48" (evenly spaced), or each one listed.
+inline std::string saved_layers_text(const std::vector<std::size_t>& ids, std::size_t hidden) {
+  std::string out = "hidden layers ";
+  const std::size_t step = ids.size() > 1 ? ids[1] - ids[0] : 1;
+  bool even = true;
+  for (std::size_t i = 1; i < ids.size(); ++i)
+    even &= ids[i] - ids[i - 1] == step;
+  if (even && step == 1)
+    out += std::to_string(ids.front()) + ".." + std::to_string(ids.back());
+  else if (even && ids.size() > 3)
+    out += std::to_string(ids[0]) + ", " + std::to_string(ids[1]) + ", ..., " + std::to_string(ids.back());
+  else
+    for (std::size_t i = 0; i < ids.size(); ++i)
+      out += (i ? ", " : "") + std::to_string(ids[i]);
+  return out + " of " + std::to_string(hidden ? hidden : ids.back() + 1);
+}
+
 // `locus map check`: validate a saved plan and summarise it.
 inline int map_check(const std::string& path, const std::string& json = {}) {
   check_outputs({{"--json", json}}, {path});
@@ -38,7 +56,9 @@ inline int map_check(const std::string& path, const std::string& json = {}) {
               {"slots_per_rank", m.slots_per_rank()},
               {"replica_slots_used", replicas},
               {"empty_slots", empty},
-              {"gpus_per_node", plan.gpus_per_node ? nlohmann::json(plan.gpus_per_node) : nlohmann::json(nullptr)}});
+              {"gpus_per_node", plan.gpus_per_node ? nlohmann::json(plan.gpus_per_node) : nlohmann::json(nullptr)},
+              {"model_layers", plan.model_layers.empty() ? nlohmann::json(nullptr) : nlohmann::json(plan.model_layers)},
+              {"hidden_layers", plan.hidden_layers ? nlohmann::json(plan.hidden_layers) : nlohmann::json(nullptr)}});
   if (stdout_taken({json})) return 0;
   const std::string topology = plan.gpus_per_node ? " (" + std::to_string(m.ranks() / plan.gpus_per_node) +
                                                         " nodes x " + std::to_string(plan.gpus_per_node) + " GPUs)"
@@ -47,6 +67,13 @@ inline int map_check(const std::string& path, const std::string& json = {}) {
               one_line(path).c_str(), layers.size(), m.experts(), m.ranks(), topology.c_str(), m.slots_per_rank(),
               replicas,
               empty ? (", " + std::to_string(empty) + " empty (map export fills them for the engines)").c_str() : "");
+  // What the engine exports will number the layers by, before they are written.
+  if (plan.model_layers.empty())
+    std::printf("no model layer numbers saved: map export writes the layers as hidden layers 0..%zu unless "
+                "--first-moe-layer, --moe-layer-step or --num-hidden-layers say otherwise\n",
+                layers.size() - 1);
+  else
+    std::printf("model layers: %s\n", saved_layers_text(plan.model_layers, plan.hidden_layers).c_str());
   return 0;
 }
 
@@ -54,6 +81,7 @@ struct export_options {
   std::string map_path, to, out, load_trace, grouping, json;
   static constexpr std::size_t unset = static_cast<std::size_t>(-1);
   std::size_t first_moe_layer = unset, hidden_layers = 0, gpus_per_node = 0; // 0: the plan's, else 1
+  std::size_t moe_layer_step = 0;                                            // 0: not given (1)
   std::size_t mtp_layers = 0;
 };
 
@@ -85,25 +113,50 @@ inline int map_export(const export_options& o) {
   const std::size_t gpus_per_node = o.gpus_per_node ? o.gpus_per_node : plan.gpus_per_node ? plan.gpus_per_node : 1;
   // The plan's own layer numbering (from the trace it was made on) unless the options say otherwise.
   locus::placement::model_layers layers;
-  if (o.first_moe_layer == export_options::unset && !plan.model_layers.empty()) {
+  const bool numbered = o.first_moe_layer != export_options::unset || o.moe_layer_step != 0;
+  // Planned layers at or past --num-hidden-layers are multi-token-prediction layers (TensorRT-LLM's
+  // statistics hold DeepSeek-V3's MTP layer 61 beside hidden layers 3..60): the last `planned_mtp`,
+  // of an engine's file (a map JSON's layers stay the model's hidden layers).
+  std::size_t planned_mtp = 0;
+  if (!numbered && !plan.model_layers.empty()) {
     layers.moe_layer = plan.model_layers;
     layers.hidden_layers = o.hidden_layers      ? o.hidden_layers
                            : plan.hidden_layers ? plan.hidden_layers
                                                 : plan.model_layers.back() + 1;
+    if (o.hidden_layers && !as_map)
+      for (const std::size_t id : layers.moe_layer)
+        planned_mtp += id >= o.hidden_layers;
   } else {
-    layers = locus::placement::model_layers::contiguous(
+    layers = locus::placement::model_layers::spaced(
         maps.size(), o.first_moe_layer == export_options::unset ? 0 : o.first_moe_layer,
-        o.hidden_layers ? o.hidden_layers : plan.hidden_layers);
+        o.moe_layer_step ? o.moe_layer_step : 1, o.hidden_layers ? o.hidden_layers : plan.hidden_layers);
     // Allowed (a trace may have logged its layers by another numbering), but said: the engine
     // would load each layer's map into another layer.
     if (!plan.model_layers.empty() && plan.model_layers != layers.moe_layer)
       std::fprintf(stderr,
-                   "locus map export: --first-moe-layer %zu numbers the plan's layers %zu..%zu; the plan saved "
+                   "locus map export: the layer options number the plan's layers %zu..%zu; the plan saved "
                    "%zu..%zu, the layers of the trace it was made on\n",
-                   layers.moe_layer.front(), layers.moe_layer.front(), layers.moe_layer.back(),
-                   plan.model_layers.front(), plan.model_layers.back());
+                   layers.moe_layer.front(), layers.moe_layer.back(), plan.model_layers.front(),
+                   plan.model_layers.back());
+    // SGLang and TensorRT-LLM index every hidden layer: a plan that saved no numbering (a synthetic
+    // trace, a [layers, experts] load without empty rows) is read as hidden layers 0..L-1, which is
+    // right only for a model without dense layers, and a wrong guess fails at the engine's start-up
+    // or loads each map into another layer. Said, with the options that number it.
+    if (!numbered && o.hidden_layers == 0 && !as_map &&
+        (format == locus::placement::engine_format::sglang || format == locus::placement::engine_format::trtllm))
+      std::fprintf(stderr,
+                   "locus map export: the plan saves no model layer numbers: its %zu layers are written as hidden "
+                   "layers 0..%zu, right for a model whose every layer is MoE (Qwen3); one with dense layers needs "
+                   "--first-moe-layer, --moe-layer-step and --num-hidden-layers (DeepSeek-V3: 3, 1, 61; Llama 4 "
+                   "Maverick: 1, 2, 48)\n",
+                   maps.size(), maps.size() - 1);
   }
+  // The MTP layers the plan holds are among the model's: TensorRT-LLM gets their maps, and the
+  // trivial placement for the others --mtp-layers counts (validate refuses ids past them all).
   layers.mtp_layers = o.mtp_layers;
+  if (planned_mtp > 0)
+    layers.mtp_layers = std::max(o.mtp_layers, std::min(layers.moe_layer.back() - o.hidden_layers + 1,
+                                                        locus::placement::model_layers::max_mtp_layers + 1));
   layers.validate(maps.size());
   std::vector<std::vector<double>> load;
   if (!o.load_trace.empty()) {
@@ -138,34 +191,52 @@ inline int map_export(const export_options& o) {
     if (plan.gpus_per_node == 0) plan.gpus_per_node = gpus_per_node;
     // The layer options renumber the map as they renumber an engine's file; without them the
     // plan's own numbering, or none, stays as it was.
-    if (o.first_moe_layer != export_options::unset || o.hidden_layers != 0) {
+    if (numbered || o.hidden_layers != 0) {
       plan.model_layers = layers.moe_layer;
       plan.hidden_layers = layers.hidden_layers;
     }
   }
+  // SGLang's NextN layer reads the file's first row and vLLM's MTP draft is a model of its own: their
+  // files, and EPLB's, leave the planned MTP layers out (export_text), which is said.
+  const bool keys_mtp = format == locus::placement::engine_format::trtllm;
+  if (planned_mtp > 0 && !keys_mtp)
+    std::fprintf(stderr,
+                 "locus map export: the plan's last %zu layer%s (from layer %zu, past --num-hidden-layers %zu): "
+                 "the model's multi-token-prediction layers, which the %s file has no row for; left out\n",
+                 planned_mtp, planned_mtp == 1 ? "" : "s", layers.moe_layer[maps.size() - planned_mtp],
+                 layers.hidden_layers, o.to.c_str());
+  const std::size_t written = keys_mtp || as_map ? maps.size() : maps.size() - planned_mtp;
   output_set files; // the export and its JSON together or not at all
   files.add(o.out, as_map ? locus::expert_plan_text(plan) : locus::placement::export_text(format, maps, layers));
   const auto& m = maps.front();
-  files.add_json(o.json, "map export",
-                 {{"out", o.out},
-                  {"to", o.to},
-                  {"moe_layers", maps.size()},
-                  {"hidden_layer_ids", layers.moe_layer},
-                  {"hidden_layers", layers.hidden_layers},
-                  {"mtp_layers", layers.mtp_layers},
-                  {"experts", m.experts()},
-                  {"slots", m.slot_count()},
-                  {"ranks", m.ranks()},
-                  {"empty_slots_filled", filled},
-                  {"filled_by_load", !load.empty()}});
+  const std::size_t mtp_keys = keys_mtp && !as_map ? layers.mtp_layers : 0; // the MTP layers the file keys
+  files.add_json(
+      o.json, "map export",
+      {{"out", o.out},
+       {"to", o.to},
+       {"moe_layers", written},
+       {"hidden_layer_ids", std::vector<std::size_t>(layers.moe_layer.begin(),
+                                                     layers.moe_layer.begin() + static_cast<std::ptrdiff_t>(written))},
+       {"hidden_layers", layers.hidden_layers},
+       {"mtp_layers", mtp_keys},
+       {"experts", m.experts()},
+       {"slots", m.slot_count()},
+       {"ranks", m.ranks()},
+       {"empty_slots_filled", filled},
+       {"filled_by_load", !load.empty()}});
   files.commit();
   if (stdout_taken({o.json, o.out})) return 0;
-  std::printf(
-      "%s: %s format, %zu MoE layers (hidden layers %zu..%zu of %zu), %zu experts in %zu slots per layer on %zu "
-      "ranks; %zu empty slots of %zu (all layers) filled%s\n",
-      one_line(o.out).c_str(), o.to.c_str(), maps.size(), layers.moe_layer.front(), layers.moe_layer.back(),
-      layers.hidden_layers, m.experts(), m.slot_count(), m.ranks(), filled, m.slot_count() * maps.size(),
-      load.empty() && filled > 0 ? " (no --load-trace: by replica count)" : "");
+  const std::size_t last_hidden = layers.moe_layer[maps.size() - planned_mtp - 1];
+  const std::string mtp_text =
+      mtp_keys == 0 ? std::string()
+                    : ::locus::detail::concat(", ", mtp_keys, " MTP layer", mtp_keys == 1 ? "" : "s",
+                                              planned_mtp ? ::locus::detail::concat(" (", planned_mtp, " planned)")
+                                                          : std::string());
+  std::printf("%s: %s format, %zu MoE layers (hidden layers %zu..%zu of %zu%s), %zu experts in %zu slots per layer on "
+              "%zu ranks; %zu empty slots of %zu (all layers) filled%s\n",
+              one_line(o.out).c_str(), o.to.c_str(), written, layers.moe_layer.front(), last_hidden,
+              layers.hidden_layers, mtp_text.c_str(), m.experts(), m.slot_count(), m.ranks(), filled,
+              m.slot_count() * maps.size(), load.empty() && filled > 0 ? " (no --load-trace: by replica count)" : "");
   // A map JSON for locus itself (as_map) has no engine flag to name.
   if (!as_map && format == locus::placement::engine_format::sglang)
     std::printf("pass: --init-expert-location %s --ep-num-redundant-experts %zu --tp-size %zu --ep-size %zu (EP "
@@ -181,7 +252,10 @@ inline int map_export(const export_options& o) {
                 "--extra_llm_api_options; TensorRT-LLM's load balancer needs attention DP, EP > 1 and a backend that "
                 "supports it), --tp_size %zu --ep_size %zu (trtllm-serve; trtllm-bench: --tp, --ep)%s\n",
                 one_line(locus::trace::quoted_name(o.out)).c_str(), m.ranks(), m.ranks(),
-                o.mtp_layers ? "" : "; MTP layers the plan lacks (DeepSeek-V3/R1: layer 61) need --mtp-layers");
+                o.mtp_layers || planned_mtp
+                    ? ""
+                    : "; a model with multi-token-prediction layers (DeepSeek-V3/R1: layer 61) needs --mtp-layers, "
+                      "or, where the plan holds them (TensorRT-LLM's statistics do), --num-hidden-layers");
   return 0;
 }
 
@@ -206,9 +280,14 @@ inline void register_map(CLI::App& app) {
   exp->add_option("--out", o->out, "Output file")->required();
   // These two default to what the plan saved: --help names that, not the sentinel the code holds.
   exp->add_option("--first-moe-layer", o->first_moe_layer,
-                  "Hidden-layer index of the plan's first layer (DeepSeek-V3: 3); layers follow contiguously")
+                  "Hidden-layer index of the plan's first layer (DeepSeek-V3: 3; Llama 4 Maverick: 1)")
       ->check(CLI::Range(std::size_t{0}, locus::max_hidden_layers - 1)) // not the "saved ids" sentinel
       ->default_str("the layer ids saved with the plan, else 0");
+  exp->add_option("--moe-layer-step", o->moe_layer_step,
+                  "Hidden layers from one MoE layer to the next: 1 when they follow each other, 2 when they "
+                  "alternate with dense layers (Llama 4 Maverick)")
+      ->check(CLI::Range(std::size_t{1}, locus::max_hidden_layers)) // 0 is the "not given" sentinel
+      ->default_str("the layer ids saved with the plan, else 1");
   exp->add_option("--num-hidden-layers", o->hidden_layers, "The model's hidden-layer count")
       ->check(CLI::Range(std::size_t{1}, locus::max_hidden_layers)) // 0 is the "saved count" sentinel
       ->default_str("saved with the plan, else the last MoE layer + 1");

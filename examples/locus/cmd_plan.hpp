@@ -568,7 +568,10 @@ inline void register_simulate(CLI::App& app) {
       ->check(tool_cli::finite_non_negative);
   cmd->add_option("--batch-per-rank", opt->batch_per_rank, "Running requests per rank (GPU)")
       ->check(tool_cli::positive_whole);
-  cmd->add_option("--hidden", opt->hidden, "Hidden size (message sizes: FP8 dispatch, BF16 combine)")
+  cmd->add_option(
+         "--hidden", opt->hidden,
+         "Hidden size (message sizes: FP8 dispatch, BF16 combine); the default is DeepSeek-V2-Lite's, the ESFT traces' "
+         "model (DeepSeek-V3: 7168, Qwen3-235B: 4096, Llama 4: 5120)")
       ->check(CLI::Range(std::size_t{1}, max_hidden));
   cmd->add_option("--arrival-rate", opt->arrival_rate, "Poisson arrivals per step (0: all at once)")
       ->check(tool_cli::finite_non_negative);
@@ -600,7 +603,9 @@ inline void register_simulate(CLI::App& app) {
          "last re-plan exceeds this (0: off). A re-plan on drift or balance comes at least a window (--replan-window) "
          "after the last re-plan")
       ->check(tool_cli::zero_or_at_least_one);
-  cmd->add_option("--expert-bytes", opt->expert_bytes, "Weight bytes of one expert (moved bytes)")
+  cmd->add_option("--expert-bytes", opt->expert_bytes,
+                  "Weight bytes of one expert (moved bytes); the default is DeepSeek-V2-Lite's (3 x 2048 x "
+                  "1408 in BF16; DeepSeek-V3: 3 x 7168 x 2048 x 1 in FP8)")
       ->check(CLI::Range(std::uint64_t{0}, locus::placement::max_expert_bytes));
   cmd->callback([cmd, split, plan, opt] {
     const auto start = std::chrono::steady_clock::now();

@@ -156,10 +156,12 @@ def _finite(x: float, name: str, lo: float = 0.0, hi: Optional[float] = None) ->
     return x
 
 
-def _check_model_layers(ids: Optional[list], layers: int, hidden: int, ids_name: str, hidden_name: str) -> None:
+def _check_model_layers(ids: Optional[list], layers: int, hidden: int, ids_name: str, hidden_name: str,
+                        mtp: int = 0) -> None:
     """Layer ids (`ids`, None: 0..layers-1) and a model's hidden-layer count (0: not known) as the
-    exports and the map files take them: one id per layer, ascending, below the count and the
-    library's limit. Refused naming the arguments (the library named "model layers", "trace")."""
+    exports and the map files take them: one id per layer, ascending, below the count (plus `mtp`
+    MTP layers after it, which an export may hold) and the library's limit. Refused naming the
+    arguments (the library named "model layers", "trace")."""
     top = _LIMITS["hidden_layers"]
     _whole(hidden, hidden_name, 0, top)
     if ids is None:
@@ -174,9 +176,10 @@ def _check_model_layers(ids: Optional[list], layers: int, hidden: int, ids_name:
             raise ConfigError(f"locus: configuration error: {ids_name} must ascend ({ids_name}[{i}] is {a}, "
                               f"[{i + 1}] is {b})")
     for i, v in enumerate(ids):
-        if not 0 <= v < (hidden or top):
+        if not 0 <= v < ((hidden + mtp) or top):
             raise ConfigError(f"locus: configuration error: {ids_name}[{i}] is {v}, expected a hidden layer from 0 "
-                              f"to {(hidden or top) - 1}" + (f" ({hidden_name} is {hidden})" if hidden else ""))
+                              f"to {(hidden or top) - 1}" + (f" ({hidden_name} is {hidden})" if hidden else "")
+                              + (f" or one of its {mtp} MTP layers" if mtp else ""))
 
 
 def _type_name(x: Any) -> str:
@@ -437,8 +440,8 @@ def load_routed_experts(
     ``.npz`` may hold one array per request; each becomes a request, in the archive's order, named by
     its array's name: the trace's ``request_names``; ``key``: that one array). ``layer_ids``: the MoE layers
     to keep, for arrays with a row per hidden layer as vLLM and SGLang return them; without it the
-    dense layers' rows (expert 0 for every choice, k >= 2) are left out, as ``locus plan --load``
-    does. The trace records the layers kept as its model layer ids and the arrays' layer count as
+    dense layers' rows (expert 0 for every choice: with k >= 2, or for at least 16 tokens with k = 1)
+    are left out, as ``locus plan --load`` does. The trace records the layers kept as its model layer ids and the arrays' layer count as
     the model's."""
     try:
         with open(path, "rb") as f:
@@ -517,12 +520,13 @@ def _moe_layers(ids: np.ndarray, layer_ids: Optional[Sequence[int]], path: str) 
     """`ids` with only the layers `layer_ids`, those ids and the hidden-layer count. Without
     `layer_ids`, the rows of dense layers are left out as `locus plan --load` leaves them: engines
     return a row for every hidden layer and fill a dense layer's with expert 0 for every choice,
-    which no router chooses twice (k >= 2)."""
+    which no router chooses twice (k >= 2), nor for every one of many tokens (k = 1: the core's
+    dense_top1_tokens)."""
     if ids.ndim != 3:  # trace_from_arrays names a wrong shape
         return ids, None, 0
     if layer_ids is None:
         tokens, layers, k = ids.shape
-        if k < 2 or tokens == 0:
+        if tokens == 0 or (k < 2 and tokens < _core._limits["dense_top1_tokens"]):
             return ids, None, 0
         moe = [l for l in range(layers) if not (ids[:, l] == 0).all()]
         if len(moe) == layers:
@@ -1102,7 +1106,9 @@ def export_text(
     ``num_hidden_layers`` layers, or the plan's count, or the last MoE layer + 1. ``mtp_layers``
     (trtllm, as ``locus map export --mtp-layers``, at most 16): multi-token-prediction layers after
     the hidden layers (DeepSeek-V3/R1 with MTP: 1), which TensorRT-LLM balances too and refuses to
-    start without; each gets the trivial placement (slot p holds expert p mod E)."""
+    start without; each gets the trivial placement (slot p holds expert p mod E). A plan's own layer
+    ids at or past ``num_hidden_layers`` (TensorRT-LLM's statistics hold DeepSeek-V3's MTP layer 61)
+    are its MTP layers: TensorRT-LLM gets their maps, the other files leave them out."""
     _whole(mtp_layers, "mtp_layers", 0, _LIMITS["mtp_layers"])
     if mtp_layers and to != "trtllm":
         raise ConfigError("locus: configuration error: mtp_layers applies to to=\"trtllm\" (SGLang's NextN layer reads "
@@ -1130,11 +1136,15 @@ def export_text(
     if first_moe_layer is not None and given and given <= ids[-1]:
         raise ConfigError(f"locus: configuration error: first_moe_layer is {first_moe_layer}: the plan's {layers} "
                           f"layers end at hidden layer {ids[-1]}, and {hidden_name} is {given}")
-    _check_model_layers(ids if ids_name else None, layers, given, ids_name or "", hidden_name)
+    # The plan's own ids past num_hidden_layers are MTP layers (as `locus map export` takes them).
+    mtp = mtp_layers
+    if ids_name == "ExpertPlan.layer_ids" and num_hidden_layers and ids and max(ids) >= num_hidden_layers:
+        mtp = max(mtp_layers, min(max(ids) - num_hidden_layers + 1, _LIMITS["mtp_layers"] + 1))
+    _check_model_layers(ids if ids_name else None, layers, given, ids_name or "", hidden_name, mtp)
     # The largest id, not the last: ids out of order are then reported as such.
     hidden = given or (max(ids) + 1 if ids else 0)
     full = plan.filled(load)
-    return _core._export_text(full._maps(), plan.experts, to, ids, hidden, mtp_layers)
+    return _core._export_text(full._maps(), plan.experts, to, ids, hidden, mtp)
 
 
 @_checked

@@ -523,6 +523,7 @@ NB_MODULE(_core, m) {
   limits["esft_top_k"] = locus::trace::esft_options{}.top_k;
   limits["eplb_slots"] = locus::placement::max_eplb_slots;
   limits["mtp_layers"] = locus::placement::model_layers::max_mtp_layers;
+  limits["dense_top1_tokens"] = locus::placement::dense_top1_tokens;
   m.attr("_limits") = limits;
 
   error_type = PyErr_NewException("locus.LocusError", PyExc_Exception, nullptr);

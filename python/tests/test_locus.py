@@ -590,6 +590,18 @@ def test_engine_statistics_import(tmp_path):
     np.save(tmp_path / "broken.npy", broken)
     with pytest.raises(locus.InvalidInputError, match="expert 0 is chosen twice"):
         locus.load_routed_experts(str(tmp_path / "broken.npy"), 8)
+    # Top-1 (Llama 4, MoE every other layer): a dense row is expert 0 for every token too; with at
+    # least 16 tokens it is left out (no router sends them all to one expert), with fewer it is kept.
+    def top1_rows(tokens):
+        ids = np.zeros((tokens, 4, 1), np.uint8)
+        ids[:, [1, 3], 0] = (np.arange(tokens)[:, None] + np.array([1, 2])) % 8
+        return ids
+
+    np.save(tmp_path / "top1.npy", top1_rows(16))
+    top1 = locus.load_routed_experts(str(tmp_path / "top1.npy"), 8)
+    assert top1.model_layer_ids == [1, 3] and top1.hidden_layers == 4
+    np.save(tmp_path / "top1_few.npy", top1_rows(15))
+    assert locus.load_routed_experts(str(tmp_path / "top1_few.npy"), 8).layers == 4
     np.save(tmp_path / "one.npy", engine_rows(6))
     assert locus.load_routed_experts(str(tmp_path / "one.npy"), 8, layer_ids=[1, 3]).model_layer_ids == [1, 3]
     with pytest.raises(locus.InvalidInputError, match=r"layer_ids \[4\] are not among the 4 layers"):
@@ -821,6 +833,14 @@ def test_trtllm_export_keys_the_mtp_layers():
         locus.export_text(plan, "sglang", mtp_layers=1)
     with pytest.raises(locus.ConfigError, match="mtp_layers is 17, expected a whole number from 0 to 16"):
         locus.export_text(plan, "trtllm", mtp_layers=17)
+    # A plan whose own layers include the MTP layer (TensorRT-LLM's statistics hold it): with the
+    # model's num_hidden_layers, TensorRT-LLM keys it with its map, the other files leave it out.
+    held = locus.plan(np.array([[1.0, 2, 3, 4], [4, 3, 2, 1]]), 2, 1, redundant_slots=1, layer_ids=[1, 2])
+    keys = [line.split(":")[0] for line in locus.export_text(held, "trtllm", num_hidden_layers=2).splitlines()[3:]]
+    assert keys == ["  1", "  2"]
+    assert len(json.loads(locus.export_text(held, "sglang", num_hidden_layers=2))["physical_to_logical_map"]) == 2
+    assert len(json.loads(locus.export_text(held, "vllm", num_hidden_layers=2))["physical_to_logical_map"]) == 1
+    assert locus.export_text(held, "trtllm", num_hidden_layers=2, mtp_layers=2).splitlines()[-1].startswith("  3: ")
 
 
 def test_engine_statistics_refuse_malformed_files(tmp_path):

@@ -135,11 +135,49 @@ ok '--json \[PATH\] ' simulate --help
 # A plan keeps the layer numbers its trace logged; an export that renumbers them says so.
 sed -e 's/"layer": 1,/"layer": 2,/' -e 's/"layer": 0,/"layer": 1,/' "$whole" >"$work/layers12.jsonl"
 succeeds plan --trace "$work/layers12.jsonl" --test-fraction 0 --nodes 2 --gpus-per-node 2 --out "$work/l12.json"
-ok "numbers the plan's layers 3\.\.4; the plan saved 1\.\.2" map export "$work/l12.json" --to sglang \
+ok "number the plan's layers 3\.\.4; the plan saved 1\.\.2" map export "$work/l12.json" --to sglang \
   --first-moe-layer 3 --out "$work/l12_sglang.json"
 check "an export that keeps the saved numbers says nothing" \
   bash -c "! timeout 60 '$locus' map export '$work/l12.json' --to sglang --first-moe-layer 1 --out '$work/l12_s.json' \
   2>&1 | grep -q numbers"
+# MoE layers that alternate with dense ones (Llama 4 Maverick: 1, 3, ..., 47 of 48): --moe-layer-step.
+succeeds plan --trace "$work/layers12.jsonl" --test-fraction 0 --nodes 2 --gpus-per-node 2 --placement eplb \
+  --redundant-slots 1 --out "$work/l12e.json"
+ok 'hidden layers 1\.\.3 of 5' map export "$work/l12e.json" --to sglang --first-moe-layer 1 --moe-layer-step 2 \
+  --num-hidden-layers 5 --out "$work/l13_s.json"
+check "every other SGLang row is a MoE layer's" \
+  python3 -c "import json, sys; m = json.load(open(sys.argv[1]))['physical_to_logical_map']; \
+sys.exit(not (len(m) == 5 and m[0] == m[2] == m[4] == [p % 16 for p in range(len(m[0]))] != m[1]))" \
+  "$work/l13_s.json"
+succeeds map export "$work/l12.json" --to trtllm --first-moe-layer 1 --moe-layer-step 2 --out "$work/l13_t.yaml"
+check "TensorRT-LLM keys the odd layers" grep -q '^  3: \[' "$work/l13_t.yaml"
+refused '--moe-layer-step: Value 0 not in range' map export "$work/l12.json" --to sglang --moe-layer-step 0 \
+  --out "$work/l0.json"
+# TensorRT-LLM's statistics hold DeepSeek-V3's MTP layer (61) beside the hidden layers: saved layers
+# past --num-hidden-layers are MTP layers, keyed with their own maps for TensorRT-LLM (more MTP
+# layers from --mtp-layers get the trivial placement) and left out of the files without such rows.
+ok 'hidden layers 1\.\.1 of 2, 2 MTP layers \(1 planned\)' map export "$work/l12e.json" --to trtllm \
+  --num-hidden-layers 2 --mtp-layers 2 --out "$work/mtp.yaml"
+check "TensorRT-LLM keys the planned MTP layer and the trivial one after it" \
+  bash -c "[ \"\$(grep -o '^  [0-9]*:' '$work/mtp.yaml' | tr -d ' \n')\" = '1:2:3:' ]"
+ok "the plan's last 1 layer \(from layer 2, past --num-hidden-layers 2\).*sglang file has no row for; left out" \
+  map export "$work/l12e.json" --to sglang --num-hidden-layers 2 --out "$work/mtp_s.json"
+check "SGLang's file has the hidden layers only" \
+  python3 -c "import json, sys; sys.exit(len(json.load(open(sys.argv[1]))['physical_to_logical_map']) != 2)" \
+  "$work/mtp_s.json"
+refused 'every planned layer is an MTP layer \(from hidden layer 1 on\); a plan needs a hidden layer' map export \
+  "$work/l12e.json" --to vllm --num-hidden-layers 1 --out "$work/mtp_v.json"
+# A plan that saved no layer numbers (a synthetic trace) is written as hidden layers 0..L-1, said
+# for the engines that index every hidden layer (a model with dense layers needs the options).
+succeeds trace synth --out "$work/synth.bin" --experts 8 --top-k 2 --layers 2 --requests 6 --mean-length 60
+succeeds plan --trace "$work/synth.bin" --test-fraction 0 --nodes 2 --gpus-per-node 2 --out "$work/synth.json"
+ok 'the plan saves no model layer numbers: its 2 layers are written as hidden layers 0\.\.1' map export \
+  "$work/synth.json" --to trtllm --out "$work/synth.yaml"
+ok 'no model layer numbers saved: map export writes the layers as hidden layers 0\.\.1' map check "$work/synth.json"
+ok '^model layers: hidden layers 1\.\.2 of 3$' map check "$work/l12.json"
+check "a numbered export of that plan says nothing" \
+  bash -c "! timeout 60 '$locus' map export '$work/synth.json' --to trtllm --first-moe-layer 3 --out '$work/s3.yaml' \
+  2>&1 | grep -q 'saves no model layer'"
 
 # String req_ids (vLLM's "cmpl-..."): kept as the requests' names through the binary format; id
 # files and --homes name requests by them (in quotes where a name holds a comma or a space).

@@ -106,7 +106,7 @@ BOOST_AUTO_TEST_CASE(eplb_arrays_list_slots_in_order_and_pad) {
 // Hidden layers 0 (dense), 1 and 2 (MoE), 3 (dense): dense rows are p mod E.
 BOOST_AUTO_TEST_CASE(sglang_has_a_row_per_hidden_layer_and_trtllm_keys_model_layers) {
   const std::vector<expert_map> maps = {expert_map(3, 2, 2, {2, 1, 0, 2}), expert_map(3, 2, 2, {1, 0, 2, 1})};
-  const auto layers = model_layers::contiguous(2, 1, 4);
+  const auto layers = model_layers::spaced(2, 1, 1, 4);
   const auto doc = sglang_json(maps, layers);
   const auto rows = doc.at("physical_to_logical_map").get<std::vector<std::vector<int>>>();
   BOOST_TEST(rows == (std::vector<std::vector<int>>{{0, 1, 2, 0}, {2, 1, 0, 2}, {1, 0, 2, 1}, {0, 1, 2, 0}}));
@@ -124,19 +124,68 @@ BOOST_AUTO_TEST_CASE(sglang_has_a_row_per_hidden_layer_and_trtllm_keys_model_lay
   const auto v = vllm_json(maps);
   BOOST_TEST(v.at("logical_replica_count").dump() == "[[1,1,2],[1,2,1]]");
   BOOST_TEST(v.at("num_ranks").get<std::size_t>() == 2u);
-  BOOST_CHECK_THROW(model_layers::contiguous(2, 3, 4), config_error); // layers 3, 4 of 4
-  BOOST_CHECK_THROW(sglang_json(maps, model_layers::contiguous(1, 0)), config_error);
+  BOOST_CHECK_THROW(model_layers::spaced(2, 3, 1, 4), config_error); // layers 3, 4 of 4
+  BOOST_CHECK_THROW(sglang_json(maps, model_layers::spaced(1, 0)), config_error);
   BOOST_CHECK_THROW(parse_engine_format("onnx"), config_error);
+}
+
+// A planned layer numbered among the MTP layers (TensorRT-LLM's statistics hold DeepSeek-V3's layer
+// 61 beside 3..60): TensorRT-LLM keys it with its map, and the MTP layers the plan lacks with the
+// trivial placement; SGLang's, vLLM's and EPLB's files leave it out.
+BOOST_AUTO_TEST_CASE(planned_mtp_layers_are_trtllms_only) {
+  const std::vector<expert_map> maps = {expert_map(3, 2, 2, {2, 1, 0, 2}), expert_map(3, 2, 2, {1, 0, 2, 1})};
+  model_layers layers{{1, 2}, 2};
+  BOOST_CHECK_THROW(layers.validate(2), config_error); // layer 2 of 2 hidden layers, no MTP layer
+  layers.mtp_layers = 2;
+  BOOST_TEST(layers.planned_mtp() == 1u);
+  BOOST_TEST(trtllm_yaml(maps, layers) == "num_slots: 4\nlayer_updates_per_iter: 0\ninitial_global_assignments:\n"
+                                          "  1: [2, 1, 0, 2]\n  2: [1, 0, 2, 1]\n  3: [0, 1, 2, 0]\n");
+  const auto rows = sglang_json(maps, layers).at("physical_to_logical_map").get<std::vector<std::vector<int>>>();
+  BOOST_TEST(rows == (std::vector<std::vector<int>>{{0, 1, 2, 0}, {2, 1, 0, 2}}));
+  BOOST_TEST(nlohmann::json::parse(export_text(engine_format::vllm, maps, layers)).at("physical_to_logical_map") ==
+             vllm_json({maps[0]}).at("physical_to_logical_map"));
+  BOOST_TEST(nlohmann::json::parse(export_text(engine_format::eplb, maps, layers)).at("phy2log").size() == 1u);
+  model_layers past{{1, 4}, 2, 2}; // layer 4: past the two MTP layers 2 and 3
+  BOOST_CHECK_THROW(past.validate(2), config_error);
+  model_layers only{{2, 3}, 2, 2}; // every planned layer an MTP layer
+  BOOST_CHECK_THROW(only.validate(2), config_error);
+}
+
+// Llama 4 Maverick's MoE layers alternate with dense ones (hidden layers 1, 3, ..., 47 of 48): every
+// other SGLang row is the trivial placement and TensorRT-LLM keys the odd layers; a step that
+// passes the layer limit, or 0, is refused.
+BOOST_AUTO_TEST_CASE(alternating_moe_layers_are_numbered_by_their_step) {
+  std::vector<expert_map> maps;
+  for (std::size_t l = 0; l < 24; ++l)
+    maps.emplace_back(3, 2, 2, std::vector<expert_id>{static_cast<expert_id>(l % 3), 1, 2, 0});
+  const auto layers = model_layers::spaced(24, 1, 2, 48);
+  BOOST_TEST(layers.moe_layer.front() == 1u);
+  BOOST_TEST(layers.moe_layer.back() == 47u);
+  const auto rows = sglang_json(maps, layers).at("physical_to_logical_map").get<std::vector<std::vector<int>>>();
+  BOOST_TEST_REQUIRE(rows.size() == 48u);
+  for (std::size_t h = 0; h < 48; ++h)
+    BOOST_TEST(rows[h] == (h % 2 == 0 ? std::vector<int>{0, 1, 2, 0}
+                                      : std::vector<int>{static_cast<int>(((h - 1) / 2) % 3), 1, 2, 0}),
+               "hidden layer " << h);
+  const auto yaml = trtllm_yaml(maps, layers);
+  BOOST_TEST(yaml.find("\n  1: [0, 1, 2, 0]\n  3: [1, 1, 2, 0]\n") != std::string::npos, yaml);
+  BOOST_TEST(yaml.find("\n  47: [2, 1, 2, 0]\n") != std::string::npos, yaml);
+  BOOST_TEST(yaml.find("\n  2: ") == std::string::npos, yaml);
+  BOOST_TEST(model_layers::spaced(24, 1, 2).hidden_layers == 48u); // the last MoE layer + 1
+  BOOST_CHECK_THROW(model_layers::spaced(24, 1, 0), config_error);
+  BOOST_CHECK_THROW(model_layers::spaced(3, 0, max_hidden_layers / 2), config_error);
+  BOOST_CHECK_THROW(model_layers::spaced(3, 1, static_cast<std::size_t>(-1) / 2), config_error);
+  BOOST_CHECK_NO_THROW(model_layers::spaced(2, 0, max_hidden_layers - 1));
 }
 
 // Engine files list every hidden layer: an absurd layer index or count is refused before anything
 // is built (one such number used to fill the machine's memory).
 BOOST_AUTO_TEST_CASE(absurd_layer_numbers_are_refused) {
-  BOOST_CHECK_THROW(model_layers::contiguous(26, 4294967295u), config_error);
-  BOOST_CHECK_THROW(model_layers::contiguous(26, static_cast<std::size_t>(-1)), config_error);
-  BOOST_CHECK_THROW(model_layers::contiguous(26, 1, 100000000), config_error);
-  BOOST_CHECK_THROW(model_layers::contiguous(max_hidden_layers, 1), config_error);
-  BOOST_CHECK_NO_THROW(model_layers::contiguous(max_hidden_layers - 1, 1));
+  BOOST_CHECK_THROW(model_layers::spaced(26, 4294967295u), config_error);
+  BOOST_CHECK_THROW(model_layers::spaced(26, static_cast<std::size_t>(-1)), config_error);
+  BOOST_CHECK_THROW(model_layers::spaced(26, 1, 1, 100000000), config_error);
+  BOOST_CHECK_THROW(model_layers::spaced(max_hidden_layers, 1), config_error);
+  BOOST_CHECK_NO_THROW(model_layers::spaced(max_hidden_layers - 1, 1));
   model_layers big;
   big.moe_layer = {1, 2};
   big.hidden_layers = max_hidden_layers + 1;

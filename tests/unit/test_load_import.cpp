@@ -71,6 +71,31 @@ BOOST_AUTO_TEST_CASE(npy_loads_and_routed_experts) {
   BOOST_TEST(h.load == (std::vector<std::vector<double>>{{1, 1, 0, 2, 0}, {1, 1, 2, 0, 0}}));
   write(d.path / "dense.npy", npy<std::int32_t>("<i4", "(2, 1, 2)", {0, 0, 0, 0}));
   BOOST_CHECK_THROW(import_load((d.path / "dense.npy").string(), 5), invalid_input_error);
+  // A [layers, experts] table with a row per hidden layer (SGLang's logical counts summed over
+  // steps): a row of zeros is a dense layer's, left out; the others keep their indices.
+  write(d.path / "hidden_load.npy", npy<double>("<f8", "(4, 2)", {0, 0, 1, 2, 0, 0, 3, 0}));
+  const auto hl = import_load((d.path / "hidden_load.npy").string());
+  BOOST_TEST(hl.layer_ids == (std::vector<std::size_t>{1, 3}));
+  BOOST_TEST(hl.layers_named);
+  BOOST_TEST(hl.hidden_layers == 4u);
+  BOOST_TEST(hl.load == (std::vector<std::vector<double>>{{1, 2}, {3, 0}}));
+  BOOST_TEST(!a.layers_named); // nothing left out: numbered 0..L-1, not named
+  write(d.path / "zero_load.npy", npy<double>("<f8", "(2, 2)", {0, 0, 0, 0}));
+  BOOST_CHECK_THROW(import_load((d.path / "zero_load.npy").string()), invalid_input_error);
+  // Top-1 (Llama 4): a dense layer's row is expert 0 for every token too; with at least
+  // dense_top1_tokens tokens it is left out, with fewer a router's choice of expert 0 is kept.
+  const auto top1 = [&](std::size_t tokens) {
+    std::vector<std::int32_t> ids;
+    for (std::size_t t = 0; t < tokens; ++t)
+      ids.insert(ids.end(), {0, static_cast<std::int32_t>(1 + t % 3), 0, static_cast<std::int32_t>(t % 4)});
+    write(d.path / "top1.npy", npy<std::int32_t>("<i4", "(" + std::to_string(tokens) + ", 4, 1)", ids));
+    return import_load((d.path / "top1.npy").string(), 4);
+  };
+  const auto many = top1(dense_top1_tokens);
+  BOOST_TEST(many.layer_ids == (std::vector<std::size_t>{1, 3}));
+  BOOST_TEST(many.hidden_layers == 4u);
+  const auto few = top1(dense_top1_tokens - 1);
+  BOOST_TEST(few.layer_ids == (std::vector<std::size_t>{0, 1, 2, 3}));
   write(d.path / "big.npy", npy<std::int32_t>(">i4", "(1, 2)", {1, 2}));
   BOOST_CHECK_THROW(import_load((d.path / "big.npy").string()), format_error);
   write(d.path / "short.npy", npy<double>("<f8", "(2, 3)", {1, 2, 3}));

@@ -41,22 +41,32 @@ struct model_layers {
   std::size_t hidden_layers = 0;
   //! Multi-token-prediction layers after the hidden layers (DeepSeek-V3/R1 with MTP: 1), numbered
   //! hidden_layers, hidden_layers + 1, ...: TensorRT-LLM's load balancer looks each up and fails
-  //! without an assignment; the others need none (SGLang's NextN layer reads row 0).
+  //! without an assignment; the others need none (SGLang's NextN layer reads row 0). A planned
+  //! layer numbered among them (TensorRT-LLM's statistics hold DeepSeek-V3's layer 61 beside 3..60)
+  //! is that MTP layer: TensorRT-LLM gets its map, the files without MTP rows leave it out; the
+  //! MTP layers no planned layer is get the trivial placement.
   std::size_t mtp_layers = 0;
   //! MTP layers at most (DeepSeek's models have one).
   static constexpr std::size_t max_mtp_layers = 16;
 
-  //! Planned layer i is hidden layer `first_moe_layer + i`; `hidden_layers` 0 means
-  //! `first_moe_layer + layers` (no dense layer after the MoE layers).
-  //! @throws locus::config_error beyond max_hidden_layers or when the table is not valid
-  static model_layers contiguous(std::size_t layers, std::size_t first_moe_layer, std::size_t hidden_layers = 0) {
-    LOCUS_REQUIRE(first_moe_layer < max_hidden_layers && layers <= max_hidden_layers - first_moe_layer, config_error,
-                  "model layers: the plan's ", layers, " layers from hidden layer ", first_moe_layer,
-                  " pass the limit of ", max_hidden_layers, " hidden layers");
+  //! Planned layer i is hidden layer `first_moe_layer + i × step`: step 1 for MoE layers that follow
+  //! each other (DeepSeek-V3 from layer 3, Qwen3 from 0), 2 for a model whose MoE layers alternate
+  //! with dense ones (Llama 4 Maverick: layers 1, 3, ..., 47, first_moe_layer 1). `hidden_layers` 0
+  //! means the last MoE layer + 1 (no dense layer after it).
+  //! @throws locus::config_error on step 0, beyond max_hidden_layers or when the table is not valid
+  static model_layers spaced(std::size_t layers, std::size_t first_moe_layer, std::size_t step = 1,
+                             std::size_t hidden_layers = 0) {
+    LOCUS_REQUIRE(step > 0, config_error, "model layers: a MoE-layer step of 0");
+    // Divided, not multiplied: (layers - 1) × step could wrap.
+    LOCUS_REQUIRE(first_moe_layer < max_hidden_layers &&
+                      (layers == 0 || (layers - 1) <= (max_hidden_layers - 1 - first_moe_layer) / step),
+                  config_error, "model layers: the plan's ", layers, " layers from hidden layer ", first_moe_layer,
+                  step > 1 ? ::locus::detail::concat(", every ", step, ",") : std::string(), " pass the limit of ",
+                  max_hidden_layers, " hidden layers");
     model_layers m;
     for (std::size_t i = 0; i < layers; ++i)
-      m.moe_layer.push_back(first_moe_layer + i);
-    m.hidden_layers = hidden_layers == 0 ? first_moe_layer + layers : hidden_layers;
+      m.moe_layer.push_back(first_moe_layer + i * step);
+    m.hidden_layers = hidden_layers == 0 ? (layers == 0 ? first_moe_layer : m.moe_layer.back() + 1) : hidden_layers;
     m.validate(layers);
     return m;
   }
@@ -70,11 +80,21 @@ struct model_layers {
     LOCUS_REQUIRE(moe_layer.size() == layers, config_error, "model layers: ", moe_layer.size(),
                   " layer ids for a plan of ", layers, " layers");
     for (std::size_t i = 0; i < moe_layer.size(); ++i) {
-      LOCUS_REQUIRE(moe_layer[i] < hidden_layers, config_error, "model layers: MoE layer ", i, " is hidden layer ",
-                    moe_layer[i], ", but the model has ", hidden_layers, " hidden layers");
+      LOCUS_REQUIRE(moe_layer[i] < hidden_layers + mtp_layers, config_error, "model layers: MoE layer ", i,
+                    " is hidden layer ", moe_layer[i], ", but the model has ", hidden_layers, " hidden layers",
+                    mtp_layers ? ::locus::detail::concat(" and ", mtp_layers, " MTP layers") : std::string());
       LOCUS_REQUIRE(i == 0 || moe_layer[i] > moe_layer[i - 1], config_error, "model layers: layer ids must ascend (",
                     moe_layer[i - 1], " then ", moe_layer[i], ")");
     }
+    LOCUS_REQUIRE(planned_mtp() < moe_layer.size() || moe_layer.empty(), config_error,
+                  "model layers: every planned layer is an MTP layer (from hidden layer ", hidden_layers,
+                  " on); a plan needs a hidden layer");
+  }
+
+  //! Planned layers that are MTP layers (numbered from hidden_layers on: the last ones).
+  std::size_t planned_mtp() const noexcept {
+    return static_cast<std::size_t>(
+        std::count_if(moe_layer.begin(), moe_layer.end(), [&](std::size_t id) { return id >= hidden_layers; }));
   }
 };
 
@@ -281,7 +301,8 @@ inline nlohmann::json sglang_json(const std::vector<expert_map>& maps, const mod
 
 //! TensorRT-LLM's `moe_load_balancer` YAML (static placement: layer_updates_per_iter 0), keyed by
 //! the model's layer index; each MTP layer (`layers.mtp_layers`, keys from `layers.hidden_layers`)
-//! gets the trivial placement (slot p holds expert p mod E), as no trace records its routing.
+//! gets its planned map, or the trivial placement (slot p holds expert p mod E) where the plan has
+//! none (a trace that did not record its routing).
 //! @throws locus::config_error when `layers` does not describe the plan
 inline std::string trtllm_yaml(const std::vector<expert_map>& maps, const model_layers& layers) {
   detail::engine::require_full(maps, "trtllm export");
@@ -294,10 +315,16 @@ inline std::string trtllm_yaml(const std::vector<expert_map>& maps, const model_
       os << (p ? ", " : "") << expert_of_slot(p);
     os << "]\n";
   };
-  for (std::size_t l = 0; l < maps.size(); ++l)
+  std::size_t l = 0;
+  for (; l < maps.size() && layers.moe_layer[l] < layers.hidden_layers; ++l)
     row(layers.moe_layer[l], [&](std::size_t p) { return maps[l].slot_table()[p]; });
-  for (std::size_t m = 0; m < layers.mtp_layers; ++m)
-    row(layers.hidden_layers + m, [&](std::size_t p) { return p % maps[0].experts(); });
+  for (std::size_t key = layers.hidden_layers; key < layers.hidden_layers + layers.mtp_layers; ++key)
+    if (l < maps.size() && layers.moe_layer[l] == key) {
+      row(key, [&](std::size_t p) { return maps[l].slot_table()[p]; });
+      ++l;
+    } else {
+      row(key, [&](std::size_t p) { return p % maps[0].experts(); });
+    }
   return os.str();
 }
 
@@ -315,15 +342,19 @@ inline engine_format parse_engine_format(const std::string& name) {
 
 //! The text of the file `format` takes for a full plan. vLLM's and EPLB's files have a row per MoE
 //! layer and name no hidden layer, but `layers` is checked for them too: a numbering that cannot
-//! describe the plan is a caller's mistake whichever file it goes to.
+//! describe the plan is a caller's mistake whichever file it goes to. Planned MTP layers are
+//! TensorRT-LLM's only (model_layers::mtp_layers): SGLang's, vLLM's and EPLB's files leave them out.
 //! @throws locus::config_error when `layers` does not describe the plan
 inline std::string export_text(engine_format format, const std::vector<expert_map>& maps, const model_layers& layers) {
   layers.validate(maps.size());
+  const auto hidden_maps = [&] {
+    return std::vector<expert_map>(maps.begin(), maps.end() - static_cast<std::ptrdiff_t>(layers.planned_mtp()));
+  };
   switch (format) {
   case engine_format::sglang: return sglang_json(maps, layers).dump() + "\n";
-  case engine_format::vllm: return vllm_json(maps).dump() + "\n";
+  case engine_format::vllm: return vllm_json(layers.planned_mtp() ? hidden_maps() : maps).dump() + "\n";
   case engine_format::trtllm: return trtllm_yaml(maps, layers);
-  case engine_format::eplb: return eplb_json(to_eplb_arrays(maps)).dump() + "\n";
+  case engine_format::eplb: return eplb_json(to_eplb_arrays(layers.planned_mtp() ? hidden_maps() : maps)).dump() + "\n";
   }
   LOCUS_THROW(config_error, "unknown engine format");
 }

@@ -3,8 +3,9 @@
 //! @file
 //! Expert loads recorded by serving engines, read as the `[layers][experts]` table that the
 //! load-driven planners (linear, round_robin, eplb) take:
-//!   - a NumPy `.npy` file: `[layers, experts]` loads (any integer or float dtype), or per-token
-//!     routed experts `[tokens, layers, k]` (integers), which are counted;
+//!   - a NumPy `.npy` file: `[layers, experts]` loads (any integer or float dtype; a row of zeros is
+//!     a dense layer's, left out), or per-token routed experts `[tokens, layers, k]` (integers),
+//!     which are counted (a dense layer's row, expert 0 for every choice, is left out);
 //!   - a TensorRT-LLM expert-statistics folder: `meta_info.json` (num_experts) and
 //!     `rank*.safetensors`, each tensor `"{iteration}_{layer}"` a vector of per-expert counts,
 //!     summed over ranks and iterations (`rank*_raw.safetensors`, the raw dumps of each token's
@@ -51,6 +52,10 @@ struct iteration_window {
                : ::locus::detail::concat("iterations ", begin, " to ", end - 1);
   }
 };
+
+//! Routed experts of a top-1 model (`[tokens, layers, 1]`): a row that chose expert 0 for at least
+//! this many tokens is a dense layer's, which engines fill with expert 0 (fewer: kept, a router's).
+inline constexpr std::size_t dense_top1_tokens = 16;
 
 //! Loads with the model layer index of each row.
 struct imported_load {
@@ -440,9 +445,23 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
     if (a.shape.size() == 2) {
       LOCUS_REQUIRE(experts == 0 || experts == a.shape[1], invalid_input_error, path, ": [layers, experts] loads of ",
                     a.shape[1], " experts, not of the ", experts, " asked for");
-      out.load.assign(a.shape[0], std::vector<double>(a.shape[1]));
-      for (std::size_t l = 0; l < a.shape[0]; ++l)
-        std::copy_n(a.values.begin() + static_cast<std::ptrdiff_t>(l * a.shape[1]), a.shape[1], out.load[l].begin());
+      // A row with no load at all is a dense layer's (SGLang's logical counts summed over steps have
+      // a row per hidden layer): left out, the others keep their indices as model layer ids.
+      const std::size_t layers = a.shape[0], width = a.shape[1];
+      for (std::size_t l = 0; l < layers; ++l) {
+        const auto row = a.values.begin() + static_cast<std::ptrdiff_t>(l * width);
+        if (std::all_of(row, row + static_cast<std::ptrdiff_t>(width), [](double v) { return v == 0; })) continue;
+        out.load.emplace_back(row, row + static_cast<std::ptrdiff_t>(width));
+        out.layer_ids.push_back(l);
+      }
+      LOCUS_REQUIRE(!out.load.empty(), invalid_input_error, path, ": every layer's loads are zero: no MoE layer in ",
+                    "the array");
+      if (out.load.size() < layers) {
+        out.layers_named = true;
+        out.hidden_layers = layers;
+      } else {
+        out.layer_ids.clear(); // no row left out: numbered 0..L-1 below, as before, not named
+      }
     } else {
       LOCUS_REQUIRE(a.shape.size() == 3, invalid_input_error, path, ": expected [layers, experts] loads or [tokens, ",
                     "layers, k] routed experts, not a ", a.shape.size(), "-dimensional array");
@@ -463,10 +482,12 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
             out.load[l][static_cast<std::size_t>(a.values[(t * layers + l) * k + j])] += 1;
       // Engines (vLLM, SGLang) return a row for every hidden layer and leave a dense layer's at
       // expert 0 for every choice: with k >= 2 no router chooses one expert twice, so such a row is
-      // a dense layer's and is left out (its index is not among layer_ids).
+      // a dense layer's and is left out (its index is not among layer_ids). A top-1 router may choose
+      // expert 0 for every one of a few tokens, not for dense_top1_tokens of them.
       std::vector<std::vector<double>> moe;
       for (std::size_t l = 0; l < layers; ++l) {
-        if (k >= 2 && tokens > 0 && out.load[l][0] == static_cast<double>(tokens * k)) continue;
+        if ((k >= 2 || tokens >= dense_top1_tokens) && tokens > 0 && out.load[l][0] == static_cast<double>(tokens * k))
+          continue;
         moe.push_back(std::move(out.load[l]));
         out.layer_ids.push_back(l);
       }
