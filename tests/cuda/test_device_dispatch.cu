@@ -161,6 +161,40 @@ struct routed_rank {
   std::exception_ptr error;
 };
 
+// Runs body(r, stream, out[r]) for each of `ranks` ranks on a thread of its own, each with a
+// non-blocking stream of its own; what a rank raises lands in out[r].error.
+template <class Body>
+std::vector<routed_rank> on_device_ranks(std::size_t ranks, Body&& body) {
+  std::vector<routed_rank> out(ranks);
+  std::vector<std::thread> threads;
+  for (std::size_t r = 0; r < ranks; ++r)
+    threads.emplace_back([&, r] {
+      cudaStream_t stream = nullptr;
+      try {
+        LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+        body(r, stream, out[r]);
+      } catch (...) {
+        out[r].error = std::current_exception();
+      }
+      if (stream) cudaStreamDestroy(stream);
+    });
+  for (auto& t : threads)
+    t.join();
+  return out;
+}
+
+// The layer's last device routing (`k` choices per token) into o.ids and o.weights.
+template <class Layer>
+void download_routing(const Layer& l, std::size_t k, routed_rank& o) {
+  const auto dr = l.last_device_routing();
+  o.ids.resize(dr.tokens() * k);
+  o.weights.resize(dr.tokens() * k);
+  if (o.ids.empty()) return;
+  LOCUS_CUDA_CHECK(cudaMemcpy(o.ids.data(), dr.ids(), o.ids.size() * sizeof(expert_id), cudaMemcpyDeviceToHost));
+  LOCUS_CUDA_CHECK(
+      cudaMemcpy(o.weights.data(), dr.weights(), o.weights.size() * sizeof(float), cudaMemcpyDeviceToHost));
+}
+
 // moe_layer<..., device_local_flat, backend::cuda> with its softmax_topk router, routed on the
 // device: forward(x, tokens, y). `poison` ranks get a NaN in their first token's input.
 template <std::size_t K>
@@ -171,56 +205,33 @@ std::vector<routed_rank> run_routed(const locus_test::dispatch_case& c, const la
   using shape = moe_shape<experts<>, top_k<K>, hidden<>, shared_experts<>>;
   using layer_t = moe_layer<shape, dynamic_topology, device_local_flat, backend::cuda>;
   device_local_fabric fabric(c.topo, transport_kind::flat);
-  const std::size_t R = c.topo.ranks();
-  std::vector<routed_rank> out(R);
-  std::vector<std::thread> threads;
-  for (std::size_t r = 0; r < R; ++r)
-    threads.emplace_back([&, r] {
-      cudaStream_t stream = nullptr;
-      auto& o = out[r];
+  return on_device_ranks(c.topo.ranks(), [&](std::size_t r, cudaStream_t stream, routed_rank& o) {
+    auto ep = fabric.endpoint(r, stream);
+    layer_t l(shape(c.experts, K, c.hidden, shared ? 1 : 0), c.topo, ep, c.map,
+              layer::swiglu_cuda<float>(layer::expert_weights<float>::for_rank(c.map, r, all), stream),
+              backend::cuda{stream});
+    l.set_router(gate);
+    if (shared)
+      l.set_shared_experts(layer::swiglu_cuda<float>(*shared, stream),
+                           shared_gate ? *shared_gate : std::vector<float>{});
+    o.x = c.inputs(r);
+    const std::size_t T = o.x.size() / c.hidden;
+    if (poison[r] && T > 0) o.x[0] = std::numeric_limits<float>::quiet_NaN();
+    device_buffer<float> dx, dy(std::max<std::size_t>(o.x.size(), 1));
+    dx.upload(o.x, stream);
+    for (int step = 0; step < 2; ++step) {
+      ep.begin_step(static_cast<std::uint64_t>(step));
       try {
-        LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-        auto ep = fabric.endpoint(r, stream);
-        layer_t l(shape(c.experts, K, c.hidden, shared ? 1 : 0), c.topo, ep, c.map,
-                  layer::swiglu_cuda<float>(layer::expert_weights<float>::for_rank(c.map, r, all), stream),
-                  backend::cuda{stream});
-        l.set_router(gate);
-        if (shared)
-          l.set_shared_experts(layer::swiglu_cuda<float>(*shared, stream),
-                               shared_gate ? *shared_gate : std::vector<float>{});
-        o.x = c.inputs(r);
-        const std::size_t T = o.x.size() / c.hidden;
-        if (poison[r] && T > 0) o.x[0] = std::numeric_limits<float>::quiet_NaN();
-        device_buffer<float> dx, dy(std::max<std::size_t>(o.x.size(), 1));
-        dx.upload(o.x, stream);
-        for (int step = 0; step < 2; ++step) {
-          ep.begin_step(static_cast<std::uint64_t>(step));
-          try {
-            l.forward(dx.data(), T, dy.data());
-          } catch (const invalid_input_error&) {
-            if (!o.error) o.error = std::current_exception();
-          }
-        }
-        l.finish(); // the last step's device check
-        o.y.resize(o.x.size());
-        dy.download(o.y, stream);
-        const auto dr = l.last_device_routing();
-        o.ids.resize(dr.tokens() * K);
-        o.weights.resize(dr.tokens() * K);
-        if (!o.ids.empty()) {
-          LOCUS_CUDA_CHECK(
-              cudaMemcpy(o.ids.data(), dr.ids(), o.ids.size() * sizeof(expert_id), cudaMemcpyDeviceToHost));
-          LOCUS_CUDA_CHECK(
-              cudaMemcpy(o.weights.data(), dr.weights(), o.weights.size() * sizeof(float), cudaMemcpyDeviceToHost));
-        }
-      } catch (...) {
-        o.error = std::current_exception();
+        l.forward(dx.data(), T, dy.data());
+      } catch (const invalid_input_error&) {
+        if (!o.error) o.error = std::current_exception();
       }
-      if (stream) cudaStreamDestroy(stream);
-    });
-  for (auto& t : threads)
-    t.join();
-  return out;
+    }
+    l.finish(); // the last step's device check
+    o.y.resize(o.x.size());
+    dy.download(o.y, stream);
+    download_routing(l, K, o);
+  });
 }
 
 std::vector<routed_rank> run_routed_k(const locus_test::dispatch_case& c, const layer::expert_weights<float>& all,
@@ -460,52 +471,30 @@ BOOST_AUTO_TEST_CASE(device_layer_weights_the_expert_input_for_sigmoid_top1) {
           const auto gate = router_gate(seed + 7, c.hidden, c.experts);
           device_local_fabric fabric(c.topo, kind);
           const std::size_t R = c.topo.ranks();
-          std::vector<routed_rank> out(R);
-          std::vector<std::thread> threads;
-          for (std::size_t r = 0; r < R; ++r)
-            threads.emplace_back([&, r] {
-              cudaStream_t stream = nullptr;
-              auto& o = out[r];
-              try {
-                LOCUS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-                auto ep = fabric.endpoint(r, stream);
-                const auto run = [&]<class Transport>(Transport) {
-                  using layer_t = moe_layer<shape, dynamic_topology, router::sigmoid_top1, Transport, backend::cuda>;
-                  static_assert(layer_t::routing_weight_site == weight_site::expert_input);
-                  layer_t l(shape(c.experts, 1, c.hidden, 0), c.topo, ep, c.map,
-                            layer::swiglu_cuda<float>(layer::expert_weights<float>::for_rank(c.map, r, all), stream),
-                            backend::cuda{stream});
-                  l.set_router(router::sigmoid_top1{}, gate);
-                  o.x = c.inputs(r);
-                  const std::size_t T = o.x.size() / c.hidden;
-                  device_buffer<float> dx, dy(std::max<std::size_t>(o.x.size(), 1));
-                  dx.upload(o.x, stream);
-                  ep.begin_step(0);
-                  l.forward(dx.data(), T, dy.data());
-                  l.finish();
-                  o.y.resize(o.x.size());
-                  dy.download(o.y, stream);
-                  const auto dr = l.last_device_routing();
-                  o.ids.resize(dr.tokens());
-                  o.weights.resize(dr.tokens());
-                  if (!o.ids.empty()) {
-                    LOCUS_CUDA_CHECK(
-                        cudaMemcpy(o.ids.data(), dr.ids(), o.ids.size() * sizeof(expert_id), cudaMemcpyDeviceToHost));
-                    LOCUS_CUDA_CHECK(cudaMemcpy(o.weights.data(), dr.weights(), o.weights.size() * sizeof(float),
-                                                cudaMemcpyDeviceToHost));
-                  }
-                };
-                if (kind == transport_kind::flat)
-                  run(device_local_flat{});
-                else
-                  run(device_local_hierarchical{});
-              } catch (...) {
-                o.error = std::current_exception();
-              }
-              if (stream) cudaStreamDestroy(stream);
-            });
-          for (auto& t : threads)
-            t.join();
+          const auto out = on_device_ranks(R, [&](std::size_t r, cudaStream_t stream, routed_rank& o) {
+            auto ep = fabric.endpoint(r, stream);
+            const auto run = [&]<class Transport>(Transport) {
+              using layer_t = moe_layer<shape, dynamic_topology, router::sigmoid_top1, Transport, backend::cuda>;
+              static_assert(layer_t::routing_weight_site == weight_site::expert_input);
+              layer_t l(shape(c.experts, 1, c.hidden, 0), c.topo, ep, c.map,
+                        layer::swiglu_cuda<float>(layer::expert_weights<float>::for_rank(c.map, r, all), stream),
+                        backend::cuda{stream});
+              l.set_router(router::sigmoid_top1{}, gate);
+              o.x = c.inputs(r);
+              device_buffer<float> dx, dy(std::max<std::size_t>(o.x.size(), 1));
+              dx.upload(o.x, stream);
+              ep.begin_step(0);
+              l.forward(dx.data(), o.x.size() / c.hidden, dy.data());
+              l.finish();
+              o.y.resize(o.x.size());
+              dy.download(o.y, stream);
+              download_routing(l, 1, o);
+            };
+            if (kind == transport_kind::flat)
+              run(device_local_flat{});
+            else
+              run(device_local_hierarchical{});
+          });
           for (std::size_t r = 0; r < R; ++r) {
             if (out[r].error) std::rethrow_exception(out[r].error);
             const routing<> used(out[r].ids, out[r].weights, top_k<>(1));

@@ -48,6 +48,15 @@ double worst_ratio(const std::vector<T>& y, const std::vector<double>& ref, cons
   return worst;
 }
 
+// run(transport::local_flat{}) or run(transport::local_hierarchical{}), as `kind` says.
+template <class Run>
+void with_transport(transport_kind kind, Run&& run) {
+  if (kind == transport_kind::flat)
+    run(transport::local_flat{});
+  else
+    run(transport::local_hierarchical{});
+}
+
 using dyn_shape = dynamic_moe_shape;
 template <class Transport, class... More>
 using dyn_layer = moe_layer<dyn_shape, dynamic_topology, Transport, More...>;
@@ -164,10 +173,7 @@ BOOST_AUTO_TEST_CASE(weights_on_the_expert_input_through_a_user_compute) {
               dyn_shape(c.experts, c.k, c.hidden, 0), c.topo, ep, c.map, compute(square));
           layer.forward(x, c.routings[r].view(), y[r]);
         };
-        if (kind == transport_kind::flat)
-          run(transport::local_flat{});
-        else
-          run(transport::local_hierarchical{});
+        with_transport(kind, run);
       }));
       for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
         const auto x = c.inputs(r);
@@ -219,10 +225,7 @@ BOOST_AUTO_TEST_CASE(gated_shared_experts_match_the_dense_reference) {
               layer.forward(x, c.routings[r].view(), y[r]);
             }
           };
-          if (kind == transport_kind::flat)
-            run(transport::local_flat{});
-          else
-            run(transport::local_hierarchical{});
+          with_transport(kind, run);
         }));
         for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
           std::vector<double> scale;
@@ -626,10 +629,7 @@ BOOST_AUTO_TEST_CASE(sigmoid_top1_layer_weights_the_expert_input) {
         got_ids[r] = layer.last_routing().ids();
         got_w[r] = layer.last_routing().weights();
       };
-      if (kind == transport_kind::flat)
-        run(transport::local_flat{});
-      else
-        run(transport::local_hierarchical{});
+      with_transport(kind, run);
     }));
     for (std::size_t r = 0; r < 4; ++r) {
       BOOST_TEST_CONTEXT(to_string(kind) << ", rank " << r) {
