@@ -70,7 +70,7 @@ inline int map_check(const std::string& path, const std::string& json = {}) {
   // What the engine exports will number the layers by, before they are written.
   if (plan.model_layers.empty())
     std::printf("no model layer numbers saved: map export writes the layers as hidden layers 0..%zu unless "
-                "--first-moe-layer, --moe-layer-step or --num-hidden-layers say otherwise\n",
+                "--first-moe-layer or --moe-layer-step say otherwise\n",
                 layers.size() - 1);
   else
     std::printf("model layers: %s\n", saved_layers_text(plan.model_layers, plan.hidden_layers).c_str());
@@ -127,9 +127,18 @@ inline int map_export(const export_options& o) {
       for (const std::size_t id : layers.moe_layer)
         planned_mtp += id >= o.hidden_layers;
   } else {
-    layers = locus::placement::model_layers::spaced(
-        maps.size(), o.first_moe_layer == export_options::unset ? 0 : o.first_moe_layer,
-        o.moe_layer_step ? o.moe_layer_step : 1, o.hidden_layers ? o.hidden_layers : plan.hidden_layers);
+    // One option given: the other is the saved numbering's (its first id, its spacing when even),
+    // so that --moe-layer-step 2 alone does not move a plan saved from layer 1 to layer 0.
+    const auto& saved = plan.model_layers;
+    std::size_t saved_step = saved.size() > 1 ? saved[1] - saved[0] : 1;
+    for (std::size_t i = 2; i < saved.size(); ++i)
+      if (saved[i] - saved[i - 1] != saved_step) saved_step = 1;
+    const std::size_t first = o.first_moe_layer != export_options::unset ? o.first_moe_layer
+                              : saved.empty()                            ? 0
+                                                                         : saved.front();
+    layers =
+        locus::placement::model_layers::spaced(maps.size(), first, o.moe_layer_step ? o.moe_layer_step : saved_step,
+                                               o.hidden_layers ? o.hidden_layers : plan.hidden_layers);
     // Allowed (a trace may have logged its layers by another numbering), but said: the engine
     // would load each layer's map into another layer.
     if (!plan.model_layers.empty() && plan.model_layers != layers.moe_layer)
@@ -142,7 +151,7 @@ inline int map_export(const export_options& o) {
     // trace, a [layers, experts] load without empty rows) is read as hidden layers 0..L-1, which is
     // right only for a model without dense layers, and a wrong guess fails at the engine's start-up
     // or loads each map into another layer. Said, with the options that number it.
-    if (!numbered && o.hidden_layers == 0 && !as_map &&
+    if (!numbered && (o.hidden_layers == 0 || o.hidden_layers > maps.size()) && !as_map &&
         (format == locus::placement::engine_format::sglang || format == locus::placement::engine_format::trtllm))
       std::fprintf(stderr,
                    "locus map export: the plan saves no model layer numbers: its %zu layers are written as hidden "
@@ -154,9 +163,18 @@ inline int map_export(const export_options& o) {
   // The MTP layers the plan holds are among the model's: TensorRT-LLM gets their maps, and the
   // trivial placement for the others --mtp-layers counts (validate refuses ids past them all).
   layers.mtp_layers = o.mtp_layers;
-  if (planned_mtp > 0)
-    layers.mtp_layers = std::max(o.mtp_layers, std::min(layers.moe_layer.back() - o.hidden_layers + 1,
-                                                        locus::placement::model_layers::max_mtp_layers + 1));
+  if (planned_mtp > 0) {
+    // A model has few MTP layers (DeepSeek-V3/R1: 1): saved layers further past --num-hidden-layers
+    // say that count is wrong, and taking them as MTP layers would drop real ones from the files.
+    const std::size_t span = layers.moe_layer.back() - o.hidden_layers + 1;
+    LOCUS_REQUIRE(span <= std::max<std::size_t>(o.mtp_layers, 1), locus::config_error, "the plan's layers ",
+                  layers.moe_layer[maps.size() - planned_mtp], "..", layers.moe_layer.back(),
+                  " lie past --num-hidden-layers ", o.hidden_layers, ", which would make them ", span,
+                  " multi-token-prediction layers (the model has ", o.mtp_layers ? o.mtp_layers : 1,
+                  o.mtp_layers ? " by --mtp-layers" : " unless --mtp-layers says more",
+                  "); give the model's hidden-layer count");
+    layers.mtp_layers = std::max(o.mtp_layers, span);
+  }
   layers.validate(maps.size());
   std::vector<std::vector<double>> load;
   if (!o.load_trace.empty()) {
@@ -205,25 +223,25 @@ inline int map_export(const export_options& o) {
                  "the model's multi-token-prediction layers, which the %s file has no row for; left out\n",
                  planned_mtp, planned_mtp == 1 ? "" : "s", layers.moe_layer[maps.size() - planned_mtp],
                  layers.hidden_layers, o.to.c_str());
-  const std::size_t written = keys_mtp || as_map ? maps.size() : maps.size() - planned_mtp;
   output_set files; // the export and its JSON together or not at all
   files.add(o.out, as_map ? locus::expert_plan_text(plan) : locus::placement::export_text(format, maps, layers));
   const auto& m = maps.front();
   const std::size_t mtp_keys = keys_mtp && !as_map ? layers.mtp_layers : 0; // the MTP layers the file keys
-  files.add_json(
-      o.json, "map export",
-      {{"out", o.out},
-       {"to", o.to},
-       {"moe_layers", written},
-       {"hidden_layer_ids", std::vector<std::size_t>(layers.moe_layer.begin(),
-                                                     layers.moe_layer.begin() + static_cast<std::ptrdiff_t>(written))},
-       {"hidden_layers", layers.hidden_layers},
-       {"mtp_layers", mtp_keys},
-       {"experts", m.experts()},
-       {"slots", m.slot_count()},
-       {"ranks", m.ranks()},
-       {"empty_slots_filled", filled},
-       {"filled_by_load", !load.empty()}});
+  const auto hidden_end = layers.moe_layer.end() - static_cast<std::ptrdiff_t>(planned_mtp);
+  files.add_json(o.json, "map export",
+                 {{"out", o.out},
+                  {"to", o.to},
+                  {"moe_layers", maps.size() - planned_mtp},
+                  {"hidden_layer_ids", std::vector<std::size_t>(layers.moe_layer.begin(), hidden_end)},
+                  {"mtp_layer_ids", keys_mtp ? std::vector<std::size_t>(hidden_end, layers.moe_layer.end())
+                                             : std::vector<std::size_t>{}},
+                  {"hidden_layers", layers.hidden_layers},
+                  {"mtp_layers", mtp_keys},
+                  {"experts", m.experts()},
+                  {"slots", m.slot_count()},
+                  {"ranks", m.ranks()},
+                  {"empty_slots_filled", filled},
+                  {"filled_by_load", !load.empty()}});
   files.commit();
   if (stdout_taken({o.json, o.out})) return 0;
   const std::size_t last_hidden = layers.moe_layer[maps.size() - planned_mtp - 1];
@@ -234,7 +252,7 @@ inline int map_export(const export_options& o) {
                                                           : std::string());
   std::printf("%s: %s format, %zu MoE layers (hidden layers %zu..%zu of %zu%s), %zu experts in %zu slots per layer on "
               "%zu ranks; %zu empty slots of %zu (all layers) filled%s\n",
-              one_line(o.out).c_str(), o.to.c_str(), written, layers.moe_layer.front(), last_hidden,
+              one_line(o.out).c_str(), o.to.c_str(), maps.size() - planned_mtp, layers.moe_layer.front(), last_hidden,
               layers.hidden_layers, mtp_text.c_str(), m.experts(), m.slot_count(), m.ranks(), filled,
               m.slot_count() * maps.size(), load.empty() && filled > 0 ? " (no --load-trace: by replica count)" : "");
   // A map JSON for locus itself (as_map) has no engine flag to name.
@@ -278,17 +296,19 @@ inline void register_map(CLI::App& app) {
       ->required()
       ->check(CLI::IsMember({"sglang", "vllm", "trtllm", "eplb", "locus"}));
   exp->add_option("--out", o->out, "Output file")->required();
-  // These two default to what the plan saved: --help names that, not the sentinel the code holds.
+  // These default to what the plan saved: --help names that, not the sentinel the code holds.
   exp->add_option("--first-moe-layer", o->first_moe_layer,
                   "Hidden-layer index of the plan's first layer (DeepSeek-V3: 3; Llama 4 Maverick: 1)")
       ->check(CLI::Range(std::size_t{0}, locus::max_hidden_layers - 1)) // not the "saved ids" sentinel
-      ->default_str("the layer ids saved with the plan, else 0");
+      ->default_str("the layer ids saved with the plan; with --moe-layer-step alone their first, else 0");
   exp->add_option("--moe-layer-step", o->moe_layer_step,
                   "Hidden layers from one MoE layer to the next: 1 when they follow each other, 2 when they "
                   "alternate with dense layers (Llama 4 Maverick)")
       ->check(CLI::Range(std::size_t{1}, locus::max_hidden_layers)) // 0 is the "not given" sentinel
-      ->default_str("the layer ids saved with the plan, else 1");
-  exp->add_option("--num-hidden-layers", o->hidden_layers, "The model's hidden-layer count")
+      ->default_str("the layer ids saved with the plan; with --first-moe-layer alone their spacing, else 1");
+  exp->add_option("--num-hidden-layers", o->hidden_layers,
+                  "The model's hidden-layer count (saved layers past it are the model's MTP layers, as many as "
+                  "--mtp-layers, 1 unless given)")
       ->check(CLI::Range(std::size_t{1}, locus::max_hidden_layers)) // 0 is the "saved count" sentinel
       ->default_str("saved with the plan, else the last MoE layer + 1");
   exp->add_option("--load-trace", o->load_trace, "Trace whose expert loads choose the replicas of empty slots")

@@ -1139,7 +1139,17 @@ def export_text(
     # The plan's own ids past num_hidden_layers are MTP layers (as `locus map export` takes them).
     mtp = mtp_layers
     if ids_name == "ExpertPlan.layer_ids" and num_hidden_layers and ids and max(ids) >= num_hidden_layers:
-        mtp = max(mtp_layers, min(max(ids) - num_hidden_layers + 1, _LIMITS["mtp_layers"] + 1))
+        # A model has few MTP layers (DeepSeek-V3/R1: 1): layers further past num_hidden_layers say it
+        # is wrong, and taking them as MTP layers would drop real ones from the files.
+        span = max(ids) - num_hidden_layers + 1
+        if span > max(mtp_layers, 1):
+            past = [v for v in ids if v >= num_hidden_layers]
+            raise ConfigError(f"locus: configuration error: the plan's layers {past[0]}..{past[-1]} lie past "
+                              f"num_hidden_layers {num_hidden_layers}, which would make them {span} "
+                              f"multi-token-prediction layers (the model has {max(mtp_layers, 1)}"
+                              + (" by mtp_layers" if mtp_layers else " unless mtp_layers says more")
+                              + "); give the model's hidden-layer count")
+        mtp = max(mtp_layers, span)
     _check_model_layers(ids if ids_name else None, layers, given, ids_name or "", hidden_name, mtp)
     # The largest id, not the last: ids out of order are then reported as such.
     hidden = given or (max(ids) + 1 if ids else 0)

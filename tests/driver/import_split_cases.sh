@@ -139,7 +139,7 @@ ok "number the plan's layers 3\.\.4; the plan saved 1\.\.2" map export "$work/l1
   --first-moe-layer 3 --out "$work/l12_sglang.json"
 check "an export that keeps the saved numbers says nothing" \
   bash -c "! timeout 60 '$locus' map export '$work/l12.json' --to sglang --first-moe-layer 1 --out '$work/l12_s.json' \
-  2>&1 | grep -q numbers"
+  2>&1 | grep -q 'number the plan'"
 # MoE layers that alternate with dense ones (Llama 4 Maverick: 1, 3, ..., 47 of 48): --moe-layer-step.
 succeeds plan --trace "$work/layers12.jsonl" --test-fraction 0 --nodes 2 --gpus-per-node 2 --placement eplb \
   --redundant-slots 1 --out "$work/l12e.json"
@@ -166,7 +166,17 @@ check "SGLang's file has the hidden layers only" \
   python3 -c "import json, sys; sys.exit(len(json.load(open(sys.argv[1]))['physical_to_logical_map']) != 2)" \
   "$work/mtp_s.json"
 refused 'every planned layer is an MTP layer \(from hidden layer 1 on\); a plan needs a hidden layer' map export \
-  "$work/l12e.json" --to vllm --num-hidden-layers 1 --out "$work/mtp_v.json"
+  "$work/l12e.json" --to trtllm --num-hidden-layers 1 --mtp-layers 2 --out "$work/mtp_v.yaml"
+# More saved layers past the count than the model's MTP layers (1 unless --mtp-layers says more): the
+# count is wrong, and those layers would be dropped from the files.
+refused 'layers 1\.\.2 lie past --num-hidden-layers 1, which would make them 2 multi-token-prediction layers' \
+  map export "$work/l12e.json" --to vllm --num-hidden-layers 1 --out "$work/mtp_v.json"
+succeeds map export "$work/l12e.json" --to trtllm --num-hidden-layers 2 --out "$work/mtp1.yaml" --json "$work/mtp1.json"
+check "the export's JSON names the MTP layer apart" python3 -c "import json, sys; d = json.load(open(sys.argv[1])); \
+sys.exit(not (d['hidden_layer_ids'] == [1] and d['mtp_layer_ids'] == [2] and d['moe_layers'] == 1 and \
+d['mtp_layers'] == 1 and d['hidden_layers'] == 2))" "$work/mtp1.json"
+# One layer option alone keeps the rest of the saved numbering: a plan saved from layer 1 stays there.
+ok 'hidden layers 1\.\.3 of 4' map export "$work/l12e.json" --to trtllm --moe-layer-step 2 --out "$work/step.yaml"
 # A plan that saved no layer numbers (a synthetic trace) is written as hidden layers 0..L-1, said
 # for the engines that index every hidden layer (a model with dense layers needs the options).
 succeeds trace synth --out "$work/synth.bin" --experts 8 --top-k 2 --layers 2 --requests 6 --mean-length 60
@@ -175,6 +185,8 @@ ok 'the plan saves no model layer numbers: its 2 layers are written as hidden la
   "$work/synth.json" --to trtllm --out "$work/synth.yaml"
 ok 'no model layer numbers saved: map export writes the layers as hidden layers 0\.\.1' map check "$work/synth.json"
 ok '^model layers: hidden layers 1\.\.2 of 3$' map check "$work/l12.json"
+ok 'the plan saves no model layer numbers' map export "$work/synth.json" --to sglang --num-hidden-layers 5 \
+  --out "$work/synth5.json"
 check "a numbered export of that plan says nothing" \
   bash -c "! timeout 60 '$locus' map export '$work/synth.json' --to trtllm --first-moe-layer 3 --out '$work/s3.yaml' \
   2>&1 | grep -q 'saves no model layer'"

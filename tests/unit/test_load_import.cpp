@@ -80,6 +80,14 @@ BOOST_AUTO_TEST_CASE(npy_loads_and_routed_experts) {
   BOOST_TEST(hl.hidden_layers == 4u);
   BOOST_TEST(hl.load == (std::vector<std::vector<double>>{{1, 2}, {3, 0}}));
   BOOST_TEST(!a.layers_named); // nothing left out: numbered 0..L-1, not named
+  // A bad value is named by its row in the file, not by its place among the rows kept.
+  write(d.path / "hidden_nan.npy", npy<double>("<f8", "(3, 2)", {0, 0, 1, 2, -1, 3}));
+  try {
+    import_load((d.path / "hidden_nan.npy").string());
+    BOOST_ERROR("a negative load was taken");
+  } catch (const invalid_input_error& e) {
+    BOOST_TEST(std::string(e.what()).find("layer 2 expert 0 has load -1") != std::string::npos, e.what());
+  }
   write(d.path / "zero_load.npy", npy<double>("<f8", "(2, 2)", {0, 0, 0, 0}));
   BOOST_CHECK_THROW(import_load((d.path / "zero_load.npy").string()), invalid_input_error);
   // Top-1 (Llama 4): a dense layer's row is expert 0 for every token too; with at least

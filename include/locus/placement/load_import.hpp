@@ -505,12 +505,14 @@ inline imported_load import_load(const std::string& path, std::size_t experts = 
   for (std::size_t l = 0; l < out.load.size(); ++l) {
     double total = 0;
     for (std::size_t e = 0; e < out.load[l].size(); ++e) {
-      LOCUS_REQUIRE(std::isfinite(out.load[l][e]) && out.load[l][e] >= 0, invalid_input_error, path, ": layer ", l,
-                    " expert ", e, " has load ", out.load[l][e], " (must be finite and non-negative)");
+      // Named by the file's own row (rows of zeros were left out before).
+      LOCUS_REQUIRE(std::isfinite(out.load[l][e]) && out.load[l][e] >= 0, invalid_input_error, path, ": layer ",
+                    out.layer_ids[l], " expert ", e, " has load ", out.load[l][e],
+                    " (must be finite and non-negative)");
       total += out.load[l][e];
     }
     // Planners add loads up: a layer whose sum is not a number would reach them as "load inf".
-    LOCUS_REQUIRE(std::isfinite(total), invalid_input_error, path, ": the loads of layer ", l,
+    LOCUS_REQUIRE(std::isfinite(total), invalid_input_error, path, ": the loads of layer ", out.layer_ids[l],
                   " add up past the largest double; scale them down");
   }
   return out;

@@ -197,6 +197,7 @@ private:
                      std::exception_ptr fail, device_abort abort) {
     pending_ = fail;
     recv_bad_ = false;
+    step_site_ = site_; // the gather below and this step's combine apply the weights alike
     bool planned_nothing = false;
     // The last build's check word comes back with this step's count read: queued before it.
     const bool check_queued = queue_check_read();
@@ -298,7 +299,7 @@ public:
         if (n > 0) LOCUS_CUDA_CHECK(cudaMemsetAsync(back_.data(), 0, n * hidden_ * sizeof(T), stream_));
       } else {
         back_.resize(std::max<std::size_t>(drl_.rows(), 1) * hidden_);
-        reduce_expert_output(drl_, expert_out_.data(), hx_, back_.data(), stream_, site_);
+        reduce_expert_output(drl_, expert_out_.data(), hx_, back_.data(), stream_, step_site_);
       }
       returned = kind_ == transport_kind::hierarchical ? combine_node() : combine_flat();
     });
@@ -393,7 +394,7 @@ private:
     expert_in_.resize(std::max<std::size_t>(n, 1) * hidden_);
     expert_out_.resize(std::max<std::size_t>(n, 1) * hidden_);
     if (recv_bad_) return;
-    if (site_ == weight_site::expert_input)
+    if (step_site_ == weight_site::expert_input)
       gather_weighted_expert_input(drl_, received, hx_, expert_in_.data(), stream_);
     else
       gather_expert_input(drl_, received, hx_, expert_in_.data(), stream_);
@@ -564,6 +565,7 @@ private:
   std::uint64_t map_fingerprint_;
   std::uint64_t layer_index_ = 0;
   weight_site site_ = weight_site::expert_output;
+  weight_site step_site_ = weight_site::expert_output; // the last dispatch's, which its combine follows
   std::uint64_t agreement_; // step_agreement(map, index, site): each count round carries it, ranks compare it
   std::size_t hidden_;
   Hidden hx_; // the row width the kernels are instantiated for (static: a constant)

@@ -162,6 +162,14 @@ class moe_dispatcher;
 template <class T>
 class dispatch_handle {
 public:
+  dispatch_handle() = default;
+  // Its expert rows point into its own buffers (received rows, scaled inputs): a copy would read
+  // the original's, freed with it. A move keeps the buffers, and the rows with them.
+  dispatch_handle(const dispatch_handle&) = delete;
+  dispatch_handle& operator=(const dispatch_handle&) = delete;
+  dispatch_handle(dispatch_handle&&) noexcept = default;
+  dispatch_handle& operator=(dispatch_handle&&) noexcept = default;
+
   //! Tokens of this rank in the dispatch (combine writes `tokens × hidden` values).
   std::size_t tokens() const noexcept { return tokens_; }
   std::size_t hidden() const noexcept { return hidden_; }
