@@ -211,7 +211,7 @@ PY
 succeeds plan --load "$work/routed.npy" --nodes 1 --gpus-per-node 2 --placement eplb --out "$work/routed.json"
 ok 'hidden layers 1..3 of 4' map export "$work/routed.json" --to sglang --out "$work/routed.sglang.json"
 # map export --to locus renumbers the map's layers as the options say, and names no engine flag.
-"$locus" map export "$work/routed.json" --to locus --first-moe-layer 3 --num-hidden-layers 61 \
+"$locus" map export "$work/routed.json" --to locus --first-moe-layer 3 --moe-layer-step 1 --num-hidden-layers 61 \
   --out "$work/renumbered.json" >"$work/renumbered.txt" 2>&1 || { echo "FAIL: export --to locus" >&2; exit 1; }
 check "export --to locus prints no engine flag" bash -c "! grep -q 'pass:' '$work/renumbered.txt'"
 ok 'hidden layers 3..4 of 61' map export "$work/renumbered.json" --to sglang --out "$work/renumbered.sglang.json"
