@@ -123,22 +123,18 @@ inline int map_export(const export_options& o) {
     layers.hidden_layers = o.hidden_layers      ? o.hidden_layers
                            : plan.hidden_layers ? plan.hidden_layers
                                                 : plan.model_layers.back() + 1;
-    if (o.hidden_layers && !as_map)
-      for (const std::size_t id : layers.moe_layer)
-        planned_mtp += id >= o.hidden_layers;
   } else {
-    // One option given: the other is the saved numbering's (its first id, its spacing when even),
-    // so that --moe-layer-step 2 alone does not move a plan saved from layer 1 to layer 0.
-    const auto& saved = plan.model_layers;
-    std::size_t saved_step = saved.size() > 1 ? saved[1] - saved[0] : 1;
-    for (std::size_t i = 2; i < saved.size(); ++i)
-      if (saved[i] - saved[i - 1] != saved_step) saved_step = 1;
+    // --moe-layer-step alone keeps the saved first layer (a plan saved from layer 1 stays there);
+    // --first-moe-layer alone numbers contiguously, as Python's first_moe_layer does. The count is
+    // set below, where layers past --num-hidden-layers may be MTP layers.
     const std::size_t first = o.first_moe_layer != export_options::unset ? o.first_moe_layer
-                              : saved.empty()                            ? 0
-                                                                         : saved.front();
-    layers =
-        locus::placement::model_layers::spaced(maps.size(), first, o.moe_layer_step ? o.moe_layer_step : saved_step,
-                                               o.hidden_layers ? o.hidden_layers : plan.hidden_layers);
+                              : plan.model_layers.empty()                ? 0
+                                                                         : plan.model_layers.front();
+    layers = locus::placement::model_layers::spaced(maps.size(), first, o.moe_layer_step ? o.moe_layer_step : 1);
+    if (o.hidden_layers)
+      layers.hidden_layers = o.hidden_layers;
+    else if (plan.hidden_layers)
+      layers.hidden_layers = plan.hidden_layers;
     // Allowed (a trace may have logged its layers by another numbering), but said: the engine
     // would load each layer's map into another layer.
     if (!plan.model_layers.empty() && plan.model_layers != layers.moe_layer)
@@ -162,17 +158,21 @@ inline int map_export(const export_options& o) {
   }
   // The MTP layers the plan holds are among the model's: TensorRT-LLM gets their maps, and the
   // trivial placement for the others --mtp-layers counts (validate refuses ids past them all).
+  if (o.hidden_layers && !as_map)
+    for (const std::size_t id : layers.moe_layer)
+      planned_mtp += id >= o.hidden_layers;
   layers.mtp_layers = o.mtp_layers;
   if (planned_mtp > 0) {
-    // A model has few MTP layers (DeepSeek-V3/R1: 1): saved layers further past --num-hidden-layers
-    // say that count is wrong, and taking them as MTP layers would drop real ones from the files.
+    // A model has few MTP layers (DeepSeek-V3/R1: 1): layers further past --num-hidden-layers say the
+    // count is wrong, and taking them as MTP layers would drop real ones from the files. A plan's own
+    // numbering may hold one (TensorRT-LLM's statistics do); one the options make needs --mtp-layers.
     const std::size_t span = layers.moe_layer.back() - o.hidden_layers + 1;
-    LOCUS_REQUIRE(span <= std::max<std::size_t>(o.mtp_layers, 1), locus::config_error, "the plan's layers ",
+    const std::size_t allowed = numbered ? o.mtp_layers : std::max<std::size_t>(o.mtp_layers, 1);
+    LOCUS_REQUIRE(span <= allowed, locus::config_error, "the plan's layers ",
                   layers.moe_layer[maps.size() - planned_mtp], "..", layers.moe_layer.back(),
-                  " lie past --num-hidden-layers ", o.hidden_layers, ", which would make them ", span,
-                  " multi-token-prediction layers (the model has ", o.mtp_layers ? o.mtp_layers : 1,
-                  o.mtp_layers ? " by --mtp-layers" : " unless --mtp-layers says more",
-                  "); give the model's hidden-layer count");
+                  " lie past --num-hidden-layers ", o.hidden_layers, ": as multi-token-prediction layers they need ",
+                  "--mtp-layers ", span, " (for --to trtllm", numbered ? "" : "; a plan's saved layers may hold one",
+                  "); else give the model's hidden-layer count");
     layers.mtp_layers = std::max(o.mtp_layers, span);
   }
   layers.validate(maps.size());
@@ -305,10 +305,10 @@ inline void register_map(CLI::App& app) {
                   "Hidden layers from one MoE layer to the next: 1 when they follow each other, 2 when they "
                   "alternate with dense layers (Llama 4 Maverick)")
       ->check(CLI::Range(std::size_t{1}, locus::max_hidden_layers)) // 0 is the "not given" sentinel
-      ->default_str("the layer ids saved with the plan; with --first-moe-layer alone their spacing, else 1");
+      ->default_str("the layer ids saved with the plan; with --first-moe-layer 1");
   exp->add_option("--num-hidden-layers", o->hidden_layers,
-                  "The model's hidden-layer count (saved layers past it are the model's MTP layers, as many as "
-                  "--mtp-layers, 1 unless given)")
+                  "The model's hidden-layer count (layers past it are the model's MTP layers: one a plan saved, or as "
+                  "many as --mtp-layers says)")
       ->check(CLI::Range(std::size_t{1}, locus::max_hidden_layers)) // 0 is the "saved count" sentinel
       ->default_str("saved with the plan, else the last MoE layer + 1");
   exp->add_option("--load-trace", o->load_trace, "Trace whose expert loads choose the replicas of empty slots")

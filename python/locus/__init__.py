@@ -1133,22 +1133,24 @@ def export_text(
         ids, ids_name = list(range(layers)), None
     given = num_hidden_layers or plan.hidden_layers
     hidden_name = "num_hidden_layers" if num_hidden_layers else "ExpertPlan.hidden_layers"
-    if first_moe_layer is not None and given and given <= ids[-1]:
+    # Layers past num_hidden_layers are MTP layers, as many as the model has (as `locus map export`):
+    # one the plan's own ids may hold (TensorRT-LLM's statistics do); more, or ones the arguments
+    # number, need mtp_layers; else the count is wrong and real layers would leave the files.
+    mtp = mtp_layers
+    saved = ids_name == "ExpertPlan.layer_ids"
+    if first_moe_layer is not None and given and given <= ids[-1] and not mtp_layers:
         raise ConfigError(f"locus: configuration error: first_moe_layer is {first_moe_layer}: the plan's {layers} "
                           f"layers end at hidden layer {ids[-1]}, and {hidden_name} is {given}")
-    # The plan's own ids past num_hidden_layers are MTP layers (as `locus map export` takes them).
-    mtp = mtp_layers
-    if ids_name == "ExpertPlan.layer_ids" and num_hidden_layers and ids and max(ids) >= num_hidden_layers:
-        # A model has few MTP layers (DeepSeek-V3/R1: 1): layers further past num_hidden_layers say it
-        # is wrong, and taking them as MTP layers would drop real ones from the files.
+    # (Ids the arguments give, without mtp_layers: _check_model_layers names the first one past.)
+    if num_hidden_layers and ids and max(ids) >= num_hidden_layers and (saved or mtp_layers):
         span = max(ids) - num_hidden_layers + 1
-        if span > max(mtp_layers, 1):
+        if span > (max(mtp_layers, 1) if saved else mtp_layers):
             past = [v for v in ids if v >= num_hidden_layers]
             raise ConfigError(f"locus: configuration error: the plan's layers {past[0]}..{past[-1]} lie past "
-                              f"num_hidden_layers {num_hidden_layers}, which would make them {span} "
-                              f"multi-token-prediction layers (the model has {max(mtp_layers, 1)}"
-                              + (" by mtp_layers" if mtp_layers else " unless mtp_layers says more")
-                              + "); give the model's hidden-layer count")
+                              f"num_hidden_layers {num_hidden_layers}: as multi-token-prediction layers they need "
+                              f"mtp_layers={span} (for to=\"trtllm\""
+                              + ("; a plan's saved layers may hold one" if saved else "")
+                              + "); else give the model's hidden-layer count")
         mtp = max(mtp_layers, span)
     _check_model_layers(ids if ids_name else None, layers, given, ids_name or "", hidden_name, mtp)
     # The largest id, not the last: ids out of order are then reported as such.

@@ -169,13 +169,18 @@ refused 'every planned layer is an MTP layer \(from hidden layer 1 on\); a plan 
   "$work/l12e.json" --to trtllm --num-hidden-layers 1 --mtp-layers 2 --out "$work/mtp_v.yaml"
 # More saved layers past the count than the model's MTP layers (1 unless --mtp-layers says more): the
 # count is wrong, and those layers would be dropped from the files.
-refused 'layers 1\.\.2 lie past --num-hidden-layers 1, which would make them 2 multi-token-prediction layers' \
+refused 'layers 1\.\.2 lie past --num-hidden-layers 1: as multi-token-prediction layers they need --mtp-layers 2' \
   map export "$work/l12e.json" --to vllm --num-hidden-layers 1 --out "$work/mtp_v.json"
 succeeds map export "$work/l12e.json" --to trtllm --num-hidden-layers 2 --out "$work/mtp1.yaml" --json "$work/mtp1.json"
 check "the export's JSON names the MTP layer apart" python3 -c "import json, sys; d = json.load(open(sys.argv[1])); \
 sys.exit(not (d['hidden_layer_ids'] == [1] and d['mtp_layer_ids'] == [2] and d['moe_layers'] == 1 and \
 d['mtp_layers'] == 1 and d['hidden_layers'] == 2))" "$work/mtp1.json"
-# One layer option alone keeps the rest of the saved numbering: a plan saved from layer 1 stays there.
+# Layers the options number past --num-hidden-layers are MTP layers only where --mtp-layers says so.
+ok 'hidden layers 1\.\.1 of 2, 1 MTP layer \(1 planned\)' map export "$work/l12e.json" --to trtllm \
+  --first-moe-layer 1 --num-hidden-layers 2 --mtp-layers 1 --out "$work/mtp_n.yaml"
+refused 'layers 2\.\.2 lie past --num-hidden-layers 2: as multi-token-prediction layers they need --mtp-layers 1' \
+  map export "$work/l12e.json" --to trtllm --first-moe-layer 1 --num-hidden-layers 2 --out "$work/mtp_n.yaml"
+# --moe-layer-step alone keeps the saved first layer: a plan saved from layer 1 stays there.
 ok 'hidden layers 1\.\.3 of 4' map export "$work/l12e.json" --to trtllm --moe-layer-step 2 --out "$work/step.yaml"
 # A plan that saved no layer numbers (a synthetic trace) is written as hidden layers 0..L-1, said
 # for the engines that index every hidden layer (a model with dense layers needs the options).
