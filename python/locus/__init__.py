@@ -1099,10 +1099,13 @@ def export_text(
     layer_ids: Optional[Sequence[int]] = None,
     load: Any = None,
     mtp_layers: int = 0,
+    moe_layer_step: Optional[int] = None,
 ) -> str:
     """The plan in the file engine ``to`` takes (sglang, vllm, trtllm, eplb); empty slots are
     filled first (see ExpertPlan.filled). Planned layer i is hidden layer ``layer_ids[i]``, or
-    ``first_moe_layer + i`` (one of the two), or the plan's own layer ids (from its trace), or i; the model has
+    ``first_moe_layer + i * moe_layer_step`` (as ``locus map export``: the step 1 unless given, the
+    first layer the plan's own first one when only the step is given; Llama 4 Maverick: 1 and 2), or
+    the plan's own layer ids (from its trace), or i; the model has
     ``num_hidden_layers`` layers, or the plan's count, or the last MoE layer + 1. ``mtp_layers``
     (trtllm, as ``locus map export --mtp-layers``, at most 16): multi-token-prediction layers after
     the hidden layers (DeepSeek-V3/R1 with MTP: 1), which TensorRT-LLM balances too and refuses to
@@ -1113,9 +1116,9 @@ def export_text(
     if mtp_layers and to != "trtllm":
         raise ConfigError("locus: configuration error: mtp_layers applies to to=\"trtllm\" (SGLang's NextN layer reads "
                           "the file's first row; vLLM's and EPLB's files have no layer for it)")
-    if layer_ids is not None and first_moe_layer is not None:
+    if layer_ids is not None and (first_moe_layer is not None or moe_layer_step is not None):
         # Either numbers every layer; one of them was ignored.
-        raise ConfigError("locus: configuration error: give layer_ids or first_moe_layer, not both")
+        raise ConfigError("locus: configuration error: give layer_ids or first_moe_layer/moe_layer_step, not both")
     if to == "locus":  # the CLI's `map export --to locus`: a map, not an engine's file
         raise ConfigError("locus: configuration error: \"locus\" is no engine format here (sglang, vllm, trtllm or "
                           "eplb); the map as the engines serve it is plan.filled(load), saved with its save(path)")
@@ -1123,10 +1126,20 @@ def export_text(
     _whole(num_hidden_layers, "num_hidden_layers", 0, top)
     if layer_ids is not None:
         ids, ids_name = _int_list(layer_ids, "layer_ids"), "layer_ids"
-    elif first_moe_layer is not None:
+    elif first_moe_layer is not None or moe_layer_step is not None:
+        step = 1
+        if moe_layer_step is not None:
+            _whole(moe_layer_step, "moe_layer_step", 1, top)
+            step = moe_layer_step
+        if (layers - 1) * step > top - 1:
+            raise ConfigError(f"locus: configuration error: moe_layer_step is {step}: the plan's {layers} layers "
+                              f"would pass the {top} hidden layers the library takes")
+        if first_moe_layer is None:
+            first_moe_layer = plan.layer_ids[0] if plan.layer_ids is not None else 0
         # The library's words named no argument: "model layers: 5002 hidden layers (at most 4096)".
-        _whole(first_moe_layer, "first_moe_layer", 0, top - layers)
-        ids, ids_name = [first_moe_layer + i for i in range(layers)], "first_moe_layer"
+        _whole(first_moe_layer, "first_moe_layer", 0, top - 1 - (layers - 1) * step)
+        ids = [first_moe_layer + i * step for i in range(layers)]
+        ids_name = "first_moe_layer" if moe_layer_step is None else "moe_layer_step"
     elif plan.layer_ids is not None:
         ids, ids_name = list(plan.layer_ids), "ExpertPlan.layer_ids"
     else:
@@ -1138,9 +1151,10 @@ def export_text(
     # number, need mtp_layers; else the count is wrong and real layers would leave the files.
     mtp = mtp_layers
     saved = ids_name == "ExpertPlan.layer_ids"
-    if first_moe_layer is not None and given and given <= ids[-1] and not mtp_layers:
-        raise ConfigError(f"locus: configuration error: first_moe_layer is {first_moe_layer}: the plan's {layers} "
-                          f"layers end at hidden layer {ids[-1]}, and {hidden_name} is {given}")
+    if ids_name in ("first_moe_layer", "moe_layer_step") and given and given <= ids[-1] and not mtp_layers:
+        raise ConfigError(f"locus: configuration error: first_moe_layer is {first_moe_layer}"
+                          + (f" and moe_layer_step {moe_layer_step}" if moe_layer_step is not None else "")
+                          + f": the plan's {layers} layers end at hidden layer {ids[-1]}, and {hidden_name} is {given}")
     # (Ids the arguments give, without mtp_layers: _check_model_layers names the first one past.)
     if num_hidden_layers and ids and max(ids) >= num_hidden_layers and (saved or mtp_layers):
         span = max(ids) - num_hidden_layers + 1

@@ -769,7 +769,7 @@ def test_export_layer_ids_are_checked_as_given():
         locus.export_text(plan, "trtllm", layer_ids=[])  # was: silently numbered 0, 1
     with pytest.raises(locus.ConfigError, match=r"layer_ids must ascend \(layer_ids\[0\] is 3, \[1\] is 2\)"):
         locus.export_text(plan, "trtllm", layer_ids=[3, 2])
-    with pytest.raises(locus.ConfigError, match="layer_ids or first_moe_layer, not both"):
+    with pytest.raises(locus.ConfigError, match="layer_ids or first_moe_layer/moe_layer_step, not both"):
         locus.export_text(plan, "trtllm", layer_ids=[1, 2], first_moe_layer=5)  # was: 5 ignored
 
 
@@ -841,6 +841,21 @@ def test_trtllm_export_keys_the_mtp_layers():
     assert len(json.loads(locus.export_text(held, "sglang", num_hidden_layers=2))["physical_to_logical_map"]) == 2
     assert len(json.loads(locus.export_text(held, "vllm", num_hidden_layers=2))["physical_to_logical_map"]) == 1
     assert locus.export_text(held, "trtllm", num_hidden_layers=2, mtp_layers=2).splitlines()[-1].startswith("  3: ")
+    # Llama 4 Maverick's MoE layers alternate with dense ones: moe_layer_step, as `map export`'s.
+    four = locus.plan(np.ones((4, 4)), 2, 1, redundant_slots=1)
+    keys = [line.split(":")[0] for line in
+            locus.export_text(four, "trtllm", first_moe_layer=1, moe_layer_step=2, num_hidden_layers=8).splitlines()[3:]]
+    assert keys == ["  1", "  3", "  5", "  7"]
+    rows = json.loads(locus.export_text(four, "sglang", first_moe_layer=1, moe_layer_step=2))["physical_to_logical_map"]
+    assert len(rows) == 8 and rows[0] == rows[2] == [0, 1, 2, 3, 0, 1]
+    saved = locus.plan(np.ones((2, 4)), 2, 1, redundant_slots=1, layer_ids=[1, 2])
+    assert "  3:" in locus.export_text(saved, "trtllm", moe_layer_step=2)  # the saved first layer, 1, kept
+    with pytest.raises(locus.ConfigError, match="give layer_ids or first_moe_layer/moe_layer_step, not both"):
+        locus.export_text(four, "sglang", layer_ids=[0, 1, 2, 3], moe_layer_step=2)
+    with pytest.raises(locus.ConfigError, match="moe_layer_step is 2000: the plan's 4 layers would pass"):
+        locus.export_text(four, "sglang", moe_layer_step=2000)
+    with pytest.raises(locus.ConfigError, match="moe_layer_step is 0"):
+        locus.export_text(four, "sglang", moe_layer_step=0)
     # More layers past the count than the model's MTP layers: the count is wrong, refused.
     with pytest.raises(locus.ConfigError, match=r"layers 1\.\.2 lie past num_hidden_layers 1: .* need mtp_layers=2"):
         locus.export_text(held, "vllm", num_hidden_layers=1)
