@@ -598,6 +598,49 @@ BOOST_AUTO_TEST_CASE(forward_with_softmax_router_matches_reference) {
   }
 }
 
+// Router logits rounded to bf16, as an engine's bf16 router linear layer gives them (Qwen3, Mixtral,
+// Llama 4): the layer routes what the router policy routes on those rounded logits, and the weights
+// differ from the fp32 logits' routing.
+BOOST_AUTO_TEST_CASE(router_logits_rounded_to_bf16_are_what_the_router_sees) {
+  constexpr std::size_t E = 16, K = 4, H = 24, F = 8, T = 40;
+  const dynamic_topology topo(1, 2);
+  const expert_map map = placement::linear{}.plan({topo, E, 8, {std::vector<double>(E, 1.0)}, {}})[0];
+  const auto all = locus_test::model_weights<float>(71, E, H, F);
+  const auto gate = locus_test::random_rows<float>(72, H, E);
+  std::vector<std::vector<float>> xs(2), w_bf16(2), w_fp32(2);
+  std::vector<std::vector<expert_id>> ids_bf16(2);
+  for (std::size_t r = 0; r < 2; ++r)
+    xs[r] = locus_test::random_rows<float>(400 + r, T, H);
+  transport::local_fabric f(topo, transport_kind::flat);
+  require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
+    const std::size_t r = ep.rank();
+    dyn_layer<transport::local_flat> layer(dyn_shape(E, K, H, 0), topo, ep, map,
+                                           layer::swiglu_host<float>(expert_weights<float>::for_rank(map, r, all), 1));
+    std::vector<float> y(xs[r].size());
+    layer.set_router(gate, layer::router_logits::bf16);
+    layer.forward(xs[r], y);
+    ids_bf16[r] = layer.last_routing().ids();
+    w_bf16[r] = layer.last_routing().weights();
+    layer.set_router(gate);
+    layer.forward(xs[r], y);
+    w_fp32[r] = layer.last_routing().weights();
+  }));
+  for (std::size_t r = 0; r < 2; ++r) {
+    // The logits as the layer sums them (fp32, hidden ascending), rounded to bf16, routed.
+    std::vector<float> logits(T * E, 0.0f);
+    for (std::size_t t = 0; t < T; ++t)
+      for (std::size_t h = 0; h < H; ++h)
+        for (std::size_t e = 0; e < E; ++e)
+          logits[t * E + e] += xs[r][t * H + h] * gate[h * E + e];
+    for (auto& v : logits)
+      v = static_cast<float>(bfloat16(v));
+    const auto want = router::softmax_topk<top_k<>>(K).route(router::logits_view<>(logits.data(), T, experts<>(E)));
+    BOOST_TEST(ids_bf16[r] == want.ids(), "rank " << r);
+    BOOST_TEST(w_bf16[r] == want.weights(), "rank " << r);
+    BOOST_TEST(w_bf16[r] != w_fp32[r], "rank " << r << ": rounding the logits moved no weight");
+  }
+}
+
 // Llama 4's step: logits = x·W_router, the top-1 sigmoid router, the routed expert on w·x (the
 // router's weight scales the expert input), the shared expert on x; against a double-precision router
 // and the dense MoE with the weights on the input, flat and hierarchical.

@@ -67,6 +67,12 @@ struct given_routing_at {
 //! Given routings whose weights multiply the expert outputs (most models).
 using given_routing = given_routing_at<weight_site::expert_output>;
 
+//! What the router sees of logits = x·W_router, which the layer computes in fp32: those logits, or
+//! the same rounded to bf16, as an engine whose router is a bf16 linear layer has them (Qwen3,
+//! Mixtral and Llama 4 in vLLM and Hugging Face; DeepSeek-V3's router is fp32 there too). The
+//! rounding keeps the chosen experts but for bf16 ties and moves the weights by about 1%.
+enum class router_logits : std::uint8_t { fp32, bf16 };
+
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::layer
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
@@ -248,11 +254,14 @@ public:
     hot_ranks_.assign(hot.begin(), hot.end());
   }
 
-  //! Sets the router and its weights (`hidden × experts`, row-major): logits = x·gate.
+  //! Sets the router and its weights (`hidden × experts`, row-major): logits = x·gate in fp32, handed
+  //! to the router as they are or rounded to bf16 (`logits`: what the model's engine computes).
   //! @throws locus::config_error when the router's top_k differs from the shape's, the router does
   //!         not suit the shape's expert count (sigmoid_grouped: groups that do not divide it, a
   //!         bias of another size) or the gate has the wrong size
-  void set_router(router_type router, std::vector<float> gate) requires(!detail::layer::is_given_routing<router_type>) {
+  void set_router(router_type router, std::vector<float> gate,
+                  layer::router_logits logits =
+                      layer::router_logits::fp32) requires(!detail::layer::is_given_routing<router_type>) {
     LOCUS_REQUIRE(router.top_k() == shape_.top_k(), config_error, "moe_layer::set_router: the router picks ",
                   router.top_k(), " experts per token, the shape ", shape_.top_k());
     // Here rather than at the first forward, which would raise it only after the step's exchanges.
@@ -262,14 +271,15 @@ public:
                   " values, expected hidden × experts = ", shape_.hidden(), " × ", shape_.experts());
     router_.emplace(std::move(router));
     gate_ = std::move(gate);
+    logits_rounding_ = logits;
     ++router_version_; // the device step uploads the router again
   }
 
   //! Sets the router weights with the router built from the shape's top_k (softmax_topk and the
   //! like).
-  void set_router(std::vector<float> gate) requires(!detail::layer::is_given_routing<router_type> &&
-                                                    std::constructible_from<router_type, std::size_t>) {
-    set_router(router_type(shape_.top_k()), std::move(gate));
+  void set_router(std::vector<float> gate, layer::router_logits logits = layer::router_logits::fp32) requires(
+      !detail::layer::is_given_routing<router_type> && std::constructible_from<router_type, std::size_t>) {
+    set_router(router_type(shape_.top_k()), std::move(gate), logits);
   }
 
   //! Sets the shared experts (every token passes through each), held on every rank; the compute
@@ -478,6 +488,8 @@ private:
         }
       }
     });
+    if (logits_rounding_ == layer::router_logits::bf16)
+      detail::layer::round_to_bf16(transport::detail::stage::grid_index{}, logits_.data(), logits_.size());
     routing_ = routing_type(T, routing_k());
     using experts_type = typename Shape::experts_type;
     router_->route(router::logits_view<experts_type, const float>(logits_.data(), T, experts_type(E)), routing_.view(),
@@ -624,6 +636,7 @@ private:
   std::vector<value_type> shared_out_, shared_in_;
   routing_type routing_;
   std::uint64_t router_version_ = 0;
+  layer::router_logits logits_rounding_ = layer::router_logits::fp32;
   std::shared_ptr<void> device_state_; // the device step's buffers (moe_layer_cuda.hpp), made on first use
 };
 

@@ -166,6 +166,12 @@ private:
                                      static_cast<int>(tokens), static_cast<int>(H), &one, rs.gate_d.data(),
                                      static_cast<int>(E), xf, static_cast<int>(H), &zero, rs.logits.data(),
                                      static_cast<int>(E)));
+      if (l.logits_rounding_ == locus::layer::router_logits::bf16) {
+        const std::size_t n = tokens * E;
+        const auto blocks = static_cast<unsigned>(std::min<std::size_t>((n + 255) / 256, 65535));
+        kernels::round_to_bf16<float><<<blocks, 256, 0, stream>>>(rs.logits.data(), n);
+        LOCUS_CUDA_CHECK(cudaGetLastError());
+      }
       using rk = typename router_type::top_k_type;
       rs.kernel.route(
           locus::router::device_logits_view<experts_type, const float>(rs.logits.data(), tokens, experts_type(E)),

@@ -33,6 +33,13 @@ LOCUS_HOST_DEVICE void accumulate(transport::detail::stage::grid_index g, const 
     sum[i] = (first ? 0.0f : sum[i]) + to_float(part[i]);
 }
 
+//! v[i] = v[i] rounded to bf16 (nearest, ties to even), for the `n` values: the router's logits as a
+//! bf16 linear layer gives them (layer::router_logits::bf16).
+LOCUS_HOST_DEVICE void round_to_bf16(transport::detail::stage::grid_index g, float* LOCUS_RESTRICT v, std::size_t n) {
+  for (std::size_t i = g.block * g.threads + g.thread; i < n; i += g.blocks * g.threads)
+    v[i] = bfloat16::to_float(bfloat16::from_float(v[i]));
+}
+
 //! score[t] = sigmoid(x[t]·gate) for the `tokens` rows of `hidden` values: the shared experts'
 //! gate (Qwen2-MoE's and Qwen3-Next's shared_expert_gate), the dot product summed in fp32 in
 //! ascending order, one thread per token.

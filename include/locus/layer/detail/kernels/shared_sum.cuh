@@ -23,6 +23,13 @@ __global__ void accumulate(const T* __restrict__ part, std::size_t n, bool first
                     first, sum);
 }
 
+// A template, as the other kernels here: a header's plain kernel would be defined in every program
+// that includes it.
+template <class T>
+__global__ void round_to_bf16(T* __restrict__ v, std::size_t n) {
+  layer::round_to_bf16(transport::detail::stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, v, n);
+}
+
 template <class T>
 __global__ void gate_scores(const T* __restrict__ x, std::size_t tokens, std::size_t hidden,
                             const float* __restrict__ gate, float* __restrict__ score) {
