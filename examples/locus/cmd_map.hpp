@@ -114,10 +114,6 @@ inline int map_export(const export_options& o) {
   // The plan's own layer numbering (from the trace it was made on) unless the options say otherwise.
   locus::placement::model_layers layers;
   const bool numbered = o.first_moe_layer != export_options::unset || o.moe_layer_step != 0;
-  // Planned layers at or past --num-hidden-layers are multi-token-prediction layers (TensorRT-LLM's
-  // statistics hold DeepSeek-V3's MTP layer 61 beside hidden layers 3..60): the last `planned_mtp`,
-  // of an engine's file (a map JSON's layers stay the model's hidden layers).
-  std::size_t planned_mtp = 0;
   if (!numbered && !plan.model_layers.empty()) {
     layers.moe_layer = plan.model_layers;
     layers.hidden_layers = o.hidden_layers      ? o.hidden_layers
@@ -156,11 +152,11 @@ inline int map_export(const export_options& o) {
                    "Maverick: 1, 2, 48)\n",
                    maps.size(), maps.size() - 1);
   }
-  // The MTP layers the plan holds are among the model's: TensorRT-LLM gets their maps, and the
-  // trivial placement for the others --mtp-layers counts (validate refuses ids past them all).
-  if (o.hidden_layers && !as_map)
-    for (const std::size_t id : layers.moe_layer)
-      planned_mtp += id >= o.hidden_layers;
+  // Planned layers at or past --num-hidden-layers are multi-token-prediction layers (TensorRT-LLM's
+  // statistics hold DeepSeek-V3's MTP layer 61 beside hidden layers 3..60), of an engine's file (a
+  // map JSON's layers stay the model's hidden layers): TensorRT-LLM gets their maps, and the trivial
+  // placement for the others --mtp-layers counts (validate refuses ids past them all).
+  const std::size_t planned_mtp = o.hidden_layers && !as_map ? layers.planned_mtp() : 0;
   layers.mtp_layers = o.mtp_layers;
   if (planned_mtp > 0) {
     // A model has few MTP layers (DeepSeek-V3/R1: 1): layers further past --num-hidden-layers say the
