@@ -453,6 +453,22 @@ void shared_sum_stages_cover_every_element() {
         wrong += f32[i] != static_cast<float>(routed[i]) || sum[i] != s || std::memcmp(&y[i], &expect, sizeof(T)) != 0;
       }
       BOOST_TEST(wrong == 0u);
+      // Gated (the shared experts' gate): each row of `hidden` values scaled by its score, rows
+      // shorter and longer than the grid's stride.
+      for (const std::size_t hidden : {std::size_t{1}, std::size_t{7}, std::size_t{13}, std::size_t{77}, n}) {
+        const std::vector<float> score = locus_test::random_rows<float>(60 + hidden, n / hidden, 1);
+        std::vector<T> gated = routed;
+        run_grid(blocks, threads,
+                 [&](grid_index g) { detail::layer::add_sum(g, sum.data(), n, gated.data(), score.data(), hidden); });
+        std::size_t gated_wrong = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+          const volatile float scaled = score[i / hidden] * sum[i];
+          const volatile float r = static_cast<float>(routed[i]) + scaled;
+          const T expect = static_cast<T>(static_cast<float>(r));
+          gated_wrong += std::memcmp(&gated[i], &expect, sizeof(T)) != 0;
+        }
+        BOOST_TEST(gated_wrong == 0u, "hidden " << hidden);
+      }
     }
   }
 }

@@ -62,8 +62,26 @@ template <class T>
 LOCUS_HOST_DEVICE void add_sum(transport::detail::stage::grid_index g, const float* LOCUS_RESTRICT sum, std::size_t n,
                                T* LOCUS_RESTRICT y, const float* LOCUS_RESTRICT score = nullptr,
                                std::size_t hidden = 1) {
-  for (std::size_t i = g.block * g.threads + g.thread; i < n; i += g.blocks * g.threads)
-    y[i] = static_cast<T>(to_float(y[i]) + (score ? locus::detail::fmul(score[i / hidden], sum[i]) : sum[i]));
+  const std::size_t first = g.block * g.threads + g.thread, step = g.blocks * g.threads;
+  if (!score) {
+    for (std::size_t i = first; i < n; i += step)
+      y[i] = static_cast<T>(to_float(y[i]) + sum[i]);
+    return;
+  }
+  if (first >= n) return; // also hidden == 0, which holds no values
+  // The row advances with the stride, divided once per thread: a 64-bit division per element would
+  // cost this memory-bound kernel about as much as its loads on a GPU.
+  const std::size_t row_step = step / hidden, col_step = step % hidden;
+  std::size_t row = first / hidden, col = first % hidden;
+  for (std::size_t i = first; i < n; i += step) {
+    y[i] = static_cast<T>(to_float(y[i]) + locus::detail::fmul(score[row], sum[i]));
+    row += row_step;
+    col += col_step;
+    if (col >= hidden) {
+      col -= hidden;
+      ++row;
+    }
+  }
 }
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer
