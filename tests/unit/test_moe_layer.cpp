@@ -443,6 +443,66 @@ BOOST_AUTO_TEST_CASE(static_shape_bf16) {
   }
 }
 
+// Llama 4 in bf16 as the engines compute it (Hugging Face: the sigmoid score cast to the hidden
+// states' type, then routed_in * score; vLLM: topk_weights.to(a1.dtype) before the multiply): the
+// expert's input row is bf16(x · bf16(w)). Through an identity expert, top-1, flat and hierarchical,
+// the layer's output is that row bit for bit; the product with the fp32 weight differs on some.
+struct identity_bf16_expert {
+  using policy_concept = expert_compute_tag;
+  using activation_type = bfloat16;
+  void operator()(const layer::expert_blocks<bfloat16>& b) const {
+    for (std::size_t r = 0; r < b.total_rows(); ++r)
+      std::copy_n(b.input_row(r), b.hidden, b.output + r * b.hidden);
+  }
+};
+
+BOOST_AUTO_TEST_CASE(bf16_expert_input_is_scaled_by_the_bf16_weight) {
+  using shape = moe_shape<experts<8>, top_k<1>, hidden<32>, shared_experts<0>>;
+  constexpr std::size_t H = 32, tokens = 23;
+  const expert_map map(8, 4, 3, {0, 1, empty_slot, 2, 3, 5, 4, 5, 0, 6, 7, empty_slot});
+  std::vector<routing<top_k<1>>> routings;
+  std::vector<std::vector<bfloat16>> xs;
+  std::mt19937 rng(9);
+  std::uniform_real_distribution<float> score(0.05f, 0.95f);
+  for (std::size_t r = 0; r < 4; ++r) {
+    routing<top_k<1>> rt(tokens);
+    for (std::size_t t = 0; t < tokens; ++t) {
+      rt.view().expert(t, 0) = static_cast<expert_id>(rng() % 8);
+      rt.view().weight(t, 0) = score(rng); // a sigmoid score: not a bf16 value in general
+    }
+    routings.push_back(rt);
+    xs.push_back(locus_test::random_rows<bfloat16>(200 + r, tokens, H));
+  }
+  for (const auto kind : {transport_kind::flat, transport_kind::hierarchical}) {
+    transport::local_fabric f(dynamic_topology(2, 2), kind);
+    std::vector<std::vector<bfloat16>> ys(4);
+    require_no_errors(on_ranks(f, [&](transport::local_transport& ep) {
+      const std::size_t r = ep.rank();
+      const auto run = [&]<class Transport>(Transport) {
+        moe_layer<shape, topology<nodes<2>, gpus_per_node<2>>, Transport, identity_bf16_expert,
+                  layer::given_routing_at<weight_site::expert_input>>
+            layer(shape{}, topology<nodes<2>, gpus_per_node<2>>{}, ep, map, identity_bf16_expert{});
+        ys[r].resize(tokens * H);
+        layer.forward(xs[r], routings[r].view(), ys[r]);
+      };
+      with_transport(kind, run);
+    }));
+    std::size_t differ = 0, wrong = 0;
+    for (std::size_t r = 0; r < 4; ++r)
+      for (std::size_t t = 0; t < tokens; ++t) {
+        const float w = routings[r].view().weight(t, 0);
+        for (std::size_t h = 0; h < H; ++h) {
+          const float x = static_cast<float>(xs[r][t * H + h]);
+          const bfloat16 engine(static_cast<float>(bfloat16(w)) * x), unrounded(w * x);
+          wrong += ys[r][t * H + h].bits != engine.bits;
+          differ += engine.bits != unrounded.bits;
+        }
+      }
+    BOOST_TEST(wrong == 0u, to_string(kind) << ": " << wrong << " elements differ from bf16(x · bf16(w))");
+    BOOST_TEST(differ > 0u, "no element tells the rounded weight from the fp32 one");
+  }
+}
+
 // A user callable as the expert compute: y = Σ_j w_j (e_j + 1) x, the transport tests' reference.
 BOOST_AUTO_TEST_CASE(user_callable_expert_compute) {
   const auto c = locus_test::make_case(4242, 2, 2);

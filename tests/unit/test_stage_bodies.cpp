@@ -189,15 +189,17 @@ void check_bodies(std::size_t hidden, K k) {
                                              nullptr, rows, hx, out);
   });
 
-  // gather_scaled_rows: dst[i] = weight[i] · src[index[i]], the product rounded to T (as the host
-  // dispatcher scales its expert rows for weight_site::expert_input); -0 and a zero weight kept.
+  // gather_scaled_rows: dst[i] = weight[i] · src[index[i]], the weight rounded to T first and the
+  // product rounded to T (as the host dispatcher scales its expert rows for
+  // weight_site::expert_input, and engines a bf16 row by a bf16 score); -0 and a zero weight kept.
   std::vector<float> scale(copies);
   for (std::size_t i = 0; i < copies; ++i)
     scale[i] = i % 7 == 3 ? 0.0f : l.entry_weight()[i] * (i % 2 ? -1.0f : 1.0f);
   std::vector<T> scaled(copies * hidden);
   for (std::size_t i = 0; i < copies; ++i)
     for (std::size_t h = 0; h < hidden; ++h)
-      scaled[i * hidden + h] = T(scale[i] * as_float(entry_out[static_cast<std::size_t>(position[i]) * hidden + h]));
+      scaled[i * hidden + h] =
+          T(as_float(T(scale[i])) * as_float(entry_out[static_cast<std::size_t>(position[i]) * hidden + h]));
   for_each_grid(scaled, hidden, "gather_scaled_rows", [&](st::grid_index g, auto vec, T* out) {
     st::gather_scaled_rows<T, decltype(vec)::value>(g, entry_out.data(), position.data(), scale.data(), copies, hx,
                                                     out);

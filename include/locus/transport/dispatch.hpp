@@ -704,8 +704,9 @@ private:
     if (site_ == weight_site::expert_input) scale_inputs(h);
   }
 
-  // weight_site::expert_input: each expert row becomes weight × its token's row (fp32, rounded to
-  // T), in the handle, as the device path's weighted gather computes it; its output is summed with 1.
+  // weight_site::expert_input: each expert row becomes weight × its token's row (the weight rounded
+  // to T, as engines cast the score to the hidden states' type; the product in fp32, rounded to T),
+  // in the handle, as the device path's weighted gather computes it; its output is summed with 1.
   static void scale_inputs(handle_type& h) {
     const auto weight = h.recv_.expert_weight();
     const std::size_t rows = h.row_ptr_.size(), hidden = h.hidden_;
@@ -713,8 +714,9 @@ private:
     for (std::size_t i = 0; i < rows; ++i) {
       T* out = h.scaled_in_.data() + i * hidden;
       const T* in = h.row_ptr_[i];
+      const float w = static_cast<float>(static_cast<T>(weight[i]));
       for (std::size_t c = 0; c < hidden; ++c)
-        out[c] = static_cast<T>(weight[i] * static_cast<float>(in[c]));
+        out[c] = static_cast<T>(w * static_cast<float>(in[c]));
       h.row_ptr_[i] = out;
     }
     h.ones_.assign(rows, 1.0f);

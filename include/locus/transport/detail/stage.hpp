@@ -192,9 +192,10 @@ LOCUS_HOST_DEVICE void gather_rows(grid_index g, const T* LOCUS_RESTRICT src, co
   }
 }
 
-//! `dst[r] = weight[r] · src[index[r]]` for r < rows, each product in fp32 rounded to T: the expert
-//! input of a routing whose weights apply to it (weight_site::expert_input), as the host dispatcher
-//! scales its rows.
+//! `dst[r] = weight[r] · src[index[r]]` for r < rows, the weight rounded to T first and each product
+//! in fp32 rounded to T, as engines scale a bf16 row by a bf16 score (Hugging Face's and vLLM's
+//! Llama 4: the score cast to the hidden states' type, then multiplied): the expert input of a
+//! routing whose weights apply to it (weight_site::expert_input), as the host dispatcher scales its rows.
 template <class T, bool Vec, class H>
 LOCUS_HOST_DEVICE void gather_scaled_rows(grid_index g, const T* LOCUS_RESTRICT src,
                                           const std::int32_t* LOCUS_RESTRICT index, const float* LOCUS_RESTRICT weight,
@@ -204,7 +205,7 @@ LOCUS_HOST_DEVICE void gather_scaled_rows(grid_index g, const T* LOCUS_RESTRICT 
   for (std::size_t r = g.block; r < rows; r += g.blocks) {
     const T* s = src + static_cast<std::size_t>(index[r]) * hidden;
     T* d = dst + r * hidden;
-    const float w = weight[r];
+    const float w = load_float(store_float<T>(weight[r]));
     for (std::size_t h = g.thread * n; h < hidden; h += g.threads * n) {
       T in[n];
       if constexpr (Vec) {
