@@ -477,3 +477,59 @@ BOOST_AUTO_TEST_CASE(shared_sum_stages_cover_every_element_once) {
   shared_sum_stages_cover_every_element<float>();
   shared_sum_stages_cover_every_element<bfloat16>();
 }
+
+// The shared experts' gate scores in their two stages: on every grid shape the same bits as the
+// documented order written out here (lane l sums h = l, l + 32, ... ascending; the partials added
+// pairwise, lane l + w into l for w = 16 ... 1), and within fp32 rounding of sigmoid(x·gate) in double;
+// rows shorter than the lanes, a multiple of them, and neither.
+template <class T>
+void gate_scores_follow_their_order() {
+  using transport::detail::stage::grid_index;
+  using transport::detail::stage::run_grid;
+  constexpr std::size_t L = detail::layer::gate_lanes;
+  for (const std::size_t hidden : {std::size_t{5}, std::size_t{64}, std::size_t{301}}) {
+    constexpr std::size_t tokens = 9;
+    const std::vector<T> x = locus_test::random_rows<T>(70 + hidden, tokens, hidden);
+    const std::vector<float> gate = locus_test::random_rows<float>(80 + hidden, 1, hidden);
+    std::vector<float> expect(tokens);
+    std::size_t far = 0;
+    for (std::size_t t = 0; t < tokens; ++t) {
+      float lane[L];
+      double exact = 0.0;
+      for (std::size_t l = 0; l < L; ++l) {
+        volatile float v = 0.0f;
+        for (std::size_t h = l; h < hidden; h += L) {
+          const volatile float prod = static_cast<float>(x[t * hidden + h]) * gate[h];
+          v = v + prod;
+        }
+        lane[l] = v;
+      }
+      for (std::size_t h = 0; h < hidden; ++h)
+        exact += static_cast<double>(static_cast<float>(x[t * hidden + h])) * gate[h];
+      for (std::size_t w = L / 2; w > 0; w /= 2)
+        for (std::size_t l = 0; l < w; ++l) {
+          const volatile float sum = lane[l] + lane[l + w];
+          lane[l] = sum;
+        }
+      expect[t] = detail::router::sigmoid(lane[0]);
+      far += std::abs(expect[t] - 1.0 / (1.0 + std::exp(-exact))) > 1e-5;
+    }
+    BOOST_TEST(far == 0u, "hidden " << hidden);
+    for (const auto& [blocks, threads] : {std::pair<std::size_t, std::size_t>{1, 1}, {3, 7}, {2, 64}, {400, 1}}) {
+      std::vector<float> partial(tokens * L, std::numeric_limits<float>::quiet_NaN());
+      std::vector<float> score(tokens, std::numeric_limits<float>::quiet_NaN());
+      run_grid(blocks, threads, [&](grid_index g) {
+        detail::layer::gate_partials(g, x.data(), tokens, hidden, gate.data(), partial.data());
+      });
+      run_grid(blocks, threads,
+               [&](grid_index g) { detail::layer::gate_finish(g, partial.data(), tokens, score.data()); });
+      BOOST_TEST(std::memcmp(score.data(), expect.data(), tokens * sizeof(float)) == 0,
+                 "hidden " << hidden << ", grid " << blocks << " x " << threads);
+    }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(gate_scores_follow_one_order_on_every_grid) {
+  gate_scores_follow_their_order<float>();
+  gate_scores_follow_their_order<bfloat16>();
+}

@@ -600,7 +600,9 @@ private:
     const float* score = nullptr;
     if (!shared_gate_.empty()) {
       gate_score_.resize(T);
-      detail::layer::gate_scores(one_thread, x.data(), T, H, shared_gate_.data(), gate_score_.data());
+      gate_partial_.resize(T * detail::layer::gate_lanes);
+      detail::layer::gate_partials(one_thread, x.data(), T, H, shared_gate_.data(), gate_partial_.data());
+      detail::layer::gate_finish(one_thread, gate_partial_.data(), T, gate_score_.data());
       score = gate_score_.data();
     }
     detail::layer::add_sum(one_thread, acc_.data(), y.size(), y.data(), score, H);
@@ -631,7 +633,8 @@ private:
   std::optional<router_type> router_;
   std::optional<expert_compute_type> shared_;
   std::vector<float> gate_, logits_, acc_;
-  std::vector<float> shared_gate_, gate_score_; // the shared experts' gate (empty: weight 1) and its scores
+  std::vector<float> shared_gate_, gate_partial_,
+      gate_score_; // the shared experts' gate (empty: weight 1) and its scores
   std::uint64_t shared_version_ = 0;
   std::vector<value_type> shared_out_, shared_in_;
   routing_type routing_;

@@ -74,7 +74,7 @@ struct device_step<moe_layer<Shape, Topology, Policies...>> {
     dispatcher_type dispatch;
     std::shared_ptr<void> route; // device_route_state<router_type>, made by the first routed step
     device_buffer<value_type> shared_out, shared_in;
-    device_buffer<float> shared_sum, shared_gate, gate_score;
+    device_buffer<float> shared_sum, shared_gate, gate_partial, gate_score;
     std::uint64_t shared_gate_version = 0; // of the layer's gate in shared_gate (0: none uploaded)
   };
 
@@ -276,8 +276,12 @@ private:
     const float* score = nullptr;
     if (!l.shared_gate_.empty()) {
       s.gate_score.resize(T);
+      s.gate_partial.resize(T * gate_lanes);
+      const auto lane_blocks = static_cast<unsigned>(std::min<std::size_t>((T * gate_lanes + 255) / 256, 65535));
+      kernels::gate_partials<<<lane_blocks, 256, 0, stream>>>(x, T, H, s.shared_gate.data(), s.gate_partial.data());
+      LOCUS_CUDA_CHECK(cudaGetLastError());
       const auto token_blocks = static_cast<unsigned>(std::min<std::size_t>((T + 255) / 256, 65535));
-      kernels::gate_scores<<<token_blocks, 256, 0, stream>>>(x, T, H, s.shared_gate.data(), s.gate_score.data());
+      kernels::gate_finish<><<<token_blocks, 256, 0, stream>>>(s.gate_partial.data(), T, s.gate_score.data());
       LOCUS_CUDA_CHECK(cudaGetLastError());
       score = s.gate_score.data();
     }

@@ -40,18 +40,38 @@ LOCUS_HOST_DEVICE void round_to_bf16(transport::detail::stage::grid_index g, flo
     v[i] = bfloat16::to_float(bfloat16::from_float(v[i]));
 }
 
-//! score[t] = sigmoid(x[t]·gate) for the `tokens` rows of `hidden` values: the shared experts'
-//! gate (Qwen2-MoE's and Qwen3-Next's shared_expert_gate), the dot product summed in fp32 in
-//! ascending order, one thread per token.
+//! The shared experts' gate (Qwen2-MoE's and Qwen3-Next's shared_expert_gate), score[t] =
+//! sigmoid(x[t]·gate) for `tokens` rows of `hidden` values, in two stages so that a GPU reads the rows
+//! coalesced and with more than one thread per token: `gate_partials` writes gate_lanes partial sums
+//! per token (lane l sums the products at h = l, l + gate_lanes, ... in ascending order, in fp32), and
+//! `gate_finish` adds a token's partials pairwise (lane l + w into lane l for w = 16, 8, 4, 2, 1) and
+//! takes the sigmoid. One fixed order, so host and device give the same bits.
+inline constexpr std::size_t gate_lanes = 32;
+
 template <class T>
-LOCUS_HOST_DEVICE void gate_scores(transport::detail::stage::grid_index g, const T* LOCUS_RESTRICT x,
-                                   std::size_t tokens, std::size_t hidden, const float* LOCUS_RESTRICT gate,
-                                   float* LOCUS_RESTRICT score) {
-  for (std::size_t t = g.block * g.threads + g.thread; t < tokens; t += g.blocks * g.threads) {
+LOCUS_HOST_DEVICE void gate_partials(transport::detail::stage::grid_index g, const T* LOCUS_RESTRICT x,
+                                     std::size_t tokens, std::size_t hidden, const float* LOCUS_RESTRICT gate,
+                                     float* LOCUS_RESTRICT partial) {
+  for (std::size_t i = g.block * g.threads + g.thread; i < tokens * gate_lanes; i += g.blocks * g.threads) {
+    const std::size_t t = i / gate_lanes, lane = i % gate_lanes; // a power of two: shifts
+    const T* row = x + t * hidden;
     float v = 0.0f;
-    for (std::size_t h = 0; h < hidden; ++h)
-      v = locus::detail::fadd(v, locus::detail::fmul(to_float(x[t * hidden + h]), gate[h]));
-    score[t] = locus::detail::router::sigmoid(v);
+    for (std::size_t h = lane; h < hidden; h += gate_lanes)
+      v = locus::detail::fadd(v, locus::detail::fmul(to_float(row[h]), gate[h]));
+    partial[i] = v;
+  }
+}
+
+LOCUS_HOST_DEVICE void gate_finish(transport::detail::stage::grid_index g, const float* LOCUS_RESTRICT partial,
+                                   std::size_t tokens, float* LOCUS_RESTRICT score) {
+  for (std::size_t t = g.block * g.threads + g.thread; t < tokens; t += g.blocks * g.threads) {
+    float p[gate_lanes];
+    for (std::size_t l = 0; l < gate_lanes; ++l)
+      p[l] = partial[t * gate_lanes + l];
+    for (std::size_t w = gate_lanes / 2; w > 0; w /= 2)
+      for (std::size_t l = 0; l < w; ++l)
+        p[l] = locus::detail::fadd(p[l], p[l + w]);
+    score[t] = locus::detail::router::sigmoid(p[0]);
   }
 }
 

@@ -31,10 +31,16 @@ __global__ void round_to_bf16(T* __restrict__ v, std::size_t n) {
 }
 
 template <class T>
-__global__ void gate_scores(const T* __restrict__ x, std::size_t tokens, std::size_t hidden,
-                            const float* __restrict__ gate, float* __restrict__ score) {
-  layer::gate_scores(transport::detail::stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, x, tokens,
-                     hidden, gate, score);
+__global__ void gate_partials(const T* __restrict__ x, std::size_t tokens, std::size_t hidden,
+                              const float* __restrict__ gate, float* __restrict__ partial) {
+  layer::gate_partials(transport::detail::stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, x, tokens,
+                       hidden, gate, partial);
+}
+
+template <class = void> // a template, see round_to_bf16
+__global__ void gate_finish(const float* __restrict__ partial, std::size_t tokens, float* __restrict__ score) {
+  layer::gate_finish(transport::detail::stage::grid_index{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x}, partial,
+                     tokens, score);
 }
 
 template <class T>
