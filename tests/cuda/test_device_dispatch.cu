@@ -141,13 +141,16 @@ std::vector<float> router_gate(std::uint64_t seed, std::size_t hidden, std::size
 
 // The host routing of x: fp32 logits, then the host softmax_topk.
 routing<> host_routing(const std::vector<float>& x, const std::vector<float>& gate, std::size_t hidden,
-                       std::size_t experts, std::size_t k) {
+                       std::size_t experts, std::size_t k, layer::router_logits rounding = layer::router_logits::fp32) {
   const std::size_t T = x.size() / hidden;
   std::vector<float> logits(T * experts, 0.0f);
   for (std::size_t t = 0; t < T; ++t)
     for (std::size_t h = 0; h < hidden; ++h)
       for (std::size_t e = 0; e < experts; ++e)
         logits[t * experts + e] += x[t * hidden + h] * gate[h * experts + e];
+  if (rounding == layer::router_logits::bf16)
+    for (float& l : logits)
+      l = static_cast<float>(bfloat16(l));
   routing<> r(T, top_k<>(k));
   router::softmax_topk<top_k<>>(k).route(
       router::logits_view<experts_t, const float>(logits.data(), T, experts_t(experts)), r.view());
@@ -201,7 +204,8 @@ template <std::size_t K>
 std::vector<routed_rank> run_routed(const locus_test::dispatch_case& c, const layer::expert_weights<float>& all,
                                     const std::vector<float>& gate, const std::vector<bool>& poison,
                                     const layer::expert_weights<float>* shared = nullptr,
-                                    const std::vector<float>* shared_gate = nullptr) {
+                                    const std::vector<float>* shared_gate = nullptr,
+                                    layer::router_logits rounding = layer::router_logits::fp32) {
   using shape = moe_shape<experts<>, top_k<K>, hidden<>, shared_experts<>>;
   using layer_t = moe_layer<shape, dynamic_topology, device_local_flat, backend::cuda>;
   device_local_fabric fabric(c.topo, transport_kind::flat);
@@ -210,7 +214,7 @@ std::vector<routed_rank> run_routed(const locus_test::dispatch_case& c, const la
     layer_t l(shape(c.experts, K, c.hidden, shared ? 1 : 0), c.topo, ep, c.map,
               layer::swiglu_cuda<float>(layer::expert_weights<float>::for_rank(c.map, r, all), stream),
               backend::cuda{stream});
-    l.set_router(gate);
+    l.set_router(gate, rounding);
     if (shared)
       l.set_shared_experts(layer::swiglu_cuda<float>(*shared, stream),
                            shared_gate ? *shared_gate : std::vector<float>{});
@@ -237,14 +241,15 @@ std::vector<routed_rank> run_routed(const locus_test::dispatch_case& c, const la
 std::vector<routed_rank> run_routed_k(const locus_test::dispatch_case& c, const layer::expert_weights<float>& all,
                                       const std::vector<float>& gate, const std::vector<bool>& poison,
                                       const layer::expert_weights<float>* shared = nullptr,
-                                      const std::vector<float>* shared_gate = nullptr) {
+                                      const std::vector<float>* shared_gate = nullptr,
+                                      layer::router_logits rounding = layer::router_logits::fp32) {
   switch (c.k) {
-  case 1: return run_routed<1>(c, all, gate, poison, shared, shared_gate);
-  case 2: return run_routed<2>(c, all, gate, poison, shared, shared_gate);
-  case 3: return run_routed<3>(c, all, gate, poison, shared, shared_gate);
-  case 4: return run_routed<4>(c, all, gate, poison, shared, shared_gate);
-  case 5: return run_routed<5>(c, all, gate, poison, shared, shared_gate);
-  default: return run_routed<6>(c, all, gate, poison, shared, shared_gate);
+  case 1: return run_routed<1>(c, all, gate, poison, shared, shared_gate, rounding);
+  case 2: return run_routed<2>(c, all, gate, poison, shared, shared_gate, rounding);
+  case 3: return run_routed<3>(c, all, gate, poison, shared, shared_gate, rounding);
+  case 4: return run_routed<4>(c, all, gate, poison, shared, shared_gate, rounding);
+  case 5: return run_routed<5>(c, all, gate, poison, shared, shared_gate, rounding);
+  default: return run_routed<6>(c, all, gate, poison, shared, shared_gate, rounding);
   }
 }
 
@@ -379,6 +384,50 @@ BOOST_AUTO_TEST_CASE(device_routed_layer_matches_dense_reference) {
         }
       }
     }
+}
+
+// set_router(gate, router_logits::bf16) on the device: the router kernel sees the cuBLAS logits
+// rounded to bf16, so its routing is the host router's on rounded logits (router_gate's logits are
+// exact in fp32, so both sides round the same values), and its weights differ from the fp32 logits';
+// the layer's output follows the weights it used.
+BOOST_AUTO_TEST_CASE(device_router_sees_bf16_rounded_logits) {
+  std::size_t tokens = 0, far_from_bf16 = 0, multi = 0, moved = 0;
+  for (std::uint64_t seed = 1; seed <= 4; ++seed) {
+    const auto c = locus_test::make_case(seed, 2, 2);
+    BOOST_TEST_CONTEXT("seed " << seed << ", k " << c.k) {
+      const auto all = locus_test::model_weights<float>(seed + 500, c.experts, c.hidden, 16);
+      const auto gate = router_gate(seed + 11, c.hidden, c.experts);
+      const auto out = run_routed_k(c, all, gate, std::vector<bool>(c.topo.ranks(), false), nullptr, nullptr,
+                                    layer::router_logits::bf16);
+      for (std::size_t r = 0; r < c.topo.ranks(); ++r) {
+        if (out[r].error) std::rethrow_exception(out[r].error);
+        const auto ref = host_routing(out[r].x, gate, c.hidden, c.experts, c.k, layer::router_logits::bf16);
+        const auto fp32 = host_routing(out[r].x, gate, c.hidden, c.experts, c.k);
+        const std::size_t T = out[r].x.size() / c.hidden;
+        for (std::size_t t = 0; t < T; ++t) {
+          bool near = true, same_as_fp32 = true;
+          for (std::size_t j = 0; j < c.k; ++j) {
+            const std::size_t i = t * c.k + j;
+            near = near && out[r].ids[i] == ref.ids()[i] &&
+                   std::abs(out[r].weights[i] - ref.weights()[i]) <= 1e-6f * std::abs(ref.weights()[i]) + 1e-7f;
+            same_as_fp32 = same_as_fp32 && out[r].ids[i] == fp32.ids()[i] &&
+                           std::abs(out[r].weights[i] - fp32.weights()[i]) <= 1e-6f * std::abs(fp32.weights()[i]);
+          }
+          ++tokens;
+          far_from_bf16 += !near;
+          if (c.k > 1) { // a renormalised top-1 weight is 1 whatever the logits
+            ++multi;
+            moved += !same_as_fp32;
+          }
+        }
+        BOOST_TEST(worst_error(out[r].x, out[r].y, routing<>(out[r].ids, out[r].weights, top_k<>(c.k)), all) <= 1.0);
+      }
+    }
+  }
+  BOOST_TEST(tokens > 0u);
+  BOOST_TEST(far_from_bf16 == 0u, far_from_bf16 << " of " << tokens << " tokens off the bf16-logit router");
+  // On the host, 102 of these 144 top-k > 1 tokens move.
+  BOOST_TEST(moved * 2 > multi, "only " << moved << " of " << multi << " tokens moved from the fp32-logit weights");
 }
 
 // A rank with a non-finite logit raises, after taking part in the step with no tokens: its peers
