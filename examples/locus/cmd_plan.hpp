@@ -635,7 +635,8 @@ inline void register_simulate(CLI::App& app) {
                   locus::config_error, "--clusters sizes the grouping model, which --placement ", plan->placement,
                   " with --grouper ", opt->grouper, " does not fit");
     LOCUS_REQUIRE(opt->grouping_path.empty() || opt->grouper == "workload_aware", locus::config_error,
-                  "--grouping is the workload_aware grouper's model; --grouper ", opt->grouper, " does not use it");
+                  "--grouping is the workload_aware grouper's model, which --grouper ", opt->grouper,
+                  " does not use: add --grouper workload_aware to group requests by it");
     LOCUS_REQUIRE(cmd->count("--replica-slack") == 0 || opt->replica_rule == "locality_bounded", locus::config_error,
                   "--replica-slack is locality_bounded's load bound; --replica-rule ", opt->replica_rule,
                   " does not use it");

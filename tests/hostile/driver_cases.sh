@@ -217,6 +217,7 @@ check "export --to locus prints no engine flag" bash -c "! grep -q 'pass:' '$wor
 ok 'hidden layers 3..4 of 61' map export "$work/renumbered.json" --to sglang --out "$work/renumbered.sglang.json"
 # Options that would do nothing: refused, or said.
 refused "--replica-slack is locality_bounded's load bound; --replica-rule locality_first does not use it" simulate --trace "$work/t.bin" --replica-slack 3
+refused "--grouper round_robin does not use: add --grouper workload_aware" simulate --trace "$work/t.bin" --grouping "$work/t.bin"
 refused '--clusters sizes the grouping model, which --placement linear fits only when --grouping asks for one' \
   plan --trace "$work/t.bin" --placement linear --clusters 4 --out "$work/m.json"
 refused '--clusters sizes the grouping model, which --placement linear with --grouper round_robin does not fit' \
