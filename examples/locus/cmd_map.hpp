@@ -101,10 +101,11 @@ inline int map_export(const export_options& o) {
                 locus::config_error, "--out ", o.out,
                 ": SGLang reads --init-expert-location as a file only when its name ends in .json (any other value "
                 "is parsed as JSON text); name the file X.json");
-  LOCUS_REQUIRE(o.mtp_layers == 0 || (!as_map && format == locus::placement::engine_format::trtllm),
-                locus::config_error,
-                "--mtp-layers applies to --to trtllm (SGLang's NextN layer reads the file's first row; vLLM's and "
-                "EPLB's files and a locus map have no layer for it)");
+  // Taken by every engine's file, so that one command line serves them all: TensorRT-LLM keys the MTP
+  // layers, the others' files have no row for them (SGLang's NextN layer reads the first row).
+  LOCUS_REQUIRE(o.mtp_layers == 0 || !as_map, locus::config_error,
+                "--mtp-layers describes an engine's file; a locus map (--to locus) holds the model's hidden layers "
+                "only");
   auto plan = locus::load_expert_plan(o.map_path);
   auto& maps = plan.maps;
   LOCUS_REQUIRE(o.gpus_per_node == 0 || plan.gpus_per_node == 0 || o.gpus_per_node == plan.gpus_per_node,
@@ -114,6 +115,7 @@ inline int map_export(const export_options& o) {
   // The plan's own layer numbering (from the trace it was made on) unless the options say otherwise.
   locus::placement::model_layers layers;
   const bool numbered = o.first_moe_layer != export_options::unset || o.moe_layer_step != 0;
+  bool no_numbering_said = false;
   if (!numbered && !plan.model_layers.empty()) {
     layers.moe_layer = plan.model_layers;
     layers.hidden_layers = o.hidden_layers      ? o.hidden_layers
@@ -143,8 +145,10 @@ inline int map_export(const export_options& o) {
     // trace, a [layers, experts] load without empty rows) is read as hidden layers 0..L-1, which is
     // right only for a model without dense layers, and a wrong guess fails at the engine's start-up
     // or loads each map into another layer. Said, with the options that number it.
-    if (!numbered && (o.hidden_layers == 0 || o.hidden_layers > maps.size()) && !as_map &&
-        (format == locus::placement::engine_format::sglang || format == locus::placement::engine_format::trtllm))
+    no_numbering_said =
+        !numbered && (o.hidden_layers == 0 || o.hidden_layers > maps.size()) && !as_map &&
+        (format == locus::placement::engine_format::sglang || format == locus::placement::engine_format::trtllm);
+    if (no_numbering_said)
       std::fprintf(stderr,
                    "locus map export: the plan saves no model layer numbers: its %zu layers are written as hidden "
                    "layers 0..%zu, right for a model whose every layer is MoE (Qwen3); one with dense layers needs "
@@ -219,6 +223,18 @@ inline int map_export(const export_options& o) {
                  "the model's multi-token-prediction layers, which the %s file has no row for; left out\n",
                  planned_mtp, planned_mtp == 1 ? "" : "s", layers.moe_layer[maps.size() - planned_mtp],
                  layers.hidden_layers, o.to.c_str());
+  // The model's MoE layers going on past the plan's (a 26-layer plan numbered from 3 for a model of
+  // 61 hidden layers): the engine would serve those with no plan (TensorRT-LLM fails at start-up,
+  // SGLang keeps its trivial placement, vLLM's plugin refuses the layer count). Said, not refused:
+  // a model's last layers may be dense, which nothing here can tell.
+  const std::size_t unplanned = as_map ? 0 : layers.unplanned_layer();
+  if (unplanned != 0 && !no_numbering_said)
+    std::fprintf(stderr,
+                 "locus map export: the plan's MoE layers end at hidden layer %zu, but their numbering goes on at "
+                 "layer %zu of the model's %zu: unless the model's last layers are dense, the engine serves those "
+                 "with no plan (TensorRT-LLM fails at start-up); plan on a trace of this model, or give "
+                 "--first-moe-layer, --moe-layer-step and --num-hidden-layers as the model has them\n",
+                 layers.moe_layer[maps.size() - planned_mtp - 1], unplanned, layers.hidden_layers);
   output_set files; // the export and its JSON together or not at all
   files.add(o.out, as_map ? locus::expert_plan_text(plan) : locus::placement::export_text(format, maps, layers));
   const auto& m = maps.front();
@@ -233,6 +249,7 @@ inline int map_export(const export_options& o) {
                                              : std::vector<std::size_t>{}},
                   {"hidden_layers", layers.hidden_layers},
                   {"mtp_layers", mtp_keys},
+                  {"unplanned_moe_layer", unplanned ? nlohmann::json(unplanned) : nlohmann::json(nullptr)},
                   {"experts", m.experts()},
                   {"slots", m.slot_count()},
                   {"ranks", m.ranks()},
@@ -317,8 +334,9 @@ inline void register_map(CLI::App& app) {
       ->check(tool_cli::positive_whole)
       ->default_str("saved with the plan, else 1");
   exp->add_option("--mtp-layers", o->mtp_layers,
-                  "trtllm: multi-token-prediction layers after the hidden layers (DeepSeek-V3/R1 with MTP: 1), "
-                  "which TensorRT-LLM balances too; each gets the trivial placement (slot p holds expert p mod E)")
+                  "Multi-token-prediction layers after the hidden layers (DeepSeek-V3/R1 with MTP: 1): trtllm keys "
+                  "them, as TensorRT-LLM balances them too (the trivial placement, slot p holds expert p mod E, where "
+                  "the plan has none); the other files have no row for them and leave planned ones out")
       ->check(CLI::Range(std::size_t{0}, locus::placement::model_layers::max_mtp_layers))
       ->capture_default_str();
   add_json_option(exp, o->json);

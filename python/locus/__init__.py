@@ -26,6 +26,7 @@ import numbers
 import operator
 import os
 import typing
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Tuple
@@ -282,7 +283,10 @@ def _checked(fn: Any) -> Any:
         nonlocal hints
         if hints is None:  # resolved on first use: the annotations name classes defined after fn
             hints = typing.get_type_hints(fn)
-        bound = sig.bind(*args, **kwargs)
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as e:  # "got an unexpected keyword argument 'x'", naming no function
+            raise TypeError(f"{fn.__name__}(): {e}") from None
         for name, x in bound.arguments.items():
             p = sig.parameters[name]
             if name in hints and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -1107,15 +1111,13 @@ def export_text(
     first layer the plan's own first one when only the step is given; Llama 4 Maverick: 1 and 2), or
     the plan's own layer ids (from its trace), or i; the model has
     ``num_hidden_layers`` layers, or the plan's count, or the last MoE layer + 1. ``mtp_layers``
-    (trtllm, as ``locus map export --mtp-layers``, at most 16): multi-token-prediction layers after
-    the hidden layers (DeepSeek-V3/R1 with MTP: 1), which TensorRT-LLM balances too and refuses to
-    start without; each gets the trivial placement (slot p holds expert p mod E). A plan's own layer
+    (as ``locus map export --mtp-layers``, at most 16): multi-token-prediction layers after the
+    hidden layers (DeepSeek-V3/R1 with MTP: 1), which TensorRT-LLM balances too and refuses to
+    start without; each gets the trivial placement (slot p holds expert p mod E) there; the other
+    files have no row for them, so one set of arguments serves every engine. A plan's own layer
     ids at or past ``num_hidden_layers`` (TensorRT-LLM's statistics hold DeepSeek-V3's MTP layer 61)
     are its MTP layers: TensorRT-LLM gets their maps, the other files leave them out."""
     _whole(mtp_layers, "mtp_layers", 0, _LIMITS["mtp_layers"])
-    if mtp_layers and to != "trtllm":
-        raise ConfigError("locus: configuration error: mtp_layers applies to to=\"trtllm\" (SGLang's NextN layer reads "
-                          "the file's first row; vLLM's and EPLB's files have no layer for it)")
     if layer_ids is not None and (first_moe_layer is not None or moe_layer_step is not None):
         # Either numbers every layer; one of them was ignored.
         raise ConfigError("locus: configuration error: give layer_ids or first_moe_layer/moe_layer_step, not both")
@@ -1169,6 +1171,15 @@ def export_text(
     _check_model_layers(ids if ids_name else None, layers, given, ids_name or "", hidden_name, mtp)
     # The largest id, not the last: ids out of order are then reported as such.
     hidden = given or (max(ids) + 1 if ids else 0)
+    # As `locus map export` says on stderr: the model's MoE layers going on past the plan's would be
+    # served with no plan, unless its last layers are dense (which nothing here can tell).
+    unplanned = _core._unplanned_layer(ids, hidden, mtp) if ids else 0
+    if unplanned:
+        warnings.warn(f"locus.export_text: the plan's MoE layers end at hidden layer "
+                      f"{[v for v in ids if v < hidden][-1]}, but their numbering goes on at layer {unplanned} of the "
+                      f"model's {hidden}: unless the model's last layers are dense, the engine serves those with no "
+                      "plan (TensorRT-LLM fails at start-up); plan on a trace of this model, or give "
+                      "first_moe_layer, moe_layer_step and num_hidden_layers as the model has them", stacklevel=3)
     full = plan.filled(load)
     return _core._export_text(full._maps(), plan.experts, to, ids, hidden, mtp)
 

@@ -964,6 +964,18 @@ NB_MODULE(_core, m) {
         return interruptible([&] { return locus::placement::export_text(format, maps_from(maps, e), layers); });
       },
       "maps"_a, "experts"_a, "to"_a, "layer_ids"_a, "hidden_layers"_a, "mtp_layers"_a);
+  // The model layer the planned MoE layers' numbering goes on at, past the plan (0: none); see
+  // model_layers::unplanned_layer.
+  m.def(
+      "_unplanned_layer",
+      [](nb::handle layer_ids, nb::handle hidden_layers, nb::handle mtp_layers) {
+        locus::placement::model_layers layers{counts_arg(layer_ids, "layer_ids"),
+                                              size_arg(hidden_layers, "num_hidden_layers")};
+        layers.mtp_layers = static_cast<std::size_t>(
+            count_arg(mtp_layers, "mtp_layers", locus::placement::model_layers::max_mtp_layers));
+        return layers.unplanned_layer();
+      },
+      "layer_ids"_a, "hidden_layers"_a, "mtp_layers"_a);
   m.def(
       "_load_expert_maps",
       [](nb::handle path) {

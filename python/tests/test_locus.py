@@ -328,8 +328,10 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
         with pytest.raises(locus.ConfigError, match="the plan has 3 layers of 16 experts"):
             plan.filled(bad)
     assert np.array_equal(full[plan.maps != -1], plan.maps[plan.maps != -1])  # planned slots kept
-    # SGLang: one row per hidden layer (here: 1 dense, 3 MoE, 1 dense), dense rows p mod E.
-    locus.export(plan, "sglang", str(tmp_path / "s.json"), first_moe_layer=1, num_hidden_layers=5, load=load)
+    # SGLang: one row per hidden layer (here: 1 dense, 3 MoE, 1 dense), dense rows p mod E; the last
+    # dense layer is what a missing MoE layer would look like, which is said, not refused.
+    with pytest.warns(UserWarning, match="goes on at layer 4 of the model's 5"):
+        locus.export(plan, "sglang", str(tmp_path / "s.json"), first_moe_layer=1, num_hidden_layers=5, load=load)
     rows = np.array(json.loads((tmp_path / "s.json").read_text())["physical_to_logical_map"])
     assert rows.shape == (5, 20)
     assert (rows[0] == np.arange(20) % 16).all() and (rows[4] == np.arange(20) % 16).all()
@@ -773,6 +775,27 @@ def test_export_layer_ids_are_checked_as_given():
         locus.export_text(plan, "trtllm", layer_ids=[1, 2], first_moe_layer=5)  # was: 5 ignored
 
 
+def test_export_says_when_the_models_moe_layers_go_on_past_the_plan():
+    # A 2-layer plan numbered from 1 for a model of 10 hidden layers: layers 3..9 would be served with
+    # no plan (TensorRT-LLM fails at start-up); said, as `locus map export` says it, not refused (a
+    # model's last layers may be dense).
+    import warnings
+    plan = locus.plan(np.ones((2, 8)), 2, 2)
+    with pytest.warns(UserWarning, match="numbering goes on at layer 3 of the model's 10"):
+        text = locus.export_text(plan, "trtllm", first_moe_layer=1, num_hidden_layers=10)
+    assert "  1: [" in text and "  2: [" in text
+    with pytest.warns(UserWarning, match="goes on at layer 7 of the model's 9"):
+        locus.export_text(plan, "sglang", first_moe_layer=3, moe_layer_step=2, num_hidden_layers=9)
+    with pytest.raises(TypeError, match=r"export_text\(\): got an unexpected keyword argument 'hidden_layers'"):
+        locus.export_text(plan, "trtllm", hidden_layers=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        locus.export_text(plan, "trtllm", first_moe_layer=1, num_hidden_layers=3)
+        locus.export_text(plan, "sglang", first_moe_layer=1, moe_layer_step=2, num_hidden_layers=4)
+        # Unevenly spaced ids (a trace that logged some layers): nothing says which others are MoE.
+        locus.export_text(locus.plan(np.ones((3, 8)), 2, 2), "trtllm", layer_ids=[1, 2, 5], num_hidden_layers=10)
+
+
 def test_paths_take_pathlike_and_refuse_nul(tmp_path):
     _, t = small_trace()
     locus.write_trace(t, tmp_path / "t.bin")
@@ -829,8 +852,10 @@ def test_trtllm_export_keys_the_mtp_layers():
     text = locus.export_text(plan, "trtllm", first_moe_layer=1, num_hidden_layers=3, mtp_layers=1)
     assert text.splitlines()[-1] == "  3: [0, 1, 2, 3, 0, 1]"
     assert "  3:" not in locus.export_text(plan, "trtllm", first_moe_layer=1, num_hidden_layers=3)
-    with pytest.raises(locus.ConfigError, match="mtp_layers applies to"):
-        locus.export_text(plan, "sglang", mtp_layers=1)
+    # The other files have no MTP row: the same arguments serve them (one command line for all).
+    for to in ("sglang", "vllm", "eplb"):
+        assert locus.export_text(plan, to, first_moe_layer=1, num_hidden_layers=3, mtp_layers=1) == \
+            locus.export_text(plan, to, first_moe_layer=1, num_hidden_layers=3)
     with pytest.raises(locus.ConfigError, match="mtp_layers is 17, expected a whole number from 0 to 16"):
         locus.export_text(plan, "trtllm", mtp_layers=17)
     # A plan whose own layers include the MTP layer (TensorRT-LLM's statistics hold it): with the

@@ -195,6 +195,16 @@ ok 'the plan saves no model layer numbers' map export "$work/synth.json" --to sg
 check "a numbered export of that plan says nothing" \
   bash -c "! timeout 60 '$locus' map export '$work/synth.json' --to trtllm --first-moe-layer 3 --out '$work/s3.yaml' \
   2>&1 | grep -q 'saves no model layer'"
+# The model's MoE layers going on past the plan's (a 2-layer plan from layer 3 of 8 hidden layers):
+# said, with the layer the engine would serve without a plan, and in the JSON; not for a plan that
+# covers them.
+ok 'end at hidden layer 4, but their numbering goes on at layer 5 of the model.s 8' map export "$work/synth.json" \
+  --to trtllm --first-moe-layer 3 --num-hidden-layers 8 --out "$work/s38.yaml" --json "$work/s38.json"
+check "the export's JSON names the unplanned layer" python3 -c "import json, sys; \
+sys.exit(json.load(open(sys.argv[1]))['unplanned_moe_layer'] != 5)" "$work/s38.json"
+check "an export that covers the model's MoE layers says nothing of them" \
+  bash -c "! timeout 60 '$locus' map export '$work/synth.json' --to trtllm --first-moe-layer 3 --num-hidden-layers 5 \
+  --out '$work/s35.yaml' 2>&1 | grep -q 'numbering goes on'"
 
 # String req_ids (vLLM's "cmpl-..."): kept as the requests' names through the binary format; id
 # files and --homes name requests by them (in quotes where a name holds a comma or a space).

@@ -151,6 +151,24 @@ BOOST_AUTO_TEST_CASE(planned_mtp_layers_are_trtllms_only) {
   BOOST_CHECK_THROW(only.validate(2), config_error);
 }
 
+// The model layer where the planned MoE layers' numbering goes on past the plan, below the hidden
+// layer count: a MoE layer an engine would serve with no plan (or a dense one: exporters say it).
+BOOST_AUTO_TEST_CASE(unplanned_layers_are_found_by_the_plans_spacing) {
+  BOOST_TEST(model_layers::spaced(26, 3, 1, 61).unplanned_layer() == 29u); // a 26-layer plan for DeepSeek-V3
+  BOOST_TEST(model_layers::spaced(58, 3, 1, 61).unplanned_layer() == 0u);
+  BOOST_TEST(model_layers::spaced(24, 1, 2, 48).unplanned_layer() == 0u); // Llama 4 Maverick
+  BOOST_TEST(model_layers::spaced(20, 1, 2, 48).unplanned_layer() == 41u);
+  BOOST_TEST(model_layers::spaced(1, 3, 1, 61).unplanned_layer() == 4u); // one layer: step 1
+  BOOST_TEST(model_layers::spaced(1, 0, 1, 1).unplanned_layer() == 0u);
+  BOOST_TEST((model_layers{{1, 2, 5}, 10}.unplanned_layer()) == 0u); // uneven: nothing to infer
+  model_layers with_mtp{{3, 4, 5}, 5, 1};                            // layer 5 is the MTP layer
+  BOOST_TEST(with_mtp.unplanned_layer() == 0u);
+  with_mtp.hidden_layers = 6; // then 5 is a hidden layer: no MTP layer planned, none unplanned
+  BOOST_TEST(with_mtp.unplanned_layer() == 0u);
+  with_mtp.hidden_layers = 8;
+  BOOST_TEST(with_mtp.unplanned_layer() == 6u);
+}
+
 // Llama 4 Maverick's MoE layers alternate with dense ones (hidden layers 1, 3, ..., 47 of 48): every
 // other SGLang row is the trivial placement and TensorRT-LLM keys the odd layers; a step that
 // passes the layer limit, or 0, is refused.

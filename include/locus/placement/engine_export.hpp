@@ -91,6 +91,21 @@ struct model_layers {
                   " on); a plan needs a hidden layer");
   }
 
+  //! The first hidden layer that carries on the planned layers' regular numbering (first, first +
+  //! step, ...; one planned layer: step 1) below `hidden_layers`: a MoE layer the plan has no map
+  //! for, unless the model's last layers are dense (ERNIE 4.5's moe_layer_end_index may make them
+  //! so), which nothing here can tell; exporters say it rather than refuse. 0 when there is none, or
+  //! when the planned ids are not evenly spaced (a trace that logged some layers only).
+  std::size_t unplanned_layer() const noexcept {
+    const std::size_t planned = moe_layer.size() - planned_mtp();
+    if (planned == 0) return 0;
+    const std::size_t step = planned > 1 ? moe_layer[1] - moe_layer[0] : 1;
+    for (std::size_t i = 1; i < planned; ++i)
+      if (moe_layer[i] - moe_layer[i - 1] != step) return 0;
+    const std::size_t next = moe_layer[planned - 1] + step;
+    return next < hidden_layers ? next : 0;
+  }
+
   //! Planned layers that are MTP layers (numbered from hidden_layers on: the last ones).
   std::size_t planned_mtp() const noexcept {
     return static_cast<std::size_t>(
