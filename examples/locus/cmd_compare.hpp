@@ -294,18 +294,19 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
 
   // The table: the headline figures of bench/comm_volume's "Targets" table, at its precision.
   const auto line = [&](const locus::cost::comparison_entry& e, bool md) {
-    char buf[320];
+    char buf[400];
     const auto& r = e.result;
     const std::string red = std::to_string(e.row.redundant);
     // One node sends nothing over the network: no ratio, no reduction ("n/a").
     const double reduction = 100 * (1 - e.vs_baseline);
     const std::string reduction_text = std::isfinite(reduction) ? fixed(reduction, 1) + "%" : "n/a";
     std::snprintf(buf, sizeof buf,
-                  md ? "| %s | %s | %s | %s | %s | %.0f | %s | %s | %.3f | %.3f |\n"
-                     : "%-8s %-16s %4s %-14s %-12s %11.0f %8s %9s %9.3f %9.3f\n",
+                  md ? "| %s | %s | %s | %s | %s | %.0f | %s | %s | %.3f | %.3f | %.3f | %.2f |\n"
+                     : "%-8s %-16s %4s %-14s %-12s %11.0f %8s %9s %9.3f %9.3f %9.3f %9.2f\n",
                   cd::method_of(e.row), e.row.placement.c_str(), red.c_str(), e.row.grouper.c_str(),
                   locus::to_string(e.row.transport), r.inter_node_bytes_per_token, fixed(e.vs_baseline, 3).c_str(),
-                  reduction_text.c_str(), r.gpu_imbalance_aggregate, r.attention_imbalance);
+                  reduction_text.c_str(), r.gpu_imbalance_aggregate, r.gpu_imbalance_step_mean, r.attention_imbalance,
+                  r.layer_time_estimate_us);
     return std::string(buf);
   };
   char head[640];
@@ -316,11 +317,14 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
                 o.batch_per_rank, o.hidden, o.anneal);
   const std::string legend =
       "net B/token: network bytes per decode token over all layers; vs base: over " + baseline +
-      "; GPU max/mean: expert rows of the busiest GPU over the mean, per layer over the run (aggregate); "
-      "attn max/mean: the busiest GPU's attended context tokens over the mean.";
+      "; GPU max/mean: expert rows of the busiest GPU over the mean, per layer over the run (aggregate) and "
+      "per step (step: the mean over steps, which a step's slowest GPU follows); attn max/mean: the busiest GPU's "
+      "attended context tokens over the mean; layer us: the time model's layer time (latency + bytes over "
+      "bandwidth + rows of the busiest GPU), mean over steps: a model, not a measurement.";
   if (!stdout_taken({o.json, o.markdown, o.png})) {
-    std::printf("%s\n\n%-8s %-16s %4s %-14s %-12s %11s %8s %9s %9s %9s\n", head, "method", "placement", "red.",
-                "grouper", "transport", "net B/token", "vs base", "reduction", "GPU m/m", "attn m/m");
+    std::printf("%s\n\n%-8s %-16s %4s %-14s %-12s %11s %8s %9s %9s %9s %9s %9s\n", head, "method", "placement", "red.",
+                "grouper", "transport", "net B/token", "vs base", "reduction", "GPU m/m", "step m/m", "attn m/m",
+                "layer us");
     for (const auto& e : cmp.rows)
       std::printf("%s", line(e, false).c_str());
     std::printf("\n%s\n%zu rows in %.1f s\n", legend.c_str(), cmp.rows.size(), seconds);
@@ -335,8 +339,9 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
                      run.date + " (" + run.machine() + ") in " + fixed(seconds, 1) + " s.\n\n" + legend +
                      "\n\n| method | placement | redundant/GPU | grouper | transport | inter-node B/token | vs " +
                      baseline +
-                     " | reduction | GPU max/mean (aggregate) | attention max/mean |\n"
-                     "|---|---|---|---|---|---|---|---|---|---|\n";
+                     " | reduction | GPU max/mean (aggregate) | GPU max/mean (step) | attention max/mean | layer time "
+                     "µs (model) |\n"
+                     "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for (const auto& e : cmp.rows)
       md += line(e, true);
     files.add(o.markdown, md);
