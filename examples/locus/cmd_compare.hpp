@@ -199,6 +199,7 @@ inline std::string render_png(const std::string& python, const nlohmann::json& d
 
 struct compare_options {
   std::size_t redundant = 1, batch_per_rank = 16, hidden = 2048, clusters = 8, anneal = 300;
+  double expert_read_us = 0;
   std::size_t hedge_replicas = locus::placement::token_refine_options{}.hedge_replicas;
   double fill_slack = 0;
   double hedge_class_spread = 0;
@@ -249,6 +250,7 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
   opt.plan.refine.hedge_cost_budget = o.hedge_cost_budget;
   opt.simulation.topology = topo;
   opt.simulation.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(o.hidden);
+  opt.simulation.links.expert_read_us = o.expert_read_us;
   opt.simulation.batch_per_rank = o.batch_per_rank;
   opt.simulation.arrival_rate = o.arrival_rate;
   opt.simulation.seed = split.split_seed;
@@ -273,6 +275,7 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
                         {"prefill_tokens", split.prefill_tokens},
                         {"batch_per_rank", o.batch_per_rank},
                         {"hidden", o.hidden},
+                        {"expert_read_us", o.expert_read_us},
                         {"clusters", o.clusters},
                         {"anneal_per_expert", o.anneal},
                         {"arrival_rate", o.arrival_rate},
@@ -309,18 +312,22 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
                   r.layer_time_estimate_us);
     return std::string(buf);
   };
-  char head[640];
+  char head[1024];
   std::snprintf(head, sizeof head,
                 "%s: fitted on %zu requests, simulated on the other %zu; %zu nodes x %zu GPUs, %zu running requests "
-                "per GPU, FP8 dispatch / BF16 combine of hidden %zu; locality anneals %zu proposals per expert",
+                "per GPU, FP8 dispatch / BF16 combine of hidden %zu; locality anneals %zu proposals per expert; "
+                "time model: %s",
                 trace_name.c_str(), train.requests(), test.requests(), topo.nodes(), topo.gpus_per_node(),
-                o.batch_per_rank, o.hidden, o.anneal);
+                o.batch_per_rank, o.hidden, o.anneal,
+                o.expert_read_us > 0 ? (fixed(o.expert_read_us, 2) + " us per expert weight read").c_str()
+                                     : "expert weight reads not counted");
   const std::string legend =
       "net B/token: network bytes per decode token over all layers; vs base: over " + baseline +
       "; GPU max/mean: expert rows of the busiest GPU over the mean, per layer over the run (aggregate) and "
       "per step (step: the mean over steps, which a step's slowest GPU follows); attn max/mean: the busiest GPU's "
       "attended context tokens over the mean; layer us: the time model's layer time (latency + bytes over "
-      "bandwidth + rows of the busiest GPU), mean over steps: a model, not a measurement.";
+      "bandwidth + the busiest GPU's expert time: its rows, or its experts' weight reads where --expert-read-us makes "
+      "them longer), mean over steps: a model, not a measurement.";
   if (!stdout_taken({o.json, o.markdown, o.png})) {
     std::printf("%s\n\n%-8s %-16s %4s %-14s %-12s %11s %8s %9s %9s %9s %9s %9s\n", head, "method", "placement", "red.",
                 "grouper", "transport", "net B/token", "vs base", "reduction", "GPU m/m", "step m/m", "attn m/m",
@@ -381,6 +388,8 @@ inline void register_compare(CLI::App& app) {
          "Hidden size (message sizes: FP8 dispatch, BF16 combine); the default is DeepSeek-V2-Lite's, the ESFT traces' "
          "model (DeepSeek-V3: 7168, Qwen3-235B: 4096, Llama 4: 5120)")
       ->check(CLI::Range(std::size_t{1}, max_hidden));
+  cmd->add_option("--expert-read-us", o->expert_read_us, locus_driver::expert_read_help)
+      ->check(tool_cli::finite_non_negative);
   cmd->add_option("--clusters", o->clusters,
                   "Request clusters of the workload-aware model (at most one per training request)")
       ->check(tool_cli::positive_whole);

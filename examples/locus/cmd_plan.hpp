@@ -476,6 +476,10 @@ inline void register_plan(CLI::App& app) {
 //! Largest --hidden: above every model's hidden size, and small enough that byte counts stay far
 //! from 64-bit overflow.
 inline constexpr std::size_t max_hidden = std::size_t{1} << 24;
+inline constexpr const char* expert_read_help =
+    "Time model: microseconds to read one expert's weights (its bytes over HBM bandwidth; DeepSeek-V3's 44 MB of FP8 "
+    "on an H200: 9.2), charged per expert a GPU runs in a step; a GPU's expert time is the larger of that and its "
+    "rows' arithmetic (0.22 us per row). 0: not counted";
 //! Steps of traffic a re-plan sees with --drift-every and neither --replan-every nor --replan-window
 //! (the vLLM default window scaled as bench/drift scales it: a one-step window re-planned on noise).
 inline constexpr std::size_t drift_only_window = 100;
@@ -509,7 +513,10 @@ inline void print_simulation(const nlohmann::json& doc) {
               fixed(num(doc, "gpu_imbalance_step_mean"), 3).c_str());
   std::printf("  attention max/mean            %s (context tokens per GPU)\n",
               fixed(num(doc, "attention_imbalance"), 3).c_str());
-  std::printf("  layer time estimate           %s us\n", fixed(num(doc, "layer_time_estimate_us"), 2).c_str());
+  const double read_us = num(doc, "expert_read_us");
+  std::printf("  layer time estimate           %s us (model; %s)\n",
+              fixed(num(doc, "layer_time_estimate_us"), 2).c_str(),
+              read_us > 0 ? (fixed(read_us, 2) + " us per expert read").c_str() : "expert weight reads not counted");
   std::printf("  idle steps                    %s\n", grouped(num(doc, "idle_steps")).c_str());
   if (doc.contains("online")) {
     const auto& o = doc.at("online");
@@ -530,6 +537,7 @@ inline void register_simulate(CLI::App& app) {
     std::string map_path, grouping_path, grouper = "round_robin", transport = "flat", replica_rule = "locality_first";
     double replica_slack = 0.05;
     std::size_t batch_per_rank = 32, hidden = 2048;
+    double expert_read_us = 0;
     double arrival_rate = 0;
     std::string json;
     // On-line re-planning (cost/online_replan.hpp): off unless an interval or a drift period is set.
@@ -575,6 +583,7 @@ inline void register_simulate(CLI::App& app) {
       ->check(CLI::Range(std::size_t{1}, max_hidden));
   cmd->add_option("--arrival-rate", opt->arrival_rate, "Poisson arrivals per step (0: all at once)")
       ->check(tool_cli::finite_non_negative);
+  cmd->add_option("--expert-read-us", opt->expert_read_us, expert_read_help)->check(tool_cli::finite_non_negative);
   add_json_option(cmd, opt->json);
   cmd->add_option("--replan-every", opt->replan_every,
                   "Re-plan the maps every this many steps from recent traffic (0: never); adds an `online` block, the "
@@ -702,6 +711,7 @@ inline void register_simulate(CLI::App& app) {
     cfg.topology = topo;
     cfg.transport = transport;
     cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(opt->hidden);
+    cfg.links.expert_read_us = opt->expert_read_us;
     cfg.batch_per_rank = opt->batch_per_rank;
     cfg.arrival_rate = opt->arrival_rate;
     cfg.seed = split->split_seed;
@@ -780,6 +790,7 @@ inline void register_simulate(CLI::App& app) {
     doc["gpus_per_node"] = topo.gpus_per_node();
     doc["grouper"] = opt->grouper;
     doc["transport"] = opt->transport;
+    doc["expert_read_us"] = opt->expert_read_us;
     doc["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     p.clear();
     if (!stdout_taken({opt->json})) {

@@ -972,9 +972,12 @@ def simulate(
     model: Optional[WorkloadModel] = None,
     replica_rule: str = "locality_first",
     replica_slack: float = 0.05,
+    expert_read_us: float = 0.0,
 ) -> dict:
     """Decode simulation of the trace's decode tokens on the plan; returns the summary (bytes and
-    copies per token, GPU imbalance, modelled layer time). ``workload_aware`` grouping uses
+    copies per token, GPU imbalance, modelled layer time: ``expert_read_us``, as ``locus simulate
+    --expert-read-us``, is the time model's read of one expert's weights per expert a GPU runs in a
+    step, 0 for none). ``workload_aware`` grouping uses
     ``model`` or the plan's own. ``replica_rule`` is how a token's copy picks among an expert's
     replicas, as the serving engine does: ``locality_first`` (locus), ``same_gpu_else_random``
     (SGLang's static dispatch), ``random`` (vLLM's EPLB) or ``locality_bounded`` (locality first,
@@ -986,6 +989,7 @@ def simulate(
     with ``copies=transport``."""
     _whole(batch_per_rank, "batch_per_rank", 1)
     _finite(arrival_rate, "arrival_rate")
+    _finite(expert_read_us, "expert_read_us")
     _whole(seed, "seed")
     if transport not in ("flat", "hierarchical"):
         raise ConfigError(f"locus: configuration error: transport {transport!r} is not one of flat, hierarchical")
@@ -1010,7 +1014,7 @@ def simulate(
     m = model if model is not None else plan.model
     out = _core._simulate(
         test, plan._maps(), nodes, gpus_per_node, grouper, m, transport, batch_per_rank, hidden,
-        arrival_rate, seed, replica_rule, replica_slack,
+        arrival_rate, seed, replica_rule, replica_slack, expert_read_us,
     )
     return json.loads(out)
 

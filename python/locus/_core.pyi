@@ -145,6 +145,7 @@ def _simulate(
     seed: int,
     replica_rule: str,
     replica_slack: float,
+    expert_read_us: float,
 ) -> str: ...
 def _replan(
     maps: npt.NDArray[np.int32],

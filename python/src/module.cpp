@@ -849,7 +849,7 @@ NB_MODULE(_core, m) {
       [](const locus::trace::trace& test, maps_in maps, nb::handle nodes, nb::handle gpus_per_node,
          const std::string& grouper, std::shared_ptr<locus::grouper::workload_model> model,
          const std::string& transport, nb::handle batch_per_rank, nb::handle hidden, double arrival_rate,
-         nb::handle seed, const std::string& replica_rule, double replica_slack) {
+         nb::handle seed, const std::string& replica_rule, double replica_slack, double expert_read_us) {
         // A NaN slack would compare false everywhere: no GPU would ever count as hot.
         LOCUS_REQUIRE(std::isfinite(replica_slack) && replica_slack >= 0, locus::config_error, "replica_slack is ",
                       replica_slack, ", expected a finite number >= 0");
@@ -863,6 +863,7 @@ NB_MODULE(_core, m) {
         cfg.sizes = locus::cost::message_sizes::fp8_dispatch_bf16_combine(hidden_size);
         cfg.batch_per_rank = static_cast<std::size_t>(count_arg(batch_per_rank, "batch_per_rank", UINT64_MAX, 1));
         cfg.arrival_rate = arrival_rate;
+        cfg.links.expert_read_us = expert_read_us; // checked by the simulator (link_model::validate)
         cfg.seed = count_arg(seed, "seed");
         // The run goes on without the GIL: another thread may simulate with the same model meanwhile
         // (a grouper keeps its classifying scratch itself; the model is read only).
@@ -873,7 +874,8 @@ NB_MODULE(_core, m) {
         });
       },
       "test"_a, "maps"_a, "nodes"_a, "gpus_per_node"_a, "grouper"_a, "model"_a.none(), "transport"_a,
-      "batch_per_rank"_a, "hidden"_a, "arrival_rate"_a, "seed"_a, "replica_rule"_a, "replica_slack"_a);
+      "batch_per_rank"_a, "hidden"_a, "arrival_rate"_a, "seed"_a, "replica_rule"_a, "replica_slack"_a,
+      "expert_read_us"_a);
 
   m.def(
       "_replan",

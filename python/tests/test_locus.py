@@ -317,6 +317,14 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
     assert len({json.dumps(v, sort_keys=True) for v in by_rule.values()}) > 1
     single = locus.plan(train, 2, 2, "locality", clusters=2, prefill_tokens=8)
     assert len({json.dumps(locus.simulate(test, single, replica_rule=r), sort_keys=True) for r in rules}) == 1
+    # The time model's expert weight reads (as `locus simulate --expert-read-us`): only the layer time
+    # moves, and by at least the reads of the busiest GPU's experts when they outweigh its rows.
+    read = locus.simulate(test, plan, grouper="workload_aware", transport="hierarchical", expert_read_us=50.0)
+    assert read["layer_time_estimate_us"] > summary["layer_time_estimate_us"] + 50.0
+    assert {k: v for k, v in read.items() if k != "layer_time_estimate_us"} == \
+        {k: v for k, v in summary.items() if k != "layer_time_estimate_us"}
+    with pytest.raises(locus.ConfigError, match="expert_read_us is -1"):
+        locus.simulate(test, plan, expert_read_us=-1.0)
     with pytest.raises(locus.ConfigError, match="unknown replica rule 'nearest'"):
         locus.simulate(test, plan, replica_rule="nearest")
     with pytest.raises(locus.ConfigError, match="replica_slack is nan"):

@@ -34,6 +34,8 @@ refused 'trace synth: about .* GB, this machine has' trace synth --experts 16 --
 # Non-finite or negative reals: named as what they are.
 for v in -1 nan inf -inf; do
   refused "arrival-rate.*not a finite number >= 0" simulate --trace "$work/t.bin" --arrival-rate "$v"
+  refused "expert-read-us.*not a finite number >= 0" simulate --trace "$work/t.bin" --expert-read-us "$v"
+  refused "expert-read-us.*not a finite number >= 0" compare --trace "$work/t.bin" --expert-read-us "$v"
   refused "balance-shift.*not a finite number >= 0" plan --trace "$work/t.bin" --balance-shift "$v" --out "$work/m.json"
   refused "fill-slack.*not a finite number >= 0" plan --trace "$work/t.bin" --fill-slack "$v" --out "$work/m.json"
   refused "hedge-class-spread: $v is not a number from 0 to 2" plan --trace "$work/t.bin" --hedge-class-spread "$v" --out "$work/m.json"
@@ -138,6 +140,8 @@ refused '--first-moe-layer: Value 4294967295 not in range 0 to 4095' map export 
 refused '--num-hidden-layers: Value 100000000 not in range 1 to 4096' map export "$work/lin.json" --to sglang --num-hidden-layers 100000000 --out "$work/q.json"
 refused 'after step 10\^18' simulate --trace "$work/t.bin" --arrival-rate 1e-300
 ok '^simulated [0-9,]+ requests' simulate --trace "$work/t.bin" --arrival-rate 1e-9
+ok 'layer time estimate +[0-9.]+ us \(model; 7\.50 us per expert read\)' simulate --trace "$work/t.bin" --expert-read-us 7.5
+ok 'layer time estimate +[0-9.]+ us \(model; expert weight reads not counted\)' simulate --trace "$work/t.bin"
 # The balance hedges: 0 (off) is taken with any planner, a count only where it applies.
 succeeds plan --trace "$work/t.bin" --placement eplb --redundant-slots 1 --hedge-replicas 0 --out "$work/h0.json"
 ok '^[0-9]+ replicas over the layers, [0-9]+ of them balance hedges' plan --trace "$work/t.bin" --placement locality \

@@ -136,6 +136,16 @@ BOOST_AUTO_TEST_CASE(hand_built_flat_and_hierarchical) {
   BOOST_TEST(h.sent[2][1] == 1u);
   BOOST_TEST((f.expert_rows == std::vector<std::uint64_t>{1, 3, 0, 2}));
   BOOST_TEST(f.load_imbalance() == 2.0);
+  // Active slots (the weights a rank reads in the step): rank 1 runs expert 1 (both tokens, one slot)
+  // and expert 2's replica; rank 3 expert 3 once for two rows. Each call counts afresh; added
+  // counts sum.
+  BOOST_TEST((f.active_slots == std::vector<std::uint64_t>{1, 2, 0, 1}));
+  layer_traffic twice = f;
+  flat.count_step(map, r.view(), {}, src, twice);
+  BOOST_TEST((twice.active_slots == std::vector<std::uint64_t>{2, 4, 0, 2}));
+  layer_traffic again(4);
+  flat.count_step(map, r.view(), std::vector<std::size_t>{1}, std::vector<std::uint32_t>{1}, again);
+  BOOST_TEST((again.active_slots == std::vector<std::uint64_t>{1, 1, 0, 1})); // token 1 alone: 0, 1, 3
   const message_sizes m = message_sizes::fp8_dispatch_bf16_combine(7168);
   BOOST_TEST(m.dispatch_bytes == 7168u + 56u * 4u);
   BOOST_TEST(f.dispatch_bytes(link_class::inter_node, m) == 2u * m.dispatch_bytes);
@@ -179,6 +189,17 @@ BOOST_AUTO_TEST_CASE(time_model_by_hand) {
   BOOST_TEST(lt.dispatch_us == 8.2, boost::test_tools::tolerance(1e-12));
   BOOST_TEST(lt.combine_us == 8.4, boost::test_tools::tolerance(1e-12));
   BOOST_TEST(lt.compute_us == 7 * 0.22, boost::test_tools::tolerance(1e-12));
+  // Weight reads: a rank's expert time is the larger of its rows' arithmetic and its active slots'
+  // reads, and the layer waits for the slowest rank (rank 1: 5 reads of 1 µs over 3 rows).
+  t.active_slots = {2, 5};
+  link_model reads;
+  reads.expert_read_us = 1.0;
+  BOOST_TEST(estimate_layer_time(t, s, reads).compute_us == 5.0, boost::test_tools::tolerance(1e-12));
+  reads.expert_read_us = 0.1; // rank 0's rows (1.54 µs) then weigh more than any reads
+  BOOST_TEST(estimate_layer_time(t, s, reads).compute_us == 7 * 0.22, boost::test_tools::tolerance(1e-12));
+  BOOST_TEST(estimate_layer_time(t, s, m).compute_us == 7 * 0.22, boost::test_tools::tolerance(1e-12)); // off
+  reads.expert_read_us = -1;
+  BOOST_CHECK_THROW(estimate_layer_time(t, s, reads), config_error);
   // A zero bandwidth made the time inf and a NaN one made it 0 (NaN lost every max): both refused.
   for (const double gbps : {0.0, -1.0, std::nan(""), HUGE_VAL}) {
     link_model bad;

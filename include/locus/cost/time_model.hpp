@@ -3,12 +3,15 @@
 //! An alpha-beta estimate of one MoE layer's time from its traffic counts. It is a model, not a
 //! measurement: links of different classes run concurrently, a rank's time on a link class is its
 //! larger direction (sent or received bytes) over the class bandwidth plus one latency, the layer
-//! waits for its slowest rank, and expert compute grows with the largest per-rank row count.
+//! waits for its slowest rank, and a rank's expert compute is a roofline over its step: the larger
+//! of its rows' arithmetic and the reads of the expert weights it uses (its active slots).
 //!
 //! Defaults (documented in docs/design.md): NVLink 160 GB/s effective per GPU, 3 µs latency;
 //! network 50 GB/s per GPU (a 400 Gb/s NIC), 8 µs latency; expert compute 0.22 µs per
 //! (token, expert) row — a DeepSeek-V3 expert (hidden 7168, intermediate 2048, 88 MFLOP per row)
-//! at 400 TFLOP/s effective.
+//! at 400 TFLOP/s effective; weight reads off (expert_read_us 0). With them on, e.g. 9.2 µs for
+//! that expert's 44 MB of FP8 weights at an H200's 4.8 TB/s, a decode step of a few rows per expert
+//! costs what its GPU's active experts cost to read, whatever their rows.
 
 #include <algorithm>
 #include <cmath>
@@ -25,6 +28,9 @@ struct link_model {
   double network_gbps = 50.0;
   double network_latency_us = 8.0;
   double expert_us_per_row = 0.22;
+  //! Microseconds to read one expert's weights from device memory (weight bytes over HBM
+  //! bandwidth), per active slot and step; 0: not counted (compute by rows only).
+  double expert_read_us = 0.0;
 
   //! @throws locus::config_error naming a bandwidth that is not positive and finite, or a latency
   //!         or compute cost that is negative or not finite (which made times inf, or NaN and then 0)
@@ -42,6 +48,7 @@ struct link_model {
     non_negative("nvlink_latency_us", nvlink_latency_us);
     non_negative("network_latency_us", network_latency_us);
     non_negative("expert_us_per_row", expert_us_per_row);
+    non_negative("expert_read_us", expert_read_us);
   }
 };
 
@@ -79,10 +86,11 @@ inline layer_time estimate_layer_time(const layer_traffic& t, const message_size
   layer_time out;
   out.dispatch_us = detail::exchange_us(t, sizes.dispatch_bytes, m);
   out.combine_us = detail::exchange_us(t, sizes.combine_bytes, m);
-  std::uint64_t max_rows = 0;
-  for (std::uint64_t rows : t.expert_rows)
-    max_rows = std::max(max_rows, rows);
-  out.compute_us = static_cast<double>(max_rows) * m.expert_us_per_row;
+  // Per rank, the larger of its rows' arithmetic and its active experts' weight reads (a roofline
+  // over the step: a grouped GEMM overlaps one expert's reads with another's math).
+  for (std::size_t r = 0; r < t.ranks(); ++r)
+    out.compute_us = std::max(out.compute_us, std::max(static_cast<double>(t.expert_rows[r]) * m.expert_us_per_row,
+                                                       static_cast<double>(t.active_slots[r]) * m.expert_read_us));
   // Finite costs can still overflow: an inf time would be reported as a result.
   LOCUS_REQUIRE(std::isfinite(out.total_us()), config_error, "link_model: the layer time overflows (dispatch ",
                 out.dispatch_us, " µs, compute ", out.compute_us, " µs, combine ", out.combine_us,

@@ -53,10 +53,14 @@ struct layer_traffic {
   per_class copies{};                     //!< dispatch copies per link class (combine sends as many back)
   per_class entries{};                    //!< fan-out entries dispatch sends per link class
   std::vector<std::uint64_t> expert_rows; //!< per rank: (token, expert) pairs computed there
-  std::vector<per_class> sent;            //!< per rank: dispatch copies sent per link class
-  std::vector<per_class> received;        //!< per rank: dispatch copies received per link class
+  //! Per rank: the expert slots that computed at least one row, per count_step call (one step of
+  //! one layer; summed when counts are added): the expert weights the rank reads in a step.
+  std::vector<std::uint64_t> active_slots;
+  std::vector<per_class> sent;     //!< per rank: dispatch copies sent per link class
+  std::vector<per_class> received; //!< per rank: dispatch copies received per link class
 
-  explicit layer_traffic(std::size_t ranks = 0) : expert_rows(ranks, 0), sent(ranks), received(ranks) {}
+  explicit layer_traffic(std::size_t ranks = 0)
+      : expert_rows(ranks, 0), active_slots(ranks, 0), sent(ranks), received(ranks) {}
 
   std::size_t ranks() const noexcept { return expert_rows.size(); }
   std::uint64_t dispatch_bytes(link_class c, const message_sizes& m) const {
@@ -89,6 +93,7 @@ struct layer_traffic {
     }
     for (std::size_t r = 0; r < ranks(); ++r) {
       expert_rows[r] += o.expert_rows[r];
+      active_slots[r] += o.active_slots[r];
       for (std::size_t c = 0; c < link_class_count; ++c) {
         sent[r][c] += o.sent[r][c];
         received[r][c] += o.received[r][c];
@@ -102,6 +107,7 @@ struct layer_traffic {
     copies = {};
     entries = {};
     std::fill(expert_rows.begin(), expert_rows.end(), 0);
+    std::fill(active_slots.begin(), active_slots.end(), 0);
     std::fill(sent.begin(), sent.end(), per_class{});
     std::fill(received.begin(), received.end(), per_class{});
   }
@@ -139,6 +145,13 @@ public:
     const std::size_t k = r.top_k(), experts = map.experts(), gpus = topo_.gpus_per_node();
     dest_.resize(k);
     replica_.resize(k);
+    // A slot is active in this call from its first row: stamped with the call's number, so that the
+    // marks need no clearing between steps.
+    slot_stamp_.resize(static_cast<std::size_t>(view.replica_offsets[experts]), 0);
+    if (++stamp_ == 0) { // wrapped: no slot may keep an old call's number
+      std::fill(slot_stamp_.begin(), slot_stamp_.end(), 0);
+      stamp_ = 1;
+    }
     for (std::size_t i = 0; i < n; ++i) {
       const std::size_t t = tokens.empty() ? i : tokens[i];
       LOCUS_REQUIRE(t < r.tokens(), invalid_input_error, "traffic model: token index ", t, " out of range [0, ",
@@ -160,6 +173,10 @@ public:
       for (std::size_t j = 0; j < k; ++j) {
         const auto rank = static_cast<std::uint32_t>(view.replicas[replica_[j]].rank);
         ++out.expert_rows[rank];
+        if (slot_stamp_[replica_[j]] != stamp_) {
+          slot_stamp_[replica_[j]] = stamp_;
+          ++out.active_slots[rank];
+        }
         dest_[j] = rank;
       }
       // The hops of the token's copies, by the layout's rule (transport/detail/layout_token.hpp):
@@ -201,7 +218,9 @@ private:
   transport_kind kind_;
   placement::replica_selector<Topology> selector_;
   std::vector<std::uint32_t> dest_;
-  std::vector<std::size_t> replica_; // per copy of the token being counted
+  std::vector<std::size_t> replica_;      // per copy of the token being counted
+  std::vector<std::uint64_t> slot_stamp_; // per occupied slot: the last call that gave it a row
+  std::uint64_t stamp_ = 0;               // this call's number
 };
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::cost
