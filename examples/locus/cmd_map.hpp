@@ -34,7 +34,11 @@ inline std::string saved_layers_text(const std::vector<std::size_t>& ids, std::s
   else
     for (std::size_t i = 0; i < ids.size(); ++i)
       out += (i ? ", " : "") + std::to_string(ids[i]);
-  return out + " of " + std::to_string(hidden ? hidden : ids.back() + 1);
+  // A plan that saved no hidden-layer count (an ESFT or route-log trace) is read as ending at its
+  // last MoE layer: said as a reading, not as the model's count.
+  return out + (hidden ? " of " + std::to_string(hidden)
+                       : " (no hidden-layer count saved: exports take the last + 1, " + std::to_string(ids.back() + 1) +
+                             ", unless --num-hidden-layers says otherwise)");
 }
 
 // `locus map check`: validate a saved plan and summarise it.
@@ -168,11 +172,17 @@ inline int map_export(const export_options& o) {
     // numbering may hold one (TensorRT-LLM's statistics do); one the options make needs --mtp-layers.
     const std::size_t span = layers.moe_layer.back() - o.hidden_layers + 1;
     const std::size_t allowed = numbered ? o.mtp_layers : std::max<std::size_t>(o.mtp_layers, 1);
-    LOCUS_REQUIRE(span <= allowed, locus::config_error, "the plan's layers ",
-                  layers.moe_layer[maps.size() - planned_mtp], "..", layers.moe_layer.back(),
-                  " lie past --num-hidden-layers ", o.hidden_layers, ": as multi-token-prediction layers they need ",
-                  "--mtp-layers ", span, " (for --to trtllm", numbered ? "" : "; a plan's saved layers may hold one",
-                  "); else give the model's hidden-layer count");
+    // More than a model's MTP layers can be (16) says the count is wrong: --mtp-layers would not take it.
+    LOCUS_REQUIRE(
+        span <= allowed, locus::config_error, "the plan's layers ", layers.moe_layer[maps.size() - planned_mtp], "..",
+        layers.moe_layer.back(), " lie past --num-hidden-layers ", o.hidden_layers,
+        span <= locus::placement::model_layers::max_mtp_layers
+            ? ::locus::detail::concat(": as multi-token-prediction layers they need --mtp-layers ", span,
+                                      numbered ? "" : " (a plan's saved layers may hold one)",
+                                      "; else give the model's hidden-layer count")
+            : ::locus::detail::concat(", ", span, " layers past it, more than a model's multi-token-",
+                                      "prediction layers (at most ", locus::placement::model_layers::max_mtp_layers,
+                                      "): give the model's hidden-layer count"));
     layers.mtp_layers = std::max(o.mtp_layers, span);
   }
   layers.validate(maps.size());

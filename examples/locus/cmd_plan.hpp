@@ -385,23 +385,28 @@ inline void register_plan(CLI::App& app) {
       files.add(*out,
                 locus::expert_plan_text({maps, imported.layers_named ? imported.layer_ids : std::vector<std::size_t>{},
                                          imported.layers_named ? imported.hidden_layers : 0, split->gpus_per_node}));
-      files.add_json(*json, "plan",
-                     {{"map", *out},
-                      {"placement", plan->placement},
-                      {"layers", maps.size()},
-                      {"model_layers", imported.layer_ids},
-                      {"experts", in.experts},
-                      {"nodes", split->nodes},
-                      {"gpus_per_node", split->gpus_per_node},
-                      {"slots_per_rank", in.slots_per_rank},
-                      {"load", *load},
-                      {"options", plan->settings(in.topology.ranks())}});
+      files.add_json(
+          *json, "plan",
+          {{"map", *out},
+           {"placement", plan->placement},
+           {"layers", maps.size()},
+           {"model_layers", imported.layers_named ? nlohmann::json(imported.layer_ids) : nlohmann::json(nullptr)},
+           {"experts", in.experts},
+           {"nodes", split->nodes},
+           {"gpus_per_node", split->gpus_per_node},
+           {"slots_per_rank", in.slots_per_rank},
+           {"load", *load},
+           {"options", plan->settings(in.topology.ranks())}});
       files.commit();
       if (stdout_taken({*json, *out, grouping_path})) return;
-      std::printf("%s: %s placement, %s (model layers %zu..%zu), %zu experts on %zu x %zu ranks, %s per rank (from "
-                  "%s)\n",
+      // Said as map check will say it: a [layers, experts] table names no model layer.
+      const std::string layers_text = imported.layers_named
+                                          ? "model layers " + std::to_string(imported.layer_ids.front()) + ".." +
+                                                std::to_string(imported.layer_ids.back())
+                                          : std::string("no model layer numbers saved");
+      std::printf("%s: %s placement, %s (%s), %zu experts on %zu x %zu ranks, %s per rank (from %s)\n",
                   one_line(*out).c_str(), plan->placement.c_str(), tool_cli::counted(maps.size(), "layer").c_str(),
-                  imported.layer_ids.front(), imported.layer_ids.back(), in.experts, split->nodes, split->gpus_per_node,
+                  layers_text.c_str(), in.experts, split->nodes, split->gpus_per_node,
                   tool_cli::counted(in.slots_per_rank, "slot").c_str(), one_line(*load).c_str());
       return;
     }

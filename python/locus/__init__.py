@@ -881,6 +881,9 @@ def plan(
         raise ConfigError("locus: configuration error: hedge_class_spread and hedge_cost_budget shape the balance "
                           "hedges of locality plans of a trace with redundant slots (hedge_replicas=0 turns them "
                           "off)")
+    if placement not in _core._planners:  # before a trace's phases are checked: a typo is named as one
+        raise ConfigError(f"locus: configuration error: unknown placement \"{placement}\" (known: "
+                          f"{', '.join(_core._planners)})")
     if eplb_groups != 1 and placement != "eplb":
         # An argument that would change nothing is refused, not dropped.
         raise ConfigError(f"locus: configuration error: eplb_groups applies to placement=\"eplb\", not {placement!r}")
@@ -915,7 +918,9 @@ def plan(
         if prefill == 0 and decode == 0:
             # Every plan fits the grouping model, which learns from prefill and decode tokens.
             raise ConfigError("locus: configuration error: the trace records no prefill or decode phases (an ESFT "
-                              "import records none): mark them first, e.g. trace.with_prefill_tokens(32)")
+                              "import records none): mark them first, e.g. trace.with_prefill_tokens(32) "
+                              "(prefill_tokens= bounds what the grouping model reads of them; unlike `locus plan "
+                              "--prefill-tokens`, it marks none)")
         check_eplb(source.experts, source.layers, -(-source.experts // (nodes * gpus_per_node)) + redundant_slots)
         maps, model, hedges = _core._plan_from_trace(
             source, nodes, gpus_per_node, placement, redundant_slots, eplb_groups, clusters, seed, prefill_tokens,
@@ -1166,11 +1171,14 @@ def export_text(
         span = max(ids) - num_hidden_layers + 1
         if span > (max(mtp_layers, 1) if saved else mtp_layers):
             past = [v for v in ids if v >= num_hidden_layers]
+            top = _LIMITS["mtp_layers"]
             raise ConfigError(f"locus: configuration error: the plan's layers {past[0]}..{past[-1]} lie past "
-                              f"num_hidden_layers {num_hidden_layers}: as multi-token-prediction layers they need "
-                              f"mtp_layers={span} (for to=\"trtllm\""
-                              + ("; a plan's saved layers may hold one" if saved else "")
-                              + "); else give the model's hidden-layer count")
+                              f"num_hidden_layers {num_hidden_layers}"
+                              + (f": as multi-token-prediction layers they need mtp_layers={span}"
+                                 + (" (a plan's saved layers may hold one)" if saved else "")
+                                 + "; else give the model's hidden-layer count" if span <= top else
+                                 f", {span} layers past it, more than a model's multi-token-prediction layers (at "
+                                 f"most {top}): give the model's hidden-layer count"))
         mtp = max(mtp_layers, span)
     _check_model_layers(ids if ids_name else None, layers, given, ids_name or "", hidden_name, mtp)
     # The largest id, not the last: ids out of order are then reported as such.

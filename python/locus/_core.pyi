@@ -12,6 +12,7 @@ __version__: str
 #: The library's limits the package checks arguments against: experts, top_k, trace_layers,
 #: hidden_layers, ranks, anneal, expert_bytes, esft_top_k, eplb_slots, mtp_layers.
 _limits: dict
+_planners: List[str]
 
 class LocusError(Exception): ...
 class ConfigError(LocusError, ValueError): ...

@@ -525,6 +525,10 @@ NB_MODULE(_core, m) {
   limits["mtp_layers"] = locus::placement::model_layers::max_mtp_layers;
   limits["dense_top1_tokens"] = locus::placement::dense_top1_tokens;
   m.attr("_limits") = limits;
+  nb::list planners; // checked by name before a trace's phases, so that a typo is named as one
+  for (const auto& n : locus::placement::planner_names())
+    planners.append(n);
+  m.attr("_planners") = planners;
 
   error_type = PyErr_NewException("locus.LocusError", PyExc_Exception, nullptr);
   auto derived = [&](const char* name, PyObject* builtin) {

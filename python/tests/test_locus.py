@@ -243,6 +243,12 @@ def test_a_trace_without_phases_is_refused_with_the_fix_named():
     bare = locus.trace_from_arrays(ids, 16, request_ids=np.repeat(np.arange(12), 40))
     with pytest.raises(locus.ConfigError, match=r"records no prefill or decode phases.*with_prefill_tokens\(32\)"):
         locus.plan(bare, 2, 2, "linear")
+    # prefill_tokens= marks none (the driver's --prefill-tokens does): said; a misspelled planner is
+    # named as one before the phases are looked at.
+    with pytest.raises(locus.ConfigError, match=r"prefill_tokens= bounds .* it marks none"):
+        locus.plan(bare, 2, 2, "linear", prefill_tokens=32)
+    with pytest.raises(locus.ConfigError, match=r'unknown placement "Locality" \(known: linear'):
+        locus.plan(bare, 2, 2, "Locality")
     plan = locus.plan(marked, 2, 2, "linear", clusters=2)
     with pytest.raises(locus.ConfigError, match=r"no decode tokens to simulate.*with_prefill_tokens\(32\)"):
         locus.simulate(bare, plan)
@@ -892,6 +898,10 @@ def test_trtllm_export_keys_the_mtp_layers():
     # More layers past the count than the model's MTP layers: the count is wrong, refused.
     with pytest.raises(locus.ConfigError, match=r"layers 1\.\.2 lie past num_hidden_layers 1: .* need mtp_layers=2"):
         locus.export_text(held, "vllm", num_hidden_layers=1)
+    # Further past it than any model's MTP layers go: no mtp_layers to suggest (it takes at most 16).
+    with pytest.raises(locus.ConfigError, match=r"lie past num_hidden_layers 10, 22 layers past it, more than a model's "
+                                                r"multi-token-prediction layers \(at most 16\)"):
+        locus.export_text(held, "trtllm", layer_ids=[30, 31], num_hidden_layers=10, mtp_layers=1)
 
 
 def test_engine_statistics_refuse_malformed_files(tmp_path):

@@ -180,6 +180,10 @@ ok 'hidden layers 1\.\.1 of 2, 1 MTP layer \(1 planned\)' map export "$work/l12e
   --first-moe-layer 1 --num-hidden-layers 2 --mtp-layers 1 --out "$work/mtp_n.yaml"
 refused 'layers 2\.\.2 lie past --num-hidden-layers 2: as multi-token-prediction layers they need --mtp-layers 1' \
   map export "$work/l12e.json" --to trtllm --first-moe-layer 1 --num-hidden-layers 2 --out "$work/mtp_n.yaml"
+# Further past the count than a model's MTP layers go (16): no --mtp-layers to suggest.
+refused 'lie past --num-hidden-layers 2, 4000 layers past it, more than a model.s multi-token-prediction layers \(at most 16\)' \
+  map export "$work/l12e.json" --to trtllm --first-moe-layer 4000 --num-hidden-layers 2 --mtp-layers 1 \
+  --out "$work/mtp_far.yaml"
 # --moe-layer-step alone keeps the saved first layer: a plan saved from layer 1 stays there.
 ok 'hidden layers 1\.\.3 of 4' map export "$work/l12e.json" --to trtllm --moe-layer-step 2 --out "$work/step.yaml"
 # A plan that saved no layer numbers (a synthetic trace) is written as hidden layers 0..L-1, said
@@ -189,7 +193,11 @@ succeeds plan --trace "$work/synth.bin" --test-fraction 0 --nodes 2 --gpus-per-n
 ok 'the plan saves no model layer numbers: its 2 layers are written as hidden layers 0\.\.1' map export \
   "$work/synth.json" --to trtllm --out "$work/synth.yaml"
 ok 'no model layer numbers saved: map export writes the layers as hidden layers 0\.\.1' map check "$work/synth.json"
-ok '^model layers: hidden layers 1\.\.2 of 3$' map check "$work/l12.json"
+# A route log saves no hidden-layer count: the count exports read is said as a reading.
+ok '^model layers: hidden layers 1\.\.2 \(no hidden-layer count saved: exports take the last \+ 1, 3' \
+  map check "$work/l12.json"
+succeeds map export "$work/l12.json" --to locus --num-hidden-layers 5 --out "$work/l12_h5.json"
+ok '^model layers: hidden layers 1\.\.2 of 5$' map check "$work/l12_h5.json"
 ok 'the plan saves no model layer numbers' map export "$work/synth.json" --to sglang --num-hidden-layers 5 \
   --out "$work/synth5.json"
 check "a numbered export of that plan says nothing" \

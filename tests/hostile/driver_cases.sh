@@ -213,6 +213,18 @@ with open(sys.argv[1], "wb") as f:
     f.write(struct.pack("<40i", *[v for r in rows for v in r]))
 PY
 succeeds plan --load "$work/routed.npy" --nodes 1 --gpus-per-node 2 --placement eplb --out "$work/routed.json"
+# A [layers, experts] table names no model layer: plan says so as map check does.
+python3 - "$work/table.npy" <<'PY'
+import struct, sys
+head = "{'descr': '<f8', 'fortran_order': False, 'shape': (3, 4), }"
+head += " " * (63 - (10 + len(head)) % 64) + "\n"
+with open(sys.argv[1], "wb") as f:
+    f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(head)) + head.encode())
+    f.write(struct.pack("<12d", *range(1, 13)))
+PY
+ok '3 layers \(no model layer numbers saved\)' plan --load "$work/table.npy" --nodes 1 --gpus-per-node 2 \
+  --placement eplb --out "$work/table.json"
+ok 'no model layer numbers saved' map check "$work/table.json"
 ok 'hidden layers 1..3 of 4' map export "$work/routed.json" --to sglang --out "$work/routed.sglang.json"
 # map export --to locus renumbers the map's layers as the options say, and names no engine flag.
 "$locus" map export "$work/routed.json" --to locus --first-moe-layer 3 --moe-layer-step 1 --num-hidden-layers 61 \

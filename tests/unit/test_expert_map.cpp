@@ -169,6 +169,18 @@ BOOST_AUTO_TEST_CASE(json_errors_are_precise) {
   } catch (const format_error& e) {
     BOOST_TEST(e.message() == "expert map JSON: layer 0 rank 1 must list 1 slots");
   }
+  // A slot that is not a whole number is named by its value ("is number" read as if it were one).
+  for (const auto& [cell, text] : {std::pair{nlohmann::json(1.5), std::string("1.5, not a whole number")},
+                                   std::pair{nlohmann::json("1"), std::string("string")}}) {
+    bad = doc;
+    bad["layers"][0][1][0] = cell;
+    try {
+      expert_maps_from_json(bad);
+      BOOST_FAIL("expected format_error");
+    } catch (const format_error& e) {
+      BOOST_TEST(e.message() == "expert map JSON: layer 0 rank 1 slot 0 is " + text + ", expected an expert id or -1");
+    }
+  }
   bad = doc;
   bad["layers"][0][1][0] = 0; // expert 1 now hosted nowhere
   try {

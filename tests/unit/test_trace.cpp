@@ -897,7 +897,7 @@ BOOST_AUTO_TEST_CASE(esft_folder_layouts_are_checked) {
     expect_io(o, "is not a folder name inside the root");
   }
   o.domains = {"nope"};
-  expect_io(o, "no such domain folder");
+  expect_io(o, "no such domain folder (the root holds a, bb, ccc)"); // the ones there, to tell a typo
   // A layer file named past the plain numbering: refused, not left out (a name that numbers
   // nothing is no layer file).
   std::ofstream(dir.path / "a" / "expert_weights_backup.txt") << "x";

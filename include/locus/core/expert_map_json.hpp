@@ -111,10 +111,13 @@ inline std::vector<expert_map> expert_maps_from_json_unchecked(const nlohmann::j
       if (r == 0) table.reserve(ranks * slots); // both now bounded by the document's own size
       for (std::size_t s = 0; s < slots; ++s) {
         const auto& cell = row[s];
+        // A number that is not whole (1.5) is named by its value: "is number" read as if it were one.
         if (!cell.is_number_integer())
-          throw format_error(concat("expert map JSON: layer ", l, " rank ", r, " slot ", s, " is ", cell.type_name(),
-                                    ", expected an expert id or -1"),
-                             l);
+          throw format_error(
+              concat("expert map JSON: layer ", l, " rank ", r, " slot ", s, " is ",
+                     cell.is_number() ? cell.dump() + ", not a whole number" : std::string(cell.type_name()),
+                     ", expected an expert id or -1"),
+              l);
         // Range-checked as 64-bit: an id of 2^32 must not become expert 0 on the way to 32 bits.
         const bool negative = cell.is_number_integer() && !cell.is_number_unsigned() && cell.get<std::int64_t>() < 0;
         const std::int64_t v =

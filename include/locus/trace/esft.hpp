@@ -418,8 +418,24 @@ inline trace import_esft(const std::string& root_dir, const esft_options& opt = 
   std::string layers_from;
   for (const auto& dom : domains) {
     const fs::path dir = root / dom;
-    if (!fs::is_directory(dir, ec))
-      throw io_error(dir.string() + ": no such domain folder", __FILE__, __LINE__, ENOENT);
+    if (!fs::is_directory(dir, ec)) {
+      // The domains the root does hold, so that a misspelled one can be told from a missing one.
+      std::vector<std::string> there;
+      std::error_code le;
+      for (fs::directory_iterator it(root, le), end; !le && it != end; it.increment(le)) {
+        std::error_code de;
+        if (it->is_directory(de) && !detail::trace::esft_layer_numbers(it->path()).empty())
+          there.push_back(it->path().filename().string());
+      }
+      std::sort(there.begin(), there.end());
+      std::string listed;
+      for (std::size_t i = 0; i < there.size() && i < 20; ++i)
+        listed += (i ? ", " : "") + there[i];
+      if (there.size() > 20) listed += ", ...";
+      throw io_error(dir.string() + ": no such domain folder" +
+                         (there.empty() ? std::string(" (the root holds none)") : " (the root holds " + listed + ")"),
+                     __FILE__, __LINE__, ENOENT);
+    }
     const auto numbers = detail::trace::esft_layer_numbers(dir);
     if (numbers.empty())
       throw io_error(dir.string() + ": holds no expert_weights_<n>.txt layer file", __FILE__, __LINE__, ENOENT);
