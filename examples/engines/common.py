@@ -36,8 +36,14 @@ def arguments(description: str, layer_flags: bool = True) -> argparse.Namespace:
     if layer_flags:
         p.add_argument("--first-moe-layer", type=whole(0), default=None,
                        help="hidden-layer index of the first MoE layer (default: the trace's own layer numbers, else 0)")
+        p.add_argument("--moe-layer-step", type=whole(1), default=None,
+                       help="hidden layers from one MoE layer to the next (Llama 4 Maverick: 2; default: the trace's "
+                            "own layer numbers, else 1)")
         p.add_argument("--num-hidden-layers", type=whole(0), default=0,
                        help="the model's hidden layers (default 0: the last layer is MoE)")
+        p.add_argument("--mtp-layers", type=whole(0), default=0,
+                       help="multi-token-prediction layers after the hidden layers (DeepSeek-V3/R1 with MTP: 1; "
+                            "TensorRT-LLM keys them; default: %(default)s)")
     a = p.parse_args()
     # A wrong input or output is a one-line message, not a traceback through the example: the
     # script's name, then the error's kind and message ("vllm.py: format error: ..."), as the

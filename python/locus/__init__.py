@@ -25,6 +25,7 @@ import json
 import numbers
 import operator
 import os
+import sys
 import typing
 import warnings
 import zipfile
@@ -176,11 +177,22 @@ def _check_model_layers(ids: Optional[list], layers: int, hidden: int, ids_name:
         if b <= a:
             raise ConfigError(f"locus: configuration error: {ids_name} must ascend ({ids_name}[{i}] is {a}, "
                               f"[{i + 1}] is {b})")
+    # An unknown count (0) bounds the ids by the library's limit only: its MTP layers follow the
+    # last MoE layer (an MTP count with no hidden count bounded them to the MTP layers' own ids).
     for i, v in enumerate(ids):
-        if not 0 <= v < ((hidden + mtp) or top):
+        if not 0 <= v < (hidden + mtp if hidden else top):
             raise ConfigError(f"locus: configuration error: {ids_name}[{i}] is {v}, expected a hidden layer from 0 "
                               f"to {(hidden or top) - 1}" + (f" ({hidden_name} is {hidden})" if hidden else "")
                               + (f" or one of its {mtp} MTP layers" if mtp else ""))
+
+
+def _warn(text: str) -> None:
+    """A UserWarning attributed to the caller's line outside this module (export calls export_text,
+    each through its argument check): a fixed stacklevel named a line of locus's own."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(text, stacklevel=level)
 
 
 def _type_name(x: Any) -> str:
@@ -1187,11 +1199,11 @@ def export_text(
     # served with no plan, unless its last layers are dense (which nothing here can tell).
     unplanned = _core._unplanned_layer(ids, hidden, mtp) if ids else 0
     if unplanned:
-        warnings.warn(f"locus.export_text: the plan's MoE layers end at hidden layer "
+        _warn(f"locus.export_text: the plan's MoE layers end at hidden layer "
                       f"{[v for v in ids if v < hidden][-1]}, but their numbering goes on at layer {unplanned} of the "
                       f"model's {hidden}: unless the model's last layers are dense, the engine serves those with no "
                       "plan (TensorRT-LLM fails at start-up); plan on a trace of this model, or give "
-                      "first_moe_layer, moe_layer_step and num_hidden_layers as the model has them", stacklevel=3)
+                      "first_moe_layer, moe_layer_step and num_hidden_layers as the model has them")
     full = plan.filled(load)
     return _core._export_text(full._maps(), plan.experts, to, ids, hidden, mtp)
 

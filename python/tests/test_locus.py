@@ -344,8 +344,9 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
     assert np.array_equal(full[plan.maps != -1], plan.maps[plan.maps != -1])  # planned slots kept
     # SGLang: one row per hidden layer (here: 1 dense, 3 MoE, 1 dense), dense rows p mod E; the last
     # dense layer is what a missing MoE layer would look like, which is said, not refused.
-    with pytest.warns(UserWarning, match="goes on at layer 4 of the model's 5"):
+    with pytest.warns(UserWarning, match="goes on at layer 4 of the model's 5") as said:
         locus.export(plan, "sglang", str(tmp_path / "s.json"), first_moe_layer=1, num_hidden_layers=5, load=load)
+    assert said[0].filename == __file__  # through export and export_text: the caller's line still
     rows = np.array(json.loads((tmp_path / "s.json").read_text())["physical_to_logical_map"])
     assert rows.shape == (5, 20)
     assert (rows[0] == np.arange(20) % 16).all() and (rows[4] == np.arange(20) % 16).all()
@@ -795,8 +796,9 @@ def test_export_says_when_the_models_moe_layers_go_on_past_the_plan():
     # model's last layers may be dense).
     import warnings
     plan = locus.plan(np.ones((2, 8)), 2, 2)
-    with pytest.warns(UserWarning, match="numbering goes on at layer 3 of the model's 10"):
+    with pytest.warns(UserWarning, match="numbering goes on at layer 3 of the model's 10") as said:
         text = locus.export_text(plan, "trtllm", first_moe_layer=1, num_hidden_layers=10)
+    assert said[0].filename == __file__  # the caller's line, not locus's own
     assert "  1: [" in text and "  2: [" in text
     with pytest.warns(UserWarning, match="goes on at layer 7 of the model's 9"):
         locus.export_text(plan, "sglang", first_moe_layer=3, moe_layer_step=2, num_hidden_layers=9)
@@ -898,6 +900,11 @@ def test_trtllm_export_keys_the_mtp_layers():
     # More layers past the count than the model's MTP layers: the count is wrong, refused.
     with pytest.raises(locus.ConfigError, match=r"layers 1\.\.2 lie past num_hidden_layers 1: .* need mtp_layers=2"):
         locus.export_text(held, "vllm", num_hidden_layers=1)
+    # MTP layers without the model's hidden-layer count follow the last MoE layer, as `map export`'s
+    # (the ids were bounded by the MTP count alone: moe_layer_step[0] is 1, "expected ... 0 to 4095").
+    keys = [line.split(":")[0] for line in
+            locus.export_text(four, "trtllm", first_moe_layer=1, moe_layer_step=2, mtp_layers=1).splitlines()[3:]]
+    assert keys == ["  1", "  3", "  5", "  7", "  8"]
     # Further past it than any model's MTP layers go: no mtp_layers to suggest (it takes at most 16).
     with pytest.raises(locus.ConfigError, match=r"lie past num_hidden_layers 10, 22 layers past it, more than a model's "
                                                 r"multi-token-prediction layers \(at most 16\)"):

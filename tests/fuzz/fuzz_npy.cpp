@@ -27,5 +27,6 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         if (!std::isfinite(v) || v < 0) std::abort();
   } catch (const locus::error&) {
   }
+  std::remove(path.c_str()); // nothing left in /tmp when the run ends
   return 0;
 }

@@ -25,8 +25,16 @@ void put(const std::filesystem::path& p, std::string_view bytes) {
 } // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  static const std::filesystem::path dir =
-      std::filesystem::temp_directory_path() / ("locus_fuzz_trtllm_" + std::to_string(::getpid()));
+  // The folder goes when the run ends (libFuzzer exits through exit(), which runs this destructor).
+  static const struct scratch {
+    std::filesystem::path dir =
+        std::filesystem::temp_directory_path() / ("locus_fuzz_trtllm_" + std::to_string(::getpid()));
+    ~scratch() {
+      std::error_code ec;
+      std::filesystem::remove_all(dir, ec);
+    }
+  } folder;
+  const std::filesystem::path& dir = folder.dir;
   std::filesystem::create_directories(dir);
   std::string_view rest(reinterpret_cast<const char*>(data), size);
   constexpr std::string_view marker = "#@#";
