@@ -236,8 +236,11 @@ inline int map_export(const export_options& o) {
   // The model's MoE layers going on past the plan's (a 26-layer plan numbered from 3 for a model of
   // 61 hidden layers): the engine would serve those with no plan (TensorRT-LLM fails at start-up,
   // SGLang keeps its trivial placement, vLLM's plugin refuses the layer count). Said, not refused:
-  // a model's last layers may be dense, which nothing here can tell.
-  const std::size_t unplanned = as_map ? 0 : layers.unplanned_layer();
+  // a model's last layers may be dense, which nothing here can tell, and only for a count the
+  // options give: a plan's own count comes from a source that saw every hidden layer (a routed-
+  // experts array, SGLang's per-layer counts), whose unplanned layers are dense.
+  const bool count_given = o.hidden_layers != 0 && (numbered || o.hidden_layers != plan.hidden_layers);
+  const std::size_t unplanned = as_map || !count_given ? 0 : layers.unplanned_layer();
   if (unplanned != 0 && !no_numbering_said)
     std::fprintf(stderr,
                  "locus map export: the plan's MoE layers end at hidden layer %zu, but their numbering goes on at "

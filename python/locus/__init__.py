@@ -1197,7 +1197,10 @@ def export_text(
     hidden = given or (max(ids) + 1 if ids else 0)
     # As `locus map export` says on stderr: the model's MoE layers going on past the plan's would be
     # served with no plan, unless its last layers are dense (which nothing here can tell).
-    unplanned = _core._unplanned_layer(ids, hidden, mtp) if ids else 0
+    # Only for a count the arguments give: a plan's own comes from a source that saw every hidden
+    # layer (a routed-experts array, SGLang's per-layer counts), whose unplanned layers are dense.
+    count_given = bool(num_hidden_layers) and (not saved or num_hidden_layers != plan.hidden_layers)
+    unplanned = _core._unplanned_layer(ids, hidden, mtp) if ids and count_given else 0
     if unplanned:
         _warn(f"locus.export_text: the plan's MoE layers end at hidden layer "
                       f"{[v for v in ids if v < hidden][-1]}, but their numbering goes on at layer {unplanned} of the "

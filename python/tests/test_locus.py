@@ -1660,7 +1660,15 @@ def test_a_plan_of_a_load_keeps_the_models_layer_numbering(tmp_path):
     # Without the ids the SGLang file had 2 rows where `locus plan --load` + `map export` has 4.
     plan = locus.plan(load, 2, 2, layer_ids=t.model_layer_ids, hidden_layers=t.hidden_layers)
     assert (plan.layer_ids, plan.hidden_layers) == ([1, 2], 4)
-    rows = json.loads(locus.export_text(plan, "sglang"))["physical_to_logical_map"]
+    # Hidden layer 3 is dense, as the array recorded (its rows were expert 0 only): no warning that
+    # the MoE layers go on there, unless another count is given.
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = json.loads(locus.export_text(plan, "sglang"))["physical_to_logical_map"]
+        locus.export_text(plan, "sglang", num_hidden_layers=4)
+    with pytest.warns(UserWarning, match="goes on at layer 3 of the model's 6"):
+        locus.export_text(plan, "sglang", num_hidden_layers=6)
     assert len(rows) == 4 and rows[0] == rows[3] == [p % 8 for p in range(8)]
     assert rows[1:3] == plan.maps.reshape(2, -1).tolist()
     plan.save(tmp_path / "m.json")

@@ -213,6 +213,25 @@ with open(sys.argv[1], "wb") as f:
     f.write(struct.pack("<40i", *[v for r in rows for v in r]))
 PY
 succeeds plan --load "$work/routed.npy" --nodes 1 --gpus-per-node 2 --placement eplb --out "$work/routed.json"
+# Dense layers 0 and 3 (every choice expert 0): the saved count says layer 3 is dense, so an export
+# says nothing of MoE layers going on there; a larger count given says it.
+python3 - "$work/routed03.npy" <<'PY'
+import struct, sys
+rows = [[0, 0], [1, 2], [2, 3], [0, 0]] * 20
+head = "{'descr': '<i4', 'fortran_order': False, 'shape': (20, 4, 2), }"
+head += " " * (63 - (10 + len(head)) % 64) + "\n"
+with open(sys.argv[1], "wb") as f:
+    f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(head)) + head.encode())
+    f.write(struct.pack("<160i", *[v for r in rows for v in r]))
+PY
+succeeds plan --load "$work/routed03.npy" --nodes 1 --gpus-per-node 2 --placement eplb --out "$work/routed03.json"
+check "an export at the plan's own count says nothing of unplanned layers" \
+  bash -c "'$locus' map export '$work/routed03.json' --to trtllm --out '$work/r03.yaml' 2>'$work/r03.err' >/dev/null \
+  && ! grep -q 'numbering goes on' '$work/r03.err'"
+check "... nor at that count given" bash -c "'$locus' map export '$work/routed03.json' --to trtllm \
+  --num-hidden-layers 4 --out '$work/r03.yaml' 2>'$work/r03.err' >/dev/null && ! grep -q 'numbering goes on' '$work/r03.err'"
+ok 'numbering goes on at layer 3 of the model.s 6' map export "$work/routed03.json" --to trtllm --num-hidden-layers 6 \
+  --out "$work/r03.yaml"
 # A [layers, experts] table names no model layer: plan says so as map check does.
 python3 - "$work/table.npy" <<'PY'
 import struct, sys
