@@ -117,7 +117,8 @@ struct plan_options {
   std::size_t redundant_slots = 0;
   std::size_t eplb_groups = 1;
   std::size_t clusters = 8;
-  std::string copies; //!< empty: both kinds (plan) or the simulated transport's (simulate)
+  bool clusters_given = false; // --clusters on the command line (the default's clamp is no news)
+  std::string copies;          //!< empty: both kinds (plan) or the simulated transport's (simulate)
   std::size_t anneal = 0;
   double balance_shift = 0;
   std::string shift_by = "node";
@@ -330,6 +331,7 @@ inline void register_plan(CLI::App& app) {
   cmd->callback([cmd, split, plan, out, load, grouping, grouping_opt, experts, json, iterations] {
     if (load->empty() && split->trace_paths.empty()) throw CLI::RequiredError("--trace or --load");
     plan->check_applies(cmd);
+    plan->clusters_given = cmd->count("--clusters") > 0;
     LOCUS_REQUIRE(grouping->empty() || load->empty(), locus::config_error,
                   "--grouping needs --trace: a plan from --load has no grouping model");
     // A plan from engine statistics reads no trace: its split, reading and grouping options would
@@ -455,6 +457,12 @@ inline void register_plan(CLI::App& app) {
                    "locus plan: the grouping model was not written: --out %s is no file to put it beside (name its "
                    "file with --grouping)\n",
                    one_line(*out).c_str());
+    // k-means takes at most one cluster per training request: said where --clusters asked for more.
+    if (plan->clusters_given && planned.model && planned.model->clusters() < plan->clusters)
+      std::fprintf(stderr,
+                   "locus plan: the grouping model has %zu clusters, not --clusters %zu: one per training "
+                   "request at most\n",
+                   planned.model->clusters(), plan->clusters);
     if (stdout_taken({*json, *out, grouping_path})) return;
     std::printf("%s: %s placement, %s, %zu experts on %zu x %zu ranks, %s per rank (fitted on %s)%s%s\n",
                 one_line(*out).c_str(), plan->placement.c_str(), tool_cli::counted(maps.size(), "layer").c_str(),

@@ -29,6 +29,8 @@ refused 'locus simulate has no option --bogus \(see locus simulate --help\)' sim
 refused 'standard input \(-\) is given more than once as a trace' plan --trace - --trace - --out "$work/twice.json" </dev/null
 refused 'not a whole number' plan --trace "$work/t.bin" --nodes 1e9 --out "$work/m.json"
 refused '0 is not allowed' plan --trace "$work/t.bin" --clusters 0 --out "$work/m.json"
+ok 'the grouping model has [0-9]+ clusters, not --clusters 100000: one per training request at most' plan \
+  --trace "$work/t.bin" --placement locality --clusters 100000 --out "$work/m_k.json"
 refused '--anneal: Value 18446744073709551615 not in range 0 to 1048576' plan --trace "$work/t.bin" --placement locality --anneal 18446744073709551615 --out "$work/m.json"
 refused 'trace synth: about .* GB, this machine has' trace synth --experts 16 --top-k 2 --layers 2 --tokens 18446744073709551615 --out "$work/s.bin"
 # Non-finite or negative reals: named as what they are.
