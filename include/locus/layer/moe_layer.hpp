@@ -633,8 +633,8 @@ private:
   std::optional<router_type> router_;
   std::optional<expert_compute_type> shared_;
   std::vector<float> gate_, logits_, acc_;
-  std::vector<float> shared_gate_, gate_partial_,
-      gate_score_; // the shared experts' gate (empty: weight 1) and its scores
+  // The shared experts' gate (empty: weight 1), its lane sums and its scores.
+  std::vector<float> shared_gate_, gate_partial_, gate_score_;
   std::uint64_t shared_version_ = 0;
   std::vector<value_type> shared_out_, shared_in_;
   routing_type routing_;
