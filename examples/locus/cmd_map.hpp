@@ -19,28 +19,6 @@
 
 namespace locus_driver {
 
-// The model layers a plan saved, as map check says them: "hidden layers 3..60 of 61", "hidden layers
-// 1, 3, ..., 47 of 48" (evenly spaced), or each one listed.
-inline std::string saved_layers_text(const std::vector<std::size_t>& ids, std::size_t hidden) {
-  std::string out = "hidden layers ";
-  const std::size_t step = ids.size() > 1 ? ids[1] - ids[0] : 1;
-  bool even = true;
-  for (std::size_t i = 1; i < ids.size(); ++i)
-    even &= ids[i] - ids[i - 1] == step;
-  if (even && step == 1)
-    out += std::to_string(ids.front()) + ".." + std::to_string(ids.back());
-  else if (even && ids.size() > 3)
-    out += std::to_string(ids[0]) + ", " + std::to_string(ids[1]) + ", ..., " + std::to_string(ids.back());
-  else
-    for (std::size_t i = 0; i < ids.size(); ++i)
-      out += (i ? ", " : "") + std::to_string(ids[i]);
-  // A plan that saved no hidden-layer count (an ESFT or route-log trace) is read as ending at its
-  // last MoE layer: said as a reading, not as the model's count.
-  return out + (hidden ? " of " + std::to_string(hidden)
-                       : " (no hidden-layer count saved: exports take the last + 1, " + std::to_string(ids.back() + 1) +
-                             ", unless --num-hidden-layers says otherwise)");
-}
-
 // `locus map check`: validate a saved plan and summarise it.
 inline int map_check(const std::string& path, const std::string& json = {}) {
   check_outputs({{"--json", json}}, {path});
@@ -172,17 +150,24 @@ inline int map_export(const export_options& o) {
     // numbering may hold one (TensorRT-LLM's statistics do); one the options make needs --mtp-layers.
     const std::size_t span = layers.moe_layer.back() - o.hidden_layers + 1;
     const std::size_t allowed = numbered ? o.mtp_layers : std::max<std::size_t>(o.mtp_layers, 1);
-    // More than a model's MTP layers can be (16) says the count is wrong: --mtp-layers would not take it.
-    LOCUS_REQUIRE(
-        span <= allowed, locus::config_error, "the plan's layers ", layers.moe_layer[maps.size() - planned_mtp], "..",
-        layers.moe_layer.back(), " lie past --num-hidden-layers ", o.hidden_layers,
-        span <= locus::placement::model_layers::max_mtp_layers
+    // More than a model's MTP layers can be (16) says the count is wrong: --mtp-layers would not take
+    // it. TensorRT-LLM keys MTP layers; the other files have none, so for them --mtp-layers only leaves
+    // layers out: the count comes first there (an off-by-one count must not lose a layer).
+    constexpr std::size_t most = locus::placement::model_layers::max_mtp_layers;
+    const std::string fix =
+        span > most
+            ? ::locus::detail::concat(", ", span, " layers past it, more than a model's multi-token-prediction ",
+                                      "layers (at most ", most, "): give the model's hidden-layer count")
+        : format == locus::placement::engine_format::trtllm
             ? ::locus::detail::concat(": as multi-token-prediction layers they need --mtp-layers ", span,
                                       numbered ? "" : " (a plan's saved layers may hold one)",
                                       "; else give the model's hidden-layer count")
-            : ::locus::detail::concat(", ", span, " layers past it, more than a model's multi-token-",
-                                      "prediction layers (at most ", locus::placement::model_layers::max_mtp_layers,
-                                      "): give the model's hidden-layer count"));
+            : ::locus::detail::concat(": give the model's hidden-layer count; only if they are its multi-token-",
+                                      "prediction layers, which the ", o.to, " file has no row for, does --mtp-layers ",
+                                      span, " leave them out");
+    LOCUS_REQUIRE(span <= allowed, locus::config_error, "the plan's layers ",
+                  layers.moe_layer[maps.size() - planned_mtp], "..", layers.moe_layer.back(),
+                  " lie past --num-hidden-layers ", o.hidden_layers, fix);
     layers.mtp_layers = std::max(o.mtp_layers, span);
   }
   layers.validate(maps.size());

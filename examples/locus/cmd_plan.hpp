@@ -402,10 +402,9 @@ inline void register_plan(CLI::App& app) {
       files.commit();
       if (stdout_taken({*json, *out, grouping_path})) return;
       // Said as map check will say it: a [layers, experts] table names no model layer.
-      const std::string layers_text = imported.layers_named
-                                          ? "model layers " + std::to_string(imported.layer_ids.front()) + ".." +
-                                                std::to_string(imported.layer_ids.back())
-                                          : std::string("no model layer numbers saved");
+      const std::string layers_text =
+          imported.layers_named ? "model layers: " + saved_layers_text(imported.layer_ids, imported.hidden_layers)
+                                : std::string("no model layer numbers saved");
       std::printf("%s: %s placement, %s (%s), %zu experts on %zu x %zu ranks, %s per rank (from %s)\n",
                   one_line(*out).c_str(), plan->placement.c_str(), tool_cli::counted(maps.size(), "layer").c_str(),
                   layers_text.c_str(), in.experts, split->nodes, split->gpus_per_node,

@@ -610,4 +610,26 @@ inline run_info& this_run() {
   return r;
 }
 
+// The model layers a plan saved, as map check says them: "hidden layers 3..60 of 61", "hidden layers
+// 1, 3, ..., 47 of 48" (evenly spaced), or each one listed.
+inline std::string saved_layers_text(const std::vector<std::size_t>& ids, std::size_t hidden) {
+  std::string out = "hidden layers ";
+  const std::size_t step = ids.size() > 1 ? ids[1] - ids[0] : 1;
+  bool even = true;
+  for (std::size_t i = 1; i < ids.size(); ++i)
+    even &= ids[i] - ids[i - 1] == step;
+  if (even && step == 1)
+    out += std::to_string(ids.front()) + ".." + std::to_string(ids.back());
+  else if (even && ids.size() > 3)
+    out += std::to_string(ids[0]) + ", " + std::to_string(ids[1]) + ", ..., " + std::to_string(ids.back());
+  else
+    for (std::size_t i = 0; i < ids.size(); ++i)
+      out += (i ? ", " : "") + std::to_string(ids[i]);
+  // A plan that saved no hidden-layer count (an ESFT or route-log trace) is read as ending at its
+  // last MoE layer: said as a reading, not as the model's count.
+  return out + (hidden ? " of " + std::to_string(hidden)
+                       : " (no hidden-layer count saved: exports take the last + 1, " + std::to_string(ids.back() + 1) +
+                             ", unless --num-hidden-layers says otherwise)");
+}
+
 } // namespace locus_driver

@@ -1033,7 +1033,9 @@ def simulate(
         test, plan._maps(), nodes, gpus_per_node, grouper, m, transport, batch_per_rank, hidden,
         arrival_rate, seed, replica_rule, replica_slack, expert_read_us,
     )
-    return json.loads(out)
+    summary = json.loads(out)
+    summary["expert_read_us"] = expert_read_us  # as `locus simulate --json` records it: which time model
+    return summary
 
 
 @_checked
@@ -1183,14 +1185,21 @@ def export_text(
         span = max(ids) - num_hidden_layers + 1
         if span > (max(mtp_layers, 1) if saved else mtp_layers):
             past = [v for v in ids if v >= num_hidden_layers]
+            # As `locus map export`: for a file with no MTP rows the count comes first (mtp_layers would
+            # only leave real layers out).
             top = _LIMITS["mtp_layers"]
+            if span > top:
+                fix = (f", {span} layers past it, more than a model's multi-token-prediction layers (at most {top}): "
+                       "give the model's hidden-layer count")
+            elif to == "trtllm":
+                fix = (f": as multi-token-prediction layers they need mtp_layers={span}"
+                       + (" (a plan's saved layers may hold one)" if saved else "")
+                       + "; else give the model's hidden-layer count")
+            else:
+                fix = (": give the model's hidden-layer count; only if they are its multi-token-prediction layers, "
+                       f"which the {to} file has no row for, does mtp_layers={span} leave them out")
             raise ConfigError(f"locus: configuration error: the plan's layers {past[0]}..{past[-1]} lie past "
-                              f"num_hidden_layers {num_hidden_layers}"
-                              + (f": as multi-token-prediction layers they need mtp_layers={span}"
-                                 + (" (a plan's saved layers may hold one)" if saved else "")
-                                 + "; else give the model's hidden-layer count" if span <= top else
-                                 f", {span} layers past it, more than a model's multi-token-prediction layers (at "
-                                 f"most {top}): give the model's hidden-layer count"))
+                              f"num_hidden_layers {num_hidden_layers}{fix}")
         mtp = max(mtp_layers, span)
     _check_model_layers(ids if ids_name else None, layers, given, ids_name or "", hidden_name, mtp)
     # The largest id, not the last: ids out of order are then reported as such.
@@ -1207,6 +1216,12 @@ def export_text(
                       f"model's {hidden}: unless the model's last layers are dense, the engine serves those with no "
                       "plan (TensorRT-LLM fails at start-up); plan on a trace of this model, or give "
                       "first_moe_layer, moe_layer_step and num_hidden_layers as the model has them")
+    # The planned MTP layers a file without MTP rows leaves out: said, as `locus map export` says it.
+    dropped = [v for v in ids if v >= hidden] if ids and to != "trtllm" else []
+    if dropped:
+        _warn(f"locus.export_text: the plan's last {len(dropped)} layer{'s' if len(dropped) > 1 else ''} (from layer "
+              f"{dropped[0]}, past num_hidden_layers {hidden}): the model's multi-token-prediction layers, which the "
+              f"{to} file has no row for; left out")
     full = plan.filled(load)
     return _core._export_text(full._maps(), plan.experts, to, ids, hidden, mtp)
 

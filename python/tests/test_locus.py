@@ -327,8 +327,9 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
     # moves, and by at least the reads of the busiest GPU's experts when they outweigh its rows.
     read = locus.simulate(test, plan, grouper="workload_aware", transport="hierarchical", expert_read_us=50.0)
     assert read["layer_time_estimate_us"] > summary["layer_time_estimate_us"] + 50.0
-    assert {k: v for k, v in read.items() if k != "layer_time_estimate_us"} == \
-        {k: v for k, v in summary.items() if k != "layer_time_estimate_us"}
+    assert (read["expert_read_us"], summary["expert_read_us"]) == (50.0, 0.0)
+    assert {k: v for k, v in read.items() if k not in ("layer_time_estimate_us", "expert_read_us")} == \
+        {k: v for k, v in summary.items() if k not in ("layer_time_estimate_us", "expert_read_us")}
     with pytest.raises(locus.ConfigError, match="expert_read_us is -1"):
         locus.simulate(test, plan, expert_read_us=-1.0)
     with pytest.raises(locus.ConfigError, match="unknown replica rule 'nearest'"):
@@ -879,8 +880,11 @@ def test_trtllm_export_keys_the_mtp_layers():
     held = locus.plan(np.array([[1.0, 2, 3, 4], [4, 3, 2, 1]]), 2, 1, redundant_slots=1, layer_ids=[1, 2])
     keys = [line.split(":")[0] for line in locus.export_text(held, "trtllm", num_hidden_layers=2).splitlines()[3:]]
     assert keys == ["  1", "  2"]
-    assert len(json.loads(locus.export_text(held, "sglang", num_hidden_layers=2))["physical_to_logical_map"]) == 2
-    assert len(json.loads(locus.export_text(held, "vllm", num_hidden_layers=2))["physical_to_logical_map"]) == 1
+    with pytest.warns(UserWarning, match=r"last 1 layer \(from layer 2, past num_hidden_layers 2\).* sglang file has no "
+                                         r"row for; left out"):
+        assert len(json.loads(locus.export_text(held, "sglang", num_hidden_layers=2))["physical_to_logical_map"]) == 2
+    with pytest.warns(UserWarning, match="vllm file has no row for; left out"):
+        assert len(json.loads(locus.export_text(held, "vllm", num_hidden_layers=2))["physical_to_logical_map"]) == 1
     assert locus.export_text(held, "trtllm", num_hidden_layers=2, mtp_layers=2).splitlines()[-1].startswith("  3: ")
     # Llama 4 Maverick's MoE layers alternate with dense ones: moe_layer_step, as `map export`'s.
     four = locus.plan(np.ones((4, 4)), 2, 1, redundant_slots=1)
@@ -899,6 +903,11 @@ def test_trtllm_export_keys_the_mtp_layers():
         locus.export_text(four, "sglang", moe_layer_step=0)
     # More layers past the count than the model's MTP layers: the count is wrong, refused.
     with pytest.raises(locus.ConfigError, match=r"layers 1\.\.2 lie past num_hidden_layers 1: .* need mtp_layers=2"):
+        locus.export_text(held, "trtllm", num_hidden_layers=1)
+    # For a file with no MTP rows the count comes first: mtp_layers would only leave real layers out.
+    with pytest.raises(locus.ConfigError, match=r"lie past num_hidden_layers 1: give the model's hidden-layer count; "
+                                                r"only if they are its multi-token-prediction layers, which the vllm "
+                                                r"file has no row for, does mtp_layers=2 leave them out"):
         locus.export_text(held, "vllm", num_hidden_layers=1)
     # MTP layers without the model's hidden-layer count follow the last MoE layer, as `map export`'s
     # (the ids were bounded by the MTP count alone: moe_layer_step[0] is 1, "expected ... 0 to 4095").

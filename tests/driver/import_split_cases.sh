@@ -169,8 +169,12 @@ refused 'every planned layer is an MTP layer \(from hidden layer 1 on\); a plan 
   "$work/l12e.json" --to trtllm --num-hidden-layers 1 --mtp-layers 2 --out "$work/mtp_v.yaml"
 # More saved layers past the count than the model's MTP layers (1 unless --mtp-layers says more): the
 # count is wrong, and those layers would be dropped from the files.
-refused 'layers 1\.\.2 lie past --num-hidden-layers 1: as multi-token-prediction layers they need --mtp-layers 2' \
+# For a file with no MTP rows the count comes first (--mtp-layers would only leave real layers out);
+# TensorRT-LLM, which keys MTP layers, is told the option.
+refused 'layers 1\.\.2 lie past --num-hidden-layers 1: give the model.s hidden-layer count; only if they are its multi-token-prediction layers, which the vllm file has no row for, does --mtp-layers 2 leave them out' \
   map export "$work/l12e.json" --to vllm --num-hidden-layers 1 --out "$work/mtp_v.json"
+refused 'layers 1\.\.2 lie past --num-hidden-layers 1: as multi-token-prediction layers they need --mtp-layers 2' \
+  map export "$work/l12e.json" --to trtllm --num-hidden-layers 1 --out "$work/mtp_v.yaml"
 succeeds map export "$work/l12e.json" --to trtllm --num-hidden-layers 2 --out "$work/mtp1.yaml" --json "$work/mtp1.json"
 check "the export's JSON names the MTP layer apart" python3 -c "import json, sys; d = json.load(open(sys.argv[1])); \
 sys.exit(not (d['hidden_layer_ids'] == [1] and d['mtp_layer_ids'] == [2] and d['moe_layers'] == 1 and \

@@ -170,8 +170,10 @@ BOOST_AUTO_TEST_CASE(json_errors_are_precise) {
     BOOST_TEST(e.message() == "expert map JSON: layer 0 rank 1 must list 1 slots");
   }
   // A slot that is not a whole number is named by its value ("is number" read as if it were one).
-  for (const auto& [cell, text] : {std::pair{nlohmann::json(1.5), std::string("1.5, not a whole number")},
-                                   std::pair{nlohmann::json("1"), std::string("string")}}) {
+  for (const auto& [cell, text] :
+       {std::pair{nlohmann::json(1.5), std::string("1.5, not a whole number")},
+        std::pair{nlohmann::json(1.0), std::string("1.0, a float (ids are written as integers)")},
+        std::pair{nlohmann::json("1"), std::string("string")}}) {
     bad = doc;
     bad["layers"][0][1][0] = cell;
     try {

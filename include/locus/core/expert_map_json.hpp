@@ -13,6 +13,7 @@
 //! plan is only right on that topology).
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <locus/core/atomic_file.hpp>
 #include <locus/core/error.hpp>
@@ -111,13 +112,19 @@ inline std::vector<expert_map> expert_maps_from_json_unchecked(const nlohmann::j
       if (r == 0) table.reserve(ranks * slots); // both now bounded by the document's own size
       for (std::size_t s = 0; s < slots; ++s) {
         const auto& cell = row[s];
-        // A number that is not whole (1.5) is named by its value: "is number" read as if it were one.
-        if (!cell.is_number_integer())
-          throw format_error(
-              concat("expert map JSON: layer ", l, " rank ", r, " slot ", s, " is ",
-                     cell.is_number() ? cell.dump() + ", not a whole number" : std::string(cell.type_name()),
-                     ", expected an expert id or -1"),
-              l);
+        // A number that is not an integer is named by its value ("is number" read as if it were one):
+        // 1.5 is no whole number; 11.0 is one, written as a float.
+        if (!cell.is_number_integer()) {
+          std::string what = cell.type_name();
+          if (cell.is_number_float()) {
+            const double v = cell.get<double>();
+            what = cell.dump() + (std::isfinite(v) && v == std::floor(v) ? ", a float (ids are written as integers)"
+                                                                         : ", not a whole number");
+          }
+          throw format_error(concat("expert map JSON: layer ", l, " rank ", r, " slot ", s, " is ", what,
+                                    ", expected an expert id or -1"),
+                             l);
+        }
         // Range-checked as 64-bit: an id of 2^32 must not become expert 0 on the way to 32 bits.
         const bool negative = cell.is_number_integer() && !cell.is_number_unsigned() && cell.get<std::int64_t>() < 0;
         const std::int64_t v =
