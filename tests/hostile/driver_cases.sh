@@ -203,29 +203,27 @@ rm -f "$work/esft/law/plan.json" "$work/esft/law/plan.grouping.json"
 # map export: the values its code holds for "the plan's own" cannot be given.
 refused '--first-moe-layer: Value 18446744073709551615 not in range' map export "$work/lin.json" --to sglang --out "$work/o.json" --first-moe-layer 18446744073709551615
 refused '--num-hidden-layers: Value 0 not in range' map export "$work/lin.json" --to sglang --out "$work/o.json" --num-hidden-layers 0
+# write_npy PATH DESCR SHAPE VALUES...: a NumPy .npy file of little-endian int32 ('<i4') or
+# float64 ('<f8') values, written here without NumPy.
+write_npy() {
+  python3 - "$@" <<'PY'
+import struct, sys
+path, descr, shape, *vals = sys.argv[1:]
+head = "{'descr': '%s', 'fortran_order': False, 'shape': %s, }" % (descr, shape)
+head += " " * (63 - (10 + len(head)) % 64) + "\n"
+code, kind = {"<i4": ("i", int), "<f8": ("d", float)}[descr]
+with open(path, "wb") as f:
+    f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(head)) + head.encode())
+    f.write(struct.pack("<%d%s" % (len(vals), code), *[kind(v) for v in vals]))
+PY
+}
 # Routed experts [5 tokens, 4 hidden layers, top-2] with dense layers 0 and 2 (every choice expert 0):
 # the plan keeps the MoE layers' hidden indices and the hidden-layer count for the exports.
-python3 - "$work/routed.npy" <<'PY'
-import struct, sys
-rows = [[0, 0], [1, 2], [0, 0], [2, 3]] * 5
-head = "{'descr': '<i4', 'fortran_order': False, 'shape': (5, 4, 2), }"
-head += " " * (63 - (10 + len(head)) % 64) + "\n"
-with open(sys.argv[1], "wb") as f:
-    f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(head)) + head.encode())
-    f.write(struct.pack("<40i", *[v for r in rows for v in r]))
-PY
+write_npy "$work/routed.npy" '<i4' '(5, 4, 2)' $(for _ in 1 2 3 4 5; do echo 0 0 1 2 0 0 2 3; done)
 succeeds plan --load "$work/routed.npy" --nodes 1 --gpus-per-node 2 --placement eplb --out "$work/routed.json"
 # Dense layers 0 and 3 (every choice expert 0): the saved count says layer 3 is dense, so an export
 # says nothing of MoE layers going on there; a larger count given says it.
-python3 - "$work/routed03.npy" <<'PY'
-import struct, sys
-rows = [[0, 0], [1, 2], [2, 3], [0, 0]] * 20
-head = "{'descr': '<i4', 'fortran_order': False, 'shape': (20, 4, 2), }"
-head += " " * (63 - (10 + len(head)) % 64) + "\n"
-with open(sys.argv[1], "wb") as f:
-    f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(head)) + head.encode())
-    f.write(struct.pack("<160i", *[v for r in rows for v in r]))
-PY
+write_npy "$work/routed03.npy" '<i4' '(20, 4, 2)' $(for _ in $(seq 20); do echo 0 0 1 2 2 3 0 0; done)
 succeeds plan --load "$work/routed03.npy" --nodes 1 --gpus-per-node 2 --placement eplb --out "$work/routed03.json"
 check "an export at the plan's own count says nothing of unplanned layers" \
   bash -c "'$locus' map export '$work/routed03.json' --to trtllm --out '$work/r03.yaml' 2>'$work/r03.err' >/dev/null \
@@ -235,14 +233,7 @@ check "... nor at that count given" bash -c "'$locus' map export '$work/routed03
 ok 'numbering goes on at layer 3 of the model.s 6' map export "$work/routed03.json" --to trtllm --num-hidden-layers 6 \
   --out "$work/r03.yaml"
 # A [layers, experts] table names no model layer: plan says so as map check does.
-python3 - "$work/table.npy" <<'PY'
-import struct, sys
-head = "{'descr': '<f8', 'fortran_order': False, 'shape': (3, 4), }"
-head += " " * (63 - (10 + len(head)) % 64) + "\n"
-with open(sys.argv[1], "wb") as f:
-    f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(head)) + head.encode())
-    f.write(struct.pack("<12d", *range(1, 13)))
-PY
+write_npy "$work/table.npy" '<f8' '(3, 4)' $(seq 1 12)
 ok '3 layers \(no model layer numbers saved\)' plan --load "$work/table.npy" --nodes 1 --gpus-per-node 2 \
   --placement eplb --out "$work/table.json"
 ok 'no model layer numbers saved' map check "$work/table.json"
