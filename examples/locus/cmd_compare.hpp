@@ -372,7 +372,8 @@ inline void register_compare(CLI::App& app) {
   cmd->add_option("--experts", split->experts, experts_help)->check(experts_range())->default_str(experts_default);
   cmd->add_option("--redundant-slots,--redundant", o->redundant,
                   "Replica slots per GPU of the replica rows, eplb's and locality's (0: no replica rows; the eplb "
-                  "baseline without replicas stays)");
+                  "baseline without replicas stays); EPLB's and vLLM's num_redundant_experts is this x GPUs where the "
+                  "experts divide evenly");
   // Checked while parsing, so a bad list is a usage error (exit 2) as a bad --replica-rule is.
   cmd->add_option("--transport", o->transports, "Transports compared, comma-separated: flat, hierarchical")
       ->check(tool_cli::parsed_by(compare_detail::parse_transports, ""));

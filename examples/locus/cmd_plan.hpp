@@ -139,7 +139,9 @@ struct plan_options {
     cmd->add_option("--redundant-slots", redundant_slots,
                     "Replica slots per GPU, at most experts - experts / GPUs (more slots than experts would hold a "
                     "second copy on one GPU); the locality planner puts each expert on a GPU at most once, eplb packs "
-                    "replicas as DeepSeek's EPLB does and may put two of one expert on a GPU");
+                    "replicas as DeepSeek's EPLB does and may put two of one expert on a GPU. EPLB's and vLLM's "
+                    "num_redundant_experts counts them over all GPUs: this x GPUs where the experts divide evenly "
+                    "(DeepSeek-V3's 32 redundant experts on 32 GPUs: 1)");
     cmd->add_option("--eplb-groups", eplb_groups,
                     "Expert groups for eplb: a multiple of --nodes selects DeepSeek's hierarchical policy (the "
                     "experts must split into the groups); any other count its global policy, which reads no "

@@ -83,7 +83,15 @@ inline std::string detect_trace_format(const std::string& path, bool else_binary
       if (locus::trace::is_jsonl_name(it->path())) return "jsonl"; // whose reader refuses a part it cannot read
     return "esft";
   }
-  if (!fs::exists(st)) throw locus::io_error(path + ": no such file or folder", __FILE__, __LINE__);
+  if (!fs::exists(st)) {
+    // A relative path is read from the current folder, which may not be the one the user had in
+    // mind (the README's ../shared/traces/esft exists only beside this project's checkout).
+    std::error_code cwd_error;
+    const auto cwd = fs::path(path).is_relative() ? fs::current_path(cwd_error) : fs::path();
+    throw locus::io_error(path + ": no such file or folder" +
+                              (cwd.empty() || cwd_error ? std::string() : " (looked for from " + cwd.string() + ")"),
+                          __FILE__, __LINE__);
+  }
   const auto ext = fs::path(path).extension().string();
   if (ext == ".jsonl" || ext == ".ndjson" || ext == ".json") return "jsonl";
   // Anything else: a binary trace if it starts with the magic, else say what is accepted.

@@ -29,6 +29,10 @@ refused 'locus simulate has no option --bogus \(see locus simulate --help\)' sim
 refused 'standard input \(-\) is given more than once as a trace' plan --trace - --trace - --out "$work/twice.json" </dev/null
 refused 'not a whole number' plan --trace "$work/t.bin" --nodes 1e9 --out "$work/m.json"
 refused '0 is not allowed' plan --trace "$work/t.bin" --clusters 0 --out "$work/m.json"
+# A relative input that is not there names the folder it was looked for from (the README's
+# ../shared/traces/esft exists only beside this project's checkout).
+refused 'no_such_folder/t.bin: no such file or folder \(looked for from /' simulate --trace no_such_folder/t.bin
+refused '^locus: I/O error: /no_such_folder/t.bin: no such file or folder$' simulate --trace /no_such_folder/t.bin
 ok 'the grouping model has [0-9]+ clusters, not --clusters 100000: one per training request at most' plan \
   --trace "$work/t.bin" --placement locality --clusters 100000 --out "$work/m_k.json"
 refused '--anneal: Value 18446744073709551615 not in range 0 to 1048576' plan --trace "$work/t.bin" --placement locality --anneal 18446744073709551615 --out "$work/m.json"
