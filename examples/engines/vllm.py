@@ -13,7 +13,7 @@ a = arguments(__doc__, layer_flags=False)  # vLLM's arrays have one row per MoE 
 trace = load_trace(a.trace)
 train, _ = locus.split_by_request(trace, 0.5, 1)
 plan = locus.plan(train, a.nodes, a.gpus_per_node, "locality", redundant_slots=1)
-path = os.path.join(a.out, "vllm_eplb_state.json")
+path = os.path.abspath(os.path.join(a.out, "vllm_eplb_state.json"))  # the engine reads it from its own folder
 locus.export(plan, "vllm", path, load=locus.expert_load(train))
 # What vLLM 0.19 and later receive when they ask the policy to rebalance (a torch tensor under vLLM;
 # vLLM 0.13 to 0.18 get the three arrays).

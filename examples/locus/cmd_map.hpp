@@ -266,21 +266,27 @@ inline int map_export(const export_options& o) {
               one_line(o.out).c_str(), o.to.c_str(), maps.size() - planned_mtp, layers.moe_layer.front(), last_hidden,
               layers.hidden_layers, mtp_text.c_str(), m.experts(), m.slot_count(), m.ranks(), filled,
               m.slot_count() * maps.size(), load.empty() && filled > 0 ? " (no --load-trace: by replica count)" : "");
-  // A map JSON for locus itself (as_map) has no engine flag to name.
+  // A map JSON for locus itself (as_map) has no engine flag to name. The engine reads the file from its
+  // own working folder (vLLM's Ray workers, a launcher elsewhere): the hints name it absolutely.
+  std::error_code abs_error;
+  const std::string served = o.out == "-" || is_device(o.out)
+                                 ? o.out
+                                 : std::filesystem::absolute(o.out, abs_error).lexically_normal().string();
+  const std::string& served_path = abs_error ? o.out : served;
   if (!as_map && format == locus::placement::engine_format::sglang)
     std::printf("pass: --init-expert-location %s --ep-num-redundant-experts %zu --tp-size %zu --ep-size %zu (EP "
                 "splits the TP ranks)\n",
-                one_line(shell_quote(o.out)).c_str(), m.slot_count() - m.experts(), m.ranks(), m.ranks());
+                one_line(shell_quote(served_path)).c_str(), m.slot_count() - m.experts(), m.ranks(), m.ranks());
   else if (!as_map && format == locus::placement::engine_format::vllm)
     std::printf("pass: --enable-expert-parallel --enable-eplb --eplb-config '{\"num_redundant_experts\": %zu}' "
                 "(expert-parallel size, data parallel x tensor parallel, %zu), and in every worker process, from a "
                 "vllm.general_plugins entry point: locus.vllm.register(%s)\n",
-                m.slot_count() - m.experts(), m.ranks(), one_line(locus::trace::quoted_name(o.out)).c_str());
+                m.slot_count() - m.experts(), m.ranks(), one_line(locus::trace::quoted_name(served_path)).c_str());
   else if (!as_map && format == locus::placement::engine_format::trtllm)
     std::printf("pass: enable_attention_dp: true and moe_config: {backend: WIDEEP, load_balancer: %s} (in "
                 "--extra_llm_api_options; TensorRT-LLM's load balancer needs attention DP, EP > 1 and a backend that "
                 "supports it), --tp_size %zu --ep_size %zu (trtllm-serve; trtllm-bench: --tp, --ep)%s\n",
-                one_line(locus::trace::quoted_name(o.out)).c_str(), m.ranks(), m.ranks(),
+                one_line(locus::trace::quoted_name(served_path)).c_str(), m.ranks(), m.ranks(),
                 o.mtp_layers || planned_mtp
                     ? ""
                     : "; a model with multi-token-prediction layers (DeepSeek-V3/R1: layer 61) needs --mtp-layers, "

@@ -681,6 +681,12 @@ refused 'puts the grouping model in .*mm.grouping.json, which exists and is not 
   --out "$work/mm.json" --placement locality
 same "$work/t.bin" "$work/mm.grouping.json"
 ok "pass: --init-expert-location '[^ ]*my map.json' " map export "$work/lin.json" --to sglang --out "$work/my map.json"
+# The engine reads the file from its own folder: the hints name it absolutely, whatever --out said.
+locus_abs=$(realpath "$locus")
+work_abs=$(realpath "$work")
+(cd "$work_abs" && "$locus_abs" map export lin.json --to vllm --out rel_v.json >rel_v.txt 2>&1)
+check "a relative --out is named absolutely in the engine's hint" \
+  grep -q "locus.vllm.register(\"\?$work_abs/rel_v.json" "$work_abs/rel_v.txt"
 ok 'locus.vllm.register\("[^ ]*a\\"b.json"\)' map export "$work/lin.json" --to vllm --out "$work/a\"b.json"
 esc_out="$work/$(printf 'e\033[2Jx').json"
 check "a path's escape sequence is not sent to the terminal" sh -c "\"$locus\" plan --trace \"$work/t.bin\" \
