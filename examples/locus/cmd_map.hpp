@@ -268,11 +268,9 @@ inline int map_export(const export_options& o) {
               m.slot_count() * maps.size(), load.empty() && filled > 0 ? " (no --load-trace: by replica count)" : "");
   // A map JSON for locus itself (as_map) has no engine flag to name. The engine reads the file from its
   // own working folder (vLLM's Ray workers, a launcher elsewhere): the hints name it absolutely.
-  std::error_code abs_error;
-  const std::string served = o.out == "-" || is_device(o.out)
-                                 ? o.out
-                                 : std::filesystem::absolute(o.out, abs_error).lexically_normal().string();
-  const std::string& served_path = abs_error ? o.out : served;
+  std::string served_path = o.out;
+  if (std::error_code ec; o.out != "-" && !is_device(o.out))
+    if (const auto p = std::filesystem::absolute(o.out, ec); !ec) served_path = p.lexically_normal().string();
   if (!as_map && format == locus::placement::engine_format::sglang)
     std::printf("pass: --init-expert-location %s --ep-num-redundant-experts %zu --tp-size %zu --ep-size %zu (EP "
                 "splits the TP ranks)\n",

@@ -23,6 +23,7 @@
 #include <iterator>
 #include <locus/core/atomic_file.hpp>
 #include <locus/core/error.hpp>
+#include <locus/placement/engine_export.hpp>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -614,13 +615,10 @@ inline run_info& this_run() {
 // 1, 3, ..., 47 of 48" (evenly spaced), or each one listed.
 inline std::string saved_layers_text(const std::vector<std::size_t>& ids, std::size_t hidden) {
   std::string out = "hidden layers ";
-  const std::size_t step = ids.size() > 1 ? ids[1] - ids[0] : 1;
-  bool even = true;
-  for (std::size_t i = 1; i < ids.size(); ++i)
-    even &= ids[i] - ids[i - 1] == step;
-  if (even && step == 1)
+  const std::size_t step = locus::placement::model_layers::even_step(ids);
+  if (step == 1)
     out += std::to_string(ids.front()) + ".." + std::to_string(ids.back());
-  else if (even && ids.size() > 3)
+  else if (step > 1 && ids.size() > 3)
     out += std::to_string(ids[0]) + ", " + std::to_string(ids[1]) + ", ..., " + std::to_string(ids.back());
   else
     for (std::size_t i = 0; i < ids.size(); ++i)

@@ -1211,11 +1211,11 @@ def export_text(
     count_given = bool(num_hidden_layers) and (not saved or num_hidden_layers != plan.hidden_layers)
     unplanned = _core._unplanned_layer(ids, hidden, mtp) if ids and count_given else 0
     if unplanned:
-        _warn(f"locus.export_text: the plan's MoE layers end at hidden layer "
-                      f"{[v for v in ids if v < hidden][-1]}, but their numbering goes on at layer {unplanned} of the "
-                      f"model's {hidden}: unless the model's last layers are dense, the engine serves those with no "
-                      "plan (TensorRT-LLM fails at start-up); plan on a trace of this model, or give "
-                      "first_moe_layer, moe_layer_step and num_hidden_layers as the model has them")
+        _warn(f"locus.export_text: the plan's MoE layers end at hidden layer {[v for v in ids if v < hidden][-1]}, "
+              f"but their numbering goes on at layer {unplanned} of the model's {hidden}: unless the model's last "
+              "layers are dense, the engine serves those with no plan (TensorRT-LLM fails at start-up); plan on a "
+              "trace of this model, or give first_moe_layer, moe_layer_step and num_hidden_layers as the model has "
+              "them")
     # The planned MTP layers a file without MTP rows leaves out: said, as `locus map export` says it.
     dropped = [v for v in ids if v >= hidden] if ids and to != "trtllm" else []
     if dropped:

@@ -33,6 +33,12 @@
 
 namespace locus::inline LOCUS_ABI_NAMESPACE::detail::layer {
 
+//! Blocks of 256 threads for the layer step's elementwise kernels over n items (their bodies stride
+//! over the grid, so 65535 blocks cover any n).
+inline unsigned elementwise_blocks(std::size_t n) {
+  return static_cast<unsigned>(std::min<std::size_t>((n + 255) / 256, 65535));
+}
+
 //! What a routed device step keeps between steps: the router on the device, its weights and the
 //! step's logits and routing.
 template <class Router>
@@ -155,7 +161,7 @@ private:
       } else {
         rs.x_f32.resize(tokens * H);
         const std::size_t n = tokens * H;
-        const auto blocks = static_cast<unsigned>(std::min<std::size_t>((n + 255) / 256, 65535));
+        const auto blocks = elementwise_blocks(n);
         kernels::to_f32<<<blocks, 256, 0, stream>>>(x, n, rs.x_f32.data());
         LOCUS_CUDA_CHECK(cudaGetLastError());
         xf = rs.x_f32.data();
@@ -168,7 +174,7 @@ private:
                                      static_cast<int>(E)));
       if (l.logits_rounding_ == locus::layer::router_logits::bf16) {
         const std::size_t n = tokens * E;
-        const auto blocks = static_cast<unsigned>(std::min<std::size_t>((n + 255) / 256, 65535));
+        const auto blocks = elementwise_blocks(n);
         kernels::round_to_bf16<float><<<blocks, 256, 0, stream>>>(rs.logits.data(), n);
         LOCUS_CUDA_CHECK(cudaGetLastError());
       }
@@ -264,7 +270,7 @@ private:
     const cudaStream_t stream = l.backend().stream;
     s.shared_out.resize(n);
     s.shared_sum.resize(n);
-    const auto blocks = static_cast<unsigned>(std::min<std::size_t>((n + 255) / 256, 65535));
+    const auto blocks = elementwise_blocks(n);
     for (std::size_t e = 0; e < l.shape().shared_experts(); ++e) {
       const expert_id id = static_cast<expert_id>(e);
       const std::size_t offsets[2] = {0, T};
@@ -277,11 +283,10 @@ private:
     if (!l.shared_gate_.empty()) {
       s.gate_score.resize(T);
       s.gate_partial.resize(T * gate_lanes);
-      const auto lane_blocks = static_cast<unsigned>(std::min<std::size_t>((T * gate_lanes + 255) / 256, 65535));
-      kernels::gate_partials<<<lane_blocks, 256, 0, stream>>>(x, T, H, s.shared_gate.data(), s.gate_partial.data());
+      kernels::gate_partials<<<elementwise_blocks(T * gate_lanes), 256, 0, stream>>>(x, T, H, s.shared_gate.data(),
+                                                                                     s.gate_partial.data());
       LOCUS_CUDA_CHECK(cudaGetLastError());
-      const auto token_blocks = static_cast<unsigned>(std::min<std::size_t>((T + 255) / 256, 65535));
-      kernels::gate_finish<><<<token_blocks, 256, 0, stream>>>(s.gate_partial.data(), T, s.gate_score.data());
+      kernels::gate_finish<><<<elementwise_blocks(T), 256, 0, stream>>>(s.gate_partial.data(), T, s.gate_score.data());
       LOCUS_CUDA_CHECK(cudaGetLastError());
       score = s.gate_score.data();
     }

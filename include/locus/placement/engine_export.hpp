@@ -24,6 +24,7 @@
 #include <locus/core/expert_map.hpp>
 #include <locus/placement/eplb.hpp>
 #include <nlohmann/json.hpp>
+#include <span>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -99,11 +100,18 @@ struct model_layers {
   std::size_t unplanned_layer() const noexcept {
     const std::size_t planned = moe_layer.size() - planned_mtp();
     if (planned == 0) return 0;
-    const std::size_t step = planned > 1 ? moe_layer[1] - moe_layer[0] : 1;
-    for (std::size_t i = 1; i < planned; ++i)
-      if (moe_layer[i] - moe_layer[i - 1] != step) return 0;
+    const std::size_t step = even_step({moe_layer.data(), planned});
+    if (step == 0) return 0;
     const std::size_t next = moe_layer[planned - 1] + step;
     return next < hidden_layers ? next : 0;
+  }
+
+  //! The spacing of ascending layer ids that are evenly spaced (one id: 1), else 0.
+  static std::size_t even_step(std::span<const std::size_t> ids) noexcept {
+    const std::size_t step = ids.size() > 1 ? ids[1] - ids[0] : 1;
+    for (std::size_t i = 1; i < ids.size(); ++i)
+      if (ids[i] - ids[i - 1] != step) return 0;
+    return step;
   }
 
   //! Planned layers that are MTP layers (numbered from hidden_layers on: the last ones).
