@@ -245,10 +245,10 @@ std::vector<locus::cost::comparison_row> comparison_rows() {
 // What the run collects: the JSON document and the Markdown tables the output is made of.
 struct results {
   nlohmann::json doc;
-  std::string md =
-      "| topology | placement | redundant/GPU | grouper | transport | inter-node B/token | vs baseline | "
-      "norm. a2a median | p90 | GPU max/mean (step) | (aggregate) | attention max/mean | layer time µs (model) |\n"
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  std::string md = "| topology | placement | redundant/GPU | grouper | transport | inter-node B/token | vs baseline | "
+                   "norm. a2a median | p90 | GPU max/mean (step, by rows) | (aggregate) | attention max/mean | layer "
+                   "time µs (model) |\n"
+                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   std::string rules_md =
       "| topology | placement | grouper | transport | locality_first (locus) | same_gpu_else_random (SGLang static) "
       "| random (vLLM EPLB) | locality_bounded |\n|---|---|---|---|---|---|---|---|\n";
@@ -263,12 +263,13 @@ struct results {
 std::string all_rows_line(const std::string& topology, const locus::cost::comparison_row& row,
                           const locus::cost::simulation_result& res, const nlohmann::json& j, double ratio) {
   char line[512];
-  std::snprintf(
-      line, sizeof line, "| %s | %s | %zu | %s | %s | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.1f |\n",
-      topology.c_str(), row.placement.c_str(), row.redundant, row.grouper.c_str(),
-      locus::cost::to_string(row.transport), res.inter_node_bytes_per_token, ratio,
-      j["normalized_all2all_median"].get<double>(), j["normalized_all2all_p90"].get<double>(),
-      res.gpu_imbalance_step_mean, res.gpu_imbalance_aggregate, res.attention_imbalance, res.layer_time_estimate_us);
+  std::snprintf(line, sizeof line,
+                "| %s | %s | %zu | %s | %s | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.1f |\n",
+                topology.c_str(), row.placement.c_str(), row.redundant, row.grouper.c_str(),
+                locus::cost::to_string(row.transport), res.inter_node_bytes_per_token, ratio,
+                j["normalized_all2all_median"].get<double>(), j["normalized_all2all_p90"].get<double>(),
+                res.gpu_imbalance_step_weighted, res.gpu_imbalance_aggregate, res.attention_imbalance,
+                res.layer_time_estimate_us);
   return line;
 }
 
@@ -313,6 +314,7 @@ void topology_table(const topology_case& tc, const locus::trace::trace& train, c
             {"inter_node_bytes_per_token", rr.inter_node_bytes_per_token},
             {"inter_node_bytes_vs_baseline", rratio},
             {"gpu_imbalance_aggregate", rr.gpu_imbalance_aggregate},
+            {"gpu_imbalance_step_weighted", rr.gpu_imbalance_step_weighted},
             {"gpu_imbalance_step_mean", rr.gpu_imbalance_step_mean}};
         at += std::snprintf(cells + at, sizeof cells - static_cast<std::size_t>(at), " %.1f%% / %.3f |",
                             100 * (1 - rratio), rr.gpu_imbalance_aggregate);

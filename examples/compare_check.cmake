@@ -24,8 +24,8 @@ if(DEFINED SIMULATE)
   if(NOT sim_format STREQUAL "locus.simulate")
     message(FATAL_ERROR "${SIMULATE}: format \"${sim_format}\", expected locus.simulate")
   endif()
-  foreach(key decode_tokens steps inter_node_bytes_per_token gpu_imbalance_aggregate gpu_imbalance_step_mean
-          attention_imbalance layer_time_estimate_us)
+  foreach(key decode_tokens steps inter_node_bytes_per_token gpu_imbalance_aggregate gpu_imbalance_step_weighted
+          gpu_imbalance_step_mean balance_window gpu_imbalance_window attention_imbalance layer_time_estimate_us)
     string(JSON a GET "${doc}" rows ${ROW} ${key})
     string(JSON b GET "${sim}" ${key})
     if(NOT a STREQUAL b)

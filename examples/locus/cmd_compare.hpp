@@ -205,6 +205,7 @@ struct compare_options {
   double hedge_class_spread = 0;
   double hedge_cost_budget = locus::placement::token_refine_options{}.hedge_cost_budget;
   std::size_t synthetic_requests = 400;
+  std::size_t balance_window = 0;
   double arrival_rate = 0;
   std::string transports = "flat,hierarchical", replica_rule = "locality_first";
   std::string json, markdown, png, python = "/usr/bin/python3";
@@ -255,6 +256,7 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
   opt.simulation.arrival_rate = o.arrival_rate;
   opt.simulation.seed = split.split_seed;
   opt.simulation.replica_rule = replica_rule;
+  opt.simulation.balance_window = o.balance_window;
   const auto rows = cd::rows_for(transports, o.redundant);
   const auto start = std::chrono::steady_clock::now();
   const auto cmp =
@@ -279,6 +281,7 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
                         {"clusters", o.clusters},
                         {"anneal_per_expert", o.anneal},
                         {"arrival_rate", o.arrival_rate},
+                        {"balance_window", o.balance_window},
                         {"replica_rule", locus::placement::to_string(replica_rule)},
                         {"baseline", baseline},
                         {"seconds", seconds},
@@ -303,13 +306,16 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
     // One node sends nothing over the network: no ratio, no reduction ("n/a").
     const double reduction = 100 * (1 - e.vs_baseline);
     const std::string reduction_text = std::isfinite(reduction) ? fixed(reduction, 1) + "%" : "n/a";
+    // The window column only where --balance-window asks for it.
+    char window[32] = "";
+    if (o.balance_window) std::snprintf(window, sizeof window, md ? " %.3f |" : " %9.3f", r.gpu_imbalance_window);
     std::snprintf(buf, sizeof buf,
-                  md ? "| %s | %s | %s | %s | %s | %.0f | %s | %s | %.3f | %.3f | %.3f | %.2f |\n"
-                     : "%-8s %-16s %4s %-14s %-12s %11.0f %8s %9s %9.3f %9.3f %9.3f %9.2f\n",
+                  md ? "| %s | %s | %s | %s | %s | %.0f | %s | %s | %.3f | %.3f |%s %.3f | %.2f |\n"
+                     : "%-8s %-16s %4s %-14s %-12s %11.0f %8s %9s %9.3f %9.3f%s %9.3f %9.2f\n",
                   cd::method_of(e.row), e.row.placement.c_str(), red.c_str(), e.row.grouper.c_str(),
                   locus::to_string(e.row.transport), r.inter_node_bytes_per_token, fixed(e.vs_baseline, 3).c_str(),
-                  reduction_text.c_str(), r.gpu_imbalance_aggregate, r.gpu_imbalance_step_mean, r.attention_imbalance,
-                  r.layer_time_estimate_us);
+                  reduction_text.c_str(), r.gpu_imbalance_aggregate, r.gpu_imbalance_step_weighted, window,
+                  r.attention_imbalance, r.layer_time_estimate_us);
     return std::string(buf);
   };
   char head[1024];
@@ -324,14 +330,23 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
   const std::string legend =
       "net B/token: network bytes per decode token over all layers; vs base: over " + baseline +
       "; GPU max/mean: expert rows of the busiest GPU over the mean, per layer over the run (aggregate) and "
-      "per step (step: the mean over steps, which a step's slowest GPU follows); attn max/mean: the busiest GPU's "
+      "per step (step: each step's busiest GPU, weighted by the step's rows: what the run's expert time follows, a "
+      "step waiting for its busiest GPU)" +
+      (o.balance_window ? " and over windows of " + std::to_string(o.balance_window) +
+                              " steps (the loads summed over each window, weighted by its rows: a load that drifts "
+                              "over many steps stays high here, jitter from step to step does not)"
+                        : std::string()) +
+      "; attn max/mean: the busiest GPU's "
       "attended context tokens over the mean; layer us: the time model's layer time (latency + bytes over "
       "bandwidth + the busiest GPU's expert time: its rows, or its experts' weight reads where --expert-read-us makes "
       "them longer), mean over steps: a model, not a measurement.";
   if (!stdout_taken({o.json, o.markdown, o.png})) {
-    std::printf("%s\n\n%-8s %-16s %4s %-14s %-12s %11s %8s %9s %9s %9s %9s %9s\n", head, "method", "placement", "red.",
-                "grouper", "transport", "net B/token", "vs base", "reduction", "GPU m/m", "step m/m", "attn m/m",
-                "layer us");
+    char window_head[32] = "";
+    if (o.balance_window)
+      std::snprintf(window_head, sizeof window_head, " %9s", (std::to_string(o.balance_window) + "st m/m").c_str());
+    std::printf("%s\n\n%-8s %-16s %4s %-14s %-12s %11s %8s %9s %9s %9s%s %9s %9s\n", head, "method", "placement",
+                "red.", "grouper", "transport", "net B/token", "vs base", "reduction", "GPU m/m", "step m/m",
+                window_head, "attn m/m", "layer us");
     for (const auto& e : cmp.rows)
       std::printf("%s", line(e, false).c_str());
     std::printf("\n%s\n%zu rows in %.1f s\n", legend.c_str(), cmp.rows.size(), seconds);
@@ -342,13 +357,15 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
   files.add_json(o.json, "compare", doc);
   if (!o.markdown.empty()) {
     const auto& run = this_run();
-    std::string md = "# locus compare\n\n" + std::string(head) + ".\n\nProduced by `" + run.command + "` on " +
-                     run.date + " (" + run.machine() + ") in " + fixed(seconds, 1) + " s.\n\n" + legend +
-                     "\n\n| method | placement | redundant/GPU | grouper | transport | inter-node B/token | vs " +
-                     baseline +
-                     " | reduction | GPU max/mean (aggregate) | GPU max/mean (step) | attention max/mean | layer time "
-                     "µs (model) |\n"
-                     "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    std::string md =
+        "# locus compare\n\n" + std::string(head) + ".\n\nProduced by `" + run.command + "` on " + run.date + " (" +
+        run.machine() + ") in " + fixed(seconds, 1) + " s.\n\n" + legend +
+        "\n\n| method | placement | redundant/GPU | grouper | transport | inter-node B/token | vs " + baseline +
+        " | reduction | GPU max/mean (aggregate) | GPU max/mean (step) |" +
+        (o.balance_window ? " GPU max/mean (" + std::to_string(o.balance_window) + " steps) |" : std::string()) +
+        " attention max/mean | layer time µs (model) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|" +
+        (o.balance_window ? "---|" : "") + "---|---|\n";
     for (const auto& e : cmp.rows)
       md += line(e, true);
     files.add(o.markdown, md);
@@ -401,6 +418,7 @@ inline void register_compare(CLI::App& app) {
   locus_driver::plan_options::add_hedge_options(cmd, o->hedge_class_spread, o->hedge_cost_budget);
   cmd->add_option("--arrival-rate", o->arrival_rate, "Poisson arrivals per step (0: all at once)")
       ->check(tool_cli::finite_non_negative);
+  cmd->add_option("--balance-window", o->balance_window, locus_driver::balance_window_help);
   auto* synthetic = cmd->add_option("--synthetic-requests", o->synthetic_requests,
                                     "Without --trace: requests in the embedded synthetic trace")
                         ->check(CLI::Range(8, 100000));

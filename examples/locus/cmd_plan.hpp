@@ -494,6 +494,10 @@ inline constexpr const char* expert_read_help =
     "Time model: microseconds to read one expert's weights (its bytes over HBM bandwidth; DeepSeek-V3's 44 MB of FP8 "
     "on an H200: 9.2), charged per expert a GPU runs in a step; a GPU's expert time is the larger of that and its "
     "rows' arithmetic (0.22 us per row). 0: not counted";
+inline constexpr const char* balance_window_help =
+    "Also report GPU max/mean with the loads summed over windows of this many steps (0: not reported): from 1 (per "
+    "step) up to the run's length (over the run), it tells a load that drifts over many steps from one that jitters "
+    "per step";
 //! Steps of traffic a re-plan sees with --drift-every and neither --replan-every nor --replan-window
 //! (the vLLM default window scaled as bench/drift scales it: a one-step window re-planned on noise).
 inline constexpr std::size_t drift_only_window = 100;
@@ -522,9 +526,17 @@ inline void print_simulation(const nlohmann::json& doc) {
               doc.at("grouper").get<std::string>().c_str(), doc.at("transport").get<std::string>().c_str());
   std::printf("  inter-node bytes per token    %s\n", grouped(num(doc, "inter_node_bytes_per_token")).c_str());
   std::printf("  inter-node copies per token   %s\n", fixed(num(doc, "inter_node_copies_per_token"), 2).c_str());
-  std::printf("  GPU max/mean (expert rows)    %s over the run, %s per step\n",
+  std::printf("  GPU max/mean (expert rows)    %s over the run, %s per step (weighted by its rows; %s the plain "
+              "mean over steps)\n",
               fixed(num(doc, "gpu_imbalance_aggregate"), 3).c_str(),
+              fixed(num(doc, "gpu_imbalance_step_weighted"), 3).c_str(),
               fixed(num(doc, "gpu_imbalance_step_mean"), 3).c_str());
+  if (doc.contains("gpu_imbalance_window"))
+    std::printf("  %-29s %s\n",
+                ("GPU max/mean per " + grouped(num(doc, "balance_window")) +
+                 (num(doc, "balance_window") == 1 ? " step" : " steps"))
+                    .c_str(),
+                fixed(num(doc, "gpu_imbalance_window"), 3).c_str());
   std::printf("  attention max/mean            %s (context tokens per GPU)\n",
               fixed(num(doc, "attention_imbalance"), 3).c_str());
   const double read_us = num(doc, "expert_read_us");
@@ -550,7 +562,7 @@ inline void register_simulate(CLI::App& app) {
   struct options {
     std::string map_path, grouping_path, grouper = "round_robin", transport = "flat", replica_rule = "locality_first";
     double replica_slack = 0.05;
-    std::size_t batch_per_rank = 32, hidden = 2048;
+    std::size_t batch_per_rank = 32, hidden = 2048, balance_window = 0;
     double expert_read_us = 0;
     double arrival_rate = 0;
     std::string json;
@@ -598,6 +610,7 @@ inline void register_simulate(CLI::App& app) {
   cmd->add_option("--arrival-rate", opt->arrival_rate, "Poisson arrivals per step (0: all at once)")
       ->check(tool_cli::finite_non_negative);
   cmd->add_option("--expert-read-us", opt->expert_read_us, expert_read_help)->check(tool_cli::finite_non_negative);
+  cmd->add_option("--balance-window", opt->balance_window, balance_window_help);
   add_json_option(cmd, opt->json);
   cmd->add_option("--replan-every", opt->replan_every,
                   "Re-plan the maps every this many steps from recent traffic (0: never); adds an `online` block, the "
@@ -731,6 +744,7 @@ inline void register_simulate(CLI::App& app) {
     cfg.seed = split->split_seed;
     cfg.replica_rule = replica_rule;
     cfg.replica_slack = opt->replica_slack;
+    cfg.balance_window = opt->balance_window;
     auto grouper = locus::grouper::grouper_by_name(opt->grouper, planned.model);
     p.start("simulating decode");
     const auto result = locus::cost::simulate_decode(test, maps, grouper, cfg);

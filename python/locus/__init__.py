@@ -990,11 +990,15 @@ def simulate(
     replica_rule: str = "locality_first",
     replica_slack: float = 0.05,
     expert_read_us: float = 0.0,
+    balance_window: int = 0,
 ) -> dict:
     """Decode simulation of the trace's decode tokens on the plan; returns the summary (bytes and
     copies per token, GPU imbalance, modelled layer time: ``expert_read_us``, as ``locus simulate
     --expert-read-us``, is the time model's read of one expert's weights per expert a GPU runs in a
-    step, 0 for none). ``workload_aware`` grouping uses
+    step, 0 for none). GPU imbalance is given over the run (``gpu_imbalance_aggregate``) and per step
+    (``gpu_imbalance_step_weighted``: each step's busiest GPU, weighted by the step's rows, what the
+    run's expert time follows); with ``balance_window`` N > 0, as ``locus simulate
+    --balance-window``, also over windows of N steps (``gpu_imbalance_window``). ``workload_aware`` grouping uses
     ``model`` or the plan's own. ``replica_rule`` is how a token's copy picks among an expert's
     replicas, as the serving engine does: ``locality_first`` (locus), ``same_gpu_else_random``
     (SGLang's static dispatch), ``random`` (vLLM's EPLB) or ``locality_bounded`` (locality first,
@@ -1007,6 +1011,7 @@ def simulate(
     _whole(batch_per_rank, "batch_per_rank", 1)
     _finite(arrival_rate, "arrival_rate")
     _finite(expert_read_us, "expert_read_us")
+    _whole(balance_window, "balance_window")
     _whole(seed, "seed")
     if transport not in ("flat", "hierarchical"):
         raise ConfigError(f"locus: configuration error: transport {transport!r} is not one of flat, hierarchical")
@@ -1031,7 +1036,7 @@ def simulate(
     m = model if model is not None else plan.model
     out = _core._simulate(
         test, plan._maps(), nodes, gpus_per_node, grouper, m, transport, batch_per_rank, hidden,
-        arrival_rate, seed, replica_rule, replica_slack, expert_read_us,
+        arrival_rate, seed, replica_rule, replica_slack, expert_read_us, balance_window,
     )
     summary = json.loads(out)
     summary["expert_read_us"] = expert_read_us  # as `locus simulate --json` records it: which time model

@@ -147,6 +147,7 @@ def _simulate(
     replica_rule: str,
     replica_slack: float,
     expert_read_us: float,
+    balance_window: int,
 ) -> str: ...
 def _replan(
     maps: npt.NDArray[np.int32],

@@ -853,7 +853,8 @@ NB_MODULE(_core, m) {
       [](const locus::trace::trace& test, maps_in maps, nb::handle nodes, nb::handle gpus_per_node,
          const std::string& grouper, std::shared_ptr<locus::grouper::workload_model> model,
          const std::string& transport, nb::handle batch_per_rank, nb::handle hidden, double arrival_rate,
-         nb::handle seed, const std::string& replica_rule, double replica_slack, double expert_read_us) {
+         nb::handle seed, const std::string& replica_rule, double replica_slack, double expert_read_us,
+         nb::handle balance_window) {
         // A NaN slack would compare false everywhere: no GPU would ever count as hot.
         LOCUS_REQUIRE(std::isfinite(replica_slack) && replica_slack >= 0, locus::config_error, "replica_slack is ",
                       replica_slack, ", expected a finite number >= 0");
@@ -869,6 +870,7 @@ NB_MODULE(_core, m) {
         cfg.arrival_rate = arrival_rate;
         cfg.links.expert_read_us = expert_read_us; // checked by the simulator (link_model::validate)
         cfg.seed = count_arg(seed, "seed");
+        cfg.balance_window = size_arg(balance_window, "balance_window");
         // The run goes on without the GIL: another thread may simulate with the same model meanwhile
         // (a grouper keeps its classifying scratch itself; the model is read only).
         auto g = locus::grouper::grouper_by_name(grouper, model);
@@ -879,7 +881,7 @@ NB_MODULE(_core, m) {
       },
       "test"_a, "maps"_a, "nodes"_a, "gpus_per_node"_a, "grouper"_a, "model"_a.none(), "transport"_a,
       "batch_per_rank"_a, "hidden"_a, "arrival_rate"_a, "seed"_a, "replica_rule"_a, "replica_slack"_a,
-      "expert_read_us"_a);
+      "expert_read_us"_a, "balance_window"_a);
 
   m.def(
       "_replan",

@@ -332,6 +332,17 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
         {k: v for k, v in summary.items() if k not in ("layer_time_estimate_us", "expert_read_us")}
     with pytest.raises(locus.ConfigError, match="expert_read_us is -1"):
         locus.simulate(test, plan, expert_read_us=-1.0)
+    # Balance per step (by rows) and over windows of steps (as `locus simulate --balance-window`): a
+    # window of one step is the per-step figure, one past the run's end the run's; no window, no key.
+    assert "gpu_imbalance_window" not in summary
+    assert summary["gpu_imbalance_step_weighted"] >= summary["gpu_imbalance_aggregate"]
+    one = locus.simulate(test, plan, grouper="workload_aware", transport="hierarchical", balance_window=1)
+    whole = locus.simulate(test, plan, grouper="workload_aware", transport="hierarchical", balance_window=2**64 - 1)
+    assert one["gpu_imbalance_window"] == pytest.approx(summary["gpu_imbalance_step_weighted"], abs=1e-12)
+    assert whole["gpu_imbalance_window"] == pytest.approx(summary["gpu_imbalance_aggregate"], abs=1e-12)
+    assert (one["balance_window"], whole["balance_window"]) == (1, 2**64 - 1)
+    with pytest.raises(locus.ConfigError, match="balance_window is -1"):
+        locus.simulate(test, plan, balance_window=-1)
     with pytest.raises(locus.ConfigError, match="unknown replica rule 'nearest'"):
         locus.simulate(test, plan, replica_rule="nearest")
     with pytest.raises(locus.ConfigError, match="replica_slack is nan"):

@@ -148,6 +148,22 @@ refused 'after step 10\^18' simulate --trace "$work/t.bin" --arrival-rate 1e-300
 ok '^simulated [0-9,]+ requests' simulate --trace "$work/t.bin" --arrival-rate 1e-9
 ok 'layer time estimate +[0-9.]+ us \(model; 7\.50 us per expert read\)' simulate --trace "$work/t.bin" --expert-read-us 7.5
 ok 'layer time estimate +[0-9.]+ us \(model; expert weight reads not counted\)' simulate --trace "$work/t.bin"
+# Balance over windows of steps: one step is the per-step figure, a window past the run's end the
+# run's; the largest count is taken (one window), not refused or wrapped.
+window_ends() {
+  "$locus" simulate --trace "$work/t.bin" --placement eplb --balance-window 1 --json "$work/w1.json" -q >/dev/null &&
+    "$locus" simulate --trace "$work/t.bin" --placement eplb --balance-window 18446744073709551615 \
+      --json "$work/wmax.json" -q >/dev/null &&
+    python3 - "$work/w1.json" "$work/wmax.json" <<'PY'
+import json, sys
+one, whole = (json.load(open(p)) for p in sys.argv[1:])
+assert abs(one["gpu_imbalance_window"] - one["gpu_imbalance_step_weighted"]) < 1e-12, one
+assert abs(whole["gpu_imbalance_window"] - whole["gpu_imbalance_aggregate"]) < 1e-12, whole
+assert one["gpu_imbalance_step_weighted"] > whole["gpu_imbalance_aggregate"], (one, whole)
+PY
+}
+check "--balance-window 1 is per step, past the run's end over the run" window_ends
+ok 'GPU max/mean per 1 step +[0-9.]+$' simulate --trace "$work/t.bin" --balance-window 1
 # The balance hedges: 0 (off) is taken with any planner, a count only where it applies.
 succeeds plan --trace "$work/t.bin" --placement eplb --redundant-slots 1 --hedge-replicas 0 --out "$work/h0.json"
 ok '^[0-9]+ replicas over the layers, [0-9]+ of them balance hedges' plan --trace "$work/t.bin" --placement locality \

@@ -61,6 +61,7 @@ BOOST_AUTO_TEST_CASE(batching_matches_a_direct_replay) {
   std::vector<layer_traffic> expected(2, layer_traffic(4));
   traffic_counter<dynamic_topology> counter(cfg.topology, cfg.transport);
   std::uint64_t tokens_total = 0;
+  double busiest = 0, rows = 0, step_sum = 0; // per-step balance, from each step's own count
   std::size_t max_decode = 0;
   for (std::size_t r = 0; r < t.requests(); ++r)
     max_decode = std::max<std::size_t>(max_decode, t.request(r).length - 4);
@@ -73,9 +74,21 @@ BOOST_AUTO_TEST_CASE(batching_matches_a_direct_replay) {
         src.push_back(static_cast<std::uint32_t>(r % 4));
       }
     tokens_total += tokens.size();
-    for (std::size_t l = 0; l < 2; ++l)
+    double step = 0;
+    for (std::size_t l = 0; l < 2; ++l) {
       counter.count_step(maps[l], t.layer(l), tokens, src, expected[l]);
+      layer_traffic alone(4);
+      counter.count_step(maps[l], t.layer(l), tokens, src, alone);
+      const auto most = *std::max_element(alone.expert_rows.begin(), alone.expert_rows.end());
+      busiest += static_cast<double>(most);
+      rows += static_cast<double>(tokens.size() * 3);
+      step += static_cast<double>(most) * 4 / static_cast<double>(tokens.size() * 3);
+    }
+    step_sum += step / 2;
   }
+  BOOST_TEST(res.gpu_imbalance_step_weighted == busiest * 4 / rows, boost::test_tools::tolerance(1e-12));
+  BOOST_TEST(res.gpu_imbalance_step_mean == step_sum / static_cast<double>(max_decode),
+             boost::test_tools::tolerance(1e-12));
   BOOST_TEST(res.steps == max_decode);
   BOOST_TEST(res.decode_tokens == tokens_total);
   BOOST_TEST(res.requests_served == t.requests());
@@ -107,6 +120,50 @@ BOOST_AUTO_TEST_CASE(batching_matches_a_direct_replay) {
 // Under every replica rule the simulator equals a direct replay that chooses replicas with the rule
 // seeded by the layer index and, for locality_bounded, the ranks hot after the steps before (its
 // own load counts); and locality_bounded balances the skewed load better than locality_first.
+// Three balances that differ on one small run (1 layer, top-1, expert e on GPU e of 2; every
+// request running from step 0): r0 decodes experts 0 1 0 0, r1 0 1, r2 1 1. Steps: [2 1], [0 3],
+// [1 0], [1 0] rows on the GPUs. Over the run 4 and 4: 1.0. Per step, by rows: busiest 2 + 3 + 1 +
+// 1 of 8 rows over 2 GPUs: 1.75 (the expert time of a run that waits for each step's busiest GPU,
+// over a balanced run's). The plain mean over steps: (4/3 + 2 + 2 + 2) / 4, the two one-token steps
+// of the drain weighing as much as the full ones.
+BOOST_AUTO_TEST_CASE(balance_over_the_run_per_step_by_rows_and_per_step_plainly) {
+  trace::trace_builder b(2, 1, 1);
+  b.set_domains({"a"});
+  const std::vector<std::vector<trace::trace_expert_id>> decode{{0, 1, 0, 0}, {0, 1}, {1, 1}};
+  for (std::size_t r = 0; r < decode.size(); ++r)
+    b.add_request(r, 0, 1 + decode[r].size()); // one prefill token, then the decode tokens
+  for (std::size_t r = 0, t = 0; r < decode.size(); ++r) {
+    b.ids(0, t)[0] = 0; // prefill: not simulated
+    b.weights(0, t++)[0] = 1;
+    for (const auto e : decode[r]) {
+      b.ids(0, t)[0] = e;
+      b.weights(0, t++)[0] = 1;
+    }
+  }
+  const auto t = b.build().with_prefill_tokens(1);
+  simulation_config cfg;
+  cfg.topology = dynamic_topology(1, 2);
+  cfg.batch_per_rank = 8;
+  const auto maps = placement::linear{}.plan({cfg.topology, 2, 1, {std::vector<double>(2, 1)}, {}});
+  grouper::round_robin g;
+  const auto res = simulate_decode(t, maps, g, cfg);
+  BOOST_TEST(res.steps == 4u);
+  BOOST_TEST(res.gpu_imbalance_aggregate == 1.0, boost::test_tools::tolerance(1e-12));
+  BOOST_TEST(res.gpu_imbalance_step_weighted == 1.75, boost::test_tools::tolerance(1e-12));
+  BOOST_TEST(res.gpu_imbalance_step_mean == (4.0 / 3 + 6) / 4, boost::test_tools::tolerance(1e-12));
+  BOOST_TEST(res.balance_window == 0u); // not measured unless asked for
+  BOOST_TEST(res.gpu_imbalance_window == 1.0);
+  // Loads summed over windows of steps: 1 step is the per-step figure, the run's 4 the run's; 2
+  // steps: [2 4] and [2 0], busiest 4 + 2 of 8; 3 steps: [3 4] and the shorter last window [1 0].
+  for (const auto& [window, expected] : {std::pair{1, 1.75}, {2, 1.5}, {3, 1.25}, {4, 1.0}, {9, 1.0}}) {
+    cfg.balance_window = static_cast<std::size_t>(window);
+    const auto w = simulate_decode(t, maps, g, cfg);
+    BOOST_TEST(w.balance_window == cfg.balance_window);
+    BOOST_TEST(w.gpu_imbalance_window == expected, boost::test_tools::tolerance(1e-12));
+    BOOST_TEST(w.gpu_imbalance_step_weighted == 1.75, boost::test_tools::tolerance(1e-12)); // unchanged
+  }
+}
+
 BOOST_AUTO_TEST_CASE(replica_rules_match_a_direct_replay) {
   std::mt19937 rng(9);
   const auto t = random_trace(rng, 24, 8, 2, 2, 3);

@@ -12,8 +12,13 @@
 //! Metrics (all per decode token unless said otherwise):
 //! - inter_node_bytes_per_token: network bytes of dispatch + combine summed over layers;
 //! - inter_node_copies_per_token: network copies of dispatch summed over layers;
+//! - gpu_imbalance_step_weighted: per step and layer, the busiest rank's expert rows, summed over
+//!   the run, over the mean rank's summed likewise: a step's expert work waits for its busiest rank,
+//!   so this is the factor by which the run's expert time exceeds a balanced run's (a step of few
+//!   tokens counts little, as it does in time);
 //! - gpu_imbalance_step_mean: per step, mean over layers of max/mean expert rows per rank; then
-//!   the mean over steps;
+//!   the mean over steps, every step alike (the drain at a run's end, a few requests left on long
+//!   steps of few rows, weighs as much as a full step);
 //! - gpu_imbalance_aggregate: per layer, max/mean of expert rows summed over the whole run; then
 //!   the mean over layers;
 //! - layer_time_estimate_us: the modelled layer time (time_model.hpp), mean over steps and layers;
@@ -55,6 +60,10 @@ struct simulation_config {
   double replica_slack = 0.05;
   //! locality_bounded: recent = an exponential average over about this many steps; 0 = since the start.
   std::size_t replica_window = 0;
+  //! With N > 0, simulation_result::gpu_imbalance_window: the balance of GPU loads summed over
+  //! windows of N simulated steps (1: per step, as gpu_imbalance_step_weighted; the run's length:
+  //! as over the run), which tells a load that drifts over many steps from one that jitters per step.
+  std::size_t balance_window = 0;
 };
 
 //! Per layer, the replica policy of the coming step and, for locality_bounded, the loads it
@@ -96,6 +105,12 @@ struct simulation_result {
 
   double inter_node_bytes_per_token = 0;
   double inter_node_copies_per_token = 0;
+  double gpu_imbalance_step_weighted = 1;
+  //! simulation_config::balance_window's figure: per window of that many steps and per layer, the
+  //! busiest rank's rows summed over the window, over the mean rank's, weighted by the window's rows
+  //! (1 when the window is 0).
+  double gpu_imbalance_window = 1;
+  std::size_t balance_window = 0; //!< the window it was measured over (0: not measured)
   double gpu_imbalance_step_mean = 1;
   double gpu_imbalance_aggregate = 1;
   double layer_time_estimate_us = 0;
@@ -248,6 +263,7 @@ public:
         bytes_per_copy_(cfg.sizes.dispatch_bytes + cfg.sizes.combine_bytes) {
     out_.layers.assign(layers_, layer_traffic(ranks_));
     out_.rank_attention_tokens.assign(ranks_, 0.0);
+    if (cfg_.balance_window > 0) window_rows_.assign(layers_ * ranks_, 0);
   }
 
   //! True once no request waits or runs.
@@ -321,6 +337,13 @@ public:
         out_.layers[l] += st;
         step_bytes += static_cast<double>(st.copies[network] * bytes_per_copy_);
         step_imbalance += st.load_imbalance();
+        std::uint64_t busiest = 0;
+        for (std::size_t r = 0; r < ranks_; ++r) {
+          busiest = std::max(busiest, st.expert_rows[r]);
+          rows_ += st.expert_rows[r];
+          if (!window_rows_.empty()) window_rows_[l * ranks_ + r] += st.expert_rows[r];
+        }
+        busiest_rows_ += busiest;
         step_time += estimate_layer_time(st, cfg_.sizes, cfg_.links).total_us();
       }
       step_imbalance /= static_cast<double>(layers_);
@@ -333,6 +356,7 @@ public:
     out_.step_layer_time_us.push_back(step_time);
     out_.decode_tokens += tokens_.size();
     ++out_.steps;
+    if (!window_rows_.empty() && ++window_steps_ == cfg_.balance_window) close_window();
   }
 
   //! Each running request has produced one token: its context grows, and a request with no
@@ -368,6 +392,11 @@ public:
   //! The result with its summary metrics (file comment) computed from the per-step figures.
   simulation_result finish() && {
     simulation_result& out = out_;
+    if (!window_rows_.empty()) close_window(); // the run's last, shorter window
+    out.balance_window = cfg_.balance_window;
+    out.gpu_imbalance_window = window_total_ > 0 ? static_cast<double>(window_busiest_) * static_cast<double>(ranks_) /
+                                                       static_cast<double>(window_total_)
+                                                 : 1.0;
     double bytes = 0, copies = 0, imbalance_sum = 0, time_sum = 0, aggregate = 0;
     std::size_t busy_steps = 0;
     for (std::size_t s = 0; s < out.steps; ++s) {
@@ -384,6 +413,8 @@ public:
     const double tokens_total = static_cast<double>(std::max<std::uint64_t>(out.decode_tokens, 1));
     out.inter_node_bytes_per_token = bytes / tokens_total;
     out.inter_node_copies_per_token = copies / tokens_total;
+    out.gpu_imbalance_step_weighted =
+        rows_ > 0 ? static_cast<double>(busiest_rows_) * static_cast<double>(ranks_) / static_cast<double>(rows_) : 1.0;
     out.gpu_imbalance_step_mean = busy_steps ? imbalance_sum / static_cast<double>(busy_steps) : 1.0;
     out.gpu_imbalance_aggregate = layers_ ? aggregate / static_cast<double>(layers_) : 1.0;
     out.layer_time_estimate_us = busy_steps ? time_sum / static_cast<double>(busy_steps) : 0.0;
@@ -399,6 +430,19 @@ public:
 private:
   static constexpr std::size_t network = static_cast<std::size_t>(link_class::inter_node);
 
+  //! Adds the window's busiest rank per layer and its rows to the window balance, and starts anew.
+  void close_window() {
+    for (std::size_t l = 0; l < layers_; ++l) {
+      const auto first = window_rows_.begin() + static_cast<std::ptrdiff_t>(l * ranks_);
+      window_busiest_ += *std::max_element(first, first + static_cast<std::ptrdiff_t>(ranks_));
+    }
+    for (std::uint64_t& rows : window_rows_) {
+      window_total_ += rows;
+      rows = 0;
+    }
+    window_steps_ = 0;
+  }
+
   const trace::trace& t_;
   const std::vector<expert_map>& maps_;
   const simulation_config& cfg_;
@@ -413,6 +457,12 @@ private:
   std::size_t active_ = 0;
   std::vector<std::size_t> tokens_;
   std::vector<std::uint32_t> sources_;
+  //! Over the run's steps and layers: the busiest rank's expert rows, and every rank's.
+  std::uint64_t busiest_rows_ = 0, rows_ = 0;
+  //! With a balance window: per layer and rank, the rows of the window so far (empty without one).
+  std::vector<std::uint64_t> window_rows_;
+  std::size_t window_steps_ = 0;
+  std::uint64_t window_busiest_ = 0, window_total_ = 0;
   simulation_result out_;
 };
 
