@@ -25,10 +25,17 @@ inline int map_check(const std::string& path, const std::string& json = {}) {
   const auto plan = locus::load_expert_plan(path);
   const auto& layers = plan.maps;
   const auto& m = layers.front();
-  std::size_t replicas = 0, empty = 0;
+  std::size_t replicas = 0, empty = 0, same_gpu = 0;
   for (const auto& l : layers) {
     replicas += l.replica_slots_used();
     empty += l.empty_slots();
+    // A second copy on the GPU that has the expert already takes a slot and a weight read and moves
+    // no token's rows to another GPU (EPLB's packing may place one; locus's planners do not).
+    for (std::size_t r = 0; r < l.ranks(); ++r) {
+      auto on = l.experts_on(r);
+      std::sort(on.begin(), on.end());
+      same_gpu += static_cast<std::size_t>(on.end() - std::unique(on.begin(), on.end()));
+    }
   }
   write_json(json, "map check",
              {{"map", path},
@@ -38,6 +45,7 @@ inline int map_check(const std::string& path, const std::string& json = {}) {
               {"slots_per_rank", m.slots_per_rank()},
               {"replica_slots_used", replicas},
               {"empty_slots", empty},
+              {"same_gpu_copies", same_gpu},
               {"gpus_per_node", plan.gpus_per_node ? nlohmann::json(plan.gpus_per_node) : nlohmann::json(nullptr)},
               {"model_layers", plan.model_layers.empty() ? nlohmann::json(nullptr) : nlohmann::json(plan.model_layers)},
               {"hidden_layers", plan.hidden_layers ? nlohmann::json(plan.hidden_layers) : nlohmann::json(nullptr)}});
@@ -49,6 +57,11 @@ inline int map_check(const std::string& path, const std::string& json = {}) {
               one_line(path).c_str(), layers.size(), m.experts(), m.ranks(), topology.c_str(), m.slots_per_rank(),
               replicas,
               empty ? (", " + std::to_string(empty) + " empty (map export fills them for the engines)").c_str() : "");
+  if (same_gpu)
+    std::printf("%zu of them %s a second copy of an expert on a GPU that has it already: %s nothing between "
+                "GPUs and %s a slot and a weight read\n",
+                same_gpu, same_gpu == 1 ? "holds" : "hold", same_gpu == 1 ? "it balances" : "they balance",
+                same_gpu == 1 ? "costs" : "each cost");
   // What the engine exports will number the layers by, before they are written.
   if (plan.model_layers.empty())
     std::printf("no model layer numbers saved: map export writes the layers as hidden layers 0..%zu unless "

@@ -59,6 +59,12 @@ printf '{"format": "locus-expert-map", "version": 1, "experts": 2, "ranks": 1, "
 refused 'slots_per_rank' map check "$work/slots.json"
 printf '{"format": "locus-expert-map", "version": 1, "exp' >"$work/cut.json"
 refused 'looks truncated' map check "$work/cut.json"
+# Two copies of expert 1 on GPU 0 (as EPLB's packing may place them): said, and counted in the JSON.
+printf '{"format": "locus-expert-map", "version": 1, "experts": 3, "ranks": 2, "slots_per_rank": 2, "layers": [[[1, 1], [0, 2]], [[0, 1], [2, 1]]]}' >"$work/twice.json"
+ok '^1 of them holds a second copy of an expert on a GPU that has it already: it balances nothing' map check "$work/twice.json"
+ok '"same_gpu_copies": 1' map check "$work/twice.json" --json -
+printf '{"format": "locus-expert-map", "version": 1, "experts": 3, "ranks": 2, "slots_per_rank": 2, "layers": [[[0, 1], [2, 1]]]}' >"$work/apart.json"
+ok '"same_gpu_copies": 0' map check "$work/apart.json" --json -
 # Symbolic-link loops and odd outputs.
 ln -s "$work/loop" "$work/loop"
 refused 'loop|Too many levels' trace import "$work/loop" -o "$work/x.bin"
