@@ -327,23 +327,24 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
                 o.batch_per_rank, o.hidden, o.anneal,
                 o.expert_read_us > 0 ? (fixed(o.expert_read_us, 2) + " us per expert weight read").c_str()
                                      : "expert weight reads not counted");
+  // "1 step", "200 steps": the window's size as the legend and the Markdown header say it.
+  const std::string window_steps =
+      std::to_string(o.balance_window) + (o.balance_window == 1 ? " simulated step" : " simulated steps");
   const std::string legend =
       "net B/token: network bytes per decode token over all layers; vs base: over " + baseline +
       "; GPU max/mean: expert rows of the busiest GPU over the mean, per layer over the run (aggregate) and "
-      "per step (step: each step's busiest GPU, weighted by the step's rows: what the run's expert time follows, a "
-      "step waiting for its busiest GPU)" +
-      (o.balance_window ? " and over windows of " + std::to_string(o.balance_window) +
-                              " steps (the loads summed over each window, weighted by its rows: a load that drifts "
-                              "over many steps stays high here, jitter from step to step does not)"
+      "per step (step: each step's busiest GPU, weighted by the step's rows: what the run's expert time follows where "
+      "rows decide it, a step waiting for its busiest GPU)" +
+      (o.balance_window ? " and over windows of " + window_steps +
+                              " (win: the loads summed over each window, weighted by its rows: a load that drifts "
+                              "over many steps stays high there, jitter from step to step does not)"
                         : std::string()) +
       "; attn max/mean: the busiest GPU's "
       "attended context tokens over the mean; layer us: the time model's layer time (latency + bytes over "
       "bandwidth + the busiest GPU's expert time: its rows, or its experts' weight reads where --expert-read-us makes "
       "them longer), mean over steps: a model, not a measurement.";
   if (!stdout_taken({o.json, o.markdown, o.png})) {
-    char window_head[32] = "";
-    if (o.balance_window)
-      std::snprintf(window_head, sizeof window_head, " %9s", (std::to_string(o.balance_window) + "st m/m").c_str());
+    const char* window_head = o.balance_window ? "   win m/m" : ""; // its size is in the legend
     std::printf("%s\n\n%-8s %-16s %4s %-14s %-12s %11s %8s %9s %9s %9s%s %9s %9s\n", head, "method", "placement",
                 "red.", "grouper", "transport", "net B/token", "vs base", "reduction", "GPU m/m", "step m/m",
                 window_head, "attn m/m", "layer us");
@@ -357,15 +358,14 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
   files.add_json(o.json, "compare", doc);
   if (!o.markdown.empty()) {
     const auto& run = this_run();
-    std::string md =
-        "# locus compare\n\n" + std::string(head) + ".\n\nProduced by `" + run.command + "` on " + run.date + " (" +
-        run.machine() + ") in " + fixed(seconds, 1) + " s.\n\n" + legend +
-        "\n\n| method | placement | redundant/GPU | grouper | transport | inter-node B/token | vs " + baseline +
-        " | reduction | GPU max/mean (aggregate) | GPU max/mean (step) |" +
-        (o.balance_window ? " GPU max/mean (" + std::to_string(o.balance_window) + " steps) |" : std::string()) +
-        " attention max/mean | layer time µs (model) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|" +
-        (o.balance_window ? "---|" : "") + "---|---|\n";
+    std::string md = "# locus compare\n\n" + std::string(head) + ".\n\nProduced by `" + run.command + "` on " +
+                     run.date + " (" + run.machine() + ") in " + fixed(seconds, 1) + " s.\n\n" + legend +
+                     "\n\n| method | placement | redundant/GPU | grouper | transport | inter-node B/token | vs " +
+                     baseline + " | reduction | GPU max/mean (aggregate) | GPU max/mean (step, by rows) |" +
+                     (o.balance_window ? " GPU max/mean (" + window_steps + ") |" : std::string()) +
+                     " attention max/mean | layer time µs (model) |\n"
+                     "|---|---|---|---|---|---|---|---|---|---|" +
+                     (o.balance_window ? "---|" : "") + "---|---|\n";
     for (const auto& e : cmp.rows)
       md += line(e, true);
     files.add(o.markdown, md);

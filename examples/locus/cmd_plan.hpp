@@ -495,19 +495,25 @@ inline constexpr const char* expert_read_help =
     "on an H200: 9.2), charged per expert a GPU runs in a step; a GPU's expert time is the larger of that and its "
     "rows' arithmetic (0.22 us per row). 0: not counted";
 inline constexpr const char* balance_window_help =
-    "Also report GPU max/mean with the loads summed over windows of this many steps (0: not reported): from 1 (per "
-    "step) up to the run's length (over the run), it tells a load that drifts over many steps from one that jitters "
-    "per step";
+    "Also report GPU max/mean with the loads summed over windows of this many simulated steps (an arrival gap with "
+    "nothing running is skipped, not counted; 0: not reported): from 1 (per step) up to the run's length (over the "
+    "run), it tells a load that drifts over many steps from one that jitters per step";
 //! Steps of traffic a re-plan sees with --drift-every and neither --replan-every nor --replan-window
 //! (the vLLM default window scaled as bench/drift scales it: a one-step window re-planned on noise).
 inline constexpr std::size_t drift_only_window = 100;
 
+//! `n`'s digits grouped by thousands ("551,588").
+inline std::string grouped_count(std::uint64_t n) {
+  std::string digits = std::to_string(n);
+  for (std::size_t i = digits.size(); i > 3; i -= 3)
+    digits.insert(i - 3, ",");
+  return digits;
+}
+
 //! `v` rounded to a whole number, its digits grouped by thousands ("551,588").
 inline std::string grouped(double v) {
   if (!std::isfinite(v)) return "n/a";
-  std::string digits = std::to_string(static_cast<long long>(std::llround(std::fabs(v))));
-  for (std::size_t i = digits.size(); i > 3; i -= 3)
-    digits.insert(i - 3, ",");
+  const std::string digits = grouped_count(static_cast<std::uint64_t>(std::llround(std::fabs(v))));
   return v < 0 ? "-" + digits : digits;
 }
 
@@ -526,17 +532,18 @@ inline void print_simulation(const nlohmann::json& doc) {
               doc.at("grouper").get<std::string>().c_str(), doc.at("transport").get<std::string>().c_str());
   std::printf("  inter-node bytes per token    %s\n", grouped(num(doc, "inter_node_bytes_per_token")).c_str());
   std::printf("  inter-node copies per token   %s\n", fixed(num(doc, "inter_node_copies_per_token"), 2).c_str());
-  std::printf("  GPU max/mean (expert rows)    %s over the run, %s per step (weighted by its rows; %s the plain "
-              "mean over steps)\n",
+  std::printf("  GPU max/mean (expert rows)    %s over the run, %s per step (weighted by the step's rows; %s "
+              "the plain mean over steps)\n",
               fixed(num(doc, "gpu_imbalance_aggregate"), 3).c_str(),
               fixed(num(doc, "gpu_imbalance_step_weighted"), 3).c_str(),
               fixed(num(doc, "gpu_imbalance_step_mean"), 3).c_str());
-  if (doc.contains("gpu_imbalance_window"))
-    std::printf("  %-29s %s\n",
-                ("GPU max/mean per " + grouped(num(doc, "balance_window")) +
-                 (num(doc, "balance_window") == 1 ? " step" : " steps"))
-                    .c_str(),
-                fixed(num(doc, "gpu_imbalance_window"), 3).c_str());
+  if (doc.contains("gpu_imbalance_window")) {
+    // The window as a whole number: read back as a double, 2^64 - 1 printed as 0.
+    const auto window = doc.at("balance_window").get<std::uint64_t>();
+    std::printf("  GPU max/mean per window       %s (windows of %s simulated step%s)\n",
+                fixed(num(doc, "gpu_imbalance_window"), 3).c_str(), grouped_count(window).c_str(),
+                window == 1 ? "" : "s");
+  }
   std::printf("  attention max/mean            %s (context tokens per GPU)\n",
               fixed(num(doc, "attention_imbalance"), 3).c_str());
   const double read_us = num(doc, "expert_read_us");

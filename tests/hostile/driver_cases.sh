@@ -169,7 +169,8 @@ assert one["gpu_imbalance_step_weighted"] > whole["gpu_imbalance_aggregate"], (o
 PY
 }
 check "--balance-window 1 is per step, past the run's end over the run" window_ends
-ok 'GPU max/mean per 1 step +[0-9.]+$' simulate --trace "$work/t.bin" --balance-window 1
+ok 'GPU max/mean per window +[0-9.]+ \(windows of 1 simulated step\)$' simulate --trace "$work/t.bin" --balance-window 1
+ok 'GPU max/mean per window +[0-9.]+ \(windows of 18,446,744,073,709,551,615 simulated steps\)$' simulate --trace "$work/t.bin" --balance-window 18446744073709551615
 # The balance hedges: 0 (off) is taken with any planner, a count only where it applies.
 succeeds plan --trace "$work/t.bin" --placement eplb --redundant-slots 1 --hedge-replicas 0 --out "$work/h0.json"
 ok '^[0-9]+ replicas over the layers, [0-9]+ of them balance hedges' plan --trace "$work/t.bin" --placement locality \

@@ -61,7 +61,8 @@ BOOST_AUTO_TEST_CASE(batching_matches_a_direct_replay) {
   std::vector<layer_traffic> expected(2, layer_traffic(4));
   traffic_counter<dynamic_topology> counter(cfg.topology, cfg.transport);
   std::uint64_t tokens_total = 0;
-  double busiest = 0, rows = 0, step_sum = 0; // per-step balance, from each step's own count
+  double busiest = 0, rows = 0, step_sum = 0;        // per-step balance, from each step's own count
+  std::vector<std::vector<std::uint64_t>> step_rows; // per step: layer-major rows per rank
   std::size_t max_decode = 0;
   for (std::size_t r = 0; r < t.requests(); ++r)
     max_decode = std::max<std::size_t>(max_decode, t.request(r).length - 4);
@@ -75,10 +76,12 @@ BOOST_AUTO_TEST_CASE(batching_matches_a_direct_replay) {
       }
     tokens_total += tokens.size();
     double step = 0;
+    step_rows.emplace_back();
     for (std::size_t l = 0; l < 2; ++l) {
       counter.count_step(maps[l], t.layer(l), tokens, src, expected[l]);
       layer_traffic alone(4);
       counter.count_step(maps[l], t.layer(l), tokens, src, alone);
+      step_rows.back().insert(step_rows.back().end(), alone.expert_rows.begin(), alone.expert_rows.end());
       const auto most = *std::max_element(alone.expert_rows.begin(), alone.expert_rows.end());
       busiest += static_cast<double>(most);
       rows += static_cast<double>(tokens.size() * 3);
@@ -88,6 +91,24 @@ BOOST_AUTO_TEST_CASE(batching_matches_a_direct_replay) {
   }
   BOOST_TEST(res.gpu_imbalance_step_weighted == busiest * 4 / rows, boost::test_tools::tolerance(1e-12));
   BOOST_TEST(res.gpu_imbalance_step_mean == step_sum / static_cast<double>(max_decode),
+             boost::test_tools::tolerance(1e-12));
+  // Windows of 3 steps: each layer's rows per rank summed over the window, its busiest rank summed.
+  double window_busiest = 0;
+  for (std::size_t s0 = 0; s0 < step_rows.size(); s0 += 3)
+    for (std::size_t l = 0; l < 2; ++l) {
+      std::uint64_t most = 0;
+      for (std::size_t r = 0; r < 4; ++r) {
+        std::uint64_t sum = 0;
+        for (std::size_t s = s0; s < std::min(step_rows.size(), s0 + 3); ++s)
+          sum += step_rows[s][l * 4 + r];
+        most = std::max(most, sum);
+      }
+      window_busiest += static_cast<double>(most);
+    }
+  auto windowed = cfg;
+  windowed.balance_window = 3;
+  grouper::round_robin g3;
+  BOOST_TEST(simulate_decode(t, maps, g3, windowed).gpu_imbalance_window == window_busiest * 4 / rows,
              boost::test_tools::tolerance(1e-12));
   BOOST_TEST(res.steps == max_decode);
   BOOST_TEST(res.decode_tokens == tokens_total);

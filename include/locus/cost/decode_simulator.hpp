@@ -14,8 +14,8 @@
 //! - inter_node_copies_per_token: network copies of dispatch summed over layers;
 //! - gpu_imbalance_step_weighted: per step and layer, the busiest rank's expert rows, summed over
 //!   the run, over the mean rank's summed likewise: a step's expert work waits for its busiest rank,
-//!   so this is the factor by which the run's expert time exceeds a balanced run's (a step of few
-//!   tokens counts little, as it does in time);
+//!   so where rows decide expert time (the time model's rows term) this is the factor by which the
+//!   run's expert time exceeds a balanced run's (a step of few tokens counts little, as in time);
 //! - gpu_imbalance_step_mean: per step, mean over layers of max/mean expert rows per rank; then
 //!   the mean over steps, every step alike (the drain at a run's end, a few requests left on long
 //!   steps of few rows, weighs as much as a full step);
