@@ -556,9 +556,12 @@ inline void print_simulation(const nlohmann::json& doc) {
     std::printf("re-planned on line: %zu re-plans (%zu on drift, %zu on balance)\n", o.at("replans").get<std::size_t>(),
                 o.at("drift_replans").get<std::size_t>(), o.at("balance_replans").get<std::size_t>());
     std::printf("  inter-node bytes per token    %s\n", grouped(num(o, "inter_node_bytes_per_token")).c_str());
-    std::printf("  GPU max/mean (expert rows)    %s over the run, %s in the worst window\n",
+    std::printf("  GPU max/mean (expert rows)    %s over the run, %s per step (weighted by the step's rows), %s in "
+                "the worst window of %s tokens\n",
                 fixed(num(o, "gpu_imbalance_aggregate"), 3).c_str(),
-                fixed(num(o, "worst_window_imbalance"), 3).c_str());
+                fixed(num(o, "gpu_imbalance_step_weighted"), 3).c_str(),
+                fixed(num(o, "worst_window_imbalance"), 3).c_str(),
+                grouped_count(locus::cost::online_options{}.report_tokens).c_str());
     std::printf("  moved                         at most %s%% of the slots per re-plan, %s bytes of weights\n",
                 fixed(100 * num(o, "max_moved_share"), 1).c_str(), grouped(num(o, "bytes_moved")).c_str());
   }
@@ -813,6 +816,7 @@ inline void register_simulate(CLI::App& app) {
         drifted += e.reason == locus::cost::replan_reason::drift;
       doc["online"] = {{"inter_node_bytes_per_token", online.inter_node_bytes_per_token},
                        {"gpu_imbalance_aggregate", online.gpu_imbalance_aggregate},
+                       {"gpu_imbalance_step_weighted", online.gpu_imbalance_step_weighted},
                        {"worst_window_imbalance", online.worst_window_imbalance},
                        {"replans", online.replans.size()},
                        {"drift_replans", drifted},

@@ -399,6 +399,8 @@ BOOST_AUTO_TEST_CASE(replay_matches_the_simulator) {
   BOOST_TEST(a.decode_tokens == direct.decode_tokens);
   BOOST_TEST(a.inter_node_bytes_per_token == direct.inter_node_bytes_per_token, boost::test_tools::tolerance(1e-12));
   BOOST_TEST(a.gpu_imbalance_aggregate == direct.gpu_imbalance_aggregate, boost::test_tools::tolerance(1e-12));
+  BOOST_TEST(a.gpu_imbalance_step_weighted == direct.gpu_imbalance_step_weighted, boost::test_tools::tolerance(1e-12));
+  BOOST_TEST(a.gpu_imbalance_step_weighted > a.gpu_imbalance_aggregate); // a run of small steps
   BOOST_TEST(a.replans.size() == b.replans.size());
   BOOST_TEST(a.replans.size() > 0u);
   for (const auto& e : a.replans)
