@@ -997,7 +997,7 @@ def simulate(
     --expert-read-us``, is the time model's read of one expert's weights per expert a GPU runs in a
     step, 0 for none). GPU imbalance is given over the run (``gpu_imbalance_aggregate``) and per step
     (``gpu_imbalance_step_weighted``: each step's busiest GPU, weighted by the step's rows, what the
-    run's expert time follows); with ``balance_window`` N > 0, as ``locus simulate
+    run's expert time follows where rows decide it); with ``balance_window`` N > 0, as ``locus simulate
     --balance-window``, also over windows of N steps (``gpu_imbalance_window``). ``workload_aware`` grouping uses
     ``model`` or the plan's own. ``replica_rule`` is how a token's copy picks among an expert's
     replicas, as the serving engine does: ``locality_first`` (locus), ``same_gpu_else_random``
