@@ -199,6 +199,8 @@ inline std::string render_png(const std::string& python, const nlohmann::json& d
 
 struct compare_options {
   std::size_t redundant = 1, batch_per_rank = 16, hidden = 2048, clusters = 8, anneal = 300;
+  std::size_t redundant_experts = 0;
+  bool redundant_experts_given = false; // --redundant-experts: a total, made per GPU once the experts are known
   double expert_read_us = 0;
   std::size_t hedge_replicas = locus::placement::token_refine_options{}.hedge_replicas;
   double fill_slack = 0;
@@ -257,7 +259,11 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
   opt.simulation.seed = split.split_seed;
   opt.simulation.replica_rule = replica_rule;
   opt.simulation.balance_window = o.balance_window;
-  const auto rows = cd::rows_for(transports, o.redundant);
+  const std::size_t redundant =
+      o.redundant_experts_given
+          ? locus::placement::redundant_slots_for_total(train.experts(), topo.ranks(), o.redundant_experts)
+          : o.redundant;
+  const auto rows = cd::rows_for(transports, redundant);
   const auto start = std::chrono::steady_clock::now();
   const auto cmp =
       locus::cost::compare(train, test, rows, opt, [&](std::size_t done, std::size_t total, const std::string& what) {
@@ -390,7 +396,9 @@ inline void register_compare(CLI::App& app) {
   cmd->add_option("--redundant-slots,--redundant", o->redundant,
                   "Replica slots per GPU of the replica rows, eplb's and locality's (0: no replica rows; the eplb "
                   "baseline without replicas stays); EPLB's and vLLM's num_redundant_experts is this x GPUs where the "
-                  "experts divide evenly");
+                  "experts divide evenly, or give that total as --redundant-experts");
+  auto* redundant_experts =
+      locus_driver::plan_options::add_redundant_experts(cmd, o->redundant_experts, "--redundant-slots");
   // Checked while parsing, so a bad list is a usage error (exit 2) as a bad --replica-rule is.
   cmd->add_option("--transport", o->transports, "Transports compared, comma-separated: flat, hierarchical")
       ->check(tool_cli::parsed_by(compare_detail::parse_transports, ""));
@@ -428,7 +436,9 @@ inline void register_compare(CLI::App& app) {
   cmd->add_option("--png", o->png, "Also draw the comparison as a PNG (needs Python 3 with matplotlib)")
       ->default_str("not drawn");
   cmd->add_option("--python", o->python, "Python interpreter with matplotlib, for --png");
-  cmd->callback([cmd, split, o, synthetic] {
+  cmd->callback([cmd, split, o, synthetic, redundant_experts] {
+    o->redundant_experts_given = redundant_experts->count() > 0;
+    const bool replica_rows = o->redundant_experts_given ? o->redundant_experts > 0 : o->redundant > 0;
     // The replica options shape the locality rows' replica slots and hedges: refused where they
     // would shape nothing (0 turns a hedge option off, as plan accepts it anywhere).
     const auto given = [cmd](const char* name) { return cmd->count(name) > 0; };
@@ -438,7 +448,7 @@ inline void register_compare(CLI::App& app) {
     for (const auto& [name, used] :
          {std::pair{"--fill-slack", given("--fill-slack")}, std::pair{"--hedge-replicas", hedges_asked},
           std::pair{"--hedge-class-spread", spread}, std::pair{"--hedge-cost-budget", given("--hedge-cost-budget")}})
-      LOCUS_REQUIRE(!used || o->redundant > 0, locus::config_error, name,
+      LOCUS_REQUIRE(!used || replica_rows, locus::config_error, name,
                     " shapes the locality rows' replica slots: --redundant 0 compares none");
     for (const auto& [name, used] :
          {std::pair{"--hedge-class-spread", spread}, std::pair{"--hedge-cost-budget", given("--hedge-cost-budget")}})

@@ -115,6 +115,10 @@ inline constexpr const char* fill_slack_help =
 struct plan_options {
   std::string placement = "linear";
   std::size_t redundant_slots = 0;
+  //! --redundant-experts: a total over all GPUs, as EPLB counts them, made slots per GPU once the
+  //! expert count is known (redundant_per_gpu); its option says whether it was given.
+  std::size_t redundant_experts = 0;
+  CLI::Option* redundant_experts_opt = nullptr;
   std::size_t eplb_groups = 1;
   std::size_t clusters = 8;
   bool clusters_given = false; // --clusters on the command line (the default's clamp is no news)
@@ -128,10 +132,11 @@ struct plan_options {
   double hedge_cost_budget = locus::placement::token_refine_options{}.hedge_cost_budget;
 
   //! Every option add_to registers (what a command that plans nothing refuses).
-  static constexpr const char* option_names[] = {
-      "--placement",      "--redundant-slots", "--eplb-groups",        "--clusters",
-      "--copies",         "--anneal",          "--balance-shift",      "--shift-by",
-      "--hedge-replicas", "--fill-slack",      "--hedge-class-spread", "--hedge-cost-budget"};
+  static constexpr const char* option_names[] = {"--placement",        "--redundant-slots", "--redundant-experts",
+                                                 "--eplb-groups",      "--clusters",        "--copies",
+                                                 "--anneal",           "--balance-shift",   "--shift-by",
+                                                 "--hedge-replicas",   "--fill-slack",      "--hedge-class-spread",
+                                                 "--hedge-cost-budget"};
 
   void add_to(CLI::App* cmd, const char* copies_default) {
     cmd->add_option("--placement", placement, "Planner: linear, round_robin, eplb, activation_usage, locality")
@@ -141,7 +146,8 @@ struct plan_options {
                     "second copy on one GPU); the locality planner puts each expert on a GPU at most once, eplb packs "
                     "replicas as DeepSeek's EPLB does and may put two of one expert on a GPU. EPLB's and vLLM's "
                     "num_redundant_experts counts them over all GPUs: this x GPUs where the experts divide evenly "
-                    "(DeepSeek-V3's 32 redundant experts on 32 GPUs: 1)");
+                    "(DeepSeek-V3's 32 redundant experts on 32 GPUs: 1), or give that total as --redundant-experts");
+    redundant_experts_opt = add_redundant_experts(cmd, redundant_experts, "--redundant-slots");
     cmd->add_option("--eplb-groups", eplb_groups,
                     "Expert groups for eplb: a multiple of --nodes selects DeepSeek's hierarchical policy (the "
                     "experts must split into the groups); any other count its global policy, which reads no "
@@ -167,6 +173,28 @@ struct plan_options {
     cmd->add_option("--fill-slack", fill_slack, fill_slack_help)->check(tool_cli::finite_non_negative);
     add_hedge_options(cmd, hedge_class_spread, hedge_cost_budget);
   }
+  //! --redundant-experts (plan, simulate and compare share it), which `per_gpu` excludes.
+  static CLI::Option* add_redundant_experts(CLI::App* cmd, std::size_t& total, const char* per_gpu) {
+    return cmd
+        ->add_option("--redundant-experts", total,
+                     "Redundant experts over all GPUs, as DeepSeek's EPLB and vLLM's num_redundant_experts count them: "
+                     "the experts and these split evenly over the GPUs, the same number on each (instead of " +
+                         std::string(per_gpu) + ", which counts per GPU)")
+        ->excludes(per_gpu)
+        ->default_str("not given");
+  }
+  //! Whether replica slots are asked for (per GPU or as a total).
+  bool asks_replicas() const {
+    return redundant_slots > 0 ||
+           (redundant_experts_opt && redundant_experts_opt->count() > 0 && redundant_experts > 0);
+  }
+  //! Replica slots per GPU for `experts` on `ranks` GPUs: --redundant-slots, or --redundant-experts
+  //! made per GPU.
+  //! @throws locus::config_error for a total that does not split evenly over the GPUs
+  std::size_t redundant_per_gpu(std::size_t experts, std::size_t ranks) const {
+    if (!redundant_experts_opt || redundant_experts_opt->count() == 0) return redundant_slots;
+    return locus::placement::redundant_slots_for_total(experts, ranks, redundant_experts);
+  }
   //! --hedge-class-spread and --hedge-cost-budget (plan, simulate and compare share them).
   static void add_hedge_options(CLI::App* cmd, double& class_spread, double& cost_budget) {
     cmd->add_option("--hedge-class-spread", class_spread, hedge_class_spread_help)
@@ -177,8 +205,9 @@ struct plan_options {
   bool fits_grouping_model() const { return placement == "activation_usage" || placement == "locality"; }
   //! The options the plan was made with, for `--json` (those of other planners left out), so that
   //! a saved result says how to make it again. `ranks`: the GPUs "one per GPU" hedges count.
-  nlohmann::json settings(std::size_t ranks) const {
-    nlohmann::json j{{"redundant_slots", redundant_slots}};
+  nlohmann::json settings(std::size_t ranks, std::size_t experts) const {
+    nlohmann::json j{{"redundant_slots", redundant_per_gpu(experts, ranks)}};
+    if (redundant_experts_opt && redundant_experts_opt->count() > 0) j["redundant_experts"] = redundant_experts;
     if (placement == "eplb") j["eplb_groups"] = eplb_groups;
     if (fits_grouping_model()) j["clusters"] = clusters;
     if (placement != "locality") return j;
@@ -188,7 +217,7 @@ struct plan_options {
     if (balance_shift > 0) j["shift_by"] = shift_by;
     locus::placement::token_refine_options refine;
     refine.hedge_replicas = hedge_replicas;
-    j["hedge_replicas"] = redundant_slots > 0 ? refine.hedge_budget(ranks) : 0;
+    j["hedge_replicas"] = redundant_per_gpu(experts, ranks) > 0 ? refine.hedge_budget(ranks) : 0;
     j["fill_slack"] = fill_slack;
     j["hedge_class_spread"] = hedge_class_spread;
     j["hedge_cost_budget"] = hedge_cost_budget;
@@ -211,14 +240,14 @@ struct plan_options {
                   "--eplb-groups applies to --placement eplb, not ", placement);
     LOCUS_REQUIRE(cmd->count("--shift-by") == 0 || balance_shift > 0, locus::config_error,
                   "--shift-by applies with --balance-shift");
-    LOCUS_REQUIRE(cmd->count("--hedge-replicas") == 0 || hedge_replicas == 0 || redundant_slots > 0,
-                  locus::config_error, "--hedge-replicas spends replica slots: it needs --redundant-slots");
-    LOCUS_REQUIRE(cmd->count("--fill-slack") == 0 || redundant_slots > 0, locus::config_error,
+    LOCUS_REQUIRE(cmd->count("--hedge-replicas") == 0 || hedge_replicas == 0 || asks_replicas(), locus::config_error,
+                  "--hedge-replicas spends replica slots: it needs --redundant-slots");
+    LOCUS_REQUIRE(cmd->count("--fill-slack") == 0 || asks_replicas(), locus::config_error,
                   "--fill-slack bounds the replica fill: it needs --redundant-slots");
     const bool spread = cmd->count("--hedge-class-spread") > 0 && hedge_class_spread > 0;
     for (const auto& [name, given] : {std::pair{"--hedge-class-spread", spread},
                                       std::pair{"--hedge-cost-budget", cmd->count("--hedge-cost-budget") > 0}}) {
-      LOCUS_REQUIRE(!given || redundant_slots > 0, locus::config_error, name,
+      LOCUS_REQUIRE(!given || asks_replicas(), locus::config_error, name,
                     " shapes the balance hedges in replica slots: it needs --redundant-slots");
       LOCUS_REQUIRE(!given || hedge_replicas > 0, locus::config_error, name,
                     " shapes the balance hedges, which --hedge-replicas 0 turns off");
@@ -265,7 +294,8 @@ struct plan_options {
     opt.shift_by = shift_by == "class"     ? locus::placement::shift_group::request_class
                    : shift_by == "request" ? locus::placement::shift_group::request
                                            : locus::placement::shift_group::node;
-    return locus::placement::plan_activation_aware(train, topo, placement, redundant_slots, opt);
+    return locus::placement::plan_activation_aware(train, topo, placement,
+                                                   redundant_per_gpu(train.experts(), topo.ranks()), opt);
   }
 };
 
@@ -374,7 +404,8 @@ inline void register_plan(CLI::App& app) {
       locus::placement::plan_input in;
       in.topology = split->topology();
       in.experts = imported.load.front().size();
-      in.slots_per_rank = locus::placement::slots_for(in.experts, in.ranks(), plan->redundant_slots);
+      in.slots_per_rank =
+          locus::placement::slots_for(in.experts, in.ranks(), plan->redundant_per_gpu(in.experts, in.ranks()));
       in.load = imported.load;
       LOCUS_REQUIRE(plan->placement == "linear" || plan->placement == "round_robin" || plan->placement == "eplb",
                     locus::config_error, "--load plans with linear, round_robin or eplb; \"", plan->placement,
@@ -400,7 +431,7 @@ inline void register_plan(CLI::App& app) {
            {"gpus_per_node", split->gpus_per_node},
            {"slots_per_rank", in.slots_per_rank},
            {"load", *load},
-           {"options", plan->settings(in.topology.ranks())}});
+           {"options", plan->settings(in.topology.ranks(), in.experts)}});
       files.commit();
       if (stdout_taken({*json, *out, grouping_path})) return;
       // Said as map check will say it: a [layers, experts] table names no model layer.
@@ -447,7 +478,7 @@ inline void register_plan(CLI::App& app) {
                     {"grouping",
                      planned.model && !grouping_path.empty() ? nlohmann::json(grouping_path) : nlohmann::json(nullptr)},
                     {"options", [&] {
-                       auto o = plan->settings(topo.ranks());
+                       auto o = plan->settings(topo.ranks(), maps.front().experts());
                        o["split_seed"] = split->split_seed; // it also seeds the grouping model's fit
                        if (split->prefill_opt->count() > 0) o["prefill_tokens"] = split->prefill_tokens;
                        return o;

@@ -819,6 +819,7 @@ def plan(
     placement: str = "eplb",
     redundant_slots: int = 0,
     slots_per_rank: Optional[int] = None,
+    redundant_experts: Optional[int] = None,
     eplb_groups: int = 1,
     clusters: int = 8,
     seed: int = 1,
@@ -836,6 +837,9 @@ def plan(
     linear, round_robin, eplb, activation_usage, locality; the grouping model is fitted too) or a
     ``[layers, experts]`` load array (linear, round_robin, eplb). Slots per rank: enough for every
     expert once plus ``redundant_slots``, unless ``slots_per_rank`` is given (load arrays only).
+    ``redundant_experts`` instead counts the redundant experts over all GPUs, as DeepSeek's EPLB and
+    vLLM's ``num_redundant_experts`` do (as ``--redundant-experts``): the experts and these must split
+    evenly over the GPUs.
     ``eplb_groups`` (eplb, as ``--eplb-groups``): expert groups; a multiple of ``nodes`` selects
     DeepSeek's hierarchical policy, which splits the experts into that many equal groups.
     ``hedge_replicas``: with locality and redundant slots, at most this many slots per layer first
@@ -870,6 +874,12 @@ def plan(
         raise ConfigError(f"locus: configuration error: nodes × gpus_per_node is {nodes} × {gpus_per_node} = "
                           f"{nodes * gpus_per_node} ranks, expected at most {_LIMITS['ranks']}")
     _whole(redundant_slots, "redundant_slots")
+    if redundant_experts is not None:
+        _whole(redundant_experts, "redundant_experts")
+        if redundant_slots or slots_per_rank is not None:
+            raise ConfigError("locus: configuration error: give redundant_experts (over all GPUs, as EPLB counts "
+                              "them) or redundant_slots / slots_per_rank (per GPU), not both")
+    replicas = bool(redundant_slots or redundant_experts)  # replica slots asked for, per GPU or in total
     if slots_per_rank is not None:
         _whole(slots_per_rank, "slots_per_rank", 1)
     _whole(eplb_groups, "eplb_groups", 1)
@@ -885,11 +895,11 @@ def plan(
         _finite(hedge_cost_budget, "hedge_cost_budget")
     if (copies != "both" or anneal != 0 or fill_slack != 0) and (placement != "locality" or not isinstance(source, Trace)):
         raise ConfigError("locus: configuration error: copies, anneal and fill_slack apply to locality plans of a trace")
-    if fill_slack != 0 and redundant_slots == 0:
+    if fill_slack != 0 and not replicas:
         raise ConfigError("locus: configuration error: fill_slack bounds the replica fill; the plan has no redundant "
                           "slots to fill")
     if (hedge_class_spread != 0 or hedge_cost_budget is not None) and (
-            placement != "locality" or not isinstance(source, Trace) or redundant_slots == 0 or hedge_replicas == 0):
+            placement != "locality" or not isinstance(source, Trace) or not replicas or hedge_replicas == 0):
         raise ConfigError("locus: configuration error: hedge_class_spread and hedge_cost_budget shape the balance "
                           "hedges of locality plans of a trace with redundant slots (hedge_replicas=0 turns them "
                           "off)")
@@ -919,7 +929,7 @@ def plan(
             raise ConfigError("locus: configuration error: layer_ids and hidden_layers are for load arrays; a trace "
                               "plan takes them from the trace (trace_from_arrays(..., layer_ids=, hidden_layers=) "
                               "records them)")
-        if hedge_replicas and (placement != "locality" or redundant_slots == 0):  # 0 (off) fits any plan
+        if hedge_replicas and (placement != "locality" or not replicas):  # 0 (off) fits any plan
             raise ConfigError("locus: configuration error: hedge_replicas applies to locality plans with redundant "
                               "slots (the balance hedges fill replica slots)")
         if slots_per_rank is not None:
@@ -933,6 +943,9 @@ def plan(
                               "import records none): mark them first, e.g. trace.with_prefill_tokens(32) "
                               "(prefill_tokens= bounds what the grouping model reads of them; unlike `locus plan "
                               "--prefill-tokens`, it marks none)")
+        if redundant_experts is not None:
+            redundant_slots = _core._redundant_slots_for_total(source.experts, nodes * gpus_per_node,
+                                                               redundant_experts)
         check_eplb(source.experts, source.layers, -(-source.experts // (nodes * gpus_per_node)) + redundant_slots)
         maps, model, hedges = _core._plan_from_trace(
             source, nodes, gpus_per_node, placement, redundant_slots, eplb_groups, clusters, seed, prefill_tokens,
@@ -961,6 +974,8 @@ def plan(
         raise InvalidInputError(f"locus: invalid input: source has shape {load.shape}; a load needs at least one "
                                 "layer and one expert")
     ranks = nodes * gpus_per_node
+    if redundant_experts is not None:
+        redundant_slots = _core._redundant_slots_for_total(experts, ranks, redundant_experts)
     if slots_per_rank is not None and not experts <= ranks * slots_per_rank <= ranks * experts:
         raise ConfigError(f"locus: configuration error: slots_per_rank is {slots_per_rank}: {ranks} ranks need "
                           f"{-(-experts // ranks)} to {experts} slots each for the load's {experts} experts (every "

@@ -115,6 +115,7 @@ def _plan_from_load(
     placement: str,
     eplb_groups: int,
 ) -> npt.NDArray[np.int32]: ...
+def _redundant_slots_for_total(experts: int, ranks: int, total: int) -> int: ...
 def _plan_from_trace(
     train: Trace,
     nodes: int,

@@ -737,6 +737,14 @@ NB_MODULE(_core, m) {
       "trace"_a);
 
   m.def(
+      "_redundant_slots_for_total",
+      [](nb::handle experts, nb::handle ranks, nb::handle total) {
+        return locus::placement::redundant_slots_for_total(size_arg(experts, "experts"), size_arg(ranks, "ranks"),
+                                                           size_arg(total, "redundant_experts"));
+      },
+      "experts"_a, "ranks"_a, "total"_a);
+
+  m.def(
       "_plan_from_load",
       [](load_in load, nb::handle nodes, nb::handle gpus_per_node, nb::handle slots_per_rank,
          nb::handle redundant_slots, const std::string& placement, nb::handle eplb_groups) {

@@ -314,6 +314,15 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
             assert len(nodes) == len(set(nodes))
     summary = locus.simulate(test, plan, grouper="workload_aware", transport="hierarchical")
     assert summary["decode_tokens"] > 0 and summary["inter_node_bytes_per_token"] >= 0
+    # Redundant experts counted over all GPUs, as EPLB and vLLM count them: 4 on 4 GPUs is one slot
+    # per GPU, for a trace and for a load array; a total that does not split evenly names the nearest.
+    assert locus.plan(train, 2, 2, "locality", redundant_experts=4, clusters=2, prefill_tokens=8) == plan
+    load = locus.expert_load(train)
+    assert locus.plan(load, 2, 2, "eplb", redundant_experts=4) == locus.plan(load, 2, 2, "eplb", redundant_slots=1)
+    with pytest.raises(locus.ConfigError, match=r"3 redundant experts: .*\(nearest: 0 or 4\)"):
+        locus.plan(train, 2, 2, "eplb", redundant_experts=3)
+    with pytest.raises(locus.ConfigError, match="not both"):
+        locus.plan(train, 2, 2, "eplb", redundant_experts=4, redundant_slots=1)
     # The engines' replica rules on the same plan (the default is locality_first): they choose among
     # replicas, so they differ on this plan and agree on one without replicas.
     rules = ("locality_first", "same_gpu_else_random", "random", "locality_bounded")

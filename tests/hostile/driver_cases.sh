@@ -154,6 +154,16 @@ refused 'after step 10\^18' simulate --trace "$work/t.bin" --arrival-rate 1e-300
 ok '^simulated [0-9,]+ requests' simulate --trace "$work/t.bin" --arrival-rate 1e-9
 ok 'layer time estimate +[0-9.]+ us \(model; 7\.50 us per expert read\)' simulate --trace "$work/t.bin" --expert-read-us 7.5
 ok 'layer time estimate +[0-9.]+ us \(model; expert weight reads not counted\)' simulate --trace "$work/t.bin"
+# Redundant experts over all GPUs, as EPLB counts them: 8 for 16 experts on 8 GPUs is one slot per
+# GPU; a total that does not split evenly names the nearest that do; one count or the other.
+ok '"redundant_experts": 8,' plan --trace "$work/t.bin" --placement eplb --redundant-experts 8 --out "$work/re8.json" --json -
+ok '"redundant_slots": 1,?$' plan --trace "$work/t.bin" --placement eplb --redundant-experts 8 --out "$work/re8.json" --json -
+check "--redundant-experts 8 plans as --redundant-slots 1" bash -c "'$locus' plan --trace '$work/t.bin' --placement eplb \
+  --redundant-slots 1 --out '$work/rs1.json' >/dev/null && cmp -s '$work/re8.json' '$work/rs1.json'"
+refused '5 redundant experts: .* 16 experts and the redundant ones must split evenly over the 8 GPUs \(nearest: 0 or 8\)' plan --trace "$work/t.bin" --placement eplb --redundant-experts 5 --out "$work/m.json"
+refused '--redundant-slots excludes --redundant-experts' plan --trace "$work/t.bin" --redundant-slots 1 --redundant-experts 8 --out "$work/m.json"
+refused '12 redundant experts' compare --trace "$work/t.bin" --redundant-experts 12
+refused 'at most 112' simulate --trace "$work/t.bin" --placement eplb --redundant-experts 1000
 # Balance over windows of steps: one step is the per-step figure, a window past the run's end the
 # run's; the largest count is taken (one window), not refused or wrapped.
 window_ends() {

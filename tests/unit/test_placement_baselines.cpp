@@ -251,6 +251,48 @@ BOOST_AUTO_TEST_CASE(linear_spreads_uneven_counts_evenly) {
   BOOST_TEST(first == 60u);
 }
 
+// EPLB's and vLLM's num_redundant_experts (a total) as locus's replica slots per GPU, against every
+// per-GPU count r: a total is taken exactly when some r gives ranks x slots_for(r) physical slots =
+// experts + total, and then as that r; a refused total names the nearest that are taken. DeepSeek-V3
+// (256 experts) on 32 GPUs with 32 redundant experts: 1 per GPU; 60 experts on 8 GPUs leave 4 empty
+// slots, so 4 redundant experts are 0 per GPU and 12 are 1.
+BOOST_AUTO_TEST_CASE(redundant_experts_as_eplb_counts_them) {
+  BOOST_TEST(redundant_slots_for_total(256, 32, 32) == 1u);
+  BOOST_TEST(redundant_slots_for_total(60, 8, 4) == 0u);
+  BOOST_TEST(redundant_slots_for_total(60, 8, 12) == 1u);
+  for (std::size_t ranks = 1; ranks <= 9; ++ranks)
+    for (std::size_t experts = ranks; experts <= 30; ++experts) {
+      const std::size_t first = (experts + ranks - 1) / ranks;
+      std::vector<std::size_t> taken; // the totals some r gives
+      for (std::size_t r = 0; first + r <= experts; ++r)
+        taken.push_back((first + r) * ranks - experts);
+      for (std::size_t total = 0; total <= experts * ranks + ranks; ++total) {
+        const auto it = std::find(taken.begin(), taken.end(), total);
+        if (it != taken.end()) {
+          BOOST_TEST(redundant_slots_for_total(experts, ranks, total) == static_cast<std::size_t>(it - taken.begin()));
+          BOOST_TEST(slots_for(experts, ranks, redundant_slots_for_total(experts, ranks, total)) * ranks ==
+                     experts + total);
+          continue;
+        }
+        try {
+          (void)redundant_slots_for_total(experts, ranks, total);
+          BOOST_FAIL(total << " redundant experts taken for " << experts << " experts on " << ranks << " GPUs");
+        } catch (const config_error& e) {
+          if (total > taken.back()) {
+            BOOST_TEST(e.message().find("at most " + std::to_string(taken.back())) != std::string::npos, e.message());
+            continue;
+          }
+          // The nearest taken totals on either side, as the message names them.
+          const auto above = std::upper_bound(taken.begin(), taken.end(), total);
+          const std::string nearest = above == taken.begin()
+                                          ? std::to_string(*above)
+                                          : std::to_string(*(above - 1)) + " or " + std::to_string(*above);
+          BOOST_TEST(e.message().find("(nearest: " + nearest + ")") != std::string::npos, e.message());
+        }
+      }
+    }
+}
+
 BOOST_AUTO_TEST_CASE(fewer_experts_than_gpus_is_refused) {
   BOOST_CHECK_NO_THROW((void)slots_for(8, 8, 0));
   try {

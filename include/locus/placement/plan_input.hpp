@@ -3,6 +3,7 @@
 //! What every expert-map planner is given: the deployment, the slot budget and the expected
 //! per-layer expert load (usually counted on a training trace).
 
+#include <algorithm>
 #include <cmath>
 #include <concepts>
 #include <cstddef>
@@ -10,6 +11,7 @@
 #include <locus/core/expert_map.hpp>
 #include <locus/core/policy.hpp>
 #include <locus/core/topology.hpp>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -82,6 +84,36 @@ inline std::size_t slots_for(std::size_t experts, std::size_t ranks, std::size_t
                 ", expected at most ", experts - first, " (a GPU holds each of the ", experts,
                 " experts at most once, and ", first, " slots hold its first copies)");
   return first + redundant_per_rank;
+}
+
+//! Replica slots per rank for `redundant_total` redundant experts over all ranks, as DeepSeek's EPLB
+//! and vLLM count them (num_redundant_experts: the physical experts are `experts` +
+//! `redundant_total`, the same number on every rank). When the ranks do not divide `experts`, the
+//! slots that fill up the last copies' row count among the redundant ones (locus leaves them empty and
+//! `map export` fills them).
+//! @throws locus::config_error when `experts` + `redundant_total` does not split evenly over the
+//!         ranks or is fewer than the slots the first copies take, naming the nearest totals that do
+inline std::size_t redundant_slots_for_total(std::size_t experts, std::size_t ranks, std::size_t redundant_total) {
+  LOCUS_REQUIRE(ranks > 0 && experts > 0, config_error, "redundant experts: zero ranks or experts");
+  const std::size_t first = (experts + ranks - 1) / ranks;
+  // The totals that fit: the empty slots of a plan without replica slots, plus whole rows of ranks,
+  // up to every GPU holding every expert once (slots_for's bound).
+  const std::size_t least = first * ranks - experts;
+  const std::size_t most = least + (experts - std::min(first, experts)) * ranks;
+  LOCUS_REQUIRE(redundant_total <= most, config_error, redundant_total, " redundant experts for ", experts,
+                " experts on ", ranks, " GPUs: at most ", most, " (a GPU holds each expert at most once)");
+  if (redundant_total < least || (redundant_total - least) % ranks != 0) {
+    const std::size_t above =
+        redundant_total < least ? least : least + (redundant_total - least + ranks - 1) / ranks * ranks;
+    const std::string below = redundant_total < least
+                                  ? std::string()
+                                  : std::to_string(least + (redundant_total - least) / ranks * ranks) + " or ";
+    LOCUS_THROW(config_error, redundant_total,
+                " redundant experts: EPLB's count puts as many experts on every GPU, so ", experts,
+                " experts and the redundant ones must split evenly over the ", ranks, " GPUs (nearest: ", below, above,
+                ")");
+  }
+  return (experts + redundant_total) / ranks - first;
 }
 
 } // namespace locus::inline LOCUS_ABI_NAMESPACE::placement
