@@ -819,7 +819,6 @@ def plan(
     placement: str = "eplb",
     redundant_slots: int = 0,
     slots_per_rank: Optional[int] = None,
-    redundant_experts: Optional[int] = None,
     eplb_groups: int = 1,
     clusters: int = 8,
     seed: int = 1,
@@ -832,6 +831,7 @@ def plan(
     hedge_cost_budget: Optional[float] = None,
     layer_ids: Optional[Sequence[int]] = None,
     hidden_layers: Optional[int] = None,
+    redundant_experts: Optional[int] = None,  # last: positional calls written before it keep their meaning
 ) -> ExpertPlan:
     """Plans expert maps on ``nodes × gpus_per_node`` ranks. ``source`` is a Trace (every planner:
     linear, round_robin, eplb, activation_usage, locality; the grouping model is fitted too) or a
