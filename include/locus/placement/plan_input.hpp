@@ -92,7 +92,8 @@ inline std::size_t slots_for(std::size_t experts, std::size_t ranks, std::size_t
 //! slots that fill up the last copies' row count among the redundant ones (locus leaves them empty and
 //! `map export` fills them).
 //! @throws locus::config_error when `experts` + `redundant_total` does not split evenly over the
-//!         ranks or is fewer than the slots the first copies take, naming the nearest totals that do
+//!         ranks or is fewer than the slots the first copies take, naming the nearest totals that do,
+//!         or exceeds every rank holding every expert once, naming the most
 inline std::size_t redundant_slots_for_total(std::size_t experts, std::size_t ranks, std::size_t redundant_total) {
   LOCUS_REQUIRE(ranks > 0 && experts > 0, config_error, "redundant experts: zero ranks or experts");
   const std::size_t first = (experts + ranks - 1) / ranks;
