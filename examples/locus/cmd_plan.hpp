@@ -183,16 +183,14 @@ struct plan_options {
         ->excludes(per_gpu)
         ->default_str("not given");
   }
+  bool redundant_experts_given() const { return redundant_experts_opt && redundant_experts_opt->count() > 0; }
   //! Whether replica slots are asked for (per GPU or as a total).
-  bool asks_replicas() const {
-    return redundant_slots > 0 ||
-           (redundant_experts_opt && redundant_experts_opt->count() > 0 && redundant_experts > 0);
-  }
+  bool asks_replicas() const { return redundant_experts_given() ? redundant_experts > 0 : redundant_slots > 0; }
   //! Replica slots per GPU for `experts` on `ranks` GPUs: --redundant-slots, or --redundant-experts
   //! made per GPU.
   //! @throws locus::config_error for a total that does not split evenly over the GPUs
   std::size_t redundant_per_gpu(std::size_t experts, std::size_t ranks) const {
-    if (!redundant_experts_opt || redundant_experts_opt->count() == 0) return redundant_slots;
+    if (!redundant_experts_given()) return redundant_slots;
     return locus::placement::redundant_slots_for_total(experts, ranks, redundant_experts);
   }
   //! --hedge-class-spread and --hedge-cost-budget (plan, simulate and compare share them).
@@ -207,7 +205,7 @@ struct plan_options {
   //! a saved result says how to make it again. `ranks`: the GPUs "one per GPU" hedges count.
   nlohmann::json settings(std::size_t ranks, std::size_t experts) const {
     nlohmann::json j{{"redundant_slots", redundant_per_gpu(experts, ranks)}};
-    if (redundant_experts_opt && redundant_experts_opt->count() > 0) j["redundant_experts"] = redundant_experts;
+    if (redundant_experts_given()) j["redundant_experts"] = redundant_experts;
     if (placement == "eplb") j["eplb_groups"] = eplb_groups;
     if (fits_grouping_model()) j["clusters"] = clusters;
     if (placement != "locality") return j;

@@ -263,7 +263,7 @@ public:
         bytes_per_copy_(cfg.sizes.dispatch_bytes + cfg.sizes.combine_bytes) {
     out_.layers.assign(layers_, layer_traffic(ranks_));
     out_.rank_attention_tokens.assign(ranks_, 0.0);
-    if (cfg_.balance_window > 0) window_rows_.assign(layers_ * ranks_, 0);
+    if (cfg_.balance_window > 0) window_.assign(layers_, layer_traffic(ranks_));
   }
 
   //! True once no request waits or runs.
@@ -337,13 +337,8 @@ public:
         out_.layers[l] += st;
         step_bytes += static_cast<double>(st.copies[network] * bytes_per_copy_);
         step_imbalance += st.load_imbalance();
-        std::uint64_t busiest = 0;
-        for (std::size_t r = 0; r < ranks_; ++r) {
-          busiest = std::max(busiest, st.expert_rows[r]);
-          rows_ += st.expert_rows[r];
-          if (!window_rows_.empty()) window_rows_[l * ranks_ + r] += st.expert_rows[r];
-        }
-        busiest_rows_ += busiest;
+        step_balance_.add(st);
+        if (!window_.empty()) window_[l] += st;
         step_time += estimate_layer_time(st, cfg_.sizes, cfg_.links).total_us();
       }
       step_imbalance /= static_cast<double>(layers_);
@@ -356,7 +351,7 @@ public:
     out_.step_layer_time_us.push_back(step_time);
     out_.decode_tokens += tokens_.size();
     ++out_.steps;
-    if (!window_rows_.empty() && ++window_steps_ == cfg_.balance_window) close_window();
+    if (!window_.empty() && ++window_steps_ == cfg_.balance_window) close_window();
   }
 
   //! Each running request has produced one token: its context grows, and a request with no
@@ -392,11 +387,9 @@ public:
   //! The result with its summary metrics (file comment) computed from the per-step figures.
   simulation_result finish() && {
     simulation_result& out = out_;
-    if (!window_rows_.empty()) close_window(); // the run's last, shorter window
+    if (!window_.empty()) close_window(); // the run's last, shorter window
     out.balance_window = cfg_.balance_window;
-    out.gpu_imbalance_window = window_total_ > 0 ? static_cast<double>(window_busiest_) * static_cast<double>(ranks_) /
-                                                       static_cast<double>(window_total_)
-                                                 : 1.0;
+    out.gpu_imbalance_window = window_balance_.max_over_mean(ranks_);
     double bytes = 0, copies = 0, imbalance_sum = 0, time_sum = 0, aggregate = 0;
     std::size_t busy_steps = 0;
     for (std::size_t s = 0; s < out.steps; ++s) {
@@ -413,8 +406,7 @@ public:
     const double tokens_total = static_cast<double>(std::max<std::uint64_t>(out.decode_tokens, 1));
     out.inter_node_bytes_per_token = bytes / tokens_total;
     out.inter_node_copies_per_token = copies / tokens_total;
-    out.gpu_imbalance_step_weighted =
-        rows_ > 0 ? static_cast<double>(busiest_rows_) * static_cast<double>(ranks_) / static_cast<double>(rows_) : 1.0;
+    out.gpu_imbalance_step_weighted = step_balance_.max_over_mean(ranks_);
     out.gpu_imbalance_step_mean = busy_steps ? imbalance_sum / static_cast<double>(busy_steps) : 1.0;
     out.gpu_imbalance_aggregate = layers_ ? aggregate / static_cast<double>(layers_) : 1.0;
     out.layer_time_estimate_us = busy_steps ? time_sum / static_cast<double>(busy_steps) : 0.0;
@@ -430,15 +422,11 @@ public:
 private:
   static constexpr std::size_t network = static_cast<std::size_t>(link_class::inter_node);
 
-  //! Adds the window's busiest rank per layer and its rows to the window balance, and starts anew.
+  //! Adds the window's layers to the window balance, and starts anew.
   void close_window() {
-    for (std::size_t l = 0; l < layers_; ++l) {
-      const auto first = window_rows_.begin() + static_cast<std::ptrdiff_t>(l * ranks_);
-      window_busiest_ += *std::max_element(first, first + static_cast<std::ptrdiff_t>(ranks_));
-    }
-    for (std::uint64_t& rows : window_rows_) {
-      window_total_ += rows;
-      rows = 0;
+    for (layer_traffic& w : window_) {
+      window_balance_.add(w);
+      w.clear();
     }
     window_steps_ = 0;
   }
@@ -457,12 +445,11 @@ private:
   std::size_t active_ = 0;
   std::vector<std::size_t> tokens_;
   std::vector<std::uint32_t> sources_;
-  //! Over the run's steps and layers: the busiest rank's expert rows, and every rank's.
-  std::uint64_t busiest_rows_ = 0, rows_ = 0;
-  //! With a balance window: per layer and rank, the rows of the window so far (empty without one).
-  std::vector<std::uint64_t> window_rows_;
+  rows_balance step_balance_; //!< over the run's steps and layers
+  //! With a balance window: per layer, the window's counts so far (empty without one).
+  std::vector<layer_traffic> window_;
   std::size_t window_steps_ = 0;
-  std::uint64_t window_busiest_ = 0, window_total_ = 0;
+  rows_balance window_balance_;
   simulation_result out_;
 };
 

@@ -537,7 +537,7 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
   std::size_t last_plan = 0, next_fixed = 0;
   bool planned_once = false;
   double bytes = 0;
-  std::uint64_t busiest_rows = 0, all_rows = 0; // per step and layer, for the weighted per-step balance
+  rows_balance step_balance; // per step and layer, for the weighted per-step balance
   std::vector<layer_traffic> prev_win(layers, layer_traffic(ranks));
   const auto imbalance = [&](const std::vector<layer_traffic>& w) {
     double imb = 0;
@@ -695,9 +695,7 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
       policies.observe(l, step);
       total[l] += step;
       win[l] += step;
-      busiest_rows += *std::max_element(step.expert_rows.begin(), step.expert_rows.end());
-      for (const std::uint64_t rows : step.expert_rows)
-        all_rows += rows;
+      step_balance.add(step);
       if (opt.balance_trigger > 0) since_plan[l] += step;
       const double b = static_cast<double>(step.copies[network]) * bytes_per_copy;
       bytes += b;
@@ -717,9 +715,7 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
   for (const auto& l : total)
     agg += l.load_imbalance();
   out.gpu_imbalance_aggregate = layers ? agg / static_cast<double>(layers) : 1.0;
-  out.gpu_imbalance_step_weighted =
-      all_rows > 0 ? static_cast<double>(busiest_rows) * static_cast<double>(ranks) / static_cast<double>(all_rows)
-                   : 1.0;
+  out.gpu_imbalance_step_weighted = step_balance.max_over_mean(ranks);
   out.inter_node_bytes_per_token = bytes / static_cast<double>(std::max<std::uint64_t>(out.decode_tokens, 1));
   return out;
 }

@@ -73,14 +73,22 @@ struct layer_traffic {
   //! Copies that leave the node, dispatch or combine: the quantity locus exists to reduce.
   std::uint64_t inter_node_copies() const { return copies[static_cast<std::size_t>(link_class::inter_node)]; }
 
+  //! The busiest rank's expert rows.
+  std::uint64_t busiest_rows() const {
+    return expert_rows.empty() ? 0 : *std::max_element(expert_rows.begin(), expert_rows.end());
+  }
+  //! Expert rows over every rank.
+  std::uint64_t total_rows() const {
+    std::uint64_t total = 0;
+    for (const std::uint64_t r : expert_rows)
+      total += r;
+    return total;
+  }
   //! Max over mean of per-rank expert rows (1 when nothing was computed).
   double load_imbalance() const {
-    std::uint64_t total = 0, max = 0;
-    for (std::uint64_t r : expert_rows) {
-      total += r;
-      max = std::max(max, r);
-    }
-    return total == 0 ? 1.0 : static_cast<double>(max) * static_cast<double>(ranks()) / static_cast<double>(total);
+    const std::uint64_t total = total_rows();
+    return total == 0 ? 1.0
+                      : static_cast<double>(busiest_rows()) * static_cast<double>(ranks()) / static_cast<double>(total);
   }
 
   //! Adds another count of the same rank count.
@@ -110,6 +118,21 @@ struct layer_traffic {
     std::fill(active_slots.begin(), active_slots.end(), 0);
     std::fill(sent.begin(), sent.end(), per_class{});
     std::fill(received.begin(), received.end(), per_class{});
+  }
+};
+
+//! Balance summed over many counts (steps, or windows of steps, of every layer): the busiest rank's
+//! rows of each count, added up, over the mean rank's; a count of few rows weighs little, as its
+//! expert time does. The decode simulator and the on-line replay share it.
+struct rows_balance {
+  std::uint64_t busiest = 0, rows = 0;
+  void add(const layer_traffic& t) {
+    busiest += t.busiest_rows();
+    rows += t.total_rows();
+  }
+  //! Max over mean on `ranks` ranks (1 when nothing was counted).
+  double max_over_mean(std::size_t ranks) const {
+    return rows == 0 ? 1.0 : static_cast<double>(busiest) * static_cast<double>(ranks) / static_cast<double>(rows);
   }
 };
 
