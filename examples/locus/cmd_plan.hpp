@@ -591,6 +591,12 @@ inline void print_simulation(const nlohmann::json& doc) {
                 fixed(num(o, "gpu_imbalance_step_weighted"), 3).c_str(),
                 fixed(num(o, "worst_window_imbalance"), 3).c_str(),
                 grouped_count(locus::cost::online_options{}.report_tokens).c_str());
+    if (o.contains("gpu_imbalance_window")) {
+      const auto window = o.at("balance_window").get<std::uint64_t>();
+      std::printf("  GPU max/mean per window       %s (windows of %s simulated step%s)\n",
+                  fixed(num(o, "gpu_imbalance_window"), 3).c_str(), grouped_count(window).c_str(),
+                  window == 1 ? "" : "s");
+    }
     std::printf("  moved                         at most %s%% of the slots per re-plan, %s bytes of weights\n",
                 fixed(100 * num(o, "max_moved_share"), 1).c_str(), grouped(num(o, "bytes_moved")).c_str());
   }
@@ -649,7 +655,9 @@ inline void register_simulate(CLI::App& app) {
   cmd->add_option("--arrival-rate", opt->arrival_rate, "Poisson arrivals per step (0: all at once)")
       ->check(tool_cli::finite_non_negative);
   cmd->add_option("--expert-read-us", opt->expert_read_us, expert_read_help)->check(tool_cli::finite_non_negative);
-  cmd->add_option("--balance-window", opt->balance_window, balance_window_help);
+  cmd->add_option("--balance-window", opt->balance_window,
+                  std::string(balance_window_help) +
+                      "; with --replan-every or --drift-every, the re-planned replay's too");
   add_json_option(cmd, opt->json);
   cmd->add_option("--replan-every", opt->replan_every,
                   "Re-plan the maps every this many steps from recent traffic (0: never); adds an `online` block, the "
@@ -852,6 +860,10 @@ inline void register_simulate(CLI::App& app) {
                        {"balance_replans", online.balance_fired},
                        {"max_moved_share", online.max_moved_share},
                        {"bytes_moved", online.bytes_moved}};
+      if (online.balance_window > 0) {
+        doc["online"]["balance_window"] = online.balance_window;
+        doc["online"]["gpu_imbalance_window"] = online.gpu_imbalance_window;
+      }
     }
     doc["placement"] = opt->map_path.empty() ? plan->placement : opt->map_path;
     doc["nodes"] = topo.nodes(); // a saved map's own topology where it has one

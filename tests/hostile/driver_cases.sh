@@ -179,6 +179,18 @@ assert one["gpu_imbalance_step_weighted"] > whole["gpu_imbalance_aggregate"], (o
 PY
 }
 check "--balance-window 1 is per step, past the run's end over the run" window_ends
+# The re-planned replay reports the same windows: one step is its own per-step figure.
+online_window() {
+  "$locus" simulate --trace "$work/t.bin" --replan-every 100 --balance-window 1 --json "$work/ow.json" -q >/dev/null &&
+    python3 - "$work/ow.json" <<'PY'
+import json, sys
+o = json.load(open(sys.argv[1]))["online"]
+assert o["balance_window"] == 1, o
+assert abs(o["gpu_imbalance_window"] - o["gpu_imbalance_step_weighted"]) < 1e-12, o
+PY
+}
+check "the re-planned replay's --balance-window 1 is its per-step figure" online_window
+ok '^  GPU max/mean per window +[0-9.]+ \(windows of 4 simulated steps\)$' simulate --trace "$work/t.bin" --replan-every 100 --balance-window 4
 ok 'GPU max/mean per window +[0-9.]+ \(windows of 1 simulated step\)$' simulate --trace "$work/t.bin" --balance-window 1
 ok 'GPU max/mean per window +[0-9.]+ \(windows of 18,446,744,073,709,551,615 simulated steps\)$' simulate --trace "$work/t.bin" --balance-window 18446744073709551615
 # The balance hedges: 0 (off) is taken with any planner, a count only where it applies.

@@ -385,7 +385,8 @@ struct small_replay {
 BOOST_AUTO_TEST_CASE(replay_matches_the_simulator) {
   small_replay sr(9);
   const auto& t = sr.t;
-  const auto& cfg = sr.cfg;
+  auto cfg = sr.cfg;
+  cfg.balance_window = 3;
   const auto& maps = sr.maps;
   grouper::round_robin g1, g2;
   const auto direct = cost::simulate_decode(t, maps, g1, cfg);
@@ -401,6 +402,11 @@ BOOST_AUTO_TEST_CASE(replay_matches_the_simulator) {
   BOOST_TEST(a.gpu_imbalance_aggregate == direct.gpu_imbalance_aggregate, boost::test_tools::tolerance(1e-12));
   BOOST_TEST(a.gpu_imbalance_step_weighted == direct.gpu_imbalance_step_weighted, boost::test_tools::tolerance(1e-12));
   BOOST_TEST(a.gpu_imbalance_step_weighted > a.gpu_imbalance_aggregate); // a run of small steps
+  // The balance window counts the schedule's steps as the simulator counts its own.
+  BOOST_TEST(a.balance_window == 3u);
+  BOOST_TEST(a.gpu_imbalance_window == direct.gpu_imbalance_window, boost::test_tools::tolerance(1e-12));
+  BOOST_TEST(a.gpu_imbalance_window < a.gpu_imbalance_step_weighted);
+  BOOST_TEST(a.gpu_imbalance_window > a.gpu_imbalance_aggregate);
   BOOST_TEST(a.replans.size() == b.replans.size());
   BOOST_TEST(a.replans.size() > 0u);
   for (const auto& e : a.replans)

@@ -456,6 +456,9 @@ struct online_result {
   double inter_node_bytes_per_token = 0;
   double gpu_imbalance_aggregate = 1;     //!< over the whole run, as simulate_decode's
   double gpu_imbalance_step_weighted = 1; //!< per step, weighted by its rows, as simulate_decode's
+  //! With simulation_config::balance_window: over windows of that many steps, as simulate_decode's.
+  std::size_t balance_window = 0;
+  double gpu_imbalance_window = 1;
   double worst_window_imbalance = 1;
   double max_moved_share = 0;
   std::uint64_t bytes_moved = 0;
@@ -538,6 +541,18 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
   bool planned_once = false;
   double bytes = 0;
   rows_balance step_balance; // per step and layer, for the weighted per-step balance
+  // With cfg.balance_window: per layer, the balance window's counts so far (the simulator's rule:
+  // every step of the schedule counts, the run's last window may be shorter).
+  std::vector<layer_traffic> balance_rows(cfg.balance_window ? layers : 0, layer_traffic(ranks));
+  std::size_t balance_steps = 0;
+  rows_balance window_balance;
+  const auto close_balance_window = [&] {
+    for (auto& x : balance_rows) {
+      window_balance.add(x);
+      x.clear();
+    }
+    balance_steps = 0;
+  };
   std::vector<layer_traffic> prev_win(layers, layer_traffic(ranks));
   const auto imbalance = [&](const std::vector<layer_traffic>& w) {
     double imb = 0;
@@ -696,6 +711,7 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
       total[l] += step;
       win[l] += step;
       step_balance.add(step);
+      if (!balance_rows.empty()) balance_rows[l] += step;
       if (opt.balance_trigger > 0) since_plan[l] += step;
       const double b = static_cast<double>(step.copies[network]) * bytes_per_copy;
       bytes += b;
@@ -706,8 +722,12 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
       }
     }
     if (current.tokens >= opt.report_tokens) close_window(false);
+    if (!balance_rows.empty() && ++balance_steps == cfg.balance_window) close_balance_window();
   }
   if (current.steps > 0) close_window(true);
+  if (!balance_rows.empty()) close_balance_window();
+  out.balance_window = cfg.balance_window;
+  out.gpu_imbalance_window = window_balance.max_over_mean(ranks);
   close_segment();
   for (const auto& w : out.windows)
     out.worst_window_imbalance = std::max(out.worst_window_imbalance, w.gpu_imbalance);
