@@ -203,19 +203,20 @@ using tool_cli::shell_quote;
 //! Whether `--json` sends the document to stdout (the table is then not printed).
 inline bool json_to_stdout(const std::string& path) { return path == "-"; }
 
-//! Whether one of a command's outputs is its standard output (`--json -`, or a path that names it,
-//! such as /dev/stdout, or a descriptor that is a copy of it, /dev/fd/3 after `3>&1`): the command
-//! then prints no summary there, where it would join the output.
+//! Whether `path` names the process's standard output: /dev/stdout, or a descriptor that is a copy
+//! of it (/dev/fd/3 after `3>&1`).
+//! Whether one of a command's outputs is its standard output (`--json -`, or a path that names it):
+//! the command then prints no summary there, where it would join the output.
+inline bool names_stdout(const std::string& path) {
+  const int fd = locus::open_stream_fd(path);
+  if (fd < 0) return false;
+  struct stat a {
+  }, b{};
+  return fd == STDOUT_FILENO ||
+         (::fstat(fd, &a) == 0 && ::fstat(STDOUT_FILENO, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino);
+}
 inline bool stdout_taken(std::initializer_list<std::string> outputs) {
-  return std::any_of(outputs.begin(), outputs.end(), [](const std::string& p) {
-    if (p == "-") return true;
-    const int fd = locus::open_stream_fd(p);
-    if (fd < 0) return false;
-    struct stat a {
-    }, b{};
-    return fd == STDOUT_FILENO ||
-           (::fstat(fd, &a) == 0 && ::fstat(STDOUT_FILENO, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino);
-  });
+  return std::any_of(outputs.begin(), outputs.end(), [](const std::string& p) { return p == "-" || names_stdout(p); });
 }
 
 //! The text of `doc` as the `locus <command>` document: "format": "locus.<command>" (spaces as
@@ -533,6 +534,18 @@ inline void check_outputs(const std::vector<output_file>& outputs, const std::ve
     const auto [fi, oi] = std::mismatch(f.begin(), f.end(), o.begin(), o.end());
     return fi == f.end() && oi != o.end();
   };
+  // Standard output takes one result: two (`--out /dev/stdout --json -`) would run into one stream
+  // no reader can split, whatever stdout is (a pipe, a terminal, a file).
+  const output_file* on_stdout = nullptr;
+  for (const auto& o : outputs) {
+    if (o.path.empty() || !((std::string_view(o.option) == "--json" && json_to_stdout(o.path)) || names_stdout(o.path)))
+      continue;
+    LOCUS_REQUIRE(on_stdout == nullptr, locus::config_error, on_stdout->option, " ", on_stdout->path, " and ", o.option,
+                  " ", o.path,
+                  " both write to standard output, where one result would run into the "
+                  "other: name a file for one of them");
+    on_stdout = &o;
+  }
   for (std::size_t i = 0; i < outputs.size(); ++i) {
     const auto& o = outputs[i];
     if (o.path.empty() || (std::string_view(o.option) == "--json" && json_to_stdout(o.path))) continue;

@@ -552,6 +552,13 @@ cmp -s "$work/lin.json" "$work/lin3.json" || case_fail "map replan --out /dev/st
 msg=$("$locus" plan --trace "$work/t.bin" --out "$work/same.json" --json /dev/stdout 2>&1 >"$work/same.json")
 check "plan --out F --json /dev/stdout > F is refused" test $? -eq 1
 check "... naming both" sh -c "echo \"\$1\" | grep -q 'name the same file'" sh "$msg"
+# Standard output takes one result, whatever it is (a pipe here): two would run into one stream.
+refused '--out /dev/stdout and --json - both write to standard output' plan --trace "$work/t.bin" --out /dev/stdout --json -
+refused '--json - and --markdown /dev/stdout both write' compare --trace "$work/t.bin" --markdown /dev/stdout --json - -q
+refused '--out /dev/stdout and --grouping /dev/stdout both write' plan --trace "$work/t.bin" --placement locality \
+  --out /dev/stdout --grouping /dev/stdout
+refused '--out /dev/stdout and --json - both write' map export "$work/lin.json" --to vllm --out /dev/stdout --json -
+succeeds plan --trace "$work/t.bin" --out /dev/null --json -
 printf 'a log line\n' >"$work/log2.txt"
 "$locus" trace stats "$work/t.bin" --json /dev/stdout >>"$work/log2.txt" 2>/dev/null ||
   case_fail "trace stats --json /dev/stdout >> log (refused as a replacement)"
