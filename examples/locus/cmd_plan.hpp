@@ -326,6 +326,9 @@ inline std::string grouping_path_for(const std::string& map_path) {
 inline void register_plan(CLI::App& app) {
   auto split = std::make_shared<split_options>();
   auto plan = std::make_shared<plan_options>();
+  // A plan's default reads its input: EPLB balances the loads of a trace or of --load (as Python's
+  // locus.plan does); simulate and compare keep linear, the baseline they measure against.
+  plan->placement = "eplb";
   auto out = std::make_shared<std::string>("map.json");
   auto load = std::make_shared<std::string>();
   auto grouping = std::make_shared<std::string>();

@@ -270,6 +270,9 @@ PY
 # the plan keeps the MoE layers' hidden indices and the hidden-layer count for the exports.
 write_npy "$work/routed.npy" '<i4' '(5, 4, 2)' $(for _ in 1 2 3 4 5; do echo 0 0 1 2 0 0 2 3; done)
 succeeds plan --load "$work/routed.npy" --nodes 1 --gpus-per-node 2 --placement eplb --out "$work/routed.json"
+# plan's default placement reads the loads (eplb, as Python's locus.plan): linear ignored them.
+ok ': eplb placement, ' plan --load "$work/routed.npy" --nodes 1 --gpus-per-node 2 --out "$work/routed_default.json"
+ok ': eplb placement, ' plan --trace "$work/t.bin" --out "$work/trace_default.json"
 # Dense layers 0 and 3 (every choice expert 0): the saved count says layer 3 is dense, so an export
 # says nothing of MoE layers going on there; a larger count given says it.
 write_npy "$work/routed03.npy" '<i4' '(20, 4, 2)' $(for _ in $(seq 20); do echo 0 0 1 2 2 3 0 0; done)
