@@ -347,6 +347,7 @@ inline void register_map(CLI::App& app) {
       ->default_str("none: ties to the lowest expert id");
   exp->add_option("--gpus-per-node", o->gpus_per_node, "GPUs per node of the plan's ranks")
       ->check(tool_cli::positive_whole)
+      ->check(CLI::Range(std::size_t{1}, locus::max_topology_ranks))
       ->default_str("saved with the plan, else 1");
   exp->add_option("--mtp-layers", o->mtp_layers,
                   "Multi-token-prediction layers after the hidden layers (DeepSeek-V3/R1 with MTP: 1): trtllm keys "

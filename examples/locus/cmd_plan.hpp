@@ -46,8 +46,12 @@ struct split_options : split_flags {
   CLI::Option* add_to(CLI::App* cmd, bool trace_required = true) {
     auto* trace = cmd->add_option("--trace", trace_paths, trace_help);
     if (trace_required) trace->required();
-    cmd->add_option("--nodes", nodes, "Nodes")->check(tool_cli::positive_whole);
-    cmd->add_option("--gpus-per-node", gpus_per_node, "GPUs (ranks) per node")->check(tool_cli::positive_whole);
+    cmd->add_option("--nodes", nodes, "Nodes")
+        ->check(tool_cli::positive_whole)
+        ->check(CLI::Range(std::size_t{1}, locus::max_topology_ranks));
+    cmd->add_option("--gpus-per-node", gpus_per_node, "GPUs (ranks) per node")
+        ->check(tool_cli::positive_whole)
+        ->check(CLI::Range(std::size_t{1}, locus::max_topology_ranks));
     add_split_flags(cmd, *this);
     prefill_opt = cmd->add_option("--prefill-tokens", prefill_tokens, prefill_help);
     cmd->add_flag("--split-on-restart", split_on_restart, split_on_restart_help);
@@ -66,8 +70,8 @@ struct split_options : split_flags {
 
   //! The trace as messages name it.
   std::string trace_name() const {
-    return trace_paths.size() == 1 ? trace_paths.front()
-                                   : trace_paths.front() + " (and " + std::to_string(trace_paths.size() - 1) + " more)";
+    const std::string first = trace_paths.front() == "-" ? "standard input" : trace_paths.front();
+    return trace_paths.size() == 1 ? first : first + " (and " + std::to_string(trace_paths.size() - 1) + " more)";
   }
 
   //! (train, test), prefill marked; a split that the job needs and that came out empty is refused.
@@ -526,6 +530,9 @@ inline constexpr const char* expert_read_help =
     "Time model: microseconds to read one expert's weights (its bytes over HBM bandwidth; DeepSeek-V3's 44 MB of FP8 "
     "on an H200: 9.2), charged per expert a GPU runs in a step; a GPU's expert time is the larger of that and its "
     "rows' arithmetic (0.22 us per row). 0: not counted";
+//! --expert-read-us at most: 1,000 s per read, past any device; larger values overflowed the
+//! layer time (a message about the time model instead of the option).
+inline constexpr double max_expert_read_us = 1e9;
 inline constexpr const char* balance_window_help =
     "Also report GPU max/mean with the loads summed over windows of this many simulated steps (an arrival gap with "
     "nothing running is skipped, not counted; 0: not reported): from 1 (per step) up to the run's length (over the "
@@ -657,7 +664,8 @@ inline void register_simulate(CLI::App& app) {
       ->check(CLI::Range(std::size_t{1}, max_hidden));
   cmd->add_option("--arrival-rate", opt->arrival_rate, "Poisson arrivals per step (0: all at once)")
       ->check(tool_cli::finite_non_negative);
-  cmd->add_option("--expert-read-us", opt->expert_read_us, expert_read_help)->check(tool_cli::finite_non_negative);
+  cmd->add_option("--expert-read-us", opt->expert_read_us, expert_read_help)
+      ->check(tool_cli::number_in(0.0, max_expert_read_us));
   cmd->add_option("--balance-window", opt->balance_window,
                   std::string(balance_window_help) +
                       "; with --replan-every or --drift-every, the re-planned replay's too");

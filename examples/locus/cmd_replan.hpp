@@ -223,6 +223,7 @@ inline void register_map_replan(CLI::App* map_cmd) {
       ->capture_default_str();
   cmd->add_option("--gpus-per-node", o->gpus_per_node, "GPUs per node of the plan's ranks")
       ->check(tool_cli::positive_whole)
+      ->check(CLI::Range(std::size_t{1}, locus::max_topology_ranks))
       ->default_str("saved with the plan");
   o->prefill_opt = cmd->add_option("--prefill-tokens", o->prefill_tokens, prefill_help);
   cmd->add_option("--experts", o->experts, experts_help)->check(experts_range())->default_str(experts_default);

@@ -32,6 +32,9 @@
 
 namespace locus_driver {
 
+//! --threads: up to 4,096 workers (a count past the type's 32 bits was CLI11's "Could not convert").
+inline CLI::Validator thread_range() { return CLI::Range(0u, 4096u); }
+
 namespace trace_analysis {
 
 //! Refuses a trace path that names nothing ("-" is standard input).
@@ -281,7 +284,7 @@ inline void register_trace_stats(CLI::App& trace_cmd) {
   cmd->add_flag("--split-on-restart", o->how.split_on_restart, split_on_restart_help);
   cmd->add_flag("--strict-layers", o->how.strict_layers, strict_layers_help);
   add_json_option(cmd, o->json);
-  cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)");
+  cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)")->check(thread_range());
   cmd->callback([o, prefill] {
     check_outputs({{"--json", o->json}}, o->paths);
     progress p("locus trace stats");
@@ -361,7 +364,7 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
   cmd->add_option("--requests", o->requests, "Requests to sample (overrides --tokens)");
   cmd->add_option("--tokens", o->tokens, "Sample requests until at least this many tokens");
   cmd->add_option("--seed", o->seed, "Seed (the output is identical for equal seeds)");
-  cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)");
+  cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)")->check(thread_range());
   add_json_option(cmd, o->json);
   cmd->callback([o, experts, shape_only] {
     progress p("locus trace synth");
@@ -518,7 +521,7 @@ inline void register_trace_report(CLI::App& trace_cmd) {
                   "scripts/trace_report.py of the checkout above the driver or of the working directory)");
   cmd->add_flag("--no-render", o->no_render, "Write the CSV files only");
   add_json_option(cmd, o->json);
-  cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)");
+  cmd->add_option("--threads", o->threads, "Worker threads (0 = all cores)")->check(thread_range());
   cmd->callback([o, prefill] {
     namespace fs = std::filesystem;
     LOCUS_REQUIRE(o->layer >= -1, locus::config_error, "--layer ", o->layer,

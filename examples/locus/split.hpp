@@ -370,10 +370,10 @@ apply_split(locus::trace::trace t, const split_flags& s, bool need_train, bool n
                   t.requests(), " of ", name);
     return out;
   }
-  const char* lower =
-      s.split == "time" ? " (lower --test-fraction)" : " (lower --test-fraction or change --split-seed)";
-  const char* raise =
-      s.split == "time" ? " (raise --test-fraction)" : " (raise --test-fraction or change --split-seed)";
+  // A seed moves requests only where the fraction leaves a draw: at 0 or 1 every seed splits alike.
+  const bool seeded = s.split != "time" && s.test_fraction > 0 && s.test_fraction < 1;
+  const char* lower = seeded ? " (lower --test-fraction or change --split-seed)" : " (lower --test-fraction)";
+  const char* raise = seeded ? " (raise --test-fraction or change --split-seed)" : " (raise --test-fraction)";
   LOCUS_REQUIRE(!need_train || out.first.requests() > 0, locus::config_error, "the training split is empty: ", how,
                 " puts all ", t.requests(), " requests of ", name, " in the test split", lower);
   LOCUS_REQUIRE(!need_test || out.second.requests() > 0, locus::config_error,

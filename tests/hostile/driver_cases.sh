@@ -13,8 +13,10 @@ ulimit -v 1048576 # KiB: 1 GiB of address space for every case
   >/dev/null 2>&1 || { echo "FAIL: synth" >&2; exit 1; }
 
 # Absurd topologies and sizes: refused before anything is allocated.
-refused 'topology: 1000000000 nodes' plan --trace "$work/t.bin" --nodes 1000000000 --out "$work/m.json"
-refused 'nodes is 18446744073709551615' plan --trace "$work/t.bin" --nodes 18446744073709551615 --gpus-per-node 2 --out "$work/m.json"
+refused '--nodes: Value 1000000000 not in range 1 to 65536' plan --trace "$work/t.bin" --nodes 1000000000 --out "$work/m.json"
+refused '--nodes: Value 18446744073709551615 not in range 1 to 65536' plan --trace "$work/t.bin" --nodes 18446744073709551615 --gpus-per-node 2 --out "$work/m.json"
+refused '--gpus-per-node: Value 65537 not in range 1 to 65536' simulate --trace "$work/t.bin" --gpus-per-node 65537
+refused 'topology: 65536 nodes × 2 GPUs per node exceed 65536 ranks' plan --trace "$work/t.bin" --nodes 65536 --gpus-per-node 2 --out "$work/m.json"
 refused 'redundant slots per rank is 1000000000000' plan --trace "$work/t.bin" --redundant-slots 1000000000000 --out "$work/m.json"
 refused 'redundant slots per rank is 18446744073709551615' plan --trace "$work/t.bin" --redundant-slots 18446744073709551615 --out "$work/m.json"
 "$locus" trace synth --experts 256 --top-k 8 --layers 8 --domains 2 --tokens 500 --seed 3 --out "$work/wide.bin" \
@@ -37,11 +39,20 @@ ok 'the grouping model has [0-9]+ clusters, not --clusters 100000: one per train
   --trace "$work/t.bin" --placement locality --clusters 100000 --out "$work/m_k.json"
 refused '--anneal: Value 18446744073709551615 not in range 0 to 1048576' plan --trace "$work/t.bin" --placement locality --anneal 18446744073709551615 --out "$work/m.json"
 refused 'trace synth: about .* GB, this machine has' trace synth --experts 16 --top-k 2 --layers 2 --tokens 18446744073709551615 --out "$work/s.bin"
+refused '--expert-read-us: 1e308 is not a number from 0 to 1e\+09' simulate --trace "$work/t.bin" --expert-read-us 1e308
+refused '--threads: Value 18446744073709551615 not in range 0 to 4096' trace stats "$work/t.bin" --threads 18446744073709551615
+refused 'table entries \(2 GiB per table: fewer experts, layers or domains\)' trace synth --experts 65536 --layers 4096 \
+  --out "$work/s.bin"
+# At a test fraction of 0 or 1 no seed moves a request: the message does not suggest one.
+refused 'requests of [^ ]*t.bin in the training split \(raise --test-fraction\)$' simulate --trace "$work/t.bin" --test-fraction 0
+refused 'in the test split \(lower --test-fraction\)$' plan --trace "$work/t.bin" --test-fraction 1 --out "$work/m.json"
+check "a trace read from standard input is named so" bash -c "'$locus' simulate --trace - --test-fraction 0 \
+  <'$work/t.bin' 2>&1 >/dev/null | grep -q 'requests of standard input in the training split'"
 # Non-finite or negative reals: named as what they are.
 for v in -1 nan inf -inf; do
   refused "arrival-rate.*not a finite number >= 0" simulate --trace "$work/t.bin" --arrival-rate "$v"
-  refused "expert-read-us.*not a finite number >= 0" simulate --trace "$work/t.bin" --expert-read-us "$v"
-  refused "expert-read-us.*not a finite number >= 0" compare --trace "$work/t.bin" --expert-read-us "$v"
+  refused "expert-read-us: .* is not a number from 0 to 1e\+09" simulate --trace "$work/t.bin" --expert-read-us "$v"
+  refused "expert-read-us: .* is not a number from 0 to 1e\+09" compare --trace "$work/t.bin" --expert-read-us "$v"
   refused "balance-shift.*not a finite number >= 0" plan --trace "$work/t.bin" --balance-shift "$v" --out "$work/m.json"
   refused "fill-slack.*not a finite number >= 0" plan --trace "$work/t.bin" --fill-slack "$v" --out "$work/m.json"
   refused "hedge-class-spread: $v is not a number from 0 to 2" plan --trace "$work/t.bin" --hedge-class-spread "$v" --out "$work/m.json"

@@ -545,7 +545,8 @@ inline void check_synth_shape(const char* what, std::size_t experts, std::size_t
                 ", expected 1..", max_trace_domains);
   constexpr std::size_t max_entries = std::size_t{1} << 28; // 2 GiB per table of doubles
   LOCUS_REQUIRE(domains * layers <= max_entries / experts, config_error, what, ": ", domains, " domains × ", layers,
-                " layers × ", experts, " experts is more than ", max_entries, " table entries");
+                " layers × ", experts, " experts is more than ", max_entries,
+                " table entries (2 GiB per table: fewer experts, layers or domains)");
 }
 
 inline void synth_model::validate() const {
