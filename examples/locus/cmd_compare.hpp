@@ -238,6 +238,7 @@ inline void run_compare(const split_options& split, const compare_options& o, bo
   }
   p.done();
   require_decode_tokens(test, trace_name, split.prefill_tokens);
+  require_simulation_memory(topo, test.experts());
   require_prefill_and_decode(train, trace_name, split.prefill_tokens,
                              "compare's workload-aware grouping (its activation_usage and locality rows)");
 

@@ -530,6 +530,19 @@ inline constexpr const char* expert_read_help =
     "Time model: microseconds to read one expert's weights (its bytes over HBM bandwidth; DeepSeek-V3's 44 MB of FP8 "
     "on an H200: 9.2), charged per expert a GPU runs in a step; a GPU's expert time is the larger of that and its "
     "rows' arithmetic (0.22 us per row). 0: not counted";
+//! Refuses a simulation whose replica tables (one entry per GPU and expert) this machine cannot
+//! hold, naming the options, before any work: a large topology grew until the kernel killed the run
+//! (or reported "out of memory" as if the input were too large).
+inline void require_simulation_memory(const locus::dynamic_topology& topo, std::size_t experts) {
+  using selector = locus::transport::replica_selector<locus::dynamic_topology>;
+  tool_cli::require_memory(static_cast<double>(selector::table_bytes_per_pair) * static_cast<double>(topo.ranks()) *
+                               static_cast<double>(experts),
+                           locus::detail::concat("simulating --nodes ", topo.nodes(), " × --gpus-per-node ",
+                                                 topo.gpus_per_node(), " GPUs with ", experts,
+                                                 " experts: the replica choice's tables (",
+                                                 selector::table_bytes_per_pair, " bytes per GPU and expert)"));
+}
+
 //! --expert-read-us at most: 1,000 s per read, past any device; larger values overflowed the
 //! layer time (a message about the time model instead of the option).
 inline constexpr double max_expert_read_us = 1e9;
@@ -751,6 +764,7 @@ inline void register_simulate(CLI::App& app) {
     const auto [train, test] = split->load(!map_only, true);
     p.done();
     require_decode_tokens(test, split->trace_name(), split->prefill_tokens);
+    require_simulation_memory(topo, test.experts());
     // With --map and --grouping the saved plan and grouping are used as they are. Otherwise the
     // workload-aware model is fitted on the training split (with --placement, together with the maps).
     const auto transport = locus::cost::parse_transport_kind(opt->transport); // bad names fail before planning

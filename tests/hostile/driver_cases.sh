@@ -43,6 +43,16 @@ refused '--expert-read-us: 1e308 is not a number from 0 to 1e\+09' simulate --tr
 refused '--threads: Value 18446744073709551615 not in range 0 to 4096' trace stats "$work/t.bin" --threads 18446744073709551615
 refused 'table entries \(2 GiB per table: fewer experts, layers or domains\)' trace synth --experts 65536 --layers 4096 \
   --out "$work/s.bin"
+# A topology whose replica tables no machine here holds is refused before any work, naming the
+# options (it grew until killed); skipped on a machine with the 86 GB it needs.
+if [ "$(awk '/^MemTotal/ {print $2}' /proc/meminfo)" -lt 80000000 ]; then
+  "$locus" trace synth --experts 65536 --top-k 64 --layers 2 --requests 40 --mean-length 50 --out "$work/wide.bin" \
+    >/dev/null 2>&1 || case_fail "trace synth (65,536 experts)"
+  refused 'simulating --nodes 256 × --gpus-per-node 256 GPUs with 65536 experts: .* need about 85.9 GB of memory' \
+    simulate --trace "$work/wide.bin" --nodes 256 --gpus-per-node 256
+  refused 'simulating --nodes 256 × --gpus-per-node 256 GPUs with 65536 experts: .* need about' \
+    compare --trace "$work/wide.bin" --nodes 256 --gpus-per-node 256
+fi
 # At a test fraction of 0 or 1 no seed moves a request: the message does not suggest one.
 refused 'requests of [^ ]*t.bin in the training split \(raise --test-fraction\)$' simulate --trace "$work/t.bin" --test-fraction 0
 refused 'in the test split \(lower --test-fraction\)$' plan --trace "$work/t.bin" --test-fraction 1 --out "$work/m.json"

@@ -312,6 +312,10 @@ class replica_selector {
   static_assert(any_topology<Topology>, "locus::transport::replica_selector needs a locus::topology");
 
 public:
+  //! Bytes of the tables the selector keeps per (source rank, expert) pair: a selector for R ranks
+  //! and E experts holds R × E of them.
+  static constexpr std::size_t table_bytes_per_pair = sizeof(std::uint32_t) + 4 * sizeof(std::int32_t);
+
   //! A selector with no map yet: rebind() before select().
   explicit replica_selector(const Topology& topo) : topo_(topo) {}
 
