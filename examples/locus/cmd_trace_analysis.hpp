@@ -329,11 +329,14 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
       cmd->add_option("--experts", sh.experts,
                       "Experts per layer (shape mode; with --fit: the expert count of a route JSONL trace or an ESFT "
                       "folder; a binary trace records its own)")
-          ->check(CLI::Range(1, 65536));
+          ->check(CLI::Range(1, 65536))
+          ->default_str("64 (shape mode); with --fit, the trace's");
   // The shape mode's model; with --fit the model is fitted to the trace and these are refused.
   const std::vector<CLI::Option*> shape_only = {
       cmd->add_option("--top-k", sh.top_k, "Experts per token (shape mode)")->check(CLI::Range(1, 64)),
-      cmd->add_option("--layers", sh.layers, "MoE layers (shape mode)")->check(tool_cli::positive_whole),
+      cmd->add_option("--layers", sh.layers, "MoE layers (shape mode)")
+          ->check(tool_cli::positive_whole)
+          ->check(CLI::Range(std::size_t{1}, locus::trace::max_trace_layers)),
       cmd->add_option("--domains", sh.domains, "Domains (shape mode)")->check(tool_cli::positive_whole),
       cmd->add_option("--zipf", sh.zipf, "Popularity skew: share of rank i ∝ (i+1)^-zipf (shape mode)")
           ->check(tool_cli::number_in(0, 8)),
@@ -360,7 +363,10 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
   auto* fit_opt = cmd->get_option("--fit");
   cmd->add_flag("--split-on-restart", o->how.split_on_restart, split_on_restart_help)->needs(fit_opt);
   cmd->add_flag("--strict-layers", o->how.strict_layers, strict_layers_help)->needs(fit_opt);
-  cmd->add_option("--prefill-tokens", sh.prefill_tokens, "Leading tokens of each request marked prefill");
+  cmd->add_option("--prefill-tokens", sh.prefill_tokens,
+                  "Leading tokens of each request marked prefill; with --fit also where the fit splits the trace's "
+                  "requests into prefill and decode (the synthesizer's requests all have this prefill: phases the "
+                  "trace records are not used)");
   cmd->add_option("--requests", o->requests, "Requests to sample (overrides --tokens)");
   cmd->add_option("--tokens", o->tokens, "Sample requests until at least this many tokens");
   cmd->add_option("--seed", o->seed, "Seed (the output is identical for equal seeds)");
@@ -395,7 +401,8 @@ inline void register_trace_synth(CLI::App& trace_cmd) {
         longest = std::max<std::size_t>(longest, real.request(r).length);
       LOCUS_REQUIRE(o->shape.prefill_tokens < longest, locus::config_error, "--prefill-tokens ",
                     o->shape.prefill_tokens, " covers every request of ", o->fit_path, " (the longest has ", longest,
-                    " tokens): the fit would see no decode token, and no request of the trace would have one");
+                    " tokens): the fit splits every request there (the phases a trace records are not used), so "
+                    "it would see no decode token, and no synthesized request would have one (lower --prefill-tokens)");
       p.start("fitting the synthesizer");
       locus::trace::fit_options fo;
       fo.prefill_tokens = o->shape.prefill_tokens;

@@ -53,6 +53,9 @@ if [ "$(awk '/^MemTotal/ {print $2}' /proc/meminfo)" -lt 80000000 ]; then
   refused 'simulating --nodes 256 × --gpus-per-node 256 GPUs with 65536 experts: .* need about' \
     compare --trace "$work/wide.bin" --nodes 256 --gpus-per-node 256
 fi
+# synth --fit splits requests at --prefill-tokens, recorded phases or not: the refusal says so.
+refused 'the fit splits every request there \(the phases a trace records are not used\)' trace synth \
+  --fit "$(dirname "$0")/../data/trace/decode_only.jsonl" --requests 5 --out "$work/s.bin"
 # At a test fraction of 0 or 1 no seed moves a request: the message does not suggest one.
 refused 'requests of [^ ]*t.bin in the training split \(raise --test-fraction\)$' simulate --trace "$work/t.bin" --test-fraction 0
 refused 'in the test split \(lower --test-fraction\)$' plan --trace "$work/t.bin" --test-fraction 1 --out "$work/m.json"
@@ -238,7 +241,7 @@ ok '"request_sigma"' trace synth --fit "$work/t.bin" --tokens 2000 --out "$work/
 ok '^fitted: request σ' -q trace synth --fit "$work/t.bin" --tokens 2000 --out "$work/fit.bin"
 check "trace synth -q --fit writes nothing on stderr" \
   test -z "$("$locus" -q trace synth --fit "$work/t.bin" --tokens 2000 --out "$work/fit.bin" 2>&1 >/dev/null)"
-refused 'layers is 100000, expected' trace synth --experts 16 --top-k 2 --layers 100000 --out "$work/s.bin"
+refused '--layers: Value 100000 not in range 1 to 4096' trace synth --experts 16 --top-k 2 --layers 100000 --out "$work/s.bin"
 refused 'domains is 100000, expected' trace synth --experts 16 --top-k 2 --layers 2 --domains 100000 --out "$work/s.bin"
 refused '--rescale: layers is 100000' trace synth --fit "$work/t.bin" --rescale 256:8:100000 --out "$work/s.bin"
 refused '--layer -2 is not a layer' trace report "$work/t.bin" --layer -2 --out "$work/r2" --no-render
