@@ -564,6 +564,10 @@ def _moe_layers(ids: np.ndarray, layer_ids: Optional[Sequence[int]], path: str) 
 @_checked
 def read_trace(path: str) -> Trace:
     """A trace from a locus binary trace file (``locus trace`` writes them; docs/trace-format.md)."""
+    if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+        raise LocusIOError(f"locus: I/O error: {os.fspath(path)}: a folder, not a locus binary trace file (an ESFT "
+                           "expert_scores folder is read by locus.import_esft; `locus trace import` converts a "
+                           "folder of route JSONL into a binary trace)")
     return _core.read_trace(path)
 
 
@@ -951,6 +955,10 @@ def plan(
             source, nodes, gpus_per_node, placement, redundant_slots, eplb_groups, clusters, seed, prefill_tokens,
             hedge_replicas, copies, anneal, fill_slack, hedge_class_spread, hedge_cost_budget,
         )
+        if model is not None and clusters != 8 and model.clusters < clusters:
+            # k-means takes one cluster per training request at most (`locus plan --clusters` says so too).
+            _warn(f"locus.plan: the grouping model has {model.clusters} clusters, not clusters={clusters}: one per "
+                  "training request at most")
         ids = source.model_layer_ids if source.has_model_layers else None
         out = ExpertPlan(maps, source.experts, nodes, gpus_per_node, model, ids, source.hidden_layers)
         out._hedge_copies = int(hedges)

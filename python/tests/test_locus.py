@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -851,6 +852,16 @@ def test_paths_take_pathlike_and_refuse_nul(tmp_path):
         locus.read_trace(None)
 
 
+def test_plan_says_when_clusters_are_fewer_than_asked():
+    # k-means keeps one cluster per training request at most: said, as `locus plan --clusters` does.
+    _, train = small_trace(requests=6)
+    with pytest.warns(UserWarning, match=r"the grouping model has 6 clusters, not clusters=100"):
+        locus.plan(train, 2, 2, "linear", clusters=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        locus.plan(train, 2, 2, "linear", clusters=3)
+
+
 def test_reading_a_directory_says_so(tmp_path):
     # load_grouping raised RuntimeError("basic_filebuf::underflow ..."); ExpertPlan.load said the
     # folder held 9223372036854775807 bytes.
@@ -858,6 +869,11 @@ def test_reading_a_directory_says_so(tmp_path):
         locus.load_grouping(tmp_path)
     with pytest.raises(locus.LocusIOError, match="cannot read: it is a directory"):
         locus.ExpertPlan.load(tmp_path)
+    # read_trace said "read failed: Is a directory"; it names the reader of a folder.
+    with pytest.raises(locus.LocusIOError, match="a folder, not a locus binary trace file .*locus.import_esft"):
+        locus.read_trace(tmp_path)
+    with pytest.raises(locus.LocusIOError, match="no such folder"):  # it said "not a directory"
+        locus.import_esft(str(tmp_path / "missing"))
 
 
 def test_export_writes_as_every_locus_file(tmp_path):
