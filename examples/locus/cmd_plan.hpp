@@ -70,7 +70,7 @@ struct split_options : split_flags {
 
   //! The trace as messages name it.
   std::string trace_name() const {
-    const std::string first = trace_paths.front() == "-" ? "standard input" : trace_paths.front();
+    const std::string first = trace_paths.front() == "-" ? "<stdin>" : trace_paths.front();
     return trace_paths.size() == 1 ? first : first + " (and " + std::to_string(trace_paths.size() - 1) + " more)";
   }
 

@@ -5,10 +5,12 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cerrno>
 #include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <locus/core/error.hpp>
@@ -115,7 +117,10 @@ inline std::vector<listed_entry> read_listed_entries(const std::string& path, co
     throw locus::io_error(std::string(flag) + " " + path + ": is a folder, expected a file of request ids", __FILE__,
                           __LINE__);
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw locus::io_error(std::string(flag) + " " + path + ": cannot open", __FILE__, __LINE__);
+  if (!in) {
+    const int e = errno;
+    throw locus::io_error(std::string(flag) + " " + path + ": cannot open: " + std::strerror(e), __FILE__, __LINE__, e);
+  }
   std::vector<listed_entry> out;
   std::string line;
   const auto separator = [](char c) { return c == ' ' || c == '\t' || c == '\r' || c == ','; };

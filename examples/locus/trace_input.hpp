@@ -137,7 +137,7 @@ inline locus::trace::trace read_binary_trace(const std::string& path) {
     const std::size_t n = std::fread(bytes.data() + got, 1, bytes.size() - got, stdin);
     got += n;
     if (n == 0) {
-      LOCUS_REQUIRE(!std::ferror(stdin), locus::io_error, "<stdin>: read failed");
+      LOCUS_REQUIRE(!std::ferror(stdin), locus::io_error, "<stdin>: read failed: ", std::strerror(errno));
       bytes.resize(got);
       break;
     }

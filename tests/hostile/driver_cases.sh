@@ -56,11 +56,17 @@ fi
 # synth --fit splits requests at --prefill-tokens, recorded phases or not: the refusal says so.
 refused 'the fit splits every request there \(the phases a trace records are not used\)' trace synth \
   --fit "$(dirname "$0")/../data/trace/decode_only.jsonl" --requests 5 --out "$work/s.bin"
-# At a test fraction of 0 or 1 no seed moves a request: the message does not suggest one.
+# At a test fraction of 0 or 1 no seed moves a request: the message does not suggest one; a trace
+# read from - is <stdin>, as in every other message.
 refused 'requests of [^ ]*t.bin in the training split \(raise --test-fraction\)$' simulate --trace "$work/t.bin" --test-fraction 0
 refused 'in the test split \(lower --test-fraction\)$' plan --trace "$work/t.bin" --test-fraction 1 --out "$work/m.json"
-check "a trace read from standard input is named so" bash -c "'$locus' simulate --trace - --test-fraction 0 \
-  <'$work/t.bin' 2>&1 >/dev/null | grep -q 'requests of standard input in the training split'"
+check "a trace read from standard input is named <stdin>" bash -c "'$locus' simulate --trace - --test-fraction 0 \
+  <'$work/t.bin' 2>&1 >/dev/null | grep -q 'requests of <stdin> in the training split'"
+# I/O failures say why.
+refused '--train-requests [^ ]*nope.txt: cannot open: No such file or directory' plan --trace "$work/t.bin" \
+  --train-requests "$work/nope.txt" --out "$work/m.json"
+check "a folder as standard input says why it cannot be read" bash -c "'$locus' trace stats - <'$work' 2>&1 |
+  grep -q '<stdin>: read failed: Is a directory'"
 # Non-finite or negative reals: named as what they are.
 for v in -1 nan inf -inf; do
   refused "arrival-rate.*not a finite number >= 0" simulate --trace "$work/t.bin" --arrival-rate "$v"

@@ -1215,7 +1215,10 @@ inline void jsonl_stream(std::FILE* f, const std::string& path, jsonl_importer& 
   for (;;) {
     const std::size_t got = std::fread(buf.data(), 1, buf.size(), f);
     if (got == 0) {
-      if (std::ferror(f)) throw io_error(path + ": read failed", __FILE__, __LINE__);
+      if (std::ferror(f)) {
+        const int e = errno;
+        throw io_error(path + ": read failed: " + std::strerror(e), __FILE__, __LINE__, e);
+      }
       break;
     }
     done += got;
