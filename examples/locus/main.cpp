@@ -15,6 +15,7 @@
 #include <cstring>
 #include <exception>
 #include <fcntl.h>
+#include <iostream>
 #include <locus/core/error.hpp>
 #include <new>
 #include <string>
@@ -133,6 +134,9 @@ int main(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     const int rc = app.exit(e); // prints the message (or the help text, with rc 0)
+    // Help that did not reach stdout (`locus --help > /dev/full`) is a failed run too.
+    if (rc == 0 && !std::cout.flush())
+      return report("locus: I/O error: standard output: write failed (the help text)", 1);
     return rc == 0 ? 0 : 2;
   } catch (const locus::error& e) {
     std::string msg = std::string("locus: ") + locus::to_string(e.kind()) + ": " + e.message();
@@ -150,7 +154,9 @@ int main(int argc, char** argv) {
     }
     return report(msg, 1);
   } catch (const std::bad_alloc&) {
-    return report("locus: out of memory (the input is larger than this machine can hold)", 3);
+    return report("locus: out of memory (the input or the sizes the options ask for are more than this machine can "
+                  "hold)",
+                  3);
   } catch (const std::exception& e) {
     return report(std::string("locus: internal error: ") + e.what(), 4);
   } catch (...) {

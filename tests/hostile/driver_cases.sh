@@ -63,6 +63,8 @@ refused 'in the test split \(lower --test-fraction\)$' plan --trace "$work/t.bin
 check "a trace read from standard input is named <stdin>" bash -c "'$locus' simulate --trace - --test-fraction 0 \
   <'$work/t.bin' 2>&1 >/dev/null | grep -q 'requests of <stdin> in the training split'"
 # I/O failures say why.
+check "help that cannot be written fails" bash -c "! '$locus' plan --help >/dev/full 2>'$work/help_err.txt' &&
+  grep -q 'standard output: write failed' '$work/help_err.txt'"
 refused '--train-requests [^ ]*nope.txt: cannot open: No such file or directory' plan --trace "$work/t.bin" \
   --train-requests "$work/nope.txt" --out "$work/m.json"
 check "a folder as standard input says why it cannot be read" bash -c "'$locus' trace stats - <'$work' 2>&1 |
