@@ -471,10 +471,12 @@ std::string unseen_domain_table(const locus::trace::trace& train, const locus::t
       "(target ≤ 1.05); capacity holds by construction (the simulator rejects a full rank).\n\n"
       "\"vs linear\" divides by linear / round-robin / flat on the same requests; \"linear max/mean\" is that "
       "baseline's GPU max/mean (shifted-traffic targets: mixed ≥ 20% lower at ≤ 1.15; held-out max/mean ≤ linear's, "
-      "wa / rr ≤ 1).\n\n"
+      "wa / rr ≤ 1). \"EPLB\" is the balance-only reference: EPLB with the same redundant slots, planned on the same "
+      "training requests (the held-out domain unseen too), round-robin grouping, flat.\n\n"
       "| held out | test requests | wa / rr (all test) | wa / rr (held-out only) | GPU max/mean wa (all) "
       "| low-confidence fallbacks | vs linear (all) | vs linear (held-out) | GPU max/mean wa (held-out) "
-      "| linear max/mean (held-out) |\n|---|---|---|---|---|---|---|---|---|---|\n";
+      "| linear max/mean (held-out) | EPLB max/mean (all / held-out) "
+      "|\n|---|---|---|---|---|---|---|---|---|---|---|\n";
   doc["unseen_domain"] = nlohmann::json::array();
   const locus::dynamic_topology topo(4, 2);
   auto cfg = o.copt.simulation;
@@ -488,7 +490,9 @@ std::string unseen_domain_table(const locus::trace::trace& train, const locus::t
     if (held.requests() == 0 || partial.requests() == 0) continue;
     const auto p = locus::placement::plan_activation_aware(partial, topo, "locality", o.unseen_redundant, popt);
     const auto lin = locus::placement::plan_activation_aware(partial, topo, "linear", 0, popt).maps;
+    const auto eplb = locus::placement::plan_activation_aware(partial, topo, "eplb", o.unseen_redundant, popt).maps;
     double ratio[2] = {0, 0}, balance = 0, vs_linear[2] = {0, 0}, held_balance = 0, linear_balance = 0;
+    double eplb_balance[2] = {0, 0};
     std::size_t low_conf = 0;
     for (int which = 0; which < 2; ++which) {
       const auto& t = which == 0 ? test : held;
@@ -500,6 +504,8 @@ std::string unseen_domain_table(const locus::trace::trace& train, const locus::t
       locus::grouper::round_robin rr_lin;
       const auto base = locus::cost::simulate_decode(t, lin, rr_lin, cfg);
       vs_linear[which] = a.inter_node_bytes_per_token / base.inter_node_bytes_per_token;
+      locus::grouper::round_robin rr_eplb;
+      eplb_balance[which] = locus::cost::simulate_decode(t, eplb, rr_eplb, cfg).gpu_imbalance_aggregate;
       if (which == 0)
         balance = a.gpu_imbalance_aggregate;
       else {
@@ -508,10 +514,11 @@ std::string unseen_domain_table(const locus::trace::trace& train, const locus::t
         linear_balance = base.gpu_imbalance_aggregate;
       }
     }
-    char line[384];
-    std::snprintf(line, sizeof line, "| %s | %zu | %.3f | %.3f | %.3f | %zu of %zu | %.3f | %.3f | %.3f | %.3f |\n",
+    char line[448];
+    std::snprintf(line, sizeof line,
+                  "| %s | %zu | %.3f | %.3f | %.3f | %zu of %zu | %.3f | %.3f | %.3f | %.3f | %.3f / %.3f |\n",
                   train.domains()[d].c_str(), held.requests(), ratio[0], ratio[1], balance, low_conf, held.requests(),
-                  vs_linear[0], vs_linear[1], held_balance, linear_balance);
+                  vs_linear[0], vs_linear[1], held_balance, linear_balance, eplb_balance[0], eplb_balance[1]);
     unseen += line;
     doc["unseen_domain"].push_back({{"held_out", train.domains()[d]},
                                     {"wa_over_rr_all", ratio[0]},
@@ -522,7 +529,9 @@ std::string unseen_domain_table(const locus::trace::trace& train, const locus::t
                                     {"vs_linear_all", vs_linear[0]},
                                     {"vs_linear_held_out", vs_linear[1]},
                                     {"gpu_imbalance_held_out", held_balance},
-                                    {"linear_gpu_imbalance_held_out", linear_balance}});
+                                    {"linear_gpu_imbalance_held_out", linear_balance},
+                                    {"eplb_gpu_imbalance_all", eplb_balance[0]},
+                                    {"eplb_gpu_imbalance_held_out", eplb_balance[1]}});
   }
   return unseen;
 }
