@@ -531,14 +531,15 @@ inline constexpr const char* expert_read_help =
     "on an H200: 9.2), charged per expert a GPU runs in a step; a GPU's expert time is the larger of that and its "
     "rows' arithmetic (0.22 us per row). 0: not counted";
 //! Refuses a simulation whose replica tables (one entry per GPU and expert) this machine cannot
-//! hold, naming the options, before any work: a large topology grew until the kernel killed the run
-//! (or reported "out of memory" as if the input were too large).
+//! hold, naming the options, once the trace is read and before planning or simulating: a large
+//! topology grew until the kernel killed the run (or reported "out of memory" as if the input were
+//! too large).
 inline void require_simulation_memory(const locus::dynamic_topology& topo, std::size_t experts) {
   using selector = locus::transport::replica_selector<locus::dynamic_topology>;
   tool_cli::require_memory(static_cast<double>(selector::table_bytes_per_pair) * static_cast<double>(topo.ranks()) *
                                static_cast<double>(experts),
-                           locus::detail::concat("simulating --nodes ", topo.nodes(), " × --gpus-per-node ",
-                                                 topo.gpus_per_node(), " GPUs with ", experts,
+                           locus::detail::concat("simulating ", topo.nodes(), " nodes × ", topo.gpus_per_node(),
+                                                 " GPUs (--nodes, --gpus-per-node, or a map's own) with ", experts,
                                                  " experts: the replica choice's tables (",
                                                  selector::table_bytes_per_pair, " bytes per GPU and expert)"));
 }

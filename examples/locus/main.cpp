@@ -134,9 +134,10 @@ int main(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     const int rc = app.exit(e); // prints the message (or the help text, with rc 0)
-    // Help that did not reach stdout (`locus --help > /dev/full`) is a failed run too.
-    if (rc == 0 && !std::cout.flush())
-      return report("locus: I/O error: standard output: write failed (the help text)", 1);
+    // Help (or --version) that did not reach stdout (`locus --help > /dev/full`) is a failed run
+    // too. CLI11 wrote it through std::cout, whose failed write left no errno to report.
+    const bool written = rc != 0 || (std::cout.flush() && std::fflush(stdout) == 0 && !std::ferror(stdout));
+    if (!written) return report("locus: I/O error: standard output: write failed (the help or version text)", 1);
     return rc == 0 ? 0 : 2;
   } catch (const locus::error& e) {
     std::string msg = std::string("locus: ") + locus::to_string(e.kind()) + ": " + e.message();

@@ -203,18 +203,26 @@ using tool_cli::shell_quote;
 //! Whether `--json` sends the document to stdout (the table is then not printed).
 inline bool json_to_stdout(const std::string& path) { return path == "-"; }
 
-//! Whether `path` names the process's standard output: /dev/stdout, or a descriptor that is a copy
-//! of it (/dev/fd/3 after `3>&1`).
-//! Whether one of a command's outputs is its standard output (`--json -`, or a path that names it):
-//! the command then prints no summary there, where it would join the output.
+//! Whether `path` leads to the process's standard output: /dev/stdout; a descriptor that is a copy
+//! of it (/dev/fd/3 after `3>&1`) where stdout is a pipe, socket or file (a terminal or /dev/null is
+//! one device that any descriptor may share, not this stream); or, where stdout is a regular file,
+//! a path to that file (`--out m.json > m.json`).
 inline bool names_stdout(const std::string& path) {
+  if (path.empty() || path == "-") return false;
   const int fd = locus::open_stream_fd(path);
-  if (fd < 0) return false;
+  if (fd == STDOUT_FILENO) return true;
   struct stat a {
   }, b{};
-  return fd == STDOUT_FILENO ||
-         (::fstat(fd, &a) == 0 && ::fstat(STDOUT_FILENO, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino);
+  if (::fstat(STDOUT_FILENO, &b) != 0) return false;
+  const bool same_file = [&] {
+    if (fd >= 0) return !S_ISCHR(b.st_mode) && ::fstat(fd, &a) == 0;
+    return S_ISREG(b.st_mode) && ::stat(path.c_str(), &a) == 0;
+  }();
+  return same_file && a.st_dev == b.st_dev && a.st_ino == b.st_ino;
 }
+
+//! Whether one of a command's outputs is its standard output (`--json -`, or a path that names it):
+//! the command then prints no summary there, where it would join the output.
 inline bool stdout_taken(std::initializer_list<std::string> outputs) {
   return std::any_of(outputs.begin(), outputs.end(), [](const std::string& p) { return p == "-" || names_stdout(p); });
 }

@@ -1033,7 +1033,7 @@ def simulate(
     with ``copies=transport``."""
     _whole(batch_per_rank, "batch_per_rank", 1)
     _finite(arrival_rate, "arrival_rate")
-    _finite(expert_read_us, "expert_read_us")
+    _finite(expert_read_us, "expert_read_us", 0.0, 1e9)  # as `locus simulate --expert-read-us`
     _whole(balance_window, "balance_window")
     _whole(seed, "seed")
     if transport not in ("flat", "hierarchical"):

@@ -342,6 +342,8 @@ def test_plan_simulate_and_export_round_trips(tmp_path):
         {k: v for k, v in summary.items() if k not in ("layer_time_estimate_us", "expert_read_us")}
     with pytest.raises(locus.ConfigError, match="expert_read_us is -1"):
         locus.simulate(test, plan, expert_read_us=-1.0)
+    with pytest.raises(locus.ConfigError, match=r"expert_read_us is 1e\+10, expected a finite number from 0 to 1e\+09"):
+        locus.simulate(test, plan, expert_read_us=1e10)  # as the CLI's bound
     # Balance per step (by rows) and over windows of steps (as `locus simulate --balance-window`): a
     # window of one step is the per-step figure, one past the run's end the run's; no window, no key.
     assert "gpu_imbalance_window" not in summary

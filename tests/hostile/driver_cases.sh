@@ -48,9 +48,9 @@ refused 'table entries \(2 GiB per table: fewer experts, layers or domains\)' tr
 if [ "$(awk '/^MemTotal/ {print $2}' /proc/meminfo)" -lt 80000000 ]; then
   "$locus" trace synth --experts 65536 --top-k 64 --layers 2 --requests 40 --mean-length 50 --out "$work/wide.bin" \
     >/dev/null 2>&1 || case_fail "trace synth (65,536 experts)"
-  refused 'simulating --nodes 256 × --gpus-per-node 256 GPUs with 65536 experts: .* need about 85.9 GB of memory' \
+  refused 'simulating 256 nodes × 256 GPUs \(--nodes, --gpus-per-node, or a map.s own\) with 65536 experts: .* need about 85.9 GB of memory' \
     simulate --trace "$work/wide.bin" --nodes 256 --gpus-per-node 256
-  refused 'simulating --nodes 256 × --gpus-per-node 256 GPUs with 65536 experts: .* need about' \
+  refused 'simulating 256 nodes × 256 GPUs .* with 65536 experts: .* need about' \
     compare --trace "$work/wide.bin" --nodes 256 --gpus-per-node 256
 fi
 # synth --fit splits requests at --prefill-tokens, recorded phases or not: the refusal says so.
@@ -63,6 +63,10 @@ refused 'in the test split \(lower --test-fraction\)$' plan --trace "$work/t.bin
 check "a trace read from standard input is named <stdin>" bash -c "'$locus' simulate --trace - --test-fraction 0 \
   <'$work/t.bin' 2>&1 >/dev/null | grep -q 'requests of <stdin> in the training split'"
 # I/O failures say why.
+refused '[^ ]*no-such-esft: no such folder \(expected an ESFT expert_scores folder\)' trace import "$work/no-such-esft" \
+  --format esft --out "$work/x.bin"
+refused 't.bin: not a directory \(expected an ESFT expert_scores folder\)' trace import "$work/t.bin" --format esft \
+  --out "$work/x.bin"
 check "help that cannot be written fails" bash -c "! '$locus' plan --help >/dev/full 2>'$work/help_err.txt' &&
   grep -q 'standard output: write failed' '$work/help_err.txt'"
 refused '--train-requests [^ ]*nope.txt: cannot open: No such file or directory' plan --trace "$work/t.bin" \
@@ -222,7 +226,9 @@ assert abs(o["gpu_imbalance_window"] - o["gpu_imbalance_step_weighted"]) < 1e-12
 PY
 }
 check "the re-planned replay's --balance-window 1 is its per-step figure" online_window
-ok '^  GPU max/mean per window +[0-9.]+ \(windows of 4 simulated steps\)$' simulate --trace "$work/t.bin" --replan-every 100 --balance-window 4
+check "the re-planned replay prints its window line too" bash -c "[ \"\$('$locus' simulate --trace '$work/t.bin' \
+  --replan-every 100 --balance-window 4 | sed -n '/^re-planned on line/,\$p' |
+  grep -cE '^  GPU max/mean per window +[0-9.]+ \(windows of 4 simulated steps\)$')\" = 1 ]"
 ok 'GPU max/mean per window +[0-9.]+ \(windows of 1 simulated step\)$' simulate --trace "$work/t.bin" --balance-window 1
 ok 'GPU max/mean per window +[0-9.]+ \(windows of 18,446,744,073,709,551,615 simulated steps\)$' simulate --trace "$work/t.bin" --balance-window 18446744073709551615
 # The balance hedges: 0 (off) is taken with any planner, a count only where it applies.
@@ -586,7 +592,14 @@ check "... naming the input" sh -c "echo \"\$1\" | grep -q 'is also an input of 
 cmp -s "$work/lin.json" "$work/lin3.json" || case_fail "map replan --out /dev/stdout appended to its input"
 msg=$("$locus" plan --trace "$work/t.bin" --out "$work/same.json" --json /dev/stdout 2>&1 >"$work/same.json")
 check "plan --out F --json /dev/stdout > F is refused" test $? -eq 1
-check "... naming both" sh -c "echo \"\$1\" | grep -q 'name the same file'" sh "$msg"
+check "... naming both" sh -c "echo \"\$1\" | grep -q -- '--out [^ ]*same.json and --json /dev/stdout both write to standard output'" sh "$msg"
+# ... also with --json -, which wrote into the file the plan's rename then unlinked (lost, exit 0).
+msg=$("$locus" plan --trace "$work/t.bin" --out "$work/same2.json" --json - 2>&1 >"$work/same2.json")
+check "plan --out F --json - > F is refused" test $? -eq 1
+check "... naming both" sh -c "echo \"\$1\" | grep -q -- '--out [^ ]*same2.json and --json - both write to standard output'" sh "$msg"
+# A device (a terminal, /dev/null) is shared, not standard output's stream: outputs may name it.
+succeeds plan --trace "$work/t.bin" --out /dev/fd/3 --json - 3>/dev/null
+succeeds plan --trace "$work/t.bin" --placement locality --out /dev/stderr --grouping /dev/stderr
 # Standard output takes one result, whatever it is (a pipe here): two would run into one stream.
 refused '--out /dev/stdout and --json - both write to standard output' plan --trace "$work/t.bin" --out /dev/stdout --json -
 refused '--json - and --markdown /dev/stdout both write' compare --trace "$work/t.bin" --markdown /dev/stdout --json - -q

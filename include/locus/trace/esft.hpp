@@ -369,10 +369,13 @@ inline trace import_esft(const std::string& root_dir, const esft_options& opt = 
   if (report) *report = esft_report{};
   const fs::path root(root_dir);
   std::error_code ec;
-  if (!fs::is_directory(root, ec))
-    throw io_error(root_dir + (fs::exists(root, ec) ? ": not a directory (expected an ESFT expert_scores folder)"
-                                                    : ": no such folder (expected an ESFT expert_scores folder)"),
-                   __FILE__, __LINE__);
+  const auto status = fs::status(root, ec);
+  if (status.type() == fs::file_type::not_found)
+    throw io_error(root_dir + ": no such folder (expected an ESFT expert_scores folder)", __FILE__, __LINE__);
+  if (ec) // e.g. a folder above it that cannot be searched
+    throw io_error(root_dir + ": cannot read: " + ec.message(), __FILE__, __LINE__, ec.value());
+  if (status.type() != fs::file_type::directory)
+    throw io_error(root_dir + ": not a directory (expected an ESFT expert_scores folder)", __FILE__, __LINE__);
   if (!detail::trace::esft_layer_numbers(root).empty()) {
     // One domain folder given instead of its parent: read it as that one domain.
     LOCUS_REQUIRE(opt.domains.empty(), invalid_input_error, root_dir,
