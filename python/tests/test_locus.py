@@ -1381,6 +1381,9 @@ def test_ctrl_c_stops_a_long_plan():
         "t = locus.trace_from_arrays(ids, 32, request_ids=np.repeat(np.arange(12), 20),\n"
         "                            phases=np.tile(['prefill'] * 4 + ['decode'] * 16, 12))\n"
         "kw = dict(redundant_slots=1, clusters=2, prefill_tokens=4)\n"
+        # A job a shell started in the background inherits SIGINT ignored, and Python then installs
+        # no handler of its own: the Ctrl-C this test sends would never arrive.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
         "start = time.monotonic()\n"
         "try:\n"
