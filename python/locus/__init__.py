@@ -824,7 +824,7 @@ def plan(
     redundant_slots: int = 0,
     slots_per_rank: Optional[int] = None,
     eplb_groups: int = 1,
-    clusters: int = 8,
+    clusters: Optional[int] = None,  # None: 8, said nothing of when fewer fit (as `locus plan` without --clusters)
     seed: int = 1,
     prefill_tokens: int = 32,
     hedge_replicas: Optional[int] = None,
@@ -887,7 +887,8 @@ def plan(
     if slots_per_rank is not None:
         _whole(slots_per_rank, "slots_per_rank", 1)
     _whole(eplb_groups, "eplb_groups", 1)
-    _whole(clusters, "clusters", 1)
+    clusters_given = clusters is not None
+    clusters = 8 if clusters is None else _whole(clusters, "clusters", 1)
     _whole(seed, "seed")  # 2^64 and above: the core's "expected a whole number below 2^64"
     _whole(prefill_tokens, "prefill_tokens", 1)
     if hedge_replicas is not None:
@@ -955,7 +956,7 @@ def plan(
             source, nodes, gpus_per_node, placement, redundant_slots, eplb_groups, clusters, seed, prefill_tokens,
             hedge_replicas, copies, anneal, fill_slack, hedge_class_spread, hedge_cost_budget,
         )
-        if model is not None and clusters != 8 and model.clusters < clusters:
+        if model is not None and clusters_given and model.clusters < clusters:
             # k-means takes one cluster per training request at most (`locus plan --clusters` says so too).
             _warn(f"locus.plan: the grouping model has {model.clusters} clusters, not clusters={clusters}: one per "
                   "training request at most")

@@ -859,9 +859,12 @@ def test_plan_says_when_clusters_are_fewer_than_asked():
     _, train = small_trace(requests=6)
     with pytest.warns(UserWarning, match=r"the grouping model has 6 clusters, not clusters=100"):
         locus.plan(train, 2, 2, "linear", clusters=100)
+    with pytest.warns(UserWarning, match=r"has 6 clusters, not clusters=8"):  # given, as --clusters 8
+        locus.plan(train, 2, 2, "linear", clusters=8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         locus.plan(train, 2, 2, "linear", clusters=3)
+        locus.plan(train, 2, 2, "linear")  # the default 8, not asked for: said nothing of
 
 
 def test_reading_a_directory_says_so(tmp_path):
