@@ -416,7 +416,7 @@ inline void register_compare(CLI::App& app) {
          "model (DeepSeek-V3: 7168, Qwen3-235B: 4096, Llama 4: 5120)")
       ->check(CLI::Range(std::size_t{1}, max_hidden));
   cmd->add_option("--expert-read-us", o->expert_read_us, locus_driver::expert_read_help)
-      ->check(tool_cli::number_in(0.0, locus_driver::max_expert_read_us));
+      ->check(tool_cli::number_in(0.0, locus::cost::max_expert_read_us));
   cmd->add_option("--clusters", o->clusters,
                   "Request clusters of the workload-aware model (at most one per training request)")
       ->check(tool_cli::positive_whole);

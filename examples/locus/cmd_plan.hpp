@@ -544,9 +544,6 @@ inline void require_simulation_memory(const locus::dynamic_topology& topo, std::
                                                  selector::table_bytes_per_pair, " bytes per GPU and expert)"));
 }
 
-//! --expert-read-us at most: 1,000 s per read, past any device; larger values overflowed the
-//! layer time (a message about the time model instead of the option).
-inline constexpr double max_expert_read_us = 1e9;
 inline constexpr const char* balance_window_help =
     "Also report GPU max/mean with the loads summed over windows of this many simulated steps (an arrival gap with "
     "nothing running is skipped, not counted; 0: not reported): from 1 (per step) up to the run's length (over the "
@@ -679,7 +676,7 @@ inline void register_simulate(CLI::App& app) {
   cmd->add_option("--arrival-rate", opt->arrival_rate, "Poisson arrivals per step (0: all at once)")
       ->check(tool_cli::finite_non_negative);
   cmd->add_option("--expert-read-us", opt->expert_read_us, expert_read_help)
-      ->check(tool_cli::number_in(0.0, max_expert_read_us));
+      ->check(tool_cli::number_in(0.0, locus::cost::max_expert_read_us));
   cmd->add_option("--balance-window", opt->balance_window,
                   std::string(balance_window_help) +
                       "; with --replan-every or --drift-every, the re-planned replay's too");

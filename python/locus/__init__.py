@@ -1034,7 +1034,7 @@ def simulate(
     with ``copies=transport``."""
     _whole(batch_per_rank, "batch_per_rank", 1)
     _finite(arrival_rate, "arrival_rate")
-    _finite(expert_read_us, "expert_read_us", 0.0, 1e9)  # as `locus simulate --expert-read-us`
+    _finite(expert_read_us, "expert_read_us", 0.0, _LIMITS["expert_read_us"])  # as `locus simulate`
     _whole(balance_window, "balance_window")
     _whole(seed, "seed")
     if transport not in ("flat", "hierarchical"):

@@ -518,6 +518,7 @@ NB_MODULE(_core, m) {
   limits["trace_layers"] = locus::trace::max_trace_layers;
   limits["hidden_layers"] = locus::max_hidden_layers;
   limits["ranks"] = locus::max_topology_ranks;
+  limits["expert_read_us"] = locus::cost::max_expert_read_us;
   limits["anneal"] = locus::placement::token_refine_options::max_anneal_per_expert;
   limits["expert_bytes"] = locus::placement::max_expert_bytes;
   limits["esft_top_k"] = locus::trace::esft_options{}.top_k;

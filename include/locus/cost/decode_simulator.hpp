@@ -260,10 +260,10 @@ public:
       : t_(t), maps_(maps), cfg_(cfg), ranks_(cfg.topology.ranks()), layers_(t.layers()), queue_(arrival_queue(t, cfg)),
         per_rank_(ranks_), state_(ranks_), counter_(cfg.topology, cfg.transport), policies_(cfg, layers_),
         step_traffic_(layers_, layer_traffic(ranks_)),
-        bytes_per_copy_(cfg.sizes.dispatch_bytes + cfg.sizes.combine_bytes) {
+        bytes_per_copy_(cfg.sizes.dispatch_bytes + cfg.sizes.combine_bytes),
+        window_(cfg.balance_window, layers_, ranks_) {
     out_.layers.assign(layers_, layer_traffic(ranks_));
     out_.rank_attention_tokens.assign(ranks_, 0.0);
-    if (cfg_.balance_window > 0) window_.assign(layers_, layer_traffic(ranks_));
   }
 
   //! True once no request waits or runs.
@@ -338,7 +338,7 @@ public:
         step_bytes += static_cast<double>(st.copies[network] * bytes_per_copy_);
         step_imbalance += st.load_imbalance();
         step_balance_.add(st);
-        if (!window_.empty()) window_[l] += st;
+        window_.add(l, st);
         step_time += estimate_layer_time(st, cfg_.sizes, cfg_.links).total_us();
       }
       step_imbalance /= static_cast<double>(layers_);
@@ -351,7 +351,7 @@ public:
     out_.step_layer_time_us.push_back(step_time);
     out_.decode_tokens += tokens_.size();
     ++out_.steps;
-    if (!window_.empty() && ++window_steps_ == cfg_.balance_window) close_window();
+    window_.end_step();
   }
 
   //! Each running request has produced one token: its context grows, and a request with no
@@ -387,9 +387,8 @@ public:
   //! The result with its summary metrics (file comment) computed from the per-step figures.
   simulation_result finish() && {
     simulation_result& out = out_;
-    if (!window_.empty()) close_window(); // the run's last, shorter window
     out.balance_window = cfg_.balance_window;
-    out.gpu_imbalance_window = window_balance_.max_over_mean(ranks_);
+    out.gpu_imbalance_window = window_.finish(ranks_); // the run's last window may be shorter
     double bytes = 0, copies = 0, imbalance_sum = 0, time_sum = 0, aggregate = 0;
     std::size_t busy_steps = 0;
     for (std::size_t s = 0; s < out.steps; ++s) {
@@ -422,15 +421,6 @@ public:
 private:
   static constexpr std::size_t network = static_cast<std::size_t>(link_class::inter_node);
 
-  //! Adds the window's layers to the window balance, and starts anew.
-  void close_window() {
-    for (layer_traffic& w : window_) {
-      window_balance_.add(w);
-      w.clear();
-    }
-    window_steps_ = 0;
-  }
-
   const trace::trace& t_;
   const std::vector<expert_map>& maps_;
   const simulation_config& cfg_;
@@ -446,10 +436,7 @@ private:
   std::vector<std::size_t> tokens_;
   std::vector<std::uint32_t> sources_;
   rows_balance step_balance_; //!< over the run's steps and layers
-  //! With a balance window: per layer, the window's counts so far (empty without one).
-  std::vector<layer_traffic> window_;
-  std::size_t window_steps_ = 0;
-  rows_balance window_balance_;
+  window_balance window_;     //!< with simulation_config::balance_window
   simulation_result out_;
 };
 

@@ -541,18 +541,7 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
   bool planned_once = false;
   double bytes = 0;
   rows_balance step_balance; // per step and layer, for the weighted per-step balance
-  // With cfg.balance_window: per layer, the balance window's counts so far (the simulator's rule:
-  // every step of the schedule counts, the run's last window may be shorter).
-  std::vector<layer_traffic> balance_rows(cfg.balance_window ? layers : 0, layer_traffic(ranks));
-  std::size_t balance_steps = 0;
-  rows_balance window_balance;
-  const auto close_balance_window = [&] {
-    for (auto& x : balance_rows) {
-      window_balance.add(x);
-      x.clear();
-    }
-    balance_steps = 0;
-  };
+  window_balance balance_windows(cfg.balance_window, layers, ranks); // the simulator's, over the schedule's steps
   std::vector<layer_traffic> prev_win(layers, layer_traffic(ranks));
   const auto imbalance = [&](const std::vector<layer_traffic>& w) {
     double imb = 0;
@@ -711,7 +700,7 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
       total[l] += step;
       win[l] += step;
       step_balance.add(step);
-      if (!balance_rows.empty()) balance_rows[l] += step;
+      balance_windows.add(l, step);
       if (opt.balance_trigger > 0) since_plan[l] += step;
       const double b = static_cast<double>(step.copies[network]) * bytes_per_copy;
       bytes += b;
@@ -722,12 +711,11 @@ online_result run_online(const trace::trace& t, const decode_schedule& s, std::v
       }
     }
     if (current.tokens >= opt.report_tokens) close_window(false);
-    if (!balance_rows.empty() && ++balance_steps == cfg.balance_window) close_balance_window();
+    balance_windows.end_step();
   }
   if (current.steps > 0) close_window(true);
-  if (!balance_rows.empty()) close_balance_window();
   out.balance_window = cfg.balance_window;
-  out.gpu_imbalance_window = window_balance.max_over_mean(ranks);
+  out.gpu_imbalance_window = balance_windows.finish(ranks);
   close_segment();
   for (const auto& w : out.windows)
     out.worst_window_imbalance = std::max(out.worst_window_imbalance, w.gpu_imbalance);

@@ -22,6 +22,10 @@
 namespace locus::inline LOCUS_ABI_NAMESPACE::cost {
 
 //! Bandwidths (GB/s = 1e9 bytes/s), latencies (µs) and compute cost of the model.
+//! The largest expert read time the tools take (µs): 1,000 s per read, past any device; larger
+//! ones overflow a layer time.
+inline constexpr double max_expert_read_us = 1e9;
+
 struct link_model {
   double nvlink_gbps = 160.0;
   double nvlink_latency_us = 3.0;

@@ -136,6 +136,42 @@ struct rows_balance {
   }
 };
 
+//! rows_balance over windows of `steps` steps: each layer's counts are summed over a window first,
+//! so a load that moves over many steps shows and per-step jitter averages out (1: per step; the
+//! run's length: over the run). Every step counts, the run's last window may be shorter; 0 steps:
+//! off (finish() gives 1). The decode simulator and the on-line replay share it.
+class window_balance {
+public:
+  window_balance(std::size_t steps, std::size_t layers, std::size_t ranks)
+      : steps_(steps), rows_(steps ? layers : 0, layer_traffic(ranks)) {}
+  bool on() const noexcept { return steps_ > 0; }
+  //! Adds one step's count of `layer` to the current window.
+  void add(std::size_t layer, const layer_traffic& t) {
+    if (on()) rows_[layer] += t;
+  }
+  //! Ends a step; a full window joins the balance.
+  void end_step() {
+    if (on() && ++done_ == steps_) close();
+  }
+  //! Closes the last window and returns max over mean on `ranks` ranks.
+  double finish(std::size_t ranks) {
+    if (on()) close();
+    return balance_.max_over_mean(ranks);
+  }
+
+private:
+  void close() {
+    for (layer_traffic& w : rows_) {
+      balance_.add(w);
+      w.clear();
+    }
+    done_ = 0;
+  }
+  std::size_t steps_, done_ = 0;
+  std::vector<layer_traffic> rows_; //!< per layer, the window's counts so far
+  rows_balance balance_;
+};
+
 //! Counts one step of one layer. Tokens come from a routing view, optionally through a list of
 //! token indices (a decode step gathers one token per running request from a trace).
 template <class Topology>
